@@ -1,0 +1,39 @@
+# batchgate: the two set-up commands are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+DEMO   ?= demo_models
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test demo bench bench-tools lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO)/.built: $(STAMP) server/demo.py
+	$(VENV)/bin/batchgate demo-repo $(DEMO)
+	touch $@
+
+demo: $(DEMO)/.built
+
+serve: demo
+	$(VENV)/bin/batchgate serve --model-repository $(DEMO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench-tools:
+	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
+
+bench: $(STAMP) bench-tools
+	$(PY) bench/serving.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info bench/results

@@ -1,0 +1,117 @@
+"""ONNX Runtime backend.
+
+One ``InferenceSession`` per model version; ``instance_group`` count bounds how
+many ``run`` calls may execute at once (ONNX Runtime sessions are thread-safe,
+so the instances share one copy of the weights). Execution providers come from
+the model config: ``instance_group { kind: KIND_GPU }`` asks for CUDA, and
+``optimization { execution_accelerators { gpu_execution_accelerator [{name:
+"tensorrt"}] } }`` asks for TensorRT in front of it; a provider this machine does
+not have is skipped with a warning and the CPU serves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from ..core.errors import invalid
+from ..core.types import BY_ONNX, DATATYPES
+from .base import IOInfo
+
+log = logging.getLogger("batchgate.onnx")
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def choose_providers(want_gpu: bool, want_tensorrt: bool, device_id: int = 0) -> list:
+    available = set(ort.get_available_providers())
+    chosen: list = []
+    if want_tensorrt:
+        if "TensorrtExecutionProvider" in available:
+            chosen.append(("TensorrtExecutionProvider", {"device_id": device_id}))
+        else:
+            log.warning("TensorRT execution provider requested but not available here")
+    if want_gpu or want_tensorrt:
+        if "CUDAExecutionProvider" in available:
+            chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
+        else:
+            log.warning("CUDA execution provider requested but not available; serving on CPU")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _shape(dims) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+
+
+def _io(arg) -> IOInfo:
+    dt = BY_ONNX.get(arg.type)
+    if dt is None:
+        raise invalid(f"tensor '{arg.name}' has ONNX type {arg.type}, which batchgate cannot serve")
+    return IOInfo(arg.name, dt.v2, _shape(arg.shape))
+
+
+class OnnxBackend:
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        path: str,
+        providers: list | None = None,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        so = ort.SessionOptions()
+        if intra_op_threads:
+            so.intra_op_num_threads = intra_op_threads
+        if inter_op_threads:
+            so.inter_op_num_threads = inter_op_threads
+        so.log_severity_level = 3
+        self.path = path
+        self.session = ort.InferenceSession(path, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+        self._inputs = [_io(a) for a in self.session.get_inputs()]
+        self._outputs = [_io(a) for a in self.session.get_outputs()]
+        self._string_inputs = {i.name for i in self._inputs if i.v2_datatype == "BYTES"}
+        self._run = self.session.run
+
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def inputs(self) -> list[IOInfo]:
+        return self._inputs
+
+    def outputs(self) -> list[IOInfo]:
+        return self._outputs
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...]) -> list[np.ndarray]:
+        if self._string_inputs:
+            feeds = dict(feeds)
+            for name in self._string_inputs:
+                if name in feeds:
+                    feeds[name] = _as_str_array(feeds[name])
+        return self._run(list(output_names), feeds)
+
+    def warm_up(self) -> None:
+        """Run once on zeros (dynamic dims as 1) so the first caller does not pay for it."""
+        feeds = {}
+        for i in self._inputs:
+            shape = tuple(d if d > 0 else 1 for d in i.shape)
+            if i.v2_datatype == "BYTES":
+                feeds[i.name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[i.name] = np.zeros(shape, dtype=DATATYPES[i.v2_datatype].np_dtype)
+        self._run(None, feeds)
+
+    def close(self) -> None:
+        self.session = None
+        self._run = None
+
+
+def _as_str_array(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape, dtype=object)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    for i, v in enumerate(flat_in):
+        flat_out[i] = v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+    return out

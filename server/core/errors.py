@@ -1,0 +1,48 @@
+"""The one error type used inside the gateway.
+
+Transports map :class:`ErrorCode` to a gRPC status or an HTTP status, each in
+exactly one table (``transport/grpc_service.py`` and ``transport/http_app.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAVAILABLE = "UNAVAILABLE"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    INTERNAL = "INTERNAL"
+
+
+class GatewayError(Exception):
+    """An error with a code a transport can map, and a message a caller can act on."""
+
+    __slots__ = ("code", "message", "retry_after_s")
+
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"GatewayError({self.code.value}, {self.message!r})"
+
+
+def invalid(message: str) -> GatewayError:
+    return GatewayError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> GatewayError:
+    return GatewayError(ErrorCode.NOT_FOUND, message)
+
+
+def unavailable(message: str) -> GatewayError:
+    return GatewayError(ErrorCode.UNAVAILABLE, message)

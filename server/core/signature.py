@@ -1,0 +1,128 @@
+"""What a model accepts and returns, and the checks of a request against it.
+
+Pure: built from a model config by ``repository/``, used by ``Gateway.infer``
+before a request is queued, so a malformed request never reaches a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import invalid
+from .types import DATATYPES, DataType, InferRequest
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    dtype: DataType
+    dims: tuple[int, ...]  # without the batch dimension; -1 = any size
+    optional: bool = False
+
+    def full_shape(self, max_batch_size: int) -> list[int]:
+        return ([-1] if max_batch_size > 0 else []) + list(self.dims)
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A request that passed validation: what the backend needs to run it."""
+
+    feeds: dict[str, np.ndarray]
+    output_names: tuple[str, ...]
+    batch_size: int  # rows (1 when the model does not batch)
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_in", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "_out", {t.name: t for t in self.outputs})
+        object.__setattr__(self, "_all_out", tuple(t.name for t in self.outputs))
+
+    def output_spec(self, name: str) -> TensorSpec:
+        return self._out[name]
+
+    def check(self, request: InferRequest) -> Checked:
+        where = f"model '{self.name}'"
+        feeds: dict[str, np.ndarray] = {}
+        batch = -1
+        specs = self._in
+        for t in request.inputs:
+            spec = specs.get(t.name)
+            if spec is None:
+                raise invalid(
+                    f"{where} has no input '{t.name}'; its inputs are "
+                    f"{', '.join(repr(s) for s in specs)}"
+                )
+            if t.name in feeds:
+                raise invalid(f"input '{t.name}' appears more than once")
+            if t.datatype != spec.dtype.v2:
+                raise invalid(
+                    f"input '{t.name}' has datatype {t.datatype}, but {where} expects {spec.dtype.v2}"
+                )
+            shape = t.shape
+            dims = spec.dims
+            if self.max_batch_size > 0:
+                if len(shape) != len(dims) + 1:
+                    raise invalid(
+                        f"input '{t.name}' has shape {list(shape)}, but {where} expects "
+                        f"{spec.full_shape(self.max_batch_size)} (batch dimension first)"
+                    )
+                b = shape[0]
+                if b < 1 or b > self.max_batch_size:
+                    raise invalid(
+                        f"input '{t.name}': batch size {b} must be between 1 and "
+                        f"{self.max_batch_size} for {where}"
+                    )
+                if batch == -1:
+                    batch = b
+                elif b != batch:
+                    raise invalid(
+                        f"input '{t.name}' has batch size {b}, but another input has {batch}; "
+                        "all inputs must share the batch dimension"
+                    )
+                rest = shape[1:]
+            else:
+                rest = shape
+                if len(shape) != len(dims):
+                    raise invalid(
+                        f"input '{t.name}' has shape {list(shape)}, but {where} expects {list(dims)}"
+                    )
+            for have, want in zip(rest, dims):
+                if want != -1 and have != want:
+                    raise invalid(
+                        f"input '{t.name}' has shape {list(shape)}, but {where} expects "
+                        f"{spec.full_shape(self.max_batch_size)}"
+                    )
+            feeds[t.name] = t.data
+        missing = [s.name for s in self.inputs if s.name not in feeds and not s.optional]
+        if missing:
+            raise invalid(
+                f"{where} needs input{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(repr(m) for m in missing)}, which the request does not give"
+            )
+        if request.outputs is None:
+            names = self._all_out
+        else:
+            names = []
+            for o in request.outputs:
+                if o.name not in self._out:
+                    raise invalid(
+                        f"{where} has no output '{o.name}'; its outputs are "
+                        f"{', '.join(repr(s) for s in self._out)}"
+                    )
+                names.append(o.name)
+            names = tuple(names)
+        return Checked(feeds, names, batch if batch > 0 else 1)
+
+
+def v2_datatype_names() -> list[str]:
+    return list(DATATYPES)

@@ -1,0 +1,136 @@
+"""One loaded model version: its config, backend, scheduler, statistics and metrics.
+
+A ``ServedModel`` is what a request holds on to from the moment it is resolved
+until it is answered. Replacing a version never touches the old object: new
+requests resolve to the new one, and :meth:`retire` closes the old backend only
+after the requests already on it have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .backends.base import Backend
+from .core.batching import PassThroughScheduler
+from .core.errors import ErrorCode, GatewayError
+from .core.stats import ModelStats
+from .core.types import InferRequest, InferResponse, Tensor
+from .monitoring.metrics import ModelMetrics
+from .repository.config import signature_of
+
+log = logging.getLogger("batchgate.model")
+_perf_ns = time.perf_counter_ns
+
+
+class ServedModel:
+    def __init__(
+        self,
+        config: mc.ModelConfig,
+        version: str,
+        backend: Backend,
+        pool: Executor,
+        metrics: ModelMetrics,
+        max_queue_size: int,
+    ):
+        self.name = config.name
+        self.version = version
+        self.config = config
+        self.signature = signature_of(config)
+        self.backend = backend
+        self.stats = ModelStats(self.name, version)
+        self._pool = pool
+        self._metrics = metrics
+        self.instances = max(1, sum(g.count or 1 for g in config.instance_group) or 1)
+        policy = config.dynamic_batching.default_queue_policy
+        self.scheduler = PassThroughScheduler(
+            self._execute,
+            instances=self.instances,
+            max_queue_size=policy.max_queue_size or max_queue_size,
+            name=self.name,
+        )
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        metrics.track(lambda: self.scheduler.queue_depth, lambda: self.in_flight)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        self.in_flight += 1
+        self._idle.clear()
+        start = _perf_ns()
+        status = "OK"
+        try:
+            return await self.scheduler.submit(request)
+        except GatewayError as e:
+            status = e.code.value
+            raise
+        except asyncio.CancelledError:
+            status = ErrorCode.CANCELLED.value
+            raise
+        finally:
+            elapsed = _perf_ns() - start
+            self.stats.record_request(status == "OK", elapsed)
+            if request.dispatched:
+                queued = max(0.0, request.dispatched - request.arrival)
+                self.stats.record_queue(int(queued * 1e9))
+                self._metrics.queue.observe(queued)
+            self._metrics.request_done(request.protocol, status, elapsed / 1e9)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    def reject(self, request: InferRequest, error: GatewayError) -> None:
+        """Count a request refused before it was queued (e.g. it failed validation)."""
+        self.stats.record_request(False, 0)
+        self._metrics.request_done(request.protocol, error.code.value, 0.0)
+
+    async def _execute(self, batch: list[InferRequest]) -> list:
+        loop = asyncio.get_running_loop()
+        request = batch[0]  # the pass-through scheduler hands over one request at a time
+        try:
+            outputs, t_in, t_inf, t_out = await loop.run_in_executor(self._pool, self._run, request.checked)
+        except GatewayError as e:
+            return [e]
+        except Exception as e:  # the engine refused or crashed: this batch fails, the model serves on
+            log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
+            return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")]
+        rows = request.checked.batch_size
+        self.stats.record_execution(rows, len(batch), t_in, t_inf, t_out)
+        m = self._metrics
+        m.executions.inc()
+        m.inferences.inc(rows)
+        m.compute.observe((t_in + t_inf + t_out) / 1e9)
+        return [InferResponse(self.name, self.version, outputs, id=request.id)]
+
+    def _run(self, checked) -> tuple[list[Tensor], int, int, int]:
+        """Runs in a worker thread: prepare inputs, execute, collect outputs."""
+        t0 = _perf_ns()
+        feeds = {k: (v if v.flags.c_contiguous else np.ascontiguousarray(v)) for k, v in checked.feeds.items()}
+        t1 = _perf_ns()
+        arrays = self.backend.run(feeds, checked.output_names)
+        t2 = _perf_ns()
+        sig = self.signature
+        outputs = []
+        for name, arr in zip(checked.output_names, arrays):
+            outputs.append(Tensor(name, sig.output_spec(name).dtype.v2, arr.shape, arr))
+        t3 = _perf_ns()
+        return outputs, t1 - t0, t2 - t1, t3 - t2
+
+    async def retire(self, grace_s: float | None = None) -> None:
+        """Wait for the requests on this version to finish, then free the backend."""
+        self.scheduler.close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning("model '%s' version %s retired with %d requests still running",
+                        self.name, self.version, self.in_flight)
+        self._metrics.retired()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            # Close in a thread: a run may still hold the session if the grace period ran out.
+            await asyncio.get_running_loop().run_in_executor(self._pool, backend.close)

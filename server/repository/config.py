@@ -1,0 +1,160 @@
+"""Model configs: Triton's ``config.pbtxt``, parsed, completed and checked.
+
+Parsing uses ``model_config_pb2`` from tritonclient and protobuf's text format,
+so any config Triton accepts parses the same way here. What the file leaves out
+is completed from the model's own signature, as Triton's auto-complete does.
+"""
+
+from __future__ import annotations
+
+import os
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ..backends.base import IOInfo
+from ..core.errors import invalid
+from ..core.signature import ModelSignature, TensorSpec
+from ..core.types import BY_CONFIG, DATATYPES
+
+CONFIG_FILE = "config.pbtxt"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def read_config(model_dir: str, name: str) -> mc.ModelConfig:
+    path = os.path.join(model_dir, CONFIG_FILE)
+    cfg = mc.ModelConfig()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            text_format.Parse(text, cfg)
+        except text_format.ParseError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if cfg.name and cfg.name != name:
+        raise ConfigError(f"{path}: name '{cfg.name}' does not match the directory name '{name}'")
+    cfg.name = name
+    return cfg
+
+
+def config_from_json(text: str, name: str) -> mc.ModelConfig:
+    cfg = mc.ModelConfig()
+    try:
+        json_format.Parse(text, cfg)
+    except json_format.ParseError as e:
+        raise invalid(f"model '{name}': the config given with the load request is not valid: {e}") from None
+    cfg.name = name
+    return cfg
+
+
+def versions_to_serve(cfg: mc.ModelConfig, available: list[int]) -> list[int]:
+    available = sorted(available)
+    policy = cfg.version_policy.WhichOneof("policy_choice")
+    if policy == "all":
+        return available
+    if policy == "specific":
+        wanted = set(cfg.version_policy.specific.versions)
+        return [v for v in available if v in wanted]
+    n = cfg.version_policy.latest.num_versions if policy == "latest" else 1
+    return available[-max(n, 1):] if available else []
+
+
+def _dims_from(info: IOInfo, batched: bool) -> list[int]:
+    return list(info.shape[1:] if batched else info.shape)
+
+
+def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], outputs: list[IOInfo],
+                    default_max_batch_size: int) -> mc.ModelConfig:
+    """Fill what ``cfg`` leaves out from the engine's signature; check what it gives."""
+    cfg = _copy(cfg)
+    if not cfg.platform and not cfg.backend:
+        cfg.platform = platform
+    if not cfg.backend:
+        cfg.backend = "onnxruntime" if platform == "onnxruntime_onnx" else cfg.backend
+    if not cfg.input and not cfg.output and cfg.max_batch_size == 0:
+        # Batch along the first dimension when every tensor's first dimension is dynamic.
+        tensors = inputs + outputs
+        if default_max_batch_size > 0 and tensors and all(t.shape and t.shape[0] == -1 for t in tensors):
+            cfg.max_batch_size = default_max_batch_size
+    batched = cfg.max_batch_size > 0
+    for kind, given, engine in (("input", cfg.input, inputs), ("output", cfg.output, outputs)):
+        by_name = {t.name: t for t in engine}
+        if not given:
+            for t in engine:
+                entry = given.add()
+                entry.name = t.name
+                entry.data_type = mc.DataType.Value(DATATYPES[t.v2_datatype].config)
+                entry.dims.extend(_dims_from(t, batched))
+            continue
+        for entry in given:
+            t = by_name.get(entry.name)
+            if t is None:
+                raise ConfigError(
+                    f"model '{cfg.name}': config {kind} '{entry.name}' is not in the model; "
+                    f"the model's {kind}s are {', '.join(repr(n) for n in by_name)}"
+                )
+            want = DATATYPES[t.v2_datatype].config
+            if entry.data_type == mc.TYPE_INVALID:
+                entry.data_type = mc.DataType.Value(want)
+            elif mc.DataType.Name(entry.data_type) != want:
+                raise ConfigError(
+                    f"model '{cfg.name}': config {kind} '{entry.name}' says "
+                    f"{mc.DataType.Name(entry.data_type)} but the model has {want}"
+                )
+            if not entry.dims:
+                entry.dims.extend(_dims_from(t, batched))
+    return cfg
+
+
+def _copy(cfg: mc.ModelConfig) -> mc.ModelConfig:
+    out = mc.ModelConfig()
+    out.CopyFrom(cfg)
+    return out
+
+
+def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
+    def spec(entry, output: bool) -> TensorSpec:
+        name = mc.DataType.Name(entry.data_type)
+        dt = BY_CONFIG.get(name)
+        if dt is None:
+            raise ConfigError(f"model '{cfg.name}': tensor '{entry.name}' has unsupported type {name}")
+        dims = tuple(int(d) for d in entry.dims)
+        return TensorSpec(entry.name, dt, dims, optional=(not output and entry.optional))
+
+    return ModelSignature(
+        name=cfg.name,
+        platform=cfg.platform or cfg.backend,
+        max_batch_size=int(cfg.max_batch_size),
+        inputs=tuple(spec(i, False) for i in cfg.input),
+        outputs=tuple(spec(o, True) for o in cfg.output),
+    )
+
+
+# 64-bit integer fields that protobuf's JSON writes as strings and Triton writes as numbers.
+_INT64_KEYS = {
+    "dims", "count", "num_versions", "max_batch_size", "shape", "max_queue_delay_microseconds", "default_timeout_microseconds",
+    "priority_levels", "default_priority_level", "max_sequence_idle_microseconds", "versions",
+    "preferred_batch_size", "gpus",
+}
+
+
+def config_to_json(cfg: mc.ModelConfig) -> dict:
+    """The config as Triton's HTTP ``/config`` shows it: proto field names, every field,
+    64-bit integers as JSON numbers."""
+    d = json_format.MessageToDict(
+        cfg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(d)
+
+
+def _numbers(x, key: str = ""):
+    if isinstance(x, dict):
+        return {k: _numbers(v, k) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numbers(v, key) for v in x]
+    if key in _INT64_KEYS and isinstance(x, str):
+        return int(x)
+    return x

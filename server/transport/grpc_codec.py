@@ -1,0 +1,107 @@
+"""Pure conversions between the V2 gRPC messages and the gateway's core types."""
+
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from ..core.errors import invalid
+from ..core.types import DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor, datatype, element_count, from_raw, to_raw
+
+# Typed-contents field for each datatype (FP16 has none: it must travel raw).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+    "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def param_value(p: pb.InferParameter):
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _shape(t, what: str) -> tuple[int, ...]:
+    shape = tuple(t.shape)
+    for d in shape:
+        if d < 0:
+            raise invalid(f"{what}: shape {list(shape)} has a negative dimension")
+    return shape
+
+
+def decode_request(msg: pb.ModelInferRequest, arrival: float) -> InferRequest:
+    raw = msg.raw_input_contents
+    inputs = []
+    n_raw = len(raw)
+    if n_raw and n_raw != len(msg.inputs):
+        raise invalid(
+            f"raw_input_contents has {n_raw} entries but the request has {len(msg.inputs)} inputs; "
+            "give raw data for every input or for none"
+        )
+    for i, t in enumerate(msg.inputs):
+        what = f"input '{t.name}'"
+        dt = datatype(t.datatype, what)
+        shape = _shape(t, what)
+        if n_raw:
+            if t.HasField("contents"):
+                raise invalid(f"{what}: give its data in raw_input_contents or in contents, not both")
+            data = from_raw(raw[i], dt, shape, what)
+        else:
+            data = _from_contents(t, dt, shape, what)
+        inputs.append(Tensor(t.name, t.datatype, shape, data))
+    outputs = [RequestedOutput(o.name) for o in msg.outputs] if msg.outputs else None
+    params = {k: param_value(v) for k, v in msg.parameters.items()} if msg.parameters else {}
+    req = InferRequest(msg.model_name, msg.model_version, inputs, outputs, msg.id, params, arrival=arrival,
+                       protocol="grpc")
+    if params:
+        apply_schedule_params(req)
+    return req
+
+
+def apply_schedule_params(req: InferRequest) -> None:
+    """Carry the V2 ``priority`` and ``timeout`` (µs) parameters into the request."""
+    p = req.parameters
+    if "priority" in p:
+        v = p["priority"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise invalid(f"parameter 'priority' must be a non-negative integer, not {v!r}")
+        req.priority = v
+    if "timeout" in p:
+        v = p["timeout"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise invalid(f"parameter 'timeout' must be a non-negative integer of microseconds, not {v!r}")
+        req.timeout_us = v
+        if v:
+            dl = req.arrival + v / 1e6
+            req.deadline = dl if req.deadline is None else min(req.deadline, dl)
+
+
+def _from_contents(t, dt, shape, what: str) -> np.ndarray:
+    field = CONTENTS_FIELD.get(dt.v2)
+    if field is None:
+        raise invalid(f"{what}: {dt.v2} data has no typed contents field; send it in raw_input_contents")
+    values = getattr(t.contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise invalid(f"{what}: shape {list(shape)} needs {count} elements but contents.{field} has {len(values)}")
+    if dt.v2 == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+    else:
+        info = np.iinfo(dt.np_dtype) if dt.np_dtype.kind in "iu" else None
+        arr = np.asarray(values, dtype=np.int64 if info and dt.v2 != "UINT64" else None)
+        if info is not None and count and (arr.min() < info.min or arr.max() > info.max):
+            raise invalid(f"{what}: a value in contents.{field} is out of range for {dt.v2}")
+        arr = arr.astype(dt.np_dtype)
+    return arr.reshape(shape)
+
+
+def encode_response(resp: InferResponse) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
+    raws = []
+    for t in resp.outputs:
+        out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        raws.append(to_raw(t.data, DATATYPES[t.datatype]))
+    out.raw_output_contents.extend(raws)
+    return out

@@ -1,0 +1,215 @@
+"""The V2 HTTP/REST endpoints as a small ASGI app (served by uvicorn + httptools).
+
+No web framework on the hot path: one regex routes, orjson encodes. Errors are
+``{"error": "..."}`` with the status from :data:`HTTP_STATUS`, the one table
+that maps error codes to HTTP. Only ``/infer`` responses are ever compressed
+(tritonclient.http.aio does not decompress anything else).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import time
+
+import orjson
+
+from ..core.errors import ErrorCode, GatewayError, invalid, not_found
+from . import http_codec
+
+log = logging.getLogger("batchgate.http")
+
+HTTP_STATUS = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.UNIMPLEMENTED: 501,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.INTERNAL: 500,
+}
+
+MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?(?:/(infer|ready|config|stats))?/?$")
+REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+_monotonic = time.monotonic
+
+
+class HttpApp:
+    def __init__(self, gateway, max_body_bytes: int):
+        self.gw = gateway
+        self.limit = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif msg["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            return
+        path = scope["path"]
+        method = scope["method"]
+        try:
+            await self._route(method, path, scope, receive, send)
+        except GatewayError as e:
+            await self._error(send, e)
+        except Exception as e:  # never let one request take the server down
+            log.exception("HTTP %s %s failed", method, path)
+            await self._error(send, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
+
+    async def _route(self, method, path, scope, receive, send):
+        m = MODEL_RE.match(path)
+        if m:
+            model, version, action = m.group(1), m.group(2) or "", m.group(3)
+            if action == "infer":
+                self._method(method, "POST")
+                return await self._infer(model, version, scope, receive, send)
+            self._method(method, "GET")
+            if action is None:
+                if model == "stats":  # /v2/models/stats: statistics of every model
+                    return await self._json(send, {"model_stats": self.gw.statistics("", "")})
+                return await self._json(send, self.gw.model_metadata(model, version))
+            if action == "ready":
+                if self.gw.repository.ready(model, version):
+                    return await self._empty(send, 200)
+                raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"model '{model}' version '{version or 'latest'}' is not ready")
+            if action == "config":
+                served = self.gw.repository.resolve(model, version)
+                return await self._json(send, self.gw.config_json(served))
+            if action == "stats":
+                return await self._json(send, {"model_stats": self.gw.statistics(model, version)})
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            self._method(method, "GET")
+            ok = True if path.endswith("live") else self.gw.ready
+            return await self._empty(send, 200 if ok else 400)
+        if path in ("/v2", "/v2/"):
+            self._method(method, "GET")
+            return await self._json(send, self.gw.server_metadata())
+        m = REPO_RE.match(path)
+        if m:
+            self._method(method, "POST")
+            body = await self._body(receive, scope)
+            obj = http_codec.parse_json(body) if body.strip() else {}
+            if not isinstance(obj, dict):
+                raise invalid("request body must be a JSON object")
+            if m.group(2) == "index":
+                return await self._json(send, self.gw.repository.index(ready_only=bool(obj.get("ready", False))))
+            model, action = m.group(3), m.group(4)
+            params = obj.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise invalid("'parameters' must be an object")
+            if action == "load":
+                config = params.get("config")
+                if config is not None and not isinstance(config, str):
+                    config = orjson.dumps(config).decode()
+                files = {}
+                for k, v in params.items():
+                    if k.startswith("file:"):
+                        try:
+                            files[k[5:]] = base64.b64decode(v, validate=True)
+                        except (ValueError, TypeError):
+                            raise invalid(f"parameter '{k}' must be base64 text") from None
+                await self.gw.repository.load(model, config, files or None)
+            else:
+                await self.gw.repository.unload(model)
+            return await self._empty(send, 200)
+        raise not_found(f"no such endpoint: {method} {path}")
+
+    @staticmethod
+    def _method(method: str, want: str) -> None:
+        if method != want:
+            raise _MethodNotAllowed(f"method {method} is not allowed here; use {want}")
+
+    async def _body(self, receive, scope) -> bytes:
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    n = int(v)
+                except ValueError:
+                    raise invalid("Content-Length is not a number") from None
+                if n > self.limit:
+                    raise invalid(f"request body of {n} bytes exceeds the limit of {self.limit} bytes "
+                                  "(max_request_bytes)")
+                break
+        chunks = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise GatewayError(ErrorCode.CANCELLED, "client disconnected")
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise invalid(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _infer(self, model, version, scope, receive, send):
+        arrival = _monotonic()
+        body = await self._body(receive, scope)
+        header_len = content_encoding = accept = req_id = None
+        for k, v in scope["headers"]:
+            if k == b"inference-header-content-length":
+                header_len = v.decode("latin-1")
+            elif k == b"content-encoding":
+                content_encoding = v.decode("latin-1")
+            elif k == b"accept-encoding":
+                accept = v.decode("latin-1")
+            elif k == b"x-request-id":
+                req_id = v.decode("latin-1")
+        try:
+            if content_encoding:
+                body = http_codec.decompress(body, content_encoding, self.limit)
+            req = http_codec.decode_request(body, header_len, model, version, arrival)
+            if not req.id and req_id:
+                req.id = req_id
+            resp = await self.gw.infer(req)
+        except GatewayError as e:
+            self.gw.log_failure("http", model, req_id or "", e)
+            if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
+                return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
+            raise
+        out, json_len = http_codec.encode_response(resp, req)
+        headers = [(b"content-type", b"application/octet-stream" if json_len is not None else b"application/json")]
+        if json_len is not None:
+            headers.append((b"inference-header-content-length", str(json_len).encode()))
+        enc = http_codec.pick_encoding(accept)
+        if enc:
+            out = http_codec.compress(out, enc)
+            headers.append((b"content-encoding", enc.encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+    async def _json(self, send, obj, status: int = 200):
+        await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+        await send({"type": "http.response.body", "body": orjson.dumps(obj)})
+
+    async def _empty(self, send, status: int):
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _error(self, send, e: GatewayError, extra=()):
+        status = 405 if isinstance(e, _MethodNotAllowed) else HTTP_STATUS[e.code]
+        headers = list(JSON_HEADERS) + list(extra)
+        if e.retry_after_s is not None:
+            headers.append((b"retry-after", str(max(1, round(e.retry_after_s))).encode()))
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": orjson.dumps({"error": e.message})})
+        except Exception:  # the client is gone; nothing left to tell it
+            pass
+
+
+class _MethodNotAllowed(GatewayError):
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)

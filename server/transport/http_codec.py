@@ -1,0 +1,231 @@
+"""Pure conversions between V2 HTTP bodies (JSON, and the binary tensor data
+extension) and the gateway's core types."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import orjson
+
+from ..core.errors import invalid
+from ..core.types import (DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor, datatype,
+                          element_count, from_raw, to_raw)
+from .grpc_codec import apply_schedule_params
+
+_NUMPY_JSON = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """Split a request body into its JSON part and its binary part."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise invalid(f"Inference-Header-Content-Length must be an integer, not {header_length!r}") from None
+    if n < 0 or n > len(body):
+        raise invalid(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+    mv = memoryview(body)
+    return bytes(mv[:n]), mv[n:]
+
+
+def parse_json(data: bytes, what: str = "request body"):
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise invalid(f"{what} is not valid JSON: {e}") from None
+
+
+def decode_request(body: bytes, header_length: str | None, model: str, version: str, arrival: float) -> InferRequest:
+    if header_length == "0":
+        raise invalid("raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
+                      "send a JSON header describing the inputs")
+    head, binary = split_body(body, header_length)
+    obj = parse_json(head)
+    if not isinstance(obj, dict):
+        raise invalid("request body must be a JSON object with an 'inputs' list")
+    raw_inputs = obj.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise invalid("request must have a non-empty 'inputs' list")
+    offset = 0
+    inputs = []
+    for j in raw_inputs:
+        if not isinstance(j, dict) or not isinstance(j.get("name"), str):
+            raise invalid("each entry of 'inputs' must be an object with a 'name'")
+        name = j["name"]
+        what = f"input '{name}'"
+        dt = datatype(j.get("datatype"), what) if isinstance(j.get("datatype"), str) else None
+        if dt is None:
+            raise invalid(f"{what} needs a 'datatype' string")
+        shape = j.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {shape!r}")
+        shape = tuple(shape)
+        params = j.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise invalid(f"{what}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        has_data = "data" in j
+        if (size is not None) == has_data:
+            raise invalid(f"{what} must set exactly one of 'data' or parameters.binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise invalid(f"{what}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise invalid(f"{what}: binary_data_size {size} runs past the end of the body "
+                              f"({len(binary) - offset} binary bytes remain)")
+            data = from_raw(binary[offset:offset + size], dt, shape, what)
+            offset += size
+        else:
+            data = _from_json(j["data"], dt, shape, what)
+        inputs.append(Tensor(name, dt.v2, shape, data))
+    if offset != len(binary):
+        raise invalid(f"the body has {len(binary) - offset} binary bytes that no input claims")
+    req_params = obj.get("parameters") or {}
+    if not isinstance(req_params, dict):
+        raise invalid("request 'parameters' must be an object")
+    outputs = None
+    raw_outputs = obj.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise invalid("'outputs' must be a list")
+        outputs = []
+        for o in raw_outputs:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise invalid("each entry of 'outputs' must be an object with a 'name'")
+            op = o.get("parameters") or {}
+            if not isinstance(op, dict):
+                raise invalid(f"output '{o['name']}': 'parameters' must be an object")
+            if op.get("classification"):
+                raise invalid(f"output '{o['name']}': the classification extension is not supported")
+            b = op.get("binary_data")
+            outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
+    rid = obj.get("id", "")
+    if not isinstance(rid, str):
+        raise invalid("request 'id' must be a string")
+    req = InferRequest(model, version, inputs, outputs, rid, req_params, arrival=arrival, protocol="http",
+                       binary_output_default=bool(req_params.get("binary_data_output", False)))
+    if req_params:
+        apply_schedule_params(req)
+    return req
+
+
+def _from_json(data, dt, shape, what: str) -> np.ndarray:
+    count = element_count(shape)
+    try:
+        if dt.v2 == "BYTES":
+            flat = _flatten(data)
+            arr = np.empty(len(flat), dtype=object)
+            arr[:] = [v.encode() if isinstance(v, str) else _bytes_elem(v, what) for v in flat]
+        else:
+            arr = np.asarray(data, dtype=dt.np_dtype if dt.v2 != "BOOL" else None)
+            if dt.v2 == "BOOL":
+                if arr.size and arr.dtype != np.bool_:
+                    raise ValueError("BOOL data must be true/false")
+                arr = arr.astype(np.bool_)
+            arr = arr.reshape(-1)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise invalid(f"{what}: 'data' does not hold {dt.v2} values: {e}") from None
+    if arr.size != count:
+        raise invalid(f"{what}: shape {list(shape)} needs {count} elements but 'data' has {arr.size}")
+    return arr.reshape(shape)
+
+
+def _bytes_elem(v, what):
+    raise invalid(f"{what}: BYTES data must be strings, not {type(v).__name__}")
+
+
+def _flatten(x) -> list:
+    if not isinstance(x, list):
+        return [x]
+    out = []
+    for v in x:
+        if isinstance(v, list):
+            out.extend(_flatten(v))
+        else:
+            out.append(v)
+    return out
+
+
+def encode_response(resp: InferResponse, req: InferRequest) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when every output is JSON)."""
+    binaries: list[bytes] = []
+    outs = []
+    wanted = {o.name: o.binary for o in req.outputs} if req.outputs else {}
+    for t in resp.outputs:
+        b = wanted.get(t.name)
+        binary = req.binary_output_default if b is None else b
+        entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if binary:
+            raw = to_raw(t.data, DATATYPES[t.datatype])
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            if raw:
+                binaries.append(raw)
+        else:
+            entry["data"] = _to_json(t)
+        outs.append(entry)
+    obj = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outs}
+    if resp.id:
+        obj["id"] = resp.id
+    head = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binaries and not any("parameters" in o for o in outs):
+        return head, None
+    return head + b"".join(binaries), len(head)
+
+
+def _to_json(t: Tensor):
+    arr = t.data.reshape(-1)
+    if t.datatype in _NUMPY_JSON and arr.dtype == DATATYPES[t.datatype].np_dtype.newbyteorder("="):
+        return np.ascontiguousarray(arr)
+    if t.datatype == "BYTES":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr]
+    return arr.tolist()
+
+
+# ------------------------------------------------------------------ compression (infer only)
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    enc = encoding.strip().lower()
+    if enc == "gzip":
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif enc == "deflate":
+        d = zlib.decompressobj()
+    else:
+        raise invalid(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise invalid(f"the {enc} request body is corrupt: {e}") from None
+    if len(out) > limit:
+        raise invalid(f"request body exceeds the limit of {limit} bytes once decompressed")
+    return out
+
+
+def pick_encoding(accept: str | None) -> str | None:
+    """gzip or deflate per Accept-Encoding (highest q, first on a tie); None for identity."""
+    if not accept:
+        return None
+    best, best_q = None, 0.0
+    for part in accept.split(","):
+        bits = part.strip().split(";")
+        name = bits[0].strip().lower()
+        q = 1.0
+        for b in bits[1:]:
+            b = b.strip()
+            if b.startswith("q="):
+                try:
+                    q = float(b[2:])
+                except ValueError:
+                    q = 0.0
+        if name in ("gzip", "deflate", "identity") and q > best_q:
+            best, best_q = name, q
+    return None if best in (None, "identity") else best
+
+
+def compress(body: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        c = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return c.compress(body) + c.flush()
+    return zlib.compress(body)
