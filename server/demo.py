@@ -107,6 +107,24 @@ def mlp_model(sizes=(256, 1024, 1024, 16), seed: int = 0) -> onnx.ModelProto:
     return _model(g)
 
 
+def slow_model(width: int = 1024, layers: int = 24, seed: int = 0) -> onnx.ModelProto:
+    """FP32 [-1, width] -> [-1, width] through ``layers`` dense layers: a model that takes
+    milliseconds per call, for tests of queueing and draining."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    nodes, prev = [], "input"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [prev, "W"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["output"]))
+    g = helper.make_graph(nodes, "slow",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+                          inits)
+    return _model(g)
+
+
 def build_demo_repository(repo: str) -> str:
     os.makedirs(repo, exist_ok=True)
     _save(simple_model(), repo, "simple", config=SIMPLE_CONFIG)

@@ -79,6 +79,11 @@ def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], ou
         tensors = inputs + outputs
         if default_max_batch_size > 0 and tensors and all(t.shape and t.shape[0] == -1 for t in tensors):
             cfg.max_batch_size = default_max_batch_size
+    if not cfg.instance_group:
+        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for g in cfg.instance_group:
+        if g.count < 1:
+            g.count = 1
     batched = cfg.max_batch_size > 0
     for kind, given, engine in (("input", cfg.input, inputs), ("output", cfg.output, outputs)):
         by_name = {t.name: t for t in engine}

@@ -167,6 +167,7 @@ class HttpApp:
                 accept = v.decode("latin-1")
             elif k == b"x-request-id":
                 req_id = v.decode("latin-1")
+        req = None
         try:
             if content_encoding:
                 body = http_codec.decompress(body, content_encoding, self.limit)
@@ -175,7 +176,7 @@ class HttpApp:
                 req.id = req_id
             resp = await self.gw.infer(req)
         except GatewayError as e:
-            self.gw.log_failure("http", model, req_id or "", e)
+            self.gw.log_failure("http", model, (req.id if req is not None else req_id) or "", e)
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
