@@ -1,0 +1,91 @@
+"""Prometheus metrics move as requests are served, with the names the README lists."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import _save, classifier_model
+
+README_METRICS = [
+    "batchgate_requests_total", "batchgate_request_duration_seconds", "batchgate_queue_duration_seconds",
+    "batchgate_compute_duration_seconds", "batchgate_inference_count_total", "batchgate_execution_count_total",
+    "batchgate_queue_depth", "batchgate_inflight_requests", "batchgate_model_ready",
+    "batchgate_model_load_duration_seconds", "batchgate_model_load_failures_total",
+]
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    want = {k: str(v) for k, v in labels.items()}
+    for key, value in metrics.items():
+        m = re.fullmatch(r"([a-zA-Z_:]+)\{(.*)\}", key)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if got == want:
+            return value
+    raise KeyError(f"{name}{want} not exported")
+
+
+@pytest.fixture
+def running(tmp_path, serve):
+    _save(classifier_model(), str(tmp_path), "clf")
+    return serve(str(tmp_path))
+
+
+def test_request_counters_histograms_and_gauges(running):
+    x = np.ones((3, 4), np.float32)
+    for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+        c = mod.InferenceServerClient(url)
+        for _ in range(4):
+            inp = mod.InferInput("features", [3, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            c.infer("clf", [inp])
+        bad = mod.InferInput("features", [3, 2], "FP32")
+        bad.set_data_from_numpy(np.ones((3, 2), np.float32))
+        with pytest.raises(InferenceServerException):
+            c.infer("clf", [bad])
+    m = scrape(running.metrics_url)
+    for proto in ("grpc", "http"):
+        assert sample(m, "batchgate_requests_total", model="clf", version=1, protocol=proto, status="OK") == 4
+        assert sample(m, "batchgate_requests_total", model="clf", version=1, protocol=proto,
+                      status="INVALID_ARGUMENT") == 1
+        assert sample(m, "batchgate_request_duration_seconds_count", model="clf", version=1, protocol=proto) == 5
+    assert sample(m, "batchgate_inference_count_total", model="clf", version=1) == 24  # 8 requests x 3 rows
+    assert sample(m, "batchgate_execution_count_total", model="clf", version=1) == 8
+    assert sample(m, "batchgate_queue_duration_seconds_count", model="clf", version=1) == 8
+    assert sample(m, "batchgate_compute_duration_seconds_count", model="clf", version=1) == 8
+    assert sample(m, "batchgate_queue_depth", model="clf", version=1) == 0
+    assert sample(m, "batchgate_inflight_requests", model="clf", version=1) == 0
+    assert sample(m, "batchgate_model_ready", model="clf", version=1) == 1
+    assert sample(m, "batchgate_model_load_duration_seconds", model="clf", version=1) > 0
+
+
+def test_every_metric_the_readme_lists_is_exported(running):
+    text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    families = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+    exported = set()
+    for f in families:
+        exported |= {f, f + "_total"}
+    missing = [n for n in README_METRICS if n not in exported]
+    assert missing == []
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    assert [n for n in README_METRICS if n not in readme] == []
