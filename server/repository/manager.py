@@ -292,7 +292,9 @@ class ModelRepository:
             entry.versions = new
             entry.latest = new[max(new)]
             entry.state, entry.reason, entry.fingerprint = READY, "", fp
-            log.info("model '%s' ready: versions %s (%.0f ms)", name, sorted(new), seconds * 1000)
+            providers = new[max(new)].backend.providers()
+            log.info("model '%s' ready: versions %s on %s (%.0f ms)", name, sorted(new),
+                     ", ".join(providers), seconds * 1000)
             for s in old.values():
                 self._later(s.retire(self.retire_grace_s))
 
