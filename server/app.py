@@ -38,7 +38,7 @@ log = logging.getLogger("batchgate")
 
 EXTENSIONS = [
     "binary_tensor_data", "model_repository", "model_repository(unload_dependents)",
-    "model_configuration", "statistics", "parameters", "schedule_policy",
+    "model_configuration", "statistics", "parameters",
 ]
 GRPC_SERVICE = "inference.GRPCInferenceService"
 
