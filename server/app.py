@@ -33,6 +33,7 @@ from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 from .transport.grpc_service import InferenceService
 from .transport.http_app import HttpApp
+from .workers import WorkerPool
 
 log = logging.getLogger("batchgate")
 
@@ -59,9 +60,11 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics or Metrics()
         threads = settings.infer_threads or max(4, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="batchgate-infer")
+        self.workers = WorkerPool(threads, "batchgate-infer")
+        # Loading, closing and other blocking housekeeping never queue behind executions.
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
         self.repository = ModelRepository(
-            settings.model_repository, self.pool, self.metrics,
+            settings.model_repository, self.pool, self.workers, self.metrics,
             control_mode=settings.model_control_mode,
             poll_interval_s=settings.repository_poll_secs,
             load_models=settings.load_model,
@@ -223,6 +226,7 @@ class Gateway:
             self._metrics_server.server_close()
         await self.repository.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
         self._stopped.set()
         log.info("stopped")
         return clean

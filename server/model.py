@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Executor
 
@@ -23,6 +24,7 @@ from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
 from .monitoring.metrics import ModelMetrics
 from .repository.config import signature_of
+from .workers import WorkerPool
 
 log = logging.getLogger("batchgate.model")
 _perf_ns = time.perf_counter_ns
@@ -35,6 +37,7 @@ class ServedModel:
         version: str,
         backend: Backend,
         pool: Executor,
+        workers: WorkerPool,
         metrics: ModelMetrics,
         max_queue_size: int,
     ):
@@ -44,7 +47,9 @@ class ServedModel:
         self.signature = signature_of(config)
         self.backend = backend
         self.stats = ModelStats(self.name, version)
-        self._pool = pool
+        self._stats_lock = threading.Lock()  # executions are recorded from worker threads
+        self._pool = pool  # for blocking housekeeping (closing the backend)
+        self._workers = workers  # for executions
         self._metrics = metrics
         self.instances = max(1, sum(g.count or 1 for g in config.instance_group) or 1)
         policy = config.dynamic_batching.default_queue_policy
@@ -74,10 +79,12 @@ class ServedModel:
             raise
         finally:
             elapsed = _perf_ns() - start
-            self.stats.record_request(status == "OK", elapsed)
-            if request.dispatched:
-                queued = max(0.0, request.dispatched - request.arrival)
-                self.stats.record_queue(int(queued * 1e9))
+            queued = max(0.0, request.dispatched - request.arrival) if request.dispatched else None
+            with self._stats_lock:
+                self.stats.record_request(status == "OK", elapsed)
+                if queued is not None:
+                    self.stats.record_queue(int(queued * 1e9))
+            if queued is not None:
                 self._metrics.queue.observe(queued)
             self._metrics.request_done(request.protocol, status, elapsed / 1e9)
             self.in_flight -= 1
@@ -86,40 +93,43 @@ class ServedModel:
 
     def reject(self, request: InferRequest, error: GatewayError) -> None:
         """Count a request refused before it was queued (e.g. it failed validation)."""
-        self.stats.record_request(False, 0)
+        with self._stats_lock:
+            self.stats.record_request(False, 0)
         self._metrics.request_done(request.protocol, error.code.value, 0.0)
 
-    async def _execute(self, batch: list[InferRequest]) -> list:
-        loop = asyncio.get_running_loop()
-        request = batch[0]  # the pass-through scheduler hands over one request at a time
+    def _execute(self, batch: list[InferRequest]):
+        """Hand a batch to a worker thread; returns a future of one answer per request."""
+        return self._workers.submit(self._run_batch, batch)
+
+    def _run_batch(self, batch: list[InferRequest]) -> list:
+        """Runs in a worker thread: prepare inputs, execute, collect outputs, record figures.
+
+        The pass-through scheduler hands over one request at a time."""
+        request = batch[0]
+        checked = request.checked
         try:
-            outputs, t_in, t_inf, t_out = await loop.run_in_executor(self._pool, self._run, request.checked)
+            t0 = _perf_ns()
+            feeds = {k: (v if v.flags.c_contiguous else np.ascontiguousarray(v)) for k, v in checked.feeds.items()}
+            t1 = _perf_ns()
+            arrays = self.backend.run(feeds, checked.output_names)
+            t2 = _perf_ns()
+            spec = self.signature.output_spec
+            outputs = [Tensor(name, spec(name).dtype.v2, arr.shape, arr)
+                       for name, arr in zip(checked.output_names, arrays)]
+            t3 = _perf_ns()
         except GatewayError as e:
             return [e]
         except Exception as e:  # the engine refused or crashed: this batch fails, the model serves on
             log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
             return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")]
-        rows = request.checked.batch_size
-        self.stats.record_execution(rows, len(batch), t_in, t_inf, t_out)
+        rows = checked.batch_size
+        with self._stats_lock:
+            self.stats.record_execution(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
         m = self._metrics
         m.executions.inc()
         m.inferences.inc(rows)
-        m.compute.observe((t_in + t_inf + t_out) / 1e9)
+        m.compute.observe((t3 - t0) / 1e9)
         return [InferResponse(self.name, self.version, outputs, id=request.id)]
-
-    def _run(self, checked) -> tuple[list[Tensor], int, int, int]:
-        """Runs in a worker thread: prepare inputs, execute, collect outputs."""
-        t0 = _perf_ns()
-        feeds = {k: (v if v.flags.c_contiguous else np.ascontiguousarray(v)) for k, v in checked.feeds.items()}
-        t1 = _perf_ns()
-        arrays = self.backend.run(feeds, checked.output_names)
-        t2 = _perf_ns()
-        sig = self.signature
-        outputs = []
-        for name, arr in zip(checked.output_names, arrays):
-            outputs.append(Tensor(name, sig.output_spec(name).dtype.v2, arr.shape, arr))
-        t3 = _perf_ns()
-        return outputs, t1 - t0, t2 - t1, t3 - t2
 
     async def retire(self, grace_s: float | None = None) -> None:
         """Wait for the requests on this version to finish, then free the backend."""

@@ -19,6 +19,8 @@ from typing import Protocol
 from .errors import ErrorCode, GatewayError
 from .types import InferRequest, InferResponse
 
+# execute(batch) -> awaitable of one InferResponse or GatewayError per request, in order.
+# It may return a Future (cheapest: no task is made) or a coroutine.
 Execute = Callable[[list[InferRequest]], Awaitable[list["InferResponse | GatewayError"]]]
 Clock = Callable[[], float]
 

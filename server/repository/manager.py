@@ -31,6 +31,7 @@ from ..backends.onnx import OnnxBackend, choose_providers
 from ..core.errors import ErrorCode, GatewayError, not_found
 from ..model import ServedModel
 from ..monitoring.metrics import Metrics
+from ..workers import WorkerPool
 from .config import ConfigError, complete_config, config_from_json, read_config, versions_to_serve
 
 log = logging.getLogger("batchgate.repository")
@@ -81,6 +82,7 @@ class ModelRepository:
         self,
         root: str,
         pool: Executor,
+        workers: WorkerPool,
         metrics: Metrics,
         control_mode: str = "none",
         poll_interval_s: float = 15.0,
@@ -95,6 +97,7 @@ class ModelRepository:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, not {control_mode!r}")
         self.root = os.path.abspath(root)
         self.pool = pool
+        self.workers = workers
         self.metrics = metrics
         self.mode = control_mode
         self.poll_interval_s = poll_interval_s
@@ -334,7 +337,7 @@ class ModelRepository:
                                    self.default_max_batch_size)
             if self.warm_up:
                 backend.warm_up()
-            built[v] = ServedModel(full, str(v), backend, self.pool, self.metrics.bind(name, str(v)),
+            built[v] = ServedModel(full, str(v), backend, self.pool, self.workers, self.metrics.bind(name, str(v)),
                                    self.max_queue_size)
         return built
 

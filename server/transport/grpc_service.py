@@ -146,7 +146,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             req = self._decode(request, context)
             resp = await self.gw.infer(req)
         except GatewayError as e:
-            self.gw.log_failure("grpc", request.model_name, request.id, e)
+            self.gw.log_failure("grpc", request.model_name, _request_id(request, context), e)
             return await _abort(context, e)
         return grpc_codec.encode_response(resp)
 
@@ -163,7 +163,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 resp = await self.gw.infer(req)
                 await out.put(pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(resp)))
             except GatewayError as e:
-                self.gw.log_failure("grpc", msg.model_name, msg.id, e)
+                self.gw.log_failure("grpc", msg.model_name, _request_id(msg, context), e)
                 await out.put(pb.ModelStreamInferResponse(
                     error_message=e.message,
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name,
