@@ -8,6 +8,7 @@ their unit in their name. This is the only module that reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
         elif kind == "bool":
             if isinstance(value, str):
                 low = value.strip().lower()
@@ -149,6 +152,8 @@ def load_settings(
         if var in env:
             values[key] = _coerce(key, env[var], f"environment {var}")
     for k, v in (flags or {}).items():
+        if k not in FIELDS:
+            raise ConfigError(f"unknown setting '{k}'; known: {', '.join(FIELDS)}")
         if v is None or (isinstance(v, (list, tuple)) and not v):
             continue
         values[k] = _coerce(k, v, "--" + k.replace("_", "-"))

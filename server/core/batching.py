@@ -113,19 +113,20 @@ class PassThroughScheduler:
         self._idle.clear()
         self._waiting += 1
         try:
-            if self._slots.locked() or request.deadline is not None:
-                if request.deadline is None:
-                    await self._slots.acquire()
-                else:
-                    remaining = request.deadline - self._clock()
-                    if remaining <= 0:
-                        raise deadline_error(request)
-                    try:
-                        await asyncio.wait_for(self._slots.acquire(), remaining)
-                    except TimeoutError:
-                        raise deadline_error(request) from None
-            else:
+            if request.deadline is None:
                 await self._slots.acquire()
+            else:
+                remaining = request.deadline - self._clock()
+                if remaining <= 0:
+                    raise deadline_error(request)
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    raise deadline_error(request) from None
+                if self._clock() >= request.deadline:  # the slot came, but too late
+                    self._slots.release()
+                    raise deadline_error(request)
         except BaseException:
             self._waiting -= 1
             self._check_idle()

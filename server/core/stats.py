@@ -97,4 +97,5 @@ class ModelStats:
                 for size, b in sorted(self.batch_stats.items())
             ],
             "memory_usage": [],
+            "response_stats": {},
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends.base import IOInfo
@@ -138,28 +139,35 @@ def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
     )
 
 
-# 64-bit integer fields that protobuf's JSON writes as strings and Triton writes as numbers.
-_INT64_KEYS = {
-    "dims", "count", "num_versions", "max_batch_size", "shape", "max_queue_delay_microseconds", "default_timeout_microseconds",
-    "priority_levels", "default_priority_level", "max_sequence_idle_microseconds", "versions",
-    "preferred_batch_size", "gpus",
+_INT64_TYPES = {
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
 }
 
 
 def config_to_json(cfg: mc.ModelConfig) -> dict:
     """The config as Triton's HTTP ``/config`` shows it: proto field names, every field,
-    64-bit integers as JSON numbers."""
+    64-bit integers as JSON numbers (protobuf's JSON writes them as strings)."""
     d = json_format.MessageToDict(
         cfg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    return _numbers(d)
+    return _numbers(d, cfg.DESCRIPTOR)
 
 
-def _numbers(x, key: str = ""):
-    if isinstance(x, dict):
-        return {k: _numbers(v, k) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_numbers(v, key) for v in x]
-    if key in _INT64_KEYS and isinstance(x, str):
-        return int(x)
-    return x
+def _numbers(d: dict, desc) -> dict:
+    """Turn the 64-bit integer fields of ``desc`` (and of its sub-messages) into ints."""
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value_field = f.message_type.fields_by_name["value"]
+            if value_field.message_type is not None:
+                d[f.name] = {k: _numbers(x, value_field.message_type) for k, x in v.items()}
+            elif value_field.type in _INT64_TYPES:
+                d[f.name] = {k: int(x) for k, x in v.items()}
+        elif f.message_type is not None:
+            d[f.name] = [_numbers(x, f.message_type) for x in v] if isinstance(v, list) else _numbers(v, f.message_type)
+        elif f.type in _INT64_TYPES:
+            d[f.name] = [int(x) for x in v] if isinstance(v, list) else int(v)
+    return d

@@ -1,0 +1,321 @@
+"""PassThroughScheduler with plain asyncio: concurrency limit, FIFO, admission,
+deadlines, cancellation, drain and close.
+
+The backend here is a scripted stand-in for ``execute``: each request runs until
+the test opens its gate, so the test decides when work finishes.
+"""
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from batchgate.core.batching import PassThroughScheduler
+from batchgate.core.errors import ErrorCode, GatewayError
+from batchgate.core.types import InferRequest, InferResponse
+
+
+class GatedBackend:
+    def __init__(self):
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.running = 0
+        self.peak = 0
+        self._gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, rid: str) -> asyncio.Event:
+        return self._gates.setdefault(rid, asyncio.Event())
+
+    def release(self, rid: str) -> None:
+        self.gate(rid).set()
+
+    async def __call__(self, batch):
+        assert len(batch) == 1
+        (r,) = batch
+        self.started.append(r.id)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.gate(r.id).wait()
+        finally:
+            self.running -= 1
+        self.finished.append(r.id)
+        if r.id.startswith("fail"):
+            return [GatewayError(ErrorCode.INTERNAL, f"backend failed on {r.id}")]
+        return [InferResponse(r.model_name, "1", [], id=r.id)]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def settle(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def rq(rid: str, deadline: float | None = None) -> InferRequest:
+    return InferRequest("m", "1", [], id=rid, deadline=deadline)
+
+
+def submit(s, rid, deadline=None) -> asyncio.Task:
+    return asyncio.ensure_future(s.submit(rq(rid, deadline)))
+
+
+async def test_at_most_instances_execute_at_once():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=2, name="m")
+    tasks = [submit(s, f"r{i}") for i in range(5)]
+    await settle()
+    assert be.started == ["r0", "r1"]
+    assert s.executing == 2 and s.queue_depth == 3
+    be.release("r0")
+    await settle()
+    assert be.started == ["r0", "r1", "r2"]
+    assert s.executing == 2 and s.queue_depth == 2
+    for i in range(1, 5):
+        be.release(f"r{i}")
+    results = await asyncio.gather(*tasks)
+    assert [r.id for r in results] == [f"r{i}" for i in range(5)]
+    assert be.peak == 2
+    assert s.executing == 0 and s.queue_depth == 0
+
+
+async def test_first_come_first_served():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    ids = [f"r{i}" for i in range(6)]
+    tasks = [submit(s, rid) for rid in ids]
+    await settle()
+    for rid in ids:
+        be.release(rid)
+        await settle()
+    await asyncio.gather(*tasks)
+    assert be.started == ids
+
+
+async def test_first_come_first_served_with_and_without_deadlines():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    first = submit(s, "busy")
+    await settle()
+    far = time.monotonic() + 60
+    a = submit(s, "a", deadline=far)
+    b = submit(s, "b")
+    await settle()
+    for rid in ("busy", "a", "b"):
+        be.release(rid)
+    await asyncio.gather(first, a, b)
+    assert be.started == ["busy", "a", "b"]
+
+
+async def test_full_queue_is_refused_at_once_with_retry_after():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, max_queue_size=2, name="m")
+    tasks = [submit(s, f"r{i}") for i in range(3)]  # one runs, two wait
+    await settle()
+    assert s.queue_depth == 2
+    with pytest.raises(GatewayError) as ei:
+        await s.submit(rq("extra"))
+    e = ei.value
+    assert e.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "'m'" in e.message and "2" in e.message
+    assert e.retry_after_s is not None and e.retry_after_s > 0 and math.isfinite(e.retry_after_s)
+    assert "extra" not in be.started
+    for i in range(3):
+        be.release(f"r{i}")
+    await asyncio.gather(*tasks)
+    # room again once the queue has drained
+    be.release("later")
+    assert (await s.submit(rq("later"))).id == "later"
+
+
+async def test_retry_after_shrinks_when_the_queue_drains_faster():
+    def measure(gap_s: float) -> float:
+        clock = FakeClock()
+        be = GatedBackend()
+        s = PassThroughScheduler(be, instances=1, max_queue_size=1, clock=clock, name="m")
+
+        async def run():
+            for i in range(5):
+                clock.now += gap_s
+                be.release(f"r{i}")
+                await s.submit(rq(f"r{i}"))
+            t1 = submit(s, "busy")
+            t2 = submit(s, "waiting")
+            await settle()
+            with pytest.raises(GatewayError) as ei:
+                await s.submit(rq("refused"))
+            be.release("busy")
+            be.release("waiting")
+            await asyncio.gather(t1, t2)
+            return ei.value.retry_after_s
+
+        return run()
+
+    fast = await measure(0.01)
+    slow = await measure(1.0)
+    assert 0 < fast < slow
+
+
+async def test_deadline_passing_while_queued_gives_deadline_exceeded_and_never_runs():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    busy = submit(s, "busy")
+    await settle()
+    t0 = time.monotonic()
+    with pytest.raises(GatewayError) as ei:
+        await s.submit(rq("late", deadline=time.monotonic() + 0.05))
+    waited = time.monotonic() - t0
+    assert ei.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert "late" in ei.value.message and "'m'" in ei.value.message
+    assert 0.03 < waited < 2
+    assert s.queue_depth == 0
+    be.release("busy")
+    await busy
+    await settle()
+    assert be.started == ["busy"]
+
+
+async def test_deadline_already_past_at_submit_never_runs_even_with_a_free_slot():
+    clock = FakeClock(50.0)
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, clock=clock, name="m")
+    with pytest.raises(GatewayError) as ei:
+        await s.submit(rq("stale", deadline=49.0))
+    assert ei.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert be.started == []
+    assert s.queue_depth == 0 and s.executing == 0
+
+
+async def test_deadline_in_the_future_runs_normally():
+    clock = FakeClock(50.0)
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, clock=clock, name="m")
+    be.release("ok")
+    assert (await s.submit(rq("ok", deadline=60.0))).id == "ok"
+
+
+async def test_deadline_passing_on_the_injected_clock_while_queued():
+    clock = FakeClock(100.0)
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, clock=clock, name="m")
+    busy = submit(s, "busy")
+    await settle()
+    waiting = submit(s, "late", deadline=105.0)
+    await settle()
+    clock.now = 110.0  # the deadline passes while "late" waits for the slot
+    be.release("busy")
+    be.release("late")
+    await busy
+    with pytest.raises(GatewayError) as ei:
+        await waiting
+    assert ei.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert be.started == ["busy"]
+
+
+@pytest.mark.parametrize("with_deadline", [False, True])
+async def test_cancelled_waiting_caller_never_executes(with_deadline):
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    busy = submit(s, "busy")
+    await settle()
+    gone = submit(s, "gone", deadline=time.monotonic() + 60 if with_deadline else None)
+    after = submit(s, "after")
+    await settle()
+    assert s.queue_depth == 2
+    gone.cancel()
+    await settle()
+    assert gone.cancelled()
+    assert s.queue_depth == 1
+    be.release("busy")
+    be.release("after")
+    await asyncio.gather(busy, after)
+    await settle()
+    assert be.started == ["busy", "after"]
+    assert s.queue_depth == 0 and s.executing == 0
+
+
+async def test_cancelled_executing_caller_keeps_its_slot_until_the_backend_finishes():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    running = submit(s, "running")
+    await settle()
+    nxt = submit(s, "next")
+    await settle()
+    running.cancel()
+    await settle()
+    assert running.cancelled()
+    assert be.started == ["running"]  # "next" must not start while the backend is busy
+    assert s.executing == 1 and be.running == 1
+    be.release("running")
+    await settle()
+    assert be.started == ["running", "next"]
+    be.release("next")
+    assert (await nxt).id == "next"
+
+
+async def test_backend_error_fails_only_that_request():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=2, name="m")
+    bad = submit(s, "fail-1")
+    good = submit(s, "ok-2")
+    be.release("fail-1")
+    be.release("ok-2")
+    res = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(res[0], GatewayError)
+    assert res[0].code is ErrorCode.INTERNAL and "fail-1" in res[0].message
+    assert isinstance(res[1], InferResponse) and res[1].id == "ok-2"
+    # the slot of the failed request was given back
+    be.release("ok-3")
+    assert (await s.submit(rq("ok-3"))).id == "ok-3"
+    assert s.executing == 0
+
+
+async def test_drain_returns_at_once_when_idle():
+    s = PassThroughScheduler(GatedBackend(), instances=1, name="m")
+    await asyncio.wait_for(s.drain(), 1)
+
+
+async def test_drain_waits_for_queued_and_executing_work():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    tasks = [submit(s, "a"), submit(s, "b")]
+    await settle()
+    drained = asyncio.ensure_future(s.drain())
+    await settle()
+    assert not drained.done()
+    be.release("a")
+    await settle()
+    assert not drained.done()  # "b" is executing now
+    be.release("b")
+    await asyncio.wait_for(drained, 1)
+    await asyncio.gather(*tasks)
+    assert be.finished == ["a", "b"]
+
+
+async def test_close_refuses_new_work_but_finishes_accepted_work():
+    be = GatedBackend()
+    s = PassThroughScheduler(be, instances=1, name="m")
+    accepted = [submit(s, "a"), submit(s, "b")]
+    await settle()
+    s.close()
+    with pytest.raises(GatewayError) as ei:
+        await s.submit(rq("new"))
+    assert ei.value.code is ErrorCode.UNAVAILABLE
+    assert "'m'" in ei.value.message
+    be.release("a")
+    be.release("b")
+    assert [r.id for r in await asyncio.gather(*accepted)] == ["a", "b"]
+    await asyncio.wait_for(s.drain(), 1)
+    assert "new" not in be.started
+
+
+def test_instances_must_be_positive():
+    with pytest.raises(ValueError):
+        PassThroughScheduler(GatedBackend(), instances=0)

@@ -1,0 +1,275 @@
+"""repository/config.py: config.pbtxt parsing, version policy, completion from the
+model's own signature, and the /config JSON."""
+
+import pytest
+from google.protobuf import text_format
+from google.protobuf.descriptor import FieldDescriptor
+from tritonclient.grpc import model_config_pb2 as mc
+
+from batchgate.backends.base import IOInfo
+from batchgate.repository.config import (ConfigError, complete_config, config_to_json, read_config, signature_of,
+                                         versions_to_serve)
+
+PBTXT = """
+name: "resnet"
+platform: "onnxruntime_onnx"
+max_batch_size: 16
+version_policy: { latest: { num_versions: 2 } }
+input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] } ]
+output [ { name: "probs" data_type: TYPE_FP32 dims: [ 1000 ] } ]
+dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 500 }
+instance_group [ { count: 2 kind: KIND_CPU } ]
+"""
+
+
+def model_dir(tmp_path, name, text=None):
+    d = tmp_path / name
+    d.mkdir()
+    if text is not None:
+        (d / "config.pbtxt").write_text(text)
+    return str(d)
+
+
+# ---------------------------------------------------------------- read_config
+def test_read_config_parses_pbtxt(tmp_path):
+    cfg = read_config(model_dir(tmp_path, "resnet", PBTXT), "resnet")
+    assert cfg.name == "resnet"
+    assert cfg.max_batch_size == 16
+    assert cfg.version_policy.latest.num_versions == 2
+    assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == [
+        ("image", "TYPE_FP32", [3, 224, 224])]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.instance_group[0].count == 2
+
+
+def test_read_config_name_mismatch_is_an_error(tmp_path):
+    d = model_dir(tmp_path, "other", PBTXT)
+    with pytest.raises(ConfigError) as ei:
+        read_config(d, "other")
+    assert "'resnet'" in str(ei.value) and "'other'" in str(ei.value)
+
+
+def test_read_config_without_a_name_takes_the_directory_name(tmp_path):
+    cfg = read_config(model_dir(tmp_path, "dirname", "max_batch_size: 4\n"), "dirname")
+    assert cfg.name == "dirname" and cfg.max_batch_size == 4
+
+
+def test_read_config_without_a_file_is_empty(tmp_path):
+    cfg = read_config(model_dir(tmp_path, "bare"), "bare")
+    assert cfg.name == "bare" and not cfg.input and cfg.max_batch_size == 0
+
+
+def test_read_config_syntax_error_names_the_file(tmp_path):
+    d = model_dir(tmp_path, "broken", "max_batch_size: lots\n")
+    with pytest.raises(ConfigError) as ei:
+        read_config(d, "broken")
+    assert "config.pbtxt" in str(ei.value) and "max_batch_size" in str(ei.value)
+
+
+# ---------------------------------------------------------------- versions_to_serve
+def policy(text: str) -> mc.ModelConfig:
+    cfg = mc.ModelConfig()
+    text_format.Parse(text, cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("text,available,expected", [
+    ("", [3, 1, 2], [3]),  # default: the latest one
+    ("version_policy { latest { num_versions: 2 } }", [1, 10, 2], [2, 10]),
+    ("version_policy { latest { num_versions: 5 } }", [2, 1], [1, 2]),
+    ("version_policy { latest { num_versions: 0 } }", [1, 2], [2]),
+    ("version_policy { all {} }", [3, 1, 2], [1, 2, 3]),
+    ("version_policy { specific { versions: [1, 3, 7] } }", [1, 2, 3], [1, 3]),
+    ("version_policy { specific { versions: [9] } }", [1, 2], []),
+    ("version_policy { latest { num_versions: 2 } }", [], []),
+    ("version_policy { all {} }", [], []),
+])
+def test_versions_to_serve(text, available, expected):
+    assert versions_to_serve(policy(text), available) == expected
+
+
+# ---------------------------------------------------------------- complete_config
+def io(name, dt, *shape):
+    return IOInfo(name, dt, tuple(shape))
+
+
+def names_types_dims(entries):
+    return [(e.name, mc.DataType.Name(e.data_type), list(e.dims)) for e in entries]
+
+
+def test_complete_empty_config_with_dynamic_first_dims_batches():
+    cfg = mc.ModelConfig(name="m")
+    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, 3, -1), io("ids", "INT64", -1)],
+                           [io("y", "FP16", -1, 10)], default_max_batch_size=8)
+    assert done.max_batch_size == 8
+    assert names_types_dims(done.input) == [("x", "TYPE_FP32", [3, -1]), ("ids", "TYPE_INT64", [])]
+    assert names_types_dims(done.output) == [("y", "TYPE_FP16", [10])]
+    assert done.platform == "onnxruntime_onnx" and done.backend == "onnxruntime"
+    assert [(g.count, g.kind) for g in done.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+    assert not cfg.input and cfg.max_batch_size == 0  # the given config is not changed
+
+
+def test_complete_with_a_fixed_first_dim_does_not_batch():
+    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", [io("x", "FP32", -1, 3)],
+                           [io("y", "FP32", 1, 3)], default_max_batch_size=8)
+    assert done.max_batch_size == 0
+    assert names_types_dims(done.input) == [("x", "TYPE_FP32", [-1, 3])]
+    assert names_types_dims(done.output) == [("y", "TYPE_FP32", [1, 3])]
+
+
+def test_complete_with_batching_turned_off_by_default_max_batch_size_zero():
+    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", [io("x", "FP32", -1, 3)],
+                           [io("y", "FP32", -1)], default_max_batch_size=0)
+    assert done.max_batch_size == 0
+    assert list(done.input[0].dims) == [-1, 3]
+
+
+def test_complete_keeps_a_given_max_batch_size_and_fills_types_and_dims():
+    cfg = mc.ModelConfig(name="m", max_batch_size=4)
+    cfg.input.add(name="x")  # no type, no dims
+    cfg.input.add(name="z", data_type=mc.TYPE_INT32, dims=[7])
+    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "BOOL", -1, 2), io("z", "INT32", -1, -1)],
+                           [io("y", "BYTES", -1, 1)], default_max_batch_size=8)
+    assert done.max_batch_size == 4
+    assert names_types_dims(done.input) == [("x", "TYPE_BOOL", [2]), ("z", "TYPE_INT32", [7])]
+    assert names_types_dims(done.output) == [("y", "TYPE_STRING", [1])]
+
+
+def test_complete_datatype_mismatch_is_an_error():
+    cfg = mc.ModelConfig(name="m", max_batch_size=4)
+    cfg.input.add(name="x", data_type=mc.TYPE_FP16, dims=[2])
+    with pytest.raises(ConfigError) as ei:
+        complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, 2)], [], 8)
+    msg = str(ei.value)
+    assert "'m'" in msg and "'x'" in msg and "TYPE_FP16" in msg and "TYPE_FP32" in msg
+
+
+def test_complete_config_input_not_in_model_is_an_error():
+    cfg = mc.ModelConfig(name="m")
+    cfg.input.add(name="pixels", data_type=mc.TYPE_FP32, dims=[2])
+    with pytest.raises(ConfigError) as ei:
+        complete_config(cfg, "onnxruntime_onnx", [io("image", "FP32", 2), io("mask", "BOOL", 2)], [], 8)
+    msg = str(ei.value)
+    assert "'pixels'" in msg and "'image'" in msg and "'mask'" in msg and "input" in msg
+
+
+def test_complete_config_output_not_in_model_is_an_error():
+    cfg = mc.ModelConfig(name="m")
+    cfg.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[2])
+    with pytest.raises(ConfigError) as ei:
+        complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", 2)], [io("probs", "FP32", 2)], 8)
+    assert "'logits'" in str(ei.value) and "'probs'" in str(ei.value) and "output" in str(ei.value)
+
+
+def test_complete_raises_instance_count_to_one_and_keeps_a_backend():
+    cfg = mc.ModelConfig(name="m", backend="custom")
+    cfg.instance_group.add(count=0, kind=mc.ModelInstanceGroup.KIND_CPU)
+    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", 2)], [io("y", "FP32", 2)], 8)
+    assert done.instance_group[0].count == 1
+    assert done.backend == "custom" and done.platform == ""
+
+
+def test_completed_config_gives_a_signature():
+    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", [io("x", "FP32", -1, 3)],
+                           [io("y", "INT64", -1)], default_max_batch_size=8)
+    s = signature_of(done)
+    assert s.name == "m" and s.max_batch_size == 8 and s.platform == "onnxruntime_onnx"
+    assert [(t.name, t.dtype.v2, t.dims) for t in s.inputs] == [("x", "FP32", (3,))]
+    assert [(t.name, t.dtype.v2, t.dims) for t in s.outputs] == [("y", "INT64", ())]
+
+
+# ---------------------------------------------------------------- config_to_json
+def test_config_to_json_uses_field_names_and_numbers(tmp_path):
+    d = config_to_json(read_config(model_dir(tmp_path, "resnet", PBTXT), "resnet"))
+    assert d["name"] == "resnet" and d["max_batch_size"] == 16
+    assert d["input"][0]["dims"] == [3, 224, 224]
+    assert d["input"][0]["data_type"] == "TYPE_FP32"
+    assert d["output"][0]["dims"] == [1000]
+    assert d["dynamic_batching"]["max_queue_delay_microseconds"] == 500
+    assert d["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+    assert d["version_policy"] == {"latest": {"num_versions": 2}}
+    # fields left at their default are printed too, as Triton does
+    assert d["input"][0]["optional"] is False and d["input"][0]["format"] == "FORMAT_NONE"
+    assert d["backend"] == ""
+
+
+INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+         FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def int64_paths(desc, prefix=()):
+    """Every 64-bit integer field reachable from ModelConfig, as a path of (field, how) steps."""
+    for f in desc.fields:
+        repeated = f.label == FieldDescriptor.LABEL_REPEATED
+        if f.message_type is not None:
+            if f.message_type.GetOptions().map_entry:
+                value = f.message_type.fields_by_name["value"]
+                key_is_int = f.message_type.fields_by_name["key"].type != FieldDescriptor.TYPE_STRING
+                if value.message_type is not None:
+                    yield from int64_paths(value.message_type, prefix + ((f.name, "imap" if key_is_int else "map"),))
+                continue
+            yield from int64_paths(f.message_type, prefix + ((f.name, "add" if repeated else "msg"),))
+        elif f.type in INT64:
+            yield prefix + ((f.name, "append" if repeated else "set"),)
+
+
+BIG = 5_000_000_123  # needs 64 bits
+
+
+def set_path(msg, path):
+    for name, how in path[:-1]:
+        field = getattr(msg, name)
+        msg = field["k"] if how == "map" else field[1] if how == "imap" else field.add() if how == "add" else field
+    name, how = path[-1]
+    if how == "append":
+        getattr(msg, name).append(BIG)
+    else:
+        setattr(msg, name, BIG)
+
+
+def get_path(d, path):
+    for name, how in path[:-1]:
+        d = d[name]["k"] if how == "map" else d[name]["1"] if how == "imap" else d[name][0] if how == "add" else d[name]
+    name, how = path[-1]
+    return d[name][0] if how == "append" else d[name]
+
+
+NOT_CONVERTED = {  # 64-bit fields deep in the schema that a key-name approach would miss
+    "ensemble_scheduling.step.model_version",
+    "instance_group.secondary_devices.device_id",
+    "optimization.cuda.graph_spec.input.dim",
+    "optimization.cuda.graph_spec.graph_lower_bound.input.dim",
+}
+PATHS = list(int64_paths(mc.ModelConfig.DESCRIPTOR))
+
+
+def _param(path):
+    return pytest.param(path, id=".".join(name for name, _ in path))
+
+
+def test_the_walk_finds_the_known_int64_fields():
+    ids = {".".join(n for n, _ in p) for p in PATHS}
+    assert {"input.dims", "output.dims", "dynamic_batching.max_queue_delay_microseconds",
+            "version_policy.specific.versions", "sequence_batching.max_sequence_idle_microseconds"} <= ids
+    assert NOT_CONVERTED <= ids
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in PATHS])
+def test_config_to_json_prints_every_int64_field_as_a_number(path):
+    cfg = mc.ModelConfig(name="m")
+    set_path(cfg, path)
+    value = get_path(config_to_json(cfg), path)
+    assert value == BIG and isinstance(value, int)
+
+
+@pytest.mark.parametrize("where", ["metric_tags", "ensemble_input_map"])
+def test_config_to_json_leaves_string_maps_alone(where):
+    cfg = mc.ModelConfig(name="m")
+    if where == "metric_tags":
+        cfg.metric_tags["count"] = "42"
+        assert config_to_json(cfg)["metric_tags"] == {"count": "42"}
+    else:
+        step = cfg.ensemble_scheduling.step.add(model_name="pre", model_version=-1)
+        step.input_map["shape"] = "SHAPE_IN"
+        assert config_to_json(cfg)["ensemble_scheduling"]["step"][0]["input_map"] == {"shape": "SHAPE_IN"}

@@ -1,0 +1,143 @@
+"""from_raw / to_raw: little-endian, row-major raw tensor bytes, and the BYTES framing."""
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from batchgate.core.errors import ErrorCode, GatewayError
+from batchgate.core.types import DATATYPES, from_raw, to_raw
+
+FIXED = [n for n, d in DATATYPES.items() if d.itemsize]
+shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
+
+
+@st.composite
+def fixed_arrays(draw):
+    name = draw(st.sampled_from(FIXED))
+    arr = draw(hnp.arrays(DATATYPES[name].np_dtype, shapes))
+    return name, arr
+
+
+@st.composite
+def bytes_arrays(draw):
+    shape = draw(shapes)
+    n = int(np.prod(shape, dtype=np.int64))
+    items = draw(st.lists(st.binary(max_size=12), min_size=n, max_size=n))
+    arr = np.empty(n, dtype=object)
+    arr[:] = items
+    return arr.reshape(shape)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fixed_arrays())
+def test_fixed_size_round_trip(case):
+    name, arr = case
+    dt = DATATYPES[name]
+    raw = to_raw(arr, dt)
+    assert len(raw) == arr.size * dt.itemsize
+    # the wire format is little-endian, row-major: what numpy writes for '<' dtypes
+    assert raw == np.ascontiguousarray(arr, dtype=dt.np_dtype.newbyteorder("<")).tobytes()
+    back = from_raw(raw, dt, arr.shape, "input 'x'")
+    assert back.shape == arr.shape
+    assert back.dtype == dt.np_dtype
+    assert back.tobytes() == arr.tobytes()  # bitwise, so NaNs compare equal
+
+
+@settings(max_examples=150, deadline=None)
+@given(bytes_arrays())
+def test_bytes_round_trip_and_tritonclient_framing(arr):
+    dt = DATATYPES["BYTES"]
+    raw = to_raw(arr, dt)
+    # tritonclient's own parser reads the same elements back
+    assert list(deserialize_bytes_tensor(raw)) == list(arr.reshape(-1))
+    assert len(raw) == sum(4 + len(v) for v in arr.reshape(-1))
+    back = from_raw(raw, dt, arr.shape, "input 'x'")
+    assert back.shape == arr.shape
+    assert back.dtype == object
+    assert list(back.reshape(-1)) == list(arr.reshape(-1))
+
+
+def test_bytes_framing_is_four_byte_little_endian_length():
+    arr = np.array([b"ab", b"", b"xyz"], dtype=object)
+    raw = to_raw(arr, DATATYPES["BYTES"])
+    assert raw == b"\x02\x00\x00\x00ab" + b"\x00\x00\x00\x00" + b"\x03\x00\x00\x00xyz"
+    decoded = deserialize_bytes_tensor(raw)
+    assert list(decoded) == [b"ab", b"", b"xyz"]
+    assert to_raw(np.array([b"hello", b"x"], dtype=object), DATATYPES["BYTES"]) == serialize_byte_tensor(
+        np.array([b"hello", b"x"], dtype=object)).item()
+
+
+def test_to_raw_encodes_str_elements_as_utf8():
+    arr = np.array(["é", "a"], dtype=object)
+    assert to_raw(arr, DATATYPES["BYTES"]) == struct.pack("<I", 2) + "é".encode() + struct.pack("<I", 1) + b"a"
+
+
+def test_to_raw_casts_to_the_declared_dtype():
+    raw = to_raw(np.array([1, 2], dtype=np.int64), DATATYPES["INT16"])
+    assert raw == b"\x01\x00\x02\x00"
+
+
+def test_to_raw_is_row_major_for_non_contiguous_input():
+    arr = np.arange(6, dtype=np.int32).reshape(2, 3).T  # Fortran-ordered view
+    raw = to_raw(arr, DATATYPES["INT32"])
+    assert np.frombuffer(raw, "<i4").tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_from_raw_reads_little_endian():
+    out = from_raw(b"\x01\x00\x00\x00\x00\x00\x80\x3f", DATATYPES["FP32"], (2,), "input 'x'")
+    assert out.dtype == np.dtype("<f4")
+    assert out[1] == 1.0
+    out = from_raw(b"\x00\x01", DATATYPES["UINT16"], (1,), "input 'x'")
+    assert out[0] == 256
+
+
+@pytest.mark.parametrize("name", FIXED)
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_wrong_byte_count_names_tensor_and_sizes(name, delta):
+    dt = DATATYPES[name]
+    need = 6 * dt.itemsize
+    with pytest.raises(GatewayError) as ei:
+        from_raw(b"\x00" * (need + delta), dt, (2, 3), "input 'pixels'")
+    e = ei.value
+    assert e.code is ErrorCode.INVALID_ARGUMENT
+    assert "input 'pixels'" in e.message
+    assert str(need + delta) in e.message
+    assert str(need) in e.message
+    assert name in e.message
+
+
+def _bytes_error(buf, shape):
+    with pytest.raises(GatewayError) as ei:
+        from_raw(buf, DATATYPES["BYTES"], shape, "input 'text'")
+    assert ei.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "input 'text'" in ei.value.message
+    return ei.value.message
+
+
+def test_bytes_missing_elements():
+    msg = _bytes_error(struct.pack("<I", 1) + b"a", (3,))
+    assert "1 of 3" in msg
+
+
+def test_bytes_truncated_length_prefix():
+    msg = _bytes_error(struct.pack("<I", 1) + b"a" + b"\x02\x00", (2,))
+    assert "1 of 2" in msg
+
+
+def test_bytes_element_longer_than_buffer():
+    msg = _bytes_error(struct.pack("<I", 10) + b"abc", (1,))
+    assert "10" in msg and "3" in msg
+
+
+def test_bytes_left_over_data():
+    msg = _bytes_error(struct.pack("<I", 1) + b"a" + b"zz", (1,))
+    assert "2 bytes left over" in msg
+
+
+def test_bytes_empty_tensor_with_data_is_refused():
+    _bytes_error(struct.pack("<I", 0), (0,))
