@@ -90,7 +90,10 @@ def _from_contents(t, dt, shape, what: str) -> np.ndarray:
         arr[:] = list(values)
     else:
         info = np.iinfo(dt.np_dtype) if dt.np_dtype.kind in "iu" else None
-        arr = np.asarray(values, dtype=np.int64 if info and dt.v2 != "UINT64" else None)
+        # uint64_contents can exceed int64 (and float64 loses precision): read it as uint64.
+        # The narrower integer types go through int64 so the range check below sees the true value.
+        wide = None if info is None else (np.uint64 if dt.v2 == "UINT64" else np.int64)
+        arr = np.asarray(values, dtype=wide)
         if info is not None and count and (arr.min() < info.min or arr.max() > info.max):
             raise invalid(f"{what}: a value in contents.{field} is out of range for {dt.v2}")
         arr = arr.astype(dt.np_dtype)

@@ -52,6 +52,15 @@ def _request_id(msg, context) -> str:
     return ""
 
 
+class _StreamEnd:
+    """Put after the last request of a stream is read: how many answers the stream owes."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int):
+        self.count = count
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, gateway):
         self.gw = gateway
@@ -145,54 +154,71 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             req = self._decode(request, context)
             resp = await self.gw.infer(req)
+            return grpc_codec.encode_response(resp)
         except GatewayError as e:
             self.gw.log_failure("grpc", request.model_name, _request_id(request, context), e)
             return await _abort(context, e)
-        return grpc_codec.encode_response(resp)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
+            log.exception("gRPC infer to model '%s' failed", request.model_name)
+            return await _abort(context, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Answer each request of the stream as soon as it is done (not necessarily in order);
         a bad request gets ``error_message`` and the stream goes on."""
         out: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
-        done_reading = False
+        read_error: list[BaseException] = []
 
         async def one(msg):
             try:
                 req = self._decode(msg, context)
                 resp = await self.gw.infer(req)
                 await out.put(pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(resp)))
-            except GatewayError as e:
-                self.gw.log_failure("grpc", msg.model_name, _request_id(msg, context), e)
+            except Exception as e:  # every request on the stream gets an answer, whatever went wrong
+                if not isinstance(e, GatewayError):
+                    log.exception("stream request to model '%s' failed", msg.model_name)
+                    e = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
+                rid = _request_id(msg, context)
+                self.gw.log_failure("grpc", msg.model_name, rid, e)
+                # Answers may come out of order, and tritonclient hands a stream error to the
+                # caller without the response's id: the message itself names the request.
                 await out.put(pb.ModelStreamInferResponse(
-                    error_message=e.message,
+                    error_message=f"[request id: {msg.id}] {e.message}" if msg.id else e.message,
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name,
                                                          model_version=msg.model_version, id=msg.id)))
 
         async def reader():
-            nonlocal done_reading
+            # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,
+            # put last, tells the writer how many answers to wait for. Waiting on "no task
+            # pending" instead loses answers queued just after the end of the stream.
+            count = 0
             try:
                 async for msg in request_iterator:
+                    count += 1
                     t = asyncio.ensure_future(one(msg))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
+            except Exception as e:  # the client's side of the stream broke: answer what was read, then fail
+                read_error.append(e)
             finally:
-                done_reading = True
-                await out.put(None)
+                out.put_nowait(_StreamEnd(count))
 
         read_task = asyncio.ensure_future(reader())
         try:
-            while True:
+            answered, expected = 0, None
+            while expected is None or answered < expected:
                 item = await out.get()
-                if item is None:
-                    if pending:
-                        await asyncio.gather(*list(pending), return_exceptions=True)
-                        while not out.empty():
-                            nxt = out.get_nowait()
-                            if nxt is not None:
-                                yield nxt
-                    break
+                if isinstance(item, _StreamEnd):
+                    expected = item.count
+                    continue
                 yield item
+                answered += 1
+            if read_error:
+                log.warning("gRPC stream ended by a read error: %s", read_error[0])
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request stream could not be read: {read_error[0]}")
         finally:
             read_task.cancel()
             for t in list(pending):

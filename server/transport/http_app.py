@@ -126,7 +126,7 @@ class HttpApp:
     @staticmethod
     def _method(method: str, want: str) -> None:
         if method != want:
-            raise _MethodNotAllowed(f"method {method} is not allowed here; use {want}")
+            raise _MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
 
     async def _body(self, receive, scope) -> bytes:
         for k, v in scope["headers"]:
@@ -200,8 +200,12 @@ class HttpApp:
         await send({"type": "http.response.body", "body": b""})
 
     async def _error(self, send, e: GatewayError, extra=()):
-        status = 405 if isinstance(e, _MethodNotAllowed) else HTTP_STATUS[e.code]
         headers = list(JSON_HEADERS) + list(extra)
+        if isinstance(e, _MethodNotAllowed):
+            status = 405
+            headers.append((b"allow", e.allow.encode()))  # RFC 9110: a 405 names the methods that work
+        else:
+            status = HTTP_STATUS[e.code]
         if e.retry_after_s is not None:
             headers.append((b"retry-after", str(max(1, round(e.retry_after_s))).encode()))
         try:
@@ -212,5 +216,6 @@ class HttpApp:
 
 
 class _MethodNotAllowed(GatewayError):
-    def __init__(self, message: str):
+    def __init__(self, message: str, allow: str):
         super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+        self.allow = allow

@@ -119,17 +119,43 @@ def _from_json(data, dt, shape, what: str) -> np.ndarray:
             arr = np.empty(len(flat), dtype=object)
             arr[:] = [v.encode() if isinstance(v, str) else _bytes_elem(v, what) for v in flat]
         else:
-            arr = np.asarray(data, dtype=dt.np_dtype if dt.v2 != "BOOL" else None)
-            if dt.v2 == "BOOL":
-                if arr.size and arr.dtype != np.bool_:
-                    raise ValueError("BOOL data must be true/false")
-                arr = arr.astype(np.bool_)
-            arr = arr.reshape(-1)
+            arr = _json_numbers(data, dt).reshape(-1)
     except (ValueError, TypeError, OverflowError) as e:
         raise invalid(f"{what}: 'data' does not hold {dt.v2} values: {e}") from None
     if arr.size != count:
         raise invalid(f"{what}: shape {list(shape)} needs {count} elements but 'data' has {arr.size}")
     return arr.reshape(shape)
+
+
+def _json_numbers(data, dt) -> np.ndarray:
+    """JSON values as ``dt``, refusing what a cast would silently change: a plain
+    ``np.asarray(data, dtype)`` turns 1.5 into 1, true into 1 and "7" into 7."""
+    arr = np.asarray(data)  # numpy's own reading first: its kind says what the JSON held
+    kind = arr.dtype.kind
+    if arr.size and dt.v2 != "BOOL" and kind in "iuf" and any(v is True or v is False for v in _flatten(data)):
+        kind = "b"  # numpy reads [1, true] as [1, 1]
+    if arr.size:
+        if dt.v2 == "BOOL":
+            if kind != "b":
+                raise ValueError("BOOL data must be true or false")
+        elif dt.np_dtype.kind in "iu":
+            info = np.iinfo(dt.np_dtype)
+            if kind in "iu":
+                low, high = int(arr.min()), int(arr.max())
+            else:
+                # numpy reads ints past int64 (e.g. UINT64 near 2**64 beside small ones) as
+                # float64, losing digits: check and convert those from the JSON values themselves.
+                flat = _flatten(data)
+                if not all(type(v) is int for v in flat):
+                    raise ValueError(f"{dt.v2} data must be integers")
+                low, high = min(flat), max(flat)
+                if low >= info.min and high <= info.max:
+                    return np.array(flat, dtype=dt.np_dtype).reshape(arr.shape)
+            if low < info.min or high > info.max:
+                raise ValueError(f"a value is out of range for {dt.v2} [{info.min}, {info.max}]")
+        elif kind not in "iuf":
+            raise ValueError(f"{dt.v2} data must be numbers")
+    return arr.astype(dt.np_dtype)
 
 
 def _bytes_elem(v, what):

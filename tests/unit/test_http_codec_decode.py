@@ -102,14 +102,11 @@ def test_json_non_numbers_are_refused():
     assert "input 'x'" in msg and "FP32" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON data for integer types goes through np.asarray(dtype=int), which "
-                                       "silently truncates 1.5 to 1, reads \"7\" as 7 and true as 1")
 @pytest.mark.parametrize("bad", [1.5, "7", True], ids=["float", "string", "bool"])
 def test_json_integer_input_refuses_non_integers(bad):
     assert "input 'x'" in refused(one(datatype="INT32", shape=(2,), data=[1, bad]))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON null in FP32 data silently becomes NaN instead of being refused")
 def test_json_float_input_refuses_null():
     assert "input 'x'" in refused(one(datatype="FP32", shape=(2,), data=[1.0, None]))
 

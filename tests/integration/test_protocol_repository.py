@@ -1,0 +1,196 @@
+"""The model repository extension (index, load, unload) through all four tritonclient flavours,
+on a gateway in explicit model control mode over a copy of the demo repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from protocol_support import FLAVOURS, QUICK, Client, int_list, model_file, onnx_outputs, simple_feeds
+
+
+@pytest.fixture
+def repo_copy(demo_repo, tmp_path) -> str:
+    dst = tmp_path / "models"
+    shutil.copytree(demo_repo, dst)
+    return str(dst)
+
+
+@pytest.fixture(params=FLAVOURS)
+async def explicit(request, serve, repo_copy):
+    """A client of one flavour on an explicit-mode gateway that loaded only 'simple'."""
+    running = serve(repo_copy, model_control_mode="explicit", load_model=("simple",), **QUICK)
+    c = Client(request.param, running)
+    c.repo = repo_copy
+    yield c
+    await c.close()
+
+
+async def index_of(client) -> dict:
+    rows = await client.as_json("get_model_repository_index")
+    if client.grpc:
+        rows = rows.get("models", [])
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def states(rows) -> set:
+    return {r.get("state", "") for r in rows}
+
+
+async def classify(client, batch: int = 2):
+    x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+    result = await client.infer("classifier", {"features": x})
+    return x, result.as_numpy("probabilities")
+
+
+async def test_index_shows_what_is_loaded(explicit):
+    idx = await index_of(explicit)
+    assert set(idx) >= {"simple", "classifier", "identity_bytes", "mlp"}
+    assert states(idx["simple"]) == {"READY"}
+    assert [r["version"] for r in idx["simple"]] == ["1"]
+    for name in ("classifier", "identity_bytes", "mlp"):
+        assert states(idx[name]) == {"UNAVAILABLE"}, idx[name]
+    assert await explicit.call("is_model_ready", "simple")
+    assert not await explicit.call("is_model_ready", "classifier")
+
+
+async def test_load_then_infer_then_unload(explicit):
+    assert not await explicit.call("is_model_ready", "classifier")
+    with pytest.raises(InferenceServerException) as info:
+        await classify(explicit)
+    assert info.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "503", "404")
+
+    await explicit.call("load_model", "classifier")
+    assert await explicit.call("is_model_ready", "classifier")
+    assert await explicit.call("is_model_ready", "classifier", "1")
+    x, probs = await classify(explicit, batch=3)
+    want = onnx_outputs(model_file(explicit.repo, "classifier"), {"features": x})["probabilities"]
+    np.testing.assert_allclose(probs, want, rtol=1e-6, atol=1e-7)
+    idx = await index_of(explicit)
+    assert states(idx["classifier"]) == {"READY"}
+
+    await explicit.call("unload_model", "classifier")
+    assert not await explicit.call("is_model_ready", "classifier")
+    with pytest.raises(InferenceServerException) as info:
+        await classify(explicit)
+    assert info.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "503", "404")
+    assert "classifier" in info.value.message()
+    idx = await index_of(explicit)
+    assert states(idx["classifier"]) == {"UNAVAILABLE"}
+    # the model that was never touched serves on
+    feeds = simple_feeds(1)
+    result = await explicit.infer("simple", feeds)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"])
+
+
+async def test_ready_only_index(explicit):
+    rows = await explicit.as_json("get_model_repository_index")
+    if explicit.grpc:
+        rows = rows.get("models", [])
+    assert any(r["name"] == "classifier" for r in rows)
+    # ready-only listing is a protocol option the clients do not expose: ask directly
+    running = explicit.running
+    if explicit.grpc:
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        with grpc.insecure_channel(running.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            resp = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=10)
+        names = {m.name for m in resp.models}
+        assert all(m.state == "READY" for m in resp.models)
+    else:
+        import http.client
+
+        conn = http.client.HTTPConnection(running.http_url, timeout=10)
+        try:
+            conn.request("POST", "/v2/repository/index", body=json.dumps({"ready": True}))
+            resp = conn.getresponse()
+            assert resp.status == 200
+            names = {r["name"] for r in json.loads(resp.read())}
+        finally:
+            conn.close()
+    assert names == {"simple"}
+
+
+async def test_load_with_config_override(explicit):
+    override = json.dumps({
+        "max_batch_size": 2,
+        "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [3]}],
+    })
+    await explicit.call("load_model", "classifier", config=override)
+    assert await explicit.call("is_model_ready", "classifier")
+    if explicit.grpc:
+        cfg = (await explicit.call("get_model_config", "classifier")).config
+        assert cfg.max_batch_size == 2
+    else:
+        cfg = await explicit.call("get_model_config", "classifier")
+        assert cfg["max_batch_size"] == 2
+    meta = await explicit.as_json("get_model_metadata", "classifier")
+    assert int_list(meta["inputs"][0]["shape"]) == [-1, 4]
+
+    await classify(explicit, batch=2)
+    with pytest.raises(InferenceServerException) as info:
+        await classify(explicit, batch=3)
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert "2" in info.value.message()
+
+    # loading again without the override goes back to the repository's own config
+    await explicit.call("load_model", "classifier")
+    if explicit.grpc:
+        assert (await explicit.call("get_model_config", "classifier")).config.max_batch_size != 2
+    else:
+        assert (await explicit.call("get_model_config", "classifier"))["max_batch_size"] != 2
+    await classify(explicit, batch=3)
+
+
+async def test_bad_config_override_is_refused_and_changes_nothing(explicit):
+    with pytest.raises(InferenceServerException) as info:
+        await explicit.call("load_model", "simple", config='{"max_batch_size": "many"')
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert "simple" in info.value.message()
+    feeds = simple_feeds(2)
+    result = await explicit.infer("simple", feeds)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
+
+
+async def test_load_unknown_model(explicit):
+    with pytest.raises(InferenceServerException) as info:
+        await explicit.call("load_model", "no_such_model")
+    assert info.value.status() in ("StatusCode.NOT_FOUND", "404")
+    assert "no_such_model" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        await explicit.call("unload_model", "no_such_model")
+    assert info.value.status() in ("StatusCode.NOT_FOUND", "404")
+
+
+async def test_reload_keeps_serving(explicit):
+    feeds = simple_feeds(3, seed=4)
+    await explicit.call("load_model", "simple")
+    result = await explicit.infer("simple", feeds)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"])
+    idx = await index_of(explicit)
+    assert states(idx["simple"]) == {"READY"}
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_load_refused_in_mode_none(serve, demo_repo, flavour):
+    running = serve(demo_repo, model_control_mode="none", **QUICK)
+    c = Client(flavour, running)
+    try:
+        for method in ("load_model", "unload_model"):
+            with pytest.raises(InferenceServerException) as info:
+                await c.call(method, "simple")
+            assert info.value.status() in ("StatusCode.UNAVAILABLE", "503"), info.value
+            assert "explicit" in info.value.message()
+        assert await c.call("is_model_ready", "simple")  # nothing was unloaded
+    finally:
+        await c.close()

@@ -1,0 +1,225 @@
+"""gRPC bidirectional streaming (ModelStreamInfer) with the sync and the asyncio client:
+a bad request on the stream gets its own error and the stream goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+
+from protocol_support import simple_feeds
+
+BAD_INDEX = 7
+
+
+def simple_inputs(mod, feeds: dict) -> list:
+    out = []
+    for name, arr in feeds.items():
+        t = mod.InferInput(name, list(arr.shape), "INT32")
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+def bad_feeds() -> dict:
+    """Wrong shape: 15 columns where the model wants 16."""
+    return {"INPUT0": np.zeros((1, 15), np.int32), "INPUT1": np.zeros((1, 15), np.int32)}
+
+
+def check_answers(results: dict, sent: dict) -> None:
+    assert set(results) == set(sent), f"answered {sorted(results)}, sent {sorted(sent)}"
+    for rid, feeds in sent.items():
+        r = results[rid]
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"])
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
+
+
+def test_sync_stream_bad_request_does_not_end_the_stream(server):
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        sent = {}
+        for i in range(20):
+            if i == BAD_INDEX:
+                client.async_stream_infer("simple", simple_inputs(grpcclient, bad_feeds()), request_id="bad")
+                continue
+            feeds = simple_feeds(1 + i % 3, seed=i)
+            sent[f"r{i}"] = feeds
+            client.async_stream_infer("simple", simple_inputs(grpcclient, feeds), request_id=f"r{i}")
+
+        results, errors = {}, []
+        for _ in range(20):
+            result, error = answers.get(timeout=20)
+            if error is not None:
+                errors.append(error)
+            else:
+                results[result.get_response().id] = result
+        assert len(errors) == 1, [str(e) for e in errors]
+        msg = errors[0].message()
+        assert "INPUT0" in msg and "16" in msg and "15" in msg, msg
+        assert "bad" in msg, f"the error should name the request it belongs to: {msg}"
+        check_answers(results, sent)
+
+        # the same stream keeps serving after the error
+        feeds = simple_feeds(2, seed=99)
+        client.async_stream_infer("simple", simple_inputs(grpcclient, feeds), request_id="after")
+        result, error = answers.get(timeout=20)
+        assert error is None, error
+        check_answers({result.get_response().id: result}, {"after": feeds})
+
+        # an unknown model on the stream: an error, then the stream still serves
+        client.async_stream_infer("no_such_model", simple_inputs(grpcclient, feeds), request_id="ghost")
+        result, error = answers.get(timeout=20)
+        assert result is None and "no_such_model" in error.message()
+        client.async_stream_infer("simple", simple_inputs(grpcclient, feeds), request_id="after2")
+        result, error = answers.get(timeout=20)
+        assert error is None, error
+        assert result.get_response().id == "after2"
+    finally:
+        client.stop_stream()
+        client.close()
+    assert answers.empty()
+
+
+async def test_aio_stream_infer_with_one_bad_request(server):
+    client = grpcclient_aio.InferenceServerClient(server.grpc_url)
+    sent = {}
+
+    async def requests():
+        for i in range(16):
+            if i == BAD_INDEX:
+                yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, bad_feeds()),
+                       "request_id": "bad"}
+                continue
+            feeds = simple_feeds(1 + i % 4, seed=50 + i)
+            sent[f"a{i}"] = feeds
+            yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, feeds), "request_id": f"a{i}"}
+            await asyncio.sleep(0)
+
+    try:
+        results, errors = {}, []
+        stream = client.stream_infer(requests(), stream_timeout=30)
+        async for result, error in stream:
+            if error is not None:
+                errors.append(error)
+            else:
+                results[result.get_response().id] = result
+        assert len(errors) == 1
+        assert "INPUT0" in errors[0].message()
+        check_answers(results, sent)
+    finally:
+        await client.close()
+
+
+async def test_aio_stream_mixes_models_and_versions(server, demo_repo):
+    client = grpcclient_aio.InferenceServerClient(server.grpc_url)
+    rng = np.random.default_rng(3)
+    sent = {}
+
+    async def requests():
+        for i in range(12):
+            if i % 2:
+                x = rng.standard_normal((2, 4)).astype(np.float32)
+                t = grpcclient_aio.InferInput("features", [2, 4], "FP32")
+                t.set_data_from_numpy(x)
+                sent[f"c{i}"] = x
+                yield {"model_name": "classifier", "model_version": "1", "inputs": [t], "request_id": f"c{i}"}
+            else:
+                feeds = simple_feeds(1, seed=i)
+                sent[f"s{i}"] = feeds
+                yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, feeds), "request_id": f"s{i}",
+                       "outputs": [grpcclient_aio.InferRequestedOutput("OUTPUT1")]}
+
+    try:
+        seen = set()
+        async for result, error in client.stream_infer(requests(), stream_timeout=30):
+            assert error is None, error
+            resp = result.get_response()
+            seen.add(resp.id)
+            if resp.id.startswith("c"):
+                assert resp.model_name == "classifier"
+                probs = result.as_numpy("probabilities")
+                assert probs.shape == (2, 3)
+                np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+            else:
+                assert [o.name for o in resp.outputs] == ["OUTPUT1"]
+                feeds = sent[resp.id]
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
+        assert seen == set(sent)
+    finally:
+        await client.close()
+
+
+async def test_aio_stream_ends_cleanly_with_no_requests(server):
+    client = grpcclient_aio.InferenceServerClient(server.grpc_url)
+
+    async def nothing():
+        return
+        yield  # pragma: no cover
+
+    try:
+        got = [x async for x in client.stream_infer(nothing(), stream_timeout=10)]
+        assert got == []
+        assert await client.is_server_live()
+    finally:
+        await client.close()
+
+
+async def test_aio_short_streams_answer_every_request(server):
+    """The last answers of a stream must not be lost when the client closes its side right
+    after sending (an answer that lands after the end-of-requests mark still goes out)."""
+    client = grpcclient_aio.InferenceServerClient(server.grpc_url)
+    try:
+        short = []
+        for rep in range(40):
+            n = 1 + rep % 5
+
+            async def requests(n=n, rep=rep):
+                for i in range(n):
+                    yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, simple_feeds(1, seed=i)),
+                           "request_id": f"{rep}-{i}"}
+
+            got = [r async for r in client.stream_infer(requests(), stream_timeout=20)]
+            assert all(e is None for _, e in got)
+            if len(got) != n:
+                short.append((rep, n, len(got)))
+        assert not short, f"streams that lost answers (rep, sent, answered): {short}"
+    finally:
+        await client.close()
+
+
+def test_stream_with_an_unparsable_message(server):
+    """Requests read before a message that is not a ModelInferRequest are answered; then the
+    stream fails with INVALID_ARGUMENT, and the server serves on."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    def good(i: int) -> bytes:
+        req = service_pb2.ModelInferRequest(model_name="simple", id=f"g{i}")
+        for name, arr in simple_feeds(1, seed=i).items():
+            req.inputs.add(name=name, datatype="INT32", shape=list(arr.shape))
+            req.raw_input_contents.append(arr.tobytes())
+        return req.SerializeToString()
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                     response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        ids = []
+        with pytest.raises(grpc.RpcError) as info:
+            for resp in call(iter([good(0), good(1), b"\xff" * 10, good(2)]), timeout=20):
+                assert resp.error_message == ""
+                ids.append(resp.infer_response.id)
+    assert sorted(ids) == ["g0", "g1"]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ModelInferRequest" in info.value.details()
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert client.infer("simple", simple_inputs(grpcclient, simple_feeds(1))).as_numpy("OUTPUT0") is not None
+    finally:
+        client.close()
