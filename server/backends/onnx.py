@@ -90,7 +90,7 @@ class OnnxBackend:
             feeds = dict(feeds)
             for name in self._string_inputs:
                 if name in feeds:
-                    feeds[name] = _as_str_array(feeds[name])
+                    feeds[name] = _as_str_array(name, feeds[name])
         return self._run(list(output_names), feeds)
 
     def warm_up(self) -> None:
@@ -109,9 +109,16 @@ class OnnxBackend:
         self._run = None
 
 
-def _as_str_array(arr: np.ndarray) -> np.ndarray:
+def _as_str_array(name: str, arr: np.ndarray) -> np.ndarray:
+    """ONNX Runtime string tensors hold text: BYTES elements must be UTF-8."""
     out = np.empty(arr.shape, dtype=object)
     flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
     for i, v in enumerate(flat_in):
-        flat_out[i] = v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid(f"input '{name}': element {i} is not UTF-8 text, which the ONNX model's "
+                              "string tensor requires") from None
+        flat_out[i] = v if isinstance(v, str) else str(v)
     return out

@@ -12,6 +12,7 @@ import time
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -50,6 +51,39 @@ def _request_id(msg, context) -> str:
         if k == "x-request-id":
             return v
     return ""
+
+
+def _parse(raw: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(raw)
+    except DecodeError as e:
+        raise GatewayError(ErrorCode.INVALID_ARGUMENT,
+                           f"the request is not a valid inference.ModelInferRequest message: {e}") from None
+
+
+def add_to_server(service: "InferenceService", server) -> None:
+    """Register every RPC of ``inference.GRPCInferenceService``, as the generated
+    ``add_GRPCInferenceServiceServicer_to_server`` would, except that ModelInfer and
+    ModelStreamInfer receive raw bytes: unparsable protobuf is then answered
+    INVALID_ARGUMENT by us rather than UNKNOWN by grpc."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        impl = getattr(service, method.name, None)
+        if impl is None or getattr(type(service), method.name) is getattr(pb_grpc.GRPCInferenceServiceServicer,
+                                                                       method.name, None):
+            continue  # not implemented: grpc answers UNIMPLEMENTED
+        req_cls = getattr(pb, method.input_type.name)
+        resp_cls = getattr(pb, method.output_type.name)
+        raw_in = method.name in ("ModelInfer", "ModelStreamInfer")
+        deserializer = None if raw_in else req_cls.FromString
+        if method.client_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(impl, request_deserializer=deserializer,
+                                     response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
 
 
 class _StreamEnd:
@@ -150,7 +184,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             req.id = _request_id(msg, context)
         return req
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, raw: bytes, context):
+        try:
+            request = _parse(raw)
+        except GatewayError as e:
+            return await _abort(context, e)
         try:
             req = self._decode(request, context)
             resp = await self.gw.infer(req)
@@ -195,8 +233,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # pending" instead loses answers queued just after the end of the stream.
             count = 0
             try:
-                async for msg in request_iterator:
+                async for raw in request_iterator:
                     count += 1
+                    try:
+                        msg = _parse(raw)
+                    except GatewayError as e:  # framing is intact: answer this one, read on
+                        out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
+                        continue
                     t = asyncio.ensure_future(one(msg))
                     pending.add(t)
                     t.add_done_callback(pending.discard)

@@ -211,22 +211,34 @@ def _to_json(t: Tensor):
 
 # ------------------------------------------------------------------ compression (infer only)
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    if not encoding or encoding == "identity":
+    """Undo gzip or deflate on a request body, never producing more than ``limit`` bytes."""
+    enc = (encoding or "").strip().lower()
+    if enc in ("", "identity"):
         return body
-    enc = encoding.strip().lower()
-    if enc == "gzip":
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif enc == "deflate":
-        d = zlib.decompressobj()
-    else:
+    if enc not in ("gzip", "deflate"):
         raise invalid(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise invalid(f"the {enc} request body is corrupt: {e}") from None
-    if len(out) > limit:
-        raise invalid(f"request body exceeds the limit of {limit} bytes once decompressed")
-    return out
+    wbits = 16 + zlib.MAX_WBITS if enc == "gzip" else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    data = body
+    while True:  # gzip allows several members one after another
+        d = zlib.decompressobj(wbits)
+        try:
+            chunk = d.decompress(data, limit - size + 1)
+        except zlib.error as e:
+            raise invalid(f"the {enc} request body is corrupt: {e}") from None
+        size += len(chunk)
+        if size > limit:
+            raise invalid(f"request body exceeds the limit of {limit} bytes once decompressed")
+        parts.append(chunk)
+        if not d.eof:
+            raise invalid(f"the {enc} request body is truncated")
+        data = d.unused_data
+        if not data:
+            break
+        if enc != "gzip":
+            raise invalid(f"the {enc} request body has {len(data)} bytes after its end")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def pick_encoding(accept: str | None) -> str | None:

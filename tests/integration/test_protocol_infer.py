@@ -323,10 +323,6 @@ async def test_many_concurrent_requests_answer_their_own_caller(server, demo_rep
             await c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: app.py Gateway.start makes the HTTP listening socket with "
-                   "socket.socket(AF_INET, SOCK_STREAM) (proto 0), so asyncio never sets TCP_NODELAY on "
-                   "accepted connections; uvicorn writes headers and body separately and Nagle + delayed "
-                   "ACK hold every keep-alive response about 40 ms")
 def test_http_keep_alive_requests_are_not_held_back(server):
     import statistics
     import time
