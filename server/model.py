@@ -62,7 +62,7 @@ class ServedModel:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        metrics.track(lambda: self.scheduler.queue_depth, lambda: self.in_flight)
+        metrics.track(self, lambda: self.scheduler.queue_depth, lambda: self.in_flight)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.in_flight += 1
@@ -125,10 +125,7 @@ class ServedModel:
         rows = checked.batch_size
         with self._stats_lock:
             self.stats.record_execution(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
-        m = self._metrics
-        m.executions.inc()
-        m.inferences.inc(rows)
-        m.compute.observe((t3 - t0) / 1e9)
+            self._metrics.executed(rows, (t3 - t0) / 1e9)
         return [InferResponse(self.name, self.version, outputs, id=request.id)]
 
     async def retire(self, grace_s: float | None = None) -> None:
@@ -139,7 +136,7 @@ class ServedModel:
         except TimeoutError:
             log.warning("model '%s' version %s retired with %d requests still running",
                         self.name, self.version, self.in_flight)
-        self._metrics.retired()
+        self._metrics.retired(self)
         backend, self.backend = self.backend, None
         if backend is not None:
             # Close in a thread: a run may still hold the session if the grace period ran out.

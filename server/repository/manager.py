@@ -275,7 +275,7 @@ class ModelRepository:
                     self.pool, self._build, name, model_dir, override)
             except (ConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
                 msg = e.message if isinstance(e, GatewayError) else str(e)
-                self.metrics.model_load_failures.labels(name).inc()
+                self.metrics.load_failed(name)
                 log.error("model '%s' failed to load: %s", name, msg)
                 entry.fingerprint = fp
                 if entry.versions:
@@ -289,7 +289,7 @@ class ModelRepository:
                 return
             seconds = time.perf_counter() - t0
             for s in new.values():
-                s._metrics.loaded(seconds)
+                s._metrics.load_seconds = seconds
             old = entry.versions
             # The swap: one assignment each; requests resolving from now on see the new versions.
             entry.versions = new
