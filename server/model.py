@@ -97,9 +97,9 @@ class ServedModel:
             self.stats.record_request(False, 0)
         self._metrics.request_done(request.protocol, error.code.value, 0.0)
 
-    def _execute(self, batch: list[InferRequest]):
-        """Hand a batch to a worker thread; returns a future of one answer per request."""
-        return self._workers.submit(self._run_batch, batch)
+    def _execute(self, batch: list[InferRequest], done) -> None:
+        """Hand a batch to a worker thread; ``done(answers)`` comes back on the loop."""
+        self._workers.call(self._run_batch, batch, done)
 
     def _run_batch(self, batch: list[InferRequest]) -> list:
         """Runs in a worker thread: prepare inputs, execute, collect outputs, record figures.

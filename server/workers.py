@@ -3,7 +3,7 @@
 ``loop.run_in_executor`` with a ``ThreadPoolExecutor`` costs about 10 µs of
 event-loop time per call under load (a work item, a concurrent future, a
 chained asyncio future). Here a call is one tuple on a ``SimpleQueue`` and one
-``call_soon_threadsafe`` back: about 3 µs (``bench/serving.py`` measures the
+``call_soon_threadsafe`` back to a callback: about 3 µs (``bench/serving.py`` measures the
 whole path). Model execution releases the GIL, so these threads run in parallel.
 """
 
@@ -15,16 +15,6 @@ import threading
 from collections.abc import Callable
 
 _STOP = object()
-
-
-def _resolve(fut: asyncio.Future, result) -> None:
-    if not fut.done():
-        fut.set_result(result)
-
-
-def _fail(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 class WorkerPool:
@@ -41,26 +31,20 @@ class WorkerPool:
             item = get()
             if item is _STOP:
                 return
-            loop, fut, fn, args = item
+            loop, fn, arg, done = item
             try:
-                result = fn(*args)
-            except BaseException as e:  # handed back to the awaiting caller
-                try:
-                    loop.call_soon_threadsafe(_fail, fut, e)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    pass
-            else:
-                try:
-                    loop.call_soon_threadsafe(_resolve, fut, result)
-                except RuntimeError:
-                    pass
+                result = fn(arg)
+            except BaseException as e:  # handed to ``done`` like any result
+                result = e
+            try:
+                loop.call_soon_threadsafe(done, result)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
-    def submit(self, fn: Callable, *args) -> asyncio.Future:
-        """Run ``fn(*args)`` on a worker thread; the returned future lives on the running loop."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._q.put((loop, fut, fn, args))
-        return fut
+    def call(self, fn: Callable, arg, done: Callable) -> None:
+        """Run ``fn(arg)`` on a worker thread, then ``done(result)`` on the running loop
+        (``done(exception)`` if ``fn`` raised)."""
+        self._q.put((asyncio.get_running_loop(), fn, arg, done))
 
     def shutdown(self) -> None:
         for _ in self._threads:

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from functools import partial
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import ErrorCode, GatewayError
 from .types import InferRequest, InferResponse
 
-# execute(batch) -> awaitable of one InferResponse or GatewayError per request, in order.
-# It may return a Future (cheapest: no task is made) or a coroutine.
-Execute = Callable[[list[InferRequest]], Awaitable[list["InferResponse | GatewayError"]]]
+# execute(batch, done): start executing ``batch`` and return at once; call
+# ``done(results)`` on the event loop when the execution has finished, with one
+# InferResponse or GatewayError per request, in order (or an exception for all).
+# The scheduler keeps the instance busy until ``done``, whatever the callers do.
+Done = Callable[[object], None]
+Execute = Callable[[list[InferRequest], Done], None]
 Clock = Callable[[], float]
 
 
@@ -66,7 +71,8 @@ class PassThroughScheduler:
         if instances < 1:
             raise ValueError("instances must be >= 1")
         self._execute = execute
-        self._slots = asyncio.Semaphore(instances)
+        self._free = instances
+        self._waiters: deque[asyncio.Future] = deque()
         self._max_queue = max_queue_size
         self._clock = clock
         self._name = name
@@ -75,7 +81,7 @@ class PassThroughScheduler:
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._drain_rate = _RateMeter(clock)
+        self._drain = DrainRate(clock)
 
     @property
     def queue_depth(self) -> int:
@@ -95,71 +101,111 @@ class PassThroughScheduler:
         if self._waiting == 0 and self._executing == 0:
             self._idle.set()
 
-    def _release(self, _fut=None) -> None:
-        self._executing -= 1
-        self._slots.release()
-        self._drain_rate.tick()
-        self._check_idle()
+    def _hand_slot(self) -> None:
+        """Give a free instance to the oldest waiter still waiting, else mark it free."""
+        waiters = self._waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+        self._free += 1
 
     async def submit(self, request: InferRequest) -> InferResponse:
         if self._closed:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{self._name}' is shutting down")
-        if self._max_queue and self._waiting >= self._max_queue:
-            raise GatewayError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"model '{self._name}' queue is full ({self._max_queue} requests waiting)",
-                retry_after_s=self._drain_rate.seconds_to_drain(self._waiting),
-            )
-        self._idle.clear()
-        self._waiting += 1
-        try:
-            if request.deadline is None:
-                await self._slots.acquire()
-            else:
-                remaining = request.deadline - self._clock()
-                if remaining <= 0:
-                    raise deadline_error(request)
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._slots.acquire()
-                except TimeoutError:
-                    raise deadline_error(request) from None
-                if self._clock() >= request.deadline:  # the slot came, but too late
-                    self._slots.release()
-                    raise deadline_error(request)
-        except BaseException:
-            self._waiting -= 1
-            self._check_idle()
-            raise
-        self._waiting -= 1
+        deadline = request.deadline
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        if self._free and not waiters:  # fast path: an instance is idle and nobody is ahead
+            if deadline is not None and self._clock() >= deadline:
+                raise deadline_error(request)
+            self._free -= 1
+        else:
+            if self._max_queue and self._waiting >= self._max_queue:
+                raise GatewayError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"model '{self._name}' queue is full ({self._max_queue} requests waiting)",
+                    retry_after_s=self._drain.seconds_to_drain(self._waiting),
+                )
+            await self._wait_for_slot(request)
         self._executing += 1
+        self._idle.clear()
         request.dispatched = self._clock()
-        task = asyncio.ensure_future(self._execute([request]))
-        task.add_done_callback(self._release)
-        # A caller that goes away must not free the slot while the backend still runs.
-        (result,) = await asyncio.shield(task)
+        out = asyncio.get_running_loop().create_future()
+        self._execute([request], partial(self._finished, out))
+        # A caller that goes away cancels only ``out``; the instance stays busy until done.
+        (result,) = await out
         if isinstance(result, GatewayError):
             raise result
         return result
 
+    async def _wait_for_slot(self, request: InferRequest) -> None:
+        deadline = request.deadline
+        slot = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
+        self._waiting += 1
+        self._idle.clear()
+        try:
+            if deadline is None:
+                await slot
+            else:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise deadline_error(request)
+                try:
+                    async with asyncio.timeout(remaining):
+                        await slot
+                except TimeoutError:
+                    raise deadline_error(request) from None
+                if self._clock() >= deadline:  # the instance came, but too late
+                    raise deadline_error(request)
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self._hand_slot()  # it was handed to us as we left: pass it on
+            else:
+                slot.cancel()
+            self._waiting -= 1
+            self._check_idle()
+            raise
+        self._waiting -= 1
 
-class _RateMeter:
-    """Completions per second, smoothed; used to suggest a Retry-After."""
+    def _finished(self, out: asyncio.Future, results) -> None:
+        self._executing -= 1
+        self._drain.completed += 1
+        self._hand_slot()
+        if not out.done():
+            if isinstance(results, BaseException):
+                out.set_result([GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")])
+            else:
+                out.set_result(results)
+        self._check_idle()
 
-    def __init__(self, clock: Clock, half_life_s: float = 2.0):
+
+class DrainRate:
+    """Completions per second over the last few seconds, read only when a Retry-After is
+    needed: the hot path just adds one to ``completed``."""
+
+    def __init__(self, clock: Clock, window_s: float = 2.0):
         self._clock = clock
-        self._last = clock()
+        self._window = window_s
+        self.completed = 0
+        self._mark_t = clock()
+        self._mark_n = 0
         self._rate = 0.0
-        self._half_life = half_life_s
 
-    def tick(self) -> None:
+    def rate(self) -> float:
         now = self._clock()
-        dt = max(now - self._last, 1e-6)
-        self._last = now
-        alpha = 1.0 - 0.5 ** (dt / self._half_life)
-        self._rate += alpha * (1.0 / dt - self._rate)
+        span = now - self._mark_t
+        if span > 1e-3:
+            self._rate = (self.completed - self._mark_n) / span
+            if span >= self._window:
+                self._mark_t, self._mark_n = now, self.completed
+        return self._rate
 
     def seconds_to_drain(self, depth: int) -> float:
-        if self._rate <= 0:
+        rate = self.rate()
+        if rate <= 0:
             return 1.0
-        return max(0.001, depth / self._rate)
+        return max(0.001, depth / rate)

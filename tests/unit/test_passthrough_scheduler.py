@@ -46,6 +46,14 @@ class GatedBackend:
         return [InferResponse(r.model_name, "1", [], id=r.id)]
 
 
+def executor(backend):
+    """The scheduler's execute(batch, done) contract over an async backend."""
+    def execute(batch, done):
+        task = asyncio.ensure_future(backend(batch))
+        task.add_done_callback(lambda t: done(t.exception() or t.result()))
+    return execute
+
+
 class FakeClock:
     def __init__(self, now: float = 1000.0):
         self.now = now
@@ -69,7 +77,7 @@ def submit(s, rid, deadline=None) -> asyncio.Task:
 
 async def test_at_most_instances_execute_at_once():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=2, name="m")
+    s = PassThroughScheduler(executor(be), instances=2, name="m")
     tasks = [submit(s, f"r{i}") for i in range(5)]
     await settle()
     assert be.started == ["r0", "r1"]
@@ -88,7 +96,7 @@ async def test_at_most_instances_execute_at_once():
 
 async def test_first_come_first_served():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     ids = [f"r{i}" for i in range(6)]
     tasks = [submit(s, rid) for rid in ids]
     await settle()
@@ -101,7 +109,7 @@ async def test_first_come_first_served():
 
 async def test_first_come_first_served_with_and_without_deadlines():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     first = submit(s, "busy")
     await settle()
     far = time.monotonic() + 60
@@ -116,7 +124,7 @@ async def test_first_come_first_served_with_and_without_deadlines():
 
 async def test_full_queue_is_refused_at_once_with_retry_after():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, max_queue_size=2, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, max_queue_size=2, name="m")
     tasks = [submit(s, f"r{i}") for i in range(3)]  # one runs, two wait
     await settle()
     assert s.queue_depth == 2
@@ -139,7 +147,7 @@ async def test_retry_after_shrinks_when_the_queue_drains_faster():
     def measure(gap_s: float) -> float:
         clock = FakeClock()
         be = GatedBackend()
-        s = PassThroughScheduler(be, instances=1, max_queue_size=1, clock=clock, name="m")
+        s = PassThroughScheduler(executor(be), instances=1, max_queue_size=1, clock=clock, name="m")
 
         async def run():
             for i in range(5):
@@ -165,7 +173,7 @@ async def test_retry_after_shrinks_when_the_queue_drains_faster():
 
 async def test_deadline_passing_while_queued_gives_deadline_exceeded_and_never_runs():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     busy = submit(s, "busy")
     await settle()
     t0 = time.monotonic()
@@ -185,7 +193,7 @@ async def test_deadline_passing_while_queued_gives_deadline_exceeded_and_never_r
 async def test_deadline_already_past_at_submit_never_runs_even_with_a_free_slot():
     clock = FakeClock(50.0)
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, clock=clock, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, clock=clock, name="m")
     with pytest.raises(GatewayError) as ei:
         await s.submit(rq("stale", deadline=49.0))
     assert ei.value.code is ErrorCode.DEADLINE_EXCEEDED
@@ -196,7 +204,7 @@ async def test_deadline_already_past_at_submit_never_runs_even_with_a_free_slot(
 async def test_deadline_in_the_future_runs_normally():
     clock = FakeClock(50.0)
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, clock=clock, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, clock=clock, name="m")
     be.release("ok")
     assert (await s.submit(rq("ok", deadline=60.0))).id == "ok"
 
@@ -204,7 +212,7 @@ async def test_deadline_in_the_future_runs_normally():
 async def test_deadline_passing_on_the_injected_clock_while_queued():
     clock = FakeClock(100.0)
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, clock=clock, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, clock=clock, name="m")
     busy = submit(s, "busy")
     await settle()
     waiting = submit(s, "late", deadline=105.0)
@@ -222,7 +230,7 @@ async def test_deadline_passing_on_the_injected_clock_while_queued():
 @pytest.mark.parametrize("with_deadline", [False, True])
 async def test_cancelled_waiting_caller_never_executes(with_deadline):
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     busy = submit(s, "busy")
     await settle()
     gone = submit(s, "gone", deadline=time.monotonic() + 60 if with_deadline else None)
@@ -243,7 +251,7 @@ async def test_cancelled_waiting_caller_never_executes(with_deadline):
 
 async def test_cancelled_executing_caller_keeps_its_slot_until_the_backend_finishes():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     running = submit(s, "running")
     await settle()
     nxt = submit(s, "next")
@@ -262,7 +270,7 @@ async def test_cancelled_executing_caller_keeps_its_slot_until_the_backend_finis
 
 async def test_backend_error_fails_only_that_request():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=2, name="m")
+    s = PassThroughScheduler(executor(be), instances=2, name="m")
     bad = submit(s, "fail-1")
     good = submit(s, "ok-2")
     be.release("fail-1")
@@ -284,7 +292,7 @@ async def test_drain_returns_at_once_when_idle():
 
 async def test_drain_waits_for_queued_and_executing_work():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     tasks = [submit(s, "a"), submit(s, "b")]
     await settle()
     drained = asyncio.ensure_future(s.drain())
@@ -301,7 +309,7 @@ async def test_drain_waits_for_queued_and_executing_work():
 
 async def test_close_refuses_new_work_but_finishes_accepted_work():
     be = GatedBackend()
-    s = PassThroughScheduler(be, instances=1, name="m")
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
     accepted = [submit(s, "a"), submit(s, "b")]
     await settle()
     s.close()
