@@ -50,35 +50,35 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
         raise invalid("request must have a non-empty 'inputs' list")
     offset = 0
     inputs = []
+    maybe_bools = b"true" in head or b"false" in head
     for j in raw_inputs:
-        if not isinstance(j, dict) or not isinstance(j.get("name"), str):
-            raise invalid("each entry of 'inputs' must be an object with a 'name'")
-        name = j["name"]
-        what = f"input '{name}'"
-        dt = datatype(j.get("datatype"), what) if isinstance(j.get("datatype"), str) else None
-        if dt is None:
-            raise invalid(f"{what} needs a 'datatype' string")
-        shape = j.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {shape!r}")
+        try:
+            name, dtname, shape = j["name"], j["datatype"], j["shape"]
+            dt = DATATYPES[dtname]
+        except (KeyError, TypeError):
+            name = dt = shape = None
+        if dt is None or type(name) is not str or type(shape) is not list or \
+                not all(type(d) is int and d >= 0 for d in shape):
+            _explain_bad_input(j)
         shape = tuple(shape)
-        params = j.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise invalid(f"{what}: 'parameters' must be an object")
-        size = params.get("binary_data_size")
-        has_data = "data" in j
-        if (size is not None) == has_data:
-            raise invalid(f"{what} must set exactly one of 'data' or parameters.binary_data_size")
+        params = j.get("parameters")
+        size = None
+        if params is not None:
+            if type(params) is not dict:
+                raise invalid(f"input '{name}': 'parameters' must be an object")
+            size = params.get("binary_data_size")
+        if (size is not None) == ("data" in j):
+            raise invalid(f"input '{name}' must set exactly one of 'data' or parameters.binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise invalid(f"{what}: binary_data_size must be a non-negative integer")
+            if type(size) is not int or size < 0:
+                raise invalid(f"input '{name}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise invalid(f"{what}: binary_data_size {size} runs past the end of the body "
+                raise invalid(f"input '{name}': binary_data_size {size} runs past the end of the body "
                               f"({len(binary) - offset} binary bytes remain)")
-            data = from_raw(binary[offset:offset + size], dt, shape, what)
+            data = from_raw(binary[offset:offset + size], dt, shape, f"input '{name}'")
             offset += size
         else:
-            data = _from_json(j["data"], dt, shape, what)
+            data = _from_json(j["data"], dt, shape, name, maybe_bools)
         inputs.append(Tensor(name, dt.v2, shape, data))
     if offset != len(binary):
         raise invalid(f"the body has {len(binary) - offset} binary bytes that no input claims")
@@ -111,7 +111,19 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
     return req
 
 
-def _from_json(data, dt, shape, what: str) -> np.ndarray:
+def _explain_bad_input(j) -> None:
+    """Raise the precise error for an input entry that failed the quick checks."""
+    if not isinstance(j, dict) or not isinstance(j.get("name"), str):
+        raise invalid("each entry of 'inputs' must be an object with a 'name'")
+    what = f"input '{j['name']}'"
+    if not isinstance(j.get("datatype"), str):
+        raise invalid(f"{what} needs a 'datatype' string")
+    datatype(j["datatype"], what)
+    raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {j.get('shape')!r}")
+
+
+def _from_json(data, dt, shape, name: str, maybe_bools: bool = True) -> np.ndarray:
+    what = f"input '{name}'"
     count = element_count(shape)
     try:
         if dt.v2 == "BYTES":
@@ -119,7 +131,7 @@ def _from_json(data, dt, shape, what: str) -> np.ndarray:
             arr = np.empty(len(flat), dtype=object)
             arr[:] = [v.encode() if isinstance(v, str) else _bytes_elem(v, what) for v in flat]
         else:
-            arr = _json_numbers(data, dt).reshape(-1)
+            arr = _json_numbers(data, dt, maybe_bools).reshape(-1)
     except (ValueError, TypeError, OverflowError) as e:
         raise invalid(f"{what}: 'data' does not hold {dt.v2} values: {e}") from None
     if arr.size != count:
@@ -127,12 +139,12 @@ def _from_json(data, dt, shape, what: str) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _json_numbers(data, dt) -> np.ndarray:
+def _json_numbers(data, dt, maybe_bools: bool = True) -> np.ndarray:
     """JSON values as ``dt``, refusing what a cast would silently change: a plain
     ``np.asarray(data, dtype)`` turns 1.5 into 1, true into 1 and "7" into 7."""
     arr = np.asarray(data)  # numpy's own reading first: its kind says what the JSON held
     kind = arr.dtype.kind
-    if arr.size and dt.v2 != "BOOL" and kind in "iuf" and any(v is True or v is False for v in _flatten(data)):
+    if maybe_bools and arr.size and dt.v2 != "BOOL" and kind in "iuf" and any(v is True or v is False for v in _flatten(data)):
         kind = "b"  # numpy reads [1, true] as [1, 1]
     if arr.size:
         if dt.v2 == "BOOL":
