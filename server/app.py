@@ -75,9 +75,6 @@ class Gateway:
             gpu_device_id=settings.gpu_device_id,
         )
         self.accepting = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.http_port = self.grpc_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self._http: _Uvicorn | None = None
@@ -100,14 +97,11 @@ class Gateway:
         except GatewayError as e:
             served.reject(request, e)
             raise
-        self.in_flight += 1
-        self._idle.clear()
-        try:
-            return await served.infer(request)
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+        return await served.infer(request)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.repository.served())
 
     def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
         log.info("%s request to model '%s' failed: %s %s", protocol, model, e.code.value, e.message,
@@ -211,7 +205,11 @@ class Gateway:
             await self._health.enter_graceful_shutdown()
         log.info("draining: %d requests in flight, grace period %.1f s", self.in_flight, grace)
         try:
-            await asyncio.wait_for(self._idle.wait(), grace)
+            # Requests hold on to the version they resolved, so waiting for every served
+            # version to be idle waits for every accepted request.
+            async with asyncio.timeout(grace):
+                while self.in_flight:
+                    await asyncio.gather(*(s.idle() for s in self.repository.served()))
             return True
         except TimeoutError:
             log.warning("grace period over with %d requests still in flight", self.in_flight)

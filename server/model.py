@@ -66,7 +66,8 @@ class ServedModel:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.in_flight += 1
-        self._idle.clear()
+        if self.in_flight == 1:
+            self._idle.clear()
         start = _perf_ns()
         status = "OK"
         try:
@@ -90,6 +91,10 @@ class ServedModel:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no request is in flight on this version."""
+        await self._idle.wait()
 
     def reject(self, request: InferRequest, error: GatewayError) -> None:
         """Count a request refused before it was queued (e.g. it failed validation)."""

@@ -150,7 +150,6 @@ class InferRequest:
     arrival: float = 0.0  # monotonic clock at arrival
     arrival_ns: int = 0  # perf-counter ns at arrival (statistics)
     protocol: str = ""  # "grpc" | "http" (metrics label)
-    headers: dict[str, str] = field(default_factory=dict)
     binary_output_default: bool = False  # HTTP only: binary_data_output
     checked: Any = None  # the signature check's result (core.signature.Checked)
     dispatched: float = 0.0  # monotonic clock when a scheduler handed it to the backend

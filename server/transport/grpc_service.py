@@ -180,8 +180,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if remaining is not None:
             dl = req.arrival + remaining
             req.deadline = dl if req.deadline is None else min(req.deadline, dl)
-        if not req.id:
-            req.id = _request_id(msg, context)
         return req
 
     async def ModelInfer(self, raw: bytes, context):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -102,15 +103,13 @@ def test_serve_on_free_ports_answers_both_protocols(proc, small_repo):
         inp = mod.InferInput("features", [1, 4], "FP32")
         inp.set_data_from_numpy(x)
         assert c.infer("clf", [inp]).as_numpy("probabilities").shape == (1, 3)
-    import urllib.request
-
     text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics").read().decode()
     assert 'batchgate_requests_total{model="clf",protocol="grpc",status="OK",version="1"} 1.0' in text
 
 
 def test_sigterm_drains_in_flight_work_then_exits_zero(proc, tmp_path):
     repo = str(tmp_path)
-    _save(slow_model(layers=96), repo, "slow", config="max_batch_size: 64\n")
+    _save(slow_model(layers=192), repo, "slow", config="max_batch_size: 64\n")
     p = proc(serve_args(repo, "--exit-timeout-secs", "60")).wait_ready()
     x = np.ones((64, 1024), np.float32)
 
@@ -124,12 +123,18 @@ def test_sigterm_drains_in_flight_work_then_exits_zero(proc, tmp_path):
     with ThreadPoolExecutor(32) as pool:
         futures = [pool.submit(call, i) for i in range(32)]
         deadline = time.monotonic() + 20
-        # Wait until the server has work queued, then ask it to stop.
+        # Wait until the server has accepted every request, then ask it to stop.
+        metrics = f"http://127.0.0.1:{p.ports[2]}/metrics"
         while time.monotonic() < deadline:
-            stats = http.get_inference_statistics("slow")["model_stats"][0]
-            if stats["execution_count"] >= 1:
+            text = urllib.request.urlopen(metrics).read().decode()
+            inflight = _sample(text, 'batchgate_inflight_requests{model="slow",version="1"}')
+            done = _sample(text, 'batchgate_requests_total{model="slow",protocol="grpc",status="OK",version="1"}')
+            if inflight + done >= 32:
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
+        else:
+            raise AssertionError("the server never accepted all 32 requests")
+        assert inflight >= 4, "too little work left in flight to test draining"
         p.p.send_signal(signal.SIGTERM)
         # Readiness turns false at once, and new work is refused, while accepted work still runs.
         end = time.monotonic() + 5
@@ -145,6 +150,13 @@ def test_sigterm_drains_in_flight_work_then_exits_zero(proc, tmp_path):
     assert results == [(64, 1024)] * 32
     assert p.p.wait(30) == 0, p.output()
     assert "draining" in p.output()
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.mark.parametrize("args, env, message", [
