@@ -73,6 +73,7 @@ class Gateway:
             retire_grace_s=settings.exit_timeout_secs,
             warm_up=settings.warm_up,
             gpu_device_id=settings.gpu_device_id,
+            inline_max_us=settings.inline_execution_max_us,
         )
         self.accepting = False
         self.http_port = self.grpc_port = self.metrics_port = None

@@ -32,6 +32,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-queue-size", type=int)
     p.add_argument("--max-request-bytes", type=int)
     p.add_argument("--infer-threads", type=int)
+    p.add_argument("--inline-execution-max-us", type=int,
+                   help="run a model on the event loop when its executions are measured faster than this (0 = never)")
     p.add_argument("--warm-up", choices=("true", "false"))
     p.add_argument("--exit-timeout-secs", type=float)
     p.add_argument("--log-format", choices=("plain", "json"))

@@ -36,6 +36,7 @@ class Settings:
     max_queue_size: int = 4096  # per model version, unless its config sets one
     max_request_bytes: int = 64 * 1024 * 1024  # HTTP body (after decompression) and gRPC message
     infer_threads: int = 0  # worker threads that run models; 0 = one per CPU, at least 4
+    inline_execution_max_us: int = 50  # executions measured faster than this run on the event loop; 0 = never
     warm_up: bool = True
     exit_timeout_secs: float = 30.0  # grace period for in-flight work on SIGTERM
     log_format: str = "plain"  # plain | json
@@ -113,7 +114,7 @@ def _validate(s: Settings) -> None:
     for name in ("repository_poll_secs", "exit_timeout_secs"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0, not {getattr(s, name)}")
-    for name in ("max_queue_size", "max_request_bytes", "default_max_batch_size"):
+    for name in ("max_queue_size", "max_request_bytes", "default_max_batch_size", "inline_execution_max_us"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must not be negative, not {getattr(s, name)}")
     if s.max_request_bytes == 0:

@@ -28,6 +28,7 @@ from .workers import WorkerPool
 
 log = logging.getLogger("batchgate.model")
 _perf_ns = time.perf_counter_ns
+_INLINE_AFTER = 16  # executions timed on worker threads before any may run inline
 
 
 class ServedModel:
@@ -40,6 +41,7 @@ class ServedModel:
         workers: WorkerPool,
         metrics: ModelMetrics,
         max_queue_size: int,
+        inline_max_us: int = 0,
     ):
         self.name = config.name
         self.version = version
@@ -59,6 +61,10 @@ class ServedModel:
             max_queue_size=policy.max_queue_size or max_queue_size,
             name=self.name,
         )
+        self._inline_max_ns = inline_max_us * 1000
+        self._timed = 0
+        self._exec_ns = 0.0
+        self._exec_rows = 1.0
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -103,8 +109,18 @@ class ServedModel:
         self._metrics.request_done(request.protocol, error.code.value, 0.0)
 
     def _execute(self, batch: list[InferRequest], done) -> None:
-        """Hand a batch to a worker thread; ``done(answers)`` comes back on the loop."""
-        self._workers.call(self._run_batch, batch, done)
+        """Run a batch; ``done(answers)`` is called on the loop when it has finished.
+
+        A batch runs on a worker thread, unless this version's executions have been
+        measured to take less than ``inline_max_us`` for this many rows: then the hand-off
+        to a thread and back would cost the event loop more than the execution itself
+        (``bench/serving.py``), so it runs here, on the loop, bounded by that threshold."""
+        rows = batch[0].checked.batch_size
+        if self._inline_max_ns and self._timed >= _INLINE_AFTER and \
+                self._exec_ns * rows <= self._inline_max_ns * self._exec_rows:
+            done(self._run_batch(batch))
+        else:
+            self._workers.call(self._run_batch, batch, done)
 
     def _run_batch(self, batch: list[InferRequest]) -> list:
         """Runs in a worker thread: prepare inputs, execute, collect outputs, record figures.
@@ -131,6 +147,13 @@ class ServedModel:
         with self._stats_lock:
             self.stats.record_execution(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
             self._metrics.executed(rows, (t3 - t0) / 1e9)
+            # Moving averages of execution time and rows, for the inline decision.
+            if self._timed:
+                self._exec_ns += (t3 - t0 - self._exec_ns) * 0.1
+                self._exec_rows += (rows - self._exec_rows) * 0.1
+            else:
+                self._exec_ns, self._exec_rows = float(t3 - t0), float(rows)
+            self._timed += 1
         return [InferResponse(self.name, self.version, outputs, id=request.id)]
 
     async def retire(self, grace_s: float | None = None) -> None:
