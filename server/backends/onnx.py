@@ -74,7 +74,15 @@ class OnnxBackend:
         self._inputs = [_io(a) for a in self.session.get_inputs()]
         self._outputs = [_io(a) for a in self.session.get_outputs()]
         self._string_inputs = {i.name for i in self._inputs if i.v2_datatype == "BYTES"}
-        self._run = self.session.run
+        # The session's own binding, without the Python wrapper's per-call checks (which
+        # the gateway has already made against the model's signature); the public method
+        # where a future onnxruntime moves it.
+        sess = getattr(self.session, "_sess", None)
+        if sess is not None:
+            options = ort.RunOptions()
+            self._run = lambda names, feeds: sess.run(names, feeds, options)
+        else:
+            self._run = self.session.run
 
     def providers(self) -> list[str]:
         return self.session.get_providers()
@@ -102,7 +110,7 @@ class OnnxBackend:
                 feeds[i.name] = np.full(shape, "", dtype=object)
             else:
                 feeds[i.name] = np.zeros(shape, dtype=DATATYPES[i.v2_datatype].np_dtype)
-        self._run(None, feeds)
+        self._run([o.name for o in self._outputs], feeds)
 
     def close(self) -> None:
         self.session = None

@@ -6,94 +6,86 @@
   ``compute_*`` count requests with the time each spent in that phase (a request
   sharing an execution is charged the whole execution, as Triton does).
 - ``batch_stats`` has one entry per executed batch size, counting executions.
+
+Figures are kept as flat lists of integers ([count, ns] pairs): recording happens
+once or twice per request, so it is kept to a few additions.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+
+# Positions in ModelStats.totals: (count, ns) for each duration.
+SUCCESS, FAIL, QUEUE, INPUT, INFER, OUTPUT = 0, 2, 4, 6, 8, 10
+_NAMES = (("success", SUCCESS), ("fail", FAIL), ("queue", QUEUE), ("compute_input", INPUT),
+          ("compute_infer", INFER), ("compute_output", OUTPUT))
 
 
-@dataclass(slots=True)
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
-
-    def as_dict(self) -> dict:
-        return {"count": self.count, "ns": self.ns}
+def _d(count: int, ns: int) -> dict:
+    return {"count": count, "ns": ns}
 
 
-@dataclass(slots=True)
-class BatchStat:
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-
-
-@dataclass(slots=True)
 class ModelStats:
-    name: str
-    version: str
-    last_inference_ms: int = 0
-    inference_count: int = 0
-    execution_count: int = 0
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    batch_stats: dict[int, BatchStat] = field(default_factory=dict)
+    __slots__ = ("name", "version", "last_inference_ms", "inference_count", "execution_count", "totals",
+                 "batch_stats")
+
+    def __init__(self, name: str, version: str):
+        self.name = name
+        self.version = version
+        self.last_inference_ms = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.totals = [0] * 12
+        self.batch_stats: dict[int, list[int]] = {}  # rows -> [executions, input_ns, infer_ns, output_ns]
 
     def record_execution(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.execution_count += 1
         self.inference_count += rows
         bs = self.batch_stats.get(rows)
         if bs is None:
-            bs = self.batch_stats[rows] = BatchStat()
-        bs.compute_input.add(input_ns)
-        bs.compute_infer.add(infer_ns)
-        bs.compute_output.add(output_ns)
-        self.compute_input.add(input_ns * requests, requests)
-        self.compute_infer.add(infer_ns * requests, requests)
-        self.compute_output.add(output_ns * requests, requests)
+            bs = self.batch_stats[rows] = [0, 0, 0, 0]
+        bs[0] += 1
+        bs[1] += input_ns
+        bs[2] += infer_ns
+        bs[3] += output_ns
+        t = self.totals
+        t[INPUT] += requests
+        t[INPUT + 1] += input_ns * requests
+        t[INFER] += requests
+        t[INFER + 1] += infer_ns * requests
+        t[OUTPUT] += requests
+        t[OUTPUT + 1] += output_ns * requests
         self.last_inference_ms = int(time.time() * 1000)
 
-    def record_queue(self, ns: int) -> None:
-        self.queue.add(ns)
+    def record_request(self, ok: bool, ns: int, queue_ns: int | None = None) -> None:
+        t = self.totals
+        i = SUCCESS if ok else FAIL
+        t[i] += 1
+        t[i + 1] += ns
+        if queue_ns is not None:
+            t[QUEUE] += 1
+            t[QUEUE + 1] += queue_ns
 
-    def record_request(self, ok: bool, ns: int) -> None:
-        (self.success if ok else self.fail).add(ns)
+    def record_queue(self, ns: int) -> None:
+        self.totals[QUEUE] += 1
+        self.totals[QUEUE + 1] += ns
 
     def as_dict(self) -> dict:
         """The JSON shape of one ``model_stats`` entry (also fed to the protobuf)."""
+        t = self.totals
+        stats = {name: _d(t[i], t[i + 1]) for name, i in _NAMES}
+        stats["cache_hit"] = _d(0, 0)
+        stats["cache_miss"] = _d(0, 0)
         return {
             "name": self.name,
             "version": self.version,
             "last_inference": self.last_inference_ms,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
-            "inference_stats": {
-                "success": self.success.as_dict(),
-                "fail": self.fail.as_dict(),
-                "queue": self.queue.as_dict(),
-                "compute_input": self.compute_input.as_dict(),
-                "compute_infer": self.compute_infer.as_dict(),
-                "compute_output": self.compute_output.as_dict(),
-                "cache_hit": {"count": 0, "ns": 0},
-                "cache_miss": {"count": 0, "ns": 0},
-            },
+            "inference_stats": stats,
             "batch_stats": [
-                {
-                    "batch_size": size,
-                    "compute_input": b.compute_input.as_dict(),
-                    "compute_infer": b.compute_infer.as_dict(),
-                    "compute_output": b.compute_output.as_dict(),
-                }
+                {"batch_size": size, "compute_input": _d(b[0], b[1]), "compute_infer": _d(b[0], b[2]),
+                 "compute_output": _d(b[0], b[3])}
                 for size, b in sorted(self.batch_stats.items())
             ],
             "memory_usage": [],
