@@ -128,6 +128,21 @@ class HttpApp:
         if method != want:
             raise _MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
 
+    async def _more_body(self, first, receive) -> bytes:
+        """The rest of a body that came in several messages, within the limit."""
+        chunks, size, msg = [], 0, first
+        while True:
+            if msg["type"] == "http.disconnect":
+                raise GatewayError(ErrorCode.CANCELLED, "client disconnected")
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise invalid(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+            msg = await receive()
+
     async def _body(self, receive, scope) -> bytes:
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -156,10 +171,13 @@ class HttpApp:
 
     async def _infer(self, model, version, scope, receive, send):
         arrival = _monotonic()
-        body = await self._body(receive, scope)
         header_len = content_encoding = accept = req_id = None
         for k, v in scope["headers"]:
-            if k == b"inference-header-content-length":
+            if k == b"content-length":
+                if len(v) > 6 and int(v) > self.limit:
+                    raise invalid(f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes "
+                                  "(max_request_bytes)")
+            elif k == b"inference-header-content-length":
                 header_len = v.decode("latin-1")
             elif k == b"content-encoding":
                 content_encoding = v.decode("latin-1")
@@ -167,6 +185,13 @@ class HttpApp:
                 accept = v.decode("latin-1")
             elif k == b"x-request-id":
                 req_id = v.decode("latin-1")
+        msg = await receive()  # one message holds the whole body unless it is large
+        if msg.get("more_body") or msg["type"] != "http.request":
+            body = await self._more_body(msg, receive)
+        else:
+            body = msg.get("body", b"")
+            if len(body) > self.limit:
+                raise invalid(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
         req = None
         try:
             if content_encoding:

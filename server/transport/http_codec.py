@@ -13,6 +13,7 @@ from ..core.types import (DATATYPES, InferRequest, InferResponse, RequestedOutpu
                           element_count, from_raw, to_raw)
 from .grpc_codec import apply_schedule_params
 
+_EMPTY = memoryview(b"")
 _NUMPY_JSON = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
 
 
@@ -41,12 +42,18 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
     if header_length == "0":
         raise invalid("raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
                       "send a JSON header describing the inputs")
-    head, binary = split_body(body, header_length)
-    obj = parse_json(head)
-    if not isinstance(obj, dict):
+    if header_length is None:  # all JSON: the common case for curl and web apps
+        head, binary = body, _EMPTY
+    else:
+        head, binary = split_body(body, header_length)
+    try:
+        obj = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        raise invalid(f"request body is not valid JSON: {e}") from None
+    if type(obj) is not dict:
         raise invalid("request body must be a JSON object with an 'inputs' list")
     raw_inputs = obj.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    if type(raw_inputs) is not list or not raw_inputs:
         raise invalid("request must have a non-empty 'inputs' list")
     offset = 0
     inputs = []
@@ -83,7 +90,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
     if offset != len(binary):
         raise invalid(f"the body has {len(binary) - offset} binary bytes that no input claims")
     req_params = obj.get("parameters") or {}
-    if not isinstance(req_params, dict):
+    if type(req_params) is not dict:
         raise invalid("request 'parameters' must be an object")
     outputs = None
     raw_outputs = obj.get("outputs")
@@ -102,11 +109,11 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
             b = op.get("binary_data")
             outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
     rid = obj.get("id", "")
-    if not isinstance(rid, str):
+    if type(rid) is not str:
         raise invalid("request 'id' must be a string")
-    req = InferRequest(model, version, inputs, outputs, rid, req_params, arrival=arrival, protocol="http",
-                       binary_output_default=bool(req_params.get("binary_data_output", False)))
+    req = InferRequest(model, version, inputs, outputs, rid, req_params, arrival=arrival, protocol="http")
     if req_params:
+        req.binary_output_default = bool(req_params.get("binary_data_output", False))
         apply_schedule_params(req)
     return req
 
