@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -89,7 +90,11 @@ class Gateway:
     def ready(self) -> bool:
         return self.accepting
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    def infer(self, request: InferRequest) -> Awaitable[InferResponse]:
+        """Validate ``request`` and hand it to its model version; await the result.
+
+        Not a coroutine itself (one frame less per request): errors found here raise at
+        once, before anything is queued."""
         if not self.accepting:
             raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
         served = self.repository.resolve(request.model_name, request.model_version)
@@ -98,7 +103,7 @@ class Gateway:
         except GatewayError as e:
             served.reject(request, e)
             raise
-        return await served.infer(request)
+        return served.infer(request)
 
     @property
     def in_flight(self) -> int:

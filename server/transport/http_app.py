@@ -43,6 +43,7 @@ class HttpApp:
     def __init__(self, gateway, max_body_bytes: int):
         self.gw = gateway
         self.limit = max_body_bytes
+        self._infer_paths: dict[str, tuple[str, str]] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -66,11 +67,16 @@ class HttpApp:
             await self._error(send, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
 
     async def _route(self, method, path, scope, receive, send):
+        hit = self._infer_paths.get(path)
+        if hit is not None and method == "POST":
+            return await self._infer(hit[0], hit[1], scope, receive, send)
         m = MODEL_RE.match(path)
         if m:
             model, version, action = m.group(1), m.group(2) or "", m.group(3)
             if action == "infer":
                 self._method(method, "POST")
+                if len(self._infer_paths) < 4096:  # remembered: the next call skips the regex
+                    self._infer_paths[path] = (model, version)
                 return await self._infer(model, version, scope, receive, send)
             self._method(method, "GET")
             if action is None:
