@@ -46,11 +46,27 @@ class ModelSignature:
         object.__setattr__(self, "_in", {t.name: t for t in self.inputs})
         object.__setattr__(self, "_out", {t.name: t for t in self.outputs})
         object.__setattr__(self, "_all_out", tuple(t.name for t in self.outputs))
+        object.__setattr__(self, "_layouts", {})  # input layout -> batch size, for layouts that passed
 
     def output_spec(self, name: str) -> TensorSpec:
         return self._out[name]
 
     def check(self, request: InferRequest) -> Checked:
+        """Check ``request`` against the signature; raise INVALID_ARGUMENT naming what is wrong.
+
+        The verdict on a layout of inputs (names, datatypes, shapes) is remembered, so a
+        stream of same-shaped requests pays for one dictionary lookup."""
+        inputs = request.inputs
+        layout = tuple([(t.name, t.datatype, t.shape) for t in inputs])
+        batch = self._layouts.get(layout)
+        if batch is not None and request.outputs is None:
+            return Checked({t.name: t.data for t in inputs}, self._all_out, batch)
+        checked = self._check(request)
+        if len(self._layouts) < 256:
+            self._layouts[layout] = checked.batch_size
+        return checked
+
+    def _check(self, request: InferRequest) -> Checked:
         where = f"model '{self.name}'"
         feeds: dict[str, np.ndarray] = {}
         batch = -1

@@ -22,36 +22,34 @@ def param_value(p: pb.InferParameter):
     return getattr(p, kind) if kind else None
 
 
-def _shape(t, what: str) -> tuple[int, ...]:
-    shape = tuple(t.shape)
-    for d in shape:
-        if d < 0:
-            raise invalid(f"{what}: shape {list(shape)} has a negative dimension")
-    return shape
-
-
 def decode_request(msg: pb.ModelInferRequest, arrival: float) -> InferRequest:
+    # Each protobuf field is read once: with upb every attribute read builds an object.
     raw = msg.raw_input_contents
-    inputs = []
+    tensors = msg.inputs
     n_raw = len(raw)
-    if n_raw and n_raw != len(msg.inputs):
+    if n_raw and n_raw != len(tensors):
         raise invalid(
-            f"raw_input_contents has {n_raw} entries but the request has {len(msg.inputs)} inputs; "
+            f"raw_input_contents has {n_raw} entries but the request has {len(tensors)} inputs; "
             "give raw data for every input or for none"
         )
-    for i, t in enumerate(msg.inputs):
-        what = f"input '{t.name}'"
-        dt = datatype(t.datatype, what)
-        shape = _shape(t, what)
+    inputs = []
+    for i, t in enumerate(tensors):
+        name, dtname = t.name, t.datatype
+        dt = DATATYPES.get(dtname) or datatype(dtname, f"input '{name}'")
+        shape = tuple(t.shape)
+        if shape and min(shape) < 0:
+            raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
         if n_raw:
             if t.HasField("contents"):
-                raise invalid(f"{what}: give its data in raw_input_contents or in contents, not both")
-            data = from_raw(raw[i], dt, shape, what)
+                raise invalid(f"input '{name}': give its data in raw_input_contents or in contents, not both")
+            data = from_raw(raw[i], dt, shape, f"input '{name}'")
         else:
-            data = _from_contents(t, dt, shape, what)
-        inputs.append(Tensor(t.name, t.datatype, shape, data))
-    outputs = [RequestedOutput(o.name) for o in msg.outputs] if msg.outputs else None
-    params = {k: param_value(v) for k, v in msg.parameters.items()} if msg.parameters else {}
+            data = _from_contents(t, dt, shape, f"input '{name}'")
+        inputs.append(Tensor(name, dtname, shape, data))
+    outs = msg.outputs
+    outputs = [RequestedOutput(o.name) for o in outs] if outs else None
+    params = msg.parameters
+    params = {k: param_value(v) for k, v in params.items()} if params else {}
     req = InferRequest(msg.model_name, msg.model_version, inputs, outputs, msg.id, params, arrival=arrival,
                        protocol="grpc")
     if params:
@@ -102,9 +100,10 @@ def _from_contents(t, dt, shape, what: str) -> np.ndarray:
 
 def encode_response(resp: InferResponse) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
+    add = out.outputs.add
     raws = []
     for t in resp.outputs:
-        out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        add(name=t.name, datatype=t.datatype, shape=t.shape)
         raws.append(to_raw(t.data, DATATYPES[t.datatype]))
     out.raw_output_contents.extend(raws)
     return out

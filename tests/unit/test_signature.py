@@ -179,3 +179,21 @@ def test_full_shape():
     spec = TensorSpec("x", DATATYPES["FP32"], (3, 4))
     assert spec.full_shape(0) == [3, 4]
     assert spec.full_shape(16) == [-1, 3, 4]
+
+
+def test_a_remembered_layout_gives_the_same_verdict_and_fresh_feeds():
+    s = sig()
+    first = s.check(req(good_inputs(2)))
+    again_inputs = good_inputs(2)
+    again = s.check(req(again_inputs))
+    assert again.batch_size == first.batch_size == 2
+    assert again.output_names == ("scores", "label")
+    assert again.feeds["image"] is again_inputs[0].data  # this request's own data, not the first one's
+    # A different layout is checked in full, even after a good one was remembered.
+    with pytest.raises(GatewayError) as e:
+        s.check(req([t("image", "FP32", (2, 4, 5)), t("mask", "BOOL", (2, 4))]))
+    assert e.value.code is ErrorCode.INVALID_ARGUMENT and "image" in e.value.message
+    # A requested-output subset on a remembered layout is still checked.
+    with pytest.raises(GatewayError):
+        s.check(req(good_inputs(2), [RequestedOutput("nope")]))
+    assert s.check(req(good_inputs(2), [RequestedOutput("label")])).output_names == ("label",)
