@@ -63,6 +63,7 @@ class ServedModel:
         )
         self._inline_max_ns = inline_max_us * 1000
         self._timed = 0
+        self.inline_runs = 0  # executions that ran on the event loop
         self._exec_ns = 0.0
         self._exec_rows = 1.0
         self.in_flight = 0
@@ -120,6 +121,7 @@ class ServedModel:
         rows = batch[0].checked.batch_size
         if self._inline_max_ns and self._timed >= _INLINE_AFTER and \
                 self._exec_ns * rows <= self._inline_max_ns * self._exec_rows:
+            self.inline_runs += 1
             done(self._run_batch(batch))
         else:
             self._workers.call(self._run_batch, batch, done)

@@ -84,6 +84,10 @@ def add_to_server(service: "InferenceService", server) -> None:
                                      response_serializer=resp_cls.SerializeToString)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    # Registered methods are matched inside gRPC's core, without a Python lookup per call.
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register("inference.GRPCInferenceService", handlers)
 
 
 class _StreamEnd:

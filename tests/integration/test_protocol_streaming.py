@@ -7,7 +7,6 @@ import asyncio
 import queue
 
 import numpy as np
-import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 

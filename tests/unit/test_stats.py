@@ -2,7 +2,6 @@
 
 import time
 
-import pytest
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 

@@ -1,0 +1,746 @@
+"""Serving overhead benchmark: batchgate against the least a Python server can do.
+
+Single-row requests ([1, 4] FP32) to a tiny identity model, one server process pinned
+to one core, the load tool pinned to another core, everything in one run:
+
+- gRPC: batchgate vs a bare ``grpc.aio`` echo of ``ModelInfer`` (bench/echo_servers.py),
+  both driven by ``h2load`` sending pre-framed gRPC messages.        target ratio >= 0.7
+- HTTP/JSON: batchgate vs a bare uvicorn+httptools ASGI echo, both driven by ``wrk``
+  POSTing the V2 JSON infer body (bench/wrk_post.lua).               target ratio >= 0.4
+
+The ratio is batchgate's median successful requests/s over the baseline's, measured with
+the same load settings in the same run: each round starts every server afresh and runs the
+baseline and batchgate back to back, and the medians over the rounds are compared.
+p50/p99 latency are reported beside throughput (medians over the rounds).
+
+A run is only trusted if every request succeeded: h2load counts HTTP 200 even when the
+gRPC status in the trailers is an error, so each run first sends the exact benchmark
+request through a real gRPC client and checks the answer, then checks that the server's
+own success counter (V2 statistics) moved by at least the successes the load tool reports,
+with no slack but the requests cut off when the tool stopped. wrk's non-2xx and socket
+errors fail the run as well. The CPU used meanwhile by processes that are not ours is
+recorded and warned about: on a shared machine it makes the numbers noisier.
+
+    python bench/serving.py                  # ~2.5 minutes: 3 rounds of 8 s runs
+    python bench/serving.py --quick          # ~25 s smoke run: 1 round of 3 s runs
+    python bench/serving.py --duration 20 --rounds 5
+
+Writes bench/results/serving.json and bench/results/serving.png and prints a markdown table.
+Exit status: 0 when the measurements are valid (whatever the ratios), 1 when a run was
+invalid (errors, mismatched counts, a server that would not start); with --check also 1
+when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODEL = "tiny"
+INPUT_ROW = [0.25, -1.5, 3.0, 42.0]
+TARGETS = {"grpc": 0.7, "http": 0.4}
+# batchgate's settings for this run. Four worker threads is batchgate's own default
+# (infer_threads 0 = max(4, CPUs)); four model instances let four executions be in flight,
+# which hides the loop -> worker -> loop hand-off. On this 2-core machine (2026-11) the
+# alternatives measured: 4 threads / 1 instance: gRPC 0.58, HTTP 0.17; 4/4: 0.65, 0.26;
+# 8/8: 0.62, 0.31. Compare with --infer-threads and --instances.
+DEFAULT_INFER_THREADS = 4
+DEFAULT_INSTANCES = 4
+READY_TIMEOUT_S = 60.0
+
+# batchgate logs "... HTTP on H:P, gRPC on H:P, metrics on ..." when it is ready.
+BATCHGATE_READY = re.compile(r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),")
+ECHO_READY = re.compile(r"listening on (?P<host>\S+?):(?P<port>\d+)")
+
+
+class BenchError(RuntimeError):
+    """A phase could not be measured, or its measurement cannot be trusted."""
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================ set-up
+
+
+def build_repository(root: Path, instances: int) -> Path:
+    """A Triton-layout repository with one model: FP32 [-1, 4] -> identity."""
+    from onnx import TensorProto
+
+    from batchgate.demo import _save, identity_model
+
+    repo = root / "models"
+    config = (
+        f'name: "{MODEL}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        "max_batch_size: 8\n"
+        'input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "OUTPUT" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        # One ONNX Runtime thread per run, said explicitly: the server has one core. (Left to
+        # its default, ONNX Runtime measured the same here: it sizes its pool to the affinity.)
+        'parameters { key: "intra_op_thread_count" value { string_value: "1" } }\n'
+        'parameters { key: "inter_op_thread_count" value { string_value: "1" } }\n'
+        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+    )
+    _save(identity_model(MODEL, TensorProto.FLOAT, ("batch", 4)), str(repo), MODEL, config=config)
+    return repo
+
+
+def grpc_request_bytes() -> bytes:
+    """One serialized ModelInferRequest, shaped as tritonclient.grpc sends it."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    msg = pb.ModelInferRequest(model_name=MODEL)
+    t = msg.inputs.add(name="INPUT", datatype="FP32")
+    t.shape.extend([1, 4])
+    msg.raw_input_contents.append(np.asarray([INPUT_ROW], dtype="<f4").tobytes())
+    return msg.SerializeToString()
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """gRPC length-prefixed message: 1 byte compressed flag (0), 4 bytes big-endian length."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def http_request_body() -> bytes:
+    import orjson
+
+    return orjson.dumps({"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": INPUT_ROW}]})
+
+
+# ============================================================================ processes
+
+
+@dataclass
+class Pinning:
+    server: list[str]  # command prefix that pins the server
+    load: list[str]  # command prefix that pins the load tool
+    note: str
+    cores: list[str] = field(default_factory=list)  # [server core, load core] when pinned
+
+
+def choose_pinning(enabled: bool) -> Pinning:
+    cores = sorted(os.sched_getaffinity(0))
+    if not enabled:
+        return Pinning([], [], "off (--no-pin)")
+    if len(cores) < 2 or shutil.which("taskset") is None:
+        return Pinning([], [], f"off: needs 2 cores and taskset (have {len(cores)} cores)")
+    s, l = str(cores[0]), str(cores[1])
+    return Pinning(["taskset", "-c", s], ["taskset", "-c", l], f"server on core {s}, load tool on core {l}", [s, l])
+
+
+class Server:
+    """A server process whose stderr goes to a log file that is watched for its ready line."""
+
+    def __init__(self, name: str, cmd: list[str], ready: re.Pattern, log_path: Path):
+        self.name = name
+        self.cmd = cmd
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(HERE.parent))
+        self.match = self._wait_ready(ready)
+
+    def _wait_ready(self, ready: re.Pattern) -> re.Match:
+        t_end = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < t_end:
+            m = ready.search(self.log_path.read_text(errors="replace"))
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"{self.name} did not start; its log ends with:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the whole process (every thread), from /proc."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def core_jiffies(cores: list[str]) -> dict[str, tuple[int, int]]:
+    """(busy, total) jiffies of each listed core since boot, from /proc/stat. Busy includes
+    the kernel's softirq time, where most of the loopback TCP work is charged."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if name.startswith("cpu") and name[3:] in cores:
+                v = [int(x) for x in vals]
+                idle = v[3] + v[4]  # idle + iowait
+                out[name[3:]] = (sum(v[:8]) - idle, sum(v[:8]))
+    return out
+
+
+def busy_fraction(before: dict, after: dict, core: str) -> float:
+    if core not in before or core not in after:
+        return float("nan")
+    busy = after[core][0] - before[core][0]
+    total = after[core][1] - before[core][1]
+    return busy / total if total else float("nan")
+
+
+def run_tool(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[str, float]:
+    """Run a load tool to completion; return its output and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout[-3000:]}")
+    return p.stdout, cpu
+
+
+# ============================================================================ correctness checks
+
+
+def grpc_check_once(port: int, payload: bytes) -> None:
+    """Send the exact bytes h2load will send through a real gRPC client; the answer must be
+    an OK status carrying the input row back."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                              request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
+        try:
+            resp = call(payload, timeout=10)
+        except grpc.RpcError as e:
+            raise BenchError(f"the benchmark request fails over gRPC: {e.code().name}: {e.details()}") from None
+    if len(resp.outputs) != 1 or list(resp.outputs[0].shape) != [1, 4] or len(resp.raw_output_contents) != 1:
+        raise BenchError(f"unexpected gRPC answer to the benchmark request: {resp}")
+    got = np.frombuffer(resp.raw_output_contents[0], dtype="<f4")
+    if not np.allclose(got, INPUT_ROW):
+        raise BenchError(f"gRPC answer carries {got.tolist()}, expected {INPUT_ROW}")
+
+
+def grpc_counts(port: int) -> tuple[int, int]:
+    """(successful, failed) inference requests, from the server's ModelStatistics."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=MODEL), timeout=10)
+    ok = sum(s.inference_stats.success.count for s in resp.model_stats)
+    bad = sum(s.inference_stats.fail.count for s in resp.model_stats)
+    return ok, bad
+
+
+def http_call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def http_check_once(port: int, body: bytes) -> None:
+    import orjson
+
+    status, data = http_call(port, "POST", f"/v2/models/{MODEL}/infer", body)
+    if status != 200:
+        raise BenchError(f"the benchmark request fails over HTTP: {status} {data[:300]!r}")
+    out = orjson.loads(data)["outputs"]
+    if len(out) != 1 or out[0]["shape"] != [1, 4] or not np.allclose(out[0]["data"], INPUT_ROW):
+        raise BenchError(f"unexpected HTTP answer to the benchmark request: {data[:300]!r}")
+
+
+def http_counts(port: int) -> tuple[int, int]:
+    import orjson
+
+    status, data = http_call(port, "GET", f"/v2/models/{MODEL}/stats")
+    if status != 200:
+        raise BenchError(f"statistics request failed: {status} {data[:300]!r}")
+    stats = orjson.loads(data)["model_stats"]
+    ok = sum(s["inference_stats"]["success"]["count"] for s in stats)
+    bad = sum(s["inference_stats"]["fail"]["count"] for s in stats)
+    return ok, bad
+
+
+# ============================================================================ load tools
+
+
+def h2load(pin: Pinning, port: int, frame_file: Path, clients: int, streams: int, seconds: float,
+           log_file: Path | None) -> dict:
+    cmd = [*pin.load, "h2load", "-t", "1", "-c", str(clients), "-m", str(streams), "-D", f"{max(1, round(seconds * 1000))}ms",
+           "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    if log_file is not None:
+        cmd += ["--log-file", str(log_file)]
+    cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer")
+    out, cpu = run_tool(cmd, timeout=seconds + 60)
+    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
+    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored, (\d+) timeout", out)
+    s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (m and r and s):
+        raise BenchError(f"cannot read h2load's output:\n{out}")
+    elapsed = float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}.get(m.group(2), 1.0)
+    done, ok, failed, errored, timeouts = (int(r.group(i)) for i in (3, 4, 5, 6, 7))
+    started = int(r.group(2))
+    res = {"elapsed_s": elapsed, "done": done, "cut_off": started - done, "ok": ok, "errors": failed + errored + timeouts,
+           "non_2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4)), "tool_cpu_s": cpu, "raw": out}
+    if log_file is not None:
+        lat = np.loadtxt(log_file, usecols=2, dtype=np.int64, ndmin=1) if log_file.stat().st_size else np.zeros(0)
+        if lat.size:
+            res["latency_us"] = {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
+                                 "p99": float(np.percentile(lat, 99)), "p999": float(np.percentile(lat, 99.9)),
+                                 "mean": float(lat.mean()), "max": float(lat.max())}
+    return res
+
+
+def wrk(pin: Pinning, port: int, body_file: Path, connections: int, seconds: float) -> dict:
+    # wrk takes whole seconds
+    cmd = [*pin.load, "wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency",
+           "-s", str(HERE / "wrk_post.lua"), f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"]
+    out, cpu = run_tool(cmd, timeout=seconds + 60, env={"BENCH_BODY": str(body_file)})
+    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise BenchError(f"cannot read wrk's output:\n{out}")
+    j = json.loads(line[len("BENCH_JSON "):])
+    errors = sum(j["errors"][k] for k in ("connect", "read", "write", "timeout"))
+    non_2xx = j["errors"]["status"]
+    return {"elapsed_s": j["duration_us"] / 1e6, "done": j["requests"], "ok": j["requests"] - non_2xx,
+            "errors": errors, "non_2xx": non_2xx, "latency_us": {k: float(v) for k, v in j["latency_us"].items()},
+            "tool_cpu_s": cpu, "raw": out}
+
+
+# ============================================================================ one run
+
+
+@dataclass
+class Run:
+    """One measured run of one load tool against one freshly started server."""
+
+    round: int
+    rps: float = 0.0  # successful requests per second
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    p999_ms: float = 0.0
+    mean_ms: float = 0.0
+    elapsed_s: float = 0.0
+    tool_ok: int = 0  # successes the load tool reports
+    cut_off: int | None = None  # requests in flight when the tool stopped (h2load only)
+    server_ok: int = 0  # successes the server itself counted over the same run
+    server_failed: int = 0
+    server_core_busy: float = 0.0  # the server's core, softirq included (fraction)
+    server_process_cpu: float = 0.0  # the server process, all threads (cores)
+    load_core_busy: float = 0.0
+    load_tool_cpu: float = 0.0
+    other_cpu: float = 0.0  # CPU used meanwhile by processes that are not ours (cores)
+    error: str | None = None
+
+
+@dataclass
+class Target:
+    """One server under one protocol, measured once per round."""
+
+    protocol: str  # grpc | http
+    server: str
+    baseline: bool
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        return next((r.error for r in self.runs if r.error), None if self.runs else "not measured")
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in self.runs)) if self.runs else 0.0
+
+
+def foreign_cpu_seconds() -> dict[int, float]:
+    """CPU seconds so far of every user-space process that is neither this one nor one of its
+    children (kernel threads such as ksoftirqd are left out: they work for our traffic too)."""
+    me, tck = os.getpid(), os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        if pid != me and ppid != me and pid != 2 and ppid != 2:
+            out[pid] = (int(fields[11]) + int(fields[12])) / tck
+    return out
+
+
+def measure(target: Target, rnd: int, args, pin: Pinning, tmp: Path, server_cmd: list[str], ready: re.Pattern,
+            port_group: str, files: dict) -> Run:
+    run = Run(rnd)
+    target.runs.append(run)
+    label = f"round {rnd} {target.protocol} / {target.server}"
+    say(f"{label}: starting the server")
+    slug = f"{target.protocol}-{'baseline' if target.baseline else 'batchgate'}-{rnd}"
+    try:
+        srv = Server(target.server, [*pin.server, *server_cmd], ready, tmp / f"{slug}.log")
+    except BenchError as e:
+        run.error = str(e)
+        say(f"{label}: INVALID: {e}")
+        return run
+    try:
+        port = int(srv.match.group(port_group))
+        # Each phase checks one request and reads the server's statistics on its own protocol.
+        if target.protocol == "grpc":
+            grpc_check_once(port, files["grpc_payload"])
+            counts = grpc_counts
+
+            def load(secs: float, log: Path | None) -> dict:
+                return h2load(pin, port, files["grpc_frame"], args.grpc_clients, args.grpc_streams, secs, log)
+
+            max_cut = args.grpc_clients * args.grpc_streams
+        else:
+            http_check_once(port, files["http_body"])
+            counts = http_counts
+
+            def load(secs: float, log: Path | None) -> dict:
+                return wrk(pin, port, files["http_file"], args.http_connections, secs)
+
+            max_cut = args.http_connections
+        say(f"{label}: one request checked; warming up for {args.warmup:g} s, then measuring for {args.duration:g} s")
+        if args.warmup > 0:
+            load(args.warmup, None)
+        time.sleep(0.3)  # let the requests the warm-up cut off finish on the server
+        ok0, bad0 = counts(port)
+        cpu0, cores0, others0 = srv.cpu_seconds(), core_jiffies(pin.cores), foreign_cpu_seconds()
+        res = load(args.duration, tmp / f"{slug}-h2load.log")
+        cpu1, cores1, others1 = srv.cpu_seconds(), core_jiffies(pin.cores), foreign_cpu_seconds()
+        time.sleep(0.3)
+        ok1, bad1 = counts(port)
+
+        secs = res["elapsed_s"] or float("nan")
+        lat = res.get("latency_us") or {}
+        run.elapsed_s = res["elapsed_s"]
+        run.tool_ok = res["ok"]
+        run.cut_off = res.get("cut_off")
+        run.server_ok, run.server_failed = ok1 - ok0, bad1 - bad0
+        run.rps = res["ok"] / secs
+        for q in ("p50", "p90", "p99", "p999", "mean"):
+            setattr(run, f"{q}_ms", lat.get(q, float("nan")) / 1e3)
+        run.server_process_cpu = (cpu1 - cpu0) / secs
+        run.load_tool_cpu = res["tool_cpu_s"] / secs
+        if pin.cores:
+            run.server_core_busy = busy_fraction(cores0, cores1, pin.cores[0])
+            run.load_core_busy = busy_fraction(cores0, cores1, pin.cores[1])
+        run.other_cpu = sum(max(0.0, t - others0.get(pid, 0.0)) for pid, t in others1.items()) / secs
+
+        # Trust nothing the load tool cannot prove. A gRPC error still arrives as HTTP 200
+        # (the status is in the trailers), so h2load would count it a success: the server's
+        # own success counter must have moved by at least what the tool reports. The only
+        # slack allowed is the requests in flight when the tool stopped: the server may
+        # still answer them (counted OK) or see them cancelled (counted failed).
+        slack = max_cut if run.cut_off is None else run.cut_off
+        problems = []
+        if res["errors"] or res["non_2xx"]:
+            problems.append(f"the load tool saw {res['errors']} errors and {res['non_2xx']} non-2xx responses")
+        if run.server_ok < run.tool_ok:
+            problems.append(f"the load tool reports {run.tool_ok} successes but the server counted only "
+                            f"{run.server_ok}: some answers were errors")
+        if (run.server_ok - run.tool_ok) + run.server_failed > slack:
+            problems.append(f"the server counted {run.server_ok} OK and {run.server_failed} failed for "
+                            f"{run.tool_ok} successes reported; only {slack} requests were cut off at the end")
+        if run.tool_ok == 0:
+            problems.append("no successful request")
+        if problems:
+            raise BenchError("; ".join(problems) + f"\nload tool output:\n{res['raw'][-2000:]}\n"
+                             f"server log:\n{srv.log_tail()}")
+        say(f"{label}: {run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms; "
+            f"server core {run.server_core_busy:.0%} busy (process {run.server_process_cpu:.0%}), "
+            f"load core {run.load_core_busy:.0%}; other processes {run.other_cpu:.0%} of a core; "
+            f"server counted {run.server_ok} OK + {run.server_failed} failed for {run.tool_ok} reported")
+        if run.other_cpu > 0.05:
+            say(f"{label}: warning: other processes used {run.other_cpu:.0%} of a core during this run; "
+                "the numbers are noisier than usual")
+    except (BenchError, subprocess.TimeoutExpired, OSError) as e:
+        run.error = str(e)
+        say(f"{label}: INVALID: {e}")
+    finally:
+        srv.stop()
+    return run
+
+
+# ============================================================================ reporting
+
+
+def verdicts_of(targets: list[Target]) -> dict:
+    out = {}
+    for proto, goal in TARGETS.items():
+        base = next((t for t in targets if t.protocol == proto and t.baseline), None)
+        bg = next((t for t in targets if t.protocol == proto and not t.baseline), None)
+        if base is None or bg is None:
+            continue
+        valid = base.error is None and bg.error is None and base.median("rps") > 0
+        ratio = bg.median("rps") / base.median("rps") if valid else None
+        per_round = [b.rps / a.rps for a, b in zip(base.runs, bg.runs) if a.rps and not (a.error or b.error)]
+        out[proto] = {"ratio": ratio, "target": goal, "ratio_per_round": per_round,
+                      "result": "INVALID" if ratio is None else ("PASS" if ratio >= goal else "FAIL")}
+    return out
+
+
+def markdown(targets: list[Target], verdicts: dict) -> str:
+    rows = ["| protocol | server | req/s (median) | req/s range | p50 ms | p99 ms | server core busy "
+            "| ratio | target | result |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in targets:
+        v = verdicts.get(t.protocol, {})
+        if t.error:
+            rows.append(f"| {t.protocol} | {t.server} | invalid | | | | | | | INVALID |")
+            continue
+        rps = [r.rps for r in t.runs]
+        if t.baseline:
+            last = "| | | |"
+        elif v.get("ratio") is not None:
+            last = f"| **{v['ratio']:.2f}** | >= {v['target']:.1f} | **{v['result']}** |"
+        else:
+            last = f"| | >= {v.get('target', 0):.1f} | INVALID |"
+        rows.append(f"| {t.protocol} | {t.server} | {t.median('rps'):,.0f} | {min(rps):,.0f} - {max(rps):,.0f} | "
+                    f"{t.median('p50_ms'):.2f} | {t.median('p99_ms'):.2f} | {t.median('server_core_busy'):.0%} {last}")
+    return "\n".join(rows)
+
+
+def plot(targets: list[Target], verdicts: dict, path: Path, subtitle: str) -> None:
+    """One throughput panel per protocol (each on its own scale), then latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [t for t in targets if not t.error]
+    protos = [p for p in ("grpc", "http") if any(t.protocol == p for t in ok)]
+    if not protos:
+        return
+    names = {"grpc": "gRPC (h2load)", "http": "HTTP/JSON (wrk)"}
+    colors = {True: "#9aa5b1", False: "#2f6fb3"}
+    fig, axes = plt.subplots(1, len(protos) + 1, figsize=(4.2 * (len(protos) + 1), 4.6),
+                             gridspec_kw={"width_ratios": [1] * len(protos) + [1.5]})
+    ax_l = axes[-1]
+    for i, proto in enumerate(protos):
+        ax = axes[i]
+        pair = [t for t in ok if t.protocol == proto]
+        pair.sort(key=lambda t: not t.baseline)
+        for j, t in enumerate(pair):
+            rps = [r.rps for r in t.runs]
+            med = t.median("rps")
+            ax.bar(j, med, 0.6, color=colors[t.baseline], yerr=[[med - min(rps)], [max(rps) - med]], capsize=5)
+            ax.text(j, max(rps) * 1.02, f"{med:,.0f}", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(pair)), [t.server for t in pair])
+        ax.set_ylim(0, max(max(r.rps for r in t.runs) for t in pair) * 1.3)
+        ax.set_ylabel("successful requests / s")
+        v = verdicts.get(proto)
+        title = names[proto]
+        if v and v["ratio"] is not None:
+            title += f"\nratio {v['ratio']:.2f} (target >= {v['target']:.1f}): {v['result']}"
+        ax.set_title(title, fontsize=10,
+                     color="#1b7f3b" if v and v["result"] == "PASS" else "#b3261e" if v else "black")
+        # latency: p50 and p99 of each server, grouped by protocol
+        for j, t in enumerate(pair):
+            x = i + (j - 0.5) * 0.4
+            who = "echo" if t.baseline else "batchgate"
+            for k, (q, alpha) in enumerate((("p50_ms", 0.5), ("p99_ms", 1.0))):
+                ax_l.bar(x + (k - 0.5) * 0.2, t.median(q), 0.2, color=colors[t.baseline], alpha=alpha,
+                         label=f"{who} {q[:3]}" if i == 0 else None)
+    ax_l.set_xticks(range(len(protos)), [names[p] for p in protos])
+    ax_l.set_ylabel("latency, ms (median over rounds)")
+    ax_l.set_title("latency at the same load\n(p50 light, p99 dark)", fontsize=10)
+    ax_l.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"batchgate vs bare echo servers, single-row [1, 4] FP32 requests (bars: median, whiskers: "
+                 f"min-max over rounds)\n{subtitle}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ============================================================================ main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="batchgate serving overhead vs bare gRPC and ASGI echo servers")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of each measured run (default 8)")
+    ap.add_argument("--warmup", type=float, default=None, help="seconds of load before each measured run (default 1.5)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of (baseline, batchgate) runs, interleaved; medians are reported (default 3)")
+    ap.add_argument("--quick", action="store_true", help="one round of 3 s runs: a smoke test (~25 s)")
+    ap.add_argument("--only", choices=("grpc", "http"), help="measure one protocol only")
+    ap.add_argument("--grpc-clients", type=int, default=4, help="h2load connections (default 4)")
+    ap.add_argument("--grpc-streams", type=int, default=8, help="h2load concurrent streams per connection (default 8)")
+    ap.add_argument("--http-connections", type=int, default=32, help="wrk connections (default 32)")
+    ap.add_argument("--infer-threads", type=int, default=DEFAULT_INFER_THREADS,
+                    help=f"batchgate --infer-threads (default {DEFAULT_INFER_THREADS})")
+    ap.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
+                    help=f"instance_group count of the model: runs allowed at once (default {DEFAULT_INSTANCES})")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin servers and load tools to cores")
+    ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    if args.quick:
+        defaults = {"duration": 3.0, "warmup": 1.0, "rounds": 1}
+    else:
+        defaults = {"duration": 8.0, "warmup": 1.5, "rounds": 3}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.rounds < 1 or args.duration <= 0:
+        ap.error("--rounds and --duration must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    missing = [t for t in ("h2load", "wrk") if shutil.which(t) is None]
+    if missing:
+        say(f"missing load tools: {', '.join(missing)}; install them with `make bench-tools` "
+            "(apt-get install nghttp2-client wrk)")
+        return 1
+    pin = choose_pinning(not args.no_pin)
+    say(f"pinning: {pin.note}; {args.rounds} round(s) of {args.duration:g} s runs after {args.warmup:g} s warm-ups")
+    protocols = [args.only] if args.only else ["grpc", "http"]
+    py = sys.executable
+    t_start = time.monotonic()
+    echo = str(HERE / "echo_servers.py")
+    targets = {
+        ("grpc", True): Target("grpc", "grpc.aio echo", True),
+        ("grpc", False): Target("grpc", "batchgate", False),
+        ("http", True): Target("http", "ASGI echo", True),
+        ("http", False): Target("http", "batchgate", False),
+    }
+    with tempfile.TemporaryDirectory(prefix="batchgate-bench-") as d:
+        tmp = Path(d)
+        repo = build_repository(tmp, args.instances)
+        payload = grpc_request_bytes()
+        files = {"grpc_payload": payload, "grpc_frame": tmp / "request.grpc", "http_body": http_request_body(),
+                 "http_file": tmp / "request.json"}
+        files["grpc_frame"].write_bytes(grpc_frame(payload))
+        files["http_file"].write_bytes(files["http_body"])
+        batchgate_cmd = [py, "-m", "batchgate.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+                         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "-1",
+                         "--infer-threads", str(args.infer_threads), "--log-level", "info"]
+        for rnd in range(1, args.rounds + 1):
+            for proto in protocols:
+                # baseline and batchgate back to back, so slow drifts of the machine hit both
+                measure(targets[proto, True], rnd, args, pin, tmp, [py, echo, proto], ECHO_READY, "port", files)
+                measure(targets[proto, False], rnd, args, pin, tmp, batchgate_cmd, BATCHGATE_READY, proto, files)
+    chosen = [t for t in targets.values() if t.protocol in protocols]
+    verdicts = verdicts_of(chosen)
+    print(markdown(chosen, verdicts))
+    print()
+    for proto, v in verdicts.items():
+        if v["ratio"] is not None:
+            rounds = ", ".join(f"{r:.2f}" for r in v["ratio_per_round"])
+            print(f"- {proto}: batchgate reaches {v['ratio']:.2f} of the bare echo's throughput "
+                  f"(target >= {v['target']:.1f}): {v['result']}; per round: {rounds}")
+        else:
+            print(f"- {proto}: INVALID measurement, see the log above")
+
+    import grpc
+    import uvicorn
+
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["bench/serving.py", *(argv if argv is not None else sys.argv[1:])]),
+        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup, "pinning": pin.note,
+        "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+        "grpcio": grpc.__version__, "uvicorn": uvicorn.__version__,
+        "h2load": _version(["h2load", "--version"]), "wrk": _version(["wrk", "-v"]),
+        "model": f"{MODEL}: ONNX Identity, FP32 [-1, 4], max_batch_size 8, {args.instances} instance(s), "
+                 "one ORT intra-op thread; requests of shape [1, 4]",
+        "batchgate": {"infer_threads": args.infer_threads, "instances": args.instances},
+        "load": {"grpc": {"tool": "h2load", "threads": 1, "clients": args.grpc_clients,
+                          "streams_per_client": args.grpc_streams},
+                 "http": {"tool": "wrk", "threads": 1, "connections": args.http_connections}},
+        "wall_s": round(time.monotonic() - t_start, 1),
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "targets": TARGETS, "verdicts": verdicts,
+           "results": [{"protocol": t.protocol, "server": t.server, "baseline": t.baseline,
+                        "median": {k: t.median(k) for k in ("rps", "p50_ms", "p99_ms", "p999_ms",
+                                                            "server_core_busy", "load_core_busy")}
+                        if not t.error else None,
+                        "error": t.error, "runs": [asdict(r) for r in t.runs]} for t in chosen]}
+    (args.output / "serving.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    subtitle = (f"{meta['cpu_model']}; {pin.note}; gRPC: h2load -c{args.grpc_clients} -m{args.grpc_streams}; "
+                f"HTTP: wrk -c{args.http_connections}; {args.rounds} x {args.duration:g} s; "
+                f"batchgate --infer-threads {args.infer_threads}, {args.instances} instance(s)")
+    try:
+        plot(chosen, verdicts, args.output / "serving.png", subtitle)
+    except Exception as e:  # a plot is a nicety; the JSON and the table are the result
+        say(f"could not draw the plot: {e}")
+    say(f"wrote {args.output / 'serving.json'} and {args.output / 'serving.png'} in {meta['wall_s']:g} s")
+    if any(t.error for t in chosen):
+        return 1
+    if args.check and any(v["result"] != "PASS" for v in verdicts.values()):
+        return 1
+    return 0
+
+
+def _finite(o):
+    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
+    if isinstance(o, float):
+        return o if o == o and abs(o) != float("inf") else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.strip().splitlines()[0] if out.strip() else "?"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Where executions run: a model measured faster than inline_execution_max_us runs on the
+event loop; a slower one, or any model with the threshold at 0, stays on worker threads.
+Answers are the same either way."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from onnx import TensorProto
+
+from batchgate.demo import _save, identity_model, slow_model
+
+
+def _call(running, model, x, n):
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    outs = []
+    for _ in range(n):
+        inp = grpcclient.InferInput("INPUT" if model == "tiny" else "input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        r = c.infer(model, [inp])
+        outs.append(r.as_numpy("OUTPUT" if model == "tiny" else "output"))
+    return outs
+
+
+@pytest.fixture
+def repo(tmp_path):
+    _save(identity_model("tiny", TensorProto.FLOAT, ("batch", 4)), str(tmp_path), "tiny", config="max_batch_size: 8\n")
+    path = _save(slow_model(width=512, layers=24), str(tmp_path), "slow", config="max_batch_size: 8\n")
+    return str(tmp_path), path
+
+
+def test_a_tiny_model_moves_onto_the_loop_and_a_slow_one_does_not(repo, serve):
+    root, slow_path = repo
+    running = serve(root, inline_execution_max_us=50)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    outs = _call(running, "tiny", x, 100)
+    assert all(np.array_equal(o, x) for o in outs)
+    tiny = running.gateway.repository.resolve("tiny", "")
+    # The first 16 executions are timed on worker threads; once the moving average settles
+    # under the threshold, the rest run inline.
+    assert tiny.inline_runs >= 50
+    y = np.ones((1, 512), np.float32)
+    got = _call(running, "slow", y, 20)
+    want = ort.InferenceSession(slow_path, providers=["CPUExecutionProvider"]).run(None, {"input": y})[0]
+    assert all(np.allclose(g, want, rtol=1e-5) for g in got)
+    assert running.gateway.repository.resolve("slow", "").inline_runs == 0
+
+
+def test_threshold_zero_keeps_every_execution_on_worker_threads(repo, serve):
+    running = serve(repo[0], inline_execution_max_us=0)
+    x = np.ones((1, 4), np.float32)
+    _call(running, "tiny", x, 30)
+    served = running.gateway.repository.resolve("tiny", "")
+    assert served.inline_runs == 0 and served.stats.execution_count == 30
