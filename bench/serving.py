@@ -57,10 +57,12 @@ MODEL = "tiny"
 INPUT_ROW = [0.25, -1.5, 3.0, 42.0]
 TARGETS = {"grpc": 0.7, "http": 0.4}
 # batchgate's settings for this run. Four worker threads is batchgate's own default
-# (infer_threads 0 = max(4, CPUs)); four model instances let four executions be in flight,
-# which hides the loop -> worker -> loop hand-off. On this 2-core machine (2026-11) the
-# alternatives measured: 4 threads / 1 instance: gRPC 0.58, HTTP 0.17; 4/4: 0.65, 0.26;
-# 8/8: 0.62, 0.31. Compare with --infer-threads and --instances.
+# (infer_threads 0 = max(4, CPUs)); four model instances let four executions be in flight.
+# Before inline execution existed (every run handed to a worker thread and back), the
+# alternatives measured on this 2-core machine (2026-11) were: 4 threads / 1 instance:
+# gRPC 0.58, HTTP 0.17; 4/4: 0.65, 0.26; 8/8: 0.62, 0.31. Since the tiny model now runs on
+# the event loop once timed (inline_execution_max_us, default 50), these matter little.
+# Compare with --infer-threads and --instances.
 DEFAULT_INFER_THREADS = 4
 DEFAULT_INSTANCES = 4
 READY_TIMEOUT_S = 60.0

@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .backends.base import Backend
 from .core.batching import PassThroughScheduler
 from .core.errors import ErrorCode, GatewayError
-from .core.stats import ModelStats
+from .core.stats import FAIL, QUEUE, SUCCESS, ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
 from .monitoring.metrics import ModelMetrics
 from .repository.config import signature_of
@@ -86,16 +86,19 @@ class ServedModel:
             status = ErrorCode.CANCELLED.value
             raise
         finally:
+            # Request figures are written only here, on the event loop, so they need no lock
+            # (executions, which may finish on worker threads, write other fields under one).
             elapsed = _perf_ns() - start
+            t = self.stats.totals
+            i = SUCCESS if status == "OK" else FAIL
+            t[i] += 1
+            t[i + 1] += elapsed
             m = self._metrics
             if request.dispatched:
                 queued = request.dispatched - request.arrival
-                with self._stats_lock:
-                    self.stats.record_request(status == "OK", elapsed, int(queued * 1e9))
+                t[QUEUE] += 1
+                t[QUEUE + 1] += int(queued * 1e9)
                 m.queue.observe(queued)
-            else:
-                with self._stats_lock:
-                    self.stats.record_request(status == "OK", elapsed)
             m.request_done(request.protocol, status, elapsed / 1e9)
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -107,8 +110,7 @@ class ServedModel:
 
     def reject(self, request: InferRequest, error: GatewayError) -> None:
         """Count a request refused before it was queued (e.g. it failed validation)."""
-        with self._stats_lock:
-            self.stats.record_request(False, 0)
+        self.stats.record_request(False, 0)
         self._metrics.request_done(request.protocol, error.code.value, 0.0)
 
     def _execute(self, batch: list[InferRequest], done) -> None:
@@ -149,15 +151,19 @@ class ServedModel:
             log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
             return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")]
         rows = checked.batch_size
+        took = t3 - t0
         with self._stats_lock:
             self.stats.record_execution(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
-            self._metrics.executed(rows, (t3 - t0) / 1e9)
+            m = self._metrics
+            m.executions += 1
+            m.inferences += rows
+            m.compute.observe(took / 1e9)
             # Moving averages of execution time and rows, for the inline decision.
             if self._timed:
-                self._exec_ns += (t3 - t0 - self._exec_ns) * 0.1
+                self._exec_ns += (took - self._exec_ns) * 0.1
                 self._exec_rows += (rows - self._exec_rows) * 0.1
             else:
-                self._exec_ns, self._exec_rows = float(t3 - t0), float(rows)
+                self._exec_ns, self._exec_rows = float(took), float(rows)
             self._timed += 1
         return [InferResponse(self.name, self.version, outputs, id=request.id)]
 
