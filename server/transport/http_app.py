@@ -135,7 +135,7 @@ class HttpApp:
             raise _MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
 
     async def _more_body(self, first, receive) -> bytes:
-        """The rest of a body that came in several messages, within the limit."""
+        """A body from its first ASGI message on, read to its end within the limit."""
         chunks, size, msg = [], 0, first
         while True:
             if msg["type"] == "http.disconnect":
@@ -160,20 +160,7 @@ class HttpApp:
                     raise invalid(f"request body of {n} bytes exceeds the limit of {self.limit} bytes "
                                   "(max_request_bytes)")
                 break
-        chunks = []
-        size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise GatewayError(ErrorCode.CANCELLED, "client disconnected")
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                raise invalid(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return await self._more_body(await receive(), receive)
 
     async def _infer(self, model, version, scope, receive, send):
         arrival = _monotonic()

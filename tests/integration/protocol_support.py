@@ -143,3 +143,17 @@ def assert_same(got: np.ndarray, want: np.ndarray) -> None:
 # Settings for the gateways tests start for themselves: no metrics endpoint (its HTTP server
 # takes half a second to shut down, and these tests do not read it).
 QUICK = {"metrics_port": -1}
+
+
+def raw_http(running, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One HTTP request with the standard library, for what tritonclient refuses to send.
+    Returns (status, lower-cased headers, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(running.http_url, timeout=20)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()

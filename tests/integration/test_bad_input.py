@@ -20,7 +20,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from protocol_support import FLAVOURS, QUICK, Client, simple_feeds
+from protocol_support import FLAVOURS, QUICK, Client, raw_http, simple_feeds
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -33,14 +33,6 @@ async def client(request, server):
 
 
 # ------------------------------------------------------------------ helpers
-def raw_http(running, method: str, path: str, body: bytes = b"", headers: dict | None = None):
-    conn = http.client.HTTPConnection(running.http_url, timeout=20)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def http_error(running, body: bytes, headers: dict | None = None, path: str = "/v2/models/simple/infer",

@@ -4,7 +4,6 @@ client, and no compression anywhere else (tritonclient.http.aio decompresses onl
 from __future__ import annotations
 
 import gzip
-import http.client
 import json
 import zlib
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from protocol_support import Client, simple_feeds
+from protocol_support import Client, raw_http, simple_feeds
 
 HTTP_FLAVOURS = ("http", "http.aio")
 ALGORITHMS = ("gzip", "deflate")
@@ -25,14 +24,6 @@ async def client(request, server):
     await c.close()
 
 
-def raw_request(running, method: str, path: str, body: bytes = b"", headers: dict | None = None):
-    conn = http.client.HTTPConnection(running.http_url, timeout=20)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def json_infer_body(feeds: dict, outputs=("OUTPUT0", "OUTPUT1")) -> bytes:
@@ -67,7 +58,7 @@ async def test_compressed_infer_json_tensors(client):
 @pytest.mark.parametrize("encoding", ALGORITHMS)
 def test_response_really_is_compressed(server, encoding):
     feeds = simple_feeds(2, seed=9)
-    status, headers, body = raw_request(server, "POST", "/v2/models/simple/infer", json_infer_body(feeds),
+    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer", json_infer_body(feeds),
                                         {"Content-Type": "application/json", "Accept-Encoding": encoding})
     assert status == 200, body
     assert headers.get("content-encoding") == encoding
@@ -81,7 +72,7 @@ def test_compressed_request_body(server, encoding):
     feeds = simple_feeds(1, seed=10)
     plain = json_infer_body(feeds)
     packed = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
-    status, headers, body = raw_request(server, "POST", "/v2/models/simple/infer", packed,
+    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer", packed,
                                         {"Content-Type": "application/json", "Content-Encoding": encoding})
     assert status == 200, body
     assert "content-encoding" not in headers  # nobody asked for a compressed answer
@@ -97,7 +88,7 @@ def test_compressed_request_body(server, encoding):
     ("*;q=0, gzip;q=0", None),
 ])
 def test_accept_encoding_preferences(server, accept, expected):
-    status, headers, body = raw_request(server, "POST", "/v2/models/simple/infer",
+    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer",
                                         json_infer_body(simple_feeds(1)),
                                         {"Content-Type": "application/json", "Accept-Encoding": accept})
     assert status == 200
@@ -124,7 +115,7 @@ BROWSER_ACCEPT = {"Accept-Encoding": "gzip, deflate, br"}
     ("GET", "/v2/models/no_such_model"),
 ])
 def test_only_infer_responses_are_compressed(server, method, path):
-    status, headers, body = raw_request(server, method, path, headers=BROWSER_ACCEPT)
+    status, headers, body = raw_http(server, method, path, headers=BROWSER_ACCEPT)
     assert "content-encoding" not in headers, (path, headers)
     if body:
         json.loads(body)  # plain JSON, readable as is
@@ -158,7 +149,7 @@ async def test_errors_are_readable_when_compression_was_asked(client, response_a
 
 
 def test_unknown_content_encoding_is_refused(server):
-    status, headers, body = raw_request(server, "POST", "/v2/models/simple/infer", b"\x1b\x00junk",
+    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer", b"\x1b\x00junk",
                                         {"Content-Type": "application/json", "Content-Encoding": "br"})
     assert status == 400
     msg = json.loads(body)["error"]
@@ -168,7 +159,7 @@ def test_unknown_content_encoding_is_refused(server):
 
 @pytest.mark.parametrize("encoding", ALGORITHMS)
 def test_corrupt_compressed_body_is_refused(server, encoding):
-    status, _, body = raw_request(server, "POST", "/v2/models/simple/infer", b"definitely not compressed",
+    status, _, body = raw_http(server, "POST", "/v2/models/simple/infer", b"definitely not compressed",
                                   {"Content-Type": "application/json", "Content-Encoding": encoding})
     assert status == 400
     assert encoding in json.loads(body)["error"]
