@@ -45,6 +45,8 @@ async def _abort(context, e: GatewayError):
 
 
 def _request_id(msg, context) -> str:
+    """The V2 request id, else the caller's x-request-id metadata (read only for logging
+    a failure: reading metadata costs a few microseconds per call)."""
     if msg.id:
         return msg.id
     for k, v in context.invocation_metadata() or ():
@@ -157,13 +159,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         config = None
         files = {}
         for k, p in request.parameters.items():
-            v = p.WhichOneof("parameter_choice")
             if k == "config":
                 config = p.string_param
             elif k.startswith("file:"):
                 files[k[5:]] = p.bytes_param
-            elif v is None:
-                pass
         try:
             await self.gw.repository.load(request.model_name, config, files or None)
         except GatewayError as e:
