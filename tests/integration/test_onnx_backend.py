@@ -1,0 +1,46 @@
+"""ONNX Runtime settings from the model config: instance count, thread pools, providers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+
+from batchgate.demo import _save, classifier_model
+
+CONFIG = """instance_group [ { count: 3 kind: KIND_CPU } ]
+parameters { key: "intra_op_thread_count" value { string_value: "2" } }
+parameters { key: "inter_op_thread_count" value { string_value: "1" } }
+"""
+
+
+def test_instances_and_thread_pools_come_from_the_config(tmp_path, serve):
+    _save(classifier_model(), str(tmp_path), "clf", config=CONFIG)
+    running = serve(str(tmp_path))
+    served = running.gateway.repository.resolve("clf", "")
+    assert served.instances == 3
+    opts = served.backend.session.get_session_options()
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    assert served.backend.providers() == ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
+def test_gpu_instance_group_without_a_gpu_serves_on_the_cpu(tmp_path, serve):
+    """No GPU here: KIND_GPU asks for CUDA, which this machine lacks, so the CPU serves."""
+    _save(classifier_model(), str(tmp_path), "clf", config="instance_group [ { count: 1 kind: KIND_GPU } ]\n")
+    running = serve(str(tmp_path))
+    served = running.gateway.repository.resolve("clf", "")
+    assert served.backend.providers() == ["CPUExecutionProvider"]
+    c = httpclient.InferenceServerClient(running.http_url)
+    inp = httpclient.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert c.infer("clf", [inp]).as_numpy("probabilities").shape == (1, 3)
+
+
+def test_a_bad_thread_count_fails_the_load_with_its_reason(tmp_path, serve):
+    _save(classifier_model(), str(tmp_path), "clf",
+          config='parameters { key: "intra_op_thread_count" value { string_value: "many" } }\n')
+    running = serve(str(tmp_path))
+    rows = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+    assert rows[0]["state"] == "UNAVAILABLE" and "intra_op_thread_count" in rows[0]["reason"]
