@@ -75,6 +75,7 @@ class Gateway:
             warm_up=settings.warm_up,
             gpu_device_id=settings.gpu_device_id,
             inline_max_us=settings.inline_execution_max_us,
+            batching_policy=settings.batching_policy,
         )
         self.accepting = False
         self.http_port = self.grpc_port = self.metrics_port = None

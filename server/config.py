@@ -36,6 +36,7 @@ class Settings:
     max_queue_size: int = 4096  # per model version, unless its config sets one
     max_request_bytes: int = 64 * 1024 * 1024  # HTTP body (after decompression) and gRPC message
     infer_threads: int = 0  # worker threads that run models; 0 = one per CPU, at least 4
+    batching_policy: str = "triton"  # models with dynamic_batching: triton | work_conserving
     inline_execution_max_us: int = 50  # executions measured faster than this run on the event loop; 0 = never
     warm_up: bool = True
     exit_timeout_secs: float = 30.0  # grace period for in-flight work on SIGTERM
@@ -47,6 +48,7 @@ class Settings:
 CHOICES = {
     "model_control_mode": ("none", "poll", "explicit"),
     "log_format": ("plain", "json"),
+    "batching_policy": ("triton", "work_conserving"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

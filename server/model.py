@@ -17,7 +17,8 @@ from concurrent.futures import Executor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .backends.base import Backend
-from .core.batching import PassThroughScheduler
+from .core.batching import BatcherConfig, DynamicBatcher, merge, split
+from .core.scheduler import PassThroughScheduler
 from .core.errors import ErrorCode, GatewayError
 from .core.stats import FAIL, QUEUE, SUCCESS, ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
@@ -41,6 +42,7 @@ class ServedModel:
         metrics: ModelMetrics,
         max_queue_size: int,
         inline_max_us: int = 0,
+        batching_policy: str = "triton",
     ):
         self.name = config.name
         self.version = version
@@ -55,12 +57,27 @@ class ServedModel:
         self._metrics = metrics
         self.instances = max(1, sum(g.count or 1 for g in config.instance_group) or 1)
         policy = config.dynamic_batching.default_queue_policy
-        self.scheduler = PassThroughScheduler(
-            self._execute,
-            instances=self.instances,
-            max_queue_size=policy.max_queue_size or max_queue_size,
-            name=self.name,
-        )
+        if config.HasField("dynamic_batching") and config.max_batch_size > 0:
+            db = config.dynamic_batching
+            self.scheduler = DynamicBatcher(self._execute, BatcherConfig(
+                max_batch_size=config.max_batch_size,
+                max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+                preferred_batch_sizes=tuple(db.preferred_batch_size),
+                instances=self.instances,
+                max_queue_size=policy.max_queue_size or max_queue_size,
+                priority_levels=db.priority_levels,
+                default_priority_level=db.default_priority_level,
+                default_timeout_s=policy.default_timeout_microseconds / 1e6,
+                timeout_action_delay=policy.timeout_action == mc.ModelQueuePolicy.DELAY,
+                policy=batching_policy,
+            ), name=self.name)
+        else:
+            self.scheduler = PassThroughScheduler(
+                self._execute,
+                instances=self.instances,
+                max_queue_size=policy.max_queue_size or max_queue_size,
+                name=self.name,
+            )
         self._inline_max_ns = inline_max_us * 1000
         self._timed = 0
         self.inline_runs = 0  # executions that ran on the event loop
@@ -120,7 +137,7 @@ class ServedModel:
         measured to take less than ``inline_max_us`` for this many rows: then the hand-off
         to a thread and back would cost the event loop more than the execution itself
         (``bench/serving.py``), so it runs here, on the loop, bounded by that threshold."""
-        rows = batch[0].checked.batch_size
+        rows = batch[0].checked.batch_size if len(batch) == 1 else sum(r.checked.batch_size for r in batch)
         if self._inline_max_ns and self._timed >= _INLINE_AFTER and \
                 self._exec_ns * rows <= self._inline_max_ns * self._exec_rows:
             self.inline_runs += 1
@@ -129,28 +146,45 @@ class ServedModel:
             self._workers.call(self._run_batch, batch, done)
 
     def _run_batch(self, batch: list[InferRequest]) -> list:
-        """Runs in a worker thread: prepare inputs, execute, collect outputs, record figures.
-
-        The pass-through scheduler hands over one request at a time."""
+        """Prepare inputs, execute, collect outputs, record figures (on a worker thread, or
+        on the loop for a model measured fast enough). A batch of several requests is merged
+        along the batch dimension and each caller gets back exactly its own rows."""
         request = batch[0]
         checked = request.checked
         try:
-            # The codecs hand over C-contiguous arrays, so inputs need no preparation here:
-            # compute_input is the time to hand them to the engine.
             t0 = _perf_ns()
-            arrays = self.backend.run(checked.feeds, checked.output_names)
+            if len(batch) == 1:
+                # The codecs hand over C-contiguous arrays: a lone request needs no preparation.
+                feeds, names = checked.feeds, checked.output_names
+                t1 = t0
+            else:
+                feeds = merge([r.checked.feeds for r in batch])
+                names = tuple(dict.fromkeys(n for r in batch for n in r.checked.output_names))
+                t1 = _perf_ns()
+            arrays = self.backend.run(feeds, names)
             t2 = _perf_ns()
             types = self._output_types
-            outputs = [Tensor(name, types[name], arr.shape, arr)
-                       for name, arr in zip(checked.output_names, arrays)]
+            if len(batch) == 1:
+                answers = [InferResponse(self.name, self.version,
+                                         [Tensor(n, types[n], a.shape, a) for n, a in zip(names, arrays)],
+                                         id=request.id)]
+                rows = checked.batch_size
+            else:
+                sizes = [r.checked.batch_size for r in batch]
+                rows = sum(sizes)
+                answers = []
+                for r, parts in zip(batch, split(arrays, sizes)):
+                    got = dict(zip(names, parts))
+                    answers.append(InferResponse(
+                        self.name, self.version,
+                        [Tensor(n, types[n], got[n].shape, got[n]) for n in r.checked.output_names], id=r.id))
             t3 = _perf_ns()
-            t1 = t0
         except GatewayError as e:
-            return [e]
+            return [e] * len(batch)
         except Exception as e:  # the engine refused or crashed: this batch fails, the model serves on
             log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
-            return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")]
-        rows = checked.batch_size
+            return [GatewayError(ErrorCode.INTERNAL,
+                                 f"model '{self.name}' version {self.version} failed: {e}")] * len(batch)
         took = t3 - t0
         with self._stats_lock:
             self.stats.record_execution(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
@@ -165,7 +199,7 @@ class ServedModel:
             else:
                 self._exec_ns, self._exec_rows = float(took), float(rows)
             self._timed += 1
-        return [InferResponse(self.name, self.version, outputs, id=request.id)]
+        return answers
 
     async def retire(self, grace_s: float | None = None) -> None:
         """Wait for the requests on this version to finish, then free the backend."""

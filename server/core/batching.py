@@ -1,91 +1,135 @@
-"""Schedulers: the one place a request waits between validation and the backend.
+"""The dynamic batcher: requests queued for one model version join batches.
 
-A scheduler owns a bounded queue per model version and decides when and with
-what company a request runs. It knows nothing of gRPC, HTTP or ONNX Runtime: it
-is given ``execute(batch) -> list[InferResponse | GatewayError]`` and a clock.
+Triton's semantics (``dynamic_batching`` in ``config.pbtxt``): batches up to
+``max_batch_size`` rows; a batch goes at once when it is full or reaches a
+preferred size, else when the oldest request in it has waited
+``max_queue_delay_microseconds`` (an absolute deadline on an injectable monotonic
+clock); requests whose non-batch shapes differ never share a batch; at most
+``instances`` batches execute at once, and the next batch forms meanwhile.
 
-This module holds the scheduler interface and :class:`PassThroughScheduler`
-(each request runs on its own, at most ``instances`` at once, first come first
-served). The dynamic batcher implements the same interface.
+Beside Triton's policy, a work-conserving one: an idle instance takes whatever is
+queued at once, so batches grow only while every instance is busy.
+
+Within the queue, higher priority levels go first; within a level, earlier
+deadlines go first, then arrival order. A request whose deadline passes while it
+waits is answered DEADLINE_EXCEEDED and never executed; a caller that goes away
+leaves the queue. Pure asyncio: no gRPC, HTTP or ONNX Runtime here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections import deque
+from bisect import bisect_left, insort
+from dataclasses import dataclass
 from functools import partial
-from collections.abc import Callable
-from typing import Protocol
 
-from .errors import ErrorCode, GatewayError
+import numpy as np
+
+from .errors import ErrorCode, GatewayError, invalid
+from .scheduler import Clock, DrainRate, Execute, deadline_error
 from .types import InferRequest, InferResponse
 
-# execute(batch, done): start executing ``batch`` and return at once; call
-# ``done(results)`` on the event loop when the execution has finished, with one
-# InferResponse or GatewayError per request, in order (or an exception for all).
-# The scheduler keeps the instance busy until ``done``, whatever the callers do.
-Done = Callable[[object], None]
-Execute = Callable[[list[InferRequest], Done], None]
-Clock = Callable[[], float]
+TRITON = "triton"
+WORK_CONSERVING = "work_conserving"
+POLICIES = (TRITON, WORK_CONSERVING)
 
 
-class Scheduler(Protocol):
-    @property
-    def queue_depth(self) -> int:
-        """Requests accepted and waiting to execute."""
-
-    @property
-    def executing(self) -> int:
-        """Requests executing now."""
-
-    async def submit(self, request: InferRequest) -> InferResponse:
-        """Queue, run and answer one request; raise GatewayError on refusal or failure."""
-
-    async def drain(self) -> None:
-        """Return once nothing is queued or executing."""
-
-    def close(self) -> None:
-        """Refuse new work from now on (what is accepted still runs)."""
+# ------------------------------------------------------------------ merge and split (pure)
+def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack the inputs of several requests along the batch dimension, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
 
 
-def deadline_error(request: InferRequest) -> GatewayError:
-    rid = f"[request id: {request.id}] " if request.id else ""
-    return GatewayError(
-        ErrorCode.DEADLINE_EXCEEDED,
-        f"{rid}deadline exceeded while queued for model '{request.model_name}'; it was not executed",
-    )
+def split(arrays: list[np.ndarray], rows: list[int]) -> list[list[np.ndarray]]:
+    """Cut each batched output back into the callers' rows, in order: caller i gets
+    rows[sum(rows[:i]) : sum(rows[:i+1])] of every output."""
+    total = sum(rows)
+    for a in arrays:
+        if a.shape[:1] != (total,):
+            raise ValueError(f"an output has {a.shape[:1] or 'no'} rows, expected {total}")
+    out, start = [], 0
+    for r in rows:
+        out.append([a[start:start + r] for a in arrays])
+        start += r
+    return out
 
 
-class PassThroughScheduler:
-    """No batching: each request executes alone, ``instances`` at a time, in arrival order."""
+def shape_key(request: InferRequest) -> tuple:
+    """Requests may share a batch only if this is equal: the same inputs, datatypes and
+    non-batch dimensions."""
+    return tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
 
-    def __init__(
-        self,
-        execute: Execute,
-        instances: int = 1,
-        max_queue_size: int = 0,
-        clock: Clock = time.monotonic,
-        name: str = "",
-    ):
-        if instances < 1:
-            raise ValueError("instances must be >= 1")
+
+# ------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int
+    max_queue_delay_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int = 1
+    max_queue_size: int = 0  # 0 = unbounded (the gateway always sets a bound)
+    priority_levels: int = 0  # 0 = one level
+    default_priority_level: int = 0
+    default_timeout_s: float = 0.0  # 0 = none
+    timeout_action_delay: bool = False  # False: REJECT, True: DELAY
+    policy: str = TRITON
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1 for dynamic batching")
+        if self.policy not in POLICIES:
+            raise ValueError(f"batching policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.priority_levels and not 1 <= (self.default_priority_level or 1) <= self.priority_levels:
+            raise ValueError("default_priority_level must be between 1 and priority_levels")
+
+
+class _Entry:
+    __slots__ = ("request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future")
+
+    def __init__(self, request, rows, key, level, deadline, soft_deadline, order, future):
+        self.request = request
+        self.rows = rows
+        self.key = key
+        self.level = level
+        self.deadline = deadline  # hard: gRPC deadline / V2 timeout
+        self.soft_deadline = soft_deadline  # queue policy timeout (REJECT or DELAY)
+        self.delayed = False
+        self.order = order  # sort key within the level
+        self.future = future
+
+
+class DynamicBatcher:
+    def __init__(self, execute: Execute, config: BatcherConfig, clock: Clock = time.monotonic, name: str = ""):
         self._execute = execute
-        self._free = instances
-        self._waiters: deque[asyncio.Future] = deque()
-        self._max_queue = max_queue_size
+        self.config = config
         self._clock = clock
         self._name = name
-        self._waiting = 0
+        levels = max(1, config.priority_levels)
+        self._levels: list[list[tuple]] = [[] for _ in range(levels)]  # sorted (order, entry) per level
+        self._seq = 0
+        self._depth = 0
+        self._timed = 0  # queued entries with a deadline or a policy timeout
+        self._free = config.instances
         self._executing = 0
         self._closed = False
+        self._pumping = False
+        self._again = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain = DrainRate(clock)
+        self._preferred = sorted(set(config.preferred_batch_sizes), reverse=True)
+        self.batch_sizes: dict[int, int] = {}  # rows per executed batch -> count
 
+    # -------------------------------------------------------------- Scheduler interface
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return self._depth
 
     @property
     def executing(self) -> int:
@@ -97,115 +141,226 @@ class PassThroughScheduler:
     async def drain(self) -> None:
         await self._idle.wait()
 
-    def _check_idle(self) -> None:
-        if self._waiting == 0 and self._executing == 0:
-            self._idle.set()
-
-    def _hand_slot(self) -> None:
-        """Give a free instance to the oldest waiter still waiting, else mark it free."""
-        waiters = self._waiters
-        while waiters:
-            w = waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                return
-        self._free += 1
+    def oldest_age_s(self) -> float:
+        """How long the longest-waiting queued request has waited (0 when none)."""
+        oldest = min((e.request.arrival for lvl in self._levels for _, e in lvl), default=None)
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
     async def submit(self, request: InferRequest) -> InferResponse:
+        cfg = self.config
         if self._closed:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{self._name}' is shutting down")
-        deadline = request.deadline
-        waiters = self._waiters
-        while waiters and waiters[0].done():
-            waiters.popleft()
-        if self._free and not waiters:  # fast path: an instance is idle and nobody is ahead
-            if deadline is not None and self._clock() >= deadline:
-                raise deadline_error(request)
-            self._free -= 1
-        else:
-            if self._max_queue and self._waiting >= self._max_queue:
-                raise GatewayError(
-                    ErrorCode.RESOURCE_EXHAUSTED,
-                    f"model '{self._name}' queue is full ({self._max_queue} requests waiting)",
-                    retry_after_s=self._drain.seconds_to_drain(self._waiting),
-                )
-            await self._wait_for_slot(request)
-        self._executing += 1
+        rows = request.checked.batch_size if request.checked is not None else 1
+        if rows > cfg.max_batch_size:
+            raise invalid(f"batch size {rows} must be <= {cfg.max_batch_size} for model '{self._name}'")
+        level = self._level_of(request)
+        now = self._clock()
+        if request.deadline is not None and now >= request.deadline:
+            raise deadline_error(request)
+        if cfg.max_queue_size and self._depth >= cfg.max_queue_size:
+            raise GatewayError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"model '{self._name}' queue is full ({cfg.max_queue_size} requests waiting)",
+                retry_after_s=self._drain.seconds_to_drain(self._depth),
+            )
+        soft = request.arrival + cfg.default_timeout_s if cfg.default_timeout_s else None
+        future = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
+        entry = _Entry(request, rows, shape_key(request), level, request.deadline, soft, order, future)
+        insort(self._levels[level], (order, entry), key=lambda x: x[0])
+        self._depth += 1
+        if entry.deadline is not None or entry.soft_deadline is not None:
+            self._timed += 1
         self._idle.clear()
-        request.dispatched = self._clock()
-        out = asyncio.get_running_loop().create_future()
-        self._execute([request], partial(self._finished, out))
-        # A caller that goes away cancels only ``out``; the instance stays busy until done.
-        (result,) = await out
+        self._pump()
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            # The caller went away: leave the queue if still in it; a running batch goes on.
+            if self._remove(entry):
+                self._check_idle()
+                self._pump()
+            raise
         if isinstance(result, GatewayError):
             raise result
         return result
 
-    async def _wait_for_slot(self, request: InferRequest) -> None:
-        deadline = request.deadline
-        slot = asyncio.get_running_loop().create_future()
-        self._waiters.append(slot)
-        self._waiting += 1
-        self._idle.clear()
-        try:
-            if deadline is None:
-                await slot
-            else:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise deadline_error(request)
-                try:
-                    async with asyncio.timeout(remaining):
-                        await slot
-                except TimeoutError:
-                    raise deadline_error(request) from None
-                if self._clock() >= deadline:  # the instance came, but too late
-                    raise deadline_error(request)
-        except BaseException:
-            if slot.done() and not slot.cancelled():
-                self._hand_slot()  # it was handed to us as we left: pass it on
-            else:
-                slot.cancel()
-            self._waiting -= 1
-            self._check_idle()
-            raise
-        self._waiting -= 1
+    # -------------------------------------------------------------- queue
+    def _level_of(self, request: InferRequest) -> int:
+        levels = self.config.priority_levels
+        if not levels:
+            return 0
+        p = request.priority or self.config.default_priority_level or 1
+        if p > levels:
+            raise invalid(f"priority {p} is out of range for model '{self._name}': "
+                          f"use 1 (highest) to {levels}, or 0 for the default")
+        return p - 1
 
-    def _finished(self, out: asyncio.Future, results) -> None:
-        self._executing -= 1
-        self._drain.completed += 1
-        self._hand_slot()
-        if not out.done():
-            if isinstance(results, BaseException):
-                out.set_result([GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")])
-            else:
-                out.set_result(results)
+    def _remove(self, entry: _Entry) -> bool:
+        lvl = self._levels[entry.level]
+        i = bisect_left(lvl, entry.order, key=lambda x: x[0])
+        if i < len(lvl) and lvl[i][1] is entry:
+            del lvl[i]
+            self._depth -= 1
+            if entry.deadline is not None or entry.soft_deadline is not None:
+                self._timed -= 1
+            return True
+        return False
+
+    def _fail(self, entry: _Entry, error: GatewayError) -> None:
+        self._remove(entry)
+        if not entry.future.done():
+            entry.future.set_result(error)
+
+    def _expire(self, now: float) -> None:
+        """Answer queued requests whose deadline has passed; apply the queue policy timeout."""
+        if not self._timed:
+            return
+        for lvl in self._levels:
+            for _, e in list(lvl):
+                if e.deadline is not None and now >= e.deadline:
+                    self._fail(e, deadline_error(e.request))
+                elif e.soft_deadline is not None and now >= e.soft_deadline and not e.delayed:
+                    if self.config.timeout_action_delay:
+                        # DELAY: behind every request of this level that has not timed out.
+                        self._remove(e)
+                        e.delayed = True
+                        e.order = (1,) + e.order[1:]
+                        insort(lvl, (e.order, e), key=lambda x: x[0])
+                        self._depth += 1
+                        self._timed += 1
+                    else:
+                        rid = f"[request id: {e.request.id}] " if e.request.id else ""
+                        self._fail(e, GatewayError(
+                            ErrorCode.DEADLINE_EXCEEDED,
+                            f"{rid}queue timeout of model '{self._name}' expired; the request was not executed"))
+
+    def _candidates(self) -> list[_Entry]:
+        """The batch the head of the queue would lead: compatible requests in queue order
+        (higher levels first), as many rows as fit."""
+        head = None
+        for lvl in self._levels:
+            if lvl:
+                head = lvl[0][1]
+                break
+        if head is None:
+            return []
+        room = self.config.max_batch_size
+        picked = []
+        for lvl in self._levels:
+            for _, e in lvl:
+                if e.key == head.key and e.rows <= room:
+                    picked.append(e)
+                    room -= e.rows
+                    if room == 0:
+                        return picked
+        return picked
+
+    def _ready(self, picked: list[_Entry], now: float) -> tuple[list[_Entry] | None, float]:
+        """The entries to dispatch now, or None and when to look again."""
+        cfg = self.config
+        if cfg.policy == WORK_CONSERVING:
+            return picked, math.inf
+        rows = sum(e.rows for e in picked)
+        if rows >= cfg.max_batch_size:
+            return picked, math.inf
+        if self._preferred:
+            total, sums = 0, []
+            for e in picked:
+                total += e.rows
+                sums.append(total)
+            for p in self._preferred:
+                if p in sums:
+                    return picked[: sums.index(p) + 1], math.inf
+        oldest = min(e.request.arrival for e in picked)
+        due = oldest + cfg.max_queue_delay_s
+        if cfg.max_queue_delay_s <= 0 or now >= due:
+            return picked, math.inf
+        return None, due
+
+    def _pump(self) -> None:
+        """Expire, dispatch what is ready, and arm the timer for the next due time. An
+        execution that finishes inline calls back in here: that call only asks the running
+        pump to look again, so the stack does not grow with the queue."""
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        now = self._clock()
+        self._expire(now)
+        wake = math.inf
+        while self._free > 0 and self._depth > 0:
+            picked = self._candidates()
+            if not picked:
+                break
+            batch, wake = self._ready(picked, now)
+            if batch is None:
+                break
+            self._launch(batch)
+        for lvl in self._levels if self._timed else ():  # the next deadline or policy timeout
+            for _, e in lvl:
+                if e.deadline is not None:
+                    wake = min(wake, e.deadline)
+                if e.soft_deadline is not None and not e.delayed:
+                    wake = min(wake, e.soft_deadline)
+        self._arm(wake)
         self._check_idle()
 
+    def _arm(self, at: float) -> None:
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at < math.inf:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, at - self._clock()), self._on_timer)
 
-class DrainRate:
-    """Completions per second over the last few seconds, read only when a Retry-After is
-    needed: the hot path just adds one to ``completed``."""
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._pump()
 
-    def __init__(self, clock: Clock, window_s: float = 2.0):
-        self._clock = clock
-        self._window = window_s
-        self.completed = 0
-        self._mark_t = clock()
-        self._mark_n = 0
-        self._rate = 0.0
+    def tick(self) -> None:
+        """Look at the queue again now. The batcher's own timer does this when a delay or a
+        deadline falls due; tests that drive a fake clock call it after moving the clock."""
+        self._pump()
 
-    def rate(self) -> float:
+    def _launch(self, batch: list[_Entry]) -> None:
+        for e in batch:
+            self._remove(e)
+        self._free -= 1
+        self._executing += len(batch)
         now = self._clock()
-        span = now - self._mark_t
-        if span > 1e-3:
-            self._rate = (self.completed - self._mark_n) / span
-            if span >= self._window:
-                self._mark_t, self._mark_n = now, self.completed
-        return self._rate
+        requests = []
+        for e in batch:
+            e.request.dispatched = now
+            requests.append(e.request)
+        rows = sum(e.rows for e in batch)
+        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+        self._execute(requests, partial(self._finished, batch))
 
-    def seconds_to_drain(self, depth: int) -> float:
-        rate = self.rate()
-        if rate <= 0:
-            return 1.0
-        return max(0.001, depth / rate)
+    def _finished(self, batch: list[_Entry], results) -> None:
+        self._free += 1
+        self._executing -= len(batch)
+        self._drain.completed += len(batch)
+        if isinstance(results, BaseException):
+            results = [GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")] * len(batch)
+        for e, r in zip(batch, results):
+            if not e.future.done():
+                e.future.set_result(r)
+        self._pump()
+
+    def _check_idle(self) -> None:
+        if self._depth == 0 and self._executing == 0:
+            self._idle.set()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from batchgate.core.batching import PassThroughScheduler
+from batchgate.core.scheduler import PassThroughScheduler
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.types import InferRequest, InferResponse
 

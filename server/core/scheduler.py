@@ -1,0 +1,211 @@
+"""Schedulers: the one place a request waits between validation and the backend.
+
+A scheduler owns a bounded queue per model version and decides when and with
+what company a request runs. It knows nothing of gRPC, HTTP or ONNX Runtime: it
+is given ``execute(batch, done)`` and a clock.
+
+This module holds the scheduler interface and :class:`PassThroughScheduler`
+(each request runs on its own, at most ``instances`` at once, first come first
+served). The dynamic batcher (``batching.py``) implements the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Protocol
+
+from .errors import ErrorCode, GatewayError
+from .types import InferRequest, InferResponse
+
+# execute(batch, done): start executing ``batch`` and return at once; call
+# ``done(results)`` on the event loop when the execution has finished, with one
+# InferResponse or GatewayError per request, in order (or an exception for all).
+# The scheduler keeps the instance busy until ``done``, whatever the callers do.
+Done = Callable[[object], None]
+Execute = Callable[[list[InferRequest], Done], None]
+Clock = Callable[[], float]
+
+
+class Scheduler(Protocol):
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted and waiting to execute."""
+
+    @property
+    def executing(self) -> int:
+        """Requests executing now."""
+
+    async def submit(self, request: InferRequest) -> InferResponse:
+        """Queue, run and answer one request; raise GatewayError on refusal or failure."""
+
+    async def drain(self) -> None:
+        """Return once nothing is queued or executing."""
+
+    def close(self) -> None:
+        """Refuse new work from now on (what is accepted still runs)."""
+
+
+def deadline_error(request: InferRequest) -> GatewayError:
+    rid = f"[request id: {request.id}] " if request.id else ""
+    return GatewayError(
+        ErrorCode.DEADLINE_EXCEEDED,
+        f"{rid}deadline exceeded while queued for model '{request.model_name}'; it was not executed",
+    )
+
+
+class PassThroughScheduler:
+    """No batching: each request executes alone, ``instances`` at a time, in arrival order."""
+
+    def __init__(
+        self,
+        execute: Execute,
+        instances: int = 1,
+        max_queue_size: int = 0,
+        clock: Clock = time.monotonic,
+        name: str = "",
+    ):
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
+        self._execute = execute
+        self._free = instances
+        self._waiters: deque[asyncio.Future] = deque()
+        self._max_queue = max_queue_size
+        self._clock = clock
+        self._name = name
+        self._waiting = 0
+        self._executing = 0
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drain = DrainRate(clock)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def executing(self) -> int:
+        return self._executing
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        if self._waiting == 0 and self._executing == 0:
+            self._idle.set()
+
+    def _hand_slot(self) -> None:
+        """Give a free instance to the oldest waiter still waiting, else mark it free."""
+        waiters = self._waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+        self._free += 1
+
+    async def submit(self, request: InferRequest) -> InferResponse:
+        if self._closed:
+            raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{self._name}' is shutting down")
+        deadline = request.deadline
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        if self._free and not waiters:  # fast path: an instance is idle and nobody is ahead
+            if deadline is not None and self._clock() >= deadline:
+                raise deadline_error(request)
+            self._free -= 1
+        else:
+            if self._max_queue and self._waiting >= self._max_queue:
+                raise GatewayError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"model '{self._name}' queue is full ({self._max_queue} requests waiting)",
+                    retry_after_s=self._drain.seconds_to_drain(self._waiting),
+                )
+            await self._wait_for_slot(request)
+        self._executing += 1
+        self._idle.clear()
+        request.dispatched = self._clock()
+        out = asyncio.get_running_loop().create_future()
+        self._execute([request], partial(self._finished, out))
+        # A caller that goes away cancels only ``out``; the instance stays busy until done.
+        (result,) = await out
+        if isinstance(result, GatewayError):
+            raise result
+        return result
+
+    async def _wait_for_slot(self, request: InferRequest) -> None:
+        deadline = request.deadline
+        slot = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
+        self._waiting += 1
+        self._idle.clear()
+        try:
+            if deadline is None:
+                await slot
+            else:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise deadline_error(request)
+                try:
+                    async with asyncio.timeout(remaining):
+                        await slot
+                except TimeoutError:
+                    raise deadline_error(request) from None
+                if self._clock() >= deadline:  # the instance came, but too late
+                    raise deadline_error(request)
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self._hand_slot()  # it was handed to us as we left: pass it on
+            else:
+                slot.cancel()
+            self._waiting -= 1
+            self._check_idle()
+            raise
+        self._waiting -= 1
+
+    def _finished(self, out: asyncio.Future, results) -> None:
+        self._executing -= 1
+        self._drain.completed += 1
+        self._hand_slot()
+        if not out.done():
+            if isinstance(results, BaseException):
+                out.set_result([GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")])
+            else:
+                out.set_result(results)
+        self._check_idle()
+
+
+class DrainRate:
+    """Completions per second over the last few seconds, read only when a Retry-After is
+    needed: the hot path just adds one to ``completed``."""
+
+    def __init__(self, clock: Clock, window_s: float = 2.0):
+        self._clock = clock
+        self._window = window_s
+        self.completed = 0
+        self._mark_t = clock()
+        self._mark_n = 0
+        self._rate = 0.0
+
+    def rate(self) -> float:
+        now = self._clock()
+        span = now - self._mark_t
+        if span > 1e-3:
+            self._rate = (self.completed - self._mark_n) / span
+            if span >= self._window:
+                self._mark_t, self._mark_n = now, self.completed
+        return self._rate
+
+    def seconds_to_drain(self, depth: int) -> float:
+        rate = self.rate()
+        if rate <= 0:
+            return 1.0
+        return max(0.001, depth / rate)

@@ -1,0 +1,316 @@
+"""DynamicBatcher timing and admission rules on a fake clock, with plain asyncio.
+
+The backend is a recorder: it keeps each batch until the test finishes it, so the test
+decides when instances free up; the clock moves only when the test moves it, and
+``tick()`` asks the batcher to look again (its own timer does that in production)."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from batchgate.core.batching import TRITON, WORK_CONSERVING, BatcherConfig, DynamicBatcher
+from batchgate.core.errors import ErrorCode, GatewayError
+from batchgate.core.signature import Checked
+from batchgate.core.types import InferRequest, InferResponse, Tensor
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Recorder:
+    def __init__(self):
+        self.batches: list[list[InferRequest]] = []
+        self._done = []
+
+    def __call__(self, batch, done):
+        self.batches.append(batch)
+        self._done.append((batch, done))
+
+    def ids(self):
+        return [[r.id for r in b] for b in self.batches]
+
+    def finish(self, i=0, fail=False):
+        batch, done = self._done.pop(i)
+        if fail:
+            done([GatewayError(ErrorCode.INTERNAL, "backend failed")] * len(batch))
+        else:
+            done([InferResponse("m", "1", [], id=r.id) for r in batch])
+
+
+def rq(clock, rid, rows=1, width=4, deadline=None, priority=0):
+    data = np.zeros((rows, width), np.float32)
+    r = InferRequest("m", "1", [Tensor("x", "FP32", (rows, width), data)], id=rid, arrival=clock(),
+                     deadline=deadline, priority=priority)
+    r.checked = Checked({"x": data}, ("y",), rows)
+    return r
+
+
+async def settle():
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def make(**kw):
+    clock, rec = Clock(), Recorder()
+    cfg = dict(max_batch_size=8, max_queue_delay_s=0.010, instances=1)
+    cfg.update(kw)
+    return clock, rec, DynamicBatcher(rec, BatcherConfig(**cfg), clock=clock, name="m")
+
+
+def go(b, r):
+    return asyncio.ensure_future(b.submit(r))
+
+
+async def test_waits_for_the_delay_counted_from_the_oldest_arrival():
+    clock, rec, b = make()
+    t1 = go(b, rq(clock, "a"))
+    clock.now += 0.004
+    t2 = go(b, rq(clock, "b"))
+    await settle()
+    assert rec.batches == []  # neither full nor due
+    clock.now += 0.005  # 9 ms after "a": not yet
+    b.tick()
+    assert rec.batches == []
+    clock.now += 0.001  # 10 ms after "a" (only 6 ms after "b"): due
+    b.tick()
+    assert rec.ids() == [["a", "b"]]
+    rec.finish()
+    assert [(await t).id for t in (t1, t2)] == ["a", "b"]
+
+
+async def test_a_full_batch_goes_at_once_and_rows_never_exceed_the_maximum():
+    clock, rec, b = make(max_batch_size=4)
+    tasks = [go(b, rq(clock, f"r{i}", rows=2)) for i in range(3)]
+    await settle()
+    assert rec.ids() == [["r0", "r1"]]  # 4 rows: full; r2 would make 6
+    rec.finish()
+    await settle()
+    clock.now += 0.010
+    b.tick()
+    assert rec.ids()[-1] == ["r2"]
+    rec.finish()
+    await asyncio.gather(*tasks)
+
+
+async def test_preferred_batch_size_goes_at_once():
+    clock, rec, b = make(preferred_batch_sizes=(2,))
+    tasks = [go(b, rq(clock, "a")), go(b, rq(clock, "b"))]
+    await settle()
+    assert rec.ids() == [["a", "b"]]
+    rec.finish()
+    await asyncio.gather(*tasks)
+
+
+async def test_different_shapes_never_share_a_batch():
+    clock, rec, b = make(max_queue_delay_s=0.0, instances=2)
+    t = [go(b, rq(clock, "w4", width=4)), go(b, rq(clock, "w5", width=5))]
+    await settle()
+    assert sorted(rec.ids()) == [["w4"], ["w5"]]
+    rec.finish()
+    rec.finish()
+    await asyncio.gather(*t)
+
+
+async def test_next_batch_forms_while_the_instance_is_busy():
+    clock, rec, b = make(max_queue_delay_s=0.0)
+    first = go(b, rq(clock, "first"))
+    await settle()
+    later = [go(b, rq(clock, f"q{i}")) for i in range(5)]
+    await settle()
+    assert rec.ids() == [["first"]]
+    rec.finish()
+    await settle()
+    assert rec.ids()[1] == ["q0", "q1", "q2", "q3", "q4"]
+    rec.finish()
+    await asyncio.gather(first, *later)
+
+
+async def test_instances_bound_concurrent_batches():
+    clock, rec, b = make(max_queue_delay_s=0.0, instances=2, max_batch_size=1)
+    tasks = [go(b, rq(clock, f"r{i}")) for i in range(4)]
+    await settle()
+    assert len(rec.batches) == 2 and b.executing == 2 and b.queue_depth == 2
+    rec.finish()
+    await settle()
+    assert len(rec.batches) == 3
+    while rec._done:
+        rec.finish()
+        await settle()
+    await asyncio.gather(*tasks)
+
+
+async def test_higher_priority_first_and_earliest_deadline_first_within_a_level():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, priority_levels=2, default_priority_level=2)
+    block = go(b, rq(clock, "busy"))
+    await settle()
+    low = go(b, rq(clock, "low", priority=2))
+    late = go(b, rq(clock, "high-late", priority=1, deadline=clock.now + 10))
+    soon = go(b, rq(clock, "high-soon", priority=1, deadline=clock.now + 5))
+    default = go(b, rq(clock, "default"))  # priority 0 = default level (2)
+    await settle()
+    order = []
+    while rec._done:
+        rec.finish()
+        await settle()
+    order = [ids[0] for ids in rec.ids()]
+    assert order == ["busy", "high-soon", "high-late", "low", "default"]
+    await asyncio.gather(block, low, late, soon, default)
+
+
+async def test_priority_out_of_range_is_invalid():
+    clock, rec, b = make(priority_levels=2, default_priority_level=1)
+    with pytest.raises(GatewayError) as e:
+        await b.submit(rq(clock, "x", priority=3))
+    assert e.value.code is ErrorCode.INVALID_ARGUMENT and "1 (highest) to 2" in e.value.message
+
+
+async def test_a_deadline_passing_in_the_queue_is_answered_and_never_executed():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1)
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    doomed = go(b, rq(clock, "doomed", deadline=clock.now + 0.005))
+    fine = go(b, rq(clock, "fine"))
+    await settle()
+    clock.now += 0.006
+    b.tick()
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        await doomed
+    assert e.value.code is ErrorCode.DEADLINE_EXCEEDED
+    while rec._done:
+        rec.finish()
+        await settle()
+    await asyncio.gather(busy, fine)
+    assert [ids[0] for ids in rec.ids()] == ["busy", "fine"]
+
+
+async def test_queue_timeout_reject_and_delay():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, default_timeout_s=0.005)
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    old = go(b, rq(clock, "old"))
+    await settle()
+    clock.now += 0.006
+    b.tick()
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        await old
+    assert e.value.code is ErrorCode.DEADLINE_EXCEEDED and "queue timeout" in e.value.message
+    rec.finish()
+    await busy
+
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, default_timeout_s=0.005, timeout_action_delay=True)
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    old = go(b, rq(clock, "old"))
+    await settle()
+    clock.now += 0.006
+    b.tick()
+    new = go(b, rq(clock, "new"))
+    await settle()
+    while rec._done:
+        rec.finish()
+        await settle()
+    await asyncio.gather(busy, old, new)
+    assert [ids[0] for ids in rec.ids()] == ["busy", "new", "old"]  # the timed-out one waits behind
+
+
+async def test_full_queue_is_refused_at_once_with_retry_after():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, max_queue_size=2)
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    waiting = [go(b, rq(clock, f"w{i}")) for i in range(2)]
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        await b.submit(rq(clock, "extra"))
+    assert e.value.code is ErrorCode.RESOURCE_EXHAUSTED and e.value.retry_after_s > 0
+    while rec._done:
+        rec.finish()
+        await settle()
+    await asyncio.gather(busy, *waiting)
+
+
+async def test_a_cancelled_caller_leaves_the_queue_and_its_batch_is_undisturbed():
+    clock, rec, b = make(max_queue_delay_s=0.0)
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    stay = go(b, rq(clock, "stay"))
+    gone = go(b, rq(clock, "gone"))
+    await settle()
+    gone.cancel()
+    await settle()
+    assert b.queue_depth == 1
+    rec.finish()
+    await settle()
+    assert rec.ids()[1] == ["stay"]
+    rec.finish()
+    await asyncio.gather(busy, stay)
+
+
+async def test_a_failing_backend_fails_only_its_batch():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=2)
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    first = [go(b, rq(clock, "f1")), go(b, rq(clock, "f2"))]
+    second = [go(b, rq(clock, "s1")), go(b, rq(clock, "s2"))]
+    await settle()
+    rec.finish()
+    await settle()
+    assert rec.ids()[1] == ["f1", "f2"]
+    rec.finish(fail=True)
+    await settle()
+    for t in first:
+        with pytest.raises(GatewayError) as e:
+            await t
+        assert e.value.code is ErrorCode.INTERNAL
+    assert rec.ids()[2] == ["s1", "s2"]
+    rec.finish()
+    assert [(await t).id for t in second] == ["s1", "s2"]
+    await busy
+
+
+async def test_work_conserving_dispatches_at_once_when_an_instance_is_idle():
+    clock, rec, b = make(policy=WORK_CONSERVING, max_queue_delay_s=1.0)
+    a = go(b, rq(clock, "a"))
+    await settle()
+    assert rec.ids() == [["a"]]  # Triton's policy would wait up to 1 s for company
+    more = [go(b, rq(clock, f"m{i}")) for i in range(3)]
+    await settle()
+    rec.finish()
+    await settle()
+    assert rec.ids()[1] == ["m0", "m1", "m2"]  # grown while the instance was busy
+    rec.finish()
+    await asyncio.gather(a, *more)
+
+
+async def test_triton_policy_with_delay_waits_even_when_idle():
+    clock, rec, b = make(policy=TRITON, max_queue_delay_s=1.0)
+    a = go(b, rq(clock, "a"))
+    await settle()
+    assert rec.batches == []
+    clock.now += 1.0
+    b.tick()
+    rec.finish()
+    await a
+
+
+async def test_drain_and_close():
+    clock, rec, b = make(max_queue_delay_s=0.0)
+    t = go(b, rq(clock, "a"))
+    await settle()
+    b.close()
+    with pytest.raises(GatewayError) as e:
+        await b.submit(rq(clock, "late"))
+    assert e.value.code is ErrorCode.UNAVAILABLE
+    drained = asyncio.ensure_future(b.drain())
+    await settle()
+    assert not drained.done()
+    rec.finish()
+    await t
+    await asyncio.wait_for(drained, 1)
