@@ -70,13 +70,14 @@ class ServedModel:
                 default_timeout_s=policy.default_timeout_microseconds / 1e6,
                 timeout_action_delay=policy.timeout_action == mc.ModelQueuePolicy.DELAY,
                 policy=batching_policy,
-            ), name=self.name)
+            ), name=self.name, refused=metrics.refused)
         else:
             self.scheduler = PassThroughScheduler(
                 self._execute,
                 instances=self.instances,
                 max_queue_size=policy.max_queue_size or max_queue_size,
                 name=self.name,
+                refused=metrics.refused,
             )
         self._inline_max_ns = inline_max_us * 1000
         self._timed = 0
@@ -86,7 +87,8 @@ class ServedModel:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        metrics.track(self, lambda: self.scheduler.queue_depth, lambda: self.in_flight)
+        metrics.track(self, lambda: self.scheduler.queue_depth, lambda: self.in_flight,
+                      lambda: self.scheduler.oldest_age_s())
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.in_flight += 1
@@ -191,6 +193,7 @@ class ServedModel:
             m = self._metrics
             m.executions += 1
             m.inferences += rows
+            m.batch_rows[rows] = m.batch_rows.get(rows, 0) + 1
             m.compute.observe(took / 1e9)
             # Moving averages of execution time and rows, for the inline decision.
             if self._timed:

@@ -28,7 +28,8 @@ from functools import partial
 import numpy as np
 
 from .errors import ErrorCode, GatewayError, invalid
-from .scheduler import Clock, DrainRate, Execute, deadline_error
+from .scheduler import (EXPIRED, QUEUE_FULL, QUEUE_TIMEOUT, UNMEETABLE, Clock, DrainRate, Execute, Refused,
+                        _ignore, deadline_error)
 from .types import InferRequest, InferResponse
 
 TRITON = "triton"
@@ -103,8 +104,11 @@ class _Entry:
 
 
 class DynamicBatcher:
-    def __init__(self, execute: Execute, config: BatcherConfig, clock: Clock = time.monotonic, name: str = ""):
+    def __init__(self, execute: Execute, config: BatcherConfig, clock: Clock = time.monotonic, name: str = "",
+                 refused: Refused | None = None):
         self._execute = execute
+        self._refused = refused or _ignore
+        self.cost = CostModel()
         self.config = config
         self._clock = clock
         self._name = name
@@ -158,11 +162,21 @@ class DynamicBatcher:
         if request.deadline is not None and now >= request.deadline:
             raise deadline_error(request)
         if cfg.max_queue_size and self._depth >= cfg.max_queue_size:
+            self._refused(QUEUE_FULL)
             raise GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"model '{self._name}' queue is full ({cfg.max_queue_size} requests waiting)",
                 retry_after_s=self._drain.seconds_to_drain(self._depth),
             )
+        if request.deadline is not None:
+            wait = self._expected_wait(rows, level, request.deadline)
+            if wait is not None and now + wait > request.deadline:
+                self._refused(UNMEETABLE)
+                rid = f"[request id: {request.id}] " if request.id else ""
+                raise GatewayError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"{rid}deadline cannot be met: model '{self._name}' has about {wait * 1000:.1f} ms of work "
+                    f"queued ahead, and {max(0.0, request.deadline - now) * 1000:.1f} ms remain; refused at once")
         soft = request.arrival + cfg.default_timeout_s if cfg.default_timeout_s else None
         future = asyncio.get_running_loop().create_future()
         self._seq += 1
@@ -185,6 +199,26 @@ class DynamicBatcher:
         if isinstance(result, GatewayError):
             raise result
         return result
+
+    def _expected_wait(self, rows: int, level: int, deadline: float) -> float | None:
+        """Seconds until a new request would finish, from the work queued ahead of it (higher
+        levels, and earlier deadlines in its own) and the learned cost of batches; None while
+        nothing has been measured."""
+        if not self.cost.known():
+            return None
+        cfg = self.config
+        ahead = rows
+        for i, lvl in enumerate(self._levels):
+            if i > level:
+                break
+            for order, e in lvl:
+                if i < level or order[0] == 0 and order[1] <= deadline:
+                    ahead += e.rows
+        batches = -(-ahead // cfg.max_batch_size)
+        waves = -(-batches // cfg.instances)
+        per_batch = self.cost.seconds(min(ahead, cfg.max_batch_size))
+        busy = 0.0 if self._free > 0 else per_batch  # an instance frees within about one batch
+        return busy + waves * per_batch
 
     # -------------------------------------------------------------- queue
     def _level_of(self, request: InferRequest) -> int:
@@ -220,6 +254,7 @@ class DynamicBatcher:
         for lvl in self._levels:
             for _, e in list(lvl):
                 if e.deadline is not None and now >= e.deadline:
+                    self._refused(EXPIRED)
                     self._fail(e, deadline_error(e.request))
                 elif e.soft_deadline is not None and now >= e.soft_deadline and not e.delayed:
                     if self.config.timeout_action_delay:
@@ -231,6 +266,7 @@ class DynamicBatcher:
                         self._depth += 1
                         self._timed += 1
                     else:
+                        self._refused(QUEUE_TIMEOUT)
                         rid = f"[request id: {e.request.id}] " if e.request.id else ""
                         self._fail(e, GatewayError(
                             ErrorCode.DEADLINE_EXCEEDED,
@@ -348,9 +384,11 @@ class DynamicBatcher:
             requests.append(e.request)
         rows = sum(e.rows for e in batch)
         self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
-        self._execute(requests, partial(self._finished, batch))
+        self._execute(requests, partial(self._finished, batch, rows, now))
 
-    def _finished(self, batch: list[_Entry], results) -> None:
+    def _finished(self, batch: list[_Entry], rows: int, started: float, results) -> None:
+        if not isinstance(results, BaseException):
+            self.cost.observe(rows, self._clock() - started)
         self._free += 1
         self._executing -= len(batch)
         self._drain.completed += len(batch)
@@ -364,3 +402,30 @@ class DynamicBatcher:
     def _check_idle(self) -> None:
         if self._depth == 0 and self._executing == 0:
             self._idle.set()
+
+
+class CostModel:
+    """Execution time by batch size, learned online (moving averages per size seen)."""
+
+    def __init__(self, weight: float = 0.2):
+        self._by_rows: dict[int, float] = {}
+        self._w = weight
+
+    def known(self) -> bool:
+        return bool(self._by_rows)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self._by_rows.get(rows)
+        self._by_rows[rows] = seconds if old is None else old + (seconds - old) * self._w
+
+    def seconds(self, rows: int) -> float:
+        """The time of a batch of ``rows``: the nearest size measured at or above it, else
+        the largest measured, scaled up in proportion."""
+        sizes = self._by_rows
+        if rows in sizes:
+            return sizes[rows]
+        above = [k for k in sizes if k >= rows]
+        if above:
+            return sizes[min(above)]
+        k = max(sizes)
+        return sizes[k] * rows / k

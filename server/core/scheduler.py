@@ -28,6 +28,16 @@ from .types import InferRequest, InferResponse
 Done = Callable[[object], None]
 Execute = Callable[[list[InferRequest], Done], None]
 Clock = Callable[[], float]
+# refused(reason): told of every request a scheduler turns away or drops unexecuted.
+Refused = Callable[[str], None]
+QUEUE_FULL = "queue_full"  # refused at once: the queue is at its bound
+UNMEETABLE = "deadline_unmeetable"  # refused at once: the queue ahead outlasts the deadline
+EXPIRED = "deadline_expired"  # its deadline passed while it waited
+QUEUE_TIMEOUT = "queue_timeout"  # the queue policy's timeout (REJECT) passed while it waited
+
+
+def _ignore(_reason: str) -> None:
+    pass
 
 
 class Scheduler(Protocol):
@@ -67,12 +77,14 @@ class PassThroughScheduler:
         max_queue_size: int = 0,
         clock: Clock = time.monotonic,
         name: str = "",
+        refused: Refused | None = None,
     ):
         if instances < 1:
             raise ValueError("instances must be >= 1")
         self._execute = execute
         self._free = instances
         self._waiters: deque[asyncio.Future] = deque()
+        self._arrivals: dict[asyncio.Future, float] = {}  # waiting slot -> its request's arrival
         self._max_queue = max_queue_size
         self._clock = clock
         self._name = name
@@ -82,6 +94,7 @@ class PassThroughScheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain = DrainRate(clock)
+        self._refused = refused or _ignore
 
     @property
     def queue_depth(self) -> int:
@@ -96,6 +109,11 @@ class PassThroughScheduler:
 
     async def drain(self) -> None:
         await self._idle.wait()
+
+    def oldest_age_s(self) -> float:
+        """How long the longest-waiting queued request has waited (0 when none)."""
+        oldest = min(list(self._arrivals.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
     def _check_idle(self) -> None:
         if self._waiting == 0 and self._executing == 0:
@@ -124,6 +142,7 @@ class PassThroughScheduler:
             self._free -= 1
         else:
             if self._max_queue and self._waiting >= self._max_queue:
+                self._refused(QUEUE_FULL)
                 raise GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{self._name}' queue is full ({self._max_queue} requests waiting)",
@@ -145,6 +164,7 @@ class PassThroughScheduler:
         deadline = request.deadline
         slot = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
+        self._arrivals[slot] = request.arrival
         self._waiting += 1
         self._idle.clear()
         try:
@@ -158,10 +178,13 @@ class PassThroughScheduler:
                     async with asyncio.timeout(remaining):
                         await slot
                 except TimeoutError:
+                    self._refused(EXPIRED)
                     raise deadline_error(request) from None
                 if self._clock() >= deadline:  # the instance came, but too late
+                    self._refused(EXPIRED)
                     raise deadline_error(request)
         except BaseException:
+            self._arrivals.pop(slot, None)
             if slot.done() and not slot.cancelled():
                 self._hand_slot()  # it was handed to us as we left: pass it on
             else:
@@ -169,6 +192,7 @@ class PassThroughScheduler:
             self._waiting -= 1
             self._check_idle()
             raise
+        self._arrivals.pop(slot, None)
         self._waiting -= 1
 
     def _finished(self, out: asyncio.Future, results) -> None:

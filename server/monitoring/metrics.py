@@ -27,6 +27,7 @@ LATENCY_BUCKETS_S = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 _LE = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MODEL = ["model", "version"]
 
 # name, type, help, extra labels
@@ -40,6 +41,12 @@ FAMILIES = {
     "batchgate_inference_count": ("counter", "Inferences performed (a batch of n counts n)", []),
     "batchgate_execution_count": ("counter", "Backend executions (batches)", []),
     "batchgate_queue_depth": ("gauge", "Requests accepted and waiting to execute", []),
+    "batchgate_queue_oldest_age_seconds": (
+        "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", []),
+    "batchgate_batch_size": ("histogram", "Rows per backend execution", []),
+    "batchgate_refusals": (
+        "counter", "Requests a scheduler turned away or dropped unexecuted, by reason "
+        "(queue_full, deadline_unmeetable, deadline_expired, queue_timeout)", ["reason"]),
     "batchgate_inflight_requests": ("gauge", "Requests accepted and not yet answered", []),
     "batchgate_model_ready": ("gauge", "1 when the model version is loaded and serving, else 0", []),
     "batchgate_model_load_duration_seconds": ("gauge", "Time the last load of the model version took", []),
@@ -84,22 +91,26 @@ class ModelMetrics:
         self.compute = Histogram()
         self.inferences = 0
         self.executions = 0
+        self.batch_rows: dict[int, int] = {}  # rows per execution -> executions
+        self.refusals: dict[str, int] = {}
         self.ready = 0
         self.load_seconds: float | None = None
         self._queue_depth: Callable[[], int] | None = None
         self._in_flight: Callable[[], int] | None = None
+        self._oldest_age: Callable[[], float] | None = None
         self._owner: object = None
 
-    def track(self, owner: object, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
+    def track(self, owner: object, queue_depth: Callable[[], int], in_flight: Callable[[], int],
+              oldest_age: Callable[[], float]) -> None:
         """Export live gauges read from ``owner`` (a served model version) from now on."""
         self._owner = owner
-        self._queue_depth, self._in_flight = queue_depth, in_flight
+        self._queue_depth, self._in_flight, self._oldest_age = queue_depth, in_flight, oldest_age
         self.ready = 1
 
     def retired(self, owner: object) -> None:
         """Stop the gauges, unless a reload of the same version has taken them over."""
         if self._owner is owner:
-            self._owner = self._queue_depth = self._in_flight = None
+            self._owner = self._queue_depth = self._in_flight = self._oldest_age = None
             self.ready = 0
 
     def request_done(self, protocol: str, status: str, seconds: float) -> None:
@@ -110,10 +121,8 @@ class ModelMetrics:
             h = self.durations[protocol] = Histogram()
         h.observe(seconds)
 
-    def executed(self, rows: int, seconds: float) -> None:
-        self.executions += 1
-        self.inferences += rows
-        self.compute.observe(seconds)
+    def refused(self, reason: str) -> None:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
 
 class Metrics:
@@ -156,10 +165,17 @@ class Metrics:
             fams["batchgate_inference_count"].add_metric(mv, m.inferences)
             fams["batchgate_execution_count"].add_metric(mv, m.executions)
             fams["batchgate_model_ready"].add_metric(mv, m.ready)
-            depth, inflight = m._queue_depth, m._in_flight
-            if depth is not None and inflight is not None:
+            depth, inflight, oldest = m._queue_depth, m._in_flight, m._oldest_age
+            if depth is not None and inflight is not None and oldest is not None:
                 fams["batchgate_queue_depth"].add_metric(mv, depth())
                 fams["batchgate_inflight_requests"].add_metric(mv, inflight())
+                fams["batchgate_queue_oldest_age_seconds"].add_metric(mv, oldest())
+            for reason, n in list(m.refusals.items()):
+                fams["batchgate_refusals"].add_metric(mv + [reason], n)
+            rows_seen = dict(m.batch_rows)
+            buckets = [(str(b), sum(n for r, n in rows_seen.items() if r <= b)) for b in BATCH_BUCKETS]
+            buckets.append(("+Inf", sum(rows_seen.values())))
+            fams["batchgate_batch_size"].add_metric(mv, buckets, sum(r * n for r, n in rows_seen.items()))
             if m.load_seconds is not None:
                 fams["batchgate_model_load_duration_seconds"].add_metric(mv, m.load_seconds)
         failures = CounterMetricFamily(LOAD_FAILURES[0], LOAD_FAILURES[1], labels=["model"])

@@ -71,6 +71,12 @@ def test_a_full_queue_is_refused_with_429_and_resource_exhausted(tmp_path, serve
         list(pool.map(call, range(16)))
     assert "ok" in outcomes
     assert {"429", "StatusCode.RESOURCE_EXHAUSTED"} <= set(outcomes), outcomes
+    import urllib.request
+
+    text = urllib.request.urlopen(running.metrics_url).read().decode()
+    refused = outcomes.count("429") + outcomes.count("StatusCode.RESOURCE_EXHAUSTED")
+    assert f'batchgate_refusals_total{{model="slow",reason="queue_full",version="1"}} {refused}.0' in text
+    assert 'batchgate_batch_size_bucket{le="1",model="slow",version="1"}' in text
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path, serve):

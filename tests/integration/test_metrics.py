@@ -19,6 +19,7 @@ README_METRICS = [
     "batchgate_compute_duration_seconds", "batchgate_inference_count_total", "batchgate_execution_count_total",
     "batchgate_queue_depth", "batchgate_inflight_requests", "batchgate_model_ready",
     "batchgate_model_load_duration_seconds", "batchgate_model_load_failures_total",
+    "batchgate_queue_oldest_age_seconds", "batchgate_batch_size", "batchgate_refusals_total",
 ]
 
 

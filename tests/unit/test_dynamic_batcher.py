@@ -314,3 +314,34 @@ async def test_drain_and_close():
     rec.finish()
     await t
     await asyncio.wait_for(drained, 1)
+
+
+async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
+    reasons = []
+    clock, rec = Clock(), Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=1, instances=1), clock=clock, name="m",
+                       refused=reasons.append)
+    # Learn the cost: one batch of 1 row takes 10 ms.
+    first = go(b, rq(clock, "learn"))
+    await settle()
+    clock.now += 0.010
+    rec.finish()
+    await first
+    assert b.cost.seconds(1) == pytest.approx(0.010)
+    busy = go(b, rq(clock, "busy"))
+    queued = [go(b, rq(clock, f"q{i}")) for i in range(3)]
+    await settle()
+    # 1 running + 3 queued + itself: about 50 ms of work; 20 ms is not enough.
+    with pytest.raises(GatewayError) as e:
+        await b.submit(rq(clock, "hopeless", deadline=clock.now + 0.020))
+    assert e.value.code is ErrorCode.DEADLINE_EXCEEDED and "cannot be met" in e.value.message
+    assert reasons == ["deadline_unmeetable"]
+    assert len(rec.batches) == 2  # it never reached the backend
+    ok = go(b, rq(clock, "patient", deadline=clock.now + 1.0))
+    await settle()
+    assert b.queue_depth == 4
+    while rec._done:
+        clock.now += 0.010
+        rec.finish()
+        await settle()
+    await asyncio.gather(busy, ok, *queued)
