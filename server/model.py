@@ -69,6 +69,7 @@ class ServedModel:
                 default_priority_level=db.default_priority_level,
                 default_timeout_s=policy.default_timeout_microseconds / 1e6,
                 timeout_action_delay=policy.timeout_action == mc.ModelQueuePolicy.DELAY,
+                preserve_ordering=db.preserve_ordering,
                 policy=batching_policy,
             ), name=self.name, refused=metrics.refused)
         else:

@@ -22,6 +22,7 @@ import asyncio
 import math
 import time
 from bisect import bisect_left, insort
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 
@@ -77,6 +78,7 @@ class BatcherConfig:
     default_priority_level: int = 0
     default_timeout_s: float = 0.0  # 0 = none
     timeout_action_delay: bool = False  # False: REJECT, True: DELAY
+    preserve_ordering: bool = False  # answers are released in the order requests arrived
     policy: str = TRITON
 
     def __post_init__(self):
@@ -89,7 +91,8 @@ class BatcherConfig:
 
 
 class _Entry:
-    __slots__ = ("request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future")
+    __slots__ = ("request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future",
+                 "answer")
 
     def __init__(self, request, rows, key, level, deadline, soft_deadline, order, future):
         self.request = request
@@ -101,6 +104,7 @@ class _Entry:
         self.delayed = False
         self.order = order  # sort key within the level
         self.future = future
+        self.answer = None  # held until earlier requests are answered (preserve_ordering)
 
 
 class DynamicBatcher:
@@ -128,6 +132,7 @@ class DynamicBatcher:
         self._idle.set()
         self._drain = DrainRate(clock)
         self._preferred = sorted(set(config.preferred_batch_sizes), reverse=True)
+        self._arrival_order: deque[_Entry] = deque()  # preserve_ordering: entries not yet answered
         self.batch_sizes: dict[int, int] = {}  # rows per executed batch -> count
 
     # -------------------------------------------------------------- Scheduler interface
@@ -183,6 +188,8 @@ class DynamicBatcher:
         order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
         entry = _Entry(request, rows, shape_key(request), level, request.deadline, soft, order, future)
         insort(self._levels[level], (order, entry), key=lambda x: x[0])
+        if cfg.preserve_ordering:
+            self._arrival_order.append(entry)
         self._depth += 1
         if entry.deadline is not None or entry.soft_deadline is not None:
             self._timed += 1
@@ -195,6 +202,8 @@ class DynamicBatcher:
             if self._remove(entry):
                 self._check_idle()
                 self._pump()
+            if self.config.preserve_ordering:  # a gone caller must not hold back later answers
+                self._answer(entry, GatewayError(ErrorCode.CANCELLED, "cancelled"))
             raise
         if isinstance(result, GatewayError):
             raise result
@@ -244,8 +253,21 @@ class DynamicBatcher:
 
     def _fail(self, entry: _Entry, error: GatewayError) -> None:
         self._remove(entry)
-        if not entry.future.done():
-            entry.future.set_result(error)
+        self._answer(entry, error)
+
+    def _answer(self, entry: _Entry, answer) -> None:
+        """Give ``entry`` its answer, or, with preserve_ordering, hold it until every request
+        that arrived earlier has been answered."""
+        if not self.config.preserve_ordering:
+            if not entry.future.done():
+                entry.future.set_result(answer)
+            return
+        entry.answer = answer
+        order = self._arrival_order
+        while order and (order[0].answer is not None or order[0].future.done()):
+            e = order.popleft()
+            if not e.future.done():
+                e.future.set_result(e.answer)
 
     def _expire(self, now: float) -> None:
         """Answer queued requests whose deadline has passed; apply the queue policy timeout."""
@@ -395,8 +417,7 @@ class DynamicBatcher:
         if isinstance(results, BaseException):
             results = [GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")] * len(batch)
         for e, r in zip(batch, results):
-            if not e.future.done():
-                e.future.set_result(r)
+            self._answer(e, r)
         self._pump()
 
     def _check_idle(self) -> None:

@@ -345,3 +345,28 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
         rec.finish()
         await settle()
     await asyncio.gather(busy, ok, *queued)
+
+
+async def test_preserve_ordering_releases_answers_in_arrival_order():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, instances=2, preserve_ordering=True)
+    first, second = go(b, rq(clock, "first")), go(b, rq(clock, "second"))
+    await settle()
+    assert rec.ids() == [["first"], ["second"]]
+    rec.finish(1)  # "second" finishes first...
+    await settle()
+    assert not second.done()  # ...but waits for "first"
+    rec.finish(0)
+    await settle()
+    assert first.done() and second.done()
+    assert [(await t).id for t in (first, second)] == ["first", "second"]
+
+
+async def test_without_preserve_ordering_answers_go_as_they_finish():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, instances=2)
+    first, second = go(b, rq(clock, "first")), go(b, rq(clock, "second"))
+    await settle()
+    rec.finish(1)
+    await settle()
+    assert second.done() and not first.done()
+    rec.finish(0)
+    await first
