@@ -80,7 +80,7 @@ def test_a_full_queue_is_refused_with_429_and_resource_exhausted(tmp_path, serve
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path, serve):
-    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
+    _save(slow_model(width=1024, layers=384), str(tmp_path), "slow",
           config="max_batch_size: 64\ndynamic_batching { }\n")
     running = serve(str(tmp_path), inline_execution_max_us=0)
     big = np.ones((64, 1024), np.float32)  # tens of milliseconds of work: the instance is busy
@@ -93,10 +93,79 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path
         inp = grpcclient.InferInput("input", [1, 1024], "FP32")
         inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
         with pytest.raises(InferenceServerException) as e:
-            c.infer("slow", [inp], client_timeout=0.02)
+            c.infer("slow", [inp], client_timeout=0.04)
         assert "DEADLINE_EXCEEDED" in e.value.status()
         busy.result(30)
     time.sleep(0.1)
     stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
     assert stats["execution_count"] == 1 and stats["inference_count"] == 64  # only the busy request ran
     assert stats["inference_stats"]["fail"]["count"] == 1
+
+
+def _gather_model():
+    """INT64 idx [-1, 1] -> FP32 [-1, 1] = table[idx]; an index past the table fails at run time."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")
+    g = helper.make_graph([helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)], "gather",
+                          [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])], [table])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_failing_execution_fails_only_its_batch_and_the_model_serves_on(tmp_path, serve):
+    _save(_gather_model(), str(tmp_path), "gather", config="max_batch_size: 8\ndynamic_batching { }\n")
+    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow", config="max_batch_size: 64\n")
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+
+    def call(i):
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        inp = grpcclient.InferInput("idx", [1, 1], "INT64")
+        inp.set_data_from_numpy(np.array([[i]], np.int64))
+        try:
+            return float(c.infer("gather", [inp]).as_numpy("out")[0, 0])
+        except InferenceServerException as e:
+            return e.status()
+
+    assert call(3) == 30.0
+    assert call(99) == "StatusCode.INTERNAL"  # alone in its batch: only it fails
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, [1, 2, 4, 5, 6, 7, 8, 9]))
+    assert results == [10.0, 20.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("gather")["model_stats"][0]
+    assert stats["inference_stats"]["fail"]["count"] == 1
+    assert stats["inference_stats"]["success"]["count"] == 9
+
+
+def test_a_cancelled_queued_request_is_never_executed(tmp_path, serve):
+    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
+          config="max_batch_size: 64\ndynamic_batching { }\n")
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    big = np.ones((64, 1024), np.float32)
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", big)
+        end = time.monotonic() + 10
+        while running.gateway.in_flight == 0 and time.monotonic() < end:
+            time.sleep(0.001)
+        inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
+        answers = []
+        ctx = client.async_infer("slow", [inp], callback=lambda result, error: answers.append(error))
+        end = time.monotonic() + 10
+        served = running.gateway.repository.resolve("slow", "")
+        while served.scheduler.queue_depth == 0 and time.monotonic() < end:
+            time.sleep(0.001)
+        assert served.scheduler.queue_depth == 1
+        ctx.cancel()
+        end = time.monotonic() + 10
+        while served.scheduler.queue_depth and time.monotonic() < end:
+            time.sleep(0.001)
+        assert served.scheduler.queue_depth == 0  # it left the queue
+        busy.result(30)
+    time.sleep(0.1)
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
+    assert stats["execution_count"] == 1 and stats["inference_count"] == 64
