@@ -8,6 +8,7 @@ that maps error codes to HTTP. Only ``/infer`` responses are ever compressed
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
@@ -192,7 +193,21 @@ class HttpApp:
             req = http_codec.decode_request(body, header_len, model, version, arrival)
             if not req.id and req_id:
                 req.id = req_id
-            resp = await self.gw.infer(req)
+            pending = self.gw.infer(req)
+            # A request still unanswered after a moment starts listening for the client going
+            # away, so a request abandoned while queued leaves the queue (checked only then:
+            # most requests are answered first, and listening costs a task).
+            watch = _DisconnectWatch(receive)
+            timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch.start)
+            try:
+                resp = await pending
+            except asyncio.CancelledError:
+                if watch.disconnected:
+                    return  # nobody to answer
+                raise
+            finally:
+                timer.cancel()
+                watch.stop()
         except GatewayError as e:
             self.gw.log_failure("http", model, (req.id if req is not None else req_id) or "", e)
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
@@ -231,6 +246,36 @@ class HttpApp:
             await send({"type": "http.response.body", "body": orjson.dumps({"error": e.message})})
         except Exception:  # the client is gone; nothing left to tell it
             pass
+
+
+DISCONNECT_WATCH_AFTER_S = 0.02
+
+
+class _DisconnectWatch:
+    """Cancels the request's task if the client disconnects while it waits for its answer."""
+
+    __slots__ = ("_receive", "_task", "_watcher", "disconnected")
+
+    def __init__(self, receive):
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher = None
+        self.disconnected = False
+
+    def start(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self._receive()
+            if msg["type"] == "http.disconnect":
+                self.disconnected = True
+                self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
 
 
 class _MethodNotAllowed(GatewayError):

@@ -169,3 +169,38 @@ def test_a_cancelled_queued_request_is_never_executed(tmp_path, serve):
     time.sleep(0.1)
     stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
     assert stats["execution_count"] == 1 and stats["inference_count"] == 64
+
+
+def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path, serve):
+    import json
+    import socket
+
+    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
+          config="max_batch_size: 64\ndynamic_batching { }\n")
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    big = np.ones((64, 1024), np.float32)
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", big)
+        end = time.monotonic() + 10
+        while running.gateway.in_flight == 0 and time.monotonic() < end:
+            time.sleep(0.001)
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32",
+                                       "data": [1.0] * 1024}]}).encode()
+        host, port = running.http_url.split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        served = running.gateway.repository.resolve("slow", "")
+        end = time.monotonic() + 10
+        while served.scheduler.queue_depth == 0 and time.monotonic() < end:
+            time.sleep(0.001)
+        assert served.scheduler.queue_depth == 1
+        sock.close()  # the client goes away while its request waits
+        end = time.monotonic() + 10
+        while served.scheduler.queue_depth and time.monotonic() < end:
+            time.sleep(0.005)
+        assert served.scheduler.queue_depth == 0
+        busy.result(30)
+    time.sleep(0.1)
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
+    assert stats["execution_count"] == 1 and stats["inference_count"] == 64
