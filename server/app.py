@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2 as pb
 
 from . import __version__
-from .config import Settings
+from .config import Settings, batching_policies
 from .core.errors import ErrorCode, GatewayError
 from .core.types import InferRequest, InferResponse
 from .model import ServedModel
@@ -76,6 +76,7 @@ class Gateway:
             gpu_device_id=settings.gpu_device_id,
             inline_max_us=settings.inline_execution_max_us,
             batching_policy=settings.batching_policy,
+            model_batching_policy=batching_policies(settings),
         )
         self.accepting = False
         self.http_port = self.grpc_port = self.metrics_port = None

@@ -34,6 +34,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--infer-threads", type=int)
     p.add_argument("--batching-policy", choices=("triton", "work_conserving"),
                    help="how models with dynamic_batching form batches")
+    p.add_argument("--model-batching-policy", action="append",
+                   help="MODEL=POLICY: this model's batching policy (repeatable)")
     p.add_argument("--inline-execution-max-us", type=int,
                    help="run a model on the event loop when its executions are measured faster than this (0 = never)")
     p.add_argument("--warm-up", choices=("true", "false"))

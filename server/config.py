@@ -37,6 +37,7 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024  # HTTP body (after decompression) and gRPC message
     infer_threads: int = 0  # worker threads that run models; 0 = one per CPU, at least 4
     batching_policy: str = "triton"  # models with dynamic_batching: triton | work_conserving
+    model_batching_policy: tuple[str, ...] = ()  # per-model choice, "model=policy" entries
     inline_execution_max_us: int = 50  # executions measured faster than this run on the event loop; 0 = never
     warm_up: bool = True
     exit_timeout_secs: float = 30.0  # grace period for in-flight work on SIGTERM
@@ -123,6 +124,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_request_bytes must be greater than 0")
     if s.infer_threads < 0:
         raise ConfigError(f"infer_threads must be 0 (automatic) or more, not {s.infer_threads}")
+    for entry in s.model_batching_policy:
+        model, sep, policy = entry.partition("=")
+        if not sep or not model or policy not in CHOICES["batching_policy"]:
+            raise ConfigError(f"model_batching_policy entries are model=policy with policy one of "
+                              f"{', '.join(CHOICES['batching_policy'])}, not {entry!r}")
     if s.load_model and s.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")
 
@@ -167,9 +173,14 @@ def load_settings(
     return settings
 
 
+def batching_policies(s: Settings) -> dict[str, str]:
+    """Model name -> batching policy, from ``model_batching_policy``."""
+    return dict(e.split("=", 1) for e in s.model_batching_policy)
+
+
 def describe() -> list[tuple[str, str, Any]]:
     """(name, environment variable, default) of every setting, for docs and --help."""
     return [(f.name, ENV_PREFIX + f.name.upper(), f.default) for f in dataclasses.fields(Settings)]
 
 
-__all__ = ["ConfigError", "Settings", "load_settings", "describe"]
+__all__ = ["ConfigError", "Settings", "load_settings", "describe", "batching_policies"]

@@ -94,6 +94,7 @@ class ModelRepository:
         gpu_device_id: int = 0,
         inline_max_us: int = 0,
         batching_policy: str = "triton",
+        model_batching_policy: dict[str, str] | None = None,
     ):
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, not {control_mode!r}")
@@ -111,6 +112,7 @@ class ModelRepository:
         self.gpu_device_id = gpu_device_id
         self.inline_max_us = inline_max_us
         self.batching_policy = batching_policy
+        self.model_batching_policy = model_batching_policy or {}
         self.models: dict[str, ModelEntry] = {}
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -342,7 +344,8 @@ class ModelRepository:
             if self.warm_up:
                 backend.warm_up()
             built[v] = ServedModel(full, str(v), backend, self.pool, self.workers, self.metrics.bind(name, str(v)),
-                                   self.max_queue_size, self.inline_max_us, self.batching_policy)
+                                   self.max_queue_size, self.inline_max_us,
+                                   self.model_batching_policy.get(name, self.batching_policy))
         return built
 
     def _open_backend(self, cfg: mc.ModelConfig, path: str) -> OnnxBackend:

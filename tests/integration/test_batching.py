@@ -204,3 +204,12 @@ def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path
     time.sleep(0.1)
     stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
     assert stats["execution_count"] == 1 and stats["inference_count"] == 64
+
+
+def test_each_model_can_choose_its_policy(tmp_path, serve):
+    for name in ("a", "b"):
+        _save(classifier_model(), str(tmp_path), name, config=BATCHED)
+    running = serve(str(tmp_path), model_batching_policy=("b=work_conserving",))
+    repo = running.gateway.repository
+    assert repo.resolve("a", "").scheduler.config.policy == "triton"
+    assert repo.resolve("b", "").scheduler.config.policy == "work_conserving"

@@ -211,3 +211,14 @@ def test_describe_lists_every_setting_with_its_variable():
     assert rows["http_port"] == ("BATCHGATE_HTTP_PORT", 8000)
     assert rows["max_queue_size"][0] == "BATCHGATE_MAX_QUEUE_SIZE"
     assert set(rows) == set(Settings.__dataclass_fields__)
+
+
+def test_model_batching_policy_entries_are_checked(tmp_path):
+    from batchgate.config import ConfigError, batching_policies, load_settings
+
+    s = load_settings(None, {"model_repository": str(tmp_path), "model_batching_policy": ["m=work_conserving"]},
+                      environ={})
+    assert batching_policies(s) == {"m": "work_conserving"}
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, {"model_repository": str(tmp_path), "model_batching_policy": ["m=fastest"]}, environ={})
+    assert "model_batching_policy" in str(e.value)
