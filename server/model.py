@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import Executor
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -83,8 +85,8 @@ class ServedModel:
         self._inline_max_ns = inline_max_us * 1000
         self._timed = 0
         self.inline_runs = 0  # executions that ran on the event loop
-        self._exec_ns = 0.0
-        self._exec_rows = 1.0
+        self._per_row_ns: deque[float] = deque(maxlen=_INLINE_AFTER)  # recent executions, per row
+        self._fastest_per_row_ns = math.inf
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -136,13 +138,13 @@ class ServedModel:
     def _execute(self, batch: list[InferRequest], done) -> None:
         """Run a batch; ``done(answers)`` is called on the loop when it has finished.
 
-        A batch runs on a worker thread, unless this version's executions have been
+        A batch runs on a worker thread, unless this version's recent executions have been
         measured to take less than ``inline_max_us`` for this many rows: then the hand-off
         to a thread and back would cost the event loop more than the execution itself
         (``bench/serving.py``), so it runs here, on the loop, bounded by that threshold."""
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(r.checked.batch_size for r in batch)
         if self._inline_max_ns and self._timed >= _INLINE_AFTER and \
-                self._exec_ns * rows <= self._inline_max_ns * self._exec_rows:
+                self._fastest_per_row_ns * rows <= self._inline_max_ns:
             self.inline_runs += 1
             done(self._run_batch(batch))
         else:
@@ -196,12 +198,10 @@ class ServedModel:
             m.inferences += rows
             m.batch_rows[rows] = m.batch_rows.get(rows, 0) + 1
             m.compute.observe(took / 1e9)
-            # Moving averages of execution time and rows, for the inline decision.
-            if self._timed:
-                self._exec_ns += (took - self._exec_ns) * 0.1
-                self._exec_rows += (rows - self._exec_rows) * 0.1
-            else:
-                self._exec_ns, self._exec_rows = float(took), float(rows)
+            # The fastest of the recent executions: timings on a worker thread include waits
+            # for the GIL while the loop is busy, which say nothing of the model's own cost.
+            self._per_row_ns.append(took / rows)
+            self._fastest_per_row_ns = min(self._per_row_ns)
             self._timed += 1
         return answers
 
