@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test demo bench bench-tools lint clean
+.PHONY: install serve test demo bench bench-serving bench-batching bench-tools lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,16 @@ bench-tools:
 	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
 
+# One after the other, never in parallel: each benchmark pins its server and load tool to cores.
 bench: $(STAMP) bench-tools
 	$(PY) bench/serving.py
+	$(PY) bench/batching.py
+
+bench-serving: $(STAMP) bench-tools
+	$(PY) bench/serving.py
+
+bench-batching: $(STAMP) bench-tools
+	$(PY) bench/batching.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info bench/results

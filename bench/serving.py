@@ -26,6 +26,7 @@ recorded and warned about: on a shared machine it makes the numbers noisier.
     python bench/serving.py --duration 20 --rounds 5
 
 Writes bench/results/serving.json and bench/results/serving.png and prints a markdown table.
+Process, load-tool and CPU-accounting helpers live in bench/common.py (shared with batching.py).
 Exit status: 0 when the measurements are valid (whatever the ratios), 1 when a run was
 invalid (errors, mismatched counts, a server that would not start); with --check also 1
 when a target is missed.
@@ -38,9 +39,7 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from common import (BATCHGATE_READY, BenchError, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
+                    cpu_model, finite, foreign_cpu_seconds, grpc_frame, h2load, http_call, say, tool_version, wrk)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -65,20 +66,7 @@ TARGETS = {"grpc": 0.7, "http": 0.4}
 # Compare with --infer-threads and --instances.
 DEFAULT_INFER_THREADS = 4
 DEFAULT_INSTANCES = 4
-READY_TIMEOUT_S = 60.0
-
-# batchgate logs "... HTTP on H:P, gRPC on H:P, metrics on ..." when it is ready.
-BATCHGATE_READY = re.compile(r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),")
 ECHO_READY = re.compile(r"listening on (?P<host>\S+?):(?P<port>\d+)")
-
-
-class BenchError(RuntimeError):
-    """A phase could not be measured, or its measurement cannot be trusted."""
-
-
-def say(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
 
 # ============================================================================ set-up
 
@@ -117,114 +105,10 @@ def grpc_request_bytes() -> bytes:
     return msg.SerializeToString()
 
 
-def grpc_frame(message: bytes) -> bytes:
-    """gRPC length-prefixed message: 1 byte compressed flag (0), 4 bytes big-endian length."""
-    return b"\x00" + len(message).to_bytes(4, "big") + message
-
-
 def http_request_body() -> bytes:
     import orjson
 
     return orjson.dumps({"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": INPUT_ROW}]})
-
-
-# ============================================================================ processes
-
-
-@dataclass
-class Pinning:
-    server: list[str]  # command prefix that pins the server
-    load: list[str]  # command prefix that pins the load tool
-    note: str
-    cores: list[str] = field(default_factory=list)  # [server core, load core] when pinned
-
-
-def choose_pinning(enabled: bool) -> Pinning:
-    cores = sorted(os.sched_getaffinity(0))
-    if not enabled:
-        return Pinning([], [], "off (--no-pin)")
-    if len(cores) < 2 or shutil.which("taskset") is None:
-        return Pinning([], [], f"off: needs 2 cores and taskset (have {len(cores)} cores)")
-    s, l = str(cores[0]), str(cores[1])
-    return Pinning(["taskset", "-c", s], ["taskset", "-c", l], f"server on core {s}, load tool on core {l}", [s, l])
-
-
-class Server:
-    """A server process whose stderr goes to a log file that is watched for its ready line."""
-
-    def __init__(self, name: str, cmd: list[str], ready: re.Pattern, log_path: Path):
-        self.name = name
-        self.cmd = cmd
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(HERE.parent))
-        self.match = self._wait_ready(ready)
-
-    def _wait_ready(self, ready: re.Pattern) -> re.Match:
-        t_end = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < t_end:
-            m = ready.search(self.log_path.read_text(errors="replace"))
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise BenchError(f"{self.name} did not start; its log ends with:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the whole process (every thread), from /proc."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def core_jiffies(cores: list[str]) -> dict[str, tuple[int, int]]:
-    """(busy, total) jiffies of each listed core since boot, from /proc/stat. Busy includes
-    the kernel's softirq time, where most of the loopback TCP work is charged."""
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *vals = line.split()
-            if name.startswith("cpu") and name[3:] in cores:
-                v = [int(x) for x in vals]
-                idle = v[3] + v[4]  # idle + iowait
-                out[name[3:]] = (sum(v[:8]) - idle, sum(v[:8]))
-    return out
-
-
-def busy_fraction(before: dict, after: dict, core: str) -> float:
-    if core not in before or core not in after:
-        return float("nan")
-    busy = after[core][0] - before[core][0]
-    total = after[core][1] - before[core][1]
-    return busy / total if total else float("nan")
-
-
-def run_tool(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[str, float]:
-    """Run a load tool to completion; return its output and the CPU seconds it used."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if p.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout[-3000:]}")
-    return p.stdout, cpu
 
 
 # ============================================================================ correctness checks
@@ -263,18 +147,6 @@ def grpc_counts(port: int) -> tuple[int, int]:
     return ok, bad
 
 
-def http_call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
-
-
 def http_check_once(port: int, body: bytes) -> None:
     import orjson
 
@@ -296,53 +168,6 @@ def http_counts(port: int) -> tuple[int, int]:
     ok = sum(s["inference_stats"]["success"]["count"] for s in stats)
     bad = sum(s["inference_stats"]["fail"]["count"] for s in stats)
     return ok, bad
-
-
-# ============================================================================ load tools
-
-
-def h2load(pin: Pinning, port: int, frame_file: Path, clients: int, streams: int, seconds: float,
-           log_file: Path | None) -> dict:
-    cmd = [*pin.load, "h2load", "-t", "1", "-c", str(clients), "-m", str(streams), "-D", f"{max(1, round(seconds * 1000))}ms",
-           "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
-    if log_file is not None:
-        cmd += ["--log-file", str(log_file)]
-    cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer")
-    out, cpu = run_tool(cmd, timeout=seconds + 60)
-    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
-    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                  r"(\d+) errored, (\d+) timeout", out)
-    s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-    if not (m and r and s):
-        raise BenchError(f"cannot read h2load's output:\n{out}")
-    elapsed = float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}.get(m.group(2), 1.0)
-    done, ok, failed, errored, timeouts = (int(r.group(i)) for i in (3, 4, 5, 6, 7))
-    started = int(r.group(2))
-    res = {"elapsed_s": elapsed, "done": done, "cut_off": started - done, "ok": ok, "errors": failed + errored + timeouts,
-           "non_2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4)), "tool_cpu_s": cpu, "raw": out}
-    if log_file is not None:
-        lat = np.loadtxt(log_file, usecols=2, dtype=np.int64, ndmin=1) if log_file.stat().st_size else np.zeros(0)
-        if lat.size:
-            res["latency_us"] = {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
-                                 "p99": float(np.percentile(lat, 99)), "p999": float(np.percentile(lat, 99.9)),
-                                 "mean": float(lat.mean()), "max": float(lat.max())}
-    return res
-
-
-def wrk(pin: Pinning, port: int, body_file: Path, connections: int, seconds: float) -> dict:
-    # wrk takes whole seconds
-    cmd = [*pin.load, "wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency",
-           "-s", str(HERE / "wrk_post.lua"), f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"]
-    out, cpu = run_tool(cmd, timeout=seconds + 60, env={"BENCH_BODY": str(body_file)})
-    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if line is None:
-        raise BenchError(f"cannot read wrk's output:\n{out}")
-    j = json.loads(line[len("BENCH_JSON "):])
-    errors = sum(j["errors"][k] for k in ("connect", "read", "write", "timeout"))
-    non_2xx = j["errors"]["status"]
-    return {"elapsed_s": j["duration_us"] / 1e6, "done": j["requests"], "ok": j["requests"] - non_2xx,
-            "errors": errors, "non_2xx": non_2xx, "latency_us": {k: float(v) for k, v in j["latency_us"].items()},
-            "tool_cpu_s": cpu, "raw": out}
 
 
 # ============================================================================ one run
@@ -389,25 +214,6 @@ class Target:
         return float(statistics.median(getattr(r, attr) for r in self.runs)) if self.runs else 0.0
 
 
-def foreign_cpu_seconds() -> dict[int, float]:
-    """CPU seconds so far of every user-space process that is neither this one nor one of its
-    children (kernel threads such as ksoftirqd are left out: they work for our traffic too)."""
-    me, tck = os.getpid(), os.sysconf("SC_CLK_TCK")
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid = int(entry), int(fields[1])
-        if pid != me and ppid != me and pid != 2 and ppid != 2:
-            out[pid] = (int(fields[11]) + int(fields[12])) / tck
-    return out
-
-
 def measure(target: Target, rnd: int, args, pin: Pinning, tmp: Path, server_cmd: list[str], ready: re.Pattern,
             port_group: str, files: dict) -> Run:
     run = Run(rnd)
@@ -437,7 +243,7 @@ def measure(target: Target, rnd: int, args, pin: Pinning, tmp: Path, server_cmd:
             counts = http_counts
 
             def load(secs: float, log: Path | None) -> dict:
-                return wrk(pin, port, files["http_file"], args.http_connections, secs)
+                return wrk(pin, port, f"/v2/models/{MODEL}/infer", files["http_file"], args.http_connections, secs)
 
             max_cut = args.http_connections
         say(f"{label}: one request checked; warming up for {args.warmup:g} s, then measuring for {args.duration:g} s")
@@ -681,9 +487,9 @@ def main(argv=None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["bench/serving.py", *(argv if argv is not None else sys.argv[1:])]),
         "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup, "pinning": pin.note,
-        "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+        "cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
         "grpcio": grpc.__version__, "uvicorn": uvicorn.__version__,
-        "h2load": _version(["h2load", "--version"]), "wrk": _version(["wrk", "-v"]),
+        "h2load": tool_version(["h2load", "--version"]), "wrk": tool_version(["wrk", "-v"]),
         "model": f"{MODEL}: ONNX Identity, FP32 [-1, 4], max_batch_size 8, {args.instances} instance(s), "
                  "one ORT intra-op thread; requests of shape [1, 4]",
         "batchgate": {"infer_threads": args.infer_threads, "instances": args.instances},
@@ -699,7 +505,7 @@ def main(argv=None) -> int:
                                                             "server_core_busy", "load_core_busy")}
                         if not t.error else None,
                         "error": t.error, "runs": [asdict(r) for r in t.runs]} for t in chosen]}
-    (args.output / "serving.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    (args.output / "serving.json").write_text(json.dumps(finite(doc), indent=2) + "\n")
     subtitle = (f"{meta['cpu_model']}; {pin.note}; gRPC: h2load -c{args.grpc_clients} -m{args.grpc_streams}; "
                 f"HTTP: wrk -c{args.http_connections}; {args.rounds} x {args.duration:g} s; "
                 f"batchgate --infer-threads {args.infer_threads}, {args.instances} instance(s)")
@@ -713,35 +519,6 @@ def main(argv=None) -> int:
     if args.check and any(v["result"] != "PASS" for v in verdicts.values()):
         return 1
     return 0
-
-
-def _finite(o):
-    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
-    if isinstance(o, float):
-        return o if o == o and abs(o) != float("inf") else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_finite(v) for v in o]
-    return o
-
-
-def _version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=5).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return out.strip().splitlines()[0] if out.strip() else "?"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -198,6 +199,11 @@ class Gateway:
             server, _thread = start_http_server(s.metrics_port, s.host, registry=self.metrics.registry)
             self._metrics_server = server
             self.metrics_port = server.server_port
+        # What start-up allocated lives as long as the process: move it out of the cyclic
+        # collector's sight, so full collections under load stay short (bench/batching.py
+        # measured 14-18 ms pauses every ~0.7 s without this).
+        gc.collect()
+        gc.freeze()
         self.accepting = True
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(GRPC_SERVICE, health_pb2.HealthCheckResponse.SERVING)

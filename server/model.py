@@ -30,7 +30,7 @@ from .workers import WorkerPool
 
 log = logging.getLogger("batchgate.model")
 _perf_ns = time.perf_counter_ns
-_INLINE_AFTER = 16  # executions timed on worker threads before any may run inline
+_INLINE_AFTER = 16  # executions of a batch size timed before that size may run inline
 
 
 class ServedModel:
@@ -85,8 +85,9 @@ class ServedModel:
         self._inline_max_ns = inline_max_us * 1000
         self._timed = 0
         self.inline_runs = 0  # executions that ran on the event loop
-        self._per_row_ns: deque[float] = deque(maxlen=_INLINE_AFTER)  # recent executions, per row
-        self._fastest_per_row_ns = math.inf
+        # Per batch size (rows): the recent execution times, and the fastest of them.
+        self._recent_ns: dict[int, deque[float]] = {}
+        self._fastest_ns: dict[int, float] = {}
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -138,13 +139,12 @@ class ServedModel:
     def _execute(self, batch: list[InferRequest], done) -> None:
         """Run a batch; ``done(answers)`` is called on the loop when it has finished.
 
-        A batch runs on a worker thread, unless this version's recent executions have been
-        measured to take less than ``inline_max_us`` for this many rows: then the hand-off
+        A batch runs on a worker thread, unless this version's recent executions of batches
+        of this many rows have been measured to take less than ``inline_max_us``: then the hand-off
         to a thread and back would cost the event loop more than the execution itself
         (``bench/serving.py``), so it runs here, on the loop, bounded by that threshold."""
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(r.checked.batch_size for r in batch)
-        if self._inline_max_ns and self._timed >= _INLINE_AFTER and \
-                self._fastest_per_row_ns * rows <= self._inline_max_ns:
+        if self._inline_max_ns and self._fastest_ns.get(rows, math.inf) <= self._inline_max_ns:
             self.inline_runs += 1
             done(self._run_batch(batch))
         else:
@@ -200,8 +200,12 @@ class ServedModel:
             m.compute.observe(took / 1e9)
             # The fastest of the recent executions: timings on a worker thread include waits
             # for the GIL while the loop is busy, which say nothing of the model's own cost.
-            self._per_row_ns.append(took / rows)
-            self._fastest_per_row_ns = min(self._per_row_ns)
+            recent = self._recent_ns.get(rows)
+            if recent is None:
+                recent = self._recent_ns[rows] = deque(maxlen=_INLINE_AFTER)
+            recent.append(took)
+            if len(recent) == _INLINE_AFTER:  # decide only once a size has been timed enough
+                self._fastest_ns[rows] = min(recent)
             self._timed += 1
         return answers
 

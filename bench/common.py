@@ -1,0 +1,254 @@
+"""Helpers shared by the benchmarks in bench/: processes pinned to cores, the load tools
+(h2load for gRPC, wrk for HTTP) and what they report, CPU accounting, and small utilities.
+
+Each benchmark script (serving.py, batching.py) runs as ``python bench/<name>.py``, so this
+module is imported as ``common`` from the script's own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+READY_TIMEOUT_S = 60.0
+
+# batchgate logs "... HTTP on H:P, gRPC on H:P, metrics on H:P|off" when it is ready.
+BATCHGATE_READY = re.compile(r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),"
+                             r" metrics on (?:(?P<metrics_host>\S+?):(?P<metrics>\d+)|off)")
+
+
+class BenchError(RuntimeError):
+    """A phase could not be measured, or its measurement cannot be trusted."""
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """gRPC length-prefixed message: 1 byte compressed flag (0), 4 bytes big-endian length."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+# ============================================================================ processes
+
+
+@dataclass
+class Pinning:
+    server: list[str]  # command prefix that pins the server
+    load: list[str]  # command prefix that pins the load tool
+    note: str
+    cores: list[str] = field(default_factory=list)  # [server core, load core] when pinned
+
+
+def choose_pinning(enabled: bool) -> Pinning:
+    cores = sorted(os.sched_getaffinity(0))
+    if not enabled:
+        return Pinning([], [], "off (--no-pin)")
+    if len(cores) < 2 or shutil.which("taskset") is None:
+        return Pinning([], [], f"off: needs 2 cores and taskset (have {len(cores)} cores)")
+    s, l = str(cores[0]), str(cores[1])
+    return Pinning(["taskset", "-c", s], ["taskset", "-c", l], f"server on core {s}, load tool on core {l}", [s, l])
+
+
+class Server:
+    """A server process whose stderr goes to a log file that is watched for its ready line."""
+
+    def __init__(self, name: str, cmd: list[str], ready: re.Pattern, log_path: Path):
+        self.name = name
+        self.cmd = cmd
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(HERE.parent))
+        self.match = self._wait_ready(ready)
+
+    def _wait_ready(self, ready: re.Pattern) -> re.Match:
+        t_end = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < t_end:
+            m = ready.search(self.log_path.read_text(errors="replace"))
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"{self.name} did not start; its log ends with:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the whole process (every thread), from /proc."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def core_jiffies(cores: list[str]) -> dict[str, tuple[int, int]]:
+    """(busy, total) jiffies of each listed core since boot, from /proc/stat. Busy includes
+    the kernel's softirq time, where most of the loopback TCP work is charged."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if name.startswith("cpu") and name[3:] in cores:
+                v = [int(x) for x in vals]
+                idle = v[3] + v[4]  # idle + iowait
+                out[name[3:]] = (sum(v[:8]) - idle, sum(v[:8]))
+    return out
+
+
+def busy_fraction(before: dict, after: dict, core: str) -> float:
+    if core not in before or core not in after:
+        return float("nan")
+    busy = after[core][0] - before[core][0]
+    total = after[core][1] - before[core][1]
+    return busy / total if total else float("nan")
+
+
+def run_tool(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[str, float]:
+    """Run a load tool to completion; return its output and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout[-3000:]}")
+    return p.stdout, cpu
+
+
+def foreign_cpu_seconds() -> dict[int, float]:
+    """CPU seconds so far of every user-space process that is neither this one nor one of its
+    children (kernel threads such as ksoftirqd are left out: they work for our traffic too)."""
+    me, tck = os.getpid(), os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        if pid != me and ppid != me and pid != 2 and ppid != 2:
+            out[pid] = (int(fields[11]) + int(fields[12])) / tck
+    return out
+
+
+def http_call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+# ============================================================================ load tools
+
+
+def h2load(pin: Pinning, port: int, frame_file: Path, clients: int, streams: int, seconds: float,
+           log_file: Path | None) -> dict:
+    cmd = [*pin.load, "h2load", "-t", "1", "-c", str(clients), "-m", str(streams), "-D", f"{max(1, round(seconds * 1000))}ms",
+           "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    if log_file is not None:
+        cmd += ["--log-file", str(log_file)]
+    cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer")
+    out, cpu = run_tool(cmd, timeout=seconds + 60)
+    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
+    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored, (\d+) timeout", out)
+    s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (m and r and s):
+        raise BenchError(f"cannot read h2load's output:\n{out}")
+    elapsed = float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}.get(m.group(2), 1.0)
+    done, ok, failed, errored, timeouts = (int(r.group(i)) for i in (3, 4, 5, 6, 7))
+    started = int(r.group(2))
+    res = {"elapsed_s": elapsed, "done": done, "cut_off": started - done, "ok": ok, "errors": failed + errored + timeouts,
+           "non_2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4)), "tool_cpu_s": cpu, "raw": out}
+    if log_file is not None:
+        lat = np.loadtxt(log_file, usecols=2, dtype=np.int64, ndmin=1) if log_file.stat().st_size else np.zeros(0)
+        if lat.size:
+            res["latency_us"] = {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
+                                 "p99": float(np.percentile(lat, 99)), "p999": float(np.percentile(lat, 99.9)),
+                                 "mean": float(lat.mean()), "max": float(lat.max())}
+    return res
+
+
+def wrk(pin: Pinning, port: int, path: str, body_file: Path, connections: int, seconds: float) -> dict:
+    """POST the body in ``body_file`` to ``path`` with wrk (bench/wrk_post.lua)."""
+    # wrk takes whole seconds
+    cmd = [*pin.load, "wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency",
+           "-s", str(HERE / "wrk_post.lua"), f"http://127.0.0.1:{port}{path}"]
+    out, cpu = run_tool(cmd, timeout=seconds + 60, env={"BENCH_BODY": str(body_file)})
+    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise BenchError(f"cannot read wrk's output:\n{out}")
+    j = json.loads(line[len("BENCH_JSON "):])
+    errors = sum(j["errors"][k] for k in ("connect", "read", "write", "timeout"))
+    non_2xx = j["errors"]["status"]
+    return {"elapsed_s": j["duration_us"] / 1e6, "done": j["requests"], "ok": j["requests"] - non_2xx,
+            "errors": errors, "non_2xx": non_2xx, "latency_us": {k: float(v) for k, v in j["latency_us"].items()},
+            "tool_cpu_s": cpu, "raw": out}
+
+
+# ============================================================================ small utilities
+
+
+def finite(o):
+    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
+    if isinstance(o, float):
+        return o if o == o and abs(o) != float("inf") else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [finite(v) for v in o]
+    return o
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.strip().splitlines()[0] if out.strip() else "?"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
