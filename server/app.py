@@ -188,6 +188,7 @@ class Gateway:
         config = uvicorn.Config(HttpApp(self, limit), http="httptools", loop="none", lifespan="off",
                                 access_log=False, log_level="warning", log_config=None,
                                 timeout_keep_alive=75, backlog=2048)
+        self._http_app = config.app
         self._http = _Uvicorn(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
@@ -234,6 +235,7 @@ class Gateway:
         if self._grpc is not None:
             await self._grpc.stop(1.0)
         if self._http is not None:
+            self._http_app.close()
             self._http.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 5)

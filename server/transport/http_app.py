@@ -45,6 +45,26 @@ class HttpApp:
         self.gw = gateway
         self.limit = max_body_bytes
         self._infer_paths: dict[str, tuple[str, str]] = {}
+        self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
+        self._watches: dict[asyncio.Task, _DisconnectWatch] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    async def _sweep(self) -> None:
+        """Every few milliseconds, start a disconnect watch for each infer request that has
+        waited longer than DISCONNECT_WATCH_AFTER_S."""
+        while True:
+            await asyncio.sleep(DISCONNECT_WATCH_AFTER_S / 2)
+            if not self._waiting:
+                continue
+            due = _monotonic() - DISCONNECT_WATCH_AFTER_S
+            for task, (receive, arrival) in list(self._waiting.items()):
+                if arrival <= due and task not in self._watches:
+                    watch = self._watches[task] = _DisconnectWatch(receive, task)
+                    watch.start()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -194,20 +214,26 @@ class HttpApp:
             if not req.id and req_id:
                 req.id = req_id
             pending = self.gw.infer(req)
-            # A request still unanswered after a moment starts listening for the client going
-            # away, so a request abandoned while queued leaves the queue (checked only then:
-            # most requests are answered first, and listening costs a task).
-            watch = _DisconnectWatch(receive)
-            timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch.start)
+            # Registered while it waits: the sweeper starts listening for a disconnect only
+            # for requests still unanswered after a moment (most are answered first, and
+            # listening costs a task), so one abandoned while queued leaves the queue.
+            task = asyncio.current_task()
+            waiting = self._waiting
+            waiting[task] = (receive, arrival)
+            if self._sweeper is None:
+                self._sweeper = asyncio.ensure_future(self._sweep())
             try:
                 resp = await pending
             except asyncio.CancelledError:
-                if watch.disconnected:
+                watch = self._watches.get(task)
+                if watch is not None and watch.disconnected:
                     return  # nobody to answer
                 raise
             finally:
-                timer.cancel()
-                watch.stop()
+                del waiting[task]
+                watch = self._watches.pop(task, None)
+                if watch is not None:
+                    watch.stop()
         except GatewayError as e:
             self.gw.log_failure("http", model, (req.id if req is not None else req_id) or "", e)
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
@@ -256,9 +282,9 @@ class _DisconnectWatch:
 
     __slots__ = ("_receive", "_task", "_watcher", "disconnected")
 
-    def __init__(self, receive):
+    def __init__(self, receive, task):
         self._receive = receive
-        self._task = asyncio.current_task()
+        self._task = task
         self._watcher = None
         self.disconnected = False
 
