@@ -62,7 +62,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from common import (BATCHGATE_READY, BenchError, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
+from common import (BATCHGATE_READY, BenchError, grpc_infer_raw, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
                     cpu_model, finite, foreign_cpu_seconds, grpc_frame, h2load, http_call, say, tool_version, wrk)
 
 HERE = Path(__file__).resolve().parent
@@ -241,17 +241,8 @@ def make_workload(key: str, model, sizes: tuple[int, ...], tmp: Path) -> Workloa
 def grpc_check(port: int, w: Workload) -> None:
     """The exact bytes h2load sends, through a real gRPC client: the answer must be OK and equal
     to ONNX Runtime's own."""
-    import grpc
-    from tritonclient.grpc import service_pb2 as pb
-
     payload = w.frame.read_bytes()[5:]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                              request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
-        try:
-            resp = call(payload, timeout=10)
-        except grpc.RpcError as e:
-            raise BenchError(f"the benchmark request fails over gRPC: {e.code().name}: {e.details()}") from None
+    resp = grpc_infer_raw(port, payload)
     if len(resp.raw_output_contents) != 1 or list(resp.outputs[0].shape) != list(w.expected.shape):
         raise BenchError(f"unexpected gRPC answer to the benchmark request: {resp}")
     got = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(w.expected.shape)

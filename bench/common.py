@@ -252,3 +252,18 @@ def cpu_model() -> str:
         pass
     return platform.processor() or "?"
 
+
+
+def grpc_infer_raw(port: int, payload: bytes):
+    """Send one serialized ModelInferRequest through a real gRPC client and return the
+    ModelInferResponse; BenchError if the call fails."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                              request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
+        try:
+            return call(payload, timeout=10)
+        except grpc.RpcError as e:
+            raise BenchError(f"the benchmark request fails over gRPC: {e.code().name}: {e.details()}") from None

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from common import (BATCHGATE_READY, BenchError, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
+from common import (BATCHGATE_READY, BenchError, grpc_infer_raw, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
                     cpu_model, finite, foreign_cpu_seconds, grpc_frame, h2load, http_call, say, tool_version, wrk)
 
 HERE = Path(__file__).resolve().parent
@@ -117,16 +117,7 @@ def http_request_body() -> bytes:
 def grpc_check_once(port: int, payload: bytes) -> None:
     """Send the exact bytes h2load will send through a real gRPC client; the answer must be
     an OK status carrying the input row back."""
-    import grpc
-    from tritonclient.grpc import service_pb2 as pb
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                              request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
-        try:
-            resp = call(payload, timeout=10)
-        except grpc.RpcError as e:
-            raise BenchError(f"the benchmark request fails over gRPC: {e.code().name}: {e.details()}") from None
+    resp = grpc_infer_raw(port, payload)
     if len(resp.outputs) != 1 or list(resp.outputs[0].shape) != [1, 4] or len(resp.raw_output_contents) != 1:
         raise BenchError(f"unexpected gRPC answer to the benchmark request: {resp}")
     got = np.frombuffer(resp.raw_output_contents[0], dtype="<f4")

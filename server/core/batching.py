@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ErrorCode, GatewayError, invalid
 from .scheduler import (EXPIRED, QUEUE_FULL, QUEUE_TIMEOUT, UNMEETABLE, Clock, DrainRate, Execute, Refused,
-                        _ignore, deadline_error)
+                        _ignore, _SchedulerBase, deadline_error)
 from .types import InferRequest, InferResponse
 
 TRITON = "triton"
@@ -107,7 +107,7 @@ class _Entry:
         self.answer = None  # held until earlier requests are answered (preserve_ordering)
 
 
-class DynamicBatcher:
+class DynamicBatcher(_SchedulerBase):
     def __init__(self, execute: Execute, config: BatcherConfig, clock: Clock = time.monotonic, name: str = "",
                  refused: Refused | None = None):
         self._execute = execute
@@ -139,16 +139,6 @@ class DynamicBatcher:
     @property
     def queue_depth(self) -> int:
         return self._depth
-
-    @property
-    def executing(self) -> int:
-        return self._executing
-
-    def close(self) -> None:
-        self._closed = True
-
-    async def drain(self) -> None:
-        await self._idle.wait()
 
     def oldest_age_s(self) -> float:
         """How long the longest-waiting queued request has waited (0 when none)."""

@@ -67,7 +67,25 @@ def deadline_error(request: InferRequest) -> GatewayError:
     )
 
 
-class PassThroughScheduler:
+class _SchedulerBase:
+    """What every scheduler keeps alike: closing, draining, and the count of executing requests."""
+
+    _closed: bool
+    _executing: int
+    _idle: asyncio.Event
+
+    @property
+    def executing(self) -> int:
+        return self._executing
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+
+class PassThroughScheduler(_SchedulerBase):
     """No batching: each request executes alone, ``instances`` at a time, in arrival order."""
 
     def __init__(
@@ -99,16 +117,6 @@ class PassThroughScheduler:
     @property
     def queue_depth(self) -> int:
         return self._waiting
-
-    @property
-    def executing(self) -> int:
-        return self._executing
-
-    def close(self) -> None:
-        self._closed = True
-
-    async def drain(self) -> None:
-        await self._idle.wait()
 
     def oldest_age_s(self) -> float:
         """How long the longest-waiting queued request has waited (0 when none)."""
