@@ -22,7 +22,7 @@ from .backends.base import Backend
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
 from .core.scheduler import PassThroughScheduler
 from .core.errors import ErrorCode, GatewayError
-from .core.stats import FAIL, QUEUE, SUCCESS, ModelStats
+from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
 from .monitoring.metrics import ModelMetrics
 from .repository.config import signature_of
@@ -112,16 +112,13 @@ class ServedModel:
             # Request figures are written only here, on the event loop, so they need no lock
             # (executions, which may finish on worker threads, write other fields under one).
             elapsed = _perf_ns() - start
-            t = self.stats.totals
-            i = SUCCESS if status == "OK" else FAIL
-            t[i] += 1
-            t[i + 1] += elapsed
             m = self._metrics
             if request.dispatched:
                 queued = request.dispatched - request.arrival
-                t[QUEUE] += 1
-                t[QUEUE + 1] += int(queued * 1e9)
+                self.stats.record_request(status == "OK", elapsed, int(queued * 1e9))
                 m.queue.observe(queued)
+            else:
+                self.stats.record_request(status == "OK", elapsed)
             m.request_done(request.protocol, status, elapsed / 1e9)
             self.in_flight -= 1
             if self.in_flight == 0:

@@ -133,7 +133,6 @@ class DynamicBatcher(_SchedulerBase):
         self._drain = DrainRate(clock)
         self._preferred = sorted(set(config.preferred_batch_sizes), reverse=True)
         self._arrival_order: deque[_Entry] = deque()  # preserve_ordering: entries not yet answered
-        self.batch_sizes: dict[int, int] = {}  # rows per executed batch -> count
 
     # -------------------------------------------------------------- Scheduler interface
     @property
@@ -395,7 +394,6 @@ class DynamicBatcher(_SchedulerBase):
             e.request.dispatched = now
             requests.append(e.request)
         rows = sum(e.rows for e in batch)
-        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
         self._execute(requests, partial(self._finished, batch, rows, now))
 
     def _finished(self, batch: list[_Entry], rows: int, started: float, results) -> None:

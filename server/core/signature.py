@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import invalid
-from .types import DATATYPES, DataType, InferRequest
+from .types import DataType, InferRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +138,3 @@ class ModelSignature:
                 names.append(o.name)
             names = tuple(names)
         return Checked(feeds, names, batch if batch > 0 else 1)
-
-
-def v2_datatype_names() -> list[str]:
-    return list(DATATYPES)

@@ -66,10 +66,6 @@ class ModelStats:
             t[QUEUE] += 1
             t[QUEUE + 1] += queue_ns
 
-    def record_queue(self, ns: int) -> None:
-        self.totals[QUEUE] += 1
-        self.totals[QUEUE + 1] += ns
-
     def as_dict(self) -> dict:
         """The JSON shape of one ``model_stats`` entry (also fed to the protobuf)."""
         t = self.totals

@@ -16,7 +16,6 @@ it in; requests already on the old versions finish there.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import shutil
@@ -367,14 +366,3 @@ class ModelRepository:
             return OnnxBackend(path, providers, intra, inter)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise ConfigError(f"model '{cfg.name}': ONNX Runtime cannot load {os.path.basename(path)}: {e}") from None
-
-
-def decode_files(params: dict[str, bytes | str]) -> dict[str, bytes]:
-    """``file:<path>`` load parameters, as bytes (gRPC) or base64 text (HTTP)."""
-    out = {}
-    for k, v in params.items():
-        if k.startswith("file:"):
-            out[k[5:]] = v if isinstance(v, bytes) else base64.b64decode(v)
-    return out
-
-

@@ -84,12 +84,9 @@ def add_to_server(service: "InferenceService", server) -> None:
             make = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(impl, request_deserializer=deserializer,
                                      response_serializer=resp_cls.SerializeToString)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
-    # Registered methods are matched inside gRPC's core, without a Python lookup per call.
-    register = getattr(server, "add_registered_method_handlers", None)
-    if register is not None:
-        register("inference.GRPCInferenceService", handlers)
+    # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
+    # lookup per call.
+    server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
 
 
 class _StreamEnd:

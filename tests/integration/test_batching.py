@@ -104,7 +104,6 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path
 
 def _gather_model():
     """INT64 idx [-1, 1] -> FP32 [-1, 1] = table[idx]; an index past the table fails at run time."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")

@@ -14,11 +14,9 @@ def filled() -> ModelStats:
     s.record_execution(rows=8, requests=3, input_ns=10, infer_ns=100, output_ns=1)
     s.record_execution(rows=2, requests=1, input_ns=20, infer_ns=200, output_ns=2)
     s.record_execution(rows=8, requests=2, input_ns=30, infer_ns=300, output_ns=3)
-    for ns in (5, 6, 7):
-        s.record_queue(ns)
-    s.record_request(True, 1000)
-    s.record_request(True, 3000)
-    s.record_request(False, 50)
+    s.record_request(True, 1000, queue_ns=5)
+    s.record_request(True, 3000, queue_ns=6)
+    s.record_request(False, 50, queue_ns=7)
     return s
 
 
