@@ -126,6 +126,7 @@ class DynamicBatcher(_SchedulerBase):
         self._closed = False
         self._pumping = False
         self._again = False
+        self._soon: asyncio.Handle | None = None  # work-conserving: a pump at the end of this loop turn
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._idle = asyncio.Event()
@@ -183,7 +184,13 @@ class DynamicBatcher(_SchedulerBase):
         if entry.deadline is not None or entry.soft_deadline is not None:
             self._timed += 1
         self._idle.clear()
-        self._pump()
+        if cfg.policy == WORK_CONSERVING:
+            # Dispatch at the end of this loop turn, not now: requests whose handlers run in
+            # the same turn (a burst read off the sockets) leave together. It costs no waiting.
+            if self._soon is None:
+                self._soon = asyncio.get_running_loop().call_soon(self._pump_soon)
+        else:
+            self._pump()
         try:
             result = await future
         except asyncio.CancelledError:
@@ -341,6 +348,10 @@ class DynamicBatcher(_SchedulerBase):
                 self._pump_once()
         finally:
             self._pumping = False
+
+    def _pump_soon(self) -> None:
+        self._soon = None
+        self._pump()
 
     def _pump_once(self) -> None:
         now = self._clock()

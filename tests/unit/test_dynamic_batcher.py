@@ -289,6 +289,15 @@ async def test_work_conserving_dispatches_at_once_when_an_instance_is_idle():
     await asyncio.gather(a, *more)
 
 
+async def test_work_conserving_sends_a_burst_from_one_loop_turn_together():
+    clock, rec, b = make(policy=WORK_CONSERVING, max_queue_delay_s=1.0)
+    burst = [go(b, rq(clock, f"r{i}")) for i in range(3)]  # all submitted before the loop turns
+    await settle()
+    assert rec.ids() == [["r0", "r1", "r2"]]  # no clock movement: no waiting, only the same turn
+    rec.finish()
+    await asyncio.gather(*burst)
+
+
 async def test_triton_policy_with_delay_waits_even_when_idle():
     clock, rec, b = make(policy=TRITON, max_queue_delay_s=1.0)
     a = go(b, rq(clock, "a"))
