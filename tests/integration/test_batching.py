@@ -212,3 +212,92 @@ def test_each_model_can_choose_its_policy(tmp_path, serve):
     repo = running.gateway.repository
     assert repo.resolve("a", "").scheduler.config.policy == "triton"
     assert repo.resolve("b", "").scheduler.config.policy == "work_conserving"
+
+
+def _wait(cond, what, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def _metric(url: str, name: str, model: str) -> float:
+    import urllib.request
+
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} for {model} not exported")
+
+
+def test_a_stream_a_unary_call_and_http_share_one_queue_and_one_batch(tmp_path, serve):
+    # The batch goes only when full (3 rows) or after 5 s: three callers over three transports
+    # answered quickly in one execution can only have met in one queue.
+    _save(classifier_model(), str(tmp_path), "clf",
+          config="max_batch_size: 3\ndynamic_batching { max_queue_delay_microseconds: 5000000 }\n")
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    served = running.gateway.repository.resolve("clf", "")
+    ref = ort.InferenceSession(_save(classifier_model(), str(tmp_path / "ref"), "clf"),
+                               providers=["CPUExecutionProvider"])
+    xs = [np.full((1, 4), v, np.float32) for v in (1.0, 2.0, 3.0)]
+    streamed = []
+    stream_client = grpcclient.InferenceServerClient(running.grpc_url)
+    stream_client.start_stream(callback=lambda result, error: streamed.append(error or result))
+    inp = grpcclient.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(xs[0])
+    stream_client.async_stream_infer("clf", [inp])
+    with ThreadPoolExecutor(2) as pool:
+        unary = pool.submit(_infer, grpcclient, running.grpc_url, "clf", "features", xs[1])
+        _wait(lambda: served.scheduler.queue_depth == 2, "two queued requests")
+        time.sleep(0.05)
+        assert _metric(running.metrics_url, "batchgate_queue_depth", "clf") == 2
+        assert _metric(running.metrics_url, "batchgate_queue_oldest_age_seconds", "clf") >= 0.05
+        http = pool.submit(_infer, httpclient, running.http_url, "clf", "features", xs[2])
+        outs = [unary.result(4).as_numpy("probabilities"), http.result(4).as_numpy("probabilities")]
+    _wait(lambda: streamed, "the streamed answer", 4)
+    stream_client.stop_stream()
+    assert not isinstance(streamed[0], InferenceServerException), streamed[0]
+    outs.insert(0, streamed[0].as_numpy("probabilities"))
+    for x, out in zip(xs, outs):
+        np.testing.assert_allclose(out, ref.run(None, {"features": x})[0], rtol=1e-5)
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("clf")["model_stats"][0]
+    assert stats["execution_count"] == 1 and stats["inference_count"] == 3
+    assert [b["batch_size"] for b in stats["batch_stats"]] == [3]
+    queue = stats["inference_stats"]["queue"]
+    assert queue["count"] == 3 and queue["ns"] >= 50_000_000  # the first two waited >= 50 ms
+    assert _metric(running.metrics_url, "batchgate_queue_depth", "clf") == 0
+
+
+def test_the_v2_priority_parameter_orders_the_queue(tmp_path, serve):
+    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
+          config="max_batch_size: 64\ndynamic_batching { priority_levels: 2 default_priority_level: 2 "
+                 "preferred_batch_size: 1 }\n")
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    served = running.gateway.repository.resolve("slow", "")
+    x = np.ones((1, 1024), np.float32)
+    finished = []
+
+    def call(tag, priority, rows=1):
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        inp = grpcclient.InferInput("input", [rows, 1024], "FP32")
+        inp.set_data_from_numpy(np.ones((rows, 1024), np.float32))
+        c.infer("slow", [inp], priority=priority)
+        finished.append(tag)
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = pool.submit(call, "busy", 0, 64)  # keeps the one instance busy for a while
+        _wait(lambda: running.gateway.in_flight == 1 and served.scheduler.queue_depth == 0, "the busy batch")
+        low = pool.submit(call, "low", 0)  # 0: the default level, 2 (the lower)
+        _wait(lambda: served.scheduler.queue_depth == 1, "the low-priority request queued")
+        high = pool.submit(call, "high", 1)
+        _wait(lambda: served.scheduler.queue_depth == 2, "both queued")
+        for f in (busy, low, high):
+            f.result(30)
+    assert finished == ["busy", "high", "low"]  # each went alone (preferred size 1), highest first
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("slow", [inp], priority=3)
+    assert "INVALID_ARGUMENT" in e.value.status() and "priority 3 is out of range" in e.value.message()
