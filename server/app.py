@@ -78,6 +78,8 @@ class Gateway:
             inline_max_us=settings.inline_execution_max_us,
             batching_policy=settings.batching_policy,
             model_batching_policy=batching_policies(settings),
+            remote_models=settings.remote_models,
+            max_message_bytes=settings.max_request_bytes,
         )
         self.accepting = False
         self.http_port = self.grpc_port = self.metrics_port = None

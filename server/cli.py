@@ -43,6 +43,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--log-format", choices=("plain", "json"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--gpu-device-id", type=int)
+    p.add_argument("--remote-model", dest="remote_models", action="append",
+                   help="a model served by remote V2 servers, as 'name=M upstreams=HOST:PORT[,HOST:PORT] "
+                        "[batching=gateway|passthrough] [key=value ...]' (repeatable; see the README)")
 
 
 def main(argv=None) -> int:

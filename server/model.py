@@ -33,6 +33,16 @@ _perf_ns = time.perf_counter_ns
 _INLINE_AFTER = 16  # executions of a batch size timed before that size may run inline
 
 
+class _Execution:
+    """A running remote execution: cancelled when every caller of its batch has gone."""
+
+    __slots__ = ("task", "waiting")
+
+    def __init__(self, task: asyncio.Future, waiting: int):
+        self.task = task
+        self.waiting = waiting
+
+
 class ServedModel:
     def __init__(
         self,
@@ -51,6 +61,8 @@ class ServedModel:
         self.config = config
         self.signature = signature_of(config)
         self.backend = backend
+        # A remote backend's infer() is a coroutine: it runs on the loop, never on a worker.
+        self.remote = bool(getattr(backend, "is_async", False))
         self.stats = ModelStats(self.name, version)
         self._output_types = {t.name: t.dtype.v2 for t in self.signature.outputs}
         self._stats_lock = threading.Lock()  # executions are recorded from worker threads
@@ -92,9 +104,16 @@ class ServedModel:
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.track(self, lambda: self.scheduler.queue_depth, lambda: self.in_flight,
-                      lambda: self.scheduler.oldest_age_s())
+                      lambda: self.scheduler.oldest_age_s(), self.ready if self.remote else None)
+
+    def ready(self) -> bool:
+        """Whether this version can serve now (a remote model needs an upstream in rotation)."""
+        backend = self.backend
+        return backend is not None and (not self.remote or backend.ready())
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        if self.remote and not self.backend.ready():
+            raise self.backend.unavailable()  # at once, not after a wait in the queue
         self.in_flight += 1
         if self.in_flight == 1:
             self._idle.clear()
@@ -107,6 +126,11 @@ class ServedModel:
             raise
         except asyncio.CancelledError:
             status = ErrorCode.CANCELLED.value
+            ex = request.execution
+            if ex is not None:  # a remote call: cancel it once none of its callers waits
+                ex.waiting -= 1
+                if ex.waiting <= 0:
+                    ex.task.cancel()
             raise
         finally:
             # Request figures are written only here, on the event loop, so they need no lock
@@ -140,6 +164,9 @@ class ServedModel:
         of this many rows have been measured to take less than ``inline_max_us``: then the hand-off
         to a thread and back would cost the event loop more than the execution itself
         (``bench/serving.py``), so it runs here, on the loop, bounded by that threshold."""
+        if self.remote:
+            self._execute_remote(batch, done)
+            return
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(r.checked.batch_size for r in batch)
         if self._inline_max_ns and self._fastest_ns.get(rows, math.inf) <= self._inline_max_ns:
             self.inline_runs += 1
@@ -147,54 +174,101 @@ class ServedModel:
         else:
             self._workers.call(self._run_batch, batch, done)
 
+    def _execute_remote(self, batch: list[InferRequest], done) -> None:
+        task = asyncio.ensure_future(self._run_remote(batch))
+        ex = _Execution(task, len(batch))
+        for r in batch:
+            r.execution = ex
+
+        def finished(t: asyncio.Future) -> None:
+            for r in batch:
+                r.execution = None
+            if t.cancelled():
+                done([GatewayError(ErrorCode.CANCELLED, "cancelled: every caller of the batch went away")]
+                     * len(batch))
+            else:
+                done(t.result())
+
+        task.add_done_callback(finished)
+
+    @staticmethod
+    def _inputs(batch: list[InferRequest]) -> tuple[dict, tuple[str, ...]]:
+        """The feeds and output names of a batch: several requests are merged along the batch
+        dimension (the codecs hand over C-contiguous arrays: a lone request needs nothing)."""
+        if len(batch) == 1:
+            return batch[0].checked.feeds, batch[0].checked.output_names
+        return (merge([r.checked.feeds for r in batch]),
+                tuple(dict.fromkeys(n for r in batch for n in r.checked.output_names)))
+
+    def _answers(self, batch: list[InferRequest], names: tuple[str, ...], arrays: list) -> tuple[list, int]:
+        """Each caller's answer, exactly its own rows; and the rows of the batch."""
+        types = self._output_types
+        if len(batch) == 1:
+            request = batch[0]
+            return [InferResponse(self.name, self.version,
+                                  [Tensor(n, types[n], a.shape, a) for n, a in zip(names, arrays)],
+                                  id=request.id)], request.checked.batch_size
+        sizes = [r.checked.batch_size for r in batch]
+        answers = []
+        for r, parts in zip(batch, split(arrays, sizes)):
+            got = dict(zip(names, parts))
+            answers.append(InferResponse(
+                self.name, self.version,
+                [Tensor(n, types[n], got[n].shape, got[n]) for n in r.checked.output_names], id=r.id))
+        return answers, sum(sizes)
+
+    def _failure(self, batch: list[InferRequest], e: Exception) -> list:
+        if isinstance(e, GatewayError):
+            return [e] * len(batch)
+        # the engine refused or crashed: this batch fails, the model serves on
+        log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
+        return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(batch)
+
+    async def _run_remote(self, batch: list[InferRequest]) -> list:
+        """A remote model's batch: the upstream call runs on the loop. Its timeout is the
+        latest deadline of the batch's callers (none if any caller has none)."""
+        deadlines = [r.deadline for r in batch]
+        deadline = None if None in deadlines else max(deadlines)
+        try:
+            t0 = _perf_ns()
+            feeds, names = self._inputs(batch)
+            t1 = _perf_ns()
+            arrays = await self.backend.infer(feeds, names, deadline, batch[0].id if len(batch) == 1 else "")
+            t2 = _perf_ns()
+            answers, rows = self._answers(batch, names, arrays)
+            t3 = _perf_ns()
+        except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
+            return self._failure(batch, e)
+        with self._stats_lock:
+            self._record(rows, len(batch), t0, t1, t2, t3)
+        return answers
+
+    def _record(self, rows: int, requests: int, t0: int, t1: int, t2: int, t3: int) -> None:
+        """Statistics and metrics of one execution (the caller holds the statistics lock)."""
+        self.stats.record_execution(rows, requests, t1 - t0, t2 - t1, t3 - t2)
+        m = self._metrics
+        m.executions += 1
+        m.inferences += rows
+        m.batch_rows[rows] = m.batch_rows.get(rows, 0) + 1
+        m.compute.observe((t3 - t0) / 1e9)
+
     def _run_batch(self, batch: list[InferRequest]) -> list:
         """Prepare inputs, execute, collect outputs, record figures (on a worker thread, or
         on the loop for a model measured fast enough). A batch of several requests is merged
         along the batch dimension and each caller gets back exactly its own rows."""
-        request = batch[0]
-        checked = request.checked
         try:
             t0 = _perf_ns()
-            if len(batch) == 1:
-                # The codecs hand over C-contiguous arrays: a lone request needs no preparation.
-                feeds, names = checked.feeds, checked.output_names
-                t1 = t0
-            else:
-                feeds = merge([r.checked.feeds for r in batch])
-                names = tuple(dict.fromkeys(n for r in batch for n in r.checked.output_names))
-                t1 = _perf_ns()
+            feeds, names = self._inputs(batch)
+            t1 = _perf_ns()
             arrays = self.backend.run(feeds, names)
             t2 = _perf_ns()
-            types = self._output_types
-            if len(batch) == 1:
-                answers = [InferResponse(self.name, self.version,
-                                         [Tensor(n, types[n], a.shape, a) for n, a in zip(names, arrays)],
-                                         id=request.id)]
-                rows = checked.batch_size
-            else:
-                sizes = [r.checked.batch_size for r in batch]
-                rows = sum(sizes)
-                answers = []
-                for r, parts in zip(batch, split(arrays, sizes)):
-                    got = dict(zip(names, parts))
-                    answers.append(InferResponse(
-                        self.name, self.version,
-                        [Tensor(n, types[n], got[n].shape, got[n]) for n in r.checked.output_names], id=r.id))
+            answers, rows = self._answers(batch, names, arrays)
             t3 = _perf_ns()
-        except GatewayError as e:
-            return [e] * len(batch)
-        except Exception as e:  # the engine refused or crashed: this batch fails, the model serves on
-            log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
-            return [GatewayError(ErrorCode.INTERNAL,
-                                 f"model '{self.name}' version {self.version} failed: {e}")] * len(batch)
+        except Exception as e:  # noqa: BLE001
+            return self._failure(batch, e)
         took = t3 - t0
         with self._stats_lock:
-            self.stats.record_execution(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
-            m = self._metrics
-            m.executions += 1
-            m.inferences += rows
-            m.batch_rows[rows] = m.batch_rows.get(rows, 0) + 1
-            m.compute.observe(took / 1e9)
+            self._record(rows, len(batch), t0, t1, t2, t3)
             # The fastest of the recent executions: timings on a worker thread include waits
             # for the GIL while the loop is busy, which say nothing of the model's own cost.
             recent = self._recent_ns.get(rows)
@@ -217,5 +291,8 @@ class ServedModel:
         self._metrics.retired(self)
         backend, self.backend = self.backend, None
         if backend is not None:
+            if self.remote:
+                await backend.aclose()
+                return
             # Close in a thread: a run may still hold the session if the grace period ran out.
             await asyncio.get_running_loop().run_in_executor(self._pool, backend.close)

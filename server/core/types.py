@@ -153,6 +153,7 @@ class InferRequest:
     binary_output_default: bool = False  # HTTP only: binary_data_output
     checked: Any = None  # the signature check's result (core.signature.Checked)
     dispatched: float = 0.0  # monotonic clock when a scheduler handed it to the backend
+    execution: Any = None  # the running execution it belongs to, where a caller can cancel it (remote models)
 
 
 @dataclass(slots=True)

@@ -52,6 +52,25 @@ FAMILIES = {
     "batchgate_model_load_duration_seconds": ("gauge", "Time the last load of the model version took", []),
 }
 LOAD_FAILURES = ("batchgate_model_load_failures", "Model loads that failed")
+# Remote models (backends/triton.py): one series per model and upstream address.
+UPSTREAM = ["model", "upstream"]
+UPSTREAM_FAMILIES = {
+    "batchgate_upstream_requests": ("counter", "Calls sent to an upstream V2 server", []),
+    "batchgate_upstream_errors": ("counter", "Upstream calls that failed, by gRPC status code", ["code"]),
+    "batchgate_upstream_request_duration_seconds": ("histogram", "Time of one upstream call", []),
+    "batchgate_upstream_ejections": (
+        "counter", "Times the upstream was taken out of rotation after consecutive failures", []),
+    "batchgate_upstream_outstanding": ("gauge", "Calls sent to the upstream and not yet answered", []),
+    "batchgate_upstream_healthy": ("gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", []),
+}
+
+
+_KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+
+
+def _families(specs: dict, labels: list[str]) -> dict:
+    """Empty Prometheus families for a table of (kind, help, extra labels) by name."""
+    return {name: _KINDS[kind](name, doc, labels=labels + extra) for name, (kind, doc, extra) in specs.items()}
 
 
 class Histogram:
@@ -98,19 +117,22 @@ class ModelMetrics:
         self._queue_depth: Callable[[], int] | None = None
         self._in_flight: Callable[[], int] | None = None
         self._oldest_age: Callable[[], float] | None = None
+        self._ready: Callable[[], bool] | None = None
         self._owner: object = None
 
     def track(self, owner: object, queue_depth: Callable[[], int], in_flight: Callable[[], int],
-              oldest_age: Callable[[], float]) -> None:
-        """Export live gauges read from ``owner`` (a served model version) from now on."""
+              oldest_age: Callable[[], float], ready: Callable[[], bool] | None = None) -> None:
+        """Export live gauges read from ``owner`` (a served model version) from now on;
+        ``ready`` is asked at each scrape where readiness can change while loaded."""
         self._owner = owner
         self._queue_depth, self._in_flight, self._oldest_age = queue_depth, in_flight, oldest_age
+        self._ready = ready
         self.ready = 1
 
     def retired(self, owner: object) -> None:
         """Stop the gauges, unless a reload of the same version has taken them over."""
         if self._owner is owner:
-            self._owner = self._queue_depth = self._in_flight = self._oldest_age = None
+            self._owner = self._queue_depth = self._in_flight = self._oldest_age = self._ready = None
             self.ready = 0
 
     def request_done(self, protocol: str, status: str, seconds: float) -> None:
@@ -125,6 +147,18 @@ class ModelMetrics:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
 
+class UpstreamMetrics:
+    """The figures of one upstream of one remote model (updated on the event loop)."""
+
+    def __init__(self):
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self.latency = Histogram()
+        self.ejections = 0
+        self.outstanding = 0
+        self.healthy = 0
+
+
 class Metrics:
     """One registry per gateway, so several gateways in one process (tests) do not clash."""
 
@@ -132,7 +166,16 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
+        self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
         self.registry.register(self)
+
+    def upstream(self, model: str, address: str) -> UpstreamMetrics:
+        """The figures of one upstream of a remote model; a reload continues them."""
+        key = (model, address)
+        um = self._upstreams.get(key)
+        if um is None:
+            um = self._upstreams[key] = UpstreamMetrics()
+        return um
 
     def bind(self, model: str, version: str) -> ModelMetrics:
         """The figures of one model version; a reload of the same version continues them."""
@@ -150,10 +193,7 @@ class Metrics:
         return []
 
     def collect(self) -> Iterator:
-        fams = {}
-        for name, (kind, doc, extra) in FAMILIES.items():
-            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[kind]
-            fams[name] = cls(name, doc, labels=MODEL + extra)
+        fams = _families(FAMILIES, MODEL)
         for (model, version), m in list(self._models.items()):
             mv = [model, version]
             for (protocol, status), n in list(m.requests.items()):
@@ -164,7 +204,8 @@ class Metrics:
             fams["batchgate_compute_duration_seconds"].add_metric(mv, m.compute.cumulative(), m.compute.sum)
             fams["batchgate_inference_count"].add_metric(mv, m.inferences)
             fams["batchgate_execution_count"].add_metric(mv, m.executions)
-            fams["batchgate_model_ready"].add_metric(mv, m.ready)
+            ready = m._ready
+            fams["batchgate_model_ready"].add_metric(mv, int(ready()) if m.ready and ready is not None else m.ready)
             depth, inflight, oldest = m._queue_depth, m._in_flight, m._oldest_age
             if depth is not None and inflight is not None and oldest is not None:
                 fams["batchgate_queue_depth"].add_metric(mv, depth())
@@ -183,3 +224,17 @@ class Metrics:
             failures.add_metric([model], n)
         yield from fams.values()
         yield failures
+        yield from self._collect_upstreams()
+
+    def _collect_upstreams(self) -> Iterator:
+        fams = _families(UPSTREAM_FAMILIES, UPSTREAM)
+        for (model, address), u in list(self._upstreams.items()):
+            lv = [model, address]
+            fams["batchgate_upstream_requests"].add_metric(lv, u.requests)
+            for code, n in list(u.errors.items()):
+                fams["batchgate_upstream_errors"].add_metric(lv + [code], n)
+            fams["batchgate_upstream_request_duration_seconds"].add_metric(lv, u.latency.cumulative(), u.latency.sum)
+            fams["batchgate_upstream_ejections"].add_metric(lv, u.ejections)
+            fams["batchgate_upstream_outstanding"].add_metric(lv, u.outstanding)
+            fams["batchgate_upstream_healthy"].add_metric(lv, u.healthy)
+        yield from fams.values()

@@ -11,6 +11,11 @@ Control modes, as Triton names them:
 
 A (re)load builds every served version completely before one assignment swaps
 it in; requests already on the old versions finish there.
+
+Remote models (``remote_models`` in the settings) sit beside the repository's own:
+they load at start whatever the mode (their signature is read from an upstream),
+are retried in the background while no upstream answers, and, in explicit mode,
+answer the load/unload API like any other model.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from dataclasses import dataclass, field
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends.onnx import OnnxBackend, choose_providers
+from ..backends.triton import TritonBackend
+from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError, not_found
 from ..model import ServedModel
 from ..monitoring.metrics import Metrics
@@ -94,10 +101,15 @@ class ModelRepository:
         inline_max_us: int = 0,
         batching_policy: str = "triton",
         model_batching_policy: dict[str, str] | None = None,
+        remote_models: tuple[RemoteModel, ...] = (),
+        max_message_bytes: int = 64 * 1024 * 1024,
     ):
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, not {control_mode!r}")
-        self.root = os.path.abspath(root)
+        self.root = os.path.abspath(root) if root else ""
+        self.remote = {m.name: m for m in remote_models}
+        self.max_message_bytes = max_message_bytes
+        self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
         self.pool = pool
         self.workers = workers
         self.metrics = metrics
@@ -142,8 +154,7 @@ class ModelRepository:
 
     def ready(self, name: str, version: str = "") -> bool:
         try:
-            self.resolve(name, version)
-            return True
+            return self.resolve(name, version).ready()
         except GatewayError:
             return False
 
@@ -157,7 +168,12 @@ class ModelRepository:
             e = self.models[name]
             if e.versions:
                 for v in sorted(e.versions):
-                    rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
+                    served = e.versions[v]
+                    if served.ready():
+                        rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
+                    elif not ready_only:
+                        rows.append({"name": name, "version": str(v), "state": UNAVAILABLE,
+                                     "reason": served.backend.not_ready_reason() if served.backend else "retired"})
                 if e.state != READY and not ready_only:
                     rows.append({"name": name, "version": "", "state": e.state, "reason": e.reason})
             elif not ready_only:
@@ -166,6 +182,10 @@ class ModelRepository:
 
     # ---------------------------------------------------------------- lifecycle
     def _discover(self) -> list[str]:
+        for n in self.remote:
+            self.models.setdefault(n, ModelEntry(n))
+        if not self.root:
+            return []
         try:
             names = sorted(
                 n for n in os.listdir(self.root)
@@ -179,6 +199,12 @@ class ModelRepository:
 
     async def start(self) -> None:
         names = self._discover()
+        both = sorted(set(names) & set(self.remote))
+        if both:
+            raise ConfigError(f"model(s) {', '.join(both)}: both a directory in the model repository and a "
+                              "remote model; rename one")
+        for spec in self.remote.values():
+            await self._load_remote(spec)
         if self.mode == "explicit":
             wanted = names if "*" in self.load_models else [n for n in self.load_models]
         else:
@@ -191,10 +217,14 @@ class ModelRepository:
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
+        for t in self._retrying.values():
+            t.cancel()
         for e in self.models.values():
             for s in e.versions.values():
                 s.scheduler.close()
         await asyncio.gather(*(s.scheduler.drain() for s in self.served()), return_exceptions=True)
+        await asyncio.gather(*(s.backend.aclose() for s in self.served() if s.remote and s.backend),
+                             return_exceptions=True)
         for d in self._overrides.values():
             shutil.rmtree(d, ignore_errors=True)
 
@@ -214,7 +244,7 @@ class ModelRepository:
                 continue
             if fingerprint(os.path.join(self.root, name)) != e.fingerprint:
                 await self._load(name)
-        for name in [n for n in self.models if n not in present]:
+        for name in [n for n in self.models if n not in present and n not in self.remote]:
             await self._unload(name, forget=True)
 
     async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
@@ -224,6 +254,12 @@ class ModelRepository:
                 ErrorCode.UNAVAILABLE,
                 f"explicit model load / unload is not allowed in model control mode '{self.mode}'; "
                 "start with --model-control-mode=explicit")
+        if name in self.remote:
+            if config_json is not None or files:
+                raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"model '{name}' is a remote model: its config "
+                                   "comes from its upstreams, so a load takes no config or files")
+            await self._load_remote(self.remote[name], fail=True)
+            return
         model_dir = None
         if files:
             if config_json is None:
@@ -306,7 +342,55 @@ class ModelRepository:
             for s in old.values():
                 self._later(s.retire(self.retire_grace_s))
 
+    async def _load_remote(self, spec: RemoteModel, fail: bool = False) -> None:
+        """Read the remote model's signature from an upstream and serve it. While no upstream
+        answers, the model is UNAVAILABLE with the reason, and the load is retried."""
+        entry = self.models.setdefault(spec.name, ModelEntry(spec.name))
+        retry = self._retrying.pop(spec.name, None)
+        if retry is not None and retry is not asyncio.current_task():
+            retry.cancel()
+        async with entry.lock:
+            t0 = time.perf_counter()
+            if not entry.versions:
+                entry.state = LOADING
+            backend = TritonBackend(spec, self.metrics, self.max_message_bytes)
+            try:
+                cfg = await backend.open()
+                version = backend.version if backend.version.isdigit() else "1"
+                served = ServedModel(cfg, version, backend, self.pool, self.workers,
+                                     self.metrics.bind(spec.name, version), self.max_queue_size, 0,
+                                     self.model_batching_policy.get(spec.name, self.batching_policy))
+            except (GatewayError, ConfigError) as e:
+                msg = e.message if isinstance(e, GatewayError) else str(e)
+                self.metrics.load_failed(spec.name)
+                log.error("remote model '%s' failed to load: %s; retrying every %g s", spec.name, msg,
+                          spec.probe_interval_s)
+                await backend.aclose()
+                if not entry.versions:
+                    entry.state, entry.reason = UNAVAILABLE, msg
+                self._retrying[spec.name] = asyncio.ensure_future(self._retry_remote(spec))
+                if fail:
+                    raise GatewayError(ErrorCode.UNAVAILABLE, f"failed to load model '{spec.name}': {msg}") from None
+                return
+            served._metrics.load_seconds = time.perf_counter() - t0
+            old = entry.versions
+            entry.versions = {int(version): served}
+            entry.latest = served
+            entry.state, entry.reason = READY, ""
+            log.info("remote model '%s' ready: upstream model '%s' version %s on %s", spec.name, spec.target,
+                     version, ", ".join(backend.providers()))
+            for s in old.values():
+                self._later(s.retire(self.retire_grace_s))
+
+    async def _retry_remote(self, spec: RemoteModel) -> None:
+        await asyncio.sleep(spec.probe_interval_s)
+        if self._retrying.get(spec.name) is asyncio.current_task():
+            await self._load_remote(spec)
+
     async def _unload(self, name: str, forget: bool = False) -> None:
+        retry = self._retrying.pop(name, None)
+        if retry is not None:
+            retry.cancel()
         entry = self.models.get(name)
         if entry is None:
             return

@@ -21,6 +21,12 @@ README_METRICS = [
     "batchgate_model_load_duration_seconds", "batchgate_model_load_failures_total",
     "batchgate_queue_oldest_age_seconds", "batchgate_batch_size", "batchgate_refusals_total",
 ]
+# exported once a remote model is loaded (tests/integration/test_remote_backend.py)
+README_UPSTREAM_METRICS = [
+    "batchgate_upstream_requests_total", "batchgate_upstream_errors_total",
+    "batchgate_upstream_request_duration_seconds", "batchgate_upstream_ejections_total",
+    "batchgate_upstream_outstanding", "batchgate_upstream_healthy",
+]
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -89,4 +95,4 @@ def test_every_metric_the_readme_lists_is_exported(running):
     assert missing == []
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
-    assert [n for n in README_METRICS if n not in readme] == []
+    assert [n for n in README_METRICS + README_UPSTREAM_METRICS if n not in readme] == []

@@ -222,3 +222,48 @@ def test_model_batching_policy_entries_are_checked(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_settings(None, {"model_repository": str(tmp_path), "model_batching_policy": ["m=fastest"]}, environ={})
     assert "model_batching_policy" in str(e.value)
+
+
+def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
+    path = write(tmp_path, "remote_models:\n"
+                           "  - name: resnet\n"
+                           "    upstreams: [10.0.0.5:8001, 'gpu-pool.svc:8001']\n"
+                           "    upstream_model: resnet50\n"
+                           "    batching: passthrough\n"
+                           "    timeout_s: 2.5\n"
+                           "  - name=bert upstreams=a:1,b:2 max-inflight=8\n")
+    s = load_settings(path, {}, environ={})
+    assert s.model_repository == ""  # remote models alone need no repository
+    resnet, bert = s.remote_models
+    assert resnet.upstreams == ("10.0.0.5:8001", "gpu-pool.svc:8001") and resnet.target == "resnet50"
+    assert resnet.batching == "passthrough" and resnet.timeout_s == 2.5 and resnet.inflight == 256
+    assert bert.upstreams == ("a:1", "b:2") and bert.target == "bert" and bert.inflight == 8
+    assert bert.batching == "gateway" and bert.retries == 1 and bert.eject_after_failures == 3
+
+    env = load_settings(None, {}, environ={"BATCHGATE_REMOTE_MODELS": "name=a upstreams=h:1; name=b upstreams=h:2"})
+    assert [m.name for m in env.remote_models] == ["a", "b"]
+    assert env.remote_models[0].inflight == 2  # gateway: two batches in flight per upstream
+    flags = load_settings(None, {"remote_models": ["name=c upstreams=h:3 batching=passthrough"]}, environ={})
+    assert flags.remote_models[0].batching == "passthrough"
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("name=a", "needs 'upstreams'"),
+    ("upstreams=h:1", "needs 'name'"),
+    ("name=a upstreams=h", "must be host:port"),
+    ("name=a upstreams=h:99999", "must be host:port"),
+    ("name=a upstreams=h:1 batching=maybe", "batching must be one of gateway, passthrough"),
+    ("name=a upstreams=h:1 retries=-1", "'retries' must be a whole number"),
+    ("name=a upstreams=h:1 timeout_s=0", "'timeout_s' must be a number > 0"),
+    ("name=a upstreams=h:1 colour=blue", "unknown remote model key(s) colour"),
+    ("name=a upstreams=h:1 eject_after_failures=0", "eject_after_failures must be at least 1"),
+    ("name=a oops upstreams=h:1", "key=value pairs"),
+])
+def test_remote_model_errors_name_what_is_wrong(repo, entry, words):
+    msg = error(None, {"model_repository": repo, "remote_models": [entry]}, environ={})
+    assert "--remote-model:" in msg and words in msg
+
+
+def test_a_remote_model_given_twice_is_refused(repo):
+    msg = error(None, {"remote_models": ["name=a upstreams=h:1", "name=a upstreams=h:2"]}, environ={})
+    assert "a given more than once" in msg

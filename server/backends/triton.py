@@ -1,0 +1,381 @@
+"""Remote backend: a model served by one or more Open Inference Protocol servers.
+
+The upstreams are NVIDIA Triton, KServe, MLServer, another batchgate: anything that
+answers the V2 gRPC service. batchgate talks to them with ``grpc.aio`` and
+tritonclient's generated stubs and messages; tensors travel raw
+(``raw_input_contents`` / ``raw_output_contents``), never as JSON.
+
+What this module decides, per call:
+
+- **Which upstream.** The one in rotation with the fewest calls outstanding (ties go
+  round-robin). An upstream leaves the rotation when its readiness probe says the model
+  is not ready there, or after ``eject_after_failures`` consecutive failed calls
+  (UNAVAILABLE, UNKNOWN, INTERNAL, DATA_LOSS): it is ejected for ``eject_s``, then
+  probed, and used again only once a probe succeeds. Each failed probe doubles the
+  ejection (up to 60 s).
+- **How long.** The caller's deadline, if it has one, else ``timeout_s``; cancelling the
+  caller cancels the call.
+- **Whether to try again.** Only when the request was never delivered: the connection to
+  the upstream could not be made. A call that reached the upstream and failed is never
+  sent twice (inference need not be idempotent).
+- **What the caller sees.** No upstream in rotation: UNAVAILABLE at once, naming every
+  upstream and why it is out. An upstream's INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED
+  or RESOURCE_EXHAUSTED keeps its code, with the upstream's message and address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from ..config import RemoteModel
+from ..core.errors import ErrorCode, GatewayError
+from ..core.types import BY_CONFIG, DATATYPES, from_raw, to_raw
+from ..monitoring.metrics import Metrics, UpstreamMetrics
+
+log = logging.getLogger("batchgate.remote")
+
+PLATFORM = "remote"
+MAX_EJECT_S = 60.0
+# Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
+_BREAKER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                  grpc.StatusCode.DATA_LOSS}
+# How gRPC reports a connection that could not be made: the request never left.
+_NOT_SENT = ("failed to connect", "connection refused", "dns resolution failed", "connections to all backends failing",
+             "no route to host", "name resolution")
+_KEPT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: ErrorCode.NOT_FOUND,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED: ErrorCode.CANCELLED,
+    grpc.StatusCode.UNIMPLEMENTED: ErrorCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAVAILABLE: ErrorCode.UNAVAILABLE,
+}
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A restarted upstream is found within a second, not after gRPC's default 2-minute backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+
+
+def not_delivered(e: grpc.aio.AioRpcError) -> bool:
+    """True when gRPC says the connection could not be made, so the upstream never saw the call."""
+    if e.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    text = f"{e.details()} {e.debug_error_string()}".lower()
+    return any(s in text for s in _NOT_SENT)
+
+
+class Upstream:
+    """One upstream address: its channel, its place in the rotation, its figures."""
+
+    def __init__(self, address: str, spec: RemoteModel, metrics: UpstreamMetrics, max_message_bytes: int):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metrics = metrics
+        self.ready = False  # the last probe or call says the model is ready there
+        self.failures = 0  # consecutive failed calls
+        self.ejected_until = 0.0  # monotonic clock; in rotation again only after a good probe
+        self.ejected = False
+        self.eject_s = spec.eject_s
+        self.why = "not probed yet"  # why it is out of rotation, for error messages
+        self.outstanding = 0
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.ready and not self.ejected
+
+    def _healthy_gauge(self) -> None:
+        self.metrics.healthy = int(self.in_rotation)
+
+
+class TritonBackend:
+    """A remote model: executes batches by calling its upstreams (``infer`` is a coroutine)."""
+
+    platform = PLATFORM
+    is_async = True
+
+    def __init__(self, spec: RemoteModel, metrics: Metrics, max_message_bytes: int = 64 * 1024 * 1024,
+                 clock: Callable[[], float] = time.monotonic):
+        self.spec = spec
+        self._clock = clock
+        self.upstreams = [Upstream(a, spec, metrics.upstream(spec.name, a), max_message_bytes)
+                          for a in spec.upstreams]
+        self._turn = 0
+        self._prober: asyncio.Task | None = None
+        self._closed = False
+        self.version = spec.upstream_version  # the upstream version served; filled by open()
+        self._in_types: dict[str, str] = {}
+        self._out_types: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ loading
+    async def open(self) -> mc.ModelConfig:
+        """Probe every upstream, read the model's metadata and config from one that is ready,
+        and start probing in the background. UNAVAILABLE when no upstream serves the model."""
+        await self.probe_all()
+        problems = []
+        for up in self.upstreams:
+            if not up.ready:
+                problems.append(f"{up.address}: {up.why}")
+                continue
+            try:
+                cfg = await self._read_config(up)
+            except grpc.aio.AioRpcError as e:
+                problems.append(f"{up.address}: {e.code().name}: {e.details()}")
+                continue
+            except GatewayError as e:
+                await self.aclose()
+                raise GatewayError(ErrorCode.UNAVAILABLE, f"{up.address}: {e.message}") from None
+            self._prober = asyncio.ensure_future(self._probe_loop())
+            return cfg
+        await self.aclose()
+        raise GatewayError(ErrorCode.UNAVAILABLE, f"no upstream serves model '{self.spec.target}': "
+                           + "; ".join(problems))
+
+    async def _read_config(self, up: Upstream) -> mc.ModelConfig:
+        spec = self.spec
+        meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version),
+                                           timeout=5)
+        if not self.version:
+            numeric = [int(v) for v in meta.versions if v.isdigit()]
+            self.version = str(max(numeric)) if numeric else ""
+        try:
+            got = await up.stub.ModelConfig(pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version),
+                                            timeout=5)
+            cfg = mc.ModelConfig()
+            cfg.CopyFrom(got.config)
+            if not cfg.input or not cfg.output:
+                raise ValueError("the config lists no inputs or outputs")
+        except (grpc.aio.AioRpcError, ValueError) as e:
+            # Not every V2 server has Triton's config extension: build it from the metadata.
+            log.info("model '%s': upstream %s gives no usable config (%s); using its metadata",
+                     spec.name, up.address, e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
+            cfg = config_from_metadata(meta, spec.max_batch_size)
+        return self._our_config(cfg)
+
+    def _our_config(self, upstream: mc.ModelConfig) -> mc.ModelConfig:
+        """The upstream's config, as batchgate serves it: our name, our scheduling."""
+        spec = self.spec
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(upstream)
+        cfg.name = spec.name
+        if spec.max_batch_size and upstream.max_batch_size:
+            cfg.max_batch_size = min(spec.max_batch_size, upstream.max_batch_size)
+        cfg.ClearField("dynamic_batching")
+        cfg.ClearField("sequence_batching")
+        cfg.ClearField("ensemble_scheduling")
+        cfg.ClearField("instance_group")
+        cfg.ClearField("version_policy")
+        if spec.batching == "gateway" and cfg.max_batch_size > 0:
+            cfg.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
+        cfg.instance_group.add(count=spec.inflight, kind=mc.ModelInstanceGroup.KIND_MODEL)
+        cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)
+        cfg.parameters["remote_batching"].string_value = spec.batching
+        cfg.parameters["remote_model"].string_value = spec.target
+        for t in cfg.input:
+            self._in_types[t.name] = BY_CONFIG[mc.DataType.Name(t.data_type)].v2
+        for t in cfg.output:
+            self._out_types[t.name] = BY_CONFIG[mc.DataType.Name(t.data_type)].v2
+        return cfg
+
+    # ------------------------------------------------------------------ health
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(up) for up in self.upstreams))
+
+    async def _probe(self, up: Upstream) -> None:
+        now = self._clock()
+        if up.ejected and now < up.ejected_until:
+            return
+        timeout = min(2.0, max(0.2, self.spec.probe_interval_s))
+        try:
+            resp = await up.stub.ModelReady(
+                pb.ModelReadyRequest(name=self.spec.target, version=self.spec.upstream_version), timeout=timeout)
+            ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
+        except grpc.aio.AioRpcError as e:
+            ok, why = False, f"{e.code().name}: {e.details()}"
+        if up.ejected:
+            if ok:
+                log.info("upstream %s of model '%s' is back in rotation", up.address, self.spec.name)
+                up.ejected, up.failures, up.eject_s = False, 0, self.spec.eject_s
+            else:  # still unwell: out for longer
+                up.eject_s = min(MAX_EJECT_S, up.eject_s * 2)
+                up.ejected_until = self._clock() + up.eject_s
+                up.why = f"ejected, probe failed ({why}); next probe in {up.eject_s:g} s"
+        elif up.ready and not ok:
+            log.warning("upstream %s of model '%s' is not ready: %s", up.address, self.spec.name, why)
+        up.ready = ok
+        if not ok and not up.ejected:
+            up.why = why
+        up._healthy_gauge()
+
+    async def _probe_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.spec.probe_interval_s)
+            try:
+                await self.probe_all()
+            except Exception:  # pragma: no cover - probing must go on whatever happens
+                log.exception("probing the upstreams of model '%s' failed", self.spec.name)
+
+    def ready(self) -> bool:
+        return any(up.in_rotation for up in self.upstreams)
+
+    def not_ready_reason(self) -> str:
+        return "no upstream in rotation: " + "; ".join(f"{u.address} ({u.why})" for u in self.upstreams)
+
+    def unavailable(self, tried: list[Upstream] | None = None) -> GatewayError:
+        tried_note = (" (tried: " + ", ".join(u.address for u in tried) + ")") if tried else ""
+        return GatewayError(ErrorCode.UNAVAILABLE,
+                            f"model '{self.spec.name}': {self.not_ready_reason()}{tried_note}")
+
+    def _pick(self, exclude: list[Upstream]) -> Upstream | None:
+        best = None
+        n = len(self.upstreams)
+        self._turn = (self._turn + 1) % n
+        for i in range(n):
+            up = self.upstreams[(self._turn + i) % n]
+            if up.in_rotation and up not in exclude and (best is None or up.outstanding < best.outstanding):
+                best = up
+        return best
+
+    def _failed(self, up: Upstream, e: grpc.aio.AioRpcError) -> None:
+        up.failures += 1
+        if up.failures >= self.spec.eject_after_failures and not up.ejected:
+            up.ejected = True
+            up.ejected_until = self._clock() + up.eject_s
+            up.why = (f"ejected after {up.failures} consecutive failures, last {e.code().name}: {e.details()}; "
+                      f"probed again in {up.eject_s:g} s")
+            up.metrics.ejections += 1
+            up._healthy_gauge()
+            log.warning("upstream %s of model '%s' %s", up.address, self.spec.name, up.why)
+
+    # ------------------------------------------------------------------ inference
+    def request(self, feeds: dict[str, np.ndarray], names: tuple[str, ...], request_id: str = "") -> pb.ModelInferRequest:
+        msg = pb.ModelInferRequest(model_name=self.spec.target, model_version=self.spec.upstream_version,
+                                   id=request_id)
+        for name, arr in feeds.items():
+            dt = DATATYPES[self._in_types[name]]
+            msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
+            msg.raw_input_contents.append(to_raw(arr, dt))
+        for name in names:
+            msg.outputs.add(name=name)
+        return msg
+
+    async def infer(self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None,
+                    request_id: str = "") -> list[np.ndarray]:
+        """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock."""
+        msg = self.request(feeds, names, request_id)
+        tried: list[Upstream] = []
+        while True:
+            up = self._pick(tried)
+            if up is None:
+                raise self.unavailable(tried)
+            timeout = self.spec.timeout_s if deadline is None else deadline - self._clock()
+            if timeout <= 0:
+                raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
+                                   f"deadline exceeded before model '{self.spec.name}' could call an upstream")
+            m = up.metrics
+            up.outstanding += 1
+            m.outstanding += 1
+            m.requests += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await up.stub.ModelInfer(msg, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                m.errors[code.name] = m.errors.get(code.name, 0) + 1
+                if code in _BREAKER_CODES:
+                    self._failed(up, e)
+                if not_delivered(e) and len(tried) < self.spec.retries:
+                    tried.append(up)
+                    continue
+                raise self._translate(up, e) from None
+            except asyncio.CancelledError:  # the caller went away; gRPC cancels the call upstream
+                m.errors["CANCELLED"] = m.errors.get("CANCELLED", 0) + 1
+                raise
+            finally:
+                up.outstanding -= 1
+                m.outstanding -= 1
+                m.latency.observe(time.perf_counter() - t0)
+            up.failures = 0
+            return self._arrays(up, resp, names)
+
+    def _arrays(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
+        got = {}
+        raw = resp.raw_output_contents
+        if len(raw) != len(resp.outputs):
+            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered without raw output contents")
+        for i, t in enumerate(resp.outputs):
+            dt = DATATYPES.get(t.datatype)
+            if dt is None:
+                raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered output '{t.name}' "
+                                   f"with unknown datatype {t.datatype}")
+            got[t.name] = from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
+        missing = [n for n in names if n not in got]
+        if missing:
+            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
+        return [got[n] for n in names]
+
+    def _translate(self, up: Upstream, e: grpc.aio.AioRpcError) -> GatewayError:
+        code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)
+        return GatewayError(code, f"upstream {up.address} ({e.code().name}): {e.details()}")
+
+    # ------------------------------------------------------------------ the Backend protocol
+    def providers(self) -> list[str]:
+        return [f"upstreams {', '.join(self.spec.upstreams)} ({self.spec.batching} batching)"]
+
+    def warm_up(self) -> None:
+        """Nothing to warm here; the upstream warms its own models."""
+
+    def run(self, feeds, output_names):  # pragma: no cover - the serving layer awaits infer()
+        raise NotImplementedError("a remote model is executed with 'await infer(...)'")
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+        await asyncio.gather(*(up.channel.close() for up in self.upstreams), return_exceptions=True)
+        for up in self.upstreams:
+            up.ready = False
+            up._healthy_gauge()
+
+
+def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:
+    """A config from V2 model metadata alone. With ``max_batch_size`` > 0 the first dimension of
+    every tensor, which must be -1, is the batch dimension."""
+    cfg = mc.ModelConfig(name=meta.name, platform=meta.platform)
+    tensors = list(meta.inputs) + list(meta.outputs)
+    batched = max_batch_size > 0 and all(t.shape and t.shape[0] == -1 for t in tensors)
+    cfg.max_batch_size = max_batch_size if batched else 0
+    for src, dst in ((meta.inputs, cfg.input), (meta.outputs, cfg.output)):
+        for t in src:
+            dt = DATATYPES.get(t.datatype)
+            if dt is None:
+                raise GatewayError(ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype {t.datatype}, "
+                                   "which batchgate cannot serve")
+            dims = list(t.shape[1:]) if batched else list(t.shape)
+            dst.add(name=t.name, data_type=mc.DataType.Value(dt.config), dims=dims)
+    return cfg
+
+
+__all__ = ["TritonBackend", "config_from_metadata", "not_delivered", "PLATFORM"]

@@ -1,0 +1,312 @@
+"""Remote models: batchgate in front of upstream V2 servers, over real sockets.
+
+Each upstream is a second batchgate process (ONNX backend) started on ephemeral ports:
+a real Open Inference Protocol server across the network. The gateway runs in this
+process (the ``serve`` fixture) and is queried with real tritonclient clients."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from processes import Proc
+from tritonclient.utils import InferenceServerException
+
+from batchgate.config import RemoteModel
+from batchgate.demo import _save, classifier_model, identity_model, slow_model
+
+CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
+FAST = dict(probe_interval_s=0.1, eject_s=0.3, eject_after_failures=3)
+
+
+@pytest.fixture
+def upstream():
+    """Start batchgate processes over a repository; each is killed at the end of the test."""
+    started: list[Proc] = []
+
+    def start(repo, *extra, ports=(0, 0)):
+        p = Proc(["serve", "--model-repository", str(repo), "--host", "127.0.0.1", "--http-port", str(ports[0]),
+                  "--grpc-port", str(ports[1]), "--metrics-port", "0", "--log-level", "info", *extra])
+        started.append(p)
+        return p.wait_ready()
+
+    yield start
+    for p in started:
+        p.kill()
+
+
+def _classifier_repo(root):
+    _save(classifier_model(), str(root), "clf", config=CLASSIFIER)
+    return root
+
+
+def _infer(mod, url, model, x, name="features", out="probabilities", **kw):
+    c = mod.InferenceServerClient(url)
+    inp = mod.InferInput(name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return c.infer(model, [inp], **kw).as_numpy(out)
+
+
+def _status(e: InferenceServerException) -> str:
+    return (e.status() or "").replace("StatusCode.", "")
+
+
+def _metric_lines(running, prefix: str) -> list[str]:
+    text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def _wait(cond, what: str, timeout: float = 20.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_outputs_equal_onnx_runtime_in_both_batching_modes_over_grpc_and_http(tmp_path, serve, upstream):
+    repo = _classifier_repo(tmp_path / "up")
+    _save(identity_model("ids"), str(repo), "ids", config="max_batch_size: 8\n")
+    up = upstream(repo)
+    running = serve("", remote_models=(
+        RemoteModel("gw", (up.grpc,), upstream_model="clf", batching="gateway", max_queue_delay_us=2000, **FAST),
+        RemoteModel("pt", (up.grpc,), upstream_model="clf", batching="passthrough", **FAST),
+        RemoteModel("ids", (up.grpc,), batching="passthrough", **FAST),
+    ))
+    ref = ort.InferenceSession(str(repo / "clf" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1 + i % 3, 4)).astype(np.float32) for i in range(48)]
+
+    def call(i):
+        model = "gw" if i % 2 else "pt"
+        mod, url = (grpcclient, running.grpc_url) if i % 4 < 2 else (httpclient, running.http_url)
+        return _infer(mod, url, model, xs[i])
+
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(call, range(len(xs))))
+    for x, out in zip(xs, outs):
+        np.testing.assert_allclose(out, ref.run(None, {"features": x})[0], rtol=1e-5, atol=1e-6)
+
+    # the upstream's real signature, under our names
+    meta = httpclient.InferenceServerClient(running.http_url).get_model_metadata("gw")
+    assert meta["name"] == "gw" and meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
+    cfg = grpcclient.InferenceServerClient(running.grpc_url).get_model_config("pt", as_json=True)["config"]
+    assert cfg["max_batch_size"] == 16 and cfg["parameters"]["remote_batching"]["string_value"] == "passthrough"
+    index = {m["name"]: m["state"] for m in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert index == {"gw": "READY", "pt": "READY", "ids": "READY"}
+
+    # gateway mode batched at batchgate; passthrough sent one call per request
+    stats = {s["name"]: s for s in httpclient.InferenceServerClient(running.http_url)
+             .get_inference_statistics()["model_stats"]}
+    assert stats["gw"]["inference_stats"]["success"]["count"] == 24
+    assert stats["gw"]["execution_count"] < 24
+    assert stats["pt"]["execution_count"] == 24
+    up_stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
+    assert up_stats["inference_stats"]["success"]["count"] == stats["gw"]["execution_count"] + 24
+
+    # BYTES travel raw too
+    words = np.array([["ab", "ü", ""], ["x" * 300, "y", "z"]], dtype=object)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("INPUT", [2, 3], "BYTES")
+    inp.set_data_from_numpy(words)
+    got = c.infer("ids", [inp]).as_numpy("OUTPUT")
+    assert [[v.decode() for v in row] for row in got] == words.tolist()
+
+    # per-upstream metrics, every one the README lists
+    from test_metrics import README_UPSTREAM_METRICS
+
+    text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    assert [n for n in README_UPSTREAM_METRICS if n not in text] == []
+    requests = _metric_lines(running, "batchgate_upstream_requests_total")
+    assert any(f'model="pt",upstream="{up.grpc}"' in line and line.endswith(" 24.0") for line in requests), requests
+    assert any('model="gw"' in line for line in _metric_lines(running, "batchgate_upstream_request_duration_seconds_count"))
+    assert all(line.endswith(" 0.0") for line in _metric_lines(running, "batchgate_upstream_outstanding"))
+    assert all(line.endswith(" 1.0") for line in _metric_lines(running, "batchgate_upstream_healthy"))
+
+
+def test_an_upstream_killed_under_traffic_fails_fast_then_traffic_recovers_after_restart(tmp_path, serve, upstream):
+    repo = _classifier_repo(tmp_path / "up")
+    up = upstream(repo)
+    ports = (int(up.http.rsplit(":", 1)[1]), int(up.grpc.rsplit(":", 1)[1]))
+    running = serve("", remote_models=(RemoteModel("clf", (up.grpc,), batching="passthrough", **FAST),))
+    x = np.ones((1, 4), np.float32)
+    codes: list[str] = []
+
+    def call(mod, url):
+        try:
+            # a generous client deadline: a call that hung would end DEADLINE_EXCEEDED / timeout
+            _infer(mod, url, "clf", x, client_timeout=20) if mod is grpcclient else _infer(mod, url, "clf", x)
+            return "OK"
+        except InferenceServerException as e:
+            return _status(e)
+
+    assert call(grpcclient, running.grpc_url) == "OK"
+    up.kill()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: call(*((grpcclient, running.grpc_url) if i % 2 else
+                                              (httpclient, running.http_url))), range(40)))
+    assert set(codes) <= {"UNAVAILABLE", "503"}, codes
+    assert "UNAVAILABLE" in codes and "503" in codes
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("clf", [inp])
+    assert up.grpc in e.value.message()  # the answer names the upstream
+    assert not c.is_model_ready("clf")  # no upstream in rotation: the model is not ready
+
+    upstream(repo, ports=ports)  # the same address again
+    _wait(lambda: c.is_model_ready("clf"), "the model to be ready again")
+    assert all(call(grpcclient, running.grpc_url) == "OK" for _ in range(10))
+    assert all(call(httpclient, running.http_url) == "OK" for _ in range(10))
+
+
+def test_with_two_upstreams_one_killed_every_request_succeeds_after_ejection(tmp_path, serve, upstream):
+    repo = _classifier_repo(tmp_path / "up")
+    a, b = upstream(repo), upstream(repo)
+    running = serve("", remote_models=(
+        RemoteModel("clf", (a.grpc, b.grpc), batching="passthrough", retries=1, **{**FAST, "eject_s": 30.0}),))
+    x = np.ones((1, 4), np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(o is not None for o in pool.map(lambda _: _infer(grpcclient, running.grpc_url, "clf", x),
+                                                   range(20)))
+    a.kill()
+
+    def ejected():
+        lines = _metric_lines(running, "batchgate_upstream_healthy")
+        return any(f'upstream="{a.grpc}"' in line and line.endswith(" 0.0") for line in lines)
+
+    failed = []
+
+    def call(i):
+        try:
+            mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+            _infer(mod, url, "clf", x)
+        except InferenceServerException as e:
+            failed.append(_status(e))
+
+    with ThreadPoolExecutor(4) as pool:  # requests delivered to the dying upstream may fail, no more
+        list(pool.map(call, range(20)))
+    _wait(ejected, "the killed upstream to leave the rotation")
+    failed.clear()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(call, range(60)))
+    assert failed == []
+    up_b = httpclient.InferenceServerClient(b.http).get_inference_statistics("clf")["model_stats"][0]
+    assert up_b["inference_stats"]["success"]["count"] >= 60
+
+
+def _busy_upstream(tmp_path, upstream):
+    repo = tmp_path / "up"
+    _save(slow_model(width=1024, layers=384), str(repo), "slow",
+          config="max_batch_size: 64\ndynamic_batching { }\n")
+    return upstream(repo, "--inline-execution-max-us", "0")
+
+
+def _occupy(up):
+    """Keep the upstream's only instance busy for a while (64 rows of a slow model)."""
+    pool = ThreadPoolExecutor(1)
+    big = np.ones((64, 1024), np.float32)
+    fut = pool.submit(_infer, grpcclient, up.grpc, "slow", big, "input", "output")
+    _wait(lambda: _upstream_gauges(up) == (1.0, 0.0), "the busy batch to execute upstream")
+    return pool, fut
+
+
+def _upstream_gauges(up) -> tuple[float, float]:
+    """The upstream's own (in flight, queue depth) for its model 'slow'."""
+    url = f"http://127.0.0.1:{up.ports[2]}/metrics"
+    got = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        for name in ("batchgate_inflight_requests", "batchgate_queue_depth"):
+            if line.startswith(name + "{") and 'model="slow"' in line:
+                got[name] = float(line.rsplit(" ", 1)[1])
+    return got.get("batchgate_inflight_requests", -1.0), got.get("batchgate_queue_depth", -1.0)
+
+
+def test_a_deadline_shorter_than_the_upstream_latency_is_deadline_exceeded_and_never_runs_upstream(
+        tmp_path, serve, upstream):
+    up = _busy_upstream(tmp_path, upstream)
+    running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="passthrough", **FAST),))
+    pool, busy = _occupy(up)
+    x = np.ones((1, 1024), np.float32)
+    with pytest.raises(InferenceServerException) as e:
+        _infer(grpcclient, running.grpc_url, "slow", x, "input", "output", client_timeout=0.05)
+    assert _status(e.value) == "DEADLINE_EXCEEDED"
+    busy.result(60)
+    pool.shutdown()
+    time.sleep(0.2)
+    stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("slow")["model_stats"][0]
+    # the upstream got the call with its deadline and never executed it
+    assert stats["execution_count"] == 1 and stats["inference_count"] == 64
+    assert stats["inference_stats"]["fail"]["count"] == 1
+
+
+def test_a_cancelled_caller_cancels_the_upstream_call(tmp_path, serve, upstream):
+    up = _busy_upstream(tmp_path, upstream)
+    running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="passthrough", **FAST),))
+    pool, busy = _occupy(up)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
+    answers = []
+    ctx = c.async_infer("slow", [inp], callback=lambda result, error: answers.append(error))
+    served = running.gateway.repository.resolve("slow", "")
+    _wait(lambda: served.in_flight == 1, "the call to reach the upstream")
+    time.sleep(0.05)
+    ctx.cancel()
+    _wait(lambda: served.in_flight == 0, "the gateway to let the call go")
+    busy.result(60)
+    pool.shutdown()
+    time.sleep(0.2)
+    stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("slow")["model_stats"][0]
+    assert stats["execution_count"] == 1 and stats["inference_count"] == 64  # the cancelled call never ran
+    lines = _metric_lines(running, "batchgate_upstream_errors_total")
+    assert any('code="CANCELLED"' in line for line in lines), lines
+
+
+def test_an_upstream_invalid_argument_stays_invalid_argument_with_its_message(tmp_path, serve, upstream):
+    repo = _classifier_repo(tmp_path / "up")
+    up = upstream(repo, "--model-control-mode", "explicit", "--load-model", "*")
+    running = serve("", remote_models=(RemoteModel("clf", (up.grpc,), batching="passthrough", **FAST),))
+    x = np.ones((1, 4), np.float32)
+    assert _infer(grpcclient, running.grpc_url, "clf", x).shape == (1, 3)
+    # The upstream's model changes under the gateway: it now takes 8 features, so the
+    # request the gateway still finds valid is refused upstream.
+    _save(identity_model("clf", dtype=1, shape=("batch", 8)), str(repo), "clf", config="max_batch_size: 16\n")
+    up_client = grpcclient.InferenceServerClient(up.grpc)
+    up_client.load_model("clf")
+    for mod, url, code in ((grpcclient, running.grpc_url, "INVALID_ARGUMENT"), (httpclient, running.http_url, "400")):
+        with pytest.raises(InferenceServerException) as e:
+            _infer(mod, url, "clf", x)
+        assert _status(e.value) == code
+        assert up.grpc in e.value.message() and "features" in e.value.message()
+
+
+def test_a_remote_model_whose_upstream_is_down_is_unavailable_and_loads_when_it_comes_up(
+        tmp_path, serve, upstream):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on (yet)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    running = serve("", remote_models=(RemoteModel("clf", (address,), **FAST),))
+    index = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+    assert index[0]["name"] == "clf" and index[0]["state"] == "UNAVAILABLE" and address in index[0]["reason"]
+    with pytest.raises(InferenceServerException) as e:
+        _infer(httpclient, running.http_url, "clf", np.ones((1, 4), np.float32))
+    assert _status(e.value) == "503" and address in e.value.message()
+
+    upstream(_classifier_repo(tmp_path / "up"), ports=(http_port, port))
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    _wait(lambda: c.is_model_ready("clf"), "the remote model to load")
+    assert _infer(grpcclient, running.grpc_url, "clf", np.ones((1, 4), np.float32)).shape == (1, 3)

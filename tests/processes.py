@@ -1,0 +1,57 @@
+"""``batchgate serve`` as a real subprocess: started, watched for its ready line, killed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+BATCHGATE = [sys.executable, "-m", "batchgate.cli"]
+READY_LINE = re.compile(r"HTTP on [^ ]+:(\d+), gRPC on [^ ]+:(\d+), metrics on [^ ]+:(\d+)")
+
+
+class Proc:
+    def __init__(self, args, env=None):
+        self.p = subprocess.Popen(BATCHGATE + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.ports = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line)
+            m = READY_LINE.search(line)
+            if m:
+                self.ports = tuple(int(x) for x in m.groups())
+                self._ready.set()
+
+    def wait_ready(self, timeout=60):
+        end = time.monotonic() + timeout
+        while not self._ready.is_set():
+            if self.p.poll() is not None:
+                raise AssertionError("batchgate exited early:\n" + "".join(self.lines))
+            if time.monotonic() > end:
+                raise AssertionError("batchgate did not start:\n" + "".join(self.lines))
+            time.sleep(0.05)
+        return self
+
+    @property
+    def http(self):
+        return f"127.0.0.1:{self.ports[0]}"
+
+    @property
+    def grpc(self):
+        return f"127.0.0.1:{self.ports[1]}"
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)

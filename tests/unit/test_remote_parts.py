@@ -1,0 +1,72 @@
+"""Pieces of the remote backend that stand alone: a config from V2 metadata, and telling a
+request that never reached its upstream from one that did (over real gRPC sockets)."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from batchgate.backends.triton import config_from_metadata, not_delivered
+
+
+def _metadata(shape_in, shape_out, dtype="FP32"):
+    return pb.ModelMetadataResponse(
+        name="m", platform="pytorch_libtorch", versions=["1"],
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="x", datatype=dtype, shape=shape_in)],
+        outputs=[pb.ModelMetadataResponse.TensorMetadata(name="y", datatype="INT64", shape=shape_out)])
+
+
+def test_config_from_metadata_with_a_batch_dimension():
+    cfg = config_from_metadata(_metadata([-1, 3, 224], [-1, 10]), max_batch_size=32)
+    assert cfg.max_batch_size == 32
+    assert list(cfg.input[0].dims) == [3, 224] and cfg.input[0].data_type == mc.TYPE_FP32
+    assert list(cfg.output[0].dims) == [10] and cfg.output[0].data_type == mc.TYPE_INT64
+
+
+def test_config_from_metadata_without_batching():
+    cfg = config_from_metadata(_metadata([-1, 3], [-1]), max_batch_size=0)
+    assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [-1, 3]
+    fixed = config_from_metadata(_metadata([2, 3], [2]), max_batch_size=8)  # no -1 first: not batchable
+    assert fixed.max_batch_size == 0 and list(fixed.input[0].dims) == [2, 3]
+
+
+def test_config_from_metadata_refuses_an_unknown_datatype():
+    from batchgate.core.errors import GatewayError
+
+    with pytest.raises(GatewayError, match="datatype COMPLEX64"):
+        config_from_metadata(_metadata([-1], [-1], dtype="COMPLEX64"), 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_a_refused_connection_is_not_delivered_and_a_server_answer_is():
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{_free_port()}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and not_delivered(e.value)
+
+    # a real server that answers UNAVAILABLE itself: the call was delivered
+    class Refusing(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request, context):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is draining")
+
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Refusing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and not not_delivered(e.value)
+    finally:
+        await server.stop(None)
