@@ -130,41 +130,101 @@ def test_outputs_equal_onnx_runtime_in_both_batching_modes_over_grpc_and_http(tm
     assert all(line.endswith(" 1.0") for line in _metric_lines(running, "batchgate_upstream_healthy"))
 
 
+class Traffic:
+    """Callers in background threads, over gRPC and HTTP in turn, until stopped; every outcome
+    is kept (OK, or the gRPC code / HTTP status)."""
+
+    def __init__(self, running, model: str, x: np.ndarray, callers: int = 4):
+        import threading
+
+        self.outcomes: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(running, model, x, i), daemon=True)
+                         for i in range(callers)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, running, model, x, i):
+        while not self._stop.is_set():
+            try:
+                if i % 2:  # a generous client deadline: a call that hung would end DEADLINE_EXCEEDED
+                    _infer(grpcclient, running.grpc_url, model, x, client_timeout=20)
+                else:
+                    _infer(httpclient, running.http_url, model, x)
+                self.outcomes.append("OK")
+            except InferenceServerException as e:
+                self.outcomes.append(_status(e))
+
+    def wait_for(self, n: int) -> None:
+        start = len(self.outcomes)
+        _wait(lambda: len(self.outcomes) >= start + n, f"{n} more answers")
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+            assert not t.is_alive(), "a caller hung"
+        return self.outcomes
+
+
 def test_an_upstream_killed_under_traffic_fails_fast_then_traffic_recovers_after_restart(tmp_path, serve, upstream):
     repo = _classifier_repo(tmp_path / "up")
     up = upstream(repo)
     ports = (int(up.http.rsplit(":", 1)[1]), int(up.grpc.rsplit(":", 1)[1]))
     running = serve("", remote_models=(RemoteModel("clf", (up.grpc,), batching="passthrough", **FAST),))
     x = np.ones((1, 4), np.float32)
-    codes: list[str] = []
-
-    def call(mod, url):
-        try:
-            # a generous client deadline: a call that hung would end DEADLINE_EXCEEDED / timeout
-            _infer(mod, url, "clf", x, client_timeout=20) if mod is grpcclient else _infer(mod, url, "clf", x)
-            return "OK"
-        except InferenceServerException as e:
-            return _status(e)
-
-    assert call(grpcclient, running.grpc_url) == "OK"
+    traffic = Traffic(running, "clf", x)
+    traffic.wait_for(20)
     up.kill()
-    with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda i: call(*((grpcclient, running.grpc_url) if i % 2 else
-                                              (httpclient, running.http_url))), range(40)))
-    assert set(codes) <= {"UNAVAILABLE", "503"}, codes
-    assert "UNAVAILABLE" in codes and "503" in codes
     c = grpcclient.InferenceServerClient(running.grpc_url)
+    _wait(lambda: not c.is_model_ready("clf"), "the model to turn not ready")  # no upstream in rotation
+    traffic.wait_for(40)  # answered while the upstream is down
+    down = traffic.stop()
+    first_failure = next(i for i, o in enumerate(down) if o != "OK")
+    assert all(o == "OK" for o in down[:first_failure])
+    assert set(down[first_failure:]) <= {"OK", "UNAVAILABLE", "503"}, down  # never a timeout
+    assert "UNAVAILABLE" in down and "503" in down
     inp = grpcclient.InferInput("features", [1, 4], "FP32")
     inp.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException) as e:
         c.infer("clf", [inp])
-    assert up.grpc in e.value.message()  # the answer names the upstream
-    assert not c.is_model_ready("clf")  # no upstream in rotation: the model is not ready
+    assert _status(e.value) == "UNAVAILABLE" and up.grpc in e.value.message()  # it names the upstream
 
-    upstream(repo, ports=ports)  # the same address again
+    traffic = Traffic(running, "clf", x)
+    upstream(repo, ports=ports)  # the same address again, batchgate untouched
     _wait(lambda: c.is_model_ready("clf"), "the model to be ready again")
-    assert all(call(grpcclient, running.grpc_url) == "OK" for _ in range(10))
-    assert all(call(httpclient, running.http_url) == "OK" for _ in range(10))
+    traffic.wait_for(10)
+    later = len(traffic.outcomes)
+    traffic.wait_for(40)
+    after = traffic.stop()[later:]
+    assert after and set(after) == {"OK"}
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_only_a_request_never_delivered_is_retried_on_another_upstream(tmp_path, serve, upstream, retries):
+    repo = _classifier_repo(tmp_path / "up")
+    a, b = upstream(repo), upstream(repo)
+    # probes far apart: only calls find out that an upstream is gone
+    running = serve("", remote_models=(RemoteModel("clf", (a.grpc, b.grpc), batching="passthrough",
+                                                   retries=retries, probe_interval_s=60, eject_after_failures=3),))
+    x = np.ones((1, 4), np.float32)
+    for _ in range(4):  # both upstreams answer
+        _infer(grpcclient, running.grpc_url, "clf", x)
+    a.kill()
+    time.sleep(0.3)
+    codes = []
+    for _ in range(12):  # one at a time: the two upstreams take turns until one is ejected
+        try:
+            _infer(grpcclient, running.grpc_url, "clf", x)
+            codes.append("OK")
+        except InferenceServerException as e:
+            codes.append(_status(e))
+    if retries:
+        assert codes == ["OK"] * 12  # each refused connection was tried again on the other upstream
+    else:
+        assert codes.count("UNAVAILABLE") == 3 and codes[-6:] == ["OK"] * 6  # then ejected
+    ejections = _metric_lines(running, "batchgate_upstream_ejections_total")
+    assert any(f'upstream="{a.grpc}"' in line and line.endswith(" 1.0") for line in ejections), ejections
 
 
 def test_with_two_upstreams_one_killed_every_request_succeeds_after_ejection(tmp_path, serve, upstream):
@@ -176,6 +236,9 @@ def test_with_two_upstreams_one_killed_every_request_succeeds_after_ejection(tmp
     with ThreadPoolExecutor(4) as pool:
         assert all(o is not None for o in pool.map(lambda _: _infer(grpcclient, running.grpc_url, "clf", x),
                                                    range(20)))
+    for up in (a, b):  # the calls were spread over both
+        stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
+        assert stats["inference_stats"]["success"]["count"] >= 5
     a.kill()
 
     def ejected():
