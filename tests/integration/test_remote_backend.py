@@ -373,3 +373,47 @@ def test_a_remote_model_whose_upstream_is_down_is_unavailable_and_loads_when_it_
     c = grpcclient.InferenceServerClient(running.grpc_url)
     _wait(lambda: c.is_model_ready("clf"), "the remote model to load")
     assert _infer(grpcclient, running.grpc_url, "clf", np.ones((1, 4), np.float32)).shape == (1, 3)
+
+
+def test_the_cli_serves_remote_models_without_a_repository_and_explicit_mode_reloads_them(tmp_path, upstream):
+    up = upstream(_classifier_repo(tmp_path / "up"))
+    gw = upstream("", "--model-control-mode", "explicit",
+                  "--remote-model", f"name=front upstreams={up.grpc} upstream_model=clf batching=gateway",
+                  "--remote-model", f"name=direct upstreams={up.grpc} upstream_model=clf batching=passthrough")
+    x = np.ones((2, 4), np.float32)
+    want = _infer(grpcclient, up.grpc, "clf", x)
+    for model in ("front", "direct"):
+        np.testing.assert_allclose(_infer(httpclient, gw.http, model, x), want, rtol=1e-6)
+    c = grpcclient.InferenceServerClient(gw.grpc)
+    c.unload_model("front")
+    assert not c.is_model_ready("front") and c.is_model_ready("direct")
+    with pytest.raises(InferenceServerException) as e:
+        c.load_model("front", config='{"max_batch_size": 4}')
+    assert "remote model" in e.value.message()
+    c.load_model("front")
+    assert c.is_model_ready("front")
+    np.testing.assert_allclose(_infer(grpcclient, gw.grpc, "front", x), want, rtol=1e-6)
+
+
+def test_a_gateway_batch_goes_on_while_one_of_its_callers_remains(tmp_path, serve, upstream):
+    up = _busy_upstream(tmp_path, upstream)
+    running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="gateway", max_batch_size=2,
+                                                   max_queue_delay_us=5_000_000, **FAST),))
+    pool, busy = _occupy(up)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
+    answers = {}
+    first = c.async_infer("slow", [inp], callback=lambda result, error: answers.setdefault("first", error))
+    c.async_infer("slow", [inp], callback=lambda result, error: answers.setdefault("second", error or result))
+    served = running.gateway.repository.resolve("slow", "")
+    _wait(lambda: _upstream_gauges(up)[1] == 1.0, "the batch of two to wait upstream")  # one call, two rows
+    first.cancel()
+    _wait(lambda: "second" in answers, "the remaining caller's answer", 60)
+    assert not isinstance(answers["second"], InferenceServerException), answers["second"]
+    assert answers["second"].as_numpy("output").shape == (1, 1024)
+    busy.result(60)
+    pool.shutdown()
+    _wait(lambda: served.in_flight == 0, "the gateway to finish")
+    stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("slow")["model_stats"][0]
+    assert stats["execution_count"] == 2 and stats["inference_count"] == 66  # the busy batch, then ours
