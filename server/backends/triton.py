@@ -240,10 +240,8 @@ class TritonBackend:
     def not_ready_reason(self) -> str:
         return "no upstream in rotation: " + "; ".join(f"{u.address} ({u.why})" for u in self.upstreams)
 
-    def unavailable(self, tried: list[Upstream] | None = None) -> GatewayError:
-        tried_note = (" (tried: " + ", ".join(u.address for u in tried) + ")") if tried else ""
-        return GatewayError(ErrorCode.UNAVAILABLE,
-                            f"model '{self.spec.name}': {self.not_ready_reason()}{tried_note}")
+    def unavailable(self) -> GatewayError:
+        return GatewayError(ErrorCode.UNAVAILABLE, f"model '{self.spec.name}': {self.not_ready_reason()}")
 
     def _pick(self, exclude: list[Upstream]) -> Upstream | None:
         best = None
@@ -283,10 +281,11 @@ class TritonBackend:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock."""
         msg = self.request(feeds, names, request_id)
         tried: list[Upstream] = []
+        last: GatewayError | None = None
         while True:
             up = self._pick(tried)
             if up is None:
-                raise self.unavailable(tried)
+                raise last or self.unavailable()
             timeout = self.spec.timeout_s if deadline is None else deadline - self._clock()
             if timeout <= 0:
                 raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
@@ -305,6 +304,7 @@ class TritonBackend:
                     self._failed(up, e)
                 if not_delivered(e) and len(tried) < self.spec.retries:
                     tried.append(up)
+                    last = self._translate(up, e)
                     continue
                 raise self._translate(up, e) from None
             except asyncio.CancelledError:  # the caller went away; gRPC cancels the call upstream
