@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test demo bench bench-serving bench-batching bench-tools lint clean
+.PHONY: install serve test demo bench bench-serving bench-batching bench-remote bench-tools lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,12 +36,16 @@ bench-tools:
 bench: $(STAMP) bench-tools
 	$(PY) bench/serving.py
 	$(PY) bench/batching.py
+	$(PY) bench/remote.py
 
 bench-serving: $(STAMP) bench-tools
 	$(PY) bench/serving.py
 
 bench-batching: $(STAMP) bench-tools
 	$(PY) bench/batching.py
+
+bench-remote: $(STAMP) bench-tools
+	$(PY) bench/remote.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info bench/results
