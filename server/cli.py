@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo-repo", help="write the demo model repository")
     d.add_argument("repo")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
+    from .converters.cli import add_parser as add_convert_parser  # argparse only: torch is imported later
+
+    add_convert_parser(sub)
     args = ap.parse_args(argv)
 
     if args.command == "demo-repo":
@@ -64,6 +67,10 @@ def main(argv=None) -> int:
         build_demo_repository(args.repo)
         print(f"demo model repository written to {args.repo}")
         return 0
+    if args.command == "convert":
+        from .converters.cli import main as convert_main
+
+        return convert_main(args)
     if args.command == "settings":
         for name, env, default in describe():
             print(f"{name:24} {env:34} {default!r}")

@@ -1,0 +1,343 @@
+"""What every conversion shares once an ONNX model exists: the parity checks, the optional
+ONNX Runtime optimization and FP16 conversion (each checked again), the config, and the
+write into the model repository (all or nothing).
+
+Nothing here imports torch or scikit-learn: the caller hands over the exported model and a
+``reference`` function that computes the original model's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from batchgate.core.types import BY_ONNX
+
+from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
+
+Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+REL_FLOOR = 1e-6  # relative error is measured against max(|expected|, this)
+
+
+@dataclass
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+@dataclass
+class Check:
+    """One output of one stage against the original model, over every case."""
+
+    stage: str  # onnx | optimized | fp16
+    output: str
+    cases: int
+    max_abs: float
+    max_rel: float
+    mismatches: int  # elements outside atol + rtol * |expected| (or unequal, for exact outputs)
+    atol: float
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+
+@dataclass
+class Result:
+    name: str
+    version: int
+    path: str  # the version folder written
+    source: str  # e.g. "torch 2.13.0, exporter dynamo, opset 18"
+    inputs: list[dict]
+    outputs: list[dict]
+    max_batch_size: int
+    checks: list[Check] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    written: bool = False
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["checks"] = [{**asdict(c), "ok": c.ok} for c in self.checks]
+        return d
+
+
+@dataclass
+class Job:
+    """Everything the pipeline needs besides the model itself."""
+
+    specs: list[InputSpec]
+    output_names: list[str]
+    reference: Reference
+    repository: str
+    name: str
+    version: int = 1
+    batched: bool = True
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    instances: int = 1
+    gpu: bool = False
+    force: bool = False
+    samples: str | None = None
+    tolerance: Tolerance = field(default_factory=lambda: Tolerance(1e-4, 1e-3))
+    optimize: Tolerance | None = None
+    fp16: Tolerance | None = None
+    exact: frozenset[str] = frozenset()  # outputs compared for equality (labels)
+    source: str = ""
+    record: dict = field(default_factory=dict)  # written to conversion.json
+
+
+def destination(job: Job) -> Path:
+    """The version folder to write; refused at once if it exists and ``force`` is not set."""
+    if job.version < 1:
+        raise ConversionError(f"--version must be 1 or more, not {job.version}")
+    root = Path(job.repository)
+    if root.exists() and not root.is_dir():
+        raise ConversionError(f"--repository {root} is not a directory")
+    target = root / job.name / str(job.version)
+    if target.exists() and not job.force:
+        raise ConversionError(f"{target} already exists; pass --force to replace it")
+    return target
+
+
+# ---------------------------------------------------------------------------- cases
+
+
+def cases(job: Job) -> list[dict[str, np.ndarray]]:
+    """Generated inputs at several batch sizes (and other sizes of the dynamic dimensions),
+    then the user's samples."""
+    rng = np.random.default_rng(0)
+    out = []
+    if job.batched:
+        batches = [b for b in (1, 2, 5) if b <= job.max_batch_size] or [1]
+        for step, b in enumerate(batches):
+            out.append(generate(job.specs, example_sizes(job.specs, b, step), rng))
+    else:
+        out.append(generate(job.specs, example_sizes(job.specs, 2), rng))
+    if job.samples:
+        out.extend(load_samples(job.samples, job.specs, job))
+    return out
+
+
+def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, np.ndarray]]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"--samples {path}: cannot read it as .npz: {e}") from None
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in data.files]
+    if missing:
+        raise ConversionError(f"--samples {path}: no array for input(s) {', '.join(missing)} "
+                              f"(it holds {', '.join(data.files) or 'nothing'})")
+    sample = {}
+    for s in specs:
+        arr = data[s.name]
+        if arr.ndim != len(s.dims):
+            raise ConversionError(f"--samples {path}: '{s.name}' has {arr.ndim} dimensions, the input spec "
+                                  f"{len(s.dims)}")
+        for i, d in enumerate(s.dims):
+            if isinstance(d, int) and d != -1 and arr.shape[i] != d:
+                raise ConversionError(f"--samples {path}: '{s.name}' has shape {list(arr.shape)}, but dimension "
+                                      f"{i} must be {d}")
+        if job.batched and arr.shape[0] > job.max_batch_size:
+            raise ConversionError(f"--samples {path}: '{s.name}' has {arr.shape[0]} rows, more than "
+                                  f"max_batch_size {job.max_batch_size}")
+        sample[s.name] = arr.astype(s.dtype.np_dtype) if s.dtype.v2 != "BYTES" else arr.astype(object)
+    return [sample]
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=list(providers))
+
+
+def compare(stage: str, model: onnx.ModelProto, job: Job, inputs: list[dict], expected: list[list[np.ndarray]],
+            tol: Tolerance) -> list[Check]:
+    try:
+        sess = session(model)
+        got = [sess.run(job.output_names, feeds) for feeds in inputs]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the cause is in the text
+        raise ConversionError(f"{stage}: ONNX Runtime cannot run the model: {e}") from None
+    checks = []
+    for k, name in enumerate(job.output_names):
+        max_abs = max_rel = 0.0
+        bad = 0
+        for g, e in zip(got, expected):
+            a, b = np.asarray(g[k]), np.asarray(e[k])
+            if a.shape != b.shape:
+                raise ConversionError(f"{stage}: output '{name}' has shape {list(a.shape)}, the original "
+                                      f"model's {list(b.shape)}")
+            if name in job.exact or a.dtype.kind in "OSUb" or b.dtype.kind in "OSUb":
+                unequal = int(np.count_nonzero(a != b))
+                bad += unequal
+                max_abs = max(max_abs, float(unequal > 0))
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            diff = np.abs(a64 - b64)
+            if diff.size:
+                max_abs = max(max_abs, float(diff.max()))
+                max_rel = max(max_rel, float((diff / np.maximum(np.abs(b64), REL_FLOOR)).max()))
+            bad += int(np.count_nonzero(~(diff <= tol.atol + tol.rtol * np.abs(b64))))
+        checks.append(Check(stage, name, len(inputs), max_abs, max_rel, bad, tol.atol, tol.rtol))
+    return checks
+
+
+def optimized(model: onnx.ModelProto, workdir: str) -> onnx.ModelProto:
+    """ONNX Runtime's extended graph optimizations (fusions that any machine can run), saved."""
+    import onnxruntime as ort
+
+    path = os.path.join(workdir, "optimized.onnx")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = path
+    ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    return onnx.load(path)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and arithmetic in FP16, inputs and outputs kept in their types (onnxruntime's
+    own converter)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def signature(model: onnx.ModelProto, job: Job) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs as the config declares them, from the final model."""
+    sess = session(model)
+    names = [i.name for i in sess.get_inputs()]
+    if sorted(names) != sorted(s.name for s in job.specs):
+        raise ConversionError(f"the exported model's inputs are {names}; the input specs name "
+                              f"{[s.name for s in job.specs]}")
+
+    def entry(arg) -> dict:
+        dt = BY_ONNX.get(arg.type)
+        if dt is None:
+            raise ConversionError(f"tensor '{arg.name}' has ONNX type {arg.type}, which batchgate cannot serve")
+        dims = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
+        if job.batched:
+            if not dims:
+                raise ConversionError(f"output '{arg.name}' is a scalar: it has no batch dimension; "
+                                      "convert with batching off")
+            dims = dims[1:]
+        return {"name": arg.name, "datatype": dt.v2, "config": dt.config, "dims": dims}
+
+    by_name = {i.name: i for i in sess.get_inputs()}
+    inputs = [entry(by_name[s.name]) for s in job.specs]
+    for spec, got in zip(job.specs, inputs):
+        if got["datatype"] != spec.dtype.v2:
+            raise ConversionError(f"input '{spec.name}': the spec says {spec.dtype.v2}, the exported model "
+                                  f"takes {got['datatype']}")
+    outputs = [entry(o) for o in sess.get_outputs()]
+    return inputs, outputs
+
+
+def config_text(job: Job, inputs: list[dict], outputs: list[dict]) -> str:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = mc.ModelConfig(name=job.name, platform="onnxruntime_onnx",
+                         max_batch_size=job.max_batch_size if job.batched else 0)
+    for src, dst in ((inputs, cfg.input), (outputs, cfg.output)):
+        for t in src:
+            dst.add(name=t["name"], data_type=mc.DataType.Value(t["config"]), dims=t["dims"])
+    if job.batched:
+        cfg.dynamic_batching.max_queue_delay_microseconds = job.max_queue_delay_us
+    kind = mc.ModelInstanceGroup.KIND_GPU if job.gpu else mc.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add(count=job.instances, kind=kind)
+    cfg.parameters["converted_by"].string_value = job.source
+    header = (f"# Written by batchgate convert ({job.source}) on {time.strftime('%Y-%m-%d')}.\n"
+              f"# Parity checks: {job.name}/{job.version}/conversion.json\n")
+    return header + text_format.MessageToString(cfg)
+
+
+# ---------------------------------------------------------------------------- the whole run
+
+
+def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lambda s: None) -> Result:
+    target = destination(job)
+    inputs = cases(job)
+    progress(f"running the original model on {len(inputs)} input sets")
+    try:
+        expected = [job.reference(feeds) for feeds in inputs]
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the model raises, say which input it was
+        shapes = {k: list(v.shape) for k, v in inputs[0].items()}
+        raise ConversionError(f"the original model fails on inputs of shapes {shapes}: "
+                              f"{type(e).__name__}: {e}") from None
+    checks: list[Check] = []
+    stages = ["onnx"]
+    progress("parity check: ONNX model under ONNX Runtime vs the original")
+    checks += compare("onnx", model, job, inputs, expected, job.tolerance)
+    with tempfile.TemporaryDirectory(prefix="batchgate-convert-") as work:
+        if job.optimize is not None:
+            progress("ONNX Runtime graph optimizations, then the parity check again")
+            model = optimized(model, work)
+            stages.append("optimized")
+            checks += compare("optimized", model, job, inputs, expected, job.optimize)
+        if job.fp16 is not None:
+            progress("FP16 conversion, then the parity check again")
+            model = to_fp16(model)
+            stages.append("fp16")
+            checks += compare("fp16", model, job, inputs, expected, job.fp16)
+    ins, outs = signature(model, job)
+    result = Result(job.name, job.version, str(target), job.source, ins, outs,
+                    job.max_batch_size if job.batched else 0, checks, stages)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        worst = "; ".join(f"{c.stage} '{c.output}': {c.mismatches} element(s) off, max abs error {c.max_abs:.3g} "
+                          f"(atol {c.atol:g}, rtol {c.rtol:g})" for c in failed)
+        err = ConversionError(f"parity check failed, nothing written: {worst}")
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    write(model, job, target, config_text(job, ins, outs), {**job.record, **result.as_dict()})
+    result.written = True
+    return result
+
+
+def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: dict) -> None:
+    """Build the entry in a hidden folder beside the model, then move it into place: a reader
+    (or a polling server) sees the old entry or the new one, never half of one."""
+    model_dir = target.parent
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{job.name}-convert-", dir=model_dir.parent))
+    try:
+        version_dir = staging / str(job.version)
+        version_dir.mkdir()
+        onnx.save(model, str(version_dir / "model.onnx"))
+        (version_dir / "conversion.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (staging / "config.pbtxt").write_text(config)
+        if not model_dir.exists():  # a new model: the whole entry appears with one rename
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
+            staging.rename(model_dir)
+            return
+        if target.exists():  # --force: the old version goes, in one rename
+            target.rename(staging / "replaced")
+        version_dir.rename(target)
+        os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ = ["Check", "Job", "Result", "Tolerance", "run", "BATCH"]

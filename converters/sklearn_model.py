@@ -1,0 +1,80 @@
+"""scikit-learn models (estimators and pipelines) through skl2onnx.
+
+Classifiers are exported without skl2onnx's ZipMap, so they answer two tensors: ``label``
+(the predicted class, as ``predict`` gives it) and ``probabilities`` (``predict_proba``).
+Regressors answer ``variable`` ([batch, 1]).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from .spec import ConversionError, InputSpec
+
+
+def load(path: str):
+    if not os.path.isfile(path):
+        raise ConversionError(f"--model {path}: no such file")
+    try:
+        import joblib
+        from sklearn.base import BaseEstimator
+    except ImportError:
+        raise ConversionError("scikit-learn is not installed: pip install 'batchgate[convert]'") from None
+    try:
+        model = joblib.load(path)  # reads plain pickles too
+    except Exception as e:  # noqa: BLE001 - unpickling raises anything
+        raise ConversionError(f"--model {path}: cannot load it with joblib/pickle: {type(e).__name__}: {e}") from None
+    if not isinstance(model, BaseEstimator):
+        raise ConversionError(f"--model {path}: holds a {type(model).__name__}, not a scikit-learn estimator")
+    return model
+
+
+def _initial_type(spec: InputSpec, batched: bool):
+    from skl2onnx.common import data_types as t
+
+    kinds = {"FP32": t.FloatTensorType, "FP64": t.DoubleTensorType, "INT64": t.Int64TensorType,
+             "INT32": t.Int32TensorType, "BOOL": t.BooleanTensorType, "BYTES": t.StringTensorType}
+    kind = kinds.get(spec.dtype.v2)
+    if kind is None:
+        raise ConversionError(f"input '{spec.name}': skl2onnx takes {', '.join(kinds)}, not {spec.dtype.v2}")
+    dims = [None if (isinstance(d, str) or d == -1) else d for d in spec.dims]
+    if batched:
+        dims[0] = None
+    return kind(dims)
+
+
+def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> tuple[onnx.ModelProto, list[str]]:
+    from skl2onnx import convert_sklearn
+    from sklearn.base import is_classifier
+
+    if len(specs) != 1:
+        raise ConversionError("a scikit-learn model takes one input tensor (its feature matrix); "
+                              f"{len(specs)} --input specs were given")
+    try:
+        onx = convert_sklearn(model, initial_types=[(specs[0].name, _initial_type(specs[0], batched))],
+                              options={"zipmap": False} if is_classifier(model) else None,
+                              target_opset=opset)
+    except Exception as e:  # noqa: BLE001 - skl2onnx raises many types for models it cannot convert
+        raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(e).__name__}: {e}") from None
+    return onx, [o.name for o in onx.graph.output]
+
+
+def reference(model, specs: list[InputSpec], names: list[str]):
+    """What the estimator itself answers, shaped as the ONNX outputs are."""
+    from sklearn.base import is_classifier
+
+    classifier = is_classifier(model)
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        x = feeds[specs[0].name]
+        if classifier:
+            return [np.asarray(model.predict(x)), np.asarray(model.predict_proba(x), dtype=np.float32)]
+        y = np.asarray(model.predict(x), dtype=np.float32)
+        return [y.reshape(len(x), -1)]
+
+    if classifier and len(names) != 2 or not classifier and len(names) != 1:
+        raise ConversionError(f"unexpected outputs {names} from skl2onnx for {type(model).__name__}")
+    return run

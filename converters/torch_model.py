@@ -1,0 +1,242 @@
+"""PyTorch models: load them, export them with ``torch.onnx.export``, run them for reference.
+
+Torch is imported here only, and only when a conversion asks for it: the server never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+
+import numpy as np
+import onnx
+
+from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
+
+EXPORTERS = ("auto", "dynamo", "legacy")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("PyTorch is not installed: pip install 'batchgate[convert]' "
+                              "(here: pip install torch==2.13.0)") from None
+    return torch
+
+
+def load(model: str):
+    """An ``nn.Module`` in eval mode from ``pkg.module:factory`` (a module instance, a class or a
+    function returning one), or a TorchScript file. Returns (module, is_torchscript)."""
+    torch = _torch()
+    if os.path.isfile(model):
+        try:
+            return torch.jit.load(model, map_location="cpu").eval(), True
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError and others
+            raise ConversionError(f"--model {model}: not a TorchScript file ({_first_line(e)}); save one with "
+                                  "torch.jit.save(torch.jit.script(model), path), or pass module:factory") from None
+    mod_name, sep, attr = model.partition(":")
+    if not sep or not mod_name or not attr:
+        if model.endswith((".pt", ".pth", ".ts")):
+            raise ConversionError(f"--model {model}: no such file")
+        raise ConversionError(f"--model {model!r} must be pkg.module:factory or a TorchScript file")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConversionError(f"--model {model}: cannot import module '{mod_name}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code failed
+        raise ConversionError(f"--model {model}: importing '{mod_name}' failed: {type(e).__name__}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConversionError(f"--model {model}: module '{mod_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.nn.Module):
+        if not callable(obj):
+            raise ConversionError(f"--model {model}: '{attr}' is neither an nn.Module nor a factory of one")
+        try:
+            obj = obj()
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"--model {model}: calling '{attr}()' failed: {type(e).__name__}: {e}") from None
+        if not isinstance(obj, torch.nn.Module):
+            raise ConversionError(f"--model {model}: '{attr}()' returned {type(obj).__name__}, not an nn.Module")
+    return obj.eval(), False
+
+
+def _first_line(e: BaseException, lines: int = 1) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " | ".join(text.splitlines()[:lines])
+
+
+def _flatten(out) -> list:
+    torch = _torch()
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        flat = []
+        for o in out:
+            flat.extend(_flatten(o))
+        return flat
+    raise ConversionError(f"the model returned {type(out).__name__}; it must return tensors "
+                          "(a tensor, or a tuple, list or dict of them)")
+
+
+def reference(module, specs: list[InputSpec]):
+    torch = _torch()
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs]
+        with torch.no_grad():
+            return [t.detach().cpu().numpy() for t in _flatten(module(*args))]
+
+    return run
+
+
+def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
+    """The names given, or ``output`` / ``output0..n``; their number checked against what the
+    model returns for an example input."""
+    example = generate(specs, example_sizes(specs, 2), np.random.default_rng(0))
+    try:
+        n = len(reference(module, specs)(example))
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - most often the input specs do not fit the model
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
+        raise ConversionError(f"the model does not accept inputs shaped like the specs ({shapes}): "
+                              f"{type(e).__name__}: {_first_line(e, 3)}") from None
+    if given:
+        if len(given) != n:
+            raise ConversionError(f"the model returns {n} output(s); --output names {len(given)}")
+        return list(given)
+    return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+
+
+def export(module, scripted: bool, specs: list[InputSpec], outputs: list[str], batched: bool, exporter: str,
+           opset: int | None, path: str) -> tuple[onnx.ModelProto, str, str]:
+    """Export to ``path``; returns (model, exporter used, a note of what failed before)."""
+    if exporter not in EXPORTERS:
+        raise ConversionError(f"--exporter must be one of {', '.join(EXPORTERS)}")
+    if scripted and exporter == "dynamo":
+        raise ConversionError("the dynamo exporter cannot export a TorchScript module; use --exporter legacy")
+    order = ["legacy"] if scripted else (["dynamo", "legacy"] if exporter == "auto" else [exporter])
+    errors = []
+    for which in order:
+        try:
+            _export(module, which, specs, outputs, batched, opset, path)
+            model = onnx.load(path)
+            return model, which, "; ".join(errors)
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - exporters raise many types; the text says why
+            errors.append(f"{which} exporter: {type(e).__name__}: {_first_line(e, 6)}")
+    raise ConversionError("the model could not be exported to ONNX: " + "; ".join(errors))
+
+
+def _dim_name(text: str) -> str:
+    return re.sub(r"\W", "_", text)
+
+
+def _export(module, which: str, specs, outputs, batched, opset, path) -> None:
+    torch = _torch()
+    example = generate(specs, example_sizes(specs, 2), np.random.default_rng(0))
+    args = tuple(torch.from_numpy(example[s.name]) for s in specs)
+    names = [s.name for s in specs]
+    kwargs: dict = {}
+    if opset:
+        kwargs["opset_version"] = opset
+    if which == "dynamo":
+        dims: dict[str, object] = {}
+        shapes = []
+        for s in specs:
+            per = {}
+            for i, d in enumerate(s.dims):
+                if isinstance(d, str) or d == -1:
+                    key = d if isinstance(d, str) else f"{s.name}_{i}"
+                    if key not in dims:
+                        dims[key] = torch.export.Dim(_dim_name(key))
+                    per[i] = dims[key]
+            shapes.append(per or None)
+        # Names are set afterwards: the dynamo exporter names inner values after the modules that
+        # make them, and an output named like one (say "embedding") would clash.
+        kwargs.update(dynamo=True, dynamic_shapes=tuple(shapes))
+    else:
+        axes = {s.name: {i: (d if isinstance(d, str) else f"{s.name}_{i}") for i, d in enumerate(s.dims)
+                         if isinstance(d, str) or d == -1} for s in specs}
+        if batched:
+            for o in outputs:
+                axes[o] = {0: BATCH}
+        kwargs.update(dynamo=False, dynamic_axes={k: v for k, v in axes.items() if v}, input_names=names,
+                      output_names=outputs)
+    sink = io.StringIO()
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed", once per process
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, path, **kwargs)
+    finally:
+        quiet.setLevel(level)
+    if which == "dynamo":
+        model = onnx.load(path)
+        rename_values(model.graph, [i.name for i in model.graph.input], names)
+        rename_values(model.graph, [o.name for o in model.graph.output], outputs)
+        onnx.save(model, path)
+
+
+def rename_values(graph, old: list[str], new: list[str]) -> None:
+    """Rename graph inputs or outputs ``old`` to ``new`` everywhere they appear; an inner value
+    that already has one of the new names is renamed out of the way first."""
+    used = _value_names(graph)
+    for a, b in zip(old, new):
+        if a == b:
+            continue
+        if b in used:
+            spare, n = f"{b}__inner", 0
+            while spare in used:
+                n += 1
+                spare = f"{b}__inner{n}"
+            _rename(graph, b, spare)
+            used.add(spare)
+        _rename(graph, a, b)
+        used.add(b)
+
+
+def _value_names(graph) -> set[str]:
+    names = {v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        for sub in _subgraphs(node):
+            names |= _value_names(sub)
+    return names
+
+
+def _subgraphs(node):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _rename(graph, a: str, b: str) -> None:
+    for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if v.name == a:
+            v.name = b
+    for node in graph.node:
+        for seq in (node.input, node.output):
+            for i, name in enumerate(seq):
+                if name == a:
+                    seq[i] = b
+        for sub in _subgraphs(node):
+            _rename(sub, a, b)

@@ -1,0 +1,82 @@
+"""Small PyTorch models the converter tests build (imported as ``convert_models:<factory>``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _seeded(cls):
+    def build():
+        torch.manual_seed(0)
+        return cls()
+
+    return build
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, image):
+        return torch.softmax(self.head(self.conv(image).flatten(1)), dim=-1)
+
+
+class TwoInTwoOut(nn.Module):
+    """Token ids (INT64) and dense features (FP32) in; a score and an embedding out."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.dense = nn.Linear(3, 6)
+        self.score = nn.Linear(6, 1)
+
+    def forward(self, tokens, dense):
+        h = self.emb(tokens).mean(dim=1) + self.dense(dense)
+        return self.score(torch.tanh(h)), h
+
+
+class SequenceEncoder(nn.Module):
+    """A masked mean over a sequence whose length varies from request to request."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, ids, mask):
+        h = self.proj(self.emb(ids)) * mask.unsqueeze(-1)
+        return h.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+class Unexportable(nn.Module):
+    """SVD has no ONNX operator: neither exporter can export it."""
+
+    def forward(self, x):
+        return torch.linalg.svd(x)[1]
+
+
+class Noisy(nn.Module):
+    """Draws new noise on every call: ONNX Runtime and torch cannot agree."""
+
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+mlp = _seeded(MLP)
+cnn = _seeded(CNN)
+two_in_two_out = _seeded(TwoInTwoOut)
+sequence_encoder = _seeded(SequenceEncoder)
+not_a_module = 42

@@ -1,0 +1,217 @@
+"""Converters: a PyTorch or scikit-learn model becomes a repository entry that batchgate serves
+and that answers what the original computes (queried with tritonclient, against the original)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import convert_models  # tests/convert_models.py
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from batchgate.converters import (
+    ConversionError,
+    Tolerance,
+    convert_sklearn,
+    convert_torch,
+)
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "batchgate.cli", "convert", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def infer(url: str, mod, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    c = mod.InferenceServerClient(url)
+    inputs = []
+    for name, arr in feeds.items():
+        dt = {np.float32: "FP32", np.int64: "INT64"}[arr.dtype.type]
+        i = mod.InferInput(name, list(arr.shape), dt)
+        i.set_data_from_numpy(arr)
+        inputs.append(i)
+    res = c.infer(model, inputs, outputs=[mod.InferRequestedOutput(o) for o in outputs])
+    return [res.as_numpy(o) for o in outputs]
+
+
+def torch_run(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(v) for v in feeds.values()])
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def leftovers(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.iterdir()) if repo.exists() else []
+
+
+def test_torch_models_converted_by_the_cli_are_served_and_agree_with_torch(tmp_path, serve):
+    repo = tmp_path / "models"
+    jobs = [
+        ("mlp", "convert_models:mlp", ["x:FP32:-1,16"], []),
+        ("cnn", "convert_models:cnn", ["image:FP32:-1,3,16,16"], []),
+        ("two", "convert_models:two_in_two_out", ["tokens:INT64:-1,5", "dense:FP32:-1,3"], ["score", "embedding"]),
+        ("seq", "convert_models:sequence_encoder", ["ids:INT64:batch,seq", "mask:FP32:batch,seq"], []),
+    ]
+    for name, model, inputs, outputs in jobs:
+        args = ["torch", "--model", model, "--repository", str(repo), "--name", name]
+        for i in inputs:
+            args += ["--input", i]
+        for o in outputs:
+            args += ["--output", o]
+        done = cli(*args)
+        assert done.returncode == 0, done.stderr
+        assert f"model      {name} version 1" in done.stdout and "parity check" in done.stdout
+        record = json.loads((repo / name / "1" / "conversion.json").read_text())
+        assert record["exporter"] in ("dynamo", "legacy") and record["opset"] >= 17
+        assert all(c["ok"] for c in record["checks"]) and record["checks"][0]["cases"] == 3
+        assert "converted_by" in (repo / name / "config.pbtxt").read_text()
+
+    running = serve(str(repo))
+    rng = np.random.default_rng(1)
+    cases = [
+        ("mlp", convert_models.mlp(), {"x": rng.standard_normal((3, 16)).astype(np.float32)}, ["output"]),
+        ("cnn", convert_models.cnn(), {"image": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)},
+         ["output"]),
+        ("two", convert_models.two_in_two_out(),
+         {"tokens": rng.integers(0, 10, (4, 5)), "dense": rng.standard_normal((4, 3)).astype(np.float32)},
+         ["score", "embedding"]),
+    ]
+    # the sequence length differs from one request to the next, and from the export's example
+    for length in (1, 7, 12):
+        ids = rng.integers(0, 10, (2, length))
+        mask = (rng.random((2, length)) < 0.8).astype(np.float32)
+        cases.append(("seq", convert_models.sequence_encoder(), {"ids": ids, "mask": mask}, ["output"]))
+    for name, module, feeds, outputs in cases:
+        want = torch_run(module, feeds)
+        for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+            got = infer(url, mod, name, feeds, outputs)
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
+
+
+def test_the_python_api_converts_a_module_and_a_torchscript_file_with_optimize_and_fp16(tmp_path, serve):
+    repo = tmp_path / "models"
+    module = convert_models.mlp()
+    r = convert_torch(module, ["x:FP32:-1,16"], str(repo), "mlp", optimize=Tolerance(1e-4, 1e-3),
+                      fp16=Tolerance(1e-2, 1e-2))
+    assert r.written and r.stages == ["onnx", "optimized", "fp16"] and all(c.ok for c in r.checks)
+    assert 0 < r.checks[-1].max_abs < 1e-2  # FP16 is close, not exact
+    assert "kind: KIND_GPU" in (repo / "mlp" / "config.pbtxt").read_text()  # FP16 is for GPU serving
+
+    scripted = tmp_path / "mlp.pt"
+    torch.jit.save(torch.jit.script(module), str(scripted))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=np.random.default_rng(2).standard_normal((7, 16)).astype(np.float32))
+    r2 = convert_torch(str(scripted), ["x:FP32:-1,16"], str(repo), "scripted", samples=str(samples))
+    assert "legacy exporter" in r2.source  # the dynamo exporter does not take TorchScript
+    assert r2.checks[0].cases == 4  # three generated input sets and the samples
+
+    running = serve(str(repo))  # served on the CPU here: no GPU, the CUDA provider falls back
+    x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+    want = torch_run(module, {"x": x})[0]
+    np.testing.assert_allclose(infer(running.grpc_url, grpcclient, "mlp", {"x": x}, ["output"])[0], want,
+                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(infer(running.http_url, httpclient, "scripted", {"x": x}, ["output"])[0], want,
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_sklearn_pipeline_and_tree_ensemble_are_served_and_agree_with_sklearn(tmp_path, serve):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y)
+    forest = RandomForestClassifier(n_estimators=8, max_depth=4, random_state=0).fit(x, y)
+    repo = tmp_path / "models"
+    path = tmp_path / "pipeline.pkl"
+    path.write_bytes(pickle.dumps(pipeline))
+    done = cli("sklearn", "--model", str(path), "--input", "features:FP32:-1,4", "--repository", str(repo),
+               "--name", "pipeline")
+    assert done.returncode == 0, done.stderr
+    r = convert_sklearn(forest, ["features:FP32:-1,4"], str(repo), "forest")
+    assert [c.output for c in r.checks] == ["label", "probabilities"] and all(c.ok for c in r.checks)
+
+    running = serve(str(repo))
+    q = rng.standard_normal((9, 4)).astype(np.float32)
+    for name, est in (("pipeline", pipeline), ("forest", forest)):
+        for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+            label, proba = infer(url, mod, name, {"features": q}, ["label", "probabilities"])
+            np.testing.assert_array_equal(label.reshape(-1), est.predict(q))
+            np.testing.assert_allclose(proba, est.predict_proba(q), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("model, inputs, words", [
+    ("nosuchmodule_xyz:build", "x:FP32:-1,16", "cannot import module 'nosuchmodule_xyz'"),
+    ("convert_models:nope", "x:FP32:-1,16", "module 'convert_models' has no attribute 'nope'"),
+    ("convert_models:not_a_module", "x:FP32:-1,16", "neither an nn.Module nor a factory"),
+    ("convert_models:Unexportable", "x:FP32:-1,4,4", "could not be exported to ONNX"),
+    ("convert_models:mlp", "x:FP32:-1,7", "does not accept inputs shaped like the specs"),
+    ("convert_models:mlp", "x:FP32:-1,16 --output a --output b", "returns 1 output(s); --output names 2"),
+    ("convert_models:mlp", "x:FLOAT99:-1,16", "unknown datatype 'FLOAT99'"),
+    ("convert_models:mlp", "x:FP32", "must be NAME:DTYPE:SHAPE"),
+    ("convert_models:Noisy", "x:FP32:-1,16", "parity check failed, nothing written"),
+    ("missing.pt", "x:FP32:-1,16", "no such file"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(tmp_path, model, inputs, words):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    first, *rest = inputs.split(" ")
+    done = cli("torch", "--model", model, "--input", first, *rest, "--repository", str(repo), "--name", "m")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert words in done.stderr
+    assert leftovers(repo) == []  # no model folder, no staging folder
+
+
+def test_an_existing_version_needs_force_and_force_replaces_it(tmp_path):
+    repo = tmp_path / "models"
+    base = ["torch", "--model", "convert_models:mlp", "--input", "x:FP32:-1,16", "--repository", str(repo),
+            "--name", "m"]
+    assert cli(*base).returncode == 0
+    before = (repo / "m" / "1" / "model.onnx").read_bytes()
+    again = cli(*base)
+    assert again.returncode == 1 and "already exists; pass --force" in again.stderr
+    assert (repo / "m" / "1" / "model.onnx").read_bytes() == before
+    forced = cli(*base, "--force", "--opset", "18")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((repo / "m" / "1" / "conversion.json").read_text())["opset"] == 18
+    assert cli(*base, "--version", "2").returncode == 0
+    assert leftovers(repo) == ["m"] and sorted(p.name for p in (repo / "m").iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+def test_sklearn_bad_input(tmp_path):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(pickle.dumps({"not": "a model"}))
+    done = cli("sklearn", "--model", str(junk), "--input", "f:FP32:-1,4", "--repository", str(repo), "--name", "m")
+    assert done.returncode == 1 and "not a scikit-learn estimator" in done.stderr
+    with pytest.raises(ConversionError, match="one input tensor"):
+        from sklearn.linear_model import LinearRegression
+
+        convert_sklearn(LinearRegression().fit(np.ones((3, 2)), [1, 2, 3]), ["a:FP32:-1,1", "b:FP32:-1,1"],
+                        str(repo), "m")
+    assert leftovers(repo) == []
+
+
+def test_the_server_never_imports_torch_or_sklearn():
+    code = ("import sys, batchgate.app, batchgate.cli, batchgate.converters; "
+            "print(sorted(m for m in ('torch', 'sklearn', 'skl2onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
