@@ -46,7 +46,7 @@ EXTENSIONS = [
 GRPC_SERVICE = "inference.GRPCInferenceService"
 
 
-class _Uvicorn(uvicorn.Server):
+class QuietUvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: the gateway drains on SIGTERM itself."""
 
     @contextlib.contextmanager
@@ -84,7 +84,7 @@ class Gateway:
         self.accepting = False
         self.http_port = self.grpc_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
-        self._http: _Uvicorn | None = None
+        self._http: QuietUvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._metrics_server = None
         self._health: HealthServicer | None = None
@@ -191,7 +191,7 @@ class Gateway:
                                 access_log=False, log_level="warning", log_config=None,
                                 timeout_keep_alive=75, backlog=2048)
         self._http_app = config.app
-        self._http = _Uvicorn(config)
+        self._http = QuietUvicorn(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
             if self._http_task.done():

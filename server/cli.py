@@ -56,9 +56,12 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo-repo", help="write the demo model repository")
     d.add_argument("repo")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
-    from .converters.cli import add_parser as add_convert_parser  # argparse only: torch is imported later
+    # Their argument parsers only: torch, skl2onnx, hdrhistogram... are imported when they run.
+    from .converters.cli import add_parser as add_convert_parser
+    from .loadtest.cli import add_parser as add_loadtest_parser
 
     add_convert_parser(sub)
+    add_loadtest_parser(sub)
     args = ap.parse_args(argv)
 
     if args.command == "demo-repo":
@@ -67,6 +70,10 @@ def main(argv=None) -> int:
         build_demo_repository(args.repo)
         print(f"demo model repository written to {args.repo}")
         return 0
+    if args.command == "loadtest":
+        from .loadtest.cli import main as loadtest_main
+
+        return loadtest_main(args)
     if args.command == "convert":
         from .converters.cli import main as convert_main
 

@@ -212,6 +212,7 @@ def test_sklearn_bad_input(tmp_path):
 
 def test_the_server_never_imports_torch_or_sklearn():
     code = ("import sys, batchgate.app, batchgate.cli, batchgate.converters; "
-            "print(sorted(m for m in ('torch', 'sklearn', 'skl2onnx') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'sklearn', 'skl2onnx', 'hdrh', 'aiohttp', 'matplotlib') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr

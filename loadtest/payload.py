@@ -1,0 +1,166 @@
+"""Requests, built and encoded before the load starts, so encoding never slows the generator.
+
+Inputs come from the model's V2 metadata (shapes, datatypes; ``-1`` becomes the batch size
+in the first dimension and ``dynamic_size`` elsewhere), or from a file: ``.npz`` (one array
+per input, full shapes: one request) or JSON lines (one V2 JSON request body per line).
+
+Each request is encoded for the transport it will travel on: a serialized
+``ModelInferRequest`` (tensors as ``raw_input_contents``) for gRPC, a V2 JSON body, or a
+body in the binary tensor extension (JSON header, then the raw bytes) for HTTP. Every
+request carries ``x-batchgate-synthetic: 1`` (gRPC metadata or HTTP header) so the gateway
+can keep load-test traffic out of drift and canary statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+SYNTHETIC_HEADER = "x-batchgate-synthetic"
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+       "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+       "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
+
+
+class PayloadError(ValueError):
+    """The payload cannot be built; the message says why."""
+
+
+@dataclass
+class Encoded:
+    """What a worker sends: the body (and, for HTTP, its headers)."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+def model_inputs(target: str, protocol: str, model: str, version: str = "") -> list[tuple[str, str, list[int]]]:
+    """(name, datatype, shape) of every input, from the server's V2 metadata."""
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as client
+
+            meta = client.InferenceServerClient(target).get_model_metadata(model, version, as_json=True)
+        else:
+            import tritonclient.http as client
+
+            meta = client.InferenceServerClient(target).get_model_metadata(model, version)
+    except Exception as e:  # noqa: BLE001 - tritonclient raises its own type, or socket errors
+        raise PayloadError(f"cannot read the metadata of model '{model}' from {target} over {protocol}: {e}") from None
+    return [(i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]]
+
+
+def generate(inputs, batch_size: int, dynamic_size: int, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``count`` distinct requests of random data shaped as the metadata says."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        req = {}
+        for name, dt, shape in inputs:
+            full = [batch_size if i == 0 and d == -1 else (dynamic_size if d == -1 else d) for i, d in enumerate(shape)]
+            kind = _NP.get(dt)
+            if kind is None:
+                raise PayloadError(f"input '{name}' has datatype {dt}, which the load generator cannot make up")
+            if dt == "BYTES":
+                arr = np.array([f"x{v}".encode() for v in rng.integers(0, 1000, int(np.prod(full)))],
+                               dtype=object).reshape(full)
+            elif dt == "BOOL":
+                arr = rng.random(full) < 0.5
+            elif np.issubdtype(kind, np.integer):
+                arr = rng.integers(0, 8, full).astype(kind)
+            else:
+                arr = rng.standard_normal(full).astype(kind)
+            req[name] = arr
+        out.append(req)
+    return out
+
+
+def from_file(path: str, inputs) -> list[dict[str, np.ndarray]]:
+    types = {name: dt for name, dt, _ in inputs}
+    if path.endswith(".npz"):
+        data = np.load(path, allow_pickle=False)
+        missing = [n for n in types if n not in data.files]
+        if missing:
+            raise PayloadError(f"{path}: no array for input(s) {', '.join(missing)}")
+        return [{n: _cast(data[n], types[n]) for n in types}]
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                body = json.loads(line)
+                req = {}
+                for t in body["inputs"]:
+                    arr = np.asarray(t["data"], dtype=object if t["datatype"] == "BYTES" else _NP[t["datatype"]])
+                    req[t["name"]] = _cast(arr.reshape(t["shape"]), t["datatype"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise PayloadError(f"{path}:{lineno}: not a V2 JSON request ({e})") from None
+            requests.append(req)
+    if not requests:
+        raise PayloadError(f"{path}: no requests in it")
+    return requests
+
+
+def _cast(arr: np.ndarray, dt: str) -> np.ndarray:
+    if dt == "BYTES":
+        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()],
+                        dtype=object).reshape(arr.shape)
+    return np.ascontiguousarray(arr.astype(_NP[dt]))
+
+
+def _raw(arr: np.ndarray, dt: str) -> bytes:
+    if dt == "BYTES":
+        return b"".join(len(v).to_bytes(4, "little") + v for v in arr.ravel())
+    return arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_grpc(model: str, version: str, request: dict[str, np.ndarray], types: dict[str, str]) -> Encoded:
+    from tritonclient.grpc import service_pb2 as pb
+
+    msg = pb.ModelInferRequest(model_name=model, model_version=version)
+    for name, arr in request.items():
+        msg.inputs.add(name=name, datatype=types[name], shape=arr.shape)
+        msg.raw_input_contents.append(_raw(arr, types[name]))
+    return Encoded(msg.SerializeToString(), {SYNTHETIC_HEADER: "1"})
+
+
+def encode_http(request: dict[str, np.ndarray], types: dict[str, str], binary: bool) -> Encoded:
+    headers = {"Content-Type": "application/json", SYNTHETIC_HEADER: "1"}
+    if not binary:
+        body = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": types[n],
+                            "data": [v.decode() if isinstance(v, bytes) else v for v in a.ravel().tolist()]}
+                           for n, a in request.items()]}
+        return Encoded(json.dumps(body).encode(), headers)
+    raws = [_raw(a, types[n]) for n, a in request.items()]
+    header = json.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": types[n],
+                                     "parameters": {"binary_data_size": len(r)}}
+                                    for (n, a), r in zip(request.items(), raws)],
+                         "parameters": {"binary_data_output": True}}).encode()
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header)),
+               SYNTHETIC_HEADER: "1"}
+    return Encoded(header + b"".join(raws), headers)
+
+
+def with_id(body: bytes, request_id: str) -> bytes:
+    """A serialized ModelInferRequest with its ``id`` set: protobuf merges concatenated
+    messages, so the id field is simply put in front (no re-encoding per request)."""
+    raw = request_id.encode()
+    return b"\x1a" + _varint(len(raw)) + raw + body  # field 3 (id), wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)

@@ -1,0 +1,177 @@
+"""What a load test measures, as data: windows, steps and runs, with HdrHistograms.
+
+Latencies are integer microseconds in HdrHistograms (1 µs to 10 min, 3 significant digits).
+Histograms from worker processes and from windows are merged, never their percentiles
+averaged. Three histograms per window:
+
+- ``corrected``: answer time minus the *intended* send time (the schedule's): what a user
+  arriving on schedule waits, coordinated omission included;
+- ``uncorrected``: answer time minus the actual send time (what most tools report);
+- ``lag``: dispatch time minus intended send time: the generator's own lateness (its health).
+  Waiting for a free connection or stream slot is not lag: that wait is the server's
+  back-pressure and shows in ``corrected`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+LOWEST_US = 1
+HIGHEST_US = 600_000_000  # 10 minutes
+SIGNIFICANT = 3
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT)
+
+
+def decode(blob: bytes | str) -> HdrHistogram:
+    h = histogram()
+    if blob:
+        h.decode_and_add(blob)
+    return h
+
+
+def merge(hists) -> HdrHistogram:
+    out = histogram()
+    for h in hists:
+        if h.get_total_count():
+            out.add(h)
+    return out
+
+
+def percentiles_ms(h: HdrHistogram, ps=PERCENTILES) -> dict[str, float | None]:
+    """p50, p90, ... and max in milliseconds (None when the histogram is empty)."""
+    if not h.get_total_count():
+        return {**{_key(p): None for p in ps}, "max": None, "mean": None}
+    vals = h.get_percentile_to_value_dict(list(ps))
+    out = {_key(p): vals[p] / 1000 for p in ps}
+    out["max"] = h.get_max_value() / 1000
+    out["mean"] = h.get_mean_value() / 1000
+    return out
+
+
+def _key(p: float) -> str:
+    return "p" + (f"{p:g}".replace(".", ""))  # 99.9 -> p999
+
+
+def above(count: int, p: float) -> int:
+    """How many samples lie above percentile ``p``: what a percentile rests on."""
+    return math.floor(count * (100.0 - p) / 100.0 + 1e-9)  # 100 - 99.9 is not exact in binary
+
+
+@dataclass
+class Window:
+    """One measurement interval, all worker processes merged."""
+
+    index: int
+    start_s: float  # from the start of the measurement (warm-up windows are negative)
+    end_s: float
+    phase: str  # warmup | measure
+    target_rate: float | None  # requests/s the schedule asked for (open loop); None when closed
+    sent: int = 0  # requests dispatched
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # by gRPC code name or HTTP status
+    late: int = 0  # dispatched later than the lag threshold
+    corrected: HdrHistogram = field(default_factory=histogram)
+    uncorrected: HdrHistogram = field(default_factory=histogram)
+    lag: HdrHistogram = field(default_factory=histogram)
+    cpu_s: float = 0.0  # generator CPU seconds spent in the window (all workers)
+    overflow: int = 0  # latencies beyond the histogram's range (recorded at its maximum)
+    server: dict[str, float] = field(default_factory=dict)  # Prometheus gauges at the window's end
+
+    @property
+    def seconds(self) -> float:
+        return max(1e-9, self.end_s - self.start_s)
+
+    @property
+    def completed(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "phase": self.phase,
+                "target_rate": self.target_rate, "sent": self.sent, "ok": self.ok, "errors": dict(self.errors),
+                "late": self.late, "sent_rate": self.sent / self.seconds, "throughput": self.ok / self.seconds,
+                "corrected_ms": percentiles_ms(self.corrected), "uncorrected_ms": percentiles_ms(self.uncorrected),
+                "lag_ms": percentiles_ms(self.lag), "generator_cores": self.cpu_s / self.seconds,
+                "overflow": self.overflow, "server": dict(self.server)}
+
+
+@dataclass
+class Step:
+    """One load level: an open-loop rate or a closed-loop concurrency, held for a while."""
+
+    label: str
+    mode: str  # open | closed
+    target_rate: float | None = None
+    concurrency: int | None = None
+    windows: list[Window] = field(default_factory=list)
+    valid: bool = True  # the generator kept up (see ``problems``)
+    problems: list[str] = field(default_factory=list)
+    stable: bool | None = None  # the last 3 windows agree (None: too few windows)
+    stability: dict[str, Any] = field(default_factory=dict)
+    slo_met: bool | None = None
+    slo_problems: list[str] = field(default_factory=list)
+    server: dict[str, Any] = field(default_factory=dict)  # server-side view over the measurement
+
+    def measured(self) -> list[Window]:
+        return [w for w in self.windows if w.phase == "measure"]
+
+    def hist(self, which: str) -> HdrHistogram:
+        return merge(getattr(w, which) for w in self.measured())
+
+    @property
+    def seconds(self) -> float:
+        ws = self.measured()
+        return sum(w.seconds for w in ws) if ws else 0.0
+
+    def totals(self) -> dict[str, Any]:
+        ws = self.measured()
+        errors: dict[str, int] = {}
+        for w in ws:
+            for k, v in w.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        sent, ok = sum(w.sent for w in ws), sum(w.ok for w in ws)
+        secs = self.seconds or 1e-9
+        done = ok + sum(errors.values())
+        return {"seconds": self.seconds, "sent": sent, "ok": ok, "errors": errors, "completed": done,
+                "error_rate": (done - ok) / done if done else 0.0, "sent_rate": sent / secs,
+                "throughput": ok / secs, "late": sum(w.late for w in ws),
+                "overflow": sum(w.overflow for w in ws),
+                "generator_cores": sum(w.cpu_s for w in ws) / secs}
+
+    def summary(self) -> dict[str, Any]:
+        corrected, uncorrected, lag = self.hist("corrected"), self.hist("uncorrected"), self.hist("lag")
+        return {"label": self.label, "mode": self.mode, "target_rate": self.target_rate,
+                "concurrency": self.concurrency, **self.totals(),
+                "samples": corrected.get_total_count(),
+                "corrected_ms": percentiles_ms(corrected), "uncorrected_ms": percentiles_ms(uncorrected),
+                "lag_ms": percentiles_ms(lag), "valid": self.valid, "problems": list(self.problems),
+                "stable": self.stable, "stability": dict(self.stability), "slo_met": self.slo_met,
+                "slo_problems": list(self.slo_problems), "server": dict(self.server)}
+
+
+@dataclass
+class Run:
+    """A whole invocation: one step, or the steps of a sweep."""
+
+    scenario: dict[str, Any]
+    environment: dict[str, Any]
+    steps: list[Step] = field(default_factory=list)
+    sweep: dict[str, Any] = field(default_factory=dict)  # kind, the best step's label, how it was found
+
+    @property
+    def valid(self) -> bool:
+        return all(s.valid for s in self.steps)
+
+    @property
+    def slo_met(self) -> bool | None:
+        verdicts = [s.slo_met for s in self.steps if s.slo_met is not None]
+        if self.sweep:
+            return self.sweep.get("best") is not None
+        return all(verdicts) if verdicts else None

@@ -1,0 +1,419 @@
+"""The coordinator: starts the worker processes, runs steps and sweeps, merges what the
+workers measure, watches the server's Prometheus endpoint, and gives each step its verdicts.
+
+Verdicts per step:
+
+- **valid**: the generator kept its schedule. Open loop: it dispatched at least
+  ``min_achieved`` (99%) of the requests the schedule held for the measurement, and its
+  dispatch lag p99 stayed under ``max_lag_p99_ms``. Otherwise the step is INVALID: the
+  numbers describe the generator, not the server, and are not a result.
+- **stable**: the last 3 measurement windows agree within ``stability_pct`` on throughput
+  and on corrected p99 (perf_analyzer's rule, on p99 rather than the mean).
+- **SLO met**: valid, corrected p99 within ``slo_p99_ms`` and the error rate within
+  ``error_budget``.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
+
+from . import payload as pl
+from .results import Run, Step, Window, decode, percentiles_ms
+from .scenario import LoadTestError, Scenario, segments
+from .worker import Plan, Transport, rate_at
+from .worker import main as worker_main
+
+
+def _scaled(segs, n: int):
+    return [(t0, t1, r0 / n, r1 / n) for t0, t1, r0, r1 in segs]
+
+
+# ---------------------------------------------------------------------------- server view
+
+
+def scrape(url: str | None) -> dict[str, list[tuple[dict, float]]] | None:
+    """Every sample of the Prometheus endpoint, by metric name (None when not configured)."""
+    if not url:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(url, timeout=2).read().decode()
+    except OSError:
+        return None
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _sum(samples, name: str, model: str, **labels) -> float | None:
+    vals = [v for lab, v in (samples or {}).get(name, []) if lab.get("model") == model
+            and all(lab.get(k) == want for k, want in labels.items())]
+    return sum(vals) if vals else None
+
+
+# batchgate's names, then Triton's, for the few gauges the report lines up with the windows
+GAUGES = {"queue_depth": ("batchgate_queue_depth", "nv_inference_pending_request_count"),
+          "inflight": ("batchgate_inflight_requests",)}
+
+
+def gauges(samples, model: str) -> dict[str, float]:
+    out = {}
+    for key, names in GAUGES.items():
+        for name in names:
+            v = _sum(samples, name, model)
+            if v is not None:
+                out[key] = v
+                break
+    return out
+
+
+def _buckets(samples, name: str, model: str, protocol: str | None) -> dict[float, float]:
+    out: dict[float, float] = {}
+    for lab, v in (samples or {}).get(name, []):
+        if lab.get("model") != model or (protocol and lab.get("protocol") not in (None, protocol)):
+            continue
+        le = float(lab["le"])
+        out[le] = out.get(le, 0.0) + v
+    return out
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """A quantile of the observations made between two scrapes of a Prometheus histogram,
+    interpolated within its bucket (as PromQL's histogram_quantile does)."""
+    les = sorted(after)
+    counts = [after[le] - before.get(le, 0.0) for le in les]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for le, c in zip(les, counts):
+        if c >= rank:
+            if math.isinf(le):
+                return lower
+            return lower + (le - lower) * ((rank - below) / (c - below) if c > below else 1.0)
+        lower, below = le, c
+    return lower
+
+
+def server_view(before, after, model: str, protocol: str) -> dict:
+    """What the server says about the step: its own request latency and queue figures."""
+    if before is None or after is None:
+        return {}
+    out: dict = {}
+    for key, name, proto in (("request", "batchgate_request_duration_seconds_bucket", protocol),
+                             ("queue", "batchgate_queue_duration_seconds_bucket", None)):
+        b, a = _buckets(before, name, model, proto), _buckets(after, name, model, proto)
+        if a:
+            for q in (0.5, 0.9, 0.99):
+                v = histogram_quantile(b, a, q)
+                out[f"{key}_p{int(q * 100)}_ms"] = None if v is None else v * 1000
+            out[f"{key}_count"] = (a.get(math.inf, 0.0) - b.get(math.inf, 0.0))
+    rows = [_sum(x, "batchgate_batch_size_sum", model) for x in (before, after)]
+    execs = [_sum(x, "batchgate_batch_size_count", model) for x in (before, after)]
+    if None not in rows and None not in execs and execs[1] > execs[0]:
+        out["batch_size_mean"] = (rows[1] - rows[0]) / (execs[1] - execs[0])
+    return out
+
+
+# ---------------------------------------------------------------------------- the runner
+
+
+class Runner:
+    def __init__(self, sc: Scenario, say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                 progress: Callable[[Window, str], str] | None = None):
+        sc.check()
+        self.sc = sc
+        self.say = say
+        self.progress = progress
+        self._procs: list = []
+        self._steps_run = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _payloads(self) -> list[pl.Encoded]:
+        sc = self.sc
+        try:
+            inputs = pl.model_inputs(sc.target, sc.protocol, sc.model, sc.version)
+            types = {name: dt for name, dt, _ in inputs}
+            reqs = (pl.from_file(sc.data, inputs) if sc.data
+                    else pl.generate(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, sc.seed))
+        except (pl.PayloadError, OSError) as e:
+            raise LoadTestError(str(e)) from None
+        if sc.protocol == "grpc":
+            return [pl.encode_grpc(sc.model, sc.version, r, types) for r in reqs]
+        return [pl.encode_http(r, types, sc.http_encoding == "binary") for r in reqs]
+
+    def start(self) -> None:
+        sc = self.sc
+        payloads = self._payloads()
+        ctx = mp.get_context("spawn")  # gRPC does not survive fork
+        self.out = ctx.Queue()
+        transport = Transport(sc.target, sc.protocol, sc.model, sc.grpc_stream, sc.channels,
+                              sc.streams_per_channel, sc.connections)
+        self.commands = []
+        for i in range(sc.workers):
+            cmd = ctx.Queue()
+            p = ctx.Process(target=worker_main, args=(i, transport, payloads, cmd, self.out), daemon=True,
+                            name=f"loadtest-worker-{i}")
+            p.start()
+            self._procs.append(p)
+            self.commands.append(cmd)
+        ready = 0
+        end = time.monotonic() + 60
+        while ready < sc.workers:
+            try:
+                msg = self.out.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise LoadTestError("the worker processes did not start within 60 s") from None
+            if msg[0] == "error":
+                self.stop()
+                raise LoadTestError(msg[2])
+            ready += msg[0] == "ready"
+
+    def stop(self) -> None:
+        for cmd in getattr(self, "commands", []):
+            cmd.put(None)
+        for p in self._procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        self._procs = []
+
+    # ------------------------------------------------------------------ one step
+    def run_step(self, label: str, mode: str, rate: float | None = None, concurrency: int | None = None) -> Step:
+        sc = self.sc
+        n = sc.workers
+        if self._steps_run and sc.cooldown_s > 0:
+            time.sleep(sc.cooldown_s)
+        self._steps_run += 1
+        segs = segments(sc, rate) if mode == "open" else []
+        step_id = int(time.monotonic_ns() % 1_000_000_000)
+        start_ns = time.monotonic_ns() + int((0.2 + sc.warmup_s) * 1e9)  # the warm-up starts in 0.2 s
+        conc = concurrency or sc.concurrency
+        for i, cmd in enumerate(self.commands):
+            share = conc // n + (1 if i < conc % n else 0)
+            cmd.put(Plan(step=step_id, mode=mode, start_ns=start_ns, warmup_s=sc.warmup_s, duration_s=sc.duration_s,
+                         window_s=sc.window_s, deadline_s=sc.deadline_ms / 1000, segments=_scaled(segs, n),
+                         arrival=sc.arrival, offset=i / n, concurrency=share, seed=sc.seed * 1000 + i + step_id % 997,
+                         late_ms=sc.late_ms))
+        step = Step(label, mode, target_rate=rate if mode == "open" else None,
+                    concurrency=conc if mode == "closed" else None)
+        windows: dict[int, Window] = {}
+        w_ns = int(sc.window_s * 1e9)
+
+        def window(i: int) -> Window:
+            w = windows.get(i)
+            if w is None:
+                t0 = i * sc.window_s
+                t1 = min((i + 1) * sc.window_s, sc.duration_s if i >= 0 else 0.0)
+                tr = None
+                if mode == "open":
+                    tr = rate_at(segs, (t0 + t1) / 2) if t1 > t0 else rate_at(segs, t0)
+                w = windows[i] = Window(i, t0, t1, "warmup" if i < 0 else "measure", tr)
+            return w
+
+        before = None  # the server's figures as the measurement starts (after the warm-up)
+        done, scheduled = 0, 0
+        first = -math.ceil(sc.warmup_s / sc.window_s) if sc.warmup_s else 0
+        shown = first  # next window to show progress for
+        last = math.ceil(sc.duration_s / sc.window_s) - 1
+        while done < n:
+            try:
+                msg = self.out.get(timeout=0.05)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                kind = msg[0]
+                if kind == "done" and msg[2] == step_id:
+                    done += 1
+                    scheduled += msg[3]
+                elif kind == "window" and msg[2] == step_id:
+                    _, _, _, idx, sent, ok, errors, late, c, u, lag, cpu, overflow = msg
+                    w = window(idx)
+                    w.sent += sent
+                    w.ok += ok
+                    for k, v in errors.items():
+                        w.errors[k] = w.errors.get(k, 0) + v
+                    w.late += late
+                    w.cpu_s += cpu
+                    w.overflow += overflow
+                    for hist, blob in ((w.corrected, c), (w.uncorrected, u), (w.lag, lag)):
+                        other = decode(blob)
+                        if other.get_total_count():
+                            hist.add(other)
+                elif kind == "error":
+                    raise LoadTestError(msg[2])
+            # a window is shown (and the server's gauges taken) a little after it ends
+            now_s = (time.monotonic_ns() - start_ns) / 1e9
+            if before is None and now_s >= 0:
+                before = scrape(sc.metrics_url) or {}
+            while shown <= last and (now_s > (shown + 1) * sc.window_s + 0.3 or done == n):
+                w = window(shown)
+                samples = scrape(sc.metrics_url)
+                if samples is not None:
+                    w.server = gauges(samples, sc.model)
+                if self.progress is not None:
+                    self.say(self.progress(w, label))
+                shown += 1
+            if now_s > sc.duration_s + sc.deadline_ms / 1000 + 30:
+                raise LoadTestError("the workers did not finish the step")
+        step.windows = [windows[i] for i in sorted(windows) if windows[i].start_s < sc.duration_s]
+        step.server = server_view(before, scrape(sc.metrics_url), sc.model, sc.protocol)
+        self._verdicts(step, scheduled, w_ns)
+        return step
+
+    def _verdicts(self, step: Step, scheduled: int, w_ns: int) -> None:
+        sc = self.sc
+        t = step.totals()
+        lag = percentiles_ms(step.hist("lag"))
+        step.stability["scheduled"] = scheduled
+        if step.mode == "open":
+            ratio = t["sent"] / scheduled if scheduled else 0.0
+            step.stability["achieved_ratio"] = ratio
+            if ratio < sc.min_achieved:
+                step.valid = False
+                step.problems.append(f"the generator sent {t['sent']:,} of the {scheduled:,} requests scheduled "
+                                     f"({ratio:.1%} < {sc.min_achieved:.0%}): it fell behind")
+            if lag["p99"] is not None and lag["p99"] > sc.max_lag_p99_ms:
+                step.valid = False
+                step.problems.append(f"generator dispatch lag p99 {lag['p99']:.1f} ms > {sc.max_lag_p99_ms:g} ms")
+        if t["sent"] == 0:
+            step.valid = False
+            step.problems.append("no request was sent")
+        ws = step.measured()
+        if len(ws) >= 3:
+            tail = ws[-3:]
+            tput = [w.ok / w.seconds for w in tail]
+            p99 = [percentiles_ms(w.corrected)["p99"] or 0.0 for w in tail]
+            spread = {k: (max(v) - min(v)) / max(v) * 100 if max(v) > 0 else 0.0 for k, v in
+                      (("throughput", tput), ("p99", p99))}
+            step.stable = all(s <= sc.stability_pct for s in spread.values())
+            step.stability.update({f"{k}_spread_pct": v for k, v in spread.items()})
+        if sc.slo_p99_ms is not None:
+            p99 = percentiles_ms(step.hist("corrected"))["p99"]
+            if not step.valid:
+                step.slo_problems.append("invalid measurement")
+            if p99 is None or p99 > sc.slo_p99_ms:
+                step.slo_problems.append(f"p99 {p99 if p99 is None else round(p99, 2)} ms > {sc.slo_p99_ms:g} ms")
+            if t["error_rate"] > sc.error_budget:
+                step.slo_problems.append(f"error rate {t['error_rate']:.2%} > budget {sc.error_budget:.2%}")
+            step.slo_met = not step.slo_problems
+
+    # ------------------------------------------------------------------ whole runs
+    def run(self) -> Run:
+        sc = self.sc
+        run = Run(scenario=asdict(sc), environment=environment(sc))
+        self.start()
+        try:
+            if sc.sweep_concurrency:
+                self._sweep_concurrency(run)
+            elif sc.sweep_rate:
+                self._sweep_rate(run)
+            elif sc.mode == "closed":
+                run.steps.append(self.run_step(f"concurrency {sc.concurrency} (closed loop)", "closed"))
+            else:
+                run.steps.append(self.run_step(f"{sc.arrival} {_fmt(sc.rate)}/s", "open", sc.rate))
+        finally:
+            self.stop()
+        return run
+
+    def _open_step(self, run: Run, rate: float) -> Step:
+        step = self.run_step(f"{self.sc.arrival} {_fmt(rate)}/s", "open", rate)
+        run.steps.append(step)
+        self.say(f"step {step.label}: {verdict_words(step)}")
+        return step
+
+    def _sweep_rate(self, run: Run) -> None:
+        sc = self.sc
+        parts = [float(x) for x in sc.sweep_rate.split(":")]
+        run.sweep = {"kind": "rate", "method": sc.search, "best": None,
+                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": sc.error_budget}}
+        ok = (lambda s: s.slo_met) if sc.slo_p99_ms is not None else (lambda s: s.valid)
+        if sc.search == "step":
+            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+                raise LoadTestError("--sweep-rate for a step search is START:END:STEP")
+            rate = parts[0]
+            while rate <= parts[1] + 1e-9:
+                step = self._open_step(run, rate)
+                if not ok(step):
+                    break
+                run.sweep["best"] = step.label
+                rate += parts[2]
+            return
+        if len(parts) != 2 or parts[1] <= parts[0]:
+            raise LoadTestError("--sweep-rate for a binary search is LOW:HIGH")
+        low, high = parts
+        precision = sc.precision or max(1.0, (high - low) / 32)
+        step = self._open_step(run, low)
+        if not ok(step):
+            return  # not even the lowest rate meets the SLO
+        run.sweep["best"] = step.label
+        step = self._open_step(run, high)
+        if ok(step):
+            run.sweep["best"] = step.label
+            return
+        while high - low > precision:
+            mid = (low + high) / 2
+            step = self._open_step(run, mid)
+            if ok(step):
+                low = mid
+                run.sweep["best"] = step.label
+            else:
+                high = mid
+
+    def _sweep_concurrency(self, run: Run) -> None:
+        sc = self.sc
+        try:
+            levels = [int(x) for x in sc.sweep_concurrency.split(",")]
+        except ValueError:
+            raise LoadTestError("--sweep-concurrency is a comma-separated list of numbers, e.g. 1,2,4,8") from None
+        run.sweep = {"kind": "concurrency", "method": "step", "best": None,
+                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": sc.error_budget}}
+        for c in levels:
+            step = self.run_step(f"concurrency {c} (closed loop)", "closed", concurrency=c)
+            run.steps.append(step)
+            self.say(f"step {step.label}: {verdict_words(step)}")
+            if (step.slo_met if sc.slo_p99_ms is not None else step.valid):
+                run.sweep["best"] = step.label
+
+
+def _fmt(rate: float) -> str:
+    return f"{rate:g}" if rate < 1e6 else f"{rate:.3g}"
+
+
+def verdict_words(step: Step) -> str:
+    s = step.summary()
+    p = s["corrected_ms"]
+    words = [f"{s['throughput']:,.0f} ok/s", f"p99 {p['p99']:.2f} ms" if p["p99"] is not None else "no samples",
+             "VALID" if step.valid else "INVALID: " + "; ".join(step.problems)]
+    if step.slo_met is not None:
+        words.append("SLO met" if step.slo_met else "SLO breached: " + "; ".join(step.slo_problems))
+    return ", ".join(words)
+
+
+def environment(sc: Scenario) -> dict:
+    from batchgate import __version__
+
+    sha = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "batchgate": __version__, "git": sha, "target": sc.target,
+            "protocol": sc.protocol, "workers": sc.workers}

@@ -1,0 +1,100 @@
+"""A load test's description: what to drive, how hard, for how long, and what counts as good.
+
+Kept free of heavy imports: the command line builds its help from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LoadTestError(RuntimeError):
+    """The load test cannot run (bad scenario, server unreachable); the message says why."""
+
+
+@dataclass
+class Scenario:
+    target: str  # host:port of the server's gRPC or HTTP endpoint
+    model: str
+    protocol: str = "grpc"  # grpc | http
+    version: str = ""
+    http_encoding: str = "json"  # json | binary (the binary tensor extension)
+    grpc_stream: bool = False
+    mode: str = "open"  # open | closed
+    rate: float = 100.0  # open loop: requests/s over all workers
+    arrival: str = "constant"  # constant | poisson
+    shape: str = ""  # "", ramp:R0:R1, step:R1@T1,R2@T2,..., spike:BASE:PEAK@AT+LEN
+    concurrency: int = 8  # closed loop: callers over all workers
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    window_s: float = 1.0
+    cooldown_s: float = 1.0  # pause between the steps of a sweep (the server drains what is left)
+    deadline_ms: float = 1000.0
+    workers: int = 1
+    channels: int = 1
+    streams_per_channel: int = 0
+    connections: int = 64
+    batch_size: int = 1
+    dynamic_size: int = 8
+    data: str | None = None  # .npz or .jsonl
+    payloads: int = 16
+    seed: int = 1
+    slo_p99_ms: float | None = None
+    error_budget: float = 0.001
+    stability_pct: float = 10.0
+    late_ms: float = 10.0
+    min_achieved: float = 0.99
+    max_lag_p99_ms: float = 10.0
+    metrics_url: str | None = None
+    sweep_rate: str | None = None  # START:END:STEP (step search) or LOW:HIGH (binary search)
+    search: str = "step"  # step | binary
+    precision: float = 0.0  # binary search: stop when the bracket is this narrow (req/s)
+    sweep_concurrency: str | None = None  # e.g. 1,2,4,8,16
+
+    def check(self) -> None:
+        choices = {"protocol": ("grpc", "http"), "http_encoding": ("json", "binary"), "mode": ("open", "closed"),
+                   "arrival": ("constant", "poisson"), "search": ("step", "binary")}
+        for k, allowed in choices.items():
+            if getattr(self, k) not in allowed:
+                raise LoadTestError(f"{k} must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")
+        for k in ("duration_s", "window_s", "deadline_ms", "rate"):
+            if not getattr(self, k) > 0:
+                raise LoadTestError(f"{k} must be greater than 0")
+        for k in ("workers", "channels", "connections", "batch_size", "payloads", "concurrency"):
+            if getattr(self, k) < 1:
+                raise LoadTestError(f"{k} must be at least 1")
+        if self.warmup_s < 0:
+            raise LoadTestError("warmup_s must not be negative")
+        if self.grpc_stream and self.protocol != "grpc":
+            raise LoadTestError("grpc_stream needs protocol grpc")
+        segments(self)  # the shape parses
+
+
+def segments(sc: Scenario, rate: float | None = None) -> list[tuple[float, float, float, float]]:
+    """The schedule's rate over the measurement: (t0, t1, r0, r1) pieces, linear within each."""
+    d = sc.duration_s
+    r = sc.rate if rate is None else rate
+    shape = sc.shape.strip()
+    try:
+        if not shape or shape == "constant":
+            return [(0.0, d, r, r)]
+        kind, _, spec = shape.partition(":")
+        if kind == "ramp":
+            a, b = (float(x) for x in spec.split(":"))
+            return [(0.0, d, a, b)]
+        if kind == "step":
+            pts = []
+            for part in spec.split(","):
+                rr, _, at = part.partition("@")
+                pts.append((float(at or 0), float(rr)))
+            pts.sort()
+            return [(t, pts[i + 1][0] if i + 1 < len(pts) else d, rr, rr) for i, (t, rr) in enumerate(pts)]
+        if kind == "spike":
+            base, rest = spec.split(":", 1)
+            peak, _, when = rest.partition("@")
+            at, _, length = when.partition("+")
+            b, p, t0, n = float(base), float(peak), float(at), float(length)
+            return [(0.0, t0, b, b), (t0, t0 + n, p, p), (t0 + n, d, b, b)]
+    except ValueError:
+        pass
+    raise LoadTestError(f"shape {shape!r} must be ramp:R0:R1, step:R1@T1,R2@T2,... or spike:BASE:PEAK@AT+LEN")

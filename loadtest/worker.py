@@ -1,0 +1,381 @@
+"""One generator process: its own event loop, connections and HdrHistograms.
+
+The coordinator (runner.py) starts several of these, hands each its share of a step's load
+and a common start time on the system-wide monotonic clock, and merges what they report.
+
+Open loop: requests are dispatched at the times the schedule says (constant spacing or
+Poisson arrivals, at a rate that may follow a shape), whether or not earlier ones have been
+answered. A request that has to wait for a free connection or stream slot waits *after*
+dispatch: that wait is the server's back-pressure, counted in the corrected latency and not
+in the generator's lag. Closed loop: ``concurrency`` callers, each sending its next request
+when the previous one is answered (intended time = send time, so nothing is corrected).
+
+Samples go into the window of their intended send time; a window's report is a delta, sent
+as soon as there is something new, so answers that arrive late still land where they belong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+from .payload import GRPC_INFER, GRPC_STREAM, SYNTHETIC_HEADER, Encoded, with_id
+from .results import HIGHEST_US, histogram
+
+_mono = time.monotonic_ns
+
+
+@dataclass
+class Transport:
+    """How a worker reaches the server (fixed for the worker's life)."""
+
+    target: str  # host:port
+    protocol: str  # grpc | http
+    model: str
+    grpc_stream: bool = False  # ModelStreamInfer instead of unary ModelInfer
+    channels: int = 1  # gRPC channels (HTTP/2 connections) per worker
+    streams_per_channel: int = 0  # requests in flight per channel; 0 = no limit of ours
+    connections: int = 64  # HTTP keep-alive connections per worker (one request in flight each)
+
+
+@dataclass
+class Plan:
+    """One worker's share of one step."""
+
+    step: int
+    mode: str  # open | closed
+    start_ns: int  # measurement start, system-wide monotonic clock
+    warmup_s: float
+    duration_s: float
+    window_s: float
+    deadline_s: float
+    segments: list[tuple[float, float, float, float]] = field(default_factory=list)  # (t0, t1, r0, r1), req/s
+    arrival: str = "constant"  # constant | poisson
+    offset: float = 0.0  # fraction of an interval this worker's constant schedule is shifted by
+    concurrency: int = 0
+    seed: int = 0
+    late_ms: float = 10.0  # a dispatch later than this counts as late
+
+
+def rate_at(segments, t: float) -> float:
+    """The scheduled rate at ``t`` seconds from the measurement start (warm-up: the first rate)."""
+    if not segments:
+        return 0.0
+    if t < segments[0][0]:
+        return segments[0][2]
+    for t0, t1, r0, r1 in segments:
+        if t0 <= t < t1:
+            return r0 + (r1 - r0) * (t - t0) / (t1 - t0) if t1 > t0 else r0
+    return segments[-1][3]
+
+
+class _Acc:
+    __slots__ = ("sent", "ok", "errors", "late", "corrected", "uncorrected", "lag", "cpu_s", "overflow", "dirty")
+
+    def __init__(self):
+        self.sent = self.ok = self.late = self.overflow = 0
+        self.errors: dict[str, int] = {}
+        self.corrected, self.uncorrected, self.lag = histogram(), histogram(), histogram()
+        self.cpu_s = 0.0
+        self.dirty = False
+
+
+class Worker:
+    def __init__(self, index: int, transport: Transport, payloads: list[Encoded], out):
+        self.index = index
+        self.t = transport
+        self.payloads = payloads
+        self.out = out  # multiprocessing queue to the coordinator
+        self.windows: dict[int, _Acc] = {}
+        self.inflight: set[asyncio.Task] = set()
+        self._k = 0
+
+    # ------------------------------------------------------------------ connections
+    async def connect(self) -> None:
+        t = self.t
+        if t.protocol == "grpc":
+            import grpc
+
+            opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                    ("grpc.use_local_subchannel_pool", 1)]  # one real connection per channel
+            self.channels = [grpc.aio.insecure_channel(t.target, options=opts) for _ in range(max(1, t.channels))]
+            for ch in self.channels:
+                await ch.channel_ready()
+            self.calls = [ch.unary_unary(GRPC_INFER, request_serializer=None, response_deserializer=None)
+                          for ch in self.channels]
+            self.slots = [asyncio.Semaphore(t.streams_per_channel) if t.streams_per_channel else None
+                          for _ in self.channels]
+            self.metadata = ((SYNTHETIC_HEADER, "1"),)
+            self.streams: list = [None] * len(self.channels)
+        else:
+            import aiohttp
+
+            conn = aiohttp.TCPConnector(limit=max(1, t.connections), force_close=False, keepalive_timeout=60)
+            self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False)
+            self.url = f"http://{t.target}/v2/models/{t.model}/infer"
+            self.slots = [asyncio.Semaphore(max(1, t.connections))]
+
+    async def close(self) -> None:
+        if self.t.protocol == "grpc":
+            for s in self.streams:
+                if s is not None:
+                    s.cancel()
+            for ch in self.channels:
+                await ch.close()
+        else:
+            await self.session.close()
+
+    # ------------------------------------------------------------------ one request
+    async def _call(self, k: int, timeout: float) -> str:
+        """Send request ``k``; its outcome: OK, a gRPC code name, an HTTP status, or why it failed."""
+        payload = self.payloads[k % len(self.payloads)]
+        if self.t.protocol == "grpc":
+            import grpc
+
+            c = k % len(self.channels)
+            try:
+                if self.t.grpc_stream:
+                    await self._stream_call(c, payload, timeout, k)
+                else:
+                    await self.calls[c](payload.body, timeout=timeout, metadata=self.metadata)
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+            except asyncio.TimeoutError:
+                return "DEADLINE_EXCEEDED"
+        import aiohttp
+
+        try:
+            async with self.session.post(self.url, data=payload.body, headers=payload.headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                await resp.read()
+                return "OK" if resp.status == 200 else str(resp.status)
+        except asyncio.TimeoutError:
+            return "timeout"
+        except aiohttp.ClientError as e:
+            return f"connection error ({type(e).__name__})"
+
+    async def _stream_call(self, c: int, payload: Encoded, timeout: float, k: int) -> None:
+        stream = self.streams[c]
+        if stream is None or stream.done():
+            stream = self.streams[c] = _Stream(self.channels[c], self.metadata)
+        await stream.call(with_id(payload.body, f"w{self.index}-{k}"), f"w{self.index}-{k}", timeout)
+
+    async def _send(self, intended: int, dispatched: int, k: int, plan: Plan, window: int) -> None:
+        slot = self.slots[k % len(self.slots)]
+        if slot is not None:
+            await slot.acquire()  # back-pressure: waits for a free connection or stream slot
+        try:
+            actual = _mono()
+            remaining = plan.deadline_s - (actual - dispatched) / 1e9
+            try:
+                code = await self._call(k, max(0.001, remaining)) if remaining > 0 else "DEADLINE_EXCEEDED"
+            except Exception as e:  # noqa: BLE001 - whatever happens, the request is counted
+                code = f"client error ({type(e).__name__})"
+        finally:
+            if slot is not None:
+                slot.release()
+        done = _mono()
+        acc = self._acc(window)
+        for hist, value in ((acc.corrected, done - intended), (acc.uncorrected, done - actual)):
+            us = max(1, value // 1000)
+            if us > HIGHEST_US:
+                acc.overflow += 1
+                us = HIGHEST_US
+            hist.record_value(us)
+        if code == "OK":
+            acc.ok += 1
+        else:
+            acc.errors[code] = acc.errors.get(code, 0) + 1
+        acc.dirty = True
+
+    def _acc(self, window: int) -> _Acc:
+        acc = self.windows.get(window)
+        if acc is None:
+            acc = self.windows[window] = _Acc()
+        return acc
+
+    def _window(self, plan: Plan, t_ns: int) -> int:
+        return math.floor((t_ns - plan.start_ns) / (plan.window_s * 1e9))
+
+    def _dispatch(self, intended: int, plan: Plan) -> None:
+        now = _mono()
+        window = self._window(plan, intended)
+        lag = max(0, now - intended)
+        acc = self._acc(window)
+        acc.lag.record_value(max(1, min(HIGHEST_US, lag // 1000)))
+        late = lag > plan.late_ms * 1e6
+        if late:
+            acc.late += 1
+        # Sent on time: counted in its own window. Late: where it really left, which for a
+        # generator falling behind is past the measurement, so it lowers the achieved rate.
+        (self._acc(self._window(plan, now)) if late else acc).sent += 1
+        acc.dirty = True
+        task = asyncio.get_running_loop().create_task(self._send(intended, now, self._k, plan, window))
+        self._k += 1
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    # ------------------------------------------------------------------ loads
+    async def _open(self, plan: Plan) -> int:
+        rng = random.Random(plan.seed)
+        end = plan.start_ns + int(plan.duration_s * 1e9)
+        t = plan.start_ns - int(plan.warmup_s * 1e9)
+        first = rate_at(plan.segments, -plan.warmup_s)
+        if plan.arrival == "constant" and first > 0:
+            t += int(plan.offset / first * 1e9)
+        scheduled = 0
+        while t < end:
+            # The event loop's timers have a 1 ms resolution: sleep to within ~1 ms of the
+            # intended time, then yield until it comes (other sends and answers go on meanwhile).
+            while True:
+                ahead = t - _mono()
+                if ahead > 1_500_000:
+                    await asyncio.sleep((ahead - 1_200_000) / 1e9)
+                elif ahead > 20_000:
+                    await asyncio.sleep(0)
+                else:
+                    break
+            self._dispatch(t, plan)
+            if t >= plan.start_ns:
+                scheduled += 1
+            rate = rate_at(plan.segments, (t - plan.start_ns) / 1e9)
+            if rate <= 0:
+                t += 10_000_000
+                continue
+            gap = rng.expovariate(rate) if plan.arrival == "poisson" else 1.0 / rate
+            t += max(1, int(gap * 1e9))
+        return scheduled
+
+    async def _closed(self, plan: Plan) -> int:
+        end = plan.start_ns + int(plan.duration_s * 1e9)
+
+        async def caller():
+            while True:
+                now = _mono()
+                if now >= end:
+                    return
+                window = self._window(plan, now)
+                acc = self._acc(window)
+                acc.sent += 1
+                acc.lag.record_value(1)
+                k = self._k
+                self._k += 1
+                await self._send(now, now, k, plan, window)
+
+        wait = (plan.start_ns - int(plan.warmup_s * 1e9) - _mono()) / 1e9
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await asyncio.gather(*(caller() for _ in range(plan.concurrency)))
+        return 0
+
+    async def run_step(self, plan: Plan) -> None:
+        self.windows.clear()
+        reporter = asyncio.get_running_loop().create_task(self._report_loop(plan))
+        wait = (plan.start_ns - int(plan.warmup_s * 1e9) - _mono()) / 1e9 - 0.001
+        if wait > 0:
+            await asyncio.sleep(wait)
+        scheduled = await (self._open(plan) if plan.mode == "open" else self._closed(plan))
+        if self.inflight:  # never drop what is in flight: each answer (or timeout) is recorded
+            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+        reporter.cancel()
+        self._flush(plan)
+        self.out.put(("done", self.index, plan.step, scheduled))
+
+    async def _report_loop(self, plan: Plan) -> None:
+        cpu = time.process_time()
+        every = min(0.25, plan.window_s / 4)
+        while True:
+            await asyncio.sleep(every)
+            now_cpu = time.process_time()
+            self._acc(self._window(plan, _mono())).cpu_s += now_cpu - cpu
+            cpu = now_cpu
+            self._flush(plan)
+
+    def _flush(self, plan: Plan) -> None:
+        for index, acc in list(self.windows.items()):
+            if not acc.dirty and not acc.cpu_s:
+                continue
+            self.out.put(("window", self.index, plan.step, index, acc.sent, acc.ok, dict(acc.errors), acc.late,
+                          acc.corrected.encode(), acc.uncorrected.encode(), acc.lag.encode(), acc.cpu_s,
+                          acc.overflow))
+            self.windows[index] = _Acc()
+
+
+class _Stream:
+    """One ModelStreamInfer stream: requests written as they come, answers matched by id."""
+
+    def __init__(self, channel, metadata):
+        self.call_ = channel.stream_stream(GRPC_STREAM, request_serializer=None, response_deserializer=None)(
+            metadata=metadata)
+        self.pending: dict[str, asyncio.Future] = {}
+        self.lock = asyncio.Lock()  # one write at a time on a stream
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    def done(self) -> bool:
+        return self.reader.done()
+
+    def cancel(self) -> None:
+        self.call_.cancel()
+
+    async def call(self, body: bytes, rid: str, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            async with self.lock:  # a write is never cancelled half-way: that would end the stream
+                await asyncio.shield(self.call_.write(body))
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(rid, None)
+
+    async def _read(self) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+
+        try:
+            async for raw in self.call_:
+                resp = pb.ModelStreamInferResponse.FromString(raw)
+                fut = self.pending.get(resp.infer_response.id)
+                if fut is not None and not fut.done():
+                    if resp.error_message:
+                        fut.set_exception(grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None,
+                                                               resp.error_message))
+                    else:
+                        fut.set_result(None)
+        except grpc.aio.AioRpcError as e:
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(e)
+
+
+def main(index: int, transport: Transport, payloads: list[Encoded], commands, out) -> None:
+    """Process entry point: connect, say ready, then run the steps the coordinator sends."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+    async def serve():
+        w = Worker(index, transport, payloads, out)
+        try:
+            await w.connect()
+        except Exception as e:  # noqa: BLE001 - report any failure to connect to the coordinator
+            out.put(("error", index, f"cannot connect to {transport.target}: {type(e).__name__}: {e}"))
+            return
+        out.put(("ready", index))
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = await loop.run_in_executor(None, commands.get)
+            if plan is None:
+                break
+            await w.run_step(plan)
+        await w.close()
+
+    asyncio.run(serve())

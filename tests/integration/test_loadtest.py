@@ -1,0 +1,151 @@
+"""The load-test harness against real servers over real sockets: the scripted test server
+(loadtest/testserver.py) for the timing properties, and batchgate itself for the reports."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from batchgate.demo import build_demo_repository
+from processes import Proc
+
+READY = re.compile(r"HTTP on [^:]+:(\d+), gRPC on [^:]+:(\d+)")
+
+
+class TestServerProc:
+    """``python -m batchgate.loadtest.testserver`` in a subprocess."""
+
+    __test__ = False
+
+    def __init__(self, *args: str):
+        self.p = subprocess.Popen([sys.executable, "-m", "batchgate.loadtest.testserver", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.p.stdout.readline()
+        m = READY.search(line)
+        assert m, f"test server did not start: {line}{self.p.stdout.read() if self.p.poll() is not None else ''}"
+        self.http, self.grpc = f"127.0.0.1:{m.group(1)}", f"127.0.0.1:{m.group(2)}"
+        threading.Thread(target=self.p.stdout.read, daemon=True).start()  # keep the pipe drained
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            self.p.wait(10)
+
+
+@pytest.fixture
+def testserver():
+    started = []
+
+    def start(*args):
+        s = TestServerProc(*args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def loadtest(out: Path, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess, dict]:
+    done = subprocess.run([sys.executable, "-m", "batchgate.cli", "loadtest", *args, "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=timeout)
+    report = out / "results.json"
+    doc = json.loads(report.read_text()) if report.exists() else {}
+    return done, doc
+
+
+def step(doc: dict, i: int = 0) -> dict:
+    return doc["steps"][i]
+
+
+def test_a_one_second_stall_shows_in_the_corrected_p99_and_not_in_the_uncorrected(tmp_path, testserver):
+    # Two keep-alive connections, one request in flight on each: while the server stalls, the
+    # requests the schedule keeps producing wait for a connection. Timed from their intended
+    # send time they saw the stall; timed from their actual send they did not.
+    srv = testserver("--stall-at", "1.5", "--stall-s", "1")
+    done, doc = loadtest(tmp_path, srv.http, "--protocol", "http", "--model", "echo", "--rate", "100",
+                         "--duration", "4", "--warmup", "0.5", "--connections", "2", "--deadline-ms", "5000")
+    assert done.returncode == 0, done.stderr
+    s = step(doc)
+    assert s["valid"], s["problems"]  # waiting for a connection is the server's doing, not the generator's
+    assert s["corrected_ms"]["p99"] >= 500, s["corrected_ms"]
+    assert s["uncorrected_ms"]["p99"] < 100, s["uncorrected_ms"]
+    assert s["corrected_ms"]["max"] >= 900 and s["errors"] == {}
+
+
+def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver):
+    srv = testserver()
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "400", "--duration", "3",
+                         "--warmup", "0.5")
+    assert done.returncode == 0, done.stderr
+    s = step(doc)
+    assert s["valid"] and abs(s["sent_rate"] - 400) / 400 <= 0.01, s
+    assert s["ok"] == s["samples"] == s["stability"]["scheduled"] == 1200  # every scheduled request, answered
+
+
+def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver):
+    srv = testserver()
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "200000", "--duration", "2",
+                         "--warmup", "0")
+    assert done.returncode == 3, done.stdout + done.stderr  # invalid measurement
+    s = step(doc)
+    assert not s["valid"] and any("fell behind" in p or "lag" in p for p in s["problems"])
+    assert "INVALID" in done.stdout
+
+
+def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path, testserver):
+    # 10 ms per request, one at a time: 100 requests/s, and latency explodes past it.
+    srv = testserver("--service-ms", "10", "--workers", "1")
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--sweep-rate", "20:200", "--search", "binary",
+                         "--precision", "8", "--slo-p99-ms", "100", "--duration", "2", "--warmup", "0.5",
+                         "--deadline-ms", "1000", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr  # a best rate was found
+    best = doc["sweep"]["best"]
+    rate = next(s["target_rate"] for s in doc["steps"] if s["label"] == best)
+    assert 80 <= rate <= 100.5, (best, [(s["label"], s["slo_met"]) for s in doc["steps"]])
+    assert all(s["slo_met"] is False for s in doc["steps"] if s["target_rate"] > 110)
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_an_slo_breach_is_a_non_zero_exit(tmp_path, testserver):
+    srv = testserver("--service-ms", "5", "--workers", "1")
+    done, doc = loadtest(tmp_path, srv.http, "--protocol", "http", "--model", "echo", "--rate", "50",
+                         "--duration", "1.5", "--warmup", "0.2", "--slo-p99-ms", "1")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert step(doc)["slo_met"] is False and "SLO" in done.stdout
+
+
+@pytest.mark.parametrize("protocol, extra", [("grpc", []), ("http", ["--http-encoding", "binary"]),
+                                             ("grpc", ["--grpc-stream"]), ("http", [])])
+def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_histograms(
+        tmp_path, protocol, extra):
+    repo = build_demo_repository(str(tmp_path / "models"))
+    srv = Proc(["serve", "--model-repository", repo, "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+                "--metrics-port", "0"]).wait_ready()
+    try:
+        target = srv.grpc if protocol == "grpc" else srv.http
+        out = tmp_path / "out"
+        done, doc = loadtest(out, target, "--protocol", protocol, "--model", "classifier", "--rate", "300",
+                             "--duration", "3", "--warmup", "1", "--metrics-url",
+                             f"http://127.0.0.1:{srv.ports[2]}/metrics", *extra)
+    finally:
+        srv.kill()
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("results.json", "results.csv", "summary.txt", "timeline.png", "spectrum.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert list(out.glob("*.hlog")) and list(out.glob("*.hgrm"))
+    s = step(doc)
+    assert s["valid"] and s["ok"] == s["stability"]["scheduled"] and s["errors"] == {}
+    server = s["server"]
+    assert server["request_count"] >= s["ok"] * 0.95  # the server saw the step (and a little warm-up tail)
+    # The client's latency is the server's plus the hop (client, network, transport): never less
+    # (within the server histogram's bucket resolution), and not more than a few milliseconds.
+    for q in ("p50", "p90"):
+        client, srv_ms = s["uncorrected_ms"][q], server[f"request_{q}_ms"]
+        assert srv_ms - 0.25 <= client <= srv_ms + 10, (q, client, srv_ms)
+    assert any(w["server"].get("queue_depth") is not None for w in s["windows"])

@@ -1,0 +1,333 @@
+"""loadtest.report: the table, live line, JSON/CSV/hlog/hgrm files and plots, on synthetic runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from batchgate.loadtest import report
+from batchgate.loadtest.results import (
+    Run,
+    Step,
+    Window,
+    above,
+    decode,
+    histogram,
+    percentiles_ms,
+)
+from hdrh.log import HistogramLogReader
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def window(index, start, end, *, phase="measure", target=100.0, corrected=(), shift_us=500, lag_us=50,
+           errors=None, server=None, sent=None, late=0, cpu_s=0.5):
+    """A window whose histograms hold ``corrected`` (µs); uncorrected is ``shift_us`` lower."""
+    w = Window(index=index, start_s=start, end_s=end, phase=phase, target_rate=target)
+    for v in corrected:
+        w.corrected.record_value(v)
+        w.uncorrected.record_value(max(1, v - shift_us))
+        w.lag.record_value(lag_us)
+    w.ok = len(corrected)
+    w.errors = dict(errors or {})
+    w.sent = sent if sent is not None else w.ok + sum(w.errors.values())
+    w.late = late
+    w.cpu_s = cpu_s
+    w.server = dict(server or {})
+    return w
+
+
+# 1,000 samples per window: 980 at 1.0 ms, 15 at 1.5 ms, 5 at 2.0 ms (all exact in the histogram)
+GOOD = [1000] * 980 + [1500] * 15 + [2000] * 5
+
+
+def good_step() -> Step:
+    windows = [window(0, -5.0, 0.0, phase="warmup", corrected=[50_000] * 100)]  # must not count
+    windows += [window(i + 1, 5.0 * i, 5.0 * (i + 1), corrected=GOOD,
+                       server={"queue_depth": 2 + i, "inflight": 10, "batch_size_mean": 4.2})
+                for i in range(3)]
+    return Step("r100", "open", target_rate=100.0, windows=windows, valid=True, stable=True,
+                stability={"throughput_spread": 0.01}, slo_met=True, server={"batch_size_mean": 4.2})
+
+
+def invalid_step() -> Step:
+    windows = [window(i, 5.0 * i, 5.0 * (i + 1), target=200.0, corrected=[80_000] * 700 + [120_000] * 50,
+                      errors={"UNAVAILABLE": 5, "503": 2} if i == 0 else {}, sent=760, late=40)
+               for i in range(2)]
+    return Step("r200", "open", target_rate=200.0, windows=windows, valid=False,
+                problems=["achieved 152.0 req/s < 99% of target 200"], stable=False, slo_met=False,
+                slo_problems=["p99 120 ms > 50 ms"])
+
+
+def dead_step() -> Step:
+    """Nothing succeeded: no latency samples at all."""
+    windows = [window(i, 5.0 * i, 5.0 * (i + 1), target=400.0, errors={"DEADLINE_EXCEEDED": 2000})
+               for i in range(2)]
+    return Step("r400", "open", target_rate=400.0, windows=windows, valid=True, stable=None, slo_met=False,
+                slo_problems=["error rate 100% > 0.1%"])
+
+
+def sweep_run() -> Run:
+    return Run(scenario={"name": "demo sweep", "transport": "grpc", "model": "resnet"},
+               environment={"git_sha": "abc123", "host": "test"},
+               steps=[good_step(), invalid_step(), dead_step()],
+               sweep={"kind": "rate", "best": "r100", "slo": {"p99_ms": 50, "error_budget": 0.001},
+                      "method": "step"})
+
+
+def closed_run() -> Run:
+    steps = []
+    for c in (4, 8):
+        ws = [window(i, 2.0 * i, 2.0 * (i + 1), target=None, corrected=[c * 300] * 200,
+                     server={"queue_depth": c / 2, "inflight": c}) for i in range(2)]
+        steps.append(Step(f"c{c}", "closed", concurrency=c, windows=ws, stable=None, slo_met=True))
+    return Run(scenario={"name": "closed"}, environment={}, steps=steps,
+               sweep={"kind": "concurrency", "best": "c8", "slo": {"p99_ms": 50}, "method": "step"})
+
+
+def empty_runs() -> list[Run]:
+    lonely = Step("only", "open", target_rate=10.0, windows=[window(0, 0.0, 1.0, target=10.0)])
+    no_windows = Step("nothing", "open", target_rate=5.0)
+    odd_server = Step("odd", "closed", concurrency=2,
+                      windows=[window(0, 0.0, 1.0, target=None, corrected=[1000],
+                                      server={"queue_depth": float("nan"), "inflight": None})])
+    return [
+        Run(scenario={}, environment={}),
+        Run(scenario={}, environment={}, steps=[no_windows]),
+        Run(scenario={}, environment={}, steps=[lonely]),
+        Run(scenario={"name": "mixed"}, environment={}, steps=[lonely, no_windows, odd_server],
+            sweep={"kind": "rate", "best": None, "slo": {"p99_ms": 10}}),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_table_shows_percentiles_counts_and_verdicts():
+    text = report.table(sweep_run())
+    assert "corrected" in text and "intended" in text  # the legend
+    r100 = text[text.index("== r100"):text.index("== r200")]
+    # corrected: p50 1.00, p90 1.00, p99 1.50, p99.9 2.00, max 2.00 (warm-up's 50 ms excluded)
+    corrected = next(line for line in r100.splitlines() if line.strip().startswith("corrected ms")).split()
+    assert corrected[2:7] == ["1.00", "1.00", "1.50", "2.00", "2.00"]
+    uncorrected = next(line for line in r100.splitlines() if line.strip().startswith("uncorrected ms")).split()
+    assert uncorrected[2:5] == ["0.500", "0.500", "1.00"]
+    assert "1,500 of 3,000" in r100 and "30 of 3,000" in r100
+    assert f"{above(3000, 99.9)} of 3,000" in r100
+    assert "thin tail: p99.9" in r100
+    assert "VALID | stable" in r100 and "SLO met" in r100 and "[best]" in r100
+    assert "server: batch_size_mean 4.2" in r100
+
+    r200 = text[text.index("== r200"):text.index("== r400")]
+    assert "INVALID: achieved 152.0 req/s < 99% of target 200" in r200
+    assert "unstable" in r200 and "SLO missed: p99 120 ms > 50 ms" in r200
+    assert "UNAVAILABLE 5" in r200 and "HTTP 503 2" in r200
+    assert "late sends 80" in r200
+
+    r400 = text[text.index("== r400"):]
+    assert "no latency samples" in r400 and "n/a" in r400 and "DEADLINE_EXCEEDED 4,000" in r400
+
+    overview = text.splitlines()
+    header = next(line for line in overview if line.startswith("step "))
+    for col in ("sent/s", "ok/s", "p99 ms", "p99 uncorr ms", "validity", "stability", "SLO"):
+        assert col in header
+    row = next(line for line in overview if line.startswith("r100 "))
+    assert "open loop" in row and "<- best" in row
+    assert "sustainable throughput: r100" in text
+    assert "run: INVALID (1 of 3 steps: r200)" in text
+
+
+def test_table_labels_closed_loop():
+    text = report.table(closed_run())
+    assert "closed loop" in text and "concurrency 8" in text
+    assert "sustainable throughput: c8" in text
+
+
+def test_progress_line():
+    w = good_step().windows[2]
+    w.errors = {"UNAVAILABLE": 3}
+    line = report.progress_line(w, "r100")
+    assert line.startswith("[r100 #2 5..10s]")
+    assert "send 200.0/100.0 req/s" in line and "ok 200.0/s" in line  # 1,000 in 5 s
+    assert "p50 1.00 p99 1.50 ms" in line and "err 3 (UNAVAILABLE 3)" in line
+    assert "lag p99 0.050 ms" in line and "queue 3" in line
+    warm = report.progress_line(good_step().windows[0], "r100")
+    assert "warmup" in warm
+    empty = report.progress_line(window(0, 0.0, 1.0, target=None), "c1")
+    assert "p50 - p99 - ms" in empty and "send 0.0 req/s" in empty
+
+
+def _strict_load(path):
+    def bad(token):
+        raise AssertionError(f"non-strict JSON constant {token}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f, parse_constant=bad)
+
+
+def test_json_round_trips_histograms(tmp_path):
+    run = sweep_run()
+    path = report.write_json(run, tmp_path / "r.json")
+    doc = _strict_load(path)
+    assert doc["verdict"] == {"valid": False, "slo_met": True, "best": "r100"}
+    assert doc["sweep"]["slo"]["p99_ms"] == 50 and doc["scenario"]["name"] == "demo sweep"
+    assert [s["label"] for s in doc["steps"]] == ["r100", "r200", "r400"]
+
+    for step, sd in zip(run.steps, doc["steps"]):
+        for which in report.HISTS:
+            merged = step.hist(which)
+            back = decode(sd["histograms"][which])
+            assert back.get_total_count() == merged.get_total_count()
+            assert percentiles_ms(back) == percentiles_ms(merged)
+        assert len(sd["windows"]) == len(step.windows)
+        for w, wd in zip(step.windows, sd["windows"]):
+            assert wd["phase"] == w.phase and wd["sent"] == w.sent
+            for which in report.HISTS:
+                assert decode(wd["histograms"][which]).get_total_count() == getattr(w, which).get_total_count()
+    assert doc["steps"][0]["corrected_ms"]["p99"] == 1.5
+    assert doc["steps"][2]["corrected_ms"]["p99"] is None
+
+    again = report.read_json(path)
+    assert report.table(again) == report.table(run)
+
+
+def test_json_never_contains_nan(tmp_path):
+    run = sweep_run()
+    run.scenario["weird"] = float("nan")
+    run.steps[0].windows[1].server["queue_depth"] = float("inf")
+    run.steps[0].stability["p99_spread"] = float("nan")
+    doc = _strict_load(report.write_json(run, tmp_path / "nan.json"))
+    assert doc["scenario"]["weird"] is None
+    assert doc["steps"][0]["windows"][1]["server"]["queue_depth"] is None
+
+
+def test_csv_one_row_per_step(tmp_path):
+    path = report.write_csv(sweep_run(), tmp_path / "r.csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        assert tuple(reader.fieldnames) == report.CSV_COLUMNS
+    assert [r["label"] for r in rows] == ["r100", "r200", "r400"]
+    for col in ("target_rate", "concurrency", "seconds", "sent", "ok", "errors", "error_rate", "sent_rate",
+                "throughput", "corrected_p50_ms", "corrected_p90_ms", "corrected_p99_ms", "corrected_p999_ms",
+                "corrected_max_ms", "corrected_mean_ms", "uncorrected_p50_ms", "uncorrected_p99_ms",
+                "uncorrected_max_ms", "lag_p99_ms", "generator_cores", "valid", "stable", "slo_met"):
+        assert col in rows[0]
+    r100, r200, r400 = rows
+    assert r100["mode"] == "open" and r100["target_rate"] == "100" and r100["concurrency"] == ""
+    assert r100["seconds"] == "15" and r100["ok"] == "3000" and r100["errors"] == "0"
+    assert float(r100["throughput"]) == pytest.approx(200.0)
+    assert r100["corrected_p99_ms"] == "1.5" and r100["corrected_p999_ms"] == "2"
+    assert r100["uncorrected_p99_ms"] == "1" and r100["lag_p99_ms"] == "0.05"
+    assert r100["valid"] == "true" and r100["stable"] == "true" and r100["slo_met"] == "true"
+    assert r200["errors"] == "7" and r200["valid"] == "false" and r200["stable"] == "false"
+    assert r200["errors_by_code"] == "503:2;UNAVAILABLE:5"
+    assert r400["corrected_p99_ms"] == "" and r400["stable"] == "" and r400["error_rate"] == "1"
+
+
+def test_intervals_read_back(tmp_path):
+    run = sweep_run()
+    paths = report.write_intervals(run, tmp_path / "run")
+    assert len(paths) == 3 * len(run.steps)
+    assert paths[0] == str(tmp_path / "run-r100.hlog")
+
+    reader = HistogramLogReader(paths[0], histogram())
+    got = []
+    while (h := reader.get_next_interval_histogram()) is not None:
+        got.append((h.get_start_time_stamp() / 1000, h.get_end_time_stamp() / 1000, h.get_total_count(),
+                    h.get_value_at_percentile(99)))
+    reader.close()
+    # the three measurement windows only (the warm-up is not logged), at their own times
+    assert got == [(0.0, 5.0, 1000, 1500), (5.0, 10.0, 1000, 1500), (10.0, 15.0, 1000, 1500)]
+
+    with open(paths[1], encoding="utf-8") as f:
+        hgrm = f.read()
+    assert "Percentile" in hgrm and "TotalCount     =     3000" in hgrm
+    assert "#[Max     =        2.000" in hgrm  # ms, not µs
+    assert paths[2].endswith("run-r100.uncorrected.hgrm")
+
+    # the dead step still gets files: an hlog of empty intervals and an empty distribution
+    reader = HistogramLogReader(paths[6], histogram())
+    counts = []
+    while (h := reader.get_next_interval_histogram()) is not None:
+        counts.append(h.get_total_count())
+    assert counts == [0, 0]
+
+
+def test_interval_file_names_stay_unique(tmp_path):
+    run = closed_run()
+    run.steps[1].label = "c4"  # same label twice
+    run.steps[0].label = "a/b c"
+    paths = report.write_intervals(run, tmp_path / "x_")
+    names = [p.rsplit("/", 1)[-1] for p in paths if p.endswith(".hlog")]
+    assert names == ["x_a_b_c.hlog", "x_c4.hlog"]
+
+
+def _png(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_plots_are_written(tmp_path):
+    run = sweep_run()
+    _png(report.plot_timeline(run, tmp_path / "t.png"))
+    _png(report.plot_sweep(run, tmp_path / "s.png"))
+    _png(report.plot_spectrum(run, tmp_path / "p.png"))
+    closed = closed_run()
+    _png(report.plot_timeline(closed, tmp_path / "ct.png"))
+    _png(report.plot_sweep(closed, tmp_path / "cs.png"))
+
+
+def test_spectrum_limits_the_number_of_steps():
+    steps = [Step(f"r{i}", "open", target_rate=float(i),
+                  windows=[window(0, 0.0, 1.0, target=float(i), corrected=[1000 + i] * 10)]) for i in range(1, 12)]
+    run = Run(scenario={}, environment={}, steps=steps, sweep={"kind": "rate", "best": "r7"})
+    chosen = report._spectrum_steps(run)
+    assert len(chosen) == 5
+    labels = [s.label for s in chosen]
+    assert "r7" in labels and "r8" in labels and "r1" in labels and "r11" in labels
+
+
+def test_write_all(tmp_path):
+    paths = report.write_all(sweep_run(), tmp_path / "out")
+    for kind in ("table", "json", "csv", "timeline", "sweep", "spectrum", "hlog:r100", "hgrm:r200",
+                 "hgrm_uncorrected:r400"):
+        assert kind in paths
+    for kind in ("timeline", "sweep", "spectrum"):
+        _png(paths[kind])
+    with open(paths["table"], encoding="utf-8") as f:
+        assert "sustainable throughput" in f.read()
+
+    single = Run(scenario={}, environment={}, steps=[good_step()])
+    paths = report.write_all(single, tmp_path / "one")
+    assert "sweep" not in paths and "timeline" in paths and "spectrum" in paths
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_empty_data_does_not_crash(tmp_path, index):
+    run = empty_runs()[index]
+    text = report.table(run)
+    assert text.strip()
+    for s in run.steps:
+        for w in s.windows:
+            assert report.progress_line(w, s.label)
+    paths = report.write_all(run, tmp_path / "out")
+    _png(report.plot_sweep(run, tmp_path / "sweep.png"))
+    doc = _strict_load(paths["json"])
+    assert len(doc["steps"]) == len(run.steps)
+    with open(paths["csv"], newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == len(run.steps)
+    for kind in ("timeline", "spectrum"):
+        _png(paths[kind])
+
+
+def test_no_steps_table():
+    assert "no steps were run" in report.table(Run(scenario={}, environment={}))
+
+
+def test_csv_cells():
+    assert report._csv_cell(float("nan")) == "" and report._csv_cell(None) == ""
+    assert report._csv_cell(0.1 + 0.2) == "0.3" and report._csv_cell(True) == "true"
+    assert not math.isnan(float(report._csv_cell(-0.0000001)))
