@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1")
     p.add_argument("--error-budget", type=float, help=f"allowed error rate (default {d.error_budget:g})")
     p.add_argument("--stability-pct", type=float)
+    p.add_argument("--precise-timing", action="store_true", default=None,
+                   help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)")
     p.add_argument("--max-lag-p99-ms", type=float, help="generator lag above which a step is invalid")
     p.add_argument("--metrics-url", help="the server's Prometheus endpoint, scraped during the run")
     p.add_argument("--sweep-rate", help="START:END:STEP (step search) or LOW:HIGH with --search binary")

@@ -293,8 +293,11 @@ def _footer(run: Run, best: Step | None, slo: dict[str, Any]) -> list[str]:
         else:
             lines.append("sustainable throughput: none (no step met the SLO)")
     bad = [s for s in run.steps if not s.valid]
-    validity = "VALID" if not bad else f"INVALID ({len(bad)} of {len(run.steps)} steps: " + \
-        ", ".join(s.label for s in bad) + ")"
+    listed = f" ({len(bad)} of {len(run.steps)} steps invalid: " + ", ".join(s.label for s in bad) + ")" if bad else ""
+    if run.valid:
+        validity = "VALID" + (listed.replace(")", "; they do not decide the sweep)") if bad else "")
+    else:
+        validity = "INVALID" + listed
     lines.append(f"run: {validity} | SLO {_slo_word(run.slo_met)}" + (f" ({_slo_text(slo)})" if slo else ""))
     return lines
 

@@ -167,7 +167,17 @@ class Run:
 
     @property
     def valid(self) -> bool:
-        return all(s.valid for s in self.steps)
+        """Whether the result stands. A sweep stands on the steps that decide it: its best step
+        and the nearest step above that missed (an invalid step further up, where the generator
+        could not keep up, does not change the answer)."""
+        if not self.sweep or self.sweep.get("kind") != "rate":
+            return all(s.valid for s in self.steps)
+        best = next((s for s in self.steps if s.label == self.sweep.get("best")), None)
+        floor = best.target_rate or 0.0 if best is not None else float("-inf")
+        above = [s for s in self.steps if (s.target_rate or 0.0) > floor]
+        deciding = ([best] if best is not None else []) + \
+            ([min(above, key=lambda s: s.target_rate or 0.0)] if above else [])
+        return all(s.valid for s in deciding)
 
     @property
     def slo_met(self) -> bool | None:

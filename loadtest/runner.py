@@ -122,11 +122,19 @@ def server_view(before, after, model: str, protocol: str) -> dict:
                 v = histogram_quantile(b, a, q)
                 out[f"{key}_p{int(q * 100)}_ms"] = None if v is None else v * 1000
             out[f"{key}_count"] = (a.get(math.inf, 0.0) - b.get(math.inf, 0.0))
+    mean = _batch_mean(before, after, model)
+    if mean is not None:
+        out["batch_size_mean"] = mean
+    return out
+
+
+def _batch_mean(before, after, model: str) -> float | None:
+    """Mean rows per execution between two scrapes (batchgate's batch-size histogram)."""
     rows = [_sum(x, "batchgate_batch_size_sum", model) for x in (before, after)]
     execs = [_sum(x, "batchgate_batch_size_count", model) for x in (before, after)]
-    if None not in rows and None not in execs and execs[1] > execs[0]:
-        out["batch_size_mean"] = (rows[1] - rows[0]) / (execs[1] - execs[0])
-    return out
+    if None in rows or None in execs or execs[1] <= execs[0]:
+        return None
+    return (rows[1] - rows[0]) / (execs[1] - execs[0])
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -209,7 +217,7 @@ class Runner:
             cmd.put(Plan(step=step_id, mode=mode, start_ns=start_ns, warmup_s=sc.warmup_s, duration_s=sc.duration_s,
                          window_s=sc.window_s, deadline_s=sc.deadline_ms / 1000, segments=_scaled(segs, n),
                          arrival=sc.arrival, offset=i / n, concurrency=share, seed=sc.seed * 1000 + i + step_id % 997,
-                         late_ms=sc.late_ms))
+                         late_ms=sc.late_ms, precise=sc.precise_timing))
         step = Step(label, mode, target_rate=rate if mode == "open" else None,
                     concurrency=conc if mode == "closed" else None)
         windows: dict[int, Window] = {}
@@ -227,6 +235,7 @@ class Runner:
             return w
 
         before = None  # the server's figures as the measurement starts (after the warm-up)
+        previous = scrape(sc.metrics_url)  # the last scrape, for figures taken as differences
         done, scheduled = 0, 0
         first = -math.ceil(sc.warmup_s / sc.window_s) if sc.warmup_s else 0
         shown = first  # next window to show progress for
@@ -266,6 +275,10 @@ class Runner:
                 samples = scrape(sc.metrics_url)
                 if samples is not None:
                     w.server = gauges(samples, sc.model)
+                    mean = _batch_mean(previous, samples, sc.model)
+                    if mean is not None:
+                        w.server["batch_size_mean"] = mean
+                    previous = samples
                 if self.progress is not None:
                     self.say(self.progress(w, label))
                 shown += 1

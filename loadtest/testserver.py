@@ -52,6 +52,7 @@ import grpc
 import numpy as np
 import uvicorn
 from batchgate.app import QuietUvicorn
+from batchgate.loadtest.payload import SYNTHETIC_HEADER
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -110,6 +111,7 @@ class TestServer:
         self.received = self.answered = self.rejected = 0
         self.services: list[Service] = []
         self.first_request_at: float | None = None
+        self.synthetic = 0  # infer requests marked x-batchgate-synthetic (header or gRPC metadata)
         self.stall_window: tuple[float, float] | None = None  # known once the first request came
         self._slots = asyncio.Semaphore(workers)
         self._grpc: grpc.aio.Server | None = None
@@ -255,6 +257,7 @@ class TestServer:
 
     async def _http_infer(self, model: str, version: str, headers: dict, body: bytes):
         arrived = self._arrive()
+        self.synthetic += headers.get(SYNTHETIC_HEADER) == "1"
         try:
             self._check_model(model, version)
             shape, raw, binary, request_id = _parse_http(headers, body)
@@ -373,6 +376,7 @@ class _GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.grpc_code, str(e))
 
     async def ModelInfer(self, request, context):
+        self.s.synthetic += (SYNTHETIC_HEADER, "1") in tuple(context.invocation_metadata() or ())
         try:
             return await self._infer(request)
         except _Error as e:
@@ -382,10 +386,12 @@ class _GrpcService(pb_grpc.GRPCInferenceServiceServicer):
         # Requests on one stream are served concurrently (each takes its own worker slot, so
         # a stream can keep several in flight) and answered in the order they came.
         pending: asyncio.Queue = asyncio.Queue()
+        marked = (SYNTHETIC_HEADER, "1") in tuple(context.invocation_metadata() or ())
 
         async def read():
             try:
                 async for request in request_iterator:
+                    self.s.synthetic += marked
                     pending.put_nowait(asyncio.ensure_future(self._stream_one(request)))
             finally:
                 pending.put_nowait(None)

@@ -149,3 +149,80 @@ def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_
         client, srv_ms = s["uncorrected_ms"][q], server[f"request_{q}_ms"]
         assert srv_ms - 0.25 <= client <= srv_ms + 10, (q, client, srv_ms)
     assert any(w["server"].get("queue_depth") is not None for w in s["windows"])
+
+
+def test_workers_poisson_arrivals_and_a_ramp_shape(tmp_path, testserver):
+    srv = testserver()
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--workers", "2", "--arrival", "poisson",
+                         "--shape", "ramp:100:400", "--duration", "4", "--warmup", "0.5", "--window", "1")
+    assert done.returncode == 0, done.stderr
+    s = step(doc)
+    assert s["valid"] and s["ok"] == s["samples"] == s["stability"]["scheduled"]
+    windows = [w for w in s["windows"] if w["phase"] == "measure"]
+    targets = [w["target_rate"] for w in windows]
+    assert targets == sorted(targets) and targets[0] < 160 and targets[-1] > 340  # the ramp
+    assert windows[-1]["sent"] > 2 * windows[0]["sent"]  # the sends followed it
+
+
+def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
+    srv = testserver("--service-ms", "10", "--workers", "1")
+    done, doc = loadtest(tmp_path / "rate", srv.http, "--protocol", "http", "--model", "echo",
+                         "--sweep-rate", "40:160:40", "--slo-p99-ms", "60", "--duration", "1.5", "--warmup", "0.3",
+                         "--deadline-ms", "1000")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rates = [s["target_rate"] for s in doc["steps"]]
+    assert rates[:2] == [40, 80] and doc["sweep"]["best"] == "constant 80/s"
+    assert doc["steps"][-1]["slo_met"] is False and len(rates) <= 4  # stops at the first breach
+
+    done, doc = loadtest(tmp_path / "conc", srv.grpc, "--model", "echo", "--sweep-concurrency", "1,4",
+                         "--duration", "1.5", "--warmup", "0.3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, four = doc["steps"]
+    assert one["mode"] == four["mode"] == "closed" and "closed loop" in one["label"]
+    assert four["corrected_ms"]["p50"] > 2.5 * one["corrected_ms"]["p50"]  # they queue at the one worker
+    assert abs(four["throughput"] - one["throughput"]) < 0.25 * one["throughput"]  # at the same capacity
+
+
+def test_a_timeout_is_an_error_recorded_at_its_timeout(tmp_path, testserver):
+    srv = testserver("--service-ms", "300", "--workers", "8")
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "20", "--duration", "1.5",
+                         "--warmup", "0", "--deadline-ms", "50")
+    s = step(doc)
+    assert set(s["errors"]) == {"DEADLINE_EXCEEDED"} and s["ok"] == 0
+    assert s["corrected_ms"]["p50"] >= 50 and s["uncorrected_ms"]["p50"] >= 50
+    assert "DEADLINE_EXCEEDED" in done.stdout
+
+
+def test_payloads_from_files_carry_the_synthetic_marker(tmp_path):
+    import asyncio
+
+    import numpy as np
+
+    from batchgate.loadtest.testserver import TestServer
+
+    loop = asyncio.new_event_loop()
+    server = TestServer()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    try:
+        npz = tmp_path / "one.npz"
+        np.savez(npz, INPUT0=np.ones((3, 4), np.float32))
+        jsonl = tmp_path / "many.jsonl"
+        jsonl.write_text("\n".join(json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32",
+                                                           "data": [i, i, i, i]}]}) for i in range(5)) + "\n")
+        runs = [(f"127.0.0.1:{server.grpc_port}", "grpc", npz), (f"127.0.0.1:{server.http_port}", "http", jsonl)]
+        total = 0
+        for target, protocol, data in runs:
+            done, doc = loadtest(tmp_path / protocol, target, "--protocol", protocol, "--model", "echo",
+                                 "--data", str(data), "--rate", "50", "--duration", "1", "--warmup", "0")
+            assert done.returncode == 0, done.stderr
+            total += step(doc)["ok"]
+        assert total >= 100 and server.synthetic == server.received == server.answered
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"inputs": [{"name": "INPUT0"}]}\n')
+        done, _ = loadtest(tmp_path / "bad", runs[1][0], "--protocol", "http", "--model", "echo",
+                           "--data", str(bad), "--rate", "10", "--duration", "0.5")
+        assert done.returncode == 2 and "bad.jsonl:1: not a V2 JSON request" in done.stderr
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)

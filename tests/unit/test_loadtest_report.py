@@ -136,7 +136,7 @@ def test_table_shows_percentiles_counts_and_verdicts():
     row = next(line for line in overview if line.startswith("r100 "))
     assert "open loop" in row and "<- best" in row
     assert "sustainable throughput: r100" in text
-    assert "run: INVALID (1 of 3 steps: r200)" in text
+    assert "run: INVALID (1 of 3 steps invalid: r200)" in text
 
 
 def test_table_labels_closed_loop():
