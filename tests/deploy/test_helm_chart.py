@@ -1,0 +1,265 @@
+"""The Helm chart, checked without a cluster: the real helm binary lints and renders it for each
+variant, every rendered manifest is validated against Kubernetes' schemas (strict) and the
+custom resources against schemas of the fields the chart sets, and what the chart says about
+batchgate (ports, health endpoints, metric names, settings) is compared with the code.
+Then the drain the chart relies on is exercised for real on a `batchgate serve` process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import yaml
+from crd_schemas import CRD_SCHEMAS
+from processes import Proc
+
+from batchgate.app import GRPC_SERVICE
+from batchgate.config import Settings, load_settings
+from batchgate.demo import _save, slow_model
+from batchgate.monitoring.metrics import FAMILIES
+from batchgate.transport.http_app import LIVE_PATH, READY_PATH
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "batchgate"
+K8S = "1.33.0"
+API_VERSIONS = ["monitoring.coreos.com/v1", "keda.sh/v1alpha1"]
+
+VARIANTS = {
+    "default": {},
+    "gpu": {"gpu": {"enabled": True, "count": 2}, "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "cpu-only": {"image": {"variant": "cpu"}, "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}},
+    "hpa": {"autoscaling": {"mode": "hpa", "minReplicas": 2, "maxReplicas": 20, "targetQueueDepth": 16}},
+    "keda": {"autoscaling": {"mode": "keda"}, "monitoring": {"kind": "PodMonitor"}},
+    "fixed": {"autoscaling": {"enabled": False}, "replicaCount": 3, "probes": {"readiness": {"type": "http"}},
+              "modelRepository": {"source": "initContainer"}, "service": {"headless": False}},
+}
+
+
+def helm_binary() -> str:
+    path = os.environ.get("HELM") or str(ROOT / ".cache" / "helm" / "helm")
+    if not Path(path).exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_helm.py")], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return helm_binary()
+
+
+def values_file(tmp_path: Path, name: str) -> Path:
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(VARIANTS[name]))
+    return f
+
+
+def render(helm: str, values: Path, *extra: str) -> list[dict]:
+    out = subprocess.run([helm, "template", "rel", str(CHART), "-f", str(values), "--namespace", "serving",
+                          "--kube-version", K8S, *[a for v in API_VERSIONS for a in ("--api-versions", v)], *extra],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lint_render_and_validate_every_manifest(helm, tmp_path, variant):
+    values = values_file(tmp_path, variant)
+    lint = subprocess.run([helm, "lint", str(CHART), "--strict", "-f", str(values)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(helm, values)
+    kinds = by_kind(docs)
+    for doc in docs:
+        if doc["kind"] in CRD_SCHEMAS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])  # the fields we set, spelled right
+        else:
+            kubernetes_validate.validate(doc, K8S, strict=True)  # raises on any unknown or wrong field
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget"} <= set(kinds)
+    autoscaled = VARIANTS[variant].get("autoscaling", {}).get("enabled", True)
+    mode = VARIANTS[variant].get("autoscaling", {}).get("mode", "hpa")
+    assert ("HorizontalPodAutoscaler" in kinds) == (autoscaled and mode == "hpa")
+    assert ("ScaledObject" in kinds) == (autoscaled and mode == "keda")
+    assert "replicas" not in kinds["Deployment"][0]["spec"] if autoscaled else \
+        kinds["Deployment"][0]["spec"]["replicas"] == 3
+
+
+def deployment_and_config(helm, tmp_path, variant="default"):
+    kinds = by_kind(render(helm, values_file(tmp_path, variant)))
+    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    config = yaml.safe_load(kinds["ConfigMap"][0]["data"]["batchgate.yaml"])
+    return kinds, pod, pod["containers"][0], config
+
+
+def test_the_chart_agrees_with_the_code(helm, tmp_path):
+    kinds, pod, c, config = deployment_and_config(helm, tmp_path)
+    defaults = Settings()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": defaults.http_port, "grpc": defaults.grpc_port, "metrics": defaults.metrics_port}
+    assert (config["http_port"], config["grpc_port"], config["metrics_port"]) == \
+        (defaults.http_port, defaults.grpc_port, defaults.metrics_port)
+    assert c["readinessProbe"]["grpc"] == {"port": defaults.grpc_port, "service": GRPC_SERVICE}
+    assert c["livenessProbe"]["httpGet"]["path"] == LIVE_PATH
+    assert c["startupProbe"]["httpGet"]["path"] == READY_PATH
+    http = by_kind(render(helm, values_file(tmp_path, "fixed")))["Deployment"][0]
+    assert http["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == READY_PATH
+    # metric names: every batchgate_* series the chart queries is exported by the code
+    exported = set()
+    for name, (kind, _, _) in FAMILIES.items():
+        exported |= {name + "_total"} if kind == "counter" else \
+            {name + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {name}
+    exprs = [r["expr"] for g in kinds["PrometheusRule"][0]["spec"]["groups"] for r in g["rules"]]
+    used = set(re.findall(r"batchgate_[a-z_]+", " ".join(exprs)))
+    assert used and used <= exported, used - exported
+    assert kinds["HorizontalPodAutoscaler"][0]["spec"]["metrics"][0]["pods"]["metric"]["name"] in FAMILIES
+    # the config the chart writes is one batchgate accepts (model_repository aside: a real folder here)
+    settings = load_settings(None, {**config, "model_repository": str(tmp_path)}, environ={})
+    assert settings.grpc_max_connection_age_secs > 0  # new replicas get gRPC clients too
+
+
+def test_security_probes_drain_and_spread(helm, tmp_path):
+    _, pod, c, config = deployment_and_config(helm, tmp_path)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/models", "/tmp", "/etc/batchgate"}
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # room for model loading
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config["exit_timeout_secs"]
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert c["args"] == ["--config", "/etc/batchgate/batchgate.yaml"] and config["model_repository"] == "/models"
+
+
+def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):
+    _, pod, c, _ = deployment_and_config(helm, tmp_path, "gpu")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    _, _, c, _ = deployment_and_config(helm, tmp_path, "default")
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    _, _, c, _ = deployment_and_config(helm, tmp_path, "cpu-only")
+    assert c["image"].endswith("-cpu")
+
+    hpa = by_kind(render(helm, values_file(tmp_path, "hpa")))["HorizontalPodAutoscaler"][0]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 20)
+    assert hpa["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "16"}
+    up, down = hpa["behavior"]["scaleUp"], hpa["behavior"]["scaleDown"]
+    assert up["stabilizationWindowSeconds"] < down["stabilizationWindowSeconds"]  # fast up, slow down
+
+    kinds = by_kind(render(helm, values_file(tmp_path, "keda")))
+    so = kinds["ScaledObject"][0]["spec"]
+    trigger = so["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert "batchgate_queue_depth" in trigger["metadata"]["query"] and trigger["metadata"]["threshold"] == "8"
+    assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert "PodMonitor" in kinds and "ServiceMonitor" not in kinds
+
+    # without the KEDA API, mode keda is refused with a message, not rendered half
+    out = subprocess.run([helm, "template", "rel", str(CHART), "-f", str(values_file(tmp_path, "keda"))],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "no keda.sh/v1alpha1 API" in out.stderr
+
+
+def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
+    """SIGTERM under load: readiness (the gRPC health service the readiness probe asks) turns
+    NOT_SERVING first, every accepted request is answered, and the process exits 0 within the
+    grace period the chart gives it after preStop."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    _, pod, c, config = deployment_and_config(helm, tmp_path)
+    grace = pod["terminationGracePeriodSeconds"] - int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    repo = tmp_path / "models"
+    _save(slow_model(width=1024, layers=64), str(repo), "slow", config="max_batch_size: 64\n")
+    cfg = dict(config, model_repository=str(repo), host="127.0.0.1", http_port=0, grpc_port=0, metrics_port=0)
+    cfg_file = tmp_path / "batchgate.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    p = Proc(["serve", "--config", str(cfg_file)]).wait_ready()
+    try:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(p.grpc))
+
+        def health() -> int:
+            return stub.Check(health_pb2.HealthCheckRequest(service=c["readinessProbe"]["grpc"]["service"]),
+                              timeout=5).status
+
+        assert health() == health_pb2.HealthCheckResponse.SERVING
+        x = np.ones((64, 1024), np.float32)
+
+        def call(_):
+            client = httpclient.InferenceServerClient(p.http, network_timeout=120)
+            inp = httpclient.InferInput("input", [64, 1024], "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer("slow", [inp]).as_numpy("output").shape
+
+        stats = httpclient.InferenceServerClient(p.http)
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(call, i) for i in range(16)]
+            end = time.monotonic() + 30
+            while time.monotonic() < end:  # every request accepted before SIGTERM
+                s = stats.get_inference_statistics("slow")["model_stats"][0]
+                if _in_flight(p) >= 16 or s["inference_stats"]["success"]["count"] + _in_flight(p) >= 16:
+                    break
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            p.p.send_signal(signal.SIGTERM)
+            flipped = None
+            while time.monotonic() - t0 < 10:
+                if health() != health_pb2.HealthCheckResponse.SERVING:
+                    flipped = time.monotonic() - t0
+                    break
+                time.sleep(0.005)
+            assert flipped is not None, "readiness never turned NOT_SERVING"
+            still_running = sum(not f.done() for f in futures)
+            results = [f.result(grace) for f in futures]
+        assert still_running > 0, "no accepted work was left to drain when readiness flipped"
+        assert results == [(64, 1024)] * 16  # every accepted request answered
+        assert p.p.wait(grace) == 0 and time.monotonic() - t0 < grace
+    finally:
+        p.kill()
+
+
+def _in_flight(p) -> int:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=5).read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("batchgate_inflight_requests{")))
+
+
+def test_the_server_closes_old_grpc_connections_when_told(tmp_path, serve):
+    """grpc_max_connection_age_secs (the chart sets 300): an old connection is closed and the
+    client connects again, which is how long-lived gRPC clients reach new replicas."""
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from batchgate.demo import build_demo_repository
+
+    running = serve(build_demo_repository(str(tmp_path / "m")), grpc_max_connection_age_secs=1)
+    states = []
+    channel = grpc.insecure_channel(running.grpc_url)
+    channel.subscribe(lambda s: states.append(s), try_to_connect=True)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    assert client.is_server_ready()
+    end = time.monotonic() + 15
+    while time.monotonic() < end and grpc.ChannelConnectivity.IDLE not in states[1:]:
+        time.sleep(0.1)
+    assert grpc.ChannelConnectivity.IDLE in states[1:], states  # the server ended the connection
+    assert client.is_server_ready()  # and the next call connects again
+    channel.close()
