@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from crd_schemas import CRD_SCHEMAS
-from processes import Proc
-
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
 from batchgate.demo import _save, slow_model
 from batchgate.monitoring.metrics import FAMILIES
 from batchgate.transport.http_app import LIVE_PATH, READY_PATH
+from crd_schemas import CRD_SCHEMAS
+from processes import Proc
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "batchgate"
