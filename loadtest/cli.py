@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help=".npz (one request) or .jsonl (V2 JSON request bodies) to send")
     p.add_argument("--seed", type=int)
     p.add_argument("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1")
-    p.add_argument("--error-budget", type=float, help=f"allowed error rate (default {d.error_budget:g})")
+    p.add_argument("--error-budget", type=float, help="allowed error rate, part of the SLO (default 0.001 with "
+                   "--slo-p99-ms); a breach exits 1")
     p.add_argument("--stability-pct", type=float)
     p.add_argument("--precise-timing", action="store_true", default=None,
                    help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)")

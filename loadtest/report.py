@@ -158,7 +158,15 @@ def _grid(rows: list[list[str]], left: set[int] = frozenset({0}), indent: str = 
 
 def _slo(run: Run) -> dict[str, Any]:
     slo = (run.sweep or {}).get("slo")
-    return slo if isinstance(slo, dict) else {}
+    if isinstance(slo, dict):
+        return slo
+    sc = run.scenario or {}
+    if sc.get("slo_p99_ms") is None and sc.get("error_budget") is None:
+        return {}
+    from .scenario import DEFAULT_ERROR_BUDGET
+
+    budget = sc.get("error_budget")
+    return {"p99_ms": sc.get("slo_p99_ms"), "error_budget": DEFAULT_ERROR_BUDGET if budget is None else budget}
 
 
 def _best(run: Run) -> Step | None:

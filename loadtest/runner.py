@@ -30,7 +30,7 @@ from dataclasses import asdict
 
 from . import payload as pl
 from .results import Run, Step, Window, decode, percentiles_ms
-from .scenario import LoadTestError, Scenario, segments
+from .scenario import DEFAULT_ERROR_BUDGET, LoadTestError, Scenario, segments
 from .worker import Plan, Transport, rate_at
 from .worker import main as worker_main
 
@@ -216,7 +216,8 @@ class Runner:
             share = conc // n + (1 if i < conc % n else 0)
             cmd.put(Plan(step=step_id, mode=mode, start_ns=start_ns, warmup_s=sc.warmup_s, duration_s=sc.duration_s,
                          window_s=sc.window_s, deadline_s=sc.deadline_ms / 1000, segments=_scaled(segs, n),
-                         arrival=sc.arrival, offset=i / n, concurrency=share, seed=sc.seed * 1000 + i + step_id % 997,
+                         arrival=sc.arrival, offset=i / n, concurrency=share,
+                         seed=sc.seed * 1000 + i + 7919 * self._steps_run,
                          late_ms=sc.late_ms, precise=sc.precise_timing))
         step = Step(label, mode, target_rate=rate if mode == "open" else None,
                     concurrency=conc if mode == "closed" else None)
@@ -282,6 +283,9 @@ class Runner:
                 if self.progress is not None:
                     self.say(self.progress(w, label))
                 shown += 1
+            dead = [f"{p.name} (exit {p.exitcode})" for p in self._procs if not p.is_alive()]
+            if dead:
+                raise LoadTestError(f"worker process(es) died during step '{label}': {', '.join(dead)}")
             if now_s > sc.duration_s + sc.deadline_ms / 1000 + 30:
                 raise LoadTestError("the workers did not finish the step")
         step.windows = [windows[i] for i in sorted(windows) if windows[i].start_s < sc.duration_s]
@@ -316,14 +320,15 @@ class Runner:
                       (("throughput", tput), ("p99", p99))}
             step.stable = all(s <= sc.stability_pct for s in spread.values())
             step.stability.update({f"{k}_spread_pct": v for k, v in spread.items()})
-        if sc.slo_p99_ms is not None:
+        if sc.slo_p99_ms is not None or sc.error_budget is not None:
+            budget = sc.error_budget if sc.error_budget is not None else DEFAULT_ERROR_BUDGET
             p99 = percentiles_ms(step.hist("corrected"))["p99"]
             if not step.valid:
                 step.slo_problems.append("invalid measurement")
-            if p99 is None or p99 > sc.slo_p99_ms:
+            if sc.slo_p99_ms is not None and (p99 is None or p99 > sc.slo_p99_ms):
                 step.slo_problems.append(f"p99 {p99 if p99 is None else round(p99, 2)} ms > {sc.slo_p99_ms:g} ms")
-            if t["error_rate"] > sc.error_budget:
-                step.slo_problems.append(f"error rate {t['error_rate']:.2%} > budget {sc.error_budget:.2%}")
+            if t["error_rate"] > budget:
+                step.slo_problems.append(f"error rate {t['error_rate']:.2%} > budget {budget:.2%}")
             step.slo_met = not step.slo_problems
 
     # ------------------------------------------------------------------ whole runs
@@ -354,8 +359,8 @@ class Runner:
         sc = self.sc
         parts = [float(x) for x in sc.sweep_rate.split(":")]
         run.sweep = {"kind": "rate", "method": sc.search, "best": None,
-                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": sc.error_budget}}
-        ok = (lambda s: s.slo_met) if sc.slo_p99_ms is not None else (lambda s: s.valid)
+                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)}}
+        ok = (lambda s: s.slo_met) if s_slo(sc) else (lambda s: s.valid)
         if sc.search == "step":
             if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
                 raise LoadTestError("--sweep-rate for a step search is START:END:STEP")
@@ -395,13 +400,22 @@ class Runner:
         except ValueError:
             raise LoadTestError("--sweep-concurrency is a comma-separated list of numbers, e.g. 1,2,4,8") from None
         run.sweep = {"kind": "concurrency", "method": "step", "best": None,
-                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": sc.error_budget}}
+                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)}}
         for c in levels:
             step = self.run_step(f"concurrency {c} (closed loop)", "closed", concurrency=c)
             run.steps.append(step)
             self.say(f"step {step.label}: {verdict_words(step)}")
-            if (step.slo_met if sc.slo_p99_ms is not None else step.valid):
+            if (step.slo_met if s_slo(sc) else step.valid):
                 run.sweep["best"] = step.label
+
+
+def s_slo(sc: Scenario) -> bool:
+    """Whether the scenario states an SLO (a p99 bound or an error budget)."""
+    return sc.slo_p99_ms is not None or sc.error_budget is not None
+
+
+def _budget(sc: Scenario) -> float:
+    return sc.error_budget if sc.error_budget is not None else DEFAULT_ERROR_BUDGET
 
 
 def _fmt(rate: float) -> str:

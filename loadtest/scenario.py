@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
+
 
 class LoadTestError(RuntimeError):
     """The load test cannot run (bad scenario, server unreachable); the message says why."""
@@ -40,7 +42,7 @@ class Scenario:
     payloads: int = 16
     seed: int = 1
     slo_p99_ms: float | None = None
-    error_budget: float = 0.001
+    error_budget: float | None = None  # allowed error rate; given (or with slo_p99_ms) it is part of the SLO
     stability_pct: float = 10.0
     late_ms: float = 10.0
     precise_timing: bool = False  # spend the last ~1 ms before each send spinning (sub-ms dispatch, busy core)

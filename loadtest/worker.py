@@ -214,7 +214,9 @@ class Worker:
             acc.late += 1
         # Sent on time: counted in its own window. Late: where it really left, which for a
         # generator falling behind is past the measurement, so it lowers the achieved rate.
-        (self._acc(self._window(plan, now)) if late else acc).sent += 1
+        sent = self._acc(self._window(plan, now)) if late else acc
+        sent.sent += 1
+        sent.dirty = True
         acc.dirty = True
         task = asyncio.get_running_loop().create_task(self._send(intended, now, self._k, plan, window))
         self._k += 1
@@ -223,14 +225,18 @@ class Worker:
 
     # ------------------------------------------------------------------ loads
     async def _open(self, plan: Plan) -> int:
+        """Send on the schedule. Arrivals are drawn on a unit-rate clock (constant spacing 1, or
+        exponential gaps for Poisson) and mapped through the integral of the shape's rate, so a
+        ramp, a step or a stretch at rate 0 gets exactly the load it describes."""
         rng = random.Random(plan.seed)
         end = plan.start_ns + int(plan.duration_s * 1e9)
         t = plan.start_ns - int(plan.warmup_s * 1e9)
-        first = rate_at(plan.segments, -plan.warmup_s)
-        if plan.arrival == "constant" and first > 0:
-            t += int(plan.offset / first * 1e9)
+        need = plan.offset if plan.arrival == "constant" else rng.expovariate(1.0)
         scheduled = 0
-        while t < end:
+        while True:
+            t = self._advance(plan, t, max(need, 1e-9), end)
+            if t >= end:
+                return scheduled
             # The event loop's timers have a 1 ms resolution, so a sleep may wake up to ~1 ms
             # late (that shows as lag). With ``precise`` the last ~1 ms is spent yielding
             # instead, which keeps dispatch within tens of microseconds at the price of a busy core.
@@ -245,13 +251,18 @@ class Worker:
             self._dispatch(t, plan)
             if t >= plan.start_ns:
                 scheduled += 1
+            need = 1.0 if plan.arrival == "constant" else rng.expovariate(1.0)
+
+    @staticmethod
+    def _advance(plan: Plan, t: int, need: float, end: int) -> int:
+        """The time at which the integral of the rate from ``t`` reaches ``need`` (or ``end``)."""
+        while t < end:
             rate = rate_at(plan.segments, (t - plan.start_ns) / 1e9)
-            if rate <= 0:
-                t += 10_000_000
-                continue
-            gap = rng.expovariate(rate) if plan.arrival == "poisson" else 1.0 / rate
-            t += max(1, int(gap * 1e9))
-        return scheduled
+            if rate > 0 and rate * 1e-3 >= need:  # within the next millisecond
+                return t + max(1, int(need / rate * 1e9))
+            need -= rate * 1e-3
+            t += 1_000_000
+        return end
 
     async def _closed(self, plan: Plan) -> int:
         end = plan.start_ns + int(plan.duration_s * 1e9)
@@ -341,7 +352,10 @@ class _Stream:
         try:
             async for raw in self.call_:
                 resp = pb.ModelStreamInferResponse.FromString(raw)
-                fut = self.pending.get(resp.infer_response.id)
+                rid = resp.infer_response.id
+                if not rid and resp.error_message:  # an error the server could not tie to a request
+                    rid = next((k for k, f in self.pending.items() if not f.done()), "")  # oldest waiting
+                fut = self.pending.get(rid)
                 if fut is not None and not fut.done():
                     if resp.error_message:
                         fut.set_exception(grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None,

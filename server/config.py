@@ -84,6 +84,8 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
             raise ConfigError(f"{source}: a remote model needs '{key}'")
     ups = items["upstreams"]
     ups = tuple(u.strip() for u in ups.split(",") if u.strip()) if isinstance(ups, str) else tuple(str(u) for u in ups)
+    if not ups:
+        raise ConfigError(f"{source}: remote model '{items['name']}' needs at least one upstream host:port")
     for u in ups:
         host, sep, port = u.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -113,7 +113,9 @@ class ServedModel:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         if self.remote and not self.backend.ready():
-            raise self.backend.unavailable()  # at once, not after a wait in the queue
+            e = self.backend.unavailable()  # at once, not after a wait in the queue
+            self.reject(request, e)
+            raise e
         self.in_flight += 1
         if self.in_flight == 1:
             self._idle.clear()

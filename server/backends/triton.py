@@ -48,9 +48,10 @@ MAX_EJECT_S = 60.0
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
 _BREAKER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                   grpc.StatusCode.DATA_LOSS}
-# How gRPC reports a connection that could not be made: the request never left.
-_NOT_SENT = ("failed to connect", "connection refused", "dns resolution failed", "connections to all backends failing",
-             "no route to host", "name resolution")
+# How gRPC core itself says that no connection could be made (the request never left). Only
+# the start of its own message counts: an upstream may answer UNAVAILABLE with any text.
+_NOT_SENT = ("failed to connect to all addresses", "errors resolving", "dns resolution failed",
+             "name resolution failed")
 _KEPT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND: ErrorCode.NOT_FOUND,
@@ -79,8 +80,7 @@ def not_delivered(e: grpc.aio.AioRpcError) -> bool:
     """True when gRPC says the connection could not be made, so the upstream never saw the call."""
     if e.code() != grpc.StatusCode.UNAVAILABLE:
         return False
-    text = f"{e.details()} {e.debug_error_string()}".lower()
-    return any(s in text for s in _NOT_SENT)
+    return (e.details() or "").lower().startswith(_NOT_SENT)
 
 
 class Upstream:
@@ -91,6 +91,7 @@ class Upstream:
         self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metrics = metrics
+        metrics.owner = self  # a reload's new Upstream takes the gauges over
         self.ready = False  # the last probe or call says the model is ready there
         self.failures = 0  # consecutive failed calls
         self.ejected_until = 0.0  # monotonic clock; in rotation again only after a good probe
@@ -144,6 +145,9 @@ class TritonBackend:
             except GatewayError as e:
                 await self.aclose()
                 raise GatewayError(ErrorCode.UNAVAILABLE, f"{up.address}: {e.message}") from None
+            except BaseException:
+                await asyncio.shield(self.aclose())
+                raise
             self._prober = asyncio.ensure_future(self._probe_loop())
             return cfg
         await self.aclose()
@@ -190,10 +194,13 @@ class TritonBackend:
         cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)
         cfg.parameters["remote_batching"].string_value = spec.batching
         cfg.parameters["remote_model"].string_value = spec.target
-        for t in cfg.input:
-            self._in_types[t.name] = BY_CONFIG[mc.DataType.Name(t.data_type)].v2
-        for t in cfg.output:
-            self._out_types[t.name] = BY_CONFIG[mc.DataType.Name(t.data_type)].v2
+        for tensors, types in ((cfg.input, self._in_types), (cfg.output, self._out_types)):
+            for t in tensors:
+                dt = BY_CONFIG.get(mc.DataType.Name(t.data_type))
+                if dt is None:
+                    raise GatewayError(ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype "
+                                       f"{mc.DataType.Name(t.data_type)}, which batchgate cannot serve")
+                types[t.name] = dt.v2
         return cfg
 
     # ------------------------------------------------------------------ health
@@ -327,7 +334,10 @@ class TritonBackend:
             if dt is None:
                 raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered output '{t.name}' "
                                    f"with unknown datatype {t.datatype}")
-            got[t.name] = from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
+            try:
+                got[t.name] = from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
+            except GatewayError as e:  # a malformed answer is the upstream's fault, not the caller's
+                raise GatewayError(ErrorCode.INTERNAL, e.message) from None
         missing = [n for n in names if n not in got]
         if missing:
             raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
@@ -357,7 +367,8 @@ class TritonBackend:
         await asyncio.gather(*(up.channel.close() for up in self.upstreams), return_exceptions=True)
         for up in self.upstreams:
             up.ready = False
-            up._healthy_gauge()
+            if up.metrics.owner is up:  # not when a newer backend (a reload) reports this upstream
+                up._healthy_gauge()
 
 
 def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:

@@ -157,6 +157,7 @@ class UpstreamMetrics:
         self.ejections = 0
         self.outstanding = 0
         self.healthy = 0
+        self.owner: object = None  # the connection that reports the gauges now
 
 
 class Metrics:

@@ -110,6 +110,8 @@ class ModelRepository:
         self.remote = {m.name: m for m in remote_models}
         self.max_message_bytes = max_message_bytes
         self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
+        self._generation: dict[str, int] = {}  # bumped by each unload: older loads stand down
+        self._stopping = False
         self.pool = pool
         self.workers = workers
         self.metrics = metrics
@@ -215,6 +217,7 @@ class ModelRepository:
             self._poller = asyncio.create_task(self._poll_loop())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._poller:
             self._poller.cancel()
         for t in self._retrying.values():
@@ -344,12 +347,21 @@ class ModelRepository:
 
     async def _load_remote(self, spec: RemoteModel, fail: bool = False) -> None:
         """Read the remote model's signature from an upstream and serve it. While no upstream
-        answers, the model is UNAVAILABLE with the reason, and the load is retried."""
-        entry = self.models.setdefault(spec.name, ModelEntry(spec.name))
-        retry = self._retrying.pop(spec.name, None)
+        answers, the model is UNAVAILABLE with the reason, and the load is retried. An unload
+        or a stop that happens meanwhile wins: the load then closes what it opened and stops."""
+        name = spec.name
+        generation = self._generation.get(name, 0)
+        entry = self.models.setdefault(name, ModelEntry(name))
+        retry = self._retrying.get(name)
         if retry is not None and retry is not asyncio.current_task():
-            retry.cancel()
+            self._retrying.pop(name).cancel()
+
+        def wanted() -> bool:
+            return not self._stopping and self._generation.get(name, 0) == generation
+
         async with entry.lock:
+            if not wanted():
+                return
             t0 = time.perf_counter()
             if not entry.versions:
                 entry.state = LOADING
@@ -358,38 +370,53 @@ class ModelRepository:
                 cfg = await backend.open()
                 version = backend.version if backend.version.isdigit() else "1"
                 served = ServedModel(cfg, version, backend, self.pool, self.workers,
-                                     self.metrics.bind(spec.name, version), self.max_queue_size, 0,
-                                     self.model_batching_policy.get(spec.name, self.batching_policy))
-            except (GatewayError, ConfigError) as e:
-                msg = e.message if isinstance(e, GatewayError) else str(e)
-                self.metrics.load_failed(spec.name)
-                log.error("remote model '%s' failed to load: %s; retrying every %g s", spec.name, msg,
-                          spec.probe_interval_s)
+                                     self.metrics.bind(name, version), self.max_queue_size, 0,
+                                     self.model_batching_policy.get(name, self.batching_policy))
+            except asyncio.CancelledError:  # e.g. the caller of an explicit load gave up
+                await asyncio.shield(backend.aclose())
+                if not entry.versions:
+                    entry.state, entry.reason = UNAVAILABLE, "load cancelled"
+                raise
+            except Exception as e:  # noqa: BLE001 - a remote model that cannot load never stops the others
+                msg = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+                self.metrics.load_failed(name)
                 await backend.aclose()
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, msg
-                self._retrying[spec.name] = asyncio.ensure_future(self._retry_remote(spec))
+                if wanted():
+                    log.error("remote model '%s' failed to load: %s; retrying every %g s", name, msg,
+                              spec.probe_interval_s)
+                    self._retrying[name] = asyncio.ensure_future(self._retry_remote(spec, generation))
+                elif self._retrying.get(name) is asyncio.current_task():
+                    self._retrying.pop(name)
                 if fail:
-                    raise GatewayError(ErrorCode.UNAVAILABLE, f"failed to load model '{spec.name}': {msg}") from None
+                    raise GatewayError(ErrorCode.UNAVAILABLE, f"failed to load model '{name}': {msg}") from None
+                return
+            if self._retrying.get(name) is asyncio.current_task():
+                self._retrying.pop(name)
+            if not wanted():  # unloaded or stopped while the upstream answered
+                await served.retire(None)
                 return
             served._metrics.load_seconds = time.perf_counter() - t0
             old = entry.versions
             entry.versions = {int(version): served}
             entry.latest = served
             entry.state, entry.reason = READY, ""
-            log.info("remote model '%s' ready: upstream model '%s' version %s on %s", spec.name, spec.target,
+            log.info("remote model '%s' ready: upstream model '%s' version %s on %s", name, spec.target,
                      version, ", ".join(backend.providers()))
             for s in old.values():
                 self._later(s.retire(self.retire_grace_s))
 
-    async def _retry_remote(self, spec: RemoteModel) -> None:
+    async def _retry_remote(self, spec: RemoteModel, generation: int) -> None:
         await asyncio.sleep(spec.probe_interval_s)
-        if self._retrying.get(spec.name) is asyncio.current_task():
+        if (self._retrying.get(spec.name) is asyncio.current_task() and not self._stopping
+                and self._generation.get(spec.name, 0) == generation):
             await self._load_remote(spec)
 
     async def _unload(self, name: str, forget: bool = False) -> None:
+        self._generation[name] = self._generation.get(name, 0) + 1  # a load in progress stands down
         retry = self._retrying.pop(name, None)
-        if retry is not None:
+        if retry is not None and retry is not asyncio.current_task():
             retry.cancel()
         entry = self.models.get(name)
         if entry is None:

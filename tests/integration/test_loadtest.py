@@ -226,3 +226,18 @@ def test_payloads_from_files_carry_the_synthetic_marker(tmp_path):
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.mark.parametrize("extra", [[], ["--grpc-stream"]])
+def test_errors_are_recorded_by_their_code_and_an_error_budget_alone_gates_the_exit(tmp_path, testserver, extra):
+    srv = testserver()
+    bad = tmp_path / "bad.jsonl"  # the test server takes [n, 4]: every request is refused
+    bad.write_text(json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 5], "datatype": "FP32",
+                                           "data": [1, 2, 3, 4, 5]}]}) + "\n")
+    done, doc = loadtest(tmp_path / "out", srv.grpc, "--model", "echo", "--data", str(bad), "--rate", "40",
+                         "--duration", "1", "--warmup", "0", "--error-budget", "0.01", *extra)
+    s = step(doc)
+    # A V2 stream error carries a message and no code (UNKNOWN); either way, not a timeout.
+    assert set(s["errors"]) == ({"UNKNOWN"} if extra else {"INVALID_ARGUMENT"}), s["errors"]
+    assert s["corrected_ms"]["p99"] < 500
+    assert done.returncode == 1 and s["slo_met"] is False  # 100% errors against a 1% budget

@@ -417,3 +417,24 @@ def test_a_gateway_batch_goes_on_while_one_of_its_callers_remains(tmp_path, serv
     _wait(lambda: served.in_flight == 0, "the gateway to finish")
     stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("slow")["model_stats"][0]
     assert stats["execution_count"] == 2 and stats["inference_count"] == 66  # the busy batch, then ours
+
+
+def test_an_unload_while_the_load_is_being_retried_stays_unloaded(tmp_path, serve, upstream):
+    import socket
+
+    with socket.socket() as sock:  # nothing listens there yet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        http_port = sock.getsockname()[1]
+    running = serve("", model_control_mode="explicit",
+                    remote_models=(RemoteModel("clf", (f"127.0.0.1:{port}",), **FAST),))
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    c.unload_model("clf")
+    upstream(_classifier_repo(tmp_path / "up"), ports=(http_port, port))  # the upstream comes up after
+    time.sleep(1.0)  # ten probe intervals: a surviving retry would have loaded it by now
+    index = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+    assert index == [{"name": "clf", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    c.load_model("clf")  # and an explicit load brings it back
+    assert c.is_model_ready("clf")

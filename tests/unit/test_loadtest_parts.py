@@ -84,3 +84,30 @@ def test_exit_status_and_percentile_support():
     assert exit_status(Run({}, {}, [ok])) == 0 and exit_status(Run({}, {}, [ok, bad])) == 3
     ok.slo_met = False
     assert exit_status(Run({}, {}, [ok])) == 1
+
+
+@pytest.mark.parametrize("arrival", ["constant", "poisson"])
+def test_the_schedule_follows_the_shape_including_stretches_at_rate_zero(arrival):
+    from batchgate.loadtest.worker import Plan, Worker
+
+    def schedule(shape: str, duration: float) -> list[float]:
+        sc = Scenario("h:1", "m", shape=shape, duration_s=duration)
+        plan = Plan(step=1, mode="open", start_ns=0, warmup_s=0, duration_s=duration, window_s=1, deadline_s=1,
+                    segments=segments(sc), arrival=arrival, seed=3)
+        rng = __import__("random").Random(plan.seed)
+        t, out, end = 0, [], int(duration * 1e9)
+        need = 0.0 if arrival == "constant" else rng.expovariate(1.0)
+        while True:
+            t = Worker._advance(plan, t, max(need, 1e-9), end)
+            if t >= end:
+                return out
+            out.append(t / 1e9)
+            need = 1.0 if arrival == "constant" else rng.expovariate(1.0)
+
+    step = schedule("step:0@0,100@1", 2)
+    assert not [t for t in step if t < 1] and abs(len(step) - 100) <= (2 if arrival == "constant" else 30)
+    ramp = schedule("ramp:0:200", 2)  # 200 requests in all, three quarters in the second half
+    assert abs(len(ramp) - 200) <= (2 if arrival == "constant" else 45)
+    assert sum(t >= 1 for t in ramp) > 2 * sum(t < 1 for t in ramp)
+    spike = schedule("spike:0:200@1+1", 3)
+    assert all(1 <= t < 2 for t in spike) and abs(len(spike) - 200) <= (2 if arrival == "constant" else 45)

@@ -56,8 +56,8 @@ async def test_a_refused_connection_is_not_delivered_and_a_server_answer_is():
 
     # a real server that answers UNAVAILABLE itself: the call was delivered
     class Refusing(pb_grpc.GRPCInferenceServiceServicer):
-        async def ModelInfer(self, request, context):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is draining")
+        async def ModelInfer(self, request, context):  # its own words may look like a transport's
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "feature store: connection refused")
 
     server = grpc.aio.server()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Refusing(), server)
@@ -70,3 +70,27 @@ async def test_a_refused_connection_is_not_delivered_and_a_server_answer_is():
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and not not_delivered(e.value)
     finally:
         await server.stop(None)
+
+
+async def test_an_unresolvable_upstream_is_not_delivered():
+    async with grpc.aio.insecure_channel("no-such-host.invalid:8001") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and not_delivered(e.value), e.value.details()
+
+
+async def test_an_upstream_tensor_of_a_type_batchgate_cannot_serve_is_a_clear_load_error():
+    from batchgate.backends.triton import TritonBackend
+    from batchgate.config import RemoteModel
+    from batchgate.core.errors import GatewayError
+    from batchgate.monitoring.metrics import Metrics
+
+    cfg = mc.ModelConfig(name="m", max_batch_size=8)
+    cfg.input.add(name="x", data_type=mc.TYPE_BF16, dims=[4])
+    cfg.output.add(name="y", data_type=mc.TYPE_FP32, dims=[4])
+    backend = TritonBackend(RemoteModel("m", ("127.0.0.1:1",)), Metrics())
+    try:
+        with pytest.raises(GatewayError, match="TYPE_BF16, which batchgate cannot serve"):
+            backend._our_config(cfg)
+    finally:
+        await backend.aclose()

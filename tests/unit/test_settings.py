@@ -251,6 +251,7 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
     ("name=a", "needs 'upstreams'"),
     ("upstreams=h:1", "needs 'name'"),
     ("name=a upstreams=h", "must be host:port"),
+    ("name=a upstreams=,", "needs at least one upstream"),
     ("name=a upstreams=h:99999", "must be host:port"),
     ("name=a upstreams=h:1 batching=maybe", "batching must be one of gateway, passthrough"),
     ("name=a upstreams=h:1 retries=-1", "'retries' must be a whole number"),
