@@ -713,13 +713,9 @@ def _asdict(d: Decision) -> dict[str, Any]:
 
 
 def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+    from .report import json_safe
+
+    return json_safe(obj)
 
 
 def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None = None,

@@ -345,27 +345,27 @@ def _blob(h) -> str:
     return h.encode().decode("ascii")
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Make a value strict-JSON safe: NaN/inf become null, odd types become plain ones."""
     if obj is None or isinstance(obj, (bool, str, int)):
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return [_clean(v) for v in sorted(obj, key=str)]
+        return [json_safe(v) for v in sorted(obj, key=str)]
     if isinstance(obj, bytes):
         return obj.decode("utf-8", "replace")
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         try:
-            return _clean(obj.item())
+            return json_safe(obj.item())
         except (TypeError, ValueError):
             pass
     if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays
-        return _clean(obj.tolist())
+        return json_safe(obj.tolist())
     return str(obj)
 
 
@@ -387,7 +387,7 @@ def to_dict(run: Run) -> dict[str, Any]:
         "verdict": {"valid": run.valid, "slo_met": run.slo_met, "best": (run.sweep or {}).get("best")},
         "steps": steps,
     }
-    return _clean(doc)
+    return json_safe(doc)
 
 
 def write_json(run: Run, path) -> str:
