@@ -89,6 +89,9 @@ def convert_sklearn(model, inputs, repository: str, name: str, version: int = 1,
     from .pipeline import destination
 
     specs = _specs(inputs, batched)
+    if fp16 is not None:
+        raise ConversionError("--fp16 is for neural networks on GPUs: scikit-learn models keep their ONNX-ML "
+                              "operators in FP32, so they are converted without it")
     if isinstance(model, str):
         progress(f"loading {model}")
         label, model = model, sm.load(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ from batchgate.core.types import BY_ONNX
 from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
 
 Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 REL_FLOOR = 1e-6  # relative error is measured against max(|expected|, this)
 
 
@@ -99,6 +101,8 @@ def destination(job: Job) -> Path:
     """The version folder to write; refused at once if it exists and ``force`` is not set."""
     if job.version < 1:
         raise ConversionError(f"--version must be 1 or more, not {job.version}")
+    if not _MODEL_NAME.match(job.name):
+        raise ConversionError(f"--name {job.name!r}: use letters, digits, '_', '.' and '-', not starting with '.'")
     root = Path(job.repository)
     if root.exists() and not root.is_dir():
         raise ConversionError(f"--repository {root} is not a directory")
@@ -150,7 +154,11 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
         if job.batched and arr.shape[0] > job.max_batch_size:
             raise ConversionError(f"--samples {path}: '{s.name}' has {arr.shape[0]} rows, more than "
                                   f"max_batch_size {job.max_batch_size}")
-        sample[s.name] = arr.astype(s.dtype.np_dtype) if s.dtype.v2 != "BYTES" else arr.astype(object)
+        try:
+            sample[s.name] = arr.astype(s.dtype.np_dtype) if s.dtype.v2 != "BYTES" else arr.astype(object)
+        except (ValueError, TypeError) as e:
+            raise ConversionError(f"--samples {path}: '{s.name}' ({arr.dtype}) cannot be read as {s.dtype.v2}: "
+                                  f"{e}") from None
     return [sample]
 
 
@@ -181,17 +189,22 @@ def compare(stage: str, model: onnx.ModelProto, job: Job, inputs: list[dict], ex
             if a.shape != b.shape:
                 raise ConversionError(f"{stage}: output '{name}' has shape {list(a.shape)}, the original "
                                       f"model's {list(b.shape)}")
-            if name in job.exact or a.dtype.kind in "OSUb" or b.dtype.kind in "OSUb":
+            if name in job.exact or a.dtype.kind in "OSUbiu" or b.dtype.kind in "OSUbiu":  # labels, ids: equal
                 unequal = int(np.count_nonzero(a != b))
                 bad += unequal
                 max_abs = max(max_abs, float(unequal > 0))
                 continue
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            diff = np.abs(a64 - b64)
+            same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))  # NaN or inf on both sides agree
+            with np.errstate(invalid="ignore"):
+                diff = np.where(same, 0.0, np.abs(a64 - b64))
+            diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only: as far off as it gets
             if diff.size:
                 max_abs = max(max_abs, float(diff.max()))
-                max_rel = max(max_rel, float((diff / np.maximum(np.abs(b64), REL_FLOOR)).max()))
-            bad += int(np.count_nonzero(~(diff <= tol.atol + tol.rtol * np.abs(b64))))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    rel = diff / np.maximum(np.abs(np.nan_to_num(b64)), REL_FLOOR)
+                max_rel = max(max_rel, float(np.nan_to_num(rel, nan=np.inf).max()))
+            bad += int(np.count_nonzero(~same & ~(diff <= tol.atol + tol.rtol * np.abs(b64))))
         checks.append(Check(stage, name, len(inputs), max_abs, max_rel, bad, tol.atol, tol.rtol))
     return checks
 
@@ -284,6 +297,13 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         shapes = {k: list(v.shape) for k, v in inputs[0].items()}
         raise ConversionError(f"the original model fails on inputs of shapes {shapes}: "
                               f"{type(e).__name__}: {e}") from None
+    if job.batched:  # every output must have the batch as its first dimension, or batching would split it wrong
+        for feeds, outs in zip(inputs, expected):
+            rows = feeds[job.specs[0].name].shape[0]
+            for name, o in zip(job.output_names, outs):
+                if np.ndim(o) == 0 or np.shape(o)[0] != rows:
+                    raise ConversionError(f"output '{name}' has shape {list(np.shape(o))} for a batch of {rows}: its "
+                                          "first dimension is not the batch dimension; convert with --no-batch")
     checks: list[Check] = []
     stages = ["onnx"]
     progress("parity check: ONNX model under ONNX Runtime vs the original")
@@ -309,9 +329,38 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         err = ConversionError(f"parity check failed, nothing written: {worst}")
         err.result = result  # type: ignore[attr-defined]
         raise err
-    write(model, job, target, config_text(job, ins, outs), {**job.record, **result.as_dict()})
+    text = config_text(job, ins, outs)
+    _same_signature_as_other_versions(target, text)
+    write(model, job, target, text, {**job.record, **result.as_dict()})
     result.written = True
     return result
+
+
+def _same_signature_as_other_versions(target: Path, config: str) -> None:
+    """A model's versions share one config.pbtxt: a new version must take and give the same
+    tensors as the versions already there, or they would no longer match their config."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    model_dir = target.parent
+    others = sorted(p.name for p in model_dir.iterdir() if p.name.isdigit() and p.name != target.name) \
+        if model_dir.is_dir() else []
+    old_path = model_dir / "config.pbtxt"
+    if not others or not old_path.exists():
+        return
+
+    def sig(text: str):
+        cfg = text_format.Parse(text, mc.ModelConfig(), allow_unknown_field=True)
+        return (cfg.max_batch_size, [(t.name, t.data_type, list(t.dims)) for t in cfg.input],
+                [(t.name, t.data_type, list(t.dims)) for t in cfg.output])
+
+    try:
+        old = sig(old_path.read_text())
+    except text_format.ParseError as e:
+        raise ConversionError(f"{old_path} cannot be read ({e}); nothing written") from None
+    if old != sig(config):
+        raise ConversionError(f"{model_dir.name} has versions {', '.join(others)} whose config.pbtxt declares other "
+                              "inputs, outputs or max_batch_size; convert under a new --name")
 
 
 def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: dict) -> None:
@@ -332,10 +381,18 @@ def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: d
             os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
             staging.rename(model_dir)
             return
-        if target.exists():  # --force: the old version goes, in one rename
+        replaced = target.exists()
+        if replaced:  # --force: the old version goes, in one rename
             target.rename(staging / "replaced")
-        version_dir.rename(target)
-        os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
+        try:
+            version_dir.rename(target)
+            os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
+        except OSError as e:  # put the old entry back as it was
+            if target.exists():
+                target.rename(staging / "failed")
+            if replaced:
+                (staging / "replaced").rename(target)
+            raise ConversionError(f"writing {target} failed ({e}); the old entry is kept") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -50,6 +50,10 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
     from skl2onnx import convert_sklearn
     from sklearn.base import is_classifier
 
+    if is_classifier(model) and not hasattr(model, "predict_proba"):
+        raise ConversionError(f"{type(model).__name__} gives no probabilities (no predict_proba): batchgate converts "
+                              "classifiers that do (e.g. LogisticRegression, tree ensembles, or wrap it in "
+                              "CalibratedClassifierCV)")
     if len(specs) != 1:
         raise ConversionError("a scikit-learn model takes one input tensor (its feature matrix); "
                               f"{len(specs)} --input specs were given")

@@ -116,6 +116,9 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
     if given:
         if len(given) != n:
             raise ConversionError(f"the model returns {n} output(s); --output names {len(given)}")
+        clash = sorted({g for g in given if given.count(g) > 1} | (set(given) & {s.name for s in specs}))
+        if clash:
+            raise ConversionError(f"--output names must differ from each other and from the inputs: {clash}")
         return list(given)
     return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
 
@@ -154,22 +157,28 @@ def _export(module, which: str, specs, outputs, batched, opset, path) -> None:
     if opset:
         kwargs["opset_version"] = opset
     if which == "dynamo":
-        dims: dict[str, object] = {}
+        dims: dict[tuple, object] = {}
+        taken: set[str] = set()
         shapes = []
         for s in specs:
             per = {}
             for i, d in enumerate(s.dims):
                 if isinstance(d, str) or d == -1:
-                    key = d if isinstance(d, str) else f"{s.name}_{i}"
+                    # a named dim is shared by name; an unnamed one belongs to its input alone
+                    key = ("named", d) if isinstance(d, str) else ("unnamed", s.name, i)
                     if key not in dims:
-                        dims[key] = torch.export.Dim(_dim_name(key))
+                        label = _dim_name(d if isinstance(d, str) else f"{s.name}_{i}")
+                        while label in taken:
+                            label += "_"
+                        taken.add(label)
+                        dims[key] = torch.export.Dim(label)
                     per[i] = dims[key]
             shapes.append(per or None)
         # Names are set afterwards: the dynamo exporter names inner values after the modules that
         # make them, and an output named like one (say "embedding") would clash.
         kwargs.update(dynamo=True, dynamic_shapes=tuple(shapes))
     else:
-        axes = {s.name: {i: (d if isinstance(d, str) else f"{s.name}_{i}") for i, d in enumerate(s.dims)
+        axes = {s.name: {i: (d if isinstance(d, str) else f"{s.name}__dim{i}") for i, d in enumerate(s.dims)
                          if isinstance(d, str) or d == -1} for s in specs}
         if batched:
             for o in outputs:

@@ -80,3 +80,17 @@ cnn = _seeded(CNN)
 two_in_two_out = _seeded(TwoInTwoOut)
 sequence_encoder = _seeded(SequenceEncoder)
 not_a_module = 42
+
+
+class SumOverBatch(nn.Module):
+    """Sums over the batch: its output has no batch dimension."""
+
+    def forward(self, x):
+        return x.sum(0)
+
+
+class ArgmaxAndLog(nn.Module):
+    """An integer output (compared for equality) and one with NaN (log of negative inputs)."""
+
+    def forward(self, x):
+        return torch.argmax(x, dim=-1), torch.log(x)

@@ -216,3 +216,32 @@ def test_the_server_never_imports_torch_or_sklearn():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_outputs_without_a_batch_dimension_names_and_versions_are_checked(tmp_path):
+    repo = tmp_path / "models"
+    base = ["--input", "x:FP32:-1,16", "--repository", str(repo)]
+    done = cli("torch", "--model", "convert_models:SumOverBatch", *base, "--name", "s")
+    assert done.returncode == 1 and "not the batch dimension; convert with --no-batch" in done.stderr
+    done = cli("torch", "--model", "convert_models:SumOverBatch", "--input", "x:FP32:4,16", "--repository",
+               str(repo), "--name", "s", "--no-batch")
+    assert done.returncode == 0, done.stderr  # without batching the shapes are taken as given
+    assert "max_batch_size" not in (repo / "s" / "config.pbtxt").read_text()  # 0: not written by protobuf
+    for name in ("", "../up", ".hidden", "a/b"):
+        bad = cli("torch", "--model", "convert_models:mlp", *base, "--name", name)
+        assert bad.returncode == 1 and "--name" in bad.stderr, name
+    dup = cli("torch", "--model", "convert_models:mlp", *base, "--name", "m", "--output", "x")
+    assert dup.returncode == 1 and "must differ from each other and from the inputs" in dup.stderr
+    assert cli("torch", "--model", "convert_models:mlp", *base, "--name", "m").returncode == 0
+    other = cli("torch", "--model", "convert_models:cnn", "--input", "image:FP32:-1,3,16,16", "--repository",
+                str(repo), "--name", "m", "--version", "2")
+    assert other.returncode == 1 and "convert under a new --name" in other.stderr
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "config.pbtxt"]
+    assert leftovers(repo) == ["m", "s"]
+
+
+def test_integer_outputs_must_be_equal_and_nan_agrees_with_nan(tmp_path):
+    r = convert_torch(convert_models.ArgmaxAndLog(), ["x:FP32:-1,16"], str(tmp_path), "al",
+                      outputs=["label", "log"])
+    label, log = r.checks
+    assert label.ok and label.max_abs == 0 and log.ok  # log of negatives: NaN on both sides, equal
