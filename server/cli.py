@@ -1,4 +1,5 @@
-"""``batchgate`` command line: ``serve`` and ``demo-repo``."""
+"""``batchgate`` command line: ``serve`` (its flags made from the settings table), ``settings``,
+``demo-repo``, ``convert``, ``loadtest``."""
 
 from __future__ import annotations
 
@@ -7,47 +8,76 @@ import asyncio
 import logging
 import signal
 import sys
+import warnings
 
 from . import __version__, logs
-from .config import ConfigError, describe, load_settings
+from .config import ALIASES, ENV_PREFIX, SETTINGS, ConfigError, load_settings
 
 log = logging.getLogger("batchgate")
 
 
+METAVARS = {"int": "N", "float": "SECONDS", "str": "TEXT", "list": "VALUE", "remote_models": "SPEC"}
+
+
+class _Store(argparse.Action):
+    """Stores the value and the spelling the user typed (--exit-timeout-secs is the alias
+    exit_timeout_secs), so that messages about the setting use the name the user wrote."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        vars(namespace).setdefault("_spelled", {})[self.dest] = (option_string or "")[2:].replace("-", "_")
+
+
+def serve_flags(args: argparse.Namespace) -> dict:
+    """The flat flags dict load_settings takes, keyed by the name or alias the user typed."""
+    spelled = vars(args).get("_spelled", {})
+    return {(spelled[k] if spelled.get(k) in ALIASES else k): v for k, v in vars(args).items()
+            if k not in ("command", "config", "_spelled")}
+
+
 def _serve_parser(sub) -> None:
+    """`batchgate serve`: one flag per row of the settings table, made from the table."""
     p = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP",
                        description="Serve every model of a Triton-layout model repository. Each setting can "
-                                   "also come from --config FILE (YAML) or BATCHGATE_<NAME> variables; "
-                                   "flags win over the environment, which wins over the file.")
-    p.add_argument("--config", help="YAML file of settings")
-    p.add_argument("--model-repository", dest="model_repository")
-    p.add_argument("--host")
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--metrics-port", type=int, help="-1 turns the metrics endpoint off")
-    p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"))
-    p.add_argument("--repository-poll-secs", type=float)
-    p.add_argument("--load-model", action="append", help="explicit mode: load this model at start (repeatable; * = all)")
-    p.add_argument("--default-max-batch-size", type=int)
-    p.add_argument("--max-queue-size", type=int)
-    p.add_argument("--max-request-bytes", type=int)
-    p.add_argument("--infer-threads", type=int)
-    p.add_argument("--batching-policy", choices=("triton", "work_conserving"),
-                   help="how models with dynamic_batching form batches")
-    p.add_argument("--model-batching-policy", action="append",
-                   help="MODEL=POLICY: this model's batching policy (repeatable)")
-    p.add_argument("--inline-execution-max-us", type=int,
-                   help="run a model on the event loop when its executions are measured faster than this (0 = never)")
-    p.add_argument("--warm-up", choices=("true", "false"))
-    p.add_argument("--exit-timeout-secs", type=float)
-    p.add_argument("--grpc-max-connection-age-secs", type=float,
-                   help="close gRPC connections after this long so clients rebalance (0 = never)")
-    p.add_argument("--log-format", choices=("plain", "json"))
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--gpu-device-id", type=int)
-    p.add_argument("--remote-model", dest="remote_models", action="append",
-                   help="a model served by remote V2 servers, as 'name=M upstreams=HOST:PORT[,HOST:PORT] "
-                        "[batching=gateway|passthrough] [key=value ...]' (repeatable; see the README)")
+                                   "also come from --config FILE (YAML, in sections) or BATCHGATE_<NAME> "
+                                   "variables; flags win over the environment, which wins over the file. "
+                                   "`batchgate settings` lists them all.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings, in sections (server, repository, "
+                                                    "limits, batching, remote_models)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in SETTINGS.values():
+        section = spec.section or "remote_models"
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} settings" if spec.section else "remote models")
+        extra = ", ".join([f"default {_shown(spec.default)}" if spec.default not in ("", ()) else "",
+                           spec.env, *(f"alias {a}" for a in spec.aliases)]).strip(", ")
+        kw: dict = {"dest": spec.name, "default": None, "help": f"{spec.help} ({extra})".replace("%", "%%")}
+        kw["action"] = "append" if spec.repeatable else _Store
+        if spec.kind == "bool":
+            kw["choices"] = ("true", "false")
+        elif spec.choices:
+            kw["choices"] = spec.choices
+        else:
+            kw["metavar"] = spec.metavar or METAVARS[spec.kind]
+        groups[section].add_argument(spec.flag, *("--" + a.replace("_", "-") for a in spec.aliases), **kw)
+
+
+def _shown(default) -> str:
+    """A default as it is written in YAML (true, not True; [] for an empty list)."""
+    return str(default).lower() if isinstance(default, bool) else "[]" if default == () else repr(default)
+
+
+def _print_settings() -> None:
+    rows = [("section", "setting", "environment variable", "default", "aliases")]
+    for spec in SETTINGS.values():
+        rows.append((spec.section or "(top)", spec.name, spec.env, _shown(spec.default),
+                     ", ".join(f"{a} ({ENV_PREFIX}{a.upper()})" for a in spec.aliases)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print(("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]).rstrip())
+    print("\nYAML: each setting under its section (remote_models: a list at the top); environment: "
+          f"{ENV_PREFIX}<NAME> (lists comma-separated, remote models ';'-separated); flag: --<name-with-dashes>, "
+          "--remote-model for remote_models (see `batchgate serve --help`). An alias works wherever its name does.")
 
 
 def main(argv=None) -> int:
@@ -57,7 +87,7 @@ def main(argv=None) -> int:
     _serve_parser(sub)
     d = sub.add_parser("demo-repo", help="write the demo model repository")
     d.add_argument("repo")
-    sub.add_parser("settings", help="list every setting with its environment variable and default")
+    sub.add_parser("settings", help="list every setting with its section, environment variable, default and aliases")
     # Their argument parsers only: torch, skl2onnx, hdrhistogram... are imported when they run.
     from .converters.cli import add_parser as add_convert_parser
     from .loadtest.cli import add_parser as add_loadtest_parser
@@ -81,17 +111,22 @@ def main(argv=None) -> int:
 
         return convert_main(args)
     if args.command == "settings":
-        for name, env, default in describe():
-            print(f"{name:24} {env:34} {default!r}")
+        _print_settings()
         return 0
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    try:
-        settings = load_settings(args.config, flags)
-    except ConfigError as e:
-        print(f"batchgate: configuration error: {e}", file=sys.stderr)
-        return 2
-    logs.setup(settings.log_format, settings.log_level)
+    flags = serve_flags(args)
+    with warnings.catch_warnings(record=True) as caught:  # deprecated forms: logged once logging is set up
+        warnings.simplefilter("always")
+        try:
+            settings = load_settings(args.config, flags)
+        except ConfigError as e:
+            for w in caught:
+                print(f"batchgate: warning: {w.message}", file=sys.stderr)
+            print(f"batchgate: configuration error: {e}", file=sys.stderr)
+            return 2
+    logs.setup(settings.server.log_format, settings.server.log_level)
+    for w in caught:
+        log.warning("%s", w.message)
     try:
         import uvloop
 

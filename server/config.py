@@ -1,16 +1,22 @@
 """The one typed configuration: YAML file, then ``BATCHGATE_*`` environment, then flags.
 
-Every setting has one name, used as the YAML key, the environment variable
-(``BATCHGATE_`` + upper case) and the flag (``--`` + dashes). Settings carry
-their unit in their name. This is the only module that reads the environment.
+Settings live in typed sections (``server``, ``repository``, ``limits``, ``batching``) plus the
+``remote_models`` list. Every setting name is unique across sections, so outside the YAML file
+names stay flat: the environment variable is ``BATCHGATE_`` + the name in upper case and the flag
+is ``--`` + the name with dashes, whatever the section. A YAML file nests each key under its
+section; the older flat file (every key at the top) is still read, with a DeprecationWarning.
+Settings carry their unit in their name; ``ALIASES`` holds other accepted spellings (Triton's
+``*_secs``). This is the only module that reads the environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -123,61 +129,251 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
     return spec
 
 
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), minimum: int | None = None,
+             positive: bool = False, why: str = "", metavar: str = "") -> Any:
+    """A section field and its row of the settings table: help text, allowed values, lower bound
+    (``why`` is added to the message when the bound is broken), the flag's metavar."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
+                                            "positive": positive, "why": why, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Section ``server``: listeners, shutdown, threads and logs."""
+
+    host: str = _setting("0.0.0.0", "address all three listeners bind", metavar="HOST")
+    http_port: int = _setting(8000, "V2 HTTP/REST port; 0 picks a free port")
+    grpc_port: int = _setting(8001, "V2 gRPC port; 0 picks a free port")
+    metrics_port: int = _setting(8002, "Prometheus /metrics port; 0 picks a free port, -1 turns it off")
+    exit_timeout_s: float = _setting(30.0, "grace period for in-flight work on SIGTERM", positive=True)
+    grpc_max_connection_age_s: float = _setting(
+        0.0, "close gRPC connections this old, so long-lived clients reconnect and reach new replicas; 0 = never",
+        minimum=0)
+    infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
+    log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
+    log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Section ``repository``: where models come from and how they are loaded."""
+
+    model_repository: str = _setting(
+        "", "the Triton-layout model repository (may be left out when remote_models are given)", metavar="DIR")
+    model_control_mode: str = _setting(
+        "none", "none: load every model at start; poll: also rescan every repository_poll_s; "
+                "explicit: load and unload through the repository API", choices=("none", "poll", "explicit"))
+    repository_poll_s: float = _setting(15.0, "rescan interval in poll mode", positive=True)
+    load_model: tuple[str, ...] = _setting((), "explicit mode: a model to load at start (repeatable; * = all)",
+                                           metavar="MODEL")
+    warm_up: bool = _setting(True, "run each model once on zeros when it loads")
+    gpu_device_id: int = _setting(0, "CUDA device of KIND_GPU instance groups that name no gpus", minimum=0)
+    default_max_batch_size: int = _setting(
+        4, "max_batch_size given to a model without config whose tensors all have a dynamic first dimension",
+        minimum=0)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Section ``limits``: bounds on what callers may send and queue."""
+
+    max_queue_size: int = _setting(
+        4096, "requests that may wait per model version, unless its config sets one; a full queue "
+              "answers RESOURCE_EXHAUSTED / 429 at once", minimum=1,
+        why="every queue is bounded: 0 no longer means unbounded")
+    max_request_bytes: int = _setting(64 * 1024 * 1024, "largest HTTP body (also after decompression) and "
+                                                        "gRPC message", minimum=1)
+    max_request_headers: int = _setting(32, "caller x-* headers (HTTP) or metadata entries (gRPC) kept on a "
+                                            "request; more = INVALID_ARGUMENT", minimum=0)
+    max_header_bytes: int = _setting(4096, "bytes of name + value of one such header; longer = INVALID_ARGUMENT",
+                                     minimum=1)
+    max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Section ``batching``: how models with dynamic_batching form batches and where they run."""
+
+    batching_policy: str = _setting("triton", "how models with dynamic_batching form batches",
+                                    choices=("triton", "work_conserving"))
+    model_batching_policy: tuple[str, ...] = _setting((), "this model's batching policy (repeatable)",
+                                                      metavar="MODEL=POLICY")
+    inline_execution_max_us: int = _setting(
+        50, "run a model version on the event loop when its executions are measured faster than this; 0 = never",
+        minimum=0)
+
+
 @dataclass(frozen=True)
 class Settings:
-    model_repository: str = ""
-    host: str = "0.0.0.0"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002  # -1 turns the metrics endpoint off
-    model_control_mode: str = "none"  # none | poll | explicit
-    repository_poll_secs: float = 15.0
-    load_model: tuple[str, ...] = ()  # explicit mode: models to load at start ("*" = all)
-    default_max_batch_size: int = 4  # for configs completed from a model whose first dim is dynamic
-    max_queue_size: int = 4096  # per model version, unless its config sets one
-    max_request_bytes: int = 64 * 1024 * 1024  # HTTP body (after decompression) and gRPC message
-    infer_threads: int = 0  # worker threads that run models; 0 = one per CPU, at least 4
-    batching_policy: str = "triton"  # models with dynamic_batching: triton | work_conserving
-    model_batching_policy: tuple[str, ...] = ()  # per-model choice, "model=policy" entries
-    inline_execution_max_us: int = 50  # executions measured faster than this run on the event loop; 0 = never
-    warm_up: bool = True
-    exit_timeout_secs: float = 30.0  # grace period for in-flight work on SIGTERM
-    grpc_max_connection_age_secs: float = 0.0  # close gRPC connections this old (clients reconnect); 0 = never
-    log_format: str = "plain"  # plain | json
-    log_level: str = "info"
-    gpu_device_id: int = 0
+    server: ServerSettings = field(default_factory=ServerSettings)
+    repository: RepositorySettings = field(default_factory=RepositorySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
 
 
-CHOICES = {
-    "model_control_mode": ("none", "poll", "explicit"),
-    "log_format": ("plain", "json"),
-    "batching_policy": ("triton", "work_conserving"),
-    "log_level": ("debug", "info", "warning", "error"),
+SECTIONS: dict[str, type] = {"server": ServerSettings, "repository": RepositorySettings,
+                             "limits": LimitSettings, "batching": BatchingSettings}
+RESERVED_SECTIONS = ("auth", "tls", "routes", "drift")  # planned; refused until they exist
+TOP_LEVEL = (*SECTIONS, "remote_models")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another accepted spelling of a setting, in YAML (same section), environment and flags."""
+
+    name: str  # the setting it stands for
+    deprecated: bool = False  # a former name: accepted with a DeprecationWarning naming the new one
+
+
+ALIASES: dict[str, Alias] = {  # Triton's names; documented, accepted silently
+    "exit_timeout_secs": Alias("exit_timeout_s"),
+    "grpc_max_connection_age_secs": Alias("grpc_max_connection_age_s"),
+    "repository_poll_secs": Alias("repository_poll_s"),
 }
-FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    if name == "remote_models":
+@dataclass(frozen=True)
+class Spec:
+    """One row of the settings table, from which the flags, the environment and docs are made."""
+
+    name: str
+    section: str  # "" = top level (remote_models)
+    kind: str  # int | float | bool | str | list | remote_models
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    positive: bool = False
+    why: str = ""
+    metavar: str = ""
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--remote-model" if self.kind == "remote_models" else "--" + self.name.replace("_", "-")
+
+    @property
+    def repeatable(self) -> bool:
+        return self.kind in ("list", "remote_models")
+
+
+def _table() -> dict[str, Spec]:
+    rows: dict[str, Spec] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            assert f.name not in rows, f"setting {f.name} is in two sections"
+            rows[f.name] = Spec(f.name, section, "list" if kind.startswith("tuple") else kind, f.default,
+                                aliases=tuple(a for a, t in ALIASES.items() if t.name == f.name), **f.metadata)
+    rows["remote_models"] = Spec(
+        "remote_models", "", "remote_models", (),
+        "a model served by remote V2 servers: 'name=M upstreams=HOST:PORT[,HOST:PORT] "
+        "[batching=gateway|passthrough] [key=value ...]' (repeatable; see the README)", metavar="SPEC")
+    assert not set(ALIASES) & set(rows) and {a.name for a in ALIASES.values()} <= set(rows)
+    return rows
+
+
+SETTINGS: dict[str, Spec] = _table()
+
+
+def _resolve(key: str, source: str) -> str | None:
+    """The setting that ``key`` (a name or an alias) stands for; None if neither."""
+    if key in SETTINGS:
+        return key
+    alias = ALIASES.get(key)
+    if alias is None:
+        return None
+    if alias.deprecated:
+        warnings.warn(f"{source}: '{key}' is deprecated; its new name is '{alias.name}'",
+                      DeprecationWarning, stacklevel=4)
+    return alias.name
+
+
+def _claim(seen: dict[str, str], name: str, label: str, source: str) -> None:
+    """One source sets each setting once, under one spelling."""
+    if name in seen:
+        raise ConfigError(f"{source}: {seen[name]} and {label} both set {name}; give only one")
+    seen[name] = label
+
+
+def _hint(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _read_file(file: str) -> dict[str, tuple[str, Any]]:
+    """setting -> (spelling, raw value) from a YAML file: sections, or the deprecated flat form."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {file}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
+    src = f"config file {file}"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src} must hold a mapping of sections ({', '.join(TOP_LEVEL)})")
+    out: dict[str, tuple[str, Any]] = {}
+    seen: dict[str, str] = {}
+    flat: dict[str, list[str]] = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key in SECTIONS:
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise ConfigError(f"{src}: section '{key}' must be a mapping of settings, not {v!r}")
+            known = [n for n, s in SETTINGS.items() if s.section == key]
+            for sk, sv in v.items():
+                skey = str(sk).replace("-", "_")
+                name = _resolve(skey, src)
+                if name is None:
+                    raise ConfigError(f"{src}: unknown setting '{sk}' in section '{key}'{_hint(skey, known)}; "
+                                      f"known: {', '.join(known + [a for n in known for a in SETTINGS[n].aliases])}")
+                if SETTINGS[name].section != key:
+                    home = SETTINGS[name].section
+                    raise ConfigError(f"{src}: '{sk}' belongs " +
+                                      (f"in section '{home}'" if home else "at the top level") +
+                                      f", not in section '{key}'")
+                _claim(seen, name, f"'{key}.{skey}'", src)
+                out[name] = (skey, sv)
+            continue
+        if key in RESERVED_SECTIONS:
+            raise ConfigError(f"{src}: section '{k}' is not available in this version yet; "
+                              f"known sections: {', '.join(TOP_LEVEL)}")
+        name = _resolve(key, src)
+        if name is None:
+            raise ConfigError(f"{src}: unknown setting '{k}'{_hint(key, [*TOP_LEVEL, *SETTINGS, *ALIASES])}; "
+                              f"known sections: {', '.join(TOP_LEVEL)}; known settings: {', '.join(SETTINGS)}")
+        _claim(seen, name, f"'{key}'", src)
+        out[name] = (key, v)
+        if SETTINGS[name].section:
+            flat.setdefault(SETTINGS[name].section, []).append(key)
+    if flat:
+        where = "; ".join(f"{section}: {', '.join(keys)}" for section, keys in flat.items())
+        warnings.warn(f"{src}: settings at the top level of the file are deprecated; move each key into "
+                      f"its section ({where})", DeprecationWarning, stacklevel=3)
+    return out
+
+
+def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
+    kind = SETTINGS[name].kind
+    if kind == "remote_models":
         if isinstance(value, str):  # environment: entries separated by ';'
             value = [v for v in value.split(";") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: 'remote_models' must be a list of remote models, not {value!r}")
+            raise ConfigError(f"{source}: '{spelling}' must be a list of remote models, not {value!r}")
         return tuple(v if isinstance(v, RemoteModel) else parse_remote_model(v, source) for v in value)
-    f = FIELDS[name]
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
     try:
-        if kind == "int":
-            if isinstance(value, bool):
+        if kind in ("int", "float"):
+            if isinstance(value, bool) or (kind == "int" and isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            value = int(value)
-        elif kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
+            value = int(value) if kind == "int" else float(value)
             if not math.isfinite(value):
                 raise ValueError
         elif kind == "bool":
@@ -188,7 +384,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 value = low in ("1", "true", "yes", "on")
             elif not isinstance(value, bool):
                 raise ValueError
-        elif kind.startswith("tuple"):
+        elif kind == "list":
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             elif isinstance(value, (list, tuple)):
@@ -200,50 +396,50 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise ValueError
             value = str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{name}' must be {_kind_words(kind)}, not {value!r}") from None
+        words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+        raise ConfigError(f"{source}: '{spelling}' must be {words.get(kind, 'a list of strings')}, "
+                          f"not {value!r}") from None
     return value
 
 
-def _kind_words(kind: str) -> str:
-    return {"int": "an integer", "float": "a number", "bool": "true or false",
-            "str": "a string"}.get(kind, "a list of strings")
+def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
+    def what(name: str) -> str:  # the setting as the user wrote it, and where
+        return f"{given[name][0]}: {given[name][1]}" if name in given else name
 
-
-def _validate(s: Settings) -> None:
-    if not s.model_repository and not s.remote_models:
+    rs = s.repository
+    if not rs.model_repository and not s.remote_models:
         raise ConfigError("model_repository is required (--model-repository DIR), unless remote_models are given")
-    if s.model_repository and not os.path.isdir(s.model_repository):
-        raise ConfigError(f"model_repository '{s.model_repository}' is not a directory")
+    if rs.model_repository and not os.path.isdir(rs.model_repository):
+        raise ConfigError(f"{what('model_repository')} '{rs.model_repository}' is not a directory")
     for port in ("http_port", "grpc_port"):
-        v = getattr(s, port)
+        v = getattr(s.server, port)
         if not 0 <= v <= 65535:
-            raise ConfigError(f"{port} must be between 0 and 65535 (0 picks a free port), not {v}")
-    if not -1 <= s.metrics_port <= 65535:
-        raise ConfigError(f"metrics_port must be between 0 and 65535, or -1 for none, not {s.metrics_port}")
-    for name, allowed in CHOICES.items():
-        if getattr(s, name) not in allowed:
-            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(s, name)!r}")
-    for name in ("repository_poll_secs", "exit_timeout_secs"):
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"{name} must be greater than 0, not {getattr(s, name)}")
-    for name in ("max_queue_size", "max_request_bytes", "default_max_batch_size", "inline_execution_max_us",
-                 "grpc_max_connection_age_secs"):
-        if getattr(s, name) < 0:
-            raise ConfigError(f"{name} must not be negative, not {getattr(s, name)}")
-    if s.max_request_bytes == 0:
-        raise ConfigError("max_request_bytes must be greater than 0")
-    if s.infer_threads < 0:
-        raise ConfigError(f"infer_threads must be 0 (automatic) or more, not {s.infer_threads}")
-    for entry in s.model_batching_policy:
+            raise ConfigError(f"{what(port)} must be between 0 and 65535 (0 picks a free port), not {v}")
+    if not -1 <= s.server.metrics_port <= 65535:
+        raise ConfigError(f"{what('metrics_port')} must be between 0 and 65535, or -1 for none, "
+                          f"not {s.server.metrics_port}")
+    for name, spec in SETTINGS.items():
+        if not spec.section:
+            continue
+        v = getattr(getattr(s, spec.section), name)
+        if spec.choices and v not in spec.choices:
+            raise ConfigError(f"{what(name)} must be one of {', '.join(spec.choices)}, not {v!r}")
+        if spec.positive and v <= 0:
+            raise ConfigError(f"{what(name)} must be greater than 0, not {v}")
+        if spec.minimum is not None and v < spec.minimum:
+            words = "must not be negative" if spec.minimum == 0 else f"must be at least {spec.minimum}"
+            raise ConfigError(f"{what(name)} {words}, not {v}" + (f" ({spec.why})" if spec.why else ""))
+    policies = SETTINGS["batching_policy"].choices
+    for entry in s.batching.model_batching_policy:
         model, sep, policy = entry.partition("=")
-        if not sep or not model or policy not in CHOICES["batching_policy"]:
-            raise ConfigError(f"model_batching_policy entries are model=policy with policy one of "
-                              f"{', '.join(CHOICES['batching_policy'])}, not {entry!r}")
+        if not sep or not model or policy not in policies:
+            raise ConfigError(f"{what('model_batching_policy')} entries are model=policy with policy one of "
+                              f"{', '.join(policies)}, not {entry!r}")
     names = [m.name for m in s.remote_models]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"remote_models: model name(s) {', '.join(twice)} given more than once")
-    if s.load_model and s.model_control_mode != "explicit":
+    if rs.load_model and rs.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")
 
 
@@ -252,50 +448,60 @@ def load_settings(
     flags: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
-    """Merge file < environment < flags over the defaults and validate the result."""
+    """Merge file < environment < flags over the defaults and validate the result.
+
+    ``flags`` is flat, keyed by setting name or alias (``{"http_port": 0}``); None or an empty
+    list leaves a setting alone. Deprecated forms warn with a DeprecationWarning."""
     values: dict[str, Any] = {}
+    given: dict[str, tuple[str, str]] = {}  # setting -> (source, spelling) of the value that won
+
+    def put(name: str, spelling: str, raw: Any, source: str) -> None:
+        values[name] = _coerce(name, spelling, raw, source)
+        given[name] = (source, spelling)
+
     if file:
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {file}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {file} must hold a mapping of settings")
-        for k, v in data.items():
-            key = str(k).replace("-", "_")
-            if key not in FIELDS:
-                raise ConfigError(f"config file {file}: unknown setting '{k}'; known: {', '.join(FIELDS)}")
-            values[key] = _coerce(key, v, f"config file {file}")
+        for name, (spelling, raw) in _read_file(file).items():
+            put(name, spelling, raw, f"config file {file}")
     env = os.environ if environ is None else environ
-    for key in FIELDS:
-        var = ENV_PREFIX + key.upper()
-        if var in env:
-            values[key] = _coerce(key, env[var], f"environment {var}")
+    seen: dict[str, str] = {}
+    for name, spec in SETTINGS.items():
+        for spelling in (name, *spec.aliases):
+            var = ENV_PREFIX + spelling.upper()
+            if var in env:
+                _resolve(spelling, f"environment {var}")  # warns if deprecated
+                _claim(seen, name, var, "environment")
+                put(name, spelling, env[var], f"environment {var}")
+    seen = {}
     for k, v in (flags or {}).items():
-        if k not in FIELDS:
-            raise ConfigError(f"unknown setting '{k}'; known: {', '.join(FIELDS)}")
+        name = _resolve(k, "--" + k.replace("_", "-"))
+        if name is None:
+            raise ConfigError(f"unknown setting '{k}'{_hint(k, [*SETTINGS, *ALIASES])}; known: {', '.join(SETTINGS)}")
         if v is None or (isinstance(v, (list, tuple)) and not v):
             continue
-        values[k] = _coerce(k, v, "--remote-model" if k == "remote_models" else "--" + k.replace("_", "-"))
-    if "load_model" in values and values["load_model"] and "model_control_mode" not in values:
+        flag = "--remote-model" if name == "remote_models" else "--" + k.replace("_", "-")
+        _claim(seen, name, flag, "flags")
+        put(name, k, v, flag)
+    if values.get("load_model") and "model_control_mode" not in values:
         values["model_control_mode"] = "explicit"
-    settings = Settings(**values)
-    _validate(settings)
+    settings = Settings(
+        **{section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+           for section, cls in SECTIONS.items()},
+        remote_models=values.get("remote_models", ()))
+    _validate(settings, given)
     return settings
 
 
 def batching_policies(s: Settings) -> dict[str, str]:
     """Model name -> batching policy, from ``model_batching_policy``."""
-    return dict(e.split("=", 1) for e in s.model_batching_policy)
+    return dict(e.split("=", 1) for e in s.batching.model_batching_policy)
 
 
 def describe() -> list[tuple[str, str, Any]]:
-    """(name, environment variable, default) of every setting, for docs and --help."""
-    return [(f.name, ENV_PREFIX + f.name.upper(), f.default) for f in dataclasses.fields(Settings)]
+    """(name, environment variable, default) of every setting, for docs and --help; the rest of
+    each row (section, help, choices, aliases) is in ``SETTINGS``."""
+    return [(spec.name, spec.env, spec.default) for spec in SETTINGS.values()]
 
 
-__all__ = ["ConfigError", "RemoteModel", "Settings", "load_settings", "describe", "batching_policies",
-           "parse_remote_model"]
+__all__ = ["ALIASES", "Alias", "BatchingSettings", "ConfigError", "LimitSettings", "RemoteModel",
+           "RepositorySettings", "SECTIONS", "SETTINGS", "ServerSettings", "Settings", "Spec",
+           "batching_policies", "describe", "load_settings", "parse_remote_model"]

@@ -297,7 +297,7 @@ def test_final_stage_runs_batchgate_as_non_root_with_the_default_ports(df):
         assert any(s.all("WORKDIR") for s in chain)
 
         exposed = {int(p.partition("/")[0]) for s in chain for i in s.all("EXPOSE") for p in i.args.split()}
-        defaults = Settings()
+        defaults = Settings().server
         assert exposed == {defaults.http_port, defaults.grpc_port, defaults.metrics_port}
 
         entrypoint = [i for s in chain for i in s.all("ENTRYPOINT")]
@@ -330,7 +330,7 @@ def test_healthcheck_asks_http_readiness_on_the_http_port(df):
     port_var = ENV_PREFIX + "HTTP_PORT"
     m = re.search(re.escape(port_var) + r"""['"]\s*,\s*['"](\d+)['"]""", script)
     assert m, f"the health check must read the port from {port_var}, defaulting to the HTTP port"
-    assert int(m.group(1)) == Settings().http_port
+    assert int(m.group(1)) == Settings().server.http_port
     timeout = re.search(r"--timeout=(\d+)s", options)
     url_timeout = re.search(r"timeout=(\d+(?:\.\d+)?)\)", script)
     assert timeout and url_timeout and float(url_timeout.group(1)) < int(timeout.group(1))
@@ -441,7 +441,7 @@ def test_the_image_command_starts_serves_is_healthy_and_drains(df, tmp_path):
             assert resp.status == 200
 
         p.send_signal(signal.SIGTERM)
-        assert p.wait(Settings().exit_timeout_secs + 5) == 0, "unclean exit on SIGTERM:\n" + "".join(lines)
+        assert p.wait(Settings().server.exit_timeout_s + 5) == 0, "unclean exit on SIGTERM:\n" + "".join(lines)
     finally:
         if p.poll() is None:
             p.kill()

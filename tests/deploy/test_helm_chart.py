@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,10 +110,10 @@ def deployment_and_config(helm, tmp_path, variant="default"):
 
 def test_the_chart_agrees_with_the_code(helm, tmp_path):
     kinds, pod, c, config = deployment_and_config(helm, tmp_path)
-    defaults = Settings()
+    defaults = Settings().server
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": defaults.http_port, "grpc": defaults.grpc_port, "metrics": defaults.metrics_port}
-    assert (config["http_port"], config["grpc_port"], config["metrics_port"]) == \
+    assert (config["server"]["http_port"], config["server"]["grpc_port"], config["server"]["metrics_port"]) == \
         (defaults.http_port, defaults.grpc_port, defaults.metrics_port)
     assert c["readinessProbe"]["grpc"] == {"port": defaults.grpc_port, "service": GRPC_SERVICE}
     assert c["livenessProbe"]["httpGet"]["path"] == LIVE_PATH
@@ -128,9 +129,16 @@ def test_the_chart_agrees_with_the_code(helm, tmp_path):
     used = set(re.findall(r"batchgate_[a-z_]+", " ".join(exprs)))
     assert used and used <= exported, used - exported
     assert kinds["HorizontalPodAutoscaler"][0]["spec"]["metrics"][0]["pods"]["metric"]["name"] in FAMILIES
-    # the config the chart writes is one batchgate accepts (model_repository aside: a real folder here)
-    settings = load_settings(None, {**config, "model_repository": str(tmp_path)}, environ={})
-    assert settings.grpc_max_connection_age_secs > 0  # new replicas get gRPC clients too
+    # the config the chart writes is one batchgate accepts, in its current (nested) form: no
+    # deprecation warning (model_repository aside: a real folder here)
+    config["repository"]["model_repository"] = str(tmp_path)
+    cfg_file = tmp_path / "batchgate.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        settings = load_settings(str(cfg_file), environ={})
+    assert settings.server.grpc_max_connection_age_s > 0  # new replicas get gRPC clients too
+    assert settings.server.log_format == "json" and settings.limits.max_queue_size >= 1
 
 
 def test_security_probes_drain_and_spread(helm, tmp_path):
@@ -143,9 +151,10 @@ def test_security_probes_drain_and_spread(helm, tmp_path):
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # room for model loading
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + config["exit_timeout_secs"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config["server"]["exit_timeout_s"]
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
-    assert c["args"] == ["--config", "/etc/batchgate/batchgate.yaml"] and config["model_repository"] == "/models"
+    assert c["args"] == ["--config", "/etc/batchgate/batchgate.yaml"]
+    assert config["repository"]["model_repository"] == "/models"
 
 
 def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):
@@ -176,6 +185,20 @@ def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):
     assert out.returncode != 0 and "no keda.sh/v1alpha1 API" in out.stderr
 
 
+def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_path):
+    values = tmp_path / "custom.yaml"
+    values.write_text(yaml.safe_dump({"config": {"server": {"exit_timeout_s": 45},
+                                                 "remote_models": ["name=r upstreams=h:8001"]}}))
+    kinds = by_kind(render(helm, values))
+    config = yaml.safe_load(kinds["ConfigMap"][0]["data"]["batchgate.yaml"])
+    assert config["server"]["exit_timeout_s"] == 45 and config["remote_models"] == ["name=r upstreams=h:8001"]
+    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 10 + 45 + 10  # preStop + exit_timeout_s + margin
+    values.write_text(yaml.safe_dump({"config": {"exit_timeout_secs": 60}}))  # the old flat values
+    out = subprocess.run([helm, "template", "rel", str(CHART), "-f", str(values)], capture_output=True, text=True)
+    assert out.returncode != 0 and "config.exit_timeout_secs: batchgate's settings go in sections" in out.stderr
+
+
 def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
     """SIGTERM under load: readiness (the gRPC health service the readiness probe asks) turns
     NOT_SERVING first, every accepted request is answered, and the process exits 0 within the
@@ -187,7 +210,9 @@ def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
     grace = pod["terminationGracePeriodSeconds"] - int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     repo = tmp_path / "models"
     _save(slow_model(width=1024, layers=64), str(repo), "slow", config="max_batch_size: 64\n")
-    cfg = dict(config, model_repository=str(repo), host="127.0.0.1", http_port=0, grpc_port=0, metrics_port=0)
+    cfg = dict(config, server={**config["server"], "host": "127.0.0.1", "http_port": 0, "grpc_port": 0,
+                               "metrics_port": 0},
+               repository={**config["repository"], "model_repository": str(repo)})
     cfg_file = tmp_path / "batchgate.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     p = Proc(["serve", "--config", str(cfg_file)]).wait_ready()

@@ -1,10 +1,17 @@
 """load_settings: defaults < YAML file < BATCHGATE_* environment < flags, typed and validated.
 
-The environment is always passed explicitly (``environ=``), so the real one never leaks in."""
+The YAML file nests settings in sections; environment variables and flags stay flat. The
+environment is always passed explicitly (``environ=``), so the real one never leaks in."""
+
+import argparse
+import subprocess
+import sys
+import warnings
 
 import pytest
 
-from batchgate.config import ConfigError, Settings, describe, load_settings
+from batchgate.config import (ALIASES, SECTIONS, SETTINGS, ConfigError, LimitSettings, RepositorySettings,
+                              ServerSettings, Settings, describe, load_settings)
 
 
 @pytest.fixture
@@ -28,57 +35,62 @@ def error(*args, **kwargs) -> str:
 
 def test_defaults(repo):
     s = load_settings(None, {"model_repository": repo}, environ={})
-    assert s == Settings(model_repository=repo)
-    assert s.http_port == 8000 and s.grpc_port == 8001 and s.model_control_mode == "none"
+    assert s == Settings(repository=RepositorySettings(model_repository=repo))
+    assert s.server.http_port == 8000 and s.server.grpc_port == 8001
+    assert s.repository.model_control_mode == "none"
+    assert s.limits == LimitSettings(max_queue_size=4096, max_request_bytes=64 * 1024 * 1024, max_request_headers=32,
+                                     max_header_bytes=4096, max_request_parameters=64)
+    assert s.server.exit_timeout_s == 30.0 and s.repository.repository_poll_s == 15.0
 
 
 def test_file_then_env_then_flags(tmp_path, repo):
-    f = write(tmp_path, f"model_repository: {repo}\nhttp_port: 9000\ngrpc_port: 9001\nmetrics_port: 9002\n"
-                        "log_level: debug\n")
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n"
+                        "server:\n  http_port: 9000\n  grpc_port: 9001\n  metrics_port: 9002\n  log_level: debug\n")
     env = {"BATCHGATE_GRPC_PORT": "7001", "BATCHGATE_METRICS_PORT": "7002"}
     s = load_settings(f, {"metrics_port": 6002}, environ=env)
-    assert s.http_port == 9000  # file only
-    assert s.grpc_port == 7001  # env beats file
-    assert s.metrics_port == 6002  # flag beats env and file
-    assert s.log_level == "debug"
+    assert s.server.http_port == 9000  # file only
+    assert s.server.grpc_port == 7001  # env beats file
+    assert s.server.metrics_port == 6002  # flag beats env and file
+    assert s.server.log_level == "debug"
 
 
 def test_env_only_and_unrelated_variables_ignored(repo):
     env = {"BATCHGATE_MODEL_REPOSITORY": repo, "BATCHGATE_WARM_UP": "off", "BATCHGATE_REPOSITORY_POLL_SECS": "2.5",
            "HTTP_PORT": "1", "BATCHGATE_NOT_A_SETTING": "x"}
     s = load_settings(None, None, environ=env)
-    assert s.model_repository == repo
-    assert s.warm_up is False
-    assert s.repository_poll_secs == 2.5
-    assert s.http_port == 8000
+    assert s.repository.model_repository == repo
+    assert s.repository.warm_up is False
+    assert s.repository.repository_poll_s == 2.5
+    assert s.server.http_port == 8000
 
 
 def test_none_and_empty_flags_do_not_override(repo):
     env = {"BATCHGATE_HTTP_PORT": "8100", "BATCHGATE_LOAD_MODEL": "a"}
     s = load_settings(None, {"model_repository": repo, "http_port": None, "load_model": []}, environ=env)
-    assert s.http_port == 8100
-    assert s.load_model == ("a",)
+    assert s.server.http_port == 8100
+    assert s.repository.load_model == ("a",)
 
 
 def test_flag_strings_are_coerced(repo):
     s = load_settings(None, {"model_repository": repo, "http_port": "8500", "warm_up": "false",
                              "exit_timeout_secs": "1.5"}, environ={})
-    assert s.http_port == 8500 and s.warm_up is False and s.exit_timeout_secs == 1.5
+    assert s.server.http_port == 8500 and s.repository.warm_up is False and s.server.exit_timeout_s == 1.5
 
 
 def test_yaml_keys_may_use_dashes(tmp_path, repo):
-    f = write(tmp_path, f"model-repository: {repo}\nmax-queue-size: 7\n")
-    assert load_settings(f, environ={}).max_queue_size == 7
+    f = write(tmp_path, f"repository:\n  model-repository: {repo}\nlimits:\n  max-queue-size: 7\n")
+    assert load_settings(f, environ={}).limits.max_queue_size == 7
 
 
 def test_real_environment_is_not_read_when_environ_given(monkeypatch, repo):
     monkeypatch.setenv("BATCHGATE_HTTP_PORT", "1234")
-    assert load_settings(None, {"model_repository": repo}, environ={}).http_port == 8000
+    assert load_settings(None, {"model_repository": repo}, environ={}).server.http_port == 8000
 
 
 @pytest.mark.parametrize("value", ["1", "true", "Yes", " ON "])
 def test_bool_true_spellings(repo, value):
-    assert load_settings(None, {"model_repository": repo}, environ={"BATCHGATE_WARM_UP": value}).warm_up is True
+    s = load_settings(None, {"model_repository": repo}, environ={"BATCHGATE_WARM_UP": value})
+    assert s.repository.warm_up is True
 
 
 # ---------------------------------------------------------------- type errors name the setting
@@ -94,16 +106,17 @@ def test_env_type_errors(repo, env, words):
         assert w in msg
 
 
-@pytest.mark.parametrize("yaml_line,words", [
-    ("http_port: true", ["'http_port'", "integer"]),
-    ("http_port: 80.5", ["'http_port'", "integer"]),
-    ("warm_up: 3", ["'warm_up'", "true or false"]),
-    ("host: [a, b]", ["'host'", "string"]),
-    ("load_model: 5", ["'load_model'", "list of strings"]),
-    ("repository_poll_secs: yes", ["'repository_poll_secs'", "number"]),
+@pytest.mark.parametrize("yaml_lines,words", [
+    ("server:\n  http_port: true", ["'http_port'", "integer"]),
+    ("server:\n  http_port: 80.5", ["'http_port'", "integer"]),
+    ("  warm_up: 3", ["'warm_up'", "true or false"]),
+    ("server:\n  host: [a, b]", ["'host'", "string"]),
+    ("  load_model: 5", ["'load_model'", "list of strings"]),
+    ("  repository_poll_secs: yes", ["'repository_poll_secs'", "number"]),
+    ("  repository_poll_s: soon", ["'repository_poll_s'", "number"]),
 ])
-def test_file_type_errors(tmp_path, repo, yaml_line, words):
-    f = write(tmp_path, f"model_repository: {repo}\n{yaml_line}\n")
+def test_file_type_errors(tmp_path, repo, yaml_lines, words):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n{yaml_lines}\n")
     msg = error(f, environ={})
     assert f in msg  # says which file
     for w in words:
@@ -116,8 +129,8 @@ def test_flag_type_error_names_the_flag(repo):
 
 
 def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
-    f = write(tmp_path, f"model_repository: {repo}\nhttp_port: 8080.0\n")
-    assert load_settings(f, environ={}).http_port == 8080
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  http_port: 8080.0\n")
+    assert load_settings(f, environ={}).server.http_port == 8080
 
 
 # ---------------------------------------------------------------- bad values name the setting
@@ -128,12 +141,22 @@ def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
     ({"model_control_mode": "sometimes"}, ["model_control_mode", "'sometimes'", "explicit"]),
     ({"log_format": "xml"}, ["log_format", "json"]),
     ({"log_level": "verbose"}, ["log_level", "debug"]),
-    ({"repository_poll_secs": 0}, ["repository_poll_secs"]),
+    ({"repository_poll_secs": 0}, ["repository_poll_secs must be greater than 0"]),
+    ({"repository_poll_s": 0}, ["repository_poll_s must be greater than 0"]),
     ({"exit_timeout_secs": -1}, ["exit_timeout_secs"]),
+    ({"exit_timeout_s": 0}, ["exit_timeout_s must be greater than 0"]),
+    ({"grpc_max_connection_age_s": -1}, ["grpc_max_connection_age_s must not be negative"]),
     ({"max_queue_size": -1}, ["max_queue_size"]),
+    ({"max_queue_size": 0}, ["--max-queue-size: max_queue_size must be at least 1, not 0",
+                             "no longer means unbounded"]),
     ({"default_max_batch_size": -4}, ["default_max_batch_size"]),
     ({"max_request_bytes": 0}, ["max_request_bytes"]),
+    ({"max_request_headers": -1}, ["max_request_headers must not be negative, not -1"]),
+    ({"max_header_bytes": 0}, ["max_header_bytes must be at least 1, not 0"]),
+    ({"max_request_parameters": -1}, ["max_request_parameters must not be negative, not -1"]),
     ({"infer_threads": -1}, ["infer_threads"]),
+    ({"gpu_device_id": -1}, ["gpu_device_id"]),
+    ({"inline_execution_max_us": -1}, ["inline_execution_max_us"]),
 ])
 def test_bad_values(repo, flags, words):
     msg = error(None, {"model_repository": repo, **flags}, environ={})
@@ -141,8 +164,23 @@ def test_bad_values(repo, flags, words):
         assert w in msg
 
 
+def test_max_queue_size_zero_is_refused_from_every_source(tmp_path, repo):
+    assert "max_queue_size must be at least 1" in error(None, {"model_repository": repo},
+                                                        environ={"BATCHGATE_MAX_QUEUE_SIZE": "0"})
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nlimits:\n  max_queue_size: 0\n")
+    msg = error(f, environ={})
+    assert f in msg and "max_queue_size must be at least 1, not 0" in msg
+
+
+def test_the_new_limits_may_be_zero_where_zero_makes_sense(repo):
+    s = load_settings(None, {"model_repository": repo, "max_request_headers": 0, "max_request_parameters": 0,
+                             "max_header_bytes": 1}, environ={})
+    assert (s.limits.max_request_headers, s.limits.max_request_parameters, s.limits.max_header_bytes) == (0, 0, 1)
+
+
 def test_metrics_port_minus_one_turns_metrics_off(repo):
-    assert load_settings(None, {"model_repository": repo, "metrics_port": -1}, environ={}).metrics_port == -1
+    s = load_settings(None, {"model_repository": repo, "metrics_port": -1}, environ={})
+    assert s.server.metrics_port == -1
 
 
 def test_model_repository_required_and_must_be_a_directory(tmp_path):
@@ -163,9 +201,10 @@ def test_unknown_flag_is_a_config_error(repo):
 
 # ---------------------------------------------------------------- the file itself
 def test_unknown_key_in_file_is_refused(tmp_path, repo):
-    f = write(tmp_path, f"model_repository: {repo}\nhttp_prot: 8000\n")
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nhttp_prot: 8000\n")
     msg = error(f, environ={})
     assert "'http_prot'" in msg and "unknown" in msg and "http_port" in msg
+    assert "did you mean 'http_port'" in msg and "known sections: server, repository, limits, batching" in msg
 
 
 def test_file_must_be_a_mapping(tmp_path):
@@ -185,20 +224,20 @@ def test_missing_file(tmp_path):
 
 def test_empty_file_means_defaults(tmp_path, repo):
     f = write(tmp_path, "")
-    assert load_settings(f, {"model_repository": repo}, environ={}).http_port == 8000
+    assert load_settings(f, {"model_repository": repo}, environ={}).server.http_port == 8000
 
 
 # ---------------------------------------------------------------- load_model and the control mode
 def test_load_model_implies_explicit_mode(repo):
     s = load_settings(None, {"model_repository": repo, "load_model": ["a", "b"]}, environ={})
-    assert s.model_control_mode == "explicit"
-    assert s.load_model == ("a", "b")
+    assert s.repository.model_control_mode == "explicit"
+    assert s.repository.load_model == ("a", "b")
 
 
 def test_load_model_from_env_is_a_comma_list(repo):
     s = load_settings(None, {"model_repository": repo}, environ={"BATCHGATE_LOAD_MODEL": "a, b,,c"})
-    assert s.load_model == ("a", "b", "c")
-    assert s.model_control_mode == "explicit"
+    assert s.repository.load_model == ("a", "b", "c")
+    assert s.repository.model_control_mode == "explicit"
 
 
 def test_load_model_with_another_mode_is_refused(repo):
@@ -210,7 +249,9 @@ def test_describe_lists_every_setting_with_its_variable():
     rows = {name: (var, default) for name, var, default in describe()}
     assert rows["http_port"] == ("BATCHGATE_HTTP_PORT", 8000)
     assert rows["max_queue_size"][0] == "BATCHGATE_MAX_QUEUE_SIZE"
-    assert set(rows) == set(Settings.__dataclass_fields__)
+    assert rows["exit_timeout_s"] == ("BATCHGATE_EXIT_TIMEOUT_S", 30.0)
+    every = {f for cls in SECTIONS.values() for f in cls.__dataclass_fields__} | {"remote_models"}
+    assert set(rows) == every == set(SETTINGS)
 
 
 def test_model_batching_policy_entries_are_checked(tmp_path):
@@ -233,7 +274,7 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
                            "    timeout_s: 2.5\n"
                            "  - name=bert upstreams=a:1,b:2 max-inflight=8\n")
     s = load_settings(path, {}, environ={})
-    assert s.model_repository == ""  # remote models alone need no repository
+    assert s.repository.model_repository == ""  # remote models alone need no repository
     resnet, bert = s.remote_models
     assert resnet.upstreams == ("10.0.0.5:8001", "gpu-pool.svc:8001") and resnet.target == "resnet50"
     assert resnet.batching == "passthrough" and resnet.timeout_s == 2.5 and resnet.inflight == 256
@@ -268,3 +309,272 @@ def test_remote_model_errors_name_what_is_wrong(repo, entry, words):
 def test_a_remote_model_given_twice_is_refused(repo):
     msg = error(None, {"remote_models": ["name=a upstreams=h:1", "name=a upstreams=h:2"]}, environ={})
     assert "a given more than once" in msg
+
+
+# ---------------------------------------------------------------- sections in the YAML file
+def no_warnings(*args, **kwargs):
+    """load_settings, failing on any warning (the nested form is the current one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_settings(*args, **kwargs)
+
+
+def test_nested_file_fills_every_section(tmp_path, repo):
+    f = write(tmp_path, f"""
+server:
+  host: 127.0.0.1
+  http_port: 9000
+  exit_timeout_s: 12.5
+  grpc_max_connection_age_s: 300
+  infer_threads: 6
+  log_format: json
+repository:
+  model_repository: {repo}
+  model_control_mode: explicit
+  load_model: [a, b]
+  warm_up: false
+  default_max_batch_size: 8
+limits:
+  max_queue_size: 100
+  max_request_bytes: 1048576
+  max_request_headers: 8
+  max_header_bytes: 256
+  max_request_parameters: 4
+batching:
+  batching_policy: work_conserving
+  model_batching_policy: [m=triton]
+  inline_execution_max_us: 0
+remote_models:
+  - name=r upstreams=h:1
+""")
+    s = no_warnings(f, environ={})
+    assert s.server == ServerSettings(host="127.0.0.1", http_port=9000, exit_timeout_s=12.5,
+                                      grpc_max_connection_age_s=300.0, infer_threads=6, log_format="json")
+    assert s.repository == RepositorySettings(model_repository=repo, model_control_mode="explicit",
+                                              load_model=("a", "b"), warm_up=False, default_max_batch_size=8)
+    assert s.limits == LimitSettings(max_queue_size=100, max_request_bytes=1048576, max_request_headers=8,
+                                     max_header_bytes=256, max_request_parameters=4)
+    assert s.batching.batching_policy == "work_conserving" and s.batching.model_batching_policy == ("m=triton",)
+    assert s.batching.inline_execution_max_us == 0
+    assert [m.name for m in s.remote_models] == ["r"]
+
+
+def test_an_empty_section_means_its_defaults(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nlimits:\nserver: {{}}\n")
+    assert no_warnings(f, environ={}).limits == LimitSettings()
+
+
+def test_flat_file_still_works_with_a_deprecation_warning(tmp_path, repo):
+    f = write(tmp_path, f"model_repository: {repo}\nhttp_port: 9000\nmax_queue_size: 7\nexit_timeout_secs: 3\n")
+    with pytest.warns(DeprecationWarning) as caught:
+        s = load_settings(f, environ={})
+    assert s.server.http_port == 9000 and s.limits.max_queue_size == 7 and s.server.exit_timeout_s == 3.0
+    assert s.repository.model_repository == repo
+    assert len(caught) == 1  # once per file, not once per key
+    msg = str(caught[0].message)
+    assert f in msg and "move each key into its section" in msg
+    assert "server: http_port, exit_timeout_secs" in msg and "limits: max_queue_size" in msg
+
+
+def test_flat_and_nested_mixed_in_one_file_is_accepted_with_the_warning(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nhttp_port: 9000\n")
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        assert load_settings(f, environ={}).server.http_port == 9000
+
+
+def test_a_setting_both_flat_and_nested_in_one_file_is_refused(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nhttp_port: 9000\nserver:\n  http_port: 9001\n")
+    msg = error(f, environ={})
+    assert f in msg and "'http_port' and 'server.http_port' both set http_port" in msg
+
+
+@pytest.mark.parametrize("section", ["auth", "tls", "routes", "drift"])
+def test_reserved_sections_are_not_available_yet(tmp_path, repo, section):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n{section}:\n  anything: 1\n")
+    msg = error(f, environ={})
+    assert f in msg and f"section '{section}' is not available in this version yet" in msg
+
+
+def test_unknown_section_is_refused_with_the_known_ones(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nmetrics:\n  port: 1\n")
+    msg = error(f, environ={})
+    assert "unknown setting 'metrics'" in msg
+    assert "known sections: server, repository, limits, batching, remote_models" in msg
+
+
+def test_unknown_key_in_a_section_lists_that_sections_keys(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nlimits:\n  max_queue: 5\n")
+    msg = error(f, environ={})
+    assert "unknown setting 'max_queue' in section 'limits'" in msg and "did you mean 'max_queue_size'" in msg
+    assert "known: max_queue_size, max_request_bytes, max_request_headers, max_header_bytes, " \
+           "max_request_parameters" in msg
+
+
+def test_a_setting_in_the_wrong_section_says_where_it_belongs(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n  http_port: 1\n")
+    assert "'http_port' belongs in section 'server', not in section 'repository'" in error(f, environ={})
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nlimits:\n  exit_timeout_secs: 1\n")
+    assert "'exit_timeout_secs' belongs in section 'server'" in error(f, environ={})
+    f = write(tmp_path, "server:\n  remote_models: []\n")
+    assert "'remote_models' belongs at the top level" in error(f, environ={})
+
+
+def test_a_section_must_be_a_mapping(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver: 8000\n")
+    assert "section 'server' must be a mapping" in error(f, environ={})
+
+
+# ---------------------------------------------------------------- aliases
+def test_alias_table():
+    assert {a: (t.name, t.deprecated) for a, t in ALIASES.items()} == {
+        "exit_timeout_secs": ("exit_timeout_s", False),
+        "grpc_max_connection_age_secs": ("grpc_max_connection_age_s", False),
+        "repository_poll_secs": ("repository_poll_s", False),
+    }
+    assert SETTINGS["exit_timeout_s"].aliases == ("exit_timeout_secs",)
+
+
+def test_secs_aliases_are_accepted_silently_everywhere(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n  repository_poll_secs: 2\n"
+                        "server:\n  exit_timeout_secs: 5\n")
+    s = no_warnings(f, environ={})
+    assert s.repository.repository_poll_s == 2.0 and s.server.exit_timeout_s == 5.0
+    s = no_warnings(None, {"model_repository": repo},
+                    environ={"BATCHGATE_EXIT_TIMEOUT_SECS": "6", "BATCHGATE_GRPC_MAX_CONNECTION_AGE_SECS": "60"})
+    assert s.server.exit_timeout_s == 6.0 and s.server.grpc_max_connection_age_s == 60.0
+    s = no_warnings(None, {"model_repository": repo, "grpc_max_connection_age_secs": 7,
+                           "repository_poll_secs": 1}, environ={})
+    assert s.server.grpc_max_connection_age_s == 7.0 and s.repository.repository_poll_s == 1.0
+
+
+def test_a_later_source_overrides_an_alias_of_an_earlier_one(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  exit_timeout_secs: 5\n")
+    assert load_settings(f, environ={"BATCHGATE_EXIT_TIMEOUT_S": "9"}).server.exit_timeout_s == 9.0
+    assert load_settings(f, {"exit_timeout_s": 4}, environ={"BATCHGATE_EXIT_TIMEOUT_SECS": "9"}
+                         ).server.exit_timeout_s == 4.0
+
+
+def test_a_name_and_its_alias_in_one_source_are_refused(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  exit_timeout_s: 5\n"
+                        "  exit_timeout_secs: 6\n")
+    msg = error(f, environ={})
+    assert f in msg and "'server.exit_timeout_s' and 'server.exit_timeout_secs' both set exit_timeout_s" in msg
+    msg = error(None, {"model_repository": repo},
+                environ={"BATCHGATE_EXIT_TIMEOUT_S": "5", "BATCHGATE_EXIT_TIMEOUT_SECS": "6"})
+    assert "BATCHGATE_EXIT_TIMEOUT_S and BATCHGATE_EXIT_TIMEOUT_SECS both set exit_timeout_s" in msg
+    msg = error(None, {"model_repository": repo, "repository_poll_s": 1, "repository_poll_secs": 2}, environ={})
+    assert "--repository-poll-s and --repository-poll-secs both set repository_poll_s" in msg
+    # a None flag (argparse: not given) is no conflict
+    assert load_settings(None, {"model_repository": repo, "exit_timeout_s": None, "exit_timeout_secs": 3},
+                         environ={}).server.exit_timeout_s == 3.0
+
+
+def test_errors_name_the_alias_the_user_wrote(repo):
+    msg = error(None, {"model_repository": repo}, environ={"BATCHGATE_REPOSITORY_POLL_SECS": "0"})
+    assert "environment BATCHGATE_REPOSITORY_POLL_SECS: repository_poll_secs must be greater than 0" in msg
+
+
+def test_a_deprecated_alias_warns_with_the_new_name(tmp_path, repo, monkeypatch):
+    from dataclasses import replace
+
+    from batchgate.config import Alias
+
+    monkeypatch.setitem(ALIASES, "http_listen_port", Alias("http_port", deprecated=True))
+    monkeypatch.setitem(SETTINGS, "http_port", replace(SETTINGS["http_port"], aliases=("http_listen_port",)))
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  http_listen_port: 9000\n")
+    for args in [(f,), (None, {"model_repository": repo, "http_listen_port": 9000})]:
+        with pytest.warns(DeprecationWarning, match="'http_listen_port' is deprecated; its new name is 'http_port'"):
+            assert load_settings(*args, environ={}).server.http_port == 9000
+    with pytest.warns(DeprecationWarning, match="BATCHGATE_HTTP_LISTEN_PORT"):
+        assert load_settings(None, {"model_repository": repo},
+                             environ={"BATCHGATE_HTTP_LISTEN_PORT": "9001"}).server.http_port == 9001
+
+
+# ---------------------------------------------------------------- flags made from the settings table
+def serve_parser():
+    from batchgate.cli import _serve_parser
+
+    ap = argparse.ArgumentParser(prog="batchgate")
+    _serve_parser(ap.add_subparsers(dest="command"))
+    return ap
+
+
+def parse_flags(*argv: str) -> dict:
+    from batchgate.cli import serve_flags
+
+    return serve_flags(serve_parser().parse_args(["serve", *argv]))
+
+
+def test_every_setting_has_a_flag_and_nothing_else_does():
+    flags = parse_flags()
+    assert set(flags) == set(SETTINGS) and all(v is None for v in flags.values())
+
+
+def test_generated_flags_parse_into_settings(repo):
+    flags = parse_flags("--model-repository", repo, "--http-port", "0", "--exit-timeout-secs", "3",
+                        "--repository-poll-secs", "2", "--grpc-max-connection-age-secs", "7",
+                        "--load-model", "a", "--load-model", "b", "--model-batching-policy", "m=work_conserving",
+                        "--model-batching-policy", "n=triton", "--remote-model", "name=r upstreams=h:1",
+                        "--remote-model", "name=q upstreams=h:2", "--warm-up", "false", "--log-format", "json",
+                        "--max-request-headers", "4", "--max-header-bytes", "100", "--max-request-parameters", "2",
+                        "--metrics-port", "-1")
+    s = no_warnings(None, flags, environ={})
+    assert s.server.http_port == 0 and s.server.exit_timeout_s == 3.0 and s.server.metrics_port == -1
+    assert s.repository.repository_poll_s == 2.0 and s.server.grpc_max_connection_age_s == 7.0
+    assert s.repository.load_model == ("a", "b") and s.repository.model_control_mode == "explicit"
+    assert s.batching.model_batching_policy == ("m=work_conserving", "n=triton")
+    assert [m.name for m in s.remote_models] == ["r", "q"]
+    assert s.repository.warm_up is False and s.server.log_format == "json"
+    assert (s.limits.max_request_headers, s.limits.max_header_bytes, s.limits.max_request_parameters) == (4, 100, 2)
+    assert parse_flags("--exit-timeout-s", "4")["exit_timeout_s"] == "4"  # the new spelling, same setting
+    assert parse_flags("--exit-timeout-secs", "4")["exit_timeout_secs"] == "4"  # messages name what was typed
+    assert parse_flags("--exit-timeout-secs", "4", "--exit-timeout-s", "5")["exit_timeout_s"] == "5"  # last wins
+    msg = error(None, parse_flags("--model-repository", repo, "--repository-poll-secs", "0"), environ={})
+    assert "--repository-poll-secs: repository_poll_secs must be greater than 0" in msg
+
+
+@pytest.mark.parametrize("argv", [["--log-format", "xml"], ["--batching-policy", "fastest"],
+                                  ["--model-control-mode", "sometimes"], ["--warm-up", "maybe"]])
+def test_choices_come_from_the_table(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_flags(*argv)
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_serve_help_lists_every_flag_and_the_old_spellings():
+    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "serve", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for spec in SETTINGS.values():
+        assert spec.flag in text and spec.env in text
+    for old in ("--exit-timeout-secs", "--repository-poll-secs", "--grpc-max-connection-age-secs"):
+        assert old in text
+    for section in ("server settings", "repository settings", "limits settings", "batching settings"):
+        assert section in text
+    assert "--config FILE" in text
+
+
+def test_settings_command_shows_section_variable_default_and_aliases():
+    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "settings"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[1]: line.split() for line in r.stdout.splitlines()[1:] if len(line.split()) >= 4}
+    for spec in SETTINGS.values():
+        assert spec.name in rows and spec.env in rows[spec.name]
+    assert rows["max_queue_size"][:4] == ["limits", "max_queue_size", "BATCHGATE_MAX_QUEUE_SIZE", "4096"]
+    assert rows["exit_timeout_s"][4:] == ["exit_timeout_secs", "(BATCHGATE_EXIT_TIMEOUT_SECS)"]
+    assert rows["remote_models"][0] == "(top)"
+
+
+def test_serve_logs_the_flat_file_deprecation_and_refuses_bad_files(tmp_path, repo):
+    f = write(tmp_path, f"model_repository: {repo}\nhttp_port: 70000\n")
+    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "warning: config file" in r.stderr and "move each key into its section" in r.stderr
+    assert "http_port must be between 0 and 65535" in r.stderr
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nauth:\n  keys: []\n")
+    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "section 'auth' is not available in this version yet" in r.stderr

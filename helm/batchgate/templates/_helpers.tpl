@@ -42,7 +42,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.terminationGracePeriodSeconds -}}
 {{- .Values.terminationGracePeriodSeconds -}}
 {{- else -}}
-{{- add .Values.lifecycle.preStopSleepSeconds (int .Values.config.exit_timeout_secs) 10 -}}
+{{- $server := (.Values.config | default dict).server | default dict -}}
+{{- $exit := coalesce $server.exit_timeout_s $server.exit_timeout_secs 30 -}}
+{{- add .Values.lifecycle.preStopSleepSeconds (ceil $exit | int) 10 -}}
 {{- end -}}
 {{- end -}}
 
