@@ -1,0 +1,373 @@
+"""The report's plots: the per-window timeline, the sweep and the percentile spectrum.
+
+matplotlib is imported only inside these functions (it is an optional dependency), and only its
+object-oriented API with the Agg canvas is used: no pyplot, no global backend switch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..results import Run, Step, percentiles_ms
+from .text import _best, _finite, _mode, _ms, _name, _offered, _rate, _slo
+
+
+def _new_figure(nrows: int, ratios: list[float], size: tuple[float, float], sharex: bool = True):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, 1, sharex=sharex, squeeze=False, gridspec_kw={"height_ratios": ratios})[:, 0]
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
+    return fig, list(axes)
+
+
+def _save(fig, path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def _nan(v: Any) -> float:
+    return float(v) if _finite(v) else float("nan")
+
+
+def _legend(ax, **kw) -> None:
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, **kw)
+
+
+def _maybe_log(ax, values: list[float], ratio: float = 50.0) -> None:
+    vals = [v for v in values if _finite(v) and v > 0]
+    if vals and max(vals) / min(vals) > ratio:
+        ax.set_yscale("log")
+
+
+def _empty_note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+_PCT_COLOURS = {"p50": "tab:blue", "p99": "tab:orange", "max": "tab:red"}
+
+
+def _place_windows(run: Run):
+    """Lay the steps' windows end to end on one time axis. The first step keeps its own times
+    (warm-up negative, measurement from 0); each next step starts where the previous ended."""
+    placed = []
+    cursor: float | None = None
+    for s in run.steps:
+        ws = sorted(s.windows, key=lambda w: w.start_s)
+        if not ws:
+            placed.append((s, [], cursor or 0.0))
+            continue
+        lo = ws[0].start_s
+        offset = 0.0 if cursor is None else cursor - lo
+        items = [(w, w.start_s + offset, w.end_s + offset) for w in ws]
+        placed.append((s, items, lo + offset))
+        cursor = max(t1 for _, _, t1 in items)
+    return placed
+
+
+def plot_timeline(run: Run, path) -> str:
+    """Per-window latency (p50/p99/max, corrected solid, uncorrected dashed), send rate vs target
+    and throughput, and server gauges when scraped; warm-up shaded, steps laid end to end."""
+    placed = _place_windows(run)
+    server_keys: list[str] = []
+    for s in run.steps:
+        for w in s.windows:
+            for k, v in w.server.items():
+                if _finite(v) and k not in server_keys:
+                    server_keys.append(k)
+    preferred = [k for k in ("queue_depth", "inflight") if k in server_keys]
+    server_keys = (preferred + sorted(k for k in server_keys if k not in preferred))[:6]
+    nrows = 3 if server_keys else 2
+    fig, axes = _new_figure(nrows, [3, 2, 2][:nrows], (11, 7.5 if nrows == 2 else 9.5))
+    lat, rates = axes[0], axes[1]
+
+    latencies: list[float] = []
+    any_window = False
+    any_errors = any(sum(w.errors.values()) for s in run.steps for w in s.windows)
+    labelled: set[str] = set()
+
+    def once(label: str) -> str | None:
+        if label in labelled:
+            return None
+        labelled.add(label)
+        return label
+
+    for s, items, _ in placed:
+        if not items:
+            continue
+        any_window = True
+        mids = [(t0 + t1) / 2 for _, t0, t1 in items]
+        ends = [t1 for _, _, t1 in items]
+        stats = [(percentiles_ms(w.corrected, (50.0, 99.0)), percentiles_ms(w.uncorrected, (50.0, 99.0)))
+                 for w, _, _ in items]
+        for key, colour in _PCT_COLOURS.items():
+            for i, (which, style) in enumerate((("corrected", "-"), ("uncorrected", "--"))):
+                ys = [_nan(st[i][key]) for st in stats]
+                latencies += ys
+                lat.plot(mids, ys, linestyle=style, color=colour, marker="o", ms=3,
+                         mfc=colour if i == 0 else "none", lw=1.6 if i == 0 else 1.1,
+                         label=once(f"{key} {which}"))
+        send = [w.sent / w.seconds for w, _, _ in items]
+        ok = [w.ok / w.seconds for w, _, _ in items]
+        target = [_nan(w.target_rate) for w, _, _ in items]
+        rates.plot(mids, send, color="tab:blue", marker="o", ms=3, label=once("sent (req/s)"))
+        if any(_finite(v) for v in target):
+            rates.plot(mids, target, color="black", ls=":", lw=1.3, label=once("target (req/s)"))
+        rates.plot(mids, ok, color="tab:green", marker="o", ms=3, label=once("throughput (ok/s)"))
+        if any_errors:
+            errs = [sum(w.errors.values()) / w.seconds for w, _, _ in items]
+            rates.plot(mids, errs, color="tab:red", marker="x", ms=4, lw=1, label=once("errors/s"))
+        if server_keys:
+            for j, key in enumerate(server_keys):
+                ys = [_nan(w.server.get(key)) for w, _, _ in items]
+                axes[2].plot(ends, ys, color=f"C{j}", marker="o", ms=3, label=once(f"server {key}"))
+
+    # warm-up shading (on every panel) and step boundaries with labels
+    for s, items, _ in placed:
+        for w, t0, t1 in items:
+            if w.phase != "measure":
+                for ax in axes:
+                    ax.axvspan(t0, t1, color="0.88", lw=0, zorder=0,
+                               label=once("warm-up") if ax is lat else None)
+    if len(run.steps) > 1:
+        rotate = 30 if len(run.steps) > 8 else 0
+        for k, (s, items, start) in enumerate(placed):
+            if not items:
+                continue
+            if k:
+                for ax in axes:
+                    ax.axvline(start, color="0.35", ls=":", lw=1)
+            lat.text(start, 1.01, f" {s.label}", transform=lat.get_xaxis_transform(), ha="left",
+                     va="bottom", fontsize=8, color="0.25", rotation=rotate)
+
+    spans = [(t0, t1) for _, items, _ in placed for _, t0, t1 in items]
+    if spans:
+        lo, hi = min(t0 for t0, _ in spans), max(t1 for _, t1 in spans)
+        if hi > lo:
+            pad = 0.01 * (hi - lo)
+            lat.set_xlim(lo - pad, hi + pad)
+
+    slo_p99 = _slo(run).get("p99_ms")
+    if _finite(slo_p99) and any_window:
+        lat.axhline(slo_p99, color="tab:purple", ls="-.", lw=1, label=f"SLO p99 {slo_p99:g} ms")
+        latencies.append(float(slo_p99))
+
+    if not any(_finite(v) for v in latencies):
+        _empty_note(lat, "no latency samples" if any_window else "no windows recorded")
+    _maybe_log(lat, latencies)
+    lat.set_ylabel("latency (ms)")
+    rates.set_ylabel("requests / s")
+    rates.set_ylim(bottom=0)
+    if server_keys:
+        axes[2].set_ylabel("server gauge\n(at window end)")
+    single = len(run.steps) <= 1
+    axes[-1].set_xlabel("time (s) from the start of measurement" if single
+                        else "time (s), steps placed end to end")
+    for ax in axes:
+        _legend(ax)
+    title = f"{_name(run)}: latency and load per window"
+    if single and run.steps:
+        title += f" ({run.steps[0].label}, {_mode(run.steps[0])}, {_offered(run.steps[0])})"
+    elif run.steps and all(s.mode == "closed" for s in run.steps):
+        title += " (closed loop)"
+    fig.suptitle(title + "\ncorrected = from intended send time (solid), uncorrected = from actual send (dashed)",
+                 fontsize=11)
+    return _save(fig, path)
+
+
+def _sweep_points(run: Run) -> tuple[bool, list[tuple[float, Step]]]:
+    kind = (run.sweep or {}).get("kind")
+    closed_n = sum(1 for s in run.steps if s.mode == "closed")
+    closed = kind == "concurrency" or (kind != "rate" and closed_n > len(run.steps) - closed_n)
+    points = []
+    for s in run.steps:
+        if (s.mode == "closed") != closed:
+            continue
+        x = s.concurrency if closed else s.target_rate
+        if _finite(x):
+            points.append((float(x), s))
+    points.sort(key=lambda p: p[0])
+    return closed, points
+
+
+def plot_sweep(run: Run, path) -> str:
+    """Latency and throughput against the offered load (rate, or concurrency for closed loop)."""
+    closed, points = _sweep_points(run)
+    fig, (lat, thr) = _new_figure(2, [3, 2], (10, 8))
+    xs = [x for x, _ in points]
+    c = [percentiles_ms(s.hist("corrected")) for _, s in points]
+    u = [percentiles_ms(s.hist("uncorrected"), (99.0,)) for _, s in points]
+    t = [s.totals() for _, s in points]
+    valid = [s.valid for _, s in points]
+
+    def series(ax, ys, colour, style, label, lw=1.6, marker="o"):
+        ax.plot(xs, ys, color=colour, ls=style, lw=lw, label=label)
+        for ok_flag, face in ((True, colour), (False, "white")):
+            px = [x for x, y, v in zip(xs, ys, valid) if v == ok_flag and _finite(y)]
+            py = [y for x, y, v in zip(xs, ys, valid) if v == ok_flag and _finite(y)]
+            if px:
+                ax.plot(px, py, ls="none", marker=marker, ms=6, color=colour, mfc=face, mec=colour, zorder=3)
+
+    latencies: list[float] = []
+    if points:
+        for key, colour, style, label, lw in (("p50", "tab:blue", "-", "p50 corrected", 1.6),
+                                              ("p99", "tab:orange", "-", "p99 corrected", 1.8),
+                                              ("max", "tab:red", ":", "max corrected", 1.0)):
+            ys = [_nan(ci[key]) for ci in c]
+            latencies += ys
+            series(lat, ys, colour, style, label, lw=lw)
+        ys = [_nan(ui["p99"]) for ui in u]
+        latencies += ys
+        series(lat, ys, "tab:orange", "--", "p99 uncorrected", lw=1.1, marker="s")
+        series(thr, [ti["throughput"] for ti in t], "tab:green", "-", "throughput (ok/s)")
+        series(thr, [ti["sent_rate"] for ti in t], "tab:blue", "--", "sent (req/s)", lw=1.1, marker="s")
+        if not closed:
+            lo, hi = min(xs), max(xs)
+            thr.plot([lo, hi], [lo, hi], color="0.5", ls=":", lw=1, label="ideal (throughput = offered)")
+        # steps without a single latency sample: mark them on the x axis
+        empty = [x for (x, s), ci in zip(points, c) if ci["p50"] is None]
+        if empty:
+            lat.plot(empty, [0.03] * len(empty), ls="none", marker="x", ms=8, color="tab:red",
+                     transform=lat.get_xaxis_transform(), label="no successful responses", clip_on=False)
+        if not all(valid):
+            lat.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3",
+                     label="invalid step (hollow)")
+            thr.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3",
+                     label="invalid step (hollow)")
+    else:
+        _empty_note(lat, "no steps with an offered rate to plot")
+
+    slo_p99 = _slo(run).get("p99_ms")
+    if _finite(slo_p99):
+        lat.axhline(slo_p99, color="tab:purple", ls="-.", lw=1.2, label=f"SLO p99 <= {slo_p99:g} ms")
+        latencies.append(float(slo_p99))
+
+    best = _best(run)
+    unit = "concurrency" if closed else "req/s"
+    for (x, s), ci, ti in zip(points, c, t):
+        if s is not best:
+            continue
+        for ax in (lat, thr):
+            ax.axvline(x, color="tab:green", alpha=0.35, lw=6, zorder=0)
+        y = ci["p99"]
+        if _finite(y):
+            lat.plot([x], [y], ls="none", marker="*", ms=17, color="gold", mec="black", zorder=5,
+                     label="best (sustainable)")
+        offered = f"{x:g} {unit}" if not closed else f"concurrency {x:g}"
+        lat.annotate(f"best: {s.label}\n{offered}\n{_rate(ti['throughput'])} ok/s, p99 {_ms(y)} ms",
+                     xy=(x, y if _finite(y) else 0.5),
+                     xycoords="data" if _finite(y) else lat.get_xaxis_transform(),
+                     xytext=(12, 18), textcoords="offset points", fontsize=8,
+                     bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"},
+                     arrowprops={"arrowstyle": "->", "color": "0.3"})
+
+    _maybe_log(lat, latencies)
+    lat.set_ylabel("latency (ms)")
+    thr.set_ylabel("requests / s")
+    thr.set_ylim(bottom=0)
+    if closed:
+        from matplotlib.ticker import MaxNLocator
+
+        thr.xaxis.set_major_locator(MaxNLocator(integer=True))
+    thr.set_xlabel("concurrency: requests kept in flight (closed loop)" if closed
+                   else "offered rate, open loop (req/s)")
+    what = "concurrency (closed loop)" if closed else "offered rate (open loop)"
+    fig.suptitle(f"{_name(run)}: latency and throughput vs {what}\n"
+                 "corrected = from intended send time, uncorrected = from actual send; hollow = invalid step",
+                 fontsize=11)
+    _legend(lat)
+    _legend(thr)
+    return _save(fig, path)
+
+
+def _spectrum_steps(run: Run, limit: int = 5) -> list[Step]:
+    """The best step plus a spread of the others, at most ``limit``, in run order."""
+    steps = [s for s in run.steps if s.hist("corrected").get_total_count()] or list(run.steps)
+    if len(steps) <= limit:
+        return steps
+    chosen: list[Step] = []
+    best = _best(run)
+    if best in steps:
+        chosen.append(best)
+        i = steps.index(best)
+        if i + 1 < len(steps):
+            chosen.append(steps[i + 1])  # the first step past the sustainable one
+    # then the two ends of the range, then evenly spread picks in between
+    span = len(steps) - 1
+    spread = [steps[round(k * span / (limit - 1))] for k in range(1, limit - 1)] if limit > 2 else []
+    for cand in [steps[0], steps[-1], *spread, *steps]:
+        if len(chosen) >= limit:
+            break
+        if cand not in chosen:
+            chosen.append(cand)
+    return [s for s in steps if s in chosen]
+
+
+def _spectrum(h, max_x: float = 1e6) -> tuple[list[float], list[float]] | None:
+    n = h.get_total_count()
+    if not n:
+        return None
+    top = min(max(float(n), 10.0), max_x)
+    npts = 160
+    xs = [10 ** (math.log10(top) * i / (npts - 1)) for i in range(npts)]
+    ps = [min(100.0, 100.0 * (1.0 - 1.0 / x)) for x in xs]
+    values = h.get_percentile_to_value_dict(ps)
+    ys = [max(values.get(p, h.get_max_value()), 1) / 1000 for p in ps]
+    # finish at the recorded maximum, which is the hardest number to fake
+    xs.append(top)
+    ys.append(max(h.get_max_value(), 1) / 1000)
+    return xs, ys
+
+
+def plot_spectrum(run: Run, path) -> str:
+    """Latency by percentile on a 1/(1-p) axis, corrected (solid) vs uncorrected (dashed)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, (ax,) = _new_figure(1, [1], (10, 6), sharex=False)
+    top = 1e4
+    drawn = False
+    best = _best(run)
+    for j, s in enumerate(_spectrum_steps(run)):
+        colour = f"C{j % 10}"
+        name = s.label + (" (best)" if s is best else "")
+        for which, style, lw in (("corrected", "-", 1.8), ("uncorrected", "--", 1.1)):
+            curve = _spectrum(s.hist(which))
+            if curve is None:
+                continue
+            xs, ys = curve
+            top = max(top, xs[-1])
+            ax.plot(xs, ys, color=colour, ls=style, lw=lw, label=f"{name} {which}")
+            drawn = True
+    slo_p99 = _slo(run).get("p99_ms")
+    if _finite(slo_p99) and drawn:
+        ax.axhline(slo_p99, color="tab:purple", ls="-.", lw=1, label=f"SLO p99 <= {slo_p99:g} ms")
+        ax.plot([100], [slo_p99], ls="none", marker="D", ms=6, color="tab:purple", zorder=5)
+    if not drawn:
+        _empty_note(ax, "no latency samples")
+    ax.set_xscale("log")
+    ax.set_xlim(1, top)
+    if drawn:
+        ax.set_yscale("log")
+    ticks = [t for t in (2, 10, 100, 1e3, 1e4, 1e5, 1e6) if t <= top]
+    names = {2: "50%", 10: "90%", 100: "99%", 1e3: "99.9%", 1e4: "99.99%", 1e5: "99.999%",
+             1e6: "99.9999%"}
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([names[t] for t in ticks])
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", axis="y", alpha=0.1)
+    ax.set_xlabel("percentile (axis is 1/(1-p): each tick is one more nine)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{_name(run)}: latency by percentile\n"
+                 "corrected = from intended send time (solid), uncorrected = from actual send (dashed)",
+                 fontsize=11)
+    _legend(ax)
+    return _save(fig, path)
