@@ -21,9 +21,9 @@
 # Ports: 8000 HTTP/REST, 8001 gRPC, 8002 Prometheus metrics. Change them with the
 # BATCHGATE_*_PORT variables rather than flags: the health check reads BATCHGATE_HTTP_PORT.
 #
-# Shutdown: on SIGTERM batchgate stops accepting work and drains for up to exit_timeout_secs
+# Shutdown: on SIGTERM batchgate stops accepting work and drains for up to exit_timeout_s
 # (30 s by default). Docker kills after 10 s unless told otherwise, hence --stop-timeout 40
-# above; in Kubernetes set terminationGracePeriodSeconds above exit_timeout_secs.
+# above; in Kubernetes set terminationGracePeriodSeconds above exit_timeout_s.
 #
 # GPU: the model's config asks for CUDA with instance_group [{ kind: KIND_GPU }]. The default
 # onnxruntime-gpu release is built for CUDA 13, which needs an NVIDIA driver of the R580

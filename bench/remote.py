@@ -1,7 +1,7 @@
 """Remote models benchmark: what the hop through batchgate costs, and where gateway batching pays.
 
 batchgate can serve a model that executes on an upstream V2 gRPC server (``--remote-model``,
-server/backends/triton.py). Here a real upstream serves an MLP, and three paths to it are driven
+server/backends/remote.py). Here a real upstream serves an MLP, and three paths to it are driven
 at the same load in the same run:
 
     direct        h2load -> upstream

@@ -1,8 +1,8 @@
 """Gateway: builds and wires the parts, serves them, drains and stops them.
 
-One asyncio loop hosts the grpc.aio server and the HTTP server; both call
-:meth:`Gateway.infer`, so requests from either protocol share the same
-schedulers. Models run in a thread pool.
+One asyncio loop hosts the grpc.aio server and the HTTP server; both call the one
+:class:`~batchgate.dataplane.DataPlane`, so requests from either protocol share the
+same schedulers. Local models run on the inference threads (``threads.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import socket
-from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,23 +25,18 @@ from tritonclient.grpc import service_pb2 as pb
 
 from . import __version__
 from .config import Settings, batching_policies
-from .core.errors import ErrorCode, GatewayError
-from .core.types import InferRequest, InferResponse
-from .model import ServedModel
+from .core.types import RequestLimits
+from .dataplane import DataPlane
 from .monitoring.metrics import Metrics
-from .repository.config import config_to_json
+from .repository.build import BuildOptions, VersionBuilder
 from .repository.manager import ModelRepository
+from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
-from .workers import WorkerPool
 
 log = logging.getLogger("batchgate")
 
-EXTENSIONS = [
-    "binary_tensor_data", "model_repository", "model_repository(unload_dependents)",
-    "model_configuration", "statistics", "parameters",
-]
 GRPC_SERVICE = "inference.GRPCInferenceService"
 
 
@@ -53,126 +47,71 @@ class QuietUvicorn(uvicorn.Server):
     def capture_signals(self):
         yield
 
-    def install_signal_handlers(self) -> None:  # older uvicorn
-        pass
-
 
 class Gateway:
+    """Builds the parts (threads, repository, data plane), starts the listeners, drains
+    and stops. Requests never pass through here: the transports call the data plane."""
+
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
-        threads = settings.infer_threads or max(4, os.cpu_count() or 1)
-        self.workers = WorkerPool(threads, "batchgate-infer")
+        srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
+        self.threads = InferenceThreads(srv.infer_threads or max(4, os.cpu_count() or 1))
         # Loading, closing and other blocking housekeeping never queue behind executions.
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
-        self.repository = ModelRepository(
-            settings.model_repository, self.pool, self.workers, self.metrics,
-            control_mode=settings.model_control_mode,
-            poll_interval_s=settings.repository_poll_secs,
-            load_models=settings.load_model,
-            default_max_batch_size=settings.default_max_batch_size,
-            max_queue_size=settings.max_queue_size,
-            retire_grace_s=settings.exit_timeout_secs,
-            warm_up=settings.warm_up,
-            gpu_device_id=settings.gpu_device_id,
-            inline_max_us=settings.inline_execution_max_us,
-            batching_policy=settings.batching_policy,
+        builder = VersionBuilder(BuildOptions(
+            default_max_batch_size=repo.default_max_batch_size,
+            max_queue_size=lim.max_queue_size,
+            warm_up=repo.warm_up,
+            gpu_device_id=repo.gpu_device_id,
+            inline_max_us=bat.inline_execution_max_us,
+            batching_policy=bat.batching_policy,
             model_batching_policy=batching_policies(settings),
+            max_message_bytes=lim.max_request_bytes,
+        ), self.threads, self.metrics)
+        self.repository = ModelRepository(
+            repo.model_repository, builder, self.pool, self.metrics,
+            control_mode=repo.model_control_mode,
+            poll_interval_s=repo.repository_poll_s,
+            load_models=repo.load_model,
+            retire_grace_s=srv.exit_timeout_s,
             remote_models=settings.remote_models,
-            max_message_bytes=settings.max_request_bytes,
         )
-        self.accepting = False
-        self.http_port = self.grpc_port = self.metrics_port = None
+        self.dataplane = DataPlane(self.repository, RequestLimits(
+            lim.max_request_headers, lim.max_header_bytes, lim.max_request_parameters))
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: QuietUvicorn | None = None
-        self._http_task: asyncio.Task | None = None
+        self._http_app: HttpApp | None = None
+        self._http_task: asyncio.Future | None = None
         self._metrics_server = None
         self._health: HealthServicer | None = None
-        self._stopped = asyncio.Event()
 
-    # ------------------------------------------------------------------ data plane
     @property
     def ready(self) -> bool:
-        return self.accepting
-
-    def infer(self, request: InferRequest) -> Awaitable[InferResponse]:
-        """Validate ``request`` and hand it to its model version; await the result.
-
-        Not a coroutine itself (one frame less per request): errors found here raise at
-        once, before anything is queued."""
-        if not self.accepting:
-            raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
-        served = self.repository.resolve(request.model_name, request.model_version)
-        try:
-            request.checked = served.signature.check(request)
-        except GatewayError as e:
-            served.reject(request, e)
-            raise
-        return served.infer(request)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.repository.served())
-
-    def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
-        log.info("%s request to model '%s' failed: %s %s", protocol, model, e.code.value, e.message,
-                 extra={"request_id": request_id or "-"})
-
-    # ------------------------------------------------------------------ metadata
-    def server_metadata(self) -> dict:
-        return {"name": "batchgate", "version": __version__, "extensions": EXTENSIONS}
-
-    def model_metadata(self, name: str, version: str) -> dict:
-        served = self.repository.resolve(name, version)
-        sig = served.signature
-        entry = self.repository.models[name]
-
-        def tensors(specs):
-            return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)}
-                    for t in specs]
-
-        return {
-            "name": name,
-            "versions": [str(v) for v in sorted(entry.versions)],
-            "platform": sig.platform,
-            "inputs": tensors(sig.inputs),
-            "outputs": tensors(sig.outputs),
-        }
-
-    def config_json(self, served: ServedModel) -> dict:
-        return config_to_json(served.config)
-
-    def statistics(self, name: str, version: str) -> list[dict]:
-        if name:
-            entry = self.repository.models.get(name)
-            if entry is None:
-                raise GatewayError(ErrorCode.NOT_FOUND, f"unknown model '{name}'")
-            if version:
-                return [self.repository.resolve(name, version).stats.as_dict()]
-            return [s.stats.as_dict() for _, s in sorted(entry.versions.items())]
-        if version:
-            raise GatewayError(ErrorCode.INVALID_ARGUMENT, "a version needs a model name")
-        return [s.stats.as_dict() for s in self.repository.served()]
+        return self.dataplane.ready()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        s = self.settings
+        s = self.settings.server
         await self.repository.start()
-        limit = s.max_request_bytes
+        limit = self.settings.limits.max_request_bytes
         options = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", 0),
         ]
-        if s.grpc_max_connection_age_secs > 0:
+        if s.grpc_max_connection_age_s > 0:
             # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new
             # replicas would get no gRPC traffic: ask clients to reconnect now and then (with a
             # grace period for the calls in flight), which spreads them over the replicas.
-            age_ms = int(s.grpc_max_connection_age_secs * 1000)
+            age_ms = int(s.grpc_max_connection_age_s * 1000)
             options += [("grpc.max_connection_age_ms", age_ms),
                         ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000))]
         self._grpc = grpc.aio.server(options=options)
-        add_inference_service(InferenceService(self), self._grpc)
+        add_inference_service(InferenceService(self.dataplane), self._grpc)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
@@ -195,10 +134,10 @@ class Gateway:
         sock.listen(2048)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(HttpApp(self, limit), http="httptools", loop="none", lifespan="off",
+        self._http_app = HttpApp(self.dataplane, limit)
+        config = uvicorn.Config(self._http_app, http="httptools", loop="none", lifespan="off",
                                 access_log=False, log_level="warning", log_config=None,
                                 timeout_keep_alive=75, backlog=2048)
-        self._http_app = config.app
         self._http = QuietUvicorn(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
@@ -215,36 +154,36 @@ class Gateway:
         # measured 14-18 ms pauses every ~0.7 s without this).
         gc.collect()
         gc.freeze()
-        self.accepting = True
+        self.dataplane.accepting = True
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(GRPC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s", __version__,
-                 s.model_repository, _join(s.host, self.http_port), _join(s.host, self.grpc_port),
+                 self.settings.repository.model_repository or "remote models", _join(s.host, self.http_port), _join(s.host, self.grpc_port),
                  _join(s.host, self.metrics_port) if self.metrics_port is not None else "off")
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """Readiness false, refuse new work, let accepted work finish; True if it all did."""
-        grace = self.settings.exit_timeout_secs if grace_s is None else grace_s
-        self.accepting = False
+        grace = self.settings.server.exit_timeout_s if grace_s is None else grace_s
+        self.dataplane.accepting = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        log.info("draining: %d requests in flight, grace period %.1f s", self.in_flight, grace)
+        log.info("draining: %d requests in flight, grace period %.1f s", self.dataplane.in_flight, grace)
         try:
             # Requests hold on to the version they resolved, so waiting for every served
             # version to be idle waits for every accepted request.
             async with asyncio.timeout(grace):
-                while self.in_flight:
+                while self.dataplane.in_flight:
                     await asyncio.gather(*(s.idle() for s in self.repository.served()))
             return True
         except TimeoutError:
-            log.warning("grace period over with %d requests still in flight", self.in_flight)
+            log.warning("grace period over with %d requests still in flight", self.dataplane.in_flight)
             return False
 
     async def stop(self, grace_s: float | None = None) -> bool:
         clean = await self.drain(grace_s)
         if self._grpc is not None:
             await self._grpc.stop(1.0)
-        if self._http is not None:
+        if self._http is not None and self._http_app is not None:
             self._http_app.close()
             self._http.should_exit = True
             with contextlib.suppress(Exception):
@@ -254,8 +193,7 @@ class Gateway:
             self._metrics_server.server_close()
         await self.repository.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.workers.shutdown()
-        self._stopped.set()
+        self.threads.shutdown()
         log.info("stopped")
         return clean
 

@@ -12,7 +12,6 @@ and the models the tests serve.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -133,16 +132,3 @@ def build_demo_repository(repo: str) -> str:
           config='max_batch_size: 8\n')
     _save(mlp_model(), repo, "mlp", config='max_batch_size: 64\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n')
     return repo
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Build batchgate's demo model repository")
-    ap.add_argument("repo", help="directory to write the models into")
-    args = ap.parse_args(argv)
-    build_demo_repository(args.repo)
-    print(f"demo model repository written to {args.repo}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -106,14 +106,16 @@ def _quantity(v: Any, where: str) -> float:
 
 
 def queue_limit_from_values(path: str | Path) -> int | None:
-    """The gateway's per-model queue limit (``config.max_queue_size``) in a values file, if set."""
+    """The gateway's per-model queue limit (``config.limits.max_queue_size``) in a values file, if set."""
     import yaml
 
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return None
-    v = (doc.get("config") or {}).get("max_queue_size") if isinstance(doc, dict) else None
+    config = (doc.get("config") or {}) if isinstance(doc, dict) else {}
+    limits = config.get("limits") if isinstance(config, dict) else None
+    v = limits.get("max_queue_size") if isinstance(limits, dict) else None
     return int(v) if isinstance(v, int) and v > 0 else None
 
 

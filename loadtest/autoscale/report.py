@@ -174,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-replicas", type=int, help="ready pods at t=0 (default minReplicas)")
     p.add_argument("--rebalance", type=float, default=0.0,
                    help="per-connection balancing: seconds over which clients' connections are recycled (the "
-                        "chart's config.grpc_max_connection_age_secs, 300); 0 = per-request balancing (default)")
+                        "chart's config.server.grpc_max_connection_age_s, 300); 0 = per-request balancing (default)")
     p.add_argument("--queue-limit", type=float,
                    help="a pod's queue limit, beyond which requests are refused (default: the values' "
-                        "config.max_queue_size if set, else none; 0: none)")
+                        "config.limits.max_queue_size if set, else none; 0: none)")
     p.add_argument("--slo-p99-ms", type=float, help="latency SLO (default: the load test's own)")
     p.add_argument("--keep-up", type=float, default=0.95, help="a step is on the curve when ok/s >= this share "
                                                                "of the offered rate (default 0.95)")

@@ -126,7 +126,7 @@ def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None =
     Division of the traffic: with ``rebalance_s = 0`` (the default) it is even over the ready pods
     at every instant: per-request balancing. A positive ``rebalance_s`` models per-connection
     balancing of long-lived connections that the server closes at that age (the gateway's
-    ``grpc_max_connection_age_secs``), with ages spread evenly: each tick the connections opened
+    ``grpc_max_connection_age_s``), with ages spread evenly: each tick the connections opened
     ``rebalance_s`` earlier reconnect and land evenly on the pods ready then, so a new pod's share
     grows linearly and is even ``rebalance_s`` after it became ready (if nothing else changed);
     the connections of a removed pod reconnect at once, evenly. Traffic follows connections.

@@ -1,16 +1,29 @@
-"""The Backend protocol: what the serving layer needs from an execution engine.
+"""What the serving layer needs from an execution engine, and the registry of engines.
 
-``run`` is synchronous and is called from a worker thread, never on the event
-loop. A backend is created for one model version and closed when that version
-is retired (after the requests in flight on it have finished).
+Two kinds of backend, chosen once when a model version is built:
+
+- a :class:`LocalBackend` runs a batch synchronously in this process (ONNX Runtime).
+  ``ModelVersion`` calls ``run`` on an inference thread, or on the event loop itself for
+  batch sizes measured faster than the hand-off to a thread (``inline_execution_max_us``).
+- a :class:`RemoteBackend` sends a batch to other servers; ``infer`` is a coroutine that
+  runs on the event loop.
+
+A backend is created for one model version and closed when that version is retired
+(after the requests in flight on it have finished). Local backends register under the
+platform names a ``config.pbtxt`` uses (``platform`` or ``backend``); the repository
+finds them with :func:`local_backend`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ..core.errors import GatewayError
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,15 +35,91 @@ class IOInfo:
     shape: tuple[int, ...]  # -1 for a dynamic dimension
 
 
+@dataclass(frozen=True, slots=True)
+class LocalOptions:
+    """What the repository tells a local backend when it opens a model file."""
+
+    gpu_device_id: int = 0
+
+
 class Backend(Protocol):
-    platform: str
+    """What every backend offers its model version."""
+
+    platform: ClassVar[str]
+    kind: ClassVar[Literal["local", "remote"]]
+
+    def providers(self) -> list[str]:
+        """Where it runs, in words (execution providers, upstream addresses)."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether it can execute now."""
+        ...
+
+    def not_ready_reason(self) -> str:
+        """Why ``ready()`` is False, for the repository index and errors."""
+        ...
+
+    async def close(self) -> None:
+        """Free what it holds; called once, after the version's last request."""
+        ...
+
+
+class LocalBackend(Backend, Protocol):
+    engine: ClassVar[str]  # the engine's name in words, for load errors ("ONNX Runtime")
+
+    @classmethod
+    def load(cls, path: str, config: mc.ModelConfig, options: LocalOptions) -> LocalBackend:
+        """Open the model file at ``path`` (blocking: the repository calls it on a thread)."""
+        ...
 
     def inputs(self) -> list[IOInfo]: ...
 
     def outputs(self) -> list[IOInfo]: ...
 
-    def run(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...]) -> list[np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...]) -> list[np.ndarray]:
+        """Execute one batch; one array per name in ``output_names``."""
+        ...
 
     def warm_up(self) -> None: ...
 
-    def close(self) -> None: ...
+
+class RemoteBackend(Backend, Protocol):
+    version: str  # the upstream version served, known once open() has answered
+
+    async def open(self) -> mc.ModelConfig:
+        """Reach the upstreams and read the model's config; UNAVAILABLE when none serves it."""
+        ...
+
+    async def infer(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...], deadline: float | None,
+                    request_id: str = "") -> list[np.ndarray]:
+        """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock."""
+        ...
+
+    def unavailable(self) -> GatewayError:
+        """The error a caller gets at once while ``ready()`` is False."""
+        ...
+
+
+_LOCAL: dict[str, type] = {}
+L = TypeVar("L", bound=type)
+
+
+def register_local(*platforms: str) -> Callable[[L], L]:
+    """Class decorator: serve model files whose config names one of ``platforms``."""
+
+    def add(cls: L) -> L:
+        for p in platforms:
+            _LOCAL[p] = cls
+        return cls
+
+    return add
+
+
+def local_backend(platform: str) -> type:
+    """The backend class for a config's ``platform`` (or ``backend``) name; KeyError if none."""
+    return _LOCAL[platform]
+
+
+def local_platforms() -> list[str]:
+    return sorted(_LOCAL)

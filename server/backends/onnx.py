@@ -11,14 +11,16 @@ not have is skipped with a warning and the CPU serves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import numpy as np
 import onnxruntime as ort
+from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.errors import invalid
 from ..core.types import BY_ONNX, DATATYPES
-from .base import IOInfo
+from .base import IOInfo, LocalOptions, register_local
 
 log = logging.getLogger("batchgate.onnx")
 
@@ -53,8 +55,31 @@ def _io(arg) -> IOInfo:
     return IOInfo(arg.name, dt.v2, _shape(arg.shape))
 
 
+class BackendConfigError(ValueError):
+    """The model's config asks for something this backend cannot do."""
+
+
+@register_local(PLATFORM, "onnxruntime")
 class OnnxBackend:
     platform = PLATFORM
+    kind = "local"
+    engine = "ONNX Runtime"  # named in load errors
+
+    @classmethod
+    def load(cls, path: str, config: mc.ModelConfig, options: LocalOptions) -> OnnxBackend:
+        """Open ``path`` with the execution providers and thread counts ``config`` asks for."""
+        want_gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+        accel = config.optimization.execution_accelerators.gpu_execution_accelerator
+        want_trt = any(a.name.lower() == "tensorrt" for a in accel)
+        gpus = [g for grp in config.instance_group for g in grp.gpus]
+        providers = choose_providers(want_gpu, want_trt, gpus[0] if gpus else options.gpu_device_id)
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        try:
+            intra = int(params.get("intra_op_thread_count", "0") or 0)
+            inter = int(params.get("inter_op_thread_count", "0") or 0)
+        except ValueError:
+            raise BackendConfigError("intra_op_thread_count / inter_op_thread_count must be integers") from None
+        return cls(path, providers, intra, inter)
 
     def __init__(
         self,
@@ -87,6 +112,12 @@ class OnnxBackend:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def ready(self) -> bool:
+        return self.session is not None
+
+    def not_ready_reason(self) -> str:
+        return "" if self.session is not None else "closed"
+
     def inputs(self) -> list[IOInfo]:
         return self._inputs
 
@@ -112,7 +143,11 @@ class OnnxBackend:
                 feeds[i.name] = np.zeros(shape, dtype=DATATYPES[i.v2_datatype].np_dtype)
         self._run([o.name for o in self._outputs], feeds)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        # On a thread: a run may still hold the session if the retire grace period ran out.
+        await asyncio.to_thread(self._drop)
+
+    def _drop(self) -> None:
         self.session = None
         self._run = None
 

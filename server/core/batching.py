@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ErrorCode, GatewayError, invalid
 from .scheduler import (EXPIRED, QUEUE_FULL, QUEUE_TIMEOUT, UNMEETABLE, Clock, DrainRate, Execute, Refused,
-                        _ignore, _SchedulerBase, deadline_error)
+                        Ticket, _ignore, _SchedulerBase, deadline_error)
 from .types import InferRequest, InferResponse
 
 TRITON = "triton"
@@ -73,7 +73,7 @@ class BatcherConfig:
     max_queue_delay_s: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
     instances: int = 1
-    max_queue_size: int = 0  # 0 = unbounded (the gateway always sets a bound)
+    max_queue_size: int = 0  # requests waiting; 0 = unbounded (only in tests: the gateway's setting is >= 1)
     priority_levels: int = 0  # 0 = one level
     default_priority_level: int = 0
     default_timeout_s: float = 0.0  # 0 = none
@@ -91,11 +91,12 @@ class BatcherConfig:
 
 
 class _Entry:
-    __slots__ = ("request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future",
+    __slots__ = ("ticket", "request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future",
                  "answer")
 
-    def __init__(self, request, rows, key, level, deadline, soft_deadline, order, future):
-        self.request = request
+    def __init__(self, ticket, rows, key, level, deadline, soft_deadline, order, future):
+        self.ticket = ticket
+        self.request = ticket.request
         self.rows = rows
         self.key = key
         self.level = level
@@ -145,11 +146,12 @@ class DynamicBatcher(_SchedulerBase):
         oldest = min((e.request.arrival for lvl in self._levels for _, e in lvl), default=None)
         return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
-    async def submit(self, request: InferRequest) -> InferResponse:
+    async def submit(self, ticket: Ticket) -> InferResponse:
         cfg = self.config
         if self._closed:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{self._name}' is shutting down")
-        rows = request.checked.batch_size if request.checked is not None else 1
+        request = ticket.request
+        rows = ticket.checked.batch_size
         if rows > cfg.max_batch_size:
             raise invalid(f"batch size {rows} must be <= {cfg.max_batch_size} for model '{self._name}'")
         level = self._level_of(request)
@@ -176,7 +178,7 @@ class DynamicBatcher(_SchedulerBase):
         future = asyncio.get_running_loop().create_future()
         self._seq += 1
         order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
-        entry = _Entry(request, rows, shape_key(request), level, request.deadline, soft, order, future)
+        entry = _Entry(ticket, rows, shape_key(request), level, request.deadline, soft, order, future)
         insort(self._levels[level], (order, entry), key=lambda x: x[0])
         if cfg.preserve_ordering:
             self._arrival_order.append(entry)
@@ -400,12 +402,12 @@ class DynamicBatcher(_SchedulerBase):
         self._free -= 1
         self._executing += len(batch)
         now = self._clock()
-        requests = []
+        tickets = []
         for e in batch:
-            e.request.dispatched = now
-            requests.append(e.request)
+            e.ticket.dispatched = now
+            tickets.append(e.ticket)
         rows = sum(e.rows for e in batch)
-        self._execute(requests, partial(self._finished, batch, rows, now))
+        self._execute(tickets, partial(self._finished, batch, rows, now))
 
     def _finished(self, batch: list[_Entry], rows: int, started: float, results) -> None:
         if not isinstance(results, BaseException):

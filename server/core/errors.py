@@ -42,7 +42,3 @@ def invalid(message: str) -> GatewayError:
 
 def not_found(message: str) -> GatewayError:
     return GatewayError(ErrorCode.NOT_FOUND, message)
-
-
-def unavailable(message: str) -> GatewayError:
-    return GatewayError(ErrorCode.UNAVAILABLE, message)

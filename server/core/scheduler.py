@@ -4,9 +4,11 @@ A scheduler owns a bounded queue per model version and decides when and with
 what company a request runs. It knows nothing of gRPC, HTTP or ONNX Runtime: it
 is given ``execute(batch, done)`` and a clock.
 
-This module holds the scheduler interface and :class:`PassThroughScheduler`
-(each request runs on its own, at most ``instances`` at once, first come first
-served). The dynamic batcher (``batching.py``) implements the same interface.
+This module holds the :class:`Ticket` of one submission, the base every scheduler
+shares, and :class:`PassThroughScheduler` (each request runs on its own, at most
+``instances`` at once, first come first served). The dynamic batcher
+(``batching.py``) is the other scheduler: both offer ``submit``, ``queue_depth``,
+``executing``, ``oldest_age_s``, ``drain`` and ``close``.
 """
 
 from __future__ import annotations
@@ -16,17 +18,39 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol
+from typing import Any
 
 from .errors import ErrorCode, GatewayError
+from .signature import Checked
 from .types import InferRequest, InferResponse
+
+
+
+class Ticket:
+    """One submission of a request: what the scheduler and the execution note about it.
+
+    The request itself is immutable and may be submitted again (a shadow copy, a retry):
+    each submission gets its own ticket, so nothing done to one is seen by another."""
+
+    __slots__ = ("request", "checked", "dispatched", "execution")
+
+    def __init__(self, request: InferRequest, checked: Checked):
+        self.request = request
+        self.checked = checked  # the signature check's result: feeds, outputs, rows
+        self.dispatched = 0.0  # monotonic clock when the scheduler handed it to the backend
+        self.execution: Any = None  # the running remote execution, which a caller can cancel
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
 
 # execute(batch, done): start executing ``batch`` and return at once; call
 # ``done(results)`` on the event loop when the execution has finished, with one
-# InferResponse or GatewayError per request, in order (or an exception for all).
+# InferResponse or GatewayError per ticket, in order (or an exception for all).
 # The scheduler keeps the instance busy until ``done``, whatever the callers do.
 Done = Callable[[object], None]
-Execute = Callable[[list[InferRequest], Done], None]
+Execute = Callable[[list[Ticket], Done], None]
 Clock = Callable[[], float]
 # refused(reason): told of every request a scheduler turns away or drops unexecuted.
 Refused = Callable[[str], None]
@@ -38,25 +62,6 @@ QUEUE_TIMEOUT = "queue_timeout"  # the queue policy's timeout (REJECT) passed wh
 
 def _ignore(_reason: str) -> None:
     pass
-
-
-class Scheduler(Protocol):
-    @property
-    def queue_depth(self) -> int:
-        """Requests accepted and waiting to execute."""
-
-    @property
-    def executing(self) -> int:
-        """Requests executing now."""
-
-    async def submit(self, request: InferRequest) -> InferResponse:
-        """Queue, run and answer one request; raise GatewayError on refusal or failure."""
-
-    async def drain(self) -> None:
-        """Return once nothing is queued or executing."""
-
-    def close(self) -> None:
-        """Refuse new work from now on (what is accepted still runs)."""
 
 
 def deadline_error(request: InferRequest) -> GatewayError:
@@ -137,9 +142,10 @@ class PassThroughScheduler(_SchedulerBase):
                 return
         self._free += 1
 
-    async def submit(self, request: InferRequest) -> InferResponse:
+    async def submit(self, ticket: Ticket) -> InferResponse:
         if self._closed:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{self._name}' is shutting down")
+        request = ticket.request
         deadline = request.deadline
         waiters = self._waiters
         while waiters and waiters[0].done():
@@ -159,9 +165,9 @@ class PassThroughScheduler(_SchedulerBase):
             await self._wait_for_slot(request)
         self._executing += 1
         self._idle.clear()
-        request.dispatched = self._clock()
+        ticket.dispatched = self._clock()
         out = asyncio.get_running_loop().create_future()
-        self._execute([request], partial(self._finished, out))
+        self._execute([ticket], partial(self._finished, out))
         # A caller that goes away cancels only ``out``; the instance stays busy until done.
         (result,) = await out
         if isinstance(result, GatewayError):

@@ -1,6 +1,6 @@
 """What a model accepts and returns, and the checks of a request against it.
 
-Pure: built from a model config by ``repository/``, used by ``Gateway.infer``
+Pure: built from a model config by ``repository/``, used by ``ModelVersion.submit``
 before a request is queued, so a malformed request never reaches a batch.
 """
 
@@ -46,10 +46,8 @@ class ModelSignature:
         object.__setattr__(self, "_in", {t.name: t for t in self.inputs})
         object.__setattr__(self, "_out", {t.name: t for t in self.outputs})
         object.__setattr__(self, "_all_out", tuple(t.name for t in self.outputs))
+        object.__setattr__(self, "output_types", {t.name: t.dtype.v2 for t in self.outputs})
         object.__setattr__(self, "_layouts", {})  # input layout -> batch size, for layouts that passed
-
-    def output_spec(self, name: str) -> TensorSpec:
-        return self._out[name]
 
     def check(self, request: InferRequest) -> Checked:
         """Check ``request`` against the signature; raise INVALID_ARGUMENT naming what is wrong.
@@ -129,12 +127,12 @@ class ModelSignature:
             names = self._all_out
         else:
             names = []
-            for o in request.outputs:
-                if o.name not in self._out:
+            for name in request.outputs:
+                if name not in self._out:
                     raise invalid(
-                        f"{where} has no output '{o.name}'; its outputs are "
+                        f"{where} has no output '{name}'; its outputs are "
                         f"{', '.join(repr(s) for s in self._out)}"
                     )
-                names.append(o.name)
+                names.append(name)
             names = tuple(names)
         return Checked(feeds, names, batch if batch > 0 else 1)

@@ -8,12 +8,15 @@
 - ``batch_stats`` has one entry per executed batch size, counting executions.
 
 Figures are kept as flat lists of integers ([count, ns] pairs): recording happens
-once or twice per request, so it is kept to a few additions.
+once or twice per request, so it is kept to a few additions. :meth:`ModelStats.as_dict`
+is the snapshot of one process; :func:`merge_stats` adds up the snapshots of several
+(worker processes serving the same version).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 # Positions in ModelStats.totals: (count, ns) for each duration.
 SUCCESS, FAIL, QUEUE, INPUT, INFER, OUTPUT = 0, 2, 4, 6, 8, 10
@@ -27,9 +30,10 @@ def _d(count: int, ns: int) -> dict:
 
 class ModelStats:
     __slots__ = ("name", "version", "last_inference_ms", "inference_count", "execution_count", "totals",
-                 "batch_stats")
+                 "batch_stats", "_wall_clock")
 
-    def __init__(self, name: str, version: str):
+    def __init__(self, name: str, version: str, wall_clock: Callable[[], float] = time.time):
+        self._wall_clock = wall_clock  # seconds since the epoch, for last_inference
         self.name = name
         self.version = version
         self.last_inference_ms = 0
@@ -55,7 +59,7 @@ class ModelStats:
         t[INFER + 1] += infer_ns * requests
         t[OUTPUT] += requests
         t[OUTPUT + 1] += output_ns * requests
-        self.last_inference_ms = int(time.time() * 1000)
+        self.last_inference_ms = int(self._wall_clock() * 1000)
 
     def record_request(self, ok: bool, ns: int, queue_ns: int | None = None) -> None:
         t = self.totals
@@ -87,3 +91,29 @@ class ModelStats:
             "memory_usage": [],
             "response_stats": {},
         }
+
+
+def _sum_pair(a: dict, b: dict) -> dict:
+    return _d(a["count"] + b["count"], a["ns"] + b["ns"])
+
+
+def merge_stats(a: dict, b: dict) -> dict:
+    """Two snapshots (:meth:`ModelStats.as_dict`) of the same model version, added up:
+    counts and durations summed, the latest ``last_inference`` kept, batch sizes merged."""
+    if (a["name"], a["version"]) != (b["name"], b["version"]):
+        raise ValueError(f"cannot merge statistics of {a['name']}/{a['version']} with {b['name']}/{b['version']}")
+    stats = {k: _sum_pair(v, b["inference_stats"][k]) for k, v in a["inference_stats"].items()}
+    sizes: dict[int, dict] = {e["batch_size"]: e for e in a["batch_stats"]}
+    for e in b["batch_stats"]:
+        mine = sizes.get(e["batch_size"])
+        sizes[e["batch_size"]] = e if mine is None else {
+            "batch_size": e["batch_size"],
+            **{k: _sum_pair(mine[k], e[k]) for k in ("compute_input", "compute_infer", "compute_output")}}
+    return {
+        **a,
+        "last_inference": max(a["last_inference"], b["last_inference"]),
+        "inference_count": a["inference_count"] + b["inference_count"],
+        "execution_count": a["execution_count"] + b["execution_count"],
+        "inference_stats": stats,
+        "batch_stats": [sizes[k] for k in sorted(sizes)],
+    }

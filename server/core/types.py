@@ -8,8 +8,10 @@ BYTES tensors are numpy ``object`` arrays of ``bytes``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -122,38 +124,119 @@ def to_raw(arr: np.ndarray, dt: DataType) -> bytes:
     return arr.tobytes()  # C order
 
 
-@dataclass(slots=True)
-class Tensor:
+class Tensor(NamedTuple):
+    """A named tensor; its array is read-only once it belongs to a request."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: np.ndarray
 
 
-@dataclass(slots=True)
-class RequestedOutput:
-    name: str
-    binary: bool | None = None  # HTTP only: binary_data on this output (None = request default)
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+SYNTHETIC_HEADER = "x-batchgate-synthetic"
+REQUEST_ID_HEADER = "x-request-id"
 
 
-@dataclass(slots=True)
-class InferRequest:
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on what a caller attaches to a request besides its tensors."""
+
+    max_headers: int = 32  # x-* headers (HTTP) or metadata entries (gRPC) kept on a request
+    max_header_bytes: int = 4096  # name + value of one of them
+    max_parameters: int = 64  # V2 request parameters
+
+
+class InferRequest(NamedTuple):
+    """One decoded inference request, the same whatever the wire, and never changed after
+    it is built: a shadow copy or a retry submits the same object again, and what happens
+    to it on one submission lives in that submission's ticket (``core.scheduler.Ticket``).
+    Build it with :func:`new_request`, which makes its arrays read-only and its
+    collections immutable. (A named tuple rather than a frozen dataclass: it is built once
+    per request, and a tuple builds several times faster.)"""
+
     model_name: str
     model_version: str  # "" = let the policy choose
-    inputs: list[Tensor]
-    outputs: list[RequestedOutput] | None = None  # None = every output
-    id: str = ""
-    parameters: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[str, ...] | None = None  # requested outputs; None = every output
+    id: str = ""  # the V2 id, else the caller's x-request-id
+    parameters: Mapping[str, Any] = EMPTY  # V2 request parameters
+    headers: Mapping[str, str] = EMPTY  # the caller's x-* headers / metadata, lower-case names
     priority: int = 0
     timeout_us: int = 0  # V2 "timeout" parameter; 0 = none
     deadline: float | None = None  # absolute, on the gateway's monotonic clock
     arrival: float = 0.0  # monotonic clock at arrival
-    arrival_ns: int = 0  # perf-counter ns at arrival (statistics)
     protocol: str = ""  # "grpc" | "http" (metrics label)
-    binary_output_default: bool = False  # HTTP only: binary_data_output
-    checked: Any = None  # the signature check's result (core.signature.Checked)
-    dispatched: float = 0.0  # monotonic clock when a scheduler handed it to the backend
-    execution: Any = None  # the running execution it belongs to, where a caller can cancel it (remote models)
+    synthetic: bool = False  # marked x-batchgate-synthetic: load-test traffic
+
+
+def caller_headers(pairs, limits: RequestLimits) -> Mapping[str, str]:
+    """The caller's ``x-*`` headers from (name, value) pairs with lower-case names, checked
+    against ``limits``; other headers are not kept. A repeated name keeps its first value."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if not name.startswith("x-"):
+            continue
+        if len(name) + len(value) > limits.max_header_bytes:
+            raise invalid(f"header '{_short(name)}' is {len(name) + len(value)} bytes; at most "
+                          f"{limits.max_header_bytes} are accepted (max_header_bytes)")
+        if name not in out:
+            if len(out) >= limits.max_headers:
+                raise invalid(f"the request carries more than {limits.max_headers} x-* headers "
+                              "(max_request_headers)")
+            out[name] = value
+    return MappingProxyType(out) if out else EMPTY
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """Client text quoted in an error, cut to a bounded length."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def new_request(
+    model_name: str,
+    model_version: str,
+    inputs: list[Tensor],
+    outputs: list[str] | None,
+    request_id: str,
+    parameters: dict[str, Any] | None,
+    headers: Mapping[str, str],
+    arrival: float,
+    protocol: str,
+    limits: RequestLimits,
+    transport_deadline: float | None = None,
+) -> InferRequest:
+    """Freeze a decoded request. The id is the V2 ``id``, else the caller's ``x-request-id``;
+    the deadline is the earliest of the V2 ``timeout`` parameter and the transport's own
+    (a gRPC deadline); ``priority`` and ``timeout`` are checked here, once for both wires."""
+    for t in inputs:
+        t.data.flags.writeable = False
+    params: Mapping[str, Any] = EMPTY
+    priority = timeout_us = 0
+    deadline = transport_deadline
+    if parameters:
+        if len(parameters) > limits.max_parameters:
+            raise invalid(f"the request has {len(parameters)} parameters; at most {limits.max_parameters} "
+                          "are accepted (max_request_parameters)")
+        params = MappingProxyType(dict(parameters))
+        if "priority" in params:
+            v = params["priority"]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise invalid(f"parameter 'priority' must be a non-negative integer, not {_short(repr(v))}")
+            priority = v
+        if "timeout" in params:
+            v = params["timeout"]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise invalid(f"parameter 'timeout' must be a non-negative integer of microseconds, "
+                              f"not {_short(repr(v))}")
+            timeout_us = v
+            if v:
+                dl = arrival + v / 1e6
+                deadline = dl if deadline is None else min(deadline, dl)
+    rid = request_id or (headers.get(REQUEST_ID_HEADER, "") if headers else "")
+    synthetic = bool(headers) and headers.get(SYNTHETIC_HEADER, "").strip().lower() in ("1", "true", "yes")
+    return InferRequest(model_name, model_version, tuple(inputs), None if outputs is None else tuple(outputs),
+                        rid, params, headers, priority, timeout_us, deadline, arrival, protocol, synthetic)
 
 
 @dataclass(slots=True)

@@ -52,7 +52,7 @@ FAMILIES = {
     "batchgate_model_load_duration_seconds": ("gauge", "Time the last load of the model version took", []),
 }
 LOAD_FAILURES = ("batchgate_model_load_failures", "Model loads that failed")
-# Remote models (backends/triton.py): one series per model and upstream address.
+# Remote models (backends/remote.py): one series per model and upstream address.
 UPSTREAM = ["model", "upstream"]
 UPSTREAM_FAMILIES = {
     "batchgate_upstream_requests": ("counter", "Calls sent to an upstream V2 server", []),

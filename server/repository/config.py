@@ -14,6 +14,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends.base import IOInfo
+from ..core.batching import BatcherConfig
 from ..core.errors import invalid
 from ..core.signature import ModelSignature, TensorSpec
 from ..core.types import BY_CONFIG, DATATYPES
@@ -22,7 +23,7 @@ CONFIG_FILE = "config.pbtxt"
 
 
 class ConfigError(ValueError):
-    pass
+    """A model's config (or files) cannot be served; the message names the model and what is wrong."""
 
 
 def read_config(model_dir: str, name: str) -> mc.ModelConfig:
@@ -136,6 +137,38 @@ def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
         max_batch_size=int(cfg.max_batch_size),
         inputs=tuple(spec(i, False) for i in cfg.input),
         outputs=tuple(spec(o, True) for o in cfg.output),
+    )
+
+
+def instances_of(cfg: mc.ModelConfig) -> int:
+    """Executions of the version that may run at once: the instance groups' counts."""
+    return max(1, sum(g.count or 1 for g in cfg.instance_group) or 1)
+
+
+def queue_bound(cfg: mc.ModelConfig, default: int) -> int:
+    """Requests that may wait: the config's queue policy, else the gateway's setting."""
+    return cfg.dynamic_batching.default_queue_policy.max_queue_size or default
+
+
+def schedule_of(cfg: mc.ModelConfig, max_queue_size: int, policy: str) -> BatcherConfig | None:
+    """The dynamic batcher's settings from ``dynamic_batching``, or None when the model does
+    not batch (no ``dynamic_batching`` or ``max_batch_size`` 0): each request runs alone."""
+    if not (cfg.HasField("dynamic_batching") and cfg.max_batch_size > 0):
+        return None
+    db = cfg.dynamic_batching
+    qp = db.default_queue_policy
+    return BatcherConfig(
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        preferred_batch_sizes=tuple(db.preferred_batch_size),
+        instances=instances_of(cfg),
+        max_queue_size=queue_bound(cfg, max_queue_size),
+        priority_levels=db.priority_levels,
+        default_priority_level=db.default_priority_level,
+        default_timeout_s=qp.default_timeout_microseconds / 1e6,
+        timeout_action_delay=qp.timeout_action == mc.ModelQueuePolicy.DELAY,
+        preserve_ordering=db.preserve_ordering,
+        policy=policy,
     )
 
 

@@ -1,4 +1,5 @@
-"""The model repository: scan Triton's layout, load and unload models, answer lookups.
+"""The model repository: which models exist, their state, and loading, swapping and
+unloading them.
 
 Layout: ``<repo>/<model>/config.pbtxt`` (optional) and ``<repo>/<model>/<version>/model.onnx``.
 Control modes, as Triton names them:
@@ -9,8 +10,9 @@ Control modes, as Triton names them:
 - ``explicit``: load only what ``load_models`` names at start (``*`` = all);
   afterwards only through the load/unload API.
 
-A (re)load builds every served version completely before one assignment swaps
-it in; requests already on the old versions finish there.
+A (re)load builds every served version completely (``build.py``) before one routine,
+:meth:`ModelRepository._swap`, puts it in place; requests already on the old versions
+finish there. Local and remote models share that routine.
 
 Remote models (``remote_models`` in the settings) sit beside the repository's own:
 they load at start whatever the mode (their signature is read from an upstream),
@@ -26,19 +28,20 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..backends.onnx import OnnxBackend, choose_providers
-from ..backends.triton import TritonBackend
 from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError, not_found
-from ..model import ServedModel
+from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
-from ..workers import WorkerPool
-from .config import ConfigError, complete_config, config_from_json, read_config, versions_to_serve
+from .build import VersionBuilder
+from .config import ConfigError, config_from_json
+from .scan import fingerprint, model_names
 
 log = logging.getLogger("batchgate.repository")
 
@@ -51,88 +54,46 @@ class ModelEntry:
     name: str
     state: str = UNAVAILABLE
     reason: str = "not loaded"
-    versions: dict[int, ServedModel] = field(default_factory=dict)
-    latest: ServedModel | None = None
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    latest: ModelVersion | None = None
     fingerprint: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-def list_versions(model_dir: str) -> list[int]:
-    out = []
-    try:
-        names = os.listdir(model_dir)
-    except OSError:
-        return out
-    for n in names:
-        if n.isdigit() and not n.startswith("0") and os.path.isdir(os.path.join(model_dir, n)):
-            out.append(int(n))
-    return sorted(out)
-
-
-def fingerprint(model_dir: str) -> tuple:
-    """What a poll compares: every file's path, size and modification time."""
-    items = []
-    for root, _dirs, files in os.walk(model_dir):
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            items.append((os.path.relpath(p, model_dir), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(items))
 
 
 class ModelRepository:
     def __init__(
         self,
         root: str,
+        builder: VersionBuilder,
         pool: Executor,
-        workers: WorkerPool,
         metrics: Metrics,
         control_mode: str = "none",
         poll_interval_s: float = 15.0,
         load_models: tuple[str, ...] = (),
-        default_max_batch_size: int = 4,
-        max_queue_size: int = 4096,
         retire_grace_s: float = 30.0,
-        warm_up: bool = True,
-        gpu_device_id: int = 0,
-        inline_max_us: int = 0,
-        batching_policy: str = "triton",
-        model_batching_policy: dict[str, str] | None = None,
         remote_models: tuple[RemoteModel, ...] = (),
-        max_message_bytes: int = 64 * 1024 * 1024,
     ):
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, not {control_mode!r}")
         self.root = os.path.abspath(root) if root else ""
         self.remote = {m.name: m for m in remote_models}
-        self.max_message_bytes = max_message_bytes
-        self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
-        self._generation: dict[str, int] = {}  # bumped by each unload: older loads stand down
-        self._stopping = False
-        self.pool = pool
-        self.workers = workers
+        self.builder = builder
+        self.pool = pool  # loading runs here, never on the inference threads
         self.metrics = metrics
         self.mode = control_mode
         self.poll_interval_s = poll_interval_s
         self.load_models = load_models
-        self.default_max_batch_size = default_max_batch_size
-        self.max_queue_size = max_queue_size
         self.retire_grace_s = retire_grace_s
-        self.warm_up = warm_up
-        self.gpu_device_id = gpu_device_id
-        self.inline_max_us = inline_max_us
-        self.batching_policy = batching_policy
-        self.model_batching_policy = model_batching_policy or {}
         self.models: dict[str, ModelEntry] = {}
+        self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
+        self._generation: dict[str, int] = {}  # bumped by each unload: older loads stand down
+        self._stopping = False
         self._poller: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Future] = set()
         self._overrides: dict[str, str] = {}  # model -> temporary dir holding files given with a load
 
     # ---------------------------------------------------------------- lookups (hot path)
-    def resolve(self, name: str, version: str) -> ServedModel:
+    def resolve(self, name: str, version: str) -> ModelVersion:
         entry = self.models.get(name)
         if entry is None:
             raise not_found(f"unknown model '{name}'")
@@ -154,13 +115,19 @@ class ModelRepository:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{name}' is not ready: {entry.reason}")
         return served
 
+    def entry(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise not_found(f"unknown model '{name}'")
+        return entry
+
     def ready(self, name: str, version: str = "") -> bool:
         try:
             return self.resolve(name, version).ready()
         except GatewayError:
             return False
 
-    def served(self) -> list[ServedModel]:
+    def served(self) -> list[ModelVersion]:
         return [s for e in self.models.values() for _, s in sorted(e.versions.items())]
 
     def index(self, ready_only: bool = False) -> list[dict]:
@@ -168,33 +135,24 @@ class ModelRepository:
         rows = []
         for name in sorted(self.models):
             e = self.models[name]
-            if e.versions:
-                for v in sorted(e.versions):
-                    served = e.versions[v]
-                    if served.ready():
-                        rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
-                    elif not ready_only:
-                        rows.append({"name": name, "version": str(v), "state": UNAVAILABLE,
-                                     "reason": served.backend.not_ready_reason() if served.backend else "retired"})
-                if e.state != READY and not ready_only:
-                    rows.append({"name": name, "version": "", "state": e.state, "reason": e.reason})
-            elif not ready_only:
+            for v in sorted(e.versions):
+                served = e.versions[v]
+                if served.ready():
+                    rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
+                elif not ready_only:
+                    rows.append({"name": name, "version": str(v), "state": UNAVAILABLE,
+                                 "reason": served.not_ready_reason()})
+            if (not e.versions or e.state != READY) and not ready_only:
                 rows.append({"name": name, "version": "", "state": e.state, "reason": e.reason})
         return rows
 
-    # ---------------------------------------------------------------- lifecycle
+    # ---------------------------------------------------------------- start, stop, poll
     def _discover(self) -> list[str]:
         for n in self.remote:
             self.models.setdefault(n, ModelEntry(n))
         if not self.root:
             return []
-        try:
-            names = sorted(
-                n for n in os.listdir(self.root)
-                if os.path.isdir(os.path.join(self.root, n)) and not n.startswith(".")
-            )
-        except OSError as e:
-            raise GatewayError(ErrorCode.UNAVAILABLE, f"cannot read model repository {self.root}: {e}") from None
+        names = model_names(self.root)
         for n in names:
             self.models.setdefault(n, ModelEntry(n))
         return names
@@ -208,7 +166,7 @@ class ModelRepository:
         for spec in self.remote.values():
             await self._load_remote(spec)
         if self.mode == "explicit":
-            wanted = names if "*" in self.load_models else [n for n in self.load_models]
+            wanted = names if "*" in self.load_models else list(self.load_models)
         else:
             wanted = names
         for n in wanted:
@@ -222,12 +180,7 @@ class ModelRepository:
             self._poller.cancel()
         for t in self._retrying.values():
             t.cancel()
-        for e in self.models.values():
-            for s in e.versions.values():
-                s.scheduler.close()
-        await asyncio.gather(*(s.scheduler.drain() for s in self.served()), return_exceptions=True)
-        await asyncio.gather(*(s.backend.aclose() for s in self.served() if s.remote and s.backend),
-                             return_exceptions=True)
+        await asyncio.gather(*(s.close_now() for s in self.served()), return_exceptions=True)
         for d in self._overrides.values():
             shutil.rmtree(d, ignore_errors=True)
 
@@ -250,13 +203,17 @@ class ModelRepository:
         for name in [n for n in self.models if n not in present and n not in self.remote]:
             await self._unload(name, forget=True)
 
-    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
-        """The load API (explicit mode): load or reload ``name``."""
+    # ---------------------------------------------------------------- the load / unload API
+    def _explicit_only(self) -> None:
         if self.mode != "explicit":
             raise GatewayError(
                 ErrorCode.UNAVAILABLE,
                 f"explicit model load / unload is not allowed in model control mode '{self.mode}'; "
                 "start with --model-control-mode=explicit")
+
+    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        """The load API (explicit mode): load or reload ``name``."""
+        self._explicit_only()
         if name in self.remote:
             if config_json is not None or files:
                 raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"model '{name}' is a remote model: its config "
@@ -270,17 +227,13 @@ class ModelRepository:
                                    f"model '{name}': files given with a load need a 'config' too")
             model_dir = self._write_override(name, files)
         elif name not in self._discover() and config_json is None:
-            raise not_found(f"model '{name}' is not in the model repository {self.root}")
+            raise not_found(f"model '{name}' is not in the model repository")
         override = config_from_json(config_json, name) if config_json is not None else None
         await self._load(name, fail_missing=True, override=override, model_dir=model_dir)
 
     async def unload(self, name: str) -> None:
-        if self.mode != "explicit":
-            raise GatewayError(
-                ErrorCode.UNAVAILABLE,
-                f"explicit model load / unload is not allowed in model control mode '{self.mode}'")
-        if name not in self.models:
-            raise not_found(f"unknown model '{name}'")
+        self._explicit_only()
+        self.entry(name)
         await self._unload(name)
 
     def _write_override(self, name: str, files: dict[str, bytes]) -> str:
@@ -300,10 +253,35 @@ class ModelRepository:
             self._later(asyncio.to_thread(shutil.rmtree, old, True))
         return d
 
-    def _later(self, coro) -> None:
+    def _later(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = asyncio.ensure_future(coro)
         self._background.add(t)
         t.add_done_callback(self._background.discard)
+
+    # ---------------------------------------------------------------- the state machine
+    def _swap(self, entry: ModelEntry, new: dict[int, ModelVersion], seconds: float, fp: tuple = ()) -> None:
+        """Put freshly built versions in place of the entry's current ones (the one routine
+        local and remote loads share); the old versions retire once their requests finish."""
+        for s in new.values():
+            s.loaded_in(seconds)
+        old = entry.versions
+        # One assignment each: requests resolving from now on see the new versions.
+        entry.versions = new
+        entry.latest = new[max(new)]
+        entry.state, entry.reason, entry.fingerprint = READY, "", fp
+        backend = entry.latest.backend
+        log.info("model '%s' ready: versions %s on %s (%.0f ms)", entry.name, sorted(new),
+                 ", ".join(backend.providers() if backend else ()), seconds * 1000)
+        for s in old.values():
+            self._later(s.retire(self.retire_grace_s))
+
+    def _failed(self, entry: ModelEntry, msg: str) -> None:
+        """A load failed: the entry keeps serving what it had, or says why it cannot."""
+        self.metrics.load_failed(entry.name)
+        if entry.versions:
+            entry.reason = f"reload failed, still serving the old versions: {msg}"
+        else:
+            entry.state, entry.reason = UNAVAILABLE, msg
 
     async def _load(self, name: str, fail_missing: bool = False, override: mc.ModelConfig | None = None,
                     model_dir: str | None = None) -> None:
@@ -311,39 +289,23 @@ class ModelRepository:
         async with entry.lock:
             model_dir = model_dir or self._overrides.get(name) or os.path.join(self.root, name)
             fp = fingerprint(model_dir)
-            prev_state = entry.state
-            entry.state = LOADING if not entry.versions else entry.state
+            if not entry.versions:
+                entry.state = LOADING
             t0 = time.perf_counter()
             try:
                 new = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self._build, name, model_dir, override)
+                    self.pool, self.builder.local, name, model_dir, override)
             except (ConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
                 msg = e.message if isinstance(e, GatewayError) else str(e)
-                self.metrics.load_failed(name)
                 log.error("model '%s' failed to load: %s", name, msg)
+                self._failed(entry, msg)
                 entry.fingerprint = fp
-                if entry.versions:
-                    entry.state, entry.reason = prev_state, f"reload failed, still serving the old versions: {msg}"
-                else:
-                    entry.state, entry.reason = UNAVAILABLE, msg
                 if fail_missing:
                     raise GatewayError(ErrorCode.INVALID_ARGUMENT if isinstance(e, ConfigError)
                                        else ErrorCode.UNAVAILABLE,
                                        f"failed to load model '{name}': {msg}") from None
                 return
-            seconds = time.perf_counter() - t0
-            for s in new.values():
-                s._metrics.load_seconds = seconds
-            old = entry.versions
-            # The swap: one assignment each; requests resolving from now on see the new versions.
-            entry.versions = new
-            entry.latest = new[max(new)]
-            entry.state, entry.reason, entry.fingerprint = READY, "", fp
-            providers = new[max(new)].backend.providers()
-            log.info("model '%s' ready: versions %s on %s (%.0f ms)", name, sorted(new),
-                     ", ".join(providers), seconds * 1000)
-            for s in old.values():
-                self._later(s.retire(self.retire_grace_s))
+            self._swap(entry, new, time.perf_counter() - t0, fp)
 
     async def _load_remote(self, spec: RemoteModel, fail: bool = False) -> None:
         """Read the remote model's signature from an upstream and serve it. While no upstream
@@ -359,53 +321,44 @@ class ModelRepository:
         def wanted() -> bool:
             return not self._stopping and self._generation.get(name, 0) == generation
 
+        def mine() -> None:  # this task was the pending retry: it is done
+            if self._retrying.get(name) is asyncio.current_task():
+                self._retrying.pop(name)
+
         async with entry.lock:
             if not wanted():
                 return
             t0 = time.perf_counter()
             if not entry.versions:
                 entry.state = LOADING
-            backend = TritonBackend(spec, self.metrics, self.max_message_bytes)
+            backend = self.builder.remote_backend(spec)
             try:
                 cfg = await backend.open()
                 version = backend.version if backend.version.isdigit() else "1"
-                served = ServedModel(cfg, version, backend, self.pool, self.workers,
-                                     self.metrics.bind(name, version), self.max_queue_size, 0,
-                                     self.model_batching_policy.get(name, self.batching_policy))
+                served = self.builder.version(cfg, version, backend)
             except asyncio.CancelledError:  # e.g. the caller of an explicit load gave up
-                await asyncio.shield(backend.aclose())
+                await asyncio.shield(backend.close())
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, "load cancelled"
                 raise
             except Exception as e:  # noqa: BLE001 - a remote model that cannot load never stops the others
                 msg = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
-                self.metrics.load_failed(name)
-                await backend.aclose()
-                if not entry.versions:
-                    entry.state, entry.reason = UNAVAILABLE, msg
+                await backend.close()
+                self._failed(entry, msg)
                 if wanted():
                     log.error("remote model '%s' failed to load: %s; retrying every %g s", name, msg,
                               spec.probe_interval_s)
                     self._retrying[name] = asyncio.ensure_future(self._retry_remote(spec, generation))
-                elif self._retrying.get(name) is asyncio.current_task():
-                    self._retrying.pop(name)
+                else:
+                    mine()
                 if fail:
                     raise GatewayError(ErrorCode.UNAVAILABLE, f"failed to load model '{name}': {msg}") from None
                 return
-            if self._retrying.get(name) is asyncio.current_task():
-                self._retrying.pop(name)
+            mine()
             if not wanted():  # unloaded or stopped while the upstream answered
                 await served.retire(None)
                 return
-            served._metrics.load_seconds = time.perf_counter() - t0
-            old = entry.versions
-            entry.versions = {int(version): served}
-            entry.latest = served
-            entry.state, entry.reason = READY, ""
-            log.info("remote model '%s' ready: upstream model '%s' version %s on %s", name, spec.target,
-                     version, ", ".join(backend.providers()))
-            for s in old.values():
-                self._later(s.retire(self.retire_grace_s))
+            self._swap(entry, {int(version): served}, time.perf_counter() - t0)
 
     async def _retry_remote(self, spec: RemoteModel, generation: int) -> None:
         await asyncio.sleep(spec.probe_interval_s)
@@ -430,50 +383,3 @@ class ModelRepository:
             if forget:
                 self.models.pop(name, None)
             log.info("model '%s' unloaded", name)
-
-    def _build(self, name: str, model_dir: str, override: mc.ModelConfig | None) -> dict[int, ServedModel]:
-        """Runs in a worker thread: read the config, open every served version, warm it up."""
-        cfg = override if override is not None else read_config(model_dir, name)
-        available = list_versions(model_dir)
-        if not available:
-            raise ConfigError(f"model '{name}' has no version directory (e.g. {name}/1/model.onnx)")
-        versions = versions_to_serve(cfg, available)
-        if not versions:
-            raise ConfigError(f"model '{name}': the version policy selects none of the versions {available}")
-        built: dict[int, ServedModel] = {}
-        for v in versions:
-            filename = cfg.default_model_filename or "model.onnx"
-            path = os.path.join(model_dir, str(v), filename)
-            if os.path.isdir(path):
-                path = os.path.join(path, "model.onnx")
-            if not os.path.exists(path):
-                raise ConfigError(f"model '{name}' version {v}: {os.path.relpath(path, model_dir)} is missing")
-            backend = self._open_backend(cfg, path)
-            full = complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(),
-                                   self.default_max_batch_size)
-            if self.warm_up:
-                backend.warm_up()
-            built[v] = ServedModel(full, str(v), backend, self.pool, self.workers, self.metrics.bind(name, str(v)),
-                                   self.max_queue_size, self.inline_max_us,
-                                   self.model_batching_policy.get(name, self.batching_policy))
-        return built
-
-    def _open_backend(self, cfg: mc.ModelConfig, path: str) -> OnnxBackend:
-        if cfg.platform and cfg.platform != "onnxruntime_onnx" or cfg.backend and cfg.backend != "onnxruntime":
-            raise ConfigError(f"model '{cfg.name}': platform '{cfg.platform or cfg.backend}' is not served; "
-                              "batchgate serves ONNX models (platform onnxruntime_onnx)")
-        want_gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)
-        accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator
-        want_trt = any(a.name.lower() == "tensorrt" for a in accel)
-        gpus = [g for grp in cfg.instance_group for g in grp.gpus]
-        providers = choose_providers(want_gpu, want_trt, gpus[0] if gpus else self.gpu_device_id)
-        params = {k: v.string_value for k, v in cfg.parameters.items()}
-        try:
-            intra = int(params.get("intra_op_thread_count", "0") or 0)
-            inter = int(params.get("inter_op_thread_count", "0") or 0)
-        except ValueError:
-            raise ConfigError(f"model '{cfg.name}': intra_op_thread_count / inter_op_thread_count must be integers")
-        try:
-            return OnnxBackend(path, providers, intra, inter)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise ConfigError(f"model '{cfg.name}': ONNX Runtime cannot load {os.path.basename(path)}: {e}") from None

@@ -6,7 +6,10 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import invalid
-from ..core.types import DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor, datatype, element_count, from_raw, to_raw
+from collections.abc import Mapping
+
+from ..core.types import (DATATYPES, EMPTY, InferRequest, InferResponse, RequestLimits, Tensor, datatype,
+                          element_count, from_raw, new_request, to_raw)
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
@@ -22,7 +25,10 @@ def param_value(p: pb.InferParameter):
     return getattr(p, kind) if kind else None
 
 
-def decode_request(msg: pb.ModelInferRequest, arrival: float) -> InferRequest:
+def decode_request(msg: pb.ModelInferRequest, arrival: float, limits: RequestLimits,
+                   headers: Mapping[str, str] = EMPTY, deadline: float | None = None) -> InferRequest:
+    """The request in ``msg``; ``headers`` are the caller's x-* metadata, ``deadline`` the
+    call's gRPC deadline on the monotonic clock (None when it has none)."""
     # Each protobuf field is read once: with upb every attribute read builds an object.
     raw = msg.raw_input_contents
     tensors = msg.inputs
@@ -47,32 +53,11 @@ def decode_request(msg: pb.ModelInferRequest, arrival: float) -> InferRequest:
             data = _from_contents(t, dt, shape, f"input '{name}'")
         inputs.append(Tensor(name, dtname, shape, data))
     outs = msg.outputs
-    outputs = [RequestedOutput(o.name) for o in outs] if outs else None
+    outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
-    params = {k: param_value(v) for k, v in params.items()} if params else {}
-    req = InferRequest(msg.model_name, msg.model_version, inputs, outputs, msg.id, params, arrival=arrival,
-                       protocol="grpc")
-    if params:
-        apply_schedule_params(req)
-    return req
-
-
-def apply_schedule_params(req: InferRequest) -> None:
-    """Carry the V2 ``priority`` and ``timeout`` (µs) parameters into the request."""
-    p = req.parameters
-    if "priority" in p:
-        v = p["priority"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise invalid(f"parameter 'priority' must be a non-negative integer, not {v!r}")
-        req.priority = v
-    if "timeout" in p:
-        v = p["timeout"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise invalid(f"parameter 'timeout' must be a non-negative integer of microseconds, not {v!r}")
-        req.timeout_us = v
-        if v:
-            dl = req.arrival + v / 1e6
-            req.deadline = dl if req.deadline is None else min(req.deadline, dl)
+    return new_request(msg.model_name, msg.model_version, inputs, outputs, msg.id,
+                       {k: param_value(v) for k, v in params.items()} if params else None,
+                       headers, arrival, "grpc", limits, deadline)
 
 
 def _from_contents(t, dt, shape, what: str) -> np.ndarray:

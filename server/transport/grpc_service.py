@@ -17,6 +17,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
+from ..core.types import caller_headers
+from ..dataplane import DataPlane
 from . import grpc_codec
 
 log = logging.getLogger("batchgate.grpc")
@@ -44,15 +46,14 @@ async def _abort(context, e: GatewayError):
     await context.abort(GRPC_STATUS[e.code], e.message)
 
 
-def _request_id(msg, context) -> str:
-    """The V2 request id, else the caller's x-request-id metadata (read only for logging
-    a failure: reading metadata costs a few microseconds per call)."""
-    if msg.id:
-        return msg.id
-    for k, v in context.invocation_metadata() or ():
-        if k == "x-request-id":
-            return v
-    return ""
+def _metadata(context) -> list[tuple[str, str]]:
+    """The call's text metadata (binary ``-bin`` entries are not caller headers)."""
+    return [(k, v) for k, v in context.invocation_metadata() or () if type(v) is str]
+
+
+def _request_id(msg, headers) -> str:
+    """The id a failure is answered and logged with: the V2 id, else x-request-id."""
+    return msg.id or (headers.get("x-request-id", "") if headers else "")
 
 
 def _parse(raw: bytes) -> pb.ModelInferRequest:
@@ -99,26 +100,26 @@ class _StreamEnd:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway):
-        self.gw = gateway
+    def __init__(self, dataplane: DataPlane):
+        self.dp = dataplane
 
     # ------------------------------------------------------------ health and metadata
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.dp.live())
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.gw.ready)
+        return pb.ServerReadyResponse(ready=self.dp.ready())
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.gw.repository.ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
-        m = self.gw.server_metadata()
+        m = self.dp.server_metadata()
         return pb.ServerMetadataResponse(name=m["name"], version=m["version"], extensions=m["extensions"])
 
     async def ModelMetadata(self, request, context):
         try:
-            m = self.gw.model_metadata(request.name, request.version)
+            m = self.dp.model_metadata(request.name, request.version)
         except GatewayError as e:
             return await _abort(context, e)
         resp = pb.ModelMetadataResponse(name=m["name"], versions=m["versions"], platform=m["platform"])
@@ -129,14 +130,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         try:
-            served = self.gw.repository.resolve(request.name, request.version)
+            config = self.dp.model_config(request.name, request.version)
         except GatewayError as e:
             return await _abort(context, e)
-        return pb.ModelConfigResponse(config=served.config)
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
         try:
-            stats = self.gw.statistics(request.name, request.version)
+            stats = self.dp.statistics(request.name, request.version)
         except GatewayError as e:
             return await _abort(context, e)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
@@ -144,7 +145,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------ repository
     async def RepositoryIndex(self, request, context):
         try:
-            rows = self.gw.repository.index(ready_only=request.ready)
+            rows = self.dp.repository_index(ready_only=request.ready)
         except GatewayError as e:
             return await _abort(context, e)
         resp = pb.RepositoryIndexResponse()
@@ -153,46 +154,39 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def RepositoryModelLoad(self, request, context):
-        config = None
-        files = {}
-        for k, p in request.parameters.items():
-            if k == "config":
-                config = p.string_param
-            elif k.startswith("file:"):
-                files[k[5:]] = p.bytes_param
+        params = {k: getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
+                  for k, p in request.parameters.items()}
         try:
-            await self.gw.repository.load(request.model_name, config, files or None)
+            await self.dp.load_model(request.model_name, params)
         except GatewayError as e:
             return await _abort(context, e)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         try:
-            await self.gw.repository.unload(request.model_name)
+            await self.dp.unload_model(request.model_name)
         except GatewayError as e:
             return await _abort(context, e)
         return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------ inference
-    def _decode(self, msg, context) -> "grpc_codec.InferRequest":
-        req = grpc_codec.decode_request(msg, _monotonic())
+    def _decode(self, msg, context, headers) -> grpc_codec.InferRequest:
+        arrival = _monotonic()
         remaining = context.time_remaining()
-        if remaining is not None:
-            dl = req.arrival + remaining
-            req.deadline = dl if req.deadline is None else min(req.deadline, dl)
-        return req
+        return grpc_codec.decode_request(msg, arrival, self.dp.limits, headers,
+                                         None if remaining is None else arrival + remaining)
 
     async def ModelInfer(self, raw: bytes, context):
+        request = headers = None
         try:
+            self.dp.admit()
             request = _parse(raw)
-        except GatewayError as e:
-            return await _abort(context, e)
-        try:
-            req = self._decode(request, context)
-            resp = await self.gw.infer(req)
+            headers = caller_headers(_metadata(context), self.dp.limits)
+            resp = await self.dp.infer(self._decode(request, context, headers))
             return grpc_codec.encode_response(resp)
         except GatewayError as e:
-            self.gw.log_failure("grpc", request.model_name, _request_id(request, context), e)
+            if request is not None:
+                self.dp.log_failure("grpc", request.model_name, _request_id(request, headers), e)
             return await _abort(context, e)
         except grpc.aio.AbortError:
             raise
@@ -206,24 +200,28 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         out: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
+        try:
+            headers = caller_headers(_metadata(context), self.dp.limits)
+        except GatewayError as e:
+            await context.abort(GRPC_STATUS[e.code], e.message)
 
         async def one(msg):
             try:
-                req = self._decode(msg, context)
-                resp = await self.gw.infer(req)
+                self.dp.admit()
+                resp = await self.dp.infer(self._decode(msg, context, headers))
                 await out.put(pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(resp)))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):
                     log.exception("stream request to model '%s' failed", msg.model_name)
                     e = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
-                rid = _request_id(msg, context)
-                self.gw.log_failure("grpc", msg.model_name, rid, e)
+                rid = _request_id(msg, headers)
+                self.dp.log_failure("grpc", msg.model_name, rid, e)
                 # Answers may come out of order, and tritonclient hands a stream error to the
                 # caller without the response's id: the message itself names the request.
                 await out.put(pb.ModelStreamInferResponse(
-                    error_message=f"[request id: {msg.id}] {e.message}" if msg.id else e.message,
+                    error_message=f"[request id: {rid[:128]}] {e.message}" if rid else e.message,
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name,
-                                                         model_version=msg.model_version, id=msg.id)))
+                                                         model_version=msg.model_version, id=rid)))
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,

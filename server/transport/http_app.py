@@ -1,6 +1,7 @@
 """The V2 HTTP/REST endpoints as a small ASGI app (served by uvicorn + httptools).
 
-No web framework on the hot path: one regex routes, orjson encodes. Errors are
+No web framework on the hot path: infer paths seen before are found in a dict, others
+by two regexes (model and repository endpoints); orjson encodes. Errors are
 ``{"error": "..."}`` with the status from :data:`HTTP_STATUS`, the one table
 that maps error codes to HTTP. Only ``/infer`` responses are ever compressed
 (tritonclient.http.aio does not decompress anything else).
@@ -17,6 +18,8 @@ import time
 import orjson
 
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
+from ..core.types import caller_headers
+from ..dataplane import FILE_PARAM_PREFIX, DataPlane
 from . import http_codec
 
 log = logging.getLogger("batchgate.http")
@@ -44,8 +47,8 @@ _monotonic = time.monotonic
 
 
 class HttpApp:
-    def __init__(self, gateway, max_body_bytes: int):
-        self.gw = gateway
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int):
+        self.dp = dataplane
         self.limit = max_body_bytes
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
@@ -105,24 +108,24 @@ class HttpApp:
             self._method(method, "GET")
             if action is None:
                 if model == "stats":  # /v2/models/stats: statistics of every model
-                    return await self._json(send, {"model_stats": self.gw.statistics("", "")})
-                return await self._json(send, self.gw.model_metadata(model, version))
+                    return await self._json(send, {"model_stats": self.dp.statistics("", "")})
+                return await self._json(send, self.dp.model_metadata(model, version))
             if action == "ready":
-                if self.gw.repository.ready(model, version):
+                if self.dp.model_ready(model, version):
                     return await self._empty(send, 200)
-                raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"model '{model}' version '{version or 'latest'}' is not ready")
+                raise GatewayError(ErrorCode.INVALID_ARGUMENT,
+                                   f"model '{model[:128]}' version '{version or 'latest'}' is not ready")
             if action == "config":
-                served = self.gw.repository.resolve(model, version)
-                return await self._json(send, self.gw.config_json(served))
+                return await self._json(send, self.dp.model_config_json(model, version))
             if action == "stats":
-                return await self._json(send, {"model_stats": self.gw.statistics(model, version)})
+                return await self._json(send, {"model_stats": self.dp.statistics(model, version)})
         if path in (LIVE_PATH, READY_PATH):
             self._method(method, "GET")
-            ok = True if path.endswith("live") else self.gw.ready
+            ok = self.dp.live() if path.endswith("live") else self.dp.ready()
             return await self._empty(send, 200 if ok else 400)
         if path in ("/v2", "/v2/"):
             self._method(method, "GET")
-            return await self._json(send, self.gw.server_metadata())
+            return await self._json(send, self.dp.server_metadata())
         m = REPO_RE.match(path)
         if m:
             self._method(method, "POST")
@@ -131,27 +134,18 @@ class HttpApp:
             if not isinstance(obj, dict):
                 raise invalid("request body must be a JSON object")
             if m.group(2) == "index":
-                return await self._json(send, self.gw.repository.index(ready_only=bool(obj.get("ready", False))))
+                return await self._json(send, self.dp.repository_index(ready_only=bool(obj.get("ready", False))))
             model, action = m.group(3), m.group(4)
             params = obj.get("parameters") or {}
             if not isinstance(params, dict):
                 raise invalid("'parameters' must be an object")
             if action == "load":
-                config = params.get("config")
-                if config is not None and not isinstance(config, str):
-                    config = orjson.dumps(config).decode()
-                files = {}
-                for k, v in params.items():
-                    if k.startswith("file:"):
-                        try:
-                            files[k[5:]] = base64.b64decode(v, validate=True)
-                        except (ValueError, TypeError):
-                            raise invalid(f"parameter '{k}' must be base64 text") from None
-                await self.gw.repository.load(model, config, files or None)
+                await self.dp.load_model(model, {k: _file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v
+                                                 for k, v in params.items()})
             else:
-                await self.gw.repository.unload(model)
+                await self.dp.unload_model(model)
             return await self._empty(send, 200)
-        raise not_found(f"no such endpoint: {method} {path}")
+        raise not_found(f"no such endpoint: {method} {path[:256]}")
 
     @staticmethod
     def _method(method: str, want: str) -> None:
@@ -188,7 +182,9 @@ class HttpApp:
 
     async def _infer(self, model, version, scope, receive, send):
         arrival = _monotonic()
-        header_len = content_encoding = accept = req_id = None
+        self.dp.admit()
+        header_len = content_encoding = accept = None
+        x_headers = []
         for k, v in scope["headers"]:
             if k == b"content-length":
                 if len(v) > 6 and int(v) > self.limit:
@@ -200,8 +196,9 @@ class HttpApp:
                 content_encoding = v.decode("latin-1")
             elif k == b"accept-encoding":
                 accept = v.decode("latin-1")
-            elif k == b"x-request-id":
-                req_id = v.decode("latin-1")
+            elif k[:2] == b"x-":
+                x_headers.append((k.decode("latin-1"), v.decode("latin-1")))
+        headers = caller_headers(x_headers, self.dp.limits)
         msg = await receive()  # one message holds the whole body unless it is large
         if msg.get("more_body") or msg["type"] != "http.request":
             body = await self._more_body(msg, receive)
@@ -213,10 +210,9 @@ class HttpApp:
         try:
             if content_encoding:
                 body = http_codec.decompress(body, content_encoding, self.limit)
-            req = http_codec.decode_request(body, header_len, model, version, arrival)
-            if not req.id and req_id:
-                req.id = req_id
-            pending = self.gw.infer(req)
+            req, options = http_codec.decode_request(body, header_len, model, version, arrival, self.dp.limits,
+                                                     headers)
+            pending = self.dp.infer(req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
             # for requests still unanswered after a moment (most are answered first, and
             # listening costs a task), so one abandoned while queued leaves the queue.
@@ -238,11 +234,11 @@ class HttpApp:
                 if watch is not None:
                     watch.stop()
         except GatewayError as e:
-            self.gw.log_failure("http", model, (req.id if req is not None else req_id) or "", e)
+            self.dp.log_failure("http", model, req.id if req is not None else headers.get("x-request-id", ""), e)
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
-        out, json_len = http_codec.encode_response(resp, req)
+        out, json_len = http_codec.encode_response(resp, options)
         headers = [(b"content-type", b"application/octet-stream" if json_len is not None else b"application/json")]
         if json_len is not None:
             headers.append((b"inference-header-content-length", str(json_len).encode()))
@@ -278,6 +274,14 @@ class HttpApp:
 
 
 DISCONNECT_WATCH_AFTER_S = 0.02
+
+
+def _file_bytes(key: str, value) -> bytes:
+    """A ``file:`` load parameter travels base64-encoded in JSON."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        raise invalid(f"parameter '{key[:128]}' must be base64 text") from None
 
 
 class _DisconnectWatch:

@@ -8,13 +8,27 @@ import zlib
 import numpy as np
 import orjson
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
 from ..core.errors import invalid
-from ..core.types import (DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor, datatype,
-                          element_count, from_raw, to_raw)
-from .grpc_codec import apply_schedule_params
+from ..core.types import (DATATYPES, EMPTY, InferRequest, InferResponse, RequestLimits, Tensor, datatype,
+                          element_count, from_raw, new_request, to_raw)
 
 _EMPTY = memoryview(b"")
 _NUMPY_JSON = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
+
+
+class OutputOptions(NamedTuple):
+    """How the HTTP caller wants its outputs written: binary or JSON (HTTP only; gRPC
+    outputs are always raw)."""
+
+    binary_default: bool = False  # the request's binary_data_output parameter
+    binary: Mapping[str, bool] = EMPTY  # per output, where its binary_data parameter is given
+
+
+JSON_OUTPUTS = OutputOptions()
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -38,7 +52,9 @@ def parse_json(data: bytes, what: str = "request body"):
         raise invalid(f"{what} is not valid JSON: {e}") from None
 
 
-def decode_request(body: bytes, header_length: str | None, model: str, version: str, arrival: float) -> InferRequest:
+def decode_request(body: bytes, header_length: str | None, model: str, version: str, arrival: float,
+                   limits: RequestLimits, headers: Mapping[str, str] = EMPTY) -> tuple[InferRequest, OutputOptions]:
+    """The request in ``body`` and how its caller wants the outputs written."""
     if header_length == "0":
         raise invalid("raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
                       "send a JSON header describing the inputs")
@@ -93,6 +109,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
     if type(req_params) is not dict:
         raise invalid("request 'parameters' must be an object")
     outputs = None
+    binary: dict[str, bool] = {}
     raw_outputs = obj.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -107,15 +124,16 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
             if op.get("classification"):
                 raise invalid(f"output '{o['name']}': the classification extension is not supported")
             b = op.get("binary_data")
-            outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
+            if b is not None:
+                binary[o["name"]] = bool(b)
+            outputs.append(o["name"])
     rid = obj.get("id", "")
     if type(rid) is not str:
         raise invalid("request 'id' must be a string")
-    req = InferRequest(model, version, inputs, outputs, rid, req_params, arrival=arrival, protocol="http")
-    if req_params:
-        req.binary_output_default = bool(req_params.get("binary_data_output", False))
-        apply_schedule_params(req)
-    return req
+    req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits)
+    if not binary and not req_params.get("binary_data_output"):
+        return req, JSON_OUTPUTS
+    return req, OutputOptions(bool(req_params.get("binary_data_output", False)), MappingProxyType(binary))
 
 
 def _explain_bad_input(j) -> None:
@@ -193,14 +211,15 @@ def _flatten(x) -> list:
     return out
 
 
-def encode_response(resp: InferResponse, req: InferRequest) -> tuple[bytes, int | None]:
+def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when every output is JSON)."""
     binaries: list[bytes] = []
     outs = []
-    wanted = {o.name: o.binary for o in req.outputs} if req.outputs else {}
+    wanted = options.binary
+    default = options.binary_default
     for t in resp.outputs:
         b = wanted.get(t.name)
-        binary = req.binary_output_default if b is None else b
+        binary = default if b is None else b
         entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         if binary:
             raw = to_raw(t.data, DATATYPES[t.datatype])

@@ -87,7 +87,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", big)
         end = time.monotonic() + 10
-        while running.gateway.in_flight == 0 and time.monotonic() < end:  # wait until it runs
+        while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:  # wait until it runs
             time.sleep(0.001)
         c = grpcclient.InferenceServerClient(running.grpc_url)
         inp = grpcclient.InferInput("input", [1, 1024], "FP32")
@@ -148,7 +148,7 @@ def test_a_cancelled_queued_request_is_never_executed(tmp_path, serve):
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", big)
         end = time.monotonic() + 10
-        while running.gateway.in_flight == 0 and time.monotonic() < end:
+        while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:
             time.sleep(0.001)
         inp = grpcclient.InferInput("input", [1, 1024], "FP32")
         inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
@@ -181,7 +181,7 @@ def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", big)
         end = time.monotonic() + 10
-        while running.gateway.in_flight == 0 and time.monotonic() < end:
+        while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:
             time.sleep(0.001)
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32",
                                        "data": [1.0] * 1024}]}).encode()
@@ -287,7 +287,7 @@ def test_the_v2_priority_parameter_orders_the_queue(tmp_path, serve):
 
     with ThreadPoolExecutor(3) as pool:
         busy = pool.submit(call, "busy", 0, 64)  # keeps the one instance busy for a while
-        _wait(lambda: running.gateway.in_flight == 1 and served.scheduler.queue_depth == 0, "the busy batch")
+        _wait(lambda: running.gateway.dataplane.in_flight == 1 and served.scheduler.queue_depth == 0, "the busy batch")
         low = pool.submit(call, "low", 0)  # 0: the default level, 2 (the lower)
         _wait(lambda: served.scheduler.queue_depth == 1, "the low-priority request queued")
         high = pool.submit(call, "high", 1)

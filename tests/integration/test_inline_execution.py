@@ -40,12 +40,12 @@ def test_a_tiny_model_moves_onto_the_loop_and_a_slow_one_does_not(repo, serve):
     tiny = running.gateway.repository.resolve("tiny", "")
     # The first 16 executions are timed on worker threads; once the moving average settles
     # under the threshold, the rest run inline.
-    assert tiny.inline_runs >= 50
+    assert tiny.execution.inline_runs >= 50
     y = np.ones((1, 512), np.float32)
     got = _call(running, "slow", y, 20)
     want = ort.InferenceSession(slow_path, providers=["CPUExecutionProvider"]).run(None, {"input": y})[0]
     assert all(np.allclose(g, want, rtol=1e-5) for g in got)
-    assert running.gateway.repository.resolve("slow", "").inline_runs == 0
+    assert running.gateway.repository.resolve("slow", "").execution.inline_runs == 0
 
 
 def test_threshold_zero_keeps_every_execution_on_worker_threads(repo, serve):
@@ -53,4 +53,4 @@ def test_threshold_zero_keeps_every_execution_on_worker_threads(repo, serve):
     x = np.ones((1, 4), np.float32)
     _call(running, "tiny", x, 30)
     served = running.gateway.repository.resolve("tiny", "")
-    assert served.inline_runs == 0 and served.stats.execution_count == 30
+    assert served.execution.inline_runs == 0 and served.stats.execution_count == 30

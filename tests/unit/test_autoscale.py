@@ -314,3 +314,17 @@ def test_cli_prints_and_writes(tmp_path):
     bad = subprocess.run(cmd[:7] + ["--ramp", "nonsense"], check=False, capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
     assert bad.returncode == 2 and "ramp" in bad.stderr
+
+
+def test_the_queue_limit_is_read_from_the_charts_limits_section(tmp_path):
+    from batchgate.loadtest.autoscale.controller import queue_limit_from_values
+
+    values = tmp_path / "values.yaml"
+    values.write_text("config:\n  limits:\n    max_queue_size: 256\n")
+    assert queue_limit_from_values(values) == 256
+    values.write_text("config:\n  server:\n    http_port: 8000\n")
+    assert queue_limit_from_values(values) is None
+    # the chart's own values file carries the gateway's default
+    from pathlib import Path
+
+    assert queue_limit_from_values(Path(__file__).parents[2] / "helm/batchgate/values.yaml") == 4096

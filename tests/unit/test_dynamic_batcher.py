@@ -11,6 +11,7 @@ import pytest
 
 from batchgate.core.batching import TRITON, WORK_CONSERVING, BatcherConfig, DynamicBatcher
 from batchgate.core.errors import ErrorCode, GatewayError
+from batchgate.core.scheduler import Ticket
 from batchgate.core.signature import Checked
 from batchgate.core.types import InferRequest, InferResponse, Tensor
 
@@ -45,10 +46,9 @@ class Recorder:
 
 def rq(clock, rid, rows=1, width=4, deadline=None, priority=0):
     data = np.zeros((rows, width), np.float32)
-    r = InferRequest("m", "1", [Tensor("x", "FP32", (rows, width), data)], id=rid, arrival=clock(),
+    r = InferRequest("m", "1", (Tensor("x", "FP32", (rows, width), data),), id=rid, arrival=clock(),
                      deadline=deadline, priority=priority)
-    r.checked = Checked({"x": data}, ("y",), rows)
-    return r
+    return Ticket(r, Checked({"x": data}, ("y",), rows))
 
 
 async def settle():

@@ -12,15 +12,21 @@ import tritonclient.http as httpclient
 
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.types import DATATYPES
+from batchgate.core.types import RequestLimits
 from batchgate.transport.http_codec import decode_request, split_body
 
 gen = httpclient.InferenceServerClient.generate_request_body
 
 
-def decode(body, header_length=None, arrival=0.0):
+def decode_with_options(body, header_length=None, arrival=0.0):
     if isinstance(body, dict):
         body = json.dumps(body).encode()
-    return decode_request(body, None if header_length is None else str(header_length), "m", "1", arrival)
+    return decode_request(body, None if header_length is None else str(header_length), "m", "1", arrival,
+                          RequestLimits())
+
+
+def decode(body, header_length=None, arrival=0.0):
+    return decode_with_options(body, header_length, arrival)[0]
 
 
 def refused(body, header_length=None) -> str:
@@ -123,7 +129,7 @@ def test_binary_framing_as_tritonclient_sends_it():
     h.set_data_from_numpy(np.array([0.5, 2], dtype=np.float16))
     body, header_length = gen([a, s, j, h])
     assert header_length is not None
-    req = decode(body, header_length)
+    req, options = decode_with_options(body, header_length)
     a_, s_, j_, h_ = req.inputs
     np.testing.assert_array_equal(a_.data, np.array([[1, 2], [3, 4]], dtype=np.float32))
     assert s_.data.tolist() == [b"x", b"", b"\xff\x00"]
@@ -131,7 +137,7 @@ def test_binary_framing_as_tritonclient_sends_it():
     assert h_.data.dtype == np.float16 and h_.data.tolist() == [0.5, 2.0]
     # no outputs named: tritonclient asks for binary outputs for all of them
     assert req.outputs is None
-    assert req.binary_output_default is True
+    assert options.binary_default is True
 
 
 def test_binary_with_request_id_outputs_priority_and_timeout():
@@ -139,11 +145,12 @@ def test_binary_with_request_id_outputs_priority_and_timeout():
     a.set_data_from_numpy(np.array([9], dtype=np.int32))
     outs = [httpclient.InferRequestedOutput("y", binary_data=False), httpclient.InferRequestedOutput("z")]
     body, n = gen([a], outs, request_id="q-1", priority=3, timeout=2_000_000)
-    req = decode_request(body, str(n), "m", "4", 100.0)
+    req, options = decode_request(body, str(n), "m", "4", 100.0, RequestLimits())
     assert req.model_name == "m" and req.model_version == "4" and req.protocol == "http"
     assert req.id == "q-1"
-    assert [(o.name, o.binary) for o in req.outputs] == [("y", False), ("z", True)]
-    assert req.binary_output_default is False
+    assert req.outputs == ("y", "z")
+    assert dict(options.binary) == {"y": False, "z": True}
+    assert options.binary_default is False
     assert req.priority == 3 and req.timeout_us == 2_000_000
     assert req.deadline == pytest.approx(102.0)
     assert req.inputs[0].data.tolist() == [9]
@@ -251,11 +258,12 @@ def test_malformed_requests(body, words):
 def test_json_request_metadata_and_custom_parameters():
     body = {**one(data=[1.0, 2.0]), "id": "abc", "parameters": {"my_key": "v", "binary_data_output": True},
             "outputs": [{"name": "y"}, {"name": "z", "parameters": {"binary_data": False}}]}
-    req = decode(body, arrival=5.0)
+    req, options = decode_with_options(body, arrival=5.0)
     assert req.id == "abc"
     assert req.parameters["my_key"] == "v"
-    assert req.binary_output_default is True
-    assert [(o.name, o.binary) for o in req.outputs] == [("y", None), ("z", False)]
+    assert options.binary_default is True
+    assert req.outputs == ("y", "z")
+    assert dict(options.binary) == {"z": False}
     assert req.arrival == 5.0 and req.deadline is None and req.priority == 0
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from batchgate.core.types import DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor
+from batchgate.core.types import DATATYPES, InferResponse, Tensor
+from batchgate.transport.http_codec import OutputOptions
 from batchgate.transport.http_codec import encode_response
 
 parse = httpclient.InferenceServerClient.parse_response_body
@@ -17,8 +18,9 @@ def resp(*tensors, rid="") -> InferResponse:
     return InferResponse("m", "2", [Tensor(n, dt, tuple(a.shape), a) for n, dt, a in tensors], id=rid)
 
 
-def rq(outputs=None, binary_default=False) -> InferRequest:
-    return InferRequest("m", "2", [], outputs, binary_output_default=binary_default)
+def rq(binary=None, binary_default=False) -> OutputOptions:
+    """The HTTP output options: per output binary_data (name -> bool), and the default."""
+    return OutputOptions(binary_default, binary or {})
 
 
 def every_type():
@@ -81,14 +83,14 @@ def test_per_output_binary_data_overrides_the_default():
     a = ("a", "FP32", np.array([1.5, 2.5], dtype=np.float32))
     b = ("b", "INT64", np.array([7, 8], dtype=np.int64))
     c = ("c", "BYTES", np.array([b"z"], dtype=object))
-    req = rq([RequestedOutput("a", False), RequestedOutput("b", True), RequestedOutput("c")], binary_default=True)
+    req = rq({"a": False, "b": True}, binary_default=True)
     body, n = encode_response(resp(a, b, c), req)
     head = json.loads(body[:n])
     kinds = {o["name"]: ("data" in o, o.get("parameters", {}).get("binary_data_size")) for o in head["outputs"]}
     assert kinds == {"a": (True, None), "b": (False, 16), "c": (False, 5)}
     check(parse(body, header_length=n), [a, b, c])
 
-    req = rq([RequestedOutput("a", True), RequestedOutput("b", None)], binary_default=False)
+    req = rq({"a": True}, binary_default=False)
     body, n = encode_response(resp(a, b), req)
     head = json.loads(body[:n])
     assert "data" not in head["outputs"][0] and head["outputs"][1]["data"] == [7, 8]

@@ -12,7 +12,8 @@ import pytest
 import tritonclient.http as httpclient
 
 from batchgate.core.errors import ErrorCode, GatewayError
-from batchgate.core.types import InferRequest, InferResponse, Tensor
+from batchgate.core.types import InferResponse, Tensor
+from batchgate.transport.http_codec import OutputOptions
 from batchgate.transport.http_codec import compress, decompress, encode_response, pick_encoding
 
 PAYLOAD = b'{"inputs": []}' * 50
@@ -117,7 +118,7 @@ def test_compress_round_trips_with_standard_decoders(encoding):
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_compressed_binary_response_parses_in_tritonclient(encoding):
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
-    req = InferRequest("m", "1", [], binary_output_default=True)
+    req = OutputOptions(binary_default=True)
     body, n = encode_response(InferResponse("m", "1", [Tensor("y", "FP32", (3, 4), arr)]), req)
     assert n is not None and json.loads(body[:n])["outputs"][0]["parameters"]["binary_data_size"] == 48
     result = httpclient.InferenceServerClient.parse_response_body(

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from batchgate.core.scheduler import PassThroughScheduler
+from batchgate.core.scheduler import PassThroughScheduler, Ticket
+from batchgate.core.signature import Checked
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.types import InferRequest, InferResponse
 
@@ -43,7 +44,7 @@ class GatedBackend:
         self.finished.append(r.id)
         if r.id.startswith("fail"):
             return [GatewayError(ErrorCode.INTERNAL, f"backend failed on {r.id}")]
-        return [InferResponse(r.model_name, "1", [], id=r.id)]
+        return [InferResponse(r.request.model_name, "1", [], id=r.id)]
 
 
 def executor(backend):
@@ -67,8 +68,8 @@ async def settle(n: int = 20) -> None:
         await asyncio.sleep(0)
 
 
-def rq(rid: str, deadline: float | None = None) -> InferRequest:
-    return InferRequest("m", "1", [], id=rid, deadline=deadline)
+def rq(rid: str, deadline: float | None = None) -> Ticket:
+    return Ticket(InferRequest("m", "1", (), id=rid, deadline=deadline), Checked({}, (), 1))
 
 
 def submit(s, rid, deadline=None) -> asyncio.Task:

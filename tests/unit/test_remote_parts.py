@@ -11,7 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from batchgate.backends.triton import config_from_metadata, not_delivered
+from batchgate.backends.remote import config_from_metadata, not_delivered
 
 
 def _metadata(shape_in, shape_out, dtype="FP32"):
@@ -80,7 +80,7 @@ async def test_an_unresolvable_upstream_is_not_delivered():
 
 
 async def test_an_upstream_tensor_of_a_type_batchgate_cannot_serve_is_a_clear_load_error():
-    from batchgate.backends.triton import TritonBackend
+    from batchgate.backends.remote import RemoteV2Backend
     from batchgate.config import RemoteModel
     from batchgate.core.errors import GatewayError
     from batchgate.monitoring.metrics import Metrics
@@ -88,9 +88,9 @@ async def test_an_upstream_tensor_of_a_type_batchgate_cannot_serve_is_a_clear_lo
     cfg = mc.ModelConfig(name="m", max_batch_size=8)
     cfg.input.add(name="x", data_type=mc.TYPE_BF16, dims=[4])
     cfg.output.add(name="y", data_type=mc.TYPE_FP32, dims=[4])
-    backend = TritonBackend(RemoteModel("m", ("127.0.0.1:1",)), Metrics())
+    backend = RemoteV2Backend(RemoteModel("m", ("127.0.0.1:1",)), Metrics())
     try:
         with pytest.raises(GatewayError, match="TYPE_BF16, which batchgate cannot serve"):
             backend._our_config(cfg)
     finally:
-        await backend.aclose()
+        await backend.close()

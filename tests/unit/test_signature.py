@@ -6,7 +6,7 @@ import pytest
 
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.signature import ModelSignature, TensorSpec
-from batchgate.core.types import DATATYPES, InferRequest, RequestedOutput, Tensor
+from batchgate.core.types import DATATYPES, InferRequest, Tensor
 
 
 def sig(max_batch_size=8):
@@ -56,7 +56,7 @@ def test_valid_request_gives_feeds_outputs_and_batch():
 
 
 def test_requested_outputs_keep_request_order():
-    checked = sig().check(req(good_inputs(), [RequestedOutput("label"), RequestedOutput("scores")]))
+    checked = sig().check(req(good_inputs(), ["label", "scores"]))
     assert checked.output_names == ("label", "scores")
 
 
@@ -140,7 +140,7 @@ def test_duplicate_input():
 
 
 def test_unknown_requested_output():
-    msg = refused(sig(), req(good_inputs(), [RequestedOutput("scores"), RequestedOutput("probs")]))
+    msg = refused(sig(), req(good_inputs(), ["scores", "probs"]))
     assert "'probs'" in msg
     assert "'scores'" in msg and "'label'" in msg
 
@@ -195,5 +195,5 @@ def test_a_remembered_layout_gives_the_same_verdict_and_fresh_feeds():
     assert e.value.code is ErrorCode.INVALID_ARGUMENT and "image" in e.value.message
     # A requested-output subset on a remembered layout is still checked.
     with pytest.raises(GatewayError):
-        s.check(req(good_inputs(2), [RequestedOutput("nope")]))
-    assert s.check(req(good_inputs(2), [RequestedOutput("label")])).output_names == ("label",)
+        s.check(req(good_inputs(2), ["nope"]))
+    assert s.check(req(good_inputs(2), ["label"])).output_names == ("label",)

@@ -17,8 +17,10 @@ from collections.abc import Callable
 _STOP = object()
 
 
-class WorkerPool:
-    def __init__(self, threads: int, name: str = "batchgate-worker"):
+class InferenceThreads:
+    """The threads that run local models (not to be confused with worker processes)."""
+
+    def __init__(self, threads: int, name: str = "batchgate-infer"):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(threads)]

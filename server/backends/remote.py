@@ -108,11 +108,11 @@ class Upstream:
         self.metrics.healthy = int(self.in_rotation)
 
 
-class TritonBackend:
+class RemoteV2Backend:
     """A remote model: executes batches by calling its upstreams (``infer`` is a coroutine)."""
 
     platform = PLATFORM
-    is_async = True
+    kind = "remote"
 
     def __init__(self, spec: RemoteModel, metrics: Metrics, max_message_bytes: int = 64 * 1024 * 1024,
                  clock: Callable[[], float] = time.monotonic):
@@ -143,14 +143,14 @@ class TritonBackend:
                 problems.append(f"{up.address}: {e.code().name}: {e.details()}")
                 continue
             except GatewayError as e:
-                await self.aclose()
+                await self.close()
                 raise GatewayError(ErrorCode.UNAVAILABLE, f"{up.address}: {e.message}") from None
             except BaseException:
-                await asyncio.shield(self.aclose())
+                await asyncio.shield(self.close())
                 raise
             self._prober = asyncio.ensure_future(self._probe_loop())
             return cfg
-        await self.aclose()
+        await self.close()
         raise GatewayError(ErrorCode.UNAVAILABLE, f"no upstream serves model '{self.spec.target}': "
                            + "; ".join(problems))
 
@@ -347,20 +347,11 @@ class TritonBackend:
         code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)
         return GatewayError(code, f"upstream {up.address} ({e.code().name}): {e.details()}")
 
-    # ------------------------------------------------------------------ the Backend protocol
+    # ------------------------------------------------------------------ the rest of the Backend protocol
     def providers(self) -> list[str]:
         return [f"upstreams {', '.join(self.spec.upstreams)} ({self.spec.batching} batching)"]
 
-    def warm_up(self) -> None:
-        """Nothing to warm here; the upstream warms its own models."""
-
-    def run(self, feeds, output_names):  # pragma: no cover - the serving layer awaits infer()
-        raise NotImplementedError("a remote model is executed with 'await infer(...)'")
-
-    def close(self) -> None:
-        self._closed = True
-
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         self._closed = True
         if self._prober is not None:
             self._prober.cancel()
@@ -389,4 +380,4 @@ def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) ->
     return cfg
 
 
-__all__ = ["TritonBackend", "config_from_metadata", "not_delivered", "PLATFORM"]
+__all__ = ["RemoteV2Backend", "config_from_metadata", "not_delivered", "PLATFORM"]

@@ -1,0 +1,140 @@
+"""DataPlane: the one API both transports call.
+
+gRPC and HTTP differ in bytes, never in behaviour: whatever a caller asks (infer,
+health, metadata, config, statistics, the repository API), the transport decodes the
+wire into plain values, calls the method here, and encodes what comes back. Request
+ids, deadlines, validation, errors and their log lines are decided here or below,
+once for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+import orjson
+from tritonclient.grpc import model_config_pb2 as mc
+
+from . import __version__
+from .core.errors import ErrorCode, GatewayError, invalid
+from .core.types import InferRequest, InferResponse, RequestLimits
+from .repository.config import config_to_json
+from .repository.manager import ModelRepository
+
+log = logging.getLogger("batchgate")
+
+EXTENSIONS = (
+    "binary_tensor_data", "model_repository", "model_repository(unload_dependents)",
+    "model_configuration", "statistics", "parameters",
+)
+# Load parameters of the repository API (V2 model_repository extension).
+CONFIG_PARAM = "config"
+FILE_PARAM_PREFIX = "file:"
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+        self.repository = repository
+        self.limits = limits
+        self.accepting = False  # set by the Gateway once everything listens; cleared on drain
+
+    # ------------------------------------------------------------------ health
+    @staticmethod
+    def live() -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.accepting
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self.repository.ready(name, version)
+
+    # ------------------------------------------------------------------ inference
+    def admit(self) -> None:
+        """Refuse work before anything is decoded: while draining (issue-wide admission,
+        authentication and limits plug in here)."""
+        if not self.accepting:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
+
+    def infer(self, request: InferRequest) -> Awaitable[InferResponse]:
+        """Hand ``request`` to the version it names; await the answer.
+
+        Not a coroutine itself (one frame less per request): a refusal found here raises at
+        once, before anything is queued."""
+        self.admit()
+        return self.repository.resolve(request.model_name, request.model_version).submit(request)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.repository.served())
+
+    def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
+        """One log line per failed request, the same for both transports. Client values are
+        cut to a bounded length (a log line never carries unbounded input)."""
+        log.info("%s request to model '%s' failed: %s %s", protocol, model[:128], e.code.value, e.message[:1024],
+                 extra={"request_id": request_id[:128] or "-"})
+
+    # ------------------------------------------------------------------ metadata
+    @staticmethod
+    def server_metadata() -> dict:
+        return {"name": "batchgate", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str) -> dict:
+        served = self.repository.resolve(name, version)
+        sig = served.signature
+        entry = self.repository.entry(name)
+
+        def tensors(specs):
+            return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)}
+                    for t in specs]
+
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(entry.versions)],
+            "platform": sig.platform,
+            "inputs": tensors(sig.inputs),
+            "outputs": tensors(sig.outputs),
+        }
+
+    def model_config(self, name: str, version: str) -> mc.ModelConfig:
+        return self.repository.resolve(name, version).config
+
+    def model_config_json(self, name: str, version: str) -> dict:
+        return config_to_json(self.model_config(name, version))
+
+    def statistics(self, name: str, version: str) -> list[dict]:
+        if name:
+            entry = self.repository.entry(name)
+            if version:
+                return [self.repository.resolve(name, version).stats.as_dict()]
+            return [s.stats.as_dict() for _, s in sorted(entry.versions.items())]
+        if version:
+            raise invalid("a version needs a model name")
+        return [s.stats.as_dict() for s in self.repository.served()]
+
+    # ------------------------------------------------------------------ repository API
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        return self.repository.index(ready_only=ready_only)
+
+    async def load_model(self, name: str, parameters: Mapping[str, Any]) -> None:
+        """Load or reload ``name``. ``parameters`` are the load request's, decoded from the wire
+        (gRPC string/bytes params; HTTP JSON with ``file:`` values already base64-decoded):
+        ``config`` is the model config as JSON text or an object, ``file:<path>`` the bytes
+        of a file of the model directory."""
+        config = parameters.get(CONFIG_PARAM)
+        if config is not None and not isinstance(config, str):
+            if isinstance(config, dict):
+                config = orjson.dumps(config).decode()
+            else:
+                raise invalid("load parameter 'config' must be the model config as JSON text")
+        files: dict[str, bytes] = {}
+        for k, v in parameters.items():
+            if k.startswith(FILE_PARAM_PREFIX):
+                if not isinstance(v, bytes):
+                    raise invalid(f"load parameter '{k[:128]}' must carry the file's bytes")
+                files[k[len(FILE_PARAM_PREFIX):]] = v
+        await self.repository.load(name, config, files or None)
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload(name)
