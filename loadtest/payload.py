@@ -7,8 +7,9 @@ per input, full shapes: one request) or JSON lines (one V2 JSON request body per
 Each request is encoded for the transport it will travel on: a serialized
 ``ModelInferRequest`` (tensors as ``raw_input_contents``) for gRPC, a V2 JSON body, or a
 body in the binary tensor extension (JSON header, then the raw bytes) for HTTP. Every
-request carries ``x-batchgate-synthetic: 1`` (gRPC metadata or HTTP header) so the gateway
-can keep load-test traffic out of drift and canary statistics.
+request carries ``x-batchgate-synthetic: 1`` (gRPC metadata or HTTP header); the gateway
+marks such requests (``InferRequest.synthetic``), so features that keep statistics of real
+traffic can leave them out.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..core.errors import invalid
+from ..core.errors import ModelConfigError, invalid
 from ..core.types import BY_ONNX, DATATYPES
 from .base import IOInfo, LocalOptions, register_local
 
@@ -55,10 +55,6 @@ def _io(arg) -> IOInfo:
     return IOInfo(arg.name, dt.v2, _shape(arg.shape))
 
 
-class BackendConfigError(ValueError):
-    """The model's config asks for something this backend cannot do."""
-
-
 @register_local(PLATFORM, "onnxruntime")
 class OnnxBackend:
     platform = PLATFORM
@@ -78,7 +74,7 @@ class OnnxBackend:
             intra = int(params.get("intra_op_thread_count", "0") or 0)
             inter = int(params.get("inter_op_thread_count", "0") or 0)
         except ValueError:
-            raise BackendConfigError("intra_op_thread_count / inter_op_thread_count must be integers") from None
+            raise ModelConfigError("intra_op_thread_count / inter_op_thread_count must be integers") from None
         return cls(path, providers, intra, inter)
 
     def __init__(

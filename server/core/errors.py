@@ -36,6 +36,11 @@ class GatewayError(Exception):
         return f"GatewayError({self.code.value}, {self.message!r})"
 
 
+class ModelConfigError(ValueError):
+    """A model's config or files cannot be served (a load error, not a request error); the
+    message names the model and what is wrong. Settings errors are ``config.ConfigError``."""
+
+
 def invalid(message: str) -> GatewayError:
     return GatewayError(ErrorCode.INVALID_ARGUMENT, message)
 

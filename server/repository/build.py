@@ -15,13 +15,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends import onnx as _onnx  # noqa: F401 - registers the ONNX Runtime backend
 from ..backends.base import Backend, LocalOptions, local_backend, local_platforms
-from ..backends.onnx import BackendConfigError
 from ..backends.remote import RemoteV2Backend
 from ..config import RemoteModel
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from ..threads import InferenceThreads
-from .config import ConfigError, complete_config, instances_of, queue_bound, read_config, schedule_of, signature_of
+from ..core.errors import ModelConfigError
+from .config import complete_config, instances_of, queue_bound, read_config, schedule_of, signature_of
 from .config import versions_to_serve
 from .scan import list_versions
 
@@ -53,7 +53,7 @@ class VersionBuilder:
         try:
             schedule = schedule_of(cfg, o.max_queue_size, policy)
         except ValueError as e:
-            raise ConfigError(f"model '{cfg.name}': {e}") from None
+            raise ModelConfigError(f"model '{cfg.name}': {e}") from None
         return ModelVersion(cfg, signature_of(cfg), version, backend, schedule, instances_of(cfg),
                             queue_bound(cfg, o.max_queue_size), self._threads,
                             self._metrics.bind(cfg.name, version), inline_max_us)
@@ -63,15 +63,15 @@ class VersionBuilder:
         cfg = override if override is not None else read_config(model_dir, name)
         available = list_versions(model_dir)
         if not available:
-            raise ConfigError(f"model '{name}' has no version directory (e.g. {name}/1/model.onnx)")
+            raise ModelConfigError(f"model '{name}' has no version directory (e.g. {name}/1/model.onnx)")
         versions = versions_to_serve(cfg, available)
         if not versions:
-            raise ConfigError(f"model '{name}': the version policy selects none of the versions {available}")
+            raise ModelConfigError(f"model '{name}': the version policy selects none of the versions {available}")
         platform = cfg.platform or cfg.backend or DEFAULT_PLATFORM
         try:
             cls = local_backend(platform)
         except KeyError:
-            raise ConfigError(f"model '{name}': platform '{platform}' is not served; batchgate serves "
+            raise ModelConfigError(f"model '{name}': platform '{platform}' is not served; batchgate serves "
                               f"{', '.join(local_platforms())}") from None
         built: dict[int, ModelVersion] = {}
         for v in versions:
@@ -80,13 +80,13 @@ class VersionBuilder:
             if os.path.isdir(path):
                 path = os.path.join(path, "model.onnx")
             if not os.path.exists(path):
-                raise ConfigError(f"model '{name}' version {v}: {os.path.relpath(path, model_dir)} is missing")
+                raise ModelConfigError(f"model '{name}' version {v}: {os.path.relpath(path, model_dir)} is missing")
             try:
                 backend = cls.load(path, cfg, LocalOptions(self.options.gpu_device_id))
-            except BackendConfigError as e:
-                raise ConfigError(f"model '{name}': {e}") from None
+            except ModelConfigError as e:
+                raise ModelConfigError(f"model '{name}': {e}") from None
             except Exception as e:  # an engine raises its own exception types for bad files
-                raise ConfigError(f"model '{name}': {cls.engine} cannot load {os.path.basename(path)}: {e}") from None
+                raise ModelConfigError(f"model '{name}': {cls.engine} cannot load {os.path.basename(path)}: {e}") from None
             full = complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(),
                                    self.options.default_max_batch_size)
             if self.options.warm_up:

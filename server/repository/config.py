@@ -15,15 +15,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends.base import IOInfo
 from ..core.batching import BatcherConfig
-from ..core.errors import invalid
+from ..core.errors import ModelConfigError, invalid
 from ..core.signature import ModelSignature, TensorSpec
 from ..core.types import BY_CONFIG, DATATYPES
 
 CONFIG_FILE = "config.pbtxt"
 
 
-class ConfigError(ValueError):
-    """A model's config (or files) cannot be served; the message names the model and what is wrong."""
 
 
 def read_config(model_dir: str, name: str) -> mc.ModelConfig:
@@ -35,9 +33,9 @@ def read_config(model_dir: str, name: str) -> mc.ModelConfig:
         try:
             text_format.Parse(text, cfg)
         except text_format.ParseError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ModelConfigError(f"{path}: {e}") from None
     if cfg.name and cfg.name != name:
-        raise ConfigError(f"{path}: name '{cfg.name}' does not match the directory name '{name}'")
+        raise ModelConfigError(f"{path}: name '{cfg.name}' does not match the directory name '{name}'")
     cfg.name = name
     return cfg
 
@@ -99,7 +97,7 @@ def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], ou
         for entry in given:
             t = by_name.get(entry.name)
             if t is None:
-                raise ConfigError(
+                raise ModelConfigError(
                     f"model '{cfg.name}': config {kind} '{entry.name}' is not in the model; "
                     f"the model's {kind}s are {', '.join(repr(n) for n in by_name)}"
                 )
@@ -107,7 +105,7 @@ def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], ou
             if entry.data_type == mc.TYPE_INVALID:
                 entry.data_type = mc.DataType.Value(want)
             elif mc.DataType.Name(entry.data_type) != want:
-                raise ConfigError(
+                raise ModelConfigError(
                     f"model '{cfg.name}': config {kind} '{entry.name}' says "
                     f"{mc.DataType.Name(entry.data_type)} but the model has {want}"
                 )
@@ -127,7 +125,7 @@ def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
         name = mc.DataType.Name(entry.data_type)
         dt = BY_CONFIG.get(name)
         if dt is None:
-            raise ConfigError(f"model '{cfg.name}': tensor '{entry.name}' has unsupported type {name}")
+            raise ModelConfigError(f"model '{cfg.name}': tensor '{entry.name}' has unsupported type {name}")
         dims = tuple(int(d) for d in entry.dims)
         return TensorSpec(entry.name, dt, dims, optional=(not output and entry.optional))
 

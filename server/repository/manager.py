@@ -35,12 +35,12 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..config import RemoteModel
-from ..core.errors import ErrorCode, GatewayError, not_found
+from ..config import ConfigError, RemoteModel
+from ..core.errors import ErrorCode, GatewayError, ModelConfigError, not_found
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
-from .config import ConfigError, config_from_json
+from .config import config_from_json
 from .scan import fingerprint, model_names
 
 log = logging.getLogger("batchgate.repository")
@@ -295,13 +295,13 @@ class ModelRepository:
             try:
                 new = await asyncio.get_running_loop().run_in_executor(
                     self.pool, self.builder.local, name, model_dir, override)
-            except (ConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
+            except (ModelConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
                 msg = e.message if isinstance(e, GatewayError) else str(e)
                 log.error("model '%s' failed to load: %s", name, msg)
                 self._failed(entry, msg)
                 entry.fingerprint = fp
                 if fail_missing:
-                    raise GatewayError(ErrorCode.INVALID_ARGUMENT if isinstance(e, ConfigError)
+                    raise GatewayError(ErrorCode.INVALID_ARGUMENT if isinstance(e, ModelConfigError)
                                        else ErrorCode.UNAVAILABLE,
                                        f"failed to load model '{name}': {msg}") from None
                 return

@@ -7,7 +7,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from batchgate.backends.base import IOInfo
-from batchgate.repository.config import (ConfigError, complete_config, config_to_json, read_config, signature_of,
+from batchgate.core.errors import ModelConfigError as ConfigError
+from batchgate.repository.config import (complete_config, config_to_json, read_config, signature_of,
                                          versions_to_serve)
 
 PBTXT = """
