@@ -87,7 +87,7 @@ class ModelVersion:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        metrics.track(self, lambda: self.scheduler.queue_depth, lambda: self.in_flight,
+        metrics.track(self, self.stats, lambda: self.scheduler.queue_depth, lambda: self.in_flight,
                       self.scheduler.oldest_age_s, self.ready if backend.kind == "remote" else None)
 
     def ready(self) -> bool:

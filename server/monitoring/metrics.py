@@ -10,67 +10,157 @@ microsecond); a collector turns them into Prometheus families when
 ``/metrics`` is scraped. prometheus-client's own metric objects take a lock on
 every update, which ``bench/serving.py`` showed costing several percent of
 throughput at five updates per request.
+
+Everything a process holds is read as one :class:`Snapshot` (plain data); ``/metrics``
+renders a snapshot, and snapshots of several processes add up with
+:meth:`Snapshot.merge`, each family by the rule the :data:`FAMILIES` table declares:
+counters and histograms are summed (and, kept for a process that has gone, never go
+backwards), gauges are summed, maxed or and-ed according to what they mean.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
+
+from ..core.stats import ModelStats, merge_stats
 
 # Latency buckets from 50 µs to 10 s: CPU models answer in well under a millisecond.
 LATENCY_BUCKETS_S = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
-_LE = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-MODEL = ["model", "version"]
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-# name, type, help, extra labels
-FAMILIES = {
-    "batchgate_requests": ("counter", "Inference requests answered, by outcome", ["protocol", "status"]),
-    "batchgate_request_duration_seconds": (
-        "histogram", "Time from a request's arrival at the gateway to its answer", ["protocol"]),
-    "batchgate_queue_duration_seconds": ("histogram", "Time a request waited in the scheduler queue", []),
-    "batchgate_compute_duration_seconds": (
-        "histogram", "Time of one backend execution (input preparation, inference, output extraction)", []),
-    "batchgate_inference_count": ("counter", "Inferences performed (a batch of n counts n)", []),
-    "batchgate_execution_count": ("counter", "Backend executions (batches)", []),
-    "batchgate_queue_depth": ("gauge", "Requests accepted and waiting to execute", []),
-    "batchgate_queue_oldest_age_seconds": (
-        "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", []),
-    "batchgate_batch_size": ("histogram", "Rows per backend execution", []),
-    "batchgate_refusals": (
+# How the figures of several processes (worker processes) combine, by what each means.
+SUM, MAX, ALL = "sum", "max", "all"  # ALL: 1 only when every process says 1 (readiness)
+
+
+@dataclass(frozen=True)
+class Family:
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]  # every label, in order
+    merge: str = SUM  # counters and histograms always SUM; a gauge says what it means
+    buckets: tuple[float, ...] = LATENCY_BUCKETS_S  # histograms only
+
+
+def _model(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
+    return Family(kind, doc, ("model", "version") + extra, **kw)
+
+
+def _upstream(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
+    return Family(kind, doc, ("model", "upstream") + extra, **kw)
+
+
+FAMILIES: dict[str, Family] = {
+    "batchgate_requests": _model("counter", "Inference requests answered, by outcome", ("protocol", "status")),
+    "batchgate_request_duration_seconds": _model(
+        "histogram", "Time from a request's arrival at the gateway to its answer", ("protocol",)),
+    "batchgate_queue_duration_seconds": _model("histogram", "Time a request waited in the scheduler queue"),
+    "batchgate_compute_duration_seconds": _model(
+        "histogram", "Time of one backend execution (input preparation, inference, output extraction)"),
+    "batchgate_inference_count": _model("counter", "Inferences performed (a batch of n counts n)"),
+    "batchgate_execution_count": _model("counter", "Backend executions (batches)"),
+    "batchgate_queue_depth": _model("gauge", "Requests accepted and waiting to execute"),
+    "batchgate_queue_oldest_age_seconds": _model(
+        "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", merge=MAX),
+    "batchgate_batch_size": _model("histogram", "Rows per backend execution", buckets=BATCH_BUCKETS),
+    "batchgate_refusals": _model(
         "counter", "Requests a scheduler turned away or dropped unexecuted, by reason "
-        "(queue_full, deadline_unmeetable, deadline_expired, queue_timeout)", ["reason"]),
-    "batchgate_inflight_requests": ("gauge", "Requests accepted and not yet answered", []),
-    "batchgate_model_ready": ("gauge", "1 when the model version is loaded and serving, else 0", []),
-    "batchgate_model_load_duration_seconds": ("gauge", "Time the last load of the model version took", []),
+        "(queue_full, deadline_unmeetable, deadline_expired, queue_timeout)", ("reason",)),
+    "batchgate_inflight_requests": _model("gauge", "Requests accepted and not yet answered"),
+    "batchgate_model_ready": _model("gauge", "1 when the model version is loaded and serving, else 0", merge=ALL),
+    "batchgate_model_load_duration_seconds": _model(
+        "gauge", "Time the last load of the model version took", merge=MAX),
+    "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
+    # Remote models (backends/remote.py): one series per model and upstream address.
+    "batchgate_upstream_requests": _upstream("counter", "Calls sent to an upstream V2 server"),
+    "batchgate_upstream_errors": _upstream("counter", "Upstream calls that failed, by gRPC status code", ("code",)),
+    "batchgate_upstream_request_duration_seconds": _upstream("histogram", "Time of one upstream call"),
+    "batchgate_upstream_ejections": _upstream(
+        "counter", "Times the upstream was taken out of rotation after consecutive failures"),
+    "batchgate_upstream_outstanding": _upstream("gauge", "Calls sent to the upstream and not yet answered"),
+    "batchgate_upstream_healthy": _upstream(
+        "gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", merge=ALL),
 }
-LOAD_FAILURES = ("batchgate_model_load_failures", "Model loads that failed")
-# Remote models (backends/remote.py): one series per model and upstream address.
-UPSTREAM = ["model", "upstream"]
-UPSTREAM_FAMILIES = {
-    "batchgate_upstream_requests": ("counter", "Calls sent to an upstream V2 server", []),
-    "batchgate_upstream_errors": ("counter", "Upstream calls that failed, by gRPC status code", ["code"]),
-    "batchgate_upstream_request_duration_seconds": ("histogram", "Time of one upstream call", []),
-    "batchgate_upstream_ejections": (
-        "counter", "Times the upstream was taken out of rotation after consecutive failures", []),
-    "batchgate_upstream_outstanding": ("gauge", "Calls sent to the upstream and not yet answered", []),
-    "batchgate_upstream_healthy": ("gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", []),
-}
+
+Labels = tuple[str, ...]
+HistValue = tuple[tuple[int, ...], float]  # (count per bucket, the last for +Inf), sum
+
+
+@dataclass
+class Snapshot:
+    """Every figure one process holds, as plain data (picklable, JSON-able once the label
+    tuples are joined): per family, label values -> a number or a histogram; and the V2
+    statistics of each model version. Several processes' snapshots add up with
+    :meth:`merge`, each family by the rule it declares."""
+
+    values: dict[str, dict[Labels, float | HistValue]] = field(default_factory=dict)
+    stats: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    def add(self, family: str, labels: Labels, value: float | HistValue) -> None:
+        self.values.setdefault(family, {})[labels] = value
+
+    def merge(self, other: Snapshot) -> Snapshot:
+        out = Snapshot({f: dict(series) for f, series in self.values.items()}, dict(self.stats))
+        for fam, series in other.values.items():
+            rule = FAMILIES[fam].merge
+            mine = out.values.setdefault(fam, {})
+            for labels, v in series.items():
+                have = mine.get(labels)
+                mine[labels] = v if have is None else _combine(rule, have, v)
+        for key, st in other.stats.items():
+            have_st = out.stats.get(key)
+            out.stats[key] = st if have_st is None else merge_stats(have_st, st)
+        return out
+
+    def without_gauges(self) -> Snapshot:
+        """What a process that has gone keeps contributing: its counters and histograms (so
+        totals never go backwards), not its gauges (its queue is gone with it)."""
+        return Snapshot({f: dict(s) for f, s in self.values.items() if FAMILIES[f].kind != "gauge"}, dict(self.stats))
+
+
+def _combine(rule: str, a: float | HistValue, b: float | HistValue) -> float | HistValue:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return tuple(x + y for x, y in zip(a[0], b[0])), a[1] + b[1]
+    assert not isinstance(a, tuple) and not isinstance(b, tuple)
+    if rule == SUM:
+        return a + b
+    if rule == MAX:
+        return max(a, b)
+    return min(a, b)  # ALL
+
+
+def render(snapshot: Snapshot) -> list:
+    """Prometheus families from a snapshot (what ``/metrics`` shows)."""
+    out = []
+    for name, fam in FAMILIES.items():
+        metric = _KINDS[fam.kind](name, fam.help, labels=list(fam.labels))
+        for labels, v in snapshot.values.get(name, {}).items():
+            if isinstance(v, tuple):
+                metric.add_metric(list(labels), _cumulative(v[0], fam.buckets), v[1])
+            else:
+                metric.add_metric(list(labels), v)
+        out.append(metric)
+    return out
+
+
+def _cumulative(counts: tuple[int, ...], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
+    les = [floatToGoString(b) for b in buckets] + ["+Inf"]
+    out, total = [], 0
+    for le, n in zip(les, counts):
+        total += n
+        out.append((le, total))
+    return out
 
 
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
-
-
-def _families(specs: dict, labels: list[str]) -> dict:
-    """Empty Prometheus families for a table of (kind, help, extra labels) by name."""
-    return {name: _KINDS[kind](name, doc, labels=labels + extra) for name, (kind, doc, extra) in specs.items()}
 
 
 class Histogram:
@@ -86,12 +176,8 @@ class Histogram:
         self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         self.sum += seconds
 
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for le, n in zip(_LE, self.counts):
-            total += n
-            out.append((le, total))
-        return out
+    def value(self) -> HistValue:
+        return tuple(self.counts), self.sum
 
     @property
     def count(self) -> int:
@@ -119,12 +205,14 @@ class ModelMetrics:
         self._oldest_age: Callable[[], float] | None = None
         self._ready: Callable[[], bool] | None = None
         self._owner: object = None
+        self.stats: ModelStats | None = None  # the V2 statistics of the version now tracked
 
-    def track(self, owner: object, queue_depth: Callable[[], int], in_flight: Callable[[], int],
+    def track(self, owner: object, stats: ModelStats, queue_depth: Callable[[], int], in_flight: Callable[[], int],
               oldest_age: Callable[[], float], ready: Callable[[], bool] | None = None) -> None:
         """Export live gauges read from ``owner`` (a served model version) from now on;
         ``ready`` is asked at each scrape where readiness can change while loaded."""
         self._owner = owner
+        self.stats = stats
         self._queue_depth, self._in_flight, self._oldest_age = queue_depth, in_flight, oldest_age
         self._ready = ready
         self.ready = 1
@@ -133,7 +221,19 @@ class ModelMetrics:
         """Stop the gauges, unless a reload of the same version has taken them over."""
         if self._owner is owner:
             self._owner = self._queue_depth = self._in_flight = self._oldest_age = self._ready = None
+            self.stats = None
             self.ready = 0
+
+    def is_ready(self) -> int:
+        ready = self._ready
+        return int(ready()) if self.ready and ready is not None else self.ready
+
+    def gauges(self) -> tuple[int, int, float] | None:
+        """Queue depth, requests in flight, oldest queued age; None once retired."""
+        depth, inflight, oldest = self._queue_depth, self._in_flight, self._oldest_age
+        if depth is None or inflight is None or oldest is None:
+            return None
+        return depth(), inflight(), oldest()
 
     def request_done(self, protocol: str, status: str, seconds: float) -> None:
         key = (protocol, status)
@@ -189,53 +289,57 @@ class Metrics:
     def load_failed(self, model: str) -> None:
         self._load_failures[model] = self._load_failures.get(model, 0) + 1
 
-    # prometheus_client collector protocol -------------------------------------------
+    # the snapshot seam and the prometheus_client collector protocol -----------------
+    def snapshot(self) -> Snapshot:
+        """Every figure of this process, read once (see :class:`Snapshot`)."""
+        snap = Snapshot()
+        add = snap.add
+        for (model, version), m in list(self._models.items()):
+            mv = (model, version)
+            for (protocol, status), n in list(m.requests.items()):
+                add("batchgate_requests", mv + (protocol, status), n)
+            for protocol, h in list(m.durations.items()):
+                add("batchgate_request_duration_seconds", mv + (protocol,), h.value())
+            add("batchgate_queue_duration_seconds", mv, m.queue.value())
+            add("batchgate_compute_duration_seconds", mv, m.compute.value())
+            add("batchgate_inference_count", mv, m.inferences)
+            add("batchgate_execution_count", mv, m.executions)
+            add("batchgate_model_ready", mv, m.is_ready())
+            gauges = m.gauges()
+            if gauges is not None:
+                add("batchgate_queue_depth", mv, gauges[0])
+                add("batchgate_inflight_requests", mv, gauges[1])
+                add("batchgate_queue_oldest_age_seconds", mv, gauges[2])
+            for reason, n in list(m.refusals.items()):
+                add("batchgate_refusals", mv + (reason,), n)
+            add("batchgate_batch_size", mv, _batch_histogram(dict(m.batch_rows)))
+            if m.load_seconds is not None:
+                add("batchgate_model_load_duration_seconds", mv, m.load_seconds)
+            if m.stats is not None:
+                snap.stats[mv] = m.stats.as_dict()
+        for model, n in list(self._load_failures.items()):
+            add("batchgate_model_load_failures", (model,), n)
+        for (model, address), u in list(self._upstreams.items()):
+            lv = (model, address)
+            add("batchgate_upstream_requests", lv, u.requests)
+            for code, n in list(u.errors.items()):
+                add("batchgate_upstream_errors", lv + (code,), n)
+            add("batchgate_upstream_request_duration_seconds", lv, u.latency.value())
+            add("batchgate_upstream_ejections", lv, u.ejections)
+            add("batchgate_upstream_outstanding", lv, u.outstanding)
+            add("batchgate_upstream_healthy", lv, u.healthy)
+        return snap
+
     def describe(self) -> list:
         return []
 
     def collect(self) -> Iterator:
-        fams = _families(FAMILIES, MODEL)
-        for (model, version), m in list(self._models.items()):
-            mv = [model, version]
-            for (protocol, status), n in list(m.requests.items()):
-                fams["batchgate_requests"].add_metric(mv + [protocol, status], n)
-            for protocol, h in list(m.durations.items()):
-                fams["batchgate_request_duration_seconds"].add_metric(mv + [protocol], h.cumulative(), h.sum)
-            fams["batchgate_queue_duration_seconds"].add_metric(mv, m.queue.cumulative(), m.queue.sum)
-            fams["batchgate_compute_duration_seconds"].add_metric(mv, m.compute.cumulative(), m.compute.sum)
-            fams["batchgate_inference_count"].add_metric(mv, m.inferences)
-            fams["batchgate_execution_count"].add_metric(mv, m.executions)
-            ready = m._ready
-            fams["batchgate_model_ready"].add_metric(mv, int(ready()) if m.ready and ready is not None else m.ready)
-            depth, inflight, oldest = m._queue_depth, m._in_flight, m._oldest_age
-            if depth is not None and inflight is not None and oldest is not None:
-                fams["batchgate_queue_depth"].add_metric(mv, depth())
-                fams["batchgate_inflight_requests"].add_metric(mv, inflight())
-                fams["batchgate_queue_oldest_age_seconds"].add_metric(mv, oldest())
-            for reason, n in list(m.refusals.items()):
-                fams["batchgate_refusals"].add_metric(mv + [reason], n)
-            rows_seen = dict(m.batch_rows)
-            buckets = [(str(b), sum(n for r, n in rows_seen.items() if r <= b)) for b in BATCH_BUCKETS]
-            buckets.append(("+Inf", sum(rows_seen.values())))
-            fams["batchgate_batch_size"].add_metric(mv, buckets, sum(r * n for r, n in rows_seen.items()))
-            if m.load_seconds is not None:
-                fams["batchgate_model_load_duration_seconds"].add_metric(mv, m.load_seconds)
-        failures = CounterMetricFamily(LOAD_FAILURES[0], LOAD_FAILURES[1], labels=["model"])
-        for model, n in list(self._load_failures.items()):
-            failures.add_metric([model], n)
-        yield from fams.values()
-        yield failures
-        yield from self._collect_upstreams()
+        yield from render(self.snapshot())
 
-    def _collect_upstreams(self) -> Iterator:
-        fams = _families(UPSTREAM_FAMILIES, UPSTREAM)
-        for (model, address), u in list(self._upstreams.items()):
-            lv = [model, address]
-            fams["batchgate_upstream_requests"].add_metric(lv, u.requests)
-            for code, n in list(u.errors.items()):
-                fams["batchgate_upstream_errors"].add_metric(lv + [code], n)
-            fams["batchgate_upstream_request_duration_seconds"].add_metric(lv, u.latency.cumulative(), u.latency.sum)
-            fams["batchgate_upstream_ejections"].add_metric(lv, u.ejections)
-            fams["batchgate_upstream_outstanding"].add_metric(lv, u.outstanding)
-            fams["batchgate_upstream_healthy"].add_metric(lv, u.healthy)
-        yield from fams.values()
+
+def _batch_histogram(rows_seen: dict[int, int]) -> HistValue:
+    """Executions by rows (rows -> executions) in the batch-size buckets."""
+    counts = [0] * (len(BATCH_BUCKETS) + 1)
+    for rows, n in rows_seen.items():
+        counts[bisect_left(BATCH_BUCKETS, rows)] += n
+    return tuple(counts), float(sum(r * n for r, n in rows_seen.items()))
