@@ -104,7 +104,7 @@ class Upstream:
     def in_rotation(self) -> bool:
         return self.ready and not self.ejected
 
-    def _healthy_gauge(self) -> None:
+    def update_gauge(self) -> None:
         self.metrics.healthy = int(self.in_rotation)
 
 
@@ -231,7 +231,7 @@ class RemoteV2Backend:
         up.ready = ok
         if not ok and not up.ejected:
             up.why = why
-        up._healthy_gauge()
+        up.update_gauge()
 
     async def _probe_loop(self) -> None:
         while not self._closed:
@@ -268,7 +268,7 @@ class RemoteV2Backend:
             up.why = (f"ejected after {up.failures} consecutive failures, last {e.code().name}: {e.details()}; "
                       f"probed again in {up.eject_s:g} s")
             up.metrics.ejections += 1
-            up._healthy_gauge()
+            up.update_gauge()
             log.warning("upstream %s of model '%s' %s", up.address, self.spec.name, up.why)
 
     # ------------------------------------------------------------------ inference
@@ -359,7 +359,7 @@ class RemoteV2Backend:
         for up in self.upstreams:
             up.ready = False
             if up.metrics.owner is up:  # not when a newer backend (a reload) reports this upstream
-                up._healthy_gauge()
+                up.update_gauge()
 
 
 def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:
