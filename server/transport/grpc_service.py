@@ -154,8 +154,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def RepositoryModelLoad(self, request, context):
-        params = {k: getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
-                  for k, p in request.parameters.items()}
+        params = {k: grpc_codec.param_value(p) for k, p in request.parameters.items()}
         try:
             await self.dp.load_model(request.model_name, params)
         except GatewayError as e:
@@ -191,7 +190,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
-            log.exception("gRPC infer to model '%s' failed", request.model_name)
+            log.exception("gRPC infer to model '%s' failed", request.model_name[:128] if request else "?")
             return await _abort(context, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
 
     async def ModelStreamInfer(self, request_iterator, context):
