@@ -49,5 +49,13 @@ bench-batching: $(STAMP) bench-tools
 bench-remote: $(STAMP) bench-tools
 	$(PY) bench/remote.py
 
+# Does a change regress serving speed? Two commits' benchmarks alternated (bench/compare.py):
+#   make bench-compare BEFORE=HEAD~1 [AFTER=HEAD] [COMPARE_ARGS="--bench serving --rounds 7"]
+.PHONY: bench-compare
+AFTER ?= HEAD
+bench-compare: $(STAMP) bench-tools
+	$(if $(BEFORE),,$(error BEFORE=<rev> is required, e.g. make bench-compare BEFORE=HEAD~1))
+	$(PY) bench/compare.py --before '$(BEFORE)' --after '$(AFTER)' $(COMPARE_ARGS)
+
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info bench/results .cache
