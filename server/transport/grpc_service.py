@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import caller_headers
+from ..core.types import InferRequest, caller_headers
 from ..dataplane import DataPlane
 from . import grpc_codec
 
@@ -39,7 +39,7 @@ _monotonic = time.monotonic
 
 
 async def _abort(context, e: GatewayError):
-    md = ()
+    md: tuple[tuple[str, str], ...] = ()
     if e.retry_after_s is not None:
         md = (("retry-after", str(max(1, round(e.retry_after_s)))),)
         context.set_trailing_metadata(md)
@@ -169,7 +169,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------ inference
-    def _decode(self, msg, context, headers) -> grpc_codec.InferRequest:
+    def _decode(self, msg, context, headers) -> InferRequest:
         arrival = _monotonic()
         remaining = context.time_remaining()
         return grpc_codec.decode_request(msg, arrival, self.dp.limits, headers,
@@ -218,7 +218,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 # Answers may come out of order, and tritonclient hands a stream error to the
                 # caller without the response's id: the message itself names the request.
                 await out.put(pb.ModelStreamInferResponse(
-                    error_message=f"[request id: {rid[:128]}] {e.message}" if rid else e.message,
+                    error_message=e.message if not rid or e.message.startswith("[request id: ")
+                    else f"[request id: {rid[:128]}] {e.message}",
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name,
                                                          model_version=msg.model_version, id=rid)))
 

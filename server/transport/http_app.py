@@ -39,7 +39,9 @@ HTTP_STATUS = {
 # Health endpoints (the Helm chart's probes and the image's HEALTHCHECK use these).
 LIVE_PATH = "/v2/health/live"  # 200 while the process serves HTTP, draining included
 READY_PATH = "/v2/health/ready"  # 200 while accepting inference; 400 once draining starts
-MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?(?:/(infer|ready|config|stats))?/?$")
+# Any version segment matches: the data plane says what is wrong with one that is not a number,
+# as it does for gRPC.
+MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|ready|config|stats))?/?$")
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]

@@ -4,19 +4,32 @@ extension) and the gateway's core types."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import orjson
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import NamedTuple
-
 from ..core.errors import invalid
-from ..core.types import (DATATYPES, EMPTY, InferRequest, InferResponse, RequestLimits, Tensor, datatype,
-                          element_count, from_raw, new_request, to_raw)
+from ..core.types import (
+    DATATYPES,
+    EMPTY,
+    DataType,
+    InferRequest,
+    InferResponse,
+    RequestLimits,
+    Tensor,
+    datatype,
+    element_count,
+    from_raw,
+    new_request,
+    to_raw,
+)
 
 _EMPTY = memoryview(b"")
+# A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
+JSONValue = Any
 _NUMPY_JSON = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
 
 
@@ -45,7 +58,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return bytes(mv[:n]), mv[n:]
 
 
-def parse_json(data: bytes, what: str = "request body"):
+def parse_json(data: bytes, what: str = "request body") -> JSONValue:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -73,6 +86,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
         raise invalid("request must have a non-empty 'inputs' list")
     offset = 0
     inputs = []
+    dt: DataType | None
     maybe_bools = b"true" in head or b"false" in head
     for j in raw_inputs:
         try:
@@ -109,7 +123,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
     if type(req_params) is not dict:
         raise invalid("request 'parameters' must be an object")
     outputs = None
-    binary: dict[str, bool] = {}
+    binary_outputs: dict[str, bool] = {}  # output name -> its binary_data parameter
     raw_outputs = obj.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -125,18 +139,24 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
                 raise invalid(f"output '{o['name']}': the classification extension is not supported")
             b = op.get("binary_data")
             if b is not None:
-                binary[o["name"]] = bool(b)
+                binary_outputs[o["name"]] = bool(b)
             outputs.append(o["name"])
     rid = obj.get("id", "")
     if type(rid) is not str:
         raise invalid("request 'id' must be a string")
+    # binary_data_output says how this wire writes the outputs: an HTTP option, not a request
+    # parameter (gRPC has no such thing), so it is neither kept on the request nor counted.
+    binary_default = False
+    if "binary_data_output" in req_params:
+        req_params = dict(req_params)
+        binary_default = bool(req_params.pop("binary_data_output"))
     req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits)
-    if not binary and not req_params.get("binary_data_output"):
+    if not binary_outputs and not binary_default:
         return req, JSON_OUTPUTS
-    return req, OutputOptions(bool(req_params.get("binary_data_output", False)), MappingProxyType(binary))
+    return req, OutputOptions(binary_default, MappingProxyType(binary_outputs))
 
 
-def _explain_bad_input(j) -> None:
+def _explain_bad_input(j: object) -> NoReturn:
     """Raise the precise error for an input entry that failed the quick checks."""
     if not isinstance(j, dict) or not isinstance(j.get("name"), str):
         raise invalid("each entry of 'inputs' must be an object with a 'name'")
@@ -147,7 +167,7 @@ def _explain_bad_input(j) -> None:
     raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {j.get('shape')!r}")
 
 
-def _from_json(data, dt, shape, name: str, maybe_bools: bool = True) -> np.ndarray:
+def _from_json(data: JSONValue, dt: DataType, shape: tuple[int, ...], name: str, maybe_bools: bool = True) -> np.ndarray:
     what = f"input '{name}'"
     count = element_count(shape)
     try:
@@ -164,7 +184,7 @@ def _from_json(data, dt, shape, name: str, maybe_bools: bool = True) -> np.ndarr
     return arr.reshape(shape)
 
 
-def _json_numbers(data, dt, maybe_bools: bool = True) -> np.ndarray:
+def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np.ndarray:
     """JSON values as ``dt``, refusing what a cast would silently change: a plain
     ``np.asarray(data, dtype)`` turns 1.5 into 1, true into 1 and "7" into 7."""
     arr = np.asarray(data)  # numpy's own reading first: its kind says what the JSON held
@@ -195,11 +215,11 @@ def _json_numbers(data, dt, maybe_bools: bool = True) -> np.ndarray:
     return arr.astype(dt.np_dtype)
 
 
-def _bytes_elem(v, what):
+def _bytes_elem(v: object, what: str) -> NoReturn:
     raise invalid(f"{what}: BYTES data must be strings, not {type(v).__name__}")
 
 
-def _flatten(x) -> list:
+def _flatten(x: JSONValue) -> list[JSONValue]:
     if not isinstance(x, list):
         return [x]
     out = []
@@ -220,7 +240,7 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
     for t in resp.outputs:
         b = wanted.get(t.name)
         binary = default if b is None else b
-        entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        entry: dict[str, object] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         if binary:
             raw = to_raw(t.data, DATATYPES[t.datatype])
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -238,7 +258,7 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
     return head + b"".join(binaries), len(head)
 
 
-def _to_json(t: Tensor):
+def _to_json(t: Tensor) -> object:  # what orjson writes as the JSON list
     arr = t.data.reshape(-1)
     if t.datatype in _NUMPY_JSON and arr.dtype == DATATYPES[t.datatype].np_dtype.newbyteorder("="):
         return np.ascontiguousarray(arr)
