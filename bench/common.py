@@ -60,8 +60,9 @@ def choose_pinning(enabled: bool) -> Pinning:
         return Pinning([], [], "off (--no-pin)")
     if len(cores) < 2 or shutil.which("taskset") is None:
         return Pinning([], [], f"off: needs 2 cores and taskset (have {len(cores)} cores)")
-    s, l = str(cores[0]), str(cores[1])
-    return Pinning(["taskset", "-c", s], ["taskset", "-c", l], f"server on core {s}, load tool on core {l}", [s, l])
+    server, load = str(cores[0]), str(cores[1])
+    return Pinning(["taskset", "-c", server], ["taskset", "-c", load],
+                   f"server on core {server}, load tool on core {load}", [server, load])
 
 
 class Server:
@@ -71,7 +72,7 @@ class Server:
         self.name = name
         self.cmd = cmd
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - the server writes it until stop() closes it
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=str(HERE.parent))
         self.match = self._wait_ready(ready)
@@ -245,9 +246,10 @@ def tool_version(cmd: list[str]) -> str:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "?"

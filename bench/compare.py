@@ -107,7 +107,7 @@ def say(msg: str) -> None:
 
 
 def git(*args: str, cwd: Path = ROOT) -> str:
-    p = subprocess.run(["git", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SetupError(f"git {' '.join(args)} (in {cwd}) failed: {p.stderr.strip()}")
     return p.stdout.strip()
@@ -179,7 +179,7 @@ def main_site_packages(deps_venv: Path) -> Path:
     if not py.exists():
         raise SetupError(f"no {py}: build the main venv first (`make install`)")
     p = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd="/")
+                       capture_output=True, text=True, env=clean_env(), cwd="/")
     if p.returncode != 0:
         raise SetupError(f"{py} does not run: {p.stderr.strip()}")
     return Path(p.stdout.strip())
@@ -197,8 +197,7 @@ def verify_venv(rev: Rev) -> str | None:
     for cwd in (rev.tree, rev.tree / "bench", ROOT):
         if not cwd.is_dir():
             continue
-        p = subprocess.run([str(rev.python), "-c", VERIFY], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=clean_env(rev.venv))
+        p = subprocess.run([str(rev.python), "-c", VERIFY], cwd=cwd, capture_output=True, text=True, env=clean_env(rev.venv))
         if p.returncode != 0:
             return f"import batchgate fails (cwd {cwd}): {p.stderr.strip()[-1500:]}"
         got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -257,7 +256,7 @@ def ensure_venv(rev: Rev, deps_site: Path) -> None:
 def check_main_venv_untouched(deps_venv: Path) -> None:
     """The main venv must still resolve batchgate to this checkout (nothing here may change it)."""
     p = subprocess.run([str(deps_venv / "bin" / "python"), "-c", "import batchgate; print(batchgate.__file__)"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(deps_venv), cwd="/")
+                       capture_output=True, text=True, env=clean_env(deps_venv), cwd="/")
     if p.returncode != 0 or not Path(p.stdout.strip()).resolve().is_relative_to((ROOT / "server").resolve()):
         say(f"warning: the main venv's batchgate now resolves to {p.stdout.strip() or p.stderr.strip()[-300:]}")
 
@@ -269,8 +268,8 @@ def bench_options(python: Path, script: Path, venv: Path) -> set[str] | None:
     """The options a bench script's --help lists, or None when it has none or fails."""
     if not script.exists():
         return None
-    p = subprocess.run([str(python), str(script), "--help"], cwd=script.parent.parent, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=clean_env(venv), timeout=120)
+    p = subprocess.run([str(python), str(script), "--help"], cwd=script.parent.parent, capture_output=True,
+                       text=True, env=clean_env(venv), timeout=120)
     if p.returncode != 0:
         return None
     return set(re.findall(r"(?<![\w-])--[a-z][\w-]*", p.stdout)) - {"--help"}
@@ -476,7 +475,7 @@ def markdown(doc: dict) -> str:
              "| figure | before median | before spread | after median | after spread | after/before "
              "| paired after/before per round: median (min-max) | verdict |",
              "|---|---:|---|---:|---|---:|---|---|"]
-    for key, f in doc["figures"].items():
+    for f in doc["figures"].values():
         bm = f"{f['before']['median']:.3f}" if f["before"] else "-"
         am = f"{f['after']['median']:.3f}" if f["after"] else "-"
         ratio = f"{f['after_over_before']:.3f}" if f["after_over_before"] is not None else "-"
@@ -553,9 +552,10 @@ def plot(doc: dict, path: Path) -> None:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return "?"
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 else f"the after commit's ({revs['after'].short}) script for both")
         say(f"{bench}.py: {what} ({s['why']}); args: {shlex.join(bench_args[bench]) or '(defaults)'}")
 
-    loadavg = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
+    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
     say(f"load average {loadavg}; {args.rounds} round(s) of {', '.join(benches)}, "
         f"{revs['before'].short} (before) vs {revs['after'].short} (after)")
     stamp = time.strftime("%Y%m%d-%H%M%S")

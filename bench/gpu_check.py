@@ -82,7 +82,7 @@ def main() -> int:
         if grpc_port is None:
             raise SystemExit("server did not start:\n" + "".join(log_lines))
         url = f"127.0.0.1:{grpc_port}"
-        loaded = next((l for l in log_lines if "model 'mlp' ready" in l), "")
+        loaded = next((line for line in log_lines if "model 'mlp' ready" in line), "")
         report["cuda_chosen"] = "on CUDAExecutionProvider" in loaded
         x = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
         c = grpcclient.InferenceServerClient(url)

@@ -85,11 +85,41 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from batching import (DEFAULT_DELAY_US, DEFAULT_INFER_THREADS, ISSUE_SIZES, MAX_BATCH, MODEL, NOISE_LIMIT, Snapshot,
-                      Workload, check_prometheus, fmt, grpc_check, make_workload, mlp_onnx, model_config,
-                      server_command, snapshot, time_ort, write_repository)
-from common import (BATCHGATE_READY, BenchError, Pinning, Server, busy_fraction, choose_pinning, core_jiffies,
-                    cpu_model, finite, foreign_cpu_seconds, h2load, say, tool_version)
+from batching import (
+    DEFAULT_DELAY_US,
+    DEFAULT_INFER_THREADS,
+    ISSUE_SIZES,
+    MAX_BATCH,
+    MODEL,
+    NOISE_LIMIT,
+    Snapshot,
+    Workload,
+    check_prometheus,
+    fmt,
+    grpc_check,
+    make_workload,
+    mlp_onnx,
+    model_config,
+    server_command,
+    snapshot,
+    time_ort,
+    write_repository,
+)
+from common import (
+    BATCHGATE_READY,
+    BenchError,
+    Pinning,
+    Server,
+    busy_fraction,
+    choose_pinning,
+    core_jiffies,
+    cpu_model,
+    finite,
+    foreign_cpu_seconds,
+    h2load,
+    say,
+    tool_version,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from batchgate.core.types import BY_ONNX
 
 from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
@@ -184,8 +185,8 @@ def compare(stage: str, model: onnx.ModelProto, job: Job, inputs: list[dict], ex
     for k, name in enumerate(job.output_names):
         max_abs = max_rel = 0.0
         bad = 0
-        for g, e in zip(got, expected):
-            a, b = np.asarray(g[k]), np.asarray(e[k])
+        for g, want in zip(got, expected):
+            a, b = np.asarray(g[k]), np.asarray(want[k])
             if a.shape != b.shape:
                 raise ConversionError(f"{stage}: output '{name}' has shape {list(a.shape)}, the original "
                                       f"model's {list(b.shape)}")
@@ -298,9 +299,9 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         raise ConversionError(f"the original model fails on inputs of shapes {shapes}: "
                               f"{type(e).__name__}: {e}") from None
     if job.batched:  # every output must have the batch as its first dimension, or batching would split it wrong
-        for feeds, outs in zip(inputs, expected):
+        for feeds, arrays in zip(inputs, expected):
             rows = feeds[job.specs[0].name].shape[0]
-            for name, o in zip(job.output_names, outs):
+            for name, o in zip(job.output_names, arrays):
                 if np.ndim(o) == 0 or np.shape(o)[0] != rows:
                     raise ConversionError(f"output '{name}' has shape {list(np.shape(o))} for a batch of {rows}: its "
                                           "first dimension is not the batch dimension; convert with --no-batch")

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
 from batchgate.core.types import DATATYPES, DataType
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")

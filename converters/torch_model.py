@@ -131,7 +131,7 @@ def export(module, scripted: bool, specs: list[InputSpec], outputs: list[str], b
     if scripted and exporter == "dynamo":
         raise ConversionError("the dynamo exporter cannot export a TorchScript module; use --exporter legacy")
     order = ["legacy"] if scripted else (["dynamo", "legacy"] if exporter == "auto" else [exporter])
-    errors = []
+    errors: list[str] = []
     for which in order:
         try:
             _export(module, which, specs, outputs, batched, opset, path)

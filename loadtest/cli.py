@@ -78,10 +78,10 @@ def scenario_from(args: argparse.Namespace):
         if unknown:
             raise LoadTestError(f"scenario {args.scenario}: unknown key(s) {', '.join(unknown)}")
         values.update(data)
-    for f in dataclasses.fields(Scenario):
-        v = getattr(args, f.name, None)
+    for fld in dataclasses.fields(Scenario):
+        v = getattr(args, fld.name, None)
         if v is not None:
-            values[f.name] = v
+            values[fld.name] = v
     if args.concurrency is not None and args.rate is None and "mode" not in values:
         values["mode"] = "closed"
     if not values.get("target") or not values.get("model"):

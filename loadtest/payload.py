@@ -98,7 +98,7 @@ def from_file(path: str, inputs) -> list[dict[str, np.ndarray]]:
                 body = json.loads(line)
                 req = {}
                 for t in body["inputs"]:
-                    arr = np.asarray(t["data"], dtype=object if t["datatype"] == "BYTES" else _NP[t["datatype"]])
+                    arr: np.ndarray = np.asarray(t["data"], dtype=object if t["datatype"] == "BYTES" else _NP[t["datatype"]])
                     req[t["name"]] = _cast(arr.reshape(t["shape"]), t["datatype"])
             except (ValueError, KeyError, TypeError) as e:
                 raise PayloadError(f"{path}:{lineno}: not a V2 JSON request ({e})") from None

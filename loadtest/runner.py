@@ -15,6 +15,7 @@ Verdicts per step:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -130,11 +131,11 @@ def server_view(before, after, model: str, protocol: str) -> dict:
 
 def _batch_mean(before, after, model: str) -> float | None:
     """Mean rows per execution between two scrapes (batchgate's batch-size histogram)."""
-    rows = [_sum(x, "batchgate_batch_size_sum", model) for x in (before, after)]
-    execs = [_sum(x, "batchgate_batch_size_count", model) for x in (before, after)]
-    if None in rows or None in execs or execs[1] <= execs[0]:
+    rows0, rows1 = [_sum(x, "batchgate_batch_size_sum", model) for x in (before, after)]
+    execs0, execs1 = [_sum(x, "batchgate_batch_size_count", model) for x in (before, after)]
+    if rows0 is None or rows1 is None or execs0 is None or execs1 is None or execs1 <= execs0:
         return None
-    return (rows[1] - rows[0]) / (execs[1] - execs[0])
+    return (rows1 - rows0) / (execs1 - execs0)
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -315,9 +316,9 @@ class Runner:
         if len(ws) >= 3:
             tail = ws[-3:]
             tput = [w.ok / w.seconds for w in tail]
-            p99 = [percentiles_ms(w.corrected)["p99"] or 0.0 for w in tail]
+            tail_p99 = [percentiles_ms(w.corrected)["p99"] or 0.0 for w in tail]
             spread = {k: (max(v) - min(v)) / max(v) * 100 if max(v) > 0 else 0.0 for k, v in
-                      (("throughput", tput), ("p99", p99))}
+                      (("throughput", tput), ("p99", tail_p99))}
             step.stable = all(s <= sc.stability_pct for s in spread.values())
             step.stability.update({f"{k}_spread_pct": v for k, v in spread.items()})
         if sc.slo_p99_ms is not None or sc.error_budget is not None:
@@ -338,9 +339,9 @@ class Runner:
         self.start()
         try:
             if sc.sweep_concurrency:
-                self._sweep_concurrency(run)
+                self._sweep_concurrency(run, sc.sweep_concurrency)
             elif sc.sweep_rate:
-                self._sweep_rate(run)
+                self._sweep_rate(run, sc.sweep_rate)
             elif sc.mode == "closed":
                 run.steps.append(self.run_step(f"concurrency {sc.concurrency} (closed loop)", "closed"))
             else:
@@ -355,9 +356,9 @@ class Runner:
         self.say(f"step {step.label}: {verdict_words(step)}")
         return step
 
-    def _sweep_rate(self, run: Run) -> None:
+    def _sweep_rate(self, run: Run, spec: str) -> None:
         sc = self.sc
-        parts = [float(x) for x in sc.sweep_rate.split(":")]
+        parts = [float(x) for x in spec.split(":")]
         run.sweep = {"kind": "rate", "method": sc.search, "best": None,
                      "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)}}
         ok = (lambda s: s.slo_met) if s_slo(sc) else (lambda s: s.valid)
@@ -393,10 +394,10 @@ class Runner:
             else:
                 high = mid
 
-    def _sweep_concurrency(self, run: Run) -> None:
+    def _sweep_concurrency(self, run: Run, spec: str) -> None:
         sc = self.sc
         try:
-            levels = [int(x) for x in sc.sweep_concurrency.split(",")]
+            levels = [int(x) for x in spec.split(",")]
         except ValueError:
             raise LoadTestError("--sweep-concurrency is a comma-separated list of numbers, e.g. 1,2,4,8") from None
         run.sweep = {"kind": "concurrency", "method": "step", "best": None,
@@ -436,11 +437,9 @@ def environment(sc: Scenario) -> dict:
     from batchgate import __version__
 
     sha = None
-    try:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        pass
     return {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "batchgate": __version__, "git": sha, "target": sc.target,
             "protocol": sc.protocol, "workers": sc.workers}

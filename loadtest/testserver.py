@@ -51,11 +51,12 @@ from typing import NamedTuple
 import grpc
 import numpy as np
 import uvicorn
-from batchgate.app import QuietUvicorn
-from batchgate.loadtest.payload import SYNTHETIC_HEADER
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from batchgate.app import QuietUvicorn
+from batchgate.loadtest.payload import SYNTHETIC_HEADER
 
 INPUT, OUTPUT, FEATURES, MAX_BATCH = "INPUT0", "OUTPUT0", 4, 8
 F32 = np.dtype("<f4")
@@ -189,7 +190,8 @@ class TestServer:
         if self._http is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http_task, 5)
+                if self._http_task is not None:  # set with _http
+                    await asyncio.wait_for(self._http_task, 5)
             self._http = None
 
     # ------------------------------------------------------------------ metadata

@@ -146,7 +146,7 @@ class Worker:
                 return "OK"
             except grpc.aio.AioRpcError as e:
                 return e.code().name
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return "DEADLINE_EXCEEDED"
         import aiohttp
 
@@ -155,7 +155,7 @@ class Worker:
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 await resp.read()
                 return "OK" if resp.status == 200 else str(resp.status)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "timeout"
         except aiohttp.ClientError as e:
             return f"connection error ({type(e).__name__})"

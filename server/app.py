@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
@@ -34,6 +35,9 @@ from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("batchgate")
 
@@ -86,7 +90,7 @@ class Gateway:
         self._http: QuietUvicorn | None = None
         self._http_app: HttpApp | None = None
         self._http_task: asyncio.Future | None = None
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
         self._health: HealthServicer | None = None
 
     @property
@@ -187,7 +191,8 @@ class Gateway:
             self._http_app.close()
             self._http.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http_task, 5)
+                if self._http_task is not None:  # set with _http
+                    await asyncio.wait_for(self._http_task, 5)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

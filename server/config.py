@@ -72,11 +72,11 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
     if isinstance(value, str):
         items: dict[str, Any] = {}
         for part in value.split():
-            key, sep, v = part.partition("=")
+            key, sep, text = part.partition("=")
             if not sep or not key:
                 raise ConfigError(f"{source}: remote model entries are key=value pairs separated by spaces "
                                   f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {part!r}")
-            items[key.replace("-", "_")] = v
+            items[key.replace("-", "_")] = text
     elif isinstance(value, dict):
         items = {str(k).replace("-", "_"): v for k, v in value.items()}
     else:
@@ -473,14 +473,14 @@ def load_settings(
                 put(name, spelling, env[var], f"environment {var}")
     seen = {}
     for k, v in (flags or {}).items():
-        name = _resolve(k, "--" + k.replace("_", "-"))
-        if name is None:
+        setting = _resolve(k, "--" + k.replace("_", "-"))
+        if setting is None:
             raise ConfigError(f"unknown setting '{k}'{_hint(k, [*SETTINGS, *ALIASES])}; known: {', '.join(SETTINGS)}")
         if v is None or (isinstance(v, (list, tuple)) and not v):
             continue
-        flag = "--remote-model" if name == "remote_models" else "--" + k.replace("_", "-")
-        _claim(seen, name, flag, "flags")
-        put(name, k, v, flag)
+        flag = "--remote-model" if setting == "remote_models" else "--" + k.replace("_", "-")
+        _claim(seen, setting, flag, "flags")
+        put(setting, k, v, flag)
     if values.get("load_model") and "model_control_mode" not in values:
         values["model_control_mode"] = "explicit"
     settings = Settings(

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 from tritonclient.grpc import model_config_pb2 as mc
 
 from . import __version__
 from .core.errors import ErrorCode, GatewayError, invalid
+from .core.signature import TensorSpec
 from .core.types import InferRequest, InferResponse, RequestLimits
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
@@ -31,6 +32,26 @@ EXTENSIONS = (
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
+
+
+class ServerMetadata(TypedDict):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(TypedDict):
+    name: str
+    datatype: str
+    shape: list[int]  # -1: any size
+
+
+class ModelMetadata(TypedDict):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
 
 
 class DataPlane:
@@ -77,15 +98,15 @@ class DataPlane:
 
     # ------------------------------------------------------------------ metadata
     @staticmethod
-    def server_metadata() -> dict:
+    def server_metadata() -> ServerMetadata:
         return {"name": "batchgate", "version": __version__, "extensions": list(EXTENSIONS)}
 
-    def model_metadata(self, name: str, version: str) -> dict:
+    def model_metadata(self, name: str, version: str) -> ModelMetadata:
         served = self.repository.resolve(name, version)
         sig = served.signature
         entry = self.repository.entry(name)
 
-        def tensors(specs):
+        def tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
             return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)}
                     for t in specs]
 
@@ -100,10 +121,10 @@ class DataPlane:
     def model_config(self, name: str, version: str) -> mc.ModelConfig:
         return self.repository.resolve(name, version).config
 
-    def model_config_json(self, name: str, version: str) -> dict:
+    def model_config_json(self, name: str, version: str) -> dict[str, Any]:
         return config_to_json(self.model_config(name, version))
 
-    def statistics(self, name: str, version: str) -> list[dict]:
+    def statistics(self, name: str, version: str) -> list[dict[str, Any]]:
         if name:
             entry = self.repository.entry(name)
             if version:
@@ -114,7 +135,7 @@ class DataPlane:
         return [s.stats.as_dict() for s in self.repository.served()]
 
     # ------------------------------------------------------------------ repository API
-    def repository_index(self, ready_only: bool = False) -> list[dict]:
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self.repository.index(ready_only=ready_only)
 
     async def load_model(self, name: str, parameters: Mapping[str, Any]) -> None:

@@ -38,7 +38,7 @@ class InferenceThreads:
                 result = fn(arg)
             except BaseException as e:  # handed to ``done`` like any result
                 result = e
-            try:
+            try:  # noqa: SIM105 - a try costs nothing here; contextlib.suppress would, once per execution
                 loop.call_soon_threadsafe(done, result)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass

@@ -73,7 +73,7 @@ class Autoscaling:
     source: str = "built-in defaults"
 
 
-def _rules(d: dict[str, Any], default: dict[str, Any], where: str) -> Rules:
+def _rules(d: dict[str, Any] | None, default: dict[str, Any], where: str) -> Rules:
     d = {**default, **(d or {})}
     select = str(d.get("selectPolicy") or "Max")
     if select not in ("Max", "Min", "Disabled"):

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeGuard
 
 EPS = 1e-9
 
@@ -54,7 +54,8 @@ class QueueCurve:
             raise ValueError("the capacity must be positive")
         self.source = source
         self.dropped = list(dropped)  # (step label, why it is not on the curve)
-        rates, queues = [], []
+        rates: list[float] = []
+        queues: list[float] = []
         for p in pts:  # a rate measured more than once: the mean of its queues
             if rates and abs(rates[-1] - p.rate) < EPS:
                 continue
@@ -171,7 +172,7 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
     return y0 if x1 <= x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

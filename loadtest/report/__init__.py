@@ -25,7 +25,6 @@ from .files import (
     FORMAT,
     FORMAT_VERSION,
     HISTS,
-    _csv_cell,
     csv_rows,
     read_json,
     to_dict,
@@ -34,9 +33,9 @@ from .files import (
     write_intervals,
     write_json,
 )
-from .plots import _spectrum_steps, plot_spectrum, plot_sweep, plot_timeline
+from .plots import plot_spectrum, plot_sweep, plot_timeline
 from .text import LEGEND, progress_line, table
 
-__all__ = ["CSV_COLUMNS", "LEGEND", "csv_rows", "plot_spectrum", "plot_sweep", "plot_timeline",
-           "progress_line", "read_json", "table", "to_dict", "write_all", "write_csv", "write_intervals",
-           "write_json"]
+__all__ = ["CSV_COLUMNS", "FORMAT", "FORMAT_VERSION", "HISTS", "LEGEND", "csv_rows", "json_safe", "plot_spectrum",
+           "plot_sweep", "plot_timeline", "progress_line", "read_json", "table", "to_dict", "write_all", "write_csv",
+           "write_intervals", "write_json"]

@@ -75,9 +75,9 @@ def write_json(run: Run, path) -> str:
 def read_json(path) -> Run:
     """Rebuild a ``Run`` from a file written by ``write_json`` (to re-render or compare it)."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    steps = []
+    steps: list[Step] = []
     for sd in doc.get("steps", []):
-        windows = []
+        windows: list[Window] = []
         for wd in sd.get("windows", []):
             hists = wd.get("histograms", {})
             seconds = max(1e-9, (wd.get("end_s") or 0.0) - (wd.get("start_s") or 0.0))

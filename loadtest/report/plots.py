@@ -6,14 +6,15 @@ object-oriented API with the Agg canvas is used: no pyplot, no global backend sw
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..results import Run, Step, percentiles_ms
+from ..results import Run, Step, Window, percentiles_ms
 from .text import _best, _finite, _mode, _ms, _name, _offered, _rate, _slo
 
 
-def _new_figure(nrows: int, ratios: list[float], size: tuple[float, float], sharex: bool = True):
+def _new_figure(nrows: int, ratios: Sequence[float], size: tuple[float, float], sharex: bool = True):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -55,10 +56,10 @@ def _empty_note(ax, text: str) -> None:
 _PCT_COLOURS = {"p50": "tab:blue", "p99": "tab:orange", "max": "tab:red"}
 
 
-def _place_windows(run: Run):
+def _place_windows(run: Run) -> list[tuple[Step, list[tuple[Window, float, float]], float]]:
     """Lay the steps' windows end to end on one time axis. The first step keeps its own times
     (warm-up negative, measurement from 0); each next step starts where the previous ended."""
-    placed = []
+    placed: list[tuple[Step, list[tuple[Window, float, float]], float]] = []
     cursor: float | None = None
     for s in run.steps:
         ws = sorted(s.windows, key=lambda w: w.start_s)
@@ -100,7 +101,7 @@ def plot_timeline(run: Run, path) -> str:
         labelled.add(label)
         return label
 
-    for s, items, _ in placed:
+    for _step, items, _ in placed:
         if not items:
             continue
         any_window = True
@@ -131,7 +132,7 @@ def plot_timeline(run: Run, path) -> str:
                 axes[2].plot(ends, ys, color=f"C{j}", marker="o", ms=3, label=once(f"server {key}"))
 
     # warm-up shading (on every panel) and step boundaries with labels
-    for s, items, _ in placed:
+    for _step, items, _ in placed:
         for w, t0, t1 in items:
             if w.phase != "measure":
                 for ax in axes:
@@ -139,10 +140,10 @@ def plot_timeline(run: Run, path) -> str:
                                label=once("warm-up") if ax is lat else None)
     if len(run.steps) > 1:
         rotate = 30 if len(run.steps) > 8 else 0
-        for k, (s, items, start) in enumerate(placed):
+        for i, (s, items, start) in enumerate(placed):
             if not items:
                 continue
-            if k:
+            if i:
                 for ax in axes:
                     ax.axvline(start, color="0.35", ls=":", lw=1)
             lat.text(start, 1.01, f" {s.label}", transform=lat.get_xaxis_transform(), ha="left",

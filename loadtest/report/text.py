@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import textwrap
-from typing import Any
+from collections.abc import Set
+from typing import Any, TypeGuard
 
 from ..results import PERCENTILES, Run, Step, Window, above, percentiles_ms
 
@@ -18,7 +19,7 @@ LEGEND = ("corrected = answer time minus the *intended* (scheduled) send time: w
 # small formatting helpers (ASCII only, so any terminal or log collector shows them)
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -96,14 +97,16 @@ def _validity(step: Step, short: bool = False) -> str:
 
 
 def _stability(step: Step) -> str:
-    return {True: "stable", False: "unstable"}.get(step.stable, "n/a")
+    words: dict[bool | None, str] = {True: "stable", False: "unstable"}
+    return words.get(step.stable, "n/a")
 
 
 def _slo_word(v: bool | None) -> str:
-    return {True: "met", False: "missed"}.get(v, "n/a")
+    words: dict[bool | None, str] = {True: "met", False: "missed"}
+    return words.get(v, "n/a")
 
 
-def _grid(rows: list[list[str]], left: set[int] = frozenset({0}), indent: str = "") -> list[str]:
+def _grid(rows: list[list[str]], left: Set[int] = frozenset({0}), indent: str = "") -> list[str]:
     """Align rows of cells into columns (left-aligned where asked, right-aligned otherwise)."""
     if not rows:
         return []

@@ -42,11 +42,14 @@ class LocalOptions:
     gpu_device_id: int = 0
 
 
+Kind = Literal["local", "remote"]
+
+
 class Backend(Protocol):
     """What every backend offers its model version."""
 
     platform: ClassVar[str]
-    kind: ClassVar[Literal["local", "remote"]]
+    kind: ClassVar[Kind]
 
     def providers(self) -> list[str]:
         """Where it runs, in words (execution providers, upstream addresses)."""
@@ -101,8 +104,8 @@ class RemoteBackend(Backend, Protocol):
         ...
 
 
-_LOCAL: dict[str, type] = {}
-L = TypeVar("L", bound=type)
+_LOCAL: dict[str, type[LocalBackend]] = {}
+L = TypeVar("L", bound="type[LocalBackend]")
 
 
 def register_local(*platforms: str) -> Callable[[L], L]:
@@ -116,7 +119,7 @@ def register_local(*platforms: str) -> Callable[[L], L]:
     return add
 
 
-def local_backend(platform: str) -> type:
+def local_backend(platform: str) -> type[LocalBackend]:
     """The backend class for a config's ``platform`` (or ``backend``) name; KeyError if none."""
     return _LOCAL[platform]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -20,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.errors import ModelConfigError, invalid
 from ..core.types import BY_ONNX, DATATYPES
-from .base import IOInfo, LocalOptions, register_local
+from .base import IOInfo, Kind, LocalOptions, register_local
 
 log = logging.getLogger("batchgate.onnx")
 
@@ -57,9 +58,9 @@ def _io(arg) -> IOInfo:
 
 @register_local(PLATFORM, "onnxruntime")
 class OnnxBackend:
-    platform = PLATFORM
-    kind = "local"
-    engine = "ONNX Runtime"  # named in load errors
+    platform: ClassVar[str] = PLATFORM
+    kind: ClassVar[Kind] = "local"
+    engine: ClassVar[str] = "ONNX Runtime"  # named in load errors
 
     @classmethod
     def load(cls, path: str, config: mc.ModelConfig, options: LocalOptions) -> OnnxBackend:
@@ -145,7 +146,7 @@ class OnnxBackend:
 
     def _drop(self) -> None:
         self.session = None
-        self._run = None
+        self._run = None  # type: ignore[assignment]  # released on close; never called after it
 
 
 def _as_str_array(name: str, arr: np.ndarray) -> np.ndarray:

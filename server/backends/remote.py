@@ -29,6 +29,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -40,6 +41,7 @@ from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import BY_CONFIG, DATATYPES, from_raw, to_raw
 from ..monitoring.metrics import Metrics, UpstreamMetrics
+from .base import Kind
 
 log = logging.getLogger("batchgate.remote")
 
@@ -111,8 +113,8 @@ class Upstream:
 class RemoteV2Backend:
     """A remote model: executes batches by calling its upstreams (``infer`` is a coroutine)."""
 
-    platform = PLATFORM
-    kind = "remote"
+    platform: ClassVar[str] = PLATFORM
+    kind: ClassVar[Kind] = "remote"
 
     def __init__(self, spec: RemoteModel, metrics: Metrics, max_message_bytes: int = 64 * 1024 * 1024,
                  clock: Callable[[], float] = time.monotonic):

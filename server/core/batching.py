@@ -29,13 +29,33 @@ from functools import partial
 import numpy as np
 
 from .errors import ErrorCode, GatewayError, invalid
-from .scheduler import (EXPIRED, QUEUE_FULL, QUEUE_TIMEOUT, UNMEETABLE, Clock, DrainRate, Execute, Refused,
-                        Ticket, _ignore, _SchedulerBase, deadline_error)
+from .scheduler import (
+    EXPIRED,
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
+    UNMEETABLE,
+    Clock,
+    DrainRate,
+    Execute,
+    Refused,
+    Results,
+    Ticket,
+    _ignore,
+    _SchedulerBase,
+    deadline_error,
+)
 from .types import InferRequest, InferResponse
 
 TRITON = "triton"
 WORK_CONSERVING = "work_conserving"
 POLICIES = (TRITON, WORK_CONSERVING)
+
+# What requests must share to share a batch: (input name, datatype, non-batch dims) per input.
+ShapeKey = tuple[tuple[str, str, tuple[int, ...]], ...]
+# A queued entry's place within its priority level: (0, or 1 once delayed by the queue policy;
+# its deadline, inf when none; its submission number).
+Order = tuple[int, float, int]
+Answer = InferResponse | GatewayError
 
 
 # ------------------------------------------------------------------ merge and split (pure)
@@ -60,7 +80,7 @@ def split(arrays: list[np.ndarray], rows: list[int]) -> list[list[np.ndarray]]:
     return out
 
 
-def shape_key(request: InferRequest) -> tuple:
+def shape_key(request: InferRequest) -> ShapeKey:
     """Requests may share a batch only if this is equal: the same inputs, datatypes and
     non-batch dimensions."""
     return tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
@@ -81,7 +101,7 @@ class BatcherConfig:
     preserve_ordering: bool = False  # answers are released in the order requests arrived
     policy: str = TRITON
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1 for dynamic batching")
         if self.policy not in POLICIES:
@@ -94,7 +114,8 @@ class _Entry:
     __slots__ = ("ticket", "request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future",
                  "answer")
 
-    def __init__(self, ticket, rows, key, level, deadline, soft_deadline, order, future):
+    def __init__(self, ticket: Ticket, rows: int, key: ShapeKey, level: int, deadline: float | None,
+                 soft_deadline: float | None, order: Order, future: asyncio.Future[Answer]):
         self.ticket = ticket
         self.request = ticket.request
         self.rows = rows
@@ -105,7 +126,7 @@ class _Entry:
         self.delayed = False
         self.order = order  # sort key within the level
         self.future = future
-        self.answer = None  # held until earlier requests are answered (preserve_ordering)
+        self.answer: Answer | None = None  # held until earlier requests are answered (preserve_ordering)
 
 
 class DynamicBatcher(_SchedulerBase):
@@ -118,7 +139,7 @@ class DynamicBatcher(_SchedulerBase):
         self._clock = clock
         self._name = name
         levels = max(1, config.priority_levels)
-        self._levels: list[list[tuple]] = [[] for _ in range(levels)]  # sorted (order, entry) per level
+        self._levels: list[list[tuple[Order, _Entry]]] = [[] for _ in range(levels)]  # sorted (order, entry) per level
         self._seq = 0
         self._depth = 0
         self._timed = 0  # queued entries with a deadline or a policy timeout
@@ -175,9 +196,9 @@ class DynamicBatcher(_SchedulerBase):
                     f"{rid}deadline cannot be met: model '{self._name}' has about {wait * 1000:.1f} ms of work "
                     f"queued ahead, and {max(0.0, request.deadline - now) * 1000:.1f} ms remain; refused at once")
         soft = request.arrival + cfg.default_timeout_s if cfg.default_timeout_s else None
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seq += 1
-        order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
+        order: Order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
         entry = _Entry(ticket, rows, shape_key(request), level, request.deadline, soft, order, future)
         insort(self._levels[level], (order, entry), key=lambda x: x[0])
         if cfg.preserve_ordering:
@@ -253,7 +274,7 @@ class DynamicBatcher(_SchedulerBase):
         self._remove(entry)
         self._answer(entry, error)
 
-    def _answer(self, entry: _Entry, answer) -> None:
+    def _answer(self, entry: _Entry, answer: Answer) -> None:
         """Give ``entry`` its answer, or, with preserve_ordering, hold it until every request
         that arrived earlier has been answered."""
         if not self.config.preserve_ordering:
@@ -264,7 +285,7 @@ class DynamicBatcher(_SchedulerBase):
         order = self._arrival_order
         while order and (order[0].answer is not None or order[0].future.done()):
             e = order.popleft()
-            if not e.future.done():
+            if e.answer is not None and not e.future.done():  # not done: it was answered (the loop's test)
                 e.future.set_result(e.answer)
 
     def _expire(self, now: float) -> None:
@@ -409,7 +430,7 @@ class DynamicBatcher(_SchedulerBase):
         rows = sum(e.rows for e in batch)
         self._execute(tickets, partial(self._finished, batch, rows, now))
 
-    def _finished(self, batch: list[_Entry], rows: int, started: float, results) -> None:
+    def _finished(self, batch: list[_Entry], rows: int, started: float, results: Results) -> None:
         if not isinstance(results, BaseException):
             self.cost.observe(rows, self._clock() - started)
         self._free += 1

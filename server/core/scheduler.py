@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 from .errors import ErrorCode, GatewayError
 from .signature import Checked
 from .types import InferRequest, InferResponse
-
 
 
 class Ticket:
@@ -49,7 +48,8 @@ class Ticket:
 # ``done(results)`` on the event loop when the execution has finished, with one
 # InferResponse or GatewayError per ticket, in order (or an exception for all).
 # The scheduler keeps the instance busy until ``done``, whatever the callers do.
-Done = Callable[[object], None]
+Results = Sequence[InferResponse | GatewayError] | BaseException
+Done = Callable[[Results], None]
 Execute = Callable[[list[Ticket], Done], None]
 Clock = Callable[[], float]
 # refused(reason): told of every request a scheduler turns away or drops unexecuted.
@@ -106,8 +106,8 @@ class PassThroughScheduler(_SchedulerBase):
             raise ValueError("instances must be >= 1")
         self._execute = execute
         self._free = instances
-        self._waiters: deque[asyncio.Future] = deque()
-        self._arrivals: dict[asyncio.Future, float] = {}  # waiting slot -> its request's arrival
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._arrivals: dict[asyncio.Future[None], float] = {}  # waiting slot -> its request's arrival
         self._max_queue = max_queue_size
         self._clock = clock
         self._name = name
@@ -166,7 +166,7 @@ class PassThroughScheduler(_SchedulerBase):
         self._executing += 1
         self._idle.clear()
         ticket.dispatched = self._clock()
-        out = asyncio.get_running_loop().create_future()
+        out: asyncio.Future[Sequence[InferResponse | GatewayError]] = asyncio.get_running_loop().create_future()
         self._execute([ticket], partial(self._finished, out))
         # A caller that goes away cancels only ``out``; the instance stays busy until done.
         (result,) = await out
@@ -176,7 +176,7 @@ class PassThroughScheduler(_SchedulerBase):
 
     async def _wait_for_slot(self, request: InferRequest) -> None:
         deadline = request.deadline
-        slot = asyncio.get_running_loop().create_future()
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
         self._arrivals[slot] = request.arrival
         self._waiting += 1
@@ -209,7 +209,7 @@ class PassThroughScheduler(_SchedulerBase):
         self._arrivals.pop(slot, None)
         self._waiting -= 1
 
-    def _finished(self, out: asyncio.Future, results) -> None:
+    def _finished(self, out: asyncio.Future[Sequence[InferResponse | GatewayError]], results: Results) -> None:
         self._executing -= 1
         self._drain.completed += 1
         self._hand_slot()

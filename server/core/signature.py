@@ -6,7 +6,7 @@ before a request is queued, so a malformed request never reaches a batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,8 +41,14 @@ class ModelSignature:
     max_batch_size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Derived in __post_init__ (the instance is frozen, so through object.__setattr__).
+    _in: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _out: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _all_out: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    output_types: dict[str, str] = field(init=False, repr=False, compare=False)  # output name -> V2 datatype
+    _layouts: dict[tuple[tuple[str, str, tuple[int, ...]], ...], int] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "_in", {t.name: t for t in self.inputs})
         object.__setattr__(self, "_out", {t.name: t for t in self.outputs})
         object.__setattr__(self, "_all_out", tuple(t.name for t in self.outputs))
@@ -126,13 +132,13 @@ class ModelSignature:
         if request.outputs is None:
             names = self._all_out
         else:
-            names = []
+            picked = []
             for name in request.outputs:
                 if name not in self._out:
                     raise invalid(
                         f"{where} has no output '{name}'; its outputs are "
                         f"{', '.join(repr(s) for s in self._out)}"
                     )
-                names.append(name)
-            names = tuple(names)
+                picked.append(name)
+            names = tuple(picked)
         return Checked(feeds, names, batch if batch > 0 else 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 # Positions in ModelStats.totals: (count, ns) for each duration.
 SUCCESS, FAIL, QUEUE, INPUT, INFER, OUTPUT = 0, 2, 4, 6, 8, 10
@@ -24,7 +25,7 @@ _NAMES = (("success", SUCCESS), ("fail", FAIL), ("queue", QUEUE), ("compute_inpu
           ("compute_infer", INFER), ("compute_output", OUTPUT))
 
 
-def _d(count: int, ns: int) -> dict:
+def _d(count: int, ns: int) -> dict[str, int]:
     return {"count": count, "ns": ns}
 
 
@@ -70,7 +71,7 @@ class ModelStats:
             t[QUEUE] += 1
             t[QUEUE + 1] += queue_ns
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The JSON shape of one ``model_stats`` entry (also fed to the protobuf)."""
         t = self.totals
         stats = {name: _d(t[i], t[i + 1]) for name, i in _NAMES}
@@ -93,17 +94,17 @@ class ModelStats:
         }
 
 
-def _sum_pair(a: dict, b: dict) -> dict:
+def _sum_pair(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return _d(a["count"] + b["count"], a["ns"] + b["ns"])
 
 
-def merge_stats(a: dict, b: dict) -> dict:
+def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two snapshots (:meth:`ModelStats.as_dict`) of the same model version, added up:
     counts and durations summed, the latest ``last_inference`` kept, batch sizes merged."""
     if (a["name"], a["version"]) != (b["name"], b["version"]):
         raise ValueError(f"cannot merge statistics of {a['name']}/{a['version']} with {b['name']}/{b['version']}")
     stats = {k: _sum_pair(v, b["inference_stats"][k]) for k, v in a["inference_stats"].items()}
-    sizes: dict[int, dict] = {e["batch_size"]: e for e in a["batch_stats"]}
+    sizes: dict[int, dict[str, Any]] = {e["batch_size"]: e for e in a["batch_stats"]}
     for e in b["batch_stats"]:
         mine = sizes.get(e["batch_size"])
         sizes[e["batch_size"]] = e if mine is None else {

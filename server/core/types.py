@@ -8,7 +8,7 @@ BYTES tensors are numpy ``object`` arrays of ``bytes``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -63,7 +63,7 @@ def datatype(name: str, what: str = "tensor") -> DataType:
         ) from None
 
 
-def element_count(shape) -> int:
+def element_count(shape: Iterable[int]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -170,7 +170,7 @@ class InferRequest(NamedTuple):
     synthetic: bool = False  # marked x-batchgate-synthetic: load-test traffic
 
 
-def caller_headers(pairs, limits: RequestLimits) -> Mapping[str, str]:
+def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:
     """The caller's ``x-*`` headers from (name, value) pairs with lower-case names, checked
     against ``limits``; other headers are not kept. A repeated name keeps its first value."""
     out: dict[str, str] = {}

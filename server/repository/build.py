@@ -17,12 +17,19 @@ from ..backends import onnx as _onnx  # noqa: F401 - registers the ONNX Runtime 
 from ..backends.base import Backend, LocalOptions, local_backend, local_platforms
 from ..backends.remote import RemoteV2Backend
 from ..config import RemoteModel
+from ..core.errors import ModelConfigError
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from ..threads import InferenceThreads
-from ..core.errors import ModelConfigError
-from .config import complete_config, instances_of, queue_bound, read_config, schedule_of, signature_of
-from .config import versions_to_serve
+from .config import (
+    complete_config,
+    instances_of,
+    queue_bound,
+    read_config,
+    schedule_of,
+    signature_of,
+    versions_to_serve,
+)
 from .scan import list_versions
 
 DEFAULT_PLATFORM = "onnxruntime_onnx"

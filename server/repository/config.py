@@ -8,6 +8,7 @@ is completed from the model's own signature, as Triton's auto-complete does.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -95,13 +96,13 @@ def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], ou
                 entry.dims.extend(_dims_from(t, batched))
             continue
         for entry in given:
-            t = by_name.get(entry.name)
-            if t is None:
+            info = by_name.get(entry.name)
+            if info is None:
                 raise ModelConfigError(
                     f"model '{cfg.name}': config {kind} '{entry.name}' is not in the model; "
                     f"the model's {kind}s are {', '.join(repr(n) for n in by_name)}"
                 )
-            want = DATATYPES[t.v2_datatype].config
+            want = DATATYPES[info.v2_datatype].config
             if entry.data_type == mc.TYPE_INVALID:
                 entry.data_type = mc.DataType.Value(want)
             elif mc.DataType.Name(entry.data_type) != want:
@@ -110,7 +111,7 @@ def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], ou
                     f"{mc.DataType.Name(entry.data_type)} but the model has {want}"
                 )
             if not entry.dims:
-                entry.dims.extend(_dims_from(t, batched))
+                entry.dims.extend(_dims_from(info, batched))
     return cfg
 
 
@@ -176,7 +177,7 @@ _INT64_TYPES = {
 }
 
 
-def config_to_json(cfg: mc.ModelConfig) -> dict:
+def config_to_json(cfg: mc.ModelConfig) -> dict[str, Any]:
     """The config as Triton's HTTP ``/config`` shows it: proto field names, every field,
     64-bit integers as JSON numbers (protobuf's JSON writes them as strings)."""
     d = json_format.MessageToDict(

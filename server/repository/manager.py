@@ -130,7 +130,7 @@ class ModelRepository:
     def served(self) -> list[ModelVersion]:
         return [s for e in self.models.values() for _, s in sorted(e.versions.items())]
 
-    def index(self, ready_only: bool = False) -> list[dict]:
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         self._discover()
         rows = []
         for name in sorted(self.models):

@@ -18,7 +18,7 @@ def model_names(root: str) -> list[str]:
 
 def list_versions(model_dir: str) -> list[int]:
     """The numeric version directories of a model (no leading zeros), sorted."""
-    out = []
+    out: list[int] = []
     try:
         names = os.listdir(model_dir)
     except OSError:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import invalid
-from collections.abc import Mapping
-
-from ..core.types import (DATATYPES, EMPTY, InferRequest, InferResponse, RequestLimits, Tensor, datatype,
-                          element_count, from_raw, new_request, to_raw)
+from ..core.types import (
+    DATATYPES,
+    EMPTY,
+    DataType,
+    InferRequest,
+    InferResponse,
+    RequestLimits,
+    Tensor,
+    datatype,
+    element_count,
+    from_raw,
+    new_request,
+    to_raw,
+)
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
@@ -20,9 +32,10 @@ CONTENTS_FIELD = {
 }
 
 
-def param_value(p: pb.InferParameter):
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
+def param_value(p: pb.InferParameter) -> bool | int | float | str | None:
+    kind: str | None = p.WhichOneof("parameter_choice")
+    value: bool | int | float | str | None = getattr(p, kind) if kind else None  # the oneof's one field
+    return value
 
 
 def decode_request(msg: pb.ModelInferRequest, arrival: float, limits: RequestLimits,
@@ -60,7 +73,7 @@ def decode_request(msg: pb.ModelInferRequest, arrival: float, limits: RequestLim
                        headers, arrival, "grpc", limits, deadline)
 
 
-def _from_contents(t, dt, shape, what: str) -> np.ndarray:
+def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:
     field = CONTENTS_FIELD.get(dt.v2)
     if field is None:
         raise invalid(f"{what}: {dt.v2} data has no typed contents field; send it in raw_input_contents")

@@ -29,10 +29,11 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
 from batchgate.config import ENV_PREFIX, Settings
 from batchgate.demo import build_demo_repository
 from batchgate.transport.http_app import READY_PATH
-from packaging.requirements import Requirement
 from processes import READY_LINE
 
 ROOT = Path(__file__).resolve().parents[2]

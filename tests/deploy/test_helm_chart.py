@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
+from crd_schemas import CRD_SCHEMAS
+
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
 from batchgate.demo import _save, slow_model
 from batchgate.monitoring.metrics import FAMILIES
 from batchgate.transport.http_app import LIVE_PATH, READY_PATH
-from crd_schemas import CRD_SCHEMAS
 from processes import Proc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,6 +273,7 @@ def test_the_server_closes_old_grpc_connections_when_told(tmp_path, serve):
     client connects again, which is how long-lived gRPC clients reach new replicas."""
     import grpc
     import tritonclient.grpc as grpcclient
+
     from batchgate.demo import build_demo_repository
 
     running = serve(build_demo_repository(str(tmp_path / "m")), grpc_max_connection_age_secs=1)

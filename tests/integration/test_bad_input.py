@@ -17,10 +17,9 @@ import aiohttp
 import grpc
 import numpy as np
 import pytest
+from protocol_support import FLAVOURS, QUICK, Client, raw_http, simple_feeds
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
-
-from protocol_support import FLAVOURS, QUICK, Client, raw_http, simple_feeds
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -53,9 +52,8 @@ def grpc_stub(running):
 
 def grpc_error(running, request: service_pb2.ModelInferRequest) -> grpc.RpcError:
     channel, stub = grpc_stub(running)
-    with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(request, timeout=10)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
     return info.value
 
 

@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import convert_models  # tests/convert_models.py
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+
+import convert_models  # tests/convert_models.py
 from batchgate.converters import (
     ConversionError,
     Tolerance,

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from batchgate.demo import build_demo_repository
 from processes import Proc
 

@@ -9,9 +9,8 @@ import zlib
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
-
 from protocol_support import Client, raw_http, simple_feeds
+from tritonclient.utils import InferenceServerException
 
 HTTP_FLAVOURS = ("http", "http.aio")
 ALGORITHMS = ("gzip", "deflate")

@@ -7,11 +7,11 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from protocol_support import FLAVOURS, QUICK, Client, as_bytes, assert_same, model_file, onnx_outputs, simple_feeds
 from tritonclient.grpc import InferResult as GrpcInferResult
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from batchgate.demo import _save, identity_model
-from protocol_support import FLAVOURS, QUICK, Client, as_bytes, assert_same, model_file, onnx_outputs, simple_feeds
 
 T = onnx.TensorProto
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from protocol_support import FLAVOURS, QUICK, Client, int_list, simple_feeds
 from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
-
-from protocol_support import FLAVOURS, QUICK, Client, int_list, simple_feeds
 
 
 @pytest.fixture(params=FLAVOURS)

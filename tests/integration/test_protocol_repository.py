@@ -8,9 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
-
 from protocol_support import FLAVOURS, QUICK, Client, int_list, model_file, onnx_outputs, simple_feeds
+from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture

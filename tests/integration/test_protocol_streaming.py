@@ -9,7 +9,6 @@ import queue
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
-
 from protocol_support import simple_feeds
 
 BAD_INDEX = 7

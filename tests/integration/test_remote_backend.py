@@ -15,11 +15,11 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from processes import Proc
 from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
 from batchgate.demo import _save, classifier_model, identity_model, slow_model
+from processes import Proc
 
 CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
 FAST = dict(probe_interval_s=0.1, eject_s=0.3, eject_after_failures=3)

@@ -9,6 +9,7 @@ import sys
 from itertools import pairwise
 
 import pytest
+
 from batchgate.loadtest import report
 from batchgate.loadtest.autoscale import (
     HPA,

@@ -15,8 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import serialize_byte_tensor
 
 from batchgate.core.errors import ErrorCode, GatewayError
-from batchgate.core.types import DATATYPES, InferResponse, Tensor
-from batchgate.core.types import RequestLimits
+from batchgate.core.types import DATATYPES, InferResponse, RequestLimits, Tensor
 from batchgate.transport import grpc_codec
 from batchgate.transport.grpc_codec import encode_response
 

@@ -11,8 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from batchgate.core.errors import ErrorCode, GatewayError
-from batchgate.core.types import DATATYPES
-from batchgate.core.types import RequestLimits
+from batchgate.core.types import DATATYPES, RequestLimits
 from batchgate.transport.http_codec import decode_request, split_body
 
 gen = httpclient.InferenceServerClient.generate_request_body

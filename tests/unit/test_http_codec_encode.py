@@ -8,8 +8,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from batchgate.core.types import DATATYPES, InferResponse, Tensor
-from batchgate.transport.http_codec import OutputOptions
-from batchgate.transport.http_codec import encode_response
+from batchgate.transport.http_codec import OutputOptions, encode_response
 
 parse = httpclient.InferenceServerClient.parse_response_body
 
@@ -69,7 +68,7 @@ def test_all_binary_response_with_binary_data_output():
     head = json.loads(body[:header_length])
     assert head["id"] == "q"
     total = 0
-    for (name, datatype, arr), o in zip(outs, head["outputs"]):
+    for (_name, datatype, arr), o in zip(outs, head["outputs"]):
         assert "data" not in o
         size = o["parameters"]["binary_data_size"]
         expected = sum(4 + len(v) for v in arr.reshape(-1)) if datatype == "BYTES" else arr.nbytes

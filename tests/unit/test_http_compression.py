@@ -13,8 +13,7 @@ import tritonclient.http as httpclient
 
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.types import InferResponse, Tensor
-from batchgate.transport.http_codec import OutputOptions
-from batchgate.transport.http_codec import compress, decompress, encode_response, pick_encoding
+from batchgate.transport.http_codec import OutputOptions, compress, decompress, encode_response, pick_encoding
 
 PAYLOAD = b'{"inputs": []}' * 50
 

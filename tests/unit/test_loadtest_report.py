@@ -7,6 +7,8 @@ import json
 import math
 
 import pytest
+from hdrh.log import HistogramLogReader
+
 from batchgate.loadtest import report
 from batchgate.loadtest.results import (
     Run,
@@ -17,7 +19,6 @@ from batchgate.loadtest.results import (
     histogram,
     percentiles_ms,
 )
-from hdrh.log import HistogramLogReader
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -284,7 +285,7 @@ def test_spectrum_limits_the_number_of_steps():
     steps = [Step(f"r{i}", "open", target_rate=float(i),
                   windows=[window(0, 0.0, 1.0, target=float(i), corrected=[1000 + i] * 10)]) for i in range(1, 12)]
     run = Run(scenario={}, environment={}, steps=steps, sweep={"kind": "rate", "best": "r7"})
-    chosen = report._spectrum_steps(run)
+    chosen = report.plots._spectrum_steps(run)
     assert len(chosen) == 5
     labels = [s.label for s in chosen]
     assert "r7" in labels and "r8" in labels and "r1" in labels and "r11" in labels
@@ -328,6 +329,6 @@ def test_no_steps_table():
 
 
 def test_csv_cells():
-    assert report._csv_cell(float("nan")) == "" and report._csv_cell(None) == ""
-    assert report._csv_cell(0.1 + 0.2) == "0.3" and report._csv_cell(True) == "true"
-    assert not math.isnan(float(report._csv_cell(-0.0000001)))
+    assert report.files._csv_cell(float("nan")) == "" and report.files._csv_cell(None) == ""
+    assert report.files._csv_cell(0.1 + 0.2) == "0.3" and report.files._csv_cell(True) == "true"
+    assert not math.isnan(float(report.files._csv_cell(-0.0000001)))

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.scheduler import PassThroughScheduler, Ticket
 from batchgate.core.signature import Checked
-from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.types import InferRequest, InferResponse
 
 

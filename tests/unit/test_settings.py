@@ -10,8 +10,18 @@ import warnings
 
 import pytest
 
-from batchgate.config import (ALIASES, SECTIONS, SETTINGS, ConfigError, LimitSettings, RepositorySettings,
-                              ServerSettings, Settings, describe, load_settings)
+from batchgate.config import (
+    ALIASES,
+    SECTIONS,
+    SETTINGS,
+    ConfigError,
+    LimitSettings,
+    RepositorySettings,
+    ServerSettings,
+    Settings,
+    describe,
+    load_settings,
+)
 
 
 @pytest.fixture
