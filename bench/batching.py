@@ -119,10 +119,14 @@ LOW_LOAD = (1, 2, 4)
 HIGH_LOAD = (64, 128, 256)
 CONFIGS = ("off", "triton", "work_conserving")
 REFERENCES = ("trivial", "echo")
-NAMES = {"off": "batching off", "triton": "Triton policy", "work_conserving": "work-conserving",
-         "trivial": "ref: near-zero model", "echo": "ref: bare grpc.aio echo"}
-COLORS = {"off": "#8a939c", "triton": "#2f6fb3", "work_conserving": "#d9822b", "trivial": "#cfd6dc",
-          "echo": "#e8ecef"}
+NAMES = {
+    "off": "batching off",
+    "triton": "Triton policy",
+    "work_conserving": "work-conserving",
+    "trivial": "ref: near-zero model",
+    "echo": "ref: bare grpc.aio echo",
+}
+COLORS = {"off": "#8a939c", "triton": "#2f6fb3", "work_conserving": "#d9822b", "trivial": "#cfd6dc", "echo": "#e8ecef"}
 ECHO_READY = re.compile(r"listening on (?P<host>\S+?):(?P<port>\d+)")
 # A level measured while other processes took more than this share of a core is measured again
 # (once): this machine may be shared, and the load tool and the server each have one core.
@@ -146,24 +150,32 @@ def slice_onnx(width_in: int, width_out: int):
 
     from batchgate.demo import _model
 
-    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.int64), n)
-             for n, v in (("starts", [0]), ("ends", [width_out]), ("axes", [1]))]
-    g = helper.make_graph([helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["output"])], "slice",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width_in])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width_out])], inits)
+    inits = [
+        numpy_helper.from_array(np.asarray(v, dtype=np.int64), n)
+        for n, v in (("starts", [0]), ("ends", [width_out]), ("axes", [1]))
+    ]
+    g = helper.make_graph(
+        [helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["output"])],
+        "slice",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width_in])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width_out])],
+        inits,
+    )
     return _model(g)
 
 
 def model_config(sizes: tuple[int, ...], batching: bool, delay_us: int, instances: int) -> str:
-    cfg = (f'name: "{MODEL}"\n'
-           'platform: "onnxruntime_onnx"\n'
-           f"max_batch_size: {MAX_BATCH}\n"
-           f'input [ {{ name: "input" data_type: TYPE_FP32 dims: [ {sizes[0]} ] }} ]\n'
-           f'output [ {{ name: "output" data_type: TYPE_FP32 dims: [ {sizes[-1]} ] }} ]\n'
-           # one ONNX Runtime thread per execution: the server has one core
-           'parameters { key: "intra_op_thread_count" value { string_value: "1" } }\n'
-           'parameters { key: "inter_op_thread_count" value { string_value: "1" } }\n'
-           f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n")
+    cfg = (
+        f'name: "{MODEL}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {MAX_BATCH}\n"
+        f'input [ {{ name: "input" data_type: TYPE_FP32 dims: [ {sizes[0]} ] }} ]\n'
+        f'output [ {{ name: "output" data_type: TYPE_FP32 dims: [ {sizes[-1]} ] }} ]\n'
+        # one ONNX Runtime thread per execution: the server has one core
+        'parameters { key: "intra_op_thread_count" value { string_value: "1" } }\n'
+        'parameters { key: "inter_op_thread_count" value { string_value: "1" } }\n'
+        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+    )
     if batching:
         cfg += f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
     return cfg
@@ -212,8 +224,12 @@ def time_ort(model, width: int, core: str | None, quick: bool) -> dict[int, dict
                         break
                 means.append(t / n)
             med = statistics.median(means)
-            out[b] = {"ms": med * 1e3, "us_per_row": med * 1e6 / b, "min_ms": min(means) * 1e3,
-                      "max_ms": max(means) * 1e3}
+            out[b] = {
+                "ms": med * 1e3,
+                "us_per_row": med * 1e6 / b,
+                "min_ms": min(means) * 1e3,
+                "max_ms": max(means) * 1e3,
+            }
     finally:
         os.sched_setaffinity(0, old)
     return out
@@ -256,8 +272,11 @@ def make_workload(key: str, model, sizes: tuple[int, ...], tmp: Path) -> Workloa
     frame = tmp / f"{key}.grpc"
     frame.write_bytes(grpc_frame(msg.SerializeToString()))
     body = tmp / f"{key}.json"
-    body.write_bytes(orjson.dumps({"inputs": [{"name": "input", "shape": [1, sizes[0]], "datatype": "FP32",
-                                               "data": row[0].tolist()}]}))
+    body.write_bytes(
+        orjson.dumps(
+            {"inputs": [{"name": "input", "shape": [1, sizes[0]], "datatype": "FP32", "data": row[0].tolist()}]}
+        )
+    )
     return Workload(key, sizes, row, expected, frame, body)
 
 
@@ -312,8 +331,16 @@ def snapshot(http_port: int) -> Snapshot:
     for b in s["batch_stats"]:
         batches[int(b["batch_size"])] = int(b["compute_infer"]["count"])
         compute += sum(int(b[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
-    return Snapshot(int(st["success"]["count"]), int(st["fail"]["count"]), int(s["execution_count"]),
-                    int(s["inference_count"]), batches, compute, int(st["queue"]["count"]), int(st["queue"]["ns"]))
+    return Snapshot(
+        int(st["success"]["count"]),
+        int(st["fail"]["count"]),
+        int(s["execution_count"]),
+        int(s["inference_count"]),
+        batches,
+        compute,
+        int(st["queue"]["count"]),
+        int(st["queue"]["ns"]),
+    )
 
 
 def snapshot_grpc(grpc_port: int) -> Snapshot:
@@ -413,9 +440,28 @@ class Plan:
 
 
 def server_command(py: str, repo: Path, policy: str, threads: int) -> list[str]:
-    return [py, "-m", "batchgate.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-            "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--batching-policy", policy,
-            "--infer-threads", str(threads), "--log-level", "info"]
+    return [
+        py,
+        "-m",
+        "batchgate.cli",
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--batching-policy",
+        policy,
+        "--infer-threads",
+        str(threads),
+        "--log-level",
+        "info",
+    ]
 
 
 def measure_server(plan: Plan, repo: Path | None, args, pin: Pinning, tmp: Path, timing: dict | None) -> list[Run]:
@@ -473,8 +519,19 @@ def measure_server(plan: Plan, repo: Path | None, args, pin: Pinning, tmp: Path,
     return runs
 
 
-def measure_level(run: Run, plan: Plan, srv: Server, grpc_port: int, http_port: int | None, snap, warm: float,
-                  args, pin: Pinning, tmp: Path, timing: dict | None) -> None:
+def measure_level(
+    run: Run,
+    plan: Plan,
+    srv: Server,
+    grpc_port: int,
+    http_port: int | None,
+    snap,
+    warm: float,
+    args,
+    pin: Pinning,
+    tmp: Path,
+    timing: dict | None,
+) -> None:
     n = run.clients
     log = tmp / f"{plan.case}-{plan.config}-{plan.round}-{n}.h2load"
 
@@ -528,12 +585,16 @@ def measure_level(run: Run, plan: Plan, srv: Server, grpc_port: int, http_port: 
     if run.server_ok < run.tool_ok:
         problems.append(f"the tool reports {run.tool_ok} successes, the server counted only {run.server_ok}")
     if (run.server_ok - run.tool_ok) + run.server_failed > slack:
-        problems.append(f"the server counted {run.server_ok} OK and {run.server_failed} failed for {run.tool_ok} "
-                        f"reported; only {slack} requests were cut off at the end")
+        problems.append(
+            f"the server counted {run.server_ok} OK and {run.server_failed} failed for {run.tool_ok} "
+            f"reported; only {slack} requests were cut off at the end"
+        )
     # single-row requests: rows executed = requests executed
     if not run.tool_ok <= run.rows <= run.server_ok + run.server_failed:
-        problems.append(f"{run.rows} rows executed for {run.tool_ok} successes reported and "
-                        f"{run.server_ok + run.server_failed} requests answered")
+        problems.append(
+            f"{run.rows} rows executed for {run.tool_ok} successes reported and "
+            f"{run.server_ok + run.server_failed} requests answered"
+        )
     if sum(run.batches.values()) != run.executions or sum(r * c for r, c in run.batches.items()) != run.rows:
         problems.append(f"batch_stats ({run.batches}) disagree with {run.executions} executions / {run.rows} rows")
     if plan.config in ("off", *REFERENCES) and set(run.batches) - {1}:
@@ -542,10 +603,12 @@ def measure_level(run: Run, plan: Plan, srv: Server, grpc_port: int, http_port: 
         problems.append("no successful request")
     if problems:
         raise BenchError(f"{n} clients: " + "; ".join(problems) + f"\nload tool output:\n{res['raw'][-1500:]}")
-    say(f"round {run.round} {plan.case}/{plan.config}, {n} clients: {run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, "
+    say(
+        f"round {run.round} {plan.case}/{plan.config}, {n} clients: {run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, "
         f"p99 {run.p99_ms:.2f} ms; mean batch {run.mean_batch:.1f}, instance busy {run.instance_busy:.0%}; "
         f"server core {run.server_core_busy:.0%}, load core {run.load_core_busy:.0%}, "
-        f"others {run.other_cpu:.0%} of a core")
+        f"others {run.other_cpu:.0%} of a core"
+    )
     if run.other_cpu > 0.05:
         say(f"  warning: other processes used {run.other_cpu:.0%} of a core during this run: noisier numbers")
 
@@ -576,12 +639,29 @@ def summarize(runs: list[Run]) -> dict:
                 for k, v in r.batches.items():
                     batches[k] = batches.get(k, 0) + v
         out.setdefault(case, {}).setdefault(cfg, {})[n] = {
-            "valid": all(r.error is None for r in rs), "rounds": len(rs),
-            "rps": med(rs, "rps"), "rps_min": min((r.rps for r in rs), default=0.0),
+            "valid": all(r.error is None for r in rs),
+            "rounds": len(rs),
+            "rps": med(rs, "rps"),
+            "rps_min": min((r.rps for r in rs), default=0.0),
             "rps_max": max((r.rps for r in rs), default=0.0),
-            **{k: med(rs, k) for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms", "mean_batch",
-                                       "instance_busy", "server_queue_ms", "model_cpu_share",
-                                       "other_us_per_request", "server_core_busy", "load_core_busy", "other_cpu")},
+            **{
+                k: med(rs, k)
+                for k in (
+                    "p50_ms",
+                    "p90_ms",
+                    "p99_ms",
+                    "p999_ms",
+                    "mean_ms",
+                    "mean_batch",
+                    "instance_busy",
+                    "server_queue_ms",
+                    "model_cpu_share",
+                    "other_us_per_request",
+                    "server_core_busy",
+                    "load_core_busy",
+                    "other_cpu",
+                )
+            },
             "batches": dict(sorted(batches.items())),
         }
     return out
@@ -606,10 +686,14 @@ def verdicts_of(summary: dict, precondition: dict, runs: list[Run]) -> dict:
                 entry["throughput"] = "PASS" if ratio >= TARGET_RATIO else "FAIL"
                 entry["p99"] = "PASS" if on["p99_ms"] < off["p99_ms"] else "FAIL"
                 # per round, where both configurations ran in the same round
-                by_round = {(r.config, r.round): r for r in runs if r.case == case and r.clients == HEADLINE
-                            and r.error is None}
-                entry["ratio_per_round"] = [by_round[cfg, k].rps / by_round["off", k].rps
-                                            for (c, k) in sorted(by_round) if c == "off" and (cfg, k) in by_round]
+                by_round = {
+                    (r.config, r.round): r for r in runs if r.case == case and r.clients == HEADLINE and r.error is None
+                }
+                entry["ratio_per_round"] = [
+                    by_round[cfg, k].rps / by_round["off", k].rps
+                    for (c, k) in sorted(by_round)
+                    if c == "off" and (cfg, k) in by_round
+                ]
             v[cfg] = entry
         if case in SWEEP and echo and echo["valid"] and off["rps"]:
             # the echo ran once, beside the main model; its bound holds for every model
@@ -636,8 +720,10 @@ def markdown(summary: dict, verdicts: dict, timing: dict, precondition: dict, ar
         cells = " | ".join(f"{t[b]['ms'] * 1e3:.0f} us ({t[b]['us_per_row']:.0f}/row)" for b in ORT_SIZES)
         lines.append(f"| {p['name']} | {cells} | {'yes' if p['ok'] else '**no**'} ({p['batch1_ms']:.3f} ms) |")
     lines.append("")
-    titles = {"main": f"gRPC (h2load -c N -m 1), {precondition['main']['name']}",
-              "http": f"HTTP/JSON (wrk -c N), {precondition['main']['name']} (extra, one round)"}
+    titles = {
+        "main": f"gRPC (h2load -c N -m 1), {precondition['main']['name']}",
+        "http": f"HTTP/JSON (wrk -c N), {precondition['main']['name']} (extra, one round)",
+    }
     for key in SWEEP:
         if key in precondition:
             note = "the issue's example model; " if key == "issue" else ""
@@ -648,8 +734,10 @@ def markdown(summary: dict, verdicts: dict, timing: dict, precondition: dict, ar
             continue
         v = verdicts.get(case, {})
         lines.append(f"### Batching on vs off at {HEADLINE} concurrent single-row clients: {titles[case]}\n")
-        lines.append("| configuration | req/s (median) | req/s range | p50 ms | p99 ms | mean batch | instance busy "
-                     "| non-model us/request | others (cores) | vs off | >= 2.5x | lower p99 |")
+        lines.append(
+            "| configuration | req/s (median) | req/s range | p50 ms | p99 ms | mean batch | instance busy "
+            "| non-model us/request | others (cores) | vs off | >= 2.5x | lower p99 |"
+        )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for cfg in (*CONFIGS, *REFERENCES):
             e = s.get(cfg, {}).get(HEADLINE)
@@ -661,19 +749,22 @@ def markdown(summary: dict, verdicts: dict, timing: dict, precondition: dict, ar
             ve = v.get(cfg, {})
             ref = cfg in REFERENCES
             ratio = f"**{ve['ratio']:.2f}x**" if "ratio" in ve else ""
-            res = (f"{ve.get('throughput', '')} | {ve.get('p99', '')}" if cfg in ("triton", "work_conserving")
-                   else " | ")
-            lines.append(f"| {NAMES[cfg]} | {e['rps']:,.0f} | {e['rps_min']:,.0f} - {e['rps_max']:,.0f} | "
-                         f"{fmt(e['p50_ms'])} | {fmt(e['p99_ms'])} | {'-' if ref else fmt(e['mean_batch'], '.1f')} | "
-                         f"{'-' if ref else fmt(e['instance_busy'] * 100, '.0f') + '%'} | "
-                         f"{fmt(e['other_us_per_request'], '.0f')} | {fmt(e['other_cpu'], '.2f')} | {ratio} | {res} |")
+            res = f"{ve.get('throughput', '')} | {ve.get('p99', '')}" if cfg in ("triton", "work_conserving") else " | "
+            lines.append(
+                f"| {NAMES[cfg]} | {e['rps']:,.0f} | {e['rps_min']:,.0f} - {e['rps_max']:,.0f} | "
+                f"{fmt(e['p50_ms'])} | {fmt(e['p99_ms'])} | {'-' if ref else fmt(e['mean_batch'], '.1f')} | "
+                f"{'-' if ref else fmt(e['instance_busy'] * 100, '.0f') + '%'} | "
+                f"{fmt(e['other_us_per_request'], '.0f')} | {fmt(e['other_cpu'], '.2f')} | {ratio} | {res} |"
+            )
         lines.append("")
     main = summary.get("main", {})
     levels = sorted({n for cfg in main.values() for n in cfg})
     if levels:
         lines.append("### Triton vs work-conserving policy by load (gRPC, main model; batching off for reference)\n")
-        lines.append("| clients | load | configuration | req/s | p50 ms | p99 ms | mean batch | server queue ms "
-                     "| instance busy |")
+        lines.append(
+            "| clients | load | configuration | req/s | p50 ms | p99 ms | mean batch | server queue ms "
+            "| instance busy |"
+        )
         lines.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
         for n in levels:
             for cfg in CONFIGS:
@@ -684,9 +775,11 @@ def markdown(summary: dict, verdicts: dict, timing: dict, precondition: dict, ar
                 if not e["valid"]:
                     lines.append(f"| {n} | {tag} | {NAMES[cfg]} | invalid | | | | | |")
                     continue
-                lines.append(f"| {n} | {tag} | {NAMES[cfg]} | {e['rps']:,.0f} | {fmt(e['p50_ms'])} | "
-                             f"{fmt(e['p99_ms'])} | {fmt(e['mean_batch'], '.1f')} | {fmt(e['server_queue_ms'])} | "
-                             f"{fmt(e['instance_busy'] * 100, '.0f')}% |")
+                lines.append(
+                    f"| {n} | {tag} | {NAMES[cfg]} | {e['rps']:,.0f} | {fmt(e['p50_ms'])} | "
+                    f"{fmt(e['p99_ms'])} | {fmt(e['mean_batch'], '.1f')} | {fmt(e['server_queue_ms'])} | "
+                    f"{fmt(e['instance_busy'] * 100, '.0f')}% |"
+                )
         lines.append("")
     lines.append("### Verdicts\n")
     for case, v in verdicts.items():
@@ -695,18 +788,26 @@ def markdown(summary: dict, verdicts: dict, timing: dict, precondition: dict, ar
                 continue
             e = v[cfg]
             per = ", ".join(f"{x:.2f}" for x in e.get("ratio_per_round", []))
-            lines.append(f"- {case} / {NAMES[cfg]}: {e['ratio']:.2f}x batching off (target >= {TARGET_RATIO}): "
-                         f"**{e['throughput']}**; p99 {e['p99_ms']:.2f} vs {e['off_p99_ms']:.2f} ms: **{e['p99']}**"
-                         + (f"; per round: {per}" if per else ""))
+            lines.append(
+                f"- {case} / {NAMES[cfg]}: {e['ratio']:.2f}x batching off (target >= {TARGET_RATIO}): "
+                f"**{e['throughput']}**; p99 {e['p99_ms']:.2f} vs {e['off_p99_ms']:.2f} ms: **{e['p99']}**"
+                + (f"; per round: {per}" if per else "")
+            )
         if "trivial" in v:
-            lines.append(f"- {case}: the same server with a near-zero model serves {v['trivial']['ratio']:.2f}x batching "
-                         "off: what the gateway's per-request path allows when the model costs nothing")
+            lines.append(
+                f"- {case}: the same server with a near-zero model serves {v['trivial']['ratio']:.2f}x batching "
+                "off: what the gateway's per-request path allows when the model costs nothing"
+            )
         if "echo" in v:
-            lines.append(f"- {case}: the bare grpc.aio echo (no gateway, no model) serves {v['echo']['ratio']:.2f}x "
-                         f"batching off: the {TARGET_RATIO}x target needs a batched gateway at least that fast")
+            lines.append(
+                f"- {case}: the bare grpc.aio echo (no gateway, no model) serves {v['echo']['ratio']:.2f}x "
+                f"batching off: the {TARGET_RATIO}x target needs a batched gateway at least that fast"
+            )
         if v.get("model_ok") is False:
-            lines.append(f"- {case}: the model's batch-1 execution is under {FLOOR_MS} ms: outside the comparison the "
-                         "target is stated for")
+            lines.append(
+                f"- {case}: the model's batch-1 execution is under {FLOOR_MS} ms: outside the comparison the "
+                "target is stated for"
+            )
     return "\n".join(lines)
 
 
@@ -734,8 +835,15 @@ def plot(summary: dict, verdicts: dict, precondition: dict, path: Path, subtitle
         for j, cfg in enumerate(cfgs):
             e = s[cfg][HEADLINE]
             x = i + (j - (len(cfgs) - 1) / 2) * width
-            ax.bar(x, e["rps"] / base, width * 0.9, color=COLORS[cfg], label=NAMES[cfg] if i == 0 else None,
-                   hatch="//" if cfg in REFERENCES else None, edgecolor="white")
+            ax.bar(
+                x,
+                e["rps"] / base,
+                width * 0.9,
+                color=COLORS[cfg],
+                label=NAMES[cfg] if i == 0 else None,
+                hatch="//" if cfg in REFERENCES else None,
+                edgecolor="white",
+            )
             ax.text(x, e["rps"] / base + 0.03, f"{e['rps'] / 1e3:.1f}k", ha="center", va="bottom", fontsize=7)
     ax.axhline(TARGET_RATIO, color="#b3261e", ls="--", lw=1)
     ax.text(-0.48, TARGET_RATIO + 0.04, f"target {TARGET_RATIO}x", color="#b3261e", fontsize=8)
@@ -766,8 +874,15 @@ def plot(summary: dict, verdicts: dict, precondition: dict, path: Path, subtitle
             total = sum(b.values())
             xs = np.arange(1, MAX_BATCH + 1)
             ys = np.array([b.get(int(x), 0) / total for x in xs])
-            ax.step(xs, ys, where="mid", ls=styles[k % 3], color=COLORS[cfg], lw=1.4,
-                    label=f"{n} clients (mean {main[cfg][n]['mean_batch']:.1f} rows, {total:,} executions)")
+            ax.step(
+                xs,
+                ys,
+                where="mid",
+                ls=styles[k % 3],
+                color=COLORS[cfg],
+                lw=1.4,
+                label=f"{n} clients (mean {main[cfg][n]['mean_batch']:.1f} rows, {total:,} executions)",
+            )
         ax.set_xlabel("rows per execution")
         ax.set_ylabel("share of executions (all rounds)")
         ax.set_xlim(0, MAX_BATCH + 1)
@@ -777,10 +892,12 @@ def plot(summary: dict, verdicts: dict, precondition: dict, path: Path, subtitle
             ax.legend(fontsize=7)
 
     # second row: against offered load (concurrent clients, closed loop)
-    panels = ((axes[1, 0], "rps", "successful requests / s", False),
-              (axes[1, 1], "p50_ms", "p50 latency, ms", True),
-              (axes[1, 2], "p99_ms", "p99 latency, ms", True),
-              (axes[1, 3], "mean_batch", "mean rows per execution", False))
+    panels = (
+        (axes[1, 0], "rps", "successful requests / s", False),
+        (axes[1, 1], "p50_ms", "p50 latency, ms", True),
+        (axes[1, 2], "p99_ms", "p99 latency, ms", True),
+        (axes[1, 3], "mean_batch", "mean rows per execution", False),
+    )
     for ax, key, ylabel, logy in panels:
         for cfg in CONFIGS:
             pts = sorted((n, e[key]) for n, e in main.get(cfg, {}).items() if e["valid"])
@@ -797,8 +914,9 @@ def plot(summary: dict, verdicts: dict, precondition: dict, path: Path, subtitle
     axes[1, 1].set_title("p50 vs load", fontsize=10)
     axes[1, 2].set_title("p99 vs load", fontsize=10)
     axes[1, 3].set_title("batch size vs load", fontsize=10)
-    fig.suptitle(f"batchgate dynamic batching: Triton vs work-conserving policy vs batching off\n{subtitle}",
-                 fontsize=9)
+    fig.suptitle(
+        f"batchgate dynamic batching: Triton vs work-conserving policy vs batching off\n{subtitle}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -807,19 +925,24 @@ def plot(summary: dict, verdicts: dict, precondition: dict, path: Path, subtitle
 def sweep_panel(ax, summary: dict, verdicts: dict, precondition: dict) -> None:
     """Speed-up over batching off at the headline load against the model's batch-1 cost, with
     the bound the bare echo sets for each model."""
-    cases = sorted((c for c in ("main", *SWEEP) if c in verdicts and c in precondition),
-                   key=lambda c: precondition[c]["batch1_ms"])
+    cases = sorted(
+        (c for c in ("main", *SWEEP) if c in verdicts and c in precondition), key=lambda c: precondition[c]["batch1_ms"]
+    )
     xs = [precondition[c]["batch1_ms"] * 1e3 for c in cases]
     for cfg in ("triton", "work_conserving", "echo"):
         pts = [(x, verdicts[c][cfg]["ratio"]) for x, c in zip(xs, cases) if cfg in verdicts[c]]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if cfg != "echo" else "s--",
-                    color=COLORS[cfg] if cfg != "echo" else "#6b7680", ms=5,
-                    label=NAMES[cfg] if cfg != "echo" else "bound: bare grpc.aio echo")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "o-" if cfg != "echo" else "s--",
+                color=COLORS[cfg] if cfg != "echo" else "#6b7680",
+                ms=5,
+                label=NAMES[cfg] if cfg != "echo" else "bound: bare grpc.aio echo",
+            )
     for x, c in zip(xs, cases):
         name = "main" if c == "main" else "issue's MLP" if c == "issue" else precondition[c]["name"][4:]
-        ax.annotate(name, (x, 1.0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=6,
-                    rotation=20)
+        ax.annotate(name, (x, 1.0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=6, rotation=20)
     ax.axhline(TARGET_RATIO, color="#b3261e", ls="--", lw=1)
     ax.axhline(1.0, color="#8a939c", lw=0.8)
     ax.axvline(FLOOR_MS * 1e3, color="#b3261e", ls=":", lw=1)
@@ -841,20 +964,43 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 round, levels 1/64/256, short runs, no extras (< 60 s)")
     ap.add_argument("--rounds", type=int, default=None, help="fresh servers per configuration (default 2)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of each measured level (default 3)")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds of load before a server's first level (default 1)")
-    ap.add_argument("--levels", type=str, default=None, help="concurrent clients, comma-separated "
-                    "(default 1,2,4,64,128,256; must include 64)")
-    ap.add_argument("--hidden", type=str, default=None,
-                    help="hidden layer widths of the main MLP, comma-separated (default 2048,2048,2048)")
-    ap.add_argument("--delay-us", type=int, default=DEFAULT_DELAY_US,
-                    help=f"max_queue_delay_microseconds (default {DEFAULT_DELAY_US})")
-    ap.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
-                    help=f"instance_group count (default {DEFAULT_INSTANCES})")
-    ap.add_argument("--infer-threads", type=int, default=DEFAULT_INFER_THREADS,
-                    help=f"batchgate --infer-threads (default {DEFAULT_INFER_THREADS})")
+    ap.add_argument(
+        "--warmup", type=float, default=None, help="seconds of load before a server's first level (default 1)"
+    )
+    ap.add_argument(
+        "--levels",
+        type=str,
+        default=None,
+        help="concurrent clients, comma-separated (default 1,2,4,64,128,256; must include 64)",
+    )
+    ap.add_argument(
+        "--hidden",
+        type=str,
+        default=None,
+        help="hidden layer widths of the main MLP, comma-separated (default 2048,2048,2048)",
+    )
+    ap.add_argument(
+        "--delay-us",
+        type=int,
+        default=DEFAULT_DELAY_US,
+        help=f"max_queue_delay_microseconds (default {DEFAULT_DELAY_US})",
+    )
+    ap.add_argument(
+        "--instances", type=int, default=DEFAULT_INSTANCES, help=f"instance_group count (default {DEFAULT_INSTANCES})"
+    )
+    ap.add_argument(
+        "--infer-threads",
+        type=int,
+        default=DEFAULT_INFER_THREADS,
+        help=f"batchgate --infer-threads (default {DEFAULT_INFER_THREADS})",
+    )
     ap.add_argument("--no-extras", action="store_true", help="skip the HTTP/JSON comparison and the model sweep")
-    ap.add_argument("--retries", type=int, default=None,
-                    help="levels that may be measured again because other processes were busy (default 8; quick 0)")
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="levels that may be measured again because other processes were busy (default 8; quick 0)",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the load tool to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -899,11 +1045,12 @@ def main(argv=None) -> int:
         t = time_ort(model, sizes[0], server_core, args.quick)
         timing[key] = t
         name = "MLP " + " -> ".join(str(s) for s in sizes)
-        precondition[key] = {"name": name, "sizes": list(sizes), "batch1_ms": t[1]["ms"],
-                             "ok": t[1]["ms"] >= FLOOR_MS}
-        say(f"{name}: ONNX Runtime alone, batch 1 {t[1]['ms'] * 1e3:.0f} us, batch {MAX_BATCH} "
+        precondition[key] = {"name": name, "sizes": list(sizes), "batch1_ms": t[1]["ms"], "ok": t[1]["ms"] >= FLOOR_MS}
+        say(
+            f"{name}: ONNX Runtime alone, batch 1 {t[1]['ms'] * 1e3:.0f} us, batch {MAX_BATCH} "
             f"{t[MAX_BATCH]['ms'] * 1e3:.0f} us ({t[MAX_BATCH]['us_per_row']:.1f} us/row); batch 1 >= {FLOOR_MS} ms: "
-            f"{'yes' if precondition[key]['ok'] else 'NO'}")
+            f"{'yes' if precondition[key]['ok'] else 'NO'}"
+        )
     if not precondition["main"]["ok"]:
         say(f"warning: the main model's batch-1 execution is under {FLOOR_MS} ms here; pick wider layers (--hidden)")
 
@@ -916,10 +1063,14 @@ def main(argv=None) -> int:
         repos = {}
         for key, (sizes, model) in models.items():
             for on in (False, True):
-                repos[key, on] = write_repository(tmp / f"repo-{key}-{'on' if on else 'off'}", model,
-                                                  model_config(sizes, on, args.delay_us, args.instances))
-        repos["trivial"] = write_repository(tmp / "repo-trivial", trivial_model,
-                                            model_config(args.sizes, False, args.delay_us, args.instances))
+                repos[key, on] = write_repository(
+                    tmp / f"repo-{key}-{'on' if on else 'off'}",
+                    model,
+                    model_config(sizes, on, args.delay_us, args.instances),
+                )
+        repos["trivial"] = write_repository(
+            tmp / "repo-trivial", trivial_model, model_config(args.sizes, False, args.delay_us, args.instances)
+        )
         repos["echo"] = None
 
         def run(plan: Plan, repo: Path, timed: dict | None) -> None:
@@ -927,14 +1078,18 @@ def main(argv=None) -> int:
 
         for rnd in range(1, args.rounds + 1):
             for cfg in CONFIGS:
-                run(Plan("main", "grpc", work["main"], cfg, args.levels, rnd), repos["main", cfg != "off"],
-                    timing["main"])
+                run(
+                    Plan("main", "grpc", work["main"], cfg, args.levels, rnd),
+                    repos["main", cfg != "off"],
+                    timing["main"],
+                )
             for ref in REFERENCES:
                 run(Plan("main", "grpc", work[ref], ref, (HEADLINE,), rnd), repos[ref], None)
         if args.extras:
             for cfg in CONFIGS:
-                run(Plan("http", "http", work["main"], cfg, (HEADLINE,), 1), repos["main", cfg != "off"],
-                    timing["main"])
+                run(
+                    Plan("http", "http", work["main"], cfg, (HEADLINE,), 1), repos["main", cfg != "off"], timing["main"]
+                )
             for key in SWEEP:
                 if key in models:
                     for cfg in CONFIGS:
@@ -949,29 +1104,47 @@ def main(argv=None) -> int:
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["bench/batching.py", *(argv if argv is not None else sys.argv[1:])]),
-        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup, "levels": list(args.levels),
-        "headline_clients": HEADLINE, "pinning": pin.note, "cpus": os.cpu_count(), "cpu_model": cpu_model(),
-        "python": platform.python_version(), "grpcio": grpc.__version__,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "levels": list(args.levels),
+        "headline_clients": HEADLINE,
+        "pinning": pin.note,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
-        "h2load": tool_version(["h2load", "--version"]), "wrk": tool_version(["wrk", "-v"]) if args.extras else None,
+        "h2load": tool_version(["h2load", "--version"]),
+        "wrk": tool_version(["wrk", "-v"]) if args.extras else None,
         "load": "gRPC: h2load -t 1 -c N -m 1 (N connections, one request in flight each, closed loop); "
-                "HTTP extra: wrk -t 1 -c N",
-        "batchgate": {"max_batch_size": MAX_BATCH, "max_queue_delay_us": args.delay_us, "instances": args.instances,
-                      "infer_threads": args.infer_threads, "ort_threads": "intra 1, inter 1"},
+        "HTTP extra: wrk -t 1 -c N",
+        "batchgate": {
+            "max_batch_size": MAX_BATCH,
+            "max_queue_delay_us": args.delay_us,
+            "instances": args.instances,
+            "infer_threads": args.infer_threads,
+            "ort_threads": "intra 1, inter 1",
+        },
         "wall_s": round(time.monotonic() - t_start, 1),
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "targets": {"ratio_at_64_clients": TARGET_RATIO, "lower_p99": True,
-                                     "batch1_floor_ms": FLOOR_MS},
-           "model_timing": {k: {"model": precondition[k], "ort_by_batch": {str(b): v for b, v in t.items()}}
-                            for k, t in timing.items()},
-           "verdicts": verdicts, "summary": {c: {cfg: {str(n): e for n, e in lv.items()} for cfg, lv in s.items()}
-                                             for c, s in summary.items()},
-           "runs": [asdict(r) for r in RUNS]}
+    doc = {
+        "meta": meta,
+        "targets": {"ratio_at_64_clients": TARGET_RATIO, "lower_p99": True, "batch1_floor_ms": FLOOR_MS},
+        "model_timing": {
+            k: {"model": precondition[k], "ort_by_batch": {str(b): v for b, v in t.items()}} for k, t in timing.items()
+        },
+        "verdicts": verdicts,
+        "summary": {c: {cfg: {str(n): e for n, e in lv.items()} for cfg, lv in s.items()} for c, s in summary.items()},
+        "runs": [asdict(r) for r in RUNS],
+    }
     (args.output / "batching.json").write_text(json.dumps(finite(doc), indent=2) + "\n")
-    subtitle = (f"{precondition['main']['name']} (batch 1: {precondition['main']['batch1_ms'] * 1e3:.0f} us in ORT); "
-                f"max_batch_size {MAX_BATCH}, max_queue_delay {args.delay_us} us, {args.instances} instance(s); "
-                f"{meta['cpu_model']}; {pin.note}; medians of {args.rounds} round(s) x {args.duration:g} s")
+    subtitle = (
+        f"{precondition['main']['name']} (batch 1: {precondition['main']['batch1_ms'] * 1e3:.0f} us in ORT); "
+        f"max_batch_size {MAX_BATCH}, max_queue_delay {args.delay_us} us, {args.instances} instance(s); "
+        f"{meta['cpu_model']}; {pin.note}; medians of {args.rounds} round(s) x {args.duration:g} s"
+    )
     try:
         plot(summary, verdicts, precondition, args.output / "batching.png", subtitle)
     except Exception as e:  # the JSON and the tables are the result; a plot is a nicety
@@ -980,8 +1153,9 @@ def main(argv=None) -> int:
     if any(r.error for r in RUNS):
         return 1
     headline = verdicts.get("main", {}).get("triton", {})
-    if args.check and (headline.get("throughput") != "PASS" or headline.get("p99") != "PASS"
-                       or not precondition["main"]["ok"]):
+    if args.check and (
+        headline.get("throughput") != "PASS" or headline.get("p99") != "PASS" or not precondition["main"]["ok"]
+    ):
         return 1
     return 0
 

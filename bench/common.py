@@ -26,8 +26,10 @@ HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 60.0
 
 # batchgate logs "... HTTP on H:P, gRPC on H:P, metrics on H:P|off" when it is ready.
-BATCHGATE_READY = re.compile(r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),"
-                             r" metrics on (?:(?P<metrics_host>\S+?):(?P<metrics>\d+)|off)")
+BATCHGATE_READY = re.compile(
+    r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),"
+    r" metrics on (?:(?P<metrics_host>\S+?):(?P<metrics>\d+)|off)"
+)
 
 
 class BenchError(RuntimeError):
@@ -61,8 +63,12 @@ def choose_pinning(enabled: bool) -> Pinning:
     if len(cores) < 2 or shutil.which("taskset") is None:
         return Pinning([], [], f"off: needs 2 cores and taskset (have {len(cores)} cores)")
     server, load = str(cores[0]), str(cores[1])
-    return Pinning(["taskset", "-c", server], ["taskset", "-c", load],
-                   f"server on core {server}, load tool on core {load}", [server, load])
+    return Pinning(
+        ["taskset", "-c", server],
+        ["taskset", "-c", load],
+        f"server on core {server}, load tool on core {load}",
+        [server, load],
+    )
 
 
 class Server:
@@ -73,8 +79,9 @@ class Server:
         self.cmd = cmd
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - the server writes it until stop() closes it
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(HERE.parent))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(HERE.parent)
+        )
         self.match = self._wait_ready(ready)
 
     def _wait_ready(self, ready: re.Pattern) -> re.Match:
@@ -134,8 +141,14 @@ def busy_fraction(before: dict, after: dict, core: str) -> float:
 def run_tool(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[str, float]:
     """Run a load tool to completion; return its output and the CPU seconds it used."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
+    p = subprocess.run(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if p.returncode != 0:
@@ -177,49 +190,101 @@ def http_call(port: int, method: str, path: str, body: bytes | None = None) -> t
 # ============================================================================ load tools
 
 
-def h2load(pin: Pinning, port: int, frame_file: Path, clients: int, streams: int, seconds: float,
-           log_file: Path | None) -> dict:
-    cmd = [*pin.load, "h2load", "-t", "1", "-c", str(clients), "-m", str(streams), "-D", f"{max(1, round(seconds * 1000))}ms",
-           "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+def h2load(
+    pin: Pinning, port: int, frame_file: Path, clients: int, streams: int, seconds: float, log_file: Path | None
+) -> dict:
+    cmd = [
+        *pin.load,
+        "h2load",
+        "-t",
+        "1",
+        "-c",
+        str(clients),
+        "-m",
+        str(streams),
+        "-D",
+        f"{max(1, round(seconds * 1000))}ms",
+        "-d",
+        str(frame_file),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+    ]
     if log_file is not None:
         cmd += ["--log-file", str(log_file)]
     cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer")
     out, cpu = run_tool(cmd, timeout=seconds + 60)
     m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
-    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                  r"(\d+) errored, (\d+) timeout", out)
+    r = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
     s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     if not (m and r and s):
         raise BenchError(f"cannot read h2load's output:\n{out}")
     elapsed = float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}.get(m.group(2), 1.0)
     done, ok, failed, errored, timeouts = (int(r.group(i)) for i in (3, 4, 5, 6, 7))
     started = int(r.group(2))
-    res = {"elapsed_s": elapsed, "done": done, "cut_off": started - done, "ok": ok, "errors": failed + errored + timeouts,
-           "non_2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4)), "tool_cpu_s": cpu, "raw": out}
+    res = {
+        "elapsed_s": elapsed,
+        "done": done,
+        "cut_off": started - done,
+        "ok": ok,
+        "errors": failed + errored + timeouts,
+        "non_2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4)),
+        "tool_cpu_s": cpu,
+        "raw": out,
+    }
     if log_file is not None:
         lat = np.loadtxt(log_file, usecols=2, dtype=np.int64, ndmin=1) if log_file.stat().st_size else np.zeros(0)
         if lat.size:
-            res["latency_us"] = {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
-                                 "p99": float(np.percentile(lat, 99)), "p999": float(np.percentile(lat, 99.9)),
-                                 "mean": float(lat.mean()), "max": float(lat.max())}
+            res["latency_us"] = {
+                "p50": float(np.percentile(lat, 50)),
+                "p90": float(np.percentile(lat, 90)),
+                "p99": float(np.percentile(lat, 99)),
+                "p999": float(np.percentile(lat, 99.9)),
+                "mean": float(lat.mean()),
+                "max": float(lat.max()),
+            }
     return res
 
 
 def wrk(pin: Pinning, port: int, path: str, body_file: Path, connections: int, seconds: float) -> dict:
     """POST the body in ``body_file`` to ``path`` with wrk (bench/wrk_post.lua)."""
     # wrk takes whole seconds
-    cmd = [*pin.load, "wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency",
-           "-s", str(HERE / "wrk_post.lua"), f"http://127.0.0.1:{port}{path}"]
+    cmd = [
+        *pin.load,
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(HERE / "wrk_post.lua"),
+        f"http://127.0.0.1:{port}{path}",
+    ]
     out, cpu = run_tool(cmd, timeout=seconds + 60, env={"BENCH_BODY": str(body_file)})
     line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if line is None:
         raise BenchError(f"cannot read wrk's output:\n{out}")
-    j = json.loads(line[len("BENCH_JSON "):])
+    j = json.loads(line[len("BENCH_JSON ") :])
     errors = sum(j["errors"][k] for k in ("connect", "read", "write", "timeout"))
     non_2xx = j["errors"]["status"]
-    return {"elapsed_s": j["duration_us"] / 1e6, "done": j["requests"], "ok": j["requests"] - non_2xx,
-            "errors": errors, "non_2xx": non_2xx, "latency_us": {k: float(v) for k, v in j["latency_us"].items()},
-            "tool_cpu_s": cpu, "raw": out}
+    return {
+        "elapsed_s": j["duration_us"] / 1e6,
+        "done": j["requests"],
+        "ok": j["requests"] - non_2xx,
+        "errors": errors,
+        "non_2xx": non_2xx,
+        "latency_us": {k: float(v) for k, v in j["latency_us"].items()},
+        "tool_cpu_s": cpu,
+        "raw": out,
+    }
 
 
 # ============================================================================ small utilities
@@ -255,7 +320,6 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
-
 def grpc_infer_raw(port: int, payload: bytes):
     """Send one serialized ModelInferRequest through a real gRPC client and return the
     ModelInferResponse; BenchError if the call fails."""
@@ -263,8 +327,11 @@ def grpc_infer_raw(port: int, payload: bytes):
     from tritonclient.grpc import service_pb2 as pb
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                              request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
+        call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         try:
             return call(payload, timeout=10)
         except grpc.RpcError as e:

@@ -115,8 +115,11 @@ def git(*args: str, cwd: Path = ROOT) -> str:
 
 def clean_env(venv: Path | None = None) -> dict:
     """The environment for a child: no PYTHONPATH or other venv leaking in; ``venv`` active."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
-                                                            "PYTHONSTARTUP", "PYTHONUSERBASE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PYTHONUSERBASE")
+    }
     env["PYTHONNOUSERSITE"] = "1"
     if venv is not None:
         env["VIRTUAL_ENV"] = str(venv)
@@ -160,12 +163,16 @@ def ensure_worktree(rev: Rev) -> None:
             raise SetupError(f"{path} exists but is not a git worktree; remove it (it is under .cache/)")
         head = git("rev-parse", "HEAD", cwd=path)
         if head != rev.sha:
-            raise SetupError(f"worktree {path} is at {head[:10]}, not {rev.sha[:10]}; "
-                             f"remove it with `git worktree remove --force {path}`")
+            raise SetupError(
+                f"worktree {path} is at {head[:10]}, not {rev.sha[:10]}; "
+                f"remove it with `git worktree remove --force {path}`"
+            )
         dirty = git("status", "--porcelain", "--untracked-files=no", cwd=path)
         if dirty:
-            raise SetupError(f"worktree {path} has local changes, so it is not {rev.short}:\n{dirty}\n"
-                             f"remove it with `git worktree remove --force {path}`")
+            raise SetupError(
+                f"worktree {path} has local changes, so it is not {rev.short}:\n{dirty}\n"
+                f"remove it with `git worktree remove --force {path}`"
+            )
         say(f"{rev.role} {rev.short}: reusing worktree {path.relative_to(ROOT)}")
     else:
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -178,16 +185,23 @@ def main_site_packages(deps_venv: Path) -> Path:
     py = deps_venv / "bin" / "python"
     if not py.exists():
         raise SetupError(f"no {py}: build the main venv first (`make install`)")
-    p = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       capture_output=True, text=True, env=clean_env(), cwd="/")
+    p = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd="/",
+    )
     if p.returncode != 0:
         raise SetupError(f"{py} does not run: {p.stderr.strip()}")
     return Path(p.stdout.strip())
 
 
-VERIFY = ("import json, sys, batchgate, batchgate.cli, batchgate.demo\n"
-          "print(json.dumps({'batchgate': batchgate.__file__, 'cli': batchgate.cli.__file__, "
-          "'demo': batchgate.demo.__file__, 'prefix': sys.prefix}))")
+VERIFY = (
+    "import json, sys, batchgate, batchgate.cli, batchgate.demo\n"
+    "print(json.dumps({'batchgate': batchgate.__file__, 'cli': batchgate.cli.__file__, "
+    "'demo': batchgate.demo.__file__, 'prefix': sys.prefix}))"
+)
 
 
 def verify_venv(rev: Rev) -> str | None:
@@ -197,7 +211,9 @@ def verify_venv(rev: Rev) -> str | None:
     for cwd in (rev.tree, rev.tree / "bench", ROOT):
         if not cwd.is_dir():
             continue
-        p = subprocess.run([str(rev.python), "-c", VERIFY], cwd=cwd, capture_output=True, text=True, env=clean_env(rev.venv))
+        p = subprocess.run(
+            [str(rev.python), "-c", VERIFY], cwd=cwd, capture_output=True, text=True, env=clean_env(rev.venv)
+        )
         if p.returncode != 0:
             return f"import batchgate fails (cwd {cwd}): {p.stderr.strip()[-1500:]}"
         got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -219,8 +235,10 @@ def ensure_venv(rev: Rev, deps_site: Path) -> None:
         except ValueError:
             ok = False
         if ok and verify_venv(rev) is None:
-            say(f"{rev.role} {rev.short}: reusing venv {rev.venv.relative_to(ROOT)} (batchgate from "
-                f"{Path(rev.batchgate_file).relative_to(ROOT)})")
+            say(
+                f"{rev.role} {rev.short}: reusing venv {rev.venv.relative_to(ROOT)} (batchgate from "
+                f"{Path(rev.batchgate_file).relative_to(ROOT)})"
+            )
             return
     if rev.venv.exists():
         # only ever a folder this script made, under .cache/compare
@@ -230,20 +248,39 @@ def ensure_venv(rev: Rev, deps_site: Path) -> None:
     # The main venv's python makes a venv on the same base interpreter (same version, same ABI).
     # Without pip: ensurepip would also bring its own, older setuptools, which would shadow the
     # main venv's (the build backend pyproject.toml asks for); pip itself comes from there too.
-    subprocess.run([str(MAIN_VENV / "bin" / "python"), "-m", "venv", "--without-pip", str(rev.venv)], check=True,
-                   env=clean_env())
-    p = subprocess.run([str(rev.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       stdout=subprocess.PIPE, text=True, check=True, env=clean_env(rev.venv), cwd="/")
+    subprocess.run(
+        [str(MAIN_VENV / "bin" / "python"), "-m", "venv", "--without-pip", str(rev.venv)], check=True, env=clean_env()
+    )
+    p = subprocess.run(
+        [str(rev.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        env=clean_env(rev.venv),
+        cwd="/",
+    )
     own_site = Path(p.stdout.strip())
     # A plain path line: the main site-packages joins sys.path after the venv's own, and its .pth
     # files (among them the editable finder for this checkout's batchgate) are not run. pip (the
     # main venv's) installs into this venv, sys.prefix, and leaves the main venv's batchgate alone:
     # it never uninstalls outside the running environment.
     (own_site / PTH_NAME).write_text(f"{deps_site}\n")
-    cmd = [str(rev.python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "-e", str(rev.tree)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(rev.venv),
-                       cwd=rev.tree)
+    cmd = [
+        str(rev.python),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "-e",
+        str(rev.tree),
+    ]
+    p = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(rev.venv), cwd=rev.tree
+    )
     if p.returncode != 0:
         raise SetupError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}")
     problem = verify_venv(rev)
@@ -255,8 +292,13 @@ def ensure_venv(rev: Rev, deps_site: Path) -> None:
 
 def check_main_venv_untouched(deps_venv: Path) -> None:
     """The main venv must still resolve batchgate to this checkout (nothing here may change it)."""
-    p = subprocess.run([str(deps_venv / "bin" / "python"), "-c", "import batchgate; print(batchgate.__file__)"],
-                       capture_output=True, text=True, env=clean_env(deps_venv), cwd="/")
+    p = subprocess.run(
+        [str(deps_venv / "bin" / "python"), "-c", "import batchgate; print(batchgate.__file__)"],
+        capture_output=True,
+        text=True,
+        env=clean_env(deps_venv),
+        cwd="/",
+    )
     if p.returncode != 0 or not Path(p.stdout.strip()).resolve().is_relative_to((ROOT / "server").resolve()):
         say(f"warning: the main venv's batchgate now resolves to {p.stdout.strip() or p.stderr.strip()[-300:]}")
 
@@ -268,8 +310,14 @@ def bench_options(python: Path, script: Path, venv: Path) -> set[str] | None:
     """The options a bench script's --help lists, or None when it has none or fails."""
     if not script.exists():
         return None
-    p = subprocess.run([str(python), str(script), "--help"], cwd=script.parent.parent, capture_output=True,
-                       text=True, env=clean_env(venv), timeout=120)
+    p = subprocess.run(
+        [str(python), str(script), "--help"],
+        cwd=script.parent.parent,
+        capture_output=True,
+        text=True,
+        env=clean_env(venv),
+        timeout=120,
+    )
     if p.returncode != 0:
         return None
     return set(re.findall(r"(?<![\w-])--[a-z][\w-]*", p.stdout)) - {"--help"}
@@ -279,11 +327,13 @@ def choose_scripts(bench: str, revs: dict[str, Rev], mode: str, bench_args: list
     """Which script each commit runs: {'mode': own|after, 'why': ..., 'script': {role: Path}}."""
     opts = {role: bench_options(r.python, r.tree / "bench" / f"{bench}.py", r.venv) for role, r in revs.items()}
     if opts["after"] is None:
-        raise SetupError(f"the after commit {revs['after'].short} has no working bench/{bench}.py "
-                         f"(`{bench}.py --help` failed)")
+        raise SetupError(
+            f"the after commit {revs['after'].short} has no working bench/{bench}.py (`{bench}.py --help` failed)"
+        )
     if mode == "own" and opts["before"] is None:
-        raise SetupError(f"--bench-script own, but the before commit {revs['before'].short} has no working "
-                         f"bench/{bench}.py")
+        raise SetupError(
+            f"--bench-script own, but the before commit {revs['before'].short} has no working bench/{bench}.py"
+        )
     if mode == "auto":
         if opts["before"] is None:
             mode, why = "after", f"the before commit has no working bench/{bench}.py"
@@ -294,15 +344,18 @@ def choose_scripts(bench: str, revs: dict[str, Rev], mode: str, bench_args: list
             mode, why = "own", "same options on both commits"
     else:
         why = f"--bench-script {mode}"
-    script = {role: (r.tree if mode == "own" else revs["after"].tree) / "bench" / f"{bench}.py"
-              for role, r in revs.items()}
+    script = {
+        role: (r.tree if mode == "own" else revs["after"].tree) / "bench" / f"{bench}.py" for role, r in revs.items()
+    }
     needed = {a.split("=", 1)[0] for a in bench_args if a.startswith("--")} | {"--output"}
     for role in revs:
         have = opts[role] if mode == "own" else opts["after"]
         missing = needed - have
         if missing:
-            raise SetupError(f"bench/{bench}.py of the {role if mode == 'own' else 'after'} commit has no "
-                             f"{', '.join(sorted(missing))}")
+            raise SetupError(
+                f"bench/{bench}.py of the {role if mode == 'own' else 'after'} commit has no "
+                f"{', '.join(sorted(missing))}"
+            )
     return {"mode": mode, "why": why, "script": script}
 
 
@@ -376,16 +429,23 @@ def run_bench(rec: RunRecord, rev: Rev, script: Path, bench_args: list[str], fol
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         if stream:
-            p = subprocess.Popen(cmd, cwd=script.parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, env=clean_env(rev.venv))
+            p = subprocess.Popen(
+                cmd,
+                cwd=script.parent.parent,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=clean_env(rev.venv),
+            )
             for line in p.stdout:
                 log.write(line)
                 sys.stderr.write("    " + line)
             p.wait()
             rc = p.returncode
         else:
-            rc = subprocess.run(cmd, cwd=script.parent.parent, stdout=log, stderr=subprocess.STDOUT,
-                                env=clean_env(rev.venv)).returncode
+            rc = subprocess.run(
+                cmd, cwd=script.parent.parent, stdout=log, stderr=subprocess.STDOUT, env=clean_env(rev.venv)
+            ).returncode
     rec.wall_s = round(time.monotonic() - t0, 1)
     rec.exit_code = rc
     out = folder / f"{rec.bench}.json"
@@ -418,8 +478,10 @@ def spread(vals: list[float]) -> dict | None:
 def summarize(records: list[RunRecord], figure_keys: list[str]) -> dict:
     out = {}
     for key in figure_keys:
-        side = {role: spread([r.figures[key] for r in records if r.role == role and key in r.figures])
-                for role in ("before", "after")}
+        side = {
+            role: spread([r.figures[key] for r in records if r.role == role and key in r.figures])
+            for role in ("before", "after")
+        }
         if side["before"] is None and side["after"] is None:
             continue
         b, a = side["before"], side["after"]
@@ -439,10 +501,16 @@ def summarize(records: list[RunRecord], figure_keys: list[str]) -> dict:
             pair = {r.role: r.figures.get(key) for r in records if r.round == rnd and r.bench == FIGURES[key][0]}
             if pair.get("before") and pair.get("after") is not None:
                 paired.append(pair["after"] / pair["before"])
-        out[key] = {"label": FIGURES[key][1], "bench": FIGURES[key][0], "before": b, "after": a,
-                    "after_over_before": ratio, "paired_after_over_before": spread(paired),
-                    "verdict": verdict,
-                    "improved_beyond_noise": bool(a and b and b["n"] >= 2 and a["median"] > b["max"])}
+        out[key] = {
+            "label": FIGURES[key][1],
+            "bench": FIGURES[key][0],
+            "before": b,
+            "after": a,
+            "after_over_before": ratio,
+            "paired_after_over_before": spread(paired),
+            "verdict": verdict,
+            "improved_beyond_noise": bool(a and b and b["n"] >= 2 and a["median"] > b["max"]),
+        }
     return out
 
 
@@ -456,25 +524,32 @@ def fmt_spread(s: dict | None) -> str:
 
 
 def short_subject(s: str, n: int = 100) -> str:
-    return s if len(s) <= n else s[:n - 3].rstrip() + "..."
+    return s if len(s) <= n else s[: n - 3].rstrip() + "..."
 
 
 def markdown(doc: dict) -> str:
     m = doc["meta"]
     b, a = m["revs"]["before"], m["revs"]["after"]
     args_txt = ", ".join(f"{k}.py `{shlex.join(v) or '(defaults)'}`" for k, v in m["bench_args"].items())
-    lines = [f"## Benchmark comparison: {b['short']} -> {a['short']}", "",
-             f"- before: `{b['short']}` ({b['spec']}) {short_subject(b['subject'])}",
-             f"- after: `{a['short']}` ({a['spec']}) {short_subject(a['subject'])}",
-             f"- {m['rounds_done']} of {m['rounds']} round(s), alternated (odd rounds before first, even rounds "
-             f"after first); bench arguments: {args_txt}",
-             *(f"- {bench}.py: {s['mode']} script{' (the after commit’s, for both)' if s['mode'] == 'after' else ' of each commit'}"
-               f" - {s['why']}" for bench, s in m["scripts"].items()),
-             f"- {m['cpu_model']}, {m['cpus']} CPUs; load average at start {m['loadavg_start']}; {m['wall_s']:.0f} s",
-             "",
-             "| figure | before median | before spread | after median | after spread | after/before "
-             "| paired after/before per round: median (min-max) | verdict |",
-             "|---|---:|---|---:|---|---:|---|---|"]
+    lines = [
+        f"## Benchmark comparison: {b['short']} -> {a['short']}",
+        "",
+        f"- before: `{b['short']}` ({b['spec']}) {short_subject(b['subject'])}",
+        f"- after: `{a['short']}` ({a['spec']}) {short_subject(a['subject'])}",
+        f"- {m['rounds_done']} of {m['rounds']} round(s), alternated (odd rounds before first, even rounds "
+        f"after first); bench arguments: {args_txt}",
+        *(
+            f"- {bench}.py: {s['mode']} script"
+            f"{' (the after commit’s, for both)' if s['mode'] == 'after' else ' of each commit'}"
+            f" - {s['why']}"
+            for bench, s in m["scripts"].items()
+        ),
+        f"- {m['cpu_model']}, {m['cpus']} CPUs; load average at start {m['loadavg_start']}; {m['wall_s']:.0f} s",
+        "",
+        "| figure | before median | before spread | after median | after spread | after/before "
+        "| paired after/before per round: median (min-max) | verdict |",
+        "|---|---:|---|---:|---|---:|---|---|",
+    ]
     for f in doc["figures"].values():
         bm = f"{f['before']['median']:.3f}" if f["before"] else "-"
         am = f"{f['after']['median']:.3f}" if f["after"] else "-"
@@ -484,14 +559,18 @@ def markdown(doc: dict) -> str:
             verdict += " (improved beyond noise)"
         p = f["paired_after_over_before"]
         paired = f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})" if p else "-"
-        lines.append(f"| {f['label']} | {bm} | {fmt_spread(f['before'])} | {am} | {fmt_spread(f['after'])} | "
-                     f"{ratio} | {paired} | {verdict} |")
+        lines.append(
+            f"| {f['label']} | {bm} | {fmt_spread(f['before'])} | {am} | {fmt_spread(f['after'])} | "
+            f"{ratio} | {paired} | {verdict} |"
+        )
     lines += ["", f"**{doc['verdict']}**"]
     if m["rounds_done"] < 5:
         lines.append(f"\n({m['rounds_done']} round(s): the issue asks for at least 5 before a verdict is quoted)")
     if doc["failed_runs"]:
         lines += ["", "Failed or partly invalid runs:"]
-        lines += [f"- round {r['round']} {r['bench']} {r['role']}: {r['error'].splitlines()[0]}" for r in doc["failed_runs"]]
+        lines += [
+            f"- round {r['round']} {r['bench']} {r['role']}: {r['error'].splitlines()[0]}" for r in doc["failed_runs"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -522,8 +601,11 @@ def plot(doc: dict, path: Path) -> None:
             ax.hlines(s["median"], x - 0.3, x + 0.3, color=colors[role], lw=2.5, zorder=4)
             ax.text(x + 0.32, s["median"], f"{s['median']:.3f}", va="center", fontsize=7)
             if "q1" in s:
-                ax.add_patch(plt.Rectangle((x - 0.22, s["q1"]), 0.44, s["q3"] - s["q1"], color=colors[role],
-                                           alpha=0.15, zorder=1))
+                ax.add_patch(
+                    plt.Rectangle(
+                        (x - 0.22, s["q1"]), 0.44, s["q3"] - s["q1"], color=colors[role], alpha=0.15, zorder=1
+                    )
+                )
         vals = [v for role in ("before", "after") if f[role] for v in f[role]["values"]]
         lo, hi = min(vals), max(vals)
         mid = statistics.median(vals)
@@ -531,8 +613,11 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_ylim(lo - pad, hi + pad)
         if f["before"] and f["before"]["n"] >= 2:
             ax.axhline(f["before"]["min"], color=colors["before"], ls=":", lw=1, zorder=2)
-        ax.set_xticks([0, 1], [f"before\n{doc['meta']['revs']['before']['short']}",
-                               f"after\n{doc['meta']['revs']['after']['short']}"], fontsize=8)
+        ax.set_xticks(
+            [0, 1],
+            [f"before\n{doc['meta']['revs']['before']['short']}", f"after\n{doc['meta']['revs']['after']['short']}"],
+            fontsize=8,
+        )
         ax.set_xlim(-0.6, 1.8)
         ratio = f"after/before {f['after_over_before']:.3f}" if f["after_over_before"] is not None else "incomplete"
         color = "#b3261e" if f["verdict"] == "REGRESSION" else "#1b7f3b" if f["verdict"].startswith("no") else "black"
@@ -542,9 +627,12 @@ def plot(doc: dict, path: Path) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     m = doc["meta"]
-    fig.suptitle(f"ratios to each bench's baseline, per round (dots), medians (bars), IQR (shaded, >= 4 rounds),\n"
-                 f"smallest before value (dotted: an after median under it is a regression); "
-                 f"{m['rounds_done']} round(s), alternated\n{m['cpu_model']}", fontsize=9)
+    fig.suptitle(
+        f"ratios to each bench's baseline, per round (dots), medians (bars), IQR (shaded, >= 4 rounds),\n"
+        f"smallest before value (dotted: an after median under it is a regression); "
+        f"{m['rounds_done']} round(s), alternated\n{m['cpu_model']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -568,37 +656,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(
         description="Alternate two commits' benchmark runs; compare the medians and spread of the ratios to the "
-                    "bare echo (and to batching off). Arguments after -- go to every bench run.",
-        epilog="Example: python bench/compare.py --before HEAD~1 --bench serving --rounds 5")
+        "bare echo (and to batching off). Arguments after -- go to every bench run.",
+        epilog="Example: python bench/compare.py --before HEAD~1 --bench serving --rounds 5",
+    )
     ap.add_argument("--before", required=True, help="the commit before the change (any git rev)")
-    ap.add_argument("--after", default="HEAD",
-                    help="the commit with the change (default HEAD; uncommitted changes are not measured)")
+    ap.add_argument(
+        "--after",
+        default="HEAD",
+        help="the commit with the change (default HEAD; uncommitted changes are not measured)",
+    )
     ap.add_argument("--bench", choices=("serving", "batching", "both"), default="both", help="default both")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="rounds; each runs every chosen bench once per commit (default 5; the issue asks >= 5)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds; each runs every chosen bench once per commit (default 5; the issue asks >= 5)",
+    )
     ap.add_argument("--quick", action="store_true", help="pass --quick to the benches (smoke test)")
     ap.add_argument("--serving-args", default="", help="extra arguments for serving.py only (one string)")
     ap.add_argument("--batching-args", default="", help="extra arguments for batching.py only (one string)")
-    ap.add_argument("--bench-script", choices=("auto", "own", "after"), default="auto",
-                    help="auto (default): each commit runs its own bench script unless the script's options differ "
-                         "between them, then the after commit's for both; own / after: force it")
-    ap.add_argument("--deps-venv", type=Path, default=MAIN_VENV,
-                    help="the venv whose installed packages the commits' venvs reuse (default .venv)")
+    ap.add_argument(
+        "--bench-script",
+        choices=("auto", "own", "after"),
+        default="auto",
+        help="auto (default): each commit runs its own bench script unless the script's options differ "
+        "between them, then the after commit's for both; own / after: force it",
+    )
+    ap.add_argument(
+        "--deps-venv",
+        type=Path,
+        default=MAIN_VENV,
+        help="the venv whose installed packages the commits' venvs reuse (default .venv)",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the report goes (default bench/results)")
     ap.add_argument("--stream", action="store_true", help="show the benches' own progress too")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     args.extra = extra
-    if any(a == "--output" or a.startswith("--output=") for a in
-           extra + shlex.split(args.serving_args) + shlex.split(args.batching_args)):
+    if any(
+        a == "--output" or a.startswith("--output=")
+        for a in extra + shlex.split(args.serving_args) + shlex.split(args.batching_args)
+    ):
         ap.error("--output is set by compare.py (each run writes under .cache/compare/runs/); use --results")
     if any(a == "--rounds" or a.startswith("--rounds=") for a in extra):
-        say("note: --rounds after -- sets the benches' own rounds inside each run; compare.py's rounds are "
-            f"--rounds before -- ({args.rounds})")
+        say(
+            "note: --rounds after -- sets the benches' own rounds inside each run; compare.py's rounds are "
+            f"--rounds before -- ({args.rounds})"
+        )
     return args
 
 
@@ -617,8 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         revs = {"before": resolve("before", args.before), "after": resolve("after", args.after)}
         if revs["before"].sha == revs["after"].sha:
-            say(f"warning: before and after are the same commit ({revs['before'].short}): an A/A run, "
-                "which measures the noise")
+            say(
+                f"warning: before and after are the same commit ({revs['before'].short}): an A/A run, "
+                "which measures the noise"
+            )
         deps_site = main_site_packages(args.deps_venv.resolve())
         for rev in revs.values():  # the same commit twice (an A/A run) reuses one worktree and venv
             ensure_worktree(rev)
@@ -629,13 +739,18 @@ def main(argv: list[str] | None = None) -> int:
         say(f"set-up failed: {e}")
         return 3
     for bench, s in scripts.items():
-        what = ("each commit runs its own" if s["mode"] == "own"
-                else f"the after commit's ({revs['after'].short}) script for both")
+        what = (
+            "each commit runs its own"
+            if s["mode"] == "own"
+            else f"the after commit's ({revs['after'].short}) script for both"
+        )
         say(f"{bench}.py: {what} ({s['why']}); args: {shlex.join(bench_args[bench]) or '(defaults)'}")
 
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
-    say(f"load average {loadavg}; {args.rounds} round(s) of {', '.join(benches)}, "
-        f"{revs['before'].short} (before) vs {revs['after'].short} (after)")
+    say(
+        f"load average {loadavg}; {args.rounds} round(s) of {', '.join(benches)}, "
+        f"{revs['before'].short} (before) vs {revs['after'].short} (after)"
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs_dir = CACHE / "runs" / f"{revs['before'].short}-{revs['after'].short}-{stamp}"
     records: list[RunRecord] = []
@@ -651,14 +766,23 @@ def main(argv: list[str] | None = None) -> int:
                     rev = revs[role]
                     rec = RunRecord(rnd, bench, role, rev.sha, pos)
                     records.append(rec)
-                    run_bench(rec, rev, scripts[bench]["script"][role], bench_args[bench],
-                              runs_dir / f"r{rnd}-{bench}-{pos}-{role}-{rev.short}", args.stream)
+                    run_bench(
+                        rec,
+                        rev,
+                        scripts[bench]["script"][role],
+                        bench_args[bench],
+                        runs_dir / f"r{rnd}-{bench}-{pos}-{role}-{rev.short}",
+                        args.stream,
+                    )
                     figs = ", ".join(f"{k.split('.', 1)[1]} {v:.3f}" for k, v in rec.figures.items()) or "no figures"
                     left = total - len(records)
                     mean = (time.monotonic() - t_runs) / len(records)
-                    say(f"round {rnd}/{args.rounds} {bench:8s} {role:6s} {rev.short}: {figs} "
-                        f"({rec.wall_s:.0f} s, exit {rec.exit_code}){' -- ' + rec.error.splitlines()[0] if rec.error else ''}"
-                        f"{f'; ~{left * mean / 60:.0f} min left' if left else ''}")
+                    say(
+                        f"round {rnd}/{args.rounds} {bench:8s} {role:6s} {rev.short}: {figs} "
+                        f"({rec.wall_s:.0f} s, exit {rec.exit_code})"
+                        f"{' -- ' + rec.error.splitlines()[0] if rec.error else ''}"
+                        f"{f'; ~{left * mean / 60:.0f} min left' if left else ''}"
+                    )
             rounds_done = rnd
     except KeyboardInterrupt:
         interrupted = True
@@ -687,22 +811,43 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": shlex.join(["bench/compare.py", *(sys.argv[1:] if argv is None else argv)]),
-            "revs": {role: {"spec": r.spec, "sha": r.sha, "short": r.short, "subject": r.subject,
-                            "worktree": str(r.tree.relative_to(ROOT)), "venv": str(r.venv.relative_to(ROOT)),
-                            "batchgate_imported_from": r.batchgate_file} for role, r in revs.items()},
-            "benches": benches, "rounds": args.rounds, "rounds_done": rounds_done, "interrupted": interrupted,
+            "revs": {
+                role: {
+                    "spec": r.spec,
+                    "sha": r.sha,
+                    "short": r.short,
+                    "subject": r.subject,
+                    "worktree": str(r.tree.relative_to(ROOT)),
+                    "venv": str(r.venv.relative_to(ROOT)),
+                    "batchgate_imported_from": r.batchgate_file,
+                }
+                for role, r in revs.items()
+            },
+            "benches": benches,
+            "rounds": args.rounds,
+            "rounds_done": rounds_done,
+            "interrupted": interrupted,
             "order": "odd rounds: before then after; even rounds: after then before",
             "bench_args": bench_args,
-            "scripts": {b: {"mode": s["mode"], "why": s["why"],
-                            "script": {role: str(p.relative_to(ROOT)) for role, p in s["script"].items()}}
-                        for b, s in scripts.items()},
-            "median_run_wall_s": per_run, "cpu_model": cpu_model(), "cpus": os.cpu_count(),
-            "loadavg_start": loadavg, "runs_dir": str(runs_dir.relative_to(ROOT)),
+            "scripts": {
+                b: {
+                    "mode": s["mode"],
+                    "why": s["why"],
+                    "script": {role: str(p.relative_to(ROOT)) for role, p in s["script"].items()},
+                }
+                for b, s in scripts.items()
+            },
+            "median_run_wall_s": per_run,
+            "cpu_model": cpu_model(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": loadavg,
+            "runs_dir": str(runs_dir.relative_to(ROOT)),
             "wall_s": round(time.monotonic() - t_start, 1),
             "verdict_rule": "per figure: no regression beyond noise when the after median >= the smallest "
-                            "before value, else REGRESSION (all figures: higher is better)",
+            "before value, else REGRESSION (all figures: higher is better)",
         },
-        "figures": figures, "verdict": verdict,
+        "figures": figures,
+        "verdict": verdict,
         "failed_runs": [{"round": r.round, "bench": r.bench, "role": r.role, "error": r.error} for r in failed],
         "runs": [r.__dict__ for r in records],
     }

@@ -46,8 +46,9 @@ async def serve_grpc(host: str, port: int) -> None:
             self.answered = 0
 
         async def ModelInfer(self, request, context):
-            resp = pb.ModelInferResponse(model_name=request.model_name,
-                                         model_version=request.model_version or "1", id=request.id)
+            resp = pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version or "1", id=request.id
+            )
             for t in request.inputs:
                 resp.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
             resp.raw_output_contents.extend(request.raw_input_contents)
@@ -56,19 +57,22 @@ async def serve_grpc(host: str, port: int) -> None:
 
         async def ModelStatistics(self, request, context):
             resp = pb.ModelStatisticsResponse()
-            s = resp.model_stats.add(name=request.name or "echo", version="1",
-                                     inference_count=self.answered, execution_count=self.answered)
+            s = resp.model_stats.add(
+                name=request.name or "echo", version="1", inference_count=self.answered, execution_count=self.answered
+            )
             s.inference_stats.success.count = self.answered
             return resp
 
         async def ServerLive(self, request, context):
             return pb.ServerLiveResponse(live=True)
 
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", 2**31 - 1),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -103,16 +107,22 @@ def make_asgi_echo():
                 if not msg.get("more_body", False):
                     break
             req = orjson.loads(parts[0] if len(parts) == 1 else b"".join(parts))
-            body = orjson.dumps({"model_name": path.split("/")[3], "model_version": "1",
-                                 "outputs": req["inputs"]})
+            body = orjson.dumps({"model_name": path.split("/")[3], "model_version": "1", "outputs": req["inputs"]})
             answered += 1
             await send({"type": "http.response.start", "status": 200, "headers": json_headers})
             await send({"type": "http.response.body", "body": body})
             return
         if path.endswith("/stats"):
-            stats = {"model_stats": [{"name": "echo", "version": "1", "inference_count": answered,
-                                      "inference_stats": {"success": {"count": answered, "ns": 0},
-                                                          "fail": {"count": 0, "ns": 0}}}]}
+            stats = {
+                "model_stats": [
+                    {
+                        "name": "echo",
+                        "version": "1",
+                        "inference_count": answered,
+                        "inference_stats": {"success": {"count": answered, "ns": 0}, "fail": {"count": 0, "ns": 0}},
+                    }
+                ]
+            }
             await send({"type": "http.response.start", "status": 200, "headers": json_headers})
             await send({"type": "http.response.body", "body": orjson.dumps(stats)})
             return
@@ -130,8 +140,16 @@ async def serve_http(host: str, port: int) -> None:
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
-    config = uvicorn.Config(make_asgi_echo(), http="httptools", loop="none", lifespan="off",
-                            access_log=False, log_level="warning", log_config=None, backlog=2048)
+    config = uvicorn.Config(
+        make_asgi_echo(),
+        http="httptools",
+        loop="none",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        log_config=None,
+        backlog=2048,
+    )
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:

@@ -62,9 +62,26 @@ def main() -> int:
     print("providers available:", report["available_providers"], flush=True)
     repo = tempfile.mkdtemp(prefix="bg-gpu-")
     path = _save(mlp_model(), repo, "mlp", config=CONFIG)
-    proc = subprocess.Popen([sys.executable, "-m", "batchgate.cli", "serve", "--model-repository", repo,
-                             "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "-1"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchgate.cli",
+            "serve",
+            "--model-repository",
+            repo,
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log_lines = []
     grpc_port = None
     deadline = time.monotonic() + 120
@@ -96,7 +113,9 @@ def main() -> int:
         b1 = rows_per_second(url, 1)
         print("measuring batch-64 ...", flush=True)
         b64 = rows_per_second(url, 64)
-        report.update(batch1_rows_per_s=round(b1), batch64_rows_per_s=round(b64), batched_over_batch1=round(b64 / b1, 2))
+        report.update(
+            batch1_rows_per_s=round(b1), batch64_rows_per_s=round(b64), batched_over_batch1=round(b64 / b1, 2)
+        )
     finally:
         proc.terminate()
         proc.wait(60)

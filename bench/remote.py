@@ -133,7 +133,7 @@ GAIN = 1.05
 
 
 def variant_name(v: str, delay_us: int) -> str:
-    return (f"A: upstream batches ({delay_us} us)" if v == "A" else "B: upstream does not batch")
+    return f"A: upstream batches ({delay_us} us)" if v == "A" else "B: upstream does not batch"
 
 
 # ============================================================================ processes
@@ -146,8 +146,26 @@ def gateway_command(py: str, upstream: str, mode: str, delay_us: int, inflight: 
         spec += f" max_queue_delay_us={delay_us}"
     if inflight:
         spec += f" max_inflight={inflight}"
-    return [py, "-m", "batchgate.cli", "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
-            "--metrics-port", "0", "--log-level", "info", "--batching-policy", policy, "--remote-model", spec]
+    return [
+        py,
+        "-m",
+        "batchgate.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "info",
+        "--batching-policy",
+        policy,
+        "--remote-model",
+        spec,
+    ]
 
 
 def port(srv: Server, kind: str) -> int:
@@ -199,8 +217,7 @@ class Side:
     @classmethod
     def between(cls, s0: Snapshot, s1: Snapshot) -> Side:
         side = cls(s1.ok - s0.ok, s1.failed - s0.failed, s1.executions - s0.executions, s1.rows - s0.rows)
-        side.batches = {r: c - s0.batches.get(r, 0) for r, c in sorted(s1.batches.items())
-                        if c - s0.batches.get(r, 0)}
+        side.batches = {r: c - s0.batches.get(r, 0) for r, c in sorted(s1.batches.items()) if c - s0.batches.get(r, 0)}
         side.mean_batch = side.rows / side.executions if side.executions else float("nan")
         dq = s1.queue_count - s0.queue_count
         side.queue_ms = (s1.queue_ns - s0.queue_ns) / dq / 1e6 if dq else float("nan")
@@ -238,23 +255,33 @@ class Run:
         return self.gateway or self.upstream
 
 
-def measure_config(variant: str, path: str, rnd: int, repo: Path, work: Workload, args, pin: Pinning,
-                   tmp: Path, retries: dict) -> list[Run]:
+def measure_config(
+    variant: str, path: str, rnd: int, repo: Path, work: Workload, args, pin: Pinning, tmp: Path, retries: dict
+) -> list[Run]:
     """Start the upstream (and the gateway), run every level on them, stop them."""
     runs = [Run(variant, path, n, rnd) for n in args.levels]
     label = f"round {rnd} {variant}/{path}"
     servers: list[Server] = []
     done = 0
     try:
-        up = Server(f"{label} upstream", [*pin.server, *server_command(sys.executable, repo, "triton",
-                                                                      DEFAULT_INFER_THREADS)],
-                    BATCHGATE_READY, tmp / f"{variant}-{path}-{rnd}-upstream.log")
+        up = Server(
+            f"{label} upstream",
+            [*pin.server, *server_command(sys.executable, repo, "triton", DEFAULT_INFER_THREADS)],
+            BATCHGATE_READY,
+            tmp / f"{variant}-{path}-{rnd}-upstream.log",
+        )
         servers.append(up)
         gw = None
         if path != "direct":
             # the gateway shares the load tool's core
-            cmd = gateway_command(sys.executable, f"127.0.0.1:{port(up, 'grpc')}", path, args.gateway_delay_us,
-                                  args.max_inflight, args.gateway_policy)
+            cmd = gateway_command(
+                sys.executable,
+                f"127.0.0.1:{port(up, 'grpc')}",
+                path,
+                args.gateway_delay_us,
+                args.max_inflight,
+                args.gateway_policy,
+            )
             gw = Server(f"{label} gateway", [*pin.load, *cmd], BATCHGATE_READY, tmp / f"{variant}-{path}-{rnd}-gw.log")
             servers.append(gw)
         grpc_check(port(gw or up, "grpc"), work)
@@ -283,23 +310,34 @@ def measure_config(variant: str, path: str, rnd: int, repo: Path, work: Workload
     return runs
 
 
-def measure_level(run: Run, up: Server, gw: Server | None, warm: float, work: Workload, args, pin: Pinning,
-                  tmp: Path) -> None:
+def measure_level(
+    run: Run, up: Server, gw: Server | None, warm: float, work: Workload, args, pin: Pinning, tmp: Path
+) -> None:
     n = run.clients
     entry = gw or up
     procs = [up] if gw is None else [up, gw]
 
     def figures() -> tuple:
-        return (snapshot(port(up, "http")), snapshot(port(gw, "http")) if gw else None,
-                upstream_calls(port(gw, "metrics")) if gw else None)
+        return (
+            snapshot(port(up, "http")),
+            snapshot(port(gw, "http")) if gw else None,
+            upstream_calls(port(gw, "metrics")) if gw else None,
+        )
 
     if warm > 0:
         h2load(pin, port(entry, "grpc"), work.frame, n, 1, warm, None)
     time.sleep(0.3)  # let what the warm-up cut off finish on both servers
     f0 = figures()
     cpu0, cores0, others0 = [p.cpu_seconds() for p in procs], core_jiffies(pin.cores), foreign_cpu_seconds()
-    res = h2load(pin, port(entry, "grpc"), work.frame, n, 1, args.duration,
-                 tmp / f"{run.variant}-{run.path}-{run.round}-{n}.h2load")
+    res = h2load(
+        pin,
+        port(entry, "grpc"),
+        work.frame,
+        n,
+        1,
+        args.duration,
+        tmp / f"{run.variant}-{run.path}-{run.round}-{n}.h2load",
+    )
     cpu1, cores1, others1 = [p.cpu_seconds() for p in procs], core_jiffies(pin.cores), foreign_cpu_seconds()
     time.sleep(0.3)
     f1 = figures()
@@ -330,11 +368,13 @@ def measure_level(run: Run, up: Server, gw: Server | None, warm: float, work: Wo
     if problems:
         raise BenchError(f"{n} clients: " + "; ".join(problems) + f"\nload tool output:\n{res['raw'][-1500:]}")
     g, ms = run.gateway, run.latency_ms
-    say(f"round {run.round} {run.variant}/{run.path}, {n} clients: {run.rps:,.0f} req/s, p50 {ms['p50']:.2f} ms, "
+    say(
+        f"round {run.round} {run.variant}/{run.path}, {n} clients: {run.rps:,.0f} req/s, p50 {ms['p50']:.2f} ms, "
         f"p99 {ms['p99']:.2f} ms; rows per execution: gateway {fmt(g.mean_batch, '.1f') if g else '-'}, upstream "
         f"{run.upstream.mean_batch:.1f}; core 0 {fmt(run.core0_busy * 100, '.0f')}%, "
         f"core 1 {fmt(run.core1_busy * 100, '.0f')}%, "
-        f"others {run.other_cpu:.0%} of a core")
+        f"others {run.other_cpu:.0%} of a core"
+    )
     if run.other_cpu > 0.05:
         say(f"  warning: other processes used {run.other_cpu:.0%} of a core during this run: noisier numbers")
 
@@ -358,28 +398,35 @@ def check_level(run: Run, res: dict) -> list[str]:
     if e.ok < run.tool_ok:
         problems.append(f"the tool reports {run.tool_ok} successes, {who} counted only {e.ok}")
     if (e.ok - run.tool_ok) + e.failed > slack:
-        problems.append(f"{who} counted {e.ok} OK and {e.failed} failed for {run.tool_ok} reported; only {slack} "
-                        "requests were cut off at the end")
+        problems.append(
+            f"{who} counted {e.ok} OK and {e.failed} failed for {run.tool_ok} reported; only {slack} "
+            "requests were cut off at the end"
+        )
     # single-row requests: rows executed = requests executed
     if not run.tool_ok <= e.rows <= e.ok + e.failed:
-        problems.append(f"{who} executed {e.rows} rows for {run.tool_ok} successes reported and "
-                        f"{e.ok + e.failed} requests answered")
+        problems.append(
+            f"{who} executed {e.rows} rows for {run.tool_ok} successes reported and {e.ok + e.failed} requests answered"
+        )
     u = run.upstream
     if run.gateway is not None:
         if not run.tool_ok <= u.rows <= run.tool_ok + slack:
-            problems.append(f"the upstream executed {u.rows} rows for {run.tool_ok} successes reported "
-                            f"({slack} cut off)")
+            problems.append(
+                f"the upstream executed {u.rows} rows for {run.tool_ok} successes reported ({slack} cut off)"
+            )
         if abs(run.upstream_calls - (u.ok + u.failed)) > slack:
-            problems.append(f"the gateway sent {run.upstream_calls} calls, the upstream answered {u.ok} OK and "
-                            f"{u.failed} failed")
+            problems.append(
+                f"the gateway sent {run.upstream_calls} calls, the upstream answered {u.ok} OK and {u.failed} failed"
+            )
         unexpected = {k: v for k, v in run.upstream_errors.items() if k != "CANCELLED"}
         if unexpected or run.upstream_errors.get("CANCELLED", 0) > slack:
             problems.append(f"the gateway's upstream calls failed: {run.upstream_errors}")
         if run.path == "passthrough" and set(run.gateway.batches) - {1}:
             problems.append(f"passthrough, yet the gateway sent batches of {sorted(run.gateway.batches)} rows")
     if run.variant == "B" and not u.ok <= u.executions <= u.ok + u.failed:
-        problems.append(f"the upstream does not batch, yet ran {u.executions} executions for {u.ok} OK and "
-                        f"{u.failed} failed requests")
+        problems.append(
+            f"the upstream does not batch, yet ran {u.executions} executions for {u.ok} OK and "
+            f"{u.failed} failed requests"
+        )
     return problems
 
 
@@ -392,8 +439,14 @@ def figures(r: Run) -> dict[str, float]:
     d.update({f"{q}_ms": v for q, v in r.latency_ms.items()})
     for who, s in (("up", r.upstream), ("gw", r.gateway)):
         if s is not None:
-            d.update({f"{who}_exec_per_s": s.executions / (r.elapsed_s or float("nan")),
-                      f"{who}_mean_batch": s.mean_batch, f"{who}_queue_ms": s.queue_ms, f"{who}_cpu_us": s.cpu_us})
+            d.update(
+                {
+                    f"{who}_exec_per_s": s.executions / (r.elapsed_s or float("nan")),
+                    f"{who}_mean_batch": s.mean_batch,
+                    f"{who}_queue_ms": s.queue_ms,
+                    f"{who}_cpu_us": s.cpu_us,
+                }
+            )
     return d
 
 
@@ -403,8 +456,12 @@ def summarize(runs: list[Run]) -> dict:
     for key in sorted({(r.variant, r.path, r.clients) for r in runs}):
         rs = [r for r in runs if (r.variant, r.path, r.clients) == key]
         good = [figures(r) for r in rs if r.error is None]
-        entry = {"valid": all(r.error is None for r in rs), "rounds": len(rs),
-                 "rps_min": min((r.rps for r in rs), default=0.0), "rps_max": max((r.rps for r in rs), default=0.0)}
+        entry = {
+            "valid": all(r.error is None for r in rs),
+            "rounds": len(rs),
+            "rps_min": min((r.rps for r in rs), default=0.0),
+            "rps_max": max((r.rps for r in rs), default=0.0),
+        }
         for k in sorted({k for d in good for k in d}):
             vals = [d[k] for d in good if k in d and d[k] == d[k]]
             entry[k] = float(statistics.median(vals)) if vals else float("nan")
@@ -430,12 +487,17 @@ def ratios_of(summary: dict, runs: list[Run]) -> dict:
                 base = paths.get("direct", {}).get(n)
                 if not (base and base["valid"] and e["valid"]):
                     continue
-                rounds = sorted(k for (vv, p, nn, k) in by_round if (vv, p, nn) == (v, path, n)
-                                and (v, "direct", n, k) in by_round)
+                rounds = sorted(
+                    k for (vv, p, nn, k) in by_round if (vv, p, nn) == (v, path, n) and (v, "direct", n, k) in by_round
+                )
                 per_round = [by_round[v, path, n, k].rps / by_round[v, "direct", n, k].rps for k in rounds]
-                x = {"rps": e["rps"] / base["rps"], "p50": e["p50_ms"] / base["p50_ms"],
-                     "p99": e["p99_ms"] / base["p99_ms"], "p50_added_ms": e["p50_ms"] - base["p50_ms"],
-                     "rps_per_round": per_round}
+                x = {
+                    "rps": e["rps"] / base["rps"],
+                    "p50": e["p50_ms"] / base["p50_ms"],
+                    "p99": e["p99_ms"] / base["p99_ms"],
+                    "p50_added_ms": e["p50_ms"] - base["p50_ms"],
+                    "rps_per_round": per_round,
+                }
                 pt = paths.get("passthrough", {}).get(n)
                 if path == "gateway" and pt and pt["valid"]:
                     x["rps_vs_passthrough"] = e["rps"] / pt["rps"]
@@ -458,28 +520,40 @@ def rps_ratio(e: dict, x: dict) -> str:
 
 
 HEADLINE_COLUMNS = [
-    ("req/s", value("rps", ",.0f")), ("req/s range", lambda e, x: f"{e['rps_min']:,.0f} - {e['rps_max']:,.0f}"),
-    ("p50 ms", value("p50_ms")), ("p99 ms", value("p99_ms")), ("req/s vs direct (rounds)", rps_ratio),
+    ("req/s", value("rps", ",.0f")),
+    ("req/s range", lambda e, x: f"{e['rps_min']:,.0f} - {e['rps_max']:,.0f}"),
+    ("p50 ms", value("p50_ms")),
+    ("p99 ms", value("p99_ms")),
+    ("req/s vs direct (rounds)", rps_ratio),
     ("p99 vs direct", lambda e, x: f"{x['p99']:.2f}x" if x else ""),
-    ("gateway exec/s", value("gw_exec_per_s", ",.0f")), ("gateway rows/exec", value("gw_mean_batch", ".1f")),
-    ("upstream exec/s", value("up_exec_per_s", ",.0f")), ("upstream rows/exec", value("up_mean_batch", ".1f")),
-    ("upstream call ms", value("upstream_call_ms")), ("gateway CPU us/req", value("gw_cpu_us", ".0f")),
+    ("gateway exec/s", value("gw_exec_per_s", ",.0f")),
+    ("gateway rows/exec", value("gw_mean_batch", ".1f")),
+    ("upstream exec/s", value("up_exec_per_s", ",.0f")),
+    ("upstream rows/exec", value("up_mean_batch", ".1f")),
+    ("upstream call ms", value("upstream_call_ms")),
+    ("gateway CPU us/req", value("gw_cpu_us", ".0f")),
     ("upstream CPU us/req", value("up_cpu_us", ".0f")),
 ]
 LOAD_COLUMNS = [
-    ("req/s", value("rps", ",.0f")), ("p50 ms", value("p50_ms")), ("p99 ms", value("p99_ms")),
+    ("req/s", value("rps", ",.0f")),
+    ("p50 ms", value("p50_ms")),
+    ("p99 ms", value("p99_ms")),
     ("req/s vs direct", lambda e, x: f"{x['rps']:.2f}x" if x else ""),
     ("p50 added ms", lambda e, x: f"{x['p50_added_ms']:+.2f}" if x else ""),
-    ("gateway rows/exec", value("gw_mean_batch", ".1f")), ("upstream rows/exec", value("up_mean_batch", ".1f")),
-    ("gateway queue ms", value("gw_queue_ms")), ("upstream queue ms", value("up_queue_ms")),
+    ("gateway rows/exec", value("gw_mean_batch", ".1f")),
+    ("upstream rows/exec", value("up_mean_batch", ".1f")),
+    ("gateway queue ms", value("gw_queue_ms")),
+    ("upstream queue ms", value("up_queue_ms")),
 ]
 
 
 def table(keys: list[tuple], first: list[str], label, columns: list, summary: dict, ratios: dict) -> list[str]:
     """A markdown table with a row per (variant, path, clients) in ``keys``: ``label`` gives the
     first cells (titled ``first``), ``columns`` the figures (title, cell function, right-aligned)."""
-    out = ["| " + " | ".join(first + [t for t, _ in columns]) + " |",
-           "|" + "---|" * len(first) + "---:|" * len(columns)]
+    out = [
+        "| " + " | ".join(first + [t for t, _ in columns]) + " |",
+        "|" + "---|" * len(first) + "---:|" * len(columns),
+    ]
     for v, path, n in keys:
         e = summary.get(v, {}).get(path, {}).get(n)
         if e is None:
@@ -493,29 +567,46 @@ def table(keys: list[tuple], first: list[str], label, columns: list, summary: di
 def markdown(summary: dict, ratios: dict, timing: dict, args, pin: Pinning) -> str:
     name = "MLP " + " -> ".join(str(s) for s in args.sizes)
     t1, t8, tmax = timing[1], timing[8], timing[MAX_BATCH]
-    lines = ["### Set-up\n",
-             (f"- model: {name}; ONNX Runtime alone, one thread, on the upstream's core: batch 1 {t1['ms'] * 1e3:.0f} "
-              f"us, batch 8 {t8['ms'] * 1e3:.0f} us, batch {MAX_BATCH} {tmax['ms'] * 1e3:.0f} us "
-              f"({tmax['us_per_row']:.1f} us/row)"),
-             (f"- upstream: batchgate, ONNX backend, max_batch_size {MAX_BATCH}, 1 instance; "
-              f"{variant_name('A', args.upstream_delay_us)} (dynamic_batching, Triton policy); "
-              f"{variant_name('B', args.upstream_delay_us)}"),
-             (f"- gateway: batchgate remote model, batching=passthrough or batching=gateway (max_queue_delay_us "
-              f"{args.gateway_delay_us}, {args.gateway_policy} policy), max_inflight "
-              f"{args.max_inflight or 'default (gateway 2, passthrough 256)'}"),
-             (f"- load: h2load -c N -m 1 (N single-row [1, {args.sizes[0]}] FP32 clients, closed loop); "
-              f"{args.rounds} round(s) x {args.duration:g} s per level; medians over rounds"),
-             f"- pinning: {topology(pin)}\n",
-             f"### At {HEADLINE} concurrent clients\n"]
+    lines = [
+        "### Set-up\n",
+        (
+            f"- model: {name}; ONNX Runtime alone, one thread, on the upstream's core: batch 1 {t1['ms'] * 1e3:.0f} "
+            f"us, batch 8 {t8['ms'] * 1e3:.0f} us, batch {MAX_BATCH} {tmax['ms'] * 1e3:.0f} us "
+            f"({tmax['us_per_row']:.1f} us/row)"
+        ),
+        (
+            f"- upstream: batchgate, ONNX backend, max_batch_size {MAX_BATCH}, 1 instance; "
+            f"{variant_name('A', args.upstream_delay_us)} (dynamic_batching, Triton policy); "
+            f"{variant_name('B', args.upstream_delay_us)}"
+        ),
+        (
+            f"- gateway: batchgate remote model, batching=passthrough or batching=gateway (max_queue_delay_us "
+            f"{args.gateway_delay_us}, {args.gateway_policy} policy), max_inflight "
+            f"{args.max_inflight or 'default (gateway 2, passthrough 256)'}"
+        ),
+        (
+            f"- load: h2load -c N -m 1 (N single-row [1, {args.sizes[0]}] FP32 clients, closed loop); "
+            f"{args.rounds} round(s) x {args.duration:g} s per level; medians over rounds"
+        ),
+        f"- pinning: {topology(pin)}\n",
+        f"### At {HEADLINE} concurrent clients\n",
+    ]
     keys = [(v, p, HEADLINE) for v in VARIANTS for p in PATHS]
-    lines += table(keys, ["upstream", "path"], lambda v, p, n: [variant_name(v, args.upstream_delay_us), p],
-                   HEADLINE_COLUMNS, summary, ratios)
-    lines.append("\n(vs direct: ratio of the medians, per-round ratios in brackets; exec/s and rows/exec from each "
-                 "server's own V2 statistics; CPU per request h2load saw succeed)\n")
+    lines += table(
+        keys,
+        ["upstream", "path"],
+        lambda v, p, n: [variant_name(v, args.upstream_delay_us), p],
+        HEADLINE_COLUMNS,
+        summary,
+        ratios,
+    )
+    lines.append(
+        "\n(vs direct: ratio of the medians, per-round ratios in brackets; exec/s and rows/exec from each "
+        "server's own V2 statistics; CPU per request h2load saw succeed)\n"
+    )
     lines.append("### By load\n")
     keys = [(v, p, n) for n in args.levels for v in VARIANTS for p in PATHS]
-    lines += table(keys, ["clients", "upstream", "path"], lambda v, p, n: [str(n), v, p], LOAD_COLUMNS, summary,
-                   ratios)
+    lines += table(keys, ["clients", "upstream", "path"], lambda v, p, n: [str(n), v, p], LOAD_COLUMNS, summary, ratios)
     lines += ["", "### Findings\n", *findings(summary, ratios, args)]
     return "\n".join(lines)
 
@@ -531,27 +622,34 @@ def findings(summary: dict, ratios: dict, args) -> list[str]:
         vn = variant_name(v, args.upstream_delay_us)
         hop = r.get("passthrough", {})
         if hop:
-            parts = ", ".join(f"{clients(n)} {x['rps']:.2f}x (p50 {x['p50_added_ms']:+.2f} ms, p99 {x['p99']:.2f}x)"
-                              for n, x in sorted(hop.items()))
+            parts = ", ".join(
+                f"{clients(n)} {x['rps']:.2f}x (p50 {x['p50_added_ms']:+.2f} ms, p99 {x['p99']:.2f}x)"
+                for n, x in sorted(hop.items())
+            )
             out.append(f"- {vn}: cost of the hop, passthrough / direct: {parts}")
         gwr = r.get("gateway", {})
         if gwr:
-            parts = ", ".join(f"{clients(n)} {x['rps']:.2f}x direct"
-                              + (f", {x['rps_vs_passthrough']:.2f}x passthrough" if "rps_vs_passthrough" in x else "")
-                              + f" (p50 {x['p50_added_ms']:+.2f} ms, p99 {x['p99']:.2f}x direct)"
-                              for n, x in sorted(gwr.items()))
+            parts = ", ".join(
+                f"{clients(n)} {x['rps']:.2f}x direct"
+                + (f", {x['rps_vs_passthrough']:.2f}x passthrough" if "rps_vs_passthrough" in x else "")
+                + f" (p50 {x['p50_added_ms']:+.2f} ms, p99 {x['p99']:.2f}x direct)"
+                for n, x in sorted(gwr.items())
+            )
             out.append(f"- {vn}: gateway batching: {parts}")
-            helps = [n for n, x in sorted(gwr.items())
-                     if x["rps"] >= GAIN and x.get("rps_vs_passthrough", 0.0) >= GAIN]
+            helps = [n for n, x in sorted(gwr.items()) if x["rps"] >= GAIN and x.get("rps_vs_passthrough", 0.0) >= GAIN]
             hurts = [n for n, x in sorted(gwr.items()) if x["rps"] < 1 / GAIN]
-            out.append(f"- {vn}: gateway batching beats both direct and passthrough by >= {GAIN - 1:.0%} at: "
-                       f"{', '.join(clients(n) for n in helps) or 'no level'}"
-                       + (f"; it loses to direct at: {', '.join(clients(n) for n in hurts)}" if hurts else ""))
+            out.append(
+                f"- {vn}: gateway batching beats both direct and passthrough by >= {GAIN - 1:.0%} at: "
+                f"{', '.join(clients(n) for n in helps) or 'no level'}"
+                + (f"; it loses to direct at: {', '.join(clients(n) for n in hurts)}" if hurts else "")
+            )
         busy = [(p, e) for p in PATHS if (e := summary.get(v, {}).get(p, {}).get(HEADLINE)) and e["valid"]]
         if busy and any(e["core0_busy"] == e["core0_busy"] for _, e in busy):
-            parts = "; ".join(f"{p}: upstream core {e['core0_busy']:.0%}, "
-                              f"{'h2load' if p == 'direct' else 'gateway/h2load'} core {e['core1_busy']:.0%}"
-                              for p, e in busy)
+            parts = "; ".join(
+                f"{p}: upstream core {e['core0_busy']:.0%}, "
+                f"{'h2load' if p == 'direct' else 'gateway/h2load'} core {e['core1_busy']:.0%}"
+                for p, e in busy
+            )
             out.append(f"- {vn}: how busy each core was at {clients(HEADLINE)} (one near 100% sets the limit): {parts}")
     return out
 
@@ -560,8 +658,7 @@ def topology(pin: Pinning) -> str:
     if not pin.cores:
         return f"unpinned ({pin.note})"
     c0, c1 = pin.cores
-    return (f"upstream on core {c0}; gateway and h2load share core {c1} "
-            f"(direct path: h2load alone on core {c1})")
+    return f"upstream on core {c0}; gateway and h2load share core {c1} (direct path: h2load alone on core {c1})"
 
 
 def plot(summary: dict, ratios: dict, args, path: Path, subtitle: str) -> None:
@@ -588,16 +685,31 @@ def plot(summary: dict, ratios: dict, args, path: Path, subtitle: str) -> None:
             if e is None:
                 continue
             x = i + (j - 1) * width
-            top_rps.bar(x, e["rps"], width * 0.92, color=COLORS[p], label=p if i == 0 else None,
-                        yerr=[[e["rps"] - e["rps_min"]], [e["rps_max"] - e["rps"]]], capsize=3)
+            top_rps.bar(
+                x,
+                e["rps"],
+                width * 0.92,
+                color=COLORS[p],
+                label=p if i == 0 else None,
+                yerr=[[e["rps"] - e["rps_min"]], [e["rps_max"] - e["rps"]]],
+                capsize=3,
+            )
             ratio = ratios.get(v, {}).get(p, {}).get(HEADLINE)
             label = f"{e['rps']:,.0f}" + (f"\n{ratio['rps']:.2f}x direct" if ratio else "")
-            top_rps.text(x, e["rps_max"] * 1.01, label, ha="center", va="bottom", fontsize=8,
-                         fontweight="bold" if ratio else None)
+            top_rps.text(
+                x,
+                e["rps_max"] * 1.01,
+                label,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                fontweight="bold" if ratio else None,
+            )
             for k, (q, alpha) in enumerate((("p50_ms", 0.45), ("p99_ms", 1.0))):
                 xq = x + (k - 0.5) * width / 2
-                top_lat.bar(xq, e[q], width / 2 * 0.92, color=COLORS[p], alpha=alpha,
-                            label=f"{p} {q[:3]}" if i == 0 else None)
+                top_lat.bar(
+                    xq, e[q], width / 2 * 0.92, color=COLORS[p], alpha=alpha, label=f"{p} {q[:3]}" if i == 0 else None
+                )
                 top_lat.text(xq, e[q], f"{e[q]:.1f}", ha="center", va="bottom", fontsize=7)
     top_rps.set_ylabel("successful requests / s")
     top_rps.set_title(f"throughput at {HEADLINE} clients (whiskers: min-max over rounds)", fontsize=10)
@@ -620,8 +732,9 @@ def plot(summary: dict, ratios: dict, args, path: Path, subtitle: str) -> None:
                     ax.plot(*zip(*pts), "o" + dash[v], color=COLORS[p], ms=4, label=f"{p}, {v}")
     by_load_rps.axhline(1.0, color=COLORS["direct"], lw=1.2, label="direct")
     by_load_rps.set_ylabel("req/s / direct (same variant, same run)")
-    by_load_rps.set_title("throughput against direct by load (above 1: faster than calling the upstream directly)",
-                          fontsize=10)
+    by_load_rps.set_title(
+        "throughput against direct by load (above 1: faster than calling the upstream directly)", fontsize=10
+    )
     by_load_p99.set_yscale("log")
     by_load_p99.yaxis.set_major_formatter(ScalarFormatter())
     by_load_p99.set_ylabel("p99 latency, ms (log)")
@@ -632,8 +745,11 @@ def plot(summary: dict, ratios: dict, args, path: Path, subtitle: str) -> None:
         ax.set_xlabel("concurrent single-row clients (closed loop); solid: A, dashed: B")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("batchgate remote models: h2load -> upstream (direct) against h2load -> gateway -> upstream "
-                 f"(passthrough, gateway batching)\n{subtitle}", fontsize=9)
+    fig.suptitle(
+        "batchgate remote models: h2load -> upstream (direct) against h2load -> gateway -> upstream "
+        f"(passthrough, gateway batching)\n{subtitle}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -657,28 +773,60 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 round, levels 1 and 64, short runs (~40 s)")
     ap.add_argument("--rounds", type=int, default=None, help="fresh processes per configuration (default 2)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of each measured level (default 3)")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds of load before a configuration's first "
-                    "level (default 1; 0.5 before the others)")
-    ap.add_argument("--levels", type=levels_arg, default=None,
-                    help=f"concurrent clients, comma-separated (default 1,4,64; must include {HEADLINE})")
-    ap.add_argument("--hidden", type=str, default=None, help="hidden layer widths of the MLP, comma-separated "
-                    "(default 1024,1024: the issue's example)")
-    ap.add_argument("--upstream-delay-us", type=int, default=DEFAULT_DELAY_US,
-                    help=f"variant A's max_queue_delay_microseconds on the upstream (default {DEFAULT_DELAY_US})")
-    ap.add_argument("--gateway-delay-us", type=int, default=GATEWAY_DELAY_US,
-                    help=f"the gateway's max_queue_delay_us in gateway mode (default {GATEWAY_DELAY_US})")
-    ap.add_argument("--gateway-policy", choices=("triton", "work_conserving"), default="triton",
-                    help="the gateway's --batching-policy in gateway mode (default triton, batchgate's default)")
-    ap.add_argument("--max-inflight", type=int, default=0,
-                    help="the remote model's max_inflight (default 0: the backend's default)")
-    ap.add_argument("--retries", type=int, default=None,
-                    help="levels that may be measured again because other processes were busy (default 6; quick 0)")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of load before a configuration's first level (default 1; 0.5 before the others)",
+    )
+    ap.add_argument(
+        "--levels",
+        type=levels_arg,
+        default=None,
+        help=f"concurrent clients, comma-separated (default 1,4,64; must include {HEADLINE})",
+    )
+    ap.add_argument(
+        "--hidden",
+        type=str,
+        default=None,
+        help="hidden layer widths of the MLP, comma-separated (default 1024,1024: the issue's example)",
+    )
+    ap.add_argument(
+        "--upstream-delay-us",
+        type=int,
+        default=DEFAULT_DELAY_US,
+        help=f"variant A's max_queue_delay_microseconds on the upstream (default {DEFAULT_DELAY_US})",
+    )
+    ap.add_argument(
+        "--gateway-delay-us",
+        type=int,
+        default=GATEWAY_DELAY_US,
+        help=f"the gateway's max_queue_delay_us in gateway mode (default {GATEWAY_DELAY_US})",
+    )
+    ap.add_argument(
+        "--gateway-policy",
+        choices=("triton", "work_conserving"),
+        default="triton",
+        help="the gateway's --batching-policy in gateway mode (default triton, batchgate's default)",
+    )
+    ap.add_argument(
+        "--max-inflight", type=int, default=0, help="the remote model's max_inflight (default 0: the backend's default)"
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="levels that may be measured again because other processes were busy (default 6; quick 0)",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin the processes to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
     args = ap.parse_args(argv)
     # what --quick and the default run use for every option left unset
-    preset = ({"rounds": 1, "duration": 1.5, "warmup": 0.5, "levels": (1, HEADLINE), "retries": 0} if args.quick
-              else {"rounds": 2, "duration": 3.0, "warmup": 1.0, "levels": (1, 4, HEADLINE), "retries": 6})
+    preset = (
+        {"rounds": 1, "duration": 1.5, "warmup": 0.5, "levels": (1, HEADLINE), "retries": 0}
+        if args.quick
+        else {"rounds": 2, "duration": 3.0, "warmup": 1.0, "levels": (1, 4, HEADLINE), "retries": 6}
+    )
     vars(args).update({k: v for k, v in preset.items() if vars(args)[k] is None})
     if args.rounds < 1 or args.duration <= 0:
         ap.error("--rounds and --duration must be positive")
@@ -699,15 +847,18 @@ def main(argv=None) -> int:
 
     model = mlp_onnx(args.sizes)
     timing = time_ort(model, args.sizes[0], pin.cores[0] if pin.cores else None, args.quick)
-    say(f"MLP {' -> '.join(map(str, args.sizes))}: ONNX Runtime alone, batch 1 {timing[1]['ms'] * 1e3:.0f} us, "
-        f"batch {MAX_BATCH} {timing[MAX_BATCH]['ms'] * 1e3:.0f} us")
+    say(
+        f"MLP {' -> '.join(map(str, args.sizes))}: ONNX Runtime alone, batch 1 {timing[1]['ms'] * 1e3:.0f} us, "
+        f"batch {MAX_BATCH} {timing[MAX_BATCH]['ms'] * 1e3:.0f} us"
+    )
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="batchgate-remote-") as d:
         tmp = Path(d)
         work = make_workload("main", model, args.sizes, tmp)
-        repos = {v: write_repository(tmp / f"repo-{v}", model,
-                                     model_config(args.sizes, v == "A", args.upstream_delay_us, 1))
-                 for v in VARIANTS}
+        repos = {
+            v: write_repository(tmp / f"repo-{v}", model, model_config(args.sizes, v == "A", args.upstream_delay_us, 1))
+            for v in VARIANTS
+        }
         for rnd in range(1, args.rounds + 1):
             order = PATHS if rnd % 2 else tuple(reversed(PATHS))
             for v in VARIANTS:
@@ -723,33 +874,53 @@ def main(argv=None) -> int:
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["bench/remote.py", *(argv if argv is not None else sys.argv[1:])]),
-        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup, "levels": list(args.levels),
-        "headline_clients": HEADLINE, "cpus": os.cpu_count(), "cpu_model": cpu_model(),
-        "pinning": pin.note, "topology": topology(pin),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "levels": list(args.levels),
+        "headline_clients": HEADLINE,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "pinning": pin.note,
+        "topology": topology(pin),
         "cores": ({"upstream": pin.cores[0], "gateway": pin.cores[1], "h2load": pin.cores[1]} if pin.cores else None),
-        "python": platform.python_version(), "grpcio": grpc.__version__,
-        "onnxruntime": __import__("onnxruntime").__version__, "h2load": tool_version(["h2load", "--version"]),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "h2load": tool_version(["h2load", "--version"]),
         "load": "h2load -t 1 -c N -m 1 (N connections, one single-row request in flight each, closed loop)",
         "model": {"sizes": list(args.sizes), "ort_by_batch": {str(b): t for b, t in timing.items()}},
-        "upstream": {"max_batch_size": MAX_BATCH, "instances": 1, "infer_threads": DEFAULT_INFER_THREADS,
-                     "ort_threads": "intra 1, inter 1",
-                     "variants": {v: variant_name(v, args.upstream_delay_us) for v in VARIANTS},
-                     "A_max_queue_delay_us": args.upstream_delay_us},
-        "gateway": {"model": MODEL, "upstream_model": MODEL, "max_queue_delay_us": args.gateway_delay_us,
-                    "batching_policy": args.gateway_policy,
-                    "max_inflight": args.max_inflight or "backend default (gateway 2, passthrough 256)"},
+        "upstream": {
+            "max_batch_size": MAX_BATCH,
+            "instances": 1,
+            "infer_threads": DEFAULT_INFER_THREADS,
+            "ort_threads": "intra 1, inter 1",
+            "variants": {v: variant_name(v, args.upstream_delay_us) for v in VARIANTS},
+            "A_max_queue_delay_us": args.upstream_delay_us,
+        },
+        "gateway": {
+            "model": MODEL,
+            "upstream_model": MODEL,
+            "max_queue_delay_us": args.gateway_delay_us,
+            "batching_policy": args.gateway_policy,
+            "max_inflight": args.max_inflight or "backend default (gateway 2, passthrough 256)",
+        },
         "wall_s": round(time.monotonic() - t_start, 1),
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "ratios": {v: {p: {str(n): x for n, x in ns.items()} for p, ns in ps.items()}
-                                    for v, ps in ratios.items()},
-           "summary": {v: {p: {str(n): e for n, e in ns.items()} for p, ns in ps.items()} for v, ps in summary.items()},
-           "runs": [asdict(r) for r in runs]}
+    doc = {
+        "meta": meta,
+        "ratios": {v: {p: {str(n): x for n, x in ns.items()} for p, ns in ps.items()} for v, ps in ratios.items()},
+        "summary": {v: {p: {str(n): e for n, e in ns.items()} for p, ns in ps.items()} for v, ps in summary.items()},
+        "runs": [asdict(r) for r in runs],
+    }
     (args.output / "remote.json").write_text(json.dumps(finite(doc), indent=2) + "\n")
-    subtitle = (f"MLP {' -> '.join(map(str, args.sizes))} (batch 1: {timing[1]['ms'] * 1e3:.0f} us in ORT), "
-                f"max_batch_size {MAX_BATCH}; gateway: max_queue_delay {args.gateway_delay_us} us, "
-                f"{args.gateway_policy} policy; {meta['cpu_model']}, medians of {args.rounds} round(s) x "
-                f"{args.duration:g} s\n{topology(pin)}")
+    subtitle = (
+        f"MLP {' -> '.join(map(str, args.sizes))} (batch 1: {timing[1]['ms'] * 1e3:.0f} us in ORT), "
+        f"max_batch_size {MAX_BATCH}; gateway: max_queue_delay {args.gateway_delay_us} us, "
+        f"{args.gateway_policy} policy; {meta['cpu_model']}, medians of {args.rounds} round(s) x "
+        f"{args.duration:g} s\n{topology(pin)}"
+    )
     try:
         plot(summary, ratios, args, args.output / "remote.png", subtitle)
     except Exception as e:  # noqa: BLE001 - the JSON and the tables are the result; a plot is a nicety

@@ -223,8 +223,17 @@ class Target:
         return float(statistics.median(getattr(r, attr) for r in self.runs)) if self.runs else 0.0
 
 
-def measure(target: Target, rnd: int, args, pin: Pinning, tmp: Path, server_cmd: list[str], ready: re.Pattern,
-            port_group: str, files: dict) -> Run:
+def measure(
+    target: Target,
+    rnd: int,
+    args,
+    pin: Pinning,
+    tmp: Path,
+    server_cmd: list[str],
+    ready: re.Pattern,
+    port_group: str,
+    files: dict,
+) -> Run:
     run = Run(rnd)
     target.runs.append(run)
     label = f"round {rnd} {target.protocol} / {target.server}"
@@ -292,23 +301,32 @@ def measure(target: Target, rnd: int, args, pin: Pinning, tmp: Path, server_cmd:
         if res["errors"] or res["non_2xx"]:
             problems.append(f"the load tool saw {res['errors']} errors and {res['non_2xx']} non-2xx responses")
         if run.server_ok < run.tool_ok:
-            problems.append(f"the load tool reports {run.tool_ok} successes but the server counted only "
-                            f"{run.server_ok}: some answers were errors")
+            problems.append(
+                f"the load tool reports {run.tool_ok} successes but the server counted only "
+                f"{run.server_ok}: some answers were errors"
+            )
         if (run.server_ok - run.tool_ok) + run.server_failed > slack:
-            problems.append(f"the server counted {run.server_ok} OK and {run.server_failed} failed for "
-                            f"{run.tool_ok} successes reported; only {slack} requests were cut off at the end")
+            problems.append(
+                f"the server counted {run.server_ok} OK and {run.server_failed} failed for "
+                f"{run.tool_ok} successes reported; only {slack} requests were cut off at the end"
+            )
         if run.tool_ok == 0:
             problems.append("no successful request")
         if problems:
-            raise BenchError("; ".join(problems) + f"\nload tool output:\n{res['raw'][-2000:]}\n"
-                             f"server log:\n{srv.log_tail()}")
-        say(f"{label}: {run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms; "
+            raise BenchError(
+                "; ".join(problems) + f"\nload tool output:\n{res['raw'][-2000:]}\nserver log:\n{srv.log_tail()}"
+            )
+        say(
+            f"{label}: {run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms; "
             f"server core {run.server_core_busy:.0%} busy (process {run.server_process_cpu:.0%}), "
             f"load core {run.load_core_busy:.0%}; other processes {run.other_cpu:.0%} of a core; "
-            f"server counted {run.server_ok} OK + {run.server_failed} failed for {run.tool_ok} reported")
+            f"server counted {run.server_ok} OK + {run.server_failed} failed for {run.tool_ok} reported"
+        )
         if run.other_cpu > 0.05:
-            say(f"{label}: warning: other processes used {run.other_cpu:.0%} of a core during this run; "
-                "the numbers are noisier than usual")
+            say(
+                f"{label}: warning: other processes used {run.other_cpu:.0%} of a core during this run; "
+                "the numbers are noisier than usual"
+            )
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
         run.error = str(e)
         say(f"{label}: INVALID: {e}")
@@ -330,15 +348,21 @@ def verdicts_of(targets: list[Target]) -> dict:
         valid = base.error is None and bg.error is None and base.median("rps") > 0
         ratio = bg.median("rps") / base.median("rps") if valid else None
         per_round = [b.rps / a.rps for a, b in zip(base.runs, bg.runs) if a.rps and not (a.error or b.error)]
-        out[proto] = {"ratio": ratio, "target": goal, "ratio_per_round": per_round,
-                      "result": "INVALID" if ratio is None else ("PASS" if ratio >= goal else "FAIL")}
+        out[proto] = {
+            "ratio": ratio,
+            "target": goal,
+            "ratio_per_round": per_round,
+            "result": "INVALID" if ratio is None else ("PASS" if ratio >= goal else "FAIL"),
+        }
     return out
 
 
 def markdown(targets: list[Target], verdicts: dict) -> str:
-    rows = ["| protocol | server | req/s (median) | req/s range | p50 ms | p99 ms | server core busy "
-            "| ratio | target | result |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| protocol | server | req/s (median) | req/s range | p50 ms | p99 ms | server core busy "
+        "| ratio | target | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for t in targets:
         v = verdicts.get(t.protocol, {})
         if t.error:
@@ -351,8 +375,10 @@ def markdown(targets: list[Target], verdicts: dict) -> str:
             last = f"| **{v['ratio']:.2f}** | >= {v['target']:.1f} | **{v['result']}** |"
         else:
             last = f"| | >= {v.get('target', 0):.1f} | INVALID |"
-        rows.append(f"| {t.protocol} | {t.server} | {t.median('rps'):,.0f} | {min(rps):,.0f} - {max(rps):,.0f} | "
-                    f"{t.median('p50_ms'):.2f} | {t.median('p99_ms'):.2f} | {t.median('server_core_busy'):.0%} {last}")
+        rows.append(
+            f"| {t.protocol} | {t.server} | {t.median('rps'):,.0f} | {min(rps):,.0f} - {max(rps):,.0f} | "
+            f"{t.median('p50_ms'):.2f} | {t.median('p99_ms'):.2f} | {t.median('server_core_busy'):.0%} {last}"
+        )
     return "\n".join(rows)
 
 
@@ -369,8 +395,12 @@ def plot(targets: list[Target], verdicts: dict, path: Path, subtitle: str) -> No
         return
     names = {"grpc": "gRPC (h2load)", "http": "HTTP/JSON (wrk)"}
     colors = {True: "#9aa5b1", False: "#2f6fb3"}
-    fig, axes = plt.subplots(1, len(protos) + 1, figsize=(4.2 * (len(protos) + 1), 4.6),
-                             gridspec_kw={"width_ratios": [1] * len(protos) + [1.5]})
+    fig, axes = plt.subplots(
+        1,
+        len(protos) + 1,
+        figsize=(4.2 * (len(protos) + 1), 4.6),
+        gridspec_kw={"width_ratios": [1] * len(protos) + [1.5]},
+    )
     ax_l = axes[-1]
     for i, proto in enumerate(protos):
         ax = axes[i]
@@ -388,21 +418,31 @@ def plot(targets: list[Target], verdicts: dict, path: Path, subtitle: str) -> No
         title = names[proto]
         if v and v["ratio"] is not None:
             title += f"\nratio {v['ratio']:.2f} (target >= {v['target']:.1f}): {v['result']}"
-        ax.set_title(title, fontsize=10,
-                     color="#1b7f3b" if v and v["result"] == "PASS" else "#b3261e" if v else "black")
+        ax.set_title(
+            title, fontsize=10, color="#1b7f3b" if v and v["result"] == "PASS" else "#b3261e" if v else "black"
+        )
         # latency: p50 and p99 of each server, grouped by protocol
         for j, t in enumerate(pair):
             x = i + (j - 0.5) * 0.4
             who = "echo" if t.baseline else "batchgate"
             for k, (q, alpha) in enumerate((("p50_ms", 0.5), ("p99_ms", 1.0))):
-                ax_l.bar(x + (k - 0.5) * 0.2, t.median(q), 0.2, color=colors[t.baseline], alpha=alpha,
-                         label=f"{who} {q[:3]}" if i == 0 else None)
+                ax_l.bar(
+                    x + (k - 0.5) * 0.2,
+                    t.median(q),
+                    0.2,
+                    color=colors[t.baseline],
+                    alpha=alpha,
+                    label=f"{who} {q[:3]}" if i == 0 else None,
+                )
     ax_l.set_xticks(range(len(protos)), [names[p] for p in protos])
     ax_l.set_ylabel("latency, ms (median over rounds)")
     ax_l.set_title("latency at the same load\n(p50 light, p99 dark)", fontsize=10)
     ax_l.legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"batchgate vs bare echo servers, single-row [1, 4] FP32 requests (bars: median, whiskers: "
-                 f"min-max over rounds)\n{subtitle}", fontsize=9)
+    fig.suptitle(
+        f"batchgate vs bare echo servers, single-row [1, 4] FP32 requests (bars: median, whiskers: "
+        f"min-max over rounds)\n{subtitle}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -415,17 +455,29 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="batchgate serving overhead vs bare gRPC and ASGI echo servers")
     ap.add_argument("--duration", type=float, default=None, help="seconds of each measured run (default 8)")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of load before each measured run (default 1.5)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="rounds of (baseline, batchgate) runs, interleaved; medians are reported (default 3)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of (baseline, batchgate) runs, interleaved; medians are reported (default 3)",
+    )
     ap.add_argument("--quick", action="store_true", help="one round of 3 s runs: a smoke test (~25 s)")
     ap.add_argument("--only", choices=("grpc", "http"), help="measure one protocol only")
     ap.add_argument("--grpc-clients", type=int, default=4, help="h2load connections (default 4)")
     ap.add_argument("--grpc-streams", type=int, default=8, help="h2load concurrent streams per connection (default 8)")
     ap.add_argument("--http-connections", type=int, default=32, help="wrk connections (default 32)")
-    ap.add_argument("--infer-threads", type=int, default=DEFAULT_INFER_THREADS,
-                    help=f"batchgate --infer-threads (default {DEFAULT_INFER_THREADS})")
-    ap.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
-                    help=f"instance_group count of the model: runs allowed at once (default {DEFAULT_INSTANCES})")
+    ap.add_argument(
+        "--infer-threads",
+        type=int,
+        default=DEFAULT_INFER_THREADS,
+        help=f"batchgate --infer-threads (default {DEFAULT_INFER_THREADS})",
+    )
+    ap.add_argument(
+        "--instances",
+        type=int,
+        default=DEFAULT_INSTANCES,
+        help=f"instance_group count of the model: runs allowed at once (default {DEFAULT_INSTANCES})",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin servers and load tools to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -446,8 +498,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     missing = [t for t in ("h2load", "wrk") if shutil.which(t) is None]
     if missing:
-        say(f"missing load tools: {', '.join(missing)}; install them with `make bench-tools` "
-            "(apt-get install nghttp2-client wrk)")
+        say(
+            f"missing load tools: {', '.join(missing)}; install them with `make bench-tools` "
+            "(apt-get install nghttp2-client wrk)"
+        )
         return 1
     pin = choose_pinning(not args.no_pin)
     say(f"pinning: {pin.note}; {args.rounds} round(s) of {args.duration:g} s runs after {args.warmup:g} s warm-ups")
@@ -465,13 +519,34 @@ def main(argv=None) -> int:
         tmp = Path(d)
         repo = build_repository(tmp, args.instances)
         payload = grpc_request_bytes()
-        files = {"grpc_payload": payload, "grpc_frame": tmp / "request.grpc", "http_body": http_request_body(),
-                 "http_file": tmp / "request.json"}
+        files = {
+            "grpc_payload": payload,
+            "grpc_frame": tmp / "request.grpc",
+            "http_body": http_request_body(),
+            "http_file": tmp / "request.json",
+        }
         files["grpc_frame"].write_bytes(grpc_frame(payload))
         files["http_file"].write_bytes(files["http_body"])
-        batchgate_cmd = [py, "-m", "batchgate.cli", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-                         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "-1",
-                         "--infer-threads", str(args.infer_threads), "--log-level", "info"]
+        batchgate_cmd = [
+            py,
+            "-m",
+            "batchgate.cli",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--infer-threads",
+            str(args.infer_threads),
+            "--log-level",
+            "info",
+        ]
         for rnd in range(1, args.rounds + 1):
             for proto in protocols:
                 # baseline and batchgate back to back, so slow drifts of the machine hit both
@@ -484,8 +559,10 @@ def main(argv=None) -> int:
     for proto, v in verdicts.items():
         if v["ratio"] is not None:
             rounds = ", ".join(f"{r:.2f}" for r in v["ratio_per_round"])
-            print(f"- {proto}: batchgate reaches {v['ratio']:.2f} of the bare echo's throughput "
-                  f"(target >= {v['target']:.1f}): {v['result']}; per round: {rounds}")
+            print(
+                f"- {proto}: batchgate reaches {v['ratio']:.2f} of the bare echo's throughput "
+                f"(target >= {v['target']:.1f}): {v['result']}; per round: {rounds}"
+            )
         else:
             print(f"- {proto}: INVALID measurement, see the log above")
 
@@ -495,29 +572,58 @@ def main(argv=None) -> int:
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["bench/serving.py", *(argv if argv is not None else sys.argv[1:])]),
-        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup, "pinning": pin.note,
-        "cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
-        "grpcio": grpc.__version__, "uvicorn": uvicorn.__version__,
-        "h2load": tool_version(["h2load", "--version"]), "wrk": tool_version(["wrk", "-v"]),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "pinning": pin.note,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "uvicorn": uvicorn.__version__,
+        "h2load": tool_version(["h2load", "--version"]),
+        "wrk": tool_version(["wrk", "-v"]),
         "model": f"{MODEL}: ONNX Identity, FP32 [-1, 4], max_batch_size 8, {args.instances} instance(s), "
-                 "one ORT intra-op thread; requests of shape [1, 4]",
+        "one ORT intra-op thread; requests of shape [1, 4]",
         "batchgate": {"infer_threads": args.infer_threads, "instances": args.instances},
-        "load": {"grpc": {"tool": "h2load", "threads": 1, "clients": args.grpc_clients,
-                          "streams_per_client": args.grpc_streams},
-                 "http": {"tool": "wrk", "threads": 1, "connections": args.http_connections}},
+        "load": {
+            "grpc": {
+                "tool": "h2load",
+                "threads": 1,
+                "clients": args.grpc_clients,
+                "streams_per_client": args.grpc_streams,
+            },
+            "http": {"tool": "wrk", "threads": 1, "connections": args.http_connections},
+        },
         "wall_s": round(time.monotonic() - t_start, 1),
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "targets": TARGETS, "verdicts": verdicts,
-           "results": [{"protocol": t.protocol, "server": t.server, "baseline": t.baseline,
-                        "median": {k: t.median(k) for k in ("rps", "p50_ms", "p99_ms", "p999_ms",
-                                                            "server_core_busy", "load_core_busy")}
-                        if not t.error else None,
-                        "error": t.error, "runs": [asdict(r) for r in t.runs]} for t in chosen]}
+    doc = {
+        "meta": meta,
+        "targets": TARGETS,
+        "verdicts": verdicts,
+        "results": [
+            {
+                "protocol": t.protocol,
+                "server": t.server,
+                "baseline": t.baseline,
+                "median": {
+                    k: t.median(k) for k in ("rps", "p50_ms", "p99_ms", "p999_ms", "server_core_busy", "load_core_busy")
+                }
+                if not t.error
+                else None,
+                "error": t.error,
+                "runs": [asdict(r) for r in t.runs],
+            }
+            for t in chosen
+        ],
+    }
     (args.output / "serving.json").write_text(json.dumps(finite(doc), indent=2) + "\n")
-    subtitle = (f"{meta['cpu_model']}; {pin.note}; gRPC: h2load -c{args.grpc_clients} -m{args.grpc_streams}; "
-                f"HTTP: wrk -c{args.http_connections}; {args.rounds} x {args.duration:g} s; "
-                f"batchgate --infer-threads {args.infer_threads}, {args.instances} instance(s)")
+    subtitle = (
+        f"{meta['cpu_model']}; {pin.note}; gRPC: h2load -c{args.grpc_clients} -m{args.grpc_streams}; "
+        f"HTTP: wrk -c{args.http_connections}; {args.rounds} x {args.duration:g} s; "
+        f"batchgate --infer-threads {args.infer_threads}, {args.instances} instance(s)"
+    )
     try:
         plot(chosen, verdicts, args.output / "serving.png", subtitle)
     except Exception as e:  # a plot is a nicety; the JSON and the table are the result

@@ -32,21 +32,68 @@ def _specs(inputs, batched: bool) -> list[InputSpec]:
     return specs
 
 
-def _job(specs, outputs, reference, repository, name, version, batched, max_batch_size, samples, tolerance,
-         optimize, fp16, gpu, force, source, record, exact=frozenset()) -> Job:
+def _job(
+    specs,
+    outputs,
+    reference,
+    repository,
+    name,
+    version,
+    batched,
+    max_batch_size,
+    samples,
+    tolerance,
+    optimize,
+    fp16,
+    gpu,
+    force,
+    source,
+    record,
+    exact=frozenset(),
+) -> Job:
     if batched and max_batch_size < 1:
         raise ConversionError("--max-batch-size must be at least 1 (or convert with --no-batch)")
-    return Job(specs=specs, output_names=outputs, reference=reference, repository=repository, name=name,
-               version=version, batched=batched, max_batch_size=max_batch_size, gpu=gpu or fp16 is not None,
-               force=force, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16, exact=exact,
-               source=source, record=record)
+    return Job(
+        specs=specs,
+        output_names=outputs,
+        reference=reference,
+        repository=repository,
+        name=name,
+        version=version,
+        batched=batched,
+        max_batch_size=max_batch_size,
+        gpu=gpu or fp16 is not None,
+        force=force,
+        samples=samples,
+        tolerance=tolerance,
+        optimize=optimize,
+        fp16=fp16,
+        exact=exact,
+        source=source,
+        record=record,
+    )
 
 
-def convert_torch(model, inputs, repository: str, name: str, version: int = 1, *, outputs=(), batched: bool = True,
-                  max_batch_size: int = 64, exporter: str = "auto", opset: int | None = None,
-                  samples: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE,
-                  optimize: Tolerance | None = None, fp16: Tolerance | None = None, gpu: bool = False,
-                  force: bool = False, progress=lambda s: None) -> Result:
+def convert_torch(
+    model,
+    inputs,
+    repository: str,
+    name: str,
+    version: int = 1,
+    *,
+    outputs=(),
+    batched: bool = True,
+    max_batch_size: int = 64,
+    exporter: str = "auto",
+    opset: int | None = None,
+    samples: str | None = None,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    optimize: Tolerance | None = None,
+    fp16: Tolerance | None = None,
+    gpu: bool = False,
+    force: bool = False,
+    progress=lambda s: None,
+) -> Result:
     """Export ``model`` (an nn.Module, ``pkg.module:factory`` or a TorchScript file), check it and
     write it to ``repository/name/version``. Raises ConversionError, having written nothing."""
     from . import torch_model as tm
@@ -61,44 +108,116 @@ def convert_torch(model, inputs, repository: str, name: str, version: int = 1, *
     names = tm.output_names(module, specs, list(outputs))
     torch = tm._torch()
     # Refuse an existing version before the (slow) export.
-    probe = _job(specs, names, None, repository, name, version, batched, max_batch_size, samples, tolerance,
-                 optimize, fp16, gpu, force, "", {})
+    probe = _job(
+        specs,
+        names,
+        None,
+        repository,
+        name,
+        version,
+        batched,
+        max_batch_size,
+        samples,
+        tolerance,
+        optimize,
+        fp16,
+        gpu,
+        force,
+        "",
+        {},
+    )
     from .pipeline import destination
 
     destination(probe)
     with tempfile.TemporaryDirectory(prefix="batchgate-export-") as work:
         progress(f"exporting with torch.onnx.export (exporter: {exporter})")
-        onx, used, failed = tm.export(module, scripted, specs, names, batched, exporter, opset,
-                                      os.path.join(work, "model.onnx"))
+        onx, used, failed = tm.export(
+            module, scripted, specs, names, batched, exporter, opset, os.path.join(work, "model.onnx")
+        )
     opset_used = next((o.version for o in onx.opset_import if o.domain in ("", "ai.onnx")), None)
     source = f"torch {torch.__version__}, torch.onnx.export {used} exporter, opset {opset_used}"
-    record = {"converter": "torch", "model": label, "exporter": used, "opset": opset_used,
-              "torch": torch.__version__, "exporter_fallback_after": failed or None}
-    job = _job(specs, names, tm.reference(module, specs), repository, name, version, batched, max_batch_size,
-               samples, tolerance, optimize, fp16, gpu, force, source, record)
+    record = {
+        "converter": "torch",
+        "model": label,
+        "exporter": used,
+        "opset": opset_used,
+        "torch": torch.__version__,
+        "exporter_fallback_after": failed or None,
+    }
+    job = _job(
+        specs,
+        names,
+        tm.reference(module, specs),
+        repository,
+        name,
+        version,
+        batched,
+        max_batch_size,
+        samples,
+        tolerance,
+        optimize,
+        fp16,
+        gpu,
+        force,
+        source,
+        record,
+    )
     return run(onx, job, progress)
 
 
-def convert_sklearn(model, inputs, repository: str, name: str, version: int = 1, *, batched: bool = True,
-                    max_batch_size: int = 64, opset: int | None = None, samples: str | None = None,
-                    tolerance: Tolerance = DEFAULT_TOLERANCE, optimize: Tolerance | None = None,
-                    fp16: Tolerance | None = None, gpu: bool = False, force: bool = False,
-                    progress=lambda s: None) -> Result:
+def convert_sklearn(
+    model,
+    inputs,
+    repository: str,
+    name: str,
+    version: int = 1,
+    *,
+    batched: bool = True,
+    max_batch_size: int = 64,
+    opset: int | None = None,
+    samples: str | None = None,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    optimize: Tolerance | None = None,
+    fp16: Tolerance | None = None,
+    gpu: bool = False,
+    force: bool = False,
+    progress=lambda s: None,
+) -> Result:
     """Convert a scikit-learn estimator or pipeline (an object, or a pickle/joblib file) the same way."""
     from . import sklearn_model as sm
     from .pipeline import destination
 
     specs = _specs(inputs, batched)
     if fp16 is not None:
-        raise ConversionError("--fp16 is for neural networks on GPUs: scikit-learn models keep their ONNX-ML "
-                              "operators in FP32, so they are converted without it")
+        raise ConversionError(
+            "--fp16 is for neural networks on GPUs: scikit-learn models keep their ONNX-ML "
+            "operators in FP32, so they are converted without it"
+        )
     if isinstance(model, str):
         progress(f"loading {model}")
         label, model = model, sm.load(model)
     else:
         label = type(model).__name__
-    destination(_job(specs, [], None, repository, name, version, batched, max_batch_size, samples, tolerance,
-                     optimize, fp16, gpu, force, "", {}))
+    destination(
+        _job(
+            specs,
+            [],
+            None,
+            repository,
+            name,
+            version,
+            batched,
+            max_batch_size,
+            samples,
+            tolerance,
+            optimize,
+            fp16,
+            gpu,
+            force,
+            "",
+            {},
+        )
+    )
     import skl2onnx
     import sklearn
 
@@ -106,13 +225,44 @@ def convert_sklearn(model, inputs, repository: str, name: str, version: int = 1,
     onx, names = sm.export(model, specs, batched, opset)
     opsets = {o.domain or "ai.onnx": o.version for o in onx.opset_import}
     source = f"scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, opset {opsets.get('ai.onnx')}"
-    record = {"converter": "sklearn", "model": label, "estimator": type(model).__name__, "opsets": opsets,
-              "sklearn": sklearn.__version__, "skl2onnx": skl2onnx.__version__}
-    job = _job(specs, names, sm.reference(model, specs, names), repository, name, version, batched, max_batch_size,
-               samples, tolerance, optimize, fp16, gpu, force, source, record,
-               exact=frozenset(names[:1]) if len(names) == 2 else frozenset())
+    record = {
+        "converter": "sklearn",
+        "model": label,
+        "estimator": type(model).__name__,
+        "opsets": opsets,
+        "sklearn": sklearn.__version__,
+        "skl2onnx": skl2onnx.__version__,
+    }
+    job = _job(
+        specs,
+        names,
+        sm.reference(model, specs, names),
+        repository,
+        name,
+        version,
+        batched,
+        max_batch_size,
+        samples,
+        tolerance,
+        optimize,
+        fp16,
+        gpu,
+        force,
+        source,
+        record,
+        exact=frozenset(names[:1]) if len(names) == 2 else frozenset(),
+    )
     return run(onx, job, progress)
 
 
-__all__ = ["Check", "ConversionError", "InputSpec", "Result", "Tolerance", "convert_sklearn", "convert_torch",
-           "DEFAULT_TOLERANCE", "DEFAULT_FP16_TOLERANCE"]
+__all__ = [
+    "Check",
+    "ConversionError",
+    "InputSpec",
+    "Result",
+    "Tolerance",
+    "convert_sklearn",
+    "convert_torch",
+    "DEFAULT_TOLERANCE",
+    "DEFAULT_FP16_TOLERANCE",
+]

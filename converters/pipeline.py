@@ -140,26 +140,32 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
     names = [s.name for s in specs]
     missing = [n for n in names if n not in data.files]
     if missing:
-        raise ConversionError(f"--samples {path}: no array for input(s) {', '.join(missing)} "
-                              f"(it holds {', '.join(data.files) or 'nothing'})")
+        raise ConversionError(
+            f"--samples {path}: no array for input(s) {', '.join(missing)} "
+            f"(it holds {', '.join(data.files) or 'nothing'})"
+        )
     sample = {}
     for s in specs:
         arr = data[s.name]
         if arr.ndim != len(s.dims):
-            raise ConversionError(f"--samples {path}: '{s.name}' has {arr.ndim} dimensions, the input spec "
-                                  f"{len(s.dims)}")
+            raise ConversionError(
+                f"--samples {path}: '{s.name}' has {arr.ndim} dimensions, the input spec {len(s.dims)}"
+            )
         for i, d in enumerate(s.dims):
             if isinstance(d, int) and d != -1 and arr.shape[i] != d:
-                raise ConversionError(f"--samples {path}: '{s.name}' has shape {list(arr.shape)}, but dimension "
-                                      f"{i} must be {d}")
+                raise ConversionError(
+                    f"--samples {path}: '{s.name}' has shape {list(arr.shape)}, but dimension {i} must be {d}"
+                )
         if job.batched and arr.shape[0] > job.max_batch_size:
-            raise ConversionError(f"--samples {path}: '{s.name}' has {arr.shape[0]} rows, more than "
-                                  f"max_batch_size {job.max_batch_size}")
+            raise ConversionError(
+                f"--samples {path}: '{s.name}' has {arr.shape[0]} rows, more than max_batch_size {job.max_batch_size}"
+            )
         try:
             sample[s.name] = arr.astype(s.dtype.np_dtype) if s.dtype.v2 != "BYTES" else arr.astype(object)
         except (ValueError, TypeError) as e:
-            raise ConversionError(f"--samples {path}: '{s.name}' ({arr.dtype}) cannot be read as {s.dtype.v2}: "
-                                  f"{e}") from None
+            raise ConversionError(
+                f"--samples {path}: '{s.name}' ({arr.dtype}) cannot be read as {s.dtype.v2}: {e}"
+            ) from None
     return [sample]
 
 
@@ -174,8 +180,9 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
     return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=list(providers))
 
 
-def compare(stage: str, model: onnx.ModelProto, job: Job, inputs: list[dict], expected: list[list[np.ndarray]],
-            tol: Tolerance) -> list[Check]:
+def compare(
+    stage: str, model: onnx.ModelProto, job: Job, inputs: list[dict], expected: list[list[np.ndarray]], tol: Tolerance
+) -> list[Check]:
     try:
         sess = session(model)
         got = [sess.run(job.output_names, feeds) for feeds in inputs]
@@ -188,8 +195,9 @@ def compare(stage: str, model: onnx.ModelProto, job: Job, inputs: list[dict], ex
         for g, want in zip(got, expected):
             a, b = np.asarray(g[k]), np.asarray(want[k])
             if a.shape != b.shape:
-                raise ConversionError(f"{stage}: output '{name}' has shape {list(a.shape)}, the original "
-                                      f"model's {list(b.shape)}")
+                raise ConversionError(
+                    f"{stage}: output '{name}' has shape {list(a.shape)}, the original model's {list(b.shape)}"
+                )
             if name in job.exact or a.dtype.kind in "OSUbiu" or b.dtype.kind in "OSUbiu":  # labels, ids: equal
                 unequal = int(np.count_nonzero(a != b))
                 bad += unequal
@@ -239,8 +247,9 @@ def signature(model: onnx.ModelProto, job: Job) -> tuple[list[dict], list[dict]]
     sess = session(model)
     names = [i.name for i in sess.get_inputs()]
     if sorted(names) != sorted(s.name for s in job.specs):
-        raise ConversionError(f"the exported model's inputs are {names}; the input specs name "
-                              f"{[s.name for s in job.specs]}")
+        raise ConversionError(
+            f"the exported model's inputs are {names}; the input specs name {[s.name for s in job.specs]}"
+        )
 
     def entry(arg) -> dict:
         dt = BY_ONNX.get(arg.type)
@@ -249,8 +258,9 @@ def signature(model: onnx.ModelProto, job: Job) -> tuple[list[dict], list[dict]]
         dims = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
         if job.batched:
             if not dims:
-                raise ConversionError(f"output '{arg.name}' is a scalar: it has no batch dimension; "
-                                      "convert with batching off")
+                raise ConversionError(
+                    f"output '{arg.name}' is a scalar: it has no batch dimension; convert with batching off"
+                )
             dims = dims[1:]
         return {"name": arg.name, "datatype": dt.v2, "config": dt.config, "dims": dims}
 
@@ -258,8 +268,9 @@ def signature(model: onnx.ModelProto, job: Job) -> tuple[list[dict], list[dict]]
     inputs = [entry(by_name[s.name]) for s in job.specs]
     for spec, got in zip(job.specs, inputs):
         if got["datatype"] != spec.dtype.v2:
-            raise ConversionError(f"input '{spec.name}': the spec says {spec.dtype.v2}, the exported model "
-                                  f"takes {got['datatype']}")
+            raise ConversionError(
+                f"input '{spec.name}': the spec says {spec.dtype.v2}, the exported model takes {got['datatype']}"
+            )
     outputs = [entry(o) for o in sess.get_outputs()]
     return inputs, outputs
 
@@ -268,8 +279,9 @@ def config_text(job: Job, inputs: list[dict], outputs: list[dict]) -> str:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    cfg = mc.ModelConfig(name=job.name, platform="onnxruntime_onnx",
-                         max_batch_size=job.max_batch_size if job.batched else 0)
+    cfg = mc.ModelConfig(
+        name=job.name, platform="onnxruntime_onnx", max_batch_size=job.max_batch_size if job.batched else 0
+    )
     for src, dst in ((inputs, cfg.input), (outputs, cfg.output)):
         for t in src:
             dst.add(name=t["name"], data_type=mc.DataType.Value(t["config"]), dims=t["dims"])
@@ -278,8 +290,10 @@ def config_text(job: Job, inputs: list[dict], outputs: list[dict]) -> str:
     kind = mc.ModelInstanceGroup.KIND_GPU if job.gpu else mc.ModelInstanceGroup.KIND_CPU
     cfg.instance_group.add(count=job.instances, kind=kind)
     cfg.parameters["converted_by"].string_value = job.source
-    header = (f"# Written by batchgate convert ({job.source}) on {time.strftime('%Y-%m-%d')}.\n"
-              f"# Parity checks: {job.name}/{job.version}/conversion.json\n")
+    header = (
+        f"# Written by batchgate convert ({job.source}) on {time.strftime('%Y-%m-%d')}.\n"
+        f"# Parity checks: {job.name}/{job.version}/conversion.json\n"
+    )
     return header + text_format.MessageToString(cfg)
 
 
@@ -296,15 +310,18 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         raise
     except Exception as e:  # noqa: BLE001 - whatever the model raises, say which input it was
         shapes = {k: list(v.shape) for k, v in inputs[0].items()}
-        raise ConversionError(f"the original model fails on inputs of shapes {shapes}: "
-                              f"{type(e).__name__}: {e}") from None
+        raise ConversionError(
+            f"the original model fails on inputs of shapes {shapes}: {type(e).__name__}: {e}"
+        ) from None
     if job.batched:  # every output must have the batch as its first dimension, or batching would split it wrong
         for feeds, arrays in zip(inputs, expected):
             rows = feeds[job.specs[0].name].shape[0]
             for name, o in zip(job.output_names, arrays):
                 if np.ndim(o) == 0 or np.shape(o)[0] != rows:
-                    raise ConversionError(f"output '{name}' has shape {list(np.shape(o))} for a batch of {rows}: its "
-                                          "first dimension is not the batch dimension; convert with --no-batch")
+                    raise ConversionError(
+                        f"output '{name}' has shape {list(np.shape(o))} for a batch of {rows}: its "
+                        "first dimension is not the batch dimension; convert with --no-batch"
+                    )
     checks: list[Check] = []
     stages = ["onnx"]
     progress("parity check: ONNX model under ONNX Runtime vs the original")
@@ -321,12 +338,24 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
             stages.append("fp16")
             checks += compare("fp16", model, job, inputs, expected, job.fp16)
     ins, outs = signature(model, job)
-    result = Result(job.name, job.version, str(target), job.source, ins, outs,
-                    job.max_batch_size if job.batched else 0, checks, stages)
+    result = Result(
+        job.name,
+        job.version,
+        str(target),
+        job.source,
+        ins,
+        outs,
+        job.max_batch_size if job.batched else 0,
+        checks,
+        stages,
+    )
     failed = [c for c in checks if not c.ok]
     if failed:
-        worst = "; ".join(f"{c.stage} '{c.output}': {c.mismatches} element(s) off, max abs error {c.max_abs:.3g} "
-                          f"(atol {c.atol:g}, rtol {c.rtol:g})" for c in failed)
+        worst = "; ".join(
+            f"{c.stage} '{c.output}': {c.mismatches} element(s) off, max abs error {c.max_abs:.3g} "
+            f"(atol {c.atol:g}, rtol {c.rtol:g})"
+            for c in failed
+        )
         err = ConversionError(f"parity check failed, nothing written: {worst}")
         err.result = result  # type: ignore[attr-defined]
         raise err
@@ -344,24 +373,32 @@ def _same_signature_as_other_versions(target: Path, config: str) -> None:
     from tritonclient.grpc import model_config_pb2 as mc
 
     model_dir = target.parent
-    others = sorted(p.name for p in model_dir.iterdir() if p.name.isdigit() and p.name != target.name) \
-        if model_dir.is_dir() else []
+    others = (
+        sorted(p.name for p in model_dir.iterdir() if p.name.isdigit() and p.name != target.name)
+        if model_dir.is_dir()
+        else []
+    )
     old_path = model_dir / "config.pbtxt"
     if not others or not old_path.exists():
         return
 
     def sig(text: str):
         cfg = text_format.Parse(text, mc.ModelConfig(), allow_unknown_field=True)
-        return (cfg.max_batch_size, [(t.name, t.data_type, list(t.dims)) for t in cfg.input],
-                [(t.name, t.data_type, list(t.dims)) for t in cfg.output])
+        return (
+            cfg.max_batch_size,
+            [(t.name, t.data_type, list(t.dims)) for t in cfg.input],
+            [(t.name, t.data_type, list(t.dims)) for t in cfg.output],
+        )
 
     try:
         old = sig(old_path.read_text())
     except text_format.ParseError as e:
         raise ConversionError(f"{old_path} cannot be read ({e}); nothing written") from None
     if old != sig(config):
-        raise ConversionError(f"{model_dir.name} has versions {', '.join(others)} whose config.pbtxt declares other "
-                              "inputs, outputs or max_batch_size; convert under a new --name")
+        raise ConversionError(
+            f"{model_dir.name} has versions {', '.join(others)} whose config.pbtxt declares other "
+            "inputs, outputs or max_batch_size; convert under a new --name"
+        )
 
 
 def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: dict) -> None:

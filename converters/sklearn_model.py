@@ -35,8 +35,14 @@ def load(path: str):
 def _initial_type(spec: InputSpec, batched: bool):
     from skl2onnx.common import data_types as t
 
-    kinds = {"FP32": t.FloatTensorType, "FP64": t.DoubleTensorType, "INT64": t.Int64TensorType,
-             "INT32": t.Int32TensorType, "BOOL": t.BooleanTensorType, "BYTES": t.StringTensorType}
+    kinds = {
+        "FP32": t.FloatTensorType,
+        "FP64": t.DoubleTensorType,
+        "INT64": t.Int64TensorType,
+        "INT32": t.Int32TensorType,
+        "BOOL": t.BooleanTensorType,
+        "BYTES": t.StringTensorType,
+    }
     kind = kinds.get(spec.dtype.v2)
     if kind is None:
         raise ConversionError(f"input '{spec.name}': skl2onnx takes {', '.join(kinds)}, not {spec.dtype.v2}")
@@ -51,16 +57,22 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
     from sklearn.base import is_classifier
 
     if is_classifier(model) and not hasattr(model, "predict_proba"):
-        raise ConversionError(f"{type(model).__name__} gives no probabilities (no predict_proba): batchgate converts "
-                              "classifiers that do (e.g. LogisticRegression, tree ensembles, or wrap it in "
-                              "CalibratedClassifierCV)")
+        raise ConversionError(
+            f"{type(model).__name__} gives no probabilities (no predict_proba): batchgate converts "
+            "classifiers that do (e.g. LogisticRegression, tree ensembles, or wrap it in "
+            "CalibratedClassifierCV)"
+        )
     if len(specs) != 1:
-        raise ConversionError("a scikit-learn model takes one input tensor (its feature matrix); "
-                              f"{len(specs)} --input specs were given")
+        raise ConversionError(
+            f"a scikit-learn model takes one input tensor (its feature matrix); {len(specs)} --input specs were given"
+        )
     try:
-        onx = convert_sklearn(model, initial_types=[(specs[0].name, _initial_type(specs[0], batched))],
-                              options={"zipmap": False} if is_classifier(model) else None,
-                              target_opset=opset)
+        onx = convert_sklearn(
+            model,
+            initial_types=[(specs[0].name, _initial_type(specs[0], batched))],
+            options={"zipmap": False} if is_classifier(model) else None,
+            target_opset=opset,
+        )
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many types for models it cannot convert
         raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(e).__name__}: {e}") from None
     return onx, [o.name for o in onx.graph.output]

@@ -67,8 +67,10 @@ class InputSpec:
                 raise ConversionError(f"input spec {text!r}: dimension {d!r} must be a size, -1 or a name")
         if batched:
             if isinstance(dims[0], str) and dims[0] != BATCH:
-                raise ConversionError(f"input spec {text!r}: the first dimension is the batch dimension; "
-                                      f"name it '{BATCH}' or -1 (or turn batching off)")
+                raise ConversionError(
+                    f"input spec {text!r}: the first dimension is the batch dimension; "
+                    f"name it '{BATCH}' or -1 (or turn batching off)"
+                )
             dims[0] = BATCH
         return cls(name, datatype(dt), tuple(dims))
 
@@ -113,8 +115,9 @@ def generate(specs: list[InputSpec], sizes: dict[str, int], rng: np.random.Gener
         if dt.v2 == "BOOL":
             out[s.name] = rng.random(shape) < 0.5
         elif dt.v2 == "BYTES":
-            out[s.name] = np.array([f"s{v}".encode() for v in rng.integers(0, 100, int(np.prod(shape)))],
-                                   dtype=object).reshape(shape)
+            out[s.name] = np.array(
+                [f"s{v}".encode() for v in rng.integers(0, 100, int(np.prod(shape)))], dtype=object
+            ).reshape(shape)
         elif dt.np_dtype.kind in "iu":
             out[s.name] = rng.integers(0, 10, shape).astype(dt.np_dtype)
         else:

@@ -26,8 +26,9 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ConversionError("PyTorch is not installed: pip install 'batchgate[convert]' "
-                              "(here: pip install torch==2.13.0)") from None
+        raise ConversionError(
+            "PyTorch is not installed: pip install 'batchgate[convert]' (here: pip install torch==2.13.0)"
+        ) from None
     return torch
 
 
@@ -39,8 +40,10 @@ def load(model: str):
         try:
             return torch.jit.load(model, map_location="cpu").eval(), True
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError and others
-            raise ConversionError(f"--model {model}: not a TorchScript file ({_first_line(e)}); save one with "
-                                  "torch.jit.save(torch.jit.script(model), path), or pass module:factory") from None
+            raise ConversionError(
+                f"--model {model}: not a TorchScript file ({_first_line(e)}); save one with "
+                "torch.jit.save(torch.jit.script(model), path), or pass module:factory"
+            ) from None
     mod_name, sep, attr = model.partition(":")
     if not sep or not mod_name or not attr:
         if model.endswith((".pt", ".pth", ".ts")):
@@ -86,8 +89,9 @@ def _flatten(out) -> list:
         for o in out:
             flat.extend(_flatten(o))
         return flat
-    raise ConversionError(f"the model returned {type(out).__name__}; it must return tensors "
-                          "(a tensor, or a tuple, list or dict of them)")
+    raise ConversionError(
+        f"the model returned {type(out).__name__}; it must return tensors (a tensor, or a tuple, list or dict of them)"
+    )
 
 
 def reference(module, specs: list[InputSpec]):
@@ -111,8 +115,10 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
         raise
     except Exception as e:  # noqa: BLE001 - most often the input specs do not fit the model
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
-        raise ConversionError(f"the model does not accept inputs shaped like the specs ({shapes}): "
-                              f"{type(e).__name__}: {_first_line(e, 3)}") from None
+        raise ConversionError(
+            f"the model does not accept inputs shaped like the specs ({shapes}): "
+            f"{type(e).__name__}: {_first_line(e, 3)}"
+        ) from None
     if given:
         if len(given) != n:
             raise ConversionError(f"the model returns {n} output(s); --output names {len(given)}")
@@ -123,8 +129,16 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
     return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
 
 
-def export(module, scripted: bool, specs: list[InputSpec], outputs: list[str], batched: bool, exporter: str,
-           opset: int | None, path: str) -> tuple[onnx.ModelProto, str, str]:
+def export(
+    module,
+    scripted: bool,
+    specs: list[InputSpec],
+    outputs: list[str],
+    batched: bool,
+    exporter: str,
+    opset: int | None,
+    path: str,
+) -> tuple[onnx.ModelProto, str, str]:
     """Export to ``path``; returns (model, exporter used, a note of what failed before)."""
     if exporter not in EXPORTERS:
         raise ConversionError(f"--exporter must be one of {', '.join(EXPORTERS)}")
@@ -178,13 +192,20 @@ def _export(module, which: str, specs, outputs, batched, opset, path) -> None:
         # make them, and an output named like one (say "embedding") would clash.
         kwargs.update(dynamo=True, dynamic_shapes=tuple(shapes))
     else:
-        axes = {s.name: {i: (d if isinstance(d, str) else f"{s.name}__dim{i}") for i, d in enumerate(s.dims)
-                         if isinstance(d, str) or d == -1} for s in specs}
+        axes = {
+            s.name: {
+                i: (d if isinstance(d, str) else f"{s.name}__dim{i}")
+                for i, d in enumerate(s.dims)
+                if isinstance(d, str) or d == -1
+            }
+            for s in specs
+        }
         if batched:
             for o in outputs:
                 axes[o] = {0: BATCH}
-        kwargs.update(dynamo=False, dynamic_axes={k: v for k, v in axes.items() if v}, input_names=names,
-                      output_names=outputs)
+        kwargs.update(
+            dynamo=False, dynamic_axes={k: v for k, v in axes.items() if v}, input_names=names, output_names=outputs
+        )
     sink = io.StringIO()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level

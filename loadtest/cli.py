@@ -14,12 +14,14 @@ def add_parser(sub) -> None:
 
     d = Scenario("", "")
     p = sub.add_parser(
-        "loadtest", help="load-test any Open Inference Protocol server (open loop by default)",
+        "loadtest",
+        help="load-test any Open Inference Protocol server (open loop by default)",
         description="Drive a V2 server (batchgate, Triton, KServe, MLServer) over gRPC or HTTP. Open loop by "
-                    "default: requests leave on schedule, and latency is timed from the intended send time "
-                    "(corrected for coordinated omission) and from the actual send time. Exit status: 0 ok, "
-                    "1 SLO breached, 2 bad arguments or unreachable server, 3 invalid measurement (the generator "
-                    "fell behind).")
+        "default: requests leave on schedule, and latency is timed from the intended send time "
+        "(corrected for coordinated omission) and from the actual send time. Exit status: 0 ok, "
+        "1 SLO breached, 2 bad arguments or unreachable server, 3 invalid measurement (the generator "
+        "fell behind).",
+    )
     p.add_argument("target", nargs="?", help="host:port of the server's gRPC (default) or HTTP endpoint")
     p.add_argument("--scenario", help="YAML file of scenario keys (the long option names with _); flags win")
     p.add_argument("--model")
@@ -34,8 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--duration", dest="duration_s", type=float, help=f"seconds measured (default {d.duration_s:g})")
     p.add_argument("--warmup", dest="warmup_s", type=float, help=f"seconds of warm-up (default {d.warmup_s:g})")
     p.add_argument("--window", dest="window_s", type=float, help=f"window seconds (default {d.window_s:g})")
-    p.add_argument("--cooldown", dest="cooldown_s", type=float, help=f"seconds between sweep steps "
-                   f"(default {d.cooldown_s:g})")
+    p.add_argument(
+        "--cooldown", dest="cooldown_s", type=float, help=f"seconds between sweep steps (default {d.cooldown_s:g})"
+    )
     p.add_argument("--deadline-ms", type=float, help=f"every request's deadline (default {d.deadline_ms:g})")
     p.add_argument("--workers", type=int, help="generator processes")
     p.add_argument("--channels", type=int, help="gRPC channels (connections) per worker")
@@ -46,11 +49,18 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help=".npz (one request) or .jsonl (V2 JSON request bodies) to send")
     p.add_argument("--seed", type=int)
     p.add_argument("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1")
-    p.add_argument("--error-budget", type=float, help="allowed error rate, part of the SLO (default 0.001 with "
-                   "--slo-p99-ms); a breach exits 1")
+    p.add_argument(
+        "--error-budget",
+        type=float,
+        help="allowed error rate, part of the SLO (default 0.001 with --slo-p99-ms); a breach exits 1",
+    )
     p.add_argument("--stability-pct", type=float)
-    p.add_argument("--precise-timing", action="store_true", default=None,
-                   help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)")
+    p.add_argument(
+        "--precise-timing",
+        action="store_true",
+        default=None,
+        help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)",
+    )
     p.add_argument("--max-lag-p99-ms", type=float, help="generator lag above which a step is invalid")
     p.add_argument("--metrics-url", help="the server's Prometheus endpoint, scraped during the run")
     p.add_argument("--sweep-rate", help="START:END:STEP (step search) or LOW:HIGH with --search binary")

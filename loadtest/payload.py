@@ -23,9 +23,21 @@ SYNTHETIC_HEADER = "x-batchgate-synthetic"
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
-_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-       "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-       "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
+_NP = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
 
 
 class PayloadError(ValueError):
@@ -68,8 +80,9 @@ def generate(inputs, batch_size: int, dynamic_size: int, count: int, seed: int) 
             if kind is None:
                 raise PayloadError(f"input '{name}' has datatype {dt}, which the load generator cannot make up")
             if dt == "BYTES":
-                arr = np.array([f"x{v}".encode() for v in rng.integers(0, 1000, int(np.prod(full)))],
-                               dtype=object).reshape(full)
+                arr = np.array(
+                    [f"x{v}".encode() for v in rng.integers(0, 1000, int(np.prod(full)))], dtype=object
+                ).reshape(full)
             elif dt == "BOOL":
                 arr = rng.random(full) < 0.5
             elif np.issubdtype(kind, np.integer):
@@ -98,7 +111,9 @@ def from_file(path: str, inputs) -> list[dict[str, np.ndarray]]:
                 body = json.loads(line)
                 req = {}
                 for t in body["inputs"]:
-                    arr: np.ndarray = np.asarray(t["data"], dtype=object if t["datatype"] == "BYTES" else _NP[t["datatype"]])
+                    arr: np.ndarray = np.asarray(
+                        t["data"], dtype=object if t["datatype"] == "BYTES" else _NP[t["datatype"]]
+                    )
                     req[t["name"]] = _cast(arr.reshape(t["shape"]), t["datatype"])
             except (ValueError, KeyError, TypeError) as e:
                 raise PayloadError(f"{path}:{lineno}: not a V2 JSON request ({e})") from None
@@ -110,8 +125,9 @@ def from_file(path: str, inputs) -> list[dict[str, np.ndarray]]:
 
 def _cast(arr: np.ndarray, dt: str) -> np.ndarray:
     if dt == "BYTES":
-        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()],
-                        dtype=object).reshape(arr.shape)
+        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()], dtype=object).reshape(
+            arr.shape
+        )
     return np.ascontiguousarray(arr.astype(_NP[dt]))
 
 
@@ -134,17 +150,33 @@ def encode_grpc(model: str, version: str, request: dict[str, np.ndarray], types:
 def encode_http(request: dict[str, np.ndarray], types: dict[str, str], binary: bool) -> Encoded:
     headers = {"Content-Type": "application/json", SYNTHETIC_HEADER: "1"}
     if not binary:
-        body = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": types[n],
-                            "data": [v.decode() if isinstance(v, bytes) else v for v in a.ravel().tolist()]}
-                           for n, a in request.items()]}
+        body = {
+            "inputs": [
+                {
+                    "name": n,
+                    "shape": list(a.shape),
+                    "datatype": types[n],
+                    "data": [v.decode() if isinstance(v, bytes) else v for v in a.ravel().tolist()],
+                }
+                for n, a in request.items()
+            ]
+        }
         return Encoded(json.dumps(body).encode(), headers)
     raws = [_raw(a, types[n]) for n, a in request.items()]
-    header = json.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": types[n],
-                                     "parameters": {"binary_data_size": len(r)}}
-                                    for (n, a), r in zip(request.items(), raws)],
-                         "parameters": {"binary_data_output": True}}).encode()
-    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header)),
-               SYNTHETIC_HEADER: "1"}
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": n, "shape": list(a.shape), "datatype": types[n], "parameters": {"binary_data_size": len(r)}}
+                for (n, a), r in zip(request.items(), raws)
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+        SYNTHETIC_HEADER: "1",
+    }
     return Encoded(header + b"".join(raws), headers)
 
 

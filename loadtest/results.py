@@ -94,12 +94,25 @@ class Window:
         return self.ok + sum(self.errors.values())
 
     def summary(self) -> dict[str, Any]:
-        return {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "phase": self.phase,
-                "target_rate": self.target_rate, "sent": self.sent, "ok": self.ok, "errors": dict(self.errors),
-                "late": self.late, "sent_rate": self.sent / self.seconds, "throughput": self.ok / self.seconds,
-                "corrected_ms": percentiles_ms(self.corrected), "uncorrected_ms": percentiles_ms(self.uncorrected),
-                "lag_ms": percentiles_ms(self.lag), "generator_cores": self.cpu_s / self.seconds,
-                "overflow": self.overflow, "server": dict(self.server)}
+        return {
+            "index": self.index,
+            "start_s": self.start_s,
+            "end_s": self.end_s,
+            "phase": self.phase,
+            "target_rate": self.target_rate,
+            "sent": self.sent,
+            "ok": self.ok,
+            "errors": dict(self.errors),
+            "late": self.late,
+            "sent_rate": self.sent / self.seconds,
+            "throughput": self.ok / self.seconds,
+            "corrected_ms": percentiles_ms(self.corrected),
+            "uncorrected_ms": percentiles_ms(self.uncorrected),
+            "lag_ms": percentiles_ms(self.lag),
+            "generator_cores": self.cpu_s / self.seconds,
+            "overflow": self.overflow,
+            "server": dict(self.server),
+        }
 
 
 @dataclass
@@ -139,21 +152,40 @@ class Step:
         sent, ok = sum(w.sent for w in ws), sum(w.ok for w in ws)
         secs = self.seconds or 1e-9
         done = ok + sum(errors.values())
-        return {"seconds": self.seconds, "sent": sent, "ok": ok, "errors": errors, "completed": done,
-                "error_rate": (done - ok) / done if done else 0.0, "sent_rate": sent / secs,
-                "throughput": ok / secs, "late": sum(w.late for w in ws),
-                "overflow": sum(w.overflow for w in ws),
-                "generator_cores": sum(w.cpu_s for w in ws) / secs}
+        return {
+            "seconds": self.seconds,
+            "sent": sent,
+            "ok": ok,
+            "errors": errors,
+            "completed": done,
+            "error_rate": (done - ok) / done if done else 0.0,
+            "sent_rate": sent / secs,
+            "throughput": ok / secs,
+            "late": sum(w.late for w in ws),
+            "overflow": sum(w.overflow for w in ws),
+            "generator_cores": sum(w.cpu_s for w in ws) / secs,
+        }
 
     def summary(self) -> dict[str, Any]:
         corrected, uncorrected, lag = self.hist("corrected"), self.hist("uncorrected"), self.hist("lag")
-        return {"label": self.label, "mode": self.mode, "target_rate": self.target_rate,
-                "concurrency": self.concurrency, **self.totals(),
-                "samples": corrected.get_total_count(),
-                "corrected_ms": percentiles_ms(corrected), "uncorrected_ms": percentiles_ms(uncorrected),
-                "lag_ms": percentiles_ms(lag), "valid": self.valid, "problems": list(self.problems),
-                "stable": self.stable, "stability": dict(self.stability), "slo_met": self.slo_met,
-                "slo_problems": list(self.slo_problems), "server": dict(self.server)}
+        return {
+            "label": self.label,
+            "mode": self.mode,
+            "target_rate": self.target_rate,
+            "concurrency": self.concurrency,
+            **self.totals(),
+            "samples": corrected.get_total_count(),
+            "corrected_ms": percentiles_ms(corrected),
+            "uncorrected_ms": percentiles_ms(uncorrected),
+            "lag_ms": percentiles_ms(lag),
+            "valid": self.valid,
+            "problems": list(self.problems),
+            "stable": self.stable,
+            "stability": dict(self.stability),
+            "slo_met": self.slo_met,
+            "slo_problems": list(self.slo_problems),
+            "server": dict(self.server),
+        }
 
 
 @dataclass
@@ -175,8 +207,9 @@ class Run:
         best = next((s for s in self.steps if s.label == self.sweep.get("best")), None)
         floor = best.target_rate or 0.0 if best is not None else float("-inf")
         above = [s for s in self.steps if (s.target_rate or 0.0) > floor]
-        deciding = ([best] if best is not None else []) + \
-            ([min(above, key=lambda s: s.target_rate or 0.0)] if above else [])
+        deciding = ([best] if best is not None else []) + (
+            [min(above, key=lambda s: s.target_rate or 0.0)] if above else []
+        )
         return all(s.valid for s in deciding)
 
     @property

@@ -61,14 +61,19 @@ def scrape(url: str | None) -> dict[str, list[tuple[dict, float]]] | None:
 
 
 def _sum(samples, name: str, model: str, **labels) -> float | None:
-    vals = [v for lab, v in (samples or {}).get(name, []) if lab.get("model") == model
-            and all(lab.get(k) == want for k, want in labels.items())]
+    vals = [
+        v
+        for lab, v in (samples or {}).get(name, [])
+        if lab.get("model") == model and all(lab.get(k) == want for k, want in labels.items())
+    ]
     return sum(vals) if vals else None
 
 
 # batchgate's names, then Triton's, for the few gauges the report lines up with the windows
-GAUGES = {"queue_depth": ("batchgate_queue_depth", "nv_inference_pending_request_count"),
-          "inflight": ("batchgate_inflight_requests",)}
+GAUGES = {
+    "queue_depth": ("batchgate_queue_depth", "nv_inference_pending_request_count"),
+    "inflight": ("batchgate_inflight_requests",),
+}
 
 
 def gauges(samples, model: str) -> dict[str, float]:
@@ -115,14 +120,16 @@ def server_view(before, after, model: str, protocol: str) -> dict:
     if before is None or after is None:
         return {}
     out: dict = {}
-    for key, name, proto in (("request", "batchgate_request_duration_seconds_bucket", protocol),
-                             ("queue", "batchgate_queue_duration_seconds_bucket", None)):
+    for key, name, proto in (
+        ("request", "batchgate_request_duration_seconds_bucket", protocol),
+        ("queue", "batchgate_queue_duration_seconds_bucket", None),
+    ):
         b, a = _buckets(before, name, model, proto), _buckets(after, name, model, proto)
         if a:
             for q in (0.5, 0.9, 0.99):
                 v = histogram_quantile(b, a, q)
                 out[f"{key}_p{int(q * 100)}_ms"] = None if v is None else v * 1000
-            out[f"{key}_count"] = (a.get(math.inf, 0.0) - b.get(math.inf, 0.0))
+            out[f"{key}_count"] = a.get(math.inf, 0.0) - b.get(math.inf, 0.0)
     mean = _batch_mean(before, after, model)
     if mean is not None:
         out["batch_size_mean"] = mean
@@ -142,8 +149,12 @@ def _batch_mean(before, after, model: str) -> float | None:
 
 
 class Runner:
-    def __init__(self, sc: Scenario, say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-                 progress: Callable[[Window, str], str] | None = None):
+    def __init__(
+        self,
+        sc: Scenario,
+        say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+        progress: Callable[[Window, str], str] | None = None,
+    ):
         sc.check()
         self.sc = sc
         self.say = say
@@ -157,8 +168,11 @@ class Runner:
         try:
             inputs = pl.model_inputs(sc.target, sc.protocol, sc.model, sc.version)
             types = {name: dt for name, dt, _ in inputs}
-            reqs = (pl.from_file(sc.data, inputs) if sc.data
-                    else pl.generate(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, sc.seed))
+            reqs = (
+                pl.from_file(sc.data, inputs)
+                if sc.data
+                else pl.generate(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, sc.seed)
+            )
         except (pl.PayloadError, OSError) as e:
             raise LoadTestError(str(e)) from None
         if sc.protocol == "grpc":
@@ -170,13 +184,18 @@ class Runner:
         payloads = self._payloads()
         ctx = mp.get_context("spawn")  # gRPC does not survive fork
         self.out = ctx.Queue()
-        transport = Transport(sc.target, sc.protocol, sc.model, sc.grpc_stream, sc.channels,
-                              sc.streams_per_channel, sc.connections)
+        transport = Transport(
+            sc.target, sc.protocol, sc.model, sc.grpc_stream, sc.channels, sc.streams_per_channel, sc.connections
+        )
         self.commands = []
         for i in range(sc.workers):
             cmd = ctx.Queue()
-            p = ctx.Process(target=worker_main, args=(i, transport, payloads, cmd, self.out), daemon=True,
-                            name=f"loadtest-worker-{i}")
+            p = ctx.Process(
+                target=worker_main,
+                args=(i, transport, payloads, cmd, self.out),
+                daemon=True,
+                name=f"loadtest-worker-{i}",
+            )
             p.start()
             self._procs.append(p)
             self.commands.append(cmd)
@@ -215,13 +234,27 @@ class Runner:
         conc = concurrency or sc.concurrency
         for i, cmd in enumerate(self.commands):
             share = conc // n + (1 if i < conc % n else 0)
-            cmd.put(Plan(step=step_id, mode=mode, start_ns=start_ns, warmup_s=sc.warmup_s, duration_s=sc.duration_s,
-                         window_s=sc.window_s, deadline_s=sc.deadline_ms / 1000, segments=_scaled(segs, n),
-                         arrival=sc.arrival, offset=i / n, concurrency=share,
-                         seed=sc.seed * 1000 + i + 7919 * self._steps_run,
-                         late_ms=sc.late_ms, precise=sc.precise_timing))
-        step = Step(label, mode, target_rate=rate if mode == "open" else None,
-                    concurrency=conc if mode == "closed" else None)
+            cmd.put(
+                Plan(
+                    step=step_id,
+                    mode=mode,
+                    start_ns=start_ns,
+                    warmup_s=sc.warmup_s,
+                    duration_s=sc.duration_s,
+                    window_s=sc.window_s,
+                    deadline_s=sc.deadline_ms / 1000,
+                    segments=_scaled(segs, n),
+                    arrival=sc.arrival,
+                    offset=i / n,
+                    concurrency=share,
+                    seed=sc.seed * 1000 + i + 7919 * self._steps_run,
+                    late_ms=sc.late_ms,
+                    precise=sc.precise_timing,
+                )
+            )
+        step = Step(
+            label, mode, target_rate=rate if mode == "open" else None, concurrency=conc if mode == "closed" else None
+        )
         windows: dict[int, Window] = {}
         w_ns = int(sc.window_s * 1e9)
 
@@ -304,8 +337,10 @@ class Runner:
             step.stability["achieved_ratio"] = ratio
             if ratio < sc.min_achieved:
                 step.valid = False
-                step.problems.append(f"the generator sent {t['sent']:,} of the {scheduled:,} requests scheduled "
-                                     f"({ratio:.1%} < {sc.min_achieved:.0%}): it fell behind")
+                step.problems.append(
+                    f"the generator sent {t['sent']:,} of the {scheduled:,} requests scheduled "
+                    f"({ratio:.1%} < {sc.min_achieved:.0%}): it fell behind"
+                )
             if lag["p99"] is not None and lag["p99"] > sc.max_lag_p99_ms:
                 step.valid = False
                 step.problems.append(f"generator dispatch lag p99 {lag['p99']:.1f} ms > {sc.max_lag_p99_ms:g} ms")
@@ -317,8 +352,10 @@ class Runner:
             tail = ws[-3:]
             tput = [w.ok / w.seconds for w in tail]
             tail_p99 = [percentiles_ms(w.corrected)["p99"] or 0.0 for w in tail]
-            spread = {k: (max(v) - min(v)) / max(v) * 100 if max(v) > 0 else 0.0 for k, v in
-                      (("throughput", tput), ("p99", tail_p99))}
+            spread = {
+                k: (max(v) - min(v)) / max(v) * 100 if max(v) > 0 else 0.0
+                for k, v in (("throughput", tput), ("p99", tail_p99))
+            }
             step.stable = all(s <= sc.stability_pct for s in spread.values())
             step.stability.update({f"{k}_spread_pct": v for k, v in spread.items()})
         if sc.slo_p99_ms is not None or sc.error_budget is not None:
@@ -359,8 +396,12 @@ class Runner:
     def _sweep_rate(self, run: Run, spec: str) -> None:
         sc = self.sc
         parts = [float(x) for x in spec.split(":")]
-        run.sweep = {"kind": "rate", "method": sc.search, "best": None,
-                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)}}
+        run.sweep = {
+            "kind": "rate",
+            "method": sc.search,
+            "best": None,
+            "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)},
+        }
         ok = (lambda s: s.slo_met) if s_slo(sc) else (lambda s: s.valid)
         if sc.search == "step":
             if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
@@ -400,13 +441,17 @@ class Runner:
             levels = [int(x) for x in spec.split(",")]
         except ValueError:
             raise LoadTestError("--sweep-concurrency is a comma-separated list of numbers, e.g. 1,2,4,8") from None
-        run.sweep = {"kind": "concurrency", "method": "step", "best": None,
-                     "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)}}
+        run.sweep = {
+            "kind": "concurrency",
+            "method": "step",
+            "best": None,
+            "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)},
+        }
         for c in levels:
             step = self.run_step(f"concurrency {c} (closed loop)", "closed", concurrency=c)
             run.steps.append(step)
             self.say(f"step {step.label}: {verdict_words(step)}")
-            if (step.slo_met if s_slo(sc) else step.valid):
+            if step.slo_met if s_slo(sc) else step.valid:
                 run.sweep["best"] = step.label
 
 
@@ -426,8 +471,11 @@ def _fmt(rate: float) -> str:
 def verdict_words(step: Step) -> str:
     s = step.summary()
     p = s["corrected_ms"]
-    words = [f"{s['throughput']:,.0f} ok/s", f"p99 {p['p99']:.2f} ms" if p["p99"] is not None else "no samples",
-             "VALID" if step.valid else "INVALID: " + "; ".join(step.problems)]
+    words = [
+        f"{s['throughput']:,.0f} ok/s",
+        f"p99 {p['p99']:.2f} ms" if p["p99"] is not None else "no samples",
+        "VALID" if step.valid else "INVALID: " + "; ".join(step.problems),
+    ]
     if step.slo_met is not None:
         words.append("SLO met" if step.slo_met else "SLO breached: " + "; ".join(step.slo_problems))
     return ", ".join(words)
@@ -438,8 +486,24 @@ def environment(sc: Scenario) -> dict:
 
     sha = None
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    return {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "batchgate": __version__, "git": sha, "target": sc.target,
-            "protocol": sc.protocol, "workers": sc.workers}
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "batchgate": __version__,
+        "git": sha,
+        "target": sc.target,
+        "protocol": sc.protocol,
+        "workers": sc.workers,
+    }

@@ -55,8 +55,13 @@ class Scenario:
     sweep_concurrency: str | None = None  # e.g. 1,2,4,8,16
 
     def check(self) -> None:
-        choices = {"protocol": ("grpc", "http"), "http_encoding": ("json", "binary"), "mode": ("open", "closed"),
-                   "arrival": ("constant", "poisson"), "search": ("step", "binary")}
+        choices = {
+            "protocol": ("grpc", "http"),
+            "http_encoding": ("json", "binary"),
+            "mode": ("open", "closed"),
+            "arrival": ("constant", "poisson"),
+            "search": ("step", "binary"),
+        }
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise LoadTestError(f"{k} must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")

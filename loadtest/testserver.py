@@ -99,9 +99,17 @@ def _check_input(name: str, datatype: str, shape) -> int:
 class TestServer:
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, model: str = "echo", service_ms: float = 0.0, workers: int = 1,
-                 stall_at_s: float | None = None, stall_s: float = 0.0, host: str = "127.0.0.1",
-                 grpc_port: int = 0, http_port: int = 0):
+    def __init__(
+        self,
+        model: str = "echo",
+        service_ms: float = 0.0,
+        workers: int = 1,
+        stall_at_s: float | None = None,
+        stall_s: float = 0.0,
+        host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        http_port: int = 0,
+    ):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.model, self.host = model, host
@@ -173,9 +181,18 @@ class TestServer:
         sock.listen(1024)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, interface="asgi3", http="httptools", loop="none", lifespan="off",
-                                access_log=False, log_level="warning", log_config=None, proxy_headers=False,
-                                timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            self._asgi,
+            interface="asgi3",
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            log_config=None,
+            proxy_headers=False,
+            timeout_graceful_shutdown=1,
+        )
         self._http = QuietUvicorn(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
@@ -197,13 +214,22 @@ class TestServer:
     # ------------------------------------------------------------------ metadata
     def _metadata(self) -> dict:
         tensor = {"datatype": "FP32", "shape": [-1, FEATURES]}
-        return {"name": self.model, "versions": ["1"], "platform": "echo",
-                "inputs": [{"name": INPUT, **tensor}], "outputs": [{"name": OUTPUT, **tensor}]}
+        return {
+            "name": self.model,
+            "versions": ["1"],
+            "platform": "echo",
+            "inputs": [{"name": INPUT, **tensor}],
+            "outputs": [{"name": OUTPUT, **tensor}],
+        }
 
     def _config(self) -> dict:
-        return {"name": self.model, "backend": "echo", "max_batch_size": MAX_BATCH,
-                "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [FEATURES]}],
-                "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [FEATURES]}]}
+        return {
+            "name": self.model,
+            "backend": "echo",
+            "max_batch_size": MAX_BATCH,
+            "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [FEATURES]}],
+            "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [FEATURES]}],
+        }
 
     # ------------------------------------------------------------------ HTTP
     async def _asgi(self, scope, receive, send) -> None:
@@ -224,8 +250,13 @@ class TestServer:
             status, extra, payload = e.http_status, [], json.dumps({"error": str(e)}).encode()
         if not extra and payload:
             extra = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*extra, (b"content-length", str(len(payload)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*extra, (b"content-length", str(len(payload)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
     async def _route(self, method: str, path: str, headers: dict, body: bytes):
@@ -236,8 +267,13 @@ class TestServer:
         if rest in ([], ["health", "live"], ["health", "ready"]):
             _expect(method, "GET")
             if not rest:
-                return 200, [], json.dumps({"name": "batchgate-testserver", "version": "1",
-                                            "extensions": ["binary_tensor_data"]}).encode()
+                return (
+                    200,
+                    [],
+                    json.dumps(
+                        {"name": "batchgate-testserver", "version": "1", "extensions": ["binary_tensor_data"]}
+                    ).encode(),
+                )
             return 200, [], b""
         if len(rest) < 2 or rest[0] != "models":
             raise _Error(404, f"no route for {path}")
@@ -279,8 +315,14 @@ class TestServer:
         self.answered += 1
         if not binary:
             return 200, [(b"content-type", b"application/json")], header
-        return 200, [(b"content-type", b"application/octet-stream"),
-                     (b"inference-header-content-length", str(len(header)).encode())], header + out
+        return (
+            200,
+            [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(len(header)).encode()),
+            ],
+            header + out,
+        )
 
 
 def _expect(method: str, wanted: str) -> None:
@@ -312,7 +354,7 @@ def _parse_http(headers: dict, body: bytes):
         nbytes = _check_input(inp["name"], inp["datatype"], shape)
         params = inp.get("parameters") or {}
         if "binary_data_size" in params:
-            raw = tail[:int(params["binary_data_size"])]
+            raw = tail[: int(params["binary_data_size"])]
             if "data" in inp or len(raw) != int(params["binary_data_size"]) or len(tail) != len(raw):
                 raise _bad(f"binary data of input '{INPUT}' does not match the body")
         elif "data" in inp:
@@ -352,23 +394,25 @@ class _GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="batchgate-testserver", version="1",
-                                         extensions=["binary_tensor_data"])
+        return pb.ServerMetadataResponse(name="batchgate-testserver", version="1", extensions=["binary_tensor_data"])
 
     async def ModelMetadata(self, request, context):
         await self._check(request.name, request.version, context)
         meta = self.s._metadata()
-        tensors = {k: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[k]]
-                   for k in ("inputs", "outputs")}
-        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
-                                        platform=meta["platform"], **tensors)
+        tensors = {k: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[k]] for k in ("inputs", "outputs")}
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors
+        )
 
     async def ModelConfig(self, request, context):
         await self._check(request.name, request.version, context)
         config = mc.ModelConfig(
-            name=self.s.model, backend="echo", max_batch_size=MAX_BATCH,
+            name=self.s.model,
+            backend="echo",
+            max_batch_size=MAX_BATCH,
             input=[mc.ModelInput(name=INPUT, data_type=mc.TYPE_FP32, dims=[FEATURES])],
-            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[FEATURES])])
+            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[FEATURES])],
+        )
         return pb.ModelConfigResponse(config=config)
 
     async def _check(self, name: str, version: str, context) -> None:
@@ -425,9 +469,12 @@ class _GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         out = await s._serve(arrived, raw)
         answer = pb.ModelInferResponse(
-            model_name=s.model, model_version="1", id=request.id,
+            model_name=s.model,
+            model_version="1",
+            id=request.id,
             outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=shape)],
-            raw_output_contents=[out])
+            raw_output_contents=[out],
+        )
         s.answered += 1
         return answer
 
@@ -461,29 +508,47 @@ async def _run(server: TestServer) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"testserver ready: HTTP on {server.host}:{server.http_port}, "
-          f"gRPC on {server.host}:{server.grpc_port}", flush=True)
+    print(
+        f"testserver ready: HTTP on {server.host}:{server.http_port}, gRPC on {server.host}:{server.grpc_port}",
+        flush=True,
+    )
     await stop.wait()
     await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m batchgate.loadtest.testserver",
-                                description="A V2 echo server with scripted service time and one stall.")
+    p = argparse.ArgumentParser(
+        prog="python -m batchgate.loadtest.testserver",
+        description="A V2 echo server with scripted service time and one stall.",
+    )
     p.add_argument("--service-ms", type=float, default=0.0, help="service time per request (ms)")
     p.add_argument("--workers", type=int, default=1, help="requests served at once")
-    p.add_argument("--stall-at", type=float, default=None, metavar="S",
-                   help="stall this many seconds after the first infer request")
+    p.add_argument(
+        "--stall-at",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stall this many seconds after the first infer request",
+    )
     p.add_argument("--stall-s", type=float, default=0.0, help="how long the stall lasts (s)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=0)
     p.add_argument("--http-port", type=int, default=0)
     p.add_argument("--model", default="echo")
     a = p.parse_args(argv)
-    server = TestServer(model=a.model, service_ms=a.service_ms, workers=a.workers, stall_at_s=a.stall_at,
-                        stall_s=a.stall_s, host=a.host, grpc_port=a.grpc_port, http_port=a.http_port)
+    server = TestServer(
+        model=a.model,
+        service_ms=a.service_ms,
+        workers=a.workers,
+        stall_at_s=a.stall_at,
+        stall_s=a.stall_s,
+        host=a.host,
+        grpc_port=a.grpc_port,
+        http_port=a.http_port,
+    )
     try:
         import uvloop
+
         factory = uvloop.new_event_loop
     except ImportError:
         factory = None

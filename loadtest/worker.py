@@ -101,15 +101,20 @@ class Worker:
         if t.protocol == "grpc":
             import grpc
 
-            opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                    ("grpc.use_local_subchannel_pool", 1)]  # one real connection per channel
+            opts = [
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.use_local_subchannel_pool", 1),
+            ]  # one real connection per channel
             self.channels = [grpc.aio.insecure_channel(t.target, options=opts) for _ in range(max(1, t.channels))]
             for ch in self.channels:
                 await ch.channel_ready()
-            self.calls = [ch.unary_unary(GRPC_INFER, request_serializer=None, response_deserializer=None)
-                          for ch in self.channels]
-            self.slots = [asyncio.Semaphore(t.streams_per_channel) if t.streams_per_channel else None
-                          for _ in self.channels]
+            self.calls = [
+                ch.unary_unary(GRPC_INFER, request_serializer=None, response_deserializer=None) for ch in self.channels
+            ]
+            self.slots = [
+                asyncio.Semaphore(t.streams_per_channel) if t.streams_per_channel else None for _ in self.channels
+            ]
             self.metadata = ((SYNTHETIC_HEADER, "1"),)
             self.streams: list = [None] * len(self.channels)
         else:
@@ -151,8 +156,9 @@ class Worker:
         import aiohttp
 
         try:
-            async with self.session.post(self.url, data=payload.body, headers=payload.headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.session.post(
+                self.url, data=payload.body, headers=payload.headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 await resp.read()
                 return "OK" if resp.status == 200 else str(resp.status)
         except TimeoutError:
@@ -313,9 +319,23 @@ class Worker:
         for index, acc in list(self.windows.items()):
             if not acc.dirty and not acc.cpu_s:
                 continue
-            self.out.put(("window", self.index, plan.step, index, acc.sent, acc.ok, dict(acc.errors), acc.late,
-                          acc.corrected.encode(), acc.uncorrected.encode(), acc.lag.encode(), acc.cpu_s,
-                          acc.overflow))
+            self.out.put(
+                (
+                    "window",
+                    self.index,
+                    plan.step,
+                    index,
+                    acc.sent,
+                    acc.ok,
+                    dict(acc.errors),
+                    acc.late,
+                    acc.corrected.encode(),
+                    acc.uncorrected.encode(),
+                    acc.lag.encode(),
+                    acc.cpu_s,
+                    acc.overflow,
+                )
+            )
             self.windows[index] = _Acc()
 
 
@@ -324,7 +344,8 @@ class _Stream:
 
     def __init__(self, channel, metadata):
         self.call_ = channel.stream_stream(GRPC_STREAM, request_serializer=None, response_deserializer=None)(
-            metadata=metadata)
+            metadata=metadata
+        )
         self.pending: dict[str, asyncio.Future] = {}
         self.lock = asyncio.Lock()  # one write at a time on a stream
         self.reader = asyncio.get_running_loop().create_task(self._read())
@@ -358,8 +379,7 @@ class _Stream:
                 fut = self.pending.get(rid)
                 if fut is not None and not fut.done():
                     if resp.error_message:
-                        fut.set_exception(grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None,
-                                                               resp.error_message))
+                        fut.set_exception(grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None, resp.error_message))
                     else:
                         fut.set_result(None)
         except grpc.aio.AioRpcError as e:

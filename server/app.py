@@ -63,26 +63,34 @@ class Gateway:
         self.threads = InferenceThreads(srv.infer_threads or max(4, os.cpu_count() or 1))
         # Loading, closing and other blocking housekeeping never queue behind executions.
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
-        builder = VersionBuilder(BuildOptions(
-            default_max_batch_size=repo.default_max_batch_size,
-            max_queue_size=lim.max_queue_size,
-            warm_up=repo.warm_up,
-            gpu_device_id=repo.gpu_device_id,
-            inline_max_us=bat.inline_execution_max_us,
-            batching_policy=bat.batching_policy,
-            model_batching_policy=batching_policies(settings),
-            max_message_bytes=lim.max_request_bytes,
-        ), self.threads, self.metrics)
+        builder = VersionBuilder(
+            BuildOptions(
+                default_max_batch_size=repo.default_max_batch_size,
+                max_queue_size=lim.max_queue_size,
+                warm_up=repo.warm_up,
+                gpu_device_id=repo.gpu_device_id,
+                inline_max_us=bat.inline_execution_max_us,
+                batching_policy=bat.batching_policy,
+                model_batching_policy=batching_policies(settings),
+                max_message_bytes=lim.max_request_bytes,
+            ),
+            self.threads,
+            self.metrics,
+        )
         self.repository = ModelRepository(
-            repo.model_repository, builder, self.pool, self.metrics,
+            repo.model_repository,
+            builder,
+            self.pool,
+            self.metrics,
             control_mode=repo.model_control_mode,
             poll_interval_s=repo.repository_poll_s,
             load_models=repo.load_model,
             retire_grace_s=srv.exit_timeout_s,
             remote_models=settings.remote_models,
         )
-        self.dataplane = DataPlane(self.repository, RequestLimits(
-            lim.max_request_headers, lim.max_header_bytes, lim.max_request_parameters))
+        self.dataplane = DataPlane(
+            self.repository, RequestLimits(lim.max_request_headers, lim.max_header_bytes, lim.max_request_parameters)
+        )
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -112,17 +120,22 @@ class Gateway:
             # replicas would get no gRPC traffic: ask clients to reconnect now and then (with a
             # grace period for the calls in flight), which spreads them over the replicas.
             age_ms = int(s.grpc_max_connection_age_s * 1000)
-            options += [("grpc.max_connection_age_ms", age_ms),
-                        ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000))]
+            options += [
+                ("grpc.max_connection_age_ms", age_ms),
+                ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000)),
+            ]
         self._grpc = grpc.aio.server(options=options)
         add_inference_service(InferenceService(self.dataplane), self._grpc)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            self._grpc)
+            (
+                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._grpc,
+        )
         self.grpc_port = self._grpc.add_insecure_port(_join(s.host, s.grpc_port))
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {_join(s.host, s.grpc_port)}")
@@ -130,8 +143,9 @@ class Gateway:
 
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
         # listener says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs.
-        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM,
-                             socket.IPPROTO_TCP)
+        sock = socket.socket(
+            socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((s.host, s.http_port))
@@ -139,9 +153,17 @@ class Gateway:
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
         self._http_app = HttpApp(self.dataplane, limit)
-        config = uvicorn.Config(self._http_app, http="httptools", loop="none", lifespan="off",
-                                access_log=False, log_level="warning", log_config=None,
-                                timeout_keep_alive=75, backlog=2048)
+        config = uvicorn.Config(
+            self._http_app,
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            log_config=None,
+            timeout_keep_alive=75,
+            backlog=2048,
+        )
         self._http = QuietUvicorn(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
@@ -161,9 +183,14 @@ class Gateway:
         self.dataplane.accepting = True
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(GRPC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s", __version__,
-                 self.settings.repository.model_repository or "remote models", _join(s.host, self.http_port), _join(s.host, self.grpc_port),
-                 _join(s.host, self.metrics_port) if self.metrics_port is not None else "off")
+        log.info(
+            "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s",
+            __version__,
+            self.settings.repository.model_repository or "remote models",
+            _join(s.host, self.http_port),
+            _join(s.host, self.grpc_port),
+            _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
+        )
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """Readiness false, refuse new work, let accepted work finish; True if it all did."""

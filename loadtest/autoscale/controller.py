@@ -22,8 +22,10 @@ DEFAULT_VALUES: dict[str, Any] = {
         "scaleUp": {
             "stabilizationWindowSeconds": 0,
             "selectPolicy": "Max",
-            "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15},
-                         {"type": "Pods", "value": 4, "periodSeconds": 15}],
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 15},
+                {"type": "Pods", "value": 4, "periodSeconds": 15},
+            ],
         },
         "scaleDown": {
             "stabilizationWindowSeconds": 300,
@@ -153,11 +155,15 @@ def load_values(source: str | Path | dict | None = None) -> Autoscaling:
     if not target > 0:
         raise ValueError(f"autoscaling.targetQueueDepth must be positive, not {target}")
     return Autoscaling(
-        enabled=bool(d.get("enabled", True)), mode=mode, min_replicas=lo, max_replicas=hi, target=target,
+        enabled=bool(d.get("enabled", True)),
+        mode=mode,
+        min_replicas=lo,
+        max_replicas=hi,
+        target=target,
         scale_up=_rules(behavior.get("scaleUp"), DEFAULT_VALUES["behavior"]["scaleUp"], "behavior.scaleUp"),
-        scale_down=_rules(behavior.get("scaleDown"), DEFAULT_VALUES["behavior"]["scaleDown"],
-                          "behavior.scaleDown"),
-        source=label)
+        scale_down=_rules(behavior.get("scaleDown"), DEFAULT_VALUES["behavior"]["scaleDown"], "behavior.scaleDown"),
+        source=label,
+    )
 
 
 # ============================================================================================
@@ -208,8 +214,15 @@ class HPA:
     no pod reports a value the sync does nothing (the controller reports an error and skips).
     """
 
-    def __init__(self, settings: Autoscaling | None = None, *, tolerance: float = 0.1, sync_period_s: float = 15.0,
-                 metric: str | None = None, unready: str = "missing"):
+    def __init__(
+        self,
+        settings: Autoscaling | None = None,
+        *,
+        tolerance: float = 0.1,
+        sync_period_s: float = 15.0,
+        metric: str | None = None,
+        unready: str = "missing",
+    ):
         self.settings = settings or load_values(None)
         self.tolerance = float(tolerance)
         self.sync_period_s = float(sync_period_s)

@@ -19,10 +19,12 @@ from .traffic import QueueCurve, _finite, pick_target
 
 def _summary_line(s: dict[str, Any]) -> str:
     q = s["max_queue_per_pod"]
-    line = (f"peak replicas {s['peak_replicas']} (t={_n(s['peak_replicas_at_s'])} s), "
-            f"max queue per pod {_n(q)} (target {_n(s['target'])}), "
-            f"{_n(s['seconds_above_target'])} s above target, "
-            f"{_n(s['seconds_above_capacity'])} s above capacity, final replicas {s['final_replicas']}")
+    line = (
+        f"peak replicas {s['peak_replicas']} (t={_n(s['peak_replicas_at_s'])} s), "
+        f"max queue per pod {_n(q)} (target {_n(s['target'])}), "
+        f"{_n(s['seconds_above_target'])} s above target, "
+        f"{_n(s['seconds_above_capacity'])} s above capacity, final replicas {s['final_replicas']}"
+    )
     if "seconds_slo_missed" in s:
         line += f", {_n(s['seconds_slo_missed'])} s missing the SLO"
     if s.get("refused"):
@@ -63,21 +65,43 @@ def _table(sim: Simulation) -> str:
         per_pod = _n(r["rate_per_pod"])
         if r["rate_per_pod"] and r["rate_max"] > 1.02 * r["rate_per_pod"]:
             per_pod += f" (max {_n(r['rate_max'])})"
-        rows.append([_n(r["t"]), _n(r["offered"]), f"{r['ready']}/{r['desired']}", per_pod,
-                     _n(r["queue_per_pod"]), _n(r["queue_max"]), _n(r["p99_ms"]), hpa, ", ".join(words) or "ok"])
+        rows.append(
+            [
+                _n(r["t"]),
+                _n(r["offered"]),
+                f"{r['ready']}/{r['desired']}",
+                per_pod,
+                _n(r["queue_per_pod"]),
+                _n(r["queue_max"]),
+                _n(r["p99_ms"]),
+                hpa,
+                ", ".join(words) or "ok",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     left = {7, 8}
-    lines = [(f"autoscaling: {s.mode}, replicas {s.min_replicas}..{s.max_replicas}, targetQueueDepth {_n(s.target)}, "
-              f"pod capacity {_n(sim.curve.capacity)} req/s (queue {_n(sim.curve.queue_at_capacity)} there), "
-              f"ready delay {_n(sim.params['ready_delay_s'])} s, values: {s.source}")]
-    extras = [f"{k} {_n(sim.params[key])}{unit}" for k, key, unit in
-              (("metric lag", "metric_lag_s", " s"), ("connections recycled every", "rebalance_s", " s"),
-               ("queue limit", "queue_limit", "")) if sim.params.get(key)]
+    lines = [
+        (
+            f"autoscaling: {s.mode}, replicas {s.min_replicas}..{s.max_replicas}, targetQueueDepth {_n(s.target)}, "
+            f"pod capacity {_n(sim.curve.capacity)} req/s (queue {_n(sim.curve.queue_at_capacity)} there), "
+            f"ready delay {_n(sim.params['ready_delay_s'])} s, values: {s.source}"
+        )
+    ]
+    extras = [
+        f"{k} {_n(sim.params[key])}{unit}"
+        for k, key, unit in (
+            ("metric lag", "metric_lag_s", " s"),
+            ("connections recycled every", "rebalance_s", " s"),
+            ("queue limit", "queue_limit", ""),
+        )
+        if sim.params.get(key)
+    ]
     if extras:
         lines.append("  also: " + ", ".join(extras))
     for row in rows:
-        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        lines.append(
+            "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        )
     lines.append(_summary_line(sim.summary))
     return "\n".join(lines) + "\n"
 
@@ -100,30 +124,48 @@ def _plot(sim: Simulation, path) -> str:
     reps.set_ylabel("replicas")
     reps.set_ylim(0, max(r["desired"] for r in rows) * 1.15 + 1)
     handles = top.get_legend_handles_labels()[0] + reps.get_legend_handles_labels()[0]
-    top.legend(handles, [h.get_label() for h in handles], loc="upper left", bbox_to_anchor=(1.07, 1.0), fontsize=8,
-               frameon=False)
+    top.legend(
+        handles,
+        [h.get_label() for h in handles],
+        loc="upper left",
+        bbox_to_anchor=(1.07, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
     s = sim.settings
-    top.set_title(f"{s.mode} autoscaling on queue depth: target {_n(s.target)}/pod, {s.min_replicas}..{s.max_replicas} "
-                  f"replicas, pod capacity {_n(sim.curve.capacity)} req/s, ready delay "
-                  f"{_n(sim.params['ready_delay_s'])} s"
-                  + (f", connections recycled every {_n(sim.params['rebalance_s'])} s"
-                     if sim.params.get("rebalance_s") else ""), fontsize=9)
+    top.set_title(
+        f"{s.mode} autoscaling on queue depth: target {_n(s.target)}/pod, {s.min_replicas}..{s.max_replicas} "
+        f"replicas, pod capacity {_n(sim.curve.capacity)} req/s, ready delay "
+        f"{_n(sim.params['ready_delay_s'])} s"
+        + (f", connections recycled every {_n(sim.params['rebalance_s'])} s" if sim.params.get("rebalance_s") else ""),
+        fontsize=9,
+    )
 
     q = [math.nan if r["queue_per_pod"] is None else r["queue_per_pod"] for r in rows]
     qmax = [math.nan if r["queue_max"] is None else r["queue_max"] for r in rows]
     bottom.plot(t, q, color="tab:orange", lw=1.6, label="queue per pod (mean of ready pods)")
     bottom.plot(t, qmax, color="tab:red", lw=0.9, ls=":", label="worst pod")
     bottom.axhline(s.target, color="black", ls="--", lw=1.0, label=f"target {_n(s.target)}")
-    bottom.axhline(sim.curve.queue_at_capacity, color="tab:purple", ls=":", lw=1.0,
-                   label=f"queue at capacity {_n(sim.curve.queue_at_capacity)}")
+    bottom.axhline(
+        sim.curve.queue_at_capacity,
+        color="tab:purple",
+        ls=":",
+        lw=1.0,
+        label=f"queue at capacity {_n(sim.curve.queue_at_capacity)}",
+    )
     start = None
     for r in rows + [{"above_capacity": False, "t": rows[-1]["t"]}]:
         if r["above_capacity"] and start is None:
             start = r["t"]
         elif not r["above_capacity"] and start is not None:
-            bottom.axvspan(start, r["t"], color="tab:red", alpha=0.12, lw=0,
-                           label="above capacity" if "above capacity" not in
-                           bottom.get_legend_handles_labels()[1] else None)
+            bottom.axvspan(
+                start,
+                r["t"],
+                color="tab:red",
+                alpha=0.12,
+                lw=0,
+                label="above capacity" if "above capacity" not in bottom.get_legend_handles_labels()[1] else None,
+            )
             start = None
     finite = [v for v in qmax if math.isfinite(v)]
     if finite and max(finite) > 20 * max(s.target, sim.curve.queue_at_capacity, 1e-9):
@@ -154,35 +196,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m batchgate.loadtest.autoscale",
         description="Simulate the chart's queue-depth autoscaler on a traffic ramp, with pods shaped like the one "
-                    "a load test measured (results.json from `batchgate loadtest --metrics-url ...`, run against "
-                    "one pod). Prints a line per sync period and writes autoscale.json and autoscale.png.")
+        "a load test measured (results.json from `batchgate loadtest --metrics-url ...`, run against "
+        "one pod). Prints a line per sync period and writes autoscale.json and autoscale.png.",
+    )
     p.add_argument("--results", required=True, help="results.json of a load test against one pod")
-    p.add_argument("--values", help=f"Helm values file (default: {CHART_VALUES} if present, else the chart's "
-                                    "defaults)")
-    p.add_argument("--ramp", required=True, help="total offered req/s over time: T:RATE,T:RATE,... "
-                                                 "(e.g. 0:100,300:2000,600:2000,900:200), linearly interpolated")
-    p.add_argument("--duration", type=float, help="seconds simulated (default: the ramp's last time; the last "
-                                                  "rate is held beyond it)")
-    p.add_argument("--ready-delay", type=float, default=30.0, help="seconds from a pod's creation to taking "
-                                                                   "traffic (image pull + model load; default 30)")
+    p.add_argument("--values", help=f"Helm values file (default: {CHART_VALUES} if present, else the chart's defaults)")
+    p.add_argument(
+        "--ramp",
+        required=True,
+        help="total offered req/s over time: T:RATE,T:RATE,... "
+        "(e.g. 0:100,300:2000,600:2000,900:200), linearly interpolated",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="seconds simulated (default: the ramp's last time; the last rate is held beyond it)",
+    )
+    p.add_argument(
+        "--ready-delay",
+        type=float,
+        default=30.0,
+        help="seconds from a pod's creation to taking traffic (image pull + model load; default 30)",
+    )
     p.add_argument("--target", type=float, help="override autoscaling.targetQueueDepth (what-if)")
     p.add_argument("--tolerance", type=float, default=0.1, help="HPA tolerance (default 0.1)")
     p.add_argument("--sync", type=float, default=15.0, help="HPA sync period, s (default 15)")
-    p.add_argument("--metric-lag", type=float, default=0.0, help="age of the queue values the HPA reads "
-                                                                 "(scrape + adapter delay), s (default 0)")
+    p.add_argument(
+        "--metric-lag",
+        type=float,
+        default=0.0,
+        help="age of the queue values the HPA reads (scrape + adapter delay), s (default 0)",
+    )
     p.add_argument("--step", type=float, default=1.0, help="simulation tick, s (default 1)")
     p.add_argument("--initial-replicas", type=int, help="ready pods at t=0 (default minReplicas)")
-    p.add_argument("--rebalance", type=float, default=0.0,
-                   help="per-connection balancing: seconds over which clients' connections are recycled (the "
-                        "chart's config.server.grpc_max_connection_age_s, 300); 0 = per-request balancing (default)")
-    p.add_argument("--queue-limit", type=float,
-                   help="a pod's queue limit, beyond which requests are refused (default: the values' "
-                        "config.limits.max_queue_size if set, else none; 0: none)")
+    p.add_argument(
+        "--rebalance",
+        type=float,
+        default=0.0,
+        help="per-connection balancing: seconds over which clients' connections are recycled (the "
+        "chart's config.server.grpc_max_connection_age_s, 300); 0 = per-request balancing (default)",
+    )
+    p.add_argument(
+        "--queue-limit",
+        type=float,
+        help="a pod's queue limit, beyond which requests are refused (default: the values' "
+        "config.limits.max_queue_size if set, else none; 0: none)",
+    )
     p.add_argument("--slo-p99-ms", type=float, help="latency SLO (default: the load test's own)")
-    p.add_argument("--keep-up", type=float, default=0.95, help="a step is on the curve when ok/s >= this share "
-                                                               "of the offered rate (default 0.95)")
-    p.add_argument("--capacity", type=float, help="a pod's capacity in req/s (default: the highest rate on the "
-                                                  "curve)")
+    p.add_argument(
+        "--keep-up",
+        type=float,
+        default=0.95,
+        help="a step is on the curve when ok/s >= this share of the offered rate (default 0.95)",
+    )
+    p.add_argument("--capacity", type=float, help="a pod's capacity in req/s (default: the highest rate on the curve)")
     p.add_argument("--out", help="folder for autoscale.json and autoscale.png (default: the results' folder)")
     return p
 
@@ -203,16 +270,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         limit = args.queue_limit
         if limit is None and values_src is not None:
             limit = queue_limit_from_values(values_src)
-        sim = simulate(curve, settings, args.ramp, args.step, ready_delay_s=args.ready_delay, target=args.target,
-                       tolerance=args.tolerance, sync_period_s=args.sync, metric_lag_s=args.metric_lag,
-                       duration_s=args.duration, initial_replicas=args.initial_replicas,
-                       queue_limit=limit or None, rebalance_s=args.rebalance, slo_p99_ms=slo)
+        sim = simulate(
+            curve,
+            settings,
+            args.ramp,
+            args.step,
+            ready_delay_s=args.ready_delay,
+            target=args.target,
+            tolerance=args.tolerance,
+            sync_period_s=args.sync,
+            metric_lag_s=args.metric_lag,
+            duration_s=args.duration,
+            initial_replicas=args.initial_replicas,
+            queue_limit=limit or None,
+            rebalance_s=args.rebalance,
+            slo_p99_ms=slo,
+        )
     except (OSError, ValueError, TypeError, KeyError) as e:
         print(f"autoscale: error: {e}", file=sys.stderr)
         return 2
 
-    print(f"pod curve from {curve.source}: {len(curve.points)} step(s), capacity {_n(curve.capacity)} req/s per pod "
-          f"(queue {_n(curve.queue_at_capacity)} there)")
+    print(
+        f"pod curve from {curve.source}: {len(curve.points)} step(s), capacity {_n(curve.capacity)} req/s per pod "
+        f"(queue {_n(curve.queue_at_capacity)} there)"
+    )
     for label, why in curve.dropped:
         print(f"  not on the curve: {label}: {why}")
     warning = curve.knee_warning()
@@ -226,19 +307,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif pick is None:
         print(f"target from the load test: no step met p99 <= {_n(slo)} ms")
     else:
-        print(f"target from the load test: the largest queue per pod within the SLO"
-              f"{f' (p99 <= {_n(slo)} ms)' if slo is not None else ''} is {_n(pick.queue_depth)}, at "
-              f"{pick.point.label or _n(pick.point.rate) + ' req/s'} ({_n(pick.point.rate)} req/s, p99 "
-              f"{_n(pick.point.p99_ms)} ms); targetQueueDepth {_n(sim.settings.target)} is "
-              f"{'within' if sim.settings.target <= pick.queue_depth else 'ABOVE'} it")
+        print(
+            f"target from the load test: the largest queue per pod within the SLO"
+            f"{f' (p99 <= {_n(slo)} ms)' if slo is not None else ''} is {_n(pick.queue_depth)}, at "
+            f"{pick.point.label or _n(pick.point.rate) + ' req/s'} ({_n(pick.point.rate)} req/s, p99 "
+            f"{_n(pick.point.p99_ms)} ms); targetQueueDepth {_n(sim.settings.target)} is "
+            f"{'within' if sim.settings.target <= pick.queue_depth else 'ABOVE'} it"
+        )
     print()
     print(sim.table(), end="")
     out = Path(args.out) if args.out else Path(args.results).resolve().parent
     doc = sim.to_dict()
     doc["results"] = str(args.results)
-    doc["target_pick"] = None if pick is None else {"queue_depth": pick.queue_depth, "slo_p99_ms": slo,
-                                                     "label": pick.point.label, "rate_per_pod": pick.point.rate,
-                                                     "p99_ms": pick.point.p99_ms}
+    doc["target_pick"] = (
+        None
+        if pick is None
+        else {
+            "queue_depth": pick.queue_depth,
+            "slo_p99_ms": slo,
+            "label": pick.point.label,
+            "rate_per_pod": pick.point.rate,
+            "p99_ms": pick.point.p99_ms,
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "autoscale.json").write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     paths = [str(out / "autoscale.json")]

@@ -60,17 +60,28 @@ class Simulation:
 
     def to_dict(self) -> dict[str, Any]:
         s = self.settings
-        return json_safe({
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "assumptions": ASSUMPTIONS,
-            "autoscaling": {"source": s.source, "enabled": s.enabled, "mode": s.mode, "minReplicas": s.min_replicas,
-                            "maxReplicas": s.max_replicas, "targetQueueDepth": s.target,
-                            "behavior": {"scaleUp": _rules_dict(s.scale_up), "scaleDown": _rules_dict(s.scale_down)}},
-            "params": self.params, "ramp": [list(p) for p in self.ramp], "curve": self.curve.to_dict(),
-            "summary": self.summary,
-            "decisions": [_asdict(d) for d in self.decisions],
-            "timeline": self.rows,
-        })
+        return json_safe(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "assumptions": ASSUMPTIONS,
+                "autoscaling": {
+                    "source": s.source,
+                    "enabled": s.enabled,
+                    "mode": s.mode,
+                    "minReplicas": s.min_replicas,
+                    "maxReplicas": s.max_replicas,
+                    "targetQueueDepth": s.target,
+                    "behavior": {"scaleUp": _rules_dict(s.scale_up), "scaleDown": _rules_dict(s.scale_down)},
+                },
+                "params": self.params,
+                "ramp": [list(p) for p in self.ramp],
+                "curve": self.curve.to_dict(),
+                "summary": self.summary,
+                "decisions": [_asdict(d) for d in self.decisions],
+                "timeline": self.rows,
+            }
+        )
 
     def write_json(self, path) -> str:
         path = Path(path)
@@ -86,8 +97,10 @@ class Simulation:
 
 ASSUMPTIONS = [
     "steady state per rate: a pod holds the queue the load test measured at the rate it receives",
-    ("traffic spreads evenly over ready pods (per-request balancing); with rebalance_s > 0 it follows long-lived "
-     "connections closed at that age, so a new pod's share grows as they reconnect"),
+    (
+        "traffic spreads evenly over ready pods (per-request balancing); with rebalance_s > 0 it follows long-lived "
+        "connections closed at that age, so a new pod's share grows as they reconnect"
+    ),
     "above capacity the excess piles up as backlog at (rate - capacity) req/s and drains at (capacity - rate)",
     "a new pod takes no traffic and reports no metric until ready_delay_s after its creation",
     "a removed pod stops taking traffic at once; its queue drains during termination and leaves the model",
@@ -95,20 +108,37 @@ ASSUMPTIONS = [
 
 
 def _rules_dict(r: Rules) -> dict[str, Any]:
-    return {"stabilizationWindowSeconds": r.stabilization_s, "selectPolicy": r.select, "tolerance": r.tolerance,
-            "policies": [{"type": p.kind, "value": p.value, "periodSeconds": p.period_s} for p in r.policies]}
+    return {
+        "stabilizationWindowSeconds": r.stabilization_s,
+        "selectPolicy": r.select,
+        "tolerance": r.tolerance,
+        "policies": [{"type": p.kind, "value": p.value, "periodSeconds": p.period_s} for p in r.policies],
+    }
 
 
 def _asdict(d: Decision) -> dict[str, Any]:
     return {k: getattr(d, k) for k in d.__dataclass_fields__}
 
 
-def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None = None,
-             ramp: str | Sequence[tuple[float, float]] = "0:100", step_s: float = 1.0, *,
-             ready_delay_s: float = 30.0, target: float | None = None, tolerance: float = 0.1,
-             sync_period_s: float = 15.0, metric_lag_s: float = 0.0, duration_s: float | None = None,
-             initial_replicas: int | None = None, queue_limit: float | None = None, rebalance_s: float = 0.0,
-             slo_p99_ms: float | None = None, metric: str | None = None, unready: str = "missing") -> Simulation:
+def simulate(
+    curve: QueueCurve,
+    values: Autoscaling | str | Path | dict | None = None,
+    ramp: str | Sequence[tuple[float, float]] = "0:100",
+    step_s: float = 1.0,
+    *,
+    ready_delay_s: float = 30.0,
+    target: float | None = None,
+    tolerance: float = 0.1,
+    sync_period_s: float = 15.0,
+    metric_lag_s: float = 0.0,
+    duration_s: float | None = None,
+    initial_replicas: int | None = None,
+    queue_limit: float | None = None,
+    rebalance_s: float = 0.0,
+    slo_p99_ms: float | None = None,
+    metric: str | None = None,
+    unready: str = "missing",
+) -> Simulation:
     """Drive the traffic ``ramp`` (total req/s over time) through pods shaped like ``curve`` and the
     chart's autoscaler (``values``: an :class:`Autoscaling`, a values file or dict; ``target``
     overrides ``targetQueueDepth``).
@@ -154,7 +184,8 @@ def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None =
     # per-connection balancing: cohorts of connections (the tick they close at, {pod id: traffic share})
     life = max(1, round(rebalance_s / step_s)) if rebalance_s > 0 else 0
     cohorts: deque[tuple[int, dict[int, float]]] = deque(
-        (k, {p.id: 1.0 / (life * n0) for p in pods}) for k in range(life))
+        (k, {p.id: 1.0 / (life * n0) for p in pods}) for k in range(life)
+    )
 
     def reconnect(mass: float, tick: int, ready: list[_Pod]) -> None:
         """``mass`` of the traffic's connections opens anew, evenly over the ready pods."""
@@ -163,6 +194,7 @@ def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None =
             cohorts.append((tick + life, {p.id: part for p in ready}))
             for p in ready:
                 p.share += part
+
     samples: deque[tuple[float, dict[int, float]]] = deque()  # (t, {pod id: queue}) for the metric lag
     rows: list[dict[str, Any]] = []
     ticks = max(0, math.floor(end / step_s + EPS))
@@ -208,7 +240,7 @@ def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None =
                     next_id += 1
             elif decision.desired < len(pods):
                 order = sorted(pods, key=lambda p: (p.ready_s <= t + EPS, -p.ready_s, -p.id))
-                gone = {p.id for p in order[:len(pods) - decision.desired]}
+                gone = {p.id for p in order[: len(pods) - decision.desired]}
                 pods = [p for p in pods if p.id not in gone]
                 moved = sum(parts.pop(pid, 0.0) for _, parts in cohorts for pid in gone)
                 reconnect(moved, i, [p for p in pods if p.ready_s <= t + EPS])  # a removed pod's clients
@@ -219,16 +251,33 @@ def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None =
         over = busiest > cap + EPS or backlog > EPS
         q_mean = sum(queues.values()) / n if n else None
         p99 = None if over or not n else curve.p99_ms(busiest)
-        row = {"t": t, "offered": rate, "ready": n, "desired": len(pods),
-               "rate_per_pod": rate / n if n else None, "rate_max": busiest,
-               "queue_per_pod": q_mean, "queue_max": max(queues.values(), default=None),
-               "queue_total": sum(queues.values()),
-               "above_target": q_mean is not None and q_mean > settings.target, "above_capacity": over,
-               "p99_ms": p99, "backlog_wait_ms": backlog / cap * 1000.0, "refused": 0.0,
-               "sync": decision is not None}
+        row = {
+            "t": t,
+            "offered": rate,
+            "ready": n,
+            "desired": len(pods),
+            "rate_per_pod": rate / n if n else None,
+            "rate_max": busiest,
+            "queue_per_pod": q_mean,
+            "queue_max": max(queues.values(), default=None),
+            "queue_total": sum(queues.values()),
+            "above_target": q_mean is not None and q_mean > settings.target,
+            "above_capacity": over,
+            "p99_ms": p99,
+            "backlog_wait_ms": backlog / cap * 1000.0,
+            "refused": 0.0,
+            "sync": decision is not None,
+        }
         if decision is not None:
-            row.update({"metric": decision.metric, "ratio": decision.ratio, "proposal": decision.proposal,
-                        "decision": decision.reason, "replicas_before": decision.current})
+            row.update(
+                {
+                    "metric": decision.metric,
+                    "ratio": decision.ratio,
+                    "proposal": decision.proposal,
+                    "decision": decision.reason,
+                    "replicas_before": decision.current,
+                }
+            )
         if slo_p99_ms is not None:
             row["slo_met"] = p99 is not None and p99 <= slo_p99_ms
         if i < ticks:  # advance the backlogs over [t, t + step)
@@ -243,11 +292,27 @@ def simulate(curve: QueueCurve, values: Autoscaling | str | Path | dict | None =
             row["refused"] = refused
         rows.append(row)
 
-    sim = Simulation(rows, hpa.decisions, settings, curve, ramp_pts,
-                     params={"step_s": step_s, "ready_delay_s": ready_delay_s, "tolerance": tolerance,
-                             "sync_period_s": sync_period_s, "metric_lag_s": metric_lag_s, "duration_s": end,
-                             "initial_replicas": n0, "queue_limit": queue_limit, "rebalance_s": rebalance_s,
-                             "slo_p99_ms": slo_p99_ms, "metric": hpa.metric, "unready": unready})
+    sim = Simulation(
+        rows,
+        hpa.decisions,
+        settings,
+        curve,
+        ramp_pts,
+        params={
+            "step_s": step_s,
+            "ready_delay_s": ready_delay_s,
+            "tolerance": tolerance,
+            "sync_period_s": sync_period_s,
+            "metric_lag_s": metric_lag_s,
+            "duration_s": end,
+            "initial_replicas": n0,
+            "queue_limit": queue_limit,
+            "rebalance_s": rebalance_s,
+            "slo_p99_ms": slo_p99_ms,
+            "metric": hpa.metric,
+            "unready": unready,
+        },
+    )
     sim.summary = _summarize(sim, step_s)
     return sim
 
@@ -259,8 +324,10 @@ def _summarize(sim: Simulation, step_s: float) -> dict[str, Any]:
     qrows = [r for r in rows if r["queue_per_pod"] is not None]
     worst = max(qrows, key=lambda r: r["queue_per_pod"]) if qrows else None
     out = {
-        "target": sim.settings.target, "capacity_per_pod": sim.curve.capacity,
-        "peak_replicas": peak["desired"], "peak_replicas_at_s": peak["t"],
+        "target": sim.settings.target,
+        "capacity_per_pod": sim.curve.capacity,
+        "peak_replicas": peak["desired"],
+        "peak_replicas_at_s": peak["t"],
         "peak_ready": max(r["ready"] for r in rows),
         "final_replicas": rows[-1]["desired"],
         "max_queue_per_pod": worst["queue_per_pod"] if worst else None,

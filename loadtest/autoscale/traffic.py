@@ -41,8 +41,13 @@ class QueueCurve:
     queue a pod settles at for a rate held long enough, not how fast it gets there.
     """
 
-    def __init__(self, points: Iterable[CurvePoint | Sequence], capacity: float | None = None,
-                 source: str = "points", dropped: Sequence[tuple[str, str]] = ()):
+    def __init__(
+        self,
+        points: Iterable[CurvePoint | Sequence],
+        capacity: float | None = None,
+        source: str = "points",
+        dropped: Sequence[tuple[str, str]] = (),
+    ):
         pts = [p if isinstance(p, CurvePoint) else CurvePoint(*p) for p in points]
         pts = [p for p in pts if _finite(p.rate) and p.rate > 0 and _finite(p.queue)]
         if not pts:
@@ -146,16 +151,24 @@ class QueueCurve:
             return None
         top, below = self.points[-1], self.points[-2]
         if top.queue > 10 * max(below.queue, 1.0):
-            return (f"the top step ({top.label or _fmt_rate(top.rate)}) may be past the knee: queue {top.queue:.3g} "
-                    f"against {below.queue:.3g} at {_fmt_rate(below.rate)}; its rate is taken as the pod's capacity "
-                    f"(--capacity sets another)")
+            return (
+                f"the top step ({top.label or _fmt_rate(top.rate)}) may be past the knee: queue {top.queue:.3g} "
+                f"against {below.queue:.3g} at {_fmt_rate(below.rate)}; its rate is taken as the pod's capacity "
+                f"(--capacity sets another)"
+            )
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "capacity_per_pod": self.capacity, "queue_at_capacity": self.queue_at_capacity,
-                "points": [{"label": p.label, "rate_per_pod": p.rate, "queue": p.queue, "p99_ms": p.p99_ms,
-                            "slo_met": p.slo_met} for p in self.points],
-                "dropped": [{"label": label, "why": why} for label, why in self.dropped]}
+        return {
+            "source": self.source,
+            "capacity_per_pod": self.capacity,
+            "queue_at_capacity": self.queue_at_capacity,
+            "points": [
+                {"label": p.label, "rate_per_pod": p.rate, "queue": p.queue, "p99_ms": p.p99_ms, "slo_met": p.slo_met}
+                for p in self.points
+            ],
+            "dropped": [{"label": label, "why": why} for label, why in self.dropped],
+        }
 
 
 def _fmt_rate(r: float) -> str:
@@ -217,8 +230,9 @@ def parse_ramp(text: str) -> list[tuple[float, float]]:
             t, r = part.split(":")
             points.append((float(t), float(r)))
         except ValueError:
-            raise ValueError(f"a ramp is T:RATE points separated by commas, e.g. 0:100,300:2000 "
-                             f"(got {part!r})") from None
+            raise ValueError(
+                f"a ramp is T:RATE points separated by commas, e.g. 0:100,300:2000 (got {part!r})"
+            ) from None
     return _check_ramp(points)
 
 

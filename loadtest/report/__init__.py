@@ -36,6 +36,23 @@ from .files import (
 from .plots import plot_spectrum, plot_sweep, plot_timeline
 from .text import LEGEND, progress_line, table
 
-__all__ = ["CSV_COLUMNS", "FORMAT", "FORMAT_VERSION", "HISTS", "LEGEND", "csv_rows", "json_safe", "plot_spectrum",
-           "plot_sweep", "plot_timeline", "progress_line", "read_json", "table", "to_dict", "write_all", "write_csv",
-           "write_intervals", "write_json"]
+__all__ = [
+    "CSV_COLUMNS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HISTS",
+    "LEGEND",
+    "csv_rows",
+    "json_safe",
+    "plot_spectrum",
+    "plot_sweep",
+    "plot_timeline",
+    "progress_line",
+    "read_json",
+    "table",
+    "to_dict",
+    "write_all",
+    "write_csv",
+    "write_intervals",
+    "write_json",
+]

@@ -21,13 +21,36 @@ log = logging.getLogger(__package__)
 HISTS = ("corrected", "uncorrected", "lag")
 
 CSV_COLUMNS = (
-    "label", "mode", "target_rate", "concurrency", "seconds", "sent", "ok", "errors", "error_rate",
-    "sent_rate", "throughput",
-    "corrected_p50_ms", "corrected_p90_ms", "corrected_p99_ms", "corrected_p999_ms",
-    "corrected_max_ms", "corrected_mean_ms",
-    "uncorrected_p50_ms", "uncorrected_p99_ms", "uncorrected_max_ms",
-    "lag_p99_ms", "generator_cores", "samples", "late", "overflow",
-    "valid", "stable", "slo_met", "errors_by_code", "problems",
+    "label",
+    "mode",
+    "target_rate",
+    "concurrency",
+    "seconds",
+    "sent",
+    "ok",
+    "errors",
+    "error_rate",
+    "sent_rate",
+    "throughput",
+    "corrected_p50_ms",
+    "corrected_p90_ms",
+    "corrected_p99_ms",
+    "corrected_p999_ms",
+    "corrected_max_ms",
+    "corrected_mean_ms",
+    "uncorrected_p50_ms",
+    "uncorrected_p99_ms",
+    "uncorrected_max_ms",
+    "lag_p99_ms",
+    "generator_cores",
+    "samples",
+    "late",
+    "overflow",
+    "valid",
+    "stable",
+    "slo_met",
+    "errors_by_code",
+    "problems",
 )
 
 FORMAT = "batchgate-loadtest"
@@ -46,14 +69,18 @@ def to_dict(run: Run) -> dict[str, Any]:
     """The JSON document for a run (already cleaned of NaN)."""
     steps = []
     for s in run.steps:
-        windows = [{**w.summary(), "cpu_s": w.cpu_s,
-                    "histograms": {k: _blob(getattr(w, k)) for k in HISTS}} for w in s.windows]
+        windows = [
+            {**w.summary(), "cpu_s": w.cpu_s, "histograms": {k: _blob(getattr(w, k)) for k in HISTS}} for w in s.windows
+        ]
         steps.append({**s.summary(), "histograms": {k: _blob(s.hist(k)) for k in HISTS}, "windows": windows})
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "units": {"latency": "ms in summaries; histograms are base64 HdrHistogram V2 blobs in integer us",
-                  "rates": "requests per second", "times": "seconds from the step's measurement start"},
+        "units": {
+            "latency": "ms in summaries; histograms are base64 HdrHistogram V2 blobs in integer us",
+            "rates": "requests per second",
+            "times": "seconds from the step's measurement start",
+        },
         "scenario": run.scenario,
         "environment": run.environment,
         "sweep": run.sweep,
@@ -84,21 +111,47 @@ def read_json(path) -> Run:
             cpu_s = wd.get("cpu_s")
             if cpu_s is None:
                 cpu_s = (wd.get("generator_cores") or 0.0) * seconds
-            windows.append(Window(
-                index=wd.get("index", len(windows)), start_s=wd.get("start_s", 0.0), end_s=wd.get("end_s", 0.0),
-                phase=wd.get("phase", "measure"), target_rate=wd.get("target_rate"), sent=wd.get("sent", 0),
-                ok=wd.get("ok", 0), errors=dict(wd.get("errors") or {}), late=wd.get("late", 0),
-                corrected=decode(hists.get("corrected", "")), uncorrected=decode(hists.get("uncorrected", "")),
-                lag=decode(hists.get("lag", "")), cpu_s=cpu_s, overflow=wd.get("overflow", 0),
-                server=dict(wd.get("server") or {})))
-        steps.append(Step(
-            label=sd.get("label", f"step{len(steps)}"), mode=sd.get("mode", "open"),
-            target_rate=sd.get("target_rate"), concurrency=sd.get("concurrency"), windows=windows,
-            valid=sd.get("valid", True), problems=list(sd.get("problems") or []), stable=sd.get("stable"),
-            stability=dict(sd.get("stability") or {}), slo_met=sd.get("slo_met"),
-            slo_problems=list(sd.get("slo_problems") or []), server=dict(sd.get("server") or {})))
-    return Run(scenario=doc.get("scenario") or {}, environment=doc.get("environment") or {},
-               steps=steps, sweep=doc.get("sweep") or {})
+            windows.append(
+                Window(
+                    index=wd.get("index", len(windows)),
+                    start_s=wd.get("start_s", 0.0),
+                    end_s=wd.get("end_s", 0.0),
+                    phase=wd.get("phase", "measure"),
+                    target_rate=wd.get("target_rate"),
+                    sent=wd.get("sent", 0),
+                    ok=wd.get("ok", 0),
+                    errors=dict(wd.get("errors") or {}),
+                    late=wd.get("late", 0),
+                    corrected=decode(hists.get("corrected", "")),
+                    uncorrected=decode(hists.get("uncorrected", "")),
+                    lag=decode(hists.get("lag", "")),
+                    cpu_s=cpu_s,
+                    overflow=wd.get("overflow", 0),
+                    server=dict(wd.get("server") or {}),
+                )
+            )
+        steps.append(
+            Step(
+                label=sd.get("label", f"step{len(steps)}"),
+                mode=sd.get("mode", "open"),
+                target_rate=sd.get("target_rate"),
+                concurrency=sd.get("concurrency"),
+                windows=windows,
+                valid=sd.get("valid", True),
+                problems=list(sd.get("problems") or []),
+                stable=sd.get("stable"),
+                stability=dict(sd.get("stability") or {}),
+                slo_met=sd.get("slo_met"),
+                slo_problems=list(sd.get("slo_problems") or []),
+                server=dict(sd.get("server") or {}),
+            )
+        )
+    return Run(
+        scenario=doc.get("scenario") or {},
+        environment=doc.get("environment") or {},
+        steps=steps,
+        sweep=doc.get("sweep") or {},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,15 +181,34 @@ def csv_rows(run: Run) -> list[dict[str, str]]:
         u = percentiles_ms(s.hist("uncorrected"), (50.0, 99.0))
         lag = percentiles_ms(s.hist("lag"), (99.0,))
         row = {
-            "label": s.label, "mode": s.mode, "target_rate": s.target_rate, "concurrency": s.concurrency,
-            "seconds": t["seconds"], "sent": t["sent"], "ok": t["ok"], "errors": sum(t["errors"].values()),
-            "error_rate": t["error_rate"], "sent_rate": t["sent_rate"], "throughput": t["throughput"],
-            "corrected_p50_ms": c["p50"], "corrected_p90_ms": c["p90"], "corrected_p99_ms": c["p99"],
-            "corrected_p999_ms": c["p999"], "corrected_max_ms": c["max"], "corrected_mean_ms": c["mean"],
-            "uncorrected_p50_ms": u["p50"], "uncorrected_p99_ms": u["p99"], "uncorrected_max_ms": u["max"],
-            "lag_p99_ms": lag["p99"], "generator_cores": t["generator_cores"],
-            "samples": s.hist("corrected").get_total_count(), "late": t["late"], "overflow": t["overflow"],
-            "valid": s.valid, "stable": s.stable, "slo_met": s.slo_met,
+            "label": s.label,
+            "mode": s.mode,
+            "target_rate": s.target_rate,
+            "concurrency": s.concurrency,
+            "seconds": t["seconds"],
+            "sent": t["sent"],
+            "ok": t["ok"],
+            "errors": sum(t["errors"].values()),
+            "error_rate": t["error_rate"],
+            "sent_rate": t["sent_rate"],
+            "throughput": t["throughput"],
+            "corrected_p50_ms": c["p50"],
+            "corrected_p90_ms": c["p90"],
+            "corrected_p99_ms": c["p99"],
+            "corrected_p999_ms": c["p999"],
+            "corrected_max_ms": c["max"],
+            "corrected_mean_ms": c["mean"],
+            "uncorrected_p50_ms": u["p50"],
+            "uncorrected_p99_ms": u["p99"],
+            "uncorrected_max_ms": u["max"],
+            "lag_p99_ms": lag["p99"],
+            "generator_cores": t["generator_cores"],
+            "samples": s.hist("corrected").get_total_count(),
+            "late": t["late"],
+            "overflow": t["overflow"],
+            "valid": s.valid,
+            "stable": s.stable,
+            "slo_met": s.slo_met,
             "errors_by_code": ";".join(f"{k}:{v}" for k, v in sorted(t["errors"].items(), key=lambda kv: str(kv[0]))),
             "problems": "; ".join(list(s.problems) + list(s.slo_problems)),
         }
@@ -197,17 +269,19 @@ def write_intervals(run: Run, path_prefix) -> list[str]:
             writer = HistogramLogWriter(f)
             writer.output_log_format_version()
             writer.output_comment(f"[batchgate loadtest step {s.label}: {_mode(s)}, {_offered(s)}]")
-            writer.output_comment("[corrected latency (answer minus intended send time), values in us; "
-                                  "StartTimestamp and Interval_Length in s from the measurement start"
-                                  + (f" plus {shift:g}" if shift else "") + "; Interval_Max in whole ms]")
+            writer.output_comment(
+                "[corrected latency (answer minus intended send time), values in us; "
+                "StartTimestamp and Interval_Length in s from the measurement start"
+                + (f" plus {shift:g}" if shift else "")
+                + "; Interval_Max in whole ms]"
+            )
             writer.output_legend()
             for w in measured:
                 start = w.start_s + shift
                 end = max(w.end_s + shift, start)
                 # the writer takes a zero start as "use the histogram's own timestamp", so pass a
                 # start too small to show in the log's 6 decimals instead of an exact 0
-                writer.output_interval_histogram(w.corrected, start or 1e-9, end or 1e-9,
-                                                 max_value_unit_ratio=1000.0)
+                writer.output_interval_histogram(w.corrected, start or 1e-9, end or 1e-9, max_value_unit_ratio=1000.0)
         written.append(hlog)
         for which, suffix in (("corrected", ".hgrm"), ("uncorrected", ".uncorrected.hgrm")):
             path = stem + suffix

@@ -107,15 +107,25 @@ def plot_timeline(run: Run, path) -> str:
         any_window = True
         mids = [(t0 + t1) / 2 for _, t0, t1 in items]
         ends = [t1 for _, _, t1 in items]
-        stats = [(percentiles_ms(w.corrected, (50.0, 99.0)), percentiles_ms(w.uncorrected, (50.0, 99.0)))
-                 for w, _, _ in items]
+        stats = [
+            (percentiles_ms(w.corrected, (50.0, 99.0)), percentiles_ms(w.uncorrected, (50.0, 99.0)))
+            for w, _, _ in items
+        ]
         for key, colour in _PCT_COLOURS.items():
             for i, (which, style) in enumerate((("corrected", "-"), ("uncorrected", "--"))):
                 ys = [_nan(st[i][key]) for st in stats]
                 latencies += ys
-                lat.plot(mids, ys, linestyle=style, color=colour, marker="o", ms=3,
-                         mfc=colour if i == 0 else "none", lw=1.6 if i == 0 else 1.1,
-                         label=once(f"{key} {which}"))
+                lat.plot(
+                    mids,
+                    ys,
+                    linestyle=style,
+                    color=colour,
+                    marker="o",
+                    ms=3,
+                    mfc=colour if i == 0 else "none",
+                    lw=1.6 if i == 0 else 1.1,
+                    label=once(f"{key} {which}"),
+                )
         send = [w.sent / w.seconds for w, _, _ in items]
         ok = [w.ok / w.seconds for w, _, _ in items]
         target = [_nan(w.target_rate) for w, _, _ in items]
@@ -136,8 +146,7 @@ def plot_timeline(run: Run, path) -> str:
         for w, t0, t1 in items:
             if w.phase != "measure":
                 for ax in axes:
-                    ax.axvspan(t0, t1, color="0.88", lw=0, zorder=0,
-                               label=once("warm-up") if ax is lat else None)
+                    ax.axvspan(t0, t1, color="0.88", lw=0, zorder=0, label=once("warm-up") if ax is lat else None)
     if len(run.steps) > 1:
         rotate = 30 if len(run.steps) > 8 else 0
         for i, (s, items, start) in enumerate(placed):
@@ -146,8 +155,17 @@ def plot_timeline(run: Run, path) -> str:
             if i:
                 for ax in axes:
                     ax.axvline(start, color="0.35", ls=":", lw=1)
-            lat.text(start, 1.01, f" {s.label}", transform=lat.get_xaxis_transform(), ha="left",
-                     va="bottom", fontsize=8, color="0.25", rotation=rotate)
+            lat.text(
+                start,
+                1.01,
+                f" {s.label}",
+                transform=lat.get_xaxis_transform(),
+                ha="left",
+                va="bottom",
+                fontsize=8,
+                color="0.25",
+                rotation=rotate,
+            )
 
     spans = [(t0, t1) for _, items, _ in placed for _, t0, t1 in items]
     if spans:
@@ -170,8 +188,7 @@ def plot_timeline(run: Run, path) -> str:
     if server_keys:
         axes[2].set_ylabel("server gauge\n(at window end)")
     single = len(run.steps) <= 1
-    axes[-1].set_xlabel("time (s) from the start of measurement" if single
-                        else "time (s), steps placed end to end")
+    axes[-1].set_xlabel("time (s) from the start of measurement" if single else "time (s), steps placed end to end")
     for ax in axes:
         _legend(ax)
     title = f"{_name(run)}: latency and load per window"
@@ -179,8 +196,9 @@ def plot_timeline(run: Run, path) -> str:
         title += f" ({run.steps[0].label}, {_mode(run.steps[0])}, {_offered(run.steps[0])})"
     elif run.steps and all(s.mode == "closed" for s in run.steps):
         title += " (closed loop)"
-    fig.suptitle(title + "\ncorrected = from intended send time (solid), uncorrected = from actual send (dashed)",
-                 fontsize=11)
+    fig.suptitle(
+        title + "\ncorrected = from intended send time (solid), uncorrected = from actual send (dashed)", fontsize=11
+    )
     return _save(fig, path)
 
 
@@ -219,9 +237,11 @@ def plot_sweep(run: Run, path) -> str:
 
     latencies: list[float] = []
     if points:
-        for key, colour, style, label, lw in (("p50", "tab:blue", "-", "p50 corrected", 1.6),
-                                              ("p99", "tab:orange", "-", "p99 corrected", 1.8),
-                                              ("max", "tab:red", ":", "max corrected", 1.0)):
+        for key, colour, style, label, lw in (
+            ("p50", "tab:blue", "-", "p50 corrected", 1.6),
+            ("p99", "tab:orange", "-", "p99 corrected", 1.8),
+            ("max", "tab:red", ":", "max corrected", 1.0),
+        ):
             ys = [_nan(ci[key]) for ci in c]
             latencies += ys
             series(lat, ys, colour, style, label, lw=lw)
@@ -236,13 +256,20 @@ def plot_sweep(run: Run, path) -> str:
         # steps without a single latency sample: mark them on the x axis
         empty = [x for (x, s), ci in zip(points, c) if ci["p50"] is None]
         if empty:
-            lat.plot(empty, [0.03] * len(empty), ls="none", marker="x", ms=8, color="tab:red",
-                     transform=lat.get_xaxis_transform(), label="no successful responses", clip_on=False)
+            lat.plot(
+                empty,
+                [0.03] * len(empty),
+                ls="none",
+                marker="x",
+                ms=8,
+                color="tab:red",
+                transform=lat.get_xaxis_transform(),
+                label="no successful responses",
+                clip_on=False,
+            )
         if not all(valid):
-            lat.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3",
-                     label="invalid step (hollow)")
-            thr.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3",
-                     label="invalid step (hollow)")
+            lat.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3", label="invalid step (hollow)")
+            thr.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3", label="invalid step (hollow)")
     else:
         _empty_note(lat, "no steps with an offered rate to plot")
 
@@ -260,15 +287,20 @@ def plot_sweep(run: Run, path) -> str:
             ax.axvline(x, color="tab:green", alpha=0.35, lw=6, zorder=0)
         y = ci["p99"]
         if _finite(y):
-            lat.plot([x], [y], ls="none", marker="*", ms=17, color="gold", mec="black", zorder=5,
-                     label="best (sustainable)")
+            lat.plot(
+                [x], [y], ls="none", marker="*", ms=17, color="gold", mec="black", zorder=5, label="best (sustainable)"
+            )
         offered = f"{x:g} {unit}" if not closed else f"concurrency {x:g}"
-        lat.annotate(f"best: {s.label}\n{offered}\n{_rate(ti['throughput'])} ok/s, p99 {_ms(y)} ms",
-                     xy=(x, y if _finite(y) else 0.5),
-                     xycoords="data" if _finite(y) else lat.get_xaxis_transform(),
-                     xytext=(12, 18), textcoords="offset points", fontsize=8,
-                     bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"},
-                     arrowprops={"arrowstyle": "->", "color": "0.3"})
+        lat.annotate(
+            f"best: {s.label}\n{offered}\n{_rate(ti['throughput'])} ok/s, p99 {_ms(y)} ms",
+            xy=(x, y if _finite(y) else 0.5),
+            xycoords="data" if _finite(y) else lat.get_xaxis_transform(),
+            xytext=(12, 18),
+            textcoords="offset points",
+            fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"},
+            arrowprops={"arrowstyle": "->", "color": "0.3"},
+        )
 
     _maybe_log(lat, latencies)
     lat.set_ylabel("latency (ms)")
@@ -278,12 +310,15 @@ def plot_sweep(run: Run, path) -> str:
         from matplotlib.ticker import MaxNLocator
 
         thr.xaxis.set_major_locator(MaxNLocator(integer=True))
-    thr.set_xlabel("concurrency: requests kept in flight (closed loop)" if closed
-                   else "offered rate, open loop (req/s)")
+    thr.set_xlabel(
+        "concurrency: requests kept in flight (closed loop)" if closed else "offered rate, open loop (req/s)"
+    )
     what = "concurrency (closed loop)" if closed else "offered rate (open loop)"
-    fig.suptitle(f"{_name(run)}: latency and throughput vs {what}\n"
-                 "corrected = from intended send time, uncorrected = from actual send; hollow = invalid step",
-                 fontsize=11)
+    fig.suptitle(
+        f"{_name(run)}: latency and throughput vs {what}\n"
+        "corrected = from intended send time, uncorrected = from actual send; hollow = invalid step",
+        fontsize=11,
+    )
     _legend(lat)
     _legend(thr)
     return _save(fig, path)
@@ -358,8 +393,7 @@ def plot_spectrum(run: Run, path) -> str:
     if drawn:
         ax.set_yscale("log")
     ticks = [t for t in (2, 10, 100, 1e3, 1e4, 1e5, 1e6) if t <= top]
-    names = {2: "50%", 10: "90%", 100: "99%", 1e3: "99.9%", 1e4: "99.99%", 1e5: "99.999%",
-             1e6: "99.9999%"}
+    names = {2: "50%", 10: "90%", 100: "99%", 1e3: "99.9%", 1e4: "99.99%", 1e5: "99.999%", 1e6: "99.9999%"}
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([names[t] for t in ticks])
@@ -367,8 +401,10 @@ def plot_spectrum(run: Run, path) -> str:
     ax.grid(True, which="minor", axis="y", alpha=0.1)
     ax.set_xlabel("percentile (axis is 1/(1-p): each tick is one more nine)")
     ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{_name(run)}: latency by percentile\n"
-                 "corrected = from intended send time (solid), uncorrected = from actual send (dashed)",
-                 fontsize=11)
+    ax.set_title(
+        f"{_name(run)}: latency by percentile\n"
+        "corrected = from intended send time (solid), uncorrected = from actual send (dashed)",
+        fontsize=11,
+    )
     _legend(ax)
     return _save(fig, path)

@@ -9,10 +9,12 @@ from typing import Any, TypeGuard
 
 from ..results import PERCENTILES, Run, Step, Window, above, percentiles_ms
 
-LEGEND = ("corrected = answer time minus the *intended* (scheduled) send time: what a user arriving "
-          "on schedule waits, coordinated omission included. uncorrected = answer time minus the "
-          "actual send time (what most tools report). Percentiles come from merged histograms; "
-          "'N of M' = samples above that percentile, of all samples.")
+LEGEND = (
+    "corrected = answer time minus the *intended* (scheduled) send time: what a user arriving "
+    "on schedule waits, coordinated omission included. uncorrected = answer time minus the "
+    "actual send time (what most tools report). Percentiles come from merged histograms; "
+    "'N of M' = samples above that percentile, of all samples."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,18 +172,52 @@ def table(run: Run) -> str:
         return "\n".join(lines) + "\n"
 
     best = _best(run)
-    stats = [(s, s.totals(), percentiles_ms(s.hist("corrected")), percentiles_ms(s.hist("uncorrected")))
-             for s in run.steps]
+    stats = [
+        (s, s.totals(), percentiles_ms(s.hist("corrected")), percentiles_ms(s.hist("uncorrected"))) for s in run.steps
+    ]
 
-    rows = [["step", "mode", "offered", "sent/s", "ok/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-             "max ms", "p99 uncorr ms", "errors", "validity", "stability", "SLO", ""]]
+    rows = [
+        [
+            "step",
+            "mode",
+            "offered",
+            "sent/s",
+            "ok/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "p99 uncorr ms",
+            "errors",
+            "validity",
+            "stability",
+            "SLO",
+            "",
+        ]
+    ]
     for s, t, c, u in stats:
         errs = sum(t["errors"].values())
-        rows.append([s.label, _mode(s), _offered(s), _rate(t["sent_rate"]), _rate(t["throughput"]),
-                     _ms(c["p50"]), _ms(c["p90"]), _ms(c["p99"]), _ms(c["p999"]), _ms(c["max"]),
-                     _ms(u["p99"]), f"{errs:,} ({t['error_rate']:.2%})" if errs else "0",
-                     _validity(s, short=True), _stability(s), _slo_word(s.slo_met),
-                     "<- best" if s is best else ""])
+        rows.append(
+            [
+                s.label,
+                _mode(s),
+                _offered(s),
+                _rate(t["sent_rate"]),
+                _rate(t["throughput"]),
+                _ms(c["p50"]),
+                _ms(c["p90"]),
+                _ms(c["p99"]),
+                _ms(c["p999"]),
+                _ms(c["max"]),
+                _ms(u["p99"]),
+                f"{errs:,} ({t['error_rate']:.2%})" if errs else "0",
+                _validity(s, short=True),
+                _stability(s),
+                _slo_word(s.slo_met),
+                "<- best" if s is best else "",
+            ]
+        )
     lines += _grid(rows, left={0, 1, 2, 12, 13, 14, 15})
     lines.append("")
 
@@ -207,36 +243,48 @@ def _slo_text(slo: dict[str, Any]) -> str:
 def _step_block(s: Step, t: dict, c: dict, u: dict, is_best: bool) -> list[str]:
     n = s.hist("corrected").get_total_count()
     measured = s.measured()
-    lines = [f"== {s.label}: {_mode(s)}, {_offered(s)}, {_secs(t['seconds'])} s measured "
-             f"in {len(measured)} window{'s' if len(measured) != 1 else ''}" + ("  [best]" if is_best else "")]
+    lines = [
+        f"== {s.label}: {_mode(s)}, {_offered(s)}, {_secs(t['seconds'])} s measured "
+        f"in {len(measured)} window{'s' if len(measured) != 1 else ''}" + ("  [best]" if is_best else "")
+    ]
     errs = sum(t["errors"].values())
-    load = (f"  sent {_rate(t['sent_rate'])} req/s, throughput {_rate(t['throughput'])} ok/s, "
-            f"{t['completed']:,} completed, errors {errs:,} ({t['error_rate']:.2%})")
+    load = (
+        f"  sent {_rate(t['sent_rate'])} req/s, throughput {_rate(t['throughput'])} ok/s, "
+        f"{t['completed']:,} completed, errors {errs:,} ({t['error_rate']:.2%})"
+    )
     if errs:
         load += ": " + _errors_text(t["errors"])
     lines.append(load)
 
     ps = list(PERCENTILES)
-    rows = [["latency", *(_pct(p) for p in ps), "max", "mean"],
-            ["corrected ms", *(_ms(c[_key(p)]) for p in ps), _ms(c["max"]), _ms(c["mean"])],
-            ["uncorrected ms", *(_ms(u[_key(p)]) for p in ps), _ms(u["max"]), _ms(u["mean"])],
-            ["samples above", *(f"{above(n, p):,} of {n:,}" for p in ps), "", ""]]
+    rows = [
+        ["latency", *(_pct(p) for p in ps), "max", "mean"],
+        ["corrected ms", *(_ms(c[_key(p)]) for p in ps), _ms(c["max"]), _ms(c["mean"])],
+        ["uncorrected ms", *(_ms(u[_key(p)]) for p in ps), _ms(u["max"]), _ms(u["mean"])],
+        ["samples above", *(f"{above(n, p):,} of {n:,}" for p in ps), "", ""],
+    ]
     lines += _grid(rows, indent="  ")
     thin = [_pct(p) for p in ps if n and above(n, p) < 10]
     if not n:
         lines.append("  no latency samples: every percentile is undefined")
     elif thin:
-        lines.append(f"  thin tail: {', '.join(thin)} rest{'s' if len(thin) == 1 else ''} on fewer than "
-                     "10 samples above; treat as estimates")
+        lines.append(
+            f"  thin tail: {', '.join(thin)} rest{'s' if len(thin) == 1 else ''} on fewer than "
+            "10 samples above; treat as estimates"
+        )
 
     lag = percentiles_ms(s.hist("lag"), (99.0,))
     late = t["late"]
     late_pct = f" ({late / t['sent']:.2%})" if t["sent"] else ""
-    lines.append(f"  generator: lag p99 {_ms(lag['p99'])} ms, max {_ms(lag['max'])} ms, late sends {late:,}"
-                 f"{late_pct}, {t['generator_cores']:.2f} cores")
+    lines.append(
+        f"  generator: lag p99 {_ms(lag['p99'])} ms, max {_ms(lag['max'])} ms, late sends {late:,}"
+        f"{late_pct}, {t['generator_cores']:.2f} cores"
+    )
     if t["overflow"]:
-        lines.append(f"  overflow: {t['overflow']:,} latencies beyond the histogram's range were recorded at "
-                     "its maximum (the true max is higher)")
+        lines.append(
+            f"  overflow: {t['overflow']:,} latencies beyond the histogram's range were recorded at "
+            "its maximum (the true max is higher)"
+        )
     if s.server:
         lines.append("  server: " + ", ".join(f"{k} {_num(v)}" for k, v in s.server.items()))
     verdict = f"  verdict: {_validity(s)} | {_stability(s)}"
@@ -259,9 +307,11 @@ def _footer(run: Run, best: Step | None, slo: dict[str, Any]) -> list[str]:
         if best is not None:
             t = best.totals()
             c = percentiles_ms(best.hist("corrected"), (99.0,))
-            lines.append(f"sustainable throughput: {best.label} ({_offered(best)} offered, "
-                         f"{_rate(t['throughput'])} ok/s, corrected p99 {_ms(c['p99'])} ms, "
-                         f"max {_ms(c['max'])} ms)")
+            lines.append(
+                f"sustainable throughput: {best.label} ({_offered(best)} offered, "
+                f"{_rate(t['throughput'])} ok/s, corrected p99 {_ms(c['p99'])} ms, "
+                f"max {_ms(c['max'])} ms)"
+            )
         else:
             lines.append("sustainable throughput: none (no step met the SLO)")
     bad = [s for s in run.steps if not s.valid]

@@ -94,8 +94,9 @@ class RemoteBackend(Backend, Protocol):
         """Reach the upstreams and read the model's config; UNAVAILABLE when none serves it."""
         ...
 
-    async def infer(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...], deadline: float | None,
-                    request_id: str = "") -> list[np.ndarray]:
+    async def infer(
+        self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...], deadline: float | None, request_id: str = ""
+    ) -> list[np.ndarray]:
         """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock."""
         ...
 

@@ -158,7 +158,8 @@ def _as_str_array(name: str, arr: np.ndarray) -> np.ndarray:
             try:
                 v = v.decode("utf-8")
             except UnicodeDecodeError:
-                raise invalid(f"input '{name}': element {i} is not UTF-8 text, which the ONNX model's "
-                              "string tensor requires") from None
+                raise invalid(
+                    f"input '{name}': element {i} is not UTF-8 text, which the ONNX model's string tensor requires"
+                ) from None
         flat_out[i] = v if isinstance(v, str) else str(v)
     return out

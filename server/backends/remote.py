@@ -48,12 +48,20 @@ log = logging.getLogger("batchgate.remote")
 PLATFORM = "remote"
 MAX_EJECT_S = 60.0
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
-_BREAKER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-                  grpc.StatusCode.DATA_LOSS}
+_BREAKER_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DATA_LOSS,
+}
 # How gRPC core itself says that no connection could be made (the request never left). Only
 # the start of its own message counts: an upstream may answer UNAVAILABLE with any text.
-_NOT_SENT = ("failed to connect to all addresses", "errors resolving", "dns resolution failed",
-             "name resolution failed")
+_NOT_SENT = (
+    "failed to connect to all addresses",
+    "errors resolving",
+    "dns resolution failed",
+    "name resolution failed",
+)
 _KEPT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND: ErrorCode.NOT_FOUND,
@@ -116,12 +124,16 @@ class RemoteV2Backend:
     platform: ClassVar[str] = PLATFORM
     kind: ClassVar[Kind] = "remote"
 
-    def __init__(self, spec: RemoteModel, metrics: Metrics, max_message_bytes: int = 64 * 1024 * 1024,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        spec: RemoteModel,
+        metrics: Metrics,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.spec = spec
         self._clock = clock
-        self.upstreams = [Upstream(a, spec, metrics.upstream(spec.name, a), max_message_bytes)
-                          for a in spec.upstreams]
+        self.upstreams = [Upstream(a, spec, metrics.upstream(spec.name, a), max_message_bytes) for a in spec.upstreams]
         self._turn = 0
         self._prober: asyncio.Task | None = None
         self._closed = False
@@ -153,27 +165,34 @@ class RemoteV2Backend:
             self._prober = asyncio.ensure_future(self._probe_loop())
             return cfg
         await self.close()
-        raise GatewayError(ErrorCode.UNAVAILABLE, f"no upstream serves model '{self.spec.target}': "
-                           + "; ".join(problems))
+        raise GatewayError(
+            ErrorCode.UNAVAILABLE, f"no upstream serves model '{self.spec.target}': " + "; ".join(problems)
+        )
 
     async def _read_config(self, up: Upstream) -> mc.ModelConfig:
         spec = self.spec
-        meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version),
-                                           timeout=5)
+        meta = await up.stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version), timeout=5
+        )
         if not self.version:
             numeric = [int(v) for v in meta.versions if v.isdigit()]
             self.version = str(max(numeric)) if numeric else ""
         try:
-            got = await up.stub.ModelConfig(pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version),
-                                            timeout=5)
+            got = await up.stub.ModelConfig(
+                pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version), timeout=5
+            )
             cfg = mc.ModelConfig()
             cfg.CopyFrom(got.config)
             if not cfg.input or not cfg.output:
                 raise ValueError("the config lists no inputs or outputs")
         except (grpc.aio.AioRpcError, ValueError) as e:
             # Not every V2 server has Triton's config extension: build it from the metadata.
-            log.info("model '%s': upstream %s gives no usable config (%s); using its metadata",
-                     spec.name, up.address, e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
+            log.info(
+                "model '%s': upstream %s gives no usable config (%s); using its metadata",
+                spec.name,
+                up.address,
+                e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
+            )
             cfg = config_from_metadata(meta, spec.max_batch_size)
         return self._our_config(cfg)
 
@@ -200,8 +219,10 @@ class RemoteV2Backend:
             for t in tensors:
                 dt = BY_CONFIG.get(mc.DataType.Name(t.data_type))
                 if dt is None:
-                    raise GatewayError(ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype "
-                                       f"{mc.DataType.Name(t.data_type)}, which batchgate cannot serve")
+                    raise GatewayError(
+                        ErrorCode.UNAVAILABLE,
+                        f"tensor '{t.name}' has datatype {mc.DataType.Name(t.data_type)}, which batchgate cannot serve",
+                    )
                 types[t.name] = dt.v2
         return cfg
 
@@ -216,7 +237,8 @@ class RemoteV2Backend:
         timeout = min(2.0, max(0.2, self.spec.probe_interval_s))
         try:
             resp = await up.stub.ModelReady(
-                pb.ModelReadyRequest(name=self.spec.target, version=self.spec.upstream_version), timeout=timeout)
+                pb.ModelReadyRequest(name=self.spec.target, version=self.spec.upstream_version), timeout=timeout
+            )
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {e.details()}"
@@ -267,16 +289,19 @@ class RemoteV2Backend:
         if up.failures >= self.spec.eject_after_failures and not up.ejected:
             up.ejected = True
             up.ejected_until = self._clock() + up.eject_s
-            up.why = (f"ejected after {up.failures} consecutive failures, last {e.code().name}: {e.details()}; "
-                      f"probed again in {up.eject_s:g} s")
+            up.why = (
+                f"ejected after {up.failures} consecutive failures, last {e.code().name}: {e.details()}; "
+                f"probed again in {up.eject_s:g} s"
+            )
             up.metrics.ejections += 1
             up.update_gauge()
             log.warning("upstream %s of model '%s' %s", up.address, self.spec.name, up.why)
 
     # ------------------------------------------------------------------ inference
-    def request(self, feeds: dict[str, np.ndarray], names: tuple[str, ...], request_id: str = "") -> pb.ModelInferRequest:
-        msg = pb.ModelInferRequest(model_name=self.spec.target, model_version=self.spec.upstream_version,
-                                   id=request_id)
+    def request(
+        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], request_id: str = ""
+    ) -> pb.ModelInferRequest:
+        msg = pb.ModelInferRequest(model_name=self.spec.target, model_version=self.spec.upstream_version, id=request_id)
         for name, arr in feeds.items():
             dt = DATATYPES[self._in_types[name]]
             msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
@@ -285,8 +310,9 @@ class RemoteV2Backend:
             msg.outputs.add(name=name)
         return msg
 
-    async def infer(self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None,
-                    request_id: str = "") -> list[np.ndarray]:
+    async def infer(
+        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, request_id: str = ""
+    ) -> list[np.ndarray]:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock."""
         msg = self.request(feeds, names, request_id)
         tried: list[Upstream] = []
@@ -297,8 +323,10 @@ class RemoteV2Backend:
                 raise last or self.unavailable()
             timeout = self.spec.timeout_s if deadline is None else deadline - self._clock()
             if timeout <= 0:
-                raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
-                                   f"deadline exceeded before model '{self.spec.name}' could call an upstream")
+                raise GatewayError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"deadline exceeded before model '{self.spec.name}' could call an upstream",
+                )
             m = up.metrics
             up.outstanding += 1
             m.outstanding += 1
@@ -334,8 +362,10 @@ class RemoteV2Backend:
         for i, t in enumerate(resp.outputs):
             dt = DATATYPES.get(t.datatype)
             if dt is None:
-                raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered output '{t.name}' "
-                                   f"with unknown datatype {t.datatype}")
+                raise GatewayError(
+                    ErrorCode.INTERNAL,
+                    f"upstream {up.address} answered output '{t.name}' with unknown datatype {t.datatype}",
+                )
             try:
                 got[t.name] = from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
             except GatewayError as e:  # a malformed answer is the upstream's fault, not the caller's
@@ -375,8 +405,9 @@ def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) ->
         for t in src:
             dt = DATATYPES.get(t.datatype)
             if dt is None:
-                raise GatewayError(ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype {t.datatype}, "
-                                   "which batchgate cannot serve")
+                raise GatewayError(
+                    ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype {t.datatype}, which batchgate cannot serve"
+                )
             dims = list(t.shape[1:]) if batched else list(t.shape)
             dst.add(name=t.name, data_type=mc.DataType.Value(dt.config), dims=dims)
     return cfg

@@ -75,7 +75,7 @@ def split(arrays: list[np.ndarray], rows: list[int]) -> list[list[np.ndarray]]:
             raise ValueError(f"an output has {a.shape[:1] or 'no'} rows, expected {total}")
     out, start = [], 0
     for r in rows:
-        out.append([a[start:start + r] for a in arrays])
+        out.append([a[start : start + r] for a in arrays])
         start += r
     return out
 
@@ -111,11 +111,31 @@ class BatcherConfig:
 
 
 class _Entry:
-    __slots__ = ("ticket", "request", "rows", "key", "level", "deadline", "soft_deadline", "delayed", "order", "future",
-                 "answer")
+    __slots__ = (
+        "ticket",
+        "request",
+        "rows",
+        "key",
+        "level",
+        "deadline",
+        "soft_deadline",
+        "delayed",
+        "order",
+        "future",
+        "answer",
+    )
 
-    def __init__(self, ticket: Ticket, rows: int, key: ShapeKey, level: int, deadline: float | None,
-                 soft_deadline: float | None, order: Order, future: asyncio.Future[Answer]):
+    def __init__(
+        self,
+        ticket: Ticket,
+        rows: int,
+        key: ShapeKey,
+        level: int,
+        deadline: float | None,
+        soft_deadline: float | None,
+        order: Order,
+        future: asyncio.Future[Answer],
+    ):
         self.ticket = ticket
         self.request = ticket.request
         self.rows = rows
@@ -130,8 +150,14 @@ class _Entry:
 
 
 class DynamicBatcher(_SchedulerBase):
-    def __init__(self, execute: Execute, config: BatcherConfig, clock: Clock = time.monotonic, name: str = "",
-                 refused: Refused | None = None):
+    def __init__(
+        self,
+        execute: Execute,
+        config: BatcherConfig,
+        clock: Clock = time.monotonic,
+        name: str = "",
+        refused: Refused | None = None,
+    ):
         self._execute = execute
         self._refused = refused or _ignore
         self.cost = CostModel()
@@ -194,7 +220,8 @@ class DynamicBatcher(_SchedulerBase):
                 raise GatewayError(
                     ErrorCode.DEADLINE_EXCEEDED,
                     f"{rid}deadline cannot be met: model '{self._name}' has about {wait * 1000:.1f} ms of work "
-                    f"queued ahead, and {max(0.0, request.deadline - now) * 1000:.1f} ms remain; refused at once")
+                    f"queued ahead, and {max(0.0, request.deadline - now) * 1000:.1f} ms remain; refused at once",
+                )
         soft = request.arrival + cfg.default_timeout_s if cfg.default_timeout_s else None
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seq += 1
@@ -255,8 +282,10 @@ class DynamicBatcher(_SchedulerBase):
             return 0
         p = request.priority or self.config.default_priority_level or 1
         if p > levels:
-            raise invalid(f"priority {p} is out of range for model '{self._name}': "
-                          f"use 1 (highest) to {levels}, or 0 for the default")
+            raise invalid(
+                f"priority {p} is out of range for model '{self._name}': "
+                f"use 1 (highest) to {levels}, or 0 for the default"
+            )
         return p - 1
 
     def _remove(self, entry: _Entry) -> bool:
@@ -309,9 +338,13 @@ class DynamicBatcher(_SchedulerBase):
                     else:
                         self._refused(QUEUE_TIMEOUT)
                         rid = f"[request id: {e.request.id}] " if e.request.id else ""
-                        self._fail(e, GatewayError(
-                            ErrorCode.DEADLINE_EXCEEDED,
-                            f"{rid}queue timeout of model '{self._name}' expired; the request was not executed"))
+                        self._fail(
+                            e,
+                            GatewayError(
+                                ErrorCode.DEADLINE_EXCEEDED,
+                                f"{rid}queue timeout of model '{self._name}' expired; the request was not executed",
+                            ),
+                        )
 
     def _candidates(self) -> list[_Entry]:
         """The batch the head of the queue would lead: compatible requests in queue order

@@ -78,16 +78,11 @@ class ModelSignature:
         for t in request.inputs:
             spec = specs.get(t.name)
             if spec is None:
-                raise invalid(
-                    f"{where} has no input '{t.name}'; its inputs are "
-                    f"{', '.join(repr(s) for s in specs)}"
-                )
+                raise invalid(f"{where} has no input '{t.name}'; its inputs are {', '.join(repr(s) for s in specs)}")
             if t.name in feeds:
                 raise invalid(f"input '{t.name}' appears more than once")
             if t.datatype != spec.dtype.v2:
-                raise invalid(
-                    f"input '{t.name}' has datatype {t.datatype}, but {where} expects {spec.dtype.v2}"
-                )
+                raise invalid(f"input '{t.name}' has datatype {t.datatype}, but {where} expects {spec.dtype.v2}")
             shape = t.shape
             dims = spec.dims
             if self.max_batch_size > 0:
@@ -99,8 +94,7 @@ class ModelSignature:
                 b = shape[0]
                 if b < 1 or b > self.max_batch_size:
                     raise invalid(
-                        f"input '{t.name}': batch size {b} must be between 1 and "
-                        f"{self.max_batch_size} for {where}"
+                        f"input '{t.name}': batch size {b} must be between 1 and {self.max_batch_size} for {where}"
                     )
                 if batch == -1:
                     batch = b
@@ -113,9 +107,7 @@ class ModelSignature:
             else:
                 rest = shape
                 if len(shape) != len(dims):
-                    raise invalid(
-                        f"input '{t.name}' has shape {list(shape)}, but {where} expects {list(dims)}"
-                    )
+                    raise invalid(f"input '{t.name}' has shape {list(shape)}, but {where} expects {list(dims)}")
             for have, want in zip(rest, dims):
                 if want != -1 and have != want:
                     raise invalid(
@@ -136,8 +128,7 @@ class ModelSignature:
             for name in request.outputs:
                 if name not in self._out:
                     raise invalid(
-                        f"{where} has no output '{name}'; its outputs are "
-                        f"{', '.join(repr(s) for s in self._out)}"
+                        f"{where} has no output '{name}'; its outputs are {', '.join(repr(s) for s in self._out)}"
                     )
                 picked.append(name)
             names = tuple(picked)

@@ -21,8 +21,14 @@ from typing import Any
 
 # Positions in ModelStats.totals: (count, ns) for each duration.
 SUCCESS, FAIL, QUEUE, INPUT, INFER, OUTPUT = 0, 2, 4, 6, 8, 10
-_NAMES = (("success", SUCCESS), ("fail", FAIL), ("queue", QUEUE), ("compute_input", INPUT),
-          ("compute_infer", INFER), ("compute_output", OUTPUT))
+_NAMES = (
+    ("success", SUCCESS),
+    ("fail", FAIL),
+    ("queue", QUEUE),
+    ("compute_input", INPUT),
+    ("compute_infer", INFER),
+    ("compute_output", OUTPUT),
+)
 
 
 def _d(count: int, ns: int) -> dict[str, int]:
@@ -30,8 +36,16 @@ def _d(count: int, ns: int) -> dict[str, int]:
 
 
 class ModelStats:
-    __slots__ = ("name", "version", "last_inference_ms", "inference_count", "execution_count", "totals",
-                 "batch_stats", "_wall_clock")
+    __slots__ = (
+        "name",
+        "version",
+        "last_inference_ms",
+        "inference_count",
+        "execution_count",
+        "totals",
+        "batch_stats",
+        "_wall_clock",
+    )
 
     def __init__(self, name: str, version: str, wall_clock: Callable[[], float] = time.time):
         self._wall_clock = wall_clock  # seconds since the epoch, for last_inference
@@ -85,8 +99,12 @@ class ModelStats:
             "execution_count": self.execution_count,
             "inference_stats": stats,
             "batch_stats": [
-                {"batch_size": size, "compute_input": _d(b[0], b[1]), "compute_infer": _d(b[0], b[2]),
-                 "compute_output": _d(b[0], b[3])}
+                {
+                    "batch_size": size,
+                    "compute_input": _d(b[0], b[1]),
+                    "compute_infer": _d(b[0], b[2]),
+                    "compute_output": _d(b[0], b[3]),
+                }
                 for size, b in sorted(self.batch_stats.items())
             ],
             "memory_usage": [],
@@ -107,9 +125,14 @@ def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     sizes: dict[int, dict[str, Any]] = {e["batch_size"]: e for e in a["batch_stats"]}
     for e in b["batch_stats"]:
         mine = sizes.get(e["batch_size"])
-        sizes[e["batch_size"]] = e if mine is None else {
-            "batch_size": e["batch_size"],
-            **{k: _sum_pair(mine[k], e[k]) for k in ("compute_input", "compute_infer", "compute_output")}}
+        sizes[e["batch_size"]] = (
+            e
+            if mine is None
+            else {
+                "batch_size": e["batch_size"],
+                **{k: _sum_pair(mine[k], e[k]) for k in ("compute_input", "compute_infer", "compute_output")},
+            }
+        )
     return {
         **a,
         "last_inference": max(a["last_inference"], b["last_inference"]),

@@ -58,9 +58,7 @@ def datatype(name: str, what: str = "tensor") -> DataType:
     try:
         return DATATYPES[name]
     except KeyError:
-        raise invalid(
-            f"{what}: unsupported datatype {name!r}; expected one of {', '.join(DATATYPES)}"
-        ) from None
+        raise invalid(f"{what}: unsupported datatype {name!r}; expected one of {', '.join(DATATYPES)}") from None
 
 
 def element_count(shape: Iterable[int]) -> int:
@@ -108,10 +106,7 @@ def from_raw(buf: bytes | memoryview, dt: DataType, shape: tuple[int, ...], what
         return decode_bytes_tensor(buf, count, what).reshape(shape)
     expected = count * dt.itemsize
     if len(buf) != expected:
-        raise invalid(
-            f"{what}: got {len(buf)} bytes of data but shape {list(shape)} of {dt.v2} "
-            f"needs {expected} bytes"
-        )
+        raise invalid(f"{what}: got {len(buf)} bytes of data but shape {list(shape)} of {dt.v2} needs {expected} bytes")
     arr = np.frombuffer(buf, dtype=dt.np_dtype)
     return arr.reshape(shape)
 
@@ -178,12 +173,13 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
         if not name.startswith("x-"):
             continue
         if len(name) + len(value) > limits.max_header_bytes:
-            raise invalid(f"header '{_short(name)}' is {len(name) + len(value)} bytes; at most "
-                          f"{limits.max_header_bytes} are accepted (max_header_bytes)")
+            raise invalid(
+                f"header '{_short(name)}' is {len(name) + len(value)} bytes; at most "
+                f"{limits.max_header_bytes} are accepted (max_header_bytes)"
+            )
         if name not in out:
             if len(out) >= limits.max_headers:
-                raise invalid(f"the request carries more than {limits.max_headers} x-* headers "
-                              "(max_request_headers)")
+                raise invalid(f"the request carries more than {limits.max_headers} x-* headers (max_request_headers)")
             out[name] = value
     return MappingProxyType(out) if out else EMPTY
 
@@ -216,8 +212,10 @@ def new_request(
     deadline = transport_deadline
     if parameters:
         if len(parameters) > limits.max_parameters:
-            raise invalid(f"the request has {len(parameters)} parameters; at most {limits.max_parameters} "
-                          "are accepted (max_request_parameters)")
+            raise invalid(
+                f"the request has {len(parameters)} parameters; at most {limits.max_parameters} "
+                "are accepted (max_request_parameters)"
+            )
         params = MappingProxyType(dict(parameters))
         if "priority" in params:
             v = params["priority"]
@@ -227,16 +225,30 @@ def new_request(
         if "timeout" in params:
             v = params["timeout"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise invalid(f"parameter 'timeout' must be a non-negative integer of microseconds, "
-                              f"not {_short(repr(v))}")
+                raise invalid(
+                    f"parameter 'timeout' must be a non-negative integer of microseconds, not {_short(repr(v))}"
+                )
             timeout_us = v
             if v:
                 dl = arrival + v / 1e6
                 deadline = dl if deadline is None else min(deadline, dl)
     rid = request_id or (headers.get(REQUEST_ID_HEADER, "") if headers else "")
     synthetic = bool(headers) and headers.get(SYNTHETIC_HEADER, "").strip().lower() in ("1", "true", "yes")
-    return InferRequest(model_name, model_version, tuple(inputs), None if outputs is None else tuple(outputs),
-                        rid, params, headers, priority, timeout_us, deadline, arrival, protocol, synthetic)
+    return InferRequest(
+        model_name,
+        model_version,
+        tuple(inputs),
+        None if outputs is None else tuple(outputs),
+        rid,
+        params,
+        headers,
+        priority,
+        timeout_us,
+        deadline,
+        arrival,
+        protocol,
+        synthetic,
+    )
 
 
 @dataclass(slots=True)

@@ -61,9 +61,18 @@ class VersionBuilder:
             schedule = schedule_of(cfg, o.max_queue_size, policy)
         except ValueError as e:
             raise ModelConfigError(f"model '{cfg.name}': {e}") from None
-        return ModelVersion(cfg, signature_of(cfg), version, backend, schedule, instances_of(cfg),
-                            queue_bound(cfg, o.max_queue_size), self._threads,
-                            self._metrics.bind(cfg.name, version), inline_max_us)
+        return ModelVersion(
+            cfg,
+            signature_of(cfg),
+            version,
+            backend,
+            schedule,
+            instances_of(cfg),
+            queue_bound(cfg, o.max_queue_size),
+            self._threads,
+            self._metrics.bind(cfg.name, version),
+            inline_max_us,
+        )
 
     def local(self, name: str, model_dir: str, override: mc.ModelConfig | None) -> dict[int, ModelVersion]:
         """Blocking (call it on a thread): read the config, open every served version, warm it up."""
@@ -78,8 +87,9 @@ class VersionBuilder:
         try:
             cls = local_backend(platform)
         except KeyError:
-            raise ModelConfigError(f"model '{name}': platform '{platform}' is not served; batchgate serves "
-                              f"{', '.join(local_platforms())}") from None
+            raise ModelConfigError(
+                f"model '{name}': platform '{platform}' is not served; batchgate serves {', '.join(local_platforms())}"
+            ) from None
         built: dict[int, ModelVersion] = {}
         for v in versions:
             filename = cfg.default_model_filename or "model.onnx"
@@ -93,9 +103,12 @@ class VersionBuilder:
             except ModelConfigError as e:
                 raise ModelConfigError(f"model '{name}': {e}") from None
             except Exception as e:  # an engine raises its own exception types for bad files
-                raise ModelConfigError(f"model '{name}': {cls.engine} cannot load {os.path.basename(path)}: {e}") from None
-            full = complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(),
-                                   self.options.default_max_batch_size)
+                raise ModelConfigError(
+                    f"model '{name}': {cls.engine} cannot load {os.path.basename(path)}: {e}"
+                ) from None
+            full = complete_config(
+                cfg, backend.platform, backend.inputs(), backend.outputs(), self.options.default_max_batch_size
+            )
             if self.options.warm_up:
                 backend.warm_up()
             built[v] = self.version(full, str(v), backend, self.options.inline_max_us)

@@ -23,8 +23,6 @@ from ..core.types import BY_CONFIG, DATATYPES
 CONFIG_FILE = "config.pbtxt"
 
 
-
-
 def read_config(model_dir: str, name: str) -> mc.ModelConfig:
     path = os.path.join(model_dir, CONFIG_FILE)
     cfg = mc.ModelConfig()
@@ -60,15 +58,16 @@ def versions_to_serve(cfg: mc.ModelConfig, available: list[int]) -> list[int]:
         wanted = set(cfg.version_policy.specific.versions)
         return [v for v in available if v in wanted]
     n = cfg.version_policy.latest.num_versions if policy == "latest" else 1
-    return available[-max(n, 1):] if available else []
+    return available[-max(n, 1) :] if available else []
 
 
 def _dims_from(info: IOInfo, batched: bool) -> list[int]:
     return list(info.shape[1:] if batched else info.shape)
 
 
-def complete_config(cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], outputs: list[IOInfo],
-                    default_max_batch_size: int) -> mc.ModelConfig:
+def complete_config(
+    cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], outputs: list[IOInfo], default_max_batch_size: int
+) -> mc.ModelConfig:
     """Fill what ``cfg`` leaves out from the engine's signature; check what it gives."""
     cfg = _copy(cfg)
     if not cfg.platform and not cfg.backend:
@@ -172,17 +171,18 @@ def schedule_of(cfg: mc.ModelConfig, max_queue_size: int, policy: str) -> Batche
 
 
 _INT64_TYPES = {
-    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
 }
 
 
 def config_to_json(cfg: mc.ModelConfig) -> dict[str, Any]:
     """The config as Triton's HTTP ``/config`` shows it: proto field names, every field,
     64-bit integers as JSON numbers (protobuf's JSON writes them as strings)."""
-    d = json_format.MessageToDict(
-        cfg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    d = json_format.MessageToDict(cfg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return _numbers(d, cfg.DESCRIPTOR)
 
 

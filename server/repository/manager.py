@@ -101,13 +101,15 @@ class ModelRepository:
             try:
                 served = entry.versions.get(int(version))
             except ValueError:
-                raise GatewayError(ErrorCode.INVALID_ARGUMENT,
-                                   f"model version must be a number, not '{version}'") from None
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT, f"model version must be a number, not '{version}'"
+                ) from None
             if served is None:
                 if entry.versions:
                     raise not_found(
                         f"model '{name}' has no version {version} loaded; loaded versions: "
-                        f"{', '.join(str(v) for v in sorted(entry.versions))}")
+                        f"{', '.join(str(v) for v in sorted(entry.versions))}"
+                    )
                 raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{name}' is not ready: {entry.reason}")
             return served
         served = entry.latest
@@ -140,8 +142,9 @@ class ModelRepository:
                 if served.ready():
                     rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
                 elif not ready_only:
-                    rows.append({"name": name, "version": str(v), "state": UNAVAILABLE,
-                                 "reason": served.not_ready_reason()})
+                    rows.append(
+                        {"name": name, "version": str(v), "state": UNAVAILABLE, "reason": served.not_ready_reason()}
+                    )
             if (not e.versions or e.state != READY) and not ready_only:
                 rows.append({"name": name, "version": "", "state": e.state, "reason": e.reason})
         return rows
@@ -161,8 +164,9 @@ class ModelRepository:
         names = self._discover()
         both = sorted(set(names) & set(self.remote))
         if both:
-            raise ConfigError(f"model(s) {', '.join(both)}: both a directory in the model repository and a "
-                              "remote model; rename one")
+            raise ConfigError(
+                f"model(s) {', '.join(both)}: both a directory in the model repository and a remote model; rename one"
+            )
         for spec in self.remote.values():
             await self._load_remote(spec)
         if self.mode == "explicit":
@@ -209,22 +213,27 @@ class ModelRepository:
             raise GatewayError(
                 ErrorCode.UNAVAILABLE,
                 f"explicit model load / unload is not allowed in model control mode '{self.mode}'; "
-                "start with --model-control-mode=explicit")
+                "start with --model-control-mode=explicit",
+            )
 
     async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
         """The load API (explicit mode): load or reload ``name``."""
         self._explicit_only()
         if name in self.remote:
             if config_json is not None or files:
-                raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"model '{name}' is a remote model: its config "
-                                   "comes from its upstreams, so a load takes no config or files")
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"model '{name}' is a remote model: its config "
+                    "comes from its upstreams, so a load takes no config or files",
+                )
             await self._load_remote(self.remote[name], fail=True)
             return
         model_dir = None
         if files:
             if config_json is None:
-                raise GatewayError(ErrorCode.INVALID_ARGUMENT,
-                                   f"model '{name}': files given with a load need a 'config' too")
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT, f"model '{name}': files given with a load need a 'config' too"
+                )
             model_dir = self._write_override(name, files)
         elif name not in self._discover() and config_json is None:
             raise not_found(f"model '{name}' is not in the model repository")
@@ -243,7 +252,9 @@ class ModelRepository:
             rel = os.path.normpath(key)
             if rel.startswith("..") or os.path.isabs(rel):
                 shutil.rmtree(d, ignore_errors=True)
-                raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"model '{name}': file path '{key}' leaves the model directory")
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT, f"model '{name}': file path '{key}' leaves the model directory"
+                )
             path = os.path.join(d, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
@@ -270,8 +281,13 @@ class ModelRepository:
         entry.latest = new[max(new)]
         entry.state, entry.reason, entry.fingerprint = READY, "", fp
         backend = entry.latest.backend
-        log.info("model '%s' ready: versions %s on %s (%.0f ms)", entry.name, sorted(new),
-                 ", ".join(backend.providers() if backend else ()), seconds * 1000)
+        log.info(
+            "model '%s' ready: versions %s on %s (%.0f ms)",
+            entry.name,
+            sorted(new),
+            ", ".join(backend.providers() if backend else ()),
+            seconds * 1000,
+        )
         for s in old.values():
             self._later(s.retire(self.retire_grace_s))
 
@@ -283,8 +299,13 @@ class ModelRepository:
         else:
             entry.state, entry.reason = UNAVAILABLE, msg
 
-    async def _load(self, name: str, fail_missing: bool = False, override: mc.ModelConfig | None = None,
-                    model_dir: str | None = None) -> None:
+    async def _load(
+        self,
+        name: str,
+        fail_missing: bool = False,
+        override: mc.ModelConfig | None = None,
+        model_dir: str | None = None,
+    ) -> None:
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
             model_dir = model_dir or self._overrides.get(name) or os.path.join(self.root, name)
@@ -294,16 +315,18 @@ class ModelRepository:
             t0 = time.perf_counter()
             try:
                 new = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self.builder.local, name, model_dir, override)
+                    self.pool, self.builder.local, name, model_dir, override
+                )
             except (ModelConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
                 msg = e.message if isinstance(e, GatewayError) else str(e)
                 log.error("model '%s' failed to load: %s", name, msg)
                 self._failed(entry, msg)
                 entry.fingerprint = fp
                 if fail_missing:
-                    raise GatewayError(ErrorCode.INVALID_ARGUMENT if isinstance(e, ModelConfigError)
-                                       else ErrorCode.UNAVAILABLE,
-                                       f"failed to load model '{name}': {msg}") from None
+                    raise GatewayError(
+                        ErrorCode.INVALID_ARGUMENT if isinstance(e, ModelConfigError) else ErrorCode.UNAVAILABLE,
+                        f"failed to load model '{name}': {msg}",
+                    ) from None
                 return
             self._swap(entry, new, time.perf_counter() - t0, fp)
 
@@ -346,8 +369,9 @@ class ModelRepository:
                 await backend.close()
                 self._failed(entry, msg)
                 if wanted():
-                    log.error("remote model '%s' failed to load: %s; retrying every %g s", name, msg,
-                              spec.probe_interval_s)
+                    log.error(
+                        "remote model '%s' failed to load: %s; retrying every %g s", name, msg, spec.probe_interval_s
+                    )
                     self._retrying[name] = asyncio.ensure_future(self._retry_remote(spec, generation))
                 else:
                     mine()
@@ -362,8 +386,11 @@ class ModelRepository:
 
     async def _retry_remote(self, spec: RemoteModel, generation: int) -> None:
         await asyncio.sleep(spec.probe_interval_s)
-        if (self._retrying.get(spec.name) is asyncio.current_task() and not self._stopping
-                and self._generation.get(spec.name, 0) == generation):
+        if (
+            self._retrying.get(spec.name) is asyncio.current_task()
+            and not self._stopping
+            and self._generation.get(spec.name, 0) == generation
+        ):
             await self._load_remote(spec)
 
     async def _unload(self, name: str, forget: bool = False) -> None:

@@ -25,10 +25,18 @@ from ..core.types import (
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-    "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -38,8 +46,13 @@ def param_value(p: pb.InferParameter) -> bool | int | float | str | None:
     return value
 
 
-def decode_request(msg: pb.ModelInferRequest, arrival: float, limits: RequestLimits,
-                   headers: Mapping[str, str] = EMPTY, deadline: float | None = None) -> InferRequest:
+def decode_request(
+    msg: pb.ModelInferRequest,
+    arrival: float,
+    limits: RequestLimits,
+    headers: Mapping[str, str] = EMPTY,
+    deadline: float | None = None,
+) -> InferRequest:
     """The request in ``msg``; ``headers`` are the caller's x-* metadata, ``deadline`` the
     call's gRPC deadline on the monotonic clock (None when it has none)."""
     # Each protobuf field is read once: with upb every attribute read builds an object.
@@ -68,9 +81,19 @@ def decode_request(msg: pb.ModelInferRequest, arrival: float, limits: RequestLim
     outs = msg.outputs
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
-    return new_request(msg.model_name, msg.model_version, inputs, outputs, msg.id,
-                       {k: param_value(v) for k, v in params.items()} if params else None,
-                       headers, arrival, "grpc", limits, deadline)
+    return new_request(
+        msg.model_name,
+        msg.model_version,
+        inputs,
+        outputs,
+        msg.id,
+        {k: param_value(v) for k, v in params.items()} if params else None,
+        headers,
+        arrival,
+        "grpc",
+        limits,
+        deadline,
+    )
 
 
 def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:

@@ -60,11 +60,12 @@ def _parse(raw: bytes) -> pb.ModelInferRequest:
     try:
         return pb.ModelInferRequest.FromString(raw)
     except DecodeError as e:
-        raise GatewayError(ErrorCode.INVALID_ARGUMENT,
-                           f"the request is not a valid inference.ModelInferRequest message: {e}") from None
+        raise GatewayError(
+            ErrorCode.INVALID_ARGUMENT, f"the request is not a valid inference.ModelInferRequest message: {e}"
+        ) from None
 
 
-def add_to_server(service: "InferenceService", server) -> None:
+def add_to_server(service: InferenceService, server) -> None:
     """Register every RPC of ``inference.GRPCInferenceService``, as the generated
     ``add_GRPCInferenceServiceServicer_to_server`` would, except that ModelInfer and
     ModelStreamInfer receive raw bytes: unparsable protobuf is then answered
@@ -72,8 +73,9 @@ def add_to_server(service: "InferenceService", server) -> None:
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         impl = getattr(service, method.name, None)
-        if impl is None or getattr(type(service), method.name) is getattr(pb_grpc.GRPCInferenceServiceServicer,
-                                                                       method.name, None):
+        if impl is None or getattr(type(service), method.name) is getattr(
+            pb_grpc.GRPCInferenceServiceServicer, method.name, None
+        ):
             continue  # not implemented: grpc answers UNIMPLEMENTED
         req_cls = getattr(pb, method.input_type.name)
         resp_cls = getattr(pb, method.output_type.name)
@@ -83,8 +85,9 @@ def add_to_server(service: "InferenceService", server) -> None:
             make = grpc.stream_stream_rpc_method_handler
         else:
             make = grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(impl, request_deserializer=deserializer,
-                                     response_serializer=resp_cls.SerializeToString)
+        handlers[method.name] = make(
+            impl, request_deserializer=deserializer, response_serializer=resp_cls.SerializeToString
+        )
     # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
     # lookup per call.
     server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
@@ -172,8 +175,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _decode(self, msg, context, headers) -> InferRequest:
         arrival = _monotonic()
         remaining = context.time_remaining()
-        return grpc_codec.decode_request(msg, arrival, self.dp.limits, headers,
-                                         None if remaining is None else arrival + remaining)
+        return grpc_codec.decode_request(
+            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining
+        )
 
     async def ModelInfer(self, raw: bytes, context):
         request = headers = None
@@ -217,11 +221,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 self.dp.log_failure("grpc", msg.model_name, rid, e)
                 # Answers may come out of order, and tritonclient hands a stream error to the
                 # caller without the response's id: the message itself names the request.
-                await out.put(pb.ModelStreamInferResponse(
-                    error_message=e.message if not rid or e.message.startswith("[request id: ")
-                    else f"[request id: {rid[:128]}] {e.message}",
-                    infer_response=pb.ModelInferResponse(model_name=msg.model_name,
-                                                         model_version=msg.model_version, id=rid)))
+                await out.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=e.message
+                        if not rid or e.message.startswith("[request id: ")
+                        else f"[request id: {rid[:128]}] {e.message}",
+                        infer_response=pb.ModelInferResponse(
+                            model_name=msg.model_name, model_version=msg.model_version, id=rid
+                        ),
+                    )
+                )
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,
@@ -256,8 +265,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 answered += 1
             if read_error:
                 log.warning("gRPC stream ended by a read error: %s", read_error[0])
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"the request stream could not be read: {read_error[0]}")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"the request stream could not be read: {read_error[0]}"
+                )
         finally:
             read_task.cancel()
             for t in list(pending):

@@ -115,8 +115,9 @@ class HttpApp:
             if action == "ready":
                 if self.dp.model_ready(model, version):
                     return await self._empty(send, 200)
-                raise GatewayError(ErrorCode.INVALID_ARGUMENT,
-                                   f"model '{model[:128]}' version '{version or 'latest'}' is not ready")
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT, f"model '{model[:128]}' version '{version or 'latest'}' is not ready"
+                )
             if action == "config":
                 return await self._json(send, self.dp.model_config_json(model, version))
             if action == "stats":
@@ -142,8 +143,9 @@ class HttpApp:
             if not isinstance(params, dict):
                 raise invalid("'parameters' must be an object")
             if action == "load":
-                await self.dp.load_model(model, {k: _file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v
-                                                 for k, v in params.items()})
+                await self.dp.load_model(
+                    model, {k: _file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()}
+                )
             else:
                 await self.dp.unload_model(model)
             return await self._empty(send, 200)
@@ -177,8 +179,9 @@ class HttpApp:
                 except ValueError:
                     raise invalid("Content-Length is not a number") from None
                 if n > self.limit:
-                    raise invalid(f"request body of {n} bytes exceeds the limit of {self.limit} bytes "
-                                  "(max_request_bytes)")
+                    raise invalid(
+                        f"request body of {n} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
+                    )
                 break
         return await self._more_body(await receive(), receive)
 
@@ -190,8 +193,9 @@ class HttpApp:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 if len(v) > 6 and int(v) > self.limit:
-                    raise invalid(f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes "
-                                  "(max_request_bytes)")
+                    raise invalid(
+                        f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
+                    )
             elif k == b"inference-header-content-length":
                 header_len = v.decode("latin-1")
             elif k == b"content-encoding":
@@ -212,8 +216,7 @@ class HttpApp:
         try:
             if content_encoding:
                 body = http_codec.decompress(body, content_encoding, self.limit)
-            req, options = http_codec.decode_request(body, header_len, model, version, arrival, self.dp.limits,
-                                                     headers)
+            req, options = http_codec.decode_request(body, header_len, model, version, arrival, self.dp.limits, headers)
             pending = self.dp.infer(req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
             # for requests still unanswered after a moment (most are answered first, and

@@ -65,12 +65,21 @@ def parse_json(data: bytes, what: str = "request body") -> JSONValue:
         raise invalid(f"{what} is not valid JSON: {e}") from None
 
 
-def decode_request(body: bytes, header_length: str | None, model: str, version: str, arrival: float,
-                   limits: RequestLimits, headers: Mapping[str, str] = EMPTY) -> tuple[InferRequest, OutputOptions]:
+def decode_request(
+    body: bytes,
+    header_length: str | None,
+    model: str,
+    version: str,
+    arrival: float,
+    limits: RequestLimits,
+    headers: Mapping[str, str] = EMPTY,
+) -> tuple[InferRequest, OutputOptions]:
     """The request in ``body`` and how its caller wants the outputs written."""
     if header_length == "0":
-        raise invalid("raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
-                      "send a JSON header describing the inputs")
+        raise invalid(
+            "raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
+            "send a JSON header describing the inputs"
+        )
     if header_length is None:  # all JSON: the common case for curl and web apps
         head, binary = body, _EMPTY
     else:
@@ -94,8 +103,12 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
             dt = DATATYPES[dtname]
         except (KeyError, TypeError):
             name = dt = shape = None
-        if dt is None or type(name) is not str or type(shape) is not list or \
-                not all(type(d) is int and d >= 0 for d in shape):
+        if (
+            dt is None
+            or type(name) is not str
+            or type(shape) is not list
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
             _explain_bad_input(j)
         shape = tuple(shape)
         params = j.get("parameters")
@@ -110,9 +123,11 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
             if type(size) is not int or size < 0:
                 raise invalid(f"input '{name}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise invalid(f"input '{name}': binary_data_size {size} runs past the end of the body "
-                              f"({len(binary) - offset} binary bytes remain)")
-            data = from_raw(binary[offset:offset + size], dt, shape, f"input '{name}'")
+                raise invalid(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} binary bytes remain)"
+                )
+            data = from_raw(binary[offset : offset + size], dt, shape, f"input '{name}'")
             offset += size
         else:
             data = _from_json(j["data"], dt, shape, name, maybe_bools)
@@ -167,7 +182,9 @@ def _explain_bad_input(j: object) -> NoReturn:
     raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {j.get('shape')!r}")
 
 
-def _from_json(data: JSONValue, dt: DataType, shape: tuple[int, ...], name: str, maybe_bools: bool = True) -> np.ndarray:
+def _from_json(
+    data: JSONValue, dt: DataType, shape: tuple[int, ...], name: str, maybe_bools: bool = True
+) -> np.ndarray:
     what = f"input '{name}'"
     count = element_count(shape)
     try:
@@ -189,7 +206,13 @@ def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np
     ``np.asarray(data, dtype)`` turns 1.5 into 1, true into 1 and "7" into 7."""
     arr = np.asarray(data)  # numpy's own reading first: its kind says what the JSON held
     kind = arr.dtype.kind
-    if maybe_bools and arr.size and dt.v2 != "BOOL" and kind in "iuf" and any(v is True or v is False for v in _flatten(data)):
+    if (
+        maybe_bools
+        and arr.size
+        and dt.v2 != "BOOL"
+        and kind in "iuf"
+        and any(v is True or v is False for v in _flatten(data))
+    ):
         kind = "b"  # numpy reads [1, true] as [1, 1]
     if arr.size:
         if dt.v2 == "BOOL":

@@ -22,44 +22,125 @@ _DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(\.[0-9]+)?(ms|s|m|h))+)$
 
 
 def _resource(api: str, kind: str, spec: dict) -> dict:
-    return _obj({"apiVersion": {"const": api}, "kind": {"const": kind}, "metadata": _META, "spec": spec},
-                ["apiVersion", "kind", "metadata", "spec"])
+    return _obj(
+        {"apiVersion": {"const": api}, "kind": {"const": kind}, "metadata": _META, "spec": spec},
+        ["apiVersion", "kind", "metadata", "spec"],
+    )
 
 
-_ENDPOINT = _obj({"port": _STR, "path": _STR, "interval": _DURATION, "scrapeTimeout": _DURATION,
-                  "scheme": {"enum": ["http", "https"]}}, ["port"])
+_ENDPOINT = _obj(
+    {
+        "port": _STR,
+        "path": _STR,
+        "interval": _DURATION,
+        "scrapeTimeout": _DURATION,
+        "scheme": {"enum": ["http", "https"]},
+    },
+    ["port"],
+)
 
-_HPA_POLICY = _obj({"type": {"enum": ["Pods", "Percent"]}, "value": _INT, "periodSeconds": _INT},
-                   ["type", "value", "periodSeconds"])
-_HPA_RULES = _obj({"stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
-                   "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
-                   "policies": {"type": "array", "items": _HPA_POLICY}})
+_HPA_POLICY = _obj(
+    {"type": {"enum": ["Pods", "Percent"]}, "value": _INT, "periodSeconds": _INT}, ["type", "value", "periodSeconds"]
+)
+_HPA_RULES = _obj(
+    {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {"type": "array", "items": _HPA_POLICY},
+    }
+)
 
 CRD_SCHEMAS = {
-    "ServiceMonitor": _resource("monitoring.coreos.com/v1", "ServiceMonitor", _obj(
-        {"selector": _SELECTOR, "endpoints": {"type": "array", "items": _ENDPOINT, "minItems": 1},
-         "namespaceSelector": _obj({"matchNames": {"type": "array", "items": _STR}, "any": {"type": "boolean"}})},
-        ["selector", "endpoints"])),
-    "PodMonitor": _resource("monitoring.coreos.com/v1", "PodMonitor", _obj(
-        {"selector": _SELECTOR, "podMetricsEndpoints": {"type": "array", "items": _ENDPOINT, "minItems": 1}},
-        ["selector", "podMetricsEndpoints"])),
-    "PrometheusRule": _resource("monitoring.coreos.com/v1", "PrometheusRule", _obj(
-        {"groups": {"type": "array", "items": _obj(
-            {"name": _STR, "interval": _DURATION, "rules": {"type": "array", "items": _obj(
-                {"alert": _STR, "record": _STR, "expr": _STR, "for": _DURATION, "labels": _LABELS,
-                 "annotations": _LABELS}, ["expr"])}}, ["name", "rules"])}},
-        ["groups"])),
-    "ScaledObject": _resource("keda.sh/v1alpha1", "ScaledObject", _obj(
-        {"scaleTargetRef": _obj({"name": _STR, "kind": _STR, "apiVersion": _STR}, ["name"]),
-         "minReplicaCount": _INT, "maxReplicaCount": _INT, "pollingInterval": _INT, "cooldownPeriod": _INT,
-         "idleReplicaCount": _INT, "initialCooldownPeriod": _INT,
-         "advanced": _obj({"restoreToOriginalReplicaCount": {"type": "boolean"},
-                           "horizontalPodAutoscalerConfig": _obj(
-                               {"name": _STR, "behavior": _obj({"scaleUp": _HPA_RULES, "scaleDown": _HPA_RULES})})}),
-         "triggers": {"type": "array", "minItems": 1, "items": _obj(
-             {"type": _STR, "name": _STR, "useCachedMetrics": {"type": "boolean"},
-              "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-              "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-              "authenticationRef": _obj({"name": _STR, "kind": _STR}, ["name"])}, ["type", "metadata"])}},
-        ["scaleTargetRef", "triggers"])),
+    "ServiceMonitor": _resource(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        _obj(
+            {
+                "selector": _SELECTOR,
+                "endpoints": {"type": "array", "items": _ENDPOINT, "minItems": 1},
+                "namespaceSelector": _obj({"matchNames": {"type": "array", "items": _STR}, "any": {"type": "boolean"}}),
+            },
+            ["selector", "endpoints"],
+        ),
+    ),
+    "PodMonitor": _resource(
+        "monitoring.coreos.com/v1",
+        "PodMonitor",
+        _obj(
+            {"selector": _SELECTOR, "podMetricsEndpoints": {"type": "array", "items": _ENDPOINT, "minItems": 1}},
+            ["selector", "podMetricsEndpoints"],
+        ),
+    ),
+    "PrometheusRule": _resource(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        _obj(
+            {
+                "groups": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "name": _STR,
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": _obj(
+                                    {
+                                        "alert": _STR,
+                                        "record": _STR,
+                                        "expr": _STR,
+                                        "for": _DURATION,
+                                        "labels": _LABELS,
+                                        "annotations": _LABELS,
+                                    },
+                                    ["expr"],
+                                ),
+                            },
+                        },
+                        ["name", "rules"],
+                    ),
+                }
+            },
+            ["groups"],
+        ),
+    ),
+    "ScaledObject": _resource(
+        "keda.sh/v1alpha1",
+        "ScaledObject",
+        _obj(
+            {
+                "scaleTargetRef": _obj({"name": _STR, "kind": _STR, "apiVersion": _STR}, ["name"]),
+                "minReplicaCount": _INT,
+                "maxReplicaCount": _INT,
+                "pollingInterval": _INT,
+                "cooldownPeriod": _INT,
+                "idleReplicaCount": _INT,
+                "initialCooldownPeriod": _INT,
+                "advanced": _obj(
+                    {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "horizontalPodAutoscalerConfig": _obj(
+                            {"name": _STR, "behavior": _obj({"scaleUp": _HPA_RULES, "scaleDown": _HPA_RULES})}
+                        ),
+                    }
+                ),
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _obj(
+                        {
+                            "type": _STR,
+                            "name": _STR,
+                            "useCachedMetrics": {"type": "boolean"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "authenticationRef": _obj({"name": _STR, "kind": _STR}, ["name"]),
+                        },
+                        ["type", "metadata"],
+                    ),
+                },
+            },
+            ["scaleTargetRef", "triggers"],
+        ),
+    ),
 }

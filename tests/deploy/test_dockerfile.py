@@ -43,11 +43,14 @@ VENV_BIN = Path(sys.executable).parent  # this machine's counterpart of the imag
 IMAGE_VENV_BIN = "/opt/venv/bin"
 MODEL_MOUNT = "/models"  # the documented mount point of the model repository
 VARIANTS = ("gpu", "cpu")
-BUILD_TOOLS = re.compile(r"(?<![\w.-])(build-essential|gcc|g\+\+|clang|make|cmake|cpp|python3-dev|libc6-dev)"
-                         r"(?:-[\d.]+)?(?![\w.+-])")
+BUILD_TOOLS = re.compile(
+    r"(?<![\w.-])(build-essential|gcc|g\+\+|clang|make|cmake|cpp|python3-dev|libc6-dev)"
+    r"(?:-[\d.]+)?(?![\w.+-])"
+)
 
 
 # ----------------------------------------------------------------------------- a tiny parser
+
 
 @dataclass
 class Instruction:
@@ -84,6 +87,7 @@ class Dockerfile:
             name = m.group(1) or m.group(2)
             assert name in args, f"build argument {name} has no default"
             return args[name]
+
         return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
 
     def chain(self, stage: Stage, args: dict[str, str]) -> tuple[list[Stage], str]:
@@ -153,8 +157,9 @@ def parse(path: Path | None = None) -> Dockerfile:
 
 def exec_form(i: Instruction) -> list[str]:
     value = json.loads(i.args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), \
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), (
         f"line {i.line}: {i.keyword} is not in exec form (a JSON list of strings)"
+    )
     return value
 
 
@@ -166,8 +171,7 @@ def env_of(stages: list[Stage], base_env: dict[str, str]) -> dict[str, str]:
             for pair in shlex.split(i.args):
                 key, sep, value = pair.partition("=")
                 assert sep, f"line {i.line}: write ENV as key=value"
-                env[key] = re.sub(r"\$\{(\w+)\}|\$(\w+)",
-                                  lambda m: env.get(m.group(1) or m.group(2), ""), value)
+                env[key] = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), value)
     return env
 
 
@@ -194,6 +198,7 @@ def variant(df: Dockerfile, name: str):
 
 # ----------------------------------------------------------------------------- hadolint
 
+
 def hadolint(path: Path, tmp_path: Path) -> list[dict]:
     exe = VENV_BIN / "hadolint"
     if not exe.exists():
@@ -201,15 +206,23 @@ def hadolint(path: Path, tmp_path: Path) -> list[dict]:
     # No configuration but the Dockerfile's own comments: no .hadolint.yaml, no HADOLINT_* variables.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
     env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
-    r = subprocess.run([str(exe), "--format", "json", str(path)], capture_output=True, text=True,
-                       cwd=tmp_path, check=False, env=env, timeout=60)
+    r = subprocess.run(
+        [str(exe), "--format", "json", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        env=env,
+        timeout=60,
+    )
     try:
         findings = json.loads(r.stdout)
     except json.JSONDecodeError:
         findings = None
     # 0: nothing found, 1: findings; anything else, or no JSON list, is hadolint failing to run.
-    assert r.returncode in (0, 1) and isinstance(findings, list), \
+    assert r.returncode in (0, 1) and isinstance(findings, list), (
         f"hadolint did not run (exit {r.returncode}): {r.stderr or r.stdout}"
+    )
     return findings
 
 
@@ -253,6 +266,7 @@ def test_every_hadolint_ignore_is_explained_and_needed(tmp_path):
 
 # ----------------------------------------------------------------------------- structure
 
+
 def test_multi_stage_with_both_variants(df):
     assert len(df.stages) >= 2
     assert df.global_args.get("VARIANT") in VARIANTS, "a VARIANT build argument selects gpu or cpu"
@@ -280,12 +294,14 @@ def test_gpu_variant_swaps_in_onnxruntime_gpu_and_cpu_variant_does_not(df):
             assert "onnxruntime-gpu" not in joined
             continue
         assert gpu_pins, "the GPU variant does not pip install onnxruntime-gpu==VERSION"
-        assert all(wanted.specifier.contains(v) for v in gpu_pins), \
+        assert all(wanted.specifier.contains(v) for v in gpu_pins), (
             f"onnxruntime-gpu {gpu_pins} is outside pyproject's gpu extra {wanted.specifier}"
+        )
         removed = re.search(r"pip uninstall (?:--yes |-y )+onnxruntime(?![\w-])", joined)
         assert removed, "the CPU onnxruntime must be uninstalled: it and onnxruntime-gpu share one package"
-        assert removed.start() < joined.find("onnxruntime-gpu=="), \
+        assert removed.start() < joined.find("onnxruntime-gpu=="), (
             "uninstall the CPU onnxruntime before installing the GPU one"
+        )
 
 
 def test_final_stage_runs_batchgate_as_non_root_with_the_default_ports(df):
@@ -373,6 +389,7 @@ def test_dockerignore_keeps_out_local_state_but_not_what_is_copied(df):
 
 # ----------------------------------------------------------------------------- the command, run
 
+
 def _which(exe: str, env: dict[str, str]) -> Path:
     found = shutil.which(exe, path=env["PATH"])
     assert found, f"{exe} is not on the image's PATH as mapped here: {env['PATH']}"
@@ -401,16 +418,21 @@ def test_the_image_command_starts_serves_is_healthy_and_drains(df, tmp_path):
     argv = [local(a) for a in argv]
     # The only change to what the image runs: environment overrides, so that this server
     # listens on loopback and on free ports, beside whatever else the test run has started.
-    env.update({ENV_PREFIX + "HOST": "127.0.0.1", ENV_PREFIX + "HTTP_PORT": "0",
-                ENV_PREFIX + "GRPC_PORT": "0", ENV_PREFIX + "METRICS_PORT": "0"})
+    env.update(
+        {
+            ENV_PREFIX + "HOST": "127.0.0.1",
+            ENV_PREFIX + "HTTP_PORT": "0",
+            ENV_PREFIX + "GRPC_PORT": "0",
+            ENV_PREFIX + "METRICS_PORT": "0",
+        }
+    )
 
     exe = _which(argv[0], env)
     assert exe.samefile(VENV_BIN / "batchgate"), f"{argv[0]} resolves to {exe}, not the venv's script"
     health_exe = _which(health[0], env)
     assert health_exe.parent.samefile(VENV_BIN), f"{health[0]} resolves to {health_exe}, outside the venv"
 
-    p = subprocess.Popen([str(exe), *argv[1:]], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen([str(exe), *argv[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ports: list[tuple[int, ...]] = []
 
@@ -434,8 +456,9 @@ def test_the_image_command_starts_serves_is_healthy_and_drains(df, tmp_path):
         # The health check as Docker runs it, in the container's environment; the port the
         # server really got is the one a user would set in BATCHGATE_HTTP_PORT.
         health_env = {**env, ENV_PREFIX + "HTTP_PORT": str(http_port)}
-        r = subprocess.run([str(health_exe), *health[1:]], env=health_env, capture_output=True,
-                           text=True, timeout=10, check=False)
+        r = subprocess.run(
+            [str(health_exe), *health[1:]], env=health_env, capture_output=True, text=True, timeout=10, check=False
+        )
         assert r.returncode == 0, f"HEALTHCHECK failed ({r.returncode}): {r.stderr}"
 
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/classifier/ready", timeout=5) as resp:
@@ -450,6 +473,7 @@ def test_the_image_command_starts_serves_is_healthy_and_drains(df, tmp_path):
         reader.join(5)
 
     # With nothing listening the same check reports unhealthy: 1, the status Docker expects.
-    r = subprocess.run([str(health_exe), *health[1:]], env=health_env, capture_output=True,
-                       text=True, timeout=10, check=False)
+    r = subprocess.run(
+        [str(health_exe), *health[1:]], env=health_env, capture_output=True, text=True, timeout=10, check=False
+    )
     assert r.returncode == 1, f"HEALTHCHECK of a stopped server exited {r.returncode}, want 1"

@@ -38,13 +38,21 @@ API_VERSIONS = ["monitoring.coreos.com/v1", "keda.sh/v1alpha1"]
 
 VARIANTS = {
     "default": {},
-    "gpu": {"gpu": {"enabled": True, "count": 2}, "nodeSelector": {"nvidia.com/gpu.present": "true"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "gpu": {
+        "gpu": {"enabled": True, "count": 2},
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
     "cpu-only": {"image": {"variant": "cpu"}, "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}},
     "hpa": {"autoscaling": {"mode": "hpa", "minReplicas": 2, "maxReplicas": 20, "targetQueueDepth": 16}},
     "keda": {"autoscaling": {"mode": "keda"}, "monitoring": {"kind": "PodMonitor"}},
-    "fixed": {"autoscaling": {"enabled": False}, "replicaCount": 3, "probes": {"readiness": {"type": "http"}},
-              "modelRepository": {"source": "initContainer"}, "service": {"headless": False}},
+    "fixed": {
+        "autoscaling": {"enabled": False},
+        "replicaCount": 3,
+        "probes": {"readiness": {"type": "http"}},
+        "modelRepository": {"source": "initContainer"},
+        "service": {"headless": False},
+    },
 }
 
 
@@ -67,9 +75,25 @@ def values_file(tmp_path: Path, name: str) -> Path:
 
 
 def render(helm: str, values: Path, *extra: str) -> list[dict]:
-    out = subprocess.run([helm, "template", "rel", str(CHART), "-f", str(values), "--namespace", "serving",
-                          "--kube-version", K8S, *[a for v in API_VERSIONS for a in ("--api-versions", v)], *extra],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            helm,
+            "template",
+            "rel",
+            str(CHART),
+            "-f",
+            str(values),
+            "--namespace",
+            "serving",
+            "--kube-version",
+            K8S,
+            *[a for v in API_VERSIONS for a in ("--api-versions", v)],
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -98,8 +122,11 @@ def test_lint_render_and_validate_every_manifest(helm, tmp_path, variant):
     mode = VARIANTS[variant].get("autoscaling", {}).get("mode", "hpa")
     assert ("HorizontalPodAutoscaler" in kinds) == (autoscaled and mode == "hpa")
     assert ("ScaledObject" in kinds) == (autoscaled and mode == "keda")
-    assert "replicas" not in kinds["Deployment"][0]["spec"] if autoscaled else \
-        kinds["Deployment"][0]["spec"]["replicas"] == 3
+    assert (
+        "replicas" not in kinds["Deployment"][0]["spec"]
+        if autoscaled
+        else kinds["Deployment"][0]["spec"]["replicas"] == 3
+    )
 
 
 def deployment_and_config(helm, tmp_path, variant="default"):
@@ -114,8 +141,11 @@ def test_the_chart_agrees_with_the_code(helm, tmp_path):
     defaults = Settings().server
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": defaults.http_port, "grpc": defaults.grpc_port, "metrics": defaults.metrics_port}
-    assert (config["server"]["http_port"], config["server"]["grpc_port"], config["server"]["metrics_port"]) == \
-        (defaults.http_port, defaults.grpc_port, defaults.metrics_port)
+    assert (config["server"]["http_port"], config["server"]["grpc_port"], config["server"]["metrics_port"]) == (
+        defaults.http_port,
+        defaults.grpc_port,
+        defaults.metrics_port,
+    )
     assert c["readinessProbe"]["grpc"] == {"port": defaults.grpc_port, "service": GRPC_SERVICE}
     assert c["livenessProbe"]["httpGet"]["path"] == LIVE_PATH
     assert c["startupProbe"]["httpGet"]["path"] == READY_PATH
@@ -124,8 +154,13 @@ def test_the_chart_agrees_with_the_code(helm, tmp_path):
     # metric names: every batchgate_* series the chart queries is exported by the code
     exported = set()
     for name, (kind, _, _) in FAMILIES.items():
-        exported |= {name + "_total"} if kind == "counter" else \
-            {name + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {name}
+        exported |= (
+            {name + "_total"}
+            if kind == "counter"
+            else {name + s for s in ("_bucket", "_sum", "_count")}
+            if kind == "histogram"
+            else {name}
+        )
     exprs = [r["expr"] for g in kinds["PrometheusRule"][0]["spec"]["groups"] for r in g["rules"]]
     used = set(re.findall(r"batchgate_[a-z_]+", " ".join(exprs)))
     assert used and used <= exported, used - exported
@@ -181,15 +216,17 @@ def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):
     assert "PodMonitor" in kinds and "ServiceMonitor" not in kinds
 
     # without the KEDA API, mode keda is refused with a message, not rendered half
-    out = subprocess.run([helm, "template", "rel", str(CHART), "-f", str(values_file(tmp_path, "keda"))],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [helm, "template", "rel", str(CHART), "-f", str(values_file(tmp_path, "keda"))], capture_output=True, text=True
+    )
     assert out.returncode != 0 and "no keda.sh/v1alpha1 API" in out.stderr
 
 
 def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_path):
     values = tmp_path / "custom.yaml"
-    values.write_text(yaml.safe_dump({"config": {"server": {"exit_timeout_s": 45},
-                                                 "remote_models": ["name=r upstreams=h:8001"]}}))
+    values.write_text(
+        yaml.safe_dump({"config": {"server": {"exit_timeout_s": 45}, "remote_models": ["name=r upstreams=h:8001"]}})
+    )
     kinds = by_kind(render(helm, values))
     config = yaml.safe_load(kinds["ConfigMap"][0]["data"]["batchgate.yaml"])
     assert config["server"]["exit_timeout_s"] == 45 and config["remote_models"] == ["name=r upstreams=h:8001"]
@@ -211,9 +248,11 @@ def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
     grace = pod["terminationGracePeriodSeconds"] - int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     repo = tmp_path / "models"
     _save(slow_model(width=1024, layers=64), str(repo), "slow", config="max_batch_size: 64\n")
-    cfg = dict(config, server={**config["server"], "host": "127.0.0.1", "http_port": 0, "grpc_port": 0,
-                               "metrics_port": 0},
-               repository={**config["repository"], "model_repository": str(repo)})
+    cfg = dict(
+        config,
+        server={**config["server"], "host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "metrics_port": 0},
+        repository={**config["repository"], "model_repository": str(repo)},
+    )
     cfg_file = tmp_path / "batchgate.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     p = Proc(["serve", "--config", str(cfg_file)]).wait_ready()
@@ -221,8 +260,9 @@ def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
         stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(p.grpc))
 
         def health() -> int:
-            return stub.Check(health_pb2.HealthCheckRequest(service=c["readinessProbe"]["grpc"]["service"]),
-                              timeout=5).status
+            return stub.Check(
+                health_pb2.HealthCheckRequest(service=c["readinessProbe"]["grpc"]["service"]), timeout=5
+            ).status
 
         assert health() == health_pb2.HealthCheckResponse.SERVING
         x = np.ones((64, 1024), np.float32)
@@ -264,8 +304,13 @@ def _in_flight(p) -> int:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=5).read().decode()
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("batchgate_inflight_requests{")))
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("batchgate_inflight_requests{")
+        )
+    )
 
 
 def test_the_server_closes_old_grpc_connections_when_told(tmp_path, serve):

@@ -35,8 +35,20 @@ def proc():
 
 
 def serve_args(repo, *extra):
-    return ["serve", "--model-repository", repo, "--host", "127.0.0.1", "--http-port", "0",
-            "--grpc-port", "0", "--metrics-port", "0", *extra]
+    return [
+        "serve",
+        "--model-repository",
+        repo,
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +122,27 @@ def _sample(text: str, series: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--http-port", "70000"], {}, "http_port must be between 0 and 65535"),
-    (["--model-control-mode", "explicit", "--repository-poll-secs", "0"], {}, "repository_poll_secs must be greater than 0"),
-    ([], {"BATCHGATE_MAX_QUEUE_SIZE": "lots"}, "BATCHGATE_MAX_QUEUE_SIZE: 'max_queue_size' must be an integer"),
-    ([], {"BATCHGATE_LOG_FORMAT": "xml"}, "log_format must be one of plain, json"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--http-port", "70000"], {}, "http_port must be between 0 and 65535"),
+        (
+            ["--model-control-mode", "explicit", "--repository-poll-secs", "0"],
+            {},
+            "repository_poll_secs must be greater than 0",
+        ),
+        ([], {"BATCHGATE_MAX_QUEUE_SIZE": "lots"}, "BATCHGATE_MAX_QUEUE_SIZE: 'max_queue_size' must be an integer"),
+        ([], {"BATCHGATE_LOG_FORMAT": "xml"}, "log_format must be one of plain, json"),
+    ],
+)
 def test_bad_settings_exit_nonzero_with_a_clear_message(small_repo, args, env, message):
-    r = subprocess.run(BATCHGATE + serve_args(small_repo)[:3] + args, capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=60)
+    r = subprocess.run(
+        BATCHGATE + serve_args(small_repo)[:3] + args,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
     assert r.returncode == 2
     assert message in r.stderr
 
@@ -126,18 +150,25 @@ def test_bad_settings_exit_nonzero_with_a_clear_message(small_repo, args, env, m
 def test_bad_config_file_and_missing_repository(tmp_path):
     cfg = tmp_path / "bg.yaml"
     cfg.write_text("http_port: 8000\nbogus_setting: 1\n")
-    r = subprocess.run(BATCHGATE + ["serve", "--config", str(cfg), "--model-repository", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        BATCHGATE + ["serve", "--config", str(cfg), "--model-repository", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "unknown setting 'bogus_setting'" in r.stderr
-    r = subprocess.run(BATCHGATE + ["serve", "--model-repository", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        BATCHGATE + ["serve", "--model-repository", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "is not a directory" in r.stderr
 
 
 def test_config_file_and_env_and_json_logs_with_request_id(proc, small_repo, tmp_path):
     cfg = tmp_path / "bg.yaml"
-    cfg.write_text(f"model_repository: {small_repo}\nhost: 127.0.0.1\nhttp_port: 0\ngrpc_port: 0\n"
-                   "metrics_port: 0\nlog_format: plain\n")
+    cfg.write_text(
+        f"model_repository: {small_repo}\nhost: 127.0.0.1\nhttp_port: 0\ngrpc_port: 0\n"
+        "metrics_port: 0\nlog_format: plain\n"
+    )
     p = proc(["serve", "--config", str(cfg)], env={"BATCHGATE_LOG_FORMAT": "json"}).wait_ready()
     c = httpclient.InferenceServerClient(p.http)
     inp = httpclient.InferInput("features", [1, 5], "FP32")

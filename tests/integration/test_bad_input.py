@@ -34,8 +34,9 @@ async def client(request, server):
 # ------------------------------------------------------------------ helpers
 
 
-def http_error(running, body: bytes, headers: dict | None = None, path: str = "/v2/models/simple/infer",
-               method: str = "POST") -> tuple[int, str]:
+def http_error(
+    running, body: bytes, headers: dict | None = None, path: str = "/v2/models/simple/infer", method: str = "POST"
+) -> tuple[int, str]:
     """Send a raw request that must fail; return its status and the JSON error message."""
     status, hdrs, data = raw_http(running, method, path, body, headers)
     assert status != 200, data
@@ -74,8 +75,7 @@ def json_body(inputs: list, **extra) -> bytes:
 
 
 def json_input(name="INPUT0", datatype="INT32", shape=(1, 16), data=None) -> dict:
-    return {"name": name, "datatype": datatype, "shape": list(shape),
-            "data": list(range(16)) if data is None else data}
+    return {"name": name, "datatype": datatype, "shape": list(shape), "data": list(range(16)) if data is None else data}
 
 
 GOOD_JSON = json_body([json_input("INPUT0"), json_input("INPUT1")])
@@ -167,8 +167,9 @@ async def test_missing_input(client):
 
 async def test_duplicate_input(client):
     a = simple_feeds()["INPUT0"]
-    e = await client.error_of("infer", "simple", [client.input("INPUT0", a), client.input("INPUT0", a),
-                                                   client.input("INPUT1", a)])
+    e = await client.error_of(
+        "infer", "simple", [client.input("INPUT0", a), client.input("INPUT0", a), client.input("INPUT1", a)]
+    )
     assert e.status() == client.status("INVALID_ARGUMENT")
     assert "INPUT0" in e.message()
 
@@ -294,11 +295,14 @@ def test_grpc_bytes_element_truncated(server):
     assert "INPUT" in err.details() and "10" in err.details(), err.details()
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",           # a varint that never ends
-    b"\x0a\x64simple",                                    # a field that claims 100 bytes and has 6
-    b"\x2a\x05\x0a\x03abc" + b"\x07" * 9,                 # an input, then a bad wire type
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # a varint that never ends
+        b"\x0a\x64simple",  # a field that claims 100 bytes and has 6
+        b"\x2a\x05\x0a\x03abc" + b"\x07" * 9,  # an input, then a bad wire type
+    ],
+)
 def test_grpc_unparsable_protobuf(server, garbage):
     with grpc.insecure_channel(server.grpc_url) as channel:
         call = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
@@ -320,8 +324,9 @@ def test_grpc_valid_protobuf_but_nonsense(server):
 
 def test_grpc_unknown_method(server):
     with grpc.insecure_channel(server.grpc_url) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/NoSuchRpc", request_serializer=None,
-                                   response_deserializer=None)
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/NoSuchRpc", request_serializer=None, response_deserializer=None
+        )
         with pytest.raises(grpc.RpcError) as info:
             call(b"", timeout=10)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -337,12 +342,18 @@ def test_http_json_element_count_mismatch(server):
 
 def test_http_binary_byte_count_mismatch(server):
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    body, headers = binary_body([
-        ({"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
-         a.tobytes()),
-        ({"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 60}},
-         a.tobytes()[:60]),
-    ])
+    body, headers = binary_body(
+        [
+            (
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
+                a.tobytes(),
+            ),
+            (
+                {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 60}},
+                a.tobytes()[:60],
+            ),
+        ]
+    )
     status, msg = http_error(server, body, headers)
     assert status == 400
     assert "INPUT1" in msg and "60" in msg and "64" in msg, msg
@@ -350,12 +361,18 @@ def test_http_binary_byte_count_mismatch(server):
 
 def test_http_truncated_binary(server):
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    body, headers = binary_body([
-        ({"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
-         a.tobytes()),
-        ({"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
-         a.tobytes()[:20]),
-    ])
+    body, headers = binary_body(
+        [
+            (
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
+                a.tobytes(),
+            ),
+            (
+                {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
+                a.tobytes()[:20],
+            ),
+        ]
+    )
     status, msg = http_error(server, body, headers)
     assert status == 400
     assert "INPUT1" in msg and "64" in msg, msg
@@ -363,62 +380,73 @@ def test_http_truncated_binary(server):
 
 def test_http_binary_bytes_nobody_claims(server):
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    parts = [({"name": n, "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}},
-              a.tobytes()) for n in ("INPUT0", "INPUT1")]
+    parts = [
+        ({"name": n, "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}}, a.tobytes())
+        for n in ("INPUT0", "INPUT1")
+    ]
     body, headers = binary_body(parts)
     status, msg = http_error(server, body + b"\x00" * 8, headers)
     assert status == 400 and "8" in msg, msg
 
 
-@pytest.mark.parametrize("value,words", [
-    ("abc", "integer"),
-    ("-5", "-5"),
-    ("99999", "99999"),
-    ("0", "0"),
-])
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ("abc", "integer"),
+        ("-5", "-5"),
+        ("99999", "99999"),
+        ("0", "0"),
+    ],
+)
 def test_http_bad_inference_header_content_length(server, value, words):
     status, msg = http_error(server, GOOD_JSON, {"Inference-Header-Content-Length": value})
     assert status == 400
     assert "Inference-Header-Content-Length" in msg and words in msg, msg
 
 
-@pytest.mark.parametrize("body,words", [
-    (b"{not json", "JSON"),
-    (b"", "JSON"),
-    (b"\xff\xfe\x00", "JSON"),
-    (b"[1, 2, 3]", "object"),
-    (b'"inputs"', "object"),
-    (b"null", "object"),
-    (b"{}", "inputs"),
-    (b'{"inputs": []}', "inputs"),
-    (b'{"inputs": {"name": "INPUT0"}}', "inputs"),
-    (b'{"inputs": [42]}', "inputs"),
-])
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        (b"{not json", "JSON"),
+        (b"", "JSON"),
+        (b"\xff\xfe\x00", "JSON"),
+        (b"[1, 2, 3]", "object"),
+        (b'"inputs"', "object"),
+        (b"null", "object"),
+        (b"{}", "inputs"),
+        (b'{"inputs": []}', "inputs"),
+        (b'{"inputs": {"name": "INPUT0"}}', "inputs"),
+        (b'{"inputs": [42]}', "inputs"),
+    ],
+)
 def test_http_malformed_body(server, body, words):
     status, msg = http_error(server, body, {"Content-Type": "application/json"})
     assert status == 400
     assert words in msg, msg
 
 
-@pytest.mark.parametrize("mutate,words", [
-    (lambda i: i.pop("datatype"), "datatype"),
-    (lambda i: i.update(datatype="FP8"), "FP8"),
-    (lambda i: i.update(shape="1x16"), "shape"),
-    (lambda i: i.update(shape=[1, -16]), "shape"),
-    (lambda i: i.update(shape=[1, True]), "shape"),
-    (lambda i: i.pop("data"), "data"),
-    (lambda i: i.update(data=["a"] * 16), "INT32"),
-    (lambda i: i.update(data=[1.5] * 16), "INPUT0"),
-    (lambda i: i.update(data=[2**40] * 16), "INPUT0"),
-    (lambda i: i.update(data=[True] * 16), "INT32"),
-    (lambda i: i.update(data=[1, True] * 8), "INT32"),
-    (lambda i: i.update(data=["7"] * 16), "INT32"),
-    (lambda i: i.update(data=[1, [2, 3]] + [0] * 13), "INPUT0"),
-    (lambda i: i.update(data=list(range(15))), "15"),
-    (lambda i: i.update(parameters="binary"), "parameters"),
-    (lambda i: i.update(parameters={"binary_data_size": 64}), "INPUT0"),
-    (lambda i: i.update(parameters={"binary_data_size": -1}), "binary_data_size"),
-])
+@pytest.mark.parametrize(
+    "mutate,words",
+    [
+        (lambda i: i.pop("datatype"), "datatype"),
+        (lambda i: i.update(datatype="FP8"), "FP8"),
+        (lambda i: i.update(shape="1x16"), "shape"),
+        (lambda i: i.update(shape=[1, -16]), "shape"),
+        (lambda i: i.update(shape=[1, True]), "shape"),
+        (lambda i: i.pop("data"), "data"),
+        (lambda i: i.update(data=["a"] * 16), "INT32"),
+        (lambda i: i.update(data=[1.5] * 16), "INPUT0"),
+        (lambda i: i.update(data=[2**40] * 16), "INPUT0"),
+        (lambda i: i.update(data=[True] * 16), "INT32"),
+        (lambda i: i.update(data=[1, True] * 8), "INT32"),
+        (lambda i: i.update(data=["7"] * 16), "INT32"),
+        (lambda i: i.update(data=[1, [2, 3]] + [0] * 13), "INPUT0"),
+        (lambda i: i.update(data=list(range(15))), "15"),
+        (lambda i: i.update(parameters="binary"), "parameters"),
+        (lambda i: i.update(parameters={"binary_data_size": 64}), "INPUT0"),
+        (lambda i: i.update(parameters={"binary_data_size": -1}), "binary_data_size"),
+    ],
+)
 def test_http_bad_input_entry(server, mutate, words):
     entry = json_input("INPUT0")
     mutate(entry)
@@ -427,15 +455,18 @@ def test_http_bad_input_entry(server, mutate, words):
     assert words in msg and "INPUT0" in msg, msg
 
 
-@pytest.mark.parametrize("extra,words", [
-    ({"outputs": {"name": "OUTPUT0"}}, "outputs"),
-    ({"outputs": [{"nombre": "OUTPUT0"}]}, "outputs"),
-    ({"outputs": [{"name": "OUTPUT0", "parameters": 3}]}, "parameters"),
-    ({"parameters": [1]}, "parameters"),
-    ({"id": 17}, "id"),
-    ({"parameters": {"priority": -1}}, "priority"),
-    ({"parameters": {"timeout": "soon"}}, "timeout"),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        ({"outputs": {"name": "OUTPUT0"}}, "outputs"),
+        ({"outputs": [{"nombre": "OUTPUT0"}]}, "outputs"),
+        ({"outputs": [{"name": "OUTPUT0", "parameters": 3}]}, "parameters"),
+        ({"parameters": [1]}, "parameters"),
+        ({"id": 17}, "id"),
+        ({"parameters": {"priority": -1}}, "priority"),
+        ({"parameters": {"timeout": "soon"}}, "timeout"),
+    ],
+)
 def test_http_bad_request_fields(server, extra, words):
     status, msg = http_error(server, json_body([json_input("INPUT0"), json_input("INPUT1")], **extra))
     assert status == 400
@@ -457,15 +488,18 @@ def test_http_unknown_model_and_version(server):
     assert status == 404 and "no_such_model" in msg
 
 
-@pytest.mark.parametrize("method,path,allowed", [
-    ("GET", "/v2/models/simple/infer", "POST"),
-    ("PUT", "/v2/models/simple/infer", "POST"),
-    ("DELETE", "/v2", "GET"),
-    ("POST", "/v2/health/live", "GET"),
-    ("POST", "/v2/models/simple", "GET"),
-    ("POST", "/v2/models/simple/config", "GET"),
-    ("GET", "/v2/repository/index", "POST"),
-])
+@pytest.mark.parametrize(
+    "method,path,allowed",
+    [
+        ("GET", "/v2/models/simple/infer", "POST"),
+        ("PUT", "/v2/models/simple/infer", "POST"),
+        ("DELETE", "/v2", "GET"),
+        ("POST", "/v2/health/live", "GET"),
+        ("POST", "/v2/models/simple", "GET"),
+        ("POST", "/v2/models/simple/config", "GET"),
+        ("GET", "/v2/repository/index", "POST"),
+    ],
+)
 def test_http_wrong_method(server, method, path, allowed):
     status, headers, data = raw_http(server, method, path)
     assert status == 405
@@ -473,8 +507,17 @@ def test_http_wrong_method(server, method, path, allowed):
     assert headers.get("allow") == allowed  # RFC 9110: a 405 says which methods would work
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/v2/models", "/v2/models/simple/versions/1/explode",
-                                  "/v2/models/simple/versions/abc/infer", "/v3/health/live"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/nope",
+        "/v2/models",
+        "/v2/models/simple/versions/1/explode",
+        "/v2/models/simple/versions/abc/infer",
+        "/v3/health/live",
+    ],
+)
 def test_http_unknown_path(server, path):
     status, msg = http_error(server, b"", path=path, method="GET")
     assert status == 404
@@ -521,8 +564,13 @@ def test_oversized_http_by_content_length_and_by_chunks(small):
     # no Content-Length: chunked transfer, counted as it arrives
     conn = http.client.HTTPConnection(small.http_url, timeout=20)
     try:
-        conn.request("POST", "/v2/models/simple/infer", body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
-                     encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+        conn.request(
+            "POST",
+            "/v2/models/simple/infer",
+            body=iter([body[i : i + 1000] for i in range(0, len(body), 1000)]),
+            encode_chunked=True,
+            headers={"Transfer-Encoding": "chunked"},
+        )
         resp = conn.getresponse()
         assert resp.status in (400, 413)
         assert str(LIMIT) in json.loads(resp.read())["error"]
@@ -583,8 +631,9 @@ async def test_good_requests_beside_bad_ones_are_undisturbed(server):
             async with session.post(url, data=b"{oops") as resp:
                 assert resp.status == 400
         else:  # truncated binary
-            async with session.post(url, data=GOOD_JSON + b"\x00" * 3,
-                                    headers={"Inference-Header-Content-Length": str(len(GOOD_JSON) + 99)}) as resp:
+            async with session.post(
+                url, data=GOOD_JSON + b"\x00" * 3, headers={"Inference-Header-Content-Length": str(len(GOOD_JSON) + 99)}
+            ) as resp:
                 assert resp.status == 400
         return "refused"
 

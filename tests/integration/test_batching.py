@@ -50,8 +50,12 @@ def test_concurrent_callers_share_executions_and_get_their_own_rows(tmp_path, se
 
 
 def test_a_full_queue_is_refused_with_429_and_resource_exhausted(tmp_path, serve):
-    _save(slow_model(width=1024, layers=128), str(tmp_path), "slow",
-          config="max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }\n")
+    _save(
+        slow_model(width=1024, layers=128),
+        str(tmp_path),
+        "slow",
+        config="max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }\n",
+    )
     running = serve(str(tmp_path))
     x = np.ones((1, 1024), np.float32)
     outcomes = []
@@ -80,8 +84,9 @@ def test_a_full_queue_is_refused_with_429_and_resource_exhausted(tmp_path, serve
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path, serve):
-    _save(slow_model(width=1024, layers=384), str(tmp_path), "slow",
-          config="max_batch_size: 64\ndynamic_batching { }\n")
+    _save(
+        slow_model(width=1024, layers=384), str(tmp_path), "slow", config="max_batch_size: 64\ndynamic_batching { }\n"
+    )
     running = serve(str(tmp_path), inline_execution_max_us=0)
     big = np.ones((64, 1024), np.float32)  # tens of milliseconds of work: the instance is busy
     with ThreadPoolExecutor(1) as pool:
@@ -107,9 +112,13 @@ def _gather_model():
     from onnx import TensorProto, helper, numpy_helper
 
     table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")
-    g = helper.make_graph([helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)], "gather",
-                          [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])], [table])
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
+        [table],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -140,8 +149,9 @@ def test_a_failing_execution_fails_only_its_batch_and_the_model_serves_on(tmp_pa
 
 
 def test_a_cancelled_queued_request_is_never_executed(tmp_path, serve):
-    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
-          config="max_batch_size: 64\ndynamic_batching { }\n")
+    _save(
+        slow_model(width=1024, layers=192), str(tmp_path), "slow", config="max_batch_size: 64\ndynamic_batching { }\n"
+    )
     running = serve(str(tmp_path), inline_execution_max_us=0)
     big = np.ones((64, 1024), np.float32)
     client = grpcclient.InferenceServerClient(running.grpc_url)
@@ -174,8 +184,9 @@ def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path
     import json
     import socket
 
-    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
-          config="max_batch_size: 64\ndynamic_batching { }\n")
+    _save(
+        slow_model(width=1024, layers=192), str(tmp_path), "slow", config="max_batch_size: 64\ndynamic_batching { }\n"
+    )
     running = serve(str(tmp_path), inline_execution_max_us=0)
     big = np.ones((64, 1024), np.float32)
     with ThreadPoolExecutor(1) as pool:
@@ -183,12 +194,15 @@ def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path
         end = time.monotonic() + 10
         while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:
             time.sleep(0.001)
-        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32",
-                                       "data": [1.0] * 1024}]}).encode()
+        body = json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": [1.0] * 1024}]}
+        ).encode()
         host, port = running.http_url.split(":")
         sock = socket.create_connection((host, int(port)))
-        sock.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(
+            b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         served = running.gateway.repository.resolve("slow", "")
         end = time.monotonic() + 10
         while served.scheduler.queue_depth == 0 and time.monotonic() < end:
@@ -234,12 +248,17 @@ def _metric(url: str, name: str, model: str) -> float:
 def test_a_stream_a_unary_call_and_http_share_one_queue_and_one_batch(tmp_path, serve):
     # The batch goes only when full (3 rows) or after 5 s: three callers over three transports
     # answered quickly in one execution can only have met in one queue.
-    _save(classifier_model(), str(tmp_path), "clf",
-          config="max_batch_size: 3\ndynamic_batching { max_queue_delay_microseconds: 5000000 }\n")
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "clf",
+        config="max_batch_size: 3\ndynamic_batching { max_queue_delay_microseconds: 5000000 }\n",
+    )
     running = serve(str(tmp_path), inline_execution_max_us=0)
     served = running.gateway.repository.resolve("clf", "")
-    ref = ort.InferenceSession(_save(classifier_model(), str(tmp_path / "ref"), "clf"),
-                               providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(
+        _save(classifier_model(), str(tmp_path / "ref"), "clf"), providers=["CPUExecutionProvider"]
+    )
     xs = [np.full((1, 4), v, np.float32) for v in (1.0, 2.0, 3.0)]
     streamed = []
     stream_client = grpcclient.InferenceServerClient(running.grpc_url)
@@ -270,9 +289,13 @@ def test_a_stream_a_unary_call_and_http_share_one_queue_and_one_batch(tmp_path, 
 
 
 def test_the_v2_priority_parameter_orders_the_queue(tmp_path, serve):
-    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow",
-          config="max_batch_size: 64\ndynamic_batching { priority_levels: 2 default_priority_level: 2 "
-                 "preferred_batch_size: 1 }\n")
+    _save(
+        slow_model(width=1024, layers=192),
+        str(tmp_path),
+        "slow",
+        config="max_batch_size: 64\ndynamic_batching { priority_levels: 2 default_priority_level: 2 "
+        "preferred_batch_size: 1 }\n",
+    )
     running = serve(str(tmp_path), inline_execution_max_us=0)
     served = running.gateway.repository.resolve("slow", "")
     x = np.ones((1, 1024), np.float32)

@@ -29,8 +29,14 @@ TESTS = Path(__file__).resolve().parents[1]
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "batchgate.cli", "convert", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "convert", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def infer(url: str, mod, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
@@ -81,11 +87,13 @@ def test_torch_models_converted_by_the_cli_are_served_and_agree_with_torch(tmp_p
     rng = np.random.default_rng(1)
     cases = [
         ("mlp", convert_models.mlp(), {"x": rng.standard_normal((3, 16)).astype(np.float32)}, ["output"]),
-        ("cnn", convert_models.cnn(), {"image": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)},
-         ["output"]),
-        ("two", convert_models.two_in_two_out(),
-         {"tokens": rng.integers(0, 10, (4, 5)), "dense": rng.standard_normal((4, 3)).astype(np.float32)},
-         ["score", "embedding"]),
+        ("cnn", convert_models.cnn(), {"image": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}, ["output"]),
+        (
+            "two",
+            convert_models.two_in_two_out(),
+            {"tokens": rng.integers(0, 10, (4, 5)), "dense": rng.standard_normal((4, 3)).astype(np.float32)},
+            ["score", "embedding"],
+        ),
     ]
     # the sequence length differs from one request to the next, and from the export's example
     for length in (1, 7, 12):
@@ -103,8 +111,9 @@ def test_torch_models_converted_by_the_cli_are_served_and_agree_with_torch(tmp_p
 def test_the_python_api_converts_a_module_and_a_torchscript_file_with_optimize_and_fp16(tmp_path, serve):
     repo = tmp_path / "models"
     module = convert_models.mlp()
-    r = convert_torch(module, ["x:FP32:-1,16"], str(repo), "mlp", optimize=Tolerance(1e-4, 1e-3),
-                      fp16=Tolerance(1e-2, 1e-2))
+    r = convert_torch(
+        module, ["x:FP32:-1,16"], str(repo), "mlp", optimize=Tolerance(1e-4, 1e-3), fp16=Tolerance(1e-2, 1e-2)
+    )
     assert r.written and r.stages == ["onnx", "optimized", "fp16"] and all(c.ok for c in r.checks)
     assert 0 < r.checks[-1].max_abs < 1e-2  # FP16 is close, not exact
     assert "kind: KIND_GPU" in (repo / "mlp" / "config.pbtxt").read_text()  # FP16 is for GPU serving
@@ -120,10 +129,12 @@ def test_the_python_api_converts_a_module_and_a_torchscript_file_with_optimize_a
     running = serve(str(repo))  # served on the CPU here: no GPU, the CUDA provider falls back
     x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
     want = torch_run(module, {"x": x})[0]
-    np.testing.assert_allclose(infer(running.grpc_url, grpcclient, "mlp", {"x": x}, ["output"])[0], want,
-                               rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(infer(running.http_url, httpclient, "scripted", {"x": x}, ["output"])[0], want,
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        infer(running.grpc_url, grpcclient, "mlp", {"x": x}, ["output"])[0], want, rtol=1e-2, atol=1e-2
+    )
+    np.testing.assert_allclose(
+        infer(running.http_url, httpclient, "scripted", {"x": x}, ["output"])[0], want, rtol=1e-3, atol=1e-4
+    )
 
 
 def test_sklearn_pipeline_and_tree_ensemble_are_served_and_agree_with_sklearn(tmp_path, serve):
@@ -140,8 +151,17 @@ def test_sklearn_pipeline_and_tree_ensemble_are_served_and_agree_with_sklearn(tm
     repo = tmp_path / "models"
     path = tmp_path / "pipeline.pkl"
     path.write_bytes(pickle.dumps(pipeline))
-    done = cli("sklearn", "--model", str(path), "--input", "features:FP32:-1,4", "--repository", str(repo),
-               "--name", "pipeline")
+    done = cli(
+        "sklearn",
+        "--model",
+        str(path),
+        "--input",
+        "features:FP32:-1,4",
+        "--repository",
+        str(repo),
+        "--name",
+        "pipeline",
+    )
     assert done.returncode == 0, done.stderr
     r = convert_sklearn(forest, ["features:FP32:-1,4"], str(repo), "forest")
     assert [c.output for c in r.checks] == ["label", "probabilities"] and all(c.ok for c in r.checks)
@@ -158,18 +178,21 @@ def test_sklearn_pipeline_and_tree_ensemble_are_served_and_agree_with_sklearn(tm
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("model, inputs, words", [
-    ("nosuchmodule_xyz:build", "x:FP32:-1,16", "cannot import module 'nosuchmodule_xyz'"),
-    ("convert_models:nope", "x:FP32:-1,16", "module 'convert_models' has no attribute 'nope'"),
-    ("convert_models:not_a_module", "x:FP32:-1,16", "neither an nn.Module nor a factory"),
-    ("convert_models:Unexportable", "x:FP32:-1,4,4", "could not be exported to ONNX"),
-    ("convert_models:mlp", "x:FP32:-1,7", "does not accept inputs shaped like the specs"),
-    ("convert_models:mlp", "x:FP32:-1,16 --output a --output b", "returns 1 output(s); --output names 2"),
-    ("convert_models:mlp", "x:FLOAT99:-1,16", "unknown datatype 'FLOAT99'"),
-    ("convert_models:mlp", "x:FP32", "must be NAME:DTYPE:SHAPE"),
-    ("convert_models:Noisy", "x:FP32:-1,16", "parity check failed, nothing written"),
-    ("missing.pt", "x:FP32:-1,16", "no such file"),
-])
+@pytest.mark.parametrize(
+    "model, inputs, words",
+    [
+        ("nosuchmodule_xyz:build", "x:FP32:-1,16", "cannot import module 'nosuchmodule_xyz'"),
+        ("convert_models:nope", "x:FP32:-1,16", "module 'convert_models' has no attribute 'nope'"),
+        ("convert_models:not_a_module", "x:FP32:-1,16", "neither an nn.Module nor a factory"),
+        ("convert_models:Unexportable", "x:FP32:-1,4,4", "could not be exported to ONNX"),
+        ("convert_models:mlp", "x:FP32:-1,7", "does not accept inputs shaped like the specs"),
+        ("convert_models:mlp", "x:FP32:-1,16 --output a --output b", "returns 1 output(s); --output names 2"),
+        ("convert_models:mlp", "x:FLOAT99:-1,16", "unknown datatype 'FLOAT99'"),
+        ("convert_models:mlp", "x:FP32", "must be NAME:DTYPE:SHAPE"),
+        ("convert_models:Noisy", "x:FP32:-1,16", "parity check failed, nothing written"),
+        ("missing.pt", "x:FP32:-1,16", "no such file"),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(tmp_path, model, inputs, words):
     repo = tmp_path / "models"
     repo.mkdir()
@@ -182,8 +205,17 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(tmp_path, model, i
 
 def test_an_existing_version_needs_force_and_force_replaces_it(tmp_path):
     repo = tmp_path / "models"
-    base = ["torch", "--model", "convert_models:mlp", "--input", "x:FP32:-1,16", "--repository", str(repo),
-            "--name", "m"]
+    base = [
+        "torch",
+        "--model",
+        "convert_models:mlp",
+        "--input",
+        "x:FP32:-1,16",
+        "--repository",
+        str(repo),
+        "--name",
+        "m",
+    ]
     assert cli(*base).returncode == 0
     before = (repo / "m" / "1" / "model.onnx").read_bytes()
     again = cli(*base)
@@ -206,15 +238,18 @@ def test_sklearn_bad_input(tmp_path):
     with pytest.raises(ConversionError, match="one input tensor"):
         from sklearn.linear_model import LinearRegression
 
-        convert_sklearn(LinearRegression().fit(np.ones((3, 2)), [1, 2, 3]), ["a:FP32:-1,1", "b:FP32:-1,1"],
-                        str(repo), "m")
+        convert_sklearn(
+            LinearRegression().fit(np.ones((3, 2)), [1, 2, 3]), ["a:FP32:-1,1", "b:FP32:-1,1"], str(repo), "m"
+        )
     assert leftovers(repo) == []
 
 
 def test_the_server_never_imports_torch_or_sklearn():
-    code = ("import sys, batchgate.app, batchgate.cli, batchgate.converters; "
-            "print(sorted(m for m in ('torch', 'sklearn', 'skl2onnx', 'hdrh', 'aiohttp', 'matplotlib') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, batchgate.app, batchgate.cli, batchgate.converters; "
+        "print(sorted(m for m in ('torch', 'sklearn', 'skl2onnx', 'hdrh', 'aiohttp', 'matplotlib') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
 
@@ -224,8 +259,18 @@ def test_outputs_without_a_batch_dimension_names_and_versions_are_checked(tmp_pa
     base = ["--input", "x:FP32:-1,16", "--repository", str(repo)]
     done = cli("torch", "--model", "convert_models:SumOverBatch", *base, "--name", "s")
     assert done.returncode == 1 and "not the batch dimension; convert with --no-batch" in done.stderr
-    done = cli("torch", "--model", "convert_models:SumOverBatch", "--input", "x:FP32:4,16", "--repository",
-               str(repo), "--name", "s", "--no-batch")
+    done = cli(
+        "torch",
+        "--model",
+        "convert_models:SumOverBatch",
+        "--input",
+        "x:FP32:4,16",
+        "--repository",
+        str(repo),
+        "--name",
+        "s",
+        "--no-batch",
+    )
     assert done.returncode == 0, done.stderr  # without batching the shapes are taken as given
     assert "max_batch_size" not in (repo / "s" / "config.pbtxt").read_text()  # 0: not written by protobuf
     for name in ("", "../up", ".hidden", "a/b"):
@@ -234,15 +279,25 @@ def test_outputs_without_a_batch_dimension_names_and_versions_are_checked(tmp_pa
     dup = cli("torch", "--model", "convert_models:mlp", *base, "--name", "m", "--output", "x")
     assert dup.returncode == 1 and "must differ from each other and from the inputs" in dup.stderr
     assert cli("torch", "--model", "convert_models:mlp", *base, "--name", "m").returncode == 0
-    other = cli("torch", "--model", "convert_models:cnn", "--input", "image:FP32:-1,3,16,16", "--repository",
-                str(repo), "--name", "m", "--version", "2")
+    other = cli(
+        "torch",
+        "--model",
+        "convert_models:cnn",
+        "--input",
+        "image:FP32:-1,3,16,16",
+        "--repository",
+        str(repo),
+        "--name",
+        "m",
+        "--version",
+        "2",
+    )
     assert other.returncode == 1 and "convert under a new --name" in other.stderr
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "config.pbtxt"]
     assert leftovers(repo) == ["m", "s"]
 
 
 def test_integer_outputs_must_be_equal_and_nan_agrees_with_nan(tmp_path):
-    r = convert_torch(convert_models.ArgmaxAndLog(), ["x:FP32:-1,16"], str(tmp_path), "al",
-                      outputs=["label", "log"])
+    r = convert_torch(convert_models.ArgmaxAndLog(), ["x:FP32:-1,16"], str(tmp_path), "al", outputs=["label", "log"])
     label, log = r.checks
     assert label.ok and label.max_abs == 0 and log.ok  # log of negatives: NaN on both sides, equal

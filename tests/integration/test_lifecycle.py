@@ -34,8 +34,11 @@ class Traffic:
         self.ok: list[tuple[str, np.ndarray]] = []
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(mod,), daemon=True)
-                        for mod in (grpcclient, httpclient) for _ in range(threads_per_protocol)]
+        self.threads = [
+            threading.Thread(target=self._loop, args=(mod,), daemon=True)
+            for mod in (grpcclient, httpclient)
+            for _ in range(threads_per_protocol)
+        ]
 
     def _loop(self, mod):
         url = self.running.grpc_url if mod is grpcclient else self.running.http_url
@@ -173,9 +176,12 @@ def test_a_model_that_fails_to_load_is_reported_and_others_serve(tmp_path, serve
 
 @pytest.mark.parametrize(
     "policy, served",
-    [("", ["3"]), ("version_policy: { latest { num_versions: 2 } }", ["2", "3"]),
-     ("version_policy: { all { } }", ["1", "2", "3"]),
-     ("version_policy: { specific { versions: [1, 3] } }", ["1", "3"])],
+    [
+        ("", ["3"]),
+        ("version_policy: { latest { num_versions: 2 } }", ["2", "3"]),
+        ("version_policy: { all { } }", ["1", "2", "3"]),
+        ("version_policy: { specific { versions: [1, 3] } }", ["1", "3"]),
+    ],
 )
 def test_version_policies(tmp_path, serve, policy, served):
     repo = str(tmp_path)
@@ -192,7 +198,9 @@ def test_version_policies(tmp_path, serve, policy, served):
     # No version asked: the highest served version answers.
     assert c.infer("clf", [inp]).get_response().model_version == served[-1]
     want = expected(str(tmp_path / "clf" / served[0] / "model.onnx"))
-    np.testing.assert_allclose(c.infer("clf", [inp], model_version=served[0]).as_numpy("probabilities"), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        c.infer("clf", [inp], model_version=served[0]).as_numpy("probabilities"), want, rtol=1e-5
+    )
 
 
 def _wait(pred, timeout=20.0):

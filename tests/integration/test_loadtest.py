@@ -24,8 +24,12 @@ class TestServerProc:
     __test__ = False
 
     def __init__(self, *args: str):
-        self.p = subprocess.Popen([sys.executable, "-m", "batchgate.loadtest.testserver", *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "batchgate.loadtest.testserver", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         line = self.p.stdout.readline()
         m = READY.search(line)
         assert m, f"test server did not start: {line}{self.p.stdout.read() if self.p.poll() is not None else ''}"
@@ -53,8 +57,12 @@ def testserver():
 
 
 def loadtest(out: Path, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess, dict]:
-    done = subprocess.run([sys.executable, "-m", "batchgate.cli", "loadtest", *args, "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "loadtest", *args, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     report = out / "results.json"
     doc = json.loads(report.read_text()) if report.exists() else {}
     return done, doc
@@ -69,8 +77,24 @@ def test_a_one_second_stall_shows_in_the_corrected_p99_and_not_in_the_uncorrecte
     # requests the schedule keeps producing wait for a connection. Timed from their intended
     # send time they saw the stall; timed from their actual send they did not.
     srv = testserver("--stall-at", "1.5", "--stall-s", "1")
-    done, doc = loadtest(tmp_path, srv.http, "--protocol", "http", "--model", "echo", "--rate", "100",
-                         "--duration", "4", "--warmup", "0.5", "--connections", "2", "--deadline-ms", "5000")
+    done, doc = loadtest(
+        tmp_path,
+        srv.http,
+        "--protocol",
+        "http",
+        "--model",
+        "echo",
+        "--rate",
+        "100",
+        "--duration",
+        "4",
+        "--warmup",
+        "0.5",
+        "--connections",
+        "2",
+        "--deadline-ms",
+        "5000",
+    )
     assert done.returncode == 0, done.stderr
     s = step(doc)
     assert s["valid"], s["problems"]  # waiting for a connection is the server's doing, not the generator's
@@ -81,8 +105,7 @@ def test_a_one_second_stall_shows_in_the_corrected_p99_and_not_in_the_uncorrecte
 
 def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver):
     srv = testserver()
-    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "400", "--duration", "3",
-                         "--warmup", "0.5")
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "400", "--duration", "3", "--warmup", "0.5")
     assert done.returncode == 0, done.stderr
     s = step(doc)
     assert s["valid"] and abs(s["sent_rate"] - 400) / 400 <= 0.01, s
@@ -91,8 +114,7 @@ def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver)
 
 def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver):
     srv = testserver()
-    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "200000", "--duration", "2",
-                         "--warmup", "0")
+    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "200000", "--duration", "2", "--warmup", "0")
     assert done.returncode == 3, done.stdout + done.stderr  # invalid measurement
     s = step(doc)
     assert not s["valid"] and any("fell behind" in p or "lag" in p for p in s["problems"])
@@ -102,9 +124,27 @@ def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver
 def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path, testserver):
     # 10 ms per request, one at a time: 100 requests/s, and latency explodes past it.
     srv = testserver("--service-ms", "10", "--workers", "1")
-    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--sweep-rate", "20:200", "--search", "binary",
-                         "--precision", "8", "--slo-p99-ms", "100", "--duration", "2", "--warmup", "0.5",
-                         "--deadline-ms", "1000", timeout=300)
+    done, doc = loadtest(
+        tmp_path,
+        srv.grpc,
+        "--model",
+        "echo",
+        "--sweep-rate",
+        "20:200",
+        "--search",
+        "binary",
+        "--precision",
+        "8",
+        "--slo-p99-ms",
+        "100",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--deadline-ms",
+        "1000",
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr  # a best rate was found
     best = doc["sweep"]["best"]
     rate = next(s["target_rate"] for s in doc["steps"] if s["label"] == best)
@@ -115,25 +155,67 @@ def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path,
 
 def test_an_slo_breach_is_a_non_zero_exit(tmp_path, testserver):
     srv = testserver("--service-ms", "5", "--workers", "1")
-    done, doc = loadtest(tmp_path, srv.http, "--protocol", "http", "--model", "echo", "--rate", "50",
-                         "--duration", "1.5", "--warmup", "0.2", "--slo-p99-ms", "1")
+    done, doc = loadtest(
+        tmp_path,
+        srv.http,
+        "--protocol",
+        "http",
+        "--model",
+        "echo",
+        "--rate",
+        "50",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.2",
+        "--slo-p99-ms",
+        "1",
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert step(doc)["slo_met"] is False and "SLO" in done.stdout
 
 
-@pytest.mark.parametrize("protocol, extra", [("grpc", []), ("http", ["--http-encoding", "binary"]),
-                                             ("grpc", ["--grpc-stream"]), ("http", [])])
-def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_histograms(
-        tmp_path, protocol, extra):
+@pytest.mark.parametrize(
+    "protocol, extra",
+    [("grpc", []), ("http", ["--http-encoding", "binary"]), ("grpc", ["--grpc-stream"]), ("http", [])],
+)
+def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_histograms(tmp_path, protocol, extra):
     repo = build_demo_repository(str(tmp_path / "models"))
-    srv = Proc(["serve", "--model-repository", repo, "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
-                "--metrics-port", "0"]).wait_ready()
+    srv = Proc(
+        [
+            "serve",
+            "--model-repository",
+            repo,
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ]
+    ).wait_ready()
     try:
         target = srv.grpc if protocol == "grpc" else srv.http
         out = tmp_path / "out"
-        done, doc = loadtest(out, target, "--protocol", protocol, "--model", "classifier", "--rate", "300",
-                             "--duration", "3", "--warmup", "1", "--metrics-url",
-                             f"http://127.0.0.1:{srv.ports[2]}/metrics", *extra)
+        done, doc = loadtest(
+            out,
+            target,
+            "--protocol",
+            protocol,
+            "--model",
+            "classifier",
+            "--rate",
+            "300",
+            "--duration",
+            "3",
+            "--warmup",
+            "1",
+            "--metrics-url",
+            f"http://127.0.0.1:{srv.ports[2]}/metrics",
+            *extra,
+        )
     finally:
         srv.kill()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -154,8 +236,24 @@ def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_
 
 def test_workers_poisson_arrivals_and_a_ramp_shape(tmp_path, testserver):
     srv = testserver()
-    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--workers", "2", "--arrival", "poisson",
-                         "--shape", "ramp:100:400", "--duration", "4", "--warmup", "0.5", "--window", "1")
+    done, doc = loadtest(
+        tmp_path,
+        srv.grpc,
+        "--model",
+        "echo",
+        "--workers",
+        "2",
+        "--arrival",
+        "poisson",
+        "--shape",
+        "ramp:100:400",
+        "--duration",
+        "4",
+        "--warmup",
+        "0.5",
+        "--window",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     s = step(doc)
     assert s["valid"] and s["ok"] == s["samples"] == s["stability"]["scheduled"]
@@ -167,16 +265,41 @@ def test_workers_poisson_arrivals_and_a_ramp_shape(tmp_path, testserver):
 
 def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
     srv = testserver("--service-ms", "10", "--workers", "1")
-    done, doc = loadtest(tmp_path / "rate", srv.http, "--protocol", "http", "--model", "echo",
-                         "--sweep-rate", "40:160:40", "--slo-p99-ms", "60", "--duration", "1.5", "--warmup", "0.3",
-                         "--deadline-ms", "1000")
+    done, doc = loadtest(
+        tmp_path / "rate",
+        srv.http,
+        "--protocol",
+        "http",
+        "--model",
+        "echo",
+        "--sweep-rate",
+        "40:160:40",
+        "--slo-p99-ms",
+        "60",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.3",
+        "--deadline-ms",
+        "1000",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rates = [s["target_rate"] for s in doc["steps"]]
     assert rates[:2] == [40, 80] and doc["sweep"]["best"] == "constant 80/s"
     assert doc["steps"][-1]["slo_met"] is False and len(rates) <= 4  # stops at the first breach
 
-    done, doc = loadtest(tmp_path / "conc", srv.grpc, "--model", "echo", "--sweep-concurrency", "1,4",
-                         "--duration", "1.5", "--warmup", "0.3")
+    done, doc = loadtest(
+        tmp_path / "conc",
+        srv.grpc,
+        "--model",
+        "echo",
+        "--sweep-concurrency",
+        "1,4",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.3",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     one, four = doc["steps"]
     assert one["mode"] == four["mode"] == "closed" and "closed loop" in one["label"]
@@ -186,8 +309,20 @@ def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
 
 def test_a_timeout_is_an_error_recorded_at_its_timeout(tmp_path, testserver):
     srv = testserver("--service-ms", "300", "--workers", "8")
-    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "20", "--duration", "1.5",
-                         "--warmup", "0", "--deadline-ms", "50")
+    done, doc = loadtest(
+        tmp_path,
+        srv.grpc,
+        "--model",
+        "echo",
+        "--rate",
+        "20",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0",
+        "--deadline-ms",
+        "50",
+    )
     s = step(doc)
     assert set(s["errors"]) == {"DEADLINE_EXCEEDED"} and s["ok"] == 0
     assert s["corrected_ms"]["p50"] >= 50 and s["uncorrected_ms"]["p50"] >= 50
@@ -209,20 +344,51 @@ def test_payloads_from_files_carry_the_synthetic_marker(tmp_path):
         npz = tmp_path / "one.npz"
         np.savez(npz, INPUT0=np.ones((3, 4), np.float32))
         jsonl = tmp_path / "many.jsonl"
-        jsonl.write_text("\n".join(json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32",
-                                                           "data": [i, i, i, i]}]}) for i in range(5)) + "\n")
+        jsonl.write_text(
+            "\n".join(
+                json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [i, i, i, i]}]})
+                for i in range(5)
+            )
+            + "\n"
+        )
         runs = [(f"127.0.0.1:{server.grpc_port}", "grpc", npz), (f"127.0.0.1:{server.http_port}", "http", jsonl)]
         total = 0
         for target, protocol, data in runs:
-            done, doc = loadtest(tmp_path / protocol, target, "--protocol", protocol, "--model", "echo",
-                                 "--data", str(data), "--rate", "50", "--duration", "1", "--warmup", "0")
+            done, doc = loadtest(
+                tmp_path / protocol,
+                target,
+                "--protocol",
+                protocol,
+                "--model",
+                "echo",
+                "--data",
+                str(data),
+                "--rate",
+                "50",
+                "--duration",
+                "1",
+                "--warmup",
+                "0",
+            )
             assert done.returncode == 0, done.stderr
             total += step(doc)["ok"]
         assert total >= 100 and server.synthetic == server.received == server.answered
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"inputs": [{"name": "INPUT0"}]}\n')
-        done, _ = loadtest(tmp_path / "bad", runs[1][0], "--protocol", "http", "--model", "echo",
-                           "--data", str(bad), "--rate", "10", "--duration", "0.5")
+        done, _ = loadtest(
+            tmp_path / "bad",
+            runs[1][0],
+            "--protocol",
+            "http",
+            "--model",
+            "echo",
+            "--data",
+            str(bad),
+            "--rate",
+            "10",
+            "--duration",
+            "0.5",
+        )
         assert done.returncode == 2 and "bad.jsonl:1: not a V2 JSON request" in done.stderr
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
@@ -233,10 +399,27 @@ def test_payloads_from_files_carry_the_synthetic_marker(tmp_path):
 def test_errors_are_recorded_by_their_code_and_an_error_budget_alone_gates_the_exit(tmp_path, testserver, extra):
     srv = testserver()
     bad = tmp_path / "bad.jsonl"  # the test server takes [n, 4]: every request is refused
-    bad.write_text(json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 5], "datatype": "FP32",
-                                           "data": [1, 2, 3, 4, 5]}]}) + "\n")
-    done, doc = loadtest(tmp_path / "out", srv.grpc, "--model", "echo", "--data", str(bad), "--rate", "40",
-                         "--duration", "1", "--warmup", "0", "--error-budget", "0.01", *extra)
+    bad.write_text(
+        json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]})
+        + "\n"
+    )
+    done, doc = loadtest(
+        tmp_path / "out",
+        srv.grpc,
+        "--model",
+        "echo",
+        "--data",
+        str(bad),
+        "--rate",
+        "40",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--error-budget",
+        "0.01",
+        *extra,
+    )
     s = step(doc)
     # A V2 stream error carries a message and no code (UNKNOWN); either way, not a timeout.
     assert set(s["errors"]) == ({"UNKNOWN"} if extra else {"INVALID_ARGUMENT"}), s["errors"]

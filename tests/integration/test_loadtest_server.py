@@ -94,9 +94,17 @@ def test_grpc_metadata_infer_and_errors():
         # typed contents instead of raw_input_contents, straight through the generated stub
         with grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            req = pb.ModelInferRequest(model_name="echo", inputs=[pb.ModelInferRequest.InferInputTensor(
-                name="INPUT0", datatype="FP32", shape=[2, 4],
-                contents=pb.InferTensorContents(fp32_contents=[float(i) for i in range(8)]))])
+            req = pb.ModelInferRequest(
+                model_name="echo",
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="INPUT0",
+                        datatype="FP32",
+                        shape=[2, 4],
+                        contents=pb.InferTensorContents(fp32_contents=[float(i) for i in range(8)]),
+                    )
+                ],
+            )
             resp = stub.ModelInfer(req)
             assert list(resp.outputs[0].shape) == [2, 4]
             got = np.frombuffer(resp.raw_output_contents[0], "<f4")
@@ -119,8 +127,11 @@ def test_http_json_binary_and_errors():
         assert c.get_model_config("m1")["max_batch_size"] == 8
         x = batch(4, seed=1)
         cases = [  # (binary input, binary output asked: True / False / None for no outputs named)
-            (True, True), (True, False), (False, False),
-            (False, None), (True, None),  # no outputs named: the client asks binary_data_output
+            (True, True),
+            (True, False),
+            (False, False),
+            (False, None),
+            (True, None),  # no outputs named: the client asks binary_data_output
         ]
         for binary_in, binary_out in cases:
             outputs = None if binary_out is None else [httpclient.InferRequestedOutput("OUTPUT0", binary_out)]
@@ -166,8 +177,7 @@ def test_grpc_stream_answers_in_order():
         sent = {}
         for i in range(8):
             if i == 3:
-                c.async_stream_infer("echo", [infer_input(grpcclient, np.zeros((1, 2), np.float32))],
-                                     request_id="bad")
+                c.async_stream_infer("echo", [infer_input(grpcclient, np.zeros((1, 2), np.float32))], request_id="bad")
                 continue
             sent[f"r{i}"] = batch(1 + i % 8, seed=i)
             c.async_stream_infer("echo", [infer_input(grpcclient, sent[f"r{i}"])], request_id=f"r{i}")

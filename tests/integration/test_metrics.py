@@ -15,17 +15,29 @@ from tritonclient.utils import InferenceServerException
 from batchgate.demo import _save, classifier_model
 
 README_METRICS = [
-    "batchgate_requests_total", "batchgate_request_duration_seconds", "batchgate_queue_duration_seconds",
-    "batchgate_compute_duration_seconds", "batchgate_inference_count_total", "batchgate_execution_count_total",
-    "batchgate_queue_depth", "batchgate_inflight_requests", "batchgate_model_ready",
-    "batchgate_model_load_duration_seconds", "batchgate_model_load_failures_total",
-    "batchgate_queue_oldest_age_seconds", "batchgate_batch_size", "batchgate_refusals_total",
+    "batchgate_requests_total",
+    "batchgate_request_duration_seconds",
+    "batchgate_queue_duration_seconds",
+    "batchgate_compute_duration_seconds",
+    "batchgate_inference_count_total",
+    "batchgate_execution_count_total",
+    "batchgate_queue_depth",
+    "batchgate_inflight_requests",
+    "batchgate_model_ready",
+    "batchgate_model_load_duration_seconds",
+    "batchgate_model_load_failures_total",
+    "batchgate_queue_oldest_age_seconds",
+    "batchgate_batch_size",
+    "batchgate_refusals_total",
 ]
 # exported once a remote model is loaded (tests/integration/test_remote_backend.py)
 README_UPSTREAM_METRICS = [
-    "batchgate_upstream_requests_total", "batchgate_upstream_errors_total",
-    "batchgate_upstream_request_duration_seconds", "batchgate_upstream_ejections_total",
-    "batchgate_upstream_outstanding", "batchgate_upstream_healthy",
+    "batchgate_upstream_requests_total",
+    "batchgate_upstream_errors_total",
+    "batchgate_upstream_request_duration_seconds",
+    "batchgate_upstream_ejections_total",
+    "batchgate_upstream_outstanding",
+    "batchgate_upstream_healthy",
 ]
 
 
@@ -72,8 +84,10 @@ def test_request_counters_histograms_and_gauges(running):
     m = scrape(running.metrics_url)
     for proto in ("grpc", "http"):
         assert sample(m, "batchgate_requests_total", model="clf", version=1, protocol=proto, status="OK") == 4
-        assert sample(m, "batchgate_requests_total", model="clf", version=1, protocol=proto,
-                      status="INVALID_ARGUMENT") == 1
+        assert (
+            sample(m, "batchgate_requests_total", model="clf", version=1, protocol=proto, status="INVALID_ARGUMENT")
+            == 1
+        )
         assert sample(m, "batchgate_request_duration_seconds_count", model="clf", version=1, protocol=proto) == 5
     assert sample(m, "batchgate_inference_count_total", model="clf", version=1) == 24  # 8 requests x 3 rows
     assert sample(m, "batchgate_execution_count_total", model="clf", version=1) == 8

@@ -39,8 +39,12 @@ def test_gpu_instance_group_without_a_gpu_serves_on_the_cpu(tmp_path, serve):
 
 
 def test_a_bad_thread_count_fails_the_load_with_its_reason(tmp_path, serve):
-    _save(classifier_model(), str(tmp_path), "clf",
-          config='parameters { key: "intra_op_thread_count" value { string_value: "many" } }\n')
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "clf",
+        config='parameters { key: "intra_op_thread_count" value { string_value: "many" } }\n',
+    )
     running = serve(str(tmp_path))
     rows = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
     assert rows[0]["state"] == "UNAVAILABLE" and "intra_op_thread_count" in rows[0]["reason"]

@@ -23,14 +23,16 @@ async def client(request, server):
     await c.close()
 
 
-
-
 def json_infer_body(feeds: dict, outputs=("OUTPUT0", "OUTPUT1")) -> bytes:
-    return json.dumps({
-        "inputs": [{"name": n, "datatype": "INT32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
-                   for n, a in feeds.items()],
-        "outputs": [{"name": o, "parameters": {"binary_data": False}} for o in outputs],
-    }).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": n, "datatype": "INT32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+                for n, a in feeds.items()
+            ],
+            "outputs": [{"name": o, "parameters": {"binary_data": False}} for o in outputs],
+        }
+    ).encode()
 
 
 def decompress(body: bytes, encoding: str) -> bytes:
@@ -41,24 +43,36 @@ def decompress(body: bytes, encoding: str) -> bytes:
 @pytest.mark.parametrize("response_alg", (None, *ALGORITHMS))
 async def test_compressed_infer(client, request_alg, response_alg):
     feeds = simple_feeds(4, seed=7)
-    result = await client.infer("simple", feeds, request_compression_algorithm=request_alg,
-                                response_compression_algorithm=response_alg)
+    result = await client.infer(
+        "simple", feeds, request_compression_algorithm=request_alg, response_compression_algorithm=response_alg
+    )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
 
 
 async def test_compressed_infer_json_tensors(client):
     feeds = simple_feeds(2, seed=8)
-    result = await client.infer("simple", feeds, binary=False, outputs=["OUTPUT0"],
-                                request_compression_algorithm="gzip", response_compression_algorithm="deflate")
+    result = await client.infer(
+        "simple",
+        feeds,
+        binary=False,
+        outputs=["OUTPUT0"],
+        request_compression_algorithm="gzip",
+        response_compression_algorithm="deflate",
+    )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"])
 
 
 @pytest.mark.parametrize("encoding", ALGORITHMS)
 def test_response_really_is_compressed(server, encoding):
     feeds = simple_feeds(2, seed=9)
-    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer", json_infer_body(feeds),
-                                        {"Content-Type": "application/json", "Accept-Encoding": encoding})
+    status, headers, body = raw_http(
+        server,
+        "POST",
+        "/v2/models/simple/infer",
+        json_infer_body(feeds),
+        {"Content-Type": "application/json", "Accept-Encoding": encoding},
+    )
     assert status == 200, body
     assert headers.get("content-encoding") == encoding
     doc = json.loads(decompress(body, encoding))
@@ -71,25 +85,37 @@ def test_compressed_request_body(server, encoding):
     feeds = simple_feeds(1, seed=10)
     plain = json_infer_body(feeds)
     packed = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
-    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer", packed,
-                                        {"Content-Type": "application/json", "Content-Encoding": encoding})
+    status, headers, body = raw_http(
+        server,
+        "POST",
+        "/v2/models/simple/infer",
+        packed,
+        {"Content-Type": "application/json", "Content-Encoding": encoding},
+    )
     assert status == 200, body
     assert "content-encoding" not in headers  # nobody asked for a compressed answer
     doc = json.loads(body)
     assert {o["name"] for o in doc["outputs"]} == {"OUTPUT0", "OUTPUT1"}
 
 
-@pytest.mark.parametrize("accept,expected", [
-    ("gzip;q=0.2, deflate;q=0.8", "deflate"),
-    ("deflate;q=0, gzip", "gzip"),
-    ("identity", None),
-    ("br", None),
-    ("*;q=0, gzip;q=0", None),
-])
+@pytest.mark.parametrize(
+    "accept,expected",
+    [
+        ("gzip;q=0.2, deflate;q=0.8", "deflate"),
+        ("deflate;q=0, gzip", "gzip"),
+        ("identity", None),
+        ("br", None),
+        ("*;q=0, gzip;q=0", None),
+    ],
+)
 def test_accept_encoding_preferences(server, accept, expected):
-    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer",
-                                        json_infer_body(simple_feeds(1)),
-                                        {"Content-Type": "application/json", "Accept-Encoding": accept})
+    status, headers, body = raw_http(
+        server,
+        "POST",
+        "/v2/models/simple/infer",
+        json_infer_body(simple_feeds(1)),
+        {"Content-Type": "application/json", "Accept-Encoding": accept},
+    )
     assert status == 200
     assert headers.get("content-encoding") == expected
     if expected:
@@ -100,19 +126,22 @@ def test_accept_encoding_preferences(server, accept, expected):
 BROWSER_ACCEPT = {"Accept-Encoding": "gzip, deflate, br"}
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/v2"),
-    ("GET", "/v2/health/live"),
-    ("GET", "/v2/health/ready"),
-    ("GET", "/v2/models/simple"),
-    ("GET", "/v2/models/simple/versions/1"),
-    ("GET", "/v2/models/simple/ready"),
-    ("GET", "/v2/models/simple/config"),
-    ("GET", "/v2/models/simple/stats"),
-    ("GET", "/v2/models/stats"),
-    ("POST", "/v2/repository/index"),
-    ("GET", "/v2/models/no_such_model"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v2"),
+        ("GET", "/v2/health/live"),
+        ("GET", "/v2/health/ready"),
+        ("GET", "/v2/models/simple"),
+        ("GET", "/v2/models/simple/versions/1"),
+        ("GET", "/v2/models/simple/ready"),
+        ("GET", "/v2/models/simple/config"),
+        ("GET", "/v2/models/simple/stats"),
+        ("GET", "/v2/models/stats"),
+        ("POST", "/v2/repository/index"),
+        ("GET", "/v2/models/no_such_model"),
+    ],
+)
 def test_only_infer_responses_are_compressed(server, method, path):
     status, headers, body = raw_http(server, method, path, headers=BROWSER_ACCEPT)
     assert "content-encoding" not in headers, (path, headers)
@@ -148,8 +177,13 @@ async def test_errors_are_readable_when_compression_was_asked(client, response_a
 
 
 def test_unknown_content_encoding_is_refused(server):
-    status, headers, body = raw_http(server, "POST", "/v2/models/simple/infer", b"\x1b\x00junk",
-                                        {"Content-Type": "application/json", "Content-Encoding": "br"})
+    status, headers, body = raw_http(
+        server,
+        "POST",
+        "/v2/models/simple/infer",
+        b"\x1b\x00junk",
+        {"Content-Type": "application/json", "Content-Encoding": "br"},
+    )
     assert status == 400
     msg = json.loads(body)["error"]
     assert "br" in msg and "gzip" in msg
@@ -158,7 +192,12 @@ def test_unknown_content_encoding_is_refused(server):
 
 @pytest.mark.parametrize("encoding", ALGORITHMS)
 def test_corrupt_compressed_body_is_refused(server, encoding):
-    status, _, body = raw_http(server, "POST", "/v2/models/simple/infer", b"definitely not compressed",
-                                  {"Content-Type": "application/json", "Content-Encoding": encoding})
+    status, _, body = raw_http(
+        server,
+        "POST",
+        "/v2/models/simple/infer",
+        b"definitely not compressed",
+        {"Content-Type": "application/json", "Content-Encoding": encoding},
+    )
     assert status == 400
     assert encoding in json.loads(body)["error"]

@@ -53,12 +53,15 @@ def sample(v2: str, json_safe: bool = False) -> np.ndarray:
     if v2 == "BOOL":
         return np.array([[True, False, True, True, False], [False, False, True, False, True]])
     if v2 == "BYTES":
-        return np.array([["", "plain", "héllo wörld", "日本語 ☃", "x" * 300],
-                         ["a b", "\t tab", "", "emoji 🚀", "0"]], dtype=object)
+        return np.array(
+            [["", "plain", "héllo wörld", "日本語 ☃", "x" * 300], ["a b", "\t tab", "", "emoji 🚀", "0"]], dtype=object
+        )
     if np.issubdtype(np_dtype, np.integer):
         info = np.iinfo(np_dtype)
-        return np.array([[info.min, info.max, 0, 1, info.max - 1],
-                         [info.min + 1, 7, 42, info.max // 3, 100 % (int(info.max) + 1)]], dtype=np_dtype)
+        return np.array(
+            [[info.min, info.max, 0, 1, info.max - 1], [info.min + 1, 7, 42, info.max // 3, 100 % (int(info.max) + 1)]],
+            dtype=np_dtype,
+        )
     info = np.finfo(np_dtype)
     row2 = [np.inf, -np.inf, np.nan, 1.5, -0.0] if not json_safe else [1e-3, -2.5, 3.25, 1.5, -0.0]
     return np.array([[info.min, info.max, info.tiny, 0.1, -1 / 3], row2], dtype=np_dtype)
@@ -69,8 +72,9 @@ def reference(repo: str, model: str, feeds: dict) -> dict:
     ort_feeds = {}
     for name, arr in feeds.items():
         if arr.dtype == object:
-            arr = np.array([v.decode() if isinstance(v, bytes) else v for v in arr.reshape(-1)],
-                           dtype=object).reshape(arr.shape)
+            arr = np.array([v.decode() if isinstance(v, bytes) else v for v in arr.reshape(-1)], dtype=object).reshape(
+                arr.shape
+            )
         ort_feeds[name] = arr
     outs = onnx_outputs(model_file(repo, model), ort_feeds)
     for name, arr in outs.items():
@@ -170,9 +174,18 @@ async def test_every_datatype_round_trips(serve, dtype_repo, flavour):
 
 # gRPC typed contents: for every datatype that has a typed field.
 TYPED_FIELDS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -256,8 +269,10 @@ async def test_http_json_and_binary_tensors(http_client, demo_repo, in_binary, o
 
 async def test_http_mixed_binary_and_json(http_client, demo_repo):
     feeds = simple_feeds(3, seed=14)
-    inputs = [http_client.input("INPUT0", feeds["INPUT0"], binary=True),
-              http_client.input("INPUT1", feeds["INPUT1"], binary=False)]
+    inputs = [
+        http_client.input("INPUT0", feeds["INPUT0"], binary=True),
+        http_client.input("INPUT1", feeds["INPUT1"], binary=False),
+    ]
     outputs = [http_client.output("OUTPUT0", binary=False), http_client.output("OUTPUT1", binary=True)]
     result = await http_client.call("infer", "simple", inputs, outputs=outputs)
     by_name = {o["name"]: o for o in response_of(http_client, result)["outputs"]}
@@ -309,6 +324,7 @@ async def test_many_concurrent_requests_answer_their_own_caller(server, demo_rep
 
     clients = [Client("grpc.aio", server), Client("http.aio", server)]
     try:
+
         async def one(i):
             c = clients[i % 2]
             feeds = simple_feeds(1 + i % 4, seed=100 + i)

@@ -57,7 +57,8 @@ async def test_model_metadata(client, version):
     meta = await client.as_json("get_model_metadata", "classifier", version)
     assert [(t["name"], t["datatype"], int_list(t["shape"])) for t in meta["inputs"]] == [("features", "FP32", [-1, 4])]
     assert [(t["name"], t["datatype"], int_list(t["shape"])) for t in meta["outputs"]] == [
-        ("probabilities", "FP32", [-1, 3])]
+        ("probabilities", "FP32", [-1, 3])
+    ]
 
     meta = await client.as_json("get_model_metadata", "identity_bytes", version)
     assert meta["inputs"][0]["datatype"] == "BYTES"
@@ -207,7 +208,8 @@ def test_grpc_reflection_describes_model_infer(server):
     assert resp.WhichOneof("message_response") == "file_descriptor_response"
     from google.protobuf import descriptor_pb2
 
-    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
-             for b in resp.file_descriptor_response.file_descriptor_proto]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b) for b in resp.file_descriptor_response.file_descriptor_proto
+    ]
     methods = {m.name for f in files for s in f.service if s.name == "GRPCInferenceService" for m in s.method}
     assert {"ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex"} <= methods

@@ -120,11 +120,13 @@ async def test_ready_only_index(explicit):
 
 
 async def test_load_with_config_override(explicit):
-    override = json.dumps({
-        "max_batch_size": 2,
-        "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [4]}],
-        "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [3]}],
-    })
+    override = json.dumps(
+        {
+            "max_batch_size": 2,
+            "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [4]}],
+            "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [3]}],
+        }
+    )
     await explicit.call("load_model", "classifier", config=override)
     assert await explicit.call("is_model_ready", "classifier")
     if explicit.grpc:

@@ -91,8 +91,11 @@ async def test_aio_stream_infer_with_one_bad_request(server):
     async def requests():
         for i in range(16):
             if i == BAD_INDEX:
-                yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, bad_feeds()),
-                       "request_id": "bad"}
+                yield {
+                    "model_name": "simple",
+                    "inputs": simple_inputs(grpcclient_aio, bad_feeds()),
+                    "request_id": "bad",
+                }
                 continue
             feeds = simple_feeds(1 + i % 4, seed=50 + i)
             sent[f"a{i}"] = feeds
@@ -130,8 +133,12 @@ async def test_aio_stream_mixes_models_and_versions(server, demo_repo):
             else:
                 feeds = simple_feeds(1, seed=i)
                 sent[f"s{i}"] = feeds
-                yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, feeds), "request_id": f"s{i}",
-                       "outputs": [grpcclient_aio.InferRequestedOutput("OUTPUT1")]}
+                yield {
+                    "model_name": "simple",
+                    "inputs": simple_inputs(grpcclient_aio, feeds),
+                    "request_id": f"s{i}",
+                    "outputs": [grpcclient_aio.InferRequestedOutput("OUTPUT1")],
+                }
 
     try:
         seen = set()
@@ -179,8 +186,11 @@ async def test_aio_short_streams_answer_every_request(server):
 
             async def requests(n=n, rep=rep):
                 for i in range(n):
-                    yield {"model_name": "simple", "inputs": simple_inputs(grpcclient_aio, simple_feeds(1, seed=i)),
-                           "request_id": f"{rep}-{i}"}
+                    yield {
+                        "model_name": "simple",
+                        "inputs": simple_inputs(grpcclient_aio, simple_feeds(1, seed=i)),
+                        "request_id": f"{rep}-{i}",
+                    }
 
             got = [r async for r in client.stream_infer(requests(), stream_timeout=20)]
             assert all(e is None for _, e in got)
@@ -205,8 +215,11 @@ def test_stream_with_an_unparsable_message(server):
         return req.SerializeToString()
 
     with grpc.insecure_channel(server.grpc_url) as channel:
-        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
-                                     response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
         ids, errors = [], []
         for resp in call(iter([good(0), good(1), b"\xff" * 10, good(2)]), timeout=20):
             if resp.error_message:

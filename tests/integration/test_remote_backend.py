@@ -31,8 +31,24 @@ def upstream():
     started: list[Proc] = []
 
     def start(repo, *extra, ports=(0, 0)):
-        p = Proc(["serve", "--model-repository", str(repo), "--host", "127.0.0.1", "--http-port", str(ports[0]),
-                  "--grpc-port", str(ports[1]), "--metrics-port", "0", "--log-level", "info", *extra])
+        p = Proc(
+            [
+                "serve",
+                "--model-repository",
+                str(repo),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(ports[0]),
+                "--grpc-port",
+                str(ports[1]),
+                "--metrics-port",
+                "0",
+                "--log-level",
+                "info",
+                *extra,
+            ]
+        )
         started.append(p)
         return p.wait_ready()
 
@@ -74,11 +90,14 @@ def test_outputs_equal_onnx_runtime_in_both_batching_modes_over_grpc_and_http(tm
     repo = _classifier_repo(tmp_path / "up")
     _save(identity_model("ids"), str(repo), "ids", config="max_batch_size: 8\n")
     up = upstream(repo)
-    running = serve("", remote_models=(
-        RemoteModel("gw", (up.grpc,), upstream_model="clf", batching="gateway", max_queue_delay_us=2000, **FAST),
-        RemoteModel("pt", (up.grpc,), upstream_model="clf", batching="passthrough", **FAST),
-        RemoteModel("ids", (up.grpc,), batching="passthrough", **FAST),
-    ))
+    running = serve(
+        "",
+        remote_models=(
+            RemoteModel("gw", (up.grpc,), upstream_model="clf", batching="gateway", max_queue_delay_us=2000, **FAST),
+            RemoteModel("pt", (up.grpc,), upstream_model="clf", batching="passthrough", **FAST),
+            RemoteModel("ids", (up.grpc,), batching="passthrough", **FAST),
+        ),
+    )
     ref = ort.InferenceSession(str(repo / "clf" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((1 + i % 3, 4)).astype(np.float32) for i in range(48)]
@@ -98,12 +117,16 @@ def test_outputs_equal_onnx_runtime_in_both_batching_modes_over_grpc_and_http(tm
     assert meta["name"] == "gw" and meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
     cfg = grpcclient.InferenceServerClient(running.grpc_url).get_model_config("pt", as_json=True)["config"]
     assert cfg["max_batch_size"] == 16 and cfg["parameters"]["remote_batching"]["string_value"] == "passthrough"
-    index = {m["name"]: m["state"] for m in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    index = {
+        m["name"]: m["state"] for m in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+    }
     assert index == {"gw": "READY", "pt": "READY", "ids": "READY"}
 
     # gateway mode batched at batchgate; passthrough sent one call per request
-    stats = {s["name"]: s for s in httpclient.InferenceServerClient(running.http_url)
-             .get_inference_statistics()["model_stats"]}
+    stats = {
+        s["name"]: s
+        for s in httpclient.InferenceServerClient(running.http_url).get_inference_statistics()["model_stats"]
+    }
     assert stats["gw"]["inference_stats"]["success"]["count"] == 24
     assert stats["gw"]["execution_count"] < 24
     assert stats["pt"]["execution_count"] == 24
@@ -125,7 +148,9 @@ def test_outputs_equal_onnx_runtime_in_both_batching_modes_over_grpc_and_http(tm
     assert [n for n in README_UPSTREAM_METRICS if n not in text] == []
     requests = _metric_lines(running, "batchgate_upstream_requests_total")
     assert any(f'model="pt",upstream="{up.grpc}"' in line and line.endswith(" 24.0") for line in requests), requests
-    assert any('model="gw"' in line for line in _metric_lines(running, "batchgate_upstream_request_duration_seconds_count"))
+    assert any(
+        'model="gw"' in line for line in _metric_lines(running, "batchgate_upstream_request_duration_seconds_count")
+    )
     assert all(line.endswith(" 0.0") for line in _metric_lines(running, "batchgate_upstream_outstanding"))
     assert all(line.endswith(" 1.0") for line in _metric_lines(running, "batchgate_upstream_healthy"))
 
@@ -139,8 +164,9 @@ class Traffic:
 
         self.outcomes: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(running, model, x, i), daemon=True)
-                         for i in range(callers)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(running, model, x, i), daemon=True) for i in range(callers)
+        ]
         for t in self._threads:
             t.start()
 
@@ -205,8 +231,19 @@ def test_only_a_request_never_delivered_is_retried_on_another_upstream(tmp_path,
     repo = _classifier_repo(tmp_path / "up")
     a, b = upstream(repo), upstream(repo)
     # probes far apart: only calls find out that an upstream is gone
-    running = serve("", remote_models=(RemoteModel("clf", (a.grpc, b.grpc), batching="passthrough",
-                                                   retries=retries, probe_interval_s=60, eject_after_failures=3),))
+    running = serve(
+        "",
+        remote_models=(
+            RemoteModel(
+                "clf",
+                (a.grpc, b.grpc),
+                batching="passthrough",
+                retries=retries,
+                probe_interval_s=60,
+                eject_after_failures=3,
+            ),
+        ),
+    )
     x = np.ones((1, 4), np.float32)
     for _ in range(4):  # both upstreams answer
         _infer(grpcclient, running.grpc_url, "clf", x)
@@ -230,12 +267,15 @@ def test_only_a_request_never_delivered_is_retried_on_another_upstream(tmp_path,
 def test_with_two_upstreams_one_killed_every_request_succeeds_after_ejection(tmp_path, serve, upstream):
     repo = _classifier_repo(tmp_path / "up")
     a, b = upstream(repo), upstream(repo)
-    running = serve("", remote_models=(
-        RemoteModel("clf", (a.grpc, b.grpc), batching="passthrough", retries=1, **{**FAST, "eject_s": 30.0}),))
+    running = serve(
+        "",
+        remote_models=(
+            RemoteModel("clf", (a.grpc, b.grpc), batching="passthrough", retries=1, **{**FAST, "eject_s": 30.0}),
+        ),
+    )
     x = np.ones((1, 4), np.float32)
     with ThreadPoolExecutor(4) as pool:
-        assert all(o is not None for o in pool.map(lambda _: _infer(grpcclient, running.grpc_url, "clf", x),
-                                                   range(20)))
+        assert all(o is not None for o in pool.map(lambda _: _infer(grpcclient, running.grpc_url, "clf", x), range(20)))
     for up in (a, b):  # the calls were spread over both
         stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
         assert stats["inference_stats"]["success"]["count"] >= 5
@@ -267,8 +307,7 @@ def test_with_two_upstreams_one_killed_every_request_succeeds_after_ejection(tmp
 
 def _busy_upstream(tmp_path, upstream):
     repo = tmp_path / "up"
-    _save(slow_model(width=1024, layers=384), str(repo), "slow",
-          config="max_batch_size: 64\ndynamic_batching { }\n")
+    _save(slow_model(width=1024, layers=384), str(repo), "slow", config="max_batch_size: 64\ndynamic_batching { }\n")
     return upstream(repo, "--inline-execution-max-us", "0")
 
 
@@ -293,7 +332,8 @@ def _upstream_gauges(up) -> tuple[float, float]:
 
 
 def test_a_deadline_shorter_than_the_upstream_latency_is_deadline_exceeded_and_never_runs_upstream(
-        tmp_path, serve, upstream):
+    tmp_path, serve, upstream
+):
     up = _busy_upstream(tmp_path, upstream)
     running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="passthrough", **FAST),))
     pool, busy = _occupy(up)
@@ -351,8 +391,7 @@ def test_an_upstream_invalid_argument_stays_invalid_argument_with_its_message(tm
         assert up.grpc in e.value.message() and "features" in e.value.message()
 
 
-def test_a_remote_model_whose_upstream_is_down_is_unavailable_and_loads_when_it_comes_up(
-        tmp_path, serve, upstream):
+def test_a_remote_model_whose_upstream_is_down_is_unavailable_and_loads_when_it_comes_up(tmp_path, serve, upstream):
     import socket
 
     with socket.socket() as s:  # a port nothing listens on (yet)
@@ -377,9 +416,15 @@ def test_a_remote_model_whose_upstream_is_down_is_unavailable_and_loads_when_it_
 
 def test_the_cli_serves_remote_models_without_a_repository_and_explicit_mode_reloads_them(tmp_path, upstream):
     up = upstream(_classifier_repo(tmp_path / "up"))
-    gw = upstream("", "--model-control-mode", "explicit",
-                  "--remote-model", f"name=front upstreams={up.grpc} upstream_model=clf batching=gateway",
-                  "--remote-model", f"name=direct upstreams={up.grpc} upstream_model=clf batching=passthrough")
+    gw = upstream(
+        "",
+        "--model-control-mode",
+        "explicit",
+        "--remote-model",
+        f"name=front upstreams={up.grpc} upstream_model=clf batching=gateway",
+        "--remote-model",
+        f"name=direct upstreams={up.grpc} upstream_model=clf batching=passthrough",
+    )
     x = np.ones((2, 4), np.float32)
     want = _infer(grpcclient, up.grpc, "clf", x)
     for model in ("front", "direct"):
@@ -397,8 +442,12 @@ def test_the_cli_serves_remote_models_without_a_repository_and_explicit_mode_rel
 
 def test_a_gateway_batch_goes_on_while_one_of_its_callers_remains(tmp_path, serve, upstream):
     up = _busy_upstream(tmp_path, upstream)
-    running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="gateway", max_batch_size=2,
-                                                   max_queue_delay_us=5_000_000, **FAST),))
+    running = serve(
+        "",
+        remote_models=(
+            RemoteModel("slow", (up.grpc,), batching="gateway", max_batch_size=2, max_queue_delay_us=5_000_000, **FAST),
+        ),
+    )
     pool, busy = _occupy(up)
     c = grpcclient.InferenceServerClient(running.grpc_url)
     inp = grpcclient.InferInput("input", [1, 1024], "FP32")
@@ -428,8 +477,9 @@ def test_an_unload_while_the_load_is_being_retried_stays_unloaded(tmp_path, serv
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         http_port = sock.getsockname()[1]
-    running = serve("", model_control_mode="explicit",
-                    remote_models=(RemoteModel("clf", (f"127.0.0.1:{port}",), **FAST),))
+    running = serve(
+        "", model_control_mode="explicit", remote_models=(RemoteModel("clf", (f"127.0.0.1:{port}",), **FAST),)
+    )
     c = grpcclient.InferenceServerClient(running.grpc_url)
     c.unload_model("clf")
     upstream(_classifier_repo(tmp_path / "up"), ports=(http_port, port))  # the upstream comes up after

@@ -187,8 +187,11 @@ def test_simulation_follows_a_ramp_and_comes_down_slowly():
     # after the ramp down nothing is removed for the 300 s window, then at most 10% a minute
     assert all(rows[t]["desired"] == plateau for t in range(900, 1200))
     assert rows[1800]["desired"] < plateau
-    drops = [(t, rows[t - 1]["desired"], rows[t]["desired"]) for t in range(901, 1801)
-             if rows[t]["desired"] < rows[t - 1]["desired"]]
+    drops = [
+        (t, rows[t - 1]["desired"], rows[t]["desired"])
+        for t in range(901, 1801)
+        if rows[t]["desired"] < rows[t - 1]["desired"]
+    ]
     assert drops and drops[0][0] >= 1200
     for (t0, _, _), (t1, _, _) in pairwise(drops):
         assert t1 - t0 >= 60
@@ -228,19 +231,32 @@ def _window(i: int, rate: float, ok_per_s: float, p99_us: int, queue: float | No
 def _step(rate, ok_per_s, p99_ms, queues, valid=True, slo_met=None):
     windows = [_window(-1, rate, ok_per_s, int(p99_ms * 1000), 99.0, phase="warmup")]  # not counted
     windows += [_window(i, rate, ok_per_s, int(p99_ms * 1000), q) for i, q in enumerate(queues)]
-    return Step(f"constant {rate:g}/s", "open", target_rate=rate, windows=windows, valid=valid,
-                problems=[] if valid else ["generator fell behind"], slo_met=slo_met)
+    return Step(
+        f"constant {rate:g}/s",
+        "open",
+        target_rate=rate,
+        windows=windows,
+        valid=valid,
+        problems=[] if valid else ["generator fell behind"],
+        slo_met=slo_met,
+    )
 
 
 def _run() -> Run:
-    steps = [_step(50, 50, 4, [1.0, 2.0, 3.0], slo_met=True),
-             _step(100, 100, 8, [5.0, 6.0, 7.0], slo_met=True),
-             _step(150, 150, 30, [20.0, 24.0, 28.0], slo_met=False),
-             _step(200, 120, 900, [300.0, 600.0, 900.0], slo_met=False),  # the server fell behind
-             _step(250, 250, 5, [None, None], slo_met=True),  # no --metrics-url figures
-             _step(300, 100, 2000, [1000.0], valid=False, slo_met=False)]
-    return Run(scenario={"name": "one pod", "model": "mlp"}, environment={}, steps=steps,
-               sweep={"kind": "rate", "best": "constant 100/s", "slo": {"p99_ms": 10, "error_budget": 0.001}})
+    steps = [
+        _step(50, 50, 4, [1.0, 2.0, 3.0], slo_met=True),
+        _step(100, 100, 8, [5.0, 6.0, 7.0], slo_met=True),
+        _step(150, 150, 30, [20.0, 24.0, 28.0], slo_met=False),
+        _step(200, 120, 900, [300.0, 600.0, 900.0], slo_met=False),  # the server fell behind
+        _step(250, 250, 5, [None, None], slo_met=True),  # no --metrics-url figures
+        _step(300, 100, 2000, [1000.0], valid=False, slo_met=False),
+    ]
+    return Run(
+        scenario={"name": "one pod", "model": "mlp"},
+        environment={},
+        steps=steps,
+        sweep={"kind": "rate", "best": "constant 100/s", "slo": {"p99_ms": 10, "error_budget": 0.001}},
+    )
 
 
 def test_queue_curve_from_a_results_file(tmp_path):
@@ -263,8 +279,9 @@ def test_queue_curve_from_a_results_file(tmp_path):
 
 
 def test_pick_target():
-    c = QueueCurve.from_points([(10, 1, 2, "a", True), (20, 3, 6, "b", True), (30, 9, 12, "c", False),
-                                (40, 30, 9, "d", True)])  # d: a lucky step past a miss
+    c = QueueCurve.from_points(
+        [(10, 1, 2, "a", True), (20, 3, 6, "b", True), (30, 9, 12, "c", False), (40, 30, 9, "d", True)]
+    )  # d: a lucky step past a miss
     assert pick_target(c, 10).queue_depth == 3 and pick_target(c, 10).point.label == "b"
     assert pick_target(c, 12).queue_depth == 30  # everything meets 12 ms
     assert pick_target(c, 1) is None
@@ -273,8 +290,11 @@ def test_pick_target():
 
 def test_values_file_defaults_and_checks(tmp_path):
     f = tmp_path / "values.yaml"
-    f.write_text("replicaCount: 2\nautoscaling:\n  maxReplicas: 7\n  behavior:\n    scaleDown:\n"
-                 "      stabilizationWindowSeconds: 60\n", encoding="utf-8")
+    f.write_text(
+        "replicaCount: 2\nautoscaling:\n  maxReplicas: 7\n  behavior:\n    scaleDown:\n"
+        "      stabilizationWindowSeconds: 60\n",
+        encoding="utf-8",
+    )
     v = load_values(f)
     assert (v.min_replicas, v.max_replicas, v.target, v.mode) == (1, 7, 8.0, "hpa")
     assert v.scale_down.stabilization_s == 60 and v.scale_down.select == "Min"
@@ -295,8 +315,21 @@ def test_cli_prints_and_writes(tmp_path):
     values = tmp_path / "values.yaml"
     values.write_text("autoscaling:\n  maxReplicas: 30\n  targetQueueDepth: 6\n", encoding="utf-8")
     out = tmp_path / "sim"
-    cmd = [sys.executable, "-m", "batchgate.loadtest.autoscale", "--results", str(results), "--values", str(values),
-           "--ramp", "0:100,300:2000,600:2000,900:200", "--ready-delay", "30", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchgate.loadtest.autoscale",
+        "--results",
+        str(results),
+        "--values",
+        str(values),
+        "--ramp",
+        "0:100,300:2000,600:2000,900:200",
+        "--ready-delay",
+        "30",
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "capacity 150 req/s per pod" in p.stdout
@@ -307,13 +340,20 @@ def test_cli_prints_and_writes(tmp_path):
     assert len(doc["timeline"]) == 901 and doc["summary"]["peak_replicas"] <= 30
     assert (out / "autoscale.png").read_bytes()[:8] == PNG_MAGIC
 
-    what_if = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "w"), "--target", "12"], check=False,
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    what_if = subprocess.run(
+        cmd[:-2] + ["--out", str(tmp_path / "w"), "--target", "12"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert what_if.returncode == 0, what_if.stderr
     assert json.loads((tmp_path / "w" / "autoscale.json").read_text())["summary"]["target"] == 12
 
-    bad = subprocess.run(cmd[:7] + ["--ramp", "nonsense"], check=False, capture_output=True, text=True, timeout=60,
-                         cwd=tmp_path)
+    bad = subprocess.run(
+        cmd[:7] + ["--ramp", "nonsense"], check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert bad.returncode == 2 and "ramp" in bad.stderr
 
 

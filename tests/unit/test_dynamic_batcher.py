@@ -46,8 +46,15 @@ class Recorder:
 
 def rq(clock, rid, rows=1, width=4, deadline=None, priority=0):
     data = np.zeros((rows, width), np.float32)
-    r = InferRequest("m", "1", (Tensor("x", "FP32", (rows, width), data),), id=rid, arrival=clock(),
-                     deadline=deadline, priority=priority)
+    r = InferRequest(
+        "m",
+        "1",
+        (Tensor("x", "FP32", (rows, width), data),),
+        id=rid,
+        arrival=clock(),
+        deadline=deadline,
+        priority=priority,
+    )
     return Ticket(r, Checked({"x": data}, ("y",), rows))
 
 
@@ -328,8 +335,7 @@ async def test_drain_and_close():
 async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
     reasons = []
     clock, rec = Clock(), Recorder()
-    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=1, instances=1), clock=clock, name="m",
-                       refused=reasons.append)
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=1, instances=1), clock=clock, name="m", refused=reasons.append)
     # Learn the cost: one batch of 1 row takes 10 ms.
     first = go(b, rq(clock, "learn"))
     await settle()

@@ -78,9 +78,18 @@ def test_as_tritonclient_sends_it():
     s = grpcclient.InferInput("s", [1], "BYTES")
     s.set_data_from_numpy(np.array([b"abc"], dtype=object))
     msg = client_utils._get_inference_request(
-        model_name="m", inputs=[x, s], model_version="", request_id="r9",
-        outputs=[grpcclient.InferRequestedOutput("y")], sequence_id=0, sequence_start=False,
-        sequence_end=False, priority=2, timeout=1500, parameters=None)
+        model_name="m",
+        inputs=[x, s],
+        model_version="",
+        request_id="r9",
+        outputs=[grpcclient.InferRequestedOutput("y")],
+        sequence_id=0,
+        sequence_start=False,
+        sequence_end=False,
+        priority=2,
+        timeout=1500,
+        parameters=None,
+    )
     req = decode_request(msg, arrival=10.0)
     assert req.id == "r9"
     np.testing.assert_array_equal(req.inputs[0].data, np.array([[1, 2], [3, 4]], dtype=np.float16))
@@ -164,11 +173,17 @@ def test_typed_uint64_keeps_large_values(value):
     assert int(t.data[0]) == value
 
 
-@pytest.mark.parametrize("datatype,field,value", [
-    ("INT8", "int_contents", 128), ("INT8", "int_contents", -129),
-    ("INT16", "int_contents", 32768), ("INT16", "int_contents", -32769),
-    ("UINT8", "uint_contents", 256), ("UINT16", "uint_contents", 65536),
-])
+@pytest.mark.parametrize(
+    "datatype,field,value",
+    [
+        ("INT8", "int_contents", 128),
+        ("INT8", "int_contents", -129),
+        ("INT16", "int_contents", 32768),
+        ("INT16", "int_contents", -32769),
+        ("UINT8", "uint_contents", 256),
+        ("UINT16", "uint_contents", 65536),
+    ],
+)
 def test_typed_out_of_range_ints_are_refused(datatype, field, value):
     msg = refused(typed(datatype, [2], field, [0, value]))
     assert "input 'x'" in msg and "out of range" in msg and datatype in msg
@@ -224,14 +239,17 @@ def test_custom_parameters_are_kept():
     assert req.parameters == {"my_flag": True, "tag": "x"}
 
 
-@pytest.mark.parametrize("name,kind,value", [
-    ("priority", "string_param", "1"),
-    ("priority", "bool_param", True),
-    ("priority", "int64_param", -1),
-    ("priority", "double_param", 1.0),
-    ("timeout", "int64_param", -5),
-    ("timeout", "string_param", "100"),
-])
+@pytest.mark.parametrize(
+    "name,kind,value",
+    [
+        ("priority", "string_param", "1"),
+        ("priority", "bool_param", True),
+        ("priority", "int64_param", -1),
+        ("priority", "double_param", 1.0),
+        ("timeout", "int64_param", -5),
+        ("timeout", "string_param", "100"),
+    ],
+)
 def test_bad_schedule_parameters(name, kind, value):
     msg = refused(with_params(**{name: (kind, value)}))
     assert f"'{name}'" in msg and repr(value) in msg
@@ -270,9 +288,13 @@ def test_encode_casts_data_to_the_declared_type():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from([n for n, d in DATATYPES.items() if d.itemsize]).flatmap(
-    lambda n: st.tuples(st.just(n), hnp.arrays(DATATYPES[n].np_dtype,
-                                               hnp.array_shapes(min_dims=1, max_dims=3, max_side=4)))))
+@given(
+    st.sampled_from([n for n, d in DATATYPES.items() if d.itemsize]).flatmap(
+        lambda n: st.tuples(
+            st.just(n), hnp.arrays(DATATYPES[n].np_dtype, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4))
+        )
+    )
+)
 def test_encode_round_trips_through_tritonclient(case):
     datatype, arr = case
     got = grpcclient.InferResult(encode_response(response(("y", datatype, arr)))).as_numpy("y")

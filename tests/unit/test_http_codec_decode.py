@@ -20,8 +20,9 @@ gen = httpclient.InferenceServerClient.generate_request_body
 def decode_with_options(body, header_length=None, arrival=0.0):
     if isinstance(body, dict):
         body = json.dumps(body).encode()
-    return decode_request(body, None if header_length is None else str(header_length), "m", "1", arrival,
-                          RequestLimits())
+    return decode_request(
+        body, None if header_length is None else str(header_length), "m", "1", arrival, RequestLimits()
+    )
 
 
 def decode(body, header_length=None, arrival=0.0):
@@ -95,8 +96,10 @@ def test_json_ragged_nested_data_is_refused():
     assert "input 'x'" in msg and "FP32" in msg
 
 
-@pytest.mark.parametrize("datatype,value", [("UINT8", 256), ("UINT8", -1), ("INT8", 128), ("INT16", -40000),
-                                            ("UINT32", 2**32), ("INT64", 2**63)])
+@pytest.mark.parametrize(
+    "datatype,value",
+    [("UINT8", 256), ("UINT8", -1), ("INT8", 128), ("INT16", -40000), ("UINT32", 2**32), ("INT64", 2**63)],
+)
 def test_json_out_of_range_ints_are_refused(datatype, value):
     msg = refused(one(datatype=datatype, shape=(2,), data=[0, value]))
     assert "input 'x'" in msg and datatype in msg
@@ -161,37 +164,42 @@ def _binary_body(inputs: list[dict], blob: bytes) -> tuple[bytes, int]:
 
 
 def test_leftover_binary_bytes_are_refused():
-    body, n = _binary_body([{"name": "x", "datatype": "UINT8", "shape": [2],
-                             "parameters": {"binary_data_size": 2}}], b"\x01\x02\x03")
+    body, n = _binary_body(
+        [{"name": "x", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}}], b"\x01\x02\x03"
+    )
     msg = refused(body, n)
     assert "1 binary bytes" in msg
 
 
 def test_binary_size_past_the_end_is_refused():
-    body, n = _binary_body([{"name": "x", "datatype": "UINT8", "shape": [4],
-                             "parameters": {"binary_data_size": 4}}], b"\x01\x02")
+    body, n = _binary_body(
+        [{"name": "x", "datatype": "UINT8", "shape": [4], "parameters": {"binary_data_size": 4}}], b"\x01\x02"
+    )
     msg = refused(body, n)
     assert "input 'x'" in msg and "4" in msg and "2" in msg
 
 
 def test_binary_size_that_does_not_fit_the_shape_is_refused():
-    body, n = _binary_body([{"name": "x", "datatype": "FP32", "shape": [2],
-                             "parameters": {"binary_data_size": 4}}], b"\x00" * 4)
+    body, n = _binary_body(
+        [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 4}}], b"\x00" * 4
+    )
     msg = refused(body, n)
     assert "input 'x'" in msg and "8" in msg
 
 
 @pytest.mark.parametrize("size", [-1, "8", 1.5, True])
 def test_bad_binary_data_size(size):
-    body, n = _binary_body([{"name": "x", "datatype": "UINT8", "shape": [1],
-                             "parameters": {"binary_data_size": size}}], b"\x00")
+    body, n = _binary_body(
+        [{"name": "x", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": size}}], b"\x00"
+    )
     msg = refused(body, n)
     assert "input 'x'" in msg and "binary_data_size" in msg
 
 
 def test_both_data_and_binary_data_size_are_refused():
-    body, n = _binary_body([{"name": "x", "datatype": "UINT8", "shape": [1], "data": [1],
-                             "parameters": {"binary_data_size": 1}}], b"\x01")
+    body, n = _binary_body(
+        [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [1], "parameters": {"binary_data_size": 1}}], b"\x01"
+    )
     msg = refused(body, n)
     assert "input 'x'" in msg and "exactly one" in msg
 
@@ -202,8 +210,9 @@ def test_neither_data_nor_binary_data_size_is_refused():
 
 
 def test_binary_without_header_length_is_not_json():
-    body, _ = _binary_body([{"name": "x", "datatype": "UINT8", "shape": [1],
-                             "parameters": {"binary_data_size": 1}}], b"\x01")
+    body, _ = _binary_body(
+        [{"name": "x", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}}], b"\x01"
+    )
     assert "not valid JSON" in refused(body)
 
 
@@ -235,28 +244,34 @@ def test_bad_shapes(shape):
     assert "input 'x'" in msg and "shape" in msg
 
 
-@pytest.mark.parametrize("body,words", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    ({"inputs": []}, "non-empty 'inputs'"),
-    ({"id": "q"}, "non-empty 'inputs'"),
-    ({"inputs": [{"datatype": "FP32", "shape": [1], "data": [1]}]}, "'name'"),
-    ({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}, "'datatype'"),
-    ({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}, "'FLOAT'"),
-    ({**one(data=[1.0, 2.0]), "id": 5}, "'id'"),
-    ({**one(data=[1.0, 2.0]), "outputs": {"name": "y"}}, "'outputs'"),
-    ({**one(data=[1.0, 2.0]), "outputs": [{"parameters": {}}]}, "'name'"),
-    ({**one(data=[1.0, 2.0]), "parameters": [1]}, "'parameters'"),
-    ({**one(data=[1.0, 2.0]), "outputs": [{"name": "y", "parameters": {"classification": 3}}]},
-     "classification"),
-])
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        ({"inputs": []}, "non-empty 'inputs'"),
+        ({"id": "q"}, "non-empty 'inputs'"),
+        ({"inputs": [{"datatype": "FP32", "shape": [1], "data": [1]}]}, "'name'"),
+        ({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}, "'datatype'"),
+        ({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}, "'FLOAT'"),
+        ({**one(data=[1.0, 2.0]), "id": 5}, "'id'"),
+        ({**one(data=[1.0, 2.0]), "outputs": {"name": "y"}}, "'outputs'"),
+        ({**one(data=[1.0, 2.0]), "outputs": [{"parameters": {}}]}, "'name'"),
+        ({**one(data=[1.0, 2.0]), "parameters": [1]}, "'parameters'"),
+        ({**one(data=[1.0, 2.0]), "outputs": [{"name": "y", "parameters": {"classification": 3}}]}, "classification"),
+    ],
+)
 def test_malformed_requests(body, words):
     assert words in refused(body)
 
 
 def test_json_request_metadata_and_custom_parameters():
-    body = {**one(data=[1.0, 2.0]), "id": "abc", "parameters": {"my_key": "v", "binary_data_output": True},
-            "outputs": [{"name": "y"}, {"name": "z", "parameters": {"binary_data": False}}]}
+    body = {
+        **one(data=[1.0, 2.0]),
+        "id": "abc",
+        "parameters": {"my_key": "v", "binary_data_output": True},
+        "outputs": [{"name": "y"}, {"name": "z", "parameters": {"binary_data": False}}],
+    }
     req, options = decode_with_options(body, arrival=5.0)
     assert req.id == "abc"
     assert req.parameters["my_key"] == "v"
@@ -266,13 +281,16 @@ def test_json_request_metadata_and_custom_parameters():
     assert req.arrival == 5.0 and req.deadline is None and req.priority == 0
 
 
-@pytest.mark.parametrize("params,words", [
-    ({"priority": -1}, "'priority'"),
-    ({"priority": 1.0}, "'priority'"),
-    ({"priority": "1"}, "'priority'"),
-    ({"timeout": -3}, "'timeout'"),
-    ({"timeout": True}, "'timeout'"),
-])
+@pytest.mark.parametrize(
+    "params,words",
+    [
+        ({"priority": -1}, "'priority'"),
+        ({"priority": 1.0}, "'priority'"),
+        ({"priority": "1"}, "'priority'"),
+        ({"timeout": -3}, "'timeout'"),
+        ({"timeout": True}, "'timeout'"),
+    ],
+)
 def test_bad_schedule_parameters(params, words):
     assert words in refused({**one(data=[1.0, 2.0]), "parameters": params})
 

@@ -30,8 +30,9 @@ def every_type():
         elif name == "BOOL":
             outs.append(("o_BOOL", name, np.array([[True, False], [False, True]])))
         else:
-            outs.append((f"o_{name}", name, (np.arange(4) * 3 - 2 * (d.np_dtype.kind != "u")).astype(d.np_dtype)
-                         .reshape(2, 2)))
+            outs.append(
+                (f"o_{name}", name, (np.arange(4) * 3 - 2 * (d.np_dtype.kind != "u")).astype(d.np_dtype).reshape(2, 2))
+            )
     return outs
 
 

@@ -25,11 +25,15 @@ def refused(body, encoding, limit=1 << 20) -> str:
     return ei.value.message
 
 
-@pytest.mark.parametrize("encoding,packed", [
-    ("gzip", gzip.compress(PAYLOAD)),
-    ("deflate", zlib.compress(PAYLOAD)),  # tritonclient's "deflate" is zlib-wrapped
-    (" GZip ", gzip.compress(PAYLOAD)),
-], ids=["gzip", "deflate", "gzip-spaced-mixed-case"])
+@pytest.mark.parametrize(
+    "encoding,packed",
+    [
+        ("gzip", gzip.compress(PAYLOAD)),
+        ("deflate", zlib.compress(PAYLOAD)),  # tritonclient's "deflate" is zlib-wrapped
+        (" GZip ", gzip.compress(PAYLOAD)),
+    ],
+    ids=["gzip", "deflate", "gzip-spaced-mixed-case"],
+)
 def test_decompress(encoding, packed):
     assert decompress(packed, encoding, 1 << 20) == PAYLOAD
 
@@ -64,8 +68,9 @@ def test_corrupt_body_is_refused():
     assert "corrupt" in refused(b"nor zlib", "deflate")
 
 
-@pytest.mark.parametrize("encoding,packed", [("gzip", gzip.compress(PAYLOAD)), ("deflate", zlib.compress(PAYLOAD))],
-                         ids=["gzip", "deflate"])
+@pytest.mark.parametrize(
+    "encoding,packed", [("gzip", gzip.compress(PAYLOAD)), ("deflate", zlib.compress(PAYLOAD))], ids=["gzip", "deflate"]
+)
 def test_truncated_body_is_refused(encoding, packed):
     refused(packed[:-6], encoding)
 
@@ -84,23 +89,26 @@ def test_identity_is_case_insensitive():
 
 
 # ---------------------------------------------------------------- pick_encoding
-@pytest.mark.parametrize("accept,expected", [
-    (None, None),
-    ("", None),
-    ("gzip", "gzip"),
-    ("deflate", "deflate"),
-    ("gzip, deflate, br", "gzip"),  # what aiohttp sends: first on a tie
-    ("deflate, gzip", "deflate"),
-    ("br", None),
-    ("identity", None),
-    ("identity, gzip", None),
-    ("gzip;q=0.5, deflate;q=0.8", "deflate"),
-    ("gzip;q=0, deflate;q=0", None),
-    ("deflate;q=0.1, identity;q=0.5", None),
-    ("GZIP", "gzip"),
-    ("gzip ; q=0.9 , deflate ; q=1.0", "deflate"),
-    ("gzip;q=bogus, deflate;q=0.2", "deflate"),
-])
+@pytest.mark.parametrize(
+    "accept,expected",
+    [
+        (None, None),
+        ("", None),
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("gzip, deflate, br", "gzip"),  # what aiohttp sends: first on a tie
+        ("deflate, gzip", "deflate"),
+        ("br", None),
+        ("identity", None),
+        ("identity, gzip", None),
+        ("gzip;q=0.5, deflate;q=0.8", "deflate"),
+        ("gzip;q=0, deflate;q=0", None),
+        ("deflate;q=0.1, identity;q=0.5", None),
+        ("GZIP", "gzip"),
+        ("gzip ; q=0.9 , deflate ; q=1.0", "deflate"),
+        ("gzip;q=bogus, deflate;q=0.2", "deflate"),
+    ],
+)
 def test_pick_encoding(accept, expected):
     assert pick_encoding(accept) == expected
 
@@ -121,5 +129,6 @@ def test_compressed_binary_response_parses_in_tritonclient(encoding):
     body, n = encode_response(InferResponse("m", "1", [Tensor("y", "FP32", (3, 4), arr)]), req)
     assert n is not None and json.loads(body[:n])["outputs"][0]["parameters"]["binary_data_size"] == 48
     result = httpclient.InferenceServerClient.parse_response_body(
-        compress(body, encoding), header_length=n, content_encoding=encoding)
+        compress(body, encoding), header_length=n, content_encoding=encoding
+    )
     np.testing.assert_array_equal(result.as_numpy("y"), arr)

@@ -37,10 +37,15 @@ def test_shapes_become_rate_segments():
         segments(Scenario("h:1", "m", shape="wave:1"))
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("protocol", "udp", "protocol must be one of grpc, http"), ("rate", 0, "rate must be greater than 0"),
-    ("workers", 0, "workers must be at least 1"), ("shape", "ramp:x", "shape 'ramp:x' must be"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("protocol", "udp", "protocol must be one of grpc, http"),
+        ("rate", 0, "rate must be greater than 0"),
+        ("workers", 0, "workers must be at least 1"),
+        ("shape", "ramp:x", "shape 'ramp:x' must be"),
+    ],
+)
 def test_bad_scenarios_are_refused(field, value, words):
     with pytest.raises(LoadTestError, match=words):
         Scenario("h:1", "m", **{field: value}).check()
@@ -92,8 +97,18 @@ def test_the_schedule_follows_the_shape_including_stretches_at_rate_zero(arrival
 
     def schedule(shape: str, duration: float) -> list[float]:
         sc = Scenario("h:1", "m", shape=shape, duration_s=duration)
-        plan = Plan(step=1, mode="open", start_ns=0, warmup_s=0, duration_s=duration, window_s=1, deadline_s=1,
-                    segments=segments(sc), arrival=arrival, seed=3)
+        plan = Plan(
+            step=1,
+            mode="open",
+            start_ns=0,
+            warmup_s=0,
+            duration_s=duration,
+            window_s=1,
+            deadline_s=1,
+            segments=segments(sc),
+            arrival=arrival,
+            seed=3,
+        )
         rng = __import__("random").Random(plan.seed)
         t, out, end = 0, [], int(duration * 1e9)
         need = 0.0 if arrival == "constant" else rng.expovariate(1.0)

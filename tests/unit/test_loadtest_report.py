@@ -23,8 +23,22 @@ from batchgate.loadtest.results import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def window(index, start, end, *, phase="measure", target=100.0, corrected=(), shift_us=500, lag_us=50,
-           errors=None, server=None, sent=None, late=0, cpu_s=0.5):
+def window(
+    index,
+    start,
+    end,
+    *,
+    phase="measure",
+    target=100.0,
+    corrected=(),
+    shift_us=500,
+    lag_us=50,
+    errors=None,
+    server=None,
+    sent=None,
+    late=0,
+    cpu_s=0.5,
+):
     """A window whose histograms hold ``corrected`` (µs); uncorrected is ``shift_us`` lower."""
     w = Window(index=index, start_s=start, end_s=end, phase=phase, target_rate=target)
     for v in corrected:
@@ -46,60 +60,124 @@ GOOD = [1000] * 980 + [1500] * 15 + [2000] * 5
 
 def good_step() -> Step:
     windows = [window(0, -5.0, 0.0, phase="warmup", corrected=[50_000] * 100)]  # must not count
-    windows += [window(i + 1, 5.0 * i, 5.0 * (i + 1), corrected=GOOD,
-                       server={"queue_depth": 2 + i, "inflight": 10, "batch_size_mean": 4.2})
-                for i in range(3)]
-    return Step("r100", "open", target_rate=100.0, windows=windows, valid=True, stable=True,
-                stability={"throughput_spread": 0.01}, slo_met=True, server={"batch_size_mean": 4.2})
+    windows += [
+        window(
+            i + 1,
+            5.0 * i,
+            5.0 * (i + 1),
+            corrected=GOOD,
+            server={"queue_depth": 2 + i, "inflight": 10, "batch_size_mean": 4.2},
+        )
+        for i in range(3)
+    ]
+    return Step(
+        "r100",
+        "open",
+        target_rate=100.0,
+        windows=windows,
+        valid=True,
+        stable=True,
+        stability={"throughput_spread": 0.01},
+        slo_met=True,
+        server={"batch_size_mean": 4.2},
+    )
 
 
 def invalid_step() -> Step:
-    windows = [window(i, 5.0 * i, 5.0 * (i + 1), target=200.0, corrected=[80_000] * 700 + [120_000] * 50,
-                      errors={"UNAVAILABLE": 5, "503": 2} if i == 0 else {}, sent=760, late=40)
-               for i in range(2)]
-    return Step("r200", "open", target_rate=200.0, windows=windows, valid=False,
-                problems=["achieved 152.0 req/s < 99% of target 200"], stable=False, slo_met=False,
-                slo_problems=["p99 120 ms > 50 ms"])
+    windows = [
+        window(
+            i,
+            5.0 * i,
+            5.0 * (i + 1),
+            target=200.0,
+            corrected=[80_000] * 700 + [120_000] * 50,
+            errors={"UNAVAILABLE": 5, "503": 2} if i == 0 else {},
+            sent=760,
+            late=40,
+        )
+        for i in range(2)
+    ]
+    return Step(
+        "r200",
+        "open",
+        target_rate=200.0,
+        windows=windows,
+        valid=False,
+        problems=["achieved 152.0 req/s < 99% of target 200"],
+        stable=False,
+        slo_met=False,
+        slo_problems=["p99 120 ms > 50 ms"],
+    )
 
 
 def dead_step() -> Step:
     """Nothing succeeded: no latency samples at all."""
-    windows = [window(i, 5.0 * i, 5.0 * (i + 1), target=400.0, errors={"DEADLINE_EXCEEDED": 2000})
-               for i in range(2)]
-    return Step("r400", "open", target_rate=400.0, windows=windows, valid=True, stable=None, slo_met=False,
-                slo_problems=["error rate 100% > 0.1%"])
+    windows = [window(i, 5.0 * i, 5.0 * (i + 1), target=400.0, errors={"DEADLINE_EXCEEDED": 2000}) for i in range(2)]
+    return Step(
+        "r400",
+        "open",
+        target_rate=400.0,
+        windows=windows,
+        valid=True,
+        stable=None,
+        slo_met=False,
+        slo_problems=["error rate 100% > 0.1%"],
+    )
 
 
 def sweep_run() -> Run:
-    return Run(scenario={"name": "demo sweep", "transport": "grpc", "model": "resnet"},
-               environment={"git_sha": "abc123", "host": "test"},
-               steps=[good_step(), invalid_step(), dead_step()],
-               sweep={"kind": "rate", "best": "r100", "slo": {"p99_ms": 50, "error_budget": 0.001},
-                      "method": "step"})
+    return Run(
+        scenario={"name": "demo sweep", "transport": "grpc", "model": "resnet"},
+        environment={"git_sha": "abc123", "host": "test"},
+        steps=[good_step(), invalid_step(), dead_step()],
+        sweep={"kind": "rate", "best": "r100", "slo": {"p99_ms": 50, "error_budget": 0.001}, "method": "step"},
+    )
 
 
 def closed_run() -> Run:
     steps = []
     for c in (4, 8):
-        ws = [window(i, 2.0 * i, 2.0 * (i + 1), target=None, corrected=[c * 300] * 200,
-                     server={"queue_depth": c / 2, "inflight": c}) for i in range(2)]
+        ws = [
+            window(
+                i,
+                2.0 * i,
+                2.0 * (i + 1),
+                target=None,
+                corrected=[c * 300] * 200,
+                server={"queue_depth": c / 2, "inflight": c},
+            )
+            for i in range(2)
+        ]
         steps.append(Step(f"c{c}", "closed", concurrency=c, windows=ws, stable=None, slo_met=True))
-    return Run(scenario={"name": "closed"}, environment={}, steps=steps,
-               sweep={"kind": "concurrency", "best": "c8", "slo": {"p99_ms": 50}, "method": "step"})
+    return Run(
+        scenario={"name": "closed"},
+        environment={},
+        steps=steps,
+        sweep={"kind": "concurrency", "best": "c8", "slo": {"p99_ms": 50}, "method": "step"},
+    )
 
 
 def empty_runs() -> list[Run]:
     lonely = Step("only", "open", target_rate=10.0, windows=[window(0, 0.0, 1.0, target=10.0)])
     no_windows = Step("nothing", "open", target_rate=5.0)
-    odd_server = Step("odd", "closed", concurrency=2,
-                      windows=[window(0, 0.0, 1.0, target=None, corrected=[1000],
-                                      server={"queue_depth": float("nan"), "inflight": None})])
+    odd_server = Step(
+        "odd",
+        "closed",
+        concurrency=2,
+        windows=[
+            window(0, 0.0, 1.0, target=None, corrected=[1000], server={"queue_depth": float("nan"), "inflight": None})
+        ],
+    )
     return [
         Run(scenario={}, environment={}),
         Run(scenario={}, environment={}, steps=[no_windows]),
         Run(scenario={}, environment={}, steps=[lonely]),
-        Run(scenario={"name": "mixed"}, environment={}, steps=[lonely, no_windows, odd_server],
-            sweep={"kind": "rate", "best": None, "slo": {"p99_ms": 10}}),
+        Run(
+            scenario={"name": "mixed"},
+            environment={},
+            steps=[lonely, no_windows, odd_server],
+            sweep={"kind": "rate", "best": None, "slo": {"p99_ms": 10}},
+        ),
     ]
 
 
@@ -109,7 +187,7 @@ def empty_runs() -> list[Run]:
 def test_table_shows_percentiles_counts_and_verdicts():
     text = report.table(sweep_run())
     assert "corrected" in text and "intended" in text  # the legend
-    r100 = text[text.index("== r100"):text.index("== r200")]
+    r100 = text[text.index("== r100") : text.index("== r200")]
     # corrected: p50 1.00, p90 1.00, p99 1.50, p99.9 2.00, max 2.00 (warm-up's 50 ms excluded)
     corrected = next(line for line in r100.splitlines() if line.strip().startswith("corrected ms")).split()
     assert corrected[2:7] == ["1.00", "1.00", "1.50", "2.00", "2.00"]
@@ -121,13 +199,13 @@ def test_table_shows_percentiles_counts_and_verdicts():
     assert "VALID | stable" in r100 and "SLO met" in r100 and "[best]" in r100
     assert "server: batch_size_mean 4.2" in r100
 
-    r200 = text[text.index("== r200"):text.index("== r400")]
+    r200 = text[text.index("== r200") : text.index("== r400")]
     assert "INVALID: achieved 152.0 req/s < 99% of target 200" in r200
     assert "unstable" in r200 and "SLO missed: p99 120 ms > 50 ms" in r200
     assert "UNAVAILABLE 5" in r200 and "HTTP 503 2" in r200
     assert "late sends 80" in r200
 
-    r400 = text[text.index("== r400"):]
+    r400 = text[text.index("== r400") :]
     assert "no latency samples" in r400 and "n/a" in r400 and "DEADLINE_EXCEEDED 4,000" in r400
 
     overview = text.splitlines()
@@ -163,6 +241,7 @@ def test_progress_line():
 def _strict_load(path):
     def bad(token):
         raise AssertionError(f"non-strict JSON constant {token}")
+
     with open(path, encoding="utf-8") as f:
         return json.load(f, parse_constant=bad)
 
@@ -210,10 +289,31 @@ def test_csv_one_row_per_step(tmp_path):
         rows = list(reader)
         assert tuple(reader.fieldnames) == report.CSV_COLUMNS
     assert [r["label"] for r in rows] == ["r100", "r200", "r400"]
-    for col in ("target_rate", "concurrency", "seconds", "sent", "ok", "errors", "error_rate", "sent_rate",
-                "throughput", "corrected_p50_ms", "corrected_p90_ms", "corrected_p99_ms", "corrected_p999_ms",
-                "corrected_max_ms", "corrected_mean_ms", "uncorrected_p50_ms", "uncorrected_p99_ms",
-                "uncorrected_max_ms", "lag_p99_ms", "generator_cores", "valid", "stable", "slo_met"):
+    for col in (
+        "target_rate",
+        "concurrency",
+        "seconds",
+        "sent",
+        "ok",
+        "errors",
+        "error_rate",
+        "sent_rate",
+        "throughput",
+        "corrected_p50_ms",
+        "corrected_p90_ms",
+        "corrected_p99_ms",
+        "corrected_p999_ms",
+        "corrected_max_ms",
+        "corrected_mean_ms",
+        "uncorrected_p50_ms",
+        "uncorrected_p99_ms",
+        "uncorrected_max_ms",
+        "lag_p99_ms",
+        "generator_cores",
+        "valid",
+        "stable",
+        "slo_met",
+    ):
         assert col in rows[0]
     r100, r200, r400 = rows
     assert r100["mode"] == "open" and r100["target_rate"] == "100" and r100["concurrency"] == ""
@@ -236,8 +336,14 @@ def test_intervals_read_back(tmp_path):
     reader = HistogramLogReader(paths[0], histogram())
     got = []
     while (h := reader.get_next_interval_histogram()) is not None:
-        got.append((h.get_start_time_stamp() / 1000, h.get_end_time_stamp() / 1000, h.get_total_count(),
-                    h.get_value_at_percentile(99)))
+        got.append(
+            (
+                h.get_start_time_stamp() / 1000,
+                h.get_end_time_stamp() / 1000,
+                h.get_total_count(),
+                h.get_value_at_percentile(99),
+            )
+        )
     reader.close()
     # the three measurement windows only (the warm-up is not logged), at their own times
     assert got == [(0.0, 5.0, 1000, 1500), (5.0, 10.0, 1000, 1500), (10.0, 15.0, 1000, 1500)]
@@ -282,8 +388,15 @@ def test_plots_are_written(tmp_path):
 
 
 def test_spectrum_limits_the_number_of_steps():
-    steps = [Step(f"r{i}", "open", target_rate=float(i),
-                  windows=[window(0, 0.0, 1.0, target=float(i), corrected=[1000 + i] * 10)]) for i in range(1, 12)]
+    steps = [
+        Step(
+            f"r{i}",
+            "open",
+            target_rate=float(i),
+            windows=[window(0, 0.0, 1.0, target=float(i), corrected=[1000 + i] * 10)],
+        )
+        for i in range(1, 12)
+    ]
     run = Run(scenario={}, environment={}, steps=steps, sweep={"kind": "rate", "best": "r7"})
     chosen = report.plots._spectrum_steps(run)
     assert len(chosen) == 5
@@ -293,8 +406,17 @@ def test_spectrum_limits_the_number_of_steps():
 
 def test_write_all(tmp_path):
     paths = report.write_all(sweep_run(), tmp_path / "out")
-    for kind in ("table", "json", "csv", "timeline", "sweep", "spectrum", "hlog:r100", "hgrm:r200",
-                 "hgrm_uncorrected:r400"):
+    for kind in (
+        "table",
+        "json",
+        "csv",
+        "timeline",
+        "sweep",
+        "spectrum",
+        "hlog:r100",
+        "hgrm:r200",
+        "hgrm_uncorrected:r400",
+    ):
         assert kind in paths
     for kind in ("timeline", "sweep", "spectrum"):
         _png(paths[kind])

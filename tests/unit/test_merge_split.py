@@ -23,8 +23,7 @@ def _rows(dt, n, width, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(sorted(DATATYPES)), st.lists(st.integers(1, 5), min_size=1, max_size=8),
-       st.integers(1, 3))
+@given(st.sampled_from(sorted(DATATYPES)), st.lists(st.integers(1, 5), min_size=1, max_size=8), st.integers(1, 3))
 def test_merge_then_split_gives_each_caller_its_rows(dtype, sizes, width):
     dt = DATATYPES[dtype]
     parts = [{"x": _rows(dt, n, width, i), "y": _rows(dt, n, 1, 100 + i)} for i, n in enumerate(sizes)]

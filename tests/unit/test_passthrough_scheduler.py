@@ -49,9 +49,11 @@ class GatedBackend:
 
 def executor(backend):
     """The scheduler's execute(batch, done) contract over an async backend."""
+
     def execute(batch, done):
         task = asyncio.ensure_future(backend(batch))
         task.add_done_callback(lambda t: done(t.exception() or t.result()))
+
     return execute
 
 

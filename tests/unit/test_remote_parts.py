@@ -16,9 +16,12 @@ from batchgate.backends.remote import config_from_metadata, not_delivered
 
 def _metadata(shape_in, shape_out, dtype="FP32"):
     return pb.ModelMetadataResponse(
-        name="m", platform="pytorch_libtorch", versions=["1"],
+        name="m",
+        platform="pytorch_libtorch",
+        versions=["1"],
         inputs=[pb.ModelMetadataResponse.TensorMetadata(name="x", datatype=dtype, shape=shape_in)],
-        outputs=[pb.ModelMetadataResponse.TensorMetadata(name="y", datatype="INT64", shape=shape_out)])
+        outputs=[pb.ModelMetadataResponse.TensorMetadata(name="y", datatype="INT64", shape=shape_out)],
+    )
 
 
 def test_config_from_metadata_with_a_batch_dimension():

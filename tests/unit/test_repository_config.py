@@ -37,7 +37,8 @@ def test_read_config_parses_pbtxt(tmp_path):
     assert cfg.max_batch_size == 16
     assert cfg.version_policy.latest.num_versions == 2
     assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == [
-        ("image", "TYPE_FP32", [3, 224, 224])]
+        ("image", "TYPE_FP32", [3, 224, 224])
+    ]
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
     assert cfg.instance_group[0].count == 2
@@ -74,17 +75,20 @@ def policy(text: str) -> mc.ModelConfig:
     return cfg
 
 
-@pytest.mark.parametrize("text,available,expected", [
-    ("", [3, 1, 2], [3]),  # default: the latest one
-    ("version_policy { latest { num_versions: 2 } }", [1, 10, 2], [2, 10]),
-    ("version_policy { latest { num_versions: 5 } }", [2, 1], [1, 2]),
-    ("version_policy { latest { num_versions: 0 } }", [1, 2], [2]),
-    ("version_policy { all {} }", [3, 1, 2], [1, 2, 3]),
-    ("version_policy { specific { versions: [1, 3, 7] } }", [1, 2, 3], [1, 3]),
-    ("version_policy { specific { versions: [9] } }", [1, 2], []),
-    ("version_policy { latest { num_versions: 2 } }", [], []),
-    ("version_policy { all {} }", [], []),
-])
+@pytest.mark.parametrize(
+    "text,available,expected",
+    [
+        ("", [3, 1, 2], [3]),  # default: the latest one
+        ("version_policy { latest { num_versions: 2 } }", [1, 10, 2], [2, 10]),
+        ("version_policy { latest { num_versions: 5 } }", [2, 1], [1, 2]),
+        ("version_policy { latest { num_versions: 0 } }", [1, 2], [2]),
+        ("version_policy { all {} }", [3, 1, 2], [1, 2, 3]),
+        ("version_policy { specific { versions: [1, 3, 7] } }", [1, 2, 3], [1, 3]),
+        ("version_policy { specific { versions: [9] } }", [1, 2], []),
+        ("version_policy { latest { num_versions: 2 } }", [], []),
+        ("version_policy { all {} }", [], []),
+    ],
+)
 def test_versions_to_serve(text, available, expected):
     assert versions_to_serve(policy(text), available) == expected
 
@@ -100,8 +104,13 @@ def names_types_dims(entries):
 
 def test_complete_empty_config_with_dynamic_first_dims_batches():
     cfg = mc.ModelConfig(name="m")
-    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, 3, -1), io("ids", "INT64", -1)],
-                           [io("y", "FP16", -1, 10)], default_max_batch_size=8)
+    done = complete_config(
+        cfg,
+        "onnxruntime_onnx",
+        [io("x", "FP32", -1, 3, -1), io("ids", "INT64", -1)],
+        [io("y", "FP16", -1, 10)],
+        default_max_batch_size=8,
+    )
     assert done.max_batch_size == 8
     assert names_types_dims(done.input) == [("x", "TYPE_FP32", [3, -1]), ("ids", "TYPE_INT64", [])]
     assert names_types_dims(done.output) == [("y", "TYPE_FP16", [10])]
@@ -111,16 +120,26 @@ def test_complete_empty_config_with_dynamic_first_dims_batches():
 
 
 def test_complete_with_a_fixed_first_dim_does_not_batch():
-    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", [io("x", "FP32", -1, 3)],
-                           [io("y", "FP32", 1, 3)], default_max_batch_size=8)
+    done = complete_config(
+        mc.ModelConfig(name="m"),
+        "onnxruntime_onnx",
+        [io("x", "FP32", -1, 3)],
+        [io("y", "FP32", 1, 3)],
+        default_max_batch_size=8,
+    )
     assert done.max_batch_size == 0
     assert names_types_dims(done.input) == [("x", "TYPE_FP32", [-1, 3])]
     assert names_types_dims(done.output) == [("y", "TYPE_FP32", [1, 3])]
 
 
 def test_complete_with_batching_turned_off_by_default_max_batch_size_zero():
-    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", [io("x", "FP32", -1, 3)],
-                           [io("y", "FP32", -1)], default_max_batch_size=0)
+    done = complete_config(
+        mc.ModelConfig(name="m"),
+        "onnxruntime_onnx",
+        [io("x", "FP32", -1, 3)],
+        [io("y", "FP32", -1)],
+        default_max_batch_size=0,
+    )
     assert done.max_batch_size == 0
     assert list(done.input[0].dims) == [-1, 3]
 
@@ -129,8 +148,13 @@ def test_complete_keeps_a_given_max_batch_size_and_fills_types_and_dims():
     cfg = mc.ModelConfig(name="m", max_batch_size=4)
     cfg.input.add(name="x")  # no type, no dims
     cfg.input.add(name="z", data_type=mc.TYPE_INT32, dims=[7])
-    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "BOOL", -1, 2), io("z", "INT32", -1, -1)],
-                           [io("y", "BYTES", -1, 1)], default_max_batch_size=8)
+    done = complete_config(
+        cfg,
+        "onnxruntime_onnx",
+        [io("x", "BOOL", -1, 2), io("z", "INT32", -1, -1)],
+        [io("y", "BYTES", -1, 1)],
+        default_max_batch_size=8,
+    )
     assert done.max_batch_size == 4
     assert names_types_dims(done.input) == [("x", "TYPE_BOOL", [2]), ("z", "TYPE_INT32", [7])]
     assert names_types_dims(done.output) == [("y", "TYPE_STRING", [1])]
@@ -171,8 +195,13 @@ def test_complete_raises_instance_count_to_one_and_keeps_a_backend():
 
 
 def test_completed_config_gives_a_signature():
-    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", [io("x", "FP32", -1, 3)],
-                           [io("y", "INT64", -1)], default_max_batch_size=8)
+    done = complete_config(
+        mc.ModelConfig(name="m"),
+        "onnxruntime_onnx",
+        [io("x", "FP32", -1, 3)],
+        [io("y", "INT64", -1)],
+        default_max_batch_size=8,
+    )
     s = signature_of(done)
     assert s.name == "m" and s.max_batch_size == 8 and s.platform == "onnxruntime_onnx"
     assert [(t.name, t.dtype.v2, t.dims) for t in s.inputs] == [("x", "FP32", (3,))]
@@ -194,8 +223,13 @@ def test_config_to_json_uses_field_names_and_numbers(tmp_path):
     assert d["backend"] == ""
 
 
-INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-         FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
 
 
 def int64_paths(desc, prefix=()):
@@ -250,8 +284,13 @@ def _param(path):
 
 def test_the_walk_finds_the_known_int64_fields():
     ids = {".".join(n for n, _ in p) for p in PATHS}
-    assert {"input.dims", "output.dims", "dynamic_batching.max_queue_delay_microseconds",
-            "version_policy.specific.versions", "sequence_batching.max_sequence_idle_microseconds"} <= ids
+    assert {
+        "input.dims",
+        "output.dims",
+        "dynamic_batching.max_queue_delay_microseconds",
+        "version_policy.specific.versions",
+        "sequence_batching.max_sequence_idle_microseconds",
+    } <= ids
     assert ids >= NOT_CONVERTED
 
 

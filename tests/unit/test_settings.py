@@ -48,14 +48,22 @@ def test_defaults(repo):
     assert s == Settings(repository=RepositorySettings(model_repository=repo))
     assert s.server.http_port == 8000 and s.server.grpc_port == 8001
     assert s.repository.model_control_mode == "none"
-    assert s.limits == LimitSettings(max_queue_size=4096, max_request_bytes=64 * 1024 * 1024, max_request_headers=32,
-                                     max_header_bytes=4096, max_request_parameters=64)
+    assert s.limits == LimitSettings(
+        max_queue_size=4096,
+        max_request_bytes=64 * 1024 * 1024,
+        max_request_headers=32,
+        max_header_bytes=4096,
+        max_request_parameters=64,
+    )
     assert s.server.exit_timeout_s == 30.0 and s.repository.repository_poll_s == 15.0
 
 
 def test_file_then_env_then_flags(tmp_path, repo):
-    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n"
-                        "server:\n  http_port: 9000\n  grpc_port: 9001\n  metrics_port: 9002\n  log_level: debug\n")
+    f = write(
+        tmp_path,
+        f"repository:\n  model_repository: {repo}\n"
+        "server:\n  http_port: 9000\n  grpc_port: 9001\n  metrics_port: 9002\n  log_level: debug\n",
+    )
     env = {"BATCHGATE_GRPC_PORT": "7001", "BATCHGATE_METRICS_PORT": "7002"}
     s = load_settings(f, {"metrics_port": 6002}, environ=env)
     assert s.server.http_port == 9000  # file only
@@ -65,8 +73,13 @@ def test_file_then_env_then_flags(tmp_path, repo):
 
 
 def test_env_only_and_unrelated_variables_ignored(repo):
-    env = {"BATCHGATE_MODEL_REPOSITORY": repo, "BATCHGATE_WARM_UP": "off", "BATCHGATE_REPOSITORY_POLL_SECS": "2.5",
-           "HTTP_PORT": "1", "BATCHGATE_NOT_A_SETTING": "x"}
+    env = {
+        "BATCHGATE_MODEL_REPOSITORY": repo,
+        "BATCHGATE_WARM_UP": "off",
+        "BATCHGATE_REPOSITORY_POLL_SECS": "2.5",
+        "HTTP_PORT": "1",
+        "BATCHGATE_NOT_A_SETTING": "x",
+    }
     s = load_settings(None, None, environ=env)
     assert s.repository.model_repository == repo
     assert s.repository.warm_up is False
@@ -82,8 +95,11 @@ def test_none_and_empty_flags_do_not_override(repo):
 
 
 def test_flag_strings_are_coerced(repo):
-    s = load_settings(None, {"model_repository": repo, "http_port": "8500", "warm_up": "false",
-                             "exit_timeout_secs": "1.5"}, environ={})
+    s = load_settings(
+        None,
+        {"model_repository": repo, "http_port": "8500", "warm_up": "false", "exit_timeout_secs": "1.5"},
+        environ={},
+    )
     assert s.server.http_port == 8500 and s.repository.warm_up is False and s.server.exit_timeout_s == 1.5
 
 
@@ -104,27 +120,33 @@ def test_bool_true_spellings(repo, value):
 
 
 # ---------------------------------------------------------------- type errors name the setting
-@pytest.mark.parametrize("env,words", [
-    ({"BATCHGATE_HTTP_PORT": "eighty"}, ["BATCHGATE_HTTP_PORT", "'http_port'", "integer", "'eighty'"]),
-    ({"BATCHGATE_HTTP_PORT": "80.5"}, ["'http_port'", "integer"]),
-    ({"BATCHGATE_WARM_UP": "maybe"}, ["BATCHGATE_WARM_UP", "'warm_up'", "true or false"]),
-    ({"BATCHGATE_EXIT_TIMEOUT_SECS": "soon"}, ["'exit_timeout_secs'", "number"]),
-])
+@pytest.mark.parametrize(
+    "env,words",
+    [
+        ({"BATCHGATE_HTTP_PORT": "eighty"}, ["BATCHGATE_HTTP_PORT", "'http_port'", "integer", "'eighty'"]),
+        ({"BATCHGATE_HTTP_PORT": "80.5"}, ["'http_port'", "integer"]),
+        ({"BATCHGATE_WARM_UP": "maybe"}, ["BATCHGATE_WARM_UP", "'warm_up'", "true or false"]),
+        ({"BATCHGATE_EXIT_TIMEOUT_SECS": "soon"}, ["'exit_timeout_secs'", "number"]),
+    ],
+)
 def test_env_type_errors(repo, env, words):
     msg = error(None, {"model_repository": repo}, environ=env)
     for w in words:
         assert w in msg
 
 
-@pytest.mark.parametrize("yaml_lines,words", [
-    ("server:\n  http_port: true", ["'http_port'", "integer"]),
-    ("server:\n  http_port: 80.5", ["'http_port'", "integer"]),
-    ("  warm_up: 3", ["'warm_up'", "true or false"]),
-    ("server:\n  host: [a, b]", ["'host'", "string"]),
-    ("  load_model: 5", ["'load_model'", "list of strings"]),
-    ("  repository_poll_secs: yes", ["'repository_poll_secs'", "number"]),
-    ("  repository_poll_s: soon", ["'repository_poll_s'", "number"]),
-])
+@pytest.mark.parametrize(
+    "yaml_lines,words",
+    [
+        ("server:\n  http_port: true", ["'http_port'", "integer"]),
+        ("server:\n  http_port: 80.5", ["'http_port'", "integer"]),
+        ("  warm_up: 3", ["'warm_up'", "true or false"]),
+        ("server:\n  host: [a, b]", ["'host'", "string"]),
+        ("  load_model: 5", ["'load_model'", "list of strings"]),
+        ("  repository_poll_secs: yes", ["'repository_poll_secs'", "number"]),
+        ("  repository_poll_s: soon", ["'repository_poll_s'", "number"]),
+    ],
+)
 def test_file_type_errors(tmp_path, repo, yaml_lines, words):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\n{yaml_lines}\n")
     msg = error(f, environ={})
@@ -144,30 +166,35 @@ def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
 
 
 # ---------------------------------------------------------------- bad values name the setting
-@pytest.mark.parametrize("flags,words", [
-    ({"http_port": 70000}, ["http_port", "70000"]),
-    ({"grpc_port": -1}, ["grpc_port", "-1"]),
-    ({"metrics_port": -2}, ["metrics_port", "-2"]),
-    ({"model_control_mode": "sometimes"}, ["model_control_mode", "'sometimes'", "explicit"]),
-    ({"log_format": "xml"}, ["log_format", "json"]),
-    ({"log_level": "verbose"}, ["log_level", "debug"]),
-    ({"repository_poll_secs": 0}, ["repository_poll_secs must be greater than 0"]),
-    ({"repository_poll_s": 0}, ["repository_poll_s must be greater than 0"]),
-    ({"exit_timeout_secs": -1}, ["exit_timeout_secs"]),
-    ({"exit_timeout_s": 0}, ["exit_timeout_s must be greater than 0"]),
-    ({"grpc_max_connection_age_s": -1}, ["grpc_max_connection_age_s must not be negative"]),
-    ({"max_queue_size": -1}, ["max_queue_size"]),
-    ({"max_queue_size": 0}, ["--max-queue-size: max_queue_size must be at least 1, not 0",
-                             "no longer means unbounded"]),
-    ({"default_max_batch_size": -4}, ["default_max_batch_size"]),
-    ({"max_request_bytes": 0}, ["max_request_bytes"]),
-    ({"max_request_headers": -1}, ["max_request_headers must not be negative, not -1"]),
-    ({"max_header_bytes": 0}, ["max_header_bytes must be at least 1, not 0"]),
-    ({"max_request_parameters": -1}, ["max_request_parameters must not be negative, not -1"]),
-    ({"infer_threads": -1}, ["infer_threads"]),
-    ({"gpu_device_id": -1}, ["gpu_device_id"]),
-    ({"inline_execution_max_us": -1}, ["inline_execution_max_us"]),
-])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        ({"http_port": 70000}, ["http_port", "70000"]),
+        ({"grpc_port": -1}, ["grpc_port", "-1"]),
+        ({"metrics_port": -2}, ["metrics_port", "-2"]),
+        ({"model_control_mode": "sometimes"}, ["model_control_mode", "'sometimes'", "explicit"]),
+        ({"log_format": "xml"}, ["log_format", "json"]),
+        ({"log_level": "verbose"}, ["log_level", "debug"]),
+        ({"repository_poll_secs": 0}, ["repository_poll_secs must be greater than 0"]),
+        ({"repository_poll_s": 0}, ["repository_poll_s must be greater than 0"]),
+        ({"exit_timeout_secs": -1}, ["exit_timeout_secs"]),
+        ({"exit_timeout_s": 0}, ["exit_timeout_s must be greater than 0"]),
+        ({"grpc_max_connection_age_s": -1}, ["grpc_max_connection_age_s must not be negative"]),
+        ({"max_queue_size": -1}, ["max_queue_size"]),
+        (
+            {"max_queue_size": 0},
+            ["--max-queue-size: max_queue_size must be at least 1, not 0", "no longer means unbounded"],
+        ),
+        ({"default_max_batch_size": -4}, ["default_max_batch_size"]),
+        ({"max_request_bytes": 0}, ["max_request_bytes"]),
+        ({"max_request_headers": -1}, ["max_request_headers must not be negative, not -1"]),
+        ({"max_header_bytes": 0}, ["max_header_bytes must be at least 1, not 0"]),
+        ({"max_request_parameters": -1}, ["max_request_parameters must not be negative, not -1"]),
+        ({"infer_threads": -1}, ["infer_threads"]),
+        ({"gpu_device_id": -1}, ["gpu_device_id"]),
+        ({"inline_execution_max_us": -1}, ["inline_execution_max_us"]),
+    ],
+)
 def test_bad_values(repo, flags, words):
     msg = error(None, {"model_repository": repo, **flags}, environ={})
     for w in words:
@@ -175,16 +202,20 @@ def test_bad_values(repo, flags, words):
 
 
 def test_max_queue_size_zero_is_refused_from_every_source(tmp_path, repo):
-    assert "max_queue_size must be at least 1" in error(None, {"model_repository": repo},
-                                                        environ={"BATCHGATE_MAX_QUEUE_SIZE": "0"})
+    assert "max_queue_size must be at least 1" in error(
+        None, {"model_repository": repo}, environ={"BATCHGATE_MAX_QUEUE_SIZE": "0"}
+    )
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nlimits:\n  max_queue_size: 0\n")
     msg = error(f, environ={})
     assert f in msg and "max_queue_size must be at least 1, not 0" in msg
 
 
 def test_the_new_limits_may_be_zero_where_zero_makes_sense(repo):
-    s = load_settings(None, {"model_repository": repo, "max_request_headers": 0, "max_request_parameters": 0,
-                             "max_header_bytes": 1}, environ={})
+    s = load_settings(
+        None,
+        {"model_repository": repo, "max_request_headers": 0, "max_request_parameters": 0, "max_header_bytes": 1},
+        environ={},
+    )
     assert (s.limits.max_request_headers, s.limits.max_request_parameters, s.limits.max_header_bytes) == (0, 0, 1)
 
 
@@ -267,8 +298,9 @@ def test_describe_lists_every_setting_with_its_variable():
 def test_model_batching_policy_entries_are_checked(tmp_path):
     from batchgate.config import ConfigError, batching_policies, load_settings
 
-    s = load_settings(None, {"model_repository": str(tmp_path), "model_batching_policy": ["m=work_conserving"]},
-                      environ={})
+    s = load_settings(
+        None, {"model_repository": str(tmp_path), "model_batching_policy": ["m=work_conserving"]}, environ={}
+    )
     assert batching_policies(s) == {"m": "work_conserving"}
     with pytest.raises(ConfigError) as e:
         load_settings(None, {"model_repository": str(tmp_path), "model_batching_policy": ["m=fastest"]}, environ={})
@@ -276,13 +308,16 @@ def test_model_batching_policy_entries_are_checked(tmp_path):
 
 
 def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
-    path = write(tmp_path, "remote_models:\n"
-                           "  - name: resnet\n"
-                           "    upstreams: [10.0.0.5:8001, 'gpu-pool.svc:8001']\n"
-                           "    upstream_model: resnet50\n"
-                           "    batching: passthrough\n"
-                           "    timeout_s: 2.5\n"
-                           "  - name=bert upstreams=a:1,b:2 max-inflight=8\n")
+    path = write(
+        tmp_path,
+        "remote_models:\n"
+        "  - name: resnet\n"
+        "    upstreams: [10.0.0.5:8001, 'gpu-pool.svc:8001']\n"
+        "    upstream_model: resnet50\n"
+        "    batching: passthrough\n"
+        "    timeout_s: 2.5\n"
+        "  - name=bert upstreams=a:1,b:2 max-inflight=8\n",
+    )
     s = load_settings(path, {}, environ={})
     assert s.repository.model_repository == ""  # remote models alone need no repository
     resnet, bert = s.remote_models
@@ -298,19 +333,22 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
     assert flags.remote_models[0].batching == "passthrough"
 
 
-@pytest.mark.parametrize("entry, words", [
-    ("name=a", "needs 'upstreams'"),
-    ("upstreams=h:1", "needs 'name'"),
-    ("name=a upstreams=h", "must be host:port"),
-    ("name=a upstreams=,", "needs at least one upstream"),
-    ("name=a upstreams=h:99999", "must be host:port"),
-    ("name=a upstreams=h:1 batching=maybe", "batching must be one of gateway, passthrough"),
-    ("name=a upstreams=h:1 retries=-1", "'retries' must be a whole number"),
-    ("name=a upstreams=h:1 timeout_s=0", "'timeout_s' must be a number > 0"),
-    ("name=a upstreams=h:1 colour=blue", "unknown remote model key(s) colour"),
-    ("name=a upstreams=h:1 eject_after_failures=0", "eject_after_failures must be at least 1"),
-    ("name=a oops upstreams=h:1", "key=value pairs"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ("name=a", "needs 'upstreams'"),
+        ("upstreams=h:1", "needs 'name'"),
+        ("name=a upstreams=h", "must be host:port"),
+        ("name=a upstreams=,", "needs at least one upstream"),
+        ("name=a upstreams=h:99999", "must be host:port"),
+        ("name=a upstreams=h:1 batching=maybe", "batching must be one of gateway, passthrough"),
+        ("name=a upstreams=h:1 retries=-1", "'retries' must be a whole number"),
+        ("name=a upstreams=h:1 timeout_s=0", "'timeout_s' must be a number > 0"),
+        ("name=a upstreams=h:1 colour=blue", "unknown remote model key(s) colour"),
+        ("name=a upstreams=h:1 eject_after_failures=0", "eject_after_failures must be at least 1"),
+        ("name=a oops upstreams=h:1", "key=value pairs"),
+    ],
+)
 def test_remote_model_errors_name_what_is_wrong(repo, entry, words):
     msg = error(None, {"model_repository": repo, "remote_models": [entry]}, environ={})
     assert "--remote-model:" in msg and words in msg
@@ -330,7 +368,9 @@ def no_warnings(*args, **kwargs):
 
 
 def test_nested_file_fills_every_section(tmp_path, repo):
-    f = write(tmp_path, f"""
+    f = write(
+        tmp_path,
+        f"""
 server:
   host: 127.0.0.1
   http_port: 9000
@@ -356,14 +396,31 @@ batching:
   inline_execution_max_us: 0
 remote_models:
   - name=r upstreams=h:1
-""")
+""",
+    )
     s = no_warnings(f, environ={})
-    assert s.server == ServerSettings(host="127.0.0.1", http_port=9000, exit_timeout_s=12.5,
-                                      grpc_max_connection_age_s=300.0, infer_threads=6, log_format="json")
-    assert s.repository == RepositorySettings(model_repository=repo, model_control_mode="explicit",
-                                              load_model=("a", "b"), warm_up=False, default_max_batch_size=8)
-    assert s.limits == LimitSettings(max_queue_size=100, max_request_bytes=1048576, max_request_headers=8,
-                                     max_header_bytes=256, max_request_parameters=4)
+    assert s.server == ServerSettings(
+        host="127.0.0.1",
+        http_port=9000,
+        exit_timeout_s=12.5,
+        grpc_max_connection_age_s=300.0,
+        infer_threads=6,
+        log_format="json",
+    )
+    assert s.repository == RepositorySettings(
+        model_repository=repo,
+        model_control_mode="explicit",
+        load_model=("a", "b"),
+        warm_up=False,
+        default_max_batch_size=8,
+    )
+    assert s.limits == LimitSettings(
+        max_queue_size=100,
+        max_request_bytes=1048576,
+        max_request_headers=8,
+        max_header_bytes=256,
+        max_request_parameters=4,
+    )
     assert s.batching.batching_policy == "work_conserving" and s.batching.model_batching_policy == ("m=triton",)
     assert s.batching.inline_execution_max_us == 0
     assert [m.name for m in s.remote_models] == ["r"]
@@ -416,8 +473,9 @@ def test_unknown_key_in_a_section_lists_that_sections_keys(tmp_path, repo):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nlimits:\n  max_queue: 5\n")
     msg = error(f, environ={})
     assert "unknown setting 'max_queue' in section 'limits'" in msg and "did you mean 'max_queue_size'" in msg
-    assert "known: max_queue_size, max_request_bytes, max_request_headers, max_header_bytes, " \
-           "max_request_parameters" in msg
+    assert (
+        "known: max_queue_size, max_request_bytes, max_request_headers, max_header_bytes, max_request_parameters" in msg
+    )
 
 
 def test_a_setting_in_the_wrong_section_says_where_it_belongs(tmp_path, repo):
@@ -445,38 +503,52 @@ def test_alias_table():
 
 
 def test_secs_aliases_are_accepted_silently_everywhere(tmp_path, repo):
-    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n  repository_poll_secs: 2\n"
-                        "server:\n  exit_timeout_secs: 5\n")
+    f = write(
+        tmp_path,
+        f"repository:\n  model_repository: {repo}\n  repository_poll_secs: 2\nserver:\n  exit_timeout_secs: 5\n",
+    )
     s = no_warnings(f, environ={})
     assert s.repository.repository_poll_s == 2.0 and s.server.exit_timeout_s == 5.0
-    s = no_warnings(None, {"model_repository": repo},
-                    environ={"BATCHGATE_EXIT_TIMEOUT_SECS": "6", "BATCHGATE_GRPC_MAX_CONNECTION_AGE_SECS": "60"})
+    s = no_warnings(
+        None,
+        {"model_repository": repo},
+        environ={"BATCHGATE_EXIT_TIMEOUT_SECS": "6", "BATCHGATE_GRPC_MAX_CONNECTION_AGE_SECS": "60"},
+    )
     assert s.server.exit_timeout_s == 6.0 and s.server.grpc_max_connection_age_s == 60.0
-    s = no_warnings(None, {"model_repository": repo, "grpc_max_connection_age_secs": 7,
-                           "repository_poll_secs": 1}, environ={})
+    s = no_warnings(
+        None, {"model_repository": repo, "grpc_max_connection_age_secs": 7, "repository_poll_secs": 1}, environ={}
+    )
     assert s.server.grpc_max_connection_age_s == 7.0 and s.repository.repository_poll_s == 1.0
 
 
 def test_a_later_source_overrides_an_alias_of_an_earlier_one(tmp_path, repo):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  exit_timeout_secs: 5\n")
     assert load_settings(f, environ={"BATCHGATE_EXIT_TIMEOUT_S": "9"}).server.exit_timeout_s == 9.0
-    assert load_settings(f, {"exit_timeout_s": 4}, environ={"BATCHGATE_EXIT_TIMEOUT_SECS": "9"}
-                         ).server.exit_timeout_s == 4.0
+    assert (
+        load_settings(f, {"exit_timeout_s": 4}, environ={"BATCHGATE_EXIT_TIMEOUT_SECS": "9"}).server.exit_timeout_s
+        == 4.0
+    )
 
 
 def test_a_name_and_its_alias_in_one_source_are_refused(tmp_path, repo):
-    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  exit_timeout_s: 5\n"
-                        "  exit_timeout_secs: 6\n")
+    f = write(
+        tmp_path, f"repository:\n  model_repository: {repo}\nserver:\n  exit_timeout_s: 5\n  exit_timeout_secs: 6\n"
+    )
     msg = error(f, environ={})
     assert f in msg and "'server.exit_timeout_s' and 'server.exit_timeout_secs' both set exit_timeout_s" in msg
-    msg = error(None, {"model_repository": repo},
-                environ={"BATCHGATE_EXIT_TIMEOUT_S": "5", "BATCHGATE_EXIT_TIMEOUT_SECS": "6"})
+    msg = error(
+        None, {"model_repository": repo}, environ={"BATCHGATE_EXIT_TIMEOUT_S": "5", "BATCHGATE_EXIT_TIMEOUT_SECS": "6"}
+    )
     assert "BATCHGATE_EXIT_TIMEOUT_S and BATCHGATE_EXIT_TIMEOUT_SECS both set exit_timeout_s" in msg
     msg = error(None, {"model_repository": repo, "repository_poll_s": 1, "repository_poll_secs": 2}, environ={})
     assert "--repository-poll-s and --repository-poll-secs both set repository_poll_s" in msg
     # a None flag (argparse: not given) is no conflict
-    assert load_settings(None, {"model_repository": repo, "exit_timeout_s": None, "exit_timeout_secs": 3},
-                         environ={}).server.exit_timeout_s == 3.0
+    assert (
+        load_settings(
+            None, {"model_repository": repo, "exit_timeout_s": None, "exit_timeout_secs": 3}, environ={}
+        ).server.exit_timeout_s
+        == 3.0
+    )
 
 
 def test_errors_name_the_alias_the_user_wrote(repo):
@@ -496,8 +568,12 @@ def test_a_deprecated_alias_warns_with_the_new_name(tmp_path, repo, monkeypatch)
         with pytest.warns(DeprecationWarning, match="'http_listen_port' is deprecated; its new name is 'http_port'"):
             assert load_settings(*args, environ={}).server.http_port == 9000
     with pytest.warns(DeprecationWarning, match="BATCHGATE_HTTP_LISTEN_PORT"):
-        assert load_settings(None, {"model_repository": repo},
-                             environ={"BATCHGATE_HTTP_LISTEN_PORT": "9001"}).server.http_port == 9001
+        assert (
+            load_settings(
+                None, {"model_repository": repo}, environ={"BATCHGATE_HTTP_LISTEN_PORT": "9001"}
+            ).server.http_port
+            == 9001
+        )
 
 
 # ---------------------------------------------------------------- flags made from the settings table
@@ -521,13 +597,42 @@ def test_every_setting_has_a_flag_and_nothing_else_does():
 
 
 def test_generated_flags_parse_into_settings(repo):
-    flags = parse_flags("--model-repository", repo, "--http-port", "0", "--exit-timeout-secs", "3",
-                        "--repository-poll-secs", "2", "--grpc-max-connection-age-secs", "7",
-                        "--load-model", "a", "--load-model", "b", "--model-batching-policy", "m=work_conserving",
-                        "--model-batching-policy", "n=triton", "--remote-model", "name=r upstreams=h:1",
-                        "--remote-model", "name=q upstreams=h:2", "--warm-up", "false", "--log-format", "json",
-                        "--max-request-headers", "4", "--max-header-bytes", "100", "--max-request-parameters", "2",
-                        "--metrics-port", "-1")
+    flags = parse_flags(
+        "--model-repository",
+        repo,
+        "--http-port",
+        "0",
+        "--exit-timeout-secs",
+        "3",
+        "--repository-poll-secs",
+        "2",
+        "--grpc-max-connection-age-secs",
+        "7",
+        "--load-model",
+        "a",
+        "--load-model",
+        "b",
+        "--model-batching-policy",
+        "m=work_conserving",
+        "--model-batching-policy",
+        "n=triton",
+        "--remote-model",
+        "name=r upstreams=h:1",
+        "--remote-model",
+        "name=q upstreams=h:2",
+        "--warm-up",
+        "false",
+        "--log-format",
+        "json",
+        "--max-request-headers",
+        "4",
+        "--max-header-bytes",
+        "100",
+        "--max-request-parameters",
+        "2",
+        "--metrics-port",
+        "-1",
+    )
     s = no_warnings(None, flags, environ={})
     assert s.server.http_port == 0 and s.server.exit_timeout_s == 3.0 and s.server.metrics_port == -1
     assert s.repository.repository_poll_s == 2.0 and s.server.grpc_max_connection_age_s == 7.0
@@ -543,8 +648,15 @@ def test_generated_flags_parse_into_settings(repo):
     assert "--repository-poll-secs: repository_poll_secs must be greater than 0" in msg
 
 
-@pytest.mark.parametrize("argv", [["--log-format", "xml"], ["--batching-policy", "fastest"],
-                                  ["--model-control-mode", "sometimes"], ["--warm-up", "maybe"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-format", "xml"],
+        ["--batching-policy", "fastest"],
+        ["--model-control-mode", "sometimes"],
+        ["--warm-up", "maybe"],
+    ],
+)
 def test_choices_come_from_the_table(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_flags(*argv)
@@ -552,8 +664,9 @@ def test_choices_come_from_the_table(argv, capsys):
 
 
 def test_serve_help_lists_every_flag_and_the_old_spellings():
-    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "serve", "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     for spec in SETTINGS.values():
@@ -566,8 +679,7 @@ def test_serve_help_lists_every_flag_and_the_old_spellings():
 
 
 def test_settings_command_shows_section_variable_default_and_aliases():
-    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "settings"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "settings"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rows = {line.split()[1]: line.split() for line in r.stdout.splitlines()[1:] if len(line.split()) >= 4}
     for spec in SETTINGS.values():
@@ -579,12 +691,14 @@ def test_settings_command_shows_section_variable_default_and_aliases():
 
 def test_serve_logs_the_flat_file_deprecation_and_refuses_bad_files(tmp_path, repo):
     f = write(tmp_path, f"model_repository: {repo}\nhttp_port: 70000\n")
-    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "warning: config file" in r.stderr and "move each key into its section" in r.stderr
     assert "http_port must be between 0 and 65535" in r.stderr
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nauth:\n  keys: []\n")
-    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "section 'auth' is not available in this version yet" in r.stderr

@@ -68,8 +68,10 @@ def test_bytes_framing_is_four_byte_little_endian_length():
     assert raw == b"\x02\x00\x00\x00ab" + b"\x00\x00\x00\x00" + b"\x03\x00\x00\x00xyz"
     decoded = deserialize_bytes_tensor(raw)
     assert list(decoded) == [b"ab", b"", b"xyz"]
-    assert to_raw(np.array([b"hello", b"x"], dtype=object), DATATYPES["BYTES"]) == serialize_byte_tensor(
-        np.array([b"hello", b"x"], dtype=object)).item()
+    assert (
+        to_raw(np.array([b"hello", b"x"], dtype=object), DATATYPES["BYTES"])
+        == serialize_byte_tensor(np.array([b"hello", b"x"], dtype=object)).item()
+    )
 
 
 def test_to_raw_encodes_str_elements_as_utf8():
