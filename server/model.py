@@ -80,15 +80,23 @@ class ModelVersion:
         execute = self.execution.execute
         if schedule is not None:
             self.scheduler: DynamicBatcher | PassThroughScheduler = DynamicBatcher(
-                execute, schedule, name=self.name, refused=metrics.refused)
+                execute, schedule, name=self.name, refused=metrics.refused
+            )
         else:
-            self.scheduler = PassThroughScheduler(execute, instances=instances, max_queue_size=max_queue_size,
-                                                  name=self.name, refused=metrics.refused)
+            self.scheduler = PassThroughScheduler(
+                execute, instances=instances, max_queue_size=max_queue_size, name=self.name, refused=metrics.refused
+            )
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        metrics.track(self, self.stats, lambda: self.scheduler.queue_depth, lambda: self.in_flight,
-                      self.scheduler.oldest_age_s, self.ready if backend.kind == "remote" else None)
+        metrics.track(
+            self,
+            self.stats,
+            lambda: self.scheduler.queue_depth,
+            lambda: self.in_flight,
+            self.scheduler.oldest_age_s,
+            self.ready if backend.kind == "remote" else None,
+        )
 
     def ready(self) -> bool:
         """Whether this version can serve now (a remote model needs an upstream in rotation)."""
@@ -161,24 +169,36 @@ class ModelVersion:
         dimension (the codecs hand over C-contiguous arrays: a lone request needs nothing)."""
         if len(batch) == 1:
             return batch[0].checked.feeds, batch[0].checked.output_names
-        return (merge([t.checked.feeds for t in batch]),
-                tuple(dict.fromkeys(n for t in batch for n in t.checked.output_names)))
+        return (
+            merge([t.checked.feeds for t in batch]),
+            tuple(dict.fromkeys(n for t in batch for n in t.checked.output_names)),
+        )
 
     def answers(self, batch: list[Ticket], names: tuple[str, ...], arrays: list) -> tuple[list, int]:
         """Each caller's answer, exactly its own rows; and the rows of the batch."""
         types = self.signature.output_types
         if len(batch) == 1:
             ticket = batch[0]
-            return [InferResponse(self.name, self.version,
-                                  [Tensor(n, types[n], a.shape, a) for n, a in zip(names, arrays)],
-                                  id=ticket.request.id)], ticket.checked.batch_size
+            return [
+                InferResponse(
+                    self.name,
+                    self.version,
+                    [Tensor(n, types[n], a.shape, a) for n, a in zip(names, arrays)],
+                    id=ticket.request.id,
+                )
+            ], ticket.checked.batch_size
         sizes = [t.checked.batch_size for t in batch]
         answers = []
         for t, parts in zip(batch, split(arrays, sizes)):
             got = dict(zip(names, parts))
-            answers.append(InferResponse(
-                self.name, self.version,
-                [Tensor(n, types[n], got[n].shape, got[n]) for n in t.checked.output_names], id=t.request.id))
+            answers.append(
+                InferResponse(
+                    self.name,
+                    self.version,
+                    [Tensor(n, types[n], got[n].shape, got[n]) for n in t.checked.output_names],
+                    id=t.request.id,
+                )
+            )
         return answers, sum(sizes)
 
     def failure(self, batch: list[Ticket], e: Exception) -> list:
@@ -186,7 +206,9 @@ class ModelVersion:
             return [e] * len(batch)
         # the engine refused or crashed: this batch fails, the model serves on
         log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
-        return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(batch)
+        return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(
+            batch
+        )
 
     def record(self, rows: int, requests: int, t0: int, t1: int, t2: int, t3: int) -> None:
         """Statistics and metrics of one execution (the caller holds the statistics lock)."""
@@ -203,8 +225,9 @@ class ModelVersion:
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except TimeoutError:
-            log.warning("model '%s' version %s retired with %d requests still running",
-                        self.name, self.version, self.in_flight)
+            log.warning(
+                "model '%s' version %s retired with %d requests still running", self.name, self.version, self.in_flight
+            )
         self.metrics.retired(self)
         backend, self.backend = self.backend, None
         if backend is not None:
@@ -226,8 +249,7 @@ class LocalExecution:
     execution itself (``bench/serving.py``), so it runs on the loop, bounded by that
     threshold."""
 
-    def __init__(self, version: ModelVersion, backend: LocalBackend, threads: InferenceThreads,
-                 inline_max_us: int):
+    def __init__(self, version: ModelVersion, backend: LocalBackend, threads: InferenceThreads, inline_max_us: int):
         self._v = version
         self._run = backend.run
         self._threads = threads
@@ -301,8 +323,7 @@ class RemoteExecution:
             for t in batch:
                 t.execution = None
             if f.cancelled():
-                done([GatewayError(ErrorCode.CANCELLED, "cancelled: every caller of the batch went away")]
-                     * len(batch))
+                done([GatewayError(ErrorCode.CANCELLED, "cancelled: every caller of the batch went away")] * len(batch))
             else:
                 done(f.result())
 
@@ -325,4 +346,3 @@ class RemoteExecution:
         with v.stats_lock:
             v.record(rows, len(batch), t0, t1, t2, t3)
         return answers
-

@@ -32,8 +32,23 @@ from ..core.stats import ModelStats, merge_stats
 
 # Latency buckets from 50 µs to 10 s: CPU models answer in well under a millisecond.
 LATENCY_BUCKETS_S = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -61,33 +76,40 @@ def _upstream(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
 FAMILIES: dict[str, Family] = {
     "batchgate_requests": _model("counter", "Inference requests answered, by outcome", ("protocol", "status")),
     "batchgate_request_duration_seconds": _model(
-        "histogram", "Time from a request's arrival at the gateway to its answer", ("protocol",)),
+        "histogram", "Time from a request's arrival at the gateway to its answer", ("protocol",)
+    ),
     "batchgate_queue_duration_seconds": _model("histogram", "Time a request waited in the scheduler queue"),
     "batchgate_compute_duration_seconds": _model(
-        "histogram", "Time of one backend execution (input preparation, inference, output extraction)"),
+        "histogram", "Time of one backend execution (input preparation, inference, output extraction)"
+    ),
     "batchgate_inference_count": _model("counter", "Inferences performed (a batch of n counts n)"),
     "batchgate_execution_count": _model("counter", "Backend executions (batches)"),
     "batchgate_queue_depth": _model("gauge", "Requests accepted and waiting to execute"),
     "batchgate_queue_oldest_age_seconds": _model(
-        "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", merge=MAX),
+        "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", merge=MAX
+    ),
     "batchgate_batch_size": _model("histogram", "Rows per backend execution", buckets=BATCH_BUCKETS),
     "batchgate_refusals": _model(
-        "counter", "Requests a scheduler turned away or dropped unexecuted, by reason "
-        "(queue_full, deadline_unmeetable, deadline_expired, queue_timeout)", ("reason",)),
+        "counter",
+        "Requests a scheduler turned away or dropped unexecuted, by reason "
+        "(queue_full, deadline_unmeetable, deadline_expired, queue_timeout)",
+        ("reason",),
+    ),
     "batchgate_inflight_requests": _model("gauge", "Requests accepted and not yet answered"),
     "batchgate_model_ready": _model("gauge", "1 when the model version is loaded and serving, else 0", merge=ALL),
-    "batchgate_model_load_duration_seconds": _model(
-        "gauge", "Time the last load of the model version took", merge=MAX),
+    "batchgate_model_load_duration_seconds": _model("gauge", "Time the last load of the model version took", merge=MAX),
     "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
     # Remote models (backends/remote.py): one series per model and upstream address.
     "batchgate_upstream_requests": _upstream("counter", "Calls sent to an upstream V2 server"),
     "batchgate_upstream_errors": _upstream("counter", "Upstream calls that failed, by gRPC status code", ("code",)),
     "batchgate_upstream_request_duration_seconds": _upstream("histogram", "Time of one upstream call"),
     "batchgate_upstream_ejections": _upstream(
-        "counter", "Times the upstream was taken out of rotation after consecutive failures"),
+        "counter", "Times the upstream was taken out of rotation after consecutive failures"
+    ),
     "batchgate_upstream_outstanding": _upstream("gauge", "Calls sent to the upstream and not yet answered"),
     "batchgate_upstream_healthy": _upstream(
-        "gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", merge=ALL),
+        "gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", merge=ALL
+    ),
 }
 
 Labels = tuple[str, ...]
@@ -207,8 +229,15 @@ class ModelMetrics:
         self._owner: object = None
         self.stats: ModelStats | None = None  # the V2 statistics of the version now tracked
 
-    def track(self, owner: object, stats: ModelStats, queue_depth: Callable[[], int], in_flight: Callable[[], int],
-              oldest_age: Callable[[], float], ready: Callable[[], bool] | None = None) -> None:
+    def track(
+        self,
+        owner: object,
+        stats: ModelStats,
+        queue_depth: Callable[[], int],
+        in_flight: Callable[[], int],
+        oldest_age: Callable[[], float],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         """Export live gauges read from ``owner`` (a served model version) from now on;
         ``ready`` is asked at each scrape where readiness can change while loaded."""
         self._owner = owner

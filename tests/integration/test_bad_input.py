@@ -514,7 +514,7 @@ def test_http_wrong_method(server, method, path, allowed):
         "/nope",
         "/v2/models",
         "/v2/models/simple/versions/1/explode",
-        "/v2/models/simple/versions/abc/infer",
+        "/v2/models/simple/versions/1/infer/more",
         "/v3/health/live",
     ],
 )

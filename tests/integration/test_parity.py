@@ -27,13 +27,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from protocol_support import QUICK, raw_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from batchgate.core.types import Tensor, new_request
 from batchgate.demo import SIMPLE_CONFIG, _save, classifier_model, simple_model, slow_model
 from conftest import start_gateway
-from protocol_support import QUICK, raw_http
 
 # Each error kind: the status tritonclient reports over gRPC, and over HTTP.
 STATUS = {
@@ -128,8 +128,14 @@ def _outputs(mod, spec: Spec):
 
 
 def _args(mod, spec: Spec) -> dict:
-    return dict(model_version=spec.version, outputs=_outputs(mod, spec), request_id=spec.request_id,
-                priority=spec.priority, timeout=spec.timeout, parameters=spec.parameters)
+    return dict(
+        model_version=spec.version,
+        outputs=_outputs(mod, spec),
+        request_id=spec.request_id,
+        priority=spec.priority,
+        timeout=spec.timeout,
+        parameters=spec.parameters,
+    )
 
 
 def _headers(spec: Spec) -> dict | None:
@@ -140,8 +146,13 @@ def _headers(spec: Spec) -> dict | None:
 def over_grpc(running, spec: Spec, client_timeout: float | None = None) -> Outcome:
     client = grpcclient.InferenceServerClient(running.grpc_url)
     try:
-        result = client.infer(spec.model, _inputs(grpcclient, spec), client_timeout=client_timeout,
-                              headers=_headers(spec), **_args(grpcclient, spec))
+        result = client.infer(
+            spec.model,
+            _inputs(grpcclient, spec),
+            client_timeout=client_timeout,
+            headers=_headers(spec),
+            **_args(grpcclient, spec),
+        )
     except InferenceServerException as e:
         return Outcome(_code(e.status(), "grpc"), e.message())
     finally:
@@ -241,42 +252,88 @@ CASES = [
     Case("good", Spec(inputs=GOOD)),
     Case("v2_id", Spec(inputs=GOOD, request_id="v2-id-1"), id="v2-id-1"),
     Case("x_request_id_header", Spec(inputs=GOOD, headers={"x-request-id": "hdr-id-1"}), id="hdr-id-1"),
-    Case("v2_id_wins_over_header", Spec(inputs=GOOD, request_id="v2-id-2", headers={"x-request-id": "hdr-id-2"}),
-         id="v2-id-2"),
+    Case(
+        "v2_id_wins_over_header",
+        Spec(inputs=GOOD, request_id="v2-id-2", headers={"x-request-id": "hdr-id-2"}),
+        id="v2-id-2",
+    ),
     Case("one_output_requested", Spec(inputs=GOOD, outputs=("OUTPUT1",)), outputs={"OUTPUT1": A - B}),
-    Case("wrong_datatype",
-         Spec(inputs=(("INPUT0", A.astype(np.float32), "FP32"), ("INPUT1", B, "INT32")), request_id="bad-dt"),
-         "INVALID_ARGUMENT", "input 'INPUT0' has datatype FP32, but model 'simple' expects INT32"),
-    Case("wrong_shape", Spec(inputs=(("INPUT0", A[:, :8].copy(), "INT32"), ("INPUT1", B[:, :8].copy(), "INT32"))),
-         "INVALID_ARGUMENT", "input 'INPUT0' has shape [1, 8], but model 'simple' expects [-1, 16]"),
-    Case("unknown_input", Spec(inputs=(("INPUT0", A, "INT32"), ("INPUT9", B, "INT32"))),
-         "INVALID_ARGUMENT", "model 'simple' has no input 'INPUT9'; its inputs are 'INPUT0', 'INPUT1'"),
-    Case("unknown_model", Spec(model="no_such_model", inputs=GOOD),
-         "NOT_FOUND", "unknown model 'no_such_model'"),
-    Case("unknown_version", Spec(inputs=GOOD, version="7"),
-         "NOT_FOUND", "model 'simple' has no version 7 loaded; loaded versions: 1"),
-    Case("unknown_output", Spec(inputs=GOOD, outputs=("OUTPUT9",)),
-         "INVALID_ARGUMENT", "model 'simple' has no output 'OUTPUT9'; its outputs are 'OUTPUT0', 'OUTPUT1'"),
-    Case("expired_on_arrival", Spec(model="slow", inputs=ONE_ROW, request_id="late-1", timeout=1),
-         "DEADLINE_EXCEEDED", f"[request id: late-1] {EXPIRED_IN_SLOW}"),
-    Case("expired_on_arrival_header_id",
-         Spec(model="slow", inputs=ONE_ROW, headers={"x-request-id": "late-2"}, timeout=1),
-         "DEADLINE_EXCEEDED", f"[request id: late-2] {EXPIRED_IN_SLOW}"),
+    Case(
+        "wrong_datatype",
+        Spec(inputs=(("INPUT0", A.astype(np.float32), "FP32"), ("INPUT1", B, "INT32")), request_id="bad-dt"),
+        "INVALID_ARGUMENT",
+        "input 'INPUT0' has datatype FP32, but model 'simple' expects INT32",
+    ),
+    Case(
+        "wrong_shape",
+        Spec(inputs=(("INPUT0", A[:, :8].copy(), "INT32"), ("INPUT1", B[:, :8].copy(), "INT32"))),
+        "INVALID_ARGUMENT",
+        "input 'INPUT0' has shape [1, 8], but model 'simple' expects [-1, 16]",
+    ),
+    Case(
+        "unknown_input",
+        Spec(inputs=(("INPUT0", A, "INT32"), ("INPUT9", B, "INT32"))),
+        "INVALID_ARGUMENT",
+        "model 'simple' has no input 'INPUT9'; its inputs are 'INPUT0', 'INPUT1'",
+    ),
+    Case("unknown_model", Spec(model="no_such_model", inputs=GOOD), "NOT_FOUND", "unknown model 'no_such_model'"),
+    Case(
+        "unknown_version",
+        Spec(inputs=GOOD, version="7"),
+        "NOT_FOUND",
+        "model 'simple' has no version 7 loaded; loaded versions: 1",
+    ),
+    Case(
+        "unknown_output",
+        Spec(inputs=GOOD, outputs=("OUTPUT9",)),
+        "INVALID_ARGUMENT",
+        "model 'simple' has no output 'OUTPUT9'; its outputs are 'OUTPUT0', 'OUTPUT1'",
+    ),
+    Case(
+        "expired_on_arrival",
+        Spec(model="slow", inputs=ONE_ROW, request_id="late-1", timeout=1),
+        "DEADLINE_EXCEEDED",
+        f"[request id: late-1] {EXPIRED_IN_SLOW}",
+    ),
+    Case(
+        "expired_on_arrival_header_id",
+        Spec(model="slow", inputs=ONE_ROW, headers={"x-request-id": "late-2"}, timeout=1),
+        "DEADLINE_EXCEEDED",
+        f"[request id: late-2] {EXPIRED_IN_SLOW}",
+    ),
     Case("x_headers_at_limit", Spec(inputs=GOOD, headers={f"x-h{i}": "v" for i in range(32)})),
-    Case("too_many_x_headers", Spec(inputs=GOOD, headers={f"x-h{i}": "v" for i in range(33)}),
-         "INVALID_ARGUMENT", "the request carries more than 32 x-* headers (max_request_headers)"),
+    Case(
+        "too_many_x_headers",
+        Spec(inputs=GOOD, headers={f"x-h{i}": "v" for i in range(33)}),
+        "INVALID_ARGUMENT",
+        "the request carries more than 32 x-* headers (max_request_headers)",
+    ),
     Case("x_header_at_size_limit", Spec(inputs=GOOD, headers={"x-big": "v" * (4096 - 5)})),
-    Case("oversized_x_header", Spec(inputs=GOOD, headers={"x-big": "v" * 5000}),
-         "INVALID_ARGUMENT", "header 'x-big' is 5005 bytes; at most 4096 are accepted (max_header_bytes)"),
+    Case(
+        "oversized_x_header",
+        Spec(inputs=GOOD, headers={"x-big": "v" * 5000}),
+        "INVALID_ARGUMENT",
+        "header 'x-big' is 5005 bytes; at most 4096 are accepted (max_header_bytes)",
+    ),
     # outputs named: tritonclient.http then adds no binary_data_output parameter of its own
     Case("parameters_at_limit", Spec(inputs=GOOD, outputs=("OUTPUT0", "OUTPUT1"), parameters=MANY_PARAMS)),
-    Case("too_many_parameters",
-         Spec(inputs=GOOD, outputs=("OUTPUT0", "OUTPUT1"), parameters={**MANY_PARAMS, "p64": 64}),
-         "INVALID_ARGUMENT", "the request has 65 parameters; at most 64 are accepted (max_request_parameters)"),
-    Case("priority_in_range", Spec(model="prio", inputs=(("features", FEATURES, "FP32"),), priority=2),
-         outputs=CLASSIFIED),
-    Case("priority_out_of_range", Spec(model="prio", inputs=(("features", FEATURES, "FP32"),), priority=5),
-         "INVALID_ARGUMENT", "priority 5 is out of range for model 'prio': use 1 (highest) to 2, or 0 for the default"),
+    Case(
+        "too_many_parameters",
+        Spec(inputs=GOOD, outputs=("OUTPUT0", "OUTPUT1"), parameters={**MANY_PARAMS, "p64": 64}),
+        "INVALID_ARGUMENT",
+        "the request has 65 parameters; at most 64 are accepted (max_request_parameters)",
+    ),
+    Case(
+        "priority_in_range",
+        Spec(model="prio", inputs=(("features", FEATURES, "FP32"),), priority=2),
+        outputs=CLASSIFIED,
+    ),
+    Case(
+        "priority_out_of_range",
+        Spec(model="prio", inputs=(("features", FEATURES, "FP32"),), priority=5),
+        "INVALID_ARGUMENT",
+        "priority 5 is out of range for model 'prio': use 1 (highest) to 2, or 0 for the default",
+    ),
 ]
 
 # Differences found between the protocols by this suite, fixed since: kept as regression cases.
@@ -285,8 +342,13 @@ KNOWN_DIFFERENCES = [
     # option and is not counted against max_request_parameters.
     Case("parameters_at_limit_default_outputs", Spec(inputs=GOOD, parameters=MANY_PARAMS), stream=False),
     # a version that is not a number is refused with the same words on both wires
-    Case("non_numeric_version", Spec(inputs=GOOD, version="v1"),
-         "INVALID_ARGUMENT", "model version must be a number, not 'v1'", stream=False),
+    Case(
+        "non_numeric_version",
+        Spec(inputs=GOOD, version="v1"),
+        "INVALID_ARGUMENT",
+        "model version must be a number, not 'v1'",
+        stream=False,
+    ),
 ]
 
 
@@ -337,13 +399,16 @@ def _grpc_param(p: service_pb2.InferParameter, value) -> None:
         p.string_param = value
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("priority", "high", "parameter 'priority' must be a non-negative integer, not 'high'"),
-    ("priority", -1, "parameter 'priority' must be a non-negative integer, not -1"),
-    ("priority", True, "parameter 'priority' must be a non-negative integer, not True"),
-    ("timeout", -5, "parameter 'timeout' must be a non-negative integer of microseconds, not -5"),
-    ("timeout", 1.5, "parameter 'timeout' must be a non-negative integer of microseconds, not 1.5"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("priority", "high", "parameter 'priority' must be a non-negative integer, not 'high'"),
+        ("priority", -1, "parameter 'priority' must be a non-negative integer, not -1"),
+        ("priority", True, "parameter 'priority' must be a non-negative integer, not True"),
+        ("timeout", -5, "parameter 'timeout' must be a non-negative integer of microseconds, not -5"),
+        ("timeout", 1.5, "parameter 'timeout' must be a non-negative integer of microseconds, not 1.5"),
+    ],
+)
 def test_an_invalid_priority_or_timeout_is_refused_alike(parity, name, value, message):
     """tritonclient refuses to send ``priority`` and ``timeout`` as custom parameters (and gRPC's
     priority is unsigned), so these go as the same V2 request built by hand on each wire."""
@@ -352,14 +417,18 @@ def test_an_invalid_priority_or_timeout_is_refused_alike(parity, name, value, me
         req.inputs.add(name=n, datatype=dt, shape=list(array.shape))
         req.raw_input_contents.append(array.tobytes())
     _grpc_param(req.parameters[name], value)
-    with grpc.insecure_channel(parity.grpc_url) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=20)
-    body = json.dumps({"id": "bad-param", "parameters": {name: value},
-                       "inputs": [{"name": n, "datatype": dt, "shape": list(a.shape), "data": a.ravel().tolist()}
-                                  for n, a, dt in GOOD]}).encode()
-    status, _, answer = raw_http(parity, "POST", "/v2/models/simple/infer", body,
-                                 {"Content-Type": "application/json"})
+    with grpc.insecure_channel(parity.grpc_url) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=20)
+    body = json.dumps(
+        {
+            "id": "bad-param",
+            "parameters": {name: value},
+            "inputs": [
+                {"name": n, "datatype": dt, "shape": list(a.shape), "data": a.ravel().tolist()} for n, a, dt in GOOD
+            ],
+        }
+    ).encode()
+    status, _, answer = raw_http(parity, "POST", "/v2/models/simple/infer", body, {"Content-Type": "application/json"})
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and status == 400
     assert info.value.details() == json.loads(answer)["error"] == message
 
@@ -444,16 +513,20 @@ def test_a_full_queue_is_refused_alike_with_retry_after(tmp_path, serve):
         queued = pool.submit(over_http, running, Spec(model="slow", inputs=ONE_ROW))
         wait_until(lambda: served.scheduler.queue_depth == 1, "one request waits")
         g, h, s = over_grpc(running, one), over_http(running, one), over_stream(running, one)
-        body = json.dumps({"id": "overflow", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1024],
-                                                         "data": [1.0] * 1024}]}).encode()
-        status, headers, answer = raw_http(running, "POST", "/v2/models/slow/infer", body,
-                                           {"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "id": "overflow",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1024], "data": [1.0] * 1024}],
+            }
+        ).encode()
+        status, headers, answer = raw_http(
+            running, "POST", "/v2/models/slow/infer", body, {"Content-Type": "application/json"}
+        )
         req = service_pb2.ModelInferRequest(model_name="slow", id="overflow")
         req.inputs.add(name="input", datatype="FP32", shape=[1, 1024])
         req.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
-        with grpc.insecure_channel(running.grpc_url) as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=20)
+        with grpc.insecure_channel(running.grpc_url) as channel, pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=20)
         still_full = served.scheduler.queue_depth == 1 and not busy.done()
         assert busy.result(60).code == "OK" and queued.result(60).code == "OK"
     assert still_full, "the queue drained before every refusal was sent: the test proves nothing"

@@ -28,11 +28,29 @@ def tensor(name: str = "x", rows: int = 1) -> Tensor:
     return Tensor(name, "FP32", (rows, 4), data)
 
 
-def build(request_id: str = "", parameters=None, headers=None, transport_deadline=None, outputs=None,
-          limits: RequestLimits = LIMITS, inputs=None) -> InferRequest:
+def build(
+    request_id: str = "",
+    parameters=None,
+    headers=None,
+    transport_deadline=None,
+    outputs=None,
+    limits: RequestLimits = LIMITS,
+    inputs=None,
+) -> InferRequest:
     hdrs = caller_headers(list((headers or {}).items()), limits)
-    return new_request("m", "", inputs if inputs is not None else [tensor()], outputs, request_id, parameters, hdrs,
-                       ARRIVAL, "grpc", limits, transport_deadline)
+    return new_request(
+        "m",
+        "",
+        inputs if inputs is not None else [tensor()],
+        outputs,
+        request_id,
+        parameters,
+        hdrs,
+        ARRIVAL,
+        "grpc",
+        limits,
+        transport_deadline,
+    )
 
 
 def refused(fn, *args, **kwargs) -> GatewayError:
@@ -81,24 +99,30 @@ def test_no_outputs_stays_none_and_no_parameters_is_the_shared_empty_mapping():
 
 
 # ------------------------------------------------------------------ id
-@pytest.mark.parametrize("v2_id, headers, want", [
-    ("", {}, ""),
-    ("v2-id", {}, "v2-id"),
-    ("", {"x-request-id": "from-header"}, "from-header"),
-    ("v2-id", {"x-request-id": "from-header"}, "v2-id"),
-])
+@pytest.mark.parametrize(
+    "v2_id, headers, want",
+    [
+        ("", {}, ""),
+        ("v2-id", {}, "v2-id"),
+        ("", {"x-request-id": "from-header"}, "from-header"),
+        ("v2-id", {"x-request-id": "from-header"}, "v2-id"),
+    ],
+)
 def test_the_id_is_the_v2_id_else_x_request_id(v2_id, headers, want):
     assert build(request_id=v2_id, headers=headers).id == want
 
 
 # ------------------------------------------------------------------ deadline
-@pytest.mark.parametrize("timeout_us, transport, want", [
-    (2_000_000, None, ARRIVAL + 2.0),  # V2 timeout alone
-    (0, ARRIVAL + 3.0, ARRIVAL + 3.0),  # transport deadline alone
-    (2_000_000, ARRIVAL + 1.0, ARRIVAL + 1.0),  # the transport's is earlier
-    (2_000_000, ARRIVAL + 5.0, ARRIVAL + 2.0),  # the V2 timeout is earlier
-    (0, None, None),  # timeout 0 = none
-])
+@pytest.mark.parametrize(
+    "timeout_us, transport, want",
+    [
+        (2_000_000, None, ARRIVAL + 2.0),  # V2 timeout alone
+        (0, ARRIVAL + 3.0, ARRIVAL + 3.0),  # transport deadline alone
+        (2_000_000, ARRIVAL + 1.0, ARRIVAL + 1.0),  # the transport's is earlier
+        (2_000_000, ARRIVAL + 5.0, ARRIVAL + 2.0),  # the V2 timeout is earlier
+        (0, None, None),  # timeout 0 = none
+    ],
+)
 def test_the_deadline_is_the_earliest_of_v2_timeout_and_transport(timeout_us, transport, want):
     req = build(parameters={"timeout": timeout_us}, transport_deadline=transport)
     assert req.timeout_us == timeout_us
@@ -108,14 +132,17 @@ def test_the_deadline_is_the_earliest_of_v2_timeout_and_transport(timeout_us, tr
         assert req.deadline == pytest.approx(want, abs=1e-9)
 
 
-@pytest.mark.parametrize("name, value, fragment", [
-    ("timeout", -1, "parameter 'timeout' must be a non-negative integer of microseconds, not -1"),
-    ("timeout", 1.5, "parameter 'timeout' must be a non-negative integer of microseconds, not 1.5"),
-    ("timeout", True, "parameter 'timeout' must be a non-negative integer of microseconds, not True"),
-    ("priority", -2, "parameter 'priority' must be a non-negative integer, not -2"),
-    ("priority", "high", "parameter 'priority' must be a non-negative integer, not 'high'"),
-    ("priority", False, "parameter 'priority' must be a non-negative integer, not False"),
-])
+@pytest.mark.parametrize(
+    "name, value, fragment",
+    [
+        ("timeout", -1, "parameter 'timeout' must be a non-negative integer of microseconds, not -1"),
+        ("timeout", 1.5, "parameter 'timeout' must be a non-negative integer of microseconds, not 1.5"),
+        ("timeout", True, "parameter 'timeout' must be a non-negative integer of microseconds, not True"),
+        ("priority", -2, "parameter 'priority' must be a non-negative integer, not -2"),
+        ("priority", "high", "parameter 'priority' must be a non-negative integer, not 'high'"),
+        ("priority", False, "parameter 'priority' must be a non-negative integer, not False"),
+    ],
+)
 def test_priority_and_timeout_must_be_non_negative_integers(name, value, fragment):
     assert refused(build, parameters={name: value}).message == fragment
 
@@ -131,11 +158,23 @@ def test_priority_is_taken_from_the_parameters():
 
 
 # ------------------------------------------------------------------ synthetic
-@pytest.mark.parametrize("value, want", [
-    ("1", True), ("true", True), ("TRUE", True), ("yes", True), (" Yes ", True),
-    ("0", False), ("false", False), ("no", False), ("", False), ("2", False), ("on", False),
-    (None, False),
-])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        ("yes", True),
+        (" Yes ", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("", False),
+        ("2", False),
+        ("on", False),
+        (None, False),
+    ],
+)
 def test_synthetic_marker(value, want):
     headers = {} if value is None else {"x-batchgate-synthetic": value}
     assert build(headers=headers).synthetic is want
@@ -143,8 +182,14 @@ def test_synthetic_marker(value, want):
 
 # ------------------------------------------------------------------ caller headers
 def test_caller_headers_keep_only_x_headers_and_the_first_value_of_a_name():
-    pairs = [("content-type", "application/json"), ("x-a", "first"), ("authorization", "secret"),
-             ("x-b", "b"), ("x-a", "second"), ("user-agent", "grpc-python")]
+    pairs = [
+        ("content-type", "application/json"),
+        ("x-a", "first"),
+        ("authorization", "secret"),
+        ("x-b", "b"),
+        ("x-a", "second"),
+        ("user-agent", "grpc-python"),
+    ]
     got = caller_headers(pairs, LIMITS)
     assert list(got.items()) == [("x-a", "first"), ("x-b", "b")]
     with pytest.raises(TypeError):
@@ -157,13 +202,14 @@ def test_the_number_of_x_headers_is_bounded():
     at_limit = [(f"x-h{i}", "v") for i in range(32)]
     assert len(caller_headers(at_limit, LIMITS)) == 32
     # other headers and repeats of a name already kept do not count
-    assert len(caller_headers(at_limit + [("x-h0", "again")] + [(f"other-{i}", "v") for i in range(100)],
-                              LIMITS)) == 32
+    assert len(caller_headers(at_limit + [("x-h0", "again")] + [(f"other-{i}", "v") for i in range(100)], LIMITS)) == 32
     e = refused(caller_headers, at_limit + [("x-h32", "v")], LIMITS)
     assert e.message == "the request carries more than 32 x-* headers (max_request_headers)"
     small = RequestLimits(max_headers=2)
-    assert refused(caller_headers, [("x-a", "1"), ("x-b", "2"), ("x-c", "3")], small).message == \
-        "the request carries more than 2 x-* headers (max_request_headers)"
+    assert (
+        refused(caller_headers, [("x-a", "1"), ("x-b", "2"), ("x-c", "3")], small).message
+        == "the request carries more than 2 x-* headers (max_request_headers)"
+    )
     none = RequestLimits(max_headers=0)
     assert caller_headers([("content-type", "x")], none) is EMPTY
     assert "max_request_headers" in refused(caller_headers, [("x-a", "1")], none).message
@@ -178,8 +224,10 @@ def test_the_size_of_one_x_header_is_bounded():
     # a big header that is not an x-* header is not the gateway's business
     assert caller_headers([("authorization", "t" * 100_000)], LIMITS) is EMPTY
     tiny = RequestLimits(max_header_bytes=4)
-    assert refused(caller_headers, [("x-a", "12")], tiny).message == \
-        "header 'x-a' is 5 bytes; at most 4 are accepted (max_header_bytes)"
+    assert (
+        refused(caller_headers, [("x-a", "12")], tiny).message
+        == "header 'x-a' is 5 bytes; at most 4 are accepted (max_header_bytes)"
+    )
 
 
 def test_the_error_for_a_huge_header_name_is_bounded():
@@ -229,8 +277,17 @@ class Recorder:
 
     def finish(self):
         batch, done = self._pending.pop(0)
-        done([InferResponse("m", "1", [Tensor("y", "FP32", t.request.inputs[0].shape, t.request.inputs[0].data * 2)],
-                            id=t.request.id) for t in batch])
+        done(
+            [
+                InferResponse(
+                    "m",
+                    "1",
+                    [Tensor("y", "FP32", t.request.inputs[0].shape, t.request.inputs[0].data * 2)],
+                    id=t.request.id,
+                )
+                for t in batch
+            ]
+        )
 
 
 async def settle():
