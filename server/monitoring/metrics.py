@@ -174,7 +174,8 @@ def render(snapshot: Snapshot) -> list:
 
 
 def _cumulative(counts: tuple[int, ...], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
-    les = [floatToGoString(b) for b in buckets] + ["+Inf"]
+    # Whole-number buckets (rows per batch) keep their integer labels: le="8", not le="8.0".
+    les = [str(b) if isinstance(b, int) else floatToGoString(b) for b in buckets] + ["+Inf"]
     out, total = [], 0
     for le, n in zip(les, counts):
         total += n

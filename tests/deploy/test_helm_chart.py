@@ -153,7 +153,8 @@ def test_the_chart_agrees_with_the_code(helm, tmp_path):
     assert http["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == READY_PATH
     # metric names: every batchgate_* series the chart queries is exported by the code
     exported = set()
-    for name, (kind, _, _) in FAMILIES.items():
+    for name, family in FAMILIES.items():
+        kind = family.kind
         exported |= (
             {name + "_total"}
             if kind == "counter"

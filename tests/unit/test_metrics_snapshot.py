@@ -87,6 +87,6 @@ def test_a_snapshot_is_plain_data_and_renders_as_prometheus_text():
     assert isinstance(snap, Snapshot)
     text = generate_latest(m.registry).decode()
     assert 'batchgate_requests_total{model="m",protocol="grpc",status="OK",version="1"} 2.0' in text
-    assert 'batchgate_batch_size_bucket{le="2.0",model="m",version="1"} 1.0' in text
+    assert 'batchgate_batch_size_bucket{le="2",model="m",version="1"} 1.0' in text
     names = {f.name for f in render(snap)}
     assert "batchgate_queue_depth" in names and "batchgate_upstream_healthy" in names
