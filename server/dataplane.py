@@ -85,9 +85,9 @@ class DataPlane:
     def infer(self, request: InferRequest) -> Awaitable[InferResponse]:
         """Hand ``request`` to the version it names; await the answer.
 
-        Not a coroutine itself (one frame less per request): a refusal found here raises at
-        once, before anything is queued."""
-        self.admit()
+        The caller has called :meth:`admit` first, before decoding anything. Not a coroutine
+        itself (one frame less per request): a refusal found here raises at once, before
+        anything is queued."""
         return self.repository.resolve(request.model_name, request.model_version).submit(request)
 
     @property

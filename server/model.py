@@ -77,6 +77,9 @@ class ModelVersion:
             self.execution: LocalExecution | RemoteExecution = RemoteExecution(self, backend)  # type: ignore[arg-type]
         else:
             self.execution = LocalExecution(self, backend, threads, inline_max_us)  # type: ignore[arg-type]
+        # Whether the version can take work now: a remote model refuses at once while no
+        # upstream is in rotation; a local one always can (no call at all on its requests).
+        self._admit = self.execution.admit if isinstance(self.execution, RemoteExecution) else None
         execute = self.execution.execute
         if schedule is not None:
             self.scheduler: DynamicBatcher | PassThroughScheduler = DynamicBatcher(
@@ -115,7 +118,8 @@ class ModelVersion:
         is a submission of its own (its own ticket): the same request may be submitted again."""
         try:
             checked = self.signature.check(request)
-            self.execution.admit()
+            if self._admit is not None:
+                self._admit()
         except GatewayError as e:
             self.reject(request, e)
             raise
@@ -258,9 +262,6 @@ class LocalExecution:
         # Per batch size (rows): the recent execution times, and the fastest of them.
         self._recent_ns: dict[int, deque[float]] = {}
         self._fastest_ns: dict[int, float] = {}
-
-    def admit(self) -> None:
-        """A local model can always queue work."""
 
     def execute(self, batch: list[Ticket], done: Done) -> None:
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(t.checked.batch_size for t in batch)

@@ -7,6 +7,7 @@ before a request is queued, so a malformed request never reaches a batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,9 +26,9 @@ class TensorSpec:
         return ([-1] if max_batch_size > 0 else []) + list(self.dims)
 
 
-@dataclass(frozen=True, slots=True)
-class Checked:
-    """A request that passed validation: what the backend needs to run it."""
+class Checked(NamedTuple):
+    """A request that passed validation: what the backend needs to run it. (A named tuple:
+    one is built per request, several times faster than a frozen dataclass.)"""
 
     feeds: dict[str, np.ndarray]
     output_names: tuple[str, ...]

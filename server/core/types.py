@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -167,10 +167,11 @@ class InferRequest(NamedTuple):
 
 def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:
     """The caller's ``x-*`` headers from (name, value) pairs with lower-case names, checked
-    against ``limits``; other headers are not kept. A repeated name keeps its first value."""
+    against ``limits``; other headers, and values that are not text (gRPC ``-bin`` metadata),
+    are not kept. A repeated name keeps its first value."""
     out: dict[str, str] = {}
     for name, value in pairs:
-        if not name.startswith("x-"):
+        if not name.startswith("x-") or type(value) is not str:
             continue
         if len(name) + len(value) > limits.max_header_bytes:
             raise invalid(
@@ -206,7 +207,9 @@ def new_request(
     the deadline is the earliest of the V2 ``timeout`` parameter and the transport's own
     (a gRPC deadline); ``priority`` and ``timeout`` are checked here, once for both wires."""
     for t in inputs:
-        t.data.flags.writeable = False
+        flags = t.data.flags
+        if flags.writeable:  # raw wire data is read-only already: reading is cheaper than setting
+            flags.writeable = False
     params: Mapping[str, Any] = EMPTY
     priority = timeout_us = 0
     deadline = transport_deadline
@@ -251,10 +254,11 @@ def new_request(
     )
 
 
-@dataclass(slots=True)
-class InferResponse:
+class InferResponse(NamedTuple):
+    """One caller's answer (a named tuple, like the request: one is built per request)."""
+
     model_name: str
     model_version: str
     outputs: list[Tensor]
     id: str = ""
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: Mapping[str, Any] = EMPTY

@@ -46,11 +46,6 @@ async def _abort(context, e: GatewayError):
     await context.abort(GRPC_STATUS[e.code], e.message)
 
 
-def _metadata(context) -> list[tuple[str, str]]:
-    """The call's text metadata (binary ``-bin`` entries are not caller headers)."""
-    return [(k, v) for k, v in context.invocation_metadata() or () if type(v) is str]
-
-
 def _request_id(msg, headers) -> str:
     """The id a failure is answered and logged with: the V2 id, else x-request-id."""
     return msg.id or (headers.get("x-request-id", "") if headers else "")
@@ -184,8 +179,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.dp.admit()
             request = _parse(raw)
-            headers = caller_headers(_metadata(context), self.dp.limits)
-            resp = await self.dp.infer(self._decode(request, context, headers))
+            dp = self.dp
+            headers = caller_headers(context.invocation_metadata() or (), dp.limits)
+            arrival = _monotonic()
+            remaining = context.time_remaining()
+            req = grpc_codec.decode_request(
+                request, arrival, dp.limits, headers, None if remaining is None else arrival + remaining
+            )
+            resp = await dp.infer(req)
             return grpc_codec.encode_response(resp)
         except GatewayError as e:
             if request is not None:
@@ -204,7 +205,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         pending: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
         try:
-            headers = caller_headers(_metadata(context), self.dp.limits)
+            headers = caller_headers(context.invocation_metadata() or (), self.dp.limits)
         except GatewayError as e:
             await context.abort(GRPC_STATUS[e.code], e.message)
 
