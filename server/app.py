@@ -89,7 +89,8 @@ class Gateway:
             remote_models=settings.remote_models,
         )
         self.dataplane = DataPlane(
-            self.repository, RequestLimits(lim.max_request_headers, lim.max_header_bytes, lim.max_request_parameters)
+            self.repository,
+            RequestLimits(lim.max_caller_headers, lim.max_caller_header_bytes, lim.max_request_parameters),
         )
         self.http_port: int | None = None
         self.grpc_port: int | None = None

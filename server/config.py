@@ -216,10 +216,10 @@ class LimitSettings:
     max_request_bytes: int = _setting(
         64 * 1024 * 1024, "largest HTTP body (also after decompression) and gRPC message", minimum=1
     )
-    max_request_headers: int = _setting(
+    max_caller_headers: int = _setting(
         32, "caller x-* headers (HTTP) or metadata entries (gRPC) kept on a request; more = INVALID_ARGUMENT", minimum=0
     )
-    max_header_bytes: int = _setting(
+    max_caller_header_bytes: int = _setting(
         4096, "bytes of name + value of one such header; longer = INVALID_ARGUMENT", minimum=1
     )
     max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)

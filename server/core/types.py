@@ -137,9 +137,9 @@ REQUEST_ID_HEADER = "x-request-id"
 class RequestLimits:
     """Bounds on what a caller attaches to a request besides its tensors."""
 
-    max_headers: int = 32  # x-* headers (HTTP) or metadata entries (gRPC) kept on a request
-    max_header_bytes: int = 4096  # name + value of one of them
-    max_parameters: int = 64  # V2 request parameters
+    max_caller_headers: int = 32  # x-* headers (HTTP) or metadata entries (gRPC) kept on a request
+    max_caller_header_bytes: int = 4096  # name + value of one of them
+    max_request_parameters: int = 64  # V2 request parameters
 
 
 class InferRequest(NamedTuple):
@@ -173,14 +173,16 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
     for name, value in pairs:
         if not name.startswith("x-") or type(value) is not str:
             continue
-        if len(name) + len(value) > limits.max_header_bytes:
+        if len(name) + len(value) > limits.max_caller_header_bytes:
             raise invalid(
                 f"header '{_short(name)}' is {len(name) + len(value)} bytes; at most "
-                f"{limits.max_header_bytes} are accepted (max_header_bytes)"
+                f"{limits.max_caller_header_bytes} are accepted (max_caller_header_bytes)"
             )
         if name not in out:
-            if len(out) >= limits.max_headers:
-                raise invalid(f"the request carries more than {limits.max_headers} x-* headers (max_request_headers)")
+            if len(out) >= limits.max_caller_headers:
+                raise invalid(
+                    f"the request carries more than {limits.max_caller_headers} x-* headers (max_caller_headers)"
+                )
             out[name] = value
     return MappingProxyType(out) if out else EMPTY
 
@@ -214,9 +216,9 @@ def new_request(
     priority = timeout_us = 0
     deadline = transport_deadline
     if parameters:
-        if len(parameters) > limits.max_parameters:
+        if len(parameters) > limits.max_request_parameters:
             raise invalid(
-                f"the request has {len(parameters)} parameters; at most {limits.max_parameters} "
+                f"the request has {len(parameters)} parameters; at most {limits.max_request_parameters} "
                 "are accepted (max_request_parameters)"
             )
         params = MappingProxyType(dict(parameters))

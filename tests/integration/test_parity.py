@@ -306,14 +306,14 @@ CASES = [
         "too_many_x_headers",
         Spec(inputs=GOOD, headers={f"x-h{i}": "v" for i in range(33)}),
         "INVALID_ARGUMENT",
-        "the request carries more than 32 x-* headers (max_request_headers)",
+        "the request carries more than 32 x-* headers (max_caller_headers)",
     ),
     Case("x_header_at_size_limit", Spec(inputs=GOOD, headers={"x-big": "v" * (4096 - 5)})),
     Case(
         "oversized_x_header",
         Spec(inputs=GOOD, headers={"x-big": "v" * 5000}),
         "INVALID_ARGUMENT",
-        "header 'x-big' is 5005 bytes; at most 4096 are accepted (max_header_bytes)",
+        "header 'x-big' is 5005 bytes; at most 4096 are accepted (max_caller_header_bytes)",
     ),
     # outputs named: tritonclient.http then adds no binary_data_output parameter of its own
     Case("parameters_at_limit", Spec(inputs=GOOD, outputs=("OUTPUT0", "OUTPUT1"), parameters=MANY_PARAMS)),

@@ -204,15 +204,15 @@ def test_the_number_of_x_headers_is_bounded():
     # other headers and repeats of a name already kept do not count
     assert len(caller_headers(at_limit + [("x-h0", "again")] + [(f"other-{i}", "v") for i in range(100)], LIMITS)) == 32
     e = refused(caller_headers, at_limit + [("x-h32", "v")], LIMITS)
-    assert e.message == "the request carries more than 32 x-* headers (max_request_headers)"
-    small = RequestLimits(max_headers=2)
+    assert e.message == "the request carries more than 32 x-* headers (max_caller_headers)"
+    small = RequestLimits(max_caller_headers=2)
     assert (
         refused(caller_headers, [("x-a", "1"), ("x-b", "2"), ("x-c", "3")], small).message
-        == "the request carries more than 2 x-* headers (max_request_headers)"
+        == "the request carries more than 2 x-* headers (max_caller_headers)"
     )
-    none = RequestLimits(max_headers=0)
+    none = RequestLimits(max_caller_headers=0)
     assert caller_headers([("content-type", "x")], none) is EMPTY
-    assert "max_request_headers" in refused(caller_headers, [("x-a", "1")], none).message
+    assert "max_caller_headers" in refused(caller_headers, [("x-a", "1")], none).message
 
 
 def test_the_size_of_one_x_header_is_bounded():
@@ -220,13 +220,13 @@ def test_the_size_of_one_x_header_is_bounded():
     fits = "v" * (4096 - len(name))
     assert caller_headers([(name, fits)], LIMITS)[name] == fits
     e = refused(caller_headers, [(name, fits + "v")], LIMITS)
-    assert e.message == "header 'x-big' is 4097 bytes; at most 4096 are accepted (max_header_bytes)"
+    assert e.message == "header 'x-big' is 4097 bytes; at most 4096 are accepted (max_caller_header_bytes)"
     # a big header that is not an x-* header is not the gateway's business
     assert caller_headers([("authorization", "t" * 100_000)], LIMITS) is EMPTY
-    tiny = RequestLimits(max_header_bytes=4)
+    tiny = RequestLimits(max_caller_header_bytes=4)
     assert (
         refused(caller_headers, [("x-a", "12")], tiny).message
-        == "header 'x-a' is 5 bytes; at most 4 are accepted (max_header_bytes)"
+        == "header 'x-a' is 5 bytes; at most 4 are accepted (max_caller_header_bytes)"
     )
 
 
@@ -235,14 +235,14 @@ def test_the_error_for_a_huge_header_name_is_bounded():
     e = refused(caller_headers, [(name, "v")], LIMITS)
     assert len(e.message) < 200, len(e.message)
     assert e.message.startswith("header 'x-nnnn") and "...' is 100003 bytes" in e.message
-    assert e.message.endswith("(max_header_bytes)")
+    assert e.message.endswith("(max_caller_header_bytes)")
 
 
 def test_header_limits_apply_through_new_request_callers():
     # what both transports do: bound the headers, then build the request with them
     with pytest.raises(GatewayError) as info:
         build(headers={f"x-h{i}": "v" for i in range(33)})
-    assert "(max_request_headers)" in info.value.message
+    assert "(max_caller_headers)" in info.value.message
 
 
 # ------------------------------------------------------------------ parameters
@@ -251,7 +251,7 @@ def test_the_number_of_parameters_is_bounded():
     assert len(build(parameters=at_limit).parameters) == 64
     e = refused(build, parameters={**at_limit, "one_more": 1})
     assert e.message == "the request has 65 parameters; at most 64 are accepted (max_request_parameters)"
-    e = refused(build, parameters={"a": 1}, limits=RequestLimits(max_parameters=0))
+    e = refused(build, parameters={"a": 1}, limits=RequestLimits(max_request_parameters=0))
     assert e.message == "the request has 1 parameters; at most 0 are accepted (max_request_parameters)"
 
 

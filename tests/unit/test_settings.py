@@ -51,8 +51,8 @@ def test_defaults(repo):
     assert s.limits == LimitSettings(
         max_queue_size=4096,
         max_request_bytes=64 * 1024 * 1024,
-        max_request_headers=32,
-        max_header_bytes=4096,
+        max_caller_headers=32,
+        max_caller_header_bytes=4096,
         max_request_parameters=64,
     )
     assert s.server.exit_timeout_s == 30.0 and s.repository.repository_poll_s == 15.0
@@ -187,8 +187,8 @@ def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
         ),
         ({"default_max_batch_size": -4}, ["default_max_batch_size"]),
         ({"max_request_bytes": 0}, ["max_request_bytes"]),
-        ({"max_request_headers": -1}, ["max_request_headers must not be negative, not -1"]),
-        ({"max_header_bytes": 0}, ["max_header_bytes must be at least 1, not 0"]),
+        ({"max_caller_headers": -1}, ["max_caller_headers must not be negative, not -1"]),
+        ({"max_caller_header_bytes": 0}, ["max_caller_header_bytes must be at least 1, not 0"]),
         ({"max_request_parameters": -1}, ["max_request_parameters must not be negative, not -1"]),
         ({"infer_threads": -1}, ["infer_threads"]),
         ({"gpu_device_id": -1}, ["gpu_device_id"]),
@@ -213,10 +213,10 @@ def test_max_queue_size_zero_is_refused_from_every_source(tmp_path, repo):
 def test_the_new_limits_may_be_zero_where_zero_makes_sense(repo):
     s = load_settings(
         None,
-        {"model_repository": repo, "max_request_headers": 0, "max_request_parameters": 0, "max_header_bytes": 1},
+        {"model_repository": repo, "max_caller_headers": 0, "max_request_parameters": 0, "max_caller_header_bytes": 1},
         environ={},
     )
-    assert (s.limits.max_request_headers, s.limits.max_request_parameters, s.limits.max_header_bytes) == (0, 0, 1)
+    assert (s.limits.max_caller_headers, s.limits.max_request_parameters, s.limits.max_caller_header_bytes) == (0, 0, 1)
 
 
 def test_metrics_port_minus_one_turns_metrics_off(repo):
@@ -387,8 +387,8 @@ repository:
 limits:
   max_queue_size: 100
   max_request_bytes: 1048576
-  max_request_headers: 8
-  max_header_bytes: 256
+  max_caller_headers: 8
+  max_caller_header_bytes: 256
   max_request_parameters: 4
 batching:
   batching_policy: work_conserving
@@ -417,8 +417,8 @@ remote_models:
     assert s.limits == LimitSettings(
         max_queue_size=100,
         max_request_bytes=1048576,
-        max_request_headers=8,
-        max_header_bytes=256,
+        max_caller_headers=8,
+        max_caller_header_bytes=256,
         max_request_parameters=4,
     )
     assert s.batching.batching_policy == "work_conserving" and s.batching.model_batching_policy == ("m=triton",)
@@ -474,7 +474,8 @@ def test_unknown_key_in_a_section_lists_that_sections_keys(tmp_path, repo):
     msg = error(f, environ={})
     assert "unknown setting 'max_queue' in section 'limits'" in msg and "did you mean 'max_queue_size'" in msg
     assert (
-        "known: max_queue_size, max_request_bytes, max_request_headers, max_header_bytes, max_request_parameters" in msg
+        "known: max_queue_size, max_request_bytes, max_caller_headers, max_caller_header_bytes, max_request_parameters"
+        in msg
     )
 
 
@@ -624,9 +625,9 @@ def test_generated_flags_parse_into_settings(repo):
         "false",
         "--log-format",
         "json",
-        "--max-request-headers",
+        "--max-caller-headers",
         "4",
-        "--max-header-bytes",
+        "--max-caller-header-bytes",
         "100",
         "--max-request-parameters",
         "2",
@@ -640,7 +641,11 @@ def test_generated_flags_parse_into_settings(repo):
     assert s.batching.model_batching_policy == ("m=work_conserving", "n=triton")
     assert [m.name for m in s.remote_models] == ["r", "q"]
     assert s.repository.warm_up is False and s.server.log_format == "json"
-    assert (s.limits.max_request_headers, s.limits.max_header_bytes, s.limits.max_request_parameters) == (4, 100, 2)
+    assert (s.limits.max_caller_headers, s.limits.max_caller_header_bytes, s.limits.max_request_parameters) == (
+        4,
+        100,
+        2,
+    )
     assert parse_flags("--exit-timeout-s", "4")["exit_timeout_s"] == "4"  # the new spelling, same setting
     assert parse_flags("--exit-timeout-secs", "4")["exit_timeout_secs"] == "4"  # messages name what was typed
     assert parse_flags("--exit-timeout-secs", "4", "--exit-timeout-s", "5")["exit_timeout_s"] == "5"  # last wins
