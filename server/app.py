@@ -90,7 +90,15 @@ class Gateway:
         )
         self.dataplane = DataPlane(
             self.repository,
-            RequestLimits(lim.max_caller_headers, lim.max_caller_header_bytes, lim.max_request_parameters),
+            RequestLimits(
+                max_caller_headers=lim.max_caller_headers,
+                max_caller_header_bytes=lim.max_caller_header_bytes,
+                max_request_parameters=lim.max_request_parameters,
+                max_inputs=lim.max_inputs,
+                max_outputs=lim.max_outputs,
+                max_tensor_dims=lim.max_tensor_dims,
+                max_request_id_bytes=lim.max_request_id_bytes,
+            ),
         )
         self.http_port: int | None = None
         self.grpc_port: int | None = None

@@ -140,6 +140,7 @@ def _setting(
     *,
     choices: tuple[str, ...] = (),
     minimum: int | None = None,
+    maximum: int | None = None,
     positive: bool = False,
     why: str = "",
     metavar: str = "",
@@ -152,6 +153,7 @@ def _setting(
             "help": help,
             "choices": choices,
             "minimum": minimum,
+            "maximum": maximum,
             "positive": positive,
             "why": why,
             "metavar": metavar,
@@ -223,6 +225,17 @@ class LimitSettings:
         4096, "bytes of name + value of one such header; longer = INVALID_ARGUMENT", minimum=1
     )
     max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)
+    max_request_id_bytes: int = _setting(
+        256, "the V2 id (or x-request-id) a request is answered with; longer = INVALID_ARGUMENT", minimum=1
+    )
+    max_inputs: int = _setting(64, "input tensors on one request; more = INVALID_ARGUMENT", minimum=1)
+    max_outputs: int = _setting(64, "outputs one request may name; more = INVALID_ARGUMENT", minimum=1)
+    max_tensor_dims: int = _setting(
+        32,
+        "dimensions of one input's shape (JSON data nested as deep at most); more = INVALID_ARGUMENT",
+        minimum=1,
+        maximum=64,
+    )
 
 
 @dataclass(frozen=True)
@@ -287,6 +300,7 @@ class Spec:
     help: str
     choices: tuple[str, ...] = ()
     minimum: int | None = None
+    maximum: int | None = None
     positive: bool = False
     why: str = ""
     metavar: str = ""
@@ -496,6 +510,8 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
         if spec.minimum is not None and v < spec.minimum:
             words = "must not be negative" if spec.minimum == 0 else f"must be at least {spec.minimum}"
             raise ConfigError(f"{what(name)} {words}, not {v}" + (f" ({spec.why})" if spec.why else ""))
+        if spec.maximum is not None and v > spec.maximum:
+            raise ConfigError(f"{what(name)} must be at most {spec.maximum}, not {v}")
     policies = SETTINGS["batching_policy"].choices
     for entry in s.batching.model_batching_policy:
         model, sep, policy = entry.partition("=")

@@ -33,6 +33,8 @@ EXTENSIONS = (
     "statistics",
     "parameters",
 )
+# Refusals that come in floods when the server is overloaded or draining.
+_QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE})
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
@@ -96,8 +98,11 @@ class DataPlane:
 
     def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
         """One log line per failed request, the same for both transports. Client values are
-        cut to a bounded length (a log line never carries unbounded input)."""
-        log.info(
+        cut to a bounded length (a log line never carries unbounded input). Refusals for
+        overload go to DEBUG: under overload there are thousands a second, and each one an
+        INFO line would turn the overload into a logging storm (the refusal counters count them)."""
+        log.log(
+            logging.DEBUG if e.code in _QUIET else logging.INFO,
             "%s request to model '%s' failed: %s %s",
             protocol,
             model[:128],
@@ -110,6 +115,11 @@ class DataPlane:
     @staticmethod
     def server_metadata() -> ServerMetadata:
         return {"name": "batchgate", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def knows(self, name: str) -> bool:
+        """Whether a model of this name exists (loaded or not): a transport caches only
+        what is real, never a client's made-up names."""
+        return name in self.repository.models
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         served = self.repository.resolve(name, version)

@@ -1,4 +1,8 @@
-"""Logging set-up: plain lines or one JSON object per line, request id included."""
+"""Logging set-up: plain lines or one JSON object per line, request id included.
+
+A log line may quote what a client sent (a model name, an id): in plain lines every control
+character of the message and the request id is written escaped (``\n`` as ``\x0a``), so a
+client can never start a line of its own. JSON lines are escaped by the encoder."""
 
 from __future__ import annotations
 
@@ -25,14 +29,28 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(obj).decode()
 
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character written as an escape: one line, whatever it holds."""
+    return text.translate(_CONTROL)
+
+
 class PlainFormatter(logging.Formatter):
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = super().format(record)  # a traceback, if any, keeps its own lines after the message
         rid = getattr(record, "request_id", None)
-        return f"{line} [request_id={rid}]" if rid is not None else line
+        return f"{line} [request_id={escape(str(rid))}]" if rid is not None else line
 
 
 def setup(fmt: str = "plain", level: str = "info") -> None:

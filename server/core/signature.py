@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import invalid
-from .types import DataType, InferRequest
+from .types import DataType, InferRequest, clip
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,40 +79,43 @@ class ModelSignature:
         for t in request.inputs:
             spec = specs.get(t.name)
             if spec is None:
-                raise invalid(f"{where} has no input '{t.name}'; its inputs are {', '.join(repr(s) for s in specs)}")
+                raise invalid(
+                    f"{where} has no input '{clip(t.name)}'; its inputs are {', '.join(repr(s) for s in specs)}"
+                )
             if t.name in feeds:
-                raise invalid(f"input '{t.name}' appears more than once")
+                raise invalid(f"input '{clip(t.name)}' appears more than once")
             if t.datatype != spec.dtype.v2:
-                raise invalid(f"input '{t.name}' has datatype {t.datatype}, but {where} expects {spec.dtype.v2}")
+                raise invalid(f"input '{clip(t.name)}' has datatype {t.datatype}, but {where} expects {spec.dtype.v2}")
             shape = t.shape
             dims = spec.dims
             if self.max_batch_size > 0:
                 if len(shape) != len(dims) + 1:
                     raise invalid(
-                        f"input '{t.name}' has shape {list(shape)}, but {where} expects "
+                        f"input '{clip(t.name)}' has shape {list(shape)}, but {where} expects "
                         f"{spec.full_shape(self.max_batch_size)} (batch dimension first)"
                     )
                 b = shape[0]
                 if b < 1 or b > self.max_batch_size:
                     raise invalid(
-                        f"input '{t.name}': batch size {b} must be between 1 and {self.max_batch_size} for {where}"
+                        f"input '{clip(t.name)}': batch size {b} must be between 1 and {self.max_batch_size} "
+                        f"for {where}"
                     )
                 if batch == -1:
                     batch = b
                 elif b != batch:
                     raise invalid(
-                        f"input '{t.name}' has batch size {b}, but another input has {batch}; "
+                        f"input '{clip(t.name)}' has batch size {b}, but another input has {batch}; "
                         "all inputs must share the batch dimension"
                     )
                 rest = shape[1:]
             else:
                 rest = shape
                 if len(shape) != len(dims):
-                    raise invalid(f"input '{t.name}' has shape {list(shape)}, but {where} expects {list(dims)}")
+                    raise invalid(f"input '{clip(t.name)}' has shape {list(shape)}, but {where} expects {list(dims)}")
             for have, want in zip(rest, dims):
                 if want != -1 and have != want:
                     raise invalid(
-                        f"input '{t.name}' has shape {list(shape)}, but {where} expects "
+                        f"input '{clip(t.name)}' has shape {list(shape)}, but {where} expects "
                         f"{spec.full_shape(self.max_batch_size)}"
                     )
             feeds[t.name] = t.data
@@ -129,7 +132,7 @@ class ModelSignature:
             for name in request.outputs:
                 if name not in self._out:
                     raise invalid(
-                        f"{where} has no output '{name}'; its outputs are {', '.join(repr(s) for s in self._out)}"
+                        f"{where} has no output '{clip(name)}'; its outputs are {', '.join(repr(s) for s in self._out)}"
                     )
                 picked.append(name)
             names = tuple(picked)

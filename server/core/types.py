@@ -69,10 +69,18 @@ def element_count(shape: Iterable[int]) -> int:
 
 
 def decode_bytes_tensor(buf: bytes | memoryview, count: int, what: str) -> np.ndarray:
-    """Decode ``count`` BYTES elements, each a 4-byte little-endian length then the bytes."""
-    out = np.empty(count, dtype=object)
+    """Decode ``count`` BYTES elements, each a 4-byte little-endian length then the bytes.
+
+    Every element takes at least its 4-byte length, so a shape that claims more elements
+    than the data can hold is refused before anything is allocated for them (a few bytes
+    must never make the gateway allocate gigabytes)."""
     mv = memoryview(buf)
     pos, end = 0, len(mv)
+    if count * 4 > end:
+        raise invalid(
+            f"{what}: the shape claims {count} BYTES elements, but {end} bytes of data hold at most {end // 4}"
+        )
+    out = np.empty(count, dtype=object)
     for i in range(count):
         if pos + 4 > end:
             raise invalid(f"{what}: BYTES data ends after {i} of {count} elements")
@@ -140,6 +148,27 @@ class RequestLimits:
     max_caller_headers: int = 32  # x-* headers (HTTP) or metadata entries (gRPC) kept on a request
     max_caller_header_bytes: int = 4096  # name + value of one of them
     max_request_parameters: int = 64  # V2 request parameters
+    max_inputs: int = 64  # input tensors on one request
+    max_outputs: int = 64  # outputs one request may name
+    max_tensor_dims: int = 32  # dimensions of one tensor's shape (numpy's own ceiling is 64)
+    max_request_id_bytes: int = 256  # the V2 id (or x-request-id) a request is answered with
+
+
+def check_tensors(inputs: int, outputs: int, limits: RequestLimits) -> None:
+    """Refuse a request that names more tensors than the limits allow, before decoding any."""
+    if inputs > limits.max_inputs:
+        raise invalid(f"the request has {inputs} inputs; at most {limits.max_inputs} are accepted (max_inputs)")
+    if outputs > limits.max_outputs:
+        raise invalid(f"the request names {outputs} outputs; at most {limits.max_outputs} are accepted (max_outputs)")
+
+
+def check_shape(name: str, shape: tuple[int, ...], limits: RequestLimits) -> None:
+    """Refuse a shape with too many dimensions, before anything is allocated for it."""
+    if len(shape) > limits.max_tensor_dims:
+        raise invalid(
+            f"input '{clip(name)}' has {len(shape)} dimensions; at most {limits.max_tensor_dims} are accepted "
+            "(max_tensor_dims)"
+        )
 
 
 class InferRequest(NamedTuple):
@@ -175,7 +204,7 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
             continue
         if len(name) + len(value) > limits.max_caller_header_bytes:
             raise invalid(
-                f"header '{_short(name)}' is {len(name) + len(value)} bytes; at most "
+                f"header '{clip(name)}' is {len(name) + len(value)} bytes; at most "
                 f"{limits.max_caller_header_bytes} are accepted (max_caller_header_bytes)"
             )
         if name not in out:
@@ -187,8 +216,8 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
     return MappingProxyType(out) if out else EMPTY
 
 
-def _short(text: str, limit: int = 64) -> str:
-    """Client text quoted in an error, cut to a bounded length."""
+def clip(text: str, limit: int = 128) -> str:
+    """Client text quoted in an error or a log line, cut to a bounded length."""
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -225,19 +254,30 @@ def new_request(
         if "priority" in params:
             v = params["priority"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise invalid(f"parameter 'priority' must be a non-negative integer, not {_short(repr(v))}")
+                raise invalid(f"parameter 'priority' must be a non-negative integer, not {clip(repr(v))}")
             priority = v
         if "timeout" in params:
             v = params["timeout"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise invalid(
-                    f"parameter 'timeout' must be a non-negative integer of microseconds, not {_short(repr(v))}"
+                    f"parameter 'timeout' must be a non-negative integer of microseconds, not {clip(repr(v))}"
                 )
             timeout_us = v
             if v:
                 dl = arrival + v / 1e6
                 deadline = dl if deadline is None else min(deadline, dl)
+    if outputs is not None and len(set(outputs)) != len(outputs):
+        seen: set[str] = set()
+        for o in outputs:
+            if o in seen:
+                raise invalid(f"output '{clip(o)}' is requested more than once")
+            seen.add(o)
     rid = request_id or (headers.get(REQUEST_ID_HEADER, "") if headers else "")
+    if len(rid) > limits.max_request_id_bytes >> 2 and len(rid.encode()) > limits.max_request_id_bytes:
+        raise invalid(
+            f"the request id is {len(rid.encode())} bytes; at most {limits.max_request_id_bytes} are accepted "
+            "(max_request_id_bytes)"
+        )
     synthetic = bool(headers) and headers.get(SYNTHETIC_HEADER, "").strip().lower() in ("1", "true", "yes")
     return InferRequest(
         model_name,

@@ -37,6 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..config import ConfigError, RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelConfigError, not_found
+from ..core.types import clip
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
@@ -96,13 +97,13 @@ class ModelRepository:
     def resolve(self, name: str, version: str) -> ModelVersion:
         entry = self.models.get(name)
         if entry is None:
-            raise not_found(f"unknown model '{name}'")
+            raise not_found(f"unknown model '{clip(name)}'")
         if version:
             try:
                 served = entry.versions.get(int(version))
             except ValueError:
                 raise GatewayError(
-                    ErrorCode.INVALID_ARGUMENT, f"model version must be a number, not '{version}'"
+                    ErrorCode.INVALID_ARGUMENT, f"model version must be a number, not '{clip(version)}'"
                 ) from None
             if served is None:
                 if entry.versions:
@@ -120,7 +121,7 @@ class ModelRepository:
     def entry(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            raise not_found(f"unknown model '{name}'")
+            raise not_found(f"unknown model '{clip(name)}'")
         return entry
 
     def ready(self, name: str, version: str = "") -> bool:
@@ -236,7 +237,7 @@ class ModelRepository:
                 )
             model_dir = self._write_override(name, files)
         elif name not in self._discover() and config_json is None:
-            raise not_found(f"model '{name}' is not in the model repository")
+            raise not_found(f"model '{clip(name)}' is not in the model repository")
         override = config_from_json(config_json, name) if config_json is not None else None
         await self._load(name, fail_missing=True, override=override, model_dir=model_dir)
 

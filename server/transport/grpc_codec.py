@@ -16,6 +16,9 @@ from ..core.types import (
     InferResponse,
     RequestLimits,
     Tensor,
+    check_shape,
+    check_tensors,
+    clip,
     datatype,
     element_count,
     from_raw,
@@ -59,6 +62,8 @@ def decode_request(
     raw = msg.raw_input_contents
     tensors = msg.inputs
     n_raw = len(raw)
+    outs = msg.outputs
+    check_tensors(len(tensors), len(outs), limits)
     if n_raw and n_raw != len(tensors):
         raise invalid(
             f"raw_input_contents has {n_raw} entries but the request has {len(tensors)} inputs; "
@@ -67,18 +72,18 @@ def decode_request(
     inputs = []
     for i, t in enumerate(tensors):
         name, dtname = t.name, t.datatype
-        dt = DATATYPES.get(dtname) or datatype(dtname, f"input '{name}'")
+        dt = DATATYPES.get(dtname) or datatype(dtname, f"input '{clip(name)}'")
         shape = tuple(t.shape)
+        check_shape(name, shape, limits)
         if shape and min(shape) < 0:
-            raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
+            raise invalid(f"input '{clip(name)}': shape {list(shape)} has a negative dimension")
         if n_raw:
             if t.HasField("contents"):
-                raise invalid(f"input '{name}': give its data in raw_input_contents or in contents, not both")
-            data = from_raw(raw[i], dt, shape, f"input '{name}'")
+                raise invalid(f"input '{clip(name)}': give its data in raw_input_contents or in contents, not both")
+            data = from_raw(raw[i], dt, shape, f"input '{clip(name)}'")
         else:
-            data = _from_contents(t, dt, shape, f"input '{name}'")
+            data = _from_contents(t, dt, shape, f"input '{clip(name)}'")
         inputs.append(Tensor(name, dtname, shape, data))
-    outs = msg.outputs
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
     return new_request(

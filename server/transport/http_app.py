@@ -104,7 +104,9 @@ class HttpApp:
             model, version, action = m.group(1), m.group(2) or "", m.group(3)
             if action == "infer":
                 self._method(method, "POST")
-                if len(self._infer_paths) < 4096:  # remembered: the next call skips the regex
+                # Remembered (the next call skips the regex) only for a model that exists: a
+                # client inventing names must not fill the cache.
+                if len(self._infer_paths) < 4096 and self.dp.knows(model):
                     self._infer_paths[path] = (model, version)
                 return await self._infer(model, version, scope, receive, send)
             self._method(method, "GET")

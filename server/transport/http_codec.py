@@ -20,6 +20,9 @@ from ..core.types import (
     InferResponse,
     RequestLimits,
     Tensor,
+    check_shape,
+    check_tensors,
+    clip,
     datatype,
     element_count,
     from_raw,
@@ -93,6 +96,8 @@ def decode_request(
     raw_inputs = obj.get("inputs")
     if type(raw_inputs) is not list or not raw_inputs:
         raise invalid("request must have a non-empty 'inputs' list")
+    raw_outputs = obj.get("outputs")
+    check_tensors(len(raw_inputs), len(raw_outputs) if type(raw_outputs) is list else 0, limits)
     offset = 0
     inputs = []
     dt: DataType | None
@@ -111,23 +116,24 @@ def decode_request(
         ):
             _explain_bad_input(j)
         shape = tuple(shape)
+        check_shape(name, shape, limits)
         params = j.get("parameters")
         size = None
         if params is not None:
             if type(params) is not dict:
-                raise invalid(f"input '{name}': 'parameters' must be an object")
+                raise invalid(f"input '{clip(name)}': 'parameters' must be an object")
             size = params.get("binary_data_size")
         if (size is not None) == ("data" in j):
-            raise invalid(f"input '{name}' must set exactly one of 'data' or parameters.binary_data_size")
+            raise invalid(f"input '{clip(name)}' must set exactly one of 'data' or parameters.binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0:
-                raise invalid(f"input '{name}': binary_data_size must be a non-negative integer")
+                raise invalid(f"input '{clip(name)}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
                 raise invalid(
-                    f"input '{name}': binary_data_size {size} runs past the end of the body "
+                    f"input '{clip(name)}': binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} binary bytes remain)"
                 )
-            data = from_raw(binary[offset : offset + size], dt, shape, f"input '{name}'")
+            data = from_raw(binary[offset : offset + size], dt, shape, f"input '{clip(name)}'")
             offset += size
         else:
             data = _from_json(j["data"], dt, shape, name, maybe_bools)
@@ -139,19 +145,20 @@ def decode_request(
         raise invalid("request 'parameters' must be an object")
     outputs = None
     binary_outputs: dict[str, bool] = {}  # output name -> its binary_data parameter
-    raw_outputs = obj.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise invalid("'outputs' must be a list")
+        if not raw_outputs:
+            raise invalid("'outputs' is empty; leave it out to get every output")
         outputs = []
         for o in raw_outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise invalid("each entry of 'outputs' must be an object with a 'name'")
             op = o.get("parameters") or {}
             if not isinstance(op, dict):
-                raise invalid(f"output '{o['name']}': 'parameters' must be an object")
+                raise invalid(f"output '{clip(o['name'])}': 'parameters' must be an object")
             if op.get("classification"):
-                raise invalid(f"output '{o['name']}': the classification extension is not supported")
+                raise invalid(f"output '{clip(o['name'])}': the classification extension is not supported")
             b = op.get("binary_data")
             if b is not None:
                 binary_outputs[o["name"]] = bool(b)
@@ -185,16 +192,16 @@ def _explain_bad_input(j: object) -> NoReturn:
 def _from_json(
     data: JSONValue, dt: DataType, shape: tuple[int, ...], name: str, maybe_bools: bool = True
 ) -> np.ndarray:
-    what = f"input '{name}'"
+    what = f"input '{clip(name)}'"
     count = element_count(shape)
     try:
         if dt.v2 == "BYTES":
-            flat = _flatten(data)
+            flat = _flatten(data, max(1, len(shape)))
             arr = np.empty(len(flat), dtype=object)
             arr[:] = [v.encode() if isinstance(v, str) else _bytes_elem(v, what) for v in flat]
         else:
             arr = _json_numbers(data, dt, maybe_bools).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as e:
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise invalid(f"{what}: 'data' does not hold {dt.v2} values: {e}") from None
     if arr.size != count:
         raise invalid(f"{what}: shape {list(shape)} needs {count} elements but 'data' has {arr.size}")
@@ -242,15 +249,23 @@ def _bytes_elem(v: object, what: str) -> NoReturn:
     raise invalid(f"{what}: BYTES data must be strings, not {type(v).__name__}")
 
 
-def _flatten(x: JSONValue) -> list[JSONValue]:
+def _flatten(x: JSONValue, max_depth: int = 64) -> list[JSONValue]:
+    """The values of nested lists, in order; refuses nesting deeper than ``max_depth`` (a
+    loop, not recursion: a body nested thousands deep must be a 400, not a crash)."""
     if not isinstance(x, list):
         return [x]
-    out = []
-    for v in x:
-        if isinstance(v, list):
-            out.extend(_flatten(v))
-        else:
+    out: list[JSONValue] = []
+    stack = [iter(x)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                if len(stack) >= max_depth:
+                    raise ValueError(f"'data' is nested more than {max_depth} lists deep")
+                stack.append(iter(v))
+                break
             out.append(v)
+        else:
+            stack.pop()
     return out
 
 

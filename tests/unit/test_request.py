@@ -233,7 +233,7 @@ def test_the_size_of_one_x_header_is_bounded():
 def test_the_error_for_a_huge_header_name_is_bounded():
     name = "x-" + "n" * 100_000
     e = refused(caller_headers, [(name, "v")], LIMITS)
-    assert len(e.message) < 200, len(e.message)
+    assert len(e.message) < 300, len(e.message)  # the name is cut to 128 characters
     assert e.message.startswith("header 'x-nnnn") and "...' is 100003 bytes" in e.message
     assert e.message.endswith("(max_caller_header_bytes)")
 

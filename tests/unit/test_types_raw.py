@@ -122,12 +122,14 @@ def _bytes_error(buf, shape):
 
 
 def test_bytes_missing_elements():
+    # every element takes at least its 4-byte length: 5 bytes cannot hold 3 of them
     msg = _bytes_error(struct.pack("<I", 1) + b"a", (3,))
-    assert "1 of 3" in msg
+    assert "claims 3 BYTES elements, but 5 bytes of data hold at most 1" in msg
 
 
 def test_bytes_truncated_length_prefix():
-    msg = _bytes_error(struct.pack("<I", 1) + b"a" + b"\x02\x00", (2,))
+    # 8 bytes could hold 2 elements, but the first takes 5 and leaves 3: no room for a length
+    msg = _bytes_error(struct.pack("<I", 1) + b"a" + b"\x02\x00\x00", (2,))
     assert "1 of 2" in msg
 
 
