@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from . import __version__
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
-from .core.types import InferRequest, InferResponse, RequestLimits
+from .core.types import InferRequest, InferResponse, RequestLimits, check_model_name
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 
@@ -162,6 +162,7 @@ class DataPlane:
         (gRPC string/bytes params; HTTP JSON with ``file:`` values already base64-decoded):
         ``config`` is the model config as JSON text or an object, ``file:<path>`` the bytes
         of a file of the model directory."""
+        check_model_name(name)
         config = parameters.get(CONFIG_PARAM)
         if config is not None and not isinstance(config, str):
             if isinstance(config, dict):
@@ -177,4 +178,5 @@ class DataPlane:
         await self.repository.load(name, config, files or None)
 
     async def unload_model(self, name: str) -> None:
+        check_model_name(name)
         await self.repository.unload(name)

@@ -12,6 +12,8 @@ import time
 
 import orjson
 
+from .core.types import printable as escape
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -27,16 +29,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(obj).decode()
-
-
-# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
-
-
-def escape(text: str) -> str:
-    """``text`` with every control character written as an escape: one line, whatever it holds."""
-    return text.translate(_CONTROL)
 
 
 class PlainFormatter(logging.Formatter):

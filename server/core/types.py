@@ -7,6 +7,7 @@ BYTES tensors are numpy ``object`` arrays of ``bytes``.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -214,6 +215,25 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
                 )
             out[name] = value
     return MappingProxyType(out) if out else EMPTY
+
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators, as escapes.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+MODEL_NAME_RULE = "model names are one of [A-Za-z0-9_] then up to 127 of [A-Za-z0-9_.-]"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as an escape: one line, whatever it holds."""
+    return text.translate(_CONTROL)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that could not be a model's: it becomes a directory name, a metric label
+    and part of log lines, so only a small safe alphabet is allowed, everywhere."""
+    if MODEL_NAME.fullmatch(name) is None:
+        raise invalid(f"model name '{printable(clip(name))}' is not allowed: {MODEL_NAME_RULE}")
 
 
 def clip(text: str, limit: int = 128) -> str:

@@ -18,6 +18,7 @@ from ..backends.base import Backend, LocalOptions, local_backend, local_platform
 from ..backends.remote import RemoteV2Backend
 from ..config import RemoteModel
 from ..core.errors import ModelConfigError
+from ..core.types import clip, printable
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from ..threads import InferenceThreads
@@ -30,7 +31,7 @@ from .config import (
     signature_of,
     versions_to_serve,
 )
-from .scan import list_versions
+from .scan import hide_paths, list_versions
 
 DEFAULT_PLATFORM = "onnxruntime_onnx"
 
@@ -90,9 +91,16 @@ class VersionBuilder:
             raise ModelConfigError(
                 f"model '{name}': platform '{platform}' is not served; batchgate serves {', '.join(local_platforms())}"
             ) from None
-        built: dict[int, ModelVersion] = {}
+        filename = cfg.default_model_filename or "model.onnx"
+        if filename in (".", "..") or any(c in filename for c in "/\\\0"):
+            raise ModelConfigError(
+                f"model '{name}': default_model_filename must be a plain file name inside the version directory, "
+                f"not '{printable(clip(filename))}'"
+            )
+        # Every version's backend opens before any version is made: a failure part-way leaves
+        # nothing registered (no metrics, no gauges) for versions that will never serve.
+        opened: dict[int, tuple[mc.ModelConfig, Backend]] = {}
         for v in versions:
-            filename = cfg.default_model_filename or "model.onnx"
             path = os.path.join(model_dir, str(v), filename)
             if os.path.isdir(path):
                 path = os.path.join(path, "model.onnx")
@@ -104,15 +112,18 @@ class VersionBuilder:
                 raise ModelConfigError(f"model '{name}': {e}") from None
             except Exception as e:  # an engine raises its own exception types for bad files
                 raise ModelConfigError(
-                    f"model '{name}': {cls.engine} cannot load {os.path.basename(path)}: {e}"
+                    f"model '{name}': {cls.engine} cannot load {os.path.relpath(path, model_dir)}: "
+                    f"{hide_paths(str(e), model_dir)}"
                 ) from None
             full = complete_config(
                 cfg, backend.platform, backend.inputs(), backend.outputs(), self.options.default_max_batch_size
             )
             if self.options.warm_up:
                 backend.warm_up()
-            built[v] = self.version(full, str(v), backend, self.options.inline_max_us)
-        return built
+            opened[v] = (full, backend)
+        return {
+            v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()
+        }
 
     def remote_backend(self, spec: RemoteModel) -> RemoteV2Backend:
         return RemoteV2Backend(spec, self._metrics, self.options.max_message_bytes)

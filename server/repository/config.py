@@ -18,7 +18,7 @@ from ..backends.base import IOInfo
 from ..core.batching import BatcherConfig
 from ..core.errors import ModelConfigError, invalid
 from ..core.signature import ModelSignature, TensorSpec
-from ..core.types import BY_CONFIG, DATATYPES
+from ..core.types import BY_CONFIG, DATATYPES, clip, printable
 
 CONFIG_FILE = "config.pbtxt"
 
@@ -32,9 +32,11 @@ def read_config(model_dir: str, name: str) -> mc.ModelConfig:
         try:
             text_format.Parse(text, cfg)
         except text_format.ParseError as e:
-            raise ModelConfigError(f"{path}: {e}") from None
+            raise ModelConfigError(f"model '{name}': {CONFIG_FILE}: {e}") from None
     if cfg.name and cfg.name != name:
-        raise ModelConfigError(f"{path}: name '{cfg.name}' does not match the directory name '{name}'")
+        raise ModelConfigError(
+            f"model '{name}': {CONFIG_FILE}: name '{printable(clip(cfg.name))}' does not match the directory name"
+        )
     cfg.name = name
     return cfg
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -42,7 +41,7 @@ from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
 from .config import config_from_json
-from .scan import fingerprint, model_names
+from .scan import fingerprint, hide_paths, model_names, staged_path, write_files
 
 log = logging.getLogger("batchgate.repository")
 
@@ -91,7 +90,6 @@ class ModelRepository:
         self._stopping = False
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
-        self._overrides: dict[str, str] = {}  # model -> temporary dir holding files given with a load
 
     # ---------------------------------------------------------------- lookups (hot path)
     def resolve(self, name: str, version: str) -> ModelVersion:
@@ -186,8 +184,6 @@ class ModelRepository:
         for t in self._retrying.values():
             t.cancel()
         await asyncio.gather(*(s.close_now() for s in self.served()), return_exceptions=True)
-        for d in self._overrides.values():
-            shutil.rmtree(d, ignore_errors=True)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -201,8 +197,6 @@ class ModelRepository:
         present = set(self._discover())
         for name in sorted(present):
             e = self.models[name]
-            if name in self._overrides:
-                continue
             if fingerprint(os.path.join(self.root, name)) != e.fingerprint:
                 await self._load(name)
         for name in [n for n in self.models if n not in present and n not in self.remote]:
@@ -229,41 +223,28 @@ class ModelRepository:
                 )
             await self._load_remote(self.remote[name], fail=True)
             return
-        model_dir = None
         if files:
             if config_json is None:
                 raise GatewayError(
                     ErrorCode.INVALID_ARGUMENT, f"model '{name}': files given with a load need a 'config' too"
                 )
-            model_dir = self._write_override(name, files)
-        elif name not in self._discover() and config_json is None:
+            staged = [(staged_path(name, key), data) for key, data in files.items()]  # all checked first
+            override = config_from_json(config_json, name)
+            # One private directory per load, removed whatever happens: the files are read
+            # while the versions are built, and nothing of them stays behind.
+            with tempfile.TemporaryDirectory(prefix="batchgate-load-") as d:
+                await asyncio.get_running_loop().run_in_executor(self.pool, write_files, d, staged)
+                await self._load(name, fail_missing=True, override=override, model_dir=d)
+            return
+        if name not in self._discover() and config_json is None:
             raise not_found(f"model '{clip(name)}' is not in the model repository")
         override = config_from_json(config_json, name) if config_json is not None else None
-        await self._load(name, fail_missing=True, override=override, model_dir=model_dir)
+        await self._load(name, fail_missing=True, override=override)
 
     async def unload(self, name: str) -> None:
         self._explicit_only()
         self.entry(name)
         await self._unload(name)
-
-    def _write_override(self, name: str, files: dict[str, bytes]) -> str:
-        old = self._overrides.pop(name, None)
-        d = tempfile.mkdtemp(prefix=f"batchgate-{name}-")
-        for key, data in files.items():
-            rel = os.path.normpath(key)
-            if rel.startswith("..") or os.path.isabs(rel):
-                shutil.rmtree(d, ignore_errors=True)
-                raise GatewayError(
-                    ErrorCode.INVALID_ARGUMENT, f"model '{name}': file path '{key}' leaves the model directory"
-                )
-            path = os.path.join(d, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        self._overrides[name] = d
-        if old:
-            self._later(asyncio.to_thread(shutil.rmtree, old, True))
-        return d
 
     def _later(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = asyncio.ensure_future(coro)
@@ -309,7 +290,8 @@ class ModelRepository:
     ) -> None:
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
-            model_dir = model_dir or self._overrides.get(name) or os.path.join(self.root, name)
+            model_dir = model_dir or os.path.join(self.root, name)
+            known = name in self.remote or (self.root and os.path.isdir(os.path.join(self.root, name)))
             fp = fingerprint(model_dir)
             if not entry.versions:
                 entry.state = LOADING
@@ -319,10 +301,15 @@ class ModelRepository:
                     self.pool, self.builder.local, name, model_dir, override
                 )
             except (ModelConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
-                msg = e.message if isinstance(e, GatewayError) else str(e)
+                # Errors name files relative to the model directory, never a server path.
+                msg = hide_paths(e.message if isinstance(e, GatewayError) else str(e), model_dir, self.root)
                 log.error("model '%s' failed to load: %s", name, msg)
-                self._failed(entry, msg)
-                entry.fingerprint = fp
+                if known or entry.versions:
+                    self._failed(entry, msg)
+                    entry.fingerprint = fp
+                else:  # a name only this load brought: nothing of it stays (index, metrics)
+                    self.models.pop(name, None)
+                    self.metrics.load_failed("")
                 if fail_missing:
                     raise GatewayError(
                         ErrorCode.INVALID_ARGUMENT if isinstance(e, ModelConfigError) else ErrorCode.UNAVAILABLE,

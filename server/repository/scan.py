@@ -3,17 +3,62 @@ directories, and the fingerprint a poll compares."""
 
 from __future__ import annotations
 
+import logging
 import os
 
-from ..core.errors import ErrorCode, GatewayError
+from ..core.errors import ErrorCode, GatewayError, invalid
+from ..core.types import MODEL_NAME, clip, printable
+
+log = logging.getLogger("batchgate.repository")
+MAX_FILE_DEPTH = 8  # directories in the path of a file given with a load
 
 
 def model_names(root: str) -> list[str]:
-    """The model directories of ``root`` (hidden ones skipped), sorted."""
+    """The model directories of ``root``, sorted; hidden ones are skipped, and so, with a
+    warning, are names no model may have (they would become labels and log text)."""
     try:
-        return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and not n.startswith("."))
+        entries = os.listdir(root)
     except OSError as e:
         raise GatewayError(ErrorCode.UNAVAILABLE, f"cannot read the model repository: {e.strerror}") from None
+    names = []
+    for n in sorted(entries):
+        if n.startswith(".") or not os.path.isdir(os.path.join(root, n)):
+            continue
+        if MODEL_NAME.fullmatch(n) is None:
+            log.warning("skipping directory '%s' of the model repository: not a valid model name", printable(clip(n)))
+            continue
+        names.append(n)
+    return names
+
+
+def staged_path(model: str, key: str) -> str:
+    """The relative path of a file given with a load (``file:<path>``), checked: plain names
+    separated by ``/``, inside the model directory, nothing else."""
+    parts = key.split("/")
+    bad = not key or len(parts) > MAX_FILE_DEPTH or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts)
+    if bad:
+        raise invalid(
+            f"model '{model}': file path '{printable(clip(key))}' is not allowed: give a relative path of plain "
+            f"names inside the model directory, e.g. '1/model.onnx' (at most {MAX_FILE_DEPTH} levels)"
+        )
+    return os.path.join(*parts)
+
+
+def write_files(directory: str, files: list[tuple[str, bytes]]) -> None:
+    """Write checked relative paths (``staged_path``) under ``directory`` (blocking)."""
+    for rel, data in files:
+        path = os.path.join(directory, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def hide_paths(message: str, *directories: str) -> str:
+    """``message`` with the server's directories taken out (errors from engines and the OS
+    name absolute paths; a caller is told paths relative to the model directory)."""
+    for d in sorted((d for d in directories if d), key=len, reverse=True):
+        message = message.replace(d.rstrip("/") + "/", "").replace(d, "<model directory>")
+    return message
 
 
 def list_versions(model_dir: str) -> list[int]:

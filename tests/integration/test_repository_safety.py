@@ -1,0 +1,175 @@
+"""The repository load API cannot reach outside the model repository (issue: safe to expose).
+
+Explicit mode lets a client load models by name, with a config and files of its own. Each of
+these was a hole: a name or a file path that walked out of the repository or the staging
+directory, a default_model_filename that named any file on the server (and told whether it
+existed), staged files left behind, server paths in error messages, and made-up names left in
+the index and the metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.request
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from protocol_support import QUICK
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import _save, classifier_model
+
+CONFIG = json.dumps(
+    {
+        "max_batch_size": 4,
+        "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [3]}],
+    }
+)
+
+
+@pytest.fixture
+def staging(tmp_path, monkeypatch) -> str:
+    """Where the server stages files given with a load (tempfile's directory, for this test)."""
+    d = tmp_path / "staging"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return str(d)
+
+
+@pytest.fixture
+def explicit(tmp_path, serve, staging):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    _save(classifier_model(), str(repo), "clf")
+    outside = tmp_path / "outside" / "evil" / "1"
+    outside.mkdir(parents=True)
+    onnx.save(classifier_model(), str(outside / "model.onnx"))
+    running = serve(str(repo), model_control_mode="explicit", load_model=("clf",), metrics_port=0)
+    running.repo, running.outside = str(repo), str(tmp_path / "outside")
+    return running
+
+
+def clients(running):
+    return [grpcclient.InferenceServerClient(running.grpc_url), httpclient.InferenceServerClient(running.http_url)]
+
+
+def refused(call, *args, status=("StatusCode.INVALID_ARGUMENT", "400"), **kwargs) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    assert info.value.status() in status, (info.value.status(), info.value.message())
+    return info.value.message()
+
+
+def model_bytes() -> bytes:
+    return classifier_model().SerializeToString()
+
+
+def classify(client, name: str) -> np.ndarray:
+    mod = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
+    x = np.ones((1, 4), np.float32)
+    i = mod.InferInput("features", [1, 4], "FP32")
+    i.set_data_from_numpy(x)
+    return client.infer(name, [i]).as_numpy("probabilities")
+
+
+def test_a_load_with_files_serves_them_and_leaves_nothing_staged(explicit, staging):
+    for c in clients(explicit):
+        c.load_model("fresh", config=CONFIG, files={"file:1/model.onnx": model_bytes()})
+        assert c.is_model_ready("fresh")
+        assert classify(c, "fresh").shape == (1, 3)
+        assert os.listdir(staging) == [], "the staged files outlived the load"
+        c.unload_model("fresh")
+
+
+BAD_NAMES = ["/tmp/x/evil", "../outside/evil", "a/b", "", ".hidden", "-dash", "x" * 129, "sp ace", "nul\0"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
+def test_model_names_outside_the_pattern_are_refused(explicit, name):
+    for c in clients(explicit):
+        if isinstance(c, httpclient.InferenceServerClient) and ("/" in name or not name or "\0" in name):
+            continue  # not a single path segment: the HTTP route itself cannot carry it
+        msg = refused(c.load_model, name)
+        assert "model names are" in msg and "[A-Za-z0-9_]" in msg, msg
+        refused(c.load_model, name, config=CONFIG, files={"file:1/model.onnx": model_bytes()})
+        refused(c.unload_model, name)
+    idx = {r["name"] for r in clients(explicit)[1].get_model_repository_index()}
+    assert idx == {"clf"}
+
+
+def test_the_traversal_names_of_the_report_load_nothing(explicit):
+    c = grpcclient.InferenceServerClient(explicit.grpc_url)
+    for name in ("/tmp/x/evil", "../outside/evil", os.path.join(explicit.outside, "evil")):
+        refused(c.load_model, name)
+    assert not c.is_model_ready("evil")
+
+
+@pytest.mark.parametrize("filename", ["/etc/hostname", "../outside/evil/1/model.onnx", "sub/model.onnx", "..", "."])
+def test_default_model_filename_is_a_plain_name_and_no_oracle(explicit, filename):
+    cfg = json.loads(CONFIG)
+    cfg["default_model_filename"] = filename
+    for c in clients(explicit):
+        msg = refused(c.load_model, "clf", config=json.dumps(cfg))
+        assert "default_model_filename" in msg and "plain file name" in msg, msg
+    assert clients(explicit)[0].is_model_ready("clf")  # the old version still serves
+
+
+@pytest.mark.parametrize("path", ["../../evil.onnx", "/tmp/evil.onnx", "1/../../evil.onnx", "", "1//"])
+def test_file_paths_stay_inside_the_model_directory(explicit, staging, tmp_path, path):
+    before = set(os.listdir(tmp_path))
+    for c in clients(explicit):
+        msg = refused(
+            c.load_model, "fresh", config=CONFIG, files={"file:" + path: b"x", "file:1/model.onnx": model_bytes()}
+        )
+        assert "file" in msg, msg
+    assert set(os.listdir(tmp_path)) == before
+    assert os.listdir(staging) == []
+    assert not os.path.exists("/tmp/evil.onnx")
+
+
+def test_a_failed_load_leaks_no_path_no_staging_and_no_new_name(explicit, staging):
+    for c in clients(explicit):
+        msg = refused(
+            c.load_model,
+            "junk",
+            config=CONFIG,
+            files={"file:1/model.onnx": b"not a model"},
+            status=("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.UNAVAILABLE", "503"),
+        )
+        assert "junk" in msg
+        for secret in (staging, explicit.repo, tempfile.gettempdir(), "/tmp/"):
+            assert secret not in msg, msg
+        assert os.listdir(staging) == []
+    idx = {r["name"] for r in clients(explicit)[1].get_model_repository_index()}
+    assert "junk" not in idx
+    text = urllib.request.urlopen(explicit.metrics_url, timeout=10).read().decode()
+    assert 'model="junk"' not in text
+
+
+def test_staged_files_do_not_outlive_the_server(tmp_path, serve, staging):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    running = serve(str(repo), model_control_mode="explicit", **QUICK)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    c.load_model("fresh", config=CONFIG, files={"file:1/model.onnx": model_bytes()})
+    assert c.is_model_ready("fresh")
+    running.stop()
+    assert os.listdir(staging) == []
+
+
+def test_grpc_names_with_control_characters_are_refused_not_logged_raw(explicit):
+    channel = grpc.insecure_channel(explicit.grpc_url)
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+            service_pb2.RepositoryModelLoadRequest(model_name="evil\nname"), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "\n" not in info.value.details()
