@@ -36,6 +36,11 @@ class GatewayError(Exception):
         return f"GatewayError({self.code.value}, {self.message!r})"
 
 
+class ConfigError(ValueError):
+    """A setting is wrong (file, environment or flag); the message names it and says what is
+    allowed. Raised by ``config.py`` at start, never for a request."""
+
+
 class ModelConfigError(ValueError):
     """A model's config or files cannot be served (a load error, not a request error); the
     message names the model and what is wrong. Settings errors are ``config.ConfigError``."""

@@ -707,3 +707,12 @@ def test_serve_logs_the_flat_file_deprecation_and_refuses_bad_files(tmp_path, re
         [sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "section 'auth' is not available in this version yet" in r.stderr
+
+
+def test_remote_model_names_follow_the_model_name_rule():
+    from batchgate.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="remote model name '../up' is not allowed"):
+        load_settings(None, {"remote_models": ["name=../up upstreams=h:1"]}, environ={})
+    ok = load_settings(None, {"remote_models": ["name=up_1.v2 upstreams=h:1"]}, environ={})
+    assert ok.remote_models[0].name == "up_1.v2"

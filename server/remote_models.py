@@ -1,0 +1,123 @@
+"""Remote models: the ``remote_models`` entries of the settings, parsed and checked.
+
+A remote model is served by other Open Inference Protocol servers (``backends/remote.py``);
+its entry is written in YAML as a mapping, or anywhere (flag, environment) as one line of
+``key=value`` pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .core.errors import ConfigError
+from .core.types import MODEL_NAME, MODEL_NAME_RULE
+
+BATCHING_MODES = ("gateway", "passthrough")
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """A model served by remote Open Inference Protocol servers (Triton, KServe, batchgate...).
+
+    Written in YAML as a mapping, or anywhere as one line of ``key=value`` pairs separated by
+    spaces, upstreams by commas: ``name=mlp upstreams=10.0.0.5:8001,10.0.0.6:8001 batching=passthrough``.
+    """
+
+    name: str  # the name batchgate serves it under
+    upstreams: tuple[str, ...]  # host:port of each upstream's gRPC endpoint
+    upstream_model: str = ""  # the model's name on the upstreams; "" = name
+    upstream_version: str = ""  # "" = the upstreams' choice (latest)
+    batching: str = "gateway"  # gateway: batchgate batches, one call per batch | passthrough
+    max_batch_size: int = 0  # gateway: rows per upstream call; 0 = the upstream's own max_batch_size
+    max_queue_delay_us: int = 1000  # gateway: Triton's max_queue_delay_microseconds
+    max_inflight: int = 0  # upstream calls at once; 0 = 2 per upstream (gateway), 256 (passthrough)
+    timeout_s: float = 30.0  # upstream call timeout when the caller set no deadline
+    retries: int = 1  # further tries on another upstream, only for a request never delivered
+    eject_after_failures: int = 3  # consecutive failures that eject an upstream
+    eject_s: float = 5.0  # first ejection; doubles while probes keep failing, up to 60 s
+    probe_interval_s: float = 1.0  # readiness probe of each upstream (and of ejected ones)
+
+    @property
+    def target(self) -> str:
+        return self.upstream_model or self.name
+
+    @property
+    def inflight(self) -> int:
+        if self.max_inflight:
+            return self.max_inflight
+        return 2 * len(self.upstreams) if self.batching == "gateway" else 256
+
+
+REMOTE_FIELDS = {f.name: f for f in dataclasses.fields(RemoteModel)}
+
+
+def parse_remote_model(value: Any, source: str) -> RemoteModel:
+    """A RemoteModel from a YAML mapping or a ``key=value ...`` line; the error names what is wrong."""
+    if isinstance(value, str):
+        items: dict[str, Any] = {}
+        for part in value.split():
+            key, sep, text = part.partition("=")
+            if not sep or not key:
+                raise ConfigError(
+                    f"{source}: remote model entries are key=value pairs separated by spaces "
+                    f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {part!r}"
+                )
+            items[key.replace("-", "_")] = text
+    elif isinstance(value, dict):
+        items = {str(k).replace("-", "_"): v for k, v in value.items()}
+    else:
+        raise ConfigError(f"{source}: a remote model is a mapping or a 'key=value ...' line, not {value!r}")
+    unknown = sorted(set(items) - set(REMOTE_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown remote model key(s) {', '.join(unknown)}; known: {', '.join(REMOTE_FIELDS)}"
+        )
+    for key in ("name", "upstreams"):
+        if not items.get(key):
+            raise ConfigError(f"{source}: a remote model needs '{key}'")
+    if MODEL_NAME.fullmatch(str(items["name"])) is None:
+        raise ConfigError(f"{source}: remote model name {str(items['name'])[:128]!r} is not allowed: {MODEL_NAME_RULE}")
+    ups = items["upstreams"]
+    ups = tuple(u.strip() for u in ups.split(",") if u.strip()) if isinstance(ups, str) else tuple(str(u) for u in ups)
+    if not ups:
+        raise ConfigError(f"{source}: remote model '{items['name']}' needs at least one upstream host:port")
+    for u in ups:
+        host, sep, port = u.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{source}: remote model '{items['name']}': upstream {u!r} must be host:port")
+    values: dict[str, Any] = {"upstreams": ups}
+    for key, v in items.items():
+        if key == "upstreams":
+            continue
+        kind = REMOTE_FIELDS[key].type
+        try:
+            if kind == "int":
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise ValueError
+                v = int(v)
+                if v < 0:
+                    raise ValueError
+            elif kind == "float":
+                if isinstance(v, bool):
+                    raise ValueError
+                v = float(v)
+                if not math.isfinite(v) or v <= 0:
+                    raise ValueError
+            else:
+                v = str(v)
+        except (TypeError, ValueError):
+            want = "a whole number >= 0" if kind == "int" else "a number > 0"
+            raise ConfigError(f"{source}: remote model '{items['name']}': '{key}' must be {want}, not {v!r}") from None
+        values[key] = v
+    spec = RemoteModel(**values)
+    if spec.batching not in BATCHING_MODES:
+        raise ConfigError(
+            f"{source}: remote model '{spec.name}': batching must be one of "
+            f"{', '.join(BATCHING_MODES)}, not {spec.batching!r}"
+        )
+    if spec.eject_after_failures < 1:
+        raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")
+    return spec
