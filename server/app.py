@@ -161,7 +161,7 @@ class Gateway:
         sock.listen(2048)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
-        self._http_app = HttpApp(self.dataplane, limit)
+        self._http_app = HttpApp(self.dataplane, limit, self.settings.limits.max_gzip_members)
         config = uvicorn.Config(
             self._http_app,
             http="httptools",

@@ -49,9 +49,10 @@ _monotonic = time.monotonic
 
 
 class HttpApp:
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int):
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int, max_gzip_members: int = 64):
         self.dp = dataplane
         self.limit = max_body_bytes
+        self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
         self._watches: dict[asyncio.Task, _DisconnectWatch] = {}
@@ -217,7 +218,12 @@ class HttpApp:
         req = None
         try:
             if content_encoding:
-                body = http_codec.decompress(body, content_encoding, self.limit)
+                if len(body) > DECOMPRESS_ON_LOOP_MAX_BYTES:  # a large body inflates on a thread
+                    body = await asyncio.to_thread(
+                        http_codec.decompress, body, content_encoding, self.limit, self.max_gzip_members
+                    )
+                else:
+                    body = http_codec.decompress(body, content_encoding, self.limit, self.max_gzip_members)
             req, options = http_codec.decode_request(body, header_len, model, version, arrival, self.dp.limits, headers)
             pending = self.dp.infer(req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
@@ -281,6 +287,9 @@ class HttpApp:
 
 
 DISCONNECT_WATCH_AFTER_S = 0.02
+# Compressed bodies up to this size are inflated on the event loop (well under a millisecond);
+# larger ones on a thread, so one big body never stalls every other request.
+DECOMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024
 
 
 def _file_bytes(key: str, value) -> bytes:

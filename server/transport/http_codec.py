@@ -306,34 +306,47 @@ def _to_json(t: Tensor) -> object:  # what orjson writes as the JSON list
 
 
 # ------------------------------------------------------------------ compression (infer only)
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo gzip or deflate on a request body, never producing more than ``limit`` bytes."""
+DECOMPRESS_CHUNK = 64 * 1024  # input fed to zlib at a time: what is copied per member stays small
+MAX_GZIP_MEMBERS = 64
+
+
+def decompress(body: bytes, encoding: str | None, limit: int, max_members: int = MAX_GZIP_MEMBERS) -> bytes:
+    """Undo gzip or deflate on a request body, never producing more than ``limit`` bytes nor
+    reading more than ``max_members`` gzip members. Linear in the body: the input is fed in
+    chunks, so a body of many tiny members costs no more than one of a few large ones."""
     enc = (encoding or "").strip().lower()
     if enc in ("", "identity"):
         return body
     if enc not in ("gzip", "deflate"):
-        raise invalid(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
+        raise invalid(f"unsupported Content-Encoding '{clip(encoding or '')}'; use gzip or deflate")
     wbits = 16 + zlib.MAX_WBITS if enc == "gzip" else zlib.MAX_WBITS
+    mv = memoryview(body)
+    end = len(mv)
     parts: list[bytes] = []
-    size = 0
-    data = body
+    size = pos = members = 0
     while True:  # gzip allows several members one after another
+        members += 1
+        if members > max_members:
+            raise invalid(f"the gzip request body has more than {max_members} members (max_gzip_members)")
         d = zlib.decompressobj(wbits)
-        try:
-            chunk = d.decompress(data, limit - size + 1)
-        except zlib.error as e:
-            raise invalid(f"the {enc} request body is corrupt: {e}") from None
-        size += len(chunk)
-        if size > limit:
-            raise invalid(f"request body exceeds the limit of {limit} bytes once decompressed")
-        parts.append(chunk)
-        if not d.eof:
-            raise invalid(f"the {enc} request body is truncated")
-        data = d.unused_data
-        if not data:
+        while not d.eof:
+            if pos >= end:
+                raise invalid(f"the {enc} request body is truncated")
+            chunk = mv[pos : pos + DECOMPRESS_CHUNK]
+            pos += len(chunk)
+            try:
+                out = d.decompress(chunk, limit - size + 1)
+            except zlib.error as e:
+                raise invalid(f"the {enc} request body is corrupt: {e}") from None
+            size += len(out)
+            if size > limit:
+                raise invalid(f"request body exceeds the limit of {limit} bytes once decompressed")
+            parts.append(out)
+        pos -= len(d.unused_data)  # the next member starts in what this chunk left over
+        if pos >= end:
             break
         if enc != "gzip":
-            raise invalid(f"the {enc} request body has {len(data)} bytes after its end")
+            raise invalid(f"the {enc} request body has {end - pos} bytes after its end")
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

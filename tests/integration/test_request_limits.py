@@ -237,3 +237,24 @@ def test_overload_refusals_are_not_logged_at_info(server, caplog):
     dp.log_failure("http", "m", "r2", GatewayError(ErrorCode.INVALID_ARGUMENT, "bad shape"))
     messages = [r.getMessage() for r in caplog.records]
     assert any("bad shape" in m for m in messages) and not any("queue full" in m for m in messages)
+
+
+def test_gzip_member_bound_is_a_setting_and_a_400(demo_repo, serve):
+    import gzip
+
+    running = serve(demo_repo, max_gzip_members=2)
+    good = json.dumps(
+        {
+            "inputs": [
+                {"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}
+                for n in ("INPUT0", "INPUT1")
+            ]
+        }
+    ).encode()
+    three = gzip.compress(b"") + gzip.compress(b"") + gzip.compress(good)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    assert http_refusal(running, three, headers) == "the gzip request body has more than 2 members (max_gzip_members)"
+    status, _h, _d = raw_http(
+        running, "POST", "/v2/models/simple/infer", gzip.compress(b"") + gzip.compress(good), headers
+    )
+    assert status == 200

@@ -132,3 +132,26 @@ def test_compressed_binary_response_parses_in_tritonclient(encoding):
         compress(body, encoding), header_length=n, content_encoding=encoding
     )
     np.testing.assert_array_equal(result.as_numpy("y"), arr)
+
+
+def test_gzip_members_are_bounded():
+    many = b"".join(gzip.compress(b"") for _ in range(100_000)) + gzip.compress(b"end")
+    msg = refused(many, "gzip")
+    assert msg == "the gzip request body has more than 64 members (max_gzip_members)"
+    # under a raised bound the same body inflates (in chunks: no copy of the rest of the body per member)
+    assert decompress(many, "gzip", 1 << 20, max_members=200_000) == b"end"
+    two = gzip.compress(b"a") + gzip.compress(b"b")
+    assert decompress(two, "gzip", 10, max_members=2) == b"ab"
+    with pytest.raises(GatewayError, match=r"\(max_gzip_members\)"):
+        decompress(two, "gzip", 10, max_members=1)
+
+
+def test_members_spanning_chunk_boundaries_inflate_exactly():
+    from batchgate.transport.http_codec import DECOMPRESS_CHUNK
+
+    rng = np.random.default_rng(3)
+    pieces = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (10, DECOMPRESS_CHUNK + 7, 3, 200_000)]
+    body = b"".join(gzip.compress(p) for p in pieces)
+    assert decompress(body, "gzip", 1 << 22) == b"".join(pieces)
+    with pytest.raises(GatewayError, match="truncated"):
+        decompress(body[:-5], "gzip", 1 << 22)
