@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("batchgate")
 
 GRPC_SERVICE = "inference.GRPCInferenceService"
+READINESS_POLL_S = 0.5  # how often the gRPC health service is brought up to date
 
 
 class QuietUvicorn(uvicorn.Server):
@@ -99,7 +100,9 @@ class Gateway:
                 max_tensor_dims=lim.max_tensor_dims,
                 max_request_id_bytes=lim.max_request_id_bytes,
             ),
+            strict_readiness=srv.strict_readiness,
         )
+        self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -190,8 +193,8 @@ class Gateway:
         gc.collect()
         gc.freeze()
         self.dataplane.accepting = True
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(GRPC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self._publish_readiness()
+        self._readiness = asyncio.ensure_future(self._watch_readiness())
         log.info(
             "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s",
             __version__,
@@ -201,10 +204,32 @@ class Gateway:
             _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
         )
 
+    async def _publish_readiness(self) -> bool:
+        """The gRPC health service says what the data plane's readiness says (Kubernetes'
+        gRPC readiness probe reads it)."""
+        ready = self.dataplane.ready()
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if self._health is not None:
+            await self._health.set("", status)
+            await self._health.set(GRPC_SERVICE, status)
+        return ready
+
+    async def _watch_readiness(self) -> None:
+        """Readiness changes with the models (strict readiness): keep the health service current."""
+        last = None
+        while self.dataplane.accepting:
+            ready = self.dataplane.ready()
+            if ready != last:
+                last = await self._publish_readiness()
+                log.info("readiness: %s", "ready" if last else "not ready (a model that should be loaded is not)")
+            await asyncio.sleep(READINESS_POLL_S)
+
     async def drain(self, grace_s: float | None = None) -> bool:
         """Readiness false, refuse new work, let accepted work finish; True if it all did."""
         grace = self.settings.server.exit_timeout_s if grace_s is None else grace_s
         self.dataplane.accepting = False
+        if self._readiness is not None:
+            self._readiness.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         log.info("draining: %d requests in flight, grace period %.1f s", self.dataplane.in_flight, grace)

@@ -70,6 +70,9 @@ class ServerSettings:
         "close gRPC connections this old, so long-lived clients reconnect and reach new replicas; 0 = never",
         minimum=0,
     )
+    strict_readiness: bool = _setting(
+        True, "ready only while every model that should be loaded is ready (Triton's strict readiness)"
+    )
     infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
     log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))

@@ -61,9 +61,10 @@ class ModelMetadata(TypedDict):
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+    def __init__(self, repository: ModelRepository, limits: RequestLimits, strict_readiness: bool = True):
         self.repository = repository
         self.limits = limits
+        self.strict_readiness = strict_readiness
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
 
     # ------------------------------------------------------------------ health
@@ -72,7 +73,9 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.accepting
+        """Accepting work and, with strict readiness (Triton's default), every model that
+        should be loaded is ready. Liveness is separate: a process that is not ready is alive."""
+        return self.accepting and (not self.strict_readiness or self.repository.all_ready())
 
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.repository.ready(name, version)

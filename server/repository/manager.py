@@ -57,6 +57,7 @@ class ModelEntry:
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     latest: ModelVersion | None = None
     fingerprint: tuple = ()
+    served_once: bool = False  # has been READY at least once (strict readiness of remote models)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -88,6 +89,7 @@ class ModelRepository:
         self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
         self._generation: dict[str, int] = {}  # bumped by each unload: older loads stand down
         self._stopping = False
+        self._wanted: set[str] = set()  # models that should be loaded (strict readiness)
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
 
@@ -128,6 +130,21 @@ class ModelRepository:
         except GatewayError:
             return False
 
+    def all_ready(self) -> bool:
+        """Triton's strict readiness: every model that should be loaded is ready. A remote
+        model counts until it has served once: a later outage of its upstreams makes that
+        model UNAVAILABLE, but must not take every replica out of its Service."""
+        for name in self._wanted:
+            entry = self.models.get(name)
+            if entry is None:
+                return False
+            if name in self.remote:
+                if not entry.served_once:
+                    return False
+            elif entry.latest is None or not entry.latest.ready():
+                return False
+        return True
+
     def served(self) -> list[ModelVersion]:
         return [s for e in self.models.values() for _, s in sorted(e.versions.items())]
 
@@ -166,12 +183,14 @@ class ModelRepository:
             raise ConfigError(
                 f"model(s) {', '.join(both)}: both a directory in the model repository and a remote model; rename one"
             )
+        self._wanted.update(self.remote)
         for spec in self.remote.values():
             await self._load_remote(spec)
         if self.mode == "explicit":
             wanted = names if "*" in self.load_models else list(self.load_models)
         else:
             wanted = names
+        self._wanted.update(wanted)
         for n in wanted:
             await self._load(n, fail_missing=self.mode == "explicit")
         if self.mode == "poll":
@@ -195,6 +214,7 @@ class ModelRepository:
 
     async def poll_once(self) -> None:
         present = set(self._discover())
+        self._wanted = present | set(self.remote)
         for name in sorted(present):
             e = self.models[name]
             if fingerprint(os.path.join(self.root, name)) != e.fingerprint:
@@ -212,8 +232,17 @@ class ModelRepository:
             )
 
     async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
-        """The load API (explicit mode): load or reload ``name``."""
+        """The load API (explicit mode): load or reload ``name``. A model loaded through the API
+        is one that should be loaded once it is ready (strict readiness)."""
         self._explicit_only()
+        try:
+            await self._load_api(name, config_json, files)
+        finally:
+            entry = self.models.get(name)
+            if entry is not None and entry.latest is not None:
+                self._wanted.add(name)
+
+    async def _load_api(self, name: str, config_json: str | None, files: dict[str, bytes] | None) -> None:
         if name in self.remote:
             if config_json is not None or files:
                 raise GatewayError(
@@ -244,6 +273,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         self._explicit_only()
         self.entry(name)
+        self._wanted.discard(name)
         await self._unload(name)
 
     def _later(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -262,6 +292,7 @@ class ModelRepository:
         entry.versions = new
         entry.latest = new[max(new)]
         entry.state, entry.reason, entry.fingerprint = READY, "", fp
+        entry.served_once = True
         backend = entry.latest.backend
         log.info(
             "model '%s' ready: versions %s on %s (%.0f ms)",

@@ -160,7 +160,8 @@ def test_a_model_that_fails_to_load_is_reported_and_others_serve(tmp_path, serve
     _save(classifier_model(), repo, "badcfg", 1)
     running = serve(repo)
     c = httpclient.InferenceServerClient(running.http_url)
-    assert c.is_server_ready()
+    assert c.is_server_live()
+    assert not c.is_server_ready()  # strict readiness: models that should serve do not
     assert c.is_model_ready("good") and not c.is_model_ready("broken")
     rows = {r["name"]: r for r in c.get_model_repository_index()}
     assert rows["good"]["state"] == "READY"
