@@ -137,7 +137,7 @@ class Gateway:
                 ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000)),
             ]
         self._grpc = grpc.aio.server(options=options)
-        add_inference_service(InferenceService(self.dataplane), self._grpc)
+        add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(

@@ -126,6 +126,11 @@ class LimitSettings:
     max_request_id_bytes: int = _setting(
         256, "the V2 id (or x-request-id) a request is answered with; longer = INVALID_ARGUMENT", minimum=1
     )
+    max_stream_inflight: int = _setting(
+        64,
+        "requests of one gRPC stream read and not yet answered; the stream is not read further until one is answered",
+        minimum=1,
+    )
     max_gzip_members: int = _setting(64, "gzip members in one compressed HTTP body; more = INVALID_ARGUMENT", minimum=1)
     max_inputs: int = _setting(64, "input tensors on one request; more = INVALID_ARGUMENT", minimum=1)
     max_outputs: int = _setting(64, "outputs one request may name; more = INVALID_ARGUMENT", minimum=1)

@@ -98,8 +98,9 @@ class _StreamEnd:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane):
+    def __init__(self, dataplane: DataPlane, max_stream_inflight: int = 64):
         self.dp = dataplane
+        self.max_stream_inflight = max_stream_inflight
 
     # ------------------------------------------------------------ health and metadata
     async def ServerLive(self, request, context):
@@ -200,8 +201,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Answer each request of the stream as soon as it is done (not necessarily in order);
-        a bad request gets ``error_message`` and the stream goes on."""
+        a bad request gets ``error_message`` and the stream goes on.
+
+        At most ``max_stream_inflight`` requests of one stream are read and not yet answered
+        on the wire: past that the next one is not read until an answer has been written, so
+        a client that sends without reading is slowed by HTTP/2 flow control instead of
+        piling answers up in the server's memory."""
         out: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_stream_inflight)
         pending: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
         try:
@@ -238,8 +245,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # put last, tells the writer how many answers to wait for. Waiting on "no task
             # pending" instead loses answers queued just after the end of the stream.
             count = 0
+            requests = request_iterator.__aiter__()
             try:
-                async for raw in request_iterator:
+                while True:
+                    await slots.acquire()  # released once this request's answer is written
+                    try:
+                        raw = await requests.__anext__()
+                    except StopAsyncIteration:
+                        slots.release()
+                        break
                     count += 1
                     try:
                         msg = _parse(raw)
@@ -262,7 +276,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if isinstance(item, _StreamEnd):
                     expected = item.count
                     continue
-                yield item
+                yield item  # returns once the answer is handed to gRPC, flow control permitting
+                slots.release()
                 answered += 1
             if read_error:
                 log.warning("gRPC stream ended by a read error: %s", read_error[0])
