@@ -101,6 +101,7 @@ class Gateway:
                 max_request_id_bytes=lim.max_request_id_bytes,
             ),
             strict_readiness=srv.strict_readiness,
+            metrics=self.metrics,
         )
         self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None

@@ -10,6 +10,7 @@ once for both.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypedDict
 
@@ -17,9 +18,11 @@ import orjson
 from tritonclient.grpc import model_config_pb2 as mc
 
 from . import __version__
+from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
 from .core.types import InferRequest, InferResponse, RequestLimits, check_model_name
+from .monitoring.metrics import Metrics
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 
@@ -33,6 +36,9 @@ EXTENSIONS = (
     "statistics",
     "parameters",
 )
+# The settings of the limits section: the reasons a refusal may be counted under.
+LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section == "limits")
+_LIMIT_IN_MESSAGE = re.compile(r"\((max_[a-z_]+)\)$")
 # Refusals that come in floods when the server is overloaded or draining.
 _QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE})
 # Load parameters of the repository API (V2 model_repository extension).
@@ -61,8 +67,15 @@ class ModelMetadata(TypedDict):
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, limits: RequestLimits, strict_readiness: bool = True):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: RequestLimits,
+        strict_readiness: bool = True,
+        metrics: Metrics | None = None,
+    ):
         self.repository = repository
+        self.metrics = metrics or repository.metrics
         self.limits = limits
         self.strict_readiness = strict_readiness
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
@@ -98,6 +111,14 @@ class DataPlane:
     @property
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self.repository.served())
+
+    def count_error(self, protocol: str, e: GatewayError) -> None:
+        """Count an inference request answered with an error, by the limit that refused it when
+        one did (read from the message's closing "(setting)", checked against the limits'
+        names: never client text as a label)."""
+        m = _LIMIT_IN_MESSAGE.search(e.message)
+        reason = m.group(1) if m is not None and m.group(1) in LIMIT_NAMES else "none"
+        self.metrics.request_error(protocol, e.code.value, reason)
 
     def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
         """One log line per failed request, the same for both transports. Client values are

@@ -99,6 +99,12 @@ FAMILIES: dict[str, Family] = {
     "batchgate_model_ready": _model("gauge", "1 when the model version is loaded and serving, else 0", merge=ALL),
     "batchgate_model_load_duration_seconds": _model("gauge", "Time the last load of the model version took", merge=MAX),
     "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
+    "batchgate_request_errors": Family(
+        "counter",
+        "Inference requests answered with an error, by protocol, code and the limit that refused them "
+        "(reason: the setting's name, or none)",
+        ("protocol", "code", "reason"),
+    ),
     # Remote models (backends/remote.py): one series per model and upstream address.
     "batchgate_upstream_requests": _upstream("counter", "Calls sent to an upstream V2 server"),
     "batchgate_upstream_errors": _upstream("counter", "Upstream calls that failed, by gRPC status code", ("code",)),
@@ -297,6 +303,7 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
+        self._request_errors: dict[tuple[str, str, str], int] = {}
         self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
         self.registry.register(self)
 
@@ -315,6 +322,10 @@ class Metrics:
         if mm is None:
             mm = self._models[key] = ModelMetrics(model, version)
         return mm
+
+    def request_error(self, protocol: str, code: str, reason: str) -> None:
+        key = (protocol, code, reason)
+        self._request_errors[key] = self._request_errors.get(key, 0) + 1
 
     def load_failed(self, model: str) -> None:
         self._load_failures[model] = self._load_failures.get(model, 0) + 1
@@ -349,6 +360,8 @@ class Metrics:
                 snap.stats[mv] = m.stats.as_dict()
         for model, n in list(self._load_failures.items()):
             add("batchgate_model_load_failures", (model,), n)
+        for labels, n in list(self._request_errors.items()):
+            add("batchgate_request_errors", labels, n)
         for (model, address), u in list(self._upstreams.items()):
             lv = (model, address)
             add("batchgate_upstream_requests", lv, u.requests)

@@ -190,6 +190,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             resp = await dp.infer(req)
             return grpc_codec.encode_response(resp)
         except GatewayError as e:
+            self.dp.count_error("grpc", e)
             if request is not None:
                 self.dp.log_failure("grpc", request.model_name, _request_id(request, headers), e)
             return await _abort(context, e)
@@ -197,7 +198,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         except Exception as e:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
             log.exception("gRPC infer to model '%s' failed", request.model_name[:128] if request else "?")
-            return await _abort(context, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
+            error = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
+            self.dp.count_error("grpc", error)
+            return await _abort(context, error)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Answer each request of the stream as soon as it is done (not necessarily in order);
@@ -226,6 +229,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     log.exception("stream request to model '%s' failed", msg.model_name)
                     e = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
                 rid = _request_id(msg, headers)
+                self.dp.count_error("grpc", e)
                 self.dp.log_failure("grpc", msg.model_name, rid, e)
                 # Answers may come out of order, and tritonclient hands a stream error to the
                 # caller without the response's id: the message itself names the request.
@@ -258,6 +262,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     try:
                         msg = _parse(raw)
                     except GatewayError as e:  # framing is intact: answer this one, read on
+                        self.dp.count_error("grpc", e)
                         out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
                         continue
                     t = asyncio.ensure_future(one(msg))

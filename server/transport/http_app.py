@@ -99,7 +99,7 @@ class HttpApp:
     async def _route(self, method, path, scope, receive, send):
         hit = self._infer_paths.get(path)
         if hit is not None and method == "POST":
-            return await self._infer(hit[0], hit[1], scope, receive, send)
+            return await self._counted_infer(hit[0], hit[1], scope, receive, send)
         m = MODEL_RE.match(path)
         if m:
             model, version, action = m.group(1), m.group(2) or "", m.group(3)
@@ -109,7 +109,7 @@ class HttpApp:
                 # client inventing names must not fill the cache.
                 if len(self._infer_paths) < 4096 and self.dp.knows(model):
                     self._infer_paths[path] = (model, version)
-                return await self._infer(model, version, scope, receive, send)
+                return await self._counted_infer(model, version, scope, receive, send)
             self._method(method, "GET")
             if action is None:
                 if model == "stats":  # /v2/models/stats: statistics of every model
@@ -187,6 +187,14 @@ class HttpApp:
                     )
                 break
         return await self._more_body(await receive(), receive)
+
+    async def _counted_infer(self, model, version, scope, receive, send):
+        """An infer call whose refusal is counted once, whichever step refused it."""
+        try:
+            return await self._infer(model, version, scope, receive, send)
+        except GatewayError as e:
+            self.dp.count_error("http", e)
+            raise
 
     async def _infer(self, model, version, scope, receive, send):
         arrival = _monotonic()

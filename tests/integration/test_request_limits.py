@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
+import urllib.request
 
 import grpc
 import numpy as np
@@ -258,3 +259,27 @@ def test_gzip_member_bound_is_a_setting_and_a_400(demo_repo, serve):
         running, "POST", "/v2/models/simple/infer", gzip.compress(b"") + gzip.compress(good), headers
     )
     assert status == 200
+
+
+def test_every_refusal_is_counted_by_the_limit_that_refused_it(server):
+    def counts() -> dict:
+        return dict(server.gateway.metrics.snapshot().values.get("batchgate_request_errors", {}))
+
+    before = counts()
+    good = [{"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))} for n in ("INPUT0", "INPUT1")]
+    http_refusal(server, json.dumps({"inputs": good, "outputs": [{"name": "OUTPUT0"}] * 65}).encode())
+    req = service_pb2.ModelInferRequest(model_name="simple")
+    for i in range(65):
+        req.inputs.add(name=f"in{i}", datatype="INT32", shape=[1])
+    grpc_refusal(server, req)
+    http_refusal(server, json.dumps({"inputs": [{"name": "INPUT0"}]}).encode())  # no limit: reason none
+    after = counts()
+
+    def grew(key) -> int:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew(("http", "INVALID_ARGUMENT", "max_outputs")) == 1
+    assert grew(("grpc", "INVALID_ARGUMENT", "max_inputs")) == 1
+    assert grew(("http", "INVALID_ARGUMENT", "none")) == 1
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'batchgate_request_errors_total{code="INVALID_ARGUMENT",protocol="grpc",reason="max_inputs"}' in text
