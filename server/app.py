@@ -35,6 +35,7 @@ from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
+from .transport.http_limits import guarded_protocol
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -122,7 +123,8 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings.server
         await self.repository.start()
-        limit = self.settings.limits.max_request_bytes
+        lim = self.settings.limits
+        limit = lim.max_request_bytes
         options = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
@@ -168,13 +170,19 @@ class Gateway:
         self._http_app = HttpApp(self.dataplane, limit, self.settings.limits.max_gzip_members)
         config = uvicorn.Config(
             self._http_app,
-            http="httptools",
+            http=guarded_protocol(
+                max_header_bytes=lim.max_header_bytes,
+                header_timeout_s=s.http_header_timeout_s,
+                body_timeout_s=s.http_body_timeout_s,
+                max_connections=lim.max_connections,
+                refused=self.metrics.connection_refused,
+            ),
             loop="none",
             lifespan="off",
             access_log=False,
             log_level="warning",
             log_config=None,
-            timeout_keep_alive=75,
+            timeout_keep_alive=s.http_idle_timeout_s,
             backlog=2048,
         )
         self._http = QuietUvicorn(config)

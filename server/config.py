@@ -73,6 +73,15 @@ class ServerSettings:
     strict_readiness: bool = _setting(
         True, "ready only while every model that should be loaded is ready (Triton's strict readiness)"
     )
+    http_header_timeout_s: float = _setting(
+        10.0, "an HTTP request head must arrive within this; else 408 and the connection closed", positive=True
+    )
+    http_body_timeout_s: float = _setting(
+        60.0, "an HTTP request body must arrive within this of its head; else 408 and closed", positive=True
+    )
+    http_idle_timeout_s: float = _setting(
+        75.0, "an idle keep-alive HTTP connection is closed after this", positive=True
+    )
     infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
     log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
@@ -125,6 +134,12 @@ class LimitSettings:
     max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)
     max_request_id_bytes: int = _setting(
         256, "the V2 id (or x-request-id) a request is answered with; longer = INVALID_ARGUMENT", minimum=1
+    )
+    max_header_bytes: int = _setting(
+        64 * 1024, "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed", minimum=1
+    )
+    max_connections: int = _setting(
+        4096, "HTTP connections open at once; one more is answered 503 and closed", minimum=1
     )
     max_stream_inflight: int = _setting(
         64,

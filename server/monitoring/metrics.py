@@ -99,6 +99,11 @@ FAMILIES: dict[str, Family] = {
     "batchgate_model_ready": _model("gauge", "1 when the model version is loaded and serving, else 0", merge=ALL),
     "batchgate_model_load_duration_seconds": _model("gauge", "Time the last load of the model version took", merge=MAX),
     "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
+    "batchgate_http_connections_refused": Family(
+        "counter",
+        "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections",
+        ("reason",),
+    ),
     "batchgate_request_errors": Family(
         "counter",
         "Inference requests answered with an error, by protocol, code and the limit that refused them "
@@ -304,6 +309,7 @@ class Metrics:
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
+        self._connections_refused: dict[str, int] = {}
         self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
         self.registry.register(self)
 
@@ -322,6 +328,9 @@ class Metrics:
         if mm is None:
             mm = self._models[key] = ModelMetrics(model, version)
         return mm
+
+    def connection_refused(self, reason: str) -> None:
+        self._connections_refused[reason] = self._connections_refused.get(reason, 0) + 1
 
     def request_error(self, protocol: str, code: str, reason: str) -> None:
         key = (protocol, code, reason)
@@ -362,6 +371,8 @@ class Metrics:
             add("batchgate_model_load_failures", (model,), n)
         for labels, n in list(self._request_errors.items()):
             add("batchgate_request_errors", labels, n)
+        for reason, n in list(self._connections_refused.items()):
+            add("batchgate_http_connections_refused", (reason,), n)
         for (model, address), u in list(self._upstreams.items()):
             lv = (model, address)
             add("batchgate_upstream_requests", lv, u.requests)

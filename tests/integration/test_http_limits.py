@@ -1,0 +1,141 @@
+"""HTTP connection limits (issue: safe to expose): the request head's size, the time a head and
+a body may take to arrive, and the number of connections. Each refusal answers at once, closes
+the connection and is counted; the server goes on serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from protocol_support import raw_http
+
+from batchgate.demo import build_demo_repository
+
+GOOD = json.dumps(
+    {
+        "inputs": [
+            {"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))} for n in ("INPUT0", "INPUT1")
+        ]
+    }
+).encode()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return build_demo_repository(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def guarded(repo, serve):
+    return serve(
+        repo,
+        max_header_bytes=4096,
+        http_header_timeout_s=0.5,
+        http_body_timeout_s=0.5,
+        max_connections=8,
+    )
+
+
+def connect(running) -> socket.socket:
+    host, port = running.http_url.split(":")
+    s = socket.create_connection((host, int(port)), timeout=5)
+    return s
+
+
+def read_all(s: socket.socket, timeout: float = 5.0) -> bytes:
+    s.settimeout(timeout)
+    chunks = []
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def refusals(running) -> dict:
+    return dict(running.gateway.metrics.snapshot().values.get("batchgate_http_connections_refused", {}))
+
+
+def serves(running) -> None:
+    status, _h, _d = raw_http(running, "POST", "/v2/models/simple/infer", GOOD, {"Content-Type": "application/json"})
+    assert status == 200
+
+
+def test_a_huge_request_head_is_431_and_closed(guarded):
+    s = connect(guarded)
+    s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for i in range(200):
+            s.sendall(b"x-filler-%d: " % i + b"a" * 100 + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server has answered and closed
+    answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert b"(max_header_bytes)" in answer
+    assert refusals(guarded) == {("header_bytes",): 1}
+    serves(guarded)
+
+
+def test_a_slowloris_head_is_cut_off(guarded):
+    s = connect(guarded)
+    s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n")
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 5:
+            s.sendall(b"x-a: b\r\n")  # a header line every 100 ms: never finishes its head
+            time.sleep(0.1)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    answer = read_all(s)
+    assert time.monotonic() - start < 3, "the trickling head was not cut off"
+    assert answer.startswith(b"HTTP/1.1 408") and b"(http_header_timeout_s)" in answer, answer[:120]
+    assert refusals(guarded).get(("header_timeout",)) == 1
+    serves(guarded)
+
+
+def test_a_body_that_never_arrives_is_cut_off(guarded):
+    s = connect(guarded)
+    s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + GOOD[:10])
+    answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 408") and b"(http_body_timeout_s)" in answer, answer[:120]
+    assert refusals(guarded).get(("body_timeout",)) == 1
+    serves(guarded)
+
+
+def test_connections_past_the_cap_are_refused_at_once(guarded):
+    held = [connect(guarded) for _ in range(8)]
+    time.sleep(0.2)
+    extra = connect(guarded)
+    answer = read_all(extra)
+    assert answer.startswith(b"HTTP/1.1 503") and b"(max_connections)" in answer, answer[:120]
+    assert refusals(guarded).get(("connections",)) == 1
+    for s in held:
+        s.close()
+    time.sleep(0.2)
+    serves(guarded)
+
+
+def test_keep_alive_requests_each_get_a_fresh_head_timer(guarded):
+    s = connect(guarded)
+    request = (
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(GOOD)).encode() + b"\r\n\r\n" + GOOD
+    )
+    for _ in range(3):
+        s.sendall(request)
+        s.settimeout(5)
+        got = b""
+        while not got.endswith(b"\r\n0\r\n\r\n"):  # the whole (chunked) answer
+            more = s.recv(65536)
+            assert more, got[:200]
+            got += more
+        assert got.startswith(b"HTTP/1.1 200"), got[:100]
+        time.sleep(0.4)  # idle between requests is not the head's time
+    s.close()
+    assert refusals(guarded) == {}
