@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -182,7 +183,7 @@ class Gateway:
             access_log=False,
             log_level="warning",
             log_config=None,
-            timeout_keep_alive=s.http_idle_timeout_s,
+            timeout_keep_alive=max(1, math.ceil(s.http_idle_timeout_s)),  # uvicorn counts whole seconds
             backlog=2048,
         )
         self._http = QuietUvicorn(config)
