@@ -143,6 +143,7 @@ class Gateway:
         self._grpc = grpc.aio.server(options=options)
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
+        await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (

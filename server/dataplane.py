@@ -40,7 +40,7 @@ EXTENSIONS = (
 LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section == "limits")
 _LIMIT_IN_MESSAGE = re.compile(r"\((max_[a-z_]+)\)$")
 # Refusals that come in floods when the server is overloaded or draining.
-_QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE})
+_QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
@@ -140,10 +140,13 @@ class DataPlane:
     def server_metadata() -> ServerMetadata:
         return {"name": "batchgate", "version": __version__, "extensions": list(EXTENSIONS)}
 
-    def knows(self, name: str) -> bool:
-        """Whether a model of this name exists (loaded or not): a transport caches only
-        what is real, never a client's made-up names."""
-        return name in self.repository.models
+    def knows(self, name: str, version: str = "") -> bool:
+        """Whether a model of this name (and version, when given) exists: a transport caches
+        only what is real, never a client's made-up names."""
+        entry = self.repository.models.get(name)
+        if entry is None:
+            return False
+        return not version or (version.isdigit() and int(version) in entry.versions)
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         served = self.repository.resolve(name, version)

@@ -59,7 +59,9 @@ def datatype(name: str, what: str = "tensor") -> DataType:
     try:
         return DATATYPES[name]
     except KeyError:
-        raise invalid(f"{what}: unsupported datatype {name!r}; expected one of {', '.join(DATATYPES)}") from None
+        raise invalid(
+            f"{what}: unsupported datatype '{printable(clip(str(name)))}'; expected one of {', '.join(DATATYPES)}"
+        ) from None
 
 
 def element_count(shape: Iterable[int]) -> int:
@@ -112,12 +114,21 @@ def from_raw(buf: bytes | memoryview, dt: DataType, shape: tuple[int, ...], what
     """Numpy view of raw little-endian bytes, checked against the declared shape."""
     count = element_count(shape)
     if dt.itemsize == 0:
-        return decode_bytes_tensor(buf, count, what).reshape(shape)
+        return shaped(decode_bytes_tensor(buf, count, what), shape, what)
     expected = count * dt.itemsize
     if len(buf) != expected:
         raise invalid(f"{what}: got {len(buf)} bytes of data but shape {list(shape)} of {dt.v2} needs {expected} bytes")
     arr = np.frombuffer(buf, dtype=dt.np_dtype)
-    return arr.reshape(shape)
+    return shaped(arr, shape, what)
+
+
+def shaped(arr: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """``arr`` in ``shape``; a shape numpy cannot make (an empty tensor whose other dimensions
+    multiply past 2**63) is the caller's mistake, not a crash."""
+    try:
+        return arr.reshape(shape)
+    except ValueError:
+        raise invalid(f"{what}: shape {list(shape)[:8]}{'...' if len(shape) > 8 else ''} is too large") from None
 
 
 def to_raw(arr: np.ndarray, dt: DataType) -> bytes:

@@ -41,7 +41,7 @@ from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
 from .config import config_from_json
-from .scan import fingerprint, hide_paths, model_names, staged_path, write_files
+from .scan import fingerprint, hide_paths, model_names, staged_paths, write_files
 
 log = logging.getLogger("batchgate.repository")
 
@@ -57,7 +57,7 @@ class ModelEntry:
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     latest: ModelVersion | None = None
     fingerprint: tuple = ()
-    served_once: bool = False  # has been READY at least once (strict readiness of remote models)
+    loaded_once: bool = False  # has been READY at least once (strict readiness of remote models)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -139,7 +139,7 @@ class ModelRepository:
             if entry is None:
                 return False
             if name in self.remote:
-                if not entry.served_once:
+                if not entry.loaded_once:
                     return False
             elif entry.latest is None or not entry.latest.ready():
                 return False
@@ -235,12 +235,9 @@ class ModelRepository:
         """The load API (explicit mode): load or reload ``name``. A model loaded through the API
         is one that should be loaded once it is ready (strict readiness)."""
         self._explicit_only()
-        try:
-            await self._load_api(name, config_json, files)
-        finally:
-            entry = self.models.get(name)
-            if entry is not None and entry.latest is not None:
-                self._wanted.add(name)
+        # Shielded: a caller that gives up (a gRPC deadline) does not cancel the load half-way;
+        # it finishes under the model's lock and leaves a consistent state behind.
+        await asyncio.shield(self._load_api(name, config_json, files))
 
     async def _load_api(self, name: str, config_json: str | None, files: dict[str, bytes] | None) -> None:
         if name in self.remote:
@@ -257,12 +254,19 @@ class ModelRepository:
                 raise GatewayError(
                     ErrorCode.INVALID_ARGUMENT, f"model '{name}': files given with a load need a 'config' too"
                 )
-            staged = [(staged_path(name, key), data) for key, data in files.items()]  # all checked first
+            staged = staged_paths(name, files)  # all checked first
             override = config_from_json(config_json, name)
             # One private directory per load, removed whatever happens: the files are read
             # while the versions are built, and nothing of them stays behind.
             with tempfile.TemporaryDirectory(prefix="batchgate-load-") as d:
-                await asyncio.get_running_loop().run_in_executor(self.pool, write_files, d, staged)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self.pool, write_files, d, staged)
+                except OSError as e:
+                    raise GatewayError(
+                        ErrorCode.INVALID_ARGUMENT,
+                        f"model '{name}': the files given with the load cannot be written: "
+                        f"{hide_paths(e.strerror or str(e), d)}",
+                    ) from None
                 await self._load(name, fail_missing=True, override=override, model_dir=d)
             return
         if name not in self._discover() and config_json is None:
@@ -273,8 +277,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         self._explicit_only()
         self.entry(name)
-        self._wanted.discard(name)
-        await self._unload(name)
+        await asyncio.shield(self._unload(name))
 
     def _later(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = asyncio.ensure_future(coro)
@@ -292,7 +295,8 @@ class ModelRepository:
         entry.versions = new
         entry.latest = new[max(new)]
         entry.state, entry.reason, entry.fingerprint = READY, "", fp
-        entry.served_once = True
+        entry.loaded_once = True
+        self._wanted.add(entry.name)  # loaded: strict readiness expects it from now on
         backend = entry.latest.backend
         log.info(
             "model '%s' ready: versions %s on %s (%.0f ms)",
@@ -319,35 +323,51 @@ class ModelRepository:
         override: mc.ModelConfig | None = None,
         model_dir: str | None = None,
     ) -> None:
-        entry = self.models.setdefault(name, ModelEntry(name))
-        async with entry.lock:
-            model_dir = model_dir or os.path.join(self.root, name)
-            known = name in self.remote or (self.root and os.path.isdir(os.path.join(self.root, name)))
-            fp = fingerprint(model_dir)
-            if not entry.versions:
-                entry.state = LOADING
-            t0 = time.perf_counter()
-            try:
-                new = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self.builder.local, name, model_dir, override
-                )
-            except (ModelConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
-                # Errors name files relative to the model directory, never a server path.
-                msg = hide_paths(e.message if isinstance(e, GatewayError) else str(e), model_dir, self.root)
-                log.error("model '%s' failed to load: %s", name, msg)
-                if known or entry.versions:
-                    self._failed(entry, msg)
-                    entry.fingerprint = fp
-                else:  # a name only this load brought: nothing of it stays (index, metrics)
-                    self.models.pop(name, None)
-                    self.metrics.load_failed("")
-                if fail_missing:
-                    raise GatewayError(
-                        ErrorCode.INVALID_ARGUMENT if isinstance(e, ModelConfigError) else ErrorCode.UNAVAILABLE,
-                        f"failed to load model '{name}': {msg}",
-                    ) from None
+        while True:
+            entry = self.models.setdefault(name, ModelEntry(name))
+            async with entry.lock:
+                if self.models.get(name) is not entry:
+                    continue  # a failed load of a new name dropped this entry while we waited
+                await self._load_locked(entry, name, fail_missing, override, model_dir)
                 return
-            self._swap(entry, new, time.perf_counter() - t0, fp)
+
+    async def _load_locked(
+        self,
+        entry: ModelEntry,
+        name: str,
+        fail_missing: bool,
+        override: mc.ModelConfig | None,
+        model_dir: str | None,
+    ) -> None:
+        """The load itself (the caller holds the entry's lock)."""
+        model_dir = model_dir or os.path.join(self.root, name)
+        known = name in self.remote or (self.root and os.path.isdir(os.path.join(self.root, name)))
+        fp = fingerprint(model_dir)
+        if not entry.versions:
+            entry.state = LOADING
+        t0 = time.perf_counter()
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.builder.local, name, model_dir, override
+            )
+        except (ModelConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
+            # Errors name files relative to the model directory, never a server path.
+            msg = hide_paths(e.message if isinstance(e, GatewayError) else str(e), model_dir, self.root)
+            log.error("model '%s' failed to load: %s", name, msg)
+            if known or entry.versions:
+                self._failed(entry, msg)
+                entry.fingerprint = fp
+            else:  # a name only this load brought: nothing of it stays (index, metrics)
+                if self.models.get(name) is entry:
+                    self.models.pop(name)
+                self.metrics.load_failed("")
+            if fail_missing:
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT if isinstance(e, ModelConfigError) else ErrorCode.UNAVAILABLE,
+                    f"failed to load model '{name}': {msg}",
+                ) from None
+            return
+        self._swap(entry, new, time.perf_counter() - t0, fp)
 
     async def _load_remote(self, spec: RemoteModel, fail: bool = False) -> None:
         """Read the remote model's signature from an upstream and serve it. While no upstream
@@ -421,6 +441,7 @@ class ModelRepository:
         if entry is None:
             return
         async with entry.lock:
+            self._wanted.discard(name)
             old = entry.versions
             entry.state = UNLOADING
             entry.versions, entry.latest = {}, None

@@ -11,6 +11,7 @@ from ..core.types import MODEL_NAME, clip, printable
 
 log = logging.getLogger("batchgate.repository")
 MAX_FILE_DEPTH = 8  # directories in the path of a file given with a load
+_warned: set[str] = set()  # invalid directory names already reported
 
 
 def model_names(root: str) -> list[str]:
@@ -25,7 +26,11 @@ def model_names(root: str) -> list[str]:
         if n.startswith(".") or not os.path.isdir(os.path.join(root, n)):
             continue
         if MODEL_NAME.fullmatch(n) is None:
-            log.warning("skipping directory '%s' of the model repository: not a valid model name", printable(clip(n)))
+            if n not in _warned and len(_warned) < 1024:  # said once per name, not on every scan
+                _warned.add(n)
+                log.warning(
+                    "skipping directory '%s' of the model repository: not a valid model name", printable(clip(n))
+                )
             continue
         names.append(n)
     return names
@@ -42,6 +47,29 @@ def staged_path(model: str, key: str) -> str:
             f"names inside the model directory, e.g. '1/model.onnx' (at most {MAX_FILE_DEPTH} levels)"
         )
     return os.path.join(*parts)
+
+
+MAX_NAME_BYTES = 255  # one path component, as file systems allow
+
+
+def staged_paths(model: str, files: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """The checked relative paths of every file given with a load; a path that is another's
+    directory (``1`` beside ``1/model.onnx``) or a component too long for a file system is
+    refused before anything is written."""
+    staged = [(staged_path(model, key), data) for key, data in files.items()]
+    paths = {rel for rel, _ in staged}
+    for rel, _ in staged:
+        parts = rel.split(os.sep)
+        if any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+            raise invalid(
+                f"model '{model}': a name in file path '{printable(clip(rel))}' is over {MAX_NAME_BYTES} bytes"
+            )
+        for k in range(1, len(parts)):
+            if os.path.join(*parts[:k]) in paths:
+                raise invalid(
+                    f"model '{model}': file path '{printable(clip(rel))}' needs a directory where another file is given"
+                )
+    return staged
 
 
 def write_files(directory: str, files: list[tuple[str, bytes]]) -> None:

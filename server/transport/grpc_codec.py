@@ -23,6 +23,7 @@ from ..core.types import (
     element_count,
     from_raw,
     new_request,
+    shaped,
     to_raw,
 )
 
@@ -121,7 +122,7 @@ def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...],
         if info is not None and count and (arr.min() < info.min or arr.max() > info.max):
             raise invalid(f"{what}: a value in contents.{field} is out of range for {dt.v2}")
         arr = arr.astype(dt.np_dtype)
-    return arr.reshape(shape)
+    return shaped(arr, shape, what)
 
 
 def encode_response(resp: InferResponse) -> pb.ModelInferResponse:

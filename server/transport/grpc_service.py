@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import InferRequest, caller_headers
+from ..core.types import InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
 from . import grpc_codec
 
@@ -158,6 +158,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await self.dp.load_model(request.model_name, params)
         except GatewayError as e:
             return await _abort(context, e)
+        except Exception:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
+            log.exception("gRPC load of model '%s' failed", printable(clip(request.model_name)))
+            return await _abort(context, GatewayError(ErrorCode.INTERNAL, "internal error; see the server log"))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
@@ -165,6 +168,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await self.dp.unload_model(request.model_name)
         except GatewayError as e:
             return await _abort(context, e)
+        except Exception:
+            log.exception("gRPC unload of model '%s' failed", printable(clip(request.model_name)))
+            return await _abort(context, GatewayError(ErrorCode.INTERNAL, "internal error; see the server log"))
         return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------ inference
@@ -217,6 +223,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             headers = caller_headers(context.invocation_metadata() or (), self.dp.limits)
         except GatewayError as e:
+            self.dp.count_error("grpc", e)
             await context.abort(GRPC_STATUS[e.code], e.message)
 
         async def one(msg):

@@ -38,7 +38,7 @@ HTTP_STATUS = {
 
 # Health endpoints (the Helm chart's probes and the image's HEALTHCHECK use these).
 LIVE_PATH = "/v2/health/live"  # 200 while the process serves HTTP, draining included
-READY_PATH = "/v2/health/ready"  # 200 while accepting inference; 400 once draining starts
+READY_PATH = "/v2/health/ready"  # 200 while ready (see DataPlane.ready); 400 while starting, draining or not ready
 # Any version segment matches: the data plane says what is wrong with one that is not a number,
 # as it does for gRPC.
 MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|ready|config|stats))?/?$")
@@ -107,7 +107,7 @@ class HttpApp:
                 self._method(method, "POST")
                 # Remembered (the next call skips the regex) only for a model that exists: a
                 # client inventing names must not fill the cache.
-                if len(self._infer_paths) < 4096 and self.dp.knows(model):
+                if len(self._infer_paths) < 4096 and self.dp.knows(model, version):
                     self._infer_paths[path] = (model, version)
                 return await self._counted_infer(model, version, scope, receive, send)
             self._method(method, "GET")
@@ -194,6 +194,9 @@ class HttpApp:
             return await self._infer(model, version, scope, receive, send)
         except GatewayError as e:
             self.dp.count_error("http", e)
+            raise
+        except Exception as e:  # answered INTERNAL by __call__; counted here like gRPC counts it
+            self.dp.count_error("http", GatewayError(ErrorCode.INTERNAL, str(e)))
             raise
 
     async def _infer(self, model, version, scope, receive, send):

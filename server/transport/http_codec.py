@@ -27,6 +27,8 @@ from ..core.types import (
     element_count,
     from_raw,
     new_request,
+    printable,
+    shaped,
     to_raw,
 )
 
@@ -182,11 +184,11 @@ def _explain_bad_input(j: object) -> NoReturn:
     """Raise the precise error for an input entry that failed the quick checks."""
     if not isinstance(j, dict) or not isinstance(j.get("name"), str):
         raise invalid("each entry of 'inputs' must be an object with a 'name'")
-    what = f"input '{j['name']}'"
+    what = f"input '{printable(clip(j['name']))}'"
     if not isinstance(j.get("datatype"), str):
         raise invalid(f"{what} needs a 'datatype' string")
     datatype(j["datatype"], what)
-    raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {j.get('shape')!r}")
+    raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {clip(repr(j.get('shape')))}")
 
 
 def _from_json(
@@ -205,7 +207,7 @@ def _from_json(
         raise invalid(f"{what}: 'data' does not hold {dt.v2} values: {e}") from None
     if arr.size != count:
         raise invalid(f"{what}: shape {list(shape)} needs {count} elements but 'data' has {arr.size}")
-    return arr.reshape(shape)
+    return shaped(arr, shape, what)
 
 
 def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np.ndarray:

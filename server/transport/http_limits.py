@@ -6,8 +6,9 @@ that bounds all of these:
 
 - the request head (URL and headers together) is at most ``max_header_bytes``: more is
   answered 431 and the connection closed;
-- the head must arrive within ``header_timeout_s`` of the connection (or of the end of the
-  previous request), the body within ``body_timeout_s`` of the head: otherwise 408 and close
+- the head must arrive within ``header_timeout_s`` of the connection (or of the first byte of a
+  keep-alive connection's next request), the body within ``body_timeout_s`` of the head:
+  otherwise 408 and close
   (a slow client cannot hold a connection, and its file descriptor, by trickling bytes);
 - at most ``max_connections`` connections at once: one more is closed as soon as it is made.
 
@@ -45,6 +46,7 @@ def guarded_protocol(
         _head_bytes = 0
         _timer: asyncio.TimerHandle | None = None
         _refused = False  # answered and closing: what is still parsed from the buffer is ignored
+        _behind = False  # this request was pipelined behind an answer still in progress
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:
@@ -63,9 +65,10 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
+            self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
             self._head_bytes = 0
-            if self._timer is None:  # a keep-alive connection's next request
+            if self._timer is None and not self._behind:  # a keep-alive connection's next request
                 self._arm(header_timeout_s, HEAD_TIMEOUT)
 
         def on_url(self, url: bytes) -> None:
@@ -78,7 +81,12 @@ def guarded_protocol(
 
         def on_headers_complete(self) -> None:
             if not self._refused:
-                self._arm(body_timeout_s, BODY_TIMEOUT)
+                # A pipelined request waits behind the answer in progress (uvicorn stops reading
+                # for it): its time starts only when that answer is done.
+                if self._behind:
+                    self._disarm()
+                else:
+                    self._arm(body_timeout_s, BODY_TIMEOUT)
                 super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
@@ -122,6 +130,9 @@ def guarded_protocol(
         def _refuse(self, status: int, message: str) -> None:
             self._refused = True
             self._disarm()
+            if self._behind:  # our words must not come before the earlier answer: just close
+                self.transport.close()
+                return
             body = message.encode()
             self.transport.write(
                 b"HTTP/1.1 " + _STATUS[status] + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"

@@ -8,6 +8,7 @@ the index and the metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -173,3 +174,67 @@ def test_grpc_names_with_control_characters_are_refused_not_logged_raw(explicit)
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "\n" not in info.value.details()
+
+
+# ------------------------------------------------------------------ races and cancellation (review findings)
+def test_a_failed_load_of_a_new_name_does_not_drop_a_concurrent_good_one(explicit):
+    import asyncio
+
+    dp = explicit.gateway.dataplane
+    bad = {"config": CONFIG, "file:1/model.onnx": b"not a model"}
+    good = {"config": CONFIG, "file:1/model.onnx": model_bytes()}
+
+    async def both():
+        return await asyncio.gather(dp.load_model("m", bad), dp.load_model("m", good), return_exceptions=True)
+
+    results = explicit.call(both())
+    assert results[0] is not None and results[1] is None, results
+    assert dp.model_ready("m")
+    assert classify(clients(explicit)[0], "m").shape == (1, 3)
+
+
+def test_an_unload_racing_a_load_leaves_the_server_ready(explicit):
+    import asyncio
+
+    dp = explicit.gateway.dataplane
+
+    async def race():
+        load = asyncio.ensure_future(dp.load_model("clf", {}))
+        await asyncio.sleep(0)
+        await dp.unload_model("clf")
+        await load
+
+    explicit.call(race())
+    assert not dp.model_ready("clf")
+    assert dp.ready(), "an unloaded model is still expected: the replica would never be ready again"
+
+
+def test_a_load_whose_caller_gives_up_still_finishes_cleanly(explicit, staging):
+    import asyncio
+
+    dp = explicit.gateway.dataplane
+
+    async def give_up():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dp.load_model("late", {"config": CONFIG, "file:1/model.onnx": model_bytes()}), 0.001)
+        for _ in range(200):
+            if dp.model_ready("late"):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert explicit.call(give_up())
+    rows = {r["name"]: r for r in clients(explicit)[1].get_model_repository_index()}
+    assert rows["late"]["state"] == "READY"
+    assert os.listdir(staging) == []
+
+
+def test_clashing_or_overlong_file_paths_are_400_not_500(explicit, staging):
+    for c in clients(explicit):
+        files = {"file:1": b"x", "file:1/model.onnx": model_bytes()}
+        assert "needs a directory where another file is given" in refused(
+            c.load_model, "fresh", config=CONFIG, files=files
+        )
+        files = {"file:1/" + "n" * 300: b"x", "file:1/model.onnx": model_bytes()}
+        assert "over 255 bytes" in refused(c.load_model, "fresh", config=CONFIG, files=files)
+    assert os.listdir(staging) == []

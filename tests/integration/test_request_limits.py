@@ -283,3 +283,20 @@ def test_every_refusal_is_counted_by_the_limit_that_refused_it(server):
     assert grew(("http", "INVALID_ARGUMENT", "none")) == 1
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert 'batchgate_request_errors_total{code="INVALID_ARGUMENT",protocol="grpc",reason="max_inputs"}' in text
+
+
+def test_an_empty_tensor_with_enormous_dimensions_is_a_400(server):
+    req = service_pb2.ModelInferRequest(model_name="simple")
+    req.inputs.add(name="INPUT0", datatype="INT32", shape=[0, 2**62, 2**62])
+    req.raw_input_contents.append(b"")
+    assert "is too large" in grpc_refusal(server, req)
+    body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [0, 2**62, 2**62], "data": []}]})
+    assert "is too large" in http_refusal(server, body.encode())
+    still_serving(server)
+
+
+def test_echoes_in_malformed_input_errors_are_bounded(server):
+    body = json.dumps({"inputs": [{"name": "i" * 100_000, "datatype": "INT32", "shape": "x" * 100_000}]}).encode()
+    assert len(http_refusal(server, body)) < 500
+    body = json.dumps({"inputs": [{"name": "a", "datatype": "Q" * 100_000, "shape": [1], "data": [1]}]}).encode()
+    assert len(http_refusal(server, body)) < 500
