@@ -407,12 +407,13 @@ class ModelRepository:
                 msg = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
                 await backend.close()
                 self._failed(entry, msg)
-                if wanted():
+                if wanted() and not fail:  # at start: retried until an upstream answers
                     log.error(
                         "remote model '%s' failed to load: %s; retrying every %g s", name, msg, spec.probe_interval_s
                     )
                     self._retrying[name] = asyncio.ensure_future(self._retry_remote(spec, generation))
-                else:
+                else:  # an explicit load the caller is told failed: not loaded later behind its back
+                    log.error("remote model '%s' failed to load: %s", name, msg)
                     mine()
                 if fail:
                     raise GatewayError(ErrorCode.UNAVAILABLE, f"failed to load model '{name}': {msg}") from None
