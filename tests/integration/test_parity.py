@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.core.types import Tensor, new_request
 from batchgate.demo import SIMPLE_CONFIG, _save, classifier_model, simple_model, slow_model
-from conftest import start_gateway
+from gateway_support import start_gateway
 
 # Each error kind: the status tritonclient reports over gRPC, and over HTTP.
 STATUS = {
