@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test demo bench bench-serving bench-batching bench-remote bench-tools lint clean
+.PHONY: install serve test fuzz demo bench bench-serving bench-batching bench-remote bench-tools lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The fuzz harness at length (tests/fuzz/conftest.py: up to 20,000 examples a property, new seeds
+# each run, what a run found replayed first from .cache/hypothesis). `make test` runs a short,
+# fixed-seed pass of the same properties.
+fuzz: $(STAMP)
+	BATCHGATE_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 
 bench-tools:
 	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
