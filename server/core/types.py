@@ -8,6 +8,7 @@ BYTES tensors are numpy ``object`` arrays of ``bytes``.
 from __future__ import annotations
 
 import re
+import reprlib
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -247,6 +248,16 @@ def check_model_name(name: str) -> None:
         raise invalid(f"model name '{printable(clip(name))}' is not allowed: {MODEL_NAME_RULE}")
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 3, 6, 6, 60, 60
+
+
+def brief(value: object) -> str:
+    """A client's JSON value quoted in an error: bounded in length and in nesting (``repr`` of
+    a value nested a thousand deep would recurse out of the stack)."""
+    return clip(printable(_BRIEF.repr(value)))
+
+
 def clip(text: str, limit: int = 128) -> str:
     """Client text quoted in an error or a log line, cut to a bounded length."""
     return text if len(text) <= limit else text[:limit] + "..."
@@ -285,14 +296,12 @@ def new_request(
         if "priority" in params:
             v = params["priority"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise invalid(f"parameter 'priority' must be a non-negative integer, not {clip(repr(v))}")
+                raise invalid(f"parameter 'priority' must be a non-negative integer, not {brief(v)}")
             priority = v
         if "timeout" in params:
             v = params["timeout"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise invalid(
-                    f"parameter 'timeout' must be a non-negative integer of microseconds, not {clip(repr(v))}"
-                )
+                raise invalid(f"parameter 'timeout' must be a non-negative integer of microseconds, not {brief(v)}")
             timeout_us = v
             if v:
                 dl = arrival + v / 1e6

@@ -20,6 +20,7 @@ from ..core.types import (
     InferResponse,
     RequestLimits,
     Tensor,
+    brief,
     check_shape,
     check_tensors,
     clip,
@@ -56,7 +57,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     try:
         n = int(header_length)
     except ValueError:
-        raise invalid(f"Inference-Header-Content-Length must be an integer, not {header_length!r}") from None
+        raise invalid(f"Inference-Header-Content-Length must be an integer, not {brief(header_length)}") from None
     if n < 0 or n > len(body):
         raise invalid(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
     mv = memoryview(body)
@@ -188,7 +189,7 @@ def _explain_bad_input(j: object) -> NoReturn:
     if not isinstance(j.get("datatype"), str):
         raise invalid(f"{what} needs a 'datatype' string")
     datatype(j["datatype"], what)
-    raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {clip(repr(j.get('shape')))}")
+    raise invalid(f"{what}: 'shape' must be a list of non-negative integers, not {brief(j.get('shape'))}")
 
 
 def _from_json(

@@ -78,19 +78,6 @@ def _is_refusal(e: BaseException) -> bool:
 
 FINDINGS: tuple[Finding, ...] = (
     Finding(
-        "unbounded-message",
-        "a bad Inference-Header-Content-Length is quoted whole in the error (split_body): a header of 60 KiB "
-        "gives a message of 60 KiB",
-        lambda e: _is_refusal(e) and _raised_in(e, {"split_body"}),
-    ),
-    Finding(
-        "repr-recursion",
-        "repr() of a JSON value nested ~1,000 deep (orjson accepts 1,024) in the message for a bad "
-        "priority / timeout parameter or a bad shape raises RecursionError: a 500",
-        lambda e: isinstance(e, RecursionError) and _raised_in(e, {"new_request", "_explain_bad_input"}),
-        ("maximum recursion depth",),
-    ),
-    Finding(
         "float-overflow-cast",
         "JSON numbers beyond the range of FP16 / FP32 (e.g. 1e300 as FP32) are cast to inf with numpy's "
         "RuntimeWarning (an exception under the suite's warning filter, a 500 there) instead of being refused",

@@ -49,7 +49,6 @@ def decode_http(body: bytes, header_length: str | None):
 # ------------------------------------------------------------------ codecs
 
 
-@open_finding("unbounded-message")
 @EXPLICIT
 @given(header_length=st.just(""))
 @example(header_length="x" * 60_000)
@@ -58,7 +57,6 @@ def test_header_length_message_is_bounded(header_length):
     decode_http(b"{}", header_length)
 
 
-@open_finding("repr-recursion")
 @EXPLICIT
 @given(body=st.just(b""))
 @example(body=simple_body(b',"parameters":{"priority":' + nested(1000) + b"}"))
@@ -68,7 +66,6 @@ def test_deeply_nested_values_are_refused(body):
     decode_http(body, None)
 
 
-@open_finding("repr-recursion")
 @EXPLICIT
 @given(depth=st.just(0))
 @example(depth=1010)
@@ -110,7 +107,6 @@ def post(server, path: str, body: bytes) -> tuple[int, str]:
         conn.close()
 
 
-@open_finding("repr-recursion")
 def test_deeply_nested_parameter_over_http(server):
     status, text = post(
         server, "/v2/models/simple/infer", simple_body(b',"parameters":{"priority":' + nested(1000) + b"}")

@@ -150,7 +150,7 @@ def test_priority_and_timeout_must_be_non_negative_integers(name, value, fragmen
 def test_a_huge_invalid_parameter_value_is_quoted_short():
     e = refused(build, parameters={"priority": "p" * 100_000})
     assert e.message.startswith("parameter 'priority' must be a non-negative integer, not 'ppp")
-    assert e.message.endswith("...") and len(e.message) < 200
+    assert "..." in e.message and len(e.message) < 200
 
 
 def test_priority_is_taken_from_the_parameters():
