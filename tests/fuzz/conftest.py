@@ -1,11 +1,11 @@
 """The fuzz harness's budget: two hypothesis settings profiles, one picked by ``BATCHGATE_FUZZ``.
 
-- ``batchgate-fuzz-ci`` (the default, inside ``make test``): few examples per property,
-  derandomized so every run tries the same inputs, no example database; the whole folder runs
-  in well under a minute.
+- ``batchgate-fuzz-ci`` (the default, inside ``make test``): 400 examples for a property of
+  weight 1, derandomized so every run tries the same inputs, no example database; the whole
+  folder runs in well under a minute.
 - ``batchgate-fuzz-long`` (``BATCHGATE_FUZZ=1``, what ``make fuzz`` sets): 20,000 examples for a
-  property of weight 1, random seeds, and a database under ``.cache/hypothesis`` that replays
-  what an earlier run found first.
+  property of weight 1, new seeds each run, and a database under ``.cache/hypothesis`` that
+  replays first what an earlier run found.
 
 The chosen one is registered as ``batchgate-fuzz``; each property takes it with
 ``fuzz_support.budget(weight)`` (its share of the profile's ``max_examples``). It is never
@@ -35,7 +35,7 @@ _COMMON = {
         HealthCheck.large_base_example,
     ],
 }
-settings.register_profile("batchgate-fuzz-ci", max_examples=150, derandomize=True, database=None, **_COMMON)
+settings.register_profile("batchgate-fuzz-ci", max_examples=400, derandomize=True, database=None, **_COMMON)
 settings.register_profile(
     "batchgate-fuzz-long",
     max_examples=20_000,

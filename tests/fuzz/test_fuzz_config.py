@@ -267,7 +267,7 @@ def environments(draw, repo: str, clean: bool) -> dict:
     return env
 
 
-@budget(1.0)
+@budget(0.25)
 @given(data=st.data())
 def test_load_settings(workdir, data):
     repo = str(workdir / "models")

@@ -1,5 +1,6 @@
-"""What the fuzz harness found that is still open in the server: one xfail-strict test per
-finding, its inputs as explicit examples, checked with no tolerance (``strict=True``).
+"""What the fuzz harness found in the server: one test per finding, its inputs as explicit
+examples, checked with no tolerance (``strict=True``); xfail-strict while the finding is open,
+a plain regression test once it is fixed.
 
 While a finding is open its test xfails, and the properties tolerate that one failure (listed
 in ``fuzz_support.FINDINGS``) so they keep hunting for others. Once the server is fixed the
@@ -54,6 +55,16 @@ def decode_http(body: bytes, header_length: str | None):
 @example(header_length="x" * 60_000)
 @example(header_length="9 " * 30_000)
 def test_header_length_message_is_bounded(header_length):
+    decode_http(b"{}", header_length)
+
+
+@open_finding("header-length-echo")
+@EXPLICIT
+@given(header_length=st.just(""))
+@example(header_length="9" * 2000)  # found by make fuzz (1,934 digits and a 70-byte body: 2,000 characters)
+@example(header_length="9" * 4300)  # the most int() reads: 4,365 characters
+@example(header_length="-" + "9" * 3000)
+def test_header_length_number_is_not_echoed_whole(header_length):
     decode_http(b"{}", header_length)
 
 
@@ -146,6 +157,7 @@ def load(tmp_path_factory, content: bytes | None, flags=None, environ=None):
 @example(content=b"server:\n  http_port: " + b"9" * 5000 + b"\n")  # ValueError: int() of 5,000 digits
 @example(content=b"remote_models:\n  - name: " + b"9" * 5000 + b"\n    upstreams: h:1\n")
 @example(content=b"server: " + nested(3000) + b"\n")  # RecursionError
+@example(content=b'server:\n  host: "\\U80092014"\n')  # OverflowError from chr(); found by make fuzz
 def test_yaml_loader_errors_are_config_errors(tmp_path_factory, content):
     load(tmp_path_factory, content)
 

@@ -38,7 +38,9 @@ from gateway_support import start_gateway
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CLASSIFIER_1E300 = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [1e300, 0, 0, 0]}]}
-PROTOCOL_REFUSALS = {408, 413, 431}  # answered by the HTTP layer before the app, in plain text
+# Answered by the HTTP layer before the application, in plain text: 400 from the parser (e.g. a
+# control character in a header value), 408 / 413 / 431 from the connection limits.
+PROTOCOL_REFUSALS = {400, 408, 413, 431}
 BAD_GRPC = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
 
 
@@ -172,7 +174,7 @@ def simple_body(shape0=(1, 16), data0=None, tail: bytes = b"") -> bytes:
     )
 
 
-@budget(0.1)
+@budget(0.25)
 @given(case=http_requests())
 # Found by this harness, fixed since: an empty tensor with enormous dimensions was a 500.
 @example(case=("/v2/models/simple/infer", simple_body((0, 2**62, 4), []), {}))
@@ -185,7 +187,8 @@ def simple_body(shape0=(1, 16), data0=None, tail: bytes = b"") -> bytes:
     )
 )
 @example(case=("/v2/models/classifier/infer", json.dumps(CLASSIFIER_1E300).encode(), {}))
-# Empty batches: refused, or answered with empty outputs.
+# Empty batches: refused, or answered with empty outputs. A control character in a header: the parser's 400.
+@example(case=("/v2/models/identity_bytes/infer", b"{}", {"Inference-Header-Content-Length": b"\x08"}))
 @example(
     case=("/v2/models/mlp/infer", b'{"inputs":[{"name":"input","datatype":"FP32","shape":[0,256],"data":[]}]}', {})
 )
@@ -208,7 +211,7 @@ def test_http_infer(gateway, case):
             outcome(f"known finding: {found.key}")
         return
     outcome(f"HTTP {status}")
-    if status != 200 and status not in PROTOCOL_REFUSALS:
+    if status != 200 and (status not in PROTOCOL_REFUSALS or data.startswith(b"{")):  # the app's: JSON
         doc = json.loads(data)
         assert isinstance(doc.get("error"), str) and doc["error"], doc
 
@@ -241,7 +244,7 @@ def grpc_requests(draw) -> bytes:
     return draw(wire_messages(sig, clean))
 
 
-@budget(0.1)
+@budget(0.25)
 @given(data=grpc_requests(), md=metadata)
 def test_grpc_infer(channel, data, md):
     call = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)

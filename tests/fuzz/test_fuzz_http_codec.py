@@ -68,7 +68,7 @@ def check_request(out, lim: RequestLimits) -> None:
     assert isinstance(options, http_codec.OutputOptions)
 
 
-@budget(1.0)
+@budget(0.5)
 @given(case=http_bodies(), lim=limits)
 @example(case=(b'{"inputs":[{"name":"a","datatype":"FP32","shape":[2],"data":[1,true]}]}', None), lim=LIMITS)
 @example(
@@ -96,12 +96,14 @@ def check_request(out, lim: RequestLimits) -> None:
 @example(case=(one_input(name="a" * 100_000, datatype="X"), None), lim=LIMITS)
 @example(case=(one_input(datatype="X" * 100_000), None), lim=LIMITS)
 @example(case=(one_input(shape=[-1] * 100_000), None), lim=LIMITS)
+# Found by make fuzz, open (test_fuzz_findings.py): a long all-digit header length quoted whole.
+@example(case=(b'{"inputs":null,"outputs":[{"name":"OUTPUT0"}],"id":"","parameters":{}}', "9" * 1934), lim=LIMITS)
 def test_decode_request_json_bodies(case, lim):
     body, header_length = case
     check_request(decode(body, header_length, lim), lim)
 
 
-@budget(1.0)
+@budget(0.5)
 @given(
     body=st.binary(max_size=2048),
     header_length=st.one_of(st.none(), st.integers(-2, 2100).map(str), st.text(max_size=6)),
@@ -110,7 +112,7 @@ def test_decode_request_random_bytes(body, header_length):
     check_request(decode(body, header_length), LIMITS)
 
 
-@budget(0.5)
+@budget(0.25)
 @given(
     body=st.one_of(
         st.builds(lambda b: b'{"inputs":' + b, st.binary(max_size=256)),
@@ -126,7 +128,7 @@ def test_decode_request_json_prefixes(body):
     check_request(decode(body, None), LIMITS)
 
 
-@budget(0.5)
+@budget(0.1)
 @given(
     name=st.text(min_size=1, max_size=20),
     dtname=st.sampled_from(list(DATATYPES)),
@@ -171,7 +173,7 @@ def check_decompress(body: bytes, encoding: str | None, limit: int, max_members:
         assert len(out) <= limit
 
 
-@budget(0.5)
+@budget(0.25)
 @given(
     case=compressed_bodies(),
     limit=st.one_of(st.integers(0, 4096), st.just(64 * 1024 * 1024)),
@@ -185,13 +187,13 @@ def test_decompress(case, limit, members):
     check_decompress(body, encoding, limit, members)
 
 
-@budget(0.5)
+@budget(0.25)
 @given(body=st.binary(max_size=512), encoding=st.sampled_from(["gzip", "deflate"]), limit=st.integers(0, 10_000))
 def test_decompress_random_bytes(body, encoding, limit):
     check_decompress(body, encoding, limit, 64)
 
 
-@budget(0.3)
+@budget(0.05)
 @given(data=st.data(), encoding=st.sampled_from(["gzip", "deflate"]))
 def test_decompress_round_trip(data, encoding):
     """What compress writes, decompress reads back whole (within the limit)."""

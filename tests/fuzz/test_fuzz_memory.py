@@ -52,7 +52,7 @@ def grpc_decode(data: bytes) -> None:
     grpc_codec.decode_request(msg, 1.0, LIMITS)
 
 
-@budget(0.25)
+@budget(0.04)
 @given(case=http_bodies(huge=False))
 @example(case=(b'{"inputs":[{"name":"a","datatype":"BYTES","shape":[1000000000],"data":[]}]}', None))
 @example(case=(b'{"inputs":[{"name":"a","datatype":"FP32","shape":[0,4611686018427387904,4],"data":[]}]}', None))
@@ -68,14 +68,14 @@ def test_http_decode_small_input_small_peak(traced, case):
     assert peak_of(http_decode, body, header_length) < PEAK_LIMIT
 
 
-@budget(0.25)
+@budget(0.04)
 @given(data=wire_messages())
 def test_grpc_decode_small_input_small_peak(traced, data):
     assume(len(data) <= SMALL)
     assert peak_of(grpc_decode, data) < PEAK_LIMIT
 
 
-@budget(0.15)
+@budget(0.04)
 @given(case=compressed_bodies())
 def test_decompress_small_input_small_peak(traced, case):
     """Inflating at most 4 KiB, with the limit a server has by default (64 MiB), stays under it."""
