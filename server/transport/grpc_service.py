@@ -175,6 +175,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------ inference
     def _decode(self, msg, context, headers) -> InferRequest:
+        """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's."""
         arrival = _monotonic()
         remaining = context.time_remaining()
         return grpc_codec.decode_request(
@@ -188,12 +189,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             request = _parse(raw)
             dp = self.dp
             headers = caller_headers(context.invocation_metadata() or (), dp.limits)
-            arrival = _monotonic()
-            remaining = context.time_remaining()
-            req = grpc_codec.decode_request(
-                request, arrival, dp.limits, headers, None if remaining is None else arrival + remaining
-            )
-            resp = await dp.infer(req)
+            resp = await dp.infer(self._decode(request, context, headers))
             return grpc_codec.encode_response(resp)
         except GatewayError as e:
             self.dp.count_error("grpc", e)
