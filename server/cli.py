@@ -51,7 +51,7 @@ def _serve_parser(sub) -> None:
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML file of settings, in sections (server, repository, limits, batching, remote_models)",
+        help="YAML file of settings, in sections (server, repository, limits, batching, auth, tls, remote_models)",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in SETTINGS.values():

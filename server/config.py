@@ -82,6 +82,15 @@ class ServerSettings:
     http_idle_timeout_s: float = _setting(
         75.0, "an idle keep-alive HTTP connection is closed after this", positive=True
     )
+    admin_host: str = _setting(
+        "127.0.0.1", "address the admin listener binds (repository API; routes and drift later)", metavar="HOST"
+    )
+    admin_port: int = _setting(8003, "admin HTTP port; 0 picks a free port, -1 turns it off")
+    health_port: int = _setting(
+        -1,
+        "plaintext port serving health only (HTTP /v2/health/* and gRPC health), for kubelet probes "
+        "when TLS is on; 0 picks a free port, -1 = off",
+    )
     infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
     log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
@@ -149,6 +158,18 @@ class LimitSettings:
     max_gzip_members: int = _setting(64, "gzip members in one compressed HTTP body; more = INVALID_ARGUMENT", minimum=1)
     max_inputs: int = _setting(64, "input tensors on one request; more = INVALID_ARGUMENT", minimum=1)
     max_outputs: int = _setting(64, "outputs one request may name; more = INVALID_ARGUMENT", minimum=1)
+    max_inflight_requests: int = _setting(
+        4096,
+        "requests admitted and not yet answered in this process, all models together; one more is "
+        "refused at once with RESOURCE_EXHAUSTED / 429",
+        minimum=1,
+    )
+    max_queue_wait_ms: float = _setting(
+        500.0,
+        "refuse a request at once when the wait its model's queue is expected to impose (judged from "
+        "the measured drain rate) exceeds this; 0 = no bound on the expected wait",
+        minimum=0,
+    )
     max_tensor_dims: int = _setting(
         32,
         "dimensions of one input's shape (JSON data nested as deep at most); more = INVALID_ARGUMENT",
@@ -175,11 +196,48 @@ class BatchingSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Section ``auth``: who may call what, and the audit trail of admin actions."""
+
+    api_keys_file: str = _setting(
+        "",
+        "YAML file of API keys (id, sha256 of the token, scopes, models, rate_per_s, burst); "
+        "empty = the server runs open (a warning says so at start)",
+        metavar="FILE",
+    )
+    api_keys_poll_s: float = _setting(2.0, "how often api_keys_file is checked for changes (revocation)", positive=True)
+    allow_open_admin: bool = _setting(
+        False, "without api_keys_file, allow repository load/unload to anyone (Triton-like set-ups)"
+    )
+    audit_log_file: str = _setting(
+        "", "append one JSON line per admin action here (fsynced; never tokens); empty = no audit log", metavar="FILE"
+    )
+    health_requires_key: bool = _setting(False, "with api_keys_file, health endpoints need a key too")
+    metrics_requires_key: bool = _setting(False, "with api_keys_file, /metrics needs a key with scope 'read'")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Section ``tls``: HTTPS and gRPC over TLS on the same ports; mTLS with a client CA."""
+
+    tls_cert_file: str = _setting("", "PEM certificate chain; with tls_key_file, serve TLS", metavar="FILE")
+    tls_key_file: str = _setting("", "PEM private key of tls_cert_file", metavar="FILE")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)", metavar="FILE"
+    )
+    tls_poll_s: float = _setting(
+        5.0, "how often the certificate files are checked for changes and reloaded", positive=True
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     repository: RepositorySettings = field(default_factory=RepositorySettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
 
 
@@ -188,8 +246,10 @@ SECTIONS: dict[str, type] = {
     "repository": RepositorySettings,
     "limits": LimitSettings,
     "batching": BatchingSettings,
+    "auth": AuthSettings,
+    "tls": TlsSettings,
 }
-RESERVED_SECTIONS = ("auth", "tls", "routes", "drift")  # planned; refused until they exist
+RESERVED_SECTIONS = ("routes", "drift")  # planned; refused until they exist
 TOP_LEVEL = (*SECTIONS, "remote_models")
 
 
@@ -414,10 +474,15 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
         v = getattr(s.server, port)
         if not 0 <= v <= 65535:
             raise ConfigError(f"{what(port)} must be between 0 and 65535 (0 picks a free port), not {v}")
-    if not -1 <= s.server.metrics_port <= 65535:
-        raise ConfigError(
-            f"{what('metrics_port')} must be between 0 and 65535, or -1 for none, not {s.server.metrics_port}"
-        )
+    for port in ("metrics_port", "admin_port", "health_port"):
+        v = getattr(s.server, port)
+        if not -1 <= v <= 65535:
+            raise ConfigError(f"{what(port)} must be between 0 and 65535, or -1 for none, not {v}")
+    t = s.tls
+    if bool(t.tls_cert_file) != bool(t.tls_key_file):
+        raise ConfigError("tls_cert_file and tls_key_file go together: give both, or neither")
+    if t.tls_client_ca_file and not t.tls_cert_file:
+        raise ConfigError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
     for name, spec in SETTINGS.items():
         if not spec.section:
             continue
@@ -512,6 +577,7 @@ def describe() -> list[tuple[str, str, Any]]:
 __all__ = [
     "ALIASES",
     "Alias",
+    "AuthSettings",
     "BatchingSettings",
     "ConfigError",
     "LimitSettings",
@@ -522,6 +588,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "Spec",
+    "TlsSettings",
     "batching_policies",
     "describe",
     "load_settings",

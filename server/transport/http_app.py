@@ -34,6 +34,8 @@ HTTP_STATUS = {
     ErrorCode.UNIMPLEMENTED: 501,
     ErrorCode.ALREADY_EXISTS: 409,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
 }
 
 # Health endpoints (the Helm chart's probes and the image's HEALTHCHECK use these).
