@@ -1,9 +1,10 @@
 """JSON schemas of the custom resources the chart renders, for the fields it sets.
 
 kubernetes-validate knows only Kubernetes' own kinds. These schemas follow the CRDs of
-Prometheus Operator (monitoring.coreos.com/v1) and KEDA (keda.sh/v1alpha1) for every field
-the chart uses, and refuse any other (``additionalProperties: false``), so a misspelt or
-misplaced field fails the test as it would fail `kubectl apply` against the real CRD.
+Prometheus Operator (monitoring.coreos.com/v1), KEDA (keda.sh/v1alpha1) and cert-manager
+(cert-manager.io/v1) for every field the chart uses, and refuse any other
+(``additionalProperties: false``), so a misspelt or misplaced field fails the test as it would
+fail `kubectl apply` against the real CRD.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ _ENDPOINT = _obj(
         "interval": _DURATION,
         "scrapeTimeout": _DURATION,
         "scheme": {"enum": ["http", "https"]},
+        "authorization": _obj(
+            {"type": _STR, "credentials": _obj({"name": _STR, "key": _STR, "optional": {"type": "boolean"}}, ["key"])}
+        ),
     },
     ["port"],
 )
@@ -49,6 +53,16 @@ _HPA_RULES = _obj(
         "policies": {"type": "array", "items": _HPA_POLICY},
     }
 )
+
+# cert-manager.io/v1 Certificate: the fields of its CRD the chart sets (and a few neighbours).
+_DURATION_GO = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"}
+_DNS_NAME = {"type": "string", "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
+_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+]  # fmt: skip
 
 CRD_SCHEMAS = {
     "ServiceMonitor": _resource(
@@ -141,6 +155,33 @@ CRD_SCHEMAS = {
                 },
             },
             ["scaleTargetRef", "triggers"],
+        ),
+    ),
+    "Certificate": _resource(
+        "cert-manager.io/v1",
+        "Certificate",
+        _obj(
+            {
+                "secretName": _STR,
+                "secretTemplate": _obj({"labels": _LABELS, "annotations": _LABELS}),
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "items": _DNS_NAME, "minItems": 1},
+                "ipAddresses": {"type": "array", "items": _STR},
+                "duration": _DURATION_GO,
+                "renewBefore": _DURATION_GO,
+                "usages": {"type": "array", "items": {"enum": _USAGES}},
+                "isCA": {"type": "boolean"},
+                "privateKey": _obj(
+                    {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": _INT,
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    }
+                ),
+                "issuerRef": _obj({"name": _STR, "kind": _STR, "group": _STR}, ["name"]),
+            },
+            ["secretName", "issuerRef"],
         ),
     ),
 }

@@ -6,23 +6,19 @@ Then the drain the chart relies on is exercised for real on a `batchgate serve` 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import jsonschema
-import kubernetes_validate
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from crd_schemas import CRD_SCHEMAS
+from helm_support import CHART, by_kind, helm_binary, lint, render, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
@@ -30,11 +26,6 @@ from batchgate.demo import _save, slow_model
 from batchgate.monitoring.metrics import FAMILIES
 from batchgate.transport.http_app import LIVE_PATH, READY_PATH
 from processes import Proc
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "batchgate"
-K8S = "1.33.0"
-API_VERSIONS = ["monitoring.coreos.com/v1", "keda.sh/v1alpha1"]
 
 VARIANTS = {
     "default": {},
@@ -56,13 +47,6 @@ VARIANTS = {
 }
 
 
-def helm_binary() -> str:
-    path = os.environ.get("HELM") or str(ROOT / ".cache" / "helm" / "helm")
-    if not Path(path).exists():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_helm.py")], check=True, capture_output=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def helm() -> str:
     return helm_binary()
@@ -74,49 +58,13 @@ def values_file(tmp_path: Path, name: str) -> Path:
     return f
 
 
-def render(helm: str, values: Path, *extra: str) -> list[dict]:
-    out = subprocess.run(
-        [
-            helm,
-            "template",
-            "rel",
-            str(CHART),
-            "-f",
-            str(values),
-            "--namespace",
-            "serving",
-            "--kube-version",
-            K8S,
-            *[a for v in API_VERSIONS for a in ("--api-versions", v)],
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for d in docs:
-        out.setdefault(d["kind"], []).append(d)
-    return out
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_lint_render_and_validate_every_manifest(helm, tmp_path, variant):
     values = values_file(tmp_path, variant)
-    lint = subprocess.run([helm, "lint", str(CHART), "--strict", "-f", str(values)], capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    lint(helm, values)
     docs = render(helm, values)
     kinds = by_kind(docs)
-    for doc in docs:
-        if doc["kind"] in CRD_SCHEMAS:
-            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])  # the fields we set, spelled right
-        else:
-            kubernetes_validate.validate(doc, K8S, strict=True)  # raises on any unknown or wrong field
+    validate(docs)  # Kubernetes' schemas (strict); custom resources against their CRDs' fields
     assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget"} <= set(kinds)
     autoscaled = VARIANTS[variant].get("autoscaling", {}).get("enabled", True)
     mode = VARIANTS[variant].get("autoscaling", {}).get("mode", "hpa")

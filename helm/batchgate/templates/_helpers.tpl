@@ -52,3 +52,58 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "batchgate.promSelector" -}}
 namespace="{{ .Release.Namespace }}",{{ if eq .Values.monitoring.kind "PodMonitor" }}pod=~"{{ include "batchgate.fullname" . }}-.*"{{ else }}service="{{ include "batchgate.fullname" . }}"{{ end }}
 {{- end -}}
+
+{{/* The Secret that holds the API keys file: auth.apiKeys.existingSecret, or the chart's own
+when auth.apiKeys.keys is given; empty: no keys (the server runs open). */}}
+{{- define "batchgate.apiKeysSecret" -}}
+{{- $k := .Values.auth.apiKeys -}}
+{{- if and $k.existingSecret $k.keys -}}
+{{- fail "auth.apiKeys: give existingSecret or keys, not both" -}}
+{{- end -}}
+{{- if $k.existingSecret -}}
+{{- $k.existingSecret -}}
+{{- else if $k.keys -}}
+{{- printf "%s-api-keys" (include "batchgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The kubernetes.io/tls Secret of the server's certificate; empty: TLS off. */}}
+{{- define "batchgate.tlsSecret" -}}
+{{- if .Values.tls.enabled -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else if .Values.tls.certManager.create -}}
+{{- printf "%s-tls" (include "batchgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret: tls.crt, tls.key) or tls.certManager.create" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The plaintext health port the probes use when the main ports need TLS or a key; empty:
+the probes use the main ports (and server.health_port is -1). */}}
+{{- define "batchgate.healthPort" -}}
+{{- if or .Values.tls.enabled (and .Values.auth.healthRequiresKey (include "batchgate.apiKeysSecret" .)) -}}
+{{- .Values.ports.health -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the projected /etc/batchgate volume puts what the server reads. */}}
+{{- define "batchgate.paths" -}}
+{{- $d := "/etc/batchgate" -}}
+{{- dict "config" (printf "%s/batchgate.yaml" $d) "keys" (printf "%s/keys/keys.yaml" $d) "cert" (printf "%s/tls/tls.crt" $d) "key" (printf "%s/tls/tls.key" $d) "clientCA" (printf "%s/tls/client-ca.crt" $d) "audit" "/var/log/batchgate/audit.log" | toJson -}}
+{{- end -}}
+
+{{/* The Service ports of the V2 HTTP and gRPC listeners. With TLS they are named https and grpcs,
+both with appProtocol https (gRPC over TLS is HTTP/2 over TLS): a mesh passes them on as TLS. */}}
+{{- define "batchgate.servicePorts" -}}
+{{- $tls := .Values.tls.enabled -}}
+- name: {{ ternary "https" "http" $tls }}
+  port: {{ .Values.ports.http }}
+  targetPort: http
+  appProtocol: {{ ternary "https" "http" $tls }}
+- name: {{ ternary "grpcs" "grpc" $tls }}
+  port: {{ .Values.ports.grpc }}
+  targetPort: grpc
+  appProtocol: {{ ternary "https" "grpc" $tls }}
+{{- end -}}

@@ -1,0 +1,78 @@
+"""Rendering the Helm chart with the real helm binary, and validating what it renders; shared by
+the chart's tests (test_helm_chart.py, test_helm_security.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import yaml
+from crd_schemas import CRD_SCHEMAS
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "batchgate"
+K8S = "1.33.0"
+# The APIs the rendering cluster is told it has (Prometheus Operator, KEDA, cert-manager).
+API_VERSIONS = ["monitoring.coreos.com/v1", "keda.sh/v1alpha1", "cert-manager.io/v1"]
+
+
+def helm_binary() -> str:
+    path = os.environ.get("HELM") or str(ROOT / ".cache" / "helm" / "helm")
+    if not Path(path).exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_helm.py")], check=True, capture_output=True)
+    return path
+
+
+def render(helm: str, values: Path, *extra: str, api_versions: list[str] = API_VERSIONS) -> list[dict]:
+    """The manifests `helm template` renders with these values (it must succeed)."""
+    out = template(helm, values, *extra, api_versions=api_versions)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def template(helm: str, values: Path, *extra: str, api_versions: list[str] = API_VERSIONS):
+    """`helm template` of the chart as a finished process (stdout, stderr, returncode)."""
+    return subprocess.run(
+        [
+            helm,
+            "template",
+            "rel",
+            str(CHART),
+            "-f",
+            str(values),
+            "--namespace",
+            "serving",
+            "--kube-version",
+            K8S,
+            *[a for v in api_versions for a in ("--api-versions", v)],
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def validate(docs: list[dict]) -> None:
+    """Every manifest against Kubernetes' schemas (strict), custom resources against CRD_SCHEMAS."""
+    for doc in docs:
+        if doc["kind"] in CRD_SCHEMAS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])  # the fields we set, spelled right
+        else:
+            kubernetes_validate.validate(doc, K8S, strict=True)  # raises on any unknown or wrong field
+
+
+def lint(helm: str, values: Path) -> None:
+    out = subprocess.run([helm, "lint", str(CHART), "--strict", "-f", str(values)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
