@@ -22,9 +22,11 @@ from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
 from .core.types import InferRequest, InferResponse, RequestLimits, check_model_name
+from .model import ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
+from .security.limits import Admission
 
 log = logging.getLogger("batchgate")
 
@@ -73,11 +75,13 @@ class DataPlane:
         limits: RequestLimits,
         strict_readiness: bool = True,
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
     ):
         self.repository = repository
         self.metrics = metrics or repository.metrics
         self.limits = limits
         self.strict_readiness = strict_readiness
+        self.admission = admission or Admission(max_inflight=1 << 30, max_queue_wait_s=0.0)
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
 
     # ------------------------------------------------------------------ health
@@ -94,23 +98,34 @@ class DataPlane:
         return self.repository.ready(name, version)
 
     # ------------------------------------------------------------------ inference
-    def admit(self) -> None:
-        """Refuse work before anything is decoded: while draining (issue-wide admission,
-        authentication and limits plug in here)."""
+    def admit(self, name: str, version: str = "") -> ModelVersion:
+        """Admit one inference request for ``name`` (``version``: "" = latest) before anything
+        of it is decoded, or refuse it: UNAVAILABLE while draining, NOT_FOUND for an unknown
+        model, RESOURCE_EXHAUSTED past the admission limits (``security/limits.py``).
+
+        Returns the version to hand the request to (:meth:`infer`). The caller must call
+        :meth:`release` with it exactly once when the request is answered or abandoned."""
         if not self.accepting:
             raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
+        served = self.repository.resolve(name, version)
+        self.admission.admit(served)
+        return served
 
-    def infer(self, request: InferRequest) -> Awaitable[InferResponse]:
-        """Hand ``request`` to the version it names; await the answer.
+    def release(self, served: ModelVersion) -> None:
+        self.admission.release(served)
 
-        The caller has called :meth:`admit` first, before decoding anything. Not a coroutine
-        itself (one frame less per request): a refusal found here raises at once, before
-        anything is queued."""
-        return self.repository.resolve(request.model_name, request.model_version).submit(request)
+    @staticmethod
+    def infer(served: ModelVersion, request: InferRequest) -> Awaitable[InferResponse]:
+        """Hand ``request`` to the version :meth:`admit` returned; await the answer.
+
+        Not a coroutine itself (one frame less per request): a refusal found here raises at
+        once, before anything is queued."""
+        return served.submit(request)
 
     @property
     def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.repository.served())
+        """Requests admitted or submitted and not yet answered."""
+        return max(self.admission.inflight, sum(s.in_flight for s in self.repository.served()))
 
     def count_error(self, protocol: str, e: GatewayError) -> None:
         """Count an inference request answered with an error, by the limit that refused it when

@@ -89,17 +89,24 @@ class ModelVersion:
             self.scheduler = PassThroughScheduler(
                 execute, instances=instances, max_queue_size=max_queue_size, name=self.name, refused=metrics.refused
             )
-        self.in_flight = 0
+        self.in_flight = 0  # submitted and not yet answered
+        self.admitted = 0  # admitted by the data plane (security/limits.py) and not yet released
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.track(
             self,
             self.stats,
-            lambda: self.scheduler.queue_depth,
-            lambda: self.in_flight,
+            self.queue_depth,
+            lambda: max(self.in_flight, self.admitted),
             self.scheduler.oldest_age_s,
             self.ready if backend.kind == "remote" else None,
         )
+
+    def queue_depth(self) -> int:
+        """Requests admitted and not yet executing, whatever the scheduler: those in its queue,
+        and those admitted whose body is still being read or decoded."""
+        sched = self.scheduler
+        return max(sched.queue_depth, self.admitted - sched.executing)
 
     def ready(self) -> bool:
         """Whether this version can serve now (a remote model needs an upstream in rotation)."""

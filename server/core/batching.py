@@ -188,6 +188,14 @@ class DynamicBatcher(_SchedulerBase):
     def queue_depth(self) -> int:
         return self._depth
 
+    @property
+    def max_queue_size(self) -> int:
+        return self.config.max_queue_size
+
+    @property
+    def drain_rate(self) -> DrainRate:
+        return self._drain
+
     def oldest_age_s(self) -> float:
         """How long the longest-waiting queued request has waited (0 when none)."""
         oldest = min((e.request.arrival for lvl in self._levels for _, e in lvl), default=None)
@@ -209,7 +217,7 @@ class DynamicBatcher(_SchedulerBase):
             self._refused(QUEUE_FULL)
             raise GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"model '{self._name}' queue is full ({cfg.max_queue_size} requests waiting)",
+                f"model '{self._name}' queue is full: {cfg.max_queue_size} requests waiting (max_queue_size)",
                 retry_after_s=self._drain.seconds_to_drain(self._depth),
             )
         if request.deadline is not None:
@@ -468,7 +476,7 @@ class DynamicBatcher(_SchedulerBase):
             self.cost.observe(rows, self._clock() - started)
         self._free += 1
         self._executing -= len(batch)
-        self._drain.completed += len(batch)
+        self._drain.done(len(batch), self._depth > 0)
         if isinstance(results, BaseException):
             results = [GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")] * len(batch)
         for e, r in zip(batch, results):

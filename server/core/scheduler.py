@@ -73,7 +73,8 @@ def deadline_error(request: InferRequest) -> GatewayError:
 
 
 class _SchedulerBase:
-    """What every scheduler keeps alike: closing, draining, and the count of executing requests."""
+    """What every scheduler keeps alike: closing, draining, and the count of executing requests
+    (requests, not batches)."""
 
     _closed: bool
     _executing: int
@@ -123,6 +124,14 @@ class PassThroughScheduler(_SchedulerBase):
     def queue_depth(self) -> int:
         return self._waiting
 
+    @property
+    def max_queue_size(self) -> int:
+        return self._max_queue
+
+    @property
+    def drain_rate(self) -> DrainRate:
+        return self._drain
+
     def oldest_age_s(self) -> float:
         """How long the longest-waiting queued request has waited (0 when none)."""
         oldest = min(list(self._arrivals.values()), default=None)
@@ -159,7 +168,7 @@ class PassThroughScheduler(_SchedulerBase):
                 self._refused(QUEUE_FULL)
                 raise GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
-                    f"model '{self._name}' queue is full ({self._max_queue} requests waiting)",
+                    f"model '{self._name}' queue is full: {self._max_queue} requests waiting (max_queue_size)",
                     retry_after_s=self._drain.seconds_to_drain(self._waiting),
                 )
             await self._wait_for_slot(request)
@@ -211,7 +220,7 @@ class PassThroughScheduler(_SchedulerBase):
 
     def _finished(self, out: asyncio.Future[Sequence[InferResponse | GatewayError]], results: Results) -> None:
         self._executing -= 1
-        self._drain.completed += 1
+        self._drain.done(1, self._waiting > 0)
         self._hand_slot()
         if not out.done():
             if isinstance(results, BaseException):
@@ -222,28 +231,44 @@ class PassThroughScheduler(_SchedulerBase):
 
 
 class DrainRate:
-    """Completions per second over the last few seconds, read only when a Retry-After is
-    needed: the hot path just adds one to ``completed``."""
+    """How fast a scheduler gets through work when it has work waiting: completions per second
+    of *busy* time (time during which something was queued), so a spike after a quiet spell
+    is judged by the capacity measured under load, not by the low traffic before it.
+
+    ``done(n, backlog)`` is called once per finished execution (n requests; ``backlog``: was
+    anything still waiting). Figures decay by half every ``window_s`` of busy time."""
+
+    __slots__ = ("_clock", "_window", "_last", "_busy", "_busy_s", "_busy_n", "completed")
 
     def __init__(self, clock: Clock, window_s: float = 2.0):
         self._clock = clock
         self._window = window_s
+        self._last = clock()
+        self._busy = False  # whether work was waiting at the last completion
+        self._busy_s = 0.0
+        self._busy_n = 0.0
         self.completed = 0
-        self._mark_t = clock()
-        self._mark_n = 0
-        self._rate = 0.0
 
-    def rate(self) -> float:
+    def done(self, n: int, backlog: bool) -> None:
         now = self._clock()
-        span = now - self._mark_t
-        if span > 1e-3:
-            self._rate = (self.completed - self._mark_n) / span
-            if span >= self._window:
-                self._mark_t, self._mark_n = now, self.completed
-        return self._rate
+        if self._busy:  # work waited all along since the last completion: that time was busy
+            self._busy_s += now - self._last
+            self._busy_n += n
+            if self._busy_s > self._window:
+                self._busy_s *= 0.5
+                self._busy_n *= 0.5
+        self._last = now
+        self._busy = backlog
+        self.completed += n
+
+    def rate(self) -> float | None:
+        """Requests per second while busy; None until enough busy time was seen to judge."""
+        if self._busy_s < 0.02 or self._busy_n < 1:
+            return None
+        return self._busy_n / self._busy_s
 
     def seconds_to_drain(self, depth: int) -> float:
         rate = self.rate()
-        if rate <= 0:
+        if rate is None:
             return 1.0
         return max(0.001, depth / rate)

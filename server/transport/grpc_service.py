@@ -186,12 +186,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, raw: bytes, context):
         request = headers = None
+        dp = self.dp
         try:
-            self.dp.admit()
             request = _parse(raw)
-            dp = self.dp
-            headers = caller_headers(context.invocation_metadata() or (), dp.limits)
-            resp = await dp.infer(self._decode(request, context, headers))
+            served = dp.admit(request.model_name, request.model_version)  # before any tensor is decoded
+            try:
+                headers = caller_headers(context.invocation_metadata() or (), dp.limits)
+                resp = await dp.infer(served, self._decode(request, context, headers))
+            finally:
+                dp.release(served)
             return grpc_codec.encode_response(resp)
         except GatewayError as e:
             self.dp.count_error("grpc", e)
@@ -226,8 +229,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(msg):
             try:
-                self.dp.admit()
-                resp = await self.dp.infer(self._decode(msg, context, headers))
+                served = self.dp.admit(msg.model_name, msg.model_version)
+                try:
+                    resp = await self.dp.infer(served, self._decode(msg, context, headers))
+                finally:
+                    self.dp.release(served)
                 await out.put(pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(resp)))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):

@@ -192,18 +192,28 @@ class HttpApp:
 
     async def _counted_infer(self, model, version, scope, receive, send):
         """An infer call whose refusal is counted once, whichever step refused it."""
+        dp = self.dp
         try:
-            return await self._infer(model, version, scope, receive, send)
+            try:
+                # Admitted or refused from the path alone, before the body is read: a refusal
+                # under overload costs no body read and no decode.
+                served = dp.admit(model, version)
+            except GatewayError as e:
+                dp.log_failure("http", model, "", e)
+                raise
+            try:
+                return await self._infer(served, model, version, scope, receive, send)
+            finally:
+                dp.release(served)
         except GatewayError as e:
-            self.dp.count_error("http", e)
+            dp.count_error("http", e)
             raise
         except Exception as e:  # answered INTERNAL by __call__; counted here like gRPC counts it
             self.dp.count_error("http", GatewayError(ErrorCode.INTERNAL, str(e)))
             raise
 
-    async def _infer(self, model, version, scope, receive, send):
+    async def _infer(self, served, model, version, scope, receive, send):
         arrival = _monotonic()
-        self.dp.admit()
         header_len = content_encoding = accept = None
         x_headers = []
         for k, v in scope["headers"]:
@@ -238,7 +248,7 @@ class HttpApp:
                 else:
                     body = http_codec.decompress(body, content_encoding, self.limit, self.max_gzip_members)
             req, options = http_codec.decode_request(body, header_len, model, version, arrival, self.dp.limits, headers)
-            pending = self.dp.infer(req)
+            pending = self.dp.infer(served, req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
             # for requests still unanswered after a moment (most are answered first, and
             # listening costs a task), so one abandoned while queued leaves the queue.
@@ -292,9 +302,11 @@ class HttpApp:
             status = HTTP_STATUS[e.code]
         if e.retry_after_s is not None:
             headers.append((b"retry-after", str(max(1, round(e.retry_after_s))).encode()))
+        body = orjson.dumps({"error": e.message})
+        headers.append((b"content-length", str(len(body)).encode()))
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": orjson.dumps({"error": e.message})})
+            await send({"type": "http.response.body", "body": body})
         except Exception:  # the client is gone; nothing left to tell it
             pass
 

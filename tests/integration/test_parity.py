@@ -506,7 +506,7 @@ def test_a_full_queue_is_refused_alike_with_retry_after(tmp_path, serve):
     running = serve(str(tmp_path), max_queue_size=1, **QUICK)
     served = running.gateway.repository.resolve("slow", "")
     one = Spec(model="slow", inputs=ONE_ROW, request_id="overflow")
-    want = "model 'slow' queue is full (1 requests waiting)"
+    want = "model 'slow' queue is full: 1 requests waiting (max_queue_size)"
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(over_grpc, running, Spec(model="slow", inputs=_ones(BUSY_ROWS)))
         wait_until(lambda: served.scheduler.executing == 1, "the busy request executes")
@@ -555,7 +555,12 @@ def test_one_request_object_through_the_dataplane_twice_at_once(parity, model):
     req = new_request(model, "", inputs, None, "twice", None, {}, time.monotonic(), "grpc", dp.limits)
 
     async def both():
-        return await asyncio.gather(dp.infer(req), dp.infer(req))
+        served = dp.admit(model), dp.admit(model)
+        try:
+            return await asyncio.gather(dp.infer(served[0], req), dp.infer(served[1], req))
+        finally:
+            for s in served:
+                dp.release(s)
 
     first, second = parity.call(both())
     assert first is not second

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from batchgate.core.errors import ErrorCode, GatewayError
-from batchgate.core.scheduler import PassThroughScheduler, Ticket
+from batchgate.core.scheduler import DrainRate, PassThroughScheduler, Ticket
 from batchgate.core.signature import Checked
 from batchgate.core.types import InferRequest, InferResponse
 
@@ -147,24 +147,30 @@ async def test_full_queue_is_refused_at_once_with_retry_after():
 
 
 async def test_retry_after_shrinks_when_the_queue_drains_faster():
+    """The drain rate is measured while work waits (busy time): a version that got through a
+    backlog quickly gives a shorter Retry-After than one that got through it slowly."""
+
     def measure(gap_s: float) -> float:
         clock = FakeClock()
         be = GatedBackend()
-        s = PassThroughScheduler(executor(be), instances=1, max_queue_size=1, clock=clock, name="m")
+        s = PassThroughScheduler(executor(be), instances=1, max_queue_size=3, clock=clock, name="m")
 
         async def run():
-            for i in range(5):
+            backlog = [submit(s, f"r{i}") for i in range(4)]  # one running, three waiting
+            await settle()
+            for i in range(4):
                 clock.now += gap_s
                 be.release(f"r{i}")
-                await s.submit(rq(f"r{i}"))
-            t1 = submit(s, "busy")
-            t2 = submit(s, "waiting")
+                await settle()
+            await asyncio.gather(*backlog)
+            t = [submit(s, f"f{i}") for i in range(4)]  # full again: one running, three waiting
             await settle()
             with pytest.raises(GatewayError) as ei:
                 await s.submit(rq("refused"))
-            be.release("busy")
-            be.release("waiting")
-            await asyncio.gather(t1, t2)
+            for i in range(4):
+                be.release(f"f{i}")
+                await settle()
+            await asyncio.gather(*t)
             return ei.value.retry_after_s
 
         return run()
@@ -172,6 +178,27 @@ async def test_retry_after_shrinks_when_the_queue_drains_faster():
     fast = await measure(0.01)
     slow = await measure(1.0)
     assert 0 < fast < slow
+    assert fast == pytest.approx(0.03, rel=0.01) and slow == pytest.approx(3.0, rel=0.01)
+
+
+async def test_drain_rate_ignores_quiet_time_between_requests():
+    """Sequential requests with idle gaps are not a measure of capacity: no backlog, no rate
+    (a spike after a quiet spell is not judged by the quiet spell's throughput)."""
+    clock = FakeClock()
+    rate = DrainRate(clock)
+    for _ in range(10):
+        clock.now += 1.0
+        rate.done(1, backlog=False)
+    assert rate.rate() is None
+    rate.done(1, backlog=True)
+    clock.now += 0.05
+    rate.done(1, backlog=True)
+    clock.now += 0.05
+    rate.done(1, backlog=False)
+    assert rate.rate() == pytest.approx(20.0)
+    clock.now += 50.0  # idle: not counted
+    rate.done(1, backlog=False)
+    assert rate.rate() == pytest.approx(20.0)
 
 
 async def test_deadline_passing_while_queued_gives_deadline_exceeded_and_never_runs():

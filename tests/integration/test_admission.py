@@ -1,0 +1,190 @@
+"""Overload admission (issue: safe to expose, point 8): admitted work is bounded per process
+(``max_inflight_requests``), per model (``max_queue_size``, counting requests still being
+read) and by the wait a model's queue is expected to impose (``max_queue_wait_ms``). A
+refusal is decided before the body is read (HTTP) or any tensor decoded (gRPC), answered
+RESOURCE_EXHAUSTED / 429 with Retry-After and the setting named, and counted."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import _save, build_demo_repository, slow_model
+
+GOOD = json.dumps(
+    {
+        "inputs": [
+            {"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))} for n in ("INPUT0", "INPUT1")
+        ]
+    }
+).encode()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return build_demo_repository(str(tmp_path_factory.mktemp("models")))
+
+
+def head(model: str, length: int) -> bytes:
+    return (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def hold(running, model: str = "simple") -> socket.socket:
+    """A request admitted and left half-sent: its head and part of its body, no more."""
+    host, port = running.http_url.split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(head(model, len(GOOD)) + GOOD[:10])
+    return s
+
+
+def finish(s: socket.socket) -> bytes:
+    s.sendall(GOOD[10:])
+    with s:
+        return response(s)
+
+
+def response(s: socket.socket) -> bytes:
+    """One whole HTTP response (its body as long as its Content-Length)."""
+    s.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+def metrics(running) -> str:
+    return urllib.request.urlopen(running.metrics_url).read().decode()
+
+
+def simple_inputs(mod):
+    inputs = []
+    for n in ("INPUT0", "INPUT1"):
+        i = mod.InferInput(n, [1, 16], "INT32")
+        i.set_data_from_numpy(np.arange(16, dtype=np.int32).reshape(1, 16))
+        inputs.append(i)
+    return inputs
+
+
+def test_inflight_limit_refuses_at_once_before_the_body_is_read(repo, serve):
+    running = serve(repo, max_inflight_requests=2)
+    dp = running.gateway.dataplane
+    held = [hold(running), hold(running)]
+    wait_for(lambda: dp.admission.inflight == 2)
+    # Admitted requests whose bodies are still arriving count in the model's queue depth.
+    text = metrics(running)
+    assert 'batchgate_queue_depth{model="simple",version="1"} 2.0' in text
+
+    # gRPC: refused before any tensor is decoded.
+    with pytest.raises(InferenceServerException) as ei:
+        grpcclient.InferenceServerClient(running.grpc_url).infer("simple", simple_inputs(grpcclient))
+    assert ei.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "(max_inflight_requests)" in ei.value.message()
+
+    # HTTP: a head announcing 50 MB and no body at all is answered 429 at once: the body is
+    # never waited for.
+    host, port = running.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(head("simple", 50_000_000))
+        reply = response(s)
+    assert reply.startswith(b"HTTP/1.1 429"), reply[:200]
+    assert b"retry-after:" in reply.lower() and b"(max_inflight_requests)" in reply
+
+    # The held requests are answered in full once their bodies arrive; then there is room.
+    for s in held:
+        assert finish(s).startswith(b"HTTP/1.1 200")
+    wait_for(lambda: dp.admission.inflight == 0)
+    r = httpclient.InferenceServerClient(running.http_url).infer("simple", simple_inputs(httpclient))
+    assert r.as_numpy("OUTPUT0") is not None
+    text = metrics(running)
+    assert 'batchgate_refusals_total{model="simple",reason="inflight_limit",version="1"} 2.0' in text
+    for proto in ("grpc", "http"):
+        assert (
+            f'batchgate_request_errors_total{{code="RESOURCE_EXHAUSTED",protocol="{proto}",'
+            f'reason="max_inflight_requests"}} 1.0' in text
+        )
+
+
+def test_queue_size_counts_requests_still_being_read(repo, serve, tmp_path):
+    """A model's max_queue_size bounds its admitted requests not yet executing, including
+    those whose bodies are on their way: a third is refused while two are half-sent."""
+    _save(slow_model(width=64, layers=2), str(tmp_path), "slow", config="max_batch_size: 0\n")
+    running = serve(str(tmp_path), max_queue_size=2)
+    dp = running.gateway.dataplane
+    held = [hold(running, "slow"), hold(running, "slow")]
+    wait_for(lambda: dp.admission.inflight == 2)
+    inp = grpcclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
+    with pytest.raises(InferenceServerException) as ei:
+        grpcclient.InferenceServerClient(running.grpc_url).infer("slow", [inp])
+    assert ei.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "queue is full: 2 requests waiting (max_queue_size)" in ei.value.message()
+    for s in held:
+        s.close()  # abandoned mid-body: released, nothing left counted
+    wait_for(lambda: dp.admission.inflight == 0)
+    assert grpcclient.InferenceServerClient(running.grpc_url).infer("slow", [inp]).as_numpy("output") is not None
+    assert 'batchgate_queue_depth{model="slow",version="1"} 0.0' in metrics(running)
+
+
+def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
+    """Callers far beyond what one slow instance drains within max_queue_wait_ms: once the
+    drain rate under load is known, the excess is refused at once (not queued for seconds),
+    with a Retry-After, while the admitted ones are served."""
+    _save(slow_model(width=1024, layers=64), str(tmp_path), "slow", config="max_batch_size: 0\n")
+    running = serve(str(tmp_path), max_queue_wait_ms=30, inline_execution_max_us=0)
+    x = np.ones((1, 1024), np.float32)
+    outcomes: list[tuple[str, float, str]] = []
+    lock = threading.Lock()
+
+    def call(i):
+        mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+        inp = mod.InferInput("input", [1, 1024], "FP32")
+        inp.set_data_from_numpy(x)
+        t0 = time.monotonic()
+        try:
+            mod.InferenceServerClient(url).infer("slow", [inp])
+            r, msg = "ok", ""
+        except InferenceServerException as e:
+            r, msg = str(e.status()), e.message() or ""
+        with lock:
+            outcomes.append((r, time.monotonic() - t0, msg))
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(call, range(240)))
+    ok = [o for o in outcomes if o[0] == "ok"]
+    refused = [o for o in outcomes if "(max_queue_wait_ms)" in o[2]]
+    assert ok and refused, sorted({o[0] for o in outcomes})
+    assert {o[0] for o in refused} <= {"429", "StatusCode.RESOURCE_EXHAUSTED"}
+    assert len(ok) + len(refused) == len(outcomes), {o[0] for o in outcomes}
+    text = metrics(running)
+    assert 'batchgate_refusals_total{model="slow",reason="queue_wait",version="1"}' in text
+    assert 'reason="max_queue_wait_ms"' in text
