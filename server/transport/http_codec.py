@@ -36,6 +36,7 @@ from ..core.types import (
 _EMPTY = memoryview(b"")
 # A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
 JSONValue = Any
+_NARROW_FLOATS = ("FP16", "FP32")  # float datatypes a JSON number (a float64) can overflow
 _NUMPY_JSON = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
 
 
@@ -59,7 +60,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     except ValueError:
         raise invalid(f"Inference-Header-Content-Length must be an integer, not {brief(header_length)}") from None
     if n < 0 or n > len(body):
-        raise invalid(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+        # int() reads up to 4,300 digits: the number is quoted cut, like any client value.
+        raise invalid(f"Inference-Header-Content-Length is {clip(str(n), 40)} but the body has only {len(body)} bytes")
     mv = memoryview(body)
     return bytes(mv[:n]), mv[n:]
 
@@ -245,6 +247,16 @@ def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np
                 raise ValueError(f"a value is out of range for {dt.v2} [{info.min}, {info.max}]")
         elif kind not in "iuf":
             raise ValueError(f"{dt.v2} data must be numbers")
+        elif dt.v2 in _NARROW_FLOATS and (kind == "f" or dt.v2 == "FP16"):
+            # A JSON number past FP16 / FP32's range would be cast to inf (with numpy's
+            # RuntimeWarning): cast quietly, then refuse what did not stay finite. Integers
+            # (at most 2**64) always fit FP32, so only FP16 checks them.
+            with np.errstate(over="ignore"):
+                out = arr.astype(dt.np_dtype)
+            if not np.isfinite(out).all():
+                limit = float(np.finfo(dt.np_dtype).max)
+                raise ValueError(f"a value is outside the range of {dt.v2} [{-limit:.8g}, {limit:.8g}]")
+            return out
     return arr.astype(dt.np_dtype)
 
 

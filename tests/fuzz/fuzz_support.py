@@ -78,19 +78,6 @@ def _is_refusal(e: BaseException) -> bool:
 
 FINDINGS: tuple[Finding, ...] = (
     Finding(
-        "header-length-echo",
-        "an Inference-Header-Content-Length of up to 4,300 digits (what int() reads) that runs past the body is "
-        "quoted whole (split_body: 'Inference-Header-Content-Length is N but ...'): messages up to ~4,400 characters",
-        lambda e: _is_refusal(e) and _raised_in(e, {"split_body"}),
-    ),
-    Finding(
-        "float-overflow-cast",
-        "JSON numbers beyond the range of FP16 / FP32 (e.g. 1e300 as FP32) are cast to inf with numpy's "
-        "RuntimeWarning (an exception under the suite's warning filter, a 500 there) instead of being refused",
-        lambda e: isinstance(e, RuntimeWarning) and "overflow" in str(e) and _raised_in(e, {"_json_numbers"}),
-        ("overflow encountered in cast",),
-    ),
-    Finding(
         "yaml-loader-errors",
         "PyYAML raises other errors than YAMLError, which _read_file lets through: ValueError for an "
         "integer of more than 4,300 digits, RecursionError for a document nested ~1,000 deep, OverflowError "

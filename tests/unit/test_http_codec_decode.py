@@ -298,3 +298,43 @@ def test_bad_schedule_parameters(params, words):
 def test_zero_timeout_sets_no_deadline():
     req = decode({**one(data=[1.0, 2.0]), "parameters": {"timeout": 0, "priority": 0}}, arrival=1.0)
     assert req.deadline is None and req.timeout_us == 0 and req.priority == 0
+
+
+# ---------------------------------------------------------------- float range (FP16 / FP32)
+@pytest.mark.parametrize(
+    ("datatype", "value", "bound"),
+    [
+        ("FP32", 1e300, "3.4028235e+38"),
+        ("FP32", -3.5e38, "3.4028235e+38"),
+        ("FP16", 70000.0, "65504"),
+        ("FP16", -65520.0, "65504"),  # rounds to -inf
+        ("FP16", 70000, "65504"),  # an integer: also past FP16's range
+    ],
+)
+def test_json_numbers_past_the_float_range_are_refused(datatype, value, bound):
+    """A cast would make them inf (with numpy's RuntimeWarning, an error under this suite's
+    filter): refused with the input, the datatype and the range."""
+    msg = refused(one("big", datatype, (2,), data=[1.0, value]))
+    assert "input 'big'" in msg and f"outside the range of {datatype}" in msg and bound in msg
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values"),
+    [
+        ("FP32", [3.4028235e38, -3.4028235e38, 1e-300, 16777217]),  # the edges; underflow to 0 is fine
+        ("FP16", [65504.0, -65519.0, 1e-10, 65504]),  # 65519 rounds to 65504, not to inf
+        ("FP64", [1.7e308, -1.7e308, 5e-324, 1]),
+    ],
+)
+def test_json_numbers_at_the_float_range_edges_are_kept(datatype, values):
+    arr = decode(one("x", datatype, (4,), data=values)).inputs[0].data
+    expected = np.asarray(values, dtype=DATATYPES[datatype].np_dtype)
+    assert arr.dtype == expected.dtype and np.array_equal(arr, expected) and np.isfinite(arr).all()
+
+
+# ---------------------------------------------------------------- header length
+@pytest.mark.parametrize("value", ["9" * 4300, "-" + "9" * 3000, "1" + "0" * 40])
+def test_a_long_header_length_is_quoted_cut(value):
+    """int() reads up to 4,300 digits; the error quotes the number cut, like any client value."""
+    msg = refused(b"{}", value)
+    assert "Inference-Header-Content-Length is " in msg and "..." in msg and len(msg) < 200
