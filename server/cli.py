@@ -1,5 +1,5 @@
 """``batchgate`` command line: ``serve`` (its flags made from the settings table), ``settings``,
-``demo-repo``, ``convert``, ``loadtest``."""
+``demo-repo``, ``convert``, ``loadtest``, ``keys``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,102 @@ def _print_settings() -> None:
     )
 
 
+def _keys_parser(sub) -> None:
+    """`batchgate keys new | check | hash`: make and check entries of the API keys file."""
+    k = sub.add_parser("keys", help="make and check API keys (the api_keys_file)", description=_keys_parser.__doc__)
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    n = ks.add_parser(
+        "new",
+        help="make a key: print a fresh token (once) and the entry to paste under 'keys:'",
+        description="Print a fresh token, shown once and stored nowhere, then the keys-file entry holding "
+        "its SHA-256. Give the token to the client; paste the entry under 'keys:' in the api_keys_file.",
+    )
+    n.add_argument("--id", required=True, metavar="NAME", help="the key's name (model name rule)")
+    n.add_argument("--scopes", required=True, metavar="LIST", help="comma list of infer, read, admin")
+    n.add_argument(
+        "--models", action="append", metavar="PATTERN", help="model name patterns (repeatable or comma list; default *)"
+    )
+    n.add_argument("--rate-per-s", metavar="N", help="requests per second allowed (default: unlimited)")
+    n.add_argument("--burst", metavar="N", help="bucket size of the rate (default: max(1, ceil(rate)))")
+    n.add_argument(
+        "--cert-subject", action="append", metavar="DN", help="mTLS client certificate subject acting as the key"
+    )
+    c = ks.add_parser("check", help="check a keys file and list its keys")
+    c.add_argument("file")
+    ks.add_parser("hash", help="print the sha256 of a token read from stdin (for an existing token)")
+
+
+def _number(text: str | None) -> int | float | str | None:
+    """A flag's number as YAML would read it (100 stays an int); text that is none is kept for
+    the keys-file check to refuse in its words."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _keys_main(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .security import auth
+
+    if args.keys_command == "check":
+        try:
+            keys, _ = auth.read_keys_file(args.file)
+        except ConfigError as e:
+            print(f"batchgate keys check: {e}", file=sys.stderr)
+            return 2
+        print(f"{len(keys)} key{'' if len(keys) == 1 else 's'} in {args.file}")
+        for key in keys:
+            extra = f"; {key.rate_per_s:g} requests/s, burst {key.burst}" if key.rate_per_s is not None else ""
+            if key.cert_subjects:
+                extra += f"; {len(key.cert_subjects)} certificate subject{'s' * (len(key.cert_subjects) > 1)}"
+            scopes = ", ".join(s for s in auth.SCOPES if s in key.scopes)
+            print(f"{key.id} ({scopes}; {', '.join(key.models)}{extra})")
+        return 0
+    if args.keys_command == "hash":
+        token = sys.stdin.read(auth.MAX_TOKEN_CHARS + 2).strip()
+        if not token or not token.isascii() or len(token) > auth.MAX_TOKEN_CHARS or any(c.isspace() for c in token):
+            print(
+                f"batchgate keys hash: give one token on stdin: 1 to {auth.MAX_TOKEN_CHARS} ASCII characters, "
+                'no spaces (e.g. `printf %s "$TOKEN" | batchgate keys hash`)',
+                file=sys.stderr,
+            )
+            return 2
+        print(auth.hash_token(token))
+        return 0
+
+    token = auth.new_token()
+    entry: dict[str, object] = {"id": args.id, "sha256": auth.hash_token(token)}
+    entry["scopes"] = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    entry["models"] = [m.strip() for ms in args.models or ["*"] for m in ms.split(",") if m.strip()]
+    for name in ("rate_per_s", "burst"):
+        value = _number(getattr(args, name))
+        if value is not None:
+            entry[name] = value
+    if args.cert_subject:
+        entry["cert_subjects"] = args.cert_subject
+    try:
+        auth.parse_entry(entry, "batchgate keys new")  # the keys file's own check
+    except ConfigError as e:
+        print(f"{e}", file=sys.stderr)
+        return 2
+    text = yaml.safe_dump([entry], sort_keys=False, default_flow_style=None, width=10_000)
+    print(token)
+    print("# paste under 'keys:' in the api_keys_file")
+    print("".join(f"  {line}\n" for line in text.splitlines()), end="")
+    print(
+        "batchgate: the first line is the token, shown once and stored nowhere: give it to the client now "
+        "(the keys file holds only its sha256)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="batchgate", description="Open Inference Protocol gateway")
     ap.add_argument("--version", action="version", version=f"batchgate {__version__}")
@@ -117,6 +213,7 @@ def main(argv=None) -> int:
 
     add_convert_parser(sub)
     add_loadtest_parser(sub)
+    _keys_parser(sub)
     args = ap.parse_args(argv)
 
     if args.command == "demo-repo":
@@ -136,6 +233,8 @@ def main(argv=None) -> int:
     if args.command == "settings":
         _print_settings()
         return 0
+    if args.command == "keys":
+        return _keys_main(args)
 
     flags = serve_flags(args)
     with warnings.catch_warnings(record=True) as caught:  # deprecated forms: logged once logging is set up
