@@ -24,7 +24,7 @@ import yaml
 # The remote_models list's entries and the settings error live in their own modules; both are
 # part of this module's interface.
 from .core.errors import ConfigError
-from .remote_models import BATCHING_MODES, REMOTE_FIELDS, RemoteModel, parse_remote_model  # noqa: F401
+from .remote_models import BATCHING_MODES, REMOTE_FIELDS, RemoteModel, parse_remote_model, shown  # noqa: F401
 
 ENV_PREFIX = "BATCHGATE_"
 
@@ -354,15 +354,74 @@ def _hint(key: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_MAX_INT_BITS = 13_000  # a YAML integer past this (about 3,900 digits) is refused: str() of it could fail
+
+
+def _reason(e: BaseException) -> str:
+    """A loader exception's own words, kept short."""
+    text = str(e).split(";")[0]
+    return f"{type(e).__name__}: {text[:120] + '...' if len(text) > 120 else text}"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a value its constructors cannot build (a date like 2001-13-45, an
+    integer of 5,000 digits, ``!!bool x``) is a YAMLError at that value's line, not the
+    constructor's own exception (ValueError, KeyError, ...)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            data = super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as e:
+            kind = str(node.tag).rpartition(":")[2]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown(node.value)} as {kind} ({_reason(e)})", node.start_mark
+            ) from None
+        if isinstance(data, int) and data.bit_length() > _MAX_INT_BITS:  # hexadecimal or base 60 (1:2:3)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the integer {shown(node.value)} is too large", node.start_mark
+            )
+        return data
+
+
+def _load_yaml(text: str, file: str) -> Any:
+    """The document in ``text``; any loader failure is a ConfigError naming ``file`` and the place."""
+    loader = _Loader(text)
+    loader.name = file  # marks name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"config file {file} is not valid YAML: it is nested too deeply (a config file needs a few levels)\n"
+            f"{loader.get_mark()}"
+        ) from None
+    except Exception as e:  # PyYAML's scanner: chr() of an escape like "\U80092014" (OverflowError)
+        raise ConfigError(
+            f"config file {file} is not valid YAML: cannot read the text here ({_reason(e)})\n{loader.get_mark()}"
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def _read_file(file: str) -> dict[str, tuple[str, Any]]:
     """setting -> (spelling, raw value) from a YAML file: sections, or the deprecated flat form."""
     try:
-        with open(file, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        with open(file, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {file}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"config file {file} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} "
+            f"(offset {e.start}) is not UTF-8; save the file as UTF-8"
+        ) from None
+    data = _load_yaml(text, file) or {}
     src = f"config file {file}"
     if not isinstance(data, dict):
         raise ConfigError(f"{src} must hold a mapping of sections ({', '.join(TOP_LEVEL)})")
@@ -375,7 +434,7 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
             if v is None:
                 continue
             if not isinstance(v, dict):
-                raise ConfigError(f"{src}: section '{key}' must be a mapping of settings, not {v!r}")
+                raise ConfigError(f"{src}: section '{key}' must be a mapping of settings, not {shown(v)}")
             known = [n for n, s in SETTINGS.items() if s.section == key]
             for sk, sv in v.items():
                 skey = str(sk).replace("-", "_")
@@ -419,19 +478,27 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
     return out
 
 
+MAX_INT_SETTING = 10**18 - 1  # an integer setting has at most 18 digits (the rest is checked by _validate)
+
+
 def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
     kind = SETTINGS[name].kind
     if kind == "remote_models":
         if isinstance(value, str):  # environment: entries separated by ';'
             value = [v for v in value.split(";") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{spelling}' must be a list of remote models, not {value!r}")
+            raise ConfigError(f"{source}: '{spelling}' must be a list of remote models, not {shown(value)}")
         return tuple(v if isinstance(v, RemoteModel) else parse_remote_model(v, source) for v in value)
+    given = value
     try:
-        if kind in ("int", "float"):
-            if isinstance(value, bool) or (kind == "int" and isinstance(value, float) and not value.is_integer()):
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            value = int(value) if kind == "int" else float(value)
+            value = int(value)  # of a float: finite, since is_integer() is False for inf and nan
+        elif kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)  # OverflowError for an integer past float's range
             if not math.isfinite(value):
                 raise ValueError
         elif kind == "bool":
@@ -453,11 +520,15 @@ def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             value = str(value)
-    except (TypeError, ValueError):
-        words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    except (TypeError, ValueError, OverflowError):
+        words = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
         raise ConfigError(
-            f"{source}: '{spelling}' must be {words.get(kind, 'a list of strings')}, not {value!r}"
+            f"{source}: '{spelling}' must be {words.get(kind, 'a list of strings')}, not {shown(given)}"
         ) from None
+    if kind == "int" and not -MAX_INT_SETTING <= value <= MAX_INT_SETTING:
+        raise ConfigError(
+            f"{source}: '{spelling}' is out of range: an integer setting has at most 18 digits, not {shown(given)}"
+        )
     return value
 
 

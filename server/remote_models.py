@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.errors import ConfigError
-from .core.types import MODEL_NAME, MODEL_NAME_RULE
+from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief
 
 BATCHING_MODES = ("gateway", "passthrough")
 
@@ -52,6 +52,38 @@ class RemoteModel:
 
 
 REMOTE_FIELDS = {f.name: f for f in dataclasses.fields(RemoteModel)}
+MAX_REMOTE_INT = 10**18 - 1  # a whole-number field has at most 18 digits
+
+
+def shown(value: Any) -> str:
+    """A setting's value quoted in a ConfigError: bounded in length and nesting, whatever it is."""
+    try:
+        return brief(value)
+    except ValueError:  # repr() of an integer of more than 4,300 digits
+        return "a value holding an integer of more than 4,300 digits"
+
+
+def _upstreams(ups: Any, source: str, model: str) -> tuple[str, ...]:
+    """The host:port list of a remote model: a comma-separated string, or a list of strings."""
+    if isinstance(ups, str):
+        out = tuple(u.strip() for u in ups.split(",") if u.strip())
+    elif isinstance(ups, (list, tuple)) and all(isinstance(u, str) for u in ups):
+        out = tuple(ups)
+    else:
+        raise ConfigError(
+            f"{source}: remote model '{model}': 'upstreams' must be a list of host:port strings or one "
+            f"comma-separated string, not {shown(ups)}"
+        )
+    if not out:
+        raise ConfigError(f"{source}: remote model '{model}' needs at least one upstream host:port")
+    for u in out:
+        host, sep, port = u.rpartition(":")
+        # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3).
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"{source}: remote model '{model}': upstream {shown(u)} must be host:port with a port from 1 to 65535"
+            )
+    return out
 
 
 def parse_remote_model(value: Any, source: str) -> RemoteModel:
@@ -63,13 +95,13 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
             if not sep or not key:
                 raise ConfigError(
                     f"{source}: remote model entries are key=value pairs separated by spaces "
-                    f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {part!r}"
+                    f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {shown(part)}"
                 )
             items[key.replace("-", "_")] = text
     elif isinstance(value, dict):
         items = {str(k).replace("-", "_"): v for k, v in value.items()}
     else:
-        raise ConfigError(f"{source}: a remote model is a mapping or a 'key=value ...' line, not {value!r}")
+        raise ConfigError(f"{source}: a remote model is a mapping or a 'key=value ...' line, not {shown(value)}")
     unknown = sorted(set(items) - set(REMOTE_FIELDS))
     if unknown:
         raise ConfigError(
@@ -78,19 +110,12 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
     for key in ("name", "upstreams"):
         if not items.get(key):
             raise ConfigError(f"{source}: a remote model needs '{key}'")
-    if MODEL_NAME.fullmatch(str(items["name"])) is None:
-        raise ConfigError(f"{source}: remote model name {str(items['name'])[:128]!r} is not allowed: {MODEL_NAME_RULE}")
-    ups = items["upstreams"]
-    ups = tuple(u.strip() for u in ups.split(",") if u.strip()) if isinstance(ups, str) else tuple(str(u) for u in ups)
-    if not ups:
-        raise ConfigError(f"{source}: remote model '{items['name']}' needs at least one upstream host:port")
-    for u in ups:
-        host, sep, port = u.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{source}: remote model '{items['name']}': upstream {u!r} must be host:port")
-    values: dict[str, Any] = {"upstreams": ups}
+    name = items["name"] if isinstance(items["name"], str) else shown(items["name"])  # YAML: name: 7
+    if MODEL_NAME.fullmatch(name) is None:
+        raise ConfigError(f"{source}: remote model name {shown(name)} is not allowed: {MODEL_NAME_RULE}")
+    values: dict[str, Any] = {"name": name, "upstreams": _upstreams(items["upstreams"], source, name)}
     for key, v in items.items():
-        if key == "upstreams":
+        if key in values:
             continue
         kind = REMOTE_FIELDS[key].type
         try:
@@ -98,25 +123,29 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
                 if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
                     raise ValueError
                 v = int(v)
-                if v < 0:
+                if not 0 <= v <= MAX_REMOTE_INT:
                     raise ValueError
             elif kind == "float":
                 if isinstance(v, bool):
                     raise ValueError
-                v = float(v)
+                v = float(v)  # OverflowError for an integer past float's range
                 if not math.isfinite(v) or v <= 0:
                     raise ValueError
-            else:
+            elif isinstance(v, (str, int, float)) and not isinstance(v, bool):
                 v = str(v)
-        except (TypeError, ValueError):
-            want = "a whole number >= 0" if kind == "int" else "a number > 0"
-            raise ConfigError(f"{source}: remote model '{items['name']}': '{key}' must be {want}, not {v!r}") from None
+            else:
+                raise TypeError
+        except (TypeError, ValueError, OverflowError):
+            want = "a whole number >= 0 of at most 18 digits" if kind == "int" else "a number > 0"
+            if kind not in ("int", "float"):
+                want = "a string"
+            raise ConfigError(f"{source}: remote model '{name}': '{key}' must be {want}, not {shown(v)}") from None
         values[key] = v
     spec = RemoteModel(**values)
     if spec.batching not in BATCHING_MODES:
         raise ConfigError(
             f"{source}: remote model '{spec.name}': batching must be one of "
-            f"{', '.join(BATCHING_MODES)}, not {spec.batching!r}"
+            f"{', '.join(BATCHING_MODES)}, not {shown(spec.batching)}"
         )
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")

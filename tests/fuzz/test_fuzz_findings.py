@@ -148,18 +148,24 @@ def load(tmp_path_factory, content: bytes | None, flags=None, environ=None):
         load_settings(None if path is None else str(path), flags, environ or {})
 
 
-@open_finding("yaml-loader-errors")
 @EXPLICIT
 @given(content=st.just(b""))
 @example(content=b"server:\n  http_port: " + b"9" * 5000 + b"\n")  # ValueError: int() of 5,000 digits
 @example(content=b"remote_models:\n  - name: " + b"9" * 5000 + b"\n    upstreams: h:1\n")
 @example(content=b"server: " + nested(3000) + b"\n")  # RecursionError
 @example(content=b'server:\n  host: "\\U80092014"\n')  # OverflowError from chr(); found by make fuzz
+@example(content=b'server:\n  host: "\\U00110000"\n')  # ValueError from chr()
+@example(content=b"server:\n  host: 2001-13-45\n")  # ValueError from datetime.date
+@example(content=b"server:\n  host: !!bool maybe\n")  # KeyError
+@example(content=b'server:\n  host: !!int ""\n')  # IndexError
+@example(content=b"server:\n  host: !!timestamp x\n")  # AttributeError
+@example(content=b"server:\n  http_port: 0x" + b"f" * 4000 + b"\n")  # 4,817 digits: str() of it fails
+@example(content=b"server:\n  http_port: 1" + b":59" * 3000 + b"\n")  # base 60: 5,335 digits
+@example(content=b"limits:\n  max_queue_wait_ms: " + b"9" * 400 + b"\n")  # float() of it: OverflowError
 def test_yaml_loader_errors_are_config_errors(tmp_path_factory, content):
     load(tmp_path_factory, content)
 
 
-@open_finding("config-not-utf8")
 @EXPLICIT
 @given(content=st.just(b""))
 @example(content=b"server:\n  host: \xff\xfe\n")
@@ -168,7 +174,6 @@ def test_config_file_not_utf8_is_a_config_error(tmp_path_factory, content):
     load(tmp_path_factory, content)
 
 
-@open_finding("int-setting-overflow")
 @EXPLICIT
 @given(environ=st.just({}))
 @example(environ={"BATCHGATE_HTTP_PORT": "9" * 400})
@@ -177,17 +182,19 @@ def test_huge_integer_setting_is_a_config_error(tmp_path_factory, repo, environ)
     load(tmp_path_factory, None, {"model_repository": repo}, environ)
 
 
-@open_finding("int-setting-overflow")
 def test_huge_integer_setting_in_a_file_is_a_config_error(tmp_path_factory, repo):
     load(tmp_path_factory, f"repository: {{model_repository: {repo}}}\nserver:\n  http_port: {'9' * 400}\n".encode())
 
 
-@open_finding("remote-model-upstreams")
 @EXPLICIT
 @given(content=st.just(b""), environ=st.just({}))
 @example(content=b"remote_models:\n  - name: m\n    upstreams: 5\n", environ={})  # TypeError
 @example(content=b"remote_models:\n  - name: m\n    upstreams: true\n", environ={})
 @example(content=b"remote_models:\n  - name: m\n    upstreams: 1.5\n", environ={})
 @example(content=None, environ={"BATCHGATE_REMOTE_MODELS": "name=m upstreams=h:\u00b2"})  # ValueError
+@example(content=b"remote_models:\n  - name: m\n    upstreams: {h: 1}\n", environ={})
+@example(content=b"remote_models:\n  - name: m\n    upstreams: [h:1, [h:2]]\n", environ={})
+@example(content=b"remote_models:\n  - name: m\n    upstreams: h:1\n    timeout_s: " + b"9" * 400 + b"\n", environ={})
+@example(content=b"remote_models:\n  - name: m\n    upstreams: h:1\n    retries: " + b"9" * 400 + b"\n", environ={})
 def test_bad_upstreams_are_config_errors(tmp_path_factory, content, environ):
     load(tmp_path_factory, content, None, environ)

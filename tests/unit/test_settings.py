@@ -716,3 +716,92 @@ def test_remote_model_names_follow_the_model_name_rule():
         load_settings(None, {"remote_models": ["name=../up upstreams=h:1"]}, environ={})
     ok = load_settings(None, {"remote_models": ["name=up_1.v2 upstreams=h:1"]}, environ={})
     assert ok.remote_models[0].name == "up_1.v2"
+
+
+# ---------------------------------------------------------------- what PyYAML and int() let through
+# (found by the fuzz harness; each is a ConfigError naming the file or variable and the place)
+
+
+def write_bytes(tmp_path, content: bytes) -> str:
+    p = tmp_path / "batchgate.yaml"
+    p.write_bytes(content)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'server:\n  host: "\\U80092014"\n', "line 2, column 12"),  # OverflowError from chr() in the scanner
+        (b'server:\n  host: "\\U00110000"\n', "line 2, column 12"),  # ValueError from chr()
+        (b"server:\n  host: 2001-13-45\n", "cannot read '2001-13-45' as timestamp"),
+        (b"server:\n  host: !!bool maybe\n", "cannot read 'maybe' as bool"),
+        (b"server:\n  http_port: " + b"9" * 5000 + b"\n", "as int"),  # int() reads at most 4,300 digits
+        (b"server:\n  http_port: 0x" + b"f" * 4000 + b"\n", "is too large"),  # str() of it would fail
+        (b"server:\n  http_port: 1" + b":59" * 3000 + b"\n", "is too large"),  # YAML 1.1 base 60
+        (b"server: " + b"[" * 3000 + b"]" * 3000 + b"\n", "nested too deeply"),  # RecursionError
+    ],
+)
+def test_yaml_the_loader_cannot_build_is_a_config_error(tmp_path, repo, content, words):
+    f = write_bytes(tmp_path, content)
+    msg = error(f, {"model_repository": repo}, environ={})
+    assert msg.startswith(f"config file {f} is not valid YAML") and words in msg and len(msg) < 600
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path, repo):
+    f = write_bytes(tmp_path, b"server:\n  host: \xff\xfe\n")
+    msg = error(f, {"model_repository": repo}, environ={})
+    assert (
+        msg
+        == f"config file {f} is not UTF-8 text: byte 0xff on line 2 (offset 16) is not UTF-8; save the file as UTF-8"
+    )
+    f = write_bytes(tmp_path, "\ufeffserver:\n  host: hôte\n".encode())  # UTF-8, with a BOM: read as before
+    assert load_settings(f, {"model_repository": repo}, environ={}).server.host == "hôte"
+
+
+@pytest.mark.parametrize(
+    ("environ", "words"),
+    [
+        ({"BATCHGATE_HTTP_PORT": "9" * 400}, "environment BATCHGATE_HTTP_PORT: 'http_port' is out of range"),
+        ({"BATCHGATE_MAX_QUEUE_SIZE": "-" + "9" * 400}, "'max_queue_size' is out of range"),
+        ({"BATCHGATE_HTTP_PORT": "9" * 5000}, "'http_port' must be an integer"),
+        ({"BATCHGATE_MAX_QUEUE_WAIT_MS": "9" * 400}, "'max_queue_wait_ms' must be a finite number"),
+    ],
+)
+def test_huge_numbers_in_settings_are_config_errors(repo, environ, words):
+    msg = error(None, {"model_repository": repo}, environ=environ)
+    assert words in msg and len(msg) < 300  # the value is quoted cut
+
+
+def test_huge_numbers_in_a_file_or_flags_are_config_errors(tmp_path, repo):
+    f = write(tmp_path, f"server:\n  http_port: {'9' * 400}\nlimits:\n  max_queue_wait_ms: {'9' * 400}\n")
+    assert "'http_port' is out of range: an integer setting has at most 18 digits" in error(
+        f, {"model_repository": repo}, environ={}
+    )
+    f = write(tmp_path, f"limits:\n  max_queue_wait_ms: {'9' * 400}\n")  # float() of it: OverflowError
+    assert "'max_queue_wait_ms' must be a finite number" in error(f, {"model_repository": repo}, environ={})
+    msg = error(None, {"model_repository": repo, "http_port": 10**5000}, environ={})
+    assert "--http-port: 'http_port' is out of range" in msg and len(msg) < 300
+    assert load_settings(None, {"model_repository": repo, "max_queue_size": 10**18 - 1}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        (
+            {"name": "m", "upstreams": 5},
+            "'upstreams' must be a list of host:port strings or one comma-separated string",
+        ),
+        ({"name": "m", "upstreams": True}, "'upstreams' must be a list of host:port strings"),
+        ({"name": "m", "upstreams": 1.5}, "'upstreams' must be a list of host:port strings"),
+        ({"name": "m", "upstreams": {"h": 1}}, "'upstreams' must be a list of host:port strings"),
+        ({"name": "m", "upstreams": ["h:1", 8001]}, "'upstreams' must be a list of host:port strings"),
+        ("name=m upstreams=h:\u00b2", "upstream 'h:\u00b2' must be host:port with a port from 1 to 65535"),
+        ("name=m upstreams=h:\u0663", "upstream 'h:\u0663' must be host:port"),  # int() reads 3
+        ({"name": "m", "upstreams": "h:1", "timeout_s": 10**400}, "'timeout_s' must be a number > 0"),
+        ({"name": "m", "upstreams": "h:1", "retries": 10**400}, "'retries' must be a whole number >= 0 of at most 18"),
+        ({"name": "m", "upstreams": "h:1", "upstream_model": ["a"]}, "'upstream_model' must be a string"),
+    ],
+)
+def test_malformed_remote_models_are_config_errors(repo, entry, words):
+    msg = error(None, {"model_repository": repo, "remote_models": [entry]}, environ={})
+    assert msg.startswith("--remote-model: ") and words in msg and len(msg) < 300
