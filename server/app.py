@@ -32,6 +32,7 @@ from .dataplane import DataPlane
 from .monitoring.metrics import Metrics
 from .repository.build import BuildOptions, VersionBuilder
 from .repository.manager import ModelRepository
+from .security.tls import ServerTls, load_server_tls, plaintext_health_server
 from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
@@ -115,6 +116,9 @@ class Gateway:
         self._http_task: asyncio.Future | None = None
         self._metrics_server: WSGIServer | None = None
         self._health: HealthServicer | None = None
+        self.health_port: int | None = None  # the plaintext gRPC health listener (health_port), if on
+        self._health_grpc: grpc.aio.Server | None = None
+        self._tls: ServerTls | None = None
 
     @property
     def ready(self) -> bool:
@@ -123,6 +127,7 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings.server
+        self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
         await self.repository.start()
         lim = self.settings.limits
         limit = lim.max_request_bytes
@@ -153,10 +158,16 @@ class Gateway:
             ),
             self._grpc,
         )
-        self.grpc_port = self._grpc.add_insecure_port(_join(s.host, s.grpc_port))
+        if self._tls is not None:
+            self.grpc_port = self._grpc.add_secure_port(_join(s.host, s.grpc_port), self._tls.grpc_credentials())
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(_join(s.host, s.grpc_port))
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {_join(s.host, s.grpc_port)}")
         await self._grpc.start()
+        if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
+            self._health_grpc, self.health_port = plaintext_health_server(self._health, _join(s.host, s.health_port))
+            await self._health_grpc.start()
 
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
         # listener says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs.
@@ -187,6 +198,9 @@ class Gateway:
             timeout_keep_alive=max(1, math.ceil(s.http_idle_timeout_s)),  # uvicorn counts whole seconds
             backlog=2048,
         )
+        if self._tls is not None:  # HTTPS with the one context that certificate reloads update
+            config.load()  # what serve() would do first; it keeps config.ssl
+            config.ssl = self._tls.http_context
         self._http = QuietUvicorn(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
@@ -206,6 +220,8 @@ class Gateway:
         self.dataplane.accepting = True
         await self._publish_readiness()
         self._readiness = asyncio.ensure_future(self._watch_readiness())
+        if self._tls is not None:
+            self._tls.start()  # reload the certificate files when they change
         log.info(
             "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s",
             __version__,
@@ -259,6 +275,10 @@ class Gateway:
         clean = await self.drain(grace_s)
         if self._grpc is not None:
             await self._grpc.stop(1.0)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(1.0)
+        if self._tls is not None:
+            self._tls.close()
         if self._http is not None and self._http_app is not None:
             self._http_app.close()
             self._http.should_exit = True

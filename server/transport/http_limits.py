@@ -14,6 +14,10 @@ that bounds all of these:
 
 Each refusal is counted by ``refused(reason)``. Keep-alive idle time is uvicorn's own
 ``timeout_keep_alive``.
+
+On a TLS connection each request's scope also carries the ASGI TLS extension
+(``scope["extensions"]["tls"]``, with the client certificate's subject as ``client_cert_name``;
+see ``security/tls.py``), made once per connection after its handshake.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ..security.tls import tls_extension
 
 HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
@@ -47,6 +53,7 @@ def guarded_protocol(
         _timer: asyncio.TimerHandle | None = None
         _refused = False  # answered and closing: what is still parsed from the buffer is ignored
         _behind = False  # this request was pipelined behind an answer still in progress
+        _tls: dict[Any, Any] | None = None  # the ASGI TLS extension of this connection; None = plaintext
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:
@@ -58,6 +65,8 @@ def guarded_protocol(
                 refused(TOO_MANY_CONNECTIONS)
                 self._refuse(503, f"more than {max_connections} connections (max_connections)")
                 return
+            if self.scheme == "https":
+                self._tls = tls_extension(transport)
             self._arm(header_timeout_s, HEAD_TIMEOUT)
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -67,6 +76,8 @@ def guarded_protocol(
         def on_message_begin(self) -> None:
             self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
+            if self._tls is not None:
+                self.scope["extensions"] = {"tls": self._tls}
             self._head_bytes = 0
             if self._timer is None and not self._behind:  # a keep-alive connection's next request
                 self._arm(header_timeout_s, HEAD_TIMEOUT)
