@@ -387,7 +387,14 @@ class _Loader(yaml.SafeLoader):
 
 def _load_yaml(text: str, file: str) -> Any:
     """The document in ``text``; any loader failure is a ConfigError naming ``file`` and the place."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # the reader refuses control characters first, before parsing
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(
+            f"config file {file} is not valid YAML: character #x{e.character:04x} on line {line} is not allowed "
+            "(YAML refuses control characters; write them as escapes in a double-quoted string)"
+        ) from None
     loader.name = file  # marks name the file, not "<unicode string>"
     try:
         return loader.get_single_data()

@@ -156,6 +156,7 @@ def load(tmp_path_factory, content: bytes | None, flags=None, environ=None):
 @example(content=b'server:\n  host: "\\U80092014"\n')  # OverflowError from chr(); found by make fuzz
 @example(content=b'server:\n  host: "\\U00110000"\n')  # ValueError from chr()
 @example(content=b"server:\n  host: 2001-13-45\n")  # ValueError from datetime.date
+@example(content=b"\x1f")  # ReaderError from the loader's constructor; found by make fuzz (after the fix)
 @example(content=b"server:\n  host: !!bool maybe\n")  # KeyError
 @example(content=b'server:\n  host: !!int ""\n')  # IndexError
 @example(content=b"server:\n  host: !!timestamp x\n")  # AttributeError

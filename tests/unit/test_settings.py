@@ -739,6 +739,7 @@ def write_bytes(tmp_path, content: bytes) -> str:
         (b"server:\n  http_port: 0x" + b"f" * 4000 + b"\n", "is too large"),  # str() of it would fail
         (b"server:\n  http_port: 1" + b":59" * 3000 + b"\n", "is too large"),  # YAML 1.1 base 60
         (b"server: " + b"[" * 3000 + b"]" * 3000 + b"\n", "nested too deeply"),  # RecursionError
+        (b"server:\n  host: a\x1fb\n", "character #x001f on line 2 is not allowed"),  # the reader, first
     ],
 )
 def test_yaml_the_loader_cannot_build_is_a_config_error(tmp_path, repo, content, words):
