@@ -455,6 +455,8 @@ def server_command(py: str, repo: Path, policy: str, threads: int) -> list[str]:
         "0",
         "--metrics-port",
         "0",
+        "--admin-port",
+        "-1",
         "--batching-policy",
         policy,
         "--infer-threads",

@@ -78,6 +78,8 @@ def main() -> int:
             "0",
             "--metrics-port",
             "-1",
+            "--admin-port",
+            "-1",
         ],
         stderr=subprocess.PIPE,
         text=True,

@@ -159,6 +159,8 @@ def gateway_command(py: str, upstream: str, mode: str, delay_us: int, inflight: 
         "0",
         "--metrics-port",
         "0",
+        "--admin-port",
+        "-1",
         "--log-level",
         "info",
         "--batching-policy",

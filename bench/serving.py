@@ -542,6 +542,8 @@ def main(argv=None) -> int:
             "0",
             "--metrics-port",
             "-1",
+            "--admin-port",
+            "-1",
             "--infer-threads",
             str(args.infer_threads),
             "--log-level",

@@ -22,16 +22,20 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2 as pb
 
 from . import __version__
-from .config import Settings, batching_policies
+from .config import ConfigError, Settings, batching_policies
 from .core.types import RequestLimits
 from .dataplane import DataPlane
 from .monitoring.metrics import Metrics
+from .monitoring.serve import serve_metrics
 from .repository.build import BuildOptions, VersionBuilder
 from .repository.manager import ModelRepository
+from .security.access import Access
+from .security.audit import AuditLog
+from .security.auth import KeyStore
+from .security.limits import Admission
 from .security.tls import ServerTls, load_server_tls, plaintext_health_server
 from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
@@ -105,15 +109,18 @@ class Gateway:
             ),
             strict_readiness=srv.strict_readiness,
             metrics=self.metrics,
+            admission=Admission(lim.max_inflight_requests, lim.max_queue_wait_ms / 1000),
+            access=_access(settings),
         )
+        self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._http: QuietUvicorn | None = None
-        self._http_app: HttpApp | None = None
-        self._http_task: asyncio.Future | None = None
+        self._http: _HttpListener | None = None
+        self._admin: _HttpListener | None = None
+        self.admin_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self._health: HealthServicer | None = None
         self.health_port: int | None = None  # the plaintext gRPC health listener (health_port), if on
@@ -149,7 +156,8 @@ class Gateway:
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        if not self.dataplane.access.health_requires_key:  # else: health on health_port only
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (
                 pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -169,20 +177,54 @@ class Gateway:
             self._health_grpc, self.health_port = plaintext_health_server(self._health, _join(s.host, s.health_port))
             await self._health_grpc.start()
 
+        self._http = await self._listen_http(HttpApp(self.dataplane, limit, lim.max_gzip_members), s.host, s.http_port)
+        self.http_port = self._http.port
+        if s.admin_port >= 0:  # the repository API (and later routes, drift), on loopback by default
+            admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True)
+            self._admin = await self._listen_http(admin_app, s.admin_host, s.admin_port)
+            self.admin_port = self._admin.port
+
+        if s.metrics_port >= 0:
+            access = self.dataplane.access
+            server = serve_metrics(
+                self.metrics.registry, s.host, s.metrics_port, access.keys if access.metrics_requires_key else None
+            )
+            self._metrics_server = server
+            self.metrics_port = server.server_port
+        # What start-up allocated lives as long as the process: move it out of the cyclic
+        # collector's sight, so full collections under load stay short (bench/batching.py
+        # measured 14-18 ms pauses every ~0.7 s without this).
+        gc.collect()
+        gc.freeze()
+        self.dataplane.accepting = True
+        await self._publish_readiness()
+        self._readiness = asyncio.ensure_future(self._watch_readiness())
+        if self._tls is not None:
+            self._tls.start()  # reload the certificate files when they change
+        if self.dataplane.access.keys is not None:  # revocation: the keys file is re-read when it changes
+            self._keys_watch = asyncio.ensure_future(self.dataplane.access.watch(self.settings.auth.api_keys_poll_s))
+        log.info(
+            "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s; admin on %s",
+            __version__,
+            self.settings.repository.model_repository or "remote models",
+            _join(s.host, self.http_port),
+            _join(s.host, self.grpc_port),
+            _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
+            _join(s.admin_host, self.admin_port) if self.admin_port is not None else "off",
+        )
+
+    async def _listen_http(self, app: HttpApp, host: str, port: int) -> _HttpListener:
+        s, lim = self.settings.server, self.settings.limits
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
         # listener says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs.
-        sock = socket.socket(
-            socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
-        )
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((s.host, s.http_port))
+        sock.bind((host, port))
         sock.listen(2048)
         sock.setblocking(False)
-        self.http_port = sock.getsockname()[1]
-        self._http_app = HttpApp(self.dataplane, limit, self.settings.limits.max_gzip_members)
         config = uvicorn.Config(
-            self._http_app,
+            app,
             http=guarded_protocol(
                 max_header_bytes=lim.max_header_bytes,
                 header_timeout_s=s.http_header_timeout_s,
@@ -201,35 +243,9 @@ class Gateway:
         if self._tls is not None:  # HTTPS with the one context that certificate reloads update
             config.load()  # what serve() would do first; it keeps config.ssl
             config.ssl = self._tls.http_context
-        self._http = QuietUvicorn(config)
-        self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
-        while not self._http.started:
-            if self._http_task.done():
-                self._http_task.result()
-            await asyncio.sleep(0.01)
-
-        if s.metrics_port >= 0:
-            server, _thread = start_http_server(s.metrics_port, s.host, registry=self.metrics.registry)
-            self._metrics_server = server
-            self.metrics_port = server.server_port
-        # What start-up allocated lives as long as the process: move it out of the cyclic
-        # collector's sight, so full collections under load stay short (bench/batching.py
-        # measured 14-18 ms pauses every ~0.7 s without this).
-        gc.collect()
-        gc.freeze()
-        self.dataplane.accepting = True
-        await self._publish_readiness()
-        self._readiness = asyncio.ensure_future(self._watch_readiness())
-        if self._tls is not None:
-            self._tls.start()  # reload the certificate files when they change
-        log.info(
-            "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s",
-            __version__,
-            self.settings.repository.model_repository or "remote models",
-            _join(s.host, self.http_port),
-            _join(s.host, self.grpc_port),
-            _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
-        )
+        listener = _HttpListener(app, QuietUvicorn(config), sock.getsockname()[1])
+        await listener.start(sock)
+        return listener
 
     async def _publish_readiness(self) -> bool:
         """The gRPC health service says what the data plane's readiness says (Kubernetes'
@@ -257,6 +273,8 @@ class Gateway:
         self.dataplane.accepting = False
         if self._readiness is not None:
             self._readiness.cancel()
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         log.info("draining: %d requests in flight, grace period %.1f s", self.dataplane.in_flight, grace)
@@ -265,7 +283,7 @@ class Gateway:
             # version to be idle waits for every accepted request.
             async with asyncio.timeout(grace):
                 while self.dataplane.in_flight:
-                    await asyncio.gather(*(s.idle() for s in self.repository.served()))
+                    await asyncio.sleep(0.01)
             return True
         except TimeoutError:
             log.warning("grace period over with %d requests still in flight", self.dataplane.in_flight)
@@ -273,18 +291,20 @@ class Gateway:
 
     async def stop(self, grace_s: float | None = None) -> bool:
         clean = await self.drain(grace_s)
+        # Until here every new call was answered UNAVAILABLE / 503 (with Connection: close).
+        # Closing the listeners races with calls on the wire: gRPC core cancels a call it has
+        # read but not yet handed to us, and a connection still in the kernel's accept queue
+        # is reset. The log line marks the moment (tests/e2e/test_sigterm.py).
+        log.info("closing the listeners")
         if self._grpc is not None:
             await self._grpc.stop(1.0)
         if self._health_grpc is not None:
             await self._health_grpc.stop(1.0)
         if self._tls is not None:
             self._tls.close()
-        if self._http is not None and self._http_app is not None:
-            self._http_app.close()
-            self._http.should_exit = True
-            with contextlib.suppress(Exception):
-                if self._http_task is not None:  # set with _http
-                    await asyncio.wait_for(self._http_task, 5)
+        for listener in (self._http, self._admin):
+            if listener is not None:
+                await listener.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -293,6 +313,53 @@ class Gateway:
         self.threads.shutdown()
         log.info("stopped")
         return clean
+
+
+class _HttpListener:
+    """One uvicorn server on one socket, serving one HttpApp."""
+
+    def __init__(self, app: HttpApp, server: QuietUvicorn, port: int):
+        self.app, self.server, self.port = app, server, port
+        self._task: asyncio.Future | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        self._task = task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.app.close()
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            if self._task is not None:
+                await asyncio.wait_for(self._task, 5)
+
+
+def _access(settings: Settings) -> Access:
+    """API keys, the open-admin rule and the audit log, from the ``auth`` section (a bad keys
+    file or an audit log that cannot be opened is a ConfigError: the server does not start)."""
+    a = settings.auth
+    keys = KeyStore(a.api_keys_file) if a.api_keys_file else None
+    try:
+        audit = AuditLog(a.audit_log_file) if a.audit_log_file else None
+    except OSError as e:
+        raise ConfigError(f"audit_log_file '{a.audit_log_file}' cannot be opened for appending: {e.strerror}") from None
+    if keys is None:
+        log.warning(
+            "no api_keys_file: every caller may infer and read metadata without a key%s",
+            "; allow_open_admin lets anyone load and unload models" if a.allow_open_admin else "",
+        )
+    else:
+        log.info("API keys required: %d keys from %s", len(keys), a.api_keys_file)
+    return Access(
+        keys,
+        allow_open_admin=a.allow_open_admin,
+        audit=audit,
+        health_requires_key=a.health_requires_key,
+        metrics_requires_key=a.metrics_requires_key,
+    )
 
 
 def _join(host: str, port) -> str:

@@ -261,13 +261,21 @@ def main(argv=None) -> int:
 async def _serve(settings) -> int:
     from .app import Gateway
 
-    gateway = Gateway(settings)
+    try:
+        gateway = Gateway(settings)
+    except ConfigError as e:  # the keys file or the audit log, read when the parts are built
+        log.error("configuration error: %s", e)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await gateway.start()
+    except ConfigError as e:  # e.g. certificate files or the keys file, read at start
+        log.error("configuration error: %s", e)
+        await gateway.stop(0.1)
+        return 2
     except Exception as e:
         log.error("batchgate could not start: %s", e)
         await gateway.stop(0.1)

@@ -88,8 +88,8 @@ class ServerSettings:
     admin_port: int = _setting(8003, "admin HTTP port; 0 picks a free port, -1 turns it off")
     health_port: int = _setting(
         -1,
-        "plaintext port serving health only (HTTP /v2/health/* and gRPC health), for kubelet probes "
-        "when TLS is on; 0 picks a free port, -1 = off",
+        "plaintext port serving the gRPC health service only, for kubelet gRPC probes when TLS is on; "
+        "0 picks a free port, -1 = off",
     )
     infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))

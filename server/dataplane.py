@@ -9,7 +9,10 @@ once for both.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
+import os
 import re
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypedDict
@@ -26,6 +29,8 @@ from .model import ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
+from .security.access import ADMIN, INFER, OPEN_CALLER, READ, Access, Caller
+from .security.audit import hash_files
 from .security.limits import Admission
 
 log = logging.getLogger("batchgate")
@@ -76,37 +81,48 @@ class DataPlane:
         strict_readiness: bool = True,
         metrics: Metrics | None = None,
         admission: Admission | None = None,
+        access: Access | None = None,
     ):
         self.repository = repository
         self.metrics = metrics or repository.metrics
         self.limits = limits
         self.strict_readiness = strict_readiness
         self.admission = admission or Admission(max_inflight=1 << 30, max_queue_wait_s=0.0)
+        self.access = access or Access()
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
 
     # ------------------------------------------------------------------ health
-    @staticmethod
-    def live() -> bool:
+    def live(self, caller: Caller | None = None) -> bool:
+        """``caller``: who asks over the wire (None: the gateway itself)."""
+        if caller is not None and self.access.health_requires_key:
+            self.access.check(caller, READ)
         return True
 
-    def ready(self) -> bool:
+    def ready(self, caller: Caller | None = None) -> bool:
         """Accepting work and, with strict readiness (Triton's default), every model that
         should be loaded is ready. Liveness is separate: a process that is not ready is alive."""
+        if caller is not None and self.access.health_requires_key:
+            self.access.check(caller, READ)
         return self.accepting and (not self.strict_readiness or self.repository.all_ready())
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    def model_ready(self, name: str, version: str = "", caller: Caller = OPEN_CALLER) -> bool:
+        self.access.check(caller, READ, name)
         return self.repository.ready(name, version)
 
     # ------------------------------------------------------------------ inference
-    def admit(self, name: str, version: str = "") -> ModelVersion:
+    def admit(self, name: str, version: str = "", caller: Caller = OPEN_CALLER) -> ModelVersion:
         """Admit one inference request for ``name`` (``version``: "" = latest) before anything
-        of it is decoded, or refuse it: UNAVAILABLE while draining, NOT_FOUND for an unknown
-        model, RESOURCE_EXHAUSTED past the admission limits (``security/limits.py``).
+        of it is decoded, or refuse it: UNAVAILABLE while draining; with API keys,
+        UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED (its rate) for the caller, before
+        the model is looked up (a caller without a key learns nothing of the models); NOT_FOUND
+        for an unknown model; RESOURCE_EXHAUSTED past the admission limits (``security/limits.py``).
 
         Returns the version to hand the request to (:meth:`infer`). The caller must call
         :meth:`release` with it exactly once when the request is answered or abandoned."""
         if not self.accepting:
             raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
+        if self.access.keys is not None:
+            self.access.check(caller, INFER, name)
         served = self.repository.resolve(name, version)
         self.admission.admit(served)
         return served
@@ -151,8 +167,8 @@ class DataPlane:
         )
 
     # ------------------------------------------------------------------ metadata
-    @staticmethod
-    def server_metadata() -> ServerMetadata:
+    def server_metadata(self, caller: Caller = OPEN_CALLER) -> ServerMetadata:
+        self.access.check(caller, READ)
         return {"name": "batchgate", "version": __version__, "extensions": list(EXTENSIONS)}
 
     def knows(self, name: str, version: str = "") -> bool:
@@ -163,7 +179,8 @@ class DataPlane:
             return False
         return not version or (version.isdigit() and int(version) in entry.versions)
 
-    def model_metadata(self, name: str, version: str) -> ModelMetadata:
+    def model_metadata(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> ModelMetadata:
+        self.access.check(caller, READ, name)
         served = self.repository.resolve(name, version)
         sig = served.signature
         entry = self.repository.entry(name)
@@ -179,13 +196,15 @@ class DataPlane:
             "outputs": tensors(sig.outputs),
         }
 
-    def model_config(self, name: str, version: str) -> mc.ModelConfig:
+    def model_config(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> mc.ModelConfig:
+        self.access.check(caller, READ, name)
         return self.repository.resolve(name, version).config
 
-    def model_config_json(self, name: str, version: str) -> dict[str, Any]:
-        return config_to_json(self.model_config(name, version))
+    def model_config_json(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
+        return config_to_json(self.model_config(name, version, caller))
 
-    def statistics(self, name: str, version: str) -> list[dict[str, Any]]:
+    def statistics(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
+        self.access.check(caller, READ, name or None)
         if name:
             entry = self.repository.entry(name)
             if version:
@@ -193,32 +212,70 @@ class DataPlane:
             return [s.stats.as_dict() for _, s in sorted(entry.versions.items())]
         if version:
             raise invalid("a version needs a model name")
-        return [s.stats.as_dict() for s in self.repository.served()]
+        keys = self.access.keys
+        key = None if keys is None else keys.authenticate(caller.authorization, caller.subject)
+        # every model the key may see (an open server: every model)
+        return [s.stats.as_dict() for s in self.repository.served() if key is None or key.allows_model(s.name)]
 
     # ------------------------------------------------------------------ repository API
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
-        return self.repository.index(ready_only=ready_only)
+    def repository_index(self, ready_only: bool = False, caller: Caller = OPEN_CALLER) -> list[dict[str, str]]:
+        self.access.check(caller, READ)
+        keys = self.access.keys
+        rows = self.repository.index(ready_only=ready_only)
+        if keys is None:
+            return rows
+        key = keys.authenticate(caller.authorization, caller.subject)
+        return [r for r in rows if key.allows_model(r["name"])]
 
-    async def load_model(self, name: str, parameters: Mapping[str, Any]) -> None:
-        """Load or reload ``name``. ``parameters`` are the load request's, decoded from the wire
-        (gRPC string/bytes params; HTTP JSON with ``file:`` values already base64-decoded):
-        ``config`` is the model config as JSON text or an object, ``file:<path>`` the bytes
-        of a file of the model directory."""
-        check_model_name(name)
-        config = parameters.get(CONFIG_PARAM)
-        if config is not None and not isinstance(config, str):
-            if isinstance(config, dict):
-                config = orjson.dumps(config).decode()
-            else:
-                raise invalid("load parameter 'config' must be the model config as JSON text")
+    async def load_model(self, name: str, parameters: Mapping[str, Any], caller: Caller = OPEN_CALLER) -> None:
+        """Load or reload ``name`` (scope ``admin``). ``parameters`` are the load request's,
+        decoded from the wire (gRPC string/bytes params; HTTP JSON with ``file:`` values already
+        base64-decoded): ``config`` is the model config as JSON text or an object, ``file:<path>``
+        the bytes of a file of the model directory. Audited, whatever the outcome."""
         files: dict[str, bytes] = {}
-        for k, v in parameters.items():
-            if k.startswith(FILE_PARAM_PREFIX):
-                if not isinstance(v, bytes):
-                    raise invalid(f"load parameter '{k[:128]}' must carry the file's bytes")
-                files[k[len(FILE_PARAM_PREFIX) :]] = v
-        await self.repository.load(name, config, files or None)
+        key_id = None
+        try:
+            key_id = self.access.check(caller, ADMIN, name)
+            check_model_name(name)
+            config = parameters.get(CONFIG_PARAM)
+            if config is not None and not isinstance(config, str):
+                if isinstance(config, dict):
+                    config = orjson.dumps(config).decode()
+                else:
+                    raise invalid("load parameter 'config' must be the model config as JSON text")
+            for k, v in parameters.items():
+                if k.startswith(FILE_PARAM_PREFIX):
+                    if not isinstance(v, bytes):
+                        raise invalid(f"load parameter '{k[:128]}' must carry the file's bytes")
+                    files[k[len(FILE_PARAM_PREFIX) :]] = v
+            await self.repository.load(name, config, files or None)
+        except GatewayError as e:
+            await self.access.audited(caller, key_id, "load", name, e.code.value, e.message)
+            raise
+        await self.access.audited(caller, key_id, "load", name, "OK", files=await self._hashes(name, files))
 
-    async def unload_model(self, name: str) -> None:
-        check_model_name(name)
-        await self.repository.unload(name)
+    async def unload_model(self, name: str, caller: Caller = OPEN_CALLER) -> None:
+        key_id = None
+        try:
+            key_id = self.access.check(caller, ADMIN, name)
+            check_model_name(name)
+            await self.repository.unload(name)
+        except GatewayError as e:
+            await self.access.audited(caller, key_id, "unload", name, e.code.value, e.message)
+            raise
+        await self.access.audited(caller, key_id, "unload", name, "OK")
+
+    async def _hashes(self, name: str, uploaded: dict[str, bytes]) -> dict[str, str] | None:
+        """SHA-256 of each file a load used: the uploaded ones, else the model's directory."""
+        if self.access.audit is None:
+            return None
+        if uploaded:
+            return {path: hashlib.sha256(data).hexdigest() for path, data in uploaded.items()}
+        root = self.repository.root
+        if not root or not os.path.isdir(os.path.join(root, name)):
+            return None
+        try:
+            return await asyncio.to_thread(hash_files, os.path.join(root, name))
+        except (OSError, ValueError) as e:
+            log.warning("audit: could not hash the files of model '%s': %s", name, e)
+            return None

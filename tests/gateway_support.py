@@ -52,7 +52,11 @@ def start_gateway(repo: str, **overrides) -> Running:
         "http_port": 0,
         "grpc_port": 0,
         "metrics_port": 0,
+        "admin_port": 0,
         "infer_threads": 4,
+        # The repository API is refused on an open server unless allowed; tests of that rule
+        # (tests/integration/test_auth.py) pass allow_open_admin=False.
+        "allow_open_admin": True,
     }
     flags.update(overrides)
     settings = load_settings(None, flags, environ={})

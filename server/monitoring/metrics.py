@@ -84,7 +84,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "batchgate_inference_count": _model("counter", "Inferences performed (a batch of n counts n)"),
     "batchgate_execution_count": _model("counter", "Backend executions (batches)"),
-    "batchgate_queue_depth": _model("gauge", "Requests accepted and waiting to execute"),
+    "batchgate_queue_depth": _model(
+        "gauge", "Requests admitted and not yet executing (queued, or still being read and decoded)"
+    ),
     "batchgate_queue_oldest_age_seconds": _model(
         "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", merge=MAX
     ),
@@ -92,7 +94,7 @@ FAMILIES: dict[str, Family] = {
     "batchgate_refusals": _model(
         "counter",
         "Requests a scheduler turned away or dropped unexecuted, by reason "
-        "(queue_full, deadline_unmeetable, deadline_expired, queue_timeout)",
+        "(inflight_limit, queue_full, queue_wait, deadline_unmeetable, deadline_expired, queue_timeout)",
         ("reason",),
     ),
     "batchgate_inflight_requests": _model("gauge", "Requests accepted and not yet answered"),

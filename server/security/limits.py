@@ -17,34 +17,12 @@ and no tensor is decoded (gRPC), so under overload a refusal is far cheaper than
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from ..core.errors import ErrorCode, GatewayError
-from ..core.scheduler import DrainRate
 
-
-class _Scheduler(Protocol):
-    @property
-    def queue_depth(self) -> int: ...
-    @property
-    def executing(self) -> int: ...
-    @property
-    def max_queue_size(self) -> int: ...
-    @property
-    def drain_rate(self) -> DrainRate: ...
-
-
-class _Counts(Protocol):
-    def refused(self, reason: str) -> None: ...
-
-
-class Admissible(Protocol):
-    """What admission reads and counts on a model version (``model.ModelVersion``)."""
-
-    name: str
-    admitted: int
-    scheduler: _Scheduler
-    metrics: _Counts
+if TYPE_CHECKING:
+    from ..model import ModelVersion
 
 
 # Reasons in batchgate_refusals_total (with the scheduler's queue_full and deadline reasons).
@@ -61,7 +39,7 @@ class Admission:
         self.max_wait_s = max_queue_wait_s  # 0 = no bound on the expected wait
         self.inflight = 0  # admitted and not yet released, all versions together
 
-    def admit(self, version: Admissible) -> None:
+    def admit(self, version: ModelVersion) -> None:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
         request must be released exactly once (:meth:`release`), whatever becomes of it."""
         if self.inflight >= self.max_inflight:
@@ -97,6 +75,6 @@ class Admission:
         version.admitted += 1
         self.inflight += 1
 
-    def release(self, version: Admissible) -> None:
+    def release(self, version: ModelVersion) -> None:
         version.admitted -= 1
         self.inflight -= 1

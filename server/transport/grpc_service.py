@@ -19,6 +19,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
+from ..security.access import OPEN_CALLER, Caller
+from ..security.tls import grpc_peer_subject
 from . import grpc_codec
 
 log = logging.getLogger("batchgate.grpc")
@@ -46,6 +48,17 @@ async def _abort(context, e: GatewayError):
         md = (("retry-after", str(max(1, round(e.retry_after_s)))),)
         context.set_trailing_metadata(md)
     await context.abort(GRPC_STATUS[e.code], e.message)
+
+
+def caller_of(context) -> Caller:
+    """Who is calling: the authorization metadata entry, the client certificate's subject and
+    the peer address."""
+    auth = None
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization":
+            auth = v if isinstance(v, str) else v.decode("latin-1")
+            break
+    return Caller(auth, grpc_peer_subject(context), context.peer() or "")
 
 
 def _request_id(msg, headers) -> str:
@@ -105,22 +118,39 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.max_stream_inflight = max_stream_inflight
 
     # ------------------------------------------------------------ health and metadata
+    def _caller(self, context) -> Caller:
+        return caller_of(context) if self.dp.access.enforcing else OPEN_CALLER
+
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=self.dp.live())
+        try:
+            return pb.ServerLiveResponse(live=self.dp.live(self._caller(context)))
+        except GatewayError as e:
+            return await _abort(context, e)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.dp.ready())
+        try:
+            return pb.ServerReadyResponse(ready=self.dp.ready(self._caller(context)))
+        except GatewayError as e:
+            return await _abort(context, e)
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+        try:
+            return pb.ModelReadyResponse(
+                ready=self.dp.model_ready(request.name, request.version, self._caller(context))
+            )
+        except GatewayError as e:
+            return await _abort(context, e)
 
     async def ServerMetadata(self, request, context):
-        m = self.dp.server_metadata()
+        try:
+            m = self.dp.server_metadata(self._caller(context))
+        except GatewayError as e:
+            return await _abort(context, e)
         return pb.ServerMetadataResponse(name=m["name"], version=m["version"], extensions=m["extensions"])
 
     async def ModelMetadata(self, request, context):
         try:
-            m = self.dp.model_metadata(request.name, request.version)
+            m = self.dp.model_metadata(request.name, request.version, self._caller(context))
         except GatewayError as e:
             return await _abort(context, e)
         resp = pb.ModelMetadataResponse(name=m["name"], versions=m["versions"], platform=m["platform"])
@@ -131,14 +161,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         try:
-            config = self.dp.model_config(request.name, request.version)
+            config = self.dp.model_config(request.name, request.version, self._caller(context))
         except GatewayError as e:
             return await _abort(context, e)
         return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
         try:
-            stats = self.dp.statistics(request.name, request.version)
+            stats = self.dp.statistics(request.name, request.version, self._caller(context))
         except GatewayError as e:
             return await _abort(context, e)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
@@ -146,7 +176,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------ repository
     async def RepositoryIndex(self, request, context):
         try:
-            rows = self.dp.repository_index(ready_only=request.ready)
+            rows = self.dp.repository_index(ready_only=request.ready, caller=self._caller(context))
         except GatewayError as e:
             return await _abort(context, e)
         resp = pb.RepositoryIndexResponse()
@@ -157,7 +187,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         params = {k: grpc_codec.param_value(p) for k, p in request.parameters.items()}
         try:
-            await self.dp.load_model(request.model_name, params)
+            await self.dp.load_model(request.model_name, params, caller_of(context))
         except GatewayError as e:
             return await _abort(context, e)
         except Exception:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
@@ -167,7 +197,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request, context):
         try:
-            await self.dp.unload_model(request.model_name)
+            await self.dp.unload_model(request.model_name, caller_of(context))
         except GatewayError as e:
             return await _abort(context, e)
         except Exception:
@@ -189,7 +219,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         dp = self.dp
         try:
             request = _parse(raw)
-            served = dp.admit(request.model_name, request.model_version)  # before any tensor is decoded
+            caller = caller_of(context) if dp.access.enforcing else OPEN_CALLER
+            served = dp.admit(request.model_name, request.model_version, caller)  # before any tensor is decoded
             try:
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)
                 resp = await dp.infer(served, self._decode(request, context, headers))
@@ -221,6 +252,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(self.max_stream_inflight)
         pending: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
+        caller = self._caller(context)
         try:
             headers = caller_headers(context.invocation_metadata() or (), self.dp.limits)
         except GatewayError as e:
@@ -229,7 +261,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(msg):
             try:
-                served = self.dp.admit(msg.model_name, msg.model_version)
+                served = self.dp.admit(msg.model_name, msg.model_version, caller)
                 try:
                     resp = await self.dp.infer(served, self._decode(msg, context, headers))
                 finally:

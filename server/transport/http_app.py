@@ -20,6 +20,8 @@ import orjson
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.types import caller_headers
 from ..dataplane import FILE_PARAM_PREFIX, DataPlane
+from ..security.access import OPEN_CALLER, Caller
+from ..security.tls import http_peer_subject
 from . import http_codec
 
 log = logging.getLogger("batchgate.http")
@@ -41,18 +43,26 @@ HTTP_STATUS = {
 # Health endpoints (the Helm chart's probes and the image's HEALTHCHECK use these).
 LIVE_PATH = "/v2/health/live"  # 200 while the process serves HTTP, draining included
 READY_PATH = "/v2/health/ready"  # 200 while ready (see DataPlane.ready); 400 while starting, draining or not ready
+ADMIN_PATHS = frozenset({LIVE_PATH, READY_PATH, "/v2", "/v2/"})
 # Any version segment matches: the data plane says what is wrong with one that is not a number,
 # as it does for gRPC.
 MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|ready|config|stats))?/?$")
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+# While draining every answer closes its connection: a client's next request opens a new one
+# (answered 503 until the listener closes, then refused), never racing the final close of a
+# keep-alive connection.
+CLOSE = (b"connection", b"close")
 _monotonic = time.monotonic
 
 
 class HttpApp:
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int, max_gzip_members: int = 64):
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int, max_gzip_members: int = 64, admin_only: bool = False):
+        """``admin_only``: the admin listener, which serves the repository API, health and the
+        server metadata, and nothing of inference."""
         self.dp = dataplane
+        self.admin_only = admin_only
         self.limit = max_body_bytes
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
@@ -99,6 +109,8 @@ class HttpApp:
             await self._error(send, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
 
     async def _route(self, method, path, scope, receive, send):
+        if self.admin_only and not (path.startswith("/v2/repository") or path in ADMIN_PATHS):
+            raise not_found(f"the admin listener serves the repository API and health only, not {path[:256]}")
         hit = self._infer_paths.get(path)
         if hit is not None and method == "POST":
             return await self._counted_infer(hit[0], hit[1], scope, receive, send)
@@ -115,25 +127,26 @@ class HttpApp:
             self._method(method, "GET")
             if action is None:
                 if model == "stats":  # /v2/models/stats: statistics of every model
-                    return await self._json(send, {"model_stats": self.dp.statistics("", "")})
-                return await self._json(send, self.dp.model_metadata(model, version))
+                    return await self._json(send, {"model_stats": self.dp.statistics("", "", self._caller(scope))})
+                return await self._json(send, self.dp.model_metadata(model, version, self._caller(scope)))
             if action == "ready":
-                if self.dp.model_ready(model, version):
+                if self.dp.model_ready(model, version, self._caller(scope)):
                     return await self._empty(send, 200)
                 raise GatewayError(
                     ErrorCode.INVALID_ARGUMENT, f"model '{model[:128]}' version '{version or 'latest'}' is not ready"
                 )
             if action == "config":
-                return await self._json(send, self.dp.model_config_json(model, version))
+                return await self._json(send, self.dp.model_config_json(model, version, self._caller(scope)))
             if action == "stats":
-                return await self._json(send, {"model_stats": self.dp.statistics(model, version)})
+                return await self._json(send, {"model_stats": self.dp.statistics(model, version, self._caller(scope))})
         if path in (LIVE_PATH, READY_PATH):
             self._method(method, "GET")
-            ok = self.dp.live() if path.endswith("live") else self.dp.ready()
+            caller = self._caller(scope)
+            ok = self.dp.live(caller) if path.endswith("live") else self.dp.ready(caller)
             return await self._empty(send, 200 if ok else 400)
         if path in ("/v2", "/v2/"):
             self._method(method, "GET")
-            return await self._json(send, self.dp.server_metadata())
+            return await self._json(send, self.dp.server_metadata(self._caller(scope)))
         m = REPO_RE.match(path)
         if m:
             self._method(method, "POST")
@@ -142,19 +155,26 @@ class HttpApp:
             if not isinstance(obj, dict):
                 raise invalid("request body must be a JSON object")
             if m.group(2) == "index":
-                return await self._json(send, self.dp.repository_index(ready_only=bool(obj.get("ready", False))))
+                return await self._json(
+                    send, self.dp.repository_index(bool(obj.get("ready", False)), self._caller(scope))
+                )
             model, action = m.group(3), m.group(4)
             params = obj.get("parameters") or {}
             if not isinstance(params, dict):
                 raise invalid("'parameters' must be an object")
             if action == "load":
                 await self.dp.load_model(
-                    model, {k: _file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()}
+                    model,
+                    {k: _file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()},
+                    caller_of(scope),
                 )
             else:
-                await self.dp.unload_model(model)
+                await self.dp.unload_model(model, caller_of(scope))
             return await self._empty(send, 200)
         raise not_found(f"no such endpoint: {method} {path[:256]}")
+
+    def _caller(self, scope) -> Caller:
+        return caller_of(scope) if self.dp.access.enforcing else OPEN_CALLER
 
     @staticmethod
     def _method(method: str, want: str) -> None:
@@ -197,7 +217,7 @@ class HttpApp:
             try:
                 # Admitted or refused from the path alone, before the body is read: a refusal
                 # under overload costs no body read and no decode.
-                served = dp.admit(model, version)
+                served = dp.admit(model, version, caller_of(scope) if dp.access.enforcing else OPEN_CALLER)
             except GatewayError as e:
                 dp.log_failure("http", model, "", e)
                 raise
@@ -282,15 +302,19 @@ class HttpApp:
         if enc:
             out = http_codec.compress(out, enc)
             headers.append((b"content-encoding", enc.encode()))
+        if not self.dp.accepting:
+            headers.append(CLOSE)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
     async def _json(self, send, obj, status: int = 200):
-        await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+        headers = JSON_HEADERS if self.dp.accepting else [*JSON_HEADERS, CLOSE]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": orjson.dumps(obj)})
 
     async def _empty(self, send, status: int):
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+        headers = [(b"content-length", b"0")] if self.dp.accepting else [(b"content-length", b"0"), CLOSE]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
     async def _error(self, send, e: GatewayError, extra=()):
@@ -304,6 +328,8 @@ class HttpApp:
             headers.append((b"retry-after", str(max(1, round(e.retry_after_s))).encode()))
         body = orjson.dumps({"error": e.message})
         headers.append((b"content-length", str(len(body)).encode()))
+        if not self.dp.accepting:
+            headers.append(CLOSE)
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -315,6 +341,18 @@ DISCONNECT_WATCH_AFTER_S = 0.02
 # Compressed bodies up to this size are inflated on the event loop (well under a millisecond);
 # larger ones on a thread, so one big body never stalls every other request.
 DECOMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024
+
+
+def caller_of(scope) -> Caller:
+    """Who is calling: the Authorization header, the client certificate's subject (mTLS) and
+    the peer address."""
+    auth = None
+    for k, v in scope["headers"]:
+        if k == b"authorization":
+            auth = v.decode("latin-1")
+            break
+    client = scope.get("client")
+    return Caller(auth, http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else "")
 
 
 def _file_bytes(key: str, value) -> bytes:

@@ -47,6 +47,8 @@ def serve_args(repo, *extra):
         "0",
         "--metrics-port",
         "0",
+        "--admin-port",
+        "-1",
         *extra,
     ]
 
@@ -167,7 +169,7 @@ def test_config_file_and_env_and_json_logs_with_request_id(proc, small_repo, tmp
     cfg = tmp_path / "bg.yaml"
     cfg.write_text(
         f"model_repository: {small_repo}\nhost: 127.0.0.1\nhttp_port: 0\ngrpc_port: 0\n"
-        "metrics_port: 0\nlog_format: plain\n"
+        "metrics_port: 0\nadmin_port: -1\nlog_format: plain\n"
     )
     p = proc(["serve", "--config", str(cfg)], env={"BATCHGATE_LOG_FORMAT": "json"}).wait_ready()
     c = httpclient.InferenceServerClient(p.http)

@@ -194,6 +194,8 @@ def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_
             "0",
             "--metrics-port",
             "0",
+            "--admin-port",
+            "-1",
         ]
     ).wait_ready()
     try:

@@ -44,6 +44,8 @@ def upstream():
                 str(ports[1]),
                 "--metrics-port",
                 "0",
+                "--admin-port",
+                "-1",
                 "--log-level",
                 "info",
                 *extra,

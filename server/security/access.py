@@ -1,0 +1,107 @@
+"""Who may call what: the check the data plane makes before any work, and the audit trail.
+
+A :class:`Caller` is what a transport knows of the party calling: the ``authorization``
+header (HTTP) or metadata entry (gRPC), the verified client certificate's subject (mTLS) and
+the peer address. :class:`Access` decides from it, per scope (``infer``, ``read``, ``admin``):
+
+- with ``api_keys_file``: the key must be valid (UNAUTHENTICATED), hold the scope and match
+  the model (PERMISSION_DENIED) and be within its rate (RESOURCE_EXHAUSTED + Retry-After);
+- without: everything is open except the admin scope, which is refused unless
+  ``allow_open_admin`` says otherwise (a Triton-like set-up on a trusted network).
+
+Health and /metrics stay open unless ``health_requires_key`` / ``metrics_requires_key``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from ..core.errors import ErrorCode, GatewayError
+from .audit import AuditLog
+from .auth import KeyStore
+
+log = logging.getLogger("batchgate.auth")
+
+INFER, READ, ADMIN = "infer", "read", "admin"
+
+
+class Caller(NamedTuple):
+    authorization: str | None = None
+    subject: str | None = None  # RFC 4514 subject of a verified client certificate
+    peer: str = ""  # address, for the audit log
+
+
+OPEN_CALLER = Caller()
+
+
+class Access:
+    __slots__ = ("keys", "allow_open_admin", "audit", "health_requires_key", "metrics_requires_key")
+
+    def __init__(
+        self,
+        keys: KeyStore | None = None,
+        *,
+        allow_open_admin: bool = False,
+        audit: AuditLog | None = None,
+        health_requires_key: bool = False,
+        metrics_requires_key: bool = False,
+    ):
+        self.keys = keys
+        self.allow_open_admin = allow_open_admin
+        self.audit = audit
+        self.health_requires_key = health_requires_key and keys is not None
+        self.metrics_requires_key = metrics_requires_key and keys is not None
+
+    @property
+    def enforcing(self) -> bool:
+        """Whether callers must present a key (transports read credentials only then)."""
+        return self.keys is not None
+
+    def check(self, caller: Caller, scope: str, model: str | None = None) -> str | None:
+        """The id of the key that allows ``caller`` this ``scope`` (on ``model``), None on an
+        open server; raises UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED."""
+        keys = self.keys
+        if keys is None:
+            if scope == ADMIN and not self.allow_open_admin:
+                raise GatewayError(
+                    ErrorCode.PERMISSION_DENIED,
+                    "loading and unloading models are admin actions: configure api_keys_file and call with a key "
+                    "of scope 'admin', or set allow_open_admin: true on a trusted network",
+                )
+            return None
+        key = keys.authenticate(caller.authorization, caller.subject)
+        keys.authorize(key, scope, model)
+        keys.charge(key)
+        return key.id
+
+    async def audited(
+        self,
+        caller: Caller,
+        key_id: str | None,
+        action: str,
+        target: str,
+        outcome: str,
+        detail: str = "",
+        files: dict[str, str] | None = None,
+    ) -> None:
+        """One audit line (when ``audit_log_file`` is set). A failure to write is logged as an
+        error: the action it records has already happened."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.arecord(
+                key_id=key_id,
+                peer=caller.peer,
+                action=action,
+                target=target,
+                outcome=outcome,
+                detail=detail,
+                files=files,
+            )
+        except OSError as e:
+            log.error("could not write the audit log %s: %s", self.audit.path, e)
+
+    async def watch(self, interval_s: float) -> None:
+        if self.keys is not None:
+            await self.keys.watch(interval_s)

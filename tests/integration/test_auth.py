@@ -1,0 +1,233 @@
+"""API keys, scopes, the admin boundary and the audit log, through real tritonclient clients on
+both protocols (issue: safe to expose). Keys are made the way an operator makes them
+(``new_token`` / ``hash_token``, as ``batchgate keys new`` does)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from functools import partial
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import build_demo_repository
+from batchgate.security.auth import hash_token, new_token
+
+INFER_TOKEN, READ_TOKEN, ADMIN_TOKEN, SLOW_TOKEN = (new_token() for _ in range(4))
+
+
+def keys_yaml(extra: list[dict] | None = None) -> str:
+    entries = [
+        {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer"], "models": ["simp*"]},
+        {"id": "dash", "sha256": hash_token(READ_TOKEN), "scopes": ["read"]},
+        {"id": "ops", "sha256": hash_token(ADMIN_TOKEN), "scopes": ["admin", "read", "infer"]},
+        {"id": "metered", "sha256": hash_token(SLOW_TOKEN), "scopes": ["infer"], "rate_per_s": 0.5, "burst": 2},
+    ]
+    return yaml.safe_dump({"keys": entries + (extra or [])})
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return build_demo_repository(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def keyed(repo, serve, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(keys_yaml())
+    audit = tmp_path / "audit.log"
+    running = serve(
+        repo,
+        api_keys_file=str(keys),
+        api_keys_poll_s=0.1,
+        audit_log_file=str(audit),
+        model_control_mode="explicit",
+        load_model=("simple", "classifier"),
+        allow_open_admin=False,
+    )
+    running.keys_file, running.audit_file = keys, audit
+    return running
+
+
+def bearer(token: str) -> dict:
+    return {"authorization": f"Bearer {token}"}
+
+
+def simple_inputs(mod):
+    out = []
+    for n in ("INPUT0", "INPUT1"):
+        i = mod.InferInput(n, [1, 16], "INT32")
+        i.set_data_from_numpy(np.arange(16, dtype=np.int32).reshape(1, 16))
+        out.append(i)
+    return out
+
+
+def clients(running):
+    return [
+        (grpcclient, grpcclient.InferenceServerClient(running.grpc_url)),
+        (httpclient, httpclient.InferenceServerClient(running.http_url)),
+    ]
+
+
+def status_of(call) -> str:
+    with pytest.raises(InferenceServerException) as ei:
+        call()
+    return str(ei.value.status()), ei.value.message() or ""
+
+
+UNAUTH = {"StatusCode.UNAUTHENTICATED", "401"}
+DENIED = {"StatusCode.PERMISSION_DENIED", "403"}
+EXHAUSTED = {"StatusCode.RESOURCE_EXHAUSTED", "429"}
+
+
+def test_infer_needs_a_valid_key_with_the_scope_and_model(keyed):
+    for mod, c in clients(keyed):
+        # no key, a made-up key, a malformed header: 401 / UNAUTHENTICATED, the token never echoed
+        for headers in ({}, bearer("bgk_" + "x" * 43), {"authorization": "Basic dXNlcjpwYXNz"}):
+            code, msg = status_of(partial(c.infer, "simple", simple_inputs(mod), headers=headers))
+            assert code in UNAUTH, (mod.__name__, code, msg)
+            assert "x" * 43 not in msg
+        # an unknown model is not revealed to a caller without a key: 401, not 404
+        code, _ = status_of(partial(c.infer, "no_such_model", simple_inputs(mod)))
+        assert code in UNAUTH
+        # the right key: answered
+        r = c.infer("simple", simple_inputs(mod), headers=bearer(INFER_TOKEN))
+        assert r.as_numpy("OUTPUT0").shape == (1, 16)
+        # a key without the scope, or whose models do not match: 403 / PERMISSION_DENIED
+        code, msg = status_of(partial(c.infer, "simple", simple_inputs(mod), headers=bearer(READ_TOKEN)))
+        assert code in DENIED and "scope 'infer'" in msg
+        x = mod.InferInput("features", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        code, msg = status_of(partial(c.infer, "classifier", [x], headers=bearer(INFER_TOKEN)))
+        assert code in DENIED and "model 'classifier'" in msg
+
+
+def test_read_scope_guards_metadata_and_filters_the_index(keyed):
+    g = grpcclient.InferenceServerClient(keyed.grpc_url)
+    h = httpclient.InferenceServerClient(keyed.http_url)
+    for c in (g, h):
+        code, _ = status_of(lambda c=c: c.get_model_metadata("simple"))
+        assert code in UNAUTH
+        code, _ = status_of(lambda c=c: c.get_model_metadata("simple", headers=bearer(INFER_TOKEN)))
+        assert code in DENIED
+        assert c.get_model_metadata("simple", headers=bearer(READ_TOKEN))
+        assert c.get_model_config("simple", headers=bearer(READ_TOKEN))
+        assert c.get_inference_statistics("simple", headers=bearer(READ_TOKEN))
+    # health stays open by default (kubelet probes have no key)
+    assert g.is_server_live() and g.is_server_ready() and h.is_server_live() and h.is_server_ready()
+    names = {m["name"] for m in h.get_model_repository_index(headers=bearer(READ_TOKEN))}
+    assert {"simple", "classifier"} <= names
+
+
+def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
+    for _, c in clients(keyed):
+        code, _ = status_of(lambda c=c: c.unload_model("classifier", headers=bearer(READ_TOKEN)))
+        assert code in DENIED
+        code, _ = status_of(lambda c=c: c.load_model("classifier"))
+        assert code in UNAUTH
+        c.unload_model("classifier", headers=bearer(ADMIN_TOKEN))
+        c.load_model("classifier", headers=bearer(ADMIN_TOKEN))
+        assert c.is_model_ready("classifier", headers=bearer(ADMIN_TOKEN))
+    lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()]
+    assert len(lines) == 8
+    assert [(r["action"], r["outcome"], r.get("key_id")) for r in lines[:4]] == [
+        ("unload", "PERMISSION_DENIED", None),
+        ("load", "UNAUTHENTICATED", None),
+        ("unload", "OK", "ops"),
+        ("load", "OK", "ops"),
+    ]
+    loaded = lines[3]
+    assert loaded["target"] == "classifier" and loaded["peer"]
+    assert any(name.endswith("model.onnx") and len(digest) == 64 for name, digest in loaded["files"].items())
+    text = keyed.audit_file.read_text()
+    for token in (INFER_TOKEN, READ_TOKEN, ADMIN_TOKEN):
+        assert token not in text
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
+    c = httpclient.InferenceServerClient(keyed.http_url)
+    c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN))
+    c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN))
+    code, msg = status_of(lambda: c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN)))
+    assert code in EXHAUSTED and "'metered' is over its rate" in msg
+    req = urllib.request.Request(
+        f"http://{keyed.http_url}/v2/models/simple/infer",
+        data=b"{}",
+        headers={"Authorization": f"Bearer {SLOW_TOKEN}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req)
+    assert ei.value.code == 429 and int(ei.value.headers["Retry-After"]) >= 1
+
+
+def test_revoking_a_key_in_the_file_takes_effect_without_restart(keyed):
+    c = grpcclient.InferenceServerClient(keyed.grpc_url)
+    assert c.infer("simple", simple_inputs(grpcclient), headers=bearer(INFER_TOKEN))
+    entries = yaml.safe_load(keyed.keys_file.read_text())["keys"]
+    keyed.keys_file.write_text(yaml.safe_dump({"keys": [e for e in entries if e["id"] != "app"]}))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c.infer("simple", simple_inputs(grpcclient), headers=bearer(INFER_TOKEN))
+        except InferenceServerException as e:
+            assert e.status() == "StatusCode.UNAUTHENTICATED"
+            break
+        assert time.monotonic() < deadline, "the revoked key still works"
+        time.sleep(0.05)
+
+
+def test_metrics_and_health_can_require_a_key(repo, serve, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(keys_yaml())
+    running = serve(repo, api_keys_file=str(keys), metrics_requires_key=True, health_requires_key=True)
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(running.metrics_url)
+    assert ei.value.code == 401
+    req = urllib.request.Request(running.metrics_url, headers={"Authorization": f"Bearer {INFER_TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req)
+    assert ei.value.code == 403  # scope read needed
+    req = urllib.request.Request(running.metrics_url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert b"batchgate_" in urllib.request.urlopen(req).read()
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(f"http://{running.http_url}/v2/health/live")
+    assert ei.value.code == 401
+    h = httpclient.InferenceServerClient(running.http_url)
+    assert not h.is_server_live() and h.is_server_live(headers=bearer(READ_TOKEN))
+    g = grpcclient.InferenceServerClient(running.grpc_url)
+    code, _ = status_of(lambda: g.is_server_ready())
+    assert code in UNAUTH
+    assert g.is_server_ready(headers=bearer(READ_TOKEN))
+
+
+def test_without_keys_the_server_is_open_but_admin_is_refused_unless_allowed(repo, serve, tmp_path):
+    closed = serve(repo, model_control_mode="explicit", load_model=("simple",), allow_open_admin=False)
+    for mod, c in clients(closed):
+        assert c.infer("simple", simple_inputs(mod)).as_numpy("OUTPUT0") is not None
+        code, msg = status_of(lambda c=c: c.load_model("classifier"))
+        assert code in DENIED and "allow_open_admin" in msg
+    opened = serve(repo, model_control_mode="explicit", load_model=("simple",), allow_open_admin=True)
+    for _, c in clients(opened):
+        c.load_model("classifier")
+        assert c.is_model_ready("classifier")
+        c.unload_model("classifier")
+
+
+def test_the_admin_listener_serves_the_repository_api_and_health_only(repo, serve):
+    running = serve(repo, model_control_mode="explicit", load_model=("simple",))
+    assert running.gateway.settings.server.admin_host == "127.0.0.1"  # loopback unless told otherwise
+    admin = httpclient.InferenceServerClient(f"127.0.0.1:{running.gateway.admin_port}")
+    assert admin.is_server_live() and admin.is_server_ready()
+    admin.load_model("classifier")
+    assert httpclient.InferenceServerClient(running.http_url).is_model_ready("classifier")
+    assert {m["name"] for m in admin.get_model_repository_index()} >= {"simple", "classifier"}
+    code, msg = status_of(partial(admin.infer, "simple", simple_inputs(httpclient)))
+    assert code == "404" and "admin listener" in msg
+    admin.unload_model("classifier")
