@@ -177,7 +177,11 @@ class Gateway:
             self._health_grpc, self.health_port = plaintext_health_server(self._health, _join(s.host, s.health_port))
             await self._health_grpc.start()
 
-        self._http = await self._listen_http(HttpApp(self.dataplane, limit, lim.max_gzip_members), s.host, s.http_port)
+        self._http = await self._listen_http(
+            HttpApp(self.dataplane, limit, lim.max_gzip_members, refusals_per_s=lim.overload_refusals_per_s),
+            s.host,
+            s.http_port,
+        )
         self.http_port = self._http.port
         if s.admin_port >= 0:  # the repository API (and later routes, drift), on loopback by default
             admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True)

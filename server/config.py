@@ -170,6 +170,12 @@ class LimitSettings:
         "the measured drain rate) exceeds this; 0 = no bound on the expected wait",
         minimum=0,
     )
+    overload_refusals_per_s: int = _setting(
+        200,
+        "HTTP overload refusals (429) answered per second before a refused connection is held: not "
+        "read again until its Retry-After has passed (TCP backpressure instead of refusing at full speed)",
+        minimum=1,
+    )
     max_tensor_dims: int = _setting(
         32,
         "dimensions of one input's shape (JSON data nested as deep at most); more = INVALID_ARGUMENT",

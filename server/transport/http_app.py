@@ -23,6 +23,7 @@ from ..dataplane import FILE_PARAM_PREFIX, DataPlane
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import http_peer_subject
 from . import http_codec
+from .http_limits import HOLD
 
 log = logging.getLogger("batchgate.http")
 
@@ -58,11 +59,21 @@ _monotonic = time.monotonic
 
 
 class HttpApp:
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int, max_gzip_members: int = 64, admin_only: bool = False):
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        max_body_bytes: int,
+        max_gzip_members: int = 64,
+        admin_only: bool = False,
+        refusals_per_s: int = 200,
+    ):
         """``admin_only``: the admin listener, which serves the repository API, health and the
         server metadata, and nothing of inference."""
         self.dp = dataplane
         self.admin_only = admin_only
+        self.refusal_budget = refusals_per_s
+        self._refusals = 0  # overload refusals in the current second
+        self._second = 0.0
         self.limit = max_body_bytes
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
@@ -173,6 +184,18 @@ class HttpApp:
             return await self._empty(send, 200)
         raise not_found(f"no such endpoint: {method} {path[:256]}")
 
+    def _overloaded(self, scope, e: GatewayError) -> None:
+        """Past the refusal budget of this second, hold the refused connection for its
+        Retry-After: refusing at full speed would take the core from the admitted work."""
+        now = _monotonic()
+        if now - self._second >= 1.0:
+            self._second, self._refusals = now, 0
+        self._refusals += 1
+        if self._refusals > self.refusal_budget:
+            hold = scope.get("extensions", {}).get(HOLD)
+            if hold is not None:
+                hold(max(1.0, min(e.retry_after_s or 1.0, 10.0)))
+
     def _caller(self, scope) -> Caller:
         return caller_of(scope) if self.dp.access.enforcing else OPEN_CALLER
 
@@ -220,6 +243,8 @@ class HttpApp:
                 served = dp.admit(model, version, caller_of(scope) if dp.access.enforcing else OPEN_CALLER)
             except GatewayError as e:
                 dp.log_failure("http", model, "", e)
+                if e.code is ErrorCode.RESOURCE_EXHAUSTED:
+                    self._overloaded(scope, e)
                 raise
             try:
                 return await self._infer(served, model, version, scope, receive, send)

@@ -1,0 +1,366 @@
+"""Overload: does batchgate stay useful at three times its capacity? (``make bench-overload``)
+
+batchgate runs with its default settings on the demo ``mlp``, pinned to one core; the load
+tools run on the other. Phases (each ``--seconds`` long, 20 by default):
+
+1. capacity: closed loop (gRPC h2load -c 8 -m 8; HTTP h2load --h1 -c 32), the OK rate and the
+   OK p99 there are the baselines;
+2. gRPC open loop at 3x the gRPC capacity (h2load --rps over 64 connections);
+3. HTTP open loop at 3x the HTTP capacity (h2load --h1 --rps over 600 connections);
+4. HTTP closed loop with 5,000 connections.
+
+Reported per phase: goodput (OK answers received per second) as a fraction of capacity
+(target >= 0.8), OK p99 against the capacity p99 (target <= 2x), refusal p99 (target <= 5 ms),
+CANCELLED (target 0), and the server's batchgate_queue_depth against the client's view (Little's
+law: OK rate x OK mean latency). Closed or reset connections count as refusals, never as goodput.
+
+h2load sees HTTP statuses, not gRPC ones (every gRPC answer is HTTP 200): for gRPC phases the
+OK count comes from the server's counters, and latencies by outcome from a probe that sends
+``--probe-rate`` requests per second through grpc.aio beside h2load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say
+
+HERE = Path(__file__).resolve().parent
+MODEL = "mlp"
+
+
+def request_bytes() -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+
+    msg = pb.ModelInferRequest(model_name=MODEL)
+    t = msg.inputs.add(name="input", datatype="FP32", shape=[1, 256])
+    del t
+    msg.raw_input_contents.append(np.linspace(-1, 1, 256, dtype="<f4").tobytes())
+    return msg.SerializeToString()
+
+
+def http_body() -> bytes:
+    row = [round(float(v), 4) for v in np.linspace(-1, 1, 256)]
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 256], "data": row}]}).encode()
+
+
+# ------------------------------------------------------------------ server counters
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$", re.M)
+
+
+def scrape(port: int) -> list[tuple[str, dict, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = []
+    for name, labels, value in _SAMPLE.findall(text):
+        out.append((name, dict(kv.split("=", 1) for kv in re.findall(r'\w+="[^"]*"', labels)), float(value)))
+    return [(n, {k: v.strip('"') for k, v in lab.items()}, val) for n, lab, val in out]
+
+
+def counts(samples, protocol: str) -> dict[str, float]:
+    """Answers by status for ``protocol`` (OK from batchgate_requests, refusals before a model
+    saw the request from batchgate_request_errors)."""
+    out: dict[str, float] = {}
+    for name, lab, v in samples:
+        if name == "batchgate_requests_total" and lab.get("protocol") == protocol and lab.get("status") == "OK":
+            out["OK"] = out.get("OK", 0) + v
+        elif name == "batchgate_request_errors_total" and lab.get("protocol") == protocol:
+            out[lab["code"]] = out.get(lab["code"], 0) + v
+    return out
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
+class DepthSampler(threading.Thread):
+    """batchgate_queue_depth of the model, every 250 ms."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.values, self.stop = port, [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                self.values.extend(
+                    v for n, lab, v in scrape(self.port) if n == "batchgate_queue_depth" and lab.get("model") == MODEL
+                )
+            self.stop.wait(0.25)
+
+
+# ------------------------------------------------------------------ load tools
+def h2load(pin, url: str, seconds: float, clients: int, *, h1: bool, rps: float | None, data: Path, log: Path):
+    cmd = [*pin.load, "h2load", "-t", "1", "-c", str(clients), "-D", f"{int(seconds)}s", "-d", str(data)]
+    cmd += ["--log-file", str(log), "-T", "30s", "-N", "30s"]
+    if h1:
+        cmd += ["--h1", "-m", "1", "-H", "content-type: application/json"]
+    else:
+        cmd += ["-m", "64" if rps else "8", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    if rps:
+        cmd += ["--rps", f"{rps:.2f}"]
+    cmd.append(url)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    if p.returncode != 0:
+        raise BenchError(f"h2load failed ({p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    r = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", p.stdout
+    )
+    if not r:
+        raise BenchError(f"cannot read h2load's output:\n{p.stdout}")
+    rows = np.loadtxt(log, dtype=np.int64, ndmin=2) if log.stat().st_size else np.zeros((0, 3), np.int64)
+    return {"done": int(r.group(3)), "failed": int(r.group(5)), "errored": int(r.group(6)), "rows": rows}
+
+
+async def probe(port: int, rate: float, seconds: float) -> dict[str, list[float]]:
+    """gRPC requests at ``rate`` per second (open loop), latency by status code."""
+    import grpc
+
+    out: dict[str, list[float]] = {}
+    payload = request_bytes()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+        async def one():
+            t0 = time.perf_counter()
+            try:
+                await call(payload, timeout=30)
+                code = "OK"
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            out.setdefault(code, []).append(time.perf_counter() - t0)
+
+        tasks, t_start, i = [], time.perf_counter(), 0
+        while time.perf_counter() - t_start < seconds:
+            tasks.append(asyncio.ensure_future(one()))
+            i += 1
+            await asyncio.sleep(max(0.0, t_start + i / rate - time.perf_counter()))
+        await asyncio.gather(*tasks)
+    return out
+
+
+def pct(values, q) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+# ------------------------------------------------------------------ one phase
+def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_rate):
+    say(
+        f"{name}: {protocol}, {clients} connections"
+        + (f", {rps * clients:,.0f} req/s offered" if rps else ", closed loop")
+    )
+    grpc_mode = protocol == "grpc"
+    url = (
+        f"http://127.0.0.1:{ports['grpc']}/inference.GRPCInferenceService/ModelInfer"
+        if grpc_mode
+        else f"http://127.0.0.1:{ports['http']}/v2/models/{MODEL}/infer"
+    )
+    log = files["dir"] / f"{name}.log"
+    before = counts(scrape(ports["metrics"]), protocol)
+    sampler = DepthSampler(ports["metrics"])
+    sampler.start()
+    result: dict = {}
+    probe_out: dict = {}
+
+    def run_probe():
+        probe_out.update(asyncio.run(probe(ports["grpc"], probe_rate, seconds)))
+
+    prober = threading.Thread(target=run_probe) if grpc_mode else None
+    t0 = time.monotonic()
+    if prober:
+        prober.start()
+    h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log)
+    if prober:
+        prober.join()
+    elapsed = time.monotonic() - t0
+    sampler.stop.set()
+    sampler.join()
+    server = delta(counts(scrape(ports["metrics"]), protocol), before)
+    rows = h.pop("rows")
+    result.update(h)
+    result["seconds"] = seconds
+    result["offered_per_s"] = (h["done"] + h["failed"] + h["errored"]) / seconds
+    result["server"] = server
+    if grpc_mode:
+        ok_lat = probe_out.get("OK", [])
+        refused_lat = [v for k, vs in probe_out.items() if k == "RESOURCE_EXHAUSTED" for v in vs]
+        result["ok_per_s"] = server.get("OK", 0) / seconds
+        result["probe"] = {k: len(v) for k, v in probe_out.items()}
+        result["cancelled"] = server.get("CANCELLED", 0) + len(probe_out.get("CANCELLED", []))
+    else:
+        status, lat = rows[:, 1], rows[:, 2] / 1e6
+        ok_lat, refused_lat = lat[status == 200], lat[(status == 429) | (status == 503)]
+        result["ok_per_s"] = int((status == 200).sum()) / seconds
+        result["statuses"] = {str(s): int((status == s).sum()) for s in np.unique(status)}
+        result["cancelled"] = server.get("CANCELLED", 0)
+    # errored: connections closed or reset before an answer; never goodput
+    result["closed_or_reset"] = h["errored"]
+    result["ok_p50_ms"] = _ms(pct(ok_lat, 50))
+    result["ok_p99_ms"] = _ms(pct(ok_lat, 99))
+    result["ok_mean_ms"] = _ms(float(np.mean(ok_lat)) if len(ok_lat) else None)
+    result["refusal_p99_ms"] = _ms(pct(refused_lat, 99))
+    depth = sampler.values
+    result["queue_depth_mean"] = float(np.mean(depth)) if depth else None
+    result["queue_depth_max"] = float(np.max(depth)) if depth else None
+    # Little's law from the client's side: requests waiting = OK rate x OK mean latency
+    result["client_in_system"] = (result["ok_per_s"] * result["ok_mean_ms"] / 1000) if result["ok_mean_ms"] else None
+    result["elapsed_s"] = elapsed
+    say(
+        f"  offered {result['offered_per_s']:,.0f}/s, OK {result['ok_per_s']:,.0f}/s, OK p99 "
+        f"{result['ok_p99_ms']} ms, refusal p99 {result['refusal_p99_ms']} ms, server {server}"
+    )
+    return result
+
+
+def _ms(v):
+    return None if v is None else round(v * 1000, 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--factor", type=float, default=3.0, help="overload as a multiple of the measured capacity")
+    ap.add_argument("--connections", type=int, default=5000, help="HTTP closed-loop connections")
+    ap.add_argument("--probe-rate", type=float, default=50)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--no-pin", action="store_true")
+    args = ap.parse_args()
+    pin = choose_pinning(not args.no_pin)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        repo = tmp / "models"
+        subprocess.run([sys.executable, "-m", "batchgate.cli", "demo-repo", str(repo)], check=True, capture_output=True)
+        files = {"dir": tmp, "grpc": tmp / "req.grpc", "http": tmp / "req.json"}
+        files["grpc"].write_bytes(grpc_frame(request_bytes()))
+        files["http"].write_bytes(http_body())
+        cmd = [sys.executable, "-m", "batchgate.cli", "serve", "--model-repository", str(repo)]
+        cmd += [
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--admin-port",
+            "-1",
+        ]
+        say(f"server: defaults only; pinning: {pin.note}")
+        srv = Server("batchgate", [*pin.server, *cmd], BATCHGATE_READY, tmp / "server.log")
+        try:
+            m = srv.match
+            ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
+            s = args.seconds
+            report: dict = {"settings": "defaults", "pinning": pin.note, "seconds": s, "factor": args.factor}
+            cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, args.probe_rate)
+            cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, args.probe_rate)
+            clients_g, clients_h = 64, 600
+            over_g = phase(
+                "overload-grpc",
+                pin,
+                ports,
+                s,
+                "grpc",
+                clients_g,
+                args.factor * cap_g["ok_per_s"] / clients_g,
+                files,
+                args.probe_rate,
+            )
+            over_h = phase(
+                "overload-http",
+                pin,
+                ports,
+                s,
+                "http",
+                clients_h,
+                args.factor * cap_h["ok_per_s"] / clients_h,
+                files,
+                args.probe_rate,
+            )
+            conns_h = phase("connections-http", pin, ports, s, "http", args.connections, None, files, args.probe_rate)
+            report["phases"] = {
+                "capacity-grpc": cap_g,
+                "capacity-http": cap_h,
+                "overload-grpc": over_g,
+                "overload-http": over_h,
+                "connections-http": conns_h,
+            }
+            report["summary"] = summary(cap_g, cap_h, over_g, over_h, conns_h)
+        finally:
+            srv.stop()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out / f"overload-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2, default=float))
+    print_summary(report["summary"])
+    say(f"results: {path}")
+    return 0
+
+
+def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
+    rows = []
+    for name, cap, r in (
+        ("gRPC 3x open", cap_g, over_g),
+        ("HTTP 3x open", cap_h, over_h),
+        ("HTTP 5000 conns", cap_h, conns_h),
+    ):
+        rows.append(
+            {
+                "phase": name,
+                "capacity_per_s": round(cap["ok_per_s"]),
+                "offered_per_s": round(r["offered_per_s"]),
+                "goodput_fraction": round(r["ok_per_s"] / cap["ok_per_s"], 3) if cap["ok_per_s"] else None,
+                "ok_p99_ms": r["ok_p99_ms"],
+                "capacity_p99_ms": cap["ok_p99_ms"],
+                "ok_p99_ratio": round(r["ok_p99_ms"] / cap["ok_p99_ms"], 2)
+                if r["ok_p99_ms"] and cap["ok_p99_ms"]
+                else None,
+                "refusal_p99_ms": r["refusal_p99_ms"],
+                "cancelled": r["cancelled"],
+                "closed_or_reset": r["closed_or_reset"],
+                "queue_depth_mean": r["queue_depth_mean"],
+                "client_in_system": r["client_in_system"],
+            }
+        )
+    return rows
+
+
+def print_summary(rows) -> None:
+    cols = [
+        "phase",
+        "capacity_per_s",
+        "offered_per_s",
+        "goodput_fraction",
+        "ok_p99_ms",
+        "capacity_p99_ms",
+        "ok_p99_ratio",
+        "refusal_p99_ms",
+        "cancelled",
+        "closed_or_reset",
+        "queue_depth_mean",
+        "client_in_system",
+    ]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c] if not isinstance(r[c], float) else round(r[c], 2)) for c in cols))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
