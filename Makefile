@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test fuzz demo bench bench-serving bench-batching bench-remote bench-tools lint clean
+.PHONY: install serve test fuzz demo bench bench-serving bench-batching bench-remote bench-overload bench-tools lint clean soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,17 @@ bench-batching: $(STAMP) bench-tools
 
 bench-remote: $(STAMP) bench-tools
 	$(PY) bench/remote.py
+
+# Overload (bench/overload.py, about 2 minutes): default settings, the demo mlp at 3x its measured
+# capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED.
+bench-overload: $(STAMP) bench-tools
+	$(PY) bench/overload.py
+
+# The soak test: 10^6 mixed requests, good and bad, over HTTP and gRPC against one server process
+# (about 7 minutes on 2 cores; `$(PY) bench/soak.py --quick` for 20,000). Fails when the server's
+# RSS grows 5% or more after the warm-up, its open fds grow, or any answer is a 5xx / INTERNAL.
+soak: $(STAMP)
+	$(PY) bench/soak.py
 
 # Does a change regress serving speed? Two commits' benchmarks alternated (bench/compare.py):
 #   make bench-compare BEFORE=HEAD~1 [AFTER=HEAD] [COMPARE_ARGS="--bench serving --rounds 7"]

@@ -13,6 +13,26 @@ BATCHGATE = [sys.executable, "-m", "batchgate.cli"]
 READY_LINE = re.compile(r"HTTP on [^ ]+:(\d+), gRPC on [^ ]+:(\d+), metrics on [^ ]+:(\d+)")
 
 
+def serve_args(repo: str, *extra: str) -> list[str]:
+    """``batchgate serve`` of ``repo`` on loopback, every port picked free, the admin listener off."""
+    return [
+        "serve",
+        "--model-repository",
+        repo,
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--admin-port",
+        "-1",
+        *extra,
+    ]
+
+
 class Proc:
     def __init__(self, args, env=None):
         self.p = subprocess.Popen(

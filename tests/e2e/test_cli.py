@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
-from processes import BATCHGATE, Proc
+from processes import BATCHGATE, Proc, serve_args
 
 
 @pytest.fixture
@@ -32,25 +32,6 @@ def proc():
     yield start
     for p in started:
         p.kill()
-
-
-def serve_args(repo, *extra):
-    return [
-        "serve",
-        "--model-repository",
-        repo,
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--admin-port",
-        "-1",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")

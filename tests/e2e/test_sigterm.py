@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
-from processes import Proc
+from processes import Proc, serve_args
 
 BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
 
@@ -35,23 +35,7 @@ def _logged_at(output: str, message: str) -> float:
 def test_sigterm_under_traffic_answers_unavailable_never_cancelled(tmp_path):
     _save(classifier_model(), str(tmp_path), "clf")
     _save(slow_model(layers=96), str(tmp_path), "slow", config="max_batch_size: 64\n")
-    p = Proc(
-        [
-            "serve",
-            "--model-repository",
-            str(tmp_path),
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--admin-port",
-            "-1",
-        ]
-    )
+    p = Proc(serve_args(str(tmp_path)))
     try:
         p.wait_ready()
         stop = threading.Event()

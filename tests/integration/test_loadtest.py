@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from batchgate.demo import build_demo_repository
-from processes import Proc
+from processes import Proc, serve_args
 
 READY = re.compile(r"HTTP on [^:]+:(\d+), gRPC on [^:]+:(\d+)")
 
@@ -181,23 +181,7 @@ def test_an_slo_breach_is_a_non_zero_exit(tmp_path, testserver):
 )
 def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_histograms(tmp_path, protocol, extra):
     repo = build_demo_repository(str(tmp_path / "models"))
-    srv = Proc(
-        [
-            "serve",
-            "--model-repository",
-            repo,
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--admin-port",
-            "-1",
-        ]
-    ).wait_ready()
+    srv = Proc(serve_args(repo)).wait_ready()
     try:
         target = srv.grpc if protocol == "grpc" else srv.http
         out = tmp_path / "out"

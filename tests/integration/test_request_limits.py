@@ -202,7 +202,7 @@ def test_echoed_names_are_cut_short(server):
 
 
 def test_unknown_model_paths_are_not_cached(server):
-    app = server.gateway._http_app
+    app = server.gateway._http.app
     before = len(app._infer_paths)
     body = json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]}).encode()
     for i in range(50):
