@@ -172,8 +172,8 @@ class LimitSettings:
     )
     overload_refusals_per_s: int = _setting(
         200,
-        "HTTP overload refusals (429) answered per second before a refused connection is held: not "
-        "read again until its Retry-After has passed (TCP backpressure instead of refusing at full speed)",
+        "HTTP overload refusals (429) answered at once per second; past it a refusal is answered only "
+        "after its Retry-After, which slows clients that retry at once (instead of refusing at full speed)",
         minimum=1,
     )
     max_tensor_dims: int = _setting(

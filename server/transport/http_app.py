@@ -23,7 +23,7 @@ from ..dataplane import FILE_PARAM_PREFIX, DataPlane
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import http_peer_subject
 from . import http_codec
-from .http_limits import HOLD
+from .http_limits import OVERLOAD_HOLD
 
 log = logging.getLogger("batchgate.http")
 
@@ -184,17 +184,13 @@ class HttpApp:
             return await self._empty(send, 200)
         raise not_found(f"no such endpoint: {method} {path[:256]}")
 
-    def _overloaded(self, scope, e: GatewayError) -> None:
-        """Past the refusal budget of this second, hold the refused connection for its
-        Retry-After: refusing at full speed would take the core from the admitted work."""
+    def _over_budget(self) -> bool:
+        """Whether this overload refusal is past ``overload_refusals_per_s`` in this second."""
         now = _monotonic()
         if now - self._second >= 1.0:
             self._second, self._refusals = now, 0
         self._refusals += 1
-        if self._refusals > self.refusal_budget:
-            hold = scope.get("extensions", {}).get(HOLD)
-            if hold is not None:
-                hold(max(1.0, min(e.retry_after_s or 1.0, 10.0)))
+        return self._refusals > self.refusal_budget
 
     def _caller(self, scope) -> Caller:
         return caller_of(scope) if self.dp.access.enforcing else OPEN_CALLER
@@ -243,8 +239,12 @@ class HttpApp:
                 served = dp.admit(model, version, caller_of(scope) if dp.access.enforcing else OPEN_CALLER)
             except GatewayError as e:
                 dp.log_failure("http", model, "", e)
-                if e.code is ErrorCode.RESOURCE_EXHAUSTED:
-                    self._overloaded(scope, e)
+                if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
+                    # Past the budget, the refusal is answered only after its Retry-After: a
+                    # client that retries at once (closed loop) is slowed to that pace, at the
+                    # cost of a sleeping task, instead of taking the core from admitted work.
+                    dp.metrics.connection_refused(OVERLOAD_HOLD)
+                    await asyncio.sleep(max(1.0, min(e.retry_after_s or 1.0, 10.0)))
                 raise
             try:
                 return await self._infer(served, model, version, scope, receive, send)

@@ -15,9 +15,6 @@ that bounds all of these:
 Each refusal is counted by ``refused(reason)``. Keep-alive idle time is uvicorn's own
 ``timeout_keep_alive``.
 
-Under overload the app may ask (``scope["extensions"]["batchgate.hold"](seconds)``) that the
-connection not be read for a while after its answer: the client's next request then waits in
-the socket buffers (TCP backpressure) instead of costing a read, a parse and another refusal.
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
 (``scope["extensions"]["tls"]``, with the client certificate's subject as ``client_cert_name``;
@@ -38,8 +35,7 @@ HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
-OVERLOAD_HOLD = "overload_hold"  # a connection not read for a while after an overload refusal
-HOLD = "batchgate.hold"  # scope["extensions"][HOLD](seconds): do not read the connection after this answer
+OVERLOAD_HOLD = "overload_hold"  # an overload refusal answered only after its Retry-After (http_app.py)
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
 _STATUS = {431: b"431 Request Header Fields Too Large", 408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
@@ -60,7 +56,6 @@ def guarded_protocol(
         _refused = False  # answered and closing: what is still parsed from the buffer is ignored
         _behind = False  # this request was pipelined behind an answer still in progress
         _tls: dict[Any, Any] | None = None  # the ASGI TLS extension of this connection; None = plaintext
-        _hold_s = 0.0  # after this answer, read nothing more from the connection for this long
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:
@@ -83,11 +78,8 @@ def guarded_protocol(
         def on_message_begin(self) -> None:
             self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
-            self._hold_s = 0.0
-            extensions: dict[str, Any] = {HOLD: self._hold}
             if self._tls is not None:
-                extensions["tls"] = self._tls
-            self.scope["extensions"] = extensions
+                self.scope["extensions"] = {"tls": self._tls}
             self._head_bytes = 0
             if self._timer is None and not self._behind:  # a keep-alive connection's next request
                 self._arm(header_timeout_s, HEAD_TIMEOUT)
@@ -118,22 +110,6 @@ def guarded_protocol(
             if not self._refused:
                 self._disarm()
                 super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._hold_s > 0 and not self.transport.is_closing():
-                # TCP backpressure: what the client sends next waits in the socket buffers, at
-                # no cost to us, instead of being read, parsed and refused again at once.
-                refused(OVERLOAD_HOLD)
-                self.flow.pause_reading()
-                self.loop.call_later(self._hold_s, self._release)
-
-        def _hold(self, seconds: float) -> None:
-            self._hold_s = seconds
-
-        def _release(self) -> None:
-            if not self.transport.is_closing():
-                self.flow.resume_reading()
 
         # ------------------------------------------------------------------ helpers
         def _count(self, n: int) -> bool:

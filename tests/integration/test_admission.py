@@ -190,10 +190,10 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     assert 'reason="max_queue_wait_ms"' in text
 
 
-def test_past_the_refusal_budget_a_refused_connection_is_not_read_for_its_retry_after(repo, serve):
-    """TCP backpressure instead of refusing at full speed: once overload_refusals_per_s
-    refusals were answered in a second, a refused keep-alive connection is not read again
-    until its Retry-After (1 s) has passed; the held connection is counted."""
+def test_past_the_refusal_budget_a_refusal_is_answered_after_its_retry_after(repo, serve):
+    """Not refusing at full speed: once overload_refusals_per_s refusals were answered in a
+    second, the next refusal is answered only after its Retry-After (1 s), which slows a
+    client that retries at once to that pace; each held refusal is counted."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
     dp = running.gateway.dataplane
     held = hold(running)
@@ -201,13 +201,13 @@ def test_past_the_refusal_budget_a_refused_connection_is_not_read_for_its_retry_
     host, port = running.http_url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         times = []
-        for _ in range(3):
+        for _ in range(2):
             t0 = time.monotonic()
             s.sendall(head("simple", len(GOOD)) + GOOD)
             reply = response(s)
             assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
             times.append(time.monotonic() - t0)
-    assert times[0] < 0.5 and times[1] < 0.5  # within the budget: answered at once
-    assert times[2] >= 0.9, times  # the second refusal of the second held the connection
+    assert times[0] < 0.5, times  # within the budget: answered at once
+    assert times[1] >= 0.9, times  # past it: after the Retry-After
     assert finish(held).startswith(b"HTTP/1.1 200")
     assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
