@@ -142,6 +142,9 @@ class Gateway:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", 0),
+            # max_connections bounds gRPC connections too; gRPC core refuses the one past it
+            # (not counted: core does not tell Python).
+            ("grpc.max_allowed_incoming_connections", lim.max_connections),
         ]
         if s.grpc_max_connection_age_s > 0:
             # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new

@@ -211,3 +211,38 @@ def test_past_the_refusal_budget_a_refusal_is_answered_after_its_retry_after(rep
     assert times[1] >= 0.9, times  # past it: after the Retry-After
     assert finish(held).startswith(b"HTTP/1.1 200")
     assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
+
+
+def test_grpc_connections_past_max_connections_are_refused(repo, serve):
+    """max_connections bounds gRPC connections too (gRPC core refuses the one past it; the
+    client sees UNAVAILABLE); a closed connection makes room again."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    running = serve(repo, max_connections=2)
+
+    def live(channel) -> str:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString,
+        )
+        try:
+            return "live" if call(pb.ServerLiveRequest(), timeout=5).live else "not live"
+        except grpc.RpcError as e:
+            return e.code().name
+
+    # A local subchannel pool: one TCP connection per channel (grpc shares them otherwise).
+    channels = [
+        grpc.insecure_channel(running.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(3)
+    ]
+    try:
+        assert [live(c) for c in channels] == ["live", "live", "UNAVAILABLE"]
+        channels[0].close()
+        time.sleep(0.5)
+        fresh = grpc.insecure_channel(running.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
+        channels.append(fresh)
+        assert live(fresh) == "live"
+    finally:
+        for c in channels:
+            c.close()
