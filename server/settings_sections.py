@@ -1,0 +1,243 @@
+"""The settings' sections: one frozen dataclass per section of the YAML file, each field a row
+of the settings table (help text, allowed values, bounds), and ``Settings`` holding them all.
+``config.py`` reads, merges and validates them; this module only declares them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .remote_models import RemoteModel
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: int | None = None,
+    maximum: int | None = None,
+    positive: bool = False,
+    why: str = "",
+    metavar: str = "",
+) -> Any:
+    """A section field and its row of the settings table: help text, allowed values, lower bound
+    (``why`` is added to the message when the bound is broken), the flag's metavar."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": choices,
+            "minimum": minimum,
+            "maximum": maximum,
+            "positive": positive,
+            "why": why,
+            "metavar": metavar,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Section ``server``: listeners, shutdown, threads and logs."""
+
+    host: str = _setting("0.0.0.0", "address all three listeners bind", metavar="HOST")
+    http_port: int = _setting(8000, "V2 HTTP/REST port; 0 picks a free port")
+    grpc_port: int = _setting(8001, "V2 gRPC port; 0 picks a free port")
+    metrics_port: int = _setting(8002, "Prometheus /metrics port; 0 picks a free port, -1 turns it off")
+    exit_timeout_s: float = _setting(30.0, "grace period for in-flight work on SIGTERM", positive=True)
+    grpc_max_connection_age_s: float = _setting(
+        0.0,
+        "close gRPC connections this old, so long-lived clients reconnect and reach new replicas; 0 = never",
+        minimum=0,
+    )
+    strict_readiness: bool = _setting(
+        True, "ready only while every model that should be loaded is ready (Triton's strict readiness)"
+    )
+    http_header_timeout_s: float = _setting(
+        10.0, "an HTTP request head must arrive within this; else 408 and the connection closed", positive=True
+    )
+    http_body_timeout_s: float = _setting(
+        60.0, "an HTTP request body must arrive within this of its head; else 408 and closed", positive=True
+    )
+    http_idle_timeout_s: float = _setting(
+        75.0, "an idle keep-alive HTTP connection is closed after this", positive=True
+    )
+    admin_host: str = _setting(
+        "127.0.0.1", "address the admin listener binds (repository API; routes and drift later)", metavar="HOST"
+    )
+    admin_port: int = _setting(8003, "admin HTTP port; 0 picks a free port, -1 turns it off")
+    health_port: int = _setting(
+        -1,
+        "plaintext port serving the gRPC health service only, for kubelet gRPC probes when TLS is on; "
+        "0 picks a free port, -1 = off",
+    )
+    infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
+    log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
+    log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Section ``repository``: where models come from and how they are loaded."""
+
+    model_repository: str = _setting(
+        "", "the Triton-layout model repository (may be left out when remote_models are given)", metavar="DIR"
+    )
+    model_control_mode: str = _setting(
+        "none",
+        "none: load every model at start; poll: also rescan every repository_poll_s; "
+        "explicit: load and unload through the repository API",
+        choices=("none", "poll", "explicit"),
+    )
+    repository_poll_s: float = _setting(15.0, "rescan interval in poll mode", positive=True)
+    load_model: tuple[str, ...] = _setting(
+        (), "explicit mode: a model to load at start (repeatable; * = all)", metavar="MODEL"
+    )
+    warm_up: bool = _setting(True, "run each model once on zeros when it loads")
+    gpu_device_id: int = _setting(0, "CUDA device of KIND_GPU instance groups that name no gpus", minimum=0)
+    default_max_batch_size: int = _setting(
+        4, "max_batch_size given to a model without config whose tensors all have a dynamic first dimension", minimum=0
+    )
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Section ``limits``: bounds on what callers may send and queue."""
+
+    max_queue_size: int = _setting(
+        4096,
+        "requests that may wait per model version, unless its config sets one; a full queue "
+        "answers RESOURCE_EXHAUSTED / 429 at once",
+        minimum=1,
+        why="every queue is bounded: 0 no longer means unbounded",
+    )
+    max_request_bytes: int = _setting(
+        64 * 1024 * 1024, "largest HTTP body (also after decompression) and gRPC message", minimum=1
+    )
+    max_caller_headers: int = _setting(
+        32, "caller x-* headers (HTTP) or metadata entries (gRPC) kept on a request; more = INVALID_ARGUMENT", minimum=0
+    )
+    max_caller_header_bytes: int = _setting(
+        4096, "bytes of name + value of one such header; longer = INVALID_ARGUMENT", minimum=1
+    )
+    max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)
+    max_request_id_bytes: int = _setting(
+        256, "the V2 id (or x-request-id) a request is answered with; longer = INVALID_ARGUMENT", minimum=1
+    )
+    max_header_bytes: int = _setting(
+        64 * 1024, "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed", minimum=1
+    )
+    max_connections: int = _setting(
+        4096,
+        "connections open at once, HTTP and gRPC each; one more HTTP connection is answered 503 and closed, "
+        "one more gRPC connection is refused by gRPC core",
+        minimum=1,
+    )
+    max_stream_inflight: int = _setting(
+        64,
+        "requests of one gRPC stream read and not yet answered; the stream is not read further until one is answered",
+        minimum=1,
+    )
+    max_gzip_members: int = _setting(64, "gzip members in one compressed HTTP body; more = INVALID_ARGUMENT", minimum=1)
+    max_inputs: int = _setting(64, "input tensors on one request; more = INVALID_ARGUMENT", minimum=1)
+    max_outputs: int = _setting(64, "outputs one request may name; more = INVALID_ARGUMENT", minimum=1)
+    max_inflight_requests: int = _setting(
+        4096,
+        "requests admitted and not yet answered in this process, all models together; one more is "
+        "refused at once with RESOURCE_EXHAUSTED / 429",
+        minimum=1,
+    )
+    max_queue_wait_ms: float = _setting(
+        500.0,
+        "refuse a request at once when the wait its model's queue is expected to impose (judged from "
+        "the measured drain rate) exceeds this; 0 = no bound on the expected wait",
+        minimum=0,
+    )
+    overload_refusals_per_s: int = _setting(
+        200,
+        "HTTP overload refusals (429) answered at once per second; past it a refusal is answered only "
+        "after its Retry-After, which slows clients that retry at once (instead of refusing at full speed)",
+        minimum=1,
+    )
+    max_tensor_dims: int = _setting(
+        32,
+        "dimensions of one input's shape (JSON data nested as deep at most); more = INVALID_ARGUMENT",
+        minimum=1,
+        maximum=64,
+    )
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Section ``batching``: how models with dynamic_batching form batches and where they run."""
+
+    batching_policy: str = _setting(
+        "triton", "how models with dynamic_batching form batches", choices=("triton", "work_conserving")
+    )
+    model_batching_policy: tuple[str, ...] = _setting(
+        (), "this model's batching policy (repeatable)", metavar="MODEL=POLICY"
+    )
+    inline_execution_max_us: int = _setting(
+        50,
+        "run a model version on the event loop when its executions are measured faster than this; 0 = never",
+        minimum=0,
+    )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Section ``auth``: who may call what, and the audit trail of admin actions."""
+
+    api_keys_file: str = _setting(
+        "",
+        "YAML file of API keys (id, sha256 of the token, scopes, models, rate_per_s, burst); "
+        "empty = the server runs open (a warning says so at start)",
+        metavar="FILE",
+    )
+    api_keys_poll_s: float = _setting(2.0, "how often api_keys_file is checked for changes (revocation)", positive=True)
+    allow_open_admin: bool = _setting(
+        False, "without api_keys_file, allow repository load/unload to anyone (Triton-like set-ups)"
+    )
+    audit_log_file: str = _setting(
+        "", "append one JSON line per admin action here (fsynced; never tokens); empty = no audit log", metavar="FILE"
+    )
+    health_requires_key: bool = _setting(False, "with api_keys_file, health endpoints need a key too")
+    metrics_requires_key: bool = _setting(False, "with api_keys_file, /metrics needs a key with scope 'read'")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Section ``tls``: HTTPS and gRPC over TLS on the same ports; mTLS with a client CA."""
+
+    tls_cert_file: str = _setting("", "PEM certificate chain; with tls_key_file, serve TLS", metavar="FILE")
+    tls_key_file: str = _setting("", "PEM private key of tls_cert_file", metavar="FILE")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)", metavar="FILE"
+    )
+    tls_poll_s: float = _setting(
+        5.0, "how often the certificate files are checked for changes and reloaded", positive=True
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    repository: RepositorySettings = field(default_factory=RepositorySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "repository": RepositorySettings,
+    "limits": LimitSettings,
+    "batching": BatchingSettings,
+    "auth": AuthSettings,
+    "tls": TlsSettings,
+}
+RESERVED_SECTIONS = ("routes", "drift")  # planned; refused until they exist
+TOP_LEVEL = (*SECTIONS, "remote_models")
