@@ -250,9 +250,9 @@ class DataPlane:
                     files[k[len(FILE_PARAM_PREFIX) :]] = v
             await self.repository.load(name, config, files or None)
         except GatewayError as e:
-            await self.access.audited(caller, key_id, "load", name, e.code.value, e.message)
+            await self.access.audited(caller, key_id, "repository.load", name, e.code.value, e.message)
             raise
-        await self.access.audited(caller, key_id, "load", name, "OK", files=await self._hashes(name, files))
+        await self.access.audited(caller, key_id, "repository.load", name, "ok", files=await self._hashes(name, files))
 
     async def unload_model(self, name: str, caller: Caller = OPEN_CALLER) -> None:
         key_id = None
@@ -261,9 +261,9 @@ class DataPlane:
             check_model_name(name)
             await self.repository.unload(name)
         except GatewayError as e:
-            await self.access.audited(caller, key_id, "unload", name, e.code.value, e.message)
+            await self.access.audited(caller, key_id, "repository.unload", name, e.code.value, e.message)
             raise
-        await self.access.audited(caller, key_id, "unload", name, "OK")
+        await self.access.audited(caller, key_id, "repository.unload", name, "ok")
 
     async def _hashes(self, name: str, uploaded: dict[str, bytes]) -> dict[str, str] | None:
         """SHA-256 of each file a load used: the uploaded ones, else the model's directory."""

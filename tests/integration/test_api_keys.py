@@ -138,10 +138,10 @@ def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
     lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()]
     assert len(lines) == 8
     assert [(r["action"], r["outcome"], r.get("key_id")) for r in lines[:4]] == [
-        ("unload", "PERMISSION_DENIED", None),
-        ("load", "UNAUTHENTICATED", None),
-        ("unload", "OK", "ops"),
-        ("load", "OK", "ops"),
+        ("repository.unload", "PERMISSION_DENIED", None),
+        ("repository.load", "UNAUTHENTICATED", None),
+        ("repository.unload", "ok", "ops"),
+        ("repository.load", "ok", "ops"),
     ]
     loaded = lines[3]
     assert loaded["target"] == "classifier" and loaded["peer"]
