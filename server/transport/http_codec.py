@@ -37,6 +37,9 @@ _EMPTY = memoryview(b"")
 # A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
 JSONValue = Any
 _NARROW_FLOATS = ("FP16", "FP32")  # float datatypes a JSON number (a float64) can overflow
+# The smallest magnitude that a cast rounds to infinity (half an ulp past the largest finite
+# value; the tie rounds to even, which is the infinity).
+_OVERFLOW_AT = {"FP32": (2 - 2**-24) * 2.0**127, "FP16": 65520.0}
 _NUMPY_JSON = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
 
 
@@ -249,14 +252,18 @@ def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np
             raise ValueError(f"{dt.v2} data must be numbers")
         elif dt.v2 in _NARROW_FLOATS and (kind == "f" or dt.v2 == "FP16"):
             # A JSON number past FP16 / FP32's range would be cast to inf (with numpy's
-            # RuntimeWarning): cast quietly, then refuse what did not stay finite. Integers
-            # (at most 2**64) always fit FP32, so only FP16 checks them.
-            with np.errstate(over="ignore"):
-                out = arr.astype(dt.np_dtype)
-            if not np.isfinite(out).all():
+            # RuntimeWarning): refuse any whose magnitude rounds to inf. Integers (at most
+            # 2**64) always fit FP32, so only FP16 checks them. Small arrays are checked in
+            # Python (two numpy reductions cost more than the whole check there).
+            if arr.size <= 16:
+                flat = arr.ravel().tolist()
+                high, low = max(flat), min(flat)
+            else:
+                high, low = arr.max(), arr.min()
+            overflow = _OVERFLOW_AT[dt.v2]
+            if high >= overflow or low <= -overflow:
                 limit = float(np.finfo(dt.np_dtype).max)
                 raise ValueError(f"a value is outside the range of {dt.v2} [{-limit:.8g}, {limit:.8g}]")
-            return out
     return arr.astype(dt.np_dtype)
 
 

@@ -170,11 +170,14 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
         inp = mod.InferInput("input", [1, 1024], "FP32")
         inp.set_data_from_numpy(x)
         t0 = time.monotonic()
+        client = mod.InferenceServerClient(url)
         try:
-            mod.InferenceServerClient(url).infer("slow", [inp])
+            client.infer("slow", [inp])
             r, msg = "ok", ""
         except InferenceServerException as e:
             r, msg = str(e.status()), e.message() or ""
+        finally:
+            client.close()  # in this thread: tritonclient's HTTP pool cannot be joined from another
         with lock:
             outcomes.append((r, time.monotonic() - t0, msg))
 

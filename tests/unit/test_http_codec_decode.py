@@ -309,12 +309,16 @@ def test_zero_timeout_sets_no_deadline():
         ("FP16", 70000.0, "65504"),
         ("FP16", -65520.0, "65504"),  # rounds to -inf
         ("FP16", 70000, "65504"),  # an integer: also past FP16's range
+        ("FP32", (2 - 2**-24) * 2.0**127, "3.4028235e+38"),  # exactly half an ulp past: rounds to inf
     ],
 )
 def test_json_numbers_past_the_float_range_are_refused(datatype, value, bound):
     """A cast would make them inf (with numpy's RuntimeWarning, an error under this suite's
-    filter): refused with the input, the datatype and the range."""
+    filter): refused with the input, the datatype and the range; small and large arrays (the
+    check takes two paths)."""
     msg = refused(one("big", datatype, (2,), data=[1.0, value]))
+    assert "input 'big'" in msg and f"outside the range of {datatype}" in msg and bound in msg
+    msg = refused(one("big", datatype, (40,), data=[1.0] * 39 + [value]))
     assert "input 'big'" in msg and f"outside the range of {datatype}" in msg and bound in msg
 
 
@@ -323,6 +327,7 @@ def test_json_numbers_past_the_float_range_are_refused(datatype, value, bound):
     [
         ("FP32", [3.4028235e38, -3.4028235e38, 1e-300, 16777217]),  # the edges; underflow to 0 is fine
         ("FP16", [65504.0, -65519.0, 1e-10, 65504]),  # 65519 rounds to 65504, not to inf
+        ("FP32", [np.nextafter((2 - 2**-24) * 2.0**127, 0), 1.0, -1.0, 0.0]),  # just under the tie: max
         ("FP64", [1.7e308, -1.7e308, 5e-324, 1]),
     ],
 )
