@@ -89,6 +89,7 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.admission = admission or Admission(max_inflight=1 << 30, max_queue_wait_s=0.0)
         self.access = access or Access()
+        self._keys = self.access.keys  # None: an open server (fixed for its life)
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
 
     # ------------------------------------------------------------------ health
@@ -121,7 +122,7 @@ class DataPlane:
         :meth:`release` with it exactly once when the request is answered or abandoned."""
         if not self.accepting:
             raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
-        if self.access.keys is not None:
+        if self._keys is not None:
             self.access.check(caller, INFER, name)
         served = self.repository.resolve(name, version)
         self.admission.admit(served)

@@ -71,6 +71,7 @@ class HttpApp:
         server metadata, and nothing of inference."""
         self.dp = dataplane
         self.admin_only = admin_only
+        self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
         self.refusal_budget = refusals_per_s
         self._refusals = 0  # overload refusals in the current second
         self._second = 0.0
@@ -193,7 +194,7 @@ class HttpApp:
         return self._refusals > self.refusal_budget
 
     def _caller(self, scope) -> Caller:
-        return caller_of(scope) if self.dp.access.enforcing else OPEN_CALLER
+        return caller_of(scope) if self._enforcing else OPEN_CALLER
 
     @staticmethod
     def _method(method: str, want: str) -> None:
@@ -236,7 +237,7 @@ class HttpApp:
             try:
                 # Admitted or refused from the path alone, before the body is read: a refusal
                 # under overload costs no body read and no decode.
-                served = dp.admit(model, version, caller_of(scope) if dp.access.enforcing else OPEN_CALLER)
+                served = dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
             except GatewayError as e:
                 dp.log_failure("http", model, "", e)
                 if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
