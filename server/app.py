@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("batchgate")
 
 GRPC_SERVICE = "inference.GRPCInferenceService"
+LIVENESS_SERVICE = "liveness"  # the gRPC health service name that is SERVING while the process runs
 READINESS_POLL_S = 0.5  # how often the gRPC health service is brought up to date
 
 
@@ -159,6 +160,9 @@ class Gateway:
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)
+        # Liveness apart from readiness: "" follows readiness (strict readiness may keep it false
+        # for long), "liveness" says only that the process answers (kubelet gRPC liveness probes).
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if not self.dataplane.access.health_requires_key:  # else: health on health_port only
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(

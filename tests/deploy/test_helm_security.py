@@ -199,7 +199,7 @@ def test_tls_from_a_secret_with_mtls_moves_the_probes_to_the_health_port(helm, t
     assert {k: p["grpc"] for k, p in probes.items()} == {
         "startupProbe": {"port": health, "service": GRPC_SERVICE},
         "readinessProbe": {"port": health, "service": GRPC_SERVICE},
-        "livenessProbe": {"port": health, "service": ""},
+        "livenessProbe": {"port": health, "service": "liveness"},  # alive, whatever readiness says
     }
     assert not any("httpGet" in p for p in probes.values())
     # the Services say TLS; metrics stay plaintext, and the monitor still scrapes port `metrics`

@@ -23,7 +23,11 @@ def views(running) -> tuple[bool, bool, int]:
     http = httpclient.InferenceServerClient(running.http_url)
     g = grpcclient.InferenceServerClient(running.grpc_url)
     with grpc.insecure_channel(running.grpc_url) as channel:
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        stub = health_pb2_grpc.HealthStub(channel)
+        health = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        # kubelet's gRPC liveness probe asks "liveness": alive whatever readiness says
+        alive = stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+    assert alive.status == health_pb2.HealthCheckResponse.SERVING
     assert http.is_server_live() and g.is_server_live()  # not ready is still alive
     return http.is_server_ready(), g.is_server_ready(), health.status
 
