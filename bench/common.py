@@ -71,6 +71,15 @@ def choose_pinning(enabled: bool) -> Pinning:
     )
 
 
+def serve_command(repo: str, *extra: str) -> list[str]:
+    """``batchgate serve`` of ``repo`` on loopback, every port picked free, the admin listener off
+    (the ports are read from the ready line, :data:`BATCHGATE_READY`)."""
+    return [
+        sys.executable, "-m", "batchgate.cli", "serve", "--model-repository", repo, "--host", "127.0.0.1",
+        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "-1", *extra,
+    ]  # fmt: skip
+
+
 class Server:
     """A server process whose stderr goes to a log file that is watched for its ready line."""
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say
+from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say, serve_command
 
 HERE = Path(__file__).resolve().parent
 MODEL = "mlp"
@@ -250,19 +250,7 @@ def main() -> int:
         files = {"dir": tmp, "grpc": tmp / "req.grpc", "http": tmp / "req.json"}
         files["grpc"].write_bytes(grpc_frame(request_bytes()))
         files["http"].write_bytes(http_body())
-        cmd = [sys.executable, "-m", "batchgate.cli", "serve", "--model-repository", str(repo)]
-        cmd += [
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--admin-port",
-            "-1",
-        ]
+        cmd = serve_command(str(repo))
         say(f"server: defaults only; pinning: {pin.note}")
         srv = Server("batchgate", [*pin.server, *cmd], BATCHGATE_READY, tmp / "server.log")
         try:

@@ -205,7 +205,7 @@ class DataPlane:
         return config_to_json(self.model_config(name, version, caller))
 
     def statistics(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
-        self.access.check(caller, READ, name or None)
+        key = self.access.check(caller, READ, name or None)
         if name:
             entry = self.repository.entry(name)
             if version:
@@ -213,20 +213,14 @@ class DataPlane:
             return [s.stats.as_dict() for _, s in sorted(entry.versions.items())]
         if version:
             raise invalid("a version needs a model name")
-        keys = self.access.keys
-        key = None if keys is None else keys.authenticate(caller.authorization, caller.subject)
         # every model the key may see (an open server: every model)
         return [s.stats.as_dict() for s in self.repository.served() if key is None or key.allows_model(s.name)]
 
     # ------------------------------------------------------------------ repository API
     def repository_index(self, ready_only: bool = False, caller: Caller = OPEN_CALLER) -> list[dict[str, str]]:
-        self.access.check(caller, READ)
-        keys = self.access.keys
+        key = self.access.check(caller, READ)
         rows = self.repository.index(ready_only=ready_only)
-        if keys is None:
-            return rows
-        key = keys.authenticate(caller.authorization, caller.subject)
-        return [r for r in rows if key.allows_model(r["name"])]
+        return rows if key is None else [r for r in rows if key.allows_model(r["name"])]
 
     async def load_model(self, name: str, parameters: Mapping[str, Any], caller: Caller = OPEN_CALLER) -> None:
         """Load or reload ``name`` (scope ``admin``). ``parameters`` are the load request's,
@@ -234,9 +228,9 @@ class DataPlane:
         base64-decoded): ``config`` is the model config as JSON text or an object, ``file:<path>``
         the bytes of a file of the model directory. Audited, whatever the outcome."""
         files: dict[str, bytes] = {}
-        key_id = None
+        key = None
         try:
-            key_id = self.access.check(caller, ADMIN, name)
+            key = self.access.check(caller, ADMIN, name)
             check_model_name(name)
             config = parameters.get(CONFIG_PARAM)
             if config is not None and not isinstance(config, str):
@@ -251,20 +245,20 @@ class DataPlane:
                     files[k[len(FILE_PARAM_PREFIX) :]] = v
             await self.repository.load(name, config, files or None)
         except GatewayError as e:
-            await self.access.audited(caller, key_id, "repository.load", name, e.code.value, e.message)
+            await self.access.audited(caller, key, "repository.load", name, e.code.value, e.message)
             raise
-        await self.access.audited(caller, key_id, "repository.load", name, "ok", files=await self._hashes(name, files))
+        await self.access.audited(caller, key, "repository.load", name, "ok", files=await self._hashes(name, files))
 
     async def unload_model(self, name: str, caller: Caller = OPEN_CALLER) -> None:
-        key_id = None
+        key = None
         try:
-            key_id = self.access.check(caller, ADMIN, name)
+            key = self.access.check(caller, ADMIN, name)
             check_model_name(name)
             await self.repository.unload(name)
         except GatewayError as e:
-            await self.access.audited(caller, key_id, "repository.unload", name, e.code.value, e.message)
+            await self.access.audited(caller, key, "repository.unload", name, e.code.value, e.message)
             raise
-        await self.access.audited(caller, key_id, "repository.unload", name, "ok")
+        await self.access.audited(caller, key, "repository.unload", name, "ok")
 
     async def _hashes(self, name: str, uploaded: dict[str, bytes]) -> dict[str, str] | None:
         """SHA-256 of each file a load used: the uploaded ones, else the model's directory."""

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from ..core.errors import ErrorCode, GatewayError
 from .audit import AuditLog
-from .auth import KeyStore
+from .auth import ApiKey, KeyStore
 
 log = logging.getLogger("batchgate.auth")
 
@@ -58,9 +58,9 @@ class Access:
         """Whether callers must present a key (transports read credentials only then)."""
         return self.keys is not None
 
-    def check(self, caller: Caller, scope: str, model: str | None = None) -> str | None:
-        """The id of the key that allows ``caller`` this ``scope`` (on ``model``), None on an
-        open server; raises UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED."""
+    def check(self, caller: Caller, scope: str, model: str | None = None) -> ApiKey | None:
+        """The key that allows ``caller`` this ``scope`` (on ``model``), None on an open server;
+        raises UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED."""
         keys = self.keys
         if keys is None:
             if scope == ADMIN and not self.allow_open_admin:
@@ -73,12 +73,12 @@ class Access:
         key = keys.authenticate(caller.authorization, caller.subject)
         keys.authorize(key, scope, model)
         keys.charge(key)
-        return key.id
+        return key
 
     async def audited(
         self,
         caller: Caller,
-        key_id: str | None,
+        key: ApiKey | None,
         action: str,
         target: str,
         outcome: str,
@@ -91,7 +91,7 @@ class Access:
             return
         try:
             await self.audit.arecord(
-                key_id=key_id,
+                key_id=None if key is None else key.id,
                 peer=caller.peer,
                 action=action,
                 target=target,

@@ -21,6 +21,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
 
 import orjson
 
@@ -101,21 +103,10 @@ class AuditLog:
                 obj["files_omitted"] = len(names) - MAX_FILES
         return orjson.dumps(obj) + b"\n"
 
-    def record(
-        self,
-        *,
-        key_id: str | None,
-        peer: str,
-        action: str,
-        target: str,
-        outcome: str,
-        detail: str = "",
-        files: Mapping[str, str] | None = None,
-    ) -> None:
-        """Append one line and fsync it; ``OSError`` if it could not be written."""
-        data = self.line(
-            key_id=key_id, peer=peer, action=action, target=target, outcome=outcome, detail=detail, files=files
-        )
+    def record(self, **fields: Any) -> None:
+        """Append one line (the fields of :meth:`line`) and fsync it; ``OSError`` if it could
+        not be written."""
+        data = self.line(**fields)
         with self._lock:
             fd = self._open()  # per record: a rotated file (moved away) is followed at once
             try:
@@ -126,28 +117,9 @@ class AuditLog:
             finally:
                 os.close(fd)
 
-    async def arecord(
-        self,
-        *,
-        key_id: str | None,
-        peer: str,
-        action: str,
-        target: str,
-        outcome: str,
-        detail: str = "",
-        files: Mapping[str, str] | None = None,
-    ) -> None:
+    async def arecord(self, **fields: Any) -> None:
         """:meth:`record` on a worker thread (the fsync must not stall the event loop)."""
-        await asyncio.to_thread(
-            self.record,
-            key_id=key_id,
-            peer=peer,
-            action=action,
-            target=target,
-            outcome=outcome,
-            detail=detail,
-            files=files,
-        )
+        await asyncio.to_thread(partial(self.record, **fields))
 
 
 def hash_files(directory: str, max_files: int = 1000, max_bytes: int = 8 * GIB) -> dict[str, str]:

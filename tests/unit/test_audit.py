@@ -139,8 +139,16 @@ def test_files_are_bounded(tmp_path):
 def test_no_field_takes_a_token():
     import inspect
 
-    params = set(inspect.signature(AuditLog.record).parameters) - {"self"}
+    # record and arecord take exactly the fields of line
+    params = set(inspect.signature(AuditLog.line).parameters) - {"self"}
     assert params == {"key_id", "peer", "action", "target", "outcome", "detail", "files"}
+
+
+def test_record_refuses_a_field_line_does_not_have(tmp_path):
+    log = AuditLog(str(tmp_path / "audit.log"))
+    with pytest.raises(TypeError):
+        log.record(key_id="k", peer="p", action="a", target="t", outcome="ok", token="secret")
+    assert (tmp_path / "audit.log").read_bytes() == b""
 
 
 def test_concurrent_records_never_interleave(tmp_path):
