@@ -237,6 +237,17 @@ def main() -> int:
     ap.add_argument("--probe-rate", type=float, default=50)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `batchgate serve` argument, for exploring settings (the reported figures use defaults only)",
+    )
+    ap.add_argument(
+        "--phases",
+        default="grpc,http,connections",
+        help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections)",
+    )
     args = ap.parse_args()
     pin = choose_pinning(not args.no_pin)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -250,48 +261,36 @@ def main() -> int:
         files = {"dir": tmp, "grpc": tmp / "req.grpc", "http": tmp / "req.json"}
         files["grpc"].write_bytes(grpc_frame(request_bytes()))
         files["http"].write_bytes(http_body())
-        cmd = serve_command(str(repo))
-        say(f"server: defaults only; pinning: {pin.note}")
+        cmd = serve_command(str(repo), *args.server_arg)
+        settings = " ".join(args.server_arg) or "defaults"
+        say(f"server: {'defaults only' if not args.server_arg else settings}; pinning: {pin.note}")
         srv = Server("batchgate", [*pin.server, *cmd], BATCHGATE_READY, tmp / "server.log")
         try:
             m = srv.match
             ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
             s = args.seconds
-            report: dict = {"settings": "defaults", "pinning": pin.note, "seconds": s, "factor": args.factor}
+            report: dict = {"settings": settings, "pinning": pin.note, "seconds": s, "factor": args.factor}
             cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, args.probe_rate)
             cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, args.probe_rate)
             clients_g, clients_h = 64, 600
-            over_g = phase(
-                "overload-grpc",
-                pin,
-                ports,
-                s,
-                "grpc",
-                clients_g,
-                args.factor * cap_g["ok_per_s"] / clients_g,
-                files,
-                args.probe_rate,
-            )
-            over_h = phase(
-                "overload-http",
-                pin,
-                ports,
-                s,
-                "http",
-                clients_h,
-                args.factor * cap_h["ok_per_s"] / clients_h,
-                files,
-                args.probe_rate,
-            )
-            try:
-                conns_h = phase(
-                    "connections-http", pin, ports, s, "http", args.connections, None, files, args.probe_rate
-                )
-            except subprocess.TimeoutExpired:
-                # Seen with 5,000 connections against max_connections 4,096: the refused ones
-                # reconnect at once, and h2load keeps them cycling without finishing.
-                say("  h2load did not finish (refused connections reconnecting without pause); no figures")
-                conns_h = None
+            wanted = set(args.phases.split(","))
+            over_g = over_h = conns_h = None
+            if "grpc" in wanted:
+                rate = args.factor * cap_g["ok_per_s"] / clients_g
+                over_g = phase("overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, args.probe_rate)
+            if "http" in wanted:
+                rate = args.factor * cap_h["ok_per_s"] / clients_h
+                over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, args.probe_rate)
+            if "connections" in wanted:
+                try:
+                    conns_h = phase(
+                        "connections-http", pin, ports, s, "http", args.connections, None, files, args.probe_rate
+                    )
+                except subprocess.TimeoutExpired:
+                    # Seen with more connections than max_connections: the refused ones
+                    # reconnect at once, and h2load keeps them cycling without finishing.
+                    say("  h2load did not finish (refused connections reconnecting without pause); no figures")
+                    conns_h = {"error": "load tool did not finish"}
             report["phases"] = {
                 "capacity-grpc": cap_g,
                 "capacity-http": cap_h,
@@ -318,7 +317,9 @@ def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
         ("HTTP 5000 conns", cap_h, conns_h),
     ):
         if r is None:
-            rows.append({"phase": name, "capacity_per_s": round(cap["ok_per_s"]), "error": "load tool did not finish"})
+            continue
+        if "error" in r:
+            rows.append({"phase": name, "capacity_per_s": round(cap["ok_per_s"]), "error": r["error"]})
             continue
         rows.append(
             {

@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import os
+import resource
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -110,7 +111,12 @@ class Gateway:
             ),
             strict_readiness=srv.strict_readiness,
             metrics=self.metrics,
-            admission=Admission(lim.max_inflight_requests, lim.max_queue_wait_ms / 1000),
+            admission=Admission(
+                lim.max_inflight_requests,
+                lim.max_queue_wait_ms / 1000,
+                lim.queue_target_ms / 1000,
+                lim.queue_interval_ms / 1000,
+            ),
             access=_access(settings),
         )
         self._keys_watch: asyncio.Task | None = None
@@ -139,13 +145,14 @@ class Gateway:
         await self.repository.start()
         lim = self.settings.limits
         limit = lim.max_request_bytes
+        self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
         options = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", 0),
             # max_connections bounds gRPC connections too; gRPC core refuses the one past it
             # (not counted: core does not tell Python).
-            ("grpc.max_allowed_incoming_connections", lim.max_connections),
+            ("grpc.max_allowed_incoming_connections", connections),
         ]
         if s.grpc_max_connection_age_s > 0:
             # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new
@@ -240,9 +247,11 @@ class Gateway:
                 max_header_bytes=lim.max_header_bytes,
                 header_timeout_s=s.http_header_timeout_s,
                 body_timeout_s=s.http_body_timeout_s,
-                max_connections=lim.max_connections,
+                max_connections=self.max_connections,
                 refused=self.metrics.connection_refused,
+                gate=app.admit_early,
             ),
+            ws="none",  # no WebSocket upgrades: every request is plain HTTP
             loop="none",
             lifespan="off",
             access_log=False,
@@ -346,6 +355,33 @@ class _HttpListener:
         with contextlib.suppress(Exception):
             if self._task is not None:
                 await asyncio.wait_for(self._task, 5)
+
+
+def fit_connections_to_fds(max_connections: int) -> int:
+    """``max_connections`` HTTP and as many gRPC connections need a file descriptor each: raise
+    the process's soft limit towards the hard one if it is short, and if even that cannot hold
+    them, bound connections by what it can (with a warning) rather than fail accepts at random
+    (an accept past the limit fails with EMFILE and every listener suffers)."""
+    reserve = 512  # models, logs, the audit log, certificates, upstream connections
+    need = 2 * max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, (soft - reserve) // 2)
+        log.warning(
+            "max_connections %d needs %d file descriptors but this process may open %d: "
+            "connections are bounded at %d per protocol (raise the limit with ulimit -n)",
+            max_connections,
+            need,
+            soft,
+            fitted,
+        )
+        return fitted
+    return max_connections
 
 
 def _access(settings: Settings) -> Access:

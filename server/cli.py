@@ -72,7 +72,7 @@ def _serve_parser(sub) -> None:
         elif spec.choices:
             kw["choices"] = spec.choices
         else:
-            kw["metavar"] = spec.metavar or METAVARS[spec.kind]
+            kw["metavar"] = spec.metavar or ("MS" if spec.name.endswith("_ms") else METAVARS[spec.kind])
         groups[section].add_argument(spec.flag, *("--" + a.replace("_", "-") for a in spec.aliases), **kw)
 
 

@@ -45,7 +45,7 @@ EXTENSIONS = (
 )
 # The settings of the limits section: the reasons a refusal may be counted under.
 LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section == "limits")
-_LIMIT_IN_MESSAGE = re.compile(r"\((max_[a-z_]+)\)$")
+_LIMIT_IN_MESSAGE = re.compile(r"\(([a-z_]+)\)$")
 # Refusals that come in floods when the server is overloaded or draining.
 _QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
 # Load parameters of the repository API (V2 model_repository extension).

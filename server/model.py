@@ -25,11 +25,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .backends.base import Backend, LocalBackend, RemoteBackend
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
 from .core.errors import ErrorCode, GatewayError
-from .core.scheduler import Done, PassThroughScheduler, Ticket
+from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
 from .monitoring.metrics import ModelMetrics
+from .security.limits import Capacity
 from .threads import InferenceThreads
 
 log = logging.getLogger("batchgate.model")
@@ -87,10 +88,16 @@ class ModelVersion:
             )
         else:
             self.scheduler = PassThroughScheduler(
-                execute, instances=instances, max_queue_size=max_queue_size, name=self.name, refused=metrics.refused
+                execute,
+                instances=instances,
+                max_queue_size=max_queue_size,
+                name=self.name,
+                refused=metrics.refused,
+                execute_chained=self.execution.execute if isinstance(self.execution, LocalExecution) else None,
             )
         self.in_flight = 0  # submitted and not yet answered
         self.admitted = 0  # admitted by the data plane (security/limits.py) and not yet released
+        self.capacity = Capacity()  # for the queue_target_ms rule (security/limits.py)
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.track(
@@ -270,13 +277,16 @@ class LocalExecution:
         self._recent_ns: dict[int, deque[float]] = {}
         self._fastest_ns: dict[int, float] = {}
 
-    def execute(self, batch: list[Ticket], done: Done) -> None:
+    def execute(self, batch: list[Ticket], done: Done, more: More | None = None) -> None:
+        """Run ``batch``; with ``more`` (the pass-through scheduler's), a thread that finishes
+        it goes straight on to the next waiting request (an inline run leaves that to the
+        scheduler, which dispatches the next one as soon as ``done`` returns)."""
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(t.checked.batch_size for t in batch)
         if self._inline_max_ns and self._fastest_ns.get(rows, math.inf) <= self._inline_max_ns:
             self.inline_runs += 1
             done(self._run_batch(batch))
         else:
-            self._threads.call(self._run_batch, batch, done)
+            self._threads.call(self._run_batch, batch, done, more)
 
     def _run_batch(self, batch: list[Ticket]) -> list:
         """Prepare inputs, execute, collect outputs, record figures (on an inference thread,

@@ -129,7 +129,7 @@ class LimitSettings:
         64 * 1024, "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed", minimum=1
     )
     max_connections: int = _setting(
-        4096,
+        10000,
         "connections open at once, HTTP and gRPC each; one more HTTP connection is answered 503 and closed, "
         "one more gRPC connection is refused by gRPC core",
         minimum=1,
@@ -154,10 +154,24 @@ class LimitSettings:
         "the measured drain rate) exceeds this; 0 = no bound on the expected wait",
         minimum=0,
     )
+    queue_target_ms: float = _setting(
+        20.0,
+        "sustained overload: once a model's expected queue wait has stayed above this for "
+        "queue_interval_ms, requests are admitted only while it is within this (never less than one "
+        "round of executions: full batches on every instance), so answers keep a short wait and the excess is refused "
+        "at once; bursts still queue up to max_queue_wait_ms; 0 = off",
+        minimum=0,
+    )
+    queue_interval_ms: float = _setting(
+        100.0,
+        "how long a queue must stay above queue_target_ms to count as overload, and within it to count as recovered",
+        minimum=1,
+    )
     overload_refusals_per_s: int = _setting(
-        200,
-        "HTTP overload refusals (429) answered at once per second; past it a refusal is answered only "
-        "after its Retry-After, which slows clients that retry at once (instead of refusing at full speed)",
+        8000,
+        "HTTP overload refusals (429) per second answered however fast clients retry; past it, a connection "
+        "whose client sends again right after a refusal is not read for the refusal's Retry-After (TCP "
+        "backpressure), so retry loops cannot take the core from admitted work",
         minimum=1,
     )
     max_tensor_dims: int = _setting(

@@ -32,20 +32,27 @@ class InferenceThreads:
             item = get()
             if item is _STOP:
                 return
-            loop, fn, arg, done = item
-            try:
-                result = fn(arg)
-            except BaseException as e:  # handed to ``done`` like any result
-                result = e
-            try:  # noqa: SIM105 - a try costs nothing here; contextlib.suppress would, once per execution
-                loop.call_soon_threadsafe(done, result)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
+            loop, fn, arg, done, more = item
+            while True:
+                try:
+                    result = fn(arg)
+                except BaseException as e:  # handed to ``done`` like any result
+                    result = e
+                # Asked before the result goes back, so the scheduler learns of both at once.
+                nxt = more() if more is not None else None
+                try:  # noqa: SIM105 - a try costs nothing here; contextlib.suppress would, once per execution
+                    loop.call_soon_threadsafe(done, result)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    break
+                if nxt is None:
+                    break
+                arg, done = nxt
 
-    def call(self, fn: Callable, arg, done: Callable) -> None:
+    def call(self, fn: Callable, arg, done: Callable, more: Callable | None = None) -> None:
         """Run ``fn(arg)`` on a worker thread, then ``done(result)`` on the running loop
-        (``done(exception)`` if ``fn`` raised)."""
-        self._q.put((asyncio.get_running_loop(), fn, arg, done))
+        (``done(exception)`` if ``fn`` raised). With ``more``, the thread then asks
+        ``more()`` for another ``(arg, done)`` and runs it at once, until it answers None."""
+        self._q.put((asyncio.get_running_loop(), fn, arg, done, more))
 
     def shutdown(self) -> None:
         for _ in self._threads:

@@ -34,13 +34,15 @@ def serve_args(repo: str, *extra: str) -> list[str]:
 
 
 class Proc:
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, preexec=None):
+        """``preexec``: run in the child before batchgate starts (resource limits, say)."""
         self.p = subprocess.Popen(
             BATCHGATE + args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec,
         )
         self.lines: list[str] = []
         self.ports = None

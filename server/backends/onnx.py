@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -76,7 +77,10 @@ class OnnxBackend:
             inter = int(params.get("inter_op_thread_count", "0") or 0)
         except ValueError:
             raise ModelConfigError("intra_op_thread_count / inter_op_thread_count must be integers") from None
-        return cls(path, providers, intra, inter)
+        spinning = params.get("allow_spinning", "false").strip().lower()
+        if spinning not in ("true", "false", "1", "0"):
+            raise ModelConfigError("allow_spinning must be true or false")
+        return cls(path, providers, intra, inter, spinning in ("true", "1"))
 
     def __init__(
         self,
@@ -84,10 +88,17 @@ class OnnxBackend:
         providers: list | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        allow_spinning: bool = False,
     ):
         so = ort.SessionOptions()
-        if intra_op_threads:
-            so.intra_op_num_threads = intra_op_threads
+        # By default ONNX Runtime starts one thread per physical core, whatever cores this
+        # process may use, and lets them spin between runs: they would take the cores the
+        # event loop needs (a server pinned to one core ran on two). So: as many threads as
+        # the cores this process may run on, and no spinning unless the model asks for it.
+        so.intra_op_num_threads = intra_op_threads or len(os.sched_getaffinity(0))
+        if not allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if inter_op_threads:
             so.inter_op_num_threads = inter_op_threads
         so.log_severity_level = 3

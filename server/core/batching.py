@@ -193,6 +193,12 @@ class DynamicBatcher(_SchedulerBase):
         return self.config.max_queue_size
 
     @property
+    def round_size(self) -> int:
+        """Requests that one round of executions takes: full batches on every instance (rows,
+        so at least as many requests)."""
+        return self.config.max_batch_size * self.config.instances
+
+    @property
     def drain_rate(self) -> DrainRate:
         return self._drain
 

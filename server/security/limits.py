@@ -1,7 +1,7 @@
 """Admission: how much work the process takes on, decided before a request is decoded.
 
 A request is admitted (or refused) from what is known before its tensors are: the model it
-names, and the state of that model's queue. Admitted work is bounded three ways, each a
+names, and the state of that model's queue. Admitted work is bounded four ways, each a
 setting, and each refusal is RESOURCE_EXHAUSTED / 429 with a Retry-After and the setting
 named at the end of the message (so it is counted under that reason):
 
@@ -9,7 +9,23 @@ named at the end of the message (so it is counted under that reason):
 - ``max_queue_size``: a model version's admitted requests not yet executing (its queue, plus
   requests still being read or decoded on their way to it);
 - ``max_queue_wait_ms``: the wait that queue is expected to impose on one more request, judged
-  from the rate at which the version gets through work while it has work waiting.
+  from the rate at which the version gets through work while it has work waiting; a hard
+  ceiling, which a burst may reach;
+- ``queue_target_ms``: a *standing* queue. A burst may queue up to the ceiling and drain, but
+  once the expected wait has stayed above the target for a whole ``queue_interval_ms`` the
+  version is overloaded, and from then on a request is admitted only while the expected wait is
+  within the target, until it has stayed within it for an interval again (CoDel's rule, Nichols
+  and Jacobson: a delay that persists for an interval is a standing queue, not a burst, applied
+  at the door instead of at the head of the queue). Under sustained overload answers then wait
+  about the target while the model stays busy, and the excess is refused at once. The target is
+  never less than one round of executions (full batches on every instance), so a model that
+  batches, or a slow one, keeps the queue that keeps it busy.
+
+The expected wait is the requests admitted and not yet executing (queued, or still being read
+and decoded) over the version's capacity: the most answers per second it has given in an
+interval of ``queue_interval_ms`` while work was waiting (decaying slowly). Its capacity, not
+its current rate: under overload the event loop's time goes partly to refusals, and judging by
+the current rate would refuse more, which lowers the rate again, down to nothing.
 
 Refusing here costs a dictionary lookup and a few comparisons; the body is never read (HTTP)
 and no tensor is decoded (gRPC), so under overload a refusal is far cheaper than an answer.
@@ -17,6 +33,7 @@ and no tensor is decoded (gRPC), so under overload a refusal is far cheaper than
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..core.errors import ErrorCode, GatewayError
@@ -29,15 +46,55 @@ if TYPE_CHECKING:
 INFLIGHT_LIMIT = "inflight_limit"
 QUEUE_FULL = "queue_full"
 QUEUE_WAIT = "queue_wait"
+QUEUE_TARGET = "queue_target"
+
+_monotonic = time.monotonic
+
+
+class Capacity:
+    """One version's capacity (answers per second at its busiest) and its standing-queue state
+    under the ``queue_target_ms`` rule (see the module text)."""
+
+    __slots__ = ("peak", "answered", "window_end", "shedding", "since")
+
+    def __init__(self) -> None:
+        self.peak = 0.0  # answers per second in the busiest recent interval; 0 = not yet measured
+        self.answered = 0  # answers in the current interval
+        self.window_end = 0.0
+        self.shedding = False  # overloaded: admit only within the target
+        self.since: float | None = None  # when the expected wait last crossed the target (either way)
+
+    def answer(self, now: float, interval: float, backlog: bool) -> None:
+        """One more answer; at an interval's end, the capacity from it if work was waiting."""
+        self.answered += 1
+        if now < self.window_end:
+            return
+        if self.window_end and backlog:
+            rate = self.answered / (interval + now - self.window_end)
+            # The busiest interval sets it; it decays by half a percent per busy interval, so a
+            # version that got slower is judged by what it does now within seconds.
+            self.peak = max(rate, self.peak * 0.995)
+        self.answered = 0
+        self.window_end = now + interval
 
 
 class Admission:
-    __slots__ = ("max_inflight", "max_wait_s", "inflight")
+    __slots__ = ("max_inflight", "max_wait_s", "target_s", "interval_s", "inflight", "_clock")
 
-    def __init__(self, max_inflight: int, max_queue_wait_s: float):
+    def __init__(
+        self,
+        max_inflight: int,
+        max_queue_wait_s: float,
+        queue_target_s: float = 0.0,
+        queue_interval_s: float = 0.1,
+        clock=_monotonic,
+    ):
         self.max_inflight = max_inflight
         self.max_wait_s = max_queue_wait_s  # 0 = no bound on the expected wait
+        self.target_s = queue_target_s  # 0 = no standing-queue rule
+        self.interval_s = queue_interval_s
         self.inflight = 0  # admitted and not yet released, all versions together
+        self._clock = clock
 
     def admit(self, version: ModelVersion) -> None:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
@@ -61,20 +118,61 @@ class Admission:
                     f"model '{version.name}' queue is full: {bound} requests waiting (max_queue_size)",
                     retry_after_s=sched.drain_rate.seconds_to_drain(waiting),
                 )
-            if self.max_wait_s:
-                rate = sched.drain_rate.rate()
-                if rate is not None and waiting / rate > self.max_wait_s:
-                    wait = waiting / rate
-                    version.metrics.refused(QUEUE_WAIT)
-                    raise GatewayError(
-                        ErrorCode.RESOURCE_EXHAUSTED,
-                        f"model '{version.name}' has about {wait * 1000:.0f} ms of work queued, more than "
-                        f"the {self.max_wait_s * 1000:.0f} ms a request may be made to wait (max_queue_wait_ms)",
-                        retry_after_s=wait - self.max_wait_s,
-                    )
+            rate = sched.drain_rate.rate()
+            if rate is not None and self.max_wait_s and waiting / rate > self.max_wait_s:
+                wait = waiting / rate
+                version.metrics.refused(QUEUE_WAIT)
+                raise GatewayError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"model '{version.name}' has about {wait * 1000:.0f} ms of work queued, more than "
+                    f"the {self.max_wait_s * 1000:.0f} ms a request may be made to wait (max_queue_wait_ms)",
+                    retry_after_s=wait - self.max_wait_s,
+                )
+        cap = version.capacity
+        if (
+            self.target_s
+            and cap.peak
+            and (waiting > 0 or cap.shedding or cap.since is not None)
+            and self._standing(cap, max(0, waiting) / cap.peak, max(self.target_s, sched.round_size / cap.peak))
+        ):
+            version.metrics.refused(QUEUE_TARGET)
+            raise GatewayError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"model '{version.name}' is overloaded: its queue has held more than "
+                f"{self.target_s * 1000:.0f} ms of work for {self.interval_s * 1000:.0f} ms; retry later or "
+                "on another replica (queue_target_ms)",
+                retry_after_s=1.0,
+            )
         version.admitted += 1
         self.inflight += 1
+
+    def _standing(self, cap: Capacity, wait: float, target: float) -> bool:
+        """Whether to refuse one more request whose expected wait is ``wait``."""
+        above = wait > target
+        if cap.shedding:
+            # Overloaded: admit only within the target; recovered once within it for an interval.
+            if above:
+                cap.since = None
+                return True
+            now = self._clock()
+            if cap.since is None:
+                cap.since = now
+            elif now - cap.since >= self.interval_s:
+                cap.shedding, cap.since = False, None
+            return False
+        if not above:
+            cap.since = None
+            return False
+        now = self._clock()
+        if cap.since is None:
+            cap.since = now
+        elif now - cap.since >= self.interval_s:  # above the target for a whole interval
+            cap.shedding, cap.since = True, None
+            return True
+        return False
 
     def release(self, version: ModelVersion) -> None:
         version.admitted -= 1
         self.inflight -= 1
+        if self.target_s:
+            version.capacity.answer(self._clock(), self.interval_s, version.admitted > version.scheduler.executing)

@@ -23,7 +23,7 @@ from ..dataplane import FILE_PARAM_PREFIX, DataPlane
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import http_peer_subject
 from . import http_codec
-from .http_limits import OVERLOAD_HOLD
+from .http_limits import Verdict
 
 log = logging.getLogger("batchgate.http")
 
@@ -55,6 +55,7 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 # (answered 503 until the listener closes, then refused), never racing the final close of a
 # keep-alive connection.
 CLOSE = (b"connection", b"close")
+ADMITTED = "batchgate.admitted"  # scope key: (version, model, version label) admitted by the protocol
 _monotonic = time.monotonic
 
 
@@ -120,7 +121,47 @@ class HttpApp:
             log.exception("HTTP %s %s failed", method, path)
             await self._error(send, GatewayError(ErrorCode.INTERNAL, f"internal error: {e}"))
 
+    def admit_early(self, method: str, path: str, scope) -> Verdict:
+        """Admission of an infer request as soon as its head is parsed (called by the protocol,
+        ``http_limits.py``, before any ASGI task exists): None sends the request on to the app
+        (admitted, with its admission in the scope, when it is an infer); otherwise the refusal
+        to write at once, and how long to leave the connection unread after it (past
+        ``overload_refusals_per_s`` overload refusals in a second, its Retry-After)."""
+        if self.admin_only:
+            return None
+        hit = self._infer_paths.get(path)
+        if hit is None:
+            m = MODEL_RE.match(path)
+            if m is None or m.group(3) != "infer":
+                return None
+            hit = (m.group(1), m.group(2) or "")
+            self._remember(path, hit)
+        model, version = hit
+        dp = self.dp
+        try:
+            served = dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
+        except GatewayError as e:
+            dp.log_failure("http", model, "", e)
+            dp.count_error("http", e)
+            status, headers, body = self.error_answer(e)
+            pause = 0.0
+            if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
+                pause = max(1.0, min(e.retry_after_s or 1.0, 10.0))
+            return status, headers, body, pause
+        scope[ADMITTED] = (served, model, version)
+        return None
+
+    def _remember(self, path: str, hit: tuple[str, str]) -> None:
+        """Remember an infer path (the next call skips the regex), only for a model that exists:
+        a client inventing names must not fill the cache."""
+        if len(self._infer_paths) < 4096 and self.dp.knows(*hit):
+            self._infer_paths[path] = hit
+
     async def _route(self, method, path, scope, receive, send):
+        admitted = scope.get(ADMITTED)
+        if admitted is not None:  # admitted by the protocol as its head arrived
+            served, model, version = admitted
+            return await self._counted_infer(model, version, scope, receive, send, served)
         if self.admin_only and not (path.startswith("/v2/repository") or path in ADMIN_PATHS):
             raise not_found(f"the admin listener serves the repository API and health only, not {path[:256]}")
         hit = self._infer_paths.get(path)
@@ -131,10 +172,7 @@ class HttpApp:
             model, version, action = m.group(1), m.group(2) or "", m.group(3)
             if action == "infer":
                 self._method(method, "POST")
-                # Remembered (the next call skips the regex) only for a model that exists: a
-                # client inventing names must not fill the cache.
-                if len(self._infer_paths) < 4096 and self.dp.knows(model, version):
-                    self._infer_paths[path] = (model, version)
+                self._remember(path, (model, version))
                 return await self._counted_infer(model, version, scope, receive, send)
             self._method(method, "GET")
             if action is None:
@@ -230,23 +268,18 @@ class HttpApp:
                 break
         return await self._more_body(await receive(), receive)
 
-    async def _counted_infer(self, model, version, scope, receive, send):
-        """An infer call whose refusal is counted once, whichever step refused it."""
+    async def _counted_infer(self, model, version, scope, receive, send, served=None):
+        """An infer call whose refusal is counted once, whichever step refused it. ``served``:
+        the protocol admitted it already (:meth:`admit_early`); otherwise (a request pipelined
+        behind another) it is admitted here, from the path, before the body is read."""
         dp = self.dp
         try:
-            try:
-                # Admitted or refused from the path alone, before the body is read: a refusal
-                # under overload costs no body read and no decode.
-                served = dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
-            except GatewayError as e:
-                dp.log_failure("http", model, "", e)
-                if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
-                    # Past the budget, the refusal is answered only after its Retry-After: a
-                    # client that retries at once (closed loop) is slowed to that pace, at the
-                    # cost of a sleeping task, instead of taking the core from admitted work.
-                    dp.metrics.connection_refused(OVERLOAD_HOLD)
-                    await asyncio.sleep(max(1.0, min(e.retry_after_s or 1.0, 10.0)))
-                raise
+            if served is None:
+                try:
+                    served = dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
+                except GatewayError as e:
+                    dp.log_failure("http", model, "", e)
+                    raise
             try:
                 return await self._infer(served, model, version, scope, receive, send)
             finally:
@@ -343,8 +376,9 @@ class HttpApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    async def _error(self, send, e: GatewayError, extra=()):
-        headers = list(JSON_HEADERS) + list(extra)
+    def error_answer(self, e: GatewayError, extra=()) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Status, headers (without content-length) and body of the answer to ``e``."""
+        headers = [*JSON_HEADERS, *extra]
         if isinstance(e, _MethodNotAllowed):
             status = 405
             headers.append((b"allow", e.allow.encode()))  # RFC 9110: a 405 names the methods that work
@@ -352,10 +386,13 @@ class HttpApp:
             status = HTTP_STATUS[e.code]
         if e.retry_after_s is not None:
             headers.append((b"retry-after", str(max(1, round(e.retry_after_s))).encode()))
-        body = orjson.dumps({"error": e.message})
-        headers.append((b"content-length", str(len(body)).encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
+        return status, headers, orjson.dumps({"error": e.message})
+
+    async def _error(self, send, e: GatewayError, extra=()):
+        status, headers, body = self.error_answer(e, extra)
+        headers.append((b"content-length", str(len(body)).encode()))
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})

@@ -15,6 +15,16 @@ that bounds all of these:
 Each refusal is counted by ``refused(reason)``. Keep-alive idle time is uvicorn's own
 ``timeout_keep_alive``.
 
+Infer requests are admitted here too, as soon as their head is parsed (``gate``, which is
+:meth:`HttpApp.admit_early`): a refusal (429 under overload, 401/403 for keys, 404 for an
+unknown model, 503 while draining) is written straight to the socket, and the body that follows
+is parsed and dropped; no ASGI scope, task or cycle is made for it, so under overload a refusal
+costs a small fraction of an answer. An admitted request goes on to the app with its admission
+in the scope. Past the gate's refusal budget, a connection whose client sends again right after
+a refusal (a retry loop that ignores Retry-After) is not read for the refusal's Retry-After
+(TCP backpressure: it waits in its own socket instead of taking the core from admitted work);
+clients with their own pace are answered at once.
+
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
 (``scope["extensions"]["tls"]``, with the client certificate's subject as ``client_cert_name``;
@@ -24,9 +34,12 @@ see ``security/tls.py``), made once per connection after its handshake.
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..security.tls import tls_extension
@@ -35,10 +48,19 @@ HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
-OVERLOAD_HOLD = "overload_hold"  # an overload refusal answered only after its Retry-After (http_app.py)
+OVERLOAD_HOLD = "overload_hold"  # a connection not read for a refusal's Retry-After (past the refusal budget)
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
+# A request that follows an overload refusal on its connection within this is a retry loop.
+TIGHT_RETRY_S = 0.05
 _STATUS = {431: b"431 Request Header Fields Too Large", 408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+# What the gate says of a request whose head is parsed: None = on to the app; otherwise the
+# answer to write now (status, headers, body) and how long to leave the connection unread after.
+Verdict = tuple[int, list[tuple[bytes, bytes]], bytes, float] | None
+Gate = Callable[[str, str, dict], Verdict]
+_CLOSE = (b"connection", b"close")
 
 
 def guarded_protocol(
@@ -47,6 +69,7 @@ def guarded_protocol(
     body_timeout_s: float,
     max_connections: int,
     refused: Callable[[str], None],
+    gate: Gate | None = None,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
 
@@ -56,6 +79,10 @@ def guarded_protocol(
         _refused = False  # answered and closing: what is still parsed from the buffer is ignored
         _behind = False  # this request was pipelined behind an answer still in progress
         _tls: dict[Any, Any] | None = None  # the ASGI TLS extension of this connection; None = plaintext
+        _answered = False  # this request was answered by the gate: its body is parsed and dropped
+        _keep_alive = True  # whether the connection stays open after the gate's answer
+        _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
+        _last_refusal = -1e9  # loop time of this connection's last 429
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:
@@ -100,16 +127,75 @@ def guarded_protocol(
                     self._disarm()
                 else:
                     self._arm(body_timeout_s, BODY_TIMEOUT)
+                    # Never for an upgrade: uvicorn would hand such a request elsewhere, and an
+                    # admission made here would never be released.
+                    if gate is not None and not self.parser.should_upgrade() and self._gate():
+                        return
                 super().on_headers_complete()
 
+        def _gate(self) -> bool:
+            """Ask the gate about this request; True when it was answered here."""
+            method = self.parser.get_method().decode("ascii")
+            if method != "POST":  # only infer requests are admitted early
+                return False
+            path = httptools.parse_url(self.url).path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            assert gate is not None
+            verdict = gate(method, path, self.scope)  # type: ignore[arg-type]
+            if verdict is None:
+                return False
+            status, headers, body, pause_s = verdict
+            self._answered = True
+            closing = _CLOSE in headers  # the answer closes the connection (the server drains)
+            self._keep_alive = not closing and self.parser.should_keep_alive()
+            out = [_STATUS_LINES[status]]
+            for name, value in (*self.server_state.default_headers, *headers):
+                out += [name, b": ", value, b"\r\n"]
+            if not self._keep_alive and not closing:
+                out.append(b"connection: close\r\n")
+            out += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
+            self.transport.write(b"".join(out))
+            if status == 429:
+                # Past the refusal budget, a client that sent this request right after its last
+                # refusal on this connection (a retry loop ignoring Retry-After) is not read again
+                # for the Retry-After; a client with its own pace is not held up.
+                now = self.loop.time()
+                if pause_s > 0 and now - self._last_refusal < TIGHT_RETRY_S:
+                    self._pause_s = pause_s
+                self._last_refusal = now
+            return True
+
+        def _resume(self) -> None:
+            if not self.transport.is_closing():
+                self.on_response_complete()  # keep-alive timer, reading resumed
+
         def on_body(self, body: bytes) -> None:
-            if not self._refused:
+            if not self._refused and not self._answered:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            if not self._refused:
-                self._disarm()
+            if self._refused:
+                return
+            self._disarm()
+            if not self._answered:
                 super().on_message_complete()
+                return
+            # The gate's answer is complete with its request: keep-alive goes on as after any
+            # answer, or the connection closes.
+            self._answered = False
+            if not self._keep_alive:
+                self._refuse_close()
+                return
+            if self._pause_s > 0:
+                # Past the refusal budget: this client's next request stays in its socket for
+                # the Retry-After (TCP backpressure), and the keep-alive clock waits with it.
+                refused(OVERLOAD_HOLD)
+                self.flow.pause_reading()
+                self.loop.call_later(self._pause_s, self._resume)
+                self._pause_s = 0.0
+                return
+            self.on_response_complete()
 
         # ------------------------------------------------------------------ helpers
         def _count(self, n: int) -> bool:
@@ -136,6 +222,10 @@ def guarded_protocol(
             self._timer = None
             if self._refused or self.transport.is_closing():
                 return
+            if self._answered:  # answered already: a second answer would be out of place
+                self._refused = True
+                self.transport.close()
+                return
             refused(reason)
             setting = "http_header_timeout_s" if reason == HEAD_TIMEOUT else "http_body_timeout_s"
             self._refuse(408, f"the request was not received in time ({setting})")
@@ -151,13 +241,22 @@ def guarded_protocol(
                 b"HTTP/1.1 " + _STATUS[status] + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
             )
+            self._refuse_close()
+
+        def _refuse_close(self) -> None:
+            self._refused = True
             # A lingering close: the answer and a FIN go out now, and what the client still sends
             # is read and dropped for a moment, so the close does not reset the connection (a
             # reset can make the client lose the answer it has not read yet).
-            if self.transport.can_write_eof():
+            if self.transport.is_closing():
+                return
+            try:
+                if not self.transport.can_write_eof():
+                    raise OSError
                 self.transport.write_eof()
-                self.loop.call_later(LINGER_S, self.transport.close)
-            else:
+            except OSError:  # no half-close here, or the peer is gone already
                 self.transport.close()
+                return
+            self.loop.call_later(LINGER_S, self.transport.close)
 
     return GuardedHttpToolsProtocol

@@ -24,8 +24,8 @@ from processes import BATCHGATE, Proc, serve_args
 def proc():
     started = []
 
-    def start(args, env=None):
-        p = Proc(args, env)
+    def start(args, env=None, preexec=None):
+        p = Proc(args, env, preexec)
         started.append(p)
         return p
 
@@ -175,3 +175,28 @@ def test_settings_command_lists_every_setting():
     r = subprocess.run(BATCHGATE + ["settings"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "BATCHGATE_MAX_REQUEST_BYTES" in r.stdout and "model_control_mode" in r.stdout
+
+
+def test_max_connections_is_fitted_to_the_file_descriptor_limit(proc, small_repo):
+    """A process allowed fewer file descriptors than max_connections needs (two per connection:
+    HTTP and gRPC, plus a reserve) bounds its connections by what it may open and says so,
+    instead of failing accepts with EMFILE at random; the HTTP connection past that bound is
+    answered 503 and closed."""
+    import resource
+    import socket
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+
+    p = proc(serve_args(small_repo, "--max-connections", "1000"), preexec=low_limit).wait_ready()
+    assert "connections are bounded at 44 per protocol" in p.output(), p.output()[-2000:]
+    host, port = p.http.split(":")
+    held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(44)]
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as extra:
+            extra.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = extra.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"(max_connections)" in reply, reply[:200]
+    finally:
+        for s in held:
+            s.close()

@@ -6,6 +6,7 @@ RESOURCE_EXHAUSTED / 429 with Retry-After and the setting named, and counted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -160,7 +161,7 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     drain rate under load is known, the excess is refused at once (not queued for seconds),
     with a Retry-After, while the admitted ones are served."""
     _save(slow_model(width=1024, layers=64), str(tmp_path), "slow", config="max_batch_size: 0\n")
-    running = serve(str(tmp_path), max_queue_wait_ms=30, inline_execution_max_us=0)
+    running = serve(str(tmp_path), max_queue_wait_ms=30, queue_target_ms=0, inline_execution_max_us=0)
     x = np.ones((1, 1024), np.float32)
     outcomes: list[tuple[str, float, str]] = []
     lock = threading.Lock()
@@ -193,10 +194,12 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     assert 'reason="max_queue_wait_ms"' in text
 
 
-def test_past_the_refusal_budget_a_refusal_is_answered_after_its_retry_after(repo, serve):
+def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(repo, serve):
     """Not refusing at full speed: once overload_refusals_per_s refusals were answered in a
-    second, the next refusal is answered only after its Retry-After (1 s), which slows a
-    client that retries at once to that pace; each held refusal is counted."""
+    second, a refusal of a request sent right after the previous refusal on its connection (a
+    retry loop) is still answered at once, but the connection is then not read for the
+    Retry-After (1 s), so a client that retries at once waits in its own socket; each such
+    pause is counted. A client that keeps its own pace is never held up."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
     dp = running.gateway.dataplane
     held = hold(running)
@@ -204,16 +207,133 @@ def test_past_the_refusal_budget_a_refusal_is_answered_after_its_retry_after(rep
     host, port = running.http_url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         times = []
-        for _ in range(2):
+        for _ in range(3):
             t0 = time.monotonic()
             s.sendall(head("simple", len(GOOD)) + GOOD)
             reply = response(s)
             assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
             times.append(time.monotonic() - t0)
-    assert times[0] < 0.5, times  # within the budget: answered at once
-    assert times[1] >= 0.9, times  # past it: after the Retry-After
+    assert times[0] < 0.5 and times[1] < 0.5, times  # answered at once, within the budget and past it
+    assert times[2] >= 0.9, times  # read only after the second refusal's Retry-After
+    # Past the budget too, but 100 ms after the last refusal: not a retry loop, not held up.
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        for _ in range(3):
+            time.sleep(0.1)
+            t0 = time.monotonic()
+            s.sendall(head("simple", len(GOOD)) + GOOD)
+            assert response(s).startswith(b"HTTP/1.1 429")
+            assert time.monotonic() - t0 < 0.5
     assert finish(held).startswith(b"HTTP/1.1 200")
-    assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
+    assert 'batchgate_http_connections_refused_total{reason="overload_hold"} 1.0' in metrics(running)
+
+
+def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, serve):
+    """The protocol admits an infer request as soon as its head is parsed: a refusal is
+    written before the body arrives, the body is then read and dropped, and the same
+    keep-alive connection serves the next request (refused, then answered once there is
+    room). A client that asked to close gets its connection closed after the refusal."""
+    running = serve(repo, max_inflight_requests=1)
+    dp = running.gateway.dataplane
+    held = hold(running)
+    wait_for(lambda: dp.admission.inflight == 1)
+    host, port = running.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head("simple", len(GOOD)))
+        reply = response(s)  # before any of the body was sent
+        assert reply.startswith(b"HTTP/1.1 429") and b"(max_inflight_requests)" in reply, reply[:200]
+        s.sendall(GOOD)  # dropped: it belongs to the refused request
+        s.sendall(head("simple", len(GOOD)) + GOOD)
+        assert response(s).startswith(b"HTTP/1.1 429")
+        assert finish(held).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: dp.admission.inflight == 0)
+        s.sendall(head("simple", len(GOOD)) + GOOD)
+        reply = response(s)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    held = hold(running)
+    wait_for(lambda: dp.admission.inflight == 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head("simple", len(GOOD)).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n") + GOOD)
+        reply = response(s)
+        assert reply.startswith(b"HTTP/1.1 429") and b"connection: close" in reply.lower(), reply[:300]
+        s.settimeout(5)
+        assert s.recv(100) == b""  # closed after the answer
+    held.close()
+    wait_for(lambda: dp.admission.inflight == 0)
+
+
+def test_upgrade_requests_are_not_admitted_early_and_leak_nothing(repo, serve):
+    """Regression: an infer request asking to upgrade the connection (WebSocket) goes the
+    ordinary way and releases its admission like any other; repeating it cannot fill the
+    in-flight bound."""
+    running = serve(repo, max_inflight_requests=2)
+    dp = running.gateway.dataplane
+    host, port = running.http_url.split(":")
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                head("simple", len(GOOD)).replace(
+                    b"Host: x\r\n", b"Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                )
+                + GOOD
+            )
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                s.recv(65536)
+    wait_for(lambda: dp.admission.inflight == 0)
+    r = httpclient.InferenceServerClient(running.http_url).infer("simple", simple_inputs(httpclient))
+    assert r.as_numpy("OUTPUT0") is not None
+
+
+def test_a_standing_queue_is_cut_to_the_target_and_the_model_recovers(tmp_path, serve):
+    """queue_target_ms: callers that keep one slow instance's queue above the target for a
+    whole interval are refused beyond the target (counted as queue_target, the setting named),
+    while admitted ones are served; without the rule the same load is all queued; once the
+    load stops, the next request is admitted."""
+    _save(slow_model(width=1024, layers=32), str(tmp_path), "slow", config="max_batch_size: 0\n")
+    x = np.ones((1, 1024), np.float32)
+
+    def hammer(running) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        lock = threading.Lock()
+
+        def call(i):
+            mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+            inp = mod.InferInput("input", [1, 1024], "FP32")
+            inp.set_data_from_numpy(x)
+            client = mod.InferenceServerClient(url)
+            try:
+                client.infer("slow", [inp])
+                r = ("ok", "")
+            except InferenceServerException as e:
+                r = (str(e.status()), e.message() or "")
+            finally:
+                client.close()
+            with lock:
+                out.append(r)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(call, range(200)))
+        return out
+
+    common = dict(max_queue_wait_ms=10_000, inline_execution_max_us=0, queue_interval_ms=20)
+    plain = hammer(serve(str(tmp_path), queue_target_ms=0, **common))
+    assert {r for r, _ in plain} == {"ok"}, sorted({m for _, m in plain})[:3]
+
+    running = serve(str(tmp_path), queue_target_ms=1, **common)
+    outcomes = hammer(running)
+    ok = [o for o in outcomes if o[0] == "ok"]
+    refused = [o for o in outcomes if o[1].endswith("(queue_target_ms)")]
+    assert ok and refused, sorted({o[0] for o in outcomes})
+    assert {r for r, _ in refused} == {"429", "StatusCode.RESOURCE_EXHAUSTED"}
+    assert len(ok) + len(refused) == len(outcomes), sorted({o[1] for o in outcomes})[:3]
+    text = metrics(running)
+    assert 'batchgate_refusals_total{model="slow",reason="queue_target",version="1"}' in text
+    assert 'reason="queue_target_ms"' in text
+    time.sleep(0.2)  # quiet for longer than the interval: recovered
+    inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+    inp.set_data_from_numpy(x)
+    for _ in range(3):
+        assert grpcclient.InferenceServerClient(running.grpc_url).infer("slow", [inp]).as_numpy("output") is not None
 
 
 def test_grpc_connections_past_max_connections_are_refused(repo, serve):

@@ -48,3 +48,33 @@ def test_a_bad_thread_count_fails_the_load_with_its_reason(tmp_path, serve):
     running = serve(str(tmp_path))
     rows = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
     assert rows[0]["state"] == "UNAVAILABLE" and "intra_op_thread_count" in rows[0]["reason"]
+
+
+def test_by_default_threads_fit_the_process_cores_and_do_not_spin(tmp_path, serve):
+    """Without thread settings, ONNX Runtime gets one thread per core this process may run on
+    (not per core of the machine) and its threads do not spin between runs, so they leave the
+    event loop its core; a model may ask for spinning."""
+    import os
+
+    _save(classifier_model(), str(tmp_path), "plain")
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "spins",
+        config='parameters { key: "allow_spinning" value { string_value: "true" } }\n',
+    )
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "bad",
+        config='parameters { key: "allow_spinning" value { string_value: "sometimes" } }\n',
+    )
+    running = serve(str(tmp_path))
+    plain = running.gateway.repository.resolve("plain", "").backend.session.get_session_options()
+    assert plain.intra_op_num_threads == len(os.sched_getaffinity(0))
+    assert plain.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spins = running.gateway.repository.resolve("spins", "").backend.session.get_session_options()
+    with pytest.raises(Exception, match="allow_spinning"):  # not set: ONNX Runtime's default (spinning)
+        spins.get_session_config_entry("session.intra_op.allow_spinning")
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert rows["bad"]["state"] == "UNAVAILABLE" and "allow_spinning" in rows["bad"]["reason"]

@@ -357,3 +357,76 @@ async def test_close_refuses_new_work_but_finishes_accepted_work():
 def test_instances_must_be_positive():
     with pytest.raises(ValueError):
         PassThroughScheduler(GatedBackend(), instances=0)
+
+
+async def test_a_thread_goes_straight_on_to_the_next_waiting_request_while_the_loop_is_busy():
+    """Queued work moves ahead of new reads: with a chaining backend, the inference thread that
+    finishes one request takes the next waiting one itself. While the event loop is blocked
+    (busy reading thousands of connections, say), the queue keeps draining; without chaining
+    only the request already running would finish."""
+    from batchgate.threads import InferenceThreads
+
+    threads = InferenceThreads(1)
+    ran: list[str] = []
+
+    def run(batch):
+        time.sleep(0.005)
+        ran.append(batch[0].id)
+        return [InferResponse("m", "1", [], id=batch[0].id)]
+
+    def execute(batch, done, more=None):
+        threads.call(run, batch, done, more)
+
+    try:
+        s = PassThroughScheduler(execute, instances=1, name="m", execute_chained=execute)
+        tasks = [submit(s, f"r{i}") for i in range(10)]
+        await settle()
+        assert s.queue_depth == 9
+        time.sleep(0.3)  # the loop is blocked: nothing it schedules runs meanwhile
+        assert len(ran) == 10, ran  # the thread drained the queue on its own
+        answers = await asyncio.gather(*tasks)
+        assert [a.id for a in answers] == [f"r{i}" for i in range(10)]
+        assert ran == [f"r{i}" for i in range(10)]  # in arrival order
+        assert s.queue_depth == 0 and s.executing == 0
+    finally:
+        threads.shutdown()
+
+
+async def test_chained_requests_still_expire_and_leave_when_cancelled():
+    """A waiting request whose deadline passed is never run by a chaining thread, and one whose
+    caller left is skipped; both are accounted for."""
+    from batchgate.threads import InferenceThreads
+
+    threads = InferenceThreads(1)
+    ran: list[str] = []
+    gate = __import__("threading").Event()
+
+    def run(batch):
+        if batch[0].id == "first":
+            gate.wait(5)
+        ran.append(batch[0].id)
+        return [InferResponse("m", "1", [], id=batch[0].id)]
+
+    def execute(batch, done, more=None):
+        threads.call(run, batch, done, more)
+
+    try:
+        s = PassThroughScheduler(execute, instances=1, name="m", execute_chained=execute)
+        first = submit(s, "first")
+        await settle()
+        late = submit(s, "late", deadline=time.monotonic() + 0.05)
+        gone = submit(s, "gone")
+        kept = submit(s, "kept")
+        await settle()
+        gone.cancel()
+        await asyncio.sleep(0.1)  # "late" expires while waiting
+        gate.set()
+        assert (await first).id == "first" and (await kept).id == "kept"
+        with pytest.raises(GatewayError) as ei:
+            await late
+        assert ei.value.code is ErrorCode.DEADLINE_EXCEEDED
+        assert ran == ["first", "kept"]
+        await settle()
+        assert s.queue_depth == 0 and s.executing == 0
+    finally:
+        threads.shutdown()

@@ -1,0 +1,107 @@
+"""The queue_target_ms rule of :class:`Admission` on a fake clock: a burst above the target is
+admitted, a queue that stays above it for an interval starts the shedding, shedding admits only
+within the target, and a queue back within the target for an interval ends it. The version here
+holds only what admission reads (its scheduler is the real pass-through one)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from batchgate.core.errors import ErrorCode, GatewayError
+from batchgate.core.scheduler import PassThroughScheduler
+from batchgate.security.limits import Admission, Capacity
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def version(capacity_per_s: float):
+    refused: list[str] = []
+    cap = Capacity()
+    cap.peak = capacity_per_s
+    v = SimpleNamespace(
+        name="m",
+        admitted=0,
+        scheduler=PassThroughScheduler(lambda batch, done: None, instances=1, name="m"),
+        metrics=SimpleNamespace(refused=refused.append),
+        capacity=cap,
+    )
+    return v, refused
+
+
+def admit_until_refused(adm: Admission, v, n: int) -> int:
+    for i in range(n):
+        try:
+            adm.admit(v)
+        except GatewayError as e:
+            assert e.code is ErrorCode.RESOURCE_EXHAUSTED and e.message.endswith("(queue_target_ms)")
+            return i
+    return n
+
+
+def test_a_burst_is_admitted_but_a_standing_queue_is_cut_to_the_target():
+    clock = Clock()
+    adm = Admission(10_000, 0.0, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
+    v, refused = version(capacity_per_s=1000.0)  # the target holds 20 waiting requests
+    assert admit_until_refused(adm, v, 100) == 100  # a burst: all admitted, nothing standing yet
+    clock.now += 0.05
+    adm.admit(v)  # still within the interval
+    clock.now += 0.06
+    with pytest.raises(GatewayError):  # above the target for a whole interval: shedding
+        adm.admit(v)
+    assert v.capacity.shedding and refused == ["queue_target"]
+    for _ in range(v.admitted - 10):  # the queue drains to 10 waiting: within the target
+        adm.release(v)
+    assert admit_until_refused(adm, v, 50) == 11  # admitted only up to the target (20 + 1)
+    for _ in range(v.admitted):
+        adm.release(v)
+    adm.admit(v)
+    clock.now += 0.11
+    adm.admit(v)  # within the target for an interval: recovered
+    assert not v.capacity.shedding
+
+
+def test_the_target_is_never_below_one_round_of_executions():
+    """A slow model (5 per second): one request waiting is already 200 ms, above a 20 ms target,
+    yet shedding still admits the one that keeps the instance busy."""
+    clock = Clock()
+    adm = Admission(10_000, 0.0, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
+    v, _ = version(capacity_per_s=5.0)
+    v.capacity.shedding = True
+    assert admit_until_refused(adm, v, 10) == 2  # the executing one, and one waiting
+
+
+def test_no_rule_before_the_capacity_is_measured_or_when_off():
+    clock = Clock()
+    v, _ = version(capacity_per_s=0.0)
+    adm = Admission(10_000, 0.0, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
+    assert admit_until_refused(adm, v, 200) == 200
+    v2, _ = version(capacity_per_s=1000.0)
+    v2.capacity.shedding = True
+    off = Admission(10_000, 0.0, queue_target_s=0.0, clock=clock)
+    assert admit_until_refused(off, v2, 200) == 200
+
+
+def test_capacity_is_the_busiest_interval_and_decays_slowly():
+    cap = Capacity()
+    now = 0.0
+    for _ in range(3):  # three busy intervals of 100 answers in 100 ms
+        for _ in range(100):
+            now += 0.001
+            cap.answer(now, 0.1, backlog=True)
+    assert cap.peak == pytest.approx(1000, rel=0.05)
+    for _ in range(10):  # a quiet interval (nothing waiting) leaves it alone
+        now += 0.01
+        cap.answer(now, 0.1, backlog=False)
+    assert cap.peak == pytest.approx(1000, rel=0.05)
+    for _ in range(50):  # slower busy intervals: it decays, a little each time
+        now += 0.01
+        cap.answer(now, 0.1, backlog=True)
+    assert 900 < cap.peak < 1000
