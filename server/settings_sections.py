@@ -129,7 +129,7 @@ class LimitSettings:
         64 * 1024, "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed", minimum=1
     )
     max_connections: int = _setting(
-        10000,
+        8192,
         "connections open at once, HTTP and gRPC each; one more HTTP connection is answered 503 and closed, "
         "one more gRPC connection is refused by gRPC core",
         minimum=1,

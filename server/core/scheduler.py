@@ -284,7 +284,7 @@ class PassThroughScheduler(_SchedulerBase):
             return
         self._handing = True
         try:
-            while self._free:
+            while self._free and self._waiters:
                 w, expired = self._take()
                 for e in expired:
                     self._expired_when_taken(e)
@@ -311,10 +311,12 @@ class PassThroughScheduler(_SchedulerBase):
         return [w.ticket], partial(self._finished, w)
 
     def _finished(self, w: _Waiter, results: Results) -> None:
-        with self._lock:
-            handed_on = self._chained > 0  # a thread went straight on to a waiting request
-            if handed_on:
-                self._chained -= 1
+        handed_on = False
+        if self._chained:  # a thread went straight on to a waiting request (it counted it first)
+            with self._lock:
+                handed_on = self._chained > 0
+                if handed_on:
+                    self._chained -= 1
         self._drain.done(1, handed_on or bool(self._waiters))
         if not handed_on:
             self._executing -= 1

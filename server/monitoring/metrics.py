@@ -94,7 +94,7 @@ FAMILIES: dict[str, Family] = {
     "batchgate_refusals": _model(
         "counter",
         "Requests a scheduler turned away or dropped unexecuted, by reason "
-        "(inflight_limit, queue_full, queue_wait, deadline_unmeetable, deadline_expired, queue_timeout)",
+        "(inflight_limit, queue_full, queue_wait, queue_target, deadline_unmeetable, deadline_expired, queue_timeout)",
         ("reason",),
     ),
     "batchgate_inflight_requests": _model("gauge", "Requests accepted and not yet answered"),

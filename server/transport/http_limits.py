@@ -135,14 +135,17 @@ def guarded_protocol(
 
         def _gate(self) -> bool:
             """Ask the gate about this request; True when it was answered here."""
-            method = self.parser.get_method().decode("ascii")
-            if method != "POST":  # only infer requests are admitted early
+            if self.parser.get_method() != b"POST":  # only infer requests are admitted early
                 return False
-            path = httptools.parse_url(self.url).path.decode("ascii")
-            if "%" in path:
-                path = urllib.parse.unquote(path)
+            url = self.url
+            if b"?" in url or b"%" in url or b"#" in url or url[:1] != b"/":
+                path = httptools.parse_url(url).path.decode("ascii")
+                if "%" in path:
+                    path = urllib.parse.unquote(path)
+            else:  # a plain path, as clients send it: no need to parse
+                path = url.decode("ascii")
             assert gate is not None
-            verdict = gate(method, path, self.scope)  # type: ignore[arg-type]
+            verdict = gate("POST", path, self.scope)  # type: ignore[arg-type]
             if verdict is None:
                 return False
             status, headers, body, pause_s = verdict
