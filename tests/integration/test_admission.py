@@ -198,7 +198,7 @@ def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(
     """Not refusing at full speed: once overload_refusals_per_s refusals were answered in a
     second, a refusal of a request sent right after the previous refusal on its connection (a
     retry loop) is still answered at once, but the connection is then not read for the
-    Retry-After (1 s), so a client that retries at once waits in its own socket; each such
+    Retry-After (1 s, spread by up to half either way), so a client that retries at once waits in its own socket; each such
     pause is counted. A client that keeps its own pace is never held up."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
     dp = running.gateway.dataplane
@@ -214,7 +214,7 @@ def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(
             assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
             times.append(time.monotonic() - t0)
     assert times[0] < 0.5 and times[1] < 0.5, times  # answered at once, within the budget and past it
-    assert times[2] >= 0.9, times  # read only after the second refusal's Retry-After
+    assert times[2] >= 0.45, times  # read only after the second refusal's Retry-After (1 s, spread by half)
     # Past the budget too, but 100 ms after the last refusal: not a retry loop, not held up.
     with socket.create_connection((host, int(port)), timeout=10) as s:
         for _ in range(3):
