@@ -224,7 +224,11 @@ def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(
             assert response(s).startswith(b"HTTP/1.1 429")
             assert time.monotonic() - t0 < 0.5
     assert finish(held).startswith(b"HTTP/1.1 200")
-    assert 'batchgate_http_connections_refused_total{reason="overload_hold"} 1.0' in metrics(running)
+    # The first connection was paused after its second refusal (and again after its third,
+    # which came right as that pause ended); the second connection never was.
+    held_line = 'batchgate_http_connections_refused_total{reason="overload_hold"} '
+    (value,) = [line[len(held_line) :] for line in metrics(running).splitlines() if line.startswith(held_line)]
+    assert float(value) in (1.0, 2.0), value
 
 
 def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, serve):
