@@ -198,8 +198,9 @@ def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(
     """Not refusing at full speed: once overload_refusals_per_s refusals were answered in a
     second, a refusal of a request sent right after the previous refusal on its connection (a
     retry loop) is still answered at once, but the connection is then not read for the
-    Retry-After (1 s, spread by up to half either way), so a client that retries at once waits in its own socket; each such
-    pause is counted. A client that keeps its own pace is never held up."""
+    Retry-After (1 s, spread by up to half either way), so a client that retries at once waits
+    in its own socket; each such pause is counted. A client that keeps its own pace is never
+    held up."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
     dp = running.gateway.dataplane
     held = hold(running)
