@@ -84,7 +84,6 @@ def guarded_protocol(
         _keep_alive = True  # whether the connection stays open after the gate's answer
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
         _last_refusal = -1e9  # loop time of this connection's last 429
-        _paused_for = 0.0  # how long the connection was left unread after it
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:
@@ -165,11 +164,11 @@ def guarded_protocol(
                 # Past the refusal budget, a client that sent this request right after its last
                 # refusal on this connection (a retry loop ignoring Retry-After) is not read again
                 # for the Retry-After; a client with its own pace is not held up.
-                # (Right after: within TIGHT_RETRY_S of the last refusal, or of the end of the
-                # pause that followed it.) The pause is spread by up to half either way, so
-                # connections paused together do not all come back in the same loop turn.
+                # The pause is spread by up to half either way, so connections paused together
+                # do not all come back in the same loop turn. (A request read as a pause ends
+                # was sent during it, not right after the refusal: it does not count.)
                 now = self.loop.time()
-                if pause_s > 0 and now - self._last_refusal < TIGHT_RETRY_S + self._paused_for:
+                if pause_s > 0 and now - self._last_refusal < TIGHT_RETRY_S:
                     self._pause_s = pause_s * (0.5 + random.random())
                 self._last_refusal = now
             return True
@@ -201,9 +200,8 @@ def guarded_protocol(
                 refused(OVERLOAD_HOLD)
                 self.flow.pause_reading()
                 self.loop.call_later(self._pause_s, self._resume)
-                self._paused_for, self._pause_s = self._pause_s, 0.0
+                self._pause_s = 0.0
                 return
-            self._paused_for = 0.0
             self.on_response_complete()
 
         # ------------------------------------------------------------------ helpers
