@@ -53,7 +53,7 @@ OVERLOAD_HOLD = "overload_hold"  # a connection not read for a refusal's Retry-A
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
 # A request that follows an overload refusal on its connection within this is a retry loop.
-TIGHT_RETRY_S = 0.05
+TIGHT_RETRY_S = 0.005
 _STATUS = {431: b"431 Request Header Fields Too Large", 408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
