@@ -234,6 +234,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--factor", type=float, default=3.0, help="overload as a multiple of the measured capacity")
     ap.add_argument("--connections", type=int, default=5000, help="HTTP closed-loop connections")
+    ap.add_argument(
+        "--open-connections",
+        type=int,
+        default=600,
+        help="HTTP open-loop connections (h2load --rps is per connection; a connection whose answer "
+        "comes late sends its next requests back to back, so the rate sent can exceed the rate asked)",
+    )
     ap.add_argument("--probe-rate", type=float, default=50)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
@@ -272,7 +279,7 @@ def main() -> int:
             report: dict = {"settings": settings, "pinning": pin.note, "seconds": s, "factor": args.factor}
             cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, args.probe_rate)
             cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, args.probe_rate)
-            clients_g, clients_h = 64, 600
+            clients_g, clients_h = 64, args.open_connections
             wanted = set(args.phases.split(","))
             over_g = over_h = conns_h = None
             if "grpc" in wanted:
