@@ -1,0 +1,165 @@
+"""The rollout of a route's canary: a state machine stepped once per interval. Pure: the caller
+hands it each interval's figures and the time; it says what the weights become.
+
+At each interval, with at least ``min_requests`` answered by the canary in that interval, the
+gates compare the canary with the baseline *over that interval only* (never cumulative counts,
+which would hide a canary that turned bad after a good start):
+
+- error rate: the canary's server errors (INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED; not client
+  errors or refusals) over its requests, at most ``max_error_rate``;
+- latency: the canary's p99 over the baseline's, at most ``max_p99_ratio`` (when both have one);
+- disagreement: the share of the canary's shadowed answers that disagreed with the primary's,
+  at most ``max_disagreement`` (when the canary is also shadowed).
+
+All pass: the next step's weight. One fails: ``rollback`` (canary weight 0) or ``pause``
+(weights kept until resumed). Too few requests: the interval is not judged and the step waits.
+After the last step the canary is promoted. Every transition says why, with its figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .routing import Rollout
+
+RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
+STATES = (RUNNING, PAUSED, PROMOTED, ROLLED_BACK)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One variant's figures over one interval."""
+
+    requests: int = 0
+    server_errors: int = 0
+    p99_s: float | None = None
+    compared: int = 0  # shadowed answers compared with the primary's
+    disagreed: int = 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # "pass", "fail" or "wait"
+    reasons: tuple[str, ...] = ()
+    figures: Mapping[str, float] = field(default_factory=dict)
+
+
+def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
+    """The gates over one interval (see the module text)."""
+    if canary.requests < rollout.min_requests:
+        return Verdict("wait", (f"{canary.requests} canary requests, fewer than min_requests {rollout.min_requests}",))
+    g = rollout.gates
+    figures: dict[str, float] = {"canary_requests": canary.requests}
+    reasons = []
+    error_rate = canary.server_errors / canary.requests
+    figures["error_rate"] = error_rate
+    if error_rate > g.max_error_rate:
+        reasons.append(f"error rate {error_rate:.4f} > max_error_rate {g.max_error_rate:g}")
+    if canary.p99_s is not None and baseline.p99_s and baseline.requests:
+        ratio = canary.p99_s / baseline.p99_s
+        figures["p99_ratio"] = ratio
+        if ratio > g.max_p99_ratio:
+            reasons.append(f"p99 ratio {ratio:.3f} > max_p99_ratio {g.max_p99_ratio:g}")
+    if canary.compared:
+        disagreement = canary.disagreed / canary.compared
+        figures["disagreement"] = disagreement
+        if disagreement > g.max_disagreement:
+            reasons.append(f"disagreement {disagreement:.4f} > max_disagreement {g.max_disagreement:g}")
+    return Verdict("fail" if reasons else "pass", tuple(reasons), figures)
+
+
+@dataclass
+class RolloutState:
+    """Where a route's rollout stands; ``step`` indexes ``Rollout.steps`` (-1: not begun)."""
+
+    state: str = RUNNING
+    step: int = -1
+    next_at: float = 0.0  # when the current interval ends
+    last: str = ""  # the last transition, in words
+
+    def to_state(self) -> dict[str, Any]:
+        return {"state": self.state, "step": self.step, "next_at": self.next_at, "last": self.last}
+
+    @classmethod
+    def from_state(cls, raw: Mapping[str, Any], rollout: Rollout) -> RolloutState:
+        """What :meth:`to_state` wrote, checked against the rollout it belongs to."""
+        try:
+            state, step = str(raw["state"]), int(raw["step"])
+            next_at, last = float(raw["next_at"]), str(raw.get("last", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a rollout state: {e}") from None
+        if state not in STATES or not -1 <= step < len(rollout.steps):
+            raise ValueError("not a rollout state: unknown state or step")
+        return cls(state, step, next_at, last)
+
+
+def canary_weight(rollout: Rollout, state: RolloutState) -> int | None:
+    """The canary's percentage of the canary-plus-baseline traffic now; None before the first
+    step (the configured weights stand)."""
+    if state.state == ROLLED_BACK:
+        return 0
+    if state.state == PROMOTED:
+        return 100
+    return rollout.steps[state.step] if state.step >= 0 else None
+
+
+def weights(rollout: Rollout, state: RolloutState, configured: Mapping[str, int]) -> dict[str, int]:
+    """The route's weights for this state: the canary takes its percentage of what the canary
+    and the baseline weigh together (at least 100, so a step of 10 is 10 in 100); every other
+    variant keeps its configured weight."""
+    pct = canary_weight(rollout, state)
+    out = dict(configured)
+    if pct is None:
+        return out
+    pair = max(100, configured[rollout.canary] + configured[rollout.baseline])
+    out[rollout.canary] = round(pair * pct / 100)
+    out[rollout.baseline] = pair - out[rollout.canary]
+    return out
+
+
+def start(rollout: Rollout, now: float) -> RolloutState:
+    """A rollout begins at its first step; its first interval ends ``interval_s`` from now."""
+    return RolloutState(RUNNING, 0, now + rollout.interval_s, f"started at step {rollout.steps[0]}%")
+
+
+def tick(rollout: Rollout, state: RolloutState, now: float, canary: Figures, baseline: Figures) -> Verdict | None:
+    """At the end of an interval, judge it and move ``state`` on. None when the interval has not
+    ended or the rollout is not running; otherwise the verdict that was applied."""
+    if state.state != RUNNING or now < state.next_at:
+        return None
+    verdict = judge(rollout, canary, baseline)
+    state.next_at = now + rollout.interval_s
+    at = rollout.steps[state.step]
+    if verdict.outcome == "wait":
+        state.last = f"step {at}% waits: {verdict.reasons[0]}"
+    elif verdict.outcome == "fail":
+        state.state = ROLLED_BACK if rollout.on_fail == "rollback" else PAUSED
+        state.last = f"step {at}% failed ({'; '.join(verdict.reasons)}): {state.state.replace('_', ' ')}"
+    elif state.step + 1 < len(rollout.steps):
+        state.step += 1
+        state.last = f"step {at}% passed: on to {rollout.steps[state.step]}%"
+    else:
+        state.state = PROMOTED
+        state.last = f"step {at}% passed: promoted"
+    return verdict
+
+
+def promote(state: RolloutState, rollout: Rollout) -> None:
+    state.state, state.step, state.last = PROMOTED, len(rollout.steps) - 1, "promoted by hand"
+
+
+def rollback(state: RolloutState) -> None:
+    state.state, state.last = ROLLED_BACK, "rolled back by hand"
+
+
+def pause(state: RolloutState) -> None:
+    if state.state == RUNNING:
+        state.state, state.last = PAUSED, "paused by hand"
+
+
+def resume(state: RolloutState, rollout: Rollout, now: float) -> None:
+    """A paused rollout goes on from its step, with a fresh interval."""
+    if state.state == PAUSED:
+        state.state, state.next_at, state.last = RUNNING, now + rollout.interval_s, "resumed by hand"

@@ -1,0 +1,498 @@
+"""Routes: one V2 model name answered by weighted variants, with sticky cohorts and pins.
+
+Pure: no I/O and no clock. This module reads a ``routes`` definition (the YAML section, already
+parsed) into checked :class:`RouteSpec` objects, keeps the bucket table that makes cohorts
+sticky, and says which variant answers a request. Serving a route, shadows, comparison and the
+rollout controller build on it.
+
+**Sticky cohorts.** A request's key (a header, a V2 parameter or the first row of an input) is
+hashed with the route's name into one of :data:`BUCKETS` buckets, and each bucket belongs to one
+variant; a variant owns as many buckets as its share of the weights (largest remainders). When
+the weights change, only buckets of variants that lost weight move, and only to variants that
+gained: a user never flips back and forth during a ramp, whatever the number of variants.
+
+That cannot be a function of the weights alone (three variants going A+B, then A+C, then B+C,
+then A+B again would have to end where they started while no bucket of an unchanged variant
+moves), so the table is kept: :meth:`BucketTable.to_state` and :meth:`BucketTable.from_state`
+round-trip it for ``state_dir``. A table built afresh for the same route and weights is the same
+on every replica (the layout is seeded by the route's name), so replicas that start from the
+config agree, and a restart that reloads the table keeps every cohort where it was.
+
+Requests without a key split at random by weight; a pin (``x-batchgate-variant`` header or
+metadata, or the V2 parameter ``variant``) names the variant outright.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, invalid
+from .types import MODEL_NAME, MODEL_NAME_RULE, InferRequest, clip, printable
+
+BUCKETS = 10_000
+PIN_HEADER = "x-batchgate-variant"
+PIN_PARAMETER = "variant"
+STICKY_KINDS = ("header", "param", "input")
+COMPARE_KINDS = ("classification", "regression")
+ON_FAIL = ("rollback", "pause")
+# A header name as HTTP allows it (lower case: headers are compared that way), bounded.
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,128}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: str
+    version: str  # "" = the model's latest
+    weight: int
+
+
+@dataclass(frozen=True)
+class Shadow:
+    name: str
+    model: str
+    version: str
+    percent: float  # of the route's requests copied to it, 0-100
+    max_inflight: int  # copies in flight at once; one more is dropped and counted
+
+
+@dataclass(frozen=True)
+class Compare:
+    output: str
+    kind: str  # classification | regression
+    atol: float
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_error_rate: float = 0.01
+    max_p99_ratio: float = 1.25
+    max_disagreement: float = 0.05
+
+
+@dataclass(frozen=True)
+class Rollout:
+    canary: str
+    baseline: str
+    steps: tuple[int, ...]
+    interval_s: float
+    min_requests: int
+    gates: Gates
+    on_fail: str
+
+
+@dataclass(frozen=True)
+class StickyKey:
+    kind: str  # header | param | input
+    name: str
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    name: str
+    variants: tuple[Variant, ...]
+    sticky: StickyKey | None = None
+    shadows: tuple[Shadow, ...] = ()
+    compare: Compare | None = None
+    rollout: Rollout | None = None
+    definition: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return {v.name: v.weight for v in self.variants}
+
+    def fingerprint(self) -> str:
+        """A digest of the route as the file defines it: runtime weights are kept until it changes."""
+        return hashlib.sha256(repr(sorted(_flatten(self.definition))).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------- parsing
+def parse_routes(raw: Any, source: str = "routes") -> list[RouteSpec]:
+    """The ``routes`` section (a list of route mappings), checked; a :class:`ConfigError` names
+    the route, the field and what is wrong."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: must be a list of routes")
+    routes: list[RouteSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        route = _parse_route(item, f"{source}[{i}]")
+        if route.name in seen:
+            raise ConfigError(f"{source}: route '{route.name}' is defined twice")
+        seen.add(route.name)
+        routes.append(route)
+    return routes
+
+
+def _parse_route(raw: Any, where: str) -> RouteSpec:
+    m = _mapping(raw, where, {"name", "variants", "sticky_key", "shadows", "compare", "rollout"})
+    name = _name(m.get("name"), f"{where}.name")
+    where = f"route '{name}'"
+    raw_variants = m.get("variants")
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise ConfigError(f"{where}: 'variants' must be a non-empty list")
+    variants = tuple(_parse_variant(v, f"{where} variants[{j}]") for j, v in enumerate(raw_variants))
+    _unique([v.name for v in variants], f"{where}: variant")
+    if sum(v.weight for v in variants) <= 0:
+        raise ConfigError(f"{where}: the variants' weights add up to 0; at least one must be positive")
+    shadows_raw = m.get("shadows") or []
+    if not isinstance(shadows_raw, list):
+        raise ConfigError(f"{where}: 'shadows' must be a list")
+    shadows = tuple(_parse_shadow(s, f"{where} shadows[{j}]") for j, s in enumerate(shadows_raw))
+    _unique([v.name for v in variants] + [s.name for s in shadows], f"{where}: variant or shadow")
+    sticky = _parse_sticky(m.get("sticky_key"), f"{where}.sticky_key")
+    compare = _parse_compare(m.get("compare"), f"{where}.compare") if m.get("compare") is not None else None
+    rollout = _parse_rollout(m.get("rollout"), f"{where}.rollout", variants) if m.get("rollout") is not None else None
+    return RouteSpec(name, variants, sticky, shadows, compare, rollout, dict(m))
+
+
+def _parse_variant(raw: Any, where: str) -> Variant:
+    m = _mapping(raw, where, {"name", "model", "version", "weight"})
+    name = _name(m.get("name"), f"{where}.name")
+    weight = m.get("weight", 0)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+        raise ConfigError(f"{where}: 'weight' must be a whole number from 0 to 100, not {_shown(weight)}")
+    return Variant(name, _name(m.get("model"), f"{where}.model"), _version(m.get("version"), where), weight)
+
+
+def _parse_shadow(raw: Any, where: str) -> Shadow:
+    m = _mapping(raw, where, {"name", "model", "version", "percent", "max_inflight"})
+    percent = _number(m.get("percent", 100), f"{where}.percent", 0, 100)
+    inflight = m.get("max_inflight", 8)
+    if isinstance(inflight, bool) or not isinstance(inflight, int) or not 1 <= inflight <= 65536:
+        raise ConfigError(f"{where}: 'max_inflight' must be a whole number from 1 to 65536, not {_shown(inflight)}")
+    return Shadow(
+        _name(m.get("name"), f"{where}.name"),
+        _name(m.get("model"), f"{where}.model"),
+        _version(m.get("version"), where),
+        percent,
+        inflight,
+    )
+
+
+def _parse_sticky(raw: Any, where: str) -> StickyKey | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or ":" not in raw:
+        raise ConfigError(f"{where}: must be header:<name>, param:<name> or input:<name>, not {_shown(raw)}")
+    kind, _, name = raw.partition(":")
+    if kind not in STICKY_KINDS:
+        raise ConfigError(f"{where}: '{printable(kind[:32])}' is not one of {', '.join(STICKY_KINDS)}")
+    if kind == "header":
+        name = name.lower()
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: '{printable(name[:128])}' is not a header name")
+        if not name.startswith("x-"):  # requests keep only the caller's x-* headers
+            raise ConfigError(f"{where}: the header must be an x-* header (like x-user-id), not '{name}'")
+    elif not name or len(name) > 128:
+        raise ConfigError(f"{where}: the {kind} name must be 1 to 128 characters")
+    return StickyKey(kind, name)
+
+
+def _parse_compare(raw: Any, where: str) -> Compare:
+    m = _mapping(raw, where, {"output", "kind", "atol"})
+    output = m.get("output")
+    if not isinstance(output, str) or not output or len(output) > 128:
+        raise ConfigError(f"{where}: 'output' must name an output tensor")
+    kind = m.get("kind", "regression")
+    if kind not in COMPARE_KINDS:
+        raise ConfigError(f"{where}: 'kind' must be one of {', '.join(COMPARE_KINDS)}, not {_shown(kind)}")
+    return Compare(output, kind, _number(m.get("atol", 1e-3), f"{where}.atol", 0, float("inf")))
+
+
+def _parse_rollout(raw: Any, where: str, variants: Sequence[Variant]) -> Rollout:
+    m = _mapping(raw, where, {"canary", "baseline", "steps", "interval_s", "min_requests", "gates", "on_fail"})
+    names = {v.name for v in variants}
+    canary, baseline = m.get("canary"), m.get("baseline")
+    for role, value in (("canary", canary), ("baseline", baseline)):
+        if value not in names:
+            raise ConfigError(f"{where}: '{role}' must name one of the route's variants ({', '.join(sorted(names))})")
+    if canary == baseline:
+        raise ConfigError(f"{where}: 'canary' and 'baseline' must be different variants")
+    steps = m.get("steps")
+    if (
+        not isinstance(steps, list)
+        or not steps
+        or any(isinstance(s, bool) or not isinstance(s, int) or not 0 < s <= 100 for s in steps)
+        or any(a >= b for a, b in zip(steps, steps[1:]))
+    ):
+        raise ConfigError(f"{where}: 'steps' must be rising whole percentages from 1 to 100, e.g. [10, 25, 50, 100]")
+    interval = _number(m.get("interval_s", 300), f"{where}.interval_s", 1, 7 * 86400)
+    min_requests = m.get("min_requests", 500)
+    if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
+        raise ConfigError(f"{where}: 'min_requests' must be a whole number of at least 1")
+    g = _mapping(m.get("gates") or {}, f"{where}.gates", {"max_error_rate", "max_p99_ratio", "max_disagreement"})
+    gates = Gates(
+        _number(g.get("max_error_rate", 0.01), f"{where}.gates.max_error_rate", 0, 1),
+        _number(g.get("max_p99_ratio", 1.25), f"{where}.gates.max_p99_ratio", 1, 1000),
+        _number(g.get("max_disagreement", 0.05), f"{where}.gates.max_disagreement", 0, 1),
+    )
+    on_fail = m.get("on_fail", "rollback")
+    if on_fail not in ON_FAIL:
+        raise ConfigError(f"{where}: 'on_fail' must be one of {', '.join(ON_FAIL)}, not {_shown(on_fail)}")
+    return Rollout(str(canary), str(baseline), tuple(steps), interval, min_requests, gates, on_fail)
+
+
+def _mapping(raw: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field {printable(unknown[0][:64])!r}; expected {', '.join(sorted(allowed))}"
+        )
+    return raw
+
+
+def _name(raw: Any, where: str) -> str:
+    if not isinstance(raw, str) or MODEL_NAME.fullmatch(raw) is None:
+        raise ConfigError(f"{where}: {_shown(raw)} is not a valid name ({MODEL_NAME_RULE})")
+    return raw
+
+
+def _version(raw: Any, where: str) -> str:
+    if raw is None or raw == "":
+        return ""
+    text = str(raw)
+    if isinstance(raw, bool) or not text.isdigit() or len(text) > 18:
+        raise ConfigError(f"{where}: 'version' must be a version number, not {_shown(raw)}")
+    return str(int(text))
+
+
+def _number(raw: Any, where: str, low: float, high: float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not low <= raw <= high:
+        raise ConfigError(f"{where}: must be a number from {low:g} to {high:g}, not {_shown(raw)}")
+    return float(raw)
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"{what} name '{n}' is used twice")
+        seen.add(n)
+
+
+def _shown(value: Any) -> str:
+    return printable(repr(value)[:64])
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, Mapping):
+        return [kv for k in value for kv in _flatten(value[k], f"{prefix}.{k}")]
+    if isinstance(value, list):
+        return [kv for i, v in enumerate(value) for kv in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, repr(value))]
+
+
+# ------------------------------------------------------------------------------ the buckets
+def bucket_of(route: str, key: bytes) -> int:
+    """The bucket of a sticky key: the same on every replica, in every process, after restarts
+    (a keyed BLAKE2b digest, not Python's per-process ``hash``)."""
+    digest = hashlib.blake2b(key, digest_size=8, key=route.encode()[:64]).digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
+def shares(weights: Mapping[str, int]) -> dict[str, int]:
+    """Buckets per variant: proportional to the weights, rounded by largest remainder (ties go
+    to the earlier variant), adding up to :data:`BUCKETS`."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("the weights add up to 0")
+    exact = {n: BUCKETS * w / total for n, w in weights.items()}
+    out = {n: int(x) for n, x in exact.items()}
+    order = sorted(weights, key=lambda n: (-(exact[n] - out[n]), list(weights).index(n)))
+    for n in order[: BUCKETS - sum(out.values())]:
+        out[n] += 1
+    return out
+
+
+class BucketTable:
+    """Which variant owns each bucket of one route (see the module text)."""
+
+    __slots__ = ("route", "owners", "weights")
+
+    def __init__(self, route: str, owners: list[str], weights: dict[str, int]):
+        self.route = route
+        self.owners = owners  # bucket -> variant name
+        self.weights = weights
+
+    @classmethod
+    def fresh(cls, route: str, weights: Mapping[str, int]) -> BucketTable:
+        """The table for ``weights`` built from nothing: each variant's share laid over the
+        buckets in an order seeded by the route's name (every replica builds the same one)."""
+        order = _seeded_order(route)
+        owners = [""] * BUCKETS
+        at = 0
+        for name, count in shares(weights).items():
+            for b in order[at : at + count]:
+                owners[b] = name
+            at += count
+        return cls(route, owners, dict(weights))
+
+    def variant_for(self, key: bytes) -> str:
+        return self.owners[bucket_of(self.route, key)]
+
+    def reweigh(self, weights: Mapping[str, int]) -> int:
+        """Move to ``weights`` (the same variants, or new ones, or fewer): buckets leave only
+        variants whose share shrank and go only to variants whose share grew. Returns how many
+        buckets moved."""
+        want = shares(weights)
+        have: dict[str, list[int]] = {n: [] for n in want}
+        freed: list[int] = []
+        for b, owner in enumerate(self.owners):
+            if owner in have:
+                have[owner].append(b)
+            else:  # a variant no longer in the route: all its buckets are free
+                freed.append(b)
+        # Which of a shrinking variant's buckets it gives up: the ones latest in the route's
+        # seeded order, so the choice is the same on every replica.
+        rank = _seeded_rank(self.route)
+        for name, buckets in have.items():
+            extra = len(buckets) - want[name]
+            if extra > 0:
+                buckets.sort(key=rank.__getitem__)
+                freed.extend(buckets[-extra:])
+                del buckets[-extra:]
+        freed.sort(key=rank.__getitem__)
+        at = 0
+        for name, buckets in have.items():
+            short = want[name] - len(buckets)
+            for b in freed[at : at + short]:
+                self.owners[b] = name
+            at += max(0, short)
+        self.weights = dict(weights)
+        return len(freed)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for owner in self.owners:
+            out[owner] = out.get(owner, 0) + 1
+        return out
+
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-able form: the weights, and the owners as runs of (variant index, length)."""
+        names = list(self.weights)
+        runs: list[list[int]] = []
+        for owner in self.owners:
+            i = names.index(owner)
+            if runs and runs[-1][0] == i:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, 1])
+        return {"route": self.route, "weights": dict(self.weights), "variants": names, "runs": runs}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> BucketTable:
+        """The table :meth:`to_state` wrote; ValueError if it is not one."""
+        try:
+            names = [str(n) for n in state["variants"]]
+            owners: list[str] = []
+            for i, n in state["runs"]:
+                owners.extend([names[int(i)]] * int(n))
+            weights = {str(k): int(v) for k, v in state["weights"].items()}
+            route = str(state["route"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"not a bucket table: {e}") from None
+        if len(owners) != BUCKETS or set(owners) - set(weights):
+            raise ValueError("not a bucket table: wrong size or unknown variants")
+        return cls(route, owners, weights)
+
+
+_RANKS: dict[str, list[int]] = {}
+
+
+def _seeded_order(route: str) -> list[int]:
+    """The buckets in an order fixed by the route's name: by a digest of each, so it depends on
+    nothing that could change between Python versions (as ``random.shuffle`` might)."""
+    key = f"batchgate-route:{route}".encode()[:64]
+    return sorted(range(BUCKETS), key=lambda b: hashlib.blake2b(b.to_bytes(2, "big"), digest_size=8, key=key).digest())
+
+
+def _seeded_rank(route: str) -> list[int]:
+    """Each bucket's position in the route's seeded order (cached: routes are few)."""
+    rank = _RANKS.get(route)
+    if rank is None:
+        rank = [0] * BUCKETS
+        for pos, b in enumerate(_seeded_order(route)):
+            rank[b] = pos
+        if len(_RANKS) < 1024:
+            _RANKS[route] = rank
+    return rank
+
+
+# ------------------------------------------------------------------------------- choosing
+def pick_weighted(weights: Mapping[str, int], rng: random.Random) -> str:
+    """A variant at random in proportion to its weight (requests without a sticky key)."""
+    total = sum(weights.values())
+    x = rng.random() * total
+    for name, w in weights.items():
+        if x < w:
+            return name
+        x -= w
+    return next(n for n, w in reversed(list(weights.items())) if w > 0)
+
+
+def check_pin(route: RouteSpec, pin: str) -> str:
+    """The pinned variant's name. A pin that names no variant of the route is the client's
+    mistake: INVALID_ARGUMENT, naming the variants there are."""
+    for v in route.variants:
+        if v.name == pin:
+            return pin
+    have = ", ".join(v.name for v in route.variants)
+    raise invalid(f"route '{route.name}' has no variant '{printable(clip(pin))}'; it has {have}")
+
+
+def sticky_key(sticky: StickyKey, request: InferRequest) -> bytes | None:
+    """The bytes a request's cohort is hashed from, or None when it carries no key (it then
+    splits at random). For ``input:``, the first row of that input: BYTES elements joined by
+    NUL, integers as little-endian 64-bit (so an INT32 and an INT64 input with the same values
+    land alike); other data types have no key."""
+    if sticky.kind == "header":
+        value = request.headers.get(sticky.name)
+        return None if value is None else value.encode()
+    if sticky.kind == "param":
+        p = request.parameters.get(sticky.name)
+        if p is None:
+            return None
+        if isinstance(p, bool):
+            return b"true" if p else b"false"
+        return str(p).encode() if isinstance(p, (str, int)) else repr(p).encode()
+    for t in request.inputs:
+        if t.name == sticky.name:
+            data = t.data
+            if data.size == 0:
+                return None
+            row = data[0] if data.ndim > 1 else data[:1]
+            if data.dtype == object:
+                return b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in row.reshape(-1))
+            if data.dtype.kind in "iub":
+                return row.astype("<i8").tobytes()
+            return None
+    return None
+
+
+def pin_of(route: RouteSpec, request: InferRequest) -> str | None:
+    """The variant a request pins (``x-batchgate-variant``, else the V2 parameter ``variant``),
+    checked against the route; None when it pins nothing."""
+    pin = request.headers.get(PIN_HEADER)
+    if pin is None:
+        raw = request.parameters.get(PIN_PARAMETER)
+        if raw is None:
+            return None
+        if not isinstance(raw, str):
+            raise invalid(f"parameter '{PIN_PARAMETER}' must be a variant's name")
+        pin = raw
+    return check_pin(route, pin)

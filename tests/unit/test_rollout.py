@@ -1,0 +1,131 @@
+"""core/rollout.py on a fake clock: gate arithmetic per interval (minimum counts, error rate,
+p99 ratio, disagreement), transitions (step, promote, rollback or pause), weights for each
+state, manual actions, and the state's round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchgate.core import rollout as ro
+from batchgate.core.routing import parse_routes
+
+ROUTE = {
+    "name": "fraud",
+    "variants": [
+        {"name": "stable", "model": "fraud_v1", "weight": 100},
+        {"name": "canary", "model": "fraud_v2", "weight": 0},
+    ],
+    "rollout": {
+        "canary": "canary",
+        "baseline": "stable",
+        "steps": [10, 50, 100],
+        "interval_s": 60,
+        "min_requests": 100,
+        "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25, "max_disagreement": 0.05},
+    },
+}
+GOOD = ro.Figures(requests=500, server_errors=2, p99_s=0.011)
+BASE = ro.Figures(requests=4500, server_errors=5, p99_s=0.010)
+
+
+def spec(**rollout_changes):
+    route = {**ROUTE, "rollout": {**ROUTE["rollout"], **rollout_changes}}
+    (r,) = parse_routes([route])
+    return r
+
+
+def test_gates_pass_fail_and_wait_on_one_interval():
+    r = spec().rollout
+    assert ro.judge(r, GOOD, BASE).outcome == "pass"
+    few = ro.judge(r, ro.Figures(requests=99, server_errors=50), BASE)
+    assert few.outcome == "wait" and "fewer than min_requests 100" in few.reasons[0]
+    errors = ro.judge(r, ro.Figures(requests=500, server_errors=6, p99_s=0.011), BASE)
+    assert errors.outcome == "fail" and errors.reasons == ("error rate 0.0120 > max_error_rate 0.01",)
+    slow = ro.judge(r, ro.Figures(requests=500, p99_s=0.013), BASE)
+    assert slow.outcome == "fail" and "p99 ratio 1.300 > max_p99_ratio 1.25" in slow.reasons
+    assert slow.figures["p99_ratio"] == pytest.approx(1.3)
+    shadowed = ro.judge(r, ro.Figures(requests=500, p99_s=0.01, compared=200, disagreed=11), BASE)
+    assert shadowed.outcome == "fail" and "disagreement 0.0550 > max_disagreement 0.05" in shadowed.reasons
+    # No baseline latency in the interval: that gate is not judged, the others are.
+    assert ro.judge(r, GOOD, ro.Figures()).outcome == "pass"
+
+
+def test_a_good_canary_steps_through_to_promotion():
+    r = spec()
+    state = ro.start(r.rollout, now=0.0)
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 90, "canary": 10}
+    assert ro.tick(r.rollout, state, 30.0, GOOD, BASE) is None  # the interval has not ended
+    assert ro.tick(r.rollout, state, 60.0, GOOD, BASE).outcome == "pass"
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 50, "canary": 50}
+    assert ro.tick(r.rollout, state, 120.0, GOOD, BASE).outcome == "pass"
+    assert ro.canary_weight(r.rollout, state) == 100 and state.state == ro.RUNNING
+    assert ro.tick(r.rollout, state, 180.0, GOOD, BASE).outcome == "pass"
+    assert state.state == ro.PROMOTED and state.last == "step 100% passed: promoted"
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 0, "canary": 100}
+    assert ro.tick(r.rollout, state, 240.0, GOOD, BASE) is None  # finished
+
+
+def test_a_failing_canary_is_rolled_back_or_paused():
+    bad = ro.Figures(requests=500, server_errors=50, p99_s=0.01)
+    r = spec()
+    state = ro.start(r.rollout, now=0.0)
+    ro.tick(r.rollout, state, 60.0, GOOD, BASE)
+    assert ro.tick(r.rollout, state, 120.0, bad, BASE).outcome == "fail"
+    assert state.state == ro.ROLLED_BACK and "step 50% failed (error rate 0.1000" in state.last
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 100, "canary": 0}
+
+    p = spec(on_fail="pause")
+    state = ro.start(p.rollout, now=0.0)
+    ro.tick(p.rollout, state, 60.0, bad, BASE)
+    assert state.state == ro.PAUSED and ro.weights(p.rollout, state, p.weights) == {"stable": 90, "canary": 10}
+    assert ro.tick(p.rollout, state, 500.0, GOOD, BASE) is None  # paused: no judging
+    ro.resume(state, p.rollout, now=500.0)
+    assert state.state == ro.RUNNING and state.next_at == 560.0
+    assert ro.tick(p.rollout, state, 560.0, GOOD, BASE).outcome == "pass" and state.step == 1
+
+
+def test_too_few_requests_wait_without_moving():
+    r = spec()
+    state = ro.start(r.rollout, now=0.0)
+    verdict = ro.tick(r.rollout, state, 60.0, ro.Figures(requests=10), BASE)
+    assert verdict.outcome == "wait" and state.step == 0 and state.next_at == 120.0
+
+
+def test_manual_actions():
+    r = spec()
+    state = ro.start(r.rollout, now=0.0)
+    ro.pause(state)
+    assert state.state == ro.PAUSED
+    ro.promote(state, r.rollout)
+    assert state.state == ro.PROMOTED and ro.canary_weight(r.rollout, state) == 100
+    ro.rollback(state)
+    assert state.state == ro.ROLLED_BACK and ro.canary_weight(r.rollout, state) == 0
+
+
+def test_other_variants_keep_their_weight_and_the_pair_splits_its_own():
+    (r,) = parse_routes(
+        [
+            {
+                "name": "three",
+                "variants": [
+                    {"name": "stable", "model": "a", "weight": 70},
+                    {"name": "canary", "model": "b", "weight": 0},
+                    {"name": "legacy", "model": "c", "weight": 30},
+                ],
+                "rollout": {"canary": "canary", "baseline": "stable", "steps": [20, 100]},
+            }
+        ]
+    )
+    state = ro.start(r.rollout, now=0.0)
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 80, "canary": 20, "legacy": 30}
+
+
+def test_the_state_round_trips_and_a_bad_one_is_refused():
+    r = spec()
+    state = ro.start(r.rollout, now=5.0)
+    ro.tick(r.rollout, state, 65.0, GOOD, BASE)
+    again = ro.RolloutState.from_state(state.to_state(), r.rollout)
+    assert again == state
+    for broken in ({}, {**state.to_state(), "state": "exploded"}, {**state.to_state(), "step": 7}):
+        with pytest.raises(ValueError):
+            ro.RolloutState.from_state(broken, r.rollout)

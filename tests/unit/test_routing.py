@@ -1,0 +1,236 @@
+"""core/routing.py, pure: reading a routes definition, the sticky bucket table (shares, weight
+accuracy, ramps that never move a user back, any number of variants), its state round trip,
+random splits without a key, and pins."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from batchgate.core.errors import ConfigError, ErrorCode, GatewayError
+from batchgate.core.routing import (
+    BUCKETS,
+    BucketTable,
+    StickyKey,
+    bucket_of,
+    check_pin,
+    parse_routes,
+    pick_weighted,
+    pin_of,
+    shares,
+    sticky_key,
+)
+from batchgate.core.types import InferRequest, Tensor
+
+ISSUE_EXAMPLE = [
+    {
+        "name": "fraud",
+        "variants": [
+            {"name": "stable", "model": "fraud_v1", "version": "3", "weight": 90},
+            {"name": "canary", "model": "fraud_v2", "weight": 10},
+        ],
+        "sticky_key": "header:x-user-id",
+        "shadows": [{"name": "next", "model": "fraud_v3", "percent": 20, "max_inflight": 8}],
+        "compare": {"output": "probabilities", "kind": "classification", "atol": 1.0e-3},
+        "rollout": {
+            "canary": "canary",
+            "baseline": "stable",
+            "steps": [10, 25, 50, 100],
+            "interval_s": 300,
+            "min_requests": 500,
+            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25, "max_disagreement": 0.05},
+            "on_fail": "rollback",
+        },
+    }
+]
+
+
+def test_a_full_route_definition_is_read():
+    (r,) = parse_routes(ISSUE_EXAMPLE)
+    assert r.name == "fraud" and r.weights == {"stable": 90, "canary": 10}
+    assert r.variant("stable").version == "3" and r.variant("canary").version == ""
+    assert (r.sticky.kind, r.sticky.name) == ("header", "x-user-id")
+    assert r.shadows[0].percent == 20 and r.shadows[0].max_inflight == 8
+    assert r.compare.kind == "classification" and r.compare.atol == pytest.approx(1e-3)
+    assert r.rollout.steps == (10, 25, 50, 100) and r.rollout.gates.max_p99_ratio == 1.25
+    assert r.fingerprint() == parse_routes(ISSUE_EXAMPLE)[0].fingerprint()
+    changed = [{**ISSUE_EXAMPLE[0], "sticky_key": "param:user"}]
+    assert parse_routes(changed)[0].fingerprint() != r.fingerprint()
+
+
+def _with(**changes):
+    route = {**ISSUE_EXAMPLE[0], **changes}
+    return [{k: v for k, v in route.items() if v is not None}]
+
+
+@pytest.mark.parametrize(
+    "routes, message",
+    [
+        ("fraud", "must be a list"),
+        (ISSUE_EXAMPLE * 2, "route 'fraud' is defined twice"),
+        (_with(name="../etc"), "is not a valid name"),
+        (_with(colour="red"), "unknown field 'colour'"),
+        (_with(variants=[]), "'variants' must be a non-empty list"),
+        (_with(variants=[{"name": "a", "model": "m", "weight": 0}]), "add up to 0"),
+        (_with(variants=[{"name": "a", "model": "m", "weight": 101}]), "from 0 to 100"),
+        (_with(variants=[{"name": "a", "model": "m", "weight": 1.5}]), "whole number"),
+        (_with(variants=[{"name": "a", "model": "/abs/m", "weight": 1}]), "is not a valid name"),
+        (_with(variants=[{"name": "a", "model": "m", "version": "x1", "weight": 1}]), "version number"),
+        (
+            _with(variants=[{"name": "a", "model": "m", "weight": 1}, {"name": "a", "model": "n", "weight": 1}]),
+            "'a' is used twice",
+        ),
+        (_with(sticky_key="cookie:x"), "'cookie' is not one of header, param, input"),
+        (_with(sticky_key="header:bad header"), "is not a header name"),
+        (_with(sticky_key="user"), "must be header:<name>"),
+        (_with(sticky_key="header:user-id"), "must be an x-* header"),
+        (_with(shadows=[{"name": "s", "model": "m", "percent": 120}]), "percent: must be a number from 0 to 100"),
+        (_with(shadows=[{"name": "s", "model": "m", "max_inflight": 0}]), "'max_inflight'"),
+        (_with(shadows=[{"name": "stable", "model": "m"}]), "'stable' is used twice"),
+        (_with(compare={"output": "p", "kind": "ranking"}), "'kind' must be one of classification, regression"),
+        (_with(rollout={"canary": "nope", "baseline": "stable", "steps": [50]}), "'canary' must name one of"),
+        (_with(rollout={"canary": "canary", "baseline": "canary", "steps": [50]}), "must be different"),
+        (_with(rollout={"canary": "canary", "baseline": "stable", "steps": [50, 25]}), "rising whole percentages"),
+        (_with(rollout={"canary": "canary", "baseline": "stable", "steps": [50], "on_fail": "x"}), "'on_fail'"),
+    ],
+)
+def test_a_bad_definition_is_refused_naming_what_is_wrong(routes, message):
+    with pytest.raises(ConfigError) as ei:
+        parse_routes(routes)
+    assert message in str(ei.value)
+
+
+def test_shares_follow_the_weights_and_fill_every_bucket():
+    assert shares({"a": 90, "b": 10}) == {"a": 9000, "b": 1000}
+    three = shares({"a": 1, "b": 1, "c": 1})
+    assert sum(three.values()) == BUCKETS and sorted(three.values()) == [3333, 3333, 3334]
+    assert shares({"a": 0, "b": 5}) == {"a": 0, "b": BUCKETS}
+
+
+def test_the_same_key_lands_on_the_same_variant_everywhere():
+    """A fresh table depends only on the route and the weights (every replica builds the same
+    one); a key's bucket does not depend on the process (a keyed digest, not ``hash``)."""
+    one, two = BucketTable.fresh("fraud", {"a": 50, "b": 50}), BucketTable.fresh("fraud", {"a": 50, "b": 50})
+    assert one.owners == two.owners
+    assert BucketTable.fresh("other", {"a": 50, "b": 50}).owners != one.owners
+    assert bucket_of("fraud", b"user-42") == bucket_of("fraud", b"user-42")
+    assert bucket_of("fraud", b"user-42") == 3438  # fixed: a change here would move every user
+    assert bucket_of("other", b"user-42") != bucket_of("fraud", b"user-42")
+
+
+@pytest.mark.parametrize("weights", [{"a": 90, "b": 10}, {"a": 33, "b": 33, "c": 34}, {"a": 70, "b": 20, "c": 10}])
+def test_weight_accuracy_over_100000_keys(weights):
+    table = BucketTable.fresh("route", weights)
+    got: dict[str, int] = {}
+    for i in range(100_000):
+        v = table.variant_for(f"user-{i}".encode())
+        got[v] = got.get(v, 0) + 1
+    total = sum(weights.values())
+    for name, w in weights.items():
+        assert abs(got.get(name, 0) / 1000 - 100 * w / total) < 1.0, (name, got)
+
+
+def test_a_ramp_moves_each_user_at_most_once_and_never_back():
+    table = BucketTable.fresh("fraud", {"stable": 100, "canary": 0})
+    keys = [f"user-{i}".encode() for i in range(20_000)]
+    history = {k: [table.variant_for(k)] for k in keys}
+    for step in (10, 25, 50, 100):
+        table.reweigh({"stable": 100 - step, "canary": step})
+        for k in keys:
+            history[k].append(table.variant_for(k))
+    for k, seen in history.items():
+        flips = sum(1 for a, b in zip(seen, seen[1:]) if a != b)
+        assert flips <= 1 and (flips == 0 or seen[0] == "stable"), (k, seen)
+    assert table.counts() == {"canary": BUCKETS}
+
+
+def test_reweighing_moves_buckets_only_from_losers_to_gainers_with_any_number_of_variants():
+    rng = random.Random(7)
+    for trial in range(30):
+        names = [f"v{i}" for i in range(rng.randint(2, 6))]
+        weights = {n: rng.randint(0, 10) for n in names}
+        weights[names[0]] += 1  # never all zero
+        table = BucketTable.fresh(f"r{trial}", weights)
+        for _ in range(5):
+            new = {n: rng.randint(0, 10) for n in names}
+            new[rng.choice(names)] += 1
+            before, old_share = list(table.owners), shares(table.weights)
+            moved = table.reweigh(new)
+            new_share = shares(new)
+            assert table.counts() == {n: c for n, c in new_share.items() if c}
+            changed = [(a, b) for a, b in zip(before, table.owners) if a != b]
+            assert len(changed) == moved
+            for a, b in changed:
+                assert new_share[a] < old_share[a] and new_share[b] > old_share[b], (a, b, old_share, new_share)
+
+
+def test_variants_can_be_added_and_removed():
+    table = BucketTable.fresh("r", {"a": 50, "b": 50})
+    b_buckets = {i for i, o in enumerate(table.owners) if o == "b"}
+    table.reweigh({"a": 50, "c": 50})  # b leaves, c arrives: only b's buckets move, all to c
+    assert {i for i, o in enumerate(table.owners) if o == "c"} == b_buckets
+    assert table.counts() == {"a": 5000, "c": 5000}
+
+
+def test_the_table_round_trips_through_its_state_and_a_bad_state_is_refused():
+    table = BucketTable.fresh("fraud", {"stable": 75, "canary": 25})
+    table.reweigh({"stable": 40, "canary": 60})
+    again = BucketTable.from_state(table.to_state())
+    assert again.owners == table.owners and again.weights == table.weights and again.route == "fraud"
+    state = table.to_state()
+    for broken in ({}, {**state, "runs": state["runs"][:-1]}, {**state, "variants": ["x"]}, {**state, "runs": "no"}):
+        with pytest.raises(ValueError):
+            BucketTable.from_state(broken)
+
+
+def test_without_a_key_requests_split_at_random_by_weight():
+    rng = random.Random(1)
+    got = {"a": 0, "b": 0, "c": 0}
+    for _ in range(100_000):
+        got[pick_weighted({"a": 60, "b": 30, "c": 10}, rng)] += 1
+    assert abs(got["a"] / 1000 - 60) < 1 and abs(got["b"] / 1000 - 30) < 1 and abs(got["c"] / 1000 - 10) < 1
+    assert {pick_weighted({"a": 0, "b": 1}, rng) for _ in range(100)} == {"b"}
+
+
+def test_a_pin_must_name_a_variant_of_the_route():
+    (r,) = parse_routes(ISSUE_EXAMPLE)
+    assert check_pin(r, "canary") == "canary"
+    with pytest.raises(GatewayError) as ei:
+        check_pin(r, "next\nforged")
+    assert ei.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "has no variant 'next\\x0aforged'; it has stable, canary" in ei.value.message
+
+
+def request(headers=None, parameters=None, inputs=()):
+    return InferRequest("fraud", "", tuple(inputs), headers=headers or {}, parameters=parameters or {})
+
+
+def test_sticky_keys_from_a_header_a_parameter_or_an_input():
+    assert sticky_key(StickyKey("header", "x-user-id"), request(headers={"x-user-id": "u1"})) == b"u1"
+    assert sticky_key(StickyKey("header", "x-user-id"), request()) is None
+    param = StickyKey("param", "user")
+    assert sticky_key(param, request(parameters={"user": "u1"})) == b"u1"
+    assert sticky_key(param, request(parameters={"user": 7})) == sticky_key(param, request(parameters={"user": "7"}))
+    assert sticky_key(param, request(parameters={"user": True})) == b"true"
+    ids = StickyKey("input", "ids")
+    i32 = Tensor("ids", "INT32", (2, 2), np.array([[5, 6], [7, 8]], np.int32))
+    i64 = Tensor("ids", "INT64", (2, 2), np.array([[5, 6], [9, 9]], np.int64))
+    assert sticky_key(ids, request(inputs=[i32])) == sticky_key(ids, request(inputs=[i64]))  # first row only
+    words = Tensor("ids", "BYTES", (2,), np.array([b"alice", b"bob"], dtype=object))
+    assert sticky_key(ids, request(inputs=[words])) == b"alice"
+    floats = Tensor("ids", "FP32", (1, 2), np.ones((1, 2), np.float32))
+    assert sticky_key(ids, request(inputs=[floats])) is None
+    assert sticky_key(ids, request(inputs=[Tensor("ids", "INT32", (0,), np.zeros(0, np.int32))])) is None
+
+
+def test_pins_from_the_header_or_the_parameter():
+    (r,) = parse_routes(ISSUE_EXAMPLE)
+    assert pin_of(r, request()) is None
+    assert pin_of(r, request(headers={"x-batchgate-variant": "canary"})) == "canary"
+    assert pin_of(r, request(parameters={"variant": "stable"})) == "stable"
+    with pytest.raises(GatewayError):
+        pin_of(r, request(parameters={"variant": 3}))
+    with pytest.raises(GatewayError):
+        pin_of(r, request(headers={"x-batchgate-variant": "next"}))  # a shadow is not a variant
