@@ -208,6 +208,12 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_rate):
         result["cancelled"] = server.get("CANCELLED", 0)
     # errored: connections closed or reset before an answer; never goodput
     result["closed_or_reset"] = h["errored"]
+    # Latency percentiles by outcome, for the plot (the raw latencies are not kept).
+    result["latency_ms"] = {
+        outcome: [_ms(pct(lat_s, q)) for q in CDF_POINTS]
+        for outcome, lat_s in (("ok", ok_lat), ("refused", refused_lat))
+        if len(lat_s)
+    }
     result["ok_p50_ms"] = _ms(pct(ok_lat, 50))
     result["ok_p99_ms"] = _ms(pct(ok_lat, 99))
     result["ok_mean_ms"] = _ms(float(np.mean(ok_lat)) if len(ok_lat) else None)
@@ -223,6 +229,40 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_rate):
         f"{result['ok_p99_ms']} ms, refusal p99 {result['refusal_p99_ms']} ms, server {server}"
     )
     return result
+
+
+CDF_POINTS = [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9]
+
+
+def plot(report: dict, path: Path) -> None:
+    """Latency percentiles by phase and outcome (OK, refused), log scale, with goodput in the
+    legend: where the overload goes, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [(k, v) for k, v in report["phases"].items() if v and "latency_ms" in v]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, r) in enumerate(phases):
+        colour = f"C{i}"
+        cap = report["phases"]["capacity-grpc" if "grpc" in name else "capacity-http"]["ok_per_s"]
+        for outcome, style in (("ok", "-"), ("refused", "--")):
+            values = r["latency_ms"].get(outcome)
+            if values:
+                label = f"{name} {outcome}"
+                if outcome == "ok" and not name.startswith("capacity"):
+                    label += f" (goodput {r['ok_per_s'] / cap:.2f} of capacity)"
+                ax.plot(values, CDF_POINTS, style, color=colour, marker="o", ms=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency seen by the client (ms, log scale)")
+    ax.set_ylabel("percentile")
+    ax.set_title(f"batchgate under overload ({report['settings']}; {report['pinning']})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _ms(v):
@@ -311,8 +351,9 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out / f"overload-{stamp}.json"
     path.write_text(json.dumps(report, indent=2, default=float))
+    plot(report, path.with_suffix(".png"))
     print_summary(report["summary"])
-    say(f"results: {path}")
+    say(f"results: {path} and {path.with_suffix('.png').name}")
     return 0
 
 
