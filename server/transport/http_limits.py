@@ -152,7 +152,9 @@ def guarded_protocol(
             status, headers, body, pause_s = verdict
             self._answered = True
             closing = _CLOSE in headers  # the answer closes the connection (the server drains)
-            self._keep_alive = not closing and self.parser.should_keep_alive()
+            # A client that asked "Expect: 100-continue" and gets a final answer instead may or
+            # may not send its body; the connection cannot tell, so it closes after the answer.
+            self._keep_alive = not closing and not self.expect_100_continue and self.parser.should_keep_alive()
             out = [_STATUS_LINES[status]]
             for name, value in (*self.server_state.default_headers, *headers):
                 out += [name, b": ", value, b"\r\n"]
@@ -160,6 +162,10 @@ def guarded_protocol(
                 out.append(b"connection: close\r\n")
             out += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
             self.transport.write(b"".join(out))
+            if not self._keep_alive:  # closed now (what the client still sends is read and dropped)
+                self._disarm()
+                self._refuse_close()
+                return True
             if status == 429:
                 # Past the refusal budget, a client that sent this request right after its last
                 # refusal on this connection (a retry loop ignoring Retry-After) is not read again
@@ -191,9 +197,6 @@ def guarded_protocol(
             # The gate's answer is complete with its request: keep-alive goes on as after any
             # answer, or the connection closes.
             self._answered = False
-            if not self._keep_alive:
-                self._refuse_close()
-                return
             if self._pause_s > 0:
                 # Past the refusal budget: this client's next request stays in its socket for
                 # the Retry-After (TCP backpressure), and the keep-alive clock waits with it.

@@ -265,6 +265,13 @@ def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, se
         assert reply.startswith(b"HTTP/1.1 429") and b"connection: close" in reply.lower(), reply[:300]
         s.settimeout(5)
         assert s.recv(100) == b""  # closed after the answer
+    # A client that expects 100-continue may not send its body after a final answer: closed.
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head("simple", len(GOOD)).replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"))
+        reply = response(s)
+        assert reply.startswith(b"HTTP/1.1 429") and b"connection: close" in reply.lower(), reply[:300]
+        s.settimeout(5)
+        assert s.recv(100) == b""
     held.close()
     wait_for(lambda: dp.admission.inflight == 0)
 
