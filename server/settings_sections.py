@@ -169,9 +169,9 @@ class LimitSettings:
     )
     overload_refusals_per_s: int = _setting(
         8000,
-        "HTTP overload refusals (429) per second answered however fast clients retry; past it, a connection "
-        "whose client sends again right after a refusal is not read for the refusal's Retry-After (TCP "
-        "backpressure), so retry loops cannot take the core from admitted work",
+        "HTTP overload refusals (429) per second before the server stops reading: past it, a connection just "
+        "refused is not read for the refusal's Retry-After (TCP backpressure), so clients that retry at once "
+        "cannot take the core from admitted work",
         minimum=1,
     )
     max_tensor_dims: int = _setting(

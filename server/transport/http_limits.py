@@ -20,10 +20,9 @@ Infer requests are admitted here too, as soon as their head is parsed (``gate``,
 unknown model, 503 while draining) is written straight to the socket, and the body that follows
 is parsed and dropped; no ASGI scope, task or cycle is made for it, so under overload a refusal
 costs a small fraction of an answer. An admitted request goes on to the app with its admission
-in the scope. Past the gate's refusal budget, a connection whose client sends again right after
-a refusal (a retry loop that ignores Retry-After) is not read for the refusal's Retry-After
-(TCP backpressure: it waits in its own socket instead of taking the core from admitted work);
-clients with their own pace are answered at once.
+in the scope. Past the gate's refusal budget, a connection just refused is not read for the
+refusal's Retry-After (TCP backpressure: its client's next request waits in its own socket
+instead of taking the core from admitted work).
 
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
@@ -52,8 +51,6 @@ TOO_MANY_CONNECTIONS = "connections"
 OVERLOAD_HOLD = "overload_hold"  # a connection not read for a refusal's Retry-After (past the refusal budget)
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
-# A request that follows an overload refusal on its connection within this is a retry loop.
-TIGHT_RETRY_S = 0.005
 _STATUS = {431: b"431 Request Header Fields Too Large", 408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -83,7 +80,6 @@ def guarded_protocol(
         _answered = False  # this request was answered by the gate: its body is parsed and dropped
         _keep_alive = True  # whether the connection stays open after the gate's answer
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
-        _last_refusal = -1e9  # loop time of this connection's last 429
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:
@@ -166,17 +162,13 @@ def guarded_protocol(
                 self._disarm()
                 self._refuse_close()
                 return True
-            if status == 429:
-                # Past the refusal budget, a client that sent this request right after its last
-                # refusal on this connection (a retry loop ignoring Retry-After) is not read again
-                # for the Retry-After; a client with its own pace is not held up.
-                # The pause is spread by up to half either way, so connections paused together
-                # do not all come back in the same loop turn. (A request read as a pause ends
-                # was sent during it, not right after the refusal: it does not count.)
-                now = self.loop.time()
-                if pause_s > 0 and now - self._last_refusal < TIGHT_RETRY_S:
-                    self._pause_s = pause_s * (0.5 + random.random())
-                self._last_refusal = now
+            if pause_s > 0:
+                # Past the refusal budget the connection is not read again for the Retry-After:
+                # its client's next request waits in its own socket instead of taking the core
+                # from admitted work (a client that waits its Retry-After loses nothing). The
+                # pause is spread by up to half either way, so connections paused together do
+                # not all come back in the same loop turn.
+                self._pause_s = pause_s * (0.5 + random.random())
             return True
 
         def _resume(self) -> None:

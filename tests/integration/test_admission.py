@@ -21,7 +21,6 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, build_demo_repository, slow_model
-from batchgate.transport import http_limits
 
 GOOD = json.dumps(
     {
@@ -195,16 +194,11 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     assert 'reason="max_queue_wait_ms"' in text
 
 
-def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(repo, serve, monkeypatch):
+def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(repo, serve):
     """Not refusing at full speed: once overload_refusals_per_s refusals were answered in a
-    second, a refusal of a request sent right after the previous refusal on its connection (a
-    retry loop) is still answered at once, but the connection is then not read for the
+    second, a refusal is still answered at once, but its connection is then not read for the
     Retry-After (1 s, spread by up to half either way), so a client that retries at once waits
-    in its own socket; each such pause is counted. A client that keeps its own pace is never
-    held up."""
-    # "Right after" is 5 ms in the server; a busy test machine may take longer to read the
-    # next request, so the window is widened here (the rule is the same).
-    monkeypatch.setattr(http_limits, "TIGHT_RETRY_S", 0.08)
+    in its own socket; each such pause is counted."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
     dp = running.gateway.dataplane
     held = hold(running)
@@ -219,20 +213,9 @@ def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(
             assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
             times.append(time.monotonic() - t0)
     assert times[0] < 0.5 and times[1] < 0.5, times  # answered at once, within the budget and past it
-    assert times[2] >= 0.45, times  # read only after the second refusal's Retry-After (1 s, spread by half)
-    # Past the budget too, but 100 ms after the last refusal: not a retry loop, not held up.
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        for _ in range(3):
-            time.sleep(0.1)
-            t0 = time.monotonic()
-            s.sendall(head("simple", len(GOOD)) + GOOD)
-            assert response(s).startswith(b"HTTP/1.1 429")
-            assert time.monotonic() - t0 < 0.5
+    assert times[2] >= 0.45, times  # read only after the second refusal's Retry-After
     assert finish(held).startswith(b"HTTP/1.1 200")
-    # The first connection was paused after its second refusal only (its third request was read
-    # as the pause ended: sent during it, not a retry right after a refusal); the second
-    # connection never was.
-    assert 'batchgate_http_connections_refused_total{reason="overload_hold"} 1.0' in metrics(running)
+    assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
 
 
 def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, serve):
