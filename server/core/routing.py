@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, invalid
+from .signature import ModelSignature, TensorSpec
 from .types import MODEL_NAME, MODEL_NAME_RULE, InferRequest, clip, printable
 
 BUCKETS = 10_000
@@ -496,3 +497,76 @@ def pin_of(route: RouteSpec, request: InferRequest) -> str | None:
             raise invalid(f"parameter '{PIN_PARAMETER}' must be a variant's name")
         pin = raw
     return check_pin(route, pin)
+
+
+_KEY_TYPES = frozenset({"BYTES", "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
+
+
+def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature]) -> None:
+    """Refuse a route whose variants could not answer the same requests alike: every variant
+    (and shadow: it gets a copy of each request) takes the first variant's inputs exactly (name,
+    data type, shape, batching); every variant gives the first variant's outputs; the compared
+    output exists with the same data type in the variants and the shadows; an ``input:`` sticky
+    key names an input whose values can key a cohort. ``signatures``: variant or shadow name ->
+    its model version's signature. The message names the variant and the tensor."""
+    first = route.variants[0]
+    ref = signatures[first.name]
+    where = f"route '{route.name}'"
+    for member in (*route.variants[1:], *route.shadows):
+        sig = signatures[member.name]
+        role = "shadow" if isinstance(member, Shadow) else "variant"
+        if sig.max_batch_size != ref.max_batch_size and 0 in (sig.max_batch_size, ref.max_batch_size):
+            raise ConfigError(
+                f"{where}: {role} '{member.name}' ({member.model}) "
+                f"{'does not batch' if sig.max_batch_size == 0 else 'batches'} and variant '{first.name}' "
+                f"({first.model}) {'does not' if ref.max_batch_size == 0 else 'does'}: their inputs differ in shape"
+            )
+        _same_tensors(where, "input", ref.inputs, sig.inputs, first, member, role)
+        if role == "variant":
+            _same_tensors(where, "output", ref.outputs, sig.outputs, first, member, role)
+    if route.compare is not None:
+        want = {t.name: t for t in ref.outputs}.get(route.compare.output)
+        if want is None:
+            raise ConfigError(f"{where}: compare output '{route.compare.output}' is not an output of '{first.model}'")
+        for shadow in route.shadows:
+            got = {t.name: t for t in signatures[shadow.name].outputs}.get(route.compare.output)
+            if got is None or got.dtype != want.dtype:
+                raise ConfigError(
+                    f"{where}: shadow '{shadow.name}' ({shadow.model}) has no {want.dtype.v2} output "
+                    f"'{route.compare.output}' to compare"
+                )
+    if route.sticky is not None and route.sticky.kind == "input":
+        tensor = {t.name: t for t in ref.inputs}.get(route.sticky.name)
+        if tensor is None or tensor.dtype.v2 not in _KEY_TYPES:
+            raise ConfigError(
+                f"{where}: sticky_key input '{route.sticky.name}' must be a BYTES, BOOL or integer input "
+                f"of '{first.model}'"
+            )
+
+
+def _same_tensors(
+    where: str,
+    kind: str,
+    ref: tuple[TensorSpec, ...],
+    got: tuple[TensorSpec, ...],
+    first: Variant,
+    member: Variant | Shadow,
+    role: str,
+) -> None:
+    mine = {t.name: t for t in got}
+    for t in ref:
+        other = mine.pop(t.name, None)
+        if other is None:
+            raise ConfigError(f"{where}: {role} '{member.name}' ({member.model}) has no {kind} '{t.name}'")
+        if (other.dtype, other.dims) != (t.dtype, t.dims):
+            raise ConfigError(
+                f"{where}: {kind} '{t.name}' is {other.dtype.v2} {list(other.dims)} in {role} '{member.name}' "
+                f"({member.model}) but {t.dtype.v2} {list(t.dims)} in variant '{first.name}' ({first.model})"
+            )
+    if kind == "input":
+        extra = [n for n, t in mine.items() if not t.optional]
+        if extra:
+            raise ConfigError(
+                f"{where}: {role} '{member.name}' ({member.model}) needs input '{extra[0]}', "
+                f"which variant '{first.name}' ({first.model}) does not take"
+            )

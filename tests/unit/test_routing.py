@@ -16,13 +16,15 @@ from batchgate.core.routing import (
     StickyKey,
     bucket_of,
     check_pin,
+    check_signatures,
     parse_routes,
     pick_weighted,
     pin_of,
     shares,
     sticky_key,
 )
-from batchgate.core.types import InferRequest, Tensor
+from batchgate.core.signature import ModelSignature, TensorSpec
+from batchgate.core.types import DATATYPES, InferRequest, Tensor
 
 ISSUE_EXAMPLE = [
     {
@@ -234,3 +236,66 @@ def test_pins_from_the_header_or_the_parameter():
         pin_of(r, request(parameters={"variant": 3}))
     with pytest.raises(GatewayError):
         pin_of(r, request(headers={"x-batchgate-variant": "next"}))  # a shadow is not a variant
+
+
+def sig(model, inputs=(("x", "FP32", (4,)),), outputs=(("probabilities", "FP32", (3,)),), batch=8, optional=()):
+    def specs(rows):
+        return tuple(TensorSpec(n, DATATYPES[t], d, n in optional) for n, t, d in rows)
+
+    return ModelSignature(model, "onnxruntime_onnx", batch, specs(inputs), specs(outputs))
+
+
+def signatures(**changes):
+    base = {"stable": sig("fraud_v1"), "canary": sig("fraud_v2"), "next": sig("fraud_v3")}
+    return {**base, **changes}
+
+
+def test_variants_and_shadows_must_take_the_same_inputs_and_give_the_same_outputs():
+    (r,) = parse_routes([{**ISSUE_EXAMPLE[0], "sticky_key": "header:x-user-id"}])
+    check_signatures(r, signatures())
+    # A variant may give more outputs, and a shadow other outputs, as long as the compared one is there.
+    check_signatures(
+        r, signatures(canary=sig("fraud_v2", outputs=(("probabilities", "FP32", (3,)), ("z", "FP32", (1,)))))
+    )
+    cases = [
+        (
+            signatures(canary=sig("fraud_v2", inputs=(("x", "FP64", (4,)),))),
+            "input 'x' is FP64 [4] in variant 'canary'",
+        ),
+        (
+            signatures(canary=sig("fraud_v2", inputs=(("x", "FP32", (5,)),))),
+            "input 'x' is FP32 [5] in variant 'canary'",
+        ),
+        (
+            signatures(canary=sig("fraud_v2", inputs=(("y", "FP32", (4,)),))),
+            "variant 'canary' (fraud_v2) has no input 'x'",
+        ),
+        (
+            signatures(canary=sig("fraud_v2", inputs=(("x", "FP32", (4,)), ("mask", "BOOL", (4,))))),
+            "needs input 'mask', which variant 'stable' (fraud_v1) does not take",
+        ),
+        (signatures(canary=sig("fraud_v2", outputs=(("scores", "FP32", (3,)),))), "has no output 'probabilities'"),
+        (signatures(canary=sig("fraud_v2", batch=0)), "does not batch and variant 'stable' (fraud_v1) does"),
+        (signatures(next=sig("fraud_v3", inputs=(("x", "INT32", (4,)),))), "in shadow 'next' (fraud_v3)"),
+        (signatures(next=sig("fraud_v3", outputs=(("p", "FP32", (3,)),))), "shadow 'next' (fraud_v3) has no FP32"),
+    ]
+    for sigs, message in cases:
+        with pytest.raises(ConfigError) as ei:
+            check_signatures(r, sigs)
+        assert message in str(ei.value), (message, str(ei.value))
+    # An optional extra input is fine: requests for the first variant still suit it.
+    check_signatures(
+        r, signatures(canary=sig("fraud_v2", inputs=(("x", "FP32", (4,)), ("m", "BOOL", (4,))), optional=("m",)))
+    )
+
+
+def test_the_compared_output_and_an_input_sticky_key_must_exist():
+    (r,) = parse_routes([{**ISSUE_EXAMPLE[0], "compare": {"output": "nope"}}])
+    with pytest.raises(ConfigError, match="compare output 'nope' is not an output of 'fraud_v1'"):
+        check_signatures(r, signatures())
+    (r,) = parse_routes([{**ISSUE_EXAMPLE[0], "sticky_key": "input:x"}])
+    with pytest.raises(ConfigError, match="sticky_key input 'x' must be a BYTES, BOOL or integer input"):
+        check_signatures(r, signatures())
+    ids = (("x", "FP32", (4,)), ("user", "INT64", (1,)))
+    (r,) = parse_routes([{**ISSUE_EXAMPLE[0], "sticky_key": "input:user"}])
+    check_signatures(r, {n: sig(m, inputs=ids) for n, m in (("stable", "a"), ("canary", "b"), ("next", "c"))})
