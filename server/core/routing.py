@@ -512,7 +512,8 @@ def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature])
     first = route.variants[0]
     ref = signatures[first.name]
     where = f"route '{route.name}'"
-    for member in (*route.variants[1:], *route.shadows):
+    members: list[Variant | Shadow] = [*route.variants[1:], *route.shadows]
+    for member in members:
         sig = signatures[member.name]
         role = "shadow" if isinstance(member, Shadow) else "variant"
         if sig.max_batch_size != ref.max_batch_size and 0 in (sig.max_batch_size, ref.max_batch_size):
