@@ -1,0 +1,51 @@
+"""server/state.py on a real directory: round trips, atomic replacement (no temporary left),
+private permissions, names that cannot escape the directory, and documents that are refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from batchgate.core.routing import BucketTable
+from batchgate.state import MAX_BYTES, StateDir
+
+
+def test_a_document_round_trips_and_replaces_the_old_one(tmp_path):
+    store = StateDir(str(tmp_path / "state"))
+    assert store.load("route", "fraud") is None
+    table = BucketTable.fresh("fraud", {"stable": 90, "canary": 10})
+    store.save("route", "fraud", table.to_state())
+    table.reweigh({"stable": 50, "canary": 50})
+    store.save("route", "fraud", table.to_state())
+    again = BucketTable.from_state(store.load("route", "fraud"))
+    assert again.owners == table.owners
+    assert sorted(os.listdir(tmp_path / "state")) == ["route-fraud.json"]  # no temporary left behind
+    assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
+    store.remove("route", "fraud")
+    assert store.load("route", "fraud") is None
+
+
+@pytest.mark.parametrize("kind, name", [("route", "../evil"), ("route", "/abs"), ("route", ""), ("secrets", "x")])
+def test_names_and_kinds_cannot_reach_outside(tmp_path, kind, name):
+    store = StateDir(str(tmp_path))
+    with pytest.raises(ValueError):
+        store.save(kind, name, {"a": 1})
+    with pytest.raises(ValueError):
+        store.load(kind, name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_document_that_cannot_be_one_is_refused(tmp_path):
+    store = StateDir(str(tmp_path))
+    (tmp_path / "route-a.json").write_text("{not json")
+    (tmp_path / "route-b.json").write_text("[1, 2]")
+    (tmp_path / "route-c.json").write_bytes(b" " * (MAX_BYTES + 1))
+    for name, message in (("a", "is not JSON"), ("b", "does not hold a JSON object"), ("c", "larger than")):
+        with pytest.raises(ValueError, match=message):
+            store.load("route", name)
+    with pytest.raises(ValueError, match="would be larger"):
+        store.save("route", "d", {"x": "y" * MAX_BYTES})
+    assert not (tmp_path / "route-d.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # nothing half-written
