@@ -38,8 +38,15 @@ class InferenceThreads:
                     result = fn(arg)
                 except BaseException as e:  # handed to ``done`` like any result
                     result = e
-                # Asked before the result goes back, so the scheduler learns of both at once.
-                nxt = more() if more is not None else None
+                # Asked before the result goes back, so the scheduler learns of both at once;
+                # only while nothing else waits for a thread: a model with a backlog must not
+                # keep a thread from other models' work (or from its own earlier dispatches).
+                nxt = None
+                if more is not None and self._q.empty():
+                    try:
+                        nxt = more()
+                    except RuntimeError:  # the loop is closed: nobody is waiting any more
+                        nxt = None
                 try:  # noqa: SIM105 - a try costs nothing here; contextlib.suppress would, once per execution
                     loop.call_soon_threadsafe(done, result)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more

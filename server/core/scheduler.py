@@ -92,6 +92,9 @@ class _SchedulerBase:
         await self._idle.wait()
 
 
+PUMP_BATCH = 32  # waiters dispatched in one callback before the loop gets a turn
+
+
 class _Waiter:
     """A request waiting for an instance. ``taken`` is set, under the scheduler's lock, by
     whoever takes it out of the queue: a dispatcher (to run it, or to fail it for its deadline)
@@ -144,7 +147,8 @@ class PassThroughScheduler(_SchedulerBase):
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
         self._chained = 0  # executions a thread took on that the loop has not yet accounted for
-        self._handing = False  # dispatching from _release (re-entered by inline executions)
+        self._handing = False  # dispatching from _pump (re-entered by inline executions)
+        self._pump_due = False  # a _pump is scheduled for the next loop turn
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue = max_queue_size
         self._clock = clock
@@ -280,18 +284,29 @@ class PassThroughScheduler(_SchedulerBase):
     def _release(self) -> None:
         """One instance is free: hand it to the oldest waiter, here and now."""
         self._free += 1
-        if self._handing:  # an inline execution finished inside the loop below: it goes on
-            return
+        if not self._handing and not self._pump_due:  # else a _pump in progress or due goes on
+            self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch waiters while instances are free, at most PUMP_BATCH in one go: inline
+        executions finish inside this loop, and a long queue of them must not hold the event
+        loop (the rest continue in the next loop turn)."""
+        self._pump_due = False
         self._handing = True
         try:
-            while self._free and self._waiters:
+            for _ in range(PUMP_BATCH):
+                if not (self._free and self._waiters):
+                    return
                 w, expired = self._take()
                 for e in expired:
                     self._expired_when_taken(e)
                 if w is None:
-                    break
+                    return
                 self._free -= 1
                 self._dispatch(w)
+            if self._free and self._waiters and self._loop is not None:
+                self._pump_due = True
+                self._loop.call_soon(self._pump)
         finally:
             self._handing = False
 

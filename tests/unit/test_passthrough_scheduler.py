@@ -430,3 +430,66 @@ async def test_chained_requests_still_expire_and_leave_when_cancelled():
         assert s.queue_depth == 0 and s.executing == 0
     finally:
         threads.shutdown()
+
+
+async def test_a_chaining_thread_leaves_other_work_in_the_pool_its_turn():
+    """Review finding: a model with a backlog kept chaining on a shared thread, so another
+    model's request (or this model's own earlier dispatch) waited until the backlog was gone.
+    A thread now goes straight on only while nothing else waits for a thread."""
+    from batchgate.threads import InferenceThreads
+
+    threads = InferenceThreads(1)
+    ran: list[str] = []
+
+    def run(batch):
+        time.sleep(0.002)
+        ran.append(batch[0].id)
+        return [InferResponse("m", "1", [], id=batch[0].id)]
+
+    def execute(batch, done, more=None):
+        threads.call(run, batch, done, more)
+
+    try:
+        busy = PassThroughScheduler(execute, instances=2, name="x", execute_chained=execute)
+        other = PassThroughScheduler(execute, instances=1, name="y", execute_chained=execute)
+        backlog = [submit(busy, f"x{i}") for i in range(30)]
+        await settle()
+        lone = submit(other, "y0")
+        assert (await lone).id == "y0"
+        assert ran.index("y0") < 10, ran  # not after the whole backlog
+        await asyncio.gather(*backlog)
+        xs = [r for r in ran if r.startswith("x")]
+        assert xs == [f"x{i}" for i in range(30)], xs  # and the backlog kept its order
+    finally:
+        threads.shutdown()
+
+
+async def test_inline_executions_do_not_drain_a_long_queue_in_one_loop_turn():
+    """Review finding: with executions that run inline (on the loop), one completion dispatched
+    every waiting request before the loop got a turn (a 4,096-deep queue of 50 µs runs is
+    ~200 ms of stall). Dispatching now yields to the loop every few dozen requests."""
+    done_at: list[int] = []
+
+    def execute(batch, done):
+        done([InferResponse("m", "1", [], id=batch[0].id)])
+        done_at.append(len(done_at))
+
+    first: list = []
+
+    def held(batch, done):  # the first request holds the instance until the test lets it go
+        if not first:
+            first.append(done)
+            return
+        execute(batch, done)
+
+    s = PassThroughScheduler(held, instances=1, name="m")
+    tasks = [submit(s, f"r{i}") for i in range(300)]
+    await settle()
+    assert s.queue_depth == 299
+    seen: list[int] = []
+    asyncio.get_running_loop().call_soon(lambda: seen.append(len(done_at)))
+    first[0]([InferResponse("m", "1", [], id="r0")])  # the instance frees: the queue starts to drain
+    await settle(50)
+    assert seen and seen[0] < 299, seen  # the loop had a turn before the queue was empty
+    await asyncio.gather(*tasks)
+    assert len(done_at) == 299 and s.queue_depth == 0 and s.executing == 0
