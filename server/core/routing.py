@@ -334,7 +334,8 @@ class BucketTable:
     def fresh(cls, route: str, weights: Mapping[str, int]) -> BucketTable:
         """The table for ``weights`` built from nothing: each variant's share laid over the
         buckets in an order seeded by the route's name (every replica builds the same one)."""
-        order = _seeded_order(route)
+        rank = _seeded_rank(route)
+        order = sorted(range(BUCKETS), key=rank.__getitem__)
         owners = [""] * BUCKETS
         at = 0
         for name, count in shares(weights).items():

@@ -244,12 +244,10 @@ class PassThroughScheduler(_SchedulerBase):
         """Its deadline passed while it waited (the timer set at submit)."""
         w.timer = None
         if self._leave(w):
-            self._refused(EXPIRED)
-            if not w.future.done():
-                w.future.set_exception(deadline_error(w.ticket.request))
+            self._expired_when_taken(w)
 
     def _expired_when_taken(self, w: _Waiter) -> None:
-        """A dispatcher took ``w`` and found its deadline past: it never runs."""
+        """``w`` was taken out of the queue with its deadline past: it never runs."""
         self._refused(EXPIRED)
         if not w.future.done():
             w.future.set_exception(deadline_error(w.ticket.request))

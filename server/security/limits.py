@@ -149,27 +149,15 @@ class Admission:
     def _standing(self, cap: Capacity, wait: float, target: float) -> bool:
         """Whether to refuse one more request whose expected wait is ``wait``."""
         above = wait > target
-        if cap.shedding:
-            # Overloaded: admit only within the target; recovered once within it for an interval.
-            if above:
-                cap.since = None
-                return True
+        if above == cap.shedding:  # what is seen agrees with the state
+            cap.since = None
+        else:  # a crossing: the state follows once it has lasted a whole interval
             now = self._clock()
             if cap.since is None:
                 cap.since = now
             elif now - cap.since >= self.interval_s:
-                cap.shedding, cap.since = False, None
-            return False
-        if not above:
-            cap.since = None
-            return False
-        now = self._clock()
-        if cap.since is None:
-            cap.since = now
-        elif now - cap.since >= self.interval_s:  # above the target for a whole interval
-            cap.shedding, cap.since = True, None
-            return True
-        return False
+                cap.shedding, cap.since = above, None
+        return cap.shedding and above  # overloaded: admitted only within the target
 
     def release(self, version: ModelVersion) -> None:
         version.admitted -= 1

@@ -14,6 +14,7 @@ import base64
 import logging
 import re
 import time
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -24,6 +25,9 @@ from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import http_peer_subject
 from . import http_codec
 from .http_limits import Verdict
+
+if TYPE_CHECKING:
+    from ..model import ModelVersion
 
 log = logging.getLogger("batchgate.http")
 
@@ -137,12 +141,10 @@ class HttpApp:
             hit = (m.group(1), m.group(2) or "")
             self._remember(path, hit)
         model, version = hit
-        dp = self.dp
         try:
-            served = dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
+            served = self._admit(model, version, scope)
         except GatewayError as e:
-            dp.log_failure("http", model, "", e)
-            dp.count_error("http", e)
+            self.dp.count_error("http", e)
             status, headers, body = self.error_answer(e)
             pause = 0.0
             if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
@@ -150,6 +152,14 @@ class HttpApp:
             return status, headers, body, pause
         scope[ADMITTED] = (served, model, version)
         return None
+
+    def _admit(self, model: str, version: str, scope) -> ModelVersion:
+        """Admission from the path and the caller, logged when refused (counted by the caller)."""
+        try:
+            return self.dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
+        except GatewayError as e:
+            self.dp.log_failure("http", model, "", e)
+            raise
 
     def _remember(self, path: str, hit: tuple[str, str]) -> None:
         """Remember an infer path (the next call skips the regex), only for a model that exists:
@@ -275,11 +285,7 @@ class HttpApp:
         dp = self.dp
         try:
             if served is None:
-                try:
-                    served = dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
-                except GatewayError as e:
-                    dp.log_failure("http", model, "", e)
-                    raise
+                served = self._admit(model, version, scope)
             try:
                 return await self._infer(served, model, version, scope, receive, send)
             finally:

@@ -359,6 +359,16 @@ def test_instances_must_be_positive():
         PassThroughScheduler(GatedBackend(), instances=0)
 
 
+def chaining(threads, run, instances: int) -> PassThroughScheduler:
+    """A scheduler whose executions run ``run(batch)`` on ``threads``, chaining as
+    ``LocalExecution`` does."""
+
+    def execute(batch, done, more=None):
+        threads.call(run, batch, done, more)
+
+    return PassThroughScheduler(execute, instances=instances, name="m", execute_chained=execute)
+
+
 async def test_a_thread_goes_straight_on_to_the_next_waiting_request_while_the_loop_is_busy():
     """Queued work moves ahead of new reads: with a chaining backend, the inference thread that
     finishes one request takes the next waiting one itself. While the event loop is blocked
@@ -374,11 +384,8 @@ async def test_a_thread_goes_straight_on_to_the_next_waiting_request_while_the_l
         ran.append(batch[0].id)
         return [InferResponse("m", "1", [], id=batch[0].id)]
 
-    def execute(batch, done, more=None):
-        threads.call(run, batch, done, more)
-
     try:
-        s = PassThroughScheduler(execute, instances=1, name="m", execute_chained=execute)
+        s = chaining(threads, run, instances=1)
         tasks = [submit(s, f"r{i}") for i in range(10)]
         await settle()
         assert s.queue_depth == 9
@@ -407,11 +414,8 @@ async def test_chained_requests_still_expire_and_leave_when_cancelled():
         ran.append(batch[0].id)
         return [InferResponse("m", "1", [], id=batch[0].id)]
 
-    def execute(batch, done, more=None):
-        threads.call(run, batch, done, more)
-
     try:
-        s = PassThroughScheduler(execute, instances=1, name="m", execute_chained=execute)
+        s = chaining(threads, run, instances=1)
         first = submit(s, "first")
         await settle()
         late = submit(s, "late", deadline=time.monotonic() + 0.05)
@@ -446,12 +450,9 @@ async def test_a_chaining_thread_leaves_other_work_in_the_pool_its_turn():
         ran.append(batch[0].id)
         return [InferResponse("m", "1", [], id=batch[0].id)]
 
-    def execute(batch, done, more=None):
-        threads.call(run, batch, done, more)
-
     try:
-        busy = PassThroughScheduler(execute, instances=2, name="x", execute_chained=execute)
-        other = PassThroughScheduler(execute, instances=1, name="y", execute_chained=execute)
+        busy = chaining(threads, run, instances=2)
+        other = chaining(threads, run, instances=1)
         backlog = [submit(busy, f"x{i}") for i in range(30)]
         await settle()
         lone = submit(other, "y0")
