@@ -93,7 +93,7 @@ class ModelVersion:
                 max_queue_size=max_queue_size,
                 name=self.name,
                 refused=metrics.refused,
-                execute_chained=self.execution.execute if isinstance(self.execution, LocalExecution) else None,
+                chain=isinstance(self.execution, LocalExecution),
             )
         self.in_flight = 0  # submitted and not yet answered
         self.admitted = 0  # admitted by the data plane (security/limits.py) and not yet released

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from .errors import ErrorCode, GatewayError
 from .signature import Checked
@@ -121,26 +121,26 @@ class PassThroughScheduler(_SchedulerBase):
     """No batching: each request executes alone, ``instances`` at a time, in arrival order.
 
     Queued work moves ahead of new reads: when an execution finishes, the next waiting request
-    is dispatched in the same callback (not when its caller's task next runs), and with an
-    ``execute_chained`` backend the inference thread that finished one request takes the next
+    is dispatched in the same callback (not when its caller's task next runs), and with
+    ``chain`` (an ``execute`` that takes ``more``) the inference thread that finished one request takes the next
     one itself, before the event loop has even heard of the first. A loop busy reading
     thousands of connections therefore cannot hold back a model that has work waiting; without
     this the model ran at most one request per loop turn."""
 
     def __init__(
         self,
-        execute: Execute,
+        execute: Execute | ExecuteChained,
         instances: int = 1,
         max_queue_size: int = 0,
         clock: Clock = time.monotonic,
         name: str = "",
         refused: Refused | None = None,
-        execute_chained: ExecuteChained | None = None,
+        chain: bool = False,
     ):
         if instances < 1:
             raise ValueError("instances must be >= 1")
-        self._execute = execute
-        self._chained_execute = execute_chained
+        self._execute = cast(Execute, execute)
+        self._chained_execute = cast(ExecuteChained, execute) if chain else None
         self._free = self._instances = instances
         # Waiting requests, oldest first. Inference threads take from it when chaining, so it
         # is read and changed under the lock (a few hundred nanoseconds, never contended long).

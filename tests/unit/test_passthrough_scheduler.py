@@ -366,7 +366,7 @@ def chaining(threads, run, instances: int) -> PassThroughScheduler:
     def execute(batch, done, more=None):
         threads.call(run, batch, done, more)
 
-    return PassThroughScheduler(execute, instances=instances, name="m", execute_chained=execute)
+    return PassThroughScheduler(execute, instances=instances, name="m", chain=True)
 
 
 async def test_a_thread_goes_straight_on_to_the_next_waiting_request_while_the_loop_is_busy():
