@@ -33,11 +33,14 @@ from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
 from .repository.build import BuildOptions, VersionBuilder
 from .repository.manager import ModelRepository
+from .route_table import SYSTEM, RouteTable, read_routes_file
 from .security.access import Access
 from .security.audit import AuditLog
 from .security.auth import KeyStore
 from .security.limits import Admission
 from .security.tls import ServerTls, load_server_tls, plaintext_health_server
+from .shadows import DisagreementLog
+from .state import StateDir
 from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
@@ -133,6 +136,9 @@ class Gateway:
         self.health_port: int | None = None  # the plaintext gRPC health listener (health_port), if on
         self._health_grpc: grpc.aio.Server | None = None
         self._tls: ServerTls | None = None
+        self.routes: RouteTable | None = None
+        self._route_tasks: list[asyncio.Future] = []
+        self._shadow_pool: ThreadPoolExecutor | None = None
 
     @property
     def ready(self) -> bool:
@@ -143,6 +149,7 @@ class Gateway:
         s = self.settings.server
         self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
         await self.repository.start()
+        await self._start_routes()
         lim = self.settings.limits
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
@@ -231,6 +238,43 @@ class Gateway:
             _join(s.admin_host, self.admin_port) if self.admin_port is not None else "off",
         )
 
+    async def _start_routes(self) -> None:
+        """Routes from the config file and routes_file, checked against the loaded models (a
+        ConfigError stops the start); then the routes file's watcher and the rollout controller."""
+        rs = self.settings.routing
+        if not self.settings.routes and not rs.routes_file:
+            return
+        specs = list(self.settings.routes)
+        if rs.routes_file:
+            specs += await asyncio.to_thread(read_routes_file, rs.routes_file)
+        self._shadow_pool = ThreadPoolExecutor(rs.shadow_threads, thread_name_prefix="batchgate-shadow")
+        try:
+            state = StateDir(rs.state_dir) if rs.state_dir else None
+            disagreements = (
+                DisagreementLog(rs.disagreement_log_file, rs.disagreement_log_max_bytes, rs.disagreement_log_per_s)
+                if rs.disagreement_log_file
+                else None
+            )
+        except OSError as e:
+            raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
+        access = self.dataplane.access
+        table = RouteTable(
+            self.repository,
+            self.dataplane.admission,
+            self.metrics,
+            self._shadow_pool,
+            state,
+            disagreements,
+            lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
+        )
+        await table.install(specs, "the configuration")
+        self.dataplane.routes = self.routes = table
+        self._route_tasks = [asyncio.ensure_future(table.control())]
+        if rs.routes_file:
+            self._route_tasks.append(
+                asyncio.ensure_future(table.watch(self.settings.routes, rs.routes_file, rs.routes_poll_s))
+            )
+
     async def _listen_http(self, app: HttpApp, host: str, port: int) -> _HttpListener:
         s, lim = self.settings.server, self.settings.limits
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
@@ -291,6 +335,10 @@ class Gateway:
         """Readiness false, refuse new work, let accepted work finish; True if it all did."""
         grace = self.settings.server.exit_timeout_s if grace_s is None else grace_s
         self.dataplane.accepting = False
+        if self.routes is not None:  # pending shadow copies go first: nobody waits for them
+            self.routes.close()
+        for t in self._route_tasks:
+            t.cancel()
         if self._readiness is not None:
             self._readiness.cancel()
         if self._keys_watch is not None:
@@ -330,6 +378,10 @@ class Gateway:
             self._metrics_server.server_close()
         await self.repository.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._shadow_pool is not None:
+            self._shadow_pool.shutdown(wait=False, cancel_futures=True)
+        if self.routes is not None and self.routes.disagreements is not None:
+            self.routes.disagreements.close()
         self.threads.shutdown()
         log.info("stopped")
         return clean

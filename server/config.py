@@ -24,6 +24,7 @@ import yaml
 # The remote_models list's entries and the settings error live in their own modules; both are
 # part of this module's interface.
 from .core.errors import ConfigError
+from .core.routing import RouteSpec, parse_routes
 from .remote_models import BATCHING_MODES, REMOTE_FIELDS, RemoteModel, parse_remote_model, shown  # noqa: F401
 from .settings_sections import (  # the sections are part of this module's interface
     RESERVED_SECTIONS,
@@ -33,6 +34,7 @@ from .settings_sections import (  # the sections are part of this module's inter
     BatchingSettings,
     LimitSettings,
     RepositorySettings,
+    RoutingSettings,
     ServerSettings,
     Settings,
     TlsSettings,
@@ -249,6 +251,9 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
                 _claim(seen, name, f"'{key}.{skey}'", src)
                 out[name] = (skey, sv)
             continue
+        if key == "routes":  # a list of route mappings, checked by core/routing.py
+            out["routes"] = (key, v)
+            continue
         if key in RESERVED_SECTIONS:
             raise ConfigError(
                 f"{src}: section '{k}' is not available in this version yet; known sections: {', '.join(TOP_LEVEL)}"
@@ -394,8 +399,12 @@ def load_settings(
         values[name] = _coerce(name, spelling, raw, source)
         given[name] = (source, spelling)
 
+    routes: tuple[RouteSpec, ...] = ()
     if file:
         for name, (spelling, raw) in _read_file(file).items():
+            if name == "routes":
+                routes = tuple(parse_routes(raw, f"config file {file}: routes"))
+                continue
             put(name, spelling, raw, f"config file {file}")
     env = os.environ if environ is None else environ
     seen: dict[str, str] = {}
@@ -424,6 +433,7 @@ def load_settings(
             for section, cls in SECTIONS.items()
         },
         remote_models=values.get("remote_models", ()),
+        routes=routes,
     )
     _validate(settings, given)
     return settings
@@ -449,6 +459,7 @@ __all__ = [
     "LimitSettings",
     "RemoteModel",
     "RepositorySettings",
+    "RoutingSettings",
     "SECTIONS",
     "SETTINGS",
     "ServerSettings",

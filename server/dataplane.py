@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Mapping
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import orjson
 from tritonclient.grpc import model_config_pb2 as mc
@@ -29,9 +29,13 @@ from .model import ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
+from .routes import Header, Routed, ServedRoute
 from .security.access import ADMIN, INFER, OPEN_CALLER, READ, Access, Caller
 from .security.audit import hash_files
 from .security.limits import Admission
+
+if TYPE_CHECKING:
+    from .route_table import RouteTable
 
 log = logging.getLogger("batchgate")
 
@@ -91,6 +95,11 @@ class DataPlane:
         self.access = access or Access()
         self._keys = self.access.keys  # None: an open server (fixed for its life)
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
+        self.routes: RouteTable | None = None  # set by the Gateway when routes are configured
+
+    def _route(self, name: str) -> ServedRoute | None:
+        routes = self.routes
+        return None if routes is None else routes.routes.get(name)
 
     # ------------------------------------------------------------------ health
     def live(self, caller: Caller | None = None) -> bool:
@@ -108,31 +117,44 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "", caller: Caller = OPEN_CALLER) -> bool:
         self.access.check(caller, READ, name)
+        route = self._route(name)
+        if route is not None:
+            return not version and route.not_ready_reason() is None
         return self.repository.ready(name, version)
 
     # ------------------------------------------------------------------ inference
-    def admit(self, name: str, version: str = "", caller: Caller = OPEN_CALLER) -> ModelVersion:
+    def admit(
+        self, name: str, version: str = "", caller: Caller = OPEN_CALLER, header: Header | None = None
+    ) -> ModelVersion | Routed:
         """Admit one inference request for ``name`` (``version``: "" = latest) before anything
         of it is decoded, or refuse it: UNAVAILABLE while draining; with API keys,
         UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED (its rate) for the caller, before
         the model is looked up (a caller without a key learns nothing of the models); NOT_FOUND
         for an unknown model; RESOURCE_EXHAUSTED past the admission limits (``security/limits.py``).
+        A route's name admits the request on the variant it picks (``routes.py``), which may read
+        the pin and sticky headers through ``header``.
 
-        Returns the version to hand the request to (:meth:`infer`). The caller must call
-        :meth:`release` with it exactly once when the request is answered or abandoned."""
+        Returns the version (or routed passage) to hand the request to (:meth:`infer`). The
+        caller must call :meth:`release` with it exactly once when the request is answered or
+        abandoned."""
         if not self.accepting:
             raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
         if self._keys is not None:
             self.access.check(caller, INFER, name)
+        routes = self.routes
+        if routes is not None:
+            route = routes.routes.get(name)
+            if route is not None:
+                return route.admit(version, header)
         served = self.repository.resolve(name, version)
         self.admission.admit(served)
         return served
 
-    def release(self, served: ModelVersion) -> None:
-        self.admission.release(served)
+    def release(self, served: ModelVersion | Routed) -> None:
+        self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]
 
     @staticmethod
-    def infer(served: ModelVersion, request: InferRequest) -> Awaitable[InferResponse]:
+    def infer(served: ModelVersion | Routed, request: InferRequest) -> Awaitable[InferResponse]:
         """Hand ``request`` to the version :meth:`admit` returned; await the answer.
 
         Not a coroutine itself (one frame less per request): a refusal found here raises at
@@ -177,21 +199,25 @@ class DataPlane:
         only what is real, never a client's made-up names."""
         entry = self.repository.models.get(name)
         if entry is None:
-            return False
+            return not version and self._route(name) is not None
         return not version or (version.isdigit() and int(version) in entry.versions)
 
     def model_metadata(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> ModelMetadata:
         self.access.check(caller, READ, name)
-        served = self.repository.resolve(name, version)
+        route = self._route(name)
+        if route is not None:
+            served, versions = self._route_version(route, version), []
+        else:
+            served = self.repository.resolve(name, version)
+            versions = [str(v) for v in sorted(self.repository.entry(name).versions)]
         sig = served.signature
-        entry = self.repository.entry(name)
 
         def tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
             return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)} for t in specs]
 
         return {
             "name": name,
-            "versions": [str(v) for v in sorted(entry.versions)],
+            "versions": versions,
             "platform": sig.platform,
             "inputs": tensors(sig.inputs),
             "outputs": tensors(sig.outputs),
@@ -199,13 +225,35 @@ class DataPlane:
 
     def model_config(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> mc.ModelConfig:
         self.access.check(caller, READ, name)
-        return self.repository.resolve(name, version).config
+        route = self._route(name)
+        if route is None:
+            return self.repository.resolve(name, version).config
+        config = mc.ModelConfig()
+        config.CopyFrom(self._route_version(route, version).config)
+        config.name = name  # the heaviest variant's config, under the route's name
+        config.ClearField("version_policy")
+        return config
+
+    @staticmethod
+    def _route_version(route: ServedRoute, version: str) -> ModelVersion:
+        """The version that speaks for a route in metadata and config (its heaviest variant's)."""
+        if version:
+            raise invalid(f"'{route.name}' is a route, which has no versions: ask without a model version")
+        served = route.primary()
+        if served is None:
+            raise GatewayError(ErrorCode.UNAVAILABLE, f"route '{route.name}' is not ready: no variant is loaded")
+        return served
 
     def model_config_json(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
         return config_to_json(self.model_config(name, version, caller))
 
     def statistics(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
         key = self.access.check(caller, READ, name or None)
+        route = self._route(name) if name else None
+        if route is not None:
+            if version:
+                raise invalid(f"'{name}' is a route, which has no versions: ask without a model version")
+            return [route.stats.as_dict()]
         if name:
             entry = self.repository.entry(name)
             if version:
@@ -213,13 +261,21 @@ class DataPlane:
             return [s.stats.as_dict() for _, s in sorted(entry.versions.items())]
         if version:
             raise invalid("a version needs a model name")
-        # every model the key may see (an open server: every model)
-        return [s.stats.as_dict() for s in self.repository.served() if key is None or key.allows_model(s.name)]
+        # every model and route the key may see (an open server: every one)
+        stats = [s.stats for s in self.repository.served()]
+        if self.routes is not None:
+            stats += [r.stats for r in self.routes.routes.values()]
+        return [st.as_dict() for st in stats if key is None or key.allows_model(st.name)]
 
     # ------------------------------------------------------------------ repository API
     def repository_index(self, ready_only: bool = False, caller: Caller = OPEN_CALLER) -> list[dict[str, str]]:
         key = self.access.check(caller, READ)
         rows = self.repository.index(ready_only=ready_only)
+        for route in self.routes.routes.values() if self.routes is not None else ():
+            reason = route.not_ready_reason()
+            if reason is None or not ready_only:
+                state = "READY" if reason is None else "UNAVAILABLE"
+                rows.append({"name": route.name, "version": "", "state": state, "reason": reason or ""})
         return rows if key is None else [r for r in rows if key.allows_model(r["name"])]
 
     async def load_model(self, name: str, parameters: Mapping[str, Any], caller: Caller = OPEN_CALLER) -> None:
@@ -232,6 +288,8 @@ class DataPlane:
         try:
             key = self.access.check(caller, ADMIN, name)
             check_model_name(name)
+            if self._route(name) is not None:
+                raise invalid(f"'{name}' is a route; a model needs a name of its own")
             config = parameters.get(CONFIG_PARAM)
             if config is not None and not isinstance(config, str):
                 if isinstance(config, dict):

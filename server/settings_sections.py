@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .core.routing import RouteSpec
 from .remote_models import RemoteModel
 
 
@@ -235,6 +236,36 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class RoutingSettings:
+    """Section ``routing``: where routes come from besides the config file's ``routes`` list,
+    where their runtime state is kept, and what shadows may use."""
+
+    routes_file: str = _setting(
+        "",
+        "YAML file holding a 'routes:' list, re-read when it changes (a mounted ConfigMap); empty = none",
+        metavar="FILE",
+    )
+    routes_poll_s: float = _setting(2.0, "how often routes_file is checked for changes", positive=True)
+    state_dir: str = _setting(
+        "",
+        "directory for runtime route weights and rollout steps, kept across restarts; empty = kept in memory only",
+        metavar="DIR",
+    )
+    shadow_threads: int = _setting(
+        1, "threads that run local shadow models (apart from the inference threads)", minimum=1, maximum=64
+    )
+    disagreement_log_file: str = _setting(
+        "", "JSONL file of sampled shadow disagreements (rotated at its size limit); empty = none", metavar="FILE"
+    )
+    disagreement_log_max_bytes: int = _setting(
+        64 * 1024 * 1024, "disagreement_log_file is rotated (one old file kept) past this size", minimum=4096
+    )
+    disagreement_log_per_s: float = _setting(
+        10.0, "at most this many disagreements a second are written to disagreement_log_file", positive=True
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     repository: RepositorySettings = field(default_factory=RepositorySettings)
@@ -242,7 +273,9 @@ class Settings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
+    routes: tuple[RouteSpec, ...] = ()  # the config file's routes list (core/routing.py)
 
 
 SECTIONS: dict[str, type] = {
@@ -252,6 +285,7 @@ SECTIONS: dict[str, type] = {
     "batching": BatchingSettings,
     "auth": AuthSettings,
     "tls": TlsSettings,
+    "routing": RoutingSettings,
 }
-RESERVED_SECTIONS = ("routes", "drift")  # planned; refused until they exist
-TOP_LEVEL = (*SECTIONS, "remote_models")
+RESERVED_SECTIONS = ("drift",)  # planned; refused until it exists
+TOP_LEVEL = (*SECTIONS, "remote_models", "routes")

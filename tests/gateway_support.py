@@ -45,7 +45,7 @@ class Running:
         return clean
 
 
-def start_gateway(repo: str, **overrides) -> Running:
+def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Running:
     flags = {
         "model_repository": repo,
         "host": "127.0.0.1",
@@ -59,7 +59,7 @@ def start_gateway(repo: str, **overrides) -> Running:
         "allow_open_admin": True,
     }
     flags.update(overrides)
-    settings = load_settings(None, flags, environ={})
+    settings = load_settings(config_file, flags, environ={})
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict = {}

@@ -103,6 +103,7 @@ class OnnxBackend:
             so.inter_op_num_threads = inter_op_threads
         so.log_severity_level = 3
         self.path = path
+        self._providers = providers
         self.session = ort.InferenceSession(path, sess_options=so, providers=providers or ["CPUExecutionProvider"])
         self._inputs = [_io(a) for a in self.session.get_inputs()]
         self._outputs = [_io(a) for a in self.session.get_outputs()]
@@ -116,6 +117,12 @@ class OnnxBackend:
             self._run = lambda names, feeds: sess.run(names, feeds, options)
         else:
             self._run = self.session.run
+
+    def twin(self) -> OnnxBackend:
+        """A second session on the same file with one intra-op thread and no spinning, for
+        shadow copies: they run on threads of their own and must not take the primary's
+        cores (blocking: call it on a thread)."""
+        return OnnxBackend(self.path, self._providers, 1, 1, False)
 
     def providers(self) -> list[str]:
         return self.session.get_providers()

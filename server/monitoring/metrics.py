@@ -51,6 +51,12 @@ LATENCY_BUCKETS_S = (
     10.0,
 )
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# |primary - shadow| of a compared output (the largest per row), from 1e-6 to 100.
+DELTA_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0)
+# Shadow latency minus primary latency: negative when the shadow answered first.
+LATENCY_DELTA_BUCKETS_S = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+# batchgate_rollout_state's values.
+ROLLOUT_STATE_CODES = {"none": 0, "running": 1, "paused": 2, "promoted": 3, "rolled_back": 4}
 
 # How the figures of several processes (worker processes) combine, by what each means.
 SUM, MAX, ALL = "sum", "max", "all"  # ALL: 1 only when every process says 1 (readiness)
@@ -124,6 +130,60 @@ FAMILIES: dict[str, Family] = {
         "gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", merge=ALL
     ),
 }
+
+
+def _shadow(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
+    return Family(kind, doc, ("route", "shadow") + extra, **kw)
+
+
+# Routes (routes.py, shadows.py): route, variant and shadow names come from the configuration
+# (checked against the model-name alphabet), never from a request.
+FAMILIES.update(
+    {
+        "batchgate_route_requests": Family(
+            "counter",
+            "Requests answered through a route, by the variant that answered and status",
+            ("route", "variant", "status"),
+        ),
+        "batchgate_route_weight": Family(
+            "gauge", "A variant's weight in its route now (config, runtime or rollout)", ("route", "variant"), merge=MAX
+        ),
+        "batchgate_rollout_state": Family(
+            "gauge",
+            "A route's rollout: 0 none, 1 running, 2 paused, 3 promoted, 4 rolled back",
+            ("route",),
+            merge=MAX,
+        ),
+        "batchgate_rollout_canary_percent": Family(
+            "gauge", "The canary's percentage at the rollout's current step", ("route",), merge=MAX
+        ),
+        "batchgate_routes_reloads": Family(
+            "counter", "Reloads of the routes file, by outcome (ok, error)", ("outcome",)
+        ),
+        "batchgate_shadow_requests": _shadow(
+            "counter",
+            "Copies of requests for a shadow, by outcome: compared (answer compared with the primary's), "
+            "answered (nothing to compare), dropped (its budget was full), failed (the shadow failed)",
+            ("outcome",),
+        ),
+        "batchgate_shadow_agreements": _shadow(
+            "counter", "Compared answers where the shadow agreed with the primary on every row"
+        ),
+        "batchgate_shadow_rows_compared": _shadow("counter", "Rows of the compared output compared"),
+        "batchgate_shadow_top1_flips": _shadow(
+            "counter", "Rows whose top-1 class differed between primary and shadow (classification)"
+        ),
+        "batchgate_shadow_abs_delta": _shadow(
+            "histogram", "Largest |primary - shadow| per row of the compared output", buckets=DELTA_BUCKETS
+        ),
+        "batchgate_shadow_latency_delta_seconds": _shadow(
+            "histogram", "Shadow latency minus primary latency of one request", buckets=LATENCY_DELTA_BUCKETS_S
+        ),
+        "batchgate_shadow_error_delta": _shadow(
+            "counter", "Requests where only one side failed (side: shadow_only, primary_only)", ("side",)
+        ),
+    }
+)
 
 Labels = tuple[str, ...]
 HistValue = tuple[tuple[int, ...], float]  # (count per bucket, the last for +Inf), sum
@@ -202,14 +262,15 @@ _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram
 class Histogram:
     """Bucket counts and a sum; ``observe`` is one bisect and two additions."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("counts", "sum", "buckets")
 
-    def __init__(self):
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.counts[bisect_left(self.buckets, seconds)] += 1
         self.sum += seconds
 
     def value(self) -> HistValue:
@@ -303,6 +364,43 @@ class UpstreamMetrics:
         self.owner: object = None  # the connection that reports the gauges now
 
 
+class ShadowMetrics:
+    """The comparison figures of one shadow of one route (updated on the event loop)."""
+
+    def __init__(self):
+        self.outcomes: dict[str, int] = {}
+        self.agreements = 0
+        self.rows = 0
+        self.flips = 0
+        self.delta = Histogram(DELTA_BUCKETS)
+        self.latency_delta = Histogram(LATENCY_DELTA_BUCKETS_S)
+        self.error_delta: dict[str, int] = {}
+
+    def outcome(self, what: str) -> None:
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+
+
+class RouteMetrics:
+    """The figures of one route: answers by variant, weights and rollout gauges, its shadows."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, str], int] = {}
+        self.weights: dict[str, int] = {}
+        self.rollout_state = 0
+        self.canary_percent: float | None = None
+        self.shadows: dict[str, ShadowMetrics] = {}
+
+    def answered(self, variant: str, status: str) -> None:
+        key = (variant, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def shadow(self, name: str) -> ShadowMetrics:
+        sm = self.shadows.get(name)
+        if sm is None:
+            sm = self.shadows[name] = ShadowMetrics()
+        return sm
+
+
 class Metrics:
     """One registry per gateway, so several gateways in one process (tests) do not clash."""
 
@@ -313,7 +411,20 @@ class Metrics:
         self._request_errors: dict[tuple[str, str, str], int] = {}
         self._connections_refused: dict[str, int] = {}
         self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
+        self._routes: dict[str, RouteMetrics] = {}
+        self.routes_reloads: dict[str, int] = {}
         self.registry.register(self)
+
+    def route(self, name: str) -> RouteMetrics:
+        """The figures of one route; a reload of the routes continues them."""
+        rm = self._routes.get(name)
+        if rm is None:
+            rm = self._routes[name] = RouteMetrics()
+        return rm
+
+    def drop_route(self, name: str) -> None:
+        """A route removed from the configuration: its gauges go (its counters with them)."""
+        self._routes.pop(name, None)
 
     def upstream(self, model: str, address: str) -> UpstreamMetrics:
         """The figures of one upstream of a remote model; a reload continues them."""
@@ -384,7 +495,32 @@ class Metrics:
             add("batchgate_upstream_ejections", lv, u.ejections)
             add("batchgate_upstream_outstanding", lv, u.outstanding)
             add("batchgate_upstream_healthy", lv, u.healthy)
+        for outcome, n in list(self.routes_reloads.items()):
+            add("batchgate_routes_reloads", (outcome,), n)
+        for route, r in list(self._routes.items()):
+            self._route_snapshot(add, route, r)
         return snap
+
+    @staticmethod
+    def _route_snapshot(add: Callable, route: str, r: RouteMetrics) -> None:
+        for (variant, status), n in list(r.requests.items()):
+            add("batchgate_route_requests", (route, variant, status), n)
+        for variant, w in list(r.weights.items()):
+            add("batchgate_route_weight", (route, variant), w)
+        add("batchgate_rollout_state", (route,), r.rollout_state)
+        if r.canary_percent is not None:
+            add("batchgate_rollout_canary_percent", (route,), r.canary_percent)
+        for shadow, sm in list(r.shadows.items()):
+            rs = (route, shadow)
+            for outcome, n in list(sm.outcomes.items()):
+                add("batchgate_shadow_requests", rs + (outcome,), n)
+            add("batchgate_shadow_agreements", rs, sm.agreements)
+            add("batchgate_shadow_rows_compared", rs, sm.rows)
+            add("batchgate_shadow_top1_flips", rs, sm.flips)
+            add("batchgate_shadow_abs_delta", rs, sm.delta.value())
+            add("batchgate_shadow_latency_delta_seconds", rs, sm.latency_delta.value())
+            for side, n in list(sm.error_delta.items()):
+                add("batchgate_shadow_error_delta", rs + (side,), n)
 
     def describe(self) -> list:
         return []

@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +92,8 @@ class ModelRepository:
         self._wanted: set[str] = set()  # models that should be loaded (strict readiness)
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
+        # Called with a model's name whenever the versions it serves change (routes.py).
+        self.listeners: list[Callable[[str], None]] = []
 
     # ---------------------------------------------------------------- lookups (hot path)
     def resolve(self, name: str, version: str) -> ModelVersion:
@@ -305,8 +307,16 @@ class ModelRepository:
             ", ".join(backend.providers() if backend else ()),
             seconds * 1000,
         )
+        self._changed(entry.name)
         for s in old.values():
             self._later(s.retire(self.retire_grace_s))
+
+    def _changed(self, name: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(name)
+            except Exception:  # a listener's bug must not break loading
+                log.exception("a listener failed on the change of model '%s'", name)
 
     def _failed(self, entry: ModelEntry, msg: str) -> None:
         """A load failed: the entry keeps serving what it had, or says why it cannot."""
@@ -446,6 +456,7 @@ class ModelRepository:
             old = entry.versions
             entry.state = UNLOADING
             entry.versions, entry.latest = {}, None
+            self._changed(name)
             await asyncio.gather(*(s.retire(self.retire_grace_s) for s in old.values()))
             entry.state, entry.reason, entry.fingerprint = UNAVAILABLE, "unloaded", ()
             if forget:

@@ -133,4 +133,6 @@ def encode_response(resp: InferResponse) -> pb.ModelInferResponse:
         add(name=t.name, datatype=t.datatype, shape=t.shape)
         raws.append(to_raw(t.data, DATATYPES[t.datatype]))
     out.raw_output_contents.extend(raws)
+    for k, v in resp.parameters.items():  # a route's answer: parameter "variant"
+        out.parameters[k].string_param = str(v)
     return out

@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
+from ..core.routing import PIN_HEADER as VARIANT_HEADER
 from ..core.types import InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
 from ..security.access import OPEN_CALLER, Caller
@@ -34,6 +35,7 @@ GRPC_STATUS = {
     ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
     ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
     ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
@@ -59,6 +61,14 @@ def caller_of(context) -> Caller:
             auth = v if isinstance(v, str) else v.decode("latin-1")
             break
     return Caller(auth, grpc_peer_subject(context), context.peer() or "")
+
+
+def _metadata(context, name: str) -> str | None:
+    """One metadata value of the call (the pin and sticky headers of a route)."""
+    for k, v in context.invocation_metadata() or ():
+        if k == name:
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
 
 
 def _request_id(msg, headers) -> str:
@@ -220,12 +230,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             request = _parse(raw)
             caller = caller_of(context) if dp.access.enforcing else OPEN_CALLER
-            served = dp.admit(request.model_name, request.model_version, caller)  # before any tensor is decoded
+            served = dp.admit(  # before any tensor is decoded
+                request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
+            )
             try:
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)
                 resp = await dp.infer(served, self._decode(request, context, headers))
             finally:
                 dp.release(served)
+            if resp.parameters:  # answered through a route: which variant answered
+                context.set_trailing_metadata(((VARIANT_HEADER, str(resp.parameters.get("variant", ""))),))
             return grpc_codec.encode_response(resp)
         except GatewayError as e:
             self.dp.count_error("grpc", e)
@@ -261,7 +275,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(msg):
             try:
-                served = self.dp.admit(msg.model_name, msg.model_version, caller)
+                served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
                 try:
                     resp = await self.dp.infer(served, self._decode(msg, context, headers))
                 finally:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
+from ..core.routing import PIN_HEADER
 from ..core.types import caller_headers
 from ..dataplane import FILE_PARAM_PREFIX, DataPlane
 from ..security.access import OPEN_CALLER, Caller
@@ -28,6 +29,7 @@ from .http_limits import Verdict
 
 if TYPE_CHECKING:
     from ..model import ModelVersion
+    from ..routes import Routed
 
 log = logging.getLogger("batchgate.http")
 
@@ -40,6 +42,7 @@ HTTP_STATUS = {
     ErrorCode.CANCELLED: 499,
     ErrorCode.UNIMPLEMENTED: 501,
     ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.FAILED_PRECONDITION: 409,
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.PERMISSION_DENIED: 403,
@@ -59,6 +62,7 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 # (answered 503 until the listener closes, then refused), never racing the final close of a
 # keep-alive connection.
 CLOSE = (b"connection", b"close")
+VARIANT_HEADER = PIN_HEADER.encode()
 ADMITTED = "batchgate.admitted"  # scope key: (version, model, version label) admitted by the protocol
 _monotonic = time.monotonic
 
@@ -153,10 +157,12 @@ class HttpApp:
         scope[ADMITTED] = (served, model, version)
         return None
 
-    def _admit(self, model: str, version: str, scope) -> ModelVersion:
+    def _admit(self, model: str, version: str, scope) -> ModelVersion | Routed:
         """Admission from the path and the caller, logged when refused (counted by the caller)."""
         try:
-            return self.dp.admit(model, version, caller_of(scope) if self._enforcing else OPEN_CALLER)
+            return self.dp.admit(
+                model, version, caller_of(scope) if self._enforcing else OPEN_CALLER, lambda n: _header(scope, n)
+            )
         except GatewayError as e:
             self.dp.log_failure("http", model, "", e)
             raise
@@ -361,6 +367,8 @@ class HttpApp:
             raise
         out, json_len = http_codec.encode_response(resp, options)
         headers = [(b"content-type", b"application/octet-stream" if json_len is not None else b"application/json")]
+        if resp.parameters:  # answered through a route: which variant answered
+            headers.append((VARIANT_HEADER, str(resp.parameters.get("variant", "")).encode()))
         if json_len is not None:
             headers.append((b"inference-header-content-length", str(json_len).encode()))
         enc = http_codec.pick_encoding(accept)
@@ -422,6 +430,15 @@ def caller_of(scope) -> Caller:
             break
     client = scope.get("client")
     return Caller(auth, http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else "")
+
+
+def _header(scope, name: str) -> str | None:
+    """One request header's value by lower-case name (a route's pin and sticky headers)."""
+    key = name.encode("latin-1")
+    for k, v in scope["headers"]:
+        if k == key:
+            return v.decode("latin-1")
+    return None
 
 
 def _file_bytes(key: str, value) -> bytes:

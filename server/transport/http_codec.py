@@ -309,9 +309,11 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
         else:
             entry["data"] = _to_json(t)
         outs.append(entry)
-    obj = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outs}
+    obj: dict[str, object] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outs}
     if resp.id:
         obj["id"] = resp.id
+    if resp.parameters:  # a route's answer: parameter "variant"
+        obj["parameters"] = dict(resp.parameters)
     head = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binaries and not any("parameters" in o for o in outs):
         return head, None

@@ -1,0 +1,389 @@
+"""The routes a gateway serves: built from the configuration, checked against the repository,
+reloaded when the routes file changes, kept current as models load and unload, and stepped by
+the rollout controller.
+
+**Which weights win.** The configuration (the config file's ``routes`` and ``routes_file``)
+defines the routes and their initial weights. Runtime weights (the rollout controller, or the
+admin API's SetWeights) are kept in ``state_dir`` with a fingerprint of the route's definition,
+and win over the file's until that definition changes; a changed definition resets them to the
+file's, and the reset is audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import yaml
+
+from .core import rollout as ro
+from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
+from .core.routing import BucketTable, RouteSpec, Shadow, Variant, check_signatures, parse_routes
+from .core.types import clip
+from .model import LocalExecution, ModelVersion
+from .monitoring.metrics import Metrics
+from .repository.manager import ModelRepository
+from .routes import ServedRoute
+from .security.access import Caller
+from .security.limits import Admission
+from .shadows import DisagreementLog, ShadowRunner
+from .state import StateDir
+
+log = logging.getLogger("batchgate.routes")
+
+SYSTEM = Caller(None, None, "batchgate")  # who the controller's own actions are audited as
+TICK_S = 1.0  # how often the rollout controller looks at its routes
+Audit = Callable[[str, str, str, str], "asyncio.Future | Any"]  # (action, target, outcome, detail)
+
+
+class RouteTable:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        admission: Admission,
+        metrics: Metrics,
+        shadow_pool: Executor,
+        state: StateDir | None = None,
+        disagreements: DisagreementLog | None = None,
+        audit: Audit | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.repository = repository
+        self.admission = admission
+        self.metrics = metrics
+        self.pool = shadow_pool
+        self.state = state
+        self.disagreements = disagreements
+        self._audit = audit
+        self.clock = wall_clock
+        self.routes: dict[str, ServedRoute] = {}
+        self._config_routes: tuple[RouteSpec, ...] = ()
+        self._twins: dict[int, Any] = {}  # id(version) -> (version, its shadow session)
+        self._tasks: set[asyncio.Future] = set()
+        repository.listeners.append(self._model_changed)
+
+    def get(self, name: str) -> ServedRoute | None:
+        return self.routes.get(name)
+
+    # ---------------------------------------------------------------- building
+    async def install(self, specs: Sequence[RouteSpec], source: str) -> None:
+        """Check and put in place a whole set of routes; on a ConfigError nothing changes."""
+        now = self.clock()
+        new: dict[str, ServedRoute] = {}
+        resets: list[str] = []
+        for spec in specs:
+            if spec.name in self.repository.models or spec.name in self.repository.remote:
+                raise ConfigError(f"route '{spec.name}': a model has that name; a route needs a name of its own")
+            members = self._members(spec, strict=True)
+            problem = self._check(spec, members, strict=True)
+            route, reset = self._carry_or_build(spec, now)
+            if reset:
+                resets.append(spec.name)
+            route.set_members(members, problem)
+            new[spec.name] = route
+        for route in new.values():
+            await self._build_shadows(route)
+        old = self.routes
+        self.routes = new
+        for name, route in old.items():
+            if new.get(name) is not route:
+                for s in route.shadows:
+                    s.cancel()
+            if name not in new:
+                self.metrics.drop_route(name)
+        for route in new.values():
+            route.publish()
+            self._save(route)
+        for name in resets:
+            await self._audited("route.reset", name, "ok", f"the definition in {source} changed: weights reset to it")
+        if specs:
+            log.info("routes from %s: %s", source, ", ".join(s.name for s in specs))
+
+    def _members(self, spec: RouteSpec, strict: bool) -> dict[str, ModelVersion | None]:
+        out: dict[str, ModelVersion | None] = {}
+        repo = self.repository
+        used: list[Variant | Shadow] = [*spec.variants, *spec.shadows]
+        for m in used:
+            entry = repo.models.get(m.model)
+            if entry is None and strict and repo.mode != "explicit" and m.model not in repo.remote:
+                raise ConfigError(
+                    f"route '{spec.name}': '{m.name}' uses model '{m.model}', which is not in the repository"
+                )
+            try:
+                out[m.name] = repo.resolve(m.model, m.version)
+            except GatewayError:
+                out[m.name] = None
+        return out
+
+    def _check(self, spec: RouteSpec, members: Mapping[str, ModelVersion | None], strict: bool) -> str | None:
+        """Whether the loaded members can answer alike (None), else why not; at install
+        (``strict``) a mismatch refuses the configuration."""
+        if any(v is None for v in members.values()):
+            return None  # checked once every member is loaded; until then those variants refuse
+        try:
+            check_signatures(spec, {name: v.signature for name, v in members.items() if v is not None})
+        except ConfigError as e:
+            if strict:
+                raise
+            return str(e)
+        return None
+
+    def _carry_or_build(self, spec: RouteSpec, now: float) -> tuple[ServedRoute, bool]:
+        """The route for ``spec``: the one serving now if its definition is unchanged, else one
+        from ``state_dir`` if kept there for this definition, else fresh from the file. True
+        when runtime state was dropped because the definition changed."""
+        fingerprint = spec.fingerprint()
+        old = self.routes.get(spec.name)
+        if old is not None and old.spec.fingerprint() == fingerprint:
+            old.spec = spec
+            return old, False
+        reset = old is not None
+        table = state = None
+        doc = self._load(spec.name)
+        if doc is not None:
+            if doc.get("fingerprint") == fingerprint:
+                try:
+                    table = BucketTable.from_state(doc["table"])
+                    if set(table.weights) != {v.name for v in spec.variants}:
+                        raise ValueError("its variants are not the route's")
+                    if spec.rollout is not None and doc.get("rollout") is not None:
+                        state = ro.RolloutState.from_state(doc["rollout"], spec.rollout)
+                except (KeyError, ValueError) as e:
+                    log.warning("route '%s': the kept state is unusable (%s); starting from the file", spec.name, e)
+                    table = state = None
+            else:
+                reset = True
+        if spec.rollout is not None and state is None:
+            state = ro.start(spec.rollout, now)
+        if table is None:
+            weights = spec.weights
+            if state is not None and spec.rollout is not None:
+                weights = ro.weights(spec.rollout, state, spec.weights)
+            table = BucketTable.fresh(spec.name, weights)
+        return ServedRoute(spec, table, state, self.metrics.route(spec.name), self.admission), reset
+
+    async def _build_shadows(self, route: ServedRoute) -> None:
+        runners = []
+        for s in route.spec.shadows:
+            served = route.members.get(s.name)
+            if served is None:
+                continue
+            backend = await self._twin(served)
+            if backend is None:
+                continue
+            runners.append(
+                ShadowRunner(
+                    route.name,
+                    s,
+                    served,
+                    backend,
+                    self.pool,
+                    self.metrics.route(route.name).shadow(s.name),
+                    route.spec.compare,
+                    self.disagreements,
+                    route.rng,
+                )
+            )
+        route.shadows = runners
+
+    async def _twin(self, served: ModelVersion) -> Any:
+        """The session a shadow runs on: for a local model a second session of its own (one
+        intra-op thread), shared by every route shadowing that version; for a remote model the
+        model's backend."""
+        backend = served.backend
+        if backend is None or not isinstance(served.execution, LocalExecution):
+            return backend
+        kept = self._twins.get(id(served))
+        if kept is not None and kept[0] is served:
+            return kept[1]
+        twin = getattr(backend, "twin", None)
+        session = await asyncio.to_thread(twin) if twin is not None else backend
+        self._twins = {k: v for k, v in self._twins.items() if v[0].backend is not None}  # drop retired ones
+        self._twins[id(served)] = (served, session)
+        return session
+
+    def _model_changed(self, model: str) -> None:
+        """A model's versions changed (loaded, reloaded, unloaded): the routes using it look
+        again, and say why they cannot serve if the new version does not fit."""
+        for route in list(self.routes.values()):
+            if any(v.model == model for v in route.spec.variants) or any(s.model == model for s in route.spec.shadows):
+                members = self._members(route.spec, strict=False)
+                problem = self._check(route.spec, members, strict=False)
+                if problem is not None:
+                    log.warning("route '%s' cannot serve: %s", route.name, problem)
+                route.set_members(members, problem)
+                self._spawn(self._build_shadows(route))
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- state_dir
+    def _load(self, name: str) -> dict[str, Any] | None:
+        if self.state is None:
+            return None
+        try:
+            return self.state.load("route", name)
+        except (OSError, ValueError) as e:
+            log.warning("route '%s': cannot read its kept state: %s", name, e)
+            return None
+
+    def _save(self, route: ServedRoute) -> None:
+        if self.state is None:
+            return
+        doc: dict[str, Any] = {"fingerprint": route.spec.fingerprint(), "table": route.table.to_state()}
+        if route.rollout is not None:
+            doc["rollout"] = route.rollout.to_state()
+        try:
+            self.state.save("route", route.name, doc)
+        except (OSError, ValueError) as e:
+            log.error("route '%s': cannot keep its state in state_dir: %s", route.name, e)
+
+    async def _audited(self, action: str, target: str, outcome: str, detail: str) -> None:
+        if self._audit is not None:
+            await self._audit(action, target, outcome, detail)
+
+    # ---------------------------------------------------------------- the routes file
+    async def watch(self, config_routes: Sequence[RouteSpec], path: str, poll_s: float) -> None:
+        """Re-read ``path`` whenever it changes (size, mtime or inode: a ConfigMap's symlink
+        swap changes the inode) and install the routes it holds with the config's. A file that
+        cannot be read or checked changes nothing; it is logged and counted."""
+        self._config_routes = tuple(config_routes)
+        last = _stamp(path)
+        while True:
+            await asyncio.sleep(poll_s)
+            stamp = _stamp(path)
+            if stamp == last:
+                continue
+            last = stamp
+            await self.reload(path)
+
+    async def reload(self, path: str) -> bool:
+        reloads = self.metrics.routes_reloads
+        try:
+            specs = await asyncio.to_thread(read_routes_file, path)
+            await self.install([*self._config_routes, *specs], path)
+        except ConfigError as e:
+            reloads["error"] = reloads.get("error", 0) + 1
+            log.error("routes file %s not applied, the routes stay as they were: %s", path, e)
+            return False
+        reloads["ok"] = reloads.get("ok", 0) + 1
+        return True
+
+    # ---------------------------------------------------------------- the rollout controller
+    async def control(self, tick_s: float = TICK_S) -> None:
+        """Step every running rollout at the end of its interval (see ``core/rollout.py``)."""
+        while True:
+            await asyncio.sleep(tick_s)
+            await self.step(self.clock())
+
+    async def step(self, now: float) -> None:
+        for route in list(self.routes.values()):
+            r, state = route.spec.rollout, route.rollout
+            if r is None or state is None or state.state != ro.RUNNING or now < state.next_at:
+                continue
+            canary, baseline = route.window_figures()
+            verdict = ro.tick(r, state, now, canary, baseline)
+            if verdict is None:
+                continue
+            route.new_windows()
+            self._apply(route)
+            figures = ", ".join(f"{k}={v:.4g}" for k, v in verdict.figures.items())
+            log.info("route '%s' rollout: %s%s", route.name, state.last, f" ({figures})" if figures else "")
+            await self._audited("rollout.step", route.name, state.state, f"{state.last}; {figures}")
+
+    def _apply(self, route: ServedRoute) -> None:
+        """The rollout's weights into the bucket table, kept and published."""
+        r, state = route.spec.rollout, route.rollout
+        if r is not None and state is not None:
+            route.table.reweigh(ro.weights(r, state, route.spec.weights))
+        route.publish()
+        self._save(route)
+
+    # ---------------------------------------------------------------- admin operations
+    def _route(self, name: str) -> ServedRoute:
+        route = self.routes.get(name)
+        if route is None:
+            raise not_found(f"unknown route '{clip(name)}'")
+        return route
+
+    def set_weights(self, name: str, weights: Mapping[str, Any]) -> ServedRoute:
+        """Runtime weights (variants not named keep theirs); a running rollout is paused, since
+        its steps would overwrite them."""
+        route = self._route(name)
+        new = dict(route.table.weights)
+        for variant, w in weights.items():
+            if variant not in new:
+                raise invalid(f"route '{name}' has no variant '{clip(str(variant))}'; it has {', '.join(new)}")
+            if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 100:
+                raise invalid(f"the weight of variant '{variant}' must be a whole number from 0 to 100")
+            new[variant] = w
+        if sum(new.values()) <= 0:
+            raise invalid("the weights add up to 0; at least one must be positive")
+        if route.rollout is not None and route.rollout.state == ro.RUNNING:
+            ro.pause(route.rollout)
+            route.rollout.last = "paused: weights set by hand"
+        route.table.reweigh(new)
+        route.publish()
+        self._save(route)
+        return route
+
+    def transition(self, name: str, action: str) -> ServedRoute:
+        """promote, rollback, pause or resume the route's rollout."""
+        route = self._route(name)
+        r, state = route.spec.rollout, route.rollout
+        if r is None or state is None:
+            raise GatewayError(ErrorCode.FAILED_PRECONDITION, f"route '{name}' has no rollout")
+        if action == "promote":
+            ro.promote(state, r)
+        elif action == "rollback":
+            ro.rollback(state)
+        elif action == "pause":
+            ro.pause(state)
+        elif action == "resume":
+            ro.resume(state, r, self.clock())
+        else:
+            raise invalid(f"unknown rollout action '{clip(action)}'")
+        route.new_windows()
+        self._apply(route)
+        return route
+
+    def close(self) -> None:
+        """Drain: the shadows' copies still running are cancelled first; then the tasks."""
+        for route in self.routes.values():
+            for s in route.shadows:
+                s.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+
+
+def read_routes_file(path: str) -> list[RouteSpec]:
+    """The ``routes:`` list of a routes file (blocking)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4 * 1024 * 1024 + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read routes file {path}: {e.strerror}") from None
+    if len(raw) > 4 * 1024 * 1024:
+        raise ConfigError(f"routes file {path} is larger than 4 MiB")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"routes file {path} is not valid YAML: {str(e)[:512]}") from None
+    if not isinstance(data, dict) or set(data) - {"routes"}:
+        raise ConfigError(f"routes file {path} must hold one key, 'routes', with a list of routes")
+    return parse_routes(data.get("routes"), f"routes file {path}: routes")
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

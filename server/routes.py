@@ -1,0 +1,303 @@
+"""Routes served: one V2 model name answered by weighted variants, with shadows and a rollout.
+
+A route is served under its own name like a model: ``DataPlane.admit`` hands a route's requests
+to :meth:`ServedRoute.admit`, which picks the variant from what is known before the body is read
+(a pin header, a sticky header, else at random by weight) and admits the request on that
+variant's model version, under the same limits as a direct request. Once the request is decoded,
+a pin parameter or a ``param:`` / ``input:`` sticky key may name another variant; the admission
+then moves to it. The answer carries the variant's model name and version and the parameter
+``variant``.
+
+The pure parts (parsing, buckets, pins, signatures, the rollout's state machine) are in
+``core/routing.py`` and ``core/rollout.py``; :class:`RouteTable` (``route_table.py``) builds,
+reloads and steps the routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from .core import rollout as ro
+from .core.errors import ErrorCode, GatewayError, invalid
+from .core.routing import (
+    PIN_HEADER,
+    PIN_PARAMETER,
+    BucketTable,
+    RouteSpec,
+    check_pin,
+    pick_weighted,
+    sticky_key,
+)
+from .core.stats import ModelStats
+from .core.types import InferRequest, InferResponse
+from .model import ModelVersion
+from .monitoring.metrics import ROLLOUT_STATE_CODES, RouteMetrics
+from .security.limits import Admission
+from .shadows import ShadowRunner
+
+_perf_ns = time.perf_counter_ns
+# Answers that count as the canary's errors in the rollout's gate: the server's, not the client's
+# mistakes and not refusals for overload.
+SERVER_ERRORS = frozenset({"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
+Header = Callable[[str], "str | None"]  # a request's header / metadata value by lower-case name
+
+
+class Window:
+    """One variant's figures over the rollout's current interval."""
+
+    __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.server_errors = 0
+        # Microseconds, 1 µs to 10 min, 2 significant digits: a p99 within 1%, which a gate
+        # of 1.25 needs and Prometheus buckets cannot give.
+        self.latency = HdrHistogram(1, 600_000_000, 2)
+        self.compared = 0
+        self.disagreed = 0
+
+    def figures(self) -> ro.Figures:
+        n = self.latency.get_total_count()
+        p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
+        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed)
+
+
+class Routed:
+    """One request's passage through a route: the variant and version it is admitted on."""
+
+    __slots__ = ("route", "variant", "version", "pinned")
+
+    def __init__(self, route: ServedRoute, variant: str, version: ModelVersion, pinned: bool):
+        self.route, self.variant, self.version, self.pinned = route, variant, version, pinned
+
+    def submit(self, request: InferRequest):
+        return self.route.serve(self, request)
+
+
+class ServedRoute:
+    def __init__(
+        self,
+        spec: RouteSpec,
+        table: BucketTable,
+        state: ro.RolloutState | None,
+        metrics: RouteMetrics,
+        admission: Admission,
+    ):
+        self.spec = spec
+        self.name = spec.name
+        self.table = table
+        self.rollout = state
+        self.metrics = metrics
+        self.admission = admission
+        self.members: dict[str, ModelVersion | None] = {}  # variant or shadow name -> version
+        self.problem: str | None = "not checked yet"  # why the route cannot serve at all
+        self.shadows: list[ShadowRunner] = []
+        self.stats = ModelStats(spec.name, "")
+        self.windows = {v.name: Window() for v in spec.variants}
+        self.rng = random.Random()
+        self._shadow_of: dict[str, str] = {}  # shadow name -> the variant its comparisons judge
+        self.publish()
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return self.table.weights
+
+    # ---------------------------------------------------------------- state
+    def publish(self) -> None:
+        """Bring the route's gauges up to date (weights, rollout state)."""
+        m = self.metrics
+        m.weights = dict(self.table.weights)
+        if self.spec.rollout is None or self.rollout is None:
+            m.rollout_state, m.canary_percent = 0, None
+        else:
+            m.rollout_state = ROLLOUT_STATE_CODES[self.rollout.state]
+            m.canary_percent = ro.canary_weight(self.spec.rollout, self.rollout)
+
+    def set_members(self, members: dict[str, ModelVersion | None], problem: str | None) -> None:
+        self.members, self.problem = members, problem
+        by_model = {(v.model, v.version): v.name for v in self.spec.variants}
+        self._shadow_of = {}
+        for s in self.spec.shadows:  # a shadow of the canary's model judges the canary
+            variant = by_model.get((s.model, s.version))
+            if variant is not None:
+                self._shadow_of[s.name] = variant
+
+    def not_ready_reason(self) -> str | None:
+        """Why the route cannot serve every request now (None: it can): every variant with
+        weight above 0 needs a ready version."""
+        if self.problem is not None:
+            return self.problem
+        for v in self.spec.variants:
+            if self.table.weights.get(v.name, 0) <= 0:
+                continue
+            served = self.members.get(v.name)
+            if served is None:
+                return f"variant '{v.name}': model '{v.model}' version {v.version or 'latest'} is not loaded"
+            if not served.ready():
+                return f"variant '{v.name}': model '{v.model}' is not ready: {served.not_ready_reason()}"
+        return None
+
+    def primary(self) -> ModelVersion | None:
+        """The version that speaks for the route in metadata and config: the heaviest variant's."""
+        for v in sorted(self.spec.variants, key=lambda v: -self.table.weights.get(v.name, 0)):
+            served = self.members.get(v.name)
+            if served is not None:
+                return served
+        return None
+
+    # ---------------------------------------------------------------- serving
+    def admit(self, version: str, header: Header | None) -> Routed:
+        """Pick the variant from what is known before the body (a pin header, a sticky header,
+        else at random by weight) and admit the request on its version."""
+        if version:
+            raise invalid(f"'{self.name}' is a route, which has no versions: send the request without a model version")
+        if self.problem is not None:
+            raise GatewayError(ErrorCode.UNAVAILABLE, f"route '{self.name}' is not ready: {self.problem}")
+        pinned = False
+        pin = header(PIN_HEADER) if header is not None else None
+        if pin is not None:
+            variant, pinned = check_pin(self.spec, pin), True
+        else:
+            variant = self._pick(header)
+        served = self._version(variant)
+        self.admission.admit(served)
+        return Routed(self, variant, served, pinned)
+
+    def _pick(self, header: Header | None) -> str:
+        sticky = self.spec.sticky
+        if sticky is not None and sticky.kind == "header" and header is not None:
+            value = header(sticky.name)
+            if value is not None:
+                return self.table.variant_for(value.encode())
+        # no key yet (a param: or input: key is read after decoding): at random by weight
+        return pick_weighted(self.table.weights, self.rng)
+
+    def _version(self, variant: str) -> ModelVersion:
+        served = self.members.get(variant)
+        if served is None:
+            v = self.spec.variant(variant)
+            raise GatewayError(
+                ErrorCode.UNAVAILABLE,
+                f"route '{self.name}': variant '{variant}' (model '{v.model}') is not loaded",
+            )
+        return served
+
+    def _repick(self, routed: Routed, request: InferRequest) -> None:
+        """After decoding: a ``variant`` parameter pins; a param or input sticky key chooses."""
+        if routed.pinned:
+            return
+        variant = routed.variant
+        raw = request.parameters.get(PIN_PARAMETER)
+        if raw is not None:
+            if not isinstance(raw, str):
+                raise invalid(f"parameter '{PIN_PARAMETER}' must be a variant's name")
+            variant = check_pin(self.spec, raw)
+            routed.pinned = True
+        elif self.spec.sticky is not None and self.spec.sticky.kind != "header":
+            key = sticky_key(self.spec.sticky, request)
+            if key is not None:
+                variant = self.table.variant_for(key)
+        if variant != routed.variant:
+            served = self._version(variant)
+            self.admission.admit(served)  # first: if refused, the transport releases the old one
+            self.admission.release(routed.version)
+            routed.variant, routed.version = variant, served
+
+    async def serve(self, routed: Routed, request: InferRequest) -> InferResponse:
+        self._repick(routed, request)
+        variant = routed.variant
+        counted = not routed.pinned and not request.synthetic
+        copies = [(s, s.offer(request)) for s in self.shadows] if self.shadows else ()
+        start = _perf_ns()
+        status = "OK"
+        resp: InferResponse | None = None
+        try:
+            resp = await routed.version.submit(request)
+        except GatewayError as e:
+            status = e.code.value
+            raise
+        except asyncio.CancelledError:
+            status = ErrorCode.CANCELLED.value
+            raise
+        finally:
+            elapsed = _perf_ns() - start
+            self.stats.record_request(status == "OK", elapsed)
+            self.metrics.answered(variant, status)
+            if counted:
+                w = self.windows[variant]
+                if status == "OK":
+                    w.requests += 1
+                    w.latency.record_value(max(1, elapsed // 1000))
+                elif status in SERVER_ERRORS:
+                    w.requests += 1
+                    w.server_errors += 1
+            for runner, fut in copies:
+                if fut is not None:
+                    runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
+        return resp._replace(parameters={PIN_PARAMETER: variant})
+
+    def _judge(self, runner: ShadowRunner) -> Callable[[bool], None] | None:
+        variant = self._shadow_of.get(runner.spec.name)
+        if variant is None:
+            return None
+        window = self.windows
+
+        def judged(disagreed: bool) -> None:
+            w = window.get(variant)
+            if w is not None:
+                w.compared += 1
+                w.disagreed += disagreed
+
+        return judged
+
+    # ---------------------------------------------------------------- rollout
+    def window_figures(self) -> tuple[ro.Figures, ro.Figures]:
+        r = self.spec.rollout
+        assert r is not None
+        return self.windows[r.canary].figures(), self.windows[r.baseline].figures()
+
+    def new_windows(self) -> None:
+        self.windows = {v.name: Window() for v in self.spec.variants}
+
+    def describe(self) -> dict[str, Any]:
+        """The route as the admin API shows it: weights, rollout, figures of the current window."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "weights": dict(self.table.weights),
+            "variants": [
+                {"name": v.name, "model": v.model, "version": v.version, "configured_weight": v.weight}
+                for v in self.spec.variants
+            ],
+            "shadows": [
+                {"name": s.spec.name, "model": s.spec.model, "percent": s.spec.percent, "inflight": s.inflight}
+                for s in self.shadows
+            ],
+            "ready": self.not_ready_reason() is None,
+            "reason": self.not_ready_reason() or "",
+            "window": {name: _figures_dict(w.figures()) for name, w in self.windows.items()},
+        }
+        if self.spec.rollout is not None and self.rollout is not None:
+            out["rollout"] = {
+                **self.rollout.to_state(),
+                "canary": self.spec.rollout.canary,
+                "baseline": self.spec.rollout.baseline,
+                "steps": list(self.spec.rollout.steps),
+                "canary_percent": ro.canary_weight(self.spec.rollout, self.rollout),
+            }
+        return out
+
+
+def _figures_dict(f: ro.Figures) -> dict[str, Any]:
+    return {
+        "requests": f.requests,
+        "server_errors": f.server_errors,
+        "p99_s": f.p99_s,
+        "compared": f.compared,
+        "disagreed": f.disagreed,
+    }

@@ -1,0 +1,253 @@
+"""Shadows: a copy of a route's request sent to another model, whose answer is compared with the
+primary's and never reaches the caller.
+
+A copy goes out after the primary's admission, at the shadow's ``percent``, while fewer than its
+``max_inflight`` copies are in flight; past that it is dropped and counted. It never queues ahead
+of primary work: a local shadow runs on a second ONNX Runtime session of its model (one intra-op
+thread) on the shadow threads (``shadow_threads``), not on the inference threads and not through
+the model's scheduler; a remote shadow is one call to the model's upstreams. A shadow's failure is
+counted, never answered. Drain cancels the copies still running.
+
+The comparison (the part a service mesh's mirror cannot do: it drops the shadow's answer) looks at
+one output of both answers: for ``regression``, the largest |primary - shadow| of each row, a row
+agreeing within ``atol``; for ``classification``, the top-1 class of each row (a flip disagrees)
+and the largest probability change. A request agrees when every row does. Disagreements are
+sampled into a bounded, rotating JSONL file for debugging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .core.errors import GatewayError
+from .core.routing import Compare, Shadow
+from .core.types import InferRequest, InferResponse, Tensor
+from .model import LocalExecution, ModelVersion
+from .monitoring.metrics import ShadowMetrics
+
+log = logging.getLogger("batchgate.shadows")
+_perf = time.perf_counter
+SUMMARY_VALUES = 16  # values of each tensor written to the disagreement log
+
+
+class Outcome:
+    """What one copy gave: its answer's compared output and its latency, or its failure."""
+
+    __slots__ = ("output", "latency_s", "error")
+
+    def __init__(self, output: np.ndarray | None, latency_s: float, error: str | None = None):
+        self.output, self.latency_s, self.error = output, latency_s, error
+
+
+class ShadowRunner:
+    """One shadow of one route: its budget, its way of running, its figures."""
+
+    def __init__(
+        self,
+        route: str,
+        spec: Shadow,
+        version: ModelVersion,
+        backend: Any,  # a local backend's twin session, or the remote model's backend
+        pool: Executor,
+        metrics: ShadowMetrics,
+        compare: Compare | None,
+        disagreements: DisagreementLog | None,
+        rng: random.Random,
+    ):
+        self.route, self.spec, self.version = route, spec, version
+        self._backend = backend
+        self._local = isinstance(version.execution, LocalExecution)
+        self._pool = pool
+        self.metrics = metrics
+        self.compare = compare
+        self._log = disagreements
+        self._rng = rng
+        self.inflight = 0
+        self.pending: set[asyncio.Future] = set()
+        # The outputs a copy asks for: the compared one, or (nothing to compare) the first.
+        self._outputs = (compare.output,) if compare is not None else (version.signature.outputs[0].name,)
+
+    def offer(self, request: InferRequest) -> asyncio.Future | None:
+        """Send a copy of ``request`` now, or not: not picked by ``percent`` (None, uncounted);
+        the budget full (None, counted as dropped)."""
+        spec = self.spec
+        if spec.percent < 100 and self._rng.random() * 100 >= spec.percent:
+            return None
+        if self.inflight >= spec.max_inflight:
+            self.metrics.outcome("dropped")
+            return None
+        self.inflight += 1
+        fut = asyncio.ensure_future(self._run(request))
+        self.pending.add(fut)
+        fut.add_done_callback(self._finished)
+        return fut
+
+    def _finished(self, fut: asyncio.Future) -> None:
+        self.inflight -= 1
+        self.pending.discard(fut)
+
+    async def _run(self, request: InferRequest) -> Outcome:
+        t0 = _perf()
+        try:
+            checked = self.version.signature.check(request._replace(outputs=self._outputs))
+            if self._local:
+                loop = asyncio.get_running_loop()
+                arrays = await loop.run_in_executor(self._pool, self._backend.run, checked.feeds, self._outputs)
+            else:
+                arrays = await self._backend.infer(checked.feeds, self._outputs, request.deadline, request.id)
+            return Outcome(np.asarray(arrays[0]), _perf() - t0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a shadow's failure is counted, never answered
+            message = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+            return Outcome(None, _perf() - t0, message[:512])
+
+    def cancel(self) -> None:
+        for fut in list(self.pending):
+            fut.cancel()
+
+    # ---------------------------------------------------------------- comparison
+    def settle(
+        self,
+        fut: asyncio.Future,
+        request: InferRequest,
+        primary: InferResponse | None,
+        primary_latency_s: float,
+        counted: bool,
+        on_compared: Callable[[bool], None] | None,
+    ) -> None:
+        """Once both answers are in: count the copy, compare it with the primary's answer
+        (``primary`` None: the primary failed). ``counted``: the request counts in comparisons
+        (not synthetic, not pinned); ``on_compared(disagreed)`` feeds the rollout's gate."""
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled():
+                self.metrics.outcome("cancelled")
+                return
+            outcome: Outcome = f.result()
+            sm = self.metrics
+            if outcome.error is not None or primary is None:
+                if outcome.error is not None and primary is not None:
+                    sm.error_delta["shadow_only"] = sm.error_delta.get("shadow_only", 0) + 1
+                elif outcome.error is None:
+                    sm.error_delta["primary_only"] = sm.error_delta.get("primary_only", 0) + 1
+                sm.outcome("failed" if outcome.error is not None else "answered")
+                return
+            sm.latency_delta.observe(outcome.latency_s - primary_latency_s)
+            mine = _output(primary, self.compare.output) if self.compare is not None else None
+            if not counted or mine is None or outcome.output is None:
+                sm.outcome("answered")
+                return
+            disagreed = self._compare(mine, outcome.output)
+            sm.outcome("compared")
+            if on_compared is not None:
+                on_compared(disagreed)
+            if disagreed and self._log is not None:
+                self._log.write(self, request, primary, mine, outcome.output)
+
+        fut.add_done_callback(done)
+
+    def _compare(self, primary: np.ndarray, shadow: np.ndarray) -> bool:
+        """Count one compared answer; True when it disagrees."""
+        sm, c = self.metrics, self.compare
+        assert c is not None
+        if primary.shape != shadow.shape:
+            sm.rows += 1
+            sm.delta.observe(float("inf"))
+            return True
+        a = _rows(primary)
+        b = _rows(shadow)
+        rows = a.shape[0]
+        sm.rows += rows
+        if a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":  # BYTES: equal or not
+            differ = [not np.array_equal(x, y) for x, y in zip(a, b)]
+            for differs in differ:
+                sm.delta.observe(1.0 if differs else 0.0)
+            agreed = not any(differ)
+        else:
+            delta = np.abs(a.astype(np.float64) - b.astype(np.float64)).max(axis=1) if a.shape[1] else np.zeros(rows)
+            for d in delta.tolist():  # floats
+                sm.delta.observe(d)
+            if c.kind == "classification" and a.shape[1] > 1:
+                flips = int(np.count_nonzero(a.argmax(axis=1) != b.argmax(axis=1)))
+                sm.flips += flips
+                agreed = flips == 0
+            else:
+                agreed = bool(np.all(delta <= c.atol))
+        if agreed:
+            sm.agreements += 1
+        return not agreed
+
+
+def _output(resp: InferResponse, name: str) -> np.ndarray | None:
+    for t in resp.outputs:
+        if t.name == name:
+            return np.asarray(t.data)
+    return None
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """Rows of an output: the first dimension is the batch (a scalar or 1-D output is one row)."""
+    if a.ndim == 0:
+        return a.reshape(1, 1)
+    if a.ndim == 1:
+        return a.reshape(1, -1)
+    return a.reshape(a.shape[0], -1)
+
+
+def _summary(t: Tensor | np.ndarray, name: str = "") -> dict[str, Any]:
+    data = np.asarray(t.data if isinstance(t, Tensor) else t)
+    flat = data.reshape(-1)[:SUMMARY_VALUES]
+    values = [v.decode("utf-8", "replace")[:64] if isinstance(v, bytes) else v for v in flat.tolist()]
+    return {"name": t.name if isinstance(t, Tensor) else name, "shape": list(data.shape), "first": values}
+
+
+class DisagreementLog:
+    """Sampled disagreements as JSON lines: at most ``per_s`` a second, the file rotated past
+    ``max_bytes`` with one old file kept (logging's rotating handler)."""
+
+    def __init__(self, path: str, max_bytes: int, per_s: float, clock: Callable[[], float] = time.monotonic):
+        self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._per_s = per_s
+        self._clock = clock
+        self._window = 0.0
+        self._written = 0
+        self.skipped = 0
+
+    def write(
+        self, runner: ShadowRunner, request: InferRequest, primary: InferResponse, mine: np.ndarray, theirs: np.ndarray
+    ) -> None:
+        now = self._clock()
+        if now - self._window >= 1.0:
+            self._window, self._written = now, 0
+        if self._written >= self._per_s:
+            self.skipped += 1
+            return
+        self._written += 1
+        line = {
+            "time": time.time(),
+            "route": runner.route,
+            "shadow": runner.spec.name,
+            "primary": {"model": primary.model_name, "version": primary.model_version},
+            "request_id": request.id[:128],
+            "inputs": [_summary(t) for t in request.inputs],
+            "output": runner.compare.output if runner.compare else "",
+            "primary_output": _summary(mine, "primary"),
+            "shadow_output": _summary(theirs, "shadow"),
+        }
+        text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+        self._handler.handle(logging.LogRecord("batchgate.disagreements", logging.INFO, "", 0, text, None, None))
+
+    def close(self) -> None:
+        self._handler.close()

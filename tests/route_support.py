@@ -1,0 +1,91 @@
+"""Models and helpers for the route tests: classifiers that share one signature (features FP32
+[-1, 4] -> probabilities FP32 [-1, 3]), one that fails on purpose, and one that does not fit."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from batchgate.demo import _model, _save, classifier_model, identity_model, mlp_model
+
+FEATURES = np.full((1, 4), 0.1, np.float32)  # the failing model answers these
+POISON = np.ones((1, 4), np.float32)  # and fails on these
+
+
+def failing_classifier(seed: int = 0):
+    """The classifier's signature; fails (ONNX Runtime error: INTERNAL) on any row whose largest
+    feature is 1 or more: the logits are reshaped to a width of 3 + floor(max(features)), which
+    does not divide them. Zeros (the warm-up) and small features answer."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(b, "B"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_shape"),
+        numpy_helper.from_array(np.array([3], np.int64), "three"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["features", "W"], ["z"]),
+        helper.make_node("Add", ["z", "B"], ["logits"]),
+        helper.make_node("ReduceMax", ["features"], ["m"], keepdims=0),
+        helper.make_node("Floor", ["m"], ["f"]),
+        helper.make_node("Cast", ["f"], ["fi"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["fi", "one_shape"], ["fi1"]),
+        helper.make_node("Add", ["fi1", "three"], ["width"]),
+        helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["logits", "shape"], ["r"]),
+        helper.make_node("Softmax", ["r"], ["probabilities"], axis=-1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "failing_classifier",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    return _model(g)
+
+
+def route_repository(root: str) -> str:
+    """clf_a and clf_same answer alike; clf_other differs; clf_bad fails on POISON; mlp and
+    strings take other inputs."""
+    os.makedirs(root, exist_ok=True)
+    cfg = "max_batch_size: 8\n"
+    _save(classifier_model(seed=0), root, "clf_a", config=cfg)
+    _save(classifier_model(seed=0), root, "clf_same", config=cfg)
+    _save(classifier_model(seed=7), root, "clf_other", config=cfg)
+    _save(failing_classifier(seed=0), root, "clf_bad", config=cfg)
+    _save(mlp_model(sizes=(4, 8, 3)), root, "mlp", config=cfg)
+    _save(identity_model("strings"), root, "strings", config=cfg)
+    return root
+
+
+def write_config(path: str, routes: list[dict], **sections) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump({"routes": routes, **sections}, f)
+    return path
+
+
+def infer_http(url: str, model: str, features=FEATURES, headers=None, parameters=None):
+    """(result, the response's HTTP headers) of one HTTP infer."""
+    client = httpclient.InferenceServerClient(url)
+    inp = httpclient.InferInput("features", list(features.shape), "FP32")
+    inp.set_data_from_numpy(features)
+    result = client.infer(model, [inp], headers=headers, parameters=parameters)
+    return result, result._result.get("parameters", {})
+
+
+def infer_grpc(url: str, model: str, features=FEATURES, headers=None, parameters=None):
+    client = grpcclient.InferenceServerClient(url)
+    inp = grpcclient.InferInput("features", list(features.shape), "FP32")
+    inp.set_data_from_numpy(features)
+    result = client.infer(model, [inp], headers=headers, parameters=parameters)
+    resp = result.get_response()
+    return result, {k: v.string_param for k, v in resp.parameters.items()}
