@@ -64,6 +64,7 @@ def route_repository(root: str) -> str:
     _save(failing_classifier(seed=0), root, "clf_bad", config=cfg)
     _save(mlp_model(sizes=(4, 8, 3)), root, "mlp", config=cfg)
     _save(identity_model("strings"), root, "strings", config=cfg)
+    _save(slow_classifier(), root, "clf_slow", config=cfg)
     return root
 
 
@@ -89,3 +90,40 @@ def infer_grpc(url: str, model: str, features=FEATURES, headers=None, parameters
     result = client.infer(model, [inp], headers=headers, parameters=parameters)
     resp = result.get_response()
     return result, {k: v.string_param for k, v in resp.parameters.items()}
+
+
+def slow_classifier(width: int = 2048, layers: int = 6, seed: int = 0):
+    """The classifier's signature, tens of milliseconds a call on one thread: a shadow that
+    cannot keep up with its primary."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, width)) / 2).astype(np.float32), "W_in"),
+        numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((width, 3)) / np.sqrt(width)).astype(np.float32), "W_out"),
+    ]
+    nodes = [helper.make_node("MatMul", ["features", "W_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "W"], [f"h{i + 1}"]))
+    nodes += [
+        helper.make_node("MatMul", [f"h{layers}", "W_out"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "slow_classifier",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    return _model(g)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one series in a /metrics page (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(kv.split("=", 1) for kv in line[len(name) + 1 : line.index("}")].split(","))
+        if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

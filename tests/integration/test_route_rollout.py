@@ -1,0 +1,193 @@
+"""Rollouts on a real gateway: a failing canary rolled back by its gates, a good one promoted,
+a restart in the middle resumes at its step; runtime weights kept in state_dir until the routes
+file changes the route; a bad routes file changes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from gateway_support import start_gateway
+from route_support import FEATURES, POISON, infer_grpc, metric, route_repository, write_config
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return route_repository(str(tmp_path_factory.mktemp("rollout_models")))
+
+
+def _route(canary_model: str, steps=(50, 100), min_requests=10, **gates) -> dict:
+    return {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": canary_model, "weight": 0},
+        ],
+        "rollout": {
+            "canary": "canary",
+            "baseline": "stable",
+            "steps": list(steps),
+            "interval_s": 1,
+            "min_requests": min_requests,
+            # p99 of two equal CPU models on a busy test machine: not what these tests judge
+            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1000, **gates},
+            "on_fail": "rollback",
+        },
+    }
+
+
+def _drive(running, until, features=FEATURES, timeout: float = 15.0) -> None:
+    """Send requests (errors allowed) until ``until()`` holds."""
+    end = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < end, "the rollout did not get there in time"
+        for _ in range(20):
+            try:
+                infer_grpc(running.grpc_url, "ramp", features)
+            except Exception:  # noqa: BLE001 - the failing canary's answers
+                pass
+
+
+def _state(running):
+    return running.gateway.routes.routes["ramp"]
+
+
+def _metrics(running) -> str:
+    with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_failing_canary_is_rolled_back_by_its_gate(repo, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_bad")], auth={"audit_log_file": str(audit)})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        assert route.rollout.state == "running" and route.weights == {"stable": 50, "canary": 50}
+        started = time.monotonic()
+        _drive(running, lambda: route.rollout.state != "running", POISON)
+        assert route.rollout.state == "rolled_back"
+        assert time.monotonic() - started < 2 * 1 + 2  # within two intervals (and the controller's tick)
+        assert route.weights == {"stable": 100, "canary": 0}
+        assert "error rate" in route.rollout.last
+        for _ in range(20):  # every request now goes to the baseline
+            assert infer_grpc(running.grpc_url, "ramp", POISON)[1]["variant"] == "stable"
+        text = _metrics(running)
+        assert metric(text, "batchgate_rollout_state", route="ramp") == 4
+        assert metric(text, "batchgate_route_weight", route="ramp", variant="canary") == 0
+    finally:
+        running.stop()
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    steps = [ln for ln in lines if ln["action"] == "rollout.step"]
+    assert steps and steps[-1]["outcome"] == "rolled_back" and "error_rate=" in steps[-1]["detail"]
+
+
+def test_good_canary_is_promoted_step_by_step(repo, tmp_path):
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_same")])
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        seen = []
+        _drive(running, lambda: seen.append(dict(route.weights)) or route.rollout.state == "promoted")
+        assert {"stable": 50, "canary": 50} in seen
+        assert route.weights == {"stable": 0, "canary": 100}
+        assert metric(_metrics(running), "batchgate_rollout_state", route="ramp") == 3
+    finally:
+        running.stop()
+
+
+def test_pinned_and_synthetic_requests_do_not_count_in_the_gates(repo, tmp_path):
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_bad", min_requests=5)])
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:  # failures, but all pinned or synthetic: nothing to judge
+            for headers in ({"x-batchgate-variant": "canary"}, {"x-batchgate-synthetic": "1"}):
+                try:
+                    infer_grpc(running.grpc_url, "ramp", POISON, headers=headers)
+                except Exception:  # noqa: BLE001
+                    pass
+        assert route.rollout.state == "running" and route.rollout.step == 0
+        assert "fewer than min_requests" in route.rollout.last
+    finally:
+        running.stop()
+
+
+def test_restart_resumes_the_rollout_at_its_step(repo, tmp_path):
+    state_dir = tmp_path / "state"
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [_route("clf_same", steps=(20, 40, 60, 80, 100), min_requests=5)],
+        routing={"state_dir": str(state_dir)},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        _drive(running, lambda: route.rollout.step >= 1)
+    finally:
+        running.stop()
+    kept = json.loads((state_dir / "route-ramp.json").read_text())
+    step, weights = kept["rollout"]["step"], kept["table"]["weights"]
+    assert step >= 1
+    again = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(again)
+        assert route.rollout.step == step and route.weights == weights  # neither back to 0% nor on to 100%
+    finally:
+        again.stop()
+
+
+def test_runtime_weights_persist_until_the_routes_file_changes(repo, tmp_path):
+    state_dir = tmp_path / "state"
+    audit = tmp_path / "audit.jsonl"
+    routes_file = tmp_path / "routes.yaml"
+    route = {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": "clf_same", "weight": 0},
+        ],
+    }
+    write_config(str(routes_file), [route])
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [],
+        routing={"state_dir": str(state_dir), "routes_file": str(routes_file), "routes_poll_s": 0.1},
+        auth={"audit_log_file": str(audit)},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        running.call(_set(running, {"canary": 30}))
+        assert _state(running).weights == {"stable": 100, "canary": 30}
+    finally:
+        running.stop()
+    running = start_gateway(repo, config_file=cfg)  # the runtime weights win over the file's
+    try:
+        assert _state(running).weights == {"stable": 100, "canary": 30}
+        # a broken routes file changes nothing, and is counted
+        routes_file.write_text("routes: [{name: ramp, variants: []}]\n")
+        _until(lambda: metric(_metrics(running), "batchgate_routes_reloads_total", outcome="error") == 1)
+        assert _state(running).weights == {"stable": 100, "canary": 30}
+        # the route's definition changes in the file: its weights win again, and that is audited
+        route["variants"][1]["weight"] = 10
+        write_config(str(routes_file), [route])
+        _until(lambda: _state(running).weights == {"stable": 100, "canary": 10})
+    finally:
+        running.stop()
+    resets = [json.loads(x) for x in audit.read_text().splitlines() if '"route.reset"' in x]
+    assert resets and resets[0]["target"] == "ramp"
+
+
+async def _set(running, weights):
+    running.gateway.routes.set_weights("ramp", weights)
+
+
+def _until(check, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end
+        time.sleep(0.05)

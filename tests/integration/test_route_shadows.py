@@ -1,0 +1,163 @@
+"""Shadows: copies compared with the primary's answer, dropped past their budget, failures kept
+from the caller, disagreements sampled to a file. Real gateway, real clients, real models."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from gateway_support import start_gateway
+from route_support import POISON, infer_grpc, infer_http, metric, route_repository, write_config
+
+COMPARE = {"output": "probabilities", "kind": "classification"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return route_repository(str(tmp_path_factory.mktemp("shadow_models")))
+
+
+def _metrics(running) -> str:
+    with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
+        return r.read().decode()
+
+
+def _wait_metric(running, name: str, want: float, timeout: float = 10.0, **labels) -> float:
+    end = time.monotonic() + timeout
+    while True:
+        got = metric(_metrics(running), name, **labels)
+        if got >= want or time.monotonic() > end:
+            return got
+        time.sleep(0.05)
+
+
+def test_shadows_are_compared_and_disagreements_logged(repo, tmp_path):
+    log_file = tmp_path / "disagreements.jsonl"
+    routes = [
+        {
+            "name": "scored",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [
+                {"name": "same", "model": "clf_same", "percent": 100, "max_inflight": 64},
+                {"name": "other", "model": "clf_other", "percent": 100, "max_inflight": 64},
+            ],
+            "compare": COMPARE,
+        }
+    ]
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        routes,
+        routing={"disagreement_log_file": str(log_file), "disagreement_log_per_s": 1000},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        rng = np.random.default_rng(3)
+        n = 40
+        for i in range(n):
+            feats = (rng.standard_normal((2, 4)) * 3).astype(np.float32)
+            call = infer_http if i % 2 else infer_grpc
+            result, params = call(running.http_url if i % 2 else running.grpc_url, "scored", feats)
+            assert params == {"variant": "main"}  # the caller sees the primary only
+        compared = "batchgate_shadow_requests_total"
+        assert _wait_metric(running, compared, n, route="scored", shadow="same", outcome="compared") == n
+        assert _wait_metric(running, compared, n, route="scored", shadow="other", outcome="compared") == n
+        text = _metrics(running)
+        assert metric(text, "batchgate_shadow_agreements_total", route="scored", shadow="same") == n
+        assert metric(text, "batchgate_shadow_top1_flips_total", route="scored", shadow="same") == 0
+        assert metric(text, "batchgate_shadow_rows_compared_total", route="scored", shadow="same") == 2 * n
+        flips = metric(text, "batchgate_shadow_top1_flips_total", route="scored", shadow="other")
+        agreed_other = metric(text, "batchgate_shadow_agreements_total", route="scored", shadow="other")
+        assert flips > 0 and agreed_other < n  # a different model: some rows change class
+        assert metric(text, "batchgate_shadow_abs_delta_count", route="scored", shadow="same") == 2 * n
+        # a histogram with negative buckets has no _count (OpenMetrics): the +Inf bucket holds it
+        delta = "batchgate_shadow_latency_delta_seconds_bucket"
+        assert metric(text, delta, route="scored", shadow="other", le="+Inf") == n
+    finally:
+        running.stop()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert lines and {ln["shadow"] for ln in lines} == {"other"}
+    assert len(lines) == n - agreed_other
+    first = lines[0]
+    assert first["route"] == "scored" and first["primary"]["model"] == "clf_a"
+    assert first["inputs"][0]["name"] == "features" and first["inputs"][0]["shape"] == [2, 4]
+    assert first["primary_output"]["shape"] == [2, 3] and first["shadow_output"]["shape"] == [2, 3]
+
+
+def test_shadow_budget_drops_and_failures_never_reach_the_caller(repo, tmp_path):
+    routes = [
+        {
+            "name": "guarded",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [
+                {"name": "slow", "model": "clf_slow", "percent": 100, "max_inflight": 1},
+                {"name": "bad", "model": "clf_bad", "percent": 100, "max_inflight": 64},
+            ],
+            "compare": COMPARE,
+        }
+    ]
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        client = grpcclient.InferenceServerClient(running.grpc_url)
+        n = 30
+        done = threading.Semaphore(0)
+        errors: list = []
+
+        def callback(result, error):
+            if error is not None:
+                errors.append(error)
+            done.release()
+
+        for _ in range(n):  # all at once: the slow shadow's budget of one is full at once
+            inp = grpcclient.InferInput("features", [1, 4], "FP32")
+            inp.set_data_from_numpy(POISON)  # the bad shadow fails on these; the primary does not
+            client.async_infer("guarded", [inp], callback)
+        for _ in range(n):
+            assert done.acquire(timeout=30)
+        assert errors == []
+        total = "batchgate_shadow_requests_total"
+        assert _wait_metric(running, total, n, route="guarded", shadow="bad", outcome="failed") == n
+        text = _metrics(running)
+        assert (
+            metric(text, "batchgate_shadow_error_delta_total", route="guarded", shadow="bad", side="shadow_only") == n
+        )
+        dropped = metric(text, total, route="guarded", shadow="slow", outcome="dropped")
+        assert dropped >= 1
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            text = _metrics(running)
+            ran = metric(text, total, route="guarded", shadow="slow", outcome="compared")
+            if ran + dropped >= n:
+                break
+            time.sleep(0.05)
+        assert ran + dropped == n  # every copy is either run and compared, or dropped and counted
+        # the shadow never ran on the primary's scheduler: the primary's model saw exactly n requests
+        assert metric(text, "batchgate_requests_total", model="clf_a", status="OK") == n
+        assert metric(text, "batchgate_requests_total", model="clf_bad") == 0
+    finally:
+        running.stop()
+
+
+def test_shadow_percent_samples_copies(repo, tmp_path):
+    routes = [
+        {
+            "name": "sampled",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [{"name": "some", "model": "clf_same", "percent": 25, "max_inflight": 64}],
+        }
+    ]
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        n = 400
+        for _ in range(n):
+            infer_grpc(running.grpc_url, "sampled")
+        time.sleep(0.5)
+        got = metric(_metrics(running), "batchgate_shadow_requests_total", route="sampled", outcome="answered")
+        assert 0.15 * n < got < 0.35 * n  # 25% of 400: 100, binomial sd ~9
+    finally:
+        running.stop()
