@@ -457,6 +457,8 @@ def server_command(py: str, repo: Path, policy: str, threads: int) -> list[str]:
         "0",
         "--admin-port",
         "-1",
+        "--admin-http-port",
+        "-1",
         "--batching-policy",
         policy,
         "--infer-threads",

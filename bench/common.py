@@ -76,7 +76,8 @@ def serve_command(repo: str, *extra: str) -> list[str]:
     (the ports are read from the ready line, :data:`BATCHGATE_READY`)."""
     return [
         sys.executable, "-m", "batchgate.cli", "serve", "--model-repository", repo, "--host", "127.0.0.1",
-        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "-1", *extra,
+        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+        "--admin-port", "-1", "--admin-http-port", "-1", *extra,
     ]  # fmt: skip
 
 

@@ -80,6 +80,8 @@ def main() -> int:
             "-1",
             "--admin-port",
             "-1",
+            "--admin-http-port",
+            "-1",
         ],
         stderr=subprocess.PIPE,
         text=True,

@@ -161,6 +161,8 @@ def gateway_command(py: str, upstream: str, mode: str, delay_us: int, inflight: 
         "0",
         "--admin-port",
         "-1",
+        "--admin-http-port",
+        "-1",
         "--log-level",
         "info",
         "--batching-policy",

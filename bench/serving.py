@@ -544,6 +544,8 @@ def main(argv=None) -> int:
             "-1",
             "--admin-port",
             "-1",
+            "--admin-http-port",
+            "-1",
             "--infer-threads",
             str(args.infer_threads),
             "--log-level",

@@ -26,6 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 
 from . import __version__
+from .admin.api import AdminApi
+from .admin.grpc_service import AdminService
+from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
 from .config import ConfigError, Settings, batching_policies
 from .core.types import RequestLimits
 from .dataplane import DataPlane
@@ -130,7 +133,9 @@ class Gateway:
         self._grpc: grpc.aio.Server | None = None
         self._http: _HttpListener | None = None
         self._admin: _HttpListener | None = None
-        self.admin_port: int | None = None
+        self.admin_port: int | None = None  # the admin gRPC listener
+        self.admin_http_port: int | None = None
+        self._admin_grpc: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._health: HealthServicer | None = None
         self.health_port: int | None = None  # the plaintext gRPC health listener (health_port), if on
@@ -204,10 +209,22 @@ class Gateway:
             s.http_port,
         )
         self.http_port = self._http.port
-        if s.admin_port >= 0:  # the repository API (and later routes, drift), on loopback by default
-            admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True)
-            self._admin = await self._listen_http(admin_app, s.admin_host, s.admin_port)
-            self.admin_port = self._admin.port
+        admin = AdminApi(self.dataplane)
+        if s.admin_http_port >= 0:  # admin API mirror, repository API, health: loopback by default
+            admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True, admin=admin)
+            self._admin = await self._listen_http(admin_app, s.admin_host, s.admin_http_port)
+            self.admin_http_port = self._admin.port
+        if s.admin_port >= 0:  # the admin API over gRPC
+            self._admin_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            add_AdminServiceServicer_to_server(AdminService(admin), self._admin_grpc)
+            address = _join(s.admin_host, s.admin_port)
+            if self._tls is not None:
+                self.admin_port = self._admin_grpc.add_secure_port(address, self._tls.grpc_credentials())
+            else:
+                self.admin_port = self._admin_grpc.add_insecure_port(address)
+            if self.admin_port == 0:
+                raise OSError(f"cannot listen for the admin API on {address}")
+            await self._admin_grpc.start()
 
         if s.metrics_port >= 0:
             access = self.dataplane.access
@@ -229,13 +246,14 @@ class Gateway:
         if self.dataplane.access.keys is not None:  # revocation: the keys file is re-read when it changes
             self._keys_watch = asyncio.ensure_future(self.dataplane.access.watch(self.settings.auth.api_keys_poll_s))
         log.info(
-            "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s; admin on %s",
+            "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s; admin gRPC on %s, admin HTTP on %s",
             __version__,
             self.settings.repository.model_repository or "remote models",
             _join(s.host, self.http_port),
             _join(s.host, self.grpc_port),
             _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
             _join(s.admin_host, self.admin_port) if self.admin_port is not None else "off",
+            _join(s.admin_host, self.admin_http_port) if self.admin_http_port is not None else "off",
         )
 
     async def _start_routes(self) -> None:
@@ -368,6 +386,8 @@ class Gateway:
             await self._grpc.stop(1.0)
         if self._health_grpc is not None:
             await self._health_grpc.stop(1.0)
+        if self._admin_grpc is not None:
+            await self._admin_grpc.stop(1.0)
         if self._tls is not None:
             self._tls.close()
         for listener in (self._http, self._admin):

@@ -214,6 +214,9 @@ def main(argv=None) -> int:
     add_convert_parser(sub)
     add_loadtest_parser(sub)
     _keys_parser(sub)
+    from .admin.cli import add_parser as add_routes_parser
+
+    add_routes_parser(sub)
     args = ap.parse_args(argv)
 
     if args.command == "demo-repo":
@@ -235,6 +238,10 @@ def main(argv=None) -> int:
         return 0
     if args.command == "keys":
         return _keys_main(args)
+    if args.command == "routes":
+        from .admin.cli import main as routes_main
+
+        return routes_main(args)
 
     flags = serve_flags(args)
     with warnings.catch_warnings(record=True) as caught:  # deprecated forms: logged once logging is set up

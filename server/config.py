@@ -345,7 +345,7 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
         v = getattr(s.server, port)
         if not 0 <= v <= 65535:
             raise ConfigError(f"{what(port)} must be between 0 and 65535 (0 picks a free port), not {v}")
-    for port in ("metrics_port", "admin_port", "health_port"):
+    for port in ("metrics_port", "admin_port", "admin_http_port", "health_port"):
         v = getattr(s.server, port)
         if not -1 <= v <= 65535:
             raise ConfigError(f"{what(port)} must be between 0 and 65535, or -1 for none, not {v}")

@@ -65,9 +65,15 @@ class ServerSettings:
         75.0, "an idle keep-alive HTTP connection is closed after this", positive=True
     )
     admin_host: str = _setting(
-        "127.0.0.1", "address the admin listener binds (repository API; routes and drift later)", metavar="HOST"
+        "127.0.0.1", "address the admin listeners bind (admin API, repository API)", metavar="HOST"
     )
-    admin_port: int = _setting(8003, "admin HTTP port; 0 picks a free port, -1 turns it off")
+    admin_port: int = _setting(
+        8003, "admin gRPC port (batchgate.admin.v1.AdminService); 0 picks a free port, -1 turns it off"
+    )
+    admin_http_port: int = _setting(
+        8005,
+        "admin HTTP port: the admin API under /admin/v1/, the repository API, health; 0 picks a free port, -1 = off",
+    )
     health_port: int = _setting(
         -1,
         "plaintext port serving the gRPC health service only, for kubelet gRPC probes when TLS is on; "

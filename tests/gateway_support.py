@@ -53,6 +53,7 @@ def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Run
         "grpc_port": 0,
         "metrics_port": 0,
         "admin_port": 0,
+        "admin_http_port": 0,
         "infer_threads": 4,
         # The repository API is refused on an open server unless allowed; tests of that rule
         # (tests/integration/test_auth.py) pass allow_open_admin=False.

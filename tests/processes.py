@@ -29,6 +29,8 @@ def serve_args(repo: str, *extra: str) -> list[str]:
         "0",
         "--admin-port",
         "-1",
+        "--admin-http-port",
+        "-1",
         *extra,
     ]
 

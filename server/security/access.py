@@ -14,6 +14,7 @@ Health and /metrics stay open unless ``health_requires_key`` / ``metrics_require
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import NamedTuple
 
@@ -66,8 +67,8 @@ class Access:
             if scope == ADMIN and not self.allow_open_admin:
                 raise GatewayError(
                     ErrorCode.PERMISSION_DENIED,
-                    "loading and unloading models are admin actions: configure api_keys_file and call with a key "
-                    "of scope 'admin', or set allow_open_admin: true on a trusted network",
+                    "loading and unloading models and changing routes are admin actions: configure api_keys_file "
+                    "and call with a key of scope 'admin', or set allow_open_admin: true on a trusted network",
                 )
             return None
         key = keys.authenticate(caller.authorization, caller.subject)
@@ -89,6 +90,9 @@ class Access:
         error: the action it records has already happened."""
         if self.audit is None:
             return
+        if key is None and self.keys is not None:  # refused for its scope or model: still name the key
+            with contextlib.suppress(GatewayError):
+                key = self.keys.authenticate(caller.authorization, caller.subject)
         try:
             await self.audit.arecord(
                 key_id=None if key is None else key.id,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.routing import PIN_HEADER
 from ..core.types import caller_headers
@@ -28,6 +29,7 @@ from . import http_codec
 from .http_limits import Verdict
 
 if TYPE_CHECKING:
+    from ..admin.api import AdminApi
     from ..model import ModelVersion
     from ..routes import Routed
 
@@ -75,11 +77,13 @@ class HttpApp:
         max_gzip_members: int = 64,
         admin_only: bool = False,
         refusals_per_s: int = 200,
+        admin: AdminApi | None = None,
     ):
         """``admin_only``: the admin listener, which serves the repository API, health and the
         server metadata, and nothing of inference."""
         self.dp = dataplane
         self.admin_only = admin_only
+        self.admin = admin  # the admin API's HTTP mirror (admin listener only)
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
         self.refusal_budget = refusals_per_s
         self._refusals = 0  # overload refusals in the current second
@@ -179,7 +183,12 @@ class HttpApp:
             served, model, version = admitted
             return await self._counted_infer(model, version, scope, receive, send, served)
         if self.admin_only and not (path.startswith("/v2/repository") or path in ADMIN_PATHS):
-            raise not_found(f"the admin listener serves the repository API and health only, not {path[:256]}")
+            if self.admin is not None and path.startswith(admin_http.PREFIX):
+                status, obj = await admin_http.handle(
+                    self.admin, method, path, caller_of(scope), lambda: self._body(receive, scope)
+                )
+                return await self._json(send, obj, status)
+            raise not_found(f"the admin listener serves the admin API, the repository API and health, not {path[:256]}")
         hit = self._infer_paths.get(path)
         if hit is not None and method == "POST":
             return await self._counted_infer(hit[0], hit[1], scope, receive, send)

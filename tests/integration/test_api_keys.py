@@ -138,7 +138,7 @@ def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
     lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()]
     assert len(lines) == 8
     assert [(r["action"], r["outcome"], r.get("key_id")) for r in lines[:4]] == [
-        ("repository.unload", "PERMISSION_DENIED", None),
+        ("repository.unload", "PERMISSION_DENIED", "dash"),  # a known key, refused: named
         ("repository.load", "UNAUTHENTICATED", None),
         ("repository.unload", "ok", "ops"),
         ("repository.load", "ok", "ops"),
@@ -223,7 +223,7 @@ def test_without_keys_the_server_is_open_but_admin_is_refused_unless_allowed(rep
 def test_the_admin_listener_serves_the_repository_api_and_health_only(repo, serve):
     running = serve(repo, model_control_mode="explicit", load_model=("simple",))
     assert running.gateway.settings.server.admin_host == "127.0.0.1"  # loopback unless told otherwise
-    admin = httpclient.InferenceServerClient(f"127.0.0.1:{running.gateway.admin_port}")
+    admin = httpclient.InferenceServerClient(f"127.0.0.1:{running.gateway.admin_http_port}")
     assert admin.is_server_live() and admin.is_server_ready()
     admin.load_model("classifier")
     assert httpclient.InferenceServerClient(running.http_url).is_model_ready("classifier")

@@ -46,6 +46,8 @@ def upstream():
                 "0",
                 "--admin-port",
                 "-1",
+                "--admin-http-port",
+                "-1",
                 "--allow-open-admin",
                 "true",
                 "--log-level",

@@ -1,0 +1,1 @@
+"""batchgate's admin API (proto/batchgate/admin/v1/admin.proto) and its servers."""

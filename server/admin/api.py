@@ -1,0 +1,83 @@
+"""The admin API's operations, the same for its gRPC service and its HTTP/JSON mirror: who may
+call (scope ``read`` to look, ``admin`` to change; without API keys, changes need
+``allow_open_admin``), what each call does to the route table, and one audit line per call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format
+
+from ..core.errors import GatewayError, not_found
+from ..core.types import clip
+from ..dataplane import DataPlane
+from ..routes import ServedRoute
+from ..security.access import ADMIN, READ, Caller
+from .v1 import admin_pb2 as apb
+
+ACTIONS = ("promote", "rollback", "pause", "resume")
+
+
+def route_message(route: ServedRoute) -> apb.Route:
+    return json_format.ParseDict(route.describe(), apb.Route())
+
+
+class AdminApi:
+    def __init__(self, dataplane: DataPlane):
+        self.dp = dataplane
+
+    async def _call(self, caller: Caller, scope: str, action: str, target: str, op, detail: str = "") -> Any:
+        """Check the caller, run ``op(key)`` and audit the call, whatever its outcome."""
+        access = self.dp.access
+        key = None
+        try:
+            key = access.check(caller, scope, target or None)
+            result = op(key)
+        except GatewayError as e:
+            await access.audited(
+                caller, key, action, target, e.code.value, f"{detail}: {e.message}" if detail else e.message
+            )
+            raise
+        await access.audited(caller, key, action, target, "ok", detail)
+        return result
+
+    def _table(self):
+        table = self.dp.routes
+        if table is None:
+            raise not_found("no routes are configured (config file 'routes', or routing.routes_file)")
+        return table
+
+    def _route(self, name: str) -> ServedRoute:
+        route = self._table().get(name)
+        if route is None:
+            raise not_found(f"unknown route '{clip(name)}'")
+        return route
+
+    async def list_routes(self, caller: Caller) -> apb.ListRoutesResponse:
+        def op(key) -> apb.ListRoutesResponse:
+            table = self.dp.routes
+            routes = [] if table is None else [r for _, r in sorted(table.routes.items())]
+            return apb.ListRoutesResponse(
+                routes=[route_message(r) for r in routes if key is None or key.allows_model(r.name)]
+            )
+
+        return await self._call(caller, READ, "routes.list", "", op)
+
+    async def get_route(self, caller: Caller, name: str) -> apb.Route:
+        return await self._call(caller, READ, "routes.get", name, lambda key: route_message(self._route(name)))
+
+    async def set_weights(self, caller: Caller, name: str, weights: Mapping[str, Any]) -> apb.Route:
+        def op(key) -> apb.Route:
+            self._route(name)
+            return route_message(self._table().set_weights(name, weights))
+
+        detail = ", ".join(f"{clip(str(k), 64)}={v}" for k, v in list(weights.items())[:16])
+        return await self._call(caller, ADMIN, "routes.set_weights", name, op, detail)
+
+    async def act(self, caller: Caller, name: str, action: str) -> apb.Route:
+        def op(key) -> apb.Route:
+            self._route(name)
+            return route_message(self._table().transition(name, action))
+
+        return await self._call(caller, ADMIN, f"routes.{action}", name, op)

@@ -1,0 +1,131 @@
+"""``batchgate routes list | show | set-weight | promote | rollback | pause | resume``: the admin
+API's route calls from a shell, over gRPC to a gateway's ``admin_port``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_ADMIN = "127.0.0.1:8003"
+ACTIONS = ("promote", "rollback", "pause", "resume")
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser(
+        "routes",
+        help="look at and steer routes and their rollouts (the admin API)",
+        description="Calls the admin gRPC API (batchgate.admin.v1.AdminService) of a running gateway.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT", help=f"admin_port (default {DEFAULT_ADMIN})"
+    )
+    common.add_argument(
+        "--token-file", metavar="FILE", help="file holding an API key of scope admin (read for changes)"
+    )
+    common.add_argument("--ca-file", metavar="FILE", help="TLS: the CA that signed the gateway's certificate")
+    common.add_argument("--cert-file", metavar="FILE", help="mTLS: this client's certificate")
+    common.add_argument("--key-file", metavar="FILE", help="mTLS: this client's private key")
+    common.add_argument("--timeout-s", type=float, default=10.0, help="seconds to wait for the answer")
+    rs = r.add_subparsers(dest="routes_command", required=True)
+    rs.add_parser("list", parents=[common], help="every route: weights, rollout, readiness")
+    rs.add_parser("show", parents=[common], help="one route in full (JSON)").add_argument("name")
+    w = rs.add_parser("set-weight", parents=[common], help="runtime weights (pauses a running rollout)")
+    w.add_argument("name")
+    w.add_argument("weights", nargs="+", metavar="VARIANT=WEIGHT")
+    for action in ACTIONS:
+        rs.add_parser(action, parents=[common], help=f"{action} the route's rollout").add_argument("name")
+
+
+def main(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from .v1 import admin_pb2 as apb
+    from .v1 import admin_pb2_grpc
+
+    try:
+        metadata = _metadata(args.token_file)
+        channel = _channel(args)
+    except (OSError, ValueError) as e:
+        print(f"batchgate routes: {e}", file=sys.stderr)
+        return 2
+    stub = admin_pb2_grpc.AdminServiceStub(channel)
+    cmd = args.routes_command
+    try:
+        if cmd == "list":
+            resp = stub.ListRoutes(apb.ListRoutesRequest(), metadata=metadata, timeout=args.timeout_s)
+            _print_table(resp.routes)
+            return 0
+        if cmd == "show":
+            route = stub.GetRoute(apb.GetRouteRequest(name=args.name), metadata=metadata, timeout=args.timeout_s)
+            print(json.dumps(json_format.MessageToDict(route, preserving_proto_field_name=True), indent=2))
+            return 0
+        if cmd == "set-weight":
+            weights = _weights(args.weights)
+            route = stub.SetWeights(
+                apb.SetWeightsRequest(name=args.name, weights=weights), metadata=metadata, timeout=args.timeout_s
+            )
+        else:
+            call = getattr(stub, cmd.capitalize())
+            route = call(apb.RouteActionRequest(name=args.name), metadata=metadata, timeout=args.timeout_s)
+        _print_table([route])
+        return 0
+    except ValueError as e:
+        print(f"batchgate routes: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"batchgate routes: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+
+
+def _metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:
+    if not token_file:
+        return ()
+    with open(token_file, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"{token_file} is empty")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _channel(args: argparse.Namespace):
+    import grpc
+
+    if not (args.ca_file or args.cert_file):
+        return grpc.insecure_channel(args.admin)
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(read(args.ca_file), read(args.key_file), read(args.cert_file))
+    return grpc.secure_channel(args.admin, creds)
+
+
+def _weights(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            raise ValueError(f"weights are VARIANT=WEIGHT with a whole number from 0 to 100, not {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def _print_table(routes) -> None:
+    print(f"{'ROUTE':<24} {'READY':<6} {'ROLLOUT':<22} WEIGHTS")
+    for r in routes:
+        rollout = "-"
+        if r.HasField("rollout"):
+            pct = f" {r.rollout.canary_percent:g}%" if r.rollout.HasField("canary_percent") else ""
+            rollout = f"{r.rollout.state}{pct}"
+        weights = " ".join(f"{v.name}={r.weights.get(v.name, 0)}" for v in r.variants)
+        print(f"{r.name:<24} {'yes' if r.ready else 'no':<6} {rollout:<22} {weights}")
+        if r.reason:
+            print(f"{'':<24} {r.reason}")

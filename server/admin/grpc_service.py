@@ -1,0 +1,53 @@
+"""The admin API over gRPC (service ``batchgate.admin.v1.AdminService`` on ``admin_port``)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ..core.errors import ErrorCode, GatewayError
+from ..transport.grpc_service import GRPC_STATUS, caller_of
+from .api import AdminApi
+from .v1 import admin_pb2_grpc
+
+log = logging.getLogger("batchgate.admin")
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, api: AdminApi):
+        self.api = api
+
+    async def _answer(self, context, call):
+        try:
+            return await call
+        except GatewayError as e:
+            await context.abort(GRPC_STATUS[e.code], e.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("admin call failed")
+            await context.abort(GRPC_STATUS[ErrorCode.INTERNAL], "internal error; see the server log")
+
+    async def ListRoutes(self, request, context):
+        return await self._answer(context, self.api.list_routes(caller_of(context)))
+
+    async def GetRoute(self, request, context):
+        return await self._answer(context, self.api.get_route(caller_of(context), request.name))
+
+    async def SetWeights(self, request, context):
+        return await self._answer(
+            context, self.api.set_weights(caller_of(context), request.name, dict(request.weights))
+        )
+
+    async def Promote(self, request, context):
+        return await self._answer(context, self.api.act(caller_of(context), request.name, "promote"))
+
+    async def Rollback(self, request, context):
+        return await self._answer(context, self.api.act(caller_of(context), request.name, "rollback"))
+
+    async def Pause(self, request, context):
+        return await self._answer(context, self.api.act(caller_of(context), request.name, "pause"))
+
+    async def Resume(self, request, context):
+        return await self._answer(context, self.api.act(caller_of(context), request.name, "resume"))
