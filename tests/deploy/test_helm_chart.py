@@ -6,6 +6,7 @@ Then the drain the chart relies on is exercised for real on a `batchgate serve` 
 
 from __future__ import annotations
 
+import copy
 import re
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
 from batchgate.demo import _save, slow_model
 from batchgate.monitoring.metrics import FAMILIES
+from batchgate.route_table import read_routes_file
 from batchgate.transport.http_app import LIVE_PATH, READY_PATH
 from processes import Proc
 
@@ -43,6 +45,25 @@ VARIANTS = {
         "probes": {"readiness": {"type": "http"}},
         "modelRepository": {"source": "initContainer"},
         "service": {"headless": False},
+    },
+    "routes": {
+        "routes": {
+            "list": [
+                {
+                    "name": "fraud",
+                    "variants": [
+                        {"name": "stable", "model": "fraud_v1", "version": "3", "weight": 90},
+                        {"name": "canary", "model": "fraud_v2", "weight": 10},
+                    ],
+                    "sticky_key": "header:x-user-id",
+                    "shadows": [{"name": "next", "model": "fraud_v3", "percent": 20, "max_inflight": 8}],
+                    "compare": {"output": "probabilities", "kind": "classification", "atol": 0.001},
+                    "rollout": {"canary": "canary", "baseline": "stable", "steps": [10, 25, 50, 100]},
+                }
+            ]
+        },
+        "state": {"existingClaim": "batchgate-state"},
+        "config": {"routing": {"shadow_threads": 2}},
     },
 }
 
@@ -82,6 +103,39 @@ def deployment_and_config(helm, tmp_path, variant="default"):
     pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
     config = yaml.safe_load(kinds["ConfigMap"][0]["data"]["batchgate.yaml"])
     return kinds, pod, pod["containers"][0], config
+
+
+def test_routes_reach_the_server_as_a_watched_file(helm, tmp_path):
+    kinds, pod, c, config = deployment_and_config(helm, tmp_path, "routes")
+    main, routes_map = kinds["ConfigMap"]
+    assert routes_map["metadata"]["name"].endswith("-routes")
+    routes_file = tmp_path / "routes.yaml"
+    routes_file.write_text(routes_map["data"]["routes.yaml"])
+    (route,) = read_routes_file(str(routes_file))  # batchgate's own parser takes what the chart wrote
+    assert route.name == "fraud" and route.weights == {"stable": 90, "canary": 10}
+    assert config["routing"] == {
+        "routes_file": "/etc/batchgate-routes/routes.yaml",
+        "state_dir": "/var/lib/batchgate",
+        "shadow_threads": 2,
+    }
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["routes"]["mountPath"] == "/etc/batchgate-routes" and "subPath" not in mounts["routes"]
+    assert mounts["state"]["subPathExpr"] == "$(POD_NAME)"  # one state directory per pod on a shared claim
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == "batchgate-state"
+    # the routes are not in the config checksum: editing them does not roll the pods
+    edited = copy.deepcopy(VARIANTS["routes"])
+    edited["routes"]["list"][0]["variants"][1]["weight"] = 20
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
+    again = by_kind(render(helm, tmp_path / "edited.yaml"))
+    assert again["ConfigMap"][1]["data"] != routes_map["data"]
+
+    def checksum(k):
+        return k["Deployment"][0]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum(again) == checksum(kinds)
+    bare = deployment_and_config(helm, tmp_path, "default")
+    assert "routes" not in {v["name"] for v in bare[1]["volumes"]} and "routing" not in bare[3]
 
 
 def test_the_chart_agrees_with_the_code(helm, tmp_path):

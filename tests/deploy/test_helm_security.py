@@ -290,12 +290,12 @@ def test_network_policy_lets_in_clients_scrapers_and_probes(helm, tmp_path):
     # TLS: the health port is open (to the kubelet); the exposed admin port to the clients
     kinds, *_ = rendered(helm, tmp_path, "tls-cert-manager")
     rules = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in kinds["NetworkPolicy"][0]["spec"]["ingress"]}
-    assert rules == {(8000, 8001): CLIENTS, (8002,): MONITORING, (8004,): None, (8003,): CLIENTS}
+    assert rules == {(8000, 8001): CLIENTS, (8002,): MONITORING, (8004,): None, (8003, 8005): CLIENTS}
     admins = [{"podSelector": {"matchLabels": {"app": "ops"}}}]
     given = {"networkPolicy": {"enabled": True, "adminFrom": admins}, "admin": {"expose": True}}
     (policy,) = by_kind(render(helm, values(tmp_path, given, "admins")))["NetworkPolicy"]
     rules = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in policy["spec"]["ingress"]}
-    assert rules == {(8000, 8001): None, (8002,): None, (8003,): admins}
+    assert rules == {(8000, 8001): None, (8002,): None, (8003, 8005): admins}
 
 
 def test_the_admin_port_is_loopback_only_unless_exposed(helm, tmp_path):
@@ -308,12 +308,18 @@ def test_the_admin_port_is_loopback_only_unless_exposed(helm, tmp_path):
     kinds, pod, c, config = rendered(helm, tmp_path, "tls-cert-manager")
     assert (config["server"]["admin_host"], config["server"]["admin_port"]) == ("0.0.0.0", 8003)
     assert {"name": "admin", "containerPort": 8003, "protocol": "TCP"} in c["ports"]
+    assert {"name": "admin-http", "containerPort": 8005, "protocol": "TCP"} in c["ports"]
+    assert config["server"]["admin_http_port"] == code.admin_http_port == 8005
     main, headless = kinds["Service"]
-    assert {"name": "admin", "port": 8003, "targetPort": "admin"} in main["spec"]["ports"]
+    assert {"name": "admin", "port": 8003, "targetPort": "admin", "appProtocol": "grpc"} in main["spec"]["ports"]
+    assert {"name": "admin-http", "port": 8005, "targetPort": "admin-http", "appProtocol": "http"} in main["spec"][
+        "ports"
+    ]
     assert 8003 not in [p["port"] for p in headless["spec"]["ports"]]
     off = by_kind(render(helm, values(tmp_path, {"admin": {"port": -1}}, "off")))
     assert yaml.safe_load(off["ConfigMap"][0]["data"]["batchgate.yaml"])["server"]["admin_port"] == -1
-    assert "admin.expose needs an admin port" in refused(helm, tmp_path, {"admin": {"port": -1, "expose": True}})
+    off_both = {"admin": {"port": -1, "httpPort": -1, "expose": True}}
+    assert "admin.expose needs an admin port" in refused(helm, tmp_path, off_both)
 
 
 def _pem_pair(tmp: Path) -> dict[str, str]:

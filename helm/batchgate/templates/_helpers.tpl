@@ -91,7 +91,7 @@ the probes use the main ports (and server.health_port is -1). */}}
 {{/* Where the projected /etc/batchgate volume puts what the server reads. */}}
 {{- define "batchgate.paths" -}}
 {{- $d := "/etc/batchgate" -}}
-{{- dict "config" (printf "%s/batchgate.yaml" $d) "keys" (printf "%s/keys/keys.yaml" $d) "cert" (printf "%s/tls/tls.crt" $d) "key" (printf "%s/tls/tls.key" $d) "clientCA" (printf "%s/tls/client-ca.crt" $d) "audit" "/var/log/batchgate/audit.log" | toJson -}}
+{{- dict "config" (printf "%s/batchgate.yaml" $d) "keys" (printf "%s/keys/keys.yaml" $d) "cert" (printf "%s/tls/tls.crt" $d) "key" (printf "%s/tls/tls.key" $d) "clientCA" (printf "%s/tls/client-ca.crt" $d) "audit" "/var/log/batchgate/audit.log" "routes" "/etc/batchgate-routes/routes.yaml" "state" "/var/lib/batchgate" | toJson -}}
 {{- end -}}
 
 {{/* The Service ports of the V2 HTTP and gRPC listeners. With TLS they are named https and grpcs,
@@ -106,4 +106,14 @@ both with appProtocol https (gRPC over TLS is HTTP/2 over TLS): a mesh passes th
   port: {{ .Values.ports.grpc }}
   targetPort: grpc
   appProtocol: {{ ternary "https" "grpc" $tls }}
+{{- end -}}
+
+{{/* The ConfigMap holding routes.yaml: the chart's own when routes.list is given, else
+routes.existingConfigMap; empty when there are no routes. */}}
+{{- define "batchgate.routesConfigMap" -}}
+{{- if .Values.routes.list -}}
+{{- printf "%s-routes" (include "batchgate.fullname" .) -}}
+{{- else -}}
+{{- .Values.routes.existingConfigMap -}}
+{{- end -}}
 {{- end -}}
