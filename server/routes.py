@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
-
 from .core import rollout as ro
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.routing import (
@@ -54,6 +52,8 @@ class Window:
     __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed")
 
     def __init__(self) -> None:
+        from hdrh.histogram import HdrHistogram  # only servers with routes load it
+
         self.requests = 0
         self.server_errors = 0
         # Microseconds, 1 µs to 10 min, 2 significant digits: a p99 within 1%, which a gate

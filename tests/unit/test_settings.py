@@ -455,7 +455,7 @@ def test_a_setting_both_flat_and_nested_in_one_file_is_refused(tmp_path, repo):
     assert f in msg and "'http_port' and 'server.http_port' both set http_port" in msg
 
 
-@pytest.mark.parametrize("section", ["routes", "drift"])
+@pytest.mark.parametrize("section", ["drift"])
 def test_reserved_sections_are_not_available_yet(tmp_path, repo, section):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\n{section}:\n  anything: 1\n")
     msg = error(f, environ={})
@@ -466,7 +466,16 @@ def test_unknown_section_is_refused_with_the_known_ones(tmp_path, repo):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nmetrics:\n  port: 1\n")
     msg = error(f, environ={})
     assert "unknown setting 'metrics'" in msg
-    assert "known sections: server, repository, limits, batching, auth, tls, remote_models" in msg
+    assert "known sections: server, repository, limits, batching, auth, tls, routing, remote_models, routes" in msg
+
+
+def test_routes_in_the_file_are_checked_with_the_settings(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nroutes:\n  keys: []\n")
+    assert "routes: must be a list of routes" in error(f, environ={})
+    good = "routes:\n  - name: r\n    variants: [{name: a, model: m, weight: 1}]\n"
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nrouting:\n  state_dir: /tmp/x\n{good}")
+    s = load_settings(f, environ={})
+    assert [r.name for r in s.routes] == ["r"] and s.routing.state_dir == "/tmp/x"
 
 
 def test_unknown_key_in_a_section_lists_that_sections_keys(tmp_path, repo):
@@ -702,11 +711,11 @@ def test_serve_logs_the_flat_file_deprecation_and_refuses_bad_files(tmp_path, re
     assert r.returncode == 2
     assert "warning: config file" in r.stderr and "move each key into its section" in r.stderr
     assert "http_port must be between 0 and 65535" in r.stderr
-    f = write(tmp_path, f"repository:\n  model_repository: {repo}\nroutes:\n  keys: []\n")
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\ndrift:\n  keys: []\n")
     r = subprocess.run(
         [sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True, text=True, timeout=60
     )
-    assert r.returncode == 2 and "section 'routes' is not available in this version yet" in r.stderr
+    assert r.returncode == 2 and "section 'drift' is not available in this version yet" in r.stderr
 
 
 def test_remote_model_names_follow_the_model_name_rule():
