@@ -42,7 +42,7 @@ from .security.audit import AuditLog
 from .security.auth import KeyStore
 from .security.limits import Admission
 from .security.tls import ServerTls, load_server_tls, plaintext_health_server
-from .shadows import DisagreementLog
+from .shadows import DisagreementLog, lowest_priority
 from .state import StateDir
 from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
@@ -265,7 +265,9 @@ class Gateway:
         specs = list(self.settings.routes)
         if rs.routes_file:
             specs += await asyncio.to_thread(read_routes_file, rs.routes_file)
-        self._shadow_pool = ThreadPoolExecutor(rs.shadow_threads, thread_name_prefix="batchgate-shadow")
+        self._shadow_pool = ThreadPoolExecutor(
+            rs.shadow_threads, thread_name_prefix="batchgate-shadow", initializer=lowest_priority
+        )
         try:
             state = StateDir(rs.state_dir) if rs.state_dir else None
             disagreements = (

@@ -31,7 +31,7 @@ from .repository.manager import ModelRepository
 from .routes import ServedRoute
 from .security.access import Caller
 from .security.limits import Admission
-from .shadows import DisagreementLog, ShadowRunner
+from .shadows import DisagreementLog, ShadowRunner, ShadowScheduler
 from .state import StateDir
 
 log = logging.getLogger("batchgate.routes")
@@ -66,6 +66,9 @@ class RouteTable:
         self._twins: dict[int, Any] = {}  # id(version) -> (version, its shadow session)
         self._tasks: set[asyncio.Future] = set()
         repository.listeners.append(self._model_changed)
+        # Shadow copies start only while no primary request is in flight.
+        self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > 0)
+        admission.on_idle = self.shadow_scheduler.wake
 
     def get(self, name: str) -> ServedRoute | None:
         return self.routes.get(name)
@@ -187,6 +190,7 @@ class RouteTable:
                     route.spec.compare,
                     self.disagreements,
                     route.rng,
+                    self.shadow_scheduler,
                 )
             )
         route.shadows = runners

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,6 @@ from .core.routing import (
     BucketTable,
     RouteSpec,
     check_pin,
-    pick_weighted,
     sticky_key,
 )
 from .core.stats import ModelStats
@@ -102,6 +102,10 @@ class ServedRoute:
         self.windows = {v.name: Window() for v in spec.variants}
         self.rng = random.Random()
         self._shadow_of: dict[str, str] = {}  # shadow name -> the variant its comparisons judge
+        self._judged = spec.rollout is not None  # figures per interval: only a rollout reads them
+        self._answers = {v.name: {PIN_PARAMETER: v.name} for v in spec.variants}  # the answer's parameters
+        self._names: list[str] = []
+        self._cumulative: list[int] = []
         self.publish()
 
     @property
@@ -113,6 +117,13 @@ class ServedRoute:
         """Bring the route's gauges up to date (weights, rollout state)."""
         m = self.metrics
         m.weights = dict(self.table.weights)
+        # For picks without a key: running totals of the weights, searched by bisection.
+        self._names, self._cumulative, at = [], [], 0
+        for name, w in self.table.weights.items():
+            if w > 0:
+                at += w
+                self._names.append(name)
+                self._cumulative.append(at)
         if self.spec.rollout is None or self.rollout is None:
             m.rollout_state, m.canary_percent = 0, None
         else:
@@ -176,7 +187,10 @@ class ServedRoute:
             if value is not None:
                 return self.table.variant_for(value.encode())
         # no key yet (a param: or input: key is read after decoding): at random by weight
-        return pick_weighted(self.table.weights, self.rng)
+        names = self._names
+        if len(names) == 1:
+            return names[0]
+        return names[bisect_right(self._cumulative, self.rng.random() * self._cumulative[-1])]
 
     def _version(self, variant: str) -> ModelVersion:
         served = self.members.get(variant)
@@ -229,7 +243,7 @@ class ServedRoute:
             elapsed = _perf_ns() - start
             self.stats.record_request(status == "OK", elapsed)
             self.metrics.answered(variant, status)
-            if counted:
+            if counted and self._judged:
                 w = self.windows[variant]
                 if status == "OK":
                     w.requests += 1
@@ -240,7 +254,8 @@ class ServedRoute:
             for runner, fut in copies:
                 if fut is not None:
                     runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
-        return resp._replace(parameters={PIN_PARAMETER: variant})
+        assert resp is not None
+        return resp._replace(parameters=self._answers[variant])
 
     def _judge(self, runner: ShadowRunner) -> Callable[[bool], None] | None:
         variant = self._shadow_of.get(runner.spec.name)

@@ -20,10 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,6 +53,47 @@ class Outcome:
         self.output, self.latency_s, self.error = output, latency_s, error
 
 
+def lowest_priority() -> None:
+    """Initializer of the shadow threads: the lowest scheduling priority (nice 19) for this
+    thread alone, so a shadow's computation gets a core only when primary work leaves it idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):  # not Linux, or not allowed: the threads still run apart
+        log.debug("shadow threads run at normal priority")
+
+
+class ShadowScheduler:
+    """When copies start: only while no primary request is in flight (``busy()`` false), woken
+    when the last one is answered. A copy waits (within its shadow's budget) until then, so on a
+    busy server shadows take only the time primary work leaves."""
+
+    def __init__(self, busy: Callable[[], bool], per_turn: int = 8):
+        self._busy = busy
+        self._per_turn = per_turn
+        self._runners: set[ShadowRunner] = set()  # runners with copies waiting
+        self._scheduled = False
+
+    def wake(self, runner: ShadowRunner | None = None) -> None:
+        if runner is not None:
+            self._runners.add(runner)
+        if self._runners and not self._scheduled and not self._busy():
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        started = 0
+        while self._runners and not self._busy() and started < self._per_turn:
+            for runner in list(self._runners):
+                if not runner.start_one():
+                    self._runners.discard(runner)
+                started += 1
+        self.wake()  # more waiting: another turn of the loop first
+
+    def forget(self, runner: ShadowRunner) -> None:
+        self._runners.discard(runner)
+
+
 class ShadowRunner:
     """One shadow of one route: its budget, its way of running, its figures."""
 
@@ -63,8 +108,11 @@ class ShadowRunner:
         compare: Compare | None,
         disagreements: DisagreementLog | None,
         rng: random.Random,
+        scheduler: ShadowScheduler,
     ):
         self.route, self.spec, self.version = route, spec, version
+        self._scheduler = scheduler
+        self._waiting: deque[tuple[InferRequest, asyncio.Future]] = deque()  # copies not started
         self._backend = backend
         self._local = isinstance(version.execution, LocalExecution)
         self._pool = pool
@@ -86,11 +134,25 @@ class ShadowRunner:
         if self.inflight >= spec.max_inflight:
             self.metrics.outcome("dropped")
             return None
-        self.inflight += 1
-        fut = asyncio.ensure_future(self._run(request))
+        self.inflight += 1  # waiting or running: both count against the budget
+        fut = asyncio.get_running_loop().create_future()
         self.pending.add(fut)
         fut.add_done_callback(self._finished)
+        self._waiting.append((request, fut))
+        self._scheduler.wake(self)
         return fut
+
+    def start_one(self) -> bool:
+        """Start the oldest waiting copy (the scheduler's call); False when none waits."""
+        while self._waiting:
+            request, fut = self._waiting.popleft()
+            if fut.done():  # cancelled while it waited
+                continue
+            task = asyncio.ensure_future(self._run(request))
+            task.add_done_callback(partial(_settle_future, fut))
+            fut.add_done_callback(partial(_cancel_with, task))
+            return True
+        return False
 
     def _finished(self, fut: asyncio.Future) -> None:
         self.inflight -= 1
@@ -113,6 +175,8 @@ class ShadowRunner:
             return Outcome(None, _perf() - t0, message[:512])
 
     def cancel(self) -> None:
+        self._scheduler.forget(self)
+        self._waiting.clear()
         for fut in list(self.pending):
             fut.cancel()
 
@@ -187,6 +251,20 @@ class ShadowRunner:
         if agreed:
             sm.agreements += 1
         return not agreed
+
+
+def _cancel_with(task: asyncio.Future, fut: asyncio.Future) -> None:
+    if fut.cancelled():
+        task.cancel()
+
+
+def _settle_future(fut: asyncio.Future, task: asyncio.Future) -> None:
+    if fut.done():
+        return
+    if task.cancelled():
+        fut.cancel()
+    else:
+        fut.set_result(task.result())
 
 
 def _output(resp: InferResponse, name: str) -> np.ndarray | None:

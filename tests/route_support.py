@@ -64,6 +64,7 @@ def route_repository(root: str) -> str:
     _save(failing_classifier(seed=0), root, "clf_bad", config=cfg)
     _save(mlp_model(sizes=(4, 8, 3)), root, "mlp", config=cfg)
     _save(identity_model("strings"), root, "strings", config=cfg)
+    _save(identity_model("strings_b"), root, "strings_b", config=cfg)
     _save(slow_classifier(), root, "clf_slow", config=cfg)
     return root
 

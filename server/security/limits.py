@@ -34,6 +34,7 @@ and no tensor is decoded (gRPC), so under overload a refusal is far cheaper than
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..core.errors import ErrorCode, GatewayError
@@ -79,7 +80,7 @@ class Capacity:
 
 
 class Admission:
-    __slots__ = ("max_inflight", "max_wait_s", "target_s", "interval_s", "inflight", "_clock")
+    __slots__ = ("max_inflight", "max_wait_s", "target_s", "interval_s", "inflight", "_clock", "on_idle")
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class Admission:
         self.interval_s = queue_interval_s
         self.inflight = 0  # admitted and not yet released, all versions together
         self._clock = clock
+        self.on_idle: Callable[[], None] | None = None  # called when the last request in flight is released
 
     def admit(self, version: ModelVersion) -> None:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
@@ -162,5 +164,7 @@ class Admission:
     def release(self, version: ModelVersion) -> None:
         version.admitted -= 1
         self.inflight -= 1
+        if not self.inflight and self.on_idle is not None:  # shadow copies wait for this
+            self.on_idle()
         if self.target_s:
             version.capacity.answer(self._clock(), self.interval_s, version.admitted > version.scheduler.executing)

@@ -1,0 +1,427 @@
+"""Routing: what a route costs, what a shadow costs its primary, and a rollout over time
+(``make bench-routing``, about 5 minutes).
+
+One gateway (pinned to one core; the load on the other) serves the model ``base`` (the demo mlp)
+directly and through routes; a second batchgate process (the "remote" upstream, on the load's
+core) serves the same model as a remote shadow. Phases:
+
+1. overhead: closed-loop gRPC (h2load -c 8 -m 8) to ``base`` and to the route ``plain`` (one
+   variant: ``base``), alternated ``--rounds`` times; OK answers per second from the server's
+   counters. Target: route / direct >= 0.95.
+2. remote shadow: the capacity of the route ``remote_shadowed`` (``base`` plus a shadow on the
+   remote upstream at 100%), then open-loop gRPC at 50% of it to ``plain`` and to
+   ``remote_shadowed``, alternated; primary p99 with the shadow over without. Target <= 1.25.
+3. local shadow of equal cost (the same model, its own session and thread): the same, and the
+   share of copies dropped at its budget.
+4. rollouts: a canary of equal cost ramps 10 -> 25 -> 50 -> 100% and is promoted; a canary
+   several times slower fails the p99 gate and is rolled back. Weights and gate figures are
+   sampled from the admin API and plotted.
+
+Figures are ratios within one run (medians of the rounds); the JSON and the plot go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say
+
+HERE = Path(__file__).resolve().parent
+SERVE = [sys.executable, "-m", "batchgate.cli", "serve", "--host", "127.0.0.1"]
+FREE = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+ADMIN_READY = re.compile(r"admin HTTP on \S+?:(\d+)")
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$", re.M)
+
+
+def build_repo(root: Path) -> Path:
+    from batchgate.demo import _save, mlp_model
+
+    cfg = "max_batch_size: 64\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    _save(mlp_model(), str(root), "base", config=cfg)
+    _save(mlp_model(seed=1), str(root), "canary_good", config=cfg)
+    _save(mlp_model(sizes=(256, 2048, 2048, 16), seed=2), str(root), "canary_slow", config=cfg)
+    return root
+
+
+def request(model: str) -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+
+    msg = pb.ModelInferRequest(model_name=model)
+    msg.inputs.add(name="input", datatype="FP32", shape=[1, 256])
+    msg.raw_input_contents.append(np.linspace(-1, 1, 256, dtype="<f4").tobytes())
+    return msg.SerializeToString()
+
+
+def scrape(port: int) -> list[tuple[str, dict, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return [(n, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(v)) for n, labels, v in _SAMPLE.findall(text)]
+
+
+def total(port: int, name: str, **labels) -> float:
+    return sum(v for n, lab, v in scrape(port) if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+def ok_answers(port: int) -> float:
+    return total(port, "batchgate_requests_total", model="base", status="OK")
+
+
+def h2load_closed(pin, port: int, model: str, seconds: float, data_dir: Path) -> None:
+    data = data_dir / f"{model}.bin"
+    if not data.exists():
+        data.write_bytes(grpc_frame(request(model)))
+    cmd = [*pin.load, "h2load", "-t", "1", "-c", "8", "-m", "8", "-D", f"{int(seconds)}s", "-d", str(data)]
+    cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if p.returncode != 0:
+        raise BenchError(f"h2load failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+
+
+def closed_rate(pin, gw: Server, model: str, seconds: float, data_dir: Path) -> float:
+    """OK answers per second of ``base`` (directly or as a route's variant) in a closed loop."""
+    before, t0 = ok_answers(gw.metrics_port), time.monotonic()
+    h2load_closed(pin, gw.grpc_port, model, seconds, data_dir)
+    return (ok_answers(gw.metrics_port) - before) / (time.monotonic() - t0)
+
+
+def open_loop(pin, port: int, models: tuple[str, ...], rate: float, seconds: float, slice_s: float = 1.0) -> dict:
+    """Open-loop gRPC at ``rate`` a second through grpc.aio (a child process on the load core; h2load's
+    --rps does not hold its rate), to each of ``models`` in turn for ``slice_s`` at a time so that
+    every model meets the machine's noisy moments alike, ``seconds`` each in all. Per model: the
+    latencies of the OK answers, the failures. The first second warms the channel up."""
+    code = f"""
+import asyncio, gc, json, random, sys, time
+import grpc
+gc.disable()  # a collection in the client would show as server latency
+payloads = [bytes.fromhex(h) for h in sys.argv[1:]]
+async def main():
+    lat = [[] for _ in payloads]
+    bad = [0 for _ in payloads]
+    async with grpc.aio.insecure_channel("127.0.0.1:{port}") as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        async def one(k, kept):
+            t0 = time.perf_counter()
+            try:
+                await call(payloads[k], timeout=30)
+                if kept:
+                    lat[k].append(time.perf_counter() - t0)
+            except grpc.aio.AioRpcError:
+                bad[k] += kept
+        # which model each slice goes to: every model equally often, in a shuffled order, so
+        # that nothing periodic on the machine falls on one model's slices more than another's
+        n = len(payloads)
+        slots = [k for _ in range(int({seconds} / {slice_s}) + 1) for k in range(n)]
+        random.Random(7).shuffle(slots)
+        tasks, start, i = set(), time.perf_counter(), 0
+        end = 1 + {seconds} * n
+        while (now := time.perf_counter() - start) < end:
+            k = slots[int(max(0.0, now - 1) / {slice_s})]
+            t = asyncio.ensure_future(one(k, now >= 1))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            i += 1
+            await asyncio.sleep(max(0.0, start + i / {rate} - time.perf_counter()))
+        sent = i / (time.perf_counter() - start)
+        await asyncio.gather(*tasks)
+    print(json.dumps({{"lat": lat, "bad": bad, "sent_per_s": sent}}))
+asyncio.run(main())
+"""
+    cmd = [*pin.load, sys.executable, "-c", code, *(request(m).hex() for m in models)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * len(models) + 120)
+    if p.returncode != 0:
+        raise BenchError(f"the open-loop client failed:\n{p.stderr[-2000:]}")
+    out = json.loads(p.stdout)
+    return {
+        m: {
+            "p99_ms": float(np.percentile(out["lat"][k], 99) * 1e3),
+            "p50_ms": float(np.median(out["lat"][k]) * 1e3),
+            "ok": len(out["lat"][k]),
+            "failed": out["bad"][k],
+            "sent_per_s": out["sent_per_s"],
+        }
+        for k, m in enumerate(models)
+    }
+
+
+class Gateway(Server):
+    def __init__(self, pin, repo: Path, config: Path, log: Path, name: str = "gateway"):
+        cmd = [*pin.server, *SERVE, "--model-repository", str(repo), "--config", str(config), *FREE]
+        cmd += ["--admin-port", "-1", "--admin-http-port", "0", "--allow-open-admin", "true"]
+        super().__init__(name, cmd, BATCHGATE_READY, log)
+        self.grpc_port, self.metrics_port = int(self.match["grpc"]), int(self.match["metrics"])
+        m = ADMIN_READY.search(log.read_text())
+        self.admin_port = int(m.group(1)) if m else None
+
+
+def shadow_rounds(pin, gw: Server, shadowed: str, rounds: int, seconds: float, data_dir: Path) -> dict:
+    """Capacity of ``shadowed``, then p99 at half of it: the plain route against the shadowed one
+    (each round one client alternating between them second by second)."""
+    cap = closed_rate(pin, gw, shadowed, seconds, data_dir)
+    rate = cap / 2
+    say(f"  {shadowed}: capacity {cap:.0f}/s; open loop at {rate:.0f}/s")
+    rows = []
+    before = {o: total(gw.metrics_port, "batchgate_shadow_requests_total", route=shadowed, outcome=o) for o in OUTCOMES}
+    for i in range(rounds):
+        got = open_loop(pin, gw.grpc_port, ("plain", shadowed), rate, seconds)
+        rows.append(got)
+        p, s = got["plain"]["p99_ms"], got[shadowed]["p99_ms"]
+        say(f"  round {i + 1}: p99 plain {p:.2f} ms, with shadow {s:.2f} ms ({s / p:.2f}x)")
+    after = {o: total(gw.metrics_port, "batchgate_shadow_requests_total", route=shadowed, outcome=o) for o in OUTCOMES}
+    copies = {o: after[o] - before[o] for o in OUTCOMES}
+    ratios = [r[shadowed]["p99_ms"] / r["plain"]["p99_ms"] for r in rows]
+    return {
+        "capacity_per_s": cap,
+        "rate_per_s": rate,
+        "rounds": rows,
+        "p99_ratio_per_round": ratios,
+        "p99_ratio": float(np.median(ratios)),
+        "copies": copies,
+        "drop_rate": copies["dropped"] / max(1.0, sum(copies.values())),
+    }
+
+
+OUTCOMES = ("compared", "answered", "dropped", "failed")
+
+
+def rollout_run(pin, repo: Path, out: Path, canary: str, rate: float, seconds: float) -> list[dict]:
+    """A rollout of ``canary`` against ``base`` under open-loop load; GetRoute sampled 4x a second."""
+    cfg = out / f"rollout-{canary}.yaml"
+    route = {
+        "name": "ramp",
+        "variants": [{"name": "stable", "model": "base", "weight": 100}, {"name": "canary", "model": canary}],
+        "rollout": {
+            "canary": "canary",
+            "baseline": "stable",
+            "steps": [10, 25, 50, 100],
+            "interval_s": 3,
+            "min_requests": 50,
+            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25},
+        },
+    }
+    cfg.write_text(yaml.safe_dump({"routes": [route]}))
+    gw = Gateway(pin, repo, cfg, out / f"rollout-{canary}.log", f"rollout {canary}")
+    samples: list[dict] = []
+    try:
+        load = subprocess.Popen(  # the load, in the background, while the admin API is sampled
+            [sys.executable, __file__, "--_load", str(gw.grpc_port), str(rate), str(seconds)],
+            stdout=subprocess.DEVNULL,
+        )
+        t0 = time.monotonic()
+        while load.poll() is None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/admin/v1/routes/ramp", timeout=5) as r:
+                doc = json.loads(r.read())
+            doc["t"] = time.monotonic() - t0
+            samples.append(doc)
+            if doc["rollout"]["state"] in ("promoted", "rolled_back") and doc["t"] > 1:
+                load.terminate()
+                load.wait()
+                break
+            time.sleep(0.25)
+    finally:
+        gw.stop()
+    last = samples[-1]["rollout"]
+    say(f"  canary {canary}: {last['state']} after {samples[-1]['t']:.1f} s ({last['last']})")
+    return samples
+
+
+def background_load(port: int, rate: float, seconds: float) -> None:
+    import grpc
+
+    payload = request("ramp")
+
+    async def main():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+            async def one():
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call(payload, timeout=30)
+
+            tasks, start, i = set(), time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                t = asyncio.ensure_future(one())
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                i += 1
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+
+    asyncio.run(main())
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["rollouts"]
+    fig, axes = plt.subplots(2, len(runs), figsize=(6 * len(runs), 6), sharex="col", squeeze=False)
+    for col, (name, samples) in enumerate(runs.items()):
+        t = [s["t"] for s in samples]
+        top, bottom = axes[0][col], axes[1][col]
+        for variant in ("stable", "canary"):
+            top.step(t, [s["weights"].get(variant, 0) for s in samples], where="post", label=variant)
+        top.set_title(f"canary {name}: {samples[-1]['rollout']['state'].replace('_', ' ')}")
+        top.set_ylabel("weight")
+        top.legend(loc="center right")
+        ratio = []
+        for s in samples:
+            w = s["window"]
+            c, b = w.get("canary", {}).get("p99_s"), w.get("stable", {}).get("p99_s")
+            ratio.append(c / b if c and b else np.nan)
+        bottom.plot(t, ratio, ".", label="canary p99 / stable p99 (current interval)")
+        bottom.axhline(1.25, color="red", linestyle="--", label="gate max_p99_ratio 1.25")
+        bottom.set_xlabel("seconds")
+        bottom.set_ylabel("p99 ratio")
+        bottom.legend(loc="upper right", fontsize=8)
+    fig.suptitle("Rollouts driven by batchgate's gates (interval 3 s, steps 10/25/50/100)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8, help="length of each round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--phases", default="overhead,remote,local,rollout")
+    ap.add_argument("--_load", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._load:
+        background_load(int(args._load[0]), float(args._load[1]), float(args._load[2]))
+        return 0
+    pin = choose_pinning(not args.no_pin)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    phases = set(args.phases.split(","))
+    report: dict = {"pinning": pin.note, "seconds": args.seconds, "rounds": args.rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        repo = build_repo(tmp_path / "models")
+        say(f"pinning: {pin.note}")
+        upstream = Server(
+            "upstream",
+            [
+                *pin.load,
+                *SERVE,
+                "--model-repository",
+                str(repo),
+                *FREE,
+                "--admin-port",
+                "-1",
+                "--admin-http-port",
+                "-1",
+            ],
+            BATCHGATE_READY,
+            out / "routing-upstream.log",
+        )
+        try:
+            cfg = tmp_path / "gateway.yaml"
+            one = [{"name": "main", "model": "base", "weight": 100}]
+            compare = {"output": "output", "kind": "regression", "atol": 1e-4}
+            shadow = {"percent": 100, "max_inflight": 64}
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "remote_models": [
+                            f"name=base_remote upstreams=127.0.0.1:{upstream.match['grpc']} "
+                            "upstream_model=base batching=passthrough"
+                        ],
+                        "routes": [
+                            {"name": "plain", "variants": one},
+                            {
+                                "name": "remote_shadowed",
+                                "variants": one,
+                                "shadows": [{"name": "remote", "model": "base_remote", **shadow}],
+                                "compare": compare,
+                            },
+                            {
+                                "name": "local_shadowed",
+                                "variants": one,
+                                "shadows": [{"name": "local", "model": "base", "percent": 100, "max_inflight": 8}],
+                                "compare": compare,
+                            },
+                        ],
+                    }
+                )
+            )
+            gw = Gateway(pin, repo, cfg, out / "routing-gateway.log")
+            try:
+                if "overhead" in phases:
+                    say("phase 1: route overhead (closed loop, gRPC)")
+                    direct, routed = [], []
+                    for i in range(args.rounds):
+                        direct.append(closed_rate(pin, gw, "base", args.seconds, tmp_path))
+                        routed.append(closed_rate(pin, gw, "plain", args.seconds, tmp_path))
+                        say(f"  round {i + 1}: direct {direct[-1]:.0f}/s, route {routed[-1]:.0f}/s")
+                    ratios = [r / d for d, r in zip(direct, routed)]
+                    report["overhead"] = {
+                        "direct_per_s": direct,
+                        "route_per_s": routed,
+                        "ratio_per_round": ratios,
+                        "ratio": float(np.median(ratios)),
+                    }
+                if "remote" in phases:
+                    say("phase 2: remote shadow at 100%")
+                    report["remote_shadow"] = shadow_rounds(
+                        pin, gw, "remote_shadowed", args.rounds, args.seconds, tmp_path
+                    )
+                if "local" in phases:
+                    say("phase 3: local shadow of equal cost at 100%")
+                    report["local_shadow"] = shadow_rounds(
+                        pin, gw, "local_shadowed", args.rounds, args.seconds, tmp_path
+                    )
+            finally:
+                gw.stop()
+        finally:
+            upstream.stop()
+        if "rollout" in phases:
+            say("phase 4: rollouts (a good canary, a slow one)")
+            report["rollouts"] = {
+                name: rollout_run(pin, repo, out, model, 400, 40)
+                for name, model in (("of equal cost", "canary_good"), ("4x slower", "canary_slow"))
+            }
+    (out / "routing.json").write_text(json.dumps(report, indent=1))
+    if "rollouts" in report:
+        plot(report, out / "routing.png")
+    print_summary(report)
+    return 0
+
+
+def print_summary(report: dict) -> None:
+    rows = []
+    if "overhead" in report:
+        o = report["overhead"]
+        rows.append(("route / direct throughput", f"{o['ratio']:.3f}", ">= 0.95"))
+    for key, what in (("remote_shadow", "remote shadow"), ("local_shadow", "local shadow (equal cost)")):
+        if key in report:
+            r = report[key]
+            rows.append(
+                (f"primary p99, {what} / none", f"{r['p99_ratio']:.3f}", "<= 1.25" if key == "remote_shadow" else "-")
+            )
+            rows.append((f"{what}: copies dropped", f"{r['drop_rate']:.3f}", "-"))
+    for name, samples in report.get("rollouts", {}).items():
+        rows.append((f"rollout, canary {name}", samples[-1]["rollout"]["state"], ""))
+    print(f"\n{'figure':<44} {'value':>12} {'target':>8}")
+    for r in rows:
+        print(f"{r[0]:<44} {r[1]:>12} {r[2]:>8}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

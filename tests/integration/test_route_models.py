@@ -1,0 +1,138 @@
+"""Routes over the kinds of models a user brings: a remote model as a variant and as a shadow,
+a BYTES input as the sticky key, and a variant's model unloaded under the route."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from gateway_support import start_gateway
+from route_support import infer_grpc, infer_http, metric, route_repository, write_config
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return route_repository(str(tmp_path_factory.mktemp("route_kinds")))
+
+
+def _metrics(running) -> str:
+    with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_remote_models_as_variant_and_shadow(repo, tmp_path):
+    upstream = start_gateway(repo)
+    try:
+        remote = f"name=clf_remote upstreams={upstream.grpc_url} upstream_model=clf_a batching=passthrough"
+        routes = [
+            {
+                "name": "mixed",
+                "variants": [
+                    {"name": "here", "model": "clf_a", "weight": 50},
+                    {"name": "there", "model": "clf_remote", "weight": 50},
+                ],
+                "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 16}],
+                "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
+            }
+        ]
+        cfg = write_config(str(tmp_path / "c.yaml"), routes, remote_models=[remote])
+        running = start_gateway(repo, config_file=cfg)
+        try:
+            feats = np.random.default_rng(1).random((3, 4), dtype=np.float32)
+            seen = set()
+            for _ in range(20):
+                result, params = infer_grpc(running.grpc_url, "mixed", feats)
+                seen.add(params["variant"])
+                model = result.get_response().model_name
+                assert model == {"here": "clf_a", "there": "clf_remote"}[params["variant"]]
+            assert seen == {"here", "there"}
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                text = _metrics(running)
+                if metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="compared") == 20:
+                    break
+                time.sleep(0.05)
+            # the same model over the wire: every row agrees
+            assert metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="compared") == 20
+            assert metric(text, "batchgate_shadow_agreements_total", route="mixed", shadow="mirror") == 20
+        finally:
+            running.stop()
+    finally:
+        upstream.stop()
+
+
+def test_a_bytes_input_keys_the_cohort(repo, tmp_path):
+    routes = [
+        {
+            "name": "texts",
+            "variants": [
+                {"name": "a", "model": "strings", "weight": 50},
+                {"name": "b", "model": "strings_b", "weight": 50},
+            ],
+            "sticky_key": "input:INPUT",
+        }
+    ]
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        client = httpclient.InferenceServerClient(running.http_url)
+
+        def variant(first: str, second: str) -> str:
+            data = np.array([[first.encode(), b"x"], [second.encode(), b"y"]], dtype=object)
+            inp = httpclient.InferInput("INPUT", [2, 2], "BYTES")
+            inp.set_data_from_numpy(data)
+            result = client.infer("texts", [inp])
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT"), data)
+            return result.get_response()["parameters"]["variant"]
+
+        users = {f"user-{i}": variant(f"user-{i}", "other") for i in range(30)}
+        assert set(users.values()) == {"a", "b"}
+        for user, v in users.items():  # only the first row keys the cohort
+            assert variant(user, f"{user}-second-row") == v
+    finally:
+        running.stop()
+
+
+def test_unloading_a_variants_model_makes_the_route_unready(repo, tmp_path):
+    routes = [
+        {
+            "name": "r",
+            "variants": [
+                {"name": "a", "model": "clf_a", "weight": 50},
+                {"name": "b", "model": "clf_same", "weight": 50},
+            ],
+        }
+    ]
+    running = start_gateway(
+        repo,
+        config_file=write_config(str(tmp_path / "c.yaml"), routes),
+        model_control_mode="explicit",
+        load_model=("clf_a", "clf_same"),
+    )
+    try:
+        g = grpcclient.InferenceServerClient(running.grpc_url)
+        assert g.is_model_ready("r")
+        g.unload_model("clf_same")
+        assert not g.is_model_ready("r")
+        index = {
+            row["name"]: row for row in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+        }
+        assert index["r"]["state"] == "UNAVAILABLE" and "clf_same" in index["r"]["reason"]
+        # requests for the other variant still answer; those for the unloaded one say why
+        errors, answered = [], set()
+        for _ in range(30):
+            try:
+                answered.add(infer_http(running.http_url, "r")[1]["variant"])
+            except InferenceServerException as e:
+                errors.append(str(e))
+        assert answered == {"a"} and errors and all("variant 'b'" in e and "clf_same" in e for e in errors)
+        g.load_model("clf_same")
+        assert g.is_model_ready("r")
+        assert {infer_grpc(running.grpc_url, "r", headers={"x-batchgate-variant": "b"})[1]["variant"]} == {"b"}
+    finally:
+        running.stop()
