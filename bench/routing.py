@@ -295,8 +295,9 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8, help="length of each round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=8, help="seconds per model in each shadow round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the shadow phases")
+    ap.add_argument("--pairs", type=int, default=20, help="pairs of 2-second runs of the overhead phase")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--phases", default="overhead,remote,local,rollout")
@@ -364,11 +365,16 @@ def main() -> int:
             try:
                 if "overhead" in phases:
                     say("phase 1: route overhead (closed loop, gRPC)")
+                    # Short runs in pairs, the order flipped every other pair (ABBA): the machine's
+                    # speed drifts by more than the overhead within seconds, so each ratio compares
+                    # two neighbouring runs.
                     direct, routed = [], []
-                    for i in range(args.rounds):
-                        direct.append(closed_rate(pin, gw, "base", args.seconds, tmp_path))
-                        routed.append(closed_rate(pin, gw, "plain", args.seconds, tmp_path))
-                        say(f"  round {i + 1}: direct {direct[-1]:.0f}/s, route {routed[-1]:.0f}/s")
+                    for i in range(args.pairs):
+                        order = ("base", "plain") if i % 2 == 0 else ("plain", "base")
+                        got = {m: closed_rate(pin, gw, m, 2, tmp_path) for m in order}
+                        direct.append(got["base"])
+                        routed.append(got["plain"])
+                        say(f"  pair {i + 1}: direct {direct[-1]:.0f}/s, route {routed[-1]:.0f}/s")
                     ratios = [r / d for d, r in zip(direct, routed)]
                     report["overhead"] = {
                         "direct_per_s": direct,

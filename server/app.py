@@ -277,7 +277,7 @@ class Gateway:
             )
         except OSError as e:
             raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
-        access = self.dataplane.access
+        access, threads = self.dataplane.access, self.threads
         table = RouteTable(
             self.repository,
             self.dataplane.admission,
@@ -286,6 +286,7 @@ class Gateway:
             state,
             disagreements,
             lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
+            away=lambda: threads.away,
         )
         await table.install(specs, "the configuration")
         self.dataplane.routes = self.routes = table

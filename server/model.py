@@ -75,7 +75,7 @@ class ModelVersion:
         self.stats_lock = threading.Lock()  # executions are recorded from inference threads
         # Protocols are structural: the backend's declared kind says which one it implements.
         if backend.kind == "remote":
-            self.execution: LocalExecution | RemoteExecution = RemoteExecution(self, backend)  # type: ignore[arg-type]
+            self.execution: LocalExecution | RemoteExecution = RemoteExecution(self, backend, threads)  # type: ignore[arg-type]
         else:
             self.execution = LocalExecution(self, backend, threads, inline_max_us)  # type: ignore[arg-type]
         # Whether the version can take work now: a remote model refuses at once while no
@@ -321,9 +321,10 @@ class RemoteExecution:
     """Batches sent to remote V2 servers: a task on the event loop per batch, whose timeout
     is the latest deadline of the batch's callers (none if any caller has none)."""
 
-    def __init__(self, version: ModelVersion, backend: RemoteBackend):
+    def __init__(self, version: ModelVersion, backend: RemoteBackend, threads: InferenceThreads):
         self._v = version
         self._backend = backend
+        self._threads = threads  # counts the requests out at an upstream (threads.away)
         self.inline_runs = 0
 
     def admit(self) -> None:
@@ -355,7 +356,14 @@ class RemoteExecution:
             t0 = _perf_ns()
             feeds, names = v.inputs(batch)
             t1 = _perf_ns()
-            arrays = await self._backend.infer(feeds, names, deadline, batch[0].request.id if len(batch) == 1 else "")
+            threads = self._threads
+            threads.away += len(batch)
+            try:
+                arrays = await self._backend.infer(
+                    feeds, names, deadline, batch[0].request.id if len(batch) == 1 else ""
+                )
+            finally:
+                threads.away -= len(batch)
             t2 = _perf_ns()
             answers, rows = v.answers(batch, names, arrays)
             t3 = _perf_ns()

@@ -52,7 +52,10 @@ class RouteTable:
         disagreements: DisagreementLog | None = None,
         audit: Audit | None = None,
         wall_clock: Callable[[], float] = time.time,
+        away: Callable[[], int] = lambda: 0,
     ):
+        """``away``: how many requests in flight are out at an upstream (``threads.away``); shadow
+        work runs while those are all that is in flight."""
         self.repository = repository
         self.admission = admission
         self.metrics = metrics
@@ -67,7 +70,7 @@ class RouteTable:
         self._tasks: set[asyncio.Future] = set()
         repository.listeners.append(self._model_changed)
         # Shadow copies start only while no primary request is in flight.
-        self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > 0)
+        self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > away())
         admission.on_idle = self.shadow_scheduler.wake
 
     def get(self, name: str) -> ServedRoute | None:

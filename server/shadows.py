@@ -42,6 +42,7 @@ from .monitoring.metrics import ShadowMetrics
 log = logging.getLogger("batchgate.shadows")
 _perf = time.perf_counter
 SUMMARY_VALUES = 16  # values of each tensor written to the disagreement log
+RECHECK_S = 0.002  # while primary work runs, waiting shadow work looks again this often
 
 
 class Outcome:
@@ -63,35 +64,39 @@ def lowest_priority() -> None:
 
 
 class ShadowScheduler:
-    """When copies start: only while no primary request is in flight (``busy()`` false), woken
-    when the last one is answered. A copy waits (within its shadow's budget) until then, so on a
-    busy server shadows take only the time primary work leaves."""
+    """Shadow work (starting a copy, comparing its answer) runs only while no primary request is
+    in flight (``busy()`` false): queued here, and woken when the last one is answered. On a busy
+    server shadows take only the time primary work leaves; copies that wait count against their
+    shadow's budget, so past it they are dropped, not piled up."""
 
     def __init__(self, busy: Callable[[], bool], per_turn: int = 8):
         self._busy = busy
         self._per_turn = per_turn
-        self._runners: set[ShadowRunner] = set()  # runners with copies waiting
+        self._work: deque[Callable[[], None]] = deque()
         self._scheduled = False
 
-    def wake(self, runner: ShadowRunner | None = None) -> None:
-        if runner is not None:
-            self._runners.add(runner)
-        if self._runners and not self._scheduled and not self._busy():
+    def later(self, work: Callable[[], None]) -> None:
+        self._work.append(work)
+        self.wake()
+
+    def wake(self) -> None:
+        if self._work and not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
+            if self._busy():  # looked at again soon (and at once when the last request is answered)
+                asyncio.get_running_loop().call_later(RECHECK_S, self._run)
+            else:
+                asyncio.get_running_loop().call_soon(self._run)
 
-    def _start(self) -> None:
+    def _run(self) -> None:
         self._scheduled = False
-        started = 0
-        while self._runners and not self._busy() and started < self._per_turn:
-            for runner in list(self._runners):
-                if not runner.start_one():
-                    self._runners.discard(runner)
-                started += 1
-        self.wake()  # more waiting: another turn of the loop first
-
-    def forget(self, runner: ShadowRunner) -> None:
-        self._runners.discard(runner)
+        if self._busy():
+            self.wake()
+            return
+        work, done = self._work, 0
+        while work and done < self._per_turn and not self._busy():
+            work.popleft()()
+            done += 1
+        self.wake()  # more waiting: after another turn of the loop
 
 
 class ShadowRunner:
@@ -112,7 +117,6 @@ class ShadowRunner:
     ):
         self.route, self.spec, self.version = route, spec, version
         self._scheduler = scheduler
-        self._waiting: deque[tuple[InferRequest, asyncio.Future]] = deque()  # copies not started
         self._backend = backend
         self._local = isinstance(version.execution, LocalExecution)
         self._pool = pool
@@ -138,21 +142,15 @@ class ShadowRunner:
         fut = asyncio.get_running_loop().create_future()
         self.pending.add(fut)
         fut.add_done_callback(self._finished)
-        self._waiting.append((request, fut))
-        self._scheduler.wake(self)
+        self._scheduler.later(partial(self._start, request, fut))
         return fut
 
-    def start_one(self) -> bool:
-        """Start the oldest waiting copy (the scheduler's call); False when none waits."""
-        while self._waiting:
-            request, fut = self._waiting.popleft()
-            if fut.done():  # cancelled while it waited
-                continue
-            task = asyncio.ensure_future(self._run(request))
-            task.add_done_callback(partial(_settle_future, fut))
-            fut.add_done_callback(partial(_cancel_with, task))
-            return True
-        return False
+    def _start(self, request: InferRequest, fut: asyncio.Future) -> None:
+        if fut.done():  # cancelled while it waited
+            return
+        task = asyncio.ensure_future(self._run(request))
+        task.add_done_callback(partial(_settle_future, fut))
+        fut.add_done_callback(partial(_cancel_with, task))
 
     def _finished(self, fut: asyncio.Future) -> None:
         self.inflight -= 1
@@ -175,8 +173,6 @@ class ShadowRunner:
             return Outcome(None, _perf() - t0, message[:512])
 
     def cancel(self) -> None:
-        self._scheduler.forget(self)
-        self._waiting.clear()
         for fut in list(self.pending):
             fut.cancel()
 
@@ -197,8 +193,10 @@ class ShadowRunner:
         def done(f: asyncio.Future) -> None:
             if f.cancelled():
                 self.metrics.outcome("cancelled")
-                return
-            outcome: Outcome = f.result()
+            else:  # the comparison's arithmetic waits for idle time too
+                self._scheduler.later(partial(compare, f.result()))
+
+        def compare(outcome: Outcome) -> None:
             sm = self.metrics
             if outcome.error is not None or primary is None:
                 if outcome.error is not None and primary is not None:

@@ -21,6 +21,10 @@ class InferenceThreads:
     """The threads that run local models (not to be confused with worker processes)."""
 
     def __init__(self, threads: int, name: str = "batchgate-infer"):
+        # Requests whose batch is out at an upstream (remote models): this process has nothing to
+        # do for them until the answer comes. Shadow work runs while every request in flight is
+        # one of these (route_table.py).
+        self.away = 0
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
         for t in self._threads:
