@@ -315,9 +315,14 @@ def main() -> int:
         tmp_path = Path(tmp)
         repo = build_repo(tmp_path / "models")
         say(f"pinning: {pin.note}")
+        # The remote shadow's upstream: on the load's core (two cores: nowhere else) at the lowest
+        # priority, as it stands for another machine and must not slow the client that measures.
         upstream = Server(
             "upstream",
             [
+                "nice",
+                "-n",
+                "19",
                 *pin.load,
                 *SERVE,
                 "--model-repository",

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .core.batching import merge, split
 from .core.errors import GatewayError
 from .core.routing import Compare, Shadow
 from .core.types import InferRequest, InferResponse, Tensor
@@ -117,6 +118,8 @@ class ShadowRunner:
     ):
         self.route, self.spec, self.version = route, spec, version
         self._scheduler = scheduler
+        self._waiting: deque[tuple[InferRequest, asyncio.Future]] = deque()  # copies not started
+        self._tasks: set[asyncio.Future] = set()  # executions running
         self._backend = backend
         self._local = isinstance(version.execution, LocalExecution)
         self._pool = pool
@@ -142,37 +145,86 @@ class ShadowRunner:
         fut = asyncio.get_running_loop().create_future()
         self.pending.add(fut)
         fut.add_done_callback(self._finished)
-        self._scheduler.later(partial(self._start, request, fut))
+        self._waiting.append((request, fut))
+        self._scheduler.later(self._start)
         return fut
 
-    def _start(self, request: InferRequest, fut: asyncio.Future) -> None:
-        if fut.done():  # cancelled while it waited
+    def _start(self) -> None:
+        """Start every copy waiting, as few executions as the model's batches allow: copies
+        gather while primary work runs, and one call for several of them costs far less (a
+        remote shadow's gRPC call costs the gateway about as much as answering a request)."""
+        copies = []
+        while self._waiting:
+            request, fut = self._waiting.popleft()
+            if not fut.done():  # else cancelled while it waited
+                copies.append((request, fut))
+        if not copies:
             return
-        task = asyncio.ensure_future(self._run(request))
-        task.add_done_callback(partial(_settle_future, fut))
-        fut.add_done_callback(partial(_cancel_with, task))
+        task = asyncio.ensure_future(self._run_all([r for r, _ in copies]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(partial(_settle_futures, [f for _, f in copies]))
 
     def _finished(self, fut: asyncio.Future) -> None:
         self.inflight -= 1
         self.pending.discard(fut)
 
-    async def _run(self, request: InferRequest) -> Outcome:
+    async def _run_all(self, requests: list[InferRequest]) -> list[Outcome]:
+        """Each copy's outcome: the copies in batches of at most the model's max_batch_size
+        rows (one at a time for a model that does not batch, or whose shapes do not stack)."""
         t0 = _perf()
+        checked: list = []
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            try:
+                checked.append((i, self.version.signature.check(r._replace(outputs=self._outputs))))
+            except GatewayError as e:
+                outcomes[i] = Outcome(None, 0.0, e.message[:512])
+        limit = self.version.signature.max_batch_size
+        chunk: list = []
+        rows = 0
+        for i, c in [*checked, (-1, None)]:
+            if chunk and (c is None or not limit or rows + c.batch_size > limit):
+                await self._run_chunk(chunk, requests, outcomes, t0)
+                chunk, rows = [], 0
+            if c is not None:
+                chunk.append((i, c))
+                rows += c.batch_size
+        return [o if o is not None else Outcome(None, 0.0, "not run") for o in outcomes]
+
+    async def _run_chunk(self, chunk: list, requests: list[InferRequest], outcomes: list, t0: float) -> None:
         try:
-            checked = self.version.signature.check(request._replace(outputs=self._outputs))
+            try:
+                feeds = merge([c.feeds for _, c in chunk])
+            except ValueError:  # shapes that do not stack: one at a time
+                if len(chunk) == 1:
+                    raise
+                for one in chunk:
+                    await self._run_chunk([one], requests, outcomes, t0)
+                return
+            first = requests[chunk[0][0]]
             if self._local:
                 loop = asyncio.get_running_loop()
-                arrays = await loop.run_in_executor(self._pool, self._backend.run, checked.feeds, self._outputs)
+                arrays = await loop.run_in_executor(self._pool, self._backend.run, feeds, self._outputs)
             else:
-                arrays = await self._backend.infer(checked.feeds, self._outputs, request.deadline, request.id)
-            return Outcome(np.asarray(arrays[0]), _perf() - t0)
+                arrays = await self._backend.infer(feeds, self._outputs, first.deadline, first.id)
+            took = _perf() - t0
+            if len(chunk) == 1:
+                outcomes[chunk[0][0]] = Outcome(np.asarray(arrays[0]), took)
+                return
+            for (i, _), part in zip(chunk, split([np.asarray(arrays[0])], [c.batch_size for _, c in chunk])):
+                outcomes[i] = Outcome(part[0], took)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a shadow's failure is counted, never answered
             message = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
-            return Outcome(None, _perf() - t0, message[:512])
+            for i, _ in chunk:
+                outcomes[i] = Outcome(None, _perf() - t0, message[:512])
 
     def cancel(self) -> None:
+        self._waiting.clear()
+        for task in list(self._tasks):
+            task.cancel()
         for fut in list(self.pending):
             fut.cancel()
 
@@ -251,18 +303,15 @@ class ShadowRunner:
         return not agreed
 
 
-def _cancel_with(task: asyncio.Future, fut: asyncio.Future) -> None:
-    if fut.cancelled():
-        task.cancel()
-
-
-def _settle_future(fut: asyncio.Future, task: asyncio.Future) -> None:
-    if fut.done():
-        return
-    if task.cancelled():
-        fut.cancel()
-    else:
-        fut.set_result(task.result())
+def _settle_futures(futs: list[asyncio.Future], task: asyncio.Future) -> None:
+    outcomes = None if task.cancelled() else task.result()
+    for k, fut in enumerate(futs):
+        if fut.done():
+            continue
+        if outcomes is None:
+            fut.cancel()
+        else:
+            fut.set_result(outcomes[k])
 
 
 def _output(resp: InferResponse, name: str) -> np.ndarray | None:

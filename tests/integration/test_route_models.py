@@ -3,6 +3,7 @@ a BYTES input as the sticky key, and a variant's model unloaded under the route.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 
@@ -37,7 +38,7 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path):
                     {"name": "here", "model": "clf_a", "weight": 50},
                     {"name": "there", "model": "clf_remote", "weight": 50},
                 ],
-                "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 16}],
+                "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 64}],
                 "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
             }
         ]
@@ -61,6 +62,36 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path):
             # the same model over the wire: every row agrees
             assert metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="compared") == 20
             assert metric(text, "batchgate_shadow_agreements_total", route="mixed", shadow="mirror") == 20
+            # copies that wait for idle time go out together: fewer upstream calls than copies
+            up_before = _metrics(upstream)
+            client = grpcclient.InferenceServerClient(running.grpc_url)
+            done = threading.Semaphore(0)
+            n = 40
+            for _ in range(n):  # pinned to the local variant: only the shadow calls the upstream
+                inp = grpcclient.InferInput("features", [3, 4], "FP32")
+                inp.set_data_from_numpy(feats)
+                client.async_infer(
+                    "mixed", [inp], lambda result, error: done.release(), headers={"x-batchgate-variant": "here"}
+                )
+            for _ in range(n):
+                assert done.acquire(timeout=30)
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                text = _metrics(running)
+                if metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered") == n:
+                    break
+                time.sleep(0.05)
+            assert metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered") == n
+            up_after = _metrics(upstream)
+            calls = sum(
+                metric(up_after, "batchgate_requests_total", model="clf_a", status="OK", protocol=p)
+                - metric(up_before, "batchgate_requests_total", model="clf_a", status="OK", protocol=p)
+                for p in ("grpc",)
+            )
+            rows = metric(up_after, "batchgate_inference_count_total", model="clf_a") - metric(
+                up_before, "batchgate_inference_count_total", model="clf_a"
+            )
+            assert rows == 3 * n and calls < n
         finally:
             running.stop()
     finally:
