@@ -64,7 +64,8 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py README.md /src/
+COPY proto /src/proto
 COPY server /src/server
 COPY converters /src/converters
 COPY loadtest /src/loadtest

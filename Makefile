@@ -6,9 +6,9 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test fuzz demo bench bench-serving bench-batching bench-remote bench-overload bench-tools lint clean soak
+.PHONY: install serve test fuzz demo bench bench-serving bench-batching bench-remote bench-overload bench-routing bench-tools lint clean soak
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test,bench]'
@@ -68,6 +68,12 @@ bench-remote: $(STAMP) bench-tools
 # capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED.
 bench-overload: $(STAMP) bench-tools
 	$(PY) bench/overload.py
+
+# Routing (bench/routing.py, about 8 minutes): a route's overhead against the model directly, a
+# remote and a local shadow's cost to the primary's p99 at half of capacity, two rollouts
+# (promoted, rolled back) plotted to bench/results/routing.png.
+bench-routing: $(STAMP) bench-tools
+	$(PY) bench/routing.py
 
 # The soak test: 10^6 mixed requests, good and bad, over HTTP and gRPC against one server process
 # (about 7 minutes on 2 cores; `$(PY) bench/soak.py --quick` for 20,000). Fails when the server's

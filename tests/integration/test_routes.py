@@ -223,3 +223,26 @@ def test_sticky_cohorts_survive_a_restart(repo, tmp_path):
     finally:
         second.stop()
     assert before == after
+
+
+def test_a_route_over_a_grpc_stream(routed):
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(routed.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(6):
+            inp = grpcclient.InferInput("features", [1, 4], "FP32")
+            inp.set_data_from_numpy(FEATURES)
+            pin = "canary" if i % 2 else "stable"
+            client.async_stream_infer("fraud", [inp], request_id=str(i), parameters={"variant": pin})
+        got = {}
+        for _ in range(6):
+            result, error = answers.get(timeout=30)
+            assert error is None
+            resp = result.get_response()
+            got[resp.id] = resp.parameters["variant"].string_param
+    finally:
+        client.stop_stream()
+    assert got == {str(i): "canary" if i % 2 else "stable" for i in range(6)}
