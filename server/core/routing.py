@@ -218,7 +218,7 @@ def _parse_rollout(raw: Any, where: str, variants: Sequence[Variant]) -> Rollout
     names = {v.name for v in variants}
     canary, baseline = m.get("canary"), m.get("baseline")
     for role, value in (("canary", canary), ("baseline", baseline)):
-        if value not in names:
+        if not isinstance(value, str) or value not in names:
             raise ConfigError(f"{where}: '{role}' must name one of the route's variants ({', '.join(sorted(names))})")
     if canary == baseline:
         raise ConfigError(f"{where}: 'canary' and 'baseline' must be different variants")

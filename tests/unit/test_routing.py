@@ -299,3 +299,16 @@ def test_the_compared_output_and_an_input_sticky_key_must_exist():
     ids = (("x", "FP32", (4,)), ("user", "INT64", (1,)))
     (r,) = parse_routes([{**ISSUE_EXAMPLE[0], "sticky_key": "input:user"}])
     check_signatures(r, {n: sig(m, inputs=ids) for n, m in (("stable", "a"), ("canary", "b"), ("next", "c"))})
+
+
+def test_fuzz_finding_a_rollout_role_that_is_not_a_string_is_a_config_error():
+    """Found by tests/fuzz/test_fuzz_routes.py: 'canary: []' raised TypeError (unhashable)."""
+    raw = [
+        {
+            "name": "r",
+            "variants": [{"name": "a", "model": "m", "weight": 1}, {"name": "b", "model": "n"}],
+            "rollout": {"canary": [], "baseline": "a", "steps": [10]},
+        }
+    ]
+    with pytest.raises(ConfigError, match="'canary' must name one of the route's variants"):
+        parse_routes(raw)
