@@ -161,3 +161,26 @@ def test_shadow_percent_samples_copies(repo, tmp_path):
         assert 0.15 * n < got < 0.35 * n  # 25% of 400: 100, binomial sd ~9
     finally:
         running.stop()
+
+
+def test_synthetic_and_pinned_requests_are_shadowed_but_not_compared(repo, tmp_path):
+    routes = [
+        {
+            "name": "quiet",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [{"name": "other", "model": "clf_other", "percent": 100, "max_inflight": 64}],
+            "compare": COMPARE,
+        }
+    ]
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        for headers in ({"x-batchgate-synthetic": "1"}, {"x-batchgate-variant": "main"}) * 5:
+            infer_grpc(running.grpc_url, "quiet", headers=headers)
+        infer_http(running.http_url, "quiet")  # one ordinary request: compared
+        total = "batchgate_shadow_requests_total"
+        assert _wait_metric(running, total, 10, route="quiet", outcome="answered") == 10
+        assert _wait_metric(running, total, 1, route="quiet", outcome="compared") == 1
+        rows = metric(_metrics(running), "batchgate_shadow_rows_compared_total", route="quiet", shadow="other")
+        assert rows == 1
+    finally:
+        running.stop()
