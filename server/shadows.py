@@ -1,12 +1,15 @@
 """Shadows: a copy of a route's request sent to another model, whose answer is compared with the
 primary's and never reaches the caller.
 
-A copy goes out after the primary's admission, at the shadow's ``percent``, while fewer than its
-``max_inflight`` copies are in flight; past that it is dropped and counted. It never queues ahead
-of primary work: a local shadow runs on a second ONNX Runtime session of its model (one intra-op
-thread) on the shadow threads (``shadow_threads``), not on the inference threads and not through
-the model's scheduler; a remote shadow is one call to the model's upstreams. A shadow's failure is
-counted, never answered. Drain cancels the copies still running.
+A copy is taken after the primary's admission, at the shadow's ``percent``, while fewer than its
+``max_inflight`` copies wait or run; past that it is dropped and counted. It never goes ahead of
+primary work: shadow work (starting copies, comparing answers) waits in :class:`ShadowScheduler`
+until no primary request is in flight, and the copies that gathered meanwhile start together, in
+batches of the model's ``max_batch_size`` rows. A local shadow runs on a second ONNX Runtime
+session of its model (one intra-op thread) on the shadow threads (``shadow_threads``, nice 19),
+not on the inference threads and not through the model's scheduler; a remote shadow is a call to
+the model's upstreams. A shadow's failure is counted, never answered. Drain cancels the copies
+still waiting or running.
 
 The comparison (the part a service mesh's mirror cannot do: it drops the shadow's answer) looks at
 one output of both answers: for ``regression``, the largest |primary - shadow| of each row, a row
