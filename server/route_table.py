@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import yaml
@@ -65,6 +65,7 @@ class RouteTable:
         self._audit = audit
         self.clock = wall_clock
         self.routes: dict[str, ServedRoute] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="batchgate-state")  # state_dir writes, in order
         self._config_routes: tuple[RouteSpec, ...] = ()
         self._twins: dict[int, Any] = {}  # id(version) -> (version, its shadow session)
         self._tasks: set[asyncio.Future] = set()
@@ -100,9 +101,11 @@ class RouteTable:
             if new.get(name) is not route:
                 for s in route.shadows:
                     s.cancel()
-            if name not in new:
+            if name not in new:  # removed from the configuration: its figures and kept state go
                 self.metrics.drop_route(name)
+                self._forget(name)
         for route in new.values():
+            self._refresh(route)  # a model that changed while the shadows were being built
             route.publish()
             self._save(route)
         for name in resets:
@@ -219,12 +222,19 @@ class RouteTable:
         again, and say why they cannot serve if the new version does not fit."""
         for route in list(self.routes.values()):
             if any(v.model == model for v in route.spec.variants) or any(s.model == model for s in route.spec.shadows):
-                members = self._members(route.spec, strict=False)
-                problem = self._check(route.spec, members, strict=False)
-                if problem is not None:
-                    log.warning("route '%s' cannot serve: %s", route.name, problem)
-                route.set_members(members, problem)
-                self._spawn(self._build_shadows(route))
+                self._refresh(route, force=True)
+
+    def _refresh(self, route: ServedRoute, force: bool = False) -> None:
+        members = self._members(route.spec, strict=False)
+        if not force and members == route.members:
+            return
+        problem = self._check(route.spec, members, strict=False)
+        if problem is not None:
+            log.warning("route '%s' cannot serve: %s", route.name, problem)
+        route.set_members(members, problem)
+        for s in route.shadows:
+            s.cancel()
+        self._spawn(self._build_shadows(route))
 
     def _spawn(self, coro) -> None:
         t = asyncio.ensure_future(coro)
@@ -242,15 +252,30 @@ class RouteTable:
             return None
 
     def _save(self, route: ServedRoute) -> None:
+        """Keep the route's runtime state: written (and fsynced) on a thread of its own, in the
+        order the changes happened, never on the event loop."""
         if self.state is None:
             return
         doc: dict[str, Any] = {"fingerprint": route.spec.fingerprint(), "table": route.table.to_state()}
         if route.rollout is not None:
             doc["rollout"] = route.rollout.to_state()
+        self._write(route.name, self.state.save, "route", route.name, doc)
+
+    def _forget(self, name: str) -> None:
+        if self.state is not None:
+            self._write(name, self.state.remove, "route", name)
+
+    def _write(self, name: str, fn, *args) -> None:
+        def write() -> None:
+            try:
+                fn(*args)
+            except (OSError, ValueError) as e:
+                log.error("route '%s': cannot keep its state in state_dir: %s", name, e)
+
         try:
-            self.state.save("route", route.name, doc)
-        except (OSError, ValueError) as e:
-            log.error("route '%s': cannot keep its state in state_dir: %s", route.name, e)
+            self._writer.submit(write)
+        except RuntimeError:  # the writer has stopped (shutdown): write here
+            write()
 
     async def _audited(self, action: str, target: str, outcome: str, detail: str) -> None:
         if self._audit is not None:
@@ -269,7 +294,11 @@ class RouteTable:
             if stamp == last:
                 continue
             last = stamp
-            await self.reload(path)
+            try:
+                await self.reload(path)
+            except Exception:  # the watcher must outlive any one bad reload
+                log.exception("routes file %s: the reload failed", path)
+                self.metrics.routes_reloads["error"] = self.metrics.routes_reloads.get("error", 0) + 1
 
     async def reload(self, path: str) -> bool:
         reloads = self.metrics.routes_reloads
@@ -288,7 +317,10 @@ class RouteTable:
         """Step every running rollout at the end of its interval (see ``core/rollout.py``)."""
         while True:
             await asyncio.sleep(tick_s)
-            await self.step(self.clock())
+            try:
+                await self.step(self.clock())
+            except Exception:  # the controller must outlive any one failed step
+                log.exception("rollout controller: a step failed")
 
     async def step(self, now: float) -> None:
         for route in list(self.routes.values()):
@@ -368,6 +400,7 @@ class RouteTable:
                 s.cancel()
         for t in list(self._tasks):
             t.cancel()
+        self._writer.shutdown(wait=True)  # what was kept is on disk before the process goes
 
 
 def read_routes_file(path: str) -> list[RouteSpec]:

@@ -219,15 +219,19 @@ class ServedRoute:
                 variant = self.table.variant_for(key)
         if variant != routed.variant:
             served = self._version(variant)
-            self.admission.admit(served)  # first: if refused, the transport releases the old one
-            self.admission.release(routed.version)
+            self.admission.move(routed.version, served)  # refused: still admitted on the old one
             routed.variant, routed.version = variant, served
 
     async def serve(self, routed: Routed, request: InferRequest) -> InferResponse:
         self._repick(routed, request)
         variant = routed.variant
         counted = not routed.pinned and not request.synthetic
-        copies = [(s, s.offer(request)) for s in self.shadows] if self.shadows else ()
+        # No copy to a shadow of the answering variant's own model: it would agree with itself.
+        copies = (
+            [(s, s.offer(request)) for s in self.shadows if self._shadow_of.get(s.spec.name) != variant]
+            if self.shadows
+            else ()
+        )
         start = _perf_ns()
         status = "OK"
         resp: InferResponse | None = None
@@ -239,6 +243,9 @@ class ServedRoute:
         except asyncio.CancelledError:
             status = ErrorCode.CANCELLED.value
             raise
+        except Exception:
+            status = ErrorCode.INTERNAL.value
+            raise
         finally:
             elapsed = _perf_ns() - start
             self.stats.record_request(status == "OK", elapsed)
@@ -248,12 +255,16 @@ class ServedRoute:
                 if status == "OK":
                     w.requests += 1
                     w.latency.record_value(max(1, elapsed // 1000))
-                elif status in SERVER_ERRORS:
+                elif status in SERVER_ERRORS and (status != "DEADLINE_EXCEEDED" or request.deadline is None):
+                    # (a deadline the caller set and missed is the caller's choice, not the canary's fault)
                     w.requests += 1
                     w.server_errors += 1
             for runner, fut in copies:
-                if fut is not None:
-                    runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
+                if fut is None:
+                    continue
+                if status != "OK" and status not in SERVER_ERRORS:  # refused, invalid, cancelled: no copy
+                    fut.cancel()
+                runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
         assert resp is not None
         return resp._replace(parameters=self._answers[variant])
 

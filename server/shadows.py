@@ -77,28 +77,39 @@ class ShadowScheduler:
         self._busy = busy
         self._per_turn = per_turn
         self._work: deque[Callable[[], None]] = deque()
-        self._scheduled = False
+        self._soon = False  # a run is due on the next turn of the loop
+        self._timer: asyncio.TimerHandle | None = None  # a recheck while primary work runs
 
     def later(self, work: Callable[[], None]) -> None:
         self._work.append(work)
         self.wake()
 
     def wake(self) -> None:
-        if self._work and not self._scheduled:
-            self._scheduled = True
-            if self._busy():  # looked at again soon (and at once when the last request is answered)
-                asyncio.get_running_loop().call_later(RECHECK_S, self._run)
-            else:
-                asyncio.get_running_loop().call_soon(self._run)
+        if not self._work or self._soon:
+            return
+        loop = asyncio.get_running_loop()
+        if not self._busy():
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._soon = True
+            loop.call_soon(self._run)
+        elif self._timer is None:  # looked at again soon, and at once when the last request is answered
+            self._timer = loop.call_later(RECHECK_S, self._recheck)
+
+    def _recheck(self) -> None:
+        self._timer = None
+        self.wake()
 
     def _run(self) -> None:
-        self._scheduled = False
-        if self._busy():
-            self.wake()
-            return
+        self._soon = False
         work, done = self._work, 0
         while work and done < self._per_turn and not self._busy():
-            work.popleft()()
+            item = work.popleft()
+            try:
+                item()
+            except Exception:  # one item's bug must not strand the rest
+                log.exception("shadow work failed")
             done += 1
         self.wake()  # more waiting: after another turn of the loop
 
@@ -122,7 +133,9 @@ class ShadowRunner:
         self.route, self.spec, self.version = route, spec, version
         self._scheduler = scheduler
         self._waiting: deque[tuple[InferRequest, asyncio.Future]] = deque()  # copies not started
+        self._start_queued = False  # a start of the waiting copies is queued with the scheduler
         self._tasks: set[asyncio.Future] = set()  # executions running
+        self.closed = False
         self._backend = backend
         self._local = isinstance(version.execution, LocalExecution)
         self._pool = pool
@@ -139,20 +152,23 @@ class ShadowRunner:
         """Send a copy of ``request`` now, or not: not picked by ``percent`` (None, uncounted);
         the budget full (None, counted as dropped)."""
         spec = self.spec
-        if spec.percent < 100 and self._rng.random() * 100 >= spec.percent:
+        if self.closed or (spec.percent < 100 and self._rng.random() * 100 >= spec.percent):
             return None
         if self.inflight >= spec.max_inflight:
             self.metrics.outcome("dropped")
             return None
-        self.inflight += 1  # waiting or running: both count against the budget
+        self.inflight += 1  # waiting, running or being compared: all count against the budget
         fut = asyncio.get_running_loop().create_future()
         self.pending.add(fut)
-        fut.add_done_callback(self._finished)
+        fut.add_done_callback(self.pending.discard)
         self._waiting.append((request, fut))
-        self._scheduler.later(self._start)
+        if not self._start_queued:
+            self._start_queued = True
+            self._scheduler.later(self._start)
         return fut
 
     def _start(self) -> None:
+        self._start_queued = False
         """Start every copy waiting, as few executions as the model's batches allow: copies
         gather while primary work runs, and one call for several of them costs far less (a
         remote shadow's gRPC call costs the gateway about as much as answering a request)."""
@@ -167,10 +183,6 @@ class ShadowRunner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(partial(_settle_futures, [f for _, f in copies]))
-
-    def _finished(self, fut: asyncio.Future) -> None:
-        self.inflight -= 1
-        self.pending.discard(fut)
 
     async def _run_all(self, requests: list[InferRequest]) -> list[Outcome]:
         """Each copy's outcome: the copies in batches of at most the model's max_batch_size
@@ -225,6 +237,8 @@ class ShadowRunner:
                 outcomes[i] = Outcome(None, _perf() - t0, message[:512])
 
     def cancel(self) -> None:
+        """Drain or a replaced route: no new copies; those waiting or running are cancelled."""
+        self.closed = True
         self._waiting.clear()
         for task in list(self._tasks):
             task.cancel()
@@ -247,9 +261,16 @@ class ShadowRunner:
 
         def done(f: asyncio.Future) -> None:
             if f.cancelled():
+                self.inflight -= 1
                 self.metrics.outcome("cancelled")
-            else:  # the comparison's arithmetic waits for idle time too
-                self._scheduler.later(partial(compare, f.result()))
+            else:  # the comparison's arithmetic waits for idle time too, within the budget
+                self._scheduler.later(partial(compare_once, f.result()))
+
+        def compare_once(outcome: Outcome) -> None:
+            try:
+                compare(outcome)
+            finally:
+                self.inflight -= 1
 
         def compare(outcome: Outcome) -> None:
             sm = self.metrics
@@ -307,12 +328,15 @@ class ShadowRunner:
 
 
 def _settle_futures(futs: list[asyncio.Future], task: asyncio.Future) -> None:
-    outcomes = None if task.cancelled() else task.result()
+    error = None if task.cancelled() else task.exception()
+    outcomes = None if task.cancelled() or error is not None else task.result()
     for k, fut in enumerate(futs):
         if fut.done():
             continue
-        if outcomes is None:
+        if task.cancelled():
             fut.cancel()
+        elif outcomes is None:  # a bug in the runner: every copy of the batch failed
+            fut.set_result(Outcome(None, 0.0, f"{type(error).__name__}: {error}"[:512]))
         else:
             fut.set_result(outcomes[k])
 

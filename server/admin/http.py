@@ -49,7 +49,7 @@ async def handle(
         raw = await body()
         try:
             request = json_format.Parse(raw or b"{}", apb.SetWeightsRequest(), ignore_unknown_fields=False)
-        except json_format.ParseError as e:
+        except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:
             raise invalid(
                 f'the body must be a SetWeightsRequest as JSON, e.g. {{"weights": {{"canary": 25}}}}: {str(e)[:256]}'
             ) from None

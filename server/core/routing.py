@@ -410,6 +410,8 @@ class BucketTable:
             raise ValueError(f"not a bucket table: {e}") from None
         if len(owners) != BUCKETS or set(owners) - set(weights):
             raise ValueError("not a bucket table: wrong size or unknown variants")
+        if any(w < 0 or w > 100 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError("not a bucket table: weights must be 0 to 100 and not all 0")
         return cls(route, owners, weights)
 
 
@@ -477,6 +479,8 @@ def sticky_key(sticky: StickyKey, request: InferRequest) -> bytes | None:
             data = t.data
             if data.size == 0:
                 return None
+            if data.ndim == 0:  # a scalar input: its one value
+                data = data.reshape(1)
             row = data[0] if data.ndim > 1 else data[:1]
             if data.dtype == object:
                 return b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in row.reshape(-1))

@@ -161,6 +161,20 @@ class Admission:
                 cap.shedding, cap.since = above, None
         return cap.shedding and above  # overloaded: admitted only within the target
 
+    def move(self, old: ModelVersion, new: ModelVersion) -> None:
+        """Move one admitted request from ``old`` to ``new`` (a route's variant chosen after
+        decoding): judged on ``new``'s queue as a new arrival, without counting twice against
+        the process's bound, and without counting as an answer of ``old``. Raises as
+        :meth:`admit` does; then the request stays admitted on ``old``."""
+        self.inflight -= 1
+        old.admitted -= 1
+        try:
+            self.admit(new)
+        except GatewayError:
+            old.admitted += 1
+            self.inflight += 1
+            raise
+
     def release(self, version: ModelVersion) -> None:
         version.admitted -= 1
         self.inflight -= 1

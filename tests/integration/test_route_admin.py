@@ -157,6 +157,15 @@ def test_http_mirror_speaks_the_same_messages(keyed):
     status, body = _http(keyed, "POST", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN, {"weights": {"canary": "x"}})
     assert status == 400 and "SetWeightsRequest" in body["error"]
     assert _http(keyed, "GET", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN)[0] == 400
+    # a body that is not UTF-8 is a client error, whoever sends it (it was a 500)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{keyed.gateway.admin_http_port}/admin/v1/routes/fraud/weights",
+        data=b"\xff\xfe{",
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
 
 
 def test_open_server_refuses_changes_unless_allowed(repo, tmp_path):

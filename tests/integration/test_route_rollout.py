@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gateway_support import start_gateway
@@ -189,3 +190,24 @@ def _until(check, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < end
         time.sleep(0.05)
+
+
+def test_a_deadline_the_caller_set_and_missed_is_not_the_canarys_error(repo, tmp_path):
+    """DEADLINE_EXCEEDED from a caller's own (tight) timeout must not let callers roll a canary back."""
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_slow", min_requests=1_000_000)])
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        missed = 0
+        client = grpcclient.InferenceServerClient(running.grpc_url)
+        inp = grpcclient.InferInput("features", [1, 4], "FP32")
+        inp.set_data_from_numpy(FEATURES)
+        for _ in range(60):
+            try:
+                client.infer("ramp", [inp], timeout=1)  # the V2 timeout: 1 µs
+            except InferenceServerException as e:
+                missed += "DEADLINE_EXCEEDED" in str(e.status())
+        assert missed > 0
+        assert route.windows["canary"].server_errors == 0 and route.windows["stable"].server_errors == 0
+    finally:
+        running.stop()

@@ -105,3 +105,28 @@ def test_capacity_is_the_busiest_interval_and_decays_slowly():
         now += 0.01
         cap.answer(now, 0.1, backlog=True)
     assert 900 < cap.peak < 1000
+
+
+def test_moving_an_admitted_request_counts_it_once():
+    """A route's request re-picked after decoding moves its admission: at the process's bound it
+    is not refused for counting itself twice, and the old version does not count an answer."""
+    adm = Admission(max_inflight=2, max_queue_wait_s=0.0, queue_target_s=0.02, clock=Clock())
+    a, _ = version(1000.0)
+    b, _ = version(1000.0)
+    adm.admit(a)
+    adm.admit(a)  # the process is full
+    peak = a.capacity.peak
+    adm.move(a, b)
+    assert (adm.inflight, a.admitted, b.admitted) == (2, 1, 1)
+    assert a.capacity.peak == peak and a.capacity.since is None  # no answer recorded on a
+    with pytest.raises(GatewayError):  # a new request is still refused
+        adm.admit(b)
+    full = Admission(max_inflight=10, max_queue_wait_s=0.0, clock=Clock())
+    c, _ = version(1000.0)
+    d, _ = version(1000.0)
+    d.scheduler = PassThroughScheduler(lambda batch, done: None, instances=1, max_queue_size=1, name="d")
+    full.admit(c)
+    full.admit(d)  # d's queue (bound 1) is full
+    with pytest.raises(GatewayError):
+        full.move(c, d)
+    assert (full.inflight, c.admitted, d.admitted) == (2, 1, 1)  # refused: still on c

@@ -312,3 +312,16 @@ def test_fuzz_finding_a_rollout_role_that_is_not_a_string_is_a_config_error():
     ]
     with pytest.raises(ConfigError, match="'canary' must name one of the route's variants"):
         parse_routes(raw)
+
+
+def test_review_findings_scalar_sticky_input_and_zero_weight_tables():
+    """A scalar input keys a cohort by its value (it raised IndexError: a 500); a kept table whose
+    weights are all 0 is refused on reading (every pick would fail)."""
+    from batchgate.core.routing import StickyKey
+
+    req = InferRequest("r", "", (Tensor("id", "INT64", (), np.array(7, np.int64)),))
+    assert sticky_key(StickyKey("input", "id"), req) == np.array([7], "<i8").tobytes()
+    state = BucketTable.fresh("r", {"a": 1, "b": 1}).to_state()
+    state["weights"] = {"a": 0, "b": 0}
+    with pytest.raises(ValueError, match="not all 0"):
+        BucketTable.from_state(state)
