@@ -14,8 +14,9 @@ core) serves the same model as a remote shadow. Phases:
    shadow over without. Target <= 1.25. The p99 is taken per second and the median of those is
    compared (the p99 pooled over a round is reported too: on this shared VM a stall now and then
    takes one second's p99 to tens of milliseconds, whichever route it falls on).
-3. local shadow of equal cost (the same model, its own session and thread): the same, and the
-   share of copies dropped at its budget.
+3. local shadow of equal cost (another mlp of the same size, ``canary_good``, on its own session
+   and thread; a shadow of the answering model itself gets no copies): the same, and the share of
+   copies dropped at its budget.
 4. rollouts (interval 5 s, min_requests 300, 800 requests/s): a canary of equal cost ramps
    10 -> 25 -> 50 -> 100% and is promoted; a canary several times slower fails the p99 gate and
    is rolled back. Weights and gate figures are sampled from the admin API and plotted.
@@ -372,7 +373,7 @@ def main() -> int:
                             {
                                 "name": "local_shadowed",
                                 "variants": one,
-                                "shadows": [{"name": "local", "model": "base", "percent": 100, "max_inflight": 8}],
+                                "shadows": [{"name": "local", "model": "canary_good", "percent": 100, "max_inflight": 8}],
                                 "compare": compare,
                             },
                         ],
