@@ -18,8 +18,9 @@ core) serves the same model as a remote shadow. Phases:
    and thread; a shadow of the answering model itself gets no copies): the same, and the share of
    copies dropped at its budget.
 4. rollouts (interval 5 s, min_requests 300, 800 requests/s): a canary of equal cost ramps
-   10 -> 25 -> 50 -> 100% and is promoted; a canary several times slower fails the p99 gate and
-   is rolled back. Weights and gate figures are sampled from the admin API and plotted.
+   10 -> 25 -> 50 -> 100% and is promoted; a canary several times slower fails the p99 gate
+   (max_p99_ratio 1.5 here: with 400 canary answers an interval at the 10% step, this VM's stalls
+   move a p99 by more than 25%) and is rolled back. Weights and gate figures are sampled from the admin API and plotted.
 
 Figures are ratios within one run (medians of the rounds); the JSON and the plot go to --out.
 """
@@ -223,7 +224,9 @@ def rollout_run(pin, repo: Path, out: Path, canary: str, rate: float, seconds: f
             "steps": [10, 25, 50, 100],
             "interval_s": 5,
             "min_requests": 300,
-            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25},
+            # 1.5, not the example's 1.25: a 10% step is 400 canary answers an interval here, whose
+            # p99 (the 4th slowest) a VM stall moves by more than 25%; the 4x slower canary fails it
+            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.5},
         },
     }
     cfg.write_text(yaml.safe_dump({"routes": [route]}))
@@ -298,7 +301,7 @@ def plot(report: dict, path: Path) -> None:
             c, b = w.get("canary", {}).get("p99_s"), w.get("stable", {}).get("p99_s")
             ratio.append(c / b if c and b else np.nan)
         bottom.plot(t, ratio, ".", label="canary p99 / stable p99 (current interval)")
-        bottom.axhline(1.25, color="red", linestyle="--", label="gate max_p99_ratio 1.25")
+        bottom.axhline(1.5, color="red", linestyle="--", label="gate max_p99_ratio 1.5")
         bottom.set_xlabel("seconds")
         bottom.set_ylabel("p99 ratio")
         bottom.legend(loc="upper right", fontsize=8)
@@ -373,7 +376,9 @@ def main() -> int:
                             {
                                 "name": "local_shadowed",
                                 "variants": one,
-                                "shadows": [{"name": "local", "model": "canary_good", "percent": 100, "max_inflight": 8}],
+                                "shadows": [
+                                    {"name": "local", "model": "canary_good", "percent": 100, "max_inflight": 8}
+                                ],
                                 "compare": compare,
                             },
                         ],
