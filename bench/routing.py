@@ -8,6 +8,8 @@ core) serves the same model as a remote shadow. Phases:
 1. overhead: closed-loop gRPC (h2load -c 8 -m 8) to ``base`` and to the route ``plain`` (one
    variant: ``base``), ``--pairs`` pairs of 2-second runs in ABBA order; OK answers per second
    from the server's counters; the median of the pairs' ratios. Target: route / direct >= 0.95.
+   Then (1b) the same without any transport: a gateway in this process, requests handed to its
+   data plane, alternating rounds of 10,000 (the route's own cost, free of the load tool's noise).
 2. remote shadow: the capacity of the route ``remote_shadowed`` (``base`` plus a shadow on the
    remote upstream at 100%), then open-loop gRPC at 50% of it, one client alternating between
    ``plain`` and ``remote_shadowed`` second by second (shuffled); the primary's p99 with the
@@ -279,6 +281,58 @@ def background_load(port: int, rate: float, seconds: float) -> None:
     asyncio.run(main())
 
 
+def dataplane_phase(repo: Path, cfg: Path, rounds: int, n: int = 10_000) -> dict:
+    """The route's own cost without any transport: one in-process gateway, requests handed to
+    its data plane (admit, infer, release) to ``base`` and to ``plain``, in alternating rounds of
+    ``n``; microseconds a request, median of the rounds. Pinned like the gateway when possible."""
+    import threading
+
+    from batchgate.app import Gateway
+    from batchgate.config import load_settings
+    from batchgate.core.types import RequestLimits, Tensor, new_request
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:1])  # this process, one core: as the served gateway has
+    flags = {"model_repository": str(repo), "host": "127.0.0.1", "http_port": 0, "grpc_port": 0}
+    flags |= {"metrics_port": -1, "admin_port": -1, "admin_http_port": -1, "infer_threads": 1}
+    settings = load_settings(str(cfg), flags, environ={})
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(600)
+
+    gw = Gateway(settings)
+    call(gw.start())
+    dp = gw.dataplane
+    x = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
+    limits = RequestLimits()
+
+    async def run(name: str) -> float:
+        req = new_request(name, "", [Tensor("input", "FP32", (1, 256), x)], None, "", None, {}, 0.0, "grpc", limits)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            served = dp.admit(name, "", header=lambda k: None)
+            try:
+                await dp.infer(served, req)
+            finally:
+                dp.release(served)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    got: dict[str, list[float]] = {"base": [], "plain": []}
+    try:
+        for i in range(rounds):
+            for m in ("base", "plain") if i % 2 == 0 else ("plain", "base"):
+                got[m].append(call(run(m)))
+            say(f"  round {i + 1}: direct {got['base'][-1]:.0f} µs, route {got['plain'][-1]:.0f} µs a request")
+    finally:
+        call(gw.stop(1.0))
+        loop.call_soon_threadsafe(loop.stop)
+        os.sched_setaffinity(0, cores)
+    direct, route = float(np.median(got["base"])), float(np.median(got["plain"]))
+    return {"direct_us": got["base"], "route_us": got["plain"], "ratio": direct / route}
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -317,7 +371,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=20, help="pairs of 2-second runs of the overhead phase")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
-    ap.add_argument("--phases", default="overhead,remote,local,rollout")
+    ap.add_argument("--phases", default="overhead,dataplane,remote,local,rollout")
     ap.add_argument("--_load", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._load:
@@ -406,6 +460,9 @@ def main() -> int:
                         "ratio_per_round": ratios,
                         "ratio": float(np.median(ratios)),
                     }
+                if "dataplane" in phases:
+                    say("phase 1b: the route's own cost through the data plane, in process")
+                    report["dataplane"] = dataplane_phase(repo, cfg, 2 * args.rounds)
                 if "remote" in phases:
                     say("phase 2: remote shadow at 100%")
                     report["remote_shadow"] = shadow_rounds(
@@ -438,6 +495,8 @@ def print_summary(report: dict) -> None:
     if "overhead" in report:
         o = report["overhead"]
         rows.append(("route / direct throughput", f"{o['ratio']:.3f}", ">= 0.95"))
+    if "dataplane" in report:
+        rows.append(("route / direct, data plane in process", f"{report['dataplane']['ratio']:.3f}", "-"))
     for key, what in (("remote_shadow", "remote shadow"), ("local_shadow", "local shadow (equal cost)")):
         if key in report:
             r = report[key]
