@@ -69,7 +69,7 @@ bench-remote: $(STAMP) bench-tools
 bench-overload: $(STAMP) bench-tools
 	$(PY) bench/overload.py
 
-# Routing (bench/routing.py, about 6 minutes): a route's overhead against the model directly, a
+# Routing (bench/routing.py, about 7 minutes): a route's overhead against the model directly, a
 # remote and a local shadow's cost to the primary's p99 at half of capacity, two rollouts
 # (promoted, rolled back) plotted to bench/results/routing.png.
 bench-routing: $(STAMP) bench-tools

@@ -1,5 +1,5 @@
 """Routing: what a route costs, what a shadow costs its primary, and a rollout over time
-(``make bench-routing``, about 6 minutes).
+(``make bench-routing``, about 7 minutes).
 
 One gateway (pinned to one core; the load on the other) serves the model ``base`` (the demo mlp)
 directly and through routes; a second batchgate process (the "remote" upstream, on the load's
