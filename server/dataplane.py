@@ -57,6 +57,11 @@ CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
 
 
+# What admission hands back and inference takes: a model version, or a request's passage
+# through a route. Transports hold it without looking inside.
+Served = ModelVersion | Routed
+
+
 class ServerMetadata(TypedDict):
     name: str
     version: str
@@ -123,9 +128,7 @@ class DataPlane:
         return self.repository.ready(name, version)
 
     # ------------------------------------------------------------------ inference
-    def admit(
-        self, name: str, version: str = "", caller: Caller = OPEN_CALLER, header: Header | None = None
-    ) -> ModelVersion | Routed:
+    def admit(self, name: str, version: str = "", caller: Caller = OPEN_CALLER, header: Header | None = None) -> Served:
         """Admit one inference request for ``name`` (``version``: "" = latest) before anything
         of it is decoded, or refuse it: UNAVAILABLE while draining; with API keys,
         UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED (its rate) for the caller, before
@@ -150,11 +153,11 @@ class DataPlane:
         self.admission.admit(served)
         return served
 
-    def release(self, served: ModelVersion | Routed) -> None:
+    def release(self, served: Served) -> None:
         self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]
 
     @staticmethod
-    def infer(served: ModelVersion | Routed, request: InferRequest) -> Awaitable[InferResponse]:
+    def infer(served: Served, request: InferRequest) -> Awaitable[InferResponse]:
         """Hand ``request`` to the version :meth:`admit` returned; await the answer.
 
         Not a coroutine itself (one frame less per request): a refusal found here raises at

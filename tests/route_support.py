@@ -13,6 +13,26 @@ from onnx import TensorProto, helper, numpy_helper
 
 from batchgate.demo import _model, _save, classifier_model, identity_model, mlp_model
 
+# The route of the example: the unit, fuzz and chart tests start from it.
+EXAMPLE_ROUTE = {
+    "name": "fraud",
+    "variants": [
+        {"name": "stable", "model": "fraud_v1", "version": "3", "weight": 90},
+        {"name": "canary", "model": "fraud_v2", "weight": 10},
+    ],
+    "sticky_key": "header:x-user-id",
+    "shadows": [{"name": "next", "model": "fraud_v3", "percent": 20, "max_inflight": 8}],
+    "compare": {"output": "probabilities", "kind": "classification", "atol": 1.0e-3},
+    "rollout": {
+        "canary": "canary",
+        "baseline": "stable",
+        "steps": [10, 25, 50, 100],
+        "interval_s": 300,
+        "min_requests": 500,
+        "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25, "max_disagreement": 0.05},
+        "on_fail": "rollback",
+    },
+}
 FEATURES = np.full((1, 4), 0.1, np.float32)  # the failing model answers these
 POISON = np.ones((1, 4), np.float32)  # and fails on these
 

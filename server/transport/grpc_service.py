@@ -55,12 +55,7 @@ async def _abort(context, e: GatewayError):
 def caller_of(context) -> Caller:
     """Who is calling: the authorization metadata entry, the client certificate's subject and
     the peer address."""
-    auth = None
-    for k, v in context.invocation_metadata() or ():
-        if k == "authorization":
-            auth = v if isinstance(v, str) else v.decode("latin-1")
-            break
-    return Caller(auth, grpc_peer_subject(context), context.peer() or "")
+    return Caller(_metadata(context, "authorization"), grpc_peer_subject(context), context.peer() or "")
 
 
 def _metadata(context, name: str) -> str | None:

@@ -22,7 +22,7 @@ from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.routing import PIN_HEADER
 from ..core.types import caller_headers
-from ..dataplane import FILE_PARAM_PREFIX, DataPlane
+from ..dataplane import FILE_PARAM_PREFIX, DataPlane, Served
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import http_peer_subject
 from . import http_codec
@@ -30,8 +30,6 @@ from .http_limits import Verdict
 
 if TYPE_CHECKING:
     from ..admin.api import AdminApi
-    from ..model import ModelVersion
-    from ..routes import Routed
 
 log = logging.getLogger("batchgate.http")
 
@@ -161,7 +159,7 @@ class HttpApp:
         scope[ADMITTED] = (served, model, version)
         return None
 
-    def _admit(self, model: str, version: str, scope) -> ModelVersion | Routed:
+    def _admit(self, model: str, version: str, scope) -> Served:
         """Admission from the path and the caller, logged when refused (counted by the caller)."""
         try:
             return self.dp.admit(
@@ -432,13 +430,10 @@ DECOMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024
 def caller_of(scope) -> Caller:
     """Who is calling: the Authorization header, the client certificate's subject (mTLS) and
     the peer address."""
-    auth = None
-    for k, v in scope["headers"]:
-        if k == b"authorization":
-            auth = v.decode("latin-1")
-            break
     client = scope.get("client")
-    return Caller(auth, http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else "")
+    return Caller(
+        _header(scope, "authorization"), http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else ""
+    )
 
 
 def _header(scope, name: str) -> str | None:

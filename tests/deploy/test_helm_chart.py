@@ -28,6 +28,7 @@ from batchgate.monitoring.metrics import FAMILIES
 from batchgate.route_table import read_routes_file
 from batchgate.transport.http_app import LIVE_PATH, READY_PATH
 from processes import Proc
+from route_support import EXAMPLE_ROUTE
 
 VARIANTS = {
     "default": {},
@@ -47,21 +48,7 @@ VARIANTS = {
         "service": {"headless": False},
     },
     "routes": {
-        "routes": {
-            "list": [
-                {
-                    "name": "fraud",
-                    "variants": [
-                        {"name": "stable", "model": "fraud_v1", "version": "3", "weight": 90},
-                        {"name": "canary", "model": "fraud_v2", "weight": 10},
-                    ],
-                    "sticky_key": "header:x-user-id",
-                    "shadows": [{"name": "next", "model": "fraud_v3", "percent": 20, "max_inflight": 8}],
-                    "compare": {"output": "probabilities", "kind": "classification", "atol": 0.001},
-                    "rollout": {"canary": "canary", "baseline": "stable", "steps": [10, 25, 50, 100]},
-                }
-            ]
-        },
+        "routes": {"list": [EXAMPLE_ROUTE]},
         "state": {"existingClaim": "batchgate-state"},
         "config": {"routing": {"shadow_threads": 2}},
     },

@@ -13,26 +13,9 @@ from hypothesis import strategies as st
 from batchgate.core.errors import ConfigError
 from batchgate.core.routing import BUCKETS, BucketTable, parse_routes
 from batchgate.route_table import read_routes_file
+from route_support import EXAMPLE_ROUTE
 
-GOOD = {
-    "name": "fraud",
-    "variants": [
-        {"name": "stable", "model": "fraud_v1", "version": "3", "weight": 90},
-        {"name": "canary", "model": "fraud_v2", "weight": 10},
-    ],
-    "sticky_key": "header:x-user-id",
-    "shadows": [{"name": "next", "model": "fraud_v3", "percent": 20, "max_inflight": 8}],
-    "compare": {"output": "probabilities", "kind": "classification", "atol": 1.0e-3},
-    "rollout": {
-        "canary": "canary",
-        "baseline": "stable",
-        "steps": [10, 25, 50, 100],
-        "interval_s": 300,
-        "min_requests": 500,
-        "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25, "max_disagreement": 0.05},
-        "on_fail": "rollback",
-    },
-}
+GOOD = EXAMPLE_ROUTE
 
 odd = st.recursive(
     st.one_of(

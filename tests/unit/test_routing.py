@@ -25,28 +25,9 @@ from batchgate.core.routing import (
 )
 from batchgate.core.signature import ModelSignature, TensorSpec
 from batchgate.core.types import DATATYPES, InferRequest, Tensor
+from route_support import EXAMPLE_ROUTE
 
-ISSUE_EXAMPLE = [
-    {
-        "name": "fraud",
-        "variants": [
-            {"name": "stable", "model": "fraud_v1", "version": "3", "weight": 90},
-            {"name": "canary", "model": "fraud_v2", "weight": 10},
-        ],
-        "sticky_key": "header:x-user-id",
-        "shadows": [{"name": "next", "model": "fraud_v3", "percent": 20, "max_inflight": 8}],
-        "compare": {"output": "probabilities", "kind": "classification", "atol": 1.0e-3},
-        "rollout": {
-            "canary": "canary",
-            "baseline": "stable",
-            "steps": [10, 25, 50, 100],
-            "interval_s": 300,
-            "min_requests": 500,
-            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1.25, "max_disagreement": 0.05},
-            "on_fail": "rollback",
-        },
-    }
-]
+ISSUE_EXAMPLE = [EXAMPLE_ROUTE]
 
 
 def test_a_full_route_definition_is_read():
