@@ -6,12 +6,12 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test fuzz demo bench bench-serving bench-batching bench-remote bench-overload bench-routing bench-tools lint clean soak
+.PHONY: install serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-overload bench-routing bench-tools lint clean soak
 
 $(STAMP): pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q -e '.[test,bench,drift]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,6 +44,11 @@ test: $(STAMP) lint
 # fixed-seed pass of the same properties.
 fuzz: $(STAMP)
 	BATCHGATE_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
+
+# The drift tests' false-alarm sweep at length (tests/unit/test_drift_statistics.py: 2,500 windows
+# of 2,000 rows per stream at alpha 0.01, about 5 minutes). `make test` runs 250 windows at 0.05.
+drift-sweep: $(STAMP)
+	BATCHGATE_DRIFT_SWEEP=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/unit/test_drift_statistics.py
 
 bench-tools:
 	@command -v h2load >/dev/null && command -v wrk >/dev/null || \

@@ -30,8 +30,10 @@ from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
 from .config import ConfigError, Settings, batching_policies
+from .core.errors import GatewayError
 from .core.types import RequestLimits
 from .dataplane import DataPlane
+from .monitoring.drift import DriftService
 from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
 from .repository.build import BuildOptions, VersionBuilder
@@ -142,6 +144,7 @@ class Gateway:
         self._health_grpc: grpc.aio.Server | None = None
         self._tls: ServerTls | None = None
         self.routes: RouteTable | None = None
+        self.drift: DriftService | None = None
         self._route_tasks: list[asyncio.Future] = []
         self._shadow_pool: ThreadPoolExecutor | None = None
 
@@ -155,6 +158,7 @@ class Gateway:
         self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
         await self.repository.start()
         await self._start_routes()
+        self._start_drift()
         lim = self.settings.limits
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
@@ -296,6 +300,31 @@ class Gateway:
                 asyncio.ensure_future(table.watch(self.settings.routes, rs.routes_file, rs.routes_poll_s))
             )
 
+    def _start_drift(self) -> None:
+        """Drift monitors of the config file's ``drift`` list, checked against the served models
+        and routes (a ConfigError stops the start); then the detector process."""
+        if not self.settings.drift:
+            return
+        signatures = {}
+        for spec in self.settings.drift:
+            route = self.routes.routes.get(spec.model) if self.routes is not None else None
+            try:
+                served = route.primary() if route is not None else self.repository.resolve(spec.model, "")
+            except GatewayError:
+                served = None
+            if served is not None:
+                signatures[spec.model] = served.signature
+        access = self.dataplane.access
+        service = DriftService(
+            self.settings.drift,
+            self.settings.drift_detector,
+            self.metrics,
+            lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
+        )
+        service.prepare(signatures)
+        service.start(asyncio.get_running_loop())
+        self.dataplane.drift = self.drift = service
+
     async def _listen_http(self, app: HttpApp, host: str, port: int) -> _HttpListener:
         s, lim = self.settings.server, self.settings.limits
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
@@ -406,6 +435,8 @@ class Gateway:
         if self.routes is not None and self.routes.disagreements is not None:
             self.routes.disagreements.close()
         self.threads.shutdown()
+        if self.drift is not None:
+            await asyncio.to_thread(self.drift.stop)
         log.info("stopped")
         return clean
 

@@ -217,6 +217,9 @@ def main(argv=None) -> int:
     from .admin.cli import add_parser as add_routes_parser
 
     add_routes_parser(sub)
+    from .drift_profile import add_parser as add_drift_parser
+
+    add_drift_parser(sub)
     args = ap.parse_args(argv)
 
     if args.command == "demo-repo":
@@ -242,6 +245,10 @@ def main(argv=None) -> int:
         from .admin.cli import main as routes_main
 
         return routes_main(args)
+    if args.command == "drift":
+        from .drift_profile import main as drift_main
+
+        return drift_main(args)
 
     flags = serve_flags(args)
     with warnings.catch_warnings(record=True) as caught:  # deprecated forms: logged once logging is set up

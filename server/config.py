@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .core.drift import MonitorSpec, parse_monitors
+
 # The remote_models list's entries and the settings error live in their own modules; both are
 # part of this module's interface.
 from .core.errors import ConfigError
@@ -251,8 +253,8 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
                 _claim(seen, name, f"'{key}.{skey}'", src)
                 out[name] = (skey, sv)
             continue
-        if key == "routes":  # a list of route mappings, checked by core/routing.py
-            out["routes"] = (key, v)
+        if key in ("routes", "drift"):  # lists of routes and monitors, checked by core/routing.py, core/drift.py
+            out[key] = (key, v)
             continue
         if key in RESERVED_SECTIONS:
             raise ConfigError(
@@ -400,10 +402,14 @@ def load_settings(
         given[name] = (source, spelling)
 
     routes: tuple[RouteSpec, ...] = ()
+    monitors: tuple[MonitorSpec, ...] = ()
     if file:
         for name, (spelling, raw) in _read_file(file).items():
             if name == "routes":
                 routes = tuple(parse_routes(raw, f"config file {file}: routes"))
+                continue
+            if name == "drift":
+                monitors = tuple(parse_monitors(raw, f"config file {file}: drift"))
                 continue
             put(name, spelling, raw, f"config file {file}")
     env = os.environ if environ is None else environ
@@ -434,6 +440,7 @@ def load_settings(
         },
         remote_models=values.get("remote_models", ()),
         routes=routes,
+        drift=monitors,
     )
     _validate(settings, given)
     return settings

@@ -35,6 +35,7 @@ from .security.audit import hash_files
 from .security.limits import Admission
 
 if TYPE_CHECKING:
+    from .monitoring.drift import DriftService
     from .route_table import RouteTable
 
 log = logging.getLogger("batchgate")
@@ -101,6 +102,7 @@ class DataPlane:
         self._keys = self.access.keys  # None: an open server (fixed for its life)
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
         self.routes: RouteTable | None = None  # set by the Gateway when routes are configured
+        self.drift: DriftService | None = None  # set by the Gateway when drift monitors are configured
 
     def _route(self, name: str) -> ServedRoute | None:
         routes = self.routes
@@ -156,13 +158,17 @@ class DataPlane:
     def release(self, served: Served) -> None:
         self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]
 
-    @staticmethod
-    def infer(served: Served, request: InferRequest) -> Awaitable[InferResponse]:
-        """Hand ``request`` to the version :meth:`admit` returned; await the answer.
+    def infer(self, served: Served, request: InferRequest) -> Awaitable[InferResponse]:
+        """Hand ``request`` to the version :meth:`admit` returned; await the answer. With drift
+        monitors, a sampled request's rows are offered to the detector once it is answered.
 
         Not a coroutine itself (one frame less per request): a refusal found here raises at
         once, before anything is queued."""
-        return served.submit(request)
+        drift = self.drift
+        if drift is None or request.synthetic:
+            return served.submit(request)
+        variant = served.version.name if type(served) is Routed else None
+        return drift.watch(served.submit(request), request, variant)
 
     @property
     def in_flight(self) -> int:

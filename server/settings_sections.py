@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .core.drift import MonitorSpec
 from .core.routing import RouteSpec
 from .remote_models import RemoteModel
 
@@ -272,6 +273,35 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    """Section ``drift_detector``: the detector process, its queue and its events, for the
+    monitors of the top-level ``drift`` list."""
+
+    drift_max_features: int = _setting(
+        512, "a drift monitor may watch at most this many features (each is a metric label)", minimum=1
+    )
+    drift_queue_samples: int = _setting(
+        1024, "sampled requests waiting for the detector process; one more is dropped and counted", minimum=1
+    )
+    drift_profiles_dir: str = _setting(
+        "", "directory where rebaselined profiles are kept across restarts; empty = kept in memory only", metavar="DIR"
+    )
+    drift_dead_letter_file: str = _setting(
+        "", "JSONL file of drift events the webhook did not take, retried later; empty = kept in memory", metavar="FILE"
+    )
+    drift_dead_letter_max_events: int = _setting(
+        1000, "events kept in the dead letter; past it, coalesced to the latest per model", minimum=1
+    )
+    drift_dead_letter_retry_s: float = _setting(30.0, "how often dead-lettered events are retried", positive=True)
+    drift_rebaseline_max_rows: int = _setting(
+        10_000, "live rows kept per monitor for a rebaseline (the most a rebaseline can use)", minimum=10
+    )
+    drift_event_source: str = _setting(
+        "", "the CloudEvents 'source' of drift events; empty = /batchgate/<host name>", metavar="URI"
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     repository: RepositorySettings = field(default_factory=RepositorySettings)
@@ -280,8 +310,10 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    drift_detector: DriftSettings = field(default_factory=DriftSettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
     routes: tuple[RouteSpec, ...] = ()  # the config file's routes list (core/routing.py)
+    drift: tuple[MonitorSpec, ...] = ()  # the config file's drift list (core/drift.py)
 
 
 SECTIONS: dict[str, type] = {
@@ -292,6 +324,7 @@ SECTIONS: dict[str, type] = {
     "auth": AuthSettings,
     "tls": TlsSettings,
     "routing": RoutingSettings,
+    "drift_detector": DriftSettings,
 }
-RESERVED_SECTIONS = ("drift",)  # planned; refused until it exists
-TOP_LEVEL = (*SECTIONS, "remote_models", "routes")
+RESERVED_SECTIONS: tuple[str, ...] = ()  # planned sections, refused until they exist
+TOP_LEVEL = (*SECTIONS, "remote_models", "routes", "drift")

@@ -4,12 +4,13 @@ call (scope ``read`` to look, ``admin`` to change; without API keys, changes nee
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format
 
-from ..core.errors import GatewayError, not_found
+from ..core.errors import GatewayError, invalid, not_found
 from ..core.types import clip
 from ..dataplane import DataPlane
 from ..routes import ServedRoute
@@ -17,6 +18,27 @@ from ..security.access import ADMIN, READ, Caller
 from .v1 import admin_pb2 as apb
 
 ACTIONS = ("promote", "rollback", "pause", "resume")
+
+
+def drift_message(status: dict[str, Any]) -> apb.DriftStatus:
+    msg = apb.DriftStatus(
+        model=status["model"],
+        active=bool(status.get("active", False)),
+        detected=list(status.get("detected", [])),
+        detections=int(status.get("detections", 0)),
+        windows=int(status.get("windows", 0)),
+        profile_id=str(status.get("profile_id") or ""),
+        sample_rate=float(status.get("sample_rate", 0.0)),
+        samples={k: int(v) for k, v in status.get("samples", {}).items()},
+        detector_up=bool(status.get("detector_up", False)),
+        tests=list(status.get("tests", [])),
+        alpha=float(status.get("alpha", 0.0)),
+        correction=str(status.get("correction", "")),
+    )
+    last = status.get("last_window")
+    if last:
+        msg.last_window.update(last)
+    return msg
 
 
 def route_message(route: ServedRoute) -> apb.Route:
@@ -28,12 +50,15 @@ class AdminApi:
         self.dp = dataplane
 
     async def _call(self, caller: Caller, scope: str, action: str, target: str, op, detail: str = "") -> Any:
-        """Check the caller, run ``op(key)`` and audit the call, whatever its outcome."""
+        """Check the caller, run ``op(key)`` (awaited when it is a coroutine function) and audit
+        the call, whatever its outcome."""
         access = self.dp.access
         key = None
         try:
             key = access.check(caller, scope, target or None)
             result = op(key)
+            if inspect.isawaitable(result):
+                result = await result
         except GatewayError as e:
             await access.audited(
                 caller, key, action, target, e.code.value, f"{detail}: {e.message}" if detail else e.message
@@ -81,3 +106,50 @@ class AdminApi:
             return route_message(self._table().transition(name, action))
 
         return await self._call(caller, ADMIN, f"routes.{action}", name, op)
+
+    # ---------------------------------------------------------------- drift
+    def _drift(self):
+        drift = self.dp.drift
+        if drift is None:
+            raise not_found("no drift monitors are configured (config file 'drift')")
+        return drift
+
+    async def list_drift(self, caller: Caller) -> apb.ListDriftResponse:
+        def op(key) -> apb.ListDriftResponse:
+            drift = self.dp.drift
+            if drift is None:
+                return apb.ListDriftResponse()
+            return apb.ListDriftResponse(
+                monitors=[
+                    drift_message(drift.status(m)) for m in sorted(drift.specs) if key is None or key.allows_model(m)
+                ]
+            )
+
+        return await self._call(caller, READ, "drift.list", "", op)
+
+    async def get_drift(self, caller: Caller, model: str) -> apb.DriftStatus:
+        return await self._call(
+            caller, READ, "drift.get", model, lambda key: drift_message(self._drift().status(model))
+        )
+
+    async def reset_drift(self, caller: Caller, model: str, reference: bool) -> apb.DriftStatus:
+        async def op(key) -> apb.DriftStatus:
+            drift = self._drift()
+            drift.monitor(model)
+            await drift.command("reset", {"model": model, "reference": reference})
+            return drift_message(drift.status(model))
+
+        return await self._call(
+            caller, ADMIN, "drift.reset", model, op, "to the configured reference" if reference else ""
+        )
+
+    async def rebaseline(self, caller: Caller, model: str, rows: int) -> apb.DriftStatus:
+        async def op(key) -> apb.DriftStatus:
+            drift = self._drift()
+            drift.monitor(model)
+            if rows < 0:
+                raise invalid("rows must be 0 (as many as are kept) or more")
+            await drift.command("rebaseline", {"model": model, "rows": rows})
+            return drift_message(drift.status(model))
+
+        return await self._call(caller, ADMIN, "drift.rebaseline", model, op, f"rows={rows or 'all kept'}")

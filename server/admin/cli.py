@@ -1,5 +1,6 @@
-"""``batchgate routes list | show | set-weight | promote | rollback | pause | resume``: the admin
-API's route calls from a shell, over gRPC to a gateway's ``admin_port``."""
+"""``batchgate routes list | show | set-weight | promote | rollback | pause | resume`` and
+``batchgate drift status | reset | rebaseline``: the admin API's calls from a shell, over gRPC to
+a gateway's ``admin_port``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ def add_parser(sub) -> None:
         help="look at and steer routes and their rollouts (the admin API)",
         description="Calls the admin gRPC API (batchgate.admin.v1.AdminService) of a running gateway.",
     )
+    common = _common()
+    rs = r.add_subparsers(dest="routes_command", required=True)
+    rs.add_parser("list", parents=[common], help="every route: weights, rollout, readiness")
+    rs.add_parser("show", parents=[common], help="one route in full (JSON)").add_argument("name")
+    w = rs.add_parser("set-weight", parents=[common], help="runtime weights (pauses a running rollout)")
+    w.add_argument("name")
+    w.add_argument("weights", nargs="+", metavar="VARIANT=WEIGHT")
+    for action in ACTIONS:
+        rs.add_parser(action, parents=[common], help=f"{action} the route's rollout").add_argument("name")
+
+
+def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT", help=f"admin_port (default {DEFAULT_ADMIN})"
@@ -28,14 +41,60 @@ def add_parser(sub) -> None:
     common.add_argument("--cert-file", metavar="FILE", help="mTLS: this client's certificate")
     common.add_argument("--key-file", metavar="FILE", help="mTLS: this client's private key")
     common.add_argument("--timeout-s", type=float, default=10.0, help="seconds to wait for the answer")
-    rs = r.add_subparsers(dest="routes_command", required=True)
-    rs.add_parser("list", parents=[common], help="every route: weights, rollout, readiness")
-    rs.add_parser("show", parents=[common], help="one route in full (JSON)").add_argument("name")
-    w = rs.add_parser("set-weight", parents=[common], help="runtime weights (pauses a running rollout)")
-    w.add_argument("name")
-    w.add_argument("weights", nargs="+", metavar="VARIANT=WEIGHT")
-    for action in ACTIONS:
-        rs.add_parser(action, parents=[common], help=f"{action} the route's rollout").add_argument("name")
+    return common
+
+
+def add_drift_commands(ds) -> None:
+    """``batchgate drift status | reset | rebaseline`` (``drift profile`` is drift_profile.py's)."""
+    common = _common()
+    st = ds.add_parser("status", parents=[common], help="every drift monitor, or one in full (JSON)")
+    st.add_argument("model", nargs="?")
+    r = ds.add_parser("reset", parents=[common], help="forget a monitor's windows and detections")
+    r.add_argument("model")
+    r.add_argument("--reference", action="store_true", help="also go back to the configured reference profile")
+    b = ds.add_parser("rebaseline", parents=[common], help="a new reference profile from the last rows served")
+    b.add_argument("model")
+    b.add_argument("--rows", type=int, default=0, help="rows to use (0: all kept, up to drift_rebaseline_max_rows)")
+
+
+def drift_main(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from .v1 import admin_pb2 as apb
+    from .v1 import admin_pb2_grpc
+
+    try:
+        metadata = _metadata(args.token_file)
+        channel = _channel(args)
+    except (OSError, ValueError) as e:
+        print(f"batchgate drift: {e}", file=sys.stderr)
+        return 2
+    stub = admin_pb2_grpc.AdminServiceStub(channel)
+    cmd, t = args.drift_command, args.timeout_s
+    try:
+        if cmd == "status" and not args.model:
+            monitors = stub.ListDrift(apb.ListDriftRequest(), metadata=metadata, timeout=t).monitors
+            print(f"{'MODEL':<24} {'STATE':<9} {'WINDOWS':>8} {'DETECTIONS':>10}  DRIFTED FEATURES")
+            for m in monitors:
+                state = "drifted" if m.active else "ok"
+                print(f"{m.model:<24} {state:<9} {m.windows:>8} {m.detections:>10}  {', '.join(m.detected) or '-'}")
+            return 0
+        if cmd == "status":
+            status = stub.GetDrift(apb.GetDriftRequest(model=args.model), metadata=metadata, timeout=t)
+        elif cmd == "reset":
+            req = apb.ResetDriftRequest(model=args.model, reference=args.reference)
+            status = stub.ResetDrift(req, metadata=metadata, timeout=t)
+        else:
+            req2 = apb.RebaselineRequest(model=args.model, rows=args.rows)
+            status = stub.Rebaseline(req2, metadata=metadata, timeout=t)
+        print(json.dumps(json_format.MessageToDict(status, preserving_proto_field_name=True), indent=2))
+        return 0
+    except grpc.RpcError as e:
+        print(f"batchgate drift: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -51,3 +51,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
 
     async def Resume(self, request, context):
         return await self._answer(context, self.api.act(caller_of(context), request.name, "resume"))
+
+    async def ListDrift(self, request, context):
+        return await self._answer(context, self.api.list_drift(caller_of(context)))
+
+    async def GetDrift(self, request, context):
+        return await self._answer(context, self.api.get_drift(caller_of(context), request.model))
+
+    async def ResetDrift(self, request, context):
+        return await self._answer(context, self.api.reset_drift(caller_of(context), request.model, request.reference))
+
+    async def Rebaseline(self, request, context):
+        return await self._answer(context, self.api.rebaseline(caller_of(context), request.model, request.rows))

@@ -6,6 +6,10 @@ field names as the proto spells them::
     GET  /admin/v1/routes/{name}               GetRoute
     POST /admin/v1/routes/{name}/weights       SetWeights   {"weights": {"canary": 25}}
     POST /admin/v1/routes/{name}/promote       Promote      (also rollback, pause, resume)
+    GET  /admin/v1/drift                       ListDrift
+    GET  /admin/v1/drift/{model}               GetDrift
+    POST /admin/v1/drift/{model}/reset         ResetDrift   {"reference": true} (optional)
+    POST /admin/v1/drift/{model}/rebaseline    Rebaseline   {"rows": 5000} (optional)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .v1 import admin_pb2 as apb
 
 PREFIX = "/admin/v1/"
 _ROUTE = re.compile(r"/admin/v1/routes(?:/([^/]+))?(?:/([a-z_]+))?")
+_DRIFT = re.compile(r"/admin/v1/drift(?:/([^/]+))?(?:/([a-z_]+))?")
 
 
 def to_json(message) -> dict:
@@ -36,7 +41,10 @@ async def handle(
     """(status, JSON object) of one admin call; GatewayError for the caller's mistakes."""
     m = _ROUTE.fullmatch(path)
     if m is None:
-        raise not_found(f"no such admin endpoint: {path[:256]}")
+        d = _DRIFT.fullmatch(path)
+        if d is None:
+            raise not_found(f"no such admin endpoint: {path[:256]}")
+        return await _drift(api, method, path, caller, body, d.group(1), d.group(2))
     name, action = m.group(1), m.group(2)
     if name is None:
         _method(method, "GET")
@@ -57,6 +65,38 @@ async def handle(
     if action in ACTIONS:
         return 200, to_json(await api.act(caller, name, action))
     raise not_found(f"no such admin endpoint: {path[:256]}")
+
+
+async def _drift(
+    api: AdminApi,
+    method: str,
+    path: str,
+    caller: Caller,
+    body: Callable[[], Awaitable[bytes]],
+    model: str | None,
+    action: str | None,
+) -> tuple[int, dict]:
+    if model is None:
+        _method(method, "GET")
+        return 200, to_json(await api.list_drift(caller))
+    if action is None:
+        _method(method, "GET")
+        return 200, to_json(await api.get_drift(caller, model))
+    _method(method, "POST")
+    if action == "reset":
+        req = _parse(await body(), apb.ResetDriftRequest(), '{"reference": true}')
+        return 200, to_json(await api.reset_drift(caller, model, req.reference))
+    if action == "rebaseline":
+        req = _parse(await body(), apb.RebaselineRequest(), '{"rows": 5000}')
+        return 200, to_json(await api.rebaseline(caller, model, req.rows))
+    raise not_found(f"no such admin endpoint: {path[:256]}")
+
+
+def _parse(raw: bytes, message, example: str):
+    try:
+        return json_format.Parse(raw or b"{}", message, ignore_unknown_fields=False)
+    except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:
+        raise invalid(f"the body must be a {type(message).__name__} as JSON, e.g. {example}: {str(e)[:256]}") from None
 
 
 def _method(method: str, want: str) -> None:

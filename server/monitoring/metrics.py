@@ -185,6 +185,68 @@ FAMILIES.update(
     }
 )
 
+# Drift (monitoring/drift.py): model names from the configuration, feature names from the
+# reference profile (checked against a small alphabet, at most drift_max_features a monitor).
+DRIFT_LAG_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FAMILIES.update(
+    {
+        "batchgate_drift_score": Family(
+            "gauge",
+            "A feature's score in the last drift window, by test (psi, ks: distance, chi2: statistic, "
+            "adwin: |standardised mean|, missing / out_of_range / unseen: rates)",
+            ("model", "feature", "test"),
+            merge=MAX,
+        ),
+        "batchgate_drift_detected": Family(
+            "gauge",
+            "1 while a feature is drifted (debounced over debounce_windows windows)",
+            ("model", "feature"),
+            merge=MAX,
+        ),
+        "batchgate_drift_active": Family(
+            "gauge",
+            "1 while the model's monitor is in the drifted state (debounced; what events announce)",
+            ("model",),
+            merge=MAX,
+        ),
+        "batchgate_drift_features_drifted": Family("gauge", "Features drifted now (debounced)", ("model",), merge=MAX),
+        "batchgate_drift_detections": Family("counter", "Times the monitor entered the drifted state", ("model",)),
+        "batchgate_drift_samples": Family(
+            "counter",
+            "Sampled requests by outcome: used (scored in a window), dropped (the detector's queue was full), "
+            "invalid (tensors that do not fit the profile)",
+            ("model", "outcome"),
+        ),
+        "batchgate_drift_windows": Family("counter", "Drift windows scored", ("model",)),
+        "batchgate_drift_window_seconds": Family(
+            "gauge", "How long the last scored window took to fill", ("model",), merge=MAX
+        ),
+        "batchgate_drift_lag_seconds": Family(
+            "histogram",
+            "From a window's last sample offered to the window scored, in the detector process",
+            ("model",),
+            buckets=DRIFT_LAG_BUCKETS_S,
+        ),
+        "batchgate_drift_quality_alarm": Family(
+            "gauge",
+            "1 when the last window's missing, out_of_range or unseen rate was past its threshold",
+            ("model", "feature", "kind"),
+            merge=MAX,
+        ),
+        "batchgate_drift_queue_depth": Family("gauge", "Sampled requests waiting for the detector process", ()),
+        "batchgate_drift_events": Family(
+            "counter",
+            "Drift events by outcome: delivered, retried (an attempt failed), dead_lettered, "
+            "failed (a dead-letter retry)",
+            ("outcome",),
+        ),
+        "batchgate_drift_dead_letter_events": Family("gauge", "Drift events waiting in the dead letter", (), merge=SUM),
+        "batchgate_drift_detector_up": Family("gauge", "1 while the drift detector process runs", (), merge=ALL),
+        "batchgate_drift_detector_restarts": Family("counter", "Times the drift detector process was restarted", ()),
+        "batchgate_drift_detector_cpu_seconds": Family("counter", "CPU time the drift detector process has used", ()),
+    }
+)
+
 Labels = tuple[str, ...]
 HistValue = tuple[tuple[int, ...], float]  # (count per bucket, the last for +Inf), sum
 
@@ -401,6 +463,35 @@ class RouteMetrics:
         return sm
 
 
+class DriftMetrics:
+    """The figures of one drift monitor. The gateway's reader thread writes them (whole values,
+    replaced per window), the scrape reads them."""
+
+    def __init__(self):
+        self.scores: dict[tuple[str, str], float] = {}
+        self.detected: dict[str, int] = {}
+        self.quality: dict[tuple[str, str], int] = {}
+        self.active = 0
+        self.drifted = 0
+        self.detections = 0
+        self.samples: dict[str, int] = {"used": 0, "dropped": 0, "invalid": 0}
+        self.windows = 0
+        self.window_seconds: float | None = None
+        self.lag = Histogram(DRIFT_LAG_BUCKETS_S)
+
+
+class DetectorMetrics:
+    """The drift detector process and its events, one per gateway."""
+
+    def __init__(self):
+        self.queue_depth: Callable[[], int] = lambda: 0
+        self.events: dict[str, int] = {}
+        self.dead_letter = 0
+        self.up = 0
+        self.restarts = 0
+        self.cpu_seconds = 0.0
+
+
 class Metrics:
     """One registry per gateway, so several gateways in one process (tests) do not clash."""
 
@@ -413,7 +504,18 @@ class Metrics:
         self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
         self._routes: dict[str, RouteMetrics] = {}
         self.routes_reloads: dict[str, int] = {}
+        self._drift: dict[str, DriftMetrics] = {}
+        self.detector: DetectorMetrics | None = None
         self.registry.register(self)
+
+    def drift(self, model: str) -> DriftMetrics:
+        """The figures of one drift monitor (and, the first time, of the detector process)."""
+        if self.detector is None:
+            self.detector = DetectorMetrics()
+        dm = self._drift.get(model)
+        if dm is None:
+            dm = self._drift[model] = DriftMetrics()
+        return dm
 
     def route(self, name: str) -> RouteMetrics:
         """The figures of one route; a reload of the routes continues them."""
@@ -499,7 +601,37 @@ class Metrics:
             add("batchgate_routes_reloads", (outcome,), n)
         for route, r in list(self._routes.items()):
             self._route_snapshot(add, route, r)
+        for model, dm in list(self._drift.items()):
+            self._drift_snapshot(add, model, dm)
+        d = self.detector
+        if d is not None:
+            add("batchgate_drift_queue_depth", (), d.queue_depth())
+            for outcome, n in list(d.events.items()):
+                add("batchgate_drift_events", (outcome,), n)
+            add("batchgate_drift_dead_letter_events", (), d.dead_letter)
+            add("batchgate_drift_detector_up", (), d.up)
+            add("batchgate_drift_detector_restarts", (), d.restarts)
+            add("batchgate_drift_detector_cpu_seconds", (), d.cpu_seconds)
         return snap
+
+    @staticmethod
+    def _drift_snapshot(add: Callable, model: str, dm: DriftMetrics) -> None:
+        m = (model,)
+        for (feature, test), v in list(dm.scores.items()):
+            add("batchgate_drift_score", (model, feature, test), v)
+        for feature, on in list(dm.detected.items()):
+            add("batchgate_drift_detected", (model, feature), on)
+        for (feature, kind), on in list(dm.quality.items()):
+            add("batchgate_drift_quality_alarm", (model, feature, kind), on)
+        add("batchgate_drift_active", m, dm.active)
+        add("batchgate_drift_features_drifted", m, dm.drifted)
+        add("batchgate_drift_detections", m, dm.detections)
+        for outcome, n in list(dm.samples.items()):
+            add("batchgate_drift_samples", m + (outcome,), n)
+        add("batchgate_drift_windows", m, dm.windows)
+        if dm.window_seconds is not None:
+            add("batchgate_drift_window_seconds", m, dm.window_seconds)
+        add("batchgate_drift_lag_seconds", m, dm.lag.value())
 
     @staticmethod
     def _route_snapshot(add: Callable, route: str, r: RouteMetrics) -> None:

@@ -1,0 +1,503 @@
+"""Drift monitors: what the ``drift`` section asks for, and reference profiles.
+
+Pure: no I/O and no clock. This module reads the ``drift`` list (already parsed YAML) into
+checked :class:`MonitorSpec` objects, builds a reference :class:`Profile` from arrays (the
+``batchgate drift profile`` command and live rebaselining), and reads one back from its JSON
+form, checking every field (a profile is a file an operator hands in; its feature names become
+metric labels). Scoring windows against a profile lives in ``core/drift_window.py``.
+
+A profile describes, per feature of each watched tensor, the reference distribution:
+
+- numeric: count, mean, std, min, max, missing rate (NaN/inf), quantile bins (``bins`` interior
+  edges from the reference quantiles, with each bin's exact reference frequency; repeated
+  quantiles, as ties in counts or a mass at zero make them, collapse into one edge) and a finer
+  CDF grid (``cdf_points`` distinct values with the exact share of the reference at or below
+  each) for the Kolmogorov-Smirnov test;
+- categorical (INT, BOOL or BYTES tensors, or features named so): the frequencies of the most
+  common categories and an ``other`` bucket for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .routing import _mapping, _name, _number, _shown, _unique
+
+PROFILE_FORMAT = "batchgate.drift.profile/1"
+TESTS = ("psi", "ks", "chi2", "adwin")
+CORRECTIONS = ("bonferroni", "bh")
+WEBHOOK_FORMATS = ("cloudevents", "json")
+DEFAULT_BINS = 20
+DEFAULT_CDF_POINTS = 99
+DEFAULT_MAX_CATEGORIES = 50
+# A feature name is a metric label: a bounded, printable alphabet.
+FEATURE_NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,128}")
+FEATURE_NAME_RULE = "feature names are 1 to 128 of [A-Za-z0-9_.:[]-]"
+MAX_CATEGORY_BYTES = 256
+
+
+# ---------------------------------------------------------------------------------- monitors
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    format: str = "cloudevents"
+    timeout_s: float = 5.0
+    retries: int = 5
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    model: str  # a model or a route
+    inputs: tuple[str, ...]
+    reference: str  # profile file
+    sample_rate: float = 0.1
+    max_rows_per_sample: int = 64
+    window_samples: int = 2000  # rows
+    window_max_s: float = 300.0
+    min_window_samples: int = 100  # a window closed by time with fewer rows is not scored
+    tests: tuple[str, ...] = ("psi", "ks", "chi2", "adwin")
+    alpha: float = 0.01
+    correction: str = "bonferroni"
+    psi_threshold: float = 0.2
+    adwin_delta: float = 0.0  # 0 = alpha / features
+    min_drifted_features: int = 1
+    min_drifted_share: float = 0.0  # > 0 replaces min_drifted_features
+    debounce_windows: int = 2
+    outputs: bool = False
+    missing_rate_margin: float = 0.1  # alarmed above the reference's missing rate plus this
+    out_of_range_margin: float = 0.1  # of the reference range beyond min/max
+    out_of_range_max: float = 0.01  # share of a window out of range that is alarmed
+    unseen_max: float = 0.05  # share of unseen categories above the reference's other bucket
+    webhook: Webhook | None = None
+    definition: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+_MONITOR_FIELDS = {
+    "model",
+    "inputs",
+    "reference",
+    "sample_rate",
+    "max_rows_per_sample",
+    "window",
+    "tests",
+    "alpha",
+    "correction",
+    "psi_threshold",
+    "adwin_delta",
+    "min_drifted_features",
+    "min_drifted_share",
+    "debounce_windows",
+    "outputs",
+    "missing_rate_margin",
+    "out_of_range_margin",
+    "out_of_range_max",
+    "unseen_max",
+    "webhook",
+}
+
+
+def parse_monitors(raw: Any, source: str = "drift") -> list[MonitorSpec]:
+    """The ``drift`` section (a list of monitor mappings), checked; a :class:`ConfigError` names
+    the monitor, the field and what is wrong."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: must be a list of monitors, each with model, inputs and reference")
+    out = [_parse_monitor(m, f"{source}[{i}]") for i, m in enumerate(raw)]
+    _unique([m.model for m in out], f"{source}: monitored model")
+    return out
+
+
+def _whole(raw: Any, where: str, low: int, high: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+        raise ConfigError(f"{where}: must be a whole number from {low} to {high}, not {_shown(raw)}")
+    return raw
+
+
+def _parse_monitor(raw: Any, where: str) -> MonitorSpec:
+    m = _mapping(raw, where, _MONITOR_FIELDS)
+    model = _name(m.get("model"), f"{where}.model")
+    where = f"{where} (model '{model}')"
+    inputs = m.get("inputs")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise ConfigError(f"{where}: 'inputs' must list the model's 2-D input tensors to watch")
+    names = tuple(_name(i, f"{where}.inputs") for i in inputs)
+    _unique(list(names), f"{where}: input")
+    reference = m.get("reference")
+    if not isinstance(reference, str) or not reference or len(reference) > 4096 or "\0" in reference:
+        raise ConfigError(f"{where}: 'reference' must be the path of a profile file (batchgate drift profile)")
+    window = _mapping(m.get("window") or {}, f"{where}.window", {"samples", "max_s", "min_samples"})
+    tests = m.get("tests", list(MonitorSpec.tests))
+    if not isinstance(tests, list) or not tests or any(t not in TESTS for t in tests):
+        raise ConfigError(f"{where}: 'tests' must list some of {', '.join(TESTS)}, not {_shown(tests)}")
+    correction = m.get("correction", "bonferroni")
+    if correction not in CORRECTIONS:
+        raise ConfigError(f"{where}: 'correction' must be one of {', '.join(CORRECTIONS)}, not {_shown(correction)}")
+    outputs = m.get("outputs", False)
+    if not isinstance(outputs, bool):
+        raise ConfigError(f"{where}: 'outputs' must be true or false")
+    samples = _whole(window.get("samples", 2000), f"{where}.window.samples", 10, 1_000_000)
+    return MonitorSpec(
+        model=model,
+        inputs=names,
+        reference=reference,
+        sample_rate=_number(m.get("sample_rate", 0.1), f"{where}.sample_rate", 0, 1),
+        max_rows_per_sample=_whole(m.get("max_rows_per_sample", 64), f"{where}.max_rows_per_sample", 1, 65536),
+        window_samples=samples,
+        window_max_s=_number(window.get("max_s", 300), f"{where}.window.max_s", 0.1, 7 * 86400),
+        min_window_samples=_whole(
+            window.get("min_samples", min(100, samples)), f"{where}.window.min_samples", 1, samples
+        ),
+        tests=tuple(dict.fromkeys(tests)),
+        alpha=_number(m.get("alpha", 0.01), f"{where}.alpha", 1e-12, 0.5),
+        correction=str(correction),
+        psi_threshold=_number(m.get("psi_threshold", 0.2), f"{where}.psi_threshold", 0, 100),
+        adwin_delta=_number(m.get("adwin_delta", 0.0), f"{where}.adwin_delta", 0, 0.5),
+        min_drifted_features=_whole(m.get("min_drifted_features", 1), f"{where}.min_drifted_features", 1, 1_000_000),
+        min_drifted_share=_number(m.get("min_drifted_share", 0.0), f"{where}.min_drifted_share", 0, 1),
+        debounce_windows=_whole(m.get("debounce_windows", 2), f"{where}.debounce_windows", 1, 1000),
+        outputs=outputs,
+        missing_rate_margin=_number(m.get("missing_rate_margin", 0.1), f"{where}.missing_rate_margin", 0, 1),
+        out_of_range_margin=_number(m.get("out_of_range_margin", 0.1), f"{where}.out_of_range_margin", 0, 100),
+        out_of_range_max=_number(m.get("out_of_range_max", 0.01), f"{where}.out_of_range_max", 0, 1),
+        unseen_max=_number(m.get("unseen_max", 0.05), f"{where}.unseen_max", 0, 1),
+        webhook=_parse_webhook(m["webhook"], f"{where}.webhook") if m.get("webhook") is not None else None,
+        definition=dict(m),
+    )
+
+
+def _parse_webhook(raw: Any, where: str) -> Webhook:
+    w = _mapping(raw, where, {"url", "format", "timeout_s", "retries"})
+    url = w.get("url")
+    if (
+        not isinstance(url, str)
+        or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url)
+        or len(url) > 2048
+        or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url)
+    ):
+        raise ConfigError(f"{where}: 'url' must be an http:// or https:// URL, not {_shown(url)}")
+    fmt = w.get("format", "cloudevents")
+    if fmt not in WEBHOOK_FORMATS:
+        raise ConfigError(f"{where}: 'format' must be one of {', '.join(WEBHOOK_FORMATS)}, not {_shown(fmt)}")
+    return Webhook(
+        url=url,
+        format=str(fmt),
+        timeout_s=_number(w.get("timeout_s", 5), f"{where}.timeout_s", 0.05, 300),
+        retries=_whole(w.get("retries", 5), f"{where}.retries", 0, 100),
+    )
+
+
+# ---------------------------------------------------------------------------------- profiles
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    kind: str  # numeric | categorical
+    count: int
+    missing_rate: float
+    # numeric
+    mean: float = 0.0
+    std: float = 0.0
+    min: float = 0.0
+    max: float = 0.0
+    edges: tuple[float, ...] = ()  # interior bin edges, rising; bins are (-inf, e0], (e0, e1], ..., (e_last, inf)
+    freqs: tuple[float, ...] = ()  # len(edges) + 1 reference frequencies
+    cdf_points: tuple[float, ...] = ()
+    cdf_values: tuple[float, ...] = ()  # share of the reference <= each point
+    # categorical
+    categories: Mapping[str, float] = field(default_factory=dict)
+    other: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "count": self.count,
+            "missing_rate": self.missing_rate,
+        }
+        if self.kind == "numeric":
+            out.update(
+                mean=self.mean,
+                std=self.std,
+                min=self.min,
+                max=self.max,
+                bins={"edges": list(self.edges), "freqs": list(self.freqs)},
+                cdf={"points": list(self.cdf_points), "values": list(self.cdf_values)},
+            )
+        else:
+            out.update(categories=dict(self.categories), other=self.other)
+        return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    inputs: Mapping[str, tuple[Feature, ...]]
+    outputs: Mapping[str, tuple[Feature, ...]]
+    source: Mapping[str, Any]
+
+    @property
+    def id(self) -> str:
+        """A digest of the distributions (not of when or from where they were taken)."""
+        body = repr(
+            [
+                (side, name, [sorted(f.to_json().items()) for f in feats])
+                for side, tensors in (("in", self.inputs), ("out", self.outputs))
+                for name, feats in sorted(tensors.items())
+            ]
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def features(self, outputs: bool) -> list[tuple[str, str, Feature]]:
+        """(side, tensor, feature) in a fixed order: the inputs', then (with ``outputs``) the outputs'."""
+        out = [("input", t, f) for t, fs in self.inputs.items() for f in fs]
+        if outputs:
+            out += [("output", t, f) for t, fs in self.outputs.items() for f in fs]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT,
+            "id": self.id,
+            "model": self.model,
+            "source": dict(self.source),
+            "inputs": {t: [f.to_json() for f in fs] for t, fs in self.inputs.items()},
+            "outputs": {t: [f.to_json() for f in fs] for t, fs in self.outputs.items()},
+        }
+
+
+def categorical_dtype(dtype: np.dtype) -> bool:
+    """INT, UINT, BOOL and BYTES tensors hold categories; floating point ones, measurements."""
+    return dtype.kind in "iubOSU"
+
+
+def category_key(value: Any) -> str:
+    """The text a category is kept under (bytes decoded, bounded)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:MAX_CATEGORY_BYTES]).decode("utf-8", "backslashreplace")
+    elif (
+        isinstance(value, (float, np.floating))
+        and float(value).is_integer()
+        or isinstance(value, (np.integer, np.bool_))
+    ):
+        value = int(value)
+    return str(value)[:MAX_CATEGORY_BYTES]
+
+
+def build_feature(
+    name: str,
+    values: np.ndarray,
+    kind: str,
+    bins: int = DEFAULT_BINS,
+    cdf_points: int = DEFAULT_CDF_POINTS,
+    max_categories: int = DEFAULT_MAX_CATEGORIES,
+) -> Feature:
+    """The reference description of one feature's values (1-D)."""
+    check_feature_name(name)
+    n = int(values.shape[0])
+    if kind == "categorical":
+        keys = [category_key(v) for v in values.tolist()] if values.dtype.kind in "OSU" else None
+        missing = 0
+        if keys is None:
+            if values.dtype.kind == "f":
+                finite = values[np.isfinite(values)]
+                missing = n - int(finite.shape[0])
+                values = finite
+            uniq, counts = np.unique(values, return_counts=True)
+            pairs = [(category_key(u), int(c)) for u, c in zip(uniq.tolist(), counts.tolist())]
+        else:
+            tally: dict[str, int] = {}
+            for k in keys:
+                tally[k] = tally.get(k, 0) + 1
+            pairs = list(tally.items())
+        pairs.sort(key=lambda kc: (-kc[1], kc[0]))
+        seen = n - missing
+        kept = pairs[:max_categories]
+        cats = {k: c / seen for k, c in kept} if seen else {}
+        other = (seen - sum(c for _, c in kept)) / seen if seen else 0.0
+        return Feature(name, "categorical", n, missing / n if n else 0.0, categories=cats, other=other)
+    x = np.asarray(values, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    m = int(finite.shape[0])
+    if m == 0:
+        return Feature(name, "numeric", n, 1.0 if n else 0.0)
+    qs = np.quantile(finite, np.arange(1, bins) / bins)
+    edges = np.unique(qs)
+    counts = np.bincount(np.searchsorted(edges, finite, side="left"), minlength=edges.shape[0] + 1)
+    points = np.unique(np.quantile(finite, np.linspace(0, 1, cdf_points + 2)[1:-1]))
+    srt = np.sort(finite)
+    cdf = np.searchsorted(srt, points, side="right") / m
+    return Feature(
+        name,
+        "numeric",
+        n,
+        (n - m) / n,
+        mean=float(finite.mean()),
+        std=float(finite.std()),
+        min=float(srt[0]),
+        max=float(srt[-1]),
+        edges=tuple(float(e) for e in edges),
+        freqs=tuple(float(c) / m for c in counts),
+        cdf_points=tuple(float(p) for p in points),
+        cdf_values=tuple(float(v) for v in cdf),
+    )
+
+
+def check_feature_name(name: str) -> None:
+    if not isinstance(name, str) or FEATURE_NAME.fullmatch(name) is None:
+        raise ConfigError(f"feature name {_shown(name)} is not allowed ({FEATURE_NAME_RULE})")
+
+
+def columns(array: np.ndarray) -> np.ndarray:
+    """A tensor's rows as a 2-D [rows, features] array (a 1-D tensor is one feature)."""
+    if array.ndim == 1:
+        return array.reshape(-1, 1)
+    if array.ndim == 2:
+        return array
+    return array.reshape(array.shape[0], -1)
+
+
+def build_tensor(
+    tensor: str,
+    array: np.ndarray,
+    names: Sequence[str] | None = None,
+    categorical: Sequence[str] = (),
+    numeric: Sequence[str] = (),
+    bins: int = DEFAULT_BINS,
+    max_categories: int = DEFAULT_MAX_CATEGORIES,
+) -> tuple[Feature, ...]:
+    """The features of one 2-D tensor. Names default to ``tensor[i]``; a feature is categorical
+    when the tensor's datatype holds categories or its name is in ``categorical``, unless it is
+    in ``numeric``."""
+    cols = columns(np.asarray(array))
+    count = cols.shape[1]
+    names = list(names) if names else [f"{tensor}[{i}]" for i in range(count)]
+    if len(names) != count:
+        raise ConfigError(f"tensor '{tensor}' has {count} columns but {len(names)} feature names were given")
+    _unique(names, f"tensor '{tensor}': feature")
+    default = "categorical" if categorical_dtype(cols.dtype) else "numeric"
+    out = []
+    for i, name in enumerate(names):
+        kind = "categorical" if name in categorical else "numeric" if name in numeric else default
+        if kind == "numeric" and cols.dtype.kind in "OSU":
+            raise ConfigError(f"feature '{name}' of '{tensor}' holds text; it can only be categorical")
+        out.append(build_feature(name, cols[:, i], kind, bins=bins, max_categories=max_categories))
+    return tuple(out)
+
+
+def build_profile(
+    model: str,
+    inputs: Mapping[str, tuple[Feature, ...]],
+    outputs: Mapping[str, tuple[Feature, ...]] | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> Profile:
+    all_names = [f.name for fs in (*inputs.values(), *(outputs or {}).values()) for f in fs]
+    _unique(all_names, "profile feature")
+    return Profile(model, dict(inputs), dict(outputs or {}), dict(source or {}))
+
+
+def profile_from_json(data: Any, where: str = "profile") -> Profile:
+    """A profile read back from its JSON form, every field checked."""
+    if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
+        raise ConfigError(f"{where}: not a batchgate drift profile (format {PROFILE_FORMAT!r} expected)")
+    model = data.get("model")
+    if not isinstance(model, str) or len(model) > 128:
+        raise ConfigError(f"{where}: 'model' must be a model name")
+    source = data.get("source") or {}
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"{where}: 'source' must be a mapping")
+    sides: dict[str, dict[str, tuple[Feature, ...]]] = {}
+    for side in ("inputs", "outputs"):
+        tensors = data.get(side) or {}
+        if not isinstance(tensors, Mapping):
+            raise ConfigError(f"{where}: '{side}' must map tensor names to feature lists")
+        sides[side] = {
+            _name(t, f"{where}.{side}"): tuple(_feature(f, f"{where}.{side}.{t}[{i}]") for i, f in enumerate(fs))
+            if isinstance(fs, list) and fs
+            else _bad(f"{where}.{side}.{t}: must be a non-empty list of features")
+            for t, fs in tensors.items()
+        }
+    if not sides["inputs"]:
+        raise ConfigError(f"{where}: the profile describes no input tensor")
+    return build_profile(model, sides["inputs"], sides["outputs"], source)
+
+
+def _bad(message: str) -> Any:
+    raise ConfigError(message)
+
+
+def _float(raw: Any, where: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise ConfigError(f"{where}: must be a finite number, not {_shown(raw)}")
+    return float(raw)
+
+
+def _share(raw: Any, where: str) -> float:
+    v = _float(raw, where)
+    if not 0 <= v <= 1:
+        raise ConfigError(f"{where}: must be a share from 0 to 1, not {_shown(raw)}")
+    return v
+
+
+def _floats(raw: Any, where: str, limit: int = 10_000) -> tuple[float, ...]:
+    if not isinstance(raw, list) or len(raw) > limit:
+        raise ConfigError(f"{where}: must be a list of at most {limit} numbers")
+    return tuple(_float(v, where) for v in raw)
+
+
+def _feature(raw: Any, where: str) -> Feature:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or FEATURE_NAME.fullmatch(name) is None:
+        raise ConfigError(f"{where}: feature name {_shown(name)} is not allowed ({FEATURE_NAME_RULE})")
+    kind = raw.get("kind")
+    count = raw.get("count", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"{where}: 'count' must be a whole number")
+    missing = _share(raw.get("missing_rate", 0.0), f"{where}.missing_rate")
+    if kind == "categorical":
+        cats = raw.get("categories") or {}
+        if not isinstance(cats, Mapping) or len(cats) > 100_000:
+            raise ConfigError(f"{where}: 'categories' must map categories to frequencies")
+        table = {str(k)[:MAX_CATEGORY_BYTES]: _share(v, f"{where}.categories") for k, v in cats.items()}
+        return Feature(
+            name, "categorical", count, missing, categories=table, other=_share(raw.get("other", 0), f"{where}.other")
+        )
+    if kind != "numeric":
+        raise ConfigError(f"{where}: 'kind' must be numeric or categorical, not {_shown(kind)}")
+    bins = raw.get("bins") or {}
+    cdf = raw.get("cdf") or {}
+    if not isinstance(bins, Mapping) or not isinstance(cdf, Mapping):
+        raise ConfigError(f"{where}: 'bins' and 'cdf' must be mappings")
+    edges = _floats(bins.get("edges", []), f"{where}.bins.edges")
+    freqs = _floats(bins.get("freqs", []), f"{where}.bins.freqs")
+    points = _floats(cdf.get("points", []), f"{where}.cdf.points")
+    values = _floats(cdf.get("values", []), f"{where}.cdf.values")
+    if count and missing < 1 and (len(freqs) != len(edges) + 1 or len(points) != len(values)):
+        raise ConfigError(f"{where}: bins need one frequency more than edges, and cdf one value per point")
+    if any(a >= b for a, b in zip(edges, edges[1:])) or any(a >= b for a, b in zip(points, points[1:])):
+        raise ConfigError(f"{where}: bin edges and cdf points must rise")
+    return Feature(
+        name,
+        "numeric",
+        count,
+        missing,
+        mean=_float(raw.get("mean", 0.0), f"{where}.mean"),
+        std=_float(raw.get("std", 0.0), f"{where}.std"),
+        min=_float(raw.get("min", 0.0), f"{where}.min"),
+        max=_float(raw.get("max", 0.0), f"{where}.max"),
+        edges=edges,
+        freqs=freqs,
+        cdf_points=points,
+        cdf_values=values,
+    )

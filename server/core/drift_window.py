@@ -1,0 +1,398 @@
+"""Scoring one window of live rows against a reference profile, and the debounced verdict.
+
+Pure: numpy (and scipy's incomplete gamma for chi-square p-values); no I/O, no clock. The
+detector process (``monitoring/drift.py``) gathers sampled rows into windows and hands each
+window to :meth:`Scorer.score`; :class:`Debounce` turns per-window verdicts into the state that
+is exported and announced.
+
+Per feature and window:
+
+- ``psi``: population stability index over the reference's quantile bins (categories for a
+  categorical feature); the window's frequencies are smoothed (+0.5 a cell), so an empty bin is
+  not an infinite score. Decided by ``psi_threshold``, outside the p-value family.
+- ``ks``: Kolmogorov-Smirnov distance between the window and the reference CDF, read at the
+  profile's CDF grid (distinct values only, so ties are exact rather than broken). Reading the
+  distance at fewer points than the full statistic can only make it smaller, so the p-value from
+  the Kolmogorov distribution (two-sample effective size, Stephens' correction) is conservative.
+- ``chi2``: Pearson's chi-square of a categorical feature's window counts against the reference
+  frequencies, cells expected below 5 pooled. (A monitor listing ``ks`` tests categorical
+  features with chi-square: KS has no meaning for categories.)
+- ``adwin``: river's ADWIN on the feature standardised with the reference mean and std, fed one
+  value per chunk of :data:`ADWIN_CHUNK` rows (the chunk mean, scaled to unit variance); it keeps
+  its state across windows and decides on its own ``delta`` (default ``alpha`` / features): a
+  change it detects in the window, or its adaptive window's mean beyond its Hoeffding bound
+  sqrt(2 ln(2/delta) (1/width + chunk/reference rows)) (so a change stays flagged after ADWIN has cut its window there).
+
+The p-values of all features in a window form one family: Bonferroni (reject at ``alpha / m``)
+bounds the chance of any false alarm in the window by ``alpha``; Benjamini-Hochberg bounds the
+share of false discoveries instead. NaN and inf values are counted as the missing rate and never
+reach a test. Missing, out-of-range and unseen-category rates are alarmed on their own
+thresholds, beside drift (a burst of NaN is a data-quality alarm, not drift).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .drift import Feature, MonitorSpec, Profile, category_key
+
+ADWIN_CHUNK = 32
+_MIN_EXPECTED = 5.0
+_PSI_FLOOR = 1e-4
+
+
+class ChangeDetector(Protocol):
+    def update(self, x: float) -> None: ...
+
+    @property
+    def drift_detected(self) -> bool: ...
+
+    @property
+    def estimation(self) -> float: ...
+
+    @property
+    def width(self) -> int: ...
+
+
+def river_adwin(delta: float) -> ChangeDetector:
+    from river.drift import ADWIN  # the [drift] extra; imported where detectors run
+
+    detector: ChangeDetector = ADWIN(delta=delta)  # type: ignore[no-untyped-call]
+    return detector
+
+
+def kolmogorov_sf(lam: float) -> float:
+    """P(K > lam) for the Kolmogorov distribution (the limit law of sqrt(n) * D)."""
+    if lam < 0.2:
+        return 1.0
+    k = np.arange(1, 101)
+    terms = np.exp(-2.0 * k * k * lam * lam) * np.where(k % 2 == 1, 1.0, -1.0)
+    return float(min(1.0, max(0.0, 2.0 * terms.sum())))
+
+
+def ks_pvalue(d: float, n: int, m: int) -> float:
+    en = n * m / (n + m) if m else float(n)
+    root = math.sqrt(en)
+    return kolmogorov_sf((root + 0.12 + 0.11 / root) * d)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    from scipy.special import gammaincc
+
+    if df <= 0:
+        return 1.0
+    return float(gammaincc(df / 2.0, x / 2.0))
+
+
+def psi(window: np.ndarray, reference: np.ndarray) -> float:
+    """PSI of window counts against reference frequencies (the same cells)."""
+    n = window.sum()
+    cells = window.shape[0]
+    w = (window + 0.5) / (n + 0.5 * cells)
+    q = np.maximum(reference, _PSI_FLOOR)
+    q = q / q.sum()
+    return float(np.sum((w - q) * np.log(w / q)))
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom, cells expected below 5 pooled."""
+    n = counts.sum()
+    expected = probs / probs.sum() * n
+    small = expected < _MIN_EXPECTED
+    c = counts[~small].astype(np.float64)
+    e = expected[~small]
+    if small.any():
+        pc, pe = float(counts[small].sum()), float(expected[small].sum())
+        if pe < _MIN_EXPECTED and e.shape[0]:  # still small: fold it into the smallest kept cell
+            i = int(np.argmin(e))
+            c[i] += pc
+            e[i] += pe
+        else:
+            c = np.append(c, pc)
+            e = np.append(e, pe)
+    if e.shape[0] < 2:
+        return 0.0, 0
+    return float(np.sum((c - e) ** 2 / e)), int(e.shape[0] - 1)
+
+
+@dataclass
+class FeatureScore:
+    scores: dict[str, float] = field(default_factory=dict)  # test -> score
+    pvalues: dict[str, float] = field(default_factory=dict)  # p-value tests only
+    decided: set[str] = field(default_factory=set)  # tests that found drift
+    quality: dict[str, float] = field(default_factory=dict)  # missing | out_of_range | unseen -> rate
+    alarms: set[str] = field(default_factory=set)  # quality kinds past their threshold
+
+
+@dataclass
+class WindowResult:
+    rows: int
+    features: dict[str, FeatureScore]
+    drifted: list[str]  # features with any test deciding drift
+    drifted_window: bool
+    tests: int  # p-values in the family
+    threshold: float  # the p-value threshold that decided (Bonferroni or BH)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "drifted": self.drifted,
+            "drifted_window": self.drifted_window,
+            "p_threshold": self.threshold,
+            "features": {
+                name: {
+                    "scores": fs.scores,
+                    "pvalues": fs.pvalues,
+                    "decided": sorted(fs.decided),
+                    "quality": fs.quality,
+                    "alarms": sorted(fs.alarms),
+                }
+                for name, fs in self.features.items()
+            },
+        }
+
+
+@dataclass
+class _Numeric:
+    feature: Feature
+    edges: np.ndarray
+    freqs: np.ndarray
+    points: np.ndarray
+    values: np.ndarray
+    low: float
+    high: float
+    adwin: ChangeDetector | None
+    delta: float
+
+
+@dataclass
+class _Categorical:
+    feature: Feature
+    index: dict[str, int]
+    probs: np.ndarray  # categories..., other
+
+
+class Scorer:
+    """Scores windows of one monitor against its profile. ``columns`` of :meth:`score` map
+    each watched tensor, as ``(side, tensor)``, to its rows ([rows, features])."""
+
+    def __init__(
+        self,
+        spec: MonitorSpec,
+        profile: Profile,
+        adwin: Callable[[float], ChangeDetector] = river_adwin,
+    ):
+        self.spec = spec
+        self.profile = profile
+        self.layout = profile.features(spec.outputs)
+        tests = set(spec.tests)
+        self.psi = "psi" in tests
+        self.ks = "ks" in tests
+        self.chi2 = "chi2" in tests or "ks" in tests
+        nf = len(self.layout)
+        delta = spec.adwin_delta or spec.alpha / max(1, nf)
+        self.parts: list[_Numeric | _Categorical] = []
+        for _, _, f in self.layout:
+            if f.kind == "numeric":
+                span = (f.max - f.min) * spec.out_of_range_margin
+                self.parts.append(
+                    _Numeric(
+                        f,
+                        np.asarray(f.edges, dtype=np.float64),
+                        np.asarray(f.freqs, dtype=np.float64),
+                        np.asarray(f.cdf_points, dtype=np.float64),
+                        np.asarray(f.cdf_values, dtype=np.float64),
+                        f.min - span,
+                        f.max + span,
+                        adwin(delta) if "adwin" in tests and f.count and f.missing_rate < 1 else None,
+                        delta,
+                    )
+                )
+            else:
+                cats = list(f.categories)
+                self.parts.append(
+                    _Categorical(
+                        f,
+                        {c: i for i, c in enumerate(cats)},
+                        np.asarray([*f.categories.values(), f.other], dtype=np.float64),
+                    )
+                )
+        self.needed = self.min_drifted()
+
+    def min_drifted(self) -> int:
+        s = self.spec
+        if s.min_drifted_share > 0:
+            return max(1, math.ceil(s.min_drifted_share * len(self.layout)))
+        return s.min_drifted_features
+
+    def feature_columns(self, columns: Mapping[tuple[str, str], np.ndarray]) -> list[np.ndarray | None]:
+        """One 1-D column per feature of the layout, from the window's tensors (None: the
+        window holds no rows of that tensor, e.g. outputs a request did not ask for)."""
+        out: list[np.ndarray | None] = []
+        offsets: dict[tuple[str, str], int] = {}
+        for side, tensor, _ in self.layout:
+            key = (side, tensor)
+            i = offsets.get(key, 0)
+            offsets[key] = i + 1
+            block = columns.get(key)
+            out.append(None if block is None else block[:, i])
+        return out
+
+    def score(self, columns: Mapping[tuple[str, str], np.ndarray]) -> WindowResult:
+        cols = self.feature_columns(columns)
+        rows = max((int(c.shape[0]) for c in cols if c is not None), default=0)
+        results: dict[str, FeatureScore] = {}
+        family: list[tuple[str, str, float]] = []
+        for part, col in zip(self.parts, cols):
+            if col is None:
+                continue
+            fs = FeatureScore()
+            results[part.feature.name] = fs
+            if isinstance(part, _Numeric):
+                self._numeric(part, col, fs, family)
+            else:
+                self._categorical(part, col, fs, family)
+        threshold = self._threshold([p for _, _, p in family])
+        for name, test, p in family:
+            if p <= threshold:
+                results[name].decided.add(test)
+        drifted = [name for name, fs in results.items() if fs.decided]
+        return WindowResult(rows, results, drifted, len(drifted) >= self.needed, len(family), threshold)
+
+    def _threshold(self, pvalues: Sequence[float]) -> float:
+        m = len(pvalues)
+        if not m:
+            return 0.0
+        alpha = self.spec.alpha
+        if self.spec.correction == "bonferroni":
+            return alpha / m
+        ranked = np.sort(np.asarray(pvalues))
+        ok = np.nonzero(ranked <= alpha * np.arange(1, m + 1) / m)[0]
+        return float(ranked[ok[-1]]) if ok.shape[0] else 0.0  # p <= 0 never happens: nothing rejected
+
+    def _numeric(self, part: _Numeric, col: np.ndarray, fs: FeatureScore, family: list[tuple[str, str, float]]) -> None:
+        f = part.feature
+        x = col.astype(np.float64, copy=False)
+        finite = np.isfinite(x)
+        xs = x[finite]
+        total = x.shape[0]
+        n = xs.shape[0]
+        missing = (total - n) / total if total else 0.0
+        fs.quality["missing"] = missing
+        if missing > f.missing_rate + self.spec.missing_rate_margin:
+            fs.alarms.add("missing")
+        if not n or not f.count or f.missing_rate >= 1:
+            return
+        oor = float(np.count_nonzero((xs < part.low) | (xs > part.high))) / n
+        fs.quality["out_of_range"] = oor
+        if oor > self.spec.out_of_range_max:
+            fs.alarms.add("out_of_range")
+        if self.psi:
+            counts = np.bincount(np.searchsorted(part.edges, xs, side="left"), minlength=part.edges.shape[0] + 1)
+            v = psi(counts.astype(np.float64), part.freqs)
+            fs.scores["psi"] = v
+            if v >= self.spec.psi_threshold:
+                fs.decided.add("psi")
+        if self.ks and part.points.shape[0]:
+            srt = np.sort(xs)
+            d = float(np.max(np.abs(np.searchsorted(srt, part.points, side="right") / n - part.values)))
+            p = ks_pvalue(d, n, int(f.count * (1 - f.missing_rate)))
+            fs.scores["ks"] = d
+            fs.pvalues["ks"] = p
+            family.append((f.name, "ks", p))
+        if part.adwin is not None:
+            std = f.std if f.std > 0 else 1.0
+            chunks = n // ADWIN_CHUNK
+            if chunks:
+                means = xs[: chunks * ADWIN_CHUNK].reshape(chunks, ADWIN_CHUNK).mean(axis=1)
+                z = (means - f.mean) / std * math.sqrt(ADWIN_CHUNK)
+                detector = part.adwin
+                hit = False
+                for v in z.tolist():
+                    detector.update(v)
+                    hit = hit or detector.drift_detected
+                # ADWIN forgets a change once it has cut its window there, so the feature stays
+                # flagged while the mean of that window sits beyond ADWIN's own bound for it
+                # (the reference mean is an estimate too: its variance, in these units, is added)
+                est, width = abs(float(detector.estimation)), max(1, detector.width)
+                spread = 1.0 / width + ADWIN_CHUNK / max(1, f.count)
+                if hit or est > math.sqrt(2.0 * math.log(2.0 / part.delta) * spread):
+                    fs.decided.add("adwin")
+                fs.scores["adwin"] = est
+
+    def _categorical(
+        self, part: _Categorical, col: np.ndarray, fs: FeatureScore, family: list[tuple[str, str, float]]
+    ) -> None:
+        f = part.feature
+        total = col.shape[0]
+        if col.dtype.kind == "f":
+            finite = np.isfinite(col)
+            values = col[finite].tolist()
+        else:
+            values = col.tolist()
+        n = len(values)
+        missing = (total - n) / total if total else 0.0
+        fs.quality["missing"] = missing
+        if missing > f.missing_rate + self.spec.missing_rate_margin:
+            fs.alarms.add("missing")
+        if not n:
+            return
+        cells = part.probs.shape[0]
+        counts = np.zeros(cells, dtype=np.float64)
+        other = cells - 1
+        index = part.index
+        if col.dtype.kind in "iub":  # exact integer keys without formatting each value twice
+            uniq, cnt = np.unique(np.asarray(values), return_counts=True)
+            for u, c in zip(uniq.tolist(), cnt.tolist()):
+                counts[index.get(str(int(u)), other)] += c
+        else:
+            for v in values:
+                counts[index.get(category_key(v), other)] += 1
+        unseen = float(counts[other]) / n
+        fs.quality["unseen"] = unseen
+        if unseen > f.other + self.spec.unseen_max:
+            fs.alarms.add("unseen")
+        # the reference, smoothed so a category it never saw is possible, not impossible
+        m = max(1, f.count)
+        probs = (part.probs * m + 0.5) / (m + 0.5 * cells)
+        if self.psi:
+            v = psi(counts, probs)
+            fs.scores["psi"] = v
+            if v >= self.spec.psi_threshold:
+                fs.decided.add("psi")
+        if self.chi2:
+            stat, df = chi_square(counts, probs)
+            p = chi2_sf(stat, df)
+            fs.scores["chi2"] = stat
+            fs.pvalues["chi2"] = p
+            family.append((f.name, "chi2", p))
+
+
+class Debounce:
+    """A flag that turns on after ``windows`` drifted windows in a row and off after as many
+    clean ones; :meth:`step` says when it changed."""
+
+    def __init__(self, windows: int):
+        self.windows = windows
+        self.on = False
+        self.run = 0  # consecutive windows disagreeing with the current state
+
+    def step(self, drifted: bool) -> bool:
+        if drifted != self.on:
+            self.run += 1
+            if self.run >= self.windows:
+                self.on = drifted
+                self.run = 0
+                return True
+        else:
+            self.run = 0
+        return False
+
+    def reset(self) -> None:
+        self.on = False
+        self.run = 0

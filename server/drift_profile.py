@@ -1,0 +1,276 @@
+"""``batchgate drift profile``: a reference profile from a training file (and the model's answers).
+
+    batchgate drift profile --model fraud --input features --data train.csv --out fraud.json
+        [--model-repository DIR | --url http://host:8000] [--feature-names a,b,...]
+        [--categorical a,b] [--numeric c] [--bins 20] [--max-categories 50]
+
+Data files: ``.npz`` (one array per input, named like the input; a file with one array serves a
+single input), ``.csv`` (a header row), ``.parquet`` and ``.jsonl`` (one object a line). In the
+table forms a single input takes every column (or the ``--feature-names`` ones, in that order);
+with several inputs a column ``<input>.<feature>`` belongs to ``<input>``. JSON lines may also
+carry an input as a list (``{"features": [0.1, 2.0, ...]}``).
+
+With ``--model-repository`` (ONNX Runtime, the model's latest version) or ``--url`` (any V2
+server over HTTP) the data is also run through the model, and its outputs are profiled too. The
+profile records the data file's SHA-256 and row count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .core.drift import DEFAULT_BINS, DEFAULT_MAX_CATEGORIES, build_profile, build_tensor, columns
+from .core.errors import ConfigError
+
+MAX_ROWS = 10_000_000
+BATCH_ROWS = 1024
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser(
+        "drift",
+        help="drift monitoring: build reference profiles; status, reset, rebaseline (the admin API)",
+        description="Reference profiles for drift monitors, and the admin API's drift calls.",
+    )
+    ds = d.add_subparsers(dest="drift_command", required=True)
+    p = ds.add_parser("profile", help="a reference profile from a data file (and the model's outputs)")
+    p.add_argument("--model", required=True, help="the model (or route) the profile is for")
+    p.add_argument("--input", action="append", required=True, dest="inputs", help="an input tensor to profile")
+    p.add_argument("--data", required=True, help="reference data: .npz, .csv, .parquet or .jsonl")
+    p.add_argument("--out", required=True, help="where to write the profile (JSON)")
+    p.add_argument("--feature-names", help="comma-separated names of the (single) input's columns")
+    p.add_argument("--categorical", default="", help="comma-separated features to treat as categories")
+    p.add_argument("--numeric", default="", help="comma-separated features to treat as numbers")
+    p.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"quantile bins per feature ({DEFAULT_BINS})")
+    p.add_argument("--max-categories", type=int, default=DEFAULT_MAX_CATEGORIES, help="categories kept per feature")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--model-repository", help="run the data through the model here (ONNX Runtime)")
+    run.add_argument("--url", help="run the data through the model on this V2 server (HTTP)")
+    from .admin.cli import add_drift_commands
+
+    add_drift_commands(ds)
+
+
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- reading data
+def read_table(path: str) -> dict[str, np.ndarray]:
+    """Column name -> values from a CSV, Parquet or JSON-lines file (JSONL list values kept whole)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise ConfigError(f"{path}: the CSV file has no header row")
+            cells: list[list[str]] = [[] for _ in header]
+            for i, row in enumerate(reader):
+                if len(row) != len(header):
+                    raise ConfigError(f"{path}: row {i + 2} has {len(row)} cells, the header {len(header)}")
+                for c, v in zip(cells, row):
+                    c.append(v)
+        return {name: _column(values) for name, values in zip(header, cells)}
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return {name: _arrow_column(table.column(name)) for name in table.column_names}
+    if ext in (".jsonl", ".ndjson"):
+        rows: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ConfigError(f"{path}: line {i + 1} is not a JSON object")
+                    rows.append(obj)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        out = {}
+        for k in keys:
+            values = [r.get(k) for r in rows]
+            if any(isinstance(v, list) for v in values):
+                out[k] = np.asarray(values)
+            else:
+                out[k] = _column([("" if v is None else v) for v in values])
+        return out
+    raise ConfigError(f"{path}: unknown data format {ext!r} (.npz, .csv, .parquet, .jsonl)")
+
+
+def _column(values: Sequence[Any]) -> np.ndarray:
+    """Numbers where every cell is one (empty cells: NaN), else text."""
+    try:
+        return np.asarray([float("nan") if v == "" else float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.asarray([str(v) for v in values], dtype=object)
+
+
+def _arrow_column(col) -> np.ndarray:
+    import pyarrow as pa
+
+    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return np.asarray(col.to_pylist(), dtype=object)
+
+
+def load_inputs(path: str, inputs: list[str], feature_names: list[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """Input name -> [rows, features] array, and input name -> feature names (or None)."""
+    names: dict[str, list[str] | None] = {i: None for i in inputs}
+    if path.lower().endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            files = list(z.files)
+            if len(inputs) == 1 and len(files) == 1:
+                arrays = {inputs[0]: z[files[0]]}
+            else:
+                missing = [i for i in inputs if i not in files]
+                if missing:
+                    raise ConfigError(f"{path}: no array named {', '.join(missing)} (arrays: {', '.join(files)})")
+                arrays = {i: z[i] for i in inputs}
+        if feature_names:
+            names[inputs[0]] = feature_names
+        return {k: columns(v) for k, v in arrays.items()}, names
+    table = read_table(path)
+    out = {}
+    for tensor in inputs:
+        if tensor in table and table[tensor].ndim == 2:  # JSONL: the input as a list per line
+            out[tensor] = table[tensor]
+            names[tensor] = feature_names or None
+            continue
+        if len(inputs) == 1:
+            cols = feature_names or [c for c in table if table[c].ndim == 1]
+        else:
+            cols = [c for c in table if c.startswith(f"{tensor}.")]
+        missing = [c for c in cols if c not in table]
+        if missing or not cols:
+            raise ConfigError(f"{path}: no column(s) {', '.join(missing) or tensor + '.*'} for input '{tensor}'")
+        block = [table[c] for c in cols]
+        kind = object if any(b.dtype == object for b in block) else np.float64
+        out[tensor] = np.stack([b.astype(kind) for b in block], axis=1)
+        names[tensor] = [c.split(".", 1)[1] if len(inputs) > 1 else c for c in cols]
+    return out, names
+
+
+# ---------------------------------------------------------------------------------- the model
+def run_local(repository: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    from .core.types import check_model_name
+
+    check_model_name(model)
+    root = os.path.join(repository, model)
+    versions = sorted((int(v) for v in os.listdir(root) if v.isdigit()), reverse=True)
+    if not versions:
+        raise ConfigError(f"{root}: no numbered version directory")
+    vdir = os.path.join(root, str(versions[0]))
+    files = sorted(f for f in os.listdir(vdir) if f.endswith(".onnx"))
+    if not files:
+        raise ConfigError(f"{vdir}: no .onnx file")
+    session = ort.InferenceSession(os.path.join(vdir, files[0]), providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in session.get_inputs()}
+    ort_types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
+    ort_types["tensor(int32)"] = np.int32
+    outs: dict[str, list[np.ndarray]] = {}
+    rows = next(iter(feeds.values())).shape[0]
+    for start in range(0, rows, BATCH_ROWS):
+        batch = {
+            k: v[start : start + BATCH_ROWS].astype(ort_types.get(types.get(k, ""), v.dtype)) for k, v in feeds.items()
+        }
+        names = [o.name for o in session.get_outputs()]
+        for name, value in zip(names, session.run(names, batch)):
+            outs.setdefault(name, []).append(np.asarray(value))
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def run_remote(url: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    address = url.split("://", 1)[-1].rstrip("/")
+    client = httpclient.InferenceServerClient(address, ssl=url.startswith("https://"))
+    meta = client.get_model_metadata(model)
+    dtypes = {i["name"]: i["datatype"] for i in meta["inputs"]}
+    triton_np = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "BYTES": np.object_}
+    outs: dict[str, list[np.ndarray]] = {}
+    rows = next(iter(feeds.values())).shape[0]
+    for start in range(0, rows, BATCH_ROWS):
+        ins = []
+        for k, v in feeds.items():
+            arr = v[start : start + BATCH_ROWS].astype(triton_np.get(dtypes.get(k, ""), v.dtype))
+            t = httpclient.InferInput(k, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            t.set_data_from_numpy(arr, binary_data=True)
+            ins.append(t)
+        result = client.infer(model, ins)
+        for o in meta["outputs"]:
+            outs.setdefault(o["name"], []).append(result.as_numpy(o["name"]))
+    client.close()
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+# ---------------------------------------------------------------------------------- the command
+def make_profile(args: argparse.Namespace) -> dict[str, Any]:
+    arrays, names = load_inputs(args.data, args.inputs, _names(args.feature_names))
+    rows = {a.shape[0] for a in arrays.values()}
+    if len(rows) != 1:
+        raise ConfigError(f"{args.data}: the inputs have different row counts ({sorted(rows)})")
+    count = rows.pop()
+    if not count or count > MAX_ROWS:
+        raise ConfigError(f"{args.data}: {count} rows; a profile needs 1 to {MAX_ROWS}")
+    categorical, numeric = _names(args.categorical), _names(args.numeric)
+    inputs = {
+        t: build_tensor(t, a, names[t], categorical, numeric, bins=args.bins, max_categories=args.max_categories)
+        for t, a in arrays.items()
+    }
+    outputs = {}
+    if args.model_repository or args.url:
+        numeric_feeds = {t: a.astype(np.float64) if a.dtype == object else a for t, a in arrays.items()}
+        if args.model_repository:
+            answers = run_local(args.model_repository, args.model, numeric_feeds)
+        else:
+            answers = run_remote(args.url, args.model, numeric_feeds)
+        outputs = {
+            name: build_tensor(name, a, None, categorical, numeric, bins=args.bins, max_categories=args.max_categories)
+            for name, a in answers.items()
+            if columns(a).shape[1] <= 4096
+        }
+    source = {"file": os.path.basename(args.data), "sha256": sha256_of(args.data), "rows": count}
+    return build_profile(args.model, inputs, outputs, source).to_json()
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.drift_command != "profile":
+        from .admin.cli import drift_main
+
+        return drift_main(args)
+    try:
+        profile = make_profile(args)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"batchgate drift profile: {e}", file=sys.stderr)
+        return 2
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(profile, f, indent=1)
+    os.replace(tmp, args.out)
+    feats = sum(len(v) for v in profile["inputs"].values()) + sum(len(v) for v in profile["outputs"].values())
+    print(
+        f"profile {profile['id']} of '{args.model}': {profile['source']['rows']} rows, {feats} features "
+        f"({len(profile['outputs'])} output tensor(s)) -> {args.out}"
+    )
+    return 0

@@ -1,0 +1,453 @@
+"""Drift monitoring, the gateway's side: sampling on the request path, the detector process,
+its results as metrics, status, commands (reset, rebaseline) and audit lines.
+
+On the request path (:meth:`DriftService.watch`, from ``DataPlane.infer``) a monitored model's
+request is sampled with its monitor's ``sample_rate`` (never synthetic traffic); when its answer
+comes, the watched inputs' rows (and outputs' with ``outputs: true``), at most
+``max_rows_per_sample`` of them, are copied and put on a bounded queue (``drift_queue_samples``);
+when the queue is full the sample is dropped and counted. A sender thread moves what gathered to
+the detector process (``drift_detector.py``) in batches over a pipe; a reader thread takes its
+answers and writes the metrics. The event loop only copies rows and appends to a deque.
+
+A monitor on a route sees every request addressed to the route, whichever variant answered; a
+monitor on a model sees the requests addressed to it and those a route sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from random import random
+from typing import Any
+
+import numpy as np
+
+from ..core.drift import MonitorSpec, Profile, columns, profile_from_json
+from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
+from ..core.signature import ModelSignature
+from ..core.types import InferRequest, InferResponse, clip
+from ..settings_sections import DriftSettings
+from .drift_detector import Plan
+from .drift_detector import main as detector_main
+from .metrics import DriftMetrics, Metrics
+
+log = logging.getLogger("batchgate")
+
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+SEND_GATHER_S = 0.005  # a batch for the detector gathers this long after its first sample
+COMMAND_TIMEOUT_S = 30.0
+Audit = Callable[[str, str, str, str], Awaitable[None]]
+
+
+class Tap:
+    """One monitor's sampling on the request path."""
+
+    __slots__ = ("model", "rate", "inputs", "outputs", "max_rows", "metrics")
+
+    def __init__(self, spec: MonitorSpec, metrics: DriftMetrics):
+        self.model = spec.model
+        self.rate = spec.sample_rate
+        self.inputs = frozenset(spec.inputs)
+        self.outputs = spec.outputs
+        self.max_rows = spec.max_rows_per_sample
+        self.metrics = metrics
+
+
+def read_profile(path: str) -> Profile:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(256 * 1024 * 1024 + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read drift profile {path}: {e.strerror}") from None
+    if len(raw) > 256 * 1024 * 1024:
+        raise ConfigError(f"drift profile {path} is larger than 256 MiB")
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"drift profile {path} is not JSON: {e}") from None
+    return profile_from_json(data, f"drift profile {path}")
+
+
+def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature, max_features: int) -> None:
+    """A monitor that cannot work is refused at start, naming what does not fit."""
+    where = f"drift monitor of '{spec.model}'"
+    tensors = {t.name: t for t in signature.inputs}
+    for name in spec.inputs:
+        t = tensors.get(name)
+        if t is None:
+            raise ConfigError(f"{where}: the model has no input '{name}' (inputs: {', '.join(sorted(tensors))})")
+        if name not in profile.inputs:
+            raise ConfigError(f"{where}: the profile describes no input '{name}' ({', '.join(profile.inputs)})")
+        _check_width(where, "input", t, len(profile.inputs[name]), signature.max_batch_size)
+    extra = sorted(set(profile.inputs) - set(spec.inputs))
+    if extra:
+        raise ConfigError(f"{where}: the profile describes input(s) the monitor does not watch: {', '.join(extra)}")
+    if spec.outputs:
+        if not profile.outputs:
+            raise ConfigError(
+                f"{where}: 'outputs: true' needs a profile with outputs (batchgate drift profile --model)"
+            )
+        outs = {t.name: t for t in signature.outputs}
+        for name, feats in profile.outputs.items():
+            t = outs.get(name)
+            if t is None:
+                raise ConfigError(f"{where}: the profile describes output '{name}', which the model does not have")
+            _check_width(where, "output", t, len(feats), signature.max_batch_size)
+    count = len(profile.features(spec.outputs))
+    if count > max_features:
+        raise ConfigError(f"{where}: {count} features are more than drift_max_features ({max_features})")
+
+
+def _check_width(where: str, side: str, tensor, width: int, max_batch: int) -> None:
+    dims = tensor.dims if max_batch > 0 else tensor.dims[1:]
+    if len(dims) > 1:
+        raise ConfigError(
+            f"{where}: {side} '{tensor.name}' has shape {list(tensor.dims)}; drift watches 2-D [-1, features] tensors"
+        )
+    have = dims[0] if dims else 1
+    if have != -1 and have != width:
+        raise ConfigError(f"{where}: {side} '{tensor.name}' has {have} columns but the profile describes {width}")
+
+
+class DriftService:
+    def __init__(self, specs: tuple[MonitorSpec, ...], settings: DriftSettings, metrics: Metrics, audit: Audit):
+        self.specs = {s.model: s for s in specs}
+        self.settings = settings
+        self.metrics = metrics
+        self.audit = audit
+        self.taps: dict[str, Tap] = {}
+        self.plan: Plan | None = None
+        self.status_by_model: dict[str, dict[str, Any]] = {}
+        self.profiles: dict[str, Profile] = {}
+        self.queue: deque = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._process: Any = None
+        self._inbox: Any = None  # our end of the pipe to the detector
+        self._outbox: Any = None  # our end of the pipe from it
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._replies: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self.detector_pid: int | None = None
+
+    # ---------------------------------------------------------------- start / stop
+    def prepare(self, signatures: dict[str, ModelSignature]) -> None:
+        """Read every profile and check each monitor against its model's signature (a route's
+        signature is its variants'); anything wrong is a ConfigError and the server does not start."""
+        s = self.settings
+        monitors = []
+        if s.drift_profiles_dir:
+            try:
+                os.makedirs(s.drift_profiles_dir, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"drift_profiles_dir {s.drift_profiles_dir}: {e.strerror}") from None
+        for model, spec in self.specs.items():
+            sig = signatures.get(model)
+            if sig is None:
+                raise ConfigError(f"drift monitor of '{model}': no model or route of that name is served")
+            profile = read_profile(spec.reference)
+            check_monitor(spec, profile, sig, s.drift_max_features)
+            saved = self._saved(model, profile)
+            monitors.append((spec, profile, saved))
+            self.profiles[model] = saved or profile
+            dm = self.metrics.drift(model)
+            self.taps[model] = Tap(spec, dm)
+            self.status_by_model[model] = {"model": model, "profile_id": (saved or profile).id, "windows": 0}
+        source = s.drift_event_source or f"/batchgate/{socket.gethostname()[:200]}"
+        self.plan = Plan(
+            monitors,
+            source,
+            s.drift_profiles_dir,
+            s.drift_dead_letter_file,
+            s.drift_dead_letter_max_events,
+            s.drift_dead_letter_retry_s,
+            s.drift_rebaseline_max_rows,
+        )
+        assert self.metrics.detector is not None or not monitors
+        if self.metrics.detector is not None:
+            self.metrics.detector.queue_depth = lambda: len(self.queue)
+
+    def _saved(self, model: str, configured: Profile) -> Profile | None:
+        """A rebaselined profile kept in drift_profiles_dir, if it was taken from this reference."""
+        d = self.settings.drift_profiles_dir
+        if not d:
+            return None
+        path = os.path.join(d, f"{model}.json")
+        if not os.path.exists(path):
+            return None
+        try:
+            saved = read_profile(path)
+        except ConfigError as e:
+            log.warning("drift: ignoring the rebaselined profile of '%s': %s", model, e)
+            return None
+        if saved.source.get("based_on") != configured.id:
+            log.info("drift: the reference of '%s' changed since its rebaseline; using the configured one", model)
+            return None
+        return saved
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._spawn()
+        sender = threading.Thread(target=self._send_samples, name="batchgate-drift-send", daemon=True)
+        sender.start()
+        self._threads.append(sender)
+
+    def _spawn(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        to_child_r, to_child_w = ctx.Pipe(duplex=False)
+        from_child_r, from_child_w = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=detector_main, args=(to_child_r, from_child_w, self.plan), name="batchgate-drift", daemon=True
+        )
+        proc.start()
+        to_child_r.close()
+        from_child_w.close()
+        self._process, self._inbox, self._outbox = proc, to_child_w, from_child_r
+        reader = threading.Thread(
+            target=self._read, args=(from_child_r, proc), name="batchgate-drift-read", daemon=True
+        )
+        reader.start()
+        self._threads.append(reader)
+
+    def stop(self, wait_s: float = 3.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        proc = self._process
+        if proc is None:
+            return
+        try:
+            with self._send_lock:
+                self._inbox.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        proc.join(wait_s)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(1.0)
+        for t in self._threads:
+            t.join(1.0)
+
+    # ---------------------------------------------------------------- request path
+    def watch(
+        self, answer: Awaitable[InferResponse], request: InferRequest, variant: str | None
+    ) -> Awaitable[InferResponse]:
+        """``answer`` itself, or (for a sampled request) a coroutine that awaits it and then
+        offers the sample."""
+        tap = self.taps.get(request.model_name)
+        if tap is None and variant is not None:
+            tap = self.taps.get(variant)
+        if tap is None or random() >= tap.rate:
+            return answer
+        return self._sampled(answer, request, tap)
+
+    async def _sampled(self, answer: Awaitable[InferResponse], request: InferRequest, tap: Tap) -> InferResponse:
+        resp = await answer
+        self.offer(tap, request, resp)
+        return resp
+
+    def offer(self, tap: Tap, request: InferRequest, resp: InferResponse) -> None:
+        if len(self.queue) >= self.settings.drift_queue_samples:
+            tap.metrics.samples["dropped"] += 1
+            return
+        rows = tap.max_rows
+        tensors: dict[tuple[str, str], np.ndarray] = {}
+        for t in request.inputs:
+            if t.name in tap.inputs:
+                tensors[("input", t.name)] = np.array(columns(t.data)[:rows])  # a copy, never a view of the body
+        if tap.outputs:
+            for o in resp.outputs:
+                tensors[("output", o.name)] = np.array(columns(o.data)[:rows])
+        empty = not self.queue
+        self.queue.append((tap.model, time.monotonic(), tensors))
+        if empty:
+            self._wake.set()
+
+    def _send_samples(self) -> None:
+        while not self._stopping:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if not self.queue:
+                continue
+            time.sleep(SEND_GATHER_S)
+            batch = []
+            while self.queue:
+                batch.append(self.queue.popleft())
+            try:
+                with self._send_lock:
+                    self._inbox.send(("samples", batch))
+            except (OSError, ValueError, AttributeError):
+                for model, _, _ in batch:  # the detector is gone (restarting): counted, not kept
+                    self.taps[model].metrics.samples["dropped"] += 1
+
+    # ---------------------------------------------------------------- the detector's answers
+    def _read(self, conn, proc) -> None:
+        det = self.metrics.detector
+        assert det is not None
+        try:
+            while True:
+                msg = conn.recv()
+                kind = msg[0]
+                if kind == "window":
+                    self._window(msg[1], msg[2])
+                elif kind == "event":
+                    self._event(msg[1], msg[2])
+                elif kind == "counts":
+                    self._counts(msg[1])
+                elif kind == "reply":
+                    self._reply(msg[1], msg[2], msg[3])
+                elif kind == "up":
+                    det.up = 1
+                    self.detector_pid = msg[1]
+        except (EOFError, OSError):
+            pass
+        det.up = 0
+        self._fail_replies("the drift detector process stopped")
+        if self._stopping:
+            return
+        proc.join(1.0)
+        log.error("drift: the detector process exited (code %s); restarting it", proc.exitcode)
+        time.sleep(RESTART_BACKOFF_S[min(det.restarts, len(RESTART_BACKOFF_S) - 1)])
+        if not self._stopping:
+            det.restarts += 1
+            self._spawn()
+
+    def _window(self, model: str, w: dict[str, Any]) -> None:
+        dm = self.metrics.drift(model)
+        result = w["result"]
+        scores: dict[tuple[str, str], float] = {}
+        quality: dict[tuple[str, str], int] = {}
+        for feature, fs in result["features"].items():
+            for test, v in fs["scores"].items():
+                scores[(feature, test)] = float(v)
+            for kind, rate in fs["quality"].items():
+                scores[(feature, kind)] = float(rate)
+                quality[(feature, kind)] = int(kind in fs["alarms"])
+        detected = set(w["detected"])
+        dm.scores = scores
+        dm.quality = quality
+        dm.detected = {f: int(f in detected) for f in result["features"]}
+        dm.active = int(w["active"])
+        dm.drifted = len(detected)
+        dm.detections = w["detections"]
+        dm.windows += 1
+        dm.window_seconds = w["span_s"]
+        dm.lag.observe(w["lag_s"])
+        status = self.status_by_model.setdefault(model, {"model": model})
+        status.update(
+            windows=dm.windows,
+            active=bool(w["active"]),
+            detected=sorted(detected),
+            detections=w["detections"],
+            profile_id=w["profile_id"],
+            last_window={k: v for k, v in w.items() if k not in ("detected", "active", "detections", "profile_id")},
+            last_window_at=time.time(),
+        )
+
+    def _event(self, model: str, event: dict[str, Any]) -> None:
+        data = event.get("data", {})
+        feats = ", ".join(f"{d['feature']}({'+'.join(d['tests'])})" for d in data.get("drifted_features", [])[:32])
+        state = data.get("state", "?")
+        log.warning("drift: '%s' %s (window %s): %s", model, state, data.get("window", {}).get("index"), feats or "-")
+        if self._loop is not None:
+            detail = f"event {event.get('id')}; drifted: {feats or 'none'}"
+            self._loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self.audit(f"drift.{state}", model, "ok", detail))
+            )
+
+    def _counts(self, c: dict[str, Any]) -> None:
+        det = self.metrics.detector
+        assert det is not None
+        for model, n in c["samples"].items():
+            dm = self.metrics.drift(model)
+            dm.samples["used"] = n["used"]
+            dm.samples["invalid"] = n["invalid"]
+        det.events = dict(c["events"])
+        det.dead_letter = c["dead_letter"]
+        det.cpu_seconds = c["cpu_s"]
+        self.detector_pid = c["pid"]
+
+    def _reply(self, ident: int, ok: bool, payload: Any) -> None:
+        fut = self._replies.pop(ident, None)
+        if fut is None or self._loop is None:
+            return
+
+        def settle() -> None:
+            if fut.done():
+                return
+            if ok:
+                fut.set_result(payload)
+            else:
+                fut.set_exception(invalid(str(payload)))
+
+        self._loop.call_soon_threadsafe(settle)
+
+    def _fail_replies(self, why: str) -> None:
+        for ident in list(self._replies):
+            fut = self._replies.pop(ident)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(_fail, fut, GatewayError(ErrorCode.UNAVAILABLE, why))
+
+    # ---------------------------------------------------------------- admin
+    def monitor(self, model: str) -> MonitorSpec:
+        spec = self.specs.get(model)
+        if spec is None:
+            raise not_found(f"no drift monitor for '{clip(model)}'")
+        return spec
+
+    def status(self, model: str) -> dict[str, Any]:
+        spec = self.monitor(model)
+        out = dict(self.status_by_model.get(model, {"model": model}))
+        dm = self.metrics.drift(model)
+        out.update(
+            sample_rate=spec.sample_rate,
+            window_samples=spec.window_samples,
+            tests=list(spec.tests),
+            alpha=spec.alpha,
+            correction=spec.correction,
+            samples=dict(dm.samples),
+            detector_up=bool(self.metrics.detector.up) if self.metrics.detector else False,
+        )
+        return out
+
+    async def command(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        if self._loop is None or self._inbox is None:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "the drift detector is not running")
+        ident = next(self._ids)
+        fut = self._loop.create_future()
+        self._replies[ident] = fut
+        try:
+            with self._send_lock:
+                self._inbox.send(("command", ident, name, args))
+        except (OSError, ValueError) as e:
+            self._replies.pop(ident, None)
+            raise GatewayError(ErrorCode.UNAVAILABLE, f"the drift detector is not reachable: {e}") from None
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                result = await fut
+        finally:
+            self._replies.pop(ident, None)
+        model = str(args.get("model"))
+        self.status_by_model.setdefault(model, {"model": model})["profile_id"] = result.get("profile_id")
+        if name in ("reset", "rebaseline"):
+            dm = self.metrics.drift(model)
+            dm.active = dm.drifted = 0
+            dm.detected = {}
+            dm.quality = {}
+            self.status_by_model[model].update(active=False, detected=[])
+        return result
+
+
+def _fail(fut: asyncio.Future, error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)

@@ -1,0 +1,347 @@
+"""The drift detector process: windows of sampled rows scored against reference profiles.
+
+The gateway starts it (``monitoring/drift.py``) and talks to it over two pipes. It receives
+batches of samples and commands; it sends back one message per scored window (scores, verdicts,
+state), state-change events (also delivered to the webhook from here, ``drift_events.py``),
+periodic counts, and replies to commands. Nothing here runs on the gateway's event loop or
+holds its GIL: the tests and ADWIN cost what they cost, here.
+
+A window closes when it holds the monitor's ``window.samples`` rows of its first input, or after
+``window.max_s`` once it holds ``window.min_samples``; rows of a smaller time-closed window carry
+on into the next. Invalid samples (a tensor whose column count differs from the profile) are
+counted, not scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..core.drift import MonitorSpec, Profile, build_profile, build_tensor, columns
+from ..core.drift_window import Debounce, Scorer
+from .drift_events import DETECTED, RECOVERED, DeadLetter, EventSender, make_event
+
+log = logging.getLogger("batchgate.drift")
+
+Key = tuple[str, str]  # (side, tensor)
+TICK_S = 0.2
+COUNTS_EVERY_S = 1.0
+
+
+@dataclass
+class Plan:
+    """What the gateway hands the detector process at start (picklable)."""
+
+    monitors: list[tuple[MonitorSpec, Profile, Profile | None]]  # spec, configured profile, rebaselined one
+    source: str  # the CloudEvents source of this replica
+    profiles_dir: str = ""
+    dead_letter_file: str = ""
+    dead_letter_max_events: int = 1000
+    dead_letter_retry_s: float = 30.0
+    rebaseline_max_rows: int = 10_000
+
+
+@dataclass
+class Watch:
+    spec: MonitorSpec
+    configured: Profile
+    profile: Profile
+    scorer: Scorer
+    flag: Debounce
+    features: dict[str, Debounce]
+    widths: dict[Key, int]
+    first: Key
+    buffers: dict[Key, list[np.ndarray]] = field(default_factory=dict)
+    rows: int = 0
+    opened: float = 0.0  # monotonic time of the window's first sample
+    last_offered: float = 0.0
+    index: int = 0
+    detections: int = 0
+    recent: dict[Key, deque] = field(default_factory=dict)  # rows kept for a rebaseline
+    recent_rows: dict[Key, int] = field(default_factory=dict)
+    used: int = 0
+    invalid: int = 0
+
+
+def _layout(spec: MonitorSpec, profile: Profile) -> dict[Key, int]:
+    widths: dict[Key, int] = {}
+    for side, tensor, _ in profile.features(spec.outputs):
+        widths[(side, tensor)] = widths.get((side, tensor), 0) + 1
+    return widths
+
+
+class Detector:
+    def __init__(self, plan: Plan, send):
+        self.plan = plan
+        self.send = send
+        self.watches: dict[str, Watch] = {}
+        self.events: dict[str, int] = {}
+        for spec, configured, rebaselined in plan.monitors:
+            self.watches[spec.model] = self._watch(spec, configured, rebaselined or configured)
+        self.sender = EventSender(
+            DeadLetter(plan.dead_letter_file, plan.dead_letter_max_events), plan.dead_letter_retry_s, self._count_event
+        )
+
+    def _count_event(self, outcome: str) -> None:
+        self.events[outcome] = self.events.get(outcome, 0) + 1
+
+    def _watch(self, spec: MonitorSpec, configured: Profile, profile: Profile) -> Watch:
+        widths = _layout(spec, profile)
+        return Watch(
+            spec,
+            configured,
+            profile,
+            Scorer(spec, profile),
+            Debounce(spec.debounce_windows),
+            {f.name: Debounce(spec.debounce_windows) for _, _, f in profile.features(spec.outputs)},
+            widths,
+            ("input", spec.inputs[0]),
+        )
+
+    # ---------------------------------------------------------------- samples
+    def add(self, model: str, offered: float, tensors: dict[Key, np.ndarray], now: float) -> None:
+        w = self.watches.get(model)
+        if w is None:
+            return
+        blocks: dict[Key, np.ndarray] = {}
+        for key, array in tensors.items():
+            width = w.widths.get(key)
+            if width is None:
+                continue
+            cols = columns(array)
+            if cols.shape[1] != width:
+                w.invalid += 1
+                return
+            blocks[key] = cols
+        if w.first not in blocks:
+            w.invalid += 1
+            return
+        if not w.rows:
+            w.opened = now
+        for key, cols in blocks.items():
+            w.buffers.setdefault(key, []).append(cols)
+            self._remember(w, key, cols)
+        w.rows += blocks[w.first].shape[0]
+        w.last_offered = offered
+        w.used += 1
+        if w.rows >= w.spec.window_samples:
+            self.close(w, now)
+
+    def _remember(self, w: Watch, key: Key, cols: np.ndarray) -> None:
+        ring = w.recent.setdefault(key, deque())
+        ring.append(cols)
+        total = w.recent_rows.get(key, 0) + cols.shape[0]
+        while total - ring[0].shape[0] >= self.plan.rebaseline_max_rows:
+            total -= ring.popleft().shape[0]
+        w.recent_rows[key] = total
+
+    def tick(self, now: float) -> None:
+        for w in self.watches.values():
+            if w.rows >= w.spec.min_window_samples and now - w.opened >= w.spec.window_max_s:
+                self.close(w, now)
+
+    # ---------------------------------------------------------------- windows
+    def close(self, w: Watch, now: float) -> None:
+        block = {key: np.concatenate(parts) for key, parts in w.buffers.items() if parts}
+        w.buffers = {}
+        rows, span = w.rows, now - w.opened
+        w.rows = 0
+        started = time.monotonic()
+        result = w.scorer.score(block)
+        w.index += 1
+        changed = w.flag.step(result.drifted_window)
+        detected = []
+        for name, flag in w.features.items():
+            flag.step(name in result.drifted)
+            if flag.on:
+                detected.append(name)
+        if changed and w.flag.on:
+            w.detections += 1
+        scored = time.monotonic()
+        self.send(
+            (
+                "window",
+                w.spec.model,
+                {
+                    "index": w.index,
+                    "rows": rows,
+                    "span_s": span,
+                    "lag_s": max(0.0, scored - w.last_offered),
+                    "score_s": scored - started,
+                    "result": result.summary(),
+                    "active": w.flag.on,
+                    "detected": detected,
+                    "detections": w.detections,
+                    "profile_id": w.profile.id,
+                },
+            )
+        )
+        if changed:
+            self._announce(w, result, rows, span)
+
+    def _announce(self, w: Watch, result, rows: int, span: float) -> None:
+        scorer = w.scorer
+        drifted = []
+        for name in result.drifted:
+            fs = result.features[name]
+            tests = {}
+            for test in sorted(fs.decided):
+                entry: dict[str, Any] = {"score": fs.scores.get(test)}
+                if test in fs.pvalues:
+                    entry.update(p_value=fs.pvalues[test], p_threshold=result.threshold)
+                elif test == "psi":
+                    entry["threshold"] = w.spec.psi_threshold
+                tests[test] = entry
+            drifted.append({"feature": name, "tests": tests})
+        data = {
+            "model": w.spec.model,
+            "state": "detected" if w.flag.on else "recovered",
+            "window": {"index": w.index, "rows": rows, "seconds": round(span, 3)},
+            "drifted_features": drifted,
+            "features_watched": len(scorer.layout),
+            "min_drifted_features": scorer.needed,
+            "alpha": w.spec.alpha,
+            "correction": w.spec.correction,
+            "profile_id": w.profile.id,
+            "detections": w.detections,
+        }
+        event = make_event(DETECTED if w.flag.on else RECOVERED, self.plan.source, w.spec.model, data)
+        self.send(("event", w.spec.model, event))
+        hook = w.spec.webhook
+        if hook is not None:
+            self.sender.send(
+                event, {"url": hook.url, "format": hook.format, "timeout_s": hook.timeout_s, "retries": hook.retries}
+            )
+
+    # ---------------------------------------------------------------- commands
+    def command(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        w = self.watches.get(str(args.get("model")))
+        if w is None:
+            raise KeyError(f"no drift monitor for model '{str(args.get('model'))[:128]}'")
+        if name == "reset":
+            profile = w.configured if args.get("reference") else w.profile
+            if args.get("reference"):
+                self._forget_saved(w.spec.model)
+            self.watches[w.spec.model] = self._carry(w, profile)
+            return {"profile_id": profile.id}
+        if name == "rebaseline":
+            return self._rebaseline(w, int(args.get("rows") or self.plan.rebaseline_max_rows))
+        raise KeyError(f"unknown command {name!r}")
+
+    def _carry(self, w: Watch, profile: Profile) -> Watch:
+        fresh = self._watch(w.spec, w.configured, profile)
+        fresh.recent, fresh.recent_rows, fresh.index = w.recent, w.recent_rows, w.index
+        fresh.detections, fresh.used, fresh.invalid = w.detections, w.used, w.invalid
+        return fresh
+
+    def _rebaseline(self, w: Watch, rows: int) -> dict[str, Any]:
+        have = w.recent_rows.get(w.first, 0)
+        if have < max(10, min(rows, w.spec.min_window_samples)):
+            raise ValueError(
+                f"only {have} live rows of '{w.spec.model}' are kept so far; a rebaseline needs "
+                f"at least {max(10, min(rows, w.spec.min_window_samples))}"
+            )
+        kinds = {f.name: f.kind for _, _, f in w.profile.features(True)}
+        sides: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
+        names: dict[Key, list[str]] = {}
+        for side, tensor, f in w.profile.features(w.spec.outputs):
+            names.setdefault((side, tensor), []).append(f.name)
+        taken = 0
+        for key, feature_names in names.items():
+            ring = w.recent.get(key)
+            if not ring:
+                continue
+            array = np.concatenate(list(ring))[-rows:]
+            taken = max(taken, array.shape[0])
+            sides[key[0]][key[1]] = build_tensor(
+                key[1],
+                array,
+                feature_names,
+                categorical=[n for n in feature_names if kinds[n] == "categorical"],
+                numeric=[n for n in feature_names if kinds[n] == "numeric"],
+            )
+        outputs = sides["output"] or dict(w.profile.outputs)
+        profile = build_profile(
+            w.spec.model,
+            sides["input"],
+            outputs,
+            {"live": True, "rows": taken, "based_on": w.configured.id, "taken": time.time()},
+        )
+        self._save(w.spec.model, profile)
+        self.watches[w.spec.model] = self._carry(w, profile)
+        return {"profile_id": profile.id, "rows": taken}
+
+    def _saved_path(self, model: str) -> str:
+        return os.path.join(self.plan.profiles_dir, f"{model}.json")  # model: checked against MODEL_NAME
+
+    def _save(self, model: str, profile: Profile) -> None:
+        if not self.plan.profiles_dir:
+            return
+        path = self._saved_path(model)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(profile.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _forget_saved(self, model: str) -> None:
+        if self.plan.profiles_dir:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._saved_path(model))
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "samples": {m: {"used": w.used, "invalid": w.invalid} for m, w in self.watches.items()},
+            "events": dict(self.events),
+            "dead_letter": len(self.sender.dead),
+            "cpu_s": time.process_time(),
+            "pid": os.getpid(),
+        }
+
+
+def main(inbox, outbox, plan: Plan) -> None:
+    """The detector process's entry point (multiprocessing, spawn)."""
+    if hasattr(os, "nice"):
+        os.nice(5)  # below the gateway's own threads
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s drift-detector %(levelname)s %(message)s")
+    send = outbox.send
+    detector = Detector(plan, send)
+    send(("up", os.getpid()))
+    last_counts = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            if inbox.poll(TICK_S):
+                msg = inbox.recv()
+                kind = msg[0]
+                now = time.monotonic()
+                if kind == "samples":
+                    for model, offered, tensors in msg[1]:
+                        detector.add(model, offered, tensors, now)
+                elif kind == "command":
+                    _, ident, name, args = msg
+                    try:
+                        send(("reply", ident, True, detector.command(name, args)))
+                    except (KeyError, ValueError, OSError) as e:
+                        send(("reply", ident, False, str(e)[:1024]))
+                elif kind == "stop":
+                    break
+            detector.tick(now)
+            if now - last_counts >= COUNTS_EVERY_S:
+                send(("counts", detector.counts()))
+                last_counts = now
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            send(("counts", detector.counts()))
+        detector.sender.close()
