@@ -375,12 +375,16 @@ def build_tensor(
     bins: int = DEFAULT_BINS,
     max_categories: int = DEFAULT_MAX_CATEGORIES,
 ) -> tuple[Feature, ...]:
-    """The features of one 2-D tensor. Names default to ``tensor[i]``; a feature is categorical
+    """The features of one 2-D tensor. Names default to ``tensor[i]`` (a 1-D tensor's to
+    ``tensor``); a feature is categorical
     when the tensor's datatype holds categories or its name is in ``categorical``, unless it is
     in ``numeric``."""
-    cols = columns(np.asarray(array))
+    array = np.asarray(array)
+    cols = columns(array)
     count = cols.shape[1]
-    names = list(names) if names else [f"{tensor}[{i}]" for i in range(count)]
+    if not names:  # a 1-D tensor (a label per row) is one feature named like it
+        names = [tensor] if array.ndim == 1 else [f"{tensor}[{i}]" for i in range(count)]
+    names = list(names)
     if len(names) != count:
         raise ConfigError(f"tensor '{tensor}' has {count} columns but {len(names)} feature names were given")
     _unique(names, f"tensor '{tensor}': feature")

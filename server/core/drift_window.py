@@ -18,10 +18,12 @@ Per feature and window:
   frequencies, cells expected below 5 pooled. (A monitor listing ``ks`` tests categorical
   features with chi-square: KS has no meaning for categories.)
 - ``adwin``: river's ADWIN on the feature standardised with the reference mean and std, fed one
-  value per chunk of :data:`ADWIN_CHUNK` rows (the chunk mean, scaled to unit variance); it keeps
+  value per chunk of :data:`ADWIN_CHUNK` rows (the chunk mean, scaled to unit variance; a cut is
+  looked for at every value, clock=1, which costs little at one value per chunk); it keeps
   its state across windows and decides on its own ``delta`` (default ``alpha`` / features): a
-  change it detects in the window, or its adaptive window's mean beyond its Hoeffding bound
-  sqrt(2 ln(2/delta) (1/width + chunk/reference rows)) (so a change stays flagged after ADWIN has cut its window there).
+  change it detects, which stays flagged while each window's mean stays beyond the bound
+  sqrt(2 ln(2/delta)) standard errors from the reference mean (ADWIN itself forgets a change
+  once it has cut its window there). The score is that standardised mean shift.
 
 The p-values of all features in a window form one family: Bonferroni (reject at ``alpha / m``)
 bounds the chance of any false alarm in the window by ``alpha``; Benjamini-Hochberg bounds the
@@ -52,17 +54,11 @@ class ChangeDetector(Protocol):
     @property
     def drift_detected(self) -> bool: ...
 
-    @property
-    def estimation(self) -> float: ...
-
-    @property
-    def width(self) -> int: ...
-
 
 def river_adwin(delta: float) -> ChangeDetector:
     from river.drift import ADWIN  # the [drift] extra; imported where detectors run
 
-    detector: ChangeDetector = ADWIN(delta=delta)  # type: ignore[no-untyped-call]
+    detector: ChangeDetector = ADWIN(delta=delta, clock=1)  # type: ignore[no-untyped-call]
     return detector
 
 
@@ -168,6 +164,7 @@ class _Numeric:
     high: float
     adwin: ChangeDetector | None
     delta: float
+    away: bool = False  # ADWIN found a change away from the reference that has not come back
 
 
 @dataclass
@@ -316,14 +313,16 @@ class Scorer:
                 for v in z.tolist():
                     detector.update(v)
                     hit = hit or detector.drift_detected
-                # ADWIN forgets a change once it has cut its window there, so the feature stays
-                # flagged while the mean of that window sits beyond ADWIN's own bound for it
-                # (the reference mean is an estimate too: its variance, in these units, is added)
-                est, width = abs(float(detector.estimation)), max(1, detector.width)
-                spread = 1.0 / width + ADWIN_CHUNK / max(1, f.count)
-                if hit or est > math.sqrt(2.0 * math.log(2.0 / part.delta) * spread):
+                # ADWIN says when the mean changed, then forgets it (its window is cut there):
+                # the feature stays flagged from a change away from the reference until a
+                # window's own mean is back within ADWIN's bound of it (the reference mean is an
+                # estimate too: its variance, in these units, is added)
+                wz = abs(float(z.mean())) * math.sqrt(chunks / (1.0 + chunks * ADWIN_CHUNK / max(1, f.count)))
+                beyond = wz > math.sqrt(2.0 * math.log(2.0 / part.delta))
+                part.away = beyond and (hit or part.away)
+                if part.away:
                     fs.decided.add("adwin")
-                fs.scores["adwin"] = est
+                fs.scores["adwin"] = wz
 
     def _categorical(
         self, part: _Categorical, col: np.ndarray, fs: FeatureScore, family: list[tuple[str, str, float]]

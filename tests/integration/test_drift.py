@@ -1,0 +1,238 @@
+"""Drift monitoring end to end: a model converted by ``batchgate convert sklearn``, a profile made
+by ``batchgate drift profile`` (subprocesses), a real gateway with a drift monitor, tritonclient
+traffic over gRPC and HTTP, a real HTTP receiver for the CloudEvents, and the admin API and CLI.
+
+In-distribution traffic raises nothing; shifted traffic sets the metrics and delivers a
+``detected`` event, in-distribution traffic again a ``recovered`` one; with the receiver down
+the events go to the dead-letter file and are delivered once it is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+
+from batchgate.config import ConfigError
+from drift_support import NAMES, Receiver, batchgate, build, traffic, wait_until
+from gateway_support import start_gateway
+from route_support import metric
+
+pytestmark = pytest.mark.timeout(240)
+ROWS = 20  # rows per request
+WINDOW = 200  # rows per window: 10 requests
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("drift")))
+
+
+def _config(path, profile: str, receiver_url: str, **over) -> str:
+    monitor = {
+        "model": "fraud",
+        "inputs": ["features"],
+        "reference": profile,
+        "sample_rate": 1.0,
+        "window": {"samples": WINDOW, "max_s": 60},
+        "debounce_windows": 2,
+        "outputs": True,
+        "webhook": {"url": receiver_url, "format": "cloudevents", "timeout_s": 2, "retries": 1},
+    }
+    monitor.update(over)
+    with open(path, "w") as f:
+        yaml.safe_dump({"drift": [monitor]}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(built, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("drift-served")
+    receiver = Receiver()
+    cfg = _config(tmp / "config.yaml", built["profile"], receiver.url)
+    dead = str(tmp / "dead-letter.jsonl")
+    gw = start_gateway(
+        built["repo"],
+        cfg,
+        drift_dead_letter_file=dead,
+        drift_dead_letter_retry_s=0.5,
+        drift_profiles_dir=str(tmp / "profiles"),
+        audit_log_file=str(tmp / "audit.jsonl"),
+    )
+    yield {"gw": gw, "receiver": receiver, "dead": dead, "tmp": tmp}
+    gw.stop()
+    receiver.close()
+
+
+def _send(gw, x, protocol: str = "grpc", headers=None) -> None:
+    if protocol == "grpc":
+        with grpcclient.InferenceServerClient(gw.grpc_url) as c:
+            i = grpcclient.InferInput("features", list(x.shape), "FP32")
+            i.set_data_from_numpy(x)
+            c.infer("fraud", [i], headers=headers)
+    else:
+        c = httpclient.InferenceServerClient(gw.http_url)
+        i = httpclient.InferInput("features", list(x.shape), "FP32")
+        i.set_data_from_numpy(x, binary_data=True)
+        c.infer("fraud", [i], headers=headers)
+        c.close()
+
+
+def _windows(gw, count: int, seed: int, shift: float = 0.0) -> None:
+    """``count`` windows' worth of traffic, half over each protocol; wait until they are scored."""
+    before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
+    for k in range(count * WINDOW // ROWS):
+        _send(gw, traffic(ROWS, seed * 1000 + k, shift), "grpc" if k % 2 else "http")
+    assert wait_until(lambda: _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + count)
+
+
+def _metrics(gw) -> str:
+    return urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
+
+
+def _metric(gw, name: str, **labels) -> float:
+    return metric(_metrics(gw), name, **labels)
+
+
+def _admin(gw, path: str, body: dict | None = None) -> dict:
+    url = f"http://127.0.0.1:{gw.gateway.admin_http_port}/admin/v1/{path}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+
+def test_in_distribution_traffic_raises_no_alarm_then_a_shift_is_announced_and_recovers(served, built):
+    gw, receiver = served["gw"], served["receiver"]
+    _windows(gw, 4, seed=1)
+    assert _metric(gw, "batchgate_drift_active", model="fraud") == 0
+    assert _metric(gw, "batchgate_drift_detections_total", model="fraud") == 0
+    assert not receiver.events
+    assert wait_until(lambda: _metric(gw, "batchgate_drift_samples_total", model="fraud", outcome="used") >= 40)
+    assert _metric(gw, "batchgate_drift_score", model="fraud", feature="f2", test="ks") < 0.1
+
+    _windows(gw, 3, seed=2, shift=1.0)  # feature f2 moves by one standard deviation
+    assert _metric(gw, "batchgate_drift_active", model="fraud") == 1
+    assert _metric(gw, "batchgate_drift_detected", model="fraud", feature="f2") == 1
+    assert _metric(gw, "batchgate_drift_detected", model="fraud", feature="f0") == 0
+    assert _metric(gw, "batchgate_drift_detections_total", model="fraud") == 1
+    assert _metric(gw, "batchgate_drift_features_drifted", model="fraud") >= 1
+    detected = receiver.wait_for(lambda e: e["type"] == "io.batchgate.drift.detected")
+    assert len(detected) == 1
+    event = detected[0]
+    assert event["specversion"] == "1.0" and event["subject"] == "fraud" and event["id"]
+    assert event["source"].startswith("/batchgate/") and event["datacontenttype"] == "application/json"
+    assert receiver.headers[0]["Content-Type"].startswith("application/cloudevents+json")
+    features = {d["feature"]: d["tests"] for d in event["data"]["drifted_features"]}
+    assert "f2" in features and "f0" not in features
+    assert event["data"]["profile_id"] == json.load(open(built["profile"]))["id"]
+    ks = features["f2"].get("ks")
+    assert ks is None or ks["p_value"] <= ks["p_threshold"]
+
+    _windows(gw, 3, seed=3)
+    recovered = receiver.wait_for(lambda e: e["type"] == "io.batchgate.drift.recovered")
+    assert len(recovered) == 1 and recovered[0]["id"] != event["id"]
+    assert _metric(gw, "batchgate_drift_active", model="fraud") == 0
+    assert _metric(gw, "batchgate_drift_detected", model="fraud", feature="f2") == 0
+    audit = [json.loads(line) for line in open(served["tmp"] / "audit.jsonl")]
+    actions = [a["action"] for a in audit]
+    assert "drift.detected" in actions and "drift.recovered" in actions
+
+
+def test_with_the_receiver_down_events_wait_in_the_dead_letter_and_arrive_later(served):
+    gw, receiver = served["gw"], served["receiver"]
+    seen = len(receiver.events)
+    receiver.up = False
+    _windows(gw, 3, seed=4, shift=-1.5)
+    assert wait_until(lambda: os.path.exists(served["dead"]) and open(served["dead"]).read().strip())
+    lines = [json.loads(line) for line in open(served["dead"])]
+    assert lines[0]["event"]["type"] == "io.batchgate.drift.detected"
+    held = lines[0]["event"]["id"]
+    assert wait_until(lambda: _metric(gw, "batchgate_drift_events_total", outcome="dead_lettered") >= 1)
+    receiver.up = True
+    arrived = receiver.wait_for(lambda e: e["id"] == held)
+    assert arrived, "the dead-lettered event was not delivered once the receiver was back"
+    assert wait_until(lambda: not open(served["dead"]).read().strip())
+    assert len(receiver.events) > seen
+    _windows(gw, 3, seed=5)  # back to normal for the tests after this one
+    assert receiver.wait_for(lambda e: e["type"] == "io.batchgate.drift.recovered" and e["id"] != held)
+
+
+def test_synthetic_traffic_is_never_sampled(served):
+    gw = served["gw"]
+    wait_until(lambda: False, timeout=1.2)  # let the detector's counts settle
+    used = _metric(gw, "batchgate_drift_samples_total", model="fraud", outcome="used")
+    for k in range(5):
+        _send(gw, traffic(ROWS, 9000 + k, shift=5.0), "grpc", headers={"x-batchgate-synthetic": "1"})
+        _send(gw, traffic(ROWS, 9100 + k, shift=5.0), "http", headers={"x-batchgate-synthetic": "1"})
+    wait_until(lambda: False, timeout=1.5)
+    assert _metric(gw, "batchgate_drift_samples_total", model="fraud", outcome="used") == used
+
+
+def test_status_rebaseline_and_reset_through_the_admin_api_and_the_cli(served):
+    gw = served["gw"]
+    listed = _admin(gw, "drift")
+    assert [m["model"] for m in listed["monitors"]] == ["fraud"]
+    status = _admin(gw, "drift/fraud")
+    assert int(status["windows"]) >= 10 and status["detector_up"] and status["last_window"]["rows"] >= WINDOW
+    assert set(status["last_window"]["result"]["features"]) >= set(NAMES)
+    before = status["profile_id"]
+
+    port = gw.gateway.admin_port
+    done = batchgate("drift", "status", "--admin", f"127.0.0.1:{port}")
+    assert done.returncode == 0 and "fraud" in done.stdout, done.stderr
+    done = batchgate("drift", "rebaseline", "fraud", "--rows", "400", "--admin", f"127.0.0.1:{port}")
+    assert done.returncode == 0, done.stderr
+    after = json.loads(done.stdout)["profile_id"]
+    assert after != before
+    saved = served["tmp"] / "profiles" / "fraud.json"
+    assert json.load(open(saved))["source"]["based_on"] == before
+
+    reset = _admin(gw, "drift/fraud/reset", {"reference": True})
+    assert reset["profile_id"] == before and not reset["active"]
+    assert not saved.exists()
+    done = batchgate("drift", "status", "nosuch", "--admin", f"127.0.0.1:{port}")
+    assert done.returncode == 1 and "NOT_FOUND" in done.stderr
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _admin(gw, "drift/fraud/rebaseline", {"rows": "many"})
+    assert e.value.code == 400
+    audit = [json.loads(line)["action"] for line in open(served["tmp"] / "audit.jsonl")]
+    assert "drift.rebaseline" in audit and "drift.reset" in audit
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"inputs": ["nosuch"]}, "the model has no input 'nosuch'"),
+        ({"model": "absent"}, "no model or route of that name is served"),
+        ({"reference": "/nonexistent/profile.json"}, "cannot read drift profile"),
+    ],
+)
+def test_a_monitor_that_cannot_work_stops_the_start_with_a_message(built, tmp_path, change, message):
+    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x", **change)
+    with pytest.raises(ConfigError, match=message):
+        start_gateway(built["repo"], cfg)
+
+
+def test_a_profile_that_does_not_fit_the_model_or_the_feature_bound_is_refused(built, tmp_path):
+    profile = json.load(open(built["profile"]))
+    profile["inputs"]["features"] = profile["inputs"]["features"][:5]
+    narrow = tmp_path / "narrow.json"
+    narrow.write_text(json.dumps(profile))
+    cfg = _config(tmp_path / "c.yaml", str(narrow), "http://127.0.0.1:9/x")
+    with pytest.raises(ConfigError, match="has 8 columns but the profile describes 5"):
+        start_gateway(built["repo"], cfg)
+    cfg = _config(tmp_path / "d.yaml", built["profile"], "http://127.0.0.1:9/x")
+    with pytest.raises(ConfigError, match=r"more than drift_max_features \(4\)"):
+        start_gateway(built["repo"], cfg, drift_max_features=4)
+    bad = json.load(open(built["profile"]))
+    bad["inputs"]["features"][0]["name"] = 'f0",x="y'  # a feature name is a metric label
+    evil = tmp_path / "evil.json"
+    evil.write_text(json.dumps(bad))
+    cfg = _config(tmp_path / "e.yaml", str(evil), "http://127.0.0.1:9/x")
+    with pytest.raises(ConfigError, match="is not allowed"):
+        start_gateway(built["repo"], cfg)
