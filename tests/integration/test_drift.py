@@ -91,6 +91,19 @@ def _windows(gw, count: int, seed: int, shift: float = 0.0) -> None:
     assert wait_until(lambda: _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + count)
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _lines(path) -> list[dict]:
+    """The JSON lines of a file (none when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _metrics(gw) -> str:
     return urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
 
@@ -129,7 +142,7 @@ def test_in_distribution_traffic_raises_no_alarm_then_a_shift_is_announced_and_r
     assert receiver.headers[0]["Content-Type"].startswith("application/cloudevents+json")
     features = {d["feature"]: d["tests"] for d in event["data"]["drifted_features"]}
     assert "f2" in features and "f0" not in features
-    assert event["data"]["profile_id"] == json.load(open(built["profile"]))["id"]
+    assert event["data"]["profile_id"] == _json(built["profile"])["id"]
     ks = features["f2"].get("ks")
     assert ks is None or ks["p_value"] <= ks["p_threshold"]
 
@@ -138,7 +151,7 @@ def test_in_distribution_traffic_raises_no_alarm_then_a_shift_is_announced_and_r
     assert len(recovered) == 1 and recovered[0]["id"] != event["id"]
     assert _metric(gw, "batchgate_drift_active", model="fraud") == 0
     assert _metric(gw, "batchgate_drift_detected", model="fraud", feature="f2") == 0
-    audit = [json.loads(line) for line in open(served["tmp"] / "audit.jsonl")]
+    audit = _lines(served["tmp"] / "audit.jsonl")
     actions = [a["action"] for a in audit]
     assert "drift.detected" in actions and "drift.recovered" in actions
 
@@ -148,15 +161,15 @@ def test_with_the_receiver_down_events_wait_in_the_dead_letter_and_arrive_later(
     seen = len(receiver.events)
     receiver.up = False
     _windows(gw, 3, seed=4, shift=-1.5)
-    assert wait_until(lambda: os.path.exists(served["dead"]) and open(served["dead"]).read().strip())
-    lines = [json.loads(line) for line in open(served["dead"])]
+    assert wait_until(lambda: _lines(served["dead"]))
+    lines = _lines(served["dead"])
     assert lines[0]["event"]["type"] == "io.batchgate.drift.detected"
     held = lines[0]["event"]["id"]
     assert wait_until(lambda: _metric(gw, "batchgate_drift_events_total", outcome="dead_lettered") >= 1)
     receiver.up = True
     arrived = receiver.wait_for(lambda e: e["id"] == held)
     assert arrived, "the dead-lettered event was not delivered once the receiver was back"
-    assert wait_until(lambda: not open(served["dead"]).read().strip())
+    assert wait_until(lambda: not _lines(served["dead"]))
     assert len(receiver.events) > seen
     _windows(gw, 3, seed=5)  # back to normal for the tests after this one
     assert receiver.wait_for(lambda e: e["type"] == "io.batchgate.drift.recovered" and e["id"] != held)
@@ -190,7 +203,7 @@ def test_status_rebaseline_and_reset_through_the_admin_api_and_the_cli(served):
     after = json.loads(done.stdout)["profile_id"]
     assert after != before
     saved = served["tmp"] / "profiles" / "fraud.json"
-    assert json.load(open(saved))["source"]["based_on"] == before
+    assert _json(saved)["source"]["based_on"] == before
 
     reset = _admin(gw, "drift/fraud/reset", {"reference": True})
     assert reset["profile_id"] == before and not reset["active"]
@@ -200,7 +213,7 @@ def test_status_rebaseline_and_reset_through_the_admin_api_and_the_cli(served):
     with pytest.raises(urllib.error.HTTPError) as e:
         _admin(gw, "drift/fraud/rebaseline", {"rows": "many"})
     assert e.value.code == 400
-    audit = [json.loads(line)["action"] for line in open(served["tmp"] / "audit.jsonl")]
+    audit = [a["action"] for a in _lines(served["tmp"] / "audit.jsonl")]
     assert "drift.rebaseline" in audit and "drift.reset" in audit
 
 
@@ -219,7 +232,7 @@ def test_a_monitor_that_cannot_work_stops_the_start_with_a_message(built, tmp_pa
 
 
 def test_a_profile_that_does_not_fit_the_model_or_the_feature_bound_is_refused(built, tmp_path):
-    profile = json.load(open(built["profile"]))
+    profile = _json(built["profile"])
     profile["inputs"]["features"] = profile["inputs"]["features"][:5]
     narrow = tmp_path / "narrow.json"
     narrow.write_text(json.dumps(profile))
@@ -229,7 +242,7 @@ def test_a_profile_that_does_not_fit_the_model_or_the_feature_bound_is_refused(b
     cfg = _config(tmp_path / "d.yaml", built["profile"], "http://127.0.0.1:9/x")
     with pytest.raises(ConfigError, match=r"more than drift_max_features \(4\)"):
         start_gateway(built["repo"], cfg, drift_max_features=4)
-    bad = json.load(open(built["profile"]))
+    bad = _json(built["profile"])
     bad["inputs"]["features"][0]["name"] = 'f0",x="y'  # a feature name is a metric label
     evil = tmp_path / "evil.json"
     evil.write_text(json.dumps(bad))
