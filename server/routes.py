@@ -22,6 +22,8 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .core import rollout as ro
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.routing import (
@@ -43,13 +45,15 @@ _perf_ns = time.perf_counter_ns
 # Answers that count as the canary's errors in the rollout's gate: the server's, not the client's
 # mistakes and not refusals for overload.
 SERVER_ERRORS = frozenset({"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
+OUTPUT_SAMPLES = 512  # answers kept per variant and interval for the max_output_psi gate
+OUTPUT_ROWS = 64  # rows kept of one answer
 Header = Callable[[str], "str | None"]  # a request's header / metadata value by lower-case name
 
 
 class Window:
     """One variant's figures over the rollout's current interval."""
 
-    __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed")
+    __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed", "outputs", "answers")
 
     def __init__(self) -> None:
         from hdrh.histogram import HdrHistogram  # only servers with routes load it
@@ -61,11 +65,27 @@ class Window:
         self.latency = HdrHistogram(1, 600_000_000, 2)
         self.compared = 0
         self.disagreed = 0
+        self.outputs: list[np.ndarray] = []  # a uniform sample of answers' rows (max_output_psi)
+        self.answers = 0
+
+    def keep(self, rows: np.ndarray, rng: random.Random) -> None:
+        """Reservoir sampling over answers: each of the interval's answers is equally likely to
+        be among the :data:`OUTPUT_SAMPLES` kept."""
+        self.answers += 1
+        if len(self.outputs) < OUTPUT_SAMPLES:
+            self.outputs.append(np.array(rows[:OUTPUT_ROWS]))
+        else:
+            slot = rng.randrange(self.answers)
+            if slot < OUTPUT_SAMPLES:
+                self.outputs[slot] = np.array(rows[:OUTPUT_ROWS])
 
     def figures(self) -> ro.Figures:
         n = self.latency.get_total_count()
         p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
-        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed)
+        outputs = None
+        if self.outputs:
+            outputs = np.concatenate([o.reshape(o.shape[0], -1) for o in self.outputs])
+        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs)
 
 
 class Routed:
@@ -103,6 +123,10 @@ class ServedRoute:
         self.rng = random.Random()
         self._shadow_of: dict[str, str] = {}  # shadow name -> the variant its comparisons judge
         self._judged = spec.rollout is not None  # figures per interval: only a rollout reads them
+        # the output whose distribution the max_output_psi gate compares ("" = the first answered)
+        self._psi_output: str | None = None
+        if spec.rollout is not None and spec.rollout.gates.max_output_psi > 0:
+            self._psi_output = spec.compare.output if spec.compare is not None else ""
         self._answers = {v.name: {PIN_PARAMETER: v.name} for v in spec.variants}  # the answer's parameters
         self._names: list[str] = []
         self._cumulative: list[int] = []
@@ -255,6 +279,8 @@ class ServedRoute:
                 if status == "OK":
                     w.requests += 1
                     w.latency.record_value(max(1, elapsed // 1000))
+                    if self._psi_output is not None and resp is not None:
+                        self._keep_output(w, resp)
                 elif status in SERVER_ERRORS and (status != "DEADLINE_EXCEEDED" or request.deadline is None):
                     # (a deadline the caller set and missed is the caller's choice, not the canary's fault)
                     w.requests += 1
@@ -267,6 +293,14 @@ class ServedRoute:
                 runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
         assert resp is not None
         return resp._replace(parameters=self._answers[variant])
+
+    def _keep_output(self, w: Window, resp: InferResponse) -> None:
+        name = self._psi_output
+        for o in resp.outputs:
+            if name == "" or o.name == name:
+                if o.data.dtype.kind in "fiub" and o.data.ndim:
+                    w.keep(o.data, self.rng)
+                return
 
     def _judge(self, runner: ShadowRunner) -> Callable[[bool], None] | None:
         variant = self._shadow_of.get(runner.spec.name)

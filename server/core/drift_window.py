@@ -95,6 +95,26 @@ def psi(window: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((w - q) * np.log(w / q)))
 
 
+def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) -> float:
+    """PSI of ``sample`` against ``reference`` (both [rows, columns], or 1-D) on deciles of the
+    reference's values (ties collapse into one bin); the largest over the columns. NaN and inf
+    rows are left out."""
+    a = sample.reshape(sample.shape[0], -1).astype(np.float64, copy=False)
+    b = reference.reshape(reference.shape[0], -1).astype(np.float64, copy=False)
+    worst = 0.0
+    for j in range(min(a.shape[1], b.shape[1])):
+        x, y = a[:, j], b[:, j]
+        x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+        if not x.shape[0] or not y.shape[0]:
+            continue
+        edges = np.unique(np.quantile(y, np.arange(1, bins) / bins))
+        cells = edges.shape[0] + 1
+        cx = np.bincount(np.searchsorted(edges, x, side="left"), minlength=cells).astype(np.float64)
+        cy = np.bincount(np.searchsorted(edges, y, side="left"), minlength=cells).astype(np.float64)
+        worst = max(worst, psi(cx, (cy + 0.5) / (cy.sum() + 0.5 * cells)))
+    return worst
+
+
 def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
     """Pearson's statistic and degrees of freedom, cells expected below 5 pooled."""
     n = counts.sum()

@@ -9,7 +9,11 @@ which would hide a canary that turned bad after a good start):
   errors or refusals) over its requests, at most ``max_error_rate``;
 - latency: the canary's p99 over the baseline's, at most ``max_p99_ratio`` (when both have one);
 - disagreement: the share of the canary's shadowed answers that disagreed with the primary's,
-  at most ``max_disagreement`` (when the canary is also shadowed).
+  at most ``max_disagreement`` (when the canary is also shadowed);
+- output drift: with ``max_output_psi``, the two-sample PSI of the canary's outputs against the
+  baseline's (the route's ``compare`` output, else the first; the largest over its columns, on
+  deciles of the baseline's values) over a sample of the interval's answers, at most
+  ``max_output_psi`` (when both sides have :data:`MIN_OUTPUT_ROWS` rows).
 
 All pass: the next step's weight. One fails: ``rollback`` (canary weight 0) or ``pause``
 (weights kept until resumed). Too few requests: the interval is not judged and the step waits.
@@ -22,7 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .drift_window import two_sample_psi
 from .routing import Rollout
+
+MIN_OUTPUT_ROWS = 100
 
 RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
 STATES = (RUNNING, PAUSED, PROMOTED, ROLLED_BACK)
@@ -37,6 +44,7 @@ class Figures:
     p99_s: float | None = None
     compared: int = 0  # shadowed answers compared with the primary's
     disagreed: int = 0
+    outputs: Any = None  # [rows, columns] of sampled answers (max_output_psi only), or None
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,16 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
         figures["disagreement"] = disagreement
         if disagreement > g.max_disagreement:
             reasons.append(f"disagreement {disagreement:.4f} > max_disagreement {g.max_disagreement:g}")
+    if g.max_output_psi > 0 and _rows(canary.outputs) >= MIN_OUTPUT_ROWS and _rows(baseline.outputs) >= MIN_OUTPUT_ROWS:
+        psi = two_sample_psi(canary.outputs, baseline.outputs)
+        figures["output_psi"] = psi
+        if psi > g.max_output_psi:
+            reasons.append(f"output PSI {psi:.4f} > max_output_psi {g.max_output_psi:g}")
     return Verdict("fail" if reasons else "pass", tuple(reasons), figures)
+
+
+def _rows(outputs: Any) -> int:
+    return 0 if outputs is None else int(outputs.shape[0])
 
 
 @dataclass

@@ -74,6 +74,7 @@ class Gates:
     max_error_rate: float = 0.01
     max_p99_ratio: float = 1.25
     max_disagreement: float = 0.05
+    max_output_psi: float = 0.0  # 0 = off; else two-sample PSI of canary vs baseline outputs
 
 
 @dataclass(frozen=True)
@@ -234,11 +235,16 @@ def _parse_rollout(raw: Any, where: str, variants: Sequence[Variant]) -> Rollout
     min_requests = m.get("min_requests", 500)
     if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
         raise ConfigError(f"{where}: 'min_requests' must be a whole number of at least 1")
-    g = _mapping(m.get("gates") or {}, f"{where}.gates", {"max_error_rate", "max_p99_ratio", "max_disagreement"})
+    g = _mapping(
+        m.get("gates") or {},
+        f"{where}.gates",
+        {"max_error_rate", "max_p99_ratio", "max_disagreement", "max_output_psi"},
+    )
     gates = Gates(
         _number(g.get("max_error_rate", 0.01), f"{where}.gates.max_error_rate", 0, 1),
         _number(g.get("max_p99_ratio", 1.25), f"{where}.gates.max_p99_ratio", 1, 1000),
         _number(g.get("max_disagreement", 0.05), f"{where}.gates.max_disagreement", 0, 1),
+        _number(g.get("max_output_psi", 0), f"{where}.gates.max_output_psi", 0, 100),
     )
     on_fail = m.get("on_fail", "rollback")
     if on_fail not in ON_FAIL:

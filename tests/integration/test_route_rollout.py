@@ -9,6 +9,7 @@ import json
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -209,5 +210,28 @@ def test_a_deadline_the_caller_set_and_missed_is_not_the_canarys_error(repo, tmp
                 missed += "DEADLINE_EXCEEDED" in str(e.status())
         assert missed > 0
         assert route.windows["canary"].server_errors == 0 and route.windows["stable"].server_errors == 0
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("canary, outcome", [("clf_other", "rolled_back"), ("clf_same", "promoted")])
+def test_the_output_psi_gate_rolls_back_a_canary_whose_answers_are_distributed_differently(
+    repo, tmp_path, canary, outcome
+):
+    """max_output_psi (the drift gate): the canary's answers against the baseline's over the
+    interval; a canary answering the same inputs differently fails, an equal one passes."""
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route(canary, steps=(50, 100), max_output_psi=0.25)])
+    running = start_gateway(repo, config_file=cfg)
+    rng = np.random.default_rng(3)
+    try:
+        route = _state(running)
+        end = time.monotonic() + 30
+        while route.rollout.state == "running":
+            assert time.monotonic() < end, "the rollout did not finish in time"
+            for _ in range(10):
+                infer_grpc(running.grpc_url, "ramp", rng.standard_normal((8, 4)).astype(np.float32))
+        assert route.rollout.state == outcome, route.rollout.last
+        if outcome == "rolled_back":
+            assert "output PSI" in route.rollout.last
     finally:
         running.stop()

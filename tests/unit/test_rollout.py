@@ -4,6 +4,7 @@ state, manual actions, and the state's round trip."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from batchgate.core import rollout as ro
@@ -129,3 +130,21 @@ def test_the_state_round_trips_and_a_bad_one_is_refused():
     for broken in ({}, {**state.to_state(), "state": "exploded"}, {**state.to_state(), "step": 7}):
         with pytest.raises(ValueError):
             ro.RolloutState.from_state(broken, r.rollout)
+
+
+def test_the_output_psi_gate_compares_the_canarys_answers_with_the_baselines():
+    from batchgate.core.routing import Gates, Rollout
+
+    rollout = Rollout("canary", "stable", (50, 100), 1.0, 10, Gates(max_p99_ratio=1000, max_output_psi=0.2), "rollback")
+    rng = np.random.default_rng(0)
+    same = ro.Figures(200, outputs=rng.random((500, 3)))
+    base = ro.Figures(200, outputs=rng.random((500, 3)))
+    verdict = ro.judge(rollout, same, base)
+    assert verdict.outcome == "pass" and verdict.figures["output_psi"] < 0.1
+    moved = ro.Figures(200, outputs=rng.random((500, 3)) ** 3)  # answers pushed towards 0
+    verdict = ro.judge(rollout, moved, base)
+    assert verdict.outcome == "fail" and "output PSI" in verdict.reasons[0]
+    few = ro.Figures(200, outputs=rng.random((20, 3)) ** 3)  # too few rows to judge: not judged
+    assert "output_psi" not in ro.judge(rollout, few, base).figures
+    off = Rollout("canary", "stable", (50, 100), 1.0, 10, Gates(max_p99_ratio=1000), "rollback")
+    assert ro.judge(off, moved, base).outcome == "pass"

@@ -91,7 +91,7 @@ the probes use the main ports (and server.health_port is -1). */}}
 {{/* Where the projected /etc/batchgate volume puts what the server reads. */}}
 {{- define "batchgate.paths" -}}
 {{- $d := "/etc/batchgate" -}}
-{{- dict "config" (printf "%s/batchgate.yaml" $d) "keys" (printf "%s/keys/keys.yaml" $d) "cert" (printf "%s/tls/tls.crt" $d) "key" (printf "%s/tls/tls.key" $d) "clientCA" (printf "%s/tls/client-ca.crt" $d) "audit" "/var/log/batchgate/audit.log" "routes" "/etc/batchgate-routes/routes.yaml" "state" "/var/lib/batchgate" | toJson -}}
+{{- dict "config" (printf "%s/batchgate.yaml" $d) "keys" (printf "%s/keys/keys.yaml" $d) "cert" (printf "%s/tls/tls.crt" $d) "key" (printf "%s/tls/tls.key" $d) "clientCA" (printf "%s/tls/client-ca.crt" $d) "audit" "/var/log/batchgate/audit.log" "routes" "/etc/batchgate-routes/routes.yaml" "state" "/var/lib/batchgate" "driftProfiles" "/etc/batchgate-drift-profiles" "driftRebaselined" "/var/lib/batchgate/drift-profiles" "driftDeadLetter" "/var/lib/batchgate/drift-dead-letter.jsonl" | toJson -}}
 {{- end -}}
 
 {{/* The Service ports of the V2 HTTP and gRPC listeners. With TLS they are named https and grpcs,
@@ -115,5 +115,27 @@ routes.existingConfigMap; empty when there are no routes. */}}
 {{- printf "%s-routes" (include "batchgate.fullname" .) -}}
 {{- else -}}
 {{- .Values.routes.existingConfigMap -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the pods mount the state volume at /var/lib/batchgate: state.enabled, and routes
+(their runtime weights and rollout steps) or drift monitors (rebaselined profiles, undelivered
+events) to keep there. */}}
+{{- define "batchgate.stateVolume" -}}
+{{- if and .Values.state.enabled (or (include "batchgate.routesConfigMap" .) .Values.drift.monitors) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The ConfigMap of drift reference profiles: the chart's own when drift.profiles is given, else
+drift.existingProfilesConfigMap; empty when there is none. */}}
+{{- define "batchgate.driftProfilesConfigMap" -}}
+{{- if and .Values.drift.profiles .Values.drift.existingProfilesConfigMap -}}
+{{- fail "drift: give profiles or existingProfilesConfigMap, not both" -}}
+{{- end -}}
+{{- if .Values.drift.profiles -}}
+{{- printf "%s-drift-profiles" (include "batchgate.fullname" .) -}}
+{{- else -}}
+{{- .Values.drift.existingProfilesConfigMap -}}
 {{- end -}}
 {{- end -}}
