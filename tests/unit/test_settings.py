@@ -455,18 +455,33 @@ def test_a_setting_both_flat_and_nested_in_one_file_is_refused(tmp_path, repo):
     assert f in msg and "'http_port' and 'server.http_port' both set http_port" in msg
 
 
-@pytest.mark.parametrize("section", ["drift"])
-def test_reserved_sections_are_not_available_yet(tmp_path, repo, section):
-    f = write(tmp_path, f"repository:\n  model_repository: {repo}\n{section}:\n  anything: 1\n")
+def test_drift_monitors_in_the_file_are_checked_with_the_settings(tmp_path, repo):
+    f = write(tmp_path, f"repository:\n  model_repository: {repo}\ndrift:\n  anything: 1\n")
+    assert "drift: must be a list of monitors" in error(f, environ={})
+    f = write(
+        tmp_path,
+        f"repository:\n  model_repository: {repo}\n"
+        "drift:\n  - {model: m, inputs: [x], reference: p.json, alpha: 2}\n",
+    )
     msg = error(f, environ={})
-    assert f in msg and f"section '{section}' is not available in this version yet" in msg
+    assert "drift[0] (model 'm').alpha: must be a number from 1e-12 to 0.5, not 2" in msg
+    f = write(
+        tmp_path,
+        f"repository:\n  model_repository: {repo}\n"
+        "drift:\n  - {model: m, inputs: [x], reference: p.json, sample_rate: 0.5, window: {samples: 500}}\n"
+        "drift_detector:\n  drift_queue_samples: 64\n",
+    )
+    s = load_settings(f, environ={})
+    (m,) = s.drift
+    assert (m.model, m.inputs, m.sample_rate, m.window_samples) == ("m", ("x",), 0.5, 500)
+    assert s.drift_detector.drift_queue_samples == 64
 
 
 def test_unknown_section_is_refused_with_the_known_ones(tmp_path, repo):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nmetrics:\n  port: 1\n")
     msg = error(f, environ={})
     assert "unknown setting 'metrics'" in msg
-    assert "known sections: server, repository, limits, batching, auth, tls, routing, remote_models, routes" in msg
+    assert "known sections: server, repository, limits, batching, auth, tls, routing, drift_detector, remote_models, routes, drift" in msg
 
 
 def test_routes_in_the_file_are_checked_with_the_settings(tmp_path, repo):
@@ -715,7 +730,7 @@ def test_serve_logs_the_flat_file_deprecation_and_refuses_bad_files(tmp_path, re
     r = subprocess.run(
         [sys.executable, "-m", "batchgate.cli", "serve", "--config", f], capture_output=True, text=True, timeout=60
     )
-    assert r.returncode == 2 and "section 'drift' is not available in this version yet" in r.stderr
+    assert r.returncode == 2 and "drift: must be a list of monitors" in r.stderr
 
 
 def test_remote_model_names_follow_the_model_name_rule():
