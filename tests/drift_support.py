@@ -85,7 +85,7 @@ class Receiver:
                     self.send_response(503)
                     self.end_headers()
                     return
-                outer.headers.append(dict(self.headers))
+                outer.headers.append({k.lower(): v for k, v in self.headers.items()})
                 outer.events.append(json.loads(body))
                 self.send_response(202)
                 self.end_headers()

@@ -73,6 +73,22 @@ def validate(docs: list[dict]) -> None:
             kubernetes_validate.validate(doc, K8S, strict=True)  # raises on any unknown or wrong field
 
 
+def exported_series() -> set[str]:
+    """The name of every series batchgate's /metrics can carry (counters with _total, histograms
+    with _bucket, _sum and _count), from the code's table of metric families."""
+    from batchgate.monitoring.metrics import FAMILIES
+
+    out: set[str] = set()
+    for name, family in FAMILIES.items():
+        if family.kind == "counter":
+            out.add(name + "_total")
+        elif family.kind == "histogram":
+            out |= {name + s for s in ("_bucket", "_sum", "_count")}
+        else:
+            out.add(name)
+    return out
+
+
 def lint(helm: str, values: Path) -> None:
     out = subprocess.run([helm, "lint", str(CHART), "--strict", "-f", str(values)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

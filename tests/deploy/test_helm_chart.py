@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from helm_support import CHART, by_kind, helm_binary, lint, render, validate
+from helm_support import CHART, by_kind, exported_series, helm_binary, lint, render, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
@@ -141,16 +141,7 @@ def test_the_chart_agrees_with_the_code(helm, tmp_path):
     http = by_kind(render(helm, values_file(tmp_path, "fixed")))["Deployment"][0]
     assert http["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == READY_PATH
     # metric names: every batchgate_* series the chart queries is exported by the code
-    exported = set()
-    for name, family in FAMILIES.items():
-        kind = family.kind
-        exported |= (
-            {name + "_total"}
-            if kind == "counter"
-            else {name + s for s in ("_bucket", "_sum", "_count")}
-            if kind == "histogram"
-            else {name}
-        )
+    exported = exported_series()
     exprs = [r["expr"] for g in kinds["PrometheusRule"][0]["spec"]["groups"] for r in g["rules"]]
     used = set(re.findall(r"batchgate_[a-z_]+", " ".join(exprs)))
     assert used and used <= exported, used - exported

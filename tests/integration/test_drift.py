@@ -139,7 +139,7 @@ def test_in_distribution_traffic_raises_no_alarm_then_a_shift_is_announced_and_r
     event = detected[0]
     assert event["specversion"] == "1.0" and event["subject"] == "fraud" and event["id"]
     assert event["source"].startswith("/batchgate/") and event["datacontenttype"] == "application/json"
-    assert receiver.headers[0]["Content-Type"].startswith("application/cloudevents+json")
+    assert receiver.headers[0]["content-type"].startswith("application/cloudevents+json")
     features = {d["feature"]: d["tests"] for d in event["data"]["drifted_features"]}
     assert "f2" in features and "f0" not in features
     assert event["data"]["profile_id"] == _json(built["profile"])["id"]

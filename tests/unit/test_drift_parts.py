@@ -1,0 +1,171 @@
+"""Drift's parts that need no server: monitor and profile checking (a profile is a file an
+operator hands in, and its feature names become metric labels), the dead letter, event delivery
+to a real HTTP receiver, and the bounded sample queue on the request path."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from batchgate.core.drift import build_profile, build_tensor, parse_monitors, profile_from_json
+from batchgate.core.errors import ConfigError
+from batchgate.core.types import InferResponse, Tensor, new_request
+from batchgate.monitoring.drift import DriftService, Tap
+from batchgate.monitoring.drift_events import DeadLetter, EventSender, make_event
+from batchgate.monitoring.metrics import Metrics
+from batchgate.settings_sections import DriftSettings
+from drift_support import Receiver, wait_until
+
+BASE = {"model": "m", "inputs": ["x"], "reference": "p.json"}
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": "m"}, "'inputs' must list"),
+        ({**BASE, "colour": 1}, "unknown field 'colour'"),
+        ({**BASE, "model": "../etc"}, "is not a valid name"),
+        ({**BASE, "tests": ["ks", "t-test"]}, "'tests' must list some of psi, ks, chi2, adwin"),
+        ({**BASE, "correction": "holm"}, "'correction' must be one of bonferroni, bh"),
+        ({**BASE, "sample_rate": 1.5}, "sample_rate: must be a number from 0 to 1"),
+        ({**BASE, "window": {"samples": 5}}, "window.samples: must be a whole number from 10"),
+        ({**BASE, "webhook": {"url": "file:///etc/passwd"}}, "'url' must be an http:// or https:// URL"),
+        ({**BASE, "webhook": {"url": "http://a/\nb"}}, "'url' must be an http:// or https:// URL"),
+        ({**BASE, "webhook": {"url": "http://a/", "format": "xml"}}, "'format' must be one of cloudevents, json"),
+        ({**BASE, "reference": ""}, "'reference' must be the path of a profile file"),
+    ],
+)
+def test_a_bad_monitor_is_refused_naming_the_field(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_monitors([raw])
+
+
+def test_two_monitors_of_one_model_are_refused():
+    with pytest.raises(ConfigError, match="monitored model name 'm' is used twice"):
+        parse_monitors([BASE, BASE])
+
+
+def _profile() -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 3))
+    cats = rng.choice(4, size=(1000, 1)).astype(np.int64)
+    p = build_profile(
+        "m",
+        {"x": build_tensor("x", x, ["a", "b", "c"]), "kind": build_tensor("kind", cats)},
+        source={"file": "t.csv", "rows": 1000},
+    )
+    return p.to_json()
+
+
+def test_a_profile_round_trips_and_its_id_depends_only_on_the_distributions():
+    data = _profile()
+    p = profile_from_json(json.loads(json.dumps(data)))
+    assert p.id == data["id"]
+    assert [f.kind for f in p.inputs["x"]] == ["numeric"] * 3
+    assert p.inputs["kind"][0].kind == "categorical" and p.inputs["kind"][0].name == "kind[0]"
+    assert set(p.inputs["kind"][0].categories) == {"0", "1", "2", "3"}
+    data["source"] = {"file": "elsewhere.csv"}
+    assert profile_from_json(data).id == p.id
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(format="other"), "not a batchgate drift profile"),
+        (lambda d: d["inputs"]["x"][0].update(name='a"} 1\nfake_metric{x="'), "is not allowed"),
+        (lambda d: d["inputs"]["x"][0].update(name="é"), "is not allowed"),
+        (lambda d: d["inputs"]["x"][0].update(kind="text"), "'kind' must be numeric or categorical"),
+        (lambda d: d["inputs"]["x"][0].update(mean=float("nan")), "must be a finite number"),
+        (lambda d: d["inputs"]["x"][0].update(missing_rate=3), "must be a share from 0 to 1"),
+        (lambda d: d["inputs"]["x"][0]["bins"].update(edges=[2.0, 1.0] + [0.0] * 17), "must rise"),
+        (lambda d: d["inputs"]["x"][0]["bins"].update(freqs=[1.0]), "one frequency more than edges"),
+        (lambda d: d["inputs"]["x"][0]["cdf"].update(points=list(range(20000))), "at most 10000 numbers"),
+        (lambda d: d["inputs"].update(x=[]), "must be a non-empty list of features"),
+        (lambda d: d["inputs"]["x"][1].update(name="a"), "profile feature name 'a' is used twice"),
+        (lambda d: d.update(inputs={}), "describes no input tensor"),
+    ],
+)
+def test_a_bad_profile_is_refused(change, message):
+    data = _profile()
+    change(data)
+    with pytest.raises(ConfigError, match=message):
+        profile_from_json(data)
+
+
+def test_the_dead_letter_is_bounded_and_coalesced_to_the_latest_state_per_model(tmp_path):
+    path = str(tmp_path / "dead.jsonl")
+    dl = DeadLetter(path, max_events=3)
+    hook = {"url": "http://127.0.0.1:9/", "format": "cloudevents", "timeout_s": 1, "retries": 0}
+    events = [make_event("io.batchgate.drift.detected", "/t", m, {"n": i}) for i, m in enumerate("aabab")]
+    for e in events:
+        dl.add(e, hook)
+    kept = [e["event"]["id"] for e in dl.events]
+    # the 4th event overflowed a,a,b: coalesced to the newest of each model (b, a), then the 5th
+    assert kept == [events[2]["id"], events[3]["id"], events[4]["id"]]
+    assert dl.coalesced == 2
+    with open(path, "a") as f:
+        f.write('{"event": {"id": "cut')  # a line a crash cut short
+    again = DeadLetter(path, max_events=3)
+    assert [e["event"]["id"] for e in again.events] == kept
+    again.pop_front()
+    assert [e["event"]["id"] for e in DeadLetter(path, max_events=3).events] == kept[1:]
+
+
+def test_events_reach_a_real_receiver_in_both_formats_and_wait_while_it_is_down(tmp_path):
+    receiver = Receiver()
+    counts: dict[str, int] = {}
+    sender = EventSender(
+        DeadLetter(str(tmp_path / "dead.jsonl"), 100), 0.3, lambda o: counts.__setitem__(o, counts.get(o, 0) + 1)
+    )
+    try:
+        structured = {"url": receiver.url, "format": "cloudevents", "timeout_s": 2, "retries": 0}
+        binary = {**structured, "format": "json"}
+        e1 = make_event("io.batchgate.drift.detected", "/batchgate/test", "m", {"state": "detected"})
+        sender.send(e1, structured)
+        assert receiver.wait_for(lambda e: e.get("id") == e1["id"])
+        e2 = make_event("io.batchgate.drift.recovered", "/batchgate/test", "m", {"state": "recovered"})
+        sender.send(e2, binary)
+        assert receiver.wait_for(lambda e: e.get("state") == "recovered")  # the body is the data alone
+        headers = receiver.headers[-1]
+        assert headers["ce-id"] == e2["id"] and headers["ce-type"] == "io.batchgate.drift.recovered"
+        assert headers["ce-specversion"] == "1.0" and headers["content-type"] == "application/json"
+
+        receiver.up = False
+        e3 = make_event("io.batchgate.drift.detected", "/batchgate/test", "m", {"state": "detected", "n": 3})
+        e4 = make_event("io.batchgate.drift.recovered", "/batchgate/test", "m", {"state": "recovered", "n": 4})
+        sender.send(e3, {**structured, "retries": 1})
+        sender.send(e4, structured)
+        assert wait_until(lambda: len(sender.dead) == 2)
+        assert counts["retried"] >= 1 and counts["dead_lettered"] == 2
+        time.sleep(0.5)
+        receiver.up = True
+        assert wait_until(lambda: len(sender.dead) == 0, timeout=10)
+        ids = [e.get("id") for e in receiver.events]
+        assert ids.index(e3["id"]) < ids.index(e4["id"])  # in order, each once
+        assert ids.count(e3["id"]) == 1 and ids.count(e4["id"]) == 1
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_the_sample_queue_is_bounded_and_samples_are_copies():
+    spec = parse_monitors([{**BASE, "sample_rate": 1.0, "max_rows_per_sample": 2}])[0]
+    metrics = Metrics()
+    service = DriftService((spec,), DriftSettings(drift_queue_samples=2), metrics, lambda *a: None)  # type: ignore[arg-type, return-value]
+    tap = Tap(spec, metrics.drift("m"))
+    data = np.arange(12, dtype=np.float32).reshape(4, 3)
+    data.flags.writeable = False
+    from batchgate.core.types import RequestLimits
+
+    req = new_request("m", "", [Tensor("x", "FP32", (4, 3), data)], None, "", None, {}, 0.0, "grpc", RequestLimits())
+    resp = InferResponse("m", "1", [])
+    for _ in range(3):
+        service.offer(tap, req, resp)
+    assert len(service.queue) == 2 and tap.metrics.samples["dropped"] == 1
+    _, _, tensors = service.queue[0]
+    kept = tensors[("input", "x")]
+    assert kept.shape == (2, 3)  # max_rows_per_sample
+    assert not np.shares_memory(kept, data)
