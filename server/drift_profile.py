@@ -131,9 +131,13 @@ def _arrow_column(col) -> np.ndarray:
     return np.asarray(col.to_pylist(), dtype=object)
 
 
-def load_inputs(path: str, inputs: list[str], feature_names: list[str]) -> tuple[dict[str, np.ndarray], dict]:
-    """Input name -> [rows, features] array, and input name -> feature names (or None)."""
+def load_inputs(
+    path: str, inputs: list[str], feature_names: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, list[str] | None], set[str]]:
+    """Input name -> [rows, features] array, input name -> feature names (or None), and the
+    features of table files whose cells are text (categorical unless told otherwise)."""
     names: dict[str, list[str] | None] = {i: None for i in inputs}
+    text: set[str] = set()
     if path.lower().endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)
@@ -146,7 +150,7 @@ def load_inputs(path: str, inputs: list[str], feature_names: list[str]) -> tuple
                 arrays = {i: z[i] for i in inputs}
         if feature_names:
             names[inputs[0]] = feature_names
-        return {k: columns(v) for k, v in arrays.items()}, names
+        return {k: columns(v) for k, v in arrays.items()}, names, text
     table = read_table(path)
     out = {}
     for tensor in inputs:
@@ -165,7 +169,8 @@ def load_inputs(path: str, inputs: list[str], feature_names: list[str]) -> tuple
         kind = object if any(b.dtype == object for b in block) else np.float64
         out[tensor] = np.stack([b.astype(kind) for b in block], axis=1)
         names[tensor] = [c.split(".", 1)[1] if len(inputs) > 1 else c for c in cols]
-    return out, names
+        text.update(n for n, b in zip(names[tensor], block) if b.dtype == object)
+    return out, names, text
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -206,14 +211,16 @@ def run_remote(url: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, 
     address = url.split("://", 1)[-1].rstrip("/")
     client = httpclient.InferenceServerClient(address, ssl=url.startswith("https://"))
     meta = client.get_model_metadata(model)
+    limit = int(client.get_model_config(model).get("max_batch_size") or 0)
+    step = min(BATCH_ROWS, limit) if limit > 0 else BATCH_ROWS
     dtypes = {i["name"]: i["datatype"] for i in meta["inputs"]}
     triton_np = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "BYTES": np.object_}
     outs: dict[str, list[np.ndarray]] = {}
     rows = next(iter(feeds.values())).shape[0]
-    for start in range(0, rows, BATCH_ROWS):
+    for start in range(0, rows, step):
         ins = []
         for k, v in feeds.items():
-            arr = v[start : start + BATCH_ROWS].astype(triton_np.get(dtypes.get(k, ""), v.dtype))
+            arr = v[start : start + step].astype(triton_np.get(dtypes.get(k, ""), v.dtype))
             t = httpclient.InferInput(k, list(arr.shape), np_to_triton_dtype(arr.dtype))
             t.set_data_from_numpy(arr, binary_data=True)
             ins.append(t)
@@ -226,14 +233,19 @@ def run_remote(url: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 # ---------------------------------------------------------------------------------- the command
 def make_profile(args: argparse.Namespace) -> dict[str, Any]:
-    arrays, names = load_inputs(args.data, args.inputs, _names(args.feature_names))
+    arrays, names, text = load_inputs(args.data, args.inputs, _names(args.feature_names))
     rows = {a.shape[0] for a in arrays.values()}
     if len(rows) != 1:
         raise ConfigError(f"{args.data}: the inputs have different row counts ({sorted(rows)})")
     count = rows.pop()
     if not count or count > MAX_ROWS:
         raise ConfigError(f"{args.data}: {count} rows; a profile needs 1 to {MAX_ROWS}")
-    categorical, numeric = _names(args.categorical), _names(args.numeric)
+    asked = _names(args.categorical)
+    numeric = _names(args.numeric)
+    categorical = asked + sorted(text - set(numeric))
+    for t, a in arrays.items():  # a table with text columns: its number columns stay numbers
+        if a.dtype == object and names[t]:
+            numeric += [n for n in names[t] or () if n not in text and n not in asked]
     inputs = {
         t: build_tensor(t, a, names[t], categorical, numeric, bins=args.bins, max_categories=args.max_categories)
         for t, a in arrays.items()
@@ -264,6 +276,9 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"batchgate drift profile: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the model or server refused the data (ONNX Runtime, tritonclient)
+        print(f"batchgate drift profile: running the model failed: {str(e)[:2000]}", file=sys.stderr)
+        return 1
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(profile, f, indent=1)

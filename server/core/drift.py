@@ -392,9 +392,13 @@ def build_tensor(
     out = []
     for i, name in enumerate(names):
         kind = "categorical" if name in categorical else "numeric" if name in numeric else default
+        col = cols[:, i]
         if kind == "numeric" and cols.dtype.kind in "OSU":
-            raise ConfigError(f"feature '{name}' of '{tensor}' holds text; it can only be categorical")
-        out.append(build_feature(name, cols[:, i], kind, bins=bins, max_categories=max_categories))
+            try:
+                col = col.astype(np.float64)
+            except (TypeError, ValueError):
+                raise ConfigError(f"feature '{name}' of '{tensor}' holds text; it can only be categorical") from None
+        out.append(build_feature(name, col, kind, bins=bins, max_categories=max_categories))
     return tuple(out)
 
 

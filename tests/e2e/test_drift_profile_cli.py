@@ -1,0 +1,120 @@
+"""``batchgate drift profile`` as a subprocess: every data format, categorical columns, several
+inputs, the model's outputs through ONNX Runtime or a running server, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgate.core.drift import profile_from_json
+from drift_support import FEATURES, NAMES, batchgate, build, training_data
+from gateway_support import start_gateway
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("drift-cli")))
+
+
+def _profile(tmp_path, *args: str) -> dict:
+    out = str(tmp_path / "p.json")
+    done = batchgate("drift", "profile", "--model", "fraud", "--out", out, *args)
+    assert done.returncode == 0, done.stderr
+    assert "profile " in done.stdout and out in done.stdout
+    with open(out) as f:
+        data = json.load(f)
+    profile_from_json(data)  # what the server will read
+    return data
+
+
+def test_the_csv_profile_describes_every_feature_and_the_models_outputs(built):
+    with open(built["profile"]) as f:
+        data = json.load(f)
+    feats = data["inputs"]["features"]
+    assert [f["name"] for f in feats] == NAMES
+    assert data["source"]["rows"] == 5000 and len(data["source"]["sha256"]) == 64
+    f0 = feats[0]
+    assert f0["kind"] == "numeric" and abs(f0["mean"]) < 0.1 and 0.9 < f0["std"] < 1.1
+    assert len(f0["bins"]["edges"]) == 19 and abs(sum(f0["bins"]["freqs"]) - 1) < 1e-9
+    assert f0["cdf"]["values"] == sorted(f0["cdf"]["values"])
+    assert set(data["outputs"]) == {"label", "probabilities"}
+    assert data["outputs"]["label"][0]["kind"] == "categorical"
+    assert set(data["outputs"]["label"][0]["categories"]) == {"0", "1"}
+
+
+def test_npz_with_one_or_several_inputs(tmp_path):
+    x, _ = training_data(2000)
+    np.savez(tmp_path / "one.npz", anything=x)
+    data = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / "one.npz"))
+    assert [f["name"] for f in data["inputs"]["features"]] == [f"features[{i}]" for i in range(FEATURES)]
+    ids = np.random.default_rng(0).integers(0, 5, (2000, 2))
+    np.savez(tmp_path / "two.npz", features=x, ids=ids)
+    data = _profile(
+        tmp_path, "--input", "features", "--input", "ids", "--data", str(tmp_path / "two.npz"), "--numeric", "ids[1]"
+    )
+    assert [f["kind"] for f in data["inputs"]["ids"]] == ["categorical", "numeric"]  # INT64: categories by default
+    done = batchgate(
+        "drift", "profile", "--model", "m", "--input", "nosuch", "--data", str(tmp_path / "two.npz"), "--out", "x"
+    )
+    assert done.returncode == 2 and "no array named nosuch" in done.stderr
+
+
+def test_csv_columns_names_and_categories(tmp_path):
+    rng = np.random.default_rng(1)
+    with open(tmp_path / "t.csv", "w") as f:
+        f.write("amount,country,age,empty\n")
+        for i in range(1000):
+            missing = "" if i % 10 == 0 else f"{rng.normal():.4f}"
+            f.write(f"{rng.lognormal():.4f},{rng.choice(['fr', 'de', 'us'])},{rng.integers(18, 90)},{missing}\n")
+    data = _profile(
+        tmp_path,
+        "--input", "x", "--data", str(tmp_path / "t.csv"), "--feature-names", "age,country,empty",
+        "--categorical", "age",
+    )  # fmt: skip
+    feats = {f["name"]: f for f in data["inputs"]["x"]}
+    assert list(feats) == ["age", "country", "empty"]
+    assert feats["country"]["kind"] == "categorical" and set(feats["country"]["categories"]) == {"fr", "de", "us"}
+    assert feats["age"]["kind"] == "categorical"
+    assert feats["empty"]["kind"] == "numeric" and abs(feats["empty"]["missing_rate"] - 0.1) < 1e-9
+    done = batchgate(
+        "drift", "profile", "--model", "m", "--input", "x", "--data", str(tmp_path / "t.csv"),
+        "--feature-names", "nosuch", "--out", str(tmp_path / "x.json"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "no column(s) nosuch" in done.stderr
+
+
+def test_parquet_and_json_lines(tmp_path):
+    x, _ = training_data(500)
+    table = pa.table({name: x[:, i] for i, name in enumerate(NAMES)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    data = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / "t.parquet"))
+    assert [f["name"] for f in data["inputs"]["features"]] == NAMES and data["source"]["rows"] == 500
+    with open(tmp_path / "rows.jsonl", "w") as f:  # one input as a list per line, plus a table column
+        for row in x:
+            f.write(json.dumps({"features": [float(v) for v in row], "note": "x"}) + "\n")
+    data = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / "rows.jsonl"))
+    assert len(data["inputs"]["features"]) == FEATURES
+    done = batchgate(
+        "drift", "profile", "--model", "m", "--input", "x", "--data", str(tmp_path / "t.txt"), "--out", "o"
+    )
+    assert done.returncode == 2 and "unknown data format '.txt'" in done.stderr
+
+
+def test_outputs_through_a_running_server_match_onnx_runtimes(built, tmp_path):
+    running = start_gateway(built["repo"])
+    try:
+        data = _profile(tmp_path, "--input", "features", "--data", built["csv"], "--url", f"http://{running.http_url}")
+    finally:
+        running.stop()
+    with open(built["profile"]) as f:
+        local = json.load(f)
+    assert data["outputs"]["probabilities"][1]["mean"] == pytest.approx(
+        local["outputs"]["probabilities"][1]["mean"], abs=1e-5
+    )
+    assert data["id"] == local["id"]
