@@ -168,8 +168,9 @@ def load_inputs(
         block = [table[c] for c in cols]
         kind = object if any(b.dtype == object for b in block) else np.float64
         out[tensor] = np.stack([b.astype(kind) for b in block], axis=1)
-        names[tensor] = [c.split(".", 1)[1] if len(inputs) > 1 else c for c in cols]
-        text.update(n for n, b in zip(names[tensor], block) if b.dtype == object)
+        given = [c.split(".", 1)[1] if len(inputs) > 1 else c for c in cols]
+        names[tensor] = given
+        text.update(n for n, b in zip(given, block) if b.dtype == object)
     return out, names, text
 
 
