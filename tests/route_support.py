@@ -142,6 +142,8 @@ def slow_classifier(width: int = 2048, layers: int = 6, seed: int = 0):
 def metric(text: str, name: str, **labels) -> float:
     """The value of one series in a /metrics page (0 when absent)."""
     for line in text.splitlines():
+        if not labels and line.startswith(name + " "):  # a series without labels
+            return float(line.rsplit(" ", 1)[1])
         if not line.startswith(name + "{"):
             continue
         got = dict(kv.split("=", 1) for kv in line[len(name) + 1 : line.index("}")].split(","))

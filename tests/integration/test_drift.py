@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import urllib.error
 import urllib.request
 
@@ -249,3 +250,17 @@ def test_a_profile_that_does_not_fit_the_model_or_the_feature_bound_is_refused(b
     cfg = _config(tmp_path / "e.yaml", str(evil), "http://127.0.0.1:9/x")
     with pytest.raises(ConfigError, match="is not allowed"):
         start_gateway(built["repo"], cfg)
+
+
+def test_a_detector_process_that_dies_is_restarted_and_scoring_goes_on(served):
+    """Last in the module: it kills the served gateway's detector process."""
+    gw = served["gw"]
+    service = gw.gateway.drift
+    pid = wait_until(lambda: service.detector_pid)
+    assert pid and pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_restarts_total") == 1, timeout=20)
+    assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1 and service.detector_pid != pid)
+    before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
+    _windows(gw, 1, seed=6)
+    assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1

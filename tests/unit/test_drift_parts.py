@@ -169,3 +169,55 @@ def test_the_sample_queue_is_bounded_and_samples_are_copies():
     kept = tensors[("input", "x")]
     assert kept.shape == (2, 3)  # max_rows_per_sample
     assert not np.shares_memory(kept, data)
+
+
+def _detector(**over):
+    from batchgate.monitoring.drift_detector import Detector, Plan
+
+    spec = parse_monitors([{**BASE, "window": {"samples": 100, "max_s": 5, "min_samples": 20}, **over}])[0]
+    profile = profile_from_json(_profile())
+    sent: list = []
+    detector = Detector(Plan([(spec, profile, None)], "/t"), sent.append)
+    return detector, sent
+
+
+def test_the_detector_counts_samples_that_do_not_fit_and_closes_windows_by_size_and_time():
+    detector, sent = _detector(inputs=["x", "kind"])
+    rng = np.random.default_rng(2)
+    kinds = rng.choice(4, size=(10, 1))
+    detector.add("m", 0.0, {("input", "x"): rng.standard_normal((10, 5)), ("input", "kind"): kinds}, now=0.0)
+    assert detector.watches["m"].invalid == 1 and detector.watches["m"].rows == 0  # 5 columns, not 3
+    for _k in range(10):  # 100 rows: the window closes by size
+        detector.add("m", 0.0, {("input", "x"): rng.standard_normal((10, 3)), ("input", "kind"): kinds}, now=1.0)
+    windows = [m for m in sent if m[0] == "window"]
+    assert len(windows) == 1 and windows[0][2]["rows"] == 100
+    detector.add("m", 0.0, {("input", "x"): rng.standard_normal((10, 3)), ("input", "kind"): kinds}, now=2.0)
+    detector.tick(10.0)  # past max_s with 10 rows, fewer than min_samples: it waits
+    assert len([m for m in sent if m[0] == "window"]) == 1
+    detector.add("m", 0.0, {("input", "x"): rng.standard_normal((10, 3)), ("input", "kind"): kinds}, now=10.0)
+    detector.tick(10.5)
+    windows = [m for m in sent if m[0] == "window"]
+    assert len(windows) == 2 and windows[1][2]["rows"] == 20
+    assert detector.counts()["samples"]["m"] == {"used": 12, "invalid": 1}
+    detector.sender.close()
+
+
+def test_a_rebaseline_needs_rows_and_replaces_the_profile_keeping_feature_kinds():
+    detector, _ = _detector(inputs=["x", "kind"])
+    with pytest.raises(ValueError, match="only 0 live rows"):
+        detector.command("rebaseline", {"model": "m", "rows": 0})
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        x = rng.standard_normal((10, 3)) + 2.0
+        detector.add("m", 0.0, {("input", "x"): x, ("input", "kind"): rng.choice(4, size=(10, 1))}, now=0.0)
+    configured = detector.watches["m"].configured.id
+    result = detector.command("rebaseline", {"model": "m", "rows": 200})
+    w = detector.watches["m"]
+    assert result["rows"] == 200 and w.profile.id == result["profile_id"] != configured
+    assert w.profile.source["based_on"] == configured
+    assert w.profile.inputs["x"][0].mean == pytest.approx(2.0, abs=0.3)
+    assert w.profile.inputs["kind"][0].kind == "categorical"
+    assert detector.command("reset", {"model": "m", "reference": True})["profile_id"] == configured
+    with pytest.raises(KeyError, match="no drift monitor for model 'other'"):
+        detector.command("reset", {"model": "other"})
+    detector.sender.close()
