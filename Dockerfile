@@ -69,8 +69,9 @@ COPY proto /src/proto
 COPY server /src/server
 COPY converters /src/converters
 COPY loadtest /src/loadtest
-# A plain install: the server's own dependencies, with the CPU onnxruntime, none of the extras.
-RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check /src \
+# The server's own dependencies, with the CPU onnxruntime, and the drift extra (river, scipy: the
+# drift detector process); none of the other extras.
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "/src[drift]" \
     && /opt/venv/bin/batchgate --version
 
 # The CPU variant's environment is the builder's, unchanged.

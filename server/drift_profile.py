@@ -90,7 +90,10 @@ def read_table(path: str) -> dict[str, np.ndarray]:
                     c.append(v)
         return {name: _column(values) for name, values in zip(header, cells)}
     if ext == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(f"{path}: reading Parquet needs pyarrow: pip install 'batchgate[parquet]'") from None
 
         table = pq.read_table(path)
         return {name: _arrow_column(table.column(name)) for name in table.column_names}

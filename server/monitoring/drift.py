@@ -145,6 +145,13 @@ class DriftService:
     def prepare(self, signatures: dict[str, ModelSignature]) -> None:
         """Read every profile and check each monitor against its model's signature (a route's
         signature is its variants'); anything wrong is a ConfigError and the server does not start."""
+        try:
+            import river.drift  # noqa: F401  (the detector process needs them; say so before it starts)
+            import scipy.special  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                f"drift monitors need the drift extra ({e.name} is not installed): pip install 'batchgate[drift]'"
+            ) from None
         s = self.settings
         monitors = []
         if s.drift_profiles_dir:
