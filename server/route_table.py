@@ -32,7 +32,7 @@ from .routes import ServedRoute
 from .security.access import Caller
 from .security.limits import Admission
 from .shadows import DisagreementLog, ShadowRunner, ShadowScheduler
-from .state import StateDir
+from .state import StateDir, read_capped
 
 log = logging.getLogger("batchgate.routes")
 
@@ -405,13 +405,7 @@ class RouteTable:
 
 def read_routes_file(path: str) -> list[RouteSpec]:
     """The ``routes:`` list of a routes file (blocking)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(4 * 1024 * 1024 + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read routes file {path}: {e.strerror}") from None
-    if len(raw) > 4 * 1024 * 1024:
-        raise ConfigError(f"routes file {path} is larger than 4 MiB")
+    raw = read_capped(path, 4 * 1024 * 1024, "routes file")
     try:
         data = yaml.safe_load(raw.decode("utf-8")) or {}
     except (UnicodeDecodeError, yaml.YAMLError) as e:

@@ -23,6 +23,21 @@ KINDS = frozenset({"route", "rollout"})
 MAX_BYTES = 4 * 1024 * 1024
 
 
+def read_capped(path: str, limit: int, what: str) -> bytes:
+    """A configuration file's bytes, refused (ConfigError, naming ``what``) when it cannot be
+    read or is larger than ``limit``."""
+    from .core.errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit // (1024 * 1024)} MiB")
+    return raw
+
+
 class StateDir:
     def __init__(self, path: str):
         self.path = Path(path)

@@ -57,20 +57,29 @@ def add_drift_commands(ds) -> None:
     b.add_argument("--rows", type=int, default=0, help="rows to use (0: all kept, up to drift_rebaseline_max_rows)")
 
 
-def drift_main(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf import json_format
-
-    from .v1 import admin_pb2 as apb
+def _connect(args: argparse.Namespace, command: str):
+    """(stub, metadata, channel) for the admin API, or None after saying why not."""
     from .v1 import admin_pb2_grpc
 
     try:
         metadata = _metadata(args.token_file)
         channel = _channel(args)
     except (OSError, ValueError) as e:
-        print(f"batchgate drift: {e}", file=sys.stderr)
+        print(f"batchgate {command}: {e}", file=sys.stderr)
+        return None
+    return admin_pb2_grpc.AdminServiceStub(channel), metadata, channel
+
+
+def drift_main(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from .v1 import admin_pb2 as apb
+
+    connected = _connect(args, "drift")
+    if connected is None:
         return 2
-    stub = admin_pb2_grpc.AdminServiceStub(channel)
+    stub, metadata, channel = connected
     cmd, t = args.drift_command, args.timeout_s
     try:
         if cmd == "status" and not args.model:
@@ -102,15 +111,11 @@ def main(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from .v1 import admin_pb2 as apb
-    from .v1 import admin_pb2_grpc
 
-    try:
-        metadata = _metadata(args.token_file)
-        channel = _channel(args)
-    except (OSError, ValueError) as e:
-        print(f"batchgate routes: {e}", file=sys.stderr)
+    connected = _connect(args, "routes")
+    if connected is None:
         return 2
-    stub = admin_pb2_grpc.AdminServiceStub(channel)
+    stub, metadata, channel = connected
     cmd = args.routes_command
     try:
         if cmd == "list":

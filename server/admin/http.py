@@ -54,13 +54,7 @@ async def handle(
         return 200, to_json(await api.get_route(caller, name))
     _method(method, "POST")
     if action == "weights":
-        raw = await body()
-        try:
-            request = json_format.Parse(raw or b"{}", apb.SetWeightsRequest(), ignore_unknown_fields=False)
-        except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:
-            raise invalid(
-                f'the body must be a SetWeightsRequest as JSON, e.g. {{"weights": {{"canary": 25}}}}: {str(e)[:256]}'
-            ) from None
+        request = _parse(await body(), apb.SetWeightsRequest(), '{"weights": {"canary": 25}}')
         return 200, to_json(await api.set_weights(caller, name, dict(request.weights)))
     if action in ACTIONS:
         return 200, to_json(await api.act(caller, name, action))

@@ -36,6 +36,7 @@ from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_fou
 from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
 from ..settings_sections import DriftSettings
+from ..state import read_capped
 from .drift_detector import Plan
 from .drift_detector import main as detector_main
 from .metrics import DriftMetrics, Metrics
@@ -63,13 +64,7 @@ class Tap:
 
 
 def read_profile(path: str) -> Profile:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(256 * 1024 * 1024 + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read drift profile {path}: {e.strerror}") from None
-    if len(raw) > 256 * 1024 * 1024:
-        raise ConfigError(f"drift profile {path} is larger than 256 MiB")
+    raw = read_capped(path, 256 * 1024 * 1024, "drift profile")
     try:
         data = json.loads(raw)
     except ValueError as e:
