@@ -31,6 +31,7 @@ def drift_message(status: dict[str, Any]) -> apb.DriftStatus:
         sample_rate=float(status.get("sample_rate", 0.0)),
         samples={k: int(v) for k, v in status.get("samples", {}).items()},
         detector_up=bool(status.get("detector_up", False)),
+        detector_pid=int(status.get("detector_pid", 0)),
         tests=list(status.get("tests", [])),
         alpha=float(status.get("alpha", 0.0)),
         correction=str(status.get("correction", "")),

@@ -71,6 +71,18 @@ def kolmogorov_sf(lam: float) -> float:
     return float(min(1.0, max(0.0, 2.0 * terms.sum())))
 
 
+_K = np.arange(1, 101, dtype=np.float64)
+_SIGNS = np.where(_K % 2 == 1, 1.0, -1.0)
+
+
+def kolmogorov_sf_many(lam: np.ndarray) -> np.ndarray:
+    """:func:`kolmogorov_sf` of each value."""
+    lam = np.asarray(lam, dtype=np.float64)
+    terms = np.exp(-2.0 * np.square(_K) * np.square(lam)[..., None]) * _SIGNS
+    out = np.clip(2.0 * terms.sum(axis=-1), 0.0, 1.0)
+    return np.where(lam < 0.2, 1.0, out)
+
+
 def ks_pvalue(d: float, n: int, m: int) -> float:
     en = n * m / (n + m) if m else float(n)
     root = math.sqrt(en)
@@ -194,6 +206,40 @@ class _Categorical:
     probs: np.ndarray  # categories..., other
 
 
+class _Block:
+    """The numeric features of one tensor as padded arrays, so a window is scored with whole-array
+    operations: edges and CDF points padded with +inf (after every value), reference
+    frequencies with a mask of the real cells."""
+
+    def __init__(self, parts: list[_Numeric]):
+        self.parts = parts
+        k = len(parts)
+        e = max((p.edges.shape[0] for p in parts), default=0)
+        c = max((p.points.shape[0] for p in parts), default=0)
+        self.edges = np.full((k, e), np.inf)
+        self.points = np.full((k, c), np.inf)
+        self.values = np.ones((k, c))
+        self.q = np.ones((k, e + 1))
+        self.mask = np.zeros((k, e + 1), dtype=bool)
+        self.cells = np.ones(k)
+        for j, p in enumerate(parts):
+            ne, nc = p.edges.shape[0], p.points.shape[0]
+            self.edges[j, :ne] = p.edges
+            self.points[j, :nc] = p.points
+            self.values[j, :nc] = p.values
+            if p.freqs.shape[0] == ne + 1:
+                q = np.maximum(p.freqs, _PSI_FLOOR)
+                self.q[j, : ne + 1] = q / q.sum()
+                self.mask[j, : ne + 1] = True
+                self.cells[j] = ne + 1
+        self.low = np.array([p.low for p in parts])
+        self.high = np.array([p.high for p in parts])
+        self.mean = np.array([p.feature.mean for p in parts])
+        self.std = np.array([p.feature.std if p.feature.std > 0 else 1.0 for p in parts])
+        self.reference_n = np.array([int(p.feature.count * (1 - p.feature.missing_rate)) for p in parts])
+        self.adwin = any(p.adwin is not None for p in parts)
+
+
 class Scorer:
     """Scores windows of one monitor against its profile. ``columns`` of :meth:`score` map
     each watched tensor, as ``(side, tensor)``, to its rows ([rows, features])."""
@@ -240,6 +286,7 @@ class Scorer:
                     )
                 )
         self.needed = self.min_drifted()
+        self._plans: dict[tuple[int, ...], _Block] = {}
 
     def min_drifted(self) -> int:
         s = self.spec
@@ -265,15 +312,19 @@ class Scorer:
         rows = max((int(c.shape[0]) for c in cols if c is not None), default=0)
         results: dict[str, FeatureScore] = {}
         family: list[tuple[str, str, float]] = []
-        for part, col in zip(self.parts, cols):
+        numeric: dict[tuple[str, str], list[int]] = {}  # the numeric features of each tensor, scored together
+        for i, ((side, tensor, _), part, col) in enumerate(zip(self.layout, self.parts, cols)):
             if col is None:
                 continue
-            fs = FeatureScore()
-            results[part.feature.name] = fs
+            results[part.feature.name] = FeatureScore()
             if isinstance(part, _Numeric):
-                self._numeric(part, col, fs, family)
-            else:
-                self._categorical(part, col, fs, family)
+                numeric.setdefault((side, tensor), []).append(i)
+        for idx in numeric.values():
+            block = np.stack([cols[i] for i in idx], axis=1)  # type: ignore[misc]
+            self._numeric(self._plan(tuple(idx)), block, results, family)
+        for part, col in zip(self.parts, cols):
+            if col is not None and isinstance(part, _Categorical):
+                self._categorical(part, col, results[part.feature.name], family)
         threshold = self._threshold([p for _, _, p in family])
         for name, test, p in family:
             if p <= threshold:
@@ -292,57 +343,108 @@ class Scorer:
         ok = np.nonzero(ranked <= alpha * np.arange(1, m + 1) / m)[0]
         return float(ranked[ok[-1]]) if ok.shape[0] else 0.0  # p <= 0 never happens: nothing rejected
 
-    def _numeric(self, part: _Numeric, col: np.ndarray, fs: FeatureScore, family: list[tuple[str, str, float]]) -> None:
-        f = part.feature
-        x = col.astype(np.float64, copy=False)
-        finite = np.isfinite(x)
-        xs = x[finite]
+    def _plan(self, idx: tuple[int, ...]) -> _Block:
+        plan = self._plans.get(idx)
+        if plan is None:
+            parts = [self.parts[i] for i in idx]
+            plan = self._plans[idx] = _Block(parts)  # type: ignore[arg-type]
+        return plan
+
+    def _numeric(
+        self,
+        plan: _Block,
+        block: np.ndarray,
+        results: dict[str, FeatureScore],
+        family: list[tuple[str, str, float]],
+    ) -> None:
+        """The numeric features of one tensor, [rows, features], scored together: one sort of
+        the block, two binary searches a feature, the rest in whole-array operations."""
+        spec = self.spec
+        parts = plan.parts
+        x = block.astype(np.float64, copy=False)
         total = x.shape[0]
-        n = xs.shape[0]
-        missing = (total - n) / total if total else 0.0
-        fs.quality["missing"] = missing
-        if missing > f.missing_rate + self.spec.missing_rate_margin:
-            fs.alarms.add("missing")
-        if not n or not f.count or f.missing_rate >= 1:
-            return
-        oor = float(np.count_nonzero((xs < part.low) | (xs > part.high))) / n
-        fs.quality["out_of_range"] = oor
-        if oor > self.spec.out_of_range_max:
-            fs.alarms.add("out_of_range")
-        if self.psi:
-            counts = np.bincount(np.searchsorted(part.edges, xs, side="left"), minlength=part.edges.shape[0] + 1)
-            v = psi(counts.astype(np.float64), part.freqs)
-            fs.scores["psi"] = v
-            if v >= self.spec.psi_threshold:
-                fs.decided.add("psi")
-        if self.ks and part.points.shape[0]:
-            srt = np.sort(xs)
-            d = float(np.max(np.abs(np.searchsorted(srt, part.points, side="right") / n - part.values)))
-            p = ks_pvalue(d, n, int(f.count * (1 - f.missing_rate)))
-            fs.scores["ks"] = d
-            fs.pvalues["ks"] = p
-            family.append((f.name, "ks", p))
-        if part.adwin is not None:
-            std = f.std if f.std > 0 else 1.0
-            chunks = n // ADWIN_CHUNK
-            if chunks:
-                means = xs[: chunks * ADWIN_CHUNK].reshape(chunks, ADWIN_CHUNK).mean(axis=1)
-                z = (means - f.mean) / std * math.sqrt(ADWIN_CHUNK)
-                detector = part.adwin
-                hit = False
-                for v in z.tolist():
-                    detector.update(v)
-                    hit = hit or detector.drift_detected
-                # ADWIN says when the mean changed, then forgets it (its window is cut there):
-                # the feature stays flagged from a change away from the reference until a
-                # window's own mean is back within ADWIN's bound of it (the reference mean is an
-                # estimate too: its variance, in these units, is added)
-                wz = abs(float(z.mean())) * math.sqrt(chunks / (1.0 + chunks * ADWIN_CHUNK / max(1, f.count)))
-                beyond = wz > math.sqrt(2.0 * math.log(2.0 / part.delta))
-                part.away = beyond and (hit or part.away)
-                if part.away:
-                    fs.decided.add("adwin")
-                fs.scores["adwin"] = wz
+        finite = np.isfinite(x)
+        clean = bool(finite.all())
+        if not clean:
+            x = np.where(finite, x, np.nan)  # NaN sorts last and compares false
+        n = finite.sum(axis=0)
+        by_feature = np.ascontiguousarray(np.sort(x, axis=0).T)
+        k = len(parts)
+        left = np.empty((k, plan.edges.shape[1]), dtype=np.int64)
+        right = np.empty((k, plan.points.shape[1]), dtype=np.int64)
+        for j in range(k):  # padding: +inf edges and points fall after every value
+            xs = by_feature[j, : n[j]]
+            left[j] = np.searchsorted(xs, plan.edges[j], side="right")  # bins are (e_i-1, e_i]
+            right[j] = np.searchsorted(xs, plan.points[j], side="right")
+        nf = np.maximum(n, 1).astype(np.float64)
+        counts = np.diff(left, axis=1, prepend=0, append=n[:, None]).astype(np.float64)
+        w = (counts + 0.5) / (nf + 0.5 * plan.cells)[:, None]
+        psis = np.where(plan.mask, (w - plan.q) * np.log(w / plan.q), 0.0).sum(axis=1)
+        ds = np.abs(right / nf[:, None] - plan.values).max(axis=1, initial=0.0)
+        en = n * plan.reference_n / np.maximum(n + plan.reference_n, 1)
+        root = np.sqrt(np.maximum(en, 1.0))
+        pvalues = kolmogorov_sf_many((root + 0.12 + 0.11 / root) * ds)
+        outside = ((x < plan.low) | (x > plan.high)).sum(axis=0)
+        missing = (total - n) / max(total, 1)
+        chunk_z = None
+        if plan.adwin and clean and total >= ADWIN_CHUNK:
+            chunks = total // ADWIN_CHUNK
+            means = x[: chunks * ADWIN_CHUNK].reshape(chunks, ADWIN_CHUNK, k).mean(axis=1)
+            chunk_z = ((means - plan.mean) * (math.sqrt(ADWIN_CHUNK) / plan.std)).T.tolist()
+        for j, part in enumerate(parts):
+            f = part.feature
+            fs = results[f.name]
+            nj = int(n[j])
+            fs.quality["missing"] = float(missing[j])
+            if missing[j] > f.missing_rate + spec.missing_rate_margin:
+                fs.alarms.add("missing")
+            if not nj or not f.count or f.missing_rate >= 1:
+                continue
+            oor = float(outside[j]) / nj
+            fs.quality["out_of_range"] = oor
+            if oor > spec.out_of_range_max:
+                fs.alarms.add("out_of_range")
+            if self.psi:
+                v = float(psis[j])
+                fs.scores["psi"] = v
+                if v >= spec.psi_threshold:
+                    fs.decided.add("psi")
+            if self.ks and part.points.shape[0]:
+                fs.scores["ks"] = float(ds[j])
+                fs.pvalues["ks"] = p = float(pvalues[j])
+                family.append((f.name, "ks", p))
+            if part.adwin is not None:
+                if chunk_z is not None:
+                    z = chunk_z[j]
+                else:  # NaN in the window: this feature's finite values, in order
+                    col = block[:, j].astype(np.float64)
+                    vals = col[np.isfinite(col)]
+                    c = vals.shape[0] // ADWIN_CHUNK
+                    m = vals[: c * ADWIN_CHUNK].reshape(c, ADWIN_CHUNK).mean(axis=1) if c else vals[:0]
+                    z = ((m - f.mean) * (math.sqrt(ADWIN_CHUNK) / (f.std if f.std > 0 else 1.0))).tolist()
+                if z:
+                    self._adwin(part, z, fs)
+
+    @staticmethod
+    def _adwin(part: _Numeric, z: list[float], fs: FeatureScore) -> None:
+        detector = part.adwin
+        assert detector is not None
+        hit = False
+        for v in z:
+            detector.update(v)
+            hit = hit or detector.drift_detected
+        # ADWIN says when the mean changed, then forgets it (its window is cut there): the
+        # feature stays flagged from a change away from the reference until a window's own mean
+        # is back within ADWIN's bound of it (the reference mean is an estimate too: its
+        # variance, in these units, is added)
+        chunks = len(z)
+        count = max(1, part.feature.count)
+        wz = abs(sum(z) / chunks) * math.sqrt(chunks / (1.0 + chunks * ADWIN_CHUNK / count))
+        beyond = wz > math.sqrt(2.0 * math.log(2.0 / part.delta))
+        part.away = beyond and (hit or part.away)
+        if part.away:
+            fs.decided.add("adwin")
+        fs.scores["adwin"] = wz
 
     def _categorical(
         self, part: _Categorical, col: np.ndarray, fs: FeatureScore, family: list[tuple[str, str, float]]

@@ -135,6 +135,8 @@ class DriftService:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self.detector_pid: int | None = None
+        self._latest: dict[str, Any] | None = None  # the running detector's last counts
+        self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0}  # of those before it
 
     # ---------------------------------------------------------------- start / stop
     def prepare(self, signatures: dict[str, ModelSignature]) -> None:
@@ -285,12 +287,20 @@ class DriftService:
             batch = []
             while self.queue:
                 batch.append(self.queue.popleft())
+            groups = stacked(batch)
             try:
-                with self._send_lock:
-                    self._inbox.send(("samples", batch))
+                self._send(("samples", groups))
             except (OSError, ValueError, AttributeError):
-                for model, _, _ in batch:  # the detector is gone (restarting): counted, not kept
-                    self.taps[model].metrics.samples["dropped"] += 1
+                if self._loop is not None:  # the detector is gone (restarting): counted, not kept
+                    for model, _, _, _, count in groups:
+                        self._loop.call_soon_threadsafe(self._dropped, model, count)
+
+    def _dropped(self, model: str, count: int) -> None:
+        self.taps[model].metrics.samples["dropped"] += count
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._inbox.send(message)
 
     # ---------------------------------------------------------------- the detector's answers
     def _read(self, conn, proc) -> None:
@@ -314,6 +324,7 @@ class DriftService:
         except (EOFError, OSError):
             pass
         det.up = 0
+        self._carry_counts()
         self._fail_replies("the drift detector process stopped")
         if self._stopping:
             return
@@ -368,16 +379,38 @@ class DriftService:
             )
 
     def _counts(self, c: dict[str, Any]) -> None:
+        """The detector's own totals, added to those of the detector processes before it (so
+        the counters never go backwards when one is restarted)."""
         det = self.metrics.detector
         assert det is not None
+        self._latest = c
+        gone = self._carried
         for model, n in c["samples"].items():
             dm = self.metrics.drift(model)
-            dm.samples["used"] = n["used"]
-            dm.samples["invalid"] = n["invalid"]
-        det.events = dict(c["events"])
+            before = gone["samples"].get(model, {})
+            dm.samples["used"] = before.get("used", 0) + n["used"]
+            dm.samples["invalid"] = before.get("invalid", 0) + n["invalid"]
+        events = dict(gone["events"])
+        for outcome, v in c["events"].items():
+            events[outcome] = events.get(outcome, 0) + v
+        det.events = events
         det.dead_letter = c["dead_letter"]
-        det.cpu_seconds = c["cpu_s"]
+        det.cpu_seconds = gone["cpu_s"] + c["cpu_s"]
         self.detector_pid = c["pid"]
+
+    def _carry_counts(self) -> None:
+        """A detector process is gone: its last totals are kept."""
+        c, gone = self._latest, self._carried
+        if c is None:
+            return
+        for model, n in c["samples"].items():
+            before = gone["samples"].setdefault(model, {})
+            for k, v in n.items():
+                before[k] = before.get(k, 0) + v
+        for outcome, v in c["events"].items():
+            gone["events"][outcome] = gone["events"].get(outcome, 0) + v
+        gone["cpu_s"] += c["cpu_s"]
+        self._latest = None
 
     def _reply(self, ident: int, ok: bool, payload: Any) -> None:
         fut = self._replies.pop(ident, None)
@@ -419,6 +452,7 @@ class DriftService:
             correction=spec.correction,
             samples=dict(dm.samples),
             detector_up=bool(self.metrics.detector.up) if self.metrics.detector else False,
+            detector_pid=self.detector_pid or 0,
         )
         return out
 
@@ -428,9 +462,8 @@ class DriftService:
         ident = next(self._ids)
         fut = self._loop.create_future()
         self._replies[ident] = fut
-        try:
-            with self._send_lock:
-                self._inbox.send(("command", ident, name, args))
+        try:  # on a thread: the pipe may be full while the detector scores a window
+            await asyncio.to_thread(self._send, ("command", ident, name, args))
         except (OSError, ValueError) as e:
             self._replies.pop(ident, None)
             raise GatewayError(ErrorCode.UNAVAILABLE, f"the drift detector is not reachable: {e}") from None
@@ -453,3 +486,21 @@ class DriftService:
 def _fail(fut: asyncio.Future, error: BaseException) -> None:
     if not fut.done():
         fut.set_exception(error)
+
+
+def stacked(batch: list[tuple[str, float, dict[tuple[str, str], np.ndarray]]]) -> list[tuple]:
+    """Samples of one model with the same tensors (names, widths, types), their rows stacked:
+    one array a tensor instead of one a request (pickling and the detector's work per sample
+    shrink to per batch). Each group: (model, first offered, last offered, tensors, samples)."""
+    groups: dict[tuple, list[tuple[float, dict]]] = {}
+    for model, offered, tensors in batch:
+        shape = tuple(sorted((k, a.shape[1:], a.dtype.str) for k, a in tensors.items()))
+        groups.setdefault((model, shape), []).append((offered, tensors))
+    out = []
+    for (model, shape), items in groups.items():
+        if len(items) == 1:
+            tensors = items[0][1]
+        else:
+            tensors = {k: np.concatenate([t[k] for _, t in items]) for k, _, _ in shape}
+        out.append((model, items[0][0], items[-1][0], tensors, len(items)))
+    return out

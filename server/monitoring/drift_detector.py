@@ -61,7 +61,7 @@ class Watch:
     first: Key
     buffers: dict[Key, list[np.ndarray]] = field(default_factory=dict)
     rows: int = 0
-    opened: float = 0.0  # monotonic time of the window's first sample
+    opened: float = 0.0  # when the window's first sample was offered (monotonic clock)
     last_offered: float = 0.0
     index: int = 0
     detections: int = 0
@@ -107,7 +107,12 @@ class Detector:
         )
 
     # ---------------------------------------------------------------- samples
-    def add(self, model: str, offered: float, tensors: dict[Key, np.ndarray], now: float) -> None:
+    def add(
+        self, model: str, first: float, last: float, tensors: dict[Key, np.ndarray], count: int, now: float
+    ) -> None:
+        """``count`` samples of ``model`` (their rows stacked per tensor), offered between
+        ``first`` and ``last`` (the gateway's monotonic clock). A window is filled to exactly
+        its size; the rest of the rows start the next one."""
         w = self.watches.get(model)
         if w is None:
             return
@@ -118,22 +123,29 @@ class Detector:
                 continue
             cols = columns(array)
             if cols.shape[1] != width:
-                w.invalid += 1
+                w.invalid += count
                 return
             blocks[key] = cols
         if w.first not in blocks:
-            w.invalid += 1
+            w.invalid += count
             return
-        if not w.rows:
-            w.opened = now
-        for key, cols in blocks.items():
-            w.buffers.setdefault(key, []).append(cols)
-            self._remember(w, key, cols)
-        w.rows += blocks[w.first].shape[0]
-        w.last_offered = offered
-        w.used += 1
-        if w.rows >= w.spec.window_samples:
-            self.close(w, now)
+        w.used += count
+        rows = blocks[w.first].shape[0]
+        start = 0
+        while start < rows:
+            if not w.rows:
+                w.opened = first
+            take = min(rows - start, w.spec.window_samples - w.rows)
+            for key, cols in blocks.items():
+                part = cols[start : start + take]
+                w.buffers.setdefault(key, []).append(part)
+                self._remember(w, key, part)
+            w.rows += take
+            start += take
+            w.last_offered = last
+            if w.rows >= w.spec.window_samples:
+                self.close(w, now)
+                first = last
 
     def _remember(self, w: Watch, key: Key, cols: np.ndarray) -> None:
         ring = w.recent.setdefault(key, deque())
@@ -144,7 +156,7 @@ class Detector:
         w.recent_rows[key] = total
 
     def tick(self, now: float) -> None:
-        for w in self.watches.values():
+        for w in self.watches.values():  # (opened: the gateway's monotonic clock, the same as ours)
             if w.rows >= w.spec.min_window_samples and now - w.opened >= w.spec.window_max_s:
                 self.close(w, now)
 
@@ -152,7 +164,7 @@ class Detector:
     def close(self, w: Watch, now: float) -> None:
         block = {key: np.concatenate(parts) for key, parts in w.buffers.items() if parts}
         w.buffers = {}
-        rows, span = w.rows, now - w.opened
+        rows, span = w.rows, max(0.0, w.last_offered - w.opened)
         w.rows = 0
         started = time.monotonic()
         result = w.scorer.score(block)
@@ -325,8 +337,8 @@ def main(inbox, outbox, plan: Plan) -> None:
                 kind = msg[0]
                 now = time.monotonic()
                 if kind == "samples":
-                    for model, offered, tensors in msg[1]:
-                        detector.add(model, offered, tensors, now)
+                    for model, first, last, tensors, count in msg[1]:
+                        detector.add(model, first, last, tensors, count, now)
                 elif kind == "command":
                     _, ident, name, args = msg
                     try:
