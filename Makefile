@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-overload bench-routing bench-tools lint clean soak
+.PHONY: install serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-overload bench-routing bench-drift bench-tools lint clean soak
 
 $(STAMP): pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,10 @@ bench-overload: $(STAMP) bench-tools
 # (promoted, rolled back) plotted to bench/results/routing.png.
 bench-routing: $(STAMP) bench-tools
 	$(PY) bench/routing.py
+
+# Drift monitoring's cost (bench/drift.py, about 5 minutes; --quick about 1): mlp and tiny at off / 0.1 / 1.0.
+bench-drift: $(STAMP) bench-tools
+	$(PY) bench/drift.py
 
 # The soak test: 10^6 mixed requests, good and bad, over HTTP and gRPC against one server process
 # (about 7 minutes on 2 cores; `$(PY) bench/soak.py --quick` for 20,000). Fails when the server's

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from functools import cached_property
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,9 +246,10 @@ class Profile:
     outputs: Mapping[str, tuple[Feature, ...]]
     source: Mapping[str, Any]
 
-    @property
+    @cached_property
     def id(self) -> str:
-        """A digest of the distributions (not of when or from where they were taken)."""
+        """A digest of the distributions (not of when or from where they were taken); computed
+        once (a profile is never changed)."""
         body = repr(
             [
                 (side, name, [sorted(f.to_json().items()) for f in feats])
