@@ -346,3 +346,63 @@ def grpc_infer_raw(port: int, payload: bytes):
             return call(payload, timeout=10)
         except grpc.RpcError as e:
             raise BenchError(f"the benchmark request fails over gRPC: {e.code().name}: {e.details()}") from None
+
+
+def dataplane_rounds(
+    repo: Path, cfg: Path, names: list[str], feed: tuple[str, np.ndarray], rounds: int, n: int
+) -> dict[str, list[float]]:
+    """Microseconds a request through one in-process gateway's data plane (admit, infer,
+    release: no transport), for each model name in turn, the order reversed every other round;
+    this process pinned to one core while it runs (as a served gateway is). ``feed`` is the one
+    FP32 input (name, [rows, features]): the requests take one row each, in turn."""
+    import asyncio
+    import threading
+
+    from batchgate.app import Gateway
+    from batchgate.config import load_settings
+    from batchgate.core.types import RequestLimits, Tensor, new_request
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:1])
+    flags = {"model_repository": str(repo), "host": "127.0.0.1", "http_port": 0, "grpc_port": 0}
+    flags |= {"metrics_port": -1, "admin_port": -1, "admin_http_port": -1, "infer_threads": 1}
+    settings = load_settings(str(cfg), flags, environ={})
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(600)
+
+    gw = Gateway(settings)
+    call(gw.start())
+    dp = gw.dataplane
+    limits = RequestLimits()
+
+    async def run(name: str) -> float:
+        rows = [feed[1][i : i + 1] for i in range(feed[1].shape[0])]
+        reqs = [
+            new_request(name, "", [Tensor(feed[0], "FP32", r.shape, r)], None, "", None, {}, 0.0, "grpc", limits)
+            for r in rows
+        ]
+        t0 = time.perf_counter()
+        for i in range(n):
+            served = dp.admit(name, "", header=lambda k: None)
+            try:
+                await dp.infer(served, reqs[i % len(reqs)])
+            finally:
+                dp.release(served)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    got: dict[str, list[float]] = {m: [] for m in names}
+    try:
+        for m in names:  # a round not counted: every model warm, its execution path settled
+            call(run(m))
+        for i in range(rounds):
+            for m in names if i % 2 == 0 else list(reversed(names)):
+                got[m].append(call(run(m)))
+            say(f"  round {i + 1}: " + ", ".join(f"{m} {got[m][-1]:.1f} µs" for m in names) + " a request")
+    finally:
+        call(gw.stop(1.0))
+        loop.call_soon_threadsafe(loop.stop)
+        os.sched_setaffinity(0, cores)
+    return got

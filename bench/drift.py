@@ -59,6 +59,7 @@ from common import (
     choose_pinning,
     core_jiffies,
     cpu_model,
+    dataplane_rounds,
     finite,
     foreign_cpu_seconds,
     run_tool,
@@ -70,6 +71,7 @@ from common import (
 HERE = Path(__file__).resolve().parent
 TARGET = 0.95  # throughput at sample_rate 0.1 over off
 RATES = {"off": 0.0, "0.1": 0.1, "1.0": 1.0}
+DATAPLANE_REQUESTS = {"mlp": 4_000, "tiny": 20_000}  # a round of the in-process phase, per setting
 POOL_ROWS = 2048
 REFERENCE_ROWS = 20_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -406,8 +408,19 @@ def run_subject(s: Subject, args, pin: Pinning, tmp: Path, out: Path) -> dict:
         cpu_total = {"proc": proc_cpu(det["pid"]), "metric": pick(end, "batchgate_drift_detector_cpu_seconds_total")}
     finally:
         gw.stop()
+    names = [served_name(s.name, k) for k in RATES]
+    n = DATAPLANE_REQUESTS[s.name] // (4 if args.quick else 1)
+    say(f"{s.name}: the data plane in process (no transport, one core), {args.dataplane_rounds} rounds of {n:,}")
+    pool = np.random.default_rng(5).standard_normal((512, s.features)).astype(np.float32)
+    got = dataplane_rounds(repo, cfg, names, (s.input, pool), args.dataplane_rounds, n)
+    off_us = float(np.median(got[names[0]]))
+    dataplane = {
+        k: {"us": got[m], "median_us": float(np.median(got[m])), "ratio": off_us / float(np.median(got[m]))}
+        for k, m in zip(RATES, names)
+    }
     return {
         "model": s.about,
+        "dataplane": dataplane,
         "features": s.features,
         "server": server,
         "detector": det,
@@ -486,6 +499,11 @@ def print_summary(report: dict) -> None:
             target = e.get("target")
             verdict = f"  {target['result']} (>= {TARGET}x throughput)" if target else ""
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + verdict)
+        dp = m["dataplane"]
+        print(
+            f"  {name}, data plane in process: off {dp['off']['median_us']:.1f} µs a request; "
+            + ", ".join(f"{k} {dp[k]['median_us']:.1f} µs ({dp[k]['ratio']:.3f}x)" for k in RATES if k != "off")
+        )
         d, srv = m["detector"], m["server"]
         print(
             f"  {name}: the detector ran in its own process, pid {d['pid']}, a child of the server (pid {srv['pid']}); "
@@ -559,13 +577,14 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, help="seconds of load per copy before the rounds (2)")
     ap.add_argument("--models", default="mlp,tiny", help="which of mlp, tiny (default both)")
     ap.add_argument("--window", type=int, default=500, help="rows in a drift window (500)")
+    ap.add_argument("--dataplane-rounds", type=int, help="rounds of the in-process data-plane phase (10)")
     ap.add_argument("--queue", type=int, help="drift_queue_samples (default: the server's, 1024)")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--check", action="store_true", help="exit 1 when the 0.1 target is missed")
     args = ap.parse_args(argv)
-    for k, full, quick in (("rounds", 6, 2), ("seconds", 5, 2), ("warmup", 2, 1)):
+    for k, full, quick in (("rounds", 12, 2), ("seconds", 3, 2), ("warmup", 2, 1), ("dataplane_rounds", 10, 2)):
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else full)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say
+from common import BATCHGATE_READY, BenchError, Server, choose_pinning, dataplane_rounds, grpc_frame, say
 
 HERE = Path(__file__).resolve().parent
 SERVE = [sys.executable, "-m", "batchgate.cli", "serve", "--host", "127.0.0.1"]
@@ -285,50 +285,8 @@ def dataplane_phase(repo: Path, cfg: Path, rounds: int, n: int = 10_000) -> dict
     """The route's own cost without any transport: one in-process gateway, requests handed to
     its data plane (admit, infer, release) to ``base`` and to ``plain``, in alternating rounds of
     ``n``; microseconds a request, median of the rounds. Pinned like the gateway when possible."""
-    import threading
-
-    from batchgate.app import Gateway
-    from batchgate.config import load_settings
-    from batchgate.core.types import RequestLimits, Tensor, new_request
-
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, cores[:1])  # this process, one core: as the served gateway has
-    flags = {"model_repository": str(repo), "host": "127.0.0.1", "http_port": 0, "grpc_port": 0}
-    flags |= {"metrics_port": -1, "admin_port": -1, "admin_http_port": -1, "infer_threads": 1}
-    settings = load_settings(str(cfg), flags, environ={})
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def call(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(600)
-
-    gw = Gateway(settings)
-    call(gw.start())
-    dp = gw.dataplane
     x = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
-    limits = RequestLimits()
-
-    async def run(name: str) -> float:
-        req = new_request(name, "", [Tensor("input", "FP32", (1, 256), x)], None, "", None, {}, 0.0, "grpc", limits)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            served = dp.admit(name, "", header=lambda k: None)
-            try:
-                await dp.infer(served, req)
-            finally:
-                dp.release(served)
-        return (time.perf_counter() - t0) / n * 1e6
-
-    got: dict[str, list[float]] = {"base": [], "plain": []}
-    try:
-        for i in range(rounds):
-            for m in ("base", "plain") if i % 2 == 0 else ("plain", "base"):
-                got[m].append(call(run(m)))
-            say(f"  round {i + 1}: direct {got['base'][-1]:.0f} µs, route {got['plain'][-1]:.0f} µs a request")
-    finally:
-        call(gw.stop(1.0))
-        loop.call_soon_threadsafe(loop.stop)
-        os.sched_setaffinity(0, cores)
+    got = dataplane_rounds(repo, cfg, ["base", "plain"], ("input", x), rounds, n)
     direct, route = float(np.median(got["base"])), float(np.median(got["plain"]))
     return {"direct_us": got["base"], "route_us": got["plain"], "ratio": direct / route}
 

@@ -44,7 +44,7 @@ from .metrics import DriftMetrics, Metrics
 log = logging.getLogger("batchgate")
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-SEND_GATHER_S = 0.005  # a batch for the detector gathers this long after its first sample
+SEND_GATHER_S = 0.02  # a batch for the detector gathers this long after its first sample
 COMMAND_TIMEOUT_S = 30.0
 Audit = Callable[[str, str, str, str], Awaitable[None]]
 
