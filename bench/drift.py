@@ -23,8 +23,12 @@ detector's CPU (from /proc, per second of load and per 1,000 samples it scored),
 the server's, the drop rate (dropped / (used + dropped)), windows scored, and the detector lag
 (a window's last sample offered -> window scored) p50/p99 estimated from its histogram.
 
-The detector inherits the server's pinning: on this machine it shares the server's core (at
-nice 5), which a closed loop keeps busy, so what it cannot take at 1.0 is dropped.
+Where the detector runs (``--detector-core``): ``load`` (the default) moves it to the load
+tool's core, as a gateway with a spare core would have it (a process of its own is what keeps
+its work off the serving core); ``server`` leaves it where it starts, on the server's pinned core
+at nice 5, the worst case: every millisecond it scores is taken from serving (and its cache
+traffic slows the model too), and what it cannot keep up with at 1.0 is dropped. The in-process
+phase always has it on the one core of the measuring process.
 
 Writes bench/results/drift.json and bench/results/drift.png; exit 1 when a phase could not be
 measured (and, with --check, when the 0.1 target is missed).
@@ -372,6 +376,9 @@ def run_subject(s: Subject, args, pin: Pinning, tmp: Path, out: Path) -> dict:
     try:
         http, metrics = int(gw.match["http"]), int(gw.match["metrics"])
         det = find_detector(gw, metrics)
+        if args.detector_core == "load" and pin.cores:
+            os.sched_setaffinity(det["pid"], {int(pin.cores[1])})
+            det = process_info(det["pid"])
         server = process_info(gw.proc.pid)
         say(
             f"{s.name}: server pid {server['pid']} (cores {server['cores_allowed']}), drift detector pid {det['pid']} "
@@ -578,6 +585,12 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="mlp,tiny", help="which of mlp, tiny (default both)")
     ap.add_argument("--window", type=int, default=500, help="rows in a drift window (500)")
     ap.add_argument("--dataplane-rounds", type=int, help="rounds of the in-process data-plane phase (10)")
+    ap.add_argument(
+        "--detector-core",
+        choices=("load", "server"),
+        default="load",
+        help="where the detector process runs: the load tool's core (default) or the server's",
+    )
     ap.add_argument("--queue", type=int, help="drift_queue_samples (default: the server's, 1024)")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -619,6 +632,7 @@ def main(argv=None) -> int:
             "warmup_s": args.warmup,
             "connections": args.connections,
             "window": args.window,
+            "detector_core": args.detector_core,
             "drift_queue_samples": args.queue or "default",
             "load": "HTTP/JSON, closed loop, one row a request from a pool of 2,048 N(0, 1) rows",
         },

@@ -268,10 +268,13 @@ class DriftService:
         tensors: dict[tuple[str, str], np.ndarray] = {}
         for t in request.inputs:
             if t.name in tap.inputs:
-                tensors[("input", t.name)] = np.array(columns(t.data)[:rows])  # a copy, never a view of the body
+                data = t.data
+                # a copy, never a view of the request's body
+                tensors[("input", t.name)] = (data if data.ndim == 2 else columns(data))[:rows].copy()
         if tap.outputs:
             for o in resp.outputs:
-                tensors[("output", o.name)] = np.array(columns(o.data)[:rows])
+                data = o.data
+                tensors[("output", o.name)] = (data if data.ndim == 2 else columns(data))[:rows].copy()
         empty = not self.queue
         self.queue.append((tap.model, time.monotonic(), tensors))
         if empty:
@@ -494,7 +497,7 @@ def stacked(batch: list[tuple[str, float, dict[tuple[str, str], np.ndarray]]]) -
     shrink to per batch). Each group: (model, first offered, last offered, tensors, samples)."""
     groups: dict[tuple, list[tuple[float, dict]]] = {}
     for model, offered, tensors in batch:
-        shape = tuple(sorted((k, a.shape[1:], a.dtype.str) for k, a in tensors.items()))
+        shape = tuple([(k, a.shape[1:], a.dtype) for k, a in tensors.items()])  # (in the request's order)
         groups.setdefault((model, shape), []).append((offered, tensors))
     out = []
     for (model, shape), items in groups.items():
