@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from functools import cached_property
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
