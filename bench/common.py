@@ -349,12 +349,21 @@ def grpc_infer_raw(port: int, payload: bytes):
 
 
 def dataplane_rounds(
-    repo: Path, cfg: Path, names: list[str], feed: tuple[str, np.ndarray], rounds: int, n: int
+    repo: Path,
+    cfg: Path,
+    names: list[str],
+    feed: tuple[str, np.ndarray],
+    rounds: int,
+    n: int,
+    cpu: dict[str, list[float]] | None = None,
+    detector_apart: bool = False,
 ) -> dict[str, list[float]]:
     """Microseconds a request through one in-process gateway's data plane (admit, infer,
     release: no transport), for each model name in turn, the order reversed every other round;
     this process pinned to one core while it runs (as a served gateway is). ``feed`` is the one
-    FP32 input (name, [rows, features]): the requests take one row each, in turn."""
+    FP32 input (name, [rows, features]): the requests take one row each, in turn. ``cpu`` gets
+    this process's CPU microseconds a request (its threads; not a drift detector's, a child);
+    ``detector_apart`` moves a drift detector process to another core (else it shares ours)."""
     import asyncio
     import threading
 
@@ -377,6 +386,12 @@ def dataplane_rounds(
     call(gw.start())
     dp = gw.dataplane
     limits = RequestLimits()
+    if detector_apart and gw.drift is not None and len(cores) > 1:
+        end = time.monotonic() + 30
+        while gw.drift.detector_pid is None and time.monotonic() < end:
+            time.sleep(0.1)
+        if gw.drift.detector_pid is not None:
+            os.sched_setaffinity(gw.drift.detector_pid, cores[1:2])
 
     async def run(name: str) -> float:
         rows = [feed[1][i : i + 1] for i in range(feed[1].shape[0])]
@@ -399,7 +414,11 @@ def dataplane_rounds(
             call(run(m))
         for i in range(rounds):
             for m in names if i % 2 == 0 else list(reversed(names)):
+                c0 = time.process_time()
                 got[m].append(call(run(m)))
+                if cpu is not None:
+                    time.sleep(0.1)  # the sender and reader threads' share of what was just sampled
+                    cpu.setdefault(m, []).append((time.process_time() - c0) / n * 1e6)
             say(f"  round {i + 1}: " + ", ".join(f"{m} {got[m][-1]:.1f} µs" for m in names) + " a request")
     finally:
         call(gw.stop(1.0))

@@ -417,12 +417,24 @@ def run_subject(s: Subject, args, pin: Pinning, tmp: Path, out: Path) -> dict:
         gw.stop()
     names = [served_name(s.name, k) for k in RATES]
     n = DATAPLANE_REQUESTS[s.name] // (4 if args.quick else 1)
-    say(f"{s.name}: the data plane in process (no transport, one core), {args.dataplane_rounds} rounds of {n:,}")
     pool = np.random.default_rng(5).standard_normal((512, s.features)).astype(np.float32)
-    got = dataplane_rounds(repo, cfg, names, (s.input, pool), args.dataplane_rounds, n)
-    off_us = float(np.median(got[names[0]]))
+    say(f"{s.name}: the data plane in process, the detector on another core, {args.dataplane_rounds} rounds of {n:,}")
+    cpu: dict[str, list[float]] = {}
+    apart = dataplane_rounds(repo, cfg, names, (s.input, pool), args.dataplane_rounds, n, cpu, detector_apart=True)
+    say(f"{s.name}: the data plane in process, the detector on the same core, {args.dataplane_rounds} rounds")
+    shared = dataplane_rounds(repo, cfg, names, (s.input, pool), args.dataplane_rounds, n)
+    off_us, off_cpu, off_shared = (float(np.median(d[names[0]])) for d in (apart, cpu, shared))
     dataplane = {
-        k: {"us": got[m], "median_us": float(np.median(got[m])), "ratio": off_us / float(np.median(got[m]))}
+        k: {
+            "us": apart[m],
+            "median_us": float(np.median(apart[m])),
+            "ratio": off_us / float(np.median(apart[m])),
+            "cpu_us": cpu[m],
+            "cpu_median_us": float(np.median(cpu[m])),
+            "cpu_extra_us": float(np.median(cpu[m])) - off_cpu,
+            "shared_us": shared[m],
+            "shared_ratio": off_shared / float(np.median(shared[m])),
+        }
         for k, m in zip(RATES, names)
     }
     return {
@@ -508,8 +520,17 @@ def print_summary(report: dict) -> None:
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + verdict)
         dp = m["dataplane"]
         print(
-            f"  {name}, data plane in process: off {dp['off']['median_us']:.1f} µs a request; "
-            + ", ".join(f"{k} {dp[k]['median_us']:.1f} µs ({dp[k]['ratio']:.3f}x)" for k in RATES if k != "off")
+            f"  {name}, data plane in process, detector apart: off {dp['off']['median_us']:.1f} µs a request "
+            f"({dp['off']['cpu_median_us']:.1f} µs CPU); "
+            + ", ".join(
+                f"{k} {dp[k]['median_us']:.1f} µs ({dp[k]['ratio']:.3f}x; CPU {dp[k]['cpu_extra_us']:+.1f} µs)"
+                for k in RATES
+                if k != "off"
+            )
+        )
+        print(
+            f"  {name}, data plane in process, detector on the same core: "
+            + ", ".join(f"{k} {dp[k]['shared_ratio']:.3f}x" for k in RATES if k != "off")
         )
         d, srv = m["detector"], m["server"]
         print(
