@@ -46,7 +46,7 @@ fuzz: $(STAMP)
 	BATCHGATE_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 
 # The drift tests' false-alarm sweep at length (tests/unit/test_drift_statistics.py: 2,500 windows
-# of 2,000 rows per stream at alpha 0.01, about 5 minutes). `make test` runs 250 windows at 0.05.
+# of 2,000 rows per stream at alpha 0.01, about 4 minutes). `make test` runs 250 windows at 0.05.
 drift-sweep: $(STAMP)
 	BATCHGATE_DRIFT_SWEEP=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/unit/test_drift_statistics.py
 
@@ -80,7 +80,8 @@ bench-overload: $(STAMP) bench-tools
 bench-routing: $(STAMP) bench-tools
 	$(PY) bench/routing.py
 
-# Drift monitoring's cost (bench/drift.py, about 5 minutes; --quick about 1): mlp and tiny at off / 0.1 / 1.0.
+# Drift monitoring's cost (bench/drift.py, about 9 minutes; --quick about 1): mlp and tiny at off / 0.1 / 1.0,
+# over HTTP (wrk) and through the data plane in process.
 bench-drift: $(STAMP) bench-tools
 	$(PY) bench/drift.py
 
