@@ -327,8 +327,13 @@ class RouteTable:
             r, state = route.spec.rollout, route.rollout
             if r is None or state is None or state.state != ro.RUNNING or now < state.next_at:
                 continue
-            canary, baseline = route.window_figures()
-            verdict = ro.tick(r, state, now, canary, baseline)
+            try:
+                canary, baseline = route.window_figures()
+                verdict = ro.tick(r, state, now, canary, baseline)
+            except Exception:  # one route's figures must not stop the others' rollouts
+                log.exception("route '%s' rollout: the interval could not be judged; starting a new one", route.name)
+                route.new_windows()
+                continue
             if verdict is None:
                 continue
             route.new_windows()

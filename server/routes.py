@@ -70,7 +70,13 @@ class Window:
 
     def keep(self, rows: np.ndarray, rng: random.Random) -> None:
         """Reservoir sampling over answers: each of the interval's answers is equally likely to
-        be among the :data:`OUTPUT_SAMPLES` kept."""
+        be among the :data:`OUTPUT_SAMPLES` kept. Only answers of the first answer's width (rows
+        flattened) are kept, so one odd answer cannot make the interval's figures fail."""
+        if not rows.ndim or not rows.shape[0]:
+            return
+        rows = rows.reshape(rows.shape[0], -1)
+        if self.outputs and rows.shape[1] != self.outputs[0].shape[1]:
+            return
         self.answers += 1
         if len(self.outputs) < OUTPUT_SAMPLES:
             self.outputs.append(np.array(rows[:OUTPUT_ROWS]))
@@ -82,9 +88,7 @@ class Window:
     def figures(self) -> ro.Figures:
         n = self.latency.get_total_count()
         p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
-        outputs = None
-        if self.outputs:
-            outputs = np.concatenate([o.reshape(o.shape[0], -1) for o in self.outputs])
+        outputs = np.concatenate(self.outputs) if self.outputs else None
         return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs)
 
 
@@ -296,9 +300,14 @@ class ServedRoute:
 
     def _keep_output(self, w: Window, resp: InferResponse) -> None:
         name = self._psi_output
+        if not name:  # the first output of the signature: never what a caller chose to ask for
+            primary = self.primary()
+            if primary is None or not primary.signature.outputs:
+                return
+            name = self._psi_output = primary.signature.outputs[0].name
         for o in resp.outputs:
-            if name == "" or o.name == name:
-                if o.data.dtype.kind in "fiub" and o.data.ndim:
+            if o.name == name:
+                if o.data.dtype.kind in "fiub":
                     w.keep(o.data, self.rng)
                 return
 

@@ -286,12 +286,12 @@ def category_key(value: Any) -> str:
     """The text a category is kept under (bytes decoded, bounded)."""
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value[:MAX_CATEGORY_BYTES]).decode("utf-8", "backslashreplace")
-    elif (
-        isinstance(value, (float, np.floating))
-        and float(value).is_integer()
-        or isinstance(value, (np.integer, np.bool_))
+    elif isinstance(value, (bool, np.bool_, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer()
     ):
-        value = int(value)
+        value = int(value)  # True and 1, 1.0 and 1 are one category, whatever the tensor's type
+    elif isinstance(value, str) and value in ("True", "False"):
+        value = int(value == "True")  # a text column of booleans, against a BOOL tensor
     return str(value)[:MAX_CATEGORY_BYTES]
 
 
@@ -497,6 +497,15 @@ def _feature(raw: Any, where: str) -> Feature:
         raise ConfigError(f"{where}: bins need one frequency more than edges, and cdf one value per point")
     if any(a >= b for a, b in zip(edges, edges[1:])) or any(a >= b for a, b in zip(points, points[1:])):
         raise ConfigError(f"{where}: bin edges and cdf points must rise")
+    if any(not 0 <= v <= 1 for v in (*values, *freqs)) or any(a > b for a, b in zip(values, values[1:])):
+        raise ConfigError(f"{where}: bin frequencies and cdf values must be shares, the cdf's never falling")
+    lo, hi, std = raw.get("min", 0.0), raw.get("max", 0.0), raw.get("std", 0.0)
+    if (
+        isinstance(std, (int, float))
+        and std < 0
+        or (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi)
+    ):
+        raise ConfigError(f"{where}: 'std' must not be negative, nor 'min' above 'max'")
     return Feature(
         name,
         "numeric",

@@ -9,7 +9,9 @@ Per feature and window:
 
 - ``psi``: population stability index over the reference's quantile bins (categories for a
   categorical feature); the window's frequencies are smoothed (+0.5 a cell), so an empty bin is
-  not an infinite score. Decided by ``psi_threshold``, outside the p-value family.
+  not an infinite score. Decided by ``psi_threshold``, outside the p-value family, and only with
+  :data:`PSI_MIN_ROWS_PER_CELL` rows a cell (with fewer, chance alone reaches the usual
+  thresholds: its mean without drift is about (cells - 1) / rows).
 - ``ks``: Kolmogorov-Smirnov distance between the window and the reference CDF, read at the
   profile's CDF grid (distinct values only, so ties are exact rather than broken). Reading the
   distance at fewer points than the full statistic can only make it smaller, so the p-value from
@@ -44,6 +46,7 @@ import numpy as np
 from .drift import Feature, MonitorSpec, Profile, category_key
 
 ADWIN_CHUNK = 32
+PSI_MIN_ROWS_PER_CELL = 10  # PSI decides only with this many rows a cell (its null mean is ~(cells - 1) / n)
 _MIN_EXPECTED = 5.0
 _PSI_FLOOR = 1e-4
 
@@ -391,6 +394,7 @@ class Scorer:
             chunks = total // ADWIN_CHUNK
             means = x[: chunks * ADWIN_CHUNK].reshape(chunks, ADWIN_CHUNK, k).mean(axis=1)
             chunk_z = ((means - plan.mean) * (math.sqrt(ADWIN_CHUNK) / plan.std)).T.tolist()
+        enough = n >= PSI_MIN_ROWS_PER_CELL * plan.cells
         for j, part in enumerate(parts):
             f = part.feature
             fs = results[f.name]
@@ -407,7 +411,7 @@ class Scorer:
             if self.psi:
                 v = float(psis[j])
                 fs.scores["psi"] = v
-                if v >= spec.psi_threshold:
+                if v >= spec.psi_threshold and enough[j]:
                     fs.decided.add("psi")
             if self.ks and part.points.shape[0]:
                 fs.scores["ks"] = float(ds[j])
@@ -470,7 +474,7 @@ class Scorer:
         if col.dtype.kind in "iub":  # exact integer keys without formatting each value twice
             uniq, cnt = np.unique(np.asarray(values), return_counts=True)
             for u, c in zip(uniq.tolist(), cnt.tolist()):
-                counts[index.get(str(int(u)), other)] += c
+                counts[index.get(category_key(u), other)] += c
         else:
             for v in values:
                 counts[index.get(category_key(v), other)] += 1
@@ -484,7 +488,7 @@ class Scorer:
         if self.psi:
             v = psi(counts, probs)
             fs.scores["psi"] = v
-            if v >= self.spec.psi_threshold:
+            if v >= self.spec.psi_threshold and n >= PSI_MIN_ROWS_PER_CELL * cells:
                 fs.decided.add("psi")
         if self.chi2:
             stat, df = chi_square(counts, probs)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.drift import MonitorSpec, Profile, columns, profile_from_json
+from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns, profile_from_json
 from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
@@ -54,11 +54,11 @@ class Tap:
 
     __slots__ = ("model", "rate", "inputs", "outputs", "max_rows", "metrics")
 
-    def __init__(self, spec: MonitorSpec, metrics: DriftMetrics):
+    def __init__(self, spec: MonitorSpec, metrics: DriftMetrics, outputs: frozenset[str] = frozenset()):
         self.model = spec.model
         self.rate = spec.sample_rate
         self.inputs = frozenset(spec.inputs)
-        self.outputs = spec.outputs
+        self.outputs = outputs  # the profiled outputs (none without 'outputs: true')
         self.max_rows = spec.max_rows_per_sample
         self.metrics = metrics
 
@@ -83,6 +83,11 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
         if name not in profile.inputs:
             raise ConfigError(f"{where}: the profile describes no input '{name}' ({', '.join(profile.inputs)})")
         _check_width(where, "input", t, len(profile.inputs[name]), signature.max_batch_size)
+        numeric = [f.name for f in profile.inputs[name] if f.kind == "numeric"]
+        if numeric and t.dtype.v2 == "BYTES":
+            raise ConfigError(
+                f"{where}: input '{name}' holds BYTES, but the profile takes feature '{numeric[0]}' as numeric"
+            )
     extra = sorted(set(profile.inputs) - set(spec.inputs))
     if extra:
         raise ConfigError(f"{where}: the profile describes input(s) the monitor does not watch: {', '.join(extra)}")
@@ -98,6 +103,10 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
                 raise ConfigError(f"{where}: the profile describes output '{name}', which the model does not have")
             _check_width(where, "output", t, len(feats), signature.max_batch_size)
     count = len(profile.features(spec.outputs))
+    if spec.min_drifted_features > count and not spec.min_drifted_share:
+        raise ConfigError(
+            f"{where}: min_drifted_features {spec.min_drifted_features} is more than the {count} features watched"
+        )
     if count > max_features:
         raise ConfigError(f"{where}: {count} features are more than drift_max_features ({max_features})")
 
@@ -135,8 +144,9 @@ class DriftService:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self.detector_pid: int | None = None
+        self._invalid_here: dict[str, int] = {}  # samples that could not be taken, per model
         self._latest: dict[str, Any] | None = None  # the running detector's last counts
-        self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0}  # of those before it
+        self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0, "detections": {}}  # of those before
 
     # ---------------------------------------------------------------- start / stop
     def prepare(self, signatures: dict[str, ModelSignature]) -> None:
@@ -166,7 +176,7 @@ class DriftService:
             monitors.append((spec, profile, saved))
             self.profiles[model] = saved or profile
             dm = self.metrics.drift(model)
-            self.taps[model] = Tap(spec, dm)
+            self.taps[model] = Tap(spec, dm, frozenset(profile.outputs) if spec.outputs else frozenset())
             self.status_by_model[model] = {"model": model, "profile_id": (saved or profile).id, "windows": 0}
         source = s.drift_event_source or f"/batchgate/{socket.gethostname()[:200]}"
         self.plan = Plan(
@@ -230,11 +240,13 @@ class DriftService:
         proc = self._process
         if proc is None:
             return
-        try:
-            with self._send_lock:
+        if self._send_lock.acquire(timeout=1.0):  # a send stuck on a full pipe: terminate below
+            try:
                 self._inbox.send(("stop",))
-        except (OSError, ValueError):
-            pass
+            except (OSError, ValueError):
+                pass
+            finally:
+                self._send_lock.release()
         proc.join(wait_s)
         if proc.is_alive():
             proc.terminate()
@@ -257,7 +269,11 @@ class DriftService:
 
     async def _sampled(self, answer: Awaitable[InferResponse], request: InferRequest, tap: Tap) -> InferResponse:
         resp = await answer
-        self.offer(tap, request, resp)
+        try:
+            self.offer(tap, request, resp)
+        except Exception:  # a sample that cannot be taken never fails the caller's request
+            self._invalid_here[tap.model] = self._invalid_here.get(tap.model, 0) + 1
+            tap.metrics.samples["invalid"] += 1
         return resp
 
     def offer(self, tap: Tap, request: InferRequest, resp: InferResponse) -> None:
@@ -268,13 +284,11 @@ class DriftService:
         tensors: dict[tuple[str, str], np.ndarray] = {}
         for t in request.inputs:
             if t.name in tap.inputs:
-                data = t.data
-                # a copy, never a view of the request's body
-                tensors[("input", t.name)] = (data if data.ndim == 2 else columns(data))[:rows].copy()
+                tensors[("input", t.name)] = _sample(t.data, rows)
         if tap.outputs:
             for o in resp.outputs:
-                data = o.data
-                tensors[("output", o.name)] = (data if data.ndim == 2 else columns(data))[:rows].copy()
+                if o.name in tap.outputs:
+                    tensors[("output", o.name)] = _sample(o.data, rows)
         empty = not self.queue
         self.queue.append((tap.model, time.monotonic(), tensors))
         if empty:
@@ -336,6 +350,10 @@ class DriftService:
         time.sleep(RESTART_BACKOFF_S[min(det.restarts, len(RESTART_BACKOFF_S) - 1)])
         if not self._stopping:
             det.restarts += 1
+            assert self.plan is not None  # a rebaseline kept in drift_profiles_dir survives the restart
+            self.plan.monitors = [
+                (spec, configured, self._saved(spec.model, configured)) for spec, configured, _ in self.plan.monitors
+            ]
             self._spawn()
 
     def _window(self, model: str, w: dict[str, Any]) -> None:
@@ -355,7 +373,7 @@ class DriftService:
         dm.detected = {f: int(f in detected) for f in result["features"]}
         dm.active = int(w["active"])
         dm.drifted = len(detected)
-        dm.detections = w["detections"]
+        dm.detections = self._carried["detections"].get(model, 0) + w["detections"]
         dm.windows += 1
         dm.window_seconds = w["span_s"]
         dm.lag.observe(w["lag_s"])
@@ -392,7 +410,7 @@ class DriftService:
             dm = self.metrics.drift(model)
             before = gone["samples"].get(model, {})
             dm.samples["used"] = before.get("used", 0) + n["used"]
-            dm.samples["invalid"] = before.get("invalid", 0) + n["invalid"]
+            dm.samples["invalid"] = before.get("invalid", 0) + n["invalid"] + self._invalid_here.get(model, 0)
         events = dict(gone["events"])
         for outcome, v in c["events"].items():
             events[outcome] = events.get(outcome, 0) + v
@@ -403,7 +421,11 @@ class DriftService:
 
     def _carry_counts(self) -> None:
         """A detector process is gone: its last totals are kept."""
-        c, gone = self._latest, self._carried
+        gone = self._carried
+        for model, dm in self.metrics.drift_monitors().items():
+            if model in self.specs:
+                gone["detections"][model] = dm.detections
+        c = self._latest
         if c is None:
             return
         for model, n in c["samples"].items():
@@ -432,8 +454,8 @@ class DriftService:
 
     def _fail_replies(self, why: str) -> None:
         for ident in list(self._replies):
-            fut = self._replies.pop(ident)
-            if self._loop is not None:
+            fut = self._replies.pop(ident, None)
+            if fut is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(_fail, fut, GatewayError(ErrorCode.UNAVAILABLE, why))
 
     # ---------------------------------------------------------------- admin
@@ -473,6 +495,10 @@ class DriftService:
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
                 result = await fut
+        except TimeoutError:
+            raise GatewayError(
+                ErrorCode.DEADLINE_EXCEEDED, f"the drift detector did not answer within {COMMAND_TIMEOUT_S:g} s"
+            ) from None
         finally:
             self._replies.pop(ident, None)
         model = str(args.get("model"))
@@ -489,6 +515,24 @@ class DriftService:
 def _fail(fut: asyncio.Future, error: BaseException) -> None:
     if not fut.done():
         fut.set_exception(error)
+
+
+def _sample(data: np.ndarray, rows: int) -> np.ndarray:
+    """At most ``rows`` rows of a tensor as [rows, columns], copied (never a view of the
+    request's body); BYTES values cut to the length a category is kept at (a client's 50 MB
+    string never reaches the queue, the pipe or a window)."""
+    if not data.ndim or not data.shape[0]:
+        raise ValueError("a tensor without rows")
+    cols = (data if data.ndim == 2 else columns(data))[:rows]
+    if cols.dtype.kind == "O":
+        return np.array([[_cut(v) for v in row] for row in cols.tolist()], dtype=object)
+    return cols.copy()
+
+
+def _cut(value: object) -> object:
+    if isinstance(value, (bytes, bytearray, str)) and len(value) > MAX_CATEGORY_BYTES:
+        return value[:MAX_CATEGORY_BYTES]
+    return value
 
 
 def stacked(batch: list[tuple[str, float, dict[tuple[str, str], np.ndarray]]]) -> list[tuple]:

@@ -84,6 +84,7 @@ class Detector:
         self.send = send
         self.watches: dict[str, Watch] = {}
         self.events: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
         for spec, configured, rebaselined in plan.monitors:
             self.watches[spec.model] = self._watch(spec, configured, rebaselined or configured)
         self.sender = EventSender(
@@ -146,6 +147,19 @@ class Detector:
             if w.rows >= w.spec.window_samples:
                 self.close(w, now)
                 first = last
+
+    def refused(self, model: str, count: int, error: Exception) -> None:
+        """Samples that could not be scored: counted as invalid, logged at most once a minute
+        per monitor; the window they were in is started afresh."""
+        w = self.watches.get(model)
+        if w is None:
+            return
+        w.invalid += count
+        w.buffers, w.rows = {}, 0
+        now = time.monotonic()
+        if now - self._logged.get(model, -1e9) >= 60.0:
+            self._logged[model] = now
+            log.warning("drift monitor of '%s': samples could not be scored: %s", model, str(error)[:512])
 
     def _remember(self, w: Watch, key: Key, cols: np.ndarray) -> None:
         ring = w.recent.setdefault(key, deque())
@@ -280,7 +294,7 @@ class Detector:
                 categorical=[n for n in feature_names if kinds[n] == "categorical"],
                 numeric=[n for n in feature_names if kinds[n] == "numeric"],
             )
-        outputs = sides["output"] or dict(w.profile.outputs)
+        outputs = {**w.profile.outputs, **sides["output"]}  # outputs no request asked for keep their profile
         profile = build_profile(
             w.spec.model,
             sides["input"],
@@ -338,7 +352,10 @@ def main(inbox, outbox, plan: Plan) -> None:
                 now = time.monotonic()
                 if kind == "samples":
                     for model, first, last, tensors, count in msg[1]:
-                        detector.add(model, first, last, tensors, count, now)
+                        try:
+                            detector.add(model, first, last, tensors, count, now)
+                        except Exception as e:  # samples that do not fit (a type the profile cannot take)
+                            detector.refused(model, count, e)
                 elif kind == "command":
                     _, ident, name, args = msg
                     try:
@@ -347,7 +364,10 @@ def main(inbox, outbox, plan: Plan) -> None:
                         send(("reply", ident, False, str(e)[:1024]))
                 elif kind == "stop":
                     break
-            detector.tick(now)
+            try:
+                detector.tick(now)
+            except Exception:
+                log.exception("drift: a window could not be scored")
             if now - last_counts >= COUNTS_EVERY_S:
                 send(("counts", detector.counts()))
                 last_counts = now

@@ -99,8 +99,16 @@ class DeadLetter:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            if isinstance(entry, dict) and isinstance(entry.get("event"), dict):
-                out.append(entry)
+            hook = entry.get("webhook") if isinstance(entry, dict) else None
+            if (
+                isinstance(hook, dict)
+                and isinstance(entry.get("event"), dict)
+                and isinstance(hook.get("url"), str)
+                and hook["url"].startswith(("http://", "https://"))
+                and hook.get("format") in ("cloudevents", "json")
+                and isinstance(hook.get("timeout_s"), (int, float))
+            ):
+                out.append(entry)  # (an entry that is not what this file holds is left out)
         return out[-self.max_events :]
 
     def _write(self) -> None:
@@ -176,11 +184,19 @@ class EventSender:
                 self.poster(webhook["url"], event, webhook["format"], webhook["timeout_s"])
                 self.count("delivered")
                 return True
-            except (TimeoutError, OSError, urllib.error.URLError, ValueError) as e:
-                log.debug("drift event %s to %s failed: %s", event["id"], webhook["url"][:256], e)
+            except Exception as e:  # any answer or failure of the receiver's is a failed attempt
+                log.debug("drift event %s to %s failed: %s", event.get("id"), str(webhook.get("url"))[:256], e)
         return False
 
     def _run(self) -> None:
+        while not self._stop:
+            try:
+                self._loop()
+            except Exception:  # the sender must outlive anything one event does to it
+                log.exception("drift events: the sender failed; going on")
+                time.sleep(1.0)
+
+    def _loop(self) -> None:
         next_retry = time.monotonic() + self.retry_s
         while not self._stop:
             self._wake.wait(min(1.0, max(0.01, next_retry - time.monotonic())))

@@ -508,6 +508,9 @@ class Metrics:
         self.detector: DetectorMetrics | None = None
         self.registry.register(self)
 
+    def drift_monitors(self) -> dict[str, DriftMetrics]:
+        return dict(self._drift)
+
     def drift(self, model: str) -> DriftMetrics:
         """The figures of one drift monitor (and, the first time, of the detector process)."""
         if self.detector is None:

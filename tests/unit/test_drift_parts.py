@@ -244,3 +244,130 @@ def test_a_stacked_batch_fills_windows_to_their_exact_size():
     assert windows[0]["span_s"] == 9.0 and windows[0]["lag_s"] >= 0
     assert detector.counts()["samples"]["m"] == {"used": 10, "invalid": 1}
     detector.sender.close()
+
+
+# ---------------------------------------------------------------- regressions from the review
+def test_bool_features_match_their_profile_whatever_the_tensor_type():
+    from batchgate.core.drift_window import Scorer
+
+    rng = np.random.default_rng(7)
+    profile = build_profile("m", {"x": build_tensor("x", rng.random((5000, 1)) < 0.3)})
+    assert set(profile.inputs["x"][0].categories) == {"0", "1"}
+    scorer = Scorer(parse_monitors([BASE])[0], profile)
+    r = scorer.score({("input", "x"): rng.random((2000, 1)) < 0.3})
+    assert not r.drifted and r.features["x[0]"].quality["unseen"] == 0.0
+    texts = build_tensor("x", np.array([["True"], ["False"], ["True"]], dtype=object))
+    assert set(texts[0].categories) == {"0", "1"}  # a text column of booleans: the same keys
+
+
+def test_psi_does_not_decide_on_a_window_too_small_for_its_bins():
+    from batchgate.core.drift_window import Scorer
+
+    rng = np.random.default_rng(8)
+    profile = build_profile("m", {"x": build_tensor("x", rng.standard_normal((20_000, 4)))})
+    scorer = Scorer(parse_monitors([{**BASE, "tests": ["psi"]}])[0], profile)
+    for rows in (5, 30, 100):
+        r = scorer.score({("input", "x"): rng.standard_normal((rows, 4))})
+        assert not r.drifted, rows
+    r = scorer.score({("input", "x"): rng.standard_normal((400, 4)) + 1.0})  # enough rows: decided
+    assert len(r.drifted) == 4
+
+
+def test_the_event_sender_survives_a_receiver_that_answers_garbage(tmp_path):
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def garbage():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"garbage\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=garbage, daemon=True).start()
+    counts: dict[str, int] = {}
+    sender = EventSender(DeadLetter("", 10), 30.0, lambda o: counts.__setitem__(o, counts.get(o, 0) + 1))
+    try:
+        hook = {"url": f"http://127.0.0.1:{server.getsockname()[1]}/", "format": "cloudevents", "timeout_s": 2}
+        for i in range(2):
+            sender.send(make_event("io.batchgate.drift.detected", "/t", "m", {"n": i}), {**hook, "retries": 0})
+        assert wait_until(lambda: counts.get("dead_lettered") == 2), counts
+        assert sender._thread.is_alive()
+    finally:
+        sender.close()
+        server.close()
+
+
+def test_the_output_psi_window_keeps_only_answers_it_can_compare():
+    import random
+
+    from batchgate.routes import Window
+
+    w = Window()
+    rng = random.Random(0)
+    w.keep(np.zeros((0, 3), np.float32), rng)  # a batch of no rows
+    w.keep(np.float32(1.0).reshape(()), rng)  # a scalar
+    w.keep(np.ones((2, 3), np.float32), rng)
+    w.keep(np.ones((2, 5), np.float32), rng)  # another width than the first kept
+    assert w.figures().outputs.shape == (2, 3)
+
+
+def test_a_sample_is_cut_to_bounded_bytes_and_never_fails_the_request():
+    import asyncio
+
+    from batchgate.core.types import RequestLimits
+
+    spec = parse_monitors([{**BASE, "sample_rate": 1.0, "outputs": True}])[0]
+    metrics = Metrics()
+    service = DriftService((spec,), DriftSettings(), metrics, lambda *a: None)  # type: ignore[arg-type, return-value]
+    tap = Tap(spec, metrics.drift("m"), frozenset({"y"}))
+    big = np.array([[b"x" * 5_000_000, b"ok"]], dtype=object)
+    req = new_request("m", "", [Tensor("x", "BYTES", (1, 2), big)], None, "", None, {}, 0.0, "grpc", RequestLimits())
+    service.offer(tap, req, InferResponse("m", "1", [Tensor("y", "FP32", (1, 1), np.ones((1, 1), np.float32))]))
+    kept = service.queue[-1][2]
+    assert len(kept[("input", "x")][0, 0]) == 256 and kept[("input", "x")][0, 1] == b"ok"
+
+    async def answer():
+        return InferResponse("m", "1", [Tensor("y", "FP32", (), np.float32(1.0).reshape(()))])
+
+    resp = asyncio.run(service._sampled(answer(), req, tap))  # a 0-d output cannot be sampled
+    assert resp.model_name == "m" and tap.metrics.samples["invalid"] == 1
+
+
+def test_samples_a_profile_cannot_take_are_counted_and_the_window_starts_again():
+    detector, _ = _detector(inputs=["x", "kind"])
+    text = np.array([[b"a", b"b", b"c"]] * 100, dtype=object)  # a whole window: scored at once
+    with pytest.raises(ValueError):
+        detector.add("m", 0.0, 0.0, {("input", "x"): text, ("input", "kind"): np.zeros((100, 1))}, 1, now=0.0)
+    detector.refused("m", 1, ValueError("text in a numeric feature"))
+    assert detector.watches["m"].invalid == 1 and detector.watches["m"].rows == 0
+    detector.sender.close()
+
+
+def test_a_profile_taking_a_bytes_input_as_numbers_is_refused_at_start():
+    from batchgate.core.signature import ModelSignature, TensorSpec
+    from batchgate.core.types import DATATYPES
+    from batchgate.monitoring.drift import check_monitor
+
+    profile = profile_from_json(_profile())
+    sig = ModelSignature(
+        "m",
+        "onnxruntime_onnx",
+        8,
+        (TensorSpec("x", DATATYPES["BYTES"], (3,)), TensorSpec("kind", DATATYPES["INT64"], (1,))),
+        (),
+    )
+    spec = parse_monitors([{**BASE, "inputs": ["x", "kind"]}])[0]
+    with pytest.raises(ConfigError, match="input 'x' holds BYTES, but the profile takes feature 'a' as numeric"):
+        check_monitor(spec, profile, sig, 512)
+    spec = parse_monitors([{**BASE, "inputs": ["x", "kind"], "min_drifted_features": 9}])[0]
+    sig = ModelSignature("m", "onnxruntime_onnx", 8, (TensorSpec("x", DATATYPES["FP32"], (3,)), sig.inputs[1]), ())
+    with pytest.raises(ConfigError, match="min_drifted_features 9 is more than the 4 features watched"):
+        check_monitor(spec, profile, sig, 512)
