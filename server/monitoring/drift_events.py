@@ -11,8 +11,10 @@ keeps it through every retry and the dead-letter file, so a receiver de-duplicat
 - An event that cannot be delivered goes to the dead letter: a JSONL file (``drift_dead_letter_file``;
   in memory when none is set), bounded by ``drift_dead_letter_max_events``. When it is full it is
   coalesced to the latest event per model (the newest state is what a receiver needs). The dead
-  letter is retried every ``drift_dead_letter_retry_s``, oldest first; while it holds events,
-  new events queue behind them, so a receiver sees each model's changes in order.
+  letter is retried every ``drift_dead_letter_retry_s``, oldest first; while it holds a model's
+  events, that model's new events queue behind them, so a receiver sees each model's changes in
+  order, and one model's receiver being down does not hold back the others'. Events not yet
+  sent when the detector stops go to the dead letter too.
 """
 
 from __future__ import annotations
@@ -138,6 +140,14 @@ class DeadLetter:
         self.events.pop(0)
         self._write()
 
+    def remove(self, entry: dict[str, Any]) -> None:
+        self.events.remove(entry)
+        self._write()
+
+    def holds(self, subject: Any) -> bool:
+        """Whether an event of this model (subject) waits here."""
+        return any(e["event"].get("subject") == subject for e in self.events)
+
     def __len__(self) -> int:
         return len(self.events)
 
@@ -167,9 +177,15 @@ class EventSender:
         self._wake.set()
 
     def close(self, wait_s: float = 2.0) -> None:
+        """Stop; events not yet delivered go to the dead letter (the file keeps them for the
+        next start)."""
         self._stop = True
         self._wake.set()
         self._thread.join(wait_s)
+        while self.queue:
+            event, webhook = self.queue.popleft()
+            self.dead.add(event, webhook)
+            self.count("dead_lettered")
 
     def _deliver(self, event: dict[str, Any], webhook: dict[str, Any], attempts: int) -> bool:
         delay = 0.5
@@ -205,7 +221,7 @@ class EventSender:
                 return
             while self.queue:
                 event, webhook = self.queue.popleft()
-                if len(self.dead):  # behind earlier failures: keep each model's events in order
+                if self.dead.holds(event.get("subject")):  # behind its model's earlier failures: in order
                     self.dead.add(event, webhook)
                     self.count("dead_lettered")
                     next_retry = time.monotonic()
@@ -214,10 +230,18 @@ class EventSender:
                     self.count("dead_lettered")
                     log.warning("drift event %s could not be delivered: kept in the dead letter", event["id"])
             if len(self.dead) and time.monotonic() >= next_retry:
-                while len(self.dead) and not self._stop:
-                    entry = self.dead.events[0]
-                    if not self._deliver(entry["event"], entry["webhook"], 1):
-                        self.count("failed")
+                # oldest first; a model whose event fails keeps the rest of its events for the next
+                # round, the other models' go on (one receiver down does not hold the others back)
+                blocked: set[Any] = set()
+                for entry in list(self.dead.events):
+                    if self._stop:
                         break
-                    self.dead.pop_front()
+                    subject = entry["event"].get("subject")
+                    if subject in blocked:
+                        continue
+                    if self._deliver(entry["event"], entry["webhook"], 1):
+                        self.dead.remove(entry)
+                    else:
+                        self.count("failed")
+                        blocked.add(subject)
                 next_retry = time.monotonic() + self.retry_s

@@ -371,3 +371,31 @@ def test_a_profile_taking_a_bytes_input_as_numbers_is_refused_at_start():
     sig = ModelSignature("m", "onnxruntime_onnx", 8, (TensorSpec("x", DATATYPES["FP32"], (3,)), sig.inputs[1]), ())
     with pytest.raises(ConfigError, match="min_drifted_features 9 is more than the 4 features watched"):
         check_monitor(spec, profile, sig, 512)
+
+
+def test_one_models_receiver_down_does_not_hold_back_another_models_events(tmp_path):
+    import socket
+
+    receiver = Receiver()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    down = {"url": f"http://127.0.0.1:{closed.getsockname()[1]}/", "format": "cloudevents", "timeout_s": 1}
+    up = {"url": receiver.url, "format": "cloudevents", "timeout_s": 2, "retries": 0}
+    counts: dict[str, int] = {}
+    sender = EventSender(DeadLetter("", 100), 0.2, lambda o: counts.__setitem__(o, counts.get(o, 0) + 1))
+    try:
+        a1 = make_event("io.batchgate.drift.detected", "/t", "a", {})
+        sender.send(a1, {**down, "retries": 0})
+        assert wait_until(lambda: sender.dead.holds("a"))
+        b1 = make_event("io.batchgate.drift.detected", "/t", "b", {})
+        a2 = make_event("io.batchgate.drift.recovered", "/t", "a", {})
+        sender.send(a2, up)  # behind a1: waits for it, in order
+        sender.send(b1, up)
+        assert receiver.wait_for(lambda e: e["id"] == b1["id"])
+        time.sleep(0.5)
+        assert not [e for e in receiver.events if e["id"] == a2["id"]] and sender.dead.holds("a")
+    finally:
+        sender.close()
+        receiver.close()
+        closed.close()
+    assert [e["event"]["id"] for e in sender.dead.events] == [a1["id"], a2["id"]]
