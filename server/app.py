@@ -33,7 +33,6 @@ from .config import ConfigError, Settings, batching_policies
 from .core.errors import GatewayError
 from .core.types import RequestLimits
 from .dataplane import DataPlane
-from .monitoring.drift import DriftService
 from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
 from .repository.build import BuildOptions, VersionBuilder
@@ -54,6 +53,8 @@ from .transport.http_limits import guarded_protocol
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
+
+    from .monitoring.drift import DriftService
 
 log = logging.getLogger("batchgate")
 
@@ -305,6 +306,8 @@ class Gateway:
         and routes (a ConfigError stops the start); then the detector process."""
         if not self.settings.drift:
             return
+        from .monitoring.drift import DriftService  # (servers without drift monitors never load it)
+
         signatures = {}
         for spec in self.settings.drift:
             route = self.routes.routes.get(spec.model) if self.routes is not None else None

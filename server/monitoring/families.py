@@ -1,0 +1,229 @@
+"""The table of every Prometheus family batchgate exports: name, kind, help, labels, how the
+figures of several processes combine, and histogram buckets (``metrics.py`` keeps the figures
+and renders them from this table).
+
+Names start with ``batchgate_``; the Helm chart and the autoscaler read them, so a rename here is
+a breaking change. Per-model families carry ``model`` and ``version``; request families also
+``protocol`` (grpc | http) and ``status`` (OK or the error code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Latency buckets from 50 µs to 10 s: CPU models answer in well under a millisecond.
+LATENCY_BUCKETS_S = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# |primary - shadow| of a compared output (the largest per row), from 1e-6 to 100.
+DELTA_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0)
+# Shadow latency minus primary latency: negative when the shadow answered first.
+LATENCY_DELTA_BUCKETS_S = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+# batchgate_rollout_state's values.
+ROLLOUT_STATE_CODES = {"none": 0, "running": 1, "paused": 2, "promoted": 3, "rolled_back": 4}
+
+# How the figures of several processes (worker processes) combine, by what each means.
+SUM, MAX, ALL = "sum", "max", "all"  # ALL: 1 only when every process says 1 (readiness)
+
+
+@dataclass(frozen=True)
+class Family:
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]  # every label, in order
+    merge: str = SUM  # counters and histograms always SUM; a gauge says what it means
+    buckets: tuple[float, ...] = LATENCY_BUCKETS_S  # histograms only
+
+
+def _model(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
+    return Family(kind, doc, ("model", "version") + extra, **kw)
+
+
+def _upstream(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
+    return Family(kind, doc, ("model", "upstream") + extra, **kw)
+
+
+FAMILIES: dict[str, Family] = {
+    "batchgate_requests": _model("counter", "Inference requests answered, by outcome", ("protocol", "status")),
+    "batchgate_request_duration_seconds": _model(
+        "histogram", "Time from a request's arrival at the gateway to its answer", ("protocol",)
+    ),
+    "batchgate_queue_duration_seconds": _model("histogram", "Time a request waited in the scheduler queue"),
+    "batchgate_compute_duration_seconds": _model(
+        "histogram", "Time of one backend execution (input preparation, inference, output extraction)"
+    ),
+    "batchgate_inference_count": _model("counter", "Inferences performed (a batch of n counts n)"),
+    "batchgate_execution_count": _model("counter", "Backend executions (batches)"),
+    "batchgate_queue_depth": _model(
+        "gauge", "Requests admitted and not yet executing (queued, or still being read and decoded)"
+    ),
+    "batchgate_queue_oldest_age_seconds": _model(
+        "gauge", "How long the longest-waiting queued request has waited (0 when the queue is empty)", merge=MAX
+    ),
+    "batchgate_batch_size": _model("histogram", "Rows per backend execution", buckets=BATCH_BUCKETS),
+    "batchgate_refusals": _model(
+        "counter",
+        "Requests a scheduler turned away or dropped unexecuted, by reason "
+        "(inflight_limit, queue_full, queue_wait, queue_target, deadline_unmeetable, deadline_expired, queue_timeout)",
+        ("reason",),
+    ),
+    "batchgate_inflight_requests": _model("gauge", "Requests accepted and not yet answered"),
+    "batchgate_model_ready": _model("gauge", "1 when the model version is loaded and serving, else 0", merge=ALL),
+    "batchgate_model_load_duration_seconds": _model("gauge", "Time the last load of the model version took", merge=MAX),
+    "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
+    "batchgate_http_connections_refused": Family(
+        "counter",
+        "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections",
+        ("reason",),
+    ),
+    "batchgate_request_errors": Family(
+        "counter",
+        "Inference requests answered with an error, by protocol, code and the limit that refused them "
+        "(reason: the setting's name, or none)",
+        ("protocol", "code", "reason"),
+    ),
+    # Remote models (backends/remote.py): one series per model and upstream address.
+    "batchgate_upstream_requests": _upstream("counter", "Calls sent to an upstream V2 server"),
+    "batchgate_upstream_errors": _upstream("counter", "Upstream calls that failed, by gRPC status code", ("code",)),
+    "batchgate_upstream_request_duration_seconds": _upstream("histogram", "Time of one upstream call"),
+    "batchgate_upstream_ejections": _upstream(
+        "counter", "Times the upstream was taken out of rotation after consecutive failures"
+    ),
+    "batchgate_upstream_outstanding": _upstream("gauge", "Calls sent to the upstream and not yet answered"),
+    "batchgate_upstream_healthy": _upstream(
+        "gauge", "1 while the upstream is in rotation (ready, not ejected), else 0", merge=ALL
+    ),
+}
+
+
+def _shadow(kind: str, doc: str, extra: tuple[str, ...] = (), **kw) -> Family:
+    return Family(kind, doc, ("route", "shadow") + extra, **kw)
+
+
+# Routes (routes.py, shadows.py): route, variant and shadow names come from the configuration
+# (checked against the model-name alphabet), never from a request.
+FAMILIES.update(
+    {
+        "batchgate_route_requests": Family(
+            "counter",
+            "Requests answered through a route, by the variant that answered and status",
+            ("route", "variant", "status"),
+        ),
+        "batchgate_route_weight": Family(
+            "gauge", "A variant's weight in its route now (config, runtime or rollout)", ("route", "variant"), merge=MAX
+        ),
+        "batchgate_rollout_state": Family(
+            "gauge",
+            "A route's rollout: 0 none, 1 running, 2 paused, 3 promoted, 4 rolled back",
+            ("route",),
+            merge=MAX,
+        ),
+        "batchgate_rollout_canary_percent": Family(
+            "gauge", "The canary's percentage at the rollout's current step", ("route",), merge=MAX
+        ),
+        "batchgate_routes_reloads": Family(
+            "counter", "Reloads of the routes file, by outcome (ok, error)", ("outcome",)
+        ),
+        "batchgate_shadow_requests": _shadow(
+            "counter",
+            "Copies of requests for a shadow, by outcome: compared (answer compared with the primary's), "
+            "answered (nothing to compare), dropped (its budget was full), failed (the shadow failed)",
+            ("outcome",),
+        ),
+        "batchgate_shadow_agreements": _shadow(
+            "counter", "Compared answers where the shadow agreed with the primary on every row"
+        ),
+        "batchgate_shadow_rows_compared": _shadow("counter", "Rows of the compared output compared"),
+        "batchgate_shadow_top1_flips": _shadow(
+            "counter", "Rows whose top-1 class differed between primary and shadow (classification)"
+        ),
+        "batchgate_shadow_abs_delta": _shadow(
+            "histogram", "Largest |primary - shadow| per row of the compared output", buckets=DELTA_BUCKETS
+        ),
+        "batchgate_shadow_latency_delta_seconds": _shadow(
+            "histogram", "Shadow latency minus primary latency of one request", buckets=LATENCY_DELTA_BUCKETS_S
+        ),
+        "batchgate_shadow_error_delta": _shadow(
+            "counter", "Requests where only one side failed (side: shadow_only, primary_only)", ("side",)
+        ),
+    }
+)
+
+# Drift (monitoring/drift.py): model names from the configuration, feature names from the
+# reference profile (checked against a small alphabet, at most drift_max_features a monitor).
+DRIFT_LAG_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FAMILIES.update(
+    {
+        "batchgate_drift_score": Family(
+            "gauge",
+            "A feature's score in the last drift window, by test (psi, ks: distance, chi2: statistic, "
+            "adwin: |standardised mean|, missing / out_of_range / unseen: rates)",
+            ("model", "feature", "test"),
+            merge=MAX,
+        ),
+        "batchgate_drift_detected": Family(
+            "gauge",
+            "1 while a feature is drifted (debounced over debounce_windows windows)",
+            ("model", "feature"),
+            merge=MAX,
+        ),
+        "batchgate_drift_active": Family(
+            "gauge",
+            "1 while the model's monitor is in the drifted state (debounced; what events announce)",
+            ("model",),
+            merge=MAX,
+        ),
+        "batchgate_drift_features_drifted": Family("gauge", "Features drifted now (debounced)", ("model",), merge=MAX),
+        "batchgate_drift_detections": Family("counter", "Times the monitor entered the drifted state", ("model",)),
+        "batchgate_drift_samples": Family(
+            "counter",
+            "Sampled requests by outcome: used (scored in a window), dropped (the detector's queue was full), "
+            "invalid (tensors that do not fit the profile)",
+            ("model", "outcome"),
+        ),
+        "batchgate_drift_windows": Family("counter", "Drift windows scored", ("model",)),
+        "batchgate_drift_window_seconds": Family(
+            "gauge", "How long the last scored window took to fill", ("model",), merge=MAX
+        ),
+        "batchgate_drift_lag_seconds": Family(
+            "histogram",
+            "From a window's last sample offered to the window scored, in the detector process",
+            ("model",),
+            buckets=DRIFT_LAG_BUCKETS_S,
+        ),
+        "batchgate_drift_quality_alarm": Family(
+            "gauge",
+            "1 when the last window's missing, out_of_range or unseen rate was past its threshold",
+            ("model", "feature", "kind"),
+            merge=MAX,
+        ),
+        "batchgate_drift_queue_depth": Family("gauge", "Sampled requests waiting for the detector process", ()),
+        "batchgate_drift_events": Family(
+            "counter",
+            "Drift events by outcome: delivered, retried (an attempt failed), dead_lettered, "
+            "failed (a dead-letter retry)",
+            ("outcome",),
+        ),
+        "batchgate_drift_dead_letter_events": Family("gauge", "Drift events waiting in the dead letter", (), merge=SUM),
+        "batchgate_drift_detector_up": Family("gauge", "1 while the drift detector process runs", (), merge=ALL),
+        "batchgate_drift_detector_restarts": Family("counter", "Times the drift detector process was restarted", ()),
+        "batchgate_drift_detector_cpu_seconds": Family("counter", "CPU time the drift detector process has used", ()),
+    }
+)
