@@ -65,31 +65,25 @@ def river_adwin(delta: float) -> ChangeDetector:
     return detector
 
 
-def kolmogorov_sf(lam: float) -> float:
-    """P(K > lam) for the Kolmogorov distribution (the limit law of sqrt(n) * D)."""
-    if lam < 0.2:
-        return 1.0
-    k = np.arange(1, 101)
-    terms = np.exp(-2.0 * k * k * lam * lam) * np.where(k % 2 == 1, 1.0, -1.0)
-    return float(min(1.0, max(0.0, 2.0 * terms.sum())))
-
-
 _K = np.arange(1, 101, dtype=np.float64)
 _SIGNS = np.where(_K % 2 == 1, 1.0, -1.0)
 
 
-def kolmogorov_sf_many(lam: np.ndarray) -> np.ndarray:
-    """:func:`kolmogorov_sf` of each value."""
+def kolmogorov_sf(lam: Any) -> np.ndarray:
+    """P(K > lam) for the Kolmogorov distribution (the limit law of sqrt(n) * D), of each value."""
     lam = np.asarray(lam, dtype=np.float64)
     terms = np.exp(-2.0 * np.square(_K) * np.square(lam)[..., None]) * _SIGNS
     out = np.clip(2.0 * terms.sum(axis=-1), 0.0, 1.0)
     return np.where(lam < 0.2, 1.0, out)
 
 
-def ks_pvalue(d: float, n: int, m: int) -> float:
-    en = n * m / (n + m) if m else float(n)
-    root = math.sqrt(en)
-    return kolmogorov_sf((root + 0.12 + 0.11 / root) * d)
+def ks_pvalue(d: Any, n: Any, m: Any) -> np.ndarray:
+    """The KS p-value of distances ``d`` between windows of ``n`` rows and references of ``m``
+    (two-sample effective size, Stephens' correction), element by element."""
+    n, m = np.asarray(n, dtype=np.float64), np.asarray(m, dtype=np.float64)
+    en = np.where(m > 0, n * m / np.maximum(n + m, 1.0), n)
+    root = np.sqrt(np.maximum(en, 1.0))
+    return kolmogorov_sf((root + 0.12 + 0.11 / root) * np.asarray(d, dtype=np.float64))
 
 
 def chi2_sf(x: float, df: int) -> float:
@@ -384,9 +378,7 @@ class Scorer:
         w = (counts + 0.5) / (nf + 0.5 * plan.cells)[:, None]
         psis = np.where(plan.mask, (w - plan.q) * np.log(w / plan.q), 0.0).sum(axis=1)
         ds = np.abs(right / nf[:, None] - plan.values).max(axis=1, initial=0.0)
-        en = n * plan.reference_n / np.maximum(n + plan.reference_n, 1)
-        root = np.sqrt(np.maximum(en, 1.0))
-        pvalues = kolmogorov_sf_many((root + 0.12 + 0.11 / root) * ds)
+        pvalues = ks_pvalue(ds, n, plan.reference_n)
         outside = ((x < plan.low) | (x > plan.high)).sum(axis=0)
         missing = (total - n) / max(total, 1)
         chunk_z = None

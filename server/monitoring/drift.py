@@ -132,13 +132,11 @@ class DriftService:
         self.taps: dict[str, Tap] = {}
         self.plan: Plan | None = None
         self.status_by_model: dict[str, dict[str, Any]] = {}
-        self.profiles: dict[str, Profile] = {}
         self.queue: deque = deque()
         self._wake = threading.Event()
         self._stopping = False
         self._process: Any = None
         self._inbox: Any = None  # our end of the pipe to the detector
-        self._outbox: Any = None  # our end of the pipe from it
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replies: dict[int, asyncio.Future] = {}
@@ -176,7 +174,6 @@ class DriftService:
             check_monitor(spec, profile, sig, s.drift_max_features)
             saved = self._saved(model, profile)
             monitors.append((spec, profile, saved))
-            self.profiles[model] = saved or profile
             dm = self.metrics.drift(model)
             self.taps[model] = Tap(spec, dm, frozenset(profile.outputs) if spec.outputs else frozenset())
             self.status_by_model[model] = {"model": model, "profile_id": (saved or profile).id, "windows": 0}
@@ -229,7 +226,7 @@ class DriftService:
         proc.start()
         to_child_r.close()
         from_child_w.close()
-        self._process, self._inbox, self._outbox = proc, to_child_w, from_child_r
+        self._process, self._inbox = proc, to_child_w
         reader = threading.Thread(
             target=self._read, args=(from_child_r, proc), name="batchgate-drift-read", daemon=True
         )

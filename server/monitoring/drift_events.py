@@ -136,10 +136,6 @@ class DeadLetter:
             self.events = kept
         self._write()
 
-    def pop_front(self) -> None:
-        self.events.pop(0)
-        self._write()
-
     def remove(self, entry: dict[str, Any]) -> None:
         self.events.remove(entry)
         self._write()

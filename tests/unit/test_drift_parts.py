@@ -110,7 +110,7 @@ def test_the_dead_letter_is_bounded_and_coalesced_to_the_latest_state_per_model(
         f.write('{"event": {"id": "cut')  # a line a crash cut short
     again = DeadLetter(path, max_events=3)
     assert [e["event"]["id"] for e in again.events] == kept
-    again.pop_front()
+    again.remove(again.events[0])
     assert [e["event"]["id"] for e in DeadLetter(path, max_events=3).events] == kept[1:]
 
 
