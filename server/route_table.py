@@ -283,17 +283,15 @@ class RouteTable:
 
     # ---------------------------------------------------------------- the routes file
     async def watch(self, config_routes: Sequence[RouteSpec], path: str, poll_s: float) -> None:
-        """Re-read ``path`` whenever it changes (size, mtime or inode: a ConfigMap's symlink
-        swap changes the inode) and install the routes it holds with the config's. A file that
+        """Re-read ``path`` whenever it changed and stood still for a poll (size, mtime or inode:
+        a ConfigMap's symlink swap changes the inode) and install the routes it holds with the config's. A file that
         cannot be read or checked changes nothing; it is logged and counted."""
         self._config_routes = tuple(config_routes)
-        last = _stamp(path)
+        settled = Settled(_stamp(path))
         while True:
             await asyncio.sleep(poll_s)
-            stamp = _stamp(path)
-            if stamp == last:
+            if not settled.changed(_stamp(path)):
                 continue
-            last = stamp
             try:
                 await self.reload(path)
             except Exception:  # the watcher must outlive any one bad reload
@@ -418,6 +416,27 @@ def read_routes_file(path: str) -> list[RouteSpec]:
     if not isinstance(data, dict) or set(data) - {"routes"}:
         raise ConfigError(f"routes file {path} must hold one key, 'routes', with a list of routes")
     return parse_routes(data.get("routes"), f"routes file {path}: routes")
+
+
+class Settled:
+    """Whether a watched file changed and then stood still for one poll.
+
+    An editor or ``cp`` truncates the file before writing it: read at that moment it holds no
+    routes, and every route would go away until the next poll. A change is therefore applied only
+    when two polls in a row see the same stamp (a ConfigMap's atomic symlink swap is applied one
+    poll later than it would be otherwise)."""
+
+    def __init__(self, stamp: object) -> None:
+        self.applied = self.seen = stamp
+
+    def changed(self, stamp: object) -> bool:
+        if stamp != self.seen:  # (still) being written: wait for it to stand still
+            self.seen = stamp
+            return False
+        if stamp == self.applied:
+            return False
+        self.applied = stamp
+        return True
 
 
 def _stamp(path: str) -> tuple[int, int, int] | None:

@@ -56,9 +56,19 @@ def testserver():
         s.stop()
 
 
-def loadtest(out: Path, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess, dict]:
+# The generator's own lag bound (10 ms by default) judges the machine it runs on: on a shared
+# 2-core CI runner running other tests beside this one, a step of a test about reports, shapes or
+# rates was marked INVALID (exit 3) by a 12 ms p99 dispatch lag. Those tests loosen the bound; the
+# tests about validity itself keep the default (``strict=True``).
+LAG_TOLERANT = ("--max-lag-p99-ms", "250")
+
+
+def loadtest(
+    out: Path, *args: str, timeout: float = 180, strict: bool = False
+) -> tuple[subprocess.CompletedProcess, dict]:
+    extra = () if strict or "--max-lag-p99-ms" in args else LAG_TOLERANT
     done = subprocess.run(
-        [sys.executable, "-m", "batchgate.cli", "loadtest", *args, "--out", str(out), "--quiet"],
+        [sys.executable, "-m", "batchgate.cli", "loadtest", *args, *extra, "--out", str(out), "--quiet"],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -114,7 +124,9 @@ def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver)
 
 def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver):
     srv = testserver()
-    done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "200000", "--duration", "2", "--warmup", "0")
+    done, doc = loadtest(
+        tmp_path, srv.grpc, "--model", "echo", "--rate", "200000", "--duration", "2", "--warmup", "0", strict=True
+    )
     assert done.returncode == 3, done.stdout + done.stderr  # invalid measurement
     s = step(doc)
     assert not s["valid"] and any("fell behind" in p or "lag" in p for p in s["problems"])
