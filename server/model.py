@@ -192,9 +192,13 @@ class ModelVersion:
             tuple(dict.fromkeys(n for t in batch for n in t.checked.output_names)),
         )
 
-    def answers(self, batch: list[Ticket], names: tuple[str, ...], arrays: list) -> tuple[list, int]:
-        """Each caller's answer, exactly its own rows; and the rows of the batch."""
-        types = self.signature.output_types
+    def answers(
+        self, batch: list[Ticket], names: tuple[str, ...], arrays: list, types: dict[str, str] | None = None
+    ) -> tuple[list, int]:
+        """Each caller's answer, exactly its own rows; and the rows of the batch. ``types``: the
+        outputs' V2 datatypes when the signature declares none (as the upstream answered them)."""
+        if types is None:
+            types = self.signature.output_types
         if len(batch) == 1:
             ticket = batch[0]
             return [
@@ -213,7 +217,7 @@ class ModelVersion:
                 InferResponse(
                     self.name,
                     self.version,
-                    [Tensor(n, types[n], got[n].shape, got[n]) for n in t.checked.output_names],
+                    [Tensor(n, types[n], got[n].shape, got[n]) for n in t.checked.output_names or names],
                     id=t.request.id,
                 )
             )
@@ -358,14 +362,25 @@ class RemoteExecution:
             t1 = _perf_ns()
             threads = self._threads
             threads.away += len(batch)
+            rid = batch[0].request.id if len(batch) == 1 else ""
+            types = None
             try:
-                arrays = await self._backend.infer(
-                    feeds, names, deadline, batch[0].request.id if len(batch) == 1 else ""
-                )
+                if v.signature.open:
+                    # Requests of one batch share input names and datatypes (their group).
+                    given = {t.name: t.datatype for t in batch[0].request.inputs}
+                    got = await self._backend.infer_open(feeds, given, names, deadline, rid)
+                    names = names or tuple(got)
+                    missing = [n for n in names if n not in got]
+                    if missing:
+                        raise GatewayError(ErrorCode.INTERNAL, f"the upstream did not answer output(s) {missing}")
+                    types = {n: got[n][0] for n in names}
+                    arrays = [got[n][1] for n in names]
+                else:
+                    arrays = await self._backend.infer(feeds, names, deadline, rid)
             finally:
                 threads.away -= len(batch)
             t2 = _perf_ns()
-            answers, rows = v.answers(batch, names, arrays)
+            answers, rows = v.answers(batch, names, arrays, types)
             t3 = _perf_ns()
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
             return v.failure(batch, e)

@@ -100,6 +100,18 @@ class RemoteBackend(Backend, Protocol):
         """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock."""
         ...
 
+    async def infer_open(
+        self,
+        feeds: dict[str, np.ndarray],
+        types: dict[str, str],
+        names: tuple[str, ...],
+        deadline: float | None,
+        request_id: str = "",
+    ) -> dict[str, tuple[str, np.ndarray]]:
+        """Execute one batch of a model that declares no signature: inputs typed by the caller,
+        every output (``names`` ()) or those named, answered by name as (V2 datatype, array)."""
+        ...
+
     def unavailable(self) -> GatewayError:
         """The error a caller gets at once while ``ready()`` is False."""
         ...

@@ -39,7 +39,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import BY_CONFIG, DATATYPES, from_raw, to_raw
+from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw, to_raw
 from ..monitoring.metrics import Metrics, UpstreamMetrics
 from .base import Kind
 
@@ -106,6 +106,7 @@ class Upstream:
         self.failures = 0  # consecutive failed calls
         self.ejected_until = 0.0  # monotonic clock; in rotation again only after a good probe
         self.ejected = False
+        self.probed = False  # a first probe's failure is logged as "down at start"
         self.eject_s = spec.eject_s
         self.why = "not probed yet"  # why it is out of rotation, for error messages
         self.outstanding = 0
@@ -183,7 +184,7 @@ class RemoteV2Backend:
             )
             cfg = mc.ModelConfig()
             cfg.CopyFrom(got.config)
-            if not cfg.input or not cfg.output:
+            if (not cfg.input or not cfg.output) and (meta.inputs or meta.outputs):
                 raise ValueError("the config lists no inputs or outputs")
         except (grpc.aio.AioRpcError, ValueError) as e:
             # Not every V2 server has Triton's config extension: build it from the metadata.
@@ -194,6 +195,20 @@ class RemoteV2Backend:
                 e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
             )
             cfg = config_from_metadata(meta, spec.max_batch_size)
+        if not cfg.input or not cfg.output:
+            log.info(
+                "model '%s': upstream %s declares no %s; requests are forwarded unchecked (%s)",
+                spec.name,
+                up.address,
+                "inputs or outputs" if not cfg.input and not cfg.output else "inputs" if not cfg.input else "outputs",
+                f"batched by the gateway, up to {spec.max_batch_size} rows"
+                if spec.batching == "gateway" and spec.max_batch_size > 0
+                else "each request sent as it came",
+            )
+            if spec.batching != "gateway" or not spec.max_batch_size:
+                cfg.max_batch_size = 0
+            elif not cfg.max_batch_size:
+                cfg.max_batch_size = spec.max_batch_size
         return self._our_config(cfg)
 
     def _our_config(self, upstream: mc.ModelConfig) -> mc.ModelConfig:
@@ -241,17 +256,25 @@ class RemoteV2Backend:
             )
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
         except grpc.aio.AioRpcError as e:
-            ok, why = False, f"{e.code().name}: {e.details()}"
+            ok, why = False, f"{e.code().name}: {clip(e.details() or '', 256)}"
+        name, addr = self.spec.name, up.address
         if up.ejected:
             if ok:
-                log.info("upstream %s of model '%s' is back in rotation", up.address, self.spec.name)
+                log.info("upstream %s of model '%s' rejoined the rotation: its probe succeeded", addr, name)
                 up.ejected, up.failures, up.eject_s = False, 0, self.spec.eject_s
             else:  # still unwell: out for longer
                 up.eject_s = min(MAX_EJECT_S, up.eject_s * 2)
                 up.ejected_until = self._clock() + up.eject_s
                 up.why = f"ejected, probe failed ({why}); next probe in {up.eject_s:g} s"
+                log.warning("upstream %s of model '%s': probe failed (%s); next in %g s", addr, name, why, up.eject_s)
+        elif not up.probed:
+            if not ok:
+                log.warning("upstream %s of model '%s' is down at start: %s", addr, name, why)
         elif up.ready and not ok:
-            log.warning("upstream %s of model '%s' is not ready: %s", up.address, self.spec.name, why)
+            log.warning("upstream %s of model '%s' left the rotation: %s", addr, name, why)
+        elif ok and not up.ready:
+            log.info("upstream %s of model '%s' rejoined the rotation: the model is ready there", addr, name)
+        up.probed = True
         up.ready = ok
         if not ok and not up.ejected:
             up.why = why
@@ -290,7 +313,8 @@ class RemoteV2Backend:
             up.ejected = True
             up.ejected_until = self._clock() + up.eject_s
             up.why = (
-                f"ejected after {up.failures} consecutive failures, last {e.code().name}: {e.details()}; "
+                f"ejected after {up.failures} consecutive failures, "
+                f"last {e.code().name}: {clip(e.details() or '', 256)}; "
                 f"probed again in {up.eject_s:g} s"
             )
             up.metrics.ejections += 1
@@ -299,11 +323,18 @@ class RemoteV2Backend:
 
     # ------------------------------------------------------------------ inference
     def request(
-        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], request_id: str = ""
+        self,
+        feeds: dict[str, np.ndarray],
+        names: tuple[str, ...],
+        request_id: str = "",
+        types: dict[str, str] | None = None,
     ) -> pb.ModelInferRequest:
+        """The upstream's request; ``types``: the inputs' V2 datatypes when the model declares
+        none (an open signature), else those of its config."""
         msg = pb.ModelInferRequest(model_name=self.spec.target, model_version=self.spec.upstream_version, id=request_id)
+        known = self._in_types if types is None else types
         for name, arr in feeds.items():
-            dt = DATATYPES[self._in_types[name]]
+            dt = DATATYPES[known[name]]
             msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
             msg.raw_input_contents.append(to_raw(arr, dt))
         for name in names:
@@ -314,7 +345,28 @@ class RemoteV2Backend:
         self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, request_id: str = ""
     ) -> list[np.ndarray]:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock."""
-        msg = self.request(feeds, names, request_id)
+        up, resp = await self._call(self.request(feeds, names, request_id), deadline)
+        got = self._tensors(up, resp)
+        missing = [n for n in names if n not in got]
+        if missing:
+            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
+        return [got[n][1] for n in names]
+
+    async def infer_open(
+        self,
+        feeds: dict[str, np.ndarray],
+        types: dict[str, str],
+        names: tuple[str, ...],
+        deadline: float | None,
+        request_id: str = "",
+    ) -> dict[str, tuple[str, np.ndarray]]:
+        """Run one batch of a model that declares no signature: the inputs' datatypes are the
+        caller's, ``names`` () asks for every output, and the answer is every output the
+        upstream gave, by name: (V2 datatype, array)."""
+        up, resp = await self._call(self.request(feeds, names, request_id, types), deadline)
+        return self._tensors(up, resp)
+
+    async def _call(self, msg: pb.ModelInferRequest, deadline: float | None) -> tuple[Upstream, pb.ModelInferResponse]:
         tried: list[Upstream] = []
         last: GatewayError | None = None
         while True:
@@ -352,9 +404,9 @@ class RemoteV2Backend:
                 m.outstanding -= 1
                 m.latency.observe(time.perf_counter() - t0)
             up.failures = 0
-            return self._arrays(up, resp, names)
+            return up, resp
 
-    def _arrays(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
+    def _tensors(self, up: Upstream, resp: pb.ModelInferResponse) -> dict[str, tuple[str, np.ndarray]]:
         got = {}
         raw = resp.raw_output_contents
         if len(raw) != len(resp.outputs):
@@ -367,13 +419,10 @@ class RemoteV2Backend:
                     f"upstream {up.address} answered output '{t.name}' with unknown datatype {t.datatype}",
                 )
             try:
-                got[t.name] = from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
+                got[t.name] = dt.v2, from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
             except GatewayError as e:  # a malformed answer is the upstream's fault, not the caller's
                 raise GatewayError(ErrorCode.INTERNAL, e.message) from None
-        missing = [n for n in names if n not in got]
-        if missing:
-            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
-        return [got[n] for n in names]
+        return got
 
     def _translate(self, up: Upstream, e: grpc.aio.AioRpcError) -> GatewayError:
         code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)

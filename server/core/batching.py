@@ -129,7 +129,7 @@ class _Entry:
         self,
         ticket: Ticket,
         rows: int,
-        key: ShapeKey,
+        key: object,  # a ShapeKey, or the group an open signature chose
         level: int,
         deadline: float | None,
         soft_deadline: float | None,
@@ -240,7 +240,10 @@ class DynamicBatcher(_SchedulerBase):
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seq += 1
         order: Order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
-        entry = _Entry(ticket, rows, shape_key(request), level, request.deadline, soft, order, future)
+        group = ticket.checked.group
+        entry = _Entry(
+            ticket, rows, shape_key(request) if group is None else group, level, request.deadline, soft, order, future
+        )
         insort(self._levels[level], (order, entry), key=lambda x: x[0])
         if cfg.preserve_ordering:
             self._arrival_order.append(entry)

@@ -524,6 +524,14 @@ def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature])
     ref = signatures[first.name]
     where = f"route '{route.name}'"
     members: list[Variant | Shadow] = [*route.variants[1:], *route.shadows]
+    for member in (first, *members):
+        if signatures[member.name].open:
+            role = "shadow" if isinstance(member, Shadow) else "variant"
+            raise ConfigError(
+                f"{where}: {role} '{member.name}' ({member.model}) declares no inputs or outputs (its upstream gives "
+                "no signature), so the route cannot check that its variants answer alike; declare the model's "
+                "inputs and outputs on the upstream"
+            )
     for member in members:
         sig = signatures[member.name]
         role = "shadow" if isinstance(member, Shadow) else "variant"

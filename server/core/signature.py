@@ -31,8 +31,11 @@ class Checked(NamedTuple):
     one is built per request, several times faster than a frozen dataclass.)"""
 
     feeds: dict[str, np.ndarray]
-    output_names: tuple[str, ...]
+    output_names: tuple[str, ...]  # () only for an open signature: every output the model gives
     batch_size: int  # rows (1 when the model does not batch)
+    # What requests must share to share a batch, when the signature cannot say it (an open
+    # signature): None = the batcher's own rule (input names, datatypes, non-batch shapes).
+    group: object = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class ModelSignature:
     max_batch_size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # No declared tensors (an upstream whose metadata lists none, like MLServer's default
+    # model settings): requests are forwarded unchecked and the upstream validates them.
+    open: bool = False
     # Derived in __post_init__ (the instance is frozen, so through object.__setattr__).
     _in: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
     _out: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
@@ -61,6 +67,8 @@ class ModelSignature:
 
         The verdict on a layout of inputs (names, datatypes, shapes) is remembered, so a
         stream of same-shaped requests pays for one dictionary lookup."""
+        if self.open:
+            return self._check_open(request)
         inputs = request.inputs
         layout = tuple([(t.name, t.datatype, t.shape) for t in inputs])
         batch = self._layouts.get(layout)
@@ -137,3 +145,22 @@ class ModelSignature:
                 picked.append(name)
             names = tuple(picked)
         return Checked(feeds, names, batch if batch > 0 else 1)
+
+    def _check_open(self, request: InferRequest) -> Checked:
+        """An open signature checks only what batching needs. A request may join others when
+        the model batches and every input has the same first dimension, within the batch
+        size; it then shares a batch only with requests of the same input names, datatypes,
+        non-batch shapes and requested outputs. Any other request is sent alone, as it came."""
+        feeds: dict[str, np.ndarray] = {}
+        for t in request.inputs:
+            if t.name in feeds:
+                raise invalid(f"input '{clip(t.name)}' appears more than once")
+            feeds[t.name] = t.data
+        names = tuple(dict.fromkeys(request.outputs)) if request.outputs is not None else ()
+        firsts = {t.shape[0] if t.shape else -1 for t in request.inputs}
+        if self.max_batch_size > 0 and len(firsts) == 1:
+            rows = firsts.pop()
+            if 1 <= rows <= self.max_batch_size:
+                key = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
+                return Checked(feeds, names, rows, (key, names))
+        return Checked(feeds, names, 1, object())  # a key nothing else shares: alone

@@ -6,6 +6,7 @@ process (the ``serve`` fixture) and is queried with real tritonclient clients.""
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
-from batchgate.demo import _save, classifier_model, identity_model, slow_model
+from batchgate.demo import _model, _save, classifier_model, identity_model, slow_model
 from processes import Proc
 
 CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
@@ -494,3 +495,61 @@ def test_an_unload_while_the_load_is_being_retried_stays_unloaded(tmp_path, serv
     assert index == [{"name": "clf", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
     c.load_model("clf")  # and an explicit load brings it back
     assert c.is_model_ready("clf")
+
+
+def test_upstream_state_changes_are_logged(tmp_path, serve, upstream, caplog):
+    """Down at start; out of the rotation with the reason; ejected; probes failing while
+    ejected; rejoined once the upstream is back."""
+    caplog.set_level(logging.INFO, logger="batchgate.remote")
+    repo = _classifier_repo(tmp_path / "up")
+    up = upstream(repo)
+    ports = (int(up.http.rsplit(":", 1)[1]), int(up.grpc.rsplit(":", 1)[1]))
+    dead = "127.0.0.1:1"  # nothing listens on port 1
+    spec = RemoteModel("clf", (up.grpc, dead), batching="passthrough", retries=0, **FAST)
+    running = serve("", remote_models=(spec,))
+
+    def logged(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    assert logged(f"upstream {dead} of model 'clf' is down at start: UNAVAILABLE")
+    assert not logged(f"upstream {up.grpc} of model 'clf' is down at start")
+    x = np.ones((1, 4), np.float32)
+    _infer(grpcclient, running.grpc_url, "clf", x)
+    up.kill()
+    _wait(lambda: logged(f"upstream {up.grpc} of model 'clf' left the rotation: UNAVAILABLE"), "the left line")
+    upstream(repo, ports=ports)  # the same address again
+    _wait(lambda: logged(f"upstream {up.grpc} of model 'clf' rejoined the rotation"), "the rejoined line")
+
+    # Calls that fail on the upstream eject it (with the reason); a probe that fails while it
+    # is ejected says so; once it answers again it rejoins.
+    caplog.clear()
+    repo2 = tmp_path / "up2"
+    _save(_one_row_model(), str(repo2), "one", config="max_batch_size: 8\n")
+    up2 = upstream(repo2)
+    ports2 = (int(up2.http.rsplit(":", 1)[1]), int(up2.grpc.rsplit(":", 1)[1]))
+    running2 = serve("", remote_models=(RemoteModel("one", (up2.grpc,), batching="passthrough", retries=0, **FAST),))
+    two = np.ones((2, 4), np.float32)  # the upstream's model fails on two rows: INTERNAL
+    for _ in range(3):
+        with pytest.raises(InferenceServerException):
+            _infer(grpcclient, running2.grpc_url, "one", two, name="x", out="y")
+    assert logged(f"upstream {up2.grpc} of model 'one' ejected after 3 consecutive failures, last INTERNAL")
+    up2.kill()
+    _wait(lambda: logged(f"upstream {up2.grpc} of model 'one': probe failed (UNAVAILABLE"), "the probe-failed line")
+    upstream(repo2, ports=ports2)
+    _wait(lambda: logged(f"upstream {up2.grpc} of model 'one' rejoined the rotation: its probe succeeded"), "rejoin")
+
+
+def _one_row_model():
+    """x [n, 4] -> y [n, 4] that only runs with n = 1 (a fixed Reshape): ONNX Runtime fails otherwise."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([1, 4], np.int64), "shape")
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "one_row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [shape],
+    )
+    return _model(graph)

@@ -259,6 +259,15 @@ def test_variants_and_shadows_must_take_the_same_inputs_and_give_the_same_output
         (signatures(canary=sig("fraud_v2", batch=0)), "does not batch and variant 'stable' (fraud_v1) does"),
         (signatures(next=sig("fraud_v3", inputs=(("x", "INT32", (4,)),))), "in shadow 'next' (fraud_v3)"),
         (signatures(next=sig("fraud_v3", outputs=(("p", "FP32", (3,)),))), "shadow 'next' (fraud_v3) has no FP32"),
+        # an upstream that declares no signature (MLServer's default) cannot be checked
+        (
+            signatures(canary=ModelSignature("fraud_v2", "remote", 8, (), (), open=True)),
+            "variant 'canary' (fraud_v2) declares no inputs or outputs",
+        ),
+        (
+            signatures(next=ModelSignature("fraud_v3", "remote", 8, (), (), open=True)),
+            "shadow 'next' (fraud_v3) declares no inputs or outputs",
+        ),
     ]
     for sigs, message in cases:
         with pytest.raises(ConfigError) as ei:

@@ -197,3 +197,35 @@ def test_a_remembered_layout_gives_the_same_verdict_and_fresh_feeds():
     with pytest.raises(GatewayError):
         s.check(req(good_inputs(2), ["nope"]))
     assert s.check(req(good_inputs(2), ["label"])).output_names == ("label",)
+
+
+def test_an_open_signature_forwards_any_request_and_groups_only_alike_batchable_ones():
+    """A model whose upstream declares no tensors: nothing is checked but what batching needs."""
+    open_sig = ModelSignature("up", "remote", 4, (), (), open=True)
+    a = open_sig.check(req([t("x", "FP32", (2, 3)), t("ids", "INT64", (2,))]))
+    assert set(a.feeds) == {"x", "ids"} and a.output_names == () and a.batch_size == 2  # () = every output
+    same = open_sig.check(req([t("ids", "INT64", (1,)), t("x", "FP32", (1, 3))]))
+    assert same.group == a.group  # input order does not matter; rows do not either
+    others = [
+        req([t("x", "FP32", (2, 4)), t("ids", "INT64", (2,))]),  # another non-batch shape
+        req([t("x", "FP64", (2, 3)), t("ids", "INT64", (2,))]),  # another datatype
+        req([t("x", "FP32", (2, 3)), t("ids", "INT64", (2,))], outputs=["out_x"]),  # other outputs asked
+        req([t("x", "FP32", (2, 3)), t("other", "INT64", (2,))]),  # other names
+    ]
+    for r in others:
+        assert open_sig.check(r).group != a.group
+    # Not batchable: sent alone (a group of its own), whatever it holds.
+    for r in (
+        req([t("x", "FP32", (2, 3)), t("ids", "INT64", (1,))]),  # first dimensions differ
+        req([t("x", "FP32", (5, 3))]),  # more rows than the batch size
+        req([t("x", "FP32", ())]),  # a scalar
+    ):
+        c = open_sig.check(r)
+        assert c.batch_size == 1 and c.group != open_sig.check(r).group
+    # A model that does not batch: every request alone.
+    unbatched = ModelSignature("up", "remote", 0, (), (), open=True)
+    one = req([t("x", "FP32", (1, 3))])
+    assert unbatched.check(one).group != unbatched.check(one).group
+    with pytest.raises(GatewayError) as e:
+        open_sig.check(req([t("x", "FP32", (1, 3)), t("x", "FP32", (1, 3))]))
+    assert e.value.code is ErrorCode.INVALID_ARGUMENT and "appears more than once" in e.value.message
