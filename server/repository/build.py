@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends import onnx as _onnx  # noqa: F401 - registers the ONNX Runtime backend
+from ..backends import torchscript as _torchscript  # noqa: F401 - registers TorchScript (imports torch only to load)
 from ..backends.base import Backend, LocalOptions, local_backend, local_platforms
 from ..backends.remote import RemoteV2Backend
 from ..config import RemoteModel
@@ -34,6 +35,45 @@ from .config import (
 from .scan import hide_paths, list_versions
 
 DEFAULT_PLATFORM = "onnxruntime_onnx"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+
+# A model whose config names no platform (or that has no config) is recognised, as Triton does,
+# by the file its version directory holds under a platform's default name, or by the extension
+# of its default_model_filename; the first match wins. Only some of these platforms are served
+# (local_platforms()); the others are named so that their load error says what the model is.
+MODEL_FILES = (
+    ("model.onnx", "onnxruntime_onnx"),
+    ("model.pt", "pytorch_libtorch"),
+    ("model.plan", "tensorrt_plan"),
+    ("model.savedmodel", "tensorflow_savedmodel"),
+    ("model.graphdef", "tensorflow_graphdef"),
+    ("model.py", "python"),
+    ("model.xml", "openvino"),
+)
+EXTENSIONS = {
+    ".onnx": "onnxruntime_onnx",
+    ".pt": "pytorch_libtorch",
+    ".pth": "pytorch_libtorch",
+    ".plan": "tensorrt_plan",
+    ".savedmodel": "tensorflow_savedmodel",
+    ".graphdef": "tensorflow_graphdef",
+    ".py": "python",
+    ".xml": "openvino",
+}
+
+
+def infer_platform(model_dir: str, versions: list[int], filename: str) -> tuple[str, str]:
+    """The platform of a model whose config names none, and what says so: the file (relative to
+    the model directory) or the config's file name; "" when nothing does and the default
+    platform is assumed. ``filename``, when given, has been checked to be a plain name."""
+    if filename:
+        platform = EXTENSIONS.get(os.path.splitext(filename)[1].lower())
+        return (platform, f"default_model_filename {filename}") if platform else (DEFAULT_PLATFORM, "")
+    for v in sorted(versions, reverse=True):
+        for name, platform in MODEL_FILES:
+            if os.path.exists(os.path.join(model_dir, str(v), name)):
+                return platform, os.path.join(str(v), name)
+    return DEFAULT_PLATFORM, ""
 
 
 @dataclass(frozen=True)
@@ -78,34 +118,45 @@ class VersionBuilder:
     def local(self, name: str, model_dir: str, override: mc.ModelConfig | None) -> dict[int, ModelVersion]:
         """Blocking (call it on a thread): read the config, open every served version, warm it up."""
         cfg = override if override is not None else read_config(model_dir, name)
+        given = cfg.default_model_filename
+        if given in (".", "..") or any(c in given for c in "/\\\0"):
+            raise ModelConfigError(
+                f"model '{name}': default_model_filename must be a plain file name inside the version directory, "
+                f"not '{printable(clip(given))}'"
+            )
         available = list_versions(model_dir)
-        if not available:
-            raise ModelConfigError(f"model '{name}' has no version directory (e.g. {name}/1/model.onnx)")
         versions = versions_to_serve(cfg, available)
-        if not versions:
-            raise ModelConfigError(f"model '{name}': the version policy selects none of the versions {available}")
-        platform = cfg.platform or cfg.backend or DEFAULT_PLATFORM
+        # The platform first: a model batchgate cannot serve (an ensemble, say, with no version
+        # directory) is told so, not that a file is missing.
+        platform, evidence = cfg.platform or cfg.backend, ""
+        if not platform:
+            platform, evidence = infer_platform(model_dir, versions, cfg.default_model_filename)
         try:
             cls = local_backend(platform)
         except KeyError:
+            seen = f" (recognised by {printable(clip(evidence))})" if evidence else ""
             raise ModelConfigError(
-                f"model '{name}': platform '{platform}' is not served; batchgate serves {', '.join(local_platforms())}"
+                f"model '{name}': platform '{printable(clip(platform))}'{seen} is not served; "
+                f"batchgate serves {', '.join(local_platforms())}"
             ) from None
-        filename = cfg.default_model_filename or "model.onnx"
-        if filename in (".", "..") or any(c in filename for c in "/\\\0"):
-            raise ModelConfigError(
-                f"model '{name}': default_model_filename must be a plain file name inside the version directory, "
-                f"not '{printable(clip(filename))}'"
-            )
+        default_file = getattr(cls, "default_model_filename", DEFAULT_MODEL_FILENAME)
+        if not available:
+            raise ModelConfigError(f"model '{name}' has no version directory (e.g. {name}/1/{default_file})")
+        if not versions:
+            raise ModelConfigError(f"model '{name}': the version policy selects none of the versions {available}")
+        filename = cfg.default_model_filename or default_file
         # Every version's backend opens before any version is made: a failure part-way leaves
         # nothing registered (no metrics, no gauges) for versions that will never serve.
         opened: dict[int, tuple[mc.ModelConfig, Backend]] = {}
         for v in versions:
             path = os.path.join(model_dir, str(v), filename)
-            if os.path.isdir(path):
-                path = os.path.join(path, "model.onnx")
+            if os.path.isdir(path) and cls.platform == DEFAULT_PLATFORM:
+                path = os.path.join(path, DEFAULT_MODEL_FILENAME)  # an ONNX model may be a directory
             if not os.path.exists(path):
-                raise ModelConfigError(f"model '{name}' version {v}: {os.path.relpath(path, model_dir)} is missing")
+                raise ModelConfigError(
+                    f"model '{name}' version {v}: {os.path.relpath(path, model_dir)} is missing"
+                    + _other_file(model_dir, v, cls.platform)
+                )
             try:
                 backend = cls.load(path, cfg, LocalOptions(self.options.gpu_device_id))
             except ModelConfigError as e:
@@ -119,7 +170,10 @@ class VersionBuilder:
                 cfg, backend.platform, backend.inputs(), backend.outputs(), self.options.default_max_batch_size
             )
             if self.options.warm_up:
-                backend.warm_up()
+                try:
+                    backend.warm_up()
+                except ModelConfigError as e:
+                    raise ModelConfigError(f"model '{name}' version {v}: {e}") from None
             opened[v] = (full, backend)
         return {
             v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()
@@ -127,3 +181,12 @@ class VersionBuilder:
 
     def remote_backend(self, spec: RemoteModel) -> RemoteV2Backend:
         return RemoteV2Backend(spec, self._metrics, self.options.max_message_bytes)
+
+
+def _other_file(model_dir: str, version: int, platform: str) -> str:
+    """When the expected file is missing: the model file of another platform the version
+    directory holds, as a hint that the config names the wrong platform ("" if none)."""
+    for name, other in MODEL_FILES:
+        if other != platform and os.path.exists(os.path.join(model_dir, str(version), name)):
+            return f'; the version directory holds {name}, a {other} model (set platform: "{other}" in config.pbtxt)'
+    return ""

@@ -21,6 +21,8 @@ from ..core.signature import ModelSignature, TensorSpec
 from ..core.types import BY_CONFIG, DATATYPES, clip, printable
 
 CONFIG_FILE = "config.pbtxt"
+# The ``backend`` name Triton gives each platform batchgate serves (filled in when a config has none).
+BACKEND_NAMES = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
 
 
 def read_config(model_dir: str, name: str) -> mc.ModelConfig:
@@ -72,10 +74,12 @@ def complete_config(
 ) -> mc.ModelConfig:
     """Fill what ``cfg`` leaves out from the engine's signature; check what it gives."""
     cfg = _copy(cfg)
-    if not cfg.platform and not cfg.backend:
+    # As Triton completes them: the platform served and its backend name, each when missing
+    # (a config naming only the backend, "pytorch", gets platform pytorch_libtorch too).
+    if not cfg.platform and (not cfg.backend or cfg.backend == BACKEND_NAMES.get(platform)):
         cfg.platform = platform
     if not cfg.backend:
-        cfg.backend = "onnxruntime" if platform == "onnxruntime_onnx" else cfg.backend
+        cfg.backend = BACKEND_NAMES.get(platform, cfg.backend)
     if not cfg.input and not cfg.output and cfg.max_batch_size == 0:
         # Batch along the first dimension when every tensor's first dimension is dynamic.
         tensors = inputs + outputs
@@ -137,6 +141,9 @@ def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
         max_batch_size=int(cfg.max_batch_size),
         inputs=tuple(spec(i, False) for i in cfg.input),
         outputs=tuple(spec(o, True) for o in cfg.output),
+        # Only a remote model can get here without both (a local engine's file declares them):
+        # its upstream declares no signature, and checks requests itself.
+        open=not cfg.input or not cfg.output,
     )
 
 
