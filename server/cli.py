@@ -1,17 +1,24 @@
 """``batchgate`` command line: ``serve`` (its flags made from the settings table), ``settings``,
-``demo-repo``, ``convert``, ``loadtest``, ``keys``."""
+``demo-repo``, ``convert``, ``loadtest``, ``keys``, ``routes``, ``drift``, ``completion``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
+import shutil
 import signal
 import sys
+import textwrap
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, logs
-from .config import ALIASES, ENV_PREFIX, SETTINGS, ConfigError, load_settings
+from .config import ALIASES, ENV_PREFIX, SECTIONS, SETTINGS, ConfigError, Spec, load_settings, settings_in_effect
+from .settings_sections import TOP_LEVEL
 
 log = logging.getLogger("batchgate")
 
@@ -51,21 +58,15 @@ def _serve_parser(sub) -> None:
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML file of settings, in sections (server, repository, limits, batching, auth, tls, remote_models)",
+        help=f"YAML file of settings, in sections ({', '.join(TOP_LEVEL)}); "
+        "`batchgate settings --config FILE` shows what it sets (default: none; no environment variable)",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in SETTINGS.values():
         section = spec.section or "remote_models"
         if section not in groups:
             groups[section] = p.add_argument_group(f"{section} settings" if spec.section else "remote models")
-        extra = ", ".join(
-            [
-                f"default {_shown(spec.default)}" if spec.default not in ("", ()) else "",
-                spec.env,
-                *(f"alias {a}" for a in spec.aliases),
-            ]
-        ).strip(", ")
-        kw: dict = {"dest": spec.name, "default": None, "help": f"{spec.help} ({extra})".replace("%", "%%")}
+        kw: dict = {"dest": spec.name, "default": None, "help": _flag_help(spec).replace("%", "%%")}
         kw["action"] = "append" if spec.repeatable else _Store
         if spec.kind == "bool":
             kw["choices"] = ("true", "false")
@@ -76,31 +77,133 @@ def _serve_parser(sub) -> None:
         groups[section].add_argument(spec.flag, *("--" + a.replace("_", "-") for a in spec.aliases), **kw)
 
 
-def _shown(default) -> str:
-    """A default as it is written in YAML (true, not True; [] for an empty list)."""
-    return str(default).lower() if isinstance(default, bool) else "[]" if default == () else repr(default)
+def shown(value: Any) -> str:
+    """A setting's value as YAML writes it: true, not True; strings unquoted, "" when empty; lists
+    in brackets; a remote model by its name."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value) and hasattr(value, "name"):
+        return str(value.name)
+    return str(value) if value != "" else '""'
+
+
+def _flag_help(spec: Spec) -> str:
+    """A serve flag's help: the table's meaning, its default, its environment variable, its aliases."""
+    extra = [f"default: {shown(spec.default)}", f"env {spec.env}"]
+    extra += [f"alias --{a.replace('_', '-')} / {ENV_PREFIX}{a.upper()}" for a in spec.aliases]
+    return f"{spec.help} ({'; '.join(extra)})"
+
+
+def _meaning(spec: Spec) -> str:
+    """The settings table's last column: the help text, the allowed values and the aliases."""
+    text = spec.help
+    if spec.kind == "bool":
+        text += "; true or false"
+    elif spec.choices:
+        text += f"; one of {', '.join(spec.choices)}"
+    for alias in spec.aliases:
+        text += f"; alias {alias} (--{alias.replace('_', '-')}, {ENV_PREFIX}{alias.upper()})"
+    return text
+
+
+def _sections() -> list[tuple[str, str, list[Spec]]]:
+    """(section, what it holds, its settings) in the order of the table; top-level lists last."""
+    out = []
+    for section, cls in SECTIONS.items():
+        doc = " ".join((cls.__doc__ or "").split()).replace("``", "'")
+        about = doc.split(": ", 1)[-1].split(". ")[0].rstrip(".")
+        out.append((section, about, [s for s in SETTINGS.values() if s.section == section]))
+    out.append(("remote_models", "a list at the top of the file", [s for s in SETTINGS.values() if not s.section]))
+    return out
+
+
+def _table(header: tuple[str, ...], groups: Sequence[tuple[str, Sequence[tuple[str, ...]]]], wrap_last: bool) -> str:
+    """Rows aligned in columns under ``header``, each group under a title line. On a terminal (or
+    with COLUMNS set) the last column is wrapped to the width, at least 40 characters, its lines
+    kept in the column; piped, each row stays one line, for grep."""
+    rows = [header, *(row for _, group in groups for row in group)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    indent = sum(widths) + 2 * len(widths) + 2
+    room = max(40, shutil.get_terminal_size((120, 24)).columns - indent - 1)
+    wrap_last = wrap_last and (sys.stdout.isatty() or "COLUMNS" in os.environ)
+
+    def line(row: tuple[str, ...]) -> str:
+        last = [row[-1]]
+        if wrap_last and row[-1]:
+            last = textwrap.wrap(row[-1], room, break_long_words=False, break_on_hyphens=False)
+        head = "  " + "".join(c.ljust(w + 2) for c, w in zip(row, widths))
+        return "\n".join([head + last[0], *(" " * indent + more for more in last[1:])]).rstrip()
+
+    lines = [line(header)]
+    for title, group in groups:
+        lines += ["", title, *(line(r) for r in group)]
+    return "\n".join(lines)
 
 
 def _print_settings() -> None:
-    rows = [("section", "setting", "environment variable", "default", "aliases")]
-    for spec in SETTINGS.values():
-        rows.append(
-            (
-                spec.section or "(top)",
-                spec.name,
-                spec.env,
-                _shown(spec.default),
-                ", ".join(f"{a} ({ENV_PREFIX}{a.upper()})" for a in spec.aliases),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        print(("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]).rstrip())
-    print(
-        "\nYAML: each setting under its section (remote_models: a list at the top); environment: "
-        f"{ENV_PREFIX}<NAME> (lists comma-separated, remote models ';'-separated); flag: --<name-with-dashes>, "
-        "--remote-model for remote_models (see `batchgate serve --help`). An alias works wherever its name does."
+    groups = [
+        (f"[{section}] {about}", [(s.name, s.flag, s.env, shown(s.default), _meaning(s)) for s in specs])
+        for section, about, specs in _sections()
+    ]
+    print(_table(("SETTING", "FLAG", "ENVIRONMENT VARIABLE", "DEFAULT", "MEANING"), groups, wrap_last=True))
+    notes = (
+        "In a --config file each setting goes under its section (remote_models, routes and drift are lists at "
+        f"the top). Environment: {ENV_PREFIX}<NAME> (lists comma-separated, remote models ';'-separated). Flags win "
+        "over the environment, which wins over the file. An alias works wherever its name does. "
+        "`batchgate settings --config FILE` shows the settings in effect."
     )
+    print("\n" + textwrap.fill(notes, 100))
+
+
+def _print_settings_in_effect(file: str) -> int:
+    with warnings.catch_warnings(record=True) as caught:  # deprecated forms: printed, not raised
+        warnings.simplefilter("always")
+        try:
+            settings, origins = settings_in_effect(file)
+        except ConfigError as e:
+            for w in caught:
+                print(f"batchgate settings: warning: {w.message}", file=sys.stderr)
+            print(f"batchgate settings: configuration error: {e}", file=sys.stderr)
+            return 2
+    for w in caught:
+        print(f"batchgate settings: warning: {w.message}", file=sys.stderr)
+    groups = []
+    for section, _, specs in _sections():
+        rows = []
+        for spec in specs:
+            value = getattr(getattr(settings, spec.section), spec.name) if spec.section else settings.remote_models
+            mark = "*" if value != spec.default else ""
+            rows.append((mark, spec.name, shown(value), origins[spec.name], shown(spec.default)))
+        groups.append((f"[{section}]", rows))
+    print(f"Settings in effect with --config {file} and the environment, before any flags:\n")
+    print(_table(("", "SETTING", "VALUE", "SOURCE", "DEFAULT"), groups, wrap_last=False))
+    print(f"\nroutes: {len(settings.routes)} in the file; drift monitors: {len(settings.drift)} in the file")
+    notes = (
+        "* = differs from the default. SOURCE: default; file (the --config file); env (a "
+        f"{ENV_PREFIX}* variable); implied (load_model turns model_control_mode to explicit). "
+        "Checked as `batchgate serve` checks them, except that the model repository need not exist here."
+    )
+    print("\n" + textwrap.fill(notes, 100))
+    return 0
+
+
+def _completion(parser: argparse.ArgumentParser, shell: str) -> int:
+    """Print shtab's completion script for ``parser``; values named FILE or DIR complete as paths.
+    shtab is imported here only (it costs every other command tens of milliseconds)."""
+    import shtab
+
+    paths = {"FILE": shtab.FILE, "DIR": shtab.DIRECTORY}
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif isinstance(action.metavar, str) and action.metavar in paths:
+                action.complete = paths[action.metavar]  # type: ignore[attr-defined]
+    print(shtab.complete(parser, shell=shell))
+    return 0
 
 
 def _keys_parser(sub) -> None:
@@ -199,14 +302,33 @@ def _keys_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand and its flags (also what shell completion is made from)."""
     ap = argparse.ArgumentParser(prog="batchgate", description="Open Inference Protocol gateway")
     ap.add_argument("--version", action="version", version=f"batchgate {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     d = sub.add_parser("demo-repo", help="write the demo model repository")
-    d.add_argument("repo")
-    sub.add_parser("settings", help="list every setting with its section, environment variable, default and aliases")
+    d.add_argument("repo", metavar="DIR")
+    st = sub.add_parser(
+        "settings",
+        help="list every setting (flag, environment variable, default, meaning), or those in effect with --config",
+        description="Without --config: the table of every setting by section: its flag, environment variable, "
+        "default and meaning. With --config FILE: the value of each setting after reading FILE and the "
+        "BATCHGATE_* environment, where it came from, and which differ from the defaults.",
+    )
+    st.add_argument("--config", metavar="FILE", help="show the settings in effect with this YAML file")
+    c = sub.add_parser(
+        "completion",
+        help="print a shell completion script for batchgate",
+        description="Print a completion script for batchgate. bash: `source <(batchgate completion bash)` "
+        "in ~/.bashrc; zsh: `batchgate completion zsh > ~/.zfunc/_batchgate` with ~/.zfunc in fpath "
+        'before compinit; tcsh: `eval "`batchgate completion tcsh`"`.',
+    )
+    c.add_argument("shell", choices=COMPLETION_SHELLS)
     # Their argument parsers only: torch, skl2onnx, hdrhistogram... are imported when they run.
     from .converters.cli import add_parser as add_convert_parser
     from .loadtest.cli import add_parser as add_loadtest_parser
@@ -220,6 +342,11 @@ def main(argv=None) -> int:
     from .drift_profile import add_parser as add_drift_parser
 
     add_drift_parser(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     if args.command == "demo-repo":
@@ -236,9 +363,17 @@ def main(argv=None) -> int:
         from .converters.cli import main as convert_main
 
         return convert_main(args)
-    if args.command == "settings":
-        _print_settings()
-        return 0
+    if args.command in ("settings", "completion"):
+        try:
+            if args.command == "completion":
+                return _completion(ap, args.shell)
+            if args.config is not None:
+                return _print_settings_in_effect(args.config)
+            _print_settings()
+            return 0
+        except BrokenPipeError:  # `batchgate settings | head`: the reader left; nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if args.command == "keys":
         return _keys_main(args)
     if args.command == "routes":

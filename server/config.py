@@ -129,7 +129,7 @@ def _resolve(key: str, source: str) -> str | None:
         return None
     if alias.deprecated:
         warnings.warn(
-            f"{source}: '{key}' is deprecated; its new name is '{alias.name}'", DeprecationWarning, stacklevel=4
+            f"{source}: '{key}' is deprecated; its new name is '{alias.name}'", DeprecationWarning, stacklevel=5
         )
     return alias.name
 
@@ -275,7 +275,7 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
         warnings.warn(
             f"{src}: settings at the top level of the file are deprecated; move each key into its section ({where})",
             DeprecationWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return out
 
@@ -334,14 +334,14 @@ def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
     return value
 
 
-def _validate(s: Settings, given: dict[str, tuple[str, str]]) -> None:
+def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: bool = True) -> None:
     def what(name: str) -> str:  # the setting as the user wrote it, and where
         return f"{given[name][0]}: {given[name][1]}" if name in given else name
 
     rs = s.repository
-    if not rs.model_repository and not s.remote_models:
+    if check_repository and not rs.model_repository and not s.remote_models:
         raise ConfigError("model_repository is required (--model-repository DIR), unless remote_models are given")
-    if rs.model_repository and not os.path.isdir(rs.model_repository):
+    if check_repository and rs.model_repository and not os.path.isdir(rs.model_repository):
         raise ConfigError(f"{what('model_repository')} '{rs.model_repository}' is not a directory")
     for port in ("http_port", "grpc_port"):
         v = getattr(s.server, port)
@@ -394,12 +394,36 @@ def load_settings(
 
     ``flags`` is flat, keyed by setting name or alias (``{"http_port": 0}``); None or an empty
     list leaves a setting alone. Deprecated forms warn with a DeprecationWarning."""
+    return _load(file, flags, environ, check_repository=True)[0]
+
+
+ORIGINS = ("default", "file", "env", "flag", "implied")
+
+
+def settings_in_effect(
+    file: str | None = None, environ: dict[str, str] | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """What ``batchgate serve --config FILE`` would run with, before any flags, and where each
+    setting came from: ``origins`` maps a setting to one of ``ORIGINS`` ('implied':
+    model_control_mode turned explicit by load_model). Validated like ``load_settings``, except
+    that the model repository need not be given nor exist on this machine."""
+    return _load(file, None, environ, check_repository=False)
+
+
+def _load(
+    file: str | None,
+    flags: dict[str, Any] | None,
+    environ: dict[str, str] | None,
+    check_repository: bool,
+) -> tuple[Settings, dict[str, str]]:
     values: dict[str, Any] = {}
     given: dict[str, tuple[str, str]] = {}  # setting -> (source, spelling) of the value that won
+    origins: dict[str, str] = dict.fromkeys(SETTINGS, "default")
 
     def put(name: str, spelling: str, raw: Any, source: str) -> None:
         values[name] = _coerce(name, spelling, raw, source)
         given[name] = (source, spelling)
+        origins[name] = "file" if source.startswith("config file") else "env" if source.startswith("env") else "flag"
 
     routes: tuple[RouteSpec, ...] = ()
     monitors: tuple[MonitorSpec, ...] = ()
@@ -433,6 +457,7 @@ def load_settings(
         put(setting, k, v, flag)
     if values.get("load_model") and "model_control_mode" not in values:
         values["model_control_mode"] = "explicit"
+        origins["model_control_mode"] = "implied"
     settings = Settings(
         **{
             section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
@@ -442,8 +467,8 @@ def load_settings(
         routes=routes,
         drift=monitors,
     )
-    _validate(settings, given)
-    return settings
+    _validate(settings, given, check_repository)
+    return settings, origins
 
 
 def batching_policies(s: Settings) -> dict[str, str]:
@@ -464,6 +489,7 @@ __all__ = [
     "BatchingSettings",
     "ConfigError",
     "LimitSettings",
+    "ORIGINS",
     "RemoteModel",
     "RepositorySettings",
     "RoutingSettings",
@@ -477,4 +503,5 @@ __all__ = [
     "describe",
     "load_settings",
     "parse_remote_model",
+    "settings_in_effect",
 ]

@@ -7,7 +7,9 @@ and the models the tests serve.
   softmax, fixed weights). No config.pbtxt: batchgate completes it from the model.
 - ``identity_bytes``: BYTES [-1, -1] passed through (strings).
 - ``mlp``: FP32 [-1, 256] -> 1024 -> 1024 -> FP32 [-1, 16]; heavy enough that
-  batching pays (used by benchmarks).
+  batching pays (used by benchmarks, which rely on it not batching: leave its config alone).
+- ``mlp_batched``: the same network and weights as ``mlp``, with ``dynamic_batching``: concurrent
+  requests wait up to 2 ms to be run together (the README's quick start shows it).
 """
 
 from __future__ import annotations
@@ -142,10 +144,20 @@ def slow_model(width: int = 1024, layers: int = 24, seed: int = 0) -> onnx.Model
     return _model(g)
 
 
+MLP_BATCHED_CONFIG = """max_batch_size: 64
+instance_group [ { count: 1 kind: KIND_CPU } ]
+dynamic_batching {
+  preferred_batch_size: [ 16, 32 ]
+  max_queue_delay_microseconds: 2000
+}
+"""
+
+
 def build_demo_repository(repo: str) -> str:
     os.makedirs(repo, exist_ok=True)
     _save(simple_model(), repo, "simple", config=SIMPLE_CONFIG)
     _save(classifier_model(), repo, "classifier")
     _save(identity_model("identity_bytes"), repo, "identity_bytes", config="max_batch_size: 8\n")
     _save(mlp_model(), repo, "mlp", config="max_batch_size: 64\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n")
+    _save(mlp_model(), repo, "mlp_batched", config=MLP_BATCHED_CONFIG)
     return repo

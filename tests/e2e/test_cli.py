@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from batchgate.config import SETTINGS
 from batchgate.demo import _save, classifier_model, slow_model
 from processes import BATCHGATE, Proc, serve_args
 
@@ -171,10 +173,180 @@ def test_config_file_and_env_and_json_logs_with_request_id(proc, small_repo, tmp
     assert "trace-7" in by_id
 
 
-def test_settings_command_lists_every_setting():
-    r = subprocess.run(BATCHGATE + ["settings"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0
-    assert "BATCHGATE_MAX_REQUEST_BYTES" in r.stdout and "model_control_mode" in r.stdout
+def _run(args, env=None, **kw):
+    return subprocess.run(
+        BATCHGATE + args, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, **kw
+    )
+
+
+def _yaml(value) -> str:
+    """A declared default as the CLI should print it (YAML's spelling)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return '""'
+    if value == ():
+        return "[]"
+    return str(value)
+
+
+def _rows(text: str) -> dict[str, tuple[str, list[str]]]:
+    """setting -> (its section title, its cells) from a settings table: cells are separated by two
+    or more spaces; a line not indented is a section title."""
+    rows, section = {}, ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.split("]")[0][1:]
+        elif line.startswith("  ") and line.strip():
+            cells = re.split(r" {2,}", line.strip())
+            name = cells[1] if cells[0] == "*" else cells[0]
+            rows[name] = (section, cells)
+    return rows
+
+
+def test_settings_table_has_every_setting_with_flag_env_default_and_meaning():
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run(BATCHGATE + ["settings"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = _rows(r.stdout)
+    assert rows.pop("SETTING")[1] == ["SETTING", "FLAG", "ENVIRONMENT VARIABLE", "DEFAULT", "MEANING"]
+    assert set(rows) == set(SETTINGS)
+    for spec in SETTINGS.values():
+        section, cells = rows[spec.name]
+        assert section == (spec.section or "remote_models"), spec.name
+        assert cells[:4] == [spec.name, spec.flag, spec.env, _yaml(spec.default)], cells
+        assert cells[4].startswith(spec.help), cells  # piped: one line per setting, not wrapped
+    assert "alias exit_timeout_secs (--exit-timeout-secs, BATCHGATE_EXIT_TIMEOUT_SECS)" in rows["exit_timeout_s"][1][4]
+    assert rows["log_format"][1][4].endswith("one of plain, json")
+    # columns aligned: every row's flag starts where the header's FLAG does
+    lines = r.stdout.splitlines()
+    at = lines[0].index("FLAG")
+    assert all(line[at : at + 2] == "--" for line in lines if line.startswith("  ") and line.strip()[0] != "S")
+
+    # on a terminal of 120 columns, the meanings wrap within their column
+    r = _run(["settings"], env={"COLUMNS": "120"})
+    lines = r.stdout.split("\n\nIn a --config file")[0].splitlines()
+    column = lines[0].index("MEANING")
+    assert max(len(line) for line in lines) <= max(120, column + 41)
+    more = [line for line in lines if line.startswith(" " * column) and line.strip()]
+    assert more and all(line[column] != " " for line in more)
+
+
+def test_settings_with_config_shows_the_values_in_effect_and_where_they_came_from(tmp_path):
+    cfg = tmp_path / "bg.yaml"
+    cfg.write_text(
+        "server:\n  http_port: 9000\n  grpc_port: 7000\n  metrics_port: 8002\n"
+        "repository:\n  model_repository: /not/on/this/machine\n  load_model: [mlp]\n"
+    )
+    r = _run(["settings", "--config", str(cfg)], env={"BATCHGATE_GRPC_PORT": "9001", "BATCHGATE_LOG_LEVEL": "debug"})
+    assert r.returncode == 0, r.stderr
+    rows = {name: cells for name, (_, cells) in _rows(r.stdout).items()}
+    assert rows["http_port"] == ["*", "http_port", "9000", "file", "8000"]
+    assert rows["grpc_port"] == ["*", "grpc_port", "9001", "env", "8001"]  # the environment wins over the file
+    assert rows["log_level"] == ["*", "log_level", "debug", "env", "info"]
+    assert rows["metrics_port"] == ["metrics_port", "8002", "file", "8002"]  # from the file, equal to the default
+    assert rows["host"] == ["host", "0.0.0.0", "default", "0.0.0.0"]
+    assert rows["model_repository"] == ["*", "model_repository", "/not/on/this/machine", "file", '""']
+    assert rows["load_model"] == ["*", "load_model", "[mlp]", "file", "[]"]
+    assert rows["model_control_mode"] == ["*", "model_control_mode", "explicit", "implied", "none"]
+    assert set(rows) >= set(SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "text, env, message",
+    [
+        ("server:\n  http_port: 99999\n", {}, "http_port must be between 0 and 65535"),
+        ("server:\n  bogus: 1\n", {}, "unknown setting 'bogus' in section 'server'"),
+        ("server: [8000\n", {}, "is not valid YAML"),
+        ("server:\n  http_port: 8000\n", {"BATCHGATE_LOG_FORMAT": "xml"}, "log_format must be one of plain, json"),
+        (None, {}, "cannot read config file"),
+    ],
+)
+def test_settings_with_a_bad_config_exits_2_naming_the_problem(tmp_path, text, env, message):
+    cfg = tmp_path / "bg.yaml"
+    if text is not None:
+        cfg.write_text(text)
+    r = _run(["settings", "--config", str(cfg)], env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("batchgate settings: configuration error: ") and message in r.stderr, r.stderr
+    if text is not None and not env:
+        assert str(cfg) in r.stderr
+
+
+def test_serve_help_gives_every_flag_its_default_and_environment_variable():
+    r = _run(["serve", "--help"], env={"COLUMNS": "1000"})  # one line per flag's help
+    assert r.returncode == 0, r.stderr
+    entries: dict[str, str] = {}
+    flag = ""
+    for line in r.stdout.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0]
+            entries[flag] = line
+        elif line.startswith("    ") and flag:
+            entries[flag] += " " + line.strip()
+        else:
+            flag = ""
+    for spec in SETTINGS.values():
+        help_text = entries[spec.flag]
+        assert f"(default: {_yaml(spec.default)}; env {spec.env}" in help_text, help_text
+        for alias in spec.aliases:
+            assert f"--{alias.replace('_', '-')} / BATCHGATE_{alias.upper()}" in help_text
+
+
+def test_completion_scripts_name_the_subcommands_and_bash_completes(tmp_path):
+    subcommands = ("serve", "settings", "demo-repo", "convert", "loadtest", "keys", "routes", "drift", "completion")
+    r = _run(["completion", "bash"])
+    assert r.returncode == 0, r.stderr
+    assert all(name in r.stdout for name in subcommands)
+    script = tmp_path / "batchgate.bash"
+    script.write_text(r.stdout)
+    probe = (
+        f"source {script}\n"
+        "complete -p batchgate\n"
+        'fn=$(complete -p batchgate | sed -E "s/.* -F ([^ ]+) .*/\\1/")\n'
+        'ask() { COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=(); "$fn"; echo "${COMPREPLY[*]}"; }\n'
+        "ask batchgate se\n"
+        "ask batchgate serve --http-p\n"
+        "ask batchgate completion ''\n"
+    )
+    b = subprocess.run(["bash", "--norc", "--noprofile", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert b.returncode == 0, b.stderr
+    registered, serve_or_settings, flag, shells = b.stdout.splitlines()
+    assert registered.startswith("complete ") and registered.endswith(" batchgate")
+    assert serve_or_settings.split() == ["serve", "settings"]
+    assert flag == "--http-port"
+    assert shells.split() == ["bash", "zsh", "tcsh"]
+
+    r = _run(["completion", "zsh"])
+    assert r.returncode == 0 and r.stdout.startswith("#compdef batchgate") and "serve" in r.stdout
+    r = _run(["completion", "fish"])
+    assert r.returncode == 2 and "invalid choice: 'fish'" in r.stderr
+
+
+def test_demo_repository_batches_concurrent_requests(proc, tmp_path):
+    """`make serve`'s repository: mlp_batched has dynamic_batching, and served by a real process,
+    concurrent requests share executions."""
+    repo = tmp_path / "demo"
+    r = _run(["demo-repo", str(repo)])
+    assert r.returncode == 0, r.stderr
+    assert {"simple", "classifier", "identity_bytes", "mlp", "mlp_batched"} <= {p.name for p in repo.iterdir()}
+    assert "dynamic_batching" not in (repo / "mlp" / "config.pbtxt").read_text()  # the benchmarks' mlp
+    p = proc(serve_args(str(repo))).wait_ready()
+    client = httpclient.InferenceServerClient(p.http)
+    batching = client.get_model_config("mlp_batched")["dynamic_batching"]
+    assert batching["max_queue_delay_microseconds"] > 0 and batching["preferred_batch_size"]
+
+    def call(i):
+        c = httpclient.InferenceServerClient(p.http)
+        inp = httpclient.InferInput("input", [1, 256], "FP32")
+        inp.set_data_from_numpy(np.full((1, 256), i, np.float32))
+        return c.infer("mlp_batched", [inp]).as_numpy("output").shape
+
+    with ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(call, range(64))) == [(1, 16)] * 64
+    (stats,) = client.get_inference_statistics("mlp_batched")["model_stats"]
+    assert stats["inference_count"] == 64
+    assert stats["execution_count"] < 64, stats  # requests were run together
 
 
 def test_max_connections_is_fitted_to_the_file_descriptor_limit(proc, small_repo):

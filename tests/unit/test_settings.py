@@ -708,17 +708,6 @@ def test_serve_help_lists_every_flag_and_the_old_spellings():
     assert "--config FILE" in text
 
 
-def test_settings_command_shows_section_variable_default_and_aliases():
-    r = subprocess.run([sys.executable, "-m", "batchgate.cli", "settings"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    rows = {line.split()[1]: line.split() for line in r.stdout.splitlines()[1:] if len(line.split()) >= 4}
-    for spec in SETTINGS.values():
-        assert spec.name in rows and spec.env in rows[spec.name]
-    assert rows["max_queue_size"][:4] == ["limits", "max_queue_size", "BATCHGATE_MAX_QUEUE_SIZE", "4096"]
-    assert rows["exit_timeout_s"][4:] == ["exit_timeout_secs", "(BATCHGATE_EXIT_TIMEOUT_SECS)"]
-    assert rows["remote_models"][0] == "(top)"
-
-
 def test_serve_logs_the_flat_file_deprecation_and_refuses_bad_files(tmp_path, repo):
     f = write(tmp_path, f"model_repository: {repo}\nhttp_port: 70000\n")
     r = subprocess.run(
