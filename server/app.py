@@ -233,8 +233,10 @@ class Gateway:
 
         if s.metrics_port >= 0:
             access = self.dataplane.access
+            self.metrics.triton = s.triton_metrics  # Triton's nv_inference_* families beside batchgate's
+            self.metrics.route_stats = lambda: [r.stats for r in self.routes.routes.values()] if self.routes else []
             server = serve_metrics(
-                self.metrics.registry, s.host, s.metrics_port, access.keys if access.metrics_requires_key else None
+                self.metrics.exposition, s.host, s.metrics_port, access.keys if access.metrics_requires_key else None
             )
             self._metrics_server = server
             self.metrics_port = server.server_port

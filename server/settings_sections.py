@@ -47,6 +47,9 @@ class ServerSettings:
     http_port: int = _setting(8000, "V2 HTTP/REST port; 0 picks a free port")
     grpc_port: int = _setting(8001, "V2 gRPC port; 0 picks a free port")
     metrics_port: int = _setting(8002, "Prometheus /metrics port; 0 picks a free port, -1 turns it off")
+    triton_metrics: bool = _setting(
+        True, "also export Triton's nv_inference_* families on /metrics (Triton's names, labels and units)"
+    )
     exit_timeout_s: float = _setting(30.0, "grace period for in-flight work on SIGTERM", positive=True)
     grpc_max_connection_age_s: float = _setting(
         0.0,

@@ -12,19 +12,25 @@ renders a snapshot, and snapshots of several processes add up with
 :meth:`Snapshot.merge`, each family by the rule the :data:`FAMILIES` table declares:
 counters and histograms are summed (and, kept for a process that has gone, never go
 backwards), gauges are summed, maxed or and-ed according to what they mean.
+
+:meth:`Metrics.exposition` is the text ``/metrics`` serves: one snapshot rendered as the
+batchgate families, then the process collectors (``process_*``, ``python_*``), then, with
+``triton_metrics``, Triton's ``nv_inference_*`` families (``triton.py``) from the same snapshot.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ..core.stats import ModelStats, merge_stats
+from ..core.stats import FAIL, ModelStats, merge_stats
 from .families import (  # noqa: F401  (the table is part of this module's interface)
     BATCH_BUCKETS,
     DELTA_BUCKETS,
@@ -37,6 +43,8 @@ from .families import (  # noqa: F401  (the table is part of this module's inter
     SUM,
     Family,
 )
+from .triton import OTHER, STATUS_REASONS
+from .triton import render as render_triton
 
 Labels = tuple[str, ...]
 HistValue = tuple[tuple[int, ...], float]  # (count per bucket, the last for +Inf), sum
@@ -45,18 +53,24 @@ HistValue = tuple[tuple[int, ...], float]  # (count per bucket, the last for +In
 @dataclass
 class Snapshot:
     """Every figure one process holds, as plain data (picklable, JSON-able once the label
-    tuples are joined): per family, label values -> a number or a histogram; and the V2
-    statistics of each model version. Several processes' snapshots add up with
-    :meth:`merge`, each family by the rule it declares."""
+    tuples are joined): per family, label values -> a number or a histogram; the V2
+    statistics of each model version and route (version ""); and, for Triton's failure
+    reasons, the failures of each counted by reason (REJECTED, CANCELED, BACKEND). Several
+    processes' snapshots add up with :meth:`merge`, each family by the rule it declares."""
 
     values: dict[str, dict[Labels, float | HistValue]] = field(default_factory=dict)
     stats: dict[tuple[str, str], dict] = field(default_factory=dict)
+    failures: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
     def add(self, family: str, labels: Labels, value: float | HistValue) -> None:
         self.values.setdefault(family, {})[labels] = value
 
     def merge(self, other: Snapshot) -> Snapshot:
-        out = Snapshot({f: dict(series) for f, series in self.values.items()}, dict(self.stats))
+        out = Snapshot(
+            {f: dict(series) for f, series in self.values.items()},
+            dict(self.stats),
+            {k: dict(v) for k, v in self.failures.items()},
+        )
         for fam, series in other.values.items():
             rule = FAMILIES[fam].merge
             mine = out.values.setdefault(fam, {})
@@ -66,12 +80,20 @@ class Snapshot:
         for key, st in other.stats.items():
             have_st = out.stats.get(key)
             out.stats[key] = st if have_st is None else merge_stats(have_st, st)
+        for key, by_reason in other.failures.items():
+            mine_f = out.failures.setdefault(key, {})
+            for reason, n in by_reason.items():
+                mine_f[reason] = mine_f.get(reason, 0) + n
         return out
 
     def without_gauges(self) -> Snapshot:
         """What a process that has gone keeps contributing: its counters and histograms (so
         totals never go backwards), not its gauges (its queue is gone with it)."""
-        return Snapshot({f: dict(s) for f, s in self.values.items() if FAMILIES[f].kind != "gauge"}, dict(self.stats))
+        return Snapshot(
+            {f: dict(s) for f, s in self.values.items() if FAMILIES[f].kind != "gauge"},
+            dict(self.stats),
+            {k: dict(v) for k, v in self.failures.items()},
+        )
 
 
 def _combine(rule: str, a: float | HistValue, b: float | HistValue) -> float | HistValue:
@@ -156,6 +178,7 @@ class ModelMetrics:
         self._ready: Callable[[], bool] | None = None
         self._owner: object = None
         self.stats: ModelStats | None = None  # the V2 statistics of the version now tracked
+        self.failures: dict[str, int] = {}  # its failed requests by Triton reason (not OTHER), since tracked
 
     def track(
         self,
@@ -173,6 +196,7 @@ class ModelMetrics:
         self._queue_depth, self._in_flight, self._oldest_age = queue_depth, in_flight, oldest_age
         self._ready = ready
         self.ready = 1
+        self.failures = {}  # a new version's statistics start at zero: so do its reasons
 
     def retired(self, owner: object) -> None:
         """Stop the gauges, unless a reload of the same version has taken them over."""
@@ -195,6 +219,10 @@ class ModelMetrics:
     def request_done(self, protocol: str, status: str, seconds: float) -> None:
         key = (protocol, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+        if status != "OK":
+            reason = STATUS_REASONS.get(status)
+            if reason is not None:
+                self.failures[reason] = self.failures.get(reason, 0) + 1
         h = self.durations.get(protocol)
         if h is None:
             h = self.durations[protocol] = Histogram()
@@ -242,10 +270,37 @@ class RouteMetrics:
         self.rollout_state = 0
         self.canary_percent: float | None = None
         self.shadows: dict[str, ShadowMetrics] = {}
+        self.failures: dict[str, int] = {}  # failed answers by Triton reason (not OTHER), since the route began
+        # The route's statistics start again when its definition changes (a new served route), these
+        # figures do not: the statistics object last seen, the failures counted before it, and the
+        # reasons of the latest failures (OTHER too), to tell which of them are the new statistics'.
+        self.stats_seen: object = None
+        self.failures_before: dict[str, int] = {}
+        self.recent: deque[str] = deque(maxlen=256)
 
     def answered(self, variant: str, status: str) -> None:
         key = (variant, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+        if status != "OK":
+            reason = STATUS_REASONS.get(status, OTHER)
+            self.recent.append(reason)
+            if reason != OTHER:
+                self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def failures_of(self, stats: ModelStats) -> dict[str, int]:
+        """The failures by reason that belong to ``stats``, the route's statistics now (read at a
+        scrape: when they are new, the newest failures, as many as they count, are theirs)."""
+        if self.stats_seen is not stats:
+            before = {}
+            if self.stats_seen is not None:
+                before = dict(self.failures)
+                owned = stats.totals[FAIL]
+                for reason in list(self.recent)[-owned:] if owned else ():
+                    if reason in before:
+                        before[reason] -= 1
+            self.failures_before, self.stats_seen = before, stats
+        before = self.failures_before
+        return {r: n - before.get(r, 0) for r, n in list(self.failures.items())}
 
     def shadow(self, name: str) -> ShadowMetrics:
         sm = self.shadows.get(name)
@@ -284,10 +339,17 @@ class DetectorMetrics:
 
 
 class Metrics:
-    """One registry per gateway, so several gateways in one process (tests) do not clash."""
+    """One registry per gateway, so several gateways in one process (tests) do not clash.
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    A registry made here also holds prometheus_client's process, platform and GC collectors
+    (``process_*``, ``python_*``); a registry handed in is the caller's to fill."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, triton: bool = True):
+        own = registry is None
         self.registry = registry or CollectorRegistry()
+        self.triton = triton  # Triton's nv_inference_* families too (setting triton_metrics)
+        # The statistics of the routes (served as models); the gateway sets it when it has routes.
+        self.route_stats: Callable[[], Iterable[ModelStats]] | None = None
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
@@ -298,6 +360,15 @@ class Metrics:
         self._drift: dict[str, DriftMetrics] = {}
         self.detector: DetectorMetrics | None = None
         self.registry.register(self)
+        self._runtime: tuple[Collector, ...] = (
+            (
+                ProcessCollector(registry=self.registry),
+                PlatformCollector(registry=self.registry),
+                GCCollector(registry=self.registry),
+            )
+            if own
+            else ()
+        )
 
     def drift_monitors(self) -> dict[str, DriftMetrics]:
         return dict(self._drift)
@@ -376,6 +447,8 @@ class Metrics:
                 add("batchgate_model_load_duration_seconds", mv, m.load_seconds)
             if m.stats is not None:
                 snap.stats[mv] = m.stats.as_dict()
+                if m.failures:
+                    snap.failures[mv] = dict(m.failures)
         for model, n in list(self._load_failures.items()):
             add("batchgate_model_load_failures", (model,), n)
         for labels, n in list(self._request_errors.items()):
@@ -395,6 +468,13 @@ class Metrics:
             add("batchgate_routes_reloads", (outcome,), n)
         for route, r in list(self._routes.items()):
             self._route_snapshot(add, route, r)
+        if self.route_stats is not None:
+            for st in self.route_stats():
+                key = (st.name, st.version)
+                snap.stats[key] = st.as_dict()
+                rm = self._routes.get(st.name)
+                if rm is not None:
+                    snap.failures[key] = rm.failures_of(st)
         for model, dm in list(self._drift.items()):
             self._drift_snapshot(add, model, dm)
         d = self.detector
@@ -453,6 +533,27 @@ class Metrics:
 
     def collect(self) -> Iterator:
         yield from render(self.snapshot())
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` serves, Prometheus text format 0.0.4, from one snapshot: the batchgate
+        families, the process collectors', and with :attr:`triton` Triton's families."""
+        snap = self.snapshot()
+        text = generate_latest(_Scrape(render(snap), self._runtime))
+        if not self.triton:
+            return text
+        return text + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
+
+
+class _Scrape(Collector):
+    """One scrape's families, rendered already, and the collectors read with them."""
+
+    def __init__(self, families: list, collectors: tuple[Collector, ...]):
+        self.families, self.collectors = families, collectors
+
+    def collect(self) -> Iterator:
+        yield from self.families
+        for c in self.collectors:
+            yield from c.collect()
 
 
 def _batch_histogram(rows_seen: dict[int, int]) -> HistValue:
