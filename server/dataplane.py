@@ -14,7 +14,9 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Mapping
+from random import random
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import orjson
@@ -24,7 +26,14 @@ from . import __version__
 from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
-from .core.types import InferRequest, InferResponse, RequestLimits, check_model_name
+from .core.types import (
+    InferRequest,
+    InferResponse,
+    RequestLimits,
+    check_model_name,
+    check_shape,
+    check_tensors,
+)
 from .model import ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.config import config_to_json
@@ -53,6 +62,9 @@ LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section 
 _LIMIT_IN_MESSAGE = re.compile(r"\(([a-z_]+)\)$")
 # Refusals that come in floods when the server is overloaded or draining.
 _QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
+# The parameter of an input or output whose tensor lies in a registered shared-memory region.
+SHM_REGION = "shared_memory_region"
+_monotonic = time.monotonic
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
@@ -169,6 +181,44 @@ class DataPlane:
             return served.submit(request)
         variant = served.version.name if type(served) is Routed else None
         return drift.watch(served.submit(request), request, variant)
+
+    def forward(self, served: Served, raw: bytes, msg: Any, remaining: float | None) -> Awaitable[bytes] | None:
+        """The fast path of a gRPC request to a remote model: its serialized bytes ``raw`` go to
+        the upstream as they came, and the upstream's serialized answer comes back, with no
+        tensor decoded or encoded here (``ModelVersion.forward``). None when the request must
+        take the ordinary path: a route (it picks, compares and measures on decoded requests),
+        a model the gateway batches, a request drift monitoring samples, a tensor in shared
+        memory, or every instance busy. The limits on what a request names still hold;
+        the tensors themselves are the upstream's to check. ``msg``: the parsed request;
+        ``remaining``: seconds to the call's deadline (None: none)."""
+        if type(served) is not ModelVersion or served.forwarder is None:
+            return None
+        drift = self.drift
+        if drift is not None:
+            tap = drift.taps.get(served.name)
+            if tap is not None and random() < tap.rate:
+                return None
+        limits = self.limits
+        inputs = msg.inputs
+        check_tensors(len(inputs), len(msg.outputs), limits)
+        if len(msg.parameters) > limits.max_request_parameters:
+            raise invalid(
+                f"the request has {len(msg.parameters)} parameters; at most {limits.max_request_parameters} "
+                "are accepted (max_request_parameters)"
+            )
+        if len(msg.id) > limits.max_request_id_bytes:
+            raise invalid(f"the request id is longer than {limits.max_request_id_bytes} bytes (max_request_id_bytes)")
+        for t in inputs:
+            check_shape(t.name, t.shape, limits)
+            if SHM_REGION in t.parameters:
+                return None
+        for o in msg.outputs:
+            if SHM_REGION in o.parameters:
+                return None
+        rows = 1
+        if served.signature.max_batch_size > 0 and inputs and inputs[0].shape:
+            rows = inputs[0].shape[0]
+        return served.forward(raw, rows, None if remaining is None else _monotonic() + remaining)
 
     @property
     def in_flight(self) -> int:

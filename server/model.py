@@ -19,10 +19,12 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable
 
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .backends.base import Backend, LocalBackend, RemoteBackend
+from .backends.remote import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
 from .core.errors import ErrorCode, GatewayError
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
@@ -95,6 +97,13 @@ class ModelVersion:
                 refused=metrics.refused,
                 chain=isinstance(self.execution, LocalExecution),
             )
+        # A remote model that does not batch at the gateway may forward a caller's serialized
+        # gRPC request as it came (``forward``); None otherwise.
+        self.forwarder: RemoteBackend | None = None
+        if backend.kind == "remote" and isinstance(self.scheduler, PassThroughScheduler):
+            self.forwarder = backend  # type: ignore[assignment]
+        self._threads = threads
+        self._answer_suffix = string_field(1, self.name) + string_field(2, version)
         self.in_flight = 0  # submitted and not yet answered
         self.admitted = 0  # admitted by the data plane (security/limits.py) and not yet released
         self.capacity = Capacity()  # for the queue_target_ms rule (security/limits.py)
@@ -168,6 +177,52 @@ class ModelVersion:
             else:
                 self.stats.record_request(status == "OK", elapsed)
             m.request_done(request.protocol, status, elapsed / 1e9)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    def forward(self, raw: bytes, rows: int, deadline: float | None) -> Awaitable[bytes] | None:
+        """Forward a caller's serialized ModelInferRequest to the upstream without decoding its
+        tensors, and answer the upstream's serialized response as it came (under this model's
+        name and version); None when it cannot go that way now (no forwarder, or every instance
+        busy: the request then queues on the ordinary path). ``rows``: the request's batch size,
+        for the statistics. Not a coroutine: the refusal is known at once."""
+        if self.forwarder is None or not self.scheduler.take_slot():  # type: ignore[union-attr]
+            return None
+        return self._forward(raw, rows, deadline)
+
+    async def _forward(self, raw: bytes, rows: int, deadline: float | None) -> bytes:
+        backend = self.forwarder
+        assert backend is not None
+        forwards = self.metrics.forwards
+        forwards["raw"] = forwards.get("raw", 0) + 1
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle.clear()
+        threads = self._threads
+        threads.away += 1
+        start = _perf_ns()
+        status = "OK"
+        try:
+            return await backend.forward(raw, deadline) + self._answer_suffix
+        except GatewayError as e:
+            status = e.code.value
+            raise
+        except asyncio.CancelledError:
+            status = ErrorCode.CANCELLED.value
+            raise
+        finally:
+            end = _perf_ns()
+            threads.away -= 1
+            self.scheduler.give_slot()  # type: ignore[union-attr]
+            elapsed = end - start
+            self.stats.record_request(status == "OK", elapsed, 0)
+            m = self.metrics
+            m.queue.observe(0.0)
+            if status == "OK":
+                with self.stats_lock:
+                    self.record(rows, 1, start, start, end, end)
+            m.request_done("grpc", status, elapsed / 1e9)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
@@ -362,6 +417,8 @@ class RemoteExecution:
             t1 = _perf_ns()
             threads = self._threads
             threads.away += len(batch)
+            forwards = v.metrics.forwards
+            forwards["decoded"] = forwards.get("decoded", 0) + len(batch)
             rid = batch[0].request.id if len(batch) == 1 else ""
             types = None
             try:

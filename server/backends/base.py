@@ -112,6 +112,11 @@ class RemoteBackend(Backend, Protocol):
         every output (``names`` ()) or those named, answered by name as (V2 datatype, array)."""
         ...
 
+    async def forward(self, request: bytes, deadline: float | None) -> bytes:
+        """Send a caller's serialized ModelInferRequest on unchanged but for the model name and
+        version; the upstream's serialized ModelInferResponse."""
+        ...
+
     def unavailable(self) -> GatewayError:
         """The error a caller gets at once while ``ready()`` is False."""
         ...

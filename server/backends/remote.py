@@ -46,6 +46,7 @@ from .base import Kind
 log = logging.getLogger("batchgate.remote")
 
 PLATFORM = "remote"
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_EJECT_S = 60.0
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
 _BREAKER_CODES = {
@@ -100,6 +101,8 @@ class Upstream:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
+        self.raw_infer = self.channel.unary_unary(INFER_METHOD, _registered_method=True)
         self.metrics = metrics
         metrics.owner = self  # a reload's new Upstream takes the gauges over
         self.ready = False  # the last probe or call says the model is ready there
@@ -141,6 +144,10 @@ class RemoteV2Backend:
         self.version = spec.upstream_version  # the upstream version served; filled by open()
         self._in_types: dict[str, str] = {}
         self._out_types: dict[str, str] = {}
+        # Appended to a forwarded request's bytes: the upstream's model name and version. A
+        # singular protobuf field given twice takes its last value, so the caller's name and
+        # version are replaced without re-encoding the message.
+        self.forward_suffix = string_field(1, spec.target) + string_field(2, spec.upstream_version)
 
     # ------------------------------------------------------------------ loading
     async def open(self) -> mc.ModelConfig:
@@ -366,7 +373,14 @@ class RemoteV2Backend:
         up, resp = await self._call(self.request(feeds, names, request_id, types), deadline)
         return self._tensors(up, resp)
 
-    async def _call(self, msg: pb.ModelInferRequest, deadline: float | None) -> tuple[Upstream, pb.ModelInferResponse]:
+    async def forward(self, request: bytes, deadline: float | None) -> bytes:
+        """Send a caller's serialized ModelInferRequest on as it came, but for the model name and
+        version (see ``forward_suffix``), and return the upstream's serialized answer. The same
+        choice of upstream, ejection, retry and error translation as :meth:`infer`."""
+        return (await self._call(request + self.forward_suffix, deadline, raw=True))[1]
+
+    async def _call(self, msg, deadline: float | None, raw: bool = False):
+        """(the upstream that answered, its answer): a ModelInferResponse, or its bytes with ``raw``."""
         tried: list[Upstream] = []
         last: GatewayError | None = None
         while True:
@@ -385,7 +399,7 @@ class RemoteV2Backend:
             m.requests += 1
             t0 = time.perf_counter()
             try:
-                resp = await up.stub.ModelInfer(msg, timeout=timeout)
+                resp = await (up.raw_infer if raw else up.stub.ModelInfer)(msg, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 m.errors[code.name] = m.errors.get(code.name, 0) + 1
@@ -443,6 +457,22 @@ class RemoteV2Backend:
                 up.update_gauge()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def string_field(number: int, value: str) -> bytes:
+    """One protobuf string field, encoded even when empty (a message's own serializer leaves an
+    empty string out, and an empty value must still replace one given earlier)."""
+    data = value.encode("utf-8")
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
 def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:
     """A config from V2 model metadata alone. With ``max_batch_size`` > 0 the first dimension of
     every tensor, which must be -1, is the batch dimension."""
@@ -462,4 +492,4 @@ def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) ->
     return cfg
 
 
-__all__ = ["RemoteV2Backend", "config_from_metadata", "not_delivered", "PLATFORM"]
+__all__ = ["RemoteV2Backend", "config_from_metadata", "not_delivered", "string_field", "PLATFORM"]

@@ -230,6 +230,23 @@ class PassThroughScheduler(_SchedulerBase):
             raise result
         return result
 
+    def take_slot(self) -> bool:
+        """Take an instance for work run outside the queue (a forwarded request), only when
+        one is idle and nobody waits; the taker calls :meth:`give_slot` exactly once."""
+        if self._closed or not self._free or self._waiters:
+            return False
+        self._free -= 1
+        self._executing += 1
+        self._idle.clear()
+        return True
+
+    def give_slot(self) -> None:
+        """The instance :meth:`take_slot` took is free again: the oldest waiter gets it."""
+        self._drain.done(1, bool(self._waiters))
+        self._executing -= 1
+        self._release()
+        self._check_idle()
+
     def _leave(self, w: _Waiter) -> bool:
         """Take ``w`` out of the queue if nobody has taken it yet; whether it was still there."""
         with self._lock:

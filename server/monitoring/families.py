@@ -84,6 +84,12 @@ FAMILIES: dict[str, Family] = {
         "(inflight_limit, queue_full, queue_wait, queue_target, deadline_unmeetable, deadline_expired, queue_timeout)",
         ("reason",),
     ),
+    "batchgate_remote_requests": _model(
+        "counter",
+        "Requests to a remote model by the path they took: raw (the caller's gRPC request forwarded as it came, "
+        "no tensor decoded) or decoded (checked, batched or sampled at the gateway)",
+        ("path",),
+    ),
     "batchgate_inflight_requests": _model("gauge", "Requests accepted and not yet answered"),
     "batchgate_model_ready": _model("gauge", "1 when the model version is loaded and serving, else 0", merge=ALL),
     "batchgate_model_load_duration_seconds": _model("gauge", "Time the last load of the model version took", merge=MAX),

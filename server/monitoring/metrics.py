@@ -170,6 +170,7 @@ class ModelMetrics:
         self.executions = 0
         self.batch_rows: dict[int, int] = {}  # rows per execution -> executions
         self.refusals: dict[str, int] = {}
+        self.forwards: dict[str, int] = {}  # a remote model's requests by path: raw | decoded
         self.ready = 0
         self.load_seconds: float | None = None
         self._queue_depth: Callable[[], int] | None = None
@@ -442,6 +443,8 @@ class Metrics:
                 add("batchgate_queue_oldest_age_seconds", mv, gauges[2])
             for reason, n in list(m.refusals.items()):
                 add("batchgate_refusals", mv + (reason,), n)
+            for path, n in list(m.forwards.items()):
+                add("batchgate_remote_requests", mv + (path,), n)
             add("batchgate_batch_size", mv, _batch_histogram(dict(m.batch_rows)))
             if m.load_seconds is not None:
                 add("batchgate_model_load_duration_seconds", mv, m.load_seconds)

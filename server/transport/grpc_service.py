@@ -80,6 +80,11 @@ def _parse(raw: bytes) -> pb.ModelInferRequest:
         ) from None
 
 
+def _answer_bytes(answer: pb.ModelInferResponse | bytes) -> bytes:
+    """A ModelInfer answer on the wire: a forwarded upstream answer is bytes already."""
+    return answer if type(answer) is bytes else answer.SerializeToString()  # type: ignore[union-attr]
+
+
 def add_to_server(service: InferenceService, server) -> None:
     """Register every RPC of ``inference.GRPCInferenceService``, as the generated
     ``add_GRPCInferenceServiceServicer_to_server`` would, except that ModelInfer and
@@ -100,9 +105,8 @@ def add_to_server(service: InferenceService, server) -> None:
             make = grpc.stream_stream_rpc_method_handler
         else:
             make = grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(
-            impl, request_deserializer=deserializer, response_serializer=resp_cls.SerializeToString
-        )
+        serializer = _answer_bytes if method.name == "ModelInfer" else resp_cls.SerializeToString
+        handlers[method.name] = make(impl, request_deserializer=deserializer, response_serializer=serializer)
     # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
     # lookup per call.
     server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
@@ -229,6 +233,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
             )
             try:
+                forwarded = dp.forward(served, raw, request, context.time_remaining())
+                if forwarded is not None:  # a remote model's request, sent on as it came
+                    return await forwarded
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)
                 resp = await dp.infer(served, self._decode(request, context, headers))
             finally:

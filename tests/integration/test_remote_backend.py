@@ -553,3 +553,65 @@ def _one_row_model():
         [shape],
     )
     return _model(graph)
+
+
+def _paths(running, model: str) -> dict[str, float]:
+    out = {}
+    for line in _metric_lines(running, "batchgate_remote_requests_total"):
+        if f'model="{model}"' in line:
+            path = line.split('path="', 1)[1].split('"', 1)[0]
+            out[path] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_a_grpc_request_in_passthrough_is_forwarded_raw_and_answered_like_a_decoded_one(tmp_path, serve, upstream):
+    """The caller's bytes go to the upstream as they came (no tensor decoded at the gateway); the
+    answer carries the gateway's model name and version, like the decoded (HTTP) path's."""
+    up = upstream(_classifier_repo(tmp_path / "up"))
+    running = serve("", remote_models=(RemoteModel("front", (up.grpc,), upstream_model="clf", batching="passthrough"),))
+    x = np.random.default_rng(3).random((3, 4), dtype=np.float32)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("features", [3, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    r = c.infer("front", [inp], request_id="req-7")
+    resp = r.get_response()
+    assert (resp.model_name, resp.model_version, resp.id) == ("front", "1", "req-7")
+    decoded = _infer(httpclient, running.http_url, "front", x)
+    np.testing.assert_array_equal(r.as_numpy("probabilities"), decoded)
+    assert _paths(running, "front") == {"raw": 1.0, "decoded": 1.0}
+    stats = c.get_inference_statistics("front").model_stats[0]
+    assert stats.inference_stats.success.count == 2 and stats.inference_count == 6 and stats.execution_count == 2
+    up_stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
+    assert up_stats["inference_stats"]["success"]["count"] == 2
+
+
+def test_a_raw_forwarded_request_still_meets_the_request_limits(tmp_path, serve, upstream):
+    up = upstream(_classifier_repo(tmp_path / "up"))
+    running = serve("", remote_models=(RemoteModel("clf", (up.grpc,), batching="passthrough"),), max_inputs=4)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    deep = grpcclient.InferInput("features", [1] * 40, "FP32")
+    deep.set_data_from_numpy(np.ones([1] * 40, np.float32))
+    many = []
+    for i in range(5):
+        t = grpcclient.InferInput(f"in{i}", [1, 4], "FP32")
+        t.set_data_from_numpy(np.ones((1, 4), np.float32))
+        many.append(t)
+    for inputs, limit in (([deep], "(max_tensor_dims)"), (many, "(max_inputs)")):
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("clf", inputs)
+        assert _status(e.value) == "INVALID_ARGUMENT" and e.value.message().endswith(limit), e.value.message()
+    up_stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
+    assert up_stats["inference_stats"]["success"]["count"] == 0 and up_stats["inference_stats"]["fail"]["count"] == 0
+
+
+def test_when_every_instance_is_busy_a_request_queues_on_the_decoded_path(tmp_path, serve, upstream):
+    up = _busy_upstream(tmp_path, upstream)
+    running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="passthrough", max_inflight=1),))
+    x = np.ones((1, 1024), np.float32)
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: _infer(grpcclient, running.grpc_url, "slow", x, "input", "output"), range(6)))
+    assert all(o.shape == (1, 1024) for o in outs)
+    paths = _paths(running, "slow")
+    assert paths.get("raw", 0) + paths.get("decoded", 0) == 6 and paths.get("decoded", 0) >= 1, paths
+    lines = _metric_lines(running, "batchgate_upstream_outstanding")
+    assert lines and all(line.endswith(" 0.0") for line in lines)
