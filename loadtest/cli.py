@@ -9,10 +9,10 @@ import sys
 EXIT_OK, EXIT_SLO, EXIT_USAGE, EXIT_INVALID = 0, 1, 2, 3
 
 
-def add_parser(sub) -> None:
-    from .scenario import Scenario
+DEFAULT_OUT = "loadtest-results"  # relative to the current folder; git-ignored in this repository
 
-    d = Scenario("", "")
+
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "loadtest",
         help="load-test any Open Inference Protocol server (open loop by default)",
@@ -22,84 +22,131 @@ def add_parser(sub) -> None:
         "1 SLO breached, 2 bad arguments or unreachable server, 3 invalid measurement (the generator "
         "fell behind).",
     )
-    p.add_argument("target", nargs="?", help="host:port of the server's gRPC (default) or HTTP endpoint")
-    p.add_argument("--scenario", help="YAML file of scenario keys (the long option names with _); flags win")
-    p.add_argument("--model")
-    p.add_argument("--model-version", dest="version")
-    p.add_argument("--protocol", choices=("grpc", "http"))
-    p.add_argument("--http-encoding", choices=("json", "binary"), help=f"HTTP body (default {d.http_encoding})")
-    p.add_argument("--grpc-stream", action="store_true", default=None, help="send over ModelStreamInfer streams")
-    p.add_argument("--rate", type=float, help=f"open loop: requests/s over all workers (default {d.rate:g})")
-    p.add_argument("--arrival", choices=("constant", "poisson"))
-    p.add_argument("--shape", help="ramp:R0:R1 | step:R1@T1,R2@T2,... | spike:BASE:PEAK@AT+LEN (seconds)")
-    p.add_argument("--concurrency", type=int, help="closed loop: this many callers, each waiting for its answer")
-    p.add_argument("--duration", dest="duration_s", type=float, help=f"seconds measured (default {d.duration_s:g})")
-    p.add_argument("--warmup", dest="warmup_s", type=float, help=f"seconds of warm-up (default {d.warmup_s:g})")
-    p.add_argument("--window", dest="window_s", type=float, help=f"window seconds (default {d.window_s:g})")
     p.add_argument(
-        "--cooldown", dest="cooldown_s", type=float, help=f"seconds between sweep steps (default {d.cooldown_s:g})"
+        "--scenario",
+        help="YAML file of settings keyed by these flags' long names (duration: 30, sweep-rate: 100:900:100, "
+        "sweep-concurrency: [1, 2, 4]) and target; flags given here win; see loadtest/examples/",
     )
-    p.add_argument("--deadline-ms", type=float, help=f"every request's deadline (default {d.deadline_ms:g})")
-    p.add_argument("--workers", type=int, help="generator processes")
-    p.add_argument("--channels", type=int, help="gRPC channels (connections) per worker")
-    p.add_argument("--streams-per-channel", type=int, help="gRPC requests in flight per channel (0 = no limit)")
-    p.add_argument("--connections", type=int, help="HTTP keep-alive connections per worker")
-    p.add_argument("--batch-size", type=int, help="rows per request (the first dimension)")
-    p.add_argument("--dynamic-size", type=int, help="size given to other dynamic dimensions")
-    p.add_argument("--data", help=".npz (one request) or .jsonl (V2 JSON request bodies) to send")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1")
-    p.add_argument(
+    options(p)
+
+
+def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Add the load test's settings to ``p``; returns their actions (a scenario file's keys)."""
+    from .scenario import Scenario
+
+    d = Scenario("", "")
+    actions: list[argparse.Action] = []
+
+    def add(*names: str, **kw) -> None:
+        actions.append(p.add_argument(*names, **kw))
+
+    add("target", nargs="?", help="host:port of the server's gRPC (default) or HTTP endpoint")
+    add("--model")
+    add("--model-version", dest="version")
+    add("--protocol", choices=("grpc", "http"))
+    add("--http-encoding", choices=("json", "binary"), help=f"HTTP body (default {d.http_encoding})")
+    add("--grpc-stream", action="store_true", default=None, help="send over ModelStreamInfer streams")
+    add("--rate", type=float, help=f"open loop: requests/s over all workers (default {d.rate:g})")
+    add("--arrival", choices=("constant", "poisson"))
+    add("--shape", help="ramp:R0:R1 | step:R1@T1,R2@T2,... | spike:BASE:PEAK@AT+LEN (seconds)")
+    add("--concurrency", type=int, help="closed loop: this many callers, each waiting for its answer")
+    add(
+        "--duration",
+        dest="duration_s",
+        metavar="SECONDS",
+        type=float,
+        help=f"seconds measured (default {d.duration_s:g})",
+    )
+    add("--warmup", dest="warmup_s", metavar="SECONDS", type=float, help=f"seconds of warm-up (default {d.warmup_s:g})")
+    add("--window", dest="window_s", metavar="SECONDS", type=float, help=f"window seconds (default {d.window_s:g})")
+    add(
+        "--cooldown",
+        dest="cooldown_s",
+        metavar="SECONDS",
+        type=float,
+        help=f"seconds between sweep steps (default {d.cooldown_s:g})",
+    )
+    add("--deadline-ms", type=float, help=f"every request's deadline (default {d.deadline_ms:g})")
+    add("--workers", type=int, help="generator processes (one busy core each at most)")
+    add("--channels", type=int, help="gRPC channels (connections) per worker")
+    add("--streams-per-channel", type=int, help="gRPC requests in flight per channel (0 = no limit)")
+    add("--connections", type=int, help="HTTP keep-alive connections per worker")
+    add("--batch-size", type=int, help="rows per request (the first dimension)")
+    add("--dynamic-size", type=int, help="size given to other dynamic dimensions")
+    add("--data", help=".npz (one request) or .jsonl (V2 JSON request bodies) to send")
+    add("--payloads", type=int, help=f"distinct generated requests, sent in turn (default {d.payloads})")
+    add("--seed", type=int)
+    add("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1")
+    add(
         "--error-budget",
         type=float,
         help="allowed error rate, part of the SLO (default 0.001 with --slo-p99-ms); a breach exits 1",
     )
-    p.add_argument("--stability-pct", type=float)
-    p.add_argument(
+    add("--stability-pct", type=float)
+    add(
         "--precise-timing",
         action="store_true",
         default=None,
         help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)",
     )
-    p.add_argument("--max-lag-p99-ms", type=float, help="generator lag above which a step is invalid")
-    p.add_argument("--metrics-url", help="the server's Prometheus endpoint, scraped during the run")
-    p.add_argument("--sweep-rate", help="START:END:STEP (step search) or LOW:HIGH with --search binary")
-    p.add_argument("--search", choices=("step", "binary"))
-    p.add_argument("--precision", type=float, help="binary search: stop when the bracket is this narrow (req/s)")
-    p.add_argument("--sweep-concurrency", help="closed-loop levels, e.g. 1,2,4,8,16")
-    p.add_argument("--out", default="loadtest-results", help="folder for the reports and plots")
-    p.add_argument("--quiet", action="store_true", help="no live progress")
+    add(
+        "--max-lag-p99-ms",
+        type=float,
+        help=f"generator lag above which a step is invalid (default {d.max_lag_p99_ms:g})",
+    )
+    add(
+        "--min-achieved",
+        type=float,
+        help=f"share of the scheduled requests the generator must send for a valid step (default {d.min_achieved:g})",
+    )
+    add("--late-ms", type=float, help=f"a send later than this counts as late (default {d.late_ms:g})")
+    add("--metrics-url", help="the server's Prometheus endpoint, scraped during the run")
+    add("--sweep-rate", help="START:END:STEP or R1,R2,... (step search), LOW:HIGH with --search binary")
+    add("--search", choices=("step", "binary"))
+    add("--precision", type=float, help="binary search: stop when the bracket is this narrow (req/s)")
+    add("--sweep-concurrency", help="closed-loop levels, e.g. 1,2,4,8,16")
+    add("--out", help=f"folder for the reports and plots (default ./{DEFAULT_OUT})")
+    add("--quiet", action="store_true", default=None, help="no live line per window")
+    return actions
+
+
+def scenario_keys():
+    """The keys a scenario file may use (the flags' long names and ``target``), by name."""
+    from .scenario_file import file_keys
+
+    return file_keys(options(argparse.ArgumentParser(add_help=False)))
+
+
+def resolve(args: argparse.Namespace):
+    """The scenario, the output folder and whether to be quiet: the flags over the scenario file.
+
+    ``--concurrency`` without ``--rate`` is a closed loop; so is ``concurrency`` without ``rate``
+    in the file, unless the flags give a rate (what is given at the higher level wins); and so is
+    a concurrency sweep."""
+    from .scenario import LoadTestError, Scenario
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    from_file: dict = {}
+    if args.scenario:
+        from .scenario_file import read
+
+        from_file = read(args.scenario, scenario_keys())
+    merged = {**from_file, **given}
+    level = {k: 2 if k in given else 1 if k in from_file else 0 for k in ("concurrency", "rate")}
+    values = {f.name: merged[f.name] for f in dataclasses.fields(Scenario) if f.name in merged}
+    if level["concurrency"] > level["rate"] or values.get("sweep_concurrency"):
+        values["mode"] = "closed"  # a concurrency sweep is closed loop whatever the rate says
+    if not values.get("target") or not values.get("model"):
+        raise LoadTestError("a target (host:port) and --model are needed (or target: and model: in --scenario)")
+    try:
+        sc = Scenario(**values)
+    except TypeError as e:
+        raise LoadTestError(str(e)) from None
+    return sc, merged.get("out") or DEFAULT_OUT, bool(merged.get("quiet"))
 
 
 def scenario_from(args: argparse.Namespace):
-    from .scenario import LoadTestError, Scenario
-
-    values: dict = {}
-    if args.scenario:
-        import yaml
-
-        try:
-            with open(args.scenario, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise LoadTestError(f"cannot read scenario {args.scenario}: {e}") from None
-        known = {f.name for f in dataclasses.fields(Scenario)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoadTestError(f"scenario {args.scenario}: unknown key(s) {', '.join(unknown)}")
-        values.update(data)
-    for fld in dataclasses.fields(Scenario):
-        v = getattr(args, fld.name, None)
-        if v is not None:
-            values[fld.name] = v
-    if args.concurrency is not None and args.rate is None and "mode" not in values:
-        values["mode"] = "closed"
-    if not values.get("target") or not values.get("model"):
-        raise LoadTestError("a target (host:port) and --model are needed")
-    try:
-        return Scenario(**values)
-    except TypeError as e:
-        raise LoadTestError(str(e)) from None
+    return resolve(args)[0]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,8 +160,8 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     try:
-        sc = scenario_from(args)
-        runner = Runner(sc, progress=None if args.quiet else report.progress_line)
+        sc, out, quiet = resolve(args)
+        runner = Runner(sc, progress=None if quiet else report.progress_line)
         run = runner.run()
     except LoadTestError as e:
         print(f"batchgate loadtest: error: {e}", file=sys.stderr)
@@ -122,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(report.table(run))
-    paths = report.write_all(run, args.out)
+    paths = report.write_all(run, out)
     print(f"\nreports: {', '.join(sorted(set(paths.values())))}", file=sys.stderr)
     return exit_status(run)
 

@@ -31,7 +31,7 @@ from dataclasses import asdict
 
 from . import payload as pl
 from .results import Run, Step, Window, decode, percentiles_ms
-from .scenario import DEFAULT_ERROR_BUDGET, LoadTestError, Scenario, segments
+from .scenario import DEFAULT_ERROR_BUDGET, LoadTestError, Scenario, concurrency_levels, rate_sweep, segments
 from .worker import Plan, Transport, rate_at
 from .worker import main as worker_main
 
@@ -161,6 +161,7 @@ class Runner:
         self.progress = progress
         self._procs: list = []
         self._steps_run = 0
+        self._start_sweep(1, exact=True, upper_bound=False)
 
     # ------------------------------------------------------------------ set-up
     def _payloads(self) -> list[pl.Encoded]:
@@ -322,12 +323,16 @@ class Runner:
                 raise LoadTestError(f"worker process(es) died during step '{label}': {', '.join(dead)}")
             if now_s > sc.duration_s + sc.deadline_ms / 1000 + 30:
                 raise LoadTestError("the workers did not finish the step")
+        # The workers' CPU over the whole step, windows past the measurement included: a worker that
+        # has fallen behind sends without yielding, and its CPU is only booked once it catches up.
+        wall_s = (time.monotonic_ns() - start_ns) / 1e9 + sc.warmup_s
+        cores_per_worker = sum(w.cpu_s for w in windows.values()) / max(wall_s, 1e-9) / n
         step.windows = [windows[i] for i in sorted(windows) if windows[i].start_s < sc.duration_s]
         step.server = server_view(before, scrape(sc.metrics_url), sc.model, sc.protocol)
-        self._verdicts(step, scheduled, w_ns)
+        self._verdicts(step, scheduled, w_ns, cores_per_worker)
         return step
 
-    def _verdicts(self, step: Step, scheduled: int, w_ns: int) -> None:
+    def _verdicts(self, step: Step, scheduled: int, w_ns: int, cores_per_worker: float) -> None:
         sc = self.sc
         t = step.totals()
         lag = percentiles_ms(step.hist("lag"))
@@ -335,15 +340,27 @@ class Runner:
         if step.mode == "open":
             ratio = t["sent"] / scheduled if scheduled else 0.0
             step.stability["achieved_ratio"] = ratio
-            if ratio < sc.min_achieved:
-                step.valid = False
+            behind = ratio < sc.min_achieved
+            lagging = lag["p99"] is not None and lag["p99"] > sc.max_lag_p99_ms
+            if behind:
                 step.problems.append(
                     f"the generator sent {t['sent']:,} of the {scheduled:,} requests scheduled "
                     f"({ratio:.1%} < {sc.min_achieved:.0%}): it fell behind"
                 )
-            if lag["p99"] is not None and lag["p99"] > sc.max_lag_p99_ms:
-                step.valid = False
+            if lagging:
                 step.problems.append(f"generator dispatch lag p99 {lag['p99']:.1f} ms > {sc.max_lag_p99_ms:g} ms")
+            if behind or lagging:
+                step.valid = False
+                step.problems.append(
+                    "to fix: "
+                    + invalid_advice(
+                        sc,
+                        behind=behind,
+                        lag_p99_ms=lag["p99"],
+                        cores_per_worker=cores_per_worker,
+                        cpus=usable_cpus(),
+                    )
+                )
         if t["sent"] == 0:
             step.valid = False
             step.problems.append("no request was sent")
@@ -376,9 +393,9 @@ class Runner:
         self.start()
         try:
             if sc.sweep_concurrency:
-                self._sweep_concurrency(run, sc.sweep_concurrency)
+                self._sweep_concurrency(run)
             elif sc.sweep_rate:
-                self._sweep_rate(run, sc.sweep_rate)
+                self._sweep_rate(run)
             elif sc.mode == "closed":
                 run.steps.append(self.run_step(f"concurrency {sc.concurrency} (closed loop)", "closed"))
             else:
@@ -387,72 +404,170 @@ class Runner:
             self.stop()
         return run
 
-    def _open_step(self, run: Run, rate: float) -> Step:
-        step = self.run_step(f"{self.sc.arrival} {_fmt(rate)}/s", "open", rate)
+    def _sweep_step(self, run: Run, label: str, mode: str, **load) -> Step:
+        """Run one step of a sweep, announced as "step k of n" with the time left, then judged."""
+        k = len(run.steps) + 1
+        n, exact = self._plan
+        of = f"{k} of {n}" if exact else f"{k} of at most {n}"
+        left = self._step_seconds() * (n - k + 1)
+        self.say(f"step {of}: {label} ({eta_text(left, upper_bound=self._upper_bound)})")
+        started = time.monotonic()
+        step = self.run_step(label, mode, **load)
+        self._durations.append(time.monotonic() - started)
         run.steps.append(step)
-        self.say(f"step {step.label}: {verdict_words(step)}")
+        self.say(f"step {of}: {label}: {verdict_words(step)}")
         return step
 
-    def _sweep_rate(self, run: Run, spec: str) -> None:
+    def _step_seconds(self) -> float:
+        """How long a step takes: the mean of those run so far, or the scenario's estimate."""
+        if self._durations:
+            return sum(self._durations) / len(self._durations)
         sc = self.sc
-        parts = [float(x) for x in spec.split(":")]
+        return 0.2 + sc.warmup_s + sc.duration_s + sc.cooldown_s + 0.5  # start offset, drain and scrapes
+
+    def _start_sweep(self, n: int, exact: bool, upper_bound: bool) -> None:
+        self._plan = (n, exact)
+        self._upper_bound = upper_bound
+        self._durations: list[float] = []
+
+    def _sweep_rate(self, run: Run) -> None:
+        sc = self.sc
+        sweep = rate_sweep(sc)
         run.sweep = {
             "kind": "rate",
-            "method": sc.search,
+            "method": sweep.method,
             "best": None,
             "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)},
         }
         ok = (lambda s: s.slo_met) if s_slo(sc) else (lambda s: s.valid)
-        if sc.search == "step":
-            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
-                raise LoadTestError("--sweep-rate for a step search is START:END:STEP")
-            rate = parts[0]
-            while rate <= parts[1] + 1e-9:
-                step = self._open_step(run, rate)
+        # both searches may stop early: a step search at its first miss, a binary search when an end decides it
+        self._start_sweep(sweep.most_steps, exact=sweep.method == "step", upper_bound=True)
+
+        def open_step(rate: float) -> Step:
+            return self._sweep_step(run, f"{sc.arrival} {_fmt(rate)}/s", "open", rate=rate)
+
+        if sweep.method == "step":
+            for k, rate in enumerate(sweep.rates, 1):
+                step = open_step(rate)
                 if not ok(step):
+                    if k < len(sweep.rates):
+                        self.say(
+                            f"the sweep stops at step {k} of {len(sweep.rates)}: it "
+                            f"{'missed the SLO' if s_slo(sc) else 'was INVALID'} "
+                            f"({len(sweep.rates) - k} higher rate(s) not run)"
+                        )
                     break
                 run.sweep["best"] = step.label
-                rate += parts[2]
             return
-        if len(parts) != 2 or parts[1] <= parts[0]:
-            raise LoadTestError("--sweep-rate for a binary search is LOW:HIGH")
-        low, high = parts
-        precision = sc.precision or max(1.0, (high - low) / 32)
-        step = self._open_step(run, low)
+        low, high = sweep.rates
+        step = open_step(low)
         if not ok(step):
-            return  # not even the lowest rate meets the SLO
+            self.say("the sweep stops: even its lowest rate " + ("missed the SLO" if s_slo(sc) else "was INVALID"))
+            return
         run.sweep["best"] = step.label
-        step = self._open_step(run, high)
+        step = open_step(high)
         if ok(step):
             run.sweep["best"] = step.label
+            self.say("the sweep stops: even its highest rate passed")
             return
-        while high - low > precision:
+        while high - low > sweep.precision:
             mid = (low + high) / 2
-            step = self._open_step(run, mid)
+            step = open_step(mid)
             if ok(step):
                 low = mid
                 run.sweep["best"] = step.label
             else:
                 high = mid
 
-    def _sweep_concurrency(self, run: Run, spec: str) -> None:
+    def _sweep_concurrency(self, run: Run) -> None:
         sc = self.sc
-        try:
-            levels = [int(x) for x in spec.split(",")]
-        except ValueError:
-            raise LoadTestError("--sweep-concurrency is a comma-separated list of numbers, e.g. 1,2,4,8") from None
+        levels = concurrency_levels(sc.sweep_concurrency or "")
         run.sweep = {
             "kind": "concurrency",
             "method": "step",
             "best": None,
             "slo": {"p99_ms": sc.slo_p99_ms, "error_budget": _budget(sc)},
         }
+        self._start_sweep(len(levels), exact=True, upper_bound=False)
         for c in levels:
-            step = self.run_step(f"concurrency {c} (closed loop)", "closed", concurrency=c)
-            run.steps.append(step)
-            self.say(f"step {step.label}: {verdict_words(step)}")
-            if step.slo_met if s_slo(sc) else step.valid:
-                run.sweep["best"] = step.label
+            self._sweep_step(run, f"concurrency {c} (closed loop)", "closed", concurrency=c)
+        best = best_closed_step(run.steps, s_slo(sc))
+        run.sweep["best"] = best.label if best is not None else None
+
+
+def best_closed_step(steps: list[Step], slo: bool) -> Step | None:
+    """A closed-loop sweep's best step: the highest throughput among the steps that met the SLO
+    (or, without an SLO, that were valid). More callers past the knee only add queueing, and
+    throughput may fall, so the last passing level is not necessarily the best; a tie goes to
+    the lower concurrency (the same throughput with less waiting)."""
+    passing = [s for s in steps if (s.slo_met if slo else s.valid)]
+    if not passing:
+        return None
+    return max(passing, key=lambda s: (s.totals()["throughput"], -(s.concurrency or 0)))
+
+
+def eta_text(seconds_left: float, upper_bound: bool, now: float | None = None) -> str:
+    """'about 1m 05s left, done by 14:03:10' (or 'at most ...' when the sweep may stop sooner)."""
+    secs = max(0, round(seconds_left))
+    span = f"{secs // 3600}h {secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m {secs % 60:02d}s"
+    if secs < 60:
+        span = f"{secs} s"
+    when = time.strftime("%H:%M:%S", time.localtime((time.time() if now is None else now) + secs))
+    return f"{'at most' if upper_bound else 'about'} {span} left, done by {when}"
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity where the platform says, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def invalid_advice(sc: Scenario, *, behind: bool, lag_p99_ms: float | None, cores_per_worker: float, cpus: int) -> str:
+    """What to change when an open-loop step is INVALID, from what went wrong.
+
+    - The workers were busy (about a core each: one event loop per process): the generator
+      lacks CPU, so more ``--workers`` while cores are left, or a lower rate. ``--precise-timing``
+      spins a core per worker, so it is named as the thing to drop when it is on.
+    - The workers were not busy and only the lag missed its bound by about the event loop's
+      1 ms timer resolution: ``--precise-timing`` fixes exactly that.
+    - The workers were not busy (they got less than 0.8 of a core each over the step) and yet fell
+      behind: something else holds the cores (the server under test on the same machine), so
+      run the generator elsewhere, or spread the sends over more ``--workers`` and ``--channels``
+      / ``--connections``, or lower the rate.
+    A lower ``--rate`` (or a lower top of the sweep) always applies, and comes last."""
+    busy = cores_per_worker >= 0.8
+    lower = "a lower --sweep-rate" if sc.sweep_rate else "a lower --rate"
+    spread = "--channels" if sc.protocol == "grpc" else "--connections"
+    spread_now = sc.channels if sc.protocol == "grpc" else sc.connections
+    more_workers = (
+        f"more --workers ({sc.workers} now, each busy {cores_per_worker:.2f} of a core; {cpus} cores here)"
+        if sc.workers < cpus
+        else None
+    )
+    if busy:
+        if sc.precise_timing:
+            options = ["drop --precise-timing (it keeps a core per worker spinning)", more_workers, lower]
+        else:
+            options = [more_workers, lower]
+        if more_workers is None:
+            options.append(f"a generator with more cores ({sc.workers} workers already use all {cpus})")
+        return "the generator is short of CPU: " + ", or ".join(o for o in options if o)
+    timer_bound = not behind and lag_p99_ms is not None and lag_p99_ms <= 3.0 and not sc.precise_timing
+    if timer_bound:
+        return (
+            "the lag is the event loop's ~1 ms timer resolution: add --precise-timing, "
+            f"or allow it with --max-lag-p99-ms (now {sc.max_lag_p99_ms:g})"
+        )
+    workers = f"more --workers ({sc.workers} now)" if sc.workers < cpus else None
+    return (
+        f"the workers got only {cores_per_worker:.2f} of a core each, so other work holds this machine's "
+        "cores (the server under test?): run the generator elsewhere, or "
+        + ", or ".join(
+            o for o in (workers, f"more {spread} per worker ({spread_now} now)" if behind else None, lower) if o
+        )
+    )
 
 
 def s_slo(sc: Scenario) -> bool:

@@ -5,6 +5,7 @@ Kept free of heavy imports: the command line builds its help from it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
@@ -49,12 +50,13 @@ class Scenario:
     min_achieved: float = 0.99
     max_lag_p99_ms: float = 10.0
     metrics_url: str | None = None
-    sweep_rate: str | None = None  # START:END:STEP (step search) or LOW:HIGH (binary search)
+    sweep_rate: str | None = None  # START:END:STEP or R1,R2,... (step search), LOW:HIGH (binary search)
     search: str = "step"  # step | binary
     precision: float = 0.0  # binary search: stop when the bracket is this narrow (req/s)
     sweep_concurrency: str | None = None  # e.g. 1,2,4,8,16
 
     def check(self) -> None:
+        """Refuse a scenario that cannot run; messages name the setting as its flag is named."""
         choices = {
             "protocol": ("grpc", "http"),
             "http_encoding": ("json", "binary"),
@@ -64,18 +66,111 @@ class Scenario:
         }
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
-                raise LoadTestError(f"{k} must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")
+                raise LoadTestError(f"{flag(k)} must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")
         for k in ("duration_s", "window_s", "deadline_ms", "rate"):
             if not getattr(self, k) > 0:
-                raise LoadTestError(f"{k} must be greater than 0")
+                raise LoadTestError(f"{flag(k)} must be greater than 0")
         for k in ("workers", "channels", "connections", "batch_size", "payloads", "concurrency"):
             if getattr(self, k) < 1:
-                raise LoadTestError(f"{k} must be at least 1")
-        if self.warmup_s < 0:
-            raise LoadTestError("warmup_s must not be negative")
+                raise LoadTestError(f"{flag(k)} must be at least 1")
+        for k in ("warmup_s", "cooldown_s", "precision"):
+            if getattr(self, k) < 0:
+                raise LoadTestError(f"{flag(k)} must not be negative")
         if self.grpc_stream and self.protocol != "grpc":
-            raise LoadTestError("grpc_stream needs protocol grpc")
+            raise LoadTestError("grpc-stream needs protocol grpc")
         segments(self)  # the shape parses
+        if self.sweep_concurrency:
+            concurrency_levels(self.sweep_concurrency)
+        elif self.sweep_rate:
+            rate_sweep(self)
+
+
+# Scenario fields whose flag (and scenario-file key) is named differently; the others are the
+# field's name with - for _.
+FLAG_OF_FIELD = {
+    "duration_s": "duration",
+    "warmup_s": "warmup",
+    "window_s": "window",
+    "cooldown_s": "cooldown",
+    "version": "model-version",
+}
+
+
+def flag(field_name: str) -> str:
+    """The flag (without --) and scenario-file key that sets a Scenario field."""
+    return FLAG_OF_FIELD.get(field_name, field_name.replace("_", "-"))
+
+
+MAX_SWEEP_STEPS = 1000
+
+
+def concurrency_levels(spec: str) -> list[int]:
+    """The closed-loop levels of ``--sweep-concurrency``: ``1,2,4,8``."""
+    try:
+        levels = [int(x) for x in str(spec).split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise LoadTestError(
+            f"sweep-concurrency is a comma-separated list of whole numbers >= 1, e.g. 1,2,4,8, not {spec!r}"
+        )
+    return levels
+
+
+@dataclass
+class RateSweep:
+    """An open-loop sweep: the rates of a step search (run from the lowest up until one misses),
+    or the bracket of a binary search."""
+
+    method: str  # step | binary
+    rates: list[float]  # step: every rate, in order; binary: [low, high]
+    precision: float = 0.0  # binary: stop when the bracket is this narrow (req/s)
+
+    @property
+    def most_steps(self) -> int:
+        """The most steps the sweep can take (a step search stops at its first miss, a binary
+        search bisects until the bracket is within the precision)."""
+        if self.method == "step":
+            return len(self.rates)
+        low, high = self.rates
+        halvings = math.ceil(math.log2((high - low) / self.precision)) if high - low > self.precision else 0
+        return 2 + halvings
+
+
+def rate_sweep(sc: Scenario) -> RateSweep:
+    """``--sweep-rate``: ``START:END:STEP`` or ``R1,R2,...`` (step search), ``LOW:HIGH`` (binary)."""
+    spec = str(sc.sweep_rate or "").strip()
+    try:
+        if "," in spec:
+            rates = sorted(set(float(x) for x in spec.split(",")))  # a step search goes up from the lowest
+            parts = None
+        else:
+            parts = [float(x) for x in spec.split(":")]
+    except ValueError:
+        raise LoadTestError(
+            f"sweep-rate {spec!r} must be START:END:STEP or R1,R2,... (step search) or LOW:HIGH (binary search)"
+        ) from None
+    if sc.search == "binary":
+        if parts is None or len(parts) != 2 or not 0 < parts[0] < parts[1]:
+            raise LoadTestError(f"sweep-rate for a binary search is LOW:HIGH with 0 < LOW < HIGH, not {spec!r}")
+        low, high = parts
+        return RateSweep("binary", [low, high], sc.precision or max(1.0, (high - low) / 32))
+    if parts is not None:
+        if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0] or parts[0] <= 0:
+            raise LoadTestError(
+                "sweep-rate for a step search is START:END:STEP (0 < START <= END, STEP > 0) "
+                f"or R1,R2,..., not {spec!r}"
+            )
+        start, end, step = parts
+        count = math.floor((end - start) / step + 1e-9) + 1
+        if count > MAX_SWEEP_STEPS:
+            raise LoadTestError(
+                f"sweep-rate {spec!r} makes {count:,} steps (at most {MAX_SWEEP_STEPS:,}): a larger STEP"
+            )
+        rates = [round(start + i * step, 9) for i in range(count)]  # no sum of steps: no drift
+    if min(rates) <= 0:
+        raise LoadTestError(f"sweep-rate: every rate must be greater than 0, not {spec!r}")
+    return RateSweep("step", rates)
 
 
 def segments(sc: Scenario, rate: float | None = None) -> list[tuple[float, float, float, float]]:

@@ -33,7 +33,15 @@ from .files import (
     write_intervals,
     write_json,
 )
-from .plots import plot_spectrum, plot_sweep, plot_timeline
+from .plots import (
+    plot_spectrum,
+    plot_sweep,
+    plot_timeline,
+    spectrum_figure,
+    spectrum_steps,
+    sweep_figure,
+    timeline_figure,
+)
 from .text import LEGEND, progress_line, table
 
 __all__ = [
@@ -49,7 +57,11 @@ __all__ = [
     "plot_timeline",
     "progress_line",
     "read_json",
+    "spectrum_figure",
+    "spectrum_steps",
+    "sweep_figure",
     "table",
+    "timeline_figure",
     "to_dict",
     "write_all",
     "write_csv",

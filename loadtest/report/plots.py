@@ -6,7 +6,9 @@ object-oriented API with the Agg canvas is used: no pyplot, no global backend sw
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,16 @@ def _nan(v: Any) -> float:
     return float(v) if _finite(v) else float("nan")
 
 
-def _legend(ax, **kw) -> None:
-    handles, _ = ax.get_legend_handles_labels()
+def _legend(ax, extra=None, **kw) -> None:
+    """A legend right of ``ax``; with ``extra`` (a twin axis), its entries join the same legend
+    (placed further right, past the twin's tick labels)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if extra is not None:
+        more, more_labels = extra.get_legend_handles_labels()
+        handles, labels = handles + more, labels + more_labels
     if handles:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, **kw)
+        x = 1.08 if extra is not None else 1.01
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(x, 1.0), fontsize=8, frameon=False, **kw)
 
 
 def _maybe_log(ax, values: list[float], ratio: float = 50.0) -> None:
@@ -74,21 +82,56 @@ def _place_windows(run: Run) -> list[tuple[Step, list[tuple[Window, float, float
     return placed
 
 
-def plot_timeline(run: Run, path) -> str:
-    """Per-window latency (p50/p99/max, corrected solid, uncorrected dashed), send rate vs target
-    and throughput, and server gauges when scraped; warm-up shaded, steps laid end to end."""
-    placed = _place_windows(run)
-    server_keys: list[str] = []
+# How the server panel draws each gauge: (label, colour, line style, marker). Queue depth (waiting
+# for a batch) and in-flight (accepted, not yet answered) are both counts of requests, on one axis,
+# told apart by style as well as colour; the mean batch size is rows per execution, another unit,
+# so it gets its own axis on the right.
+SERVER_STYLES = {
+    "queue_depth": ("queue depth (waiting)", "tab:red", "-", "s"),
+    "inflight": ("in flight (accepted, unanswered)", "tab:blue", "--", "^"),
+    "batch_size_mean": ("mean batch size (rows)", "tab:purple", ":", "D"),
+}
+
+
+def server_panel_keys(run: Run) -> tuple[list[str], list[str]]:
+    """The server gauges to draw, split by axis: (request counts on the left, batch sizes on the
+    right). Queue depth and in-flight come first; at most six in all."""
+    keys: list[str] = []
     for s in run.steps:
         for w in s.windows:
             for k, v in w.server.items():
-                if _finite(v) and k not in server_keys:
-                    server_keys.append(k)
-    preferred = [k for k in ("queue_depth", "inflight") if k in server_keys]
-    server_keys = (preferred + sorted(k for k in server_keys if k not in preferred))[:6]
+                if _finite(v) and k not in keys:
+                    keys.append(k)
+    preferred = [k for k in SERVER_STYLES if k in keys]
+    keys = (preferred + sorted(k for k in keys if k not in preferred))[:6]
+    right = [k for k in keys if "batch" in k]
+    return [k for k in keys if k not in right], right
+
+
+def _step_flags(s: Step) -> str:
+    flags = (["INVALID"] if not s.valid else []) + (["unstable"] if s.stable is False else [])
+    return f" [{', '.join(flags)}]" if flags else ""
+
+
+def plot_timeline(run: Run, path) -> str:
+    """Per-window latency (p50/p99/max, corrected solid, uncorrected dashed), send rate vs target
+    and throughput, and server gauges when scraped; warm-up shaded, steps laid end to end."""
+    return _save(timeline_figure(run), path)
+
+
+def timeline_figure(run: Run):
+    """The figure ``plot_timeline`` saves (a matplotlib Figure)."""
+    placed = _place_windows(run)
+    left_keys, right_keys = server_panel_keys(run)
+    server_keys = left_keys + right_keys
     nrows = 3 if server_keys else 2
     fig, axes = _new_figure(nrows, [3, 2, 2][:nrows], (11, 7.5 if nrows == 2 else 9.5))
     lat, rates = axes[0], axes[1]
+    gauges = axes[2] if server_keys else None
+    batches = None
+    if gauges is not None and right_keys:
+        batches = gauges.twinx()
+        batches.set_ylabel("batch size (rows)", color=SERVER_STYLES["batch_size_mean"][1])
 
     latencies: list[float] = []
     any_window = False
@@ -136,10 +179,12 @@ def plot_timeline(run: Run, path) -> str:
         if any_errors:
             errs = [sum(w.errors.values()) / w.seconds for w, _, _ in items]
             rates.plot(mids, errs, color="tab:red", marker="x", ms=4, lw=1, label=once("errors/s"))
-        if server_keys:
-            for j, key in enumerate(server_keys):
-                ys = [_nan(w.server.get(key)) for w, _, _ in items]
-                axes[2].plot(ends, ys, color=f"C{j}", marker="o", ms=3, label=once(f"server {key}"))
+        for j, key in enumerate(server_keys):
+            ax = batches if key in right_keys else gauges
+            assert ax is not None
+            label, colour, style, marker = SERVER_STYLES.get(key, (key, f"C{j + 2}", "-.", "o"))
+            ys = [_nan(w.server.get(key)) for w, _, _ in items]
+            ax.plot(ends, ys, color=colour, ls=style, marker=marker, ms=4, mfc="none", label=once(label))
 
     # warm-up shading (on every panel) and step boundaries with labels
     for _step, items, _ in placed:
@@ -158,7 +203,7 @@ def plot_timeline(run: Run, path) -> str:
             lat.text(
                 start,
                 1.01,
-                f" {s.label}",
+                f" {s.label}{_step_flags(s)}",
                 transform=lat.get_xaxis_transform(),
                 ha="left",
                 va="bottom",
@@ -185,12 +230,17 @@ def plot_timeline(run: Run, path) -> str:
     lat.set_ylabel("latency (ms)")
     rates.set_ylabel("requests / s")
     rates.set_ylim(bottom=0)
-    if server_keys:
-        axes[2].set_ylabel("server gauge\n(at window end)")
+    if gauges is not None:
+        gauges.set_ylabel("requests (server,\nat window end)" if left_keys else "server")
+        gauges.set_ylim(bottom=0)
+    if batches is not None:
+        batches.set_ylim(bottom=0)
     single = len(run.steps) <= 1
     axes[-1].set_xlabel("time (s) from the start of measurement" if single else "time (s), steps placed end to end")
-    for ax in axes:
+    for ax in axes[:2]:
         _legend(ax)
+    if gauges is not None:
+        _legend(gauges, extra=batches)
     title = f"{_name(run)}: latency and load per window"
     if single and run.steps:
         title += f" ({run.steps[0].label}, {_mode(run.steps[0])}, {_offered(run.steps[0])})"
@@ -199,7 +249,7 @@ def plot_timeline(run: Run, path) -> str:
     fig.suptitle(
         title + "\ncorrected = from intended send time (solid), uncorrected = from actual send (dashed)", fontsize=11
     )
-    return _save(fig, path)
+    return fig
 
 
 def _sweep_points(run: Run) -> tuple[bool, list[tuple[float, Step]]]:
@@ -217,8 +267,20 @@ def _sweep_points(run: Run) -> tuple[bool, list[tuple[float, Step]]]:
     return closed, points
 
 
+def unstable_points(points: list[tuple[float, Step]]) -> list[tuple[float, Step]]:
+    """The sweep's steps whose last windows disagreed (``stable`` False; None is too few windows
+    to tell, and is not marked)."""
+    return [(x, s) for x, s in points if s.stable is False]
+
+
 def plot_sweep(run: Run, path) -> str:
     """Latency and throughput against the offered load (rate, or concurrency for closed loop)."""
+    return _save(sweep_figure(run), path)
+
+
+def sweep_figure(run: Run):
+    """The figure ``plot_sweep`` saves. Invalid steps are hollow, unstable ones ringed; a
+    concurrency sweep has a log (base 2) x axis with a tick at each level."""
     closed, points = _sweep_points(run)
     fig, (lat, thr) = _new_figure(2, [3, 2], (10, 8))
     xs = [x for x, _ in points]
@@ -270,6 +332,26 @@ def plot_sweep(run: Run, path) -> str:
         if not all(valid):
             lat.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3", label="invalid step (hollow)")
             thr.plot([], [], ls="none", marker="o", mfc="white", mec="0.3", color="0.3", label="invalid step (hollow)")
+        shaky = unstable_points(points)
+        if shaky:
+            at = {id(s): i for i, (_, s) in enumerate(points)}
+            for ax, ys in (
+                (lat, [_nan(c[at[id(s)]]["p99"]) for _, s in shaky]),
+                (thr, [t[at[id(s)]]["throughput"] for _, s in shaky]),
+            ):
+                ring = [(x, y) for (x, _), y in zip(shaky, ys) if _finite(y)]
+                ax.plot(
+                    [x for x, _ in ring],
+                    [y for _, y in ring],
+                    ls="none",
+                    marker="o",
+                    ms=14,
+                    mfc="none",
+                    mec="tab:brown",
+                    mew=1.5,
+                    zorder=4,
+                    label="unstable step (ringed): its last windows disagree",
+                )
     else:
         _empty_note(lat, "no steps with an offered rate to plot")
 
@@ -306,29 +388,65 @@ def plot_sweep(run: Run, path) -> str:
     lat.set_ylabel("latency (ms)")
     thr.set_ylabel("requests / s")
     thr.set_ylim(bottom=0)
-    if closed:
-        from matplotlib.ticker import MaxNLocator
+    if closed and len({x for x in xs if x > 0}) > 1:
+        from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-        thr.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # levels usually double (1, 2, 4, ... 256): on a linear axis the low ones crowd together
+        thr.set_xscale("log", base=2)
+        levels = sorted({x for x in xs if x > 0})
+        if len(levels) <= 16:
+            thr.xaxis.set_major_locator(FixedLocator(levels))
+            thr.xaxis.set_minor_locator(NullLocator())
+        thr.xaxis.set_major_formatter(ScalarFormatter())
     thr.set_xlabel(
-        "concurrency: requests kept in flight (closed loop)" if closed else "offered rate, open loop (req/s)"
+        "concurrency: requests kept in flight (closed loop, log scale)" if closed else "offered rate, open loop (req/s)"
     )
     what = "concurrency (closed loop)" if closed else "offered rate (open loop)"
     fig.suptitle(
         f"{_name(run)}: latency and throughput vs {what}\n"
-        "corrected = from intended send time, uncorrected = from actual send; hollow = invalid step",
+        "corrected = from intended send time, uncorrected = from actual send; hollow = invalid, ringed = unstable",
         fontsize=11,
     )
     _legend(lat)
     _legend(thr)
-    return _save(fig, path)
+    return fig
 
 
-def _spectrum_steps(run: Run, limit: int = 5) -> list[Step]:
-    """The best step plus a spread of the others, at most ``limit``, in run order."""
-    steps = [s for s in run.steps if s.hist("corrected").get_total_count()] or list(run.steps)
+SPECTRUM_LIMIT = 8  # curves (two lines each) that still read apart on one plot
+
+
+@dataclass
+class SpectrumChoice:
+    """Which steps the spectrum plot draws, and which it does not and why (the plot says so)."""
+
+    shown: list[Step]  # in run order
+    left_out: list[Step] = field(default_factory=list)  # had samples; too many steps to draw them all
+    empty: list[Step] = field(default_factory=list)  # no latency sample: nothing to draw
+
+    def notes(self, names: int = 6) -> list[str]:
+        def listed(steps: list[Step]) -> str:
+            text = ", ".join(s.label for s in steps[:names])
+            return text + (f" and {len(steps) - names} more" if len(steps) > names else "")
+
+        out = []
+        if self.left_out:
+            total = len(self.shown) + len(self.left_out)
+            out.append(
+                f"{len(self.shown)} of {total} steps drawn (the best, the first past it, both ends, a spread "
+                f"between); not drawn: {listed(self.left_out)} (every step's spectrum is in its .hgrm file)"
+            )
+        if self.empty:
+            out.append(f"no latency samples, so no curve: {listed(self.empty)}")
+        return out
+
+
+def spectrum_steps(run: Run, limit: int = SPECTRUM_LIMIT) -> SpectrumChoice:
+    """The steps with samples, all of them up to ``limit``; past that the best step, the first
+    step past it, both ends and evenly spread picks in between. The rest are named, not dropped."""
+    steps = [s for s in run.steps if s.hist("corrected").get_total_count()]
+    empty = [s for s in run.steps if s not in steps]
     if len(steps) <= limit:
-        return steps
+        return SpectrumChoice(steps, [], empty)
     chosen: list[Step] = []
     best = _best(run)
     if best in steps:
@@ -344,7 +462,7 @@ def _spectrum_steps(run: Run, limit: int = 5) -> list[Step]:
             break
         if cand not in chosen:
             chosen.append(cand)
-    return [s for s in steps if s in chosen]
+    return SpectrumChoice([s for s in steps if s in chosen], [s for s in steps if s not in chosen], empty)
 
 
 def _spectrum(h, max_x: float = 1e6) -> tuple[list[float], list[float]] | None:
@@ -365,29 +483,53 @@ def _spectrum(h, max_x: float = 1e6) -> tuple[list[float], list[float]] | None:
 
 def plot_spectrum(run: Run, path) -> str:
     """Latency by percentile on a 1/(1-p) axis, corrected (solid) vs uncorrected (dashed)."""
+    return _save(spectrum_figure(run), path)
+
+
+def spectrum_figure(run: Run):
+    """The figure ``plot_spectrum`` saves. A step left out (too many to draw, or no samples) is
+    named in a note on the plot, never dropped without a word."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     fig, (ax,) = _new_figure(1, [1], (10, 6), sharex=False)
     top = 1e4
     drawn = False
     best = _best(run)
-    for j, s in enumerate(_spectrum_steps(run)):
+    choice = spectrum_steps(run)
+    for j, s in enumerate(choice.shown):
         colour = f"C{j % 10}"
-        name = s.label + (" (best)" if s is best else "")
+        name = s.label + (" (best)" if s is best else "") + _step_flags(s)
         for which, style, lw in (("corrected", "-", 1.8), ("uncorrected", "--", 1.1)):
             curve = _spectrum(s.hist(which))
             if curve is None:
                 continue
             xs, ys = curve
             top = max(top, xs[-1])
-            ax.plot(xs, ys, color=colour, ls=style, lw=lw, label=f"{name} {which}")
+            ax.plot(xs, ys, color=colour, ls=style, lw=lw, label=name if which == "corrected" else None)
             drawn = True
+    if drawn:  # one legend entry per step (its colour); the line style says which latency
+        ax.plot([], [], color="0.3", ls="-", lw=1.8, label="corrected (solid)")
+        ax.plot([], [], color="0.3", ls="--", lw=1.1, label="uncorrected (dashed)")
+    notes = choice.notes()
+    if notes and drawn:
+        ax.text(
+            0.99,
+            0.02,
+            "\n".join(textwrap.fill(n, 70) for n in notes),
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            multialignment="left",
+            fontsize=8,
+            color="0.2",
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
+        )
     slo_p99 = _slo(run).get("p99_ms")
     if _finite(slo_p99) and drawn:
         ax.axhline(slo_p99, color="tab:purple", ls="-.", lw=1, label=f"SLO p99 <= {slo_p99:g} ms")
         ax.plot([100], [slo_p99], ls="none", marker="D", ms=6, color="tab:purple", zorder=5)
     if not drawn:
-        _empty_note(ax, "no latency samples")
+        _empty_note(ax, "\n".join(textwrap.fill(n, 70) for n in notes) or "no latency samples")
     ax.set_xscale("log")
     ax.set_xlim(1, top)
     if drawn:
@@ -407,4 +549,4 @@ def plot_spectrum(run: Run, path) -> str:
         fontsize=11,
     )
     _legend(ax)
-    return _save(fig, path)
+    return fig

@@ -131,6 +131,10 @@ def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver
     s = step(doc)
     assert not s["valid"] and any("fell behind" in p or "lag" in p for p in s["problems"])
     assert "INVALID" in done.stdout
+    # the verdict says what to change, from what went wrong (this machine decides which advice)
+    advice = next(p for p in s["problems"] if p.startswith("to fix: "))
+    assert "a lower --rate" in advice and ("--workers" in advice or "--precise-timing" in advice), advice
+    assert "to fix: " in done.stdout
 
 
 def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path, testserver):
@@ -158,6 +162,9 @@ def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr  # a best rate was found
+    # 180 req/s wide, to within 8: at most 2 ends and 5 halvings, announced with the time left
+    assert "step 1 of at most 7: constant 20/s (at most " in done.stderr, done.stderr
+    assert f"step {len(doc['steps'])} of at most 7: " in done.stderr and ", done by " in done.stderr
     best = doc["sweep"]["best"]
     rate = next(s["target_rate"] for s in doc["steps"] if s["label"] == best)
     assert 80 <= rate <= 100.5, (best, [(s["label"], s["slo_met"]) for s in doc["steps"]])
@@ -285,6 +292,9 @@ def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
     rates = [s["target_rate"] for s in doc["steps"]]
     assert rates[:2] == [40, 80] and doc["sweep"]["best"] == "constant 80/s"
     assert doc["steps"][-1]["slo_met"] is False and len(rates) <= 4  # stops at the first breach
+    assert "step 1 of 4: constant 40/s (at most " in done.stderr, done.stderr
+    if len(rates) < 4:
+        assert f"the sweep stops at step {len(rates)} of 4: it missed the SLO" in done.stderr
 
     done, doc = loadtest(
         tmp_path / "conc",
@@ -301,8 +311,42 @@ def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
     assert done.returncode == 0, done.stdout + done.stderr
     one, four = doc["steps"]
     assert one["mode"] == four["mode"] == "closed" and "closed loop" in one["label"]
+    assert "step 2 of 2: concurrency 4 (closed loop) (about " in done.stderr, done.stderr
     assert four["corrected_ms"]["p50"] > 2.5 * one["corrected_ms"]["p50"]  # they queue at the one worker
     assert abs(four["throughput"] - one["throughput"]) < 0.25 * one["throughput"]  # at the same capacity
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "loadtest" / "examples"
+
+
+def test_the_closed_loop_example_runs_and_its_best_step_has_the_highest_passing_throughput(tmp_path, testserver):
+    # the shipped example as it is, pointed at the test server and shortened by flags (flags win)
+    srv = testserver()
+    done, doc = loadtest(
+        tmp_path,
+        "--scenario",
+        str(EXAMPLES / "closed-loop.yaml"),
+        srv.http,
+        "--model",
+        "echo",
+        "--duration",
+        "0.4",
+        "--window",
+        "0.4",
+        "--warmup",
+        "0",
+        "--cooldown",
+        "0",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert doc["scenario"]["mode"] == "closed" and doc["scenario"]["protocol"] == "http"
+    levels = [s["concurrency"] for s in doc["steps"]]
+    assert levels == [1, 2, 4, 8, 16, 32]  # the example's YAML list
+    for k in (1, 6):
+        assert f"step {k} of 6: concurrency {levels[k - 1]} (closed loop) (about " in done.stderr, done.stderr
+    passing = [s for s in doc["steps"] if s["slo_met"]]
+    best = next(s for s in doc["steps"] if s["label"] == doc["sweep"]["best"])
+    assert best["throughput"] == max(s["throughput"] for s in passing)
 
 
 def test_a_timeout_is_an_error_recorded_at_its_timeout(tmp_path, testserver):

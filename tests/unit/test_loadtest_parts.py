@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from batchgate.loadtest import payload
 from batchgate.loadtest.cli import add_parser, exit_status, scenario_from
-from batchgate.loadtest.results import Run, Step, above
-from batchgate.loadtest.scenario import LoadTestError, Scenario, segments
+from batchgate.loadtest.results import Run, Step, Window, above
+from batchgate.loadtest.runner import best_closed_step, eta_text, invalid_advice
+from batchgate.loadtest.scenario import LoadTestError, Scenario, concurrency_levels, rate_sweep, segments
 from batchgate.loadtest.worker import rate_at
 
 
@@ -44,6 +46,12 @@ def test_shapes_become_rate_segments():
         ("rate", 0, "rate must be greater than 0"),
         ("workers", 0, "workers must be at least 1"),
         ("shape", "ramp:x", "shape 'ramp:x' must be"),
+        # named as the flag (and scenario key) is, not as the field
+        ("duration_s", 0, "duration must be greater than 0"),
+        ("warmup_s", -1, "warmup must not be negative"),
+        ("http_encoding", "xml", "http-encoding must be one of json, binary"),
+        ("sweep_rate", "10:5:1", "sweep-rate for a step search is START:END:STEP"),
+        ("sweep_concurrency", "1,x", "sweep-concurrency is a comma-separated list"),
     ],
 )
 def test_bad_scenarios_are_refused(field, value, words):
@@ -126,3 +134,75 @@ def test_the_schedule_follows_the_shape_including_stretches_at_rate_zero(arrival
     assert sum(t >= 1 for t in ramp) > 2 * sum(t < 1 for t in ramp)
     spike = schedule("spike:0:200@1+1", 3)
     assert all(1 <= t < 2 for t in spike) and abs(len(spike) - 200) <= (2 if arrival == "constant" else 45)
+
+
+def test_rate_sweeps_list_their_steps_and_bound_a_binary_search():
+    def sweep(spec, search="step", precision=0.0):
+        return rate_sweep(Scenario("h:1", "m", sweep_rate=spec, search=search, precision=precision))
+
+    # a range is expanded by multiplication: no drift from adding 0.1 again and again
+    assert sweep("0.1:0.7:0.1").rates == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert sweep("40:160:40").rates == [40, 80, 120, 160] and sweep("40:170:40").most_steps == 4
+    assert sweep("300,100,200,100").rates == [100, 200, 300]  # explicit rates, from the lowest up
+    b = sweep("20:200", "binary", 8)  # 180 -> 90 -> 45 -> 22.5 -> 11.25 -> 5.6: five halvings to within 8
+    assert (b.method, b.rates, b.most_steps) == ("binary", [20, 200], 2 + 5)
+    assert sweep("100:900", "binary").most_steps == 2 + 5  # default precision: 1/32 of the bracket
+    assert sweep("100:101", "binary", 5).most_steps == 2
+    for spec, search in (("100,200", "binary"), ("200:100", "binary"), ("1:2", "step"), ("0,10", "step")):
+        with pytest.raises(LoadTestError, match="sweep-rate"):
+            sweep(spec, search)
+    with pytest.raises(LoadTestError, match="1,000,000 steps"):
+        sweep("1:1000000:1")
+    assert concurrency_levels("1,2,4") == [1, 2, 4]
+    with pytest.raises(LoadTestError, match="whole numbers >= 1"):
+        concurrency_levels("0,2")
+
+
+def _closed(c: int, ok: int, slo_met: bool | None = True, valid: bool = True) -> Step:
+    w = Window(0, 0.0, 1.0, "measure", None, sent=ok, ok=ok)
+    return Step(f"c{c}", "closed", concurrency=c, windows=[w], slo_met=slo_met, valid=valid)
+
+
+def test_the_closed_loop_best_step_is_the_highest_throughput_that_met_the_slo():
+    # past the knee throughput falls while the SLO still holds: the best is 8, not the last pass (32)
+    steps = [_closed(1, 100), _closed(8, 700), _closed(16, 650), _closed(32, 600), _closed(64, 900, slo_met=False)]
+    assert best_closed_step(steps, slo=True).label == "c8"
+    # a tie goes to the fewer callers; without an SLO, validity decides
+    assert best_closed_step([_closed(4, 500), _closed(8, 500)], slo=True).label == "c4"
+    steps = [_closed(2, 300, None), _closed(4, 800, None, valid=False), _closed(8, 400, None)]
+    assert best_closed_step(steps, slo=False).label == "c8"
+    assert best_closed_step([_closed(1, 10, slo_met=False)], slo=True) is None
+
+
+def test_eta_text():
+    now = 1_000_000.0
+    when = time.strftime("%H:%M:%S", time.localtime(now + 95))
+    assert eta_text(95.2, upper_bound=False, now=now) == f"about 1m 35s left, done by {when}"
+    assert eta_text(12, upper_bound=True, now=now).startswith("at most 12 s left")
+    assert eta_text(3 * 3600 + 125, upper_bound=False, now=now).startswith("about 3h 02m left")
+
+
+@pytest.mark.parametrize(
+    "settings, behind, lag, cores, cpus, want, not_want",
+    [
+        # busy workers, cores to spare: more workers (or a lower rate)
+        ({}, True, 40.0, 0.97, 8, ["short of CPU", "more --workers (1 now", "a lower --rate"], ["--precise-timing"]),
+        # busy because precise timing spins: drop it first
+        ({"precise_timing": True}, False, 12.0, 1.0, 8, ["drop --precise-timing", "more --workers"], []),
+        # every core already has a worker
+        ({"workers": 4}, True, 50.0, 0.95, 4, ["more cores", "a lower --rate"], ["more --workers"]),
+        # not busy, lag just over a tight bound: the timer's resolution, which --precise-timing fixes
+        ({"max_lag_p99_ms": 1.0}, False, 1.6, 0.2, 8, ["--precise-timing", "--max-lag-p99-ms (now 1)"], ["workers"]),
+        # not busy and yet behind over gRPC / HTTP: other load on the machine; spread the sends
+        ({}, True, 30.0, 0.3, 8, ["only 0.30 of a core", "more --workers", "more --channels per worker (1 now)"], []),
+        ({"protocol": "http"}, True, 30.0, 0.3, 8, ["more --connections per worker (64 now)"], ["--channels"]),
+        ({"sweep_rate": "100:900:100"}, True, 30.0, 0.9, 8, ["a lower --sweep-rate"], []),
+    ],
+)
+def test_an_invalid_step_says_what_to_change(settings, behind, lag, cores, cpus, want, not_want):
+    sc = Scenario("h:1", "m", **settings)
+    text = invalid_advice(sc, behind=behind, lag_p99_ms=lag, cores_per_worker=cores, cpus=cpus)
+    for words in want:
+        assert words in text, (words, text)
+    for words in not_want:
+        assert words not in text, (words, text)

@@ -387,7 +387,7 @@ def test_plots_are_written(tmp_path):
     _png(report.plot_sweep(closed, tmp_path / "cs.png"))
 
 
-def test_spectrum_limits_the_number_of_steps():
+def _many_steps(n: int, best: str) -> Run:
     steps = [
         Step(
             f"r{i}",
@@ -395,13 +395,92 @@ def test_spectrum_limits_the_number_of_steps():
             target_rate=float(i),
             windows=[window(0, 0.0, 1.0, target=float(i), corrected=[1000 + i] * 10)],
         )
-        for i in range(1, 12)
+        for i in range(1, n + 1)
     ]
-    run = Run(scenario={}, environment={}, steps=steps, sweep={"kind": "rate", "best": "r7"})
-    chosen = report.plots._spectrum_steps(run)
-    assert len(chosen) == 5
-    labels = [s.label for s in chosen]
-    assert "r7" in labels and "r8" in labels and "r1" in labels and "r11" in labels
+    return Run(scenario={}, environment={}, steps=steps, sweep={"kind": "rate", "best": best})
+
+
+def _texts(fig) -> str:
+    return "\n".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_the_spectrum_draws_every_step_it_can_and_names_the_ones_it_does_not():
+    run = _many_steps(8, "r7")
+    choice = report.spectrum_steps(run)
+    assert [s.label for s in choice.shown] == [f"r{i}" for i in range(1, 9)] and not choice.left_out
+    assert "not drawn" not in _texts(report.spectrum_figure(run))
+
+    run = _many_steps(11, "r7")
+    choice = report.spectrum_steps(run)
+    labels = [s.label for s in choice.shown]
+    assert len(labels) == 8 and {"r7", "r8", "r1", "r11"} <= set(labels)
+    assert sorted(s.label for s in choice.shown + choice.left_out) == sorted(s.label for s in run.steps)
+    note = _texts(report.spectrum_figure(run)).replace("\n", " ")
+    assert "8 of 11 steps drawn" in note
+    for s in choice.left_out:
+        assert s.label in note
+    legend = [t.get_text() for t in report.spectrum_figure(run).axes[0].get_legend().get_texts()]
+    assert "r7 (best)" in legend and "corrected (solid)" in legend and "uncorrected (dashed)" in legend
+
+
+def test_the_spectrum_names_steps_without_samples():
+    choice = report.spectrum_steps(sweep_run())
+    assert [s.label for s in choice.shown] == ["r100", "r200"] and [s.label for s in choice.empty] == ["r400"]
+    text = _texts(report.spectrum_figure(sweep_run()))
+    assert "no curve: r400" in text
+    legend = [t.get_text() for t in report.spectrum_figure(sweep_run()).axes[0].get_legend().get_texts()]
+    assert "r200 [INVALID, unstable]" in legend and "r100 (best)" in legend
+
+
+def _drawn(line) -> list[float]:
+    return [float(v) for v in line.get_ydata() if math.isfinite(v)]
+
+
+def _line(ax, label: str):
+    return next(line for line in ax.get_lines() if line.get_label() == label)
+
+
+def test_the_sweep_plot_rings_unstable_steps_and_uses_a_log_axis_for_concurrency():
+    closed_x, points = report.plots._sweep_points(sweep_run())
+    assert [s.label for _, s in report.plots.unstable_points(points)] == ["r200"]  # stable None is not marked
+    fig = report.sweep_figure(sweep_run())
+    lat, thr = fig.axes
+    for ax in (lat, thr):
+        ring = _line(ax, "unstable step (ringed): its last windows disagree")
+        assert list(ring.get_xdata()) == [200.0]
+    assert list(_line(thr, "unstable step (ringed): its last windows disagree").get_ydata()) == [150.0]
+    assert not closed_x and thr.get_xscale() == "linear"
+
+    run = closed_run()
+    run.steps[0].stable = False
+    fig = report.sweep_figure(run)
+    lat, thr = fig.axes
+    assert thr.get_xscale() == "log" and lat.get_xscale() == "log"  # shared
+    assert [t.get_text() for t in thr.get_xticklabels()] == ["4", "8"]  # a tick at each level
+    assert list(_line(lat, "unstable step (ringed): its last windows disagree").get_xdata()) == [4.0]
+    one = Run(scenario={}, environment={}, steps=run.steps[:1], sweep={"kind": "concurrency"})
+    assert report.sweep_figure(one).axes[1].get_xscale() == "linear"  # one level: nothing to spread
+
+
+def test_the_server_panel_gives_batch_size_its_own_axis_and_tells_queue_from_in_flight():
+    assert report.plots.server_panel_keys(sweep_run()) == (["queue_depth", "inflight"], ["batch_size_mean"])
+    fig = report.timeline_figure(sweep_run())
+    requests = next(ax for ax in fig.axes if ax.get_ylabel().startswith("requests (server"))
+    batches = next(ax for ax in fig.axes if ax.get_ylabel() == "batch size (rows)")
+    assert batches is not requests and batches.get_shared_x_axes().joined(batches, requests)
+    queue, inflight = _line(requests, "queue depth (waiting)"), _line(requests, "in flight (accepted, unanswered)")
+    assert (queue.get_linestyle(), queue.get_marker()) != (inflight.get_linestyle(), inflight.get_marker())
+    assert queue.get_color() != inflight.get_color()
+    assert _drawn(queue) == [2, 3, 4] and _drawn(inflight) == [10, 10, 10]  # the warm-up window has no gauges
+    batch = _line(batches, "mean batch size (rows)")
+    assert _drawn(batch) == [4.2, 4.2, 4.2]
+    assert "mean batch size (rows)" not in [line.get_label() for line in requests.get_lines()]
+    legend = [t.get_text() for t in requests.get_legend().get_texts()]  # one legend for both axes
+    assert legend == ["queue depth (waiting)", "in flight (accepted, unanswered)", "mean batch size (rows)"]
+    assert "r200 [INVALID, unstable]" in _texts(fig)  # the step's label above the timeline
+    # no batch figure: no second axis
+    closed = report.timeline_figure(closed_run())
+    assert not any(ax.get_ylabel() == "batch size (rows)" for ax in closed.axes)
 
 
 def test_write_all(tmp_path):
