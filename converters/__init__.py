@@ -5,8 +5,9 @@
 
 Every conversion runs the original model and the ONNX model under ONNX Runtime on the same
 inputs (several batch sizes, other sizes of the dynamic dimensions, and the user's samples)
-and writes nothing when an output differs beyond the tolerance. torch, skl2onnx and
-scikit-learn are imported only when a conversion needs them (``pip install
+and writes nothing when an output differs beyond the tolerance. A version added beside others
+must fit the config.pbtxt they share, which is then left as it is (``versions.py``). torch,
+skl2onnx and scikit-learn are imported only when a conversion needs them (``pip install
 'batchgate[convert]'``); the server never imports this package.
 """
 
@@ -17,6 +18,7 @@ import tempfile
 
 from .pipeline import Check, Job, Result, Tolerance, run
 from .spec import ConversionError, InputSpec
+from .versions import require_fit, shared_config, spec_tensors
 
 DEFAULT_TOLERANCE = Tolerance(1e-4, 1e-3)
 DEFAULT_FP16_TOLERANCE = Tolerance(1e-2, 1e-2)
@@ -95,7 +97,9 @@ def convert_torch(
     progress=lambda s: None,
 ) -> Result:
     """Export ``model`` (an nn.Module, ``pkg.module:factory`` or a TorchScript file), check it and
-    write it to ``repository/name/version``. Raises ConversionError, having written nothing."""
+    write it to ``repository/name/version``. Raises ConversionError, having written nothing: among
+    other causes, when the model already has versions whose config this one does not fit (found
+    before the export)."""
     from . import torch_model as tm
 
     specs = _specs(inputs, batched)
@@ -129,6 +133,11 @@ def convert_torch(
     from .pipeline import destination
 
     destination(probe)
+    shared = shared_config(probe)
+    if shared is not None:  # a version joining others: its tensors and settings must fit their config
+        progress(f"checking the new version against {shared.path}")
+        outputs_seen = tm.output_signature(module, specs, names, batched)
+        require_fit(probe, shared, spec_tensors(specs, batched), outputs_seen, observed=True)
     with tempfile.TemporaryDirectory(prefix="batchgate-export-") as work:
         progress(f"exporting with torch.onnx.export (exporter: {exporter})")
         onx, used, failed = tm.export(
@@ -198,26 +207,27 @@ def convert_sklearn(
         label, model = model, sm.load(model)
     else:
         label = type(model).__name__
-    destination(
-        _job(
-            specs,
-            [],
-            None,
-            repository,
-            name,
-            version,
-            batched,
-            max_batch_size,
-            samples,
-            tolerance,
-            optimize,
-            fp16,
-            gpu,
-            force,
-            "",
-            {},
-        )
+    probe = _job(
+        specs,
+        [],
+        None,
+        repository,
+        name,
+        version,
+        batched,
+        max_batch_size,
+        samples,
+        tolerance,
+        optimize,
+        fp16,
+        gpu,
+        force,
+        "",
+        {},
     )
+    destination(probe)
+    # The outputs are known once skl2onnx has converted the model (in memory); run() checks them.
+    require_fit(probe, shared_config(probe), spec_tensors(specs, batched))
     import skl2onnx
     import sklearn
 

@@ -22,7 +22,10 @@ def add_parser(sub) -> None:
         description="Export a model to ONNX, check that it computes what the original does "
         "(ONNX Runtime against the original, on generated inputs at several batch "
         "sizes and on --samples), and write MODEL/VERSION/model.onnx and "
-        "MODEL/config.pbtxt into the repository. Nothing is written if a check fails.",
+        "MODEL/config.pbtxt into the repository. Nothing is written if a check fails. "
+        "A version added to a model that has a config.pbtxt and other versions must fit that config "
+        "(the same inputs, outputs, max_batch_size and instance kind); the config is never rewritten "
+        "then, and a version that does not fit is refused before the export.",
     )
     kinds = conv.add_subparsers(dest="kind", required=True)
     t = kinds.add_parser("torch", help="a PyTorch nn.Module (module:factory) or TorchScript file")
@@ -55,9 +58,24 @@ def _common(p, model_help: str) -> None:
     )
     p.add_argument("--repository", required=True, help="model repository to write into")
     p.add_argument("--name", required=True, help="model name in the repository")
-    p.add_argument("--version", type=int, default=1)
+    p.add_argument(
+        "--version",
+        type=int,
+        default=1,
+        help="version folder to write (default: %(default)s). A new version of an existing model must fit "
+        "the config.pbtxt its other versions share",
+    )
     p.add_argument("--no-batch", action="store_true", help="no batch dimension (max_batch_size 0)")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="max_batch_size in the config: the largest batch (size of the first dimension) a request may "
+        "send and the server runs at once; the parity check tries batches 1, 2 and 5 up to it (default: "
+        "%(default)s; not used with --no-batch). A version added to an existing model must ask for the "
+        "value its config has",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the converter's)")
     p.add_argument("--samples", help=".npz of real inputs (one array per input name) for the parity check")
     p.add_argument("--atol", type=float, default=DEFAULT_TOLERANCE.atol)
@@ -71,12 +89,23 @@ def _common(p, model_help: str) -> None:
         "--fp16",
         action="store_true",
         help="convert weights and arithmetic to FP16 for GPU serving, "
-        "inputs and outputs unchanged (checked again; implies --gpu)",
+        "inputs and outputs unchanged (checked again; implies --gpu; default: off)",
     )
     p.add_argument("--fp16-atol", type=float, default=DEFAULT_FP16_TOLERANCE.atol)
     p.add_argument("--fp16-rtol", type=float, default=DEFAULT_FP16_TOLERANCE.rtol)
-    p.add_argument("--gpu", action="store_true", help="instance_group kind KIND_GPU in the config")
-    p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="instance_group kind KIND_GPU in the config: the server runs the model with ONNX Runtime's CUDA "
+        "provider (on the CPU, with a warning, where CUDA is missing). Default: off, KIND_CPU. A version added "
+        "to an existing model must ask for the kind its config has",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing version (with its config.pbtxt when it is the model's only version; "
+        "a version beside others must fit their config)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
 
 
@@ -137,6 +166,7 @@ def table(r: Result) -> str:
         f"model      {r.name} version {r.version} -> {r.path}" + ("" if r.written else "  (NOT written)"),
         f"source     {r.source}",
         f"batching   max_batch_size {r.max_batch_size}" + (" (dynamic_batching on)" if r.max_batch_size else ""),
+        f"config     {r.config}",
         f"stages     {' -> '.join(r.stages)}",
         "",
         f"{'tensor':24} {'kind':7} {'datatype':9} dims",

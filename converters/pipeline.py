@@ -24,6 +24,7 @@ import onnx
 from batchgate.core.types import BY_ONNX
 
 from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
+from .versions import Shared, kept, require_fit, shared_config, still_the_same
 
 Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -66,6 +67,7 @@ class Result:
     checks: list[Check] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
     written: bool = False
+    config: str = ""  # "written", or why the model's config.pbtxt was kept as it is
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -302,6 +304,10 @@ def config_text(job: Job, inputs: list[dict], outputs: list[dict]) -> str:
 
 def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lambda s: None) -> Result:
     target = destination(job)
+    shared = shared_config(job)
+    if shared is not None:  # a version joining others: the exported model must fit their config before any check
+        progress(f"checking the exported model against {shared.path}")
+        require_fit(job, shared, *signature(model, job))
     inputs = cases(job)
     progress(f"running the original model on {len(inputs)} input sets")
     try:
@@ -338,6 +344,7 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
             stages.append("fp16")
             checks += compare("fp16", model, job, inputs, expected, job.fp16)
     ins, outs = signature(model, job)
+    require_fit(job, shared, ins, outs)  # the final model, after --optimize and --fp16
     result = Result(
         job.name,
         job.version,
@@ -348,6 +355,7 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         job.max_batch_size if job.batched else 0,
         checks,
         stages,
+        config="written" if shared is None else kept(job, shared),
     )
     failed = [c for c in checks if not c.ok]
     if failed:
@@ -359,51 +367,18 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         err = ConversionError(f"parity check failed, nothing written: {worst}")
         err.result = result  # type: ignore[attr-defined]
         raise err
-    text = config_text(job, ins, outs)
-    _same_signature_as_other_versions(target, text)
-    write(model, job, target, text, {**job.record, **result.as_dict()})
+    text = config_text(job, ins, outs) if shared is None else None
+    write(model, job, target, text, {**job.record, **result.as_dict()}, shared)
     result.written = True
     return result
 
 
-def _same_signature_as_other_versions(target: Path, config: str) -> None:
-    """A model's versions share one config.pbtxt: a new version must take and give the same
-    tensors as the versions already there, or they would no longer match their config."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    model_dir = target.parent
-    others = (
-        sorted(p.name for p in model_dir.iterdir() if p.name.isdigit() and p.name != target.name)
-        if model_dir.is_dir()
-        else []
-    )
-    old_path = model_dir / "config.pbtxt"
-    if not others or not old_path.exists():
-        return
-
-    def sig(text: str):
-        cfg = text_format.Parse(text, mc.ModelConfig(), allow_unknown_field=True)
-        return (
-            cfg.max_batch_size,
-            [(t.name, t.data_type, list(t.dims)) for t in cfg.input],
-            [(t.name, t.data_type, list(t.dims)) for t in cfg.output],
-        )
-
-    try:
-        old = sig(old_path.read_text())
-    except text_format.ParseError as e:
-        raise ConversionError(f"{old_path} cannot be read ({e}); nothing written") from None
-    if old != sig(config):
-        raise ConversionError(
-            f"{model_dir.name} has versions {', '.join(others)} whose config.pbtxt declares other "
-            "inputs, outputs or max_batch_size; convert under a new --name"
-        )
-
-
-def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: dict) -> None:
+def write(
+    model: onnx.ModelProto, job: Job, target: Path, config: str | None, record: dict, shared: Shared | None = None
+) -> None:
     """Build the entry in a hidden folder beside the model, then move it into place: a reader
-    (or a polling server) sees the old entry or the new one, never half of one."""
+    (or a polling server) sees the old entry or the new one, never half of one. ``config`` None:
+    the version joins ``shared``, whose file is not touched."""
     model_dir = target.parent
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{job.name}-convert-", dir=model_dir.parent))
@@ -412,7 +387,9 @@ def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: d
         version_dir.mkdir()
         onnx.save(model, str(version_dir / "model.onnx"))
         (version_dir / "conversion.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (staging / "config.pbtxt").write_text(config)
+        if config is not None:
+            (staging / "config.pbtxt").write_text(config)
+        still_the_same(job, shared)
         if not model_dir.exists():  # a new model: the whole entry appears with one rename
             umask = os.umask(0)
             os.umask(umask)
@@ -424,7 +401,8 @@ def write(model: onnx.ModelProto, job: Job, target: Path, config: str, record: d
             target.rename(staging / "replaced")
         try:
             version_dir.rename(target)
-            os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
+            if config is not None:
+                os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
         except OSError as e:  # put the old entry back as it was
             if target.exists():
                 target.rename(staging / "failed")

@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 import onnx
 
+from batchgate.core.types import BY_NUMPY
+
 from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
 
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -127,6 +129,33 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
             raise ConversionError(f"--output names must differ from each other and from the inputs: {clash}")
         return list(given)
     return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+
+
+def output_signature(module, specs: list[InputSpec], names: list[str], batched: bool) -> list[dict]:
+    """The outputs as a config would declare them, known before any export: the model is run at
+    two sets of sizes, and a dimension that differs between them is dynamic (-1). The batch
+    dimension is left out when batching (run() checks that it is one)."""
+    runs = []
+    for batch, step in ((2, 0), (3, 1)):
+        feeds = generate(specs, example_sizes(specs, batch, step), np.random.default_rng(step))
+        try:
+            runs.append(reference(module, specs)(feeds))
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the model's own failure, on inputs the specs allow
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            raise ConversionError(
+                f"the model fails on inputs of shapes {shapes}: {type(e).__name__}: {_first_line(e, 3)}"
+            ) from None
+    out = []
+    for name, a, b in zip(names, *runs):
+        dt = BY_NUMPY.get(a.dtype)
+        if a.ndim == b.ndim:
+            dims = [x if x == y else -1 for x, y in zip(a.shape, b.shape)]
+        else:
+            dims = [-1] * a.ndim
+        out.append({"name": name, "datatype": dt.v2 if dt else str(a.dtype), "dims": dims[1:] if batched else dims})
+    return out
 
 
 def export(
