@@ -44,6 +44,7 @@ from .security.auth import KeyStore
 from .security.limits import Admission
 from .security.tls import ServerTls, load_server_tls, plaintext_health_server
 from .shadows import DisagreementLog, lowest_priority
+from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
 from .transport.grpc_service import InferenceService
@@ -128,6 +129,9 @@ class Gateway:
             ),
             access=_access(settings),
         )
+        shm = settings.shared_memory
+        self.dataplane.shm = SharedMemory(shm.shm_key_prefix, shm.shm_max_regions, shm.shm_max_bytes)
+        self.metrics.shm = self.dataplane.shm
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None
@@ -434,6 +438,7 @@ class Gateway:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         await self.repository.stop()
+        self.dataplane.shm.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._shadow_pool is not None:
             self._shadow_pool.shutdown(wait=False, cancel_futures=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import orjson
 from tritonclient.grpc import model_config_pb2 as mc
 
-from . import __version__
+from . import __version__, logs
 from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
@@ -42,6 +42,8 @@ from .routes import Header, Routed, ServedRoute
 from .security.access import ADMIN, INFER, OPEN_CALLER, READ, Access, Caller
 from .security.audit import hash_files
 from .security.limits import Admission
+from .shm import REGION as SHM_REGION
+from .shm import SharedMemory
 
 if TYPE_CHECKING:
     from .monitoring.drift import DriftService
@@ -56,14 +58,14 @@ EXTENSIONS = (
     "model_configuration",
     "statistics",
     "parameters",
+    "system_shared_memory",
+    "logging",
 )
 # The settings of the limits section: the reasons a refusal may be counted under.
 LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section == "limits")
 _LIMIT_IN_MESSAGE = re.compile(r"\(([a-z_]+)\)$")
 # Refusals that come in floods when the server is overloaded or draining.
 _QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
-# The parameter of an input or output whose tensor lies in a registered shared-memory region.
-SHM_REGION = "shared_memory_region"
 _monotonic = time.monotonic
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
@@ -115,6 +117,7 @@ class DataPlane:
         self.accepting = False  # set by the Gateway once everything listens; cleared on drain
         self.routes: RouteTable | None = None  # set by the Gateway when routes are configured
         self.drift: DriftService | None = None  # set by the Gateway when drift monitors are configured
+        self.shm = SharedMemory("", 1, 1)  # registered shared-memory regions; the Gateway sets its limits
 
     def _route(self, name: str) -> ServedRoute | None:
         routes = self.routes
@@ -246,6 +249,66 @@ class DataPlane:
             e.code.value,
             e.message[:1024],
             extra={"request_id": request_id[:128] or "-"},
+        )
+
+    # ------------------------------------------------------------------ shared memory, logging, trace
+    def _shm_caller(self, caller: Caller) -> None:
+        """With API keys, registering or unregistering shared memory needs scope infer or admin."""
+        keys = self.access.keys
+        if keys is None:
+            return
+        key = keys.authenticate(caller.authorization, caller.subject)
+        if not key.scopes & {INFER, ADMIN}:
+            raise GatewayError(
+                ErrorCode.PERMISSION_DENIED,
+                f"API key '{key.id}' may not register shared memory: it needs scope 'infer' or 'admin'",
+            )
+        keys.charge(key)
+
+    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, caller: Caller) -> None:
+        self._shm_caller(caller)
+        try:
+            self.shm.register(name, key, offset, byte_size)
+        except GatewayError as e:
+            await self.access.audited(caller, None, "shm.register", name[:128], "refused", e.message[:256])
+            raise
+        await self.access.audited(caller, None, "shm.register", name, "ok", f"key={key} byte_size={byte_size}")
+
+    async def shm_unregister(self, name: str, caller: Caller) -> None:
+        """``name`` "" unregisters every region."""
+        self._shm_caller(caller)
+        self.shm.unregister(name)
+        await self.access.audited(caller, None, "shm.unregister", name or "*", "ok")
+
+    def shm_status(self, name: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
+        self.access.check(caller, READ)
+        return self.shm.status(name)
+
+    def log_settings(self, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
+        """Triton's logging extension: the settings in effect, after ``changes`` (admin scope)."""
+        if not changes:
+            self.access.check(caller, READ)
+            return logs.log_settings()
+        self.access.check(caller, ADMIN)
+        try:
+            return logs.change_log_settings(dict(changes))
+        except ValueError as e:
+            raise invalid(str(e)) from None
+
+    @staticmethod
+    def trace_settings() -> None:
+        raise GatewayError(
+            ErrorCode.UNIMPLEMENTED,
+            "the trace extension is not supported by batchgate: request tracing is not available (trace settings "
+            "cannot be read or changed)",
+        )
+
+    @staticmethod
+    def cuda_shared_memory() -> None:
+        raise GatewayError(
+            ErrorCode.UNIMPLEMENTED,
+            "CUDA shared memory is not supported by batchgate; use system shared memory "
+            "(/v2/systemsharedmemory, gRPC SystemSharedMemory*) or send the tensors in the request",
         )
 
     # ------------------------------------------------------------------ metadata

@@ -53,3 +53,58 @@ def setup(fmt: str = "plain", level: str = "info") -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- Triton's logging extension
+# The settings a client may read and change at run time (GET/POST /v2/logging, gRPC LogSettings).
+# Python's logging has one threshold, not a switch per level: the lowest level turned on sets it,
+# and the levels above it are on too (the answer shows what is in effect). A client never picks
+# a file to write: log_file is refused unless empty.
+LOG_KEYS = ("log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format")
+_LEVELS = (("log_info", logging.INFO), ("log_warning", logging.WARNING), ("log_error", logging.ERROR))
+
+
+def log_settings() -> dict[str, object]:
+    """The logging settings in effect, in Triton's terms."""
+    root = logging.getLogger()
+    level = root.getEffectiveLevel()
+    handler = root.handlers[0] if root.handlers else None
+    return {
+        "log_file": "",
+        "log_info": level <= logging.INFO,
+        "log_warning": level <= logging.WARNING,
+        "log_error": level <= logging.ERROR,
+        "log_verbose_level": 1 if level <= logging.DEBUG else 0,
+        "log_format": "json" if handler is not None and isinstance(handler.formatter, JsonFormatter) else "plain",
+    }
+
+
+def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
+    """Apply ``changes`` (a subset of LOG_KEYS) and return the settings in effect; ValueError
+    names what is wrong (nothing is changed then)."""
+    unknown = sorted(set(changes) - set(LOG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown log setting(s) {', '.join(unknown)[:256]}; known: {', '.join(LOG_KEYS)}")
+    if changes.get("log_file") not in (None, ""):
+        raise ValueError("log_file cannot be set by a client: the server logs to its standard error")
+    now = log_settings()
+    merged = {**now, **changes}
+    for key in ("log_info", "log_warning", "log_error"):
+        if type(merged[key]) is not bool:
+            raise ValueError(f"{key} must be true or false")
+    verbose = merged["log_verbose_level"]
+    if type(verbose) is not int or not 0 <= verbose < 2**32:
+        raise ValueError("log_verbose_level must be a whole number >= 0")
+    fmt = merged["log_format"]
+    formats = {"plain": "plain", "default": "plain", "ISO8601": "plain", "json": "json"}
+    if fmt not in formats:
+        raise ValueError("log_format must be one of plain, json (or Triton's default, ISO8601: plain lines)")
+    if verbose > 0:
+        level = logging.DEBUG
+    else:
+        level = next((lv for key, lv in _LEVELS if merged[key]), logging.CRITICAL)
+    root = logging.getLogger()
+    root.setLevel(level)
+    if "log_format" in changes and root.handlers:
+        root.handlers[0].setFormatter(JsonFormatter() if formats[str(fmt)] == "json" else PlainFormatter())
+    return log_settings()

@@ -305,6 +305,26 @@ class DriftSettings:
 
 
 @dataclass(frozen=True)
+class SharedMemorySettings:
+    """Section ``shared_memory``: the system shared-memory extension (tensors in registered regions)."""
+
+    shm_key_prefix: str = _setting(
+        "/batchgate_",
+        "a region's key (the POSIX shared-memory name a client registers) must start with this, so a client "
+        "can map only segments made for the gateway, never another process's; '' turns registration off",
+        metavar="PREFIX",
+    )
+    shm_max_regions: int = _setting(
+        64, "registered regions at once; one more is refused (RESOURCE_EXHAUSTED)", minimum=1
+    )
+    shm_max_bytes: int = _setting(
+        1 << 30,
+        "bytes of all registered regions together; a registration past it is refused (RESOURCE_EXHAUSTED)",
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     repository: RepositorySettings = field(default_factory=RepositorySettings)
@@ -314,6 +334,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     drift_detector: DriftSettings = field(default_factory=DriftSettings)
+    shared_memory: SharedMemorySettings = field(default_factory=SharedMemorySettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
     routes: tuple[RouteSpec, ...] = ()  # the config file's routes list (core/routing.py)
     drift: tuple[MonitorSpec, ...] = ()  # the config file's drift list (core/drift.py)
@@ -328,6 +349,7 @@ SECTIONS: dict[str, type] = {
     "tls": TlsSettings,
     "routing": RoutingSettings,
     "drift_detector": DriftSettings,
+    "shared_memory": SharedMemorySettings,
 }
 RESERVED_SECTIONS: tuple[str, ...] = ()  # planned sections, refused until they exist
 TOP_LEVEL = (*SECTIONS, "remote_models", "routes", "drift")

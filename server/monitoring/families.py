@@ -105,6 +105,14 @@ FAMILIES: dict[str, Family] = {
         "(reason: the setting's name, or none)",
         ("protocol", "code", "reason"),
     ),
+    # The system shared-memory extension (shm.py).
+    "batchgate_shm_regions": Family("gauge", "Shared-memory regions registered (at most shm_max_regions)", ()),
+    "batchgate_shm_bytes": Family("gauge", "Bytes of the registered shared-memory regions (at most shm_max_bytes)", ()),
+    "batchgate_shm_requests": Family(
+        "counter",
+        "Shared-memory registrations and unregistrations by action and outcome (OK or the error code)",
+        ("action", "outcome"),
+    ),
     # Remote models (backends/remote.py): one series per model and upstream address.
     "batchgate_upstream_requests": _upstream("counter", "Calls sent to an upstream V2 server"),
     "batchgate_upstream_errors": _upstream("counter", "Upstream calls that failed, by gRPC status code", ("code",)),

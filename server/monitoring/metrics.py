@@ -24,6 +24,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -351,6 +352,7 @@ class Metrics:
         self.triton = triton  # Triton's nv_inference_* families too (setting triton_metrics)
         # The statistics of the routes (served as models); the gateway sets it when it has routes.
         self.route_stats: Callable[[], Iterable[ModelStats]] | None = None
+        self.shm: Any = None  # the registered shared-memory regions (shm.SharedMemory); the gateway sets it
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
@@ -469,6 +471,12 @@ class Metrics:
             add("batchgate_upstream_healthy", lv, u.healthy)
         for outcome, n in list(self.routes_reloads.items()):
             add("batchgate_routes_reloads", (outcome,), n)
+        shm = self.shm
+        if shm is not None:
+            add("batchgate_shm_regions", (), len(shm.regions))
+            add("batchgate_shm_bytes", (), shm.bytes)
+            for (action, outcome), n in list(shm.counts.items()):
+                add("batchgate_shm_requests", (action, outcome), n)
         for route, r in list(self._routes.items()):
             self._route_snapshot(add, route, r)
         if self.route_stats is not None:

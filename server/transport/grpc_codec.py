@@ -26,6 +26,9 @@ from ..core.types import (
     shaped,
     to_raw,
 )
+from ..shm import BYTE_SIZE as SHM_BYTE_SIZE
+from ..shm import REGION as SHM_REGION
+from ..shm import Place, SharedMemory, grpc_params
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
@@ -56,34 +59,46 @@ def decode_request(
     limits: RequestLimits,
     headers: Mapping[str, str] = EMPTY,
     deadline: float | None = None,
+    shm: SharedMemory | None = None,
 ) -> InferRequest:
     """The request in ``msg``; ``headers`` are the caller's x-* metadata, ``deadline`` the
-    call's gRPC deadline on the monotonic clock (None when it has none)."""
+    call's gRPC deadline on the monotonic clock (None when it has none); ``shm``: the registered
+    shared-memory regions an input may name (its data then comes from there)."""
     # Each protobuf field is read once: with upb every attribute read builds an object.
     raw = msg.raw_input_contents
     tensors = msg.inputs
     n_raw = len(raw)
     outs = msg.outputs
     check_tensors(len(tensors), len(outs), limits)
-    if n_raw and n_raw != len(tensors):
+    shared = [i for i, t in enumerate(tensors) if SHM_REGION in t.parameters]
+    if n_raw and n_raw != len(tensors) - len(shared):
         raise invalid(
-            f"raw_input_contents has {n_raw} entries but the request has {len(tensors)} inputs; "
-            "give raw data for every input or for none"
+            f"raw_input_contents has {n_raw} entries but the request has {len(tensors) - len(shared)} inputs "
+            "outside shared memory; give raw data for every one of them or for none"
         )
     inputs = []
+    j = 0
     for i, t in enumerate(tensors):
         name, dtname = t.name, t.datatype
-        dt = DATATYPES.get(dtname) or datatype(dtname, f"input '{clip(name)}'")
+        what = f"input '{clip(name)}'"
+        dt = DATATYPES.get(dtname) or datatype(dtname, what)
         shape = tuple(t.shape)
         check_shape(name, shape, limits)
         if shape and min(shape) < 0:
-            raise invalid(f"input '{clip(name)}': shape {list(shape)} has a negative dimension")
-        if n_raw:
+            raise invalid(f"{what}: shape {list(shape)} has a negative dimension")
+        if shared and i in shared:
+            if shm is None:
+                raise invalid(f"{what}: shared memory is not served here")
             if t.HasField("contents"):
-                raise invalid(f"input '{clip(name)}': give its data in raw_input_contents or in contents, not both")
-            data = from_raw(raw[i], dt, shape, f"input '{clip(name)}'")
+                raise invalid(f"{what}: give its data in shared memory or in contents, not both")
+            data = from_raw(shm.read(shm.place(grpc_params(t.parameters), what), what), dt, shape, what)
+        elif n_raw:
+            if t.HasField("contents"):
+                raise invalid(f"{what}: give its data in raw_input_contents or in contents, not both")
+            data = from_raw(raw[j], dt, shape, what)
+            j += 1
         else:
-            data = _from_contents(t, dt, shape, f"input '{clip(name)}'")
+            data = _from_contents(t, dt, shape, what)
         inputs.append(Tensor(name, dtname, shape, data))
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
@@ -125,13 +140,40 @@ def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...],
     return shaped(arr, shape, what)
 
 
-def encode_response(resp: InferResponse) -> pb.ModelInferResponse:
+def output_places(msg: pb.ModelInferRequest, shm: SharedMemory | None) -> dict[str, Place] | None:
+    """Where the requested outputs that name a shared-memory region go (None: none does);
+    checked before the request runs."""
+    places = None
+    for o in msg.outputs:
+        if SHM_REGION in o.parameters:
+            what = f"output '{clip(o.name)}'"
+            if shm is None:
+                raise invalid(f"{what}: shared memory is not served here")
+            if places is None:
+                places = {}
+            places[o.name] = shm.place(grpc_params(o.parameters), what)
+    return places
+
+
+def encode_response(
+    resp: InferResponse, places: Mapping[str, Place] | None = None, shm: SharedMemory | None = None
+) -> pb.ModelInferResponse:
+    """The response; an output with a place in ``places`` is written into its shared-memory
+    region and answered with its name, datatype and shape only (an empty raw entry keeps the
+    other outputs' raw contents at their index)."""
     out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
     add = out.outputs.add
     raws = []
     for t in resp.outputs:
-        add(name=t.name, datatype=t.datatype, shape=t.shape)
-        raws.append(to_raw(t.data, DATATYPES[t.datatype]))
+        entry = add(name=t.name, datatype=t.datatype, shape=t.shape)
+        raw = to_raw(t.data, DATATYPES[t.datatype])
+        place = places.get(t.name) if places else None
+        if place is not None and shm is not None:
+            shm.write(place, raw, f"output '{t.name}'")
+            entry.parameters[SHM_REGION].string_param = place.region
+            entry.parameters[SHM_BYTE_SIZE].int64_param = len(raw)
+            raw = b""
+        raws.append(raw)
     out.raw_output_contents.extend(raws)
     for k, v in resp.parameters.items():  # a route's answer: parameter "variant"
         out.parameters[k].string_param = str(v)

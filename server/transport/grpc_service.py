@@ -214,13 +214,67 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await _abort(context, GatewayError(ErrorCode.INTERNAL, "internal error; see the server log"))
         return pb.RepositoryModelUnloadResponse()
 
+    # ------------------------------------------------------------ shared memory, logging, trace
+    async def SystemSharedMemoryStatus(self, request, context):
+        try:
+            regions = self.dp.shm_status(request.name, self._caller(context))
+        except GatewayError as e:
+            return await _abort(context, e)
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in regions:
+            resp.regions[r["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**r))
+        return resp
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        try:
+            await self.dp.shm_register(request.name, request.key, request.offset, request.byte_size, caller_of(context))
+        except GatewayError as e:
+            return await _abort(context, e)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        try:
+            await self.dp.shm_unregister(request.name, caller_of(context))
+        except GatewayError as e:
+            return await _abort(context, e)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _cuda(self, request, context):
+        try:
+            self.dp.cuda_shared_memory()
+        except GatewayError as e:
+            return await _abort(context, e)
+
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _cuda
+
+    async def TraceSetting(self, request, context):
+        try:
+            self.dp.trace_settings()
+        except GatewayError as e:
+            return await _abort(context, e)
+
+    async def LogSettings(self, request, context):
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            changes[key] = getattr(value, kind) if kind else None
+        try:
+            now = self.dp.log_settings(changes, caller_of(context))
+        except GatewayError as e:
+            return await _abort(context, e)
+        resp = pb.LogSettingsResponse()
+        for key, v in now.items():
+            field = "bool_param" if type(v) is bool else "uint32_param" if type(v) is int else "string_param"
+            setattr(resp.settings[key], field, v)
+        return resp
+
     # ------------------------------------------------------------ inference
     def _decode(self, msg, context, headers) -> InferRequest:
         """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's."""
         arrival = _monotonic()
         remaining = context.time_remaining()
         return grpc_codec.decode_request(
-            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining
+            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, self.dp.shm
         )
 
     async def ModelInfer(self, raw: bytes, context):
@@ -237,12 +291,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if forwarded is not None:  # a remote model's request, sent on as it came
                     return await forwarded
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)
+                places = grpc_codec.output_places(request, dp.shm) if request.outputs else None
                 resp = await dp.infer(served, self._decode(request, context, headers))
             finally:
                 dp.release(served)
             if resp.parameters:  # answered through a route: which variant answered
                 context.set_trailing_metadata(((VARIANT_HEADER, str(resp.parameters.get("variant", ""))),))
-            return grpc_codec.encode_response(resp)
+            return grpc_codec.encode_response(resp, places, dp.shm)
         except GatewayError as e:
             self.dp.count_error("grpc", e)
             if request is not None:
@@ -279,10 +334,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
                 try:
+                    places = grpc_codec.output_places(msg, self.dp.shm) if msg.outputs else None
                     resp = await self.dp.infer(served, self._decode(msg, context, headers))
                 finally:
                     self.dp.release(served)
-                await out.put(pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(resp)))
+                answer = grpc_codec.encode_response(resp, places, self.dp.shm)
+                await out.put(pb.ModelStreamInferResponse(infer_response=answer))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):
                     log.exception("stream request to model '%s' failed", msg.model_name)

@@ -56,6 +56,8 @@ ADMIN_PATHS = frozenset({LIVE_PATH, READY_PATH, "/v2", "/v2/"})
 # as it does for gRPC.
 MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|ready|config|stats))?/?$")
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
+SHM_RE = re.compile(r"^/v2/systemsharedmemory(?:/region/([^/]+))?/(status|register|unregister)/?$")
+TRACE_RE = re.compile(r"^/v2(?:/models/[^/]+(?:/versions/[^/]+)?)?/trace/setting/?$")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 # While draining every answer closes its connection: a client's next request opens a new one
@@ -244,7 +246,42 @@ class HttpApp:
             else:
                 await self.dp.unload_model(model, caller_of(scope))
             return await self._empty(send, 200)
+        m = SHM_RE.match(path)
+        if m:
+            return await self._shm(method, m.group(1) or "", m.group(2), scope, receive, send)
+        if path.startswith("/v2/cudasharedmemory"):
+            self.dp.cuda_shared_memory()
+        if path == "/v2/logging":
+            if method == "GET":
+                return await self._json(send, self.dp.log_settings(None, self._caller(scope)))
+            self._method(method, "POST")
+            obj = http_codec.parse_json(await self._body(receive, scope))
+            if not isinstance(obj, dict):
+                raise invalid("the log settings must be a JSON object")
+            return await self._json(send, self.dp.log_settings(obj, caller_of(scope)))
+        if TRACE_RE.match(path):
+            self.dp.trace_settings()
         raise not_found(f"no such endpoint: {method} {path[:256]}")
+
+    async def _shm(self, method: str, name: str, action: str, scope, receive, send):
+        """The system shared-memory extension: status (GET), register and unregister (POST)."""
+        if action == "status":
+            self._method(method, "GET")
+            return await self._json(send, self.dp.shm_status(name, self._caller(scope)))
+        self._method(method, "POST")
+        if action == "unregister":
+            await self.dp.shm_unregister(name, caller_of(scope))
+            return await self._empty(send, 200)
+        if not name:
+            raise invalid("register a region at /v2/systemsharedmemory/region/<name>/register")
+        obj = http_codec.parse_json(await self._body(receive, scope))
+        if not isinstance(obj, dict) or type(obj.get("key")) is not str:
+            raise invalid("the registration must be a JSON object with 'key', 'offset' and 'byte_size'")
+        offset, size = obj.get("offset", 0), obj.get("byte_size")
+        if type(offset) is not int or type(size) is not int:
+            raise invalid("'offset' and 'byte_size' must be whole numbers")
+        await self.dp.shm_register(name, obj["key"], offset, size, caller_of(scope))
+        return await self._empty(send, 200)
 
     def _over_budget(self) -> bool:
         """Whether this overload refusal is past ``overload_refusals_per_s`` in this second."""
@@ -345,7 +382,9 @@ class HttpApp:
                     )
                 else:
                     body = http_codec.decompress(body, content_encoding, self.limit, self.max_gzip_members)
-            req, options = http_codec.decode_request(body, header_len, model, version, arrival, self.dp.limits, headers)
+            req, options = http_codec.decode_request(
+                body, header_len, model, version, arrival, self.dp.limits, headers, self.dp.shm
+            )
             pending = self.dp.infer(served, req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
             # for requests still unanswered after a moment (most are answered first, and
@@ -372,7 +411,7 @@ class HttpApp:
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
-        out, json_len = http_codec.encode_response(resp, options)
+        out, json_len = http_codec.encode_response(resp, options, self.dp.shm)
         headers = [(b"content-type", b"application/octet-stream" if json_len is not None else b"application/json")]
         if resp.parameters:  # answered through a route: which variant answered
             headers.append((VARIANT_HEADER, str(resp.parameters.get("variant", "")).encode()))

@@ -32,6 +32,8 @@ from ..core.types import (
     shaped,
     to_raw,
 )
+from ..shm import REGION as SHM_REGION
+from ..shm import Place, SharedMemory
 
 _EMPTY = memoryview(b"")
 # A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
@@ -49,6 +51,7 @@ class OutputOptions(NamedTuple):
 
     binary_default: bool = False  # the request's binary_data_output parameter
     binary: Mapping[str, bool] = EMPTY  # per output, where its binary_data parameter is given
+    shared: Mapping[str, Place] = EMPTY  # outputs written into a shared-memory region
 
 
 JSON_OUTPUTS = OutputOptions()
@@ -84,8 +87,10 @@ def decode_request(
     arrival: float,
     limits: RequestLimits,
     headers: Mapping[str, str] = EMPTY,
+    shm: SharedMemory | None = None,
 ) -> tuple[InferRequest, OutputOptions]:
-    """The request in ``body`` and how its caller wants the outputs written."""
+    """The request in ``body`` and how its caller wants the outputs written; ``shm``: the
+    registered shared-memory regions an input or output may name."""
     if header_length == "0":
         raise invalid(
             "raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
@@ -131,6 +136,18 @@ def decode_request(
             if type(params) is not dict:
                 raise invalid(f"input '{clip(name)}': 'parameters' must be an object")
             size = params.get("binary_data_size")
+            if SHM_REGION in params:
+                what = f"input '{clip(name)}'"
+                if size is not None or "data" in j:
+                    raise invalid(
+                        f"{what} must set exactly one of 'data', parameters.binary_data_size or "
+                        "parameters.shared_memory_region"
+                    )
+                if shm is None:
+                    raise invalid(f"{what}: shared memory is not served here")
+                data = from_raw(shm.read(shm.place(params, what), what), dt, shape, what)
+                inputs.append(Tensor(name, dt.v2, shape, data))
+                continue
         if (size is not None) == ("data" in j):
             raise invalid(f"input '{clip(name)}' must set exactly one of 'data' or parameters.binary_data_size")
         if size is not None:
@@ -153,6 +170,7 @@ def decode_request(
         raise invalid("request 'parameters' must be an object")
     outputs = None
     binary_outputs: dict[str, bool] = {}  # output name -> its binary_data parameter
+    shared: dict[str, Place] = {}  # output name -> where in shared memory it goes
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise invalid("'outputs' must be a list")
@@ -170,6 +188,11 @@ def decode_request(
             b = op.get("binary_data")
             if b is not None:
                 binary_outputs[o["name"]] = bool(b)
+            if SHM_REGION in op:
+                what = f"output '{clip(o['name'])}'"
+                if shm is None:
+                    raise invalid(f"{what}: shared memory is not served here")
+                shared[o["name"]] = shm.place(op, what)
             outputs.append(o["name"])
     rid = obj.get("id", "")
     if type(rid) is not str:
@@ -181,9 +204,11 @@ def decode_request(
         req_params = dict(req_params)
         binary_default = bool(req_params.pop("binary_data_output"))
     req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits)
-    if not binary_outputs and not binary_default:
+    if not binary_outputs and not binary_default and not shared:
         return req, JSON_OUTPUTS
-    return req, OutputOptions(binary_default, MappingProxyType(binary_outputs))
+    return req, OutputOptions(
+        binary_default, MappingProxyType(binary_outputs), MappingProxyType(shared) if shared else EMPTY
+    )
 
 
 def _explain_bad_input(j: object) -> NoReturn:
@@ -291,17 +316,28 @@ def _flatten(x: JSONValue, max_depth: int = 64) -> list[JSONValue]:
     return out
 
 
-def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when every output is JSON)."""
+def encode_response(
+    resp: InferResponse, options: OutputOptions = JSON_OUTPUTS, shm: SharedMemory | None = None
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when every output is JSON). An output with a place in
+    ``options.shared`` is written into its shared-memory region and answered without data."""
     binaries: list[bytes] = []
     outs = []
     wanted = options.binary
     default = options.binary_default
+    shared = options.shared
+    any_binary = False  # an output written in binary (even of 0 bytes): the answer needs its header length
     for t in resp.outputs:
         b = wanted.get(t.name)
         binary = default if b is None else b
         entry: dict[str, object] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
-        if binary:
+        place = shared.get(t.name) if shared else None
+        if place is not None and shm is not None:
+            raw = to_raw(t.data, DATATYPES[t.datatype])
+            shm.write(place, raw, f"output '{t.name}'")
+            entry["parameters"] = {SHM_REGION: place.region, "shared_memory_byte_size": len(raw)}
+        elif binary:
+            any_binary = True
             raw = to_raw(t.data, DATATYPES[t.datatype])
             entry["parameters"] = {"binary_data_size": len(raw)}
             if raw:
@@ -315,7 +351,7 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
     if resp.parameters:  # a route's answer: parameter "variant"
         obj["parameters"] = dict(resp.parameters)
     head = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not binaries and not any("parameters" in o for o in outs):
+    if not any_binary:
         return head, None
     return head + b"".join(binaries), len(head)
 

@@ -615,3 +615,26 @@ def test_when_every_instance_is_busy_a_request_queues_on_the_decoded_path(tmp_pa
     assert paths.get("raw", 0) + paths.get("decoded", 0) == 6 and paths.get("decoded", 0) >= 1, paths
     lines = _metric_lines(running, "batchgate_upstream_outstanding")
     assert lines and all(line.endswith(" 0.0") for line in lines)
+
+
+def test_a_request_with_a_tensor_in_shared_memory_takes_the_decoded_path(tmp_path, serve, upstream):
+    """The gateway reads the region (the upstream has no access to it): never forwarded raw."""
+    import uuid
+
+    import tritonclient.utils.shared_memory as shm
+
+    up = upstream(_classifier_repo(tmp_path / "up"))
+    running = serve("", remote_models=(RemoteModel("clf", (up.grpc,), batching="passthrough"),))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    key = f"/batchgate_{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region(key[1:], key, x.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [x])
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        c.register_system_shared_memory("x", key, x.nbytes)
+        inp = grpcclient.InferInput("features", [2, 4], "FP32").set_shared_memory("x", x.nbytes)
+        got = c.infer("clf", [inp]).as_numpy("probabilities")
+        np.testing.assert_array_equal(got, _infer(grpcclient, running.grpc_url, "clf", x))
+        assert _paths(running, "clf") == {"decoded": 1.0, "raw": 1.0}
+    finally:
+        shm.destroy_shared_memory_region(handle)

@@ -481,7 +481,10 @@ def test_unknown_section_is_refused_with_the_known_ones(tmp_path, repo):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nmetrics:\n  port: 1\n")
     msg = error(f, environ={})
     assert "unknown setting 'metrics'" in msg
-    known = "server, repository, limits, batching, auth, tls, routing, drift_detector, remote_models, routes, drift"
+    known = (
+        "server, repository, limits, batching, auth, tls, routing, drift_detector, shared_memory, remote_models, "
+        "routes, drift"
+    )
     assert f"known sections: {known}" in msg
 
 

@@ -1,0 +1,235 @@
+"""The system shared-memory extension: tensors read from and written to regions a client registered.
+
+A client creates a POSIX shared-memory segment, writes its inputs there and registers the segment
+(or a part of it) under a region name (``/v2/systemsharedmemory/region/<name>/register``, gRPC
+``SystemSharedMemoryRegister``). A request then names the region instead of carrying the bytes:
+an input's parameters ``shared_memory_region``, ``shared_memory_byte_size`` and optionally
+``shared_memory_offset``; an output with the same parameters is written into the region and
+answered without its data.
+
+What a client controls is bounded here:
+
+- the key must be a plain POSIX shared-memory name starting with ``shm_key_prefix`` (so no client
+  maps another process's segment, and no key is a path: the segment is opened under /dev/shm with
+  no symlink followed, and must be a regular file);
+- a region lies inside its segment (offset and size checked against the segment's size when it is
+  registered), and every read or write lies inside its region;
+- regions at once (``shm_max_regions``) and their bytes together (``shm_max_bytes``) are bounded;
+- region names are short printable text; they are answered back in the status, never used as a
+  metric label or a path.
+
+Everything here runs on the event loop: a read or write happens in one go, so a region cannot be
+unregistered in the middle of one.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .core.errors import ErrorCode, GatewayError, invalid
+from .core.types import clip, printable
+
+SHM_DIR = "/dev/shm"
+REGION = "shared_memory_region"
+BYTE_SIZE = "shared_memory_byte_size"
+OFFSET = "shared_memory_offset"
+_KEY = re.compile(r"/[A-Za-z0-9_.-]{1,250}")
+_NAME = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a tensor lies: ``byte_size`` bytes at ``offset`` of a region."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+class Region:
+    __slots__ = ("name", "key", "offset", "byte_size", "_map", "_start")
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int):
+        self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+        self._map = mmap.mmap(fd, offset + byte_size - start, offset=start)
+        self._start = offset - start
+
+    def view(self, offset: int, size: int) -> memoryview:
+        return memoryview(self._map)[self._start + offset : self._start + offset + size]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class SharedMemory:
+    """The registered regions of this process."""
+
+    def __init__(self, key_prefix: str, max_regions: int, max_bytes: int):
+        self.key_prefix = key_prefix
+        self.max_regions = max_regions
+        self.max_bytes = max_bytes
+        self.regions: dict[str, Region] = {}
+        self.bytes = 0
+        self.counts: dict[tuple[str, str], int] = {}  # (action, outcome) -> calls, for the metrics
+
+    def count(self, action: str, outcome: str) -> None:
+        key = (action, outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ the extension's calls
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        try:
+            self._register(name, key, offset, byte_size)
+        except GatewayError as e:
+            self.count("register", e.code.value)
+            raise
+        self.count("register", "OK")
+
+    def _register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not _NAME.fullmatch(name):
+            raise invalid(f"shared-memory region name {printable(clip(name))!r} must be 1 to 128 printable characters")
+        if name in self.regions:
+            raise GatewayError(ErrorCode.ALREADY_EXISTS, f"shared-memory region '{name}' is already registered")
+        if not self.key_prefix:
+            raise GatewayError(
+                ErrorCode.FAILED_PRECONDITION,
+                "system shared memory is turned off on this server (shm_key_prefix is empty)",
+            )
+        if not _KEY.fullmatch(key) or key in ("/.", "/.."):
+            raise invalid(
+                f"shared-memory key {printable(clip(key))!r} must be a POSIX shared-memory name: '/' then 1 to 250 "
+                "letters, digits, '_', '.' or '-'"
+            )
+        if not key.startswith(self.key_prefix):
+            raise GatewayError(
+                ErrorCode.PERMISSION_DENIED,
+                f"shared-memory key {key!r} does not start with '{self.key_prefix}', the prefix this server maps "
+                "(shm_key_prefix)",
+            )
+        if type(offset) is not int or type(byte_size) is not int or offset < 0 or byte_size < 1:
+            raise invalid("a shared-memory region needs an offset >= 0 and a byte_size >= 1")
+        if len(self.regions) >= self.max_regions:
+            raise GatewayError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{self.max_regions} shared-memory regions are registered already, the most allowed (shm_max_regions)",
+            )
+        if self.bytes + byte_size > self.max_bytes:
+            raise GatewayError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"registering {byte_size} more bytes of shared memory would pass the {self.max_bytes} bytes allowed "
+                f"({self.bytes} are registered) (shm_max_bytes)",
+            )
+        try:
+            fd = os.open(os.path.join(SHM_DIR, key[1:]), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            raise invalid(f"shared-memory key '{key}' cannot be opened: no such segment the server may map") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise invalid(f"shared-memory key '{key}' is not a shared-memory segment")
+            if offset + byte_size > st.st_size:
+                raise invalid(
+                    f"shared-memory region '{name}': offset {offset} + byte_size {byte_size} runs past the end of "
+                    f"segment '{key}' ({st.st_size} bytes)"
+                )
+            region = Region(name, key, offset, byte_size, fd)
+        finally:
+            os.close(fd)
+        self.regions[name] = region
+        self.bytes += byte_size
+
+    def unregister(self, name: str = "") -> None:
+        """Unregister ``name``, or every region when it is ""."""
+        if not name:
+            for region in self.regions.values():
+                region.close()
+            self.regions.clear()
+            self.bytes = 0
+        else:
+            found = self.regions.pop(name, None)
+            if found is None:
+                self.count("unregister", ErrorCode.NOT_FOUND.value)
+                raise GatewayError(
+                    ErrorCode.NOT_FOUND, f"shared-memory region {printable(clip(name))!r} is not registered"
+                )
+            found.close()
+            self.bytes -= found.byte_size
+        self.count("unregister", "OK")
+
+    def status(self, name: str = "") -> list[dict[str, Any]]:
+        if name:
+            region = self.regions.get(name)
+            if region is None:
+                raise GatewayError(
+                    ErrorCode.NOT_FOUND, f"shared-memory region {printable(clip(name))!r} is not registered"
+                )
+            regions = [region]
+        else:
+            regions = list(self.regions.values())
+        return [{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size} for r in regions]
+
+    def close(self) -> None:
+        for region in self.regions.values():
+            region.close()
+        self.regions.clear()
+        self.bytes = 0
+
+    # ------------------------------------------------------------------ tensors
+    def place(self, params: Mapping[str, Any], what: str) -> Place:
+        """Where a tensor's parameters put it; the region must be registered and hold it."""
+        name = params.get(REGION)
+        size = params.get(BYTE_SIZE)
+        offset = params.get(OFFSET, 0)
+        if type(name) is not str:
+            raise invalid(f"{what}: {REGION} must be a region name")
+        if type(size) is not int or size < 0:
+            raise invalid(f"{what}: {BYTE_SIZE} must be given, a whole number >= 0")
+        if type(offset) is not int or offset < 0:
+            raise invalid(f"{what}: {OFFSET} must be a whole number >= 0")
+        region = self.regions.get(name)
+        if region is None:
+            raise invalid(f"{what}: shared-memory region {printable(clip(name))!r} is not registered")
+        if offset + size > region.byte_size:
+            raise invalid(
+                f"{what}: offset {offset} + byte_size {size} runs past the end of shared-memory region "
+                f"'{name}' ({region.byte_size} bytes)"
+            )
+        return Place(name, offset, size)
+
+    def read(self, place: Place, what: str) -> bytes:
+        """A copy of the bytes at ``place`` (the client may change the region afterwards)."""
+        region = self._region(place, what)
+        return bytes(region.view(place.offset, place.byte_size))
+
+    def write(self, place: Place, data: bytes, what: str) -> None:
+        region = self._region(place, what)
+        if len(data) > place.byte_size:
+            raise invalid(
+                f"{what} is {len(data)} bytes, more than the {place.byte_size} bytes given for it in shared-memory "
+                f"region '{place.region}'"
+            )
+        region.view(place.offset, len(data))[:] = data
+
+    def _region(self, place: Place, what: str) -> Region:
+        region = self.regions.get(place.region)
+        if region is None:  # unregistered since the request was read
+            raise invalid(f"{what}: shared-memory region '{place.region}' was unregistered")
+        return region
+
+
+def grpc_params(params: Any) -> dict[str, Any]:
+    """The shared-memory parameters of a gRPC tensor (its ``parameters`` map) as plain values."""
+    out: dict[str, Any] = {}
+    for key in (REGION, BYTE_SIZE, OFFSET):
+        if key in params:
+            p = params[key]
+            kind = p.WhichOneof("parameter_choice")
+            out[key] = getattr(p, kind) if kind else None
+    return out

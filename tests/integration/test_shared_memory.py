@@ -1,0 +1,288 @@
+"""The system shared-memory extension with tritonclient's own shared-memory utilities, over both
+protocols; its bounds (key prefix, segment and region limits, counts, bytes, scopes) as an attacker
+would probe them; CUDA shared memory and trace settings answered UNIMPLEMENTED with the reason; the
+logging extension.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import build_demo_repository
+from batchgate.security.auth import hash_token, new_token
+
+INFER_TOKEN, READ_TOKEN = new_token(), new_token()
+PROTOCOLS = [(grpcclient, "grpc"), (httpclient, "http")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    return build_demo_repository(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def segments():
+    """Create POSIX shared-memory segments (tritonclient's utilities); all destroyed at the end."""
+    made = []
+
+    def make(size: int, prefix: str = "/batchgate_"):
+        key = f"{prefix}{uuid.uuid4().hex[:12]}"
+        handle = shm.create_shared_memory_region(key[1:], key, size)
+        made.append(handle)
+        return key, handle
+
+    yield make
+    for h in made:
+        shm.destroy_shared_memory_region(h)
+
+
+def _url(running, mod) -> str:
+    return running.grpc_url if mod is grpcclient else running.http_url
+
+
+def _code(e: InferenceServerException) -> str:
+    return (e.status() or "").replace("StatusCode.", "")
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_inputs_read_from_and_outputs_written_to_registered_regions(repo, serve, segments, mod, proto):
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    x = np.random.default_rng(1).random((4, 4), dtype=np.float32)
+    in_key, in_h = segments(x.nbytes + 100)
+    out_key, out_h = segments(4 * 3 * 4)
+    shm.set_shared_memory_region(in_h, [x], offset=100)
+    c.register_system_shared_memory("in", in_key, x.nbytes, offset=100)
+    c.register_system_shared_memory("out", out_key, 48)
+    status = c.get_system_shared_memory_status()
+    regions = {r.name: r for r in status.regions.values()} if mod is grpcclient else {r["name"]: r for r in status}
+    assert set(regions) == {"in", "out"}
+    assert (regions["in"].offset if mod is grpcclient else regions["in"]["offset"]) == 100
+
+    inp = mod.InferInput("features", [4, 4], "FP32")
+    inp.set_shared_memory("in", x.nbytes)
+    out = mod.InferRequestedOutput("probabilities")
+    out.set_shared_memory("out", 48)
+    r = c.infer("classifier", [inp], outputs=[out])
+    meta = r.get_output("probabilities")
+    shape = list(meta.shape) if mod is grpcclient else meta["shape"]
+    assert shape == [4, 3]
+    got = shm.get_contents_as_numpy(out_h, np.float32, [4, 3])
+    plain = mod.InferInput("features", [4, 4], "FP32")
+    plain.set_data_from_numpy(x)
+    want = c.infer("classifier", [plain]).as_numpy("probabilities")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    # An input in shared memory beside one sent in the request (gRPC: raw contents keep their order).
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 5, np.int32)
+    a_key, a_h = segments(a.nbytes)
+    shm.set_shared_memory_region(a_h, [a])
+    c.register_system_shared_memory("a", a_key, a.nbytes)
+    i0 = mod.InferInput("INPUT0", [1, 16], "INT32")
+    i0.set_shared_memory("a", a.nbytes)
+    i1 = mod.InferInput("INPUT1", [1, 16], "INT32")
+    i1.set_data_from_numpy(b)
+    r = c.infer("simple", [i0, i1])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+
+    c.unregister_system_shared_memory("a")
+    status = c.get_system_shared_memory_status()
+    assert len(status.regions if mod is grpcclient else status) == 2
+    c.unregister_system_shared_memory()  # all
+    status = c.get_system_shared_memory_status()
+    assert len(status.regions if mod is grpcclient else status) == 0
+    metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    assert "batchgate_shm_regions 0.0" in metrics
+    assert 'batchgate_shm_requests_total{action="register",outcome="OK"} 3.0' in metrics
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_every_bound_a_client_controls_is_enforced(repo, serve, segments, tmp_path, mod, proto):
+    running = serve(repo, shm_max_regions=2, shm_max_bytes=4096)
+    c = mod.InferenceServerClient(_url(running, mod))
+    key, h = segments(1024)
+
+    def refused(call, code_grpc: str, code_http: str, text: str):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert text in e.value.message(), e.value.message()
+        if mod is grpcclient:
+            assert _code(e.value) == code_grpc, e.value
+        else:
+            assert str(e.value.status()) == code_http, e.value
+
+    # A key outside the prefix: another process's segment is never mapped.
+    other_key, _ = segments(64, prefix="/other_")
+    refused(lambda: c.register_system_shared_memory("x", other_key, 64), "PERMISSION_DENIED", "403", "(shm_key_prefix)")
+    # Not a plain shared-memory name, or no such segment.
+    refused(
+        lambda: c.register_system_shared_memory("x", "/batchgate_../../etc/passwd", 8),
+        "INVALID_ARGUMENT",
+        "400",
+        "must be a POSIX",
+    )
+    refused(
+        lambda: c.register_system_shared_memory("x", "/batchgate_missing", 8),
+        "INVALID_ARGUMENT",
+        "400",
+        "cannot be opened",
+    )
+    # A symbolic link planted in /dev/shm under the prefix is not followed.
+    link = f"/dev/shm/batchgate_link{uuid.uuid4().hex[:8]}"
+    target = tmp_path / "secret"
+    target.write_bytes(b"s" * 4096)
+    os.symlink(target, link)
+    try:
+        refused(
+            lambda: c.register_system_shared_memory("x", "/" + os.path.basename(link), 8),
+            "INVALID_ARGUMENT",
+            "400",
+            "cannot be opened",
+        )
+    finally:
+        os.unlink(link)
+    # The region must lie inside its segment.
+    refused(
+        lambda: c.register_system_shared_memory("x", key, 1000, offset=100),
+        "INVALID_ARGUMENT",
+        "400",
+        "runs past the end of segment",
+    )
+    # Counts and bytes, and names taken.
+    c.register_system_shared_memory("r1", key, 1024)
+    refused(lambda: c.register_system_shared_memory("r1", key, 8), "ALREADY_EXISTS", "409", "already registered")
+    key2, _ = segments(8192)
+    refused(lambda: c.register_system_shared_memory("r2", key2, 8192), "RESOURCE_EXHAUSTED", "429", "(shm_max_bytes)")
+    c.register_system_shared_memory("r2", key2, 16)
+    refused(lambda: c.register_system_shared_memory("r3", key2, 16), "RESOURCE_EXHAUSTED", "429", "(shm_max_regions)")
+
+    # Reads and writes stay inside the region: a request cannot reach past it.
+    def shm_input(region: str, size: int, offset: int = 0):
+        inp = mod.InferInput("features", [4, 4], "FP32")
+        return inp.set_shared_memory(region, size, offset=offset)
+
+    for inp, text in (
+        (shm_input("r2", 64), "runs past the end of shared-memory region 'r2'"),  # the region holds 16 bytes
+        (shm_input("r1", 64, offset=1000), "runs past the end of shared-memory region 'r1'"),
+        (shm_input("nope", 64), "'nope' is not registered"),
+        (shm_input("r1", 60), "input 'features'"),  # too few bytes for the shape
+    ):
+        refused(lambda inp=inp: c.infer("classifier", [inp]), "INVALID_ARGUMENT", "400", text)
+    out = mod.InferRequestedOutput("probabilities")
+    out.set_shared_memory("r2", 16)  # [4, 3] FP32 is 48 bytes
+    refused(
+        lambda: c.infer("classifier", [shm_input("r1", 64)], outputs=[out]),
+        "INVALID_ARGUMENT",
+        "400",
+        "more than the 16 bytes",
+    )
+    refused(lambda: c.unregister_system_shared_memory("nope"), "NOT_FOUND", "404", "not registered")
+    c.unregister_system_shared_memory()
+    # The server still serves.
+    plain = mod.InferInput("features", [1, 4], "FP32")
+    plain.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert c.infer("classifier", [plain]).as_numpy("probabilities").shape == (1, 3)
+
+
+def test_with_api_keys_registering_needs_scope_infer_or_admin(repo, serve, segments, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer"]},
+                    {"id": "dash", "sha256": hash_token(READ_TOKEN), "scopes": ["read"]},
+                ]
+            }
+        )
+    )
+    running = serve(repo, api_keys_file=str(keys))
+    key, _ = segments(64)
+    for mod in (grpcclient, httpclient):
+        c = mod.InferenceServerClient(_url(running, mod))
+        with pytest.raises(InferenceServerException) as e:
+            c.register_system_shared_memory("r", key, 64)
+        assert "UNAUTHENTICATED" in str(e.value.status()) or "401" in str(e.value.status())
+        with pytest.raises(InferenceServerException) as e:
+            c.register_system_shared_memory("r", key, 64, headers={"authorization": f"Bearer {READ_TOKEN}"})
+        assert "needs scope 'infer' or 'admin'" in e.value.message()
+        c.register_system_shared_memory("r", key, 64, headers={"authorization": f"Bearer {INFER_TOKEN}"})
+        c.unregister_system_shared_memory("r", headers={"authorization": f"Bearer {INFER_TOKEN}"})
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_cuda_shared_memory_and_trace_settings_answer_unimplemented_with_the_reason(repo, serve, mod, proto):
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    calls = [c.get_cuda_shared_memory_status, lambda: c.unregister_cuda_shared_memory("x")]
+    for call in calls:
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert "CUDA shared memory is not supported" in e.value.message()
+        assert "UNIMPLEMENTED" in str(e.value.status()) or "501" in str(e.value.status())
+    with pytest.raises(InferenceServerException) as e:
+        c.get_trace_settings()
+    assert "trace extension is not supported" in e.value.message()
+    extensions = c.get_server_metadata()
+    names = extensions.extensions if mod is grpcclient else extensions["extensions"]
+    assert "system_shared_memory" in names and "logging" in names and "cuda_shared_memory" not in names
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_log_settings_are_read_and_changed_and_a_client_log_file_is_refused(repo, serve, mod, proto):
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    root = logging.getLogger()
+    before = root.level
+    try:
+        now = c.get_log_settings(as_json=True) if mod is grpcclient else c.get_log_settings()
+        settings = now["settings"] if mod is grpcclient else now
+        if mod is grpcclient:
+            settings = {k: next(iter(v.values())) for k, v in settings.items()}
+        assert settings["log_file"] == "" and "log_verbose_level" in settings
+        c.update_log_settings({"log_info": False, "log_warning": False})
+        assert root.level == logging.ERROR
+        c.update_log_settings({"log_verbose_level": 1})
+        assert root.level == logging.DEBUG
+        for bad, text in (
+            ({"log_file": "/tmp/x.log"}, "log_file cannot be set"),
+            ({"log_colour": True}, "unknown log setting"),
+            ({"log_format": "xml"}, "log_format must be one of"),
+        ):
+            with pytest.raises(InferenceServerException) as e:
+                c.update_log_settings(bad)
+            assert text in e.value.message()
+        assert root.level == logging.DEBUG  # a refused change changes nothing
+    finally:
+        root.setLevel(before)
+
+
+def test_the_http_endpoints_refuse_malformed_registrations(repo, serve, segments):
+    running = serve(repo)
+    key, _ = segments(64)
+    base = f"http://{running.http_url}/v2/systemsharedmemory/region/r/register"
+    for body, text in (
+        (b"[]", "must be a JSON object"),
+        (b'{"key": 7, "byte_size": 8}', "must be a JSON object with 'key'"),
+        (f'{{"key": "{key}", "byte_size": "8"}}'.encode(), "whole numbers"),
+        (f'{{"key": "{key}", "byte_size": 0}}'.encode(), "byte_size >= 1"),
+        (f'{{"key": "{key}", "byte_size": 8, "offset": -1}}'.encode(), "offset >= 0"),
+    ):
+        req = urllib.request.Request(base, data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400 and text in e.value.read().decode(), body
