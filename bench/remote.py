@@ -183,12 +183,18 @@ class UpstreamCalls:
     calls: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # gRPC status name -> failed calls
     seconds: float = 0.0  # summed call time
+    paths: dict[str, int] = field(default_factory=dict)  # requests by path: raw (forwarded as bytes) | decoded
 
 
 def upstream_calls(metrics_port: int) -> UpstreamCalls:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     out = UpstreamCalls()
     for line in text.splitlines():
+        if line.startswith("batchgate_remote_requests_total") and f'model="{MODEL}"' in line:
+            name, value = line.rsplit(" ", 1)
+            path = re.search(r'path="([^"]+)"', name).group(1)
+            out.paths[path] = out.paths.get(path, 0) + int(float(value))
+            continue
         if not line.startswith("batchgate_upstream_") or f'model="{MODEL}"' not in line:
             continue
         name, value = line.rsplit(" ", 1)
@@ -244,6 +250,8 @@ class Run:
     upstream: Side = field(default_factory=Side)
     gateway: Side | None = None  # None on the direct path
     upstream_calls: int = 0  # calls the gateway sent
+    raw: int = 0  # requests the gateway forwarded as the caller's bytes (its fast path)
+    decoded: int = 0  # requests it decoded (batched, or every instance busy)
     upstream_errors: dict[str, int] = field(default_factory=dict)
     upstream_call_ms: float = float("nan")  # mean time of one upstream call, as the gateway measured it
     load_cpu_us: float = float("nan")  # h2load's CPU per successful request
@@ -359,6 +367,8 @@ def measure_level(
         run.gateway.cpu_us = (cpu1[1] - cpu0[1]) * per_req
         c0, c1 = f0[2], f1[2]
         run.upstream_calls = c1.calls - c0.calls
+        run.raw = c1.paths.get("raw", 0) - c0.paths.get("raw", 0)
+        run.decoded = c1.paths.get("decoded", 0) - c0.paths.get("decoded", 0)
         run.upstream_errors = {k: v - c0.errors.get(k, 0) for k, v in c1.errors.items() if v - c0.errors.get(k, 0)}
         if run.upstream_calls:
             run.upstream_call_ms = (c1.seconds - c0.seconds) / run.upstream_calls * 1e3
@@ -426,6 +436,11 @@ def check_level(run: Run, res: dict) -> list[str]:
             problems.append(f"the gateway's upstream calls failed: {run.upstream_errors}")
         if run.path == "passthrough" and set(run.gateway.batches) - {1}:
             problems.append(f"passthrough, yet the gateway sent batches of {sorted(run.gateway.batches)} rows")
+        if run.path == "passthrough" and run.raw < run.tool_ok - slack:
+            # every request goes raw unless all instances are busy (then it queues decoded)
+            problems.append(
+                f"passthrough forwarded {run.raw} requests raw and decoded {run.decoded}, for {run.tool_ok} successes"
+            )
     if run.variant == "B" and not u.ok <= u.executions <= u.ok + u.failed:
         problems.append(
             f"the upstream does not batch, yet ran {u.executions} executions for {u.ok} OK and "

@@ -14,11 +14,11 @@ READY_LINE = re.compile(r"HTTP on [^ ]+:(\d+), gRPC on [^ ]+:(\d+), metrics on [
 
 
 def serve_args(repo: str, *extra: str) -> list[str]:
-    """``batchgate serve`` of ``repo`` on loopback, every port picked free, the admin listener off."""
+    """``batchgate serve`` of ``repo`` ("": none, remote models only) on loopback, every port
+    picked free, the admin listener off."""
     return [
         "serve",
-        "--model-repository",
-        repo,
+        *(("--model-repository", repo) if repo else ()),
         "--host",
         "127.0.0.1",
         "--http-port",

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
 from mlserver_support import MLServer
-from processes import Proc
+from processes import Proc, serve_args
 
 
 @pytest.fixture(scope="module")
@@ -138,45 +138,17 @@ def test_without_a_batch_size_each_request_is_sent_as_it_came(mlserver, serve):
 def test_an_open_model_behind_another_batchgate_is_open_there_too(mlserver, tmp_path):
     """batchgate -> batchgate -> MLServer: the middle one shows no signature, like MLServer,
     and the front one serves it open as well."""
-    middle = Proc(
-        [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--admin-port",
-            "-1",
-            "--admin-http-port",
-            "-1",
-            "--remote-model",
-            f"name=doubler upstreams={mlserver.grpc} batching=passthrough",
-        ]
-    ).wait_ready()
-    front = Proc(
-        [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--admin-port",
-            "-1",
-            "--admin-http-port",
-            "-1",
-            "--remote-model",
-            f"name=front upstream_model=doubler upstreams={middle.grpc} batching=gateway max_batch_size=4",
-        ]
-    ).wait_ready()
+    middle = Proc(serve_args("", "--remote-model", f"name=doubler upstreams={mlserver.grpc} batching=passthrough"))
+    front = None
     try:
+        middle.wait_ready()
+        front = Proc(
+            serve_args(
+                "",
+                "--remote-model",
+                f"name=front upstream_model=doubler upstreams={middle.grpc} batching=gateway max_batch_size=4",
+            )
+        ).wait_ready()
         meta = httpclient.InferenceServerClient(middle.http).get_model_metadata("doubler")
         assert meta["inputs"] == [] and meta["outputs"] == []
         x = np.arange(4, dtype=np.float32).reshape(1, 4)
@@ -184,5 +156,6 @@ def test_an_open_model_behind_another_batchgate_is_open_there_too(mlserver, tmp_
             r = _call(mod, url, "front", {"x": x})
             np.testing.assert_array_equal(r.as_numpy("out_x"), x * 2)
     finally:
-        front.kill()
+        if front is not None:
+            front.kill()
         middle.kill()
