@@ -33,6 +33,7 @@ from .core.types import (
     check_model_name,
     check_shape,
     check_tensors,
+    printable,
 )
 from .model import ModelVersion
 from .monitoring.metrics import Metrics
@@ -252,21 +253,27 @@ class DataPlane:
         )
 
     # ------------------------------------------------------------------ shared memory, logging, trace
-    def _shm_caller(self, caller: Caller) -> None:
-        """With API keys, registering or unregistering shared memory needs scope infer or admin."""
+    async def _shm_caller(self, caller: Caller, action: str, target: str) -> None:
+        """With API keys, registering or unregistering shared memory needs scope infer or admin;
+        a refusal is counted and audited."""
         keys = self.access.keys
         if keys is None:
             return
-        key = keys.authenticate(caller.authorization, caller.subject)
-        if not key.scopes & {INFER, ADMIN}:
-            raise GatewayError(
-                ErrorCode.PERMISSION_DENIED,
-                f"API key '{key.id}' may not register shared memory: it needs scope 'infer' or 'admin'",
-            )
-        keys.charge(key)
+        try:
+            key = keys.authenticate(caller.authorization, caller.subject)
+            if not key.scopes & {INFER, ADMIN}:
+                raise GatewayError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"API key '{key.id}' may not register shared memory: it needs scope 'infer' or 'admin'",
+                )
+            keys.charge(key)
+        except GatewayError as e:
+            self.shm.count(action.removeprefix("shm."), e.code.value)
+            await self.access.audited(caller, None, action, target[:128], "refused", e.message[:256])
+            raise
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int, caller: Caller) -> None:
-        self._shm_caller(caller)
+        await self._shm_caller(caller, "shm.register", name)
         try:
             self.shm.register(name, key, offset, byte_size)
         except GatewayError as e:
@@ -276,24 +283,33 @@ class DataPlane:
 
     async def shm_unregister(self, name: str, caller: Caller) -> None:
         """``name`` "" unregisters every region."""
-        self._shm_caller(caller)
-        self.shm.unregister(name)
+        await self._shm_caller(caller, "shm.unregister", name or "*")
+        try:
+            self.shm.unregister(name)
+        except GatewayError as e:
+            await self.access.audited(caller, None, "shm.unregister", name[:128], "refused", e.message[:256])
+            raise
         await self.access.audited(caller, None, "shm.unregister", name or "*", "ok")
 
     def shm_status(self, name: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
         self.access.check(caller, READ)
         return self.shm.status(name)
 
-    def log_settings(self, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
-        """Triton's logging extension: the settings in effect, after ``changes`` (admin scope)."""
+    async def log_settings(self, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
+        """Triton's logging extension: the settings in effect, after ``changes`` (admin scope,
+        audited)."""
         if not changes:
             self.access.check(caller, READ)
             return logs.log_settings()
-        self.access.check(caller, ADMIN)
+        key = self.access.check(caller, ADMIN)
+        detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in list(changes.items())[:8])[:256]
         try:
-            return logs.change_log_settings(dict(changes))
+            now = logs.change_log_settings(dict(changes))
         except ValueError as e:
+            await self.access.audited(caller, key, "logging.update", "logging", "refused", str(e)[:256])
             raise invalid(str(e)) from None
+        await self.access.audited(caller, key, "logging.update", "logging", "ok", printable(detail))
+        return now
 
     @staticmethod
     def trace_settings() -> None:

@@ -67,7 +67,8 @@ class Access:
             if scope == ADMIN and not self.allow_open_admin:
                 raise GatewayError(
                     ErrorCode.PERMISSION_DENIED,
-                    "loading and unloading models and changing routes are admin actions: configure api_keys_file "
+                    "loading and unloading models, changing routes, drift and log settings are admin actions: "
+                    "configure api_keys_file "
                     "and call with a key of scope 'admin', or set allow_open_admin: true on a trusted network",
                 )
             return None

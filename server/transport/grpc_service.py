@@ -259,7 +259,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             kind = value.WhichOneof("parameter_choice")
             changes[key] = getattr(value, kind) if kind else None
         try:
-            now = self.dp.log_settings(changes, caller_of(context))
+            now = await self.dp.log_settings(changes, caller_of(context))
         except GatewayError as e:
             return await _abort(context, e)
         resp = pb.LogSettingsResponse()

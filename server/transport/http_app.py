@@ -253,12 +253,12 @@ class HttpApp:
             self.dp.cuda_shared_memory()
         if path == "/v2/logging":
             if method == "GET":
-                return await self._json(send, self.dp.log_settings(None, self._caller(scope)))
+                return await self._json(send, await self.dp.log_settings(None, self._caller(scope)))
             self._method(method, "POST")
             obj = http_codec.parse_json(await self._body(receive, scope))
             if not isinstance(obj, dict):
                 raise invalid("the log settings must be a JSON object")
-            return await self._json(send, self.dp.log_settings(obj, caller_of(scope)))
+            return await self._json(send, await self.dp.log_settings(obj, caller_of(scope)))
         if TRACE_RE.match(path):
             self.dp.trace_settings()
         raise not_found(f"no such endpoint: {method} {path[:256]}")
