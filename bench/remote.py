@@ -5,7 +5,10 @@ server/backends/remote.py). Here a real upstream serves an MLP, and three paths 
 at the same load in the same run:
 
     direct        h2load -> upstream
-    passthrough   h2load -> gateway (batching=passthrough: every request forwarded on its own) -> upstream
+    passthrough   h2load -> gateway (batching=passthrough: every request forwarded on its own, as the
+                  caller's bytes: raw forwarding) -> upstream
+    decoded       the same with forwarding=decoded: each request decoded, checked and re-encoded at the
+                  gateway (what passthrough did before raw forwarding; the baseline it is measured against)
     gateway       h2load -> gateway (batching=gateway: the gateway's batcher, one upstream call per batch)
                   -> upstream
 
@@ -60,7 +63,7 @@ round; the second round runs the paths in the reverse order, so a machine that d
 run does not favour one path. A level is measured again (once) when other processes took more
 than a quarter of a core meanwhile, as in bench/batching.py.
 
-    python bench/remote.py                  # ~3 minutes: 2 rounds x 6 configurations x levels 1, 4, 64 x 3 s
+    python bench/remote.py                  # ~4 minutes: 2 rounds x 8 configurations x levels 1, 4, 64 x 3 s
     python bench/remote.py --quick          # ~40 s: 1 round, levels 1 and 64, short runs
     python bench/remote.py --hidden 2048,2048,2048   # a heavier model (batch 1 ~0.7 ms)
 
@@ -125,9 +128,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 HEADLINE = 64  # clients for the main comparison
 VARIANTS = ("A", "B")
-PATHS = ("direct", "passthrough", "gateway")
+PATHS = ("direct", "passthrough", "decoded", "gateway")
 GATEWAY_DELAY_US = 1000  # the remote backend's own default max_queue_delay_us
-COLORS = {"direct": "#8a939c", "passthrough": "#d9822b", "gateway": "#2f6fb3"}
+COLORS = {"direct": "#8a939c", "passthrough": "#d9822b", "decoded": "#e8c07a", "gateway": "#2f6fb3"}
 # How much a path must beat another to be called a gain rather than noise on this shared machine.
 GAIN = 1.05
 
@@ -141,7 +144,9 @@ def variant_name(v: str, delay_us: int) -> str:
 
 def gateway_command(py: str, upstream: str, mode: str, delay_us: int, inflight: int, policy: str) -> list[str]:
     """A batchgate with no repository, serving the upstream's model as a remote model of the same name."""
-    spec = f"name={MODEL} upstreams={upstream} upstream_model={MODEL} batching={mode}"
+    # "decoded": passthrough with raw forwarding off, the path every forwarded request took before it
+    batching, forwarding = ("passthrough", "decoded") if mode == "decoded" else (mode, "raw")
+    spec = f"name={MODEL} upstreams={upstream} upstream_model={MODEL} batching={batching} forwarding={forwarding}"
     if mode == "gateway":
         spec += f" max_queue_delay_us={delay_us}"
     if inflight:
@@ -434,8 +439,10 @@ def check_level(run: Run, res: dict) -> list[str]:
         unexpected = {k: v for k, v in run.upstream_errors.items() if k != "CANCELLED"}
         if unexpected or run.upstream_errors.get("CANCELLED", 0) > slack:
             problems.append(f"the gateway's upstream calls failed: {run.upstream_errors}")
-        if run.path == "passthrough" and set(run.gateway.batches) - {1}:
-            problems.append(f"passthrough, yet the gateway sent batches of {sorted(run.gateway.batches)} rows")
+        if run.path in ("passthrough", "decoded") and set(run.gateway.batches) - {1}:
+            problems.append(f"{run.path}, yet the gateway sent batches of {sorted(run.gateway.batches)} rows")
+        if run.path == "decoded" and run.raw:
+            problems.append(f"forwarding=decoded, yet the gateway forwarded {run.raw} requests raw")
         if run.path == "passthrough" and run.raw < run.tool_ok - slack:
             # every request goes raw unless all instances are busy (then it queues decoded)
             problems.append(
@@ -501,7 +508,7 @@ def ratios_of(summary: dict, runs: list[Run]) -> dict:
     by_round = {(r.variant, r.path, r.clients, r.round): r for r in runs if r.error is None}
     out: dict = {}
     for v, paths in summary.items():
-        for path in ("passthrough", "gateway"):
+        for path in ("passthrough", "decoded", "gateway"):
             for n, e in paths.get(path, {}).items():
                 base = paths.get("direct", {}).get(n)
                 if not (base and base["valid"] and e["valid"]):
@@ -521,6 +528,14 @@ def ratios_of(summary: dict, runs: list[Run]) -> dict:
                 if path == "gateway" and pt and pt["valid"]:
                     x["rps_vs_passthrough"] = e["rps"] / pt["rps"]
                     x["p99_vs_passthrough"] = e["p99_ms"] / pt["p99_ms"]
+                dec = paths.get("decoded", {}).get(n)
+                if path == "passthrough" and dec and dec["valid"]:
+                    # raw forwarding against the decoded path it replaces, same run
+                    x["rps_vs_decoded"] = e["rps"] / dec["rps"]
+                    x["gw_cpu_vs_decoded"] = e["gw_cpu_us"] / dec["gw_cpu_us"]
+                if path in ("passthrough", "decoded") and base.get("up_cpu_us"):
+                    # the gateway's CPU per forwarded request against the upstream's per request served directly
+                    x["gw_cpu_vs_upstream"] = e["gw_cpu_us"] / base["up_cpu_us"]
                 out.setdefault(v, {}).setdefault(path, {})[n] = x
     return out
 
@@ -646,6 +661,23 @@ def findings(summary: dict, ratios: dict, args) -> list[str]:
                 for n, x in sorted(hop.items())
             )
             out.append(f"- {vn}: cost of the hop, passthrough / direct: {parts}")
+            raw = [
+                f"{clients(n)} req/s {x['rps_vs_decoded']:.2f}x, gateway CPU per request {x['gw_cpu_vs_decoded']:.2f}x"
+                for n, x in sorted(hop.items())
+                if "rps_vs_decoded" in x
+            ]
+            if raw:
+                out.append(f"- {vn}: raw forwarding / decoded forwarding: {', '.join(raw)}")
+            cpu = [
+                f"{clients(n)} {x['gw_cpu_vs_upstream']:.2f}x"
+                for n, x in sorted(hop.items())
+                if "gw_cpu_vs_upstream" in x
+            ]
+            if cpu:
+                out.append(
+                    f"- {vn}: gateway CPU per forwarded request / upstream CPU per request served directly: "
+                    + ", ".join(cpu)
+                )
         gwr = r.get("gateway", {})
         if gwr:
             parts = ", ".join(
@@ -690,7 +722,7 @@ def plot(summary: dict, ratios: dict, args, path: Path, subtitle: str) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(15, 10.5))
-    width = 0.26
+    width = 0.2
     names = [variant_name(v, args.upstream_delay_us) for v in VARIANTS]
 
     def valid(v: str, p: str, n: int = HEADLINE) -> dict | None:
@@ -703,7 +735,7 @@ def plot(summary: dict, ratios: dict, args, path: Path, subtitle: str) -> None:
             e = valid(v, p)
             if e is None:
                 continue
-            x = i + (j - 1) * width
+            x = i + (j - 1.5) * width
             top_rps.bar(
                 x,
                 e["rps"],

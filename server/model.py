@@ -100,7 +100,11 @@ class ModelVersion:
         # A remote model that does not batch at the gateway may forward a caller's serialized
         # gRPC request as it came (``forward``); None otherwise.
         self.forwarder: RemoteBackend | None = None
-        if backend.kind == "remote" and isinstance(self.scheduler, PassThroughScheduler):
+        if (
+            backend.kind == "remote"
+            and isinstance(self.scheduler, PassThroughScheduler)
+            and getattr(backend, "raw_forwarding", False)
+        ):
             self.forwarder = backend  # type: ignore[assignment]
         self._threads = threads
         self._answer_suffix = string_field(1, self.name) + string_field(2, version)

@@ -16,6 +16,7 @@ from .core.errors import ConfigError
 from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief
 
 BATCHING_MODES = ("gateway", "passthrough")
+FORWARDING_MODES = ("raw", "decoded")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RemoteModel:
     eject_after_failures: int = 3  # consecutive failures that eject an upstream
     eject_s: float = 5.0  # first ejection; doubles while probes keep failing, up to 60 s
     probe_interval_s: float = 1.0  # readiness probe of each upstream (and of ejected ones)
+    # raw: a gRPC request the gateway does not batch is forwarded as the caller's bytes | decoded: never
+    forwarding: str = "raw"
 
     @property
     def target(self) -> str:
@@ -146,6 +149,11 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         raise ConfigError(
             f"{source}: remote model '{spec.name}': batching must be one of "
             f"{', '.join(BATCHING_MODES)}, not {shown(spec.batching)}"
+        )
+    if spec.forwarding not in FORWARDING_MODES:
+        raise ConfigError(
+            f"{source}: remote model '{spec.name}': forwarding must be one of "
+            f"{', '.join(FORWARDING_MODES)}, not {shown(spec.forwarding)}"
         )
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")

@@ -148,6 +148,7 @@ class RemoteV2Backend:
         # singular protobuf field given twice takes its last value, so the caller's name and
         # version are replaced without re-encoding the message.
         self.forward_suffix = string_field(1, spec.target) + string_field(2, spec.upstream_version)
+        self.raw_forwarding = spec.forwarding == "raw"  # the remote model's setting (remote_models.py)
 
     # ------------------------------------------------------------------ loading
     async def open(self) -> mc.ModelConfig:

@@ -638,3 +638,11 @@ def test_a_request_with_a_tensor_in_shared_memory_takes_the_decoded_path(tmp_pat
         assert _paths(running, "clf") == {"decoded": 1.0, "raw": 1.0}
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_forwarding_decoded_turns_raw_forwarding_off(tmp_path, serve, upstream):
+    up = upstream(_classifier_repo(tmp_path / "up"))
+    spec = RemoteModel("clf", (up.grpc,), batching="passthrough", forwarding="decoded")
+    running = serve("", remote_models=(spec,))
+    _infer(grpcclient, running.grpc_url, "clf", np.ones((1, 4), np.float32))
+    assert _paths(running, "clf") == {"decoded": 1.0}

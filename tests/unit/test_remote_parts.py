@@ -97,3 +97,14 @@ async def test_an_upstream_tensor_of_a_type_batchgate_cannot_serve_is_a_clear_lo
             backend._our_config(cfg)
     finally:
         await backend.close()
+
+
+def test_forwarding_is_raw_or_decoded():
+    from batchgate.core.errors import ConfigError
+    from batchgate.remote_models import parse_remote_model
+
+    assert parse_remote_model("name=m upstreams=h:1", "flag").forwarding == "raw"
+    assert parse_remote_model("name=m upstreams=h:1 forwarding=decoded", "flag").forwarding == "decoded"
+    with pytest.raises(ConfigError) as e:
+        parse_remote_model("name=m upstreams=h:1 forwarding=bytes", "flag")
+    assert "forwarding must be one of raw, decoded" in str(e.value)
