@@ -44,7 +44,7 @@ from .security.access import ADMIN, INFER, OPEN_CALLER, READ, Access, Caller
 from .security.audit import hash_files
 from .security.limits import Admission
 from .shm import REGION as SHM_REGION
-from .shm import SharedMemory
+from .shm import RegionView, SharedMemory
 
 if TYPE_CHECKING:
     from .monitoring.drift import DriftService
@@ -254,12 +254,13 @@ class DataPlane:
         )
 
     # ------------------------------------------------------------------ shared memory, logging, trace
-    async def _shm_caller(self, caller: Caller, action: str, target: str) -> None:
-        """With API keys, registering or unregistering shared memory needs scope infer or admin;
-        a refusal is counted and audited."""
+    async def _shm_caller(self, caller: Caller, action: str, target: str) -> str | None:
+        """The owner of the caller's regions (its API key's id; None without keys). With API keys,
+        registering or unregistering shared memory needs scope infer or admin; a refusal is
+        counted and audited."""
         keys = self.access.keys
         if keys is None:
-            return
+            return None
         try:
             key = keys.authenticate(caller.authorization, caller.subject)
             if not key.scopes & {INFER, ADMIN}:
@@ -272,11 +273,12 @@ class DataPlane:
             self.shm.count(action.removeprefix("shm."), e.code.value)
             await self.access.audited(caller, None, action, target[:128], "refused", e.message[:256])
             raise
+        return key.id
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int, caller: Caller) -> None:
-        await self._shm_caller(caller, "shm.register", name)
+        owner = await self._shm_caller(caller, "shm.register", name)
         try:
-            self.shm.register(name, key, offset, byte_size)
+            self.shm.register(name, key, offset, byte_size, owner)
         except GatewayError as e:
             await self.access.audited(caller, None, "shm.register", name[:128], "refused", e.message[:256])
             raise
@@ -284,17 +286,26 @@ class DataPlane:
 
     async def shm_unregister(self, name: str, caller: Caller) -> None:
         """``name`` "" unregisters every region."""
-        await self._shm_caller(caller, "shm.unregister", name or "*")
+        owner = await self._shm_caller(caller, "shm.unregister", name or "*")
         try:
-            self.shm.unregister(name)
+            self.shm.unregister(name, owner)
         except GatewayError as e:
             await self.access.audited(caller, None, "shm.unregister", name[:128], "refused", e.message[:256])
             raise
         await self.access.audited(caller, None, "shm.unregister", name or "*", "ok")
 
     def shm_status(self, name: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
-        self.access.check(caller, READ)
-        return self.shm.status(name)
+        """The caller's own regions (with API keys, those its key registered)."""
+        key = self.access.check(caller, READ)
+        return self.shm.status(name, None if key is None else key.id)
+
+    def shm_view(self, caller: Caller) -> RegionView:
+        """The regions a request of ``caller`` may read and write (its key's, with API keys). The
+        request was admitted already: the key is known good and was charged."""
+        keys = self.access.keys
+        if keys is None:
+            return self.shm.view(None)
+        return self.shm.view(keys.authenticate(caller.authorization, caller.subject).id)
 
     async def log_settings(self, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
         """Triton's logging extension: the settings in effect, after ``changes`` (admin scope,

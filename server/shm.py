@@ -53,10 +53,10 @@ class Place:
 
 
 class Region:
-    __slots__ = ("name", "key", "offset", "byte_size", "_map", "_start")
+    __slots__ = ("name", "key", "offset", "byte_size", "owner", "_map", "_start")
 
-    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int):
-        self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int, owner: str | None):
+        self.name, self.key, self.offset, self.byte_size, self.owner = name, key, offset, byte_size, owner
         start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
         self._map = mmap.mmap(fd, offset + byte_size - start, offset=start)
         self._start = offset - start
@@ -69,33 +69,53 @@ class Region:
 
 
 class SharedMemory:
-    """The registered regions of this process."""
+    """The registered regions of this process.
+
+    With API keys every region belongs to the key that registered it: its name is that key's
+    (two keys may each have a region "input"), and only that key can use it in a request, see it
+    in the status or unregister it; another key cannot read a tenant's inputs or overwrite its
+    outputs by naming its region. On a server without keys there is one owner, None. A request
+    works through :meth:`view` of its caller's key."""
 
     def __init__(self, key_prefix: str, max_regions: int, max_bytes: int):
         self.key_prefix = key_prefix
         self.max_regions = max_regions
         self.max_bytes = max_bytes
-        self.regions: dict[str, Region] = {}
+        self._regions: dict[tuple[str | None, str], Region] = {}
         self.bytes = 0
         self.counts: dict[tuple[str, str], int] = {}  # (action, outcome) -> calls, for the metrics
+        self._views: dict[str | None, RegionView] = {}
+
+    @property
+    def regions(self) -> list[Region]:
+        return list(self._regions.values())
+
+    def view(self, owner: str | None) -> RegionView:
+        """The regions ``owner`` (an API key's id, None without keys) may use in its requests."""
+        v = self._views.get(owner)
+        if v is None:
+            if len(self._views) > 4096:  # one per key seen: bounded by the key list, kept small anyway
+                self._views.clear()
+            v = self._views[owner] = RegionView(self, owner)
+        return v
 
     def count(self, action: str, outcome: str) -> None:
         key = (action, outcome)
         self.counts[key] = self.counts.get(key, 0) + 1
 
     # ------------------------------------------------------------------ the extension's calls
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None = None) -> None:
         try:
-            self._register(name, key, offset, byte_size)
+            self._register(name, key, offset, byte_size, owner)
         except GatewayError as e:
             self.count("register", e.code.value)
             raise
         self.count("register", "OK")
 
-    def _register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def _register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         if not _NAME.fullmatch(name):
             raise invalid(f"shared-memory region name {printable(clip(name))!r} must be 1 to 128 printable characters")
-        if name in self.regions:
+        if (owner, name) in self._regions:
             raise GatewayError(ErrorCode.ALREADY_EXISTS, f"shared-memory region '{name}' is already registered")
         if not self.key_prefix:
             raise GatewayError(
@@ -115,7 +135,7 @@ class SharedMemory:
             )
         if type(offset) is not int or type(byte_size) is not int or offset < 0 or byte_size < 1:
             raise invalid("a shared-memory region needs an offset >= 0 and a byte_size >= 1")
-        if len(self.regions) >= self.max_regions:
+        if len(self._regions) >= self.max_regions:
             raise GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{self.max_regions} shared-memory regions are registered already, the most allowed (shm_max_regions)",
@@ -139,21 +159,21 @@ class SharedMemory:
                     f"shared-memory region '{name}': offset {offset} + byte_size {byte_size} runs past the end of "
                     f"segment '{key}' ({st.st_size} bytes)"
                 )
-            region = Region(name, key, offset, byte_size, fd)
+            region = Region(name, key, offset, byte_size, fd, owner)
         finally:
             os.close(fd)
-        self.regions[name] = region
+        self._regions[owner, name] = region
         self.bytes += byte_size
 
-    def unregister(self, name: str = "") -> None:
-        """Unregister ``name``, or every region when it is ""."""
+    def unregister(self, name: str = "", owner: str | None = None) -> None:
+        """Unregister ``owner``'s region ``name``, or every region of ``owner`` when it is ""."""
         if not name:
-            for region in self.regions.values():
+            for k in [k for k in self._regions if k[0] == owner]:
+                region = self._regions.pop(k)
                 region.close()
-            self.regions.clear()
-            self.bytes = 0
+                self.bytes -= region.byte_size
         else:
-            found = self.regions.pop(name, None)
+            found = self._regions.pop((owner, name), None)
             if found is None:
                 self.count("unregister", ErrorCode.NOT_FOUND.value)
                 raise GatewayError(
@@ -163,25 +183,33 @@ class SharedMemory:
             self.bytes -= found.byte_size
         self.count("unregister", "OK")
 
-    def status(self, name: str = "") -> list[dict[str, Any]]:
+    def status(self, name: str = "", owner: str | None = None) -> list[dict[str, Any]]:
         if name:
-            region = self.regions.get(name)
+            region = self._regions.get((owner, name))
             if region is None:
                 raise GatewayError(
                     ErrorCode.NOT_FOUND, f"shared-memory region {printable(clip(name))!r} is not registered"
                 )
             regions = [region]
         else:
-            regions = list(self.regions.values())
+            regions = [r for (o, _), r in self._regions.items() if o == owner]
         return [{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size} for r in regions]
 
     def close(self) -> None:
-        for region in self.regions.values():
+        for region in self._regions.values():
             region.close()
-        self.regions.clear()
+        self._regions.clear()
         self.bytes = 0
 
-    # ------------------------------------------------------------------ tensors
+
+class RegionView:
+    """The regions one owner may use in its requests: where a tensor lies, reading and writing it."""
+
+    __slots__ = ("_shm", "_owner")
+
+    def __init__(self, shm: SharedMemory, owner: str | None):
+        self._shm, self._owner = shm, owner
+
     def place(self, params: Mapping[str, Any], what: str) -> Place:
         """Where a tensor's parameters put it; the region must be registered and hold it."""
         name = params.get(REGION)
@@ -193,7 +221,7 @@ class SharedMemory:
             raise invalid(f"{what}: {BYTE_SIZE} must be given, a whole number >= 0")
         if type(offset) is not int or offset < 0:
             raise invalid(f"{what}: {OFFSET} must be a whole number >= 0")
-        region = self.regions.get(name)
+        region = self._shm._regions.get((self._owner, name))
         if region is None:
             raise invalid(f"{what}: shared-memory region {printable(clip(name))!r} is not registered")
         if offset + size > region.byte_size:
@@ -218,7 +246,7 @@ class SharedMemory:
         region.view(place.offset, len(data))[:] = data
 
     def _region(self, place: Place, what: str) -> Region:
-        region = self.regions.get(place.region)
+        region = self._shm._regions.get((self._owner, place.region))
         if region is None:  # unregistered since the request was read
             raise invalid(f"{what}: shared-memory region '{place.region}' was unregistered")
         return region

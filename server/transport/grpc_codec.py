@@ -28,7 +28,7 @@ from ..core.types import (
 )
 from ..shm import BYTE_SIZE as SHM_BYTE_SIZE
 from ..shm import REGION as SHM_REGION
-from ..shm import Place, SharedMemory, grpc_params
+from ..shm import Place, RegionView, grpc_params
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
@@ -59,7 +59,7 @@ def decode_request(
     limits: RequestLimits,
     headers: Mapping[str, str] = EMPTY,
     deadline: float | None = None,
-    shm: SharedMemory | None = None,
+    shm: RegionView | None = None,
 ) -> InferRequest:
     """The request in ``msg``; ``headers`` are the caller's x-* metadata, ``deadline`` the
     call's gRPC deadline on the monotonic clock (None when it has none); ``shm``: the registered
@@ -140,7 +140,7 @@ def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...],
     return shaped(arr, shape, what)
 
 
-def output_places(msg: pb.ModelInferRequest, shm: SharedMemory | None) -> dict[str, Place] | None:
+def output_places(msg: pb.ModelInferRequest, shm: RegionView | None) -> dict[str, Place] | None:
     """Where the requested outputs that name a shared-memory region go (None: none does);
     checked before the request runs."""
     places = None
@@ -156,7 +156,7 @@ def output_places(msg: pb.ModelInferRequest, shm: SharedMemory | None) -> dict[s
 
 
 def encode_response(
-    resp: InferResponse, places: Mapping[str, Place] | None = None, shm: SharedMemory | None = None
+    resp: InferResponse, places: Mapping[str, Place] | None = None, shm: RegionView | None = None
 ) -> pb.ModelInferResponse:
     """The response; an output with a place in ``places`` is written into its shared-memory
     region and answered with its name, datatype and shape only (an empty raw entry keeps the

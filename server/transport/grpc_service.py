@@ -22,6 +22,8 @@ from ..core.types import InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import grpc_peer_subject
+from ..shm import REGION as SHM_REGION
+from ..shm import RegionView
 from . import grpc_codec
 
 log = logging.getLogger("batchgate.grpc")
@@ -42,6 +44,7 @@ GRPC_STATUS = {
 }
 
 _monotonic = time.monotonic
+SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-memory region
 
 
 async def _abort(context, e: GatewayError):
@@ -269,12 +272,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # ------------------------------------------------------------ inference
-    def _decode(self, msg, context, headers) -> InferRequest:
-        """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's."""
+    def _decode(self, msg, context, headers, shm: RegionView | None = None) -> InferRequest:
+        """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's;
+        ``shm``: the caller's shared-memory regions, when the request names one."""
         arrival = _monotonic()
         remaining = context.time_remaining()
         return grpc_codec.decode_request(
-            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, self.dp.shm
+            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, shm
         )
 
     async def ModelInfer(self, raw: bytes, context):
@@ -291,13 +295,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if forwarded is not None:  # a remote model's request, sent on as it came
                     return await forwarded
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)
-                places = grpc_codec.output_places(request, dp.shm) if request.outputs else None
-                resp = await dp.infer(served, self._decode(request, context, headers))
+                shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
+                places = grpc_codec.output_places(request, shm) if shm is not None and request.outputs else None
+                resp = await dp.infer(served, self._decode(request, context, headers, shm))
             finally:
                 dp.release(served)
             if resp.parameters:  # answered through a route: which variant answered
                 context.set_trailing_metadata(((VARIANT_HEADER, str(resp.parameters.get("variant", ""))),))
-            return grpc_codec.encode_response(resp, places, dp.shm)
+            return grpc_codec.encode_response(resp, places, shm)
         except GatewayError as e:
             self.dp.count_error("grpc", e)
             if request is not None:
@@ -334,11 +339,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
                 try:
-                    places = grpc_codec.output_places(msg, self.dp.shm) if msg.outputs else None
-                    resp = await self.dp.infer(served, self._decode(msg, context, headers))
+                    shm = self.dp.shm_view(caller)
+                    places = grpc_codec.output_places(msg, shm) if msg.outputs else None
+                    resp = await self.dp.infer(served, self._decode(msg, context, headers, shm))
                 finally:
                     self.dp.release(served)
-                answer = grpc_codec.encode_response(resp, places, self.dp.shm)
+                answer = grpc_codec.encode_response(resp, places, shm)
                 await out.put(pb.ModelStreamInferResponse(infer_response=answer))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):

@@ -56,6 +56,7 @@ ADMIN_PATHS = frozenset({LIVE_PATH, READY_PATH, "/v2", "/v2/"})
 # as it does for gRPC.
 MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|ready|config|stats))?/?$")
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
+SHM_MARK = b"shared_memory_region"  # in a request body that names a shared-memory region
 SHM_RE = re.compile(r"^/v2/systemsharedmemory(?:/region/([^/]+))?/(status|register|unregister)/?$")
 TRACE_RE = re.compile(r"^/v2(?:/models/[^/]+(?:/versions/[^/]+)?)?/trace/setting/?$")
 
@@ -382,8 +383,9 @@ class HttpApp:
                     )
                 else:
                     body = http_codec.decompress(body, content_encoding, self.limit, self.max_gzip_members)
+            shm = self.dp.shm_view(caller_of(scope)) if SHM_MARK in body else None  # the caller's own regions
             req, options = http_codec.decode_request(
-                body, header_len, model, version, arrival, self.dp.limits, headers, self.dp.shm
+                body, header_len, model, version, arrival, self.dp.limits, headers, shm
             )
             pending = self.dp.infer(served, req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
@@ -411,7 +413,7 @@ class HttpApp:
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
-        out, json_len = http_codec.encode_response(resp, options, self.dp.shm)
+        out, json_len = http_codec.encode_response(resp, options, shm)
         headers = [(b"content-type", b"application/octet-stream" if json_len is not None else b"application/json")]
         if resp.parameters:  # answered through a route: which variant answered
             headers.append((VARIANT_HEADER, str(resp.parameters.get("variant", "")).encode()))

@@ -33,7 +33,7 @@ from ..core.types import (
     to_raw,
 )
 from ..shm import REGION as SHM_REGION
-from ..shm import Place, SharedMemory
+from ..shm import Place, RegionView
 
 _EMPTY = memoryview(b"")
 # A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
@@ -87,7 +87,7 @@ def decode_request(
     arrival: float,
     limits: RequestLimits,
     headers: Mapping[str, str] = EMPTY,
-    shm: SharedMemory | None = None,
+    shm: RegionView | None = None,
 ) -> tuple[InferRequest, OutputOptions]:
     """The request in ``body`` and how its caller wants the outputs written; ``shm``: the
     registered shared-memory regions an input or output may name."""
@@ -317,7 +317,7 @@ def _flatten(x: JSONValue, max_depth: int = 64) -> list[JSONValue]:
 
 
 def encode_response(
-    resp: InferResponse, options: OutputOptions = JSON_OUTPUTS, shm: SharedMemory | None = None
+    resp: InferResponse, options: OutputOptions = JSON_OUTPUTS, shm: RegionView | None = None
 ) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when every output is JSON). An output with a place in
     ``options.shared`` is written into its shared-memory region and answered without data."""

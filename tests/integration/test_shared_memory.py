@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from batchgate.demo import build_demo_repository
 from batchgate.security.auth import hash_token, new_token
 
-INFER_TOKEN, READ_TOKEN = new_token(), new_token()
+INFER_TOKEN, READ_TOKEN, OTHER_TOKEN = new_token(), new_token(), new_token()
 PROTOCOLS = [(grpcclient, "grpc"), (httpclient, "http")]
 
 
@@ -206,6 +206,7 @@ def test_with_api_keys_registering_needs_scope_infer_or_admin(repo, serve, segme
                 "keys": [
                     {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer"]},
                     {"id": "dash", "sha256": hash_token(READ_TOKEN), "scopes": ["read"]},
+                    {"id": "other", "sha256": hash_token(OTHER_TOKEN), "scopes": ["infer", "read"]},
                 ]
             }
         )
@@ -222,6 +223,56 @@ def test_with_api_keys_registering_needs_scope_infer_or_admin(repo, serve, segme
         assert "needs scope 'infer' or 'admin'" in e.value.message()
         c.register_system_shared_memory("r", key, 64, headers={"authorization": f"Bearer {INFER_TOKEN}"})
         c.unregister_system_shared_memory("r", headers={"authorization": f"Bearer {INFER_TOKEN}"})
+
+
+def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_path):
+    """Another tenant cannot read a key's inputs, overwrite its outputs, see or unregister its
+    regions by naming them; two keys may use the same region name."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer", "read"]},
+                    {"id": "other", "sha256": hash_token(OTHER_TOKEN), "scopes": ["infer", "read"]},
+                ]
+            }
+        )
+    )
+    running = serve(repo, api_keys_file=str(keys))
+    app = {"authorization": f"Bearer {INFER_TOKEN}"}
+    other = {"authorization": f"Bearer {OTHER_TOKEN}"}
+    x = np.ones((1, 4), np.float32)
+    key, h = segments(x.nbytes + 12)
+    shm.set_shared_memory_region(h, [x])
+    for mod in (grpcclient, httpclient):
+        c = mod.InferenceServerClient(_url(running, mod))
+        c.register_system_shared_memory("in", key, x.nbytes, headers=app)
+        status = c.get_system_shared_memory_status(headers=other)
+        assert len(status.regions if mod is grpcclient else status) == 0  # not its region
+        inp = mod.InferInput("features", [1, 4], "FP32").set_shared_memory("in", x.nbytes)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("classifier", [inp], headers=other)
+        assert "'in' is not registered" in e.value.message()
+        out = mod.InferRequestedOutput("probabilities")
+        out.set_shared_memory("in", 12)
+        with pytest.raises(InferenceServerException) as e:  # nor write into it
+            c.infer(
+                "classifier",
+                [mod.InferInput("features", [1, 4], "FP32").set_data_from_numpy(x)],
+                outputs=[out],
+                headers=other,
+            )
+        assert "'in' is not registered" in e.value.message()
+        with pytest.raises(InferenceServerException):
+            c.unregister_system_shared_memory("in", headers=other)
+        c.register_system_shared_memory("in", key, 4, headers=other)  # the same name, its own
+        got = c.infer("classifier", [inp], headers=app).as_numpy("probabilities")  # the owner still can
+        assert got.shape == (1, 3)
+        c.unregister_system_shared_memory(headers=other)  # all of its own: app's stays
+        status = c.get_system_shared_memory_status(headers=app)
+        assert len(status.regions if mod is grpcclient else status) == 1
+        c.unregister_system_shared_memory(headers=app)
 
 
 @pytest.mark.parametrize("mod, proto", PROTOCOLS)
