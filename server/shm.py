@@ -19,12 +19,12 @@ What a client controls is bounded here:
   metric label or a path.
 
 Everything here runs on the event loop: a read or write happens in one go, so a region cannot be
-unregistered in the middle of one.
+unregistered in the middle of one. Regions are read and written with pread/pwrite, never mapped: a
+segment its client shrinks afterwards gives a short read (refused), not a SIGBUS.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
@@ -53,19 +53,30 @@ class Place:
 
 
 class Region:
-    __slots__ = ("name", "key", "offset", "byte_size", "owner", "_map", "_start")
+    """A registered region: ``byte_size`` bytes at ``offset`` of a segment, read and written with
+    pread/pwrite on the segment's descriptor. Not mapped: a client that shrinks its segment after
+    registering it would make an access to the mapping past the new end kill the process (SIGBUS);
+    a read past the end here is only short, and refused."""
+
+    __slots__ = ("name", "key", "offset", "byte_size", "owner", "_fd")
 
     def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int, owner: str | None):
         self.name, self.key, self.offset, self.byte_size, self.owner = name, key, offset, byte_size, owner
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
-        self._map = mmap.mmap(fd, offset + byte_size - start, offset=start)
-        self._start = offset - start
+        self._fd = fd
 
-    def view(self, offset: int, size: int) -> memoryview:
-        return memoryview(self._map)[self._start + offset : self._start + offset + size]
+    def read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, self.offset + offset)
+        if len(data) != size:
+            raise invalid(
+                f"shared-memory region '{self.name}': its segment '{self.key}' is shorter than when it was registered"
+            )
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self._fd, data, self.offset + offset)
 
     def close(self) -> None:
-        self._map.close()
+        os.close(self._fd)
 
 
 class SharedMemory:
@@ -159,9 +170,10 @@ class SharedMemory:
                     f"shared-memory region '{name}': offset {offset} + byte_size {byte_size} runs past the end of "
                     f"segment '{key}' ({st.st_size} bytes)"
                 )
-            region = Region(name, key, offset, byte_size, fd, owner)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        region = Region(name, key, offset, byte_size, fd, owner)  # the region keeps the descriptor
         self._regions[owner, name] = region
         self.bytes += byte_size
 
@@ -233,8 +245,7 @@ class RegionView:
 
     def read(self, place: Place, what: str) -> bytes:
         """A copy of the bytes at ``place`` (the client may change the region afterwards)."""
-        region = self._region(place, what)
-        return bytes(region.view(place.offset, place.byte_size))
+        return self._region(place, what).read(place.offset, place.byte_size)
 
     def write(self, place: Place, data: bytes, what: str) -> None:
         region = self._region(place, what)
@@ -243,7 +254,7 @@ class RegionView:
                 f"{what} is {len(data)} bytes, more than the {place.byte_size} bytes given for it in shared-memory "
                 f"region '{place.region}'"
             )
-        region.view(place.offset, len(data))[:] = data
+        region.write(place.offset, data)
 
     def _region(self, place: Place, what: str) -> Region:
         region = self._shm._regions.get((self._owner, place.region))

@@ -337,3 +337,23 @@ def test_the_http_endpoints_refuse_malformed_registrations(repo, serve, segments
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 400 and text in e.value.read().decode(), body
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_a_segment_shrunk_after_registration_is_refused_not_a_crash(repo, serve, segments, mod, proto):
+    """Regression: regions were mapped, and a client that truncated its segment after registering
+    it would have made the next read of the mapping kill the server (SIGBUS)."""
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    x = np.ones((1, 4), np.float32)
+    key, h = segments(4096)
+    shm.set_shared_memory_region(h, [x], offset=2048)
+    c.register_system_shared_memory("r", key, 2048 + x.nbytes)
+    os.truncate(f"/dev/shm/{key[1:]}", 1024)
+    inp = mod.InferInput("features", [1, 4], "FP32").set_shared_memory("r", x.nbytes, offset=2048)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("classifier", [inp])
+    assert "shorter than when it was registered" in e.value.message()
+    plain = mod.InferInput("features", [1, 4], "FP32")
+    plain.set_data_from_numpy(x)
+    assert c.infer("classifier", [plain]).as_numpy("probabilities").shape == (1, 3)  # still serving
