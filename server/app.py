@@ -130,7 +130,9 @@ class Gateway:
             access=_access(settings),
         )
         shm = settings.shared_memory
-        self.dataplane.shm = SharedMemory(shm.shm_key_prefix, shm.shm_max_regions, shm.shm_max_bytes)
+        self.dataplane.shm = SharedMemory(
+            shm.shm_key_prefix, shm.shm_max_regions, shm.shm_max_bytes, max_tensor_bytes=lim.max_request_bytes
+        )
         self.metrics.shm = self.dataplane.shm
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None

@@ -45,11 +45,14 @@ _NAME = re.compile(r"[\x21-\x7e]{1,128}")
 
 @dataclass(frozen=True, slots=True)
 class Place:
-    """Where a tensor lies: ``byte_size`` bytes at ``offset`` of a region."""
+    """Where a tensor lies: ``byte_size`` bytes at ``offset`` of a region (the very region found
+    when the request was read: one unregistered and registered again under the same name since
+    is not written to)."""
 
     region: str
     offset: int
     byte_size: int
+    found: Region | None = None
 
 
 class Region:
@@ -65,7 +68,10 @@ class Region:
         self._fd = fd
 
     def read(self, offset: int, size: int) -> bytes:
-        data = os.pread(self._fd, size, self.offset + offset)
+        try:
+            data = os.pread(self._fd, size, self.offset + offset)
+        except OSError as e:
+            raise invalid(f"shared-memory region '{self.name}' cannot be read: {e.strerror}") from None
         if len(data) != size:
             raise invalid(
                 f"shared-memory region '{self.name}': its segment '{self.key}' is shorter than when it was registered"
@@ -73,7 +79,12 @@ class Region:
         return data
 
     def write(self, offset: int, data: bytes) -> None:
-        os.pwrite(self._fd, data, self.offset + offset)
+        try:
+            written = os.pwrite(self._fd, data, self.offset + offset)
+        except OSError as e:
+            raise invalid(f"shared-memory region '{self.name}' cannot be written: {e.strerror}") from None
+        if written != len(data):
+            raise invalid(f"shared-memory region '{self.name}': only {written} of {len(data)} bytes could be written")
 
     def close(self) -> None:
         os.close(self._fd)
@@ -88,10 +99,11 @@ class SharedMemory:
     outputs by naming its region. On a server without keys there is one owner, None. A request
     works through :meth:`view` of its caller's key."""
 
-    def __init__(self, key_prefix: str, max_regions: int, max_bytes: int):
+    def __init__(self, key_prefix: str, max_regions: int, max_bytes: int, max_tensor_bytes: int = 64 << 20):
         self.key_prefix = key_prefix
         self.max_regions = max_regions
         self.max_bytes = max_bytes
+        self.max_tensor_bytes = max_tensor_bytes  # one tensor read from a region (the request body's bound)
         self._regions: dict[tuple[str | None, str], Region] = {}
         self.bytes = 0
         self.counts: dict[tuple[str, str], int] = {}  # (action, outcome) -> calls, for the metrics
@@ -138,11 +150,17 @@ class SharedMemory:
                 f"shared-memory key {printable(clip(key))!r} must be a POSIX shared-memory name: '/' then 1 to 250 "
                 "letters, digits, '_', '.' or '-'"
             )
-        if not key.startswith(self.key_prefix):
+        # With API keys a key maps only its own segments: their names carry its id after the prefix.
+        prefix = self.key_prefix if owner is None else f"{self.key_prefix}{owner}_"
+        if not key.startswith(prefix):
             raise GatewayError(
                 ErrorCode.PERMISSION_DENIED,
-                f"shared-memory key {key!r} does not start with '{self.key_prefix}', the prefix this server maps "
-                "(shm_key_prefix)",
+                f"shared-memory key {key!r} does not start with '{prefix}', the prefix this server maps "
+                + (
+                    "(shm_key_prefix)"
+                    if owner is None
+                    else "for this API key (shm_key_prefix, then the key's id and '_')"
+                ),
             )
         if type(offset) is not int or type(byte_size) is not int or offset < 0 or byte_size < 1:
             raise invalid("a shared-memory region needs an offset >= 0 and a byte_size >= 1")
@@ -241,7 +259,22 @@ class RegionView:
                 f"{what}: offset {offset} + byte_size {size} runs past the end of shared-memory region "
                 f"'{name}' ({region.byte_size} bytes)"
             )
-        return Place(name, offset, size)
+        return Place(name, offset, size, region)
+
+    def place_input(self, params: Mapping[str, Any], what: str, expected: int | None) -> Place:
+        """An input's place, its size checked before anything is read: exactly ``expected`` bytes
+        for a fixed-size datatype, at most ``max_tensor_bytes`` for any (BYTES: ``expected`` None)."""
+        place = self.place(params, what)
+        if expected is not None and place.byte_size != expected:
+            raise invalid(
+                f"{what}: its shape and datatype take {expected} bytes, not shared_memory_byte_size {place.byte_size}"
+            )
+        if place.byte_size > self._shm.max_tensor_bytes:
+            raise invalid(
+                f"{what}: {place.byte_size} bytes in shared memory is more than the {self._shm.max_tensor_bytes} "
+                "one input may take (max_request_bytes)"
+            )
+        return place
 
     def read(self, place: Place, what: str) -> bytes:
         """A copy of the bytes at ``place`` (the client may change the region afterwards)."""
@@ -258,9 +291,20 @@ class RegionView:
 
     def _region(self, place: Place, what: str) -> Region:
         region = self._shm._regions.get((self._owner, place.region))
-        if region is None:  # unregistered since the request was read
-            raise invalid(f"{what}: shared-memory region '{place.region}' was unregistered")
+        if region is None or (place.found is not None and region is not place.found):
+            raise invalid(f"{what}: shared-memory region '{place.region}' was unregistered since the request was read")
         return region
+
+
+def fixed_bytes(dt: Any, shape: tuple[int, ...]) -> int | None:
+    """The bytes a tensor of datatype ``dt`` (core.types.DataType) and ``shape`` takes; None for
+    BYTES, whose size its contents decide."""
+    if dt.v2 == "BYTES":
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    return n * dt.np_dtype.itemsize
 
 
 def grpc_params(params: Any) -> dict[str, Any]:

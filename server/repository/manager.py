@@ -43,6 +43,7 @@ from .build import VersionBuilder
 from .config import config_from_json
 from .scan import fingerprint, hide_paths, model_names, staged_paths, write_files
 
+TORCH_PLATFORMS = ("pytorch_libtorch", "pytorch")
 log = logging.getLogger("batchgate.repository")
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
@@ -258,6 +259,16 @@ class ModelRepository:
                 )
             staged = staged_paths(name, files)  # all checked first
             override = config_from_json(config_json, name)
+            # A TorchScript file is a program (its ops can read files, e.g. torch.from_file): one
+            # uploaded through the API would run with the server's rights. Only a repository the
+            # operator placed serves TorchScript.
+            uploaded_torch = override.platform in TORCH_PLATFORMS or override.backend in TORCH_PLATFORMS
+            if uploaded_torch or any(p.lower().endswith((".pt", ".pth")) for p in files):
+                raise GatewayError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"model '{name}': TorchScript models cannot be uploaded with a load (a TorchScript file is a "
+                    "program that runs with the server's rights); put them in the model repository",
+                )
             # One private directory per load, removed whatever happens: the files are read
             # while the versions are built, and nothing of them stays behind.
             with tempfile.TemporaryDirectory(prefix="batchgate-load-") as d:

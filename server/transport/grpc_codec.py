@@ -28,7 +28,7 @@ from ..core.types import (
 )
 from ..shm import BYTE_SIZE as SHM_BYTE_SIZE
 from ..shm import REGION as SHM_REGION
-from ..shm import Place, RegionView, grpc_params
+from ..shm import Place, RegionView, fixed_bytes, grpc_params
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
@@ -91,7 +91,8 @@ def decode_request(
                 raise invalid(f"{what}: shared memory is not served here")
             if t.HasField("contents"):
                 raise invalid(f"{what}: give its data in shared memory or in contents, not both")
-            data = from_raw(shm.read(shm.place(grpc_params(t.parameters), what), what), dt, shape, what)
+            place = shm.place_input(grpc_params(t.parameters), what, fixed_bytes(dt, shape))
+            data = from_raw(shm.read(place, what), dt, shape, what)
         elif n_raw:
             if t.HasField("contents"):
                 raise invalid(f"{what}: give its data in raw_input_contents or in contents, not both")

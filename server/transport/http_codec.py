@@ -33,7 +33,7 @@ from ..core.types import (
     to_raw,
 )
 from ..shm import REGION as SHM_REGION
-from ..shm import Place, RegionView
+from ..shm import Place, RegionView, fixed_bytes
 
 _EMPTY = memoryview(b"")
 # A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
@@ -145,7 +145,8 @@ def decode_request(
                     )
                 if shm is None:
                     raise invalid(f"{what}: shared memory is not served here")
-                data = from_raw(shm.read(shm.place(params, what), what), dt, shape, what)
+                place = shm.place_input(params, what, fixed_bytes(dt, shape))
+                data = from_raw(shm.read(place, what), dt, shape, what)
                 inputs.append(Tensor(name, dt.v2, shape, data))
                 continue
         if (size is not None) == ("data" in j):

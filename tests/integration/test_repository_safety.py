@@ -238,3 +238,26 @@ def test_clashing_or_overlong_file_paths_are_400_not_500(explicit, staging):
         files = {"file:1/" + "n" * 300: b"x", "file:1/model.onnx": model_bytes()}
         assert "over 255 bytes" in refused(c.load_model, "fresh", config=CONFIG, files=files)
     assert os.listdir(staging) == []
+
+
+def test_a_torchscript_model_cannot_be_uploaded_with_a_load(explicit, staging):
+    """A TorchScript file is a program (torch.from_file reads any file the server can): one
+    uploaded through the repository API would run with the server's rights. Refused, whether the
+    config names the platform or only the file name says it."""
+    torch_cfg = json.dumps(
+        {
+            "name": "ts",
+            "platform": "pytorch_libtorch",
+            "max_batch_size": 8,
+            "input": [{"name": "INPUT__0", "data_type": "TYPE_FP32", "dims": [4]}],
+            "output": [{"name": "OUTPUT__0", "data_type": "TYPE_FP32", "dims": [4]}],
+        }
+    )
+    for c in clients(explicit):
+        for cfg, files in (
+            (torch_cfg, {"file:1/model.pt": b"PK\x03\x04 not really torchscript"}),
+            (CONFIG, {"file:1/model.pt": b"x", "file:1/model.onnx": model_bytes()}),
+        ):
+            msg = refused(c.load_model, "ts", config=cfg, files=files)
+            assert "TorchScript models cannot be uploaded" in msg, msg
+        assert os.listdir(staging) == []

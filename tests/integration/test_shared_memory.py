@@ -212,7 +212,7 @@ def test_with_api_keys_registering_needs_scope_infer_or_admin(repo, serve, segme
         )
     )
     running = serve(repo, api_keys_file=str(keys))
-    key, _ = segments(64)
+    key, _ = segments(64, prefix="/batchgate_app_")
     for mod in (grpcclient, httpclient):
         c = mod.InferenceServerClient(_url(running, mod))
         with pytest.raises(InferenceServerException) as e:
@@ -243,10 +243,14 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
     app = {"authorization": f"Bearer {INFER_TOKEN}"}
     other = {"authorization": f"Bearer {OTHER_TOKEN}"}
     x = np.ones((1, 4), np.float32)
-    key, h = segments(x.nbytes + 12)
+    key, h = segments(x.nbytes + 12, prefix="/batchgate_app_")
+    other_key, _ = segments(64, prefix="/batchgate_other_")
     shm.set_shared_memory_region(h, [x])
     for mod in (grpcclient, httpclient):
         c = mod.InferenceServerClient(_url(running, mod))
+        with pytest.raises(InferenceServerException) as e:  # a key maps only segments named for it
+            c.register_system_shared_memory("stolen", key, x.nbytes, headers=other)
+        assert "does not start with '/batchgate_other_'" in e.value.message()
         c.register_system_shared_memory("in", key, x.nbytes, headers=app)
         status = c.get_system_shared_memory_status(headers=other)
         assert len(status.regions if mod is grpcclient else status) == 0  # not its region
@@ -266,7 +270,7 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
         assert "'in' is not registered" in e.value.message()
         with pytest.raises(InferenceServerException):
             c.unregister_system_shared_memory("in", headers=other)
-        c.register_system_shared_memory("in", key, 4, headers=other)  # the same name, its own
+        c.register_system_shared_memory("in", other_key, 4, headers=other)  # the same name, its own
         got = c.infer("classifier", [inp], headers=app).as_numpy("probabilities")  # the owner still can
         assert got.shape == (1, 3)
         c.unregister_system_shared_memory(headers=other)  # all of its own: app's stays
@@ -357,3 +361,23 @@ def test_a_segment_shrunk_after_registration_is_refused_not_a_crash(repo, serve,
     plain = mod.InferInput("features", [1, 4], "FP32")
     plain.set_data_from_numpy(x)
     assert c.infer("classifier", [plain]).as_numpy("probabilities").shape == (1, 3)  # still serving
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_an_input_size_that_does_not_fit_its_shape_is_refused_before_anything_is_read(
+    repo, serve, segments, mod, proto
+):
+    """Regression: a ~270-byte request naming a 16-element input but a 512 MiB byte size made the
+    server read (and allocate) the whole region on the event loop before refusing it."""
+    running = serve(repo, max_request_bytes=1 << 20)
+    c = mod.InferenceServerClient(_url(running, mod))
+    key, _ = segments(4 << 20)
+    c.register_system_shared_memory("big", key, 4 << 20)
+    inp = mod.InferInput("features", [1, 4], "FP32").set_shared_memory("big", 4 << 20)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("classifier", [inp])
+    assert "take 16 bytes, not shared_memory_byte_size 4194304" in e.value.message()
+    words = mod.InferInput("x", [1, 1], "BYTES").set_shared_memory("big", 2 << 20)  # BYTES: bounded by size
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("identity_bytes", [words])
+    assert "(max_request_bytes)" in e.value.message()
