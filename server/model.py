@@ -379,6 +379,14 @@ class LocalExecution:
         return answers
 
 
+def _values_may_be_at_fault(e: Exception) -> bool:
+    """Whether a failed batch may owe its failure to one request's values (the upstream refused or
+    failed on them, or answered outputs that cannot be split), rather than to the upstream's state."""
+    if isinstance(e, GatewayError):
+        return e.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.INTERNAL)
+    return isinstance(e, ValueError)
+
+
 class RemoteExecution:
     """Batches sent to remote V2 servers: a task on the event loop per batch, whose timeout
     is the latest deadline of the batch's callers (none if any caller has none)."""
@@ -443,6 +451,11 @@ class RemoteExecution:
             answers, rows = v.answers(batch, names, arrays, types)
             t3 = _perf_ns()
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
+            if v.signature.open and len(batch) > 1 and _values_may_be_at_fault(e):
+                # Nothing checked these requests' values: one caller's may have failed the batch.
+                # Each goes again alone, so only its own caller gets its error.
+                alone = await asyncio.gather(*(self._run([t]) for t in batch))
+                return [answer for (answer,) in alone]
             return v.failure(batch, e)
         with v.stats_lock:
             v.record(rows, len(batch), t0, t1, t2, t3)

@@ -43,6 +43,8 @@ class Doubler(MLModel):
             if inp.name == "boom":
                 raise MLServerError("input 'boom' is refused by this model", status_code=400)
             arr = NumpyCodec.decode_input(inp)
+            if arr.dtype.kind == "f" and np.isnan(arr).any():
+                raise MLServerError(f"input '{inp.name}' holds NaN", status_code=400)
             rows = max(rows, arr.shape[0] if arr.ndim else 1)
             outs.append(NumpyCodec.encode_output(name="out_" + inp.name, payload=arr * 2))
         outs.append(NumpyCodec.encode_output(name="rows", payload=np.full((rows, 1), rows, np.int64)))

@@ -383,7 +383,9 @@ class HttpApp:
                     )
                 else:
                     body = http_codec.decompress(body, content_encoding, self.limit, self.max_gzip_members)
-            shm = self.dp.shm_view(caller_of(scope)) if SHM_MARK in body else None  # the caller's own regions
+            # The caller's own regions, looked up only for a body that may name one (the key may be
+            # written with JSON escapes).
+            shm = self.dp.shm_view(caller_of(scope)) if SHM_MARK in body or b"\\u" in body else None
             req, options = http_codec.decode_request(
                 body, header_len, model, version, arrival, self.dp.limits, headers, shm
             )

@@ -110,6 +110,21 @@ def test_gateway_batching_merges_only_alike_requests_when_the_settings_give_a_ba
     stats = c.get_inference_statistics("doubler").model_stats[0]
     assert stats.inference_stats.success.count == 32 and stats.execution_count < 32
 
+    # One caller's bad values (NaN: the upstream refuses them) fail only that caller: a batch the
+    # upstream refused goes again one request at a time.
+    def maybe_bad(i):
+        x = np.full((1, 3), np.nan if i == 5 else i, np.float32)
+        try:
+            r = _call(grpcclient, running.grpc_url, "doubler", {"x": x})
+        except InferenceServerException as e:
+            return i, e.message()
+        return i, r.as_numpy("out_x")[0, 0]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(pool.map(maybe_bad, range(8)))
+    assert "holds NaN" in str(got.pop(5))
+    assert got == {i: 2.0 * i for i in got}
+
     # Not batchable: inputs whose first dimensions differ, or more rows than the batch size,
     # go alone and unchecked, as they came; the upstream answers them.
     r = _call(
