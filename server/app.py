@@ -131,7 +131,12 @@ class Gateway:
         )
         shm = settings.shared_memory
         self.dataplane.shm = SharedMemory(
-            shm.shm_key_prefix, shm.shm_max_regions, shm.shm_max_bytes, max_tensor_bytes=lim.max_request_bytes
+            shm.shm_key_prefix,
+            shm.shm_max_regions,
+            shm.shm_max_bytes,
+            max_tensor_bytes=lim.max_request_bytes,
+            max_regions_per_key=shm.shm_max_regions_per_key,
+            max_bytes_per_key=shm.shm_max_bytes_per_key,
         )
         self.metrics.shm = self.dataplane.shm
         self._keys_watch: asyncio.Task | None = None

@@ -322,6 +322,12 @@ class SharedMemorySettings:
         "bytes of all registered regions together; a registration past it is refused (RESOURCE_EXHAUSTED)",
         minimum=1,
     )
+    shm_max_regions_per_key: int = _setting(
+        16, "with API keys: regions one key may have registered at once (RESOURCE_EXHAUSTED past it)", minimum=1
+    )
+    shm_max_bytes_per_key: int = _setting(
+        256 << 20, "with API keys: bytes of one key's regions together (RESOURCE_EXHAUSTED past it)", minimum=1
+    )
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,21 @@ class SharedMemory:
     outputs by naming its region. On a server without keys there is one owner, None. A request
     works through :meth:`view` of its caller's key."""
 
-    def __init__(self, key_prefix: str, max_regions: int, max_bytes: int, max_tensor_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        key_prefix: str,
+        max_regions: int,
+        max_bytes: int,
+        max_tensor_bytes: int = 64 << 20,
+        max_regions_per_key: int | None = None,
+        max_bytes_per_key: int | None = None,
+    ):
         self.key_prefix = key_prefix
         self.max_regions = max_regions
         self.max_bytes = max_bytes
+        # With API keys, one key's share (so no key can take every tenant's regions); None = the totals.
+        self.max_regions_per_key = max_regions_per_key or max_regions
+        self.max_bytes_per_key = max_bytes_per_key or max_bytes
         self.max_tensor_bytes = max_tensor_bytes  # one tensor read from a region (the request body's bound)
         self._regions: dict[tuple[str | None, str], Region] = {}
         self.bytes = 0
@@ -175,6 +186,21 @@ class SharedMemory:
                 f"registering {byte_size} more bytes of shared memory would pass the {self.max_bytes} bytes allowed "
                 f"({self.bytes} are registered) (shm_max_bytes)",
             )
+        if owner is not None:
+            mine = [r for (o, _), r in self._regions.items() if o == owner]
+            if len(mine) >= self.max_regions_per_key:
+                raise GatewayError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"API key '{owner}' has {len(mine)} shared-memory regions registered, the most one key may "
+                    "(shm_max_regions_per_key)",
+                )
+            held = sum(r.byte_size for r in mine)
+            if held + byte_size > self.max_bytes_per_key:
+                raise GatewayError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"registering {byte_size} more bytes would pass the {self.max_bytes_per_key} bytes one API key "
+                    f"may register ({held} are) (shm_max_bytes_per_key)",
+                )
         try:
             fd = os.open(os.path.join(SHM_DIR, key[1:]), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:

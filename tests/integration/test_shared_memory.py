@@ -239,7 +239,7 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
             }
         )
     )
-    running = serve(repo, api_keys_file=str(keys))
+    running = serve(repo, api_keys_file=str(keys), shm_max_regions_per_key=2, shm_max_bytes_per_key=4096)
     app = {"authorization": f"Bearer {INFER_TOKEN}"}
     other = {"authorization": f"Bearer {OTHER_TOKEN}"}
     x = np.ones((1, 4), np.float32)
@@ -277,6 +277,21 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
         status = c.get_system_shared_memory_status(headers=app)
         assert len(status.regions if mod is grpcclient else status) == 1
         c.unregister_system_shared_memory(headers=app)
+    # One key cannot take every tenant's share: its own regions and bytes are bounded. (Fresh
+    # header dicts: tritonclient's HTTP infer adds its own entries to the one it is given.)
+    app = {"authorization": f"Bearer {INFER_TOKEN}"}
+    other = {"authorization": f"Bearer {OTHER_TOKEN}"}
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    big, _ = segments(8192, prefix="/batchgate_app_")
+    with pytest.raises(InferenceServerException) as e:
+        c.register_system_shared_memory("big", big, 8192, headers=app)
+    assert e.value.message().endswith("(shm_max_bytes_per_key)")
+    c.register_system_shared_memory("a", big, 16, headers=app)
+    c.register_system_shared_memory("b", big, 16, headers=app)
+    with pytest.raises(InferenceServerException) as e:
+        c.register_system_shared_memory("c", big, 16, headers=app)
+    assert e.value.message().endswith("(shm_max_regions_per_key)")
+    c.register_system_shared_memory("c", other_key, 16, headers=other)  # another key still can
 
 
 @pytest.mark.parametrize("mod, proto", PROTOCOLS)
