@@ -206,11 +206,22 @@ class DataPlane:
         limits = self.limits
         inputs = msg.inputs
         check_tensors(len(inputs), len(msg.outputs), limits)
-        if len(msg.parameters) > limits.max_request_parameters:
-            raise invalid(
-                f"the request has {len(msg.parameters)} parameters; at most {limits.max_request_parameters} "
-                "are accepted (max_request_parameters)"
-            )
+        params = msg.parameters
+        deadline = None if remaining is None else _monotonic() + remaining
+        if params:
+            if len(params) > limits.max_request_parameters:
+                raise invalid(
+                    f"the request has {len(params)} parameters; at most {limits.max_request_parameters} "
+                    "are accepted (max_request_parameters)"
+                )
+            if "timeout" in params:  # V2's timeout (µs) bounds the upstream call, as on the decoded path
+                p = params["timeout"]
+                v = getattr(p, p.WhichOneof("parameter_choice") or "int64_param")
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise invalid(f"parameter 'timeout' must be a non-negative integer of microseconds, not {v!r:.64}")
+                if v:
+                    dl = _monotonic() + v / 1e6
+                    deadline = dl if deadline is None else min(deadline, dl)
         if len(msg.id) > limits.max_request_id_bytes:
             raise invalid(f"the request id is longer than {limits.max_request_id_bytes} bytes (max_request_id_bytes)")
         for t in inputs:
@@ -223,7 +234,7 @@ class DataPlane:
         rows = 1
         if served.signature.max_batch_size > 0 and inputs and inputs[0].shape:
             rows = inputs[0].shape[0]
-        return served.forward(raw, rows, None if remaining is None else _monotonic() + remaining)
+        return served.forward(raw, rows, deadline)
 
     @property
     def in_flight(self) -> int:

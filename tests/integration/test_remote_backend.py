@@ -646,3 +646,40 @@ def test_forwarding_decoded_turns_raw_forwarding_off(tmp_path, serve, upstream):
     running = serve("", remote_models=(spec,))
     _infer(grpcclient, running.grpc_url, "clf", np.ones((1, 4), np.float32))
     assert _paths(running, "clf") == {"decoded": 1.0}
+
+
+def test_a_v2_timeout_bounds_a_raw_forwarded_call_as_it_does_a_decoded_one(tmp_path, serve, upstream):
+    """The V2 'timeout' parameter (µs), not only the gRPC deadline, bounds the upstream call of a
+    request forwarded as its bytes; a malformed one is refused before anything is sent."""
+    up = _busy_upstream(tmp_path, upstream)
+    running = serve("", remote_models=(RemoteModel("slow", (up.grpc,), batching="passthrough", **FAST),))
+    pool, busy = _occupy(up)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
+    t0 = time.monotonic()
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("slow", [inp], timeout=50_000)  # 50 ms, no gRPC deadline
+    assert _status(e.value) == "DEADLINE_EXCEEDED" and time.monotonic() - t0 < 5
+    assert _paths(running, "slow") == {"raw": 1.0}
+    # tritonclient will not send a malformed timeout: a raw message does
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    msg = pb.ModelInferRequest(model_name="slow")
+    msg.inputs.add(name="input", datatype="FP32", shape=[1, 1024])
+    msg.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
+    msg.parameters["timeout"].string_param = "soon"
+
+    def upstream_failures() -> int:
+        stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("slow")["model_stats"][0]
+        return stats["inference_stats"]["fail"]["count"]
+
+    before = upstream_failures()
+    with grpc.insecure_channel(running.grpc_url) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(msg, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameter 'timeout'" in err.value.details()
+    assert up.grpc not in err.value.details() and upstream_failures() == before  # refused here, never sent
+    busy.result(60)
+    pool.shutdown()
