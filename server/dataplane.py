@@ -68,7 +68,6 @@ _LIMIT_IN_MESSAGE = re.compile(r"\(([a-z_]+)\)$")
 # Refusals that come in floods when the server is overloaded or draining.
 _QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
 _monotonic = time.monotonic
-SHM_MARK = SHM_REGION.encode()
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
@@ -226,10 +225,8 @@ class DataPlane:
             raise invalid(f"the request id is longer than {limits.max_request_id_bytes} bytes (max_request_id_bytes)")
         for t in inputs:
             check_shape(t.name, t.shape, limits)
-        # A cheap test of the bytes first: most requests name no shared-memory region.
-        if SHM_MARK in raw and (
-            any(SHM_REGION in t.parameters for t in inputs) or any(SHM_REGION in o.parameters for o in msg.outputs)
-        ):
+        # Per tensor, not a search of the bytes: that would cost time in proportion to the tensors.
+        if any(SHM_REGION in t.parameters for t in inputs) or any(SHM_REGION in o.parameters for o in msg.outputs):
             return None
         rows = 1
         if served.signature.max_batch_size > 0 and inputs and inputs[0].shape:
