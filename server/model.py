@@ -151,9 +151,7 @@ class ModelVersion:
             self.reject(request, e)
             raise
         ticket = Ticket(request, checked)
-        self.in_flight += 1
-        if self.in_flight == 1:
-            self._idle.clear()
+        self._started()
         start = _perf_ns()
         status = "OK"
         try:
@@ -170,20 +168,28 @@ class ModelVersion:
                     ex.task.cancel()
             raise
         finally:
-            # Request figures are written only here, on the event loop, so they need no lock
-            # (executions, which may finish on inference threads, write other fields under one).
-            elapsed = _perf_ns() - start
-            m = self.metrics
-            if ticket.dispatched:
-                queued = ticket.dispatched - request.arrival
-                self.stats.record_request(status == "OK", elapsed, int(queued * 1e9))
-                m.queue.observe(queued)
-            else:
-                self.stats.record_request(status == "OK", elapsed)
-            m.request_done(request.protocol, status, elapsed / 1e9)
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            queued = ticket.dispatched - request.arrival if ticket.dispatched else None
+            self._answered(request.protocol, status, _perf_ns() - start, queued)
+
+    def _started(self) -> None:
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle.clear()
+
+    def _answered(self, protocol: str, status: str, elapsed_ns: int, queued_s: float | None) -> None:
+        """A request's figures (``queued_s``: its wait in the queue, None when it never left it).
+        Written only on the event loop, so they need no lock (executions, which may finish on
+        inference threads, write other fields under one)."""
+        m = self.metrics
+        if queued_s is not None:
+            self.stats.record_request(status == "OK", elapsed_ns, int(queued_s * 1e9))
+            m.queue.observe(queued_s)
+        else:
+            self.stats.record_request(status == "OK", elapsed_ns)
+        m.request_done(protocol, status, elapsed_ns / 1e9)
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     def forward(self, raw: bytes, rows: int, deadline: float | None) -> Awaitable[bytes] | None:
         """Forward a caller's serialized ModelInferRequest to the upstream without decoding its
@@ -200,9 +206,7 @@ class ModelVersion:
         assert backend is not None
         forwards = self.metrics.forwards
         forwards["raw"] = forwards.get("raw", 0) + 1
-        self.in_flight += 1
-        if self.in_flight == 1:
-            self._idle.clear()
+        self._started()
         threads = self._threads
         threads.away += 1
         start = _perf_ns()
@@ -219,16 +223,9 @@ class ModelVersion:
             end = _perf_ns()
             threads.away -= 1
             self.scheduler.give_slot()  # type: ignore[union-attr]
-            elapsed = end - start
-            self.stats.record_request(status == "OK", elapsed, 0)
-            m = self.metrics
-            m.queue.observe(0.0)
             if status == "OK":  # a remote model's executions are all recorded on the event loop: no lock
                 self.record(rows, 1, start, start, end, end)
-            m.request_done("grpc", status, elapsed / 1e9)
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self._answered("grpc", status, end - start, 0.0)
 
     async def idle(self) -> None:
         """Return once no request is in flight on this version."""
