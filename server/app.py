@@ -12,9 +12,9 @@ import contextlib
 import gc
 import logging
 import math
-import os
 import resource
 import socket
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 
-from . import __version__
+from . import __version__, cores
 from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
@@ -76,11 +76,14 @@ class Gateway:
     """Builds the parts (threads, repository, data plane), starts the listeners, drains
     and stops. Requests never pass through here: the transports call the data plane."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *, reuse_port: bool = False):
         self.settings = settings
+        # One of several worker processes: the HTTP and gRPC ports are shared (SO_REUSEPORT)
+        # with the others, which the supervisor reserved (supervisor.py).
+        self.reuse_port = reuse_port
         self.metrics = metrics or Metrics()
         srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
-        self.threads = InferenceThreads(srv.infer_threads or max(4, os.cpu_count() or 1))
+        self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
         # Loading, closing and other blocking housekeeping never queue behind executions.
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
         builder = VersionBuilder(
@@ -165,10 +168,14 @@ class Gateway:
         return self.dataplane.ready()
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
+    async def start(self, before_listening: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Load the models, then listen. ``before_listening`` runs in between (a worker process
+        catches up there with what was loaded and registered before it started)."""
         s = self.settings.server
         self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
         await self.repository.start()
+        if before_listening is not None:
+            await before_listening()
         await self._start_routes()
         self._start_drift()
         lim = self.settings.limits
@@ -177,7 +184,7 @@ class Gateway:
         options = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.reuse_port)),
             # max_connections bounds gRPC connections too; gRPC core refuses the one past it
             # (not counted: core does not tell Python).
             ("grpc.max_allowed_incoming_connections", connections),
@@ -223,15 +230,16 @@ class Gateway:
             HttpApp(self.dataplane, limit, lim.max_gzip_members, refusals_per_s=lim.overload_refusals_per_s),
             s.host,
             s.http_port,
+            reuse_port=self.reuse_port,
         )
         self.http_port = self._http.port
         admin = AdminApi(self.dataplane)
         if s.admin_http_port >= 0:  # admin API mirror, repository API, health: loopback by default
             admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True, admin=admin)
-            self._admin = await self._listen_http(admin_app, s.admin_host, s.admin_http_port)
+            self._admin = await self._listen_http(admin_app, s.admin_host, s.admin_http_port, self.reuse_port)
             self.admin_http_port = self._admin.port
         if s.admin_port >= 0:  # the admin API over gRPC
-            self._admin_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self._admin_grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(self.reuse_port))])
             add_AdminServiceServicer_to_server(AdminService(admin), self._admin_grpc)
             address = _join(s.admin_host, s.admin_port)
             if self._tls is not None:
@@ -341,12 +349,14 @@ class Gateway:
         service.start(asyncio.get_running_loop())
         self.dataplane.drift = self.drift = service
 
-    async def _listen_http(self, app: HttpApp, host: str, port: int) -> _HttpListener:
+    async def _listen_http(self, app: HttpApp, host: str, port: int, reuse_port: bool = False) -> _HttpListener:
         s, lim = self.settings.server, self.settings.limits
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
         # listener says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs.
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # the kernel spreads new connections over the worker processes' sockets
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(2048)

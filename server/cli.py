@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__, logs
 from .config import ALIASES, ENV_PREFIX, SECTIONS, SETTINGS, ConfigError, Spec, load_settings, settings_in_effect
+from .cores import resolve_workers
 from .settings_sections import TOP_LEVEL
 
 log = logging.getLogger("batchgate")
@@ -431,6 +432,10 @@ def main(argv=None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - non-Linux
         pass
+    if resolve_workers(settings.server.workers) > 1:
+        from .supervisor import supervise
+
+        return asyncio.run(supervise(settings))
     return asyncio.run(_serve(settings))
 
 

@@ -27,6 +27,7 @@ from .core.drift import MonitorSpec, parse_monitors
 # part of this module's interface.
 from .core.errors import ConfigError
 from .core.routing import RouteSpec, parse_routes
+from .cores import parse_workers
 from .remote_models import BATCHING_MODES, REMOTE_FIELDS, RemoteModel, parse_remote_model, shown  # noqa: F401
 from .settings_sections import (  # the sections are part of this module's interface
     RESERVED_SECTIONS,
@@ -351,6 +352,10 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
         v = getattr(s.server, port)
         if not -1 <= v <= 65535:
             raise ConfigError(f"{what(port)} must be between 0 and 65535, or -1 for none, not {v}")
+    try:
+        parse_workers(s.server.workers)
+    except ValueError as e:
+        raise ConfigError(f"{what('workers')}: {e}") from None
     t = s.tls
     if bool(t.tls_cert_file) != bool(t.tls_key_file):
         raise ConfigError("tls_cert_file and tls_key_file go together: give both, or neither")

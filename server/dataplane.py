@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Mapping
 from random import random
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import orjson
 from tritonclient.grpc import model_config_pb2 as mc
@@ -119,6 +119,9 @@ class DataPlane:
         self.routes: RouteTable | None = None  # set by the Gateway when routes are configured
         self.drift: DriftService | None = None  # set by the Gateway when drift monitors are configured
         self.shm = SharedMemory("", 1, 1)  # registered shared-memory regions; the Gateway sets its limits
+        # In a worker process (one of several): what must reach every worker (loads, unloads,
+        # shared-memory registrations) and pod-wide statistics go through the supervisor.
+        self.coordinator: Coordinator | None = None
 
     def _route(self, name: str) -> ServedRoute | None:
         routes = self.routes
@@ -286,8 +289,14 @@ class DataPlane:
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int, caller: Caller) -> None:
         owner = await self._shm_caller(caller, "shm.register", name)
         try:
-            self.shm.register(name, key, offset, byte_size, owner)
+            if self.coordinator is not None:
+                await self.coordinator.shm_register(name, key, offset, byte_size, owner)
+                self.shm.count("register", "OK")
+            else:
+                self.shm.register(name, key, offset, byte_size, owner)
         except GatewayError as e:
+            if self.coordinator is not None:
+                self.shm.count("register", e.code.value)
             await self.access.audited(caller, None, "shm.register", name[:128], "refused", e.message[:256])
             raise
         await self.access.audited(caller, None, "shm.register", name, "ok", f"key={key} byte_size={byte_size}")
@@ -296,8 +305,14 @@ class DataPlane:
         """``name`` "" unregisters every region."""
         owner = await self._shm_caller(caller, "shm.unregister", name or "*")
         try:
-            self.shm.unregister(name, owner)
+            if self.coordinator is not None:
+                await self.coordinator.shm_unregister(name, owner)
+                self.shm.count("unregister", "OK")
+            else:
+                self.shm.unregister(name, owner)
         except GatewayError as e:
+            if self.coordinator is not None:
+                self.shm.count("unregister", e.code.value)
             await self.access.audited(caller, None, "shm.unregister", name[:128], "refused", e.message[:256])
             raise
         await self.access.audited(caller, None, "shm.unregister", name or "*", "ok")
@@ -425,6 +440,14 @@ class DataPlane:
             stats += [r.stats for r in self.routes.routes.values()]
         return [st.as_dict() for st in stats if key is None or key.allows_model(st.name)]
 
+    async def statistics_of_all(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
+        """:meth:`statistics`, and in a worker process each row summed over every worker."""
+        rows = self.statistics(name, version, caller)  # access, names and versions checked here
+        if self.coordinator is None:
+            return rows
+        merged = await self.coordinator.statistics()
+        return [merged.get((r["name"], r["version"]), r) for r in rows]
+
     # ------------------------------------------------------------------ repository API
     def repository_index(self, ready_only: bool = False, caller: Caller = OPEN_CALLER) -> list[dict[str, str]]:
         key = self.access.check(caller, READ)
@@ -459,7 +482,10 @@ class DataPlane:
                     if not isinstance(v, bytes):
                         raise invalid(f"load parameter '{k[:128]}' must carry the file's bytes")
                     files[k[len(FILE_PARAM_PREFIX) :]] = v
-            await self.repository.load(name, config, files or None)
+            if self.coordinator is not None:
+                await self.coordinator.load(name, config, files or None)
+            else:
+                await self.repository.load(name, config, files or None)
         except GatewayError as e:
             await self.access.audited(caller, key, "repository.load", name, e.code.value, e.message)
             raise
@@ -470,7 +496,11 @@ class DataPlane:
         try:
             key = self.access.check(caller, ADMIN, name)
             check_model_name(name)
-            await self.repository.unload(name)
+            if self.coordinator is not None:
+                self.repository.entry(name)  # NOT_FOUND here, as without workers
+                await self.coordinator.unload(name)
+            else:
+                await self.repository.unload(name)
         except GatewayError as e:
             await self.access.audited(caller, key, "repository.unload", name, e.code.value, e.message)
             raise
@@ -490,3 +520,17 @@ class DataPlane:
         except (OSError, ValueError) as e:
             log.warning("audit: could not hash the files of model '%s': %s", name, e)
             return None
+
+
+class Coordinator(Protocol):
+    """What a worker process asks the supervisor for (``worker.py`` implements it)."""
+
+    async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None: ...
+
+    async def shm_unregister(self, name: str, owner: str | None) -> None: ...
+
+    async def statistics(self) -> dict[tuple[str, str], dict[str, Any]]: ...

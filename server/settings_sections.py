@@ -83,7 +83,21 @@ class ServerSettings:
         "plaintext port serving the gRPC health service only, for kubelet gRPC probes when TLS is on; "
         "0 picks a free port, -1 = off",
     )
-    infer_threads: int = _setting(0, "worker threads that run models; 0 = one per CPU, at least 4", minimum=0)
+    infer_threads: int = _setting(
+        0, "threads that run models; 0 = one per core of this process's share, at least 4", minimum=0
+    )
+    workers: str = _setting(
+        "1",
+        "worker processes serving the HTTP and gRPC ports together (SO_REUSEPORT); auto = the container's "
+        "CPU quota, else the core count",
+        metavar="N|auto",
+    )
+    workers_mode: str = _setting(
+        "replicate",
+        "with several workers: replicate = each worker loads and batches every model; front = the workers "
+        "handle the protocols and forward to one process that owns the models and batches",
+        choices=("replicate", "front"),
+    )
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
     log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
 

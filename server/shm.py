@@ -138,13 +138,19 @@ class SharedMemory:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     # ------------------------------------------------------------------ the extension's calls
-    def register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None = None) -> None:
+    def register(
+        self, name: str, key: str, offset: int, byte_size: int, owner: str | None = None, counted: bool = True
+    ) -> None:
+        """Register a region (``counted`` False: a worker process applying another's registration,
+        which that one counts)."""
         try:
             self._register(name, key, offset, byte_size, owner)
         except GatewayError as e:
-            self.count("register", e.code.value)
+            if counted:
+                self.count("register", e.code.value)
             raise
-        self.count("register", "OK")
+        if counted:
+            self.count("register", "OK")
 
     def _register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         if not _NAME.fullmatch(name):
@@ -221,7 +227,7 @@ class SharedMemory:
         self._regions[owner, name] = region
         self.bytes += byte_size
 
-    def unregister(self, name: str = "", owner: str | None = None) -> None:
+    def unregister(self, name: str = "", owner: str | None = None, counted: bool = True) -> None:
         """Unregister ``owner``'s region ``name``, or every region of ``owner`` when it is ""."""
         if not name:
             for k in [k for k in self._regions if k[0] == owner]:
@@ -231,13 +237,15 @@ class SharedMemory:
         else:
             found = self._regions.pop((owner, name), None)
             if found is None:
-                self.count("unregister", ErrorCode.NOT_FOUND.value)
+                if counted:
+                    self.count("unregister", ErrorCode.NOT_FOUND.value)
                 raise GatewayError(
                     ErrorCode.NOT_FOUND, f"shared-memory region {printable(clip(name))!r} is not registered"
                 )
             found.close()
             self.bytes -= found.byte_size
-        self.count("unregister", "OK")
+        if counted:
+            self.count("unregister", "OK")
 
     def status(self, name: str = "", owner: str | None = None) -> list[dict[str, Any]]:
         if name:

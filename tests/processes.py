@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import subprocess
@@ -84,3 +85,12 @@ class Proc:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(10)
+
+
+def logged_at(output: str, message: str) -> float:
+    """The wall-clock time of the first log line ending in ``message`` (plain format, local time)."""
+    for line in output.splitlines():
+        if line.endswith(message):
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    raise AssertionError(f"no log line '{message}' in:\n{output}")

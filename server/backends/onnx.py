@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .. import cores
 from ..core.errors import ModelConfigError, invalid
 from ..core.types import BY_ONNX, DATATYPES
 from .base import IOInfo, Kind, LocalOptions, register_local
@@ -95,7 +95,7 @@ class OnnxBackend:
         # process may use, and lets them spin between runs: they would take the cores the
         # event loop needs (a server pinned to one core ran on two). So: as many threads as
         # the cores this process may run on, and no spinning unless the model asks for it.
-        so.intra_op_num_threads = intra_op_threads or len(os.sched_getaffinity(0))
+        so.intra_op_num_threads = intra_op_threads or cores.share()
         if not allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")

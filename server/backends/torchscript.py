@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import threading
 import warnings
@@ -41,6 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .. import cores
 from ..core.errors import ModelConfigError
 from ..core.types import BY_CONFIG, clip
 from .base import IOInfo, Kind, LocalOptions, register_local
@@ -207,7 +207,7 @@ class TorchScriptBackend:
                 device = f"cuda:{gpu}"
             else:
                 log.warning("model '%s' asks for a GPU but torch has no CUDA here; serving on CPU", config.name)
-        _set_threads(torch, intra or len(os.sched_getaffinity(0)), inter, asked=intra > 0)
+        _set_threads(torch, intra or cores.share(), inter, asked=intra > 0)
         return cls(torch, path, device, inputs, outputs)
 
     def __init__(self, torch: Any, path: str, device: str, inputs: list[IOInfo], outputs: list[IOInfo]):

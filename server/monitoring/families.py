@@ -106,8 +106,13 @@ FAMILIES: dict[str, Family] = {
         ("protocol", "code", "reason"),
     ),
     # The system shared-memory extension (shm.py).
-    "batchgate_shm_regions": Family("gauge", "Shared-memory regions registered (at most shm_max_regions)", ()),
-    "batchgate_shm_bytes": Family("gauge", "Bytes of the registered shared-memory regions (at most shm_max_bytes)", ()),
+    # Every worker process holds every registration: the same figure in each.
+    "batchgate_shm_regions": Family(
+        "gauge", "Shared-memory regions registered (at most shm_max_regions)", (), merge=MAX
+    ),
+    "batchgate_shm_bytes": Family(
+        "gauge", "Bytes of the registered shared-memory regions (at most shm_max_bytes)", (), merge=MAX
+    ),
     "batchgate_shm_requests": Family(
         "counter",
         "Shared-memory registrations and unregistrations by action and outcome (OK or the error code)",
@@ -239,5 +244,24 @@ FAMILIES.update(
         "batchgate_drift_detector_up": Family("gauge", "1 while the drift detector process runs", (), merge=ALL),
         "batchgate_drift_detector_restarts": Family("counter", "Times the drift detector process was restarted", ()),
         "batchgate_drift_detector_cpu_seconds": Family("counter", "CPU time the drift detector process has used", ()),
+    }
+)
+
+# The supervisor's own, with several worker processes: ``worker`` is the slot (0 .. workers-1), the
+# same across a worker's restarts.
+FAMILIES.update(
+    {
+        "batchgate_workers": Family("gauge", "Worker processes the supervisor keeps running (setting workers)", ()),
+        "batchgate_worker_up": Family(
+            "gauge", "1 while the worker in this slot serves (listening, ready), else 0", ("worker",)
+        ),
+        "batchgate_worker_restarts": Family(
+            "counter", "Times the worker in this slot was started again after it exited", ("worker",)
+        ),
+        "batchgate_worker_requests": Family(
+            "counter",
+            "Inference requests answered by the worker in this slot, all its lives (a share of batchgate_requests)",
+            ("worker",),
+        ),
     }
 )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -548,11 +548,41 @@ class Metrics:
     def exposition(self) -> bytes:
         """What ``/metrics`` serves, Prometheus text format 0.0.4, from one snapshot: the batchgate
         families, the process collectors', and with :attr:`triton` Triton's families."""
-        snap = self.snapshot()
-        text = generate_latest(_Scrape(render(snap), self._runtime))
-        if not self.triton:
-            return text
-        return text + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
+        return exposition(self.snapshot(), [m for c in self._runtime for m in c.collect()], self.triton)
+
+    def runtime_samples(self) -> list[RuntimeFamily]:
+        """The process, platform and GC collectors' figures as plain data (what a worker process
+        sends the supervisor, which labels them with the worker)."""
+        return [
+            (m.name, m.type, m.documentation, [(x.name, dict(x.labels), x.value) for x in m.samples])
+            for c in self._runtime
+            for m in c.collect()
+        ]
+
+
+RuntimeFamily = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]
+
+
+def exposition(snap: Snapshot, runtime: Iterable[Metric], triton: bool) -> bytes:
+    """Prometheus text: the snapshot's families, the ``runtime`` ones (process_*, python_*) and,
+    with ``triton``, Triton's nv_inference_* families from the same snapshot."""
+    text = generate_latest(_Scrape(render(snap) + list(runtime), ()))
+    if not triton:
+        return text
+    return text + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
+
+
+def by_worker(sources: dict[str, list[RuntimeFamily]]) -> list[Metric]:
+    """Several processes' runtime families as one set, each series labelled ``worker``."""
+    families: dict[str, Metric] = {}
+    for worker, fams in sources.items():
+        for name, kind, doc, samples in fams:
+            m = families.get(name)
+            if m is None:
+                m = families[name] = Metric(name, doc, kind)
+            for sample, labels, value in samples:
+                m.add_sample(sample, {**labels, "worker": worker}, value)
+    return list(families.values())
 
 
 class _Scrape(Collector):

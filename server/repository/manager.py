@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,15 +234,27 @@ class ModelRepository:
                 "start with --model-control-mode=explicit",
             )
 
-    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
+    async def load(
+        self,
+        name: str,
+        config_json: str | None = None,
+        files: dict[str, bytes] | None = None,
+        vote: Vote | None = None,
+    ) -> None:
         """The load API (explicit mode): load or reload ``name``. A model loaded through the API
-        is one that should be loaded once it is ready (strict readiness)."""
+        is one that should be loaded once it is ready (strict readiness).
+
+        With ``vote`` (one of several worker processes loading together), the new versions are
+        built while the old ones serve, then ``vote()`` is awaited before they are put in place:
+        if it raises, they are closed, the old ones go on serving and the error is the load's."""
         self._explicit_only()
         # Shielded: a caller that gives up (a gRPC deadline) does not cancel the load half-way;
         # it finishes under the model's lock and leaves a consistent state behind.
-        await asyncio.shield(self._load_api(name, config_json, files))
+        await asyncio.shield(self._load_api(name, config_json, files, vote))
 
-    async def _load_api(self, name: str, config_json: str | None, files: dict[str, bytes] | None) -> None:
+    async def _load_api(
+        self, name: str, config_json: str | None, files: dict[str, bytes] | None, vote: Vote | None = None
+    ) -> None:
         if name in self.remote:
             if config_json is not None or files:
                 raise GatewayError(
@@ -250,7 +262,7 @@ class ModelRepository:
                     f"model '{name}' is a remote model: its config "
                     "comes from its upstreams, so a load takes no config or files",
                 )
-            await self._load_remote(self.remote[name], fail=True)
+            await self._load_remote(self.remote[name], fail=True, vote=vote)
             return
         if files:
             if config_json is None:
@@ -280,12 +292,12 @@ class ModelRepository:
                         f"model '{name}': the files given with the load cannot be written: "
                         f"{hide_paths(e.strerror or str(e), d)}",
                     ) from None
-                await self._load(name, fail_missing=True, override=override, model_dir=d)
+                await self._load(name, fail_missing=True, override=override, model_dir=d, vote=vote)
             return
         if name not in self._discover() and config_json is None:
             raise not_found(f"model '{clip(name)}' is not in the model repository")
         override = config_from_json(config_json, name) if config_json is not None else None
-        await self._load(name, fail_missing=True, override=override)
+        await self._load(name, fail_missing=True, override=override, vote=vote)
 
     async def unload(self, name: str) -> None:
         self._explicit_only()
@@ -343,13 +355,14 @@ class ModelRepository:
         fail_missing: bool = False,
         override: mc.ModelConfig | None = None,
         model_dir: str | None = None,
+        vote: Vote | None = None,
     ) -> None:
         while True:
             entry = self.models.setdefault(name, ModelEntry(name))
             async with entry.lock:
                 if self.models.get(name) is not entry:
                     continue  # a failed load of a new name dropped this entry while we waited
-                await self._load_locked(entry, name, fail_missing, override, model_dir)
+                await self._load_locked(entry, name, fail_missing, override, model_dir, vote)
                 return
 
     async def _load_locked(
@@ -359,6 +372,7 @@ class ModelRepository:
         fail_missing: bool,
         override: mc.ModelConfig | None,
         model_dir: str | None,
+        vote: Vote | None = None,
     ) -> None:
         """The load itself (the caller holds the entry's lock)."""
         model_dir = model_dir or os.path.join(self.root, name)
@@ -388,9 +402,11 @@ class ModelRepository:
                     f"failed to load model '{name}': {msg}",
                 ) from None
             return
+        if vote is not None:
+            await _voted(vote, new.values())
         self._swap(entry, new, time.perf_counter() - t0, fp)
 
-    async def _load_remote(self, spec: RemoteModel, fail: bool = False) -> None:
+    async def _load_remote(self, spec: RemoteModel, fail: bool = False, vote: Vote | None = None) -> None:
         """Read the remote model's signature from an upstream and serve it. While no upstream
         answers, the model is UNAVAILABLE with the reason, and the load is retried. An unload
         or a stop that happens meanwhile wins: the load then closes what it opened and stops."""
@@ -443,6 +459,8 @@ class ModelRepository:
             if not wanted():  # unloaded or stopped while the upstream answered
                 await served.retire(None)
                 return
+            if vote is not None:
+                await _voted(vote, (served,))
             self._swap(entry, {int(version): served}, time.perf_counter() - t0)
 
     async def _retry_remote(self, spec: RemoteModel, generation: int) -> None:
@@ -473,3 +491,16 @@ class ModelRepository:
             if forget:
                 self.models.pop(name, None)
             log.info("model '%s' unloaded", name)
+
+
+Vote = Callable[[], Awaitable[None]]
+
+
+async def _voted(vote: Vote, new: Iterable[ModelVersion]) -> None:
+    """Await the other workers' verdict on versions built but not yet serving; if the load is
+    called off, close them (the old versions go on serving) and raise its error."""
+    try:
+        await vote()
+    except BaseException:
+        await asyncio.gather(*(s.retire(None) for s in new), return_exceptions=True)
+        raise

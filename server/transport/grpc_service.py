@@ -180,7 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         try:
-            stats = self.dp.statistics(request.name, request.version, self._caller(context))
+            stats = await self.dp.statistics_of_all(request.name, request.version, self._caller(context))
         except GatewayError as e:
             return await _abort(context, e)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())

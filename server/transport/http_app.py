@@ -203,7 +203,8 @@ class HttpApp:
             self._method(method, "GET")
             if action is None:
                 if model == "stats":  # /v2/models/stats: statistics of every model
-                    return await self._json(send, {"model_stats": self.dp.statistics("", "", self._caller(scope))})
+                    every = await self.dp.statistics_of_all("", "", self._caller(scope))
+                    return await self._json(send, {"model_stats": every})
                 return await self._json(send, self.dp.model_metadata(model, version, self._caller(scope)))
             if action == "ready":
                 if self.dp.model_ready(model, version, self._caller(scope)):
@@ -214,7 +215,8 @@ class HttpApp:
             if action == "config":
                 return await self._json(send, self.dp.model_config_json(model, version, self._caller(scope)))
             if action == "stats":
-                return await self._json(send, {"model_stats": self.dp.statistics(model, version, self._caller(scope))})
+                rows = await self.dp.statistics_of_all(model, version, self._caller(scope))
+                return await self._json(send, {"model_stats": rows})
         if path in (LIVE_PATH, READY_PATH):
             self._method(method, "GET")
             caller = self._caller(scope)

@@ -5,7 +5,6 @@ as UNAVAILABLE / connection refused)."""
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import json
 import signal
@@ -18,18 +17,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
-from processes import Proc, serve_args
+from processes import Proc, logged_at, serve_args
 
 BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
-
-
-def _logged_at(output: str, message: str) -> float:
-    """The wall-clock time of the log line ending in ``message`` (plain format, local time)."""
-    for line in output.splitlines():
-        if line.endswith(message):
-            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-            return stamp.timestamp()
-    raise AssertionError(f"no log line '{message}' in:\n{output}")
 
 
 def test_sigterm_under_traffic_answers_unavailable_never_cancelled(tmp_path):
@@ -118,7 +108,7 @@ def test_sigterm_under_traffic_answers_unavailable_never_cancelled(tmp_path):
         )  # drained while called
         # Every call before the listeners close gets an answer with a status; the only other
         # outcomes allowed are the race of the final close itself (see Gateway.stop), a handful.
-        closing = _logged_at(p.output(), "closing the listeners")
+        closing = logged_at(p.output(), "closing the listeners")
         bad = {k: v for k, v in when.items() if k not in good + closed}
         assert all(t >= closing - 0.05 for ts in bad.values() for t in ts), (outcomes, closing)
         assert sum(len(ts) for ts in bad.values()) <= max(10, 0.01 * sum(outcomes.values())), outcomes

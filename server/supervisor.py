@@ -1,0 +1,489 @@
+"""Several worker processes behind one port (``workers`` > 1).
+
+The supervisor binds no serving socket itself. It reserves the HTTP, gRPC and admin ports (bound
+with SO_REUSEPORT, never listening, so port 0 resolves once and the kernel gives connections only
+to listening workers), starts each worker fresh (``python -m batchgate.worker``: spawned, never a
+fork of a process with threads or ONNX Runtime sessions), and keeps them running:
+
+- one metrics view: ``/metrics`` sums the workers' snapshots by each family's rule
+  (``monitoring/families.py``); a worker that exits leaves its counters and histograms behind
+  (totals never go backwards), its gauges drop out at once; process metrics carry ``worker``;
+- one control plane: a repository load is two-phase across workers (each builds the new version
+  while the old one serves and votes; all switch, or none does), unloads and shared-memory
+  registrations reach every worker, and a worker that (re)starts catches up before it listens;
+- lifecycle: a worker that dies is started again with backoff and counted; SIGTERM drains every
+  worker and the supervisor exits after the slowest.
+
+Per-request limits (rates, in-flight, connections) stay per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import cores
+from .config import ConfigError, Settings
+from .control import Channel
+from .core.errors import ErrorCode, GatewayError
+from .monitoring.metrics import Metrics, RuntimeFamily, Snapshot, by_worker, exposition
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    import grpc
+
+log = logging.getLogger("batchgate")
+
+BACKOFF_S = (0.5, 30.0)  # the first restart's delay, doubled per quick death up to the second
+STEADY_S = 60.0  # a worker up this long has its backoff reset
+POLL_S = 2.0  # how often the workers' figures are read (what a killed worker leaves behind is this old at most)
+SNAPSHOT_TIMEOUT_S = 5.0
+
+
+class WorkerFailed(Exception):
+    """A worker could not start the first time (the pod does not start)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One worker position: the process in it now, and what its earlier lives left behind."""
+
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    member: bool = False  # joined the control plane: repository changes reach it
+    ready: bool = False  # listening
+    failure: str = ""  # why the process in it said it could not start
+    restarts: int = 0
+    last: Snapshot | None = None  # the running process's last figures
+    process: list[RuntimeFamily] = dataclasses.field(default_factory=list)
+    gone: Snapshot = dataclasses.field(default_factory=Snapshot)  # counters of its earlier lives
+    first: asyncio.Future | None = None  # the first start's outcome
+
+
+class _Txn:
+    """A two-phase load across the member workers: each votes once its new versions are built;
+    all yes: commit; one failure (or one worker gone) before that: every worker rolls back."""
+
+    def __init__(self, members: set[int]):
+        self.members = members
+        self.yes: set[int] = set()
+        self.failed: dict[int, BaseException] = {}
+        self.decision: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def vote(self, slot: int) -> None:
+        self.yes.add(slot)
+        if self.yes >= self.members and not self.decision.done():
+            self.decision.set_result(True)
+        if not await self.decision:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "the load failed on another worker: rolled back")
+
+    def ended(self, slot: int, fut: asyncio.Future) -> None:
+        if self.decision.done():
+            return
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if error is not None:
+            self.failed[slot] = error
+            self.decision.set_result(False)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.n = cores.resolve_workers(settings.server.workers)
+        self.slots = [Slot(i) for i in range(self.n)]
+        self.metrics = Metrics()  # only its own process collectors: the figures are the workers'
+        self.stopping = False
+        self._lock = asyncio.Lock()  # one pod-wide change at a time; a joining worker catches up under it
+        self._txns: dict[int, _Txn] = {}
+        self._txn_ids = 0
+        self._models: dict[str, tuple] = {}  # name -> the last load / unload to replay, in order
+        self._regions: dict[tuple[str | None, str], tuple] = {}  # (owner, name) -> registration
+        self._reserved: dict[str, socket.socket] = {}
+        self.ports: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._metrics_server: WSGIServer | None = None
+        self.metrics_port: int | None = None
+        self._health: Any = None
+        self._health_grpc: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> None:
+        s = self.settings
+        if s.routes or s.routing.routes_file or s.drift:
+            raise ConfigError(
+                "routes and drift monitors are served by a single process for now: "
+                f"use workers 1 with them (workers is {s.server.workers})"
+            )
+        if s.server.workers_mode != "replicate":
+            raise ConfigError("workers_mode 'front' is not available yet: use replicate")
+        self._loop = asyncio.get_running_loop()
+        srv = s.server
+        for name, host in (("http_port", srv.host), ("grpc_port", srv.host)):
+            self._reserve(name, host, getattr(srv, name))
+        for name in ("admin_port", "admin_http_port"):
+            if getattr(srv, name) >= 0:
+                self._reserve(name, srv.admin_host, getattr(srv, name))
+        if srv.metrics_port >= 0:
+            from .monitoring.serve import serve_metrics
+            from .security.auth import KeyStore
+
+            a = s.auth
+            keys = KeyStore(a.api_keys_file) if a.api_keys_file and a.metrics_requires_key else None
+            if keys is not None:
+                self._tasks.append(asyncio.ensure_future(keys.watch(a.api_keys_poll_s)))
+            self._metrics_server = serve_metrics(self._exposition, srv.host, srv.metrics_port, keys)
+            self.metrics_port = self._metrics_server.server_port
+        if srv.health_port >= 0:
+            from grpc_health.v1._async import HealthServicer
+
+            from .security.tls import plaintext_health_server
+
+            self._health = HealthServicer()
+            await self._publish()
+            self._health_grpc, self.health_port = plaintext_health_server(
+                self._health, _join(srv.host, srv.health_port)
+            )
+            await self._health_grpc.start()
+        log.info("supervisor (pid %d): starting %d worker processes", os.getpid(), self.n)
+        for slot in self.slots:
+            slot.first = self._loop.create_future()
+            self._tasks.append(asyncio.ensure_future(self._keep(slot)))
+        self._tasks.append(asyncio.ensure_future(self._poll()))
+        firsts = [slot.first for slot in self.slots if slot.first is not None]
+        done, _ = await asyncio.wait(firsts, return_when=asyncio.FIRST_EXCEPTION)
+        for f in done:
+            f.result()  # WorkerFailed: the caller stops the others
+        log.info(
+            "batchgate: %d workers serving: HTTP on %s, gRPC on %s, metrics on %s",
+            self.n,
+            _join(srv.host, self.ports["http_port"]),
+            _join(srv.host, self.ports["grpc_port"]),
+            _join(srv.host, self.metrics_port) if self.metrics_port is not None else "off",
+        )
+
+    def _reserve(self, name: str, host: str, port: int) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot reserve {name} {_join(host, port)}: {e.strerror}") from None
+        self._reserved[name] = sock
+        self.ports[name] = sock.getsockname()[1]
+
+    def worker_settings(self, slot: Slot) -> Settings:
+        """A worker's settings: the reserved ports; metrics and health are the supervisor's; the
+        admin listeners are worker 0's."""
+        srv, p = self.settings.server, self.ports
+        admin = slot.index == 0
+        server = dataclasses.replace(
+            srv,
+            http_port=p["http_port"],
+            grpc_port=p["grpc_port"],
+            admin_port=p.get("admin_port", -1) if admin else -1,
+            admin_http_port=p.get("admin_http_port", -1) if admin else -1,
+            metrics_port=-1,
+            health_port=-1,
+            workers="1",
+        )
+        return dataclasses.replace(self.settings, server=server)
+
+    # ------------------------------------------------------------------ keeping workers running
+    async def _keep(self, slot: Slot) -> None:
+        delay = BACKOFF_S[0]
+        while not self.stopping:
+            began = time.monotonic()
+            how = await self._run_once(slot)
+            if self.stopping:
+                return
+            assert slot.first is not None
+            if not slot.first.done():
+                slot.first.set_exception(WorkerFailed(f"worker {slot.index} {slot.failure or how}"))
+                return
+            if time.monotonic() - began > STEADY_S:
+                delay = BACKOFF_S[0]
+            slot.restarts += 1
+            log.error("worker %d %s; starting it again in %.1f s", slot.index, slot.failure or how, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_S[1])
+
+    async def _run_once(self, slot: Slot) -> str:
+        """Start the worker of ``slot`` and wait for it to exit; how it ended, in words."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slot.failure = ""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "batchgate.worker", str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+        slot.proc = proc
+        slot.channel = channel = await Channel.over(mine, self._handlers(slot))
+        reading = asyncio.ensure_future(channel.serve())
+        code = await proc.wait()
+        slot.ready = slot.member = False
+        channel.close()
+        await reading
+        if slot.last is not None:  # its counters stay in the totals; its gauges go with it
+            slot.gone = slot.gone.merge(slot.last.without_gauges())
+        slot.last, slot.process, slot.channel, slot.proc = None, [], None, None
+        await self._publish()
+        if code < 0:
+            return f"(pid {proc.pid}) was killed by {signal.Signals(-code).name}"
+        return f"(pid {proc.pid}) exited with status {code}"
+
+    def _handlers(self, slot: Slot) -> dict:
+        async def hello(pid: int) -> dict:
+            return {"settings": self.worker_settings(slot), "slot": slot.index, "workers": self.n}
+
+        async def join() -> None:  # before it listens: catch up, under the lock
+            assert slot.channel is not None
+            async with self._lock:
+                await slot.channel.call("replay", ops=[*self._models.values(), *self._regions.values()])
+                slot.member = True
+
+        async def ready(http_port: int, grpc_port: int) -> None:
+            slot.ready = True
+            await self._publish()
+            if slot.first is not None and not slot.first.done():
+                slot.first.set_result(True)
+            elif slot.restarts:
+                log.info("worker %d (pid %d) serves again", slot.index, slot.proc.pid if slot.proc else -1)
+
+        async def failed(reason: str) -> None:
+            slot.failure = reason
+
+        async def vote(txn: int) -> None:
+            t = self._txns.get(txn)
+            if t is None:
+                raise GatewayError(ErrorCode.UNAVAILABLE, "the load was called off")
+            await t.vote(slot.index)
+
+        async def statistics() -> dict:
+            return (await self.gather()).stats
+
+        return {
+            "hello": hello,
+            "join": join,
+            "ready": ready,
+            "failed": failed,
+            "vote": vote,
+            "load": self.load,
+            "unload": self.unload,
+            "shm_register": self.shm_register,
+            "shm_unregister": self.shm_unregister,
+            "statistics": statistics,
+        }
+
+    def _members(self) -> list[Slot]:
+        return [s for s in self.slots if s.member and s.channel is not None]
+
+    # ------------------------------------------------------------------ the control plane
+    async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
+        """Load ``name`` on every worker, or on none: each builds and warms up the new versions
+        while the old ones serve, then waits; once all have, all switch. A failure on one (or a
+        worker gone meanwhile) makes the others close what they built; the answer says so."""
+        async with self._lock:
+            members = self._members()
+            if not members:
+                raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
+            self._txn_ids += 1
+            tid = self._txn_ids
+            txn = self._txns[tid] = _Txn({s.index for s in members})
+            calls = []
+            for s in members:
+                assert s.channel is not None
+                call = asyncio.ensure_future(s.channel.call("load", txn=tid, name=name, config=config, files=files))
+                call.add_done_callback(functools.partial(txn.ended, s.index))
+                calls.append(call)
+            try:
+                await asyncio.gather(*calls, return_exceptions=True)
+            finally:
+                self._txns.pop(tid, None)
+            if txn.decision.done() and txn.decision.result():
+                self._models.pop(name, None)
+                self._models[name] = ("load", name, config, files)
+                return
+            slot, error = next(iter(txn.failed.items()))
+            others = len(members) - 1
+            called_off = f"; the load was called off on the other {others} worker(s)" if others else ""
+            what = error.message if isinstance(error, GatewayError) else f"worker {slot} went away during the load"
+            code = error.code if isinstance(error, GatewayError) else ErrorCode.UNAVAILABLE
+            raise GatewayError(code, f"{what} (worker {slot}{called_off}: no worker switched versions)")
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            await self._everywhere("unload", name=name)
+            self._models.pop(name, None)
+            self._models[name] = ("unload", name)
+
+    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
+        async with self._lock:
+            done = await self._everywhere(
+                "shm_register", name=name, key=key, offset=offset, byte_size=byte_size, owner=owner, undo=True
+            )
+            if done is not None:  # registered nowhere now; the first error is the answer
+                raise done
+            self._regions[(owner, name)] = ("shm_register", name, key, offset, byte_size, owner)
+
+    async def shm_unregister(self, name: str, owner: str | None) -> None:
+        async with self._lock:
+            await self._everywhere("shm_unregister", name=name, owner=owner)
+            for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
+                self._regions.pop(k)
+
+    async def _everywhere(self, op: str, undo: bool = False, **args: Any) -> GatewayError | None:
+        """``op`` on every member worker; the first error raised (with ``undo``: the successful
+        registrations unregistered again and the error returned)."""
+        members = self._members()
+        if not members:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
+        results = await asyncio.gather(
+            *(s.channel.call(op, **args) for s in members if s.channel is not None), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return None
+        first = errors[0] if isinstance(errors[0], GatewayError) else GatewayError(ErrorCode.INTERNAL, str(errors[0]))
+        if not undo:
+            raise first
+        for s, r in zip(members, results):
+            if not isinstance(r, BaseException) and s.channel is not None:
+                with contextlib.suppress(GatewayError):
+                    await s.channel.call("shm_unregister", name=args["name"], owner=args["owner"])
+        return first
+
+    # ------------------------------------------------------------------ one metrics view
+    async def gather(self) -> Snapshot:
+        """Every worker's figures now, summed, with what exited workers left behind."""
+        live = [s for s in self.slots if s.channel is not None and s.ready]
+        replies = await asyncio.gather(
+            *(s.channel.call("snapshot", timeout=SNAPSHOT_TIMEOUT_S) for s in live if s.channel is not None),
+            return_exceptions=True,
+        )
+        for s, r in zip(live, replies):
+            if isinstance(r, dict) and r:
+                s.last, s.process = r["snapshot"], r["process"]
+        total = Snapshot()
+        for s in self.slots:
+            total = total.merge(s.gone)
+            if s.last is not None:
+                total = total.merge(s.last)
+        return total
+
+    async def _scrape(self) -> bytes:
+        snap = await self.gather()
+        snap.add("batchgate_workers", (), self.n)
+        for s in self.slots:
+            w = (str(s.index),)
+            snap.add("batchgate_worker_up", w, int(s.ready))
+            snap.add("batchgate_worker_restarts", w, s.restarts)
+            answered = _requests(s.gone) + (_requests(s.last) if s.last is not None else 0)
+            snap.add("batchgate_worker_requests", w, answered)
+        runtime = {str(s.index): s.process for s in self.slots if s.process}
+        runtime["supervisor"] = self.metrics.runtime_samples()
+        return exposition(snap, by_worker(runtime), self.settings.server.triton_metrics)
+
+    def _exposition(self) -> bytes:
+        """``/metrics`` (called on the metrics server's thread)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._scrape(), self._loop).result(SNAPSHOT_TIMEOUT_S * 2)
+
+    async def _poll(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(Exception):
+                await self.gather()
+
+    @property
+    def ready(self) -> bool:
+        """Ready while at least one worker serves (the others may be starting)."""
+        return any(s.ready for s in self.slots)
+
+    async def _publish(self) -> None:
+        if self._health is None:
+            return
+        from grpc_health.v1 import health_pb2
+
+        on = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "inference.GRPCInferenceService"):
+            await self._health.set(service, on)
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self) -> bool:
+        """SIGTERM to every worker (each drains: refuses new work, finishes what it accepted),
+        wait for the slowest; True if every one exited cleanly."""
+        self.stopping = True
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        log.info("supervisor: draining %d workers", len(procs))
+        grace = self.settings.server.exit_timeout_s + 15  # their grace period, then closing
+        clean = True
+        for p in procs:
+            try:
+                code = await asyncio.wait_for(p.wait(), grace)
+            except TimeoutError:
+                log.error("worker (pid %d) did not exit in %.0f s: killed", p.pid, grace)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                code = await p.wait()
+            clean = clean and code == 0
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(1.0)
+        for sock in self._reserved.values():
+            sock.close()
+        log.info("supervisor: stopped")
+        return clean
+
+
+def _requests(snap: Snapshot) -> float:
+    return sum(v for v in snap.values.get("batchgate_requests", {}).values() if not isinstance(v, tuple))
+
+
+def _join(host: str, port: Any) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def supervise(settings: Settings) -> int:
+    """``batchgate serve`` with workers > 1: start, wait for SIGTERM / SIGINT, drain, exit."""
+    sup = Supervisor(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sup.start()
+    except ConfigError as e:
+        log.error("configuration error: %s", e)
+        await sup.stop()
+        return 2
+    except (WorkerFailed, OSError) as e:
+        log.error("batchgate could not start: %s", e)
+        await sup.stop()
+        return 2 if "configuration error" in str(e) else 1
+    await stop.wait()
+    log.info("shutdown signal received")
+    return 0 if await sup.stop() else 1

@@ -1,0 +1,171 @@
+"""One worker process under the supervisor (``supervisor.py``): a whole :class:`Gateway` that
+shares the HTTP and gRPC ports with the other workers (SO_REUSEPORT) and talks to the supervisor
+over its control channel (``control.py``).
+
+Started fresh by the supervisor (``python -m batchgate.worker FD``), never forked: FD is its end
+of the control socket. The supervisor sends the settings; the worker loads its models, catches
+up with what was loaded, unloaded and registered since the pod started (under the supervisor's
+control lock, so no change slips in between), then listens and says it is ready. SIGTERM drains
+it like a single server; so does the supervisor going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import cores, logs
+from .control import Channel
+from .core.errors import ConfigError, ErrorCode, GatewayError
+
+log = logging.getLogger("batchgate")
+
+
+class WorkerLink:
+    """The worker's side of the control channel: the supervisor's calls it answers, and the
+    :class:`~batchgate.dataplane.Coordinator` its data plane uses for pod-wide changes."""
+
+    def __init__(self) -> None:
+        self.channel: Channel | None = None
+        self.gateway: Any = None  # the Gateway, once built
+
+    def handlers(self) -> dict:
+        return {
+            "snapshot": self._snapshot,
+            "load": self._load,
+            "unload": self._unload,
+            "replay": self._replay,
+            "shm_register": self._shm_register,
+            "shm_unregister": self._shm_unregister,
+        }
+
+    # the supervisor's calls ---------------------------------------------------------
+    async def _snapshot(self) -> dict:
+        gw = self.gateway
+        if gw is None:
+            return {}
+        return {
+            "snapshot": gw.metrics.snapshot(),
+            "process": gw.metrics.runtime_samples(),
+            "ready": gw.dataplane.accepting and gw.dataplane.ready(),
+            "in_flight": gw.dataplane.in_flight,
+        }
+
+    async def _load(self, txn: int, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
+        channel = self.channel
+        assert channel is not None
+
+        async def vote() -> None:  # built and warmed up: wait for the other workers' verdict
+            await channel.call("vote", txn=txn)
+
+        await self.gateway.repository.load(name, config, files, vote=vote)
+
+    async def _unload(self, name: str) -> None:
+        await self.gateway.repository.unload(name)
+
+    async def _replay(self, ops: list[tuple]) -> None:
+        """What was changed in the pod before this worker joined, in order."""
+        for op, *args in ops:
+            try:
+                if op == "load":
+                    await self.gateway.repository.load(*args)
+                elif op == "unload":
+                    await self.gateway.repository.unload(*args)
+                elif op == "shm_register":
+                    self.gateway.dataplane.shm.register(*args, counted=False)
+            except GatewayError as e:
+                log.warning("catching up with the other workers: %s %s failed: %s", op, args[0], e.message)
+
+    async def _shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
+        self.gateway.dataplane.shm.register(name, key, offset, byte_size, owner, counted=False)
+
+    async def _shm_unregister(self, name: str, owner: str | None) -> None:
+        self.gateway.dataplane.shm.unregister(name, owner, counted=False)
+
+    # the Coordinator: this worker's data plane asks the supervisor -----------------
+    def _sup(self) -> Channel:
+        if self.channel is None or self.channel.closed.is_set():
+            raise GatewayError(ErrorCode.UNAVAILABLE, "the supervisor is gone: this worker is shutting down")
+        return self.channel
+
+    async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
+        await self._sup().call("load", name=name, config=config, files=files)
+
+    async def unload(self, name: str) -> None:
+        await self._sup().call("unload", name=name)
+
+    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
+        await self._sup().call("shm_register", name=name, key=key, offset=offset, byte_size=byte_size, owner=owner)
+
+    async def shm_unregister(self, name: str, owner: str | None) -> None:
+        await self._sup().call("shm_unregister", name=name, owner=owner)
+
+    async def statistics(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return await self._sup().call("statistics", timeout=10)
+
+
+async def run(fd: int) -> int:
+    link = WorkerLink()
+    channel = await Channel.over(socket.socket(fileno=fd), link.handlers())
+    link.channel = channel
+    reading = asyncio.ensure_future(channel.serve())
+    hello = await channel.call("hello", pid=os.getpid())
+    settings, slot = hello["settings"], hello["slot"]
+    logs.setup(settings.server.log_format, settings.server.log_level)
+    cores.set_workers(hello["workers"])
+
+    from .app import Gateway  # (after GRPC_EXPERIMENTS is set: grpc is imported here)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        gateway = Gateway(settings, reuse_port=True)
+    except ConfigError as e:
+        channel.tell("failed", reason=f"configuration error: {e}")
+        return 2
+    link.gateway = gateway
+    gateway.dataplane.coordinator = link
+    try:
+        await gateway.start(before_listening=lambda: channel.call("join"))
+    except ConfigError as e:
+        channel.tell("failed", reason=f"configuration error: {e}")
+        await gateway.stop(0.1)
+        return 2
+    except Exception as e:  # noqa: BLE001 - said to the supervisor, which decides what follows
+        channel.tell("failed", reason=f"could not start: {type(e).__name__}: {e}")
+        await gateway.stop(0.1)
+        return 1
+    await channel.call("ready", http_port=gateway.http_port, grpc_port=gateway.grpc_port)
+    log.info("worker %d (pid %d) ready", slot, os.getpid())
+    gone = asyncio.ensure_future(channel.closed.wait())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), gone], return_when=asyncio.FIRST_COMPLETED)
+    if gone.done() and not stop.is_set():
+        log.warning("worker %d: the supervisor is gone; draining", slot)
+    clean = await gateway.stop()
+    channel.close()
+    reading.cancel()
+    return 0 if clean else 1
+
+
+def main() -> int:
+    from .cli import prefer_legacy_grpc_io
+
+    prefer_legacy_grpc_io()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - non-Linux
+        pass
+    return asyncio.run(run(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Several worker processes behind one port (``--workers 2``): both take traffic from both
+protocols, ``/metrics`` and the V2 statistics add up to what the clients saw, a worker killed
+under traffic is started again and only its in-flight calls fail, explicit loads and unloads
+reach every worker (also one started later), SIGTERM under traffic loses no accepted request.
+
+Real ``batchgate serve`` subprocesses, real tritonclient clients; a worker is reached by opening
+new connections (the kernel spreads connections over the workers, not requests)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import _save, classifier_model, slow_model
+from processes import Proc, logged_at, serve_args
+
+BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
+PID = re.compile(r"worker (\d+) \(pid (\d+)\) ready")
+
+
+def _metrics(p: Proc) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
+
+
+def _value(text: str, series: str) -> float:
+    """The value of one exact series line (name and labels as rendered); 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _pids(p: Proc) -> dict[int, int]:
+    """worker slot -> pid of its latest life, from the workers' ready lines."""
+    return {int(m.group(1)): int(m.group(2)) for m in PID.finditer(p.output())}
+
+
+def _grpc_infer(url: str, model: str = "clf") -> None:
+    c = grpcclient.InferenceServerClient(url)  # a new client: a new connection, maybe another worker
+    try:
+        x = grpcclient.InferInput("features", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        c.infer(model, [x], client_timeout=20)
+    finally:
+        c.close()
+
+
+def _http_infer(url: str) -> None:
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    try:
+        conn.request("POST", "/v2/models/clf/infer", BODY, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        r.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def clf_repo(tmp_path):
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    return str(tmp_path)
+
+
+def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
+    p = Proc(serve_args(clf_repo, "--workers", "2"))
+    try:
+        p.wait_ready()
+        assert sorted(_pids(p)) == [0, 1]
+        n = 24
+        for _ in range(n):
+            _grpc_infer(p.grpc)
+            _http_infer(p.http)
+        text = _metrics(p)
+        per_worker = [_value(text, f'batchgate_worker_requests_total{{worker="{w}"}}') for w in "01"]
+        assert all(v > 0 for v in per_worker), per_worker  # the kernel gave both some connections
+        assert sum(per_worker) == 2 * n
+        for protocol in ("grpc", "http"):
+            series = f'batchgate_requests_total{{model="clf",protocol="{protocol}",status="OK",version="1"}}'
+            assert _value(text, series) == n, text
+        assert _value(text, 'batchgate_worker_up{worker="0"}') == 1
+        assert _value(text, "batchgate_workers") == 2
+        assert 'process_cpu_seconds_total{worker="1"}' in text and 'worker="supervisor"' in text
+        assert _value(text, 'batchgate_model_ready{model="clf",version="1"}') == 1
+        assert _value(text, 'nv_inference_request_success{model="clf",version="1"}') == 2 * n
+        # V2 statistics, asked of whichever worker the connection reaches: the pod's sums.
+        c = httpclient.InferenceServerClient(p.http)
+        stats = c.get_inference_statistics("clf")["model_stats"][0]
+        assert int(stats["inference_stats"]["success"]["count"]) == 2 * n
+        assert int(stats["inference_count"]) == 2 * n
+    finally:
+        p.kill()
+
+
+def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path):
+    _save(slow_model(layers=8), str(tmp_path), "slow", config="max_batch_size: 16\n")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2"))
+    try:
+        p.wait_ready()
+        stop = threading.Event()
+        lock = threading.Lock()
+        ok: Counter = Counter()
+        failures: Counter = Counter()  # per client thread
+
+        def caller(i: int) -> None:
+            c = grpcclient.InferenceServerClient(p.grpc)
+            x = grpcclient.InferInput("input", [4, 1024], "FP32")
+            x.set_data_from_numpy(np.ones((4, 1024), np.float32))
+            while not stop.is_set():
+                try:
+                    c.infer("slow", [x], client_timeout=20)
+                    with lock:
+                        ok[i] += 1
+                except InferenceServerException:
+                    with lock:
+                        failures[i] += 1
+                    c.close()  # a client that saw its server go reconnects
+                    c = grpcclient.InferenceServerClient(p.grpc)
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        counted = sum(  # a scrape reads every worker now
+            float(line.rsplit(" ", 1)[1])
+            for line in _metrics(p).splitlines()
+            if line.startswith('batchgate_requests_total{model="slow"')
+        )
+        victim = _pids(p)[0]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while _pids(p)[0] == victim:  # started again, caught up, listening
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        before = dict(ok)
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        # A client had at most one call in flight: one failure at most each, and only clients
+        # whose connection was the killed worker's; every client got answers again afterwards.
+        assert all(n <= 1 for n in failures.values()), failures
+        assert sum(failures.values()) <= 8
+        assert all(ok[i] > before.get(i, 0) for i in range(8)), (before, ok)
+        assert f"worker 0 (pid {victim}) was killed by SIGKILL; starting it again" in p.output()
+        text = _metrics(p)
+        assert _value(text, 'batchgate_worker_restarts_total{worker="0"}') == 1
+        assert _value(text, 'batchgate_worker_restarts_total{worker="1"}') == 0
+        # What the dead worker had answered by the last read stays counted: totals never go back.
+        after = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('batchgate_requests_total{model="slow"')
+        )
+        assert after >= counted + sum(ok.values()) - sum(before.values()), (counted, after)
+    finally:
+        p.kill()
+
+
+def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_repo):
+    _save(classifier_model(seed=1), clf_repo, "clf2")
+    p = Proc(
+        serve_args(
+            clf_repo,
+            "--workers",
+            "2",
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "clf",
+            "--allow-open-admin",
+            "true",
+        )
+    )
+    try:
+        p.wait_ready()
+
+        def ready_everywhere(model: str) -> set[bool]:
+            seen = set()
+            for _ in range(16):  # new connections: both workers answer some
+                c = httpclient.InferenceServerClient(p.http)
+                seen.add(c.is_model_ready(model))
+                c.close()
+            return seen
+
+        assert ready_everywhere("clf2") == {False}
+        httpclient.InferenceServerClient(p.http).load_model("clf2")
+        assert ready_everywhere("clf2") == {True}
+        for _ in range(8):
+            _grpc_infer(p.grpc, "clf2")
+
+        # A load that fails is called off on every worker; the answer says so, the old versions serve.
+        with pytest.raises(InferenceServerException) as e:
+            httpclient.InferenceServerClient(p.http).load_model(
+                "clf2", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": b"not a model"}
+            )
+        assert "no worker switched versions" in e.value.message()
+        assert ready_everywhere("clf2") == {True}
+
+        # A worker started after the load catches up before it listens.
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert ready_everywhere("clf2") == {True}
+
+        grpcclient.InferenceServerClient(p.grpc).unload_model("clf2")
+        assert ready_everywhere("clf2") == {False}
+        assert ready_everywhere("clf") == {True}
+    finally:
+        p.kill()
+
+
+def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
+    p = Proc(serve_args(clf_repo, "--workers", "2"))
+    try:
+        p.wait_ready()
+        stop = threading.Event()
+        lock = threading.Lock()
+        outcomes: Counter = Counter()
+        when: dict[str, list[float]] = {}
+
+        def note(what: str) -> None:
+            with lock:
+                outcomes[what] += 1
+                when.setdefault(what, []).append(time.time())
+
+        def grpc_caller() -> None:
+            c = grpcclient.InferenceServerClient(p.grpc)
+            x = grpcclient.InferInput("features", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            while not stop.is_set():
+                try:
+                    c.infer("clf", [x], client_timeout=10)
+                    note("OK")
+                except InferenceServerException as e:
+                    status = str(e.status())
+                    if status == "StatusCode.UNAVAILABLE":  # draining, or the listener closed
+                        note("UNAVAILABLE")
+                        time.sleep(0.01)
+                    else:
+                        note(f"{status}: {e.message()}")
+
+        def http_caller() -> None:
+            host, port = p.http.split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            while not stop.is_set():
+                try:
+                    conn.request("POST", "/v2/models/clf/infer", BODY, {"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    r.read()
+                    note("OK" if r.status == 200 else f"http {r.status}")
+                    if r.getheader("connection", "").lower() == "close":
+                        conn.close()
+                except ConnectionRefusedError:
+                    note("refused")
+                    conn.close()
+                    time.sleep(0.01)
+                except (OSError, http.client.HTTPException) as e:
+                    note(f"reset: {type(e).__name__}")
+                    conn.close()
+
+        threads = [threading.Thread(target=grpc_caller) for _ in range(3)]
+        threads += [threading.Thread(target=http_caller) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(60) == 0, p.output()
+        stop.set()
+        for t in threads:
+            t.join(15)
+        assert outcomes["OK"] > 0, outcomes
+        assert "supervisor: stopped" in p.output()
+        assert p.output().count("closing the listeners") == 2
+        # Every call got an answer with a status, or found no listener; anything else only in
+        # the race of a listener's final close (a handful, as with one process: see Gateway.stop).
+        allowed = {"OK", "UNAVAILABLE", "http 503", "refused"}
+        other = {k: v for k, v in when.items() if k not in allowed}
+        closing = logged_at(p.output(), "closing the listeners")  # the first worker's
+        assert all(t >= closing - 0.05 for ts in other.values() for t in ts), (outcomes, closing)
+        assert sum(len(ts) for ts in other.values()) <= max(10, 0.01 * sum(outcomes.values())), outcomes
+    finally:
+        p.kill()
+
+
+def test_workers_refuse_routes_for_now(tmp_path, clf_repo):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("routes:\n  - name: r\n    variants:\n      - {name: a, model: clf, weight: 100}\n")
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--config", str(cfg)))
+    assert p.p.wait(60) == 2, p.output()
+    assert "use workers 1 with them" in p.output()
