@@ -343,6 +343,8 @@ class DataPlane:
         except ValueError as e:
             await self.access.audited(caller, key, "logging.update", "logging", "refused", str(e)[:256])
             raise invalid(str(e)) from None
+        if self.coordinator is not None:  # every worker logs alike
+            await self.coordinator.log_settings(dict(changes))
         await self.access.audited(caller, key, "logging.update", "logging", "ok", printable(detail))
         return now
 
@@ -534,3 +536,5 @@ class Coordinator(Protocol):
     async def shm_unregister(self, name: str, owner: str | None) -> None: ...
 
     async def statistics(self) -> dict[tuple[str, str], dict[str, Any]]: ...
+
+    async def log_settings(self, changes: dict[str, Any]) -> None: ...

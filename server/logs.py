@@ -14,15 +14,23 @@ import orjson
 
 from .core.types import printable as escape
 
+_worker: int | None = None  # this process's worker slot, when it is one of several
+
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None):
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        obj = {
+        obj: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            obj["worker"] = self.worker
         rid = getattr(record, "request_id", None)
         if rid is not None:
             obj["request_id"] = rid
@@ -32,8 +40,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, worker: int | None = None):
+        where = "" if worker is None else f" [worker {worker}]"
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = escape(record.message)
@@ -45,9 +54,12 @@ class PlainFormatter(logging.Formatter):
         return f"{line} [request_id={escape(str(rid))}]" if rid is not None else line
 
 
-def setup(fmt: str = "plain", level: str = "info") -> None:
+def setup(fmt: str = "plain", level: str = "info", worker: int | None = None) -> None:
+    """Log lines to stderr; a worker process's name it (``worker``: its slot)."""
+    global _worker
+    _worker = worker
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else PlainFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -106,5 +118,7 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
     root = logging.getLogger()
     root.setLevel(level)
     if "log_format" in changes and root.handlers:
-        root.handlers[0].setFormatter(JsonFormatter() if formats[str(fmt)] == "json" else PlainFormatter())
+        root.handlers[0].setFormatter(
+            JsonFormatter(_worker) if formats[str(fmt)] == "json" else PlainFormatter(_worker)
+        )
     return log_settings()

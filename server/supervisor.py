@@ -31,7 +31,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import cores
+from . import cores, logs
 from .config import ConfigError, Settings
 from .control import Channel
 from .core.errors import ErrorCode, GatewayError
@@ -109,6 +109,7 @@ class Supervisor:
         self._txn_ids = 0
         self._models: dict[str, tuple] = {}  # name -> the last load / unload to replay, in order
         self._regions: dict[tuple[str | None, str], tuple] = {}  # (owner, name) -> registration
+        self._log_changes: dict[str, Any] = {}  # the logging extension's changes, all of them
         self._reserved: dict[str, socket.socket] = {}
         self.ports: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
@@ -254,7 +255,10 @@ class Supervisor:
         async def join() -> None:  # before it listens: catch up, under the lock
             assert slot.channel is not None
             async with self._lock:
-                await slot.channel.call("replay", ops=[*self._models.values(), *self._regions.values()])
+                ops = [*self._models.values(), *self._regions.values()]
+                if self._log_changes:
+                    ops.append(("log_settings", self._log_changes))
+                await slot.channel.call("replay", ops=ops)
                 slot.member = True
 
         async def ready(http_port: int, grpc_port: int) -> None:
@@ -288,6 +292,7 @@ class Supervisor:
             "shm_register": self.shm_register,
             "shm_unregister": self.shm_unregister,
             "statistics": statistics,
+            "log_settings": self.log_settings,
         }
 
     def _members(self) -> list[Slot]:
@@ -346,6 +351,14 @@ class Supervisor:
             await self._everywhere("shm_unregister", name=name, owner=owner)
             for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
                 self._regions.pop(k)
+
+    async def log_settings(self, changes: dict[str, Any]) -> None:
+        """The logging extension's changes (checked by the worker that took them): every worker's
+        logs and the supervisor's own."""
+        async with self._lock:
+            logs.change_log_settings(changes)
+            self._log_changes.update(changes)
+            await self._everywhere("log_settings", changes=changes)
 
     async def _everywhere(self, op: str, undo: bool = False, **args: Any) -> GatewayError | None:
         """``op`` on every member worker; the first error raised (with ``undo``: the successful

@@ -42,6 +42,7 @@ class WorkerLink:
             "replay": self._replay,
             "shm_register": self._shm_register,
             "shm_unregister": self._shm_unregister,
+            "log_settings": self._log_settings,
         }
 
     # the supervisor's calls ---------------------------------------------------------
@@ -78,14 +79,20 @@ class WorkerLink:
                     await self.gateway.repository.unload(*args)
                 elif op == "shm_register":
                     self.gateway.dataplane.shm.register(*args, counted=False)
-            except GatewayError as e:
-                log.warning("catching up with the other workers: %s %s failed: %s", op, args[0], e.message)
+                elif op == "log_settings":
+                    logs.change_log_settings(*args)
+            except (GatewayError, ValueError) as e:
+                why = e.message if isinstance(e, GatewayError) else str(e)
+                log.warning("catching up with the other workers: %s %s failed: %s", op, str(args[0])[:128], why)
 
     async def _shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         self.gateway.dataplane.shm.register(name, key, offset, byte_size, owner, counted=False)
 
     async def _shm_unregister(self, name: str, owner: str | None) -> None:
         self.gateway.dataplane.shm.unregister(name, owner, counted=False)
+
+    async def _log_settings(self, changes: dict[str, Any]) -> None:
+        logs.change_log_settings(changes)
 
     # the Coordinator: this worker's data plane asks the supervisor -----------------
     def _sup(self) -> Channel:
@@ -108,6 +115,9 @@ class WorkerLink:
     async def statistics(self) -> dict[tuple[str, str], dict[str, Any]]:
         return await self._sup().call("statistics", timeout=10)
 
+    async def log_settings(self, changes: dict[str, Any]) -> None:
+        await self._sup().call("log_settings", changes=changes)
+
 
 async def run(fd: int) -> int:
     link = WorkerLink()
@@ -116,7 +126,7 @@ async def run(fd: int) -> int:
     reading = asyncio.ensure_future(channel.serve())
     hello = await channel.call("hello", pid=os.getpid())
     settings, slot = hello["settings"], hello["slot"]
-    logs.setup(settings.server.log_format, settings.server.log_level)
+    logs.setup(settings.server.log_format, settings.server.log_level, worker=slot)
     cores.set_workers(hello["workers"])
 
     from .app import Gateway  # (after GRPC_EXPERIMENTS is set: grpc is imported here)

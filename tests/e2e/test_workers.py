@@ -16,12 +16,14 @@ import signal
 import threading
 import time
 import urllib.request
+import uuid
 from collections import Counter
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
@@ -306,3 +308,43 @@ def test_workers_refuse_routes_for_now(tmp_path, clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2", "--config", str(cfg)))
     assert p.p.wait(60) == 2, p.output()
     assert "use workers 1 with them" in p.output()
+
+
+def test_shared_memory_and_log_settings_reach_every_worker(clf_repo):
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--allow-open-admin", "true"))
+    key = f"/batchgate_{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region(key[1:], key, 64)
+    try:
+        p.wait_ready()
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        shm.set_shared_memory_region(handle, [x])
+        grpcclient.InferenceServerClient(p.grpc).register_system_shared_memory("in", key, x.nbytes)
+        seen = set()
+        for _ in range(16):  # new connections: both workers read the region
+            c = grpcclient.InferenceServerClient(p.grpc)
+            inp = grpcclient.InferInput("features", [1, 4], "FP32")
+            inp.set_shared_memory("in", x.nbytes)
+            seen.add(c.infer("clf", [inp]).as_numpy("probabilities").tobytes())
+            assert len(c.get_system_shared_memory_status().regions) == 1
+            c.close()
+        assert len(seen) == 1
+        text = _metrics(p)
+        assert _value(text, "batchgate_shm_regions") == 1  # every worker holds it: not summed
+        assert _value(text, 'batchgate_shm_requests_total{action="register",outcome="OK"}') == 1
+
+        httpclient.InferenceServerClient(p.http).update_log_settings({"log_verbose_level": 1})
+        levels = set()
+        for _ in range(16):
+            c = httpclient.InferenceServerClient(p.http)
+            levels.add(c.get_log_settings()["log_verbose_level"])
+            c.close()
+        assert levels == {1}
+
+        grpcclient.InferenceServerClient(p.grpc).unregister_system_shared_memory("in")
+        for _ in range(16):
+            c = grpcclient.InferenceServerClient(p.grpc)
+            assert len(c.get_system_shared_memory_status().regions) == 0
+            c.close()
+    finally:
+        p.kill()
+        shm.destroy_shared_memory_region(handle)
