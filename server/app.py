@@ -76,11 +76,21 @@ class Gateway:
     """Builds the parts (threads, repository, data plane), starts the listeners, drains
     and stops. Requests never pass through here: the transports call the data plane."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, *, reuse_port: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        reuse_port: bool = False,
+        grpc_address: str = "",
+    ):
         self.settings = settings
         # One of several worker processes: the HTTP and gRPC ports are shared (SO_REUSEPORT)
         # with the others, which the supervisor reserved (supervisor.py).
         self.reuse_port = reuse_port
+        # The process that owns the models behind front workers (workers_mode front): gRPC on this
+        # address only (a Unix socket), no HTTP (http_port -1).
+        self.grpc_address = grpc_address
         self.metrics = metrics or Metrics()
         srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
         self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
@@ -215,24 +225,26 @@ class Gateway:
             ),
             self._grpc,
         )
-        if self._tls is not None:
-            self.grpc_port = self._grpc.add_secure_port(_join(s.host, s.grpc_port), self._tls.grpc_credentials())
+        address = self.grpc_address or _join(s.host, s.grpc_port)
+        if self._tls is not None and not self.grpc_address:
+            self.grpc_port = self._grpc.add_secure_port(address, self._tls.grpc_credentials())
         else:
-            self.grpc_port = self._grpc.add_insecure_port(_join(s.host, s.grpc_port))
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen for gRPC on {_join(s.host, s.grpc_port)}")
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        if self.grpc_port == 0 and not address.startswith("unix:"):
+            raise OSError(f"cannot listen for gRPC on {address}")
         await self._grpc.start()
         if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
             self._health_grpc, self.health_port = plaintext_health_server(self._health, _join(s.host, s.health_port))
             await self._health_grpc.start()
 
-        self._http = await self._listen_http(
-            HttpApp(self.dataplane, limit, lim.max_gzip_members, refusals_per_s=lim.overload_refusals_per_s),
-            s.host,
-            s.http_port,
-            reuse_port=self.reuse_port,
-        )
-        self.http_port = self._http.port
+        if s.http_port >= 0:
+            self._http = await self._listen_http(
+                HttpApp(self.dataplane, limit, lim.max_gzip_members, refusals_per_s=lim.overload_refusals_per_s),
+                s.host,
+                s.http_port,
+                reuse_port=self.reuse_port,
+            )
+            self.http_port = self._http.port
         admin = AdminApi(self.dataplane)
         if s.admin_http_port >= 0:  # admin API mirror, repository API, health: loopback by default
             admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True, admin=admin)
@@ -275,8 +287,8 @@ class Gateway:
             "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s; admin gRPC on %s, admin HTTP on %s",
             __version__,
             self.settings.repository.model_repository or "remote models",
-            _join(s.host, self.http_port),
-            _join(s.host, self.grpc_port),
+            _join(s.host, self.http_port) if self.http_port is not None else "off",
+            self.grpc_address or _join(s.host, self.grpc_port),
             _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
             _join(s.admin_host, self.admin_port) if self.admin_port is not None else "off",
             _join(s.admin_host, self.admin_http_port) if self.admin_http_port is not None else "off",

@@ -14,11 +14,11 @@ import orjson
 
 from .core.types import printable as escape
 
-_worker: int | None = None  # this process's worker slot, when it is one of several
+_worker: str | None = None  # which worker process this is, when it is one of several
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, worker: int | None = None):
+    def __init__(self, worker: str | None = None):
         super().__init__()
         self.worker = worker
 
@@ -40,8 +40,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    def __init__(self, worker: int | None = None):
-        where = "" if worker is None else f" [worker {worker}]"
+    def __init__(self, worker: str | None = None):
+        where = "" if worker is None else f" [{worker}]"
         super().__init__(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
@@ -54,8 +54,8 @@ class PlainFormatter(logging.Formatter):
         return f"{line} [request_id={escape(str(rid))}]" if rid is not None else line
 
 
-def setup(fmt: str = "plain", level: str = "info", worker: int | None = None) -> None:
-    """Log lines to stderr; a worker process's name it (``worker``: its slot)."""
+def setup(fmt: str = "plain", level: str = "info", worker: str | None = None) -> None:
+    """Log lines to stderr; a worker process's name it (``worker``: "worker 0", "model owner")."""
     global _worker
     _worker = worker
     handler = logging.StreamHandler(sys.stderr)

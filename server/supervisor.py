@@ -25,14 +25,16 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import cores, logs
-from .config import ConfigError, Settings
+from .config import ConfigError, RemoteModel, Settings
 from .control import Channel
 from .core.errors import ErrorCode, GatewayError
 from .monitoring.metrics import Metrics, RuntimeFamily, Snapshot, by_worker, exposition
@@ -59,6 +61,7 @@ class Slot:
     """One worker position: the process in it now, and what its earlier lives left behind."""
 
     index: int
+    label: str = ""  # "0", "1", ... or "owner" (the model-owning process behind front workers)
     proc: asyncio.subprocess.Process | None = None
     channel: Channel | None = None
     member: bool = False  # joined the control plane: repository changes reach it
@@ -101,7 +104,10 @@ class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.n = cores.resolve_workers(settings.server.workers)
-        self.slots = [Slot(i) for i in range(self.n)]
+        self.slots = [Slot(i, str(i)) for i in range(self.n)]
+        # workers_mode front: the workers forward to one process that owns the models and batches.
+        self.owner = Slot(-1, "owner") if settings.server.workers_mode == "front" else None
+        self._private: str = ""  # a 0700 directory holding the owner's Unix socket
         self.metrics = Metrics()  # only its own process collectors: the figures are the workers'
         self.stopping = False
         self._lock = asyncio.Lock()  # one pod-wide change at a time; a joining worker catches up under it
@@ -128,8 +134,6 @@ class Supervisor:
                 "routes and drift monitors are served by a single process for now: "
                 f"use workers 1 with them (workers is {s.server.workers})"
             )
-        if s.server.workers_mode != "replicate":
-            raise ConfigError("workers_mode 'front' is not available yet: use replicate")
         self._loop = asyncio.get_running_loop()
         srv = s.server
         for name, host in (("http_port", srv.host), ("grpc_port", srv.host)):
@@ -158,10 +162,15 @@ class Supervisor:
                 self._health, _join(srv.host, srv.health_port)
             )
             await self._health_grpc.start()
+        if self.owner is not None:
+            self._private = tempfile.mkdtemp(prefix="batchgate-")
+            log.info("supervisor (pid %d): starting the model-owning process", os.getpid())
+            self._launch(self.owner)
+            assert self.owner.first is not None
+            await self.owner.first  # WorkerFailed: the caller stops
         log.info("supervisor (pid %d): starting %d worker processes", os.getpid(), self.n)
         for slot in self.slots:
-            slot.first = self._loop.create_future()
-            self._tasks.append(asyncio.ensure_future(self._keep(slot)))
+            self._launch(slot)
         self._tasks.append(asyncio.ensure_future(self._poll()))
         firsts = [slot.first for slot in self.slots if slot.first is not None]
         done, _ = await asyncio.wait(firsts, return_when=asyncio.FIRST_EXCEPTION)
@@ -174,6 +183,15 @@ class Supervisor:
             _join(srv.host, self.ports["grpc_port"]),
             _join(srv.host, self.metrics_port) if self.metrics_port is not None else "off",
         )
+
+    def _launch(self, slot: Slot) -> None:
+        assert self._loop is not None
+        slot.first = self._loop.create_future()
+        self._tasks.append(asyncio.ensure_future(self._keep(slot)))
+
+    @property
+    def owner_address(self) -> str:
+        return f"unix:{os.path.join(self._private, 'models.sock')}"
 
     def _reserve(self, name: str, host: str, port: int) -> None:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -189,8 +207,17 @@ class Supervisor:
 
     def worker_settings(self, slot: Slot) -> Settings:
         """A worker's settings: the reserved ports; metrics and health are the supervisor's; the
-        admin listeners are worker 0's."""
+        admin listeners are worker 0's. In front mode the workers serve no repository (they follow
+        the owner's models as remote models), and the owner serves gRPC on its Unix socket only,
+        trusting the workers (they checked keys, limits and TLS; its admin changes come from here)."""
         srv, p = self.settings.server, self.ports
+        if slot is self.owner:
+            alone = dataclasses.replace(
+                srv, http_port=-1, admin_port=-1, admin_http_port=-1, metrics_port=-1, health_port=-1, workers="1"
+            )
+            return dataclasses.replace(
+                self.settings, server=alone, auth=type(self.settings.auth)(), tls=type(self.settings.tls)()
+            )
         admin = slot.index == 0
         server = dataclasses.replace(
             srv,
@@ -202,7 +229,12 @@ class Supervisor:
             health_port=-1,
             workers="1",
         )
-        return dataclasses.replace(self.settings, server=server)
+        if self.owner is None:
+            return dataclasses.replace(self.settings, server=server)
+        nothing = dataclasses.replace(
+            self.settings.repository, model_repository="", model_control_mode="none", load_model=()
+        )
+        return dataclasses.replace(self.settings, server=server, repository=nothing, remote_models=())
 
     # ------------------------------------------------------------------ keeping workers running
     async def _keep(self, slot: Slot) -> None:
@@ -214,12 +246,12 @@ class Supervisor:
                 return
             assert slot.first is not None
             if not slot.first.done():
-                slot.first.set_exception(WorkerFailed(f"worker {slot.index} {slot.failure or how}"))
+                slot.first.set_exception(WorkerFailed(f"{_named(slot)} {slot.failure or how}"))
                 return
             if time.monotonic() - began > STEADY_S:
                 delay = BACKOFF_S[0]
             slot.restarts += 1
-            log.error("worker %d %s; starting it again in %.1f s", slot.index, slot.failure or how, delay)
+            log.error("%s %s; starting it again in %.1f s", _named(slot), slot.failure or how, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_S[1])
 
@@ -250,12 +282,24 @@ class Supervisor:
 
     def _handlers(self, slot: Slot) -> dict:
         async def hello(pid: int) -> dict:
-            return {"settings": self.worker_settings(slot), "slot": slot.index, "workers": self.n}
+            owner = slot is self.owner
+            return {
+                "settings": self.worker_settings(slot),
+                "name": _named(slot),
+                "workers": 1 if owner else self.n,
+                "grpc_address": self.owner_address if owner else "",
+            }
 
         async def join() -> None:  # before it listens: catch up, under the lock
             assert slot.channel is not None
             async with self._lock:
-                ops = [*self._models.values(), *self._regions.values()]
+                ops: list[tuple] = []
+                if self.owner is None or slot is self.owner:
+                    ops += self._models.values()
+                if slot is not self.owner:
+                    ops += self._regions.values()
+                    if self.owner is not None:
+                        await slot.channel.call("follow", specs=await self._owner_models(), reload=[])
                 if self._log_changes:
                     ops.append(("log_settings", self._log_changes))
                 await slot.channel.call("replay", ops=ops)
@@ -267,7 +311,7 @@ class Supervisor:
             if slot.first is not None and not slot.first.done():
                 slot.first.set_result(True)
             elif slot.restarts:
-                log.info("worker %d (pid %d) serves again", slot.index, slot.proc.pid if slot.proc else -1)
+                log.info("%s (pid %d) serves again", _named(slot), slot.proc.pid if slot.proc else -1)
 
         async def failed(reason: str) -> None:
             slot.failure = reason
@@ -295,8 +339,28 @@ class Supervisor:
             "log_settings": self.log_settings,
         }
 
-    def _members(self) -> list[Slot]:
-        return [s for s in self.slots if s.member and s.channel is not None]
+    def _members(self, fronts: bool = False) -> list[Slot]:
+        """The processes that hold the models (the owner in front mode), or with ``fronts`` those
+        that serve clients (the workers)."""
+        slots = [self.owner] if self.owner is not None and not fronts else self.slots
+        return [s for s in slots if s.member and s.channel is not None]
+
+    async def _owner_models(self) -> list[RemoteModel]:
+        """The owner's models, as the remote models the front workers serve (its name, raw
+        forwarding over the Unix socket, its own batching)."""
+        assert self.owner is not None and self.owner.channel is not None
+        names = await self.owner.channel.call("models")
+        return [RemoteModel(name=n, upstreams=(self.owner_address,), batching="passthrough", retries=0) for n in names]
+
+    async def _follow(self, reload: list[str]) -> None:
+        """Front mode: every worker serves what the owner serves now."""
+        if self.owner is None:
+            return
+        specs = await self._owner_models()
+        await asyncio.gather(
+            *(s.channel.call("follow", specs=specs, reload=reload) for s in self._members(True) if s.channel),
+            return_exceptions=True,
+        )
 
     # ------------------------------------------------------------------ the control plane
     async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
@@ -323,6 +387,7 @@ class Supervisor:
             if txn.decision.done() and txn.decision.result():
                 self._models.pop(name, None)
                 self._models[name] = ("load", name, config, files)
+                await self._follow([name])
                 return
             slot, error = next(iter(txn.failed.items()))
             others = len(members) - 1
@@ -333,14 +398,22 @@ class Supervisor:
 
     async def unload(self, name: str) -> None:
         async with self._lock:
-            await self._everywhere("unload", name=name)
+            await self._everywhere("unload", self._members(), name=name)
             self._models.pop(name, None)
             self._models[name] = ("unload", name)
+            await self._follow([])
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         async with self._lock:
             done = await self._everywhere(
-                "shm_register", name=name, key=key, offset=offset, byte_size=byte_size, owner=owner, undo=True
+                "shm_register",
+                self._members(True),
+                name=name,
+                key=key,
+                offset=offset,
+                byte_size=byte_size,
+                owner=owner,
+                undo=True,
             )
             if done is not None:  # registered nowhere now; the first error is the answer
                 raise done
@@ -348,7 +421,7 @@ class Supervisor:
 
     async def shm_unregister(self, name: str, owner: str | None) -> None:
         async with self._lock:
-            await self._everywhere("shm_unregister", name=name, owner=owner)
+            await self._everywhere("shm_unregister", self._members(True), name=name, owner=owner)
             for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
                 self._regions.pop(k)
 
@@ -358,12 +431,12 @@ class Supervisor:
         async with self._lock:
             logs.change_log_settings(changes)
             self._log_changes.update(changes)
-            await self._everywhere("log_settings", changes=changes)
+            every = self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
+            await self._everywhere("log_settings", every, changes=changes)
 
-    async def _everywhere(self, op: str, undo: bool = False, **args: Any) -> GatewayError | None:
-        """``op`` on every member worker; the first error raised (with ``undo``: the successful
+    async def _everywhere(self, op: str, members: list[Slot], undo: bool = False, **args: Any) -> GatewayError | None:
+        """``op`` on each of ``members``; the first error raised (with ``undo``: the successful
         registrations unregistered again and the error returned)."""
-        members = self._members()
         if not members:
             raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
         results = await asyncio.gather(
@@ -383,8 +456,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ one metrics view
     async def gather(self) -> Snapshot:
-        """Every worker's figures now, summed, with what exited workers left behind."""
-        live = [s for s in self.slots if s.channel is not None and s.ready]
+        """Every worker's figures now, summed, with what exited workers left behind. In front
+        mode the workers give what clients see (requests, refusals, connections, the hop to the
+        owner) and the owner what the models did (queues, batches, executions, V2 statistics)."""
+        every = self.slots + ([self.owner] if self.owner is not None else [])
+        live = [s for s in every if s.channel is not None and s.ready]
         replies = await asyncio.gather(
             *(s.channel.call("snapshot", timeout=SNAPSHOT_TIMEOUT_S) for s in live if s.channel is not None),
             return_exceptions=True,
@@ -393,22 +469,25 @@ class Supervisor:
             if isinstance(r, dict) and r:
                 s.last, s.process = r["snapshot"], r["process"]
         total = Snapshot()
-        for s in self.slots:
-            total = total.merge(s.gone)
-            if s.last is not None:
-                total = total.merge(s.last)
+        for s in every:
+            mine = s.gone if s.last is None else s.gone.merge(s.last)
+            if self.owner is not None:
+                mine = mine.part(FRONT_FAMILIES, s is not self.owner)
+            total = total.merge(mine)
         return total
 
     async def _scrape(self) -> bytes:
         snap = await self.gather()
         snap.add("batchgate_workers", (), self.n)
-        for s in self.slots:
-            w = (str(s.index),)
+        for s in self.slots + ([self.owner] if self.owner is not None else []):
+            w = (s.label,)
             snap.add("batchgate_worker_up", w, int(s.ready))
             snap.add("batchgate_worker_restarts", w, s.restarts)
             answered = _requests(s.gone) + (_requests(s.last) if s.last is not None else 0)
             snap.add("batchgate_worker_requests", w, answered)
-        runtime = {str(s.index): s.process for s in self.slots if s.process}
+        runtime = {s.label: s.process for s in self.slots if s.process}
+        if self.owner is not None and self.owner.process:
+            runtime["owner"] = self.owner.process
         runtime["supervisor"] = self.metrics.runtime_samples()
         return exposition(snap, by_worker(runtime), self.settings.server.triton_metrics)
 
@@ -443,6 +522,7 @@ class Supervisor:
         wait for the slowest; True if every one exited cleanly."""
         self.stopping = True
         procs = [s.proc for s in self.slots if s.proc is not None]
+        owner = self.owner.proc if self.owner is not None else None
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -458,6 +538,14 @@ class Supervisor:
                     p.kill()
                 code = await p.wait()
             clean = clean and code == 0
+        if owner is not None:  # the workers drained into it; now it drains too
+            with contextlib.suppress(ProcessLookupError):
+                owner.send_signal(signal.SIGTERM)
+            try:
+                clean = await asyncio.wait_for(owner.wait(), grace) == 0 and clean
+            except TimeoutError:
+                owner.kill()
+                clean = False
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -468,8 +556,36 @@ class Supervisor:
             await self._health_grpc.stop(1.0)
         for sock in self._reserved.values():
             sock.close()
+        if self._private:
+            shutil.rmtree(self._private, ignore_errors=True)
         log.info("supervisor: stopped")
         return clean
+
+
+# Front mode: the families the front workers give (what clients see); the owner gives the rest.
+FRONT_FAMILIES = frozenset(
+    {
+        "batchgate_requests",
+        "batchgate_request_duration_seconds",
+        "batchgate_refusals",
+        "batchgate_request_errors",
+        "batchgate_http_connections_refused",
+        "batchgate_remote_requests",
+        "batchgate_upstream_requests",
+        "batchgate_upstream_errors",
+        "batchgate_upstream_request_duration_seconds",
+        "batchgate_upstream_ejections",
+        "batchgate_upstream_outstanding",
+        "batchgate_upstream_healthy",
+        "batchgate_shm_regions",
+        "batchgate_shm_bytes",
+        "batchgate_shm_requests",
+    }
+)
+
+
+def _named(slot: Slot) -> str:
+    return "model owner" if slot.label == "owner" else f"worker {slot.label}"
 
 
 def _requests(snap: Snapshot) -> float:

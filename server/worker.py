@@ -43,6 +43,8 @@ class WorkerLink:
             "shm_register": self._shm_register,
             "shm_unregister": self._shm_unregister,
             "log_settings": self._log_settings,
+            "models": self._models,
+            "follow": self._follow,
         }
 
     # the supervisor's calls ---------------------------------------------------------
@@ -94,6 +96,14 @@ class WorkerLink:
     async def _log_settings(self, changes: dict[str, Any]) -> None:
         logs.change_log_settings(changes)
 
+    async def _models(self) -> list[str]:
+        """The models this process serves (the model-owning process behind front workers)."""
+        return sorted({r["name"] for r in self.gateway.repository.index(ready_only=True)})
+
+    async def _follow(self, specs: list, reload: list[str]) -> None:
+        """A front worker: serve exactly these remote models (those of the model-owning process)."""
+        await self.gateway.repository.follow(specs, reload)
+
     # the Coordinator: this worker's data plane asks the supervisor -----------------
     def _sup(self) -> Channel:
         if self.channel is None or self.channel.closed.is_set():
@@ -125,8 +135,8 @@ async def run(fd: int) -> int:
     link.channel = channel
     reading = asyncio.ensure_future(channel.serve())
     hello = await channel.call("hello", pid=os.getpid())
-    settings, slot = hello["settings"], hello["slot"]
-    logs.setup(settings.server.log_format, settings.server.log_level, worker=slot)
+    settings = hello["settings"]
+    logs.setup(settings.server.log_format, settings.server.log_level, worker=hello["name"])
     cores.set_workers(hello["workers"])
 
     from .app import Gateway  # (after GRPC_EXPERIMENTS is set: grpc is imported here)
@@ -136,7 +146,7 @@ async def run(fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gateway = Gateway(settings, reuse_port=True)
+        gateway = Gateway(settings, reuse_port=True, grpc_address=hello.get("grpc_address", ""))
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")
         return 2
@@ -153,11 +163,11 @@ async def run(fd: int) -> int:
         await gateway.stop(0.1)
         return 1
     await channel.call("ready", http_port=gateway.http_port, grpc_port=gateway.grpc_port)
-    log.info("worker %d (pid %d) ready", slot, os.getpid())
+    log.info("%s (pid %d) ready", hello["name"], os.getpid())
     gone = asyncio.ensure_future(channel.closed.wait())
     await asyncio.wait([asyncio.ensure_future(stop.wait()), gone], return_when=asyncio.FIRST_COMPLETED)
     if gone.done() and not stop.is_set():
-        log.warning("worker %d: the supervisor is gone; draining", slot)
+        log.warning("%s: the supervisor is gone; draining", hello["name"])
     clean = await gateway.stop()
     channel.close()
     reading.cancel()

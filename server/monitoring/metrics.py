@@ -87,6 +87,14 @@ class Snapshot:
                 mine_f[reason] = mine_f.get(reason, 0) + n
         return out
 
+    def part(self, families: frozenset[str], inside: bool) -> Snapshot:
+        """The families in ``families`` (``inside``), or the others with the statistics."""
+        return Snapshot(
+            {f: dict(v) for f, v in self.values.items() if (f in families) == inside},
+            {} if inside else dict(self.stats),
+            {} if inside else {k: dict(v) for k, v in self.failures.items()},
+        )
+
     def without_gauges(self) -> Snapshot:
         """What a process that has gone keeps contributing: its counters and histograms (so
         totals never go backwards), not its gauges (its queue is gone with it)."""

@@ -304,6 +304,23 @@ class ModelRepository:
         self.entry(name)
         await asyncio.shield(self._unload(name))
 
+    async def follow(self, specs: Iterable[RemoteModel], reload: Iterable[str] = ()) -> None:
+        """Serve exactly the remote models ``specs`` (a front worker following the process that
+        owns the models): new ones and those named in ``reload`` are loaded (read again from the
+        upstream), the others unloaded and forgotten. One that cannot load is logged and left
+        unavailable; its retries go on as at start."""
+        want = {s.name: s for s in specs}
+        again = set(reload)
+        for name in [n for n in self.remote if n not in want]:
+            self.remote.pop(name)
+            await self._unload(name, forget=True)
+        for name, spec in want.items():
+            if name in self.remote and name not in again and self.remote[name] == spec:
+                continue
+            self.remote[name] = spec
+            self._wanted.add(name)
+            await self._load_remote(spec)
+
     def _later(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = asyncio.ensure_future(coro)
         self._background.add(t)

@@ -348,3 +348,72 @@ def test_shared_memory_and_log_settings_reach_every_worker(clf_repo):
     finally:
         p.kill()
         shm.destroy_shared_memory_region(handle)
+
+
+def test_front_mode_workers_forward_to_one_process_that_owns_and_batches_the_models(clf_repo):
+    _save(classifier_model(seed=2), clf_repo, "late")
+    p = Proc(
+        serve_args(
+            clf_repo,
+            "--workers",
+            "2",
+            "--workers-mode",
+            "front",
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "clf",
+            "--allow-open-admin",
+            "true",
+        )
+    )
+    try:
+        p.wait_ready()
+        out = p.output()
+        assert "[model owner]: model 'clf' ready" in out and "[worker 1]: model 'clf' ready" in out
+        n = 16
+        for _ in range(n):
+            _grpc_infer(p.grpc)
+            _http_infer(p.http)
+        text = _metrics(p)
+        per_worker = [_value(text, f'batchgate_worker_requests_total{{worker="{w}"}}') for w in "01"]
+        assert all(v > 0 for v in per_worker) and sum(per_worker) == 2 * n, per_worker
+        # What clients saw comes from the workers, what the model did from the owner: each once.
+        assert _value(text, 'batchgate_requests_total{model="clf",protocol="http",status="OK",version="1"}') == n
+        assert _value(text, 'batchgate_requests_total{model="clf",protocol="grpc",status="OK",version="1"}') == n
+        assert _value(text, 'batchgate_inference_count_total{model="clf",version="1"}') == 2 * n
+        assert _value(text, 'batchgate_model_ready{model="clf",version="1"}') == 1
+        assert _value(text, 'batchgate_worker_up{worker="owner"}') == 1
+        stats = httpclient.InferenceServerClient(p.http).get_inference_statistics("clf")["model_stats"][0]
+        assert int(stats["inference_stats"]["success"]["count"]) == 2 * n
+
+        # An explicit load goes to the owner, then every worker serves the new model.
+        httpclient.InferenceServerClient(p.http).load_model("late")
+        for _ in range(8):
+            _grpc_infer(p.grpc, "late")
+            c = httpclient.InferenceServerClient(p.http)
+            assert c.is_model_ready("late")
+            c.close()
+        grpcclient.InferenceServerClient(p.grpc).unload_model("late")
+        for _ in range(8):
+            c = httpclient.InferenceServerClient(p.http)
+            assert not c.is_model_ready("late")
+            c.close()
+
+        # The owner killed: started again with what was loaded; the workers find it again.
+        owner = int(re.search(r"model owner \(pid (\d+)\) ready", p.output()).group(1))
+        os.kill(owner, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while p.output().count("model owner (pid") < 2:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        while True:
+            try:
+                _grpc_infer(p.grpc)
+                break
+            except InferenceServerException:
+                assert time.monotonic() < end, p.output()
+                time.sleep(0.2)
+        assert 'batchgate_worker_restarts_total{worker="owner"} 1.0' in _metrics(p)
+    finally:
+        p.kill()
