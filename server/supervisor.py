@@ -50,6 +50,11 @@ BACKOFF_S = (0.5, 30.0)  # the first restart's delay, doubled per quick death up
 STEADY_S = 60.0  # a worker up this long has its backoff reset
 POLL_S = 2.0  # how often the workers' figures are read (what a killed worker leaves behind is this old at most)
 SNAPSHOT_TIMEOUT_S = 5.0
+# Front mode: each worker batches what it receives before the hop to the owner (one call carries
+# many requests, so the owner's per-call cost is shared), waiting at most this long for more; the
+# owner batches again across the workers. Calls in flight from one worker to the owner, at most:
+FRONT_QUEUE_DELAY_US = 500
+FRONT_INFLIGHT = 4
 
 
 class WorkerFailed(Exception):
@@ -350,7 +355,17 @@ class Supervisor:
         forwarding over the Unix socket, its own batching)."""
         assert self.owner is not None and self.owner.channel is not None
         names = await self.owner.channel.call("models")
-        return [RemoteModel(name=n, upstreams=(self.owner_address,), batching="passthrough", retries=0) for n in names]
+        return [
+            RemoteModel(
+                name=n,
+                upstreams=(self.owner_address,),
+                batching="gateway",
+                max_queue_delay_us=FRONT_QUEUE_DELAY_US,
+                max_inflight=FRONT_INFLIGHT,
+                retries=0,
+            )
+            for n in names
+        ]
 
     async def _follow(self, reload: list[str]) -> None:
         """Front mode: every worker serves what the owner serves now."""
