@@ -201,13 +201,20 @@ def http_call(port: int, method: str, path: str, body: bytes | None = None) -> t
 
 
 def h2load(
-    pin: Pinning, port: int, frame_file: Path, clients: int, streams: int, seconds: float, log_file: Path | None
+    pin: Pinning,
+    port: int,
+    frame_file: Path,
+    clients: int,
+    streams: int,
+    seconds: float,
+    log_file: Path | None,
+    threads: int = 1,
 ) -> dict:
     cmd = [
         *pin.load,
         "h2load",
         "-t",
-        "1",
+        str(threads),
         "-c",
         str(clients),
         "-m",
@@ -261,14 +268,16 @@ def h2load(
     return res
 
 
-def wrk(pin: Pinning, port: int, path: str, body_file: Path, connections: int, seconds: float) -> dict:
+def wrk(
+    pin: Pinning, port: int, path: str, body_file: Path, connections: int, seconds: float, threads: int = 1
+) -> dict:
     """POST the body in ``body_file`` to ``path`` with wrk (bench/wrk_post.lua)."""
     # wrk takes whole seconds
     cmd = [
         *pin.load,
         "wrk",
         "-t",
-        "1",
+        str(threads),
         "-c",
         str(connections),
         "-d",

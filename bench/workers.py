@@ -170,9 +170,12 @@ def measure(name: str, extra: list[str], repo: str, args, frame: Path, body: Pat
             before = (ok_count(before_text), successes(before_text), *batch_rows(before_text))
             cpu0, foreign0 = cpu_of(tree_pids(server.proc.pid)), foreign_cpu_seconds()
             if proto == "grpc":
-                r = h2load(NO_PIN, grpc_port, frame, args.connections, 1, args.duration, tmp / "h2load.log")
+                r = h2load(
+                    NO_PIN, grpc_port, frame, args.connections, 1, args.duration, tmp / "h2load.log", args.tool_threads
+                )
             else:
-                r = wrk(NO_PIN, http_port, f"/v2/models/{MODEL}/infer", body, args.connections, args.duration)
+                path = f"/v2/models/{MODEL}/infer"
+                r = wrk(NO_PIN, http_port, path, body, args.connections, args.duration, args.tool_threads)
             cpu1, foreign1 = cpu_of(tree_pids(server.proc.pid)), foreign_cpu_seconds()
             after_text = scrape(metrics_port)
             ok = ok_count(after_text) - before[0]
@@ -251,7 +254,11 @@ def markdown(summary: dict, names: list[str], args) -> str:
 
 
 def plot(summary: dict, names: list[str], path: Path, subtitle: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        say("no matplotlib: no plot")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -287,11 +294,18 @@ def parse_args(argv=None):
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s runs")
+    ap.add_argument(
+        "--tool-threads", type=int, default=0, help="h2load / wrk threads; 0 = 1, or cores/4 on 8 cores or more"
+    )
     ap.add_argument("--out", default=str(RESULTS), help="where workers.json and workers.md go")
     ap.add_argument("--plot", default=str(HERE.parent / "docs" / "bench-workers.png"))
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration = 1, 3.0
+    if not args.tool_threads:
+        cores = os.cpu_count() or 1
+        args.tool_threads = 1 if cores < 8 else cores // 4
+    args.connections = max(args.connections, args.tool_threads)  # each tool thread needs a connection
     return args
 
 
