@@ -268,6 +268,9 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "batchgate.worker", str(theirs.fileno()), pass_fds=(theirs.fileno(),)
             )
+        except OSError as e:  # no process to wait for: said like an exit, and tried again
+            mine.close()
+            return f"could not be started: {e.strerror or e}"
         finally:
             theirs.close()
         slot.proc = proc
