@@ -55,7 +55,8 @@ from .transport.http_limits import guarded_protocol
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from .monitoring.drift import DriftService
+    from .core.signature import ModelSignature
+    from .monitoring.drift import DriftLink, DriftService
 
 log = logging.getLogger("batchgate")
 
@@ -83,6 +84,7 @@ class Gateway:
         *,
         reuse_port: bool = False,
         grpc_address: str = "",
+        drift_link: DriftLink | None = None,
     ):
         self.settings = settings
         # One of several worker processes: the HTTP and gRPC ports are shared (SO_REUSEPORT)
@@ -91,6 +93,8 @@ class Gateway:
         # The process that owns the models behind front workers (workers_mode front): gRPC on this
         # address only (a Unix socket), no HTTP (http_port -1).
         self.grpc_address = grpc_address
+        # A worker process's drift monitors sample here and feed the supervisor's detector.
+        self.drift_link = drift_link
         self.metrics = metrics or Metrics()
         srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
         self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
@@ -341,6 +345,20 @@ class Gateway:
             return
         from .monitoring.drift import DriftService  # (servers without drift monitors never load it)
 
+        access = self.dataplane.access
+        service = DriftService(
+            self.settings.drift,
+            self.settings.drift_detector,
+            self.metrics,
+            lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
+            link=self.drift_link,
+        )
+        service.prepare(self.drift_signatures())
+        service.start(asyncio.get_running_loop())
+        self.dataplane.drift = self.drift = service
+
+    def drift_signatures(self) -> dict[str, ModelSignature]:
+        """The signature of each drift monitor's model or route (a route's: its primary's)."""
         signatures = {}
         for spec in self.settings.drift:
             route = self.routes.routes.get(spec.model) if self.routes is not None else None
@@ -350,16 +368,7 @@ class Gateway:
                 served = None
             if served is not None:
                 signatures[spec.model] = served.signature
-        access = self.dataplane.access
-        service = DriftService(
-            self.settings.drift,
-            self.settings.drift_detector,
-            self.metrics,
-            lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
-        )
-        service.prepare(signatures)
-        service.start(asyncio.get_running_loop())
-        self.dataplane.drift = self.drift = service
+        return signatures
 
     async def _listen_http(self, app: HttpApp, host: str, port: int, reuse_port: bool = False) -> _HttpListener:
         s, lim = self.settings.server, self.settings.limits

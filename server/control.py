@@ -120,6 +120,10 @@ class Channel:
                 self._send(out)
                 await self.writer.drain()
 
+    def backlog(self) -> int:
+        """Bytes written but not yet sent to the other end."""
+        return self.writer.transport.get_write_buffer_size()
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()

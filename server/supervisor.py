@@ -38,11 +38,14 @@ from .config import ConfigError, RemoteModel, Settings
 from .control import Channel
 from .core.errors import ErrorCode, GatewayError
 from .monitoring.metrics import Metrics, RuntimeFamily, Snapshot, by_worker, exposition
+from .route_table import SYSTEM
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     import grpc
+
+    from .monitoring.drift import DriftService
 
 log = logging.getLogger("batchgate")
 
@@ -130,13 +133,14 @@ class Supervisor:
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.drift: DriftService | None = None  # the pod's one drift detector, fed by every worker
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
         s = self.settings
-        if s.routes or s.routing.routes_file or s.drift:
+        if s.routes or s.routing.routes_file:
             raise ConfigError(
-                "routes and drift monitors are served by a single process for now: "
+                "routes are served by a single process for now: "
                 f"use workers 1 with them (workers is {s.server.workers})"
             )
         self._loop = asyncio.get_running_loop()
@@ -221,7 +225,7 @@ class Supervisor:
                 srv, http_port=-1, admin_port=-1, admin_http_port=-1, metrics_port=-1, health_port=-1, workers="1"
             )
             return dataclasses.replace(
-                self.settings, server=alone, auth=type(self.settings.auth)(), tls=type(self.settings.tls)()
+                self.settings, server=alone, auth=type(self.settings.auth)(), tls=type(self.settings.tls)(), drift=()
             )
         admin = slot.index == 0
         server = dataclasses.replace(
@@ -314,6 +318,8 @@ class Supervisor:
                 slot.member = True
 
         async def ready(http_port: int, grpc_port: int) -> None:
+            if self.settings.drift and self.drift is None and slot is not self.owner:
+                await self._start_drift(slot)
             slot.ready = True
             await self._publish()
             if slot.first is not None and not slot.first.done():
@@ -345,6 +351,9 @@ class Supervisor:
             "shm_unregister": self.shm_unregister,
             "statistics": statistics,
             "log_settings": self.log_settings,
+            "drift_samples": self._drift_samples,
+            "drift_status": self._drift_status,
+            "drift_command": self._drift_command,
         }
 
     def _members(self, fronts: bool = False) -> list[Slot]:
@@ -472,6 +481,43 @@ class Supervisor:
                     await s.channel.call("shm_unregister", name=args["name"], owner=args["owner"])
         return first
 
+    # ------------------------------------------------------------------ drift: one detector
+    async def _start_drift(self, slot: Slot) -> None:
+        """The drift monitors' detector, here: checked against the signatures the first ready
+        worker serves (each worker checked its monitors already, so this does not fail)."""
+        from .monitoring.drift import DriftService
+        from .security.access import Access
+        from .security.audit import AuditLog
+
+        assert slot.channel is not None
+        path = self.settings.auth.audit_log_file
+        access = Access(None, audit=AuditLog(path) if path else None)
+        service = DriftService(
+            self.settings.drift,
+            self.settings.drift_detector,
+            self.metrics,
+            lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
+        )
+        service.prepare(await slot.channel.call("drift_signatures"))
+        assert self._loop is not None
+        service.start(self._loop)
+        self.drift = service
+
+    async def _drift_samples(self, message: tuple) -> None:
+        if self.drift is not None:
+            self.drift.take(message[1])
+
+    def _monitor(self) -> DriftService:
+        if self.drift is None:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "the drift detector is starting")
+        return self.drift
+
+    async def _drift_status(self, model: str) -> dict:
+        return self._monitor().status(model)
+
+    async def _drift_command(self, name: str, args: dict) -> dict:
+        return await self._monitor().command(name, args)
+
     # ------------------------------------------------------------------ one metrics view
     async def gather(self) -> Snapshot:
         """Every worker's figures now, summed, with what exited workers left behind. In front
@@ -492,6 +538,8 @@ class Supervisor:
             if self.owner is not None:
                 mine = mine.part(FRONT_FAMILIES, s is not self.owner)
             total = total.merge(mine)
+        if self.drift is not None:  # the detector's figures, here
+            total = total.merge(self.metrics.snapshot())
         return total
 
     async def _scrape(self) -> bytes:
@@ -567,6 +615,8 @@ class Supervisor:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.drift is not None:
+            await asyncio.to_thread(self.drift.stop)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -25,6 +25,8 @@ from .core.errors import ConfigError, ErrorCode, GatewayError
 
 log = logging.getLogger("batchgate")
 
+DRIFT_BACKLOG_BYTES = 64 * 2**20  # drift samples waiting to be written to the supervisor, at most
+
 
 class WorkerLink:
     """The worker's side of the control channel: the supervisor's calls it answers, and the
@@ -45,6 +47,7 @@ class WorkerLink:
             "log_settings": self._log_settings,
             "models": self._models,
             "follow": self._follow,
+            "drift_signatures": self._drift_signatures,
         }
 
     # the supervisor's calls ---------------------------------------------------------
@@ -100,9 +103,24 @@ class WorkerLink:
         """The models this process serves (the model-owning process behind front workers)."""
         return sorted({r["name"] for r in self.gateway.repository.index(ready_only=True)})
 
+    async def _drift_signatures(self) -> dict:
+        return self.gateway.drift_signatures()
+
     async def _follow(self, specs: list, reload: list[str]) -> None:
         """A front worker: serve exactly these remote models (those of the model-owning process)."""
         await self.gateway.repository.follow(specs, reload)
+
+    # the DriftLink: samples to the supervisor's detector, its status and commands --
+    def forward(self, message: tuple) -> None:
+        ch = self.channel
+        if ch is None or ch.closed.is_set() or ch.backlog() > DRIFT_BACKLOG_BYTES:
+            for model, _, _, _, count in message[1]:  # the supervisor is behind (or gone): dropped, counted
+                self.gateway.drift._dropped(model, count)
+            return
+        ch.tell("drift_samples", message=message)
+
+    async def call(self, op: str, **args: Any) -> Any:
+        return await self._sup().call(op, **args)
 
     # the Coordinator: this worker's data plane asks the supervisor -----------------
     def _sup(self) -> Channel:
@@ -146,7 +164,7 @@ async def run(fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gateway = Gateway(settings, reuse_port=True, grpc_address=hello.get("grpc_address", ""))
+        gateway = Gateway(settings, reuse_port=True, grpc_address=hello.get("grpc_address", ""), drift_link=link)
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")
         return 2

@@ -116,29 +116,27 @@ class AdminApi:
         return drift
 
     async def list_drift(self, caller: Caller) -> apb.ListDriftResponse:
-        def op(key) -> apb.ListDriftResponse:
+        async def op(key) -> apb.ListDriftResponse:
             drift = self.dp.drift
             if drift is None:
                 return apb.ListDriftResponse()
-            return apb.ListDriftResponse(
-                monitors=[
-                    drift_message(drift.status(m)) for m in sorted(drift.specs) if key is None or key.allows_model(m)
-                ]
-            )
+            models = [m for m in sorted(drift.specs) if key is None or key.allows_model(m)]
+            return apb.ListDriftResponse(monitors=[drift_message(await drift.status_now(m)) for m in models])
 
         return await self._call(caller, READ, "drift.list", "", op)
 
     async def get_drift(self, caller: Caller, model: str) -> apb.DriftStatus:
-        return await self._call(
-            caller, READ, "drift.get", model, lambda key: drift_message(self._drift().status(model))
-        )
+        async def op(key) -> apb.DriftStatus:
+            return drift_message(await self._drift().status_now(model))
+
+        return await self._call(caller, READ, "drift.get", model, op)
 
     async def reset_drift(self, caller: Caller, model: str, reference: bool) -> apb.DriftStatus:
         async def op(key) -> apb.DriftStatus:
             drift = self._drift()
             drift.monitor(model)
             await drift.command("reset", {"model": model, "reference": reference})
-            return drift_message(drift.status(model))
+            return drift_message(await drift.status_now(model))
 
         return await self._call(
             caller, ADMIN, "drift.reset", model, op, "to the configured reference" if reference else ""
@@ -151,6 +149,6 @@ class AdminApi:
             if rows < 0:
                 raise invalid("rows must be 0 (as many as are kept) or more")
             await drift.command("rebaseline", {"model": model, "rows": rows})
-            return drift_message(drift.status(model))
+            return drift_message(await drift.status_now(model))
 
         return await self._call(caller, ADMIN, "drift.rebaseline", model, op, f"rows={rows or 'all kept'}")

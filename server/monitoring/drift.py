@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from random import random
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -123,8 +123,29 @@ def _check_width(where: str, side: str, tensor, width: int, max_batch: int) -> N
         raise ConfigError(f"{where}: {side} '{tensor.name}' has {have} columns but the profile describes {width}")
 
 
+class DriftLink(Protocol):
+    """How a worker process's drift service reaches the one detector, the supervisor's."""
+
+    def forward(self, message: tuple) -> None:
+        """Samples for the detector (called on the event loop; never waits)."""
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """``drift_status`` / ``drift_command`` of the supervisor's service."""
+
+
 class DriftService:
-    def __init__(self, specs: tuple[MonitorSpec, ...], settings: DriftSettings, metrics: Metrics, audit: Audit):
+    def __init__(
+        self,
+        specs: tuple[MonitorSpec, ...],
+        settings: DriftSettings,
+        metrics: Metrics,
+        audit: Audit,
+        link: DriftLink | None = None,
+    ):
+        # With ``link`` (one of several worker processes): sampling here, the detector, its
+        # figures, status and commands in the supervisor (supervisor.py), fed by every worker.
+        self.link = link
+        self.incoming: deque = deque()  # sample groups from worker processes (the supervisor's service)
         self.specs = {s.model: s for s in specs}
         self.settings = settings
         self.metrics = metrics
@@ -188,8 +209,10 @@ class DriftService:
             s.drift_rebaseline_max_rows,
         )
         assert self.metrics.detector is not None or not monitors
-        if self.metrics.detector is not None:
-            self.metrics.detector.queue_depth = lambda: len(self.queue)
+        if self.link is not None:  # the detector's figures are the supervisor's
+            self.metrics.detector = None
+        elif self.metrics.detector is not None:
+            self.metrics.detector.queue_depth = lambda: len(self.queue) + sum(g[4] for g in list(self.incoming))
 
     def _saved(self, model: str, configured: Profile) -> Profile | None:
         """A rebaselined profile kept in drift_profiles_dir, if it was taken from this reference."""
@@ -211,7 +234,8 @@ class DriftService:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._spawn()
+        if self.link is None:
+            self._spawn()
         sender = threading.Thread(target=self._send_samples, name="batchgate-drift-send", daemon=True)
         sender.start()
         self._threads.append(sender)
@@ -238,6 +262,8 @@ class DriftService:
         self._wake.set()
         proc = self._process
         if proc is None:
+            for t in self._threads:
+                t.join(1.0)
             return
         if self._send_lock.acquire(timeout=1.0):  # a send stuck on a full pipe: terminate below
             try:
@@ -293,17 +319,31 @@ class DriftService:
         if empty:
             self._wake.set()
 
+    def take(self, groups: list[tuple]) -> None:
+        """Sample groups a worker process gathered (the supervisor's service): queued for the
+        detector like samples of its own; dropped and counted when the queue is full."""
+        waiting = len(self.queue) + sum(g[4] for g in list(self.incoming))
+        for g in groups:
+            if waiting + g[4] > self.settings.drift_queue_samples:
+                self._dropped(g[0], g[4])
+                continue
+            waiting += g[4]
+            self.incoming.append(g)
+        self._wake.set()
+
     def _send_samples(self) -> None:
         while not self._stopping:
             self._wake.wait(1.0)
             self._wake.clear()
-            if not self.queue:
+            if not self.queue and not self.incoming:
                 continue
             time.sleep(SEND_GATHER_S)
             batch = []
             while self.queue:
                 batch.append(self.queue.popleft())
             groups = stacked(batch)
+            while self.incoming:
+                groups.append(self.incoming.popleft())
             try:
                 self._send(("samples", groups))
             except (OSError, ValueError, AttributeError):
@@ -312,9 +352,14 @@ class DriftService:
                         self._loop.call_soon_threadsafe(self._dropped, model, count)
 
     def _dropped(self, model: str, count: int) -> None:
-        self.taps[model].metrics.samples["dropped"] += count
+        self.metrics.drift(model).samples["dropped"] += count
 
     def _send(self, message: tuple) -> None:
+        link = self.link
+        if link is not None:  # to the supervisor, from the loop (the channel is the loop's)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(link.forward, message)
+            return
         with self._send_lock:
             self._inbox.send(message)
 
@@ -480,7 +525,16 @@ class DriftService:
         )
         return out
 
+    async def status_now(self, model: str) -> dict[str, Any]:
+        """:meth:`status`, from the supervisor's detector when this is a worker process."""
+        if self.link is not None:
+            self.monitor(model)
+            return await self.link.call("drift_status", model=model)
+        return self.status(model)
+
     async def command(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        if self.link is not None:
+            return await self.link.call("drift_command", name=name, args=args)
         if self._loop is None or self._inbox is None:
             raise GatewayError(ErrorCode.UNAVAILABLE, "the drift detector is not running")
         ident = next(self._ids)
