@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
     from .core.signature import ModelSignature
     from .monitoring.drift import DriftLink, DriftService
+    from .route_table import RoutePeer
 
 log = logging.getLogger("batchgate")
 
@@ -85,6 +86,8 @@ class Gateway:
         reuse_port: bool = False,
         grpc_address: str = "",
         drift_link: DriftLink | None = None,
+        route_peer: RoutePeer | None = None,
+        leader: bool = True,
     ):
         self.settings = settings
         # One of several worker processes: the HTTP and gRPC ports are shared (SO_REUSEPORT)
@@ -95,6 +98,9 @@ class Gateway:
         self.grpc_address = grpc_address
         # A worker process's drift monitors sample here and feed the supervisor's detector.
         self.drift_link = drift_link
+        # Routes among worker processes: the leader (worker 0) runs the rollout controller and
+        # shares its changes through route_peer; the others follow (route_table.py).
+        self.route_peer, self.leader = route_peer, leader
         self.metrics = metrics or Metrics()
         srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
         self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
@@ -182,9 +188,14 @@ class Gateway:
         return self.dataplane.ready()
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self, before_listening: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Load the models, then listen. ``before_listening`` runs in between (a worker process
-        catches up there with what was loaded and registered before it started)."""
+    async def start(
+        self,
+        before_listening: Callable[[], Awaitable[None]] | None = None,
+        routes_ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Load the models, then listen. ``before_listening`` runs in between, before the routes
+        and drift monitors are built, and ``routes_ready`` after (a worker process catches up
+        there with what was loaded, registered and changed before it started)."""
         s = self.settings.server
         self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
         await self.repository.start()
@@ -192,6 +203,8 @@ class Gateway:
             await before_listening()
         await self._start_routes()
         self._start_drift()
+        if routes_ready is not None:
+            await routes_ready()
         lim = self.settings.limits
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
@@ -331,8 +344,9 @@ class Gateway:
             away=lambda: threads.away,
         )
         await table.install(specs, "the configuration")
+        table.peer, table.leader = self.route_peer, self.leader
         self.dataplane.routes = self.routes = table
-        self._route_tasks = [asyncio.ensure_future(table.control())]
+        self._route_tasks = [asyncio.ensure_future(table.control())] if self.leader else []
         if rs.routes_file:
             self._route_tasks.append(
                 asyncio.ensure_future(table.watch(self.settings.routes, rs.routes_file, rs.routes_poll_s))

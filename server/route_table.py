@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -70,6 +70,11 @@ class RouteTable:
         self._twins: dict[int, Any] = {}  # id(version) -> (version, its shadow session)
         self._tasks: set[asyncio.Future] = set()
         repository.listeners.append(self._model_changed)
+        # Several worker processes: one (worker 0, the leader) runs the rollout controller on the
+        # pod's figures, takes the admin API's changes, keeps state_dir and shares every change
+        # with the others through ``peer``; the others follow (apply_state).
+        self.peer: RoutePeer | None = None
+        self.leader = True
         # Shadow copies start only while no primary request is in flight.
         self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > away())
         admission.on_idle = self.shadow_scheduler.wake
@@ -251,18 +256,53 @@ class RouteTable:
             log.warning("route '%s': cannot read its kept state: %s", name, e)
             return None
 
-    def _save(self, route: ServedRoute) -> None:
-        """Keep the route's runtime state: written (and fsynced) on a thread of its own, in the
-        order the changes happened, never on the event loop."""
-        if self.state is None:
-            return
+    @staticmethod
+    def _doc(route: ServedRoute) -> dict[str, Any]:
+        """The route's runtime state as kept in state_dir and shared between worker processes."""
         doc: dict[str, Any] = {"fingerprint": route.spec.fingerprint(), "table": route.table.to_state()}
         if route.rollout is not None:
             doc["rollout"] = route.rollout.to_state()
-        self._write(route.name, self.state.save, "route", route.name, doc)
+        return doc
+
+    def _save(self, route: ServedRoute) -> None:
+        """Keep the route's runtime state: written (and fsynced) on a thread of its own, in the
+        order the changes happened, never on the event loop. Only the leader writes."""
+        if self.state is None or not self.leader:
+            return
+        self._write(route.name, self.state.save, "route", route.name, self._doc(route))
+
+    def _share(self, route: ServedRoute, new_windows: bool) -> None:
+        """The leader's change, to the other worker processes."""
+        if self.peer is not None and self.leader:
+            self.peer.share(route.name, self._doc(route), new_windows)
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        return {name: self._doc(route) for name, route in self.routes.items()}
+
+    def apply_state(self, name: str, doc: dict[str, Any], new_windows: bool) -> bool:
+        """Follow the leader: its weights and rollout state for route ``name`` (ignored when the
+        route's definition differs here, e.g. a routes file this process has not re-read yet)."""
+        route = self.routes.get(name)
+        if route is None or doc.get("fingerprint") != route.spec.fingerprint():
+            return False
+        try:
+            table = BucketTable.from_state(doc["table"])
+            state = (
+                ro.RolloutState.from_state(doc["rollout"], route.spec.rollout)
+                if route.spec.rollout is not None and doc.get("rollout") is not None
+                else route.rollout
+            )
+        except (KeyError, ValueError) as e:
+            log.warning("route '%s': the state shared by the leader is unusable: %s", name, e)
+            return False
+        route.table, route.rollout = table, state
+        if new_windows:
+            route.new_windows()
+        route.publish()
+        return True
 
     def _forget(self, name: str) -> None:
-        if self.state is not None:
+        if self.state is not None and self.leader:
             self._write(name, self.state.remove, "route", name)
 
     def _write(self, name: str, fn, *args) -> None:
@@ -326,7 +366,10 @@ class RouteTable:
             if r is None or state is None or state.state != ro.RUNNING or now < state.next_at:
                 continue
             try:
-                canary, baseline = route.window_figures()
+                if self.peer is None:
+                    canary, baseline = route.window_figures()
+                else:  # the pod's figures: every worker's window of this interval
+                    canary, baseline = route.pod_figures(await self.peer.windows(route.name))
                 verdict = ro.tick(r, state, now, canary, baseline)
             except Exception:  # one route's figures must not stop the others' rollouts
                 log.exception("route '%s' rollout: the interval could not be judged; starting a new one", route.name)
@@ -336,6 +379,7 @@ class RouteTable:
                 continue
             route.new_windows()
             self._apply(route)
+            self._share(route, True)
             figures = ", ".join(f"{k}={v:.4g}" for k, v in verdict.figures.items())
             log.info("route '%s' rollout: %s%s", route.name, state.last, f" ({figures})" if figures else "")
             await self._audited("rollout.step", route.name, state.state, f"{state.last}; {figures}")
@@ -374,6 +418,7 @@ class RouteTable:
         route.table.reweigh(new)
         route.publish()
         self._save(route)
+        self._share(route, False)
         return route
 
     def transition(self, name: str, action: str) -> ServedRoute:
@@ -394,6 +439,7 @@ class RouteTable:
             raise invalid(f"unknown rollout action '{clip(action)}'")
         route.new_windows()
         self._apply(route)
+        self._share(route, True)
         return route
 
     def close(self) -> None:
@@ -445,3 +491,13 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class RoutePeer(Protocol):
+    """The other worker processes, as the leader's route table reaches them (``worker.py``)."""
+
+    async def windows(self, name: str) -> list[dict[str, dict[str, Any]]]:
+        """The other workers' windows of route ``name`` (variant -> :meth:`Window.export`)."""
+
+    def share(self, name: str, doc: dict[str, Any], new_windows: bool) -> None:
+        """Send a change of route ``name`` to the other workers (never waits)."""

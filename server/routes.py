@@ -85,6 +85,28 @@ class Window:
             if slot < OUTPUT_SAMPLES:
                 self.outputs[slot] = np.array(rows[:OUTPUT_ROWS])
 
+    def export(self) -> dict[str, Any]:
+        """The window as plain data: another worker process's rollout controller adds it to its
+        own (the latency histogram travels encoded, whole)."""
+        return {
+            "requests": self.requests,
+            "server_errors": self.server_errors,
+            "latency": self.latency.encode(),
+            "compared": self.compared,
+            "disagreed": self.disagreed,
+            "outputs": list(self.outputs),
+        }
+
+    def absorb(self, other: dict[str, Any]) -> None:
+        """Add another process's window (:meth:`export`) to this one."""
+        self.requests += other["requests"]
+        self.server_errors += other["server_errors"]
+        if other["requests"]:
+            self.latency.decode_and_add(other["latency"])
+        self.compared += other["compared"]
+        self.disagreed += other["disagreed"]
+        self.outputs.extend(other["outputs"])
+
     def figures(self) -> ro.Figures:
         n = self.latency.get_total_count()
         p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
@@ -330,6 +352,21 @@ class ServedRoute:
         r = self.spec.rollout
         assert r is not None
         return self.windows[r.canary].figures(), self.windows[r.baseline].figures()
+
+    def pod_figures(self, others: list[dict[str, dict[str, Any]]]) -> tuple[ro.Figures, ro.Figures]:
+        """:meth:`window_figures` over this process's windows and ``others`` (other worker
+        processes' exports, variant -> window)."""
+        r = self.spec.rollout
+        assert r is not None
+
+        def merged(variant: str) -> ro.Figures:
+            w = Window()
+            for part in [{variant: self.windows[variant].export()}, *others]:
+                if variant in part:
+                    w.absorb(part[variant])
+            return w.figures()
+
+        return merged(r.canary), merged(r.baseline)
 
     def new_windows(self) -> None:
         self.windows = {v.name: Window() for v in self.spec.variants}

@@ -138,11 +138,6 @@ class Supervisor:
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
         s = self.settings
-        if s.routes or s.routing.routes_file:
-            raise ConfigError(
-                "routes are served by a single process for now: "
-                f"use workers 1 with them (workers is {s.server.workers})"
-            )
         self._loop = asyncio.get_running_loop()
         srv = s.server
         for name, host in (("http_port", srv.host), ("grpc_port", srv.host)):
@@ -300,6 +295,7 @@ class Supervisor:
                 "name": _named(slot),
                 "workers": 1 if owner else self.n,
                 "grpc_address": self.owner_address if owner else "",
+                "leader": slot.index == 0,
             }
 
         async def join() -> None:  # before it listens: catch up, under the lock
@@ -351,6 +347,9 @@ class Supervisor:
             "shm_unregister": self.shm_unregister,
             "statistics": statistics,
             "log_settings": self.log_settings,
+            "route_windows": lambda name: self._route_windows(slot, name),
+            "route_share": lambda name, doc, new_windows: self._route_share(slot, name, doc, new_windows),
+            "route_states": lambda: self._route_states(slot),
             "drift_samples": self._drift_samples,
             "drift_status": self._drift_status,
             "drift_command": self._drift_command,
@@ -480,6 +479,34 @@ class Supervisor:
                 with contextlib.suppress(GatewayError):
                     await s.channel.call("shm_unregister", name=args["name"], owner=args["owner"])
         return first
+
+    # ------------------------------------------------------------------ routes: one leader
+    def _others(self, slot: Slot) -> list[Slot]:
+        return [s for s in self._members(True) if s is not slot]
+
+    async def _route_windows(self, slot: Slot, name: str) -> list[dict]:
+        """The other workers' windows of a route, for the leader's rollout controller; a worker
+        that does not answer in time is left out of this interval."""
+        replies = await asyncio.gather(
+            *(s.channel.call("route_windows", name=name, timeout=5) for s in self._others(slot) if s.channel),
+            return_exceptions=True,
+        )
+        return [r for r in replies if isinstance(r, dict) and r]
+
+    async def _route_share(self, slot: Slot, name: str, doc: dict, new_windows: bool) -> None:
+        """The leader changed a route (a rollout step, the admin API): every other worker follows."""
+        for s in self._others(slot):
+            if s.channel is not None:
+                s.channel.tell("route_state", name=name, doc=doc, new_windows=new_windows)
+
+    async def _route_states(self, slot: Slot) -> dict:
+        """The routes' state for a worker that just built its routes: the leader's, else any
+        other ready worker's (the leader itself restarting takes them from the others)."""
+        for s in sorted(self._others(slot), key=lambda s: s.index):
+            if s.ready and s.channel is not None:
+                with contextlib.suppress(GatewayError):
+                    return await s.channel.call("route_states", timeout=10)
+        return {}
 
     # ------------------------------------------------------------------ drift: one detector
     async def _start_drift(self, slot: Slot) -> None:

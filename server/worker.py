@@ -48,6 +48,9 @@ class WorkerLink:
             "models": self._models,
             "follow": self._follow,
             "drift_signatures": self._drift_signatures,
+            "route_windows": self._route_windows,
+            "route_state": self._route_state,
+            "route_states": self._route_states,
         }
 
     # the supervisor's calls ---------------------------------------------------------
@@ -106,6 +109,30 @@ class WorkerLink:
     async def _drift_signatures(self) -> dict:
         return self.gateway.drift_signatures()
 
+    def _routes(self):
+        return self.gateway.routes if self.gateway is not None else None
+
+    async def _route_windows(self, name: str) -> dict:
+        table = self._routes()
+        route = table.routes.get(name) if table is not None else None
+        return {} if route is None else {v: w.export() for v, w in route.windows.items()}
+
+    async def _route_state(self, name: str, doc: dict, new_windows: bool) -> bool:
+        table = self._routes()
+        return table is not None and table.apply_state(name, doc, new_windows)
+
+    async def _route_states(self) -> dict:
+        table = self._routes()
+        return {} if table is None else table.states()
+
+    async def catch_up_routes(self) -> None:
+        """After this worker built its routes: the weights and rollout states the pod has now."""
+        table = self._routes()
+        if table is None:
+            return
+        for name, doc in (await self._sup().call("route_states")).items():
+            table.apply_state(name, doc, False)
+
     async def _follow(self, specs: list, reload: list[str]) -> None:
         """A front worker: serve exactly these remote models (those of the model-owning process)."""
         await self.gateway.repository.follow(specs, reload)
@@ -121,6 +148,14 @@ class WorkerLink:
 
     async def call(self, op: str, **args: Any) -> Any:
         return await self._sup().call(op, **args)
+
+    # the RoutePeer: the leader's route table reaches the other workers ------------
+    async def windows(self, name: str) -> list[dict[str, dict[str, Any]]]:
+        return await self._sup().call("route_windows", name=name, timeout=10)
+
+    def share(self, name: str, doc: dict[str, Any], new_windows: bool) -> None:
+        if self.channel is not None and not self.channel.closed.is_set():
+            self.channel.tell("route_share", name=name, doc=doc, new_windows=new_windows)
 
     # the Coordinator: this worker's data plane asks the supervisor -----------------
     def _sup(self) -> Channel:
@@ -164,14 +199,21 @@ async def run(fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gateway = Gateway(settings, reuse_port=True, grpc_address=hello.get("grpc_address", ""), drift_link=link)
+        gateway = Gateway(
+            settings,
+            reuse_port=True,
+            grpc_address=hello.get("grpc_address", ""),
+            drift_link=link,
+            route_peer=link,
+            leader=hello.get("leader", False),
+        )
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")
         return 2
     link.gateway = gateway
     gateway.dataplane.coordinator = link
     try:
-        await gateway.start(before_listening=lambda: channel.call("join"))
+        await gateway.start(before_listening=lambda: channel.call("join"), routes_ready=link.catch_up_routes)
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")
         await gateway.stop(0.1)

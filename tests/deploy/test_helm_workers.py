@@ -88,11 +88,11 @@ def test_a_bad_worker_count_is_refused(helm, tmp_path, bad):
     assert "workers" in err and ("from 1 to 256" in err or "at most 256" in err)
 
 
-def test_a_bad_mode_and_workers_beside_routes_are_refused(helm, tmp_path):
+def test_a_bad_mode_is_refused_and_routes_render_beside_workers(helm, tmp_path):
     assert "replicate or front" in _refused(helm, tmp_path, {"workersMode": "both"})
     route = {"name": "r", "variants": [{"name": "a", "model": "clf", "weight": 100}]}
     given = {"workers": 2, "routes": {"list": [route]}}
-    assert "set workers 1 with them" in _refused(helm, tmp_path, given)
+    assert _config(helm, tmp_path, given)["server"]["workers"] == "2"
 
 
 def test_the_config_may_not_set_what_the_values_own(helm, tmp_path):

@@ -8,6 +8,7 @@ new connections (the kernel spreads connections over the workers, not requests).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -302,12 +303,70 @@ def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
         p.kill()
 
 
-def test_workers_refuse_routes_for_now(tmp_path, clf_repo):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("routes:\n  - name: r\n    variants:\n      - {name: a, model: clf, weight: 100}\n")
-    p = Proc(serve_args(clf_repo, "--workers", "2", "--config", str(cfg)))
-    assert p.p.wait(60) == 2, p.output()
-    assert "use workers 1 with them" in p.output()
+def test_routes_across_workers_one_leader_judges_the_pod_and_the_others_follow(tmp_path):
+    from route_support import POISON, infer_grpc, route_repository, write_config
+
+    repo = route_repository(str(tmp_path / "models"))
+    ramp = {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": "clf_bad", "weight": 0},
+        ],
+        "rollout": {
+            "canary": "canary",
+            "baseline": "stable",
+            "steps": [50, 100],
+            "interval_s": 1,
+            "min_requests": 10,
+            "gates": {"max_error_rate": 0.01, "max_p99_ratio": 1000},
+            "on_fail": "rollback",
+        },
+    }
+    pair = {
+        "name": "pair",
+        "variants": [{"name": "a", "model": "clf_a", "weight": 100}, {"name": "b", "model": "clf_same", "weight": 0}],
+    }
+    cfg = write_config(str(tmp_path / "c.yaml"), [ramp, pair])
+    p = Proc(
+        serve_args(repo, "--workers", "2", "--config", cfg, "--admin-http-port", "0", "--allow-open-admin", "true")
+    )
+    try:
+        p.wait_ready()
+        admin = int(re.search(r"admin HTTP on 127\.0\.0\.1:(\d+)", p.output()).group(1))
+        # The failing canary: the leader judges the pod's figures and rolls it back; every worker follows.
+        end = time.monotonic() + 30
+        while _value(_metrics(p), 'batchgate_rollout_state{route="ramp"}') != 4:  # rolled_back
+            assert time.monotonic() < end, p.output()
+            for _ in range(20):
+                with contextlib.suppress(InferenceServerException):  # the failing canary's answers
+                    infer_grpc(p.grpc, "ramp", POISON)
+        assert "[worker 0]: route 'ramp' rollout: step 50% failed" in p.output()  # the leader judged
+        variants = {infer_grpc(p.grpc, "ramp", POISON)[1]["variant"] for _ in range(20)}
+        assert variants == {"stable"}  # on both workers, new connections each
+        text = _metrics(p)
+        assert _value(text, 'batchgate_route_weight{route="ramp",variant="canary"}') == 0
+
+        # Runtime weights through the admin API (worker 0's): every worker serves them.
+        body = json.dumps({"weights": {"a": 0, "b": 100}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{admin}/admin/v1/routes/pair/weights", data=body, method="POST")
+        urllib.request.urlopen(req, timeout=20).read()
+        time.sleep(0.3)  # the change travels leader -> supervisor -> the others
+        assert {infer_grpc(p.grpc, "pair")[1]["variant"] for _ in range(20)} == {"b"}
+        per_worker = [_value(_metrics(p), f'batchgate_worker_requests_total{{worker="{w}"}}') for w in "01"]
+        assert all(n > 0 for n in per_worker), per_worker
+
+        # A worker started later takes the pod's route state, not the configuration's.
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert {infer_grpc(p.grpc, "pair")[1]["variant"] for _ in range(20)} == {"b"}
+        assert {infer_grpc(p.grpc, "ramp", POISON)[1]["variant"] for _ in range(20)} == {"stable"}
+    finally:
+        p.kill()
 
 
 def test_shared_memory_and_log_settings_reach_every_worker(clf_repo):
