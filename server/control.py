@@ -50,6 +50,12 @@ class Channel:
 
     def _send(self, msg: dict) -> None:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise GatewayError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"'{msg.get('op', 'an answer')}' is too large to hand to the other worker processes "
+                f"({len(data)} bytes, at most {MAX_MESSAGE_BYTES})",
+            )
         self.writer.write(_LEN.pack(len(data)) + data)
 
     async def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
@@ -79,6 +85,9 @@ class Channel:
             while True:
                 head = await self.reader.readexactly(_LEN.size)
                 (n,) = _LEN.unpack(head)
+                if n > MAX_MESSAGE_BYTES:  # not what the other end sends: the channel is broken
+                    log.error("control channel: a message of %d bytes announced; closing the channel", n)
+                    break
                 msg = pickle.loads(await self.reader.readexactly(n))
                 if "call" in msg:
                     t = asyncio.ensure_future(self._answer(msg))
@@ -116,8 +125,11 @@ class Channel:
             out = {"error": (ErrorCode.INTERNAL.value, f"{type(e).__name__}: {e}")}
         if cid and not self.closed.is_set():
             out["reply"] = cid
-            with contextlib.suppress(ConnectionError, OSError):
+            try:
                 self._send(out)
+            except GatewayError as e:  # an answer too large to send: its error instead
+                self._send({"reply": cid, "error": (e.code.value, e.message)})
+            with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.drain()
 
     def backlog(self) -> int:

@@ -51,6 +51,7 @@ log = logging.getLogger("batchgate")
 
 BACKOFF_S = (0.5, 30.0)  # the first restart's delay, doubled per quick death up to the second
 STEADY_S = 60.0  # a worker up this long has its backoff reset
+STATS_FRESH_S = 0.5  # V2 statistics asked of any worker reuse the workers' figures read this recently
 POLL_S = 2.0  # how often the workers' figures are read (what a killed worker leaves behind is this old at most)
 SNAPSHOT_TIMEOUT_S = 5.0
 # Front mode: each worker batches what it receives before the hop to the owner (one call carries
@@ -74,6 +75,7 @@ class Slot:
     channel: Channel | None = None
     member: bool = False  # joined the control plane: repository changes reach it
     ready: bool = False  # listening
+    models_ready: bool = True  # what the worker's own readiness says (its models), as of its last read
     failure: str = ""  # why the process in it said it could not start
     restarts: int = 0
     last: Snapshot | None = None  # the running process's last figures
@@ -96,13 +98,19 @@ class _Txn:
         self.yes.add(slot)
         if self.yes >= self.members and not self.decision.done():
             self.decision.set_result(True)
-        if not await self.decision:
+        # Shielded: the voter's handler is cancelled when its worker dies; the verdict the
+        # other voters wait for must not be cancelled with it.
+        if not await asyncio.shield(self.decision):
             raise GatewayError(ErrorCode.UNAVAILABLE, "the load failed on another worker: rolled back")
 
     def ended(self, slot: int, fut: asyncio.Future) -> None:
+        """A worker's load call ended: before the verdict, a failure (or an end without a vote:
+        that worker built nothing, e.g. it was stopping) calls the load off everywhere."""
         if self.decision.done():
             return
         error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if error is None and slot not in self.yes:
+            error = GatewayError(ErrorCode.UNAVAILABLE, "the worker ended the load without building the model")
         if error is not None:
             self.failed[slot] = error
             self.decision.set_result(False)
@@ -134,6 +142,10 @@ class Supervisor:
         self.health_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.drift: DriftService | None = None  # the pod's one drift detector, fed by every worker
+        self._drift_start: asyncio.Future | None = None
+        self._gathered_at = -1e9  # when the workers' figures were last read
+        self._followed: list[str] = []  # front mode: the owner's models the workers serve
+        self._owner_lives = 0  # front mode: the owner's restarts the workers have followed
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
@@ -219,8 +231,15 @@ class Supervisor:
             alone = dataclasses.replace(
                 srv, http_port=-1, admin_port=-1, admin_http_port=-1, metrics_port=-1, health_port=-1, workers="1"
             )
+            # A worker's call carries a batch of requests, each within max_request_bytes already.
+            limits = dataclasses.replace(self.settings.limits, max_request_bytes=2**31 - 1)
             return dataclasses.replace(
-                self.settings, server=alone, auth=type(self.settings.auth)(), tls=type(self.settings.tls)(), drift=()
+                self.settings,
+                server=alone,
+                limits=limits,
+                auth=type(self.settings.auth)(),
+                tls=type(self.settings.tls)(),
+                drift=(),
             )
         admin = slot.index == 0
         server = dataclasses.replace(
@@ -273,6 +292,9 @@ class Supervisor:
         finally:
             theirs.close()
         slot.proc = proc
+        if self.stopping:  # started as the pod stops: it drains at once
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
         slot.channel = channel = await Channel.over(mine, self._handlers(slot))
         reading = asyncio.ensure_future(channel.serve())
         code = await proc.wait()
@@ -314,8 +336,8 @@ class Supervisor:
                 slot.member = True
 
         async def ready(http_port: int, grpc_port: int) -> None:
-            if self.settings.drift and self.drift is None and slot is not self.owner:
-                await self._start_drift(slot)
+            if self.settings.drift and self._drift_start is None and slot is not self.owner:
+                self._drift_start = asyncio.ensure_future(self._start_drift(slot))  # once, by the first
             slot.ready = True
             await self._publish()
             if slot.first is not None and not slot.first.done():
@@ -333,7 +355,7 @@ class Supervisor:
             await t.vote(slot.index)
 
         async def statistics() -> dict:
-            return (await self.gather()).stats
+            return (await self.gather(fresh_s=STATS_FRESH_S)).stats
 
         return {
             "hello": hello,
@@ -341,12 +363,12 @@ class Supervisor:
             "ready": ready,
             "failed": failed,
             "vote": vote,
-            "load": self.load,
-            "unload": self.unload,
-            "shm_register": self.shm_register,
-            "shm_unregister": self.shm_unregister,
+            "load": _detached(self.load),
+            "unload": _detached(self.unload),
+            "shm_register": _detached(self.shm_register),
+            "shm_unregister": _detached(self.shm_unregister),
             "statistics": statistics,
-            "log_settings": self.log_settings,
+            "log_settings": _detached(self.log_settings),
             "route_windows": lambda name: self._route_windows(slot, name),
             "route_share": lambda name, doc, new_windows: self._route_share(slot, name, doc, new_windows),
             "route_states": lambda: self._route_states(slot),
@@ -383,10 +405,15 @@ class Supervisor:
         if self.owner is None:
             return
         specs = await self._owner_models()
-        await asyncio.gather(
-            *(s.channel.call("follow", specs=specs, reload=reload) for s in self._members(True) if s.channel),
+        self._followed = sorted(s.name for s in specs)
+        members = self._members(True)
+        results = await asyncio.gather(
+            *(s.channel.call("follow", specs=specs, reload=reload) for s in members if s.channel),
             return_exceptions=True,
         )
+        for s, r in zip(members, results):
+            if isinstance(r, BaseException):
+                log.error("%s could not follow the model owner's models: %s", _named(s), r)
 
     # ------------------------------------------------------------------ the control plane
     async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
@@ -447,9 +474,11 @@ class Supervisor:
 
     async def shm_unregister(self, name: str, owner: str | None) -> None:
         async with self._lock:
-            await self._everywhere("shm_unregister", self._members(True), name=name, owner=owner)
-            for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
-                self._regions.pop(k)
+            try:
+                await self._everywhere("shm_unregister", self._members(True), name=name, owner=owner)
+            finally:  # gone from the replay even where a worker did not hold it
+                for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
+                    self._regions.pop(k)
 
     async def log_settings(self, changes: dict[str, Any]) -> None:
         """The logging extension's changes (checked by the worker that took them): every worker's
@@ -525,7 +554,11 @@ class Supervisor:
             self.metrics,
             lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
         )
-        service.prepare(await slot.channel.call("drift_signatures"))
+        try:
+            service.prepare(await slot.channel.call("drift_signatures"))
+        except (ConfigError, GatewayError) as e:  # the workers checked the monitors already: unlikely
+            log.error("drift: the detector cannot start: %s", e)
+            return
         assert self._loop is not None
         service.start(self._loop)
         self.drift = service
@@ -546,19 +579,21 @@ class Supervisor:
         return await self._monitor().command(name, args)
 
     # ------------------------------------------------------------------ one metrics view
-    async def gather(self) -> Snapshot:
+    async def gather(self, fresh_s: float = 0.0) -> Snapshot:
         """Every worker's figures now, summed, with what exited workers left behind. In front
         mode the workers give what clients see (requests, refusals, connections, the hop to the
         owner) and the owner what the models did (queues, batches, executions, V2 statistics)."""
         every = self.slots + ([self.owner] if self.owner is not None else [])
-        live = [s for s in every if s.channel is not None and s.ready]
-        replies = await asyncio.gather(
-            *(s.channel.call("snapshot", timeout=SNAPSHOT_TIMEOUT_S) for s in live if s.channel is not None),
-            return_exceptions=True,
-        )
-        for s, r in zip(live, replies):
-            if isinstance(r, dict) and r:
-                s.last, s.process = r["snapshot"], r["process"]
+        if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
+            live = [(s, s.channel) for s in every if s.channel is not None and s.ready]
+            replies = await asyncio.gather(
+                *(ch.call("snapshot", timeout=SNAPSHOT_TIMEOUT_S) for _, ch in live), return_exceptions=True
+            )
+            for (s, ch), r in zip(live, replies):
+                if isinstance(r, dict) and r and s.channel is ch:  # still that process (not exited meanwhile)
+                    s.last, s.process, s.models_ready = r["snapshot"], r["process"], bool(r["ready"])
+            self._gathered_at = time.monotonic()
+            await self._publish()
         total = Snapshot()
         for s in every:
             mine = s.gone if s.last is None else s.gone.merge(s.last)
@@ -594,11 +629,20 @@ class Supervisor:
             await asyncio.sleep(POLL_S)
             with contextlib.suppress(Exception):
                 await self.gather()
+            if self.owner is not None and self.owner.member and self.owner.channel is not None:
+                with contextlib.suppress(Exception):  # the owner rescanned (poll mode) or restarted
+                    async with self._lock:
+                        names = sorted(await self.owner.channel.call("models", timeout=SNAPSHOT_TIMEOUT_S))
+                        restarted = self.owner.restarts != self._owner_lives
+                        if names != self._followed or restarted:
+                            self._owner_lives = self.owner.restarts
+                            await self._follow(names if restarted else [])
 
     @property
     def ready(self) -> bool:
-        """Ready while at least one worker serves (the others may be starting)."""
-        return any(s.ready for s in self.slots)
+        """Ready while at least one worker listens and says it is ready (its models, strict
+        readiness); the others may be starting. Not ready once the pod drains."""
+        return not self.stopping and any(s.ready and s.models_ready for s in self.slots)
 
     async def _publish(self) -> None:
         if self._health is None:
@@ -614,6 +658,7 @@ class Supervisor:
         """SIGTERM to every worker (each drains: refuses new work, finishes what it accepted),
         wait for the slowest; True if every one exited cleanly."""
         self.stopping = True
+        await self._publish()  # NOT_SERVING on the health port while the workers drain
         procs = [s.proc for s in self.slots if s.proc is not None]
         owner = self.owner.proc if self.owner is not None else None
         for p in procs:
@@ -621,10 +666,11 @@ class Supervisor:
                 p.send_signal(signal.SIGTERM)
         log.info("supervisor: draining %d workers", len(procs))
         grace = self.settings.server.exit_timeout_s + 15  # their grace period, then closing
+        deadline = time.monotonic() + grace  # one for all: they drain at the same time
         clean = True
         for p in procs:
             try:
-                code = await asyncio.wait_for(p.wait(), grace)
+                code = await asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 log.error("worker (pid %d) did not exit in %.0f s: killed", p.pid, grace)
                 with contextlib.suppress(ProcessLookupError):
@@ -642,10 +688,13 @@ class Supervisor:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._drift_start is not None:
+            with contextlib.suppress(BaseException):
+                await self._drift_start
         if self.drift is not None:
             await asyncio.to_thread(self.drift.stop)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+        if self._metrics_server is not None:  # (a scrape in progress may wait on this loop)
+            await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
         if self._health_grpc is not None:
             await self._health_grpc.stop(1.0)
@@ -679,6 +728,16 @@ FRONT_FAMILIES = frozenset(
 )
 
 
+def _detached(op):
+    """A pod-wide operation a worker asked for, run to its end even if that worker dies meanwhile
+    (its handler is then cancelled; the other workers must not be left half-changed)."""
+
+    async def run(**args: Any) -> Any:
+        return await asyncio.shield(asyncio.ensure_future(op(**args)))
+
+    return run
+
+
 def _named(slot: Slot) -> str:
     return "model owner" if slot.label == "owner" else f"worker {slot.label}"
 
@@ -698,8 +757,18 @@ async def supervise(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(sup.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # SIGTERM while the workers load: they drain as they are
+        log.info("shutdown signal received while starting")
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await sup.stop()
+        return 0
     try:
-        await sup.start()
+        starting.result()
     except ConfigError as e:
         log.error("configuration error: %s", e)
         await sup.stop()

@@ -182,7 +182,23 @@ class WorkerLink:
         await self._sup().call("log_settings", changes=changes)
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM to this worker when the supervisor dies, even while it still loads its
+    models (it then drains like on any SIGTERM); without it an orphan would keep the port."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the supervisor died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def run(fd: int) -> int:
+    _die_with_parent()
     link = WorkerLink()
     channel = await Channel.over(socket.socket(fileno=fd), link.handlers())
     link.channel = channel

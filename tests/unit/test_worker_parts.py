@@ -163,3 +163,46 @@ def test_a_worker_listens_on_the_reserved_ports_and_only_worker_0_on_the_admin_o
     assert (w2.http_port, w2.grpc_port, w2.admin_port, w2.admin_http_port) == (1234, 1235, -1, -1)
     assert w0.metrics_port == w2.metrics_port == w0.health_port == -1  # the supervisor's
     assert w0.workers == "1" and sup.n == 3
+
+
+async def test_a_voter_cancelled_with_its_worker_leaves_the_verdict_to_the_others():
+    txn = _Txn({0, 1, 2})
+    dying = asyncio.ensure_future(txn.vote(0))
+    waiting = asyncio.ensure_future(txn.vote(1))
+    await asyncio.sleep(0)
+    dying.cancel()  # worker 0 died: the channel cancels its handler
+    await asyncio.sleep(0)
+    assert not txn.decision.done()  # the shared verdict is not cancelled with it
+    gone: asyncio.Future = asyncio.get_running_loop().create_future()
+    gone.cancel()
+    txn.ended(0, gone)
+    with pytest.raises(GatewayError, match="rolled back"):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_load_that_ends_without_a_vote_calls_it_off():
+    txn = _Txn({0, 1})
+    waiting = asyncio.ensure_future(txn.vote(0))
+    await asyncio.sleep(0)
+    quiet: asyncio.Future = asyncio.get_running_loop().create_future()
+    quiet.set_result(None)  # e.g. a worker that was stopping: it built nothing
+    txn.ended(1, quiet)
+    with pytest.raises(GatewayError, match="rolled back"):
+        await asyncio.wait_for(waiting, 5)
+    assert "without building" in txn.failed[1].message
+
+
+async def test_a_message_past_the_bound_is_refused_not_sent(monkeypatch):
+    import batchgate.control as control
+
+    async def echo(data: bytes) -> bytes:
+        return data
+
+    a, b, tasks = await _pair({}, {"echo": echo})
+    monkeypatch.setattr(control, "MAX_MESSAGE_BYTES", 1000)
+    with pytest.raises(GatewayError, match="too large") as e:
+        await a.call("echo", data=b"x" * 2000)
+    assert e.value.code is ErrorCode.INVALID_ARGUMENT
+    assert await a.call("echo", data=b"small") == b"small"  # the channel goes on
+    for t in tasks:
+        t.cancel()
