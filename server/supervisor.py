@@ -106,9 +106,9 @@ class _Txn:
     def ended(self, slot: int, fut: asyncio.Future) -> None:
         """A worker's load call ended: before the verdict, a failure (or an end without a vote:
         that worker built nothing, e.g. it was stopping) calls the load off everywhere."""
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()  # (read: never "unretrieved")
         if self.decision.done():
             return
-        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if error is None and slot not in self.yes:
             error = GatewayError(ErrorCode.UNAVAILABLE, "the worker ended the load without building the model")
         if error is not None:

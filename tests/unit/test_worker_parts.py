@@ -70,6 +70,12 @@ async def _pair(handlers_a: dict, handlers_b: dict) -> tuple[Channel, Channel, l
     return a, b, [asyncio.ensure_future(a.serve()), asyncio.ensure_future(b.serve())]
 
 
+async def _closed(a: Channel, b: Channel, tasks: list[asyncio.Task]) -> None:
+    a.close()
+    b.close()
+    await asyncio.wait(tasks, timeout=5)
+
+
 async def test_calls_go_both_ways_and_errors_keep_their_code():
     async def add(x: int, y: int) -> int:
         return x + y
@@ -97,9 +103,7 @@ async def test_calls_go_both_ways_and_errors_keep_their_code():
     assert e.value.code is ErrorCode.INTERNAL and "a bug" in e.value.message
     with pytest.raises(GatewayError, match="not known here"):
         await a.call("nothing")
-    b.close()
-    for t in tasks:
-        await asyncio.wait_for(t, 5)
+    await _closed(a, b, tasks)
     with pytest.raises(ChannelClosed):
         await a.call("add", x=1, y=1)
 
@@ -114,8 +118,7 @@ async def test_a_call_waiting_when_the_other_end_goes_fails_at_once():
     b.close()
     with pytest.raises(ChannelClosed, match="went away"):
         await asyncio.wait_for(waiting, 5)
-    for t in tasks:
-        t.cancel()
+    await _closed(a, b, tasks)
 
 
 async def test_a_two_phase_load_commits_only_when_every_worker_voted():
@@ -204,5 +207,4 @@ async def test_a_message_past_the_bound_is_refused_not_sent(monkeypatch):
         await a.call("echo", data=b"x" * 2000)
     assert e.value.code is ErrorCode.INVALID_ARGUMENT
     assert await a.call("echo", data=b"small") == b"small"  # the channel goes on
-    for t in tasks:
-        t.cancel()
+    await _closed(a, b, tasks)
