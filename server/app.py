@@ -88,6 +88,7 @@ class Gateway:
         drift_link: DriftLink | None = None,
         route_peer: RoutePeer | None = None,
         leader: bool = True,
+        rescans: bool = True,
     ):
         self.settings = settings
         # One of several worker processes: the HTTP and gRPC ports are shared (SO_REUSEPORT)
@@ -130,6 +131,7 @@ class Gateway:
             load_models=repo.load_model,
             retire_grace_s=srv.exit_timeout_s,
             remote_models=settings.remote_models,
+            rescans=rescans,
         )
         self.dataplane = DataPlane(
             self.repository,

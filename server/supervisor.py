@@ -188,6 +188,8 @@ class Supervisor:
         for slot in self.slots:
             self._launch(slot)
         self._tasks.append(asyncio.ensure_future(self._poll()))
+        if s.repository.model_control_mode == "poll":
+            self._tasks.append(asyncio.ensure_future(self._rescans()))
         firsts = [slot.first for slot in self.slots if slot.first is not None]
         done, _ = await asyncio.wait(firsts, return_when=asyncio.FIRST_EXCEPTION)
         for f in done:
@@ -421,33 +423,66 @@ class Supervisor:
         while the old ones serve, then waits; once all have, all switch. A failure on one (or a
         worker gone meanwhile) makes the others close what they built; the answer says so."""
         async with self._lock:
-            members = self._members()
-            if not members:
-                raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
-            self._txn_ids += 1
-            tid = self._txn_ids
-            txn = self._txns[tid] = _Txn({s.index for s in members})
-            calls = []
-            for s in members:
-                assert s.channel is not None
-                call = asyncio.ensure_future(s.channel.call("load", txn=tid, name=name, config=config, files=files))
-                call.add_done_callback(functools.partial(txn.ended, s.index))
-                calls.append(call)
-            try:
-                await asyncio.gather(*calls, return_exceptions=True)
-            finally:
-                self._txns.pop(tid, None)
-            if txn.decision.done() and txn.decision.result():
-                self._models.pop(name, None)
-                self._models[name] = ("load", name, config, files)
-                await self._follow([name])
-                return
-            slot, error = next(iter(txn.failed.items()))
-            others = len(members) - 1
-            called_off = f"; the load was called off on the other {others} worker(s)" if others else ""
-            what = error.message if isinstance(error, GatewayError) else f"worker {slot} went away during the load"
-            code = error.code if isinstance(error, GatewayError) else ErrorCode.UNAVAILABLE
-            raise GatewayError(code, f"{what} (worker {slot}{called_off}: no worker switched versions)")
+            await self._two_phase("load", name=name, config=config, files=files)
+            self._models.pop(name, None)
+            self._models[name] = ("load", name, config, files)
+            await self._follow([name])
+
+    async def _two_phase(self, op: str, **args: Any) -> None:
+        """``op`` (a load) on every member worker, each voting once built; all switch or none
+        (the caller holds the lock)."""
+        members = self._members()
+        if not members:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
+        self._txn_ids += 1
+        tid = self._txn_ids
+        txn = self._txns[tid] = _Txn({s.index for s in members})
+        calls = []
+        for s in members:
+            assert s.channel is not None
+            call = asyncio.ensure_future(s.channel.call(op, txn=tid, **args))
+            call.add_done_callback(functools.partial(txn.ended, s.index))
+            calls.append(call)
+        try:
+            await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            self._txns.pop(tid, None)
+        if txn.decision.done() and txn.decision.result():
+            return
+        slot, error = next(iter(txn.failed.items()))
+        others = len(members) - 1
+        called_off = f"; the load was called off on the other {others} worker(s)" if others else ""
+        what = error.message if isinstance(error, GatewayError) else f"worker {slot} went away during the load"
+        code = error.code if isinstance(error, GatewayError) else ErrorCode.UNAVAILABLE
+        raise GatewayError(code, f"{what} (worker {slot}{called_off}: no worker switched versions)")
+
+    async def _rescans(self) -> None:
+        """Poll mode with several workers: the rescan is the supervisor's, so that a changed
+        model is loaded two-phase like an explicit load (every worker or none) and a removed one
+        unloaded everywhere. One worker says what changed; a failed build keeps the old versions
+        on every worker (and is not retried until the files change again)."""
+        interval = self.settings.repository.repository_poll_s
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            async with self._lock:
+                planner = next((s for s in self._members() if s.ready and s.channel is not None), None)
+                if planner is None or planner.channel is None:
+                    continue
+                try:
+                    plan = await planner.channel.call("rescan_plan", timeout=60)
+                except GatewayError as e:
+                    log.warning("repository rescan: %s", e.message)
+                    continue
+                for name in plan["load"]:
+                    try:
+                        await self._two_phase("poll_load", name=name)
+                    except GatewayError as e:
+                        log.error("repository rescan: model '%s' not reloaded on any worker: %s", name, e.message)
+                for name in plan["unload"]:
+                    with contextlib.suppress(GatewayError):
+                        await self._everywhere("poll_unload", self._members(), name=name)
+                if plan["load"] or plan["unload"]:
+                    await self._follow(plan["load"])
 
     async def unload(self, name: str) -> None:
         async with self._lock:

@@ -48,6 +48,9 @@ class WorkerLink:
             "models": self._models,
             "follow": self._follow,
             "drift_signatures": self._drift_signatures,
+            "rescan_plan": self._rescan_plan,
+            "poll_load": self._poll_load,
+            "poll_unload": self._poll_unload,
             "route_windows": self._route_windows,
             "route_state": self._route_state,
             "route_states": self._route_states,
@@ -76,6 +79,21 @@ class WorkerLink:
 
     async def _unload(self, name: str) -> None:
         await self.gateway.repository.unload(name)
+
+    async def _rescan_plan(self) -> dict:
+        return self.gateway.repository.rescan_plan()
+
+    async def _poll_load(self, txn: int, name: str) -> None:
+        channel = self.channel
+        assert channel is not None
+
+        async def vote() -> None:
+            await channel.call("vote", txn=txn)
+
+        await self.gateway.repository.polled_load(name, vote)
+
+    async def _poll_unload(self, name: str) -> None:
+        await self.gateway.repository.polled_unload(name)
 
     async def _replay(self, ops: list[tuple]) -> None:
         """What was changed in the pod before this worker joined, in order."""
@@ -222,6 +240,7 @@ async def run(fd: int) -> int:
             drift_link=link,
             route_peer=link,
             leader=hello.get("leader", False),
+            rescans=False,  # poll mode: the supervisor drives the rescans, two-phase
         )
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")

@@ -74,6 +74,7 @@ class ModelRepository:
         load_models: tuple[str, ...] = (),
         retire_grace_s: float = 30.0,
         remote_models: tuple[RemoteModel, ...] = (),
+        rescans: bool = True,
     ):
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}, not {control_mode!r}")
@@ -85,6 +86,8 @@ class ModelRepository:
         self.mode = control_mode
         self.poll_interval_s = poll_interval_s
         self.load_models = load_models
+        # poll mode: rescan here (False: a supervisor drives the rescans of several workers)
+        self.rescans = rescans
         self.retire_grace_s = retire_grace_s
         self.models: dict[str, ModelEntry] = {}
         self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
@@ -196,7 +199,7 @@ class ModelRepository:
         self._wanted.update(wanted)
         for n in wanted:
             await self._load(n, fail_missing=self.mode == "explicit")
-        if self.mode == "poll":
+        if self.mode == "poll" and self.rescans:
             self._poller = asyncio.create_task(self._poll_loop())
 
     async def stop(self) -> None:
@@ -216,14 +219,29 @@ class ModelRepository:
                 log.exception("repository poll failed")
 
     async def poll_once(self) -> None:
+        plan = self.rescan_plan()
+        for name in plan["load"]:
+            await self._load(name)
+        for name in plan["unload"]:
+            await self._unload(name, forget=True)
+
+    def rescan_plan(self) -> dict[str, list[str]]:
+        """What a rescan finds: models whose files changed (or are new), and models gone."""
         present = set(self._discover())
         self._wanted = present | set(self.remote)
-        for name in sorted(present):
-            e = self.models[name]
-            if fingerprint(os.path.join(self.root, name)) != e.fingerprint:
-                await self._load(name)
-        for name in [n for n in self.models if n not in present and n not in self.remote]:
-            await self._unload(name, forget=True)
+        changed = [n for n in sorted(present) if fingerprint(os.path.join(self.root, n)) != self.models[n].fingerprint]
+        gone = [n for n in self.models if n not in present and n not in self.remote]
+        return {"load": changed, "unload": gone}
+
+    async def polled_load(self, name: str, vote: Vote) -> None:
+        """A rescan's reload, with the other workers (``vote``); a failed build keeps the old
+        versions (and ends without voting, which calls the load off on the others)."""
+        self._wanted.add(name)
+        await asyncio.shield(self._load(name, vote=vote))
+
+    async def polled_unload(self, name: str) -> None:
+        self._wanted.discard(name)
+        await asyncio.shield(self._unload(name, forget=True))
 
     # ---------------------------------------------------------------- the load / unload API
     def _explicit_only(self) -> None:

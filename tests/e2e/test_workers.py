@@ -476,3 +476,41 @@ def test_front_mode_workers_forward_to_one_process_that_owns_and_batches_the_mod
         assert 'batchgate_worker_restarts_total{worker="owner"} 1.0' in _metrics(p)
     finally:
         p.kill()
+
+
+def test_poll_rescans_are_the_supervisors_and_two_phase(clf_repo):
+    import shutil
+
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "poll", "--repository-poll-s", "0.5"))
+    try:
+        p.wait_ready()
+
+        def ready_everywhere(model: str) -> set[bool]:
+            seen = set()
+            for _ in range(16):
+                c = httpclient.InferenceServerClient(p.http)
+                seen.add(c.is_model_ready(model))
+                c.close()
+            return seen
+
+        def until(check, what: str) -> None:
+            end = time.monotonic() + 30
+            while not check():
+                assert time.monotonic() < end, f"{what}:\n{p.output()}"
+                time.sleep(0.2)
+
+        _save(classifier_model(seed=3), clf_repo, "added")
+        until(lambda: ready_everywhere("added") == {True}, "a new model reaches every worker")
+        # A change that cannot build: no worker switches, every worker serves the old version.
+        with open(os.path.join(clf_repo, "added", "1", "model.onnx"), "wb") as f:
+            f.write(b"not a model")
+        until(lambda: "model 'added' not reloaded on any worker" in p.output(), "the failed rescan is said")
+        assert ready_everywhere("added") == {True}
+        for _ in range(8):
+            _grpc_infer(p.grpc, "added")
+        assert p.output().count("[worker 0]: model 'added' ready") == 1  # loaded once, never swapped
+        shutil.rmtree(os.path.join(clf_repo, "added"))
+        until(lambda: ready_everywhere("added") == {False}, "a removed model leaves every worker")
+        assert ready_everywhere("clf") == {True}
+    finally:
+        p.kill()
