@@ -16,7 +16,8 @@ import resource
 import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import uvicorn
@@ -56,14 +57,26 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from .core.signature import ModelSignature
-    from .monitoring.drift import DriftLink, DriftService
-    from .route_table import RoutePeer
+    from .monitoring.drift import DriftService
 
 log = logging.getLogger("batchgate")
 
 GRPC_SERVICE = "inference.GRPCInferenceService"
 LIVENESS_SERVICE = "liveness"  # the gRPC health service name that is SERVING while the process runs
 READINESS_POLL_S = 0.5  # how often the gRPC health service is brought up to date
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """How a Gateway that is one of several worker processes differs (``supervisor.py``): it
+    shares the ports; ``link`` (``worker.WorkerLink``) feeds the supervisor's drift detector,
+    reaches the other workers' route tables, writes the audit and disagreement lines through the
+    supervisor; the ``leader`` (worker 0) runs the rollout controller; ``grpc_address``: the
+    model-owning process of front mode listens there (a Unix socket) and nowhere else."""
+
+    link: Any
+    leader: bool = False
+    grpc_address: str = ""
 
 
 class QuietUvicorn(uvicorn.Server):
@@ -83,25 +96,15 @@ class Gateway:
         settings: Settings,
         metrics: Metrics | None = None,
         *,
-        reuse_port: bool = False,
-        grpc_address: str = "",
-        drift_link: DriftLink | None = None,
-        route_peer: RoutePeer | None = None,
-        leader: bool = True,
-        rescans: bool = True,
+        role: WorkerRole | None = None,
     ):
         self.settings = settings
+        self.role = role
         # One of several worker processes: the HTTP and gRPC ports are shared (SO_REUSEPORT)
         # with the others, which the supervisor reserved (supervisor.py).
-        self.reuse_port = reuse_port
-        # The process that owns the models behind front workers (workers_mode front): gRPC on this
-        # address only (a Unix socket), no HTTP (http_port -1).
-        self.grpc_address = grpc_address
-        # A worker process's drift monitors sample here and feed the supervisor's detector.
-        self.drift_link = drift_link
-        # Routes among worker processes: the leader (worker 0) runs the rollout controller and
-        # shares its changes through route_peer; the others follow (route_table.py).
-        self.route_peer, self.leader = route_peer, leader
+        self.reuse_port = role is not None
+        self.grpc_address = role.grpc_address if role is not None else ""
+        self.leader = role is None or role.leader
         self.metrics = metrics or Metrics()
         srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
         self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
@@ -131,7 +134,7 @@ class Gateway:
             load_models=repo.load_model,
             retire_grace_s=srv.exit_timeout_s,
             remote_models=settings.remote_models,
-            rescans=rescans,
+            rescans=role is None,  # poll mode with workers: the supervisor rescans
         )
         self.dataplane = DataPlane(
             self.repository,
@@ -152,7 +155,7 @@ class Gateway:
                 lim.queue_target_ms / 1000,
                 lim.queue_interval_ms / 1000,
             ),
-            access=_access(settings),
+            access=_access(settings, role),
         )
         shm = settings.shared_memory
         self.dataplane.shm = SharedMemory(
@@ -328,7 +331,12 @@ class Gateway:
         try:
             state = StateDir(rs.state_dir) if rs.state_dir else None
             disagreements = (
-                DisagreementLog(rs.disagreement_log_file, rs.disagreement_log_max_bytes, rs.disagreement_log_per_s)
+                DisagreementLog(
+                    rs.disagreement_log_file,
+                    rs.disagreement_log_max_bytes,
+                    rs.disagreement_log_per_s,
+                    send=self.role.link.disagreement if self.role is not None else None,
+                )
                 if rs.disagreement_log_file
                 else None
             )
@@ -346,7 +354,7 @@ class Gateway:
             away=lambda: threads.away,
         )
         await table.install(specs, "the configuration")
-        table.peer, table.leader = self.route_peer, self.leader
+        table.peer, table.leader = (self.role.link if self.role is not None else None), self.leader
         self.dataplane.routes = self.routes = table
         self._route_tasks = [asyncio.ensure_future(table.control())] if self.leader else []
         if rs.routes_file:
@@ -367,7 +375,7 @@ class Gateway:
             self.settings.drift_detector,
             self.metrics,
             lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
-            link=self.drift_link,
+            link=self.role.link if self.role is not None else None,
         )
         service.prepare(self.drift_signatures())
         service.start(asyncio.get_running_loop())
@@ -554,13 +562,18 @@ def fit_connections_to_fds(max_connections: int) -> int:
     return max_connections
 
 
-def _access(settings: Settings) -> Access:
+def _access(settings: Settings, role: WorkerRole | None = None) -> Access:
     """API keys, the open-admin rule and the audit log, from the ``auth`` section (a bad keys
-    file or an audit log that cannot be opened is a ConfigError: the server does not start)."""
+    file or an audit log that cannot be opened is a ConfigError: the server does not start). A
+    worker process's audit lines are written by the supervisor (one writer of the file)."""
     a = settings.auth
     keys = KeyStore(a.api_keys_file) if a.api_keys_file else None
     try:
-        audit = AuditLog(a.audit_log_file) if a.audit_log_file else None
+        audit: Any = None
+        if role is not None and a.audit_log_file:
+            audit = role.link.audit_log(a.audit_log_file)
+        elif a.audit_log_file:
+            audit = AuditLog(a.audit_log_file)
     except OSError as e:
         raise ConfigError(f"audit_log_file '{a.audit_log_file}' cannot be opened for appending: {e.strerror}") from None
     if keys is None:

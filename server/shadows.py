@@ -368,25 +368,47 @@ class DisagreementLog:
     """Sampled disagreements as JSON lines: at most ``per_s`` a second, the file rotated past
     ``max_bytes`` with one old file kept (logging's rotating handler)."""
 
-    def __init__(self, path: str, max_bytes: int, per_s: float, clock: Callable[[], float] = time.monotonic):
-        self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+    def __init__(
+        self,
+        path: str,
+        max_bytes: int,
+        per_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        send: Callable[[str], None] | None = None,
+    ):
+        """``send``: a worker process's lines go to the supervisor, the file's one writer (a
+        rotating file written by several processes would lose lines)."""
+        self._send = send
+        self._handler: logging.Handler | None = None
+        if send is None:
+            self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._per_s = per_s
         self._clock = clock
         self._window = 0.0
         self._written = 0
         self.skipped = 0
 
-    def write(
-        self, runner: ShadowRunner, request: InferRequest, primary: InferResponse, mine: np.ndarray, theirs: np.ndarray
-    ) -> None:
+    def _allowed(self) -> bool:
         now = self._clock()
         if now - self._window >= 1.0:
             self._window, self._written = now, 0
         if self._written >= self._per_s:
             self.skipped += 1
-            return
+            return False
         self._written += 1
+        return True
+
+    def emit(self, text: str) -> None:
+        """A line a worker process sent (the supervisor's log): the pod's rate applies."""
+        if self._handler is not None and self._allowed():
+            self._handler.handle(logging.LogRecord("batchgate.disagreements", logging.INFO, "", 0, text, None, None))
+
+    def write(
+        self, runner: ShadowRunner, request: InferRequest, primary: InferResponse, mine: np.ndarray, theirs: np.ndarray
+    ) -> None:
+        if not self._allowed():
+            return
         line = {
             "time": time.time(),
             "route": runner.route,
@@ -399,7 +421,11 @@ class DisagreementLog:
             "shadow_output": _summary(theirs, "shadow"),
         }
         text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-        self._handler.handle(logging.LogRecord("batchgate.disagreements", logging.INFO, "", 0, text, None, None))
+        if self._send is not None:
+            self._send(text)
+        elif self._handler is not None:
+            self._handler.handle(logging.LogRecord("batchgate.disagreements", logging.INFO, "", 0, text, None, None))
 
     def close(self) -> None:
-        self._handler.close()
+        if self._handler is not None:
+            self._handler.close()

@@ -142,6 +142,8 @@ class Supervisor:
         self.health_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.drift: DriftService | None = None  # the pod's one drift detector, fed by every worker
+        self.audit: Any = None  # the audit log (audit_log_file): its one writer
+        self.disagreements: Any = None  # the shadows' disagreement log: its one writer
         self._drift_start: asyncio.Future | None = None
         self._gathered_at = -1e9  # when the workers' figures were last read
         self._followed: list[str] = []  # front mode: the owner's models the workers serve
@@ -151,6 +153,7 @@ class Supervisor:
     async def start(self) -> None:
         s = self.settings
         self._loop = asyncio.get_running_loop()
+        self._open_files()
         srv = s.server
         for name, host in (("http_port", srv.host), ("grpc_port", srv.host)):
             self._reserve(name, host, getattr(srv, name))
@@ -375,6 +378,8 @@ class Supervisor:
             "route_share": lambda name, doc, new_windows: self._route_share(slot, name, doc, new_windows),
             "route_states": lambda: self._route_states(slot),
             "drift_samples": self._drift_samples,
+            "audit": self._audit,
+            "disagreement": self._disagreement,
             "drift_status": self._drift_status,
             "drift_command": self._drift_command,
         }
@@ -544,6 +549,41 @@ class Supervisor:
                     await s.channel.call("shm_unregister", name=args["name"], owner=args["owner"])
         return first
 
+    # ------------------------------------------------------------------ the pod's files
+    def _open_files(self) -> None:
+        """The audit log and the disagreement log: written here only (ConfigError if they cannot
+        be opened, as in one process)."""
+        from .security.audit import AuditLog
+        from .shadows import DisagreementLog
+
+        a, rs = self.settings.auth, self.settings.routing
+        try:
+            self.audit = AuditLog(a.audit_log_file) if a.audit_log_file else None
+        except OSError as e:
+            raise ConfigError(
+                f"audit_log_file '{a.audit_log_file}' cannot be opened for appending: {e.strerror}"
+            ) from None
+        try:
+            self.disagreements = (
+                DisagreementLog(rs.disagreement_log_file, rs.disagreement_log_max_bytes, rs.disagreement_log_per_s)
+                if rs.disagreement_log_file and (self.settings.routes or rs.routes_file)
+                else None
+            )
+        except OSError as e:
+            raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
+
+    async def _audit(self, fields: dict) -> None:
+        if self.audit is None:
+            return
+        try:
+            await self.audit.arecord(**fields)
+        except OSError as e:
+            raise GatewayError(ErrorCode.INTERNAL, f"could not write the audit log: {e}") from None
+
+    async def _disagreement(self, text: str) -> None:
+        if self.disagreements is not None:
+            self.disagreements.emit(text)
+
     # ------------------------------------------------------------------ routes: one leader
     def _others(self, slot: Slot) -> list[Slot]:
         return [s for s in self._members(True) if s is not slot]
@@ -578,11 +618,9 @@ class Supervisor:
         worker serves (each worker checked its monitors already, so this does not fail)."""
         from .monitoring.drift import DriftService
         from .security.access import Access
-        from .security.audit import AuditLog
 
         assert slot.channel is not None
-        path = self.settings.auth.audit_log_file
-        access = Access(None, audit=AuditLog(path) if path else None)
+        access = Access(None, audit=self.audit)
         service = DriftService(
             self.settings.drift,
             self.settings.drift_detector,
@@ -737,6 +775,8 @@ class Supervisor:
             sock.close()
         if self._private:
             shutil.rmtree(self._private, ignore_errors=True)
+        if self.disagreements is not None:
+            self.disagreements.close()
         log.info("supervisor: stopped")
         return clean
 

@@ -175,6 +175,14 @@ class WorkerLink:
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.tell("route_share", name=name, doc=doc, new_windows=new_windows)
 
+    # the pod's files, written by the supervisor ------------------------------------
+    def audit_log(self, path: str) -> _AuditLine:
+        return _AuditLine(self, path)
+
+    def disagreement(self, text: str) -> None:
+        if self.channel is not None and not self.channel.closed.is_set():
+            self.channel.tell("disagreement", text=text)
+
     # the Coordinator: this worker's data plane asks the supervisor -----------------
     def _sup(self) -> Channel:
         if self.channel is None or self.channel.closed.is_set():
@@ -215,6 +223,20 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _AuditLine:
+    """The audit log as a worker process writes it: each record to the supervisor, which appends
+    and fsyncs it before the call returns (so an action is still on disk before it is answered)."""
+
+    def __init__(self, link: WorkerLink, path: str):
+        self.link, self.path = link, path
+
+    async def arecord(self, **fields: Any) -> None:
+        try:
+            await self.link._sup().call("audit", fields=fields, timeout=30)
+        except GatewayError as e:  # the access layer logs an OSError as a failure to write
+            raise OSError(e.message) from None
+
+
 async def run(fd: int) -> int:
     _die_with_parent()
     link = WorkerLink()
@@ -226,22 +248,15 @@ async def run(fd: int) -> int:
     logs.setup(settings.server.log_format, settings.server.log_level, worker=hello["name"])
     cores.set_workers(hello["workers"])
 
-    from .app import Gateway  # (after GRPC_EXPERIMENTS is set: grpc is imported here)
+    from .app import Gateway, WorkerRole  # (after GRPC_EXPERIMENTS is set: grpc is imported here)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gateway = Gateway(
-            settings,
-            reuse_port=True,
-            grpc_address=hello.get("grpc_address", ""),
-            drift_link=link,
-            route_peer=link,
-            leader=hello.get("leader", False),
-            rescans=False,  # poll mode: the supervisor drives the rescans, two-phase
-        )
+        role = WorkerRole(link, leader=hello.get("leader", False), grpc_address=hello.get("grpc_address", ""))
+        gateway = Gateway(settings, role=role)
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")
         return 2

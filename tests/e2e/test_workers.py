@@ -326,11 +326,17 @@ def test_routes_across_workers_one_leader_judges_the_pod_and_the_others_follow(t
     pair = {
         "name": "pair",
         "variants": [{"name": "a", "model": "clf_a", "weight": 100}, {"name": "b", "model": "clf_same", "weight": 0}],
+        "shadows": [{"name": "other", "model": "clf_other", "percent": 100, "max_inflight": 64}],
+        "compare": {"output": "probabilities", "kind": "classification", "atol": 1.0e-3},
     }
-    cfg = write_config(str(tmp_path / "c.yaml"), [ramp, pair])
-    p = Proc(
-        serve_args(repo, "--workers", "2", "--config", cfg, "--admin-http-port", "0", "--allow-open-admin", "true")
+    log_file, audit = tmp_path / "disagreements.jsonl", tmp_path / "audit.jsonl"
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [ramp, pair],
+        routing={"disagreement_log_file": str(log_file), "disagreement_log_per_s": 1000},
+        auth={"audit_log_file": str(audit), "allow_open_admin": True},
     )
+    p = Proc(serve_args(repo, "--workers", "2", "--config", cfg, "--admin-http-port", "0"))
     try:
         p.wait_ready()
         admin = int(re.search(r"admin HTTP on 127\.0\.0\.1:(\d+)", p.output()).group(1))
@@ -355,6 +361,14 @@ def test_routes_across_workers_one_leader_judges_the_pod_and_the_others_follow(t
         assert {infer_grpc(p.grpc, "pair")[1]["variant"] for _ in range(20)} == {"b"}
         per_worker = [_value(_metrics(p), f'batchgate_worker_requests_total{{worker="{w}"}}') for w in "01"]
         assert all(n > 0 for n in per_worker), per_worker
+        # The pod's files have one writer, the supervisor: whole lines, each action once.
+        actions = [json.loads(line)["action"] for line in audit.read_text().splitlines()]
+        assert actions.count("routes.set_weights") == 1 and "rollout.step" in actions
+        end = time.monotonic() + 10
+        while not log_file.exists() or len(log_file.read_text().splitlines()) < 10:
+            assert time.monotonic() < end, "no disagreements logged"
+            time.sleep(0.1)
+        assert all(json.loads(line)["shadow"] == "other" for line in log_file.read_text().splitlines())
 
         # A worker started later takes the pod's route state, not the configuration's.
         victim = _pids(p)[1]
