@@ -353,8 +353,8 @@ class Gateway:
             lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
             away=lambda: threads.away,
         )
-        await table.install(specs, "the configuration")
         table.peer, table.leader = (self.role.link if self.role is not None else None), self.leader
+        await table.install(specs, "the configuration")
         self.dataplane.routes = self.routes = table
         self._route_tasks = [asyncio.ensure_future(table.control())] if self.leader else []
         if rs.routes_file:

@@ -113,8 +113,14 @@ class RouteTable:
             self._refresh(route)  # a model that changed while the shadows were being built
             route.publish()
             self._save(route)
-        for name in resets:
+        for name in resets if self.leader else ():  # (one line for the pod)
             await self._audited("route.reset", name, "ok", f"the definition in {source} changed: weights reset to it")
+        if self.peer is not None:  # each worker reloads on its own: meet again on the leader's state
+            if self.leader:
+                for route in new.values():
+                    self._share(route, False)
+            else:
+                self._spawn(self._pull())
         if specs:
             log.info("routes from %s: %s", source, ", ".join(s.name for s in specs))
 
@@ -279,6 +285,18 @@ class RouteTable:
     def states(self) -> dict[str, dict[str, Any]]:
         return {name: self._doc(route) for name, route in self.routes.items()}
 
+    async def _pull(self) -> None:
+        """A follower that rebuilt its routes: the leader's state of each (a route whose
+        definition the leader has not re-read yet is skipped; the leader shares it when it has)."""
+        assert self.peer is not None
+        try:
+            docs = await self.peer.states()
+        except (GatewayError, TimeoutError) as e:
+            log.warning("routes: could not take the leader's route state: %s", e)
+            return
+        for name, doc in docs.items():
+            self.apply_state(name, doc, False)
+
     def apply_state(self, name: str, doc: dict[str, Any], new_windows: bool) -> bool:
         """Follow the leader: its weights and rollout state for route ``name`` (ignored when the
         route's definition differs here, e.g. a routes file this process has not re-read yet)."""
@@ -370,10 +388,13 @@ class RouteTable:
                     canary, baseline = route.window_figures()
                 else:  # the pod's figures: every worker's window of this interval
                     canary, baseline = route.pod_figures(await self.peer.windows(route.name))
+                    if self.routes.get(route.name) is not route:  # reloaded meanwhile: judged next tick
+                        continue
                 verdict = ro.tick(r, state, now, canary, baseline)
             except Exception:  # one route's figures must not stop the others' rollouts
                 log.exception("route '%s' rollout: the interval could not be judged; starting a new one", route.name)
                 route.new_windows()
+                self._share(route, True)
                 continue
             if verdict is None:
                 continue
@@ -501,3 +522,6 @@ class RoutePeer(Protocol):
 
     def share(self, name: str, doc: dict[str, Any], new_windows: bool) -> None:
         """Send a change of route ``name`` to the other workers (never waits)."""
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        """The leader's state of every route (a follower's catch-up)."""

@@ -53,7 +53,7 @@ Header = Callable[[str], "str | None"]  # a request's header / metadata value by
 class Window:
     """One variant's figures over the rollout's current interval."""
 
-    __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed", "outputs", "answers")
+    __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed", "outputs", "answers", "parts")
 
     def __init__(self) -> None:
         from hdrh.histogram import HdrHistogram  # only servers with routes load it
@@ -67,6 +67,7 @@ class Window:
         self.disagreed = 0
         self.outputs: list[np.ndarray] = []  # a uniform sample of answers' rows (max_output_psi)
         self.answers = 0
+        self.parts: list[tuple[list[np.ndarray], int]] = []  # absorbed samples, with the answers each stands for
 
     def keep(self, rows: np.ndarray, rng: random.Random) -> None:
         """Reservoir sampling over answers: each of the interval's answers is equally likely to
@@ -94,7 +95,8 @@ class Window:
             "latency": self.latency.encode(),
             "compared": self.compared,
             "disagreed": self.disagreed,
-            "outputs": list(self.outputs),
+            "outputs": _bounded(self.outputs),
+            "answers": self.answers,
         }
 
     def absorb(self, other: dict[str, Any]) -> None:
@@ -105,13 +107,31 @@ class Window:
             self.latency.decode_and_add(other["latency"])
         self.compared += other["compared"]
         self.disagreed += other["disagreed"]
-        self.outputs.extend(other["outputs"])
+        self.parts.append((other["outputs"], other["answers"]))
 
     def figures(self) -> ro.Figures:
         n = self.latency.get_total_count()
         p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
-        outputs = np.concatenate(self.outputs) if self.outputs else None
+        kept = self.outputs
+        if self.parts:  # several processes' samples: each in proportion to the answers it stands for
+            total = sum(a for _, a in self.parts) or 1
+            rng = random.Random(0)
+            kept = []
+            for samples, answers in self.parts:
+                take = min(len(samples), round(OUTPUT_SAMPLES * answers / total))
+                kept += rng.sample(samples, take)
+        outputs = np.concatenate(kept) if kept else None
         return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs)
+
+
+def _bounded(samples: list[np.ndarray], limit: int = 8 << 20) -> list[np.ndarray]:
+    """At most ``limit`` bytes of kept answers (an even subsample past it): what one worker sends
+    the leader each interval stays small."""
+    size = sum(a.nbytes for a in samples)
+    if size <= limit:
+        return list(samples)
+    step = -(-size // limit)
+    return samples[::step]
 
 
 class Routed:

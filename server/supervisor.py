@@ -245,6 +245,8 @@ class Supervisor:
                 auth=type(self.settings.auth)(),
                 tls=type(self.settings.tls)(),
                 drift=(),
+                routes=(),  # the workers serve the routes over the owner's models
+                routing=dataclasses.replace(self.settings.routing, routes_file="", state_dir=""),
             )
         admin = slot.index == 0
         server = dataclasses.replace(
@@ -469,25 +471,37 @@ class Supervisor:
         interval = self.settings.repository.repository_poll_s
         while not self.stopping:
             await asyncio.sleep(interval)
+            if self.stopping:
+                return
+            try:
+                await self._rescan()
+            except Exception:  # the rescans must outlive any one failed pass (as in one process)
+                log.exception("repository rescan failed")
+
+    async def _rescan(self) -> None:
+        # Every member says what it sees changed (a worker started meanwhile may have built the
+        # new files already; the others still need them): the union is loaded.
+        members = [s for s in self._members() if s.ready and s.channel is not None]
+        plans = await asyncio.gather(
+            *(s.channel.call("rescan_plan", timeout=60) for s in members if s.channel), return_exceptions=True
+        )
+        load = sorted({n for p in plans if isinstance(p, dict) for n in p["load"]})
+        unload = sorted({n for p in plans if isinstance(p, dict) for n in p["unload"]})
+        for name in load:  # the lock per model: joins and other changes go on between them
+            if self.stopping:
+                return
             async with self._lock:
-                planner = next((s for s in self._members() if s.ready and s.channel is not None), None)
-                if planner is None or planner.channel is None:
-                    continue
                 try:
-                    plan = await planner.channel.call("rescan_plan", timeout=60)
+                    await self._two_phase("poll_load", name=name)
                 except GatewayError as e:
-                    log.warning("repository rescan: %s", e.message)
-                    continue
-                for name in plan["load"]:
-                    try:
-                        await self._two_phase("poll_load", name=name)
-                    except GatewayError as e:
-                        log.error("repository rescan: model '%s' not reloaded on any worker: %s", name, e.message)
-                for name in plan["unload"]:
-                    with contextlib.suppress(GatewayError):
-                        await self._everywhere("poll_unload", self._members(), name=name)
-                if plan["load"] or plan["unload"]:
-                    await self._follow(plan["load"])
+                    log.error("repository rescan: model '%s' not reloaded on any worker: %s", name, e.message)
+        for name in unload:
+            async with self._lock:
+                with contextlib.suppress(GatewayError, TimeoutError):
+                    await self._everywhere("poll_unload", self._members(), name=name)
+        if load or unload:
+            async with self._lock:
+                await self._follow(load)
 
     async def unload(self, name: str) -> None:
         async with self._lock:
@@ -608,7 +622,7 @@ class Supervisor:
         other ready worker's (the leader itself restarting takes them from the others)."""
         for s in sorted(self._others(slot), key=lambda s: s.index):
             if s.ready and s.channel is not None:
-                with contextlib.suppress(GatewayError):
+                with contextlib.suppress(GatewayError, TimeoutError):
                     return await s.channel.call("route_states", timeout=10)
         return {}
 
@@ -619,7 +633,9 @@ class Supervisor:
         from .monitoring.drift import DriftService
         from .security.access import Access
 
-        assert slot.channel is not None
+        if slot.channel is None:
+            self._drift_start = None
+            return
         access = Access(None, audit=self.audit)
         service = DriftService(
             self.settings.drift,
@@ -628,9 +644,10 @@ class Supervisor:
             lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
         )
         try:
-            service.prepare(await slot.channel.call("drift_signatures"))
-        except (ConfigError, GatewayError) as e:  # the workers checked the monitors already: unlikely
-            log.error("drift: the detector cannot start: %s", e)
+            service.prepare(await slot.channel.call("drift_signatures", timeout=30))
+        except (ConfigError, GatewayError, TimeoutError) as e:  # (that worker went away): the next ready one tries
+            log.error("drift: the detector cannot start yet: %s", e)
+            self._drift_start = None
             return
         assert self._loop is not None
         service.start(self._loop)
@@ -639,6 +656,10 @@ class Supervisor:
     async def _drift_samples(self, message: tuple) -> None:
         if self.drift is not None:
             self.drift.take(message[1])
+            return
+        for model, _, _, _, count in message[1]:  # the detector is not up yet: dropped, counted
+            dm = self.metrics.drift(model)
+            dm.samples["dropped"] = dm.samples.get("dropped", 0) + count
 
     def _monitor(self) -> DriftService:
         if self.drift is None:

@@ -148,8 +148,16 @@ class WorkerLink:
         table = self._routes()
         if table is None:
             return
-        for name, doc in (await self._sup().call("route_states")).items():
+        try:
+            docs = await self.states()
+        except (GatewayError, TimeoutError) as e:  # starts with the configuration's; the leader shares on
+            log.warning("could not take the pod's route state: %s", e)
+            return
+        for name, doc in docs.items():
             table.apply_state(name, doc, False)
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        return await self._sup().call("route_states", timeout=30)
 
     async def _follow(self, specs: list, reload: list[str]) -> None:
         """A front worker: serve exactly these remote models (those of the model-owning process)."""

@@ -1,0 +1,53 @@
+"""A route's rollout window across worker processes: exported, merged on the leader, with the
+latency histogram whole and the answers' samples weighted by the traffic each stands for."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from batchgate.routes import OUTPUT_SAMPLES, Window, _bounded
+
+
+def _window(requests: int, latency_us: int, value: float, answers: int) -> Window:
+    w = Window()
+    rng = random.Random(1)
+    for _ in range(requests):
+        w.requests += 1
+        w.latency.record_value(latency_us)
+    for _ in range(answers):
+        w.keep(np.full((1, 3), value, np.float32), rng)
+    return w
+
+
+def test_merged_figures_add_counts_and_take_the_p99_of_the_union():
+    busy, quiet = _window(990, 1000, 1.0, 0), _window(10, 500_000, 0.0, 0)
+    merged = Window()
+    merged.absorb(busy.export())
+    merged.absorb(quiet.export())
+    f = merged.figures()
+    assert f.requests == 1000
+    assert 0.00099 <= f.p99_s <= 0.00102  # 1 ms: the slow 1% sits above the 99th percentile
+    quiet2 = _window(20, 500_000, 0.0, 0)
+    merged.absorb(quiet2.export())
+    assert merged.figures().p99_s > 0.4  # now 3% are slow
+
+
+def test_answer_samples_count_by_the_answers_they_stand_for():
+    busy, quiet = _window(0, 1, 1.0, 5000), _window(0, 1, 0.0, 50)
+    merged = Window()
+    merged.absorb(busy.export())
+    merged.absorb(quiet.export())
+    outputs = merged.figures().outputs
+    assert outputs.shape[0] <= OUTPUT_SAMPLES
+    share_quiet = float((outputs[:, 0] == 0.0).mean())
+    assert share_quiet < 0.03  # ~1% of the answers, not half of the sample
+
+
+def test_what_one_worker_sends_is_bounded():
+    samples = [np.zeros((64, 1000), np.float32) for _ in range(512)]  # 131 MB kept
+    sent = _bounded(samples)
+    assert sum(a.nbytes for a in sent) <= 8 << 20 and len(sent) > 10
+    small = [np.zeros((1, 3), np.float32)] * 5
+    assert _bounded(small) == small
