@@ -73,6 +73,16 @@ def _http_infer(url: str) -> None:
         conn.close()
 
 
+def _ready_everywhere(p: Proc, model: str) -> set[bool]:
+    """What 16 new connections (both workers answer some) say of the model's readiness."""
+    seen = set()
+    for _ in range(16):
+        c = httpclient.InferenceServerClient(p.http)
+        seen.add(c.is_model_ready(model))
+        c.close()
+    return seen
+
+
 @pytest.fixture
 def clf_repo(tmp_path):
     _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
@@ -192,17 +202,9 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_r
     try:
         p.wait_ready()
 
-        def ready_everywhere(model: str) -> set[bool]:
-            seen = set()
-            for _ in range(16):  # new connections: both workers answer some
-                c = httpclient.InferenceServerClient(p.http)
-                seen.add(c.is_model_ready(model))
-                c.close()
-            return seen
-
-        assert ready_everywhere("clf2") == {False}
+        assert _ready_everywhere(p, "clf2") == {False}
         httpclient.InferenceServerClient(p.http).load_model("clf2")
-        assert ready_everywhere("clf2") == {True}
+        assert _ready_everywhere(p, "clf2") == {True}
         for _ in range(8):
             _grpc_infer(p.grpc, "clf2")
 
@@ -212,7 +214,7 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_r
                 "clf2", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": b"not a model"}
             )
         assert "no worker switched versions" in e.value.message()
-        assert ready_everywhere("clf2") == {True}
+        assert _ready_everywhere(p, "clf2") == {True}
 
         # A worker started after the load catches up before it listens.
         victim = _pids(p)[1]
@@ -221,11 +223,11 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_r
         while _pids(p)[1] == victim:
             assert time.monotonic() < end, p.output()
             time.sleep(0.1)
-        assert ready_everywhere("clf2") == {True}
+        assert _ready_everywhere(p, "clf2") == {True}
 
         grpcclient.InferenceServerClient(p.grpc).unload_model("clf2")
-        assert ready_everywhere("clf2") == {False}
-        assert ready_everywhere("clf") == {True}
+        assert _ready_everywhere(p, "clf2") == {False}
+        assert _ready_everywhere(p, "clf") == {True}
     finally:
         p.kill()
 
@@ -499,14 +501,6 @@ def test_poll_rescans_are_the_supervisors_and_two_phase(clf_repo):
     try:
         p.wait_ready()
 
-        def ready_everywhere(model: str) -> set[bool]:
-            seen = set()
-            for _ in range(16):
-                c = httpclient.InferenceServerClient(p.http)
-                seen.add(c.is_model_ready(model))
-                c.close()
-            return seen
-
         def until(check, what: str) -> None:
             end = time.monotonic() + 30
             while not check():
@@ -514,17 +508,17 @@ def test_poll_rescans_are_the_supervisors_and_two_phase(clf_repo):
                 time.sleep(0.2)
 
         _save(classifier_model(seed=3), clf_repo, "added")
-        until(lambda: ready_everywhere("added") == {True}, "a new model reaches every worker")
+        until(lambda: _ready_everywhere(p, "added") == {True}, "a new model reaches every worker")
         # A change that cannot build: no worker switches, every worker serves the old version.
         with open(os.path.join(clf_repo, "added", "1", "model.onnx"), "wb") as f:
             f.write(b"not a model")
         until(lambda: "model 'added' not reloaded on any worker" in p.output(), "the failed rescan is said")
-        assert ready_everywhere("added") == {True}
+        assert _ready_everywhere(p, "added") == {True}
         for _ in range(8):
             _grpc_infer(p.grpc, "added")
         assert p.output().count("[worker 0]: model 'added' ready") == 1  # loaded once, never swapped
         shutil.rmtree(os.path.join(clf_repo, "added"))
-        until(lambda: ready_everywhere("added") == {False}, "a removed model leaves every worker")
-        assert ready_everywhere("clf") == {True}
+        until(lambda: _ready_everywhere(p, "added") == {False}, "a removed model leaves every worker")
+        assert _ready_everywhere(p, "clf") == {True}
     finally:
         p.kill()
