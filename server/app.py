@@ -303,7 +303,8 @@ class Gateway:
         self._readiness = asyncio.ensure_future(self._watch_readiness())
         if self._tls is not None:
             self._tls.start()  # reload the certificate files when they change
-        if self.dataplane.access.keys is not None:  # revocation: the keys file is re-read when it changes
+        if self.dataplane.access.keys is not None and self.role is None:  # (workers: the supervisor watches)
+            # revocation: the keys file is re-read when it changes
             self._keys_watch = asyncio.ensure_future(self.dataplane.access.watch(self.settings.auth.api_keys_poll_s))
         log.info(
             "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s; admin gRPC on %s, admin HTTP on %s",

@@ -272,8 +272,9 @@ class RouteTable:
 
     def _save(self, route: ServedRoute) -> None:
         """Keep the route's runtime state: written (and fsynced) on a thread of its own, in the
-        order the changes happened, never on the event loop. Only the leader writes."""
-        if self.state is None or not self.leader:
+        order the changes happened, never on the event loop. Among worker processes the
+        supervisor keeps it (from what the leader shares); no worker writes."""
+        if self.state is None or self.peer is not None:
             return
         self._write(route.name, self.state.save, "route", route.name, self._doc(route))
 
@@ -297,11 +298,11 @@ class RouteTable:
         for name, doc in docs.items():
             self.apply_state(name, doc, False)
 
-    def apply_state(self, name: str, doc: dict[str, Any], new_windows: bool) -> bool:
+    def apply_state(self, name: str, doc: dict[str, Any] | None, new_windows: bool) -> bool:
         """Follow the leader: its weights and rollout state for route ``name`` (ignored when the
         route's definition differs here, e.g. a routes file this process has not re-read yet)."""
         route = self.routes.get(name)
-        if route is None or doc.get("fingerprint") != route.spec.fingerprint():
+        if route is None or doc is None or doc.get("fingerprint") != route.spec.fingerprint():
             return False
         try:
             table = BucketTable.from_state(doc["table"])
@@ -320,7 +321,9 @@ class RouteTable:
         return True
 
     def _forget(self, name: str) -> None:
-        if self.state is not None and self.leader:
+        if self.peer is not None and self.leader:  # the supervisor forgets its copy (and state_dir's)
+            self.peer.share(name, None, False)
+        elif self.state is not None and self.peer is None:
             self._write(name, self.state.remove, "route", name)
 
     def _write(self, name: str, fn, *args) -> None:
@@ -520,8 +523,9 @@ class RoutePeer(Protocol):
     async def windows(self, name: str) -> list[dict[str, dict[str, Any]]]:
         """The other workers' windows of route ``name`` (variant -> :meth:`Window.export`)."""
 
-    def share(self, name: str, doc: dict[str, Any], new_windows: bool) -> None:
-        """Send a change of route ``name`` to the other workers (never waits)."""
+    def share(self, name: str, doc: dict[str, Any] | None, new_windows: bool) -> None:
+        """Send a change of route ``name`` (None: it is gone) to the supervisor, which keeps it
+        (and state_dir) and sends it to the other workers (never waits)."""
 
     async def states(self) -> dict[str, dict[str, Any]]:
         """The leader's state of every route (a follower's catch-up)."""

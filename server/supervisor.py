@@ -31,6 +31,7 @@ import socket
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import cores, logs
@@ -143,6 +144,10 @@ class Supervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.drift: DriftService | None = None  # the pod's one drift detector, fed by every worker
         self.audit: Any = None  # the audit log (audit_log_file): its one writer
+        self._route_docs: dict[str, dict] = {}  # the routes' runtime state (weights, rollout), the pod's copy
+        self._state: Any = None  # state_dir: the routes' state kept across restarts, written here only
+        self._state_writes = ThreadPoolExecutor(1, thread_name_prefix="batchgate-state")
+        self._keys: Any = None  # the API keys (api_keys_file): watched here, read by every worker on a change
         self.disagreements: Any = None  # the shadows' disagreement log: its one writer
         self._drift_start: asyncio.Future | None = None
         self._gathered_at = -1e9  # when the workers' figures were last read
@@ -154,20 +159,28 @@ class Supervisor:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         self._open_files()
+        if s.routing.state_dir and (s.routes or s.routing.routes_file):
+            from .state import StateDir
+
+            try:
+                self._state = StateDir(s.routing.state_dir)
+            except OSError as e:
+                raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
         srv = s.server
         for name, host in (("http_port", srv.host), ("grpc_port", srv.host)):
             self._reserve(name, host, getattr(srv, name))
         for name in ("admin_port", "admin_http_port"):
             if getattr(srv, name) >= 0:
                 self._reserve(name, srv.admin_host, getattr(srv, name))
-        if srv.metrics_port >= 0:
-            from .monitoring.serve import serve_metrics
+        if s.auth.api_keys_file:
             from .security.auth import KeyStore
 
-            a = s.auth
-            keys = KeyStore(a.api_keys_file) if a.api_keys_file and a.metrics_requires_key else None
-            if keys is not None:
-                self._tasks.append(asyncio.ensure_future(keys.watch(a.api_keys_poll_s)))
+            self._keys = KeyStore(s.auth.api_keys_file)  # a bad file: ConfigError, nothing started
+            self._tasks.append(asyncio.ensure_future(self._watch_keys()))
+        if srv.metrics_port >= 0:
+            from .monitoring.serve import serve_metrics
+
+            keys = self._keys if s.auth.metrics_requires_key else None
             self._metrics_server = serve_metrics(self._exposition, srv.host, srv.metrics_port, keys)
             self.metrics_port = self._metrics_server.server_port
         if srv.health_port >= 0:
@@ -586,6 +599,23 @@ class Supervisor:
         except OSError as e:
             raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
 
+    async def _watch_keys(self) -> None:
+        """The keys file, watched here for the pod: when it changes every worker reads it at
+        once (a revoked key stops working everywhere within one poll)."""
+        a, keys = self.settings.auth, self._keys
+        while not self.stopping:
+            await asyncio.sleep(a.api_keys_poll_s)
+            try:
+                if not await asyncio.to_thread(keys.reload_if_changed):
+                    continue
+            except Exception:  # never let the watcher die: revocation depends on it
+                log.exception("checking the API keys file %s failed", a.api_keys_file)
+                continue
+            members = self._members(True)
+            await asyncio.gather(
+                *(s.channel.call("keys_reload", timeout=30) for s in members if s.channel), return_exceptions=True
+            )
+
     async def _audit(self, fields: dict) -> None:
         if self.audit is None:
             return
@@ -611,15 +641,25 @@ class Supervisor:
         )
         return [r for r in replies if isinstance(r, dict) and r]
 
-    async def _route_share(self, slot: Slot, name: str, doc: dict, new_windows: bool) -> None:
-        """The leader changed a route (a rollout step, the admin API): every other worker follows."""
+    async def _route_share(self, slot: Slot, name: str, doc: dict | None, new_windows: bool) -> None:
+        """The leader changed a route (a rollout step, the admin API; None: the route is gone):
+        kept here, and in state_dir, and every other worker follows."""
+        if doc is None:
+            self._route_docs.pop(name, None)
+        else:
+            self._route_docs[name] = doc
+        if self._state is not None:
+            fn = self._state.remove if doc is None else functools.partial(self._state.save, doc=doc)
+            self._state_writes.submit(_logged_write, fn, "route", name)  # in order, off the loop
         for s in self._others(slot):
             if s.channel is not None:
                 s.channel.tell("route_state", name=name, doc=doc, new_windows=new_windows)
 
     async def _route_states(self, slot: Slot) -> dict:
-        """The routes' state for a worker that just built its routes: the leader's, else any
-        other ready worker's (the leader itself restarting takes them from the others)."""
+        """The routes' state for a worker that just built its routes: the pod's, kept here from
+        what the leader shared; before the leader shared any, a ready worker's."""
+        if self._route_docs:
+            return dict(self._route_docs)
         for s in sorted(self._others(slot), key=lambda s: s.index):
             if s.ready and s.channel is not None:
                 with contextlib.suppress(GatewayError, TimeoutError):
@@ -798,6 +838,7 @@ class Supervisor:
             shutil.rmtree(self._private, ignore_errors=True)
         if self.disagreements is not None:
             self.disagreements.close()
+        self._state_writes.shutdown(wait=True)
         log.info("supervisor: stopped")
         return clean
 
@@ -832,6 +873,13 @@ def _detached(op):
         return await asyncio.shield(asyncio.ensure_future(op(**args)))
 
     return run
+
+
+def _logged_write(fn, kind: str, name: str) -> None:
+    try:
+        fn(kind, name)
+    except (OSError, ValueError) as e:
+        log.error("route '%s': cannot keep its state in state_dir: %s", name, e)
 
 
 def _named(slot: Slot) -> str:

@@ -54,6 +54,7 @@ class WorkerLink:
             "route_windows": self._route_windows,
             "route_state": self._route_state,
             "route_states": self._route_states,
+            "keys_reload": self._keys_reload,
         }
 
     # the supervisor's calls ---------------------------------------------------------
@@ -127,6 +128,11 @@ class WorkerLink:
     async def _drift_signatures(self) -> dict:
         return self.gateway.drift_signatures()
 
+    async def _keys_reload(self) -> bool:
+        """The supervisor saw the keys file change: read it now (every worker at once)."""
+        keys = self.gateway.dataplane.access.keys if self.gateway is not None else None
+        return keys is not None and await asyncio.to_thread(keys.reload_if_changed)
+
     def _routes(self):
         return self.gateway.routes if self.gateway is not None else None
 
@@ -135,7 +141,7 @@ class WorkerLink:
         route = table.routes.get(name) if table is not None else None
         return {} if route is None else {v: w.export() for v, w in route.windows.items()}
 
-    async def _route_state(self, name: str, doc: dict, new_windows: bool) -> bool:
+    async def _route_state(self, name: str, doc: dict | None, new_windows: bool) -> bool:
         table = self._routes()
         return table is not None and table.apply_state(name, doc, new_windows)
 
@@ -179,7 +185,7 @@ class WorkerLink:
     async def windows(self, name: str) -> list[dict[str, dict[str, Any]]]:
         return await self._sup().call("route_windows", name=name, timeout=10)
 
-    def share(self, name: str, doc: dict[str, Any], new_windows: bool) -> None:
+    def share(self, name: str, doc: dict[str, Any] | None, new_windows: bool) -> None:
         if self.channel is not None and not self.channel.closed.is_set():
             self.channel.tell("route_share", name=name, doc=doc, new_windows=new_windows)
 

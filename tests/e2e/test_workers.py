@@ -16,6 +16,7 @@ import re
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -522,3 +523,92 @@ def test_poll_rescans_are_the_supervisors_and_two_phase(clf_repo):
         assert _ready_everywhere(p, "clf") == {True}
     finally:
         p.kill()
+
+
+def test_the_supervisor_watches_the_keys_and_every_worker_follows(clf_repo, tmp_path):
+    import yaml
+
+    from batchgate.security.auth import hash_token, new_token
+
+    app, ops = new_token(), new_token()
+
+    def keys(*entries) -> str:
+        return yaml.safe_dump({"keys": list(entries)})
+
+    app_key = {"id": "app", "sha256": hash_token(app), "scopes": ["infer", "read"]}
+    ops_key = {"id": "ops", "sha256": hash_token(ops), "scopes": ["read"]}
+    path = tmp_path / "keys.yaml"
+    path.write_text(keys(app_key, ops_key))
+    args = ["--api-keys-file", str(path), "--api-keys-poll-s", "0.2", "--metrics-requires-key", "true"]
+    p = Proc(serve_args(clf_repo, "--workers", "2", *args))
+    try:
+        p.wait_ready()
+
+        def answers(token: str) -> set[int]:
+            codes = set()
+            for _ in range(16):  # new connections: both workers
+                host, port = p.http.split(":")
+                conn = http.client.HTTPConnection(host, int(port), timeout=20)
+                conn.request(
+                    "POST",
+                    "/v2/models/clf/infer",
+                    BODY,
+                    {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+                )
+                r = conn.getresponse()
+                r.read()
+                codes.add(r.status)
+                conn.close()
+            return codes
+
+        assert answers(app) == {200}
+        metrics = f"http://127.0.0.1:{p.ports[2]}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(metrics, timeout=20)
+        assert e.value.code == 401  # the supervisor's /metrics needs a key too
+        req = urllib.request.Request(metrics, headers={"Authorization": f"Bearer {ops}"})
+        assert b"batchgate_workers 2.0" in urllib.request.urlopen(req, timeout=20).read()
+
+        path.write_text(keys(ops_key))  # "app" revoked
+        end = time.monotonic() + 10
+        while answers(app) != {401}:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.2)
+        assert p.output().count("API keys reloaded") >= 3  # the supervisor, then each worker at once
+    finally:
+        p.kill()
+
+
+def test_route_state_is_kept_by_the_supervisor_across_a_pod_restart(tmp_path):
+    from route_support import infer_grpc, route_repository, write_config
+
+    repo = route_repository(str(tmp_path / "models"))
+    pair = {
+        "name": "pair",
+        "variants": [{"name": "a", "model": "clf_a", "weight": 100}, {"name": "b", "model": "clf_same", "weight": 0}],
+    }
+    state = tmp_path / "state"
+    cfg = write_config(str(tmp_path / "c.yaml"), [pair], routing={"state_dir": str(state)})
+    args = serve_args(repo, "--workers", "2", "--config", cfg, "--admin-http-port", "0", "--allow-open-admin", "true")
+    p = Proc(args)
+    try:
+        p.wait_ready()
+        admin = int(re.search(r"admin HTTP on 127\.0\.0\.1:(\d+)", p.output()).group(1))
+        body = json.dumps({"weights": {"a": 0, "b": 100}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{admin}/admin/v1/routes/pair/weights", data=body, method="POST")
+        urllib.request.urlopen(req, timeout=20).read()
+        end = time.monotonic() + 10
+        kept = state / "route-pair.json"  # (written beside, then renamed: read only the final name)
+        while not kept.exists() or '"b"' not in kept.read_text():
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(60) == 0
+    finally:
+        p.kill()
+    q = Proc(args)
+    try:
+        q.wait_ready()
+        assert {infer_grpc(q.grpc, "pair")[1]["variant"] for _ in range(20)} == {"b"}
+    finally:
+        q.kill()
