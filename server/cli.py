@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .drift_profile import add_parser as add_drift_parser
 
     add_drift_parser(sub)
+    from .score.cli import add_parser as add_score_parser
+
+    add_score_parser(sub)
     return ap
 
 
@@ -408,6 +411,10 @@ def main(argv=None) -> int:
         from .admin.cli import main as routes_main
 
         return routes_main(args)
+    if args.command == "score":
+        from .score.cli import main as score_main
+
+        return score_main(args)
     if args.command == "drift":
         from .drift_profile import main as drift_main
 

@@ -1,0 +1,1 @@
+"""Batch scoring (``batchgate score``): files scored through the models and backends batchgate serves."""

@@ -1,0 +1,142 @@
+"""Batch scoring's output: numbered part files (Parquet or CSV), a manifest, and the rejects.
+
+Part ``i`` holds the scored rows of input rows ``[i * batch_size, (i + 1) * batch_size)``, in input
+order; it is written beside its final name, fsynced and renamed, then recorded in the manifest
+(rewritten the same way) with its SHA-256. A run restarted with the same arguments keeps every
+part the manifest records whose file still has that digest, and scores the others: the final
+output is the same bytes as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def part_name(index: int, fmt: str) -> str:
+    return f"part-{index:05d}.{fmt}"
+
+
+def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) -> pa.Table:
+    """The kept input columns, then one column per output (see the module text of tables.py for
+    the shapes): Parquet keeps a tensor row as a (nested) fixed-size list; CSV flattens a 2-D
+    output to ``<name>_<i>`` and writes higher ranks and BYTES as JSON text."""
+    cols: dict[str, pa.Array] = {name: keep.column(name).combine_chunks() for name in keep.column_names}
+    for name, arr in outputs.items():
+        if arr.dtype == object:  # BYTES: text (UTF-8; other bytes escaped)
+            if arr.ndim == 1:
+                cols[name] = pa.array([_text(v) for v in arr.tolist()])
+            elif fmt == "csv":
+                cols[name] = pa.array([json.dumps(_py(v)) for v in arr.tolist()])
+            else:
+                texts: pa.Array = pa.array([_text(v) for v in arr.reshape(-1).tolist()], pa.string())
+                for width in reversed(arr.shape[1:]):
+                    texts = pa.FixedSizeListArray.from_arrays(texts, int(width))
+                cols[name] = texts
+        elif arr.ndim == 1:
+            cols[name] = pa.array(arr)
+        elif fmt == "csv" and arr.ndim == 2:
+            for i in range(arr.shape[1]):
+                cols[f"{name}_{i}"] = pa.array(np.ascontiguousarray(arr[:, i]))
+        elif fmt == "csv":
+            cols[name] = pa.array([json.dumps(v) for v in arr.tolist()])
+        else:
+            values: pa.Array = pa.array(np.ascontiguousarray(arr).reshape(-1))
+            for width in reversed(arr.shape[1:]):
+                values = pa.FixedSizeListArray.from_arrays(values, int(width))
+            cols[name] = values
+    return pa.table(cols)
+
+
+def _text(v: object) -> str:
+    return v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
+
+
+def _py(v: object) -> object:
+    if isinstance(v, list):
+        return [_py(x) for x in v]
+    return _text(v) if isinstance(v, bytes) else v
+
+
+def encode(table: pa.Table, fmt: str) -> bytes:
+    """The part's bytes: the same table always gives the same bytes (no timestamps)."""
+    sink = io.BytesIO()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, sink, compression="zstd")
+    else:
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, sink)
+    return sink.getvalue()
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.partial"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Manifest:
+    """What is written: the run's identity (``key``: the arguments that shape the output) and,
+    per part, its file, digest and counts."""
+
+    def __init__(self, out_dir: str, key: dict[str, Any]):
+        self.out_dir, self.key = out_dir, key
+        self.parts: dict[int, dict[str, Any]] = {}
+        self.done = False
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.out_dir, MANIFEST)
+
+    def resume(self) -> int:
+        """Take the parts of an earlier run with the same key whose files are intact; how many."""
+        try:
+            with open(self.path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return 0
+        if doc.get("version") != MANIFEST_VERSION or doc.get("key") != self.key:
+            return 0
+        for p in doc.get("parts", []):
+            try:
+                with open(os.path.join(self.out_dir, p["file"]), "rb") as f:
+                    ok = digest(f.read()) == p["sha256"]
+            except (OSError, KeyError):
+                ok = False
+            if ok:
+                self.parts[int(p["index"])] = p
+        return len(self.parts)
+
+    def record(self, part: dict[str, Any]) -> None:
+        self.parts[part["index"]] = part
+        self.save()
+
+    def save(self) -> None:
+        doc = {
+            "version": MANIFEST_VERSION,
+            "key": self.key,
+            "done": self.done,
+            "parts": [self.parts[i] for i in sorted(self.parts)],
+            "rows": {k: sum(p[k] for p in self.parts.values()) for k in ("input", "scored", "rejected", "failed")},
+        }
+        write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())

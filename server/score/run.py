@@ -1,0 +1,253 @@
+"""Batch scoring's engine: a file read in chunks, each chunk's rows checked, scored through the
+model (the same builder, backends and batcher as ``batchgate serve``), and written as a part, in
+input order, with at most ``concurrency`` chunks in flight (memory stays flat: a chunk is read
+only when one is written). A chunk the backend fails is bisected down to the rows that fail;
+those and the rows that failed their checks go to the rejects with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..core.errors import GatewayError
+from ..core.signature import ModelSignature
+from ..core.types import RequestLimits, Tensor, new_request
+from .output import Manifest, digest, encode, output_columns, part_name, write_atomically
+from .tables import Mapping, ScoreError, prepare, read_batches
+
+LIMITS = RequestLimits(max_inputs=1024, max_outputs=1024, max_request_parameters=8)
+OFFLINE = {"x-batchgate-offline": "1"}
+
+
+class LocalModel:
+    """One model of a model repository, loaded alone (explicit mode, only that name)."""
+
+    def __init__(self, gateway: Any, name: str):
+        self.gateway, self.name = gateway, name
+        self.served = gateway.repository.resolve(name, "")
+        self.signature: ModelSignature = self.served.signature
+
+    @classmethod
+    async def open(cls, repository: str, name: str) -> LocalModel:
+        from ..app import Gateway
+        from ..config import load_settings
+
+        settings = load_settings(
+            flags={
+                "model_repository": repository,
+                "model_control_mode": "explicit",
+                "load_model": [name],
+                "metrics_port": -1,
+                "admin_port": -1,
+                "admin_http_port": -1,
+                "triton_metrics": "false",
+            },
+            environ={},
+        )
+        gateway = Gateway(settings)
+        try:
+            await gateway.repository.start()
+        except GatewayError as e:
+            await cls._close(gateway)
+            raise ScoreError(e.message) from None
+        return cls(gateway, name)
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sig = self.signature
+        tensors = [Tensor(k, t.dtype.v2, tuple(feeds[k].shape), feeds[k]) for k, t in _inputs(sig, feeds)]
+        request = new_request(sig.name, "", tensors, None, "", None, OFFLINE, time.monotonic(), "score", LIMITS)
+        response = await self.served.submit(request)
+        return {t.name: np.asarray(t.data) for t in response.outputs}
+
+    async def close(self) -> None:
+        await self._close(self.gateway)
+
+    @staticmethod
+    async def _close(gateway: Any) -> None:
+        await gateway.repository.stop()
+        gateway.pool.shutdown(wait=False, cancel_futures=True)
+        gateway.threads.shutdown()
+
+
+def _inputs(sig: ModelSignature, feeds: dict[str, np.ndarray]):
+    return [(t.name, t) for t in sig.inputs if t.name in feeds]
+
+
+@dataclass
+class Counts:
+    input: int = 0
+    scored: int = 0
+    rejected: int = 0
+    failed: int = 0
+    skipped_parts: int = 0
+    parts: int = 0
+
+
+@dataclass
+class Job:
+    model: Any  # LocalModel (or anything with .signature and async .infer(feeds))
+    input: str
+    out_dir: str
+    fmt: str = "parquet"
+    columns: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
+    batch_size: int = 4096
+    concurrency: int = 2
+    allow_nan: bool = False
+    rejects: str = ""
+    progress: Callable[[int], None] = lambda rows: None
+    counts: Counts = field(default_factory=Counts)
+
+
+async def run(job: Job) -> Counts:
+    """Score the whole input; the counts of what happened to every row."""
+    sig = job.model.signature
+    os.makedirs(job.out_dir, exist_ok=True)
+    key = {
+        "model": sig.name,
+        "input": os.path.abspath(job.input),
+        "input_size": os.path.getsize(job.input),
+        "input_mtime_ns": os.stat(job.input).st_mtime_ns,
+        "format": job.fmt,
+        "columns": list(job.columns),
+        "keep": list(job.keep),
+        "batch_size": job.batch_size,
+        "allow_nan": job.allow_nan,
+    }
+    manifest = Manifest(job.out_dir, key)
+    job.counts.skipped_parts = manifest.resume()
+    mapping: Mapping | None = None
+    pending: list[asyncio.Task] = []
+    for index, batch in enumerate(read_batches(job.input, job.batch_size)):
+        if mapping is None:
+            mapping = Mapping.build(sig, batch.schema, job.columns, job.keep)
+        start = index * job.batch_size
+        if index in manifest.parts:  # written and intact: not scored again
+            _count(job.counts, manifest.parts[index])
+            job.progress(batch.num_rows)
+        else:
+            pending.append(asyncio.ensure_future(_part(job, sig, mapping, batch, index, start)))
+            if len(pending) >= job.concurrency:
+                _finish(job, manifest, await pending.pop(0))
+    for t in pending:
+        _finish(job, manifest, await t)
+    manifest.done = True
+    manifest.save()
+    _gather_rejects(job, manifest)
+    return job.counts
+
+
+def _finish(job: Job, manifest: Manifest, part: dict[str, Any]) -> None:
+    """Parts are recorded in input order (each is written when scored; the manifest says which)."""
+    manifest.record(part)
+    _count(job.counts, part)
+    job.progress(part["input"])
+
+
+def _count(c: Counts, part: dict[str, Any]) -> None:
+    c.input += part["input"]
+    c.scored += part["scored"]
+    c.rejected += part["rejected"]
+    c.failed += part["failed"]
+    c.parts += 1
+
+
+async def _part(
+    job: Job, sig: ModelSignature, mapping: Mapping, batch: pa.RecordBatch, index: int, start: int
+) -> dict[str, Any]:
+    prepared = await asyncio.to_thread(prepare, batch, sig, mapping, job.allow_nan)
+    rows = len(prepared.good)
+    outputs, failed = await _score(job.model, sig, prepared.feeds, rows)
+    ok = np.array([i for i in range(rows) if i not in failed], dtype=np.int64)
+    keep = pa.Table.from_batches([batch]).select(list(mapping.keep)).take(pa.array(prepared.good[ok]))
+    table = output_columns(keep, {k: v[ok] for k, v in outputs.items()}, job.fmt)
+    data = await asyncio.to_thread(encode, table, job.fmt)
+    name = part_name(index, job.fmt)
+    rejects = [(int(i), reason, "rejected") for i, reason in prepared.rejects]
+    rejects += [(int(prepared.good[i]), reason, "failed") for i, reason in sorted(failed.items())]
+    rejects.sort()
+    lines = []
+    kept = pa.Table.from_batches([batch]).select(list(mapping.keep))
+    for i, reason, kind in rejects:
+        row = {"row": start + i, "outcome": kind, "reason": reason}
+        row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
+        lines.append(json.dumps(row, default=str))
+    reject_name = f"rejects-{index:05d}.jsonl"
+    write_atomically(os.path.join(job.out_dir, reject_name), ("\n".join(lines) + "\n" if lines else "").encode())
+    write_atomically(os.path.join(job.out_dir, name), data)
+    return {
+        "index": index,
+        "file": name,
+        "sha256": digest(data),
+        "rejects_file": reject_name,
+        "input": batch.num_rows,
+        "scored": int(len(ok)),
+        "rejected": len(prepared.rejects),
+        "failed": len(failed),
+    }
+
+
+async def _score(
+    model: Any, sig: ModelSignature, feeds: dict[str, np.ndarray], rows: int
+) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Every row's outputs (rows that failed: zeros in their place) and the failed rows' reasons.
+    Requests carry at most the model's max_batch_size rows (one row each for a model that does
+    not batch); a request the backend fails is split in halves down to the failing rows."""
+    if rows == 0:
+        return {}, {}
+    step = sig.max_batch_size if sig.max_batch_size > 0 else 1
+    spans = [(s, min(rows, s + step)) for s in range(0, rows, step)]
+    results = await asyncio.gather(*(_bisect(model, sig, feeds, a, b) for a, b in spans))
+    failed: dict[int, str] = {}
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for got, bad in results:
+        failed.update(bad)
+        for _, out in got:
+            for k, v in out.items():
+                shapes.setdefault(k, (v.shape[1:], v.dtype))
+    merged: dict[str, np.ndarray] = {}
+    for k, (shape, dtype) in shapes.items():
+        merged[k] = np.empty((rows, *shape), object) if dtype.kind == "O" else np.zeros((rows, *shape), dtype=dtype)
+    for got, _ in results:
+        for (a, b), out in got:
+            for k, v in out.items():
+                merged[k][a:b] = v
+    return merged, failed
+
+
+async def _bisect(
+    model: Any, sig: ModelSignature, feeds: dict[str, np.ndarray], a: int, b: int
+) -> tuple[list[tuple[tuple[int, int], dict[str, np.ndarray]]], dict[int, str]]:
+    try:
+        part = {k: v[a:b] if sig.max_batch_size > 0 else v[a] for k, v in feeds.items()}
+        out = await model.infer(part)
+        if sig.max_batch_size <= 0:
+            out = {k: v[np.newaxis] for k, v in out.items()}
+        return [((a, b), out)], {}
+    except GatewayError as e:
+        if b - a == 1:
+            return [], {a: e.message[:512]}
+        mid = (a + b) // 2
+        left, right = await asyncio.gather(_bisect(model, sig, feeds, a, mid), _bisect(model, sig, feeds, mid, b))
+        return left[0] + right[0], {**left[1], **right[1]}
+
+
+def _gather_rejects(job: Job, manifest: Manifest) -> None:
+    """The parts' rejects, in input order, into one file (--rejects, else rejects.jsonl)."""
+    path = job.rejects or os.path.join(job.out_dir, "rejects.jsonl")
+    with open(f"{path}.partial", "wb") as out:
+        for i in sorted(manifest.parts):
+            name = manifest.parts[i].get("rejects_file")
+            if name:
+                with open(os.path.join(job.out_dir, name), "rb") as f:
+                    out.write(f.read())
+    os.replace(f"{path}.partial", path)

@@ -1,0 +1,205 @@
+"""``batchgate score`` as a real subprocess over a real model repository: each input format, both
+output formats, column mapping and kept columns, integer and BYTES inputs, rejects with their
+reason, a chunk the model fails bisected down to its failing rows, and a run killed mid-way and
+resumed giving the very bytes of an uninterrupted run."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from onnx import TensorProto
+
+from batchgate.demo import _save, classifier_model, identity_model
+from route_support import failing_classifier
+
+BATCHGATE = [sys.executable, "-m", "batchgate.cli", "score"]
+
+
+def score(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*BATCHGATE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("score_models"))
+    _save(classifier_model(), root, "clf", config="max_batch_size: 64\n")
+    _save(failing_classifier(), root, "clf_bad", config="max_batch_size: 8\n")
+    _save(identity_model("ints", TensorProto.INT32, ("batch", 3)), root, "ints", config="max_batch_size: 16\n")
+    _save(identity_model("texts", TensorProto.STRING, ("batch", 1)), root, "texts", config="max_batch_size: 16\n")
+    return root
+
+
+def _features(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 4), dtype=np.float32) * 0.5
+
+
+def _expected(repo: str, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(os.path.join(repo, "clf", "1", "model.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _parts(out: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(os.path.join(out, "part-*.parquet")))])
+
+
+def _json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _rejects(out: str) -> list[dict]:
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_csv_to_parquet_keeps_columns_rejects_bad_rows_and_matches_onnx_runtime(repo, tmp_path):
+    x = _features(1000)
+    rows = [f"{i},{','.join(repr(float(v)) for v in x[i])},tag{i}" for i in range(1000)]
+    rows[7] = "7,,0.1,0.2,0.3,tag7"  # a missing value
+    rows[8] = "8,0.1,abc,0.2,0.3,tag8"  # not a number: column b reads as text, this row is refused
+    src = tmp_path / "in.csv"
+    src.write_text("id,a,b,c,d,tag\n" + "\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
+                 "--keep", "id,tag", "--columns", "features=a,b,c,d", "--batch-size", "300")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "1000 rows: 998 scored, 2 rejected" in done.stderr
+    table = _parts(out)
+    assert table.column_names == ["id", "tag", "probabilities"]
+    assert pa.types.is_fixed_size_list(table.schema.field("probabilities").type)
+    ids = table.column("id").to_numpy()
+    assert list(ids) == [i for i in range(1000) if i not in (7, 8)]  # input order, rejects left out
+    got = np.array(table.column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, _expected(repo, x[ids]), rtol=1e-5)
+    rejects = _rejects(out)
+    assert [(r["row"], r["id"], r["tag"]) for r in rejects] == [(7, 7, "tag7"), (8, 8, "tag8")]
+    assert "missing value" in rejects[0]["reason"] and "not a float32" in rejects[1]["reason"]
+    manifest = _json(os.path.join(out, "manifest.json"))
+    assert manifest["done"] and manifest["rows"] == {"input": 1000, "scored": 998, "rejected": 2, "failed": 0}
+    assert len(manifest["parts"]) == 4
+
+
+def test_parquet_nan_rejected_unless_allowed_and_csv_output_flattened(repo, tmp_path):
+    x = _features(50)
+    x[3, 2] = np.nan
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), src)
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out, "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    assert "NaN or infinity" in _rejects(out)[0]["reason"] and _rejects(out)[0]["row"] == 3
+    table = pcsv.read_csv(os.path.join(out, "part-00000.csv"))
+    assert table.column_names == ["probabilities_0", "probabilities_1", "probabilities_2"] and table.num_rows == 49
+    out2 = str(tmp_path / "out2")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out2, "--allow-nan")
+    assert done.returncode == 0 and "50 scored" in done.stderr
+
+
+def test_jsonl_npy_and_npz_inputs(repo, tmp_path):
+    x = _features(40, seed=2)
+    jl = tmp_path / "in.jsonl"
+    jl.write_text("".join(json.dumps({"key": i, "features": [float(v) for v in x[i]]}) + "\n" for i in range(40)))
+    npy, npz = tmp_path / "in.npy", tmp_path / "in.npz"
+    np.save(npy, x)
+    np.savez(npz, features=x)
+    want = _expected(repo, x)
+    for src, extra in ((jl, ["--keep", "key"]), (npy, ["--columns", "features=input"]), (npz, [])):
+        out = str(tmp_path / f"out_{src.suffix[1:]}")
+        done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out, *extra)
+        assert done.returncode == 0, (src, done.stderr)
+        got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_integer_and_bytes_inputs(repo, tmp_path):
+    ints = np.arange(30, dtype=np.int64).reshape(10, 3)
+    src = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"INPUT": pa.FixedSizeListArray.from_arrays(pa.array(ints.reshape(-1)), 3)}), src)
+    out = str(tmp_path / "ints")
+    assert score("--model", "ints", "--model-repository", repo, "--input", str(src), "--output", out).returncode == 0
+    assert np.array(_parts(out).column("OUTPUT").to_pylist()).tolist() == ints.tolist()
+    bad = tmp_path / "frac.csv"
+    bad.write_text("INPUT_0,INPUT_1,INPUT_2\n1,2,3\n1.5,2,3\n")
+    out = str(tmp_path / "frac")
+    done = score("--model", "ints", "--model-repository", repo, "--input", str(bad), "--output", out,
+                 "--columns", "INPUT=INPUT_0,INPUT_1,INPUT_2")  # fmt: skip
+    assert done.returncode == 0 and "not a whole number" in _rejects(out)[0]["reason"]
+    texts = tmp_path / "t.csv"
+    texts.write_text("INPUT\nhello\nwörld\n")
+    out = str(tmp_path / "texts")
+    done = score("--model", "texts", "--model-repository", repo, "--input", str(texts), "--output", out)
+    assert done.returncode == 0, done.stderr
+    assert _parts(out).column("OUTPUT").to_pylist() == [["hello"], ["wörld"]]  # [rows, 1] kept as a list
+
+
+def test_a_chunk_the_model_fails_is_bisected_to_the_failing_rows(repo, tmp_path):
+    x = _features(64, seed=3)
+    x[[5, 40], 0] = 2.0  # the failing model fails on a feature >= 1
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    out = str(tmp_path / "out")
+    done = score("--model", "clf_bad", "--model-repository", repo, "--input", str(src), "--output", out,
+                 "--columns", "features=input", "--max-rejects", "5")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "62 scored, 0 rejected by their checks, 2 failed by the model" in done.stderr
+    assert [(r["row"], r["outcome"]) for r in _rejects(out)] == [(5, "failed"), (40, "failed")]
+    done = score("--model", "clf_bad", "--model-repository", repo, "--input", str(src), "--output", out + "2",
+                 "--columns", "features=input", "--max-rejects", "1")  # fmt: skip
+    assert done.returncode == 1 and "more than --max-rejects 1" in done.stderr
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(repo, tmp_path):
+    n = 200_000
+    x = _features(n, seed=4)
+    src = tmp_path / "big.parquet"
+    pq.write_table(
+        pa.table({"id": np.arange(n), "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), src
+    )
+    args = ["--model", "clf", "--model-repository", repo, "--input", str(src), "--keep", "id",
+            "--batch-size", "5000", "--concurrency", "1", "--quiet"]  # fmt: skip
+    clean = str(tmp_path / "clean")
+    assert score(*args, "--output", clean).returncode == 0
+    resumed = str(tmp_path / "resumed")
+    p = subprocess.Popen([*BATCHGATE, *args, "--output", resumed], stderr=subprocess.PIPE, text=True)
+    manifest = os.path.join(resumed, "manifest.json")
+    end = time.monotonic() + 60
+    while not (os.path.exists(manifest) and len(_json(manifest)["parts"]) >= 5):
+        assert time.monotonic() < end and p.poll() is None, "no parts were written"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    assert not _json(manifest)["done"]
+    done = score(*args, "--output", resumed)
+    assert done.returncode == 0, done.stderr
+    assert "kept from an earlier run" in done.stderr
+    names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(clean, "part-*")))
+    assert len(names) == 40 and names == sorted(os.path.basename(f) for f in glob.glob(os.path.join(resumed, "part-*")))
+    for name in names:
+        with open(os.path.join(clean, name), "rb") as a, open(os.path.join(resumed, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_bad_arguments_are_named(repo, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("a,b\n1,2\n")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", str(tmp_path / "o"),
+                 "--columns", "nope=a")  # fmt: skip
+    assert done.returncode == 2 and "has no input 'nope'" in done.stderr
+    done = score("--model", "missing", "--model-repository", repo, "--input", str(src), "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "missing" in done.stderr
+    bad = tmp_path / "in.xlsx"
+    bad.write_text("x")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(bad), "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "unknown format '.xlsx'" in done.stderr
