@@ -184,6 +184,9 @@ class DataPlane:
         Not a coroutine itself (one frame less per request): a refusal found here raises at
         once, before anything is queued."""
         drift = self.drift
+        if request.offline:  # batch scoring: counted apart, never sampled for drift
+            self.metrics.offline(request.model_name)
+            return served.submit(request)
         if drift is None or request.synthetic:
             return served.submit(request)
         variant = served.version.name if type(served) is Routed else None

@@ -295,7 +295,7 @@ class ServedRoute:
     async def serve(self, routed: Routed, request: InferRequest) -> InferResponse:
         self._repick(routed, request)
         variant = routed.variant
-        counted = not routed.pinned and not request.synthetic
+        counted = not routed.pinned and not request.synthetic and not request.offline
         # No copy to a shadow of the answering variant's own model: it would agree with itself.
         copies = (
             [(s, s.offer(request)) for s in self.shadows if self._shadow_of.get(s.spec.name) != variant]

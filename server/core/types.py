@@ -151,6 +151,7 @@ class Tensor(NamedTuple):
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 SYNTHETIC_HEADER = "x-batchgate-synthetic"
+OFFLINE_HEADER = "x-batchgate-offline"  # batch scoring's requests (batchgate score --target)
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -205,6 +206,7 @@ class InferRequest(NamedTuple):
     arrival: float = 0.0  # monotonic clock at arrival
     protocol: str = ""  # "grpc" | "http" (metrics label)
     synthetic: bool = False  # marked x-batchgate-synthetic: load-test traffic
+    offline: bool = False  # marked x-batchgate-offline: batch scoring, kept out of drift and rollout figures
 
 
 def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:
@@ -319,6 +321,7 @@ def new_request(
             "(max_request_id_bytes)"
         )
     synthetic = bool(headers) and headers.get(SYNTHETIC_HEADER, "").strip().lower() in ("1", "true", "yes")
+    offline = bool(headers) and headers.get(OFFLINE_HEADER, "").strip().lower() in ("1", "true", "yes")
     return InferRequest(
         model_name,
         model_version,
@@ -333,6 +336,7 @@ def new_request(
         arrival,
         protocol,
         synthetic,
+        offline,
     )
 
 

@@ -99,6 +99,11 @@ FAMILIES: dict[str, Family] = {
         "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections",
         ("reason",),
     ),
+    "batchgate_offline_requests": Family(
+        "counter",
+        "Inference requests marked x-batchgate-offline (batch scoring), kept out of drift and rollout figures",
+        ("model",),
+    ),
     "batchgate_request_errors": Family(
         "counter",
         "Inference requests answered with an error, by protocol, code and the limit that refused them "

@@ -364,6 +364,7 @@ class Metrics:
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
+        self._offline: dict[str, int] = {}  # requests marked x-batchgate-offline, per model or route
         self._connections_refused: dict[str, int] = {}
         self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
         self._routes: dict[str, RouteMetrics] = {}
@@ -423,6 +424,9 @@ class Metrics:
     def connection_refused(self, reason: str) -> None:
         self._connections_refused[reason] = self._connections_refused.get(reason, 0) + 1
 
+    def offline(self, model: str) -> None:
+        self._offline[model] = self._offline.get(model, 0) + 1
+
     def request_error(self, protocol: str, code: str, reason: str) -> None:
         key = (protocol, code, reason)
         self._request_errors[key] = self._request_errors.get(key, 0) + 1
@@ -466,6 +470,8 @@ class Metrics:
             add("batchgate_model_load_failures", (model,), n)
         for labels, n in list(self._request_errors.items()):
             add("batchgate_request_errors", labels, n)
+        for model, n in list(self._offline.items()):
+            add("batchgate_offline_requests", (model,), n)
         for reason, n in list(self._connections_refused.items()):
             add("batchgate_http_connections_refused", (reason,), n)
         for (model, address), u in list(self._upstreams.items()):

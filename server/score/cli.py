@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import Any
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE = 0, 1, 2
 
@@ -22,7 +23,13 @@ def add_parser(sub) -> None:
         "Rows that fail their checks or the model go to the rejects file with the reason.",
     )
     p.add_argument("--model", required=True, help="the model to score with")
-    p.add_argument("--model-repository", required=True, metavar="DIR", help="the Triton-layout model repository")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model-repository", metavar="DIR", help="the Triton-layout model repository (loaded here)")
+    where.add_argument("--target", metavar="HOST:PORT", help="a V2 server (batchgate, Triton) to score through")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="with --target (grpc)")
+    p.add_argument("--token", default="", help="with --target: an API key, sent as Authorization: Bearer")
+    p.add_argument("--tls", action="store_true", help="with --target: TLS (--tls-ca FILE: the CA to trust)")
+    p.add_argument("--tls-ca", default="", metavar="FILE", help="the CA certificate the server's is signed by")
     p.add_argument("--input", required=True, metavar="FILE", help=".parquet, .csv, .jsonl, .npy or .npz")
     p.add_argument("--output", required=True, metavar="DIR", help="the folder for the parts and the manifest")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="the parts' format (parquet)")
@@ -55,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     for path, what in ((args.input, "--input"), (args.model_repository, "--model-repository")):
-        if not os.path.exists(path):
+        if path and not os.path.exists(path):
             print(f"batchgate score: {what} {path} does not exist", file=sys.stderr)
             return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -83,7 +90,12 @@ def main(args: argparse.Namespace) -> int:
 async def _score(args: argparse.Namespace):
     from .run import Job, LocalModel, run
 
-    model = await LocalModel.open(args.model_repository, args.model)
+    if args.target:
+        from .run import RemoteTarget
+
+        model: Any = await RemoteTarget.open(args.target, args.protocol, args.model, args.token, args.tls, args.tls_ca)
+    else:
+        model = await LocalModel.open(args.model_repository, args.model)
     try:
         job = Job(
             model,

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
 from ..core.routing import PIN_HEADER as VARIANT_HEADER
-from ..core.types import InferRequest, caller_headers, clip, printable
+from ..core.types import OFFLINE_HEADER, InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import grpc_peer_subject
@@ -291,7 +291,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
             )
             try:
-                forwarded = dp.forward(served, raw, request, context.time_remaining())
+                forwarded = (  # (batch scoring's requests go the decoded way: counted, never sampled)
+                    None
+                    if _metadata(context, OFFLINE_HEADER)
+                    else dp.forward(served, raw, request, context.time_remaining())
+                )
                 if forwarded is not None:  # a remote model's request, sent on as it came
                     return await forwarded
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)

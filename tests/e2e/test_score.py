@@ -203,3 +203,33 @@ def test_bad_arguments_are_named(repo, tmp_path):
     bad.write_text("x")
     done = score("--model", "clf", "--model-repository", repo, "--input", str(bad), "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and "unknown format '.xlsx'" in done.stderr
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_through_a_server_requests_are_marked_offline_and_counted_apart(repo, tmp_path, protocol):
+    import urllib.request
+
+    from processes import Proc, serve_args
+
+    x = _features(300, seed=5)
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    p = Proc(serve_args(repo))
+    try:
+        p.wait_ready()
+        target = p.grpc if protocol == "grpc" else p.http
+        out = str(tmp_path / "out")
+        done = score("--model", "clf", "--target", target, "--protocol", protocol, "--input", str(src),
+                     "--output", out, "--columns", "features=input", "--batch-size", "100")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+        np.testing.assert_allclose(got, _expected(repo, x), rtol=1e-5)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
+        offline = [ln for ln in text.splitlines() if ln.startswith('batchgate_offline_requests_total{model="clf"}')]
+        # 3 chunks of 100 rows, each sent as 64 + 36 rows (max_batch_size 64): 6 requests, all offline
+        assert offline and float(offline[0].split()[-1]) == 6, offline
+    finally:
+        p.kill()
+    done = score("--model", "clf", "--target", "127.0.0.1:1", "--protocol", protocol, "--input", str(src),
+                 "--output", str(tmp_path / "none"))  # fmt: skip
+    assert done.returncode == 2 and "cannot read model 'clf'" in done.stderr

@@ -342,3 +342,19 @@ async def test_the_same_request_twice_in_one_batch_is_two_entries():
     ra, rb = await asyncio.gather(a, b)
     assert ra is not rb and ra.id == rb.id == "pair"
     np.testing.assert_array_equal(ra.outputs[0].data, rb.outputs[0].data)
+
+
+def test_batch_scorings_header_marks_a_request_offline():
+    import numpy as np
+
+    from batchgate.core.types import RequestLimits, Tensor, new_request
+
+    x = np.zeros((1, 4), np.float32)
+
+    def made(headers):
+        return new_request("m", "", [Tensor("x", "FP32", (1, 4), x.copy())], None, "", None, headers, 0.0, "grpc",
+                           RequestLimits())  # fmt: skip
+
+    assert made({"x-batchgate-offline": "1"}).offline and made({"x-batchgate-offline": "true"}).offline
+    assert not made({}).offline and not made({"x-batchgate-offline": "0"}).offline
+    assert not made({"x-batchgate-offline": "1"}).synthetic
