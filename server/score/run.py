@@ -38,28 +38,50 @@ class LocalModel:
 
     @classmethod
     async def open(cls, repository: str, name: str) -> LocalModel:
-        from ..app import Gateway
-        from ..config import load_settings
+        """The parts ``batchgate serve`` builds a model with (builder, inference threads, the
+        repository's load), without its listeners (nor their imports: grpc, uvicorn)."""
+        from concurrent.futures import ThreadPoolExecutor
+        from types import SimpleNamespace
 
-        settings = load_settings(
-            flags={
-                "model_repository": repository,
-                "model_control_mode": "explicit",
-                "load_model": [name],
-                "metrics_port": -1,
-                "admin_port": -1,
-                "admin_http_port": -1,
-                "triton_metrics": "false",
-            },
+        from .. import cores
+        from ..config import batching_policies, load_settings
+        from ..monitoring.metrics import Metrics
+        from ..repository.build import BuildOptions, VersionBuilder
+        from ..repository.manager import ModelRepository
+        from ..threads import InferenceThreads
+
+        s = load_settings(
+            flags={"model_repository": repository, "model_control_mode": "explicit", "load_model": [name]},
             environ={},
         )
-        gateway = Gateway(settings)
+        repo, lim, bat = s.repository, s.limits, s.batching
+        metrics = Metrics(triton=False)
+        threads = InferenceThreads(max(4, cores.share()))
+        pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
+        builder = VersionBuilder(
+            BuildOptions(
+                default_max_batch_size=repo.default_max_batch_size,
+                max_queue_size=lim.max_queue_size,
+                warm_up=repo.warm_up,
+                gpu_device_id=repo.gpu_device_id,
+                inline_max_us=bat.inline_execution_max_us,
+                batching_policy=bat.batching_policy,
+                model_batching_policy=batching_policies(s),
+                max_message_bytes=lim.max_request_bytes,
+            ),
+            threads,
+            metrics,
+        )
+        repository_ = ModelRepository(
+            repo.model_repository, builder, pool, metrics, control_mode="explicit", load_models=(name,)
+        )
+        parts = SimpleNamespace(repository=repository_, threads=threads, pool=pool)
         try:
-            await gateway.repository.start()
+            await repository_.start()
         except GatewayError as e:
-            await cls._close(gateway)
+            await cls._close(parts)
             raise ScoreError(e.message) from None
-        return cls(gateway, name)
+        return cls(parts, name)
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sig = self.signature
@@ -202,7 +224,13 @@ async def run(job: Job) -> Counts:
     job.counts.skipped_parts = manifest.resume()
     mapping: Mapping | None = None
     pending: list[asyncio.Task] = []
-    for index, batch in enumerate(read_batches(job.input, job.batch_size)):
+    batches = read_batches(job.input, job.batch_size)
+    index = -1
+    while True:  # the next chunk is read on a thread, while the model works on the others
+        batch = await asyncio.to_thread(next, batches, None)
+        if batch is None:
+            break
+        index += 1
         if mapping is None:
             mapping = Mapping.build(sig, batch.schema, job.columns, job.keep)
         start = index * job.batch_size
