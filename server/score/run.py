@@ -299,6 +299,55 @@ async def _part(
     }
 
 
+async def score_table(
+    model: Any,
+    batch: pa.RecordBatch,
+    columns: tuple[str, ...],
+    keep: tuple[str, ...],
+    allow_nan: bool,
+    mapping: Mapping | None,
+    error_column: str,
+) -> tuple[pa.Table, Mapping]:
+    """One batch scored for the Python API: every row kept, in order; the outputs as columns
+    (null where the row was not scored) and ``error_column`` with the reason (null when scored)."""
+    sig = model.signature
+    mapping = mapping or Mapping.build(sig, batch.schema, columns, keep)
+    prepared = await asyncio.to_thread(prepare, batch, sig, mapping, allow_nan)
+    rows = len(prepared.good)
+    outputs, failed = await _score(model, sig, prepared.feeds, rows)
+    n = batch.num_rows
+    errors: list[str | None] = [None] * n
+    for i, reason in prepared.rejects:
+        errors[i] = reason
+    for j, reason in failed.items():
+        errors[int(prepared.good[j])] = reason
+    scored = np.zeros(n, bool)
+    scored[prepared.good] = True
+    for j in failed:
+        scored[int(prepared.good[j])] = False
+    full = {}
+    for name, arr in outputs.items():
+        spread = (
+            np.empty((n, *arr.shape[1:]), object) if arr.dtype.kind == "O" else np.zeros((n, *arr.shape[1:]), arr.dtype)
+        )
+        spread[prepared.good] = arr
+        full[name] = spread
+    keep_table = pa.Table.from_batches([batch]).select(list(mapping.keep))
+    table = output_columns(keep_table, full, "parquet")
+    mask = pa.array(~scored)
+    for name in full:
+        col = table.column(name).combine_chunks()
+        table = table.set_column(table.schema.get_field_index(name), name, _masked(col, mask))
+    return table.append_column(error_column, pa.array(errors, pa.string())), mapping
+
+
+def _masked(col: pa.Array, mask: pa.Array) -> pa.Array:
+    """``col`` with nulls where ``mask`` is true."""
+    import pyarrow.compute as pc
+
+    return pc.if_else(mask, pa.scalar(None, col.type), col)
+
+
 async def _score(
     model: Any, sig: ModelSignature, feeds: dict[str, np.ndarray], rows: int
 ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
@@ -335,6 +384,11 @@ async def _bisect(
         out = await model.infer(part)
         if sig.max_batch_size <= 0:
             out = {k: v[np.newaxis] for k, v in out.items()}
+        wrong = next((k for k, v in out.items() if v.ndim == 0 or v.shape[0] != b - a), None)
+        if wrong is not None:  # a model that answers for other rows than it was asked: split as for a failure
+            raise GatewayError(
+                ErrorCode.INTERNAL, f"output '{wrong}' has {out[wrong].shape[:1]} rows for {b - a} rows asked"
+            )
         return [((a, b), out)], {}
     except GatewayError as e:
         if b - a == 1:

@@ -1,0 +1,78 @@
+"""The Python API of batch scoring (what a Spark ``mapInPandas`` or a Ray Data ``map_batches``
+calls): pandas and pyarrow batches in, the same kind out, every row kept in order with its
+outputs or the reason it was not scored; the model loaded once per process."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import batchgate.score as score_api
+from batchgate.demo import _save, classifier_model
+from route_support import failing_classifier
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("api_models"))
+    _save(classifier_model(), root, "clf", config="max_batch_size: 16\n")
+    _save(failing_classifier(), root, "clf_bad", config="max_batch_size: 16\n")
+    return root
+
+
+def _want(repo: str, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(f"{repo}/clf/1/model.onnx", providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_pandas_batches_in_pandas_out_every_row_kept(repo):
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(3):
+        x = rng.random((50, 4), dtype=np.float32) * 0.5
+        frames.append(pd.DataFrame({"id": np.arange(50) + 50 * k, **{f"f{i}": x[:, i] for i in range(4)}}))
+    frames[1].loc[5, "f2"] = np.nan
+    outs = list(
+        score_api.score_batches(
+            "clf", iter(frames), model_repository=repo, columns=["features=f0,f1,f2,f3"], keep=["id"]
+        )
+    )
+    assert [len(o) for o in outs] == [50, 50, 50] and list(outs[0].columns) == [
+        "id",
+        "probabilities",
+        "batchgate_error",
+    ]
+    bad = outs[1].loc[5]
+    assert bad["probabilities"] is None and "missing value" in bad["batchgate_error"]  # pandas' NaN is missing
+    ok = outs[0]
+    x = frames[0][[f"f{i}" for i in range(4)]].to_numpy(np.float32)
+    np.testing.assert_allclose(np.stack(ok["probabilities"].to_numpy()), _want(repo, x), rtol=1e-5)
+    assert ok["batchgate_error"].isna().all()
+    # the same arguments: the loaded model is reused
+    before = dict(score_api._open)
+    list(
+        score_api.score_batches(
+            "clf", iter(frames[:1]), model_repository=repo, columns=["features=f0,f1,f2,f3"], keep=["id"]
+        )
+    )
+    assert score_api._open == before
+
+
+def test_arrow_batches_and_rows_the_model_fails(repo):
+    x = np.full((20, 4), 0.1, np.float32)
+    x[[3, 11], 0] = 3.0  # the failing model fails on these rows
+    batch = pa.RecordBatch.from_pydict({"features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)})
+    with score_api.Scorer("clf_bad", model_repository=repo) as s:
+        out = s.score(batch)
+    assert isinstance(out, pa.Table) and out.num_rows == 20
+    errors = out.column("batchgate_error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [3, 11]
+    assert out.column("probabilities").null_count == 2
+
+
+def test_a_scorer_needs_one_place_to_find_the_model(repo):
+    with pytest.raises(ValueError, match="model_repository or target"):
+        score_api.Scorer("clf")
