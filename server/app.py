@@ -30,13 +30,13 @@ from . import __version__, cores
 from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
-from .config import ConfigError, Settings, batching_policies
+from .config import ConfigError, Settings
 from .core.errors import GatewayError
 from .core.types import RequestLimits
 from .dataplane import DataPlane
 from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
-from .repository.build import BuildOptions, VersionBuilder
+from .repository.build import version_builder
 from .repository.manager import ModelRepository
 from .route_table import SYSTEM, RouteTable, read_routes_file
 from .security.access import Access
@@ -106,24 +106,11 @@ class Gateway:
         self.grpc_address = role.grpc_address if role is not None else ""
         self.leader = role is None or role.leader
         self.metrics = metrics or Metrics()
-        srv, repo, lim, bat = settings.server, settings.repository, settings.limits, settings.batching
+        srv, repo, lim = settings.server, settings.repository, settings.limits
         self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
         # Loading, closing and other blocking housekeeping never queue behind executions.
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
-        builder = VersionBuilder(
-            BuildOptions(
-                default_max_batch_size=repo.default_max_batch_size,
-                max_queue_size=lim.max_queue_size,
-                warm_up=repo.warm_up,
-                gpu_device_id=repo.gpu_device_id,
-                inline_max_us=bat.inline_execution_max_us,
-                batching_policy=bat.batching_policy,
-                model_batching_policy=batching_policies(settings),
-                max_message_bytes=lim.max_request_bytes,
-            ),
-            self.threads,
-            self.metrics,
-        )
+        builder = version_builder(settings, self.threads, self.metrics)
         self.repository = ModelRepository(
             repo.model_repository,
             builder,

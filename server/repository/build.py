@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -17,7 +18,7 @@ from ..backends import onnx as _onnx  # noqa: F401 - registers the ONNX Runtime 
 from ..backends import torchscript as _torchscript  # noqa: F401 - registers TorchScript (imports torch only to load)
 from ..backends.base import Backend, LocalOptions, local_backend, local_platforms
 from ..backends.remote import RemoteV2Backend
-from ..config import RemoteModel
+from ..config import RemoteModel, batching_policies
 from ..core.errors import ModelConfigError
 from ..core.types import clip, printable
 from ..model import ModelVersion
@@ -190,3 +191,23 @@ def _other_file(model_dir: str, version: int, platform: str) -> str:
         if other != platform and os.path.exists(os.path.join(model_dir, str(version), name)):
             return f'; the version directory holds {name}, a {other} model (set platform: "{other}" in config.pbtxt)'
     return ""
+
+
+def version_builder(settings: Any, threads: Any, metrics: Any) -> VersionBuilder:
+    """The builder of ``settings`` (sections repository, limits, batching): how ``batchgate
+    serve`` and ``batchgate score`` build every model version alike."""
+    repo, lim, bat = settings.repository, settings.limits, settings.batching
+    return VersionBuilder(
+        BuildOptions(
+            default_max_batch_size=repo.default_max_batch_size,
+            max_queue_size=lim.max_queue_size,
+            warm_up=repo.warm_up,
+            gpu_device_id=repo.gpu_device_id,
+            inline_max_us=bat.inline_execution_max_us,
+            batching_policy=bat.batching_policy,
+            model_batching_policy=batching_policies(settings),
+            max_message_bytes=lim.max_request_bytes,
+        ),
+        threads,
+        metrics,
+    )

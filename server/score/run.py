@@ -44,9 +44,9 @@ class LocalModel:
         from types import SimpleNamespace
 
         from .. import cores
-        from ..config import batching_policies, load_settings
+        from ..config import load_settings
         from ..monitoring.metrics import Metrics
-        from ..repository.build import BuildOptions, VersionBuilder
+        from ..repository.build import version_builder
         from ..repository.manager import ModelRepository
         from ..threads import InferenceThreads
 
@@ -54,26 +54,12 @@ class LocalModel:
             flags={"model_repository": repository, "model_control_mode": "explicit", "load_model": [name]},
             environ={},
         )
-        repo, lim, bat = s.repository, s.limits, s.batching
         metrics = Metrics(triton=False)
         threads = InferenceThreads(max(4, cores.share()))
         pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
-        builder = VersionBuilder(
-            BuildOptions(
-                default_max_batch_size=repo.default_max_batch_size,
-                max_queue_size=lim.max_queue_size,
-                warm_up=repo.warm_up,
-                gpu_device_id=repo.gpu_device_id,
-                inline_max_us=bat.inline_execution_max_us,
-                batching_policy=bat.batching_policy,
-                model_batching_policy=batching_policies(s),
-                max_message_bytes=lim.max_request_bytes,
-            ),
-            threads,
-            metrics,
-        )
+        builder = version_builder(s, threads, metrics)
         repository_ = ModelRepository(
-            repo.model_repository, builder, pool, metrics, control_mode="explicit", load_models=(name,)
+            s.repository.model_repository, builder, pool, metrics, control_mode="explicit", load_models=(name,)
         )
         parts = SimpleNamespace(repository=repository_, threads=threads, pool=pool)
         try:

@@ -233,3 +233,21 @@ def test_through_a_server_requests_are_marked_offline_and_counted_apart(repo, tm
     done = score("--model", "clf", "--target", "127.0.0.1:1", "--protocol", protocol, "--input", str(src),
                  "--output", str(tmp_path / "none"))  # fmt: skip
     assert done.returncode == 2 and "cannot read model 'clf'" in done.stderr
+
+
+def test_a_model_converted_by_batchgate_convert_scores_its_training_csv(tmp_path):
+    from drift_support import NAMES, build
+
+    built = build(str(tmp_path))  # `batchgate convert sklearn` of a logistic regression, and its train.csv
+    out = str(tmp_path / "out")
+    done = score("--model", "fraud", "--model-repository", built["repo"], "--input", built["csv"], "--output", out,
+                 "--columns", "features=" + ",".join(NAMES), "--format", "csv")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "5000 rows: 5000 scored" in done.stderr
+    table = pcsv.read_csv(os.path.join(out, "part-00000.csv"))
+    x = pcsv.read_csv(built["csv"]).to_pandas()[NAMES].to_numpy(np.float32)[:4096]  # the values as written
+    model = os.path.join(built["repo"], "fraud", "1", "model.onnx")
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"features": x})[0].reshape(-1)  # the first output: the label
+    label = next(c for c in table.column_names if "label" in c)
+    np.testing.assert_array_equal(table.column(label).to_numpy(), want)
