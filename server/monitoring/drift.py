@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -32,12 +31,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns, profile_from_json
+from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns
 from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
 from ..settings_sections import DriftSettings
-from ..state import read_capped
+from .drift_checks import check_monitor, read_profile  # noqa: F401  (part of this module's interface)
 from .drift_detector import Plan
 from .drift_detector import main as detector_main
 from .metrics import DriftMetrics, Metrics
@@ -62,65 +61,6 @@ class Tap:
         self.outputs = outputs  # the profiled outputs (none without 'outputs: true')
         self.max_rows = spec.max_rows_per_sample
         self.metrics = metrics
-
-
-def read_profile(path: str) -> Profile:
-    raw = read_capped(path, 256 * 1024 * 1024, "drift profile")
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise ConfigError(f"drift profile {path} is not JSON: {e}") from None
-    return profile_from_json(data, f"drift profile {path}")
-
-
-def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature, max_features: int) -> None:
-    """A monitor that cannot work is refused at start, naming what does not fit."""
-    where = f"drift monitor of '{spec.model}'"
-    tensors = {t.name: t for t in signature.inputs}
-    for name in spec.inputs:
-        t = tensors.get(name)
-        if t is None:
-            raise ConfigError(f"{where}: the model has no input '{name}' (inputs: {', '.join(sorted(tensors))})")
-        if name not in profile.inputs:
-            raise ConfigError(f"{where}: the profile describes no input '{name}' ({', '.join(profile.inputs)})")
-        _check_width(where, "input", t, len(profile.inputs[name]), signature.max_batch_size)
-        numeric = [f.name for f in profile.inputs[name] if f.kind == "numeric"]
-        if numeric and t.dtype.v2 == "BYTES":
-            raise ConfigError(
-                f"{where}: input '{name}' holds BYTES, but the profile takes feature '{numeric[0]}' as numeric"
-            )
-    extra = sorted(set(profile.inputs) - set(spec.inputs))
-    if extra:
-        raise ConfigError(f"{where}: the profile describes input(s) the monitor does not watch: {', '.join(extra)}")
-    if spec.outputs:
-        if not profile.outputs:
-            raise ConfigError(
-                f"{where}: 'outputs: true' needs a profile with outputs (batchgate drift profile --model)"
-            )
-        outs = {t.name: t for t in signature.outputs}
-        for name, feats in profile.outputs.items():
-            t = outs.get(name)
-            if t is None:
-                raise ConfigError(f"{where}: the profile describes output '{name}', which the model does not have")
-            _check_width(where, "output", t, len(feats), signature.max_batch_size)
-    count = len(profile.features(spec.outputs))
-    if spec.min_drifted_features > count and not spec.min_drifted_share:
-        raise ConfigError(
-            f"{where}: min_drifted_features {spec.min_drifted_features} is more than the {count} features watched"
-        )
-    if count > max_features:
-        raise ConfigError(f"{where}: {count} features are more than drift_max_features ({max_features})")
-
-
-def _check_width(where: str, side: str, tensor, width: int, max_batch: int) -> None:
-    dims = tensor.dims if max_batch > 0 else tensor.dims[1:]
-    if len(dims) > 1:
-        raise ConfigError(
-            f"{where}: {side} '{tensor.name}' has shape {list(tensor.dims)}; drift watches 2-D [-1, features] tensors"
-        )
-    have = dims[0] if dims else 1
-    if have != -1 and have != width:
-        raise ConfigError(f"{where}: {side} '{tensor.name}' has {have} columns but the profile describes {width}")
 
 
 class DriftLink(Protocol):

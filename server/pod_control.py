@@ -1,0 +1,300 @@
+"""The supervisor's control plane (``supervisor.py``): what must reach every worker process, and a
+load that is two-phase across them (every worker builds the new version while the old one serves;
+all switch, or none does). Also the worker slots and the two-phase verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import logs
+from .config import RemoteModel
+from .core.errors import ErrorCode, GatewayError
+from .monitoring.metrics import RuntimeFamily, Snapshot
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .control import Channel
+
+log = logging.getLogger("batchgate")
+
+BACKOFF_S = (0.5, 30.0)  # the first restart's delay, doubled per quick death up to the second
+STEADY_S = 60.0  # a worker up this long has its backoff reset
+STATS_FRESH_S = 0.5  # V2 statistics asked of any worker reuse the workers' figures read this recently
+POLL_S = 2.0  # how often the workers' figures are read (what a killed worker leaves behind is this old at most)
+SNAPSHOT_TIMEOUT_S = 5.0
+# Front mode: each worker batches what it receives before the hop to the owner (one call carries
+# many requests, so the owner's per-call cost is shared), waiting at most this long for more; the
+# owner batches again across the workers. Calls in flight from one worker to the owner, at most:
+FRONT_QUEUE_DELAY_US = 500
+FRONT_INFLIGHT = 4
+
+
+class WorkerFailed(Exception):
+    """A worker could not start the first time (the pod does not start)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One worker position: the process in it now, and what its earlier lives left behind."""
+
+    index: int
+    label: str = ""  # "0", "1", ... or "owner" (the model-owning process behind front workers)
+    proc: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    member: bool = False  # joined the control plane: repository changes reach it
+    ready: bool = False  # listening
+    models_ready: bool = True  # what the worker's own readiness says (its models), as of its last read
+    failure: str = ""  # why the process in it said it could not start
+    restarts: int = 0
+    last: Snapshot | None = None  # the running process's last figures
+    process: list[RuntimeFamily] = dataclasses.field(default_factory=list)
+    gone: Snapshot = dataclasses.field(default_factory=Snapshot)  # counters of its earlier lives
+    first: asyncio.Future | None = None  # the first start's outcome
+
+
+class _Txn:
+    """A two-phase load across the member workers: each votes once its new versions are built;
+    all yes: commit; one failure (or one worker gone) before that: every worker rolls back."""
+
+    def __init__(self, members: set[int]):
+        self.members = members
+        self.yes: set[int] = set()
+        self.failed: dict[int, BaseException] = {}
+        self.decision: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def vote(self, slot: int) -> None:
+        self.yes.add(slot)
+        if self.yes >= self.members and not self.decision.done():
+            self.decision.set_result(True)
+        # Shielded: the voter's handler is cancelled when its worker dies; the verdict the
+        # other voters wait for must not be cancelled with it.
+        if not await asyncio.shield(self.decision):
+            raise GatewayError(ErrorCode.UNAVAILABLE, "the load failed on another worker: rolled back")
+
+    def ended(self, slot: int, fut: asyncio.Future) -> None:
+        """A worker's load call ended: before the verdict, a failure (or an end without a vote:
+        that worker built nothing, e.g. it was stopping) calls the load off everywhere."""
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()  # (read: never "unretrieved")
+        if self.decision.done():
+            return
+        if error is None and slot not in self.yes:
+            error = GatewayError(ErrorCode.UNAVAILABLE, "the worker ended the load without building the model")
+        if error is not None:
+            self.failed[slot] = error
+            self.decision.set_result(False)
+
+
+class PodControl:
+    """The control plane, as part of :class:`~batchgate.supervisor.Supervisor`."""
+
+    if TYPE_CHECKING:
+        settings: Settings
+        slots: list[Slot]
+        owner: Slot | None
+        stopping: bool
+        _lock: asyncio.Lock
+        _txns: dict[int, _Txn]
+        _txn_ids: int
+        _models: dict[str, tuple]
+        _regions: dict[tuple[str | None, str], tuple]
+        _log_changes: dict[str, Any]
+        _followed: list[str]
+
+        @property
+        def owner_address(self) -> str: ...
+
+    def _members(self, fronts: bool = False) -> list[Slot]:
+        """The processes that hold the models (the owner in front mode), or with ``fronts`` those
+        that serve clients (the workers)."""
+        slots = [self.owner] if self.owner is not None and not fronts else self.slots
+        return [s for s in slots if s.member and s.channel is not None]
+
+    async def _owner_models(self) -> list[RemoteModel]:
+        """The owner's models, as the remote models the front workers serve (its name, raw
+        forwarding over the Unix socket, its own batching)."""
+        assert self.owner is not None and self.owner.channel is not None
+        names = await self.owner.channel.call("models")
+        return [
+            RemoteModel(
+                name=n,
+                upstreams=(self.owner_address,),
+                batching="gateway",
+                max_queue_delay_us=FRONT_QUEUE_DELAY_US,
+                max_inflight=FRONT_INFLIGHT,
+                retries=0,
+            )
+            for n in names
+        ]
+
+    async def _follow(self, reload: list[str]) -> None:
+        """Front mode: every worker serves what the owner serves now."""
+        if self.owner is None:
+            return
+        specs = await self._owner_models()
+        self._followed = sorted(s.name for s in specs)
+        members = self._members(True)
+        results = await asyncio.gather(
+            *(s.channel.call("follow", specs=specs, reload=reload) for s in members if s.channel),
+            return_exceptions=True,
+        )
+        for s, r in zip(members, results):
+            if isinstance(r, BaseException):
+                log.error("%s could not follow the model owner's models: %s", _named(s), r)
+
+    # ------------------------------------------------------------------ the control plane
+    async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
+        """Load ``name`` on every worker, or on none: each builds and warms up the new versions
+        while the old ones serve, then waits; once all have, all switch. A failure on one (or a
+        worker gone meanwhile) makes the others close what they built; the answer says so."""
+        async with self._lock:
+            await self._two_phase("load", name=name, config=config, files=files)
+            self._models.pop(name, None)
+            self._models[name] = ("load", name, config, files)
+            await self._follow([name])
+
+    async def _two_phase(self, op: str, **args: Any) -> None:
+        """``op`` (a load) on every member worker, each voting once built; all switch or none
+        (the caller holds the lock)."""
+        members = self._members()
+        if not members:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
+        self._txn_ids += 1
+        tid = self._txn_ids
+        txn = self._txns[tid] = _Txn({s.index for s in members})
+        calls = []
+        for s in members:
+            assert s.channel is not None
+            call = asyncio.ensure_future(s.channel.call(op, txn=tid, **args))
+            call.add_done_callback(functools.partial(txn.ended, s.index))
+            calls.append(call)
+        try:
+            await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            self._txns.pop(tid, None)
+        if txn.decision.done() and txn.decision.result():
+            return
+        slot, error = next(iter(txn.failed.items()))
+        others = len(members) - 1
+        called_off = f"; the load was called off on the other {others} worker(s)" if others else ""
+        what = error.message if isinstance(error, GatewayError) else f"worker {slot} went away during the load"
+        code = error.code if isinstance(error, GatewayError) else ErrorCode.UNAVAILABLE
+        raise GatewayError(code, f"{what} (worker {slot}{called_off}: no worker switched versions)")
+
+    async def _rescans(self) -> None:
+        """Poll mode with several workers: the rescan is the supervisor's, so that a changed
+        model is loaded two-phase like an explicit load (every worker or none) and a removed one
+        unloaded everywhere. One worker says what changed; a failed build keeps the old versions
+        on every worker (and is not retried until the files change again)."""
+        interval = self.settings.repository.repository_poll_s
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            if self.stopping:
+                return
+            try:
+                await self._rescan()
+            except Exception:  # the rescans must outlive any one failed pass (as in one process)
+                log.exception("repository rescan failed")
+
+    async def _rescan(self) -> None:
+        # Every member says what it sees changed (a worker started meanwhile may have built the
+        # new files already; the others still need them): the union is loaded.
+        members = [s for s in self._members() if s.ready and s.channel is not None]
+        plans = await asyncio.gather(
+            *(s.channel.call("rescan_plan", timeout=60) for s in members if s.channel), return_exceptions=True
+        )
+        load = sorted({n for p in plans if isinstance(p, dict) for n in p["load"]})
+        unload = sorted({n for p in plans if isinstance(p, dict) for n in p["unload"]})
+        for name in load:  # the lock per model: joins and other changes go on between them
+            if self.stopping:
+                return
+            async with self._lock:
+                try:
+                    await self._two_phase("poll_load", name=name)
+                except GatewayError as e:
+                    log.error("repository rescan: model '%s' not reloaded on any worker: %s", name, e.message)
+        for name in unload:
+            async with self._lock:
+                with contextlib.suppress(GatewayError, TimeoutError):
+                    await self._everywhere("poll_unload", self._members(), name=name)
+        if load or unload:
+            async with self._lock:
+                await self._follow(load)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            await self._everywhere("unload", self._members(), name=name)
+            self._models.pop(name, None)
+            self._models[name] = ("unload", name)
+            await self._follow([])
+
+    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
+        async with self._lock:
+            done = await self._everywhere(
+                "shm_register",
+                self._members(True),
+                name=name,
+                key=key,
+                offset=offset,
+                byte_size=byte_size,
+                owner=owner,
+                undo=True,
+            )
+            if done is not None:  # registered nowhere now; the first error is the answer
+                raise done
+            self._regions[(owner, name)] = ("shm_register", name, key, offset, byte_size, owner)
+
+    async def shm_unregister(self, name: str, owner: str | None) -> None:
+        async with self._lock:
+            try:
+                await self._everywhere("shm_unregister", self._members(True), name=name, owner=owner)
+            finally:  # gone from the replay even where a worker did not hold it
+                for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
+                    self._regions.pop(k)
+
+    async def log_settings(self, changes: dict[str, Any]) -> None:
+        """The logging extension's changes (checked by the worker that took them): every worker's
+        logs and the supervisor's own."""
+        async with self._lock:
+            logs.change_log_settings(changes)
+            self._log_changes.update(changes)
+            every = self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
+            await self._everywhere("log_settings", every, changes=changes)
+
+    async def _everywhere(self, op: str, members: list[Slot], undo: bool = False, **args: Any) -> GatewayError | None:
+        """``op`` on each of ``members``; the first error raised (with ``undo``: the successful
+        registrations unregistered again and the error returned)."""
+        if not members:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
+        results = await asyncio.gather(
+            *(s.channel.call(op, **args) for s in members if s.channel is not None), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return None
+        first = errors[0] if isinstance(errors[0], GatewayError) else GatewayError(ErrorCode.INTERNAL, str(errors[0]))
+        if not undo:
+            raise first
+        for s, r in zip(members, results):
+            if not isinstance(r, BaseException) and s.channel is not None:
+                with contextlib.suppress(GatewayError):
+                    await s.channel.call("shm_unregister", name=args["name"], owner=args["owner"])
+        return first
+
+
+def _detached(op):
+    """A pod-wide operation a worker asked for, run to its end even if that worker dies meanwhile
+    (its handler is then cancelled; the other workers must not be left half-changed)."""
+
+    async def run(**args: Any) -> Any:
+        return await asyncio.shield(asyncio.ensure_future(op(**args)))
+
+    return run
+
+
+def _named(slot: Slot) -> str:
+    return "model owner" if slot.label == "owner" else f"worker {slot.label}"

@@ -1,0 +1,299 @@
+"""The supervisor's pod-wide state (``supervisor.py``): the files one process writes (audit log,
+disagreement log, route state), the keys file it watches, the routes' state the leader worker
+shares, the one drift detector, and the one metrics view of every worker's figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError
+from .core.errors import ErrorCode, GatewayError
+from .monitoring.metrics import Metrics, Snapshot, by_worker, exposition
+from .pod_control import POLL_S, SNAPSHOT_TIMEOUT_S, Slot
+from .route_table import SYSTEM
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .monitoring.drift import DriftService
+
+log = logging.getLogger("batchgate")
+
+
+class PodState:
+    """Pod-wide state and the metrics view, as part of :class:`~batchgate.supervisor.Supervisor`."""
+
+    if TYPE_CHECKING:
+        settings: Settings
+        slots: list[Slot]
+        owner: Slot | None
+        stopping: bool
+        n: int
+        metrics: Metrics
+        audit: Any
+        disagreements: Any
+        drift: DriftService | None
+        _drift_start: asyncio.Future | None
+        _keys: Any
+        _route_docs: dict[str, dict]
+        _state: Any
+        _state_writes: ThreadPoolExecutor
+        _gathered_at: float
+        _health: Any
+        _loop: asyncio.AbstractEventLoop | None
+        _lock: asyncio.Lock
+        _followed: list[str]
+        _owner_lives: int
+
+        def _members(self, fronts: bool = False) -> list[Slot]: ...
+
+        async def _follow(self, reload: list[str]) -> None: ...
+
+    # ------------------------------------------------------------------ the pod's files
+    def _open_files(self) -> None:
+        """The audit log and the disagreement log: written here only (ConfigError if they cannot
+        be opened, as in one process)."""
+        from .security.audit import AuditLog
+        from .shadows import DisagreementLog
+
+        a, rs = self.settings.auth, self.settings.routing
+        try:
+            self.audit = AuditLog(a.audit_log_file) if a.audit_log_file else None
+        except OSError as e:
+            raise ConfigError(
+                f"audit_log_file '{a.audit_log_file}' cannot be opened for appending: {e.strerror}"
+            ) from None
+        try:
+            self.disagreements = (
+                DisagreementLog(rs.disagreement_log_file, rs.disagreement_log_max_bytes, rs.disagreement_log_per_s)
+                if rs.disagreement_log_file and (self.settings.routes or rs.routes_file)
+                else None
+            )
+        except OSError as e:
+            raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
+
+    async def _watch_keys(self) -> None:
+        """The keys file, watched here for the pod: when it changes every worker reads it at
+        once (a revoked key stops working everywhere within one poll)."""
+        a, keys = self.settings.auth, self._keys
+        while not self.stopping:
+            await asyncio.sleep(a.api_keys_poll_s)
+            try:
+                if not await asyncio.to_thread(keys.reload_if_changed):
+                    continue
+            except Exception:  # never let the watcher die: revocation depends on it
+                log.exception("checking the API keys file %s failed", a.api_keys_file)
+                continue
+            members = self._members(True)
+            await asyncio.gather(
+                *(s.channel.call("keys_reload", timeout=30) for s in members if s.channel), return_exceptions=True
+            )
+
+    async def _audit(self, fields: dict) -> None:
+        if self.audit is None:
+            return
+        try:
+            await self.audit.arecord(**fields)
+        except OSError as e:
+            raise GatewayError(ErrorCode.INTERNAL, f"could not write the audit log: {e}") from None
+
+    async def _disagreement(self, text: str) -> None:
+        if self.disagreements is not None:
+            self.disagreements.emit(text)
+
+    # ------------------------------------------------------------------ routes: one leader
+    def _others(self, slot: Slot) -> list[Slot]:
+        return [s for s in self._members(True) if s is not slot]
+
+    async def _route_windows(self, slot: Slot, name: str) -> list[dict]:
+        """The other workers' windows of a route, for the leader's rollout controller; a worker
+        that does not answer in time is left out of this interval."""
+        replies = await asyncio.gather(
+            *(s.channel.call("route_windows", name=name, timeout=5) for s in self._others(slot) if s.channel),
+            return_exceptions=True,
+        )
+        return [r for r in replies if isinstance(r, dict) and r]
+
+    async def _route_share(self, slot: Slot, name: str, doc: dict | None, new_windows: bool) -> None:
+        """The leader changed a route (a rollout step, the admin API; None: the route is gone):
+        kept here, and in state_dir, and every other worker follows."""
+        if doc is None:
+            self._route_docs.pop(name, None)
+        else:
+            self._route_docs[name] = doc
+        if self._state is not None:
+            fn = self._state.remove if doc is None else functools.partial(self._state.save, doc=doc)
+            self._state_writes.submit(_logged_write, fn, "route", name)  # in order, off the loop
+        for s in self._others(slot):
+            if s.channel is not None:
+                s.channel.tell("route_state", name=name, doc=doc, new_windows=new_windows)
+
+    async def _route_states(self, slot: Slot) -> dict:
+        """The routes' state for a worker that just built its routes: the pod's, kept here from
+        what the leader shared; before the leader shared any, a ready worker's."""
+        if self._route_docs:
+            return dict(self._route_docs)
+        for s in sorted(self._others(slot), key=lambda s: s.index):
+            if s.ready and s.channel is not None:
+                with contextlib.suppress(GatewayError, TimeoutError):
+                    return await s.channel.call("route_states", timeout=10)
+        return {}
+
+    # ------------------------------------------------------------------ drift: one detector
+    async def _start_drift(self, slot: Slot) -> None:
+        """The drift monitors' detector, here: checked against the signatures the first ready
+        worker serves (each worker checked its monitors already, so this does not fail)."""
+        from .monitoring.drift import DriftService
+        from .security.access import Access
+
+        if slot.channel is None:
+            self._drift_start = None
+            return
+        access = Access(None, audit=self.audit)
+        service = DriftService(
+            self.settings.drift,
+            self.settings.drift_detector,
+            self.metrics,
+            lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
+        )
+        try:
+            service.prepare(await slot.channel.call("drift_signatures", timeout=30))
+        except (ConfigError, GatewayError, TimeoutError) as e:  # (that worker went away): the next ready one tries
+            log.error("drift: the detector cannot start yet: %s", e)
+            self._drift_start = None
+            return
+        assert self._loop is not None
+        service.start(self._loop)
+        self.drift = service
+
+    async def _drift_samples(self, message: tuple) -> None:
+        if self.drift is not None:
+            self.drift.take(message[1])
+            return
+        for model, _, _, _, count in message[1]:  # the detector is not up yet: dropped, counted
+            dm = self.metrics.drift(model)
+            dm.samples["dropped"] = dm.samples.get("dropped", 0) + count
+
+    def _monitor(self) -> DriftService:
+        if self.drift is None:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "the drift detector is starting")
+        return self.drift
+
+    async def _drift_status(self, model: str) -> dict:
+        return self._monitor().status(model)
+
+    async def _drift_command(self, name: str, args: dict) -> dict:
+        return await self._monitor().command(name, args)
+
+    # ------------------------------------------------------------------ one metrics view
+    async def gather(self, fresh_s: float = 0.0) -> Snapshot:
+        """Every worker's figures now, summed, with what exited workers left behind. In front
+        mode the workers give what clients see (requests, refusals, connections, the hop to the
+        owner) and the owner what the models did (queues, batches, executions, V2 statistics)."""
+        every = self.slots + ([self.owner] if self.owner is not None else [])
+        if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
+            live = [(s, s.channel) for s in every if s.channel is not None and s.ready]
+            replies = await asyncio.gather(
+                *(ch.call("snapshot", timeout=SNAPSHOT_TIMEOUT_S) for _, ch in live), return_exceptions=True
+            )
+            for (s, ch), r in zip(live, replies):
+                if isinstance(r, dict) and r and s.channel is ch:  # still that process (not exited meanwhile)
+                    s.last, s.process, s.models_ready = r["snapshot"], r["process"], bool(r["ready"])
+            self._gathered_at = time.monotonic()
+            await self._publish()
+        total = Snapshot()
+        for s in every:
+            mine = s.gone if s.last is None else s.gone.merge(s.last)
+            if self.owner is not None:
+                mine = mine.part(FRONT_FAMILIES, s is not self.owner)
+            total = total.merge(mine)
+        if self.drift is not None:  # the detector's figures, here
+            total = total.merge(self.metrics.snapshot())
+        return total
+
+    async def _scrape(self) -> bytes:
+        snap = await self.gather()
+        snap.add("batchgate_workers", (), self.n)
+        for s in self.slots + ([self.owner] if self.owner is not None else []):
+            w = (s.label,)
+            snap.add("batchgate_worker_up", w, int(s.ready))
+            snap.add("batchgate_worker_restarts", w, s.restarts)
+            answered = _requests(s.gone) + (_requests(s.last) if s.last is not None else 0)
+            snap.add("batchgate_worker_requests", w, answered)
+        runtime = {s.label: s.process for s in self.slots if s.process}
+        if self.owner is not None and self.owner.process:
+            runtime["owner"] = self.owner.process
+        runtime["supervisor"] = self.metrics.runtime_samples()
+        return exposition(snap, by_worker(runtime), self.settings.server.triton_metrics)
+
+    def _exposition(self) -> bytes:
+        """``/metrics`` (called on the metrics server's thread)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._scrape(), self._loop).result(SNAPSHOT_TIMEOUT_S * 2)
+
+    async def _poll(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(Exception):
+                await self.gather()
+            if self.owner is not None and self.owner.member and self.owner.channel is not None:
+                with contextlib.suppress(Exception):  # the owner rescanned (poll mode) or restarted
+                    async with self._lock:
+                        names = sorted(await self.owner.channel.call("models", timeout=SNAPSHOT_TIMEOUT_S))
+                        restarted = self.owner.restarts != self._owner_lives
+                        if names != self._followed or restarted:
+                            self._owner_lives = self.owner.restarts
+                            await self._follow(names if restarted else [])
+
+    @property
+    def ready(self) -> bool:
+        """Ready while at least one worker listens and says it is ready (its models, strict
+        readiness); the others may be starting. Not ready once the pod drains."""
+        return not self.stopping and any(s.ready and s.models_ready for s in self.slots)
+
+    async def _publish(self) -> None:
+        if self._health is None:
+            return
+        from grpc_health.v1 import health_pb2
+
+        on = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "inference.GRPCInferenceService"):
+            await self._health.set(service, on)
+
+
+# Front mode: the families the front workers give (what clients see); the owner gives the rest.
+FRONT_FAMILIES = frozenset(
+    {
+        "batchgate_requests",
+        "batchgate_request_duration_seconds",
+        "batchgate_refusals",
+        "batchgate_request_errors",
+        "batchgate_http_connections_refused",
+        "batchgate_remote_requests",
+        "batchgate_upstream_requests",
+        "batchgate_upstream_errors",
+        "batchgate_upstream_request_duration_seconds",
+        "batchgate_upstream_ejections",
+        "batchgate_upstream_outstanding",
+        "batchgate_upstream_healthy",
+        "batchgate_shm_regions",
+        "batchgate_shm_bytes",
+        "batchgate_shm_requests",
+    }
+)
+
+
+def _logged_write(fn, kind: str, name: str) -> None:
+    try:
+        fn(kind, name)
+    except (OSError, ValueError) as e:
+        log.error("route '%s': cannot keep its state in state_dir: %s", name, e)
+
+
+def _requests(snap: Snapshot) -> float:
+    return sum(v for v in snap.values.get("batchgate_requests", {}).values() if not isinstance(v, tuple))
