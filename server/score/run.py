@@ -257,7 +257,8 @@ async def _part(
     rows = len(prepared.good)
     outputs, failed = await _score(job.model, sig, prepared.feeds, rows)
     ok = np.array([i for i in range(rows) if i not in failed], dtype=np.int64)
-    keep = pa.Table.from_batches([batch]).select(list(mapping.keep)).take(pa.array(prepared.good[ok]))
+    kept = pa.Table.from_batches([batch]).select(list(mapping.keep))
+    keep = kept.take(pa.array(prepared.good[ok]))
     table = output_columns(keep, {k: v[ok] for k, v in outputs.items()}, job.fmt)
     data = await asyncio.to_thread(encode, table, job.fmt)
     name = part_name(index, job.fmt)
@@ -265,7 +266,6 @@ async def _part(
     rejects += [(int(prepared.good[i]), reason, "failed") for i, reason in sorted(failed.items())]
     rejects.sort()
     lines = []
-    kept = pa.Table.from_batches([batch]).select(list(mapping.keep))
     for i, reason, kind in rejects:
         row = {"row": start + i, "outcome": kind, "reason": reason}
         row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
