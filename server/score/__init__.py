@@ -21,7 +21,9 @@ class Scorer:
     synchronously: the model's event loop runs on a thread of its own. Batches are pandas
     DataFrames or pyarrow RecordBatches / Tables; the answer is of the same kind: the ``keep``
     columns, one column per output, and ``batchgate_error`` (null for a scored row; for a row
-    that failed its checks or the model, the reason, its outputs null)."""
+    that failed its checks or the model, the reason, its outputs null). Through a server
+    (``target``): ``tls`` (the system's CAs, or ``tls_ca``), ``tls_cert``/``tls_key`` for mTLS;
+    a server that stays unreachable or refuses the key raises ``TargetError``."""
 
     def __init__(
         self,
@@ -31,6 +33,10 @@ class Scorer:
         target: str | None = None,
         protocol: str = "grpc",
         token: str = "",
+        tls: bool = False,
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
         columns: Iterable[str] = (),
         keep: Iterable[str] = (),
         allow_nan: bool = False,
@@ -41,14 +47,20 @@ class Scorer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="batchgate-score", daemon=True)
         self._thread.start()
-        from .run import LocalModel, RemoteTarget
+        from .remote import RemoteTarget, Tls
+        from .run import LocalModel
 
+        secure = Tls(tls_ca, tls_cert, tls_key) if tls or tls_ca or tls_cert else None
         opening = (
             LocalModel.open(model_repository, model)
             if model_repository is not None
-            else RemoteTarget.open(target or "", protocol, model, token)
+            else RemoteTarget.open(target or "", protocol, model, token, secure)
         )
-        self.model = self._run(opening)
+        try:
+            self.model = self._run(opening)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         self._mapping = None
 
     def _run(self, coro):

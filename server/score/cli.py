@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-EXIT_OK, EXIT_REJECTS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_TARGET = 0, 1, 2, 3
 
 
 def add_parser(sub) -> None:
@@ -28,8 +28,18 @@ def add_parser(sub) -> None:
     where.add_argument("--target", metavar="HOST:PORT", help="a V2 server (batchgate, Triton) to score through")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="with --target (grpc)")
     p.add_argument("--token", default="", help="with --target: an API key, sent as Authorization: Bearer")
-    p.add_argument("--tls", action="store_true", help="with --target: TLS (--tls-ca FILE: the CA to trust)")
+    p.add_argument("--tls", action="store_true", help="with --target: TLS (the system's CAs unless --tls-ca)")
     p.add_argument("--tls-ca", default="", metavar="FILE", help="the CA certificate the server's is signed by")
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="a client certificate, for a server asking one")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="the private key of --tls-cert")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --target: times a request is sent again after an overloaded answer (8); the server's "
+        "Retry-After is waited, else 50 ms doubling to 2 s",
+    )
     p.add_argument("--input", required=True, metavar="FILE", help=".parquet, .csv, .jsonl, .npy or .npz")
     p.add_argument("--output", required=True, metavar="DIR", help="the folder for the parts and the manifest")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="the parts' format (parquet)")
@@ -53,11 +63,13 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .remote import TargetError
     from .tables import ScoreError
 
-    if args.batch_size < 1 or args.concurrency < 1 or args.max_rejects < 0:
+    if args.batch_size < 1 or args.concurrency < 1 or args.max_rejects < 0 or args.max_retries < 0:
         print(
-            "batchgate score: --batch-size and --concurrency must be at least 1, --max-rejects 0 or more",
+            "batchgate score: --batch-size and --concurrency must be at least 1, --max-rejects and --max-retries "
+            "0 or more",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -67,8 +79,14 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("batchgate").setLevel(logging.ERROR)  # (a server's notices, such as open access, do not apply)
+    if (args.tls or args.tls_ca or args.tls_cert) and not args.target:
+        print("batchgate score: the --tls options go with --target", file=sys.stderr)
+        return EXIT_USAGE
     try:
         counts = asyncio.run(_score(args))
+    except TargetError as e:
+        print(f"batchgate score: {e}; the parts written are kept: run again to resume", file=sys.stderr)
+        return EXIT_TARGET
     except ScoreError as e:
         print(f"batchgate score: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -79,6 +97,12 @@ def main(args: argparse.Namespace) -> int:
         + (f" ({counts.skipped_parts} kept from an earlier run)" if counts.skipped_parts else ""),
         file=sys.stderr,
     )
+    if counts.retried:
+        print(
+            f"batchgate score: the server was overloaded: {counts.retried} requests sent again after waiting "
+            f"{counts.waited_s:.1f} s in all",
+            file=sys.stderr,
+        )
     if counts.scored + rejects != counts.input:  # pragma: no cover - every row is counted once
         return EXIT_REJECTS
     if args.max_rejects and rejects > args.max_rejects:
@@ -91,9 +115,12 @@ async def _score(args: argparse.Namespace):
     from .run import Job, LocalModel, run
 
     if args.target:
-        from .run import RemoteTarget
+        from .remote import RemoteTarget, Tls
 
-        model: Any = await RemoteTarget.open(args.target, args.protocol, args.model, args.token, args.tls, args.tls_ca)
+        tls = Tls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls or args.tls_ca or args.tls_cert else None
+        model: Any = await RemoteTarget.open(
+            args.target, args.protocol, args.model, args.token, tls, retries=args.max_retries
+        )
     else:
         model = await LocalModel.open(args.model_repository, args.model)
     try:
@@ -110,7 +137,7 @@ async def _score(args: argparse.Namespace):
             rejects=args.rejects,
         )
         if args.quiet or not sys.stderr.isatty():
-            return await run(job)
+            return _with_retries(await run(job), model)
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         total = _rows(args.input)
@@ -130,9 +157,14 @@ async def _score(args: argparse.Namespace):
                 bar.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
 
             job.progress = advance
-            return await run(job)
+            return _with_retries(await run(job), model)
     finally:
         await model.close()
+
+
+def _with_retries(counts: Any, model: Any) -> Any:
+    counts.retried, counts.waited_s = getattr(model, "retried", 0), getattr(model, "waited_s", 0.0)
+    return counts
 
 
 def _rows(path: str) -> int | None:

@@ -11,9 +11,9 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +22,11 @@ from ..core.errors import ErrorCode, GatewayError
 from ..core.signature import ModelSignature
 from ..core.types import RequestLimits, Tensor, new_request
 from .output import Manifest, digest, encode, output_columns, part_name, write_atomically
+from .remote import OFFLINE
 from .tables import Mapping, ScoreError, prepare, read_batches
 
+T = TypeVar("T")
 LIMITS = RequestLimits(max_inputs=1024, max_outputs=1024, max_request_parameters=8)
-OFFLINE = {"x-batchgate-offline": "1"}
 
 
 class LocalModel:
@@ -86,81 +87,6 @@ class LocalModel:
         gateway.threads.shutdown()
 
 
-class RemoteTarget:
-    """A model served by a V2 server (batchgate, Triton, ...), scored over gRPC or HTTP. Requests
-    carry ``x-batchgate-offline: 1`` (a batchgate keeps them out of drift and rollout figures and
-    counts them apart) and a low V2 priority; an overloaded answer (RESOURCE_EXHAUSTED / 429,
-    UNAVAILABLE / 503) is retried with backoff, at most ``retries`` times."""
-
-    RETRIED = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "429", "503")
-
-    def __init__(self, client: Any, protocol: str, name: str, signature: ModelSignature, headers: dict[str, str]):
-        self.client, self.protocol, self.name, self.signature = client, protocol, name, signature
-        self.headers = headers
-        self.priority = 1 << 30  # the scheduler serves lower numbers first: online traffic goes ahead
-        self.retries, self.retried = 8, 0
-
-    @classmethod
-    async def open(
-        cls, target: str, protocol: str, name: str, token: str = "", ssl: bool = False, ca: str = ""
-    ) -> RemoteTarget:
-        from ..repository.config import config_from_json, signature_of
-
-        headers = dict(OFFLINE)
-        if token:
-            headers["authorization"] = f"Bearer {token}"
-        if protocol == "grpc":
-            import tritonclient.grpc.aio as client_mod
-
-            kw: dict[str, Any] = {"ssl": ssl}
-            if ca:
-                with open(ca, "rb") as f:
-                    kw["root_certificates"] = f.read()
-            client = client_mod.InferenceServerClient(target, **kw)
-        else:
-            import tritonclient.http.aio as client_mod
-
-            client = client_mod.InferenceServerClient(target, ssl=ssl)
-        try:
-            cfg = await client.get_model_config(
-                name, headers=headers, **({"as_json": True} if protocol == "grpc" else {})
-            )
-        except Exception as e:  # noqa: BLE001 - said as what it is
-            await client.close()
-            raise ScoreError(f"--target {target}: cannot read model '{name}': {e}") from None
-        cfg = cfg.get("config", cfg)
-        signature = signature_of(config_from_json(json.dumps(cfg), name))
-        return cls(client, protocol, name, signature, headers)
-
-    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from tritonclient.utils import InferenceServerException
-
-        mod = __import__(f"tritonclient.{self.protocol}", fromlist=["InferInput"])
-        inputs = []
-        for name, spec in _inputs(self.signature, feeds):
-            x = mod.InferInput(name, list(feeds[name].shape), spec.dtype.v2)
-            x.set_data_from_numpy(feeds[name])
-            inputs.append(x)
-        delay = 0.05
-        for attempt in range(self.retries + 1):
-            try:
-                result = await self.client.infer(self.name, inputs, headers=dict(self.headers), priority=self.priority)
-                break
-            except InferenceServerException as e:
-                status = str(e.status() or "")
-                if attempt < self.retries and any(s in status for s in self.RETRIED):
-                    self.retried += 1
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                code = ErrorCode.INVALID_ARGUMENT if "INVALID" in status or "400" in status else ErrorCode.UNAVAILABLE
-                raise GatewayError(code, f"{status}: {e.message()}") from None
-        return {t.name: result.as_numpy(t.name) for t in self.signature.outputs}
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
 def _inputs(sig: ModelSignature, feeds: dict[str, np.ndarray]):
     return [(t.name, t) for t in sig.inputs if t.name in feeds]
 
@@ -173,6 +99,8 @@ class Counts:
     failed: int = 0
     skipped_parts: int = 0
     parts: int = 0
+    retried: int = 0  # through a server: requests sent again after an overloaded answer
+    waited_s: float = 0.0
 
 
 @dataclass
@@ -208,8 +136,21 @@ async def run(job: Job) -> Counts:
     }
     manifest = Manifest(job.out_dir, key)
     job.counts.skipped_parts = manifest.resume()
-    mapping: Mapping | None = None
     pending: list[asyncio.Task] = []
+    try:
+        await _scoring(job, sig, manifest, pending)
+    finally:  # a run stopped (the target gone, interrupted): the parts in flight are dropped, not recorded
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    manifest.done = True
+    manifest.save()
+    _gather_rejects(job, manifest)
+    return job.counts
+
+
+async def _scoring(job: Job, sig: ModelSignature, manifest: Manifest, pending: list[asyncio.Task]) -> None:
+    mapping: Mapping | None = None
     batches = read_batches(job.input, job.batch_size)
     index = -1
     while True:  # the next chunk is read on a thread, while the model works on the others
@@ -226,13 +167,11 @@ async def run(job: Job) -> Counts:
         else:
             pending.append(asyncio.ensure_future(_part(job, sig, mapping, batch, index, start)))
             if len(pending) >= job.concurrency:
-                _finish(job, manifest, await pending.pop(0))
-    for t in pending:
-        _finish(job, manifest, await t)
-    manifest.done = True
-    manifest.save()
-    _gather_rejects(job, manifest)
-    return job.counts
+                _finish(job, manifest, await pending[0])
+                pending.pop(0)
+    while pending:
+        _finish(job, manifest, await pending[0])
+        pending.pop(0)
 
 
 def _finish(job: Job, manifest: Manifest, part: dict[str, Any]) -> None:
@@ -344,7 +283,7 @@ async def _score(
         return {}, {}
     step = sig.max_batch_size if sig.max_batch_size > 0 else 1
     spans = [(s, min(rows, s + step)) for s in range(0, rows, step)]
-    results = await asyncio.gather(*(_bisect(model, sig, feeds, a, b) for a, b in spans))
+    results = await _all([_bisect(model, sig, feeds, a, b) for a, b in spans])
     failed: dict[int, str] = {}
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     for got, bad in results:
@@ -380,8 +319,21 @@ async def _bisect(
         if b - a == 1:
             return [], {a: e.message[:512]}
         mid = (a + b) // 2
-        left, right = await asyncio.gather(_bisect(model, sig, feeds, a, mid), _bisect(model, sig, feeds, mid, b))
+        left, right = await _all([_bisect(model, sig, feeds, a, mid), _bisect(model, sig, feeds, mid, b)])
         return left[0] + right[0], {**left[1], **right[1]}
+
+
+async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result, in order; when one raises (the target gone: a TargetError), the others are
+    cancelled rather than left calling a server the run has stopped using."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _gather_rejects(job: Job, manifest: Manifest) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,11 +185,54 @@ def test_a_killed_run_resumes_to_the_same_bytes(repo, tmp_path):
     done = score(*args, "--output", resumed)
     assert done.returncode == 0, done.stderr
     assert "kept from an earlier run" in done.stderr
+    _same_parts(clean, resumed, 40)
+
+
+def _same_parts(clean: str, other: str, count: int) -> None:
     names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(clean, "part-*")))
-    assert len(names) == 40 and names == sorted(os.path.basename(f) for f in glob.glob(os.path.join(resumed, "part-*")))
+    assert len(names) == count
+    assert names == sorted(os.path.basename(f) for f in glob.glob(os.path.join(other, "part-*")))
     for name in names:
-        with open(os.path.join(clean, name), "rb") as a, open(os.path.join(resumed, name), "rb") as b:
+        with open(os.path.join(clean, name), "rb") as a, open(os.path.join(other, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_a_server_that_dies_mid_run_stops_it_and_a_rerun_resumes(repo, tmp_path):
+    """The target killed mid-run: the scorer retries (--max-retries 2), then stops with exit 3
+    instead of marking the remaining rows failed; rerun against a new server, it keeps the parts
+    written and ends with the same bytes as a clean run."""
+    from processes import Proc, serve_args
+
+    x = _features(64 * 300, seed=8)
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    common = ["--model", "clf", "--protocol", "grpc", "--input", str(src), "--columns", "features=input",
+              "--batch-size", "64", "--concurrency", "1", "--max-retries", "2", "--quiet"]  # fmt: skip
+    first = Proc(serve_args(repo))
+    out, clean = str(tmp_path / "out"), str(tmp_path / "clean")
+    try:
+        first.wait_ready()
+        run = subprocess.Popen([*BATCHGATE, *common, "--target", first.grpc, "--output", out], stderr=subprocess.PIPE)
+        manifest = os.path.join(out, "manifest.json")
+        end = time.monotonic() + 60
+        while not (os.path.exists(manifest) and len(_json(manifest)["parts"]) >= 5):
+            assert time.monotonic() < end and run.poll() is None, "no parts were written"
+            time.sleep(0.005)
+    finally:
+        first.kill()
+    stderr = run.communicate(timeout=60)[1].decode()
+    assert run.returncode == 3 and "run again to resume" in stderr, stderr
+    assert not _json(manifest)["done"] and 5 <= len(_json(manifest)["parts"]) < 300
+    assert not os.path.exists(os.path.join(out, "rejects.jsonl"))  # no row was marked failed
+    second = Proc(serve_args(repo))
+    try:
+        second.wait_ready()
+        done = score(*common, "--target", second.grpc, "--output", out)
+        assert done.returncode == 0 and "kept from an earlier run" in done.stderr, done.stderr
+        assert score(*common, "--target", second.grpc, "--output", clean).returncode == 0
+    finally:
+        second.kill()
+    _same_parts(clean, out, 300)
 
 
 def test_bad_arguments_are_named(repo, tmp_path):
@@ -232,7 +276,57 @@ def test_through_a_server_requests_are_marked_offline_and_counted_apart(repo, tm
         p.kill()
     done = score("--model", "clf", "--target", "127.0.0.1:1", "--protocol", protocol, "--input", str(src),
                  "--output", str(tmp_path / "none"))  # fmt: skip
-    assert done.returncode == 2 and "cannot read model 'clf'" in done.stderr
+    # the server is unreachable: the run stops (exit 3), it does not mark every row failed
+    assert done.returncode == 3 and "cannot read model 'clf'" in done.stderr and "resume" in done.stderr
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_through_mtls_with_a_rate_limited_key_the_servers_retry_after_is_waited(repo, tmp_path, protocol):
+    """A server asking for client certificates, a key limited to 4 requests/s (burst 1): the run
+    scores every row, each refused request waits the server's Retry-After (at least a second;
+    backing off on its own schedule would come back after 50 ms) and is sent again. Without the
+    client certificate, or with a wrong key, the run stops with exit 3."""
+    import yaml
+
+    from batchgate.security.auth import hash_token, new_token
+    from processes import Proc, serve_args
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path)
+    token = new_token()
+    keys = tmp_path / "keys.yaml"
+    entry = {"id": "nightly", "sha256": hash_token(token), "scopes": ["infer", "read"], "rate_per_s": 4, "burst": 1}
+    keys.write_text(yaml.safe_dump({"keys": [entry]}))
+    tls = ["--tls-cert-file", pki.path("server.crt"), "--tls-key-file", pki.path("server.key")]
+    p = Proc(serve_args(repo, *tls, "--tls-client-ca-file", pki.path("ca.crt"), "--api-keys-file", str(keys)))
+    x = _features(192, seed=6)
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    try:
+        p.wait_ready()
+        port = p.ports[0] if protocol == "http" else p.ports[1]
+        ca = ["--tls-ca", pki.path("ca.crt")]
+        client = [*ca, "--tls-cert", pki.path("client.crt"), "--tls-key", pki.path("client.key")]
+        common = ["--model", "clf", "--target", f"localhost:{port}", "--protocol", protocol, "--input", str(src),
+                  "--columns", "features=input", "--batch-size", "64", "--concurrency", "1", "--quiet"]  # fmt: skip
+        out = str(tmp_path / "out")
+        done = score(*common, "--output", out, "--token", token, *client)
+        assert done.returncode == 0, done.stderr
+        got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+        np.testing.assert_allclose(got, _expected(repo, x), rtol=1e-5)
+        said = re.search(r"overloaded: (\d+) requests sent again after waiting ([\d.]+) s", done.stderr)
+        assert said, done.stderr  # 3 requests of 64 rows, one at a time, at 4/s with a burst of 1: some refused
+        retried, waited = int(said.group(1)), float(said.group(2))
+        # each refused request waited the Retry-After (>= 1 s), after which the key's bucket holds a
+        # token again: no request is refused twice
+        assert 1 <= retried <= 3 and waited >= retried * 0.95, done.stderr
+
+        done = score(*common, "--output", str(tmp_path / "o2"), "--token", token, *ca)
+        assert done.returncode == 3 and "cannot read model 'clf'" in done.stderr, done.stderr
+        done = score(*common, "--output", str(tmp_path / "o3"), "--token", "wrong", *client)
+        assert done.returncode == 3 and ("UNAUTHENTICATED" in done.stderr or "401" in done.stderr), done.stderr
+    finally:
+        p.kill()
 
 
 def test_a_model_converted_by_batchgate_convert_scores_its_training_csv(tmp_path):

@@ -1,7 +1,7 @@
 """TLS and mTLS on the V2 ports, certificate rotation, the plaintext health port and the
 client-certificate subject: real gateways, real tritonclient clients, real TLS handshakes.
 
-The certificates are made here with ``cryptography``: a CA, a server certificate for 127.0.0.1
+The certificates are made by tls_support.py with ``cryptography``: a CA, a server certificate for 127.0.0.1
 and localhost, a client certificate, and a second CA with a client certificate of its own that the
 gateway must refuse.
 """
@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import http.client
-import ipaddress
 import logging
 import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,7 +26,6 @@ import tritonclient.http as httpclient
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -45,107 +42,16 @@ from batchgate.security.tls import (
     subject_of_der,
 )
 from batchgate.transport.http_limits import guarded_protocol
+from tls_support import Pki, make_cert, make_pki, new_key, subject
 
 POLL_S = 0.2  # tls_poll_s of the rotation tests
 GRPC_SERVICE = "inference.GRPCInferenceService"
 
 
 # ---------------------------------------------------------------------------- certificates
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _name(cn: str, org: str | None = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-    if org:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    return x509.Name(attrs)
-
-
-@dataclass
-class Cert:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-
-    @property
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    @property
-    def serial(self) -> int:
-        return self.cert.serial_number
-
-    def write(self, directory: Path, stem: str) -> tuple[str, str]:
-        cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
-        cert.write_bytes(self.pem)
-        key.write_bytes(self.key_pem)
-        return str(cert), str(key)
-
-
-def make_cert(
-    subject: x509.Name, issuer: Cert | None = None, *, ca: bool = False, server: bool = False, days: float = 2
-) -> Cert:
-    key = _key()
-    now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=min(0, 2 * days))  # days < 0: expired
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=abs(days)))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return Cert(b.sign(issuer.key if issuer else key, hashes.SHA256()), key)
-
-
-@dataclass
-class Pki:
-    dir: Path
-    ca: Cert
-    server: Cert
-    client: Cert
-    other_ca: Cert
-    rogue_client: Cert  # signed by other_ca
-
-    def path(self, name: str) -> str:
-        return str(self.dir / name)
-
-    def new_server(self) -> Cert:
-        return make_cert(_name("gateway", "Acme"), self.ca, server=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_cert(_name("batchgate test CA"), ca=True)
-    other = make_cert(_name("other CA"), ca=True)
-    p = Pki(
-        d,
-        ca,
-        make_cert(_name("gateway", "Acme"), ca, server=True),
-        make_cert(_name("client", "Acme"), ca),
-        other,
-        make_cert(_name("client", "Acme"), other),
-    )
-    (d / "ca.crt").write_bytes(ca.pem)
-    (d / "other-ca.crt").write_bytes(other.pem)
-    p.server.write(d, "server")
-    p.client.write(d, "client")
-    p.rogue_client.write(d, "rogue")
-    return p
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_flags(pki: Pki, mtls: bool = False, **extra) -> dict:
@@ -548,7 +454,7 @@ def test_startup_errors_name_the_setting_and_file(pki, tmp_path):
 
 def test_an_expired_certificate_is_served_with_an_error_logged(pki, tmp_path, caplog):
     """Refusing to start would not help (the renewal is what is missing): log it loudly."""
-    expired = make_cert(_name("gateway"), pki.ca, server=True, days=-1)
+    expired = make_cert(subject("gateway"), pki.ca, server=True, days=-1)
     cert, key = expired.write(tmp_path, "expired")
     with caplog.at_level(logging.INFO, logger="batchgate.tls"):
         assert load_server_tls(_settings(tls_cert_file=cert, tls_key_file=key)) is not None
@@ -667,9 +573,9 @@ async def test_peer_subject_is_the_same_on_both_protocols(pki):
 
 def test_subject_format_matches_rfc4514_of_cryptography():
     """subject_of_der (no cryptography at run time) writes what cryptography writes."""
-    key = _key()
+    key = new_key()
     names = [
-        _name("client", "Acme"),
+        subject("client", "Acme"),
         x509.Name(
             [
                 x509.NameAttribute(NameOID.COMMON_NAME, ' a,b+c"d\\e<f>g;h#'),
@@ -698,7 +604,7 @@ def test_subject_format_matches_rfc4514_of_cryptography():
             cert = (
                 x509.CertificateBuilder()
                 .subject_name(name)
-                .issuer_name(_name("issuer"))
+                .issuer_name(subject("issuer"))
                 .public_key(key.public_key())
                 .serial_number(7)
                 .not_valid_before(now)

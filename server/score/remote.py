@@ -1,0 +1,340 @@
+"""Batch scoring through a running V2 server (``batchgate score --target``): batchgate, Triton,
+KServe, MLServer, over gRPC or HTTP.
+
+The requests are built and read with the V2 messages tritonclient ships (gRPC) and its request
+body / response helpers (HTTP), but sent on our own ``grpc.aio`` channel and aiohttp session:
+tritonclient's exceptions keep neither the gRPC trailers nor the HTTP headers, and the server's
+``retry-after`` is in them.
+
+What the scorer does with an answer:
+
+- **Overload** (RESOURCE_EXHAUSTED / 429, UNAVAILABLE / 503): wait the server's Retry-After
+  (at most ``MAX_WAIT_S``, plus up to a quarter more so that many scorers do not come back
+  together), or without one 50 ms doubling to 2 s, and send again; at most ``retries`` times.
+- **The rows' fault** (INVALID_ARGUMENT / 400, the model failing: INTERNAL / 500, a deadline):
+  a :class:`~batchgate.core.errors.GatewayError`, so the request is split down to the rows that
+  fail and those go to the rejects.
+- **The server's fault** (unreachable past the retries, a key refused, the model gone): a
+  :class:`TargetError` that stops the run; the parts already written are kept and a rerun
+  resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl as ssl_mod
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..core.errors import ErrorCode, GatewayError
+from ..core.signature import ModelSignature
+from ..core.types import DATATYPES, OFFLINE_HEADER, from_raw, to_raw
+from .tables import ScoreError
+
+OFFLINE = {OFFLINE_HEADER: "1"}
+PRIORITY = 1 << 30  # a V2 scheduler serves lower numbers first: online traffic goes ahead
+MAX_MESSAGE_BYTES = 1 << 30
+MAX_WAIT_S = 60.0  # the longest Retry-After honoured (a server's answer is bounded like any input)
+CONFIG_TIMEOUT_S = 30.0
+
+
+class TargetError(ScoreError):
+    """The server cannot score anything now (unreachable, refusing the key, no such model): the
+    run stops, keeping the parts written, instead of marking every row failed."""
+
+
+class _Overloaded(Exception):
+    def __init__(self, status: str, message: str, retry_after: float | None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the server: ``ca`` the CA file to trust (empty: the system's); ``cert`` and
+    ``key`` a client certificate for a server that asks for one (mTLS)."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def check(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ScoreError("--tls-cert and --tls-key go together (a client certificate and its key)")
+        for path in (self.ca, self.cert, self.key):
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as e:
+                    raise ScoreError(f"cannot read {path}: {e.strerror}") from None
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After value (delta-seconds; an HTTP date or junk: None), bounded."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not seconds >= 0:  # NaN too
+        return None
+    return min(seconds, MAX_WAIT_S)
+
+
+class RemoteTarget:
+    """A model served by a V2 server, scored over gRPC or HTTP. Requests carry
+    ``x-batchgate-offline: 1`` (a batchgate keeps them out of drift and rollout figures and counts
+    them apart) and a low V2 priority."""
+
+    def __init__(self, wire: _Wire, name: str, signature: ModelSignature, retries: int):
+        self.wire, self.name, self.signature = wire, name, signature
+        self.retries = retries
+        self.retried = 0  # requests sent again after an overloaded answer
+        self.waited_s = 0.0  # time spent waiting for those
+        self.honoured = 0  # of those waits, how many were the server's Retry-After
+
+    @classmethod
+    async def open(
+        cls,
+        target: str,
+        protocol: str,
+        name: str,
+        token: str = "",
+        tls: Tls | None = None,
+        retries: int = 8,
+    ) -> RemoteTarget:
+        from ..repository.config import signature_of
+
+        if tls is not None:
+            tls.check()
+        headers = dict(OFFLINE)
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        wire: _Wire = _Grpc(target, headers, tls) if protocol == "grpc" else _Http(target, headers, tls)
+        try:
+            cfg = await wire.config(name)
+            signature = signature_of(cfg)
+        except (TargetError, GatewayError, _Overloaded, ValueError) as e:
+            await wire.close()
+            text = e.message if isinstance(e, (GatewayError, _Overloaded)) else str(e)
+            raise TargetError(f"--target {target}: cannot read model '{name}': {text}") from None
+        return cls(wire, name, signature, retries)
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sig = self.signature
+        types = {t.name: t.dtype.v2 for t in sig.inputs if t.name in feeds}
+        names = tuple(t.name for t in sig.outputs)
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.wire.infer(self.name, feeds, types, names)
+            except _Overloaded as e:
+                if attempt == self.retries:
+                    raise TargetError(
+                        f"the server stayed overloaded past {self.retries} retries ({e.status}: {e.message})"
+                    ) from None
+                if e.retry_after is not None:
+                    wait = e.retry_after * (1 + random.random() / 4)
+                    self.honoured += 1
+                else:
+                    wait, delay = delay, min(delay * 2, 2.0)
+                self.retried += 1
+                self.waited_s += wait
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        await self.wire.close()
+
+
+class _Wire(Protocol):
+    """How requests reach the server: gRPC or HTTP."""
+
+    async def config(self, name: str) -> Any: ...
+
+    async def infer(
+        self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]: ...
+
+    async def close(self) -> None: ...
+
+
+# gRPC codes as the scorer treats them (see the module's docstring)
+_ROW_FAULTS = {"INVALID_ARGUMENT", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "OUT_OF_RANGE", "FAILED_PRECONDITION"}
+_OVERLOAD = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+
+
+class _Grpc:
+    def __init__(self, target: str, headers: dict[str, str], tls: Tls | None):
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+        self.grpc, self.pb, self.target = grpc, pb, target
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
+            )
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metadata = tuple(headers.items())
+
+    async def config(self, name: str) -> Any:
+        try:
+            reply = await self.stub.ModelConfig(
+                self.pb.ModelConfigRequest(name=name), metadata=self.metadata, timeout=CONFIG_TIMEOUT_S
+            )
+        except self.grpc.aio.AioRpcError as e:
+            raise TargetError(f"{e.code().name}: {e.details()}") from None
+        return reply.config
+
+    async def infer(
+        self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        msg = self.pb.ModelInferRequest(model_name=name)
+        msg.parameters["priority"].uint64_param = PRIORITY
+        for k, arr in feeds.items():
+            dt = DATATYPES[types[k]]
+            msg.inputs.add(name=k, datatype=dt.v2, shape=arr.shape)
+            msg.raw_input_contents.append(to_raw(arr, dt))
+        for k in names:
+            msg.outputs.add(name=k)
+        try:
+            reply = await self.stub.ModelInfer(msg, metadata=self.metadata)
+        except self.grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        raw = reply.raw_output_contents
+        if len(raw) != len(reply.outputs):
+            raise TargetError(f"{self.target} answered without raw output contents")
+        got = {}
+        for i, t in enumerate(reply.outputs):
+            got[t.name] = _tensor(raw[i], t.datatype, tuple(t.shape), t.name)
+        return got
+
+    def _error(self, e: Any) -> Exception:
+        code, details = e.code().name, e.details() or ""
+        if code in _OVERLOAD and "larger than max" not in details:  # (gRPC's own size refusal: halving helps)
+            trailers = e.trailing_metadata() or ()
+            seconds = next((retry_after(v) for k, v in trailers if k == "retry-after"), None)
+            return _Overloaded(code, details, seconds)
+        if code in _ROW_FAULTS or code == "RESOURCE_EXHAUSTED":
+            return GatewayError(ErrorCode.INVALID_ARGUMENT, f"{code}: {details}")
+        return TargetError(f"{self.target}: {code}: {details}")
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class _Http:
+    def __init__(self, target: str, headers: dict[str, str], tls: Tls | None):
+        self.target = target
+        self.base = f"{'https' if tls is not None else 'http'}://{target}/v2/models/"
+        self.headers = headers
+        self.ssl: ssl_mod.SSLContext | bool = True
+        if tls is not None:
+            ctx = ssl_mod.create_default_context(cafile=tls.ca or None)
+            if tls.cert:
+                ctx.load_cert_chain(tls.cert, tls.key)
+            self.ssl = ctx
+        self.session: Any = None
+
+    def _session(self) -> Any:
+        if self.session is None:
+            import aiohttp
+
+            self.session = aiohttp.ClientSession(
+                headers=self.headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONFIG_TIMEOUT_S)
+            )
+        return self.session
+
+    async def _send(self, method: str, url: str, **kw: Any) -> tuple[int, Any, bytes]:
+        import aiohttp
+
+        try:
+            async with self._session().request(method, url, ssl=self.ssl, **kw) as r:
+                return r.status, r.headers, await r.read()
+        except aiohttp.ClientConnectorError as e:  # never delivered: the server may be restarting
+            raise _Overloaded("UNREACHABLE", str(e), None) from None
+        except aiohttp.ClientError as e:
+            raise TargetError(f"{self.target}: {e}") from None
+
+    async def config(self, name: str) -> Any:
+        from ..repository.config import config_from_json
+
+        status, _, body = await self._send("GET", self.base + urllib.parse.quote(name, safe="") + "/config")
+        if status != 200:
+            raise TargetError(f"HTTP {status}: {_message(body)}")
+        cfg = json.loads(body)
+        return config_from_json(json.dumps(cfg.get("config", cfg)), name)
+
+    async def infer(
+        self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        import tritonclient.http as httpclient
+
+        inputs = []
+        for k, arr in feeds.items():
+            x = httpclient.InferInput(k, list(arr.shape), types[k])
+            x.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(x)
+        outputs = [httpclient.InferRequestedOutput(k, binary_data=True) for k in names]
+        body, json_size = httpclient.InferenceServerClient.generate_request_body(
+            inputs, outputs=outputs, priority=PRIORITY
+        )
+        headers = {"content-type": "application/octet-stream"}
+        if json_size is not None:
+            headers["inference-header-content-length"] = str(json_size)
+        url = self.base + urllib.parse.quote(name, safe="") + "/infer"
+        status, got_headers, reply = await self._send("POST", url, data=body, headers=headers)
+        if status == 200:
+            length = got_headers.get("inference-header-content-length")
+            result = httpclient.InferResult.from_response_body(reply, header_length=int(length) if length else None)
+            return {k: result.as_numpy(k) for k in names}
+        text = _message(reply)
+        if status in (429, 503):
+            raise _Overloaded(str(status), text, retry_after(got_headers.get("retry-after")))
+        if status in (400, 408, 413, 500):
+            raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"HTTP {status}: {text}")
+        raise TargetError(f"{self.target}: HTTP {status}: {text}")
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _message(body: bytes) -> str:
+    """A V2 error body's message ({"error": ...}), else its first 512 bytes as text."""
+    try:
+        return str(json.loads(body)["error"])[:512]
+    except (ValueError, KeyError, TypeError):
+        return body[:512].decode("utf-8", "replace")
+
+
+def _tensor(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    dt = DATATYPES.get(datatype)
+    if dt is None:
+        raise TargetError(f"the server answered output '{name}' with unknown datatype {datatype[:32]}")
+    try:
+        return from_raw(raw, dt, shape, f"output '{name}'")
+    except GatewayError as e:
+        raise TargetError(f"the server's answer is malformed: {e.message}") from None
