@@ -32,7 +32,8 @@ def repo(tmp_path_factory) -> str:
 
 def _transactions() -> pd.DataFrame:
     x = np.random.default_rng(3).random((N, 4), dtype=np.float32) * 0.5
-    frame = pd.DataFrame({"id": np.arange(N), **{c: x[:, i] for i, c in enumerate(("amount", "age", "balance", "hour"))}})
+    names = ("amount", "age", "balance", "hour")
+    frame = pd.DataFrame({"id": np.arange(N), **{c: x[:, i] for i, c in enumerate(names)}})
     frame.loc[7, "age"] = np.nan  # one row the checks refuse: kept, with its reason
     return frame
 
