@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import ssl as ssl_mod
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,6 +90,53 @@ def retry_after(value: str | None) -> float | None:
     return min(seconds, MAX_WAIT_S)
 
 
+class Window:
+    """How many requests the scorer keeps out at the server at once. It grows by one per window
+    of answers while answers come back about as fast as the fastest seen, and shrinks by a
+    fifth when they come back much slower (the server's queue is growing) and by half at an
+    overloaded answer, at most once per round trip. So a backfill settles at what the server
+    serves with a short queue, under its admission limits (a batchgate refuses work past
+    ``queue_target_ms`` of queue; online requests, ahead of the backfill's low priority, would
+    wait behind what it already queued), instead of flooding it and waiting out Retry-Afters."""
+
+    def __init__(self, start: int = 4, most: int = 256):
+        self.size = float(start)
+        self.most = most
+        self.out = 0
+        self.fastest = math.inf  # the quickest answer lately (seconds), the no-queue round trip
+        self._cut = 0.0  # when the window was last cut
+        self._free = asyncio.Event()
+        self._free.set()
+
+    async def take(self) -> float:
+        while self.out >= int(self.size):
+            self._free.clear()
+            await self._free.wait()
+        self.out += 1
+        return time.monotonic()
+
+    def give(self) -> None:
+        self.out -= 1
+        self._free.set()
+
+    def answered(self, sent: float) -> None:
+        now = time.monotonic()
+        took = now - sent
+        self.fastest = min(self.fastest * 1.001, took)  # (slowly forgotten: the server may get slower)
+        if took > 2 * self.fastest + 0.002:
+            self._cut_by(0.8, now)
+        else:
+            self.size = min(self.most, self.size + 1.0 / self.size)
+
+    def refused(self) -> None:
+        self._cut_by(0.5, time.monotonic())
+
+    def _cut_by(self, factor: float, now: float) -> None:
+        if now - self._cut >= max(self.fastest, 0.01):  # once per round trip: answers to one window come together
+            self._cut = now
+            self.size = max(1.0, self.size * factor)
+
+
 class RemoteTarget:
     """A model served by a V2 server, scored over gRPC or HTTP. Requests carry
     ``x-batchgate-offline: 1`` (a batchgate keeps them out of drift and rollout figures and counts
@@ -96,6 +145,7 @@ class RemoteTarget:
     def __init__(self, wire: _Wire, name: str, signature: ModelSignature, retries: int):
         self.wire, self.name, self.signature = wire, name, signature
         self.retries = retries
+        self.window = Window()
         self.retried = 0  # requests sent again after an overloaded answer
         self.waited_s = 0.0  # time spent waiting for those
         self.honoured = 0  # of those waits, how many were the server's Retry-After
@@ -132,22 +182,31 @@ class RemoteTarget:
         types = {t.name: t.dtype.v2 for t in sig.inputs if t.name in feeds}
         names = tuple(t.name for t in sig.outputs)
         delay = 0.05
+        window = self.window
         for attempt in range(self.retries + 1):
+            sent = await window.take()
             try:
-                return await self.wire.infer(self.name, feeds, types, names)
+                got = await self.wire.infer(self.name, feeds, types, names)
             except _Overloaded as e:
-                if attempt == self.retries:
-                    raise TargetError(
-                        f"the server stayed overloaded past {self.retries} retries ({e.status}: {e.message})"
-                    ) from None
-                if e.retry_after is not None:
-                    wait = e.retry_after * (1 + random.random() / 4)
-                    self.honoured += 1
-                else:
-                    wait, delay = delay, min(delay * 2, 2.0)
-                self.retried += 1
-                self.waited_s += wait
-                await asyncio.sleep(wait)
+                window.refused()
+                error = e
+            else:
+                window.answered(sent)
+                return got
+            finally:
+                window.give()
+            if attempt == self.retries:
+                raise TargetError(
+                    f"the server stayed overloaded past {self.retries} retries ({error.status}: {error.message})"
+                ) from None
+            if error.retry_after is not None:
+                wait = error.retry_after * (1 + random.random() / 4)
+                self.honoured += 1
+            else:
+                wait, delay = delay, min(delay * 2, 2.0)
+            self.retried += 1
+            self.waited_s += wait
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self) -> None:
