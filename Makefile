@@ -19,7 +19,7 @@ INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
 .PHONY: install install-serve serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote \
-	bench-overload bench-routing bench-drift bench-workers bench-score bench-tools lint clean soak
+	bench-overload bench-routing bench-drift bench-workers bench-score bench-observability bench-tools lint clean soak
 
 $(PY):
 	@echo "==> creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
@@ -109,6 +109,11 @@ bench-workers: $(FULL_STAMP) bench-tools
 # server over gRPC) against a plain pyarrow -> ONNX Runtime -> pyarrow script; rows/s and peak RSS.
 bench-score: $(FULL_STAMP)
 	$(PY) bench/score.py
+
+# Observability cost (bench/observability.py, about 5 minutes): the demo simple model with the access
+# log off, at its default (sampled) and on for every request, over gRPC and HTTP; req/s and CPU ratios.
+bench-observability: $(FULL_STAMP) bench-tools
+	$(PY) bench/observability.py
 
 # Overload (bench/overload.py, about 2 minutes): default settings, the demo mlp at 3x its measured
 # capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED.

@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 
-from . import __version__, cores
+from . import __version__, cores, logs
 from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
@@ -34,6 +34,7 @@ from .config import ConfigError, Settings
 from .core.errors import GatewayError
 from .core.types import RequestLimits
 from .dataplane import DataPlane
+from .monitoring.access_log import open_log as open_access_log
 from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
 from .repository.build import version_builder
@@ -154,6 +155,11 @@ class Gateway:
             max_bytes_per_key=shm.shm_max_bytes_per_key,
         )
         self.metrics.shm = self.dataplane.shm
+        try:
+            self.access_log = open_access_log(settings.observability, logs.worker_name())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.dataplane.access_log = self.metrics.access_log = self.access_log
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None
@@ -489,6 +495,8 @@ class Gateway:
             self._metrics_server.server_close()
         await self.repository.stop()
         self.dataplane.shm.close()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._shadow_pool is not None:
             self._shadow_pool.shutdown(wait=False, cancel_futures=True)

@@ -36,6 +36,7 @@ from .core.types import (
     printable,
 )
 from .model import ModelVersion
+from .monitoring.access_log import AccessLog
 from .monitoring.metrics import Metrics
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
@@ -122,6 +123,17 @@ class DataPlane:
         # In a worker process (one of several): what must reach every worker (loads, unloads,
         # shared-memory registrations) and pod-wide statistics go through the supervisor.
         self.coordinator: Coordinator | None = None
+        self.access_log: AccessLog | None = None  # set by the Gateway unless access_log is off
+
+    def key_id(self, caller: Caller) -> str | None:
+        """The id of the key ``caller`` presents (for the access log; None: none or not valid)."""
+        keys = self._keys
+        if keys is None or (caller.authorization is None and caller.subject is None):
+            return None
+        try:
+            return keys.authenticate(caller.authorization, caller.subject).id
+        except GatewayError:
+            return None
 
     def _route(self, name: str) -> ServedRoute | None:
         routes = self.routes

@@ -54,6 +54,11 @@ class PlainFormatter(logging.Formatter):
         return f"{line} [request_id={escape(str(rid))}]" if rid is not None else line
 
 
+def worker_name() -> str | None:
+    """This process's name when it is one of several workers ("worker 0", "model owner")."""
+    return _worker
+
+
 def setup(fmt: str = "plain", level: str = "info", worker: str | None = None) -> None:
     """Log lines to stderr; a worker process's name it (``worker``: "worker 0", "model owner")."""
     global _worker

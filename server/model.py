@@ -170,6 +170,9 @@ class ModelVersion:
         finally:
             queued = ticket.dispatched - request.arrival if ticket.dispatched else None
             self._answered(request.protocol, status, _perf_ns() - start, queued)
+            note = request.note
+            if note is not None:  # the access log's (and the trace's) figures of this request
+                note.queue_s = queued
 
     def _started(self) -> None:
         self.in_flight += 1
@@ -256,6 +259,9 @@ class ModelVersion:
             types = self.signature.output_types
         if len(batch) == 1:
             ticket = batch[0]
+            note = ticket.request.note
+            if note is not None:
+                note.batch_rows = ticket.checked.batch_size
             return [
                 InferResponse(
                     self.name,
@@ -265,9 +271,13 @@ class ModelVersion:
                 )
             ], ticket.checked.batch_size
         sizes = [t.checked.batch_size for t in batch]
+        rows = sum(sizes)
         answers = []
         for t, parts in zip(batch, split(arrays, sizes)):
             got = dict(zip(names, parts))
+            note = t.request.note
+            if note is not None:
+                note.batch_rows = rows
             answers.append(
                 InferResponse(
                     self.name,
@@ -276,7 +286,7 @@ class ModelVersion:
                     id=t.request.id,
                 )
             )
-        return answers, sum(sizes)
+        return answers, rows
 
     def failure(self, batch: list[Ticket], e: Exception) -> list:
         if isinstance(e, GatewayError):

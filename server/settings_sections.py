@@ -345,6 +345,34 @@ class SharedMemorySettings:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Section ``observability``: the access log (and request tracing)."""
+
+    access_log: str = _setting(
+        "sampled",
+        "one JSON line per inference request: off, sampled (every error and slow request, a share of the rest "
+        "chosen on the request id) or all",
+        choices=("off", "sampled", "all"),
+    )
+    access_log_sample_ratio: float = _setting(
+        0.01,
+        "with access_log sampled: the share of quick, successful requests logged (0 to 1)",
+        minimum=0,
+        maximum=1,
+        metavar="RATIO",
+    )
+    access_log_slow_ms: float = _setting(
+        1000.0, "requests slower than this are always logged (with access_log sampled)", positive=True
+    )
+    access_log_max_lines_per_s: int = _setting(
+        1000, "access log lines a second at most (per process); the rest are dropped and counted", minimum=1
+    )
+    access_log_file: str = _setting(
+        "", "write the access log to this file (appended) instead of stdout", metavar="FILE"
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     repository: RepositorySettings = field(default_factory=RepositorySettings)
@@ -355,6 +383,7 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     drift_detector: DriftSettings = field(default_factory=DriftSettings)
     shared_memory: SharedMemorySettings = field(default_factory=SharedMemorySettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
     routes: tuple[RouteSpec, ...] = ()  # the config file's routes list (core/routing.py)
     drift: tuple[MonitorSpec, ...] = ()  # the config file's drift list (core/drift.py)
@@ -370,6 +399,7 @@ SECTIONS: dict[str, type] = {
     "routing": RoutingSettings,
     "drift_detector": DriftSettings,
     "shared_memory": SharedMemorySettings,
+    "observability": ObservabilitySettings,
 }
 RESERVED_SECTIONS: tuple[str, ...] = ()  # planned sections, refused until they exist
 TOP_LEVEL = (*SECTIONS, "remote_models", "routes", "drift")

@@ -207,6 +207,7 @@ class InferRequest(NamedTuple):
     protocol: str = ""  # "grpc" | "http" (metrics label)
     synthetic: bool = False  # marked x-batchgate-synthetic: load-test traffic
     offline: bool = False  # marked x-batchgate-offline: batch scoring, kept out of drift and rollout figures
+    note: Any = None  # the access log's and tracing's notes on this request (monitoring/access_log.Note)
 
 
 def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:
@@ -277,6 +278,7 @@ def new_request(
     protocol: str,
     limits: RequestLimits,
     transport_deadline: float | None = None,
+    note: Any = None,
 ) -> InferRequest:
     """Freeze a decoded request. The id is the V2 ``id``, else the caller's ``x-request-id``;
     the deadline is the earliest of the V2 ``timeout`` parameter and the transport's own
@@ -337,6 +339,7 @@ def new_request(
         protocol,
         synthetic,
         offline,
+        note,
     )
 
 

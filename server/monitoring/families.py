@@ -99,6 +99,12 @@ FAMILIES: dict[str, Family] = {
         "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections",
         ("reason",),
     ),
+    "batchgate_access_log_lines": Family("counter", "Access log lines written (see access_log)", ()),
+    "batchgate_access_log_dropped": Family(
+        "counter",
+        "Access log lines not written: past access_log_max_lines_per_s (rate) or a full write queue (queue)",
+        ("reason",),
+    ),
     "batchgate_offline_requests": Family(
         "counter",
         "Inference requests marked x-batchgate-offline (batch scoring), kept out of drift and rollout figures",

@@ -272,6 +272,7 @@ class Metrics:
         # The statistics of the routes (served as models); the gateway sets it when it has routes.
         self.route_stats: Callable[[], Iterable[ModelStats]] | None = None
         self.shm: Any = None  # the registered shared-memory regions (shm.SharedMemory); the gateway sets it
+        self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
@@ -383,6 +384,11 @@ class Metrics:
             add("batchgate_request_errors", labels, n)
         for model, n in list(self._offline.items()):
             add("batchgate_offline_requests", (model,), n)
+        alog = self.access_log
+        if alog is not None:
+            add("batchgate_access_log_lines", (), alog.lines)
+            for reason, n in list(alog.dropped.items()):
+                add("batchgate_access_log_dropped", (reason,), n)
         for reason, n in list(self._connections_refused.items()):
             add("batchgate_http_connections_refused", (reason,), n)
         for (model, address), u in list(self._upstreams.items()):

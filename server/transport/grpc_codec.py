@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -60,6 +61,7 @@ def decode_request(
     headers: Mapping[str, str] = EMPTY,
     deadline: float | None = None,
     shm: RegionView | None = None,
+    note: Any = None,
 ) -> InferRequest:
     """The request in ``msg``; ``headers`` are the caller's x-* metadata, ``deadline`` the
     call's gRPC deadline on the monotonic clock (None when it has none); ``shm``: the registered
@@ -115,6 +117,7 @@ def decode_request(
         "grpc",
         limits,
         deadline,
+        note,
     )
 
 

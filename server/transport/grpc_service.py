@@ -18,8 +18,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
 from ..core.routing import PIN_HEADER as VARIANT_HEADER
-from ..core.types import OFFLINE_HEADER, InferRequest, caller_headers, clip, printable
+from ..core.types import OFFLINE_HEADER, REQUEST_ID_HEADER, InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
+from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
@@ -272,20 +273,52 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # ------------------------------------------------------------ inference
-    def _decode(self, msg, context, headers, shm: RegionView | None = None) -> InferRequest:
+    def _decode(self, msg, context, headers, shm: RegionView | None = None, note: Note | None = None) -> InferRequest:
         """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's;
         ``shm``: the caller's shared-memory regions, when the request names one."""
         arrival = _monotonic()
         remaining = context.time_remaining()
         return grpc_codec.decode_request(
-            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, shm
+            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, shm, note
         )
 
     async def ModelInfer(self, raw: bytes, context):
+        alog = self.dp.access_log
+        if alog is None:
+            return await self._model_infer(raw, context, None)
+        note = Note()
+        note.bytes_in = len(raw)
+        status = "OK"
+        try:
+            answer = await self._model_infer(raw, context, note)
+            note.answer = answer
+            return answer
+        except grpc.aio.AbortError:
+            status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "UNKNOWN"
+            raise
+        except asyncio.CancelledError:  # the caller went away
+            status = note.error = "CANCELLED"
+            raise
+        finally:
+            self._access(alog, note, status, context)
+
+    def _access(self, alog: AccessLog, note: Note, status: str, context) -> None:
+        def who() -> tuple[str, str | None]:
+            caller = caller_of(context)
+            return caller.peer, self.dp.key_id(caller)
+
+        alog.request(
+            note, "grpc", note.model, status, note.error, who, path="inference.GRPCInferenceService/ModelInfer"
+        )
+
+    async def _model_infer(self, raw: bytes, context, note: Note | None):
         request = headers = None
         dp = self.dp
         try:
             request = _parse(raw)
+            if note is not None:
+                note.model = request.model_name
+                note.request_id = request.id or _metadata(context, REQUEST_ID_HEADER) or ""
             caller = caller_of(context) if dp.access.enforcing else OPEN_CALLER
             served = dp.admit(  # before any tensor is decoded
                 request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
@@ -301,13 +334,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 headers = caller_headers(context.invocation_metadata() or (), dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
                 places = grpc_codec.output_places(request, shm) if shm is not None and request.outputs else None
-                resp = await dp.infer(served, self._decode(request, context, headers, shm))
+                resp = await dp.infer(served, self._decode(request, context, headers, shm, note))
             finally:
                 dp.release(served)
             if resp.parameters:  # answered through a route: which variant answered
                 context.set_trailing_metadata(((VARIANT_HEADER, str(resp.parameters.get("variant", ""))),))
+            if note is not None:
+                note.version = resp.model_version
+                if resp.parameters:
+                    note.variant = str(resp.parameters.get("variant", ""))
             return grpc_codec.encode_response(resp, places, shm)
         except GatewayError as e:
+            if note is not None:
+                note.error = e.code.value
             self.dp.count_error("grpc", e)
             if request is not None:
                 self.dp.log_failure("grpc", request.model_name, _request_id(request, headers), e)
@@ -317,6 +356,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as e:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
             log.exception("gRPC infer to model '%s' failed", request.model_name[:128] if request else "?")
             error = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
+            if note is not None:
+                note.error = error.code.value
             self.dp.count_error("grpc", error)
             return await _abort(context, error)
 

@@ -21,8 +21,9 @@ import orjson
 from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.routing import PIN_HEADER
-from ..core.types import caller_headers
+from ..core.types import REQUEST_ID_HEADER, caller_headers
 from ..dataplane import FILE_PARAM_PREFIX, DataPlane, Served
+from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import http_peer_subject
 from . import http_codec
@@ -155,6 +156,12 @@ class HttpApp:
         except GatewayError as e:
             self.dp.count_error("http", e)
             status, headers, body = self.error_answer(e)
+            alog = self.dp.access_log
+            if alog is not None:
+                note = Note()
+                note.error = e.code.value
+                note.request_id = _header(scope, REQUEST_ID_HEADER) or ""
+                self._access(alog, note, model, status, scope, path)
             pause = 0.0
             if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
                 pause = max(1.0, min(e.retry_after_s or 1.0, 10.0))
@@ -336,21 +343,47 @@ class HttpApp:
         the protocol admitted it already (:meth:`admit_early`); otherwise (a request pipelined
         behind another) it is admitted here, from the path, before the body is read."""
         dp = self.dp
+        alog = dp.access_log
+        note = None if alog is None else Note()
+        status = 200
         try:
             if served is None:
                 served = self._admit(model, version, scope)
             try:
-                return await self._infer(served, model, version, scope, receive, send)
+                return await self._infer(served, model, version, scope, receive, send, note)
             finally:
                 dp.release(served)
         except GatewayError as e:
             dp.count_error("http", e)
+            status = HTTP_STATUS[e.code]
+            if note is not None:
+                note.error = e.code.value
+            raise
+        except asyncio.CancelledError:  # the client went away (499: nginx's word for it)
+            status = 499
+            if note is not None:
+                note.error = ErrorCode.CANCELLED.value
             raise
         except Exception as e:  # answered INTERNAL by __call__; counted here like gRPC counts it
             self.dp.count_error("http", GatewayError(ErrorCode.INTERNAL, str(e)))
+            status = 500
+            if note is not None:
+                note.error = ErrorCode.INTERNAL.value
             raise
+        finally:
+            if alog is not None:
+                self._access(alog, note, model, status, scope, scope["path"])
 
-    async def _infer(self, served, model, version, scope, receive, send):
+    def _access(self, alog: AccessLog, note: Note | None, model: str, status: int, scope, path: str) -> None:
+        """The access line of an infer call (``note`` None: refused before the call began)."""
+
+        def who() -> tuple[str, str | None]:
+            caller = caller_of(scope)
+            return caller.peer, self.dp.key_id(caller)
+
+        alog.request(note, "http", model, status, note.error if note is not None else "", who, "POST", path)
+
+    async def _infer(self, served, model, version, scope, receive, send, note=None):
         arrival = _monotonic()
         header_len = content_encoding = accept = None
         x_headers = []
@@ -388,9 +421,14 @@ class HttpApp:
             # The caller's own regions, looked up only for a body that may name one (the key may be
             # written with JSON escapes).
             shm = self.dp.shm_view(caller_of(scope)) if SHM_MARK in body or b"\\u" in body else None
+            if note is not None:
+                note.bytes_in = len(body)
+                note.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
             req, options = http_codec.decode_request(
-                body, header_len, model, version, arrival, self.dp.limits, headers, shm
+                body, header_len, model, version, arrival, self.dp.limits, headers, shm, note
             )
+            if note is not None:
+                note.request_id = req.id
             pending = self.dp.infer(served, req)
             # Registered while it waits: the sweeper starts listening for a disconnect only
             # for requests still unanswered after a moment (most are answered first, and
@@ -418,6 +456,10 @@ class HttpApp:
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
         out, json_len = http_codec.encode_response(resp, options, shm)
+        if note is not None:
+            note.version = resp.model_version
+            if resp.parameters:
+                note.variant = str(resp.parameters.get("variant", ""))
         headers = [(b"content-type", b"application/octet-stream" if json_len is not None else b"application/json")]
         if resp.parameters:  # answered through a route: which variant answered
             headers.append((VARIANT_HEADER, str(resp.parameters.get("variant", "")).encode()))
@@ -429,6 +471,8 @@ class HttpApp:
             headers.append((b"content-encoding", enc.encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
+        if note is not None:
+            note.bytes_out = len(out)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 

@@ -88,6 +88,7 @@ def decode_request(
     limits: RequestLimits,
     headers: Mapping[str, str] = EMPTY,
     shm: RegionView | None = None,
+    note: Any = None,
 ) -> tuple[InferRequest, OutputOptions]:
     """The request in ``body`` and how its caller wants the outputs written; ``shm``: the
     registered shared-memory regions an input or output may name."""
@@ -204,7 +205,7 @@ def decode_request(
     if "binary_data_output" in req_params:
         req_params = dict(req_params)
         binary_default = bool(req_params.pop("binary_data_output"))
-    req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits)
+    req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits, None, note)
     if not binary_outputs and not binary_default and not shared:
         return req, JSON_OUTPUTS
     return req, OutputOptions(

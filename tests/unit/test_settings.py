@@ -482,8 +482,8 @@ def test_unknown_section_is_refused_with_the_known_ones(tmp_path, repo):
     msg = error(f, environ={})
     assert "unknown setting 'metrics'" in msg
     known = (
-        "server, repository, limits, batching, auth, tls, routing, drift_detector, shared_memory, remote_models, "
-        "routes, drift"
+        "server, repository, limits, batching, auth, tls, routing, drift_detector, shared_memory, observability, "
+        "remote_models, routes, drift"
     )
     assert f"known sections: {known}" in msg
 

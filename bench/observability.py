@@ -1,0 +1,297 @@
+"""What observability costs: throughput with the access log (and tracing) on, against off.
+
+One model, the demo ``simple`` (two [1, 16] INT32 inputs added and subtracted: next to no model
+time, so the gateway's own cost per request is all there is to measure: the worst case for any
+per-request overhead), served by one ``batchgate serve`` process pinned to one core, driven by the
+load tool pinned to the other, at the same closed-loop load. Setups, each started afresh per
+round, in turn within a round:
+
+    off                      --access-log off (the baseline)
+    access log sampled       the default: every error and slow request, 1% of the rest
+    access log all           a line for every request (to a file)
+
+Load: gRPC with ``h2load`` (pre-framed requests, one per stream, C connections), then HTTP/JSON
+with ``wrk`` (C connections). Reported per (protocol, setup): successful req/s (median of the
+rounds), the ratio to ``off`` in the same round (median of the rounds' ratios), p50 / p99, the
+server's CPU per request and its ratio to ``off`` (steadier than req/s on a noisy machine), and the
+access log lines written. A run counts only if the load tool saw
+no error and no non-2xx status; else the exit status is 1.
+
+    python bench/observability.py            # ~5 minutes: 5 rounds of 8 s runs
+    python bench/observability.py --quick    # ~30 s smoke run
+
+Writes bench/results/observability.json, bench/results/observability.md and
+docs/bench-observability.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import (
+    BATCHGATE_READY,
+    Server,
+    choose_pinning,
+    cpu_model,
+    finite,
+    grpc_frame,
+    grpc_infer_raw,
+    h2load,
+    say,
+    serve_command,
+    wrk,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODEL = "simple"
+
+
+def payload() -> tuple[bytes, bytes]:
+    """The gRPC ModelInferRequest bytes and the V2 JSON body of one request to ``simple``."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    req = pb.ModelInferRequest(model_name=MODEL)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        req.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        req.raw_input_contents.append(a.tobytes())  # as tritonclient sends tensors
+        inputs.append({"name": name, "datatype": "INT32", "shape": [1, 16], "data": a.reshape(-1).tolist()})
+    return req.SerializeToString(), json.dumps({"inputs": inputs}).encode()
+
+
+def setups(tmp: Path) -> list[tuple[str, list[str]]]:
+    return [
+        ("off", ["--access-log", "off"]),
+        ("access log sampled", []),
+        ("access log all", ["--access-log", "all", "--access-log-file", str(tmp / "access.log")]),
+    ]
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+
+
+def series(text: str, prefix: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+
+def measure(name: str, extra: list[str], repo: str, args, pin, frame: Path, body: Path, tmp: Path) -> dict:
+    """One setup, one round: start, check, drive gRPC then HTTP, read its figures, stop."""
+    cmd = [*pin.server, *serve_command(repo, "--infer-threads", "1", *extra)]
+    server = Server(name, cmd, BATCHGATE_READY, tmp / f"{name.replace(' ', '_')}.log")
+    out: dict = {}
+    try:
+        grpc_port, http_port, metrics_port = (int(server.match.group(k)) for k in ("grpc", "http", "metrics"))
+        grpc_infer_raw(grpc_port, frame.read_bytes()[5:])  # the exact bytes h2load sends answer
+        for proto in ("grpc", "http"):
+            lines0 = series(scrape(metrics_port), "batchgate_access_log_lines_total")
+            cpu0 = server.cpu_seconds()
+            if proto == "grpc":
+                r = h2load(pin, grpc_port, frame, args.connections, 1, args.duration, tmp / "h2load.log")
+            else:
+                r = wrk(pin, http_port, f"/v2/models/{MODEL}/infer", body, args.connections, args.duration)
+            cpu1 = server.cpu_seconds()
+            lines = float(series(scrape(metrics_port), "batchgate_access_log_lines_total") - lines0)
+            problems = []
+            if r["errors"] or r["non_2xx"]:
+                problems.append(f"load tool saw {r['errors']} errors and {r['non_2xx']} non-2xx")
+            out[proto] = {
+                "req_s": r["ok"] / r["elapsed_s"],
+                "p50_us": r["latency_us"]["p50"],
+                "p99_us": r["latency_us"]["p99"],
+                "server_cpu_us_per_req": (cpu1 - cpu0) / max(1, r["ok"]) * 1e6,
+                "log_lines": lines,
+                "valid": not problems,
+                "problems": problems,
+            }
+            say(
+                f"  {name:20s} {proto:4s} {out[proto]['req_s']:8.0f} req/s  p99 {out[proto]['p99_us'] / 1000:6.2f} ms"
+                f"  {lines:8.0f} log lines" + (f"  INVALID: {'; '.join(problems)}" if problems else "")
+            )
+        return out
+    finally:
+        server.stop()
+
+
+def per_request_cost(n: int = 200_000) -> dict:
+    """Microseconds the access log adds to a request, in this process: the note a transport makes
+    for every request plus the decision (sampled, the default: a request not logged), and the
+    line built and queued for one that is (the writer thread's own share is not in it)."""
+    from batchgate.monitoring.access_log import AccessLog, Note
+
+    with tempfile.TemporaryDirectory() as d:
+        sampled = AccessLog("sampled", 0.0, 1000.0, 10**9, os.path.join(d, "a.log"))
+        every = AccessLog("all", 1.0, 1000.0, 10**9, os.path.join(d, "b.log"))
+
+        def who():
+            return "ipv4:127.0.0.1:40000", None
+
+        def run(alog: AccessLog, count: int) -> float:
+            t0 = time.perf_counter()
+            for i in range(count):
+                note = Note()
+                note.model, note.request_id, note.version, note.queue_s, note.batch_rows = "m", f"r{i}", "1", 0.001, 4
+                alog.request(note, "grpc", "m", "OK", "", who, path="inference.GRPCInferenceService/ModelInfer")
+            return (time.perf_counter() - t0) / count * 1e6
+
+        got = {
+            "not_logged_us": min(run(sampled, n) for _ in range(3)),
+            "logged_us": min(run(every, n // 10) for _ in range(3)),
+        }
+        every.close()
+        sampled.close()
+    return got
+
+
+def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict:
+    summary: dict = {}
+    for proto in ("grpc", "http"):
+        base = [r[names[0]][proto]["req_s"] for r in rounds]
+        for name in names:
+            runs = [r[name][proto] for r in rounds]
+            med = {k: statistics.median(x[k] for x in runs) for k in runs[0] if isinstance(runs[0][k], float)}
+            med["ratio"] = statistics.median(x["req_s"] / b for x, b in zip(runs, base))
+            cpu_base = [r[names[0]][proto]["server_cpu_us_per_req"] for r in rounds]
+            med["cpu_ratio"] = statistics.median(x["server_cpu_us_per_req"] / b for x, b in zip(runs, cpu_base))
+            med["ratios"] = [x["req_s"] / b for x, b in zip(runs, base)]
+            med["valid"] = all(x["valid"] for x in runs)
+            summary.setdefault(proto, {})[name] = med
+    return summary
+
+
+def markdown(summary: dict, names: list[str], args, pin_note: str) -> str:
+    lines = [
+        f"Observability cost, {args.rounds} rounds of {args.duration:g} s, {args.connections} connections, "
+        f"model {MODEL}, {os.cpu_count()} cores ({cpu_model()}), {pin_note}; medians; "
+        "ratio = req/s over off in the same round",
+        "",
+        "| protocol | setup | req/s | ratio | ratios by round | p50 ms | p99 ms | server CPU µs/req | CPU ratio "
+        "| log lines |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for proto in ("grpc", "http"):
+        for name in names:
+            m = summary[proto][name]
+            lines.append(
+                f"| {proto} | {name} | {m['req_s']:.0f} | {m['ratio']:.3f} | "
+                f"{', '.join(f'{x:.3f}' for x in m['ratios'])} | {m['p50_us'] / 1000:.2f} | "
+                f"{m['p99_us'] / 1000:.2f} | {m['server_cpu_us_per_req']:.0f} | {m['cpu_ratio']:.3f} | "
+                f"{m['log_lines']:.0f} |" + ("" if m["valid"] else " INVALID")
+            )
+    c = summary["per_request"]
+    lines += [
+        "",
+        f"In-process, the access log at its default costs {c['not_logged_us']:.2f} µs for a request it does not log "
+        f"and {c['logged_us']:.1f} µs for one it logs (line built and queued). Against the server CPU per request "
+        "of `off` above, the default (1% of quick requests logged) comes to:",
+        "",
+    ]
+    for proto in ("grpc", "http"):
+        base = summary[proto][names[0]]["server_cpu_us_per_req"]
+        extra = c["not_logged_us"] * 0.99 + c["logged_us"] * 0.01
+        lines.append(f"- {proto}: {extra:.2f} µs of {base:.0f} µs, an implied ratio of {base / (base + extra):.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, names: list[str], path: Path, subtitle: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        say("no matplotlib: no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(len(names))
+    for ax, proto in zip(axes, ("grpc", "http")):
+        vals = [summary[proto][n]["ratio"] for n in names]
+        bars = ax.bar(x, vals, color=["#888"] + ["#3b7dd8"] * (len(names) - 1))
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.3f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
+        ax.axhline(0.97, color="#c33", lw=1, ls="--", label="target 0.97x")
+        ax.set_ylim(0, max(1.1, max(vals) * 1.1))
+        ax.set_xticks(x, names, rotation=15)
+        ax.set_title(f"{proto}: req/s over off (median of rounds)")
+        ax.legend(loc="lower right")
+    fig.suptitle(f"batchgate observability cost: {subtitle}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per run")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1 round of 3 s runs")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the load tool to cores")
+    ap.add_argument("--out", default=str(RESULTS), help="where observability.json and .md go")
+    ap.add_argument("--plot", default=str(HERE.parent / "docs" / "bench-observability.png"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration = 1, 3.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    pin = choose_pinning(not args.no_pin)
+    from batchgate.demo import build_demo_repository
+
+    with tempfile.TemporaryDirectory(prefix="bench-observability-") as d:
+        tmp = Path(d)
+        repo = build_demo_repository(str(tmp / "models"))
+        grpc_bytes, json_bytes = payload()
+        frame, body = tmp / "frame.bin", tmp / "body.json"
+        frame.write_bytes(grpc_frame(grpc_bytes))
+        body.write_bytes(json_bytes)
+        plan = setups(tmp)
+        names = [n for n, _ in plan]
+        rounds = []
+        t0 = time.monotonic()
+        total = args.rounds * len(plan)
+        for i in range(args.rounds):
+            result = {}
+            order = plan if i % 2 == 0 else plan[:1] + plan[:0:-1]  # the baseline first, the rest in turn
+            for j, (name, extra) in enumerate(order):
+                done = i * len(plan) + j
+                eta = "" if not done else f", about {(time.monotonic() - t0) / done * (total - done):.0f} s left"
+                say(f"round {i + 1}/{args.rounds}: {name} ({done + 1}/{total}{eta})")
+                result[name] = measure(name, extra, repo, args, pin, frame, body, tmp)
+            rounds.append(result)
+    summary = summarize(rounds, names)
+    say("the access log's own cost per request, in-process")
+    summary["per_request"] = per_request_cost()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "observability.json").write_text(
+        json.dumps(finite({"args": vars(args), "rounds": rounds, "summary": summary}), indent=1)
+    )
+    text = markdown(summary, names, args, pin.note)
+    (out / "observability.md").write_text(text)
+    print(text)
+    plot(summary, names, Path(args.plot), f"{os.cpu_count()} cores, {args.connections} connections, {MODEL}")
+    valid = all(summary[p][n]["valid"] for p in ("grpc", "http") for n in names)
+    if not valid:
+        say("some runs were INVALID (see the table)")
+    return 0 if valid else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

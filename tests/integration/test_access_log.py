@@ -1,0 +1,166 @@
+"""The access log (monitoring/access_log.py) through real tritonclient clients on both
+protocols: one JSON line per logged request with the fields an SRE reads; errors and slow
+requests always logged, the rest sampled consistently on the request id; a bound on lines a
+second; client text that cannot break a line; the key's id, never its token."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import zlib
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+from protocol_support import raw_http, simple_feeds
+from tritonclient.utils import InferenceServerException
+
+from batchgate.security.auth import hash_token, new_token
+
+TOKEN = new_token()
+
+
+def _lines(path, at_least: int = 1, timeout: float = 10.0) -> list[dict]:
+    """The access log's lines once at least ``at_least`` are written (the writer is a thread)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            lines = []
+        if len(lines) >= at_least or time.monotonic() > end:
+            return lines
+        time.sleep(0.02)
+
+
+def _client(protocol: str, running):
+    mod = grpcclient if protocol == "grpc" else httpclient
+    return mod, mod.InferenceServerClient(running.grpc_url if protocol == "grpc" else running.http_url)
+
+
+def _infer(mod, client, model: str = "simple", rid: str = "", headers: dict | None = None):
+    inputs = []
+    for name, a in simple_feeds().items():
+        x = mod.InferInput(name, list(a.shape), "INT32")
+        x.set_data_from_numpy(a)
+        inputs.append(x)
+    return client.infer(model, inputs, request_id=rid, headers=headers)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_every_request_logged_with_its_fields_and_the_key_id_never_the_token(demo_repo, serve, tmp_path, protocol):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"id": "frontend", "sha256": hash_token(TOKEN), "scopes": ["infer"]}]}))
+    log = tmp_path / "access.log"
+    running = serve(demo_repo, access_log="all", access_log_file=str(log), api_keys_file=str(keys))
+    mod, client = _client(protocol, running)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    _infer(mod, client, rid="order-17", headers=auth)
+    with pytest.raises(InferenceServerException):
+        _infer(mod, client, model="no_such_model", rid="order-18", headers=auth)
+    with pytest.raises(InferenceServerException):
+        _infer(mod, client, rid="order-19")  # no key
+    lines = _lines(log, 3)
+    assert len(lines) == 3, lines
+    ok, missing, anonymous = sorted(lines, key=lambda ln: ln.get("batchgate.request.id", "~"))
+    assert ok["batchgate.request.id"] == "order-17" and ok["batchgate.model"] == "simple"
+    assert ok["batchgate.model.version"] == "1" and ok["user.id"] == "frontend"
+    assert ok["client.address"] == "127.0.0.1" and ok["batchgate.batch_size"] == 1
+    assert ok["batchgate.duration_ms"] >= ok["batchgate.queue_ms"] >= 0
+    assert ok["batchgate.request.bytes"] > 128 and ok["batchgate.response.bytes"] > 64
+    assert "error.type" not in ok and ok["timestamp"].endswith("Z")
+    if protocol == "grpc":
+        assert ok["rpc.system"] == "grpc" and ok["rpc.response.status_code"] == "OK"
+        assert ok["rpc.method"] == "inference.GRPCInferenceService/ModelInfer"
+        assert missing["rpc.response.status_code"] == "NOT_FOUND"
+    else:
+        assert ok["http.request.method"] == "POST" and ok["url.path"] == "/v2/models/simple/infer"
+        assert ok["http.response.status_code"] == 200 and missing["http.response.status_code"] == 404
+    assert missing["error.type"] == "NOT_FOUND" and missing["user.id"] == "frontend"
+    assert anonymous["error.type"] == "UNAUTHENTICATED" and "user.id" not in anonymous
+    assert TOKEN not in log.read_text()
+
+
+def test_sampled_logs_errors_and_slow_requests_and_picks_the_rest_by_request_id(demo_repo, serve, tmp_path):
+    log = tmp_path / "access.log"
+    ratio = 0.3
+    running = serve(demo_repo, access_log="sampled", access_log_sample_ratio=ratio, access_log_file=str(log))
+    mod, client = _client("grpc", running)
+    ids = [f"req-{i}" for i in range(200)]
+    for rid in ids:
+        _infer(mod, client, rid=rid)
+    for i in range(5):
+        with pytest.raises(InferenceServerException):
+            _infer(mod, client, model="no_such_model", rid=f"bad-{i}")
+    # the share chosen is the one the id's hash says: the same on every replica and every retry
+    want = {rid for rid in ids if zlib.crc32(rid.encode()) / 2**32 < ratio}
+    lines = _lines(log, len(want) + 5)
+    got = {ln["batchgate.request.id"] for ln in lines if "error.type" not in ln}
+    assert got == want and 30 < len(want) < 90
+    assert sorted(ln["batchgate.request.id"] for ln in lines if "error.type" in ln) == [f"bad-{i}" for i in range(5)]
+
+    slow_log = tmp_path / "slow.log"
+    running = serve(demo_repo, access_log_sample_ratio=0.0, access_log_slow_ms=0.001, access_log_file=str(slow_log))
+    mod, client = _client("http", running)
+    _infer(mod, client, rid="slow-one")
+    assert [ln["batchgate.request.id"] for ln in _lines(slow_log)] == ["slow-one"]
+
+
+def test_lines_a_second_are_bounded_and_drops_counted(demo_repo, serve, tmp_path):
+    log = tmp_path / "access.log"
+    running = serve(
+        demo_repo, access_log_max_lines_per_s=5, access_log_file=str(log), metrics_port=0, access_log_sample_ratio=1.0
+    )
+    mod, client = _client("http", running)
+    t0 = time.monotonic()
+    for _ in range(40):
+        _infer(mod, client)
+    took = time.monotonic() - t0
+    lines = _lines(log, 5)
+    time.sleep(0.2)
+    lines = _lines(log, 5)
+    assert 5 <= len(lines) <= 5 * (int(took) + 2), (len(lines), took)
+    text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    dropped = [ln for ln in text.splitlines() if ln.startswith('batchgate_access_log_dropped_total{reason="rate"}')]
+    written = [ln for ln in text.splitlines() if ln.startswith("batchgate_access_log_lines_total")]
+    assert float(dropped[0].split()[-1]) == 40 - len(lines) and float(written[0].split()[-1]) == len(lines)
+
+
+def test_client_text_never_breaks_a_line_and_refusals_at_the_door_are_logged(demo_repo, serve, tmp_path):
+    log = tmp_path / "access.log"
+    running = serve(demo_repo, access_log="all", access_log_file=str(log))
+    evil = 'x"\n{"forged": true}\r\n' + "y" * 200  # (ids are bounded: max_request_id_bytes, 256)
+    body = json.dumps(
+        {
+            "id": evil,
+            "inputs": [
+                {"name": n, "shape": list(a.shape), "datatype": "INT32", "data": a.reshape(-1).tolist()}
+                for n, a in simple_feeds().items()
+            ],
+        }
+    ).encode()
+    status, _, _ = raw_http(running, "POST", "/v2/models/simple/infer", body, {"content-type": "application/json"})
+    assert status == 200
+    # refused as its head arrives (unknown model: 404 written by the protocol, no ASGI call)
+    status, _, _ = raw_http(running, "POST", "/v2/models/nope/infer", b"{}", {"x-request-id": "door-1"})
+    assert status == 404
+    lines = _lines(log, 2)
+    assert len(lines) == 2 and all("forged" not in ln for ln in lines)
+    first, door = lines
+    assert first["batchgate.request.id"] == evil[:128]
+    assert door["batchgate.request.id"] == "door-1" and door["http.response.status_code"] == 404
+    assert door["batchgate.model"] == "nope" and door["error.type"] == "NOT_FOUND"
+
+
+def test_off_writes_nothing(demo_repo, serve, tmp_path):
+    log = tmp_path / "access.log"
+    running = serve(demo_repo, access_log="off", access_log_file=str(log))
+    assert running.gateway.access_log is None
+    mod, client = _client("grpc", running)
+    with pytest.raises(InferenceServerException):
+        _infer(mod, client, model="no_such_model")
+    time.sleep(0.3)
+    assert not log.exists() and running.gateway.dataplane.access_log is None
