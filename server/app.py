@@ -35,6 +35,7 @@ from .core.errors import GatewayError
 from .core.types import RequestLimits
 from .dataplane import DataPlane
 from .monitoring.access_log import open_log as open_access_log
+from .monitoring.families import latency_buckets
 from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
 from .repository.build import version_builder
@@ -155,6 +156,7 @@ class Gateway:
             max_bytes_per_key=shm.shm_max_bytes_per_key,
         )
         self.metrics.shm = self.dataplane.shm
+        self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)
         try:
             self.access_log = open_access_log(settings.observability, logs.worker_name())
         except ValueError as e:

@@ -367,6 +367,13 @@ class ObservabilitySettings:
     access_log_max_lines_per_s: int = _setting(
         1000, "access log lines a second at most (per process); the rest are dropped and counted", minimum=1
     )
+    latency_slo_ms: float = _setting(
+        0.0,
+        "a latency objective's threshold: added to the buckets of batchgate_request_duration_seconds, so the "
+        "share of requests under it is exact (the chart's SLO alerts set it); 0 = none",
+        minimum=0,
+        metavar="MS",
+    )
     access_log_file: str = _setting(
         "", "write the access log to this file (appended) instead of stdout", metavar="FILE"
     )

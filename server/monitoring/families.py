@@ -31,6 +31,17 @@ LATENCY_BUCKETS_S = (
     5.0,
     10.0,
 )
+
+
+def latency_buckets(slo_s: float = 0.0) -> tuple[float, ...]:
+    """The request-duration buckets, with ``slo_s`` among them when it is not 0: a latency SLO's
+    threshold must be a bucket boundary (the share of requests under it is that bucket over
+    the count), so setting ``observability.latency_slo_ms`` adds it."""
+    if not slo_s or slo_s in LATENCY_BUCKETS_S:
+        return LATENCY_BUCKETS_S
+    return tuple(sorted((*LATENCY_BUCKETS_S, slo_s)))
+
+
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # |primary - shadow| of a compared output (the largest per row), from 1e-6 to 100.
 DELTA_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0)

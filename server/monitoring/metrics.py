@@ -80,10 +80,11 @@ class ModelMetrics:
     """The figures of one model version. Request figures are updated on the event loop;
     execution figures in worker threads, under the model's statistics lock."""
 
-    def __init__(self, model: str, version: str):
+    def __init__(self, model: str, version: str, duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S):
         self.model, self.version = model, version
         self.requests: dict[tuple[str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
+        self.duration_buckets = duration_buckets
         self.queue = Histogram()
         self.compute = Histogram()
         self.inferences = 0
@@ -146,7 +147,7 @@ class ModelMetrics:
                 self.failures[reason] = self.failures.get(reason, 0) + 1
         h = self.durations.get(protocol)
         if h is None:
-            h = self.durations[protocol] = Histogram()
+            h = self.durations[protocol] = Histogram(self.duration_buckets)
         h.observe(seconds)
 
     def refused(self, reason: str) -> None:
@@ -272,6 +273,8 @@ class Metrics:
         # The statistics of the routes (served as models); the gateway sets it when it has routes.
         self.route_stats: Callable[[], Iterable[ModelStats]] | None = None
         self.shm: Any = None  # the registered shared-memory regions (shm.SharedMemory); the gateway sets it
+        # the request-duration buckets (families.latency_buckets: a latency SLO's threshold among them)
+        self.duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
@@ -330,7 +333,7 @@ class Metrics:
         key = (model, version)
         mm = self._models.get(key)
         if mm is None:
-            mm = self._models[key] = ModelMetrics(model, version)
+            mm = self._models[key] = ModelMetrics(model, version, self.duration_buckets)
         return mm
 
     def connection_refused(self, reason: str) -> None:
@@ -350,6 +353,8 @@ class Metrics:
     def snapshot(self) -> Snapshot:
         """Every figure of this process, read once (see :class:`Snapshot`)."""
         snap = Snapshot()
+        if self.duration_buckets is not LATENCY_BUCKETS_S:
+            snap.buckets["batchgate_request_duration_seconds"] = self.duration_buckets
         add = snap.add
         for (model, version), m in list(self._models.items()):
             mv = (model, version)

@@ -31,6 +31,8 @@ class Snapshot:
     values: dict[str, dict[Labels, float | HistValue]] = field(default_factory=dict)
     stats: dict[tuple[str, str], dict] = field(default_factory=dict)
     failures: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    # Families whose buckets are not the table's (the request durations with a latency SLO)
+    buckets: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def add(self, family: str, labels: Labels, value: float | HistValue) -> None:
         self.values.setdefault(family, {})[labels] = value
@@ -40,6 +42,7 @@ class Snapshot:
             {f: dict(series) for f, series in self.values.items()},
             dict(self.stats),
             {k: dict(v) for k, v in self.failures.items()},
+            {**self.buckets, **other.buckets},
         )
         for fam, series in other.values.items():
             rule = FAMILIES[fam].merge
@@ -62,6 +65,7 @@ class Snapshot:
             {f: dict(v) for f, v in self.values.items() if (f in families) == inside},
             {} if inside else dict(self.stats),
             {} if inside else {k: dict(v) for k, v in self.failures.items()},
+            dict(self.buckets),
         )
 
     def without_gauges(self) -> Snapshot:
@@ -71,6 +75,7 @@ class Snapshot:
             {f: dict(s) for f, s in self.values.items() if FAMILIES[f].kind != "gauge"},
             dict(self.stats),
             {k: dict(v) for k, v in self.failures.items()},
+            dict(self.buckets),
         )
 
 
@@ -90,9 +95,10 @@ def render(snapshot: Snapshot) -> list:
     out = []
     for name, fam in FAMILIES.items():
         metric = _KINDS[fam.kind](name, fam.help, labels=list(fam.labels))
+        buckets = snapshot.buckets.get(name, fam.buckets)
         for labels, v in snapshot.values.get(name, {}).items():
             if isinstance(v, tuple):
-                metric.add_metric(list(labels), _cumulative(v[0], fam.buckets), v[1])
+                metric.add_metric(list(labels), _cumulative(v[0], buckets), v[1])
             else:
                 metric.add_metric(list(labels), v)
         out.append(metric)

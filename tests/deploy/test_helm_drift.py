@@ -292,7 +292,7 @@ def test_the_prometheus_rule_has_the_drift_alerts(helm, tmp_path, built):
     (rule,) = kinds["PrometheusRule"]  # the chart's one rule, extended with a group
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["labels"]["release"] == "prometheus"
-    assert [g["name"] for g in rule["spec"]["groups"]] == ["rel-batchgate", "rel-batchgate-drift"]
+    assert [g["name"] for g in rule["spec"]["groups"]] == ["rel-batchgate", "rel-batchgate-slo", "rel-batchgate-drift"]
     rules = drift_rules(kinds)
     assert set(rules) == DRIFT_ALERTS
     exported = exported_series()
@@ -334,7 +334,7 @@ def test_the_prometheus_rule_has_the_drift_alerts(helm, tmp_path, built):
     given = drift_values(built)
     given["alerts"]["drift"]["enabled"] = False
     kinds, _, _, _ = rendered(helm, tmp_path, given, "no-drift-alerts")
-    assert [g["name"] for g in kinds["PrometheusRule"][0]["spec"]["groups"]] == ["rel-batchgate"]
+    assert [g["name"] for g in kinds["PrometheusRule"][0]["spec"]["groups"]] == ["rel-batchgate", "rel-batchgate-slo"]
 
 
 def test_nothing_drift_renders_by_default(helm, tmp_path, built):
@@ -347,7 +347,7 @@ def test_nothing_drift_renders_by_default(helm, tmp_path, built):
         assert "drift" not in yaml.safe_dump_all(docs).lower(), name
         kinds = by_kind(docs)
         assert [m["metadata"]["name"] for m in kinds["ConfigMap"]] == ["rel-batchgate"]
-        assert [g["name"] for g in kinds["PrometheusRule"][0]["spec"]["groups"]] == ["rel-batchgate"]
+        assert [g["name"] for g in kinds["PrometheusRule"][0]["spec"]["groups"]] == ["rel-batchgate", "rel-batchgate-slo"]
         pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
         assert ("state" in {v["name"] for v in pod["volumes"]}) == (name == "routes")
 

@@ -110,3 +110,19 @@ def test_every_metric_the_readme_lists_is_exported(running):
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
     assert [n for n in README_METRICS + README_UPSTREAM_METRICS if n not in readme] == []
+
+
+def test_a_latency_objective_becomes_a_bucket_boundary(tmp_path, serve):
+    """observability.latency_slo_ms adds its threshold to the request-duration buckets (a latency
+    SLO counts the requests under it from that bucket); the other histograms keep theirs."""
+    _save(classifier_model(), str(tmp_path), "clf")
+    running = serve(str(tmp_path), latency_slo_ms=300)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    c.infer("clf", [inp])
+    m = scrape(running.metrics_url)
+    under = sample(m, "batchgate_request_duration_seconds_bucket", model="clf", version=1, protocol="grpc", le="0.3")
+    assert under == 1
+    les = {re.search(r'le="([^"]+)"', k).group(1) for k in m if k.startswith("batchgate_queue_duration_seconds_bucket")}
+    assert "0.3" not in les and "0.25" in les
