@@ -1,27 +1,28 @@
-"""What observability costs: throughput with the access log (and tracing) on, against off.
+"""What observability costs: throughput with the access log or tracing on, against off.
 
 One model, the demo ``simple`` (two [1, 16] INT32 inputs added and subtracted: next to no model
 time, so the gateway's own cost per request is all there is to measure: the worst case for any
 per-request overhead), served by one ``batchgate serve`` process pinned to one core, driven by the
 load tool pinned to the other, at the same closed-loop load. Setups, each started afresh per
-round, in turn within a round:
+round, in turn within a round (``--kind``):
 
-    off                      --access-log off (the baseline)
-    access log sampled       the default: every error and slow request, 1% of the rest
-    access log all           a line for every request (to a file)
+    access (bench/observability.py)     off (the baseline) | access log sampled (the default) | all
+    tracing (bench/tracing.py)          tracing off (the baseline; the access log at its default) |
+                                        tracing at ratio 0.001 (the default) | at 1.0 (every request),
+                                        exporting over OTLP/HTTP to a sink in this process
 
 Load: gRPC with ``h2load`` (pre-framed requests, one per stream, C connections), then HTTP/JSON
 with ``wrk`` (C connections). Reported per (protocol, setup): successful req/s (median of the
-rounds), the ratio to ``off`` in the same round (median of the rounds' ratios), p50 / p99, the
-server's CPU per request and its ratio to ``off`` (steadier than req/s on a noisy machine), and the
-access log lines written. A run counts only if the load tool saw
-no error and no non-2xx status; else the exit status is 1.
+rounds), the ratio to the baseline in the same round (median of the rounds' ratios), p50 / p99, the
+server's CPU per request and its ratio to the baseline (steadier than req/s on a noisy machine),
+and the access log lines and spans exported. Then the per-request cost measured in-process. A run
+counts only if the load tool saw no error and no non-2xx status; else the exit status is 1.
 
     python bench/observability.py            # ~5 minutes: 5 rounds of 8 s runs
+    python bench/tracing.py                  # the same for tracing
     python bench/observability.py --quick    # ~30 s smoke run
 
-Writes bench/results/observability.json, bench/results/observability.md and
-docs/bench-observability.png.
+Writes bench/results/<kind>.json and .md (observability or tracing) and docs/bench-<kind>.png.
 """
 
 from __future__ import annotations
@@ -70,12 +71,46 @@ def payload() -> tuple[bytes, bytes]:
     return req.SerializeToString(), json.dumps({"inputs": inputs}).encode()
 
 
-def setups(tmp: Path) -> list[tuple[str, list[str]]]:
+def setups(tmp: Path, kind: str, sink: str) -> list[tuple[str, list[str]]]:
+    if kind == "tracing":
+        otlp = ["--tracing", "otlp", "--otlp-endpoint", sink, "--trace-sample-ratio"]
+        return [("tracing off", []), ("tracing 0.001", [*otlp, "0.001"]), ("tracing 1.0", [*otlp, "1.0"])]
     return [
         ("off", ["--access-log", "off"]),
         ("access log sampled", []),
         ("access log all", ["--access-log", "all", "--access-log-file", str(tmp / "access.log")]),
     ]
+
+
+class Sink:
+    """An OTLP/HTTP endpoint that takes every export and answers 200 (what a collector would)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.bytes = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - http.server's name
+                sink.bytes += len(self.rfile.read(int(self.headers.get("content-length", "0"))))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
 
 
 def scrape(port: int) -> str:
@@ -97,14 +132,19 @@ def measure(name: str, extra: list[str], repo: str, args, pin, frame: Path, body
         grpc_port, http_port, metrics_port = (int(server.match.group(k)) for k in ("grpc", "http", "metrics"))
         grpc_infer_raw(grpc_port, frame.read_bytes()[5:])  # the exact bytes h2load sends answer
         for proto in ("grpc", "http"):
-            lines0 = series(scrape(metrics_port), "batchgate_access_log_lines_total")
+            text0 = scrape(metrics_port)
+            lines0 = series(text0, "batchgate_access_log_lines_total")
+            spans0 = series(text0, 'batchgate_trace_spans_total{outcome="exported"}')
             cpu0 = server.cpu_seconds()
             if proto == "grpc":
                 r = h2load(pin, grpc_port, frame, args.connections, 1, args.duration, tmp / "h2load.log")
             else:
                 r = wrk(pin, http_port, f"/v2/models/{MODEL}/infer", body, args.connections, args.duration)
             cpu1 = server.cpu_seconds()
-            lines = float(series(scrape(metrics_port), "batchgate_access_log_lines_total") - lines0)
+            time.sleep(1.2)  # the span exporter sends about once a second
+            text1 = scrape(metrics_port)
+            lines = float(series(text1, "batchgate_access_log_lines_total") - lines0)
+            spans = float(series(text1, 'batchgate_trace_spans_total{outcome="exported"}') - spans0)
             problems = []
             if r["errors"] or r["non_2xx"]:
                 problems.append(f"load tool saw {r['errors']} errors and {r['non_2xx']} non-2xx")
@@ -114,19 +154,59 @@ def measure(name: str, extra: list[str], repo: str, args, pin, frame: Path, body
                 "p99_us": r["latency_us"]["p99"],
                 "server_cpu_us_per_req": (cpu1 - cpu0) / max(1, r["ok"]) * 1e6,
                 "log_lines": lines,
+                "spans": spans,
                 "valid": not problems,
                 "problems": problems,
             }
             say(
                 f"  {name:20s} {proto:4s} {out[proto]['req_s']:8.0f} req/s  p99 {out[proto]['p99_us'] / 1000:6.2f} ms"
-                f"  {lines:8.0f} log lines" + (f"  INVALID: {'; '.join(problems)}" if problems else "")
+                f"  {lines:8.0f} log lines  {spans:8.0f} spans"
+                + (f"  INVALID: {'; '.join(problems)}" if problems else "")
             )
         return out
     finally:
         server.stop()
 
 
-def per_request_cost(n: int = 200_000) -> dict:
+def per_request_cost(kind: str, sink: str, n: int = 200_000) -> dict:
+    return tracing_cost(sink, n // 4) if kind == "tracing" else access_cost(n)
+
+
+def tracing_cost(sink: str, n: int) -> dict:
+    """Microseconds tracing adds to a request, in this process: the decision for a request it does
+    not trace (no context, ratio 0.001), and all the spans of one it does (the request's, the
+    model's, the batch's compute span; queued for the exporter thread, whose work is not in it)."""
+    from types import SimpleNamespace
+
+    from batchgate.monitoring.access_log import Note
+    from batchgate.monitoring.tracing import Tracing, batch_trace
+
+    tracing = Tracing(sink, 0.001, "bench", queue_size=10**6)
+    start = time.perf_counter()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tracing.begin("m", None, None, "grpc", start)
+    untraced = (time.perf_counter() - t0) / n * 1e6
+    tracing.policy.rate = 1
+    m = n // 10
+    t0 = time.perf_counter()
+    for i in range(m):
+        note = Note()
+        note.model, note.request_id, note.version = "m", f"r{i}", "1"
+        note.span = tracing.begin("m", None, None, "grpc", start)
+        note.tracing = tracing
+        request = SimpleNamespace(note=note, arrival=time.monotonic(), id=note.request_id)
+        bt = batch_trace([request], "m", "1")
+        now = time.perf_counter_ns()
+        assert bt is not None
+        bt.finish(now, now, now, now, 1)
+        tracing.finish(note.span, note, "OK", "")
+    traced = (time.perf_counter() - t0) / m * 1e6
+    tracing.close()
+    return {"untraced_us": untraced, "traced_us": traced}
+
+
+def access_cost(n: int = 200_000) -> dict:
     """Microseconds the access log adds to a request, in this process: the note a transport makes
     for every request plus the decision (sampled, the default: a request not logged), and the
     line built and queued for one that is (the writer thread's own share is not in it)."""
@@ -174,13 +254,13 @@ def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict:
 
 def markdown(summary: dict, names: list[str], args, pin_note: str) -> str:
     lines = [
-        f"Observability cost, {args.rounds} rounds of {args.duration:g} s, {args.connections} connections, "
-        f"model {MODEL}, {os.cpu_count()} cores ({cpu_model()}), {pin_note}; medians; "
-        "ratio = req/s over off in the same round",
+        f"{'Tracing' if args.kind == 'tracing' else 'Access log'} cost, {args.rounds} rounds of {args.duration:g} s, "
+        f"{args.connections} connections, model {MODEL}, {os.cpu_count()} cores ({cpu_model()}), {pin_note}; "
+        f"medians; ratio = req/s over {names[0]} in the same round",
         "",
         "| protocol | setup | req/s | ratio | ratios by round | p50 ms | p99 ms | server CPU µs/req | CPU ratio "
-        "| log lines |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| log lines | spans |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for proto in ("grpc", "http"):
         for name in names:
@@ -189,9 +269,22 @@ def markdown(summary: dict, names: list[str], args, pin_note: str) -> str:
                 f"| {proto} | {name} | {m['req_s']:.0f} | {m['ratio']:.3f} | "
                 f"{', '.join(f'{x:.3f}' for x in m['ratios'])} | {m['p50_us'] / 1000:.2f} | "
                 f"{m['p99_us'] / 1000:.2f} | {m['server_cpu_us_per_req']:.0f} | {m['cpu_ratio']:.3f} | "
-                f"{m['log_lines']:.0f} |" + ("" if m["valid"] else " INVALID")
+                f"{m['log_lines']:.0f} | {m['spans']:.0f} |" + ("" if m["valid"] else " INVALID")
             )
     c = summary["per_request"]
+    if args.kind == "tracing":
+        lines += [
+            "",
+            f"In-process, tracing at its default costs {c['untraced_us']:.2f} µs for a request it does not trace "
+            f"and {c['traced_us']:.1f} µs for one it does (its three spans made and queued). Against the server "
+            f"CPU per request of `{names[0]}` above, a ratio of 0.001 comes to:",
+            "",
+        ]
+        for proto in ("grpc", "http"):
+            base = summary[proto][names[0]]["server_cpu_us_per_req"]
+            extra = c["untraced_us"] * 0.999 + c["traced_us"] * 0.001
+            lines.append(f"- {proto}: {extra:.2f} µs of {base:.0f} µs, an implied ratio of {base / (base + extra):.4f}")
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"In-process, the access log at its default costs {c['not_logged_us']:.2f} µs for a request it does not log "
@@ -228,7 +321,7 @@ def plot(summary: dict, names: list[str], path: Path, subtitle: str) -> None:
         ax.set_xticks(x, names, rotation=15)
         ax.set_title(f"{proto}: req/s over off (median of rounds)")
         ax.legend(loc="lower right")
-    fig.suptitle(f"batchgate observability cost: {subtitle}", fontsize=10)
+    fig.suptitle(f"batchgate {subtitle}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -241,9 +334,13 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s runs")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the load tool to cores")
-    ap.add_argument("--out", default=str(RESULTS), help="where observability.json and .md go")
-    ap.add_argument("--plot", default=str(HERE.parent / "docs" / "bench-observability.png"))
+    ap.add_argument("--kind", choices=("access", "tracing"), default="access", help="what to measure")
+    ap.add_argument("--out", default=str(RESULTS), help="where <kind>.json and .md go")
+    ap.add_argument("--plot", default="", help="the plot (docs/bench-observability.png, docs/bench-tracing.png)")
     args = ap.parse_args(argv)
+    stem = "tracing" if args.kind == "tracing" else "observability"
+    args.stem = stem
+    args.plot = args.plot or str(HERE.parent / "docs" / f"bench-{stem}.png")
     if args.quick:
         args.rounds, args.duration = 1, 3.0
     return args
@@ -261,7 +358,8 @@ def main(argv=None) -> int:
         frame, body = tmp / "frame.bin", tmp / "body.json"
         frame.write_bytes(grpc_frame(grpc_bytes))
         body.write_bytes(json_bytes)
-        plan = setups(tmp)
+        sink = Sink()
+        plan = setups(tmp, args.kind, sink.endpoint)
         names = [n for n, _ in plan]
         rounds = []
         t0 = time.monotonic()
@@ -277,16 +375,18 @@ def main(argv=None) -> int:
             rounds.append(result)
     summary = summarize(rounds, names)
     say("the access log's own cost per request, in-process")
-    summary["per_request"] = per_request_cost()
+    summary["per_request"] = per_request_cost(args.kind, sink.endpoint)
+    sink.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "observability.json").write_text(
+    (out / f"{args.stem}.json").write_text(
         json.dumps(finite({"args": vars(args), "rounds": rounds, "summary": summary}), indent=1)
     )
     text = markdown(summary, names, args, pin.note)
-    (out / "observability.md").write_text(text)
+    (out / f"{args.stem}.md").write_text(text)
     print(text)
-    plot(summary, names, Path(args.plot), f"{os.cpu_count()} cores, {args.connections} connections, {MODEL}")
+    what = "tracing cost" if args.kind == "tracing" else "access log cost"
+    plot(summary, names, Path(args.plot), f"{what}: {os.cpu_count()} cores, {args.connections} connections, {MODEL}")
     valid = all(summary[p][n]["valid"] for p in ("grpc", "http") for n in names)
     if not valid:
         say("some runs were INVALID (see the table)")

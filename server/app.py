@@ -38,6 +38,7 @@ from .monitoring.access_log import open_log as open_access_log
 from .monitoring.families import latency_buckets
 from .monitoring.metrics import Metrics
 from .monitoring.serve import serve_metrics
+from .monitoring.tracing import open_tracing
 from .repository.build import version_builder
 from .repository.manager import ModelRepository
 from .route_table import SYSTEM, RouteTable, read_routes_file
@@ -159,9 +160,11 @@ class Gateway:
         self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)
         try:
             self.access_log = open_access_log(settings.observability, logs.worker_name())
+            self.tracing = open_tracing(settings.observability, logs.worker_name())
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dataplane.access_log = self.metrics.access_log = self.access_log
+        self.dataplane.tracing = self.metrics.tracing = self.tracing
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None
@@ -499,6 +502,8 @@ class Gateway:
         self.dataplane.shm.close()
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.close)
+        if self.tracing is not None:  # what is queued goes out (the exporter's timeout bounds it)
+            await asyncio.to_thread(self.tracing.close)
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._shadow_pool is not None:
             self._shadow_pool.shutdown(wait=False, cancel_futures=True)

@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from . import __version__, logs
 from .config import SETTINGS
-from .core.errors import ErrorCode, GatewayError, invalid
+from .core.errors import ErrorCode, GatewayError, invalid, not_found
 from .core.signature import TensorSpec
 from .core.types import (
     InferRequest,
@@ -38,6 +38,8 @@ from .core.types import (
 from .model import ModelVersion
 from .monitoring.access_log import AccessLog
 from .monitoring.metrics import Metrics
+from .monitoring.tracing import SETTING_KEYS as TRACE_KEYS
+from .monitoring.tracing import Policy, Tracing, parse_changes
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 from .routes import Header, Routed, ServedRoute
@@ -62,6 +64,7 @@ EXTENSIONS = (
     "parameters",
     "system_shared_memory",
     "logging",
+    "trace",
 )
 # The settings of the limits section: the reasons a refusal may be counted under.
 LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section == "limits")
@@ -124,6 +127,7 @@ class DataPlane:
         # shared-memory registrations) and pod-wide statistics go through the supervisor.
         self.coordinator: Coordinator | None = None
         self.access_log: AccessLog | None = None  # set by the Gateway unless access_log is off
+        self.tracing: Tracing | None = None  # set by the Gateway with tracing: otlp
 
     def key_id(self, caller: Caller) -> str | None:
         """The id of the key ``caller`` presents (for the access log; None: none or not valid)."""
@@ -204,13 +208,16 @@ class DataPlane:
         variant = served.version.name if type(served) is Routed else None
         return drift.watch(served.submit(request), request, variant)
 
-    def forward(self, served: Served, raw: bytes, msg: Any, remaining: float | None) -> Awaitable[bytes] | None:
+    def forward(
+        self, served: Served, raw: bytes, msg: Any, remaining: float | None, traceparent: str | None = None
+    ) -> Awaitable[bytes] | None:
         """The fast path of a gRPC request to a remote model: its serialized bytes ``raw`` go to
         the upstream as they came, and the upstream's serialized answer comes back, with no
         tensor decoded or encoded here (``ModelVersion.forward``). None when the request must
         take the ordinary path: a route (it picks, compares and measures on decoded requests),
         a model the gateway batches, a request drift monitoring samples, a tensor in shared
-        memory, or every instance busy. The limits on what a request names still hold;
+        memory, or every instance busy (``traceparent``: the request's trace context, carried
+        to the upstream). The limits on what a request names still hold;
         the tensors themselves are the upstream's to check. ``msg``: the parsed request;
         ``remaining``: seconds to the call's deadline (None: none)."""
         if type(served) is not ModelVersion or served.forwarder is None:
@@ -249,7 +256,7 @@ class DataPlane:
         rows = 1
         if served.signature.max_batch_size > 0 and inputs and inputs[0].shape:
             rows = inputs[0].shape[0]
-        return served.forward(raw, rows, deadline)
+        return served.forward(raw, rows, deadline, traceparent)
 
     @property
     def in_flight(self) -> int:
@@ -363,13 +370,42 @@ class DataPlane:
         await self.access.audited(caller, key, "logging.update", "logging", "ok", printable(detail))
         return now
 
-    @staticmethod
-    def trace_settings() -> None:
-        raise GatewayError(
-            ErrorCode.UNIMPLEMENTED,
-            "the trace extension is not supported by batchgate: request tracing is not available (trace settings "
-            "cannot be read or changed)",
-        )
+    async def trace_settings(
+        self, model: str, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER
+    ) -> dict[str, Any]:
+        """Triton's trace extension: the trace settings in effect for the server (``model`` "") or
+        one model, after ``changes`` (admin scope, audited; ``None`` as a model's value clears its
+        own). They map onto request tracing (``monitoring/tracing.py``): trace_level OFF or
+        TIMESTAMPS, trace_rate one request in N, trace_count traces left; trace_file and
+        log_frequency name Triton's files and cannot be set."""
+        if model and not self.knows(model):
+            raise not_found(f"no model named '{printable(model[:128])}'")
+        tracing = self.tracing
+        if not changes:
+            self.access.check(caller, READ, model or None)
+            return tracing.settings(model) if tracing is not None else Policy("OFF", 0, -1).as_triton("")
+        key = self.access.check(caller, ADMIN)
+        target = f"model {model}" if model else "server"
+        if len(changes) > len(TRACE_KEYS):
+            raise invalid(f"at most {len(TRACE_KEYS)} trace settings in one request, not {len(changes)}")
+        try:
+            parsed = parse_changes(dict(changes))
+        except ValueError as e:
+            await self.access.audited(caller, key, "tracing.update", target, "refused", str(e)[:256])
+            raise invalid(str(e)) from None
+        if tracing is None:
+            if parsed.get("trace_level", "OFF") == "OFF" and set(parsed) <= {"trace_level"}:
+                return Policy("OFF", 0, -1).as_triton("")
+            raise GatewayError(
+                ErrorCode.FAILED_PRECONDITION,
+                "request tracing is off: start batchgate with tracing: otlp and an otlp_endpoint to trace requests",
+            )
+        now = tracing.change(model, parsed)
+        if self.coordinator is not None:  # every worker traces alike
+            await self.coordinator.trace_settings(model, parsed)
+        detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in parsed.items())
+        await self.access.audited(caller, key, "tracing.update", target, "ok", printable(detail[:256]))
+        return now
 
     @staticmethod
     def cuda_shared_memory() -> None:
@@ -553,3 +589,5 @@ class Coordinator(Protocol):
     async def statistics(self) -> dict[tuple[str, str], dict[str, Any]]: ...
 
     async def log_settings(self, changes: dict[str, Any]) -> None: ...
+
+    async def trace_settings(self, model: str, changes: dict[str, Any]) -> None: ...

@@ -31,7 +31,9 @@ from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
+from .monitoring import tracing
 from .monitoring.metrics import ModelMetrics
+from .monitoring.tracing import BatchTrace, batch_trace
 from .security.limits import Capacity
 from .threads import InferenceThreads
 
@@ -194,7 +196,9 @@ class ModelVersion:
         if self.in_flight == 0:
             self._idle.set()
 
-    def forward(self, raw: bytes, rows: int, deadline: float | None) -> Awaitable[bytes] | None:
+    def forward(
+        self, raw: bytes, rows: int, deadline: float | None, traceparent: str | None = None
+    ) -> Awaitable[bytes] | None:
         """Forward a caller's serialized ModelInferRequest to the upstream without decoding its
         tensors, and answer the upstream's serialized response as it came (under this model's
         name and version); None when it cannot go that way now (no forwarder, or every instance
@@ -202,9 +206,9 @@ class ModelVersion:
         for the statistics. Not a coroutine: the refusal is known at once."""
         if self.forwarder is None or not self.scheduler.take_slot():  # type: ignore[union-attr]
             return None
-        return self._forward(raw, rows, deadline)
+        return self._forward(raw, rows, deadline, traceparent)
 
-    async def _forward(self, raw: bytes, rows: int, deadline: float | None) -> bytes:
+    async def _forward(self, raw: bytes, rows: int, deadline: float | None, traceparent: str | None) -> bytes:
         backend = self.forwarder
         assert backend is not None
         forwards = self.metrics.forwards
@@ -215,7 +219,7 @@ class ModelVersion:
         start = _perf_ns()
         status = "OK"
         try:
-            return await backend.forward(raw, deadline) + self._answer_suffix
+            return await backend.forward(raw, deadline, traceparent) + self._answer_suffix
         except GatewayError as e:
             status = e.code.value
             raise
@@ -362,6 +366,7 @@ class LocalExecution:
         or on the loop). A batch of several requests is merged along the batch dimension and
         each caller gets back exactly its own rows."""
         v = self._v
+        trace = batch_trace([t.request for t in batch], v.name, v.version) if tracing.ANY else None
         try:
             t0 = _perf_ns()
             feeds, names = v.inputs(batch)
@@ -371,7 +376,11 @@ class LocalExecution:
             answers, rows = v.answers(batch, names, arrays)
             t3 = _perf_ns()
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
+            if trace is not None:
+                trace.finish(0, 0, 0, 0, 0, str(e))
             return v.failure(batch, e)
+        if trace is not None:
+            trace.finish(t0, t1, t2, t3, rows)
         took = t3 - t0
         with v.stats_lock:
             v.record(rows, len(batch), t0, t1, t2, t3)
@@ -427,6 +436,23 @@ class RemoteExecution:
 
     async def _run(self, batch: list[Ticket]) -> list:
         v = self._v
+        trace = batch_trace([t.request for t in batch], v.name, v.version) if tracing.ANY else None
+        try:
+            answers, times = await self._call(batch, trace)
+        except BaseException as e:
+            if trace is not None:
+                trace.finish(0, 0, 0, 0, 0, str(e) or type(e).__name__)
+            raise
+        if trace is not None:
+            failed = next((a.message for a in answers if isinstance(a, GatewayError)), "")
+            t0, t1, t2, t3, rows = times
+            trace.finish(t0, t1, t2, t3, rows, error=failed)
+        return answers
+
+    async def _call(self, batch: list[Ticket], trace: BatchTrace | None) -> tuple[list, tuple[int, int, int, int, int]]:
+        """Each caller's answer, and the execution's times (t0..t3, rows; zeros when it failed)."""
+        v = self._v
+        traceparent = trace.traceparent() if trace is not None else None
         deadlines = [t.request.deadline for t in batch]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
@@ -443,7 +469,7 @@ class RemoteExecution:
                 if v.signature.open:
                     # Requests of one batch share input names and datatypes (their group).
                     given = {t.name: t.datatype for t in batch[0].request.inputs}
-                    got = await self._backend.infer_open(feeds, given, names, deadline, rid)
+                    got = await self._backend.infer_open(feeds, given, names, deadline, rid, traceparent)
                     names = names or tuple(got)
                     missing = [n for n in names if n not in got]
                     if missing:
@@ -451,7 +477,7 @@ class RemoteExecution:
                     types = {n: got[n][0] for n in names}
                     arrays = [got[n][1] for n in names]
                 else:
-                    arrays = await self._backend.infer(feeds, names, deadline, rid)
+                    arrays = await self._backend.infer(feeds, names, deadline, rid, traceparent)
             finally:
                 threads.away -= len(batch)
             t2 = _perf_ns()
@@ -462,8 +488,8 @@ class RemoteExecution:
                 # Nothing checked these requests' values: one caller's may have failed the batch.
                 # Each goes again alone, so only its own caller gets its error.
                 alone = await asyncio.gather(*(self._run([t]) for t in batch))
-                return [answer for (answer,) in alone]
-            return v.failure(batch, e)
+                return [answer for (answer,) in alone], (0, 0, 0, 0, 0)
+            return v.failure(batch, e), (0, 0, 0, 0, 0)
         with v.stats_lock:
             v.record(rows, len(batch), t0, t1, t2, t3)
-        return answers
+        return answers, (t0, t1, t2, t3, rows)

@@ -103,6 +103,7 @@ class PodControl:
         _models: dict[str, tuple]
         _regions: dict[tuple[str | None, str], tuple]
         _log_changes: dict[str, Any]
+        _trace_changes: dict[str, dict[str, Any]]
         _followed: list[str]
 
         @property
@@ -264,6 +265,16 @@ class PodControl:
             self._log_changes.update(changes)
             every = self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
             await self._everywhere("log_settings", every, changes=changes)
+
+    async def trace_settings(self, model: str, changes: dict[str, Any]) -> None:
+        """The trace extension's changes (checked by the worker that took them), for the server
+        ("") or one model: every worker's tracing. Kept, merged per model, for a worker that
+        starts later."""
+        async with self._lock:
+            kept = self._trace_changes.setdefault(model, {})
+            kept.update(changes)
+            every = self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
+            await self._everywhere("trace_settings", every, model=model, changes=changes)
 
     async def _everywhere(self, op: str, members: list[Slot], undo: bool = False, **args: Any) -> GatewayError | None:
         """``op`` on each of ``members``; the first error raised (with ``undo``: the successful

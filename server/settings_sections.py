@@ -346,7 +346,28 @@ class SharedMemorySettings:
 
 @dataclass(frozen=True)
 class ObservabilitySettings:
-    """Section ``observability``: the access log (and request tracing)."""
+    """Section ``observability``: request tracing (OpenTelemetry) and the access log."""
+
+    tracing: str = _setting(
+        "off",
+        "request tracing: off, or otlp (OpenTelemetry spans over OTLP/HTTP to otlp_endpoint)",
+        choices=("off", "otlp"),
+    )
+    otlp_endpoint: str = _setting(
+        "", "the OTLP/HTTP collector spans go to (http://collector:4318; /v1/traces is added)", metavar="URL"
+    )
+    trace_sample_ratio: float = _setting(
+        0.001,
+        "share of requests without a trace context that are traced (a request with a context follows its sampled "
+        "flag); changed at run time by the trace extension's trace_rate",
+        minimum=0,
+        maximum=1,
+        metavar="RATIO",
+    )
+    service_name: str = _setting("batchgate", "the service.name of the spans", metavar="NAME")
+    trace_queue_spans: int = _setting(
+        2048, "spans waiting for the exporter at most; past it they are dropped and counted", minimum=1
+    )
 
     access_log: str = _setting(
         "sampled",

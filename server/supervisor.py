@@ -75,6 +75,7 @@ class Supervisor(PodControl, PodState):
         self._models: dict[str, tuple] = {}  # name -> the last load / unload to replay, in order
         self._regions: dict[tuple[str | None, str], tuple] = {}  # (owner, name) -> registration
         self._log_changes: dict[str, Any] = {}  # the logging extension's changes, all of them
+        self._trace_changes: dict[str, dict[str, Any]] = {}  # the trace extension's, by model ("": the server)
         self._reserved: dict[str, socket.socket] = {}
         self.ports: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
@@ -294,6 +295,8 @@ class Supervisor(PodControl, PodState):
                         await slot.channel.call("follow", specs=await self._owner_models(), reload=[])
                 if self._log_changes:
                     ops.append(("log_settings", self._log_changes))
+                for model, changes in self._trace_changes.items():
+                    ops.append(("trace_settings", model, changes))
                 await slot.channel.call("replay", ops=ops)
                 slot.member = True
 
@@ -331,6 +334,7 @@ class Supervisor(PodControl, PodState):
             "shm_unregister": _detached(self.shm_unregister),
             "statistics": statistics,
             "log_settings": _detached(self.log_settings),
+            "trace_settings": _detached(self.trace_settings),
             "route_windows": lambda name: self._route_windows(slot, name),
             "route_share": lambda name, doc, new_windows: self._route_share(slot, name, doc, new_windows),
             "route_states": lambda: self._route_states(slot),

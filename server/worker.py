@@ -45,6 +45,7 @@ class WorkerLink:
             "shm_register": self._shm_register,
             "shm_unregister": self._shm_unregister,
             "log_settings": self._log_settings,
+            "trace_settings": self._trace_settings,
             "models": self._models,
             "follow": self._follow,
             "drift_signatures": self._drift_signatures,
@@ -108,6 +109,8 @@ class WorkerLink:
                     self.gateway.dataplane.shm.register(*args, counted=False)
                 elif op == "log_settings":
                     logs.change_log_settings(*args)
+                elif op == "trace_settings":
+                    await self._trace_settings(*args)
             except (GatewayError, ValueError) as e:
                 why = e.message if isinstance(e, GatewayError) else str(e)
                 log.warning("catching up with the other workers: %s %s failed: %s", op, str(args[0])[:128], why)
@@ -120,6 +123,11 @@ class WorkerLink:
 
     async def _log_settings(self, changes: dict[str, Any]) -> None:
         logs.change_log_settings(changes)
+
+    async def _trace_settings(self, model: str, changes: dict[str, Any]) -> None:
+        tracing = self.gateway.tracing
+        if tracing is not None:
+            tracing.change(model, changes)
 
     async def _models(self) -> list[str]:
         """The models this process serves (the model-owning process behind front workers)."""
@@ -220,6 +228,9 @@ class WorkerLink:
 
     async def log_settings(self, changes: dict[str, Any]) -> None:
         await self._sup().call("log_settings", changes=changes)
+
+    async def trace_settings(self, model: str, changes: dict[str, Any]) -> None:
+        await self._sup().call("trace_settings", model=model, changes=changes)
 
 
 def _die_with_parent() -> None:

@@ -7,6 +7,7 @@ A module of its own, not conftest.py: several conftest.py files exist under test
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass
 
@@ -58,6 +59,10 @@ def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Run
         # The repository API is refused on an open server unless allowed; tests of that rule
         # (tests/integration/test_auth.py) pass allow_open_admin=False.
         "allow_open_admin": True,
+        # The access log (on by default: errors and a sample) would write its lines among pytest's
+        # output; tests/integration/test_access_log.py reads it, and tests/e2e/test_cli.py reads a
+        # served process's stdout.
+        "access_log_file": os.devnull,
     }
     flags.update(overrides)
     settings = load_settings(config_file, flags, environ={})

@@ -95,9 +95,15 @@ class RemoteBackend(Backend, Protocol):
         ...
 
     async def infer(
-        self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...], deadline: float | None, request_id: str = ""
+        self,
+        feeds: dict[str, np.ndarray],
+        output_names: tuple[str, ...],
+        deadline: float | None,
+        request_id: str = "",
+        traceparent: str | None = None,
     ) -> list[np.ndarray]:
-        """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock."""
+        """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock;
+        ``traceparent``: the W3C trace context to send with the call."""
         ...
 
     async def infer_open(
@@ -107,12 +113,13 @@ class RemoteBackend(Backend, Protocol):
         names: tuple[str, ...],
         deadline: float | None,
         request_id: str = "",
+        traceparent: str | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
         """Execute one batch of a model that declares no signature: inputs typed by the caller,
         every output (``names`` ()) or those named, answered by name as (V2 datatype, array)."""
         ...
 
-    async def forward(self, request: bytes, deadline: float | None) -> bytes:
+    async def forward(self, request: bytes, deadline: float | None, traceparent: str | None = None) -> bytes:
         """Send a caller's serialized ModelInferRequest on unchanged but for the model name and
         version; the upstream's serialized ModelInferResponse."""
         ...

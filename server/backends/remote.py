@@ -340,20 +340,19 @@ class RemoteV2Backend:
         """The upstream's request; ``types``: the inputs' V2 datatypes when the model declares
         none (an open signature), else those of its config."""
         msg = pb.ModelInferRequest(model_name=self.spec.target, model_version=self.spec.upstream_version, id=request_id)
-        known = self._in_types if types is None else types
-        for name, arr in feeds.items():
-            dt = DATATYPES[known[name]]
-            msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
-            msg.raw_input_contents.append(to_raw(arr, dt))
-        for name in names:
-            msg.outputs.add(name=name)
-        return msg
+        return fill_request(msg, feeds, self._in_types if types is None else types, names)
 
     async def infer(
-        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, request_id: str = ""
+        self,
+        feeds: dict[str, np.ndarray],
+        names: tuple[str, ...],
+        deadline: float | None,
+        request_id: str = "",
+        traceparent: str | None = None,
     ) -> list[np.ndarray]:
-        """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock."""
-        up, resp = await self._call(self.request(feeds, names, request_id), deadline)
+        """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock;
+        ``traceparent``: the batch's trace context, sent on (the upstream's spans join the trace)."""
+        up, resp = await self._call(self.request(feeds, names, request_id), deadline, traceparent=traceparent)
         got = self._tensors(up, resp)
         missing = [n for n in names if n not in got]
         if missing:
@@ -367,20 +366,21 @@ class RemoteV2Backend:
         names: tuple[str, ...],
         deadline: float | None,
         request_id: str = "",
+        traceparent: str | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
         """Run one batch of a model that declares no signature: the inputs' datatypes are the
         caller's, ``names`` () asks for every output, and the answer is every output the
         upstream gave, by name: (V2 datatype, array)."""
-        up, resp = await self._call(self.request(feeds, names, request_id, types), deadline)
+        up, resp = await self._call(self.request(feeds, names, request_id, types), deadline, traceparent=traceparent)
         return self._tensors(up, resp)
 
-    async def forward(self, request: bytes, deadline: float | None) -> bytes:
+    async def forward(self, request: bytes, deadline: float | None, traceparent: str | None = None) -> bytes:
         """Send a caller's serialized ModelInferRequest on as it came, but for the model name and
         version (see ``forward_suffix``), and return the upstream's serialized answer. The same
         choice of upstream, ejection, retry and error translation as :meth:`infer`."""
-        return (await self._call(request + self.forward_suffix, deadline, raw=True))[1]
+        return (await self._call(request + self.forward_suffix, deadline, raw=True, traceparent=traceparent))[1]
 
-    async def _call(self, msg, deadline: float | None, raw: bool = False):
+    async def _call(self, msg, deadline: float | None, raw: bool = False, traceparent: str | None = None):
         """(the upstream that answered, its answer): a ModelInferResponse, or its bytes with ``raw``."""
         tried: list[Upstream] = []
         last: GatewayError | None = None
@@ -400,7 +400,9 @@ class RemoteV2Backend:
             m.requests += 1
             t0 = time.perf_counter()
             try:
-                resp = await (up.raw_infer if raw else up.stub.ModelInfer)(msg, timeout=timeout)
+                resp = await (up.raw_infer if raw else up.stub.ModelInfer)(
+                    msg, timeout=timeout, metadata=None if traceparent is None else (("traceparent", traceparent),)
+                )
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 m.errors[code.name] = m.errors.get(code.name, 0) + 1
@@ -456,6 +458,20 @@ class RemoteV2Backend:
             up.ready = False
             if up.metrics.owner is up:  # not when a newer backend (a reload) reports this upstream
                 up.update_gauge()
+
+
+def fill_request(
+    msg: pb.ModelInferRequest, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
+) -> pb.ModelInferRequest:
+    """``msg`` with ``feeds`` as its inputs (their V2 datatypes in ``types``), sent raw
+    (``raw_input_contents``), and ``names`` as the outputs it asks for."""
+    for name, arr in feeds.items():
+        dt = DATATYPES[types[name]]
+        msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
+        msg.raw_input_contents.append(to_raw(arr, dt))
+    for name in names:
+        msg.outputs.add(name=name)
+    return msg
 
 
 def _varint(n: int) -> bytes:

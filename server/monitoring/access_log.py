@@ -65,6 +65,7 @@ class Note:
         "bytes_in",
         "bytes_out",
         "answer",
+        "tracing",
     )
 
     def __init__(self) -> None:
@@ -80,6 +81,7 @@ class Note:
         self.bytes_in = 0
         self.bytes_out = 0
         self.answer: Any = None  # a gRPC answer, measured only for a line that is written
+        self.tracing: Any = None  # the gateway's tracing (monitoring/tracing.Tracing) when this request is traced
 
 
 class AccessLog:

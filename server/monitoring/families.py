@@ -110,6 +110,12 @@ FAMILIES: dict[str, Family] = {
         "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections",
         ("reason",),
     ),
+    "batchgate_trace_spans": Family(
+        "counter",
+        "Tracing spans by outcome: exported (the collector took them), failed (it did not), dropped (the export "
+        "queue was full)",
+        ("outcome",),
+    ),
     "batchgate_access_log_lines": Family("counter", "Access log lines written (see access_log)", ()),
     "batchgate_access_log_dropped": Family(
         "counter",

@@ -275,6 +275,7 @@ class Metrics:
         self.shm: Any = None  # the registered shared-memory regions (shm.SharedMemory); the gateway sets it
         # the request-duration buckets (families.latency_buckets: a latency SLO's threshold among them)
         self.duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S
+        self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
@@ -389,6 +390,10 @@ class Metrics:
             add("batchgate_request_errors", labels, n)
         for model, n in list(self._offline.items()):
             add("batchgate_offline_requests", (model,), n)
+        tracing = self.tracing
+        if tracing is not None:
+            for outcome, n in list(tracing.counts.counts.items()):
+                add("batchgate_trace_spans", (outcome,), n)
         alog = self.access_log
         if alog is not None:
             add("batchgate_access_log_lines", (), alog.lines)

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..core.errors import ErrorCode, GatewayError
 from ..core.signature import ModelSignature
-from ..core.types import DATATYPES, OFFLINE_HEADER, from_raw, to_raw
+from ..core.types import DATATYPES, OFFLINE_HEADER, from_raw
 from .tables import ScoreError
 
 OFFLINE = {OFFLINE_HEADER: "1"}
@@ -263,14 +263,11 @@ class _Grpc:
     async def infer(
         self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
+        from ..backends.remote import fill_request
+
         msg = self.pb.ModelInferRequest(model_name=name)
         msg.parameters["priority"].uint64_param = PRIORITY
-        for k, arr in feeds.items():
-            dt = DATATYPES[types[k]]
-            msg.inputs.add(name=k, datatype=dt.v2, shape=arr.shape)
-            msg.raw_input_contents.append(to_raw(arr, dt))
-        for k in names:
-            msg.outputs.add(name=k)
+        fill_request(msg, feeds, types, names)
         try:
             reply = await self.stub.ModelInfer(msg, metadata=self.metadata)
         except self.grpc.aio.AioRpcError as e:

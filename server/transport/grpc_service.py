@@ -21,6 +21,7 @@ from ..core.routing import PIN_HEADER as VARIANT_HEADER
 from ..core.types import OFFLINE_HEADER, REQUEST_ID_HEADER, InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
 from ..monitoring.access_log import AccessLog, Note
+from ..monitoring.tracing import traceparent_of
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
@@ -252,10 +253,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _cuda
 
     async def TraceSetting(self, request, context):
+        changes = {}
+        for key, value in list(request.settings.items())[:64]:
+            changes[key] = list(value.value) if value.value else None  # no value: clear a model's own
         try:
-            self.dp.trace_settings()
+            now = await self.dp.trace_settings(request.model_name, changes, caller_of(context))
         except GatewayError as e:
             return await _abort(context, e)
+        resp = pb.TraceSettingResponse()
+        for key, v in now.items():
+            resp.settings[key].value.extend(v if isinstance(v, list) else [str(v)])
+        return resp
 
     async def LogSettings(self, request, context):
         changes = {}
@@ -283,8 +291,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, raw: bytes, context):
-        alog = self.dp.access_log
-        if alog is None:
+        alog, tracing = self.dp.access_log, self.dp.tracing
+        if alog is None and tracing is None:
             return await self._model_infer(raw, context, None)
         note = Note()
         note.bytes_in = len(raw)
@@ -300,7 +308,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = note.error = "CANCELLED"
             raise
         finally:
-            self._access(alog, note, status, context)
+            if alog is not None:
+                self._access(alog, note, status, context)
+            if note.span is not None:
+                note.tracing.finish(note.span, note, status, note.error)
 
     def _access(self, alog: AccessLog, note: Note, status: str, context) -> None:
         def who() -> tuple[str, str | None]:
@@ -311,6 +322,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             note, "grpc", note.model, status, note.error, who, path="inference.GRPCInferenceService/ModelInfer"
         )
 
+    def _trace(self, note: Note, context) -> None:
+        tracing = self.dp.tracing
+        assert tracing is not None
+        note.span = tracing.begin(
+            note.model, _metadata(context, "traceparent"), _metadata(context, "tracestate"), "grpc", note.start
+        )
+        if note.span is not None:
+            note.tracing = tracing
+
     async def _model_infer(self, raw: bytes, context, note: Note | None):
         request = headers = None
         dp = self.dp
@@ -319,6 +339,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if note is not None:
                 note.model = request.model_name
                 note.request_id = request.id or _metadata(context, REQUEST_ID_HEADER) or ""
+                if dp.tracing is not None:
+                    self._trace(note, context)
             caller = caller_of(context) if dp.access.enforcing else OPEN_CALLER
             served = dp.admit(  # before any tensor is decoded
                 request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
@@ -327,7 +349,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 forwarded = (  # (batch scoring's requests go the decoded way: counted, never sampled)
                     None
                     if _metadata(context, OFFLINE_HEADER)
-                    else dp.forward(served, raw, request, context.time_remaining())
+                    else dp.forward(
+                        served,
+                        raw,
+                        request,
+                        context.time_remaining(),
+                        traceparent_of(note.span) if note is not None and note.span is not None else None,
+                    )
                 )
                 if forwarded is not None:  # a remote model's request, sent on as it came
                     return await forwarded

@@ -59,7 +59,7 @@ MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|read
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
 SHM_MARK = b"shared_memory_region"  # in a request body that names a shared-memory region
 SHM_RE = re.compile(r"^/v2/systemsharedmemory(?:/region/([^/]+))?/(status|register|unregister)/?$")
-TRACE_RE = re.compile(r"^/v2(?:/models/[^/]+(?:/versions/[^/]+)?)?/trace/setting/?$")
+TRACE_RE = re.compile(r"^/v2(?:/models/([^/]+)(?:/versions/[^/]+)?)?/trace/setting/?$")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 # While draining every answer closes its connection: a client's next request opens a new one
@@ -269,8 +269,16 @@ class HttpApp:
             if not isinstance(obj, dict):
                 raise invalid("the log settings must be a JSON object")
             return await self._json(send, await self.dp.log_settings(obj, caller_of(scope)))
-        if TRACE_RE.match(path):
-            self.dp.trace_settings()
+        m = TRACE_RE.match(path)
+        if m:
+            model = m.group(1) or ""
+            if method == "GET":
+                return await self._json(send, await self.dp.trace_settings(model, None, self._caller(scope)))
+            self._method(method, "POST")
+            obj = http_codec.parse_json(await self._body(receive, scope))
+            if not isinstance(obj, dict):
+                raise invalid("the trace settings must be a JSON object")
+            return await self._json(send, await self.dp.trace_settings(model, obj, caller_of(scope)))
         raise not_found(f"no such endpoint: {method} {path[:256]}")
 
     async def _shm(self, method: str, name: str, action: str, scope, receive, send):
@@ -343,9 +351,17 @@ class HttpApp:
         the protocol admitted it already (:meth:`admit_early`); otherwise (a request pipelined
         behind another) it is admitted here, from the path, before the body is read."""
         dp = self.dp
-        alog = dp.access_log
-        note = None if alog is None else Note()
+        alog, tracing = dp.access_log, dp.tracing
+        note = None if alog is None and tracing is None else Note()
         status = 200
+        if tracing is not None:
+            assert note is not None
+            note.model = model
+            note.span = tracing.begin(
+                model, _header(scope, "traceparent"), _header(scope, "tracestate"), "http", note.start
+            )
+            if note.span is not None:
+                note.tracing = tracing
         try:
             if served is None:
                 served = self._admit(model, version, scope)
@@ -373,6 +389,8 @@ class HttpApp:
         finally:
             if alog is not None:
                 self._access(alog, note, model, status, scope, scope["path"])
+            if note is not None and note.span is not None:
+                note.tracing.finish(note.span, note, status, note.error)
 
     def _access(self, alog: AccessLog, note: Note | None, model: str, status: int, scope, path: str) -> None:
         """The access line of an infer call (``note`` None: refused before the call began)."""

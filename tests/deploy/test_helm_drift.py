@@ -347,7 +347,10 @@ def test_nothing_drift_renders_by_default(helm, tmp_path, built):
         assert "drift" not in yaml.safe_dump_all(docs).lower(), name
         kinds = by_kind(docs)
         assert [m["metadata"]["name"] for m in kinds["ConfigMap"]] == ["rel-batchgate"]
-        assert [g["name"] for g in kinds["PrometheusRule"][0]["spec"]["groups"]] == ["rel-batchgate", "rel-batchgate-slo"]
+        assert [g["name"] for g in kinds["PrometheusRule"][0]["spec"]["groups"]] == [
+            "rel-batchgate",
+            "rel-batchgate-slo",
+        ]
         pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
         assert ("state" in {v["name"] for v in pod["volumes"]}) == (name == "routes")
 

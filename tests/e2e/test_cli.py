@@ -53,6 +53,16 @@ def test_serve_on_free_ports_answers_both_protocols(proc, small_repo):
         assert c.infer("clf", [inp]).as_numpy("probabilities").shape == (1, 3)
     text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics").read().decode()
     assert 'batchgate_requests_total{model="clf",protocol="grpc",status="OK",version="1"} 1.0' in text
+    # the access log at its default: errors always, one JSON line each, on stdout
+    inp = grpcclient.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(p.grpc).infer("no_such_model", [inp], request_id="lost-1")
+    end = time.monotonic() + 10
+    while '"batchgate.request.id":"lost-1"' not in p.output() and time.monotonic() < end:
+        time.sleep(0.05)
+    line = next(ln for ln in p.output().splitlines() if '"batchgate.request.id":"lost-1"' in ln)
+    assert json.loads(line)["error.type"] == "NOT_FOUND"
 
 
 def test_sigterm_drains_in_flight_work_then_exits_zero(proc, tmp_path):

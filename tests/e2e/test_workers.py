@@ -52,6 +52,29 @@ def _pids(p: Proc) -> dict[int, int]:
     return {int(m.group(1)): int(m.group(2)) for m in PID.finditer(p.output())}
 
 
+def test_trace_settings_reach_every_worker(clf_repo):
+    """Tracing on with a ratio of 0: nothing is traced until the trace extension sets trace_rate 1
+    on one worker; then every request on every worker is (each worker exports its own spans)."""
+    from otlp_support import Receiver
+
+    receiver = Receiver()
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--allow-open-admin", "true", "--tracing", "otlp",
+                        "--otlp-endpoint", receiver.endpoint, "--trace-sample-ratio", "0"))  # fmt: skip
+    try:
+        p.wait_ready()
+        _grpc_infer(p.grpc)
+        httpclient.InferenceServerClient(p.http).update_trace_settings(settings={"trace_rate": "1"})
+        for _ in range(16):  # new connections: both workers
+            _grpc_infer(p.grpc)
+        spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 16)
+        roots = [x for x in spans if x.name == "InferRequest"]
+        assert len(roots) == 16
+        assert {x.resource["service.instance.id"] for x in roots} == {"worker 0", "worker 1"}
+    finally:
+        p.kill()
+        receiver.close()
+
+
 def _grpc_infer(url: str, model: str = "clf") -> None:
     c = grpcclient.InferenceServerClient(url)  # a new client: a new connection, maybe another worker
     try:

@@ -295,7 +295,7 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
 
 
 @pytest.mark.parametrize("mod, proto", PROTOCOLS)
-def test_cuda_shared_memory_and_trace_settings_answer_unimplemented_with_the_reason(repo, serve, mod, proto):
+def test_cuda_shared_memory_answers_unimplemented_and_trace_settings_say_tracing_is_off(repo, serve, mod, proto):
     running = serve(repo)
     c = mod.InferenceServerClient(_url(running, mod))
     calls = [c.get_cuda_shared_memory_status, lambda: c.unregister_cuda_shared_memory("x")]
@@ -304,12 +304,15 @@ def test_cuda_shared_memory_and_trace_settings_answer_unimplemented_with_the_rea
             call()
         assert "CUDA shared memory is not supported" in e.value.message()
         assert "UNIMPLEMENTED" in str(e.value.status()) or "501" in str(e.value.status())
+    off = c.get_trace_settings() if mod is not grpcclient else c.get_trace_settings(as_json=True)["settings"]
+    assert "OFF" in str(off["trace_level"])  # tracing off (tests/integration/test_tracing.py: on)
     with pytest.raises(InferenceServerException) as e:
-        c.get_trace_settings()
-    assert "trace extension is not supported" in e.value.message()
+        c.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert "request tracing is off" in e.value.message()
     extensions = c.get_server_metadata()
     names = extensions.extensions if mod is grpcclient else extensions["extensions"]
-    assert "system_shared_memory" in names and "logging" in names and "cuda_shared_memory" not in names
+    assert "system_shared_memory" in names and "logging" in names and "trace" in names
+    assert "cuda_shared_memory" not in names
 
 
 @pytest.mark.parametrize("mod, proto", PROTOCOLS)

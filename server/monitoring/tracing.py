@@ -1,0 +1,446 @@
+"""Request tracing with OpenTelemetry, exported over OTLP/HTTP (setting ``tracing: otlp``).
+
+Which requests are traced is decided here, before any OpenTelemetry object is made, so an
+untraced request costs a header lookup and a random draw:
+
+- a request that carries a valid W3C ``traceparent`` follows its caller's decision, the sampled
+  flag (Triton traces every request with a context, whatever the flag; its users ask for the flag
+  to be honoured: batchgate does);
+- any other request is traced at the ratio in effect (``trace_sample_ratio``, 0.001 by default:
+  the trace-id-ratio decision of a root, whose trace id is random);
+- the trace extension (``/v2[/models/M]/trace/setting``, gRPC ``TraceSetting``) changes the level,
+  rate and count at run time, for the server or one model: ``trace_level`` OFF stops tracing,
+  ``trace_rate`` N traces one request in N, ``trace_count`` N traces N more and stops (-1: no
+  limit).
+
+The spans follow Triton's shape, so tools that read Triton's traces read these: a SERVER span
+``InferRequest`` per request (events REQUEST_START / REQUEST_END, the status), a child named
+after the model (``triton.model_name``, ``triton.model_version``, ``triton.request_id``; events
+QUEUE_START, COMPUTE_START, COMPUTE_INPUT_END, COMPUTE_OUTPUT_START, COMPUTE_END), and one
+``compute`` span per batch execution, a child of its first traced request's model span, with a
+**link** to the model span of every traced request it served (OpenTelemetry's answer for
+batches). A remote model's call carries the compute span's ``traceparent`` to the upstream
+(Triton continues the trace). Spans are queued for a batch span processor (a thread): when its
+queue is full they are dropped and counted, and an exporter that cannot reach its collector never
+slows a request (``batchgate_trace_spans_total{outcome}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from random import random
+from typing import Any, cast
+
+log = logging.getLogger("batchgate.tracing")
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+LEVELS = ("OFF", "TIMESTAMPS")
+SETTING_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")
+MAX_TRACESTATE = 512  # W3C: at most 32 members; a longer header is not carried on
+
+
+ANY = False  # whether this process has ever traced: executions look for traced requests only then
+
+
+def traceparent_of(span: Any) -> str:
+    """The W3C traceparent that makes a callee's spans children of ``span``."""
+    c = span.get_span_context()
+    return f"00-{c.trace_id:032x}-{c.span_id:016x}-{int(c.trace_flags):02x}"
+
+
+def valid_traceparent(value: str | None) -> tuple[bool, bool]:
+    """(valid, sampled) of a W3C traceparent header (version 00; an all-zero id is invalid)."""
+    if not value or len(value) != 55:
+        return False, False
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None or m.group(1) == "0" * 32 or m.group(2) == "0" * 16:
+        return False, False
+    return True, bool(int(m.group(3), 16) & 1)
+
+
+class Policy:
+    """What decides which requests are traced: the level, the rate (one in N), the count left."""
+
+    __slots__ = ("level", "rate", "count")
+
+    def __init__(self, level: str, rate: int, count: int):
+        self.level, self.rate, self.count = level, rate, count
+
+    def as_triton(self, endpoint: str) -> dict[str, Any]:
+        return {
+            "trace_level": [self.level],
+            "trace_rate": str(self.rate),
+            "trace_count": str(self.count),
+            "log_frequency": "0",
+            "trace_file": "",
+            "trace_mode": "opentelemetry",
+            "otlp_endpoint": endpoint,
+        }
+
+
+def parse_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """A trace settings request's changes, checked (values as Triton sends them: a string or a list
+    of strings; None clears a model's own value): ValueError naming what is wrong."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key not in SETTING_KEYS:
+            raise ValueError(f"unknown trace setting '{str(key)[:64]}'; known: {', '.join(SETTING_KEYS[:5])}")
+        if value is None:
+            out[key] = None
+            continue
+        if isinstance(value, list):
+            value = value[0] if len(value) == 1 else value
+        if key == "trace_level":
+            levels = value if isinstance(value, list) else [value]
+            if not levels or any(not isinstance(x, str) or x.upper() not in (*LEVELS, "TENSORS") for x in levels):
+                raise ValueError("trace_level is OFF or TIMESTAMPS")
+            if any(x.upper() == "TENSORS" for x in levels):
+                raise ValueError(
+                    "trace_level TENSORS is not supported (tensors are never put in spans); use TIMESTAMPS"
+                )
+            out[key] = "TIMESTAMPS" if any(x.upper() == "TIMESTAMPS" for x in levels) else "OFF"
+        elif key in ("trace_rate", "trace_count", "log_frequency"):
+            text = str(value)
+            if not re.fullmatch(r"-?[0-9]{1,12}", text):
+                raise ValueError(f"{key} must be a whole number, not '{text[:32]}'")
+            n = int(text)
+            if key == "trace_rate" and n < 0:
+                raise ValueError("trace_rate must be 0 or more (one request in N; 0: only requests with a context)")
+            if key == "trace_count" and n < -1:
+                raise ValueError("trace_count must be -1 (no limit) or more")
+            if key == "log_frequency" and n != 0:
+                raise ValueError("log_frequency applies to trace files; batchgate exports spans over OTLP: 0 only")
+            if key != "log_frequency":
+                out[key] = n
+        elif key == "trace_file":
+            if str(value):
+                raise ValueError(
+                    "trace_file cannot be set: spans go to the OTLP endpoint, never to a file a client names"
+                )
+        elif key == "trace_mode" and str(value).lower() != "opentelemetry":
+            raise ValueError("trace_mode is opentelemetry (spans over OTLP) and cannot be changed")
+    return out
+
+
+class SpanCounts:
+    """Spans handed to the batch processor, and what became of them (thread-safe)."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.queued = 0
+        self.counts = {"exported": 0, "failed": 0, "dropped": 0}
+        self.lock = threading.Lock()
+
+
+class Tracing:
+    """The tracer, its export pipeline and the sampling policy of a gateway (None when off)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        ratio: float,
+        service_name: str,
+        queue_size: int = 2048,
+        export_timeout_s: float = 5.0,
+        worker: str | None = None,
+    ):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+        from .. import __version__
+
+        self.endpoint = endpoint
+        url = endpoint.rstrip("/")
+        if not url.endswith("/v1/traces"):
+            url += "/v1/traces"
+        attrs = {"service.name": service_name, "service.version": __version__}
+        if worker is not None:
+            attrs["service.instance.id"] = worker
+        self.counts = SpanCounts(queue_size)
+        exporter = _Counting(OTLPSpanExporter(endpoint=url, timeout=export_timeout_s), self.counts)
+        # The decision is made before a span exists (see the module): the SDK keeps what it is given.
+        self.provider = TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
+        # (_Counting and _Gate have the SDK's exporter and processor methods; they are not its
+        # subclasses so that the SDK is imported only when tracing is on)
+        batch = BatchSpanProcessor(cast(Any, exporter), max_queue_size=queue_size, schedule_delay_millis=1000)
+        self.provider.add_span_processor(cast(Any, _Gate(batch, self.counts)))
+        self.tracer = self.provider.get_tracer("batchgate", __version__)
+        global ANY
+        ANY = True
+        rate = 0 if ratio <= 0 else max(1, round(1 / ratio))
+        self.policy = Policy("TIMESTAMPS", rate, -1)
+        self.models: dict[str, dict[str, Any]] = {}  # a model's own settings (over the server's)
+        for noisy in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)  # a collector down is counted, not logged per span
+
+    # ------------------------------------------------------------------ the decision
+    def _policy(self, model: str) -> Policy:
+        own = self.models.get(model)
+        if not own:
+            return self.policy
+        p = self.policy
+        return Policy(own.get("trace_level", p.level), own.get("trace_rate", p.rate), own.get("trace_count", p.count))
+
+    def begin(self, model: str, traceparent: str | None, tracestate: str | None, protocol: str, start: float) -> Any:
+        """The request's SERVER span when it is traced, else None. ``start``: its arrival on the
+        perf_counter clock."""
+        own = self.models.get(model)
+        policy = self.policy if own is None else self._policy(model)
+        if policy.level == "OFF" or policy.count == 0:
+            return None
+        valid, sampled = valid_traceparent(traceparent)
+        if valid:
+            if not sampled:
+                return None
+        elif policy.rate == 0 or (policy.rate > 1 and random() * policy.rate >= 1.0):
+            return None
+        if policy.count > 0:  # a count left: this trace takes one
+            if own is not None and "trace_count" in own:
+                own["trace_count"] -= 1
+            else:
+                self.policy.count -= 1
+        return self._start(model, traceparent if valid else None, tracestate, protocol, start)
+
+    def _start(self, model: str, traceparent: str | None, tracestate: str | None, protocol: str, start: float) -> Any:
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        ctx = None
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent}
+            if tracestate and len(tracestate) <= MAX_TRACESTATE:
+                carrier["tracestate"] = tracestate
+            ctx = TraceContextTextMapPropagator().extract(carrier)
+        t = perf_to_epoch_ns(start)
+        span = self.tracer.start_span(
+            "InferRequest",
+            context=ctx,
+            kind=SpanKind.SERVER,
+            start_time=t,
+            attributes={"batchgate.model": model[:128], "batchgate.protocol": protocol},
+        )
+        span.add_event("REQUEST_START", timestamp=t)
+        return span
+
+    def finish(self, span: Any, note: Any, status: str | int, error: str) -> None:
+        """End a request's span with what its answer was."""
+        from opentelemetry.trace import Status, StatusCode
+
+        if note.version:
+            span.set_attribute("batchgate.model.version", note.version[:64])
+        if note.variant:
+            span.set_attribute("batchgate.variant", note.variant[:128])
+        if note.request_id:
+            span.set_attribute("batchgate.request.id", note.request_id[:128])
+        if isinstance(status, int):
+            span.set_attribute("http.response.status_code", status)
+        else:
+            span.set_attribute("rpc.response.status_code", status)
+        if error:
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
+        now = time.time_ns()
+        span.add_event("REQUEST_END", timestamp=now)
+        span.end(end_time=now)
+
+    # ------------------------------------------------------------------ batches
+
+    # ------------------------------------------------------------------ the trace extension
+    def settings(self, model: str = "") -> dict[str, Any]:
+        return (self._policy(model) if model else self.policy).as_triton(self.endpoint)
+
+    def change(self, model: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply checked changes (``parse_changes``) to the server's settings or a model's own."""
+        if not model:
+            p = self.policy
+            for key, value in changes.items():
+                if value is None:
+                    continue  # the server's settings have no "unset": null changes nothing
+                if key == "trace_level":
+                    p.level = value
+                elif key == "trace_rate":
+                    p.rate = value
+                elif key == "trace_count":
+                    p.count = value
+            return self.settings()
+        own = dict(self.models.get(model, {}))
+        for key, value in changes.items():
+            if key not in ("trace_level", "trace_rate", "trace_count"):
+                continue
+            if value is None:
+                own.pop(key, None)
+            else:
+                own[key] = value
+        if own:
+            self.models[model] = own
+        else:
+            self.models.pop(model, None)
+        return self.settings(model)
+
+    def close(self) -> None:
+        self.provider.shutdown()
+
+
+def batch_trace(requests: Sequence[Any], model: str, version: str) -> BatchTrace | None:
+    """A batch execution's spans, when any of its requests is traced (``requests``: the batch's
+    InferRequests); None otherwise (and at once when this process never traced)."""
+    if not ANY:
+        return None
+    roots = []
+    tracing = None
+    for r in requests:
+        note = r.note
+        if note is not None and note.span is not None:
+            roots.append((r, note.span))
+            tracing = note.tracing
+    if tracing is None:
+        return None
+    return BatchTrace(tracing.tracer, roots, model, version, len(requests))
+
+
+class BatchTrace:
+    """One batch execution's spans: each traced request's model span and the batch's compute span
+    (started when the execution starts, ended by :meth:`finish`)."""
+
+    def __init__(self, tracer: Any, roots: list[tuple[Any, Any]], model: str, version: str, requests: int):
+        from opentelemetry.trace import Link, set_span_in_context
+
+        self.t0 = time.time_ns()
+        self.spans = []
+        for request, root in roots:
+            ms = tracer.start_span(
+                model,
+                context=set_span_in_context(root),
+                start_time=monotonic_to_epoch_ns(request.arrival),
+                attributes={
+                    "triton.model_name": model,
+                    "triton.model_version": version,
+                    "triton.request_id": request.id[:128],
+                },
+            )
+            ms.add_event("QUEUE_START", timestamp=monotonic_to_epoch_ns(request.arrival))
+            ms.add_event("COMPUTE_START", timestamp=self.t0)
+            self.spans.append(ms)
+        self.compute = tracer.start_span(
+            "compute",
+            context=set_span_in_context(self.spans[0]),
+            start_time=self.t0,
+            links=[Link(ms.get_span_context()) for ms in self.spans],
+            attributes={"batchgate.batch.requests": requests, "batchgate.model": model},
+        )
+
+    def traceparent(self) -> str:
+        return traceparent_of(self.compute)
+
+    def finish(self, t0: int, t1: int, t2: int, t3: int, rows: int, error: str = "") -> None:
+        """The execution's phases on the perf_counter_ns clock (input ready, inference done,
+        outputs split) and its rows; ``error``: why it failed."""
+        offset = time.time_ns() - time.perf_counter_ns()
+        c = self.compute
+        c.set_attribute("batchgate.batch_size", rows)
+        if t1:
+            c.add_event("COMPUTE_INPUT_END", timestamp=t1 + offset)
+        if t2:
+            c.add_event("COMPUTE_OUTPUT_START", timestamp=t2 + offset)
+        end = (t3 + offset) if t3 else time.time_ns()
+        if error:
+            from opentelemetry.trace import Status, StatusCode
+
+            c.set_status(Status(StatusCode.ERROR, error[:256]))
+        c.end(end_time=end)
+        for ms in self.spans:
+            if t1:
+                ms.add_event("COMPUTE_INPUT_END", timestamp=t1 + offset)
+            if t2:
+                ms.add_event("COMPUTE_OUTPUT_START", timestamp=t2 + offset)
+            ms.add_event("COMPUTE_END", timestamp=end)
+            ms.end(end_time=end)
+
+
+def perf_to_epoch_ns(t: float) -> int:
+    return time.time_ns() - int((time.perf_counter() - t) * 1e9)
+
+
+def monotonic_to_epoch_ns(t: float) -> int:
+    return time.time_ns() - int((time.monotonic() - t) * 1e9)
+
+
+class _Gate:
+    """In front of the batch processor: a span is queued only while the queue has room, else it
+    is dropped and counted (the SDK's own processor would log a warning for each)."""
+
+    def __init__(self, inner: Any, counts: SpanCounts):
+        self.inner, self.counts = inner, counts
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def _on_ending(self, span: Any) -> None:
+        pass
+
+    def on_end(self, span: Any) -> None:
+        c = self.counts
+        with c.lock:
+            if c.queued >= c.max_queue:
+                c.counts["dropped"] += 1
+                return
+            c.queued += 1
+        self.inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _Counting:
+    """The OTLP exporter, counting what it exported and what it failed to."""
+
+    def __init__(self, inner: Any, counts: SpanCounts):
+        self.inner, self.counts = inner, counts
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        try:
+            result = self.inner.export(spans)
+        except Exception as e:  # noqa: BLE001 - an exporter's failure is counted, never raised into the SDK
+            log.debug("span export failed: %s", e)
+            result = SpanExportResult.FAILURE
+        c = self.counts
+        with c.lock:
+            c.queued -= len(spans)
+            c.counts["exported" if result == SpanExportResult.SUCCESS else "failed"] += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def open_tracing(settings: Any, worker: str | None = None) -> Tracing | None:
+    """The tracing the settings ask for (None: off). ``settings``: the observability section."""
+    if settings.tracing == "off":
+        return None
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", settings.otlp_endpoint):
+        raise ValueError(
+            f"tracing: otlp needs otlp_endpoint, an http:// or https:// URL (e.g. http://collector:4318), "
+            f"not '{settings.otlp_endpoint[:64]}'"
+        )
+    return Tracing(
+        settings.otlp_endpoint,
+        settings.trace_sample_ratio,
+        settings.service_name,
+        settings.trace_queue_spans,
+        worker=worker,
+    )

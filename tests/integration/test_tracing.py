@@ -1,0 +1,201 @@
+"""Request tracing (monitoring/tracing.py) end to end: real gateways exporting over OTLP/HTTP to a
+receiver in the test (tests/otlp_support.py), real tritonclient clients on both protocols. The
+spans' shape (Triton's: InferRequest, the model span, compute), W3C context honoured with its
+sampled flag, a batch execution's span linked to every request it served, one trace across the hop
+to a remote model, a collector that is down costing no request, and Triton's trace-setting API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from batchgate.demo import _save, classifier_model
+from batchgate.remote_models import RemoteModel
+from otlp_support import Receiver
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+X = np.full((1, 4), 0.1, np.float32)
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("trace_models"))
+    # batched, with a queue delay long enough for concurrent requests to share an execution
+    _save(
+        classifier_model(),
+        root,
+        "clf",
+        config="max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 20000 }\n",
+    )
+    return root
+
+
+def _infer(protocol: str, running, headers=None, rid: str = "", model: str = "clf", x=X):
+    mod = grpcclient if protocol == "grpc" else httpclient
+    client = mod.InferenceServerClient(running.grpc_url if protocol == "grpc" else running.http_url)
+    inp = mod.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], headers=headers, request_id=rid)
+
+
+def _traced(serve, repo, receiver, **extra):
+    return serve(repo, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=1.0, **extra)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_traced_request_has_triton_shaped_spans(repo, serve, receiver, protocol):
+    running = _traced(serve, repo, receiver, access_log="all", access_log_file="/dev/null")
+    _infer(protocol, running, rid="order-5")
+    spans = receiver.wait(lambda s: len(s) >= 3)
+    by_name = {s.name: s for s in spans}
+    root, model, compute = by_name["InferRequest"], by_name["clf"], by_name["compute"]
+    assert root.kind == 2 and root.parent_id == ""  # SERVER, a root
+    assert root.attributes["batchgate.model"] == "clf" and root.attributes["batchgate.protocol"] == protocol
+    assert root.attributes["batchgate.request.id"] == "order-5" and root.attributes["batchgate.model.version"] == "1"
+    status_key = "rpc.response.status_code" if protocol == "grpc" else "http.response.status_code"
+    assert root.attributes[status_key] in ("OK", 200) and root.events == ["REQUEST_START", "REQUEST_END"]
+    assert model.parent_id == root.span_id and model.trace_id == root.trace_id
+    assert model.attributes == {"triton.model_name": "clf", "triton.model_version": "1", "triton.request_id": "order-5"}
+    assert model.events == ["QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END"]
+    assert compute.parent_id == model.span_id and compute.links == [(model.trace_id, model.span_id)]
+    assert compute.attributes["batchgate.batch_size"] == 1
+    assert root.start_ns <= model.start_ns <= compute.start_ns <= compute.end_ns <= model.end_ns <= root.end_ns
+    assert root.resource["service.name"] == "batchgate"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_incoming_context_is_honoured_with_its_sampled_flag(repo, serve, receiver, protocol):
+    running = serve(repo, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=0.0)
+    _infer(protocol, running)  # ratio 0, no context: not traced
+    _infer(protocol, running, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-00"})  # the caller says no
+    _infer(protocol, running, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01", "tracestate": "vendor=x"})
+    _infer(protocol, running, headers={"traceparent": "00-zz-not-valid-01"})  # invalid: a root, at ratio 0
+    spans = receiver.wait(lambda s: len(s) >= 3)
+    time.sleep(1.5)  # the exporter sends about once a second: nothing else may come
+    spans = receiver.wait(lambda s: False, timeout=0.1)
+    assert {s.trace_id for s in spans} == {TRACE_ID} and len(spans) == 3
+    root = next(s for s in spans if s.name == "InferRequest")
+    assert root.parent_id == PARENT
+
+
+def test_a_batch_execution_links_every_request_it_served(repo, serve, receiver):
+    running = _traced(serve, repo, receiver)
+    threads = [threading.Thread(target=_infer, args=("grpc", running)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 6)
+    models = {s.span_id: s for s in spans if s.name == "clf"}
+    computes = [s for s in spans if s.name == "compute"]
+    assert len(models) == 6
+    assert sorted(sid for c in computes for _, sid in c.links) == sorted(models)  # each request linked once
+    biggest = max(computes, key=lambda c: len(c.links))
+    assert len(biggest.links) >= 2 and biggest.attributes["batchgate.batch.requests"] == len(biggest.links)
+    assert biggest.attributes["batchgate.batch_size"] == len(biggest.links)  # one row each
+
+
+def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver):
+    upstream = _traced(serve, repo, receiver, service_name="upstream")
+    gateway = _traced(
+        serve, "", receiver, remote_models=(RemoteModel("clf", (upstream.grpc_url,), batching="gateway"),)
+    )
+    _infer("http", gateway, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"})
+    spans = receiver.wait(lambda s: len(s) >= 6)
+    assert {s.trace_id for s in spans} == {TRACE_ID}
+    gw_compute = next(s for s in spans if s.name == "compute" and s.resource["service.name"] == "batchgate")
+    up_root = next(s for s in spans if s.name == "InferRequest" and s.resource["service.name"] == "upstream")
+    assert up_root.parent_id == gw_compute.span_id  # the upstream's request is a child of our call to it
+
+
+def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    running = serve(
+        repo, tracing="otlp", otlp_endpoint=f"http://127.0.0.1:{port}", trace_sample_ratio=1.0, metrics_port=0
+    )
+    for _ in range(20):
+        _infer("grpc", running)
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+        failed = [ln for ln in text.splitlines() if ln.startswith('batchgate_trace_spans_total{outcome="failed"}')]
+        if failed and float(failed[0].split()[-1]) >= 60:
+            break
+        time.sleep(0.2)
+    assert failed and float(failed[0].split()[-1]) == 60, failed  # 3 spans a request, none delivered
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_tritons_trace_setting_api_changes_what_is_traced(repo, serve, receiver, protocol):
+    running = serve(repo, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=0.001)
+    mod = grpcclient if protocol == "grpc" else httpclient
+    client = mod.InferenceServerClient(running.grpc_url if protocol == "grpc" else running.http_url)
+
+    def settings(**kw):
+        got = client.get_trace_settings(**kw) if protocol == "http" else client.get_trace_settings(as_json=True, **kw)
+        if protocol == "grpc":
+            got = {k: v["value"] for k, v in got["settings"].items()}
+        return {k: (v if isinstance(v, list) else [v]) for k, v in got.items()}
+
+    assert settings()["trace_rate"] == ["1000"] and settings()["trace_level"] == ["TIMESTAMPS"]
+    client.update_trace_settings(settings={"trace_rate": "1", "trace_count": "2"})
+    assert settings()["trace_count"] == ["2"]
+    for _ in range(4):
+        _infer(protocol, running)
+    spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 2)
+    time.sleep(1.5)
+    roots = [s for s in receiver.wait(lambda s: False, timeout=0.1) if s.name == "InferRequest"]
+    assert len(roots) == 2 and settings()["trace_count"] == ["0"]  # two traced, then the count ran out
+    # a model of its own: OFF there, while the server traces every request again
+    client.update_trace_settings(model_name="clf", settings={"trace_level": ["OFF"]})
+    client.update_trace_settings(settings={"trace_count": "-1"})
+    assert settings(model_name="clf")["trace_level"] == ["OFF"] and settings()["trace_level"] == ["TIMESTAMPS"]
+    _infer(protocol, running)
+    client.update_trace_settings(model_name="clf", settings={"trace_level": None})  # cleared: the server's again
+    _infer(protocol, running)
+    spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 3)
+    assert sum(x.name == "InferRequest" for x in spans) == 3
+    for bad, why in (
+        ({"trace_file": "/etc/passwd"}, "trace_file cannot be set"),
+        ({"trace_level": ["TENSORS"]}, "TENSORS is not supported"),
+        ({"trace_rate": "-5"}, "trace_rate must be 0 or more"),
+        ({"nonsense": "1"}, "unknown trace setting"),
+    ):
+        with pytest.raises(InferenceServerException) as e:
+            client.update_trace_settings(settings=bad)
+        assert why in str(e.value)
+    meta = client.get_server_metadata(**({"as_json": True} if protocol == "grpc" else {}))
+    assert "trace" in meta["extensions"]
+
+
+def test_the_access_log_names_the_trace(repo, serve, receiver, tmp_path):
+    log = tmp_path / "access.log"
+    running = _traced(serve, repo, receiver, access_log="all", access_log_file=str(log))
+    _infer("grpc", running)
+    spans = receiver.wait(lambda s: len(s) >= 3)
+    end = time.monotonic() + 5
+    while not (log.exists() and log.read_text().strip()) and time.monotonic() < end:
+        time.sleep(0.05)
+    line = json.loads(log.read_text().splitlines()[0])
+    root = next(s for s in spans if s.name == "InferRequest")
+    assert line["trace_id"] == root.trace_id and line["span_id"] == root.span_id
