@@ -42,6 +42,7 @@ from .core.routing import Compare, Shadow
 from .core.types import InferRequest, InferResponse, Tensor
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import ShadowMetrics
+from .monitoring.tracing import Tracing
 
 log = logging.getLogger("batchgate.shadows")
 _perf = time.perf_counter
@@ -145,6 +146,7 @@ class ShadowRunner:
         self._rng = rng
         self.inflight = 0
         self.pending: set[asyncio.Future] = set()
+        self._spans: dict[asyncio.Future, Any] = {}  # the copies of traced requests: their spans
         # The outputs a copy asks for: the compared one, or (nothing to compare) the first.
         self._outputs = (compare.output,) if compare is not None else (version.signature.outputs[0].name,)
 
@@ -162,6 +164,9 @@ class ShadowRunner:
         self.pending.add(fut)
         fut.add_done_callback(self.pending.discard)
         self._waiting.append((request, fut))
+        note = request.note
+        if note is not None and note.span is not None:
+            self._spans[fut] = note.tracing.shadow_span(note.span, self.route, spec.name, self.version.name)
         if not self._start_queued:
             self._start_queued = True
             self._scheduler.later(self._start)
@@ -259,10 +264,14 @@ class ShadowRunner:
         (``primary`` None: the primary failed). ``counted``: the request counts in comparisons
         (not synthetic, not pinned); ``on_compared(disagreed)`` feeds the rollout's gate."""
 
+        span = self._spans.pop(fut, None)
+
         def done(f: asyncio.Future) -> None:
             if f.cancelled():
                 self.inflight -= 1
                 self.metrics.outcome("cancelled")
+                if span is not None:
+                    Tracing.end_shadow(span, "cancelled")
             else:  # the comparison's arithmetic waits for idle time too, within the budget
                 self._scheduler.later(partial(compare_once, f.result()))
 
@@ -279,15 +288,22 @@ class ShadowRunner:
                     sm.error_delta["shadow_only"] = sm.error_delta.get("shadow_only", 0) + 1
                 elif outcome.error is None:
                     sm.error_delta["primary_only"] = sm.error_delta.get("primary_only", 0) + 1
-                sm.outcome("failed" if outcome.error is not None else "answered")
+                kind = "failed" if outcome.error is not None else "answered"
+                sm.outcome(kind)
+                if span is not None:
+                    Tracing.end_shadow(span, kind, error=outcome.error or "")
                 return
             sm.latency_delta.observe(outcome.latency_s - primary_latency_s)
             mine = _output(primary, self.compare.output) if self.compare is not None else None
             if not counted or mine is None or outcome.output is None:
                 sm.outcome("answered")
+                if span is not None:
+                    Tracing.end_shadow(span, "answered")
                 return
             disagreed = self._compare(mine, outcome.output)
             sm.outcome("compared")
+            if span is not None:
+                Tracing.end_shadow(span, "compared", disagreed)
             if on_compared is not None:
                 on_compared(disagreed)
             if disagreed and self._log is not None:

@@ -252,6 +252,30 @@ class Tracing:
 
     # ------------------------------------------------------------------ batches
 
+    # ------------------------------------------------------------------ shadows
+    def shadow_span(self, root: Any, route: str, shadow: str, model: str) -> Any:
+        """A span for a traced request's copy sent to a shadow (a child of its request's span;
+        it may end after it: shadows answer later), from the copy's offer to its comparison."""
+        from opentelemetry.trace import set_span_in_context
+
+        return self.tracer.start_span(
+            "shadow",
+            context=set_span_in_context(root),
+            attributes={"batchgate.route": route, "batchgate.variant": shadow, "batchgate.model": model},
+        )
+
+    @staticmethod
+    def end_shadow(span: Any, outcome: str, disagreed: bool | None = None, error: str = "") -> None:
+        span.set_attribute("batchgate.shadow.outcome", outcome)
+        if disagreed is not None:
+            span.set_attribute("batchgate.shadow.disagreed", disagreed)
+        if error:
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_attribute("error.type", "shadow_failed")
+            span.set_status(Status(StatusCode.ERROR, error[:256]))
+        span.end()
+
     # ------------------------------------------------------------------ the trace extension
     def settings(self, model: str = "") -> dict[str, Any]:
         return (self._policy(model) if model else self.policy).as_triton(self.endpoint)

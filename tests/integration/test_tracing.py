@@ -199,3 +199,27 @@ def test_the_access_log_names_the_trace(repo, serve, receiver, tmp_path):
     line = json.loads(log.read_text().splitlines()[0])
     root = next(s for s in spans if s.name == "InferRequest")
     assert line["trace_id"] == root.trace_id and line["span_id"] == root.span_id
+
+
+def test_a_routed_request_names_its_variant_and_its_shadow_copy_has_a_span(tmp_path, serve, receiver):
+    from route_support import FEATURES, route_repository, write_config
+
+    repo = route_repository(str(tmp_path / "models"))
+    route = {
+        "name": "fraud",
+        "variants": [{"name": "stable", "model": "clf_a", "weight": 100}],
+        "shadows": [{"name": "next", "model": "clf_other", "percent": 100, "max_inflight": 8}],
+        "compare": {"output": "probabilities", "kind": "classification", "atol": 1.0e-3},
+    }
+    cfg = write_config(str(tmp_path / "batchgate.yaml"), [route])
+    running = serve(repo, config_file=cfg, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=1.0)
+    _infer("grpc", running, model="fraud", x=FEATURES)
+    spans = receiver.wait(lambda s: any(x.name == "shadow" for x in s))
+    root = next(s for s in spans if s.name == "InferRequest")
+    shadow = next(s for s in spans if s.name == "shadow")
+    assert root.attributes["batchgate.variant"] == "stable" and root.attributes["batchgate.model"] == "fraud"
+    assert shadow.parent_id == root.span_id and shadow.trace_id == root.trace_id
+    assert shadow.attributes["batchgate.variant"] == "next" and shadow.attributes["batchgate.model"] == "clf_other"
+    assert shadow.attributes["batchgate.shadow.outcome"] == "compared"
+    assert shadow.attributes["batchgate.shadow.disagreed"] is True  # clf_other answers otherwise
+    assert any(s.name == "clf_a" for s in spans)  # the variant's model span
