@@ -20,7 +20,7 @@ own (to stdout, or ``access_log_file``), never on the event loop.
 
 Field names follow OpenTelemetry's semantic conventions where they have one (``client.address``,
 ``http.request.method``, ``url.path``, ``http.response.status_code``, ``rpc.system``,
-``rpc.method``, ``rpc.grpc.status_code``, ``error.type``, ``user.id``, ``trace_id``,
+``rpc.method``, ``rpc.response.status_code``, ``error.type``, ``user.id``, ``trace_id``,
 ``span_id``); batchgate's own fields are prefixed ``batchgate.``. Client text (ids, names) is
 cut to a bounded length; the JSON encoder escapes it. The API key's id is logged, never its token.
 """
