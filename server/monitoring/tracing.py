@@ -14,7 +14,7 @@ untraced request costs a header lookup and a random draw:
   limit).
 
 The spans follow Triton's shape, so tools that read Triton's traces read these: a SERVER span
-``InferRequest`` per request (events REQUEST_START / REQUEST_END, the status), a child named
+``InferRequest`` per request (events REQUEST_START, ADMITTED, REQUEST_END; the status), a child named
 after the model (``triton.model_name``, ``triton.model_version``, ``triton.request_id``; events
 QUEUE_START, COMPUTE_START, COMPUTE_INPUT_END, COMPUTE_OUTPUT_START, COMPUTE_END), and one
 ``compute`` span per batch execution, a child of its first traced request's model span, with a

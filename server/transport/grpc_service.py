@@ -345,6 +345,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             served = dp.admit(  # before any tensor is decoded
                 request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
             )
+            if note is not None and note.span is not None:
+                note.span.add_event("ADMITTED")
             try:
                 forwarded = (  # (batch scoring's requests go the decoded way: counted, never sampled)
                     None

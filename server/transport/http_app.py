@@ -365,6 +365,8 @@ class HttpApp:
         try:
             if served is None:
                 served = self._admit(model, version, scope)
+            if note is not None and note.span is not None:  # (admitted as its head arrived, or just now)
+                note.span.add_event("ADMITTED")
             try:
                 return await self._infer(served, model, version, scope, receive, send, note)
             finally:
