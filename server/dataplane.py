@@ -378,13 +378,15 @@ class DataPlane:
         own). They map onto request tracing (``monitoring/tracing.py``): trace_level OFF or
         TIMESTAMPS, trace_rate one request in N, trace_count traces left; trace_file and
         log_frequency name Triton's files and cannot be set."""
-        if model and not self.knows(model):
-            raise not_found(f"no model named '{printable(model[:128])}'")
         tracing = self.tracing
         if not changes:
-            self.access.check(caller, READ, model or None)
+            self.access.check(caller, READ, model or None)  # (before the model is looked up: no key, no names)
+            if model and not self.knows(model):
+                raise not_found(f"no model named '{printable(model[:128])}'")
             return tracing.settings(model) if tracing is not None else Policy("OFF", 0, -1).as_triton("")
         key = self.access.check(caller, ADMIN)
+        if model and not self.knows(model):
+            raise not_found(f"no model named '{printable(model[:128])}'")
         target = f"model {model}" if model else "server"
         if len(changes) > len(TRACE_KEYS):
             raise invalid(f"at most {len(TRACE_KEYS)} trace settings in one request, not {len(changes)}")

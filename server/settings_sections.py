@@ -368,6 +368,12 @@ class ObservabilitySettings:
     trace_queue_spans: int = _setting(
         2048, "spans waiting for the exporter at most; past it they are dropped and counted", minimum=1
     )
+    trace_max_per_s: int = _setting(
+        100,
+        "requests traced a second at most, per process, whatever decided it (a caller's sampled traceparent, the "
+        "ratio); past it a request is not traced and is counted (outcome throttled)",
+        minimum=1,
+    )
 
     access_log: str = _setting(
         "sampled",

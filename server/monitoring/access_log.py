@@ -105,7 +105,7 @@ class AccessLog:
         self.path = path
         self.worker = worker
         self.lines = 0  # lines handed to the writer
-        self.dropped = {"rate": 0, "queue": 0}
+        self.dropped = {"rate": 0, "queue": 0, "error": 0}
         self._second = 0.0
         self._this_second = 0
         self._queue: deque[bytes] = deque()
@@ -113,6 +113,12 @@ class AccessLog:
         self._closed = False
         self._out: Any = None
         self._thread: threading.Thread | None = None
+        self._failed_once = False
+        if path:  # opened now: a file that cannot be written stops the start, never a request
+            try:
+                self._out = open(path, "ab")  # noqa: SIM115 - kept open by the writer thread
+            except OSError as e:
+                raise ValueError(f"access_log_file {path}: cannot be opened for writing: {e.strerror}") from None
 
     @property
     def on(self) -> bool:
@@ -132,7 +138,18 @@ class AccessLog:
             return zlib.crc32(request_id.encode("utf-8", "replace")) * _CRC_SCALE < ratio
         return random() < ratio
 
-    def request(
+    def request(self, *args: Any, **kw: Any) -> None:
+        """Log one answered request if it is wanted (see :meth:`_request`); never raises: a line
+        that cannot be made is counted as dropped (``error``), and said once in the log."""
+        try:
+            self._request(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - the access log must never fail a request
+            self.dropped["error"] = self.dropped.get("error", 0) + 1
+            if not self._failed_once:
+                self._failed_once = True
+                log.error("an access log line could not be made (counted from now on): %s", e)
+
+    def _request(
         self,
         note: Note | None,
         protocol: str,
@@ -221,8 +238,6 @@ class AccessLog:
         self._wake.set()
 
     def _start(self) -> None:
-        if self.path:
-            self._out = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open by the writer thread
         self._thread = threading.Thread(target=self._writer, name="batchgate-access-log", daemon=True)
         self._thread.start()
 

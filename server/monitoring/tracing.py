@@ -135,6 +135,11 @@ class SpanCounts:
         self.counts = {"exported": 0, "failed": 0, "dropped": 0}
         self.lock = threading.Lock()
 
+    def throttled(self) -> None:
+        """A request that would have been traced, past trace_max_per_s (no span made)."""
+        with self.lock:
+            self.counts["throttled"] = self.counts.get("throttled", 0) + 1
+
 
 class Tracing:
     """The tracer, its export pipeline and the sampling policy of a gateway (None when off)."""
@@ -147,6 +152,7 @@ class Tracing:
         queue_size: int = 2048,
         export_timeout_s: float = 5.0,
         worker: str | None = None,
+        max_per_s: int = 100,
     ):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
@@ -169,7 +175,12 @@ class Tracing:
         self.provider = TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
         # (_Counting and _Gate have the SDK's exporter and processor methods; they are not its
         # subclasses so that the SDK is imported only when tracing is on)
-        batch = BatchSpanProcessor(cast(Any, exporter), max_queue_size=queue_size, schedule_delay_millis=1000)
+        batch = BatchSpanProcessor(
+            cast(Any, exporter),
+            max_queue_size=queue_size,
+            max_export_batch_size=min(512, queue_size),
+            schedule_delay_millis=1000,
+        )
         self.provider.add_span_processor(cast(Any, _Gate(batch, self.counts)))
         self.tracer = self.provider.get_tracer("batchgate", __version__)
         global ANY
@@ -177,8 +188,13 @@ class Tracing:
         rate = 0 if ratio <= 0 else max(1, round(1 / ratio))
         self.policy = Policy("TIMESTAMPS", rate, -1)
         self.models: dict[str, dict[str, Any]] = {}  # a model's own settings (over the server's)
-        for noisy in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)  # a collector down is counted, not logged per span
+        # A collector down is counted (batchgate_trace_spans_total), not logged per batch; a client's
+        # malformed tracestate is dropped, not quoted in a warning per request.
+        for noisy in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter", "opentelemetry.trace"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+        self.max_per_s = max_per_s
+        self._bucket = float(max_per_s)
+        self._stamp = time.monotonic()
 
     # ------------------------------------------------------------------ the decision
     def _policy(self, model: str) -> Policy:
@@ -201,12 +217,24 @@ class Tracing:
                 return None
         elif policy.rate == 0 or (policy.rate > 1 and random() * policy.rate >= 1.0):
             return None
+        if not self._take():  # past trace_max_per_s (a caller's sampled flag cannot buy every request a trace)
+            self.counts.throttled()
+            return None
         if policy.count > 0:  # a count left: this trace takes one
             if own is not None and "trace_count" in own:
                 own["trace_count"] -= 1
             else:
                 self.policy.count -= 1
         return self._start(model, traceparent if valid else None, tracestate, protocol, start)
+
+    def _take(self) -> bool:
+        now = time.monotonic()
+        self._bucket = min(float(self.max_per_s), self._bucket + (now - self._stamp) * self.max_per_s)
+        self._stamp = now
+        if self._bucket < 1.0:
+            return False
+        self._bucket -= 1.0
+        return True
 
     def _start(self, model: str, traceparent: str | None, tracestate: str | None, protocol: str, start: float) -> Any:
         from opentelemetry.trace import SpanKind
@@ -467,4 +495,5 @@ def open_tracing(settings: Any, worker: str | None = None) -> Tracing | None:
         settings.service_name,
         settings.trace_queue_spans,
         worker=worker,
+        max_per_s=settings.trace_max_per_s,
     )

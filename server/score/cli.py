@@ -33,6 +33,13 @@ def add_parser(sub) -> None:
     p.add_argument("--tls-cert", default="", metavar="FILE", help="a client certificate, for a server asking one")
     p.add_argument("--tls-key", default="", metavar="FILE", help="the private key of --tls-cert")
     p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="with --target: seconds to wait for one request's answer before sending it again (300)",
+    )
+    p.add_argument(
         "--max-retries",
         type=int,
         default=8,
@@ -66,10 +73,16 @@ def main(args: argparse.Namespace) -> int:
     from .remote import TargetError
     from .tables import ScoreError
 
-    if args.batch_size < 1 or args.concurrency < 1 or args.max_rejects < 0 or args.max_retries < 0:
+    if (
+        args.batch_size < 1
+        or args.concurrency < 1
+        or args.max_rejects < 0
+        or args.max_retries < 0
+        or not args.timeout > 0
+    ):
         print(
             "batchgate score: --batch-size and --concurrency must be at least 1, --max-rejects and --max-retries "
-            "0 or more",
+            "0 or more, --timeout above 0",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -119,7 +132,7 @@ async def _score(args: argparse.Namespace):
 
         tls = Tls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls or args.tls_ca or args.tls_cert else None
         model: Any = await RemoteTarget.open(
-            args.target, args.protocol, args.model, args.token, tls, retries=args.max_retries
+            args.target, args.protocol, args.model, args.token, tls, retries=args.max_retries, timeout_s=args.timeout
         )
     else:
         model = await LocalModel.open(args.model_repository, args.model)

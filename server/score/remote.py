@@ -43,6 +43,7 @@ PRIORITY = 1 << 30  # a V2 scheduler serves lower numbers first: online traffic 
 MAX_MESSAGE_BYTES = 1 << 30
 MAX_WAIT_S = 60.0  # the longest Retry-After honoured (a server's answer is bounded like any input)
 CONFIG_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 300.0  # one request's answer (--timeout): a server that never answers is not waited on forever
 
 
 class TargetError(ScoreError):
@@ -132,7 +133,8 @@ class Window:
         self._cut_by(0.5, time.monotonic())
 
     def _cut_by(self, factor: float, now: float) -> None:
-        if now - self._cut >= max(self.fastest, 0.01):  # once per round trip: answers to one window come together
+        # once per round trip (answers to one window come together); before any answer, at most once in 10 ms
+        if now - self._cut >= max(min(self.fastest, 1.0), 0.01):
             self._cut = now
             self.size = max(1.0, self.size * factor)
 
@@ -159,6 +161,7 @@ class RemoteTarget:
         token: str = "",
         tls: Tls | None = None,
         retries: int = 8,
+        timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> RemoteTarget:
         from ..repository.config import signature_of
 
@@ -167,7 +170,9 @@ class RemoteTarget:
         headers = dict(OFFLINE)
         if token:
             headers["authorization"] = f"Bearer {token}"
-        wire: _Wire = _Grpc(target, headers, tls) if protocol == "grpc" else _Http(target, headers, tls)
+        wire: _Wire = (
+            _Grpc(target, headers, tls, timeout_s) if protocol == "grpc" else _Http(target, headers, tls, timeout_s)
+        )
         try:
             cfg = await wire.config(name)
             signature = signature_of(cfg)
@@ -226,20 +231,24 @@ class _Wire(Protocol):
 
 
 # gRPC codes as the scorer treats them (see the module's docstring)
-_ROW_FAULTS = {"INVALID_ARGUMENT", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "OUT_OF_RANGE", "FAILED_PRECONDITION"}
-_OVERLOAD = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+_ROW_FAULTS = {"INVALID_ARGUMENT", "INTERNAL", "UNKNOWN", "OUT_OF_RANGE", "FAILED_PRECONDITION"}
+# DEADLINE_EXCEEDED is the scorer's own timeout (it sends no V2 timeout): a stuck server, sent again
+_OVERLOAD = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 class _Grpc:
-    def __init__(self, target: str, headers: dict[str, str], tls: Tls | None):
+    def __init__(self, target: str, headers: dict[str, str], tls: Tls | None, timeout_s: float = REQUEST_TIMEOUT_S):
         import grpc
         from tritonclient.grpc import service_pb2 as pb
         from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
         self.grpc, self.pb, self.target = grpc, pb, target
+        self.timeout_s = timeout_s
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 60_000),  # a connection gone dead (a failover) is found, not waited on
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
         if tls is None:
             self.channel = grpc.aio.insecure_channel(target, options=options)
@@ -269,7 +278,7 @@ class _Grpc:
         msg.parameters["priority"].uint64_param = PRIORITY
         fill_request(msg, feeds, types, names)
         try:
-            reply = await self.stub.ModelInfer(msg, metadata=self.metadata)
+            reply = await self.stub.ModelInfer(msg, metadata=self.metadata, timeout=self.timeout_s)
         except self.grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         raw = reply.raw_output_contents
@@ -295,8 +304,9 @@ class _Grpc:
 
 
 class _Http:
-    def __init__(self, target: str, headers: dict[str, str], tls: Tls | None):
+    def __init__(self, target: str, headers: dict[str, str], tls: Tls | None, timeout_s: float = REQUEST_TIMEOUT_S):
         self.target = target
+        self.timeout_s = timeout_s
         self.base = f"{'https' if tls is not None else 'http'}://{target}/v2/models/"
         self.headers = headers
         self.ssl: ssl_mod.SSLContext | bool = True
@@ -312,7 +322,8 @@ class _Http:
             import aiohttp
 
             self.session = aiohttp.ClientSession(
-                headers=self.headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONFIG_TIMEOUT_S)
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=CONFIG_TIMEOUT_S),
             )
         return self.session
 
@@ -324,6 +335,8 @@ class _Http:
                 return r.status, r.headers, await r.read()
         except aiohttp.ClientConnectorError as e:  # never delivered: the server may be restarting
             raise _Overloaded("UNREACHABLE", str(e), None) from None
+        except TimeoutError:  # no answer within the scorer's timeout: a stuck server, sent again
+            raise _Overloaded("TIMEOUT", f"no answer within {self.timeout_s:g} s", None) from None
         except aiohttp.ClientError as e:
             raise TargetError(f"{self.target}: {e}") from None
 

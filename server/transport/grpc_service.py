@@ -308,10 +308,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = note.error = "CANCELLED"
             raise
         finally:
-            if alog is not None:
-                self._access(alog, note, status, context)
             if note.span is not None:
                 note.tracing.finish(note.span, note, status, note.error)
+            if alog is not None:
+                self._access(alog, note, status, context)
 
     def _access(self, alog: AccessLog, note: Note, status: str, context) -> None:
         def who() -> tuple[str, str | None]:

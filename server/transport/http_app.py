@@ -389,10 +389,12 @@ class HttpApp:
                 note.error = ErrorCode.INTERNAL.value
             raise
         finally:
-            if alog is not None:
-                self._access(alog, note, model, status, scope, scope["path"])
+            if note is not None and note.error and status == 200:  # answered by _infer itself
+                status = 499 if note.error == ErrorCode.CANCELLED.value else HTTP_STATUS[ErrorCode(note.error)]
             if note is not None and note.span is not None:
                 note.tracing.finish(note.span, note, status, note.error)
+            if alog is not None:
+                self._access(alog, note, model, status, scope, scope["path"])
 
     def _access(self, alog: AccessLog, note: Note | None, model: str, status: int, scope, path: str) -> None:
         """The access line of an infer call (``note`` None: refused before the call began)."""
@@ -463,6 +465,8 @@ class HttpApp:
             except asyncio.CancelledError:
                 watch = self._watches.get(task)
                 if watch is not None and watch.disconnected:
+                    if note is not None:
+                        note.error = ErrorCode.CANCELLED.value
                     return  # nobody to answer
                 raise
             finally:
@@ -473,6 +477,9 @@ class HttpApp:
         except GatewayError as e:
             self.dp.log_failure("http", model, req.id if req is not None else headers.get("x-request-id", ""), e)
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
+                self.dp.count_error("http", e)
+                if note is not None:
+                    note.error = e.code.value
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
         out, json_len = http_codec.encode_response(resp, options, shm)

@@ -164,3 +164,24 @@ def test_off_writes_nothing(demo_repo, serve, tmp_path):
         _infer(mod, client, model="no_such_model")
     time.sleep(0.3)
     assert not log.exists() and running.gateway.dataplane.access_log is None
+
+
+def test_a_file_that_cannot_be_written_stops_the_start_not_a_request(demo_repo, tmp_path):
+    from batchgate.app import Gateway
+    from batchgate.config import ConfigError, load_settings
+
+    settings = load_settings(flags={"model_repository": demo_repo, "access_log_file": str(tmp_path)}, environ={})
+    with pytest.raises(ConfigError, match="cannot be opened for writing"):
+        Gateway(settings)  # a folder: refused as the gateway is built, before it serves anything
+
+
+def test_an_answer_the_http_handler_gives_itself_is_logged_with_its_status(demo_repo, serve, tmp_path):
+    """An unsupported Content-Encoding is answered 400 by the infer handler itself: the line says 400."""
+    log = tmp_path / "access.log"
+    running = serve(demo_repo, access_log="all", access_log_file=str(log))
+    status, _, _ = raw_http(
+        running, "POST", "/v2/models/simple/infer", b"xx", {"content-encoding": "br", "x-request-id": "enc-1"}
+    )
+    assert status == 400
+    (line,) = _lines(log, 1)
+    assert line["http.response.status_code"] == 400 and line["error.type"] == "INVALID_ARGUMENT"

@@ -224,3 +224,48 @@ def test_a_routed_request_names_its_variant_and_its_shadow_copy_has_a_span(tmp_p
     assert shadow.attributes["batchgate.shadow.outcome"] == "compared"
     assert shadow.attributes["batchgate.shadow.disagreed"] is True  # clf_other answers otherwise
     assert any(s.name == "clf_a" for s in spans)  # the variant's model span
+
+
+def test_callers_cannot_buy_every_request_a_trace_nor_a_log_line(repo, serve, receiver, caplog):
+    """trace_max_per_s bounds the traces a second whatever decided them: a client sending a sampled
+    traceparent on every request gets a few traced, the rest counted as throttled; a malformed
+    tracestate is dropped without a warning that would quote it. A small export queue still starts."""
+    import logging
+    import urllib.request
+
+    running = serve(
+        repo, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=0.0, trace_max_per_s=3,
+        trace_queue_spans=16, metrics_port=0,
+    )  # fmt: skip
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT}-01", "tracestate": "garbage!!," * 20}
+    with caplog.at_level(logging.WARNING):
+        for _ in range(30):
+            _infer("grpc", running, headers=headers)
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    throttled = next(
+        ln for ln in text.splitlines() if ln.startswith('batchgate_trace_spans_total{outcome="throttled"}')
+    )
+    assert float(throttled.split()[-1]) >= 20
+    spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 3)
+    assert 3 <= sum(x.name == "InferRequest" for x in spans) <= 8
+
+
+def test_trace_settings_tell_a_caller_without_a_key_nothing_of_the_models(repo, serve, tmp_path, receiver):
+    import yaml
+
+    from batchgate.security.auth import hash_token, new_token
+
+    token = new_token()
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"id": "ops", "sha256": hash_token(token), "scopes": ["read"]}]}))
+    running = serve(repo, api_keys_file=str(keys), tracing="otlp", otlp_endpoint=receiver.endpoint)
+    client = httpclient.InferenceServerClient(running.http_url)
+    for model in ("clf", "no_such_model"):
+        with pytest.raises(InferenceServerException) as e:
+            client.get_trace_settings(model_name=model)
+        assert "401" in str(e.value.status())  # the same answer for a model that exists and one that does not
+    with pytest.raises(InferenceServerException) as e:
+        client.get_trace_settings(model_name="no_such_model", headers={"authorization": f"Bearer {token}"})
+    assert "404" in str(e.value.status())
+    assert client.get_trace_settings(model_name="clf", headers={"authorization": f"Bearer {token}"})["trace_level"]

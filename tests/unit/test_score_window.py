@@ -48,3 +48,11 @@ def test_take_waits_for_a_free_place():
         assert w.out == 2
 
     asyncio.run(main())
+
+
+def test_refusals_before_any_answer_still_shrink_it():
+    """No answer yet (no round trip measured): a refusal halves the window (once for a burst)."""
+    w = Window(start=8)
+    w.refused()
+    w.refused()
+    assert w.size == 4
