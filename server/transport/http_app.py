@@ -10,7 +10,6 @@ that maps error codes to HTTP. Only ``/infer`` responses are ever compressed
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 import time
@@ -25,9 +24,9 @@ from ..core.types import REQUEST_ID_HEADER, caller_headers
 from ..dataplane import FILE_PARAM_PREFIX, DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
-from ..security.tls import http_peer_subject
 from . import http_codec
 from .http_limits import Verdict
+from .http_scope import DisconnectWatch, MethodNotAllowed, caller_of, file_bytes, header
 
 if TYPE_CHECKING:
     from ..admin.api import AdminApi
@@ -94,7 +93,7 @@ class HttpApp:
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
-        self._watches: dict[asyncio.Task, _DisconnectWatch] = {}
+        self._watches: dict[asyncio.Task, DisconnectWatch] = {}
         self._sweeper: asyncio.Task | None = None
 
     async def _sweep(self) -> None:
@@ -107,7 +106,7 @@ class HttpApp:
             due = _monotonic() - DISCONNECT_WATCH_AFTER_S
             for task, (receive, arrival) in list(self._waiting.items()):
                 if arrival <= due and task not in self._watches:
-                    watch = self._watches[task] = _DisconnectWatch(receive, task)
+                    watch = self._watches[task] = DisconnectWatch(receive, task)
                     watch.start()
 
     def close(self) -> None:
@@ -160,7 +159,7 @@ class HttpApp:
             if alog is not None:
                 note = Note()
                 note.error = e.code.value
-                note.request_id = _header(scope, REQUEST_ID_HEADER) or ""
+                note.request_id = header(scope, REQUEST_ID_HEADER) or ""
                 self._access(alog, note, model, status, scope, path)
             pause = 0.0
             if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
@@ -173,7 +172,7 @@ class HttpApp:
         """Admission from the path and the caller, logged when refused (counted by the caller)."""
         try:
             return self.dp.admit(
-                model, version, caller_of(scope) if self._enforcing else OPEN_CALLER, lambda n: _header(scope, n)
+                model, version, caller_of(scope) if self._enforcing else OPEN_CALLER, lambda n: header(scope, n)
             )
         except GatewayError as e:
             self.dp.log_failure("http", model, "", e)
@@ -250,7 +249,7 @@ class HttpApp:
             if action == "load":
                 await self.dp.load_model(
                     model,
-                    {k: _file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()},
+                    {k: file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()},
                     caller_of(scope),
                 )
             else:
@@ -315,7 +314,7 @@ class HttpApp:
     @staticmethod
     def _method(method: str, want: str) -> None:
         if method != want:
-            raise _MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
+            raise MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
 
     async def _more_body(self, first, receive) -> bytes:
         """A body from its first ASGI message on, read to its end within the limit."""
@@ -358,7 +357,7 @@ class HttpApp:
             assert note is not None
             note.model = model
             note.span = tracing.begin(
-                model, _header(scope, "traceparent"), _header(scope, "tracestate"), "http", note.start
+                model, header(scope, "traceparent"), header(scope, "tracestate"), "http", note.start
             )
             if note.span is not None:
                 note.tracing = tracing
@@ -516,7 +515,7 @@ class HttpApp:
     def error_answer(self, e: GatewayError, extra=()) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Status, headers (without content-length) and body of the answer to ``e``."""
         headers = [*JSON_HEADERS, *extra]
-        if isinstance(e, _MethodNotAllowed):
+        if isinstance(e, MethodNotAllowed):
             status = 405
             headers.append((b"allow", e.allow.encode()))  # RFC 9110: a 405 names the methods that work
         else:
@@ -541,62 +540,3 @@ DISCONNECT_WATCH_AFTER_S = 0.02
 # Compressed bodies up to this size are inflated on the event loop (well under a millisecond);
 # larger ones on a thread, so one big body never stalls every other request.
 DECOMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024
-
-
-def caller_of(scope) -> Caller:
-    """Who is calling: the Authorization header, the client certificate's subject (mTLS) and
-    the peer address."""
-    client = scope.get("client")
-    return Caller(
-        _header(scope, "authorization"), http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else ""
-    )
-
-
-def _header(scope, name: str) -> str | None:
-    """One request header's value by lower-case name (a route's pin and sticky headers)."""
-    key = name.encode("latin-1")
-    for k, v in scope["headers"]:
-        if k == key:
-            return v.decode("latin-1")
-    return None
-
-
-def _file_bytes(key: str, value) -> bytes:
-    """A ``file:`` load parameter travels base64-encoded in JSON."""
-    try:
-        return base64.b64decode(value, validate=True)
-    except (ValueError, TypeError):
-        raise invalid(f"parameter '{key[:128]}' must be base64 text") from None
-
-
-class _DisconnectWatch:
-    """Cancels the request's task if the client disconnects while it waits for its answer."""
-
-    __slots__ = ("_receive", "_task", "_watcher", "disconnected")
-
-    def __init__(self, receive, task):
-        self._receive = receive
-        self._task = task
-        self._watcher = None
-        self.disconnected = False
-
-    def start(self) -> None:
-        self._watcher = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            msg = await self._receive()
-            if msg["type"] == "http.disconnect":
-                self.disconnected = True
-                self._task.cancel()
-                return
-
-    def stop(self) -> None:
-        if self._watcher is not None and not self._watcher.done():
-            self._watcher.cancel()
-
-
-class _MethodNotAllowed(GatewayError):
-    def __init__(self, message: str, allow: str):
-        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
-        self.allow = allow

@@ -1,0 +1,71 @@
+"""What the HTTP app reads from an ASGI request besides its body: the caller (key, client
+certificate, peer), one header, a ``file:`` load parameter; and the pieces of a request's life the
+app keeps apart (the disconnect watch of a waiting infer, the 405 refusal)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from ..core.errors import ErrorCode, GatewayError, invalid
+from ..security.access import Caller
+from ..security.tls import http_peer_subject
+
+
+def caller_of(scope) -> Caller:
+    """Who is calling: the Authorization header, the client certificate's subject (mTLS) and
+    the peer address."""
+    client = scope.get("client")
+    return Caller(
+        header(scope, "authorization"), http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else ""
+    )
+
+
+def header(scope, name: str) -> str | None:
+    """One request header's value by lower-case name (a route's pin and sticky headers)."""
+    key = name.encode("latin-1")
+    for k, v in scope["headers"]:
+        if k == key:
+            return v.decode("latin-1")
+    return None
+
+
+def file_bytes(key: str, value) -> bytes:
+    """A ``file:`` load parameter travels base64-encoded in JSON."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        raise invalid(f"parameter '{key[:128]}' must be base64 text") from None
+
+
+class DisconnectWatch:
+    """Cancels the request's task if the client disconnects while it waits for its answer."""
+
+    __slots__ = ("_receive", "_task", "_watcher", "disconnected")
+
+    def __init__(self, receive, task):
+        self._receive = receive
+        self._task = task
+        self._watcher = None
+        self.disconnected = False
+
+    def start(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self._receive()
+            if msg["type"] == "http.disconnect":
+                self.disconnected = True
+                self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+
+
+class MethodNotAllowed(GatewayError):
+    def __init__(self, message: str, allow: str):
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+        self.allow = allow
