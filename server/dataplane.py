@@ -379,14 +379,12 @@ class DataPlane:
         TIMESTAMPS, trace_rate one request in N, trace_count traces left; trace_file and
         log_frequency name Triton's files and cannot be set."""
         tracing = self.tracing
-        if not changes:
-            self.access.check(caller, READ, model or None)  # (before the model is looked up: no key, no names)
-            if model and not self.knows(model):
-                raise not_found(f"no model named '{printable(model[:128])}'")
-            return tracing.settings(model) if tracing is not None else Policy("OFF", 0, -1).as_triton("")
-        key = self.access.check(caller, ADMIN)
+        # the key first, the model after: a caller without a key learns nothing of the models
+        key = self.access.check(caller, ADMIN) if changes else self.access.check(caller, READ, model or None)
         if model and not self.knows(model):
             raise not_found(f"no model named '{printable(model[:128])}'")
+        if not changes:
+            return tracing.settings(model) if tracing is not None else Policy("OFF", 0, -1).as_triton("")
         target = f"model {model}" if model else "server"
         if len(changes) > len(TRACE_KEYS):
             raise invalid(f"at most {len(TRACE_KEYS)} trace settings in one request, not {len(changes)}")

@@ -257,13 +257,17 @@ class PodControl:
                 for k in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
                     self._regions.pop(k)
 
+    def _members_and_owner(self) -> list[Slot]:
+        """Every worker that has joined, and the model-owning process of front mode."""
+        return self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
+
     async def log_settings(self, changes: dict[str, Any]) -> None:
         """The logging extension's changes (checked by the worker that took them): every worker's
         logs and the supervisor's own."""
         async with self._lock:
             logs.change_log_settings(changes)
             self._log_changes.update(changes)
-            every = self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
+            every = self._members_and_owner()
             await self._everywhere("log_settings", every, changes=changes)
 
     async def trace_settings(self, model: str, changes: dict[str, Any]) -> None:
@@ -273,7 +277,7 @@ class PodControl:
         async with self._lock:
             kept = self._trace_changes.setdefault(model, {})
             kept.update(changes)
-            every = self._members(True) + ([self.owner] if self.owner is not None and self.owner.member else [])
+            every = self._members_and_owner()
             await self._everywhere("trace_settings", every, model=model, changes=changes)
 
     async def _everywhere(self, op: str, members: list[Slot], undo: bool = False, **args: Any) -> GatewayError | None:
