@@ -8,11 +8,30 @@ clients over real sockets.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
+from gevent._hub_local import get_hub_if_exists
 
 from batchgate.demo import build_demo_repository
 from gateway_support import Running, start_gateway
+
+_thread_run = threading.Thread.run
+
+
+def _run_and_drop_the_hub(self: threading.Thread) -> None:
+    """tritonclient.http's client (geventhttpclient) gives each thread that uses it a gevent hub,
+    an epoll set and an eventfd that outlive the thread; the suite's worker threads would leave
+    over a thousand of them. The hub goes when its thread ends."""
+    try:
+        _thread_run(self)
+    finally:
+        hub = get_hub_if_exists()
+        if hub is not None:
+            hub.destroy(destroy_loop=True)
+
+
+threading.Thread.run = _run_and_drop_the_hub  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,7 @@ def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Run
 
         loop.create_task(boot())
         loop.run_forever()
+        loop.close()  # (stopped by Running.stop) its selector and self-pipe go with it
 
     t = threading.Thread(target=run, name="gateway", daemon=True)
     t.start()

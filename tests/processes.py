@@ -50,7 +50,8 @@ class Proc:
         self.lines: list[str] = []
         self.ports = None
         self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self):
         for line in self.p.stdout:
@@ -85,6 +86,9 @@ class Proc:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(10)
+        self._reader.join(5)  # the pipe is at its end once the process is gone
+        if not self._reader.is_alive():
+            self.p.stdout.close()
 
 
 def logged_at(output: str, message: str) -> float:

@@ -272,8 +272,10 @@ class AccessLog:
         if self._thread is not None:
             self._wake.set()
             self._thread.join(5)
-            if self.path and self._out is not None:
-                self._out.close()
+            if self._thread.is_alive():  # a stuck write (a full pipe): leave the file to it
+                return
+        if self.path and self._out is not None:  # opened at start, written to or not
+            self._out.close()
 
 
 def epoch_iso(t: float) -> str:

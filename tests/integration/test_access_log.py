@@ -5,7 +5,9 @@ second; client text that cannot break a line; the key's id, never its token."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import urllib.request
 import zlib
@@ -185,3 +187,23 @@ def test_an_answer_the_http_handler_gives_itself_is_logged_with_its_status(demo_
     assert status == 400
     (line,) = _lines(log, 1)
     assert line["http.response.status_code"] == 400 and line["error.type"] == "INVALID_ARGUMENT"
+
+
+def _open_on(path) -> int:
+    """How many of this process's descriptors point at ``path``."""
+    target = os.path.realpath(path)
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # gone since the listing
+            n += os.readlink(f"/proc/self/fd/{fd}") == target
+    return n
+
+
+def test_a_stopped_gateway_closes_its_log_file_even_when_nothing_was_logged(demo_repo, serve, tmp_path):
+    """The file is opened at start; a gateway that never wrote a line (its writer thread never
+    started) still closes it when it stops (it stayed open once per start before)."""
+    log = tmp_path / "quiet.log"
+    running = serve(demo_repo, access_log_file=str(log))
+    assert _open_on(log) == 1
+    assert running.stop()
+    assert _open_on(log) == 0
