@@ -20,7 +20,7 @@ from ..core.errors import ErrorCode, GatewayError
 from ..core.routing import PIN_HEADER as VARIANT_HEADER
 from ..core.types import OFFLINE_HEADER, REQUEST_ID_HEADER, InferRequest, caller_headers, clip, printable
 from ..dataplane import DataPlane
-from ..monitoring.access_log import AccessLog, Note
+from ..monitoring.access_log import Note
 from ..monitoring.tracing import traceparent_of
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import grpc_peer_subject
@@ -308,19 +308,30 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = note.error = "CANCELLED"
             raise
         finally:
-            if note.span is not None:
-                note.tracing.finish(note.span, note, status, note.error)
-            if alog is not None:
-                self._access(alog, note, status, context)
+            self._noted(note, status, context, "inference.GRPCInferenceService/ModelInfer")
 
-    def _access(self, alog: AccessLog, note: Note, status: str, context) -> None:
-        def who() -> tuple[str, str | None]:
-            caller = caller_of(context)
-            return caller.peer, self.dp.key_id(caller)
+    def _noted(self, note: Note, status: str, context, method: str) -> None:
+        """End an answered request's span and write its access line, when wanted."""
+        if note.span is not None:
+            note.tracing.finish(note.span, note, status, note.error)
+        alog = self.dp.access_log
+        if alog is not None:
 
-        alog.request(
-            note, "grpc", note.model, status, note.error, who, path="inference.GRPCInferenceService/ModelInfer"
-        )
+            def who() -> tuple[str, str | None]:
+                caller = caller_of(context)
+                return caller.peer, self.dp.key_id(caller)
+
+            alog.request(note, "grpc", note.model, status, note.error, who, path=method)
+
+    def _stream_note(self, msg, size: int, headers, context) -> Note:
+        """The note of one request read from a stream (access log, tracing)."""
+        note = Note()
+        note.bytes_in = size
+        note.model = msg.model_name
+        note.request_id = _request_id(msg, headers)
+        if self.dp.tracing is not None:
+            self._trace(note, context)
+        return note
 
     def _trace(self, note: Note, context) -> None:
         tracing = self.dp.tracing
@@ -410,21 +421,37 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.dp.count_error("grpc", e)
             await context.abort(GRPC_STATUS[e.code], e.message)
 
-        async def one(msg):
+        alog, tracing = self.dp.access_log, self.dp.tracing
+
+        async def one(msg, size: int):
+            # Each request of a stream is logged and traced as a unary call is (its parent: the
+            # stream's traceparent, when the call carried one).
+            note = None if alog is None and tracing is None else self._stream_note(msg, size, headers, context)
+            status = "CANCELLED"  # unless answered: the stream went away first
             try:
                 served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
+                if note is not None and note.span is not None:
+                    note.span.add_event("ADMITTED")
                 try:
                     shm = self.dp.shm_view(caller)
                     places = grpc_codec.output_places(msg, shm) if msg.outputs else None
-                    resp = await self.dp.infer(served, self._decode(msg, context, headers, shm))
+                    resp = await self.dp.infer(served, self._decode(msg, context, headers, shm, note))
                 finally:
                     self.dp.release(served)
                 answer = grpc_codec.encode_response(resp, places, shm)
+                if note is not None:
+                    note.answer, note.version = answer, resp.model_version
+                    if resp.parameters:
+                        note.variant = str(resp.parameters.get("variant", ""))
+                status = "OK"
                 await out.put(pb.ModelStreamInferResponse(infer_response=answer))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):
-                    log.exception("stream request to model '%s' failed", msg.model_name)
+                    log.exception("stream request to model '%s' failed", msg.model_name[:128])
                     e = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
+                status = GRPC_STATUS[e.code].name
+                if note is not None:
+                    note.error = e.code.value
                 rid = _request_id(msg, headers)
                 self.dp.count_error("grpc", e)
                 self.dp.log_failure("grpc", msg.model_name, rid, e)
@@ -440,6 +467,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         ),
                     )
                 )
+            finally:
+                if note is not None:
+                    if status == "CANCELLED":
+                        note.error = "CANCELLED"
+                    self._noted(note, status, context, "inference.GRPCInferenceService/ModelStreamInfer")
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,
@@ -462,7 +494,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         self.dp.count_error("grpc", e)
                         out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
                         continue
-                    t = asyncio.ensure_future(one(msg))
+                    t = asyncio.ensure_future(one(msg, len(raw)))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
             except Exception as e:  # the client's side of the stream broke: answer what was read, then fail

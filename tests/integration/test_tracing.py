@@ -269,3 +269,50 @@ def test_trace_settings_tell_a_caller_without_a_key_nothing_of_the_models(repo, 
         client.get_trace_settings(model_name="no_such_model", headers={"authorization": f"Bearer {token}"})
     assert "404" in str(e.value.status())
     assert client.get_trace_settings(model_name="clf", headers={"authorization": f"Bearer {token}"})["trace_level"]
+
+
+def test_each_request_of_a_grpc_stream_is_traced_and_logged(repo, serve, receiver, tmp_path):
+    """A stream's requests get a span each (children of the stream's traceparent) and an access
+    line each, whatever their outcome: two answered, one for a model that does not exist."""
+    log = tmp_path / "access.log"
+    running = _traced(serve, repo, receiver, access_log="all", access_log_file=str(log))
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    answers: list = []
+    done = threading.Event()
+
+    def callback(result, error):
+        answers.append((result, error))
+        if len(answers) == 3:
+            done.set()
+
+    client.start_stream(callback, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"})
+    for rid, model in (("s-1", "clf"), ("s-2", "no_such_model"), ("s-3", "clf")):
+        inp = grpcclient.InferInput("features", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X)
+        client.async_stream_infer(model, [inp], request_id=rid)
+    assert done.wait(20), answers
+    client.stop_stream()
+    assert sum(error is not None for _, error in answers) == 1
+
+    spans = receiver.wait(
+        lambda s: sum(x.name == "InferRequest" for x in s) >= 3 and sum(x.name == "clf" for x in s) >= 2
+    )
+    roots = {s.attributes["batchgate.request.id"]: s for s in spans if s.name == "InferRequest"}
+    assert set(roots) == {"s-1", "s-2", "s-3"}
+    assert {(s.trace_id, s.parent_id) for s in roots.values()} == {(TRACE_ID, PARENT)}
+    assert roots["s-1"].attributes["rpc.response.status_code"] == "OK"
+    assert roots["s-2"].attributes["rpc.response.status_code"] != "OK" and "error.type" in roots["s-2"].attributes
+    for rid in ("s-1", "s-3"):  # the model's span hangs under the request's
+        assert any(s.name == "clf" and s.parent_id == roots[rid].span_id for s in spans)
+
+    end = time.monotonic() + 5
+    while len(log.read_text().splitlines()) < 3 and time.monotonic() < end:
+        time.sleep(0.05)
+    lines = {d["batchgate.request.id"]: d for d in map(json.loads, log.read_text().splitlines())}
+    assert set(lines) == {"s-1", "s-2", "s-3"}
+    for rid, line in lines.items():
+        assert line["rpc.method"] == "inference.GRPCInferenceService/ModelStreamInfer"
+        assert line["span_id"] == roots[rid].span_id and line["trace_id"] == TRACE_ID
+        assert line["batchgate.request.bytes"] > 0
+    assert lines["s-1"]["rpc.response.status_code"] == "OK" and lines["s-1"]["batchgate.response.bytes"] > 0
+    assert lines["s-2"]["error.type"] == roots["s-2"].attributes["error.type"]
