@@ -350,11 +350,19 @@ class ObservabilitySettings:
 
     tracing: str = _setting(
         "off",
-        "request tracing: off, or otlp (OpenTelemetry spans over OTLP/HTTP to otlp_endpoint)",
+        "request tracing: off, or otlp (OpenTelemetry spans over OTLP to otlp_endpoint)",
         choices=("off", "otlp"),
     )
     otlp_endpoint: str = _setting(
-        "", "the OTLP/HTTP collector spans go to (http://collector:4318; /v1/traces is added)", metavar="URL"
+        "",
+        "the OTLP collector spans go to: http://collector:4318 over HTTP (/v1/traces is added), "
+        "http://collector:4317 over gRPC; https:// for TLS",
+        metavar="URL",
+    )
+    otlp_protocol: str = _setting(
+        "http/protobuf",
+        "how spans reach otlp_endpoint: http/protobuf (OTLP/HTTP) or grpc (OTLP/gRPC)",
+        choices=("http/protobuf", "grpc"),
     )
     trace_sample_ratio: float = _setting(
         0.001,

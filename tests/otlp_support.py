@@ -1,15 +1,19 @@
-"""A small OTLP/HTTP trace receiver for the tracing tests: what a collector is to batchgate (the
-OpenTelemetry Collector does not install here). It takes ``POST /v1/traces`` with a protobuf
-ExportTraceServiceRequest (gzipped or not), as the OTLP exporter sends it, and keeps the spans."""
+"""A small OTLP trace receiver for the tracing tests: what a collector is to batchgate (the
+OpenTelemetry Collector does not install here). Over HTTP it takes ``POST /v1/traces`` with a
+protobuf ExportTraceServiceRequest (gzipped or not), as the OTLP exporter sends it; over gRPC it
+serves the collector's TraceService/Export. It keeps the spans."""
 
 from __future__ import annotations
 
 import gzip
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -38,10 +42,16 @@ def _value(v):
 
 
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, protocol: str = "http") -> None:
+        """``protocol``: http (OTLP/HTTP) or grpc (OTLP/gRPC); ``endpoint`` is what batchgate's
+        otlp_endpoint is set to."""
         self.spans: list[Span] = []
         self.requests = 0
         self._lock = threading.Lock()
+        self.grpc_server = None
+        if protocol == "grpc":
+            self._serve_grpc()
+            return
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,6 +79,20 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _serve_grpc(self) -> None:
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - the service's name
+                receiver._take(request)
+                return ExportTraceServiceResponse()
+
+        self.grpc_server = grpc.server(ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.grpc_server)
+        port = self.grpc_server.add_insecure_port("127.0.0.1:0")
+        self.grpc_server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
 
     def _take(self, req: ExportTraceServiceRequest) -> None:
         got = []
@@ -107,5 +131,8 @@ class Receiver:
             time.sleep(0.05)
 
     def close(self) -> None:
+        if self.grpc_server is not None:
+            self.grpc_server.stop(None)
+            return
         self.server.shutdown()
         self.server.server_close()

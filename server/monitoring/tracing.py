@@ -153,8 +153,8 @@ class Tracing:
         export_timeout_s: float = 5.0,
         worker: str | None = None,
         max_per_s: int = 100,
+        protocol: str = "http/protobuf",
     ):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -163,14 +163,11 @@ class Tracing:
         from .. import __version__
 
         self.endpoint = endpoint
-        url = endpoint.rstrip("/")
-        if not url.endswith("/v1/traces"):
-            url += "/v1/traces"
         attrs = {"service.name": service_name, "service.version": __version__}
         if worker is not None:
             attrs["service.instance.id"] = worker
         self.counts = SpanCounts(queue_size)
-        exporter = _Counting(OTLPSpanExporter(endpoint=url, timeout=export_timeout_s), self.counts)
+        exporter = _Counting(_exporter(endpoint, protocol, export_timeout_s), self.counts)
         # The decision is made before a span exists (see the module): the SDK keeps what it is given.
         self.provider = TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
         # (_Counting and _Gate have the SDK's exporter and processor methods; they are not its
@@ -480,13 +477,34 @@ class _Counting:
         return True
 
 
+def _exporter(endpoint: str, protocol: str, timeout_s: float) -> Any:
+    """The SDK's OTLP span exporter for ``protocol``: over HTTP spans are POSTed to
+    ``endpoint``/v1/traces; over gRPC the endpoint's scheme says whether the channel uses TLS
+    (https://, system roots or OTEL_EXPORTER_OTLP_CERTIFICATE) or not (http://)."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"), timeout=timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    url = endpoint.rstrip("/")
+    if not url.endswith("/v1/traces"):
+        url += "/v1/traces"
+    return OTLPSpanExporter(endpoint=url, timeout=timeout_s)
+
+
 def open_tracing(settings: Any, worker: str | None = None) -> Tracing | None:
     """The tracing the settings ask for (None: off). ``settings``: the observability section."""
     if settings.tracing == "off":
         return None
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", settings.otlp_endpoint):
         raise ValueError(
-            f"tracing: otlp needs otlp_endpoint, an http:// or https:// URL (e.g. http://collector:4318), "
+            f"tracing: otlp needs otlp_endpoint, an http:// or https:// URL (e.g. http://collector:4318, or "
+            f"http://collector:4317 with otlp_protocol: grpc), not '{settings.otlp_endpoint[:64]}'"
+        )
+    if settings.otlp_protocol == "grpc" and not re.fullmatch(r"https?://[^\s/]+/?", settings.otlp_endpoint):
+        raise ValueError(
+            f"otlp_protocol: grpc takes an endpoint without a path (http://collector:4317), "
             f"not '{settings.otlp_endpoint[:64]}'"
         )
     return Tracing(
@@ -496,4 +514,5 @@ def open_tracing(settings: Any, worker: str | None = None) -> Tracing | None:
         settings.trace_queue_spans,
         worker=worker,
         max_per_s=settings.trace_max_per_s,
+        protocol=settings.otlp_protocol,
     )

@@ -57,10 +57,21 @@ def _traced(serve, repo, receiver, **extra):
     return serve(repo, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=1.0, **extra)
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_traced_request_has_triton_shaped_spans(repo, serve, receiver, protocol):
-    running = _traced(serve, repo, receiver, access_log="all", access_log_file="/dev/null")
-    _infer(protocol, running, rid="order-5")
+@pytest.mark.parametrize(
+    ("protocol", "otlp"), [("grpc", "http/protobuf"), ("http", "http/protobuf"), ("grpc", "grpc"), ("http", "grpc")]
+)
+def test_a_traced_request_has_triton_shaped_spans(repo, serve, protocol, otlp):
+    """The same spans over both protocols, exported over OTLP/HTTP and over OTLP/gRPC."""
+    receiver = Receiver("grpc" if otlp == "grpc" else "http")
+    try:
+        running = _traced(serve, repo, receiver, access_log="all", access_log_file="/dev/null", otlp_protocol=otlp)
+        _infer(protocol, running, rid="order-5")
+        _triton_shaped(receiver, protocol)
+    finally:
+        receiver.close()
+
+
+def _triton_shaped(receiver, protocol: str) -> None:
     spans = receiver.wait(lambda s: len(s) >= 3)
     by_name = {s.name: s for s in spans}
     root, model, compute = by_name["InferRequest"], by_name["clf"], by_name["compute"]
@@ -124,7 +135,8 @@ def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver):
     assert up_root.parent_id == gw_compute.span_id  # the upstream's request is a child of our call to it
 
 
-def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve):
+@pytest.mark.parametrize("otlp", ["http/protobuf", "grpc"])
+def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve, otlp):
     import socket
     import urllib.request
 
@@ -132,7 +144,12 @@ def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     running = serve(
-        repo, tracing="otlp", otlp_endpoint=f"http://127.0.0.1:{port}", trace_sample_ratio=1.0, metrics_port=0
+        repo,
+        tracing="otlp",
+        otlp_endpoint=f"http://127.0.0.1:{port}",
+        otlp_protocol=otlp,
+        trace_sample_ratio=1.0,
+        metrics_port=0,
     )
     for _ in range(20):
         _infer("grpc", running)
@@ -316,3 +333,20 @@ def test_each_request_of_a_grpc_stream_is_traced_and_logged(repo, serve, receive
         assert line["batchgate.request.bytes"] > 0
     assert lines["s-1"]["rpc.response.status_code"] == "OK" and lines["s-1"]["batchgate.response.bytes"] > 0
     assert lines["s-2"]["error.type"] == roots["s-2"].attributes["error.type"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "otlp", "message"),
+    [
+        ("", "http/protobuf", "tracing: otlp needs otlp_endpoint"),
+        ("collector:4318", "http/protobuf", "an http:// or https:// URL"),
+        ("http://collector:4317/v1/traces", "grpc", "otlp_protocol: grpc takes an endpoint without a path"),
+    ],
+)
+def test_an_endpoint_that_cannot_carry_spans_stops_the_start(repo, endpoint, otlp, message):
+    from batchgate.app import Gateway
+    from batchgate.config import ConfigError, load_settings
+
+    flags = {"model_repository": repo, "tracing": "otlp", "otlp_endpoint": endpoint, "otlp_protocol": otlp}
+    with pytest.raises(ConfigError, match=message):
+        Gateway(load_settings(flags=flags, environ={}))
