@@ -88,7 +88,8 @@ class Receiver:
                 receiver._take(request)
                 return ExportTraceServiceResponse()
 
-        self.grpc_server = grpc.server(ThreadPoolExecutor(2))
+        self._pool = ThreadPoolExecutor(2)
+        self.grpc_server = grpc.server(self._pool)
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.grpc_server)
         port = self.grpc_server.add_insecure_port("127.0.0.1:0")
         self.grpc_server.start()
@@ -133,6 +134,7 @@ class Receiver:
     def close(self) -> None:
         if self.grpc_server is not None:
             self.grpc_server.stop(None)
+            self._pool.shutdown(wait=False)
             return
         self.server.shutdown()
         self.server.server_close()

@@ -86,7 +86,7 @@ class Proc:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(10)
-        self._reader.join(5)  # the pipe is at its end once the process is gone
+        self._reader.join(2)  # the pipe is at its end once the process is gone (and any child it left)
         if not self._reader.is_alive():
             self.p.stdout.close()
 

@@ -66,6 +66,7 @@ class Note:
         "bytes_out",
         "answer",
         "tracing",
+        "ended",
     )
 
     def __init__(self) -> None:
@@ -82,6 +83,7 @@ class Note:
         self.bytes_out = 0
         self.answer: Any = None  # a gRPC answer, measured only for a line that is written
         self.tracing: Any = None  # the gateway's tracing (monitoring/tracing.Tracing) when this request is traced
+        self.ended = False  # its span ended and its line decided (a stream's request: once only)
 
 
 class AccessLog:
@@ -229,6 +231,9 @@ class AccessLog:
         return True
 
     def _put(self, fields: dict[str, Any]) -> None:
+        if self._closed:  # a request answered while the gateway stops, after the file was closed
+            self.dropped["error"] = self.dropped.get("error", 0) + 1
+            return
         if self.worker is not None:
             fields["batchgate.worker"] = self.worker
         self._queue.append(orjson.dumps(fields))

@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from random import random
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 log = logging.getLogger("batchgate.tracing")
 
@@ -167,7 +168,11 @@ class Tracing:
         if worker is not None:
             attrs["service.instance.id"] = worker
         self.counts = SpanCounts(queue_size)
-        exporter = _Counting(_exporter(endpoint, protocol, export_timeout_s), self.counts)
+        try:
+            inner = _exporter(endpoint, protocol, export_timeout_s)
+        except Exception as e:  # noqa: BLE001 - e.g. the SDK's OTEL_* settings: said at start, not as a traceback
+            raise ValueError(f"tracing: the OTLP exporter cannot be made: {e}") from None
+        exporter = _Counting(inner, self.counts, redacted(endpoint))
         # The decision is made before a span exists (see the module): the SDK keeps what it is given.
         self.provider = TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
         # (_Counting and _Gate have the SDK's exporter and processor methods; they are not its
@@ -453,8 +458,9 @@ class _Gate:
 class _Counting:
     """The OTLP exporter, counting what it exported and what it failed to."""
 
-    def __init__(self, inner: Any, counts: SpanCounts):
-        self.inner, self.counts = inner, counts
+    def __init__(self, inner: Any, counts: SpanCounts, endpoint: str = ""):
+        self.inner, self.counts, self.endpoint = inner, counts, endpoint
+        self._said = False
 
     def export(self, spans: Sequence[Any]) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
@@ -464,6 +470,13 @@ class _Counting:
         except Exception as e:  # noqa: BLE001 - an exporter's failure is counted, never raised into the SDK
             log.debug("span export failed: %s", e)
             result = SpanExportResult.FAILURE
+        if result != SpanExportResult.SUCCESS and not self._said:  # (the SDK's own warnings are silenced)
+            self._said = True
+            log.warning(
+                "spans could not be exported to %s (a collector down, a TLS or address mistake?); "
+                'counted from now on in batchgate_trace_spans_total{outcome="failed"}',
+                self.endpoint,
+            )
         c = self.counts
         with c.lock:
             c.queued -= len(spans)
@@ -493,22 +506,42 @@ def _exporter(endpoint: str, protocol: str, timeout_s: float) -> Any:
     return OTLPSpanExporter(endpoint=url, timeout=timeout_s)
 
 
+def redacted(url: str) -> str:
+    """``url`` as it may be quoted in a message or a log line: without credentials, cut short."""
+    return re.sub(r"//[^/@\s]*@", "//***@", url)[:96]
+
+
+def checked_endpoint(url: str, protocol: str) -> str:
+    """The collector's address as the exporter takes it, or ValueError naming what is wrong: an
+    http:// or https:// URL with a host, no credentials, query or fragment; over gRPC no path,
+    and port 4317 when none is given (gRPC would dial 443)."""
+    example = "http://collector:4317 with otlp_protocol: grpc" if protocol == "grpc" else "http://collector:4318"
+    if not url:
+        raise ValueError(f"tracing: otlp needs otlp_endpoint, an http:// or https:// URL (e.g. {example})")
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        u, port = None, None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname or any(c.isspace() for c in url):
+        raise ValueError(
+            f"otlp_endpoint must be an http:// or https:// URL with a host (e.g. {example}), not '{redacted(url)}'"
+        )
+    if u.username is not None or u.password is not None or u.query or u.fragment:
+        raise ValueError(f"otlp_endpoint takes no credentials, query or fragment: '{redacted(url)}'")
+    if protocol != "grpc":
+        return url
+    if u.path not in ("", "/"):
+        raise ValueError(f"otlp_protocol: grpc takes an endpoint without a path ({example}), not '{redacted(url)}'")
+    return f"{u.scheme}://{u.netloc}" if port is not None else f"{u.scheme}://{u.netloc}:4317"
+
+
 def open_tracing(settings: Any, worker: str | None = None) -> Tracing | None:
     """The tracing the settings ask for (None: off). ``settings``: the observability section."""
     if settings.tracing == "off":
         return None
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", settings.otlp_endpoint):
-        raise ValueError(
-            f"tracing: otlp needs otlp_endpoint, an http:// or https:// URL (e.g. http://collector:4318, or "
-            f"http://collector:4317 with otlp_protocol: grpc), not '{settings.otlp_endpoint[:64]}'"
-        )
-    if settings.otlp_protocol == "grpc" and not re.fullmatch(r"https?://[^\s/]+/?", settings.otlp_endpoint):
-        raise ValueError(
-            f"otlp_protocol: grpc takes an endpoint without a path (http://collector:4317), "
-            f"not '{settings.otlp_endpoint[:64]}'"
-        )
     return Tracing(
-        settings.otlp_endpoint,
+        checked_endpoint(settings.otlp_endpoint, settings.otlp_protocol),
         settings.trace_sample_ratio,
         settings.service_name,
         settings.trace_queue_spans,

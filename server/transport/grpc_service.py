@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import grpc
 from google.protobuf import json_format
@@ -312,6 +313,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _noted(self, note: Note, status: str, context, method: str) -> None:
         """End an answered request's span and write its access line, when wanted."""
+        note.ended = True
         if note.span is not None:
             note.tracing.finish(note.span, note, status, note.error)
         alog = self.dp.access_log
@@ -323,15 +325,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
             alog.request(note, "grpc", note.model, status, note.error, who, path=method)
 
-    def _stream_note(self, msg, size: int, headers, context) -> Note:
-        """The note of one request read from a stream (access log, tracing)."""
+    @staticmethod
+    def _stream_note(size: int) -> Note:
+        """The note of one request read from a stream (access log, tracing), made as it is read."""
         note = Note()
         note.bytes_in = size
+        return note
+
+    def _observe(self, note: Note, msg, headers, context) -> None:
+        """Name a stream request's model and id in its note and start its span when it is traced
+        (a span that cannot be started leaves the request untraced, never unanswered)."""
         note.model = msg.model_name
         note.request_id = _request_id(msg, headers)
         if self.dp.tracing is not None:
-            self._trace(note, context)
-        return note
+            try:
+                self._trace(note, context)
+            except Exception as e:  # noqa: BLE001 - tracing must never cost a request its answer
+                note.span = None
+                log.debug("a stream request could not be traced: %s", e)
 
     def _trace(self, note: Note, context) -> None:
         tracing = self.dp.tracing
@@ -421,12 +432,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.dp.count_error("grpc", e)
             await context.abort(GRPC_STATUS[e.code], e.message)
 
-        alog, tracing = self.dp.access_log, self.dp.tracing
+        # Each request of a stream is logged and traced as a unary call is (its parent: the
+        # stream's traceparent, when the call carried one).
+        observed = self.dp.access_log is not None or self.dp.tracing is not None
+        method = "inference.GRPCInferenceService/ModelStreamInfer"
 
-        async def one(msg, size: int):
-            # Each request of a stream is logged and traced as a unary call is (its parent: the
-            # stream's traceparent, when the call carried one).
-            note = None if alog is None and tracing is None else self._stream_note(msg, size, headers, context)
+        def never_ran(note: Note, task: asyncio.Task) -> None:  # cancelled before its first step
+            if task.cancelled() and not note.ended:
+                note.error = "CANCELLED"
+                self._noted(note, "CANCELLED", context, method)
+
+        async def one(msg, note: Note | None):
             status = "CANCELLED"  # unless answered: the stream went away first
             try:
                 served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
@@ -471,7 +487,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if note is not None:
                     if status == "CANCELLED":
                         note.error = "CANCELLED"
-                    self._noted(note, status, context, "inference.GRPCInferenceService/ModelStreamInfer")
+                    self._noted(note, status, context, method)
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,
@@ -488,15 +504,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         slots.release()
                         break
                     count += 1
+                    note = self._stream_note(len(raw)) if observed else None
                     try:
                         msg = _parse(raw)
                     except GatewayError as e:  # framing is intact: answer this one, read on
                         self.dp.count_error("grpc", e)
                         out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
+                        if note is not None:
+                            note.error = e.code.value
+                            self._noted(note, GRPC_STATUS[e.code].name, context, method)
                         continue
-                    t = asyncio.ensure_future(one(msg, len(raw)))
+                    if note is not None:
+                        self._observe(note, msg, headers, context)
+                    t = asyncio.ensure_future(one(msg, note))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
+                    if note is not None:
+                        t.add_done_callback(partial(never_ran, note))
             except Exception as e:  # the client's side of the stream broke: answer what was read, then fail
                 read_error.append(e)
             finally:

@@ -309,6 +309,7 @@ def test_each_request_of_a_grpc_stream_is_traced_and_logged(repo, serve, receive
         client.async_stream_infer(model, [inp], request_id=rid)
     assert done.wait(20), answers
     client.stop_stream()
+    client.close()
     assert sum(error is not None for _, error in answers) == 1
 
     spans = receiver.wait(
@@ -323,7 +324,7 @@ def test_each_request_of_a_grpc_stream_is_traced_and_logged(repo, serve, receive
         assert any(s.name == "clf" and s.parent_id == roots[rid].span_id for s in spans)
 
     end = time.monotonic() + 5
-    while len(log.read_text().splitlines()) < 3 and time.monotonic() < end:
+    while log.read_text().count("\n") < 3 and time.monotonic() < end:  # (whole lines only)
         time.sleep(0.05)
     lines = {d["batchgate.request.id"]: d for d in map(json.loads, log.read_text().splitlines())}
     assert set(lines) == {"s-1", "s-2", "s-3"}
@@ -341,6 +342,9 @@ def test_each_request_of_a_grpc_stream_is_traced_and_logged(repo, serve, receive
         ("", "http/protobuf", "tracing: otlp needs otlp_endpoint"),
         ("collector:4318", "http/protobuf", "an http:// or https:// URL"),
         ("http://collector:4317/v1/traces", "grpc", "otlp_protocol: grpc takes an endpoint without a path"),
+        ("http://user:s3cret@collector:4317", "grpc", "takes no credentials"),
+        ("http://collector:4318/?token=x", "http/protobuf", "takes no credentials, query or fragment"),
+        ("https://collector:99999", "grpc", "an http:// or https:// URL with a host"),
     ],
 )
 def test_an_endpoint_that_cannot_carry_spans_stops_the_start(repo, endpoint, otlp, message):
@@ -348,5 +352,20 @@ def test_an_endpoint_that_cannot_carry_spans_stops_the_start(repo, endpoint, otl
     from batchgate.config import ConfigError, load_settings
 
     flags = {"model_repository": repo, "tracing": "otlp", "otlp_endpoint": endpoint, "otlp_protocol": otlp}
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as e:
+        Gateway(load_settings(flags=flags, environ={}))
+    assert "s3cret" not in str(e.value)  # a password in the URL is never quoted
+
+
+def test_a_grpc_endpoint_without_a_port_gets_otlps_and_a_bad_sdk_setting_is_a_config_error(repo, monkeypatch):
+    from batchgate.app import Gateway
+    from batchgate.config import ConfigError, load_settings
+    from batchgate.monitoring.tracing import checked_endpoint
+
+    assert checked_endpoint("http://collector", "grpc") == "http://collector:4317"  # (gRPC's own default: 443)
+    assert checked_endpoint("https://[::1]:4317/", "grpc") == "https://[::1]:4317"
+    # the SDK reads its OTEL_* settings as the exporter is made: a wrong one is said at start
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd-not-a-thing")
+    flags = {"model_repository": repo, "tracing": "otlp", "otlp_endpoint": "http://c:4317", "otlp_protocol": "grpc"}
+    with pytest.raises(ConfigError, match="the OTLP exporter cannot be made"):
         Gateway(load_settings(flags=flags, environ={}))
