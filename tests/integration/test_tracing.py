@@ -136,7 +136,7 @@ def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver):
 
 
 @pytest.mark.parametrize("otlp", ["http/protobuf", "grpc"])
-def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve, otlp):
+def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve, otlp, caplog):
     import socket
     import urllib.request
 
@@ -161,6 +161,8 @@ def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve, o
             break
         time.sleep(0.2)
     assert failed and float(failed[0].split()[-1]) == 60, failed  # 3 spans a request, none delivered
+    said = [r for r in caplog.records if "spans could not be exported" in r.getMessage()]
+    assert len(said) == 1 and f"127.0.0.1:{port}" in said[0].getMessage()  # once, then only counted
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
