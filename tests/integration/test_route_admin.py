@@ -89,7 +89,8 @@ def _http(running, method: str, path: str, token: str | None, body: dict | None 
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        with e:  # (it holds the connection)
+            return e.code, json.loads(e.read())
 
 
 def test_grpc_admin_api_with_scopes(keyed):
@@ -165,6 +166,7 @@ def test_http_mirror_speaks_the_same_messages(keyed):
     )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
+    e.value.close()
     assert e.value.code == 400
 
 
