@@ -212,31 +212,34 @@ def test_a_stopped_gateway_closes_its_log_file_even_when_nothing_was_logged(demo
 
 
 def test_a_stream_closed_with_requests_unanswered_logs_each_of_them_once(tmp_path, serve):
-    """Eight requests on a stream to a model that answers one at a time; the client cancels the
-    stream after the first answer: every request has exactly one line, the first OK, those
-    still waiting CANCELLED."""
+    """Eight requests on a stream to a model that answers one at a time (tens of ms each); the
+    client cancels the stream once several are in the server: each request the server read has
+    exactly one line, OK if it was answered, CANCELLED if it was still waiting."""
     from batchgate.demo import _save, slow_model
 
     repo = tmp_path / "repo"
-    _save(slow_model(width=1024, layers=64), str(repo), "slow", config="max_batch_size: 0\n")
+    # batches of 32 rows, each request run alone (no dynamic batching)
+    _save(slow_model(width=1024, layers=64), str(repo), "slow", config="max_batch_size: 32\n")
     log = tmp_path / "access.log"
     running = serve(str(repo), access_log="all", access_log_file=str(log))
     client = grpcclient.InferenceServerClient(running.grpc_url)
-    first = threading.Event()
-    client.start_stream(lambda result, error: first.set())
-    x = np.ones((1, 1024), np.float32)
+    client.start_stream(lambda result, error: None)
+    x = np.ones((32, 1024), np.float32)
     for i in range(8):
-        inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+        inp = grpcclient.InferInput("input", [32, 1024], "FP32")
         inp.set_data_from_numpy(x)
         client.async_stream_infer("slow", [inp], request_id=f"c-{i}")
-    assert first.wait(30)
+    end = time.monotonic() + 30
+    while running.gateway.dataplane.in_flight < 5 and time.monotonic() < end:
+        time.sleep(0.005)
+    assert running.gateway.dataplane.in_flight >= 5
     client.stop_stream(cancel_requests=True)
     client.close()
-    _lines(log, at_least=8)
-    time.sleep(0.3)  # a second line for one request would come now
+    _lines(log, at_least=5)
+    time.sleep(0.5)  # a second line for one request, or the lines of the rest, would come now
     lines = _lines(log)
     ids = [d["batchgate.request.id"] for d in lines]
-    assert sorted(ids) == [f"c-{i}" for i in range(8)], ids  # each once
-    status = {d["batchgate.request.id"]: d["rpc.response.status_code"] for d in lines}
-    assert status["c-0"] == "OK" and "CANCELLED" in status.values(), status
+    assert len(ids) == len(set(ids)) >= 5 and set(ids) <= {f"c-{i}" for i in range(8)}, ids  # each once
+    status = [d["rpc.response.status_code"] for d in lines]
+    assert "CANCELLED" in status and set(status) <= {"OK", "CANCELLED"}, status
     assert all(d["error.type"] == "CANCELLED" for d in lines if d["rpc.response.status_code"] == "CANCELLED")
