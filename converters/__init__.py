@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 
 from .pipeline import Check, Job, Result, Tolerance, run
 from .spec import ConversionError, InputSpec
@@ -34,45 +35,22 @@ def _specs(inputs, batched: bool) -> list[InputSpec]:
     return specs
 
 
-def _job(
-    specs,
-    outputs,
-    reference,
-    repository,
-    name,
-    version,
-    batched,
-    max_batch_size,
-    samples,
-    tolerance,
-    optimize,
-    fp16,
-    gpu,
-    force,
-    source,
-    record,
-    exact=frozenset(),
-) -> Job:
+def _job(specs, outputs, repository, name, version, batched, max_batch_size, gpu, force) -> Job:
+    """Where and how a conversion is written, before the model is exported (the reference, the
+    checks and the record are added with ``dataclasses.replace`` once they are known)."""
     if batched and max_batch_size < 1:
         raise ConversionError("--max-batch-size must be at least 1 (or convert with --no-batch)")
     return Job(
         specs=specs,
         output_names=outputs,
-        reference=reference,
+        reference=None,
         repository=repository,
         name=name,
         version=version,
         batched=batched,
         max_batch_size=max_batch_size,
-        gpu=gpu or fp16 is not None,
+        gpu=gpu,
         force=force,
-        samples=samples,
-        tolerance=tolerance,
-        optimize=optimize,
-        fp16=fp16,
-        exact=exact,
-        source=source,
-        record=record,
     )
 
 
@@ -112,24 +90,8 @@ def convert_torch(
     names = tm.output_names(module, specs, list(outputs))
     torch = tm._torch()
     # Refuse an existing version before the (slow) export.
-    probe = _job(
-        specs,
-        names,
-        None,
-        repository,
-        name,
-        version,
-        batched,
-        max_batch_size,
-        samples,
-        tolerance,
-        optimize,
-        fp16,
-        gpu,
-        force,
-        "",
-        {},
-    )
+    probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
+    probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
     from .pipeline import destination
 
     destination(probe)
@@ -153,25 +115,7 @@ def convert_torch(
         "torch": torch.__version__,
         "exporter_fallback_after": failed or None,
     }
-    job = _job(
-        specs,
-        names,
-        tm.reference(module, specs),
-        repository,
-        name,
-        version,
-        batched,
-        max_batch_size,
-        samples,
-        tolerance,
-        optimize,
-        fp16,
-        gpu,
-        force,
-        source,
-        record,
-    )
-    return run(onx, job, progress)
+    return run(onx, replace(probe, reference=tm.reference(module, specs), source=source, record=record), progress)
 
 
 def convert_sklearn(
@@ -207,24 +151,8 @@ def convert_sklearn(
         label, model = model, sm.load(model)
     else:
         label = type(model).__name__
-    probe = _job(
-        specs,
-        [],
-        None,
-        repository,
-        name,
-        version,
-        batched,
-        max_batch_size,
-        samples,
-        tolerance,
-        optimize,
-        fp16,
-        gpu,
-        force,
-        "",
-        {},
-    )
+    probe = _job(specs, [], repository, name, version, batched, max_batch_size, gpu, force)
+    probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
     destination(probe)
     # The outputs are known once skl2onnx has converted the model (in memory); run() checks them.
     require_fit(probe, shared_config(probe), spec_tensors(specs, batched))
@@ -243,24 +171,13 @@ def convert_sklearn(
         "sklearn": sklearn.__version__,
         "skl2onnx": skl2onnx.__version__,
     }
-    job = _job(
-        specs,
-        names,
-        sm.reference(model, specs, names),
-        repository,
-        name,
-        version,
-        batched,
-        max_batch_size,
-        samples,
-        tolerance,
-        optimize,
-        fp16,
-        gpu,
-        force,
-        source,
-        record,
-        exact=frozenset(names[:1]) if len(names) == 2 else frozenset(),
+    job = replace(
+        probe,
+        output_names=names,
+        reference=sm.reference(model, specs, names),
+        source=source,
+        record=record,
+        exact=frozenset(names[:1]) if len(names) == 2 else frozenset(),  # a classifier's labels
     )
     return run(onx, job, progress)
 

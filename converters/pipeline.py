@@ -81,7 +81,7 @@ class Job:
 
     specs: list[InputSpec]
     output_names: list[str]
-    reference: Reference
+    reference: Reference | None  # the original model's outputs; None only before the export (a probe)
     repository: str
     name: str
     version: int = 1
@@ -310,8 +310,10 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         require_fit(job, shared, *signature(model, job))
     inputs = cases(job)
     progress(f"running the original model on {len(inputs)} input sets")
+    reference = job.reference
+    assert reference is not None, "a job is run with the original model's reference"
     try:
-        expected = [job.reference(feeds) for feeds in inputs]
+        expected = [reference(feeds) for feeds in inputs]
     except ConversionError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the model raises, say which input it was
