@@ -4,7 +4,7 @@ One model, the demo ``simple`` (two [1, 16] INT32 inputs added and subtracted: n
 time, so the gateway's own cost per request is all there is to measure: the worst case for any
 per-request overhead), served by one ``batchgate serve`` process pinned to one core, driven by the
 load tool pinned to the other, at the same closed-loop load. Setups, each started afresh per
-round, in turn within a round (``--kind``):
+round, in turn within a round, every other round in reverse order (ABBA) (``--kind``):
 
     access (bench/observability.py)     off (the baseline) | access log sampled (the default) | all
     tracing (bench/tracing.py)          tracing off (the baseline; the access log at its default) |
@@ -181,7 +181,7 @@ def tracing_cost(sink: str, n: int) -> dict:
     from batchgate.monitoring.access_log import Note
     from batchgate.monitoring.tracing import Tracing, batch_trace
 
-    tracing = Tracing(sink, 0.001, "bench", queue_size=10**6)
+    tracing = Tracing(sink, 0.001, "bench", queue_size=10**6, max_per_s=10**9)  # (no throttle here)
     start = time.perf_counter()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -418,7 +418,9 @@ def main(argv=None) -> int:
         total = args.rounds * len(plan)
         for i in range(args.rounds):
             result = {}
-            order = plan if i % 2 == 0 else plan[:1] + plan[:0:-1]  # the baseline first, the rest in turn
+            # ABBA: every other round runs the set-ups in reverse, the baseline last, so a run's place in
+            # its round (the machine warming up or slowing down) weighs on each set-up alike
+            order = plan if i % 2 == 0 else plan[::-1]
             for j, (name, extra) in enumerate(order):
                 done = i * len(plan) + j
                 eta = "" if not done else f", about {(time.monotonic() - t0) / done * (total - done):.0f} s left"
