@@ -74,7 +74,11 @@ def payload() -> tuple[bytes, bytes]:
 def setups(tmp: Path, kind: str, sink: str) -> list[tuple[str, list[str]]]:
     if kind == "tracing":
         otlp = ["--tracing", "otlp", "--otlp-endpoint", sink, "--trace-sample-ratio"]
-        return [("tracing off", []), ("tracing 0.001", [*otlp, "0.001"]), ("tracing 1.0", [*otlp, "1.0"])]
+        return [
+            ("tracing off", []),
+            ("tracing 0.001", [*otlp, "0.001"]),
+            ("tracing 1.0", [*otlp, "1.0", "--trace-max-per-s", "1000000"]),
+        ]
     return [
         ("off", ["--access-log", "off"]),
         ("access log sampled", []),
