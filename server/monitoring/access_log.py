@@ -66,7 +66,6 @@ class Note:
         "bytes_out",
         "answer",
         "tracing",
-        "ended",
     )
 
     def __init__(self) -> None:
@@ -83,7 +82,6 @@ class Note:
         self.bytes_out = 0
         self.answer: Any = None  # a gRPC answer, measured only for a line that is written
         self.tracing: Any = None  # the gateway's tracing (monitoring/tracing.Tracing) when this request is traced
-        self.ended = False  # its span ended and its line decided (a stream's request: once only)
 
 
 class AccessLog:

@@ -311,26 +311,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             self._noted(note, status, context, "inference.GRPCInferenceService/ModelInfer")
 
-    def _noted(self, note: Note, status: str, context, method: str) -> None:
-        """End an answered request's span and write its access line, when wanted."""
-        note.ended = True
+    def _noted(self, note: Note, status: str, context, method: str, who=None) -> None:
+        """End an answered request's span and write its access line, when wanted. ``who``: the
+        caller's address and key id, when they were read before (a stream's requests may end
+        after the call: its context must not be read then)."""
         if note.span is not None:
             note.tracing.finish(note.span, note, status, note.error)
         alog = self.dp.access_log
         if alog is not None:
+            alog.request(note, "grpc", note.model, status, note.error, who or (lambda: self._who(context)), path=method)
 
-            def who() -> tuple[str, str | None]:
-                caller = caller_of(context)
-                return caller.peer, self.dp.key_id(caller)
-
-            alog.request(note, "grpc", note.model, status, note.error, who, path=method)
-
-    @staticmethod
-    def _stream_note(size: int) -> Note:
-        """The note of one request read from a stream (access log, tracing), made as it is read."""
-        note = Note()
-        note.bytes_in = size
-        return note
+    def _who(self, context) -> tuple[str, str | None]:
+        """The caller's address and key id (read only for a line that is written)."""
+        caller = caller_of(context)
+        return caller.peer, self.dp.key_id(caller)
 
     def _observe(self, note: Note, msg, headers, context) -> None:
         """Name a stream request's model and id in its note and start its span when it is traced
@@ -436,14 +430,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # stream's traceparent, when the call carried one).
         observed = self.dp.access_log is not None or self.dp.tracing is not None
         method = "inference.GRPCInferenceService/ModelStreamInfer"
+        # read once, while the call is alive: a request's line may be written after it ended
+        # (gRPC's auth context read then crashes the process)
+        ident = self._who(context) if self.dp.access_log is not None else ("", None)
 
-        def never_ran(note: Note, task: asyncio.Task) -> None:  # cancelled before its first step
-            if task.cancelled() and not note.ended:
-                note.error = "CANCELLED"
-                self._noted(note, "CANCELLED", context, method)
+        def finished(note: Note, task: asyncio.Task) -> None:
+            # (here, not in ``one``: a task cancelled before its first step never runs its body)
+            if task.cancelled():  # the stream went away before the answer
+                status = note.error = "CANCELLED"
+            else:
+                status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "OK"
+            self._noted(note, status, context, method, lambda: ident)
 
         async def one(msg, note: Note | None):
-            status = "CANCELLED"  # unless answered: the stream went away first
             try:
                 served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
                 if note is not None and note.span is not None:
@@ -459,13 +458,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     note.answer, note.version = answer, resp.model_version
                     if resp.parameters:
                         note.variant = str(resp.parameters.get("variant", ""))
-                status = "OK"
                 await out.put(pb.ModelStreamInferResponse(infer_response=answer))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):
                     log.exception("stream request to model '%s' failed", msg.model_name[:128])
                     e = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
-                status = GRPC_STATUS[e.code].name
                 if note is not None:
                     note.error = e.code.value
                 rid = _request_id(msg, headers)
@@ -483,11 +480,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         ),
                     )
                 )
-            finally:
-                if note is not None:
-                    if status == "CANCELLED":
-                        note.error = "CANCELLED"
-                    self._noted(note, status, context, method)
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,
@@ -504,7 +496,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         slots.release()
                         break
                     count += 1
-                    note = self._stream_note(len(raw)) if observed else None
+                    note = Note() if observed else None
+                    if note is not None:
+                        note.bytes_in = len(raw)
                     try:
                         msg = _parse(raw)
                     except GatewayError as e:  # framing is intact: answer this one, read on
@@ -512,7 +506,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
                         if note is not None:
                             note.error = e.code.value
-                            self._noted(note, GRPC_STATUS[e.code].name, context, method)
+                            self._noted(note, GRPC_STATUS[e.code].name, context, method, lambda: ident)
                         continue
                     if note is not None:
                         self._observe(note, msg, headers, context)
@@ -520,7 +514,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     pending.add(t)
                     t.add_done_callback(pending.discard)
                     if note is not None:
-                        t.add_done_callback(partial(never_ran, note))
+                        t.add_done_callback(partial(finished, note))
             except Exception as e:  # the client's side of the stream broke: answer what was read, then fail
                 read_error.append(e)
             finally:
