@@ -144,7 +144,7 @@ class AccessLog:
         try:
             self._request(*args, **kw)
         except Exception as e:  # noqa: BLE001 - the access log must never fail a request
-            self.dropped["error"] = self.dropped.get("error", 0) + 1
+            self.dropped["error"] += 1
             if not self._failed_once:
                 self._failed_once = True
                 log.error("an access log line could not be made (counted from now on): %s", e)
@@ -230,7 +230,7 @@ class AccessLog:
 
     def _put(self, fields: dict[str, Any]) -> None:
         if self._closed:  # a request answered while the gateway stops, after the file was closed
-            self.dropped["error"] = self.dropped.get("error", 0) + 1
+            self.dropped["error"] += 1
             return
         if self.worker is not None:
             fields["batchgate.worker"] = self.worker
@@ -277,7 +277,7 @@ class AccessLog:
             self._thread.join(5)
             if self._thread.is_alive():  # a stuck write (a full pipe): leave the file to it
                 return
-        if self.path and self._out is not None:  # opened at start, written to or not
+        if self._out is not None:  # the file opened at start, written to or not
             self._out.close()
 
 
