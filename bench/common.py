@@ -84,13 +84,21 @@ def serve_command(repo: str, *extra: str) -> list[str]:
 class Server:
     """A server process whose stderr goes to a log file that is watched for its ready line."""
 
-    def __init__(self, name: str, cmd: list[str], ready: re.Pattern, log_path: Path):
+    def __init__(self, name: str, cmd: list[str], ready: re.Pattern, log_path: Path, own_session: bool = False):
+        """``own_session``: start it in a session of its own, so that (with the kernel's autogroup
+        scheduling) all its threads together get an equal share of a core it shares with another
+        such server (see :func:`corun`)."""
         self.name = name
         self.cmd = cmd
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - the server writes it until stop() closes it
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(HERE.parent)
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(HERE.parent),
+            start_new_session=own_session,
         )
         self.match = self._wait_ready(ready)
 
@@ -124,6 +132,48 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def autogroup_note() -> str:
+    """Whether the kernel shares a core between sessions (autogroup) rather than between threads."""
+    try:
+        on = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        on = False
+    return "autogroup on" if on else "autogroup OFF: a server's share of the core follows its thread count"
+
+
+def corun(drives: list) -> list:
+    """Run every ``drive()`` at once, each in a thread of its own, started together; their results
+    in order (the first exception, if any, is raised once all have ended).
+
+    The co-run method: two servers pinned to the same core, each in its own session (see
+    :class:`Server`), each driven by its own load tool on the other core over the same window. The
+    kernel gives each server half the core, so their throughputs compare their costs a request,
+    and whatever slows the machine during the window (steal, other tenants, frequency) slows both
+    alike: a ratio within one co-run is far steadier than one between runs taken one after the
+    other. Measure the method with a control pair (the same set-up twice)."""
+    import threading
+
+    results: list = [None] * len(drives)
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(drives))
+
+    def one(i: int) -> None:
+        try:
+            go.wait()
+            results[i] = drives[i]()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(drives))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def core_jiffies(cores: list[str]) -> dict[str, tuple[int, int]]:

@@ -2,9 +2,17 @@
 
 One model, the demo ``simple`` (two [1, 16] INT32 inputs added and subtracted: next to no model
 time, so the gateway's own cost per request is all there is to measure: the worst case for any
-per-request overhead), served by one ``batchgate serve`` process pinned to one core, driven by the
-load tool pinned to the other, at the same closed-loop load. Setups, each started afresh per
-round, in turn within a round, every other round in reverse order (ABBA) (``--kind``):
+per-request overhead), served by ``batchgate serve`` processes pinned to one core, driven by the load tool pinned to
+the other, at the same closed-loop load.
+
+Co-run mode (the default): in each round, every set-up runs beside the baseline, both servers on
+the server core at once (each in its own session, so the kernel gives each half the core), each
+driven by its own load tool over the same window (bench/common.corun): the ratio of their
+throughputs compares their costs a request, and what slows this shared machine during the window
+slows both alike. The baseline beside itself (``(control)``) measures the method's own error.
+Sequential mode (``--mode sequential``): one set-up at a time, ratios between runs of a round.
+Either way each server is started afresh per pair or run, every other round in reverse order (ABBA,
+and in co-run mode the pair's order flips too). Set-ups (``--kind``):
 
     access (bench/observability.py)     off (the baseline) | access log sampled (the default) | all
     tracing (bench/tracing.py)          tracing off (the baseline; the access log at its default) |
@@ -13,14 +21,14 @@ round, in turn within a round, every other round in reverse order (ABBA) (``--ki
 
 Load: gRPC with ``h2load`` (pre-framed requests, one per stream, C connections), then HTTP/JSON
 with ``wrk`` (C connections). Reported per (protocol, setup): successful req/s (median of the
-rounds), the ratio to the baseline in the same round (median of the rounds' ratios), p50 / p99, the
+rounds), the ratio to the baseline (median of the rounds' ratios), p50 / p99, the
 server's CPU per request and its ratio to the baseline (steadier than req/s on a noisy machine),
 and the access log lines and spans exported. Then the per-request cost measured in-process. A run
 counts only if the load tool saw no error and no non-2xx status; else the exit status is 1.
 
-    python bench/observability.py            # ~5 minutes: 5 rounds of 8 s runs
+    python bench/observability.py            # ~8 minutes: 6 rounds of 6 s co-runs
     python bench/tracing.py                  # the same for tracing
-    python bench/observability.py --quick    # ~30 s smoke run
+    python bench/observability.py --quick    # ~1 minute smoke run
 
 Writes bench/results/<kind>.json and .md (observability or tracing) and docs/bench-<kind>.png.
 """
@@ -41,7 +49,9 @@ import numpy as np
 from common import (
     BATCHGATE_READY,
     Server,
+    autogroup_note,
     choose_pinning,
+    corun,
     cpu_model,
     finite,
     grpc_frame,
@@ -127,49 +137,111 @@ def series(text: str, prefix: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
 
 
-def measure(name: str, extra: list[str], repo: str, args, pin, frame: Path, body: Path, tmp: Path) -> dict:
-    """One setup, one round: start, check, drive gRPC then HTTP, read its figures, stop."""
+def start(name: str, extra: list[str], repo: str, pin, frame: Path, tmp: Path, own_session: bool = False) -> Server:
+    """One set-up's server, started and checked (the exact bytes h2load sends are answered)."""
     cmd = [*pin.server, *serve_command(repo, "--infer-threads", "1", *extra)]
-    server = Server(name, cmd, BATCHGATE_READY, tmp / f"{name.replace(' ', '_')}.log")
+    slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+    server = Server(name, cmd, BATCHGATE_READY, tmp / f"{slug}.log", own_session=own_session)
+    try:
+        grpc_infer_raw(int(server.match.group("grpc")), frame.read_bytes()[5:])
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def drive(server: Server, proto: str, args, pin, frame: Path, body: Path, tmp: Path) -> dict:
+    """Load ``server`` over ``proto`` for a run; its figures (req/s, latency, CPU a request, the
+    access log lines and spans it counted meanwhile)."""
+    grpc_port, http_port, metrics_port = (int(server.match.group(k)) for k in ("grpc", "http", "metrics"))
+    text0 = scrape(metrics_port)
+    lines0 = series(text0, "batchgate_access_log_lines_total")
+    spans0 = series(text0, 'batchgate_trace_spans_total{outcome="exported"}')
+    cpu0 = server.cpu_seconds()
+    if proto == "grpc":
+        log = tmp / f"h2load-{server.proc.pid}.log"
+        r = h2load(pin, grpc_port, frame, args.connections, 1, args.duration, log)
+    else:
+        r = wrk(pin, http_port, f"/v2/models/{MODEL}/infer", body, args.connections, args.duration)
+    cpu1 = server.cpu_seconds()
+    time.sleep(1.2)  # the span exporter sends about once a second
+    text1 = scrape(metrics_port)
+    lines = float(series(text1, "batchgate_access_log_lines_total") - lines0)
+    spans = float(series(text1, 'batchgate_trace_spans_total{outcome="exported"}') - spans0)
+    problems = []
+    if r["errors"] or r["non_2xx"]:
+        problems.append(f"load tool saw {r['errors']} errors and {r['non_2xx']} non-2xx")
+    return {
+        "req_s": r["ok"] / r["elapsed_s"],
+        "p50_us": r["latency_us"]["p50"],
+        "p99_us": r["latency_us"]["p99"],
+        "server_cpu_us_per_req": (cpu1 - cpu0) / max(1, r["ok"]) * 1e6,
+        "log_lines": lines,
+        "spans": spans,
+        "valid": not problems,
+        "problems": problems,
+    }
+
+
+def shown(name: str, proto: str, m: dict, ratio: float | None = None) -> None:
+    say(
+        f"  {name:22s} {proto:4s} {m['req_s']:8.0f} req/s  p99 {m['p99_us'] / 1000:6.2f} ms"
+        f"  {m['log_lines']:8.0f} log lines  {m['spans']:8.0f} spans"
+        + ("" if ratio is None else f"  ratio {ratio:.3f}")
+        + (f"  INVALID: {'; '.join(m['problems'])}" if m["problems"] else "")
+    )
+
+
+def measure(name: str, extra: list[str], repo: str, args, pin, frame: Path, body: Path, tmp: Path) -> dict:
+    """One set-up, one round on its own (sequential mode): start, drive gRPC then HTTP, stop."""
+    server = start(name, extra, repo, pin, frame, tmp)
     out: dict = {}
     try:
-        grpc_port, http_port, metrics_port = (int(server.match.group(k)) for k in ("grpc", "http", "metrics"))
-        grpc_infer_raw(grpc_port, frame.read_bytes()[5:])  # the exact bytes h2load sends answer
         for proto in ("grpc", "http"):
-            text0 = scrape(metrics_port)
-            lines0 = series(text0, "batchgate_access_log_lines_total")
-            spans0 = series(text0, 'batchgate_trace_spans_total{outcome="exported"}')
-            cpu0 = server.cpu_seconds()
-            if proto == "grpc":
-                r = h2load(pin, grpc_port, frame, args.connections, 1, args.duration, tmp / "h2load.log")
-            else:
-                r = wrk(pin, http_port, f"/v2/models/{MODEL}/infer", body, args.connections, args.duration)
-            cpu1 = server.cpu_seconds()
-            time.sleep(1.2)  # the span exporter sends about once a second
-            text1 = scrape(metrics_port)
-            lines = float(series(text1, "batchgate_access_log_lines_total") - lines0)
-            spans = float(series(text1, 'batchgate_trace_spans_total{outcome="exported"}') - spans0)
-            problems = []
-            if r["errors"] or r["non_2xx"]:
-                problems.append(f"load tool saw {r['errors']} errors and {r['non_2xx']} non-2xx")
-            out[proto] = {
-                "req_s": r["ok"] / r["elapsed_s"],
-                "p50_us": r["latency_us"]["p50"],
-                "p99_us": r["latency_us"]["p99"],
-                "server_cpu_us_per_req": (cpu1 - cpu0) / max(1, r["ok"]) * 1e6,
-                "log_lines": lines,
-                "spans": spans,
-                "valid": not problems,
-                "problems": problems,
-            }
-            say(
-                f"  {name:20s} {proto:4s} {out[proto]['req_s']:8.0f} req/s  p99 {out[proto]['p99_us'] / 1000:6.2f} ms"
-                f"  {lines:8.0f} log lines  {spans:8.0f} spans"
-                + (f"  INVALID: {'; '.join(problems)}" if problems else "")
-            )
+            out[proto] = drive(server, proto, args, pin, frame, body, tmp)
+            shown(name, proto, out[proto])
         return out
     finally:
         server.stop()
+
+
+def measure_pair(
+    base: tuple[str, list[str]], other: tuple[str, list[str]], flip: bool, repo: str, args, pin, frame, body, tmp
+) -> dict:
+    """The baseline and one set-up co-run on the server core (common.corun), gRPC then HTTP: both
+    figures and their ratios from the same window. ``flip``: start and drive the other first (a
+    server's place in the pair must not favour it; rounds alternate)."""
+    names = [f"{base[0]} (pair)", other[0]]
+    plan = [(names[0], base[1]), (names[1], other[1])]
+    if flip:
+        plan.reverse()
+    servers: dict[str, Server] = {}
+    try:
+        for name, extra in plan:
+            servers[name] = start(name, extra, repo, pin, frame, tmp, own_session=True)
+        out: dict = {}
+        for proto in ("grpc", "http"):
+            order = [n for n, _ in plan]
+            got = dict(
+                zip(
+                    order,
+                    corun([lambda n=n, p=proto: drive(servers[n], p, args, pin, frame, body, tmp) for n in order]),
+                )
+            )
+            b, o = got[names[0]], got[names[1]]
+            out[proto] = {
+                **o,
+                "base": b,
+                "ratio": o["req_s"] / b["req_s"],
+                "cpu_ratio": o["server_cpu_us_per_req"] / b["server_cpu_us_per_req"],
+                "valid": o["valid"] and b["valid"],
+            }
+            shown(names[0], proto, b)
+            shown(names[1], proto, o, out[proto]["ratio"])
+        return out
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def per_request_cost(kind: str, sink: str, n: int = 200_000) -> dict:
@@ -283,27 +355,43 @@ def access_cost(n: int = 200_000) -> dict:
     return got
 
 
-def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict:
+def summarize(rounds: list[dict[str, dict]], names: list[str], corun_mode: bool = False) -> dict:
+    """Medians over the rounds. Sequential mode: ratios against the first set-up's run in the same
+    round. Co-run mode: each set-up carries its own ratio against the baseline it ran beside."""
     summary: dict = {}
     for proto in ("grpc", "http"):
-        base = [r[names[0]][proto]["req_s"] for r in rounds]
         for name in names:
             runs = [r[name][proto] for r in rounds]
             med = {k: statistics.median(x[k] for x in runs) for k in runs[0] if isinstance(runs[0][k], float)}
-            med["ratio"] = statistics.median(x["req_s"] / b for x, b in zip(runs, base))
-            cpu_base = [r[names[0]][proto]["server_cpu_us_per_req"] for r in rounds]
-            med["cpu_ratio"] = statistics.median(x["server_cpu_us_per_req"] / b for x, b in zip(runs, cpu_base))
-            med["ratios"] = [x["req_s"] / b for x, b in zip(runs, base)]
+            if corun_mode:
+                med["ratios"] = [x["ratio"] for x in runs]
+                med["cpu_ratios"] = [x["cpu_ratio"] for x in runs]
+                med["base_req_s"] = statistics.median(x["base"]["req_s"] for x in runs)
+            else:
+                base = [r[names[0]][proto] for r in rounds]
+                med["ratios"] = [x["req_s"] / b["req_s"] for x, b in zip(runs, base)]
+                med["cpu_ratios"] = [
+                    x["server_cpu_us_per_req"] / b["server_cpu_us_per_req"] for x, b in zip(runs, base)
+                ]
+            med["ratio"] = statistics.median(med["ratios"])
+            med["cpu_ratio"] = statistics.median(med["cpu_ratios"])
             med["valid"] = all(x["valid"] for x in runs)
             summary.setdefault(proto, {})[name] = med
     return summary
 
 
 def markdown(summary: dict, names: list[str], args, pin_note: str) -> str:
+    how = (
+        f"co-run: each set-up beside the baseline on the server core over the same window ({autogroup_note()}); "
+        f"ratio = its req/s over the baseline's in that window; `{names[0]}` is the baseline beside itself "
+        "(the method's own error)"
+        if args.mode == "corun"
+        else f"one set-up at a time; ratio = req/s over {names[0]} in the same round"
+    )
     lines = [
         f"{'Tracing' if args.kind == 'tracing' else 'Access log'} cost, {args.rounds} rounds of {args.duration:g} s, "
         f"{args.connections} connections, model {MODEL}, {os.cpu_count()} cores ({cpu_model()}), {pin_note}; "
-        f"medians; ratio = req/s over {names[0]} in the same round",
+        f"medians; {how}",
         "",
         "| protocol | setup | req/s | ratio | ratios by round | p50 ms | p99 ms | server CPU µs/req | CPU ratio "
         "| log lines | spans |",
@@ -386,11 +474,17 @@ def plot(summary: dict, names: list[str], path: Path, subtitle: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds per run")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per run")
+    ap.add_argument("--rounds", type=int, default=6, help="an even number balances the ABBA order")
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s runs")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the load tool to cores")
     ap.add_argument("--kind", choices=("access", "tracing"), default="access", help="what to measure")
+    ap.add_argument(
+        "--mode",
+        choices=("corun", "sequential"),
+        default="corun",
+        help="corun (default): each set-up beside the baseline on one core at once; sequential: one at a time",
+    )
     ap.add_argument("--out", default=str(RESULTS), help="where <kind>.json and .md go")
     ap.add_argument("--plot", default="", help="the plot (docs/bench-observability.png, docs/bench-tracing.png)")
     args = ap.parse_args(argv)
@@ -398,7 +492,7 @@ def parse_args(argv=None):
     args.stem = stem
     args.plot = args.plot or str(HERE.parent / "docs" / f"bench-{stem}.png")
     if args.quick:
-        args.rounds, args.duration = 1, 3.0
+        args.rounds, args.duration = 2 if args.mode == "corun" else 1, 3.0
     return args
 
 
@@ -416,22 +510,29 @@ def main(argv=None) -> int:
         body.write_bytes(json_bytes)
         sink = Sink()
         plan = setups(tmp, args.kind, sink.endpoint)
+        base = plan[0]
+        if args.mode == "corun":  # the baseline beside itself first: the method's own error
+            plan = [(f"{base[0]} (control)", base[1]), *plan[1:]]
         names = [n for n, _ in plan]
         rounds = []
         t0 = time.monotonic()
         total = args.rounds * len(plan)
         for i in range(args.rounds):
             result = {}
-            # ABBA: every other round runs the set-ups in reverse, the baseline last, so a run's place in
-            # its round (the machine warming up or slowing down) weighs on each set-up alike
+            # ABBA: every other round runs the set-ups in reverse, so a run's place in its round (the
+            # machine warming up or slowing down) weighs on each set-up alike; in co-run mode the
+            # pair's order flips too
             order = plan if i % 2 == 0 else plan[::-1]
             for j, (name, extra) in enumerate(order):
                 done = i * len(plan) + j
                 eta = "" if not done else f", about {(time.monotonic() - t0) / done * (total - done):.0f} s left"
                 say(f"round {i + 1}/{args.rounds}: {name} ({done + 1}/{total}{eta})")
-                result[name] = measure(name, extra, repo, args, pin, frame, body, tmp)
+                if args.mode == "corun":
+                    result[name] = measure_pair(base, (name, extra), i % 2 == 1, repo, args, pin, frame, body, tmp)
+                else:
+                    result[name] = measure(name, extra, repo, args, pin, frame, body, tmp)
             rounds.append(result)
-    summary = summarize(rounds, names)
+    summary = summarize(rounds, names, args.mode == "corun")
     say("the access log's own cost per request, in-process")
     summary["per_request"] = per_request_cost(args.kind, sink.endpoint)
     sink.close()

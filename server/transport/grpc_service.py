@@ -66,7 +66,13 @@ def caller_of(context) -> Caller:
 
 def _metadata(context, name: str) -> str | None:
     """One metadata value of the call (the pin and sticky headers of a route)."""
-    for k, v in context.invocation_metadata() or ():
+    return _find(context.invocation_metadata() or (), name)
+
+
+def _find(md, name: str) -> str | None:
+    """One value in the call's metadata as read once (grpc.aio builds the pairs afresh on each
+    ``invocation_metadata()``: a request reads them once and looks up here)."""
+    for k, v in md:
         if k == name:
             return v if isinstance(v, str) else v.decode("latin-1")
     return None
@@ -326,47 +332,47 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         caller = caller_of(context)
         return caller.peer, self.dp.key_id(caller)
 
-    def _observe(self, note: Note, msg, headers, context) -> None:
+    def _observe(self, note: Note, msg, headers, md) -> None:
         """Name a stream request's model and id in its note and start its span when it is traced
         (a span that cannot be started leaves the request untraced, never unanswered)."""
         note.model = msg.model_name
         note.request_id = _request_id(msg, headers)
         if self.dp.tracing is not None:
             try:
-                self._trace(note, context)
+                self._trace(note, md)
             except Exception as e:  # noqa: BLE001 - tracing must never cost a request its answer
                 note.span = None
                 log.debug("a stream request could not be traced: %s", e)
 
-    def _trace(self, note: Note, context) -> None:
+    def _trace(self, note: Note, md) -> None:
+        """Start the request's span when it is traced (``md``: the call's metadata pairs)."""
         tracing = self.dp.tracing
         assert tracing is not None
-        note.span = tracing.begin(
-            note.model, _metadata(context, "traceparent"), _metadata(context, "tracestate"), "grpc", note.start
-        )
+        note.span = tracing.begin(note.model, _find(md, "traceparent"), _find(md, "tracestate"), "grpc", note.start)
         if note.span is not None:
             note.tracing = tracing
 
     async def _model_infer(self, raw: bytes, context, note: Note | None):
         request = headers = None
         dp = self.dp
+        md = context.invocation_metadata() or ()
         try:
             request = _parse(raw)
             if note is not None:
                 note.model = request.model_name
-                note.request_id = request.id or _metadata(context, REQUEST_ID_HEADER) or ""
+                note.request_id = request.id or _find(md, REQUEST_ID_HEADER) or ""
                 if dp.tracing is not None:
-                    self._trace(note, context)
+                    self._trace(note, md)
             caller = caller_of(context) if dp.access.enforcing else OPEN_CALLER
             served = dp.admit(  # before any tensor is decoded
-                request.model_name, request.model_version, caller, lambda name: _metadata(context, name)
+                request.model_name, request.model_version, caller, lambda name: _find(md, name)
             )
             if note is not None and note.span is not None:
                 note.span.add_event("ADMITTED")
             try:
                 forwarded = (  # (batch scoring's requests go the decoded way: counted, never sampled)
                     None
-                    if _metadata(context, OFFLINE_HEADER)
+                    if _find(md, OFFLINE_HEADER)
                     else dp.forward(
                         served,
                         raw,
@@ -377,7 +383,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 )
                 if forwarded is not None:  # a remote model's request, sent on as it came
                     return await forwarded
-                headers = caller_headers(context.invocation_metadata() or (), dp.limits)
+                headers = caller_headers(md, dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
                 places = grpc_codec.output_places(request, shm) if shm is not None and request.outputs else None
                 resp = await dp.infer(served, self._decode(request, context, headers, shm, note))
@@ -420,8 +426,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         pending: set[asyncio.Task] = set()
         read_error: list[BaseException] = []
         caller = self._caller(context)
+        md = context.invocation_metadata() or ()
         try:
-            headers = caller_headers(context.invocation_metadata() or (), self.dp.limits)
+            headers = caller_headers(md, self.dp.limits)
         except GatewayError as e:
             self.dp.count_error("grpc", e)
             await context.abort(GRPC_STATUS[e.code], e.message)
@@ -509,7 +516,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                             self._noted(note, GRPC_STATUS[e.code].name, context, method, lambda: ident)
                         continue
                     if note is not None:
-                        self._observe(note, msg, headers, context)
+                        self._observe(note, msg, headers, md)
                     t = asyncio.ensure_future(one(msg, note))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
