@@ -366,7 +366,7 @@ class LocalExecution:
         or on the loop). A batch of several requests is merged along the batch dimension and
         each caller gets back exactly its own rows."""
         v = self._v
-        trace = batch_trace([t.request for t in batch], v.name, v.version) if tracing.ANY else None
+        trace = batch_trace([t.request for t in batch], v.name, v.version) if tracing.LIVE else None
         try:
             t0 = _perf_ns()
             feeds, names = v.inputs(batch)
@@ -436,7 +436,7 @@ class RemoteExecution:
 
     async def _run(self, batch: list[Ticket]) -> list:
         v = self._v
-        trace = batch_trace([t.request for t in batch], v.name, v.version) if tracing.ANY else None
+        trace = batch_trace([t.request for t in batch], v.name, v.version) if tracing.LIVE else None
         try:
             answers, times = await self._call(batch, trace)
         except BaseException as e:

@@ -31,6 +31,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from random import random
 from typing import Any, cast
@@ -44,7 +45,10 @@ SETTING_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "tr
 MAX_TRACESTATE = 512  # W3C: at most 32 members; a longer header is not carried on
 
 
-ANY = False  # whether this process has ever traced: executions look for traced requests only then
+# The request spans started and not yet ended: a batch execution looks for traced requests among
+# its own only while there are any (most batches hold none: tracing's default ratio is 0.001). Weak:
+# a span whose request never reached finish() (a bug) leaves with its request.
+LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 def traceparent_of(span: Any) -> str:
@@ -185,8 +189,6 @@ class Tracing:
         )
         self.provider.add_span_processor(cast(Any, _Gate(batch, self.counts)))
         self.tracer = self.provider.get_tracer("batchgate", __version__)
-        global ANY
-        ANY = True
         rate = 0 if ratio <= 0 else max(1, round(1 / ratio))
         self.policy = Policy("TIMESTAMPS", rate, -1)
         self.models: dict[str, dict[str, Any]] = {}  # a model's own settings (over the server's)
@@ -257,6 +259,7 @@ class Tracing:
             attributes={"batchgate.model": model[:128], "batchgate.protocol": protocol},
         )
         span.add_event("REQUEST_START", timestamp=t)
+        LIVE.add(span)
         return span
 
     def finish(self, span: Any, note: Any, status: str | int, error: str) -> None:
@@ -279,6 +282,7 @@ class Tracing:
         now = time.time_ns()
         span.add_event("REQUEST_END", timestamp=now)
         span.end(end_time=now)
+        LIVE.discard(span)
 
     # ------------------------------------------------------------------ batches
 
@@ -344,8 +348,8 @@ class Tracing:
 
 def batch_trace(requests: Sequence[Any], model: str, version: str) -> BatchTrace | None:
     """A batch execution's spans, when any of its requests is traced (``requests``: the batch's
-    InferRequests); None otherwise (and at once when this process never traced)."""
-    if not ANY:
+    InferRequests); None otherwise (and at once while no request span is open)."""
+    if not LIVE:
         return None
     roots = []
     tracing = None

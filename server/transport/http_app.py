@@ -26,7 +26,7 @@ from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
 from .http_limits import Verdict
-from .http_scope import DisconnectWatch, MethodNotAllowed, caller_of, file_bytes, header
+from .http_scope import DisconnectWatch, MethodNotAllowed, caller_of, file_bytes, header, trace_headers
 
 if TYPE_CHECKING:
     from ..admin.api import AdminApi
@@ -356,9 +356,7 @@ class HttpApp:
         if tracing is not None:
             assert note is not None
             note.model = model
-            note.span = tracing.begin(
-                model, header(scope, "traceparent"), header(scope, "tracestate"), "http", note.start
-            )
+            note.span = tracing.begin(model, *trace_headers(scope), "http", note.start)
             if note.span is not None:
                 note.tracing = tracing
         try:

@@ -30,6 +30,18 @@ def header(scope, name: str) -> str | None:
     return None
 
 
+def trace_headers(scope) -> tuple[str | None, str | None]:
+    """The request's ``traceparent`` and ``tracestate`` (None when absent), in one pass."""
+    parent = state = None
+    for k, v in scope["headers"]:
+        if k == b"traceparent":
+            if parent is None:
+                parent = v.decode("latin-1")
+        elif k == b"tracestate" and state is None:
+            state = v.decode("latin-1")
+    return parent, state
+
+
 def file_bytes(key: str, value) -> bytes:
     """A ``file:`` load parameter travels base64-encoded in JSON."""
     try:

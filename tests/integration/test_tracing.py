@@ -122,6 +122,27 @@ def test_a_batch_execution_links_every_request_it_served(repo, serve, receiver):
     assert biggest.attributes["batchgate.batch_size"] == len(biggest.links)  # one row each
 
 
+def test_a_batch_of_traced_and_untraced_requests_links_only_the_traced(repo, serve, receiver):
+    from batchgate.monitoring import tracing
+
+    running = _traced(serve, repo, receiver)
+    unsampled = {"traceparent": f"00-{TRACE_ID}-{PARENT}-00"}  # the caller says: not this one
+    threads = [threading.Thread(target=_infer, args=("grpc", running, unsampled if i % 2 else None)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 3)
+    time.sleep(0.3)
+    models = {s.span_id for s in spans if s.name == "clf"}
+    assert len(models) == 3
+    assert sorted(sid for c in spans if c.name == "compute" for _, sid in c.links) == sorted(models)
+    # every request span ended leaves the open set (executions skip the search while it is empty)
+    assert len(tracing.LIVE) == 0
+    _infer("grpc", running, unsampled)
+    assert len(tracing.LIVE) == 0
+
+
 def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver):
     upstream = _traced(serve, repo, receiver, service_name="upstream")
     gateway = _traced(
