@@ -139,7 +139,7 @@ bench-tracing: $(FULL_STAMP) bench-tools
 bench-overload: $(FULL_STAMP) bench-tools
 	$(PY) bench/overload.py
 
-# Routing (bench/routing.py, about 7 minutes): a route's overhead against the model directly, a
+# Routing (bench/routing.py, about 9 minutes): a route's overhead against the model directly, a
 # remote and a local shadow's cost to the primary's p99 at half of capacity, two rollouts
 # (promoted, rolled back) plotted to bench/results/routing.png.
 bench-routing: $(FULL_STAMP) bench-tools

@@ -1,15 +1,21 @@
 """Routing: what a route costs, what a shadow costs its primary, and a rollout over time
-(``make bench-routing``, about 7 minutes).
+(``make bench-routing``, about 9 minutes).
 
 One gateway (pinned to one core; the load on the other) serves the model ``base`` (the demo mlp)
 directly and through routes; a second batchgate process (the "remote" upstream, on the load's
 core) serves the same model as a remote shadow. Phases:
 
-1. overhead: closed-loop gRPC (h2load -c 8 -m 8) to ``base`` and to the route ``plain`` (one
-   variant: ``base``), ``--pairs`` pairs of 2-second runs in ABBA order; OK answers per second
-   from the server's counters; the median of the pairs' ratios. Target: route / direct >= 0.95.
-   Then (1b) the same without any transport: a gateway in this process, requests handed to its
-   data plane, alternating rounds of 10,000 (the route's own cost, free of the load tool's noise).
+1. corun (route overhead): two gateways with the same models and routes on the gateway core at
+   once (each in its own session: half the core each; common.corun), each driven by its own
+   closed-loop gRPC load (h2load -c 8 -m 8), one to ``base``, the other to the route ``plain``
+   (one variant: ``base``), over the same 4-second window; which gateway takes the route flips
+   every round, and a control run (both to ``base``) beside each measures the method's error.
+   OK answers per second from each server's counters; the median of the rounds' ratios. Target:
+   route / direct >= 0.95. (``overhead``, not in the default phases: the older way, one gateway,
+   ``--pairs`` pairs of 2-second runs one after the other in ABBA order, which this machine's
+   minute-to-minute swings drown.) Then (1b) the same without any transport: a gateway in this
+   process, requests handed to its data plane, alternating rounds of 10,000 (the route's own cost,
+   free of the load tool's noise).
 2. remote shadow: the capacity of the route ``remote_shadowed`` (``base`` plus a shadow on the
    remote upstream at 100%), then open-loop gRPC at 50% of it, one client alternating between
    ``plain`` and ``remote_shadowed`` second by second (shuffled); the primary's p99 with the
@@ -45,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import BATCHGATE_READY, BenchError, Server, choose_pinning, dataplane_rounds, grpc_frame, say
+from common import BATCHGATE_READY, BenchError, Server, choose_pinning, corun, dataplane_rounds, grpc_frame, say
 
 HERE = Path(__file__).resolve().parent
 SERVE = [sys.executable, "-m", "batchgate.cli", "serve", "--host", "127.0.0.1"]
@@ -172,13 +178,47 @@ asyncio.run(main())
 
 
 class Gateway(Server):
-    def __init__(self, pin, repo: Path, config: Path, log: Path, name: str = "gateway"):
+    def __init__(self, pin, repo: Path, config: Path, log: Path, name: str = "gateway", own_session: bool = False):
         cmd = [*pin.server, *SERVE, "--model-repository", str(repo), "--config", str(config), *FREE]
         cmd += ["--admin-port", "-1", "--admin-http-port", "0", "--allow-open-admin", "true"]
-        super().__init__(name, cmd, BATCHGATE_READY, log)
+        super().__init__(name, cmd, BATCHGATE_READY, log, own_session=own_session)
         self.grpc_port, self.metrics_port = int(self.match["grpc"]), int(self.match["metrics"])
         m = ADMIN_READY.search(log.read_text())
         self.admin_port = int(m.group(1)) if m else None
+
+
+def corun_phase(pin, repo: Path, out: Path, rounds: int, seconds: float, data_dir: Path) -> dict:
+    """Route / direct by co-running two gateways (see the module's docstring, phase 1)."""
+    cfg = data_dir / "corun.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"routes": [{"name": "plain", "variants": [{"name": "main", "model": "base", "weight": 100}]}]})
+    )
+    for model in ("base", "plain"):
+        (data_dir / f"{model}.bin").write_bytes(grpc_frame(request(model)))
+    gws = [Gateway(pin, repo, cfg, out / f"routing-corun-{i}.log", f"gateway {i}", own_session=True) for i in (0, 1)]
+    ratios, controls, rates = [], [], []
+    try:
+        for i in range(rounds):
+            for what in ("control", "route") if i % 2 == 0 else ("route", "control"):
+                models = ("base", "base") if what == "control" else ("plain", "base") if i % 2 else ("base", "plain")
+                got = corun([lambda g=g, m=m: closed_rate(pin, g, m, seconds, data_dir) for g, m in zip(gws, models)])
+                if what == "control":
+                    controls.append(got[1] / got[0])
+                else:
+                    routed, direct = (got[0], got[1]) if models[0] == "plain" else (got[1], got[0])
+                    ratios.append(routed / direct)
+                    rates.append({"route_per_s": routed, "direct_per_s": direct})
+            say(f"  round {i + 1}/{rounds}: route / direct {ratios[-1]:.3f}, control {controls[-1]:.3f}")
+    finally:
+        for g in gws:
+            g.stop()
+    return {
+        "ratio_per_round": ratios,
+        "ratio": float(np.median(ratios)),
+        "control_per_round": controls,
+        "control": float(np.median(controls)),
+        "rates": rates,
+    }
 
 
 def shadow_rounds(pin, gw: Server, shadowed: str, rounds: int, seconds: float, data_dir: Path) -> dict:
@@ -329,7 +369,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=20, help="pairs of 2-second runs of the overhead phase")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
-    ap.add_argument("--phases", default="overhead,dataplane,remote,local,rollout")
+    ap.add_argument("--corun-rounds", type=int, default=12, help="rounds of the co-run overhead phase")
+    ap.add_argument("--phases", default="corun,dataplane,remote,local,rollout", help="also: overhead")
     ap.add_argument("--_load", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._load:
@@ -366,6 +407,9 @@ def main() -> int:
             out / "routing-upstream.log",
         )
         try:
+            if "corun" in phases:
+                say("phase 1: route overhead, co-run (closed loop, gRPC)")
+                report["corun"] = corun_phase(pin, repo, out, args.corun_rounds, 4, tmp_path)
             cfg = tmp_path / "gateway.yaml"
             one = [{"name": "main", "model": "base", "weight": 100}]
             compare = {"output": "output", "kind": "regression", "atol": 1e-4}
@@ -450,6 +494,10 @@ def main() -> int:
 
 def print_summary(report: dict) -> None:
     rows = []
+    if "corun" in report:
+        c = report["corun"]
+        rows.append(("route / direct throughput, co-run", f"{c['ratio']:.3f}", ">= 0.95"))
+        rows.append(("  control (direct / direct), co-run", f"{c['control']:.3f}", "-"))
     if "overhead" in report:
         o = report["overhead"]
         rows.append(("route / direct throughput", f"{o['ratio']:.3f}", ">= 0.95"))
