@@ -57,11 +57,13 @@ import yaml
 from common import (
     BATCHGATE_READY,
     BenchError,
+    CpuGroup,
     Pinning,
     Server,
     busy_fraction,
     choose_pinning,
     core_jiffies,
+    corun,
     cpu_model,
     dataplane_rounds,
     finite,
@@ -364,6 +366,71 @@ def phase(ctx: Context, setting: str, seconds: int) -> dict:
     }
 
 
+def corun_subject(s: Subject, args, pin: Pinning, tmp: Path, out: Path) -> dict:
+    """Co-run (common.corun): two gateways with the same copies and monitors on the server core at
+    once, each in a session of its own (half the core each), their detectors on the load core; one
+    driven on ``off``, the other on a monitored copy, over the same window, sides flipped every
+    round; a control run beside each (both on ``off``). Per setting: the median of the rounds'
+    throughput ratios."""
+    folder = tmp / f"{s.name}-corun"
+    repo = build_repo(s, folder / "models")
+    cfg = drift_config(s, folder, args.window, args.queue)
+    files = traffic(s, folder)
+    gws: list[Server] = []
+    groups: list[CpuGroup] = []
+    try:
+        for i in (0, 1):
+            cmd = [*pin.server, *serve_command(str(repo), "--config", str(cfg))]
+            gws.append(Server(f"gateway {i}", cmd, BATCHGATE_READY, out / f"drift-corun-{s.name}-{i}.log", True))
+        ports = [(int(g.match["http"]), int(g.match["metrics"])) for g in gws]
+        dets = [find_detector(g, m)["pid"] for g, (_, m) in zip(gws, ports)]
+        if pin.cores:
+            for det in dets:
+                os.sched_setaffinity(det, {int(pin.cores[1])})
+        # each gateway in a cpu cgroup of its own, its detector left out (see common.CpuGroup)
+        groups = [CpuGroup(g.proc.pid, f"gw{i}") for i, g in enumerate(gws)]
+        if not all(g.ok for g in groups):
+            say("no cpu cgroup could be made: the co-run relies on autogroup alone (see common.CpuGroup)")
+        for http, _ in ports:
+            for setting in RATES:
+                wrk_pool(pin, http, served_name(s.name, setting), files, args.connections, args.warmup)
+
+        def run(models: tuple[str, str]) -> list[float]:
+            got = corun(
+                [
+                    lambda h=h, m=m: wrk_pool(pin, h, served_name(s.name, m), files, args.connections, args.seconds)
+                    for (h, _), m in zip(ports, models)
+                ]
+            )
+            for (_, metrics), det, m in zip(ports, dets, models):
+                drain(metrics, det, RATES[m] > 0)
+            return [j["requests"] / (j["duration_us"] / 1e6) for j in got]
+
+        ratios: dict[str, list[float]] = {k: [] for k in RATES}
+        for r in range(args.rounds):
+            for setting in RATES:
+                if setting == "off":  # the control: both on off
+                    a, b = run(("off", "off"))
+                    ratios["off"].append(b / a)
+                    continue
+                if r % 2 == 0:
+                    a, b = run(("off", setting))
+                else:
+                    b, a = run((setting, "off"))
+                ratios[setting].append(b / a)
+            say(
+                f"{s.name} co-run round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k}: {v[-1]:.3f}x" for k, v in ratios.items())
+                + " (off: the control)"
+            )
+    finally:
+        for g in gws:
+            g.stop()
+        for group in groups:
+            group.close()
+    return {k: {"ratios": v, "ratio": float(np.median(v))} for k, v in ratios.items()}
+
+
 def run_subject(s: Subject, args, pin: Pinning, tmp: Path, out: Path) -> dict:
     folder = tmp / s.name
     repo = build_repo(s, folder / "models")
@@ -617,6 +684,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--check", action="store_true", help="exit 1 when the 0.1 target is missed")
+    ap.add_argument("--no-corun", action="store_true", help="skip the co-run phase")
+    ap.add_argument("--corun-only", action="store_true", help="only the co-run phase")
     args = ap.parse_args(argv)
     for k, full, quick in (("rounds", 12, 2), ("seconds", 3, 2), ("warmup", 2, 1), ("dataplane_rounds", 10, 2)):
         if getattr(args, k) is None:
@@ -663,11 +732,29 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="batchgate-drift-") as d:
             for name in args.models:
+                if args.corun_only:
+                    report["models"][name] = {"corun": corun_subject(SUBJECTS[name], args, pin, Path(d), args.out)}
+                    continue
                 report["models"][name] = run_subject(SUBJECTS[name], args, pin, Path(d), args.out)
+                if not args.no_corun:
+                    report["models"][name]["corun"] = corun_subject(SUBJECTS[name], args, pin, Path(d), args.out)
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
         say(f"INVALID: {e}")
         return 1
     report["meta"]["wall_s"] = round(time.monotonic() - started, 1)
+    for name, r in report["models"].items():
+        if "corun" in r:
+            c = r["corun"]
+            say(
+                f"{name} co-run throughput over off (medians): "
+                + ", ".join(
+                    f"{k} {v['ratio']:.3f}x ({min(v['ratios']):.3f}-{max(v['ratios']):.3f})" for k, v in c.items()
+                )
+                + "; off is the control (off beside off)"
+            )
+    if args.corun_only:
+        (args.out / "drift-corun.json").write_text(json.dumps(finite(report), indent=1) + "\n")
+        return 0
     (args.out / "drift.json").write_text(json.dumps(finite(report), indent=1) + "\n")
     try:
         plot(report, args.out / "drift.png")
