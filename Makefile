@@ -145,7 +145,7 @@ bench-overload: $(FULL_STAMP) bench-tools
 bench-routing: $(FULL_STAMP) bench-tools
 	$(PY) bench/routing.py
 
-# Drift monitoring's cost (bench/drift.py, about 9 minutes; --quick about 1): mlp and tiny at off / 0.1 / 1.0,
+# Drift monitoring's cost (bench/drift.py, about 12 minutes; --quick about 1): mlp and tiny at off / 0.1 / 1.0,
 # over HTTP (wrk) and through the data plane in process.
 bench-drift: $(FULL_STAMP) bench-tools
 	$(PY) bench/drift.py

@@ -1,4 +1,4 @@
-"""Drift monitoring: what it costs the gateway (issue 14; ``make bench-drift``, about 5 minutes;
+"""Drift monitoring: what it costs the gateway (issue 14; ``make bench-drift``, about 12 minutes;
 ``--quick``, about a minute).
 
 One gateway per model, pinned to one core (wrk on the other), serves three copies of the model:
@@ -29,6 +29,12 @@ its work off the serving core); ``server`` leaves it where it starts, on the ser
 at nice 5, the worst case: every millisecond it scores is taken from serving (and its cache
 traffic slows the model too), and what it cannot keep up with at 1.0 is dropped. The in-process
 phase always has it on the one core of the measuring process.
+
+Then, per model, the co-run (``--corun-only`` for just it, ``--no-corun`` to skip it): two
+gateways of the same copies and monitors on the server core at once, each in a cpu cgroup of its
+own (common.CpuGroup), their detectors on the load core; one driven on ``off``, the other on a
+monitored copy over the same window, sides flipped every round; a control (both on ``off``) beside
+each. The VM's swings hit both sides alike (see bench/common.corun).
 
 Writes bench/results/drift.json and bench/results/drift.png; exit 1 when a phase could not be
 measured (and, with --check, when the 0.1 target is missed).
