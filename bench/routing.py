@@ -3,7 +3,8 @@
 
 One gateway (pinned to one core; the load on the other) serves the model ``base`` (the demo mlp)
 directly and through routes; a second batchgate process (the "remote" upstream, on the load's
-core) serves the same model as a remote shadow. Phases:
+core under SCHED_IDLE, so it stands for another machine without delaying the load tool) serves
+the same model as a remote shadow. Phases:
 
 1. corun (route overhead): two gateways with the same models and routes on the gateway core at
    once (each in its own session: half the core each; common.corun), each driven by its own
@@ -21,7 +22,9 @@ core) serves the same model as a remote shadow. Phases:
    ``plain`` and ``remote_shadowed`` second by second (shuffled); the primary's p99 with the
    shadow over without. Target <= 1.25. The p99 is taken per second and the median of those is
    compared (the p99 pooled over a round is reported too: on this shared VM a stall now and then
-   takes one second's p99 to tens of milliseconds, whichever route it falls on).
+   takes one second's p99 to tens of milliseconds, whichever route it falls on). Also how many
+   copies one upstream call carried (``routing.shadow_gather_ms``; ``--shadow-gather-ms`` sets it,
+   0 to see the cost without gathering).
 3. local shadow of equal cost (another mlp of the same size, ``canary_good``, on its own session
    and thread; a shadow of the answering model itself gets no copies): the same, and the share of
    copies dropped at its budget.
@@ -221,14 +224,18 @@ def corun_phase(pin, repo: Path, out: Path, rounds: int, seconds: float, data_di
     }
 
 
-def shadow_rounds(pin, gw: Server, shadowed: str, rounds: int, seconds: float, data_dir: Path) -> dict:
+def shadow_rounds(
+    pin, gw: Server, shadowed: str, rounds: int, seconds: float, data_dir: Path, upstream_metrics: int | None = None
+) -> dict:
     """Capacity of ``shadowed``, then p99 at half of it: the plain route against the shadowed one
-    (each round one client alternating between them second by second)."""
+    (each round one client alternating between them second by second). With ``upstream_metrics``
+    (a remote shadow's upstream), also how many copies one upstream call carried."""
     cap = closed_rate(pin, gw, shadowed, seconds, data_dir)
     rate = cap / 2
     say(f"  {shadowed}: capacity {cap:.0f}/s; open loop at {rate:.0f}/s")
     rows = []
     before = {o: total(gw.metrics_port, "batchgate_shadow_requests_total", route=shadowed, outcome=o) for o in OUTCOMES}
+    calls_before = ok_answers(upstream_metrics) if upstream_metrics else 0.0
     for i in range(rounds):
         got = open_loop(pin, gw.grpc_port, ("plain", shadowed), rate, seconds)
         rows.append(got)
@@ -237,6 +244,9 @@ def shadow_rounds(pin, gw: Server, shadowed: str, rounds: int, seconds: float, d
         say(f"  round {i + 1}: p99 plain {p:.2f} ms, with shadow {s:.2f} ms ({s / p:.2f}x; pooled {pooled:.2f}x)")
     after = {o: total(gw.metrics_port, "batchgate_shadow_requests_total", route=shadowed, outcome=o) for o in OUTCOMES}
     copies = {o: after[o] - before[o] for o in OUTCOMES}
+    calls = ok_answers(upstream_metrics) - calls_before if upstream_metrics else 0.0
+    if calls:
+        say(f"  {copies['compared']:.0f} copies compared in {calls:.0f} upstream calls")
     ratios = [r[shadowed]["slice_p99_ms"] / r["plain"]["slice_p99_ms"] for r in rows]
     pooled = [r[shadowed]["p99_ms"] / r["plain"]["p99_ms"] for r in rows]
     return {
@@ -248,6 +258,7 @@ def shadow_rounds(pin, gw: Server, shadowed: str, rounds: int, seconds: float, d
         "p99_ratio": float(np.median(ratios)),
         "copies": copies,
         "drop_rate": copies["dropped"] / max(1.0, sum(copies.values())),
+        **({"copies_per_upstream_call": (copies["compared"] + copies["failed"]) / calls} if calls else {}),
     }
 
 
@@ -366,6 +377,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8, help="seconds per model in each shadow round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the shadow phases")
+    ap.add_argument(
+        "--shadow-gather-ms", type=float, help="the gateway's routing.shadow_gather_ms (default: the server's)"
+    )
     ap.add_argument("--pairs", type=int, default=20, help="pairs of 2-second runs of the overhead phase")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
@@ -380,19 +394,24 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     phases = set(args.phases.split(","))
-    report: dict = {"pinning": pin.note, "seconds": args.seconds, "rounds": args.rounds}
+    report: dict = {
+        "pinning": pin.note,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "shadow_gather_ms": args.shadow_gather_ms,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         repo = build_repo(tmp_path / "models")
         say(f"pinning: {pin.note}")
-        # The remote shadow's upstream: on the load's core (two cores: nowhere else) at the lowest
-        # priority, as it stands for another machine and must not slow the client that measures.
+        # The remote shadow's upstream: on the load's core (two cores: nowhere else) under SCHED_IDLE
+        # (below nice 19), as it stands for another machine and must not delay the client that measures.
         upstream = Server(
             "upstream",
             [
-                "nice",
-                "-n",
-                "19",
+                "chrt",
+                "--idle",
+                "0",
                 *pin.load,
                 *SERVE,
                 "--model-repository",
@@ -441,6 +460,8 @@ def main() -> int:
                     }
                 )
             )
+            if args.shadow_gather_ms is not None:
+                cfg.write_text(cfg.read_text() + f"routing:\n  shadow_gather_ms: {args.shadow_gather_ms}\n")
             gw = Gateway(pin, repo, cfg, out / "routing-gateway.log")
             try:
                 if "overhead" in phases:
@@ -468,7 +489,7 @@ def main() -> int:
                 if "remote" in phases:
                     say("phase 2: remote shadow at 100%")
                     report["remote_shadow"] = shadow_rounds(
-                        pin, gw, "remote_shadowed", args.rounds, args.seconds, tmp_path
+                        pin, gw, "remote_shadowed", args.rounds, args.seconds, tmp_path, int(upstream.match["metrics"])
                     )
                 if "local" in phases:
                     say("phase 3: local shadow of equal cost at 100%")

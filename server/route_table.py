@@ -53,6 +53,7 @@ class RouteTable:
         audit: Audit | None = None,
         wall_clock: Callable[[], float] = time.time,
         away: Callable[[], int] = lambda: 0,
+        shadow_gather_s: float = 0.0,
     ):
         """``away``: how many requests in flight are out at an upstream (``threads.away``); shadow
         work runs while those are all that is in flight."""
@@ -76,7 +77,7 @@ class RouteTable:
         self.peer: RoutePeer | None = None
         self.leader = True
         # Shadow copies start only while no primary request is in flight.
-        self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > away())
+        self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > away(), gather_s=shadow_gather_s)
         admission.on_idle = self.shadow_scheduler.wake
 
     def get(self, name: str) -> ServedRoute | None:

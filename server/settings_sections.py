@@ -278,6 +278,12 @@ class RoutingSettings:
     shadow_threads: int = _setting(
         1, "threads that run local shadow models (apart from the inference threads)", minimum=1, maximum=64
     )
+    shadow_gather_ms: float = _setting(
+        5.0,
+        "a shadow's copies wait up to this long to start together (one call or run for several); 0 = at once",
+        minimum=0,
+        maximum=1000,
+    )
     disagreement_log_file: str = _setting(
         "", "JSONL file of sampled shadow disagreements (rotated at its size limit); empty = none", metavar="FILE"
     )

@@ -5,11 +5,13 @@ A copy is taken after the primary's admission, at the shadow's ``percent``, whil
 ``max_inflight`` copies wait or run; past that it is dropped and counted. It never goes ahead of
 primary work: shadow work (starting copies, comparing answers) waits in :class:`ShadowScheduler`
 until no primary request is in flight, and the copies that gathered meanwhile start together, in
-batches of the model's ``max_batch_size`` rows. A local shadow runs on a second ONNX Runtime
-session of its model (one intra-op thread) on the shadow threads (``shadow_threads``, nice 19),
-not on the inference threads and not through the model's scheduler; a remote shadow is a call to
-the model's upstreams. A shadow's failure is counted, never answered. Drain cancels the copies
-still waiting or running.
+batches of the model's ``max_batch_size`` rows. For a model that batches, a copy also waits up to
+``shadow_gather_ms`` (or until half its budget or a full batch waits) for others to start with: one
+remote call, or one run, for several copies costs the gateway far less than one each. A local
+shadow runs on a second ONNX Runtime session of its model (one intra-op thread) on the shadow
+threads (``shadow_threads``, nice 19), not on the inference threads and not through the model's
+scheduler; a remote shadow is a call to the model's upstreams. A shadow's failure is counted,
+never answered. Drain cancels the copies still waiting or running.
 
 The comparison (the part a service mesh's mirror cannot do: it drops the shadow's answer) looks at
 one output of both answers: for ``regression``, the largest |primary - shadow| of each row, a row
@@ -74,8 +76,9 @@ class ShadowScheduler:
     server shadows take only the time primary work leaves; copies that wait count against their
     shadow's budget, so past it they are dropped, not piled up."""
 
-    def __init__(self, busy: Callable[[], bool], per_turn: int = 8):
+    def __init__(self, busy: Callable[[], bool], per_turn: int = 8, gather_s: float = 0.0):
         self._busy = busy
+        self.gather_s = gather_s  # how long a shadow's first waiting copy waits for others
         self._per_turn = per_turn
         self._work: deque[Callable[[], None]] = deque()
         self._soon = False  # a run is due on the next turn of the loop
@@ -135,6 +138,11 @@ class ShadowRunner:
         self._scheduler = scheduler
         self._waiting: deque[tuple[InferRequest, asyncio.Future]] = deque()  # copies not started
         self._start_queued = False  # a start of the waiting copies is queued with the scheduler
+        self._gather: asyncio.TimerHandle | None = None  # the copies waiting wait for more until then
+        limit = version.signature.max_batch_size
+        # Copies gather only for a model that batches; a full batch, or half the budget, starts at once.
+        self._gather_s = scheduler.gather_s if limit > 1 else 0.0
+        self._gather_full = max(1, min(limit, spec.max_inflight // 2))
         self._tasks: set[asyncio.Future] = set()  # executions running
         self.closed = False
         self._backend = backend
@@ -167,16 +175,30 @@ class ShadowRunner:
         note = request.note
         if note is not None and note.span is not None:
             self._spans[fut] = note.tracing.shadow_span(note.span, self.route, spec.name, self.version.name)
+        if self._gather is not None and len(self._waiting) >= self._gather_full:
+            self._gathered()
+        elif not self._start_queued and self._gather is None:
+            if self._gather_s > 0:
+                self._gather = asyncio.get_running_loop().call_later(self._gather_s, self._gathered)
+            else:
+                self._start_queued = True
+                self._scheduler.later(self._start)
+        return fut
+
+    def _gathered(self) -> None:
+        """The gathering time is up, or enough copies wait: they start when primary work allows."""
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
         if not self._start_queued:
             self._start_queued = True
             self._scheduler.later(self._start)
-        return fut
 
     def _start(self) -> None:
-        self._start_queued = False
         """Start every copy waiting, as few executions as the model's batches allow: copies
         gather while primary work runs, and one call for several of them costs far less (a
         remote shadow's gRPC call costs the gateway about as much as answering a request)."""
+        self._start_queued = False
         copies = []
         while self._waiting:
             request, fut = self._waiting.popleft()
@@ -245,6 +267,9 @@ class ShadowRunner:
         """Drain or a replaced route: no new copies; those waiting or running are cancelled."""
         self.closed = True
         self._waiting.clear()
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
         for task in list(self._tasks):
             task.cancel()
         for fut in list(self.pending):

@@ -42,7 +42,9 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path):
                 "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
             }
         ]
-        cfg = write_config(str(tmp_path / "c.yaml"), routes, remote_models=[remote])
+        # no gathering: a copy starts once no primary request is in flight (gathering: see
+        # test_shadow_copies_gather_into_few_calls)
+        cfg = write_config(str(tmp_path / "c.yaml"), routes, remote_models=[remote], routing={"shadow_gather_ms": 0})
         running = start_gateway(repo, config_file=cfg)
         try:
             feats = np.random.default_rng(1).random((3, 4), dtype=np.float32)
@@ -95,6 +97,66 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path):
                 up_before, "batchgate_inference_count_total", model="clf_a"
             )
             assert rows == 3 * n and calls < n
+            # ... but without gathering, copies of requests that come one after another go one by one
+            assert _sequential_copies(running, upstream, "mixed", feats, 10, pin=True) >= 8
+        finally:
+            running.stop()
+    finally:
+        upstream.stop()
+
+
+def _sequential_copies(running, upstream, route: str, feats: np.ndarray, n: int, pin: bool) -> float:
+    """Upstream calls made by the shadow for ``n`` requests sent one after another (``pin``: each
+    pinned to the local variant, so only the shadow calls the upstream; such copies are answered,
+    not compared)."""
+    outcome = "answered" if pin else "compared"
+    before = _metrics(upstream)
+    copies = metric(_metrics(running), "batchgate_shadow_requests_total", route=route, outcome=outcome)
+    for _ in range(n):
+        infer_grpc(running.grpc_url, route, feats, headers={"x-batchgate-variant": "here"} if pin else None)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        text = _metrics(running)
+        if metric(text, "batchgate_shadow_requests_total", route=route, outcome=outcome) == copies + n:
+            break
+        time.sleep(0.05)
+    assert metric(text, "batchgate_shadow_requests_total", route=route, outcome=outcome) == copies + n
+    after = _metrics(upstream)
+    return metric(after, "batchgate_requests_total", model="clf_a", status="OK", protocol="grpc") - metric(
+        before, "batchgate_requests_total", model="clf_a", status="OK", protocol="grpc"
+    )
+
+
+def test_shadow_copies_gather_into_few_calls(repo, tmp_path):
+    """With shadow_gather_ms, copies of requests that come one after another wait for each other
+    and go to the upstream together: far fewer calls than copies, every copy still compared."""
+    upstream = start_gateway(repo)
+    try:
+        remote = f"name=clf_remote upstreams={upstream.grpc_url} upstream_model=clf_a batching=passthrough"
+        routes = [
+            {
+                "name": "gathered",
+                "variants": [{"name": "here", "model": "clf_a", "weight": 100}],
+                "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 64}],
+                "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
+            },
+            {  # half its budget waiting starts them at once: none dropped for waiting out the time
+                "name": "small_budget",
+                "variants": [{"name": "here", "model": "clf_a", "weight": 100}],
+                "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 4}],
+                "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
+            },
+        ]
+        cfg = write_config(str(tmp_path / "c.yaml"), routes, remote_models=[remote], routing={"shadow_gather_ms": 1000})
+        running = start_gateway(repo, config_file=cfg)
+        try:
+            feats = np.random.default_rng(2).random((2, 4), dtype=np.float32)
+            assert _sequential_copies(running, upstream, "gathered", feats, 10, pin=False) <= 3
+            text = _metrics(running)
+            assert metric(text, "batchgate_shadow_agreements_total", route="gathered", shadow="mirror") == 10
+            assert 4 <= _sequential_copies(running, upstream, "small_budget", feats, 10, pin=False) <= 6
+            text = _metrics(running)
+            assert metric(text, "batchgate_shadow_requests_total", route="small_budget", outcome="dropped") == 0
         finally:
             running.stop()
     finally:
