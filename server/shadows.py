@@ -74,9 +74,11 @@ class ShadowScheduler:
     """Shadow work (starting a copy, comparing its answer) runs only while no primary request is
     in flight (``busy()`` false): queued here, and woken when the last one is answered. On a busy
     server shadows take only the time primary work leaves; copies that wait count against their
-    shadow's budget, so past it they are dropped, not piled up."""
+    shadow's budget, so past it they are dropped, not piled up. One item a turn of the loop by
+    default: a request that arrives meanwhile is read and admitted before the next item, and
+    pauses the rest (with 8 a turn the primary p99 under a remote shadow rose by a further ~0.15x)."""
 
-    def __init__(self, busy: Callable[[], bool], per_turn: int = 8, gather_s: float = 0.0):
+    def __init__(self, busy: Callable[[], bool], per_turn: int = 1, gather_s: float = 0.0):
         self._busy = busy
         self.gather_s = gather_s  # how long a shadow's first waiting copy waits for others
         self._per_turn = per_turn
