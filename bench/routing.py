@@ -225,13 +225,20 @@ def corun_phase(pin, repo: Path, out: Path, rounds: int, seconds: float, data_di
 
 
 def shadow_rounds(
-    pin, gw: Server, shadowed: str, rounds: int, seconds: float, data_dir: Path, upstream_metrics: int | None = None
+    pin,
+    gw: Server,
+    shadowed: str,
+    rounds: int,
+    seconds: float,
+    data_dir: Path,
+    upstream_metrics: int | None = None,
+    rate: float | None = None,
 ) -> dict:
     """Capacity of ``shadowed``, then p99 at half of it: the plain route against the shadowed one
     (each round one client alternating between them second by second). With ``upstream_metrics``
     (a remote shadow's upstream), also how many copies one upstream call carried."""
     cap = closed_rate(pin, gw, shadowed, seconds, data_dir)
-    rate = cap / 2
+    rate = rate or cap / 2
     say(f"  {shadowed}: capacity {cap:.0f}/s; open loop at {rate:.0f}/s")
     rows = []
     before = {o: total(gw.metrics_port, "batchgate_shadow_requests_total", route=shadowed, outcome=o) for o in OUTCOMES}
@@ -380,6 +387,7 @@ def main() -> int:
     ap.add_argument(
         "--shadow-gather-ms", type=float, help="the gateway's routing.shadow_gather_ms (default: the server's)"
     )
+    ap.add_argument("--rate", type=float, help="open-loop rate of the shadow phases (default: half the capacity)")
     ap.add_argument("--pairs", type=int, default=20, help="pairs of 2-second runs of the overhead phase")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
@@ -489,12 +497,19 @@ def main() -> int:
                 if "remote" in phases:
                     say("phase 2: remote shadow at 100%")
                     report["remote_shadow"] = shadow_rounds(
-                        pin, gw, "remote_shadowed", args.rounds, args.seconds, tmp_path, int(upstream.match["metrics"])
+                        pin,
+                        gw,
+                        "remote_shadowed",
+                        args.rounds,
+                        args.seconds,
+                        tmp_path,
+                        int(upstream.match["metrics"]),
+                        args.rate,
                     )
                 if "local" in phases:
                     say("phase 3: local shadow of equal cost at 100%")
                     report["local_shadow"] = shadow_rounds(
-                        pin, gw, "local_shadowed", args.rounds, args.seconds, tmp_path
+                        pin, gw, "local_shadowed", args.rounds, args.seconds, tmp_path, rate=args.rate
                     )
             finally:
                 gw.stop()

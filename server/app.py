@@ -351,7 +351,7 @@ class Gateway:
             disagreements,
             lambda action, target, outcome, detail: access.audited(SYSTEM, None, action, target, outcome, detail),
             away=lambda: threads.away,
-            shadow_gather_s=rs.shadow_gather_ms / 1000,
+            routing=rs,
         )
         table.peer, table.leader = (self.role.link if self.role is not None else None), self.leader
         await table.install(specs, "the configuration")

@@ -31,7 +31,8 @@ from .repository.manager import ModelRepository
 from .routes import ServedRoute
 from .security.access import Caller
 from .security.limits import Admission
-from .shadows import DisagreementLog, ShadowRunner, ShadowScheduler
+from .settings_sections import RoutingSettings
+from .shadows import DisagreementLog, ShadowRunner, ShadowScheduler, idle_priority
 from .state import StateDir, read_capped
 
 log = logging.getLogger("batchgate.routes")
@@ -53,10 +54,11 @@ class RouteTable:
         audit: Audit | None = None,
         wall_clock: Callable[[], float] = time.time,
         away: Callable[[], int] = lambda: 0,
-        shadow_gather_s: float = 0.0,
+        routing: RoutingSettings | None = None,
     ):
         """``away``: how many requests in flight are out at an upstream (``threads.away``); shadow
-        work runs while those are all that is in flight."""
+        work runs while those are all that is in flight. ``routing``: the shadows' settings."""
+        self._routing = routing = routing or RoutingSettings()
         self.repository = repository
         self.admission = admission
         self.metrics = metrics
@@ -77,7 +79,10 @@ class RouteTable:
         self.peer: RoutePeer | None = None
         self.leader = True
         # Shadow copies start only while no primary request is in flight.
-        self.shadow_scheduler = ShadowScheduler(lambda: admission.inflight > away(), gather_s=shadow_gather_s)
+        self.shadow_scheduler = ShadowScheduler(
+            lambda: admission.inflight > away(), gather_s=routing.shadow_gather_ms / 1000
+        )
+        self._senders: ThreadPoolExecutor | None = None  # remote shadows' blocking calls, made on first use
         admission.on_idle = self.shadow_scheduler.wake
 
     def get(self, name: str) -> ServedRoute | None:
@@ -203,7 +208,7 @@ class RouteTable:
                     s,
                     served,
                     backend,
-                    self.pool,
+                    self.pool if isinstance(served.execution, LocalExecution) else self._sender_pool(),
                     self.metrics.route(route.name).shadow(s.name),
                     route.spec.compare,
                     self.disagreements,
@@ -212,6 +217,16 @@ class RouteTable:
                 )
             )
         route.shadows = runners
+
+    def _sender_pool(self) -> ThreadPoolExecutor:
+        """The threads that make remote shadows' calls: blocking calls, at the lowest priority the
+        system has (SCHED_IDLE), so the event loop spends nothing on them and the kernel runs them
+        only when no other thread of the core wants to run."""
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(
+                self._routing.shadow_send_threads, thread_name_prefix="batchgate-shadow-send", initializer=idle_priority
+            )
+        return self._senders
 
     async def _twin(self, served: ModelVersion) -> Any:
         """The session a shadow runs on: for a local model a second session of its own (one
@@ -474,6 +489,8 @@ class RouteTable:
                 s.cancel()
         for t in list(self._tasks):
             t.cancel()
+        if self._senders is not None:
+            self._senders.shutdown(wait=False, cancel_futures=True)
         self._writer.shutdown(wait=True)  # what was kept is on disk before the process goes
 
 

@@ -278,6 +278,12 @@ class RoutingSettings:
     shadow_threads: int = _setting(
         1, "threads that run local shadow models (apart from the inference threads)", minimum=1, maximum=64
     )
+    shadow_send_threads: int = _setting(
+        2,
+        "threads that make remote shadows' calls (blocking, at the lowest priority, off the event loop)",
+        minimum=1,
+        maximum=64,
+    )
     shadow_gather_ms: float = _setting(
         5.0,
         "a shadow's copies wait up to this long to start together (one call or run for several); 0 = at once",

@@ -10,8 +10,9 @@ batches of the model's ``max_batch_size`` rows. For a model that batches, a copy
 remote call, or one run, for several copies costs the gateway far less than one each. A local
 shadow runs on a second ONNX Runtime session of its model (one intra-op thread) on the shadow
 threads (``shadow_threads``, nice 19), not on the inference threads and not through the model's
-scheduler; a remote shadow is a call to the model's upstreams. A shadow's failure is counted,
-never answered. Drain cancels the copies still waiting or running.
+scheduler; a remote shadow is a blocking call to the model's upstreams on the sender threads
+(``shadow_send_threads``, SCHED_IDLE), off the event loop. A shadow's failure is counted, never
+answered. Drain cancels the copies still waiting or running.
 
 The comparison (the part a service mesh's mirror cannot do: it drops the shadow's answer) looks at
 one output of both answers: for ``regression``, the largest |primary - shadow| of each row, a row
@@ -68,6 +69,15 @@ def lowest_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (OSError, AttributeError):  # not Linux, or not allowed: the threads still run apart
         log.debug("shadow threads run at normal priority")
+
+
+def idle_priority() -> None:
+    """Initializer of the remote shadows' sender threads: SCHED_IDLE for this thread alone (it
+    runs only when nothing else on its core wants to), or nice 19 where that is not allowed."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+    except (OSError, AttributeError):
+        lowest_priority()
 
 
 class ShadowScheduler:
@@ -129,7 +139,7 @@ class ShadowRunner:
         spec: Shadow,
         version: ModelVersion,
         backend: Any,  # a local backend's twin session, or the remote model's backend
-        pool: Executor,
+        pool: Executor,  # a local shadow's threads; a remote one's sender threads
         metrics: ShadowMetrics,
         compare: Compare | None,
         disagreements: DisagreementLog | None,
@@ -251,7 +261,7 @@ class ShadowRunner:
                 loop = asyncio.get_running_loop()
                 arrays = await loop.run_in_executor(self._pool, self._backend.run, feeds, self._outputs)
             else:
-                arrays = await self._backend.infer(feeds, self._outputs, first.deadline, first.id)
+                arrays = await self._backend.infer_apart(feeds, self._outputs, first.deadline, self._pool)
             took = _perf() - t0
             if len(chunk) == 1:
                 outcomes[chunk[0][0]] = Outcome(np.asarray(arrays[0]), took)

@@ -29,7 +29,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from concurrent.futures import Executor
+from typing import ClassVar, Protocol, cast
 
 import grpc
 import numpy as np
@@ -87,6 +88,14 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class _Status(Protocol):
+    """What a failed call says, through grpc.aio or a blocking channel."""
+
+    def code(self) -> grpc.StatusCode: ...
+
+    def details(self) -> str | None: ...
+
+
 def not_delivered(e: grpc.aio.AioRpcError) -> bool:
     """True when gRPC says the connection could not be made, so the upstream never saw the call."""
     if e.code() != grpc.StatusCode.UNAVAILABLE:
@@ -99,6 +108,8 @@ class Upstream:
 
     def __init__(self, address: str, spec: RemoteModel, metrics: UpstreamMetrics, max_message_bytes: int):
         self.address = address
+        self._max_message_bytes = max_message_bytes
+        self._blocking: grpc.Channel | None = None  # a synchronous channel, made on first use
         self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
@@ -117,6 +128,18 @@ class Upstream:
     @property
     def in_rotation(self) -> bool:
         return self.ready and not self.ejected
+
+    def blocking_infer(self) -> Callable[..., pb.ModelInferResponse]:
+        """ModelInfer over a synchronous channel of this upstream's (made here, on the event
+        loop's thread), for calls made on other threads."""
+        if self._blocking is None:
+            self._blocking = grpc.insecure_channel(self.address, options=_channel_options(self._max_message_bytes))
+        return pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
+
+    def close_blocking(self) -> None:
+        if self._blocking is not None:
+            self._blocking.close()
+            self._blocking = None
 
     def update_gauge(self) -> None:
         self.metrics.healthy = int(self.in_rotation)
@@ -315,7 +338,7 @@ class RemoteV2Backend:
                 best = up
         return best
 
-    def _failed(self, up: Upstream, e: grpc.aio.AioRpcError) -> None:
+    def _failed(self, up: Upstream, e: _Status) -> None:
         up.failures += 1
         if up.failures >= self.spec.eject_after_failures and not up.ejected:
             up.ejected = True
@@ -354,6 +377,52 @@ class RemoteV2Backend:
         ``traceparent``: the batch's trace context, sent on (the upstream's spans join the trace)."""
         up, resp = await self._call(self.request(feeds, names, request_id), deadline, traceparent=traceparent)
         got = self._tensors(up, resp)
+        missing = [n for n in names if n not in got]
+        if missing:
+            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
+        return [got[n][1] for n in names]
+
+    async def infer_apart(
+        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, executor: Executor
+    ) -> list[np.ndarray]:
+        """:meth:`infer` for work that must take none of the event loop's time (a shadow's copies):
+        the request is built, sent over a synchronous channel and its answer decoded on a thread of
+        ``executor`` (a gRPC call through grpc.aio costs the loop about as much as answering a
+        request). One upstream, no retry; counted, ejecting and translated like any other call."""
+        up = self._pick([])
+        if up is None:
+            raise self.unavailable()
+        timeout = self.spec.timeout_s if deadline is None else deadline - self._clock()
+        if timeout <= 0:
+            raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded before model '{self.spec.name}' ran")
+        call, m = up.blocking_infer(), up.metrics
+        up.outstanding += 1
+        m.outstanding += 1
+        m.requests += 1
+        t0 = time.perf_counter()
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(
+                executor, self._blocking_call, up, call, feeds, names, timeout
+            )
+        except grpc.RpcError as e:
+            status = cast(_Status, e)  # a blocking call's error is also its grpc.Call
+            code = status.code()
+            m.errors[code.name] = m.errors.get(code.name, 0) + 1
+            if code in _BREAKER_CODES:
+                self._failed(up, status)
+            raise self._translate(up, status) from None
+        finally:
+            up.outstanding -= 1
+            m.outstanding -= 1
+            m.latency.observe(time.perf_counter() - t0)
+        up.failures = 0
+        return got
+
+    def _blocking_call(
+        self, up: Upstream, call: Callable[..., pb.ModelInferResponse], feeds, names: tuple[str, ...], timeout: float
+    ) -> list[np.ndarray]:
+        """(on an executor's thread) one blocking ModelInfer: the outputs ``names``, in order."""
+        got = self._tensors(up, call(self.request(feeds, names), timeout=timeout))
         missing = [n for n in names if n not in got]
         if missing:
             raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
@@ -441,7 +510,7 @@ class RemoteV2Backend:
                 raise GatewayError(ErrorCode.INTERNAL, e.message) from None
         return got
 
-    def _translate(self, up: Upstream, e: grpc.aio.AioRpcError) -> GatewayError:
+    def _translate(self, up: Upstream, e: _Status) -> GatewayError:
         code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)
         return GatewayError(code, f"upstream {up.address} ({e.code().name}): {e.details()}")
 
@@ -455,6 +524,7 @@ class RemoteV2Backend:
             self._prober.cancel()
         await asyncio.gather(*(up.channel.close() for up in self.upstreams), return_exceptions=True)
         for up in self.upstreams:
+            up.close_blocking()
             up.ready = False
             if up.metrics.owner is up:  # not when a newer backend (a reload) reports this upstream
                 up.update_gauge()

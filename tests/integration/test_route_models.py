@@ -157,6 +157,19 @@ def test_shadow_copies_gather_into_few_calls(repo, tmp_path):
             assert 4 <= _sequential_copies(running, upstream, "small_budget", feats, 10, pin=False) <= 6
             text = _metrics(running)
             assert metric(text, "batchgate_shadow_requests_total", route="small_budget", outcome="dropped") == 0
+            # the upstream gone: the primary still answers; the copies fail, counted, never answered
+            upstream.stop()
+            for _ in range(5):
+                result, _ = infer_grpc(running.grpc_url, "gathered", feats)
+                assert result.as_numpy("probabilities").shape == (2, 3)
+            end = time.monotonic() + 15
+            while time.monotonic() < end:
+                text = _metrics(running)
+                if metric(text, "batchgate_shadow_requests_total", route="gathered", outcome="failed") == 5:
+                    break
+                time.sleep(0.1)
+            assert metric(text, "batchgate_shadow_requests_total", route="gathered", outcome="failed") == 5
+            assert metric(text, "batchgate_shadow_error_delta_total", route="gathered", side="shadow_only") == 5
         finally:
             running.stop()
     finally:
