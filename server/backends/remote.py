@@ -110,6 +110,7 @@ class Upstream:
         self.address = address
         self._max_message_bytes = max_message_bytes
         self._blocking: grpc.Channel | None = None  # a synchronous channel, made on first use
+        self._blocking_infer: Callable[..., pb.ModelInferResponse] | None = None
         self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
@@ -132,14 +133,15 @@ class Upstream:
     def blocking_infer(self) -> Callable[..., pb.ModelInferResponse]:
         """ModelInfer over a synchronous channel of this upstream's (made here, on the event
         loop's thread), for calls made on other threads."""
-        if self._blocking is None:
+        if self._blocking_infer is None:
             self._blocking = grpc.insecure_channel(self.address, options=_channel_options(self._max_message_bytes))
-        return pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
+            self._blocking_infer = pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
+        return self._blocking_infer
 
     def close_blocking(self) -> None:
         if self._blocking is not None:
             self._blocking.close()
-            self._blocking = None
+            self._blocking = self._blocking_infer = None
 
     def update_gauge(self) -> None:
         self.metrics.healthy = int(self.in_rotation)
@@ -338,6 +340,14 @@ class RemoteV2Backend:
                 best = up
         return best
 
+    def _count_failure(self, up: Upstream, e: _Status) -> None:
+        """A failed call: counted by its code; a code that says the upstream is unwell counts
+        towards ejecting it."""
+        code = e.code()
+        up.metrics.errors[code.name] = up.metrics.errors.get(code.name, 0) + 1
+        if code in _BREAKER_CODES:
+            self._failed(up, e)
+
     def _failed(self, up: Upstream, e: _Status) -> None:
         up.failures += 1
         if up.failures >= self.spec.eject_after_failures and not up.ejected:
@@ -376,6 +386,10 @@ class RemoteV2Backend:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock;
         ``traceparent``: the batch's trace context, sent on (the upstream's spans join the trace)."""
         up, resp = await self._call(self.request(feeds, names, request_id), deadline, traceparent=traceparent)
+        return self._outputs(up, resp, names)
+
+    def _outputs(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
+        """The outputs ``names`` of an answer, in order; one missing is the upstream's fault."""
         got = self._tensors(up, resp)
         missing = [n for n in names if n not in got]
         if missing:
@@ -392,9 +406,7 @@ class RemoteV2Backend:
         up = self._pick([])
         if up is None:
             raise self.unavailable()
-        timeout = self.spec.timeout_s if deadline is None else deadline - self._clock()
-        if timeout <= 0:
-            raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded before model '{self.spec.name}' ran")
+        at = self._clock() + self.spec.timeout_s if deadline is None else deadline
         call, m = up.blocking_infer(), up.metrics
         up.outstanding += 1
         m.outstanding += 1
@@ -402,14 +414,11 @@ class RemoteV2Backend:
         t0 = time.perf_counter()
         try:
             got = await asyncio.get_running_loop().run_in_executor(
-                executor, self._blocking_call, up, call, feeds, names, timeout
+                executor, self._blocking_call, up, call, feeds, names, at
             )
         except grpc.RpcError as e:
             status = cast(_Status, e)  # a blocking call's error is also its grpc.Call
-            code = status.code()
-            m.errors[code.name] = m.errors.get(code.name, 0) + 1
-            if code in _BREAKER_CODES:
-                self._failed(up, status)
+            self._count_failure(up, status)
             raise self._translate(up, status) from None
         finally:
             up.outstanding -= 1
@@ -419,14 +428,14 @@ class RemoteV2Backend:
         return got
 
     def _blocking_call(
-        self, up: Upstream, call: Callable[..., pb.ModelInferResponse], feeds, names: tuple[str, ...], timeout: float
+        self, up: Upstream, call: Callable[..., pb.ModelInferResponse], feeds, names: tuple[str, ...], at: float
     ) -> list[np.ndarray]:
-        """(on an executor's thread) one blocking ModelInfer: the outputs ``names``, in order."""
-        got = self._tensors(up, call(self.request(feeds, names), timeout=timeout))
-        missing = [n for n in names if n not in got]
-        if missing:
-            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
-        return [got[n][1] for n in names]
+        """(on an executor's thread) one blocking ModelInfer before the monotonic time ``at``
+        (judged here: the executor may have kept the call waiting): the outputs ``names``."""
+        timeout = at - self._clock()
+        if timeout <= 0:
+            raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded before model '{self.spec.name}' ran")
+        return self._outputs(up, call(self.request(feeds, names), timeout=timeout), names)
 
     async def infer_open(
         self,
@@ -473,10 +482,7 @@ class RemoteV2Backend:
                     msg, timeout=timeout, metadata=None if traceparent is None else (("traceparent", traceparent),)
                 )
             except grpc.aio.AioRpcError as e:
-                code = e.code()
-                m.errors[code.name] = m.errors.get(code.name, 0) + 1
-                if code in _BREAKER_CODES:
-                    self._failed(up, e)
+                self._count_failure(up, e)
                 if not_delivered(e) and len(tried) < self.spec.retries:
                     tried.append(up)
                     last = self._translate(up, e)
