@@ -51,6 +51,7 @@ from .shadows import DisagreementLog, lowest_priority
 from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
+from .transport.grpc_server import add_port, new_grpc_server
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
@@ -170,7 +171,7 @@ class Gateway:
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: Any = None  # grpc.aio.Server or H2GrpcServer (server.grpc_engine)
         self._http: _HttpListener | None = None
         self._admin: _HttpListener | None = None
         self.admin_port: int | None = None  # the admin gRPC listener
@@ -211,24 +212,7 @@ class Gateway:
         lim = self.settings.limits
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
-        options = [
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", 2**31 - 1),
-            ("grpc.so_reuseport", int(self.reuse_port)),
-            # max_connections bounds gRPC connections too; gRPC core refuses the one past it
-            # (not counted: core does not tell Python).
-            ("grpc.max_allowed_incoming_connections", connections),
-        ]
-        if s.grpc_max_connection_age_s > 0:
-            # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new
-            # replicas would get no gRPC traffic: ask clients to reconnect now and then (with a
-            # grace period for the calls in flight), which spreads them over the replicas.
-            age_ms = int(s.grpc_max_connection_age_s * 1000)
-            options += [
-                ("grpc.max_connection_age_ms", age_ms),
-                ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000)),
-            ]
-        self._grpc = grpc.aio.server(options=options)
+        self._grpc = new_grpc_server(s, limit, connections, self.reuse_port, self.metrics.connection_refused)
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)
@@ -246,10 +230,7 @@ class Gateway:
             self._grpc,
         )
         address = self.grpc_address or _join(s.host, s.grpc_port)
-        if self._tls is not None and not self.grpc_address:
-            self.grpc_port = self._grpc.add_secure_port(address, self._tls.grpc_credentials())
-        else:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+        self.grpc_port = add_port(self._grpc, address, None if self.grpc_address else self._tls)
         if self.grpc_port == 0 and not address.startswith("unix:"):
             raise OSError(f"cannot listen for gRPC on {address}")
         await self._grpc.start()

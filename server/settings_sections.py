@@ -51,6 +51,11 @@ class ServerSettings:
         True, "also export Triton's nv_inference_* families on /metrics (Triton's names, labels and units)"
     )
     exit_timeout_s: float = _setting(30.0, "grace period for in-flight work on SIGTERM", positive=True)
+    grpc_engine: str = _setting(
+        "grpcio",
+        "gRPC server engine: grpcio (grpc.aio over gRPC core) or h2 (batchgate's own, HTTP/2 on the event loop)",
+        choices=("grpcio", "h2"),
+    )
     grpc_max_connection_age_s: float = _setting(
         0.0,
         "close gRPC connections this old, so long-lived clients reconnect and reach new replicas; 0 = never",

@@ -107,7 +107,8 @@ FAMILIES: dict[str, Family] = {
     "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
     "batchgate_http_connections_refused": Family(
         "counter",
-        "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections",
+        "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections "
+        "(HTTP/1.1), grpc_connections (gRPC on the h2 engine)",
         ("reason",),
     ),
     "batchgate_trace_spans": Family(

@@ -84,6 +84,7 @@ class ServerTls:
         self._material = material
         self.http_context = _context(self.mtls)
         _load(self.http_context, material)
+        self._h2_context: ssl.SSLContext | None = None  # batchgate's own gRPC engine's (made when asked)
         self._lock = threading.Lock()  # the gRPC fetcher runs on gRPC core's threads
         self._grpc_config = _grpc_config(material)
         self._generation = 0  # bumped by each reload
@@ -96,6 +97,13 @@ class ServerTls:
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """Credentials for ``add_secure_port``; they follow every reload."""
         return grpc.dynamic_ssl_server_credentials(self._grpc_config, self._fetch, self.mtls)
+
+    def h2_context(self) -> ssl.SSLContext:
+        """The SSL context of batchgate's own gRPC engine (ALPN h2); reloads update it too."""
+        if self._h2_context is None:
+            self._h2_context = _context(self.mtls, "h2")
+            _load(self._h2_context, self._material)
+        return self._h2_context
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC core before each handshake, on its thread: the new configuration once
@@ -150,16 +158,17 @@ class ServerTls:
     def _apply(self, material: TlsMaterial) -> None:
         """Serve ``material`` (checked) from the next handshake on; on the loop thread."""
         old = self._material
-        if material.cert != old.cert or material.key != old.key:
-            _load(self.http_context, TlsMaterial(material.cert, material.key, None))
-        if material.ca is not None and material.ca != old.ca:
-            self.http_context.load_verify_locations(cadata=material.ca.decode("ascii"))
-            if old.ca is not None and not _certs(old.ca) <= _certs(material.ca):
-                log.warning(
-                    "a CA certificate was removed from tls_client_ca_file %s: gRPC no longer trusts it, "
-                    "HTTPS trusts it until the gateway restarts",
-                    self.settings.tls_client_ca_file,
-                )
+        for context in (c for c in (self.http_context, self._h2_context) if c is not None):
+            if material.cert != old.cert or material.key != old.key:
+                _load(context, TlsMaterial(material.cert, material.key, None))
+            if material.ca is not None and material.ca != old.ca:
+                context.load_verify_locations(cadata=material.ca.decode("ascii"))
+        if material.ca is not None and old.ca is not None and not _certs(old.ca) <= _certs(material.ca):
+            log.warning(
+                "a CA certificate was removed from tls_client_ca_file %s: gRPC on grpcio no longer trusts it, "
+                "HTTPS (and gRPC on h2) trusts it until the gateway restarts",
+                self.settings.tls_client_ca_file,
+            )
         config = _grpc_config(material)
         with self._lock:
             self._grpc_config = config
@@ -306,11 +315,11 @@ def _reason(e: Exception) -> str:
     return getattr(e, "reason", None) or str(e)
 
 
-def _context(mtls: bool) -> ssl.SSLContext:
+def _context(mtls: bool, alpn: str = "http/1.1") -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_VERSION
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols([alpn])
     if mtls:
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

@@ -1,0 +1,411 @@
+"""One call of batchgate's own gRPC engine (``grpc_h2.py``): its request messages, its
+handler's task, its answer within the client's windows, and the grpc.aio-like context its
+handler is given."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import grpc
+
+from . import grpc_wire
+from .grpc_wire import WireError
+
+if TYPE_CHECKING:
+    from .grpc_h2 import _Connection
+
+log = logging.getLogger("batchgate.grpc")
+
+OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+_OK_TRAILER = (b"grpc-status", b"0")
+_STATUS_OF = {c.name: c for c in grpc.StatusCode}
+_monotonic = time.monotonic
+
+
+class _Requests:
+    """A streaming call's request messages, read as the handler takes them."""
+
+    __slots__ = ("call", "_waiter")
+
+    def __init__(self, call: _Call):
+        self.call = call
+        self._waiter: asyncio.Future | None = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        call = self.call
+        while not call.inbox:
+            if call.request_done or call.gone:
+                if call.wire_error is not None:
+                    raise call.wire_error
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        raw = call.inbox.popleft()
+        if not call.inbox:  # caught up: credit what was read, so the client sends on
+            call.credit()
+        return call.deserialize(raw)
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Call:
+    """One call: its request bytes, its handler's task and its answer; also the handler's
+    ``context`` (grpc.aio ServicerContext's methods that the services here use)."""
+
+    __slots__ = (
+        "conn",
+        "sid",
+        "handler",
+        "md",
+        "deadline",
+        "encoding",
+        "method",
+        "buf",
+        "inbox",
+        "unacked",
+        "request_done",
+        "gone",
+        "done",
+        "task",
+        "timer",
+        "requests",
+        "headers_sent",
+        "out",
+        "end_after_out",
+        "out_waiter",
+        "wire_error",
+        "_code",
+        "_details",
+        "_trailing",
+    )
+
+    def __init__(self, conn: _Connection, sid: int, handler, md, deadline, encoding, method: str):
+        self.conn = conn
+        self.sid = sid
+        self.handler = handler
+        self.md = md
+        self.deadline = deadline
+        self.encoding = encoding
+        self.method = method
+        self.buf = bytearray()
+        self.inbox: deque[bytes] = deque()
+        self.unacked = 0
+        self.request_done = False
+        self.gone = False  # the client reset the stream or the connection went away
+        self.done = False  # our answer is complete (or abandoned)
+        self.task: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.requests: _Requests | None = None
+        self.headers_sent = False
+        self.out = bytearray()  # answer bytes waiting for the client's window
+        self.end_after_out: list[tuple[bytes, bytes]] | None = None  # trailers to send once ``out`` is empty
+        self.out_waiter: asyncio.Future | None = None
+        self.wire_error: BaseException | None = None
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self._trailing: tuple = ()
+        if deadline is not None:
+            self.timer = asyncio.get_running_loop().call_later(max(0.0, deadline - _monotonic()), self._expired)
+        if handler.request_streaming:
+            self.requests = _Requests(self)
+            self._start(self.requests)
+
+    # ------------------------------------------------------------------ request side
+    def received(self, data: bytes, flow: int) -> None:
+        if self.done:
+            self.conn.credit(flow, self.sid)
+            return
+        self.buf += data
+        self.unacked += flow
+        limit = self.conn.server.max_receive_bytes
+        try:
+            messages, used = grpc_wire.split_messages(self.buf, limit)
+        except WireError as e:
+            self.fail(_STATUS_OF[e.code], e.message)
+            return
+        if used:
+            del self.buf[:used]
+        if messages:
+            self._take(messages)
+        if self.requests is None:  # unary: the message is taken at once; credit what came
+            self.credit()
+            return
+        if messages:
+            self.requests.wake()
+        if not self.inbox:  # the handler keeps up: let the client send on
+            self.credit()
+
+    def _take(self, messages) -> None:
+        for compressed, raw in messages:
+            if compressed:
+                try:
+                    raw = grpc_wire.decompress(raw, self.encoding or b"", self.conn.server.max_receive_bytes)
+                except WireError as e:
+                    self.fail(_STATUS_OF[e.code], e.message)
+                    return
+            self.inbox.append(raw)
+
+    def credit(self) -> None:
+        if self.unacked:
+            n, self.unacked = self.unacked, 0
+            self.conn.credit(n, self.sid)
+            self.conn.flush_soon()
+
+    def request_ended(self) -> None:
+        self.request_done = True
+        if self.done:
+            return
+        if self.buf:
+            self.fail(grpc.StatusCode.INTERNAL, "the request ended inside a message")
+            return
+        if self.requests is not None:
+            self.requests.wake()
+            return
+        if len(self.inbox) != 1:
+            self.fail(
+                grpc.StatusCode.UNIMPLEMENTED if self.inbox else grpc.StatusCode.INTERNAL,
+                f"a unary call takes one request message; this one sent {len(self.inbox)}",
+            )
+            return
+        try:
+            request = self.deserialize(self.inbox.popleft())
+        except _Abort:
+            return
+        self._start(request)
+
+    def deserialize(self, raw: bytes):
+        d = self.handler.request_deserializer
+        if d is None:
+            return raw
+        try:
+            return d(raw)
+        except Exception:
+            self.wire_error = _Abort()
+            self.fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            raise self.wire_error from None
+
+    # ------------------------------------------------------------------ running the handler
+    def _start(self, request) -> None:
+        if self.done:
+            return
+        h = self.handler
+        if h.request_streaming:
+            impl = h.stream_stream if h.response_streaming else h.stream_unary
+        else:
+            impl = h.unary_stream if h.response_streaming else h.unary_unary
+        self.task = asyncio.ensure_future(self._run(impl, request))
+
+    async def _run(self, impl, request) -> None:
+        try:
+            result = impl(request, self)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    await self.write(item)
+                if not self.done:
+                    self._end(self._code or grpc.StatusCode.OK, self._details)
+                return
+            result = await result
+            if self.done:
+                return
+            if self._code is not None and self._code != grpc.StatusCode.OK:
+                self._end(self._code, self._details)  # set_code without abort: the status, no message
+            elif self.handler.response_streaming:  # its answers were sent with write()
+                self._end(grpc.StatusCode.OK, self._details)
+            elif result is None:
+                self._end(grpc.StatusCode.INTERNAL, "the method returned no response message")
+            else:
+                self._answer(self._serialize(result))
+        except _Abort:
+            if not self.done:
+                self._end(self._code or grpc.StatusCode.UNKNOWN, self._details)
+        except asyncio.CancelledError:
+            if not self.done:
+                self._end(grpc.StatusCode.CANCELLED, "Cancelled")
+            raise
+        except Exception as e:
+            if not self.done:
+                log.exception("gRPC method %s failed", self.method[:128])
+                self._end(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e).__name__}: {e}")
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.done = True
+            self.conn.finished(self)
+
+    def _serialize(self, message) -> bytes:
+        s = self.handler.response_serializer
+        return s(message) if s is not None else message
+
+    def _answer(self, payload: bytes) -> None:
+        """One message and the OK status, in one go when the client's windows allow."""
+        if self.gone:
+            return
+        conn = self.conn
+        h = conn.h2
+        body = grpc_wire.frame(payload)
+        trailers = [_OK_TRAILER] + grpc_wire.encode_metadata(self._trailing)
+        h.send_headers(self.sid, OK_HEADERS)
+        self.headers_sent = True
+        if len(body) <= min(h.local_flow_control_window(self.sid), h.max_outbound_frame_size):
+            h.send_data(self.sid, body)
+            h.send_headers(self.sid, trailers, end_stream=True)
+            conn.stop_reading(self.sid)
+        else:
+            self.out += body
+            self.end_after_out = trailers
+            self.pump()
+        self.done = True
+        conn.flush_soon()
+
+    async def write(self, message) -> None:
+        """Send one answer of a streaming call (grpc.aio's ``context.write``); returns once it
+        is within the client's window and the transport takes writes."""
+        if self.done:
+            raise asyncio.CancelledError
+        if not self.headers_sent:
+            self.conn.h2.send_headers(self.sid, OK_HEADERS)
+            self.headers_sent = True
+        self.out += grpc_wire.frame(self._serialize(message))
+        self.pump()
+        self.conn.flush_soon()
+        while self.out and not self.done:
+            self.out_waiter = asyncio.get_running_loop().create_future()
+            await self.out_waiter
+        wait = self.conn.writable()
+        if wait is not None:
+            await wait
+        if self.gone:
+            raise asyncio.CancelledError
+
+    def pump(self) -> None:
+        """Send what the windows allow of the waiting answer bytes (then the trailers)."""
+        if self.gone:
+            return
+        h = self.conn.h2
+        out = self.out
+        while out:
+            n = min(len(out), h.local_flow_control_window(self.sid), h.max_outbound_frame_size)
+            if n <= 0:
+                return
+            h.send_data(self.sid, bytes(out[:n]))
+            del out[:n]
+        if self.end_after_out is not None:
+            h.send_headers(self.sid, self.end_after_out, end_stream=True)
+            self.end_after_out = None
+            self.conn.stop_reading(self.sid)
+            self.conn.flush_soon()
+        w = self.out_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _end(self, code: grpc.StatusCode, message: str) -> None:
+        """Close the call with ``code`` (trailers-only when nothing was sent yet)."""
+        self.done = True
+        if self.gone:
+            return
+        conn = self.conn
+        if not self.headers_sent:
+            conn.trailers_only(self.sid, code, message, self._trailing)
+        else:
+            fields = grpc_wire.status_fields(code.value[0], message) + grpc_wire.encode_metadata(self._trailing)
+            if self.out:
+                self.end_after_out = fields
+                self.pump()
+            else:
+                conn.h2.send_headers(self.sid, fields, end_stream=True)
+                conn.stop_reading(self.sid)
+        conn.flush_soon()
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        """End the call now with an error found by the engine (framing, size, deadline)."""
+        if self.done:
+            return
+        self._end(code, message)
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self.conn.finished(self)
+        if self.requests is not None:
+            self.requests.wake()
+
+    def _expired(self) -> None:
+        self.timer = None
+        self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def abandon(self) -> None:
+        """The client is gone (reset stream, closed connection): stop the handler."""
+        self.gone = True
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        if self.requests is not None:
+            self.requests.wake()
+        w = self.out_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # ------------------------------------------------------------------ grpc.aio's context
+    def invocation_metadata(self):
+        return self.md
+
+    def peer(self) -> str:
+        return self.conn.peer
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self.conn.auth
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - _monotonic())
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def set_trailing_metadata(self, md) -> None:
+        self._trailing = tuple(md)
+
+    def trailing_metadata(self):
+        return self._trailing
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        self._code, self._details = code, details
+        if trailing_metadata:
+            self._trailing = tuple(trailing_metadata)
+        raise _Abort()
+
+    def cancelled(self) -> bool:
+        return self.gone
+
+    def is_active(self) -> bool:
+        return not self.done
+
+    def disable_next_message_compression(self) -> None:
+        pass
+
+
+class _Abort(grpc.aio.AbortError):
+    """Raised by ``abort``: the status is already set on the call. A grpc.aio.AbortError, so the
+    services' ``except grpc.aio.AbortError`` treat it as they treat grpc.aio's own."""

@@ -1,0 +1,53 @@
+"""The main gRPC listener's server object, on the engine ``server.grpc_engine`` names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ..security.tls import ServerTls
+from ..settings_sections import ServerSettings
+from .grpc_h2 import H2GrpcServer
+
+
+def new_grpc_server(
+    s: ServerSettings, max_receive_bytes: int, max_connections: int, reuse_port: bool, refused: Callable[[str], None]
+) -> Any:
+    """A grpc.aio server, or batchgate's own HTTP/2 engine; both take the same handlers."""
+    if s.grpc_engine == "h2":
+        return H2GrpcServer(
+            max_receive_bytes=max_receive_bytes,
+            max_connections=max_connections,
+            reuse_port=reuse_port,
+            refused=refused,
+            max_connection_age_s=s.grpc_max_connection_age_s,
+        )
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", 2**31 - 1),
+        ("grpc.so_reuseport", int(reuse_port)),
+        # max_connections bounds gRPC connections too; gRPC core refuses the one past it
+        # (not counted: core does not tell Python).
+        ("grpc.max_allowed_incoming_connections", max_connections),
+    ]
+    if s.grpc_max_connection_age_s > 0:
+        # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new
+        # replicas would get no gRPC traffic: ask clients to reconnect now and then (with a
+        # grace period for the calls in flight), which spreads them over the replicas.
+        age_ms = int(s.grpc_max_connection_age_s * 1000)
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 5000)),
+        ]
+    return grpc.aio.server(options=options)
+
+
+def add_port(server: Any, address: str, tls: ServerTls | None) -> int:
+    """Listen on ``address`` with TLS when ``tls`` is given; the port, 0 when it cannot bind."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    if isinstance(server, H2GrpcServer):
+        return server.add_secure_port(address, tls.h2_context())
+    return server.add_secure_port(address, tls.grpc_credentials())

@@ -1,0 +1,127 @@
+"""gRPC's HTTP/2 conventions, without I/O: message framing, deadlines, status and metadata.
+
+What ``grpc_h2.py`` (batchgate's own gRPC engine) needs from the gRPC-over-HTTP/2 spec
+(https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md), kept pure so it is tested
+on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import urllib.parse
+import zlib
+
+# Request headers that are gRPC's own, not the caller's metadata.
+RESERVED = frozenset(
+    (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding", b"content-length")
+)
+ENCODINGS = (b"identity", b"gzip", b"deflate")
+ACCEPT_ENCODING = b"identity,deflate,gzip"
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_PREFIX = struct.Struct(">BI")
+# grpc-message is percent-encoded; these bytes go as they are (the spec's "unreserved" set
+# is wider, but every printable ASCII byte except '%' is allowed).
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
+
+
+class WireError(Exception):
+    """A request that breaks gRPC's framing: answered with ``code`` (a grpc.StatusCode name)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """Seconds in a ``grpc-timeout`` header (``"100m"``, ``"5S"``), None when unparsable."""
+    if not 2 <= len(value) <= 9:  # at most 8 digits and a unit
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit():
+        return None
+    return int(digits) * unit
+
+
+def frame(message: bytes) -> bytes:
+    """One length-prefixed, uncompressed message."""
+    return _PREFIX.pack(0, len(message)) + message
+
+
+def split_messages(buf: bytearray, limit: int) -> tuple[list[tuple[bool, bytes]], int]:
+    """The whole messages at the front of ``buf`` as (compressed, payload) pairs, and how many
+    bytes they took. A message declaring more than ``limit`` bytes is a WireError at once (before
+    it is buffered)."""
+    out = []
+    pos = 0
+    end = len(buf)
+    while end - pos >= 5:
+        flag, length = _PREFIX.unpack_from(buf, pos)
+        if length > limit:
+            raise WireError("RESOURCE_EXHAUSTED", f"Received message larger than max ({length} vs. {limit})")
+        if flag > 1:
+            raise WireError("INTERNAL", f"a message's compressed flag is {flag}; it must be 0 or 1")
+        if end - pos - 5 < length:
+            break
+        out.append((flag == 1, bytes(buf[pos + 5 : pos + 5 + length])))
+        pos += 5 + length
+    return out, pos
+
+
+def decompress(payload: bytes, encoding: bytes, limit: int) -> bytes:
+    """A compressed message's bytes, at most ``limit`` of them (a small message that inflates
+    past the limit is refused, not inflated)."""
+    if encoding == b"gzip":
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == b"deflate":
+        d = zlib.decompressobj()
+    else:
+        raise WireError("INTERNAL", "a message is marked compressed but the call declares no grpc-encoding")
+    try:
+        out = d.decompress(payload, limit + 1)
+    except zlib.error as e:
+        raise WireError("INTERNAL", f"a compressed message could not be decompressed: {e}") from None
+    if len(out) > limit:
+        raise WireError("RESOURCE_EXHAUSTED", f"a message inflates past the largest accepted ({limit} bytes)")
+    return out
+
+
+def metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata in a request's headers, as grpc.aio gives it: (key, value) pairs,
+    binary (``-bin``) values base64-decoded to bytes, others as str."""
+    out: list[tuple[str, str | bytes]] = []
+    for k, v in headers:
+        if k[:1] == b":" or k in RESERVED:
+            continue
+        if k.endswith(b"-bin"):
+            try:
+                out.append((k.decode("ascii"), base64.b64decode(v + b"=" * (-len(v) % 4))))
+            except ValueError:
+                continue  # not base64: dropped, as gRPC core drops it
+        else:
+            out.append((k.decode("latin-1"), v.decode("latin-1")))
+    return tuple(out)
+
+
+def encode_metadata(pairs) -> list[tuple[bytes, bytes]]:
+    """Metadata pairs as header fields (keys lower-case; ``-bin`` values base64, unpadded)."""
+    out = []
+    for k, v in pairs or ():
+        key = k.lower().encode("ascii") if isinstance(k, str) else k.lower()
+        if key.endswith(b"-bin"):
+            raw = v if isinstance(v, bytes) else v.encode()
+            out.append((key, base64.b64encode(raw).rstrip(b"=")))
+        else:
+            out.append((key, v.encode("latin-1") if isinstance(v, str) else bytes(v)))
+    return out
+
+
+def status_fields(code: int, message: str) -> list[tuple[bytes, bytes]]:
+    """``grpc-status`` and, when there is one, the percent-encoded ``grpc-message``."""
+    fields = [(b"grpc-status", b"%d" % code)]
+    if message:
+        fields.append((b"grpc-message", urllib.parse.quote(message, safe=_SAFE).encode("ascii")))
+    return fields

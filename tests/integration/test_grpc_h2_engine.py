@@ -1,0 +1,252 @@
+"""batchgate's own gRPC engine (``grpc_engine: h2``) at the HTTP/2 level: what a raw client
+can send that tritonclient never would, and the engine's own limits. The V2 service itself runs
+on this engine through the whole protocol suite too (``make test-h2``)."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from batchgate.demo import _save, slow_model
+
+INFER = b"/inference.GRPCInferenceService/ModelInfer"
+LIVE = b"/inference.GRPCInferenceService/ServerLive"
+SLOW_CONFIG = """max_batch_size: 8
+instance_group [ { count: 1 kind: KIND_CPU } ]
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+
+
+class RawH2:
+    """A bare HTTP/2 client over a socket (the h2 library, client side)."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2.initiate_connection()
+        self.sock.sendall(self.h2.data_to_send())
+        self.results: dict[int, dict] = {}
+        self.closed = False
+
+    def request(self, path: bytes, body: bytes = b"", headers=(), end: bool = True, method: bytes = b"POST") -> int:
+        sid = self.h2.get_next_available_stream_id()
+        fields = [
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", path),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *headers,
+        ]
+        self.h2.send_headers(sid, fields, end_stream=end and not body)
+        if body:
+            self.h2.send_data(sid, body, end_stream=end)
+        self.sock.sendall(self.h2.data_to_send())
+        self.results[sid] = {"headers": [], "data": b"", "reset": None, "ended": False}
+        return sid
+
+    def reset(self, sid: int) -> None:
+        self.h2.reset_stream(sid)
+        self.sock.sendall(self.h2.data_to_send())
+
+    def wait(self, sid: int, timeout: float = 10.0) -> dict:
+        end = time.monotonic() + timeout
+        r = self.results[sid]
+        while not (r["ended"] or r["reset"] is not None or self.closed):
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                self.closed = True
+                break
+            for ev in self.h2.receive_data(data):
+                got = self.results.get(getattr(ev, "stream_id", 0))
+                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    got["headers"] += ev.headers
+                elif isinstance(ev, h2.events.DataReceived):
+                    got["data"] += ev.data
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    got["ended"] = True
+                elif isinstance(ev, h2.events.StreamReset):
+                    got["reset"] = ev.error_code
+            out = self.h2.data_to_send()
+            if out:
+                self.sock.sendall(out)
+        return r
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def status(result: dict) -> tuple[int, str]:
+    h = dict(result["headers"])
+    return int(h[b"grpc-status"]), urllib.request.unquote(h.get(b"grpc-message", b"").decode())
+
+
+def framed(message: bytes, compressed: bool = False) -> bytes:
+    return struct.pack(">BI", int(compressed), len(message)) + message
+
+
+def infer_request(model="mlp") -> bytes:
+    req = service_pb2.ModelInferRequest(model_name=model, id="raw")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 256])
+    req.raw_input_contents.append(np.ones((1, 256), np.float32).tobytes())
+    return req.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def h2_server(demo_repo):
+    from gateway_support import start_gateway
+
+    running = start_gateway(demo_repo, grpc_engine="h2", max_request_bytes=1 << 20)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def raw(h2_server):
+    c = RawH2(h2_server.gateway.grpc_port)
+    yield c
+    c.close()
+
+
+def test_a_raw_infer_is_answered_with_headers_message_and_trailers(raw):
+    r = raw.wait(raw.request(INFER, framed(infer_request())))
+    assert status(r) == (0, "")
+    flag, length = struct.unpack(">BI", r["data"][:5])
+    answer = service_pb2.ModelInferResponse.FromString(r["data"][5:])
+    assert flag == 0 and length == len(r["data"]) - 5 and answer.model_name == "mlp" and answer.id == "raw"
+
+
+def test_a_request_that_is_not_grpc_gets_415(raw):
+    r = raw.wait(raw.request(b"/", method=b"GET"))
+    assert dict(r["headers"])[b":status"] == b"415"
+
+
+def test_an_unknown_method_is_unimplemented(raw):
+    assert status(raw.wait(raw.request(b"/no.Such/Method", framed(b""))))[0] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+def test_a_message_over_the_limit_is_refused_from_its_prefix(raw):
+    # Claims 100 MB and sends 10 bytes: refused at once, nothing buffered, the stream told to stop.
+    sid = raw.request(INFER, struct.pack(">BI", 0, 100 << 20) + b"x" * 10, end=False)
+    code, message = status(raw.wait(sid))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "104857600 vs. 1048576" in message
+    # the connection still serves
+    assert status(raw.wait(raw.request(INFER, framed(infer_request()))))[0] == 0
+
+
+def test_an_unknown_compression_is_named(raw):
+    code, message = status(raw.wait(raw.request(INFER, framed(b"x", True), headers=[(b"grpc-encoding", b"snappy")])))
+    assert code == grpc.StatusCode.UNIMPLEMENTED.value[0] and "snappy" in message
+
+
+def test_a_gzip_message_is_served_and_a_gzip_bomb_refused(raw):
+    body = framed(gzip.compress(infer_request()), compressed=True)
+    assert status(raw.wait(raw.request(INFER, body, headers=[(b"grpc-encoding", b"gzip")])))[0] == 0
+    bomb = framed(gzip.compress(b"\0" * (8 << 20)), compressed=True)  # ~8 KB inflating to 8 MB
+    code, message = status(raw.wait(raw.request(INFER, bomb, headers=[(b"grpc-encoding", b"gzip")])))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "inflates past" in message
+
+
+def test_two_messages_on_a_unary_call_are_refused(raw):
+    code, message = status(raw.wait(raw.request(INFER, framed(infer_request()) * 2)))
+    assert code == grpc.StatusCode.UNIMPLEMENTED.value[0] and "sent 2" in message
+
+
+def test_a_malformed_timeout_is_an_error_and_an_unfinished_call_times_out(raw):
+    code, _ = status(raw.wait(raw.request(LIVE, framed(b""), headers=[(b"grpc-timeout", b"soon")])))
+    assert code == grpc.StatusCode.INTERNAL.value[0]
+    sid = raw.request(INFER, framed(infer_request())[:20], headers=[(b"grpc-timeout", b"200m")], end=False)
+    code, message = status(raw.wait(sid))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+def test_a_request_ending_inside_a_message_is_an_error(raw):
+    code, message = status(raw.wait(raw.request(INFER, framed(infer_request())[:-3])))
+    assert code == grpc.StatusCode.INTERNAL.value[0] and "inside a message" in message
+
+
+def test_binary_metadata_reaches_the_service_decoded(h2_server):
+    # the V2 request id falls back to x-request-id; a -bin entry beside it must not disturb it
+    c = grpcclient.InferenceServerClient(h2_server.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 256], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 256), np.float32))
+    res = c.infer("mlp", [inp], headers={"x-request-id": "abc", "blob-bin": b"\x00\x01"})
+    assert res.as_numpy("output").shape[0] == 1
+
+
+def test_connections_past_max_connections_are_closed_and_counted(demo_repo, serve):
+    running = serve(demo_repo, grpc_engine="h2", max_connections=2)
+    keep = [RawH2(running.gateway.grpc_port) for _ in range(2)]
+    for c in keep:
+        assert status(c.wait(c.request(LIVE, framed(b""))))[0] == 0
+    extra = RawH2(running.gateway.grpc_port)
+    with pytest.raises(OSError):
+        extra.wait(extra.request(LIVE, framed(b"")), timeout=5)
+        if extra.closed:
+            raise ConnectionResetError
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert 'batchgate_http_connections_refused_total{reason="grpc_connections"} 1.0' in metrics
+    for c in keep + [extra]:
+        c.close()
+
+
+def test_a_call_the_client_resets_is_cancelled_and_the_server_goes_on(tmp_path, serve):
+    _save(slow_model(width=256, layers=400), str(tmp_path), "slow", config=SLOW_CONFIG)
+    running = serve(str(tmp_path), grpc_engine="h2")
+    raw = RawH2(running.gateway.grpc_port)
+    sid = raw.request(INFER, framed(infer_request("slow")))
+    time.sleep(0.05)
+    raw.reset(sid)
+    end = time.monotonic() + 10
+    while running.gateway.dataplane.in_flight and time.monotonic() < end:
+        time.sleep(0.02)
+    assert running.gateway.dataplane.in_flight == 0
+    assert status(raw.wait(raw.request(INFER, framed(infer_request("slow")))))[0] == 0
+    raw.close()
+
+
+def test_a_stream_answers_and_ends_with_ok(h2_server):
+    channel = grpc.insecure_channel(h2_server.grpc_url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    requests = [service_pb2.ModelInferRequest.FromString(infer_request()) for _ in range(20)]
+    answers = list(stub.ModelStreamInfer(iter(requests)))
+    assert len(answers) == 20 and all(not a.error_message for a in answers)
+    channel.close()
+
+
+def test_many_concurrent_calls_on_one_connection(h2_server):
+    c = grpcclient.InferenceServerClient(h2_server.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 256], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 256), np.float32))
+    errors: list[BaseException] = []
+    done = []
+
+    def go():
+        try:
+            for _ in range(20):
+                done.append(c.infer("mlp", [inp]).as_numpy("output").shape)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(done) == 160
