@@ -18,7 +18,7 @@ INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 # pip's own progress: each package as it is collected, download bars, then the install step.
 PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
-.PHONY: install install-serve serve test fuzz drift-sweep demo bench bench-serving bench-batching bench-remote \
+.PHONY: install install-serve serve test test-h2 fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-grpc-engines \
 	bench-overload bench-routing bench-drift bench-workers bench-score bench-observability bench-tracing bench-tools test-tools dashboard-preview lint clean soak
 
 $(PY):
@@ -69,6 +69,16 @@ lint: $(FULL_STAMP)
 test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The gRPC protocol tests again on batchgate's own gRPC engine (grpc_engine: h2; about a minute).
+# `make test` runs the engine's own tests (tests/integration/test_grpc_h2_engine.py) and these modules
+# once on the default engine.
+H2_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_protocol_streaming.py \
+  tests/integration/test_protocol_metadata.py tests/integration/test_protocol_compression.py \
+  tests/integration/test_stream_backpressure.py tests/integration/test_tls.py tests/integration/test_parity.py \
+  tests/integration/test_bad_input.py tests/integration/test_api_keys.py tests/integration/test_admission.py
+test-h2: $(FULL_STAMP)
+	BATCHGATE_TEST_GRPC_ENGINE=h2 $(PY) -m pytest -q -p no:cacheprovider $(H2_SUITE)
 
 # The fuzz harness at length (tests/fuzz/conftest.py: ~90,000 examples, about 7 minutes, new seeds
 # each run, what a run found replayed first from .cache/hypothesis). `make test` runs a short,
@@ -138,6 +148,11 @@ bench-tracing: $(FULL_STAMP) bench-tools
 # capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED.
 bench-overload: $(FULL_STAMP) bench-tools
 	$(PY) bench/overload.py
+
+# The two gRPC engines (bench/grpc_engines.py, about 2 minutes): CPU per answer, per refusal and per
+# tiny call on grpcio and on batchgate's own h2 engine, interleaved rounds.
+bench-grpc-engines: $(FULL_STAMP) bench-tools
+	$(PY) bench/grpc_engines.py
 
 # Routing (bench/routing.py, about 9 minutes): a route's overhead against the model directly, a
 # remote and a local shadow's cost to the primary's p99 at half of capacity, two rollouts

@@ -142,7 +142,9 @@ def variant_name(v: str, delay_us: int) -> str:
 # ============================================================================ processes
 
 
-def gateway_command(py: str, upstream: str, mode: str, delay_us: int, inflight: int, policy: str) -> list[str]:
+def gateway_command(
+    py: str, upstream: str, mode: str, delay_us: int, inflight: int, policy: str, engine: str = "grpcio"
+) -> list[str]:
     """A batchgate with no repository, serving the upstream's model as a remote model of the same name."""
     # "decoded": passthrough with raw forwarding off, the path every forwarded request took before it
     batching, forwarding = ("passthrough", "decoded") if mode == "decoded" else (mode, "raw")
@@ -172,6 +174,8 @@ def gateway_command(py: str, upstream: str, mode: str, delay_us: int, inflight: 
         "info",
         "--batching-policy",
         policy,
+        "--grpc-engine",
+        engine,
         "--remote-model",
         spec,
     ]
@@ -298,6 +302,7 @@ def measure_config(
                 args.gateway_delay_us,
                 args.max_inflight,
                 args.gateway_policy,
+                args.gateway_grpc_engine,
             )
             gw = Server(f"{label} gateway", [*pin.load, *cmd], BATCHGATE_READY, tmp / f"{variant}-{path}-{rnd}-gw.log")
             servers.append(gw)
@@ -861,6 +866,12 @@ def parse_args(argv=None):
         help="the gateway's --batching-policy in gateway mode (default triton, batchgate's default)",
     )
     ap.add_argument(
+        "--gateway-grpc-engine",
+        choices=("grpcio", "h2"),
+        default="grpcio",
+        help="the gateway's gRPC server engine (--grpc-engine; default grpcio, batchgate's default)",
+    )
+    ap.add_argument(
         "--max-inflight", type=int, default=0, help="the remote model's max_inflight (default 0: the backend's default)"
     )
     ap.add_argument(
@@ -954,6 +965,7 @@ def main(argv=None) -> int:
             "upstream_model": MODEL,
             "max_queue_delay_us": args.gateway_delay_us,
             "batching_policy": args.gateway_policy,
+            "gateway_grpc_engine": args.gateway_grpc_engine,
             "max_inflight": args.max_inflight or "backend default (gateway 2, passthrough 256)",
         },
         "wall_s": round(time.monotonic() - t_start, 1),
@@ -969,8 +981,8 @@ def main(argv=None) -> int:
     subtitle = (
         f"MLP {' -> '.join(map(str, args.sizes))} (batch 1: {timing[1]['ms'] * 1e3:.0f} us in ORT), "
         f"max_batch_size {MAX_BATCH}; gateway: max_queue_delay {args.gateway_delay_us} us, "
-        f"{args.gateway_policy} policy; {meta['cpu_model']}, medians of {args.rounds} round(s) x "
-        f"{args.duration:g} s\n{topology(pin)}"
+        f"{args.gateway_policy} policy, {args.gateway_grpc_engine} gRPC engine; {meta['cpu_model']}, "
+        f"medians of {args.rounds} round(s) x {args.duration:g} s\n{topology(pin)}"
     )
     try:
         plot(summary, ratios, args, args.output / "remote.png", subtitle)

@@ -212,7 +212,7 @@ class Gateway:
         lim = self.settings.limits
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
-        self._grpc = new_grpc_server(s, limit, connections, self.reuse_port, self.metrics.connection_refused)
+        self._grpc = new_grpc_server(s, lim, connections, self.reuse_port, self.metrics.connection_refused)
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)

@@ -156,7 +156,16 @@ class LimitSettings:
         256, "the V2 id (or x-request-id) a request is answered with; longer = INVALID_ARGUMENT", minimum=1
     )
     max_header_bytes: int = _setting(
-        64 * 1024, "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed", minimum=1
+        64 * 1024,
+        "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed (on the h2 gRPC "
+        "engine: a call's headers and metadata, decoded; more closes the connection)",
+        minimum=1,
+    )
+    grpc_max_concurrent_streams: int = _setting(
+        1024,
+        "gRPC calls one HTTP/2 connection may have open at once on the h2 engine (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS: a client past it waits for a slot)",
+        minimum=1,
     )
     max_connections: int = _setting(
         8192,
@@ -199,7 +208,8 @@ class LimitSettings:
     )
     overload_refusals_per_s: int = _setting(
         8000,
-        "HTTP overload refusals (429) per second before the server stops reading: past it, a connection just "
+        "overload refusals (HTTP 429; gRPC RESOURCE_EXHAUSTED on the h2 engine) per second and protocol before the "
+        "server stops reading: past it, a connection just "
         "refused is not read for the refusal's Retry-After (TCP backpressure), so clients that retry at once "
         "cannot take the core from admitted work",
         minimum=1,

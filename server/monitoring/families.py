@@ -108,7 +108,8 @@ FAMILIES: dict[str, Family] = {
     "batchgate_http_connections_refused": Family(
         "counter",
         "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections "
-        "(HTTP/1.1), grpc_connections (gRPC on the h2 engine)",
+        "(HTTP/1.1); on the h2 gRPC engine grpc_connections, grpc_header_bytes, grpc_protocol (an HTTP/2 error); "
+        "overload_hold (either)",
         ("reason",),
     ),
     "batchgate_trace_spans": Family(

@@ -42,6 +42,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from . import grpc_wire
 from .grpc_h2_call import OK_HEADERS, _Call
@@ -52,7 +53,6 @@ log = logging.getLogger("batchgate.grpc")
 STREAM_WINDOW = 4 << 20  # bytes a client may send on one stream before we credit them
 CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
-MAX_HEADER_LIST = 64 << 10  # request headers and metadata, decoded
 _CONFIG = h2.config.H2Configuration(
     client_side=False,
     header_encoding=None,  # bytes in, bytes out: no decoding of every header
@@ -90,6 +90,8 @@ class H2GrpcServer:
         reuse_port: bool = False,
         refused: Refused | None = None,
         max_connection_age_s: float = 0.0,
+        refusals_per_s: int = 8000,
+        max_header_bytes: int = 64 << 10,
     ):
         self.max_receive_bytes = max_receive_bytes
         self.max_connections = max_connections
@@ -97,6 +99,10 @@ class H2GrpcServer:
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s
+        self.refusals_per_s = refusals_per_s
+        self.max_header_bytes = max_header_bytes
+        self._second = 0.0
+        self._refusals = 0
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._binds: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -104,6 +110,14 @@ class H2GrpcServer:
         self.connections: set[_Connection] = set()
         self._stopped: asyncio.Event | None = None
         self._dirty: list[_Connection] = []  # connections with bytes to write at the end of this turn
+
+    def over_budget(self) -> bool:
+        """Whether this overload refusal is past ``refusals_per_s`` in this second."""
+        now = _monotonic()
+        if now - self._second >= 1.0:
+            self._second, self._refusals = now, 0
+        self._refusals += 1
+        return self._refusals > self.refusals_per_s
 
     def dirty(self, conn: _Connection) -> None:
         if not self._dirty:
@@ -214,6 +228,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False  # the transport's write buffer is full
         self._drained: list[asyncio.Future] = []
         self._closing = False
+        self._last_stream = 0  # the last call accepted before a GOAWAY of ours
+        self._held = False  # not read for a while after an overload refusal past the budget
         self._age_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ connection
@@ -233,14 +249,14 @@ class _Connection(asyncio.Protocol):
             if der:
                 self.auth["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(der).encode("ascii")]
         h = self.h2
-        h.encoder, h.decoder = CachingEncoder(), CachingDecoder(MAX_HEADER_LIST)
+        h.encoder, h.decoder = CachingEncoder(), CachingDecoder(server.max_header_bytes)
         h.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: server.max_header_bytes,
             },
         )
         h.initiate_connection()
@@ -292,14 +308,26 @@ class _Connection(asyncio.Protocol):
         self._age_timer = loop.call_later(max(self.server.max_connection_age_s / 10, 5.0), self.close)
 
     def go_away(self) -> None:
+        """Close gracefully: tell the client with GOAWAY to open no more calls here (gRPC
+        clients then start new calls on a new connection), let the calls in progress finish,
+        then close. h2 can neither send nor receive once it has sent a GOAWAY, so this first
+        one is written past it (h2 never learns of it); h2's own goes last, in ``_goodbye``."""
         if self._closing or self.transport is None or self.transport.is_closing():
             return
         self._closing = True
+        self._last_stream = self.h2.highest_inbound_stream_id
+        self.flush()  # what h2 holds goes first
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self._last_stream
+        self.transport.write(frame.serialize())
+        if not self.calls:
+            self._goodbye()
+
+    def _goodbye(self) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
         self.flush()
-        if not self.calls:
-            self.close()
+        self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -323,6 +351,9 @@ class _Connection(asyncio.Protocol):
             events: list[Any] = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             log.debug("closing a gRPC connection from %s on an HTTP/2 error: %s", self.peer, e)
+            # (DenialOfServiceError: a header block past max_header_bytes, among others)
+            dos = isinstance(e, h2.exceptions.DenialOfServiceError)
+            self.server.refused("grpc_header_bytes" if dos else "grpc_protocol")
             self.flush()
             self.close()
             return
@@ -357,10 +388,11 @@ class _Connection(asyncio.Protocol):
                 else:
                     for call in list(self.calls.values()):
                         call.pump()
-            elif kind is h2.events.ConnectionTerminated:
-                self._closing = True
-                if not self.calls:
-                    self.close()
+            elif kind is h2.events.ConnectionTerminated:  # the client's GOAWAY: h2 sends nothing more
+                for call in list(self.calls.values()):
+                    call.abandon()
+                self.calls.clear()
+                self.close()
         self._flush_soon = False  # (a turn's later flush finds nothing to write)
         self.flush()
 
@@ -369,6 +401,9 @@ class _Connection(asyncio.Protocol):
             self.h2.acknowledge_received_data(n, sid)
 
     def _request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._closing and sid > self._last_stream:  # opened after our GOAWAY: never started
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         path = method = ctype = timeout = encoding = None
         for k, v in headers:
             if k == b":path":
@@ -425,11 +460,32 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
 
+    def overload_refusal(self, trailing) -> None:
+        """A call on this connection was refused for overload: past the server's refusal budget,
+        the connection is not read for the refusal's Retry-After (TCP backpressure, as for HTTP:
+        its client's next requests wait in its socket instead of taking the core from admitted
+        work). Answers to its admitted calls are still written."""
+        if self._held or not self.server.over_budget() or self.transport is None:
+            return
+        retry = next((v for k, v in trailing if k == "retry-after"), "1")
+        try:
+            pause = max(1.0, min(float(retry), 10.0))
+        except ValueError:
+            pause = 1.0
+        self._held = True
+        self.server.refused("overload_hold")
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(pause, self._release)
+
+    def _release(self) -> None:
+        self._held = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def finished(self, call: _Call) -> None:
         self.calls.pop(call.sid, None)
         if self._closing and not self.calls:
-            self.flush()
-            self.close()
+            self._goodbye()
 
 
 # h2 formats every frame it receives for a trace log line (``repr(frame)``) before asking whether

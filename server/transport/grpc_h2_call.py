@@ -317,6 +317,8 @@ class _Call:
         if self.gone:
             return
         conn = self.conn
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            conn.overload_refusal(self._trailing)
         if not self.headers_sent:
             conn.trailers_only(self.sid, code, message, self._trailing)
         else:

@@ -8,24 +8,31 @@ from typing import Any
 import grpc
 
 from ..security.tls import ServerTls
-from ..settings_sections import ServerSettings
+from ..settings_sections import LimitSettings, ServerSettings
 from .grpc_h2 import H2GrpcServer
 
 
 def new_grpc_server(
-    s: ServerSettings, max_receive_bytes: int, max_connections: int, reuse_port: bool, refused: Callable[[str], None]
+    s: ServerSettings,
+    lim: LimitSettings,
+    max_connections: int,
+    reuse_port: bool,
+    refused: Callable[[str], None],
 ) -> Any:
     """A grpc.aio server, or batchgate's own HTTP/2 engine; both take the same handlers."""
     if s.grpc_engine == "h2":
         return H2GrpcServer(
-            max_receive_bytes=max_receive_bytes,
+            max_receive_bytes=lim.max_request_bytes,
             max_connections=max_connections,
             reuse_port=reuse_port,
             refused=refused,
             max_connection_age_s=s.grpc_max_connection_age_s,
+            refusals_per_s=lim.overload_refusals_per_s,
+            max_concurrent_streams=lim.grpc_max_concurrent_streams,
+            max_header_bytes=lim.max_header_bytes,
         )
     options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_receive_message_length", lim.max_request_bytes),
         ("grpc.max_send_message_length", 2**31 - 1),
         ("grpc.so_reuseport", int(reuse_port)),
         # max_connections bounds gRPC connections too; gRPC core refuses the one past it

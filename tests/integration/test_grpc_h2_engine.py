@@ -206,6 +206,17 @@ def test_connections_past_max_connections_are_closed_and_counted(demo_repo, serv
         c.close()
 
 
+def test_headers_past_max_header_bytes_close_the_connection_and_are_counted(demo_repo, serve):
+    running = serve(demo_repo, grpc_engine="h2", max_header_bytes=4096)
+    raw = RawH2(running.gateway.grpc_port)
+    assert status(raw.wait(raw.request(LIVE, framed(b""), headers=[(b"x-small", b"v" * 1000)])))[0] == 0
+    raw.wait(raw.request(LIVE, framed(b""), headers=[(b"x-big", b"v" * 8000)]))
+    assert raw.closed  # the connection was closed, without an answer
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert 'batchgate_http_connections_refused_total{reason="grpc_header_bytes"} 1.0' in metrics
+    raw.close()
+
+
 def test_a_call_the_client_resets_is_cancelled_and_the_server_goes_on(tmp_path, serve):
     _save(slow_model(width=256, layers=400), str(tmp_path), "slow", config=SLOW_CONFIG)
     running = serve(str(tmp_path), grpc_engine="h2")
@@ -250,3 +261,31 @@ def test_many_concurrent_calls_on_one_connection(h2_server):
     for t in threads:
         t.join(60)
     assert not errors and len(done) == 160
+
+
+def test_aged_connections_close_gracefully_and_clients_carry_on(tmp_path, serve):
+    """grpc_max_connection_age_s: a connection that reaches its age refuses new calls with
+    REFUSED_STREAM (the client retries them on a new connection), lets its calls finish, then
+    sends GOAWAY: the client sees only successes."""
+    _save(slow_model(width=256, layers=400), str(tmp_path), "slow", config=SLOW_CONFIG)
+    running = serve(str(tmp_path), grpc_engine="h2", grpc_max_connection_age_s=0.2)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 256], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 256), np.float32))
+    errors: list[BaseException] = []
+    answered = []
+
+    def go():
+        try:
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                answered.append(c.infer("slow", [inp]).as_numpy("output").shape)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(answered) >= 8, [str(e) for e in errors]
