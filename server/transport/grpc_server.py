@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,8 @@ import grpc
 from ..security.tls import ServerTls
 from ..settings_sections import LimitSettings, ServerSettings
 from .grpc_h2 import H2GrpcServer
+
+log = logging.getLogger("batchgate.grpc")
 
 
 def new_grpc_server(
@@ -21,6 +24,7 @@ def new_grpc_server(
 ) -> Any:
     """A grpc.aio server, or batchgate's own HTTP/2 engine; both take the same handlers."""
     if s.grpc_engine == "h2":
+        log.info("gRPC engine: h2 (batchgate's own HTTP/2 engine)")
         return H2GrpcServer(
             max_receive_bytes=lim.max_request_bytes,
             max_connections=max_connections,
