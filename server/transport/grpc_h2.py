@@ -52,6 +52,7 @@ log = logging.getLogger("batchgate.grpc")
 
 STREAM_WINDOW = 4 << 20  # bytes a client may send on one stream before we credit them
 CONNECTION_WINDOW = 16 << 20
+BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
 _CONFIG = h2.config.H2Configuration(
     client_side=False,
@@ -229,6 +230,7 @@ class _Connection(asyncio.Protocol):
         self._drained: list[asyncio.Future] = []
         self._closing = False
         self._last_stream = 0  # the last call accepted before a GOAWAY of ours
+        self.buffered = 0  # bytes of unfinished unary requests held (see hold)
         self._held = False  # not read for a while after an overload refusal past the budget
         self._age_timer: asyncio.TimerHandle | None = None
 
@@ -482,7 +484,25 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def hold(self, call: _Call, n: int) -> bool:
+        """Count ``n`` more bytes of ``call``'s unfinished unary request; False (the call is to be
+        refused) once the connection would hold more than ``BUFFERED_REQUESTS`` times
+        ``max_request_bytes`` of unfinished requests. Withholding credit instead could deadlock
+        a client that interleaves many large requests, since they share the connection's window."""
+        if self.buffered + n > BUFFERED_REQUESTS * self.server.max_receive_bytes:
+            self.server.refused("grpc_buffered_bytes")
+            return False
+        call.held += n
+        self.buffered += n
+        return True
+
+    def release(self, call: _Call) -> None:
+        """``call``'s buffered request bytes are no longer held."""
+        self.buffered -= call.held
+        call.held = 0
+
     def finished(self, call: _Call) -> None:
+        self.release(call)
         self.calls.pop(call.sid, None)
         if self._closing and not self.calls:
             self._goodbye()

@@ -76,6 +76,7 @@ class _Call:
         "buf",
         "inbox",
         "unacked",
+        "held",
         "request_done",
         "gone",
         "done",
@@ -103,6 +104,7 @@ class _Call:
         self.buf = bytearray()
         self.inbox: deque[bytes] = deque()
         self.unacked = 0
+        self.held = 0  # bytes of an unfinished unary request counted in the connection's ``buffered``
         self.request_done = False
         self.gone = False  # the client reset the stream or the connection went away
         self.done = False  # our answer is complete (or abandoned)
@@ -140,7 +142,13 @@ class _Call:
             del self.buf[:used]
         if messages:
             self._take(messages)
-        if self.requests is None:  # unary: the message is taken at once; credit what came
+        if self.requests is None:  # unary: buffered until the request ends; credited at once
+            if not self.conn.hold(self, len(data)):
+                self.fail(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "this connection holds too many bytes of unfinished requests; send fewer large requests at once",
+                )
+                return
             self.credit()
             return
         if messages:
@@ -166,6 +174,7 @@ class _Call:
 
     def request_ended(self) -> None:
         self.request_done = True
+        self.conn.release(self)
         if self.done:
             return
         if self.buf:
@@ -336,6 +345,7 @@ class _Call:
         if self.done:
             return
         self._end(code, message)
+        self.conn.release(self)
         if self.task is not None:
             self.task.cancel()
         else:
@@ -351,6 +361,7 @@ class _Call:
         """The client is gone (reset stream, closed connection): stop the handler."""
         self.gone = True
         self.done = True
+        self.conn.release(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:
