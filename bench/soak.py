@@ -917,6 +917,9 @@ def parse_args(argv=None):
     ap.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines (default 5)")
     ap.add_argument("--kinds", help="send only these request kinds (comma-separated), e.g. to find what grows")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    ap.add_argument(
+        "--grpc-engine", choices=("grpcio", "h2"), default="grpcio", help="the server's gRPC engine (default grpcio)"
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--plot-to", type=Path, help="also write the plot here (e.g. docs/soak.png)")
@@ -977,6 +980,8 @@ def main(argv=None) -> int:
             "0",
             "--log-level",
             args.log_level,
+            "--grpc-engine",
+            args.grpc_engine,
         ]
         try:
             server = Server("batchgate", cmd, BATCHGATE_READY, tmp / "server.log")

@@ -77,6 +77,7 @@ class _Call:
         "inbox",
         "unacked",
         "held",
+        "ran",
         "request_done",
         "gone",
         "done",
@@ -105,6 +106,7 @@ class _Call:
         self.inbox: deque[bytes] = deque()
         self.unacked = 0
         self.held = 0  # bytes of an unfinished unary request counted in the connection's ``buffered``
+        self.ran = False  # the handler has returned (the answer may still wait for the client's window)
         self.request_done = False
         self.gone = False  # the client reset the stream or the connection went away
         self.done = False  # our answer is complete (or abandoned)
@@ -252,7 +254,9 @@ class _Call:
             if self.timer is not None:
                 self.timer.cancel()
             self.done = True
-            self.conn.finished(self)
+            self.ran = True
+            if self.end_after_out is None or self.gone:  # else ``pump`` finishes the call once it is sent
+                self.conn.finished(self)
 
     def _serialize(self, message) -> bytes:
         s = self.handler.response_serializer
@@ -316,6 +320,8 @@ class _Call:
             self.end_after_out = None
             self.conn.stop_reading(self.sid)
             self.conn.flush_soon()
+            if self.ran:
+                self.conn.finished(self)
         w = self.out_waiter
         if w is not None and not w.done():
             w.set_result(None)

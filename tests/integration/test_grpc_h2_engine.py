@@ -20,7 +20,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from batchgate.demo import _save, slow_model
+from onnx import TensorProto
+
+from batchgate.demo import _save, identity_model, slow_model
 
 INFER = b"/inference.GRPCInferenceService/ModelInfer"
 LIVE = b"/inference.GRPCInferenceService/ServerLive"
@@ -311,3 +313,33 @@ def test_aged_connections_close_gracefully_and_clients_carry_on(tmp_path, serve)
 
     answered, errors = _from_threads(for_two_seconds, 4)
     assert not errors and len(answered) >= 8, [str(e) for e in errors]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_large_tensors_cross_the_windows_both_ways(tmp_path, serve, streaming):
+    """A 24 MB request and its 24 MB answer: many times the HTTP/2 windows on either side, so
+    both directions wait on flow control and go on as the other side credits them."""
+    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 0\n")
+    running = serve(str(tmp_path), grpc_engine="h2")
+    x = np.random.default_rng(0).random((4, 1_500_000), dtype=np.float32)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    if not streaming:
+        np.testing.assert_array_equal(c.infer("big", [inp]).as_numpy("OUTPUT"), x)
+        return
+    got: list = []
+    done = threading.Event()
+
+    def back(result, error):
+        got.append(error if error is not None else result.as_numpy("OUTPUT"))
+        if len(got) == 3:
+            done.set()
+
+    c.start_stream(back)
+    for _ in range(3):
+        c.async_stream_infer("big", [inp])
+    assert done.wait(60)
+    c.stop_stream()
+    for g in got:
+        np.testing.assert_array_equal(g, x)
