@@ -18,9 +18,8 @@ import h2.events
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2, service_pb2_grpc
-
 from onnx import TensorProto
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from batchgate.demo import _save, identity_model, slow_model
 
