@@ -454,13 +454,14 @@ class _Connection(asyncio.Protocol):
         self.h2.send_headers(sid, fields, end_stream=True)
         self.stop_reading(sid)
 
-    def stop_reading(self, sid: int) -> None:
+    def stop_reading(self, sid: int, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
         """Our side of ``sid`` is done: a client still sending is told to stop (RST_STREAM
-        NO_ERROR, as the spec allows once the status is sent)."""
+        NO_ERROR, as the spec allows once the status is sent); with another ``code`` the stream
+        is reset whatever its state (an answer given up on)."""
         stream = self.h2.streams.get(sid)
-        if stream is not None and not stream.closed and stream.open:
+        if stream is not None and not stream.closed and (stream.open or code != h2.errors.ErrorCodes.NO_ERROR):
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+                self.h2.reset_stream(sid, code)
 
     def overload_refusal(self, trailing) -> None:
         """A call on this connection was refused for overload: past the server's refusal budget,

@@ -12,6 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import grpc
+import h2.errors
 
 from . import grpc_wire
 from .grpc_wire import WireError
@@ -251,11 +252,11 @@ class _Call:
                 log.exception("gRPC method %s failed", self.method[:128])
                 self._end(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e).__name__}: {e}")
         finally:
-            if self.timer is not None:
-                self.timer.cancel()
             self.done = True
             self.ran = True
             if self.end_after_out is None or self.gone:  # else ``pump`` finishes the call once it is sent
+                if self.timer is not None:  # (else the deadline still bounds how long the answer waits)
+                    self.timer.cancel()
                 self.conn.finished(self)
 
     def _serialize(self, message) -> bytes:
@@ -361,6 +362,13 @@ class _Call:
 
     def _expired(self) -> None:
         self.timer = None
+        if self.ran and self.end_after_out is not None:  # an answer the client never took in time
+            self.out.clear()
+            self.end_after_out = None
+            self.conn.stop_reading(self.sid, h2.errors.ErrorCodes.CANCEL)
+            self.conn.flush_soon()
+            self.conn.finished(self)
+            return
         self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def abandon(self) -> None:

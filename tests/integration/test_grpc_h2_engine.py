@@ -14,6 +14,7 @@ import urllib.request
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import numpy as np
 import pytest
@@ -250,6 +251,48 @@ def test_a_call_the_client_resets_is_cancelled_and_the_server_goes_on(tmp_path, 
         time.sleep(0.02)
     assert running.gateway.dataplane.in_flight == 0
     assert status(raw.wait(raw.request(INFER, framed(infer_request("slow")))))[0] == 0
+    raw.close()
+
+
+def test_an_answer_the_client_never_takes_is_dropped_at_the_deadline(tmp_path, serve):
+    """A client that asks for a large answer and gives no window for it: once the call's deadline
+    passes, the engine resets the stream and lets the answer go (nothing held for ever)."""
+    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 4\n")
+    running = serve(str(tmp_path), grpc_engine="h2")
+    raw = RawH2(running.gateway.grpc_port)
+    req = service_pb2.ModelInferRequest(model_name="big")
+    req.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1_000_000])
+    req.raw_input_contents.append(np.ones(1_000_000, np.float32).tobytes())
+    body = framed(req.SerializeToString())
+    sid = raw.h2.get_next_available_stream_id()
+    raw.h2.send_headers(
+        sid,
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
+         (b"content-type", b"application/grpc"), (b"grpc-timeout", b"1S")],
+    )  # fmt: skip
+    for i in range(0, len(body), 1 << 20):  # within the server's frame size
+        raw.h2.send_data(sid, body[i : i + (1 << 20)], end_stream=i + (1 << 20) >= len(body))
+    raw.sock.sendall(raw.h2.data_to_send())
+    raw.results[sid] = {"headers": [], "data": b"", "reset": None, "ended": False}
+    # read without ever crediting the server: at most one window (64 KiB) of the 4 MB comes
+    end = time.monotonic() + 10
+    while raw.results[sid]["reset"] is None and time.monotonic() < end:
+        raw.sock.settimeout(0.5)
+        try:
+            data = raw.sock.recv(1 << 20)
+        except TimeoutError:
+            continue
+        for ev in raw.h2.receive_data(data):
+            if isinstance(ev, h2.events.DataReceived):
+                raw.results[sid]["data"] += ev.data
+            elif isinstance(ev, h2.events.StreamReset):
+                raw.results[sid]["reset"] = ev.error_code
+    assert raw.results[sid]["reset"] == h2.errors.ErrorCodes.CANCEL
+    assert len(raw.results[sid]["data"]) <= 65535
+    end = time.monotonic() + 5
+    while running.gateway._grpc.connections and any(c.calls for c in running.gateway._grpc.connections):
+        assert time.monotonic() < end
+        time.sleep(0.05)
     raw.close()
 
 
