@@ -70,15 +70,17 @@ test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
 	BATCHGATE_TEST_GRPC_ENGINE=h2 $(PY) -m pytest -q -p no:cacheprovider $(H2_SUITE)
+	BATCHGATE_TEST_REMOTE_CLIENT=h2 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
-# The gRPC protocol tests again on batchgate's own gRPC engine (grpc_engine: h2; under a minute);
-# `make test` ends with them.
+# The gRPC protocol tests again on batchgate's own gRPC engine (grpc_engine: h2), and the remote
+# backend's tests on its own HTTP/2 client (client=h2); about 80 s; `make test` ends with them.
 H2_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_protocol_streaming.py \
   tests/integration/test_protocol_metadata.py tests/integration/test_protocol_compression.py \
   tests/integration/test_stream_backpressure.py tests/integration/test_tls.py tests/integration/test_parity.py \
   tests/integration/test_bad_input.py tests/integration/test_api_keys.py tests/integration/test_admission.py
 test-h2: $(FULL_STAMP)
 	BATCHGATE_TEST_GRPC_ENGINE=h2 $(PY) -m pytest -q -p no:cacheprovider $(H2_SUITE)
+	BATCHGATE_TEST_REMOTE_CLIENT=h2 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
 # The fuzz harness at length (tests/fuzz/conftest.py: ~90,000 examples, about 7 minutes, new seeds
 # each run, what a run found replayed first from .cache/hypothesis). `make test` runs a short,

@@ -143,7 +143,14 @@ def variant_name(v: str, delay_us: int) -> str:
 
 
 def gateway_command(
-    py: str, upstream: str, mode: str, delay_us: int, inflight: int, policy: str, engine: str = "grpcio"
+    py: str,
+    upstream: str,
+    mode: str,
+    delay_us: int,
+    inflight: int,
+    policy: str,
+    engine: str = "grpcio",
+    client: str = "grpcio",
 ) -> list[str]:
     """A batchgate with no repository, serving the upstream's model as a remote model of the same name."""
     # "decoded": passthrough with raw forwarding off, the path every forwarded request took before it
@@ -153,6 +160,8 @@ def gateway_command(
         spec += f" max_queue_delay_us={delay_us}"
     if inflight:
         spec += f" max_inflight={inflight}"
+    if client != "grpcio":
+        spec += f" client={client}"
     return [
         py,
         "-m",
@@ -303,6 +312,7 @@ def measure_config(
                 args.max_inflight,
                 args.gateway_policy,
                 args.gateway_grpc_engine,
+                args.gateway_client,
             )
             gw = Server(f"{label} gateway", [*pin.load, *cmd], BATCHGATE_READY, tmp / f"{variant}-{path}-{rnd}-gw.log")
             servers.append(gw)
@@ -880,6 +890,12 @@ def parse_args(argv=None):
         default=None,
         help="levels that may be measured again because other processes were busy (default 6; quick 0)",
     )
+    ap.add_argument(
+        "--gateway-client",
+        choices=("grpcio", "h2"),
+        default="grpcio",
+        help="the remote model's client for its upstream calls (client=; default grpcio)",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin the processes to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
     args = ap.parse_args(argv)
@@ -966,6 +982,7 @@ def main(argv=None) -> int:
             "max_queue_delay_us": args.gateway_delay_us,
             "batching_policy": args.gateway_policy,
             "gateway_grpc_engine": args.gateway_grpc_engine,
+            "gateway_client": args.gateway_client,
             "max_inflight": args.max_inflight or "backend default (gateway 2, passthrough 256)",
         },
         "wall_s": round(time.monotonic() - t_start, 1),
@@ -981,7 +998,8 @@ def main(argv=None) -> int:
     subtitle = (
         f"MLP {' -> '.join(map(str, args.sizes))} (batch 1: {timing[1]['ms'] * 1e3:.0f} us in ORT), "
         f"max_batch_size {MAX_BATCH}; gateway: max_queue_delay {args.gateway_delay_us} us, "
-        f"{args.gateway_policy} policy, {args.gateway_grpc_engine} gRPC engine; {meta['cpu_model']}, "
+        f"{args.gateway_policy} policy, {args.gateway_grpc_engine} gRPC engine, "
+        f"{args.gateway_client} client; {meta['cpu_model']}, "
         f"medians of {args.rounds} round(s) x {args.duration:g} s\n{topology(pin)}"
     )
     try:

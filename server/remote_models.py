@@ -17,6 +17,7 @@ from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief
 
 BATCHING_MODES = ("gateway", "passthrough")
 FORWARDING_MODES = ("raw", "decoded")
+CLIENTS = ("grpcio", "h2")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class RemoteModel:
     probe_interval_s: float = 1.0  # readiness probe of each upstream (and of ejected ones)
     # raw: a gRPC request the gateway does not batch is forwarded as the caller's bytes | decoded: never
     forwarding: str = "raw"
+    # grpcio: calls through grpc.aio's channel | h2: batchgate's own HTTP/2 client (backends/h2_client.py)
+    client: str = "grpcio"
 
     @property
     def target(self) -> str:
@@ -149,6 +152,11 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         raise ConfigError(
             f"{source}: remote model '{spec.name}': batching must be one of "
             f"{', '.join(BATCHING_MODES)}, not {shown(spec.batching)}"
+        )
+    if spec.client not in CLIENTS:
+        raise ConfigError(
+            f"{source}: remote model '{spec.name}': client must be one of "
+            f"{', '.join(CLIENTS)}, not {shown(spec.client)}"
         )
     if spec.forwarding not in FORWARDING_MODES:
         raise ConfigError(

@@ -43,6 +43,7 @@ from ..core.errors import ErrorCode, GatewayError
 from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw, to_raw
 from ..monitoring.metrics import Metrics, UpstreamMetrics
 from .base import Kind
+from .h2_client import H2Channel
 
 log = logging.getLogger("batchgate.remote")
 
@@ -115,6 +116,16 @@ class Upstream:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
         self.raw_infer = self.channel.unary_unary(INFER_METHOD, _registered_method=True)
+        self.model_infer = self.stub.ModelInfer
+        self.h2: H2Channel | None = None
+        if spec.client == "h2":  # infer calls over batchgate's own HTTP/2 client; probes stay on grpc.aio
+            self.h2 = H2Channel(address, max_message_bytes)
+            self.raw_infer = raw = self.h2.unary(INFER_METHOD)
+
+            async def model_infer(msg, timeout=None, metadata=None):
+                return pb.ModelInferResponse.FromString(await raw(msg.SerializeToString(), timeout, metadata))
+
+            self.model_infer = model_infer
         self.metrics = metrics
         metrics.owner = self  # a reload's new Upstream takes the gauges over
         self.ready = False  # the last probe or call says the model is ready there
@@ -478,7 +489,7 @@ class RemoteV2Backend:
             m.requests += 1
             t0 = time.perf_counter()
             try:
-                resp = await (up.raw_infer if raw else up.stub.ModelInfer)(
+                resp = await (up.raw_infer if raw else up.model_infer)(
                     msg, timeout=timeout, metadata=None if traceparent is None else (("traceparent", traceparent),)
                 )
             except grpc.aio.AioRpcError as e:
@@ -529,6 +540,7 @@ class RemoteV2Backend:
         if self._prober is not None:
             self._prober.cancel()
         await asyncio.gather(*(up.channel.close() for up in self.upstreams), return_exceptions=True)
+        await asyncio.gather(*(up.h2.close() for up in self.upstreams if up.h2 is not None), return_exceptions=True)
         for up in self.upstreams:
             up.close_blocking()
             up.ready = False

@@ -7,6 +7,7 @@ process (the ``serve`` fixture) and is queried with real tritonclient clients.""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,14 @@ from batchgate.demo import _model, _save, classifier_model, identity_model, slow
 from processes import Proc
 
 CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
-FAST = dict(probe_interval_s=0.1, eject_s=0.3, eject_after_failures=3)
+# `make test` runs this module twice: calls through grpc.aio's channel, then through batchgate's own
+# HTTP/2 client (BATCHGATE_TEST_REMOTE_CLIENT=h2)
+FAST = dict(
+    probe_interval_s=0.1,
+    eject_s=0.3,
+    eject_after_failures=3,
+    client=os.environ.get("BATCHGATE_TEST_REMOTE_CLIENT", "grpcio"),
+)
 
 
 @pytest.fixture
@@ -683,3 +691,30 @@ def test_a_v2_timeout_bounds_a_raw_forwarded_call_as_it_does_a_decoded_one(tmp_p
     assert up.grpc not in err.value.details() and upstream_failures() == before  # refused here, never sent
     busy.result(60)
     pool.shutdown()
+
+
+def test_the_h2_client_carries_both_batching_modes_on_one_connection(tmp_path, serve, upstream):
+    """client=h2: raw-forwarded and gateway-batched calls go over batchgate's own HTTP/2 client,
+    one connection per upstream, answers equal to ONNX Runtime's (the probes stay on grpc.aio)."""
+    repo = _classifier_repo(tmp_path / "up")
+    up = upstream(repo)
+    fast = {**FAST, "client": "h2"}
+    running = serve(
+        "",
+        remote_models=(
+            RemoteModel("gw", (up.grpc,), upstream_model="clf", batching="gateway", **fast),
+            RemoteModel("pt", (up.grpc,), upstream_model="clf", batching="passthrough", **fast),
+        ),
+    )
+    ref = ort.InferenceSession(str(repo / "clf" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    for model in ("gw", "pt", "gw", "pt"):
+        np.testing.assert_allclose(
+            _infer(grpcclient, running.grpc_url, model, x), ref.run(None, {"features": x})[0], rtol=1e-5, atol=1e-6
+        )
+    for model in ("gw", "pt"):
+        backend = running.gateway.repository.resolve(model, "").backend
+        (u,) = backend.upstreams
+        assert u.h2 is not None and u.h2._protocol is not None and not u.h2._protocol.lost
+    metrics = _metric_lines(running, 'batchgate_remote_requests_total{model="pt",path="raw"')
+    assert metrics and float(metrics[0].rsplit(" ", 1)[1]) == 2
