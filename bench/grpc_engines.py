@@ -11,6 +11,11 @@ drives gRPC ModelInfer closed loop (``-c 8 -m 8``) in three ways:
 - **ready**: ``ModelReady`` of the mlp: a tiny protobuf in and out, what the engine itself costs
   a call (a health probe's size).
 
+Then the **forward** mode: a gateway with no models of its own serves the ``mlp`` of an upstream
+batchgate (grpcio; on the load tool's core) as a remote model with ``batching=passthrough``, once
+per combination of the gateway's engine and the remote model's client (``client=``): grpcio /
+grpcio, h2 / grpcio, h2 / h2. What is measured is the gateway's own CPU per forwarded request.
+
 Reported per engine and mode: requests per second and the server's CPU time per request (all its
 threads, from /proc), medians over rounds, and h2 against grpcio per round. Every answer is
 checked: h2load's success count must match, and the status must be the expected one (the
@@ -123,22 +128,54 @@ def one_run(engine: str, repo: str, files, pin, seconds: float, tmp: Path, rnd: 
         srv.stop()
 
 
+FORWARD = (("grpcio", "grpcio"), ("h2", "grpcio"), ("h2", "h2"))
+
+
+def forward_run(engine: str, client: str, repo: str, files, pin, seconds: float, tmp: Path, rnd: int) -> dict:
+    """The gateway's CPU per request it forwards to an upstream (see the module's docstring)."""
+    up = Server("upstream", [*pin.load, *serve_command(repo)], BATCHGATE_READY, tmp / f"up-{engine}-{client}-{rnd}.log")
+    try:
+        spec = f"name=mlp upstreams=127.0.0.1:{up.match.group('grpc')} batching=passthrough client={client}"
+        cmd = serve_command("", "--grpc-engine", engine, "--access-log", "off", "--remote-model", spec)
+        cmd = [c for c in cmd if c not in ("--model-repository", "")]
+        gw = Server("gateway", [*pin.server, *cmd], BATCHGATE_READY, tmp / f"gw-{engine}-{client}-{rnd}.log")
+        try:
+            port = int(gw.match.group("grpc"))
+            frame, method = files["answer"]
+            drive(pin, port, frame, method, 1)
+            cpu0 = gw.cpu_seconds()
+            r = drive(pin, port, frame, method, seconds)
+            cpu = gw.cpu_seconds() - cpu0
+            if r["ok"] != r["done"]:
+                raise BenchError(f"forward {engine}/{client}: {r['done'] - r['ok']} calls failed")
+            out = {"rps": r["rps"], "cpu_us": 1e6 * cpu / max(1, r["done"])}
+            say(f"  forward {engine}/{client}: {r['rps']:,.0f} req/s, {out['cpu_us']:.0f} µs gateway CPU a request")
+            return out
+        finally:
+            gw.stop()
+    finally:
+        up.stop()
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     x = np.arange(len(MODES))
     for i, engine in enumerate(ENGINES):
         med = report["medians"][engine]
         axes[0].bar(x + (i - 0.5) * 0.38, [med[m]["cpu_us"] for m in MODES], 0.38, label=engine)
         axes[1].bar(x + (i - 0.5) * 0.38, [med[m]["rps"] for m in MODES], 0.38, label=engine)
-    for ax, title in zip(axes, ("server CPU per request (µs)", "requests per second (one core)"), strict=True):
+    for ax, title in zip(axes[:2], ("server CPU per request (µs)", "requests per second (one core)"), strict=True):
         ax.set_xticks(x, MODES)
         ax.set_title(title)
         ax.legend()
+    fwd = report["forward"]
+    axes[2].bar(list(fwd), [f["cpu_us"] for f in fwd.values()], color="tab:green")
+    axes[2].set_title("gateway CPU per forwarded request (µs)\nengine / remote client")
     fig.suptitle(f"gRPC engines, medians of {report['rounds']} rounds ({report['date']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -161,11 +198,17 @@ def main() -> int:
         files = frames(tmp)
         say(f"{args.rounds} rounds x {len(ENGINES)} engines x {len(MODES)} modes; pinning: {pin.note}")
         runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
+        forwards: dict[str, list[dict]] = {}
         for rnd in range(args.rounds):
             order = ENGINES if rnd % 2 == 0 else ENGINES[::-1]
             say(f"round {rnd + 1} of {args.rounds}")
             for engine in order:
                 runs[engine].append(one_run(engine, str(repo), files, pin, args.seconds, tmp, rnd))
+            for engine, client in FORWARD if rnd % 2 == 0 else FORWARD[::-1]:
+                key = f"{engine}/{client}"
+                forwards.setdefault(key, []).append(
+                    forward_run(engine, client, str(repo), files, pin, args.seconds, tmp, rnd)
+                )
     medians = {
         e: {m: {k: statistics.median(r[m][k] for r in runs[e]) for k in ("rps", "cpu_us")} for m in MODES}
         for e in ENGINES
@@ -185,6 +228,16 @@ def main() -> int:
         "runs": runs,
         "medians": medians,
         "h2_vs_grpcio": ratios,
+        "forward": {
+            k: {
+                "rps": statistics.median(r["rps"] for r in v),
+                "cpu_us": statistics.median(r["cpu_us"] for r in v),
+                "cpu_vs_grpcio": [
+                    round(r["cpu_us"] / forwards["grpcio/grpcio"][i]["cpu_us"], 3) for i, r in enumerate(v)
+                ],
+            }
+            for k, v in forwards.items()
+        },
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"grpc-engines-{stamp}.json").write_text(json.dumps(report, indent=1))
@@ -195,6 +248,9 @@ def main() -> int:
             r = medians[e][m]
             extra = f" | {ratios[m]['cpu']} | {ratios[m]['rps']}" if e == "h2" else " | |"
             print(f"{m:7s} | {e:6s} | {r['rps']:,.0f} | {r['cpu_us']:.0f}{extra}")
+    print("\nforward (engine/client) | req/s (median) | gateway CPU µs/request | vs grpcio/grpcio per round")
+    for k, f in report["forward"].items():
+        print(f"{k} | {f['rps']:,.0f} | {f['cpu_us']:.0f} | {f['cpu_vs_grpcio']}")
     say(f"results: {out}/grpc-engines-{stamp}.json and .png")
     return 0
 
