@@ -19,7 +19,6 @@ import urllib.parse
 from typing import Any
 
 import grpc
-import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -28,16 +27,9 @@ import h2.settings
 from grpc.aio import Metadata
 
 from ..transport import grpc_wire
-from ..transport.hpack_cache import CachingDecoder, CachingEncoder
+from ..transport.hpack_cache import CachingDecoder, CachingEncoder, fast_config
 
-_CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
+_CONFIG = fast_config(client_side=True)
 WINDOW = 16 << 20
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 

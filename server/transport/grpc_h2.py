@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -46,7 +45,7 @@ import hyperframe.frame
 
 from . import grpc_wire
 from .grpc_h2_call import OK_HEADERS, _Call
-from .hpack_cache import CachingDecoder, CachingEncoder
+from .hpack_cache import CachingDecoder, CachingEncoder, fast_config
 
 log = logging.getLogger("batchgate.grpc")
 
@@ -54,16 +53,7 @@ STREAM_WINDOW = 4 << 20  # bytes a client may send on one stream before we credi
 CONNECTION_WINDOW = 16 << 20
 BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
-_CONFIG = h2.config.H2Configuration(
-    client_side=False,
-    header_encoding=None,  # bytes in, bytes out: no decoding of every header
-    # h2's header checks cost a sixth of a refused call; the engine reads the few headers it
-    # needs itself, and metadata values only ever reach logs escaped (``printable``)
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
+_CONFIG = fast_config(client_side=False)
 _monotonic = time.monotonic
 
 Refused = Callable[[str], None]
