@@ -161,6 +161,12 @@ class LimitSettings:
         "engine: a call's headers and metadata, decoded; more closes the connection)",
         minimum=1,
     )
+    grpc_max_resets_per_s: int = _setting(
+        1000,
+        "streams one HTTP/2 connection's client may reset in a second on the h2 gRPC engine; past it the "
+        "connection is closed (the 'rapid reset' attack: each reset call costs the server, not the client)",
+        minimum=1,
+    )
     grpc_max_concurrent_streams: int = _setting(
         1024,
         "gRPC calls one HTTP/2 connection may have open at once on the h2 engine (HTTP/2 "

@@ -109,6 +109,7 @@ FAMILIES: dict[str, Family] = {
         "counter",
         "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections "
         "(HTTP/1.1); on the h2 gRPC engine grpc_connections, grpc_header_bytes, grpc_protocol (an HTTP/2 error), "
+        "grpc_resets (a reset flood), "
         "grpc_buffered_bytes (a call refused, its connection kept); "
         "overload_hold (either)",
         ("reason",),

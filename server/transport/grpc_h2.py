@@ -83,6 +83,7 @@ class H2GrpcServer:
         max_connection_age_s: float = 0.0,
         refusals_per_s: int = 8000,
         max_header_bytes: int = 64 << 10,
+        max_resets_per_s: int = 1000,
     ):
         self.max_receive_bytes = max_receive_bytes
         self.max_connections = max_connections
@@ -92,6 +93,7 @@ class H2GrpcServer:
         self.max_connection_age_s = max_connection_age_s
         self.refusals_per_s = refusals_per_s
         self.max_header_bytes = max_header_bytes
+        self.max_resets_per_s = max_resets_per_s
         self._second = 0.0
         self._refusals = 0
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
@@ -221,6 +223,8 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._last_stream = 0  # the last call accepted before a GOAWAY of ours
         self.buffered = 0  # bytes of unfinished unary requests held (see hold)
+        self._reset_second = 0.0
+        self._resets = 0  # streams the client reset in the second from _reset_second
         self._held = False  # not read for a while after an overload refusal past the budget
         self._age_timer: asyncio.TimerHandle | None = None
 
@@ -371,6 +375,8 @@ class _Connection(asyncio.Protocol):
                 call = self.calls.pop(ev.stream_id, None)
                 if call is not None:
                     call.abandon()
+                if self._reset_flood():
+                    return
             elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
                 sid = getattr(ev, "stream_id", 0)
                 if sid:
@@ -387,6 +393,23 @@ class _Connection(asyncio.Protocol):
                 self.close()
         self._flush_soon = False  # (a turn's later flush finds nothing to write)
         self.flush()
+
+    def _reset_flood(self) -> bool:
+        """Count a stream the client reset; past ``max_resets_per_s`` in a second, close the
+        connection (each reset call costs us its set-up, the client nothing)."""
+        now = _monotonic()
+        if now - self._reset_second >= 1.0:
+            self._reset_second, self._resets = now, 0
+        self._resets += 1
+        if self._resets <= self.server.max_resets_per_s:
+            return False
+        log.debug("closing a gRPC connection from %s: more than %d resets in a second", self.peer, self._resets - 1)
+        self.server.refused("grpc_resets")
+        for call in list(self.calls.values()):
+            call.abandon()
+        self.calls.clear()
+        self._goodbye()
+        return True
 
     def credit(self, n: int, sid: int) -> None:
         with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):

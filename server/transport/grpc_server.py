@@ -33,6 +33,7 @@ def new_grpc_server(
             max_connection_age_s=s.grpc_max_connection_age_s,
             refusals_per_s=lim.overload_refusals_per_s,
             max_concurrent_streams=lim.grpc_max_concurrent_streams,
+            max_resets_per_s=lim.grpc_max_resets_per_s,
             max_header_bytes=lim.max_header_bytes,
         )
     options: list[tuple[str, Any]] = [

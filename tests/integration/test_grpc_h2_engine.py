@@ -4,6 +4,7 @@ on this engine through the whole protocol suite too (``make test-h2``)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import struct
@@ -237,6 +238,36 @@ def test_headers_past_max_header_bytes_close_the_connection_and_are_counted(demo
     metrics = urllib.request.urlopen(running.metrics_url).read().decode()
     assert 'batchgate_http_connections_refused_total{reason="grpc_header_bytes"} 1.0' in metrics
     raw.close()
+
+
+def test_a_rapid_reset_flood_closes_the_connection_and_is_counted(demo_repo, serve):
+    running = serve(demo_repo, grpc_engine="h2", grpc_max_resets_per_s=50)
+    raw = RawH2(running.gateway.grpc_port)
+    with contextlib.suppress(OSError):
+        for _ in range(200):  # open a call and reset it at once, as fast as the socket takes it
+            sid = raw.h2.get_next_available_stream_id()
+            raw.h2.send_headers(
+                sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
+                      (b"content-type", b"application/grpc")],
+            )  # fmt: skip
+            raw.h2.reset_stream(sid)
+            raw.sock.sendall(raw.h2.data_to_send())
+    end = time.monotonic() + 5
+    while not raw.closed and time.monotonic() < end:
+        try:
+            raw.sock.settimeout(0.5)
+            if not raw.sock.recv(65536):
+                raw.closed = True
+        except TimeoutError:
+            continue
+        except OSError:
+            raw.closed = True
+    assert raw.closed
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert 'batchgate_http_connections_refused_total{reason="grpc_resets"} 1.0' in metrics
+    other = RawH2(running.gateway.grpc_port)  # the server goes on
+    assert status(other.wait(other.request(LIVE, framed(b""))))[0] == 0
+    other.close()
 
 
 def test_a_call_the_client_resets_is_cancelled_and_the_server_goes_on(tmp_path, serve):
