@@ -114,7 +114,8 @@ def _sequential_copies(running, upstream, route: str, feats: np.ndarray, n: int,
     copies = metric(_metrics(running), "batchgate_shadow_requests_total", route=route, outcome=outcome)
     for _ in range(n):
         infer_grpc(running.grpc_url, route, feats, headers={"x-batchgate-variant": "here"} if pin else None)
-    end = time.monotonic() + 10
+    # (shadow senders run at SCHED_IDLE: on a machine busy with other work their copies wait for it)
+    end = time.monotonic() + 30
     while time.monotonic() < end:
         text = _metrics(running)
         if metric(text, "batchgate_shadow_requests_total", route=route, outcome=outcome) == copies + n:
