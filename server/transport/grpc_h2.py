@@ -43,6 +43,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
+from ..core.rate import PerSecond
 from . import grpc_wire
 from .grpc_h2_call import OK_HEADERS, _Call
 from .hpack_cache import CachingDecoder, CachingEncoder, fast_config
@@ -91,11 +92,9 @@ class H2GrpcServer:
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s
-        self.refusals_per_s = refusals_per_s
-        self.max_header_bytes = max_header_bytes
+        self.refusals = PerSecond(refusals_per_s)  # overload refusals, against overload_refusals_per_s
         self.max_resets_per_s = max_resets_per_s
-        self._second = 0.0
-        self._refusals = 0
+        self.max_header_bytes = max_header_bytes
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._binds: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -103,14 +102,6 @@ class H2GrpcServer:
         self.connections: set[_Connection] = set()
         self._stopped: asyncio.Event | None = None
         self._dirty: list[_Connection] = []  # connections with bytes to write at the end of this turn
-
-    def over_budget(self) -> bool:
-        """Whether this overload refusal is past ``refusals_per_s`` in this second."""
-        now = _monotonic()
-        if now - self._second >= 1.0:
-            self._second, self._refusals = now, 0
-        self._refusals += 1
-        return self._refusals > self.refusals_per_s
 
     def dirty(self, conn: _Connection) -> None:
         if not self._dirty:
@@ -223,8 +214,7 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._last_stream = 0  # the last call accepted before a GOAWAY of ours
         self.buffered = 0  # bytes of unfinished unary requests held (see hold)
-        self._reset_second = 0.0
-        self._resets = 0  # streams the client reset in the second from _reset_second
+        self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
         self._held = False  # not read for a while after an overload refusal past the budget
         self._age_timer: asyncio.TimerHandle | None = None
 
@@ -397,13 +387,9 @@ class _Connection(asyncio.Protocol):
     def _reset_flood(self) -> bool:
         """Count a stream the client reset; past ``max_resets_per_s`` in a second, close the
         connection (each reset call costs us its set-up, the client nothing)."""
-        now = _monotonic()
-        if now - self._reset_second >= 1.0:
-            self._reset_second, self._resets = now, 0
-        self._resets += 1
-        if self._resets <= self.server.max_resets_per_s:
+        if not self._resets.over():
             return False
-        log.debug("closing a gRPC connection from %s: more than %d resets in a second", self.peer, self._resets - 1)
+        log.debug("closing a gRPC connection from %s: a flood of stream resets", self.peer)
         self.server.refused("grpc_resets")
         for call in list(self.calls.values()):
             call.abandon()
@@ -481,7 +467,7 @@ class _Connection(asyncio.Protocol):
         the connection is not read for the refusal's Retry-After (TCP backpressure, as for HTTP:
         its client's next requests wait in its socket instead of taking the core from admitted
         work). Answers to its admitted calls are still written."""
-        if self._held or not self.server.over_budget() or self.transport is None:
+        if self._held or not self.server.refusals.over() or self.transport is None:
             return
         retry = next((v for k, v in trailing if k == "retry-after"), "1")
         try:

@@ -19,6 +19,7 @@ import orjson
 
 from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
+from ..core.rate import PerSecond
 from ..core.routing import PIN_HEADER
 from ..core.types import REQUEST_ID_HEADER, caller_headers
 from ..dataplane import FILE_PARAM_PREFIX, DataPlane, Served
@@ -86,9 +87,7 @@ class HttpApp:
         self.admin_only = admin_only
         self.admin = admin  # the admin API's HTTP mirror (admin listener only)
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
-        self.refusal_budget = refusals_per_s
-        self._refusals = 0  # overload refusals in the current second
-        self._second = 0.0
+        self._refusals = PerSecond(refusals_per_s)  # overload refusals, against overload_refusals_per_s
         self.limit = max_body_bytes
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
@@ -162,7 +161,7 @@ class HttpApp:
                 note.request_id = header(scope, REQUEST_ID_HEADER) or ""
                 self._access(alog, note, model, status, scope, path)
             pause = 0.0
-            if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._over_budget():
+            if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._refusals.over():
                 pause = max(1.0, min(e.retry_after_s or 1.0, 10.0))
             return status, headers, body, pause
         scope[ADMITTED] = (served, model, version)
@@ -299,14 +298,6 @@ class HttpApp:
             raise invalid("'offset' and 'byte_size' must be whole numbers")
         await self.dp.shm_register(name, obj["key"], offset, size, caller_of(scope))
         return await self._empty(send, 200)
-
-    def _over_budget(self) -> bool:
-        """Whether this overload refusal is past ``overload_refusals_per_s`` in this second."""
-        now = _monotonic()
-        if now - self._second >= 1.0:
-            self._second, self._refusals = now, 0
-        self._refusals += 1
-        return self._refusals > self.refusal_budget
 
     def _caller(self, scope) -> Caller:
         return caller_of(scope) if self._enforcing else OPEN_CALLER

@@ -1,0 +1,26 @@
+"""Events counted over one-second windows (refusal budgets, reset floods): sans-IO, clock injected."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class PerSecond:
+    """How many events came since the current second began; :meth:`over` counts one more and
+    says whether the second's ``limit`` is passed."""
+
+    __slots__ = ("limit", "_clock", "_start", "_count")
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic):
+        self.limit = limit
+        self._clock = clock
+        self._start = 0.0
+        self._count = 0
+
+    def over(self) -> bool:
+        now = self._clock()
+        if now - self._start >= 1.0:
+            self._start, self._count = now, 0
+        self._count += 1
+        return self._count > self.limit
