@@ -56,6 +56,7 @@ from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import guarded_protocol
+from .transport.sockets import tcp_socket
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -377,14 +378,7 @@ class Gateway:
 
     async def _listen_http(self, app: HttpApp, host: str, port: int, reuse_port: bool = False) -> _HttpListener:
         s, lim = self.settings.server, self.settings.limits
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
-        # listener says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs.
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:  # the kernel spreads new connections over the worker processes' sockets
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
+        sock = tcp_socket(host, port, reuse_port)
         sock.listen(2048)
         sock.setblocking(False)
         config = uvicorn.Config(

@@ -47,6 +47,7 @@ from ..core.rate import PerSecond
 from . import grpc_wire
 from .grpc_h2_call import OK_HEADERS, _Call
 from .hpack_cache import CachingDecoder, CachingEncoder, fast_config
+from .sockets import tcp_socket
 
 log = logging.getLogger("batchgate.grpc")
 
@@ -151,17 +152,9 @@ class H2GrpcServer:
             port = 1
         else:
             host, _, port_text = address.rpartition(":")
-            host = host.strip("[]")
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                sock.bind((host, int(port_text)))
+                sock = tcp_socket(host.strip("[]"), int(port_text), self.reuse_port)
             except OSError:
-                sock.close()
                 return 0
             port = sock.getsockname()[1]
         sock.setblocking(False)

@@ -1,0 +1,24 @@
+"""The listening sockets of the HTTP server and of batchgate's own gRPC engine."""
+
+from __future__ import annotations
+
+import socket
+
+
+def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound TCP socket (not listening yet); OSError when the address cannot be bound.
+
+    IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listener
+    says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs. With
+    ``reuse_port`` the kernel spreads new connections over the worker processes' sockets."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
