@@ -288,6 +288,7 @@ def h2load(
     seconds: float,
     log_file: Path | None,
     threads: int = 1,
+    method: str = "ModelInfer",
 ) -> dict:
     cmd = [
         *pin.load,
@@ -309,7 +310,7 @@ def h2load(
     ]
     if log_file is not None:
         cmd += ["--log-file", str(log_file)]
-    cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer")
+    cmd.append(f"http://127.0.0.1:{port}/inference.GRPCInferenceService/{method}")
     out, cpu = run_tool(cmd, timeout=seconds + 60)
     m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
     r = re.search(

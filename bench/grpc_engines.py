@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     Server,
     choose_pinning,
     grpc_frame,
+    h2load,
     http_call,
     say,
     serve_command,
@@ -74,19 +75,8 @@ def frames(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 
 def drive(pin, port: int, frame: Path, method: str, seconds: float) -> dict:
-    cmd = [
-        *pin.load, "h2load", "-t", "1", "-c", "8", "-m", "8", "-D", f"{max(1, round(seconds))}s", "-d", str(frame),
-        "-H", "content-type: application/grpc", "-H", "te: trailers",
-        f"http://127.0.0.1:{port}/inference.GRPCInferenceService/{method}",
-    ]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    import re
-
-    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", p.stdout)
-    r = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", p.stdout)
-    if p.returncode or not (m and r):
-        raise BenchError(f"h2load failed:\n{p.stdout[-1500:]}{p.stderr[-1500:]}")
-    return {"done": int(r.group(1)), "ok": int(r.group(2)), "rps": float(m.group(3))}
+    r = h2load(pin, port, frame, 8, 8, seconds, None, method=method)
+    return {"done": r["done"], "ok": r["ok"], "rps": r["done"] / r["elapsed_s"]}
 
 
 def counter(metrics_port: int, name: str, **labels: str) -> float:
