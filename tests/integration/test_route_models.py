@@ -3,6 +3,7 @@ a BYTES input as the sticky key, and a variant's model unloaded under the route.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.request
@@ -25,6 +26,16 @@ def repo(tmp_path_factory) -> str:
 def _metrics(running) -> str:
     with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
         return r.read().decode()
+
+
+def _outcomes(text: str, route: str) -> dict[str, float]:
+    """Every outcome counted for the shadow copies of ``route``."""
+    found = {}
+    for m in re.finditer(r"^batchgate_shadow_requests_total\{([^}]*)\} (\S+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("route") == route:
+            found[labels["outcome"]] = found.get(labels["outcome"], 0) + float(m.group(2))
+    return found
 
 
 def test_remote_models_as_variant_and_shadow(repo, tmp_path):
@@ -111,17 +122,18 @@ def _sequential_copies(running, upstream, route: str, feats: np.ndarray, n: int,
     not compared)."""
     outcome = "answered" if pin else "compared"
     before = _metrics(upstream)
-    copies = metric(_metrics(running), "batchgate_shadow_requests_total", route=route, outcome=outcome)
+    start = _outcomes(_metrics(running), route)
     for _ in range(n):
         infer_grpc(running.grpc_url, route, feats, headers={"x-batchgate-variant": "here"} if pin else None)
     # (shadow senders run at SCHED_IDLE: on a machine busy with other work their copies wait for it)
     end = time.monotonic() + 30
     while time.monotonic() < end:
-        text = _metrics(running)
-        if metric(text, "batchgate_shadow_requests_total", route=route, outcome=outcome) == copies + n:
+        now = _outcomes(_metrics(running), route)
+        if sum(now.values()) >= sum(start.values()) + n:
             break
         time.sleep(0.05)
-    assert metric(text, "batchgate_shadow_requests_total", route=route, outcome=outcome) == copies + n
+    got = {k: v - start.get(k, 0) for k, v in now.items() if v != start.get(k, 0)}
+    assert got == {outcome: n}, f"outcomes of {n} copies on {route}: {got}"
     after = _metrics(upstream)
     return metric(after, "batchgate_requests_total", model="clf_a", status="OK", protocol="grpc") - metric(
         before, "batchgate_requests_total", model="clf_a", status="OK", protocol="grpc"
@@ -141,7 +153,7 @@ def test_shadow_copies_gather_into_few_calls(repo, tmp_path):
                 "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 64}],
                 "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
             },
-            {  # half its budget waiting starts them at once: none dropped for waiting out the time
+            {  # half its budget waiting starts them at once
                 "name": "small_budget",
                 "variants": [{"name": "here", "model": "clf_a", "weight": 100}],
                 "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 4}],
@@ -155,9 +167,11 @@ def test_shadow_copies_gather_into_few_calls(repo, tmp_path):
             assert _sequential_copies(running, upstream, "gathered", feats, 10, pin=False) <= 3
             text = _metrics(running)
             assert metric(text, "batchgate_shadow_agreements_total", route="gathered", shadow="mirror") == 10
-            assert 4 <= _sequential_copies(running, upstream, "small_budget", feats, 10, pin=False) <= 6
-            text = _metrics(running)
-            assert metric(text, "batchgate_shadow_requests_total", route="small_budget", outcome="dropped") == 0
+            # two copies (half the budget of 4) start together at once, without waiting out the
+            # gathering time; a pair answered before the next comes, none is dropped (unpaced, a
+            # machine busy elsewhere starves the SCHED_IDLE senders and the budget rightly drops)
+            calls = sum(_sequential_copies(running, upstream, "small_budget", feats, 2, pin=False) for _ in range(5))
+            assert 5 <= calls <= 7
             # the upstream gone: the primary still answers; the copies fail, counted, never answered
             upstream.stop()
             for _ in range(5):
