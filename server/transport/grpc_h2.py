@@ -1,8 +1,9 @@
-"""batchgate's own gRPC server engine: gRPC over HTTP/2 on the event loop, with the h2 library.
+"""batchgate's own gRPC server engine: gRPC over HTTP/2 on the event loop.
 
 grpc.aio runs every call through gRPC core's threads, a completion queue and a hand-over to the
-loop; this engine parses HTTP/2 in the loop's ``data_received`` (``h2`` for the protocol, state
-machine and HPACK) and runs the same handlers there. It serves the method handlers grpc.aio
+loop; this engine parses HTTP/2 in the loop's ``data_received`` (``http2.py``: the frames,
+windows and streams a gRPC server needs; HPACK with the ``hpack`` library) and runs the same
+handlers there. It serves the method handlers grpc.aio
 takes (``grpc.RpcMethodHandler``: registered or generic, unary or streaming, coroutines or async
 generators), so the V2 inference service, health and reflection are registered on it unchanged,
 and it hands them a context with the part of grpc.aio's ``ServicerContext`` they use.
@@ -36,17 +37,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
 
 from ..core.rate import PerSecond
-from . import grpc_wire
+from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
-from .hpack_cache import CachingDecoder, CachingEncoder, fast_config
 from .sockets import tcp_socket
 
 log = logging.getLogger("batchgate.grpc")
@@ -55,7 +49,6 @@ STREAM_WINDOW = 4 << 20  # bytes a client may send on one stream before we credi
 CONNECTION_WINDOW = 16 << 20
 BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
-_CONFIG = fast_config(client_side=False)
 _monotonic = time.monotonic
 
 Refused = Callable[[str], None]
@@ -197,7 +190,14 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: H2GrpcServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.h2 = h2.connection.H2Connection(_CONFIG)
+        self.h2 = http2.Http2(
+            self,
+            max_concurrent_streams=server.max_concurrent_streams,
+            max_header_bytes=server.max_header_bytes,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_frame=MAX_FRAME,
+        )
         self.calls: dict[int, _Call] = {}
         self.peer = ""
         self.auth: dict[str, list[bytes]] = {}
@@ -227,26 +227,9 @@ class _Connection(asyncio.Protocol):
             der = ssl_object.getpeercert(binary_form=True)
             if der:
                 self.auth["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(der).encode("ascii")]
-        h = self.h2
-        h.encoder, h.decoder = CachingEncoder(), CachingDecoder(server.max_header_bytes)
-        h.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: server.max_header_bytes,
-            },
-        )
-        h.initiate_connection()
-        # Take our own settings as in force now rather than when the client acknowledges them:
-        # a client may use them as soon as it reads them (gRPC core sends a 1 MiB frame before
-        # its ACK reaches us), and h2 would call that a protocol error. No stream exists yet, so
-        # only the frame and header-list limits need setting by hand.
-        h.local_settings.acknowledge()
-        h.max_inbound_frame_size = MAX_FRAME
-        h.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        transport.write(h.data_to_send())
+        # (our settings are in force from the start: gRPC core sends a 1 MiB frame before its
+        # ACK of them reaches us)
+        transport.write(self.h2.data_to_send())
         if server.max_connection_age_s > 0:
             loop = asyncio.get_running_loop()
             self._age_timer = loop.call_later(server.max_connection_age_s, self._aged)
@@ -289,26 +272,23 @@ class _Connection(asyncio.Protocol):
     def go_away(self) -> None:
         """Close gracefully: tell the client with GOAWAY to open no more calls here (gRPC
         clients then start new calls on a new connection), let the calls in progress finish,
-        then close. h2 can neither send nor receive once it has sent a GOAWAY, so this first
-        one is written past it (h2 never learns of it); h2's own goes last, in ``_goodbye``."""
+        then close (a second GOAWAY, in ``_goodbye``)."""
         if self._closing or self.transport is None or self.transport.is_closing():
             return
         self._closing = True
         self._last_stream = self.h2.highest_inbound_stream_id
-        self.flush()  # what h2 holds goes first
-        frame = hyperframe.frame.GoAwayFrame(0)
-        frame.last_stream_id = self._last_stream
-        self.transport.write(frame.serialize())
+        self.h2.goaway(self._last_stream)
+        self.flush()
         if not self.calls:
             self._goodbye()
 
     def _goodbye(self) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+        self.h2.goaway(self._last_stream if self._closing else self.h2.highest_inbound_stream_id)
         self.flush()
         self.close()
 
     def close(self) -> None:
+        self.h2.stop()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -327,55 +307,65 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ reading
     def data_received(self, data: bytes) -> None:
         try:
-            events: list[Any] = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
+            self.h2.receive(data)
+        except http2.Http2Error as e:
             log.debug("closing a gRPC connection from %s on an HTTP/2 error: %s", self.peer, e)
-            # (DenialOfServiceError: a header block past max_header_bytes, among others)
-            dos = isinstance(e, h2.exceptions.DenialOfServiceError)
-            self.server.refused("grpc_header_bytes" if dos else "grpc_protocol")
+            self.server.refused("grpc_header_bytes" if e.reason == "header_bytes" else "grpc_protocol")
+            self._abandon_all()
             self.flush()
             self.close()
             return
         except Exception:  # a bug here must cost one connection, never wedge it
             log.exception("closing a gRPC connection from %s: its bytes could not be read", self.peer)
+            self._abandon_all()
             self.close()
             return
-        for ev in events:
-            kind = type(ev)
-            if kind is h2.events.DataReceived:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.received(ev.data, ev.flow_controlled_length)
-                elif ev.flow_controlled_length:
-                    self.credit(ev.flow_controlled_length, ev.stream_id)
-            elif kind is h2.events.RequestReceived:
-                self._request(ev.stream_id, ev.headers)  # (an END_STREAM here comes as StreamEnded too)
-            elif kind is h2.events.StreamEnded:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.request_ended()
-            elif kind is h2.events.StreamReset:
-                call = self.calls.pop(ev.stream_id, None)
-                if call is not None:
-                    call.abandon()
-                if self._reset_flood():
-                    return
-            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
-                sid = getattr(ev, "stream_id", 0)
-                if sid:
-                    call = self.calls.get(sid)
-                    if call is not None:
-                        call.pump()
-                else:
-                    for call in list(self.calls.values()):
-                        call.pump()
-            elif kind is h2.events.ConnectionTerminated:  # the client's GOAWAY: h2 sends nothing more
-                for call in list(self.calls.values()):
-                    call.abandon()
-                self.calls.clear()
-                self.close()
         self._flush_soon = False  # (a turn's later flush finds nothing to write)
         self.flush()
+
+    # what the HTTP/2 layer reads, frame by frame (http2.Handler)
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        self._request(sid, headers)
+        if end_stream:
+            call = self.calls.get(sid)
+            if call is not None:
+                call.request_ended()
+
+    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None:
+        call = self.calls.get(sid)
+        if call is None:
+            self.credit(flow, sid)
+            return
+        if data or flow:
+            call.received(data, flow)
+        if end_stream:
+            call = self.calls.get(sid)  # (still there unless the message failed it)
+            if call is not None:
+                call.request_ended()
+
+    def on_reset(self, sid: int) -> None:
+        call = self.calls.pop(sid, None)
+        if call is not None:
+            call.abandon()
+        self._reset_flood()
+
+    def on_window(self, sid: int) -> None:
+        if sid:
+            call = self.calls.get(sid)
+            if call is not None:
+                call.pump()
+        else:
+            for call in list(self.calls.values()):
+                call.pump()
+
+    def on_goaway(self) -> None:  # the client's GOAWAY: it reads nothing more
+        self._abandon_all()
+        self.close()
+
+    def _abandon_all(self) -> None:
+        for call in list(self.calls.values()):
+            call.abandon()
+        self.calls.clear()
 
     def _reset_flood(self) -> bool:
         """Count a stream the client reset; past ``max_resets_per_s`` in a second, close the
@@ -384,19 +374,16 @@ class _Connection(asyncio.Protocol):
             return False
         log.debug("closing a gRPC connection from %s: a flood of stream resets", self.peer)
         self.server.refused("grpc_resets")
-        for call in list(self.calls.values()):
-            call.abandon()
-        self.calls.clear()
+        self._abandon_all()
         self._goodbye()
         return True
 
     def credit(self, n: int, sid: int) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):
-            self.h2.acknowledge_received_data(n, sid)
+        self.h2.acknowledge_received_data(n, sid)
 
     def _request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self._closing and sid > self._last_stream:  # opened after our GOAWAY: never started
-            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.h2.reset_stream(sid, http2.REFUSED_STREAM)
             return
         path = method = ctype = timeout = encoding = None
         for k, v in headers:
@@ -446,14 +433,9 @@ class _Connection(asyncio.Protocol):
         self.h2.send_headers(sid, fields, end_stream=True)
         self.stop_reading(sid)
 
-    def stop_reading(self, sid: int, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
-        """Our side of ``sid`` is done: a client still sending is told to stop (RST_STREAM
-        NO_ERROR, as the spec allows once the status is sent); with another ``code`` the stream
-        is reset whatever its state (an answer given up on)."""
-        stream = self.h2.streams.get(sid)
-        if stream is not None and not stream.closed and (stream.open or code != h2.errors.ErrorCodes.NO_ERROR):
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.reset_stream(sid, code)
+    def stop_reading(self, sid: int, code: int = http2.NO_ERROR) -> None:
+        """Our side of ``sid`` is done (see ``Http2.end_reading``)."""
+        self.h2.end_reading(sid, code)
 
     def overload_refusal(self, trailing) -> None:
         """A call on this connection was refused for overload: past the server's refusal budget,
@@ -500,11 +482,6 @@ class _Connection(asyncio.Protocol):
         if self._closing and not self.calls:
             self._goodbye()
 
-
-# h2 formats every frame it receives for a trace log line (``repr(frame)``) before asking whether
-# anyone logs at that level: a tenth of the engine's receiving time. Its module is given a repr
-# that does nothing; h2.connection uses repr for nothing else (h2 is pinned below 5).
-h2.connection.repr = lambda obj: ""  # type: ignore[attr-defined]
 
 # grpc_reflection (and others) pick their asyncio servicers for a grpc.aio.Server: this is one.
 grpc.aio.Server.register(H2GrpcServer)

@@ -12,9 +12,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import grpc
-import h2.errors
 
-from . import grpc_wire
+from . import grpc_wire, http2
 from .grpc_wire import WireError
 
 if TYPE_CHECKING:
@@ -365,7 +364,7 @@ class _Call:
         if self.ran and self.end_after_out is not None:  # an answer the client never took in time
             self.out.clear()
             self.end_after_out = None
-            self.conn.stop_reading(self.sid, h2.errors.ErrorCodes.CANCEL)
+            self.conn.stop_reading(self.sid, http2.CANCEL)
             self.conn.flush_soon()
             self.conn.finished(self)
             return

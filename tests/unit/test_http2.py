@@ -1,0 +1,269 @@
+"""The gRPC engine's HTTP/2 layer (server/transport/http2.py) against h2's client as the peer,
+and against frames made by hand where a client breaks the protocol."""
+
+from __future__ import annotations
+
+import struct
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from server.transport import http2
+from server.transport.http2 import Http2, Http2Error
+
+REQUEST = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":authority", b"x"),
+    (b":path", b"/svc/M"),
+    (b"content-type", b"application/grpc"),
+]
+
+
+class Recorder:
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def on_request(self, sid, headers, end_stream):
+        self.seen.append(("request", sid, dict(headers)[b":path"], end_stream))
+
+    def on_data(self, sid, data, flow, end_stream):
+        self.seen.append(("data", sid, bytes(data), flow, end_stream))
+
+    def on_reset(self, sid):
+        self.seen.append(("reset", sid))
+
+    def on_window(self, sid):
+        self.seen.append(("window", sid))
+
+    def on_goaway(self):
+        self.seen.append(("goaway",))
+
+
+def server(**kw) -> tuple[Http2, Recorder]:
+    rec = Recorder()
+    args = dict(max_concurrent_streams=8, max_header_bytes=4096, stream_window=1 << 16, connection_window=1 << 20)
+    args.update(kw)
+    return Http2(rec, max_frame=1 << 16, **args), rec
+
+
+def client() -> h2.connection.H2Connection:
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    c.initiate_connection()
+    return c
+
+
+def exchange(srv: Http2, cli: h2.connection.H2Connection) -> list:
+    """Bytes both ways until neither side has more; the client's events."""
+    events = []
+    for _ in range(10):
+        out = cli.data_to_send()
+        if out:
+            srv.receive(out)
+        back = srv.data_to_send()
+        if back:
+            events += cli.receive_data(back)
+        if not out and not back:
+            break
+    return events
+
+
+def raw(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return http2.frame(kind, flags, sid, payload)
+
+
+def opened() -> tuple[Http2, Recorder]:
+    """A server past the preface and the client's SETTINGS."""
+    srv, rec = server()
+    srv.receive(http2.PREFACE + raw(http2.SETTINGS, 0, 0))
+    srv.data_to_send()
+    return srv, rec
+
+
+def test_a_call_round_trip_with_h2_as_the_client():
+    srv, rec = server()
+    cli = client()
+    exchange(srv, cli)
+    cli.send_headers(1, REQUEST)
+    cli.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+    exchange(srv, cli)
+    calls = [s for s in rec.seen if s[0] != "window"]  # (h2's SETTINGS move the windows)
+    assert calls == [("request", 1, b"/svc/M", False), ("data", 1, b"\x00\x00\x00\x00\x02hi", 7, True)]
+    srv.acknowledge_received_data(7, 1)
+    srv.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    srv.send_data(1, b"\x00\x00\x00\x00\x02ok")
+    srv.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    events = exchange(srv, cli)
+    kinds = [type(e) for e in events]
+    assert h2.events.ResponseReceived in kinds and h2.events.TrailersReceived in kinds
+    assert h2.events.StreamEnded in kinds
+    data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert data == b"\x00\x00\x00\x00\x02ok"
+    assert 1 not in srv.streams  # both sides done: forgotten
+
+
+def test_many_requests_in_one_read_and_across_split_reads():
+    srv, rec = server()
+    cli = client()
+    exchange(srv, cli)
+    for sid in (1, 3, 5):
+        cli.send_headers(sid, REQUEST, end_stream=True)
+    wire = cli.data_to_send()
+    for i in range(len(wire)):  # one byte at a time: frames cut anywhere
+        srv.receive(wire[i : i + 1])
+    assert [s[1] for s in rec.seen if s[0] == "request"] == [1, 3, 5]
+
+
+def test_the_preface_and_a_first_settings_are_required():
+    srv, _ = server()
+    with pytest.raises(Http2Error):
+        srv.receive(b"GET / HTTP/1.1\r\n\r\n")
+    srv, _ = server()
+    with pytest.raises(Http2Error, match="first frame"):
+        srv.receive(http2.PREFACE + raw(http2.PING, 0, 0, b"12345678"))
+    assert raw(http2.GOAWAY, 0, 0, struct.pack(">LL", 0, http2.PROTOCOL_ERROR)) in srv.data_to_send()
+
+
+def test_stream_ids_must_be_odd_and_grow():
+    srv, rec = opened()
+    cli = client()
+    block = cli.encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 5, block))
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 3, cli.encoder.encode(REQUEST)))
+    assert [s[1] for s in rec.seen] == [5]  # an old id is a closed stream: ignored
+    with pytest.raises(Http2Error, match="even"):
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 8, cli.encoder.encode(REQUEST)))
+
+
+def test_padding_priority_and_continuation_are_read():
+    srv, rec = opened()
+    cli = client()
+    block = cli.encoder.encode(REQUEST)
+    padded = bytes([3]) + b"\x00\x00\x00\x00\x10" + block[:10] + b"\x00\x00\x00"
+    srv.receive(raw(http2.HEADERS, http2.PADDED | http2.PRIORITY_FLAG, 1, padded))
+    srv.receive(raw(http2.CONTINUATION, http2.END_HEADERS, 1, block[10:]))
+    srv.receive(raw(http2.DATA, http2.PADDED | http2.END_STREAM, 1, bytes([2]) + b"abc" + b"\x00\x00"))
+    assert rec.seen == [("request", 1, b"/svc/M", False), ("data", 1, b"abc", 6, True)]
+
+
+def test_an_interrupted_header_block_and_padding_past_the_frame_are_errors():
+    srv, _ = opened()
+    block = client().encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, 0, 1, block[:5]))
+    with pytest.raises(Http2Error, match="interrupted"):
+        srv.receive(raw(http2.PING, 0, 0, b"12345678"))
+    srv, _ = opened()
+    with pytest.raises(Http2Error, match="padding"):
+        srv.receive(raw(http2.HEADERS, http2.PADDED | http2.END_HEADERS, 1, bytes([200]) + block))
+
+
+def test_a_header_block_over_the_limit_is_refused_by_size():
+    srv, _ = opened()
+    with pytest.raises(Http2Error) as e:
+        srv.receive(raw(http2.HEADERS, 0, 1, b"\x00" * 3000))
+        srv.receive(raw(http2.CONTINUATION, 0, 1, b"\x00" * 3000))
+    assert e.value.reason == "header_bytes"
+    srv, _ = opened()  # small on the wire, large once decoded
+    cli = client()
+    block = cli.encoder.encode([*REQUEST, *((f"k{i}".encode(), b"v" * 100) for i in range(60))])
+    with pytest.raises(Http2Error) as e:
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, block))
+    assert e.value.reason == "header_bytes"
+
+
+def test_frames_over_the_announced_size_are_errors():
+    srv, _ = opened()
+    with pytest.raises(Http2Error, match="over the"):
+        srv.receive(struct.pack(">BHBBL", 2, 0, http2.DATA, 0, 1))  # 128 KiB announced, 64 KiB allowed
+
+
+def test_flow_control_both_ways():
+    srv, rec = server(stream_window=100, connection_window=1000)
+    cli = client()
+    exchange(srv, cli)
+    cli.send_headers(1, REQUEST)
+    exchange(srv, cli)
+    with pytest.raises(Http2Error, match="stream's window"):
+        srv.receive(raw(http2.DATA, 0, 1, b"x" * 101))
+    # sending: the client's initial window (65,535) bounds us; its WINDOW_UPDATE opens it
+    srv, rec = opened()
+    block = client().encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1, block))
+    assert srv.local_flow_control_window(1) == 65535
+    srv.send_headers(1, [(b":status", b"200")])
+    srv.send_data(1, b"x" * 16384)
+    assert srv.local_flow_control_window(1) == 65535 - 16384
+    srv.receive(raw(http2.WINDOW_UPDATE, 0, 1, struct.pack(">L", 1000)))
+    assert srv.local_flow_control_window(1) == 65535 - 16384  # the connection's window is the lower
+    srv.receive(raw(http2.WINDOW_UPDATE, 0, 0, struct.pack(">L", 5000)))
+    assert srv.local_flow_control_window(1) == 65535 - 16384 + 1000
+    assert ("window", 1) in rec.seen and ("window", 0) in rec.seen
+    # SETTINGS INITIAL_WINDOW_SIZE moves every open stream's window by the difference
+    srv.receive(raw(http2.SETTINGS, 0, 0, struct.pack(">HL", http2.INITIAL_WINDOW_SIZE, 65535 + 10)))
+    assert srv.local_flow_control_window(1) == 65535 - 16384 + 1010
+    with pytest.raises(Http2Error, match="2\\^31"):
+        srv.receive(raw(http2.WINDOW_UPDATE, 0, 0, struct.pack(">L", (1 << 31) - 1)))
+
+
+def test_credited_data_lets_the_client_send_on():
+    srv, rec = server(stream_window=100, connection_window=65535)
+    cli = client()
+    exchange(srv, cli)
+    cli.send_headers(1, REQUEST)
+    exchange(srv, cli)
+    for _ in range(5):  # 500 bytes through a 100-byte window, credited as read
+        srv.receive(raw(http2.DATA, 0, 1, b"y" * 100))
+        srv.acknowledge_received_data(100, 1)
+    assert sum(s[3] for s in rec.seen if s[0] == "data") == 500
+
+
+def test_streams_past_the_concurrency_limit_are_refused_and_pings_answered():
+    srv, rec = opened()
+    srv.max_concurrent_streams = 2
+    enc = client().encoder
+    for sid in (1, 3, 5):
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS, sid, enc.encode(REQUEST)))
+    assert [s[1] for s in rec.seen] == [1, 3]
+    out = srv.data_to_send()
+    assert raw(http2.RST_STREAM, 0, 5, struct.pack(">L", http2.REFUSED_STREAM)) in out
+    srv.receive(raw(http2.PING, 0, 0, b"abcdefgh"))
+    assert srv.data_to_send() == raw(http2.PING, http2.ACK, 0, b"abcdefgh")
+
+
+def test_resets_trailers_and_frames_for_streams_already_done():
+    srv, rec = opened()
+    enc = client().encoder
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, enc.encode(REQUEST)))
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1, enc.encode([(b"x-trailer", b"1")])))
+    assert rec.seen[-1] == ("data", 1, b"", 0, True)  # trailers end the request
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 3, enc.encode(REQUEST)))
+    srv.end_reading(3)  # answered while the client still sends: RST_STREAM NO_ERROR
+    assert raw(http2.RST_STREAM, 0, 3, struct.pack(">L", http2.NO_ERROR)) in srv.data_to_send()
+    srv.receive(raw(http2.DATA, 0, 3, b"late"))  # in flight before the reset: credited, ignored
+    assert raw(http2.WINDOW_UPDATE, 0, 0, struct.pack(">L", 4)) in srv.data_to_send()
+    srv.receive(raw(http2.RST_STREAM, 0, 1, struct.pack(">L", http2.CANCEL)))
+    assert rec.seen[-1] == ("reset", 1) and not srv.streams
+    with pytest.raises(Http2Error, match="never opened"):
+        srv.receive(raw(http2.DATA, 0, 9, b"x"))
+
+
+def test_the_clients_goaway_ends_reading_and_a_push_is_an_error():
+    srv, rec = opened()
+    srv.receive(raw(http2.GOAWAY, 0, 0, struct.pack(">LL", 0, 0)) + raw(http2.PING, 0, 0, b"12345678"))
+    assert rec.seen == [("goaway",)]
+    assert srv.data_to_send() == b""  # the PING after the GOAWAY was not read
+    srv, _ = opened()
+    with pytest.raises(Http2Error, match="push"):
+        srv.receive(raw(http2.PUSH_PROMISE, http2.END_HEADERS, 1, b"\x00\x00\x00\x02"))
+
+
+def test_settings_from_the_client_are_acknowledged_and_applied():
+    srv, _ = server()
+    srv.data_to_send()
+    settings = struct.pack(">HLHL", http2.MAX_FRAME_SIZE, 32768, http2.HEADER_TABLE_SIZE, 0)
+    srv.receive(http2.PREFACE + raw(http2.SETTINGS, 0, 0, settings))
+    assert srv.data_to_send() == raw(http2.SETTINGS, http2.ACK, 0)
+    assert srv.max_outbound_frame_size == 32768
+    with pytest.raises(Http2Error, match="MAX_FRAME_SIZE"):
+        srv.receive(raw(http2.SETTINGS, 0, 0, struct.pack(">HL", http2.MAX_FRAME_SIZE, 100)))
