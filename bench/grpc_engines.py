@@ -9,7 +9,12 @@ drives gRPC ModelInfer closed loop (``-c 8 -m 8``) in three ways:
   tensor is decoded (NOT_FOUND), counted and logged (one INFO line; an overload refusal is logged
   at DEBUG, so it costs a little less); the server runs without an access log;
 - **ready**: ``ModelReady`` of the mlp: a tiny protobuf in and out, what the engine itself costs
-  a call (a health probe's size).
+  a call (a health probe's size);
+- **shed**: the mlp request on a second server started with ``--max-inflight-requests 1`` (and
+  no pausing of refused connections), so that most requests are refused for overload
+  (RESOURCE_EXHAUSTED), the refusal issue 12's targets turn on. Its cost is solved from the
+  server's CPU, its OK and refused counts and the answer's cost in the same round:
+  (CPU - OK x answer) / refused.
 
 Then the **forward** mode: a gateway with no models of its own serves the ``mlp`` of an upstream
 batchgate (grpcio; on the load tool's core) as a remote model with ``batching=passthrough``, once
@@ -49,7 +54,7 @@ from common import (  # noqa: E402
 )
 
 ENGINES = ("grpcio", "h2")
-MODES = ("answer", "refusal", "ready")
+MODES = ("answer", "refusal", "ready", "shed")
 HERE = Path(__file__).resolve().parent
 
 
@@ -76,7 +81,7 @@ def frames(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 def drive(pin, port: int, frame: Path, method: str, seconds: float) -> dict:
     r = h2load(pin, port, frame, 8, 8, seconds, None, method=method)
-    return {"done": r["done"], "ok": r["ok"], "rps": r["done"] / r["elapsed_s"]}
+    return {"done": r["done"], "ok": r["ok"], "rps": r["done"] / r["elapsed_s"], "elapsed": r["elapsed_s"]}
 
 
 def counter(metrics_port: int, name: str, **labels: str) -> float:
@@ -93,10 +98,10 @@ def counter(metrics_port: int, name: str, **labels: str) -> float:
 def one_run(engine: str, repo: str, files, pin, seconds: float, tmp: Path, rnd: int) -> dict:
     cmd = serve_command(repo, "--grpc-engine", engine, "--access-log", "off")
     srv = Server(f"{engine} server", [*pin.server, *cmd], BATCHGATE_READY, tmp / f"{engine}-{rnd}.log")
+    out: dict[str, dict] = {}
     try:
         port, metrics = int(srv.match.group("grpc")), int(srv.match.group("metrics"))
-        out = {}
-        for mode in MODES:
+        for mode in MODES[:3]:
             frame, method = files[mode]
             drive(pin, port, frame, method, 1)  # warm-up
             refused0 = counter(metrics, "batchgate_request_errors_total", code="NOT_FOUND", protocol="grpc")
@@ -113,7 +118,41 @@ def one_run(engine: str, repo: str, files, pin, seconds: float, tmp: Path, rnd: 
                     raise BenchError(f"{engine} refusal: {r['done']} calls, {refused:.0f} refusals counted")
             out[mode] = {"rps": r["rps"], "cpu_us": 1e6 * cpu / max(1, r["done"]), "done": r["done"]}
             say(f"  {engine:6s} {mode:7s} {r['rps']:8,.0f} req/s  {out[mode]['cpu_us']:6.0f} µs CPU a request")
-        return out
+    finally:
+        srv.stop()
+    out["shed"] = shed_run(engine, repo, files, pin, seconds, tmp, rnd, out["answer"]["cpu_us"])
+    return out
+
+
+def shed_run(engine: str, repo: str, files, pin, seconds: float, tmp: Path, rnd: int, answer_us: float) -> dict:
+    """What an overload refusal costs (the ``shed`` mode of the module's docstring)."""
+    cmd = serve_command(
+        repo, "--grpc-engine", engine, "--access-log", "off", "--max-inflight-requests", "1",
+        "--overload-refusals-per-s", "1000000",  # refused at once, never held: the refusal's own cost
+    )  # fmt: skip
+    srv = Server(f"{engine} shedding server", [*pin.server, *cmd], BATCHGATE_READY, tmp / f"{engine}-shed-{rnd}.log")
+    try:
+        port, metrics = int(srv.match.group("grpc")), int(srv.match.group("metrics"))
+        frame, method = files["answer"]
+        drive(pin, port, frame, method, 1)
+
+        def counts() -> tuple[float, float]:
+            ok = counter(metrics, "batchgate_requests_total", model="mlp", status="OK", protocol="grpc")
+            no = counter(metrics, "batchgate_request_errors_total", code="RESOURCE_EXHAUSTED", protocol="grpc")
+            return ok, no
+
+        ok0, no0 = counts()
+        cpu0 = srv.cpu_seconds()
+        r = drive(pin, port, frame, method, seconds)
+        cpu = srv.cpu_seconds() - cpu0
+        ok1, no1 = counts()
+        ok, refused = ok1 - ok0, no1 - no0
+        if ok + refused < r["done"] or refused < 1000:
+            raise BenchError(f"{engine} shed: {r['done']} calls, {ok:.0f} answered and {refused:.0f} refused")
+        cpu_us = max(0.0, 1e6 * cpu - ok * answer_us) / refused
+        say(f"  {engine:6s} shed    {refused / r['elapsed']:8,.0f} refusals/s ({refused / r['done']:.0%} refused)"
+            f"  {cpu_us:6.0f} µs CPU a refusal")  # fmt: skip
+        return {"rps": refused / r["elapsed"], "cpu_us": cpu_us, "done": r["done"], "refused": refused, "ok": ok}
     finally:
         srv.stop()
 

@@ -69,6 +69,7 @@ EXTENSIONS = (
 # The settings of the limits section: the reasons a refusal may be counted under.
 LIMIT_NAMES = frozenset(name for name, spec in SETTINGS.items() if spec.section == "limits")
 _LIMIT_IN_MESSAGE = re.compile(r"\(([a-z_]+)\)$")
+_REASONS: dict[str, str] = {}  # an error message's limit, as count_error found it
 # Refusals that come in floods when the server is overloaded or draining.
 _QUIET = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
 _monotonic = time.monotonic
@@ -190,6 +191,26 @@ class DataPlane:
         self.admission.admit(served)
         return served
 
+    def quick_refusal(self, name: str, protocol: str) -> GatewayError | None:
+        """The overload refusal of a request for ``name`` (the latest version), judged without
+        admitting anything and counted as :meth:`admit` would count it; None when it would be
+        admitted, or when the full path must decide (draining, API keys, tracing, a route, an
+        unknown model: those answers need the whole request). For a transport that can answer
+        a refusal before it decodes the request at all (the h2 gRPC engine)."""
+        if not self.accepting or self._keys is not None or self.tracing is not None:
+            return None
+        routes = self.routes
+        if routes is not None and name in routes.routes:
+            return None
+        entry = self.repository.models.get(name)
+        served = entry.latest if entry is not None else None
+        if served is None:
+            return None
+        refused = self.admission.refusal(served)
+        if refused is not None:
+            self.count_error(protocol, refused)
+        return refused
+
     def release(self, served: Served) -> None:
         self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]
 
@@ -267,8 +288,13 @@ class DataPlane:
         """Count an inference request answered with an error, by the limit that refused it when
         one did (read from the message's closing "(setting)", checked against the limits'
         names: never client text as a label)."""
-        m = _LIMIT_IN_MESSAGE.search(e.message)
-        reason = m.group(1) if m is not None and m.group(1) in LIMIT_NAMES else "none"
+        reason = _REASONS.get(e.message)
+        if reason is None:
+            m = _LIMIT_IN_MESSAGE.search(e.message)
+            reason = m.group(1) if m is not None and m.group(1) in LIMIT_NAMES else "none"
+            if len(_REASONS) >= 1024:  # (messages with figures in them vary: the memory stays bounded)
+                _REASONS.clear()
+            _REASONS[e.message] = reason
         self.metrics.request_error(protocol, e.code.value, reason)
 
     def log_failure(self, protocol: str, model: str, request_id: str, e: GatewayError) -> None:
@@ -276,8 +302,11 @@ class DataPlane:
         cut to a bounded length (a log line never carries unbounded input). Refusals for
         overload go to DEBUG: under overload there are thousands a second, and each one an
         INFO line would turn the overload into a logging storm (the refusal counters count them)."""
+        level = logging.DEBUG if e.code in _QUIET else logging.INFO
+        if not log.isEnabledFor(level):
+            return
         log.log(
-            logging.DEBUG if e.code in _QUIET else logging.INFO,
+            level,
             "%s request to model '%s' failed: %s %s",
             protocol,
             model[:128],

@@ -192,7 +192,9 @@ class PassThroughScheduler(_SchedulerBase):
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{self._name}' is shutting down")
         request = ticket.request
         deadline = request.deadline
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # (asyncio's lookup costs a getpid call a request)
+            loop = self._loop = asyncio.get_running_loop()
         w = _Waiter(ticket, loop.create_future())
         if self._free and not self._waiters:  # fast path: an instance is idle and nobody is ahead
             if deadline is not None and self._clock() >= deadline:

@@ -56,7 +56,7 @@ class Capacity:
     """One version's capacity (answers per second at its busiest) and its standing-queue state
     under the ``queue_target_ms`` rule (see the module text)."""
 
-    __slots__ = ("peak", "answered", "window_end", "shedding", "since")
+    __slots__ = ("peak", "answered", "window_end", "shedding", "since", "message")
 
     def __init__(self) -> None:
         self.peak = 0.0  # answers per second in the busiest recent interval; 0 = not yet measured
@@ -64,6 +64,7 @@ class Capacity:
         self.window_end = 0.0
         self.shedding = False  # overloaded: admit only within the target
         self.since: float | None = None  # when the expected wait last crossed the target (either way)
+        self.message: str | None = None  # the refusal's message, once made
 
     def answer(self, now: float, interval: float, backlog: bool) -> None:
         """One more answer; at an interval's end, the capacity from it if work was waiting."""
@@ -101,9 +102,19 @@ class Admission:
     def admit(self, version: ModelVersion) -> None:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
         request must be released exactly once (:meth:`release`), whatever becomes of it."""
+        refused = self.refusal(version)
+        if refused is not None:
+            raise refused
+        version.admitted += 1
+        self.inflight += 1
+
+    def refusal(self, version: ModelVersion) -> GatewayError | None:
+        """The refusal of one more request on ``version`` (counted by reason), or None when it
+        would be admitted; nothing is admitted here. Returned, not raised: the gRPC engine's
+        fast refusal (``DataPlane.quick_refusal``) answers it without an exception."""
         if self.inflight >= self.max_inflight:
             version.metrics.refused(INFLIGHT_LIMIT)
-            raise GatewayError(
+            return GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"the server is at its limit of {self.max_inflight} requests in flight; "
                 "retry later or on another replica (max_inflight_requests)",
@@ -115,7 +126,7 @@ class Admission:
             bound = sched.max_queue_size
             if bound and waiting >= bound:
                 version.metrics.refused(QUEUE_FULL)
-                raise GatewayError(
+                return GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{version.name}' queue is full: {bound} requests waiting (max_queue_size)",
                     retry_after_s=sched.drain_rate.seconds_to_drain(waiting),
@@ -124,7 +135,7 @@ class Admission:
             if rate is not None and self.max_wait_s and waiting / rate > self.max_wait_s:
                 wait = waiting / rate
                 version.metrics.refused(QUEUE_WAIT)
-                raise GatewayError(
+                return GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{version.name}' has about {wait * 1000:.0f} ms of work queued, more than "
                     f"the {self.max_wait_s * 1000:.0f} ms a request may be made to wait (max_queue_wait_ms)",
@@ -138,15 +149,15 @@ class Admission:
             and self._standing(cap, max(0, waiting) / cap.peak, max(self.target_s, sched.round_size / cap.peak))
         ):
             version.metrics.refused(QUEUE_TARGET)
-            raise GatewayError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"model '{version.name}' is overloaded: its queue has held more than "
-                f"{self.target_s * 1000:.0f} ms of work for {self.interval_s * 1000:.0f} ms; retry later or "
-                "on another replica (queue_target_ms)",
-                retry_after_s=1.0,
-            )
-        version.admitted += 1
-        self.inflight += 1
+            message = cap.message
+            if message is None:  # (the same words every time: made once)
+                message = cap.message = (
+                    f"model '{version.name}' is overloaded: its queue has held more than "
+                    f"{self.target_s * 1000:.0f} ms of work for {self.interval_s * 1000:.0f} ms; retry later or "
+                    "on another replica (queue_target_ms)"
+                )
+            return GatewayError(ErrorCode.RESOURCE_EXHAUSTED, message, retry_after_s=1.0)
+        return None
 
     def _standing(self, cap: Capacity, wait: float, target: float) -> bool:
         """Whether to refuse one more request whose expected wait is ``wait``."""

@@ -48,6 +48,23 @@ CONTENTS_FIELD = {
 }
 
 
+def peek_model_name(raw: bytes) -> str | None:
+    """The model a serialized ModelInferRequest names, read from its first bytes without parsing
+    it, when it names no version; None when that cannot be told at a glance (the request then
+    goes the whole way). Serializers write fields in number order, so ``model_name`` (1) comes
+    first and ``model_version`` (2) right after it; a name under 128 bytes has a one-byte length."""
+    n = len(raw)
+    if n < 2 or raw[0] != 0x0A or raw[1] >= 0x80:
+        return None
+    end = 2 + raw[1]
+    if end > n or (end + 1 < n and raw[end] == 0x12 and raw[end + 1]):
+        return None
+    try:
+        return raw[2:end].decode()
+    except UnicodeDecodeError:
+        return None
+
+
 def param_value(p: pb.InferParameter) -> bool | int | float | str | None:
     kind: str | None = p.WhichOneof("parameter_choice")
     value: bool | int | float | str | None = getattr(p, kind) if kind else None  # the oneof's one field

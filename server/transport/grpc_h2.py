@@ -52,6 +52,8 @@ MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for la
 _monotonic = time.monotonic
 
 Refused = Callable[[str], None]
+_NOT_GRPC = object()  # a request that is not gRPC (answered 415)
+_TRAILERS_ONLY: dict[tuple, list[tuple[bytes, bytes]]] = {}  # trailers-only answers' fields, by status and words
 
 
 class _Details:
@@ -79,6 +81,7 @@ class H2GrpcServer:
         refusals_per_s: int = 8000,
         max_header_bytes: int = 64 << 10,
         max_resets_per_s: int = 1000,
+        eager: frozenset[str] = frozenset(),
     ):
         self.max_receive_bytes = max_receive_bytes
         self.max_connections = max_connections
@@ -96,10 +99,18 @@ class H2GrpcServer:
         self.connections: set[_Connection] = set()
         self._stopped: asyncio.Event | None = None
         self._dirty: list[_Connection] = []  # connections with bytes to write at the end of this turn
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start (asyncio's lookup costs a getpid call)
+        # methods whose handlers may take their first step in the turn that read the request,
+        # outside any task (they use nothing that needs a current task before they first wait):
+        # a call answered at once, such as a refusal, then costs no task at all
+        self.eager = eager
+        # per method path: a check of a whole unary request's bytes that may refuse it at once
+        # (status, message, trailing metadata) before any handler runs; None lets it through
+        self.refusers: dict[str, Callable[[bytes, str], tuple[grpc.StatusCode, str, tuple] | None]] = {}
 
     def dirty(self, conn: _Connection) -> None:
         if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._flush_dirty)
+            self.loop.call_soon(self._flush_dirty)
         self._dirty.append(conn)
 
     def _flush_dirty(self) -> None:
@@ -156,7 +167,7 @@ class H2GrpcServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         for sock, context in self._binds:
             server = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=context, backlog=2048)
@@ -210,6 +221,7 @@ class _Connection(asyncio.Protocol):
         self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
         self._held = False  # not read for a while after an overload refusal past the budget
         self._age_timer: asyncio.TimerHandle | None = None
+        self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -231,8 +243,7 @@ class _Connection(asyncio.Protocol):
         # ACK of them reaches us)
         transport.write(self.h2.data_to_send())
         if server.max_connection_age_s > 0:
-            loop = asyncio.get_running_loop()
-            self._age_timer = loop.call_later(server.max_connection_age_s, self._aged)
+            self._age_timer = server.loop.call_later(server.max_connection_age_s, self._aged)
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
@@ -259,15 +270,14 @@ class _Connection(asyncio.Protocol):
         """A future that resolves once the transport takes writes again, or None if it does."""
         if not self._paused:
             return None
-        f = asyncio.get_running_loop().create_future()
+        f = self.server.loop.create_future()
         self._drained.append(f)
         return f
 
     def _aged(self) -> None:
         """``max_connection_age_s`` passed: ask the client to reconnect; close once idle."""
         self.go_away()
-        loop = asyncio.get_running_loop()
-        self._age_timer = loop.call_later(max(self.server.max_connection_age_s / 10, 5.0), self.close)
+        self._age_timer = self.server.loop.call_later(max(self.server.max_connection_age_s / 10, 5.0), self.close)
 
     def go_away(self) -> None:
         """Close gracefully: tell the client with GOAWAY to open no more calls here (gRPC
@@ -385,6 +395,26 @@ class _Connection(asyncio.Protocol):
         if self._closing and sid > self._last_stream:  # opened after our GOAWAY: never started
             self.h2.reset_stream(sid, http2.REFUSED_STREAM)
             return
+        key = tuple(headers)
+        parsed = self._parsed.get(key)
+        if parsed is None:  # (a client sends the same headers call after call: read once)
+            parsed = self._parse(headers)
+            if len(self._parsed) >= 64:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        if type(parsed) is tuple:
+            handler, md, seconds, encoding, path = parsed
+            deadline = None if seconds is None else _monotonic() + seconds
+            self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
+        elif parsed is _NOT_GRPC:
+            self._plain(sid, b"415", b"only gRPC (POST, content-type application/grpc) is served on this port")
+        else:
+            self.trailers_only(sid, *parsed)
+
+    def _parse(self, headers: list[tuple[bytes, bytes]]) -> Any:
+        """What a request's headers ask for: (handler, metadata, timeout in seconds or None,
+        encoding, path) for a call to start; ``_NOT_GRPC``; or a list of the status and
+        message to answer at once."""
         path = method = ctype = timeout = encoding = None
         for k, v in headers:
             if k == b":path":
@@ -398,29 +428,22 @@ class _Connection(asyncio.Protocol):
             elif k == b"grpc-encoding":
                 encoding = v
         if method != b"POST" or ctype is None or not ctype.startswith(b"application/grpc"):
-            self._plain(sid, b"415", b"only gRPC (POST, content-type application/grpc) is served on this port")
-            return
+            return _NOT_GRPC
         md = grpc_wire.metadata(headers)
         handler = self.server.handler(path or b"", md)
         if handler is None:
-            self.trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-            return
+            return [grpc.StatusCode.UNIMPLEMENTED, "Method not found!"]
         if encoding is not None and encoding not in grpc_wire.ENCODINGS:
-            self.trailers_only(
-                sid,
+            return [
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"grpc-encoding {encoding[:64].decode('latin-1')!r} is not supported (identity, deflate, gzip)",
-            )
-            return
-        deadline = None
+            ]
+        seconds = None
         if timeout is not None:
             seconds = grpc_wire.parse_timeout(timeout)
             if seconds is None:
-                self.trailers_only(sid, grpc.StatusCode.INTERNAL, "the grpc-timeout header is malformed")
-                return
-            deadline = _monotonic() + seconds
-        call = _Call(self, sid, handler, md, deadline, encoding, (path or b"").decode("latin-1"))
-        self.calls[sid] = call
+                return [grpc.StatusCode.INTERNAL, "the grpc-timeout header is malformed"]
+        return handler, md, seconds, encoding, (path or b"").decode("latin-1")
 
     # ------------------------------------------------------------------ writing
     def _plain(self, sid: int, status: bytes, text: bytes) -> None:
@@ -429,7 +452,13 @@ class _Connection(asyncio.Protocol):
 
     def trailers_only(self, sid: int, code: grpc.StatusCode, message: str, md=()) -> None:
         """An answer with no message: status and metadata in the one HEADERS frame."""
-        fields = OK_HEADERS + grpc_wire.status_fields(code.value[0], message) + grpc_wire.encode_metadata(md)
+        key = (code, message, md)
+        fields = _TRAILERS_ONLY.get(key)
+        if fields is None:  # (refusals repeat the same few: their fields are made once)
+            fields = OK_HEADERS + grpc_wire.status_fields(code.value[0], message) + grpc_wire.encode_metadata(md)
+            if len(_TRAILERS_ONLY) >= 256:
+                _TRAILERS_ONLY.clear()
+            _TRAILERS_ONLY[key] = fields
         self.h2.send_headers(sid, fields, end_stream=True)
         self.stop_reading(sid)
 
@@ -452,7 +481,7 @@ class _Connection(asyncio.Protocol):
         self._held = True
         self.server.refused("overload_hold")
         self.transport.pause_reading()
-        asyncio.get_running_loop().call_later(pause, self._release)
+        self.server.loop.call_later(pause, self._release)
 
     def _release(self) -> None:
         self._held = False

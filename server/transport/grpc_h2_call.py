@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import logging
 import time
+import types
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -122,7 +123,7 @@ class _Call:
         self._details = ""
         self._trailing: tuple = ()
         if deadline is not None:
-            self.timer = asyncio.get_running_loop().call_later(max(0.0, deadline - _monotonic()), self._expired)
+            self.timer = conn.server.loop.call_later(max(0.0, deadline - _monotonic()), self._expired)
         if handler.request_streaming:
             self.requests = _Requests(self)
             self._start(self.requests)
@@ -191,11 +192,26 @@ class _Call:
                 f"a unary call takes one request message; this one sent {len(self.inbox)}",
             )
             return
+        raw = self.inbox.popleft()
+        refuse = self.conn.server.refusers.get(self.method)
+        if refuse is not None:
+            refused = refuse(raw, self.conn.peer)
+            if refused is not None:
+                self._refuse(*refused)
+                return
         try:
-            request = self.deserialize(self.inbox.popleft())
+            request = self.deserialize(raw)
         except _Abort:
             return
         self._start(request)
+
+    def _refuse(self, code: grpc.StatusCode, message: str, trailing: tuple) -> None:
+        """Answer with an error before any handler runs (see ``H2GrpcServer.refusers``)."""
+        self._trailing = trailing
+        self._end(code, message)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.conn.finished(self)
 
     def deserialize(self, raw: bytes):
         d = self.handler.request_deserializer
@@ -217,7 +233,15 @@ class _Call:
             impl = h.stream_stream if h.response_streaming else h.stream_unary
         else:
             impl = h.unary_stream if h.response_streaming else h.unary_unary
-        self.task = asyncio.ensure_future(self._run(impl, request))
+        run = self._run(impl, request)
+        if self.method not in self.conn.server.eager:
+            self.task = self.conn.server.loop.create_task(run)
+            return
+        try:  # its first step now: a call answered at once (a refusal) needs no task
+            waiting = run.send(None)
+        except StopIteration:
+            return
+        self.task = self.conn.server.loop.create_task(_resume(run, waiting))
 
     async def _run(self, impl, request) -> None:
         try:
@@ -430,6 +454,28 @@ class _Call:
 
     def disable_next_message_compression(self) -> None:
         pass
+
+
+@types.coroutine
+def _resume(coro, waiting):
+    """Drive on, in a task, a coroutine whose first step was taken outside one: hand the task
+    what the coroutine waits on, then pass what the task sends or throws through to it."""
+    while True:
+        try:
+            sent = yield waiting
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - passed through (cancellation among them)
+            try:
+                waiting = coro.throw(e)
+            except StopIteration as done:
+                return done.value
+            continue
+        try:
+            waiting = coro.send(sent)
+        except StopIteration as done:
+            return done.value
 
 
 class _Abort(grpc.aio.AbortError):

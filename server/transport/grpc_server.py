@@ -14,6 +14,18 @@ from .grpc_h2 import H2GrpcServer
 
 log = logging.getLogger("batchgate.grpc")
 
+# Handlers the h2 engine may start in the loop turn that read their request, outside a task
+# (none of them needs a current task before its first wait): a refusal, a bad request or a
+# probe is then answered without a task at all.
+EAGER = frozenset(
+    f"/{service}/{method}"
+    for service, methods in {
+        "inference.GRPCInferenceService": ("ModelInfer", "ModelReady", "ServerLive", "ServerReady"),
+        "grpc.health.v1.Health": ("Check",),
+    }.items()
+    for method in methods
+)
+
 
 def new_grpc_server(
     s: ServerSettings,
@@ -35,6 +47,7 @@ def new_grpc_server(
             max_concurrent_streams=lim.grpc_max_concurrent_streams,
             max_resets_per_s=lim.grpc_max_resets_per_s,
             max_header_bytes=lim.max_header_bytes,
+            eager=EAGER,
         )
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", lim.max_request_bytes),

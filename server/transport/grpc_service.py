@@ -47,6 +47,7 @@ GRPC_STATUS = {
 }
 
 _monotonic = time.monotonic
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-memory region
 
 
@@ -122,6 +123,9 @@ def add_to_server(service: InferenceService, server) -> None:
     # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
     # lookup per call.
     server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
+    refusers = getattr(server, "refusers", None)  # the h2 engine: ModelInfer refused before parsing
+    if refusers is not None:
+        refusers["/" + MODEL_INFER] = service.quick_refusal
 
 
 class _StreamEnd:
@@ -297,6 +301,26 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, shm, note
         )
 
+    def quick_refusal(self, raw: bytes, peer: str) -> tuple[grpc.StatusCode, str, tuple] | None:
+        """A ModelInfer refused for overload before it is parsed: status, message and trailing
+        metadata, or None to take the whole path (see ``DataPlane.quick_refusal``). Used by the
+        h2 engine, which then answers without a call object, task or exception: under overload
+        most requests are refused, and a refusal must cost a small part of an answer."""
+        name = grpc_codec.peek_model_name(raw)
+        if name is None:
+            return None
+        dp = self.dp
+        e = dp.quick_refusal(name, "grpc")
+        if e is None:
+            return None
+        dp.log_failure("grpc", name, "", e)
+        alog = dp.access_log
+        code = GRPC_STATUS[e.code]
+        if alog is not None:
+            alog.request(None, "grpc", name, code.name, e.code.value, lambda: (peer, None), path=MODEL_INFER)
+        md = () if e.retry_after_s is None else (("retry-after", str(max(1, round(e.retry_after_s)))),)
+        return code, e.message, md
+
     async def ModelInfer(self, raw: bytes, context):
         alog, tracing = self.dp.access_log, self.dp.tracing
         if alog is None and tracing is None:
@@ -315,7 +339,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = note.error = "CANCELLED"
             raise
         finally:
-            self._noted(note, status, context, "inference.GRPCInferenceService/ModelInfer")
+            self._noted(note, status, context, MODEL_INFER)
 
     def _noted(self, note: Note, status: str, context, method: str, who=None) -> None:
         """End an answered request's span and write its access line, when wanted. ``who``: the

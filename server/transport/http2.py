@@ -106,6 +106,8 @@ class Http2:
         self._peer_window = DEFAULT_WINDOW  # the client's INITIAL_WINDOW_SIZE: new streams' send window
         self._send_window = DEFAULT_WINDOW  # what the connection may still send
         self._recv_window = connection_window  # what the client may still send on the connection
+        self._unacked = 0  # bytes taken and not yet credited to the connection's window
+        self._credit_at = max(1, connection_window // 4)
         self._buf = bytearray()
         self._preface = False
         self._settings_seen = False
@@ -193,16 +195,19 @@ class Http2:
         """``n`` bytes of ``sid``'s DATA are taken: the client may send that many more."""
         if n <= 0:
             return
-        self._recv_window += n
         out = self._out
-        inc = _U32.pack(n)
-        out += _HEADER.pack(0, 4, WINDOW_UPDATE, 0, 0)
-        out += inc
         stream = self.streams.get(sid)
-        if stream is not None and stream.remote_open:
+        if stream is not None and stream.remote_open:  # (a stream the client has ended needs none)
             stream.recv_window += n
             out += _HEADER.pack(0, 4, WINDOW_UPDATE, 0, sid)
-            out += inc
+            out += _U32.pack(n)
+        # the connection's window is credited a quarter of it at a time, not per message
+        self._unacked += n
+        if self._unacked >= self._credit_at:
+            self._recv_window += self._unacked
+            out += _HEADER.pack(0, 4, WINDOW_UPDATE, 0, 0)
+            out += _U32.pack(self._unacked)
+            self._unacked = 0
 
     def stop(self) -> None:
         """Read nothing more (the connection is closing), not even the rest of this read."""
@@ -309,9 +314,7 @@ class Http2:
             if sid > self.highest_inbound_stream_id:
                 self._fail(PROTOCOL_ERROR, "DATA on a stream never opened")
             # a stream we are done with (answered or reset): its bytes are credited back at once
-            if flow:
-                self._recv_window += flow
-                self._out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(flow))
+            self.acknowledge_received_data(flow, 0)
             if stream is not None:  # half-closed by the client already: a stream error
                 self.reset_stream(sid, STREAM_CLOSED)
             return

@@ -240,8 +240,8 @@ def test_resets_trailers_and_frames_for_streams_already_done():
     srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 3, enc.encode(REQUEST)))
     srv.end_reading(3)  # answered while the client still sends: RST_STREAM NO_ERROR
     assert raw(http2.RST_STREAM, 0, 3, struct.pack(">L", http2.NO_ERROR)) in srv.data_to_send()
-    srv.receive(raw(http2.DATA, 0, 3, b"late"))  # in flight before the reset: credited, ignored
-    assert raw(http2.WINDOW_UPDATE, 0, 0, struct.pack(">L", 4)) in srv.data_to_send()
+    srv.receive(raw(http2.DATA, 0, 3, b"late"))  # in flight before the reset: ignored (and credited)
+    assert not [s for s in rec.seen if s[0] == "data" and s[1] == 3]
     srv.receive(raw(http2.RST_STREAM, 0, 1, struct.pack(">L", http2.CANCEL)))
     assert rec.seen[-1] == ("reset", 1) and not srv.streams
     with pytest.raises(Http2Error, match="never opened"):
@@ -267,3 +267,21 @@ def test_settings_from_the_client_are_acknowledged_and_applied():
     assert srv.max_outbound_frame_size == 32768
     with pytest.raises(Http2Error, match="MAX_FRAME_SIZE"):
         srv.receive(raw(http2.SETTINGS, 0, 0, struct.pack(">HL", http2.MAX_FRAME_SIZE, 100)))
+
+
+def test_the_connections_window_is_credited_a_quarter_at_a_time():
+    srv, rec = server(stream_window=1 << 16, connection_window=4000)
+    srv.receive(http2.PREFACE + raw(http2.SETTINGS, 0, 0))
+    srv.data_to_send()
+    enc = client().encoder
+    for sid in (1, 3, 5):  # three unary requests of 400 bytes, each ended by its DATA
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS, sid, enc.encode(REQUEST)))
+        srv.receive(raw(http2.DATA, http2.END_STREAM, sid, b"z" * 400))
+        srv.acknowledge_received_data(400, sid)
+    out = srv.data_to_send()  # no stream credit (the streams are ended); one connection credit
+    assert out == raw(http2.WINDOW_UPDATE, 0, 0, struct.pack(">L", 1200))
+    # the client never gets ahead of what it was credited
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 7, enc.encode(REQUEST)))
+    srv.receive(raw(http2.DATA, 0, 7, b"z" * 4000))  # credited back to 4,000: that many, and not one more
+    with pytest.raises(Http2Error, match="connection's window"):
+        srv.receive(raw(http2.DATA, 0, 7, b"z"))
