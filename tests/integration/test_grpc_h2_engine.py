@@ -416,3 +416,56 @@ def test_large_tensors_cross_the_windows_both_ways(tmp_path, serve, streaming):
     c.stop_stream()
     for g in got:
         np.testing.assert_array_equal(g, x)
+
+
+def test_an_overload_refusal_is_answered_before_the_request_is_parsed(demo_repo, serve):
+    """Past an admission limit, a ModelInfer is refused from the model name at the front of its
+    bytes (RESOURCE_EXHAUSTED, retry-after, counted as the full path counts it) before the rest
+    is parsed: bytes past the name that would not parse are not even looked at. What the full
+    path must judge still goes the full way: an unknown model, a version named."""
+    running = serve(demo_repo, grpc_engine="h2", max_inflight_requests=1)
+    dp = running.gateway.dataplane
+    host, port = running.http_url.split(":")
+    body = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 256], "data": [' + b"0," * 255 + b"0]}]}"
+    held = socket.create_connection((host, int(port)), timeout=10)  # admitted, its body still on its way
+    held.sendall(
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body[:10]
+    )
+    end = time.monotonic() + 10
+    while dp.admission.inflight != 1:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    garbage_tail = infer_request()[: 2 + len("mlp")] + b"\xff\xff\xff\xff"  # the name, then nonsense
+    c = RawH2(running.gateway.grpc_port)
+    try:
+        for payload in (infer_request(), garbage_tail):
+            r = c.wait(c.request(INFER, framed(payload)))
+            code, message = status(r)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message
+            assert "(max_inflight_requests)" in message
+            assert dict(r["headers"])[b"retry-after"] == b"1"
+        versioned = service_pb2.ModelInferRequest.FromString(infer_request())
+        versioned.model_version = "1"
+        assert status(c.wait(c.request(INFER, framed(versioned.SerializeToString()))))[0] == 8  # the full path
+        unknown = status(c.wait(c.request(INFER, framed(infer_request("no-such-model")))))
+        assert unknown[0] == grpc.StatusCode.NOT_FOUND.value[0]
+        text = urllib.request.urlopen(running.metrics_url).read().decode()
+        assert (
+            'batchgate_request_errors_total{code="RESOURCE_EXHAUSTED",protocol="grpc",'
+            'reason="max_inflight_requests"} 3.0' in text
+        )
+        assert 'batchgate_refusals_total{model="mlp",reason="inflight_limit",version="1"} 3.0' in text
+        assert "no-such-model" not in text
+        # the held request answered, the same nonsense is judged in full: a bad request
+        held.sendall(body[10:])
+        assert held.recv(65536).startswith(b"HTTP/1.1 200")
+        while dp.admission.inflight:
+            assert time.monotonic() < end + 10
+            time.sleep(0.01)
+        code, message = status(c.wait(c.request(INFER, framed(garbage_tail))))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0], message
+    finally:
+        c.close()
+        held.close()

@@ -9,8 +9,9 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from server.transport import http2
-from server.transport.http2 import Http2, Http2Error
+
+from batchgate.transport import http2
+from batchgate.transport.http2 import Http2, Http2Error
 
 REQUEST = [
     (b":method", b"POST"),
