@@ -89,7 +89,7 @@ class H2GrpcServer:
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s
-        self.refusals = PerSecond(refusals_per_s)  # overload refusals, against overload_refusals_per_s
+        self.refusals = PerSecond(refusals_per_s)  # overload refusals, against grpc_overload_refusals_per_s
         self.max_resets_per_s = max_resets_per_s
         self.max_header_bytes = max_header_bytes
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}

@@ -43,7 +43,7 @@ def new_grpc_server(
             reuse_port=reuse_port,
             refused=refused,
             max_connection_age_s=s.grpc_max_connection_age_s,
-            refusals_per_s=lim.overload_refusals_per_s,
+            refusals_per_s=lim.grpc_overload_refusals_per_s,
             max_concurrent_streams=lim.grpc_max_concurrent_streams,
             max_resets_per_s=lim.grpc_max_resets_per_s,
             max_header_bytes=lim.max_header_bytes,
