@@ -128,7 +128,7 @@ def shed_run(engine: str, repo: str, files, pin, seconds: float, tmp: Path, rnd:
     """What an overload refusal costs (the ``shed`` mode of the module's docstring)."""
     cmd = serve_command(
         repo, "--grpc-engine", engine, "--access-log", "off", "--max-inflight-requests", "1",
-        "--overload-refusals-per-s", "1000000",  # refused at once, never held: the refusal's own cost
+        "--overload-refusals-per-s", "1000000", "--grpc-overload-refusals-per-s", "1000000",  # never held
     )  # fmt: skip
     srv = Server(f"{engine} shedding server", [*pin.server, *cmd], BATCHGATE_READY, tmp / f"{engine}-shed-{rnd}.log")
     try:

@@ -390,6 +390,7 @@ class Gateway:
                 max_connections=self.max_connections,
                 refused=self.metrics.connection_refused,
                 gate=app.admit_early,
+                quick=app.quick_refusal,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
             loop="none",

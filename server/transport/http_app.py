@@ -167,6 +167,28 @@ class HttpApp:
         scope[ADMITTED] = (served, model, version)
         return None
 
+    def quick_refusal(self, model: str, peer: str) -> Verdict:
+        """The overload refusal of an infer request for ``model`` (no version named), judged
+        before its head is even parsed (``http_limits.py`` reads the name from the request line):
+        the answer, as :meth:`admit_early` gives it, or None to take the usual way (see
+        ``DataPlane.quick_refusal`` for what always does)."""
+        if self.admin_only:
+            return None
+        e = self.dp.quick_refusal(model, "http")
+        if e is None:
+            return None
+        self.dp.log_failure("http", model, "", e)
+        status, headers, body = self.error_answer(e)
+        alog = self.dp.access_log
+        if alog is not None:
+            alog.request(
+                None, "http", model, status, e.code.value, lambda: (peer, None), "POST", f"/v2/models/{model}/infer"
+            )
+        pause = 0.0
+        if self._refusals.over():
+            pause = max(1.0, min(e.retry_after_s or 1.0, 10.0))
+        return status, headers, body, pause
+
     def _admit(self, model: str, version: str, scope) -> Served:
         """Admission from the path and the caller, logged when refused (counted by the caller)."""
         try:

@@ -20,9 +20,11 @@ Infer requests are admitted here too, as soon as their head is parsed (``gate``,
 unknown model, 503 while draining) is written straight to the socket, and the body that follows
 is parsed and dropped; no ASGI scope, task or cycle is made for it, so under overload a refusal
 costs a small fraction of an answer. An admitted request goes on to the app with its admission
-in the scope. Past the gate's refusal budget, a connection just refused is not read for the
-refusal's Retry-After (TCP backpressure: its client's next request waits in its own socket
-instead of taking the core from admitted work).
+in the scope. Before that, a plain infer request whose whole bytes are at hand is refused for
+overload from its request line alone when the model is shedding (``quick``, which is
+:meth:`HttpApp.quick_refusal`): not even its head is parsed. Past the gate's refusal budget, a
+connection just refused is not read for the refusal's Retry-After (TCP backpressure: its client's
+next request waits in its own socket instead of taking the core from admitted work).
 
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
@@ -58,6 +60,11 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 # answer to write now (status, headers, body) and how long to leave the connection unread after.
 Verdict = tuple[int, list[tuple[bytes, bytes]], bytes, float] | None
 Gate = Callable[[str, str, dict], Verdict]
+Quick = Callable[[str, str], Verdict]  # (model, peer): an overload refusal judged from the request line
+_QUICK_PREFIX = b"POST /v2/models/"
+_QUICK_SUFFIX = b"/infer HTTP/1.1"
+# headers that make a request more than a plain one: such a request takes the usual way
+_NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgrade:")
 _CLOSE = (b"connection", b"close")
 
 
@@ -68,6 +75,7 @@ def guarded_protocol(
     max_connections: int,
     refused: Callable[[str], None],
     gate: Gate | None = None,
+    quick: Quick | None = None,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
 
@@ -80,10 +88,71 @@ def guarded_protocol(
         _answered = False  # this request was answered by the gate: its body is parsed and dropped
         _keep_alive = True  # whether the connection stays open after the gate's answer
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
+        _in_message = False  # httptools has begun a request and not yet ended it
 
         def data_received(self, data: bytes) -> None:
-            if not self._refused:
-                super().data_received(data)
+            if self._refused:
+                return
+            idle = self.cycle is None or self.cycle.response_complete
+            if quick is not None and idle and not self._in_message and not self.pipeline:
+                data = self._quick(data)
+                if not data:
+                    return
+            super().data_received(data)
+
+        def _quick(self, data: bytes) -> bytes:
+            """Answer at once each whole, plain infer request at the front of ``data`` that
+            ``quick`` refuses for overload, from its request line and Content-Length alone,
+            without httptools, a scope or the gate (a tenth of an answer's cost matters when
+            most requests are refused); what is left goes to httptools as usual. Plain: HTTP/1.1,
+            ``POST /v2/models/NAME/infer``, a Content-Length and its whole body already here, no
+            Transfer-Encoding, Expect, Connection or Upgrade header."""
+            pos, n = 0, len(data)
+            answered = False
+            assert quick is not None
+            while data.startswith(_QUICK_PREFIX, pos):
+                end = data.find(b"\r\n\r\n", pos, pos + max_header_bytes)
+                line_end = data.find(b"\r\n", pos, end)
+                if end < 0 or line_end < 0 or not data.endswith(_QUICK_SUFFIX, pos, line_end):
+                    break
+                name = data[pos + len(_QUICK_PREFIX) : line_end - len(_QUICK_SUFFIX)]
+                head = data[line_end : end + 2].lower()
+                i = head.find(b"\ncontent-length:")
+                if b"/" in name or i < 0 or head.find(b"\ncontent-length:", i + 1) >= 0:
+                    break
+                if _NOT_PLAIN[0] in head or _NOT_PLAIN[1] in head or _NOT_PLAIN[2] in head or _NOT_PLAIN[3] in head:
+                    break
+                length = head[i + 16 : head.find(b"\r", i)].strip()
+                if not length.isdigit() or end + 4 + int(length) > n:
+                    break
+                try:
+                    verdict = quick(name.decode("ascii"), self.client[0] if self.client else "")
+                except UnicodeDecodeError:
+                    break
+                if verdict is None:
+                    break
+                status, headers, body, pause_s = verdict
+                self.transport.write(self._answer_bytes(status, headers, body, True))
+                self._disarm()  # (the next request's head clock starts with its first byte)
+                pos = end + 4 + int(length)
+                answered = True
+                if pause_s > 0:  # past the refusal budget: unread for the Retry-After, as below
+                    refused(OVERLOAD_HOLD)
+                    self.flow.pause_reading()
+                    self.loop.call_later(pause_s * (0.5 + random.random()), self._resume)
+                    return data[pos:]
+            if answered:
+                self.on_response_complete()  # keep-alive clock, as after any answer
+            return data[pos:] if pos else data
+
+        def _answer_bytes(self, status: int, headers, body: bytes, keep_alive: bool) -> bytes:
+            out = [_STATUS_LINES[status]]
+            for name, value in (*self.server_state.default_headers, *headers):
+                out += [name, b": ", value, b"\r\n"]
+            if not keep_alive and _CLOSE not in headers:
+                out.append(b"connection: close\r\n")
+            out += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
+            return b"".join(out)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -100,6 +169,7 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
+            self._in_message = True
             self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
             if self._tls is not None:
@@ -151,13 +221,7 @@ def guarded_protocol(
             # A client that asked "Expect: 100-continue" and gets a final answer instead may or
             # may not send its body; the connection cannot tell, so it closes after the answer.
             self._keep_alive = not closing and not self.expect_100_continue and self.parser.should_keep_alive()
-            out = [_STATUS_LINES[status]]
-            for name, value in (*self.server_state.default_headers, *headers):
-                out += [name, b": ", value, b"\r\n"]
-            if not self._keep_alive and not closing:
-                out.append(b"connection: close\r\n")
-            out += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
-            self.transport.write(b"".join(out))
+            self.transport.write(self._answer_bytes(status, headers, body, self._keep_alive))
             if not self._keep_alive:  # closed now (what the client still sends is read and dropped)
                 self._disarm()
                 self._refuse_close()
@@ -180,6 +244,7 @@ def guarded_protocol(
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._in_message = False
             if self._refused:
                 return
             self._disarm()

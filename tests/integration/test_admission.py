@@ -259,6 +259,42 @@ def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, se
     wait_for(lambda: dp.admission.inflight == 0)
 
 
+def test_whole_plain_requests_are_refused_from_the_request_line(repo, serve):
+    """A plain infer request whose bytes are all at hand is refused for overload from its request
+    line and Content-Length, before httptools parses its head: a head httptools would reject
+    still gets the overload answer, requests pipelined in one packet are answered in order
+    (those behind, which are not refusals, by the usual way), and the connection goes on."""
+    running = serve(repo, max_inflight_requests=1)
+    dp = running.gateway.dataplane
+    held = hold(running)
+    wait_for(lambda: dp.admission.inflight == 1)
+    host, port = running.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        unparsable = head("simple", len(GOOD)).replace(b"Host: x\r\n", b"Host: x\r\nno colon here\r\n")
+        s.sendall(unparsable + GOOD)
+        reply = response(s)
+        assert reply.startswith(b"HTTP/1.1 429") and b"(max_inflight_requests)" in reply, reply[:200]
+        assert b"retry-after: 1" in reply.lower()
+        health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        s.sendall((head("simple", len(GOOD)) + GOOD) * 2 + health)
+        replies = b""
+        while replies.count(b"HTTP/1.1 ") < 3:
+            chunk = s.recv(65536)
+            assert chunk, replies
+            replies += chunk
+        statuses = [part.split(b"\r\n", 1)[0] for part in replies.split(b"HTTP/1.1 ")[1:]]
+        assert statuses == [b"429 Too Many Requests", b"429 Too Many Requests", b"200 OK"], replies[:600]
+        finish(held)
+        wait_for(lambda: dp.admission.inflight == 0)
+        s.sendall(unparsable + GOOD)  # with room, the same head is parsed, and rejected
+        assert response(s).startswith(b"HTTP/1.1 400")
+    text = metrics(running)
+    assert (
+        'batchgate_request_errors_total{code="RESOURCE_EXHAUSTED",protocol="http",'
+        'reason="max_inflight_requests"} 3.0' in text
+    )
+
+
 def test_upgrade_requests_are_not_admitted_early_and_leak_nothing(repo, serve):
     """Regression: an infer request asking to upgrade the connection (WebSocket) goes the
     ordinary way and releases its admission like any other; repeating it cannot fill the
