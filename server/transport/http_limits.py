@@ -122,6 +122,11 @@ def guarded_protocol(
                     break
                 if _NOT_PLAIN[0] in head or _NOT_PLAIN[1] in head or _NOT_PLAIN[2] in head or _NOT_PLAIN[3] in head:
                     break
+                # Strict framing only, so that no parser in front of us can cut these bytes into
+                # requests differently (smuggling): CRLF line ends, no folded lines.
+                crlf = head.count(b"\r\n")
+                if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\n " in head or b"\n\t" in head:
+                    break
                 length = head[i + 16 : head.find(b"\r", i)].strip()
                 if not length.isdigit() or end + 4 + int(length) > n:
                     break
