@@ -18,7 +18,7 @@ INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 # pip's own progress: each package as it is collected, download bars, then the install step.
 PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
-.PHONY: install install-serve serve test test-h2 fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-grpc-engines \
+.PHONY: install install-serve serve test test-grpcio fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-grpc-engines \
 	bench-overload bench-routing bench-drift bench-workers bench-score bench-observability bench-tracing bench-tools test-tools dashboard-preview lint clean soak
 
 $(PY):
@@ -69,17 +69,18 @@ lint: $(FULL_STAMP)
 test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
-	BATCHGATE_TEST_GRPC_ENGINE=h2 $(PY) -m pytest -q -p no:cacheprovider $(H2_SUITE)
+	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(GRPCIO_SUITE)
 	BATCHGATE_TEST_REMOTE_CLIENT=h2 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
-# The gRPC protocol tests again on batchgate's own gRPC engine (grpc_engine: h2), and the remote
-# backend's tests on its own HTTP/2 client (client=h2); about 80 s; `make test` ends with them.
-H2_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_protocol_streaming.py \
+# The gRPC protocol tests again on the other gRPC engine (grpc_engine: grpcio; the default is
+# batchgate's own, h2), and the remote backend's tests on batchgate's HTTP/2 client (client=h2);
+# about 80 s; `make test` ends with them.
+GRPCIO_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_protocol_streaming.py \
   tests/integration/test_protocol_metadata.py tests/integration/test_protocol_compression.py \
   tests/integration/test_stream_backpressure.py tests/integration/test_tls.py tests/integration/test_parity.py \
   tests/integration/test_bad_input.py tests/integration/test_api_keys.py tests/integration/test_admission.py
-test-h2: $(FULL_STAMP)
-	BATCHGATE_TEST_GRPC_ENGINE=h2 $(PY) -m pytest -q -p no:cacheprovider $(H2_SUITE)
+test-grpcio: $(FULL_STAMP)
+	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(GRPCIO_SUITE)
 	BATCHGATE_TEST_REMOTE_CLIENT=h2 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
 # The fuzz harness at length (tests/fuzz/conftest.py: ~90,000 examples, about 7 minutes, new seeds

@@ -52,8 +52,8 @@ class ServerSettings:
     )
     exit_timeout_s: float = _setting(30.0, "grace period for in-flight work on SIGTERM", positive=True)
     grpc_engine: str = _setting(
-        "grpcio",
-        "gRPC server engine: grpcio (grpc.aio over gRPC core) or h2 (batchgate's own, HTTP/2 on the event loop)",
+        "h2",
+        "gRPC server engine: h2 (batchgate's own, HTTP/2 on the event loop) or grpcio (grpc.aio over gRPC core)",
         choices=("grpcio", "h2"),
     )
     grpc_max_connection_age_s: float = _setting(

@@ -63,9 +63,9 @@ def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Run
         # output; tests/integration/test_access_log.py reads it, and tests/e2e/test_cli.py reads a
         # served process's stdout.
         "access_log_file": os.devnull,
-        # `make test-h2` runs the suite again on batchgate's own gRPC engine
-        "grpc_engine": os.environ.get("BATCHGATE_TEST_GRPC_ENGINE", "grpcio"),
     }
+    if os.environ.get("BATCHGATE_TEST_GRPC_ENGINE"):  # `make test-grpcio`: the gRPC tests on grpc.aio
+        flags["grpc_engine"] = os.environ["BATCHGATE_TEST_GRPC_ENGINE"]
     flags.update(overrides)
     settings = load_settings(config_file, flags, environ={})
     loop = asyncio.new_event_loop()
