@@ -152,7 +152,7 @@ bench-tracing: $(FULL_STAMP) bench-tools
 bench-overload: $(FULL_STAMP) bench-tools
 	$(PY) bench/overload.py
 
-# The two gRPC engines (bench/grpc_engines.py, about 2 minutes): CPU per answer, per refusal and per
+# The two gRPC engines (bench/grpc_engines.py, about 5 minutes): CPU per answer, per refusal and per
 # tiny call on grpcio and on batchgate's own h2 engine, interleaved rounds.
 bench-grpc-engines: $(FULL_STAMP) bench-tools
 	$(PY) bench/grpc_engines.py
