@@ -225,6 +225,10 @@ class Http2:
         buf = self._buf
         if buf:
             buf += data
+            if self._preface and len(buf) >= 9:  # a large frame comes in many reads: wait for all of it
+                need = 9 + ((buf[0] << 16) | (buf[1] << 8) | buf[2])
+                if len(buf) < need <= 9 + self.max_frame:
+                    return
             data = bytes(buf)
             buf.clear()
         pos, n = 0, len(data)

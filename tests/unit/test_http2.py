@@ -286,3 +286,16 @@ def test_the_connections_window_is_credited_a_quarter_at_a_time():
     srv.receive(raw(http2.DATA, 0, 7, b"z" * 4000))  # credited back to 4,000: that many, and not one more
     with pytest.raises(Http2Error, match="connection's window"):
         srv.receive(raw(http2.DATA, 0, 7, b"z"))
+
+
+def test_a_large_frame_read_in_many_pieces_arrives_whole_once():
+    srv, rec = server(stream_window=1 << 20, connection_window=1 << 20)
+    srv.receive(http2.PREFACE + raw(http2.SETTINGS, 0, 0))
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, client().encoder.encode(REQUEST)))
+    body = bytes(range(256)) * 200  # 51,200 bytes in one frame
+    wire = raw(http2.DATA, http2.END_STREAM, 1, body) + raw(http2.PING, 0, 0, b"pingpong")
+    for i in range(0, len(wire), 1000):
+        srv.receive(wire[i : i + 1000])
+    data = [s for s in rec.seen if s[0] == "data"]
+    assert data == [("data", 1, body, len(body), True)]
+    assert srv.data_to_send().endswith(raw(http2.PING, http2.ACK, 0, b"pingpong"))
