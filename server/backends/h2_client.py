@@ -1,7 +1,7 @@
-"""gRPC unary calls to an upstream over one HTTP/2 connection on the event loop (the h2 library,
-client side): what a remote model with ``client=h2`` forwards with, instead of grpc.aio's
-channel, whose Python layer and hand-overs to gRPC core's threads cost most of the gateway's CPU
-for a forwarded request.
+"""gRPC unary calls to an upstream over one HTTP/2 connection on the event loop (batchgate's own
+HTTP/2 framing, ``transport/http2.py``, client side): what a remote model with ``client=h2``
+forwards with, instead of grpc.aio's channel, whose Python layer and hand-overs to gRPC core's
+threads cost most of the gateway's CPU for a forwarded request.
 
 One connection per upstream, made on first use and again after it is lost (a call made while
 no connection can be had fails UNAVAILABLE with gRPC's own "failed to connect to all addresses"
@@ -13,47 +13,22 @@ grpc.aio's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import urllib.parse
-from typing import Any
 
 import grpc
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 from grpc.aio import Metadata
 
-from ..transport import grpc_wire
-from ..transport.hpack_cache import CachingDecoder, CachingEncoder, fast_config
+from ..transport import grpc_wire, http2
 
-_CONFIG = fast_config(client_side=True)
 WINDOW = 16 << 20
+MAX_FRAME = 1 << 20
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-# h2 formats every frame it receives for a trace log line (``repr(frame)``) before asking whether
-# anyone logs at that level: a tenth of its receiving time. Its module is given a repr that does
-# nothing; h2.connection uses repr for nothing else (h2 is pinned below 5).
-h2.connection.repr = lambda obj: ""  # type: ignore[attr-defined]
 
 
 class H2RpcError(grpc.aio.AioRpcError):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(code, Metadata(), Metadata(), details)
-
-
-class _Connection(h2.connection.H2Connection):
-    """h2's client connection, but one that a GOAWAY does not end at once: h2 would refuse to
-    read the answers of calls the server still finishes (those at or below its last stream id)."""
-
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        event = h2.events.ConnectionTerminated()
-        event.error_code = frame.error_code
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
 
 
 class _Call:
@@ -70,30 +45,17 @@ class _Call:
 class _Protocol(asyncio.Protocol):
     def __init__(self, channel: H2Channel):
         self.channel = channel
-        self.h2 = _Connection(_CONFIG)
+        self.h2 = http2.Http2Client(self, stream_window=WINDOW, connection_window=WINDOW, max_frame=MAX_FRAME)
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
         self.going_away = False  # the server said GOAWAY: no new calls here
         self.lost = False
         self._flush = False
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        h = self.h2
-        h.encoder, h.decoder = CachingEncoder(), CachingDecoder(64 << 10)
-        h.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: 1 << 20,
-            },
-        )
-        h.initiate_connection()
-        h.local_settings.acknowledge()  # (as the server engine does: in force at once)
-        h.max_inbound_frame_size = 1 << 20
-        h.increment_flow_control_window(WINDOW)
-        transport.write(h.data_to_send())
+        transport.write(self.h2.data_to_send())
 
     def connection_lost(self, exc) -> None:
         self.lost = True
@@ -115,7 +77,7 @@ class _Protocol(asyncio.Protocol):
     def flush_soon(self) -> None:
         if not self._flush:
             self._flush = True
-            asyncio.get_running_loop().call_soon(self._flush_now)
+            self._loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush = False
@@ -124,7 +86,8 @@ class _Protocol(asyncio.Protocol):
     # ------------------------------------------------------------------ calls
     def start(self, path: bytes, authority: bytes, body: bytes, timeout: float, md) -> tuple[int, asyncio.Future]:
         h = self.h2
-        sid = h.get_next_available_stream_id()
+        if len(h.streams) >= h.peer_max_streams:
+            raise H2RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's limit on concurrent calls is reached")
         fields = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -136,8 +99,8 @@ class _Protocol(asyncio.Protocol):
         ]
         if md:
             fields += grpc_wire.encode_metadata(md)
-        h.send_headers(sid, fields)
-        call = _Call(asyncio.get_running_loop().create_future())
+        sid = h.open_stream(fields)
+        call = _Call(self._loop.create_future())
         self.calls[sid] = call
         call.out = grpc_wire.frame(body)
         call.end_out = True
@@ -147,8 +110,7 @@ class _Protocol(asyncio.Protocol):
 
     def cancel(self, sid: int) -> None:
         if self.calls.pop(sid, None) is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            self.h2.reset_stream(sid, http2.CANCEL)
             self.flush_soon()
 
     def _pump(self, sid: int, call: _Call) -> None:
@@ -164,65 +126,70 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events: list[Any] = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
+            self.h2.receive(data)
+        except http2.Http2Error as e:
             why = f"HTTP/2 error from upstream: {e}"
             self._fail_all(lambda sid: H2RpcError(grpc.StatusCode.UNAVAILABLE, why))
             self.flush()
             if self.transport is not None:
                 self.transport.close()
             return
-        for ev in events:
-            kind = type(ev)
-            if kind is h2.events.DataReceived:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.data += ev.data
-                with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):
-                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if call is not None and len(call.data) > self.channel.max_message_bytes + 5:
-                    self.cancel(ev.stream_id)
-                    call.future.set_exception(
-                        H2RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's answer is larger than allowed")
-                    )
-            elif kind is h2.events.ResponseReceived or kind is h2.events.TrailersReceived:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.headers += ev.headers
-            elif kind is h2.events.StreamEnded:
-                call = self.calls.pop(ev.stream_id, None)
-                if call is not None and not call.future.done():
-                    self._finish(call)
-            elif kind is h2.events.StreamReset:
-                call = self.calls.pop(ev.stream_id, None)
-                if call is not None and not call.future.done():
-                    refused = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-                    call.future.set_exception(
-                        H2RpcError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            ("failed to connect to all addresses; " if refused else "")
-                            + f"the upstream reset the call ({ev.error_code!s})",
-                        )
-                    )
-            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
-                for sid, call in list(self.calls.items()):
-                    if call.out:
-                        self._pump(sid, call)
-            elif kind is h2.events.ConnectionTerminated:
-                self.going_away = True
-                last = ev.last_stream_id or 0
-                for sid in [s for s in self.calls if s > last]:  # never started there: safe to send again
-                    call = self.calls.pop(sid)
-                    call.future.set_exception(
-                        H2RpcError(
-                            grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; upstream going away"
-                        )
-                    )
-                if not self.calls and self.transport is not None:
-                    self.transport.close()
         self.flush()
         if self.going_away and not self.calls and self.transport is not None:
             self.transport.close()
+
+    # what the HTTP/2 layer reads (http2.ClientHandler)
+    def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        call = self.calls.get(sid)
+        if call is None:
+            return
+        call.headers += headers
+        if end_stream:
+            del self.calls[sid]
+            if not call.future.done():
+                self._finish(call)
+
+    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None:
+        self.h2.acknowledge_received_data(flow, sid)
+        call = self.calls.get(sid)
+        if call is None:
+            return
+        call.data += data
+        if len(call.data) > self.channel.max_message_bytes + 5:
+            self.cancel(sid)
+            call.future.set_exception(
+                H2RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's answer is larger than allowed")
+            )
+            return
+        if end_stream:  # (an answer that ends without trailers: no gRPC status)
+            del self.calls[sid]
+            if not call.future.done():
+                self._finish(call)
+
+    def on_reset(self, sid: int, code: int = http2.INTERNAL_ERROR) -> None:
+        call = self.calls.pop(sid, None)
+        if call is not None and not call.future.done():
+            refused = code == http2.REFUSED_STREAM
+            call.future.set_exception(
+                H2RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    ("failed to connect to all addresses; " if refused else "")
+                    + f"the upstream reset the call (error code {code})",
+                )
+            )
+
+    def on_window(self, sid: int) -> None:
+        for s, call in list(self.calls.items()):
+            if call.out and (not sid or s == sid):
+                self._pump(s, call)
+
+    def on_goaway(self, last_stream_id: int) -> None:
+        self.going_away = True
+        for sid in [s for s in self.calls if s > last_stream_id]:  # never started there: safe to send again
+            call = self.calls.pop(sid)
+            call.future.set_exception(
+                H2RpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; upstream going away")
+            )
 
     def _finish(self, call: _Call) -> None:
         fields = dict(call.headers)
@@ -309,12 +276,7 @@ class H2Channel:
             left = end - time.monotonic()
             if left <= 0:
                 raise H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            try:
-                sid, future = p.start(raw_path, self._authority, request, left, metadata)
-            except h2.exceptions.TooManyStreamsError:
-                raise H2RpcError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's limit on concurrent calls is reached"
-                ) from None
+            sid, future = p.start(raw_path, self._authority, request, left, metadata)
             timer = asyncio.get_running_loop().call_later(left, _expire, p, sid, future)
             try:
                 return await future

@@ -1,9 +1,7 @@
-"""What batchgate's HTTP/2 gRPC engine and client share to make h2 cheaper: its configuration
-(:func:`fast_config`) and HPACK with memory.
-
-HPACK with memory: a gRPC client sends the same header block again and again, and a server
-answers with the same few; decoding or encoding each afresh is most of what HTTP/2 costs in
-Python (py-spy on the h2 engine: a fifth of a refused call's time).
+"""HPACK with memory, for batchgate's own HTTP/2 (``http2.py``: the gRPC engine and the
+remote-model client): a gRPC client sends the same header block again and again, and a server
+answers with the same few; decoding or encoding each afresh was a fifth of a refused call's time
+(py-spy on the h2 engine).
 
 A block's meaning depends on the dynamic table, so a result is reused only while the table has
 not changed since it was made (the table counts its changes), and only a block whose own coding
@@ -14,26 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import h2.config
 import hpack
 from hpack.table import HeaderTable
 
 _MAX_BLOCK = 1024  # larger blocks are coded as usual (and never remembered)
 _MAX_ENTRIES = 64  # per connection and direction; the memory is emptied when full
-
-
-def fast_config(client_side: bool) -> h2.config.H2Configuration:
-    """h2's configuration for batchgate's gRPC engine and client: headers stay bytes, and h2's own
-    header checks are off (a sixth of a refused call's cost; each side reads the few headers it
-    needs itself, and metadata values reach logs only escaped, through ``printable``)."""
-    return h2.config.H2Configuration(
-        client_side=client_side,
-        header_encoding=None,
-        validate_inbound_headers=False,
-        normalize_inbound_headers=False,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
-    )
 
 
 class _CountedTable(HeaderTable):

@@ -66,12 +66,13 @@ class Handler(Protocol):
 
 
 class _Stream:
-    __slots__ = ("send_window", "recv_window", "remote_open")
+    __slots__ = ("send_window", "recv_window", "remote_open", "local_open")
 
     def __init__(self, send_window: int, recv_window: int, remote_open: bool):
         self.send_window = send_window
         self.recv_window = recv_window
-        self.remote_open = remote_open  # the client may still send on it
+        self.remote_open = remote_open  # the peer may still send on it
+        self.local_open = True  # we may still send on it
 
 
 def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -102,7 +103,8 @@ class Http2:
         self.encoder = CachingEncoder()
         self.streams: dict[int, _Stream] = {}
         self.highest_inbound_stream_id = 0
-        self.max_outbound_frame_size = 16384  # the client's MAX_FRAME_SIZE
+        self.max_outbound_frame_size = 16384  # the peer's MAX_FRAME_SIZE
+        self.peer_max_streams = 1 << 31  # the peer's MAX_CONCURRENT_STREAMS (a client must keep within it)
         self._peer_window = DEFAULT_WINDOW  # the client's INITIAL_WINDOW_SIZE: new streams' send window
         self._send_window = DEFAULT_WINDOW  # what the connection may still send
         self._recv_window = connection_window  # what the client may still send on the connection
@@ -174,10 +176,12 @@ class Http2:
             self._local_end(sid)
 
     def _local_end(self, sid: int) -> None:
-        """Our side of ``sid`` is finished: the stream is gone once the client's is too."""
+        """Our side of ``sid`` is finished: the stream is gone once the peer's is too."""
         stream = self.streams.get(sid)
-        if stream is not None and not stream.remote_open:
-            del self.streams[sid]
+        if stream is not None:
+            stream.local_open = False
+            if not stream.remote_open:
+                del self.streams[sid]
 
     def end_reading(self, sid: int, code: int = NO_ERROR) -> None:
         """We are done with ``sid``: a client still sending is told to stop (RST_STREAM; NO_ERROR
@@ -281,11 +285,9 @@ class Http2:
                 if not sid or length != 5:
                     self._fail(PROTOCOL_ERROR, "a malformed PRIORITY")
             elif kind == GOAWAY:
-                if sid:
-                    self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
-                self._closed = True
-                self.handler.on_goaway()
-                return
+                if sid or length < 8:
+                    self._fail(PROTOCOL_ERROR, "a malformed GOAWAY")
+                self._goaway_frame(payload)
             elif kind == PUSH_PROMISE:
                 self._fail(PROTOCOL_ERROR, "a client may not push")
             # (frames of unknown types are ignored, as the spec requires)
@@ -293,6 +295,11 @@ class Http2:
                 return
         if pos < n:
             self._buf += data[pos:]
+
+    def _goaway_frame(self, payload: bytes) -> None:
+        """The client's GOAWAY: it reads nothing more, so neither do we."""
+        self._closed = True
+        self.handler.on_goaway()
 
     def _fail(self, code: int, message: str, reason: str = "protocol") -> NoReturn:
         self._closed = True
@@ -441,8 +448,92 @@ class Http2:
                 self.max_outbound_frame_size = value
             elif key == HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
+            elif key == MAX_CONCURRENT_STREAMS:
+                self.peer_max_streams = value
             elif key == ENABLE_PUSH and value > 1:
                 self._fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
         self._out += frame(SETTINGS, ACK, 0)
         if window_changed:
             self.handler.on_window(0)
+
+
+class ClientHandler(Protocol):
+    """What a client connection is told (see :class:`Http2Client`)."""
+
+    def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None: ...
+    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None: ...
+    def on_reset(self, sid: int, code: int) -> None: ...
+    def on_window(self, sid: int) -> None: ...
+    def on_goaway(self, last_stream_id: int) -> None: ...
+
+
+class Http2Client(Http2):
+    """The client side, for unary gRPC calls to an upstream (``backends/h2_client.py``): the same
+    framing, windows and checks, with streams we open (:meth:`open_stream`) and a GOAWAY that
+    lets the calls at or below its last stream id finish."""
+
+    def __init__(self, handler: ClientHandler, *, stream_window: int, connection_window: int, max_frame: int):
+        super().__init__(
+            handler,  # type: ignore[arg-type]
+            max_concurrent_streams=0,  # the server opens none
+            max_header_bytes=64 << 10,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            max_frame=max_frame,
+        )
+        self.client_handler = handler
+        self._preface = True  # (a server sends none: its SETTINGS come first)
+        settings = b"".join(
+            _SETTING.pack(k, v)
+            for k, v in ((ENABLE_PUSH, 0), (INITIAL_WINDOW_SIZE, stream_window), (MAX_FRAME_SIZE, max_frame))
+        )
+        self._out = bytearray(PREFACE + frame(SETTINGS, 0, 0, settings))
+        if connection_window > DEFAULT_WINDOW:
+            self._out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(connection_window - DEFAULT_WINDOW))
+
+    def open_stream(self, fields, end_stream: bool = False) -> int:
+        """Start a call: its HEADERS on a new stream; the stream's id."""
+        sid = self.highest_inbound_stream_id + 2 if self.highest_inbound_stream_id else 1
+        self.highest_inbound_stream_id = sid  # (here: the highest stream id in use)
+        self.streams[sid] = _Stream(self._peer_window, self.stream_window, True)
+        self.send_headers(sid, fields, end_stream)
+        return sid
+
+    def _block_done(self, sid: int, end_stream: bool, block: bytes) -> None:
+        try:
+            headers = self.decoder.decode(block, raw=True)
+        except hpack.exceptions.HPACKError as e:
+            self._fail(COMPRESSION_ERROR, f"a header block could not be decoded: {e}")
+        stream = self.streams.get(sid)
+        if stream is None or not stream.remote_open:
+            if sid > self.highest_inbound_stream_id:
+                self._fail(PROTOCOL_ERROR, "HEADERS on a stream never opened")
+            return  # a call we gave up on: ignored
+        if end_stream:
+            self._remote_end(sid, stream)
+        self.client_handler.on_headers(sid, headers, end_stream)
+
+    def _data(self, sid: int, flags: int, payload: bytes) -> None:
+        stream = self.streams.get(sid)
+        super()._data(sid, flags, payload)
+        if stream is not None and not stream.remote_open:
+            self._remote_end(sid, stream)
+
+    def _remote_end(self, sid: int, stream: _Stream) -> None:
+        stream.remote_open = False
+        if not stream.local_open:
+            self.streams.pop(sid, None)
+
+    def _rst(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            self._fail(FRAME_SIZE_ERROR, "an RST_STREAM of the wrong size")
+        if not sid or sid > self.highest_inbound_stream_id:
+            self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0 or on one never opened")
+        if self.streams.pop(sid, None) is not None:
+            self.client_handler.on_reset(sid, _U32.unpack(payload)[0])
+
+    def _goaway_frame(self, payload: bytes) -> None:
+        """The server's GOAWAY: calls above its last stream id never started there; the rest
+        still get their answers, so reading goes on."""
+        last = _U32.unpack(payload[:4])[0] & 0x7FFFFFFF
+        self.client_handler.on_goaway(last)

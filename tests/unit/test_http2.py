@@ -7,7 +7,9 @@ import struct
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.settings
 import pytest
 
 from batchgate.transport import http2
@@ -299,3 +301,101 @@ def test_a_large_frame_read_in_many_pieces_arrives_whole_once():
     data = [s for s in rec.seen if s[0] == "data"]
     assert data == [("data", 1, body, len(body), True)]
     assert srv.data_to_send().endswith(raw(http2.PING, http2.ACK, 0, b"pingpong"))
+
+
+# ------------------------------------------------------------------ the client side
+
+
+class ClientRecorder:
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def on_headers(self, sid, headers, end_stream):
+        self.seen.append(("headers", sid, dict(headers), end_stream))
+
+    def on_data(self, sid, data, flow, end_stream):
+        self.seen.append(("data", sid, bytes(data), end_stream))
+
+    def on_reset(self, sid, code=http2.INTERNAL_ERROR):
+        self.seen.append(("reset", sid, code))
+
+    def on_window(self, sid):
+        pass
+
+    def on_goaway(self, last_stream_id):
+        self.seen.append(("goaway", last_stream_id))
+
+
+def h2_server(max_streams: int = 100) -> h2.connection.H2Connection:
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    s.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams}
+    )
+    s.initiate_connection()
+    return s
+
+
+def pair(max_streams: int = 100):
+    rec = ClientRecorder()
+    cli = http2.Http2Client(rec, stream_window=1 << 20, connection_window=1 << 20, max_frame=1 << 16)
+    srv = h2_server(max_streams)
+    return cli, rec, srv
+
+
+def flow(cli, srv) -> list:
+    """Bytes both ways until both are quiet; the server's events."""
+    events = []
+    for _ in range(10):
+        out = cli.data_to_send()
+        if out:
+            events += srv.receive_data(out)
+        back = srv.data_to_send()
+        if back:
+            cli.receive(back)
+        if not out and not back:
+            break
+    return events
+
+
+def test_the_client_calls_h2s_server_and_reads_the_answer():
+    cli, rec, srv = pair(max_streams=7)
+    flow(cli, srv)
+    assert cli.peer_max_streams == 7
+    sid = cli.open_stream(REQUEST)
+    cli.send_data(sid, b"\x00\x00\x00\x00\x01x", end_stream=True)
+    events = flow(cli, srv)
+    got = [e for e in events if isinstance(e, h2.events.RequestReceived | h2.events.DataReceived)]
+    assert dict(got[0].headers)[b":path"] == b"/svc/M" and got[1].data == b"\x00\x00\x00\x00\x01x"
+    srv.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    srv.send_data(sid, b"\x00\x00\x00\x00\x02ok")
+    srv.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+    flow(cli, srv)
+    assert [s[0] for s in rec.seen] == ["headers", "data", "headers"]
+    assert rec.seen[1][2] == b"\x00\x00\x00\x00\x02ok" and rec.seen[2][2] == {b"grpc-status": b"0"}
+    assert rec.seen[2][3] is True and sid not in cli.streams  # both sides done: forgotten
+    assert cli.open_stream(REQUEST) == sid + 2  # ids grow by two
+
+
+def test_a_goaway_lets_calls_at_or_below_its_last_stream_finish():
+    cli, rec, srv = pair()
+    flow(cli, srv)
+    first, second = cli.open_stream(REQUEST, end_stream=True), cli.open_stream(REQUEST, end_stream=True)
+    flow(cli, srv)
+    cli.receive(raw(http2.GOAWAY, 0, 0, struct.pack(">LL", first, 0)))  # (h2 sends nothing after its own)
+    srv.send_headers(first, [(b":status", b"200"), (b"grpc-status", b"0")], end_stream=True)
+    cli.receive(srv.data_to_send())
+    assert ("goaway", first) in rec.seen
+    assert ("headers", first, {b":status": b"200", b"grpc-status": b"0"}, True) in rec.seen
+    assert second in cli.streams  # the caller fails it as never started (safe to send again)
+
+
+def test_a_reset_reports_its_code_and_frames_after_it_are_ignored():
+    cli, rec, srv = pair()
+    flow(cli, srv)
+    sid = cli.open_stream(REQUEST, end_stream=True)
+    flow(cli, srv)
+    srv.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+    cli.receive(srv.data_to_send())
+    assert rec.seen == [("reset", sid, http2.REFUSED_STREAM)]
+    with pytest.raises(Http2Error, match="never opened"):
+        cli.receive(raw(http2.RST_STREAM, 0, sid + 2, struct.pack(">L", 0)))
