@@ -436,8 +436,9 @@ def check_level(run: Run, res: dict) -> list[str]:
             f"{who} counted {e.ok} OK and {e.failed} failed for {run.tool_ok} reported; only {slack} "
             "requests were cut off at the end"
         )
-    # single-row requests: rows executed = requests executed
-    if not run.tool_ok <= e.rows <= e.ok + e.failed:
+    # single-row requests: rows executed = requests executed (and up to the cut-off ones more: on
+    # the h2 engine a request in flight at the stop may run, then find its caller gone, uncounted)
+    if not run.tool_ok <= e.rows <= e.ok + e.failed + slack:
         problems.append(
             f"{who} executed {e.rows} rows for {run.tool_ok} successes reported and {e.ok + e.failed} requests answered"
         )
@@ -878,8 +879,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--gateway-grpc-engine",
         choices=("grpcio", "h2"),
-        default="grpcio",
-        help="the gateway's gRPC server engine (--grpc-engine; default grpcio, batchgate's default)",
+        default="h2",
+        help="the gateway's gRPC server engine (--grpc-engine; default h2, batchgate's default)",
     )
     ap.add_argument(
         "--max-inflight", type=int, default=0, help="the remote model's max_inflight (default 0: the backend's default)"
