@@ -1,6 +1,7 @@
 """batchgate's own gRPC engine (``grpc_engine: h2``) at the HTTP/2 level: what a raw client
 can send that tritonclient never would, and the engine's own limits. The V2 service itself runs
-on this engine through the whole protocol suite too (``make test-h2``)."""
+on this engine through the whole suite (it is the default; ``make test-grpcio`` runs the gRPC
+protocol tests again on grpcio)."""
 
 from __future__ import annotations
 
