@@ -17,14 +17,14 @@ import re
 import time
 from collections.abc import Awaitable, Mapping
 from random import random
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import orjson
 from tritonclient.grpc import model_config_pb2 as mc
 
-from . import __version__, logs
+from . import __version__
 from .config import SETTINGS
-from .core.errors import ErrorCode, GatewayError, invalid, not_found
+from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
 from .core.types import (
     InferRequest,
@@ -33,13 +33,12 @@ from .core.types import (
     check_model_name,
     check_shape,
     check_tensors,
-    printable,
 )
+from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
 from .monitoring.access_log import AccessLog
 from .monitoring.metrics import Metrics
-from .monitoring.tracing import SETTING_KEYS as TRACE_KEYS
-from .monitoring.tracing import Policy, Tracing, parse_changes
+from .monitoring.tracing import Tracing
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 from .routes import Header, Routed, ServedRoute
@@ -47,7 +46,7 @@ from .security.access import ADMIN, INFER, OPEN_CALLER, READ, Access, Caller
 from .security.audit import hash_files
 from .security.limits import Admission
 from .shm import REGION as SHM_REGION
-from .shm import RegionView, SharedMemory
+from .shm import SharedMemory
 
 if TYPE_CHECKING:
     from .monitoring.drift import DriftService
@@ -103,7 +102,7 @@ class ModelMetadata(TypedDict):
     outputs: list[TensorMetadata]
 
 
-class DataPlane:
+class DataPlane(Extensions):
     def __init__(
         self,
         repository: ModelRepository,
@@ -315,135 +314,6 @@ class DataPlane:
             extra={"request_id": request_id[:128] or "-"},
         )
 
-    # ------------------------------------------------------------------ shared memory, logging, trace
-    async def _shm_caller(self, caller: Caller, action: str, target: str) -> str | None:
-        """The owner of the caller's regions (its API key's id; None without keys). With API keys,
-        registering or unregistering shared memory needs scope infer or admin; a refusal is
-        counted and audited."""
-        keys = self.access.keys
-        if keys is None:
-            return None
-        try:
-            key = keys.authenticate(caller.authorization, caller.subject)
-            if not key.scopes & {INFER, ADMIN}:
-                raise GatewayError(
-                    ErrorCode.PERMISSION_DENIED,
-                    f"API key '{key.id}' may not register shared memory: it needs scope 'infer' or 'admin'",
-                )
-            keys.charge(key)
-        except GatewayError as e:
-            self.shm.count(action.removeprefix("shm."), e.code.value)
-            await self.access.audited(caller, None, action, target[:128], "refused", e.message[:256])
-            raise
-        return key.id
-
-    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, caller: Caller) -> None:
-        owner = await self._shm_caller(caller, "shm.register", name)
-        try:
-            if self.coordinator is not None:
-                await self.coordinator.shm_register(name, key, offset, byte_size, owner)
-                self.shm.count("register", "OK")
-            else:
-                self.shm.register(name, key, offset, byte_size, owner)
-        except GatewayError as e:
-            if self.coordinator is not None:
-                self.shm.count("register", e.code.value)
-            await self.access.audited(caller, None, "shm.register", name[:128], "refused", e.message[:256])
-            raise
-        await self.access.audited(caller, None, "shm.register", name, "ok", f"key={key} byte_size={byte_size}")
-
-    async def shm_unregister(self, name: str, caller: Caller) -> None:
-        """``name`` "" unregisters every region."""
-        owner = await self._shm_caller(caller, "shm.unregister", name or "*")
-        try:
-            if self.coordinator is not None:
-                await self.coordinator.shm_unregister(name, owner)
-                self.shm.count("unregister", "OK")
-            else:
-                self.shm.unregister(name, owner)
-        except GatewayError as e:
-            if self.coordinator is not None:
-                self.shm.count("unregister", e.code.value)
-            await self.access.audited(caller, None, "shm.unregister", name[:128], "refused", e.message[:256])
-            raise
-        await self.access.audited(caller, None, "shm.unregister", name or "*", "ok")
-
-    def shm_status(self, name: str, caller: Caller = OPEN_CALLER) -> list[dict[str, Any]]:
-        """The caller's own regions (with API keys, those its key registered)."""
-        key = self.access.check(caller, READ)
-        return self.shm.status(name, None if key is None else key.id)
-
-    def shm_view(self, caller: Caller) -> RegionView:
-        """The regions a request of ``caller`` may read and write (its key's, with API keys). The
-        request was admitted already: the key is known good and was charged."""
-        keys = self.access.keys
-        if keys is None:
-            return self.shm.view(None)
-        return self.shm.view(keys.authenticate(caller.authorization, caller.subject).id)
-
-    async def log_settings(self, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
-        """Triton's logging extension: the settings in effect, after ``changes`` (admin scope,
-        audited)."""
-        if not changes:
-            self.access.check(caller, READ)
-            return logs.log_settings()
-        key = self.access.check(caller, ADMIN)
-        detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in list(changes.items())[:8])[:256]
-        try:
-            now = logs.change_log_settings(dict(changes))
-        except ValueError as e:
-            await self.access.audited(caller, key, "logging.update", "logging", "refused", str(e)[:256])
-            raise invalid(str(e)) from None
-        if self.coordinator is not None:  # every worker logs alike
-            await self.coordinator.log_settings(dict(changes))
-        await self.access.audited(caller, key, "logging.update", "logging", "ok", printable(detail))
-        return now
-
-    async def trace_settings(
-        self, model: str, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER
-    ) -> dict[str, Any]:
-        """Triton's trace extension: the trace settings in effect for the server (``model`` "") or
-        one model, after ``changes`` (admin scope, audited; ``None`` as a model's value clears its
-        own). They map onto request tracing (``monitoring/tracing.py``): trace_level OFF or
-        TIMESTAMPS, trace_rate one request in N, trace_count traces left; trace_file and
-        log_frequency name Triton's files and cannot be set."""
-        tracing = self.tracing
-        # the key first, the model after: a caller without a key learns nothing of the models
-        key = self.access.check(caller, ADMIN) if changes else self.access.check(caller, READ, model or None)
-        if model and not self.knows(model):
-            raise not_found(f"no model named '{printable(model[:128])}'")
-        if not changes:
-            return tracing.settings(model) if tracing is not None else Policy("OFF", 0, -1).as_triton("")
-        target = f"model {model}" if model else "server"
-        if len(changes) > len(TRACE_KEYS):
-            raise invalid(f"at most {len(TRACE_KEYS)} trace settings in one request, not {len(changes)}")
-        try:
-            parsed = parse_changes(dict(changes))
-        except ValueError as e:
-            await self.access.audited(caller, key, "tracing.update", target, "refused", str(e)[:256])
-            raise invalid(str(e)) from None
-        if tracing is None:
-            if parsed.get("trace_level", "OFF") == "OFF" and set(parsed) <= {"trace_level"}:
-                return Policy("OFF", 0, -1).as_triton("")
-            raise GatewayError(
-                ErrorCode.FAILED_PRECONDITION,
-                "request tracing is off: start batchgate with tracing: otlp and an otlp_endpoint to trace requests",
-            )
-        now = tracing.change(model, parsed)
-        if self.coordinator is not None:  # every worker traces alike
-            await self.coordinator.trace_settings(model, parsed)
-        detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in parsed.items())
-        await self.access.audited(caller, key, "tracing.update", target, "ok", printable(detail[:256]))
-        return now
-
-    @staticmethod
-    def cuda_shared_memory() -> None:
-        raise GatewayError(
-            ErrorCode.UNIMPLEMENTED,
-            "CUDA shared memory is not supported by batchgate; use system shared memory "
-            "(/v2/systemsharedmemory, gRPC SystemSharedMemory*) or send the tensors in the request",
-        )
-
     # ------------------------------------------------------------------ metadata
     def server_metadata(self, caller: Caller = OPEN_CALLER) -> ServerMetadata:
         self.access.check(caller, READ)
@@ -602,21 +472,3 @@ class DataPlane:
         except (OSError, ValueError) as e:
             log.warning("audit: could not hash the files of model '%s': %s", name, e)
             return None
-
-
-class Coordinator(Protocol):
-    """What a worker process asks the supervisor for (``worker.py`` implements it)."""
-
-    async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None: ...
-
-    async def unload(self, name: str) -> None: ...
-
-    async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None: ...
-
-    async def shm_unregister(self, name: str, owner: str | None) -> None: ...
-
-    async def statistics(self) -> dict[tuple[str, str], dict[str, Any]]: ...
-
-    async def log_settings(self, changes: dict[str, Any]) -> None: ...
-
-    async def trace_settings(self, model: str, changes: dict[str, Any]) -> None: ...
