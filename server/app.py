@@ -391,6 +391,7 @@ class Gateway:
                 refused=self.metrics.connection_refused,
                 gate=app.admit_early,
                 quick=app.quick_refusal,
+                shedding=app.shedding,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
             loop="none",

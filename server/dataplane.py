@@ -190,6 +190,10 @@ class DataPlane(Extensions):
         self.admission.admit(served)
         return served
 
+    def shedding(self) -> bool:
+        """Whether requests are being refused now: :meth:`quick_refusal` is worth asking."""
+        return self.admission.shedding()
+
     def quick_refusal(self, name: str, protocol: str) -> GatewayError | None:
         """The overload refusal of a request for ``name`` (the latest version), judged without
         admitting anything and counted as :meth:`admit` would count it; None when it would be

@@ -81,7 +81,16 @@ class Capacity:
 
 
 class Admission:
-    __slots__ = ("max_inflight", "max_wait_s", "target_s", "interval_s", "inflight", "_clock", "on_idle")
+    __slots__ = (
+        "max_inflight",
+        "max_wait_s",
+        "target_s",
+        "interval_s",
+        "inflight",
+        "_clock",
+        "on_idle",
+        "last_refusal",
+    )
 
     def __init__(
         self,
@@ -98,6 +107,7 @@ class Admission:
         self.inflight = 0  # admitted and not yet released, all versions together
         self._clock = clock
         self.on_idle: Callable[[], None] | None = None  # called when the last request in flight is released
+        self.last_refusal = float("-inf")  # when a request was last refused (see ``shedding``)
 
     def admit(self, version: ModelVersion) -> None:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
@@ -108,10 +118,22 @@ class Admission:
         version.admitted += 1
         self.inflight += 1
 
+    def shedding(self, within_s: float = 1.0) -> bool:
+        """Whether a request was refused in the last ``within_s`` seconds: only then is a refusal
+        judged before a request is parsed (``DataPlane.quick_refusal``), so that an admitted
+        request never pays for the check twice while nothing is refused."""
+        return self._clock() - self.last_refusal < within_s
+
     def refusal(self, version: ModelVersion) -> GatewayError | None:
         """The refusal of one more request on ``version`` (counted by reason), or None when it
-        would be admitted; nothing is admitted here. Returned, not raised: the gRPC engine's
-        fast refusal (``DataPlane.quick_refusal``) answers it without an exception."""
+        would be admitted; nothing is admitted here. Returned, not raised: the fast refusal
+        (``DataPlane.quick_refusal``) answers it without an exception."""
+        refused = self._refusal(version)
+        if refused is not None:
+            self.last_refusal = self._clock()
+        return refused
+
+    def _refusal(self, version: ModelVersion) -> GatewayError | None:
         if self.inflight >= self.max_inflight:
             version.metrics.refused(INFLIGHT_LIMIT)
             return GatewayError(

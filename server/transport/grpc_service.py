@@ -306,10 +306,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         metadata, or None to take the whole path (see ``DataPlane.quick_refusal``). Used by the
         h2 engine, which then answers without a call object, task or exception: under overload
         most requests are refused, and a refusal must cost a small part of an answer."""
+        dp = self.dp
+        if not dp.shedding():  # nothing refused lately: the usual way, with nothing judged twice
+            return None
         name = grpc_codec.peek_model_name(raw)
         if name is None:
             return None
-        dp = self.dp
         e = dp.quick_refusal(name, "grpc")
         if e is None:
             return None

@@ -167,6 +167,10 @@ class HttpApp:
         scope[ADMITTED] = (served, model, version)
         return None
 
+    def shedding(self) -> bool:
+        """Whether :meth:`quick_refusal` is worth asking now (see ``Admission.shedding``)."""
+        return not self.admin_only and self.dp.shedding()
+
     def quick_refusal(self, model: str, peer: str) -> Verdict:
         """The overload refusal of an infer request for ``model`` (no version named), judged
         before its head is even parsed (``http_limits.py`` reads the name from the request line):

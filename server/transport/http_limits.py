@@ -76,6 +76,7 @@ def guarded_protocol(
     refused: Callable[[str], None],
     gate: Gate | None = None,
     quick: Quick | None = None,
+    shedding: Callable[[], bool] | None = None,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
 
@@ -94,7 +95,13 @@ def guarded_protocol(
             if self._refused:
                 return
             idle = self.cycle is None or self.cycle.response_complete
-            if quick is not None and idle and not self._in_message and not self.pipeline:
+            if (
+                quick is not None
+                and idle
+                and not self._in_message
+                and not self.pipeline
+                and (shedding is None or shedding())
+            ):
                 data = self._quick(data)
                 if not data:
                     return
