@@ -51,10 +51,14 @@ MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-memory region
 
 
+def retry_metadata(e: GatewayError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that tells a refused caller when to try again (whole seconds)."""
+    return () if e.retry_after_s is None else (("retry-after", str(max(1, round(e.retry_after_s)))),)
+
+
 async def _abort(context, e: GatewayError):
-    md: tuple[tuple[str, str], ...] = ()
-    if e.retry_after_s is not None:
-        md = (("retry-after", str(max(1, round(e.retry_after_s)))),)
+    md = retry_metadata(e)
+    if md:
         context.set_trailing_metadata(md)
     await context.abort(GRPC_STATUS[e.code], e.message)
 
@@ -320,8 +324,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         code = GRPC_STATUS[e.code]
         if alog is not None:
             alog.request(None, "grpc", name, code.name, e.code.value, lambda: (peer, None), path=MODEL_INFER)
-        md = () if e.retry_after_s is None else (("retry-after", str(max(1, round(e.retry_after_s)))),)
-        return code, e.message, md
+        return code, e.message, retry_metadata(e)
 
     async def ModelInfer(self, raw: bytes, context):
         alog, tracing = self.dp.access_log, self.dp.tracing

@@ -365,13 +365,17 @@ class Http2:
             self._block = None
             self._block_done(sid, block[1], bytes(block[2]))
 
-    def _block_done(self, sid: int, end_stream: bool, block: bytes) -> None:
-        try:  # decoded whatever becomes of the stream: the HPACK table must stay in step
-            headers = self.decoder.decode(block, raw=True)
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """A header block's fields, whatever becomes of its stream: the HPACK table must stay in step."""
+        try:
+            return self.decoder.decode(block, raw=True)
         except hpack.exceptions.OversizedHeaderListError:
             self._fail(COMPRESSION_ERROR, "a header list over max_header_bytes", "header_bytes")
         except hpack.exceptions.HPACKError as e:
             self._fail(COMPRESSION_ERROR, f"a header block could not be decoded: {e}")
+
+    def _block_done(self, sid: int, end_stream: bool, block: bytes) -> None:
+        headers = self._decode(block)
         stream = self.streams.get(sid)
         if sid <= self.highest_inbound_stream_id:
             if stream is None or not stream.remote_open:
@@ -417,7 +421,9 @@ class Http2:
             self._fail(FRAME_SIZE_ERROR, "an RST_STREAM of the wrong size")
         if not sid or sid > self.highest_inbound_stream_id:
             self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0 or on one never opened")
-        self.streams.pop(sid, None)
+        self._reset_by_peer(sid, self.streams.pop(sid, None) is not None, _U32.unpack(payload)[0])
+
+    def _reset_by_peer(self, sid: int, known: bool, code: int) -> None:
         self.handler.on_reset(sid)  # (a stream already done here too: the reset-flood guard counts it)
 
     def _settings(self, sid: int, flags: int, payload: bytes) -> None:
@@ -500,10 +506,7 @@ class Http2Client(Http2):
         return sid
 
     def _block_done(self, sid: int, end_stream: bool, block: bytes) -> None:
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except hpack.exceptions.HPACKError as e:
-            self._fail(COMPRESSION_ERROR, f"a header block could not be decoded: {e}")
+        headers = self._decode(block)
         stream = self.streams.get(sid)
         if stream is None or not stream.remote_open:
             if sid > self.highest_inbound_stream_id:
@@ -524,13 +527,9 @@ class Http2Client(Http2):
         if not stream.local_open:
             self.streams.pop(sid, None)
 
-    def _rst(self, sid: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            self._fail(FRAME_SIZE_ERROR, "an RST_STREAM of the wrong size")
-        if not sid or sid > self.highest_inbound_stream_id:
-            self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0 or on one never opened")
-        if self.streams.pop(sid, None) is not None:
-            self.client_handler.on_reset(sid, _U32.unpack(payload)[0])
+    def _reset_by_peer(self, sid: int, known: bool, code: int) -> None:
+        if known:  # (a call given up on already needs no word)
+            self.client_handler.on_reset(sid, code)
 
     def _goaway_frame(self, payload: bytes) -> None:
         """The server's GOAWAY: calls above its last stream id never started there; the rest
