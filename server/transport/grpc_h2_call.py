@@ -241,7 +241,9 @@ class _Call:
             waiting = run.send(None)
         except StopIteration:
             return
-        self.task = self.conn.server.loop.create_task(_resume(run, waiting))
+        resume = _resume(run, waiting)
+        resume.send(None)  # to its first yield: a cancel before the task's first step reaches ``run``
+        self.task = self.conn.server.loop.create_task(resume)
 
     async def _run(self, impl, request) -> None:
         try:
@@ -459,7 +461,23 @@ class _Call:
 @types.coroutine
 def _resume(coro, waiting):
     """Drive on, in a task, a coroutine whose first step was taken outside one: hand the task
-    what the coroutine waits on, then pass what the task sends or throws through to it."""
+    what the coroutine waits on, then pass what the task sends or throws through to it.
+
+    Primed to its first (bare) yield before the task takes it, so that a task cancelled before
+    its first step throws CancelledError here, into a started generator, and on into ``coro``.
+    (Thrown into an unstarted generator it ends it at once: ``coro`` never heard of the
+    cancellation, later met GeneratorExit, and its request was counted a success, or stayed
+    in flight while anything held it.) The task's first step sends None: on to ``waiting``."""
+    try:
+        yield
+    except GeneratorExit:
+        coro.close()
+        raise
+    except BaseException as e:  # noqa: BLE001 - the early cancellation, passed through
+        try:
+            waiting = coro.throw(e)
+        except StopIteration as done:
+            return done.value
     while True:
         try:
             sent = yield waiting

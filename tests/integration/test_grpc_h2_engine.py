@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import socket
 import struct
 import threading
@@ -281,6 +282,38 @@ def test_a_call_the_client_resets_is_cancelled_and_the_server_goes_on(tmp_path, 
     end = time.monotonic() + 10
     while running.gateway.dataplane.in_flight and time.monotonic() < end:
         time.sleep(0.02)
+    assert running.gateway.dataplane.in_flight == 0
+    assert status(raw.wait(raw.request(INFER, framed(infer_request("slow")))))[0] == 0
+    raw.close()
+
+
+def test_a_call_reset_in_the_packet_that_opened_it_is_counted_cancelled(tmp_path, serve):
+    """HEADERS, DATA and RST_STREAM in one write: the call takes its first step (it is queued)
+    and is abandoned before its task ever ran. The handler must still hear a cancellation: the
+    request counted failed, not lost and not counted as a success."""
+    _save(slow_model(width=256, layers=400), str(tmp_path), "slow", config=SLOW_CONFIG)
+    running = serve(str(tmp_path), grpc_engine="h2")
+    raw = RawH2(running.gateway.grpc_port)
+    for _ in range(3):
+        sid = raw.h2.get_next_available_stream_id()
+        raw.h2.send_headers(
+            sid,
+            [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
+             (b"content-type", b"application/grpc")],
+        )  # fmt: skip
+        raw.h2.send_data(sid, framed(infer_request("slow")), end_stream=True)
+        raw.h2.reset_stream(sid)
+        raw.sock.sendall(raw.h2.data_to_send())
+    url = f"http://127.0.0.1:{running.gateway.http_port}/v2/models/slow/stats"
+
+    def counts() -> tuple[int, int]:
+        stats = json.loads(urllib.request.urlopen(url, timeout=10).read())["model_stats"][0]["inference_stats"]
+        return stats["success"]["count"], stats["fail"]["count"]
+
+    end = time.monotonic() + 10
+    while sum(counts()) < 3 and time.monotonic() < end:  # (the frames may not have been read yet)
+        time.sleep(0.02)
+    assert counts() == (0, 3)
     assert running.gateway.dataplane.in_flight == 0
     assert status(raw.wait(raw.request(INFER, framed(infer_request("slow")))))[0] == 0
     raw.close()
