@@ -464,7 +464,9 @@ def _resume(coro, waiting):
     what the coroutine waits on, then pass what the task sends or throws through to it.
 
     Primed to its first (bare) yield before the task takes it, so that a task cancelled before
-    its first step throws CancelledError here, into a started generator, and on into ``coro``.
+    its first step throws CancelledError here, into a started generator, and on into ``coro``
+    (cancelling the future it awaits, as a task's cancel would, so that a queued request is
+    dropped, not run for no one).
     (Thrown into an unstarted generator it ends it at once: ``coro`` never heard of the
     cancellation, later met GeneratorExit, and its request was counted a success, or stayed
     in flight while anything held it.) The task's first step sends None: on to ``waiting``."""
@@ -475,7 +477,10 @@ def _resume(coro, waiting):
         raise
     except BaseException as e:  # noqa: BLE001 - the early cancellation, passed through
         try:
-            waiting = coro.throw(e)
+            if isinstance(e, asyncio.CancelledError) and isinstance(waiting, asyncio.Future) and waiting.cancel():
+                waiting = coro.send(None)  # as a task's cancel does: what it awaits is cancelled with it
+            else:
+                waiting = coro.throw(e)
         except StopIteration as done:
             return done.value
     while True:
