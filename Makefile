@@ -70,10 +70,11 @@ test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider tests
 	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(GRPCIO_SUITE)
-	BATCHGATE_TEST_REMOTE_CLIENT=h2 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
+	BATCHGATE_TEST_REMOTE_CLIENT=grpcio $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
 # The gRPC protocol tests again on the other gRPC engine (grpc_engine: grpcio; the default is
-# batchgate's own, h2), and the remote backend's tests on batchgate's HTTP/2 client (client=h2);
+# batchgate's own, h2), and the remote backend's tests on grpc.aio's client (client=grpcio; the
+# default is batchgate's own HTTP/2 client);
 # about 80 s; `make test` ends with them.
 GRPCIO_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_protocol_streaming.py \
   tests/integration/test_protocol_metadata.py tests/integration/test_protocol_compression.py \
@@ -81,7 +82,7 @@ GRPCIO_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_p
   tests/integration/test_bad_input.py tests/integration/test_api_keys.py tests/integration/test_admission.py
 test-grpcio: $(FULL_STAMP)
 	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(GRPCIO_SUITE)
-	BATCHGATE_TEST_REMOTE_CLIENT=h2 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
+	BATCHGATE_TEST_REMOTE_CLIENT=grpcio $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
 # The fuzz harness at length (tests/fuzz/conftest.py: ~90,000 examples, about 7 minutes, new seeds
 # each run, what a run found replayed first from .cache/hypothesis). `make test` runs a short,

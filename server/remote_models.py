@@ -44,7 +44,7 @@ class RemoteModel:
     # raw: a gRPC request the gateway does not batch is forwarded as the caller's bytes | decoded: never
     forwarding: str = "raw"
     # grpcio: calls through grpc.aio's channel | h2: batchgate's own HTTP/2 client (backends/h2_client.py)
-    client: str = "grpcio"
+    client: str = "h2"
 
     @property
     def target(self) -> str:

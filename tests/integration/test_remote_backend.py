@@ -24,13 +24,13 @@ from batchgate.demo import _model, _save, classifier_model, identity_model, slow
 from processes import Proc
 
 CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
-# `make test` runs this module twice: calls through grpc.aio's channel, then through batchgate's own
-# HTTP/2 client (BATCHGATE_TEST_REMOTE_CLIENT=h2)
+# `make test` runs this module twice: calls through batchgate's own HTTP/2 client (the default),
+# then through grpc.aio's channel (BATCHGATE_TEST_REMOTE_CLIENT=grpcio)
 FAST = dict(
     probe_interval_s=0.1,
     eject_s=0.3,
     eject_after_failures=3,
-    client=os.environ.get("BATCHGATE_TEST_REMOTE_CLIENT", "grpcio"),
+    client=os.environ.get("BATCHGATE_TEST_REMOTE_CLIENT", "h2"),
 )
 
 
