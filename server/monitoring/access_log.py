@@ -238,7 +238,9 @@ class AccessLog:
         self.lines += 1
         if self._thread is None:
             self._start()
-        self._wake.set()
+        wake = self._wake
+        if not wake.is_set():  # (set() takes a lock and notifies: per line, a few % of a busy loop)
+            wake.set()  # the writer clears it before it empties the queue: this line is taken either way
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._writer, name="batchgate-access-log", daemon=True)
