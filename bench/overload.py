@@ -27,6 +27,7 @@ import contextlib
 import json
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,29 @@ async def probe(port: int, rate: float, seconds: float) -> dict[str, list[float]
     return out
 
 
+# The probe runs in a process of its own on the load core, at a real-time priority where the
+# system allows it: it then runs as soon as an answer arrives, not after h2load's turn on a core
+# that h2load keeps busy, so its latencies are the server's (as for a client on another machine),
+# not the load tool's queue. It sends 50 requests a second: h2load hardly notices.
+REALTIME = ["chrt", "-f", "10"]
+
+
+def realtime_allowed() -> bool:
+    try:
+        return shutil.which("chrt") is not None and subprocess.run([*REALTIME, "true"], timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def start_probe(pin, port: int, rate: float, seconds: float) -> subprocess.Popen:
+    prio = REALTIME if PROBE_REALTIME else []
+    cmd = [*pin.load, *prio, sys.executable, __file__, "--_probe", str(port), str(rate), str(seconds)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+PROBE_REALTIME = False  # set in main()
+
+
 def pct(values, q) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -174,17 +198,14 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_rate):
     sampler.start()
     result: dict = {}
     probe_out: dict = {}
-
-    def run_probe():
-        probe_out.update(asyncio.run(probe(ports["grpc"], probe_rate, seconds)))
-
-    prober = threading.Thread(target=run_probe) if grpc_mode else None
+    prober = start_probe(pin, ports["grpc"], probe_rate, seconds) if grpc_mode else None
     t0 = time.monotonic()
-    if prober:
-        prober.start()
     h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log)
     if prober:
-        prober.join()
+        out, err = prober.communicate(timeout=seconds + 120)
+        if prober.returncode != 0:
+            raise BenchError(f"the probe failed:\n{err[-2000:]}")
+        probe_out = json.loads(out)
     elapsed = time.monotonic() - t0
     sampler.stop.set()
     sampler.join()
@@ -295,7 +316,15 @@ def main() -> int:
         default="grpc,http,connections",
         help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections)",
     )
+    ap.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)  # (the probe's own process)
     args = ap.parse_args()
+    if args._probe:
+        port, rate, secs = args._probe
+        print(json.dumps(asyncio.run(probe(int(port), float(rate), float(secs)))))
+        return 0
+    global PROBE_REALTIME
+    PROBE_REALTIME = realtime_allowed()
+    say(f"probe: its own process, {'real-time priority (chrt -f 10)' if PROBE_REALTIME else 'normal priority'}")
     pin = choose_pinning(not args.no_pin)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
@@ -317,6 +346,7 @@ def main() -> int:
             ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
             s = args.seconds
             report: dict = {"settings": settings, "pinning": pin.note, "seconds": s, "factor": args.factor}
+            report["probe"] = "own process, real-time (chrt -f 10)" if PROBE_REALTIME else "own process"
             cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, args.probe_rate)
             cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, args.probe_rate)
             clients_g, clients_h = 64, args.open_connections
