@@ -918,7 +918,10 @@ def parse_args(argv=None):
     ap.add_argument("--kinds", help="send only these request kinds (comma-separated), e.g. to find what grows")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     ap.add_argument(
-        "--grpc-engine", choices=("grpcio", "h2"), default="grpcio", help="the server's gRPC engine (default grpcio)"
+        "--grpc-engine",
+        choices=("grpcio", "h2"),
+        default="h2",
+        help="the server's gRPC engine (default h2, batchgate's default)",
     )
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
