@@ -167,13 +167,10 @@ def realtime_allowed() -> bool:
         return False
 
 
-def start_probe(pin, port: int, rate: float, seconds: float) -> subprocess.Popen:
-    prio = REALTIME if PROBE_REALTIME else []
+def start_probe(pin, port: int, rate: float, seconds: float, realtime: bool) -> subprocess.Popen:
+    prio = REALTIME if realtime else []
     cmd = [*pin.load, *prio, sys.executable, __file__, "--_probe", str(port), str(rate), str(seconds)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-PROBE_REALTIME = False  # set in main()
 
 
 def pct(values, q) -> float | None:
@@ -181,7 +178,8 @@ def pct(values, q) -> float | None:
 
 
 # ------------------------------------------------------------------ one phase
-def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_rate):
+def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set):
+    """``probe_set``: the probe's rate a second, and whether it runs at real-time priority."""
     say(
         f"{name}: {protocol}, {clients} connections"
         + (f", {rps * clients:,.0f} req/s offered" if rps else ", closed loop")
@@ -198,7 +196,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_rate):
     sampler.start()
     result: dict = {}
     probe_out: dict = {}
-    prober = start_probe(pin, ports["grpc"], probe_rate, seconds) if grpc_mode else None
+    prober = start_probe(pin, ports["grpc"], probe_set[0], seconds, probe_set[1]) if grpc_mode else None
     t0 = time.monotonic()
     h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log)
     if prober:
@@ -322,9 +320,8 @@ def main() -> int:
         port, rate, secs = args._probe
         print(json.dumps(asyncio.run(probe(int(port), float(rate), float(secs)))))
         return 0
-    global PROBE_REALTIME
-    PROBE_REALTIME = realtime_allowed()
-    say(f"probe: its own process, {'real-time priority (chrt -f 10)' if PROBE_REALTIME else 'normal priority'}")
+    realtime = realtime_allowed()
+    say(f"probe: its own process, {'real-time priority (chrt -f 10)' if realtime else 'normal priority'}")
     pin = choose_pinning(not args.no_pin)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
@@ -346,23 +343,22 @@ def main() -> int:
             ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
             s = args.seconds
             report: dict = {"settings": settings, "pinning": pin.note, "seconds": s, "factor": args.factor}
-            report["probe"] = "own process, real-time (chrt -f 10)" if PROBE_REALTIME else "own process"
-            cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, args.probe_rate)
-            cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, args.probe_rate)
+            report["probe"] = "own process, real-time (chrt -f 10)" if realtime else "own process"
+            probe_set = (args.probe_rate, realtime)
+            cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, probe_set)
+            cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, probe_set)
             clients_g, clients_h = 64, args.open_connections
             wanted = set(args.phases.split(","))
             over_g = over_h = conns_h = None
             if "grpc" in wanted:
                 rate = args.factor * cap_g["ok_per_s"] / clients_g
-                over_g = phase("overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, args.probe_rate)
+                over_g = phase("overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set)
             if "http" in wanted:
                 rate = args.factor * cap_h["ok_per_s"] / clients_h
-                over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, args.probe_rate)
+                over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set)
             if "connections" in wanted:
                 try:
-                    conns_h = phase(
-                        "connections-http", pin, ports, s, "http", args.connections, None, files, args.probe_rate
-                    )
+                    conns_h = phase("connections-http", pin, ports, s, "http", args.connections, None, files, probe)
                 except subprocess.TimeoutExpired:
                     # Seen with more connections than max_connections: the refused ones
                     # reconnect at once, and h2load keeps them cycling without finishing.
