@@ -163,8 +163,9 @@ class LimitSettings:
     )
     grpc_max_resets_per_s: int = _setting(
         1000,
-        "streams one HTTP/2 connection's client may reset in a second on the h2 gRPC engine; past it the "
-        "connection is closed (the 'rapid reset' attack: each reset call costs the server, not the client)",
+        "streams one HTTP/2 connection's client may reset in a second on the h2 gRPC engine, beyond the calls "
+        "it had answered in that second; past it the connection is closed (the 'rapid reset' attack: each "
+        "reset call costs the server, not the client)",
         minimum=1,
     )
     grpc_max_concurrent_streams: int = _setting(

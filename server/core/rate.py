@@ -24,3 +24,8 @@ class PerSecond:
             self._start, self._count = now, 0
         self._count += 1
         return self._count > self.limit
+
+    def credit(self) -> None:
+        """Take one event back from the current second (never below none)."""
+        if self._count > 0:
+            self._count -= 1

@@ -379,7 +379,9 @@ class _Connection(asyncio.Protocol):
 
     def _reset_flood(self) -> bool:
         """Count a stream the client reset; past ``max_resets_per_s`` in a second, close the
-        connection (each reset call costs us its set-up, the client nothing)."""
+        connection (each reset call costs us its set-up, the client nothing). Each call the
+        connection saw answered in that second takes one reset back, so a client with tight
+        deadlines whose calls mostly complete keeps its connection."""
         if not self._resets.over():
             return False
         log.debug("closing a gRPC connection from %s: a flood of stream resets", self.peer)
@@ -506,6 +508,8 @@ class _Connection(asyncio.Protocol):
         call.held = 0
 
     def finished(self, call: _Call) -> None:
+        if not call.gone:  # a call answered pays for one reset: only a client that mostly resets is a flood
+            self._resets.credit()
         self.release(call)
         self.calls.pop(call.sid, None)
         if self._closing and not self.calls:

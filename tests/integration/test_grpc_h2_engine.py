@@ -272,6 +272,26 @@ def test_a_rapid_reset_flood_closes_the_connection_and_is_counted(demo_repo, ser
     other.close()
 
 
+def test_a_client_whose_calls_mostly_complete_may_reset_past_the_limit(demo_repo, serve):
+    """Resets a connection's answered calls pay for are no flood: a client with tight deadlines
+    cancels many calls a second, yet most of its calls complete."""
+    running = serve(demo_repo, grpc_engine="h2", grpc_max_resets_per_s=20)
+    raw = RawH2(running.gateway.grpc_port)
+    for _ in range(200):  # (20 a second would take 10 s: every second holds far more than 20)
+        sid = raw.h2.get_next_available_stream_id()
+        raw.h2.send_headers(
+            sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
+                  (b"content-type", b"application/grpc")],
+        )  # fmt: skip
+        raw.h2.reset_stream(sid)
+        raw.sock.sendall(raw.h2.data_to_send())
+        assert status(raw.wait(raw.request(LIVE, framed(b""))))[0] == 0
+    assert not raw.closed
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert 'reason="grpc_resets"' not in metrics
+    raw.close()
+
+
 def test_a_call_the_client_resets_is_cancelled_and_the_server_goes_on(tmp_path, serve):
     _save(slow_model(width=256, layers=400), str(tmp_path), "slow", config=SLOW_CONFIG)
     running = serve(str(tmp_path), grpc_engine="h2")

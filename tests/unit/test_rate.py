@@ -13,3 +13,13 @@ def test_past_the_limit_in_one_second_and_a_fresh_count_the_next():
     assert window.over()  # still the same second
     now[0] += 0.02
     assert [window.over() for _ in range(4)] == [False, False, False, True]
+
+
+def test_a_credit_takes_one_event_back_and_never_goes_below_none():
+    now = [100.0]
+    window = PerSecond(2, clock=lambda: now[0])
+    window.credit()  # nothing counted yet: nothing to take back
+    assert [window.over() for _ in range(2)] == [False, False]
+    window.credit()
+    assert window.over() is False  # 2 again, not 3
+    assert window.over() is True
