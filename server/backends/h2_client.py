@@ -228,10 +228,18 @@ class H2Channel:
     """Unary gRPC calls to one upstream over one HTTP/2 connection."""
 
     def __init__(self, address: str, max_message_bytes: int):
+        """``address``: ``host:port``, ``[v6]:port``, or gRPC's ``unix:path`` / ``unix:///path``
+        (a Unix socket: how front workers reach the process that owns the models)."""
         self.address = address
-        host, _, port = address.rpartition(":")
-        self._host, self._port = host.strip("[]"), int(port)
-        self._authority = address.encode("ascii")
+        self._unix: str | None = None
+        if address.startswith("unix:"):
+            self._unix = address[len("unix://") :] if address.startswith("unix://") else address[len("unix:") :]
+            self._host, self._port = "", 0
+            self._authority = b"localhost"
+        else:
+            host, _, port = address.rpartition(":")
+            self._host, self._port = host.strip("[]"), int(port)
+            self._authority = address.encode("ascii")
         self.max_message_bytes = max_message_bytes
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
@@ -253,9 +261,12 @@ class H2Channel:
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self._host, self._port), 5.0
+            opening = (
+                loop.create_unix_connection(lambda: _Protocol(self), self._unix)
+                if self._unix is not None
+                else loop.create_connection(lambda: _Protocol(self), self._host, self._port)
             )
+            _, protocol = await asyncio.wait_for(opening, 5.0)
         except (OSError, TimeoutError) as e:
             raise H2RpcError(
                 grpc.StatusCode.UNAVAILABLE, f"failed to connect to all addresses; {self.address}: {e}"
