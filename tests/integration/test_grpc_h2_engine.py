@@ -116,6 +116,17 @@ def framed(message: bytes, compressed: bool = False) -> bytes:
     return struct.pack(">BI", int(compressed), len(message)) + message
 
 
+def open_and_reset(raw: RawH2) -> None:
+    """Open a ModelInfer call and reset it in the same write."""
+    sid = raw.h2.get_next_available_stream_id()
+    raw.h2.send_headers(
+        sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
+              (b"content-type", b"application/grpc")],
+    )  # fmt: skip
+    raw.h2.reset_stream(sid)
+    raw.sock.sendall(raw.h2.data_to_send())
+
+
 def infer_request(model="mlp") -> bytes:
     req = service_pb2.ModelInferRequest(model_name=model, id="raw")
     req.inputs.add(name="input", datatype="FP32", shape=[1, 256])
@@ -247,13 +258,7 @@ def test_a_rapid_reset_flood_closes_the_connection_and_is_counted(demo_repo, ser
     raw = RawH2(running.gateway.grpc_port)
     with contextlib.suppress(OSError):
         for _ in range(200):  # open a call and reset it at once, as fast as the socket takes it
-            sid = raw.h2.get_next_available_stream_id()
-            raw.h2.send_headers(
-                sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
-                      (b"content-type", b"application/grpc")],
-            )  # fmt: skip
-            raw.h2.reset_stream(sid)
-            raw.sock.sendall(raw.h2.data_to_send())
+            open_and_reset(raw)
     end = time.monotonic() + 5
     while not raw.closed and time.monotonic() < end:
         try:
@@ -278,13 +283,7 @@ def test_a_client_whose_calls_mostly_complete_may_reset_past_the_limit(demo_repo
     running = serve(demo_repo, grpc_engine="h2", grpc_max_resets_per_s=20)
     raw = RawH2(running.gateway.grpc_port)
     for _ in range(200):  # (20 a second would take 10 s: every second holds far more than 20)
-        sid = raw.h2.get_next_available_stream_id()
-        raw.h2.send_headers(
-            sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
-                  (b"content-type", b"application/grpc")],
-        )  # fmt: skip
-        raw.h2.reset_stream(sid)
-        raw.sock.sendall(raw.h2.data_to_send())
+        open_and_reset(raw)
         assert status(raw.wait(raw.request(LIVE, framed(b""))))[0] == 0
     assert not raw.closed
     metrics = urllib.request.urlopen(running.metrics_url).read().decode()
