@@ -358,7 +358,7 @@ def main() -> int:
                 over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set)
             if "connections" in wanted:
                 try:
-                    conns_h = phase("connections-http", pin, ports, s, "http", args.connections, None, files, probe)
+                    conns_h = phase("connections-http", pin, ports, s, "http", args.connections, None, files, probe_set)
                 except subprocess.TimeoutExpired:
                     # Seen with more connections than max_connections: the refused ones
                     # reconnect at once, and h2load keeps them cycling without finishing.

@@ -13,33 +13,67 @@ grpc.aio's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import urllib.parse
+from collections import deque
 
 import grpc
 from grpc.aio import Metadata
 
 from ..transport import grpc_wire, http2
 
+log = logging.getLogger("batchgate.remote")
 WINDOW = 16 << 20
 MAX_FRAME = 1 << 20
+CONNECT_TIMEOUT_S = 5.0
+# Keepalive, as the grpc.aio channel's options: with calls in flight and nothing read for
+# KEEPALIVE_S, a PING; no answer within KEEPALIVE_TIMEOUT_S and the connection is given up
+# (an upstream host gone without a FIN or RST). At most PINGS_WITHOUT_CALLS pings until a
+# new call starts, as gRPC core's clients, so servers that police pings do not refuse ours.
+KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 5.0
+PINGS_WITHOUT_CALLS = 2
+RESUBMITS = 2  # times a call never sent (GOAWAY, ids used up) is tried again on a new connection
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+# gRPC's mapping of an HTTP status that came without a grpc-status (a proxy's answer, say)
+_HTTP_CODES = {
+    b"400": grpc.StatusCode.INTERNAL,
+    b"401": grpc.StatusCode.UNAUTHENTICATED,
+    b"403": grpc.StatusCode.PERMISSION_DENIED,
+    b"404": grpc.StatusCode.UNIMPLEMENTED,
+    b"429": grpc.StatusCode.UNAVAILABLE,
+    b"502": grpc.StatusCode.UNAVAILABLE,
+    b"503": grpc.StatusCode.UNAVAILABLE,
+    b"504": grpc.StatusCode.UNAVAILABLE,
+}
+_NOT_SENT = "failed to connect to all addresses; "  # (remote.not_delivered: safe to send again)
 
 
 class H2RpcError(grpc.aio.AioRpcError):
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, unsent: bool = False):
         super().__init__(code, Metadata(), Metadata(), details)
+        self.unsent = unsent  # the upstream never saw the call: it may go again on a new connection
+
+
+def _unsent(why: str) -> H2RpcError:
+    return H2RpcError(grpc.StatusCode.UNAVAILABLE, _NOT_SENT + why, unsent=True)
 
 
 class _Call:
-    __slots__ = ("future", "headers", "data", "out", "end_out")
+    __slots__ = ("future", "headers", "data", "out", "sent", "sid", "path", "md", "end")
 
-    def __init__(self, future: asyncio.Future):
+    def __init__(self, future: asyncio.Future, path: bytes, body: bytes, md, end: float):
         self.future = future
         self.headers: list[tuple[bytes, bytes]] = []
         self.data = bytearray()
-        self.out = b""  # request bytes waiting for the server's window
-        self.end_out = False
+        self.out = memoryview(grpc_wire.frame(body))  # the request; ``sent`` bytes of it are out
+        self.sent = 0
+        self.sid = 0  # its stream, once opened (it may wait for one: the upstream's stream limit)
+        self.path = path
+        self.md = md
+        self.end = end  # monotonic deadline
 
 
 class _Protocol(asyncio.Protocol):
@@ -48,10 +82,15 @@ class _Protocol(asyncio.Protocol):
         self.h2 = http2.Http2Client(self, stream_window=WINDOW, connection_window=WINDOW, max_frame=MAX_FRAME)
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
-        self.going_away = False  # the server said GOAWAY: no new calls here
+        self.waiting: deque[_Call] = deque()  # calls past the upstream's MAX_CONCURRENT_STREAMS
+        self.going_away = False  # the server said GOAWAY (or our stream ids ran out): no new calls here
         self.lost = False
         self._flush = False
         self._loop = asyncio.get_running_loop()
+        self._last_read = time.monotonic()
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_out = False  # a keepalive PING waits for its ACK
+        self._pings = 0  # keepalive PINGs since a call last started
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -59,15 +98,23 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.lost = True
-        self._fail_all(
-            lambda sid: H2RpcError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.channel.address} lost")
-        )
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        why = f"connection to {self.channel.address} lost"
+        self._fail_all(lambda: H2RpcError(grpc.StatusCode.UNAVAILABLE, why))
 
     def _fail_all(self, error) -> None:
         calls, self.calls = self.calls, {}
-        for sid, call in calls.items():
+        for call in calls.values():
             if not call.future.done():
-                call.future.set_exception(error(sid))
+                call.future.set_exception(error())
+        self._fail_waiting("connection closed")
+
+    def _fail_waiting(self, why: str) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        for call in waiting:
+            if not call.future.done():
+                call.future.set_exception(_unsent(why))
 
     def flush(self) -> None:
         out = self.h2.data_to_send()
@@ -84,59 +131,125 @@ class _Protocol(asyncio.Protocol):
         self.flush()
 
     # ------------------------------------------------------------------ calls
-    def start(self, path: bytes, authority: bytes, body: bytes, timeout: float, md) -> tuple[int, asyncio.Future]:
+    def submit(self, call: _Call) -> None:
+        """Start ``call`` now, or once the upstream's limit on concurrent streams allows."""
         h = self.h2
-        if len(h.streams) >= h.peer_max_streams:
-            raise H2RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's limit on concurrent calls is reached")
+        if self.waiting or len(h.streams) >= h.peer_max_streams:
+            self.waiting.append(call)  # (its deadline's timer fails it if no slot comes in time)
+            return
+        self._open(call)
+
+    def _open(self, call: _Call) -> None:
+        h = self.h2
+        left = call.end - time.monotonic()
+        if left <= 0:
+            call.future.set_exception(H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            return
+        if h.exhausted or self.going_away:
+            self.going_away = True
+            call.future.set_exception(_unsent("the connection can open no more streams"))
+            return
         fields = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
-            (b":path", path),
-            (b":authority", authority),
+            (b":path", call.path),
+            (b":authority", self.channel.authority),
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
-            (b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))),
+            (b"grpc-timeout", grpc_wire.encode_timeout(left)),
         ]
-        if md:
-            fields += grpc_wire.encode_metadata(md)
-        sid = h.open_stream(fields)
-        call = _Call(self._loop.create_future())
+        if call.md:
+            fields += grpc_wire.encode_metadata(call.md)
+        call.sid = sid = h.open_stream(fields)
         self.calls[sid] = call
-        call.out = grpc_wire.frame(body)
-        call.end_out = True
+        self._pings = 0
         self._pump(sid, call)
         self.flush_soon()
-        return sid, call.future
+        if self._keepalive is None:
+            self._keepalive = self._loop.call_later(KEEPALIVE_S, self._keep_alive)
 
-    def cancel(self, sid: int) -> None:
-        if self.calls.pop(sid, None) is not None:
-            self.h2.reset_stream(sid, http2.CANCEL)
+    def _admit_waiting(self) -> None:
+        h, waiting = self.h2, self.waiting
+        while waiting and len(h.streams) < h.peer_max_streams:
+            call = waiting.popleft()
+            if not call.future.done():  # (else it expired or was cancelled while it waited)
+                self._open(call)
+
+    def cancel(self, call: _Call) -> None:
+        if not call.sid:  # still waiting for a stream
+            with contextlib.suppress(ValueError):  # (not there: it was admitted or failed already)
+                self.waiting.remove(call)
+        elif self.calls.pop(call.sid, None) is not None:
+            self.h2.reset_stream(call.sid, http2.CANCEL)
+            self._admit_waiting()
             self.flush_soon()
 
+    def retire(self) -> None:
+        """No new calls here; the connection closes once its calls are answered."""
+        self.going_away = True
+        if not self.calls and self.transport is not None:
+            self._fail_waiting("connection retired")
+            self.transport.close()
+
     def _pump(self, sid: int, call: _Call) -> None:
-        h = self.h2
-        while call.out:
-            n = min(len(call.out), h.local_flow_control_window(sid), h.max_outbound_frame_size)
+        h, out = self.h2, call.out
+        total = len(out)
+        while call.sent < total:
+            n = min(total - call.sent, h.local_flow_control_window(sid), h.max_outbound_frame_size)
             if n <= 0:
                 return
-            chunk, call.out = call.out[:n], call.out[n:]
-            h.send_data(sid, chunk, end_stream=call.end_out and not call.out)
-        if call.end_out and not call.out:
-            call.end_out = False
+            start, call.sent = call.sent, call.sent + n
+            h.send_data(sid, out[start : call.sent], end_stream=call.sent == total)
 
+    # ------------------------------------------------------------------ keepalive
+    def _keep_alive(self) -> None:
+        self._keepalive = None
+        if self.lost or not (self.calls or self.waiting):
+            return  # started again by the next call
+        idle = time.monotonic() - self._last_read
+        if idle >= KEEPALIVE_S and not self._ping_out and self._pings < PINGS_WITHOUT_CALLS:
+            self._ping_out = True
+            self._pings += 1
+            self.h2.send_ping(b"bgkalive")
+            self.flush()
+            self._keepalive = self._loop.call_later(KEEPALIVE_TIMEOUT_S, self._ping_timeout)
+            return
+        self._keepalive = self._loop.call_later(max(0.1, KEEPALIVE_S - idle), self._keep_alive)
+
+    def _ping_timeout(self) -> None:
+        self._keepalive = None
+        if not self._ping_out or self.lost:
+            self._keep_alive()
+            return
+        log.warning("upstream %s did not answer a keepalive ping: its connection is given up", self.channel.address)
+        self.going_away = True
+        self._fail_all(lambda: H2RpcError(grpc.StatusCode.UNAVAILABLE, "keepalive ping not answered: connection lost"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        self._ping_out = False
+
+    # ------------------------------------------------------------------ reading
     def data_received(self, data: bytes) -> None:
+        self._last_read = time.monotonic()
         try:
             self.h2.receive(data)
-        except http2.Http2Error as e:
-            why = f"HTTP/2 error from upstream: {e}"
-            self._fail_all(lambda sid: H2RpcError(grpc.StatusCode.UNAVAILABLE, why))
+        except Exception as e:  # an HTTP/2 error, or a bug: this connection's calls fail, the next call reconnects
+            why = f"HTTP/2 error from upstream: {e}" if isinstance(e, http2.Http2Error) else f"unreadable answer: {e!r}"
+            if not isinstance(e, http2.Http2Error):
+                log.exception("closing the connection to upstream %s", self.channel.address)
+            self.going_away = True
+            self._fail_all(lambda: H2RpcError(grpc.StatusCode.UNAVAILABLE, why))
             self.flush()
             if self.transport is not None:
                 self.transport.close()
             return
+        if self.waiting:
+            self._admit_waiting()
         self.flush()
-        if self.going_away and not self.calls and self.transport is not None:
-            self.transport.close()
+        if self.going_away and not self.calls:
+            self.retire()
 
     # what the HTTP/2 layer reads (http2.ClientHandler)
     def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
@@ -156,7 +269,7 @@ class _Protocol(asyncio.Protocol):
             return
         call.data += data
         if len(call.data) > self.channel.max_message_bytes + 5:
-            self.cancel(sid)
+            self.cancel(call)
             call.future.set_exception(
                 H2RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's answer is larger than allowed")
             )
@@ -169,36 +282,36 @@ class _Protocol(asyncio.Protocol):
     def on_reset(self, sid: int, code: int = http2.INTERNAL_ERROR) -> None:
         call = self.calls.pop(sid, None)
         if call is not None and not call.future.done():
-            refused = code == http2.REFUSED_STREAM
-            call.future.set_exception(
-                H2RpcError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    ("failed to connect to all addresses; " if refused else "")
-                    + f"the upstream reset the call (error code {code})",
+            if code == http2.REFUSED_STREAM:  # not processed there (RFC 9113 8.7): safe to send again
+                call.future.set_exception(_unsent(f"the upstream refused the stream (error code {code})"))
+            else:
+                call.future.set_exception(
+                    H2RpcError(grpc.StatusCode.UNAVAILABLE, f"the upstream reset the call (error code {code})")
                 )
-            )
 
     def on_window(self, sid: int) -> None:
         for s, call in list(self.calls.items()):
-            if call.out and (not sid or s == sid):
+            if call.sent < len(call.out) and (not sid or s == sid):
                 self._pump(s, call)
 
     def on_goaway(self, last_stream_id: int) -> None:
         self.going_away = True
         for sid in [s for s in self.calls if s > last_stream_id]:  # never started there: safe to send again
-            call = self.calls.pop(sid)
-            call.future.set_exception(
-                H2RpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; upstream going away")
-            )
+            self.calls.pop(sid).future.set_exception(_unsent("upstream going away"))
+        self._fail_waiting("upstream going away")
 
     def _finish(self, call: _Call) -> None:
         fields = dict(call.headers)
         status = fields.get(b":status")
         code_text = fields.get(b"grpc-status")
-        if status != b"200" or code_text is None:
-            call.future.set_exception(
-                H2RpcError(grpc.StatusCode.UNKNOWN, f"the upstream answered HTTP {status!r} without a gRPC status")
-            )
+        if status != b"200" or code_text is None or not code_text.isdigit():
+            code = _HTTP_CODES.get(status or b"", grpc.StatusCode.UNKNOWN) if status != b"200" else None
+            what = f"HTTP {(status or b'?').decode('latin-1')[:8]}"
+            if code_text is not None and not code_text.isdigit():
+                what += f" with a malformed grpc-status {code_text[:16]!r}"
+            else:
+                what += " without a gRPC status"
+            call.future.set_exception(H2RpcError(code or grpc.StatusCode.UNKNOWN, f"the upstream answered {what}"))
             return
         code = _CODES.get(int(code_text), grpc.StatusCode.UNKNOWN)
         if code is not grpc.StatusCode.OK:
@@ -218,10 +331,10 @@ class _Protocol(asyncio.Protocol):
         call.future.set_result(messages[0][1])
 
 
-def _expire(p: _Protocol, sid: int, future: asyncio.Future) -> None:
-    if not future.done():
-        p.cancel(sid)
-        future.set_exception(H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+def _expire(p: _Protocol, call: _Call) -> None:
+    if not call.future.done():
+        p.cancel(call)
+        call.future.set_exception(H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 
 
 class H2Channel:
@@ -235,25 +348,34 @@ class H2Channel:
         if address.startswith("unix:"):
             self._unix = address[len("unix://") :] if address.startswith("unix://") else address[len("unix:") :]
             self._host, self._port = "", 0
-            self._authority = b"localhost"
+            self.authority = b"localhost"
         else:
             host, _, port = address.rpartition(":")
             self._host, self._port = host.strip("[]"), int(port)
-            self._authority = address.encode("ascii")
+            self.authority = address.encode("ascii")
         self.max_message_bytes = max_message_bytes
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._closed = False
 
-    async def _connection(self) -> _Protocol:
+    async def _connection(self, end: float) -> _Protocol:
+        """The connection to send on (made now if there is none), within the deadline ``end``."""
         p = self._protocol
         if p is not None and not p.lost and not p.going_away:
-            return p
+            if not p.h2.exhausted:
+                return p
+            p.retire()  # its stream ids are spent: its calls finish there, new ones go on a new connection
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
         connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
+        try:  # (shielded: other callers may share the attempt after this one's deadline)
+            return await asyncio.wait_for(asyncio.shield(connecting), max(0.0, end - time.monotonic()))
+        except TimeoutError:
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                return connecting.result()
+            raise H2RpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"Deadline Exceeded while connecting to {self.address}"
+            ) from None
         finally:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
@@ -266,36 +388,45 @@ class H2Channel:
                 if self._unix is not None
                 else loop.create_connection(lambda: _Protocol(self), self._host, self._port)
             )
-            _, protocol = await asyncio.wait_for(opening, 5.0)
-        except (OSError, TimeoutError) as e:
-            raise H2RpcError(
-                grpc.StatusCode.UNAVAILABLE, f"failed to connect to all addresses; {self.address}: {e}"
-            ) from None
+            _, protocol = await asyncio.wait_for(opening, CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise _unsent(f"{self.address}: connect timed out after {CONNECT_TIMEOUT_S:g} s") from None
+        except OSError as e:
+            raise _unsent(f"{self.address}: {e}") from None
         self._protocol = protocol
         return protocol
 
     def unary(self, path: str):
         """A callable like grpc.aio's ``channel.unary_unary(path)`` for bytes in and out:
-        ``await call(request, timeout=..., metadata=...)``."""
+        ``await call(request, timeout=..., metadata=...)``. A call the upstream never saw (its
+        GOAWAY came first, or the connection ran out of stream ids) goes again on a new
+        connection, as gRPC's transparent retry does."""
         raw_path = path.encode("ascii")
+        loop = asyncio.get_running_loop
 
         async def call(request: bytes, timeout: float | None = None, metadata=None) -> bytes:
-            if self._closed:
-                raise H2RpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; channel closed")
             end = time.monotonic() + (timeout if timeout is not None else 3600.0)
-            p = await self._connection()
-            left = end - time.monotonic()
-            if left <= 0:
-                raise H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            sid, future = p.start(raw_path, self._authority, request, left, metadata)
-            timer = asyncio.get_running_loop().call_later(left, _expire, p, sid, future)
-            try:
-                return await future
-            except asyncio.CancelledError:  # the caller went away: so does the call upstream
-                p.cancel(sid)
-                raise
-            finally:
-                timer.cancel()
+            for attempt in range(RESUBMITS + 1):
+                if self._closed:
+                    raise _unsent("channel closed")
+                p = await self._connection(end)
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                c = _Call(loop().create_future(), raw_path, request, metadata, end)
+                p.submit(c)
+                timer = loop().call_later(left, _expire, p, c)
+                try:
+                    return await c.future
+                except H2RpcError as e:
+                    if not e.unsent or attempt == RESUBMITS or p is self._protocol and not p.going_away:
+                        raise
+                except asyncio.CancelledError:  # the caller went away: so does the call upstream
+                    p.cancel(c)
+                    raise
+                finally:
+                    timer.cancel()
+            raise AssertionError("unreachable")
 
         return call
 

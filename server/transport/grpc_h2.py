@@ -49,6 +49,7 @@ STREAM_WINDOW = 4 << 20  # bytes a client may send on one stream before we credi
 CONNECTION_WINDOW = 16 << 20
 BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
+MAX_WRITE_BACKLOG = 4 << 20  # bytes waiting to be written past which a connection is not read
 _monotonic = time.monotonic
 
 Refused = Callable[[str], None]
@@ -220,6 +221,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0  # bytes of unfinished unary requests held (see hold)
         self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
         self._held = False  # not read for a while after an overload refusal past the budget
+        self._backlogged = False  # not read until the client takes what waits to be written
         self._age_timer: asyncio.TimerHandle | None = None
         self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
 
@@ -261,6 +263,10 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._backlogged:
+            self._backlogged = False
+            if not self._held and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         drained, self._drained = self._drained, []
         for f in drained:
             if not f.done():
@@ -304,8 +310,14 @@ class _Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         out = self.h2.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out)
+            if self._paused and not self._backlogged and t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
+                # a client that sends and does not read (a PING flood, requests whose answers it
+                # never takes): nothing more is read until it takes what waits (RFC 9113 10.5)
+                self._backlogged = True
+                t.pause_reading()
 
     def flush_soon(self) -> None:
         """Write what the h2 connection holds at the end of this loop turn (answers finished in
@@ -368,9 +380,14 @@ class _Connection(asyncio.Protocol):
             for call in list(self.calls.values()):
                 call.pump()
 
-    def on_goaway(self) -> None:  # the client's GOAWAY: it reads nothing more
-        self._abandon_all()
-        self.close()
+    def on_goaway(self) -> None:
+        """The client's GOAWAY: it opens no more calls here; those in progress are answered (as
+        grpc-java's graceful close expects), then the connection closes."""
+        if not self._closing:
+            self._closing = True
+            self._last_stream = self.h2.highest_inbound_stream_id
+        if not self.calls:
+            self._goodbye()
 
     def _abandon_all(self) -> None:
         for call in list(self.calls.values()):
@@ -451,6 +468,7 @@ class _Connection(asyncio.Protocol):
     def _plain(self, sid: int, status: bytes, text: bytes) -> None:
         self.h2.send_headers(sid, [(b":status", status), (b"content-type", b"text/plain")])
         self.h2.send_data(sid, text, end_stream=True)
+        self.stop_reading(sid)
 
     def trailers_only(self, sid: int, code: grpc.StatusCode, message: str, md=()) -> None:
         """An answer with no message: status and metadata in the one HEADERS frame."""
@@ -487,7 +505,7 @@ class _Connection(asyncio.Protocol):
 
     def _release(self) -> None:
         self._held = False
-        if self.transport is not None and not self.transport.is_closing():
+        if not self._backlogged and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def hold(self, call: _Call, n: int) -> bool:
@@ -508,6 +526,7 @@ class _Connection(asyncio.Protocol):
         call.held = 0
 
     def finished(self, call: _Call) -> None:
+        call.credit()  # bytes it read and never took (a stream ended with a backlog) go back to the window
         if not call.gone:  # a call answered pays for one reset: only a client that mostly resets is a flood
             self._resets.credit()
         self.release(call)

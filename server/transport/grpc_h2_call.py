@@ -377,6 +377,7 @@ class _Call:
         if self.done:
             return
         self._end(code, message)
+        self.credit()  # (what it read and will never take is the connection's again)
         self.conn.release(self)
         if self.task is not None:
             self.task.cancel()
@@ -387,12 +388,15 @@ class _Call:
 
     def _expired(self) -> None:
         self.timer = None
-        if self.ran and self.end_after_out is not None:  # an answer the client never took in time
+        if self.out or self.end_after_out is not None:  # an answer the client did not take in time
             self.out.clear()
             self.end_after_out = None
             self.conn.stop_reading(self.sid, http2.CANCEL)
             self.conn.flush_soon()
-            self.conn.finished(self)
+            if self.ran:
+                self.conn.finished(self)
+            else:  # a streaming handler waiting to write: stopped; its task's end finishes the call
+                self.abandon()
             return
         self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
@@ -400,6 +404,7 @@ class _Call:
         """The client is gone (reset stream, closed connection): stop the handler."""
         self.gone = True
         self.done = True
+        self.credit()
         self.conn.release(self)
         if self.timer is not None:
             self.timer.cancel()

@@ -46,6 +46,19 @@ def parse_timeout(value: bytes) -> float | None:
     return int(digits) * unit
 
 
+def encode_timeout(seconds: float) -> bytes:
+    """A ``grpc-timeout`` header value for ``seconds`` (at least 1 ms): milliseconds while they fit
+    the spec's 8 digits, else the finest coarser unit that does (rounded up), at most 99999999 hours."""
+    ms = max(1, int(seconds * 1000))
+    if ms < 100_000_000:
+        return b"%dm" % ms
+    for unit, size in ((b"S", 1), (b"M", 60), (b"H", 3600)):
+        n = -(-int(seconds) // size)
+        if n < 100_000_000:
+            return b"%d%s" % (n, unit)
+    return b"99999999H"
+
+
 def frame(message: bytes) -> bytes:
     """One length-prefixed, uncompressed message."""
     return _PREFIX.pack(0, len(message)) + message

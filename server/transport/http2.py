@@ -39,6 +39,7 @@ HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x
 MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x5, 0x6
 
 MAX_WINDOW = (1 << 31) - 1
+MAX_STREAM_ID = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
 _HEADER = struct.Struct(">BHBBL")  # length (24 bits, as 8 + 16), type, flags, stream id
 _SETTING = struct.Struct(">HL")
@@ -279,6 +280,8 @@ class Http2:
                     self._fail(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "a malformed PING")
                 if not flags & ACK:
                     self._out += frame(PING, ACK, 0, payload)
+                else:
+                    self._ping_acked(payload)
             elif kind == CONTINUATION:
                 self._continuation(sid, flags, payload)
             elif kind == PRIORITY:
@@ -296,9 +299,11 @@ class Http2:
         if pos < n:
             self._buf += data[pos:]
 
+    def _ping_acked(self, payload: bytes) -> None:
+        """The peer answered one of our PINGs (a server sends none)."""
+
     def _goaway_frame(self, payload: bytes) -> None:
-        """The client's GOAWAY: it reads nothing more, so neither do we."""
-        self._closed = True
+        """The client's GOAWAY: it opens no more streams; those open go on (RFC 9113 6.8)."""
         self.handler.on_goaway()
 
     def _fail(self, code: int, message: str, reason: str = "protocol") -> NoReturn:
@@ -328,6 +333,7 @@ class Http2:
             self.acknowledge_received_data(flow, 0)
             if stream is not None:  # half-closed by the client already: a stream error
                 self.reset_stream(sid, STREAM_CLOSED)
+                self.handler.on_reset(sid)  # (its call is over too)
             return
         stream.recv_window -= flow
         if stream.recv_window < 0:
@@ -337,6 +343,8 @@ class Http2:
         if end:
             stream.remote_open = False
         self.handler.on_data(sid, data, flow, end)
+        if end and not stream.local_open:  # both sides done: the stream is gone
+            self.streams.pop(sid, None)
 
     def _headers(self, sid: int, flags: int, payload: bytes) -> None:
         if not sid or not sid & 1:
@@ -384,6 +392,8 @@ class Http2:
                 self._fail(PROTOCOL_ERROR, "trailers without END_STREAM")
             stream.remote_open = False
             self.handler.on_data(sid, b"", 0, True)
+            if not stream.local_open:  # both sides done: the stream is gone
+                self.streams.pop(sid, None)
             return
         self.highest_inbound_stream_id = sid
         if len(self.streams) >= self.max_concurrent_streams:
@@ -471,6 +481,7 @@ class ClientHandler(Protocol):
     def on_reset(self, sid: int, code: int) -> None: ...
     def on_window(self, sid: int) -> None: ...
     def on_goaway(self, last_stream_id: int) -> None: ...
+    def on_ping_ack(self, payload: bytes) -> None: ...
 
 
 class Http2Client(Http2):
@@ -491,15 +502,23 @@ class Http2Client(Http2):
         self._preface = True  # (a server sends none: its SETTINGS come first)
         settings = b"".join(
             _SETTING.pack(k, v)
-            for k, v in ((ENABLE_PUSH, 0), (INITIAL_WINDOW_SIZE, stream_window), (MAX_FRAME_SIZE, max_frame))
+            for k, v in (
+                (ENABLE_PUSH, 0),
+                (INITIAL_WINDOW_SIZE, stream_window),
+                (MAX_FRAME_SIZE, max_frame),
+                (MAX_HEADER_LIST_SIZE, self.max_header_bytes),  # a larger header block fails the connection
+            )
         )
         self._out = bytearray(PREFACE + frame(SETTINGS, 0, 0, settings))
         if connection_window > DEFAULT_WINDOW:
             self._out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(connection_window - DEFAULT_WINDOW))
 
     def open_stream(self, fields, end_stream: bool = False) -> int:
-        """Start a call: its HEADERS on a new stream; the stream's id."""
+        """Start a call: its HEADERS on a new stream; the stream's id. A connection has 2^30
+        of them (see :attr:`exhausted`)."""
         sid = self.highest_inbound_stream_id + 2 if self.highest_inbound_stream_id else 1
+        if sid > MAX_STREAM_ID:
+            raise ValueError("this connection has used every stream id")
         self.highest_inbound_stream_id = sid  # (here: the highest stream id in use)
         self.streams[sid] = _Stream(self._peer_window, self.stream_window, True)
         self.send_headers(sid, fields, end_stream)
@@ -522,9 +541,22 @@ class Http2Client(Http2):
         if stream is not None and not stream.remote_open:
             self._remote_end(sid, stream)
 
+    @property
+    def exhausted(self) -> bool:
+        """No stream id is left for another call: the connection must be replaced."""
+        return self.highest_inbound_stream_id + 2 > MAX_STREAM_ID
+
+    def send_ping(self, payload: bytes) -> None:
+        self._out += frame(PING, 0, 0, payload)
+
+    def _ping_acked(self, payload: bytes) -> None:
+        self.client_handler.on_ping_ack(payload)
+
     def _remote_end(self, sid: int, stream: _Stream) -> None:
         stream.remote_open = False
-        if not stream.local_open:
+        if stream.local_open:  # answered before our request was all sent: we stop (RFC 9113 8.1)
+            self.reset_stream(sid, NO_ERROR)
+        else:
             self.streams.pop(sid, None)
 
     def _reset_by_peer(self, sid: int, known: bool, code: int) -> None:

@@ -1,0 +1,281 @@
+"""The h2 gRPC engine's streams and windows over a call's whole life, with handlers made for the
+purpose (an in-process ``H2GrpcServer`` on a loop of its own) and a client that writes raw
+frames, or grpcio where a real client shows the fault. Each test is a defect once found: the
+connection's window lost to calls that ended with bytes unread, a call stranded by DATA after
+its END_STREAM, stream slots leaked by non-gRPC requests, calls cut off by a client's graceful
+GOAWAY, memory taken by a client that writes and never reads, and a streaming call that outlived
+its deadline while its answer waited for the client's window."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+
+import grpc
+import hpack
+import pytest
+
+from batchgate.transport import grpc_h2
+from batchgate.transport.grpc_h2 import H2GrpcServer
+
+DATA, HEADERS, RST, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">BHBBL", n >> 16, n & 0xFFFF, kind, flags, sid) + payload
+
+
+def message(b: bytes) -> bytes:
+    return struct.pack(">BI", 0, len(b)) + b
+
+
+async def _echo(request: bytes, context) -> bytes:
+    await asyncio.sleep(float(dict(context.invocation_metadata()).get("sleep", "0")))
+    return request
+
+
+async def _stream(requests, context):
+    async for m in requests:
+        yield m
+
+
+async def _stuck(requests, context):
+    """Answers the first message, then reads no more (as ModelStreamInfer once its client has
+    ``max_stream_inflight`` requests waiting)."""
+    async for m in requests:
+        yield m
+        await asyncio.sleep(3600)
+
+
+def _same(x):
+    return x
+
+
+class _Handlers(grpc.GenericRpcHandler):
+    def service(self, details):
+        return {
+            "/t.T/Echo": grpc.unary_unary_rpc_method_handler(_echo, _same, _same),
+            "/t.T/Stream": grpc.stream_stream_rpc_method_handler(_stream, _same, _same),
+            "/t.T/Stuck": grpc.stream_stream_rpc_method_handler(_stuck, _same, _same),
+        }.get(details.method)
+
+
+class Engine:
+    """An H2GrpcServer serving the handlers above on a loop in a thread."""
+
+    def __init__(self, **settings):
+        self.loop = asyncio.new_event_loop()
+        settings.setdefault("max_receive_bytes", 64 << 20)
+        self.server = H2GrpcServer(max_connections=100, **settings)
+        self.server.add_generic_rpc_handlers([_Handlers()])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self.server.start())
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def read(self, fn):
+        """``fn()`` evaluated on the server's loop."""
+
+        async def on_loop():
+            return fn()
+
+        return self.run(on_loop())
+
+    def connections(self) -> list[tuple[int, int]]:
+        """(calls, HTTP/2 streams) of each connection."""
+        return self.read(lambda: [(len(c.calls), len(c.h2.streams)) for c in self.server.connections])
+
+    def windows(self) -> list[int]:
+        """What each connection's client may still send, counting bytes taken but not yet credited."""
+        return self.read(lambda: [c.h2._recv_window + c.h2._unacked for c in self.server.connections])
+
+    def stop(self) -> None:
+        self.run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def engine():
+    made: list[Engine] = []
+
+    def start(**settings) -> Engine:
+        made.append(Engine(**settings))
+        return made[-1]
+
+    yield start
+    for e in made:
+        e.stop()
+
+
+class Raw:
+    """A client that writes frames as given and reads frames back."""
+
+    def __init__(self, port: int, settings: bytes = b""):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
+        self.sock.sendall(
+            PREFACE + frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1 << 30))
+        )
+        self.buf = b""
+        self.last = -1
+
+    def headers(self, path: bytes = b"/t.T/Echo", extra=(), content_type: bytes = b"application/grpc") -> int:
+        self.last += 2
+        fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", path),
+                  (b"content-type", content_type), (b"te", b"trailers"), *extra]  # fmt: skip
+        self.sock.sendall(frame(HEADERS, 0x4, self.last, self.encoder.encode(fields)))
+        return self.last
+
+    def data(self, sid: int, payload: bytes, end: bool = False) -> None:
+        self.sock.sendall(frame(DATA, int(end), sid, payload))
+
+    def frames(self, seconds: float) -> list[tuple]:
+        """The frames read within ``seconds`` ((kind, flags, sid, payload); ``("EOF",)`` at the end)."""
+        out: list[tuple] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                got = self.sock.recv(1 << 20)
+            except TimeoutError:
+                break
+            if not got:
+                out.append(("EOF",))
+                break
+            self.buf += got
+            while len(self.buf) >= 9:
+                hi, lo, kind, flags, sid = struct.unpack(">BHBBL", self.buf[:9])
+                n = (hi << 16) | lo
+                if len(self.buf) < 9 + n:
+                    break
+                payload, self.buf = self.buf[9 : 9 + n], self.buf[9 + n :]
+                out.append((kind, flags, sid, self.decoder.decode(payload, raw=True) if kind == HEADERS else payload))
+        return out
+
+
+def _grpc_status(frames: list[tuple], sid: int) -> int | None:
+    for f in frames:
+        if len(f) == 4 and f[0] == HEADERS and f[2] == sid and f[1] & 1:
+            return int(dict(f[3])[b"grpc-status"])
+    return None
+
+
+def _wait(cond, what: str, seconds: float = 5.0) -> None:
+    end = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)
+
+
+def test_calls_refused_for_size_give_the_connection_its_window_back(engine):
+    # 2 MiB messages against a 1 MiB limit: each is refused from its prefix while its bytes still
+    # come; 24 of them are three times the connection's 16 MiB window
+    e = engine(max_receive_bytes=1 << 20)
+    with grpc.insecure_channel(f"127.0.0.1:{e.port}") as channel:
+        echo = channel.unary_unary("/t.T/Echo")
+        for _ in range(24):
+            with pytest.raises(grpc.RpcError) as refused:
+                echo(b"x" * (2 << 20), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert echo(b"still served", timeout=5) == b"still served"
+    assert e.windows() in ([], [grpc_h2.CONNECTION_WINDOW])
+
+
+def test_a_cancelled_stream_with_requests_unread_gives_the_connection_its_window_back(engine):
+    e = engine()
+    with grpc.insecure_channel(f"127.0.0.1:{e.port}") as channel:
+        stuck = channel.stream_stream("/t.T/Stuck")
+        go_on = threading.Event()
+
+        def requests():
+            for _ in range(4):
+                yield b"x" * (1 << 20)
+            go_on.wait(30)
+
+        for _ in range(10):  # about 2 MiB left unread each time: 20 MiB, past the 16 MiB window
+            call = stuck(requests(), timeout=30)
+            assert next(call) == b"x" * (1 << 20)
+            _wait(lambda: e.windows()[0] < grpc_h2.CONNECTION_WINDOW - (1 << 20), "a backlog waits unread")
+            call.cancel()
+            _wait(lambda: e.connections() == [(0, 0)], "the cancelled call is gone")
+        go_on.set()
+        assert e.windows() == [grpc_h2.CONNECTION_WINDOW]
+        assert channel.unary_unary("/t.T/Echo")(b"y" * (1 << 20), timeout=5) == b"y" * (1 << 20)
+
+
+def test_data_after_the_clients_end_of_stream_ends_the_call(engine):
+    e = engine()
+    raw = Raw(e.port)
+    for _ in range(50):
+        sid = raw.headers(extra=[(b"sleep", b"0.2")])
+        raw.data(sid, message(b"hi"), end=True)
+        raw.data(sid, b"late")  # DATA on a stream the client has ended: a stream error
+    frames = raw.frames(1.0)
+    assert sum(1 for f in frames if f[0] == RST and struct.unpack(">L", f[3])[0] == 0x5) == 50  # STREAM_CLOSED
+    _wait(lambda: e.connections() == [(0, 0)], "no call left behind")
+    t0 = time.monotonic()
+    e.run(e.server.stop(3))
+    assert time.monotonic() - t0 < 2  # (nothing in flight to wait for)
+
+
+def test_requests_that_are_not_grpc_leave_no_stream_behind(engine):
+    e = engine(max_concurrent_streams=16)
+    raw = Raw(e.port)
+    for _ in range(20):  # past max_concurrent_streams: each must be gone once answered
+        sid = raw.headers(b"/", content_type=b"application/json")
+        raw.data(sid, b'{"inputs": []}', end=True)
+    frames = raw.frames(0.5)
+    assert sum(1 for f in frames if f[0] == HEADERS and dict(f[3]).get(b":status") == b"415") == 20
+    sid = raw.headers()
+    raw.data(sid, message(b"hello"), end=True)
+    assert _grpc_status(raw.frames(1.0), sid) == 0
+    assert e.connections() == [(0, 0)]
+
+
+def test_a_clients_goaway_lets_its_calls_in_progress_finish(engine):
+    e = engine()
+    raw = Raw(e.port)
+    raw.frames(0.2)
+    sid = raw.headers(extra=[(b"sleep", b"0.3")])
+    raw.data(sid, message(b"hi"), end=True)
+    time.sleep(0.05)
+    raw.sock.sendall(frame(GOAWAY, 0, 0, struct.pack(">LL", 0, 0)))  # a graceful close, as grpc-java's
+    frames = raw.frames(2.0)
+    assert _grpc_status(frames, sid) == 0
+    assert any(f[0] == DATA and f[2] == sid and f[3] == message(b"hi") for f in frames if len(f) == 4)
+    assert frames[-1] == ("EOF",)  # closed once its call was answered
+
+
+def test_a_client_that_writes_and_never_reads_is_no_longer_read(engine):
+    e = engine()
+    raw = Raw(e.port)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.sock.settimeout(3)
+    pings = frame(PING, 0, 0, b"12345678") * 60_000  # ~1 MB of PINGs, each to be answered
+    sent = 0
+    with pytest.raises(TimeoutError):  # the server stops reading: our sends block
+        for _ in range(200):
+            raw.sock.sendall(pings)
+            sent += 1
+    assert sent < 100
+    backlog = e.read(lambda: [(c._backlogged, c.transport.get_write_buffer_size()) for c in e.server.connections])
+    assert len(backlog) == 1 and backlog[0][0] and backlog[0][1] < grpc_h2.MAX_WRITE_BACKLOG + (4 << 20)
+
+
+def test_a_streaming_call_whose_answer_waits_for_the_window_ends_at_its_deadline(engine):
+    e = engine()
+    raw = Raw(e.port, settings=struct.pack(">HL", 4, 0))  # INITIAL_WINDOW_SIZE 0: no answer may go
+    sid = raw.headers(b"/t.T/Stream", extra=[(b"grpc-timeout", b"300m")])
+    raw.data(sid, message(b"x" * 100))  # the stream stays open
+    frames = raw.frames(1.0)
+    assert any(f[0] == RST and f[2] == sid and struct.unpack(">L", f[3])[0] == 0x8 for f in frames if len(f) == 4)
+    _wait(lambda: e.connections() == [(0, 0)], "the call ended at its deadline")
