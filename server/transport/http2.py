@@ -162,7 +162,7 @@ class Http2:
         if end_stream:
             self._local_end(sid)
 
-    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+    def send_data(self, sid: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         """``data`` must fit the window and the client's frame size (see
         :meth:`local_flow_control_window` and ``max_outbound_frame_size``)."""
         n = len(data)

@@ -26,6 +26,16 @@ def test_malformed_timeouts_are_none(text):
     assert grpc_wire.parse_timeout(text) is None
 
 
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0.0001, b"1m"), (2.5, b"2500m"), (99_999.999, b"99999999m"), (100_000.0, b"100000S"), (7 * 86_400.0, b"604800S"),
+     (1e8, b"1666667M"), (1e10, b"2777778H"), (1e20, b"99999999H")],
+)  # fmt: skip
+def test_a_timeout_is_written_in_the_finest_unit_within_eight_digits(seconds, text):
+    assert grpc_wire.encode_timeout(seconds) == text
+    assert grpc_wire.parse_timeout(text) >= min(seconds, 99_999_999 * 3600) - 0.001  # never shorter
+
+
 def test_messages_split_at_their_prefixes_and_a_partial_one_waits():
     buf = bytearray(grpc_wire.frame(b"abc") + grpc_wire.frame(b"") + grpc_wire.frame(b"xyz")[:6])
     messages, used = grpc_wire.split_messages(buf, 100)

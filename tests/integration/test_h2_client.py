@@ -1,0 +1,304 @@
+"""batchgate's HTTP/2 client for remote models (``backends/h2_client.py``) against upstreams that
+behave as real servers may: a small server built on the ``h2`` library (a third-party HTTP/2
+stack, as hypercorn and others use) where batchgate's own server never would, and a real
+batchgate server otherwise. Each test is a defect once found."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+from batchgate.backends import h2_client
+from batchgate.backends.h2_client import H2Channel, H2RpcError
+from batchgate.transport import http2
+
+LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+class Upstream(asyncio.Protocol):
+    """An HTTP/2 server that answers each call by ``answer(self, sid, body)``; the default echoes
+    the request message after ``delay`` seconds."""
+
+    settings: dict = {}
+    delay = 0.0
+    connections: list
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2.initiate_connection()
+        if self.settings:
+            self.h2.update_settings(dict(self.settings))
+        self.bodies: dict[int, bytearray] = {}
+        self.connections.append(self)
+        transport.write(self.h2.data_to_send())
+
+    def data_received(self, data):
+        for ev in self.h2.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                self.bodies[ev.stream_id] = bytearray()
+                self.on_request(ev.stream_id)
+            elif isinstance(ev, h2.events.DataReceived):
+                if ev.stream_id in self.bodies:
+                    self.bodies[ev.stream_id] += ev.data
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in self.bodies:
+                body = bytes(self.bodies.pop(ev.stream_id))
+                asyncio.get_running_loop().call_later(self.delay, self.answer, ev.stream_id, body)
+        self.transport.write(self.h2.data_to_send())
+
+    def on_request(self, sid: int) -> None:
+        pass
+
+    def answer(self, sid: int, body: bytes) -> None:
+        self.reply(sid, body[5:])
+
+    def reply(self, sid: int, message: bytes, status: bytes = b"0", http_status: bytes = b"200") -> None:
+        if sid not in self.h2.streams:
+            return
+        self.h2.send_headers(sid, [(b":status", http_status), (b"content-type", b"application/grpc")])
+        self.h2.send_data(sid, struct.pack(">BI", 0, len(message)) + message)
+        self.h2.send_headers(sid, [(b"grpc-status", status)], end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+async def _serve(**behaviour) -> tuple[asyncio.AbstractServer, int, type[Upstream]]:
+    cls = type("U", (Upstream,), {"connections": [], **behaviour})
+    server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], cls
+
+
+_open: list[H2Channel] = []
+
+
+def _channel(address: str, max_message_bytes: int) -> H2Channel:
+    _open.append(H2Channel(address, max_message_bytes))
+    return _open[-1]
+
+
+def _run(main):
+    """``main()`` on a new loop; the channels it made are closed before the loop ends."""
+
+    async def closing():
+        try:
+            return await main()
+        finally:
+            for channel in _open:
+                await channel.close()
+            _open.clear()
+            await asyncio.sleep(0.05)
+
+    return asyncio.run(closing())
+
+
+def _code(outcome) -> str:
+    return "OK" if isinstance(outcome, bytes) else outcome.code().name
+
+
+def test_calls_past_the_upstreams_stream_limit_wait_for_a_slot():
+    async def main():
+        server, port, _ = await _serve(settings={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10}, delay=0.1)
+        call = _channel(f"127.0.0.1:{port}", 1 << 20).unary("/x/Y")
+        await call(b"warm", timeout=5)  # (the upstream's SETTINGS are known)
+        got = await asyncio.gather(*(call(b"%d" % i, timeout=5) for i in range(35)), return_exceptions=True)
+        server.close()
+        return got
+
+    got = _run(main)
+    assert got == [b"%d" % i for i in range(35)]  # as grpc.aio queues them: none refused
+
+
+def test_a_call_waiting_for_a_slot_keeps_its_deadline_and_leaves_nothing_behind():
+    async def main():
+        server, port, _ = await _serve(settings={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}, delay=1.0)
+        channel = _channel(f"127.0.0.1:{port}", 1 << 20)
+        call = channel.unary("/x/Y")
+        await call(b"warm", timeout=5)
+        got = await asyncio.gather(*(call(b"x", timeout=0.3) for _ in range(6)), return_exceptions=True)
+        p = channel._protocol
+        left = (len(p.calls), len(p.waiting))
+        server.close()
+        return got, left
+
+    got, left = _run(main)
+    assert [_code(g) for g in got] == ["DEADLINE_EXCEEDED"] * 6 and left == (0, 0)
+
+
+def test_an_answer_before_the_request_is_sent_frees_the_stream():
+    # The upstream refuses on the headers alone (trailers-only) and sends no RST_STREAM, which
+    # RFC 9113 8.1 allows: the client must stop sending and let the stream go.
+    class Early(Upstream):
+        def on_request(self, sid):
+            self.h2.send_headers(
+                sid,
+                [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"8")],
+                end_stream=True,
+            )
+            self.bodies.pop(sid, None)
+
+    async def streams_after():
+        cls = type("E", (Early,), {"connections": [], "settings": {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 4}})
+        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+        channel = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", 64 << 20)
+        call = channel.unary("/x/Y")
+        codes = []
+        for _ in range(12):  # three times the upstream's stream limit
+            try:
+                await call(b"x" * (1 << 20), timeout=5)
+            except H2RpcError as e:
+                codes.append(e.code().name)
+        await asyncio.sleep(0.1)
+        p = channel._protocol
+        server.close()
+        return codes, len(p.h2.streams), len(p.calls)
+
+    codes, streams, calls = _run(streams_after)
+    assert codes == ["RESOURCE_EXHAUSTED"] * 12 and streams == 0 and calls == 0
+
+
+def test_http_answers_without_a_grpc_status_are_mapped_as_grpc_maps_them():
+    answers = iter([(b"503", b"0"), (b"404", b"0"), (b"200", b"abc"), (b"200", b"0")])
+
+    class Odd(Upstream):
+        def answer(self, sid, body):
+            http_status, status = next(answers)
+            if http_status != b"200":
+                self.h2.send_headers(
+                    sid, [(b":status", http_status), (b"content-type", b"text/plain")], end_stream=True
+                )
+                self.transport.write(self.h2.data_to_send())
+            else:
+                self.reply(sid, b"fine", status=status)
+
+    async def main():
+        cls = type("O", (Odd,), {"connections": []})
+        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+        call = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", 1 << 20).unary("/x/Y")
+        got = []
+        for _ in range(4):
+            try:
+                got.append(await call(b"x", timeout=5))
+            except H2RpcError as e:
+                got.append((e.code().name, e.details()))
+        server.close()
+        return got, len(cls.connections)
+
+    got, connections = _run(main)
+    assert got[0][0] == "UNAVAILABLE" and "503" in got[0][1]  # a proxy's 503: retry later
+    assert got[1][0] == "UNIMPLEMENTED"
+    assert got[2][0] == "UNKNOWN" and "malformed grpc-status" in got[2][1]
+    assert got[3] == b"fine" and connections == 1  # the connection survived all of them
+
+
+def test_a_goaway_sends_the_calls_it_cut_off_again_on_a_new_connection():
+    class Leaving(Upstream):
+        def answer(self, sid, body):
+            if len(self.connections) == 1 and sid == 1:
+                # answer the first call, then GOAWAY naming it the last: the other two never started here
+                self.reply(sid, body[5:])
+                self.h2.close_connection(last_stream_id=1)
+                self.transport.write(self.h2.data_to_send())
+            elif len(self.connections) > 1:
+                self.reply(sid, body[5:])
+
+    async def main():
+        cls = type("L", (Leaving,), {"connections": [], "delay": 0.05})
+        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+        call = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", 1 << 20).unary("/x/Y")
+        got = await asyncio.gather(*(call(b"%d" % i, timeout=5) for i in range(3)), return_exceptions=True)
+        server.close()
+        return got, len(cls.connections)
+
+    got, connections = _run(main)
+    assert got == [b"0", b"1", b"2"] and connections == 2
+
+
+def test_an_upstream_that_stops_answering_pings_is_given_up(monkeypatch):
+    monkeypatch.setattr(h2_client, "KEEPALIVE_S", 0.3)
+    monkeypatch.setattr(h2_client, "KEEPALIVE_TIMEOUT_S", 0.3)
+
+    class Silent(Upstream):  # takes the call, then reads nothing more (a host gone without a FIN)
+        def on_request(self, sid):
+            self.transport.pause_reading()
+
+        def answer(self, sid, body):
+            pass
+
+    async def main():
+        cls = type("S", (Silent,), {"connections": []})
+        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+        call = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", 1 << 20).unary("/x/Y")
+        t0 = time.monotonic()
+        try:
+            await call(b"x", timeout=30)
+        except H2RpcError as e:
+            return e.code().name, e.details(), time.monotonic() - t0
+        finally:
+            server.close()
+
+    code, details, took = _run(main)
+    assert code == "UNAVAILABLE" and "keepalive" in details and took < 5
+
+
+def test_a_deadline_is_kept_while_connecting():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    backlog = []
+    for _ in range(4):  # the accept queue full: later SYNs go unanswered, as to a host that is gone
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        backlog.append(s)
+
+    async def main():
+        call = _channel(f"127.0.0.1:{port}", 1 << 20).unary("/x/Y")
+        t0 = time.monotonic()
+        try:
+            await call(b"x", timeout=0.3)
+        except H2RpcError as e:
+            return e.code().name, time.monotonic() - t0
+
+    try:
+        code, took = _run(main)
+    finally:
+        for s in [listener, *backlog]:
+            s.close()
+    assert code == "DEADLINE_EXCEEDED" and took < 2  # (not the 5 s connect timeout)
+
+
+def test_a_connection_whose_stream_ids_run_out_is_replaced(demo_repo, serve):
+    running = serve(str(demo_repo))
+
+    async def main():
+        channel = _channel(f"127.0.0.1:{running.gateway.grpc_port}", 1 << 20)
+        live = channel.unary(LIVE)
+        await live(b"", timeout=5)
+        first = channel._protocol
+        first.h2.highest_inbound_stream_id = http2.MAX_STREAM_ID - 2  # as after 2^30 - 1 calls
+        got = [await live(b"", timeout=5) for _ in range(3)]  # the last id, then a new connection
+        await asyncio.sleep(0.1)
+        return got, channel._protocol is not first, first.lost, channel._protocol.h2.highest_inbound_stream_id
+
+    got, replaced, old_closed, sid = _run(main)
+    assert got == [b"\x08\x01"] * 3 and replaced and old_closed and sid == 3
+
+
+def test_a_long_timeout_reaches_the_upstream_in_a_unit_it_accepts(demo_repo, serve):
+    running = serve(str(demo_repo))
+
+    async def main():
+        live = _channel(f"127.0.0.1:{running.gateway.grpc_port}", 1 << 20).unary(LIVE)
+        return [await live(b"", timeout=t) for t in (0.05, 99_999.0, 7 * 86_400.0)]
+
+    assert _run(main) == [b"\x08\x01"] * 3
