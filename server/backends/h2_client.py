@@ -419,7 +419,8 @@ class H2Channel:
                 try:
                     return await c.future
                 except H2RpcError as e:
-                    if not e.unsent or attempt == RESUBMITS or p is self._protocol and not p.going_away:
+                    replaced = p.going_away or p.lost or p is not self._protocol
+                    if not e.unsent or attempt == RESUBMITS or not replaced:  # (else: a new connection)
                         raise
                 except asyncio.CancelledError:  # the caller went away: so does the call upstream
                     p.cancel(c)
