@@ -157,6 +157,7 @@ class Gateway:
             max_tensor_bytes=lim.max_request_bytes,
             max_regions_per_key=shm.shm_max_regions_per_key,
             max_bytes_per_key=shm.shm_max_bytes_per_key,
+            key_ids=self._key_ids,
         )
         self.metrics.shm = self.dataplane.shm
         self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)
@@ -191,6 +192,10 @@ class Gateway:
     @property
     def ready(self) -> bool:
         return self.dataplane.ready()
+
+    def _key_ids(self) -> tuple[str, ...]:
+        keys = self.dataplane.access.keys
+        return () if keys is None else keys.key_ids
 
     # ------------------------------------------------------------------ lifecycle
     async def start(

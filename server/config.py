@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -386,6 +387,12 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"remote_models: model name(s) {', '.join(twice)} given more than once")
+    prefix = s.shared_memory.shm_key_prefix
+    if prefix and not re.fullmatch(r"/[A-Za-z0-9_.-]{1,200}", prefix):
+        raise ConfigError(
+            f"{what('shm_key_prefix')} must be '' (off) or '/' then 1 to 200 letters, digits, '_', '.' or '-' "
+            f"(the start of a POSIX shared-memory name), not {prefix[:64]!r}"
+        )
     if rs.load_model and rs.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,11 @@ class Region:
         self.name, self.key, self.offset, self.byte_size, self.owner = name, key, offset, byte_size, owner
         self._fd = fd
 
+    def __del__(self) -> None:
+        # Unregistered while requests still held it (their Place.found): the descriptor goes with
+        # the last of them, so they finish as if it had waited for them (as Triton's does).
+        self.close()
+
     def read(self, offset: int, size: int) -> bytes:
         try:
             data = os.pread(self._fd, size, self.offset + offset)
@@ -87,7 +92,9 @@ class Region:
             raise invalid(f"shared-memory region '{self.name}': only {written} of {len(data)} bytes could be written")
 
     def close(self) -> None:
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class SharedMemory:
@@ -107,8 +114,10 @@ class SharedMemory:
         max_tensor_bytes: int = 64 << 20,
         max_regions_per_key: int | None = None,
         max_bytes_per_key: int | None = None,
+        key_ids: Callable[[], Iterable[str]] = tuple,
     ):
         self.key_prefix = key_prefix
+        self._key_ids = key_ids  # the API keys' ids: which of them a segment's name belongs to
         self.max_regions = max_regions
         self.max_bytes = max_bytes
         # With API keys, one key's share (so no key can take every tenant's regions); None = the totals.
@@ -169,6 +178,18 @@ class SharedMemory:
             )
         # With API keys a key maps only its own segments: their names carry its id after the prefix.
         prefix = self.key_prefix if owner is None else f"{self.key_prefix}{owner}_"
+        if owner is not None and key.startswith(prefix):
+            # ids may hold '_': '/batchgate_app_x_1' starts with key 'app''s prefix too, but is
+            # key 'app_x''s: a segment belongs to the longest id whose prefix its name starts with
+            longest = max(
+                (i for i in self._key_ids() if len(i) > len(owner) and key.startswith(f"{self.key_prefix}{i}_")),
+                key=len,
+                default=None,
+            )
+            if longest is not None:
+                raise GatewayError(
+                    ErrorCode.PERMISSION_DENIED, f"shared-memory key {key!r} is named for another API key"
+                )
         if not key.startswith(prefix):
             raise GatewayError(
                 ErrorCode.PERMISSION_DENIED,
@@ -231,19 +252,11 @@ class SharedMemory:
         """Unregister ``owner``'s region ``name``, or every region of ``owner`` when it is ""."""
         if not name:
             for k in [k for k in self._regions if k[0] == owner]:
-                region = self._regions.pop(k)
-                region.close()
-                self.bytes -= region.byte_size
-        else:
+                self.bytes -= self._regions.pop(k).byte_size  # (closed once no request holds it: __del__)
+        else:  # (a name not registered: nothing to do, and no error, as on Triton)
             found = self._regions.pop((owner, name), None)
-            if found is None:
-                if counted:
-                    self.count("unregister", ErrorCode.NOT_FOUND.value)
-                raise GatewayError(
-                    ErrorCode.NOT_FOUND, f"shared-memory region {printable(clip(name))!r} is not registered"
-                )
-            found.close()
-            self.bytes -= found.byte_size
+            if found is not None:
+                self.bytes -= found.byte_size  # (closed once no request holds it: __del__)
         if counted:
             self.count("unregister", "OK")
 
@@ -324,9 +337,11 @@ class RegionView:
         region.write(place.offset, data)
 
     def _region(self, place: Place, what: str) -> Region:
-        region = self._shm._regions.get((self._owner, place.region))
-        if region is None or (place.found is not None and region is not place.found):
-            raise invalid(f"{what}: shared-memory region '{place.region}' was unregistered since the request was read")
+        """The region the request was read with, even if it was unregistered since (it stays open
+        while the request holds it)."""
+        region = place.found if place.found is not None else self._shm._regions.get((self._owner, place.region))
+        if region is None:
+            raise invalid(f"{what}: shared-memory region {printable(clip(place.region))!r} is not registered")
         return region
 
 

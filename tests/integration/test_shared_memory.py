@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -190,7 +192,7 @@ def test_every_bound_a_client_controls_is_enforced(repo, serve, segments, tmp_pa
         "400",
         "more than the 16 bytes",
     )
-    refused(lambda: c.unregister_system_shared_memory("nope"), "NOT_FOUND", "404", "not registered")
+    c.unregister_system_shared_memory("nope")  # a name never registered: nothing to do, no error (as Triton)
     c.unregister_system_shared_memory()
     # The server still serves.
     plain = mod.InferInput("features", [1, 4], "FP32")
@@ -268,8 +270,7 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
                 headers=other,
             )
         assert "'in' is not registered" in e.value.message()
-        with pytest.raises(InferenceServerException):
-            c.unregister_system_shared_memory("in", headers=other)
+        c.unregister_system_shared_memory("in", headers=other)  # none of its own by that name: a no-op
         c.register_system_shared_memory("in", other_key, 4, headers=other)  # the same name, its own
         got = c.infer("classifier", [inp], headers=app).as_numpy("probabilities")  # the owner still can
         assert got.shape == (1, 3)
@@ -292,6 +293,73 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
         c.register_system_shared_memory("c", big, 16, headers=app)
     assert e.value.message().endswith("(shm_max_regions_per_key)")
     c.register_system_shared_memory("c", other_key, 16, headers=other)  # another key still can
+
+
+def test_a_key_whose_id_starts_another_keys_id_cannot_map_that_keys_segments(repo, serve, segments, tmp_path):
+    # ids may hold '_': '/batchgate_app_x_...' starts with key 'app''s prefix, but is named for 'app_x'
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer"]},
+                    {"id": "app_x", "sha256": hash_token(OTHER_TOKEN), "scopes": ["infer"]},
+                ]
+            }
+        )
+    )
+    running = serve(repo, api_keys_file=str(keys))
+    app = {"authorization": f"Bearer {INFER_TOKEN}"}
+    app_x = {"authorization": f"Bearer {OTHER_TOKEN}"}
+    theirs, _ = segments(64, prefix="/batchgate_app_x_")
+    mine, _ = segments(64, prefix="/batchgate_app_")
+    for mod in (grpcclient, httpclient):
+        c = mod.InferenceServerClient(_url(running, mod))
+        with pytest.raises(InferenceServerException) as e:
+            c.register_system_shared_memory("stolen", theirs, 64, headers=dict(app))
+        assert "named for another API key" in e.value.message()
+        c.register_system_shared_memory("r", theirs, 64, headers=dict(app_x))  # its owner may
+        c.register_system_shared_memory("r", mine, 64, headers=dict(app))
+        c.unregister_system_shared_memory(headers=dict(app_x))
+        c.unregister_system_shared_memory(headers=dict(app))
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_a_region_unregistered_while_a_request_uses_it_still_takes_that_requests_output(
+    tmp_path, serve, segments, mod, proto
+):
+    # A model that holds each request 0.5 s in its batching queue: the region is unregistered
+    # meanwhile. Triton lets requests in flight finish; so does batchgate.
+    repo = build_demo_repository(str(tmp_path / "models"))
+    config = tmp_path / "models" / "classifier" / "config.pbtxt"
+    config.write_text("max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 500000 }\n")
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    x = np.ones((1, 4), np.float32)
+    out_key, out_h = segments(12)
+    c.register_system_shared_memory("out", out_key, 12)
+    inp = mod.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    out = mod.InferRequestedOutput("probabilities")
+    out.set_shared_memory("out", 12)
+    answered: list = []
+
+    def infer():  # (a client of its own: tritonclient.http's is bound to the thread that made it)
+        answered.append(mod.InferenceServerClient(_url(running, mod)).infer("classifier", [inp], outputs=[out]))
+
+    t = threading.Thread(target=infer)
+    t.start()
+    time.sleep(0.2)
+    mod.InferenceServerClient(_url(running, mod)).unregister_system_shared_memory("out")
+    t.join(10)
+    assert answered, "the request failed"
+    written = shm.get_contents_as_numpy(out_h, np.float32, [1, 3])
+    plain = c.infer("classifier", [inp]).as_numpy("probabilities")
+    np.testing.assert_allclose(written, plain, rtol=1e-6)
+    assert (
+        len(c.get_system_shared_memory_status().regions if mod is grpcclient else c.get_system_shared_memory_status())
+        == 0
+    )
 
 
 @pytest.mark.parametrize("mod, proto", PROTOCOLS)

@@ -193,6 +193,9 @@ def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
         ({"infer_threads": -1}, ["infer_threads"]),
         ({"gpu_device_id": -1}, ["gpu_device_id"]),
         ({"inline_execution_max_us": -1}, ["inline_execution_max_us"]),
+        ({"shm_key_prefix": "batchgate_"}, ["shm_key_prefix must be '' (off) or '/' then", "'batchgate_'"]),
+        ({"shm_key_prefix": "/"}, ["shm_key_prefix must be '' (off) or '/' then"]),
+        ({"shm_key_prefix": "/a/b"}, ["shm_key_prefix"]),
     ],
 )
 def test_bad_values(repo, flags, words):
