@@ -12,6 +12,7 @@ file's, and the reset is audited.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -94,6 +95,12 @@ class RouteTable:
         now = self.clock()
         new: dict[str, ServedRoute] = {}
         resets: list[str] = []
+        names = [spec.name for spec in specs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # (the configuration's routes and the routes file's together)
+            raise ConfigError(
+                f"route(s) {', '.join(twice)} defined more than once (in the configuration and routes_file)"
+            )
         for spec in specs:
             if spec.name in self.repository.models or spec.name in self.repository.remote:
                 raise ConfigError(f"route '{spec.name}': a model has that name; a route needs a name of its own")
@@ -151,12 +158,25 @@ class RouteTable:
         (``strict``) a mismatch refuses the configuration."""
         if any(v is None for v in members.values()):
             return None  # checked once every member is loaded; until then those variants refuse
+        signatures = {name: v.signature for name, v in members.items() if v is not None}
         try:
-            check_signatures(spec, {name: v.signature for name, v in members.items() if v is not None})
+            check_signatures(spec, signatures)
         except ConfigError as e:
             if strict:
                 raise
-            return str(e)
+            # At runtime the variants decide; a shadow whose model no longer fits is left out
+            # (a shadow never takes its route down), until its model fits again.
+            try:
+                check_signatures(dataclasses.replace(spec, shadows=()), signatures)
+            except ConfigError as e2:
+                return str(e2)
+            for s in spec.shadows:
+                try:
+                    check_signatures(dataclasses.replace(spec, shadows=(s,)), signatures)
+                except ConfigError as e3:
+                    log.warning("route '%s': shadow '%s' left out: %s", spec.name, s.name, e3)
+                    members[s.name] = None  # type: ignore[index]
+            del e
         return None
 
     def _carry_or_build(self, spec: RouteSpec, now: float) -> tuple[ServedRoute, bool]:
@@ -467,6 +487,7 @@ class RouteTable:
         r, state = route.spec.rollout, route.rollout
         if r is None or state is None:
             raise GatewayError(ErrorCode.FAILED_PRECONDITION, f"route '{name}' has no rollout")
+        before = state.state
         if action == "promote":
             ro.promote(state, r)
         elif action == "rollback":
@@ -477,8 +498,14 @@ class RouteTable:
             ro.resume(state, r, self.clock())
         else:
             raise invalid(f"unknown rollout action '{clip(action)}'")
-        route.new_windows()
-        self._apply(route)
+        if action in ("promote", "rollback") or (action == "resume" and state.state != before):
+            route.new_windows()
+            self._apply(route)  # the state's weights
+        elif state.state != before:  # paused: the weights stay as they are
+            route.publish()
+            self._save(route)
+        else:  # a pause or resume that changed nothing touches nothing (weights set by hand stay)
+            return route
         self._share(route, True)
         return route
 

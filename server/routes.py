@@ -319,6 +319,10 @@ class ServedRoute:
         finally:
             elapsed = _perf_ns() - start
             self.stats.record_request(status == "OK", elapsed)
+            if status == "OK":
+                shape = request.inputs[0].shape if request.inputs else ()
+                batched = routed.version.signature.max_batch_size > 0 and len(shape) > 0
+                self.stats.record_routed(int(shape[0]) if batched else 1)
             self.metrics.answered(variant, status)
             if counted and self._judged:
                 w = self.windows[variant]

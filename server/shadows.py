@@ -356,12 +356,14 @@ class ShadowRunner:
             sm.rows += 1
             sm.delta.observe(float("inf"))
             return True
-        a = _rows(primary)
-        b = _rows(shadow)
+        batched = self.version.signature.max_batch_size > 0
+        a = _rows(primary, batched)
+        b = _rows(shadow, batched)
         rows = a.shape[0]
         sm.rows += rows
         if a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":  # BYTES: equal or not
-            differ = [not np.array_equal(x, y) for x, y in zip(a, b)]
+            # (ONNX Runtime gives str elements, a remote upstream bytes: compared as bytes)
+            differ = [[_as_bytes(v) for v in x] != [_as_bytes(v) for v in y] for x, y in zip(a, b)]
             for differs in differ:
                 sm.delta.observe(1.0 if differs else 0.0)
             agreed = not any(differ)
@@ -369,8 +371,10 @@ class ShadowRunner:
             delta = np.abs(a.astype(np.float64) - b.astype(np.float64)).max(axis=1) if a.shape[1] else np.zeros(rows)
             for d in delta.tolist():  # floats
                 sm.delta.observe(d)
-            if c.kind == "classification" and a.shape[1] > 1:
-                flips = int(np.count_nonzero(a.argmax(axis=1) != b.argmax(axis=1)))
+            if c.kind == "classification" and a.shape[1] >= 1:
+                # scores: the top class of each row; one value a row (a label): the label itself
+                top_a, top_b = (a.argmax(axis=1), b.argmax(axis=1)) if a.shape[1] > 1 else (a[:, 0], b[:, 0])
+                flips = int(np.count_nonzero(top_a != top_b))
                 sm.flips += flips
                 agreed = flips == 0
             else:
@@ -401,13 +405,20 @@ def _output(resp: InferResponse, name: str) -> np.ndarray | None:
     return None
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
-    """Rows of an output: the first dimension is the batch (a scalar or 1-D output is one row)."""
+def _rows(a: np.ndarray, batched: bool) -> np.ndarray:
+    """Rows of an output: for a model that batches the first dimension is the batch (a 1-D
+    output is one value a row: a label, a score); else, and for a scalar, the output is one row."""
     if a.ndim == 0:
         return a.reshape(1, 1)
     if a.ndim == 1:
-        return a.reshape(1, -1)
+        return a.reshape(-1, 1) if batched else a.reshape(1, -1)
     return a.reshape(a.shape[0], -1)
+
+
+def _as_bytes(v: Any) -> bytes:
+    return (
+        v.encode("utf-8") if isinstance(v, str) else bytes(v) if isinstance(v, bytes | bytearray) else repr(v).encode()
+    )
 
 
 def _summary(t: Tensor | np.ndarray, name: str = "") -> dict[str, Any]:

@@ -541,6 +541,12 @@ def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature])
                 f"{'does not batch' if sig.max_batch_size == 0 else 'batches'} and variant '{first.name}' "
                 f"({first.model}) {'does not' if ref.max_batch_size == 0 else 'does'}: their inputs differ in shape"
             )
+        if role == "variant" and sig.max_batch_size != ref.max_batch_size:
+            raise ConfigError(
+                f"{where}: variant '{member.name}' ({member.model}) takes batches of at most {sig.max_batch_size} "
+                f"and variant '{first.name}' ({first.model}) of {ref.max_batch_size}: a request one accepts the "
+                "other would refuse (max_batch_size must be equal)"
+            )
         _same_tensors(where, "input", ref.inputs, sig.inputs, first, member, role)
         if role == "variant":
             _same_tensors(where, "output", ref.outputs, sig.outputs, first, member, role)

@@ -76,6 +76,13 @@ class ModelStats:
         t[OUTPUT + 1] += output_ns * requests
         self.last_inference_ms = int(self._wall_clock() * 1000)
 
+    def record_routed(self, rows: int) -> None:
+        """A request a route answered (its variant executed it; counted here as a Triton ensemble
+        counts its own: one execution of ``rows`` inferences)."""
+        self.execution_count += 1
+        self.inference_count += rows
+        self.last_inference_ms = int(self._wall_clock() * 1000)
+
     def record_request(self, ok: bool, ns: int, queue_ns: int | None = None) -> None:
         t = self.totals
         i = SUCCESS if ok else FAIL

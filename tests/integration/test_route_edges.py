@@ -1,0 +1,225 @@
+"""Routes at their edges, each once a defect: BYTES answers compared across a local and a remote
+model, a batched model's 1-D output compared row by row, a Pause or Resume that changes nothing
+leaving weights set by hand alone, a route defined twice, a shadow whose model stops fitting,
+variants that batch differently, and a route's own execution statistics."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from onnx import TensorProto, helper, numpy_helper
+
+from batchgate.config import ConfigError
+from batchgate.demo import _model, _save, classifier_model
+from gateway_support import start_gateway
+from route_support import infer_grpc, metric, route_repository, write_config
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> str:
+    root = route_repository(str(tmp_path_factory.mktemp("route_edges")))
+    _save(_labeller(0), root, "label_a", config="max_batch_size: 8\n")
+    _save(_labeller(5), root, "label_b", config="max_batch_size: 8\n")
+    _save(classifier_model(seed=0), root, "clf_small", config="max_batch_size: 2\n")
+    return root
+
+
+def _labeller(seed: int):
+    """features FP32 [-1, 4] -> label INT64 [-1]: the top class of a dense layer (as skl2onnx's
+    classifiers answer their labels)."""
+    w = np.random.default_rng(seed).standard_normal((4, 5)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "W"], ["z"]),
+            helper.make_node("ArgMax", ["z"], ["label"], axis=1, keepdims=0),
+        ],
+        "labeller",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    return _model(g)
+
+
+def _metrics(running) -> str:
+    with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
+        return r.read().decode()
+
+
+def _until(check, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "not in time"
+        time.sleep(0.05)
+
+
+def test_bytes_answers_of_a_local_and_a_remote_model_agree(repo, tmp_path):
+    upstream = start_gateway(repo)
+    try:
+        remote = f"name=strings_remote upstreams={upstream.grpc_url} upstream_model=strings batching=passthrough"
+        routes = [
+            {
+                "name": "words",
+                "variants": [{"name": "here", "model": "strings", "weight": 100}],
+                "shadows": [{"name": "there", "model": "strings_remote", "percent": 100, "max_inflight": 64}],
+                "compare": {"output": "OUTPUT", "kind": "regression"},
+            }
+        ]
+        cfg = write_config(str(tmp_path / "c.yaml"), routes, remote_models=[remote], routing={"shadow_gather_ms": 0})
+        running = start_gateway(repo, config_file=cfg)
+        try:
+            client = grpcclient.InferenceServerClient(running.grpc_url)
+            for i in range(10):
+                inp = grpcclient.InferInput("INPUT", [2, 2], "BYTES")
+                inp.set_data_from_numpy(np.array([[b"a", "é".encode()], [b"%d" % i, b""]], dtype=object))
+                client.infer("words", [inp])
+            compared = "batchgate_shadow_requests_total"
+            _until(lambda: metric(_metrics(running), compared, route="words", outcome="compared") == 10)
+            assert metric(_metrics(running), "batchgate_shadow_agreements_total", route="words", shadow="there") == 10
+        finally:
+            running.stop()
+    finally:
+        upstream.stop()
+
+
+def test_a_batched_models_one_dimensional_output_is_compared_row_by_row(repo, tmp_path):
+    routes = [
+        {
+            "name": "labels",
+            "variants": [{"name": "main", "model": "label_a", "weight": 100}],
+            "shadows": [{"name": "next", "model": "label_b", "percent": 100, "max_inflight": 64}],
+            "compare": {"output": "label", "kind": "classification"},
+        }
+    ]
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        x = np.random.default_rng(2).standard_normal((40, 4)).astype(np.float32)
+        a = np.concatenate(
+            [infer_grpc(running.grpc_url, "label_a", x[i : i + 8])[0].as_numpy("label") for i in range(0, 40, 8)]
+        )
+        b = np.concatenate(
+            [infer_grpc(running.grpc_url, "label_b", x[i : i + 8])[0].as_numpy("label") for i in range(0, 40, 8)]
+        )
+        for i in range(0, 40, 4):
+            infer_grpc(running.grpc_url, "labels", x[i : i + 4])
+        _until(lambda: metric(_metrics(running), "batchgate_shadow_rows_compared_total", route="labels") == 40)
+        text = _metrics(running)
+        # each row's label is its own comparison: a flip is a row whose label differs
+        differ = int((a != b).sum())
+        assert 0 < differ < 40
+        assert metric(text, "batchgate_shadow_top1_flips_total", route="labels", shadow="next") == differ
+        rows_agreeing = [bool((a[i : i + 4] == b[i : i + 4]).all()) for i in range(0, 40, 4)]
+        assert metric(text, "batchgate_shadow_agreements_total", route="labels", shadow="next") == sum(rows_agreeing)
+        assert metric(text, "batchgate_shadow_abs_delta_count", route="labels", shadow="next") == 40
+    finally:
+        running.stop()
+
+
+def test_pause_or_resume_that_changes_nothing_keeps_weights_set_by_hand(repo, tmp_path):
+    route = {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": "clf_same", "weight": 0},
+        ],
+        "rollout": {"canary": "canary", "baseline": "stable", "steps": [10, 50, 100], "interval_s": 3600},
+    }
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    try:
+        routes = running.gateway.routes
+
+        async def act(fn, *args):
+            return fn(*args)
+
+        def weights():
+            return dict(routes.routes["ramp"].table.weights)
+
+        assert weights() == {"stable": 90, "canary": 10}
+        running.call(act(routes.set_weights, "ramp", {"stable": 60, "canary": 40}))  # pauses the rollout
+        assert routes.routes["ramp"].rollout.state == "paused"
+        running.call(act(routes.transition, "ramp", "pause"))  # already paused: nothing changes
+        assert weights() == {"stable": 60, "canary": 40}
+        running.call(act(routes.transition, "ramp", "resume"))  # on with the rollout: its step's weights
+        assert weights() == {"stable": 90, "canary": 10}
+        running.call(act(routes.transition, "ramp", "promote"))
+        assert weights() == {"stable": 0, "canary": 100}
+        running.call(act(routes.set_weights, "ramp", {"stable": 30, "canary": 70}))
+        for action in ("pause", "resume"):  # neither applies to a promoted rollout
+            running.call(act(routes.transition, "ramp", action))
+            assert weights() == {"stable": 30, "canary": 70}
+    finally:
+        running.stop()
+
+
+def test_a_route_defined_in_the_configuration_and_the_routes_file_is_refused(repo, tmp_path):
+    route = {"name": "twice", "variants": [{"name": "a", "model": "clf_a", "weight": 1}]}
+    routes_file = write_config(str(tmp_path / "routes.yaml"), [route])
+    cfg = write_config(str(tmp_path / "c.yaml"), [route], routing={"routes_file": routes_file})
+    with pytest.raises(ConfigError) as e:
+        start_gateway(repo, config_file=cfg)
+    assert "route(s) twice defined more than once" in str(e.value)
+
+
+def test_variants_that_batch_differently_are_refused(repo, tmp_path):
+    route = {
+        "name": "r",
+        "variants": [{"name": "a", "model": "clf_a", "weight": 1}, {"name": "b", "model": "clf_small", "weight": 1}],
+    }
+    with pytest.raises(ConfigError) as e:
+        start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    assert "variant 'b' (clf_small) takes batches of at most 2" in str(e.value)
+
+
+def test_a_shadow_whose_model_stops_fitting_is_left_out_and_the_route_serves_on(repo, tmp_path):
+    own = tmp_path / "models"
+    shutil.copytree(repo, own)
+    routes = [
+        {
+            "name": "watched",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [{"name": "s", "model": "clf_same", "percent": 100, "max_inflight": 8}],
+        }
+    ]
+    cfg = write_config(str(tmp_path / "c.yaml"), routes)
+    running = start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.2)
+    try:
+        infer_grpc(running.grpc_url, "watched")
+        # clf_same's new version takes other inputs: it can no longer shadow the route
+        os.makedirs(own / "clf_same" / "2")
+        shutil.copy(own / "strings" / "1" / "model.onnx", own / "clf_same" / "2" / "model.onnx")
+        _until(
+            lambda: running.gateway.repository.resolve("clf_same", "").name == "clf_same" and _version(running) == "2"
+        )
+        _until(lambda: not running.gateway.routes.routes["watched"].shadows)
+        route = running.gateway.routes.routes["watched"]
+        assert route.not_ready_reason() is None
+        result, params = infer_grpc(running.grpc_url, "watched")
+        assert params == {"variant": "main"} and result.as_numpy("probabilities").shape == (1, 3)
+    finally:
+        running.stop()
+
+
+def _version(running) -> str:
+    return running.gateway.repository.resolve("clf_same", "").version
+
+
+def test_a_routes_statistics_count_its_inferences_and_executions(repo, tmp_path):
+    routes = [{"name": "counted", "variants": [{"name": "main", "model": "clf_a", "weight": 100}]}]
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        before = time.time() * 1000
+        for rows in (1, 3, 2):
+            infer_grpc(running.grpc_url, "counted", np.ones((rows, 4), np.float32))
+        stats = grpcclient.InferenceServerClient(running.grpc_url).get_inference_statistics("counted", as_json=True)
+        (entry,) = stats["model_stats"]
+        assert int(entry["inference_count"]) == 6 and int(entry["execution_count"]) == 3
+        assert int(entry["last_inference"]) >= before - 1000
+        assert int(entry["inference_stats"]["success"]["count"]) == 3
+    finally:
+        running.stop()
