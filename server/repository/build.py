@@ -7,6 +7,7 @@ opened on the event loop (their config comes from an upstream).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from .config import (
     versions_to_serve,
 )
 from .scan import hide_paths, list_versions
+
+log = logging.getLogger("batchgate.repository")
 
 DEFAULT_PLATFORM = "onnxruntime_onnx"
 DEFAULT_MODEL_FILENAME = "model.onnx"
@@ -173,8 +176,16 @@ class VersionBuilder:
             if self.options.warm_up:
                 try:
                     backend.warm_up()
-                except ModelConfigError as e:
-                    raise ModelConfigError(f"model '{name}' version {v}: {e}") from None
+                except Exception as e:  # noqa: BLE001 - a warm-up is a courtesy, never a reason not to serve
+                    # Zeros with every dynamic dimension 1 do not fit every model (a convolution
+                    # over a 1x1 image); Triton warms up only when asked. The model serves; its
+                    # first request pays for what the warm-up would have done.
+                    log.warning(
+                        "model '%s' version %s: warm-up on zeros failed, serving without it: %s",
+                        name,
+                        v,
+                        hide_paths(str(e), model_dir)[:300],
+                    )
             opened[v] = (full, backend)
         return {
             v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()

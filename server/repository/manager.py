@@ -221,9 +221,15 @@ class ModelRepository:
     async def poll_once(self) -> None:
         plan = self.rescan_plan()
         for name in plan["load"]:
-            await self._load(name)
+            try:
+                await self._load(name)
+            except Exception:  # one model's failure never keeps the others from loading
+                log.exception("model '%s' could not be loaded", name)
         for name in plan["unload"]:
-            await self._unload(name, forget=True)
+            try:
+                await self._unload(name, forget=True)
+            except Exception:
+                log.exception("model '%s' could not be unloaded", name)
 
     def rescan_plan(self) -> dict[str, list[str]]:
         """What a rescan finds: models whose files changed (or are new), and models gone."""
@@ -420,7 +426,7 @@ class ModelRepository:
             new = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self.builder.local, name, model_dir, override
             )
-        except (ModelConfigError, GatewayError, OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure leaves the model unavailable, with the reason
             # Errors name files relative to the model directory, never a server path.
             msg = hide_paths(e.message if isinstance(e, GatewayError) else str(e), model_dir, self.root)
             log.error("model '%s' failed to load: %s", name, msg)

@@ -78,3 +78,32 @@ def test_by_default_threads_fit_the_process_cores_and_do_not_spin(tmp_path, serv
         spins.get_session_config_entry("session.intra_op.allow_spinning")
     rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
     assert rows["bad"]["state"] == "UNAVAILABLE" and "allow_spinning" in rows["bad"]["reason"]
+
+
+def test_a_model_that_cannot_run_on_the_warm_up_zeros_still_loads_and_serves(tmp_path, serve):
+    """A convolution over images of any size cannot run on the 1x1 image the warm-up makes of its
+    dynamic dimensions: the warm-up is skipped with a warning, and neither that model nor the
+    others are kept from serving (it once stopped the whole server at start)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchgate.demo import _model
+
+    w = np.ones((2, 3, 3, 3), np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["feat"])],
+        "cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["b", 2, "oh", "ow"])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    _save(_model(g), str(tmp_path), "cnn", config="max_batch_size: 4\n")
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 4\n")
+    running = serve(str(tmp_path))
+    c = httpclient.InferenceServerClient(running.http_url)
+    assert c.is_model_ready("cnn") and c.is_model_ready("clf")
+    image = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    inp = httpclient.InferInput("image", [1, 3, 8, 8], "FP32")
+    inp.set_data_from_numpy(image)
+    got = c.infer("cnn", [inp]).as_numpy("feat")
+    want = ort.InferenceSession(str(tmp_path / "cnn" / "1" / "model.onnx")).run(None, {"image": image})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
