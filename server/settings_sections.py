@@ -124,7 +124,9 @@ class RepositorySettings:
     load_model: tuple[str, ...] = _setting(
         (), "explicit mode: a model to load at start (repeatable; * = all)", metavar="MODEL"
     )
-    warm_up: bool = _setting(True, "run each model once on zeros when it loads (a model that cannot is served without it)")
+    warm_up: bool = _setting(
+        True, "run each model once on zeros when it loads (a model that cannot is served without it)"
+    )
     gpu_device_id: int = _setting(0, "CUDA device of KIND_GPU instance groups that name no gpus", minimum=0)
     default_max_batch_size: int = _setting(
         4, "max_batch_size given to a model without config whose tensors all have a dynamic first dimension", minimum=0

@@ -120,6 +120,9 @@ def decode_request(
         else:
             data = _from_contents(t, dt, shape, what)
         inputs.append(Tensor(name, dtname, shape, data))
+    for o in outs:
+        if "classification" in o.parameters and o.parameters["classification"].int64_param:
+            raise invalid(f"output '{clip(o.name)}': the classification extension is not supported")
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
     return new_request(

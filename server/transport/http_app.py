@@ -251,8 +251,11 @@ class HttpApp:
         if path in (LIVE_PATH, READY_PATH):
             self._method(method, "GET")
             caller = self._caller(scope)
-            ok = self.dp.live(caller) if path.endswith("live") else self.dp.ready(caller)
-            return await self._empty(send, 200 if ok else 400)
+            live = path.endswith("live")
+            ok = self.dp.live(caller) if live else self.dp.ready(caller)
+            # the V2 protocol's answer is {"live": bool} / {"ready": bool} (KServe's client reads it;
+            # Triton's clients and Kubernetes probes look at the status alone)
+            return await self._json(send, {"live" if live else "ready": ok}, 200 if ok else 400)
         if path in ("/v2", "/v2/"):
             self._method(method, "GET")
             return await self._json(send, self.dp.server_metadata(self._caller(scope)))
@@ -514,13 +517,17 @@ class HttpApp:
             headers.append(CLOSE)
         if note is not None:
             note.bytes_out = len(out)
+        headers.append((b"content-length", str(len(out)).encode()))  # (not chunked: HTTP/1.0 clients read it too)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
     async def _json(self, send, obj, status: int = 200):
-        headers = JSON_HEADERS if self.dp.accepting else [*JSON_HEADERS, CLOSE]
+        body = orjson.dumps(obj)
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        if not self.dp.accepting:
+            headers.append(CLOSE)
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": orjson.dumps(obj)})
+        await send({"type": "http.response.body", "body": body})
 
     async def _empty(self, send, status: int):
         headers = [(b"content-length", b"0")] if self.dp.accepting else [(b"content-length", b"0"), CLOSE]

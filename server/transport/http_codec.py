@@ -189,7 +189,9 @@ def decode_request(
                 raise invalid(f"output '{clip(o['name'])}': the classification extension is not supported")
             b = op.get("binary_data")
             if b is not None:
-                binary_outputs[o["name"]] = bool(b)
+                if type(b) is not bool:  # ("false" is true to bool())
+                    raise invalid(f"output '{clip(o['name'])}': parameter 'binary_data' must be true or false")
+                binary_outputs[o["name"]] = b
             if SHM_REGION in op:
                 what = f"output '{clip(o['name'])}'"
                 if shm is None:
@@ -204,7 +206,9 @@ def decode_request(
     binary_default = False
     if "binary_data_output" in req_params:
         req_params = dict(req_params)
-        binary_default = bool(req_params.pop("binary_data_output"))
+        binary_default = req_params.pop("binary_data_output")
+        if type(binary_default) is not bool:
+            raise invalid("parameter 'binary_data_output' must be true or false")
     req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits, None, note)
     if not binary_outputs and not binary_default and not shared:
         return req, JSON_OUTPUTS

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 import httptools
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..security.tls import tls_extension
@@ -65,6 +67,11 @@ _QUICK_PREFIX = b"POST /v2/models/"
 _QUICK_SUFFIX = b"/infer HTTP/1.1"
 # headers that make a request more than a plain one: such a request takes the usual way
 _NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgrade:")
+# batchgate upgrades no connection (no WebSocket, no h2c), but httptools stops at a request that
+# offers an upgrade and never reads its body (uvicorn then hands the app an empty one): Java's
+# HttpClient offers h2c on every http:// POST. The header is renamed before httptools sees it.
+_UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
+_RENAMED = b"\r\nx-upgrd:"  # (as long as the name it replaces)
 _CLOSE = (b"connection", b"close")
 
 
@@ -90,10 +97,15 @@ def guarded_protocol(
         _keep_alive = True  # whether the connection stays open after the gate's answer
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
         _in_message = False  # httptools has begun a request and not yet ended it
+        _in_head = False  # ... and not yet read all of its head
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
+            if (not self._in_message or self._in_head) and _UPGRADE.search(data) is not None:
+                end = data.find(b"\r\n\r\n")
+                head = data if end < 0 else data[: end + 2]
+                data = _UPGRADE.sub(_RENAMED, head) + data[len(head) :]
             idle = self.cycle is None or self.cycle.response_complete
             if (
                 quick is not None
@@ -181,7 +193,7 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
-            self._in_message = True
+            self._in_message = self._in_head = True
             self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
             if self._tls is not None:
@@ -199,6 +211,7 @@ def guarded_protocol(
                 super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            self._in_head = False
             if not self._refused:
                 # A pipelined request waits behind the answer in progress (uvicorn stops reading
                 # for it): its time starts only when that answer is done.
@@ -315,9 +328,9 @@ def guarded_protocol(
             if self._behind:  # our words must not come before the earlier answer: just close
                 self.transport.close()
                 return
-            body = message.encode()
+            body = orjson.dumps({"error": message})  # (the V2 error shape, as every other answer's)
             self.transport.write(
-                b"HTTP/1.1 " + _STATUS[status] + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"HTTP/1.1 " + _STATUS[status] + b"\r\ncontent-type: application/json\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
             )
             self._refuse_close()

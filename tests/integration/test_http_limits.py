@@ -5,6 +5,7 @@ the connection and is counted; the server goes on serving."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -114,11 +115,20 @@ def test_connections_past_the_cap_are_refused_at_once(guarded):
     extra = connect(guarded)
     answer = read_all(extra)
     assert answer.startswith(b"HTTP/1.1 503") and b"(max_connections)" in answer, answer[:120]
+    head, _, body = answer.partition(b"\r\n\r\n")  # the V2 error shape, as every answer's
+    assert b"content-type: application/json" in head and "max_connections" in json.loads(body)["error"]
     assert refusals(guarded).get(("connections",)) == 1
     for s in held:
         s.close()
     time.sleep(0.2)
     serves(guarded)
+
+
+def _answer_length(got: bytes) -> int:
+    """Head and body of the answer at the front of ``got`` (its head read), by its Content-Length."""
+    head, _, _ = got.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    return len(head) + 4 + length
 
 
 def test_keep_alive_requests_each_get_a_fresh_head_timer(guarded):
@@ -131,7 +141,7 @@ def test_keep_alive_requests_each_get_a_fresh_head_timer(guarded):
         s.sendall(request)
         s.settimeout(5)
         got = b""
-        while not got.endswith(b"\r\n0\r\n\r\n"):  # the whole (chunked) answer
+        while b"\r\n\r\n" not in got or len(got) < _answer_length(got):  # the whole answer
             more = s.recv(65536)
             assert more, got[:200]
             got += more
@@ -139,3 +149,52 @@ def test_keep_alive_requests_each_get_a_fresh_head_timer(guarded):
         time.sleep(0.4)  # idle between requests is not the head's time
     s.close()
     assert refusals(guarded) == {}
+
+
+def test_a_post_offering_an_h2c_upgrade_is_served_with_its_body(guarded):
+    """Java's HttpClient offers h2c on every http:// request; batchgate upgrades nothing, and the
+    request (its body too) is served as HTTP/1.1."""
+    s = connect(guarded)
+    s.sendall(
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(len(GOOD)).encode() + b"\r\n\r\n" + GOOD
+    )
+    s.settimeout(5)
+    got = b""
+    while b"\r\n\r\n" not in got or len(got) < _answer_length(got):
+        more = s.recv(65536)
+        assert more, got[:200]
+        got += more
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    body = json.loads(got.partition(b"\r\n\r\n")[2])
+    assert {o["name"] for o in body["outputs"]} == {"OUTPUT0", "OUTPUT1"}
+    s.close()
+
+
+def test_an_http_1_0_client_gets_answers_with_a_length_and_health_answers_in_json(guarded):
+    for path, want in (("/v2", None), ("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})):
+        s = connect(guarded)
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        answer = read_all(s)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower(), head
+        assert int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) == len(body)
+        if want is not None:
+            assert json.loads(body) == want
+
+
+def test_binary_data_parameters_must_be_true_or_false(guarded):
+    for params in ({"binary_data_output": "false"}, {}):
+        request = json.loads(GOOD)
+        request["parameters"] = params
+        if not params:
+            request["outputs"] = [{"name": "OUTPUT0", "parameters": {"binary_data": "false"}}]
+        status, _h, data = raw_http(
+            guarded,
+            "POST",
+            "/v2/models/simple/infer",
+            json.dumps(request).encode(),
+            {"Content-Type": "application/json"},
+        )
+        assert status == 400 and "must be true or false" in json.loads(data)["error"]

@@ -580,3 +580,15 @@ def test_one_request_object_through_the_dataplane_twice_at_once(parity, model):
     assert after["inference_count"] - before["inference_count"] == 2
     executions = after["execution_count"] - before["execution_count"]
     assert executions == (1 if model == "pair" else 2)
+
+
+def test_the_classification_extension_is_refused_alike(parity):
+    """Not served: asked for over gRPC it once answered the raw tensor, over HTTP it was refused."""
+    for mod, url in ((grpcclient, parity.grpc_url), (httpclient, parity.http_url)):
+        c = mod.InferenceServerClient(url)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(
+                "simple", _inputs(mod, Spec(inputs=GOOD)), outputs=[mod.InferRequestedOutput("OUTPUT0", class_count=2)]
+            )
+        assert "classification extension is not supported" in e.value.message()
+        assert _code(e.value.status(), "grpc" if mod is grpcclient else "http") == "INVALID_ARGUMENT"

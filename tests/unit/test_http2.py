@@ -251,11 +251,12 @@ def test_resets_trailers_and_frames_for_streams_already_done():
         srv.receive(raw(http2.DATA, 0, 9, b"x"))
 
 
-def test_the_clients_goaway_ends_reading_and_a_push_is_an_error():
+def test_the_clients_goaway_is_told_and_reading_goes_on_and_a_push_is_an_error():
     srv, rec = opened()
     srv.receive(raw(http2.GOAWAY, 0, 0, struct.pack(">LL", 0, 0)) + raw(http2.PING, 0, 0, b"12345678"))
     assert rec.seen == [("goaway",)]
-    assert srv.data_to_send() == b""  # the PING after the GOAWAY was not read
+    # streams open go on after a client's GOAWAY (RFC 9113 6.8): what follows is still read
+    assert srv.data_to_send() == raw(http2.PING, http2.ACK, 0, b"12345678")
     srv, _ = opened()
     with pytest.raises(Http2Error, match="push"):
         srv.receive(raw(http2.PUSH_PROMISE, http2.END_HEADERS, 1, b"\x00\x00\x00\x02"))
