@@ -151,3 +151,42 @@ def local_backend(platform: str) -> type[LocalBackend]:
 
 def local_platforms() -> list[str]:
     return sorted(_LOCAL)
+
+
+class Reshaped:
+    """A local backend whose ``config.pbtxt`` reshapes tensors (Triton's ``reshape``): callers'
+    tensors have the config's ``dims``, the model's have ``reshape.shape`` (say ``dims: [1]``
+    with ``reshape: { shape: [] }`` for a model that takes one value a row). Inputs are reshaped
+    on the way in, outputs back to their ``dims`` on the way out; numpy's reshape copies nothing."""
+
+    def __init__(self, inner: LocalBackend, config: mc.ModelConfig):
+        self._inner = inner
+        self._config = config
+        self._batched = config.max_batch_size > 0
+        self._in = {t.name: tuple(t.reshape.shape) for t in config.input if t.HasField("reshape")}
+        self._out = {t.name: tuple(t.dims) for t in config.output if t.HasField("reshape")}
+
+    @staticmethod
+    def wanted(config: mc.ModelConfig) -> bool:
+        return any(t.HasField("reshape") for t in [*config.input, *config.output])
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def twin(self) -> Reshaped:
+        return Reshaped(self._inner.twin(), self._config)  # type: ignore[attr-defined]
+
+    def _shaped(self, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        want = (a.shape[0], *shape) if self._batched and a.ndim else shape
+        try:
+            return a.reshape(want)
+        except ValueError:  # (an output whose dims leave its shape open twice: as the model gave it)
+            return a
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...]) -> list[np.ndarray]:
+        if self._in:
+            feeds = {k: self._shaped(v, self._in[k]) if k in self._in else v for k, v in feeds.items()}
+        outs = self._inner.run(feeds, output_names)
+        if self._out:
+            outs = [self._shaped(o, self._out[n]) if n in self._out else o for n, o in zip(output_names, outs)]
+        return outs

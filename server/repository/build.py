@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends import onnx as _onnx  # noqa: F401 - registers the ONNX Runtime backend
 from ..backends import torchscript as _torchscript  # noqa: F401 - registers TorchScript (imports torch only to load)
-from ..backends.base import Backend, LocalOptions, local_backend, local_platforms
+from ..backends.base import Backend, LocalOptions, Reshaped, local_backend, local_platforms
 from ..backends.remote import RemoteV2Backend
 from ..config import RemoteModel, batching_policies
 from ..core.errors import ModelConfigError
@@ -163,6 +163,8 @@ class VersionBuilder:
                 )
             try:
                 backend = cls.load(path, cfg, LocalOptions(self.options.gpu_device_id))
+                if Reshaped.wanted(cfg):
+                    backend = Reshaped(backend, cfg)  # type: ignore[assignment]
             except ModelConfigError as e:
                 raise ModelConfigError(f"model '{name}': {e}") from None
             except Exception as e:  # an engine raises its own exception types for bad files

@@ -107,3 +107,35 @@ def test_a_model_that_cannot_run_on_the_warm_up_zeros_still_loads_and_serves(tmp
     got = c.infer("cnn", [inp]).as_numpy("feat")
     want = ort.InferenceSession(str(tmp_path / "cnn" / "1" / "model.onnx")).run(None, {"image": image})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_config_reshape_serves_callers_the_config_dims(tmp_path, serve):
+    """Triton's reshape: the model takes and gives one value a row ([batch]); callers send and get
+    [batch, 1], the config's dims (once ignored: every request failed with ONNX Runtime's rank error)."""
+    from onnx import TensorProto, helper
+
+    from batchgate.demo import _model
+
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b"])],
+    )
+    config = """max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } } ]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+"""
+    _save(_model(g), str(tmp_path), "double", config=config)
+    running = serve(str(tmp_path))
+    import tritonclient.grpc as grpcclient
+
+    for mod, url in ((httpclient, running.http_url), (grpcclient, running.grpc_url)):
+        c = mod.InferenceServerClient(url)
+        x = np.array([[1.5], [2.0], [-3.0]], np.float32)
+        inp = mod.InferInput("x", [3, 1], "FP32")
+        inp.set_data_from_numpy(x)
+        got = c.infer("double", [inp]).as_numpy("y")
+        assert got.shape == (3, 1)
+        np.testing.assert_allclose(got, 2 * x)
