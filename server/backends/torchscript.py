@@ -255,19 +255,19 @@ class TorchScriptBackend:
             raise RuntimeError(_summary(e)) from None
         returned = list(result) if isinstance(result, (tuple, list)) else [result]
         if self._config_order and len(returned) != len(self._outputs):
-            raise RuntimeError(
+            raise _Mismatch(
                 f"forward() returned {len(returned)} value(s) but the config declares {len(self._outputs)} output(s)"
             )
         out = []
         for name in output_names:
             i = self._element[name]
             if i >= len(returned):
-                raise RuntimeError(f"output '{name}' is element {i} of forward()'s result, which has {len(returned)}")
+                raise _Mismatch(f"output '{name}' is element {i} of forward()'s result, which has {len(returned)}")
             t = returned[i]
             if not isinstance(t, torch.Tensor):
-                raise RuntimeError(f"output '{name}': forward() returned {type(t).__name__}, not a tensor")
+                raise _Mismatch(f"output '{name}': forward() returned {type(t).__name__}, not a tensor")
             if t.dtype != self._dtypes[name]:
-                raise RuntimeError(
+                raise _Mismatch(
                     f"output '{name}' comes out as {str(t.dtype).removeprefix('torch.')} but the config declares "
                     f"{self._types[name]}"
                 )
@@ -293,8 +293,9 @@ class TorchScriptBackend:
         try:
             for _ in range(2):
                 self.run(feeds, names)
-        except Exception as e:  # noqa: BLE001 - run() raises RuntimeError; anything else is as fatal here
+        except _Mismatch as e:  # the config does not match what the model gives: it cannot serve
             raise ModelConfigError(f"the warm-up run on zeros failed: {e}") from None
+        # (any other failure: zeros that do not fit the model, which still serves; see build.py)
 
     async def close(self) -> None:
         # On a thread: a run may still hold the module if the retire grace period ran out.
@@ -333,3 +334,7 @@ def _set_threads(torch: Any, intra: int, inter: int, asked: bool) -> None:
                     inter,
                     torch.get_num_interop_threads(),
                 )
+
+
+class _Mismatch(RuntimeError):
+    """What the model gave does not match its config (outputs' count, position or data type)."""

@@ -178,6 +178,8 @@ class VersionBuilder:
             if self.options.warm_up:
                 try:
                     backend.warm_up()
+                except ModelConfigError as e:  # what the model gives does not match its config
+                    raise ModelConfigError(f"model '{name}' version {v}: {e}") from None
                 except Exception as e:  # noqa: BLE001 - a warm-up is a courtesy, never a reason not to serve
                     # Zeros with every dynamic dimension 1 do not fit every model (a convolution
                     # over a 1x1 image); Triton warms up only when asked. The model serves; its

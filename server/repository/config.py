@@ -91,6 +91,15 @@ def complete_config(
         if g.count < 1:
             g.count = 1
     batched = cfg.max_batch_size > 0
+    if batched:  # (as Triton refuses it: requests merged into a batch would not fit the model)
+        fixed = [t.name for t in inputs + outputs if t.shape and t.shape[0] > 0]
+        if fixed:
+            raise ModelConfigError(
+                f"model '{cfg.name}': max_batch_size is {cfg.max_batch_size} but the model's first dimension of "
+                f"{', '.join(repr(n) for n in fixed[:4])} is fixed, not a batch dimension; set max_batch_size: 0 "
+                "and give the full dims"
+            )
+    given_inputs = bool(cfg.input)
     for kind, given, engine in (("input", cfg.input, inputs), ("output", cfg.output, outputs)):
         by_name = {t.name: t for t in engine}
         if not given:
@@ -117,7 +126,28 @@ def complete_config(
                 )
             if not entry.dims:
                 entry.dims.extend(_dims_from(info, batched))
+            elif info.shape:
+                _check_dims(cfg.name, kind, entry, _dims_from(info, batched))
+    missing = [t.name for t in inputs if t.name not in {e.name for e in cfg.input}] if given_inputs else []
+    if missing:
+        raise ModelConfigError(
+            f"model '{cfg.name}': the model needs input(s) {', '.join(repr(n) for n in missing[:8])}, "
+            "which the config does not list"
+        )
     return cfg
+
+
+def _check_dims(model: str, kind: str, entry, engine_dims: list[int]) -> None:
+    """The config's dims (or its reshape: what the model sees) must fit the model's own shape:
+    the same rank, and equal wherever both are fixed (-1 fits anything)."""
+    dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
+    fits = len(dims) == len(engine_dims) and all(a == b or a < 0 or b < 0 for a, b in zip(dims, engine_dims))
+    if not fits:
+        what = "reshape" if entry.HasField("reshape") else "dims"
+        raise ModelConfigError(
+            f"model '{model}': config {kind} '{entry.name}' has {what} {dims} but the model's are {engine_dims}"
+            " (without the batch dimension when max_batch_size > 0)"
+        )
 
 
 def _copy(cfg: mc.ModelConfig) -> mc.ModelConfig:

@@ -169,6 +169,46 @@ def test_complete_datatype_mismatch_is_an_error():
     assert "'m'" in msg and "'x'" in msg and "TYPE_FP16" in msg and "TYPE_FP32" in msg
 
 
+@pytest.mark.parametrize(
+    "config, model_inputs, words",
+    [
+        # max_batch_size on a model whose first dimension is fixed (Triton refuses it too)
+        ("max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [4]}]", [("x", 1, 4)], ["is fixed", "'x'"]),
+        # dims the model does not have
+        ("max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [4]}]", [("x", -1, 3)], ["dims [4]", "[3]"]),
+        ("max_batch_size: 0 input [{name: 'x' data_type: TYPE_FP32 dims: [2, 4]}]", [("x", 2, 4, 1)], ["[2, 4, 1]"]),
+        # a reshape is what the model must fit
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [1] reshape: {shape: [2]}}]",
+            [("x", -1)],
+            ["reshape [2]", "[]"],
+        ),
+        # an input the model needs, left out
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [4]}]",
+            [("x", -1, 4), ("mask", -1, 4)],
+            ["needs input(s) 'mask'"],
+        ),
+    ],
+)
+def test_a_config_the_model_does_not_fit_is_refused_at_load(config, model_inputs, words):
+    cfg = text_format.Parse(config, mc.ModelConfig(name="m"))
+    with pytest.raises(ConfigError) as e:
+        complete_config(cfg, "onnxruntime_onnx", [io(n, "FP32", *shape) for n, *shape in model_inputs], [], 8)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_dims_that_fit_the_model_load():
+    cfg = text_format.Parse(
+        "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [-1, 4]}, "
+        "{name: 'y' data_type: TYPE_FP32 dims: [1] reshape: {shape: []}}]",
+        mc.ModelConfig(name="m"),
+    )
+    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, 3, 4), io("y", "FP32", -1)], [], 8)
+    assert [list(t.dims) for t in done.input] == [[-1, 4], [1]]
+
+
 def test_complete_config_input_not_in_model_is_an_error():
     cfg = mc.ModelConfig(name="m")
     cfg.input.add(name="pixels", data_type=mc.TYPE_FP32, dims=[2])
