@@ -79,6 +79,9 @@ def setup(fmt: str = "plain", level: str = "info", worker: str | None = None) ->
 # a file to write: log_file is refused unless empty.
 LOG_KEYS = ("log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format")
 _LEVELS = (("log_info", logging.INFO), ("log_warning", logging.WARNING), ("log_error", logging.ERROR))
+# What a client last set, read back as it was given (Triton answers its own words: "default",
+# "ISO8601", a verbose level of 3), as long as the level and format in effect are still those.
+_given: dict[str, tuple] = {}
 
 
 def log_settings() -> dict[str, object]:
@@ -86,13 +89,18 @@ def log_settings() -> dict[str, object]:
     root = logging.getLogger()
     level = root.getEffectiveLevel()
     handler = root.handlers[0] if root.handlers else None
+    formatter = handler.formatter if handler is not None else None
+    fmt = "json" if isinstance(formatter, JsonFormatter) else "plain"
+    verbose = 1 if level <= logging.DEBUG else 0
+    said_verbose, at_level = _given.get("verbose", (None, None))
+    said_fmt, with_formatter = _given.get("format", (None, None))
     return {
         "log_file": "",
         "log_info": level <= logging.INFO,
         "log_warning": level <= logging.WARNING,
         "log_error": level <= logging.ERROR,
-        "log_verbose_level": 1 if level <= logging.DEBUG else 0,
-        "log_format": "json" if handler is not None and isinstance(handler.formatter, JsonFormatter) else "plain",
+        "log_verbose_level": said_verbose if verbose and at_level == level else verbose,
+        "log_format": said_fmt if formatter is not None and with_formatter is formatter else fmt,
     }
 
 
@@ -126,4 +134,8 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
         root.handlers[0].setFormatter(
             JsonFormatter(_worker) if formats[str(fmt)] == "json" else PlainFormatter(_worker)
         )
+    if "log_verbose_level" in changes:
+        _given["verbose"] = (verbose, level)
+    if "log_format" in changes and root.handlers:
+        _given["format"] = (fmt, root.handlers[0].formatter)
     return log_settings()

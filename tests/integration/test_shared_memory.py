@@ -399,6 +399,12 @@ def test_log_settings_are_read_and_changed_and_a_client_log_file_is_refused(repo
         assert root.level == logging.ERROR
         c.update_log_settings({"log_verbose_level": 1})
         assert root.level == logging.DEBUG
+        c.update_log_settings({"log_verbose_level": 3, "log_format": "ISO8601"})  # read back as given (Triton's)
+        now = c.get_log_settings(as_json=True) if mod is grpcclient else c.get_log_settings()
+        settings = now["settings"] if mod is grpcclient else now
+        if mod is grpcclient:
+            settings = {k: next(iter(v.values())) for k, v in settings.items()}
+        assert int(settings["log_verbose_level"]) == 3 and settings["log_format"] == "ISO8601"
         for bad, text in (
             ({"log_file": "/tmp/x.log"}, "log_file cannot be set"),
             ({"log_colour": True}, "unknown log setting"),
