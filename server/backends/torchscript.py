@@ -252,6 +252,8 @@ class TorchScriptBackend:
                 else:
                     result = self.module(*tensors.values())
         except Exception as e:  # noqa: BLE001 - torch's errors carry a traceback of the model's source
+            if "Expected a value of type" in str(e):  # forward() takes other arguments than the config gives
+                raise _Mismatch(_summary(e)) from None
             raise RuntimeError(_summary(e)) from None
         returned = list(result) if isinstance(result, (tuple, list)) else [result]
         if self._config_order and len(returned) != len(self._outputs):

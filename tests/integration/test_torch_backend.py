@@ -309,3 +309,26 @@ def test_without_torch_a_torchscript_model_names_the_extra_and_the_rest_serve(tm
         )
     finally:
         proc.kill()
+
+
+def test_a_forward_taking_one_dict_of_inputs_fails_its_load_naming_the_argument(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class Keyed(torch.nn.Module):
+        def forward(self, d: dict[str, torch.Tensor]):
+            return d["x"] * 2
+
+    os.makedirs(tmp_path / "keyed" / "1")
+    torch.jit.save(torch.jit.script(Keyed()), str(tmp_path / "keyed" / "1" / "model.pt"))
+    config = 'platform: "pytorch_libtorch"\nmax_batch_size: 4\n'
+    config += 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 3 ] } ]\n'
+    config += 'output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] } ]\n'
+    _write(str(tmp_path), "keyed", {"config.pbtxt": config})
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 4\n")
+    running = start_gateway(str(tmp_path))
+    try:
+        rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+        assert rows["keyed"]["state"] == "UNAVAILABLE" and "Dict[str, Tensor]" in rows["keyed"]["reason"]
+        assert rows["clf"]["state"] == "READY"
+    finally:
+        running.stop()
