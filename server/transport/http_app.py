@@ -345,7 +345,7 @@ class HttpApp:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                raise invalid(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+                raise _BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 return b"".join(chunks)
@@ -429,7 +429,7 @@ class HttpApp:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 if len(v) > 6 and int(v) > self.limit:
-                    raise invalid(
+                    raise _BodyRefused(
                         f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
                     )
             elif k == b"inference-header-content-length":
@@ -447,7 +447,7 @@ class HttpApp:
         else:
             body = msg.get("body", b"")
             if len(body) > self.limit:
-                raise invalid(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+                raise _BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
         req = None
         try:
             if content_encoding:
@@ -511,7 +511,10 @@ class HttpApp:
             headers.append((b"inference-header-content-length", str(json_len).encode()))
         enc = http_codec.pick_encoding(accept)
         if enc:
-            out = http_codec.compress(out, enc)
+            if len(out) > COMPRESS_ON_LOOP_MAX_BYTES:
+                out = await asyncio.to_thread(http_codec.compress, out, enc)
+            else:
+                out = http_codec.compress(out, enc)
             headers.append((b"content-encoding", enc.encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
@@ -549,6 +552,8 @@ class HttpApp:
         return status, headers, orjson.dumps({"error": e.message})
 
     async def _error(self, send, e: GatewayError, extra=()):
+        if isinstance(e, _BodyRefused):  # (the rest of its body was not read: the connection cannot go on)
+            extra = (*extra, CLOSE)
         status, headers, body = self.error_answer(e, extra)
         headers.append((b"content-length", str(len(body)).encode()))
         try:
@@ -558,7 +563,18 @@ class HttpApp:
             pass
 
 
+class _BodyRefused(GatewayError):
+    """A request refused before its whole body was read (too large): answered, then the
+    connection is closed, so the rest of the body is never taken for the next request."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+
+
 DISCONNECT_WATCH_AFTER_S = 0.02
-# Compressed bodies up to this size are inflated on the event loop (well under a millisecond);
-# larger ones on a thread, so one big body never stalls every other request.
-DECOMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024
+# Compressed bodies up to this size are inflated on the event loop (well under a millisecond even
+# at gzip's largest ratio, ~1000:1); larger ones on a thread, so one body never stalls every other
+# request (a 60 KB body may inflate to 60 MB). Answers past COMPRESS_ON_LOOP_MAX_BYTES are
+# compressed on a thread too.
+DECOMPRESS_ON_LOOP_MAX_BYTES = 4 * 1024
+COMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024

@@ -314,7 +314,10 @@ def guarded_protocol(
             self._timer = None
             if self._refused or self.transport.is_closing():
                 return
-            if self._answered:  # answered already: a second answer would be out of place
+            cycle = self.cycle
+            if self._answered or (cycle is not None and cycle.response_started):
+                # answered already (by the gate, or the app refused it before its body came):
+                # a second answer would be out of place
                 self._refused = True
                 self.transport.close()
                 return

@@ -198,3 +198,20 @@ def test_binary_data_parameters_must_be_true_or_false(guarded):
             {"Content-Type": "application/json"},
         )
         assert status == 400 and "must be true or false" in json.loads(data)["error"]
+
+
+def test_a_body_refused_before_it_arrived_gets_one_answer_and_the_connection_closes(guarded):
+    # chunked, so the size is known only as it comes: refused past max_request_bytes (64 MiB by
+    # default) while the rest is still on its way; one answer, then the connection closes (no
+    # later 408, and the rest of the body is never read as a next request)
+    s = connect(guarded)
+    s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+    try:
+        for _ in range(70):
+            s.sendall(chunk)
+    except OSError:  # closed under us once answered
+        pass
+    answer = read_all(s, timeout=3)
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, answer[:200]
+    assert b"max_request_bytes" in answer and b"connection: close" in answer.lower()
