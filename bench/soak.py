@@ -434,9 +434,9 @@ class HttpConn:
                 if size == 0:
                     break
         else:
-            at = lower.find(b"content-length:")
+            at = lower.find(b"\r\ncontent-length:")  # (not inference-header-content-length)
             if at >= 0:
-                chunks.append(await r.readexactly(int(lower[at + 15 : lower.index(b"\r\n", at)])))
+                chunks.append(await r.readexactly(int(lower[at + 17 : lower.index(b"\r\n", at + 2)])))
         if b"connection: close" in lower:
             self.close()
         return status, b"".join(chunks)

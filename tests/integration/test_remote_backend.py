@@ -532,7 +532,7 @@ def test_upstream_state_changes_are_logged(tmp_path, serve, upstream, caplog):
     # is ejected says so; once it answers again it rejoins.
     caplog.clear()
     repo2 = tmp_path / "up2"
-    _save(_one_row_model(), str(repo2), "one", config="max_batch_size: 8\n")
+    _save(_one_row_model(), str(repo2), "one", config="max_batch_size: 0\n")
     up2 = upstream(repo2)
     ports2 = (int(up2.http.rsplit(":", 1)[1]), int(up2.grpc.rsplit(":", 1)[1]))
     running2 = serve("", remote_models=(RemoteModel("one", (up2.grpc,), batching="passthrough", retries=0, **FAST),))
@@ -548,7 +548,8 @@ def test_upstream_state_changes_are_logged(tmp_path, serve, upstream, caplog):
 
 
 def _one_row_model():
-    """x [n, 4] -> y [n, 4] that only runs with n = 1 (a fixed Reshape): ONNX Runtime fails otherwise."""
+    """x [n, 4] -> y [1, 4]: runs only with n = 1 (a fixed Reshape); ONNX Runtime fails otherwise. Served
+    with max_batch_size 0 (its output has no batch dimension, so batching it is refused at load)."""
     from onnx import TensorProto, helper, numpy_helper
 
     shape = numpy_helper.from_array(np.array([1, 4], np.int64), "shape")
