@@ -46,7 +46,7 @@ install-serve: $(SERVE_STAMP)
 install: $(FULL_STAMP)
 
 $(DEMO)/.built: $(SERVE_STAMP) server/demo.py
-	$(VENV)/bin/batchgate demo-repo $(DEMO)
+	$(VENV)/bin/batchgate demo-repo --force $(DEMO)
 	touch $@
 
 demo: $(DEMO)/.built

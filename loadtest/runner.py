@@ -157,7 +157,7 @@ class Runner:
         def window(i: int) -> Window:
             w = windows.get(i)
             if w is None:
-                t0 = i * sc.window_s
+                t0 = max(i * sc.window_s, -sc.warmup_s)  # (a warm-up shorter than a window: its own length)
                 t1 = min((i + 1) * sc.window_s, sc.duration_s if i >= 0 else 0.0)
                 tr = None
                 if mode == "open":

@@ -141,8 +141,8 @@ def rate_sweep(sc: Scenario) -> RateSweep:
     """``--sweep-rate``: ``START:END:STEP`` or ``R1,R2,...`` (step search), ``LOW:HIGH`` (binary)."""
     spec = str(sc.sweep_rate or "").strip()
     try:
-        if "," in spec:
-            rates = sorted(set(float(x) for x in spec.split(",")))  # a step search goes up from the lowest
+        if "," in spec or (":" not in spec and sc.search != "binary"):  # (one rate: a list of one)
+            rates = sorted(set(float(x) for x in spec.split(",") if x.strip()))  # a step search goes up from the lowest
             parts = None
         else:
             parts = [float(x) for x in spec.split(":")]

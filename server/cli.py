@@ -32,8 +32,12 @@ class _Store(argparse.Action):
     exit_timeout_secs), so that messages about the setting use the name the user wrote."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        spelled = vars(namespace).setdefault("_spelled", {})
+        spelling = (option_string or "")[2:].replace("-", "_")
+        if spelled.get(self.dest, spelling) != spelling:  # a setting given under its name and its alias
+            parser.error(f"--{spelled[self.dest].replace('_', '-')} and {option_string} are the same setting; give one")
         setattr(namespace, self.dest, values)
-        vars(namespace).setdefault("_spelled", {})[self.dest] = (option_string or "")[2:].replace("-", "_")
+        spelled[self.dest] = spelling
 
 
 def serve_flags(args: argparse.Namespace) -> dict:
@@ -314,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     d = sub.add_parser("demo-repo", help="write the demo model repository")
     d.add_argument("repo", metavar="DIR")
+    d.add_argument(
+        "--force", action="store_true", help="write over models of the demo's names already in DIR (default: refuse)"
+    )
     st = sub.add_parser(
         "settings",
         help="list every setting (flag, environment variable, default, meaning), or those in effect with --config",
@@ -381,9 +388,22 @@ def main(argv=None) -> int:
         prefer_legacy_grpc_io()
 
     if args.command == "demo-repo":
-        from .demo import build_demo_repository
+        from .demo import DEMO_MODELS, build_demo_repository
 
-        build_demo_repository(args.repo)
+        taken = [m for m in DEMO_MODELS if os.path.exists(os.path.join(args.repo, m))]
+        if taken and not args.force:  # (a user's own model of the same name is never overwritten)
+            names = ", ".join(taken)
+            print(
+                f"batchgate demo-repo: {args.repo} already has model(s) {names}; pick another folder, "
+                "or --force to write over them",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            build_demo_repository(args.repo)
+        except OSError as e:
+            print(f"batchgate demo-repo: cannot write {args.repo}: {e.strerror}", file=sys.stderr)
+            return 2
         print(f"demo model repository written to {args.repo}")
         return 0
     if args.command == "loadtest":

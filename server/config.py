@@ -162,6 +162,20 @@ class _Loader(yaml.SafeLoader):
     integer of 5,000 digits, ``!!bool x``) is a YAMLError at that value's line, not the
     constructor's own exception (ValueError, KeyError, ...)."""
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is an error at its line (PyYAML keeps the last silently: a repeated
+        section would drop every setting of the first)."""
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             data = super().construct_object(node, deep)
@@ -321,6 +335,8 @@ def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
             else:
                 raise ValueError
         else:
+            if isinstance(value, bool) and {"off", "on"} & set(SETTINGS[name].choices):
+                value = "on" if value else "off"  # (YAML 1.1 reads an unquoted off as false)
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             value = str(value)

@@ -153,6 +153,9 @@ dynamic_batching {
 """
 
 
+DEMO_MODELS = ("simple", "classifier", "identity_bytes", "mlp", "mlp_batched")
+
+
 def build_demo_repository(repo: str) -> str:
     os.makedirs(repo, exist_ok=True)
     _save(simple_model(), repo, "simple", config=SIMPLE_CONFIG)

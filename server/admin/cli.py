@@ -159,6 +159,8 @@ def _metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:
 def _channel(args: argparse.Namespace):
     import grpc
 
+    if bool(args.cert_file) != bool(args.key_file):  # (gRPC core aborts the process on a certificate without its key)
+        raise ValueError("--cert-file and --key-file go together: the client certificate and its private key")
     if not (args.ca_file or args.cert_file):
         return grpc.insecure_channel(args.admin)
 

@@ -382,3 +382,23 @@ def test_max_connections_is_fitted_to_the_file_descriptor_limit(proc, small_repo
     finally:
         for s in held:
             s.close()
+
+
+def test_demo_repo_never_writes_over_a_users_model_and_names_a_path_it_cannot_write(tmp_path):
+    repo = tmp_path / "own"
+    (repo / "mlp" / "1").mkdir(parents=True)
+    (repo / "mlp" / "config.pbtxt").write_text("mine\n")
+    r = _run(["demo-repo", str(repo)])
+    assert r.returncode == 2 and "already has model(s) mlp" in r.stderr and "--force" in r.stderr
+    assert (repo / "mlp" / "config.pbtxt").read_text() == "mine\n"
+    assert _run(["demo-repo", "--force", str(repo)]).returncode == 0  # (as make serve does on an update)
+    (tmp_path / "afile").write_text("x")
+    r = _run(["demo-repo", str(tmp_path / "afile" / "x")])
+    assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_routes_refuses_a_client_certificate_without_its_key(tmp_path):
+    cert = tmp_path / "c.pem"
+    cert.write_text("not used")
+    r = _run(["routes", "list", "--admin", "127.0.0.1:1", "--cert-file", str(cert)])
+    assert r.returncode != 0 and "--cert-file and --key-file go together" in r.stderr

@@ -120,6 +120,9 @@ def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver)
     s = step(doc)
     assert s["valid"] and abs(s["sent_rate"] - 400) / 400 <= 0.01, s
     assert s["ok"] == s["samples"] == s["stability"]["scheduled"] == 1200  # every scheduled request, answered
+    # a warm-up shorter than a window is a window of its own length, at the rate asked
+    (warm,) = [w for w in s["windows"] if w["phase"] == "warmup"]
+    assert warm["start_s"] == -0.5 and abs(warm["sent_rate"] - 400) / 400 <= 0.05, warm
 
 
 def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver):

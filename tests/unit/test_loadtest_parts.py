@@ -144,6 +144,7 @@ def test_rate_sweeps_list_their_steps_and_bound_a_binary_search():
     assert sweep("0.1:0.7:0.1").rates == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert sweep("40:160:40").rates == [40, 80, 120, 160] and sweep("40:170:40").most_steps == 4
     assert sweep("300,100,200,100").rates == [100, 200, 300]  # explicit rates, from the lowest up
+    assert sweep("500").rates == [500] and sweep("500,").rates == [500]  # one rate: a list of one
     b = sweep("20:200", "binary", 8)  # 180 -> 90 -> 45 -> 22.5 -> 11.25 -> 5.6: five halvings to within 8
     assert (b.method, b.rates, b.most_steps) == ("binary", [20, 200], 2 + 5)
     assert sweep("100:900", "binary").most_steps == 2 + 5  # default precision: 1/32 of the bracket

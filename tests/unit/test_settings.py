@@ -256,6 +256,19 @@ def test_file_must_be_a_mapping(tmp_path):
     assert "mapping" in error(f, environ={})
 
 
+def test_a_key_or_section_given_twice_in_the_file_is_refused(tmp_path, repo):
+    f = write(tmp_path, f"server:\n  http_port: 9000\nserver:\n  grpc_port: 9001\nmodel_repository: {repo}\n")
+    assert "key 'server' is given twice" in error(f, environ={})
+    f = write(tmp_path, "server:\n  http_port: 9000\n  http_port: 9001\n")
+    assert "key 'http_port' is given twice" in error(f, environ={})
+
+
+def test_an_unquoted_off_in_yaml_means_off(tmp_path, repo):
+    f = write(tmp_path, f"model_repository: {repo}\nobservability:\n  access_log: off\n  tracing: off\n")
+    s = load_settings(f, environ={})
+    assert s.observability.access_log == "off" and s.observability.tracing == "off"
+
+
 def test_file_must_be_valid_yaml(tmp_path):
     f = write(tmp_path, "a: [unclosed\n")
     assert "not valid YAML" in error(f, environ={})
@@ -679,7 +692,9 @@ def test_generated_flags_parse_into_settings(repo):
     )
     assert parse_flags("--exit-timeout-s", "4")["exit_timeout_s"] == "4"  # the new spelling, same setting
     assert parse_flags("--exit-timeout-secs", "4")["exit_timeout_secs"] == "4"  # messages name what was typed
-    assert parse_flags("--exit-timeout-secs", "4", "--exit-timeout-s", "5")["exit_timeout_s"] == "5"  # last wins
+    with pytest.raises(SystemExit):  # a name and its alias in the same source: an error, as in a file
+        parse_flags("--exit-timeout-secs", "4", "--exit-timeout-s", "5")
+    assert parse_flags("--exit-timeout-s", "4", "--exit-timeout-s", "5")["exit_timeout_s"] == "5"  # repeated: last wins
     msg = error(None, parse_flags("--model-repository", repo, "--repository-poll-secs", "0"), environ={})
     assert "--repository-poll-secs: repository_poll_secs must be greater than 0" in msg
 
