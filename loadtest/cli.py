@@ -45,7 +45,7 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add("--model-version", dest="version")
     add("--protocol", choices=("grpc", "http"))
     add("--http-encoding", choices=("json", "binary"), help=f"HTTP body (default {d.http_encoding})")
-    add("--grpc-stream", action="store_true", default=None, help="send over ModelStreamInfer streams")
+    add("--grpc-stream", action=argparse.BooleanOptionalAction, default=None, help="send over ModelStreamInfer streams")
     add("--rate", type=float, help=f"open loop: requests/s over all workers (default {d.rate:g})")
     add("--arrival", choices=("constant", "poisson"))
     add("--shape", help="ramp:R0:R1 | step:R1@T1,R2@T2,... | spike:BASE:PEAK@AT+LEN (seconds)")
@@ -85,7 +85,7 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add("--stability-pct", type=float)
     add(
         "--precise-timing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)",
     )
@@ -106,7 +106,7 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add("--precision", type=float, help="binary search: stop when the bracket is this narrow (req/s)")
     add("--sweep-concurrency", help="closed-loop levels, e.g. 1,2,4,8,16")
     add("--out", help=f"folder for the reports and plots (default ./{DEFAULT_OUT})")
-    add("--quiet", action="store_true", default=None, help="no live line per window")
+    add("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no live line per window")
     return actions
 
 

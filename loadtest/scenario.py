@@ -67,9 +67,20 @@ class Scenario:
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise LoadTestError(f"{flag(k)} must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")
+        for k in ("duration_s", "window_s", "deadline_ms", "rate", "warmup_s", "cooldown_s", "precision"):
+            if not math.isfinite(getattr(self, k)):  # (inf ran for ever or counted every answer late)
+                raise LoadTestError(f"{flag(k)} must be a finite number")
         for k in ("duration_s", "window_s", "deadline_ms", "rate"):
             if not getattr(self, k) > 0:
                 raise LoadTestError(f"{flag(k)} must be greater than 0")
+        if self.streams_per_channel < 0:
+            raise LoadTestError(f"{flag('streams_per_channel')} must not be negative (0: one stream a request)")
+        if not 0 < self.min_achieved <= 1:
+            raise LoadTestError(f"{flag('min_achieved')} is a share of the rate asked: above 0, at most 1")
+        if self.slo_p99_ms is not None and not (math.isfinite(self.slo_p99_ms) and self.slo_p99_ms > 0):
+            raise LoadTestError(f"{flag('slo_p99_ms')} must be a finite number greater than 0")
+        if self.error_budget is not None and not 0 <= self.error_budget <= 1:
+            raise LoadTestError(f"{flag('error_budget')} is a share of the requests: from 0 to 1")
         for k in ("workers", "channels", "connections", "batch_size", "payloads", "concurrency"):
             if getattr(self, k) < 1:
                 raise LoadTestError(f"{flag(k)} must be at least 1")

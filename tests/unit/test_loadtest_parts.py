@@ -207,3 +207,20 @@ def test_an_invalid_step_says_what_to_change(settings, behind, lag, cores, cpus,
         assert words in text, (words, text)
     for words in not_want:
         assert words not in text, (words, text)
+
+
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        ({"duration_s": float("inf")}, "must be a finite number"),
+        ({"deadline_ms": float("inf")}, "must be a finite number"),
+        ({"rate": float("inf")}, "must be a finite number"),
+        ({"streams_per_channel": -1}, "must not be negative"),
+        ({"min_achieved": 5.0}, "above 0, at most 1"),
+        ({"slo_p99_ms": -1.0}, "greater than 0"),
+        ({"error_budget": -1.0}, "from 0 to 1"),
+    ],
+)
+def test_settings_out_of_range_are_refused_naming_the_flag(given, words):
+    with pytest.raises(LoadTestError, match=words):
+        Scenario("h:1", "m", **given).check()
