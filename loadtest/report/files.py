@@ -295,6 +295,9 @@ def write_intervals(run: Run, path_prefix) -> list[str]:
 # everything at once
 
 
+REPORT_FILES = ("summary.txt", "results.json", "results.csv", "timeline.png", "sweep.png", "spectrum.png")
+
+
 def write_all(run: Run, out_dir) -> dict[str, str]:
     """Write the text table, JSON, CSV, interval logs and plots into ``out_dir``.
 
@@ -303,6 +306,12 @@ def write_all(run: Run, out_dir) -> dict[str, str]:
     the sweep plot is skipped for a single-step run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A folder used before (the default one, say) keeps nothing of the last run that this one
+    # would not write again: no old sweep plot or step logs beside the new results.
+    for old in [*out.glob("step-*.hlog"), *out.glob("step-*.hgrm")]:
+        old.unlink(missing_ok=True)
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     paths: dict[str, str] = {}
     summary = out / "summary.txt"
     summary.write_text(table(run), encoding="utf-8")

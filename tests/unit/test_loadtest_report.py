@@ -505,6 +505,10 @@ def test_write_all(tmp_path):
     single = Run(scenario={}, environment={}, steps=[good_step()])
     paths = report.write_all(single, tmp_path / "one")
     assert "sweep" not in paths and "timeline" in paths and "spectrum" in paths
+    # the same folder again: nothing of the sweep is left beside a one-step run's files
+    paths = report.write_all(single, tmp_path / "out")
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "sweep.png" not in left and not [n for n in left if "r400" in n], left
 
 
 @pytest.mark.parametrize("index", range(4))
