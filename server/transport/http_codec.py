@@ -3,6 +3,7 @@ extension) and the gateway's core types."""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -104,7 +105,9 @@ def decode_request(
     try:
         obj = orjson.loads(head)
     except orjson.JSONDecodeError as e:
-        raise invalid(f"request body is not valid JSON: {e}") from None
+        obj = _with_non_finite(head)  # NaN / Infinity, as Triton reads them and tritonclient writes them
+        if obj is None:
+            raise invalid(f"request body is not valid JSON: {e}") from None
     if type(obj) is not dict:
         raise invalid("request body must be a JSON object with an 'inputs' list")
     raw_inputs = obj.get("inputs")
@@ -362,8 +365,27 @@ def encode_response(
     return head + b"".join(binaries), len(head)
 
 
+_FLOAT_JSON = frozenset(("FP16", "FP32", "FP64"))
+
+
+def _with_non_finite(head: bytes) -> object | None:
+    """A JSON body with the tokens NaN, Infinity and -Infinity (not JSON, but what Triton reads and
+    Python's json writes for a float tensor holding them), or None when it is not that."""
+    if b"NaN" not in head and b"Infinity" not in head:
+        return None
+    try:
+        obj: object = json.loads(head)
+    except (ValueError, RecursionError):
+        return None
+    return obj
+
+
 def _to_json(t: Tensor) -> object:  # what orjson writes as the JSON list
     arr = t.data.reshape(-1)
+    if t.datatype in _FLOAT_JSON and arr.size and not np.isfinite(arr).all():
+        # JSON has no NaN or infinity (orjson writes null); Triton writes the tokens NaN, Infinity
+        # and -Infinity, and tritonclient reads them back as floats
+        return orjson.Fragment(json.dumps(arr.astype(np.float64).tolist()).encode())
     if t.datatype in _NUMPY_JSON and arr.dtype == DATATYPES[t.datatype].np_dtype.newbyteorder("="):
         return np.ascontiguousarray(arr)
     if t.datatype == "BYTES":

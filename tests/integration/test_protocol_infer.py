@@ -357,3 +357,19 @@ def test_http_keep_alive_requests_are_not_held_back(server):
         c.raw.close()
     # a 16-element add on loopback takes about a millisecond; 40 ms is the delayed-ACK timer
     assert statistics.median(times) < 0.025, [round(t * 1000, 1) for t in times]
+
+
+def test_json_tensors_carry_nan_and_infinities_both_ways(tmp_path, serve):
+    """JSON has no NaN or infinity; Triton reads and writes the tokens NaN, Infinity and -Infinity,
+    as tritonclient (Python's json) sends and reads them (they were refused in, and null out)."""
+    import tritonclient.http as httpclient
+    from onnx import TensorProto
+
+    _save(identity_model("same", TensorProto.FLOAT), str(tmp_path), "same", config="max_batch_size: 4\n")
+    running = serve(str(tmp_path))
+    c = httpclient.InferenceServerClient(running.http_url)
+    x = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
+    inp = httpclient.InferInput("INPUT", [1, 4], "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    got = c.infer("same", [inp], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)])
+    np.testing.assert_array_equal(got.as_numpy("OUTPUT"), x)  # (NaN equals NaN here)
