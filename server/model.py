@@ -468,8 +468,14 @@ class RemoteExecution:
             try:
                 if v.signature.open:
                     # Requests of one batch share input names and datatypes (their group).
-                    given = {t.name: t.datatype for t in batch[0].request.inputs}
-                    got = await self._backend.infer_open(feeds, given, names, deadline, rid, traceparent)
+                    first = batch[0].request
+                    given = {t.name: t.datatype for t in first.inputs}
+                    # ... and their parameters (the upstream may read them: MLServer's content_type)
+                    own = {t.name: t.parameters for t in first.inputs if t.parameters}
+                    params = {k: v for k, v in first.parameters.items() if k != "variant"} if first.parameters else {}
+                    got = await self._backend.infer_open(
+                        feeds, given, names, deadline, rid, traceparent, params=params, input_params=own
+                    )
                     names = names or tuple(got)
                     missing = [n for n in names if n not in got]
                     if missing:

@@ -27,7 +27,8 @@ STAMP = VENV / ".installed-mlserver-1.7.1"
 RUNTIME = """
 import numpy as np
 from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
+import json
+from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse
 
@@ -48,6 +49,13 @@ class Doubler(MLModel):
             rows = max(rows, arr.shape[0] if arr.ndim else 1)
             outs.append(NumpyCodec.encode_output(name="out_" + inp.name, payload=arr * 2))
         outs.append(NumpyCodec.encode_output(name="rows", payload=np.full((rows, 1), rows, np.int64)))
+        p = payload.parameters.model_dump(exclude_none=True) if payload.parameters is not None else {}
+        if p.get("echo"):  # the parameters it was given, as text: what a gateway passed on
+            seen = {"request": {k: v for k, v in p.items() if k != "headers"}}
+            for inp in payload.inputs:
+                if inp.parameters is not None:
+                    seen[inp.name] = inp.parameters.model_dump(exclude_none=True)
+            outs.append(StringCodec.encode_output(name="params", payload=[json.dumps(seen, sort_keys=True)]))
         return InferenceResponse(model_name=self.name, outputs=outs)
 """
 

@@ -16,9 +16,9 @@ finds them with :func:`local_backend`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -114,9 +114,12 @@ class RemoteBackend(Backend, Protocol):
         deadline: float | None,
         request_id: str = "",
         traceparent: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        input_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
         """Execute one batch of a model that declares no signature: inputs typed by the caller,
-        every output (``names`` ()) or those named, answered by name as (V2 datatype, array)."""
+        every output (``names`` ()) or those named, answered by name as (V2 datatype, array);
+        the caller's request and input parameters go with it."""
         ...
 
     async def forward(self, request: bytes, deadline: float | None, traceparent: str | None = None) -> bytes:

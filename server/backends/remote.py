@@ -1,26 +1,23 @@
 """Remote backend: a model served by one or more Open Inference Protocol servers.
 
-The upstreams are NVIDIA Triton, KServe, MLServer, another batchgate: anything that
-answers the V2 gRPC service. batchgate talks to them with ``grpc.aio`` and
-tritonclient's generated stubs and messages; tensors travel raw
-(``raw_input_contents`` / ``raw_output_contents``), never as JSON.
+The upstreams are NVIDIA Triton, KServe, MLServer, another batchgate: anything that answers the
+V2 gRPC service, called with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``; tensors
+travel raw (``raw_input_contents`` / ``raw_output_contents``), never as JSON.
 
 What this module decides, per call:
 
-- **Which upstream.** The one in rotation with the fewest calls outstanding (ties go
-  round-robin). An upstream leaves the rotation when its readiness probe says the model
-  is not ready there, or after ``eject_after_failures`` consecutive failed calls
-  (UNAVAILABLE, UNKNOWN, INTERNAL, DATA_LOSS): it is ejected for ``eject_s``, then
-  probed, and used again only once a probe succeeds. Each failed probe doubles the
-  ejection (up to 60 s).
-- **How long.** The caller's deadline, if it has one, else ``timeout_s``; cancelling the
-  caller cancels the call.
-- **Whether to try again.** Only when the request was never delivered: the connection to
-  the upstream could not be made. A call that reached the upstream and failed is never
-  sent twice (inference need not be idempotent).
-- **What the caller sees.** No upstream in rotation: UNAVAILABLE at once, naming every
-  upstream and why it is out. An upstream's INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED
-  or RESOURCE_EXHAUSTED keeps its code, with the upstream's message and address.
+- **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
+  An upstream leaves the rotation when its readiness probe says the model is not ready there, or
+  after ``eject_after_failures`` consecutive failed calls (UNAVAILABLE, UNKNOWN, INTERNAL,
+  DATA_LOSS): it is ejected for ``eject_s``, then probed, and used again only once a probe
+  succeeds. Each failed probe doubles the ejection (up to 60 s).
+- **How long.** The caller's deadline, else ``timeout_s``; cancelling the caller cancels the call.
+- **Whether to try again.** Only when the request was never delivered (the connection could not
+  be made). A call that reached the upstream and failed is never sent twice (inference need not
+  be idempotent).
+- **What the caller sees.** No upstream in rotation: UNAVAILABLE at once, naming every upstream and
+  why it is out. An upstream's INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED or
+  RESOURCE_EXHAUSTED keeps its code, with the upstream's message and address.
 """
 
 from __future__ import annotations
@@ -28,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from typing import ClassVar, Protocol, cast
+from typing import Any, ClassVar, Protocol, cast
 
 import grpc
 import numpy as np
@@ -42,6 +39,7 @@ from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw, to_raw
 from ..monitoring.metrics import Metrics, UpstreamMetrics
+from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2Channel
 
@@ -375,11 +373,7 @@ class RemoteV2Backend:
 
     # ------------------------------------------------------------------ inference
     def request(
-        self,
-        feeds: dict[str, np.ndarray],
-        names: tuple[str, ...],
-        request_id: str = "",
-        types: dict[str, str] | None = None,
+        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], request_id: str = "", types: dict | None = None
     ) -> pb.ModelInferRequest:
         """The upstream's request; ``types``: the inputs' V2 datatypes when the model declares
         none (an open signature), else those of its config."""
@@ -456,11 +450,17 @@ class RemoteV2Backend:
         deadline: float | None,
         request_id: str = "",
         traceparent: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        input_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
-        """Run one batch of a model that declares no signature: the inputs' datatypes are the
-        caller's, ``names`` () asks for every output, and the answer is every output the
-        upstream gave, by name: (V2 datatype, array)."""
-        up, resp = await self._call(self.request(feeds, names, request_id, types), deadline, traceparent=traceparent)
+        """Run one batch of a model that declares no signature: the inputs' datatypes and the
+        request's and inputs' parameters are the caller's, ``names`` () asks for every output,
+        and the answer is every output the upstream gave, by name: (V2 datatype, array)."""
+        msg = self.request(feeds, names, request_id, types)
+        grpc_codec.set_parameters(msg.parameters, params or {})
+        for t in msg.inputs:
+            grpc_codec.set_parameters(t.parameters, (input_params or {}).get(t.name) or {})
+        up, resp = await self._call(msg, deadline, traceparent=traceparent)
         return self._tensors(up, resp)
 
     async def forward(self, request: bytes, deadline: float | None, traceparent: str | None = None) -> bytes:

@@ -6,8 +6,9 @@ before a request is queued, so a malformed request never reaches a batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -161,6 +162,12 @@ class ModelSignature:
         if self.max_batch_size > 0 and len(firsts) == 1:
             rows = firsts.pop()
             if 1 <= rows <= self.max_batch_size:
-                key = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
-                return Checked(feeds, names, rows, (key, names))
+                key = tuple(sorted((t.name, t.datatype, t.shape[1:], _frozen(t.parameters)) for t in request.inputs))
+                # (their parameters too: an upstream may read them, MLServer's content_type)
+                return Checked(feeds, names, rows, (key, names, _frozen(request.parameters)))
         return Checked(feeds, names, 1, object())  # a key nothing else shares: alone
+
+
+def _frozen(params: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """Parameters as a key: equal ones, equal keys (a request's values may be lists or objects)."""
+    return tuple(sorted((k, repr(v)) for k, v in params.items())) if params else ()

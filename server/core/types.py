@@ -141,12 +141,30 @@ def to_raw(arr: np.ndarray, dt: DataType) -> bytes:
 
 
 class Tensor(NamedTuple):
-    """A named tensor; its array is read-only once it belongs to a request."""
+    """A named tensor; its array is read-only once it belongs to a request. ``parameters``: the
+    caller's own parameters of an input (MLServer's ``content_type``, say), beyond those the wire
+    uses up (binary sizes, shared memory); None when there are none."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: np.ndarray
+    parameters: Mapping[str, Any] | None = None
+
+
+MAX_TENSOR_PARAMETERS = 16  # an input's own parameters, at most (each a scalar; a string of at most 1 KiB)
+
+
+def tensor_parameters(params: Mapping[str, Any], what: str) -> dict[str, Any] | None:
+    """An input's own parameters, checked (None when there are none)."""
+    if not params:
+        return None
+    if len(params) > MAX_TENSOR_PARAMETERS:
+        raise invalid(f"{what}: at most {MAX_TENSOR_PARAMETERS} parameters")
+    for k, v in params.items():
+        if len(k) > 64 or type(v) not in (str, int, float, bool) or (type(v) is str and len(v) > 1024):
+            raise invalid(f"{what}: parameter {printable(clip(k))!r} must be a short name with a scalar value")
+    return dict(params)
 
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})

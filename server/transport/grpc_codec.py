@@ -25,6 +25,7 @@ from ..core.types import (
     from_raw,
     new_request,
     shaped,
+    tensor_parameters,
     to_raw,
 )
 from ..shm import BYTE_SIZE as SHM_BYTE_SIZE
@@ -63,6 +64,20 @@ def peek_model_name(raw: bytes) -> str | None:
         return raw[2:end].decode()
     except UnicodeDecodeError:
         return None
+
+
+def set_parameters(into: Any, params: Mapping[str, Any]) -> None:
+    """V2 parameters into a protobuf map of InferParameter (a value of another kind is sent as text)."""
+    for k, v in params.items():
+        p = into[k]
+        if type(v) is bool:
+            p.bool_param = v
+        elif type(v) is int and -(1 << 63) <= v < (1 << 63):
+            p.int64_param = v
+        elif type(v) is float:
+            p.double_param = v
+        else:
+            p.string_param = v if type(v) is str else str(v)
 
 
 def param_value(p: pb.InferParameter) -> bool | int | float | str | None:
@@ -119,7 +134,10 @@ def decode_request(
             j += 1
         else:
             data = _from_contents(t, dt, shape, what)
-        inputs.append(Tensor(name, dtname, shape, data))
+        own = None
+        if t.parameters and not (shared and i in shared):
+            own = tensor_parameters({k: param_value(v) for k, v in t.parameters.items()}, what)
+        inputs.append(Tensor(name, dtname, shape, data, own))
     for o in outs:
         if "classification" in o.parameters and o.parameters["classification"].int64_param:
             raise invalid(f"output '{clip(o.name)}': the classification extension is not supported")

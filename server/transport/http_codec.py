@@ -31,6 +31,7 @@ from ..core.types import (
     new_request,
     printable,
     shaped,
+    tensor_parameters,
     to_raw,
 )
 from ..shm import REGION as SHM_REGION
@@ -167,7 +168,12 @@ def decode_request(
             offset += size
         else:
             data = _from_json(j["data"], dt, shape, name, maybe_bools)
-        inputs.append(Tensor(name, dt.v2, shape, data))
+        own = None
+        if params is not None and (len(params) > 1 or size is None):  # (beyond binary_data_size)
+            own = tensor_parameters(
+                {k: v for k, v in params.items() if k != "binary_data_size"}, f"input '{clip(name)}'"
+            )
+        inputs.append(Tensor(name, dt.v2, shape, data, own))
     if offset != len(binary):
         raise invalid(f"the body has {len(binary) - offset} binary bytes that no input claims")
     req_params = obj.get("parameters") or {}

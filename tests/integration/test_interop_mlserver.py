@@ -10,6 +10,7 @@ batchgate serving an open model shows no signature either, like MLServer.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -174,3 +175,27 @@ def test_an_open_model_behind_another_batchgate_is_open_there_too(mlserver, tmp_
         if front is not None:
             front.kill()
         middle.kill()
+
+
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_request_and_input_parameters_reach_the_upstream_on_every_path(mlserver, serve, mod):
+    """MLServer reads parameters (content_type, say): forwarded raw or decoded at the gateway (HTTP,
+    gateway batching), the request's and each input's own parameters go with the request."""
+    spec = RemoteModel("doubler", (mlserver.grpc,), batching="gateway", max_batch_size=8)
+    running = serve("", remote_models=(spec,))
+    url = running.grpc_url if mod is grpcclient else running.http_url
+    c = mod.InferenceServerClient(url)
+    x = mod.InferInput("x", [2, 3], "FP32")
+    if mod is httpclient:
+        x.set_data_from_numpy(np.ones((2, 3), np.float32), binary_data=False)
+    else:
+        x.set_data_from_numpy(np.ones((2, 3), np.float32))
+    # (tritonclient has no call for an input's own parameters: set where each client keeps them)
+    if mod is httpclient:
+        x._parameters["content_type"] = "np"
+    else:
+        x._input.parameters["content_type"].string_param = "np"
+    r = c.infer("doubler", [x], parameters={"echo": True, "tenant": "t1"})
+    seen = json.loads(r.as_numpy("params").reshape(-1)[0])
+    assert seen["request"].get("echo") is True and seen["request"].get("tenant") == "t1", seen
+    assert seen.get("x", {}).get("content_type") == "np", seen
