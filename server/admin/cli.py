@@ -40,7 +40,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--ca-file", metavar="FILE", help="TLS: the CA that signed the gateway's certificate")
     common.add_argument("--cert-file", metavar="FILE", help="mTLS: this client's certificate")
     common.add_argument("--key-file", metavar="FILE", help="mTLS: this client's private key")
-    common.add_argument("--timeout-s", type=float, default=10.0, help="seconds to wait for the answer")
+    common.add_argument("--timeout-s", type=_seconds, default=10.0, help="seconds to wait for the answer")
     return common
 
 
@@ -174,12 +174,24 @@ def _channel(args: argparse.Namespace):
     return grpc.secure_channel(args.admin, creds)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, not {text!r}")
+    return value
+
+
 def _weights(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value.strip().isdigit():
             raise ValueError(f"weights are VARIANT=WEIGHT with a whole number from 0 to 100, not {item!r}")
+        if name in out:
+            raise ValueError(f"variant {name!r} is given twice")
         out[name] = int(value)
     return out
 

@@ -212,5 +212,9 @@ def test_routes_cli(repo, tmp_path):
         assert out.returncode == 1 and "NOT_FOUND" in out.stderr
         out = _cli(running, "set-weight", "fraud", "canary")
         assert out.returncode == 2 and "VARIANT=WEIGHT" in out.stderr
+        out = _cli(running, "set-weight", "fraud", "stable=10", "stable=20")
+        assert out.returncode == 2 and "'stable' is given twice" in out.stderr
+        out = _cli(running, "list", "--timeout-s", "0")
+        assert out.returncode == 2 and "greater than 0" in out.stderr
     finally:
         running.stop()
