@@ -366,6 +366,11 @@ def encode_response(
     if resp.parameters:  # a route's answer: parameter "variant"
         obj["parameters"] = dict(resp.parameters)
     head = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" in head:  # (orjson writes NaN and infinities as null: rarely, and then written again)
+        for entry, t in zip(outs, resp.outputs):
+            if "data" in entry and t.datatype in _FLOAT_JSON:
+                entry["data"] = _non_finite_json(t)
+        head = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
     if not any_binary:
         return head, None
     return head + b"".join(binaries), len(head)
@@ -386,12 +391,18 @@ def _with_non_finite(head: bytes) -> object | None:
     return obj
 
 
+def _non_finite_json(t: Tensor) -> object:
+    """A float tensor's JSON list with NaN and infinities as the tokens NaN, Infinity, -Infinity:
+    JSON has no such numbers (orjson writes null), and Triton writes these (tritonclient reads
+    them back as floats)."""
+    arr = t.data.reshape(-1)
+    if np.isfinite(arr).all():
+        return _to_json(t)
+    return orjson.Fragment(json.dumps(arr.astype(np.float64).tolist()).encode())
+
+
 def _to_json(t: Tensor) -> object:  # what orjson writes as the JSON list
     arr = t.data.reshape(-1)
-    if t.datatype in _FLOAT_JSON and arr.size and not np.isfinite(arr).all():
-        # JSON has no NaN or infinity (orjson writes null); Triton writes the tokens NaN, Infinity
-        # and -Infinity, and tritonclient reads them back as floats
-        return orjson.Fragment(json.dumps(arr.astype(np.float64).tolist()).encode())
     if t.datatype in _NUMPY_JSON and arr.dtype == DATATYPES[t.datatype].np_dtype.newbyteorder("="):
         return np.ascontiguousarray(arr)
     if t.datatype == "BYTES":

@@ -102,7 +102,11 @@ def guarded_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            if (not self._in_message or self._in_head) and _UPGRADE.search(data) is not None:
+            if (
+                (not self._in_message or self._in_head)
+                and (b"pgrade" in data or b"PGRADE" in data)  # (a plain scan first: most requests have none)
+                and _UPGRADE.search(data) is not None
+            ):
                 end = data.find(b"\r\n\r\n")
                 head = data if end < 0 else data[: end + 2]
                 data = _UPGRADE.sub(_RENAMED, head) + data[len(head) :]
