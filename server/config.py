@@ -157,14 +157,12 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:120] + '...' if len(text) > 120 else text}"
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a value its constructors cannot build (a date like 2001-13-45, an
-    integer of 5,000 digits, ``!!bool x``) is a YAMLError at that value's line, not the
-    constructor's own exception (ValueError, KeyError, ...)."""
+class UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, but a mapping key given twice is an error at its line (PyYAML keeps
+    the last silently: a repeated section would drop every setting of the first). The settings
+    file and the load tester's scenario files both read with it."""
 
     def construct_mapping(self, node, deep=False):
-        """A key given twice is an error at its line (PyYAML keeps the last silently: a repeated
-        section would drop every setting of the first)."""
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -175,6 +173,12 @@ class _Loader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class _Loader(UniqueKeys):
+    """The settings file's loader: a value its constructors cannot build (a date like 2001-13-45,
+    an integer of 5,000 digits, ``!!bool x``) is a YAMLError at that value's line, not the
+    constructor's own exception (ValueError, KeyError, ...)."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
