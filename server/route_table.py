@@ -161,22 +161,23 @@ class RouteTable:
         signatures = {name: v.signature for name, v in members.items() if v is not None}
         try:
             check_signatures(spec, signatures)
-        except ConfigError as e:
+            return None
+        except ConfigError:
             if strict:
                 raise
-            # At runtime the variants decide; a shadow whose model no longer fits is left out
-            # (a shadow never takes its route down), until its model fits again.
+        # At runtime the variants decide; a shadow whose model no longer fits is left out (its
+        # member set to None here, so no runner is built for it) until its model fits again: a
+        # shadow never takes its route down.
+        try:
+            check_signatures(dataclasses.replace(spec, shadows=()), signatures)
+        except ConfigError as e:
+            return str(e)
+        for s in spec.shadows:
             try:
-                check_signatures(dataclasses.replace(spec, shadows=()), signatures)
-            except ConfigError as e2:
-                return str(e2)
-            for s in spec.shadows:
-                try:
-                    check_signatures(dataclasses.replace(spec, shadows=(s,)), signatures)
-                except ConfigError as e3:
-                    log.warning("route '%s': shadow '%s' left out: %s", spec.name, s.name, e3)
-                    members[s.name] = None  # type: ignore[index]
-            del e
+                check_signatures(dataclasses.replace(spec, shadows=(s,)), signatures)
+            except ConfigError as e:
+                log.warning("route '%s': shadow '%s' left out: %s", spec.name, s.name, e)
+                members[s.name] = None  # type: ignore[index]
         return None
 
     def _carry_or_build(self, spec: RouteSpec, now: float) -> tuple[ServedRoute, bool]:

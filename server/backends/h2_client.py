@@ -304,14 +304,13 @@ class _Protocol(asyncio.Protocol):
         fields = dict(call.headers)
         status = fields.get(b":status")
         code_text = fields.get(b"grpc-status")
-        if status != b"200" or code_text is None or not code_text.isdigit():
-            code = _HTTP_CODES.get(status or b"", grpc.StatusCode.UNKNOWN) if status != b"200" else None
-            what = f"HTTP {(status or b'?').decode('latin-1')[:8]}"
-            if code_text is not None and not code_text.isdigit():
-                what += f" with a malformed grpc-status {code_text[:16]!r}"
-            else:
-                what += " without a gRPC status"
-            call.future.set_exception(H2RpcError(code or grpc.StatusCode.UNKNOWN, f"the upstream answered {what}"))
+        if status != b"200":  # (a proxy's answer, say: mapped as gRPC maps it)
+            code = _HTTP_CODES.get(status or b"", grpc.StatusCode.UNKNOWN)
+            call.future.set_exception(H2RpcError(code, f"the upstream answered HTTP {status!r} without a gRPC status"))
+            return
+        if code_text is None or not code_text.isdigit():
+            what = "no gRPC status" if code_text is None else f"a malformed grpc-status {code_text[:16]!r}"
+            call.future.set_exception(H2RpcError(grpc.StatusCode.UNKNOWN, f"the upstream answered with {what}"))
             return
         code = _CODES.get(int(code_text), grpc.StatusCode.UNKNOWN)
         if code is not grpc.StatusCode.OK:

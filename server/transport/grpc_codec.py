@@ -139,7 +139,7 @@ def decode_request(
             own = tensor_parameters({k: param_value(v) for k, v in t.parameters.items()}, what)
         inputs.append(Tensor(name, dtname, shape, data, own))
     for o in outs:
-        if "classification" in o.parameters and o.parameters["classification"].int64_param:
+        if o.parameters and "classification" in o.parameters and o.parameters["classification"].int64_param:
             raise invalid(f"output '{clip(o.name)}': the classification extension is not supported")
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
@@ -217,6 +217,5 @@ def encode_response(
             raw = b""
         raws.append(raw)
     out.raw_output_contents.extend(raws)
-    for k, v in resp.parameters.items():  # a route's answer: parameter "variant"
-        out.parameters[k].string_param = str(v)
+    set_parameters(out.parameters, resp.parameters)  # a route's answer: parameter "variant"
     return out

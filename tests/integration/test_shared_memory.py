@@ -50,6 +50,14 @@ def segments():
         shm.destroy_shared_memory_region(h)
 
 
+def _keys_file(tmp_path, *keys: tuple[str, str, list[str]]) -> str:
+    """An api_keys_file of (id, token, scopes) entries."""
+    path = tmp_path / "keys.yaml"
+    entries = [{"id": i, "sha256": hash_token(token), "scopes": scopes} for i, token, scopes in keys]
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    return str(path)
+
+
 def _url(running, mod) -> str:
     return running.grpc_url if mod is grpcclient else running.http_url
 
@@ -201,19 +209,13 @@ def test_every_bound_a_client_controls_is_enforced(repo, serve, segments, tmp_pa
 
 
 def test_with_api_keys_registering_needs_scope_infer_or_admin(repo, serve, segments, tmp_path):
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(
-        yaml.safe_dump(
-            {
-                "keys": [
-                    {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer"]},
-                    {"id": "dash", "sha256": hash_token(READ_TOKEN), "scopes": ["read"]},
-                    {"id": "other", "sha256": hash_token(OTHER_TOKEN), "scopes": ["infer", "read"]},
-                ]
-            }
-        )
+    keys = _keys_file(
+        tmp_path,
+        ("app", INFER_TOKEN, ["infer"]),
+        ("dash", READ_TOKEN, ["read"]),
+        ("other", OTHER_TOKEN, ["infer", "read"]),
     )
-    running = serve(repo, api_keys_file=str(keys))
+    running = serve(repo, api_keys_file=keys)
     key, _ = segments(64, prefix="/batchgate_app_")
     for mod in (grpcclient, httpclient):
         c = mod.InferenceServerClient(_url(running, mod))
@@ -230,18 +232,8 @@ def test_with_api_keys_registering_needs_scope_infer_or_admin(repo, serve, segme
 def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_path):
     """Another tenant cannot read a key's inputs, overwrite its outputs, see or unregister its
     regions by naming them; two keys may use the same region name."""
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(
-        yaml.safe_dump(
-            {
-                "keys": [
-                    {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer", "read"]},
-                    {"id": "other", "sha256": hash_token(OTHER_TOKEN), "scopes": ["infer", "read"]},
-                ]
-            }
-        )
-    )
-    running = serve(repo, api_keys_file=str(keys), shm_max_regions_per_key=2, shm_max_bytes_per_key=4096)
+    keys = _keys_file(tmp_path, ("app", INFER_TOKEN, ["infer", "read"]), ("other", OTHER_TOKEN, ["infer", "read"]))
+    running = serve(repo, api_keys_file=keys, shm_max_regions_per_key=2, shm_max_bytes_per_key=4096)
     app = {"authorization": f"Bearer {INFER_TOKEN}"}
     other = {"authorization": f"Bearer {OTHER_TOKEN}"}
     x = np.ones((1, 4), np.float32)
@@ -297,18 +289,8 @@ def test_with_api_keys_a_region_is_its_keys_alone(repo, serve, segments, tmp_pat
 
 def test_a_key_whose_id_starts_another_keys_id_cannot_map_that_keys_segments(repo, serve, segments, tmp_path):
     # ids may hold '_': '/batchgate_app_x_...' starts with key 'app''s prefix, but is named for 'app_x'
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(
-        yaml.safe_dump(
-            {
-                "keys": [
-                    {"id": "app", "sha256": hash_token(INFER_TOKEN), "scopes": ["infer"]},
-                    {"id": "app_x", "sha256": hash_token(OTHER_TOKEN), "scopes": ["infer"]},
-                ]
-            }
-        )
-    )
-    running = serve(repo, api_keys_file=str(keys))
+    keys = _keys_file(tmp_path, ("app", INFER_TOKEN, ["infer"]), ("app_x", OTHER_TOKEN, ["infer"]))
+    running = serve(repo, api_keys_file=keys)
     app = {"authorization": f"Bearer {INFER_TOKEN}"}
     app_x = {"authorization": f"Bearer {OTHER_TOKEN}"}
     theirs, _ = segments(64, prefix="/batchgate_app_x_")
