@@ -297,8 +297,10 @@ async def run(fd: int) -> int:
         channel.tell("failed", reason=f"could not start: {type(e).__name__}: {e}")
         await gateway.stop(0.1)
         return 1
-    await channel.call("ready", http_port=gateway.http_port, grpc_port=gateway.grpc_port)
+    # Said before the supervisor hears it: the supervisor's own "serving" line (once every worker
+    # is ready) then never comes before a worker's ready line.
     log.info("%s (pid %d) ready", hello["name"], os.getpid())
+    await channel.call("ready", http_port=gateway.http_port, grpc_port=gateway.grpc_port)
     gone = asyncio.ensure_future(channel.closed.wait())
     await asyncio.wait([asyncio.ensure_future(stop.wait()), gone], return_when=asyncio.FIRST_COMPLETED)
     if gone.done() and not stop.is_set():
