@@ -157,7 +157,11 @@ class ModelVersion:
         start = _perf_ns()
         status = "OK"
         try:
-            return await self.scheduler.submit(ticket)
+            resp = await self.scheduler.submit(ticket)
+            sink = request.sink
+            if sink is not None:  # outputs to shared memory: part of the request, counted with it
+                sink(resp)
+            return resp
         except GatewayError as e:
             status = e.code.value
             raise

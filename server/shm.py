@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.errors import ErrorCode, GatewayError, invalid
-from .core.types import clip, printable
+from .core.types import DATATYPES, InferResponse, clip, printable, to_raw
 
 SHM_DIR = "/dev/shm"
 REGION = "shared_memory_region"
@@ -343,6 +343,28 @@ class RegionView:
         if region is None:
             raise invalid(f"{what}: shared-memory region {printable(clip(place.region))!r} is not registered")
         return region
+
+
+class OutputWriter:
+    """Writes an answer's outputs that have a place into their regions, as the last step of the
+    request (``InferRequest.sink``, called by ``ModelVersion.submit``): a write that fails fails
+    the request, in its statistics too. ``written``: output name -> (region, bytes written),
+    for the codec that answers the request."""
+
+    __slots__ = ("_places", "_view", "written")
+
+    def __init__(self, places: Mapping[str, Place], view: RegionView):
+        self._places, self._view = places, view
+        self.written: dict[str, tuple[str, int]] = {}
+
+    def __call__(self, resp: InferResponse) -> None:
+        places = self._places
+        for t in resp.outputs:
+            place = places.get(t.name)
+            if place is not None:
+                raw = to_raw(t.data, DATATYPES[t.datatype])
+                self._view.write(place, raw, f"output '{clip(t.name)}'")
+                self.written[t.name] = (place.region, len(raw))
 
 
 def fixed_bytes(dt: Any, shape: tuple[int, ...]) -> int | None:

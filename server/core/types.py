@@ -226,6 +226,9 @@ class InferRequest(NamedTuple):
     synthetic: bool = False  # marked x-batchgate-synthetic: load-test traffic
     offline: bool = False  # marked x-batchgate-offline: batch scoring, kept out of drift and rollout figures
     note: Any = None  # the access log's and tracing's notes on this request (monitoring/access_log.Note)
+    # called with the answer before the request counts as answered (shm.OutputWriter: outputs
+    # written to shared memory, so a write that fails fails the request); None: nothing to do
+    sink: Any = None
 
 
 def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:

@@ -30,7 +30,7 @@ from ..core.types import (
 )
 from ..shm import BYTE_SIZE as SHM_BYTE_SIZE
 from ..shm import REGION as SHM_REGION
-from ..shm import Place, RegionView, fixed_bytes, grpc_params
+from ..shm import OutputWriter, Place, RegionView, fixed_bytes, grpc_params
 
 # Typed-contents field for each datatype (FP16 has none: it must travel raw).
 CONTENTS_FIELD = {
@@ -143,7 +143,7 @@ def decode_request(
             raise invalid(f"output '{clip(o.name)}': the classification extension is not supported")
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
-    return new_request(
+    req = new_request(
         msg.model_name,
         msg.model_version,
         inputs,
@@ -157,6 +157,11 @@ def decode_request(
         deadline,
         note,
     )
+    if shm is not None and outs:
+        places = output_places(msg, shm)
+        if places is not None:  # outputs to shared memory: written as the request's last step
+            req = req._replace(sink=OutputWriter(places, shm))
+    return req
 
 
 def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -197,25 +202,22 @@ def output_places(msg: pb.ModelInferRequest, shm: RegionView | None) -> dict[str
     return places
 
 
-def encode_response(
-    resp: InferResponse, places: Mapping[str, Place] | None = None, shm: RegionView | None = None
-) -> pb.ModelInferResponse:
-    """The response; an output with a place in ``places`` is written into its shared-memory
-    region and answered with its name, datatype and shape only (an empty raw entry keeps the
-    other outputs' raw contents at their index)."""
+def encode_response(resp: InferResponse, written: Mapping[str, tuple[str, int]] | None = None) -> pb.ModelInferResponse:
+    """The response; an output in ``written`` (output name -> region, bytes: what the request's
+    ``shm.OutputWriter`` wrote to shared memory) is answered with its name, datatype, shape and
+    region only (an empty raw entry keeps the other outputs' raw contents at their index)."""
     out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
     add = out.outputs.add
     raws = []
     for t in resp.outputs:
         entry = add(name=t.name, datatype=t.datatype, shape=t.shape)
-        raw = to_raw(t.data, DATATYPES[t.datatype])
-        place = places.get(t.name) if places else None
-        if place is not None and shm is not None:
-            shm.write(place, raw, f"output '{t.name}'")
-            entry.parameters[SHM_REGION].string_param = place.region
-            entry.parameters[SHM_BYTE_SIZE].int64_param = len(raw)
-            raw = b""
-        raws.append(raw)
+        shared = written.get(t.name) if written else None
+        if shared is not None:
+            entry.parameters[SHM_REGION].string_param = shared[0]
+            entry.parameters[SHM_BYTE_SIZE].int64_param = shared[1]
+            raws.append(b"")
+        else:
+            raws.append(to_raw(t.data, DATATYPES[t.datatype]))
     out.raw_output_contents.extend(raws)
     set_parameters(out.parameters, resp.parameters)  # a route's answer: parameter "variant"
     return out

@@ -414,8 +414,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     return await forwarded
                 headers = caller_headers(md, dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
-                places = grpc_codec.output_places(request, shm) if shm is not None and request.outputs else None
-                resp = await dp.infer(served, self._decode(request, context, headers, shm, note))
+                decoded = self._decode(request, context, headers, shm, note)
+                resp = await dp.infer(served, decoded)
             finally:
                 dp.release(served)
             if resp.parameters:  # answered through a route: which variant answered
@@ -424,7 +424,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 note.version = resp.model_version
                 if resp.parameters:
                     note.variant = str(resp.parameters.get("variant", ""))
-            return grpc_codec.encode_response(resp, places, shm)
+            return grpc_codec.encode_response(resp, decoded.sink.written if decoded.sink is not None else None)
         except GatewayError as e:
             if note is not None:
                 note.error = e.code.value
@@ -485,11 +485,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     note.span.add_event("ADMITTED")
                 try:
                     shm = self.dp.shm_view(caller)
-                    places = grpc_codec.output_places(msg, shm) if msg.outputs else None
-                    resp = await self.dp.infer(served, self._decode(msg, context, headers, shm, note))
+                    decoded = self._decode(msg, context, headers, shm, note)
+                    resp = await self.dp.infer(served, decoded)
                 finally:
                     self.dp.release(served)
-                answer = grpc_codec.encode_response(resp, places, shm)
+                answer = grpc_codec.encode_response(resp, decoded.sink.written if decoded.sink is not None else None)
                 if note is not None:
                     note.answer, note.version = answer, resp.model_version
                     if resp.parameters:

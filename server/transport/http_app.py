@@ -499,7 +499,7 @@ class HttpApp:
                     note.error = e.code.value
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
-        out, json_len = http_codec.encode_response(resp, options, shm)
+        out, json_len = http_codec.encode_response(resp, options)
         if note is not None:
             note.version = resp.model_version
             if resp.parameters:

@@ -35,7 +35,7 @@ from ..core.types import (
     to_raw,
 )
 from ..shm import REGION as SHM_REGION
-from ..shm import Place, RegionView, fixed_bytes
+from ..shm import OutputWriter, Place, RegionView, fixed_bytes
 
 _EMPTY = memoryview(b"")
 # A value as orjson reads it from a body: None, bool, int, float, str, or a list or dict of them.
@@ -53,7 +53,7 @@ class OutputOptions(NamedTuple):
 
     binary_default: bool = False  # the request's binary_data_output parameter
     binary: Mapping[str, bool] = EMPTY  # per output, where its binary_data parameter is given
-    shared: Mapping[str, Place] = EMPTY  # outputs written into a shared-memory region
+    shared: Mapping[str, tuple[str, int]] = EMPTY  # outputs written to shared memory: (region, bytes)
 
 
 JSON_OUTPUTS = OutputOptions()
@@ -221,9 +221,12 @@ def decode_request(
     req = new_request(model, version, inputs, outputs, rid, req_params, headers, arrival, "http", limits, None, note)
     if not binary_outputs and not binary_default and not shared:
         return req, JSON_OUTPUTS
-    return req, OutputOptions(
-        binary_default, MappingProxyType(binary_outputs), MappingProxyType(shared) if shared else EMPTY
-    )
+    written: Mapping[str, tuple[str, int]] = EMPTY
+    if shared and shm is not None:  # outputs to shared memory: written as the request's last step
+        writer = OutputWriter(shared, shm)
+        req = req._replace(sink=writer)
+        written = writer.written  # (filled in when the answer comes)
+    return req, OutputOptions(binary_default, MappingProxyType(binary_outputs), written)
 
 
 def _explain_bad_input(j: object) -> NoReturn:
@@ -331,11 +334,10 @@ def _flatten(x: JSONValue, max_depth: int = 64) -> list[JSONValue]:
     return out
 
 
-def encode_response(
-    resp: InferResponse, options: OutputOptions = JSON_OUTPUTS, shm: RegionView | None = None
-) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when every output is JSON). An output with a place in
-    ``options.shared`` is written into its shared-memory region and answered without data."""
+def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when every output is JSON). An output in
+    ``options.shared`` (written to shared memory by the request's ``shm.OutputWriter``) is
+    answered with its region and size, without data."""
     binaries: list[bytes] = []
     outs = []
     wanted = options.binary
@@ -347,10 +349,8 @@ def encode_response(
         binary = default if b is None else b
         entry: dict[str, object] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         place = shared.get(t.name) if shared else None
-        if place is not None and shm is not None:
-            raw = to_raw(t.data, DATATYPES[t.datatype])
-            shm.write(place, raw, f"output '{t.name}'")
-            entry["parameters"] = {SHM_REGION: place.region, "shared_memory_byte_size": len(raw)}
+        if place is not None:
+            entry["parameters"] = {SHM_REGION: place[0], "shared_memory_byte_size": place[1]}
         elif binary:
             any_binary = True
             raw = to_raw(t.data, DATATYPES[t.datatype])

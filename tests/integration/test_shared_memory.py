@@ -455,3 +455,41 @@ def test_an_input_size_that_does_not_fit_its_shape_is_refused_before_anything_is
     with pytest.raises(InferenceServerException) as e:
         c.infer("identity_bytes", [words])
     assert "(max_request_bytes)" in e.value.message()
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_an_output_that_does_not_fit_its_region_fails_the_request_in_its_statistics(repo, serve, segments, mod, proto):
+    """The write to shared memory is part of the request: one that does not fit is counted a
+    failure (as on Triton, where the output buffer is allocated during the request), not a success
+    answered with an error. Also on a stream."""
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    key, _ = segments(16)
+    c.register_system_shared_memory("small", key, 16)
+    inp = mod.InferInput("features", [4, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((4, 4), np.float32))
+    out = mod.InferRequestedOutput("probabilities")
+    out.set_shared_memory("small", 16)  # [4, 3] FP32 is 48 bytes
+
+    def stats() -> tuple[int, int]:
+        kw = {"as_json": True} if mod is grpcclient else {}
+        s = c.get_inference_statistics("classifier", **kw)["model_stats"][0]
+        st = s["inference_stats"]
+        return int(st["success"].get("count", 0)), int(st["fail"].get("count", 0))
+
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("classifier", [inp], outputs=[out])
+    assert "more than the 16 bytes" in e.value.message()
+    assert stats() == (0, 1)
+    c.infer("classifier", [inp])
+    assert stats() == (1, 1)
+    if mod is grpcclient:  # a stream request: its error in the stream, counted the same way
+        answers: list = []
+        done = threading.Event()
+        c.start_stream(lambda result, error: (answers.append((result, error)), done.set()))
+        c.async_stream_infer("classifier", [inp], outputs=[out])
+        assert done.wait(30)
+        c.stop_stream()
+        assert answers[0][0] is None and "more than the 16 bytes" in str(answers[0][1])
+        assert stats() == (1, 2)
+    c.unregister_system_shared_memory()
