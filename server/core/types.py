@@ -171,6 +171,13 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 SYNTHETIC_HEADER = "x-batchgate-synthetic"
 OFFLINE_HEADER = "x-batchgate-offline"  # batch scoring's requests (batchgate score --target)
 REQUEST_ID_HEADER = "x-request-id"
+# Request parameters whose names start with "triton_" are Triton's own: refused, as Triton refuses
+# them, except the one tritonclient sends on streams (``enable_empty_final_response=True``), which
+# asks for ``triton_final_response`` on each answer of the stream.
+TRITON_PREFIX = "triton_"
+FINAL_RESPONSE_REQUESTED = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
+_PARAMETER_TYPES = (str, int, float, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +325,13 @@ def new_request(
                 "are accepted (max_request_parameters)"
             )
         params = MappingProxyType(dict(parameters))
+        for k, v in params.items():
+            if type(v) not in _PARAMETER_TYPES:  # (a JSON object, list or null)
+                name = printable(clip(k))
+                raise invalid(f"parameter '{name}' must be a string, a number or a boolean, not {brief(v)}")
+            if k.startswith(TRITON_PREFIX) and k != FINAL_RESPONSE_REQUESTED:
+                name = printable(clip(k))
+                raise invalid(f"parameter '{name}': names starting with 'triton_' are reserved for the server")
         if "priority" in params:
             v = params["priority"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -19,7 +19,16 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import ErrorCode, GatewayError
 from ..core.routing import PIN_HEADER as VARIANT_HEADER
-from ..core.types import OFFLINE_HEADER, REQUEST_ID_HEADER, InferRequest, caller_headers, clip, printable
+from ..core.types import (
+    FINAL_RESPONSE,
+    FINAL_RESPONSE_REQUESTED,
+    OFFLINE_HEADER,
+    REQUEST_ID_HEADER,
+    InferRequest,
+    caller_headers,
+    clip,
+    printable,
+)
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
 from ..monitoring.tracing import traceparent_of
@@ -490,6 +499,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 finally:
                     self.dp.release(served)
                 answer = grpc_codec.encode_response(resp, decoded.sink.written if decoded.sink is not None else None)
+                if decoded.parameters.get(FINAL_RESPONSE_REQUESTED) is True:  # every model here answers once
+                    answer.parameters[FINAL_RESPONSE].bool_param = True
                 if note is not None:
                     note.answer, note.version = answer, resp.model_version
                     if resp.parameters:

@@ -202,6 +202,31 @@ def test_grpc_bad_schedule_parameters(server):
     assert "priority" in err.details()
 
 
+def test_triton_reserved_and_nested_request_parameters_are_refused(server):
+    """Names starting with 'triton_' are the server's, as on Triton (tritonclient will not send
+    them, so by hand); HTTP parameter values must be scalars, as Triton requires. The one reserved
+    name tritonclient sends itself, on streams, is accepted."""
+    req = simple_request()
+    req.parameters["triton_sequence_hint"].bool_param = True
+    err = grpc_error(server, req)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'triton_sequence_hint'" in err.details() and "reserved" in err.details()
+    req = simple_request()
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    channel, stub = grpc_stub(server)
+    with channel:
+        assert stub.ModelInfer(req, timeout=10).outputs[0].name == "OUTPUT0"
+    for params, text in (
+        ({"triton_x": 1}, "'triton_x'"),
+        ({"tag": {"nested": 1}}, "parameter 'tag' must be a string, a number or a boolean"),
+        ({"tag": [1, 2]}, "parameter 'tag' must be"),
+        ({"tag": None}, "parameter 'tag' must be"),
+    ):
+        status, msg = http_error(server, json_body([json_input("INPUT0"), json_input("INPUT1")], parameters=params))
+        assert status == 400 and text in msg, (params, msg)
+    assert_still_serving(server)
+
+
 async def test_bytes_that_are_not_utf8(client):
     arr = np.array([[b"\xff\xfe not utf-8", b"ok"]], dtype=object)
     e = await client.error_of("infer", "identity_bytes", [client.input("INPUT", arr, "BYTES")])

@@ -234,3 +234,27 @@ def test_stream_with_an_unparsable_message(server):
         assert client.infer("simple", simple_inputs(grpcclient, simple_feeds(1))).as_numpy("OUTPUT0") is not None
     finally:
         client.close()
+
+
+def test_enable_empty_final_response_marks_each_answer_final(server):
+    """tritonclient's ``enable_empty_final_response=True`` (pytriton and streaming clients loop until
+    an answer says ``triton_final_response``): every model here answers a request once, so that one
+    answer is marked final, as Triton marks a non-decoupled model's answer. Without the option no
+    such parameter is sent."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        feeds = simple_feeds(1, seed=3)
+        client.async_stream_infer("simple", simple_inputs(grpcclient, feeds), enable_empty_final_response=True)
+        result, error = answers.get(timeout=20)
+        assert error is None, error
+        params = result.get_response().parameters
+        assert params["triton_final_response"].bool_param is True
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"])
+        client.async_stream_infer("simple", simple_inputs(grpcclient, feeds))
+        result, error = answers.get(timeout=20)
+        assert error is None and "triton_final_response" not in result.get_response().parameters
+    finally:
+        client.stop_stream()
+        client.close()
