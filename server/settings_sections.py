@@ -129,7 +129,10 @@ class RepositorySettings:
     )
     gpu_device_id: int = _setting(0, "CUDA device of KIND_GPU instance groups that name no gpus", minimum=0)
     default_max_batch_size: int = _setting(
-        4, "max_batch_size given to a model without config whose tensors all have a dynamic first dimension", minimum=0
+        4,
+        "max_batch_size given to a model without config whose tensors all have a dynamic first dimension (with "
+        "dynamic_batching {} when above 1, as Triton completes it)",
+        minimum=0,
     )
 
 

@@ -85,6 +85,10 @@ def complete_config(
         tensors = inputs + outputs
         if default_max_batch_size > 0 and tensors and all(t.shape and t.shape[0] == -1 for t in tensors):
             cfg.max_batch_size = default_max_batch_size
+            # and, as Triton's ONNX and TorchScript backends complete it, the dynamic batcher with
+            # its defaults when the config chose no scheduler
+            if default_max_batch_size > 1 and cfg.WhichOneof("scheduling_choice") is None:
+                cfg.dynamic_batching.SetInParent()
     if not cfg.instance_group:
         cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     for g in cfg.instance_group:

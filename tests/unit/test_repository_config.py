@@ -116,7 +116,25 @@ def test_complete_empty_config_with_dynamic_first_dims_batches():
     assert names_types_dims(done.output) == [("y", "TYPE_FP16", [10])]
     assert done.platform == "onnxruntime_onnx" and done.backend == "onnxruntime"
     assert [(g.count, g.kind) for g in done.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+    assert done.HasField("dynamic_batching")  # as Triton's backends complete it: the batcher, its defaults
+    assert done.dynamic_batching == mc.ModelDynamicBatching()
     assert not cfg.input and cfg.max_batch_size == 0  # the given config is not changed
+
+
+def test_completion_adds_the_dynamic_batcher_only_where_the_config_chose_no_scheduler():
+    tensors = ([io("x", "FP32", -1, 3)], [io("y", "FP32", -1)])
+    given = mc.ModelConfig(name="m")
+    given.dynamic_batching.max_queue_delay_microseconds = 700
+    done = complete_config(given, "onnxruntime_onnx", *tensors, default_max_batch_size=8)
+    assert done.max_batch_size == 8 and done.dynamic_batching.max_queue_delay_microseconds == 700
+    given = mc.ModelConfig(name="m")
+    given.sequence_batching.SetInParent()
+    done = complete_config(given, "onnxruntime_onnx", *tensors, default_max_batch_size=8)
+    assert done.WhichOneof("scheduling_choice") == "sequence_batching"
+    done = complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", *tensors, default_max_batch_size=1)
+    assert done.max_batch_size == 1 and done.WhichOneof("scheduling_choice") is None
+    done = complete_config(mc.ModelConfig(name="m", max_batch_size=4), "onnxruntime_onnx", *tensors, 8)
+    assert done.WhichOneof("scheduling_choice") is None  # a max_batch_size the config gave: its own choice
 
 
 def test_complete_with_a_fixed_first_dim_does_not_batch():
