@@ -316,11 +316,15 @@ class ModelRepository:
                         f"model '{name}': the files given with the load cannot be written: "
                         f"{hide_paths(e.strerror or str(e), d)}",
                     ) from None
+                self._wanted.add(name)  # asked for: strict readiness waits for it, loaded or failed
                 await self._load(name, fail_missing=True, override=override, model_dir=d, vote=vote)
             return
         if name not in self._discover() and config_json is None:
             raise not_found(f"model '{clip(name)}' is not in the model repository")
         override = config_from_json(config_json, name) if config_json is not None else None
+        # Asked for: strict readiness waits for it from now on, as Triton's does (a load that fails
+        # leaves the server not ready until the model loads or is unloaded).
+        self._wanted.add(name)
         await self._load(name, fail_missing=True, override=override, vote=vote)
 
     async def unload(self, name: str) -> None:

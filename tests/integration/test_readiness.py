@@ -11,6 +11,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protocol_support import QUICK
+from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
 from batchgate.demo import _save, classifier_model
@@ -81,6 +82,15 @@ def test_explicit_mode_expects_what_was_asked_for(tmp_path, serve):
     g.unload_model("good")
     assert wait_for(running, True) == READY
     g.load_model("good")
+    assert wait_for(running, True) == READY
+    # Asked for and failed: not ready (as Triton), until it loads or is unloaded.
+    try:
+        g.load_model("broken")
+        raise AssertionError("a model that is not ONNX loaded")
+    except InferenceServerException:
+        pass
+    assert wait_for(running, False) == NOT_READY
+    g.unload_model("broken")
     assert wait_for(running, True) == READY
 
 
