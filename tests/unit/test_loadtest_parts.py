@@ -97,6 +97,11 @@ def test_exit_status_and_percentile_support():
     assert exit_status(Run({}, {}, [ok])) == 0 and exit_status(Run({}, {}, [ok, bad])) == 3
     ok.slo_met = False
     assert exit_status(Run({}, {}, [ok])) == 1
+    # With no SLO, a step whose requests all failed is not a pass either.
+    failing = Step("c", "open", windows=[Window(0, 0.0, 1.0, "measure", 10.0, sent=10, errors={"UNAVAILABLE": 10})])
+    assert exit_status(Run({}, {}, [failing])) == 1
+    failing.windows[0].ok = 1
+    assert exit_status(Run({}, {}, [failing])) == 0
 
 
 @pytest.mark.parametrize("arrival", ["constant", "poisson"])
