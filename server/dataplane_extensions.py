@@ -45,7 +45,7 @@ class Extensions:
             keys.charge(key)
         except GatewayError as e:
             self.shm.count(action.removeprefix("shm."), e.code.value)
-            await self.access.audited(caller, None, action, target[:128], "refused", e.message[:256])
+            await self.access.audited(caller, None, action, target[:128], e.code.value, e.message[:256])
             raise
         return key.id
 
@@ -60,7 +60,7 @@ class Extensions:
         except GatewayError as e:
             if self.coordinator is not None:
                 self.shm.count("register", e.code.value)
-            await self.access.audited(caller, None, "shm.register", name[:128], "refused", e.message[:256])
+            await self.access.audited(caller, None, "shm.register", name[:128], e.code.value, e.message[:256])
             raise
         await self.access.audited(caller, None, "shm.register", name, "ok", f"key={key} byte_size={byte_size}")
 
@@ -76,7 +76,7 @@ class Extensions:
         except GatewayError as e:
             if self.coordinator is not None:
                 self.shm.count("unregister", e.code.value)
-            await self.access.audited(caller, None, "shm.unregister", name[:128], "refused", e.message[:256])
+            await self.access.audited(caller, None, "shm.unregister", name[:128], e.code.value, e.message[:256])
             raise
         await self.access.audited(caller, None, "shm.unregister", name or "*", "ok")
 
@@ -95,19 +95,23 @@ class Extensions:
 
     async def log_settings(self, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER) -> dict[str, Any]:
         """Triton's logging extension: the settings in effect, after ``changes`` (admin scope,
-        audited)."""
+        audited, a refusal too)."""
         if not changes:
             self.access.check(caller, READ)
             return logs.log_settings()
-        key = self.access.check(caller, ADMIN)
-        detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in list(changes.items())[:8])[:256]
+        key = None
         try:
-            now = logs.change_log_settings(dict(changes))
-        except ValueError as e:
-            await self.access.audited(caller, key, "logging.update", "logging", "refused", str(e)[:256])
-            raise invalid(str(e)) from None
-        if self.coordinator is not None:  # every worker logs alike
-            await self.coordinator.log_settings(dict(changes))
+            key = self.access.check(caller, ADMIN)
+            detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in list(changes.items())[:8])[:256]
+            try:
+                now = logs.change_log_settings(dict(changes))
+            except ValueError as e:
+                raise invalid(str(e)) from None
+            if self.coordinator is not None:  # every worker logs alike
+                await self.coordinator.log_settings(dict(changes))
+        except GatewayError as e:
+            await self.access.audited(caller, key, "logging.update", "logging", e.code.value, e.message[:256])
+            raise
         await self.access.audited(caller, key, "logging.update", "logging", "ok", printable(detail))
         return now
 
@@ -115,35 +119,44 @@ class Extensions:
         self, model: str, changes: Mapping[str, Any] | None, caller: Caller = OPEN_CALLER
     ) -> dict[str, Any]:
         """Triton's trace extension: the trace settings in effect for the server (``model`` "") or
-        one model, after ``changes`` (admin scope, audited; ``None`` as a model's value clears its
-        own). They map onto request tracing (``monitoring/tracing.py``): trace_level OFF or
-        TIMESTAMPS, trace_rate one request in N, trace_count traces left; trace_file and
-        log_frequency name Triton's files and cannot be set."""
+        one model, after ``changes`` (admin scope, for that model when one is named; audited, a
+        refusal too; ``None`` as a model's value clears its own). They map onto request tracing
+        (``monitoring/tracing.py``): trace_level OFF or TIMESTAMPS, trace_rate one request in N,
+        trace_count traces left; trace_file and log_frequency name Triton's files and cannot be set."""
         tracing = self.tracing
-        # the key first, the model after: a caller without a key learns nothing of the models
-        key = self.access.check(caller, ADMIN) if changes else self.access.check(caller, READ, model or None)
-        if model and not self.knows(model):
-            raise not_found(f"no model named '{printable(model[:128])}'")
         if not changes:
+            # the key first, the model after: a caller without a key learns nothing of the models
+            self.access.check(caller, READ, model or None)
+            if model and not self.knows(model):
+                raise not_found(f"no model named '{printable(model[:128])}'")
             return tracing.settings(model) if tracing is not None else Policy("OFF", 0, -1).as_triton("")
-        target = f"model {model}" if model else "server"
-        if len(changes) > len(TRACE_KEYS):
-            raise invalid(f"at most {len(TRACE_KEYS)} trace settings in one request, not {len(changes)}")
+        target = f"model {printable(model[:128])}" if model else "server"
+        key = None
         try:
-            parsed = parse_changes(dict(changes))
-        except ValueError as e:
-            await self.access.audited(caller, key, "tracing.update", target, "refused", str(e)[:256])
-            raise invalid(str(e)) from None
-        if tracing is None:
-            if parsed.get("trace_level", "OFF") == "OFF" and set(parsed) <= {"trace_level"}:
-                return Policy("OFF", 0, -1).as_triton("")
-            raise GatewayError(
-                ErrorCode.FAILED_PRECONDITION,
-                "request tracing is off: start batchgate with tracing: otlp and an otlp_endpoint to trace requests",
-            )
-        now = tracing.change(model, parsed)
-        if self.coordinator is not None:  # every worker traces alike
-            await self.coordinator.trace_settings(model, parsed)
+            key = self.access.check(caller, ADMIN, model or None)
+            if model and not self.knows(model):
+                raise not_found(f"no model named '{printable(model[:128])}'")
+            if len(changes) > len(TRACE_KEYS):
+                raise invalid(f"at most {len(TRACE_KEYS)} trace settings in one request, not {len(changes)}")
+            try:
+                parsed = parse_changes(dict(changes))
+            except ValueError as e:
+                raise invalid(str(e)) from None
+            if tracing is None:  # only "off", which it is, can be set
+                if not (parsed.get("trace_level", "OFF") == "OFF" and set(parsed) <= {"trace_level"}):
+                    raise GatewayError(
+                        ErrorCode.FAILED_PRECONDITION,
+                        "request tracing is off: start batchgate with tracing: otlp and an otlp_endpoint to trace "
+                        "requests",
+                    )
+                now = Policy("OFF", 0, -1).as_triton("")
+            else:
+                now = tracing.change(model, parsed)
+                if self.coordinator is not None:  # every worker traces alike
+                    await self.coordinator.trace_settings(model, parsed)
+        except GatewayError as e:
+            await self.access.audited(caller, key, "tracing.update", target, e.code.value, e.message[:256])
+            raise
         detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in parsed.items())
         await self.access.audited(caller, key, "tracing.update", target, "ok", printable(detail[:256]))
         return now

@@ -37,7 +37,7 @@ class _Threading(ThreadingMixIn, WSGIServer):
 def serve_metrics(exposition: Callable[[], bytes], host: str, port: int, keys: KeyStore | None) -> WSGIServer:
     """Serve what ``exposition()`` returns on ``host:port`` (0: a free port) until ``shutdown()``;
     with ``keys``, a scrape needs ``Authorization: Bearer <token>`` of a key with scope ``read``
-    (401 / 403)."""
+    for every model (models ``["*"]``; else 401 / 403)."""
 
     def app(environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET")
@@ -49,7 +49,14 @@ def serve_metrics(exposition: Callable[[], bytes], host: str, port: int, keys: K
             return _answer(start_response, head, "405 Method Not Allowed", b"/metrics answers GET and HEAD\n", allow)
         if keys is not None:
             try:
-                keys.authorize(keys.authenticate(environ.get("HTTP_AUTHORIZATION")), "read")
+                key = keys.authenticate(environ.get("HTTP_AUTHORIZATION"))
+                keys.authorize(key, "read")
+                if "*" not in key.models:  # the figures name every model: not for a key that sees only some
+                    raise GatewayError(
+                        ErrorCode.PERMISSION_DENIED,
+                        f"API key '{key.id}' may read only some models, and the metrics cover every model: "
+                        'scrape with a key whose models are ["*"]',
+                    )
             except GatewayError as e:
                 unauthenticated = e.code is ErrorCode.UNAUTHENTICATED
                 return _answer(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from functools import partial
 
@@ -62,7 +63,7 @@ SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-me
 
 def retry_metadata(e: GatewayError) -> tuple[tuple[str, str], ...]:
     """The trailing metadata that tells a refused caller when to try again (whole seconds)."""
-    return () if e.retry_after_s is None else (("retry-after", str(max(1, round(e.retry_after_s)))),)
+    return () if e.retry_after_s is None else (("retry-after", str(max(1, math.ceil(e.retry_after_s)))),)
 
 
 async def _abort(context, e: GatewayError):

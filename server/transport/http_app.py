@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from typing import TYPE_CHECKING
@@ -545,8 +546,10 @@ class HttpApp:
             headers.append((b"allow", e.allow.encode()))  # RFC 9110: a 405 names the methods that work
         else:
             status = HTTP_STATUS[e.code]
+            if status == 401:  # RFC 9110: a 401 says which scheme would do
+                headers.append((b"www-authenticate", b'Bearer realm="batchgate"'))
         if e.retry_after_s is not None:
-            headers.append((b"retry-after", str(max(1, round(e.retry_after_s))).encode()))
+            headers.append((b"retry-after", str(max(1, math.ceil(e.retry_after_s))).encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
         return status, headers, orjson.dumps({"error": e.message})

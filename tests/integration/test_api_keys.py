@@ -20,7 +20,9 @@ from tritonclient.utils import InferenceServerException
 from batchgate.demo import build_demo_repository
 from batchgate.security.auth import hash_token, new_token
 
-INFER_TOKEN, READ_TOKEN, ADMIN_TOKEN, SLOW_TOKEN = (new_token() for _ in range(4))
+INFER_TOKEN, READ_TOKEN, ADMIN_TOKEN, SLOW_TOKEN, SIMPLE_ADMIN_TOKEN, SIMPLE_READ_TOKEN = (
+    new_token() for _ in range(6)
+)
 
 
 def keys_yaml(extra: list[dict] | None = None) -> str:
@@ -29,6 +31,8 @@ def keys_yaml(extra: list[dict] | None = None) -> str:
         {"id": "dash", "sha256": hash_token(READ_TOKEN), "scopes": ["read"]},
         {"id": "ops", "sha256": hash_token(ADMIN_TOKEN), "scopes": ["admin", "read", "infer"]},
         {"id": "metered", "sha256": hash_token(SLOW_TOKEN), "scopes": ["infer"], "rate_per_s": 0.5, "burst": 2},
+        {"id": "simpleops", "sha256": hash_token(SIMPLE_ADMIN_TOKEN), "scopes": ["admin", "read"], "models": ["simp*"]},
+        {"id": "simplereader", "sha256": hash_token(SIMPLE_READ_TOKEN), "scopes": ["read"], "models": ["simp*"]},
     ]
     return yaml.safe_dump({"keys": entries + (extra or [])})
 
@@ -164,7 +168,42 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
     )
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(req)
-    assert ei.value.code == 429 and int(ei.value.headers["Retry-After"]) >= 1
+    assert ei.value.code == 429
+    wait = int(ei.value.headers["Retry-After"])
+    assert wait >= 1
+    time.sleep(wait)  # a client that waits what it was told is served (the wait is rounded up, never down)
+    c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN))
+
+
+def test_settings_changes_check_the_keys_models_and_every_refusal_is_audited(keyed):
+    """A key allowed some models changes the trace settings of those only; a refused change of the
+    log or trace settings is audited with its error code, as a refused load is."""
+    h = httpclient.InferenceServerClient(keyed.http_url)
+    g = grpcclient.InferenceServerClient(keyed.grpc_url)
+    for c in (h, g):
+        code, _ = status_of(
+            lambda c=c: c.update_trace_settings(
+                "classifier", {"trace_level": ["OFF"]}, headers=bearer(SIMPLE_ADMIN_TOKEN)
+            )
+        )
+        assert code in DENIED
+        c.update_trace_settings("simple", {"trace_level": ["OFF"]}, headers=bearer(SIMPLE_ADMIN_TOKEN))
+        code, _ = status_of(lambda c=c: c.update_log_settings({"log_verbose_level": 1}, headers=bearer(READ_TOKEN)))
+        assert code in DENIED
+        code, _ = status_of(lambda c=c: c.update_trace_settings(settings={"trace_level": ["OFF"]}))
+        assert code in UNAUTH
+    lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()]
+    got = [(r["action"], r["target"], r["outcome"], r.get("key_id")) for r in lines]
+    assert got == 2 * [
+        ("tracing.update", "model classifier", "PERMISSION_DENIED", "simpleops"),
+        ("tracing.update", "model simple", "ok", "simpleops"),
+        ("logging.update", "logging", "PERMISSION_DENIED", "dash"),
+        ("tracing.update", "server", "UNAUTHENTICATED", None),
+    ], got
+    # (and a 401 over HTTP names the scheme, RFC 9110)
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(f"http://{keyed.http_url}/v2/models/simple")
+    assert ei.value.code == 401 and ei.value.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 def test_revoking_a_key_in_the_file_takes_effect_without_restart(keyed):
@@ -196,6 +235,11 @@ def test_metrics_and_health_can_require_a_key(repo, serve, tmp_path):
     assert ei.value.code == 403  # scope read needed
     req = urllib.request.Request(running.metrics_url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
     assert b"batchgate_" in urllib.request.urlopen(req).read()
+    # a key that may read some models only: the figures name every model, so no
+    req = urllib.request.Request(running.metrics_url, headers={"Authorization": f"Bearer {SIMPLE_READ_TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req)
+    assert ei.value.code == 403 and b"every model" in ei.value.read()
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(f"http://{running.http_url}/v2/health/live")
     assert ei.value.code == 401
