@@ -1,10 +1,7 @@
 """Remote backend: a model served by one or more Open Inference Protocol servers.
 
-The upstreams are NVIDIA Triton, KServe, MLServer, another batchgate: anything that answers the
-V2 gRPC service, called with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``; tensors
-travel raw (``raw_input_contents`` / ``raw_output_contents``), never as JSON.
-
-What this module decides, per call:
+Upstreams: anything that answers the V2 gRPC service (Triton, KServe, MLServer, batchgate), called
+with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``, tensors raw, never JSON. Per call:
 
 - **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
   An upstream leaves the rotation when its readiness probe says the model is not ready there, or
@@ -12,9 +9,8 @@ What this module decides, per call:
   DATA_LOSS): it is ejected for ``eject_s``, then probed, and used again only once a probe
   succeeds. Each failed probe doubles the ejection (up to 60 s).
 - **How long.** The caller's deadline, else ``timeout_s``; cancelling the caller cancels the call.
-- **Whether to try again.** Only when the request was never delivered (the connection could not
-  be made). A call that reached the upstream and failed is never sent twice (inference need not
-  be idempotent).
+- **Whether to try again.** Only when the request was never delivered (no connection could be
+  made): a call that reached the upstream is never sent twice (inference need not be idempotent).
 - **What the caller sees.** No upstream in rotation: UNAVAILABLE at once, naming every upstream and
   why it is out. An upstream's INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED or
   RESOURCE_EXHAUSTED keeps its code, with the upstream's message and address.
@@ -48,6 +44,7 @@ log = logging.getLogger("batchgate.remote")
 PLATFORM = "remote"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_EJECT_S = 60.0
+_SAID_DOWN: set[tuple[str, str]] = set()  # (model, upstream) logged "down at start", until seen up
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
 _BREAKER_CODES = {
     grpc.StatusCode.UNAVAILABLE,
@@ -309,13 +306,16 @@ class RemoteV2Backend:
                 up.ejected_until = self._clock() + up.eject_s
                 up.why = f"ejected, probe failed ({why}); next probe in {up.eject_s:g} s"
                 log.warning("upstream %s of model '%s': probe failed (%s); next in %g s", addr, name, why, up.eject_s)
-        elif not up.probed:
-            if not ok:
+        elif not up.probed:  # (said once for a model's retried loads, until the upstream is seen up)
+            if not ok and (name, addr) not in _SAID_DOWN:
+                _SAID_DOWN.add((name, addr))
                 log.warning("upstream %s of model '%s' is down at start: %s", addr, name, why)
         elif up.ready and not ok:
             log.warning("upstream %s of model '%s' left the rotation: %s", addr, name, why)
         elif ok and not up.ready:
             log.info("upstream %s of model '%s' rejoined the rotation: the model is ready there", addr, name)
+        if ok:
+            _SAID_DOWN.discard((name, addr))
         up.probed = True
         up.ready = ok
         if not ok and not up.ejected:

@@ -94,6 +94,7 @@ class ModelRepository:
         self._generation: dict[str, int] = {}  # bumped by each unload: older loads stand down
         self._stopping = False
         self._wanted: set[str] = set()  # models that should be loaded (strict readiness)
+        self._failing: dict[str, str] = {}  # remote model -> why its retried load last failed
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
         # Called with a model's name whenever the versions it serves change (routes.py).
@@ -386,9 +387,10 @@ class ModelRepository:
             except Exception:  # a listener's bug must not break loading
                 log.exception("a listener failed on the change of model '%s'", name)
 
-    def _failed(self, entry: ModelEntry, msg: str) -> None:
+    def _failed(self, entry: ModelEntry, msg: str, counted: bool = True) -> None:
         """A load failed: the entry keeps serving what it had, or says why it cannot."""
-        self.metrics.load_failed(entry.name)
+        if counted:
+            self.metrics.load_failed(entry.name)
         if entry.versions:
             entry.reason = f"reload failed, still serving the old versions: {msg}"
         else:
@@ -488,9 +490,13 @@ class ModelRepository:
             except Exception as e:  # noqa: BLE001 - a remote model that cannot load never stops the others
                 msg = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
                 await backend.close()
-                self._failed(entry, msg)
+                # Retried until an upstream answers: logged and counted once for the series (again
+                # only if the reason changes), not at every retry.
+                again = self._failing.get(name) == msg
+                self._failed(entry, msg, counted=not again)
                 if wanted() and not fail:  # at start: retried until an upstream answers
-                    log.error(
+                    self._failing[name] = msg
+                    (log.debug if again else log.error)(
                         "remote model '%s' failed to load: %s; retrying every %g s", name, msg, spec.probe_interval_s
                     )
                     self._retrying[name] = asyncio.ensure_future(self._retry_remote(spec, generation))
@@ -501,6 +507,7 @@ class ModelRepository:
                     raise GatewayError(ErrorCode.UNAVAILABLE, f"failed to load model '{name}': {msg}") from None
                 return
             mine()
+            self._failing.pop(name, None)
             if not wanted():  # unloaded or stopped while the upstream answered
                 await served.retire(None)
                 return

@@ -719,3 +719,29 @@ def test_the_h2_client_carries_both_batching_modes_on_one_connection(tmp_path, s
         assert u.h2 is not None and u.h2._protocol is not None and not u.h2._protocol.lost
     metrics = _metric_lines(running, 'batchgate_remote_requests_total{model="pt",path="raw"')
     assert metrics and float(metrics[0].rsplit(" ", 1)[1]) == 2
+
+
+def test_a_model_whose_upstream_stays_down_at_start_is_logged_and_counted_once(serve, upstream, tmp_path, caplog):
+    """Its load is retried every probe interval; the failure is logged and counted once for the
+    series (a load-failure alert must not count seconds), then it loads when the upstream comes."""
+    caplog.set_level(logging.DEBUG, logger="batchgate")
+    port, http_port = _free_port(), _free_port()
+    spec = RemoteModel("clf", (f"127.0.0.1:{port}",), batching="passthrough", retries=0, **FAST)
+    running = serve("", remote_models=(spec,))
+    time.sleep(1.5)  # many probe intervals
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    failed = [r for r in records if "remote model 'clf' failed to load" in r.getMessage()]
+    down = [r for r in records if "is down at start" in r.getMessage()]
+    assert len(failed) == 1 and len(down) == 1, [r.getMessage() for r in records]
+    metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    assert 'batchgate_model_load_failures_total{model="clf"} 1.0' in metrics
+    upstream(_classifier_repo(tmp_path / "up"), ports=(http_port, port))
+    _wait(lambda: grpcclient.InferenceServerClient(running.grpc_url).is_model_ready("clf"), "the load")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # (free now: nothing listens there yet)
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
