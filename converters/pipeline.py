@@ -286,7 +286,10 @@ def config_text(job: Job, inputs: list[dict], outputs: list[dict]) -> str:
     )
     for src, dst in ((inputs, cfg.input), (outputs, cfg.output)):
         for t in src:
-            dst.add(name=t["name"], data_type=mc.DataType.Value(t["config"]), dims=t["dims"])
+            entry = dst.add(name=t["name"], data_type=mc.DataType.Value(t["config"]), dims=t["dims"])
+            if not t["dims"]:  # one value a row (batched) or a scalar: Triton wants dims [1], reshaped to []
+                entry.dims.append(1)
+                entry.reshape.SetInParent()
     if job.batched:
         cfg.dynamic_batching.max_queue_delay_microseconds = job.max_queue_delay_us
     kind = mc.ModelInstanceGroup.KIND_GPU if job.gpu else mc.ModelInstanceGroup.KIND_CPU

@@ -177,7 +177,8 @@ def _declared(shared: Shared, kind: str) -> tuple[str, list[dict] | None]:
         for e in entries:
             name = mc.DataType.Name(e.data_type)
             dt = BY_CONFIG.get(name)
-            out.append({"name": e.name, "datatype": dt.v2 if dt else name, "dims": [int(d) for d in e.dims]})
+            dims = e.reshape.shape if e.HasField("reshape") else e.dims  # (the model's own shape)
+            out.append({"name": e.name, "datatype": dt.v2 if dt else name, "dims": [int(d) for d in dims]})
         return "the config", out
     if not shared.versions:
         return "the config", None

@@ -165,12 +165,23 @@ def test_sklearn_pipeline_and_tree_ensemble_are_served_and_agree_with_sklearn(tm
     assert done.returncode == 0, done.stderr
     r = convert_sklearn(forest, ["features:FP32:-1,4"], str(repo), "forest")
     assert [c.output for c in r.checks] == ["label", "probabilities"] and all(c.ok for c in r.checks)
+    # One label a row: Triton refuses a tensor without dims, so the config says dims [1] reshaped to []
+    # (the model's own shape), and a second version fits the config the first one wrote.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = text_format.Parse((repo / "forest" / "config.pbtxt").read_text(), mc.ModelConfig())
+    label_entry = next(o for o in cfg.output if o.name == "label")
+    assert list(label_entry.dims) == [1] and label_entry.HasField("reshape") and not label_entry.reshape.shape
+    assert all(len(t.dims) for t in [*cfg.input, *cfg.output])
+    convert_sklearn(forest, ["features:FP32:-1,4"], str(repo), "forest", version=2)
 
     running = serve(str(repo))
     q = rng.standard_normal((9, 4)).astype(np.float32)
     for name, est in (("pipeline", pipeline), ("forest", forest)):
         for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
             label, proba = infer(url, mod, name, {"features": q}, ["label", "probabilities"])
+            assert label.shape == (9, 1)  # as Triton answers it: the config's dims [1] a row
             np.testing.assert_array_equal(label.reshape(-1), est.predict(q))
             np.testing.assert_allclose(proba, est.predict_proba(q), rtol=1e-4, atol=1e-5)
 
