@@ -445,7 +445,8 @@ class DataPlane(Extensions):
         except GatewayError as e:
             await self.access.audited(caller, key, "repository.load", name, e.code.value, e.message)
             raise
-        await self.access.audited(caller, key, "repository.load", name, "ok", files=await self._hashes(name, files))
+        hashed, omitted = await self._hashes(name, files)
+        await self.access.audited(caller, key, "repository.load", name, "ok", files=hashed, files_omitted=omitted)
 
     async def unload_model(self, name: str, caller: Caller = OPEN_CALLER) -> None:
         key = None
@@ -462,17 +463,18 @@ class DataPlane(Extensions):
             raise
         await self.access.audited(caller, key, "repository.unload", name, "ok")
 
-    async def _hashes(self, name: str, uploaded: dict[str, bytes]) -> dict[str, str] | None:
-        """SHA-256 of each file a load used: the uploaded ones, else the model's directory."""
+    async def _hashes(self, name: str, uploaded: dict[str, bytes]) -> tuple[dict[str, str] | None, int]:
+        """SHA-256 of each file a load used (the uploaded ones, else the model's directory's first
+        files), and how many more files there are."""
         if self.access.audit is None:
-            return None
+            return None, 0
         if uploaded:
-            return {path: hashlib.sha256(data).hexdigest() for path, data in uploaded.items()}
+            return {path: hashlib.sha256(data).hexdigest() for path, data in uploaded.items()}, 0
         root = self.repository.root
         if not root or not os.path.isdir(os.path.join(root, name)):
-            return None
+            return None, 0
         try:
             return await asyncio.to_thread(hash_files, os.path.join(root, name))
         except (OSError, ValueError) as e:
             log.warning("audit: could not hash the files of model '%s': %s", name, e)
-            return None
+            return None, 0

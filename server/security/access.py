@@ -86,6 +86,7 @@ class Access:
         outcome: str,
         detail: str = "",
         files: dict[str, str] | None = None,
+        files_omitted: int = 0,
     ) -> None:
         """One audit line (when ``audit_log_file`` is set). A failure to write is logged as an
         error: the action it records has already happened."""
@@ -103,6 +104,7 @@ class Access:
                 outcome=outcome,
                 detail=detail,
                 files=files,
+                files_omitted=files_omitted,
             )
         except OSError as e:
             log.error("could not write the audit log %s: %s", self.audit.path, e)

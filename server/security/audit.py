@@ -84,6 +84,7 @@ class AuditLog:
         outcome: str,
         detail: str = "",
         files: Mapping[str, str] | None = None,
+        files_omitted: int = 0,
     ) -> bytes:
         """The JSON line :meth:`record` appends, newline included."""
         obj: dict[str, object] = {
@@ -99,8 +100,9 @@ class AuditLog:
         if files is not None:
             names = sorted(files)
             obj["files"] = {_cut(n, MAX_PATH): _cut(files[n], 64) for n in names[:MAX_FILES]}
-            if len(names) > MAX_FILES:
-                obj["files_omitted"] = len(names) - MAX_FILES
+            omitted = files_omitted + max(0, len(names) - MAX_FILES)
+            if omitted:
+                obj["files_omitted"] = omitted
         return orjson.dumps(obj) + b"\n"
 
     def record(self, **fields: Any) -> None:
@@ -122,49 +124,52 @@ class AuditLog:
         await asyncio.to_thread(partial(self.record, **fields))
 
 
-def hash_files(directory: str, max_files: int = 1000, max_bytes: int = 8 * GIB) -> dict[str, str]:
-    """SHA-256 (hex) of every regular file under ``directory``, keyed by its path relative to
-    it ('/'-separated), in sorted order. Symbolic links (to files or folders) and special files
-    are skipped, never followed. ``ValueError`` when the folder holds more than ``max_files``
-    files (or as many folders) or more than ``max_bytes`` bytes: nothing is hashed then."""
-    files: list[tuple[str, str]] = []  # (relative, full)
-    total = folders = 0
+def hash_files(
+    directory: str, max_files: int = MAX_FILES, max_bytes: int = 8 * GIB, max_listed: int = 100 * MAX_FILES
+) -> tuple[dict[str, str], int]:
+    """SHA-256 (hex) of the regular files under ``directory``, keyed by their paths relative to
+    it ('/'-separated), in sorted order: the first ``max_files`` of them, and how many more there
+    are (not hashed). A symbolic link to a regular file is hashed as the file it names (the model
+    was loaded through it: a mounted volume's files are links); links to folders and special
+    files are skipped, never followed. ``ValueError`` when the folder holds more than
+    ``max_listed`` files (or as many folders), or the files hashed more than ``max_bytes`` bytes."""
+    files: list[tuple[str, str, bool]] = []  # (relative, full, through a link)
+    folders = 0
     stack = [("", directory)]
     while stack:
         rel, path = stack.pop()
         with os.scandir(path) as it:
             for entry in it:
                 name = f"{rel}{entry.name}"
-                if entry.is_symlink():
-                    continue
-                if entry.is_dir(follow_symlinks=False):
+                link = entry.is_symlink()
+                if not link and entry.is_dir(follow_symlinks=False):
                     folders += 1
-                    if folders > max_files:
-                        raise ValueError(f"{directory} holds more than {max_files} folders; at most that are hashed")
+                    if folders > max_listed:
+                        raise ValueError(f"{directory} holds more than {max_listed} folders")
                     stack.append((name + "/", entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    files.append((name, entry.path))
-                    if len(files) > max_files:
-                        raise ValueError(f"{directory} holds more than {max_files} files; at most that are hashed")
-                    total += entry.stat(follow_symlinks=False).st_size
-                    if total > max_bytes:
-                        raise ValueError(f"{directory} holds more than {max_bytes} bytes; at most that are hashed")
+                elif entry.is_file(follow_symlinks=link):
+                    files.append((name, entry.path, link))
+                    if len(files) > max_listed:
+                        raise ValueError(f"{directory} holds more than {max_listed} files")
     files.sort()
+    if sum(os.stat(full).st_size for _, full, _ in files[:max_files]) > max_bytes:  # (before reading any)
+        raise ValueError(f"{directory} holds more than {max_bytes} bytes in the files to hash")
     out: dict[str, str] = {}
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     left = max_bytes
-    for rel, full in files:
-        out[rel], size = _hash_file(full, view, left, directory)
+    for rel, full, link in files[:max_files]:
+        out[rel], size = _hash_file(full, view, left, directory, link)
         left -= size
-    return out
+    return out, max(0, len(files) - max_files)
 
 
-def _hash_file(path: str, view: memoryview, left: int, directory: str) -> tuple[str, int]:
-    """SHA-256 of one regular file, opened without following a link (a file swapped for a
-    link or a FIFO since the folder was listed is refused, not followed or waited on), and
-    the bytes it held."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _hash_file(path: str, view: memoryview, left: int, directory: str, link: bool = False) -> tuple[str, int]:
+    """SHA-256 of one regular file and the bytes it held. Opened without following a link unless
+    ``link`` (it was listed as one), and never waiting on a FIFO: what is opened must be a regular
+    file, else it is refused (a file swapped for something else since the folder was listed)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if link else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     with open(fd, "rb", buffering=0) as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path} is no longer a regular file")
@@ -173,6 +178,6 @@ def _hash_file(path: str, view: memoryview, left: int, directory: str) -> tuple[
         while n := f.readinto(view):
             size += n
             if size > left:
-                raise ValueError(f"{directory} grew past the byte limit while it was hashed")
+                raise ValueError(f"{directory} holds more than {left} bytes in the files hashed")
             h.update(view[:n])
     return h.hexdigest(), size

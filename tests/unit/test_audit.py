@@ -1,5 +1,5 @@
 """The audit log: one JSON line per record, appended, fsynced, bounded, never a token; and
-hash_files: SHA-256 of a folder's regular files, bounded, symbolic links skipped."""
+hash_files: SHA-256 of a folder's regular files, bounded; links to files followed, others skipped."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_no_field_takes_a_token():
 
     # record and arecord take exactly the fields of line
     params = set(inspect.signature(AuditLog.line).parameters) - {"self"}
-    assert params == {"key_id", "peer", "action", "target", "outcome", "detail", "files"}
+    assert params == {"key_id", "peer", "action", "target", "outcome", "detail", "files", "files_omitted"}
 
 
 def test_record_refuses_a_field_line_does_not_have(tmp_path):
@@ -208,32 +208,42 @@ def model_dir(tmp_path):
 def test_hash_files_hashes_every_regular_file_sorted(model_dir):
     big = os.urandom(3 * audit.CHUNK + 17)  # several chunks
     (model_dir / "1" / "weights.bin").write_bytes(big)
-    got = hash_files(str(model_dir))
+    got, omitted = hash_files(str(model_dir))
     assert got == {
         "1/model.onnx": sha(b"\x08\x07" * 1000),
         "1/weights.bin": sha(big),
         "config.pbtxt": sha(b'name: "m"\n'),
     }
-    assert list(got) == sorted(got)
+    assert list(got) == sorted(got) and omitted == 0
 
 
-def test_hash_files_skips_symlinks_and_special_files(model_dir, tmp_path):
+def test_hash_files_follows_links_to_files_and_skips_other_links_and_special_files(model_dir, tmp_path):
+    """A mounted volume's model file is a link: what was loaded through it is what gets hashed.
+    Links to folders (loops) and FIFOs (a read would wait) are skipped."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "secret").write_bytes(b"not part of the model")
-    os.symlink(outside / "secret", model_dir / "link.txt")
+    (outside / "weights").write_bytes(b"the weights served")
+    os.symlink(outside / "weights", model_dir / "1" / "weights.bin")
     os.symlink(outside, model_dir / "linked-dir")
+    os.symlink(tmp_path / "nothing-there", model_dir / "dangling")
     os.mkfifo(model_dir / "fifo")
-    got = hash_files(str(model_dir))
-    assert set(got) == {"1/model.onnx", "config.pbtxt"}
+    os.mkfifo(outside / "fifo")
+    os.symlink(outside / "fifo", model_dir / "link-to-fifo")
+    got, _ = hash_files(str(model_dir))
+    assert got == {
+        "1/model.onnx": sha(b"\x08\x07" * 1000),
+        "1/weights.bin": sha(b"the weights served"),
+        "config.pbtxt": sha(b'name: "m"\n'),
+    }
 
 
-def test_hash_files_bounds_the_file_count(tmp_path):
-    for i in range(3):
+def test_hash_files_hashes_the_first_files_and_counts_the_rest(tmp_path):
+    for i in range(5):
         (tmp_path / f"f{i}").write_bytes(b"x")
-    assert len(hash_files(str(tmp_path), max_files=3)) == 3
-    with pytest.raises(ValueError, match="more than 2 files"):
-        hash_files(str(tmp_path), max_files=2)
+    got, omitted = hash_files(str(tmp_path), max_files=3)
+    assert list(got) == ["f0", "f1", "f2"] and omitted == 2
+    with pytest.raises(ValueError, match="more than 4 files"):
+        hash_files(str(tmp_path), max_files=3, max_listed=4)
 
 
 def test_hash_files_bounds_the_folder_count(tmp_path):
@@ -243,12 +253,12 @@ def test_hash_files_bounds_the_folder_count(tmp_path):
         p = p / f"d{i}"
     p.mkdir(parents=True)
     with pytest.raises(ValueError, match="folders"):
-        hash_files(str(d), max_files=4)
+        hash_files(str(d), max_listed=4)
 
 
 def test_hash_files_bounds_the_bytes(model_dir):
     total = 2000 + len(b'name: "m"\n')
-    assert len(hash_files(str(model_dir), max_bytes=total)) == 2
+    assert len(hash_files(str(model_dir), max_bytes=total)[0]) == 2
     with pytest.raises(ValueError, match="bytes"):
         hash_files(str(model_dir), max_bytes=total - 1)
 
@@ -256,11 +266,11 @@ def test_hash_files_bounds_the_bytes(model_dir):
 def test_hash_files_refuses_a_file_that_grows_past_the_limit(model_dir, monkeypatch):
     real = audit._hash_file
 
-    def grow_then_hash(path, view, left, directory):
+    def grow_then_hash(path, view, left, directory, link=False):
         with open(path, "ab") as f:
             f.write(b"x" * 10_000)
-        return real(path, view, left, directory)
+        return real(path, view, left, directory, link)
 
     monkeypatch.setattr(audit, "_hash_file", grow_then_hash)
-    with pytest.raises(ValueError, match="grew past"):
+    with pytest.raises(ValueError, match="bytes in the files hashed"):
         hash_files(str(model_dir), max_bytes=5000)
