@@ -16,7 +16,7 @@ import numpy as np
 
 from batchgate.core.types import DATATYPES, DataType
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 BATCH = "batch"
 
 
@@ -51,7 +51,7 @@ class InputSpec:
         if len(parts) != 3 or not all(p.strip() for p in parts):
             raise ConversionError(f"input spec {text!r} must be NAME:DTYPE:SHAPE, e.g. x:FP32:-1,3,224,224")
         name, dt, shape = (p.strip() for p in parts)
-        if not _NAME.match(name):
+        if not TENSOR_NAME.match(name):
             raise ConversionError(f"input spec {text!r}: {name!r} is not a valid tensor name")
         dims: list[int | str] = []
         for d in shape.split(","):
@@ -61,7 +61,7 @@ class InputSpec:
                 if v == 0 or v < -1:
                     raise ConversionError(f"input spec {text!r}: dimension {d} must be positive, or -1 for dynamic")
                 dims.append(v)
-            elif _NAME.match(d):
+            elif TENSOR_NAME.match(d):
                 dims.append(d)
             else:
                 raise ConversionError(f"input spec {text!r}: dimension {d!r} must be a size, -1 or a name")

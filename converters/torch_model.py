@@ -19,7 +19,7 @@ import onnx
 
 from batchgate.core.types import BY_NUMPY
 
-from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
+from .spec import BATCH, TENSOR_NAME, ConversionError, InputSpec, example_sizes, generate
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 
@@ -110,9 +110,13 @@ def reference(module, specs: list[InputSpec]):
 def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
     """The names given, or ``output`` / ``output0..n``; their number checked against what the
     model returns for an example input."""
+    torch = _torch()
     example = generate(specs, example_sizes(specs, 2), np.random.default_rng(0))
     try:
-        n = len(reference(module, specs)(example))
+        args = [torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs]
+        with torch.no_grad():
+            raw = module(*args)
+        n = len(_flatten(raw))
     except ConversionError:
         raise
     except Exception as e:  # noqa: BLE001 - most often the input specs do not fit the model
@@ -128,6 +132,12 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
         if clash:
             raise ConversionError(f"--output names must differ from each other and from the inputs: {clash}")
         return list(given)
+    # A dict of tensors names its outputs by its keys (when they can be tensor names).
+    if isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        keys = [str(k) for k in raw]
+        inputs = {s.name for s in specs}
+        if all(TENSOR_NAME.fullmatch(k) for k in keys) and not inputs & set(keys):
+            return keys
     return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
 
 

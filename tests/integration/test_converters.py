@@ -312,3 +312,13 @@ def test_integer_outputs_must_be_equal_and_nan_agrees_with_nan(tmp_path):
     r = convert_torch(convert_models.ArgmaxAndLog(), ["x:FP32:-1,16"], str(tmp_path), "al", outputs=["label", "log"])
     label, log = r.checks
     assert label.ok and label.max_abs == 0 and log.ok  # log of negatives: NaN on both sides, equal
+
+
+def test_a_module_answering_a_dict_names_its_outputs_by_the_keys(tmp_path, serve):
+    r = convert_torch(convert_models.DictOut(), ["x:FP32:-1,4"], str(tmp_path), "d")
+    assert [c.output for c in r.checks] == ["logits", "total"] and all(c.ok for c in r.checks)
+    running = serve(str(tmp_path))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    logits, total = infer(running.grpc_url, grpcclient, "d", {"x": x}, ["logits", "total"])
+    np.testing.assert_allclose(logits, x * 2)
+    np.testing.assert_allclose(total, x.sum(-1, keepdims=True))
