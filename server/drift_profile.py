@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,8 @@ def sha256_of(path: str) -> str:
 
 # ---------------------------------------------------------------------------------- reading data
 def read_table(path: str) -> dict[str, np.ndarray]:
-    """Column name -> values from a CSV, Parquet or JSON-lines file (JSONL list values kept whole)."""
+    """Column name -> values from a CSV, Parquet or JSON-lines file, as they are written (CSV
+    cells as text; :func:`_column` reads numbers out of them); JSONL list values kept whole."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -88,7 +90,7 @@ def read_table(path: str) -> dict[str, np.ndarray]:
                     raise ConfigError(f"{path}: row {i + 2} has {len(row)} cells, the header {len(header)}")
                 for c, v in zip(cells, row):
                     c.append(v)
-        return {name: _column(values) for name, values in zip(header, cells)}
+        return {name: np.asarray(values, dtype=object) for name, values in zip(header, cells)}
     if ext == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -113,12 +115,12 @@ def read_table(path: str) -> dict[str, np.ndarray]:
             if any(isinstance(v, list) for v in values):
                 out[k] = np.asarray(values)
             else:
-                out[k] = _column([("" if v is None else v) for v in values])
+                out[k] = np.asarray([("" if v is None else v) for v in values], dtype=object)
         return out
     raise ConfigError(f"{path}: unknown data format {ext!r} (.npz, .csv, .parquet, .jsonl)")
 
 
-def _column(values: Sequence[Any]) -> np.ndarray:
+def _column(values: Sequence[Any] | np.ndarray) -> np.ndarray:
     """Numbers where every cell is one (empty cells: NaN), else text."""
     try:
         return np.asarray([float("nan") if v == "" else float(v) for v in values], dtype=np.float64)
@@ -135,10 +137,12 @@ def _arrow_column(col) -> np.ndarray:
 
 
 def load_inputs(
-    path: str, inputs: list[str], feature_names: list[str]
+    path: str, inputs: list[str], feature_names: list[str], as_text: Callable[[str, str], bool] = lambda t, n: False
 ) -> tuple[dict[str, np.ndarray], dict[str, list[str] | None], set[str]]:
     """Input name -> [rows, features] array, input name -> feature names (or None), and the
-    features of table files whose cells are text (categorical unless told otherwise)."""
+    features of table files whose cells are text (categorical unless told otherwise). A table's
+    column is read as numbers where every cell is one, unless ``as_text(input, feature)``: then
+    its cells stay as written (``01`` is not ``1``)."""
     names: dict[str, list[str] | None] = {i: None for i in inputs}
     text: set[str] = set()
     if path.lower().endswith(".npz"):
@@ -168,17 +172,33 @@ def load_inputs(
         missing = [c for c in cols if c not in table]
         if missing or not cols:
             raise ConfigError(f"{path}: no column(s) {', '.join(missing) or tensor + '.*'} for input '{tensor}'")
-        block = [table[c] for c in cols]
+        given = [c.split(".", 1)[1] if len(inputs) > 1 else c for c in cols]
+        typed = path.lower().endswith(".parquet")  # (Parquet columns have their types already)
+        block = [table[c] if typed or as_text(tensor, n) else _column(table[c]) for c, n in zip(cols, given)]
         kind = object if any(b.dtype == object for b in block) else np.float64
         out[tensor] = np.stack([b.astype(kind) for b in block], axis=1)
-        given = [c.split(".", 1)[1] if len(inputs) > 1 else c for c in cols]
         names[tensor] = given
         text.update(n for n, b in zip(given, block) if b.dtype == object)
     return out, names, text
 
 
 # ---------------------------------------------------------------------------------- the model
-def run_local(repository: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# the numpy datatype of each ONNX Runtime / V2 datatype (BYTES and strings: Python objects)
+ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(string)": np.object_,
+}  # fmt: skip
+V2_TYPES = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
+    "INT16": np.int16, "INT8": np.int8, "UINT64": np.uint64, "UINT32": np.uint32, "UINT16": np.uint16,
+    "UINT8": np.uint8, "BOOL": np.bool_, "BYTES": np.object_,
+}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _session(repository: str, model: str):
     import onnxruntime as ort
 
     from .core.types import check_model_name
@@ -192,20 +212,70 @@ def run_local(repository: str, model: str, feeds: dict[str, np.ndarray]) -> dict
     files = sorted(f for f in os.listdir(vdir) if f.endswith(".onnx"))
     if not files:
         raise ConfigError(f"{vdir}: no .onnx file")
-    session = ort.InferenceSession(os.path.join(vdir, files[0]), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(os.path.join(vdir, files[0]), providers=["CPUExecutionProvider"])
+
+
+def local_dtypes(repository: str, model: str) -> dict[str, np.dtype]:
+    """The model's inputs' datatypes (its latest version, as ONNX Runtime reads it)."""
+    return {
+        i.name: np.dtype(ORT_TYPES[i.type]) for i in _session(repository, model).get_inputs() if i.type in ORT_TYPES
+    }
+
+
+def remote_dtypes(url: str, model: str) -> dict[str, np.dtype]:
+    """The model's inputs' datatypes, from a V2 server's metadata."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url.split("://", 1)[-1].rstrip("/"), ssl=url.startswith("https://"))
+    try:
+        meta = client.get_model_metadata(model)
+    finally:
+        client.close()
+    return {i["name"]: np.dtype(V2_TYPES[i["datatype"]]) for i in meta["inputs"] if i["datatype"] in V2_TYPES}
+
+
+def _feed(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """Rows as the model takes them: text as str objects for a string (BYTES) input."""
+    if np.dtype(dtype) == np.dtype(object):
+        return np.vectorize(
+            lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v), otypes=[object]
+        )(array)
+    return array.astype(dtype)
+
+
+def run_local(repository: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = _session(repository, model)
     types = {i.name: i.type for i in session.get_inputs()}
-    ort_types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
-    ort_types["tensor(int32)"] = np.int32
     outs: dict[str, list[np.ndarray]] = {}
     rows = next(iter(feeds.values())).shape[0]
     for start in range(0, rows, BATCH_ROWS):
         batch = {
-            k: v[start : start + BATCH_ROWS].astype(ort_types.get(types.get(k, ""), v.dtype)) for k, v in feeds.items()
+            k: _feed(v[start : start + BATCH_ROWS], ORT_TYPES.get(types.get(k, ""), v.dtype)) for k, v in feeds.items()
         }
         names = [o.name for o in session.get_outputs()]
         for name, value in zip(names, session.run(names, batch)):
             outs.setdefault(name, []).append(np.asarray(value))
-    return {k: np.concatenate(v) for k, v in outs.items()}
+    served = _reshaped_outputs(repository, model)
+    return {k: _as_served(np.concatenate(v), served.get(k)) for k, v in outs.items()}
+
+
+def _reshaped_outputs(repository: str, model: str) -> dict[str, tuple[bool, tuple[int, ...]]]:
+    """Outputs the model's config.pbtxt reshapes (Triton's ``reshape``): name -> (batched, the
+    dims callers get), so a profile names their features as the served answers do (a label the
+    model gives as [N] is served [N, 1] under dims [1])."""
+    from .repository.config import read_config
+
+    cfg = read_config(os.path.join(repository, model), model)
+    return {
+        o.name: (cfg.max_batch_size > 0, tuple(int(d) for d in o.dims)) for o in cfg.output if o.HasField("reshape")
+    }
+
+
+def _as_served(array: np.ndarray, reshape: tuple[bool, tuple[int, ...]] | None) -> np.ndarray:
+    if reshape is None:
+        return array
+    batched, dims = reshape
+    return array.reshape((array.shape[0], *dims) if batched else dims)
 
 
 def run_remote(url: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -218,13 +288,12 @@ def run_remote(url: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, 
     limit = int(client.get_model_config(model).get("max_batch_size") or 0)
     step = min(BATCH_ROWS, limit) if limit > 0 else BATCH_ROWS
     dtypes = {i["name"]: i["datatype"] for i in meta["inputs"]}
-    triton_np = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "BYTES": np.object_}
     outs: dict[str, list[np.ndarray]] = {}
     rows = next(iter(feeds.values())).shape[0]
     for start in range(0, rows, step):
         ins = []
         for k, v in feeds.items():
-            arr = v[start : start + step].astype(triton_np.get(dtypes.get(k, ""), v.dtype))
+            arr = _feed(v[start : start + step], V2_TYPES.get(dtypes.get(k, ""), v.dtype))
             t = httpclient.InferInput(k, list(arr.shape), np_to_triton_dtype(arr.dtype))
             t.set_data_from_numpy(arr, binary_data=True)
             ins.append(t)
@@ -236,38 +305,78 @@ def run_remote(url: str, model: str, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------- the command
+def check_options(args: argparse.Namespace) -> None:
+    """Options that cannot make a profile are refused before any work (exit 2)."""
+    if not 2 <= args.bins <= 1000:
+        raise ConfigError(f"--bins must be from 2 to 1000, not {args.bins}")
+    if not 1 <= args.max_categories <= 100_000:
+        raise ConfigError(f"--max-categories must be from 1 to 100000, not {args.max_categories}")
+    both = set(_names(args.categorical)) & set(_names(args.numeric))
+    if both:
+        raise ConfigError(f"--categorical and --numeric both name {', '.join(sorted(both))}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {args.out}: the directory {folder} does not exist")
+
+
 def make_profile(args: argparse.Namespace) -> dict[str, Any]:
-    arrays, names, text = load_inputs(args.data, args.inputs, _names(args.feature_names))
+    check_options(args)
+    served: dict[str, np.dtype] = {}
+    if args.model_repository:
+        served = local_dtypes(args.model_repository, args.model)
+    elif args.url:
+        served = remote_dtypes(args.url, args.model)
+    asked = _names(args.categorical)
+    numeric = _names(args.numeric)
+
+    def as_text(tensor: str, name: str) -> bool:  # cells kept as written: a BYTES input's, or categories
+        dtype = served.get(tensor)
+        return (dtype is not None and dtype.kind == "O") or (dtype is None and name in asked)
+
+    arrays, names, text = load_inputs(args.data, args.inputs, _names(args.feature_names), as_text)
     rows = {a.shape[0] for a in arrays.values()}
     if len(rows) != 1:
         raise ConfigError(f"{args.data}: the inputs have different row counts ({sorted(rows)})")
     count = rows.pop()
     if not count or count > MAX_ROWS:
         raise ConfigError(f"{args.data}: {count} rows; a profile needs 1 to {MAX_ROWS}")
-    asked = _names(args.categorical)
-    numeric = _names(args.numeric)
     categorical = asked + sorted(text - set(numeric))
     for t, a in arrays.items():  # a table with text columns: its number columns stay numbers
-        if a.dtype == object and names[t]:
+        if a.dtype == object and names[t] and t not in served:
             numeric += [n for n in names[t] or () if n not in text and n not in asked]
     inputs = {
-        t: build_tensor(t, a, names[t], categorical, numeric, bins=args.bins, max_categories=args.max_categories)
+        t: build_tensor(t, a, names[t], categorical, numeric, args.bins, args.max_categories, served.get(t))
         for t, a in arrays.items()
     }
     outputs = {}
     if args.model_repository or args.url:
-        numeric_feeds = {t: a.astype(np.float64) if a.dtype == object else a for t, a in arrays.items()}
-        if args.model_repository:
-            answers = run_local(args.model_repository, args.model, numeric_feeds)
-        else:
-            answers = run_remote(args.url, args.model, numeric_feeds)
+        feeds = {}
+        for t, a in arrays.items():
+            dtype = served.get(t, np.dtype(np.float64) if a.dtype == object else a.dtype)
+            if a.dtype == object and dtype.kind != "O":
+                try:
+                    a = a.astype(np.float64)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"input '{t}' holds text, but the model takes it as {dtype}") from None
+            feeds[t] = a
+        run = run_local if args.model_repository else run_remote
+        answers = run(args.model_repository or args.url, args.model, feeds)
         outputs = {
             name: build_tensor(name, a, None, categorical, numeric, bins=args.bins, max_categories=args.max_categories)
             for name, a in answers.items()
             if columns(a).shape[1] <= 4096
         }
+    known = {f.name for fs in (*inputs.values(), *outputs.values()) for f in fs}
+    unknown = [n for n in (*asked, *_names(args.numeric)) if n not in known]
+    if unknown:
+        raise ConfigError(f"--categorical/--numeric name no feature: {', '.join(unknown)} (features: {_shown(known)})")
     source = {"file": os.path.basename(args.data), "sha256": sha256_of(args.data), "rows": count}
     return build_profile(args.model, inputs, outputs, source).to_json()
+
+
+def _shown(names: set[str]) -> str:
+    listed = sorted(names)
+    return ", ".join(listed[:20]) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -284,9 +393,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"batchgate drift profile: running the model failed: {str(e)[:2000]}", file=sys.stderr)
         return 1
     tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(profile, f, indent=1)
-    os.replace(tmp, args.out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(profile, f, indent=1)
+        os.replace(tmp, args.out)
+    except OSError as e:
+        print(f"batchgate drift profile: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     feats = sum(len(v) for v in profile["inputs"].values()) + sum(len(v) for v in profile["outputs"].values())
     print(
         f"profile {profile['id']} of '{args.model}': {profile['source']['rows']} rows, {feats} features "

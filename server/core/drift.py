@@ -282,17 +282,48 @@ def categorical_dtype(dtype: np.dtype) -> bool:
     return dtype.kind in "iubOSU"
 
 
+def cut_utf8(data: bytes) -> bytes:
+    """At most :data:`MAX_CATEGORY_BYTES` bytes of ``data``, never ending in part of a UTF-8
+    character (a character the cut would split is left out whole)."""
+    if len(data) < MAX_CATEGORY_BYTES:
+        return data
+    data = data[:MAX_CATEGORY_BYTES]
+    i = len(data) - 1
+    while i > len(data) - 4 and i > 0 and data[i] & 0xC0 == 0x80:  # continuation bytes at the end
+        i -= 1
+    lead = data[i]
+    need = 2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4 if lead & 0xF8 == 0xF0 else 1
+    return data[:i] if i + need > len(data) else data
+
+
+_BOOL_TEXT = {"True": "1", "False": "0"}
+
+
 def category_key(value: Any) -> str:
-    """The text a category is kept under (bytes decoded, bounded)."""
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value[:MAX_CATEGORY_BYTES]).decode("utf-8", "backslashreplace")
-    elif isinstance(value, (bool, np.bool_, np.integer)) or (
-        isinstance(value, (float, np.floating)) and float(value).is_integer()
-    ):
-        value = int(value)  # True and 1, 1.0 and 1 are one category, whatever the tensor's type
-    elif isinstance(value, str) and value in ("True", "False"):
-        value = int(value == "True")  # a text column of booleans, against a BOOL tensor
-    return str(value)[:MAX_CATEGORY_BYTES]
+    """The text a category is kept under, the same in a profile and live, whatever carried it:
+
+    - text (str, or bytes decoded as UTF-8, invalid bytes as ``\\xNN``) as it is, cut to
+      :data:`MAX_CATEGORY_BYTES` bytes of UTF-8 (never inside a character): ``"01"`` and
+      ``b"01"`` are one category, ``"1"`` another;
+    - the texts ``True`` and ``False`` as ``1`` and ``0``, like BOOL values (so a text column of
+      booleans matches a BOOL tensor, and a BYTES one holding them matches its profile);
+    - a bool or integer as its decimal digits, a float equal to an integer too (``1.0`` is ``1``),
+      another float in the shortest form of its own precision (float32 0.1 is ``0.1``)."""
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        text = bytes(cut_utf8(bytes(value))).decode("utf-8", "backslashreplace")
+    elif isinstance(value, (str, np.str_)):
+        text = str(value)
+        if len(text) * 4 > MAX_CATEGORY_BYTES:  # (shorter text is under the bound in any case)
+            text = cut_utf8(text.encode("utf-8", "surrogatepass")).decode("utf-8", "backslashreplace")
+    elif isinstance(value, (bool, np.bool_, int, np.integer)):
+        return str(int(value))  # True and 1 are one category, whatever the tensor's type
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))  # 1.0 and 1 too
+    else:
+        text = str(value)
+        if len(text) * 4 > MAX_CATEGORY_BYTES:
+            text = cut_utf8(text.encode("utf-8", "surrogatepass")).decode("utf-8", "backslashreplace")
+    return _BOOL_TEXT.get(text, text)
 
 
 def build_feature(
@@ -315,27 +346,33 @@ def build_feature(
                 missing = n - int(finite.shape[0])
                 values = finite
             uniq, counts = np.unique(values, return_counts=True)
-            pairs = [(category_key(u), int(c)) for u, c in zip(uniq.tolist(), counts.tolist())]
+            keys = [category_key(u) for u in uniq]  # numpy scalars: a float32 keyed at its own precision
+            weights = counts.tolist()
         else:
-            tally: dict[str, int] = {}
-            for k in keys:
-                tally[k] = tally.get(k, 0) + 1
-            pairs = list(tally.items())
+            weights = [1] * len(keys)
+        tally: dict[str, int] = {}
+        for k, c in zip(keys, weights):
+            tally[k] = tally.get(k, 0) + c  # (values that key alike, e.g. True and 1, are one category)
+        pairs = list(tally.items())
         pairs.sort(key=lambda kc: (-kc[1], kc[0]))
         seen = n - missing
         kept = pairs[:max_categories]
         cats = {k: c / seen for k, c in kept} if seen else {}
         other = (seen - sum(c for _, c in kept)) / seen if seen else 0.0
         return Feature(name, "categorical", n, missing / n if n else 0.0, categories=cats, other=other)
+    served = values.dtype if values.dtype.kind == "f" and values.dtype.itemsize < 8 else None
     x = np.asarray(values, dtype=np.float64)
     finite = x[np.isfinite(x)]
     m = int(finite.shape[0])
     if m == 0:
         return Feature(name, "numeric", n, 1.0 if n else 0.0)
     qs = np.quantile(finite, np.arange(1, bins) / bins)
+    grid = np.quantile(finite, np.linspace(0, 1, cdf_points + 2)[1:-1])
+    if served is not None:  # float32 (float16) values: edges and points at that precision, as served
+        qs, grid = qs.astype(served).astype(np.float64), grid.astype(served).astype(np.float64)
     edges = np.unique(qs)
     counts = np.bincount(np.searchsorted(edges, finite, side="left"), minlength=edges.shape[0] + 1)
-    points = np.unique(np.quantile(finite, np.linspace(0, 1, cdf_points + 2)[1:-1]))
+    points = np.unique(grid)
     srt = np.sort(finite)
     cdf = np.searchsorted(srt, points, side="right") / m
     return Feature(
@@ -376,11 +413,14 @@ def build_tensor(
     numeric: Sequence[str] = (),
     bins: int = DEFAULT_BINS,
     max_categories: int = DEFAULT_MAX_CATEGORIES,
+    served: np.dtype | None = None,
 ) -> tuple[Feature, ...]:
     """The features of one 2-D tensor. Names default to ``tensor[i]`` (a 1-D tensor's to
-    ``tensor``); a feature is categorical
-    when the tensor's datatype holds categories or its name is in ``categorical``, unless it is
-    in ``numeric``."""
+    ``tensor``); a feature is categorical when the tensor's datatype holds categories or its
+    name is in ``categorical``, unless it is in ``numeric``. ``served``: the datatype the model
+    takes the tensor in, when known (the data may have been read as float64 or text): it decides
+    the kind in place of the data's, and numeric features are taken at its precision (float32
+    values, as they will be served)."""
     array = np.asarray(array)
     cols = columns(array)
     count = cols.shape[1]
@@ -390,7 +430,7 @@ def build_tensor(
     if len(names) != count:
         raise ConfigError(f"tensor '{tensor}' has {count} columns but {len(names)} feature names were given")
     _unique(names, f"tensor '{tensor}': feature")
-    default = "categorical" if categorical_dtype(cols.dtype) else "numeric"
+    default = "categorical" if categorical_dtype(cols.dtype if served is None else served) else "numeric"
     out = []
     for i, name in enumerate(names):
         kind = "categorical" if name in categorical else "numeric" if name in numeric else default
@@ -400,6 +440,8 @@ def build_tensor(
                 col = col.astype(np.float64)
             except (TypeError, ValueError):
                 raise ConfigError(f"feature '{name}' of '{tensor}' holds text; it can only be categorical") from None
+        if kind == "numeric" and served is not None and served.kind == "f" and col.dtype.kind in "fiu":
+            col = col.astype(served)
         out.append(build_feature(name, col, kind, bins=bins, max_categories=max_categories))
     return tuple(out)
 
@@ -479,7 +521,10 @@ def _feature(raw: Any, where: str) -> Feature:
         cats = raw.get("categories") or {}
         if not isinstance(cats, Mapping) or len(cats) > 100_000:
             raise ConfigError(f"{where}: 'categories' must map categories to frequencies")
-        table = {str(k)[:MAX_CATEGORY_BYTES]: _share(v, f"{where}.categories") for k, v in cats.items()}
+        table: dict[str, float] = {}
+        for k, v in cats.items():  # keyed as live values are (a profile of an older release too)
+            key = category_key(str(k))
+            table[key] = min(1.0, table.get(key, 0.0) + _share(v, f"{where}.categories"))
         return Feature(
             name, "categorical", count, missing, categories=table, other=_share(raw.get("other", 0), f"{where}.other")
         )

@@ -23,9 +23,11 @@ Per feature and window:
   value per chunk of :data:`ADWIN_CHUNK` rows (the chunk mean, scaled to unit variance; a cut is
   looked for at every value, clock=1, which costs little at one value per chunk); it keeps
   its state across windows and decides on its own ``delta`` (default ``alpha`` / features): a
-  change it detects, which stays flagged while each window's mean stays beyond the bound
-  sqrt(2 ln(2/delta)) standard errors from the reference mean (ADWIN itself forgets a change
-  once it has cut its window there). The score is that standardised mean shift.
+  window whose mean is beyond the bound sqrt(2 ln(2/delta)) standard errors from the reference
+  mean is flagged, with or without a change point seen in the stream (a drift present from the
+  start, or after a reset or restart, has none), and so is one in which ADWIN cuts its window
+  at a change when the values since the cut are beyond that bound. The score is the window's
+  standardised mean shift.
 
 The p-values of all features in a window form one family: Bonferroni (reject at ``alpha / m``)
 bounds the chance of any false alarm in the window by ``alpha``; Benjamini-Hochberg bounds the
@@ -49,6 +51,7 @@ ADWIN_CHUNK = 32
 PSI_MIN_ROWS_PER_CELL = 10  # PSI decides only with this many rows a cell (its null mean is ~(cells - 1) / n)
 _MIN_EXPECTED = 5.0
 _PSI_FLOOR = 1e-4
+_FLOAT64 = np.dtype(np.float64)
 
 
 class ChangeDetector(Protocol):
@@ -193,7 +196,6 @@ class _Numeric:
     high: float
     adwin: ChangeDetector | None
     delta: float
-    away: bool = False  # ADWIN found a change away from the reference that has not come back
 
 
 @dataclass
@@ -203,29 +205,63 @@ class _Categorical:
     probs: np.ndarray  # categories..., other
 
 
+def narrow(
+    edges: np.ndarray, freqs: np.ndarray, points: np.ndarray, values: np.ndarray, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A profile's bins and CDF grid as a tensor of ``dtype`` (float32, float16) sees them: each
+    edge and point rounded to ``dtype``, as the live values were. A reference value at or below
+    an edge is, rounded, at or below the rounded edge (rounding never reverses an order), so a
+    value equal to an edge in the profile (0.1) falls in the same bin live (0.1f, just above 0.1
+    in float64). Edges (points) that round to one value become one: their bins' frequencies are
+    added up (the highest point's CDF value is kept)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = edges.astype(dtype).astype(np.float64)
+        p = points.astype(dtype).astype(np.float64)
+    ue = np.unique(e)
+    if freqs.shape[0] == edges.shape[0] + 1:  # bin j (right edge e_j) lands in the bin of its rounded edge
+        cell = np.append(np.searchsorted(ue, e), ue.shape[0])
+        freqs = np.bincount(cell, weights=freqs, minlength=ue.shape[0] + 1)
+    if values.shape[0] == points.shape[0]:
+        up = np.unique(p)
+        values = values[np.searchsorted(p, up, side="right") - 1]
+        p = up
+    return ue, freqs, p, values
+
+
+def _narrower(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" and dtype.itemsize < 8
+
+
 class _Block:
     """The numeric features of one tensor as padded arrays, so a window is scored with whole-array
     operations: edges and CDF points padded with +inf (after every value), reference
-    frequencies with a mask of the real cells."""
+    frequencies with a mask of the real cells. Built per datatype of the live tensor: for a
+    float32 (float16) one, the grid is read at that precision (:func:`narrow`)."""
 
-    def __init__(self, parts: list[_Numeric]):
+    def __init__(self, parts: list[_Numeric], dtype: np.dtype = _FLOAT64):
         self.parts = parts
+        grids = [
+            narrow(p.edges, p.freqs, p.points, p.values, dtype)
+            if _narrower(dtype)
+            else (p.edges, p.freqs, p.points, p.values)
+            for p in parts
+        ]
         k = len(parts)
-        e = max((p.edges.shape[0] for p in parts), default=0)
-        c = max((p.points.shape[0] for p in parts), default=0)
+        e = max((g[0].shape[0] for g in grids), default=0)
+        c = max((g[2].shape[0] for g in grids), default=0)
         self.edges = np.full((k, e), np.inf)
         self.points = np.full((k, c), np.inf)
         self.values = np.ones((k, c))
         self.q = np.ones((k, e + 1))
         self.mask = np.zeros((k, e + 1), dtype=bool)
         self.cells = np.ones(k)
-        for j, p in enumerate(parts):
-            ne, nc = p.edges.shape[0], p.points.shape[0]
-            self.edges[j, :ne] = p.edges
-            self.points[j, :nc] = p.points
-            self.values[j, :nc] = p.values
-            if p.freqs.shape[0] == ne + 1:
-                q = np.maximum(p.freqs, _PSI_FLOOR)
+        for j, (edges, freqs, points, values) in enumerate(grids):
+            ne, nc = edges.shape[0], points.shape[0]
+            self.edges[j, :ne] = edges
+            self.points[j, :nc] = points
+            self.values[j, :nc] = values
+            if freqs.shape[0] == ne + 1:
+                q = np.maximum(freqs, _PSI_FLOOR)
                 self.q[j, : ne + 1] = q / q.sum()
                 self.mask[j, : ne + 1] = True
                 self.cells[j] = ne + 1
@@ -283,7 +319,7 @@ class Scorer:
                     )
                 )
         self.needed = self.min_drifted()
-        self._plans: dict[tuple[int, ...], _Block] = {}
+        self._plans: dict[tuple[tuple[int, ...], str], _Block] = {}
 
     def min_drifted(self) -> int:
         s = self.spec
@@ -318,7 +354,7 @@ class Scorer:
                 numeric.setdefault((side, tensor), []).append(i)
         for idx in numeric.values():
             block = np.stack([cols[i] for i in idx], axis=1)  # type: ignore[misc]
-            self._numeric(self._plan(tuple(idx)), block, results, family)
+            self._numeric(self._plan(tuple(idx), block.dtype), block, results, family)
         for part, col in zip(self.parts, cols):
             if col is not None and isinstance(part, _Categorical):
                 self._categorical(part, col, results[part.feature.name], family)
@@ -340,11 +376,12 @@ class Scorer:
         ok = np.nonzero(ranked <= alpha * np.arange(1, m + 1) / m)[0]
         return float(ranked[ok[-1]]) if ok.shape[0] else 0.0  # p <= 0 never happens: nothing rejected
 
-    def _plan(self, idx: tuple[int, ...]) -> _Block:
-        plan = self._plans.get(idx)
+    def _plan(self, idx: tuple[int, ...], dtype: np.dtype) -> _Block:
+        dtype = dtype if _narrower(dtype) else _FLOAT64
+        plan = self._plans.get((idx, dtype.str))
         if plan is None:
             parts = [self.parts[i] for i in idx]
-            plan = self._plans[idx] = _Block(parts)  # type: ignore[arg-type]
+            plan = self._plans[(idx, dtype.str)] = _Block(parts, dtype)  # type: ignore[arg-type]
         return plan
 
     def _numeric(
@@ -423,22 +460,31 @@ class Scorer:
 
     @staticmethod
     def _adwin(part: _Numeric, z: list[float], fs: FeatureScore) -> None:
+        """Flagged when the window's mean is beyond ADWIN's bound sqrt(2 ln(2/delta)) from the
+        reference mean (in standard errors; the reference mean is an estimate too: its variance
+        is added), whether or not ADWIN saw the change happen: a stream already away when the
+        monitor starts (or after a reset or a restart) has no change point in it. A change ADWIN
+        detects inside the window flags it too when the values since ADWIN's cut are beyond the
+        bound, though the window's mean, diluted by those before, is not yet."""
         detector = part.adwin
         assert detector is not None
         hit = False
         for v in z:
             detector.update(v)
             hit = hit or detector.drift_detected
-        # ADWIN says when the mean changed, then forgets it (its window is cut there): the
-        # feature stays flagged from a change away from the reference until a window's own mean
-        # is back within ADWIN's bound of it (the reference mean is an estimate too: its
-        # variance, in these units, is added)
-        chunks = len(z)
         count = max(1, part.feature.count)
-        wz = abs(sum(z) / chunks) * math.sqrt(chunks / (1.0 + chunks * ADWIN_CHUNK / count))
-        beyond = wz > math.sqrt(2.0 * math.log(2.0 / part.delta))
-        part.away = beyond and (hit or part.away)
-        if part.away:
+        bound = math.sqrt(2.0 * math.log(2.0 / part.delta))
+
+        def shift(mean: float, chunks: int) -> float:
+            return abs(mean) * math.sqrt(chunks / (1.0 + chunks * ADWIN_CHUNK / count))
+
+        wz = shift(sum(z) / len(z), len(z))
+        flagged = wz > bound
+        if hit and not flagged:
+            width = int(getattr(detector, "width", 0) or 0)
+            if width:
+                flagged = shift(float(getattr(detector, "estimation", 0.0)), width) > bound
+        if flagged:
             fs.decided.add("adwin")
         fs.scores["adwin"] = wz
 
@@ -448,10 +494,9 @@ class Scorer:
         f = part.feature
         total = col.shape[0]
         if col.dtype.kind == "f":
-            finite = np.isfinite(col)
-            values = col[finite].tolist()
+            values = col[np.isfinite(col)]
         else:
-            values = col.tolist()
+            values = col if col.dtype.kind in "iub" else col.tolist()
         n = len(values)
         missing = (total - n) / total if total else 0.0
         fs.quality["missing"] = missing
@@ -463,9 +508,9 @@ class Scorer:
         counts = np.zeros(cells, dtype=np.float64)
         other = cells - 1
         index = part.index
-        if col.dtype.kind in "iub":  # exact integer keys without formatting each value twice
-            uniq, cnt = np.unique(np.asarray(values), return_counts=True)
-            for u, c in zip(uniq.tolist(), cnt.tolist()):
+        if col.dtype.kind in "iubf":  # each distinct value keyed once (a float at its own precision)
+            uniq, cnt = np.unique(values, return_counts=True)
+            for u, c in zip(uniq, cnt.tolist()):
                 counts[index.get(category_key(u), other)] += c
         else:
             for v in values:

@@ -366,7 +366,7 @@ class DriftService:
             windows=dm.windows,
             active=bool(w["active"]),
             detected=sorted(detected),
-            detections=w["detections"],
+            detections=dm.detections,  # with those of detector processes before this one (the counter's)
             profile_id=w["profile_id"],
             last_window={k: v for k, v in w.items() if k not in ("detected", "active", "detections", "profile_id")},
             last_window_at=time.time(),

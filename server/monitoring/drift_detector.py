@@ -213,10 +213,12 @@ class Detector:
         if changed:
             self._announce(w, result, rows, span)
 
-    def _announce(self, w: Watch, result, rows: int, span: float) -> None:
+    def _announce(self, w: Watch, result, rows: int, span: float, reason: str = "") -> None:
+        """The event of a state change: of a window (``result``), or of a reset or rebaseline
+        (``reason``, no result) that leaves the drifted state."""
         scorer = w.scorer
         drifted = []
-        for name in result.drifted:
+        for name in result.drifted if result is not None else ():
             fs = result.features[name]
             tests = {}
             for test in sorted(fs.decided):
@@ -239,6 +241,8 @@ class Detector:
             "profile_id": w.profile.id,
             "detections": w.detections,
         }
+        if reason:
+            data["reason"] = reason
         event = make_event(DETECTED if w.flag.on else RECOVERED, self.plan.source, w.spec.model, data)
         self.send(("event", w.spec.model, event))
         hook = w.spec.webhook
@@ -256,16 +260,23 @@ class Detector:
             profile = w.configured if args.get("reference") else w.profile
             if args.get("reference"):
                 self._forget_saved(w.spec.model)
-            self.watches[w.spec.model] = self._carry(w, profile)
+            self._carry(w, profile, "reset")
             return {"profile_id": profile.id}
         if name == "rebaseline":
             return self._rebaseline(w, int(args.get("rows") or self.plan.rebaseline_max_rows))
         raise KeyError(f"unknown command {name!r}")
 
-    def _carry(self, w: Watch, profile: Profile) -> Watch:
+    def _carry(self, w: Watch, profile: Profile, reason: str) -> Watch:
+        """A fresh watch in place of ``w`` (windows, debounce and ADWIN's state forgotten; counts
+        and the rows kept for a rebaseline carried). Leaving the drifted state so is announced
+        like any recovery (``reason``: reset or rebaseline), so a receiver never stays waiting
+        for a recovery that would not come."""
         fresh = self._watch(w.spec, w.configured, profile)
         fresh.recent, fresh.recent_rows, fresh.index = w.recent, w.recent_rows, w.index
         fresh.detections, fresh.used, fresh.invalid = w.detections, w.used, w.invalid
+        self.watches[w.spec.model] = fresh
+        if w.flag.on:
+            self._announce(fresh, None, 0, 0.0, reason)
         return fresh
 
     def _rebaseline(self, w: Watch, rows: int) -> dict[str, Any]:
@@ -302,7 +313,7 @@ class Detector:
             {"live": True, "rows": taken, "based_on": w.configured.id, "taken": time.time()},
         )
         self._save(w.spec.model, profile)
-        self.watches[w.spec.model] = self._carry(w, profile)
+        self._carry(w, profile, "rebaseline")
         return {"profile_id": profile.id, "rows": taken}
 
     def _saved_path(self, model: str) -> str:

@@ -13,8 +13,11 @@ keeps it through every retry and the dead-letter file, so a receiver de-duplicat
   coalesced to the latest event per model (the newest state is what a receiver needs). The dead
   letter is retried every ``drift_dead_letter_retry_s``, oldest first; while it holds a model's
   events, that model's new events queue behind them, so a receiver sees each model's changes in
-  order, and one model's receiver being down does not hold back the others'. Events not yet
-  sent when the detector stops go to the dead letter too.
+  order, and one model's receiver being down does not hold back the others'.
+- Each receiver (webhook URL) is delivered to on a thread of its own (at most ``MAX_LANES``; more
+  receivers share them), so a slow receiver and its retries delay only its own events.
+- Events not yet sent when the detector stops, and those still in delivery then, go to the dead
+  letter too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,6 +42,7 @@ log = logging.getLogger("batchgate.drift")
 DETECTED = "io.batchgate.drift.detected"
 RECOVERED = "io.batchgate.drift.recovered"
 MAX_BACKOFF_S = 30.0
+MAX_LANES = 8  # receivers delivered to at once (threads); more share them
 
 
 def make_event(kind: str, source: str, model: str, data: dict[str, Any], now: float | None = None) -> dict[str, Any]:
@@ -148,8 +153,22 @@ class DeadLetter:
         return len(self.events)
 
 
+class _Lane:
+    """One receiver's deliveries: its queue, its thread, the event it is delivering now."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.queue: deque[tuple[dict[str, Any], dict[str, Any]]] = deque(maxlen=10_000)
+        self.wake = threading.Event()
+        self.current: tuple[dict[str, Any], dict[str, Any]] | None = None  # taken from the queue, not yet settled
+        self.thread: threading.Thread | None = None
+
+
 class EventSender:
-    """Delivers events on a thread of its own; what fails goes to the dead letter."""
+    """Delivers events, each receiver (webhook URL) on a thread of its own, at most
+    :data:`MAX_LANES` of them (more receivers share them): a slow or unreachable receiver, and its
+    retries, hold back only its own events. What fails goes to the dead letter; so does, at
+    :meth:`close`, what was waiting or still in delivery."""
 
     def __init__(
         self,
@@ -160,38 +179,73 @@ class EventSender:
     ):
         self.dead = dead_letter
         self.retry_s = retry_s
-        self.count = count  # outcome -> counted: delivered, retried, dead_lettered, failed
+        self._count = count  # outcome -> counted: delivered, retried, dead_lettered, failed
         self.poster = poster
-        self.queue: deque[tuple[dict[str, Any], dict[str, Any]]] = deque(maxlen=10_000)
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="batchgate-drift-events", daemon=True)
-        self._thread.start()
+        self.lanes: dict[str, _Lane] = {}
+        self._lane_of: dict[str, _Lane] = {}  # webhook URL -> its lane
+        self._lock = threading.Lock()  # the lanes, the dead letter, the counts and each lane's current event
+        self._stopped = threading.Event()
+        for entry in list(self.dead.events):  # a dead letter kept from before: retried by its receivers' lanes
+            self._lane(str(entry["webhook"]["url"]))
+
+    @property
+    def _stop(self) -> bool:
+        return self._stopped.is_set()
+
+    def count(self, outcome: str) -> None:
+        with self._lock:
+            self._count(outcome)
+
+    def _lane(self, url: str) -> _Lane:
+        with self._lock:
+            lane = self._lane_of.get(url)
+            if lane is None:
+                if len(self.lanes) < MAX_LANES:
+                    lane = self.lanes[url] = _Lane(url)
+                    lane.thread = threading.Thread(
+                        target=self._run, args=(lane,), name="batchgate-drift-events", daemon=True
+                    )
+                    lane.thread.start()
+                else:  # a receiver past the bound shares a lane (its events stay in order there)
+                    keys = sorted(self.lanes)
+                    lane = self.lanes[keys[zlib.crc32(url.encode()) % len(keys)]]
+                self._lane_of[url] = lane
+            return lane
 
     def send(self, event: dict[str, Any], webhook: dict[str, Any]) -> None:
-        self.queue.append((event, webhook))
-        self._wake.set()
+        lane = self._lane(str(webhook["url"]))
+        lane.queue.append((event, webhook))
+        lane.wake.set()
 
     def close(self, wait_s: float = 2.0) -> None:
-        """Stop; events not yet delivered go to the dead letter (the file keeps them for the
-        next start)."""
-        self._stop = True
-        self._wake.set()
-        self._thread.join(wait_s)
-        while self.queue:
-            event, webhook = self.queue.popleft()
-            self.dead.add(event, webhook)
-            self.count("dead_lettered")
+        """Stop; events not yet delivered, those in delivery included, go to the dead letter (the
+        file keeps them for the next start). A delivery that still ends well after this is a
+        duplicate the receiver de-duplicates on the id (delivery is at least once)."""
+        self._stopped.set()
+        for lane in list(self.lanes.values()):
+            lane.wake.set()
+        deadline = time.monotonic() + wait_s
+        for lane in list(self.lanes.values()):
+            if lane.thread is not None:
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            for lane in self.lanes.values():
+                waiting = [lane.current] if lane.current is not None else []
+                lane.current = None  # (taken: its thread, if it ever gets back, leaves it alone)
+                waiting += list(lane.queue)
+                lane.queue.clear()
+                for event, webhook in waiting:
+                    self.dead.add(event, webhook)
+                    self._count("dead_lettered")
 
     def _deliver(self, event: dict[str, Any], webhook: dict[str, Any], attempts: int) -> bool:
         delay = 0.5
         for attempt in range(attempts):
             if attempt:
                 self.count("retried")
-                time.sleep(min(MAX_BACKOFF_S, delay) * (0.5 + random.random()))
-                delay *= 2
-                if self._stop:
+                if self._stopped.wait(min(MAX_BACKOFF_S, delay) * (0.5 + random.random())):
                     return False
+                delay *= 2
             try:
                 self.poster(webhook["url"], event, webhook["format"], webhook["timeout_s"])
                 self.count("delivered")
@@ -200,44 +254,65 @@ class EventSender:
                 log.debug("drift event %s to %s failed: %s", event.get("id"), str(webhook.get("url"))[:256], e)
         return False
 
-    def _run(self) -> None:
+    def _run(self, lane: _Lane) -> None:
         while not self._stop:
             try:
-                self._loop()
-            except Exception:  # the sender must outlive anything one event does to it
+                self._loop(lane)
+            except Exception:  # the lane must outlive anything one event does to it
                 log.exception("drift events: the sender failed; going on")
-                time.sleep(1.0)
+                self._stopped.wait(1.0)
 
-    def _loop(self) -> None:
+    def _loop(self, lane: _Lane) -> None:
         next_retry = time.monotonic() + self.retry_s
         while not self._stop:
-            self._wake.wait(min(1.0, max(0.01, next_retry - time.monotonic())))
-            self._wake.clear()
+            lane.wake.wait(min(1.0, max(0.01, next_retry - time.monotonic())))
+            lane.wake.clear()
+            while not self._stop:
+                with self._lock:
+                    if not lane.queue:
+                        break
+                    item = lane.queue.popleft()
+                    event, webhook = item
+                    if self.dead.holds(event.get("subject")):  # behind its model's earlier failures: in order
+                        self.dead.add(event, webhook)
+                        self._count("dead_lettered")
+                        next_retry = time.monotonic()
+                        continue
+                    lane.current = item
+                ok = self._deliver(event, webhook, 1 + int(webhook.get("retries", 0)))
+                with self._lock:
+                    if lane.current is not item:  # close took it (dead-lettered there)
+                        return
+                    lane.current = None
+                    if not ok:
+                        self.dead.add(event, webhook)
+                        self._count("dead_lettered")
+                if not ok:
+                    log.warning("drift event %s could not be delivered: kept in the dead letter", event["id"])
+            if not self._stop and len(self.dead) and time.monotonic() >= next_retry:
+                self._retry(lane)
+                next_retry = time.monotonic() + self.retry_s
+
+    def _retry(self, lane: _Lane) -> None:
+        """This lane's dead-lettered events, oldest first, each only when it is the oldest left of
+        its model (a model's events arrive in order, whichever lane holds them); a model whose
+        event fails keeps the rest for the next round, the other models' go on."""
+        blocked: set[Any] = set()
+        for entry in list(self.dead.events):
             if self._stop:
                 return
-            while self.queue:
-                event, webhook = self.queue.popleft()
-                if self.dead.holds(event.get("subject")):  # behind its model's earlier failures: in order
-                    self.dead.add(event, webhook)
-                    self.count("dead_lettered")
-                    next_retry = time.monotonic()
-                elif not self._deliver(event, webhook, 1 + int(webhook.get("retries", 0))):
-                    self.dead.add(event, webhook)
-                    self.count("dead_lettered")
-                    log.warning("drift event %s could not be delivered: kept in the dead letter", event["id"])
-            if len(self.dead) and time.monotonic() >= next_retry:
-                # oldest first; a model whose event fails keeps the rest of its events for the next
-                # round, the other models' go on (one receiver down does not hold the others back)
-                blocked: set[Any] = set()
-                for entry in list(self.dead.events):
-                    if self._stop:
-                        break
-                    subject = entry["event"].get("subject")
-                    if subject in blocked:
-                        continue
-                    if self._deliver(entry["event"], entry["webhook"], 1):
+            subject = entry["event"].get("subject")
+            if subject in blocked or self._lane_of.get(str(entry["webhook"].get("url"))) is not lane:
+                continue
+            with self._lock:
+                first = next((e for e in self.dead.events if e["event"].get("subject") == subject), None)
+            if first is not entry:
+                blocked.add(subject)  # an older one of its model waits (in another lane, or was just added)
+                continue
+            if self._deliver(entry["event"], entry["webhook"], 1):
+                with self._lock:
+                    if entry in self.dead.events:
                         self.dead.remove(entry)
-                    else:
-                        self.count("failed")
-                        blocked.add(subject)
-                next_retry = time.monotonic() + self.retry_s
+            else:
+                self.count("failed")
+                blocked.add(subject)

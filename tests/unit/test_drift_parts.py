@@ -299,7 +299,7 @@ def test_the_event_sender_survives_a_receiver_that_answers_garbage(tmp_path):
         for i in range(2):
             sender.send(make_event("io.batchgate.drift.detected", "/t", "m", {"n": i}), {**hook, "retries": 0})
         assert wait_until(lambda: counts.get("dead_lettered") == 2), counts
-        assert sender._thread.is_alive()
+        assert all(lane.thread is not None and lane.thread.is_alive() for lane in sender.lanes.values())
     finally:
         sender.close()
         server.close()

@@ -1,0 +1,327 @@
+"""Regressions from the review of online drift detection (pure code and in-process; no server):
+float32 traffic against profiles of rounded values, categories keyed alike in a profile and live,
+ADWIN on a drift present from the start, the detections a restarted detector shows, ``drift
+profile``'s options and the model's input types, recovery announced on reset and rebaseline, and
+webhook delivery (an event in delivery at shutdown, a slow receiver)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchgate.core.drift import (
+    MAX_CATEGORY_BYTES,
+    build_profile,
+    build_tensor,
+    category_key,
+    parse_monitors,
+    profile_from_json,
+)
+from batchgate.core.drift_window import Scorer
+from batchgate.monitoring.drift_events import DeadLetter, EventSender, make_event
+from drift_support import wait_until
+
+BASE = {"model": "m", "inputs": ["x"], "reference": "p.json"}
+
+
+def _rounded(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Values as a CSV holds them: rounded to one and two decimals, and one continuous column."""
+    return np.stack([np.round(rng.normal(0.5, 0.3, n), 1), np.round(rng.gamma(2, 1, n), 2), rng.normal(0, 1, n)], 1)
+
+
+# ---------------------------------------------------------------- 1. float32 traffic, float64 profile
+def test_float32_traffic_is_not_drift_against_a_profile_of_the_same_values_in_float64():
+    rng = np.random.default_rng(3)
+    profile = build_profile("m", {"x": build_tensor("x", _rounded(rng, 20_000))})  # a CSV: float64
+    spec = parse_monitors([{**BASE, "window": {"samples": 500}, "tests": ["psi", "ks"]}])[0]
+    scorer = Scorer(spec, profile)
+    drifted = 0
+    for k in range(10):
+        x = _rounded(np.random.default_rng(100 + k), 500)
+        r64 = scorer.score({("input", "x"): x})
+        r32 = scorer.score({("input", "x"): x.astype(np.float32)})  # 0.1f is just above 0.1: same bins
+        drifted += r32.drifted_window
+        for name, fs in r64.features.items():
+            assert r32.features[name].scores["psi"] == pytest.approx(fs.scores["psi"], abs=1e-3), name
+            assert r32.features[name].scores["ks"] == pytest.approx(fs.scores["ks"], abs=1e-3), name
+    assert drifted == 0
+
+
+def test_a_float32_profile_has_float32_edges_and_narrowed_edges_merge_their_bins():
+    from batchgate.core.drift_window import narrow
+
+    rng = np.random.default_rng(4)
+    feature = build_tensor("x", _rounded(rng, 5000).astype(np.float32))[0]
+    assert all(np.float64(np.float32(e)) == e for e in (*feature.edges, *feature.cdf_points))
+    edges = np.array([0.1, 0.1 + 1e-12, 0.2])  # the first two are one float32: bins (-inf, e0] and (e0, e1] merge
+    freqs = np.array([0.1, 0.2, 0.3, 0.4])
+    points = np.array([0.1, 0.1 + 1e-12, 0.2])
+    values = np.array([0.3, 0.5, 0.6])
+    e, f, p, v = narrow(edges, freqs, points, values, np.dtype(np.float32))
+    assert e.tolist() == [float(np.float32(0.1)), float(np.float32(0.2))]
+    assert f.tolist() == pytest.approx([0.3, 0.3, 0.4]) and v.tolist() == [0.5, 0.6] and p.shape == (2,)
+
+
+# ---------------------------------------------------------------- 2. categories keyed alike
+def test_text_and_bytes_are_one_category_and_long_text_is_cut_on_utf8_bytes():
+    assert category_key("True") == category_key(b"True") == category_key(True) == "1"
+    assert category_key("01") == category_key(b"01") == "01" != category_key(1)
+    assert category_key(np.float32(0.1)) == category_key(0.1) == "0.1" and category_key(2.0) == "2"
+    text = "a" + "é" * 300  # 601 bytes: cut at 256 would split an é
+    key = category_key(text)
+    assert key == category_key(text.encode()) == category_key(text.encode()[:MAX_CATEGORY_BYTES])
+    assert len(key.encode()) == MAX_CATEGORY_BYTES - 1 and key == "a" + "é" * 127
+    old = {"format": "batchgate.drift.profile/1", "model": "m", "inputs": {"s": [
+        {"name": "s", "kind": "categorical", "count": 10, "missing_rate": 0.0,
+         "categories": {"True": 0.5, "1": 0.25, "red": 0.25}, "other": 0.0}]}}  # fmt: skip
+    assert profile_from_json(old).inputs["s"][0].categories == {"1": 0.75, "red": 0.25}
+
+
+def test_live_bytes_match_a_profile_of_csv_text():
+    rng = np.random.default_rng(5)
+    words = ["red", "green", "True", "False", "01", "02"]
+    text = rng.choice(words, (5000, 1)).astype(object)  # a CSV's text cells
+    profile = build_profile("m", {"s": build_tensor("s", text, ["color"])})
+    assert set(profile.inputs["s"][0].categories) == {"red", "green", "1", "0", "01", "02"}
+    scorer = Scorer(parse_monitors([{**BASE, "inputs": ["s"]}])[0], profile)
+    live = np.array([[w.encode()] for w in rng.choice(words, 1000)], dtype=object)  # a BYTES tensor's values
+    r = scorer.score({("input", "s"): live})
+    assert r.features["color"].quality["unseen"] == 0.0 and not r.drifted
+
+
+# ---------------------------------------------------------------- 3. ADWIN on a drift present from the start
+def test_adwin_flags_a_drift_present_from_the_start_and_not_a_stationary_stream():
+    rng = np.random.default_rng(9)
+    profile = build_profile("m", {"x": build_tensor("x", rng.standard_normal((20_000, 3)))})
+    spec = parse_monitors([{**BASE, "window": {"samples": 2000}, "tests": ["adwin"]}])[0]
+    shifted, clean = Scorer(spec, profile), Scorer(spec, profile)
+    for _ in range(3):
+        x = rng.standard_normal((2000, 3))
+        assert not clean.score({("input", "x"): x}).drifted_window
+        x[:, 0] += 0.5
+        r = shifted.score({("input", "x"): x})
+        assert r.drifted == ["x[0]"] and "adwin" in r.features["x[0]"].decided
+
+
+# ---------------------------------------------------------------- 10. detections after a detector restart
+def test_status_counts_the_detections_of_detector_processes_before_this_one():
+    from batchgate.monitoring.drift import DriftService
+    from batchgate.monitoring.metrics import Metrics
+    from batchgate.settings_sections import DriftSettings
+
+    spec = parse_monitors([BASE])[0]
+    metrics = Metrics()
+    service = DriftService((spec,), DriftSettings(), metrics, lambda *a: None)  # type: ignore[arg-type, return-value]
+    service._carried["detections"]["m"] = 1  # the detector before the restart had detected once
+    window = {"result": {"features": {}}, "detected": [], "active": False, "detections": 0, "span_s": 1.0}
+    service._window("m", {**window, "lag_s": 0.0, "profile_id": "p", "index": 1, "rows": 100})
+    assert metrics.drift("m").detections == 1
+    assert service.status("m")["detections"] == 1
+
+
+# ---------------------------------------------------------------- 9, 7, 8. drift profile
+def _args(*argv: str) -> argparse.Namespace:
+    from batchgate.drift_profile import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["drift", "profile", "--model", "m", *argv])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bins", "0"], "--bins must be from 2 to 1000, not 0"),
+        (["--bins", "1"], "--bins must be from 2 to 1000, not 1"),
+        (["--max-categories", "0"], "--max-categories must be from 1 to 100000, not 0"),
+        (["--categorical", "nosuch"], "--categorical/--numeric name no feature: nosuch"),
+        (["--numeric", "a", "--categorical", "a"], "--categorical and --numeric both name a"),
+    ],
+)
+def test_drift_profile_refuses_options_that_cannot_make_a_profile(tmp_path, capsys, extra, message):
+    from batchgate.drift_profile import main
+
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n3,4\n")
+    args = _args("--input", "x", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "p.json"), *extra)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "p.json").exists()
+
+
+def test_drift_profile_refuses_an_out_file_in_a_missing_directory(tmp_path, capsys):
+    from batchgate.drift_profile import main
+
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n3,4\n")
+    args = _args("--input", "x", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "no" / "p.json"))
+    assert main(args) == 2
+    assert f"the directory {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+
+
+def test_a_categorical_csv_column_keeps_its_text(tmp_path):
+    from batchgate.drift_profile import make_profile
+
+    (tmp_path / "codes.csv").write_text("code\n" + "01\n02\n10\n01\n" * 10)
+    data = make_profile(_args("--input", "s", "--data", str(tmp_path / "codes.csv"), "--out", "p.json",
+                              "--categorical", "code"))  # fmt: skip
+    assert set(data["inputs"]["s"][0]["categories"]) == {"01", "02", "10"}
+
+
+def _model(root) -> str:
+    """A repository with model 'm': x FP32 [-1, 2], c INT64 [-1, 1] and s STRING [-1, 1], each
+    answered as it came."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    graph = h.make_graph(
+        [h.make_node("Identity", [i], [f"{i}_out"]) for i in ("x", "c", "s")],
+        "m",
+        [
+            h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+            h.make_tensor_value_info("c", TensorProto.INT64, ["N", 1]),
+            h.make_tensor_value_info("s", TensorProto.STRING, ["N", 1]),
+        ],
+        [
+            h.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", 2]),
+            h.make_tensor_value_info("c_out", TensorProto.INT64, ["N", 1]),
+            h.make_tensor_value_info("s_out", TensorProto.STRING, ["N", 1]),
+        ],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    (root / "repo" / "m" / "1").mkdir(parents=True)
+    onnx.save(model, str(root / "repo" / "m" / "1" / "model.onnx"))
+    return str(root / "repo")
+
+
+def test_the_models_input_types_decide_kinds_text_and_precision(tmp_path):
+    from batchgate.drift_profile import make_profile
+
+    repo = _model(tmp_path)
+    rng = np.random.default_rng(6)
+    with open(tmp_path / "t.csv", "w") as f:
+        f.write("x.a,x.b,c.code,s.color\n")
+        for i in range(400):
+            f.write(
+                f"{rng.normal():.1f},{rng.normal():.2f},{['01', '02', '3'][i % 3]},{['True', 'red', '01'][i % 3]}\n"
+            )
+    data = make_profile(_args(
+        "--input", "x", "--input", "c", "--input", "s", "--data", str(tmp_path / "t.csv"), "--out", "p.json",
+        "--model-repository", repo,
+    ))  # fmt: skip
+    x, c, s = (data["inputs"][t] for t in ("x", "c", "s"))
+    assert [f["kind"] for f in x] == ["numeric", "numeric"]
+    assert all(np.float64(np.float32(e)) == e for e in x[0]["bins"]["edges"])  # at the served precision
+    assert c[0]["kind"] == "categorical" and set(c[0]["categories"]) == {"1", "2", "3"}  # INT64: numbers
+    assert s[0]["kind"] == "categorical" and set(s[0]["categories"]) == {"1", "red", "01"}  # BYTES: text
+    assert set(data["outputs"]) == {"x_out", "c_out", "s_out"}
+    assert set(data["outputs"]["s_out"][0]["categories"]) == {"1", "red", "01"}
+
+
+# ---------------------------------------------------------------- 5. recovery on reset and rebaseline
+def _drifted_detector():
+    from batchgate.monitoring.drift_detector import Detector, Plan
+
+    rng = np.random.default_rng(12)
+    spec = parse_monitors([{**BASE, "window": {"samples": 200}, "debounce_windows": 1, "tests": ["ks"]}])[0]
+    profile = build_profile("m", {"x": build_tensor("x", rng.standard_normal((5000, 3)))})
+    sent: list = []
+    detector = Detector(Plan([(spec, profile, None)], "/t", rebaseline_max_rows=1000), sent.append)
+    detector.add("m", 0.0, 0.0, {("input", "x"): rng.standard_normal((200, 3)) + 2.0}, 1, now=0.0)
+    assert detector.watches["m"].flag.on
+    return detector, sent
+
+
+@pytest.mark.parametrize("command", ["reset", "rebaseline"])
+def test_leaving_the_drifted_state_by_a_command_is_announced(command):
+    detector, sent = _drifted_detector()
+    try:
+        detector.command(command, {"model": "m", "rows": 200})
+        events = [m[2] for m in sent if m[0] == "event"]
+        assert [e["type"] for e in events] == ["io.batchgate.drift.detected", "io.batchgate.drift.recovered"]
+        assert events[1]["data"]["state"] == "recovered" and events[1]["data"]["reason"] == command
+        detector.command("reset", {"model": "m"})  # not drifted now: nothing to announce
+        assert len([m for m in sent if m[0] == "event"]) == 2
+    finally:
+        detector.sender.close()
+
+
+# ---------------------------------------------------------------- 6, 4. delivery
+class _Poster:
+    """A receiver per URL; those in ``slow`` hold each delivery until released."""
+
+    def __init__(self, slow: set[str]):
+        self.slow = slow
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.delivered: list[str] = []
+
+    def __call__(self, url: str, event: dict, fmt: str, timeout_s: float) -> None:
+        if url in self.slow:
+            self.entered.set()
+            if not self.release.wait(10):
+                raise OSError("timed out")
+        self.delivered.append(event["id"])
+
+
+def _hook(url: str) -> dict:
+    return {"url": url, "format": "cloudevents", "timeout_s": 1, "retries": 0}
+
+
+def test_an_event_in_delivery_at_shutdown_goes_to_the_dead_letter(tmp_path):
+    poster = _Poster({"http://slow/"})
+    counts: dict[str, int] = {}
+    dead = DeadLetter(str(tmp_path / "dead.jsonl"), 100)
+    sender = EventSender(dead, 30.0, lambda o: counts.__setitem__(o, counts.get(o, 0) + 1), poster)
+    event = make_event("io.batchgate.drift.detected", "/t", "m", {})
+    sender.send(event, _hook("http://slow/"))
+    assert poster.entered.wait(5)
+    sender.close(wait_s=0.2)
+    assert [e["event"]["id"] for e in DeadLetter(str(tmp_path / "dead.jsonl"), 100).events] == [event["id"]]
+    assert counts.get("dead_lettered") == 1
+    poster.release.set()  # the delivery ends after all: it is not dead-lettered twice
+    time.sleep(0.2)
+    assert len(dead) == 1 and counts.get("dead_lettered") == 1
+
+
+def test_a_slow_receiver_does_not_hold_back_another_models_events():
+    poster = _Poster({"http://slow/"})
+    sender = EventSender(DeadLetter("", 100), 30.0, lambda o: None, poster)
+    try:
+        slow = make_event("io.batchgate.drift.detected", "/t", "a", {})
+        fast = make_event("io.batchgate.drift.detected", "/t", "b", {})
+        sender.send(slow, _hook("http://slow/"))
+        assert poster.entered.wait(5)
+        sender.send(fast, _hook("http://fast/"))
+        assert wait_until(lambda: fast["id"] in poster.delivered, timeout=3)
+        assert slow["id"] not in poster.delivered
+        poster.release.set()
+        assert wait_until(lambda: slow["id"] in poster.delivered, timeout=3)
+    finally:
+        poster.release.set()
+        sender.close()
+
+
+def test_the_dead_letter_from_before_is_retried_in_each_models_order():
+    poster = _Poster(set())
+    dead = DeadLetter("", 100)
+    a1 = make_event("io.batchgate.drift.detected", "/t", "a", {})
+    a2 = make_event("io.batchgate.drift.recovered", "/t", "a", {})
+    dead.add(a1, _hook("http://old/"))  # the model's receiver changed between runs
+    dead.add(a2, _hook("http://new/"))
+    sender = EventSender(dead, 0.1, lambda o: None, poster)
+    try:
+        assert wait_until(lambda: len(dead) == 0, timeout=5)
+        assert poster.delivered == [a1["id"], a2["id"]]
+    finally:
+        sender.close()
+
+
+def test_profiles_json_round_trip_keeps_float32_edges():
+    feature = build_tensor("x", np.array([[0.1], [0.2], [0.3]] * 50, dtype=np.float32))[0]
+    again = profile_from_json(json.loads(json.dumps(build_profile("m", {"x": (feature,)}).to_json())))
+    assert again.inputs["x"][0].edges == feature.edges
