@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from .app import LIVENESS_SERVICE
 from .config import ConfigError
 from .core.errors import ErrorCode, GatewayError
 from .monitoring.metrics import Metrics, Snapshot, by_worker, exposition
@@ -253,7 +254,11 @@ class PodState:
     @property
     def ready(self) -> bool:
         """Ready while at least one worker listens and says it is ready (its models, strict
-        readiness); the others may be starting. Not ready once the pod drains."""
+        readiness; the others may be starting) and, in front mode, the model-owning process is up
+        and ready (without it no worker can answer). Not ready once the pod drains."""
+        owner = self.owner
+        if owner is not None and not (owner.ready and owner.models_ready):
+            return False
         return not self.stopping and any(s.ready and s.models_ready for s in self.slots)
 
     async def _publish(self) -> None:
@@ -264,6 +269,8 @@ class PodState:
         on = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", "inference.GRPCInferenceService"):
             await self._health.set(service, on)
+        # kubelet's liveness probe (the chart's, on the health port): alive while the supervisor runs
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
 
 # Front mode: the families the front workers give (what clients see); the owner gives the rest.

@@ -95,6 +95,7 @@ class ModelRepository:
         self._stopping = False
         self._wanted: set[str] = set()  # models that should be loaded (strict readiness)
         self._failing: dict[str, str] = {}  # remote model -> why its retried load last failed
+        self._followed: set[str] = set()  # remote models a front worker follows (the pod's owner's)
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
         # Called with a model's name whenever the versions it serves change (routes.py).
@@ -140,12 +141,14 @@ class ModelRepository:
     def all_ready(self) -> bool:
         """Triton's strict readiness: every model that should be loaded is ready. A remote
         model counts until it has served once: a later outage of its upstreams makes that
-        model UNAVAILABLE, but must not take every replica out of its Service."""
+        model UNAVAILABLE, but must not take every replica out of its Service. A model a front
+        worker follows is no such upstream: it is the pod's own model-owning process, and the
+        worker is ready only while that one serves it."""
         for name in self._wanted:
             entry = self.models.get(name)
             if entry is None:
                 return False
-            if name in self.remote:
+            if name in self.remote and name not in self._followed:
                 if not entry.loaded_once:
                     return False
             elif entry.latest is None or not entry.latest.ready():
@@ -339,6 +342,7 @@ class ModelRepository:
         upstream), the others unloaded and forgotten. One that cannot load is logged and left
         unavailable; its retries go on as at start."""
         want = {s.name: s for s in specs}
+        self._followed = set(want)
         again = set(reload)
         for name in [n for n in self.remote if n not in want]:
             self.remote.pop(name)

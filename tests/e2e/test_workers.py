@@ -114,10 +114,24 @@ def clf_repo(tmp_path):
 
 
 def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
-    p = Proc(serve_args(clf_repo, "--workers", "2"))
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        health_port = sock.getsockname()[1]
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--health-port", str(health_port)))
     try:
         p.wait_ready()
         assert sorted(_pids(p)) == [0, 1]
+        # The health port answers what the chart's probes ask, kubelet's "liveness" included.
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "inference.GRPCInferenceService", "liveness"):
+                got = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert got.status == health_pb2.HealthCheckResponse.SERVING, service
         n = 24
         for _ in range(n):
             _grpc_infer(p.grpc)
@@ -505,6 +519,24 @@ def test_front_mode_workers_forward_to_one_process_that_owns_and_batches_the_mod
 
         # The owner killed: started again with what was loaded; the workers find it again.
         owner = int(re.search(r"model owner \(pid (\d+)\) ready", p.output()).group(1))
+
+        # The owner stopped (hung): no worker can answer, so the pod is not ready until it runs again.
+        def ready() -> bool:
+            c = httpclient.InferenceServerClient(p.http)
+            try:
+                return c.is_server_ready()
+            finally:
+                c.close()
+
+        os.kill(owner, signal.SIGSTOP)
+        end = time.monotonic() + 30
+        while ready():
+            assert time.monotonic() < end, "the pod stayed ready with its model owner stopped"
+            time.sleep(0.1)
+        os.kill(owner, signal.SIGCONT)
+        while not ready():
+            assert time.monotonic() < end, "the pod did not come back when the model owner ran again"
+            time.sleep(0.1)
         os.kill(owner, signal.SIGKILL)
         end = time.monotonic() + 60
         while p.output().count("model owner (pid") < 2:
