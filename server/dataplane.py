@@ -128,6 +128,9 @@ class DataPlane(Extensions):
         self.coordinator: Coordinator | None = None
         self.access_log: AccessLog | None = None  # set by the Gateway unless access_log is off
         self.tracing: Tracing | None = None  # set by the Gateway with tracing: otlp
+        self.failure_log_max_lines_per_s = 100  # the Gateway sets it from the settings
+        self._failure_second = 0.0
+        self._failures_logged = self._failures_dropped = 0
 
     def key_id(self, caller: Caller) -> str | None:
         """The id of the key ``caller`` presents (for the access log; None: none or not valid)."""
@@ -308,6 +311,22 @@ class DataPlane(Extensions):
         level = logging.DEBUG if e.code in _QUIET else logging.INFO
         if not log.isEnabledFor(level):
             return
+        # At most failure_log_max_lines_per_s a second: one client sending bad requests in a loop
+        # must not flood the log (the lines past it are counted, and summed up once a second).
+        now = _monotonic()
+        if now - self._failure_second >= 1.0:
+            if self._failures_dropped:
+                log.warning(
+                    "%d more failed requests were not logged in the last second (failure_log_max_lines_per_s %d)",
+                    self._failures_dropped,
+                    self.failure_log_max_lines_per_s,
+                )
+            self._failure_second, self._failures_logged, self._failures_dropped = now, 0, 0
+        if self._failures_logged >= self.failure_log_max_lines_per_s:
+            self._failures_dropped += 1
+            self.metrics.failure_log_dropped += 1
+            return
+        self._failures_logged += 1
         log.log(
             level,
             "%s request to model '%s' failed: %s %s",

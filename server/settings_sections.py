@@ -448,6 +448,12 @@ class ObservabilitySettings:
     access_log_max_lines_per_s: int = _setting(
         1000, "access log lines a second at most (per process); the rest are dropped and counted", minimum=1
     )
+    failure_log_max_lines_per_s: int = _setting(
+        100,
+        "lines a second at most (per process) of the log's 'request ... failed' lines; the rest are dropped, "
+        "counted and summed up in one line a second",
+        minimum=1,
+    )
     latency_slo_ms: float = _setting(
         0.0,
         "a latency objective's threshold: added to the buckets of batchgate_request_duration_seconds, so the "

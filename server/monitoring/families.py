@@ -126,6 +126,9 @@ FAMILIES: dict[str, Family] = {
         "Access log lines not written: past access_log_max_lines_per_s (rate) or a full write queue (queue)",
         ("reason",),
     ),
+    "batchgate_failure_log_dropped": Family(
+        "counter", "Failed-request log lines not written: past failure_log_max_lines_per_s", ()
+    ),
     "batchgate_offline_requests": Family(
         "counter",
         "Inference requests marked x-batchgate-offline (batch scoring), kept out of drift and rollout figures",

@@ -242,3 +242,33 @@ def test_a_stream_closed_with_requests_unanswered_logs_each_of_them_once(tmp_pat
     status = [d["rpc.response.status_code"] for d in lines]
     assert "CANCELLED" in status and set(status) <= {"OK", "CANCELLED"}, status
     assert all(d["error.type"] == "CANCELLED" for d in lines if d["rpc.response.status_code"] == "CANCELLED")
+
+
+def test_failed_request_lines_in_the_log_are_bounded_a_second_and_the_rest_counted(demo_repo, serve, caplog):
+    """One client sending bad requests in a loop cannot flood the log: past
+    failure_log_max_lines_per_s the 'failed' lines are dropped, counted, and summed up in one line."""
+    caplog.set_level("INFO", logger="batchgate")
+    running = serve(demo_repo, failure_log_max_lines_per_s=5)
+    mod, c = _client("grpc", running)
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < 0.8 or sent < 40:
+        with pytest.raises(InferenceServerException):
+            _infer(mod, c, model="no_such_model")
+        sent += 1
+    failed = [r for r in caplog.records if "request to model 'no_such_model' failed" in r.getMessage()]
+    seconds = int(time.monotonic() - start) + 1
+    assert 1 <= len(failed) <= 5 * seconds, len(failed)
+    end = time.monotonic() + 5  # the next second's first failure sums the last one up
+
+    def summed() -> bool:
+        return any("failed requests were not logged" in r.getMessage() for r in caplog.records)
+
+    while not summed() and time.monotonic() < end:
+        time.sleep(0.2)
+        with pytest.raises(InferenceServerException):
+            _infer(mod, c, model="no_such_model")
+    assert summed()
+    metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    dropped = [line for line in metrics.splitlines() if line.startswith("batchgate_failure_log_dropped_total ")]
+    assert dropped and float(dropped[0].split()[1]) >= sent - 5 * seconds, dropped
