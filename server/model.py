@@ -382,6 +382,10 @@ class LocalExecution:
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
             if trace is not None:
                 trace.finish(0, 0, 0, 0, 0, str(e))
+            if len(batch) > 1 and (not isinstance(e, GatewayError) or _values_may_be_at_fault(e)):
+                # One caller's values (text that is not UTF-8, an index the model cannot take) may
+                # have failed the merged batch: each runs again alone, so only its caller fails.
+                return [self._run_batch([t])[0] for t in batch]
             return v.failure(batch, e)
         if trace is not None:
             trace.finish(t0, t1, t2, t3, rows)

@@ -106,8 +106,18 @@ class BatcherConfig:
             raise ValueError("max_batch_size must be >= 1 for dynamic batching")
         if self.policy not in POLICIES:
             raise ValueError(f"batching policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
-        if self.priority_levels and not 1 <= (self.default_priority_level or 1) <= self.priority_levels:
-            raise ValueError("default_priority_level must be between 1 and priority_levels")
+        # (as Triton checks a config)
+        if self.priority_levels and not 1 <= self.default_priority_level <= self.priority_levels:
+            raise ValueError(
+                f"dynamic_batching: default_priority_level must be between 1 and priority_levels "
+                f"({self.priority_levels}), not {self.default_priority_level}"
+            )
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(
+                    f"dynamic_batching: preferred_batch_size {size} must be between 1 and max_batch_size "
+                    f"({self.max_batch_size})"
+                )
 
 
 class _Entry:
@@ -297,12 +307,9 @@ class DynamicBatcher(_SchedulerBase):
         levels = self.config.priority_levels
         if not levels:
             return 0
-        p = request.priority or self.config.default_priority_level or 1
-        if p > levels:
-            raise invalid(
-                f"priority {p} is out of range for model '{self._name}': "
-                f"use 1 (highest) to {levels}, or 0 for the default"
-            )
+        p = request.priority
+        if p == 0 or p > levels:  # as Triton: 0 or a level the model does not have is its default level
+            p = self.config.default_priority_level
         return p - 1
 
     def _remove(self, entry: _Entry) -> bool:

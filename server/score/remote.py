@@ -39,7 +39,6 @@ from ..core.types import DATATYPES, OFFLINE_HEADER, from_raw
 from .tables import ScoreError
 
 OFFLINE = {OFFLINE_HEADER: "1"}
-PRIORITY = 1 << 30  # a V2 scheduler serves lower numbers first: online traffic goes ahead
 MAX_MESSAGE_BYTES = 1 << 30
 MAX_WAIT_S = 60.0  # the longest Retry-After honoured (a server's answer is bounded like any input)
 CONFIG_TIMEOUT_S = 30.0
@@ -176,6 +175,9 @@ class RemoteTarget:
         try:
             cfg = await wire.config(name)
             signature = signature_of(cfg)
+            # The model's lowest priority level, so its online traffic goes first (a level past
+            # the model's would be its default, on Triton and here). None: it has no levels.
+            wire.priority = cfg.dynamic_batching.priority_levels if cfg.HasField("dynamic_batching") else 0
         except (TargetError, GatewayError, _Overloaded, ValueError) as e:
             await wire.close()
             text = e.message if isinstance(e, (GatewayError, _Overloaded)) else str(e)
@@ -219,7 +221,10 @@ class RemoteTarget:
 
 
 class _Wire(Protocol):
-    """How requests reach the server: gRPC or HTTP."""
+    """How requests reach the server: gRPC or HTTP; ``priority``: the V2 priority its requests
+    ask for (0: none)."""
+
+    priority: int
 
     async def config(self, name: str) -> Any: ...
 
@@ -238,6 +243,7 @@ _OVERLOAD = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 class _Grpc:
     def __init__(self, target: str, headers: dict[str, str], tls: Tls | None, timeout_s: float = REQUEST_TIMEOUT_S):
+        self.priority = 0  # set once the model's config is read
         import grpc
         from tritonclient.grpc import service_pb2 as pb
         from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -275,7 +281,8 @@ class _Grpc:
         from ..backends.remote import fill_request
 
         msg = self.pb.ModelInferRequest(model_name=name)
-        msg.parameters["priority"].uint64_param = PRIORITY
+        if self.priority:
+            msg.parameters["priority"].uint64_param = self.priority
         fill_request(msg, feeds, types, names)
         try:
             reply = await self.stub.ModelInfer(msg, metadata=self.metadata, timeout=self.timeout_s)
@@ -305,6 +312,7 @@ class _Grpc:
 
 class _Http:
     def __init__(self, target: str, headers: dict[str, str], tls: Tls | None, timeout_s: float = REQUEST_TIMEOUT_S):
+        self.priority = 0  # set once the model's config is read
         self.target = target
         self.timeout_s = timeout_s
         self.base = f"{'https' if tls is not None else 'http'}://{target}/v2/models/"
@@ -361,7 +369,7 @@ class _Http:
             inputs.append(x)
         outputs = [httpclient.InferRequestedOutput(k, binary_data=True) for k in names]
         body, json_size = httpclient.InferenceServerClient.generate_request_body(
-            inputs, outputs=outputs, priority=PRIORITY
+            inputs, outputs=outputs, priority=self.priority
         )
         headers = {"content-type": "application/octet-stream"}
         if json_size is not None:

@@ -35,7 +35,13 @@ def score(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("score_models"))
-    _save(classifier_model(), root, "clf", config="max_batch_size: 64\n")
+    # (priority levels: batch scoring asks for the model's lowest, a level it has)
+    _save(
+        classifier_model(),
+        root,
+        "clf",
+        config="max_batch_size: 64\ndynamic_batching { priority_levels: 2 default_priority_level: 1 }\n",
+    )
     _save(failing_classifier(), root, "clf_bad", config="max_batch_size: 8\n")
     _save(identity_model("ints", TensorProto.INT32, ("batch", 3)), root, "ints", config="max_batch_size: 16\n")
     _save(identity_model("texts", TensorProto.STRING, ("batch", 1)), root, "texts", config="max_batch_size: 16\n")

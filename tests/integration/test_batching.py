@@ -321,6 +321,35 @@ def test_the_v2_priority_parameter_orders_the_queue(tmp_path, serve):
     c = grpcclient.InferenceServerClient(running.grpc_url)
     inp = grpcclient.InferInput("input", [1, 1024], "FP32")
     inp.set_data_from_numpy(x)
-    with pytest.raises(InferenceServerException) as e:
-        c.infer("slow", [inp], priority=3)
-    assert "INVALID_ARGUMENT" in e.value.status() and "priority 3 is out of range" in e.value.message()
+    c.infer("slow", [inp], priority=3)  # a level the model does not have: its default, as on Triton
+
+
+def test_a_request_whose_values_fail_the_batch_fails_alone(tmp_path, serve):
+    """Text that is not UTF-8 cannot go into the ONNX string tensor: the batch it was merged into
+    fails, and then each request runs again alone, so only that caller gets the error (which
+    names its own element, not one of the merged batch)."""
+    from batchgate.demo import identity_model
+
+    _save(
+        identity_model(),
+        str(tmp_path),
+        "strid",
+        config="max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 300000 }\n",
+    )
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+
+    def call(value: bytes):
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        inp = grpcclient.InferInput("INPUT", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[value]], dtype=object))
+        try:
+            return c.infer("strid", [inp]).as_numpy("OUTPUT")
+        except InferenceServerException as e:
+            return e
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(call, v) for v in (b"hello", b"\xff", b"world", b"ok")]
+        results = [f.result() for f in futures]
+    assert [r.tolist() for r in (results[0], results[2], results[3])] == [[[b"hello"]], [[b"world"]], [[b"ok"]]]
+    bad = results[1]
+    assert isinstance(bad, InferenceServerException) and "element 0 is not UTF-8" in bad.message()

@@ -170,11 +170,32 @@ async def test_higher_priority_first_and_earliest_deadline_first_within_a_level(
     await asyncio.gather(block, low, late, soon, default)
 
 
-async def test_priority_out_of_range_is_invalid():
-    clock, rec, b = make(priority_levels=2, default_priority_level=1)
-    with pytest.raises(GatewayError) as e:
-        await b.submit(rq(clock, "x", priority=3))
-    assert e.value.code is ErrorCode.INVALID_ARGUMENT and "1 (highest) to 2" in e.value.message
+async def test_a_priority_past_the_models_levels_takes_the_default_level_as_on_triton():
+    clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, priority_levels=2, default_priority_level=2)
+    block = go(b, rq(clock, "busy"))
+    await settle()
+    low = go(b, rq(clock, "past-the-levels", priority=1 << 30))  # (batch scoring asks for the lowest so)
+    high = go(b, rq(clock, "high", priority=1))
+    await settle()
+    while rec._done:
+        rec.finish()
+        await settle()
+    assert [ids[0] for ids in rec.ids()] == ["busy", "high", "past-the-levels"]
+    await asyncio.gather(block, low, high)
+
+
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        (dict(priority_levels=3, default_priority_level=0), "default_priority_level must be between 1 and"),
+        (dict(priority_levels=3, default_priority_level=4), "default_priority_level must be between 1 and"),
+        (dict(max_batch_size=16, preferred_batch_sizes=(32,)), "preferred_batch_size 32 must be between 1 and"),
+        (dict(max_batch_size=16, preferred_batch_sizes=(0,)), "preferred_batch_size 0 must be between 1 and"),
+    ],
+)
+def test_a_config_triton_refuses_is_refused(cfg, words):
+    with pytest.raises(ValueError, match=words):
+        BatcherConfig(**{"max_batch_size": 8, **cfg})
 
 
 async def test_a_deadline_passing_in_the_queue_is_answered_and_never_executed():
