@@ -38,7 +38,7 @@ from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
 from .monitoring.access_log import AccessLog
 from .monitoring.metrics import Metrics
-from .monitoring.tracing import Tracing
+from .monitoring.tracing import TraceHeaders, Tracing
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 from .routes import Header, Routed, ServedRoute
@@ -236,14 +236,14 @@ class DataPlane(Extensions):
         return drift.watch(served.submit(request), request, variant)
 
     def forward(
-        self, served: Served, raw: bytes, msg: Any, remaining: float | None, traceparent: str | None = None
+        self, served: Served, raw: bytes, msg: Any, remaining: float | None, trace: TraceHeaders | None = None
     ) -> Awaitable[bytes] | None:
         """The fast path of a gRPC request to a remote model: its serialized bytes ``raw`` go to
         the upstream as they came, and the upstream's serialized answer comes back, with no
         tensor decoded or encoded here (``ModelVersion.forward``). None when the request must
         take the ordinary path: a route (it picks, compares and measures on decoded requests),
         a model the gateway batches, a request drift monitoring samples, a tensor in shared
-        memory, or every instance busy (``traceparent``: the request's trace context, carried
+        memory, or every instance busy (``trace``: the request's W3C trace context headers, carried
         to the upstream). The limits on what a request names still hold;
         the tensors themselves are the upstream's to check. ``msg``: the parsed request;
         ``remaining``: seconds to the call's deadline (None: none)."""
@@ -283,7 +283,7 @@ class DataPlane(Extensions):
         rows = 1
         if served.signature.max_batch_size > 0 and inputs and inputs[0].shape:
             rows = inputs[0].shape[0]
-        return served.forward(raw, rows, deadline, traceparent)
+        return served.forward(raw, rows, deadline, trace)
 
     @property
     def in_flight(self) -> int:

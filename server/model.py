@@ -33,7 +33,7 @@ from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse, Tensor
 from .monitoring import tracing
 from .monitoring.metrics import ModelMetrics
-from .monitoring.tracing import BatchTrace, batch_trace
+from .monitoring.tracing import BatchTrace, TraceHeaders, batch_trace
 from .security.limits import Capacity
 from .threads import InferenceThreads
 
@@ -201,7 +201,7 @@ class ModelVersion:
             self._idle.set()
 
     def forward(
-        self, raw: bytes, rows: int, deadline: float | None, traceparent: str | None = None
+        self, raw: bytes, rows: int, deadline: float | None, trace: TraceHeaders | None = None
     ) -> Awaitable[bytes] | None:
         """Forward a caller's serialized ModelInferRequest to the upstream without decoding its
         tensors, and answer the upstream's serialized response as it came (under this model's
@@ -210,9 +210,9 @@ class ModelVersion:
         for the statistics. Not a coroutine: the refusal is known at once."""
         if self.forwarder is None or not self.scheduler.take_slot():  # type: ignore[union-attr]
             return None
-        return self._forward(raw, rows, deadline, traceparent)
+        return self._forward(raw, rows, deadline, trace)
 
-    async def _forward(self, raw: bytes, rows: int, deadline: float | None, traceparent: str | None) -> bytes:
+    async def _forward(self, raw: bytes, rows: int, deadline: float | None, trace: TraceHeaders | None) -> bytes:
         backend = self.forwarder
         assert backend is not None
         forwards = self.metrics.forwards
@@ -223,7 +223,7 @@ class ModelVersion:
         start = _perf_ns()
         status = "OK"
         try:
-            return await backend.forward(raw, deadline, traceparent) + self._answer_suffix
+            return await backend.forward(raw, deadline, trace) + self._answer_suffix
         except GatewayError as e:
             status = e.code.value
             raise
@@ -460,7 +460,7 @@ class RemoteExecution:
     async def _call(self, batch: list[Ticket], trace: BatchTrace | None) -> tuple[list, tuple[int, int, int, int, int]]:
         """Each caller's answer, and the execution's times (t0..t3, rows; zeros when it failed)."""
         v = self._v
-        traceparent = trace.traceparent() if trace is not None else None
+        headers = trace.headers() if trace is not None else None
         deadlines = [t.request.deadline for t in batch]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
@@ -482,7 +482,7 @@ class RemoteExecution:
                     own = {t.name: t.parameters for t in first.inputs if t.parameters}
                     params = {k: v for k, v in first.parameters.items() if k != "variant"} if first.parameters else {}
                     got = await self._backend.infer_open(
-                        feeds, given, names, deadline, rid, traceparent, params=params, input_params=own
+                        feeds, given, names, deadline, rid, headers, params=params, input_params=own
                     )
                     names = names or tuple(got)
                     missing = [n for n in names if n not in got]
@@ -491,7 +491,7 @@ class RemoteExecution:
                     types = {n: got[n][0] for n in names}
                     arrays = [got[n][1] for n in names]
                 else:
-                    arrays = await self._backend.infer(feeds, names, deadline, rid, traceparent)
+                    arrays = await self._backend.infer(feeds, names, deadline, rid, headers)
             finally:
                 threads.away -= len(batch)
             t2 = _perf_ns()

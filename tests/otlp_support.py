@@ -34,6 +34,7 @@ class Span:
     start_ns: int
     end_ns: int
     resource: dict = field(default_factory=dict)
+    trace_state: str = ""
 
 
 def _value(v):
@@ -115,6 +116,7 @@ class Receiver:
                             s.start_time_unix_nano,
                             s.end_time_unix_nano,
                             resource,
+                            s.trace_state,
                         )
                     )
         with self._lock:

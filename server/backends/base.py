@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.errors import GatewayError
+
+if TYPE_CHECKING:
+    from ..monitoring.tracing import TraceHeaders
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +103,10 @@ class RemoteBackend(Backend, Protocol):
         output_names: tuple[str, ...],
         deadline: float | None,
         request_id: str = "",
-        traceparent: str | None = None,
+        trace: TraceHeaders | None = None,
     ) -> list[np.ndarray]:
         """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock;
-        ``traceparent``: the W3C trace context to send with the call."""
+        ``trace``: the W3C trace context headers to send with the call."""
         ...
 
     async def infer_open(
@@ -113,7 +116,7 @@ class RemoteBackend(Backend, Protocol):
         names: tuple[str, ...],
         deadline: float | None,
         request_id: str = "",
-        traceparent: str | None = None,
+        trace: TraceHeaders | None = None,
         params: Mapping[str, Any] | None = None,
         input_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
@@ -122,7 +125,7 @@ class RemoteBackend(Backend, Protocol):
         the caller's request and input parameters go with it."""
         ...
 
-    async def forward(self, request: bytes, deadline: float | None, traceparent: str | None = None) -> bytes:
+    async def forward(self, request: bytes, deadline: float | None, trace: TraceHeaders | None = None) -> bytes:
         """Send a caller's serialized ModelInferRequest on unchanged but for the model name and
         version; the upstream's serialized ModelInferResponse."""
         ...

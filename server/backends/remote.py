@@ -35,6 +35,7 @@ from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw, to_raw
 from ..monitoring.metrics import Metrics, UpstreamMetrics
+from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2Channel
@@ -386,11 +387,11 @@ class RemoteV2Backend:
         names: tuple[str, ...],
         deadline: float | None,
         request_id: str = "",
-        traceparent: str | None = None,
+        trace: TraceHeaders | None = None,
     ) -> list[np.ndarray]:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock;
-        ``traceparent``: the batch's trace context, sent on (the upstream's spans join the trace)."""
-        up, resp = await self._call(self.request(feeds, names, request_id), deadline, traceparent=traceparent)
+        ``trace``: the batch's W3C trace context headers, sent on (the upstream's spans join the trace)."""
+        up, resp = await self._call(self.request(feeds, names, request_id), deadline, trace=trace)
         return self._outputs(up, resp, names)
 
     def _outputs(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
@@ -449,7 +450,7 @@ class RemoteV2Backend:
         names: tuple[str, ...],
         deadline: float | None,
         request_id: str = "",
-        traceparent: str | None = None,
+        trace: TraceHeaders | None = None,
         params: Mapping[str, Any] | None = None,
         input_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
@@ -460,16 +461,16 @@ class RemoteV2Backend:
         grpc_codec.set_parameters(msg.parameters, params or {})
         for t in msg.inputs:
             grpc_codec.set_parameters(t.parameters, (input_params or {}).get(t.name) or {})
-        up, resp = await self._call(msg, deadline, traceparent=traceparent)
+        up, resp = await self._call(msg, deadline, trace=trace)
         return self._tensors(up, resp)
 
-    async def forward(self, request: bytes, deadline: float | None, traceparent: str | None = None) -> bytes:
+    async def forward(self, request: bytes, deadline: float | None, trace: TraceHeaders | None = None) -> bytes:
         """Send a caller's serialized ModelInferRequest on as it came, but for the model name and
         version (see ``forward_suffix``), and return the upstream's serialized answer. The same
         choice of upstream, ejection, retry and error translation as :meth:`infer`."""
-        return (await self._call(request + self.forward_suffix, deadline, raw=True, traceparent=traceparent))[1]
+        return (await self._call(request + self.forward_suffix, deadline, raw=True, trace=trace))[1]
 
-    async def _call(self, msg, deadline: float | None, raw: bool = False, traceparent: str | None = None):
+    async def _call(self, msg, deadline: float | None, raw: bool = False, trace: TraceHeaders | None = None):
         """(the upstream that answered, its answer): a ModelInferResponse, or its bytes with ``raw``."""
         tried: list[Upstream] = []
         last: GatewayError | None = None
@@ -489,9 +490,7 @@ class RemoteV2Backend:
             m.requests += 1
             t0 = time.perf_counter()
             try:
-                resp = await (up.raw_infer if raw else up.model_infer)(
-                    msg, timeout=timeout, metadata=None if traceparent is None else (("traceparent", traceparent),)
-                )
+                resp = await (up.raw_infer if raw else up.model_infer)(msg, timeout=timeout, metadata=trace)
             except grpc.aio.AioRpcError as e:
                 self._count_failure(up, e)
                 if not_delivered(e) and len(tried) < self.spec.retries:
@@ -572,8 +571,7 @@ def _varint(n: int) -> bytes:
 
 
 def string_field(number: int, value: str) -> bytes:
-    """One protobuf string field, encoded even when empty (a message's own serializer leaves an
-    empty string out, and an empty value must still replace one given earlier)."""
+    """One protobuf string field, encoded even when empty (which must replace one given earlier)."""
     data = value.encode("utf-8")
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 

@@ -51,10 +51,21 @@ MAX_TRACESTATE = 512  # W3C: at most 32 members; a longer header is not carried 
 LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
+TraceHeaders = tuple[tuple[str, str], ...]  # W3C trace context as gRPC metadata: traceparent[, tracestate]
+
+
 def traceparent_of(span: Any) -> str:
     """The W3C traceparent that makes a callee's spans children of ``span``."""
     c = span.get_span_context()
     return f"00-{c.trace_id:032x}-{c.span_id:016x}-{int(c.trace_flags):02x}"
+
+
+def trace_headers(span: Any) -> TraceHeaders:
+    """What a call made for ``span`` carries: its traceparent and, when the trace has one, the
+    tracestate (W3C: a caller's vendor entries go on to every callee)."""
+    state = span.get_span_context().trace_state
+    parent = ("traceparent", traceparent_of(span))
+    return (parent, ("tracestate", state.to_header())) if state else (parent,)
 
 
 def valid_traceparent(value: str | None) -> tuple[bool, bool]:
@@ -68,17 +79,18 @@ def valid_traceparent(value: str | None) -> tuple[bool, bool]:
 
 
 class Policy:
-    """What decides which requests are traced: the level, the rate (one in N), the count left."""
+    """What decides which requests are traced: the level, the rate (one in N; N need not be whole:
+    ``trace_sample_ratio`` 0.7 is one in 1.43, each request traced with chance 1/N), the count left."""
 
     __slots__ = ("level", "rate", "count")
 
-    def __init__(self, level: str, rate: int, count: int):
+    def __init__(self, level: str, rate: float, count: int):
         self.level, self.rate, self.count = level, rate, count
 
     def as_triton(self, endpoint: str) -> dict[str, Any]:
         return {
             "trace_level": [self.level],
-            "trace_rate": str(self.rate),
+            "trace_rate": str(max(1, round(self.rate)) if self.rate else 0),  # (Triton's: a whole N)
             "trace_count": str(self.count),
             "log_frequency": "0",
             "trace_file": "",
@@ -189,7 +201,7 @@ class Tracing:
         )
         self.provider.add_span_processor(cast(Any, _Gate(batch, self.counts)))
         self.tracer = self.provider.get_tracer("batchgate", __version__)
-        rate = 0 if ratio <= 0 else max(1, round(1 / ratio))
+        rate = 0.0 if ratio <= 0 else max(1.0, 1 / ratio)  # exact: 0.7 traces 7 in 10, not every request
         self.policy = Policy("TIMESTAMPS", rate, -1)
         self.models: dict[str, dict[str, Any]] = {}  # a model's own settings (over the server's)
         # A collector down is counted (batchgate_trace_spans_total), not logged per batch; a client's
@@ -394,8 +406,8 @@ class BatchTrace:
             attributes={"batchgate.batch.requests": requests, "batchgate.model": model},
         )
 
-    def traceparent(self) -> str:
-        return traceparent_of(self.compute)
+    def headers(self) -> TraceHeaders:
+        return trace_headers(self.compute)
 
     def finish(self, t0: int, t1: int, t2: int, t3: int, rows: int, error: str = "") -> None:
         """The execution's phases on the perf_counter_ns clock (input ready, inference done,

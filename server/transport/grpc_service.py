@@ -32,7 +32,7 @@ from ..core.types import (
 )
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
-from ..monitoring.tracing import traceparent_of
+from ..monitoring.tracing import trace_headers
 from ..security.access import OPEN_CALLER, Caller
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
@@ -417,7 +417,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         raw,
                         request,
                         context.time_remaining(),
-                        traceparent_of(note.span) if note is not None and note.span is not None else None,
+                        trace_headers(note.span) if note is not None and note.span is not None else None,
                     )
                 )
                 if forwarded is not None:  # a remote model's request, sent on as it came

@@ -143,17 +143,19 @@ def test_a_batch_of_traced_and_untraced_requests_links_only_the_traced(repo, ser
     assert len(tracing.LIVE) == 0
 
 
-def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver):
+@pytest.mark.parametrize(("batching", "protocol"), [("gateway", "http"), ("passthrough", "grpc")])
+def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver, batching, protocol):
     upstream = _traced(serve, repo, receiver, service_name="upstream")
-    gateway = _traced(
-        serve, "", receiver, remote_models=(RemoteModel("clf", (upstream.grpc_url,), batching="gateway"),)
-    )
-    _infer("http", gateway, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"})
+    gateway = _traced(serve, "", receiver, remote_models=(RemoteModel("clf", (upstream.grpc_url,), batching=batching),))
+    _infer(protocol, gateway, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01", "tracestate": "congo=t61rcWk"})
     spans = receiver.wait(lambda s: len(s) >= 6)
     assert {s.trace_id for s in spans} == {TRACE_ID}
-    gw_compute = next(s for s in spans if s.name == "compute" and s.resource["service.name"] == "batchgate")
     up_root = next(s for s in spans if s.name == "InferRequest" and s.resource["service.name"] == "upstream")
-    assert up_root.parent_id == gw_compute.span_id  # the upstream's request is a child of our call to it
+    # the upstream's request is a child of our call to it (the execution; forwarded raw: the request)
+    ours = "compute" if batching == "gateway" else "InferRequest"
+    caller = next(s for s in spans if s.name == ours and s.resource["service.name"] == "batchgate")
+    assert up_root.parent_id == caller.span_id
+    assert up_root.trace_state == "congo=t61rcWk"  # the caller's tracestate went on with it (W3C)
 
 
 @pytest.mark.parametrize("otlp", ["http/protobuf", "grpc"])
