@@ -440,7 +440,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 note.error = e.code.value
             self.dp.count_error("grpc", e)
             if request is not None:
-                self.dp.log_failure("grpc", request.model_name, _request_id(request, headers), e)
+                rid = _request_id(request, headers) or (_find(md, REQUEST_ID_HEADER) or "")  # (refused at the head)
+                self.dp.log_failure("grpc", request.model_name, rid[:128], e)
             return await _abort(context, e)
         except grpc.aio.AbortError:
             raise

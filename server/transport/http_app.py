@@ -201,7 +201,7 @@ class HttpApp:
                 model, version, caller_of(scope) if self._enforcing else OPEN_CALLER, lambda n: header(scope, n)
             )
         except GatewayError as e:
-            self.dp.log_failure("http", model, "", e)
+            self.dp.log_failure("http", model, (header(scope, REQUEST_ID_HEADER) or "")[:128], e)
             raise
 
     def _remember(self, path: str, hit: tuple[str, str]) -> None:

@@ -272,3 +272,14 @@ def test_failed_request_lines_in_the_log_are_bounded_a_second_and_the_rest_count
     metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
     dropped = [line for line in metrics.splitlines() if line.startswith("batchgate_failure_log_dropped_total ")]
     assert dropped and float(dropped[0].split()[1]) >= sent - 5 * seconds, dropped
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_refused_at_the_head_is_logged_with_its_x_request_id(demo_repo, serve, caplog, protocol):
+    caplog.set_level("INFO", logger="batchgate")
+    running = serve(demo_repo)
+    mod, c = _client(protocol, running)
+    with pytest.raises(InferenceServerException):
+        _infer(mod, c, model="no_such_model", headers={"x-request-id": "hdr-456"})
+    failed = [r for r in caplog.records if "request to model 'no_such_model' failed" in r.getMessage()]
+    assert [getattr(r, "request_id", None) for r in failed] == ["hdr-456"]
