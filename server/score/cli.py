@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_TARGET = 0, 1, 2, 3
+EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_TARGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def add_parser(sub) -> None:
@@ -103,6 +103,9 @@ def main(args: argparse.Namespace) -> int:
     except ScoreError as e:
         print(f"batchgate score: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("batchgate score: interrupted; the parts written are kept: run again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     rejects = counts.rejected + counts.failed
     print(
         f"batchgate score: {counts.input} rows: {counts.scored} scored, {counts.rejected} rejected by their "

@@ -8,8 +8,10 @@ those and the rows that failed their checks go to the rejects with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from ..core.signature import ModelSignature
 from ..core.types import RequestLimits, Tensor, new_request
 from .output import Manifest, digest, encode, output_columns, part_name, write_atomically
 from .remote import OFFLINE
-from .tables import Mapping, ScoreError, prepare, read_batches
+from .tables import Mapping, Plan, ScoreError, prepare, read_batches
 
 T = TypeVar("T")
 LIMITS = RequestLimits(max_inputs=1024, max_outputs=1024, max_request_parameters=8)
@@ -139,10 +141,12 @@ async def run(job: Job) -> Counts:
     pending: list[asyncio.Task] = []
     try:
         await _scoring(job, sig, manifest, pending)
-    finally:  # a run stopped (the target gone, interrupted): the parts in flight are dropped, not recorded
+    except BaseException:  # a run stopped (the target gone, Ctrl-C): the parts in flight are dropped, not recorded
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        _drop_unrecorded(job.out_dir, manifest)
+        raise
     manifest.done = True
     manifest.save()
     _gather_rejects(job, manifest)
@@ -150,16 +154,16 @@ async def run(job: Job) -> Counts:
 
 
 async def _scoring(job: Job, sig: ModelSignature, manifest: Manifest, pending: list[asyncio.Task]) -> None:
-    mapping: Mapping | None = None
-    batches = read_batches(job.input, job.batch_size)
+    plan = Plan(sig, job.columns, job.keep)  # the mapping, built from the file's first rows
+    batches = read_batches(job.input, job.batch_size, plan)
     index = -1
     while True:  # the next chunk is read on a thread, while the model works on the others
         batch = await asyncio.to_thread(next, batches, None)
         if batch is None:
             break
         index += 1
-        if mapping is None:
-            mapping = Mapping.build(sig, batch.schema, job.columns, job.keep)
+        mapping = plan.mapping
+        assert mapping is not None
         start = index * job.batch_size
         if index in manifest.parts:  # written and intact: not scored again
             _count(job.counts, manifest.parts[index])
@@ -334,6 +338,15 @@ async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _drop_unrecorded(out_dir: str, manifest: Manifest) -> None:
+    """A stopped run's parts that were written but not recorded (a rerun writes them again)."""
+    for name in os.listdir(out_dir):
+        written = re.fullmatch(r"(?:part-(\d{5,})\.(?:parquet|csv)|rejects-(\d{5,})\.jsonl)", name)
+        if written and int(written.group(1) or written.group(2)) not in manifest.parts:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
 
 
 def _gather_rejects(job: Job, manifest: Manifest) -> None:

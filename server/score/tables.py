@@ -1,109 +1,21 @@
-"""Input tables for batch scoring: files read as a stream of record batches, table columns mapped
-to a model's inputs, rows checked against the model's signature before any is scored.
-
-Parquet, CSV and JSON Lines are streamed (pyarrow's incremental readers); ``.npy`` is memory-mapped
-and sliced; ``.npz`` is read whole (numpy cannot stream it): each array is a column named after
-its key, its first dimension the rows.
+"""Input tables for batch scoring: table columns mapped to a model's inputs, rows checked against
+the model's signature before any is scored (the files are read in inputs.py).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from ..core.signature import ModelSignature, TensorSpec
+from .inputs import NULL_TEXT, REASON, ScoreError, input_format, read_batches
 
-FORMATS = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".csv": "csv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".npy": "npy",
-    ".npz": "npz",
-}
-CSV_BLOCK_BYTES = 1 << 20
-
-
-class ScoreError(ValueError):
-    """Arguments or an input that cannot be scored; the message says what and why."""
-
-
-def input_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    fmt = FORMATS.get(ext)
-    if fmt is None:
-        raise ScoreError(f"--input {path}: unknown format '{ext}' (known: {', '.join(sorted(FORMATS))})")
-    return fmt
-
-
-def read_batches(path: str, rows: int) -> Iterator[pa.RecordBatch]:
-    """The file as record batches of exactly ``rows`` rows (the last one shorter), in file order."""
-    fmt = input_format(path)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        # pre_buffer off: with it, pyarrow keeps every column chunk it read until the file is
-        # closed (measured: a 400 MB file held whole), and memory would grow with the file.
-        yield from _rechunk((b for b in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows)), rows)
-    elif fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
-        yield from _rechunk(iter(reader), rows)
-    elif fmt == "jsonl":
-        import pyarrow.json as pjson
-
-        reader = pjson.open_json(path, read_options=pjson.ReadOptions(block_size=CSV_BLOCK_BYTES))
-        yield from _rechunk(iter(reader), rows)
-    elif fmt == "npy":
-        arr = np.load(path, mmap_mode="r")
-        if arr.ndim == 0:
-            raise ScoreError(f"--input {path}: a 0-d array has no rows")
-        for start in range(0, arr.shape[0], rows):
-            yield _array_batch({"input": np.asarray(arr[start : start + rows])})
-    else:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
-        if len(lengths) != 1 or -1 in lengths:
-            raise ScoreError(f"--input {path}: the arrays must share their first dimension (the rows)")
-        n = lengths.pop()
-        for start in range(0, n, rows):
-            yield _array_batch({k: a[start : start + rows] for k, a in arrays.items()})
-
-
-def _rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    pending: list[pa.RecordBatch] = []
-    have = 0
-    for b in batches:
-        pending.append(b)
-        have += b.num_rows
-        while have >= rows:
-            table = pa.Table.from_batches(pending)
-            head, rest = table.slice(0, rows), table.slice(rows)
-            yield head.combine_chunks().to_batches()[0] if head.num_rows else head
-            pending, have = rest.to_batches(), rest.num_rows
-    if have:
-        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
-
-
-def _array_batch(arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
-    cols = {}
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        if a.ndim == 1:
-            cols[name] = pa.array(a)
-        else:
-            width = int(np.prod(a.shape[1:]))
-            flat = pa.array(a.reshape(-1)) if a.dtype.kind != "U" else pa.array(a.reshape(-1).tolist())
-            cols[name] = pa.FixedSizeListArray.from_arrays(flat, width)
-    return pa.RecordBatch.from_pydict(cols)
+__all__ = ["Mapping", "Plan", "Prepared", "ScoreError", "input_format", "prepare", "read_batches"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +67,24 @@ class Mapping:
         return Mapping(sources, tuple(keep))
 
 
+class Plan:
+    """What to read of a file (read_batches' ``plan``): the mapping, built from the columns of the
+    file's first rows; the columns that feed an input with its dtype, the kept ones."""
+
+    def __init__(self, sig: ModelSignature, columns: Sequence[str], keep: Sequence[str]):
+        self.sig, self.columns, self.keep = sig, columns, keep
+        self.mapping: Mapping | None = None
+
+    def __call__(self, schema: pa.Schema) -> dict[str, Any]:
+        self.mapping = Mapping.build(self.sig, schema, self.columns, self.keep)
+        want: dict[str, Any] = dict.fromkeys(self.mapping.keep)
+        inputs = {t.name: t for t in self.sig.inputs}
+        for name, cols in self.mapping.sources.items():
+            for c in cols:
+                want[c] = inputs[name].dtype.np_dtype
+        return want
+
+
 @dataclass
 class Prepared:
     """One batch of rows, checked: the rows that can be scored (their positions in the batch and
@@ -169,6 +99,10 @@ def prepare(batch: pa.RecordBatch, sig: ModelSignature, mapping: Mapping, allow_
     n = batch.num_rows
     bad: dict[int, str] = {}
     feeds: dict[str, np.ndarray] = {}
+    if REASON in batch.schema.names and batch.column(REASON).null_count < n:  # a value that did not fit its column
+        for i, reason in enumerate(batch.column(REASON).to_pylist()):
+            if reason:
+                bad[i] = reason
     for spec in sig.inputs:
         cols = mapping.sources.get(spec.name)
         if not cols:
@@ -213,6 +147,8 @@ def _tensor(
                     why.setdefault(i, f"column '{c}': {len(v)} values where other rows have {w}")
             rows = [(v if v is not None and len(v) == w else [None] * w) for v in values]
             parts.append(_as(np.array(rows, dtype=object), dt.np_dtype, c, why))
+        elif dt.np_dtype != np.object_ and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            parts.append(_from_text(col, dt.np_dtype, c, why))  # CSV: numbers read as text
         else:
             parts.append(_as(col.to_numpy(zero_copy_only=False).reshape(n, 1), dt.np_dtype, c, why))
     arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
@@ -237,34 +173,102 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
+def _from_text(col: pa.Array, dtype: np.dtype, column: str, why: dict[int, str]) -> np.ndarray:
+    """A text column as numbers: at once when every value parses, else value by value (a value
+    that does not rejects its row); the CSV reader's missing-value words are missing values."""
+    import pyarrow.compute as pc
+
+    n = len(col)
+    missing = pc.is_in(col, value_set=pa.array(NULL_TEXT)).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(missing).tolist():
+        why.setdefault(i, f"column '{column}': missing value")
+    col = pc.if_else(pa.array(missing), pa.scalar(None, col.type), col)
+    kind = np.dtype(dtype).kind
+    if kind in "fiu":
+        try:
+            parsed = pc.cast(col, pa.float64() if kind == "f" else pa.int64()).fill_null(0)
+            return _as(parsed.to_numpy(zero_copy_only=False).reshape(n, 1), dtype, column, why)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    return _as(np.array(col.to_pylist(), dtype=object).reshape(n, 1), dtype, column, why)
+
+
 def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -> np.ndarray:
     """``values`` as ``dtype``; a value that is not one (text in a number column, 3.5 for an
-    integer input, a number past the type's range) rejects its row."""
+    integer input, a number past the type's range: 1e40 for a float32) rejects its row."""
     if dtype == np.object_:
         out = np.empty(values.shape, dtype=object)
         for idx, v in np.ndenumerate(values):
             out[idx] = v if isinstance(v, bytes) else (b"" if v is None else str(v).encode())
         return out
-    if values.dtype != object:
-        if np.issubdtype(dtype, np.integer) and values.dtype.kind == "f":
-            frac = ~np.isfinite(values) | (np.mod(values, 1) != 0)
-            for i in np.flatnonzero(frac.reshape(values.shape[0], -1).any(axis=1)):
-                why.setdefault(int(i), f"column '{column}': not a whole number for an integer input")
-            values = np.where(frac, 0, values)
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            num = values.astype(np.float64, copy=False)
-            out_of = (num < info.min) | (num > info.max)
-            for i in np.flatnonzero(out_of.reshape(values.shape[0], -1).any(axis=1)):
-                why.setdefault(int(i), f"column '{column}': out of the range of {np.dtype(dtype).name}")
-            values = np.where(out_of, 0, values)
-        return values.astype(dtype)
-    out = np.zeros(values.shape, dtype=dtype)
+    if values.dtype.kind in "OUS":
+        values = _parsed(values, dtype, column, why)
+    rows = values.shape[0]
+    if np.issubdtype(dtype, np.integer) and values.dtype.kind == "f":
+        frac = ~np.isfinite(values) | (np.mod(values, 1) != 0)
+        for i in np.flatnonzero(frac.reshape(rows, -1).any(axis=1)):
+            why.setdefault(int(i), f"column '{column}': not a whole number for an integer input")
+        values = np.where(frac, 0, values)
+    if np.issubdtype(dtype, np.integer) and values.dtype != dtype:
+        info = np.iinfo(dtype)
+        num = values.astype(np.float64, copy=False)
+        out_of = (num < info.min) | (num > info.max)
+        for i in np.flatnonzero(out_of.reshape(rows, -1).any(axis=1)):
+            why.setdefault(int(i), f"column '{column}': out of the range of {np.dtype(dtype).name}")
+        values = np.where(out_of, 0, values)
+    if np.issubdtype(dtype, np.floating):
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = values.astype(dtype)
+        over = np.isinf(out) & np.isfinite(values)  # a finite number past the type's range (inf stays inf)
+        if over.any():
+            flat = over.reshape(rows, -1)
+            for r in np.flatnonzero(flat.any(axis=1)).tolist():
+                v = values.reshape(rows, -1)[r][flat[r]][0]
+                why.setdefault(r, f"column '{column}': {v:g} is past the range of {np.dtype(dtype).name}")
+            out[over] = 0
+        return out
+    return values.astype(dtype)
+
+
+def _parsed(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -> np.ndarray:
+    """Python values (a list column, text) as numbers, value by value: float64 for a float
+    input, else ``dtype``; a value that is not a number of the type rejects its row."""
+    kind = np.dtype(dtype).kind
+    out = np.zeros(values.shape, dtype=np.float64 if kind == "f" else dtype)
+    name = np.dtype(dtype).name
+    info = np.iinfo(dtype) if kind in "iu" else None
     for idx, v in np.ndenumerate(values):
-        if v is None:
+        row = int(idx[0])
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", "replace")
+        if v is None or (isinstance(v, str) and v in NULL_TEXT):
+            why.setdefault(row, f"column '{column}': missing value")
             continue
+        if isinstance(v, str):
+            text = v
+            if kind == "b":
+                v = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower(), text)
+            else:
+                try:
+                    v = int(text) if kind in "iu" else float(text)
+                except ValueError:
+                    try:
+                        v = float(text)
+                    except ValueError:
+                        v = text
+        if not isinstance(v, (bool, int, float, np.number, np.bool_)) or (kind == "b" and isinstance(v, str)):
+            why.setdefault(row, f"column '{column}': {str(v)[:40]!r} is not a {name}")
+            continue
+        if info is not None:
+            if isinstance(v, (float, np.floating)) and not (math.isfinite(v) and float(v).is_integer()):
+                why.setdefault(row, f"column '{column}': not a whole number for an integer input")
+                continue
+            if not info.min <= int(v) <= info.max:
+                why.setdefault(row, f"column '{column}': out of the range of {name}")
+                continue
+            v = int(v)
         try:
             out[idx] = v
         except (TypeError, ValueError, OverflowError):
-            why.setdefault(int(idx[0]), f"column '{column}': {str(v)[:40]!r} is not a {np.dtype(dtype).name}")
+            why.setdefault(row, f"column '{column}': {str(v)[:40]!r} is not a {name}")
     return out

@@ -351,3 +351,30 @@ def test_a_model_converted_by_batchgate_convert_scores_its_training_csv(tmp_path
     want = sess.run(None, {"features": x})[0].reshape(-1)  # the first output: the label
     label = next(c for c in table.column_names if "label" in c)
     np.testing.assert_array_equal(table.column(label).to_numpy(), want)
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(repo, tmp_path):
+    """SIGINT mid-run: a message and exit 130, no traceback, only recorded parts (and their
+    rejects) left in the folder; the same command then finishes the run."""
+    n = 100_000
+    src = tmp_path / "big.npy"
+    np.save(src, _features(n, seed=9))
+    args = ["--model", "clf", "--model-repository", repo, "--input", str(src), "--columns", "features=input",
+            "--batch-size", "2000", "--concurrency", "2", "--quiet"]  # fmt: skip
+    out = str(tmp_path / "out")
+    p = subprocess.Popen([*BATCHGATE, *args, "--output", out], stderr=subprocess.PIPE, text=True)
+    manifest = os.path.join(out, "manifest.json")
+    end = time.monotonic() + 60
+    while not (os.path.exists(manifest) and len(_json(manifest)["parts"]) >= 3):
+        assert time.monotonic() < end and p.poll() is None, "no parts were written"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    stderr = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    recorded = _json(manifest)["parts"]
+    assert not _json(manifest)["done"] and len(recorded) < n // 2000
+    names = {os.path.basename(f) for f in glob.glob(os.path.join(out, "*-*"))}
+    assert names == {p["file"] for p in recorded} | {p["rejects_file"] for p in recorded}
+    done = score(*args, "--output", out)
+    assert done.returncode == 0 and "kept from an earlier run" in done.stderr, done.stderr
+    assert _json(manifest)["done"] and _parts(out).num_rows == n

@@ -1,0 +1,311 @@
+"""Input files for batch scoring, read as a stream of record batches.
+
+Parquet is streamed (pyarrow's incremental reader); ``.npy`` is memory-mapped and sliced; ``.npz``
+is read whole (numpy cannot stream it): each array is a column named after its key, its first
+dimension the rows. CSV and JSON Lines carry no types, and pyarrow infers them from the file's
+first block, then fails the whole read at a later value of another type (a whole-number column
+that turns to ``1.5`` after a megabyte, text in a number column). So these two are read with
+the types the model's inputs ask for (``plan``: the columns to read and, for the ones feeding an
+input, its numpy dtype): CSV reads those columns as text, converted per row when the batch is
+checked (tables.py), so ``007`` stays ``007`` for a BYTES input; JSON Lines is cut into blocks of
+lines, each read with those types, and a block pyarrow refuses is read line by line: a value
+that does not fit its column leaves the row with the reason in the ``REASON`` column, and the
+row is rejected with that reason instead of the run stopping.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".npy": "npy",
+    ".npz": "npz",
+}
+CSV_BLOCK_BYTES = 1 << 20
+REASON = "\x00batchgate_reason"  # a row that did not fit its columns' types: why (null for the others)
+# what pyarrow's CSV reader takes for a missing number (its ConvertOptions.null_values)
+NULL_TEXT = (
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null",
+)  # fmt: skip
+
+# the columns to read, each with the numpy dtype of the input it feeds (None: a kept column, read
+# with the type inferred from the file's first rows); called with the inferred schema once the
+# file is known to hold rows, before the first batch
+Plan = Callable[[pa.Schema], dict[str, Any]]
+
+
+class ScoreError(ValueError):
+    """Arguments or an input that cannot be scored; the message says what and why."""
+
+
+def input_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    fmt = FORMATS.get(ext)
+    if fmt is None:
+        raise ScoreError(f"--input {path}: unknown format '{ext}' (known: {', '.join(sorted(FORMATS))})")
+    return fmt
+
+
+def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.RecordBatch]:
+    """The file as record batches of exactly ``rows`` rows (the last one shorter), in file order.
+    An empty file has no rows; a file pyarrow cannot read (a CSV row of the wrong width, a kept
+    column whose values change type) is a ScoreError naming it."""
+    fmt = input_format(path)
+    try:
+        if os.path.getsize(path) == 0:
+            return
+        if fmt == "csv":
+            yield from _rechunk(_csv(path, plan), rows)
+        elif fmt == "jsonl":
+            yield from _rechunk(_jsonl(path, plan), rows)
+        else:
+            yield from _planned(_other(path, fmt, rows), plan)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ScoreError(f"--input {path}: {e}") from None
+
+
+def _planned(batches: Iterator[pa.RecordBatch], plan: Plan | None) -> Iterator[pa.RecordBatch]:
+    for i, b in enumerate(batches):
+        if i == 0 and plan is not None:
+            plan(b.schema)
+        yield b
+
+
+def _other(path: str, fmt: str, rows: int) -> Iterator[pa.RecordBatch]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        # pre_buffer off: with it, pyarrow keeps every column chunk it read until the file is
+        # closed (measured: a 400 MB file held whole), and memory would grow with the file.
+        yield from _rechunk((b for b in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows)), rows)
+    elif fmt == "npy":
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim == 0:
+            raise ScoreError(f"--input {path}: a 0-d array has no rows")
+        for start in range(0, arr.shape[0], rows):
+            yield _array_batch({"input": np.asarray(arr[start : start + rows])})
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise ScoreError(f"--input {path}: the arrays must share their first dimension (the rows)")
+        n = lengths.pop()
+        for start in range(0, n, rows):
+            yield _array_batch({k: a[start : start + rows] for k, a in arrays.items()})
+
+
+def _csv(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
+    import pyarrow.csv as pcsv
+
+    options = pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
+    first = pcsv.open_csv(path, read_options=options)  # the types inferred from the first block
+    if plan is None:
+        yield from first
+        return
+    schema = first.schema
+    try:
+        first.read_next_batch()
+    except StopIteration:  # a header and no rows
+        return
+    finally:
+        first.close()
+    want = plan(schema)
+    types = {c: pa.string() if dt is not None else _known(schema.field(c).type) for c, dt in want.items()}
+    convert = pcsv.ConvertOptions(column_types=types, include_columns=list(want))
+    yield from pcsv.open_csv(path, read_options=options, convert_options=convert)
+
+
+def _known(t: pa.DataType) -> pa.DataType:
+    return pa.string() if pa.types.is_null(t) else t
+
+
+def _jsonl(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
+    import pyarrow.json as pjson
+
+    blocks = _line_blocks(path)
+    first = next(blocks, None)
+    if first is None:
+        return
+    try:
+        schema = pjson.read_json(io.BytesIO(first)).schema
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        schema = _python_schema(first)
+    want = plan(schema) if plan is not None else dict.fromkeys(schema.names)
+    declared = pa.schema([pa.field(c, _declared(schema.field(c).type, dt)) for c, dt in want.items()])
+    parse = pjson.ParseOptions(explicit_schema=declared, unexpected_field_behavior="ignore")
+    out = declared.append(pa.field(REASON, pa.string()))
+    for block in chain([first], blocks):
+        try:
+            table = pjson.read_json(io.BytesIO(block), parse_options=parse).select(declared.names).cast(declared)
+            table = table.append_column(REASON, pa.nulls(table.num_rows, pa.string()))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            table = _python_block(block, out, want)
+        yield from table.to_batches()
+
+
+def _line_blocks(path: str) -> Iterator[bytes]:
+    """The file in blocks of whole lines, about CSV_BLOCK_BYTES each (a longer line whole)."""
+    with open(path, "rb") as f:
+        rest = b""
+        while True:
+            data = f.read(CSV_BLOCK_BYTES)
+            if not data:
+                if rest.strip():
+                    yield rest
+                return
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            block, rest = data[:cut], data[cut:]
+            if block.strip():
+                yield block
+
+
+def _python_schema(block: bytes) -> pa.Schema:
+    """The columns of a block pyarrow cannot read (a column of numbers and text): each column's
+    type as pyarrow infers it, else that of its first value."""
+    rows = [r for r in (_loads(line) for line in block.splitlines()) if isinstance(r, dict)]
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    fields = []
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            t = pa.array(values).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            first = next(v for v in values if v is not None)
+            try:
+                t = pa.array([first]).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                t = pa.string()
+        fields.append(pa.field(name, t))
+    return pa.schema(fields)
+
+
+def _loads(line: bytes) -> Any:
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
+def _declared(inferred: pa.DataType, dtype: Any) -> pa.DataType:
+    """A column's type: for one feeding an input, the input's (as lists where the file's rows
+    are lists), for a kept one what its first rows hold."""
+    if dtype is None:
+        return _known(inferred)
+    if pa.types.is_list(inferred) or pa.types.is_large_list(inferred) or pa.types.is_fixed_size_list(inferred):
+        return pa.list_(_declared(inferred.value_type, dtype))
+    kind = np.dtype(dtype).kind
+    return {"f": pa.float64(), "b": pa.bool_(), "O": pa.string()}.get(kind, pa.int64())
+
+
+def _python_block(block: bytes, schema: pa.Schema, want: dict[str, Any]) -> pa.Table:
+    """A block of lines read one by one: a value that does not fit its column is left out and its
+    row gets the reason."""
+    fields = [f for f in schema if f.name != REASON]
+    columns: dict[str, list[Any]] = {f.name: [] for f in schema}
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        row = _loads(line)
+        reason = None if isinstance(row, dict) else f"not a JSON object: {line[:40]!r}"
+        for f in fields:
+            value = row.get(f.name) if isinstance(row, dict) else None
+            value, why = _fit(value, f.type, want[f.name])
+            if why and reason is None:
+                reason = f"column '{f.name}': {why}"
+            columns[f.name].append(None if why else value)
+        columns[REASON].append(reason)
+    return pa.table({f.name: pa.array(columns[f.name], f.type) for f in schema}, schema=schema)
+
+
+def _fit(v: Any, t: pa.DataType, dtype: Any) -> tuple[Any, str | None]:
+    """``v`` as a value of the column type ``t``, or why it is not one (``dtype``: the numpy
+    type of the input the column feeds, for the reason; None for a kept column)."""
+    if v is None:
+        return None, None
+    if pa.types.is_list(t):
+        if not isinstance(v, list):
+            return None, f"{_show(v)} is not a list"
+        out = []
+        for e in v:
+            x, why = _fit(e, t.value_type, dtype)
+            if why:
+                return None, why
+            out.append(x)
+        return out, None
+    name = np.dtype(dtype).name if dtype is not None else str(t)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return (v if isinstance(v, str) else json.dumps(v)), None  # a number for a text input: its JSON text
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if pa.types.is_boolean(t):
+        return (v, None) if isinstance(v, bool) else (None, f"{_show(v)} is not a {name}")
+    if pa.types.is_floating(t):
+        if not number:
+            return None, f"{_show(v)} is not a {name}"
+        try:
+            return float(v), None
+        except OverflowError:
+            return None, f"{_show(v)} is past the range of {name}"
+    if pa.types.is_integer(t):
+        if not number:
+            return None, f"{_show(v)} is not a {name}"
+        if isinstance(v, float) and not v.is_integer():
+            return None, "not a whole number for an integer input"
+        try:
+            pa.scalar(int(v), t)
+        except (pa.ArrowInvalid, OverflowError, ValueError):
+            return None, f"out of the range of {name}"
+        return int(v), None
+    try:
+        pa.scalar(v, t)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError):
+        return None, f"{_show(v)} does not fit the column's type {t} (that of the file's first rows)"
+    return v, None
+
+
+def _show(v: Any) -> str:
+    return repr(v[:40]) if isinstance(v, str) else json.dumps(v)[:40]
+
+
+def _rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    pending: list[pa.RecordBatch] = []
+    have = 0
+    for b in batches:
+        pending.append(b)
+        have += b.num_rows
+        while have >= rows:
+            table = pa.Table.from_batches(pending)
+            head, rest = table.slice(0, rows), table.slice(rows)
+            yield head.combine_chunks().to_batches()[0] if head.num_rows else head
+            pending, have = rest.to_batches(), rest.num_rows
+    if have:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def _array_batch(arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
+    cols = {}
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        if a.ndim == 1:
+            cols[name] = pa.array(a)
+        else:
+            width = int(np.prod(a.shape[1:]))
+            flat = pa.array(a.reshape(-1)) if a.dtype.kind != "U" else pa.array(a.reshape(-1).tolist())
+            cols[name] = pa.FixedSizeListArray.from_arrays(flat, width)
+    return pa.RecordBatch.from_pydict(cols)

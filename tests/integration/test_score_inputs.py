@@ -1,0 +1,137 @@
+"""Batch scoring's input checks over real files (CSV, JSON Lines) and the real engine (run.py),
+with an identity model in place of a backend: text kept as text for a BYTES input, a column whose
+values change type mid-file rejecting only the rows that do not fit, empty files, a number past
+float32's range, and a file pyarrow cannot read named as a bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgate.core.signature import ModelSignature, TensorSpec
+from batchgate.core.types import DATATYPES
+from batchgate.score.run import Job, run
+from batchgate.score.tables import ScoreError
+
+
+class Identity:
+    """A model whose one output is its one input."""
+
+    def __init__(self, name: str, datatype: str, dims: tuple[int, ...]):
+        spec = TensorSpec(name, DATATYPES[datatype], dims)
+        self.signature = ModelSignature(
+            "identity", "onnxruntime_onnx", 64, (spec,), (TensorSpec("y", spec.dtype, dims),)
+        )
+        self.name = name
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": feeds[self.name]}
+
+
+def _score(model: Identity, src, out, **kw) -> tuple:
+    job = Job(model, str(src), str(out), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a numpy overflow warning on stderr would fail the test)
+        counts = asyncio.run(run(job))
+    parts = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["done"]
+    return counts, table, rejects
+
+
+def test_a_bytes_input_from_csv_or_jsonl_gets_the_text_as_written(tmp_path):
+    model = Identity("s", "BYTES", (1,))
+    csv = tmp_path / "zip.csv"
+    csv.write_text("id,s\n1,007\n2,0123\n3,1e3\n4,\n")
+    counts, table, rejects = _score(model, csv, tmp_path / "csv", keep=("id",))
+    assert counts.scored == 4 and not rejects
+    assert table.column("y").to_pylist() == [["007"], ["0123"], ["1e3"], [""]]  # not 7.0, 123.0, 1000.0
+    jl = tmp_path / "zip.jsonl"
+    jl.write_text('{"s": "007"}\n{"s": "1e3"}\n{"s": 12}\n')  # a JSON number for a text input: its JSON text
+    counts, table, rejects = _score(model, jl, tmp_path / "jl")
+    assert counts.scored == 3 and table.column("y").to_pylist() == [["007"], ["1e3"], ["12"]]
+
+
+def test_a_csv_column_of_whole_numbers_that_turns_fractional_after_a_block_is_scored(tmp_path):
+    model = Identity("features", "FP32", (2,))
+    n = 150_000  # past the reader's first block (1 MiB), from which pyarrow infers the types
+    lines = [f"{i},{i % 100},7" for i in range(n)] + [f"{n},1.5,7", f"{n + 1},x,7", f"{n + 2},NA,7"]
+    src = tmp_path / "drift.csv"
+    src.write_text("id,a,b\n" + "\n".join(lines) + "\n")
+    assert src.stat().st_size > 1 << 20
+    counts, table, rejects = _score(
+        model, src, tmp_path / "out", keep=("id",), columns=("features=a,b",), batch_size=50_000
+    )
+    assert (counts.input, counts.scored, counts.rejected) == (n + 3, n + 1, 2)
+    assert table.column("y").to_pylist()[-1] == [1.5, 7.0] and table.column("id").to_pylist()[-1] == n
+    assert [(r["id"], r["reason"]) for r in rejects] == [
+        (n + 1, "column 'a': 'x' is not a float32"),
+        (n + 2, "column 'a': missing value"),
+    ]
+
+
+def test_jsonl_text_in_a_number_column_rejects_only_its_row(tmp_path):
+    model = Identity("features", "FP32", (4,))
+    src = tmp_path / "l.jsonl"
+    rows = [{"id": 1, "features": [1, 2, 3, 4]}, {"id": 2, "features": [1, "x", 3, 4]}, {"id": 3, "features": 5}]
+    rows += [{"id": 4, "features": [1, None, 3, 4]}, {"id": 5, "features": [1.5, 2, 3, 4]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    counts, table, rejects = _score(model, src, tmp_path / "out", keep=("id",))
+    assert table.column("id").to_pylist() == [1, 5] and table.column("y").to_pylist()[1] == [1.5, 2, 3, 4]
+    reasons = {r["row"]: r["reason"] for r in rejects}
+    assert reasons == {
+        1: "column 'features': 'x' is not a float32",
+        2: "column 'features': 5 is not a list",
+        3: "column 'features': missing value",
+        5: "not a JSON object: b'not json'",
+    }
+    # the same in scalar columns, after a first block of numbers
+    flat = tmp_path / "l4.jsonl"
+    many = [json.dumps({"id": i, "a": i, "b": 2}) for i in range(40_000)]
+    flat.write_text("\n".join([*many, '{"id": 40000, "a": "x", "b": 2}', '{"id": 40001, "a": 0.5, "b": 2}']) + "\n")
+    assert flat.stat().st_size > 1 << 20
+    model = Identity("features", "FP32", (2,))
+    counts, table, rejects = _score(model, flat, tmp_path / "out4", keep=("id",), columns=("features=a,b",))
+    assert (counts.scored, counts.rejected) == (40_001, 1) and rejects[0]["id"] == 40_000
+    assert table.column("y").to_pylist()[-1] == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl", "header.csv"])
+def test_an_empty_file_is_zero_rows(tmp_path, name):
+    src = tmp_path / name
+    src.write_text("id,a,b\n" if name == "header.csv" else "")
+    counts, table, rejects = _score(Identity("features", "FP32", (2,)), src, tmp_path / "out")
+    assert (counts.input, counts.parts, table, rejects) == (0, 0, None, [])
+
+
+def test_a_number_past_float32s_range_is_rejected_even_with_allow_nan(tmp_path):
+    model = Identity("features", "FP32", (2,))
+    src = tmp_path / "big.csv"
+    src.write_text("a,b\n1e40,1\n1,1\ninf,1\n")
+    for allow_nan in (False, True):
+        counts, table, rejects = _score(model, src, tmp_path / f"out{allow_nan}", allow_nan=allow_nan)
+        assert rejects[0]["row"] == 0 and rejects[0]["reason"] == "column 'a': 1e+40 is past the range of float32"
+        assert "NaN or infinity" in rejects[1]["reason"] if not allow_nan else len(rejects) == 1
+        assert table.column("y").to_pylist()[-1] == ([1.0, 1.0] if not allow_nan else [float("inf"), 1.0])
+    jl = tmp_path / "big.jsonl"
+    jl.write_text('{"features": [1, 1e40]}\n{"features": [1, 2]}\n')
+    counts, table, rejects = _score(model, jl, tmp_path / "outjl", allow_nan=True)
+    assert counts.scored == 1 and "1e+40 is past the range of float32" in rejects[0]["reason"]
+
+
+def test_a_csv_pyarrow_cannot_read_is_a_bad_input(tmp_path):
+    src = tmp_path / "ragged.csv"
+    src.write_text("a,b\n1,2\n1,2,3\n")
+    with pytest.raises(ScoreError, match="ragged.csv: .*columns"):
+        asyncio.run(run(Job(Identity("features", "FP32", (2,)), str(src), str(tmp_path / "out"))))
