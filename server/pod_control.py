@@ -27,6 +27,7 @@ STEADY_S = 60.0  # a worker up this long has its backoff reset
 STATS_FRESH_S = 0.5  # V2 statistics asked of any worker reuse the workers' figures read this recently
 POLL_S = 2.0  # how often the workers' figures are read (what a killed worker leaves behind is this old at most)
 SNAPSHOT_TIMEOUT_S = 5.0
+STALE_WAIT_S = 0.25  # how long a snapshot waits for a worker that missed the last one
 # Front mode: each worker batches what it receives before the hop to the owner (one call carries
 # many requests, so the owner's per-call cost is shared), waiting at most this long for more; the
 # owner batches again across the workers. Calls in flight from one worker to the owner, at most:
@@ -55,6 +56,8 @@ class Slot:
     process: list[RuntimeFamily] = dataclasses.field(default_factory=list)
     gone: Snapshot = dataclasses.field(default_factory=Snapshot)  # counters of its earlier lives
     first: asyncio.Future | None = None  # the first start's outcome
+    answered_at: float = 0.0  # monotonic clock: the process's last answer to a snapshot (0: none yet)
+    stale: bool = False  # it did not answer the last snapshot in time: not waited for again until it does
 
 
 class _Txn:

@@ -16,7 +16,7 @@ from .app import LIVENESS_SERVICE
 from .config import ConfigError
 from .core.errors import ErrorCode, GatewayError
 from .monitoring.metrics import Metrics, Snapshot, by_worker, exposition
-from .pod_control import POLL_S, SNAPSHOT_TIMEOUT_S, Slot
+from .pod_control import POLL_S, SNAPSHOT_TIMEOUT_S, STALE_WAIT_S, Slot
 from .route_table import SYSTEM
 
 if TYPE_CHECKING:
@@ -199,12 +199,21 @@ class PodState:
         every = self.slots + ([self.owner] if self.owner is not None else [])
         if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
             live = [(s, s.channel) for s in every if s.channel is not None and s.ready]
+            # A worker that missed the last snapshot (hung, stopped) is given a moment only: one such
+            # process must not hold every scrape and statistics call for the whole timeout.
             replies = await asyncio.gather(
-                *(ch.call("snapshot", timeout=SNAPSHOT_TIMEOUT_S) for _, ch in live), return_exceptions=True
+                *(ch.call("snapshot", timeout=STALE_WAIT_S if s.stale else SNAPSHOT_TIMEOUT_S) for s, ch in live),
+                return_exceptions=True,
             )
+            now = time.monotonic()
             for (s, ch), r in zip(live, replies):
-                if isinstance(r, dict) and r and s.channel is ch:  # still that process (not exited meanwhile)
+                if s.channel is not ch:  # exited meanwhile
+                    continue
+                if isinstance(r, dict) and r:
                     s.last, s.process, s.models_ready = r["snapshot"], r["process"], bool(r["ready"])
+                    s.answered_at, s.stale = now, False
+                else:
+                    s.stale = True
             self._gathered_at = time.monotonic()
             await self._publish()
         total = Snapshot()
@@ -222,7 +231,7 @@ class PodState:
         snap.add("batchgate_workers", (), self.n)
         for s in self.slots + ([self.owner] if self.owner is not None else []):
             w = (s.label,)
-            snap.add("batchgate_worker_up", w, int(s.ready))
+            snap.add("batchgate_worker_up", w, int(s.ready and not s.stale))
             snap.add("batchgate_worker_restarts", w, s.restarts)
             answered = _requests(s.gone) + (_requests(s.last) if s.last is not None else 0)
             snap.add("batchgate_worker_requests", w, answered)
@@ -242,6 +251,7 @@ class PodState:
             await asyncio.sleep(POLL_S)
             with contextlib.suppress(Exception):
                 await self.gather()
+            self._kill_hung()
             if self.owner is not None and self.owner.member and self.owner.channel is not None:
                 with contextlib.suppress(Exception):  # the owner rescanned (poll mode) or restarted
                     async with self._lock:
@@ -251,15 +261,30 @@ class PodState:
                             self._owner_lives = self.owner.restarts
                             await self._follow(names if restarted else [])
 
+    def _kill_hung(self) -> None:
+        """Kill a worker that has not answered a snapshot for ``worker_hang_s`` (its keeper starts
+        it again): a hung process still holds its share of the port's new connections."""
+        hang_s = self.settings.server.worker_hang_s
+        if not hang_s or self.stopping:
+            return
+        now = time.monotonic()
+        for s in self.slots + ([self.owner] if self.owner is not None else []):
+            proc = s.proc
+            if s.stale and s.ready and proc is not None and now - s.answered_at > hang_s:
+                log.error("worker %s (pid %d) has not answered for %.0f s: killing it", s.label, proc.pid, hang_s)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                s.stale = False  # (once: its keeper takes it from here)
+
     @property
     def ready(self) -> bool:
         """Ready while at least one worker listens and says it is ready (its models, strict
         readiness; the others may be starting) and, in front mode, the model-owning process is up
         and ready (without it no worker can answer). Not ready once the pod drains."""
         owner = self.owner
-        if owner is not None and not (owner.ready and owner.models_ready):
+        if owner is not None and not (owner.ready and owner.models_ready and not owner.stale):
             return False
-        return not self.stopping and any(s.ready and s.models_ready for s in self.slots)
+        return not self.stopping and any(s.ready and s.models_ready and not s.stale for s in self.slots)
 
     async def _publish(self) -> None:
         if self._health is None:

@@ -103,6 +103,12 @@ class ServerSettings:
         "handle the protocols and forward to one process that owns the models and batches",
         choices=("replicate", "front"),
     )
+    worker_hang_s: float = _setting(
+        30.0,
+        "with several workers: a worker that has not answered the supervisor for this long is killed and "
+        "started again (a hung process keeps its share of the port's connections); 0 = never",
+        minimum=0,
+    )
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))
     log_level: str = _setting("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
 

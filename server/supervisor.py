@@ -303,7 +303,7 @@ class Supervisor(PodControl, PodState):
         async def ready(http_port: int, grpc_port: int) -> None:
             if self.settings.drift and self._drift_start is None and slot is not self.owner:
                 self._drift_start = asyncio.ensure_future(self._start_drift(slot))  # once, by the first
-            slot.ready = True
+            slot.ready, slot.stale, slot.answered_at = True, False, time.monotonic()  # (it answered just now)
             await self._publish()
             if slot.first is not None and not slot.first.done():
                 slot.first.set_result(True)

@@ -157,6 +157,31 @@ def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
         p.kill()
 
 
+def test_a_hung_worker_holds_no_scrape_and_is_killed_and_started_again(clf_repo):
+    """A stopped (hung) worker: scrapes wait for it once, then not again (it reads as down), and
+    after worker_hang_s without an answer the supervisor kills it and its keeper starts another."""
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--worker-hang-s", "4"))
+    try:
+        p.wait_ready()
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGSTOP)
+        _metrics(p)  # (this one may wait for it)
+        took = time.monotonic()
+        text = _metrics(p)
+        assert time.monotonic() - took < 2.0, "a scrape waited for the hung worker again"
+        assert _value(text, 'batchgate_worker_up{worker="1"}') == 0
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.2)
+        assert f"worker 1 (pid {victim}) has not answered for 4 s: killing it" in p.output()
+        assert _value(_metrics(p), 'batchgate_worker_up{worker="1"}') == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+        p.kill()
+
+
 def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path):
     _save(slow_model(layers=8), str(tmp_path), "slow", config="max_batch_size: 16\n")
     p = Proc(serve_args(str(tmp_path), "--workers", "2"))
