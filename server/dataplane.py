@@ -27,12 +27,15 @@ from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.signature import TensorSpec
 from .core.types import (
+    FINAL_RESPONSE_REQUESTED,
+    TRITON_PREFIX,
     InferRequest,
     InferResponse,
     RequestLimits,
     check_model_name,
     check_shape,
     check_tensors,
+    printable,
 )
 from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
@@ -265,6 +268,9 @@ class DataPlane(Extensions):
                     f"the request has {len(params)} parameters; at most {limits.max_request_parameters} "
                     "are accepted (max_request_parameters)"
                 )
+            for k in params:  # (as on the decoded path: new_request)
+                if k.startswith(TRITON_PREFIX) and k != FINAL_RESPONSE_REQUESTED:
+                    raise invalid(f"parameter '{printable(k[:128])}': names starting with 'triton_' are reserved")
             if "timeout" in params:  # V2's timeout (µs) bounds the upstream call, as on the decoded path
                 p = params["timeout"]
                 v = getattr(p, p.WhichOneof("parameter_choice") or "int64_param")

@@ -609,6 +609,17 @@ def test_a_raw_forwarded_request_still_meets_the_request_limits(tmp_path, serve,
         with pytest.raises(InferenceServerException) as e:
             c.infer("clf", inputs)
         assert _status(e.value) == "INVALID_ARGUMENT" and e.value.message().endswith(limit), e.value.message()
+    # a parameter name reserved for the server is refused here too, as on the decoded path
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    msg = service_pb2.ModelInferRequest(model_name="clf")
+    msg.inputs.add(name="features", datatype="FP32", shape=[1, 4])
+    msg.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    msg.parameters["triton_anything"].bool_param = True
+    with grpc.insecure_channel(running.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(msg, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reserved" in err.value.details()
     up_stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
     assert up_stats["inference_stats"]["success"]["count"] == 0 and up_stats["inference_stats"]["fail"]["count"] == 0
 
