@@ -323,7 +323,8 @@ class DataPlane(Extensions):
         if now - self._failure_second >= 1.0:
             if self._failures_dropped:
                 log.warning(
-                    "%d more failed requests were not logged in the last second (failure_log_max_lines_per_s %d)",
+                    "%d failed requests were not logged since the last line of this kind "
+                    "(failure_log_max_lines_per_s %d; batchgate_failure_log_dropped_total counts them)",
                     self._failures_dropped,
                     self.failure_log_max_lines_per_s,
                 )

@@ -102,6 +102,7 @@ class Extensions:
         key = None
         try:
             key = self.access.check(caller, ADMIN)
+            _every_model(key, "the log settings")
             detail = ", ".join(f"{k}={str(v)[:32]}" for k, v in list(changes.items())[:8])[:256]
             try:
                 now = logs.change_log_settings(dict(changes))
@@ -134,6 +135,8 @@ class Extensions:
         key = None
         try:
             key = self.access.check(caller, ADMIN, model or None)
+            if not model:
+                _every_model(key, "the server's trace settings")
             if model and not self.knows(model):
                 raise not_found(f"no model named '{printable(model[:128])}'")
             if len(changes) > len(TRACE_KEYS):
@@ -186,3 +189,13 @@ class Coordinator(Protocol):
     async def log_settings(self, changes: dict[str, Any]) -> None: ...
 
     async def trace_settings(self, model: str, changes: dict[str, Any]) -> None: ...
+
+
+def _every_model(key: Any, what: str) -> None:
+    """A change that reaches every model needs a key allowed every model (``models: ["*"]``)."""
+    if key is not None and "*" not in key.models:
+        raise GatewayError(
+            ErrorCode.PERMISSION_DENIED,
+            f"API key '{key.id}' may change only some models; {what} reach every model, so they need a key whose "
+            'models are ["*"]',
+        )

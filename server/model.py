@@ -296,11 +296,12 @@ class ModelVersion:
             )
         return answers, rows
 
-    def failure(self, batch: list[Ticket], e: Exception) -> list:
+    def failure(self, batch: list[Ticket], e: Exception, quiet: bool = False) -> list:
         if isinstance(e, GatewayError):
             return [e] * len(batch)
         # the engine refused or crashed: this batch fails, the model serves on
-        log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
+        if not quiet:
+            log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
         return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(
             batch
         )
@@ -365,7 +366,7 @@ class LocalExecution:
         else:
             self._threads.call(self._run_batch, batch, done, more)
 
-    def _run_batch(self, batch: list[Ticket]) -> list:
+    def _run_batch(self, batch: list[Ticket], quiet: bool = False) -> list:
         """Prepare inputs, execute, collect outputs, record figures (on an inference thread,
         or on the loop). A batch of several requests is merged along the batch dimension and
         each caller gets back exactly its own rows."""
@@ -384,9 +385,22 @@ class LocalExecution:
                 trace.finish(0, 0, 0, 0, 0, str(e))
             if len(batch) > 1 and (not isinstance(e, GatewayError) or _values_may_be_at_fault(e)):
                 # One caller's values (text that is not UTF-8, an index the model cannot take) may
-                # have failed the merged batch: each runs again alone, so only its caller fails.
-                return [self._run_batch([t])[0] for t in batch]
-            return v.failure(batch, e)
+                # have failed the merged batch: each runs again alone, so only its caller fails
+                # (said once here; one past its deadline meanwhile is answered so, not run).
+                log.warning(
+                    "model '%s' version %s: a batch of %d requests failed (%s); running them one at a time",
+                    v.name,
+                    v.version,
+                    len(batch),
+                    str(e)[:256],
+                )
+                now = time.monotonic()
+                return [
+                    _EXPIRED if t.request.deadline is not None and t.request.deadline <= now else
+                    self._run_batch([t], quiet=True)[0]
+                    for t in batch
+                ]  # fmt: skip
+            return v.failure(batch, e, quiet)
         if trace is not None:
             trace.finish(t0, t1, t2, t3, rows)
         took = t3 - t0
@@ -401,6 +415,9 @@ class LocalExecution:
             if len(recent) == _INLINE_AFTER:  # decide only once a size has been timed enough
                 self._fastest_ns[rows] = min(recent)
         return answers
+
+
+_EXPIRED = GatewayError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while its batch failed and was run again")
 
 
 def _values_may_be_at_fault(e: Exception) -> bool:

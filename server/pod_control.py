@@ -131,6 +131,9 @@ class PodControl:
                 max_queue_delay_us=FRONT_QUEUE_DELAY_US,
                 max_inflight=FRONT_INFLIGHT,
                 retries=0,
+                # the pod's own process: its probe alone says whether it serves (a model failing on
+                # a client's input answers INTERNAL, which must not take the owner out of rotation)
+                eject_after_failures=1 << 30,
             )
             for n in names
         ]

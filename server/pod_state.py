@@ -192,7 +192,7 @@ class PodState:
         return await self._monitor().command(name, args)
 
     # ------------------------------------------------------------------ one metrics view
-    async def gather(self, fresh_s: float = 0.0) -> Snapshot:
+    async def gather(self, fresh_s: float = 0.0, patient: bool = False) -> Snapshot:
         """Every worker's figures now, summed, with what exited workers left behind. In front
         mode the workers give what clients see (requests, refusals, connections, the hop to the
         owner) and the owner what the models did (queues, batches, executions, V2 statistics)."""
@@ -202,7 +202,10 @@ class PodState:
             # A worker that missed the last snapshot (hung, stopped) is given a moment only: one such
             # process must not hold every scrape and statistics call for the whole timeout.
             replies = await asyncio.gather(
-                *(ch.call("snapshot", timeout=STALE_WAIT_S if s.stale else SNAPSHOT_TIMEOUT_S) for s, ch in live),
+                *(
+                    ch.call("snapshot", timeout=STALE_WAIT_S if s.stale and not patient else SNAPSHOT_TIMEOUT_S)
+                    for s, ch in live
+                ),
                 return_exceptions=True,
             )
             now = time.monotonic()
@@ -250,7 +253,7 @@ class PodState:
         while not self.stopping:
             await asyncio.sleep(POLL_S)
             with contextlib.suppress(Exception):
-                await self.gather()
+                await self.gather(patient=True)  # (the full wait: a slow worker is not a hung one)
             self._kill_hung()
             if self.owner is not None and self.owner.member and self.owner.channel is not None:
                 with contextlib.suppress(Exception):  # the owner rescanned (poll mode) or restarted
@@ -282,9 +285,9 @@ class PodState:
         readiness; the others may be starting) and, in front mode, the model-owning process is up
         and ready (without it no worker can answer). Not ready once the pod drains."""
         owner = self.owner
-        if owner is not None and not (owner.ready and owner.models_ready and not owner.stale):
+        if owner is not None and not (owner.ready and owner.models_ready):
             return False
-        return not self.stopping and any(s.ready and s.models_ready and not s.stale for s in self.slots)
+        return not self.stopping and any(s.ready and s.models_ready for s in self.slots)
 
     async def _publish(self) -> None:
         if self._health is None:

@@ -45,7 +45,7 @@ log = logging.getLogger("batchgate.remote")
 PLATFORM = "remote"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_EJECT_S = 60.0
-_SAID_DOWN: set[tuple[str, str]] = set()  # (model, upstream) logged "down at start", until seen up
+SAID_DOWN: dict[str, set[str]] = {}  # model -> upstreams logged "down at start", until seen up or unloaded
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
 _BREAKER_CODES = {
     grpc.StatusCode.UNAVAILABLE,
@@ -308,15 +308,15 @@ class RemoteV2Backend:
                 up.why = f"ejected, probe failed ({why}); next probe in {up.eject_s:g} s"
                 log.warning("upstream %s of model '%s': probe failed (%s); next in %g s", addr, name, why, up.eject_s)
         elif not up.probed:  # (said once for a model's retried loads, until the upstream is seen up)
-            if not ok and (name, addr) not in _SAID_DOWN:
-                _SAID_DOWN.add((name, addr))
+            if not ok and addr not in SAID_DOWN.setdefault(name, set()):
+                SAID_DOWN[name].add(addr)
                 log.warning("upstream %s of model '%s' is down at start: %s", addr, name, why)
         elif up.ready and not ok:
             log.warning("upstream %s of model '%s' left the rotation: %s", addr, name, why)
         elif ok and not up.ready:
             log.info("upstream %s of model '%s' rejoined the rotation: the model is ready there", addr, name)
         if ok:
-            _SAID_DOWN.discard((name, addr))
+            SAID_DOWN.get(name, set()).discard(addr)
         up.probed = True
         up.ready = ok
         if not ok and not up.ejected:

@@ -332,6 +332,8 @@ def new_request(
             if k.startswith(TRITON_PREFIX) and k != FINAL_RESPONSE_REQUESTED:
                 name = printable(clip(k))
                 raise invalid(f"parameter '{name}': names starting with 'triton_' are reserved for the server")
+        if FINAL_RESPONSE_REQUESTED in params:  # the stream's business (its transport reads it), not a model's
+            params = MappingProxyType({k: v for k, v in params.items() if k != FINAL_RESPONSE_REQUESTED})
         if "priority" in params:
             v = params["priority"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -34,6 +34,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..backends.remote import SAID_DOWN
 from ..config import ConfigError, RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelConfigError, not_found
 from ..core.types import clip
@@ -530,6 +531,8 @@ class ModelRepository:
 
     async def _unload(self, name: str, forget: bool = False) -> None:
         self._generation[name] = self._generation.get(name, 0) + 1  # a load in progress stands down
+        self._failing.pop(name, None)  # (a failing series said once ends with it)
+        SAID_DOWN.pop(name, None)
         retry = self._retrying.pop(name, None)
         if retry is not None and retry is not asyncio.current_task():
             retry.cancel()

@@ -134,7 +134,7 @@ def hash_files(
     files are skipped, never followed. ``ValueError`` when the folder holds more than
     ``max_listed`` files (or as many folders), or the files hashed more than ``max_bytes`` bytes."""
     files: list[tuple[str, str, bool]] = []  # (relative, full, through a link)
-    folders = 0
+    folders = unreadable = 0
     stack = [("", directory)]
     while stack:
         rel, path = stack.pop()
@@ -147,7 +147,13 @@ def hash_files(
                     if folders > max_listed:
                         raise ValueError(f"{directory} holds more than {max_listed} folders")
                     stack.append((name + "/", entry.path))
-                elif entry.is_file(follow_symlinks=link):
+                    continue
+                try:
+                    regular = entry.is_file(follow_symlinks=link)
+                except OSError:  # a link in a loop, one we may not follow: counted, the rest still hashed
+                    unreadable += 1
+                    continue
+                if regular:
                     files.append((name, entry.path, link))
                     if len(files) > max_listed:
                         raise ValueError(f"{directory} holds more than {max_listed} files")
@@ -161,7 +167,7 @@ def hash_files(
     for rel, full, link in files[:max_files]:
         out[rel], size = _hash_file(full, view, left, directory, link)
         left -= size
-    return out, max(0, len(files) - max_files)
+    return out, max(0, len(files) - max_files) + unreadable
 
 
 def _hash_file(path: str, view: memoryview, left: int, directory: str, link: bool = False) -> tuple[str, int]:

@@ -501,7 +501,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 finally:
                     self.dp.release(served)
                 answer = grpc_codec.encode_response(resp, decoded.sink.written if decoded.sink is not None else None)
-                if decoded.parameters.get(FINAL_RESPONSE_REQUESTED) is True:  # every model here answers once
+                if FINAL_RESPONSE_REQUESTED in msg.parameters and msg.parameters[FINAL_RESPONSE_REQUESTED].bool_param:
+                    # (every model here answers a request once: that answer is the final one)
                     answer.parameters[FINAL_RESPONSE].bool_param = True
                 if note is not None:
                     note.answer, note.version = answer, resp.model_version

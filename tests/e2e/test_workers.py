@@ -553,6 +553,21 @@ def test_front_mode_workers_forward_to_one_process_that_owns_and_batches_the_mod
             finally:
                 c.close()
 
+        # A model failing on its callers' input (INTERNAL) does not take the owner out of rotation:
+        # the pod stays ready and the other models answer.
+        from route_support import failing_classifier
+
+        _save(failing_classifier(), clf_repo, "bad")
+        httpclient.InferenceServerClient(p.http).load_model("bad")
+        for _ in range(8):
+            with pytest.raises(InferenceServerException):
+                _grpc_infer(p.grpc, "bad")
+        for _ in range(10):
+            assert ready()
+            _grpc_infer(p.grpc)
+            time.sleep(0.05)
+        grpcclient.InferenceServerClient(p.grpc).unload_model("bad")
+
         os.kill(owner, signal.SIGSTOP)
         end = time.monotonic() + 30
         while ready():

@@ -192,6 +192,15 @@ def test_settings_changes_check_the_keys_models_and_every_refusal_is_audited(key
         assert code in DENIED
         code, _ = status_of(lambda c=c: c.update_trace_settings(settings={"trace_level": ["OFF"]}))
         assert code in UNAUTH
+        # settings that reach every model need a key allowed every model
+        code, msg = status_of(
+            lambda c=c: c.update_trace_settings(settings={"trace_level": ["OFF"]}, headers=bearer(SIMPLE_ADMIN_TOKEN))
+        )
+        assert code in DENIED and 'models are ["*"]' in msg
+        code, _ = status_of(
+            lambda c=c: c.update_log_settings({"log_verbose_level": 1}, headers=bearer(SIMPLE_ADMIN_TOKEN))
+        )
+        assert code in DENIED
     lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()]
     got = [(r["action"], r["target"], r["outcome"], r.get("key_id")) for r in lines]
     assert got == 2 * [
@@ -199,6 +208,8 @@ def test_settings_changes_check_the_keys_models_and_every_refusal_is_audited(key
         ("tracing.update", "model simple", "ok", "simpleops"),
         ("logging.update", "logging", "PERMISSION_DENIED", "dash"),
         ("tracing.update", "server", "UNAUTHENTICATED", None),
+        ("tracing.update", "server", "PERMISSION_DENIED", "simpleops"),
+        ("logging.update", "logging", "PERMISSION_DENIED", "simpleops"),
     ], got
     # (and a 401 over HTTP names the scheme, RFC 9110)
     with pytest.raises(urllib.error.HTTPError) as ei:
