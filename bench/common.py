@@ -26,10 +26,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 60.0
 
-# batchgate logs "... HTTP on H:P, gRPC on H:P, metrics on H:P|off" when it is ready.
+# batchgate logs "... HTTP on H:P, gRPC on H:P, metrics on H:P|metrics off" when it is ready.
 BATCHGATE_READY = re.compile(
     r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),"
-    r" metrics on (?:(?P<metrics_host>\S+?):(?P<metrics>\d+)|off)"
+    r" metrics (?:on (?P<metrics_host>\S+?):(?P<metrics>\d+)|off)"
 )
 
 

@@ -292,15 +292,19 @@ class Gateway:
         if self.dataplane.access.keys is not None and self.role is None:  # (workers: the supervisor watches)
             # revocation: the keys file is re-read when it changes
             self._keys_watch = asyncio.ensure_future(self.dataplane.access.watch(self.settings.auth.api_keys_poll_s))
+
+        def on(host: str, port: int | None) -> str:
+            return "off" if port is None else "on " + _join(host, port)
+
         log.info(
-            "batchgate %s serving %s: HTTP on %s, gRPC on %s, metrics on %s; admin gRPC on %s, admin HTTP on %s",
+            "batchgate %s serving %s: HTTP %s, gRPC on %s, metrics %s; admin gRPC %s, admin HTTP %s",
             __version__,
             self.settings.repository.model_repository or "remote models",
-            _join(s.host, self.http_port) if self.http_port is not None else "off",
+            on(s.host, self.http_port),
             self.grpc_address or _join(s.host, self.grpc_port),
-            _join(s.host, self.metrics_port) if self.metrics_port is not None else "off",
-            _join(s.admin_host, self.admin_port) if self.admin_port is not None else "off",
-            _join(s.admin_host, self.admin_http_port) if self.admin_http_port is not None else "off",
+            on(s.host, self.metrics_port),
+            on(s.admin_host, self.admin_port),
+            on(s.admin_host, self.admin_http_port),
         )
 
     async def _start_routes(self) -> None:

@@ -27,6 +27,16 @@ log = logging.getLogger("batchgate")
 METAVARS = {"int": "N", "float": "SECONDS", "str": "TEXT", "list": "VALUE", "remote_models": "SPEC"}
 
 
+def _metavar(spec) -> str:
+    """A flag's placeholder from its setting's name and kind: MS for ``_ms``, N for a rate
+    (``_per_s``) or a count, SECONDS for another float."""
+    if spec.name.endswith("_ms"):
+        return "MS"
+    if spec.name.endswith("_per_s") or spec.name.endswith("_ratio"):
+        return "N" if spec.name.endswith("_per_s") else "RATIO"
+    return METAVARS[spec.kind]
+
+
 class _Store(argparse.Action):
     """Stores the value and the spelling the user typed (--exit-timeout-secs is the alias
     exit_timeout_secs), so that messages about the setting use the name the user wrote."""
@@ -78,7 +88,7 @@ def _serve_parser(sub) -> None:
         elif spec.choices:
             kw["choices"] = spec.choices
         else:
-            kw["metavar"] = spec.metavar or ("MS" if spec.name.endswith("_ms") else METAVARS[spec.kind])
+            kw["metavar"] = spec.metavar or _metavar(spec)
         groups[section].add_argument(spec.flag, *("--" + a.replace("_", "-") for a in spec.aliases), **kw)
 
 

@@ -143,6 +143,21 @@ def _claim(seen: dict[str, str], name: str, label: str, source: str) -> None:
     seen[name] = label
 
 
+# BATCHGATE_* variables that are not settings (the test and benchmark harnesses' own)
+_NOT_SETTINGS = ("BATCHGATE_TEST_", "BATCHGATE_FUZZ", "BATCHGATE_DRIFT_SWEEP", "BATCHGATE_BENCH")
+
+
+def _unknown_environment(env) -> None:
+    """Warn of a BATCHGATE_* variable that names no setting (a misspelt one in a pod spec would
+    otherwise go unnoticed), with the nearest setting's variable."""
+    known = {ENV_PREFIX + s.upper() for s in [*SETTINGS, *ALIASES]}
+    for var in env:
+        if var.startswith(ENV_PREFIX) and var not in known and not var.startswith(_NOT_SETTINGS):
+            warnings.warn(
+                f"environment {var[:64]}: no such setting, ignored{_hint(var, known)}", UserWarning, stacklevel=4
+            )
+
+
 def _hint(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -469,6 +484,7 @@ def _load(
                 continue
             put(name, spelling, raw, f"config file {file}")
     env = os.environ if environ is None else environ
+    _unknown_environment(env)
     seen: dict[str, str] = {}
     for name, spec in SETTINGS.items():
         for spelling in (name, *spec.aliases):

@@ -841,3 +841,18 @@ def test_huge_numbers_in_a_file_or_flags_are_config_errors(tmp_path, repo):
 def test_malformed_remote_models_are_config_errors(repo, entry, words):
     msg = error(None, {"model_repository": repo, "remote_models": [entry]}, environ={})
     assert msg.startswith("--remote-model: ") and words in msg and len(msg) < 300
+
+
+def test_a_misspelt_environment_variable_is_warned_of_with_the_nearest_name(tmp_path):
+    import warnings
+
+    from batchgate.config import load_settings as load
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        env = {"BATCHGATE_HTTP_PROT": "1", "BATCHGATE_TEST_ANYTHING": "x", "BATCHGATE_HTTP_PORT": "9"}
+        load(None, {"model_repository": str(tmp_path)}, environ=env)
+    texts = [str(w.message) for w in got]
+    assert texts == [
+        "environment BATCHGATE_HTTP_PROT: no such setting, ignored (did you mean 'BATCHGATE_HTTP_PORT'?)"
+    ], texts
