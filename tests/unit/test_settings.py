@@ -80,7 +80,8 @@ def test_env_only_and_unrelated_variables_ignored(repo):
         "HTTP_PORT": "1",
         "BATCHGATE_NOT_A_SETTING": "x",
     }
-    s = load_settings(None, None, environ=env)
+    with pytest.warns(UserWarning, match="BATCHGATE_NOT_A_SETTING: no such setting, ignored"):
+        s = load_settings(None, None, environ=env)
     assert s.repository.model_repository == repo
     assert s.repository.warm_up is False
     assert s.repository.repository_poll_s == 2.5
