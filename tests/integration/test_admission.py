@@ -139,7 +139,7 @@ def test_queue_size_counts_requests_still_being_read(repo, serve, tmp_path):
     """A model's max_queue_size bounds its admitted requests not yet executing, including
     those whose bodies are on their way: a third is refused while two are half-sent."""
     _save(slow_model(width=64, layers=2), str(tmp_path), "slow", config="max_batch_size: 0\n")
-    running = serve(str(tmp_path), max_queue_size=2)
+    running = serve(str(tmp_path), max_queue_size=2, default_max_batch_size=0)  # (one request at a time)
     dp = running.gateway.dataplane
     held = [hold(running, "slow"), hold(running, "slow")]
     wait_for(lambda: dp.admission.inflight == 2)
@@ -161,7 +161,9 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     drain rate under load is known, the excess is refused at once (not queued for seconds),
     with a Retry-After, while the admitted ones are served."""
     _save(slow_model(width=1024, layers=64), str(tmp_path), "slow", config="max_batch_size: 0\n")
-    running = serve(str(tmp_path), max_queue_wait_ms=30, queue_target_ms=0, inline_execution_max_us=0)
+    running = serve(
+        str(tmp_path), max_queue_wait_ms=30, queue_target_ms=0, inline_execution_max_us=0, default_max_batch_size=0
+    )
     x = np.ones((1, 1024), np.float32)
     outcomes: list[tuple[str, float, str]] = []
     lock = threading.Lock()
@@ -361,7 +363,9 @@ def test_a_standing_queue_is_cut_to_the_target_and_the_model_recovers(tmp_path, 
             list(pool.map(call, range(200)))
         return out
 
-    common = dict(max_queue_wait_ms=10_000, inline_execution_max_us=0, queue_interval_ms=20)
+    # (default_max_batch_size 0: the config's max_batch_size 0 stays 0, one request at a time; else it
+    # is completed to 4 with the dynamic batcher, as Triton completes it)
+    common = dict(max_queue_wait_ms=10_000, inline_execution_max_us=0, queue_interval_ms=20, default_max_batch_size=0)
     plain = hammer(serve(str(tmp_path), queue_target_ms=0, **common))
     assert {r for r, _ in plain} == {"ok"}, sorted({m for _, m in plain})[:3]
 
