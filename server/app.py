@@ -167,7 +167,7 @@ class Gateway:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dataplane.access_log = self.metrics.access_log = self.access_log
-        self.dataplane.failure_log_max_lines_per_s = settings.observability.failure_log_max_lines_per_s
+        self.dataplane.failure_rate.limit = settings.observability.failure_log_max_lines_per_s
         self.dataplane.tracing = self.metrics.tracing = self.tracing
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None

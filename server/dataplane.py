@@ -25,17 +25,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 from . import __version__
 from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
+from .core.rate import PerSecond
 from .core.signature import TensorSpec
 from .core.types import (
-    FINAL_RESPONSE_REQUESTED,
-    TRITON_PREFIX,
     InferRequest,
     InferResponse,
     RequestLimits,
     check_model_name,
+    check_parameter_name,
     check_shape,
     check_tensors,
-    printable,
 )
 from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
@@ -131,9 +130,8 @@ class DataPlane(Extensions):
         self.coordinator: Coordinator | None = None
         self.access_log: AccessLog | None = None  # set by the Gateway unless access_log is off
         self.tracing: Tracing | None = None  # set by the Gateway with tracing: otlp
-        self.failure_log_max_lines_per_s = 100  # the Gateway sets it from the settings
-        self._failure_second = 0.0
-        self._failures_logged = self._failures_dropped = 0
+        self.failure_rate = PerSecond(100)  # "failed" log lines a second; the Gateway sets the limit
+        self._failures_dropped = 0
 
     def key_id(self, caller: Caller) -> str | None:
         """The id of the key ``caller`` presents (for the access log; None: none or not valid)."""
@@ -269,8 +267,7 @@ class DataPlane(Extensions):
                     "are accepted (max_request_parameters)"
                 )
             for k in params:  # (as on the decoded path: new_request)
-                if k.startswith(TRITON_PREFIX) and k != FINAL_RESPONSE_REQUESTED:
-                    raise invalid(f"parameter '{printable(k[:128])}': names starting with 'triton_' are reserved")
+                check_parameter_name(k)
             if "timeout" in params:  # V2's timeout (µs) bounds the upstream call, as on the decoded path
                 p = params["timeout"]
                 v = getattr(p, p.WhichOneof("parameter_choice") or "int64_param")
@@ -318,22 +315,19 @@ class DataPlane(Extensions):
         if not log.isEnabledFor(level):
             return
         # At most failure_log_max_lines_per_s a second: one client sending bad requests in a loop
-        # must not flood the log (the lines past it are counted, and summed up once a second).
-        now = _monotonic()
-        if now - self._failure_second >= 1.0:
-            if self._failures_dropped:
-                log.warning(
-                    "%d failed requests were not logged since the last line of this kind "
-                    "(failure_log_max_lines_per_s %d; batchgate_failure_log_dropped_total counts them)",
-                    self._failures_dropped,
-                    self.failure_log_max_lines_per_s,
-                )
-            self._failure_second, self._failures_logged, self._failures_dropped = now, 0, 0
-        if self._failures_logged >= self.failure_log_max_lines_per_s:
+        # must not flood the log (the lines past it are counted, and summed up with the next one).
+        if self.failure_rate.over():
             self._failures_dropped += 1
             self.metrics.failure_log_dropped += 1
             return
-        self._failures_logged += 1
+        if self._failures_dropped:
+            log.warning(
+                "%d failed requests were not logged since the last line of this kind "
+                "(failure_log_max_lines_per_s %d; batchgate_failure_log_dropped_total counts them)",
+                self._failures_dropped,
+                self.failure_rate.limit,
+            )
+            self._failures_dropped = 0
         log.log(
             level,
             "%s request to model '%s' failed: %s %s",

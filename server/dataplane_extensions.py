@@ -193,7 +193,7 @@ class Coordinator(Protocol):
 
 def _every_model(key: Any, what: str) -> None:
     """A change that reaches every model needs a key allowed every model (``models: ["*"]``)."""
-    if key is not None and "*" not in key.models:
+    if key is not None and not key.every_model:
         raise GatewayError(
             ErrorCode.PERMISSION_DENIED,
             f"API key '{key.id}' may change only some models; {what} reach every model, so they need a key whose "

@@ -238,6 +238,12 @@ class InferRequest(NamedTuple):
     sink: Any = None
 
 
+def check_parameter_name(name: str) -> None:
+    """Refuse a request parameter name reserved for the server (``triton_...``), as Triton does."""
+    if name.startswith(TRITON_PREFIX) and name != FINAL_RESPONSE_REQUESTED:
+        raise invalid(f"parameter '{printable(clip(name))}': names starting with 'triton_' are reserved for the server")
+
+
 def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:
     """The caller's ``x-*`` headers from (name, value) pairs with lower-case names, checked
     against ``limits``; other headers, and values that are not text (gRPC ``-bin`` metadata),
@@ -329,9 +335,7 @@ def new_request(
             if type(v) not in _PARAMETER_TYPES:  # (a JSON object, list or null)
                 name = printable(clip(k))
                 raise invalid(f"parameter '{name}' must be a string, a number or a boolean, not {brief(v)}")
-            if k.startswith(TRITON_PREFIX) and k != FINAL_RESPONSE_REQUESTED:
-                name = printable(clip(k))
-                raise invalid(f"parameter '{name}': names starting with 'triton_' are reserved for the server")
+            check_parameter_name(k)
         if FINAL_RESPONSE_REQUESTED in params:  # the stream's business (its transport reads it), not a model's
             params = MappingProxyType({k: v for k, v in params.items() if k != FINAL_RESPONSE_REQUESTED})
         if "priority" in params:

@@ -51,7 +51,7 @@ def serve_metrics(exposition: Callable[[], bytes], host: str, port: int, keys: K
             try:
                 key = keys.authenticate(environ.get("HTTP_AUTHORIZATION"))
                 keys.authorize(key, "read")
-                if "*" not in key.models:  # the figures name every model: not for a key that sees only some
+                if not key.every_model:  # the figures name every model: not for a key that sees only some
                     raise GatewayError(
                         ErrorCode.PERMISSION_DENIED,
                         f"API key '{key.id}' may read only some models, and the metrics cover every model: "

@@ -96,6 +96,11 @@ class ApiKey:
             matcher = lambda name: rx.match(name) is not None  # noqa: E731
         object.__setattr__(self, "_match", matcher)
 
+    @property
+    def every_model(self) -> bool:
+        """Whether the key may use every model (pattern ``*``): what reaches all models needs it."""
+        return "*" in self.models
+
     def allows_model(self, name: str) -> bool:
         """Whether ``name`` matches one of the key's patterns (fnmatchcase rules)."""
         return self._match(name)
