@@ -160,6 +160,8 @@ class Gateway:
             key_ids=self._key_ids,
         )
         self.metrics.shm = self.dataplane.shm
+        # the owner of front mode listens only on a Unix socket in the supervisor's private folder
+        self.dataplane.weighs_calls = self.grpc_address.startswith("unix:")
         self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)
         try:
             self.access_log = open_access_log(settings.observability, logs.worker_name())

@@ -128,6 +128,9 @@ class DataPlane(Extensions):
         # In a worker process (one of several): what must reach every worker (loads, unloads,
         # shared-memory registrations) and pod-wide statistics go through the supervisor.
         self.coordinator: Coordinator | None = None
+        # The model-owning process of front mode: its callers are the pod's own workers, and it
+        # counts each call as the client requests it says it merged (``x-batchgate-requests``).
+        self.weighs_calls = False
         self.access_log: AccessLog | None = None  # set by the Gateway unless access_log is off
         self.tracing: Tracing | None = None  # set by the Gateway with tracing: otlp
         self.failure_rate = PerSecond(100)  # "failed" log lines a second; the Gateway sets the limit

@@ -30,7 +30,7 @@ from .core.errors import ErrorCode, GatewayError
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature
 from .core.stats import ModelStats
-from .core.types import InferRequest, InferResponse, Tensor
+from .core.types import REQUESTS_HEADER, InferRequest, InferResponse, Tensor
 from .monitoring import tracing
 from .monitoring.metrics import ModelMetrics
 from .monitoring.tracing import BatchTrace, TraceHeaders, batch_trace
@@ -110,7 +110,8 @@ class ModelVersion:
             self.forwarder = backend  # type: ignore[assignment]
         self._threads = threads
         self._answer_suffix = string_field(1, self.name) + string_field(2, version)
-        self.in_flight = 0  # submitted and not yet answered
+        self.in_flight = 0  # submitted and not yet answered (client requests: see InferRequest.weight)
+        self.weighted = False  # some request stood for several (front mode's model owner)
         self.admitted = 0  # admitted by the data plane (security/limits.py) and not yet released
         self.capacity = Capacity()  # for the queue_target_ms rule (security/limits.py)
         self._idle = asyncio.Event()
@@ -126,9 +127,11 @@ class ModelVersion:
 
     def queue_depth(self) -> int:
         """Requests admitted and not yet executing, whatever the scheduler: those in its queue,
-        and those admitted whose body is still being read or decoded."""
+        and those admitted whose body is still being read or decoded. (The model owner of front
+        mode counts each queued call as the client requests it merged.)"""
         sched = self.scheduler
-        return max(sched.queue_depth, self.admitted - sched.executing)
+        queued = sched.queued_requests() if self.weighted else sched.queue_depth
+        return max(queued, self.admitted - sched.executing)
 
     def ready(self) -> bool:
         """Whether this version can serve now (a remote model needs an upstream in rotation)."""
@@ -153,7 +156,10 @@ class ModelVersion:
             self.reject(request, e)
             raise
         ticket = Ticket(request, checked)
-        self._started()
+        weight = request.weight
+        if weight != 1:  # (a front worker's call to the model owner: counted as its requests)
+            self.weighted = True
+        self._started(weight)
         start = _perf_ns()
         status = "OK"
         try:
@@ -175,28 +181,29 @@ class ModelVersion:
             raise
         finally:
             queued = ticket.dispatched - request.arrival if ticket.dispatched else None
-            self._answered(request.protocol, status, _perf_ns() - start, queued)
+            self._answered(request.protocol, status, _perf_ns() - start, queued, weight)
             note = request.note
             if note is not None:  # the access log's (and the trace's) figures of this request
                 note.queue_s = queued
 
-    def _started(self) -> None:
-        self.in_flight += 1
-        if self.in_flight == 1:
+    def _started(self, weight: int = 1) -> None:
+        if not self.in_flight:
             self._idle.clear()
+        self.in_flight += weight
 
-    def _answered(self, protocol: str, status: str, elapsed_ns: int, queued_s: float | None) -> None:
-        """A request's figures (``queued_s``: its wait in the queue, None when it never left it).
-        Written only on the event loop, so they need no lock (executions, which may finish on
-        inference threads, write other fields under one)."""
+    def _answered(self, protocol: str, status: str, elapsed_ns: int, queued_s: float | None, weight: int = 1) -> None:
+        """A request's figures (``queued_s``: its wait in the queue, None when it never left it;
+        ``weight``: the client requests it stands for). Written only on the event loop, so they
+        need no lock (executions, which may finish on inference threads, write other fields
+        under one)."""
         m = self.metrics
         if queued_s is not None:
-            self.stats.record_request(status == "OK", elapsed_ns, int(queued_s * 1e9))
-            m.queue.observe(queued_s)
+            self.stats.record_request(status == "OK", elapsed_ns, int(queued_s * 1e9), weight)
+            m.queue.observe(queued_s, weight)
         else:
-            self.stats.record_request(status == "OK", elapsed_ns)
+            self.stats.record_request(status == "OK", elapsed_ns, None, weight)
         m.request_done(protocol, status, elapsed_ns / 1e9)
-        self.in_flight -= 1
+        self.in_flight -= weight
         if self.in_flight == 0:
             self._idle.set()
 
@@ -437,6 +444,8 @@ class RemoteExecution:
         self._backend = backend
         self._threads = threads  # counts the requests out at an upstream (threads.away)
         self.inline_runs = 0
+        spec = getattr(backend, "spec", None)
+        self._tells = spec is not None and spec.tells_requests
 
     def admit(self) -> None:
         """No upstream in rotation: refuse at once, not after a wait in the queue."""
@@ -478,6 +487,8 @@ class RemoteExecution:
         """Each caller's answer, and the execution's times (t0..t3, rows; zeros when it failed)."""
         v = self._v
         headers = trace.headers() if trace is not None else None
+        if len(batch) > 1 and self._tells:  # (front mode: the owner counts the requests merged)
+            headers = (headers or ()) + ((REQUESTS_HEADER, str(len(batch))),)
         deadlines = [t.request.deadline for t in batch]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:

@@ -134,6 +134,7 @@ class PodControl:
                 # the pod's own process: its probe alone says whether it serves (a model failing on
                 # a client's input answers INTERNAL, which must not take the owner out of rotation)
                 eject_after_failures=1 << 30,
+                tells_requests=True,
             )
             for n in names
         ]

@@ -194,8 +194,9 @@ class PodState:
     # ------------------------------------------------------------------ one metrics view
     async def gather(self, fresh_s: float = 0.0, patient: bool = False) -> Snapshot:
         """Every worker's figures now, summed, with what exited workers left behind. In front
-        mode the workers give what clients see (requests, refusals, connections, the hop to the
-        owner) and the owner what the models did (queues, batches, executions, V2 statistics)."""
+        mode the workers give what clients see (requests, refusals, connections, requests in
+        flight, the hop to the owner), the owner what the models did (batches, executions, V2
+        statistics, which count each hop as the requests it merged), and both their queues."""
         every = self.slots + ([self.owner] if self.owner is not None else [])
         if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
             live = [(s, s.channel) for s in every if s.channel is not None and s.ready]
@@ -223,7 +224,7 @@ class PodState:
         for s in every:
             mine = s.gone if s.last is None else s.gone.merge(s.last)
             if self.owner is not None:
-                mine = mine.part(FRONT_FAMILIES, s is not self.owner)
+                mine = mine.part(FRONT_FAMILIES, False) if s is self.owner else mine.part(FRONT_SIDE, True)
             total = total.merge(mine)
         if self.drift is not None:  # the detector's figures, here
             total = total.merge(self.metrics.snapshot())
@@ -319,8 +320,13 @@ FRONT_FAMILIES = frozenset(
         "batchgate_shm_regions",
         "batchgate_shm_bytes",
         "batchgate_shm_requests",
+        # every client request a worker holds, whether waiting for its hop or at the owner
+        "batchgate_inflight_requests",
     }
 )
+# ... and the queue is in both: requests a worker holds until a call to the owner is free, and
+# those at the owner (each call counted as the requests it merged).
+FRONT_SIDE = FRONT_FAMILIES | {"batchgate_queue_depth", "batchgate_queue_oldest_age_seconds"}
 
 
 def _logged_write(fn, kind: str, name: str) -> None:

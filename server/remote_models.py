@@ -45,6 +45,9 @@ class RemoteModel:
     forwarding: str = "raw"
     # grpcio: calls through grpc.aio's channel | h2: batchgate's own HTTP/2 client (backends/h2_client.py)
     client: str = "h2"
+    # (not a setting) front mode: each call says how many client requests it merged, so that the
+    # model owner counts requests (core.types.REQUESTS_HEADER)
+    tells_requests: bool = dataclasses.field(default=False, metadata={"internal": True})
 
     @property
     def target(self) -> str:
@@ -57,7 +60,7 @@ class RemoteModel:
         return 2 * len(self.upstreams) if self.batching == "gateway" else 256
 
 
-REMOTE_FIELDS = {f.name: f for f in dataclasses.fields(RemoteModel)}
+REMOTE_FIELDS = {f.name: f for f in dataclasses.fields(RemoteModel) if not f.metadata.get("internal")}
 MAX_REMOTE_INT = 10**18 - 1  # a whole-number field has at most 18 digits
 
 

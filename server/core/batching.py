@@ -198,6 +198,10 @@ class DynamicBatcher(_SchedulerBase):
     def queue_depth(self) -> int:
         return self._depth
 
+    def queued_requests(self) -> int:
+        """The client requests queued (a front worker's call counts as those it merged)."""
+        return sum(e.ticket.request.weight for lvl in self._levels for _, e in lvl)
+
     @property
     def max_queue_size(self) -> int:
         return self.config.max_queue_size

@@ -164,6 +164,11 @@ class PassThroughScheduler(_SchedulerBase):
     def queue_depth(self) -> int:
         return len(self._waiters)
 
+    def queued_requests(self) -> int:
+        """The client requests queued (a front worker's call counts as those it merged)."""
+        with self._lock:
+            return sum(w.ticket.request.weight for w in self._waiters)
+
     @property
     def max_queue_size(self) -> int:
         return self._max_queue

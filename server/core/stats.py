@@ -83,14 +83,15 @@ class ModelStats:
         self.inference_count += rows
         self.last_inference_ms = int(self._wall_clock() * 1000)
 
-    def record_request(self, ok: bool, ns: int, queue_ns: int | None = None) -> None:
+    def record_request(self, ok: bool, ns: int, queue_ns: int | None = None, n: int = 1) -> None:
+        """``n`` requests (each of them took ``ns``, queued ``queue_ns``)."""
         t = self.totals
         i = SUCCESS if ok else FAIL
-        t[i] += 1
-        t[i + 1] += ns
+        t[i] += n
+        t[i + 1] += ns * n
         if queue_ns is not None:
-            t[QUEUE] += 1
-            t[QUEUE + 1] += queue_ns
+            t[QUEUE] += n
+            t[QUEUE + 1] += queue_ns * n
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of one ``model_stats`` entry (also fed to the protobuf)."""

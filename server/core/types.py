@@ -170,6 +170,11 @@ def tensor_parameters(params: Mapping[str, Any], what: str) -> dict[str, Any] | 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 SYNTHETIC_HEADER = "x-batchgate-synthetic"
 OFFLINE_HEADER = "x-batchgate-offline"  # batch scoring's requests (batchgate score --target)
+# Front mode (``workers_mode: front``): a worker's call to the model-owning process carries the
+# number of client requests it merged, so that the owner counts requests, not calls. Read only by
+# the owner, which only the pod's own workers can reach (a Unix socket in a private folder).
+REQUESTS_HEADER = "x-batchgate-requests"
+MAX_WEIGHT = 1 << 16
 REQUEST_ID_HEADER = "x-request-id"
 # Request parameters whose names start with "triton_" are Triton's own: refused, as Triton refuses
 # them, except the one tritonclient sends on streams (``enable_empty_final_response=True``), which
@@ -236,6 +241,15 @@ class InferRequest(NamedTuple):
     # called with the answer before the request counts as answered (shm.OutputWriter: outputs
     # written to shared memory, so a write that fails fails the request); None: nothing to do
     sink: Any = None
+    # the client requests this one stands for: 1, but for a front worker's call to the model owner
+    weight: int = 1
+
+
+def weight_of(value: str | None) -> int:
+    """The weight a ``x-batchgate-requests`` value gives (1 when absent or not a count)."""
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 6:
+        return 1
+    return min(max(int(value), 1), MAX_WEIGHT)
 
 
 def check_parameter_name(name: str) -> None:

@@ -64,9 +64,10 @@ class Histogram:
         self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, n: int = 1) -> None:
+        """``n`` observations of ``seconds``."""
+        self.counts[bisect_left(self.buckets, seconds)] += n
+        self.sum += seconds * n
 
     def value(self) -> HistValue:
         return tuple(self.counts), self.sum

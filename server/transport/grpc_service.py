@@ -25,10 +25,12 @@ from ..core.types import (
     FINAL_RESPONSE_REQUESTED,
     OFFLINE_HEADER,
     REQUEST_ID_HEADER,
+    REQUESTS_HEADER,
     InferRequest,
     caller_headers,
     clip,
     printable,
+    weight_of,
 )
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
@@ -425,6 +427,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 headers = caller_headers(md, dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
                 decoded = self._decode(request, context, headers, shm, note)
+                if dp.weighs_calls:  # a front worker's call: the client requests it merged
+                    decoded = decoded._replace(weight=weight_of(_find(md, REQUESTS_HEADER)))
                 resp = await dp.infer(served, decoded)
             finally:
                 dp.release(served)

@@ -406,3 +406,18 @@ async def test_without_preserve_ordering_answers_go_as_they_finish():
     assert second.done() and not first.done()
     rec.finish(0)
     await first
+
+
+async def test_queued_requests_count_a_front_workers_call_as_the_requests_it_merged():
+    clock, rec, b = make(max_queue_delay_s=1.0)
+    heavy = rq(clock, "a", rows=3)
+    heavy = Ticket(heavy.request._replace(weight=3), heavy.checked)
+    tasks = [go(b, heavy), go(b, rq(clock, "b"))]
+    await settle()
+    assert b.queue_depth == 2 and b.queued_requests() == 4
+    clock.now += 1.0
+    b.tick()
+    await settle()
+    rec.finish()
+    await asyncio.gather(*tasks)
+    assert b.queued_requests() == 0

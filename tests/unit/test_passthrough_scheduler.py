@@ -494,3 +494,17 @@ async def test_inline_executions_do_not_drain_a_long_queue_in_one_loop_turn():
     assert seen and seen[0] < 299, seen  # the loop had a turn before the queue was empty
     await asyncio.gather(*tasks)
     assert len(done_at) == 299 and s.queue_depth == 0 and s.executing == 0
+
+
+async def test_queued_requests_count_a_front_workers_call_as_the_requests_it_merged():
+    be = GatedBackend()
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
+    running = submit(s, "r0")
+    heavy = Ticket(InferRequest("m", "1", (), id="r1", weight=5), Checked({}, (), 5))
+    waiting = [asyncio.ensure_future(s.submit(heavy)), submit(s, "r2")]
+    await settle()
+    assert s.queue_depth == 2 and s.queued_requests() == 6
+    for rid in ("r0", "r1", "r2"):
+        be.release(rid)
+    await asyncio.gather(running, *waiting)
+    assert s.queued_requests() == 0

@@ -17,7 +17,17 @@ from batchgate.core.batching import BatcherConfig, DynamicBatcher
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.scheduler import Ticket
 from batchgate.core.signature import Checked
-from batchgate.core.types import EMPTY, InferRequest, InferResponse, RequestLimits, Tensor, caller_headers, new_request
+from batchgate.core.types import (
+    EMPTY,
+    MAX_WEIGHT,
+    InferRequest,
+    InferResponse,
+    RequestLimits,
+    Tensor,
+    caller_headers,
+    new_request,
+    weight_of,
+)
 
 LIMITS = RequestLimits()
 ARRIVAL = 100.0
@@ -358,3 +368,11 @@ def test_batch_scorings_header_marks_a_request_offline():
     assert made({"x-batchgate-offline": "1"}).offline and made({"x-batchgate-offline": "true"}).offline
     assert not made({}).offline and not made({"x-batchgate-offline": "0"}).offline
     assert not made({"x-batchgate-offline": "1"}).synthetic
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [(None, 1), ("", 1), ("7", 7), ("0", 1), ("-3", 1), ("x", 1), ("٣", 1), ("9999999", 1), ("999999", MAX_WEIGHT)],
+)
+def test_a_front_workers_request_count_is_a_bounded_whole_number(value, want):
+    assert weight_of(value) == want

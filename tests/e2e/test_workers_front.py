@@ -1,0 +1,107 @@
+"""Front mode (``--workers-mode front``) under a burst: each worker merges its clients' requests
+into one call to the model-owning process, and the pod's figures still count client requests,
+not those calls: the queue and in-flight gauges an autoscaler reads, the V2 statistics and
+Triton's ``nv_inference_request_success``.
+
+A real ``batchgate serve`` with two front workers, a model slow enough to queue, real
+tritonclient gRPC clients (one connection each, spread over the workers by the kernel)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from batchgate.demo import _save, slow_model
+from processes import Proc, serve_args
+
+WIDTH = 512
+CLIENTS = 32
+
+
+def _value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _call(url: str, headers: dict[str, str] | None = None) -> None:
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        x = grpcclient.InferInput("input", [1, WIDTH], "FP32")
+        x.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+        c.infer("slow", [x], client_timeout=120, headers=headers)
+    finally:
+        c.close()
+
+
+def test_front_mode_counts_client_requests_not_the_workers_calls_to_the_owner(tmp_path):
+    # Batches of at most 2 rows: the workers' 2 x 4 calls to the owner carry at most 16 of the
+    # clients' 32 requests; the others wait at the workers, and are counted there.
+    _save(
+        slow_model(width=WIDTH, layers=400), str(tmp_path), "slow", config="max_batch_size: 2\ndynamic_batching { }\n"
+    )
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front"))
+    try:
+        p.wait_ready()
+        url = f"http://127.0.0.1:{p.ports[2]}/metrics"
+        # A client cannot pass for many: only the owner reads the count, from the workers' calls.
+        _call(p.grpc, {"x-batchgate-requests": "1000"})
+        peak = {"inflight": 0.0, "queued": 0.0}
+        stop = threading.Event()
+        answered = [0] * CLIENTS
+
+        def client(i: int) -> None:  # closed loop: its next request as soon as it has its answer
+            c = grpcclient.InferenceServerClient(p.grpc)
+            x = grpcclient.InferInput("input", [1, WIDTH], "FP32")
+            x.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+            try:
+                while not stop.is_set():
+                    c.infer("slow", [x], client_timeout=120)
+                    answered[i] += 1
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        try:
+            end = time.monotonic() + 20
+            scrapes = 0
+            while scrapes < 20 or (time.monotonic() < end and peak["queued"] <= CLIENTS // 2):
+                text = urllib.request.urlopen(url, timeout=20).read().decode()
+                scrapes += 1
+                for key, family in (("inflight", "batchgate_inflight_requests"), ("queued", "batchgate_queue_depth")):
+                    peak[key] = max(peak[key], _value(text, f'{family}{{model="slow",version="1"}}'))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        total = 1 + sum(answered)
+        text = urllib.request.urlopen(url, timeout=20).read().decode()
+        # The workers did merge: fewer calls reached the owner than clients sent requests ...
+        calls = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("batchgate_upstream_requests_total{") and 'model="slow"' in line
+        )
+        assert 0 < calls < total, (calls, total)
+        # ... and yet every figure counts the clients' requests.
+        stats = httpclient.InferenceServerClient(p.http).get_inference_statistics("slow")["model_stats"][0]
+        assert int(stats["inference_stats"]["success"]["count"]) == total
+        assert int(stats["inference_stats"]["queue"]["count"]) == total
+        assert _value(text, 'nv_inference_request_success{model="slow",version="1"}') == total
+        assert _value(text, 'batchgate_inference_count_total{model="slow",version="1"}') == total
+        # Nearly every client's request was in flight, and most of them waited (at a worker for a
+        # free call, or in the owner's queue); the owner alone had at most 16.
+        assert peak["inflight"] > CLIENTS * 3 // 4, peak
+        assert peak["queued"] > CLIENTS // 2, peak
+        after = _value(text, 'batchgate_inflight_requests{model="slow",version="1"}')
+        assert after == 0 and _value(text, 'batchgate_queue_depth{model="slow",version="1"}') == 0
+    finally:
+        p.kill()
