@@ -239,10 +239,13 @@ class RouteTable:
             )
         route.shadows = runners
 
-    def _sender_pool(self) -> ThreadPoolExecutor:
+    def _sender_pool(self) -> ThreadPoolExecutor | None:
         """The threads that make remote shadows' calls: blocking calls, at the lowest priority the
         system has (SCHED_IDLE), so the event loop spends nothing on them and the kernel runs them
-        only when no other thread of the core wants to run."""
+        only when no other thread of the core wants to run. None with ``shadow_send_threads`` 0:
+        the calls go from the event loop, through the model's own client."""
+        if not self._routing.shadow_send_threads:
+            return None
         if self._senders is None:
             self._senders = ThreadPoolExecutor(
                 self._routing.shadow_send_threads, thread_name_prefix="batchgate-shadow-send", initializer=idle_priority

@@ -320,8 +320,9 @@ class RoutingSettings:
     )
     shadow_send_threads: int = _setting(
         2,
-        "threads that make remote shadows' calls (blocking, at the lowest priority, off the event loop)",
-        minimum=1,
+        "threads that make remote shadows' calls (blocking, at the lowest priority, off the event loop); 0 = "
+        "on the event loop, through the remote model's own client",
+        minimum=0,
         maximum=64,
     )
     shadow_gather_ms: float = _setting(

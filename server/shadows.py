@@ -139,7 +139,7 @@ class ShadowRunner:
         spec: Shadow,
         version: ModelVersion,
         backend: Any,  # a local backend's twin session, or the remote model's backend
-        pool: Executor,  # a local shadow's threads; a remote one's sender threads
+        pool: Executor | None,  # a local shadow's threads; a remote one's sender threads (None: the event loop)
         metrics: ShadowMetrics,
         compare: Compare | None,
         disagreements: DisagreementLog | None,
@@ -260,6 +260,8 @@ class ShadowRunner:
             if self._local:
                 loop = asyncio.get_running_loop()
                 arrays = await loop.run_in_executor(self._pool, self._backend.run, feeds, self._outputs)
+            elif self._pool is None:  # (shadow_send_threads 0) on the event loop, the model's own client
+                arrays = await self._backend.infer(feeds, self._outputs, first.deadline)
             else:
                 arrays = await self._backend.infer_apart(feeds, self._outputs, first.deadline, self._pool)
             took = _perf() - t0

@@ -38,7 +38,8 @@ def _outcomes(text: str, route: str) -> dict[str, float]:
     return found
 
 
-def test_remote_models_as_variant_and_shadow(repo, tmp_path):
+@pytest.mark.parametrize("senders", [2, 0], ids=["sender-threads", "event-loop"])
+def test_remote_models_as_variant_and_shadow(repo, tmp_path, senders):
     upstream = start_gateway(repo)
     try:
         remote = f"name=clf_remote upstreams={upstream.grpc_url} upstream_model=clf_a batching=passthrough"
@@ -55,7 +56,12 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path):
         ]
         # no gathering: a copy starts once no primary request is in flight (gathering: see
         # test_shadow_copies_gather_into_few_calls)
-        cfg = write_config(str(tmp_path / "c.yaml"), routes, remote_models=[remote], routing={"shadow_gather_ms": 0})
+        cfg = write_config(
+            str(tmp_path / "c.yaml"),
+            routes,
+            remote_models=[remote],
+            routing={"shadow_gather_ms": 0, "shadow_send_threads": senders},
+        )
         running = start_gateway(repo, config_file=cfg)
         try:
             feats = np.random.default_rng(1).random((3, 4), dtype=np.float32)
