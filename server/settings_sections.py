@@ -65,10 +65,22 @@ class ServerSettings:
         True, "ready only while every model that should be loaded is ready (Triton's strict readiness)"
     )
     http_header_timeout_s: float = _setting(
-        10.0, "an HTTP request head must arrive within this; else 408 and the connection closed", positive=True
+        10.0,
+        "an HTTP request head must arrive within this; else 408 and the connection closed (h2 gRPC engine: "
+        "a connection's HTTP/2 preface and SETTINGS, else closed)",
+        positive=True,
     )
     http_body_timeout_s: float = _setting(
-        60.0, "an HTTP request body must arrive within this of its head; else 408 and closed", positive=True
+        60.0,
+        "an HTTP request body must arrive within this of its head; else 408 and closed (h2 gRPC engine: a "
+        "request message, from its first byte; else DEADLINE_EXCEEDED)",
+        positive=True,
+    )
+    grpc_idle_timeout_s: float = _setting(
+        300.0,
+        "h2 gRPC engine: a connection without calls this long is closed gracefully (GOAWAY; clients reconnect "
+        "on their next call), so idle clients do not hold max_connections slots; 0 = never",
+        minimum=0,
     )
     http_idle_timeout_s: float = _setting(
         75.0, "an idle keep-alive HTTP connection is closed after this", positive=True
@@ -165,6 +177,12 @@ class LimitSettings:
     max_request_parameters: int = _setting(64, "V2 parameters on one request; more = INVALID_ARGUMENT", minimum=0)
     max_request_id_bytes: int = _setting(
         256, "the V2 id (or x-request-id) a request is answered with; longer = INVALID_ARGUMENT", minimum=1
+    )
+    max_buffered_request_bytes: int = _setting(
+        1 << 30,
+        "h2 gRPC engine: bytes of request messages read and not yet whole, all connections together (each "
+        "connection holds at most 4 x max_request_bytes); a call past it = RESOURCE_EXHAUSTED",
+        minimum=1,
     )
     max_header_bytes: int = _setting(
         64 * 1024,

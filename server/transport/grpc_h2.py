@@ -41,7 +41,7 @@ import grpc
 from ..core.rate import PerSecond
 from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
-from .sockets import tcp_socket
+from .sockets import grpc_peer, tcp_socket
 
 log = logging.getLogger("batchgate.grpc")
 
@@ -55,16 +55,6 @@ _monotonic = time.monotonic
 Refused = Callable[[str], None]
 _NOT_GRPC = object()  # a request that is not gRPC (answered 415)
 _TRAILERS_ONLY: dict[tuple, list[tuple[bytes, bytes]]] = {}  # trailers-only answers' fields, by status and words
-
-
-class _Details:
-    """What a generic handler is asked to serve (grpc.HandlerCallDetails' two fields)."""
-
-    __slots__ = ("method", "invocation_metadata")
-
-    def __init__(self, method: str, invocation_metadata):
-        self.method = method
-        self.invocation_metadata = invocation_metadata
 
 
 class H2GrpcServer:
@@ -83,6 +73,10 @@ class H2GrpcServer:
         max_header_bytes: int = 64 << 10,
         max_resets_per_s: int = 1000,
         eager: frozenset[str] = frozenset(),
+        max_buffered_bytes: int = 1 << 30,
+        handshake_timeout_s: float = 10.0,
+        body_timeout_s: float = 60.0,
+        idle_timeout_s: float = 0.0,
     ):
         self.max_receive_bytes = max_receive_bytes
         self.max_connections = max_connections
@@ -93,6 +87,13 @@ class H2GrpcServer:
         self.refusals = PerSecond(refusals_per_s)  # overload refusals, against grpc_overload_refusals_per_s
         self.max_resets_per_s = max_resets_per_s
         self.max_header_bytes = max_header_bytes
+        # bytes of unfinished request messages held across all connections (see _Connection.hold)
+        self.max_buffered_bytes = max_buffered_bytes
+        self.buffered = 0
+        self.handshake_timeout_s = handshake_timeout_s  # the preface and SETTINGS must come within it
+        self.body_timeout_s = body_timeout_s  # a request message must be whole within it of its start
+        self.idle_timeout_s = idle_timeout_s  # a connection without calls this long is closed (0 = never)
+        self._sweeper: asyncio.TimerHandle | None = None
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._binds: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -131,7 +132,7 @@ class H2GrpcServer:
     def handler(self, path: bytes, md) -> grpc.RpcMethodHandler | None:
         found = self._methods.get(path)
         if found is None and self._generic:
-            details = _Details(path.decode("latin-1"), md)
+            details = grpc_wire.CallDetails(path.decode("latin-1"), md)
             for g in self._generic:
                 found = g.service(details)
                 if found is not None:
@@ -173,6 +174,18 @@ class H2GrpcServer:
         for sock, context in self._binds:
             server = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=context, backlog=2048)
             self._listeners.append(server)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Close what overstayed a timeout: connections that never finished the handshake or sat
+        without calls, and calls whose request message stalled part-way (a slow client holds
+        a connection slot, and buffered bytes, only so long)."""
+        now = _monotonic()
+        for conn in list(self.connections):
+            conn.sweep(now)
+        limits = [t for t in (self.handshake_timeout_s, self.body_timeout_s, self.idle_timeout_s) if t > 0]
+        every = min(1.0, max(0.05, min(limits, default=1.0) / 4))
+        self._sweeper = self.loop.call_later(every, self._sweep)
 
     async def stop(self, grace: float | None) -> None:
         """Stop listening, tell every connection to go away (calls in progress finish), and after
@@ -180,6 +193,8 @@ class H2GrpcServer:
         for server in self._listeners:
             server.close()
         self._listeners.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             conn.go_away()
         if grace:
@@ -224,6 +239,7 @@ class _Connection(asyncio.Protocol):
         self._backlogged = False  # not read until the client takes what waits to be written
         self._age_timer: asyncio.TimerHandle | None = None
         self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
+        self.opened = self.idle_since = _monotonic()  # (idle_since: when its last call ended)
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -234,7 +250,7 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         server.connections.add(self)
-        self.peer = _peer(transport)
+        self.peer = grpc_peer(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.auth = {"transport_security_type": [b"ssl"]}
@@ -246,6 +262,32 @@ class _Connection(asyncio.Protocol):
         transport.write(self.h2.data_to_send())
         if server.max_connection_age_s > 0:
             self._age_timer = server.loop.call_later(server.max_connection_age_s, self._aged)
+
+    def sweep(self, now: float) -> None:
+        """Enforce the server's timeouts on this connection (see ``H2GrpcServer._sweep``)."""
+        server = self.server
+        if not self.h2.started:
+            if now - self.opened > server.handshake_timeout_s:
+                self._timed_out("grpc_handshake_timeout", "sent no HTTP/2 preface and SETTINGS in time")
+            return
+        if self.calls:
+            for call in list(self.calls.values()):
+                since = call.partial_since
+                if since is not None and now - since > server.body_timeout_s:
+                    server.refused("grpc_body_timeout")
+                    call.fail(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the request message did not arrive within http_body_timeout_s ({server.body_timeout_s:g} s)",
+                    )
+        elif 0 < server.idle_timeout_s < now - self.idle_since and not self._closing:
+            server.refused("grpc_idle_timeout")
+            self.go_away()
+
+    def _timed_out(self, reason: str, what: str) -> None:
+        log.debug("closing a gRPC connection from %s: it %s", self.peer, what)
+        self.server.refused(reason)
+        self._abandon_all()
+        self.close()
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
@@ -332,7 +374,7 @@ class _Connection(asyncio.Protocol):
             self.h2.receive(data)
         except http2.Http2Error as e:
             log.debug("closing a gRPC connection from %s on an HTTP/2 error: %s", self.peer, e)
-            self.server.refused("grpc_header_bytes" if e.reason == "header_bytes" else "grpc_protocol")
+            self.server.refused(f"grpc_{e.reason}" if e.reason in ("header_bytes", "flood") else "grpc_protocol")
             self._abandon_all()
             self.flush()
             self.close()
@@ -369,6 +411,8 @@ class _Connection(asyncio.Protocol):
         call = self.calls.pop(sid, None)
         if call is not None:
             call.abandon()
+            if not self.calls:
+                self.idle_since = _monotonic()
         self._reset_flood()
 
     def on_window(self, sid: int) -> None:
@@ -509,21 +553,29 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def hold(self, call: _Call, n: int) -> bool:
-        """Count ``n`` more bytes of ``call``'s unfinished unary request; False (the call is to be
-        refused) once the connection would hold more than ``BUFFERED_REQUESTS`` times
-        ``max_request_bytes`` of unfinished requests. Withholding credit instead could deadlock
-        a client that interleaves many large requests, since they share the connection's window."""
-        if self.buffered + n > BUFFERED_REQUESTS * self.server.max_receive_bytes:
-            self.server.refused("grpc_buffered_bytes")
+        """Count ``n`` more bytes of ``call``'s unfinished request message (a unary request, or
+        the part of a stream's next message read so far); False (the call is to be refused) once
+        the connection would hold more than ``BUFFERED_REQUESTS`` times ``max_request_bytes`` of
+        them, or all connections more than ``max_buffered_bytes``. Withholding credit instead
+        could deadlock a client that interleaves many large requests, since they share the
+        connection's window."""
+        server = self.server
+        if self.buffered + n > BUFFERED_REQUESTS * server.max_receive_bytes or (
+            server.buffered + n > server.max_buffered_bytes
+        ):
+            server.refused("grpc_buffered_bytes")
             return False
         call.held += n
         self.buffered += n
+        server.buffered += n
         return True
 
-    def release(self, call: _Call) -> None:
-        """``call``'s buffered request bytes are no longer held."""
-        self.buffered -= call.held
-        call.held = 0
+    def release(self, call: _Call, keep: int = 0) -> None:
+        """``call``'s buffered request bytes are no longer held, but for ``keep`` of them."""
+        n = call.held - keep
+        self.buffered -= n
+        self.server.buffered -= n
+        call.held = keep
 
     def finished(self, call: _Call) -> None:
         call.credit()  # bytes it read and never took (a stream ended with a backlog) go back to the window
@@ -531,18 +583,11 @@ class _Connection(asyncio.Protocol):
             self._resets.credit()
         self.release(call)
         self.calls.pop(call.sid, None)
-        if self._closing and not self.calls:
-            self._goodbye()
+        if not self.calls:
+            self.idle_since = _monotonic()
+            if self._closing:
+                self._goodbye()
 
 
 # grpc_reflection (and others) pick their asyncio servicers for a grpc.aio.Server: this is one.
 grpc.aio.Server.register(H2GrpcServer)
-
-
-def _peer(transport) -> str:
-    """The peer as gRPC names it: ``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:path``."""
-    addr: Any = transport.get_extra_info("peername")
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-    return f"unix:{addr or ''}"

@@ -55,6 +55,8 @@ class _Requests:
         raw = call.inbox.popleft()
         if not call.inbox:  # caught up: credit what was read, so the client sends on
             call.credit()
+            if call.buf:  # (the client may only now send the rest of its next message)
+                call.partial_since = _monotonic()
         return call.deserialize(raw)
 
     def wake(self) -> None:
@@ -78,6 +80,7 @@ class _Call:
         "inbox",
         "unacked",
         "held",
+        "partial_since",
         "ran",
         "request_done",
         "gone",
@@ -106,7 +109,10 @@ class _Call:
         self.buf = bytearray()
         self.inbox: deque[bytes] = deque()
         self.unacked = 0
-        self.held = 0  # bytes of an unfinished unary request counted in the connection's ``buffered``
+        self.held = 0  # bytes of an unfinished request message counted in the connection's ``buffered``
+        # since when a request message has been waiting for its rest (None: none is); a stall
+        # past the server's body_timeout_s fails the call
+        self.partial_since: float | None = None if handler.request_streaming else _monotonic()
         self.ran = False  # the handler has returned (the answer may still wait for the client's window)
         self.request_done = False
         self.gone = False  # the client reset the stream or the connection went away
@@ -156,6 +162,21 @@ class _Call:
             return
         if messages:
             self.requests.wake()
+        # the part of the next message read so far is held as a unary request's bytes are
+        partial = len(self.buf)
+        if used or not partial:
+            self.partial_since = _monotonic() if partial else None
+        elif self.partial_since is None:
+            self.partial_since = _monotonic()
+        if partial > self.held:
+            if not self.conn.hold(self, partial - self.held):
+                self.fail(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "this connection holds too many bytes of unfinished messages; send smaller messages",
+                )
+                return
+        elif partial < self.held:
+            self.conn.release(self, partial)
         if not self.inbox:  # the handler keeps up: let the client send on
             self.credit()
 
@@ -177,6 +198,7 @@ class _Call:
 
     def request_ended(self) -> None:
         self.request_done = True
+        self.partial_since = None
         self.conn.release(self)
         if self.done:
             return
@@ -406,6 +428,10 @@ class _Call:
         self.done = True
         self.credit()
         self.conn.release(self)
+        self.partial_since = None
+        self.buf.clear()  # (the handler's task may hold the call a while yet: not its bytes)
+        self.inbox.clear()
+        self.out.clear()
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:

@@ -48,6 +48,10 @@ def new_grpc_server(
             max_resets_per_s=lim.grpc_max_resets_per_s,
             max_header_bytes=lim.max_header_bytes,
             eager=EAGER,
+            max_buffered_bytes=lim.max_buffered_request_bytes,
+            handshake_timeout_s=s.http_header_timeout_s,
+            body_timeout_s=s.http_body_timeout_s,
+            idle_timeout_s=s.grpc_idle_timeout_s,
         )
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", lim.max_request_bytes),

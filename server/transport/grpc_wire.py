@@ -138,3 +138,13 @@ def status_fields(code: int, message: str) -> list[tuple[bytes, bytes]]:
     if message:
         fields.append((b"grpc-message", urllib.parse.quote(message, safe=_SAFE).encode("ascii")))
     return fields
+
+
+class CallDetails:
+    """What a generic handler is asked to serve (grpc.HandlerCallDetails' two fields)."""
+
+    __slots__ = ("method", "invocation_metadata")
+
+    def __init__(self, method: str, invocation_metadata):
+        self.method = method
+        self.invocation_metadata = invocation_metadata

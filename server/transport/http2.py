@@ -33,6 +33,14 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 # error codes (RFC 9113 section 7)
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
+ENHANCE_YOUR_CALM = 0xB
+
+# Frames that cost us a parse and move nothing on (empty DATA without END_STREAM, empty
+# CONTINUATION, PRIORITY, unknown types) are allowed this many between two requests; a header
+# block may come in at most this many CONTINUATION frames. Past either the connection is closed
+# (reason ``flood``): a client could otherwise keep the loop busy for free.
+MAX_EMPTY_FRAMES = 1000
+MAX_CONTINUATIONS = 32
 
 # settings
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x1, 0x2, 0x3, 0x4
@@ -49,7 +57,8 @@ _GOAWAY = struct.Struct(">LL")
 
 class Http2Error(Exception):
     """The connection broke the protocol; a GOAWAY is already queued. ``reason``: ``protocol``,
-    or ``header_bytes`` for a header block past the size limit."""
+    ``header_bytes`` for a header block past the size limit, or ``flood`` for frames that carry
+    nothing past ``MAX_EMPTY_FRAMES`` (or a header block cut into too many CONTINUATIONs)."""
 
     def __init__(self, message: str, reason: str = "protocol"):
         super().__init__(message)
@@ -113,8 +122,10 @@ class Http2:
         self._credit_at = max(1, connection_window // 4)
         self._buf = bytearray()
         self._preface = False
-        self._settings_seen = False
+        self.started = False  # the preface and the first SETTINGS are read
         self._block: tuple[int, bool, bytearray] | None = None  # a header block waiting for CONTINUATION
+        self._continuations = 0  # CONTINUATION frames of that block so far
+        self._empty = 0  # frames that carried nothing since the last request (see MAX_EMPTY_FRAMES)
         self._closed = False
         settings = b"".join(
             _SETTING.pack(k, v)
@@ -259,10 +270,10 @@ class Http2:
             payload = data[pos + 9 : end]
             pos = end
             sid &= 0x7FFFFFFF
-            if not self._settings_seen:
+            if not self.started:
                 if kind != SETTINGS or flags & ACK:
                     self._fail(PROTOCOL_ERROR, "the first frame must be SETTINGS")
-                self._settings_seen = True
+                self.started = True
             if self._block is not None and kind != CONTINUATION:
                 self._fail(PROTOCOL_ERROR, "a header block was interrupted before END_HEADERS")
             if kind == DATA:
@@ -287,13 +298,15 @@ class Http2:
             elif kind == PRIORITY:
                 if not sid or length != 5:
                     self._fail(PROTOCOL_ERROR, "a malformed PRIORITY")
+                self._nothing()
             elif kind == GOAWAY:
                 if sid or length < 8:
                     self._fail(PROTOCOL_ERROR, "a malformed GOAWAY")
                 self._goaway_frame(payload)
             elif kind == PUSH_PROMISE:
                 self._fail(PROTOCOL_ERROR, "a client may not push")
-            # (frames of unknown types are ignored, as the spec requires)
+            else:  # frames of unknown types are ignored, as the spec requires (and counted)
+                self._nothing()
             if self._closed:
                 return
         if pos < n:
@@ -305,6 +318,12 @@ class Http2:
     def _goaway_frame(self, payload: bytes) -> None:
         """The client's GOAWAY: it opens no more streams; those open go on (RFC 9113 6.8)."""
         self.handler.on_goaway()
+
+    def _nothing(self) -> None:
+        """One more frame that moved nothing on (see ``MAX_EMPTY_FRAMES``)."""
+        self._empty += 1
+        if self._empty > MAX_EMPTY_FRAMES:
+            self._fail(ENHANCE_YOUR_CALM, f"more than {MAX_EMPTY_FRAMES} frames that carry nothing", "flood")
 
     def _fail(self, code: int, message: str, reason: str = "protocol") -> NoReturn:
         self._closed = True
@@ -340,6 +359,8 @@ class Http2:
             self._fail(FLOW_CONTROL_ERROR, "DATA past a stream's window")
         data = self._unpad(flags, payload, "DATA")
         end = bool(flags & END_STREAM)
+        if not flow and not end:
+            self._nothing()
         if end:
             stream.remote_open = False
         self.handler.on_data(sid, data, flow, end)
@@ -360,6 +381,7 @@ class Http2:
             self._block_done(sid, bool(flags & END_STREAM), payload)
         else:
             self._block = (sid, bool(flags & END_STREAM), bytearray(payload))
+            self._continuations = 0
 
     def _continuation(self, sid: int, flags: int, payload: bytes) -> None:
         block = self._block
@@ -367,6 +389,11 @@ class Http2:
             self._fail(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
             return
         block[2].extend(payload)
+        self._continuations += 1
+        if self._continuations > MAX_CONTINUATIONS:
+            self._fail(ENHANCE_YOUR_CALM, f"a header block in over {MAX_CONTINUATIONS} CONTINUATIONs", "flood")
+        if not payload and not flags & END_HEADERS:
+            self._nothing()
         if len(block[2]) > self.max_header_bytes:
             self._fail(PROTOCOL_ERROR, "a header block over max_header_bytes", "header_bytes")
         if flags & END_HEADERS:
@@ -396,6 +423,7 @@ class Http2:
                 self.streams.pop(sid, None)
             return
         self.highest_inbound_stream_id = sid
+        self._empty = 0
         if len(self.streams) >= self.max_concurrent_streams:
             self._out += frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM))
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 
 def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -22,3 +23,12 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def grpc_peer(transport) -> str:
+    """The peer as gRPC names it: ``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:path``."""
+    addr: Any = transport.get_extra_info("peername")
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    return f"unix:{addr or ''}"

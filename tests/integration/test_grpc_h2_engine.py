@@ -522,3 +522,21 @@ def test_an_overload_refusal_is_answered_before_the_request_is_parsed(demo_repo,
     finally:
         c.close()
         held.close()
+
+
+def test_the_engines_timeouts_come_from_the_settings_and_are_counted(demo_repo, serve):
+    # a connection that never sends its preface, and a call whose message stalls part-way
+    running = serve(demo_repo, grpc_engine="h2", http_header_timeout_s=0.3, http_body_timeout_s=0.3)
+    silent = socket.create_connection(("127.0.0.1", running.gateway.grpc_port), timeout=5)
+    raw = RawH2(running.gateway.grpc_port)
+    sid = raw.request(INFER, framed(infer_request())[:20], end=False)
+    code, message = status(raw.wait(sid))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "http_body_timeout_s" in message
+    silent.settimeout(3)
+    while silent.recv(1 << 16):  # (our SETTINGS, then the close)
+        pass
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert 'batchgate_http_connections_refused_total{reason="grpc_handshake_timeout"} 1.0' in metrics
+    assert 'batchgate_http_connections_refused_total{reason="grpc_body_timeout"} 1.0' in metrics
+    silent.close()
+    raw.close()

@@ -279,3 +279,85 @@ def test_a_streaming_call_whose_answer_waits_for_the_window_ends_at_its_deadline
     frames = raw.frames(1.0)
     assert any(f[0] == RST and f[2] == sid and struct.unpack(">L", f[3])[0] == 0x8 for f in frames if len(f) == 4)
     _wait(lambda: e.connections() == [(0, 0)], "the call ended at its deadline")
+
+
+def _held(e: Engine) -> tuple[int, list[int]]:
+    """Bytes of unfinished request messages the server holds: in all, and per connection."""
+    return e.read(lambda: (e.server.buffered, [c.buffered for c in e.server.connections]))
+
+
+def test_a_streams_unfinished_messages_count_against_the_connections_buffer(engine):
+    # each stream sends 0.9 MiB of a 1 MB message and stops: the part read is held like an
+    # unfinished unary request's bytes, so the fifth stream on the connection is refused
+    e = engine(max_receive_bytes=1 << 20)
+    raw = Raw(e.port)
+    partial = struct.pack(">BI", 0, 1_000_000) + b"x" * 900_000
+    sids = []
+    for _ in range(5):
+        sids.append(raw.headers(b"/t.T/Stream"))
+        raw.data(sids[-1], partial)
+    frames = raw.frames(1.0)
+    assert _grpc_status(frames, sids[-1]) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert all(_grpc_status(frames, sid) is None for sid in sids[:-1])
+    total, per_connection = _held(e)
+    assert total == sum(per_connection) <= grpc_h2.BUFFERED_REQUESTS * (1 << 20)
+    raw.sock.close()  # gone: nothing of theirs is held any more
+    _wait(lambda: _held(e) == (0, []), "the closed connection's bytes are let go")
+
+
+def test_unfinished_requests_of_all_connections_together_are_bounded(engine):
+    e = engine(max_receive_bytes=1 << 20, max_buffered_bytes=2 << 20)
+    clients = [Raw(e.port) for _ in range(3)]
+    partial = struct.pack(">BI", 0, 1_000_000) + b"x" * 900_000
+    sids = []
+    for raw in clients:
+        sids.append(raw.headers())
+        raw.data(sids[-1], partial)
+        time.sleep(0.2)
+    assert _grpc_status(clients[0].frames(0.3), sids[0]) is None
+    assert _grpc_status(clients[1].frames(0.3), sids[1]) is None
+    assert _grpc_status(clients[2].frames(1.0), sids[2]) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert _held(e)[0] <= 2 << 20
+
+
+@pytest.mark.parametrize("path", [b"/t.T/Echo", b"/t.T/Stream"])
+def test_a_request_message_that_stalls_part_way_fails_at_the_body_timeout(engine, path):
+    e = engine(body_timeout_s=0.3)
+    raw = Raw(e.port)
+    sid = raw.headers(path)
+    if path == b"/t.T/Stream":  # one whole message is answered; the next one stalls
+        raw.data(sid, message(b"whole"))
+    raw.data(sid, struct.pack(">BI", 0, 100) + b"x" * 10)
+    frames = raw.frames(2.0)
+    assert _grpc_status(frames, sid) == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert e.connections() == [(0, 0)] and _held(e) == (0, [0])
+
+
+def test_a_connection_that_never_sends_the_preface_is_closed(engine):
+    e = engine(handshake_timeout_s=0.3)
+    sock = socket.create_connection(("127.0.0.1", e.port), timeout=5)
+    sock.sendall(PREFACE[:10])
+    _wait(lambda: e.connections() == [], "the silent connection is closed")
+    sock.settimeout(2)
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    assert data.startswith(b"\x00\x00")  # (our SETTINGS, then the close)
+
+
+def test_a_connection_without_calls_is_closed_gracefully_after_the_idle_timeout(engine):
+    e = engine(idle_timeout_s=0.5)
+    with grpc.insecure_channel(f"127.0.0.1:{e.port}") as channel:
+        echo = channel.unary_unary("/t.T/Echo")
+        assert echo(b"one", timeout=5) == b"one"
+        time.sleep(0.3)
+        assert echo(b"two", timeout=5) == b"two"  # (a call resets the idle time)
+        _wait(lambda: e.connections() == [], "the idle connection is closed")
+        assert echo(b"three", timeout=5) == b"three"  # the channel reconnects
+    raw = Raw(e.port)  # a connection with a call in progress is not idle
+    sid = raw.headers(b"/t.T/Stream")
+    frames = raw.frames(1.2)
+    assert ("EOF",) not in frames and not any(f[0] == GOAWAY for f in frames if len(f) == 4)
+    raw.data(sid, b"", end=True)
+    frames = raw.frames(2.0)
+    assert _grpc_status(frames, sid) == 0 and any(f[0] == GOAWAY for f in frames if len(f) == 4)

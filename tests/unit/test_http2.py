@@ -175,6 +175,45 @@ def test_a_header_block_over_the_limit_is_refused_by_size():
     assert e.value.reason == "header_bytes"
 
 
+def _goaway_code(srv: Http2) -> int:
+    out = srv.data_to_send()
+    assert out[3] == http2.GOAWAY
+    return struct.unpack(">LL", out[9:17])[1]
+
+
+def test_a_header_block_in_endless_empty_continuations_closes_the_connection():
+    srv, _ = opened()
+    block = client().encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, 0, 1, block))
+    with pytest.raises(Http2Error) as e:
+        for _ in range(http2.MAX_CONTINUATIONS + 1):
+            srv.receive(raw(http2.CONTINUATION, 0, 1))
+    assert e.value.reason == "flood"
+    assert _goaway_code(srv) == http2.ENHANCE_YOUR_CALM
+    srv, rec = opened()  # a block in a few pieces is still read
+    srv.receive(raw(http2.HEADERS, 0, 1, block[:4]) + raw(http2.CONTINUATION, 0, 1, block[4:8]))
+    srv.receive(raw(http2.CONTINUATION, http2.END_HEADERS, 1, block[8:]))
+    assert rec.seen == [("request", 1, b"/svc/M", False)]
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [raw(http2.DATA, 0, 1), raw(http2.PRIORITY, 0, 1, b"\x00" * 5), raw(0x42, 0, 0, b"??")],
+    ids=["empty-data", "priority", "unknown-type"],
+)
+def test_a_flood_of_frames_that_carry_nothing_closes_the_connection(empty):
+    srv, rec = opened()
+    block = client().encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, block))
+    srv.receive(empty * http2.MAX_EMPTY_FRAMES)  # up to the limit: read on
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 3, block))  # a request starts the count again
+    srv.receive(empty * http2.MAX_EMPTY_FRAMES)
+    with pytest.raises(Http2Error) as e:
+        srv.receive(empty)
+    assert e.value.reason == "flood"
+    assert [s[:2] for s in rec.seen if s[0] == "request"] == [("request", 1), ("request", 3)]
+
+
 def test_frames_over_the_announced_size_are_errors():
     srv, _ = opened()
     with pytest.raises(Http2Error, match="over the"):
