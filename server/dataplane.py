@@ -28,13 +28,17 @@ from .core.errors import ErrorCode, GatewayError, invalid
 from .core.rate import PerSecond
 from .core.signature import TensorSpec
 from .core.types import (
+    MAX_TENSOR_PARAMETERS,
     InferRequest,
     InferResponse,
     RequestLimits,
+    check_grpc_outputs,
     check_model_name,
     check_parameter_name,
     check_shape,
     check_tensors,
+    clip,
+    printable,
 )
 from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
@@ -283,6 +287,9 @@ class DataPlane(Extensions):
             raise invalid(f"the request id is longer than {limits.max_request_id_bytes} bytes (max_request_id_bytes)")
         for t in inputs:
             check_shape(t.name, t.shape, limits)
+            if len(t.parameters) > MAX_TENSOR_PARAMETERS:
+                raise invalid(f"input {printable(clip(t.name))!r}: at most {MAX_TENSOR_PARAMETERS} parameters")
+        check_grpc_outputs(msg.outputs)
         # Per tensor, not a search of the bytes: that would cost time in proportion to the tensors.
         if any(SHM_REGION in t.parameters for t in inputs) or any(SHM_REGION in o.parameters for o in msg.outputs):
             return None

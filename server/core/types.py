@@ -167,6 +167,24 @@ def tensor_parameters(params: Mapping[str, Any], what: str) -> dict[str, Any] | 
     return dict(params)
 
 
+def check_output(name: str, params: Mapping[str, Any], classification: bool) -> None:
+    """An output a request names: as many parameters as an input may have at most, and not the
+    classification extension (``classification``: the request asks for it). The same check on
+    every path: HTTP, gRPC decoded, gRPC forwarded raw."""
+    if len(params) > MAX_TENSOR_PARAMETERS:
+        raise invalid(f"output {printable(clip(name))!r}: at most {MAX_TENSOR_PARAMETERS} parameters")
+    if classification:
+        raise invalid(f"output {printable(clip(name))!r}: the classification extension is not supported")
+
+
+def check_grpc_outputs(outputs) -> None:
+    """``check_output`` for each output of a gRPC ModelInferRequest (its ``outputs`` field)."""
+    for o in outputs:
+        p = o.parameters
+        if p:
+            check_output(o.name, p, "classification" in p and bool(p["classification"].int64_param))
+
+
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 SYNTHETIC_HEADER = "x-batchgate-synthetic"
 OFFLINE_HEADER = "x-batchgate-offline"  # batch scoring's requests (batchgate score --target)

@@ -17,6 +17,7 @@ from ..core.types import (
     InferResponse,
     RequestLimits,
     Tensor,
+    check_grpc_outputs,
     check_shape,
     check_tensors,
     clip,
@@ -138,9 +139,7 @@ def decode_request(
         if t.parameters and not (shared and i in shared):
             own = tensor_parameters({k: param_value(v) for k, v in t.parameters.items()}, what)
         inputs.append(Tensor(name, dtname, shape, data, own))
-    for o in outs:
-        if o.parameters and "classification" in o.parameters and o.parameters["classification"].int64_param:
-            raise invalid(f"output '{clip(o.name)}': the classification extension is not supported")
+    check_grpc_outputs(outs)
     outputs = [o.name for o in outs] if outs else None
     params = msg.parameters
     req = new_request(

@@ -22,6 +22,7 @@ from ..core.types import (
     RequestLimits,
     Tensor,
     brief,
+    check_output,
     check_shape,
     check_tensors,
     clip,
@@ -194,8 +195,7 @@ def decode_request(
             op = o.get("parameters") or {}
             if not isinstance(op, dict):
                 raise invalid(f"output '{clip(o['name'])}': 'parameters' must be an object")
-            if op.get("classification"):
-                raise invalid(f"output '{clip(o['name'])}': the classification extension is not supported")
+            check_output(o["name"], op, bool(op.get("classification")))
             b = op.get("binary_data")
             if b is not None:
                 if type(b) is not bool:  # ("false" is true to bool())

@@ -486,6 +486,7 @@ def test_http_bad_input_entry(server, mutate, words):
         ({"outputs": {"name": "OUTPUT0"}}, "outputs"),
         ({"outputs": [{"nombre": "OUTPUT0"}]}, "outputs"),
         ({"outputs": [{"name": "OUTPUT0", "parameters": 3}]}, "parameters"),
+        ({"outputs": [{"name": "OUTPUT0", "parameters": {f"p{i}": 1 for i in range(17)}}]}, "at most 16 parameters"),
         ({"parameters": [1]}, "parameters"),
         ({"id": 17}, "id"),
         ({"parameters": {"priority": -1}}, "priority"),

@@ -620,6 +620,22 @@ def test_a_raw_forwarded_request_still_meets_the_request_limits(tmp_path, serve,
     with grpc.insecure_channel(running.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(msg, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reserved" in err.value.details()
+    # the classification extension is refused as the README says, and tensors' own parameters
+    # are bounded, as on the decoded path
+    x = grpcclient.InferInput("features", [1, 4], "FP32").set_data_from_numpy(np.ones((1, 4), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("clf", [x], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])
+    assert _status(e.value) == "INVALID_ARGUMENT" and "classification extension" in e.value.message()
+    for field in ("inputs", "outputs"):
+        msg = service_pb2.ModelInferRequest(model_name="clf")
+        msg.inputs.add(name="features", datatype="FP32", shape=[1, 4])
+        msg.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+        tensor = msg.inputs[0] if field == "inputs" else msg.outputs.add(name="probabilities")
+        for i in range(17):
+            tensor.parameters[f"p{i}"].bool_param = True
+        with grpc.insecure_channel(running.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(msg, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 16 parameters" in err.value.details()
     up_stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("clf")["model_stats"][0]
     assert up_stats["inference_stats"]["success"]["count"] == 0 and up_stats["inference_stats"]["fail"]["count"] == 0
 
