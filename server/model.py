@@ -26,11 +26,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.remote import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
-from .core.errors import ErrorCode, GatewayError
+from .core.errors import ErrorCode, GatewayError, invalid
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature
 from .core.stats import ModelStats
-from .core.types import REQUESTS_HEADER, InferRequest, InferResponse, Tensor
+from .core.types import REQUESTS_HEADER, InferRequest, InferResponse, Tensor, clip, printable
 from .monitoring import tracing
 from .monitoring.metrics import ModelMetrics
 from .monitoring.tracing import BatchTrace, TraceHeaders, batch_trace
@@ -514,8 +514,11 @@ class RemoteExecution:
                     )
                     names = names or tuple(got)
                     missing = [n for n in names if n not in got]
-                    if missing:
-                        raise GatewayError(ErrorCode.INTERNAL, f"the upstream did not answer output(s) {missing}")
+                    if missing:  # names the caller chose (no signature to check them against)
+                        raise invalid(
+                            f"the upstream has no output {printable(clip(missing[0]))!r} (it answered "
+                            f"{printable(clip(', '.join(got)))}); ask for outputs the model has"
+                        )
                     types = {n: got[n][0] for n in names}
                     arrays = [got[n][1] for n in names]
                 else:

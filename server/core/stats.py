@@ -84,12 +84,13 @@ class ModelStats:
         self.last_inference_ms = int(self._wall_clock() * 1000)
 
     def record_request(self, ok: bool, ns: int, queue_ns: int | None = None, n: int = 1) -> None:
-        """``n`` requests (each of them took ``ns``, queued ``queue_ns``)."""
+        """``n`` requests (each of them took ``ns``, queued ``queue_ns``). As in Triton, the queue
+        statistics count successful requests only (a failure adds to ``fail`` alone)."""
         t = self.totals
         i = SUCCESS if ok else FAIL
         t[i] += n
         t[i + 1] += ns * n
-        if queue_ns is not None:
+        if ok and queue_ns is not None:
             t[QUEUE] += n
             t[QUEUE + 1] += queue_ns * n
 

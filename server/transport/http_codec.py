@@ -113,8 +113,8 @@ def decode_request(
     if type(obj) is not dict:
         raise invalid("request body must be a JSON object with an 'inputs' list")
     raw_inputs = obj.get("inputs")
-    if type(raw_inputs) is not list or not raw_inputs:
-        raise invalid("request must have a non-empty 'inputs' list")
+    if type(raw_inputs) is not list:  # (an empty one is the model's to refuse, naming what it needs, as on gRPC)
+        raise invalid("request must have an 'inputs' list")
     raw_outputs = obj.get("outputs")
     check_tensors(len(raw_inputs), len(raw_outputs) if type(raw_outputs) is list else 0, limits)
     offset = 0

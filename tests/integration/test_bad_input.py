@@ -347,6 +347,19 @@ def test_grpc_valid_protobuf_but_nonsense(server):
     assert "INPUT0" in err.details() and "INPUT1" in err.details(), err.details()
 
 
+def test_a_request_without_inputs_is_refused_and_counted_alike_on_both_protocols(server):
+    def failures() -> int:
+        status, _, data = raw_http(server, "GET", "/v2/models/simple/stats", b"")
+        return json.loads(data)["model_stats"][0]["inference_stats"]["fail"]["count"]
+
+    before = failures()
+    err = grpc_error(server, service_pb2.ModelInferRequest(model_name="simple"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "INPUT0" in err.details()
+    status, msg = http_error(server, b'{"inputs": []}')
+    assert status == 400 and "INPUT0" in msg and "INPUT1" in msg, msg
+    assert failures() == before + 2
+
+
 def test_grpc_unknown_method(server):
     with grpc.insecure_channel(server.grpc_url) as channel:
         call = channel.unary_unary(

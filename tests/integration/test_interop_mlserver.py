@@ -87,6 +87,10 @@ def test_a_model_without_a_signature_is_served_unchecked_and_the_upstream_valida
     with pytest.raises(InferenceServerException) as e:  # the upstream's refusal, with its message
         _call(mod, url, "doubler", {"boom": x})
     assert "input 'boom' is refused" in e.value.message()
+    if mod is httpclient:  # decoded: an output the upstream does not have is the caller's error
+        with pytest.raises(InferenceServerException) as e:
+            _call(mod, url, "doubler", {"x": x}, outputs=["out_x", "nope"])
+        assert e.value.status() == "400" and "no output 'nope'" in e.value.message(), e.value.message()
 
 
 def test_gateway_batching_merges_only_alike_requests_when_the_settings_give_a_batch_size(mlserver, serve):

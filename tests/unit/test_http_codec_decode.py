@@ -249,8 +249,8 @@ def test_bad_shapes(shape):
     [
         (b"{not json", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
-        ({"inputs": []}, "non-empty 'inputs'"),
-        ({"id": "q"}, "non-empty 'inputs'"),
+        ({"inputs": {}}, "an 'inputs' list"),
+        ({"id": "q"}, "an 'inputs' list"),
         ({"inputs": [{"datatype": "FP32", "shape": [1], "data": [1]}]}, "'name'"),
         ({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}, "'datatype'"),
         ({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}, "'FLOAT'"),
