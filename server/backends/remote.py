@@ -5,9 +5,9 @@ with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``, tensors raw, nev
 
 - **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
   An upstream leaves the rotation when its readiness probe says the model is not ready there, or
-  after ``eject_after_failures`` consecutive failed calls (UNAVAILABLE, UNKNOWN, INTERNAL,
-  DATA_LOSS): it is ejected for ``eject_s``, then probed, and used again only once a probe
-  succeeds. Each failed probe doubles the ejection (up to 60 s).
+  after ``eject_after_failures`` consecutive failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS
+  while another is in rotation): ejected for ``eject_s``, then probed, and used again only once a
+  probe succeeds. Each failed probe doubles the ejection (up to 60 s).
 - **How long.** The caller's deadline, else ``timeout_s``; cancelling the caller cancels the call.
 - **Whether to try again.** Only when the request was never delivered (no connection could be
   made): a call that reached the upstream is never sent twice (inference need not be idempotent).
@@ -351,11 +351,13 @@ class RemoteV2Backend:
         return best
 
     def _count_failure(self, up: Upstream, e: _Status) -> None:
-        """A failed call: counted by its code; a code that says the upstream is unwell counts
-        towards ejecting it."""
+        """A failed call: counted by its code; a code that says the upstream is unwell counts towards
+        ejecting it. Errors a request's own values may cause (INTERNAL, UNKNOWN) count only while
+        another upstream is in rotation: a caller cannot take the model's last one away."""
         code = e.code()
         up.metrics.errors[code.name] = up.metrics.errors.get(code.name, 0) + 1
-        if code in _BREAKER_CODES:
+        others = any(u.in_rotation for u in self.upstreams if u is not up)
+        if code in _BREAKER_CODES and (code is grpc.StatusCode.UNAVAILABLE or others):
             self._failed(up, e)
 
     def _failed(self, up: Upstream, e: _Status) -> None:

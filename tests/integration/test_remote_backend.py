@@ -533,14 +533,20 @@ def test_upstream_state_changes_are_logged(tmp_path, serve, upstream, caplog):
     caplog.clear()
     repo2 = tmp_path / "up2"
     _save(_one_row_model(), str(repo2), "one", config="max_batch_size: 0\n")
-    up2 = upstream(repo2)
-    ports2 = (int(up2.http.rsplit(":", 1)[1]), int(up2.grpc.rsplit(":", 1)[1]))
-    running2 = serve("", remote_models=(RemoteModel("one", (up2.grpc,), batching="passthrough", retries=0, **FAST),))
+    pair = [upstream(repo2), upstream(repo2)]
+    spec = RemoteModel("one", tuple(u.grpc for u in pair), batching="passthrough", retries=0, **FAST)
+    running2 = serve("", remote_models=(spec,))
     two = np.ones((2, 4), np.float32)  # the upstream's model fails on two rows: INTERNAL
-    for _ in range(3):
+    for _ in range(9):
         with pytest.raises(InferenceServerException):
             _infer(grpcclient, running2.grpc_url, "one", two, name="x", out="y")
-    assert logged(f"upstream {up2.grpc} of model 'one' ejected after 3 consecutive failures, last INTERNAL")
+    ejected = [u for u in pair if logged(f"upstream {u.grpc} of model 'one' ejected after 3 consecutive failures")]
+    # one is ejected; the last in rotation never is for errors a request's values may cause
+    assert len(ejected) == 1 and logged("failures, last INTERNAL")
+    one = np.ones((1, 4), np.float32)
+    assert _infer(grpcclient, running2.grpc_url, "one", one, name="x", out="y").shape == (1, 4)
+    up2 = ejected[0]
+    ports2 = (int(up2.http.rsplit(":", 1)[1]), int(up2.grpc.rsplit(":", 1)[1]))
     up2.kill()
     _wait(lambda: logged(f"upstream {up2.grpc} of model 'one': probe failed (UNAVAILABLE"), "the probe-failed line")
     upstream(repo2, ports=ports2)
