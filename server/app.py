@@ -272,10 +272,11 @@ class Gateway:
                 raise OSError(f"cannot listen for the admin API on {address}")
             await self._admin_grpc.start()
 
+        self.metrics.triton = s.triton_metrics  # Triton's nv_inference_* families beside batchgate's
+        # (also without a metrics port of its own: a worker's snapshots carry its routes' statistics)
+        self.metrics.route_stats = lambda: [r.stats for r in self.routes.routes.values()] if self.routes else []
         if s.metrics_port >= 0:
             access = self.dataplane.access
-            self.metrics.triton = s.triton_metrics  # Triton's nv_inference_* families beside batchgate's
-            self.metrics.route_stats = lambda: [r.stats for r in self.routes.routes.values()] if self.routes else []
             server = serve_metrics(
                 self.metrics.exposition, s.host, s.metrics_port, access.keys if access.metrics_requires_key else None
             )

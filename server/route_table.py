@@ -115,6 +115,7 @@ class RouteTable:
             await self._build_shadows(route)
         old = self.routes
         self.routes = new
+        self.repository.reserved = frozenset(new)
         for name, route in old.items():
             if new.get(name) is not route:
                 for s in route.shadows:
@@ -143,7 +144,8 @@ class RouteTable:
         used: list[Variant | Shadow] = [*spec.variants, *spec.shadows]
         for m in used:
             entry = repo.models.get(m.model)
-            if entry is None and strict and repo.mode != "explicit" and m.model not in repo.remote:
+            # (explicit mode loads later: its folder must be there, or the model loaded already)
+            if entry is None and strict and m.model not in repo.remote and not repo.has_folder(m.model):
                 raise ConfigError(
                     f"route '{spec.name}': '{m.name}' uses model '{m.model}', which is not in the repository"
                 )
@@ -468,6 +470,8 @@ class RouteTable:
         its steps would overwrite them."""
         route = self._route(name)
         new = dict(route.table.weights)
+        if not weights:  # (else a request that changes nothing would pause the rollout)
+            raise invalid(f"no weights given; name one or more of route '{name}''s variants: {', '.join(new)}")
         for variant, w in weights.items():
             if variant not in new:
                 raise invalid(f"route '{name}' has no variant '{clip(str(variant))}'; it has {', '.join(new)}")

@@ -42,7 +42,7 @@ import orjson
 from .core.batching import merge, split
 from .core.errors import GatewayError
 from .core.routing import Compare, Shadow
-from .core.types import InferRequest, InferResponse, Tensor
+from .core.types import InferRequest, InferResponse, Tensor, clip, printable
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import ShadowMetrics
 from .monitoring.tracing import Tracing
@@ -50,6 +50,8 @@ from .monitoring.tracing import Tracing
 log = logging.getLogger("batchgate.shadows")
 _perf = time.perf_counter
 SUMMARY_VALUES = 16  # values of each tensor written to the disagreement log
+SUMMARY_INPUTS = 8  # inputs written there, at most
+MAX_LINE = 16 << 10  # characters of a disagreement line past which its inputs' values are left out
 RECHECK_S = 0.002  # while primary work runs, waiting shadow work looks again this often
 
 
@@ -424,10 +426,17 @@ def _as_bytes(v: Any) -> bytes:
 
 
 def _summary(t: Tensor | np.ndarray, name: str = "") -> dict[str, Any]:
+    """A tensor in a disagreement line: its name, shape and first values (text cut to 64
+    characters, control and bidirectional characters escaped)."""
     data = np.asarray(t.data if isinstance(t, Tensor) else t)
     flat = data.reshape(-1)[:SUMMARY_VALUES]
-    values = [v.decode("utf-8", "replace")[:64] if isinstance(v, bytes) else v for v in flat.tolist()]
-    return {"name": t.name if isinstance(t, Tensor) else name, "shape": list(data.shape), "first": values}
+    values = [_text(v) if isinstance(v, bytes | str) else v for v in flat.tolist()]
+    label = printable(clip(t.name)) if isinstance(t, Tensor) else name
+    return {"name": label, "shape": list(data.shape), "first": values}
+
+
+def _text(v: bytes | str) -> str:
+    return printable((v.decode("utf-8", "replace") if isinstance(v, bytes) else v)[:64])
 
 
 class DisagreementLog:
@@ -480,13 +489,16 @@ class DisagreementLog:
             "route": runner.route,
             "shadow": runner.spec.name,
             "primary": {"model": primary.model_name, "version": primary.model_version},
-            "request_id": request.id[:128],
-            "inputs": [_summary(t) for t in request.inputs],
+            "request_id": printable(request.id[:128]),
+            "inputs": [_summary(t) for t in request.inputs[:SUMMARY_INPUTS]],
             "output": runner.compare.output if runner.compare else "",
             "primary_output": _summary(mine, "primary"),
             "shadow_output": _summary(theirs, "shadow"),
         }
         text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+        if len(text) > MAX_LINE:  # long text values: the inputs' names and shapes only
+            line["inputs"] = [{"name": i["name"], "shape": i["shape"]} for i in line["inputs"]]
+            text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()
         if self._send is not None:
             self._send(text)
         elif self._handler is not None:

@@ -301,6 +301,8 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
 # Control characters (C0, DEL, C1) and the Unicode line and paragraph separators, as escapes.
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+# ... and the bidirectional controls, which can make a line read otherwise than it is written
+_CONTROL.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MODEL_NAME_RULE = "model names are one of [A-Za-z0-9_] then up to 127 of [A-Za-z0-9_.-]"
 

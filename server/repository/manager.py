@@ -101,6 +101,10 @@ class ModelRepository:
         self._background: set[asyncio.Future] = set()
         # Called with a model's name whenever the versions it serves change (routes.py).
         self.listeners: list[Callable[[str], None]] = []
+        # Names the routes hold (route_table.py): a folder of that name is never loaded, since a
+        # route and a model cannot share a name (the next start would refuse the configuration).
+        self.reserved: frozenset[str] = frozenset()
+        self._told_reserved: set[str] = set()
 
     # ---------------------------------------------------------------- lookups (hot path)
     def resolve(self, name: str, version: str) -> ModelVersion:
@@ -177,12 +181,21 @@ class ModelRepository:
         return rows
 
     # ---------------------------------------------------------------- start, stop, poll
+    def has_folder(self, name: str) -> bool:
+        """Whether the repository holds a model folder ``name`` (loaded or not)."""
+        return bool(self.root) and name in model_names(self.root)
+
     def _discover(self) -> list[str]:
         for n in self.remote:
             self.models.setdefault(n, ModelEntry(n))
         if not self.root:
             return []
         names = model_names(self.root)
+        if self.reserved:
+            for n in sorted(self.reserved.intersection(names) - self._told_reserved):
+                self._told_reserved.add(n)
+                log.warning("model folder '%s' is not loaded: a route has that name; rename one of them", n)
+            names = [n for n in names if n not in self.reserved]
         for n in names:
             self.models.setdefault(n, ModelEntry(n))
         return names

@@ -428,6 +428,14 @@ def test_routes_across_workers_one_leader_judges_the_pod_and_the_others_follow(t
         urllib.request.urlopen(req, timeout=20).read()
         time.sleep(0.3)  # the change travels leader -> supervisor -> the others
         assert {infer_grpc(p.grpc, "pair")[1]["variant"] for _ in range(20)} == {"b"}
+        # the route's statistics are the pod's, whichever worker answers (read again once the
+        # figures the workers last gave are older than STATS_FRESH_S)
+        time.sleep(0.6)
+        for _ in range(4):
+            with urllib.request.urlopen(f"http://{p.http}/v2/models/pair/stats", timeout=10) as r:
+                stats = json.loads(r.read())["model_stats"][0]["inference_stats"]
+            assert stats["success"]["count"] == 20, stats
+        assert _value(_metrics(p), 'nv_inference_request_success{model="pair",version=""}') == 20
         per_worker = [_value(_metrics(p), f'batchgate_worker_requests_total{{worker="{w}"}}') for w in "01"]
         assert all(n > 0 for n in per_worker), per_worker
         # The pod's files have one writer, the supervisor: whole lines, each action once.

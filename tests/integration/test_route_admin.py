@@ -125,6 +125,7 @@ def test_grpc_admin_api_with_scopes(keyed):
             (apb.SetWeightsRequest(name="fraud", weights={"nope": 1}), grpc.StatusCode.INVALID_ARGUMENT),
             (apb.SetWeightsRequest(name="fraud", weights={"canary": 101}), grpc.StatusCode.INVALID_ARGUMENT),
             (apb.SetWeightsRequest(name="fraud", weights={"stable": 0, "canary": 0}), grpc.StatusCode.INVALID_ARGUMENT),
+            (apb.SetWeightsRequest(name="fraud", weights={}), grpc.StatusCode.INVALID_ARGUMENT),
             (apb.SetWeightsRequest(name="ghost", weights={"a": 1}), grpc.StatusCode.NOT_FOUND),
         ):
             with pytest.raises(grpc.RpcError) as e:

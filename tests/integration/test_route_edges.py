@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
 
 from batchgate.config import ConfigError
 from batchgate.demo import _model, _save, classifier_model
@@ -223,3 +224,42 @@ def test_a_routes_statistics_count_its_inferences_and_executions(repo, tmp_path)
         assert int(entry["inference_stats"]["success"]["count"]) == 3
     finally:
         running.stop()
+
+
+def test_a_model_folder_named_like_a_route_is_not_loaded(repo, tmp_path, caplog):
+    own = tmp_path / "models"
+    shutil.copytree(repo, own)
+    routes = [{"name": "front", "variants": [{"name": "main", "model": "clf_a", "weight": 100}]}]
+    cfg = write_config(str(tmp_path / "c.yaml"), routes)
+    running = start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.1)
+    try:
+        shutil.copytree(own / "clf_same", own / "front")  # a folder with the route's name appears
+        shutil.copytree(own / "clf_same", own / "later")  # (and another: a rescan has happened once it loads)
+        _until(lambda: "later" in running.gateway.repository.models and running.gateway.repository.ready("later"))
+        assert "front" not in running.gateway.repository.models
+        warned = "model folder 'front' is not loaded: a route has that name"
+        assert any(warned in r.getMessage() for r in caplog.records)
+        assert infer_grpc(running.grpc_url, "front")[1] == {"variant": "main"}  # still the route
+    finally:
+        running.stop()
+    # the conflict is the operator's to settle: the next start refuses it, naming it
+    with pytest.raises(ConfigError) as refused:
+        start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.1)
+    assert "route 'front': a model has that name" in str(refused.value)
+    shutil.rmtree(own / "front")
+    running = start_gateway(str(own), config_file=cfg, model_control_mode="explicit")
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            grpcclient.InferenceServerClient(running.grpc_url).load_model("front")
+        assert "'front' is a route; a model needs a name of its own" in e.value.message()
+    finally:
+        running.stop()
+
+
+def test_in_explicit_mode_a_route_on_a_model_the_repository_lacks_is_refused(repo, tmp_path):
+    route = {"name": "typo", "variants": [{"name": "a", "model": "clf_aa", "weight": 1}]}
+    with pytest.raises(ConfigError) as e:
+        start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]), model_control_mode="explicit")
+    assert "'a' uses model 'clf_aa', which is not in the repository" in str(e.value)
+    ok = {"name": "fine", "variants": [{"name": "a", "model": "clf_a", "weight": 1}]}  # a folder not yet loaded
+    start_gateway(repo, config_file=write_config(str(tmp_path / "d.yaml"), [ok]), model_control_mode="explicit").stop()
