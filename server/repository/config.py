@@ -25,6 +25,9 @@ CONFIG_FILE = "config.pbtxt"
 BACKEND_NAMES = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
 
 
+MAX_INSTANCES = 256  # instances of one model version, all groups together
+
+
 def read_config(model_dir: str, name: str) -> mc.ModelConfig:
     path = os.path.join(model_dir, CONFIG_FILE)
     cfg = mc.ModelConfig()
@@ -94,6 +97,11 @@ def complete_config(
     for g in cfg.instance_group:
         if g.count < 1:
             g.count = 1
+    if sum(g.count for g in cfg.instance_group) > MAX_INSTANCES:
+        raise ModelConfigError(
+            f"model '{cfg.name}': instance_group asks for {sum(g.count for g in cfg.instance_group)} instances; "
+            f"at most {MAX_INSTANCES} (each is an execution that may run at once)"
+        )
     batched = cfg.max_batch_size > 0
     if batched:  # (as Triton refuses it: requests merged into a batch would not fit the model)
         fixed = [t.name for t in inputs + outputs if t.shape and t.shape[0] > 0]

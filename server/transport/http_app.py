@@ -272,7 +272,7 @@ class HttpApp:
                     send, self.dp.repository_index(bool(obj.get("ready", False)), self._caller(scope))
                 )
             model, action = m.group(3), m.group(4)
-            params = obj.get("parameters") or {}
+            params = obj.get("parameters", {})
             if not isinstance(params, dict):
                 raise invalid("'parameters' must be an object")
             if action == "load":

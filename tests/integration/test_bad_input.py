@@ -360,6 +360,12 @@ def test_a_request_without_inputs_is_refused_and_counted_alike_on_both_protocols
     assert failures() == before + 2
 
 
+def test_grpc_a_version_in_another_scripts_digits_is_refused(server):
+    msg = service_pb2.ModelInferRequest(model_name="simple", model_version="\u0661")  # ARABIC-INDIC DIGIT ONE
+    err = grpc_error(server, msg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "whole number" in err.details(), err.details()
+
+
 def test_grpc_unknown_method(server):
     with grpc.insecure_channel(server.grpc_url) as channel:
         call = channel.unary_unary(

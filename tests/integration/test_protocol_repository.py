@@ -163,6 +163,28 @@ async def test_bad_config_override_is_refused_and_changes_nothing(explicit):
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
 
 
+async def test_a_config_asking_for_too_many_instances_is_refused(explicit):
+    cfg = json.dumps({"instance_group": [{"count": 1_000_000_000, "kind": "KIND_CPU"}]})
+    with pytest.raises(InferenceServerException) as info:
+        await explicit.call("load_model", "simple", config=cfg)
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert "1000000000 instances; at most 256" in info.value.message(), info.value.message()
+    result = await explicit.infer("simple", simple_feeds(2))  # the loaded version serves on
+    assert result.as_numpy("OUTPUT0") is not None
+
+
+def test_http_load_parameters_must_be_an_object(serve, repo_copy):
+    import urllib.error
+    import urllib.request
+
+    running = serve(repo_copy, model_control_mode="explicit", **QUICK)
+    for body in (b'{"parameters": []}', b'{"parameters": 0}', b'{"parameters": null}'):
+        req = urllib.request.Request(f"http://{running.http_url}/v2/repository/models/simple/load", data=body)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400 and "'parameters' must be an object" in e.value.read().decode()
+
+
 async def test_load_unknown_model(explicit):
     with pytest.raises(InferenceServerException) as info:
         await explicit.call("load_model", "no_such_model")
