@@ -349,7 +349,7 @@ class Gateway:
             routing=rs,
         )
         table.peer, table.leader = (self.role.link if self.role is not None else None), self.leader
-        await table.install(specs, "the configuration")
+        await table.install(specs, "the configuration" + (f" and {rs.routes_file}" if rs.routes_file else ""))
         self.dataplane.routes = self.routes = table
         self._route_tasks = [asyncio.ensure_future(table.control())] if self.leader else []
         if rs.routes_file:

@@ -392,6 +392,18 @@ def prefer_legacy_grpc_io() -> bool:
 
 
 def main(argv=None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # (here, where a reader gone is caught, not at exit)
+        return code
+    except BrokenPipeError:
+        # whoever read our output stopped (`batchgate routes list | head`): not an error here; what
+        # is still buffered goes nowhere, so that closing stdout at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "serve":
@@ -425,16 +437,12 @@ def main(argv=None) -> int:
 
         return convert_main(args)
     if args.command in ("settings", "completion"):
-        try:
-            if args.command == "completion":
-                return _completion(ap, args.shell)
-            if args.config is not None:
-                return _print_settings_in_effect(args.config)
-            _print_settings()
-            return 0
-        except BrokenPipeError:  # `batchgate settings | head`: the reader left; nothing more to say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+        if args.command == "completion":
+            return _completion(ap, args.shell)
+        if args.config is not None:
+            return _print_settings_in_effect(args.config)
+        _print_settings()
+        return 0
     if args.command == "keys":
         return _keys_main(args)
     if args.command == "routes":

@@ -402,3 +402,12 @@ def test_routes_refuses_a_client_certificate_without_its_key(tmp_path):
     cert.write_text("not used")
     r = _run(["routes", "list", "--admin", "127.0.0.1:1", "--cert-file", str(cert)])
     assert r.returncode != 0 and "--cert-file and --key-file go together" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["settings"], ["keys", "new", "--id", "k", "--scopes", "infer"]])
+def test_output_cut_short_by_its_reader_is_not_an_error(args):
+    # as `batchgate settings | head -1`: the reader is gone before anything is written
+    p = subprocess.Popen(BATCHGATE + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
