@@ -484,20 +484,21 @@ class DisagreementLog:
     ) -> None:
         if not self._allowed():
             return
-        line = {
+        inputs = [_summary(t) for t in request.inputs[:SUMMARY_INPUTS]]
+        line: dict[str, Any] = {
             "time": time.time(),
             "route": runner.route,
             "shadow": runner.spec.name,
             "primary": {"model": primary.model_name, "version": primary.model_version},
             "request_id": printable(request.id[:128]),
-            "inputs": [_summary(t) for t in request.inputs[:SUMMARY_INPUTS]],
+            "inputs": inputs,
             "output": runner.compare.output if runner.compare else "",
             "primary_output": _summary(mine, "primary"),
             "shadow_output": _summary(theirs, "shadow"),
         }
         text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()
         if len(text) > MAX_LINE:  # long text values: the inputs' names and shapes only
-            line["inputs"] = [{"name": i["name"], "shape": i["shape"]} for i in line["inputs"]]
+            line["inputs"] = [{"name": i["name"], "shape": i["shape"]} for i in inputs]
             text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()
         if self._send is not None:
             self._send(text)

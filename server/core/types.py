@@ -177,7 +177,7 @@ def check_output(name: str, params: Mapping[str, Any], classification: bool) -> 
         raise invalid(f"output {printable(clip(name))!r}: the classification extension is not supported")
 
 
-def check_grpc_outputs(outputs) -> None:
+def check_grpc_outputs(outputs: Iterable[Any]) -> None:
     """``check_output`` for each output of a gRPC ModelInferRequest (its ``outputs`` field)."""
     for o in outputs:
         p = o.parameters
