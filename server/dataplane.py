@@ -288,7 +288,7 @@ class DataPlane(Extensions):
         for t in inputs:
             check_shape(t.name, t.shape, limits)
             if len(t.parameters) > MAX_TENSOR_PARAMETERS:
-                raise invalid(f"input {printable(clip(t.name))!r}: at most {MAX_TENSOR_PARAMETERS} parameters")
+                raise invalid(f"input '{printable(clip(t.name))}': at most {MAX_TENSOR_PARAMETERS} parameters")
         check_grpc_outputs(msg.outputs)
         # Per tensor, not a search of the bytes: that would cost time in proportion to the tensors.
         if any(SHM_REGION in t.parameters for t in inputs) or any(SHM_REGION in o.parameters for o in msg.outputs):
@@ -359,7 +359,9 @@ class DataPlane(Extensions):
         entry = self.repository.models.get(name)
         if entry is None:
             return not version and self._route(name) is not None
-        return not version or (version.isdigit() and int(version) in entry.versions)
+        if not version:
+            return True
+        return version.isascii() and version.isdigit() and len(version) <= 18 and int(version) in entry.versions
 
     def model_metadata(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> ModelMetadata:
         self.access.check(caller, READ, name)

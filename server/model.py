@@ -516,7 +516,7 @@ class RemoteExecution:
                     missing = [n for n in names if n not in got]
                     if missing:  # names the caller chose (no signature to check them against)
                         raise invalid(
-                            f"the upstream has no output {printable(clip(missing[0]))!r} (it answered "
+                            f"the upstream has no output '{printable(clip(missing[0]))}' (it answered "
                             f"{printable(clip(', '.join(got)))}); ask for outputs the model has"
                         )
                     types = {n: got[n][0] for n in names}

@@ -471,7 +471,7 @@ class RouteTable:
         route = self._route(name)
         new = dict(route.table.weights)
         if not weights:  # (else a request that changes nothing would pause the rollout)
-            raise invalid(f"no weights given; name one or more of route '{name}''s variants: {', '.join(new)}")
+            raise invalid(f"no weights given; name one or more variants of route '{name}': {', '.join(new)}")
         for variant, w in weights.items():
             if variant not in new:
                 raise invalid(f"route '{name}' has no variant '{clip(str(variant))}'; it has {', '.join(new)}")

@@ -163,7 +163,7 @@ class SharedMemory:
 
     def _register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         if not _NAME.fullmatch(name):
-            raise invalid(f"shared-memory region name {printable(clip(name))!r} must be 1 to 128 printable characters")
+            raise invalid(f"shared-memory region name '{printable(clip(name))}' must be 1 to 128 printable characters")
         if (owner, name) in self._regions:
             raise GatewayError(ErrorCode.ALREADY_EXISTS, f"shared-memory region '{name}' is already registered")
         if not self.key_prefix:
@@ -173,7 +173,7 @@ class SharedMemory:
             )
         if not _KEY.fullmatch(key) or key in ("/.", "/.."):
             raise invalid(
-                f"shared-memory key {printable(clip(key))!r} must be a POSIX shared-memory name: '/' then 1 to 250 "
+                f"shared-memory key '{printable(clip(key))}' must be a POSIX shared-memory name: '/' then 1 to 250 "
                 "letters, digits, '_', '.' or '-'"
             )
         # With API keys a key maps only its own segments: their names carry its id after the prefix.
@@ -265,7 +265,7 @@ class SharedMemory:
             region = self._regions.get((owner, name))
             if region is None:
                 raise GatewayError(
-                    ErrorCode.NOT_FOUND, f"shared-memory region {printable(clip(name))!r} is not registered"
+                    ErrorCode.NOT_FOUND, f"shared-memory region '{printable(clip(name))}' is not registered"
                 )
             regions = [region]
         else:
@@ -300,7 +300,7 @@ class RegionView:
             raise invalid(f"{what}: {OFFSET} must be a whole number >= 0")
         region = self._shm._regions.get((self._owner, name))
         if region is None:
-            raise invalid(f"{what}: shared-memory region {printable(clip(name))!r} is not registered")
+            raise invalid(f"{what}: shared-memory region '{printable(clip(name))}' is not registered")
         if offset + size > region.byte_size:
             raise invalid(
                 f"{what}: offset {offset} + byte_size {size} runs past the end of shared-memory region "
@@ -341,7 +341,7 @@ class RegionView:
         while the request holds it)."""
         region = place.found if place.found is not None else self._shm._regions.get((self._owner, place.region))
         if region is None:
-            raise invalid(f"{what}: shared-memory region {printable(clip(place.region))!r} is not registered")
+            raise invalid(f"{what}: shared-memory region '{printable(clip(place.region))}' is not registered")
         return region
 
 

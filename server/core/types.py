@@ -163,7 +163,7 @@ def tensor_parameters(params: Mapping[str, Any], what: str) -> dict[str, Any] | 
         raise invalid(f"{what}: at most {MAX_TENSOR_PARAMETERS} parameters")
     for k, v in params.items():
         if len(k) > 64 or type(v) not in (str, int, float, bool) or (type(v) is str and len(v) > 1024):
-            raise invalid(f"{what}: parameter {printable(clip(k))!r} must be a short name with a scalar value")
+            raise invalid(f"{what}: parameter '{printable(clip(k))}' must be a short name with a scalar value")
     return dict(params)
 
 
@@ -172,9 +172,9 @@ def check_output(name: str, params: Mapping[str, Any], classification: bool) -> 
     classification extension (``classification``: the request asks for it). The same check on
     every path: HTTP, gRPC decoded, gRPC forwarded raw."""
     if len(params) > MAX_TENSOR_PARAMETERS:
-        raise invalid(f"output {printable(clip(name))!r}: at most {MAX_TENSOR_PARAMETERS} parameters")
+        raise invalid(f"output '{printable(clip(name))}': at most {MAX_TENSOR_PARAMETERS} parameters")
     if classification:
-        raise invalid(f"output {printable(clip(name))!r}: the classification extension is not supported")
+        raise invalid(f"output '{printable(clip(name))}': the classification extension is not supported")
 
 
 def check_grpc_outputs(outputs: Iterable[Any]) -> None:
@@ -182,7 +182,9 @@ def check_grpc_outputs(outputs: Iterable[Any]) -> None:
     for o in outputs:
         p = o.parameters
         if p:
-            check_output(o.name, p, "classification" in p and bool(p["classification"].int64_param))
+            c = p.get("classification")
+            choice = c.WhichOneof("parameter_choice") if c is not None else None
+            check_output(o.name, p, bool(choice and getattr(c, choice)))  # (given in any type, not 0)
 
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -310,6 +312,14 @@ MODEL_NAME_RULE = "model names are one of [A-Za-z0-9_] then up to 127 of [A-Za-z
 def printable(text: str) -> str:
     """``text`` with every control character written as an escape: one line, whatever it holds."""
     return text.translate(_CONTROL)
+
+
+def version_number(version: str) -> int:
+    """A model version as a client names it: ASCII digits only (int() would also take " 1", "+1",
+    "1_0" and other scripts' digits); INVALID_ARGUMENT otherwise."""
+    if not (version.isascii() and version.isdigit() and len(version) <= 18):
+        raise invalid(f"model version must be a whole number, not '{printable(clip(version))}'")
+    return int(version)
 
 
 def check_model_name(name: str) -> None:

@@ -37,7 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..backends.remote import SAID_DOWN
 from ..config import ConfigError, RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelConfigError, not_found
-from ..core.types import clip, printable
+from ..core.types import clip, version_number
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
@@ -112,13 +112,7 @@ class ModelRepository:
         if entry is None:
             raise not_found(f"unknown model '{clip(name)}'")
         if version:
-            # ASCII digits only: int() would also take " 1", "+1", "1_0" and other scripts' digits
-            if not (version.isascii() and version.isdigit() and len(version) <= 18):
-                raise GatewayError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"model version must be a whole number, not '{printable(clip(version))}'",
-                )
-            served = entry.versions.get(int(version))
+            served = entry.versions.get(version_number(version))
             if served is None:
                 if entry.versions:
                     raise not_found(
@@ -139,6 +133,9 @@ class ModelRepository:
         return entry
 
     def ready(self, name: str, version: str = "") -> bool:
+        """Whether ``name`` (``version``) serves; a version that is no number is the caller's error."""
+        if version:
+            version_number(version)
         try:
             return self.resolve(name, version).ready()
         except GatewayError:

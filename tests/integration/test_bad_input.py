@@ -364,6 +364,18 @@ def test_grpc_a_version_in_another_scripts_digits_is_refused(server):
     msg = service_pb2.ModelInferRequest(model_name="simple", model_version="\u0661")  # ARABIC-INDIC DIGIT ONE
     err = grpc_error(server, msg)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "whole number" in err.details(), err.details()
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as info:
+        ready = service_pb2.ModelReadyRequest(name="simple", version="+1")
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelReady(ready, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "whole number" in info.value.details()
+
+
+@pytest.mark.parametrize("version", ["%C2%B9", "%D9%A1", "%2B1", "1" * 40])  # superscript one, Arabic-Indic one, +1
+def test_http_a_version_that_is_no_plain_number_is_a_json_400(server, version):
+    for path in (f"/v2/models/simple/versions/{version}/infer", f"/v2/models/simple/versions/{version}/ready"):
+        status, msg = http_error(server, GOOD_JSON, path=path, method="POST" if path.endswith("infer") else "GET")
+        assert status == 400 and "model version must be a whole number" in msg, (path, msg)
+    assert_still_serving(server)
 
 
 def test_grpc_unknown_method(server):

@@ -632,6 +632,13 @@ def test_a_raw_forwarded_request_still_meets_the_request_limits(tmp_path, serve,
     with pytest.raises(InferenceServerException) as e:
         c.infer("clf", [x], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])
     assert _status(e.value) == "INVALID_ARGUMENT" and "classification extension" in e.value.message()
+    msg = service_pb2.ModelInferRequest(model_name="clf")  # the same asked in another parameter type
+    msg.inputs.add(name="features", datatype="FP32", shape=[1, 4])
+    msg.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    msg.outputs.add(name="probabilities").parameters["classification"].uint64_param = 2
+    with grpc.insecure_channel(running.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(msg, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "classification" in err.value.details()
     for field in ("inputs", "outputs"):
         msg = service_pb2.ModelInferRequest(model_name="clf")
         msg.inputs.add(name="features", datatype="FP32", shape=[1, 4])
