@@ -291,7 +291,7 @@ class _Protocol(asyncio.Protocol):
 
     def on_window(self, sid: int) -> None:
         for s, call in list(self.calls.items()):
-            if call.sent < len(call.out) and (not sid or s == sid):
+            if call.sent < len(call.out) and (sid <= 0 or s == sid):
                 self._pump(s, call)
 
     def on_goaway(self, last_stream_id: int) -> None:

@@ -41,6 +41,7 @@ import grpc
 from ..core.rate import PerSecond
 from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
+from .grpc_h2_sweep import sweep
 from .sockets import grpc_peer, tcp_socket
 
 log = logging.getLogger("batchgate.grpc")
@@ -182,7 +183,7 @@ class H2GrpcServer:
         a connection slot, and buffered bytes, only so long)."""
         now = _monotonic()
         for conn in list(self.connections):
-            conn.sweep(now)
+            sweep(conn, now)  # (grpc_h2_sweep.py)
         limits = [t for t in (self.handshake_timeout_s, self.body_timeout_s, self.idle_timeout_s) if t > 0]
         every = min(1.0, max(0.05, min(limits, default=1.0) / 4))
         self._sweeper = self.loop.call_later(every, self._sweep)
@@ -240,6 +241,8 @@ class _Connection(asyncio.Protocol):
         self._age_timer: asyncio.TimerHandle | None = None
         self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
         self.opened = self.idle_since = _monotonic()  # (idle_since: when its last call ended)
+        self.closed_at: float | None = None
+        self.starved: set[_Call] = set()  # calls whose answers wait for the connection's window
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -263,31 +266,14 @@ class _Connection(asyncio.Protocol):
         if server.max_connection_age_s > 0:
             self._age_timer = server.loop.call_later(server.max_connection_age_s, self._aged)
 
-    def sweep(self, now: float) -> None:
-        """Enforce the server's timeouts on this connection (see ``H2GrpcServer._sweep``)."""
-        server = self.server
-        if not self.h2.started:
-            if now - self.opened > server.handshake_timeout_s:
-                self._timed_out("grpc_handshake_timeout", "sent no HTTP/2 preface and SETTINGS in time")
-            return
-        if self.calls:
-            for call in list(self.calls.values()):
-                since = call.partial_since
-                if since is not None and now - since > server.body_timeout_s:
-                    server.refused("grpc_body_timeout")
-                    call.fail(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"the request message did not arrive within http_body_timeout_s ({server.body_timeout_s:g} s)",
-                    )
-        elif 0 < server.idle_timeout_s < now - self.idle_since and not self._closing:
-            server.refused("grpc_idle_timeout")
-            self.go_away()
+    @property
+    def paused(self) -> bool:
+        """Not read now: an overload hold, or its client not taking our writes."""
+        return self._held or self._backlogged
 
-    def _timed_out(self, reason: str, what: str) -> None:
-        log.debug("closing a gRPC connection from %s: it %s", self.peer, what)
-        self.server.refused(reason)
-        self._abandon_all()
-        self.close()
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
@@ -309,6 +295,7 @@ class _Connection(asyncio.Protocol):
             self._backlogged = False
             if not self._held and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+                self._reading_again()
         drained, self._drained = self._drained, []
         for f in drained:
             if not f.done():
@@ -348,7 +335,8 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.h2.stop()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            self.transport.close()  # (after what waits to be written; the sweep aborts it past CLOSE_GRACE_S)
+            self.closed_at = _monotonic()
 
     def flush(self) -> None:
         out = self.h2.data_to_send()
@@ -375,13 +363,13 @@ class _Connection(asyncio.Protocol):
         except http2.Http2Error as e:
             log.debug("closing a gRPC connection from %s on an HTTP/2 error: %s", self.peer, e)
             self.server.refused(f"grpc_{e.reason}" if e.reason in ("header_bytes", "flood") else "grpc_protocol")
-            self._abandon_all()
+            self.abandon_all()
             self.flush()
             self.close()
             return
         except Exception:  # a bug here must cost one connection, never wedge it
             log.exception("closing a gRPC connection from %s: its bytes could not be read", self.peer)
-            self._abandon_all()
+            self.abandon_all()
             self.close()
             return
         self._flush_soon = False  # (a turn's later flush finds nothing to write)
@@ -420,9 +408,17 @@ class _Connection(asyncio.Protocol):
             call = self.calls.get(sid)
             if call is not None:
                 call.pump()
-        else:
-            for call in list(self.calls.values()):
-                call.pump()
+            return
+        if sid < 0:  # every stream's window grew
+            waiting = [c for c in self.calls.values() if c.out]
+        else:  # the connection's: only calls it held back (a flood of 1-byte credits costs no pass over all)
+            waiting, self.starved = list(self.starved), set()
+        h2 = self.h2
+        for i, call in enumerate(waiting):
+            if h2.connection_window() <= 0:
+                self.starved.update(waiting[i:])
+                break
+            call.pump()
 
     def on_goaway(self) -> None:
         """The client's GOAWAY: it opens no more calls here; those in progress are answered (as
@@ -433,7 +429,7 @@ class _Connection(asyncio.Protocol):
         if not self.calls:
             self._goodbye()
 
-    def _abandon_all(self) -> None:
+    def abandon_all(self) -> None:
         for call in list(self.calls.values()):
             call.abandon()
         self.calls.clear()
@@ -447,7 +443,7 @@ class _Connection(asyncio.Protocol):
             return False
         log.debug("closing a gRPC connection from %s: a flood of stream resets", self.peer)
         self.server.refused("grpc_resets")
-        self._abandon_all()
+        self.abandon_all()
         self._goodbye()
         return True
 
@@ -551,6 +547,14 @@ class _Connection(asyncio.Protocol):
         self._held = False
         if not self._backlogged and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+            self._reading_again()
+
+    def _reading_again(self) -> None:
+        """Read again after a pause of ours: the time a request message waited then is not its client's."""
+        now = _monotonic()
+        for call in self.calls.values():
+            if call.partial_since is not None:
+                call.partial_since = now
 
     def hold(self, call: _Call, n: int) -> bool:
         """Count ``n`` more bytes of ``call``'s unfinished request message (a unary request, or
@@ -583,6 +587,7 @@ class _Connection(asyncio.Protocol):
             self._resets.credit()
         self.release(call)
         self.calls.pop(call.sid, None)
+        self.starved.discard(call)
         if not self.calls:
             self.idle_since = _monotonic()
             if self._closing:

@@ -53,6 +53,8 @@ class _Requests:
             finally:
                 self._waiter = None
         raw = call.inbox.popleft()
+        call.inbox_bytes -= len(raw)
+        call.account()
         if not call.inbox:  # caught up: credit what was read, so the client sends on
             call.credit()
             if call.buf:  # (the client may only now send the rest of its next message)
@@ -80,7 +82,9 @@ class _Call:
         "inbox",
         "unacked",
         "held",
+        "inbox_bytes",
         "partial_since",
+        "out_since",
         "ran",
         "request_done",
         "gone",
@@ -109,10 +113,14 @@ class _Call:
         self.buf = bytearray()
         self.inbox: deque[bytes] = deque()
         self.unacked = 0
-        self.held = 0  # bytes of an unfinished request message counted in the connection's ``buffered``
+        # bytes of request messages this call holds (the part of one read so far, and whole ones not
+        # yet taken by the handler, inflated), counted in the connection's ``buffered``
+        self.held = 0
+        self.inbox_bytes = 0
         # since when a request message has been waiting for its rest (None: none is); a stall
         # past the server's body_timeout_s fails the call
         self.partial_since: float | None = None if handler.request_streaming else _monotonic()
+        self.out_since: float | None = None  # since when answer bytes wait for the client's window, unsent
         self.ran = False  # the handler has returned (the answer may still wait for the client's window)
         self.request_done = False
         self.gone = False  # the client reset the stream or the connection went away
@@ -151,37 +159,50 @@ class _Call:
             del self.buf[:used]
         if messages:
             self._take(messages)
-        if self.requests is None:  # unary: buffered until the request ends; credited at once
-            if not self.conn.hold(self, len(data)):
-                self.fail(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "this connection holds too many bytes of unfinished requests; send fewer large requests at once",
-                )
+            if self.done:  # (failed: its bytes are let go)
                 return
+        if not self._held():
+            return
+        if self.requests is None:  # unary: buffered until the request ends; credited at once
             self.credit()
             return
         if messages:
             self.requests.wake()
-        # the part of the next message read so far is held as a unary request's bytes are
         partial = len(self.buf)
         if used or not partial:
             self.partial_since = _monotonic() if partial else None
         elif self.partial_since is None:
             self.partial_since = _monotonic()
-        if partial > self.held:
-            if not self.conn.hold(self, partial - self.held):
-                self.fail(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "this connection holds too many bytes of unfinished messages; send smaller messages",
-                )
-                return
-        elif partial < self.held:
-            self.conn.release(self, partial)
         if not self.inbox:  # the handler keeps up: let the client send on
             self.credit()
 
+    def account(self) -> bool:
+        """Bring the connection's count of this call's bytes up to date (see ``held``); False if
+        that would pass a limit (``_Connection.hold``)."""
+        if self.done:
+            return True
+        now = len(self.buf) + self.inbox_bytes
+        if now > self.held:
+            return self.conn.hold(self, now - self.held)
+        if now < self.held:
+            self.conn.release(self, now)
+        return True
+
+    def _held(self) -> bool:
+        """``account``, failing the call past a limit."""
+        if self.account():
+            return True
+        self.fail(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "this connection holds too many bytes of unfinished requests; send fewer large requests at once",
+        )
+        return False
+
     def _take(self, messages) -> None:
         for compressed, raw in messages:
+            if self.requests is None and self.inbox:  # (before a second one is inflated)
+                self.fail(grpc.StatusCode.UNIMPLEMENTED, "a unary call takes one request message; this one sent 2")
+                return
             if compressed:
                 try:
                     raw = grpc_wire.decompress(raw, self.encoding or b"", self.conn.server.max_receive_bytes)
@@ -189,6 +210,9 @@ class _Call:
                     self.fail(_STATUS_OF[e.code], e.message)
                     return
             self.inbox.append(raw)
+            self.inbox_bytes += len(raw)
+            if not self._held():  # each one as it is inflated: a few small bombs cannot add up unseen
+                return
 
     def credit(self) -> None:
         if self.unacked:
@@ -199,15 +223,16 @@ class _Call:
     def request_ended(self) -> None:
         self.request_done = True
         self.partial_since = None
-        self.conn.release(self)
         if self.done:
+            self.conn.release(self)
             return
         if self.buf:
             self.fail(grpc.StatusCode.INTERNAL, "the request ended inside a message")
             return
-        if self.requests is not None:
+        if self.requests is not None:  # (its messages stay counted until the handler takes them)
             self.requests.wake()
             return
+        self.conn.release(self)  # a unary request goes to its handler now
         if len(self.inbox) != 1:
             self.fail(
                 grpc.StatusCode.UNIMPLEMENTED if self.inbox else grpc.StatusCode.INTERNAL,
@@ -215,6 +240,7 @@ class _Call:
             )
             return
         raw = self.inbox.popleft()
+        self.inbox_bytes = 0
         refuse = self.conn.server.refusers.get(self.method)
         if refuse is not None:
             refused = refuse(raw, self.conn.peer)
@@ -357,12 +383,19 @@ class _Call:
             return
         h = self.conn.h2
         out = self.out
+        sent = False
         while out:
             n = min(len(out), h.local_flow_control_window(self.sid), h.max_outbound_frame_size)
-            if n <= 0:
+            if n <= 0:  # waits for the client's window: since when it last took some
+                if sent or self.out_since is None:
+                    self.out_since = _monotonic()
+                if h.connection_window() <= 0:  # (the connection's: woken by its WINDOW_UPDATE)
+                    self.conn.starved.add(self)
                 return
             h.send_data(self.sid, bytes(out[:n]))
             del out[:n]
+            sent = True
+        self.out_since = None
         if self.end_after_out is not None:
             h.send_headers(self.sid, self.end_after_out, end_stream=True)
             self.end_after_out = None
@@ -401,6 +434,9 @@ class _Call:
         self._end(code, message)
         self.credit()  # (what it read and will never take is the connection's again)
         self.conn.release(self)
+        self.buf.clear()
+        self.inbox.clear()
+        self.inbox_bytes = 0
         if self.task is not None:
             self.task.cancel()
         else:
@@ -411,16 +447,21 @@ class _Call:
     def _expired(self) -> None:
         self.timer = None
         if self.out or self.end_after_out is not None:  # an answer the client did not take in time
-            self.out.clear()
-            self.end_after_out = None
-            self.conn.stop_reading(self.sid, http2.CANCEL)
-            self.conn.flush_soon()
-            if self.ran:
-                self.conn.finished(self)
-            else:  # a streaming handler waiting to write: stopped; its task's end finishes the call
-                self.abandon()
+            self.drop_answer()
             return
         self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def drop_answer(self) -> None:
+        """The client does not take the answer (its window stays shut): reset the stream."""
+        self.out.clear()
+        self.out_since = None
+        self.end_after_out = None
+        self.conn.stop_reading(self.sid, http2.CANCEL)
+        self.conn.flush_soon()
+        if self.ran:
+            self.conn.finished(self)
+        else:  # a streaming handler waiting to write: stopped; its task's end finishes the call
+            self.abandon()
 
     def abandon(self) -> None:
         """The client is gone (reset stream, closed connection): stop the handler."""
@@ -428,9 +469,10 @@ class _Call:
         self.done = True
         self.credit()
         self.conn.release(self)
-        self.partial_since = None
+        self.partial_since = self.out_since = None
         self.buf.clear()  # (the handler's task may hold the call a while yet: not its bytes)
         self.inbox.clear()
+        self.inbox_bytes = 0
         self.out.clear()
         if self.timer is not None:
             self.timer.cancel()

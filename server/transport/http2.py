@@ -2,18 +2,15 @@
 
 A general HTTP/2 library (h2) turns every frame into event objects and runs each stream through a
 state machine; in Python that was most of what a call cost the engine (about 45 of the 60 µs of a
-ModelReady call), and a refusal under overload must cost a small part of an answer. This module
-does only what a gRPC server needs, straight from the bytes: frames are cut with one ``struct``
-call, handed to the connection as method calls, and answers are framed into one buffer written
-once a loop turn. HPACK stays with the ``hpack`` library (``hpack_cache``'s caching coders).
+ModelReady call). This module does only what a gRPC server needs, straight from the bytes: frames
+are cut with one ``struct`` call, handed to the connection as method calls, and answers are framed
+into one buffer written once a loop turn. HPACK stays with ``hpack`` (``hpack_cache``'s coders).
 
-It enforces what RFC 9113 asks of a server: the preface, stream ids that only grow and are odd,
-CONTINUATION right after its HEADERS, frame and header-block sizes, flow control both ways (a
-client that sends past a window is a FLOW_CONTROL_ERROR), and SETTINGS, PING, WINDOW_UPDATE,
-RST_STREAM and GOAWAY. A stream past ``max_concurrent_streams`` is refused (RST_STREAM
-REFUSED_STREAM), as the spec allows. A connection error writes a GOAWAY and raises
-:class:`Http2Error`; the caller closes the connection. Priorities are read and ignored, and a
-server never pushes.
+It enforces RFC 9113 for a server: the preface, odd and growing stream ids, CONTINUATION right
+after its HEADERS, frame and header-block sizes, flow control both ways, SETTINGS, PING,
+WINDOW_UPDATE, RST_STREAM and GOAWAY. A stream past ``max_concurrent_streams`` is refused
+(REFUSED_STREAM). A connection error writes a GOAWAY and raises :class:`Http2Error`; the caller
+closes the connection. Priorities are read and ignored; a server never pushes.
 """
 
 from __future__ import annotations
@@ -57,8 +54,7 @@ _GOAWAY = struct.Struct(">LL")
 
 class Http2Error(Exception):
     """The connection broke the protocol; a GOAWAY is already queued. ``reason``: ``protocol``,
-    ``header_bytes`` for a header block past the size limit, or ``flood`` for frames that carry
-    nothing past ``MAX_EMPTY_FRAMES`` (or a header block cut into too many CONTINUATIONs)."""
+    ``header_bytes`` (a header block past the size limit) or ``flood`` (see ``MAX_EMPTY_FRAMES``)."""
 
     def __init__(self, message: str, reason: str = "protocol"):
         super().__init__(message)
@@ -71,7 +67,7 @@ class Handler(Protocol):
     def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None: ...
     def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None: ...
     def on_reset(self, sid: int) -> None: ...
-    def on_window(self, sid: int) -> None: ...
+    def on_window(self, sid: int) -> None: ...  # 0: the connection's window; -1: every stream's
     def on_goaway(self) -> None: ...
 
 
@@ -149,6 +145,10 @@ class Http2:
         data = bytes(out)
         out.clear()
         return data
+
+    def connection_window(self) -> int:
+        """How many bytes of DATA the connection may send now, all streams together."""
+        return self._send_window
 
     def local_flow_control_window(self, sid: int) -> int:
         """How many bytes of DATA ``sid`` may send now."""
@@ -473,19 +473,14 @@ class Http2:
             return
         if len(payload) % 6:
             self._fail(FRAME_SIZE_ERROR, "a SETTINGS frame of the wrong size")
-        window_changed = False
+        self._nothing()  # (each costs an ACK; a client sends a few)
+        window = None  # the frame's last INITIAL_WINDOW_SIZE, applied once (each pass visits every stream)
         for i in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, i)
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     self._fail(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE past 2^31-1")
-                delta = value - self._peer_window
-                self._peer_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        self._fail(FLOW_CONTROL_ERROR, "a stream's window past 2^31-1")
-                window_changed = True
+                window = value
             elif key == MAX_FRAME_SIZE:
                 if not 16384 <= value <= 16777215:
                     self._fail(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
@@ -496,9 +491,16 @@ class Http2:
                 self.peer_max_streams = value
             elif key == ENABLE_PUSH and value > 1:
                 self._fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+        delta = 0 if window is None else window - self._peer_window
+        if delta:
+            self._peer_window += delta
+            for stream in self.streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    self._fail(FLOW_CONTROL_ERROR, "a stream's window past 2^31-1")
         self._out += frame(SETTINGS, ACK, 0)
-        if window_changed:
-            self.handler.on_window(0)
+        if delta > 0:
+            self.handler.on_window(-1)  # (every stream's window grew)
 
 
 class ClientHandler(Protocol):

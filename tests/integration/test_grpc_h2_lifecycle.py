@@ -9,6 +9,7 @@ its deadline while its answer waited for the client's window."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import struct
 import threading
@@ -18,7 +19,7 @@ import grpc
 import hpack
 import pytest
 
-from batchgate.transport import grpc_h2
+from batchgate.transport import grpc_h2, grpc_h2_call, grpc_h2_sweep
 from batchgate.transport.grpc_h2 import H2GrpcServer
 
 DATA, HEADERS, RST, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -52,6 +53,13 @@ async def _stuck(requests, context):
         await asyncio.sleep(3600)
 
 
+async def _slow(requests, context):
+    """Takes each message half a second after the last: its backlog waits, uncredited."""
+    async for m in requests:
+        await asyncio.sleep(0.5)
+        yield m[:8]
+
+
 def _same(x):
     return x
 
@@ -62,6 +70,7 @@ class _Handlers(grpc.GenericRpcHandler):
             "/t.T/Echo": grpc.unary_unary_rpc_method_handler(_echo, _same, _same),
             "/t.T/Stream": grpc.stream_stream_rpc_method_handler(_stream, _same, _same),
             "/t.T/Stuck": grpc.stream_stream_rpc_method_handler(_stuck, _same, _same),
+            "/t.T/Slow": grpc.stream_stream_rpc_method_handler(_slow, _same, _same),
         }.get(details.method)
 
 
@@ -361,3 +370,83 @@ def test_a_connection_without_calls_is_closed_gracefully_after_the_idle_timeout(
     raw.data(sid, b"", end=True)
     frames = raw.frames(2.0)
     assert _grpc_status(frames, sid) == 0 and any(f[0] == GOAWAY for f in frames if len(f) == 4)
+
+
+def test_a_compressed_message_that_fails_to_inflate_leaves_nothing_counted(engine):
+    e = engine(max_receive_bytes=1 << 20)
+    raw = Raw(e.port)
+    for _ in range(3):
+        sid = raw.headers(extra=[(b"grpc-encoding", b"gzip")])
+        raw.data(sid, struct.pack(">BI", 1, 900_000) + b"not gzip" * 112_500, end=True)
+        assert _grpc_status(raw.frames(1.0), sid) not in (None, 0)
+    assert _held(e) == (0, [0])
+
+
+def test_inflated_messages_count_against_the_buffers(engine):
+    # gzip bombs of ~1 KB inflating to 1,000,000 bytes each, on a stream whose handler takes none
+    # of them: counted inflated, the connection's 4 MiB stop them; a unary call's second message
+    # is refused before it is inflated
+    e = engine(max_receive_bytes=1 << 20)
+    bomb = gzip.compress(b"\0" * 1_000_000)
+    raw = Raw(e.port, settings=struct.pack(">HL", 4, 1 << 24))  # (room for its one answer)
+    sid = raw.headers(b"/t.T/Stuck", extra=[(b"grpc-encoding", b"gzip")])
+    raw.data(sid, struct.pack(">BI", 1, len(bomb)) + bomb)  # the first is answered; then stuck
+    raw.frames(0.3)
+    raw.data(sid, (struct.pack(">BI", 1, len(bomb)) + bomb) * 20)
+    assert _grpc_status(raw.frames(1.0), sid) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert _held(e)[0] == 0
+    sid = raw.headers(extra=[(b"grpc-encoding", b"gzip")])
+    raw.data(sid, (struct.pack(">BI", 1, len(bomb)) + bomb) * 2, end=True)
+    assert _grpc_status(raw.frames(1.0), sid) == grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+def test_an_answer_its_client_takes_none_of_is_dropped_at_the_body_timeout(engine):
+    e = engine(body_timeout_s=0.3)
+    raw = Raw(e.port, settings=struct.pack(">HL", 4, 0))  # INITIAL_WINDOW_SIZE 0, and no grpc-timeout
+    sid = raw.headers()
+    raw.data(sid, message(b"x" * 100_000), end=True)
+    frames = raw.frames(1.5)
+    assert any(f[0] == RST and f[2] == sid and struct.unpack(">L", f[3])[0] == 0x8 for f in frames if len(f) == 4)
+    _wait(lambda: e.connections() == [(0, 0)], "the answer is let go")
+
+
+def test_a_closed_connection_whose_client_reads_nothing_is_aborted(engine, monkeypatch):
+    monkeypatch.setattr(grpc_h2_sweep, "CLOSE_GRACE_S", 0.3)
+    e = engine(idle_timeout_s=0.3)
+    raw = Raw(e.port)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.sock.settimeout(3)
+    pings = frame(PING, 0, 0, b"12345678") * 60_000
+    with pytest.raises((TimeoutError, ConnectionResetError, BrokenPipeError)):  # not read, then let go
+        for _ in range(200):
+            raw.sock.sendall(pings)
+    _wait(lambda: e.connections() == [], "the connection is let go", seconds=5)
+
+
+def test_window_floods_cost_no_pass_over_every_stream(engine, monkeypatch):
+    pumps = []
+    original = grpc_h2_call._Call.pump
+    monkeypatch.setattr(grpc_h2_call._Call, "pump", lambda call: (pumps.append(1), original(call))[1])
+    e = engine()
+    raw = Raw(e.port)  # (each stream's window is the 64 KiB default: the 100 KB answers wait)
+    for _ in range(40):
+        raw.data(raw.headers(), message(b"y" * 100_000), end=True)
+    raw.frames(1.0)
+    pumps.clear()
+    raw.sock.sendall(frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1)) * 200)
+    raw.frames(0.5)
+    assert len(pumps) <= 40  # a pass over every waiting call for each would be 200 x 40
+    # a SETTINGS frame of many INITIAL_WINDOW_SIZE entries moves the windows once
+    before = len(pumps)
+    raw.sock.sendall(frame(SETTINGS, 0, 0, struct.pack(">HL", 4, 70_000) * 5_000))
+    raw.frames(0.5)
+    assert len(pumps) - before <= 40
+
+
+def test_the_body_timeout_does_not_count_time_the_server_withholds_credit(engine):
+    # a handler slower than the body timeout: its backlog waits uncredited, the client cannot send
+    # the rest of its next message, and that is not the client's stall
+    e = engine(body_timeout_s=0.3)
+    with grpc.insecure_channel(f"127.0.0.1:{e.port}") as channel:
+        answers = list(channel.stream_stream("/t.T/Slow")(iter([b"z" * 1_500_000] * 5), timeout=30))
+    assert answers == [b"z" * 8] * 5
