@@ -111,7 +111,8 @@ FAMILIES: dict[str, Family] = {
         "(HTTP/1.1); on the h2 gRPC engine grpc_connections, grpc_header_bytes, grpc_protocol (an HTTP/2 error), "
         "grpc_resets (a reset flood), "
         "grpc_buffered_bytes (a call refused, its connection kept), grpc_handshake_timeout, grpc_body_timeout "
-        "(a call failed), grpc_send_timeout (an answer dropped), grpc_idle_timeout (closed gracefully), grpc_flood (frames that carry nothing); "
+        "(a call failed), grpc_send_timeout (an answer dropped), grpc_idle_timeout (closed gracefully), "
+        "grpc_flood (frames that carry nothing); "
         "overload_hold (either)",
         ("reason",),
     ),
