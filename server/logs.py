@@ -59,11 +59,18 @@ def worker_name() -> str | None:
     return _worker
 
 
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+    """Other libraries' lines below WARNING are dropped at any level: their debug lines are not
+    written for a shared log (hpack's show every request header, bearer tokens included)."""
+    return record.levelno >= logging.WARNING or record.name == "batchgate" or record.name.startswith("batchgate.")
+
+
 def setup(fmt: str = "plain", level: str = "info", worker: str | None = None) -> None:
     """Log lines to stderr; a worker process's name it (``worker``: "worker 0", "model owner")."""
     global _worker
     _worker = worker
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ours_or_warning)
     handler.setFormatter(JsonFormatter(worker) if fmt == "json" else PlainFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]

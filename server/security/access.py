@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from ..core.errors import ErrorCode, GatewayError
@@ -31,6 +32,14 @@ class Caller(NamedTuple):
     authorization: str | None = None
     subject: str | None = None  # RFC 4514 subject of a verified client certificate
     peer: str = ""  # address, for the audit log
+
+
+def credentials(pairs: Iterable[tuple[str | bytes, str | bytes]], name: str | bytes) -> str | None:
+    """Every value of a credential header or metadata entry, as one field value: field lines
+    given twice join with ", " (RFC 9110), which no key accepts, so a request carrying two
+    tokens is refused rather than judged by whichever comes first."""
+    values = [v if isinstance(v, str) else v.decode("latin-1") for k, v in pairs if k == name]
+    return ", ".join(values) if values else None
 
 
 OPEN_CALLER = Caller()

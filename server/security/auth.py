@@ -211,6 +211,12 @@ def parse_entry(entry: object, where: str) -> ApiKey:
         if s not in SCOPES:
             raise fail("scopes")(f"has unknown scope '{_quote(s)}'{_hint(s, SCOPES)}; allowed: {', '.join(SCOPES)}")
 
+    for name in ("models", "rate_per_s", "burst", "cert_subjects"):
+        if name in entry and entry[name] is None:
+            # An empty field is a mistake or a file caught half-written: never read it as
+            # the default, which for models and rate_per_s is the widest a key can be.
+            raise fail(name)("is empty; give a value, or leave the field out for its default")
+
     models: Sequence[str] = ("*",)
     if entry.get("models") is not None:
         models = _strings(entry["models"], fail("models"), '["fraud-*"]', MAX_PATTERNS)
@@ -315,10 +321,11 @@ class Signature(NamedTuple):
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int  # a rewrite in place that keeps size and mtime (cp -p, touch -r) still moves it
 
 
 def _signature(st: os.stat_result) -> Signature:
-    return Signature(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return Signature(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def read_keys_file(path: str) -> tuple[tuple[ApiKey, ...], Signature]:
@@ -435,6 +442,11 @@ class KeyStore:
             raise GatewayError(
                 ErrorCode.UNAUTHENTICATED,
                 f"the authorization header is {len(authorization)} characters; a token has at most {MAX_TOKEN_CHARS}",
+            )
+        if "," in authorization:  # tokens hold none: two header lines joined, or a list of credentials
+            raise GatewayError(
+                ErrorCode.UNAUTHENTICATED,
+                f"the request carries more than one authorization header or credential; {_SEND} once",
             )
         scheme, _, token = authorization.strip(" \t").partition(" ")
         token = token.lstrip(" ")

@@ -8,12 +8,13 @@ only when a file changed (new inode, size, mtime or ctime; a swapped symlink cou
 files read, on a thread, and checked in a scratch context. A good new set is then handed to both
 listeners; a bad or half-written one is logged and the previous certificate keeps serving.
 
-- HTTP: one ``ssl.SSLContext`` that uvicorn hands to the event loop. A reload loads the same
-  bytes into that context on the loop thread (where connections are made), so new handshakes get
-  the new certificate; open connections keep theirs. OpenSSL adds CA certificates to a context's
-  trust store and cannot take one out: a CA *removed* from ``tls_client_ca_file`` stays trusted
-  on HTTPS until restart (a warning says so); gRPC replaces its trust roots.
-- gRPC: ``grpc.dynamic_ssl_server_credentials``. gRPC core calls the fetcher on its own thread
+- HTTP and gRPC on the h2 engine: the ``ssl.SSLContext`` each listener was given stays theirs;
+  a reload builds a fresh context from the new bytes (on the loop thread, where connections are
+  made), and the listener's SNI callback, which OpenSSL calls on every ClientHello, moves each
+  new handshake onto it. New handshakes get the new certificate and trust exactly the new CA
+  bundle (a CA *removed* from ``tls_client_ca_file`` is no longer trusted: a trust store can
+  only grow, so reloading the old context could not take it out); open connections keep theirs.
+- gRPC on grpcio: ``grpc.dynamic_ssl_server_credentials``. gRPC core calls the fetcher on its own thread
   before every handshake; it answers from memory under a lock (None while nothing changed), so a
   handshake never waits on the file system.
 
@@ -82,8 +83,12 @@ class ServerTls:
         except TlsFileError as e:
             raise ConfigError(str(e)) from None
         self._material = material
-        self.http_context = _context(self.mtls)
-        _load(self.http_context, material)
+        # The listeners keep the context they were given; after a reload each handshake is moved
+        # to a fresh context (``_serving``, by ALPN) from the SNI callback, which OpenSSL calls on
+        # every ClientHello. A fresh context, not the old one reloaded: a trust store only grows,
+        # so a CA taken out of tls_client_ca_file would stay trusted.
+        self._serving: dict[str, ssl.SSLContext] = {}
+        self.http_context = self._listener_context("http/1.1")
         self._h2_context: ssl.SSLContext | None = None  # batchgate's own gRPC engine's (made when asked)
         self._lock = threading.Lock()  # the gRPC fetcher runs on gRPC core's threads
         self._grpc_config = _grpc_config(material)
@@ -101,9 +106,21 @@ class ServerTls:
     def h2_context(self) -> ssl.SSLContext:
         """The SSL context of batchgate's own gRPC engine (ALPN h2); reloads update it too."""
         if self._h2_context is None:
-            self._h2_context = _context(self.mtls, "h2")
-            _load(self._h2_context, self._material)
+            self._h2_context = self._listener_context("h2")
         return self._h2_context
+
+    def _listener_context(self, alpn: str) -> ssl.SSLContext:
+        ctx = _context(self.mtls, alpn)
+        _load(ctx, self._material)
+        self._serving[alpn] = ctx
+
+        def serve_current(conn: ssl.SSLObject, _name: str | None, given: ssl.SSLContext) -> None:
+            current = self._serving[alpn]
+            if current is not given:
+                conn.context = current
+
+        ctx.sni_callback = serve_current
+        return ctx
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC core before each handshake, on its thread: the new configuration once
@@ -157,18 +174,10 @@ class ServerTls:
 
     def _apply(self, material: TlsMaterial) -> None:
         """Serve ``material`` (checked) from the next handshake on; on the loop thread."""
-        old = self._material
-        for context in (c for c in (self.http_context, self._h2_context) if c is not None):
-            if material.cert != old.cert or material.key != old.key:
-                _load(context, TlsMaterial(material.cert, material.key, None))
-            if material.ca is not None and material.ca != old.ca:
-                context.load_verify_locations(cadata=material.ca.decode("ascii"))
-        if material.ca is not None and old.ca is not None and not _certs(old.ca) <= _certs(material.ca):
-            log.warning(
-                "a CA certificate was removed from tls_client_ca_file %s: gRPC on grpcio no longer trusts it, "
-                "HTTPS (and gRPC on h2) trusts it until the gateway restarts",
-                self.settings.tls_client_ca_file,
-            )
+        for alpn in self._serving:
+            fresh = _context(self.mtls, alpn)
+            _load(fresh, material)
+            self._serving[alpn] = fresh
         config = _grpc_config(material)
         with self._lock:
             self._grpc_config = config
@@ -369,20 +378,6 @@ def _pem_paths(*blobs: bytes) -> Iterator[list[str]]:
 
 def _grpc_config(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration([(material.key, material.cert)], root_certificates=material.ca)
-
-
-def _certs(pem: bytes) -> set[bytes]:
-    """The DER of each certificate in a PEM bundle."""
-    out = set()
-    for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]:
-        body = block.split(b"-----END CERTIFICATE-----")[0]
-        with contextlib.suppress(ValueError):
-            out.add(
-                ssl.PEM_cert_to_DER_cert(
-                    "-----BEGIN CERTIFICATE-----" + body.decode("ascii") + "-----END CERTIFICATE-----\n"
-                )
-            )
-    return out
 
 
 def _log_loaded(what: str, cert_pem: bytes) -> None:

@@ -35,7 +35,7 @@ from ..core.types import (
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
 from ..monitoring.tracing import trace_headers
-from ..security.access import OPEN_CALLER, Caller
+from ..security.access import OPEN_CALLER, Caller, credentials
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
 from ..shm import RegionView
@@ -78,7 +78,8 @@ async def _abort(context, e: GatewayError):
 def caller_of(context) -> Caller:
     """Who is calling: the authorization metadata entry, the client certificate's subject and
     the peer address."""
-    return Caller(_metadata(context, "authorization"), grpc_peer_subject(context), context.peer() or "")
+    md = context.invocation_metadata() or ()
+    return Caller(credentials(md, "authorization"), grpc_peer_subject(context), context.peer() or "")
 
 
 def _metadata(context, name: str) -> str | None:

@@ -8,7 +8,7 @@ import asyncio
 import base64
 
 from ..core.errors import ErrorCode, GatewayError, invalid
-from ..security.access import Caller
+from ..security.access import Caller, credentials
 from ..security.tls import http_peer_subject
 
 
@@ -17,7 +17,9 @@ def caller_of(scope) -> Caller:
     the peer address."""
     client = scope.get("client")
     return Caller(
-        header(scope, "authorization"), http_peer_subject(scope), f"{client[0]}:{client[1]}" if client else ""
+        credentials(scope["headers"], b"authorization"),
+        http_peer_subject(scope),
+        f"{client[0]}:{client[1]}" if client else "",
     )
 
 

@@ -161,11 +161,23 @@ def test_inline_keys_become_a_secret_of_digests_only(helm, tmp_path):
         ({"id": "a", "sha256": TOKEN}, "sha256 must be the SHA-256 hex digest of the token"),
         ({"id": "a", "sha256": DIGEST[:-1]}, "sha256 must be the SHA-256 hex digest"),
         ({"sha256": DIGEST}, "needs an id"),
+        # an empty field would reach the file as null: refused, never read as "every model"
+        ({"id": "a", "sha256": DIGEST, "models": None}, 'field "models" is empty'),
+        ({"id": "a", "sha256": DIGEST, "rate_per_s": None}, 'field "rate_per_s" is empty'),
     ],
 )
 def test_a_key_that_is_not_a_digest_is_refused_at_render(helm, tmp_path, entry, message):
     err = refused(helm, tmp_path, {"auth": {"apiKeys": {"keys": [entry]}}})
     assert message in err and TOKEN not in err
+
+
+def test_inline_keys_may_map_client_certificate_subjects(helm, tmp_path):
+    key = dict(KEY, cert_subjects=["CN=fraud-client,O=Acme"])
+    out = template(helm, values(tmp_path, {"auth": {"apiKeys": {"keys": [key]}}}))
+    assert out.returncode == 0, out.stderr
+    secret = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Secret")
+    (entry,) = yaml.safe_load(secret["stringData"]["keys.yaml"])["keys"]
+    assert entry["cert_subjects"] == ["CN=fraud-client,O=Acme"]
 
 
 def test_keys_are_given_one_way_and_once(helm, tmp_path):

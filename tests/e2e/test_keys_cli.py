@@ -115,3 +115,38 @@ def test_keys_hash_reads_a_token_from_stdin():
     for bad in ["", "\n", "two tokens\n", "tökén\n", "a" * 5000]:
         r = keys("hash", stdin=bad)
         assert r.returncode == 2 and "give one token on stdin" in r.stderr and r.stdout == ""
+
+
+def test_no_log_line_holds_a_token_even_at_debug_level(tmp_path):
+    """Other libraries' debug lines are not written: hpack's show every header it decodes,
+    the caller's bearer token included, and the h2 gRPC engine decodes with it."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from batchgate.demo import build_demo_repository
+    from batchgate.security.auth import hash_token, new_token
+    from processes import Proc, serve_args
+
+    token = new_token()
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [{"id": "app", "sha256": hash_token(token), "scopes": ["infer"]}]}))
+    repo = build_demo_repository(str(tmp_path / "models"))
+    proc = Proc(serve_args(repo, "--log-level", "debug", "--api-keys-file", str(keys_file), "--grpc-engine", "h2"))
+    try:
+        proc.wait_ready()
+        headers = {"authorization": f"Bearer {token}"}
+        for mod, client in (
+            (grpcclient, grpcclient.InferenceServerClient(proc.grpc)),
+            (httpclient, httpclient.InferenceServerClient(proc.http)),
+        ):
+            x = mod.InferInput("INPUT0", [1, 16], "INT32")
+            x.set_data_from_numpy(np.zeros((1, 16), np.int32))
+            y = mod.InferInput("INPUT1", [1, 16], "INT32")
+            y.set_data_from_numpy(np.ones((1, 16), np.int32))
+            assert client.infer("simple", [x, y], headers=headers).as_numpy("OUTPUT0").sum() == 16
+            client.close()
+    finally:
+        proc.kill()
+    out = proc.output()
+    assert token not in out and hash_token(token) not in out

@@ -130,6 +130,36 @@ def test_read_scope_guards_metadata_and_filters_the_index(keyed):
     assert {"simple", "classifier"} <= names
 
 
+def test_two_credentials_are_refused_whichever_comes_first(keyed):
+    """A proxy that adds its own Authorization to a caller's must not let either win by order."""
+    import http.client
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    pairs = ((READ_TOKEN, INFER_TOKEN), (INFER_TOKEN, READ_TOKEN), ("bgk_junk", READ_TOKEN))
+    with grpc.insecure_channel(keyed.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for first, second in pairs:
+            md = (("authorization", f"Bearer {first}"), ("authorization", f"Bearer {second}"))
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="simple"), metadata=md)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "more than one authorization" in ei.value.details()
+    host, port = keyed.http_url.split(":")
+    for first, second in pairs:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.putrequest("GET", "/v2/models/simple")
+        conn.putheader("Authorization", f"Bearer {first}")
+        conn.putheader("Authorization", f"Bearer {second}")
+        conn.endheaders()
+        answer = conn.getresponse()
+        body = answer.read().decode()
+        assert answer.status == 401 and "more than one authorization" in body, body
+        assert first not in body and second not in body
+        conn.close()
+
+
 def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
     for _, c in clients(keyed):
         code, _ = status_of(lambda c=c: c.unload_model("classifier", headers=bearer(READ_TOKEN)))

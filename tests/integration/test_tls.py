@@ -381,7 +381,8 @@ def test_bad_new_files_keep_the_old_certificate(serve, demo_repo, pki, tmp_path,
 
 def test_client_ca_rotation(serve, demo_repo, pki, tmp_path):
     """The CA bundle is reloaded too: a bundle with the second CA added admits its clients on
-    both protocols (cert-manager's trust rotation: old and new CA side by side)."""
+    both protocols (cert-manager's trust rotation: old and new CA side by side), and once it is
+    taken out, no longer."""
     ca = tmp_path / "ca.crt"
     ca.write_bytes(pki.ca.pem)
     running = serve(demo_repo, **tls_flags(pki), tls_client_ca_file=str(ca), tls_poll_s=POLL_S)
@@ -405,6 +406,12 @@ def test_client_ca_rotation(serve, demo_repo, pki, tmp_path):
             h.close()
 
     assert wait_for(lambda: admitted("rogue"))
+    assert admitted("client")
+    # The second CA taken out again (a compromised CA pulled): its clients are refused on both
+    # protocols, while the first CA's are still admitted.
+    tmp.write_bytes(pki.ca.pem)
+    os.replace(tmp, ca)
+    assert wait_for(lambda: not admitted("rogue"))
     assert admitted("client")
 
 

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +204,12 @@ def test_max_keys_is_accepted(tmp_path):
         ({"scopes": ["infr"]}, ["unknown scope 'infr'", "did you mean 'infer'", "allowed: infer, read, admin"]),
         ({"scopes": [1]}, ["must hold strings"]),
         ({"models": []}, ["field 'models' is empty"]),
+        # An empty field (or a file read half-written, cut after "models:") is refused, never
+        # read as its default: for models and rate_per_s that is every model, no limit.
+        ({"models": None}, ["field 'models' is empty", "leave the field out"]),
+        ({"rate_per_s": None}, ["field 'rate_per_s' is empty"]),
+        ({"rate_per_s": 1, "burst": None}, ["field 'burst' is empty"]),
+        ({"cert_subjects": None}, ["field 'cert_subjects' is empty"]),
         ({"models": "fraud-*"}, ["field 'models' must be a list"]),
         ({"models": ["fraud-*, risk-*"]}, ["field 'models' has pattern", "one pattern per list item"]),
         ({"models": [""]}, ["field 'models' has pattern"]),
@@ -480,7 +487,6 @@ def test_unchanged_file_is_not_reloaded(store, monkeypatch):
 
 
 def test_reload_picks_up_a_new_key_and_revokes_a_removed_one(store, keys_file, tmp_path, caplog):
-    from pathlib import Path
 
     token_c = "bgk_third"
     text = GOOD.split("  - id: ops")[0] + f"  - {{id: new, sha256: '{hash_token(token_c)}', scopes: [read]}}\n"
@@ -498,7 +504,6 @@ def test_reload_picks_up_a_new_key_and_revokes_a_removed_one(store, keys_file, t
 
 
 def test_bad_file_keeps_the_old_keys_and_logs_an_error_once(store, keys_file, caplog):
-    from pathlib import Path
 
     write(Path(keys_file), GOOD.replace("scopes: [admin, read]", "scopes: [admin, raed]"))
     with caplog.at_level(logging.INFO, logger="batchgate.auth"):
@@ -531,8 +536,28 @@ def test_atomic_replace_is_seen_even_with_the_same_size_and_time(store, keys_fil
     assert store.key_ids == ("fraud-team", "opz")
 
 
+def test_a_rewrite_in_place_with_the_same_size_and_time_is_seen(store, keys_file):
+    # Same inode, same size, mtime put back (cp -p, touch -r): only ctime tells. A revocation
+    # written this way must not be missed.
+    st = os.stat(keys_file)
+    with open(keys_file, "r+") as f:
+        f.write(GOOD.replace("ops", "opz"))
+    os.utime(keys_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(keys_file)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert store.reload_if_changed() is True
+    assert store.key_ids == ("fraud-team", "opz")
+
+
+def test_a_file_cut_after_an_empty_models_field_keeps_the_old_keys(store, keys_file):
+    write_cut = GOOD[: GOOD.index('["fraud-*"]')]  # "models:" with nothing after it
+    write(Path(keys_file), write_cut)
+    assert store.reload_if_changed() is False
+    key = store.authenticate(f"Bearer {TOKEN_A}")
+    assert not key.allows_model("other-model")
+
+
 def test_buckets_survive_a_reload_and_take_new_rates(store, keys_file, clock):
-    from pathlib import Path
 
     key = store.authenticate(f"Bearer {TOKEN_A}")
     for _ in range(3):
@@ -548,7 +573,6 @@ def test_buckets_survive_a_reload_and_take_new_rates(store, keys_file, clock):
 
 
 def test_a_revoked_then_restored_id_starts_with_a_full_bucket(store, keys_file):
-    from pathlib import Path
 
     key = store.authenticate(f"Bearer {TOKEN_A}")
     for _ in range(3):
@@ -563,7 +587,6 @@ def test_a_revoked_then_restored_id_starts_with_a_full_bucket(store, keys_file):
 
 
 async def test_watch_reloads_until_cancelled(store, keys_file):
-    from pathlib import Path
 
     task = asyncio.create_task(store.watch(0.01))
     write(Path(keys_file), "keys: []\n")
@@ -578,7 +601,6 @@ async def test_watch_reloads_until_cancelled(store, keys_file):
 
 
 async def test_watch_survives_a_bad_file(store, keys_file, caplog):
-    from pathlib import Path
 
     task = asyncio.create_task(store.watch(0.01))
     write(Path(keys_file), "keys: [\n")
