@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import yaml
 
 from .core import rollout as ro
+from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
-from .core.routing import BucketTable, RouteSpec, Shadow, Variant, check_signatures, parse_routes
-from .core.types import clip
+from .core.routing import RouteSpec, Shadow, Variant, check_signatures, parse_routes
+from .core.types import clip, printable
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.manager import ModelRepository
@@ -184,8 +185,9 @@ class RouteTable:
 
     def _carry_or_build(self, spec: RouteSpec, now: float) -> tuple[ServedRoute, bool]:
         """The route for ``spec``: the one serving now if its definition is unchanged, else one
-        from ``state_dir`` if kept there for this definition, else fresh from the file. True
-        when runtime state was dropped because the definition changed."""
+        from ``state_dir`` if kept there for this definition, else the file's weights, reached
+        from the table served (or kept) so far as a weight change would move it. True when
+        runtime state was dropped because the definition changed."""
         fingerprint = spec.fingerprint()
         old = self.routes.get(spec.name)
         if old is not None and old.spec.fingerprint() == fingerprint:
@@ -213,7 +215,11 @@ class RouteTable:
             weights = spec.weights
             if state is not None and spec.rollout is not None:
                 weights = ro.weights(spec.rollout, state, spec.weights)
-            table = BucketTable.fresh(spec.name, weights)
+            base = old.table if old is not None else BucketTable.kept(doc)
+            if base is None or base.route != spec.name:
+                table = BucketTable.fresh(spec.name, weights)
+            else:
+                table = base.moved_to(weights)
         return ServedRoute(spec, table, state, self.metrics.route(spec.name), self.admission), reset
 
     async def _build_shadows(self, route: ServedRoute) -> None:
@@ -474,7 +480,8 @@ class RouteTable:
             raise invalid(f"no weights given; name one or more variants of route '{name}': {', '.join(new)}")
         for variant, w in weights.items():
             if variant not in new:
-                raise invalid(f"route '{name}' has no variant '{clip(str(variant))}'; it has {', '.join(new)}")
+                shown = printable(clip(str(variant)))
+                raise invalid(f"route '{name}' has no variant '{shown}'; it has {', '.join(new)}")
             if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 100:
                 raise invalid(f"the weight of variant '{variant}' must be a whole number from 0 to 100")
             new[variant] = w

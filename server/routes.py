@@ -25,15 +25,9 @@ from typing import Any
 import numpy as np
 
 from .core import rollout as ro
+from .core.buckets import BucketTable
 from .core.errors import ErrorCode, GatewayError, invalid
-from .core.routing import (
-    PIN_HEADER,
-    PIN_PARAMETER,
-    BucketTable,
-    RouteSpec,
-    check_pin,
-    sticky_key,
-)
+from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, check_pin, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse
 from .model import ModelVersion

@@ -40,8 +40,13 @@ def read_capped(path: str, limit: int, what: str) -> bytes:
 
 class StateDir:
     def __init__(self, path: str):
+        """OSError when the directory cannot be made or written: found at start, not at the
+        first change that would be lost."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=self.path)
+        os.close(fd)
+        os.unlink(probe)
 
     def _file(self, kind: str, name: str) -> Path:
         if kind not in KINDS:

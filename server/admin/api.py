@@ -5,13 +5,13 @@ call (scope ``read`` to look, ``admin`` to change; without API keys, changes nee
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias, TypeVar
 
 from google.protobuf import json_format
 
 from ..core.errors import GatewayError, invalid, not_found
-from ..core.types import clip
+from ..core.types import clip, printable
 from ..dataplane import DataPlane
 from ..routes import ServedRoute
 from ..security.access import ADMIN, READ, Caller
@@ -46,13 +46,25 @@ def route_message(route: ServedRoute) -> apb.Route:
     return json_format.ParseDict(route.describe(), apb.Route())
 
 
+T = TypeVar("T")
+# What a request asked for: the value, or a function that reads it (from an HTTP body)
+Given: TypeAlias = T | Callable[[], T]
+
+
+def _read(value: Given[T]) -> T:
+    return value() if callable(value) else value
+
+
 class AdminApi:
     def __init__(self, dataplane: DataPlane):
         self.dp = dataplane
 
-    async def _call(self, caller: Caller, scope: str, action: str, target: str, op, detail: str = "") -> Any:
+    async def _call(
+        self, caller: Caller, scope: str, action: str, target: str, op, detail: str | Callable[[], str] = ""
+    ) -> Any:
         """Check the caller, run ``op(key)`` (awaited when it is a coroutine function) and audit
-        the call, whatever its outcome."""
+        the call, whatever its outcome; ``detail`` may be read only then (what a request asked
+        for, once its body has been read: after the caller is checked)."""
         access = self.dp.access
         key = None
         try:
@@ -61,11 +73,11 @@ class AdminApi:
             if inspect.isawaitable(result):
                 result = await result
         except GatewayError as e:
-            await access.audited(
-                caller, key, action, target, e.code.value, f"{detail}: {e.message}" if detail else e.message
-            )
+            said = detail() if callable(detail) else detail
+            why = f"{said}: {e.message}" if said else e.message
+            await access.audited(caller, key, action, target, e.code.value, why)
             raise
-        await access.audited(caller, key, action, target, "ok", detail)
+        await access.audited(caller, key, action, target, "ok", detail() if callable(detail) else detail)
         return result
 
     def _table(self):
@@ -93,12 +105,19 @@ class AdminApi:
     async def get_route(self, caller: Caller, name: str) -> apb.Route:
         return await self._call(caller, READ, "routes.get", name, lambda key: route_message(self._route(name)))
 
-    async def set_weights(self, caller: Caller, name: str, weights: Mapping[str, Any]) -> apb.Route:
-        def op(key) -> apb.Route:
-            self._route(name)
-            return route_message(self._table().set_weights(name, weights))
+    async def set_weights(self, caller: Caller, name: str, weights: Given[Mapping[str, Any]]) -> apb.Route:
+        """``weights``, or (HTTP) a function that reads them from the body: called once the
+        caller is checked, so a stranger's malformed body is 401, not 400, and audited."""
+        given: dict[str, Any] = {}
 
-        detail = ", ".join(f"{clip(str(k), 64)}={v}" for k, v in list(weights.items())[:16])
+        def op(key) -> apb.Route:
+            given.update(_read(weights))
+            self._route(name)
+            return route_message(self._table().set_weights(name, given))
+
+        def detail() -> str:
+            return ", ".join(f"{printable(clip(str(k), 64))}={v}" for k, v in list(given.items())[:16])
+
         return await self._call(caller, ADMIN, "routes.set_weights", name, op, detail)
 
     async def act(self, caller: Caller, name: str, action: str) -> apb.Route:
@@ -131,24 +150,34 @@ class AdminApi:
 
         return await self._call(caller, READ, "drift.get", model, op)
 
-    async def reset_drift(self, caller: Caller, model: str, reference: bool) -> apb.DriftStatus:
+    async def reset_drift(self, caller: Caller, model: str, reference: Given[bool]) -> apb.DriftStatus:
+        asked: list[bool] = []
+
         async def op(key) -> apb.DriftStatus:
+            asked.append(_read(reference))
             drift = self._drift()
             drift.monitor(model)
-            await drift.command("reset", {"model": model, "reference": reference})
+            await drift.command("reset", {"model": model, "reference": asked[0]})
             return drift_message(await drift.status_now(model))
 
-        return await self._call(
-            caller, ADMIN, "drift.reset", model, op, "to the configured reference" if reference else ""
-        )
+        def detail() -> str:
+            return "to the configured reference" if asked and asked[0] else ""
 
-    async def rebaseline(self, caller: Caller, model: str, rows: int) -> apb.DriftStatus:
+        return await self._call(caller, ADMIN, "drift.reset", model, op, detail)
+
+    async def rebaseline(self, caller: Caller, model: str, rows: Given[int]) -> apb.DriftStatus:
+        asked: list[int] = []
+
         async def op(key) -> apb.DriftStatus:
+            asked.append(_read(rows))
             drift = self._drift()
             drift.monitor(model)
-            if rows < 0:
+            if asked[0] < 0:
                 raise invalid("rows must be 0 (as many as are kept) or more")
-            await drift.command("rebaseline", {"model": model, "rows": rows})
+            await drift.command("rebaseline", {"model": model, "rows": asked[0]})
             return drift_message(await drift.status_now(model))
 
-        return await self._call(caller, ADMIN, "drift.rebaseline", model, op, f"rows={rows or 'all kept'}")
+        def detail() -> str:
+            return f"rows={asked[0] or 'all kept'}" if asked else ""
+
+        return await self._call(caller, ADMIN, "drift.rebaseline", model, op, detail)

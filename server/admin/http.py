@@ -54,8 +54,12 @@ async def handle(
         return 200, to_json(await api.get_route(caller, name))
     _method(method, "POST")
     if action == "weights":
-        request = _parse(await body(), apb.SetWeightsRequest(), '{"weights": {"canary": 25}}')
-        return 200, to_json(await api.set_weights(caller, name, dict(request.weights)))
+        raw = await body()  # read now, parsed once the caller is checked
+
+        def weights() -> dict:
+            return dict(_parse(raw, apb.SetWeightsRequest(), '{"weights": {"canary": 25}}').weights)
+
+        return 200, to_json(await api.set_weights(caller, name, weights))
     if action in ACTIONS:
         return 200, to_json(await api.act(caller, name, action))
     raise not_found(f"no such admin endpoint: {path[:256]}")
@@ -78,11 +82,17 @@ async def _drift(
         return 200, to_json(await api.get_drift(caller, model))
     _method(method, "POST")
     if action == "reset":
-        req = _parse(await body(), apb.ResetDriftRequest(), '{"reference": true}')
-        return 200, to_json(await api.reset_drift(caller, model, req.reference))
+        raw = await body()
+        return 200, to_json(
+            await api.reset_drift(
+                caller, model, lambda: _parse(raw, apb.ResetDriftRequest(), '{"reference": true}').reference
+            )
+        )
     if action == "rebaseline":
-        req = _parse(await body(), apb.RebaselineRequest(), '{"rows": 5000}')
-        return 200, to_json(await api.rebaseline(caller, model, req.rows))
+        raw = await body()
+        return 200, to_json(
+            await api.rebaseline(caller, model, lambda: _parse(raw, apb.RebaselineRequest(), '{"rows": 5000}').rows)
+        )
     raise not_found(f"no such admin endpoint: {path[:256]}")
 
 

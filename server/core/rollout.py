@@ -22,10 +22,12 @@ After the last step the canary is promoted. Every transition says why, with its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .buckets import shares
 from .drift_window import two_sample_psi
 from .routing import Rollout
 
@@ -105,9 +107,9 @@ class RolloutState:
         try:
             state, step = str(raw["state"]), int(raw["step"])
             next_at, last = float(raw["next_at"]), str(raw.get("last", ""))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ValueError(f"not a rollout state: {e}") from None
-        if state not in STATES or not -1 <= step < len(rollout.steps):
+        if state not in STATES or not -1 <= step < len(rollout.steps) or not math.isfinite(next_at):
             raise ValueError("not a rollout state: unknown state or step")
         return cls(state, step, next_at, last)
 
@@ -123,14 +125,14 @@ def canary_weight(rollout: Rollout, state: RolloutState) -> int | None:
 
 
 def weights(rollout: Rollout, state: RolloutState, configured: Mapping[str, int]) -> dict[str, int]:
-    """The route's weights for this state: the canary takes its percentage of what the canary
-    and the baseline weigh together (at least 100, so a step of 10 is 10 in 100); every other
-    variant keeps its configured weight."""
+    """The route's weights for this state, in percent of the route: the canary takes its
+    percentage of what the canary and the baseline weigh together, and every other variant keeps
+    its share (configured 40/0/60 for baseline/canary/other is 36/4/60 at a step of 10%)."""
     pct = canary_weight(rollout, state)
-    out = dict(configured)
     if pct is None:
-        return out
-    pair = max(100, configured[rollout.canary] + configured[rollout.baseline])
+        return dict(configured)
+    out = shares(configured, 100)
+    pair = out[rollout.canary] + out[rollout.baseline]
     out[rollout.canary] = round(pair * pct / 100)
     out[rollout.baseline] = pair - out[rollout.canary]
     return out

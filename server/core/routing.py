@@ -5,18 +5,7 @@ parsed) into checked :class:`RouteSpec` objects, keeps the bucket table that mak
 sticky, and says which variant answers a request. Serving a route, shadows, comparison and the
 rollout controller build on it.
 
-**Sticky cohorts.** A request's key (a header, a V2 parameter or the first row of an input) is
-hashed with the route's name into one of :data:`BUCKETS` buckets, and each bucket belongs to one
-variant; a variant owns as many buckets as its share of the weights (largest remainders). When
-the weights change, only buckets of variants that lost weight move, and only to variants that
-gained: a user never flips back and forth during a ramp, whatever the number of variants.
-
-That cannot be a function of the weights alone (three variants going A+B, then A+C, then B+C,
-then A+B again would have to end where they started while no bucket of an unchanged variant
-moves), so the table is kept: :meth:`BucketTable.to_state` and :meth:`BucketTable.from_state`
-round-trip it for ``state_dir``. A table built afresh for the same route and weights is the same
-on every replica (the layout is seeded by the route's name), so replicas that start from the
-config agree, and a restart that reloads the table keeps every cohort where it was.
+**Sticky cohorts** are kept by the bucket table of ``core/buckets.py``.
 
 Requests without a key split at random by weight; a pin (``x-batchgate-variant`` header or
 metadata, or the V2 parameter ``variant``) names the variant outright.
@@ -35,7 +24,6 @@ from .errors import ConfigError, invalid
 from .signature import ModelSignature, TensorSpec
 from .types import MODEL_NAME, MODEL_NAME_RULE, InferRequest, clip, printable
 
-BUCKETS = 10_000
 PIN_HEADER = "x-batchgate-variant"
 PIN_PARAMETER = "variant"
 STICKY_KINDS = ("header", "param", "input")
@@ -223,6 +211,12 @@ def _parse_rollout(raw: Any, where: str, variants: Sequence[Variant]) -> Rollout
             raise ConfigError(f"{where}: '{role}' must name one of the route's variants ({', '.join(sorted(names))})")
     if canary == baseline:
         raise ConfigError(f"{where}: 'canary' and 'baseline' must be different variants")
+    weight = {v.name: v.weight for v in variants}
+    if weight[str(canary)] + weight[str(baseline)] == 0:
+        raise ConfigError(
+            f"{where}: the canary and the baseline both weigh 0; the steps split what the two weigh together, "
+            "so give the baseline the weight the rollout is to move"
+        )
     steps = m.get("steps")
     if (
         not isinstance(steps, list)
@@ -302,145 +296,6 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(value, list):
         return [kv for i, v in enumerate(value) for kv in _flatten(v, f"{prefix}[{i}]")]
     return [(prefix, repr(value))]
-
-
-# ------------------------------------------------------------------------------ the buckets
-def bucket_of(route: str, key: bytes) -> int:
-    """The bucket of a sticky key: the same on every replica, in every process, after restarts
-    (a keyed BLAKE2b digest, not Python's per-process ``hash``)."""
-    digest = hashlib.blake2b(key, digest_size=8, key=route.encode()[:64]).digest()
-    return int.from_bytes(digest, "big") % BUCKETS
-
-
-def shares(weights: Mapping[str, int]) -> dict[str, int]:
-    """Buckets per variant: proportional to the weights, rounded by largest remainder (ties go
-    to the earlier variant), adding up to :data:`BUCKETS`."""
-    total = sum(weights.values())
-    if total <= 0:
-        raise ValueError("the weights add up to 0")
-    exact = {n: BUCKETS * w / total for n, w in weights.items()}
-    out = {n: int(x) for n, x in exact.items()}
-    order = sorted(weights, key=lambda n: (-(exact[n] - out[n]), list(weights).index(n)))
-    for n in order[: BUCKETS - sum(out.values())]:
-        out[n] += 1
-    return out
-
-
-class BucketTable:
-    """Which variant owns each bucket of one route (see the module text)."""
-
-    __slots__ = ("route", "owners", "weights")
-
-    def __init__(self, route: str, owners: list[str], weights: dict[str, int]):
-        self.route = route
-        self.owners = owners  # bucket -> variant name
-        self.weights = weights
-
-    @classmethod
-    def fresh(cls, route: str, weights: Mapping[str, int]) -> BucketTable:
-        """The table for ``weights`` built from nothing: each variant's share laid over the
-        buckets in an order seeded by the route's name (every replica builds the same one)."""
-        rank = _seeded_rank(route)
-        order = sorted(range(BUCKETS), key=rank.__getitem__)
-        owners = [""] * BUCKETS
-        at = 0
-        for name, count in shares(weights).items():
-            for b in order[at : at + count]:
-                owners[b] = name
-            at += count
-        return cls(route, owners, dict(weights))
-
-    def variant_for(self, key: bytes) -> str:
-        return self.owners[bucket_of(self.route, key)]
-
-    def reweigh(self, weights: Mapping[str, int]) -> int:
-        """Move to ``weights`` (the same variants, or new ones, or fewer): buckets leave only
-        variants whose share shrank and go only to variants whose share grew. Returns how many
-        buckets moved."""
-        want = shares(weights)
-        have: dict[str, list[int]] = {n: [] for n in want}
-        freed: list[int] = []
-        for b, owner in enumerate(self.owners):
-            if owner in have:
-                have[owner].append(b)
-            else:  # a variant no longer in the route: all its buckets are free
-                freed.append(b)
-        # Which of a shrinking variant's buckets it gives up: the ones latest in the route's
-        # seeded order, so the choice is the same on every replica.
-        rank = _seeded_rank(self.route)
-        for name, buckets in have.items():
-            extra = len(buckets) - want[name]
-            if extra > 0:
-                buckets.sort(key=rank.__getitem__)
-                freed.extend(buckets[-extra:])
-                del buckets[-extra:]
-        freed.sort(key=rank.__getitem__)
-        at = 0
-        for name, buckets in have.items():
-            short = want[name] - len(buckets)
-            for b in freed[at : at + short]:
-                self.owners[b] = name
-            at += max(0, short)
-        self.weights = dict(weights)
-        return len(freed)
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for owner in self.owners:
-            out[owner] = out.get(owner, 0) + 1
-        return out
-
-    def to_state(self) -> dict[str, Any]:
-        """A JSON-able form: the weights, and the owners as runs of (variant index, length)."""
-        names = list(self.weights)
-        runs: list[list[int]] = []
-        for owner in self.owners:
-            i = names.index(owner)
-            if runs and runs[-1][0] == i:
-                runs[-1][1] += 1
-            else:
-                runs.append([i, 1])
-        return {"route": self.route, "weights": dict(self.weights), "variants": names, "runs": runs}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> BucketTable:
-        """The table :meth:`to_state` wrote; ValueError if it is not one."""
-        try:
-            names = [str(n) for n in state["variants"]]
-            owners: list[str] = []
-            for i, n in state["runs"]:
-                owners.extend([names[int(i)]] * int(n))
-            weights = {str(k): int(v) for k, v in state["weights"].items()}
-            route = str(state["route"])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"not a bucket table: {e}") from None
-        if len(owners) != BUCKETS or set(owners) - set(weights):
-            raise ValueError("not a bucket table: wrong size or unknown variants")
-        if any(w < 0 or w > 100 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError("not a bucket table: weights must be 0 to 100 and not all 0")
-        return cls(route, owners, weights)
-
-
-_RANKS: dict[str, list[int]] = {}
-
-
-def _seeded_order(route: str) -> list[int]:
-    """The buckets in an order fixed by the route's name: by a digest of each, so it depends on
-    nothing that could change between Python versions (as ``random.shuffle`` might)."""
-    key = f"batchgate-route:{route}".encode()[:64]
-    return sorted(range(BUCKETS), key=lambda b: hashlib.blake2b(b.to_bytes(2, "big"), digest_size=8, key=key).digest())
-
-
-def _seeded_rank(route: str) -> list[int]:
-    """Each bucket's position in the route's seeded order (cached: routes are few)."""
-    rank = _RANKS.get(route)
-    if rank is None:
-        rank = [0] * BUCKETS
-        for pos, b in enumerate(_seeded_order(route)):
-            rank[b] = pos
-        if len(_RANKS) < 1024:
-            _RANKS[route] = rank
-    return rank
 
 
 # ------------------------------------------------------------------------------- choosing

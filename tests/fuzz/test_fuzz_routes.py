@@ -10,8 +10,9 @@ from fuzz_support import budget, one_in, outcome
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batchgate.core.buckets import BUCKETS, BucketTable
 from batchgate.core.errors import ConfigError
-from batchgate.core.routing import BUCKETS, BucketTable, parse_routes
+from batchgate.core.routing import parse_routes
 from batchgate.route_table import read_routes_file
 from route_support import EXAMPLE_ROUTE
 

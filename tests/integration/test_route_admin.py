@@ -159,16 +159,28 @@ def test_http_mirror_speaks_the_same_messages(keyed):
     status, body = _http(keyed, "POST", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN, {"weights": {"canary": "x"}})
     assert status == 400 and "SetWeightsRequest" in body["error"]
     assert _http(keyed, "GET", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN)[0] == 400
-    # a body that is not UTF-8 is a client error, whoever sends it (it was a 500)
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{keyed.gateway.admin_http_port}/admin/v1/routes/fraud/weights",
-        data=b"\xff\xfe{",
-        method="POST",
-    )
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=10)
-    e.value.close()
-    assert e.value.code == 400
+    # a body that is not UTF-8 is a client error (it was a 500); the caller is checked before the
+    # body is read as a request, so a stranger gets 401 whatever it sends, and both are audited
+    for token, code in ((None, 401), (READ_TOKEN, 403), (ADMIN_TOKEN, 400)):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{keyed.gateway.admin_http_port}/admin/v1/routes/fraud/weights",
+            data=b"\xff\xfe{",
+            method="POST",
+            headers={"authorization": f"Bearer {token}"} if token else {},
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        e.value.close()
+        assert e.value.code == code, token
+    status, _ = _http(keyed, "POST", "/admin/v1/routes/fraud/weights", None, {"weights": {"canary": "x"}})
+    assert status == 401
+    lines = [json.loads(x) for x in keyed.audit_file.read_text().splitlines()]
+    outcomes = [ln["outcome"] for ln in lines if ln["action"] == "routes.set_weights"]
+    assert outcomes[-4:] == ["UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNAUTHENTICATED"]
+    # a variant name with bidirectional characters is escaped in the answer and the audit line
+    status, body = _http(keyed, "POST", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN, {"weights": {"x\u202e": 1}})
+    assert status == 400 and "\u202e" not in body["error"] and "x\\u202e" in body["error"]
+    assert "\u202e" not in keyed.audit_file.read_text(encoding="utf-8")
 
 
 def test_open_server_refuses_changes_unless_allowed(repo, tmp_path):

@@ -235,3 +235,60 @@ def test_the_output_psi_gate_rolls_back_a_canary_whose_answers_are_distributed_d
             assert "output PSI" in route.rollout.last
     finally:
         running.stop()
+
+
+def test_a_routes_file_edit_moves_only_keys_of_variants_that_lost_weight(repo, tmp_path):
+    """A definition change resets weights to the file's by moving buckets from the table served
+    so far, never by laying the table out afresh: an edit that changes no weight moves no user,
+    a ramp done by editing the file (GitOps) moves users only from losers to gainers, and so does
+    a file changed while the server was down."""
+    state_dir, routes_file = tmp_path / "state", tmp_path / "routes.yaml"
+    route = {
+        "name": "ramp",
+        "variants": [
+            {"name": "a", "model": "clf_a", "weight": 50},
+            {"name": "b", "model": "clf_same", "weight": 30},
+            {"name": "c", "model": "clf_other", "weight": 20},
+        ],
+        "sticky_key": "header:x-user",
+    }
+    write_config(str(routes_file), [route])
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [],
+        routing={"state_dir": str(state_dir), "routes_file": str(routes_file), "routes_poll_s": 0.1},
+    )
+    keys = [f"user-{i}".encode() for i in range(3000)]
+
+    def placed(running) -> list[str]:
+        table = _state(running).table
+        return [table.variant_for(k) for k in keys]
+
+    def moves(before, after) -> set[tuple[str, str]]:
+        return {(x, y) for x, y in zip(before, after) if x != y}
+
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        first = placed(running)
+        # only a shadow added: no weight changes, nobody moves
+        route["shadows"] = [{"name": "s", "model": "clf_same", "percent": 10}]
+        write_config(str(routes_file), [route])
+        _until(lambda: running.gateway.routes.routes["ramp"].spec.shadows)
+        assert placed(running) == first
+        # 50/30/20 -> 40/30/30: b keeps every user, a's move to c only
+        route["variants"][0]["weight"], route["variants"][2]["weight"] = 40, 30
+        write_config(str(routes_file), [route])
+        _until(lambda: _state(running).weights == {"a": 40, "b": 30, "c": 30})
+        second = placed(running)
+        assert moves(first, second) == {("a", "c")}
+    finally:
+        running.stop()
+    # changed while down: 40/30/30 -> 40/20/40 on restart moves b's users to c only
+    route["variants"][1]["weight"], route["variants"][2]["weight"] = 20, 40
+    write_config(str(routes_file), [route])
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        assert _state(running).weights == {"a": 40, "b": 20, "c": 40}
+        assert moves(second, placed(running)) == {("b", "c")}
+    finally:
+        running.stop()

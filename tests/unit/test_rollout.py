@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from batchgate.core import rollout as ro
+from batchgate.core.errors import ConfigError
 from batchgate.core.routing import parse_routes
 
 ROUTE = {
@@ -118,7 +119,47 @@ def test_other_variants_keep_their_weight_and_the_pair_splits_its_own():
         ]
     )
     state = ro.start(r.rollout, now=0.0)
-    assert ro.weights(r.rollout, state, r.weights) == {"stable": 80, "canary": 20, "legacy": 30}
+    # The canary takes 20% of the pair's 70: legacy keeps its 30% of the route, and no user of
+    # legacy moves to stable (it used to give the pair 100 beside legacy's 30: legacy fell to 23%).
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 56, "canary": 14, "legacy": 30}
+    ro.promote(state, r.rollout)
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 0, "canary": 70, "legacy": 30}
+    ro.rollback(state)
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 70, "canary": 0, "legacy": 30}
+
+
+def test_relative_weights_are_stepped_in_percent_of_the_route():
+    (r,) = parse_routes(
+        [
+            {
+                "name": "rel",
+                "variants": [
+                    {"name": "stable", "model": "a", "weight": 1},
+                    {"name": "canary", "model": "b", "weight": 0},
+                ],
+                "rollout": {"canary": "canary", "baseline": "stable", "steps": [10, 100]},
+            }
+        ]
+    )
+    state = ro.start(r.rollout, now=0.0)
+    assert ro.weights(r.rollout, state, r.weights) == {"stable": 90, "canary": 10}
+
+
+def test_a_rollout_whose_pair_weighs_nothing_is_refused():
+    with pytest.raises(ConfigError, match="both weigh 0"):
+        parse_routes(
+            [
+                {
+                    "name": "zero",
+                    "variants": [
+                        {"name": "stable", "model": "a", "weight": 0},
+                        {"name": "canary", "model": "b", "weight": 0},
+                        {"name": "legacy", "model": "c", "weight": 100},
+                    ],
+                    "rollout": {"canary": "canary", "baseline": "stable", "steps": [10, 100]},
+                }
+            ]
+        )
 
 
 def test_the_state_round_trips_and_a_bad_one_is_refused():
@@ -127,7 +168,15 @@ def test_the_state_round_trips_and_a_bad_one_is_refused():
     ro.tick(r.rollout, state, 65.0, GOOD, BASE)
     again = ro.RolloutState.from_state(state.to_state(), r.rollout)
     assert again == state
-    for broken in ({}, {**state.to_state(), "state": "exploded"}, {**state.to_state(), "step": 7}):
+    good = state.to_state()
+    for broken in (
+        {},
+        [],  # not a mapping at all
+        {**good, "state": "exploded"},
+        {**good, "step": 7},
+        {**good, "step": float("inf")},  # 1e400 in the file: int() overflows
+        {**good, "next_at": float("nan")},
+    ):
         with pytest.raises(ValueError):
             ro.RolloutState.from_state(broken, r.rollout)
 

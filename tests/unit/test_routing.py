@@ -9,18 +9,15 @@ import random
 import numpy as np
 import pytest
 
+from batchgate.core.buckets import BUCKETS, BucketTable, bucket_of, shares
 from batchgate.core.errors import ConfigError, ErrorCode, GatewayError
 from batchgate.core.routing import (
-    BUCKETS,
-    BucketTable,
     StickyKey,
-    bucket_of,
     check_pin,
     check_signatures,
     parse_routes,
     pick_weighted,
     pin_of,
-    shares,
     sticky_key,
 )
 from batchgate.core.signature import ModelSignature, TensorSpec

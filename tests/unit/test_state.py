@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from batchgate.core.routing import BucketTable
+from batchgate.core.buckets import BucketTable
 from batchgate.state import MAX_BYTES, StateDir
 
 
@@ -49,3 +49,27 @@ def test_a_document_that_cannot_be_one_is_refused(tmp_path):
         store.save("route", "d", {"x": "y" * MAX_BYTES})
     assert not (tmp_path / "route-d.json").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"weights": []},  # a list where the weights were: refused, not AttributeError
+        {"runs": [[0, float("inf")]]},  # a run too long to count
+        {"runs": [[0, 10**12]]},  # a run longer than the table: refused before it is built
+        {"runs": [[0, -5], [1, 10_005]]},
+        {"runs": [[0, 10_000]]},  # every bucket to "stable", whose weight is 90
+    ],
+)
+def test_a_kept_table_that_cannot_be_the_routes_is_refused(change):
+    good = BucketTable.fresh("fraud", {"stable": 90, "canary": 10}).to_state()
+    with pytest.raises(ValueError, match="not a bucket table"):
+        BucketTable.from_state({**good, **change})
+
+
+def test_a_directory_that_cannot_be_written_is_found_at_start(tmp_path):
+    # (as root, permissions do not stop a write: /proc/self is a directory nothing can be made in)
+    with pytest.raises(OSError):
+        StateDir("/proc/self")
+    StateDir(str(tmp_path / "fine"))
+    assert os.listdir(tmp_path / "fine") == []  # the probe leaves nothing behind
