@@ -223,10 +223,14 @@ class RouteTable:
         return ServedRoute(spec, table, state, self.metrics.route(spec.name), self.admission), reset
 
     async def _build_shadows(self, route: ServedRoute) -> None:
-        runners = []
+        """The route's shadow runners: one whose shadow, model version and comparison are unchanged
+        is kept, copies in flight and all (one budget, not two); the others are cancelled."""
+        before, runners = route.shadows, []
         for s in route.spec.shadows:
             served = route.members.get(s.name)
-            if served is None:
+            same = [r for r in before if (r.spec, r.version, r.compare) == (s, served, route.spec.compare)]
+            if served is None or (same and not same[0].closed):
+                runners += same[:1]
                 continue
             backend = await self._twin(served)
             if backend is None:
@@ -246,6 +250,9 @@ class RouteTable:
                 )
             )
         route.shadows = runners
+        for r in before:
+            if r not in runners:
+                r.cancel()
 
     def _sender_pool(self) -> ThreadPoolExecutor | None:
         """The threads that make remote shadows' calls: blocking calls, at the lowest priority the

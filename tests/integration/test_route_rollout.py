@@ -292,3 +292,31 @@ def test_a_routes_file_edit_moves_only_keys_of_variants_that_lost_weight(repo, t
         assert moves(second, placed(running)) == {("b", "c")}
     finally:
         running.stop()
+
+
+def test_a_reload_keeps_the_shadow_runners_of_a_route_it_does_not_change(repo, tmp_path):
+    """Rebuilt runners beside the old ones (still holding copies) made a shadow's budget two."""
+    routes_file = tmp_path / "routes.yaml"
+    shadowed = {
+        "name": "ramp",
+        "variants": [{"name": "a", "model": "clf_a", "weight": 100}],
+        "shadows": [{"name": "s", "model": "clf_same", "percent": 100, "max_inflight": 4}],
+    }
+    other = {"name": "other", "variants": [{"name": "a", "model": "clf_a", "weight": 100}]}
+    write_config(str(routes_file), [shadowed, other])
+    cfg = write_config(str(tmp_path / "c.yaml"), [], routing={"routes_file": str(routes_file), "routes_poll_s": 0.1})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        (runner,) = _state(running).shadows
+        other["variants"].append({"name": "b", "model": "clf_same", "weight": 0})
+        write_config(str(routes_file), [shadowed, other])
+        _until(lambda: len(running.gateway.routes.routes["other"].spec.variants) == 2)
+        assert _state(running).shadows == [runner] and not runner.closed
+        # the shadowed route's own definition changes: a new runner, the old one cancelled
+        shadowed["shadows"][0]["percent"] = 50
+        write_config(str(routes_file), [shadowed, other])
+        _until(lambda: _state(running).spec.shadows[0].percent == 50)
+        (new,) = _state(running).shadows
+        assert new is not runner and runner.closed
+    finally:
+        running.stop()
