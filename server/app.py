@@ -300,7 +300,7 @@ class Gateway:
             return "off" if port is None else "on " + _join(host, port)
 
         log.info(
-            "batchgate %s serving %s: HTTP %s, gRPC on %s, metrics %s; admin gRPC %s, admin HTTP %s",
+            "batchgate %s serving %s: HTTP %s, gRPC on %s, metrics %s; admin gRPC %s, admin HTTP %s%s",
             __version__,
             self.settings.repository.model_repository or "remote models",
             on(s.host, self.http_port),
@@ -308,6 +308,7 @@ class Gateway:
             on(s.host, self.metrics_port),
             on(s.admin_host, self.admin_port),
             on(s.admin_host, self.admin_http_port),
+            "" if self.health_port is None else "; plaintext gRPC health " + on(s.host, self.health_port),
         )
 
     async def _start_routes(self) -> None:

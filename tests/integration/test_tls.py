@@ -230,11 +230,14 @@ def test_health_port_off_by_default(serve, demo_repo):
     assert running.gateway.health_port is None
 
 
-def test_health_port_without_tls(serve, demo_repo):
+def test_health_port_without_tls(serve, demo_repo, caplog):
+    caplog.set_level(logging.INFO, logger="batchgate")
     running = serve(demo_repo, health_port=0)
     with grpc.insecure_channel(f"127.0.0.1:{running.gateway.health_port}") as ch:
         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=GRPC_SERVICE), timeout=5)
     assert r.status == health_pb2.HealthCheckResponse.SERVING
+    # the start-up line names every listener, this one too
+    assert f"plaintext gRPC health on 127.0.0.1:{running.gateway.health_port}" in caplog.text
 
 
 # ---------------------------------------------------------------------------- mTLS
