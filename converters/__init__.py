@@ -92,9 +92,11 @@ def convert_torch(
     # Refuse an existing version before the (slow) export.
     probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
     probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
-    from .pipeline import destination
+    from .pipeline import destination, load_samples
 
     destination(probe)
+    if samples:  # a bad file is told before the (slow) export
+        load_samples(samples, specs, probe)
     shared = shared_config(probe)
     if shared is not None:  # a version joining others: its tensors and settings must fit their config
         progress(f"checking the new version against {shared.path}")
@@ -105,7 +107,9 @@ def convert_torch(
         onx, used, failed = tm.export(
             module, scripted, specs, names, batched, exporter, opset, os.path.join(work, "model.onnx")
         )
-    opset_used = next((o.version for o in onx.opset_import if o.domain in ("", "ai.onnx")), None)
+    if failed:
+        progress(f"exported with the {used} exporter after: {failed}")
+    opset_used = tm.default_opset(onx)
     source = f"torch {torch.__version__}, torch.onnx.export {used} exporter, opset {opset_used}"
     record = {
         "converter": "torch",
@@ -138,7 +142,7 @@ def convert_sklearn(
 ) -> Result:
     """Convert a scikit-learn estimator or pipeline (an object, or a pickle/joblib file) the same way."""
     from . import sklearn_model as sm
-    from .pipeline import destination
+    from .pipeline import destination, load_samples
 
     specs = _specs(inputs, batched)
     if fp16 is not None:
@@ -154,6 +158,8 @@ def convert_sklearn(
     probe = _job(specs, [], repository, name, version, batched, max_batch_size, gpu, force)
     probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
     destination(probe)
+    if samples:
+        load_samples(samples, specs, probe)
     # The outputs are known once skl2onnx has converted the model (in memory); run() checks them.
     require_fit(probe, shared_config(probe), spec_tensors(specs, batched))
     import skl2onnx

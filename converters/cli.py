@@ -153,6 +153,9 @@ def main(args: argparse.Namespace) -> int:
             print(failed_json(failed) if args.json else table(failed))
         print(f"batchgate convert: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file the conversion reads or writes; no traceback for it
+        print(f"batchgate convert: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result.as_dict(), indent=2, default=str) if args.json else table(result))
     return 0
 

@@ -14,12 +14,14 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+from numpy.lib.npyio import NpzFile
 
 from batchgate.core.types import BY_ONNX
 
@@ -112,7 +114,25 @@ def destination(job: Job) -> Path:
     target = root / job.name / str(job.version)
     if target.exists() and not job.force:
         raise ConversionError(f"{target} already exists; pass --force to replace it")
+    # write() stages the entry in the repository and renames it into the model's folder: both
+    # must take new entries, which is best known by making one.
+    for where in (root, target.parent) if target.parent.exists() else (root,):
+        _writable(where, root)
     return target
+
+
+def _writable(path: Path, root: Path) -> None:
+    """Refuse ``path`` (or, if it does not exist yet, its nearest existing parent) unless a
+    directory can be made in it."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConversionError(f"--repository {root}: {existing} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".batchgate-convert-probe-", dir=existing))
+    except OSError as e:
+        raise ConversionError(f"--repository {root}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------------------- cases
@@ -135,10 +155,16 @@ def cases(job: Job) -> list[dict[str, np.ndarray]]:
 
 
 def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, np.ndarray]]:
+    """The ``--samples`` arrays, checked against the specs (called before the export, and again
+    for the parity check)."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"--samples {path}: " + ("not a file" if os.path.exists(path) else "no such file"))
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        data = np.load(path, allow_pickle=False) if zipfile.is_zipfile(path) else None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ConversionError(f"--samples {path}: cannot read it as .npz: {e}") from None
+    if not isinstance(data, NpzFile):  # a .npy, text, a pickle...
+        raise ConversionError(f"--samples {path}: not an .npz file (write one with numpy.savez, an array per input)")
     names = [s.name for s in specs]
     missing = [n for n in names if n not in data.files]
     if missing:
@@ -148,7 +174,10 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
         )
     sample = {}
     for s in specs:
-        arr = data[s.name]
+        try:
+            arr = data[s.name]
+        except (OSError, ValueError, zipfile.BadZipFile) as e:  # a damaged member, or pickled objects
+            raise ConversionError(f"--samples {path}: cannot read '{s.name}': {e}") from None
         if arr.ndim != len(s.dims):
             raise ConversionError(
                 f"--samples {path}: '{s.name}' has {arr.ndim} dimensions, the input spec {len(s.dims)}"
@@ -384,6 +413,15 @@ def write(
     """Build the entry in a hidden folder beside the model, then move it into place: a reader
     (or a polling server) sees the old entry or the new one, never half of one. ``config`` None:
     the version joins ``shared``, whose file is not touched."""
+    try:
+        _write(model, job, target, config, record, shared)
+    except OSError as e:  # a full disk, a folder made read-only since destination() looked
+        raise ConversionError(f"writing {target} failed ({e.strerror or e}); nothing was written") from None
+
+
+def _write(
+    model: onnx.ModelProto, job: Job, target: Path, config: str | None, record: dict, shared: Shared | None
+) -> None:
     model_dir = target.parent
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{job.name}-convert-", dir=model_dir.parent))

@@ -189,12 +189,24 @@ def export(
         try:
             _export(module, which, specs, outputs, batched, opset, path)
             model = onnx.load(path)
-            return model, which, "; ".join(errors)
         except ConversionError:
             raise
         except Exception as e:  # noqa: BLE001 - exporters raise many types; the text says why
             errors.append(f"{which} exporter: {type(e).__name__}: {_first_line(e, 6)}")
-    raise ConversionError("the model could not be exported to ONNX: " + "; ".join(errors))
+            continue
+        written = default_opset(model)
+        if opset and written != opset:  # the dynamo exporter writes at least its own opset, whatever is asked
+            errors.append(f"{which} exporter: it wrote opset {written}, not the --opset {opset} asked for")
+            continue
+        return model, which, "; ".join(errors)
+    older = order == ["dynamo"] and errors[-1].endswith("asked for")
+    hint = " (the legacy exporter writes older opsets: --exporter legacy or auto)" if older else ""
+    raise ConversionError("the model could not be exported to ONNX: " + "; ".join(errors) + hint)
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The version of the default (ai.onnx) operator set the model imports."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _dim_name(text: str) -> str:

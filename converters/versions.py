@@ -106,17 +106,21 @@ def require_fit(
     as it does when they are read from an ONNX model."""
     if shared is None:
         return
-    lines, hints = _settings(job, shared.config)
+    settings, hints = _settings(job, shared.config)
     batched_alike = (shared.config.max_batch_size > 0) == job.batched  # else dims differ by the batch dimension
+    tensors: list[str] = []
     for kind, new in (("input", inputs), ("output", outputs)):
         if new is None:
             continue
         where, declared = _declared(shared, kind)
         if declared is None:
             continue  # nothing to compare with: the server completes them from the new version's model
-        lines += _tensor_misfits(kind, where, declared, new, batched_alike, loose=kind == "output" and not observed)
+        tensors += _tensor_misfits(kind, where, declared, new, batched_alike, loose=kind == "output" and not observed)
+    lines = settings + tensors
     if not lines:
         return
+    # Misfits no option of this command can change: the platform or file the config names.
+    fixed = [line for line in settings if line.startswith(("platform:", "default_model_filename:"))]
     if shared.versions:
         head = (
             f"model '{job.name}' has {shared.describe()} served with {shared.path}; version {job.version} would "
@@ -124,10 +128,13 @@ def require_fit(
         )
     else:
         head = f"model '{job.name}' has {shared.path} and no version yet; version {job.version} does not fit it:"
-    if hints:
+    if hints and not fixed:
         tail = f"convert with options that match it ({'; '.join(hints)}), or convert under a new --name."
     else:
-        tail = "convert under a new --name (the versions of a model take and give the same tensors)."
+        why = ["the versions of a model take and give the same tensors"] if tensors else []
+        if fixed:
+            why.append("the versions of a model share its platform and model file, which this conversion cannot change")
+        tail = f"convert under a new --name ({'; '.join(why)})."
     if not shared.versions:
         tail += f" No version uses it yet: remove {shared.path} to have this conversion write a new one."
     body = "\n".join(f"  - {line}" for line in lines)

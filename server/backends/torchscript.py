@@ -117,31 +117,50 @@ def _declared(cfg: mc.ModelConfig) -> tuple[list[IOInfo], list[IOInfo]]:
                 )
             if kind == "input" and e.optional:
                 raise ModelConfigError(f"input '{e.name}' is optional, which the TorchScript backend does not support")
-            dims = tuple(int(d) for d in e.dims)
+            # With a reshape, the model's own shape is reshape.shape; callers keep the config's dims
+            # (base.Reshaped converts between the two around each run).
+            dims = tuple(int(d) for d in (e.reshape.shape if e.HasField("reshape") else e.dims))
             into.append(IOInfo(e.name, dt.v2, ((-1,) if batched else ()) + dims))
     return out
 
 
-def _forward_arguments(module: Any) -> list[tuple[str, bool]] | None:
-    """``forward()``'s arguments after ``self``: (name, has a default); None if unknown."""
+Argument = tuple[str, bool, str]  # a forward() argument: name, has a default, TorchScript type
+_TENSOR_TYPES = ("Tensor", "Optional[Tensor]")
+
+
+def _forward_arguments(module: Any) -> list[Argument] | None:
+    """``forward()``'s arguments after ``self``; None if unknown."""
     try:
         args = module.forward.schema.arguments
     except Exception:  # noqa: BLE001 - not every module type exposes a schema
         return None
-    return [(a.name, a.has_default_value()) for a in args[1:]]
+    return [(a.name, a.has_default_value(), str(a.type)) for a in args[1:]]
 
 
-def _bind_inputs(names: list[str], forward: list[tuple[str, bool]] | None) -> tuple[str, list[str]]:
+def _tensors_only(forward: list[Argument], fed: list[str]) -> None:
+    """Each config input is one tensor: an argument that gets one, or that has no default, must
+    take a tensor (not, say, a ``Dict[str, Tensor]`` of every input)."""
+    for name, has_default, kind in forward:
+        if kind not in _TENSOR_TYPES and (name in fed or not has_default):
+            raise ModelConfigError(
+                f"forward() argument '{name}' is {kind}; the TorchScript backend passes each config input "
+                "as a Tensor argument of its own, so forward() must take tensors"
+            )
+
+
+def _bind_inputs(names: list[str], forward: list[Argument] | None) -> tuple[str, list[str]]:
     """How inputs reach ``forward()``: ("keyword", names) or ("position", names in argument order)."""
     if forward is not None:
-        arg_names = [a for a, _ in forward]
+        arg_names = [a for a, _, _ in forward]
         if set(names) <= set(arg_names):
-            needed = [a for a, has_default in forward if not has_default and a not in names]
+            _tensors_only(forward, names)
+            needed = [a for a, has_default, _ in forward if not has_default and a not in names]
             if needed:
                 raise ModelConfigError(
                     f"forward() needs argument {', '.join(repr(a) for a in needed)}, which the config does not declare"
                 )
             return "keyword", names
+        _tensors_only(forward, arg_names[: len(names)])
     order = list(names)
     idx = _indices(names)
     if idx is not None:
@@ -152,7 +171,7 @@ def _bind_inputs(names: list[str], forward: list[tuple[str, bool]] | None) -> tu
             )
         order = [n for _, n in sorted(zip(idx, names))]
     if forward is not None:
-        required = sum(1 for _, has_default in forward if not has_default)
+        required = sum(1 for _, has_default, _ in forward if not has_default)
         if not required <= len(order) <= len(forward):
             raise ModelConfigError(
                 f"forward() takes {required}"
@@ -255,6 +274,11 @@ class TorchScriptBackend:
             if "Expected a value of type" in str(e):  # forward() takes other arguments than the config gives
                 raise _Mismatch(_summary(e)) from None
             raise RuntimeError(_summary(e)) from None
+        if isinstance(result, dict):
+            raise _Mismatch(
+                "forward() returned a dict, which the TorchScript backend does not support: "
+                "forward() must return a tensor or a tuple/list of tensors"
+            )
         returned = list(result) if isinstance(result, (tuple, list)) else [result]
         if self._config_order and len(returned) != len(self._outputs):
             raise _Mismatch(

@@ -332,3 +332,100 @@ def test_a_forward_taking_one_dict_of_inputs_fails_its_load_naming_the_argument(
         assert rows["clf"]["state"] == "READY"
     finally:
         running.stop()
+
+
+def _reshape_modules(torch):
+    """Modules that check the rank they are given, so a reshape left out shows."""
+
+    class RowSum(torch.nn.Module):  # [batch, 3] -> [batch]
+        def forward(self, x):
+            return x.sum(-1)
+
+    class Double(torch.nn.Module):  # [batch] -> [batch]
+        def forward(self, x):
+            torch._assert(x.dim() == 1, "Double takes one value a row")
+            return x * 2
+
+    class Flat(torch.nn.Module):  # [6] -> [6], unbatched
+        def forward(self, x):
+            torch._assert(x.dim() == 1, "Flat takes a flat tensor")
+            return x + 1
+
+    return torch.jit.script(RowSum()), torch.jit.script(Double()), torch.jit.script(Flat())
+
+
+def test_a_config_reshape_serves_callers_the_config_dims(tmp_path):
+    """Triton's reshape on TorchScript models (once every such model failed to load): callers send
+    and get the config's dims, the model takes and gives reshape.shape; batched and unbatched."""
+    torch = pytest.importorskip("torch")
+    one_a_row = "dims: [ 1 ] reshape { shape: [ ] }"
+    head = 'platform: "pytorch_libtorch"\nmax_batch_size: 4\n'
+    configs = {
+        "rowsum": head + 'input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]\n'
+        f'output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 {one_a_row} }} ]\n',
+        "double": head + f'input [ {{ name: "INPUT__0" data_type: TYPE_FP32 {one_a_row} }} ]\n'
+        f'output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 {one_a_row} }} ]\n',
+        "flat": 'platform: "pytorch_libtorch"\nmax_batch_size: 0\n'
+        'input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2, 3 ] reshape { shape: [ 6 ] } } ]\n'
+        'output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2, 3 ] reshape { shape: [ 6 ] } } ]\n',
+    }
+    for (name, config), module in zip(configs.items(), _reshape_modules(torch)):
+        os.makedirs(tmp_path / name / "1")
+        torch.jit.save(module, str(tmp_path / name / "1" / "model.pt"))
+        _write(str(tmp_path), name, {"config.pbtxt": config})
+    running = start_gateway(str(tmp_path))
+    try:
+        rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+        assert all(r["state"] == "READY" for r in rows.values()), rows
+        x3 = np.arange(9, dtype=np.float32).reshape(3, 3)
+        x1 = np.array([[1.5], [-2.0]], np.float32)
+        x23 = np.arange(6, dtype=np.float32).reshape(2, 3)
+        for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+            got = _infer(mod, url, "rowsum", {"INPUT__0": x3})["OUTPUT__0"]
+            assert got.shape == (3, 1) and got.ravel().tolist() == [3.0, 12.0, 21.0]
+            got = _infer(mod, url, "double", {"INPUT__0": x1})["OUTPUT__0"]
+            assert got.shape == (2, 1) and got.ravel().tolist() == [3.0, -4.0]
+            got = _infer(mod, url, "flat", {"INPUT__0": x23})["OUTPUT__0"]
+            assert got.shape == (2, 3)
+            np.testing.assert_array_equal(got, x23 + 1)
+            meta = mod.InferenceServerClient(url).get_model_metadata(
+                "double", **({"as_json": True} if mod is grpcclient else {})
+            )
+            assert [int(d) for d in meta["inputs"][0]["shape"]] == [-1, 1]
+    finally:
+        running.stop()
+
+
+def test_forward_returning_a_dict_or_taking_one_fails_its_load_saying_so(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class DictOut(torch.nn.Module):
+        def forward(self, x) -> dict[str, torch.Tensor]:
+            return {"y": x + 1, "z": x - 1}
+
+    class DictIn(torch.nn.Module):
+        def forward(self, inputs: dict[str, torch.Tensor]):
+            return inputs["a"] + inputs["b"]
+
+    head = 'platform: "pytorch_libtorch"\nmax_batch_size: 4\n'
+    configs = {
+        "dict_out": head + 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] }, { name: "z" data_type: TYPE_FP32 dims: [ 2 ] } ]\n',
+        "dict_in": head + 'input [ { name: "a" data_type: TYPE_FP32 dims: [ 2 ] }, '
+        '{ name: "b" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+        'output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n',
+    }
+    for (name, config), module in zip(configs.items(), (DictOut(), DictIn())):
+        os.makedirs(tmp_path / name / "1")
+        torch.jit.save(torch.jit.script(module), str(tmp_path / name / "1" / "model.pt"))
+        _write(str(tmp_path), name, {"config.pbtxt": config})
+    running = start_gateway(str(tmp_path))
+    try:
+        rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+        assert rows["dict_out"]["state"] == "UNAVAILABLE"
+        assert "forward() returned a dict, which the TorchScript backend does not support" in rows["dict_out"]["reason"]
+        assert "must return a tensor or a tuple/list of tensors" in rows["dict_out"]["reason"]
+        assert rows["dict_in"]["state"] == "UNAVAILABLE"
+        assert "forward() argument 'inputs' is Dict[str, Tensor]" in rows["dict_in"]["reason"]
+    finally:
+        running.stop()
