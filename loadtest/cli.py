@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--scenario",
+        metavar="FILE",
         help="YAML file of settings keyed by these flags' long names (duration: 30, sweep-rate: 100:900:100, "
         "sweep-concurrency: [1, 2, 4]) and target; flags given here win; see loadtest/examples/",
     )
@@ -32,7 +33,15 @@ def add_parser(sub) -> None:
 
 def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     """Add the load test's settings to ``p``; returns their actions (a scenario file's keys)."""
-    from .scenario import Scenario
+    from .scenario import (
+        MAX_BINARY_STEPS,
+        MAX_CONCURRENCY,
+        MAX_PAYLOAD_BYTES,
+        MAX_PAYLOADS,
+        MAX_WORKERS,
+        WORKERS_PER_CPU,
+        Scenario,
+    )
 
     d = Scenario("", "")
     actions: list[argparse.Action] = []
@@ -41,15 +50,29 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         actions.append(p.add_argument(*names, **kw))
 
     add("target", nargs="?", help="host:port of the server's gRPC (default) or HTTP endpoint")
-    add("--model")
-    add("--model-version", dest="version")
-    add("--protocol", choices=("grpc", "http"))
+    add("--model", help="the model to send requests to (required, here or in --scenario)")
+    add("--model-version", dest="version", help="the model's version (default: the server's choice)")
+    add("--protocol", choices=("grpc", "http"), help=f"how to reach the target (default {d.protocol})")
     add("--http-encoding", choices=("json", "binary"), help=f"HTTP body (default {d.http_encoding})")
-    add("--grpc-stream", action=argparse.BooleanOptionalAction, default=None, help="send over ModelStreamInfer streams")
+    add(
+        "--grpc-stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send over ModelStreamInfer streams (default: unary calls)",
+    )
     add("--rate", type=float, help=f"open loop: requests/s over all workers (default {d.rate:g})")
-    add("--arrival", choices=("constant", "poisson"))
-    add("--shape", help="ramp:R0:R1 | step:R1@T1,R2@T2,... | spike:BASE:PEAK@AT+LEN (seconds)")
-    add("--concurrency", type=int, help="closed loop: this many callers, each waiting for its answer")
+    add("--arrival", choices=("constant", "poisson"), help=f"spacing of the sends (default {d.arrival})")
+    add(
+        "--shape",
+        help="open loop, instead of --rate: ramp:R0:R1 | step:R1@T1,R2@T2,... | spike:BASE:PEAK@AT+LEN "
+        "(rates in req/s, times in seconds within --duration; default: none, a constant --rate)",
+    )
+    add(
+        "--concurrency",
+        type=int,
+        help=f"closed loop: this many callers over all workers, each waiting for its answer "
+        f"(default {d.concurrency}; at most {MAX_CONCURRENCY:,})",
+    )
     add(
         "--duration",
         dest="duration_s",
@@ -67,27 +90,53 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         help=f"seconds between sweep steps (default {d.cooldown_s:g})",
     )
     add("--deadline-ms", type=float, help=f"every request's deadline (default {d.deadline_ms:g})")
-    add("--workers", type=int, help="generator processes (one busy core each at most)")
-    add("--channels", type=int, help="gRPC channels (connections) per worker")
-    add("--streams-per-channel", type=int, help="gRPC requests in flight per channel (0 = no limit)")
-    add("--connections", type=int, help="HTTP keep-alive connections per worker")
-    add("--batch-size", type=int, help="rows per request (the first dimension)")
-    add("--dynamic-size", type=int, help="size given to other dynamic dimensions")
-    add("--data", help=".npz (one request) or .jsonl (V2 JSON request bodies) to send")
-    add("--payloads", type=int, help=f"distinct generated requests, sent in turn (default {d.payloads})")
-    add("--seed", type=int)
-    add("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1")
+    add(
+        "--workers",
+        type=int,
+        help=f"generator processes, one busy core each at most (default {d.workers}; at most "
+        f"{WORKERS_PER_CPU} per CPU and {MAX_WORKERS})",
+    )
+    add("--channels", type=int, help=f"gRPC channels (connections) per worker (default {d.channels})")
+    add(
+        "--streams-per-channel",
+        type=int,
+        help=f"gRPC requests in flight per channel (default {d.streams_per_channel}: no limit)",
+    )
+    add("--connections", type=int, help=f"HTTP keep-alive connections per worker (default {d.connections})")
+    add(
+        "--batch-size",
+        type=int,
+        help=f"rows per request, the first dimension (default {d.batch_size}; all generated requests "
+        f"together at most {MAX_PAYLOAD_BYTES >> 30} GiB)",
+    )
+    add("--dynamic-size", type=int, help=f"size given to other dynamic dimensions (default {d.dynamic_size})")
+    add(
+        "--data",
+        metavar="FILE",
+        help=".npz (one request) or .jsonl (V2 JSON request bodies) to send (default: generated requests)",
+    )
+    add(
+        "--payloads",
+        type=int,
+        help=f"distinct generated requests, sent in turn (default {d.payloads}; at most {MAX_PAYLOADS:,})",
+    )
+    add("--seed", type=int, help=f"seed of the generated data and Poisson arrivals (default {d.seed})")
+    add("--slo-p99-ms", type=float, help="SLO on the corrected p99; breached: exit status 1 (default: none)")
     add(
         "--error-budget",
         type=float,
         help="allowed error rate, part of the SLO (default 0.001 with --slo-p99-ms); a breach exits 1",
     )
-    add("--stability-pct", type=float)
+    add(
+        "--stability-pct",
+        type=float,
+        help=f"a step is stable when its last 3 windows agree within this %% (default {d.stability_pct:g})",
+    )
     add(
         "--precise-timing",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="dispatch within tens of microseconds of the schedule (spins; costs a busy core)",
+        help="dispatch within tens of microseconds of the schedule (spins; costs a busy core; default off)",
     )
     add(
         "--max-lag-p99-ms",
@@ -100,13 +149,24 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         help=f"share of the scheduled requests the generator must send for a valid step (default {d.min_achieved:g})",
     )
     add("--late-ms", type=float, help=f"a send later than this counts as late (default {d.late_ms:g})")
-    add("--metrics-url", help="the server's Prometheus endpoint, scraped during the run")
-    add("--sweep-rate", help="START:END:STEP or R1,R2,... (step search), LOW:HIGH with --search binary")
-    add("--search", choices=("step", "binary"))
-    add("--precision", type=float, help="binary search: stop when the bracket is this narrow (req/s)")
-    add("--sweep-concurrency", help="closed-loop levels, e.g. 1,2,4,8,16")
-    add("--out", help=f"folder for the reports and plots (default ./{DEFAULT_OUT})")
-    add("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no live line per window")
+    add(
+        "--metrics-url",
+        help="the server's Prometheus endpoint (http:// or https://), scraped during the run (default: none)",
+    )
+    add(
+        "--sweep-rate",
+        help="START:END:STEP or R1,R2,... (step search), LOW:HIGH with --search binary (default: none)",
+    )
+    add("--search", choices=("step", "binary"), help=f"how --sweep-rate searches (default {d.search})")
+    add(
+        "--precision",
+        type=float,
+        help="binary search: stop when the bracket is this narrow, in req/s (default: 1/32 of the bracket, "
+        f"at least 1; at most {MAX_BINARY_STEPS} steps)",
+    )
+    add("--sweep-concurrency", help="closed-loop levels, e.g. 1,2,4,8,16 (default: none)")
+    add("--out", metavar="DIR", help=f"folder for the reports and plots (default ./{DEFAULT_OUT})")
+    add("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no live line per window (default off)")
     return actions
 
 

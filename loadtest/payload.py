@@ -15,6 +15,7 @@ traffic can leave them out.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,52 @@ def model_inputs(target: str, protocol: str, model: str, version: str = "") -> l
     return [(i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]]
 
 
+JSON_VALUE_BYTES = 24  # a number as V2 JSON text takes at most about this much ("-0.12345678901234567, ")
+BYTES_VALUE_BYTES = 8  # a made-up BYTES value: its 4-byte length and "x" and up to three digits
+
+
+def _full_shape(shape: list[int], batch_size: int, dynamic_size: int) -> list[int]:
+    return [batch_size if i == 0 and d == -1 else (dynamic_size if d == -1 else d) for i, d in enumerate(shape)]
+
+
+def request_bytes(inputs, batch_size: int, dynamic_size: int, as_json: bool) -> int:
+    """About how large one generated request is, as it is sent (JSON counted as text)."""
+    total = 0
+    for _, dt, shape in inputs:
+        values = math.prod(max(0, d) for d in _full_shape(shape, batch_size, dynamic_size))
+        if dt == "BYTES":
+            each = BYTES_VALUE_BYTES
+        elif as_json:
+            each = JSON_VALUE_BYTES
+        else:
+            each = np.dtype(_NP.get(dt, np.uint8)).itemsize
+        total += values * each
+    return total
+
+
+def check_size(inputs, batch_size: int, dynamic_size: int, count: int, as_json: bool, limit: int) -> None:
+    """Refuse requests that would together take more than ``limit`` bytes, before any is made."""
+    one = request_bytes(inputs, batch_size, dynamic_size, as_json)
+    if one > limit:
+        raise PayloadError(
+            f"batch-size {batch_size:,} (dynamic-size {dynamic_size:,}) makes each request about {_size(one)}, "
+            f"more than the {_size(limit)} all generated requests may take: a smaller batch-size"
+        )
+    if one * count > limit:
+        raise PayloadError(
+            f"payloads {count:,} of about {_size(one)} each make {_size(one * count)}, "
+            f"more than the {_size(limit)} all generated requests may take: fewer payloads"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""  # (not reached)
+
+
 def generate(inputs, batch_size: int, dynamic_size: int, count: int, seed: int) -> list[dict[str, np.ndarray]]:
     """``count`` distinct requests of random data shaped as the metadata says."""
     rng = np.random.default_rng(seed)
@@ -75,7 +122,7 @@ def generate(inputs, batch_size: int, dynamic_size: int, count: int, seed: int) 
     for _ in range(count):
         req = {}
         for name, dt, shape in inputs:
-            full = [batch_size if i == 0 and d == -1 else (dynamic_size if d == -1 else d) for i, d in enumerate(shape)]
+            full = _full_shape(shape, batch_size, dynamic_size)
             kind = _NP.get(dt)
             if kind is None:
                 raise PayloadError(f"input '{name}' has datatype {dt}, which the load generator cannot make up")

@@ -30,8 +30,20 @@ from dataclasses import asdict
 
 from . import payload as pl
 from .results import Run, Step, Window, decode, percentiles_ms
-from .scenario import DEFAULT_ERROR_BUDGET, LoadTestError, Scenario, concurrency_levels, rate_sweep, segments
-from .server_view import batch_mean, gauges, scrape, server_view
+from .scenario import (
+    DEFAULT_ERROR_BUDGET,
+    MAX_PAYLOAD_BYTES,
+    LoadTestError,
+    Scenario,
+    concurrency_levels,
+    fmt_rate,
+    mean_rate,
+    rate_label,
+    rate_sweep,
+    segments,
+    usable_cpus,
+)
+from .server_view import ScrapeError, batch_mean, fetch, gauges, scrape, server_view
 from .worker import Plan, Transport, rate_at
 from .worker import main as worker_main
 
@@ -56,6 +68,7 @@ class Runner:
         self.progress = progress
         self._procs: list = []
         self._steps_run = 0
+        self.metrics_url = sc.metrics_url  # None once it has failed to answer (see check_metrics)
         self._start_sweep(1, exact=True, upper_bound=False)
 
     # ------------------------------------------------------------------ set-up
@@ -64,16 +77,29 @@ class Runner:
         try:
             inputs = pl.model_inputs(sc.target, sc.protocol, sc.model, sc.version)
             types = {name: dt for name, dt, _ in inputs}
-            reqs = (
-                pl.from_file(sc.data, inputs)
-                if sc.data
-                else pl.generate(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, sc.seed)
-            )
+            if sc.data:
+                reqs = pl.from_file(sc.data, inputs)
+            else:
+                as_json = sc.protocol == "http" and sc.http_encoding == "json"
+                pl.check_size(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, as_json, MAX_PAYLOAD_BYTES)
+                reqs = pl.generate(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, sc.seed)
         except (pl.PayloadError, OSError) as e:
             raise LoadTestError(str(e)) from None
         if sc.protocol == "grpc":
             return [pl.encode_grpc(sc.model, sc.version, r, types) for r in reqs]
         return [pl.encode_http(r, types, sc.http_encoding == "binary") for r in reqs]
+
+    def check_metrics(self) -> None:
+        """Scrape ``--metrics-url`` once: when it does not answer with Prometheus text, say so in
+        one line and run without the server view."""
+        if not self.metrics_url:
+            return
+        try:
+            fetch(self.metrics_url)
+        except ScrapeError as e:
+            url = self.metrics_url
+            self.say(f"batchgate loadtest: warning: metrics-url {url}: {e}; running without the server view")
+            self.metrics_url = None
 
     def start(self) -> None:
         sc = self.sc
@@ -166,7 +192,7 @@ class Runner:
             return w
 
         before = None  # the server's figures as the measurement starts (after the warm-up)
-        previous = scrape(sc.metrics_url)  # the last scrape, for figures taken as differences
+        previous = scrape(self.metrics_url)  # the last scrape, for figures taken as differences
         done, scheduled = 0, 0
         first = -math.ceil(sc.warmup_s / sc.window_s) if sc.warmup_s else 0
         shown = first  # next window to show progress for
@@ -200,10 +226,10 @@ class Runner:
             # a window is shown (and the server's gauges taken) a little after it ends
             now_s = (time.monotonic_ns() - start_ns) / 1e9
             if before is None and now_s >= 0:
-                before = scrape(sc.metrics_url) or {}
+                before = scrape(self.metrics_url) or {}
             while shown <= last and (now_s > (shown + 1) * sc.window_s + 0.3 or done == n):
                 w = window(shown)
-                samples = scrape(sc.metrics_url)
+                samples = scrape(self.metrics_url)
                 if samples is not None:
                     w.server = gauges(samples, sc.model)
                     mean = batch_mean(previous, samples, sc.model)
@@ -223,7 +249,7 @@ class Runner:
         wall_s = (time.monotonic_ns() - start_ns) / 1e9 + sc.warmup_s
         cores_per_worker = sum(w.cpu_s for w in windows.values()) / max(wall_s, 1e-9) / n
         step.windows = [windows[i] for i in sorted(windows) if windows[i].start_s < sc.duration_s]
-        step.server = server_view(before, scrape(sc.metrics_url), sc.model, sc.protocol)
+        step.server = server_view(before, scrape(self.metrics_url), sc.model, sc.protocol)
         self._verdicts(step, scheduled, w_ns, cores_per_worker)
         return step
 
@@ -285,6 +311,7 @@ class Runner:
     def run(self) -> Run:
         sc = self.sc
         run = Run(scenario=asdict(sc), environment=environment(sc))
+        self.check_metrics()
         self.start()
         try:
             if sc.sweep_concurrency:
@@ -293,8 +320,9 @@ class Runner:
                 self._sweep_rate(run)
             elif sc.mode == "closed":
                 run.steps.append(self.run_step(f"concurrency {sc.concurrency} (closed loop)", "closed"))
-            else:
-                run.steps.append(self.run_step(f"{sc.arrival} {_fmt(sc.rate)}/s", "open", sc.rate))
+            else:  # a shape is offered at its mean rate
+                offered = mean_rate(segments(sc), sc.duration_s)
+                run.steps.append(self.run_step(rate_label(sc), "open", offered))
         finally:
             self.stop()
         return run
@@ -307,11 +335,25 @@ class Runner:
         left = self._step_seconds() * (n - k + 1)
         self.say(f"step {of}: {label} ({eta_text(left, upper_bound=self._upper_bound)})")
         started = time.monotonic()
+        label = self._unique(run, label, load.get("rate"))
         step = self.run_step(label, mode, **load)
         self._durations.append(time.monotonic() - started)
         run.steps.append(step)
         self.say(f"step {of}: {label}: {verdict_words(step)}")
         return step
+
+    def _unique(self, run: Run, label: str, rate: float | None) -> str:
+        """``label``, or one with more digits of the rate (or the step's number) when an earlier
+        step has it already (a binary search's rates can agree to six digits)."""
+        taken = {s.label for s in run.steps}
+        if label not in taken:
+            return label
+        if rate is not None:
+            for digits in (9, 12, 17):
+                longer = f"{self.sc.arrival} {fmt_rate(rate, digits)}/s"
+                if longer not in taken:
+                    return longer
+        return f"{label} (step {len(run.steps) + 1})"
 
     def _step_seconds(self) -> float:
         """How long a step takes: the mean of those run so far, or the scenario's estimate."""
@@ -339,7 +381,7 @@ class Runner:
         self._start_sweep(sweep.most_steps, exact=sweep.method == "step", upper_bound=True)
 
         def open_step(rate: float) -> Step:
-            return self._sweep_step(run, f"{sc.arrival} {_fmt(rate)}/s", "open", rate=rate)
+            return self._sweep_step(run, rate_label(sc, rate), "open", rate=rate)
 
         if sweep.method == "step":
             for k, rate in enumerate(sweep.rates, 1):
@@ -347,26 +389,29 @@ class Runner:
                 if not ok(step):
                     if k < len(sweep.rates):
                         self.say(
-                            f"the sweep stops at step {k} of {len(sweep.rates)}: it "
-                            f"{'missed the SLO' if s_slo(sc) else 'was INVALID'} "
+                            f"the sweep stops at step {k} of {len(sweep.rates)}: it {missed(step)} "
                             f"({len(sweep.rates) - k} higher rate(s) not run)"
                         )
                     break
                 run.sweep["best"] = step.label
+            else:
+                self.say(not_found(f"every rate passed, up to {fmt_rate(sweep.rates[-1])}/s", sweep.rates[-1]))
             return
         low, high = sweep.rates
         step = open_step(low)
         if not ok(step):
-            self.say("the sweep stops: even its lowest rate " + ("missed the SLO" if s_slo(sc) else "was INVALID"))
+            self.say(f"the sweep stops: even its lowest rate {missed(step)}")
             return
         run.sweep["best"] = step.label
         step = open_step(high)
         if ok(step):
             run.sweep["best"] = step.label
-            self.say("the sweep stops: even its highest rate passed")
+            self.say(not_found("even its highest rate passed", high))
             return
-        while high - low > sweep.precision:
+        while high - low > sweep.precision and len(run.steps) < sweep.most_steps:
             mid = (low + high) / 2
+            if not low < mid < high:  # the bracket is as narrow as floats go
+                break
             step = open_step(mid)
             if ok(step):
                 low = mid
@@ -409,14 +454,6 @@ def eta_text(seconds_left: float, upper_bound: bool, now: float | None = None) -
         span = f"{secs} s"
     when = time.strftime("%H:%M:%S", time.localtime((time.time() if now is None else now) + secs))
     return f"{'at most' if upper_bound else 'about'} {span} left, done by {when}"
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on (its affinity where the platform says, else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
 
 
 def invalid_advice(sc: Scenario, *, behind: bool, lag_p99_ms: float | None, cores_per_worker: float, cpus: int) -> str:
@@ -465,6 +502,18 @@ def invalid_advice(sc: Scenario, *, behind: bool, lag_p99_ms: float | None, core
     )
 
 
+def missed(step: Step) -> str:
+    """Why a sweep step did not pass: the generator fell behind, or the server missed the SLO."""
+    return "missed the SLO" if step.valid else "was INVALID (the generator fell behind)"
+
+
+def not_found(why: str, rate: float) -> str:
+    return (
+        f"the sweep ends: {why}, so the limit was not found "
+        f"(the sustainable throughput is at least {fmt_rate(rate)}/s; try higher rates)"
+    )
+
+
 def s_slo(sc: Scenario) -> bool:
     """Whether the scenario states an SLO (a p99 bound or an error budget)."""
     return sc.slo_p99_ms is not None or sc.error_budget is not None
@@ -472,10 +521,6 @@ def s_slo(sc: Scenario) -> bool:
 
 def _budget(sc: Scenario) -> float:
     return sc.error_budget if sc.error_budget is not None else DEFAULT_ERROR_BUDGET
-
-
-def _fmt(rate: float) -> str:
-    return f"{rate:g}" if rate < 1e6 else f"{rate:.3g}"
 
 
 def verdict_words(step: Step) -> str:

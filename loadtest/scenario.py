@@ -6,9 +6,22 @@ Kept free of heavy imports: the command line builds its help from it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
+
+# Bounds on the sizes and counts a scenario asks for, checked before anything is started or built.
+WORKERS_PER_CPU = 4  # a worker keeps at most one core busy: more than a few per core only wait
+MAX_WORKERS = 256  # and never more processes than this, whatever the machine
+MAX_CONCURRENCY = 100_000  # closed loop: callers over all workers (also each --sweep-concurrency level)
+MAX_STREAMS_PER_CHANNEL = 100_000  # gRPC requests in flight per channel
+MAX_CHANNELS = 1_000  # gRPC channels per worker
+MAX_CONNECTIONS = 10_000  # HTTP connections per worker (each one a socket)
+MAX_PAYLOADS = 100_000  # distinct generated requests
+MAX_PAYLOAD_BYTES = 1 << 30  # 1 GiB: the generated requests together (each worker holds a copy)
+MAX_WINDOWS = 100_000  # measurement windows per step (duration / window)
 
 
 class LoadTestError(RuntimeError):
@@ -67,7 +80,8 @@ class Scenario:
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise LoadTestError(f"{flag(k)} must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")
-        for k in ("duration_s", "window_s", "deadline_ms", "rate", "warmup_s", "cooldown_s", "precision"):
+        finite = ("duration_s", "window_s", "deadline_ms", "rate", "warmup_s", "cooldown_s", "precision")
+        for k in (*finite, "late_ms", "stability_pct", "max_lag_p99_ms"):
             if not math.isfinite(getattr(self, k)):  # (inf ran for ever or counted every answer late)
                 raise LoadTestError(f"{flag(k)} must be a finite number")
         for k in ("duration_s", "window_s", "deadline_ms", "rate"):
@@ -84,16 +98,52 @@ class Scenario:
         for k in ("workers", "channels", "connections", "batch_size", "payloads", "concurrency"):
             if getattr(self, k) < 1:
                 raise LoadTestError(f"{flag(k)} must be at least 1")
-        for k in ("warmup_s", "cooldown_s", "precision"):
+        for k in ("warmup_s", "cooldown_s", "precision", "late_ms", "stability_pct"):
             if getattr(self, k) < 0:
                 raise LoadTestError(f"{flag(k)} must not be negative")
+        if not self.max_lag_p99_ms >= LAG_RESOLUTION_MS:  # the lag is recorded in whole microseconds
+            raise LoadTestError(
+                f"{flag('max_lag_p99_ms')} must be at least {LAG_RESOLUTION_MS:g} (1 µs); "
+                "below that every step is INVALID"
+            )
+        self._check_bounds()
+        if self.duration_s / self.window_s > MAX_WINDOWS:
+            raise LoadTestError(
+                f"duration / window makes more than {MAX_WINDOWS:,} windows a step: a longer {flag('window_s')}"
+            )
         if self.grpc_stream and self.protocol != "grpc":
             raise LoadTestError("grpc-stream needs protocol grpc")
+        if self.metrics_url:
+            check_metrics_url(self.metrics_url)
+        if shaped(self) and (self.sweep_rate or self.sweep_concurrency):
+            what = "sweep-rate" if self.sweep_rate else "sweep-concurrency"
+            raise LoadTestError(
+                f"shape cannot be combined with {what}: a shape is one open-loop step that sets its own rates"
+            )
         segments(self)  # the shape parses
         if self.sweep_concurrency:
             concurrency_levels(self.sweep_concurrency)
         elif self.sweep_rate:
             rate_sweep(self)
+
+    def _check_bounds(self) -> None:
+        most = max_workers()
+        if self.workers > most:
+            raise LoadTestError(
+                f"workers must be at most {most} ({WORKERS_PER_CPU} per usable CPU, {usable_cpus()} here, "
+                f"and never more than {MAX_WORKERS}), not {self.workers}"
+            )
+        for k, top in (
+            ("concurrency", MAX_CONCURRENCY),
+            ("streams_per_channel", MAX_STREAMS_PER_CHANNEL),
+            ("channels", MAX_CHANNELS),
+            ("connections", MAX_CONNECTIONS),
+            ("payloads", MAX_PAYLOADS),
+        ):
+            if getattr(self, k) > top:
+                raise LoadTestError(f"{flag(k)} must be at most {top:,}, not {getattr(self, k):,}")
+        if self.dynamic_size < 0:
+            raise LoadTestError(f"{flag('dynamic_size')} must not be negative")
 
 
 # Scenario fields whose flag (and scenario-file key) is named differently; the others are the
@@ -112,7 +162,30 @@ def flag(field_name: str) -> str:
     return FLAG_OF_FIELD.get(field_name, field_name.replace("_", "-"))
 
 
-MAX_SWEEP_STEPS = 1000
+LAG_RESOLUTION_MS = 0.001  # the dispatch lag's histogram counts whole microseconds
+MAX_SWEEP_STEPS = 1000  # steps of a step search or levels of a concurrency sweep
+MAX_BINARY_STEPS = 40  # steps of a binary search: 2 ends and 38 halvings (a bracket 2^38 times the precision)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity where the platform says, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def max_workers() -> int:
+    """The most worker processes a scenario may ask for on this machine."""
+    return min(MAX_WORKERS, WORKERS_PER_CPU * usable_cpus())
+
+
+def check_metrics_url(url: str) -> None:
+    """Refuse a --metrics-url that is not an http(s) URL with a host (whether it answers is
+    found out when the run starts)."""
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LoadTestError(f"metrics-url must be an http:// or https:// URL with a host, not {url!r}")
 
 
 def concurrency_levels(spec: str) -> list[int]:
@@ -125,6 +198,10 @@ def concurrency_levels(spec: str) -> list[int]:
         raise LoadTestError(
             f"sweep-concurrency is a comma-separated list of whole numbers >= 1, e.g. 1,2,4,8, not {spec!r}"
         )
+    if max(levels) > MAX_CONCURRENCY:
+        raise LoadTestError(f"sweep-concurrency: a level must be at most {MAX_CONCURRENCY:,}, not {max(levels):,}")
+    if len(levels) > MAX_SWEEP_STEPS:
+        raise LoadTestError(f"sweep-concurrency has {len(levels):,} levels (at most {MAX_SWEEP_STEPS:,})")
     return levels
 
 
@@ -165,7 +242,13 @@ def rate_sweep(sc: Scenario) -> RateSweep:
         if parts is None or len(parts) != 2 or not 0 < parts[0] < parts[1]:
             raise LoadTestError(f"sweep-rate for a binary search is LOW:HIGH with 0 < LOW < HIGH, not {spec!r}")
         low, high = parts
-        return RateSweep("binary", [low, high], sc.precision or max(1.0, (high - low) / 32))
+        sweep = RateSweep("binary", [low, high], sc.precision or max(1.0, (high - low) / 32))
+        if sweep.most_steps > MAX_BINARY_STEPS:
+            raise LoadTestError(
+                f"a binary search over {spec} to within {sweep.precision:g} req/s takes up to {sweep.most_steps:,} "
+                f"steps (at most {MAX_BINARY_STEPS}): a larger precision"
+            )
+        return sweep
     if parts is not None:
         if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0] or parts[0] <= 0:
             raise LoadTestError(
@@ -184,31 +267,86 @@ def rate_sweep(sc: Scenario) -> RateSweep:
     return RateSweep("step", rates)
 
 
+SHAPE_FORMS = "ramp:R0:R1, step:R1@T1,R2@T2,... or spike:BASE:PEAK@AT+LEN"
+
+
 def segments(sc: Scenario, rate: float | None = None) -> list[tuple[float, float, float, float]]:
     """The schedule's rate over the measurement: (t0, t1, r0, r1) pieces, linear within each."""
     d = sc.duration_s
     r = sc.rate if rate is None else rate
     shape = sc.shape.strip()
+    if not shape or shape == "constant":
+        return [(0.0, d, r, r)]
     try:
-        if not shape or shape == "constant":
-            return [(0.0, d, r, r)]
-        kind, _, spec = shape.partition(":")
-        if kind == "ramp":
-            a, b = (float(x) for x in spec.split(":"))
-            return [(0.0, d, a, b)]
-        if kind == "step":
-            pts = []
-            for part in spec.split(","):
-                rr, _, at = part.partition("@")
-                pts.append((float(at or 0), float(rr)))
-            pts.sort()
-            return [(t, pts[i + 1][0] if i + 1 < len(pts) else d, rr, rr) for i, (t, rr) in enumerate(pts)]
-        if kind == "spike":
-            base, rest = spec.split(":", 1)
-            peak, _, when = rest.partition("@")
-            at, _, length = when.partition("+")
-            b, p, t0, n = float(base), float(peak), float(at), float(length)
-            return [(0.0, t0, b, b), (t0, t0 + n, p, p), (t0 + n, d, b, b)]
+        segs = _shape_segments(shape, d)
     except ValueError:
-        pass
-    raise LoadTestError(f"shape {shape!r} must be ramp:R0:R1, step:R1@T1,R2@T2,... or spike:BASE:PEAK@AT+LEN")
+        raise LoadTestError(f"shape {shape!r} must be {SHAPE_FORMS}") from None
+    rates = [x for seg in segs for x in seg[2:]]
+    if not all(math.isfinite(x) and x >= 0 for x in rates):
+        raise LoadTestError(f"shape {shape!r}: every rate must be a finite number >= 0")
+    if not any(rates):
+        raise LoadTestError(f"shape {shape!r}: every rate is 0, so nothing would be sent")
+    return segs
+
+
+def _shape_segments(shape: str, d: float) -> list[tuple[float, float, float, float]]:
+    """Parse a shape (ValueError when it does not parse); times must fall within the duration ``d``."""
+    kind, _, spec = shape.partition(":")
+    if kind == "ramp":
+        a, b = (float(x) for x in spec.split(":"))
+        return [(0.0, d, a, b)]
+    if kind == "step":
+        pts = []
+        for part in spec.split(","):
+            rr, _, at = part.partition("@")
+            pts.append((float(at or 0), float(rr)))
+        pts.sort()
+        times = [t for t, _ in pts]
+        if not (times[0] >= 0 and times[-1] < d) or len(set(times)) < len(times):
+            raise LoadTestError(f"shape {shape!r}: each step's time must differ and lie in [0, duration {d:g} s)")
+        return [(t, pts[i + 1][0] if i + 1 < len(pts) else d, rr, rr) for i, (t, rr) in enumerate(pts)]
+    if kind == "spike":
+        base, rest = spec.split(":", 1)
+        peak, _, when = rest.partition("@")
+        at, _, length = when.partition("+")
+        b, p, t0, n = float(base), float(peak), float(at), float(length)
+        if not (t0 >= 0 and n > 0 and t0 + n <= d):
+            raise LoadTestError(
+                f"shape {shape!r}: the spike (from {t0:g} s for {n:g} s) must lie within the duration ({d:g} s)"
+            )
+        return [(0.0, t0, b, b), (t0, t0 + n, p, p), (t0 + n, d, b, b)]
+    raise ValueError(kind)
+
+
+def shaped(sc: Scenario) -> bool:
+    """Whether the scenario's open-loop rate follows a shape rather than ``rate``."""
+    return sc.shape.strip() not in ("", "constant")
+
+
+def mean_rate(segs: list[tuple[float, float, float, float]], duration_s: float) -> float:
+    """The mean scheduled rate over the measurement (before the first piece: its rate)."""
+    total = segs[0][0] * segs[0][2]
+    for t0, t1, r0, r1 in segs:
+        total += (t1 - t0) * (r0 + r1) / 2
+    return total / duration_s
+
+
+def rate_label(sc: Scenario, rate: float | None = None) -> str:
+    """A step's name from its schedule: ``constant 100/s``, ``ramp 10→50/s``, ``step 100→500→50/s``,
+    ``spike 200→2000/s at 3+2 s`` (with ``poisson`` in front for Poisson arrivals)."""
+    r = sc.rate if rate is None else rate
+    if not shaped(sc):
+        return f"{sc.arrival} {fmt_rate(r)}/s"
+    segs = segments(sc)
+    kind = sc.shape.strip().partition(":")[0]
+    if kind == "spike":
+        text = f"spike {fmt_rate(segs[0][2])}→{fmt_rate(segs[1][2])}/s at {segs[1][0]:g}+{segs[1][1] - segs[1][0]:g} s"
+    else:
+        levels = [segs[0][2]] + [seg[3] for seg in segs]
+        kept = [x for i, x in enumerate(levels) if i == 0 or x != levels[i - 1]]
+        text = f"{kind} {'→'.join(fmt_rate(x) for x in kept)}/s"
+    return ("poisson " if sc.arrival == "poisson" else "") + text
+
+
+def fmt_rate(rate: float, digits: int = 6) -> str:
+    return f"{rate:.{digits}g}" if rate < 1e6 or digits > 6 else f"{rate:.3g}"

@@ -4,25 +4,54 @@ gauges lined up with the measurement windows, and the server-side view of latenc
 
 from __future__ import annotations
 
+import http.client
 import math
+import urllib.error
 import urllib.request
 
+Samples = dict[str, list[tuple[dict, float]]]
+MAX_SCRAPE_BYTES = 64 << 20  # a metrics page larger than 64 MiB is refused, not read into memory
 
-def scrape(url: str | None) -> dict[str, list[tuple[dict, float]]] | None:
-    """Every sample of the Prometheus endpoint, by metric name (None when not configured)."""
-    if not url:
-        return None
+
+class ScrapeError(RuntimeError):
+    """The metrics endpoint did not answer with Prometheus text; the message says how."""
+
+
+def fetch(url: str) -> Samples:
+    """Every sample of the Prometheus endpoint at ``url``, by metric name (ScrapeError if none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = urllib.request.urlopen(url, timeout=2).read().decode()
-    except OSError:
-        return None
-    out: dict[str, list[tuple[dict, float]]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body = resp.read(MAX_SCRAPE_BYTES + 1)
+        text = body.decode()
+    except urllib.error.HTTPError as e:
+        raise ScrapeError(f"it answered HTTP {e.code}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # (URLError is an OSError)
+        raise ScrapeError(f"no answer ({getattr(e, 'reason', None) or e})") from None
+    if len(body) > MAX_SCRAPE_BYTES:
+        raise ScrapeError(f"the answer is larger than {MAX_SCRAPE_BYTES >> 20} MiB")
+    out: Samples = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out.setdefault(s.name, []).append((s.labels, s.value))
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ScrapeError(f"not Prometheus text ({e})") from None
+    if not out:
+        raise ScrapeError("no Prometheus samples in the answer")
     return out
+
+
+def scrape(url: str | None) -> Samples | None:
+    """Every sample of the Prometheus endpoint, by metric name (None when not configured or when
+    it does not answer with Prometheus text)."""
+    if not url:
+        return None
+    try:
+        return fetch(url)
+    except ScrapeError:
+        return None
 
 
 def _sum(samples, name: str, model: str, **labels) -> float | None:

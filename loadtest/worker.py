@@ -17,6 +17,7 @@ as soon as there is something new, so answers that arrive late still land where 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import os
 import random
@@ -72,6 +73,62 @@ def rate_at(segments, t: float) -> float:
         if t0 <= t < t1:
             return r0 + (r1 - r0) * (t - t0) / (t1 - t0) if t1 > t0 else r0
     return segments[-1][3]
+
+
+class Schedule:
+    """The integral of the scheduled rate from the start of the warm-up, and its inverse.
+
+    Arrival ``k`` comes when the integral reaches ``k`` (plus the worker's offset) on a unit-rate
+    clock. Each arrival is found from that absolute target, in closed form within the linear
+    piece it falls in, so rounding never adds up from one arrival to the next: a constant rate
+    R over D seconds schedules exactly R x D arrivals in the measurement."""
+
+    def __init__(self, segments, start_s: float, end_s: float):
+        cuts = sorted({start_s, end_s, *(t for seg in segments for t in seg[:2] if start_s < t < end_s)})
+        self.pieces: list[tuple[float, float, float, float]] = []  # (from, to, rate there, rate at the end)
+        self.before: list[float] = []  # the integral up to each piece
+        total = 0.0
+        for a, b in zip(cuts, cuts[1:]):
+            ra, rb = _rates_over(segments, a, b)
+            self.pieces.append((a, b, ra, rb))
+            self.before.append(total)
+            total += (b - a) * (ra + rb) / 2
+        self.total = total
+
+    def time_of(self, target: float) -> float | None:
+        """Seconds from the measurement start at which the integral reaches ``target`` (None: not
+        before the end)."""
+        if target >= self.total:
+            return None
+        i = max(0, bisect.bisect_right(self.before, target) - 1)
+        while i + 1 < len(self.pieces) and self.before[i + 1] <= target:  # (pieces of zero rate)
+            i += 1
+        a, b, ra, rb = self.pieces[i]
+        need = target - self.before[i]
+        slope = (rb - ra) / (b - a)
+        if slope == 0:
+            x = need / ra if ra > 0 else 0.0
+        else:  # ra x + slope x^2 / 2 = need, in the form that keeps its digits when slope is small
+            x = 2 * need / (ra + math.sqrt(max(0.0, ra * ra + 2 * slope * need)))
+        return min(b, a + x)
+
+    def integral(self, s: float) -> float:
+        """The integral from the start of the warm-up to ``s`` seconds from the measurement start."""
+        for (a, b, ra, rb), before in zip(self.pieces, self.before):
+            if s < b:
+                x = max(0.0, s - a)
+                return before + x * (ra + (rb - ra) / (b - a) * x / 2)
+        return self.total
+
+
+def _rates_over(segments, a: float, b: float) -> tuple[float, float]:
+    """The rate at ``a`` and, approaching it, at ``b``: [a, b) lies within one linear piece."""
+    for t0, t1, r0, r1 in segments:
+        if t0 <= a < t1:
+            slope = (r1 - r0) / (t1 - t0)
+            return r0 + slope * (a - t0), r0 + slope * (b - t0)
+    r = rate_at(segments, a)
+    return r, r
 
 
 class _Acc:
@@ -231,16 +288,20 @@ class Worker:
 
     # ------------------------------------------------------------------ loads
     async def _open(self, plan: Plan) -> int:
-        """Send on the schedule. Arrivals are drawn on a unit-rate clock (constant spacing 1, or
-        exponential gaps for Poisson) and mapped through the integral of the shape's rate, so a
-        ramp, a step or a stretch at rate 0 gets exactly the load it describes."""
+        """Send on the schedule. Arrivals are drawn on a unit-rate clock (constant spacing 1 from the
+        worker's offset, or exponential gaps for Poisson) and mapped through the integral of the
+        shape's rate, so a ramp, a step or a stretch at rate 0 gets exactly the load it describes."""
         rng = random.Random(plan.seed)
-        end = plan.start_ns + int(plan.duration_s * 1e9)
-        t = plan.start_ns - int(plan.warmup_s * 1e9)
-        need = plan.offset if plan.arrival == "constant" else rng.expovariate(1.0)
+        schedule = Schedule(plan.segments, -plan.warmup_s, plan.duration_s)
+        end = plan.start_ns + round(plan.duration_s * 1e9)
+        constant = plan.arrival == "constant"
+        k, target = 0, (plan.offset if constant else rng.expovariate(1.0))
         scheduled = 0
         while True:
-            t = self._advance(plan, t, max(need, 1e-9), end)
+            at = schedule.time_of(target)
+            if at is None:
+                return scheduled
+            t = plan.start_ns + round(at * 1e9)
             if t >= end:
                 return scheduled
             # The event loop's timers have a 1 ms resolution, so a sleep may wake up to ~1 ms
@@ -257,18 +318,15 @@ class Worker:
             self._dispatch(t, plan)
             if t >= plan.start_ns:
                 scheduled += 1
-            need = 1.0 if plan.arrival == "constant" else rng.expovariate(1.0)
+            k += 1
+            target = k + plan.offset if constant else target + rng.expovariate(1.0)
 
     @staticmethod
     def _advance(plan: Plan, t: int, need: float, end: int) -> int:
         """The time at which the integral of the rate from ``t`` reaches ``need`` (or ``end``)."""
-        while t < end:
-            rate = rate_at(plan.segments, (t - plan.start_ns) / 1e9)
-            if rate > 0 and rate * 1e-3 >= need:  # within the next millisecond
-                return t + max(1, int(need / rate * 1e9))
-            need -= rate * 1e-3
-            t += 1_000_000
-        return end
+        schedule = Schedule(plan.segments, -plan.warmup_s, (end - plan.start_ns) / 1e9)
+        at = schedule.time_of(schedule.integral((t - plan.start_ns) / 1e9) + need)
+        return end if at is None else min(end, plan.start_ns + round(at * 1e9))
 
     async def _closed(self, plan: Plan) -> int:
         end = plan.start_ns + int(plan.duration_s * 1e9)

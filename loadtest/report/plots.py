@@ -192,24 +192,25 @@ def timeline_figure(run: Run):
             if w.phase != "measure":
                 for ax in axes:
                     ax.axvspan(t0, t1, color="0.88", lw=0, zorder=0, label=once("warm-up") if ax is lat else None)
+    step_labels = []
     if len(run.steps) > 1:
-        rotate = 30 if len(run.steps) > 8 else 0
         for i, (s, items, start) in enumerate(placed):
             if not items:
                 continue
             if i:
                 for ax in axes:
                     ax.axvline(start, color="0.35", ls=":", lw=1)
-            lat.text(
-                start,
-                1.01,
-                f" {s.label}{_step_flags(s)}",
-                transform=lat.get_xaxis_transform(),
-                ha="left",
-                va="bottom",
-                fontsize=8,
-                color="0.25",
-                rotation=rotate,
+            step_labels.append(
+                lat.text(
+                    start,
+                    1.01,
+                    f" {s.label}{_step_flags(s)}",
+                    transform=lat.get_xaxis_transform(),
+                    ha="left",
+                    va="bottom",
+                    fontsize=8,
+                    color="0.25",
+                )
             )
 
     spans = [(t0, t1) for _, items, _ in placed for _, t0, t1 in items]
@@ -249,7 +250,26 @@ def timeline_figure(run: Run):
     fig.suptitle(
         title + "\ncorrected = from intended send time (solid), uncorrected = from actual send (dashed)", fontsize=11
     )
+    _fit_labels(fig, step_labels)
     return fig
+
+
+# Step labels above the timeline: turned further and made smaller until they stop overlapping.
+LABEL_FITS = ((0, 8), (30, 8), (60, 7), (90, 7))  # (rotation in degrees, font size)
+
+
+def _fit_labels(fig, texts) -> None:
+    """Turn and shrink the step labels (left to right) until none overlaps the next, as drawn."""
+    if len(texts) < 2:
+        return
+    for rotation, size in LABEL_FITS:
+        for t in texts:
+            t.set_rotation(rotation)
+            t.set_fontsize(size)
+        fig.canvas.draw()  # (the constrained layout places the axes when the figure is drawn)
+        boxes = [t.get_window_extent() for t in texts]
+        if all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])):
+            return
 
 
 def _sweep_points(run: Run) -> tuple[bool, list[tuple[float, Step]]]:
@@ -360,30 +380,6 @@ def sweep_figure(run: Run):
         lat.axhline(slo_p99, color="tab:purple", ls="-.", lw=1.2, label=f"SLO p99 <= {slo_p99:g} ms")
         latencies.append(float(slo_p99))
 
-    best = _best(run)
-    unit = "concurrency" if closed else "req/s"
-    for (x, s), ci, ti in zip(points, c, t):
-        if s is not best:
-            continue
-        for ax in (lat, thr):
-            ax.axvline(x, color="tab:green", alpha=0.35, lw=6, zorder=0)
-        y = ci["p99"]
-        if _finite(y):
-            lat.plot(
-                [x], [y], ls="none", marker="*", ms=17, color="gold", mec="black", zorder=5, label="best (sustainable)"
-            )
-        offered = f"{x:g} {unit}" if not closed else f"concurrency {x:g}"
-        lat.annotate(
-            f"best: {s.label}\n{offered}\n{_rate(ti['throughput'])} ok/s, p99 {_ms(y)} ms",
-            xy=(x, y if _finite(y) else 0.5),
-            xycoords="data" if _finite(y) else lat.get_xaxis_transform(),
-            xytext=(12, 18),
-            textcoords="offset points",
-            fontsize=8,
-            bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"},
-            arrowprops={"arrowstyle": "->", "color": "0.3"},
-        )
-
     _maybe_log(lat, latencies)
     lat.set_ylabel("latency (ms)")
     thr.set_ylabel("requests / s")
@@ -407,9 +403,44 @@ def sweep_figure(run: Run):
         "corrected = from intended send time, uncorrected = from actual send; hollow = invalid, ringed = unstable",
         fontsize=11,
     )
+    _annotate_best(run, closed, points, c, t, lat, thr)  # (once the scales are set)
     _legend(lat)
     _legend(thr)
     return fig
+
+
+def _annotate_best(run: Run, closed: bool, points: list[tuple[float, Step]], c, t, lat, thr) -> None:
+    """Mark the best step; its note goes to the side of the point away from the legend (which is
+    right of the plot) and away from the top, so it stays inside the axes."""
+    best = _best(run)
+    unit = "concurrency" if closed else "req/s"
+    for (x, s), ci, ti in zip(points, c, t):
+        if s is not best:
+            continue
+        for ax in (lat, thr):
+            ax.axvline(x, color="tab:green", alpha=0.35, lw=6, zorder=0)
+        y = ci["p99"]
+        if _finite(y):
+            lat.plot(
+                [x], [y], ls="none", marker="*", ms=17, color="gold", mec="black", zorder=5, label="best (sustainable)"
+            )
+        lat.get_xlim(), lat.get_ylim()  # (brings the view limits up to date for the transform)
+        where = lat.transAxes.inverted().transform(lat.transData.transform((x, y if _finite(y) else 1.0)))
+        right, high = where[0] > 0.5, bool(_finite(y) and where[1] > 0.6)
+        offered = f"{x:g} {unit}" if not closed else f"concurrency {x:g}"
+        lat.annotate(
+            f"best: {s.label}\n{offered}\n{_rate(ti['throughput'])} ok/s, p99 {_ms(y)} ms",
+            xy=(x, y if _finite(y) else 0.5),
+            xycoords="data" if _finite(y) else lat.get_xaxis_transform(),
+            xytext=(-12 if right else 12, -18 if high else 18),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            va="top" if high else "bottom",
+            multialignment="left",
+            fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"},
+            arrowprops={"arrowstyle": "->", "color": "0.3"},
+        )
 
 
 SPECTRUM_LIMIT = 8  # curves (two lines each) that still read apart on one plot
