@@ -36,6 +36,9 @@ class IOInfo:
     name: str
     v2_datatype: str
     shape: tuple[int, ...]  # -1 for a dynamic dimension
+    # The engine's names for its dimensions where it has them (ONNX's symbolic dims: "batch",
+    # "N"), None where it has none; empty when the engine names none (TorchScript).
+    dim_names: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,10 @@ class LocalBackend(Backend, Protocol):
         """Execute one batch; one array per name in ``output_names``."""
         ...
 
-    def warm_up(self) -> None: ...
+    def warm_up(self, batch: int = 0) -> list[np.ndarray]:
+        """Run on zeros, every dynamic dimension 1 except the first, which is ``batch`` when
+        given (> 0); the outputs, in the order of ``outputs()``."""
+        ...
 
 
 class RemoteBackend(Backend, Protocol):

@@ -54,7 +54,9 @@ def _io(arg) -> IOInfo:
     dt = BY_ONNX.get(arg.type)
     if dt is None:
         raise invalid(f"tensor '{arg.name}' has ONNX type {arg.type}, which batchgate cannot serve")
-    return IOInfo(arg.name, dt.v2, _shape(arg.shape))
+    dims = arg.shape or ()  # (ONNX Runtime gives [] for a rank it cannot tell, as for a scalar)
+    names = tuple(d if isinstance(d, str) and d else None for d in dims)
+    return IOInfo(arg.name, dt.v2, _shape(dims), names)
 
 
 @register_local(PLATFORM, "onnxruntime")
@@ -147,16 +149,19 @@ class OnnxBackend:
                     feeds[name] = _as_str_array(name, feeds[name])
         return self._run(list(output_names), feeds)
 
-    def warm_up(self) -> None:
-        """Run once on zeros (dynamic dims as 1) so the first caller does not pay for it."""
+    def warm_up(self, batch: int = 0) -> list[np.ndarray]:
+        """Run once on zeros (dynamic dims as 1, the first as ``batch`` when given) so the
+        first caller does not pay for it."""
         feeds = {}
         for i in self._inputs:
             shape = tuple(d if d > 0 else 1 for d in i.shape)
+            if batch > 0 and shape:
+                shape = (batch, *shape[1:])
             if i.v2_datatype == "BYTES":
                 feeds[i.name] = np.full(shape, "", dtype=object)
             else:
                 feeds[i.name] = np.zeros(shape, dtype=DATATYPES[i.v2_datatype].np_dtype)
-        self._run([o.name for o in self._outputs], feeds)
+        return self._run([o.name for o in self._outputs], feeds)
 
     async def close(self) -> None:
         # On a thread: a run may still hold the session if the retire grace period ran out.

@@ -308,20 +308,24 @@ class TorchScriptBackend:
         t = self._torch.from_numpy(arr)
         return t if self._device.type == "cpu" else t.to(self._device)
 
-    def warm_up(self) -> None:
-        """Run twice on zeros (dynamic dims as 1): the first call profiles, the second builds the
-        optimized graph, so no caller pays for either; a config the model does not match fails here."""
+    def warm_up(self, batch: int = 0) -> list[np.ndarray]:
+        """Run twice on zeros (dynamic dims as 1, the first as ``batch`` when given): the first
+        call profiles, the second builds the optimized graph, so no caller pays for either; a
+        config the model does not match fails here."""
         feeds = {}
         for i in self._inputs:
             shape = tuple(d if d > 0 else 1 for d in i.shape)
+            if batch > 0 and shape:
+                shape = (batch, *shape[1:])
             feeds[i.name] = np.zeros(shape, dtype=np.dtype(_TORCH_DTYPES[i.v2_datatype]))
         names = tuple(o.name for o in self._outputs)
         try:
             for _ in range(2):
-                self.run(feeds, names)
+                outs = self.run(feeds, names)
         except _Mismatch as e:  # the config does not match what the model gives: it cannot serve
             raise ModelConfigError(f"the warm-up run on zeros failed: {e}") from None
         # (any other failure: zeros that do not fit the model, which still serves; see build.py)
+        return outs
 
     async def close(self) -> None:
         # On a thread: a run may still hold the module if the retire grace period ran out.

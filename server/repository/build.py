@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends import onnx as _onnx  # noqa: F401 - registers the ONNX Runtime backend
@@ -26,6 +27,7 @@ from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from ..threads import InferenceThreads
 from .config import (
+    batch_doubts,
     complete_config,
     instances_of,
     queue_bound,
@@ -175,28 +177,78 @@ class VersionBuilder:
             full = complete_config(
                 cfg, backend.platform, backend.inputs(), backend.outputs(), self.options.default_max_batch_size
             )
-            if self.options.warm_up:
-                try:
-                    backend.warm_up()
-                except ModelConfigError as e:  # what the model gives does not match its config
-                    raise ModelConfigError(f"model '{name}' version {v}: {e}") from None
-                except Exception as e:  # noqa: BLE001 - a warm-up is a courtesy, never a reason not to serve
-                    # Zeros with every dynamic dimension 1 do not fit every model (a convolution
-                    # over a 1x1 image); Triton warms up only when asked. The model serves; its
-                    # first request pays for what the warm-up would have done.
-                    log.warning(
-                        "model '%s' version %s: warm-up on zeros failed, serving without it: %s",
-                        name,
-                        v,
-                        hide_paths(str(e), model_dir)[:300],
-                    )
+            full = self._warm_up(name, v, cfg, full, backend, model_dir)
             opened[v] = (full, backend)
         return {
             v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()
         }
 
+    def _warm_up(
+        self, name: str, v: int, cfg: mc.ModelConfig, full: mc.ModelConfig, backend: Any, model_dir: str
+    ) -> mc.ModelConfig:
+        """Run the version once on zeros: so that its first caller does not pay for it (when
+        ``warm_up`` is on) and, when it batches, to see that every output's first dimension
+        follows the batch where the dimension names could not tell (always). Returns ``full``,
+        without batching where the completion chose batching and the run shows it wrong."""
+        batch = min(2, full.max_batch_size)  # (two rows tell a batch dimension from one of 1)
+        unsure = batch_doubts(backend.inputs(), backend.outputs())[1] if batch else []
+        if not (self.options.warm_up or unsure):
+            return full
+        try:
+            outs = backend.warm_up(batch)
+        except ModelConfigError as e:  # what the model gives does not match its config
+            raise ModelConfigError(f"model '{name}' version {v}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a warm-up is a courtesy, never a reason not to serve
+            if batch > 1 and cfg.max_batch_size == 0 and _runs(backend):
+                # The completion chose batching, but only one row runs (a model exported with its
+                # batch of 1 fixed inside): served whole, one request at a time.
+                log.info(
+                    "model '%s' version %s: a batch of %s rows on zeros failed but one row runs, so it is "
+                    "served without batching: %s",
+                    name,
+                    v,
+                    batch,
+                    hide_paths(str(e), model_dir)[:300],
+                )
+                return complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(), 0)
+            # Zeros with every dynamic dimension 1 do not fit every model (a convolution
+            # over a 1x1 image); Triton warms up only when asked. The model serves; its
+            # first request pays for what the warm-up would have done.
+            log.warning(
+                "model '%s' version %s: warm-up on zeros failed, serving without it%s: %s",
+                name,
+                v,
+                f" (and without knowing that output(s) {', '.join(unsure)} follow the batch)" if unsure else "",
+                hide_paths(str(e), model_dir)[:300],
+            )
+            return full
+        if not batch:
+            return full
+        wrong = [(o.name, tuple(a.shape)) for o, a in zip(backend.outputs(), outs) if np.ndim(a) < 1 or len(a) != batch]
+        if not wrong:
+            return full
+        out, shape = wrong[0]
+        why = f"output '{printable(clip(out))}' has shape {list(shape)} for a batch of {batch} rows"
+        if cfg.max_batch_size == 0:  # the completion chose batching: serve it whole, one request at a time
+            log.info("model '%s' version %s: %s, so it is served without batching", name, v, why)
+            return complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(), 0)
+        raise ModelConfigError(
+            f"model '{name}' version {v}: max_batch_size is {cfg.max_batch_size} but {why}: its first dimension "
+            "is not the batch, and callers whose requests shared a batch would be given each other's rows. "
+            "Set max_batch_size: 0 and give the full dims"
+        )
+
     def remote_backend(self, spec: RemoteModel) -> RemoteV2Backend:
         return RemoteV2Backend(spec, self._metrics, self.options.max_message_bytes)
+
+
+def _runs(backend: Any) -> bool:
+    """Whether the version runs on zeros of one row."""
+    try:
+        backend.warm_up(1)
+    except Exception:  # noqa: BLE001 - any failure: it does not
+        return False
+    return True
 
 
 def _other_file(model_dir: str, version: int, platform: str) -> str:

@@ -83,10 +83,13 @@ def complete_config(
         cfg.platform = platform
     if not cfg.backend:
         cfg.backend = BACKEND_NAMES.get(platform, cfg.backend)
+    not_batch, _ = batch_doubts(inputs, outputs)
     if not cfg.input and not cfg.output and cfg.max_batch_size == 0:
-        # Batch along the first dimension when every tensor's first dimension is dynamic.
+        # Batch along the first dimension when every tensor's first dimension is dynamic and
+        # none is known to be another dimension (the outputs of a transpose, a sum over rows).
         tensors = inputs + outputs
-        if default_max_batch_size > 0 and tensors and all(t.shape and t.shape[0] == -1 for t in tensors):
+        dynamic = tensors and all(t.shape and t.shape[0] == -1 for t in tensors)
+        if default_max_batch_size > 0 and dynamic and not not_batch:
             cfg.max_batch_size = default_max_batch_size
             # and, as Triton's ONNX and TorchScript backends complete it, the dynamic batcher with
             # its defaults when the config chose no scheduler
@@ -111,6 +114,15 @@ def complete_config(
                 f"{', '.join(repr(n) for n in fixed[:4])} is fixed, not a batch dimension; set max_batch_size: 0 "
                 "and give the full dims"
             )
+        # and, beyond Triton: requests merged into one batch would be given each other's rows
+        outs = {t.name for t in outputs}
+        for tensor, why in not_batch.items():
+            if tensor in outs:
+                raise ModelConfigError(
+                    f"model '{cfg.name}': max_batch_size is {cfg.max_batch_size} but {why}, not the batch; "
+                    "callers whose requests shared a batch would be given each other's rows. "
+                    "Set max_batch_size: 0 and give the full dims"
+                )
     given_inputs = bool(cfg.input)
     for kind, given, engine in (("input", cfg.input, inputs), ("output", cfg.output, outputs)):
         by_name = {t.name: t for t in engine}
@@ -147,6 +159,48 @@ def complete_config(
             "which the config does not list"
         )
     return cfg
+
+
+def batch_doubts(inputs: list[IOInfo], outputs: list[IOInfo]) -> tuple[dict[str, str], list[str]]:
+    """Whether each tensor's first dimension can be the batch, from the names an engine gives
+    its dimensions (ONNX's symbolic dims). The inputs' first dimensions name the batch; an
+    output whose first dimension is named as another dimension of an input is not the batch
+    (a transpose, a sum over the rows), nor are inputs whose first dimensions have different
+    names (they may differ in one request). Returns those tensors, each with why in words,
+    and the outputs the names cannot tell about (unnamed, newly named, a rank of 0 or not
+    known): a run at load tells those (see build.py)."""
+    firsts: dict[str, str] = {}
+    elsewhere: dict[str, str] = {}
+    for t in inputs:
+        names = t.dim_names
+        if names and names[0]:
+            firsts.setdefault(names[0], t.name)
+        for k, n in enumerate(names[1:], 1):
+            if n:
+                elsewhere.setdefault(n, f"dimension {k} of input '{_said(t.name)}'")
+    not_batch: dict[str, str] = {}
+    if len(firsts) > 1:
+        (a, x), (b, y) = list(firsts.items())[:2]
+        for t in inputs:
+            if t.dim_names and t.dim_names[0] and t.dim_names[0] != a:
+                not_batch[t.name] = (
+                    f"the first dimensions of inputs '{_said(x)}' and '{_said(y)}' are '{_said(a)}' and "
+                    f"'{_said(b)}', which may differ in one request"
+                )
+    unsure = []
+    for t in outputs:
+        first = t.dim_names[0] if t.dim_names else None
+        if first in firsts:
+            continue
+        if first in elsewhere and t.shape[0] == -1:
+            not_batch[t.name] = f"output '{_said(t.name)}' has first dimension '{_said(first)}', {elsewhere[first]}"
+        elif not t.shape or t.shape[0] == -1:
+            unsure.append(t.name)
+    return not_batch, unsure
+
+
+def _said(name: str | None) -> str:
+    return printable(clip(name or ""))
 
 
 def _check_dims(model: str, kind: str, entry, engine_dims: list[int]) -> None:

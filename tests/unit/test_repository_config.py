@@ -8,7 +8,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from batchgate.backends.base import IOInfo
 from batchgate.core.errors import ModelConfigError as ConfigError
-from batchgate.repository.config import complete_config, config_to_json, read_config, signature_of, versions_to_serve
+from batchgate.repository.config import (
+    batch_doubts,
+    complete_config,
+    config_to_json,
+    read_config,
+    signature_of,
+    versions_to_serve,
+)
 
 PBTXT = """
 name: "resnet"
@@ -148,6 +155,60 @@ def test_complete_with_a_fixed_first_dim_does_not_batch():
     assert done.max_batch_size == 0
     assert names_types_dims(done.input) == [("x", "TYPE_FP32", [-1, 3])]
     assert names_types_dims(done.output) == [("y", "TYPE_FP32", [1, 3])]
+
+
+def named(name, *dims):
+    return IOInfo(
+        name,
+        "FP32",
+        tuple(d if isinstance(d, int) else -1 for d in dims),
+        tuple(d if isinstance(d, str) else None for d in dims),
+    )
+
+
+@pytest.mark.parametrize(
+    "inputs,outputs,not_batch,unsure",
+    [
+        ([named("x", "N", "M")], [named("y", "N", "M")], {}, []),
+        (
+            [named("x", "N", "M")],
+            [named("y", "M", "N")],
+            {"y": "output 'y' has first dimension 'M', dimension 1 of input 'x'"},
+            [],
+        ),
+        ([named("x", "N", "M")], [named("y", "a"), named("z", None, 3), named("s")], {}, ["y", "z", "s"]),
+        ([named("x", "N", 3)], [named("y", 1, 3)], {}, []),  # fixed: refused on its own rule
+        ([named("a", "N", 3), named("b", "N", 3)], [named("y", "N")], {}, []),
+        (
+            [named("a", "N", 3), named("b", "M", 3)],
+            [named("y", "N", "M")],
+            {"b": "the first dimensions of inputs 'a' and 'b' are 'N' and 'M', which may differ in one request"},
+            [],
+        ),
+        ([IOInfo("x", "FP32", (-1, 3))], [IOInfo("y", "FP32", (-1,))], {}, ["y"]),  # no names (TorchScript)
+        (
+            [named("x", "N", "M\n")],
+            [named("y", "M\n")],
+            {"y": "output 'y' has first dimension 'M\\x0a', dimension 1 of input 'x'"},
+            [],
+        ),
+    ],
+)
+def test_batch_doubts_read_the_dimension_names(inputs, outputs, not_batch, unsure):
+    assert batch_doubts(inputs, outputs) == (not_batch, unsure)
+
+
+def test_completion_does_not_batch_outputs_that_are_not_the_batch_and_a_config_that_does_is_refused():
+    tensors = ([named("x", "N", "M")], [named("y", "M", "N")])
+    assert complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", *tensors, 8).max_batch_size == 0
+    with pytest.raises(
+        ConfigError, match="output 'y' has first dimension 'M', dimension 1 of input 'x', not the batch"
+    ):
+        complete_config(mc.ModelConfig(name="m", max_batch_size=4), "onnxruntime_onnx", *tensors, 8)
+    pair = ([named("a", "N", 3), named("b", "M", 3)], [named("y", "N", "M")])
+    assert complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", *pair, 8).max_batch_size == 0
+    # a config that batches inputs named apart is the author's word (requests must then agree)
+    assert complete_config(mc.ModelConfig(name="m", max_batch_size=4), "onnxruntime_onnx", *pair, 8).max_batch_size == 4
 
 
 def test_complete_with_batching_turned_off_by_default_max_batch_size_zero():
