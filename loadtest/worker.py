@@ -106,19 +106,13 @@ class Schedule:
         a, b, ra, rb = self.pieces[i]
         need = target - self.before[i]
         slope = (rb - ra) / (b - a)
-        if slope == 0:
+        if need <= 0:  # (the piece's start: a ramp up from 0 would divide 0 by 0)
+            x = 0.0
+        elif slope == 0:
             x = need / ra if ra > 0 else 0.0
         else:  # ra x + slope x^2 / 2 = need, in the form that keeps its digits when slope is small
             x = 2 * need / (ra + math.sqrt(max(0.0, ra * ra + 2 * slope * need)))
         return min(b, a + x)
-
-    def integral(self, s: float) -> float:
-        """The integral from the start of the warm-up to ``s`` seconds from the measurement start."""
-        for (a, b, ra, rb), before in zip(self.pieces, self.before):
-            if s < b:
-                x = max(0.0, s - a)
-                return before + x * (ra + (rb - ra) / (b - a) * x / 2)
-        return self.total
 
 
 def _rates_over(segments, a: float, b: float) -> tuple[float, float]:
@@ -320,13 +314,6 @@ class Worker:
                 scheduled += 1
             k += 1
             target = k + plan.offset if constant else target + rng.expovariate(1.0)
-
-    @staticmethod
-    def _advance(plan: Plan, t: int, need: float, end: int) -> int:
-        """The time at which the integral of the rate from ``t`` reaches ``need`` (or ``end``)."""
-        schedule = Schedule(plan.segments, -plan.warmup_s, (end - plan.start_ns) / 1e9)
-        at = schedule.time_of(schedule.integral((t - plan.start_ns) / 1e9) + need)
-        return end if at is None else min(end, plan.start_ns + round(at * 1e9))
 
     async def _closed(self, plan: Plan) -> int:
         end = plan.start_ns + int(plan.duration_s * 1e9)

@@ -106,31 +106,18 @@ def test_exit_status_and_percentile_support():
 
 @pytest.mark.parametrize("arrival", ["constant", "poisson"])
 def test_the_schedule_follows_the_shape_including_stretches_at_rate_zero(arrival):
-    from batchgate.loadtest.worker import Plan, Worker
+    from batchgate.loadtest.worker import Schedule
 
     def schedule(shape: str, duration: float) -> list[float]:
+        """The send times a worker's open loop uses: arrival k where the integral reaches k."""
         sc = Scenario("h:1", "m", shape=shape, duration_s=duration)
-        plan = Plan(
-            step=1,
-            mode="open",
-            start_ns=0,
-            warmup_s=0,
-            duration_s=duration,
-            window_s=1,
-            deadline_s=1,
-            segments=segments(sc),
-            arrival=arrival,
-            seed=3,
-        )
-        rng = __import__("random").Random(plan.seed)
-        t, out, end = 0, [], int(duration * 1e9)
-        need = 0.0 if arrival == "constant" else rng.expovariate(1.0)
-        while True:
-            t = Worker._advance(plan, t, max(need, 1e-9), end)
-            if t >= end:
-                return out
-            out.append(t / 1e9)
-            need = 1.0 if arrival == "constant" else rng.expovariate(1.0)
+        sched, rng = Schedule(segments(sc), 0.0, duration), __import__("random").Random(3)
+        out, k, target = [], 0, 0.0 if arrival == "constant" else rng.expovariate(1.0)
+        while (at := sched.time_of(target)) is not None and at < duration:
+            out.append(at)
+            k += 1
+            target = k if arrival == "constant" else target + rng.expovariate(1.0)
+        return out
 
     step = schedule("step:0@0,100@1", 2)
     assert not [t for t in step if t < 1] and abs(len(step) - 100) <= (2 if arrival == "constant" else 30)
@@ -139,6 +126,15 @@ def test_the_schedule_follows_the_shape_including_stretches_at_rate_zero(arrival
     assert sum(t >= 1 for t in ramp) > 2 * sum(t < 1 for t in ramp)
     spike = schedule("spike:0:200@1+1", 3)
     assert all(1 <= t < 2 for t in spike) and abs(len(spike) - 200) <= (2 if arrival == "constant" else 45)
+
+
+@pytest.mark.parametrize("warmup", [0.0, 1.0])
+def test_the_first_arrival_of_a_ramp_up_from_zero_is_at_its_start(warmup):
+    # (worker 0's constant schedule starts at target 0: it divided 0 by 0 and the worker died)
+    from batchgate.loadtest.worker import Schedule
+
+    sched = Schedule(segments(Scenario("h:1", "m", shape="ramp:0:200", duration_s=2)), -warmup, 2.0)
+    assert sched.time_of(0.0) == 0.0 and 0 < sched.time_of(1.0) < 1
 
 
 def test_rate_sweeps_list_their_steps_and_bound_a_binary_search():
