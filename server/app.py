@@ -350,6 +350,8 @@ class Gateway:
             routing=rs,
         )
         table.peer, table.leader = (self.role.link if self.role is not None else None), self.leader
+        if self.role is None:  # (with worker processes the supervisor writes state_dir, and counts)
+            self.metrics.state_dir = state
         await table.install(specs, "the configuration" + (f" and {rs.routes_file}" if rs.routes_file else ""))
         self.dataplane.routes = self.routes = table
         self._route_tasks = [asyncio.ensure_future(table.control())] if self.leader else []

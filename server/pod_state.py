@@ -233,6 +233,8 @@ class PodState:
     async def _scrape(self) -> bytes:
         snap = await self.gather()
         snap.add("batchgate_workers", (), self.n)
+        if self._state is not None:  # (written here only, never by the workers)
+            snap.add("batchgate_state_write_failures", (), self._state.failures)
         for s in self.slots + ([self.owner] if self.owner is not None else []):
             w = (s.label,)
             snap.add("batchgate_worker_up", w, int(s.ready and not s.stale))

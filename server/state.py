@@ -43,6 +43,7 @@ class StateDir:
         """OSError when the directory cannot be made or written: found at start, not at the
         first change that would be lost."""
         self.path = Path(path)
+        self.failures = 0  # writes (and removals) that failed: batchgate_state_write_failures
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, probe = tempfile.mkstemp(prefix=".probe.", dir=self.path)
         os.close(fd)
@@ -74,6 +75,15 @@ class StateDir:
         return doc
 
     def save(self, kind: str, name: str, doc: dict[str, Any]) -> None:
+        """Write the document in place of the one kept (atomically); OSError or ValueError,
+        counted, when it cannot be."""
+        try:
+            self._save(kind, name, doc)
+        except (OSError, ValueError):
+            self.failures += 1
+            raise
+
+    def _save(self, kind: str, name: str, doc: dict[str, Any]) -> None:
         path = self._file(kind, name)
         data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         if len(data) > MAX_BYTES:
@@ -95,4 +105,8 @@ class StateDir:
             os.close(dir_fd)
 
     def remove(self, kind: str, name: str) -> None:
-        self._file(kind, name).unlink(missing_ok=True)
+        try:
+            self._file(kind, name).unlink(missing_ok=True)
+        except OSError:
+            self.failures += 1
+            raise

@@ -197,6 +197,12 @@ FAMILIES.update(
         "batchgate_routes_reloads": Family(
             "counter", "Reloads of the routes file, by outcome (ok, error)", ("outcome",)
         ),
+        "batchgate_state_write_failures": Family(
+            "counter",
+            "Writes of routes' runtime state (weights, rollouts) to state_dir that failed: the change "
+            "serves, but a restart would not keep it (the log says why)",
+            (),
+        ),
         "batchgate_shadow_requests": _shadow(
             "counter",
             "Copies of requests for a shadow, by outcome: compared (answer compared with the primary's), "

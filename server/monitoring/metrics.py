@@ -287,6 +287,7 @@ class Metrics:
         self._upstreams: dict[tuple[str, str], UpstreamMetrics] = {}
         self._routes: dict[str, RouteMetrics] = {}
         self.routes_reloads: dict[str, int] = {}
+        self.state_dir: Any = None  # the StateDir routes keep their state in, when one is set
         self._drift: dict[str, DriftMetrics] = {}
         self.detector: DetectorMetrics | None = None
         self.registry.register(self)
@@ -416,6 +417,8 @@ class Metrics:
             add("batchgate_upstream_healthy", lv, u.healthy)
         for outcome, n in list(self.routes_reloads.items()):
             add("batchgate_routes_reloads", (outcome,), n)
+        if self.state_dir is not None:
+            add("batchgate_state_write_failures", (), self.state_dir.failures)
         shm = self.shm
         if shm is not None:
             add("batchgate_shm_regions", (), len(shm.regions))

@@ -709,6 +709,21 @@ def test_route_state_is_kept_by_the_supervisor_across_a_pod_restart(tmp_path):
         while not kept.exists() or '"b"' not in kept.read_text():
             assert time.monotonic() < end, p.output()
             time.sleep(0.1)
+        # one series, the supervisor's (the workers keep no state of their own)
+        assert [x for x in _metrics(p).splitlines() if x.startswith("batchgate_state_write_failures")] == [
+            "batchgate_state_write_failures_total 0.0"
+        ]
+        kept.unlink()
+        kept.mkdir()  # a write that fails (as root, permissions would not stop it) is counted
+        urllib.request.urlopen(req, timeout=20).read()
+        while "batchgate_state_write_failures_total 1.0" not in _metrics(p):
+            assert time.monotonic() < end + 10, p.output()
+            time.sleep(0.1)
+        kept.rmdir()
+        urllib.request.urlopen(req, timeout=20).read()
+        while not kept.exists():
+            assert time.monotonic() < end + 20, p.output()
+            time.sleep(0.1)
         p.p.send_signal(signal.SIGTERM)
         assert p.p.wait(60) == 0
     finally:

@@ -182,6 +182,32 @@ def test_runtime_weights_persist_until_the_routes_file_changes(repo, tmp_path):
     assert resets and resets[0]["target"] == "ramp"
 
 
+def test_a_state_dir_that_cannot_be_written_at_run_time_is_counted(repo, tmp_path):
+    state_dir = tmp_path / "state"
+    route = {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": "clf_same", "weight": 0},
+        ],
+    }
+    running = start_gateway(
+        repo, config_file=write_config(str(tmp_path / "c.yaml"), [route], routing={"state_dir": str(state_dir)})
+    )
+    try:
+        before = _metrics(running)
+        assert "\nbatchgate_state_write_failures_total " in before
+        assert metric(before, "batchgate_state_write_failures_total") == 0
+        kept = state_dir / "route-ramp.json"
+        kept.unlink(missing_ok=True)
+        kept.mkdir()  # (as root, permissions would not stop the write: a directory in its place does)
+        running.call(_set(running, {"canary": 30}))
+        assert _state(running).weights == {"stable": 100, "canary": 30}  # served all the same
+        _until(lambda: metric(_metrics(running), "batchgate_state_write_failures_total") == 1)
+    finally:
+        running.stop()
+
+
 async def _set(running, weights):
     running.gateway.routes.set_weights("ramp", weights)
 
