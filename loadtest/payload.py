@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,8 +143,20 @@ def generate(inputs, batch_size: int, dynamic_size: int, count: int, seed: int) 
     return out
 
 
-def from_file(path: str, inputs) -> list[dict[str, np.ndarray]]:
+MAX_DATA_LINE = 64 << 20  # one JSON request of a --data file
+
+
+def from_file(path: str, inputs, limit: int) -> list[dict[str, np.ndarray]]:
+    """The requests of a ``--data`` file: an ``.npz`` of one request's arrays, or JSON lines of
+    V2 requests; together at most ``limit`` bytes (each worker holds a copy)."""
     types = {name: dt for name, dt, _ in inputs}
+    try:  # (an .npz is a zip: what its arrays take once read, before they are)
+        size = sum(i.file_size for i in zipfile.ZipFile(path).infolist()) if path.endswith(".npz") else 0
+        size = max(size, os.path.getsize(path))
+    except (OSError, zipfile.BadZipFile) as e:
+        raise PayloadError(f"{path}: cannot be read: {e}") from None
+    if size > limit:
+        raise PayloadError(f"{path} holds {_size(size)}, more than the {_size(limit)} the requests may take")
     if path.endswith(".npz"):
         data = np.load(path, allow_pickle=False)
         missing = [n for n in types if n not in data.files]
@@ -154,6 +168,8 @@ def from_file(path: str, inputs) -> list[dict[str, np.ndarray]]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if len(line) > MAX_DATA_LINE:  # (its JSON, parsed into Python objects, takes ten times that)
+                raise PayloadError(f"{path}:{lineno}: a request longer than {_size(MAX_DATA_LINE)}")
             try:
                 body = json.loads(line)
                 req = {}

@@ -78,7 +78,7 @@ class Runner:
             inputs = pl.model_inputs(sc.target, sc.protocol, sc.model, sc.version)
             types = {name: dt for name, dt, _ in inputs}
             if sc.data:
-                reqs = pl.from_file(sc.data, inputs)
+                reqs = pl.from_file(sc.data, inputs, MAX_PAYLOAD_BYTES)
             else:
                 as_json = sc.protocol == "http" and sc.http_encoding == "json"
                 pl.check_size(inputs, sc.batch_size, sc.dynamic_size, sc.payloads, as_json, MAX_PAYLOAD_BYTES)

@@ -137,6 +137,27 @@ def test_the_first_arrival_of_a_ramp_up_from_zero_is_at_its_start(warmup):
     assert sched.time_of(0.0) == 0.0 and 0 < sched.time_of(1.0) < 1
 
 
+def test_a_data_file_is_bounded_before_it_is_read(tmp_path, monkeypatch):
+    inputs = [("x", "FP32", [-1, 4])]
+    bomb = tmp_path / "zeros.npz"  # 8 MiB of zeros, a few KiB on disk
+    np.savez_compressed(bomb, x=np.zeros((1 << 19, 4), np.float32))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(payload.PayloadError, match="holds 8.0 MiB, more than the 1.0 MiB"):
+        payload.from_file(str(bomb), inputs, 1 << 20)
+    assert payload.from_file(str(bomb), inputs, 16 << 20)[0]["x"].shape == (1 << 19, 4)
+    lines = tmp_path / "reqs.jsonl"
+    one = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    lines.write_text((json.dumps(one) + "\n") * 100)
+    with pytest.raises(payload.PayloadError, match="more than the 1,000 bytes"):
+        payload.from_file(str(lines), inputs, 1000)
+    assert len(payload.from_file(str(lines), inputs, 1 << 20)) == 100
+    monkeypatch.setattr(payload, "MAX_DATA_LINE", 50)
+    with pytest.raises(payload.PayloadError, match="reqs.jsonl:1: a request longer than 50 bytes"):
+        payload.from_file(str(lines), inputs, 1 << 20)
+    with pytest.raises(payload.PayloadError, match="cannot be read"):
+        payload.from_file(str(tmp_path / "absent.jsonl"), inputs, 1 << 20)
+
+
 def test_rate_sweeps_list_their_steps_and_bound_a_binary_search():
     def sweep(spec, search="step", precision=0.0):
         return rate_sweep(Scenario("h:1", "m", sweep_rate=spec, search=search, precision=precision))
