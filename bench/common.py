@@ -55,6 +55,14 @@ class Pinning:
     load: list[str]  # command prefix that pins the load tool
     note: str
     cores: list[str] = field(default_factory=list)  # [server core, load core] when pinned
+    # Where a bench's second batchgate goes: a gateway in front of the server (bench/remote.py) and
+    # an upstream behind it (bench/routing.py). On two cores both share the load tool's core;
+    # BATCHGATE_BENCH_CORES gives them cores of their own on a larger machine.
+    gateway: list[str] = field(default_factory=list)
+    upstream: list[str] = field(default_factory=list)
+
+
+CORES_ENV = "BATCHGATE_BENCH_CORES"  # e.g. "server=0;gateway=1;load=2-3;upstream=4" (taskset -c lists)
 
 
 def choose_pinning(enabled: bool) -> Pinning:
@@ -63,13 +71,26 @@ def choose_pinning(enabled: bool) -> Pinning:
         return Pinning([], [], "off (--no-pin)")
     if len(cores) < 2 or shutil.which("taskset") is None:
         return Pinning([], [], f"off: needs 2 cores and taskset (have {len(cores)} cores)")
-    server, load = str(cores[0]), str(cores[1])
-    return Pinning(
-        ["taskset", "-c", server],
-        ["taskset", "-c", load],
-        f"server on core {server}, load tool on core {load}",
-        [server, load],
-    )
+    roles = {"server": str(cores[0]), "load": str(cores[1])}
+    given = os.environ.get(CORES_ENV, "").strip()
+    if given:
+        try:
+            named = dict(part.split("=", 1) for part in given.split(";") if part.strip())
+        except ValueError:
+            raise SystemExit(f"{CORES_ENV}: expected role=cores;... (roles server, gateway, load, upstream)") from None
+        unknown = set(named) - {"server", "gateway", "load", "upstream"}
+        if unknown or not all(re.fullmatch(r"[0-9,-]+", v) for v in named.values()):
+            raise SystemExit(f"{CORES_ENV}: roles are server, gateway, load, upstream, each a taskset -c list")
+        roles.update(named)
+    roles.setdefault("gateway", roles["load"])
+    roles.setdefault("upstream", roles["load"])
+
+    def pin(role: str) -> list[str]:
+        return ["taskset", "-c", roles[role]]
+
+    note = ", ".join(f"{r} on core(s) {c}" for r, c in roles.items())
+    first = [roles["server"].split(",")[0].split("-")[0], roles["load"].split(",")[0].split("-")[0]]
+    return Pinning(pin("server"), pin("load"), note, first, pin("gateway"), pin("upstream"))
 
 
 def serve_command(repo: str, *extra: str) -> list[str]:

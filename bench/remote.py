@@ -314,7 +314,12 @@ def measure_config(
                 args.gateway_grpc_engine,
                 args.gateway_client,
             )
-            gw = Server(f"{label} gateway", [*pin.load, *cmd], BATCHGATE_READY, tmp / f"{variant}-{path}-{rnd}-gw.log")
+            gw = Server(
+                f"{label} gateway",
+                [*(pin.gateway or pin.load), *cmd],
+                BATCHGATE_READY,
+                tmp / f"{variant}-{path}-{rnd}-gw.log",
+            )
             servers.append(gw)
         grpc_check(port(gw or up, "grpc"), work)
         for i in range(len(runs)):
@@ -724,6 +729,8 @@ def topology(pin: Pinning) -> str:
     if not pin.cores:
         return f"unpinned ({pin.note})"
     c0, c1 = pin.cores
+    if pin.gateway and pin.gateway != pin.load:  # (BATCHGATE_BENCH_CORES: a core of its own)
+        return f"upstream on core {c0}; gateway on core(s) {pin.gateway[-1]}; h2load on core(s) {pin.load[-1]}"
     return f"upstream on core {c0}; gateway and h2load share core {c1} (direct path: h2load alone on core {c1})"
 
 
@@ -898,7 +905,20 @@ def parse_args(argv=None):
     )
     ap.add_argument("--no-pin", action="store_true", help="do not pin the processes to cores")
     ap.add_argument("--output", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    ap.add_argument(
+        "--variants", type=lambda v: tuple(v.split(",")), default=VARIANTS, help="upstream variants (default A,B)"
+    )
+    ap.add_argument(
+        "--paths",
+        type=lambda v: tuple(v.split(",")),
+        default=PATHS,
+        help="paths measured, direct always among them (default direct,passthrough,decoded,gateway)",
+    )
     args = ap.parse_args(argv)
+    if set(args.variants) - set(VARIANTS) or set(args.paths) - set(PATHS):
+        ap.error(f"--variants are {','.join(VARIANTS)}; --paths are {','.join(PATHS)}")
+    if "direct" not in args.paths:
+        args.paths = ("direct", *args.paths)
     # what --quick and the default run use for every option left unset
     preset = (
         {"rounds": 1, "duration": 1.5, "warmup": 0.5, "levels": (1, HEADLINE), "retries": 0}
@@ -935,11 +955,12 @@ def main(argv=None) -> int:
         work = make_workload("main", model, args.sizes, tmp)
         repos = {
             v: write_repository(tmp / f"repo-{v}", model, model_config(args.sizes, v == "A", args.upstream_delay_us, 1))
-            for v in VARIANTS
+            for v in args.variants
         }
         for rnd in range(1, args.rounds + 1):
-            order = PATHS if rnd % 2 else tuple(reversed(PATHS))
-            for v in VARIANTS:
+            paths = tuple(p for p in PATHS if p in args.paths)
+            order = paths if rnd % 2 else tuple(reversed(paths))
+            for v in args.variants:
                 for path in order:
                     runs.extend(measure_config(v, path, rnd, repos[v], work, args, pin, tmp, retries))
 
@@ -961,7 +982,11 @@ def main(argv=None) -> int:
         "cpu_model": cpu_model(),
         "pinning": pin.note,
         "topology": topology(pin),
-        "cores": ({"upstream": pin.cores[0], "gateway": pin.cores[1], "h2load": pin.cores[1]} if pin.cores else None),
+        "cores": (
+            {"upstream": pin.server[-1], "gateway": (pin.gateway or pin.load)[-1], "h2load": pin.load[-1]}
+            if pin.cores
+            else None
+        ),
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,

@@ -420,7 +420,7 @@ def main() -> int:
                 "chrt",
                 "--idle",
                 "0",
-                *pin.load,
+                *(pin.upstream or pin.load),
                 *SERVE,
                 "--model-repository",
                 str(repo),
