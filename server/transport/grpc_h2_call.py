@@ -8,8 +8,8 @@ import asyncio
 import inspect
 import logging
 import time
-import types
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 import grpc
@@ -291,7 +291,7 @@ class _Call:
             return
         resume = _resume(run, waiting)
         resume.send(None)  # to its first yield: a cancel before the task's first step reaches ``run``
-        self.task = self.conn.server.loop.create_task(resume)
+        self.task = self.conn.server.loop.create_task(_Driven(resume))
 
     async def _run(self, impl, request) -> None:
         try:
@@ -531,7 +531,28 @@ class _Call:
         pass
 
 
-@types.coroutine
+class _Driven(Coroutine):
+    """:func:`_resume`'s generator as a coroutine a task takes: asyncio takes no generator for
+    a task since Python 3.12 ("a coroutine was expected"), however it is decorated."""
+
+    __slots__ = ("_gen",)
+
+    def __init__(self, gen):
+        self._gen = gen
+
+    def send(self, value):
+        return self._gen.send(value)
+
+    def throw(self, *exc):
+        return self._gen.throw(*exc)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __await__(self):
+        return self._gen
+
+
 def _resume(coro, waiting):
     """Drive on, in a task, a coroutine whose first step was taken outside one: hand the task
     what the coroutine waits on, then pass what the task sends or throws through to it.

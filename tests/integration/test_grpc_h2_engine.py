@@ -380,6 +380,33 @@ def test_an_answer_the_client_never_takes_is_dropped_at_the_deadline(tmp_path, s
     raw.close()
 
 
+def test_calls_started_at_once_run_in_tasks_that_python_3_12_takes(demo_repo, serve):
+    """An infer's first step runs before its task exists; the task then drives the rest. Since
+    Python 3.12 asyncio takes only coroutines for tasks, no generator: this loop refuses one as
+    3.12 does, on any Python (every infer failed on 3.12 with "a coroutine was expected")."""
+    import asyncio
+    import collections.abc
+    import types
+
+    def strict(loop, coro, **kw):
+        if not isinstance(coro, (types.CoroutineType, collections.abc.Coroutine)):
+            raise TypeError(f"a coroutine was expected, got {coro!r}")
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    async def install():
+        asyncio.get_running_loop().set_task_factory(strict)
+
+    running = serve(demo_repo, grpc_engine="h2")
+    running.call(install())
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        inputs.append(grpcclient.InferInput(name, [2, 16], "INT32"))
+        inputs[-1].set_data_from_numpy(np.full((2, 16), 3, np.int32))
+    for _ in range(3):
+        assert (c.infer("simple", inputs).as_numpy("OUTPUT0") == 6).all()
+
+
 def test_a_stream_answers_and_ends_with_ok(h2_server):
     channel = grpc.insecure_channel(h2_server.grpc_url)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
