@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -284,6 +285,11 @@ class _Call:
         run = self._run(impl, request)
         if self.method not in self.conn.server.eager:
             self.task = self.conn.server.loop.create_task(run)
+            return
+        if sys.version_info >= (3, 12):
+            # Its first step now, in a task already (asyncio's own eager start): since 3.12,
+            # asyncio.wait_for needs a task, and the remote backend's first call waits in one.
+            self.task = asyncio.Task(run, loop=self.conn.server.loop, eager_start=True)
             return
         try:  # its first step now: a call answered at once (a refusal) needs no task
             waiting = run.send(None)

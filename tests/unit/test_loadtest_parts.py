@@ -137,6 +137,12 @@ def test_the_first_arrival_of_a_ramp_up_from_zero_is_at_its_start(warmup):
     assert sched.time_of(0.0) == 0.0 and 0 < sched.time_of(1.0) < 1
 
 
+def test_a_window_longer_than_the_step_is_the_step():
+    sc = Scenario("h:1", "m", duration_s=0.5, window_s=5)
+    sc.check()
+    assert sc.window_s == 0.5
+
+
 def test_a_data_file_is_bounded_before_it_is_read(tmp_path, monkeypatch):
     inputs = [("x", "FP32", [-1, 4])]
     bomb = tmp_path / "zeros.npz"  # 8 MiB of zeros, a few KiB on disk
