@@ -24,11 +24,11 @@ from collections.abc import Awaitable
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .backends.base import Backend, LocalBackend, RemoteBackend
-from .backends.remote import string_field
+from .backends.v2_messages import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
-from .core.signature import ModelSignature
+from .core.signature import ModelSignature, forwarded_parameters, with_parameters
 from .core.stats import ModelStats
 from .core.types import REQUESTS_HEADER, InferRequest, InferResponse, Tensor, clip, printable
 from .monitoring import tracing
@@ -73,6 +73,9 @@ class ModelVersion:
         self.config = config
         self.signature = signature
         self.backend: Backend | None = backend
+        # (an upstream reads parameters: Triton's sequence_id, a Python model's own; an open
+        # signature groups by them already)
+        self._forwards_parameters = backend.kind == "remote" and not signature.open
         self.stats = ModelStats(self.name, version)
         self.metrics = metrics
         self.instances = instances
@@ -150,6 +153,8 @@ class ModelVersion:
         is a submission of its own (its own ticket): the same request may be submitted again."""
         try:
             checked = self.signature.check(request)
+            if self._forwards_parameters:
+                checked = with_parameters(request, checked)
             if self._admit is not None:
                 self._admit()
         except GatewayError as e:
@@ -431,7 +436,7 @@ def _values_may_be_at_fault(e: Exception) -> bool:
     """Whether a failed batch may owe its failure to one request's values (the upstream refused or
     failed on them, or answered outputs that cannot be split), rather than to the upstream's state."""
     if isinstance(e, GatewayError):
-        return e.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.INTERNAL)
+        return e.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.FAILED_PRECONDITION, ErrorCode.INTERNAL)
     return isinstance(e, ValueError)
 
 
@@ -501,14 +506,14 @@ class RemoteExecution:
             forwards["decoded"] = forwards.get("decoded", 0) + len(batch)
             rid = batch[0].request.id if len(batch) == 1 else ""
             types = None
+            # Requests of one batch share their parameters (their group): the upstream may read
+            # them (MLServer's content_type, Triton's sequence_id).
+            first = batch[0].request
+            params, own = forwarded_parameters(first)
             try:
                 if v.signature.open:
-                    # Requests of one batch share input names and datatypes (their group).
-                    first = batch[0].request
+                    # ... and input names and datatypes
                     given = {t.name: t.datatype for t in first.inputs}
-                    # ... and their parameters (the upstream may read them: MLServer's content_type)
-                    own = {t.name: t.parameters for t in first.inputs if t.parameters}
-                    params = {k: v for k, v in first.parameters.items() if k != "variant"} if first.parameters else {}
                     got = await self._backend.infer_open(
                         feeds, given, names, deadline, rid, headers, params=params, input_params=own
                     )
@@ -522,7 +527,7 @@ class RemoteExecution:
                     types = {n: got[n][0] for n in names}
                     arrays = [got[n][1] for n in names]
                 else:
-                    arrays = await self._backend.infer(feeds, names, deadline, rid, headers)
+                    arrays = await self._backend.infer(feeds, names, deadline, rid, headers, params, own)
             finally:
                 threads.away -= len(batch)
             t2 = _perf_ns()

@@ -110,9 +110,12 @@ class RemoteBackend(Backend, Protocol):
         deadline: float | None,
         request_id: str = "",
         trace: TraceHeaders | None = None,
+        params: Mapping[str, Any] | None = None,
+        input_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[np.ndarray]:
         """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock;
-        ``trace``: the W3C trace context headers to send with the call."""
+        ``trace``: the W3C trace context headers to send with the call; the batch's request and
+        input parameters go with it."""
         ...
 
     async def infer_open(

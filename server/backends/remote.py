@@ -33,12 +33,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw, to_raw
+from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw
 from ..monitoring.metrics import Metrics, UpstreamMetrics
 from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2Channel
+from .v2_messages import config_from_metadata, fill_request, string_field
 
 log = logging.getLogger("batchgate.remote")
 
@@ -69,6 +70,7 @@ _KEPT_CODES = {
     grpc.StatusCode.CANCELLED: ErrorCode.CANCELLED,
     grpc.StatusCode.UNIMPLEMENTED: ErrorCode.UNIMPLEMENTED,
     grpc.StatusCode.UNAVAILABLE: ErrorCode.UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION: ErrorCode.FAILED_PRECONDITION,  # (MLServer's 422: a request it refused)
 }
 
 
@@ -93,7 +95,7 @@ class _Status(Protocol):
     def details(self) -> str | None: ...
 
 
-def not_delivered(e: grpc.aio.AioRpcError) -> bool:
+def not_delivered(e: _Status) -> bool:
     """True when gRPC says the connection could not be made, so the upstream never saw the call."""
     if e.code() != grpc.StatusCode.UNAVAILABLE:
         return False
@@ -259,12 +261,17 @@ class RemoteV2Backend:
         cfg.name = spec.name
         if spec.max_batch_size and upstream.max_batch_size:
             cfg.max_batch_size = min(spec.max_batch_size, upstream.max_batch_size)
+        # A sequence model keeps each request apart: its upstream's sequence batcher needs every
+        # step of a sequence as the caller sent it, sequence_id and start/end parameters with it.
+        sequences = upstream.HasField("sequence_batching")
+        if sequences and spec.batching == "gateway":
+            log.info("model '%s': the upstream batches sequences; each request is sent as it came", spec.name)
         cfg.ClearField("dynamic_batching")
         cfg.ClearField("sequence_batching")
         cfg.ClearField("ensemble_scheduling")
         cfg.ClearField("instance_group")
         cfg.ClearField("version_policy")
-        if spec.batching == "gateway" and cfg.max_batch_size > 0:
+        if spec.batching == "gateway" and cfg.max_batch_size > 0 and not sequences:
             cfg.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
         cfg.instance_group.add(count=spec.inflight, kind=mc.ModelInstanceGroup.KIND_MODEL)
         cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)
@@ -352,12 +359,15 @@ class RemoteV2Backend:
 
     def _count_failure(self, up: Upstream, e: _Status) -> None:
         """A failed call: counted by its code; a code that says the upstream is unwell counts towards
-        ejecting it. Errors a request's own values may cause (INTERNAL, UNKNOWN) count only while
-        another upstream is in rotation: a caller cannot take the model's last one away."""
+        ejecting it. Only a call that never reached the upstream (it could not be connected to)
+        counts always; the others (INTERNAL, UNKNOWN, which a request's own values may cause, and an
+        UNAVAILABLE the upstream answered, as Triton does with a full queue or a request's timeout)
+        count only while another upstream is in rotation: neither a caller nor a moment's overload
+        takes the model's last one away (its probe does, when the model is not ready there)."""
         code = e.code()
         up.metrics.errors[code.name] = up.metrics.errors.get(code.name, 0) + 1
         others = any(u.in_rotation for u in self.upstreams if u is not up)
-        if code in _BREAKER_CODES and (code is grpc.StatusCode.UNAVAILABLE or others):
+        if code in _BREAKER_CODES and (others or not_delivered(e)):
             self._failed(up, e)
 
     def _failed(self, up: Upstream, e: _Status) -> None:
@@ -390,11 +400,24 @@ class RemoteV2Backend:
         deadline: float | None,
         request_id: str = "",
         trace: TraceHeaders | None = None,
+        params: Mapping[str, Any] | None = None,
+        input_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[np.ndarray]:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock;
-        ``trace``: the batch's W3C trace context headers, sent on (the upstream's spans join the trace)."""
-        up, resp = await self._call(self.request(feeds, names, request_id), deadline, trace=trace)
+        ``trace``: the batch's W3C trace context headers, sent on (the upstream's spans join the
+        trace); ``params``, ``input_params``: the batch's request and input parameters."""
+        msg = self._with_parameters(self.request(feeds, names, request_id), params, input_params)
+        up, resp = await self._call(msg, deadline, trace=trace)
         return self._outputs(up, resp, names)
+
+    @staticmethod
+    def _with_parameters(msg: pb.ModelInferRequest, params, input_params) -> pb.ModelInferRequest:
+        if params:
+            grpc_codec.set_parameters(msg.parameters, params)
+        if input_params:
+            for t in msg.inputs:
+                grpc_codec.set_parameters(t.parameters, input_params.get(t.name) or {})
+        return msg
 
     def _outputs(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
         """The outputs ``names`` of an answer, in order; one missing is the upstream's fault."""
@@ -459,10 +482,7 @@ class RemoteV2Backend:
         """Run one batch of a model that declares no signature: the inputs' datatypes and the
         request's and inputs' parameters are the caller's, ``names`` () asks for every output,
         and the answer is every output the upstream gave, by name: (V2 datatype, array)."""
-        msg = self.request(feeds, names, request_id, types)
-        grpc_codec.set_parameters(msg.parameters, params or {})
-        for t in msg.inputs:
-            grpc_codec.set_parameters(t.parameters, (input_params or {}).get(t.name) or {})
+        msg = self._with_parameters(self.request(feeds, names, request_id, types), params, input_params)
         up, resp = await self._call(msg, deadline, trace=trace)
         return self._tensors(up, resp)
 
@@ -547,54 +567,6 @@ class RemoteV2Backend:
             up.ready = False
             if up.metrics.owner is up:  # not when a newer backend (a reload) reports this upstream
                 up.update_gauge()
-
-
-def fill_request(
-    msg: pb.ModelInferRequest, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
-) -> pb.ModelInferRequest:
-    """``msg`` with ``feeds`` as its inputs (their V2 datatypes in ``types``), sent raw
-    (``raw_input_contents``), and ``names`` as the outputs it asks for."""
-    for name, arr in feeds.items():
-        dt = DATATYPES[types[name]]
-        msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
-        msg.raw_input_contents.append(to_raw(arr, dt))
-    for name in names:
-        msg.outputs.add(name=name)
-    return msg
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def string_field(number: int, value: str) -> bytes:
-    """One protobuf string field, encoded even when empty (which must replace one given earlier)."""
-    data = value.encode("utf-8")
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:
-    """A config from V2 model metadata alone. With ``max_batch_size`` > 0 the first dimension of
-    every tensor, which must be -1, is the batch dimension."""
-    cfg = mc.ModelConfig(name=meta.name, platform=meta.platform)
-    tensors = list(meta.inputs) + list(meta.outputs)
-    batched = max_batch_size > 0 and all(t.shape and t.shape[0] == -1 for t in tensors)
-    cfg.max_batch_size = max_batch_size if batched else 0
-    for src, dst in ((meta.inputs, cfg.input), (meta.outputs, cfg.output)):
-        for t in src:
-            dt = DATATYPES.get(t.datatype)
-            if dt is None:
-                raise GatewayError(
-                    ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype {t.datatype}, which batchgate cannot serve"
-                )
-            dims = list(t.shape[1:]) if batched else list(t.shape)
-            dst.add(name=t.name, data_type=mc.DataType.Value(dt.config), dims=dims)
-    return cfg
 
 
 __all__ = ["RemoteV2Backend", "config_from_metadata", "not_delivered", "string_field", "PLATFORM"]

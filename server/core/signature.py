@@ -168,6 +168,24 @@ class ModelSignature:
         return Checked(feeds, names, 1, object())  # a key nothing else shares: alone
 
 
+def forwarded_parameters(request: InferRequest) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]]]:
+    """The request's parameters an upstream is sent (all but the routing pin ``variant``), and
+    those of its inputs, by input name."""
+    params = {k: v for k, v in request.parameters.items() if k != "variant"} if request.parameters else {}
+    return params, {t.name: t.parameters for t in request.inputs if t.parameters}
+
+
+def with_parameters(request: InferRequest, checked: Checked) -> Checked:
+    """``checked`` for a model whose upstream is sent the request's parameters (a remote model
+    with a signature): a request with parameters shares a batch only with requests of the same
+    ones, of the same input names, datatypes and non-batch shapes."""
+    params, own = forwarded_parameters(request)
+    if not params and not own:
+        return checked
+    key = tuple(sorted((t.name, t.datatype, t.shape[1:], _frozen(t.parameters)) for t in request.inputs))
+    return checked._replace(group=(key, _frozen(params)))
+
+
 def _frozen(params: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
     """Parameters as a key: equal ones, equal keys (a request's values may be lists or objects)."""
     return tuple(sorted((k, repr(v)) for k, v in params.items())) if params else ()

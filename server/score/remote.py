@@ -278,7 +278,7 @@ class _Grpc:
     async def infer(
         self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
-        from ..backends.remote import fill_request
+        from ..backends.v2_messages import fill_request
 
         msg = self.pb.ModelInferRequest(model_name=name)
         if self.priority:

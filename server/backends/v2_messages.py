@@ -1,0 +1,60 @@
+"""V2 gRPC messages a remote model sends and reads, built without the gateway's state: a
+request's inputs sent raw, a string field of a forwarded request's suffix, a config made from
+an upstream's metadata alone."""
+
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+
+from ..core.errors import ErrorCode, GatewayError
+from ..core.types import DATATYPES, to_raw
+
+
+def fill_request(
+    msg: pb.ModelInferRequest, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
+) -> pb.ModelInferRequest:
+    """``msg`` with ``feeds`` as its inputs (their V2 datatypes in ``types``), sent raw
+    (``raw_input_contents``), and ``names`` as the outputs it asks for."""
+    for name, arr in feeds.items():
+        dt = DATATYPES[types[name]]
+        msg.inputs.add(name=name, datatype=dt.v2, shape=arr.shape)
+        msg.raw_input_contents.append(to_raw(arr, dt))
+    for name in names:
+        msg.outputs.add(name=name)
+    return msg
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def string_field(number: int, value: str) -> bytes:
+    """One protobuf string field, encoded even when empty (which must replace one given earlier)."""
+    data = value.encode("utf-8")
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:
+    """A config from V2 model metadata alone. With ``max_batch_size`` > 0 the first dimension of
+    every tensor, which must be -1, is the batch dimension."""
+    cfg = mc.ModelConfig(name=meta.name, platform=meta.platform)
+    tensors = list(meta.inputs) + list(meta.outputs)
+    batched = max_batch_size > 0 and all(t.shape and t.shape[0] == -1 for t in tensors)
+    cfg.max_batch_size = max_batch_size if batched else 0
+    for src, dst in ((meta.inputs, cfg.input), (meta.outputs, cfg.output)):
+        for t in src:
+            dt = DATATYPES.get(t.datatype)
+            if dt is None:
+                raise GatewayError(
+                    ErrorCode.UNAVAILABLE, f"tensor '{t.name}' has datatype {t.datatype}, which batchgate cannot serve"
+                )
+            dims = list(t.shape[1:]) if batched else list(t.shape)
+            dst.add(name=t.name, data_type=mc.DataType.Value(dt.config), dims=dims)
+    return cfg

@@ -1,0 +1,99 @@
+"""A small V2 gRPC upstream that behaves as a test needs: where a real one cannot be made to
+answer a status on request (Triton's UNAVAILABLE for a full queue), to tell what arrived (the
+parameters of each request), or to declare a scheduler batchgate does not run (sequence batching).
+
+Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8) and ``seq`` (the same with
+``sequence_batching``). A request parameter ``code`` (int) makes the call fail with that gRPC
+status; the answer carries the parameter ``seen`` (the request's parameter names, sorted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+MODELS = ("fk", "seq")
+
+
+class _Service(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, owner: FakeUpstream):
+        self.owner = owner
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=request.name in MODELS)
+
+    async def ModelMetadata(self, request, context):
+        if request.name not in MODELS:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name}")
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=["1"],
+            platform="fake",
+            inputs=[meta(name="x", datatype="FP32", shape=[-1, 2])],
+            outputs=[meta(name="y", datatype="FP32", shape=[-1, 2])],
+        )
+
+    async def ModelConfig(self, request, context):
+        cfg = mc.ModelConfig(name=request.name, platform="fake", max_batch_size=8)
+        if request.name == "seq":
+            cfg.sequence_batching.max_sequence_idle_microseconds = 5_000_000
+        cfg.input.add(name="x", data_type=mc.TYPE_FP32, dims=[2])
+        cfg.output.add(name="y", data_type=mc.TYPE_FP32, dims=[2])
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def ModelInfer(self, request, context):
+        params = dict(request.parameters)
+        self.owner.seen.append((request.model_name, params, [list(t.shape) for t in request.inputs]))
+        if "code" in params:
+            code = next(c for c in grpc.StatusCode if c.value[0] == params["code"].int64_param)
+            await context.abort(code, f"the fake upstream fails with {code.name} as asked")
+        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
+        resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        resp.outputs.add(name="y", datatype="FP32", shape=list(x.shape))
+        resp.raw_output_contents.append((x * 2).astype(np.float32).tobytes())
+        resp.parameters["seen"].string_param = ",".join(sorted(params))
+        return resp
+
+
+class FakeUpstream:
+    """Serves on 127.0.0.1 (``address``) from a thread of its own until ``stop``."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, dict, list]] = []  # (model, parameters, input shapes) of each infer
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._started.wait(20):
+            raise RuntimeError("the fake upstream did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = grpc.aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Service(self), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._loop.run_until_complete(self._server.start())
+        self._started.set()
+        self._loop.run_forever()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

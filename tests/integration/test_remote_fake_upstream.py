@@ -1,0 +1,114 @@
+"""Remote models against an upstream that answers as a test needs (tests/fake_upstream.py): an
+UNAVAILABLE it answers itself, parameters it reads, a sequence batcher, a refusal of its own."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from batchgate.config import RemoteModel
+from fake_upstream import FakeUpstream
+
+FAST = dict(
+    probe_interval_s=0.1,
+    eject_s=5.0,
+    eject_after_failures=3,
+    client=os.environ.get("BATCHGATE_TEST_REMOTE_CLIENT", "h2"),
+)
+
+
+@pytest.fixture
+def fake():
+    up = FakeUpstream()
+    yield up
+    up.stop()
+
+
+def _infer(mod, url, model, value=1.0, params=None, **kw):
+    c = mod.InferenceServerClient(url)
+    x = mod.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.full((1, 2), value, np.float32))
+    return c.infer(model, [x], parameters=params, **kw).as_numpy("y")
+
+
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_an_unavailable_the_upstream_answers_never_ejects_the_models_only_upstream(fake, serve, mod):
+    """Triton answers UNAVAILABLE for a full queue or a request's expired timeout: a moment's
+    overload, not an upstream gone. It ejected the only upstream (UNAVAILABLE for everyone)."""
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", retries=0, **FAST),))
+    url = running.grpc_url if mod is grpcclient else running.http_url
+    for _ in range(5):
+        with pytest.raises(InferenceServerException) as e:
+            _infer(mod, url, "fk", params={"code": 14})
+        assert "UNAVAILABLE" in str(e.value.status()) or e.value.status() == "503"
+    np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
+    assert mod.InferenceServerClient(url).is_model_ready("fk")
+    text = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert not [
+        x for x in text.splitlines() if x.startswith("batchgate_upstream_ejections_total") and x.endswith(" 1.0")
+    ]
+
+
+@pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
+def test_parameters_reach_an_upstream_that_declares_a_signature_on_every_path(fake, serve, path):
+    """The raw gRPC path sent the caller's parameters; HTTP, forwarding=decoded and gateway
+    batching dropped them. Requests whose parameters differ never share a batch."""
+    batching, forwarding = (
+        ("gateway", "raw") if path == "gateway" else ("passthrough", "raw" if path == "http" else "decoded")
+    )
+    spec = RemoteModel(
+        "fk", (fake.address,), batching=batching, forwarding=forwarding, max_queue_delay_us=20000, **FAST
+    )
+    running = serve("", remote_models=(spec,))
+    mod, url = (httpclient, running.http_url) if path == "http" else (grpcclient, running.grpc_url)
+
+    def call(i):
+        return _infer(mod, url, "fk", float(i), params={"tag": f"t{i % 4}", "n": i % 4})
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(call, range(16)))
+    for i, y in enumerate(outs):
+        np.testing.assert_array_equal(y, np.full((1, 2), 2.0 * i, np.float32))
+    assert len(fake.seen) >= 4
+    for _, params, _ in fake.seen:
+        assert {"tag", "n"} <= set(params), params
+        assert params["tag"].string_param == f"t{params['n'].int64_param}"
+    # every request went upstream exactly once (batched only with its equals)
+    if path == "gateway":
+        assert sum(shapes[0][0] for _, _, shapes in fake.seen) == 16
+
+
+def test_a_sequence_model_upstream_is_sent_each_request_as_it_came(fake, serve):
+    """An upstream's sequence batcher needs every step apart, with its sequence parameters: the
+    gateway batched the steps of different sequences into one call, without them."""
+    running = serve("", remote_models=(RemoteModel("seq", (fake.address,), max_queue_delay_us=20000, **FAST),))
+    config = grpcclient.InferenceServerClient(running.grpc_url).get_model_config("seq").config
+    assert not config.HasField("dynamic_batching") and not config.HasField("sequence_batching")
+
+    def step(i):
+        mod, url = (httpclient, running.http_url) if i % 2 else (grpcclient, running.grpc_url)
+        return _infer(mod, url, "seq", float(i), sequence_id=100 + i % 3, sequence_start=i < 3)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(step, range(12)))
+    assert len(fake.seen) == 12 and all(shapes == [[1, 2]] for _, _, shapes in fake.seen)
+    assert {p["sequence_id"].int64_param for _, p, _ in fake.seen} == {100, 101, 102}
+
+
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_an_upstreams_failed_precondition_keeps_its_code(fake, serve, mod):
+    """MLServer refuses a request it cannot process with 422 / FAILED_PRECONDITION: the caller's
+    to mend, not a server error (it answered INTERNAL / 500)."""
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
+    url = running.grpc_url if mod is grpcclient else running.http_url
+    with pytest.raises(InferenceServerException) as e:
+        _infer(mod, url, "fk", params={"code": 9})
+    assert e.value.status() in ("StatusCode.FAILED_PRECONDITION", "409"), e.value.status()
+    assert "the fake upstream fails with FAILED_PRECONDITION" in e.value.message()
