@@ -85,6 +85,12 @@ class Region:
 
     def write(self, offset: int, data: bytes) -> None:
         try:
+            # (a write past the end of a segment the client shrank would grow it again, unasked)
+            if os.fstat(self._fd).st_size < self.offset + offset + len(data):
+                raise invalid(
+                    f"shared-memory region '{self.name}': its segment '{self.key}' is shorter than when it was "
+                    "registered"
+                )
             written = os.pwrite(self._fd, data, self.offset + offset)
         except OSError as e:
             raise invalid(f"shared-memory region '{self.name}' cannot be written: {e.strerror}") from None
@@ -327,14 +333,16 @@ class RegionView:
         """A copy of the bytes at ``place`` (the client may change the region afterwards)."""
         return self._region(place, what).read(place.offset, place.byte_size)
 
-    def write(self, place: Place, data: bytes, what: str) -> None:
+    def check(self, place: Place, data: bytes, name: str) -> tuple[Region, bytes]:
+        """The region output ``name``'s ``data`` goes to, once it is seen to fit its place."""
+        what = f"output '{clip(name)}'"
         region = self._region(place, what)
         if len(data) > place.byte_size:
             raise invalid(
                 f"{what} is {len(data)} bytes, more than the {place.byte_size} bytes given for it in shared-memory "
                 f"region '{place.region}'"
             )
-        region.write(place.offset, data)
+        return region, data
 
     def _region(self, place: Place, what: str) -> Region:
         """The region the request was read with, even if it was unregistered since (it stays open
@@ -358,13 +366,17 @@ class OutputWriter:
         self.written: dict[str, tuple[str, int]] = {}
 
     def __call__(self, resp: InferResponse) -> None:
-        places = self._places
+        places, view = self._places, self._view
+        # Every output checked before any is written: a request that fails leaves the regions as
+        # they were (short of a segment shrunk in between).
+        todo = []
         for t in resp.outputs:
             place = places.get(t.name)
             if place is not None:
-                raw = to_raw(t.data, DATATYPES[t.datatype])
-                self._view.write(place, raw, f"output '{clip(t.name)}'")
-                self.written[t.name] = (place.region, len(raw))
+                todo.append((t.name, place, view.check(place, to_raw(t.data, DATATYPES[t.datatype]), t.name)))
+        for name, place, (region, raw) in todo:
+            region.write(place.offset, raw)
+            self.written[name] = (place.region, len(raw))
 
 
 def fixed_bytes(dt: Any, shape: tuple[int, ...]) -> int | None:

@@ -58,6 +58,9 @@ class InferenceThreads:
                 if nxt is None:
                     break
                 arg, done = nxt
+            # Nothing of the last job stays referenced while the thread waits for the next (a
+            # request's shared-memory region closes when the last request holding it is answered).
+            item = arg = result = done = fn = more = nxt = None
 
     def call(self, fn: Callable, arg, done: Callable, more: Callable | None = None) -> None:
         """Run ``fn(arg)`` on a worker thread, then ``done(result)`` on the running loop

@@ -29,6 +29,14 @@ class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
+    def get_environ(self) -> dict[str, Any]:
+        # The path as the client sent it: PATH_INFO has its %xx decoded, and the HTTP server
+        # has already made a leading "//" one "/" (so "//metrics" and "/%6Detrics" read "/metrics").
+        env = super().get_environ()
+        parts = self.requestline.split(" ")
+        env["batchgate.raw_path"] = parts[1].split("?", 1)[0] if len(parts) == 3 else ""
+        return env
+
 
 class _Threading(ThreadingMixIn, WSGIServer):
     daemon_threads = True
@@ -42,7 +50,7 @@ def serve_metrics(exposition: Callable[[], bytes], host: str, port: int, keys: K
     def app(environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET")
         head = method == "HEAD"
-        if environ.get("PATH_INFO") != PATH:
+        if environ.get("PATH_INFO") != PATH or environ.get("batchgate.raw_path", PATH) != PATH:
             return _answer(start_response, head, "404 Not Found", b"not found: this port serves /metrics only\n")
         if method not in ("GET", "HEAD"):
             allow = ("Allow", "GET, HEAD")

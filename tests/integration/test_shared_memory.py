@@ -6,6 +6,7 @@ logging extension.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -493,3 +494,74 @@ def test_an_output_that_does_not_fit_its_region_fails_the_request_in_its_statist
         assert answers[0][0] is None and "more than the 16 bytes" in str(answers[0][1])
         assert stats() == (1, 2)
     c.unregister_system_shared_memory()
+
+
+def _simple_inputs(mod):
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        inputs.append(mod.InferInput(name, [1, 16], "INT32"))
+        inputs[-1].set_data_from_numpy(np.full((1, 16), 5, np.int32))
+    return inputs
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_an_output_into_a_segment_shrunk_after_registration_is_refused_not_written(repo, serve, segments, mod, proto):
+    """Regression: the write went past the segment's new end and grew it again, unasked, while
+    the request answered OK."""
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    key, _ = segments(256)
+    c.register_system_shared_memory("r", key, 256)
+    path = f"/dev/shm/{key[1:]}"
+    os.truncate(path, 0)
+    out = mod.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("r", 64, offset=32)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("simple", _simple_inputs(mod), outputs=[out])
+    assert "shorter than when it was registered" in e.value.message()
+    assert os.path.getsize(path) == 0
+
+
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_a_request_that_fails_writes_none_of_its_outputs(repo, serve, segments, mod, proto):
+    """Regression: the outputs were written one by one, so a request refused for its second output
+    (too large for its place) had already written its first into the client's region."""
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    key, h = segments(128)
+    shm.set_shared_memory_region(h, [np.full(32, 7, np.int32)])
+    c.register_system_shared_memory("r", key, 128)
+    first, second = mod.InferRequestedOutput("OUTPUT0"), mod.InferRequestedOutput("OUTPUT1")
+    first.set_shared_memory("r", 64)
+    second.set_shared_memory("r", 63, offset=64)  # one byte short
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("simple", _simple_inputs(mod), outputs=[first, second])
+    assert "more than the 63 bytes" in e.value.message()
+    assert (shm.get_contents_as_numpy(h, np.int32, [32]) == 7).all()
+
+
+def test_an_unregistered_region_holds_no_descriptor_once_its_requests_are_answered(repo, serve, segments):
+    """Regression: each inference thread kept its last job, and through it the request's region,
+    until its next job: an unregistered segment stayed open (its memory held) on an idle server."""
+    running = serve(repo)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    key, _ = segments(4096)
+
+    def open_on_it() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # (closed since the listing)
+                n += os.readlink(f"/proc/self/fd/{fd}").endswith(key)
+        return n
+
+    mine = open_on_it()  # (the client's own, in this same process)
+    for i in range(8):
+        c.register_system_shared_memory(f"r{i}", key, 4096)
+        out = grpcclient.InferRequestedOutput("OUTPUT0")
+        out.set_shared_memory(f"r{i}", 64)
+        c.infer("simple", _simple_inputs(grpcclient), outputs=[out])
+        c.unregister_system_shared_memory(f"r{i}")
+    deadline = time.monotonic() + 10
+    while open_on_it() > mine and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_on_it() == mine

@@ -216,7 +216,17 @@ def test_the_metrics_port_answers_only_metrics(gw):
     ok, body = _request(port, "GET", "/metrics")
     assert ok.status == 200 and ok.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
     assert b"nv_inference_request_success{" in body and b"batchgate_requests_total{" in body
-    for path in ("/", "/metrics/", "/metricsx", "/favicon.ico", "/v2/health/ready", "/metrics/extra"):
+    # (also "//metrics" and "/%6Detrics": the HTTP server had read both as /metrics)
+    for path in (
+        "/",
+        "/metrics/",
+        "/metricsx",
+        "/favicon.ico",
+        "/v2/health/ready",
+        "/metrics/extra",
+        "//metrics",
+        "/%6Detrics",
+    ):
         resp, body = _request(port, "GET", path)
         assert resp.status == 404, path
         assert b"nv_" not in body and b"batchgate_" not in body
