@@ -2,9 +2,10 @@
 answer a status on request (Triton's UNAVAILABLE for a full queue), to tell what arrived (the
 parameters of each request), or to declare a scheduler batchgate does not run (sequence batching).
 
-Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8) and ``seq`` (the same with
-``sequence_batching``). A request parameter ``code`` (int) makes the call fail with that gRPC
-status; the answer carries the parameter ``seen`` (the request's parameter names, sorted).
+Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
+``sequence_batching``) and ``typed`` (the same, answered in typed ``contents``, not raw). A
+request parameter ``code`` (int) makes the call fail with that gRPC status; the answer carries
+the parameter ``seen`` (the request's parameter names, sorted).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-MODELS = ("fk", "seq")
+MODELS = ("fk", "seq", "typed")
 
 
 class _Service(pb_grpc.GRPCInferenceServiceServicer):
@@ -63,7 +64,10 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
         resp.outputs.add(name="y", datatype="FP32", shape=list(x.shape))
-        resp.raw_output_contents.append((x * 2).astype(np.float32).tobytes())
+        if request.model_name == "typed":
+            resp.outputs[0].contents.fp32_contents.extend((x * 2).ravel().tolist())
+        else:
+            resp.raw_output_contents.append((x * 2).astype(np.float32).tobytes())
         resp.parameters["seen"].string_param = ",".join(sorted(params))
         return resp
 

@@ -532,9 +532,9 @@ class RemoteV2Backend:
 
     def _tensors(self, up: Upstream, resp: pb.ModelInferResponse) -> dict[str, tuple[str, np.ndarray]]:
         got = {}
-        raw = resp.raw_output_contents
-        if len(raw) != len(resp.outputs):
-            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered without raw output contents")
+        raw = resp.raw_output_contents  # (or none: each output's typed contents, as the protocol allows)
+        if raw and len(raw) != len(resp.outputs):
+            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered raw contents for some outputs only")
         for i, t in enumerate(resp.outputs):
             dt = DATATYPES.get(t.datatype)
             if dt is None:
@@ -542,8 +542,13 @@ class RemoteV2Backend:
                     ErrorCode.INTERNAL,
                     f"upstream {up.address} answered output '{t.name}' with unknown datatype {t.datatype}",
                 )
+            what = f"upstream {up.address} output '{t.name}'"
             try:
-                got[t.name] = dt.v2, from_raw(raw[i], dt, tuple(t.shape), f"upstream {up.address} output '{t.name}'")
+                shape = tuple(t.shape)
+                got[t.name] = (
+                    dt.v2,
+                    (from_raw(raw[i], dt, shape, what) if raw else grpc_codec.from_contents(t, dt, shape, what)),
+                )
             except GatewayError as e:  # a malformed answer is the upstream's fault, not the caller's
                 raise GatewayError(ErrorCode.INTERNAL, e.message) from None
         return got

@@ -134,7 +134,7 @@ def decode_request(
             data = from_raw(raw[j], dt, shape, what)
             j += 1
         else:
-            data = _from_contents(t, dt, shape, what)
+            data = from_contents(t, dt, shape, what)
         own = None
         if t.parameters and not (shared and i in shared):
             own = tensor_parameters({k: param_value(v) for k, v in t.parameters.items()}, what)
@@ -163,7 +163,7 @@ def decode_request(
     return req
 
 
-def _from_contents(t: pb.InferInputTensor, dt: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:
+def from_contents(t: Any, dt: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:
     field = CONTENTS_FIELD.get(dt.v2)
     if field is None:
         raise invalid(f"{what}: {dt.v2} data has no typed contents field; send it in raw_input_contents")

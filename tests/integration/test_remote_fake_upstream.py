@@ -112,3 +112,13 @@ def test_an_upstreams_failed_precondition_keeps_its_code(fake, serve, mod):
         _infer(mod, url, "fk", params={"code": 9})
     assert e.value.status() in ("StatusCode.FAILED_PRECONDITION", "409"), e.value.status()
     assert "the fake upstream fails with FAILED_PRECONDITION" in e.value.message()
+
+
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_an_answer_in_typed_contents_is_served(fake, serve, mod):
+    """The V2 protocol lets a server answer in typed contents instead of raw_output_contents: the
+    decoded path answered INTERNAL 'without raw output contents' (the raw path passed it on)."""
+    spec = RemoteModel("typed", (fake.address,), batching="passthrough", forwarding="decoded", **FAST)
+    running = serve("", remote_models=(spec,))
+    url = running.grpc_url if mod is grpcclient else running.http_url
+    np.testing.assert_array_equal(_infer(mod, url, "typed", 1.5), np.full((1, 2), 3.0, np.float32))
