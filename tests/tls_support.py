@@ -66,7 +66,16 @@ def make_cert(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=abs(days)))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        # (key identifiers, as real CAs write them: Python 3.13 verifies strictly and refuses a
+        # certificate without the Authority Key Identifier)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key((issuer.key if issuer else key).public_key()),
+            critical=False,
+        )
     )
+    if ca:
+        b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
     if server:
         b = b.add_extension(
             x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
