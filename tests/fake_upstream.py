@@ -5,7 +5,8 @@ parameters of each request), or to declare a scheduler batchgate does not run (s
 Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
 ``sequence_batching``) and ``typed`` (the same, answered in typed ``contents``, not raw). A
 request parameter ``code`` (int) makes the call fail with that gRPC status; the answer carries
-the parameter ``seen`` (the request's parameter names, sorted).
+the parameter ``seen`` (the request's parameter names, sorted). ``version`` and ``width`` (of x
+and y) may be changed while it serves, as a Triton that loaded another version.
 """
 
 from __future__ import annotations
@@ -41,18 +42,18 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name,
-            versions=["1"],
+            versions=[self.owner.version],
             platform="fake",
-            inputs=[meta(name="x", datatype="FP32", shape=[-1, 2])],
-            outputs=[meta(name="y", datatype="FP32", shape=[-1, 2])],
+            inputs=[meta(name="x", datatype="FP32", shape=[-1, self.owner.width])],
+            outputs=[meta(name="y", datatype="FP32", shape=[-1, self.owner.width])],
         )
 
     async def ModelConfig(self, request, context):
         cfg = mc.ModelConfig(name=request.name, platform="fake", max_batch_size=8)
         if request.name == "seq":
             cfg.sequence_batching.max_sequence_idle_microseconds = 5_000_000
-        cfg.input.add(name="x", data_type=mc.TYPE_FP32, dims=[2])
-        cfg.output.add(name="y", data_type=mc.TYPE_FP32, dims=[2])
+        cfg.input.add(name="x", data_type=mc.TYPE_FP32, dims=[self.owner.width])
+        cfg.output.add(name="y", data_type=mc.TYPE_FP32, dims=[self.owner.width])
         return pb.ModelConfigResponse(config=cfg)
 
     async def ModelInfer(self, request, context):
@@ -62,7 +63,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             code = next(c for c in grpc.StatusCode if c.value[0] == params["code"].int64_param)
             await context.abort(code, f"the fake upstream fails with {code.name} as asked")
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
-        resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        resp = pb.ModelInferResponse(model_name=request.model_name, model_version=self.owner.version, id=request.id)
         resp.outputs.add(name="y", datatype="FP32", shape=list(x.shape))
         if request.model_name == "typed":
             resp.outputs[0].contents.fp32_contents.extend((x * 2).ravel().tolist())
@@ -77,6 +78,7 @@ class FakeUpstream:
 
     def __init__(self):
         self.seen: list[tuple[str, dict, list]] = []  # (model, parameters, input shapes) of each infer
+        self.version, self.width = "1", 2
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

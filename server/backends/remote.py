@@ -74,6 +74,13 @@ _KEPT_CODES = {
 }
 
 
+def _served(meta: pb.ModelMetadataResponse) -> tuple:
+    """What an upstream serves, to tell a change: its highest version, and the tensors."""
+    numeric = [int(v) for v in meta.versions if v.isdigit()]
+    tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
+    return (str(max(numeric)) if numeric else "", len(meta.inputs), tensors)
+
+
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -133,6 +140,7 @@ class Upstream:
         self.probed = False  # a first probe's failure is logged as "down at start"
         self.eject_s = spec.eject_s
         self.why = "not probed yet"  # why it is out of rotation, for error messages
+        self.serves: tuple | None = None  # what its last probe saw served: see _served
         self.outstanding = 0
 
     @property
@@ -176,6 +184,9 @@ class RemoteV2Backend:
         self._prober: asyncio.Task | None = None
         self._closed = False
         self.version = spec.upstream_version  # the upstream version served; filled by open()
+        self._loaded: tuple | None = None  # what the upstream served when the model was loaded (_served)
+        # Called once when every upstream serves another version or signature: the repository loads it again
+        self.on_change: Callable[[], None] | None = None
         self._in_types: dict[str, str] = {}
         self._out_types: dict[str, str] = {}
         # Appended to a forwarded request's bytes: the upstream's model name and version. A
@@ -218,8 +229,8 @@ class RemoteV2Backend:
             pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version), timeout=5
         )
         if not self.version:
-            numeric = [int(v) for v in meta.versions if v.isdigit()]
-            self.version = str(max(numeric)) if numeric else ""
+            self.version = _served(meta)[0]
+        self._loaded = _served(meta)
         try:
             got = await up.stub.ModelConfig(
                 pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version), timeout=5
@@ -291,6 +302,17 @@ class RemoteV2Backend:
     # ------------------------------------------------------------------ health
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(up) for up in self.upstreams))
+        # Every upstream in rotation now serves another version or signature than the one loaded
+        # (a Triton that loaded version 2, say): the model is loaded again from them, once. While
+        # they disagree (a rolling upgrade half done) it serves on as loaded.
+        seen = {up.serves for up in self.upstreams if up.in_rotation and up.serves is not None}
+        if self.on_change is not None and len(seen) == 1 and self._loaded is not None:
+            now = seen.pop()
+            if now != self._loaded:
+                on_change, self.on_change = self.on_change, None
+                what = f"version {self._loaded[0]} -> {now[0]}" if now[0] != self._loaded[0] else "inputs or outputs"
+                log.info("model '%s': its upstreams changed (%s); loading it again", self.spec.name, what)
+                on_change()
 
     async def _probe(self, up: Upstream) -> None:
         now = self._clock()
@@ -298,10 +320,11 @@ class RemoteV2Backend:
             return
         timeout = min(2.0, max(0.2, self.spec.probe_interval_s))
         try:
-            resp = await up.stub.ModelReady(
-                pb.ModelReadyRequest(name=self.spec.target, version=self.spec.upstream_version), timeout=timeout
-            )
+            request = {"name": self.spec.target, "version": self.spec.upstream_version}
+            resp = await up.stub.ModelReady(pb.ModelReadyRequest(**request), timeout=timeout)
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
+            if ok and self.on_change is not None:
+                up.serves = _served(await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout))
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {clip(e.details() or '', 256)}"
         name, addr = self.spec.name, up.address

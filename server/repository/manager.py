@@ -92,6 +92,7 @@ class ModelRepository:
         self.retire_grace_s = retire_grace_s
         self.models: dict[str, ModelEntry] = {}
         self._retrying: dict[str, asyncio.Task] = {}  # remote models waiting for an upstream
+        self._reloads: set[asyncio.Task] = set()  # remote models loaded again: their upstreams changed
         self._generation: dict[str, int] = {}  # bumped by each unload: older loads stand down
         self._stopping = False
         self._wanted: set[str] = set()  # models that should be loaded (strict readiness)
@@ -530,6 +531,14 @@ class ModelRepository:
             if vote is not None:
                 await _voted(vote, (served,))
             self._swap(entry, {int(version): served}, time.perf_counter() - t0)
+            if name not in self._followed:  # (its upstreams now serve another version: load it again)
+                backend.on_change = lambda: self._again(spec, generation)
+
+    def _again(self, spec: RemoteModel, generation: int) -> None:
+        if not self._stopping and self._generation.get(spec.name, 0) == generation:
+            task = asyncio.ensure_future(self._load_remote(spec))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     async def _retry_remote(self, spec: RemoteModel, generation: int) -> None:
         await asyncio.sleep(spec.probe_interval_s)

@@ -4,6 +4,7 @@ UNAVAILABLE it answers itself, parameters it reads, a sequence batcher, a refusa
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,3 +123,22 @@ def test_an_answer_in_typed_contents_is_served(fake, serve, mod):
     running = serve("", remote_models=(spec,))
     url = running.grpc_url if mod is grpcclient else running.http_url
     np.testing.assert_array_equal(_infer(mod, url, "typed", 1.5), np.full((1, 2), 3.0, np.float32))
+
+
+def test_a_new_version_or_signature_upstream_is_followed(fake, serve):
+    """The upstream's metadata was read once, at load: after its Triton loaded version 2 with a
+    wider input, the gateway still said version 1 and checked requests against the old shape."""
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
+    c = httpclient.InferenceServerClient(running.http_url)
+    assert c.get_model_metadata("fk")["versions"] == ["1"]
+    fake.version, fake.width = "2", 3
+    deadline = time.monotonic() + 10
+    while c.get_model_metadata("fk")["versions"] != ["2"]:
+        assert time.monotonic() < deadline, c.get_model_metadata("fk")
+        time.sleep(0.1)
+    assert c.get_model_metadata("fk")["inputs"][0]["shape"] == [-1, 3]
+    x = httpclient.InferInput("x", [1, 3], "FP32")
+    x.set_data_from_numpy(np.ones((1, 3), np.float32))
+    result = c.infer("fk", [x])
+    assert result.get_response()["model_version"] == "2"
+    np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 3), 2.0, np.float32))
