@@ -19,7 +19,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -271,12 +272,20 @@ class ModelVersion:
         )
 
     def answers(
-        self, batch: list[Ticket], names: tuple[str, ...], arrays: list, types: dict[str, str] | None = None
+        self,
+        batch: list[Ticket],
+        names: tuple[str, ...],
+        arrays: list,
+        types: dict[str, str] | None = None,
+        params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> tuple[list, int]:
         """Each caller's answer, exactly its own rows; and the rows of the batch. ``types``: the
-        outputs' V2 datatypes when the signature declares none (as the upstream answered them)."""
+        outputs' V2 datatypes when the signature declares none (as the upstream answered them);
+        ``params``: parameters of a remote answer ("": its own, else by output), each caller's."""
         if types is None:
             types = self.signature.output_types
+        if params:
+            return _with_parameters(self.answers(batch, names, arrays, types), params)
         if len(batch) == 1:
             ticket = batch[0]
             note = ticket.request.note
@@ -432,6 +441,18 @@ class LocalExecution:
 _EXPIRED = GatewayError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while its batch failed and was run again")
 
 
+def _with_parameters(done: tuple[list, int], params: Mapping[str, Mapping[str, Any]]) -> tuple[list, int]:
+    answers, rows = done
+    own = params.get("")
+    return [
+        a._replace(
+            outputs=[t._replace(parameters=params.get(t.name) or t.parameters) for t in a.outputs],
+            parameters=own or a.parameters,
+        )
+        for a in answers
+    ], rows
+
+
 def _values_may_be_at_fault(e: Exception) -> bool:
     """Whether a failed batch may owe its failure to one request's values (the upstream refused or
     failed on them, or answered outputs that cannot be split), rather than to the upstream's state."""
@@ -510,12 +531,13 @@ class RemoteExecution:
             # them (MLServer's content_type, Triton's sequence_id).
             first = batch[0].request
             params, own = forwarded_parameters(first)
+            answered: dict = {}  # the upstream answer's parameters, passed on to each caller
             try:
                 if v.signature.open:
                     # ... and input names and datatypes
                     given = {t.name: t.datatype for t in first.inputs}
                     got = await self._backend.infer_open(
-                        feeds, given, names, deadline, rid, headers, params=params, input_params=own
+                        feeds, given, names, deadline, rid, headers, params, own, answered
                     )
                     names = names or tuple(got)
                     missing = [n for n in names if n not in got]
@@ -527,11 +549,11 @@ class RemoteExecution:
                     types = {n: got[n][0] for n in names}
                     arrays = [got[n][1] for n in names]
                 else:
-                    arrays = await self._backend.infer(feeds, names, deadline, rid, headers, params, own)
+                    arrays = await self._backend.infer(feeds, names, deadline, rid, headers, params, own, answered)
             finally:
                 threads.away -= len(batch)
             t2 = _perf_ns()
-            answers, rows = v.answers(batch, names, arrays, types)
+            answers, rows = v.answers(batch, names, arrays, types, answered)
             t3 = _perf_ns()
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
             if v.signature.open and len(batch) > 1 and _values_may_be_at_fault(e):

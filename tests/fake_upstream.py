@@ -5,8 +5,9 @@ parameters of each request), or to declare a scheduler batchgate does not run (s
 Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
 ``sequence_batching``) and ``typed`` (the same, answered in typed ``contents``, not raw). A
 request parameter ``code`` (int) makes the call fail with that gRPC status; the answer carries
-the parameter ``seen`` (the request's parameter names, sorted). ``version`` and ``width`` (of x
-and y) may be changed while it serves, as a Triton that loaded another version.
+the parameter ``seen`` (the request's parameter names, sorted), its output ``content_type``
+"np". ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that
+loaded another version.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         else:
             resp.raw_output_contents.append((x * 2).astype(np.float32).tobytes())
         resp.parameters["seen"].string_param = ",".join(sorted(params))
+        resp.outputs[0].parameters["content_type"].string_param = "np"
         return resp
 
 

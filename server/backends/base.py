@@ -112,6 +112,7 @@ class RemoteBackend(Backend, Protocol):
         trace: TraceHeaders | None = None,
         params: Mapping[str, Any] | None = None,
         input_params: Mapping[str, Mapping[str, Any]] | None = None,
+        answered: dict | None = None,
     ) -> list[np.ndarray]:
         """Execute one batch remotely; ``deadline`` is absolute on the monotonic clock;
         ``trace``: the W3C trace context headers to send with the call; the batch's request and
@@ -128,6 +129,7 @@ class RemoteBackend(Backend, Protocol):
         trace: TraceHeaders | None = None,
         params: Mapping[str, Any] | None = None,
         input_params: Mapping[str, Mapping[str, Any]] | None = None,
+        answered: dict | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
         """Execute one batch of a model that declares no signature: inputs typed by the caller,
         every output (``names`` ()) or those named, answered by name as (V2 datatype, array);

@@ -39,7 +39,7 @@ from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2Channel
-from .v2_messages import config_from_metadata, fill_request, string_field
+from .v2_messages import answer_parameters, config_from_metadata, fill_request, string_field, what_is_served
 
 log = logging.getLogger("batchgate.remote")
 
@@ -72,13 +72,6 @@ _KEPT_CODES = {
     grpc.StatusCode.UNAVAILABLE: ErrorCode.UNAVAILABLE,
     grpc.StatusCode.FAILED_PRECONDITION: ErrorCode.FAILED_PRECONDITION,  # (MLServer's 422: a request it refused)
 }
-
-
-def _served(meta: pb.ModelMetadataResponse) -> tuple:
-    """What an upstream serves, to tell a change: its highest version, and the tensors."""
-    numeric = [int(v) for v in meta.versions if v.isdigit()]
-    tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
-    return (str(max(numeric)) if numeric else "", len(meta.inputs), tensors)
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -229,8 +222,8 @@ class RemoteV2Backend:
             pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version), timeout=5
         )
         if not self.version:
-            self.version = _served(meta)[0]
-        self._loaded = _served(meta)
+            self.version = what_is_served(meta)[0]
+        self._loaded = what_is_served(meta)
         try:
             got = await up.stub.ModelConfig(
                 pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version), timeout=5
@@ -324,7 +317,8 @@ class RemoteV2Backend:
             resp = await up.stub.ModelReady(pb.ModelReadyRequest(**request), timeout=timeout)
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
             if ok and self.on_change is not None:
-                up.serves = _served(await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout))
+                meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
+                up.serves = what_is_served(meta)
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {clip(e.details() or '', 256)}"
         name, addr = self.spec.name, up.address
@@ -425,12 +419,15 @@ class RemoteV2Backend:
         trace: TraceHeaders | None = None,
         params: Mapping[str, Any] | None = None,
         input_params: Mapping[str, Mapping[str, Any]] | None = None,
+        answered: dict | None = None,
     ) -> list[np.ndarray]:
         """Run one batch on an upstream; ``deadline`` is on this backend's monotonic clock;
         ``trace``: the batch's W3C trace context headers, sent on (the upstream's spans join the
-        trace); ``params``, ``input_params``: the batch's request and input parameters."""
+        trace); ``params``, ``input_params``: the batch's request and input parameters;
+        ``answered`` gets the answer's parameters ("": its own, else by output name)."""
         msg = self._with_parameters(self.request(feeds, names, request_id), params, input_params)
         up, resp = await self._call(msg, deadline, trace=trace)
+        answer_parameters(resp, answered)
         return self._outputs(up, resp, names)
 
     @staticmethod
@@ -501,12 +498,14 @@ class RemoteV2Backend:
         trace: TraceHeaders | None = None,
         params: Mapping[str, Any] | None = None,
         input_params: Mapping[str, Mapping[str, Any]] | None = None,
+        answered: dict | None = None,
     ) -> dict[str, tuple[str, np.ndarray]]:
         """Run one batch of a model that declares no signature: the inputs' datatypes and the
         request's and inputs' parameters are the caller's, ``names`` () asks for every output,
         and the answer is every output the upstream gave, by name: (V2 datatype, array)."""
         msg = self._with_parameters(self.request(feeds, names, request_id, types), params, input_params)
         up, resp = await self._call(msg, deadline, trace=trace)
+        answer_parameters(resp, answered)
         return self._tensors(up, resp)
 
     async def forward(self, request: bytes, deadline: float | None, trace: TraceHeaders | None = None) -> bytes:

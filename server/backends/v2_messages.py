@@ -1,6 +1,6 @@
 """V2 gRPC messages a remote model sends and reads, built without the gateway's state: a
 request's inputs sent raw, a string field of a forwarded request's suffix, a config made from
-an upstream's metadata alone."""
+an upstream's metadata alone, what an upstream serves and the parameters of its answers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import DATATYPES, to_raw
+from ..transport import grpc_codec
 
 
 def fill_request(
@@ -58,3 +59,20 @@ def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) ->
             dims = list(t.shape[1:]) if batched else list(t.shape)
             dst.add(name=t.name, data_type=mc.DataType.Value(dt.config), dims=dims)
     return cfg
+
+
+def answer_parameters(resp: pb.ModelInferResponse, into: dict | None) -> None:
+    """The parameters of an upstream's answer, into ``into`` ("": the answer's, else by output)."""
+    if into is not None:
+        if resp.parameters:
+            into[""] = {k: grpc_codec.param_value(v) for k, v in resp.parameters.items()}
+        for t in resp.outputs:
+            if t.parameters:
+                into[t.name] = {k: grpc_codec.param_value(v) for k, v in t.parameters.items()}
+
+
+def what_is_served(meta: pb.ModelMetadataResponse) -> tuple:
+    """What an upstream serves, to tell a change: its highest version, and the tensors."""
+    numeric = [int(v) for v in meta.versions if v.isdigit()]
+    tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
+    return (str(max(numeric)) if numeric else "", len(meta.inputs), tensors)

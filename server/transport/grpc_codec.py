@@ -210,6 +210,8 @@ def encode_response(resp: InferResponse, written: Mapping[str, tuple[str, int]] 
     raws = []
     for t in resp.outputs:
         entry = add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if t.parameters:  # (an upstream's, passed on: MLServer's content_type)
+            set_parameters(entry.parameters, t.parameters)
         shared = written.get(t.name) if written else None
         if shared is not None:
             entry.parameters[SHM_REGION].string_param = shared[0]

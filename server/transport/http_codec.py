@@ -359,6 +359,8 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
                 binaries.append(raw)
         else:
             entry["data"] = _to_json(t)
+        if t.parameters:  # (an upstream's, passed on: MLServer's content_type)
+            entry["parameters"] = {**t.parameters, **entry.get("parameters", {})}  # type: ignore[dict-item]
         outs.append(entry)
     obj: dict[str, object] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outs}
     if resp.id:

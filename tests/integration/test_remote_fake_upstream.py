@@ -142,3 +142,29 @@ def test_a_new_version_or_signature_upstream_is_followed(fake, serve):
     result = c.infer("fk", [x])
     assert result.get_response()["model_version"] == "2"
     np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 3), 2.0, np.float32))
+
+
+@pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
+def test_the_parameters_of_an_upstreams_answer_reach_the_caller(fake, serve, path):
+    """MLServer answers with parameters (an output's content_type, which its codecs read): the
+    raw path passed them on, the decoded path dropped them."""
+    batching, forwarding = (
+        ("gateway", "raw") if path == "gateway" else ("passthrough", "raw" if path == "http" else "decoded")
+    )
+    spec = RemoteModel("fk", (fake.address,), batching=batching, forwarding=forwarding, **FAST)
+    running = serve("", remote_models=(spec,))
+    x = np.ones((1, 2), np.float32)
+    if path == "http":
+        c = httpclient.InferenceServerClient(running.http_url)
+        i = httpclient.InferInput("x", [1, 2], "FP32")
+        i.set_data_from_numpy(x)
+        resp = c.infer("fk", [i], parameters={"tag": "a"}).get_response()
+        assert resp["parameters"]["seen"] == "tag"
+        assert resp["outputs"][0]["parameters"]["content_type"] == "np"
+    else:
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        i = grpcclient.InferInput("x", [1, 2], "FP32")
+        i.set_data_from_numpy(x)
+        resp = c.infer("fk", [i], parameters={"tag": "a"}).get_response()
+        assert resp.parameters["seen"].string_param == "tag"
+        assert resp.outputs[0].parameters["content_type"].string_param == "np"
