@@ -84,6 +84,7 @@ def read_table(path: str) -> dict[str, np.ndarray]:
             header = next(reader, None)
             if not header:
                 raise ConfigError(f"{path}: the CSV file has no header row")
+            _distinct(path, header)
             cells: list[list[str]] = [[] for _ in header]
             for i, row in enumerate(reader):
                 if len(row) != len(header):
@@ -98,6 +99,7 @@ def read_table(path: str) -> dict[str, np.ndarray]:
             raise ConfigError(f"{path}: reading Parquet needs pyarrow: pip install 'batchgate[parquet]'") from None
 
         table = pq.read_table(path)
+        _distinct(path, table.column_names)
         return {name: _arrow_column(table.column(name)) for name in table.column_names}
     if ext in (".jsonl", ".ndjson"):
         rows: list[dict[str, Any]] = []
@@ -118,6 +120,13 @@ def read_table(path: str) -> dict[str, np.ndarray]:
                 out[k] = np.asarray([("" if v is None else v) for v in values], dtype=object)
         return out
     raise ConfigError(f"{path}: unknown data format {ext!r} (.npz, .csv, .parquet, .jsonl)")
+
+
+def _distinct(path: str, names: Sequence[str]) -> None:
+    """A column named twice would be read as one (the last): refused, naming it."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: the column(s) {', '.join(repr(n[:64]) for n in twice[:4])} appear more than once")
 
 
 def _column(values: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -353,11 +362,8 @@ def make_profile(args: argparse.Namespace) -> dict[str, Any]:
         feeds = {}
         for t, a in arrays.items():
             dtype = served.get(t, np.dtype(np.float64) if a.dtype == object else a.dtype)
-            if a.dtype == object and dtype.kind != "O":
-                try:
-                    a = a.astype(np.float64)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"input '{t}' holds text, but the model takes it as {dtype}") from None
+            if a.dtype == object:
+                a = _fed(t, a, dtype)
             feeds[t] = a
         run = run_local if args.model_repository else run_remote
         answers = run(args.model_repository or args.url, args.model, feeds)
@@ -406,3 +412,19 @@ def main(args: argparse.Namespace) -> int:
         f"({len(profile['outputs'])} output tensor(s)) -> {args.out}"
     )
     return 0
+
+
+def _fed(tensor: str, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A table's text cells as the model takes them: numbers, True / False for a BOOL input (as a
+    profile keys them), a null as empty text for a text input."""
+    if dtype.kind == "O":
+        return np.array(["" if v is None else v for v in a.ravel().tolist()], dtype=object).reshape(a.shape)
+    if dtype.kind == "b":
+        a = np.vectorize(lambda v: _BOOLS.get(str(v).strip().lower(), v), otypes=[object])(a)
+    try:
+        return a.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"input '{tensor}' holds text, but the model takes it as {dtype}") from None
+
+
+_BOOLS = {"true": 1.0, "false": 0.0}

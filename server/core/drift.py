@@ -338,9 +338,13 @@ def build_feature(
     check_feature_name(name)
     n = int(values.shape[0])
     if kind == "categorical":
-        keys = [category_key(v) for v in values.tolist()] if values.dtype.kind in "OSU" else None
         missing = 0
-        if keys is None:
+        if values.dtype.kind in "OSU":  # (a null of a table's text column is missing, not "None")
+            present = [v for v in values.tolist() if v is not None]
+            missing = n - len(present)
+            keys = [category_key(v) for v in present]
+            weights = [1] * len(keys)
+        else:
             if values.dtype.kind == "f":
                 finite = values[np.isfinite(values)]
                 missing = n - int(finite.shape[0])
@@ -348,8 +352,6 @@ def build_feature(
             uniq, counts = np.unique(values, return_counts=True)
             keys = [category_key(u) for u in uniq]  # numpy scalars: a float32 keyed at its own precision
             weights = counts.tolist()
-        else:
-            weights = [1] * len(keys)
         tally: dict[str, int] = {}
         for k, c in zip(keys, weights):
             tally[k] = tally.get(k, 0) + c  # (values that key alike, e.g. True and 1, are one category)
@@ -394,6 +396,14 @@ def build_feature(
 def check_feature_name(name: str) -> None:
     if not isinstance(name, str) or FEATURE_NAME.fullmatch(name) is None:
         raise ConfigError(f"feature name {_shown(name)} is not allowed ({FEATURE_NAME_RULE})")
+
+
+def feature_widths(spec: MonitorSpec, profile: Profile) -> dict[tuple[str, str], int]:
+    """How many features each monitored tensor has in the profile: (side, tensor) -> columns."""
+    widths: dict[tuple[str, str], int] = {}
+    for side, tensor, _ in profile.features(spec.outputs):
+        widths[(side, tensor)] = widths.get((side, tensor), 0) + 1
+    return widths
 
 
 def columns(array: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns
+from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns, feature_widths
 from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
@@ -52,15 +52,24 @@ Audit = Callable[[str, str, str, str], Awaitable[None]]
 class Tap:
     """One monitor's sampling on the request path."""
 
-    __slots__ = ("model", "rate", "inputs", "outputs", "max_rows", "metrics")
+    __slots__ = ("model", "rate", "inputs", "outputs", "max_rows", "metrics", "widths")
 
-    def __init__(self, spec: MonitorSpec, metrics: DriftMetrics, outputs: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        spec: MonitorSpec,
+        metrics: DriftMetrics,
+        outputs: frozenset[str] = frozenset(),
+        widths: dict[tuple[str, str], int] | None = None,
+    ):
         self.model = spec.model
         self.rate = spec.sample_rate
         self.inputs = frozenset(spec.inputs)
         self.outputs = outputs  # the profiled outputs (none without 'outputs: true')
         self.max_rows = spec.max_rows_per_sample
         self.metrics = metrics
+        # Each tensor's features in the profile: a sample of another width is refused here, before
+        # it is copied (a tensor of dynamic width could otherwise queue megabytes a sample).
+        self.widths = widths or {}
 
 
 class DriftLink(Protocol):
@@ -136,7 +145,8 @@ class DriftService:
             saved = self._saved(model, profile)
             monitors.append((spec, profile, saved))
             dm = self.metrics.drift(model)
-            self.taps[model] = Tap(spec, dm, frozenset(profile.outputs) if spec.outputs else frozenset())
+            outputs = frozenset(profile.outputs) if spec.outputs else frozenset()
+            self.taps[model] = Tap(spec, dm, outputs, feature_widths(spec, profile))
             self.status_by_model[model] = {"model": model, "profile_id": (saved or profile).id, "windows": 0}
         source = s.drift_event_source or f"/batchgate/{socket.gethostname()[:200]}"
         self.plan = Plan(
@@ -247,13 +257,14 @@ class DriftService:
             return
         rows = tap.max_rows
         tensors: dict[tuple[str, str], np.ndarray] = {}
+        widths = tap.widths
         for t in request.inputs:
             if t.name in tap.inputs:
-                tensors[("input", t.name)] = _sample(t.data, rows)
+                tensors[("input", t.name)] = _sample(t.data, rows, widths.get(("input", t.name)))
         if tap.outputs:
             for o in resp.outputs:
                 if o.name in tap.outputs:
-                    tensors[("output", o.name)] = _sample(o.data, rows)
+                    tensors[("output", o.name)] = _sample(o.data, rows, widths.get(("output", o.name)))
         empty = not self.queue
         self.queue.append((tap.model, time.monotonic(), tensors))
         if empty:
@@ -510,12 +521,15 @@ def _fail(fut: asyncio.Future, error: BaseException) -> None:
         fut.set_exception(error)
 
 
-def _sample(data: np.ndarray, rows: int) -> np.ndarray:
+def _sample(data: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
     """At most ``rows`` rows of a tensor as [rows, columns], copied (never a view of the
     request's body); BYTES values cut to the length a category is kept at (a client's 50 MB
-    string never reaches the queue, the pipe or a window)."""
+    string never reaches the queue, the pipe or a window). ValueError, before any copy, when
+    its columns are not the profile's ``width``."""
     if not data.ndim or not data.shape[0]:
         raise ValueError("a tensor without rows")
+    if width is not None and (data.size // data.shape[0] if data.ndim > 1 else 1) != width:
+        raise ValueError("a tensor of another width than the profile's")
     cols = (data if data.ndim == 2 else columns(data))[:rows]
     if cols.dtype.kind == "O":
         return np.array([[_cut(v) for v in row] for row in cols.tolist()], dtype=object)

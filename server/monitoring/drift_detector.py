@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.drift import MonitorSpec, Profile, build_profile, build_tensor, columns
+from ..core.drift import MonitorSpec, Profile, build_profile, build_tensor, columns, feature_widths
 from ..core.drift_window import Debounce, Scorer
 from .drift_events import DETECTED, RECOVERED, DeadLetter, EventSender, make_event
 
@@ -71,13 +71,6 @@ class Watch:
     invalid: int = 0
 
 
-def _layout(spec: MonitorSpec, profile: Profile) -> dict[Key, int]:
-    widths: dict[Key, int] = {}
-    for side, tensor, _ in profile.features(spec.outputs):
-        widths[(side, tensor)] = widths.get((side, tensor), 0) + 1
-    return widths
-
-
 class Detector:
     def __init__(self, plan: Plan, send):
         self.plan = plan
@@ -95,7 +88,7 @@ class Detector:
         self.events[outcome] = self.events.get(outcome, 0) + 1
 
     def _watch(self, spec: MonitorSpec, configured: Profile, profile: Profile) -> Watch:
-        widths = _layout(spec, profile)
+        widths = feature_widths(spec, profile)
         return Watch(
             spec,
             configured,

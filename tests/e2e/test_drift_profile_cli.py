@@ -118,3 +118,56 @@ def test_outputs_through_a_running_server_match_onnx_runtimes(built, tmp_path):
         local["outputs"]["probabilities"][1]["mean"], abs=1e-5
     )
     assert data["id"] == local["id"]
+
+
+def _mixed_repository(root) -> str:
+    """A model of three inputs, FP32 x, BOOL b and BYTES c, each answered as it came."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    kinds = {"x": TensorProto.FLOAT, "b": TensorProto.BOOL, "c": TensorProto.STRING}
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [n], [f"{n}_out"]) for n in kinds],
+        "mixed",
+        [helper.make_tensor_value_info(n, t, ["N", 1]) for n, t in kinds.items()],
+        [helper.make_tensor_value_info(f"{n}_out", t, ["N", 1]) for n, t in kinds.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (root / "repo" / "mixed" / "1").mkdir(parents=True)
+    onnx.save(model, str(root / "repo" / "mixed" / "1" / "model.onnx"))
+    return str(root / "repo")
+
+
+def test_table_cells_reach_the_model_as_it_takes_them_and_nulls_are_missing(tmp_path):
+    """A CSV's True / False for a BOOL input were refused ("holds text"); a Parquet text column's
+    nulls became the category "None" (and the text "None" fed to the model); a CSV naming a
+    column twice lost one of them without a word."""
+    repo = _mixed_repository(tmp_path)
+    args = ("--model", "mixed", "--input", "x", "--input", "b", "--input", "c", "--model-repository", repo)
+    with open(tmp_path / "t.csv", "w") as f:
+        f.write("x.v,b.flag,c.cat\n")
+        for i in range(400):
+            f.write(f"{i / 100},{'True' if i % 4 else 'False'},{'abc'[i % 3]}\n")
+    data = _profile(tmp_path, *args, "--data", str(tmp_path / "t.csv"))
+    flag = data["inputs"]["b"][0]
+    assert flag["categories"] == {"1": 0.75, "0": 0.25}
+    assert data["outputs"]["b_out"][0]["categories"] == {"1": 0.75, "0": 0.25}
+
+    cats = [None if i % 10 == 0 else "abc"[i % 3] for i in range(400)]
+    pq.write_table(
+        pa.table({"x.v": [i / 100 for i in range(400)], "b.flag": [bool(i % 4) for i in range(400)], "c.cat": cats}),
+        tmp_path / "t.parquet",
+    )
+    data = _profile(tmp_path, *args, "--data", str(tmp_path / "t.parquet"))
+    cat = data["inputs"]["c"][0]
+    assert cat["missing_rate"] == 0.1 and "None" not in cat["categories"]
+    assert "None" not in data["outputs"]["c_out"][0]["categories"]
+
+    with open(tmp_path / "twice.csv", "w") as f:
+        f.write("a,a,b\n1,2,3\n4,5,6\n")
+    done = batchgate(
+        "drift", "profile", "--model", "m", "--input", "x", "--data", str(tmp_path / "twice.csv"),
+        "--out", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "the column(s) 'a' appear more than once" in done.stderr

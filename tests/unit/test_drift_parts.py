@@ -171,6 +171,35 @@ def test_the_sample_queue_is_bounded_and_samples_are_copies():
     assert not np.shares_memory(kept, data)
 
 
+def test_a_sample_of_another_width_than_the_profiles_is_refused_before_it_is_copied():
+    """A dynamic-width input let one client queue megabytes a sample (copied, pickled to the
+    detector, refused only there): 60 requests of [32, 40000] took 320 MB."""
+    import asyncio
+
+    from batchgate.core.types import RequestLimits
+
+    spec = parse_monitors([{**BASE, "sample_rate": 1.0}])[0]
+    metrics = Metrics()
+    service = DriftService((spec,), DriftSettings(), metrics, lambda *a: None)  # type: ignore[arg-type, return-value]
+    tap = Tap(spec, metrics.drift("m"), frozenset(), {("input", "x"): 3})
+    wide = np.ones((32, 40_000), np.float32)
+    req = new_request(
+        "m", "", [Tensor("x", "FP32", wide.shape, wide)], None, "", None, {}, 0.0, "grpc", RequestLimits()
+    )
+
+    async def answer():
+        return InferResponse("m", "1", [])
+
+    asyncio.run(service._sampled(answer(), req, tap))
+    assert not service.queue and tap.metrics.samples["invalid"] == 1
+    fits = np.ones((4, 3), np.float32)
+    req = new_request(
+        "m", "", [Tensor("x", "FP32", fits.shape, fits)], None, "", None, {}, 0.0, "grpc", RequestLimits()
+    )
+    asyncio.run(service._sampled(answer(), req, tap))
+    assert len(service.queue) == 1
+
+
 def _detector(**over):
     from batchgate.monitoring.drift_detector import Detector, Plan
 
