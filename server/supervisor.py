@@ -171,7 +171,17 @@ class Supervisor(PodControl, PodState):
         return f"unix:{os.path.join(self._private, 'models.sock')}"
 
     def _reserve(self, name: str, host: str, port: int) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if port:  # Free of any other owner first: SO_REUSEPORT alone would let this pod share the
+            # port with another process that listens on it with SO_REUSEPORT (another batchgate),
+            # each taking some of the connections.
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as e:
+                    raise OSError(f"cannot reserve {name} {_join(host, port)}: {e.strerror}") from None
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:

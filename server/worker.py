@@ -113,6 +113,11 @@ class WorkerLink:
                     await self._trace_settings(*args)
             except (GatewayError, ValueError) as e:
                 why = e.message if isinstance(e, GatewayError) else str(e)
+                if op == "load":  # a worker without a model the others serve must not listen: it starts again
+                    raise GatewayError(
+                        ErrorCode.UNAVAILABLE,
+                        f"catching up with the other workers: load {str(args[0])[:128]} failed: {why}",
+                    ) from None
                 log.warning("catching up with the other workers: %s %s failed: %s", op, str(args[0])[:128], why)
 
     async def _shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:

@@ -113,6 +113,52 @@ def clf_repo(tmp_path):
     return str(tmp_path)
 
 
+def test_a_pod_never_shares_its_ports_with_another_process(clf_repo):
+    """SO_REUSEPORT let a second pod start on the ports of one already serving (another
+    repository, without its API keys), each taking some of the connections."""
+    first = Proc(serve_args(clf_repo, "--workers", "2"))
+    try:
+        first.wait_ready()
+        for flag, port in (("--http-port", first.ports[0]), ("--grpc-port", first.ports[1])):
+            second = Proc(serve_args(clf_repo, "--workers", "2", flag, str(port)))
+            try:
+                assert second.p.wait(60) != 0
+                assert f":{port}: Address already in use" in second.output(), second.output()
+            finally:
+                second.kill()
+        assert sorted(_pids(first)) == [0, 1]  # the first serves on, alone
+    finally:
+        first.kill()
+
+
+def test_a_worker_that_cannot_load_a_model_the_pod_serves_does_not_listen(tmp_path):
+    """A restarted worker whose catch-up load of a model failed only logged it and listened: a
+    share of the connections got 'no model' for a model the pod serves."""
+    _save(classifier_model(), str(tmp_path), "extra")
+    p = Proc(
+        serve_args(str(tmp_path), "--workers", "2", "--model-control-mode", "explicit", "--allow-open-admin", "true")
+    )
+    try:
+        p.wait_ready()
+        httpclient.InferenceServerClient(p.http).load_model("extra")
+        (tmp_path / "extra" / "1" / "model.onnx").write_bytes(b"not a model any more")
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 30
+        while "catching up with the other workers: load extra failed" not in p.output():
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        x = httpclient.InferInput("features", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        for _ in range(16):  # a fresh connection each: the kernel spreads them over the listeners
+            c = httpclient.InferenceServerClient(p.http)
+            assert c.infer("extra", [x]).as_numpy("probabilities").shape == (1, 3)
+            c.close()
+        assert _pids(p)[1] == victim  # (no ready line of a new life)
+    finally:
+        p.kill()
+
+
 def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
     import socket
 
