@@ -42,6 +42,7 @@ NULL_TEXT = (
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
     "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null",
 )  # fmt: skip
+NAN_TEXT = ("-NaN", "-nan", "NaN", "nan")  # among them: NaN itself, with --allow-nan
 
 # the columns to read, each with the numpy dtype of the input it feeds (None: a kept column, read
 # with the type inferred from the file's first rows); called with the inferred schema once the
@@ -70,7 +71,7 @@ def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.
         if os.path.getsize(path) == 0:
             return
         if fmt == "csv":
-            yield from _rechunk(_csv(path, plan), rows)
+            yield from _rechunk(_csv_rows(path, plan), rows)
         elif fmt == "jsonl":
             yield from _rechunk(_jsonl(path, plan), rows)
         else:
@@ -108,6 +109,20 @@ def _other(path: str, fmt: str, rows: int) -> Iterator[pa.RecordBatch]:
         n = lengths.pop()
         for start in range(0, n, rows):
             yield _array_batch({k: a[start : start + rows] for k, a in arrays.items()})
+
+
+def _csv_rows(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
+    """:func:`_csv`, a row longer than the reader's block told as such (pyarrow says an object
+    straddles two block boundaries)."""
+    try:
+        yield from _csv(path, plan)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e):
+            raise
+        raise ScoreError(
+            f"--input {path}: a row is longer than {CSV_BLOCK_BYTES >> 20} MiB, the most a CSV row may take here; "
+            "give such rows as JSON Lines or Parquet"
+        ) from None
 
 
 def _csv(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.signature import ModelSignature, TensorSpec
-from .inputs import NULL_TEXT, REASON, ScoreError, input_format, read_batches
+from .inputs import NAN_TEXT, NULL_TEXT, REASON, ScoreError, input_format, read_batches
 
 __all__ = ["Mapping", "Plan", "Prepared", "ScoreError", "input_format", "prepare", "read_batches"]
 
@@ -107,7 +107,7 @@ def prepare(batch: pa.RecordBatch, sig: ModelSignature, mapping: Mapping, allow_
         cols = mapping.sources.get(spec.name)
         if not cols:
             continue
-        arr, why = _tensor(batch, cols, spec, sig.max_batch_size)
+        arr, why = _tensor(batch, cols, spec, sig.max_batch_size, allow_nan)
         for i, reason in why.items():
             bad.setdefault(i, reason)
         if not allow_nan and arr.dtype.kind == "f":
@@ -120,7 +120,7 @@ def prepare(batch: pa.RecordBatch, sig: ModelSignature, mapping: Mapping, allow_
 
 
 def _tensor(
-    batch: pa.RecordBatch, cols: tuple[str, ...], spec: TensorSpec, max_batch: int
+    batch: pa.RecordBatch, cols: tuple[str, ...], spec: TensorSpec, max_batch: int, allow_nan: bool = False
 ) -> tuple[np.ndarray, dict[int, str]]:
     """The input's tensor for every row of the batch ([rows, *dims]) and the rows that cannot
     give one (a missing value, a value of the wrong type or width)."""
@@ -148,7 +148,7 @@ def _tensor(
             rows = [(v if v is not None and len(v) == w else [None] * w) for v in values]
             parts.append(_as(np.array(rows, dtype=object), dt.np_dtype, c, why))
         elif dt.np_dtype != np.object_ and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            parts.append(_from_text(col, dt.np_dtype, c, why))  # CSV: numbers read as text
+            parts.append(_from_text(col, dt.np_dtype, c, why, allow_nan))  # CSV: numbers read as text
         else:
             parts.append(_as(col.to_numpy(zero_copy_only=False).reshape(n, 1), dt.np_dtype, c, why))
     arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
@@ -173,24 +173,34 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
-def _from_text(col: pa.Array, dtype: np.dtype, column: str, why: dict[int, str]) -> np.ndarray:
+def _from_text(col: pa.Array, dtype: np.dtype, column: str, why: dict[int, str], nan: bool = False) -> np.ndarray:
     """A text column as numbers: at once when every value parses, else value by value (a value
-    that does not rejects its row); the CSV reader's missing-value words are missing values."""
+    that does not rejects its row); the CSV reader's missing-value words are missing values, but
+    for a float input with ``nan`` (--allow-nan) its NaN spellings are NaN."""
     import pyarrow.compute as pc
 
     n = len(col)
+    kind = np.dtype(dtype).kind
     missing = pc.is_in(col, value_set=pa.array(NULL_TEXT)).to_numpy(zero_copy_only=False)
+    nans = None
+    if nan and kind == "f":
+        nans = pc.is_in(col, value_set=pa.array(NAN_TEXT)).to_numpy(zero_copy_only=False)
+        missing = missing & ~nans
     for i in np.flatnonzero(missing).tolist():
         why.setdefault(i, f"column '{column}': missing value")
-    col = pc.if_else(pa.array(missing), pa.scalar(None, col.type), col)
-    kind = np.dtype(dtype).kind
+    col = pc.if_else(pa.array(missing if nans is None else missing | nans), pa.scalar(None, col.type), col)
+    out = None
     if kind in "fiu":
         try:
             parsed = pc.cast(col, pa.float64() if kind == "f" else pa.int64()).fill_null(0)
-            return _as(parsed.to_numpy(zero_copy_only=False).reshape(n, 1), dtype, column, why)
+            out = _as(parsed.to_numpy(zero_copy_only=False).reshape(n, 1), dtype, column, why)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-    return _as(np.array(col.to_pylist(), dtype=object).reshape(n, 1), dtype, column, why)
+    if out is None:
+        out = _as(np.array(col.to_pylist(), dtype=object).reshape(n, 1), dtype, column, why)
+    if nans is not None and nans.any():
+        out[nans.reshape(n, 1)] = np.nan
+    return out
 
 
 def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -> np.ndarray:

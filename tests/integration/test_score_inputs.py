@@ -130,6 +130,30 @@ def test_a_number_past_float32s_range_is_rejected_even_with_allow_nan(tmp_path):
     assert counts.scored == 1 and "1e+40 is past the range of float32" in rejects[0]["reason"]
 
 
+def test_nan_written_in_a_csv_is_nan_with_allow_nan_and_missing_values_stay_missing(tmp_path):
+    """--allow-nan lets through "NaN and infinity written as such": a CSV's NaN was taken for the
+    reader's missing-value word and its row rejected."""
+    model = Identity("features", "FP32", (2,))
+    src = tmp_path / "nan.csv"
+    src.write_text("a,b\nNaN,1\n-nan,2\ninf,3\n,4\nNA,5\n")
+    counts, table, rejects = _score(model, src, tmp_path / "out", allow_nan=True)
+    got = table.column("y").to_pylist()
+    assert [np.isnan(r[0]) for r in got[:2]] == [True, True] and got[2] == [float("inf"), 3.0]
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (3, "column 'a': missing value"),
+        (4, "column 'a': missing value"),
+    ]
+    counts, table, rejects = _score(model, src, tmp_path / "strict")
+    assert counts.scored == 0 and len(rejects) == 5
+
+
+def test_a_csv_row_longer_than_the_readers_block_is_named(tmp_path):
+    src = tmp_path / "long.csv"
+    src.write_text("id,a,b\n" + "x" * (3 << 20) + ",1,2\n")
+    with pytest.raises(ScoreError, match="a row is longer than 1 MiB, the most a CSV row may take here"):
+        _score(Identity("features", "FP32", (2,)), src, tmp_path / "out", columns=("features=a,b",))
+
+
 def test_a_csv_pyarrow_cannot_read_is_a_bad_input(tmp_path):
     src = tmp_path / "ragged.csv"
     src.write_text("a,b\n1,2\n1,2,3\n")
