@@ -336,7 +336,10 @@ class ServedRoute:
                     fut.cancel()
                 runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
         assert resp is not None
-        return resp._replace(parameters=self._answers[variant])
+        # (the variant's answer parameters beside any the model gave: a remote upstream's own)
+        return resp._replace(
+            parameters={**resp.parameters, **self._answers[variant]} if resp.parameters else self._answers[variant]
+        )
 
     def _keep_output(self, w: Window, resp: InferResponse) -> None:
         name = self._psi_output

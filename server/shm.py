@@ -83,14 +83,21 @@ class Region:
             )
         return data
 
-    def write(self, offset: int, data: bytes) -> None:
+    def check_room(self, offset: int, size: int) -> None:
+        """INVALID_ARGUMENT when the segment (which the client may have shrunk since it registered
+        it) ends before ``size`` bytes at ``offset``: a write past its end would grow it again."""
         try:
-            # (a write past the end of a segment the client shrank would grow it again, unasked)
-            if os.fstat(self._fd).st_size < self.offset + offset + len(data):
-                raise invalid(
-                    f"shared-memory region '{self.name}': its segment '{self.key}' is shorter than when it was "
-                    "registered"
-                )
+            short = os.fstat(self._fd).st_size < self.offset + offset + size
+        except OSError as e:
+            raise invalid(f"shared-memory region '{self.name}' cannot be written: {e.strerror}") from None
+        if short:
+            raise invalid(
+                f"shared-memory region '{self.name}': its segment '{self.key}' is shorter than when it was registered"
+            )
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.check_room(offset, len(data))
+        try:
             written = os.pwrite(self._fd, data, self.offset + offset)
         except OSError as e:
             raise invalid(f"shared-memory region '{self.name}' cannot be written: {e.strerror}") from None
@@ -342,6 +349,7 @@ class RegionView:
                 f"{what} is {len(data)} bytes, more than the {place.byte_size} bytes given for it in shared-memory "
                 f"region '{place.region}'"
             )
+        region.check_room(place.offset, len(data))
         return region, data
 
     def _region(self, place: Place, what: str) -> Region:
@@ -367,8 +375,8 @@ class OutputWriter:
 
     def __call__(self, resp: InferResponse) -> None:
         places, view = self._places, self._view
-        # Every output checked before any is written: a request that fails leaves the regions as
-        # they were (short of a segment shrunk in between).
+        # Every output checked before any is written (its place, the segment's size): a request
+        # that fails leaves the regions as they were.
         todo = []
         for t in resp.outputs:
             place = places.get(t.name)

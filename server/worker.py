@@ -113,7 +113,10 @@ class WorkerLink:
                     await self._trace_settings(*args)
             except (GatewayError, ValueError) as e:
                 why = e.message if isinstance(e, GatewayError) else str(e)
-                if op == "load":  # a worker without a model the others serve must not listen: it starts again
+                repository = self.gateway.repository
+                if op == "load" and str(args[0]) in repository.remote:  # an upstream down for now:
+                    repository.load_later(str(args[0]))  # retried in the background, as at start
+                elif op == "load":  # a worker without a model the others serve must not listen: it starts again
                     raise GatewayError(
                         ErrorCode.UNAVAILABLE,
                         f"catching up with the other workers: load {str(args[0])[:128]} failed: {why}",

@@ -163,10 +163,10 @@ def complete_config(
 
 def batch_doubts(inputs: list[IOInfo], outputs: list[IOInfo]) -> tuple[dict[str, str], list[str]]:
     """Whether each tensor's first dimension can be the batch, from the names an engine gives
-    its dimensions (ONNX's symbolic dims). The inputs' first dimensions name the batch; an
-    output whose first dimension is named as another dimension of an input is not the batch
-    (a transpose, a sum over the rows), nor are inputs whose first dimensions have different
-    names (they may differ in one request). Returns those tensors, each with why in words,
+    its dimensions (ONNX's symbolic dims). The inputs' first dimensions name the batch (each
+    input its own name, as exporters often write them: a request's inputs share their batch size
+    in any case); an output whose first dimension is named as another dimension of an input is not
+    the batch (a transpose, a sum over the rows). Returns those outputs, each with why in words,
     and the outputs the names cannot tell about (unnamed, newly named, a rank of 0 or not
     known): a run at load tells those (see build.py)."""
     firsts: dict[str, str] = {}
@@ -179,14 +179,6 @@ def batch_doubts(inputs: list[IOInfo], outputs: list[IOInfo]) -> tuple[dict[str,
             if n:
                 elsewhere.setdefault(n, f"dimension {k} of input '{_said(t.name)}'")
     not_batch: dict[str, str] = {}
-    if len(firsts) > 1:
-        (a, x), (b, y) = list(firsts.items())[:2]
-        for t in inputs:
-            if t.dim_names and t.dim_names[0] and t.dim_names[0] != a:
-                not_batch[t.name] = (
-                    f"the first dimensions of inputs '{_said(x)}' and '{_said(y)}' are '{_said(a)}' and "
-                    f"'{_said(b)}', which may differ in one request"
-                )
     unsure = []
     for t in outputs:
         first = t.dim_names[0] if t.dim_names else None

@@ -531,8 +531,16 @@ class ModelRepository:
             if vote is not None:
                 await _voted(vote, (served,))
             self._swap(entry, {int(version): served}, time.perf_counter() - t0)
-            if name not in self._followed:  # (its upstreams now serve another version: load it again)
-                backend.on_change = lambda: self._again(spec, generation)
+            # (its upstreams now serve another version: load it again; a front worker's model
+            # follows the owner's the same way, the owner being its upstream)
+            backend.on_change = lambda: self._again(spec, generation)
+
+    def load_later(self, name: str) -> None:
+        """A remote model whose load failed (its upstreams down for now): loaded in the
+        background, retried until an upstream answers, as at start."""
+        spec = self.remote.get(name)
+        if spec is not None:
+            self._again(spec, self._generation.get(name, 0))
 
     def _again(self, spec: RemoteModel, generation: int) -> None:
         if not self._stopping and self._generation.get(spec.name, 0) == generation:

@@ -196,8 +196,11 @@ def _from_text(col: pa.Array, dtype: np.dtype, column: str, why: dict[int, str],
             out = _as(parsed.to_numpy(zero_copy_only=False).reshape(n, 1), dtype, column, why)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-    if out is None:
-        out = _as(np.array(col.to_pylist(), dtype=object).reshape(n, 1), dtype, column, why)
+    if out is None:  # value by value: a NaN spelling as NaN itself, not a missing value
+        values = col.to_pylist()
+        for i in np.flatnonzero(nans).tolist() if nans is not None else ():
+            values[i] = float("nan")
+        out = _as(np.array(values, dtype=object).reshape(n, 1), dtype, column, why)
     if nans is not None and nans.any():
         out[nans.reshape(n, 1)] = np.nan
     return out

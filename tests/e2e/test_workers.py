@@ -159,6 +159,30 @@ def test_a_worker_that_cannot_load_a_model_the_pod_serves_does_not_listen(tmp_pa
         p.kill()
 
 
+def test_a_restarted_worker_catches_up_with_a_remote_model_whose_upstream_is_down(tmp_path):
+    """A remote model's catch-up load fails while its upstream is down: the worker listens and
+    retries it in the background, as at start (it must not crash-loop for the outage)."""
+    from fake_upstream import FakeUpstream
+
+    fake = FakeUpstream()
+    spec = f"name=fk upstreams={fake.address} batching=passthrough probe_interval_s=0.2"
+    p = Proc(serve_args("", "--workers", "2", "--remote-model", spec, "--model-control-mode", "explicit",
+                        "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        httpclient.InferenceServerClient(p.http).load_model("fk")  # (recorded: replayed to a restarted worker)
+        fake.stop()
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 30
+        while _pids(p)[1] == victim:  # started again, caught up, listening
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert "catching up with the other workers: load fk failed" in p.output()
+    finally:
+        p.kill()
+
+
 def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
     import socket
 

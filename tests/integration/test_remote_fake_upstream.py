@@ -168,3 +168,20 @@ def test_the_parameters_of_an_upstreams_answer_reach_the_caller(fake, serve, pat
         resp = c.infer("fk", [i], parameters={"tag": "a"}).get_response()
         assert resp.parameters["seen"].string_param == "tag"
         assert resp.outputs[0].parameters["content_type"].string_param == "np"
+
+
+def test_a_routed_answer_keeps_the_upstreams_parameters_beside_its_variant(fake, serve, tmp_path):
+    from gateway_support import start_gateway
+    from route_support import write_config
+
+    remote = {"name": "fk", "upstreams": [fake.address], "batching": "passthrough", "probe_interval_s": 0.1}
+    route = {"name": "r", "variants": [{"name": "only", "model": "fk", "weight": 100}]}
+    running = start_gateway("", config_file=write_config(str(tmp_path / "c.yaml"), [route], remote_models=[remote]))
+    try:
+        c = httpclient.InferenceServerClient(running.http_url)
+        i = httpclient.InferInput("x", [1, 2], "FP32")
+        i.set_data_from_numpy(np.ones((1, 2), np.float32))
+        params = c.infer("r", [i], parameters={"tag": "a"}).get_response()["parameters"]
+        assert params["variant"] == "only" and params["seen"] == "tag"
+    finally:
+        running.stop()

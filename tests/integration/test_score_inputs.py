@@ -145,6 +145,10 @@ def test_nan_written_in_a_csv_is_nan_with_allow_nan_and_missing_values_stay_miss
     ]
     counts, table, rejects = _score(model, src, tmp_path / "strict")
     assert counts.scored == 0 and len(rejects) == 5
+    # a value that does not parse in the same batch: the column goes value by value, NaN still NaN
+    src.write_text("a,b\nNaN,1\nabc,2\n")
+    counts, table, rejects = _score(model, src, tmp_path / "mixed", allow_nan=True, columns=("features=a,b",))
+    assert np.isnan(table.column("y").to_pylist()[0][0]) and [r["row"] for r in rejects] == [1]
 
 
 def test_a_csv_row_longer_than_the_readers_block_is_named(tmp_path):

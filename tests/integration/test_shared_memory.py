@@ -520,6 +520,17 @@ def test_an_output_into_a_segment_shrunk_after_registration_is_refused_not_writt
         c.infer("simple", _simple_inputs(mod), outputs=[out])
     assert "shorter than when it was registered" in e.value.message()
     assert os.path.getsize(path) == 0
+    # shrunk to hold the first output but not the second: neither is written
+    with open(path, "wb") as f:
+        f.write(bytes([7]) * 64)
+    first, second = mod.InferRequestedOutput("OUTPUT0"), mod.InferRequestedOutput("OUTPUT1")
+    first.set_shared_memory("r", 64)
+    second.set_shared_memory("r", 64, offset=64)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("simple", _simple_inputs(mod), outputs=[first, second])
+    assert "shorter than when it was registered" in e.value.message()
+    with open(path, "rb") as f:
+        assert f.read() == bytes([7]) * 64
 
 
 @pytest.mark.parametrize("mod, proto", PROTOCOLS)

@@ -179,12 +179,7 @@ def named(name, *dims):
         ([named("x", "N", "M")], [named("y", "a"), named("z", None, 3), named("s")], {}, ["y", "z", "s"]),
         ([named("x", "N", 3)], [named("y", 1, 3)], {}, []),  # fixed: refused on its own rule
         ([named("a", "N", 3), named("b", "N", 3)], [named("y", "N")], {}, []),
-        (
-            [named("a", "N", 3), named("b", "M", 3)],
-            [named("y", "N", "M")],
-            {"b": "the first dimensions of inputs 'a' and 'b' are 'N' and 'M', which may differ in one request"},
-            [],
-        ),
+        ([named("a", "N", 3), named("b", "M", 3)], [named("y", "N", "M")], {}, []),  # inputs named apart
         ([IOInfo("x", "FP32", (-1, 3))], [IOInfo("y", "FP32", (-1,))], {}, ["y"]),  # no names (TorchScript)
         (
             [named("x", "N", "M\n")],
@@ -205,10 +200,9 @@ def test_completion_does_not_batch_outputs_that_are_not_the_batch_and_a_config_t
         ConfigError, match="output 'y' has first dimension 'M', dimension 1 of input 'x', not the batch"
     ):
         complete_config(mc.ModelConfig(name="m", max_batch_size=4), "onnxruntime_onnx", *tensors, 8)
+    # inputs named apart (torch's list form of dynamic_axes, tf2onnx) batch as before
     pair = ([named("a", "N", 3), named("b", "M", 3)], [named("y", "N", "M")])
-    assert complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", *pair, 8).max_batch_size == 0
-    # a config that batches inputs named apart is the author's word (requests must then agree)
-    assert complete_config(mc.ModelConfig(name="m", max_batch_size=4), "onnxruntime_onnx", *pair, 8).max_batch_size == 4
+    assert complete_config(mc.ModelConfig(name="m"), "onnxruntime_onnx", *pair, 8).max_batch_size == 8
 
 
 def test_complete_with_batching_turned_off_by_default_max_batch_size_zero():
