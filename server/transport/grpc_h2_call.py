@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
 import time
 from collections import deque
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 import grpc
 
 from . import grpc_wire, http2
+from .eager import start_eagerly
 from .grpc_wire import WireError
 
 if TYPE_CHECKING:
@@ -286,18 +285,7 @@ class _Call:
         if self.method not in self.conn.server.eager:
             self.task = self.conn.server.loop.create_task(run)
             return
-        if sys.version_info >= (3, 12):
-            # Its first step now, in a task already (asyncio's own eager start): since 3.12,
-            # asyncio.wait_for needs a task, and the remote backend's first call waits in one.
-            self.task = asyncio.Task(run, loop=self.conn.server.loop, eager_start=True)
-            return
-        try:  # its first step now: a call answered at once (a refusal) needs no task
-            waiting = run.send(None)
-        except StopIteration:
-            return
-        resume = _resume(run, waiting)
-        resume.send(None)  # to its first yield: a cancel before the task's first step reaches ``run``
-        self.task = self.conn.server.loop.create_task(_Driven(resume))
+        self.task = start_eagerly(self.conn.server.loop, run)
 
     async def _run(self, impl, request) -> None:
         try:
@@ -535,70 +523,6 @@ class _Call:
 
     def disable_next_message_compression(self) -> None:
         pass
-
-
-class _Driven(Coroutine):
-    """:func:`_resume`'s generator as a coroutine a task takes: asyncio takes no generator for
-    a task since Python 3.12 ("a coroutine was expected"), however it is decorated."""
-
-    __slots__ = ("_gen",)
-
-    def __init__(self, gen):
-        self._gen = gen
-
-    def send(self, value):
-        return self._gen.send(value)
-
-    def throw(self, *exc):
-        return self._gen.throw(*exc)
-
-    def close(self) -> None:
-        self._gen.close()
-
-    def __await__(self):
-        return self._gen
-
-
-def _resume(coro, waiting):
-    """Drive on, in a task, a coroutine whose first step was taken outside one: hand the task
-    what the coroutine waits on, then pass what the task sends or throws through to it.
-
-    Primed to its first (bare) yield before the task takes it, so that a task cancelled before
-    its first step throws CancelledError here, into a started generator, and on into ``coro``
-    (cancelling the future it awaits, as a task's cancel would, so that a queued request is
-    dropped, not run for no one).
-    (Thrown into an unstarted generator it ends it at once: ``coro`` never heard of the
-    cancellation, later met GeneratorExit, and its request was counted a success, or stayed
-    in flight while anything held it.) The task's first step sends None: on to ``waiting``."""
-    try:
-        yield
-    except GeneratorExit:
-        coro.close()
-        raise
-    except BaseException as e:  # noqa: BLE001 - the early cancellation, passed through
-        try:
-            if isinstance(e, asyncio.CancelledError) and isinstance(waiting, asyncio.Future) and waiting.cancel():
-                waiting = coro.send(None)  # as a task's cancel does: what it awaits is cancelled with it
-            else:
-                waiting = coro.throw(e)
-        except StopIteration as done:
-            return done.value
-    while True:
-        try:
-            sent = yield waiting
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as e:  # noqa: BLE001 - passed through (cancellation among them)
-            try:
-                waiting = coro.throw(e)
-            except StopIteration as done:
-                return done.value
-            continue
-        try:
-            waiting = coro.send(sent)
-        except StopIteration as done:
-            return done.value
 
 
 class _Abort(grpc.aio.AbortError):
