@@ -65,10 +65,10 @@ def answer_parameters(resp: pb.ModelInferResponse, into: dict | None) -> None:
     """The parameters of an upstream's answer, into ``into`` ("": the answer's, else by output)."""
     if into is not None:
         if resp.parameters:
-            into[""] = {k: grpc_codec.param_value(v) for k, v in resp.parameters.items()}
+            into[""] = grpc_codec.parameters_of(resp.parameters)
         for t in resp.outputs:
             if t.parameters:
-                into[t.name] = {k: grpc_codec.param_value(v) for k, v in t.parameters.items()}
+                into[t.name] = grpc_codec.parameters_of(t.parameters)
 
 
 def what_is_served(meta: pb.ModelMetadataResponse) -> tuple:

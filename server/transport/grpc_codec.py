@@ -87,6 +87,11 @@ def param_value(p: pb.InferParameter) -> bool | int | float | str | None:
     return value
 
 
+def parameters_of(params: Any) -> dict[str, Any]:
+    """A protobuf parameters map as plain values."""
+    return {k: param_value(v) for k, v in params.items()}
+
+
 def decode_request(
     msg: pb.ModelInferRequest,
     arrival: float,
@@ -137,7 +142,7 @@ def decode_request(
             data = from_contents(t, dt, shape, what)
         own = None
         if t.parameters and not (shared and i in shared):
-            own = tensor_parameters({k: param_value(v) for k, v in t.parameters.items()}, what)
+            own = tensor_parameters(parameters_of(t.parameters), what)
         inputs.append(Tensor(name, dtname, shape, data, own))
     check_grpc_outputs(outs)
     outputs = [o.name for o in outs] if outs else None
@@ -148,7 +153,7 @@ def decode_request(
         inputs,
         outputs,
         msg.id,
-        {k: param_value(v) for k, v in params.items()} if params else None,
+        parameters_of(params) if params else None,
         headers,
         arrival,
         "grpc",
