@@ -79,7 +79,9 @@ def convert_torch(
     other causes, when the model already has versions whose config this one does not fit (found
     before the export)."""
     from . import torch_model as tm
+    from .pipeline import check_name, destination, load_samples
 
+    check_name(name, version)
     specs = _specs(inputs, batched)
     if isinstance(model, str):
         progress(f"loading {model}")
@@ -92,8 +94,6 @@ def convert_torch(
     # Refuse an existing version before the (slow) export.
     probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
     probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
-    from .pipeline import destination, load_samples
-
     destination(probe)
     if samples:  # a bad file is told before the (slow) export
         load_samples(samples, specs, probe)
@@ -142,8 +142,9 @@ def convert_sklearn(
 ) -> Result:
     """Convert a scikit-learn estimator or pipeline (an object, or a pickle/joblib file) the same way."""
     from . import sklearn_model as sm
-    from .pipeline import destination, load_samples
+    from .pipeline import check_name, destination, load_samples
 
+    check_name(name, version)
     specs = _specs(inputs, batched)
     if fp16 is not None:
         raise ConversionError(

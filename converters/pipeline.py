@@ -102,12 +102,18 @@ class Job:
     record: dict = field(default_factory=dict)  # written to conversion.json
 
 
+def check_name(name: str, version: int) -> None:
+    """Refuse a model name or version the repository cannot take (told before the model is
+    loaded: loading imports torch, seconds)."""
+    if version < 1:
+        raise ConversionError(f"--version must be 1 or more, not {version}")
+    if not _MODEL_NAME.match(name):
+        raise ConversionError(f"--name {name!r}: use letters, digits, '_', '.' and '-', not starting with '.'")
+
+
 def destination(job: Job) -> Path:
     """The version folder to write; refused at once if it exists and ``force`` is not set."""
-    if job.version < 1:
-        raise ConversionError(f"--version must be 1 or more, not {job.version}")
-    if not _MODEL_NAME.match(job.name):
-        raise ConversionError(f"--name {job.name!r}: use letters, digits, '_', '.' and '-', not starting with '.'")
+    check_name(job.name, job.version)
     root = Path(job.repository)
     if root.exists() and not root.is_dir():
         raise ConversionError(f"--repository {root} is not a directory")
