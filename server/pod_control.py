@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from . import logs
@@ -108,9 +109,50 @@ class PodControl:
         _log_changes: dict[str, Any]
         _trace_changes: dict[str, dict[str, Any]]
         _followed: list[str]
+        _files: dict[str, tuple]
 
         @property
         def owner_address(self) -> str: ...
+
+    # ------------------------------------------------------------------ a joining worker's files
+    def _remember_files(self, name: str, uploaded: dict[str, bytes] | None) -> None:
+        """After a pod-wide load of ``name``: what its folder holds now (a load call's uploaded
+        files are kept in memory and replayed as they came: nothing on disk to compare)."""
+        root = self.settings.repository.model_repository
+        now = model_files(root, name) if root and not uploaded else None
+        if now is None:
+            self._files.pop(name, None)
+        else:
+            self._files[name] = now
+
+    async def _same_files(self, slot: Slot) -> None:
+        """A worker (re)started after the pod loaded its models reads their files from disk
+        again: if a model's folder changed since (a file replaced without a load call, in
+        ``none`` or ``explicit`` mode), it would serve other weights than the workers beside it
+        under the same name and version. It is refused before it listens (started again later,
+        as a worker that fails its start) until the model is loaded through the API, which every
+        worker then reads alike, or the pod restarts. ``poll`` mode rescans such changes itself."""
+        repo = self.settings.repository
+        if repo.model_control_mode == "poll" or not repo.model_repository or slot.channel is None:
+            return
+        for name in await slot.channel.call("models"):
+            last = self._models.get(name)
+            if last is not None and last[0] == "load" and last[3]:  # uploaded by the load call
+                continue
+            now = await asyncio.to_thread(model_files, repo.model_repository, name)
+            if now is None:  # not a folder of the repository (a remote model)
+                continue
+            then = self._files.setdefault(name, now)  # (the pod's first worker: as it loaded them)
+            if now != then:
+                changed = sorted({f[0] for f in set(now) ^ set(then)})
+                raise GatewayError(
+                    ErrorCode.UNAVAILABLE,
+                    f"model '{name[:128]}': its files changed on disk since the pod loaded them "
+                    f"({', '.join(c[:128] for c in changed[:3])}{', ...' if len(changed) > 3 else ''}); "
+                    "this worker would serve other files than the workers beside it, so it does not "
+                    f"join: load '{name[:128]}' through the repository API (every worker reads it "
+                    "again) or restart the pod",
+                )
 
     def _members(self, fronts: bool = False) -> list[Slot]:
         """The processes that hold the models (the owner in front mode), or with ``fronts`` those
@@ -163,6 +205,7 @@ class PodControl:
             await self._two_phase("load", name=name, config=config, files=files)
             self._models.pop(name, None)
             self._models[name] = ("load", name, config, files)
+            self._remember_files(name, files)
             await self._follow([name])
 
     async def _two_phase(self, op: str, **args: Any) -> None:
@@ -238,6 +281,7 @@ class PodControl:
             await self._everywhere("unload", self._members(), name=name)
             self._models.pop(name, None)
             self._models[name] = ("unload", name)
+            self._files.pop(name, None)
             await self._follow([])
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
@@ -320,3 +364,26 @@ def _detached(op):
 
 def _named(slot: Slot) -> str:
     return "model owner" if slot.label == "owner" else f"worker {slot.label}"
+
+
+def model_files(root: str, name: str) -> tuple | None:
+    """What the repository folder of model ``name`` holds: each file's path, size, modification
+    time and inode (not its bytes: a model may be gigabytes; a file replaced, even by one of the
+    same size, has another inode or time); hidden entries left out. None when there is no such
+    folder."""
+    top = os.path.join(root, name)
+    if not name or "/" in name or name.startswith(".") or not os.path.isdir(top):
+        return None
+    out = []
+    for here, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if f.startswith("."):
+                continue
+            path = os.path.join(here, f)
+            try:
+                st = os.stat(path)  # (through a link: a ConfigMap's files are links into ..data)
+            except OSError:
+                continue
+            out.append((os.path.relpath(path, top), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(sorted(out))

@@ -159,6 +159,47 @@ def test_a_worker_that_cannot_load_a_model_the_pod_serves_does_not_listen(tmp_pa
         p.kill()
 
 
+def test_a_restarted_worker_does_not_join_when_a_models_files_changed_since_the_pod_loaded_them(tmp_path):
+    """A model file replaced on disk (by another valid model) without a load call reached only a
+    restarted worker, which then served other weights than its neighbour under the same name and
+    version. It is refused until the model is loaded through the API; then both serve the new file."""
+    _save(classifier_model(seed=1), str(tmp_path), "extra")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--model-control-mode", "explicit",
+                        "--load-model", "extra", "--allow-open-admin", "true"))  # fmt: skip
+    x = httpclient.InferInput("features", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), np.float32))
+
+    def answers() -> set[bytes]:  # over fresh connections: the kernel spreads them over the workers
+        out = set()
+        for _ in range(16):
+            c = httpclient.InferenceServerClient(p.http)
+            out.add(c.infer("extra", [x]).as_numpy("probabilities").round(5).tobytes())
+            c.close()
+        return out
+
+    try:
+        p.wait_ready()
+        before = answers()
+        assert len(before) == 1
+        _save(classifier_model(seed=2), str(tmp_path), "extra")  # (rewrites 1/model.onnx and the config)
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 30
+        while "its files changed on disk since the pod loaded them (1/model.onnx" not in p.output():
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert answers() == before and _pids(p)[1] == victim  # the old weights only; no new life listens
+        httpclient.InferenceServerClient(p.http).load_model("extra")  # every worker reads the new file
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:  # the next try joins
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        after = answers()
+        assert len(after) == 1 and after != before
+    finally:
+        p.kill()
+
+
 def test_a_restarted_worker_catches_up_with_a_remote_model_whose_upstream_is_down(tmp_path):
     """A remote model's catch-up load fails while its upstream is down: the worker listens and
     retries it in the background, as at start (it must not crash-loop for the outage)."""
