@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -109,50 +110,67 @@ class PodControl:
         _log_changes: dict[str, Any]
         _trace_changes: dict[str, dict[str, Any]]
         _followed: list[str]
-        _files: dict[str, tuple]
+        _files: dict[str, asyncio.Future]
 
         @property
         def owner_address(self) -> str: ...
 
     # ------------------------------------------------------------------ a joining worker's files
     def _remember_files(self, name: str, uploaded: dict[str, bytes] | None) -> None:
-        """After a pod-wide load of ``name``: what its folder holds now (a load call's uploaded
-        files are kept in memory and replayed as they came: nothing on disk to compare)."""
+        """After a pod-wide load of ``name``: what its folder holds now, read on a thread while
+        the pod serves on (a load call's uploaded files are kept in memory and replayed as they
+        came: nothing on disk to compare)."""
         root = self.settings.repository.model_repository
-        now = model_files(root, name) if root and not uploaded else None
-        if now is None:
-            self._files.pop(name, None)
+        if root and not uploaded:
+            self._files[name] = asyncio.ensure_future(asyncio.to_thread(model_files, root, name))
         else:
-            self._files[name] = now
+            self._files.pop(name, None)
 
     async def _same_files(self, slot: Slot) -> None:
         """A worker (re)started after the pod loaded its models reads their files from disk
         again: if a model's folder changed since (a file replaced without a load call, in
         ``none`` or ``explicit`` mode), it would serve other weights than the workers beside it
-        under the same name and version. It is refused before it listens (started again later,
-        as a worker that fails its start) until the model is loaded through the API, which every
-        worker then reads alike, or the pod restarts. ``poll`` mode rescans such changes itself."""
+        under the same name and version. While another worker serves the model as the pod loaded
+        it, this one is refused before it listens (started again later, as a worker that fails
+        its start) until the model is loaded through the API, which every worker then reads
+        alike, or the pod restarts; with no other worker left, what it read becomes the pod's.
+        Compared by content (SHA-256 of each file), so a folder rewritten with the same bytes
+        (git-sync, a re-download) is no change. ``poll`` mode rescans such changes itself."""
         repo = self.settings.repository
         if repo.model_control_mode == "poll" or not repo.model_repository or slot.channel is None:
             return
-        for name in await slot.channel.call("models"):
+        served = set(await slot.channel.call("models"))
+        alone = not [s for s in self._members() if s is not slot]
+        for name in sorted(served | set(self._files)):
             last = self._models.get(name)
             if last is not None and last[0] == "load" and last[3]:  # uploaded by the load call
                 continue
             now = await asyncio.to_thread(model_files, repo.model_repository, name)
             if now is None:  # not a folder of the repository (a remote model)
                 continue
-            then = self._files.setdefault(name, now)  # (the pod's first worker: as it loaded them)
-            if now != then:
+            known = self._files.get(name)
+            then = (await known) if known is not None else None
+            if then is None or alone:  # the pod's first worker for it, or the only one left
+                self._files[name] = _done(now)
+                continue
+            if name not in served:
+                why = "it could not load the model, which the workers beside it serve"
+            elif now != then:
                 changed = sorted({f[0] for f in set(now) ^ set(then)})
-                raise GatewayError(
-                    ErrorCode.UNAVAILABLE,
-                    f"model '{name[:128]}': its files changed on disk since the pod loaded them "
-                    f"({', '.join(c[:128] for c in changed[:3])}{', ...' if len(changed) > 3 else ''}); "
-                    "this worker would serve other files than the workers beside it, so it does not "
-                    f"join: load '{name[:128]}' through the repository API (every worker reads it "
-                    "again) or restart the pod",
+                why = (
+                    "its files changed on disk since the pod loaded them ("
+                    + ", ".join(c[:128] for c in changed[:3])
+                    + (", ..." if len(changed) > 3 else "")
+                    + "): this worker would serve other files than the workers beside it"
                 )
+            else:
+                continue
+            remedy = (
+                f"load '{name[:128]}' through the repository API (every worker reads it again) or restart the pod"
+                if repo.model_control_mode == "explicit"
+                else "restart the pod (model_control_mode none: the pod reads model files once)"
+            )
+            raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{name[:128]}': {why}, so it does not join: {remedy}")
 
     def _members(self, fronts: bool = False) -> list[Slot]:
         """The processes that hold the models (the owner in front mode), or with ``fronts`` those
@@ -367,23 +385,40 @@ def _named(slot: Slot) -> str:
 
 
 def model_files(root: str, name: str) -> tuple | None:
-    """What the repository folder of model ``name`` holds: each file's path, size, modification
-    time and inode (not its bytes: a model may be gigabytes; a file replaced, even by one of the
-    same size, has another inode or time); hidden entries left out. None when there is no such
-    folder."""
+    """What the repository folder of model ``name`` holds: each file's path, size and SHA-256
+    (read whole: loading the model reads them anyway; hidden entries left out; linked folders
+    followed, each once, as a ConfigMap's ``1 -> ..data/1``). None when there is no such folder."""
     top = os.path.join(root, name)
     if not name or "/" in name or name.startswith(".") or not os.path.isdir(top):
         return None
     out = []
-    for here, dirs, files in os.walk(top):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen: set[tuple[int, int]] = set()
+    for here, dirs, files in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(here)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # (a link back up the tree)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
             if f.startswith("."):
                 continue
             path = os.path.join(here, f)
+            digest = hashlib.sha256()
             try:
-                st = os.stat(path)  # (through a link: a ConfigMap's files are links into ..data)
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        digest.update(chunk)
             except OSError:
                 continue
-            out.append((os.path.relpath(path, top), st.st_size, st.st_mtime_ns, st.st_ino))
+            out.append((os.path.relpath(path, top), digest.hexdigest()))
     return tuple(sorted(out))
+
+
+def _done(value: Any) -> asyncio.Future:
+    f = asyncio.get_running_loop().create_future()
+    f.set_result(value)
+    return f

@@ -73,7 +73,7 @@ class Supervisor(PodControl, PodState):
         self._txns: dict[int, _Txn] = {}
         self._txn_ids = 0
         self._models: dict[str, tuple] = {}  # name -> the last load / unload to replay, in order
-        self._files: dict[str, tuple] = {}  # name -> its folder's files as the pod loaded them
+        self._files: dict[str, asyncio.Future] = {}  # name -> its folder's files as the pod loaded them
         self._regions: dict[tuple[str | None, str], tuple] = {}  # (owner, name) -> registration
         self._log_changes: dict[str, Any] = {}  # the logging extension's changes, all of them
         self._trace_changes: dict[str, dict[str, Any]] = {}  # the trace extension's, by model ("": the server)

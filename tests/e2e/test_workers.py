@@ -181,7 +181,7 @@ def test_a_restarted_worker_does_not_join_when_a_models_files_changed_since_the_
         p.wait_ready()
         before = answers()
         assert len(before) == 1
-        _save(classifier_model(seed=2), str(tmp_path), "extra")  # (rewrites 1/model.onnx and the config)
+        _save(classifier_model(seed=2), str(tmp_path), "extra")  # (other weights in 1/model.onnx)
         victim = _pids(p)[1]
         os.kill(victim, signal.SIGKILL)
         end = time.monotonic() + 30
@@ -196,6 +196,38 @@ def test_a_restarted_worker_does_not_join_when_a_models_files_changed_since_the_
             time.sleep(0.1)
         after = answers()
         assert len(after) == 1 and after != before
+    finally:
+        p.kill()
+
+
+def test_with_no_worker_left_on_the_old_files_a_restarted_worker_makes_the_new_ones_the_pods(tmp_path):
+    """model_control_mode none: a changed file keeps a restarted worker out while its neighbour
+    serves the old one (the message says only a restart helps); once that neighbour is gone too,
+    the next worker to start is alone: what it read becomes the pod's, and the other joins on it."""
+    _save(classifier_model(seed=1), str(tmp_path), "extra")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2"))
+    x = httpclient.InferInput("features", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), np.float32))
+    try:
+        p.wait_ready()
+        first = httpclient.InferenceServerClient(p.http).infer("extra", [x]).as_numpy("probabilities")
+        _save(classifier_model(seed=2), str(tmp_path), "extra")
+        pids = _pids(p)
+        os.kill(pids[1], signal.SIGKILL)
+        end = time.monotonic() + 30
+        while "restart the pod (model_control_mode none" not in p.output():
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        os.kill(pids[0], signal.SIGKILL)
+        end = time.monotonic() + 60
+        while not all(_pids(p)[i] != pids[i] for i in (0, 1)):  # both started again and listening
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        for _ in range(16):  # over fresh connections: both workers serve the new weights
+            c = httpclient.InferenceServerClient(p.http)
+            now = c.infer("extra", [x]).as_numpy("probabilities")
+            c.close()
+            assert not np.allclose(now, first), (now, first)
     finally:
         p.kill()
 

@@ -46,9 +46,14 @@ def test_front_mode_counts_client_requests_not_the_workers_calls_to_the_owner(tm
     _save(
         slow_model(width=WIDTH, layers=400), str(tmp_path), "slow", config="max_batch_size: 2\ndynamic_batching { }\n"
     )
-    # (Counting, not overload: a standing queue must not refuse the clients, whose threads would
-    # end on the refusal and leave the peaks below short of them.)
-    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--queue-target-ms", "0"))
+    # (Counting, not overload: neither a standing queue nor an expected wait may refuse the
+    # clients, whose threads would end on the refusal and leave the peaks below short of them.)
+    p = Proc(
+        serve_args(
+            str(tmp_path), "--workers", "2", "--workers-mode", "front", "--queue-target-ms", "0",
+            "--max-queue-wait-ms", "0",
+        )
+    )  # fmt: skip
     try:
         p.wait_ready()
         url = f"http://127.0.0.1:{p.ports[2]}/metrics"
