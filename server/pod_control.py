@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING, Any
 
 from . import logs
@@ -385,9 +386,10 @@ def _named(slot: Slot) -> str:
 
 
 def model_files(root: str, name: str) -> tuple | None:
-    """What the repository folder of model ``name`` holds: each file's path, size and SHA-256
-    (read whole: loading the model reads them anyway; hidden entries left out; linked folders
-    followed, each once, as a ConfigMap's ``1 -> ..data/1``). None when there is no such folder."""
+    """What the repository folder of model ``name`` holds: each regular file's path and SHA-256
+    (read whole: loading the model reads them anyway; hidden entries left out, and anything but
+    a regular file, such as a FIFO that would never end a read; linked folders followed, each
+    once, as a ConfigMap's ``1 -> ..data/1``). None when there is no such folder."""
     top = os.path.join(root, name)
     if not name or "/" in name or name.startswith(".") or not os.path.isdir(top):
         return None
@@ -409,6 +411,8 @@ def model_files(root: str, name: str) -> tuple | None:
             path = os.path.join(here, f)
             digest = hashlib.sha256()
             try:
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    continue
                 with open(path, "rb") as fh:
                     while chunk := fh.read(1 << 20):
                         digest.update(chunk)
