@@ -128,19 +128,25 @@ class PodControl:
             self._files.pop(name, None)
 
     async def _same_files(self, slot: Slot) -> None:
-        """A worker (re)started after the pod loaded its models reads their files from disk
-        again: if a model's folder changed since (a file replaced without a load call, in
-        ``none`` or ``explicit`` mode), it would serve other weights than the workers beside it
-        under the same name and version. While another worker serves the model as the pod loaded
-        it, this one is refused before it listens (started again later, as a worker that fails
-        its start) until the model is loaded through the API, which every worker then reads
-        alike, or the pod restarts; with no other worker left, what it read becomes the pod's.
-        Compared by content (SHA-256 of each file), so a folder rewritten with the same bytes
-        (git-sync, a re-download) is no change. ``poll`` mode rescans such changes itself."""
+        """A worker restarted after the pod loaded its models reads their files from disk again:
+        if a model's folder changed since (a file replaced without a load call, in ``none`` or
+        ``explicit`` mode), it would serve other weights than the workers beside it under the
+        same name and version. While another worker serves the model as the pod loaded it, this
+        one is refused before it listens (started again later, as a worker that fails its start)
+        until the model is loaded through the API, which every worker then reads alike, or the
+        pod restarts; with no other worker left, what it read becomes the pod's. Compared by
+        content (SHA-256 of each file), so a folder rewritten with the same bytes (git-sync, a
+        re-download) is no change. At the pod's start (the workers' first lives, reading the
+        folders together) the files are only noted, once, on a thread: no worker waits for it.
+        ``poll`` mode rescans such changes itself."""
         repo = self.settings.repository
         if repo.model_control_mode == "poll" or not repo.model_repository or slot.channel is None:
             return
         served = set(await slot.channel.call("models"))
+        if not slot.restarts:
+            for name in served - set(self._files):
+                self._remember_files(name, None)
+            return
         alone = not [s for s in self._members() if s is not slot]
         for name in sorted(served | set(self._files)):
             last = self._models.get(name)
@@ -151,7 +157,7 @@ class PodControl:
                 continue
             known = self._files.get(name)
             then = (await known) if known is not None else None
-            if then is None or alone:  # the pod's first worker for it, or the only one left
+            if then is None or alone:  # unknown to the pod so far, or the only worker left
                 self._files[name] = _done(now)
                 continue
             if name not in served:

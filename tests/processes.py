@@ -82,6 +82,13 @@ class Proc:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        """Until ``text`` shows in the output (an assertion, with the output, past ``timeout``)."""
+        end = time.monotonic() + timeout
+        while text not in self.output():
+            assert time.monotonic() < end, self.output()
+            time.sleep(0.1)
+
     def kill(self):
         if self.p.poll() is None:
             self.p.kill()
