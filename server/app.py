@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 
-from . import __version__, cores, logs
+from . import __version__, cores, logs, model
 from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
@@ -169,7 +169,8 @@ class Gateway:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dataplane.access_log = self.metrics.access_log = self.access_log
-        self.dataplane.failure_rate.limit = settings.observability.failure_log_max_lines_per_s
+        failure_lines = settings.observability.failure_log_max_lines_per_s
+        self.dataplane.failure_rate.limit = model.FAILURE_LINES.limit = failure_lines
         self.dataplane.tracing = self.metrics.tracing = self.tracing
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None

@@ -28,6 +28,7 @@ from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
 from .core.errors import ErrorCode, GatewayError, invalid
+from .core.rate import PerSecond
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature, forwarded_parameters, with_parameters
 from .core.stats import ModelStats
@@ -39,6 +40,24 @@ from .security.limits import Capacity
 from .threads import InferenceThreads
 
 log = logging.getLogger("batchgate.model")
+# A model's failure lines a second at most, over the whole process (the Gateway sets the limit to
+# failure_log_max_lines_per_s): a client whose values make a model fail (a TopK's k past its axis)
+# must not write a line per request. The next line written says how many were left out.
+FAILURE_LINES = PerSecond(100)
+_unlogged = [0]  # lines left out since the last one written (inference threads write it too)
+
+
+def _log_failure(message: str, *args: Any) -> None:
+    if FAILURE_LINES.over():
+        _unlogged[0] += 1
+        return
+    more, _unlogged[0] = _unlogged[0], 0
+    if more:
+        message += " (and %d such lines left out before this one: failure_log_max_lines_per_s)"
+        args = (*args, more)
+    log.warning(message, *args)
+
+
 _perf_ns = time.perf_counter_ns
 _INLINE_AFTER = 16  # executions of a batch size timed before that size may run inline
 
@@ -322,7 +341,7 @@ class ModelVersion:
             return [e] * len(batch)
         # the engine refused or crashed: this batch fails, the model serves on
         if not quiet:
-            log.warning("model '%s' version %s failed to execute: %s", self.name, self.version, e)
+            _log_failure("model '%s' version %s failed to execute: %s", self.name, self.version, str(e)[:1024])
         return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(
             batch
         )
@@ -408,7 +427,7 @@ class LocalExecution:
                 # One caller's values (text that is not UTF-8, an index the model cannot take) may
                 # have failed the merged batch: each runs again alone, so only its caller fails
                 # (said once here; one past its deadline meanwhile is answered so, not run).
-                log.warning(
+                _log_failure(
                     "model '%s' version %s: a batch of %d requests failed (%s); running them one at a time",
                     v.name,
                     v.version,

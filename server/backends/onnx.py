@@ -114,11 +114,16 @@ class OnnxBackend:
         # the gateway has already made against the model's signature); the public method
         # where a future onnxruntime moves it.
         sess = getattr(self.session, "_sess", None)
+        options = ort.RunOptions()
+        # A run's failure is the caller's answer and one bounded line of ours (model.py); ONNX
+        # Runtime's own error line on stderr would be one more per failed run, unbounded and
+        # outside the log's format (a client whose values fail a model could flood it).
+        options.log_severity_level = 4
         if sess is not None:
-            options = ort.RunOptions()
             self._run = lambda names, feeds: sess.run(names, feeds, options)
         else:
-            self._run = self.session.run
+            session = self.session
+            self._run = lambda names, feeds: session.run(names, feeds, options)
 
     def twin(self) -> OnnxBackend:
         """A second session on the same file with one intra-op thread and no spinning, for

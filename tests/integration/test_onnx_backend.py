@@ -139,3 +139,59 @@ dynamic_batching { max_queue_delay_microseconds: 2000 }
         got = c.infer("double", [inp]).as_numpy("y")
         assert got.shape == (3, 1)
         np.testing.assert_allclose(got, 2 * x)
+
+
+def _topk_model():
+    """Top k of four values, k given by the caller: a k past 4 fails inside ONNX Runtime."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Reshape", ["K", "one"], ["k"]),
+        helper.make_node("TopK", ["X", "k"], ["V", "I"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "topk",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", 4]),
+            helper.make_tensor_value_info("K", TensorProto.INT64, ["b", 1]),
+        ],
+        [helper.make_tensor_value_info("V", TensorProto.FLOAT, ["b", None])],
+        initializer=[helper.make_tensor("one", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_failures_a_caller_can_cause_are_logged_within_the_bound_and_not_by_onnx_runtime(
+    tmp_path, serve, caplog, capfd
+):
+    """A caller whose values make the model fail (TopK's k past its axis) gets the engine's
+    message, but cannot write a log line per request: our 'failed to execute' lines keep to
+    failure_log_max_lines_per_s, and ONNX Runtime's own error line (stderr, outside the log's
+    format) is not written at all."""
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    caplog.set_level("INFO", logger="batchgate")
+    _save(_topk_model(), str(tmp_path), "topk")
+    running = serve(str(tmp_path), failure_log_max_lines_per_s=3)
+    c = httpclient.InferenceServerClient(running.http_url)
+    x = httpclient.InferInput("X", [1, 4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+    k = httpclient.InferInput("K", [1, 1], "INT64")
+    k.set_data_from_numpy(np.array([[2]], dtype=np.int64))
+    assert c.infer("topk", [x, k]).as_numpy("V").tolist() == [[3.0, 2.0]]
+    k.set_data_from_numpy(np.array([[9]], dtype=np.int64))
+    start, sent = time.monotonic(), 0
+    while sent < 30:
+        with pytest.raises(InferenceServerException, match="k argument") as err:
+            c.infer("topk", [x, k])
+        assert err.value.status() == "500"
+        sent += 1
+    seconds = int(time.monotonic() - start) + 1
+    lines = [r.getMessage() for r in caplog.records if "failed to execute" in r.getMessage()]
+    assert 1 <= len(lines) <= 3 * seconds < sent, lines
+    assert "onnxruntime" not in capfd.readouterr().err
