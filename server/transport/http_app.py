@@ -93,6 +93,7 @@ class HttpApp:
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
+        self._loop: asyncio.AbstractEventLoop | None = None  # (asking asyncio for it costs a getpid call)
         self._watches: dict[asyncio.Task, DisconnectWatch] = {}
         self._sweeper: asyncio.Task | None = None
 
@@ -473,11 +474,13 @@ class HttpApp:
             # Registered while it waits: the sweeper starts listening for a disconnect only
             # for requests still unanswered after a moment (most are answered first, and
             # listening costs a task), so one abandoned while queued leaves the queue.
-            task = asyncio.current_task()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+                self._sweeper = loop.create_task(self._sweep())
+            task = asyncio.current_task(loop)  # (given the loop: no system call to find it)
             waiting = self._waiting
             waiting[task] = (receive, arrival)
-            if self._sweeper is None:
-                self._sweeper = asyncio.ensure_future(self._sweep())
             try:
                 resp = await pending
             except asyncio.CancelledError:

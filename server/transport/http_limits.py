@@ -47,6 +47,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..security.tls import tls_extension
+from . import batched_writes
 
 HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
@@ -86,6 +87,7 @@ def guarded_protocol(
     shedding: Callable[[], bool] | None = None,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
+    writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
@@ -184,6 +186,11 @@ def guarded_protocol(
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            # Every write from here on (uvicorn's request cycles, the gate's answers, refusals)
+            # waits for the end of the loop's turn (batched_writes.py).
+            if writes.loop is None:
+                writes.loop = self.loop
+            self.transport = batched_writes.BatchedWrites(transport, writes)  # type: ignore[assignment]
             if len(self.connections) > max_connections:
                 refused(TOO_MANY_CONNECTIONS)
                 self._refuse(503, f"more than {max_connections} connections (max_connections)")

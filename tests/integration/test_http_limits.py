@@ -13,6 +13,7 @@ import pytest
 from protocol_support import raw_http
 
 from batchgate.demo import build_demo_repository
+from batchgate.transport import batched_writes
 
 GOOD = json.dumps(
     {
@@ -215,3 +216,114 @@ def test_a_body_refused_before_it_arrived_gets_one_answer_and_the_connection_clo
     answer = read_all(s, timeout=3)
     assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, answer[:200]
     assert b"max_request_bytes" in answer and b"connection: close" in answer.lower()
+
+
+def _read_answer(s: socket.socket, head_only: bool = False) -> bytes:
+    """One answer from ``s``: its head, and its body by its Content-Length (none for HEAD)."""
+    s.settimeout(5)
+    got = b""
+    while b"\r\n\r\n" not in got or (not head_only and len(got) < _answer_length(got)):
+        more = s.recv(1 << 20)
+        assert more, got[:200]
+        got += more
+    return got
+
+
+@pytest.fixture
+def recorded_writes(monkeypatch) -> list[bytes]:
+    """What connections made from now on write to their sockets (the real transport's writes)."""
+    writes: list[bytes] = []
+
+    class Recorder:
+        def __init__(self, transport):
+            self._t = transport
+
+        def write(self, data):
+            writes.append(bytes(data))
+            self._t.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._t, name)
+
+    class Recording(batched_writes.BatchedWrites):
+        def __init__(self, transport, batch):
+            super().__init__(Recorder(transport), batch)
+
+    monkeypatch.setattr(batched_writes, "BatchedWrites", Recording)
+    return writes
+
+
+def test_answers_are_written_whole_at_the_end_of_the_loop_turn_and_nothing_is_held(
+    guarded, recorded_writes, monkeypatch
+):
+    """An answer's head and body leave in one write (uvicorn alone makes two), pipelined answers
+    of one turn together; a head with no body after it (HEAD), 100 Continue, a large answer and
+    an answer that closes the connection are not held back."""
+    writes = recorded_writes
+    s = connect(guarded)
+    post = (
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(GOOD)).encode() + b"\r\n\r\n"
+    )
+    s.sendall(post + GOOD)
+    answer = _read_answer(s)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"OUTPUT0"' in answer, answer[:200]
+    assert writes == [answer]  # the whole answer, in one write
+
+    # HEAD: uvicorn writes the head and no body; the client must not wait for one
+    writes.clear()
+    s.sendall(b"HEAD /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = _read_answer(s, head_only=True)
+    assert head.startswith(b"HTTP/1.1 ") and head.endswith(b"\r\n\r\n") and writes == [head], head
+
+    # Expect: 100-continue: the interim answer goes out before the body comes
+    writes.clear()
+    s.sendall(post.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"))
+    s.settimeout(5)
+    interim = s.recv(65536)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+    s.sendall(GOOD)
+    answer = _read_answer(s)
+    assert answer.startswith(b"HTTP/1.1 200") and writes == [interim, answer], writes
+
+    # a write past the batch bound (lowered here to a size an answer passes) is not kept: what
+    # is kept goes first, then it, whole
+    writes.clear()
+    monkeypatch.setattr(batched_writes, "BATCH_MAX_BYTES", 256)
+    big = json.loads(GOOD)
+    for i in big["inputs"]:
+        i["shape"], i["data"] = [8, 16], list(range(16)) * 8
+    data = json.dumps(big).encode()
+    s.sendall(post.replace(str(len(GOOD)).encode(), str(len(data)).encode()) + data)
+    answer = _read_answer(s)
+    assert answer.startswith(b"HTTP/1.1 200") and b"".join(writes) == answer, writes
+    assert len(writes) == 2 and len(writes[0]) < 256 <= len(writes[1]), [len(w) for w in writes]
+    monkeypatch.undo()
+
+    # the connection goes on, and an answer that closes it is written before the close
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert read_all(s).endswith(b'{"live":true}')
+    s.close()
+
+
+def test_a_connection_gone_before_its_answer_is_written_costs_the_others_nothing(guarded, recorded_writes):
+    """Requests from many connections answered in one turn; those whose clients have gone by
+    then are dropped, and every other connection still gets its answer."""
+    post = (
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(GOOD)).encode() + b"\r\n\r\n" + GOOD
+    )
+    for _ in range(3):
+        socks = [connect(guarded) for _ in range(6)]
+        for i, s in enumerate(socks):
+            s.sendall(post)
+            if i % 2:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.close()  # (a reset: gone before its answer)
+        for s in socks[::2]:
+            assert _read_answer(s).startswith(b"HTTP/1.1 200")
+            s.close()
+    s = connect(guarded)
+    s.sendall(post)
+    assert _read_answer(s).startswith(b"HTTP/1.1 200")
+    s.close()
