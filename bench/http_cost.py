@@ -14,10 +14,10 @@ code, e.g. a ``git worktree`` of an older commit, through the same driver).
     python bench/http_cost.py --profile             # one round under cProfile: the costliest functions
     python bench/http_cost.py --package-root /tmp/old/server   # another checkout's server/ folder
 
-Inside a serving process the same code takes two to three times as long per request as here
-(timed 2026-12-04: 140 µs from an infer's start to its answer in the server, at one connection,
-against 40-50 µs here): the kernel's TCP work between requests leaves the caches cold. So this
-gauges the Python, not the throughput.
+Inside a serving process the same code takes longer per request than here (timed 2026-12-04:
+two to three times while each answer was written as it was sent, about 1.6 times once answers
+were written at the end of the loop's turn, transport/batched_writes.py): the kernel's TCP work
+between requests leaves the caches cold. So this gauges the Python, not the throughput.
 """
 
 from __future__ import annotations
