@@ -126,7 +126,9 @@ def drive(repo: str, requests: int, rounds: int, profile: bool) -> list[float]:
             out.append((time.perf_counter() - t) / requests * 1e6)
             if profile:
                 prof.disable()
-                pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("HTTP_COST_SORT", "tottime")).print_stats(int(os.environ.get("HTTP_COST_TOP", "30")))
+                stats = pstats.Stats(prof, stream=sys.stderr)
+                stats.sort_stats(os.environ.get("HTTP_COST_SORT", "tottime"))
+                stats.print_stats(int(os.environ.get("HTTP_COST_TOP", "30")))
             print(f"[http_cost] round {r + 1}/{rounds}: {out[-1]:.1f} µs a request", file=sys.stderr, flush=True)
         await gw.stop()
         return out
