@@ -57,3 +57,49 @@ def test_threshold_zero_keeps_every_execution_on_worker_threads(repo, serve):
     _call(running, "tiny", x, 30)
     served = running.gateway.repository.resolve("tiny", "")
     assert served.execution.inline_runs == 0 and served.stats.execution_count == 30
+
+
+def test_a_turn_with_many_requests_admitted_runs_them_on_threads_and_one_alone_runs_inline(repo, serve):
+    """A tiny model runs inline while requests come one at a time; when a loop turn admits more
+    than INLINE_MAX_ADMITTED at once (many connections sending together), its executions go to
+    the inference threads, where they run together between the loop's turns. Answers are the
+    same either way."""
+    import json
+    import socket
+
+    from batchgate import model as model_module
+
+    running = serve(repo[0], inline_execution_max_us=300)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    _call(running, "tiny", x, 40)  # timed, then inline
+    tiny = running.gateway.repository.resolve("tiny", "")
+    inline_before, runs_before = tiny.execution.inline_runs, tiny.stats.execution_count
+    assert inline_before >= 20
+
+    body = json.dumps({"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 4], "data": x.ravel().tolist()}]})
+    request = (
+        f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    host, port = running.http_url.split(":")
+    many = 8 * model_module.INLINE_MAX_ADMITTED
+    for _ in range(10):  # bursts: the requests of many connections read in one turn (most times)
+        socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(many)]
+        for s in socks:
+            s.sendall(request)
+        for s in socks:
+            got = b""
+            while b"\r\n\r\n" not in got or not got.endswith(b"]}]}"):
+                more = s.recv(65536)
+                assert more, got
+                got += more
+            assert (
+                got.startswith(b"HTTP/1.1 200")
+                and json.loads(got.partition(b"\r\n\r\n")[2])["outputs"][0]["data"] == x.ravel().tolist()
+            )
+            s.close()
+    on_threads = (tiny.stats.execution_count - runs_before) - (tiny.execution.inline_runs - inline_before)
+    assert on_threads > 0, "every execution of the bursts ran inline"
+    inline_now = tiny.execution.inline_runs
+    _call(running, "tiny", x, 10)  # one at a time again: inline
+    assert tiny.execution.inline_runs == inline_now + 10
