@@ -8,16 +8,15 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
-import stat
 from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .config import RemoteModel
 from .core.errors import ErrorCode, GatewayError
 from .monitoring.metrics import RuntimeFamily, Snapshot
+from .security.audit import hash_files
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -393,39 +392,17 @@ def _named(slot: Slot) -> str:
 
 def model_files(root: str, name: str) -> tuple | None:
     """What the repository folder of model ``name`` holds: each regular file's path and SHA-256
-    (read whole: loading the model reads them anyway; hidden entries left out, and anything but
-    a regular file, such as a FIFO that would never end a read; linked folders followed, each
-    once, as a ConfigMap's ``1 -> ..data/1``). None when there is no such folder."""
+    (``hash_files``, as the audit log hashes a load's files; hidden entries left out, linked
+    folders followed, as a ConfigMap's ``1 -> ..data/1``). None when there is no such folder, or
+    it cannot be hashed within hash_files' bounds (then it is not compared)."""
     top = os.path.join(root, name)
     if not name or "/" in name or name.startswith(".") or not os.path.isdir(top):
         return None
-    out = []
-    seen: set[tuple[int, int]] = set()
-    for here, dirs, files in os.walk(top, followlinks=True):
-        try:
-            st = os.stat(here)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in seen:  # (a link back up the tree)
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            if f.startswith("."):
-                continue
-            path = os.path.join(here, f)
-            digest = hashlib.sha256()
-            try:
-                if not stat.S_ISREG(os.stat(path).st_mode):
-                    continue
-                with open(path, "rb") as fh:
-                    while chunk := fh.read(1 << 20):
-                        digest.update(chunk)
-            except OSError:
-                continue
-            out.append((os.path.relpath(path, top), digest.hexdigest()))
-    return tuple(sorted(out))
+    try:
+        hashed, more = hash_files(top, linked_folders=True, hidden=False)
+    except (OSError, ValueError):
+        return None
+    return tuple(sorted(hashed.items())) + ((f"({more} more files, not hashed)", ""),) * bool(more)
 
 
 def _done(value: Any) -> asyncio.Future:

@@ -125,24 +125,41 @@ class AuditLog:
 
 
 def hash_files(
-    directory: str, max_files: int = MAX_FILES, max_bytes: int = 8 * GIB, max_listed: int = 100 * MAX_FILES
+    directory: str,
+    max_files: int = MAX_FILES,
+    max_bytes: int = 8 * GIB,
+    max_listed: int = 100 * MAX_FILES,
+    *,
+    linked_folders: bool = False,
+    hidden: bool = True,
 ) -> tuple[dict[str, str], int]:
     """SHA-256 (hex) of the regular files under ``directory``, keyed by their paths relative to
     it ('/'-separated), in sorted order: the first ``max_files`` of them, and how many more there
     are (not hashed). A symbolic link to a regular file is hashed as the file it names (the model
-    was loaded through it: a mounted volume's files are links); links to folders and special
-    files are skipped, never followed. ``ValueError`` when the folder holds more than
-    ``max_listed`` files (or as many folders), or the files hashed more than ``max_bytes`` bytes."""
+    was loaded through it: a mounted volume's files are links); special files are skipped, and
+    links to folders too unless ``linked_folders`` (then followed, each folder once: a
+    ConfigMap's ``1 -> ..data/1``). ``hidden`` False leaves out entries whose names start with a
+    dot (the ConfigMap's own ``..data`` and timestamped folders). ``ValueError`` when the folder
+    holds more than ``max_listed`` files (or as many folders), or the files hashed more than
+    ``max_bytes`` bytes."""
     files: list[tuple[str, str, bool]] = []  # (relative, full, through a link)
     folders = unreadable = 0
+    st = os.stat(directory)
+    seen = {(st.st_dev, st.st_ino)}  # folders listed (linked ones may lead back)
     stack = [("", directory)]
     while stack:
         rel, path = stack.pop()
         with os.scandir(path) as it:
             for entry in it:
+                if not hidden and entry.name.startswith("."):
+                    continue
                 name = f"{rel}{entry.name}"
                 link = entry.is_symlink()
-                if not link and entry.is_dir(follow_symlinks=False):
+                if (not link and entry.is_dir(follow_symlinks=False)) or (link and linked_folders and _folder(entry)):
+                    st = entry.stat()
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
                     folders += 1
                     if folders > max_listed:
                         raise ValueError(f"{directory} holds more than {max_listed} folders")
@@ -168,6 +185,14 @@ def hash_files(
         out[rel], size = _hash_file(full, view, left, directory, link)
         left -= size
     return out, max(0, len(files) - max_files) + unreadable
+
+
+def _folder(entry: os.DirEntry) -> bool:
+    """Whether a link names a folder (False for a broken or looping one)."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
 
 
 def _hash_file(path: str, view: memoryview, left: int, directory: str, link: bool = False) -> tuple[str, int]:

@@ -276,3 +276,25 @@ def test_hash_files_refuses_a_file_that_grows_past_the_limit(model_dir, monkeypa
     monkeypatch.setattr(audit, "_hash_file", grow_then_hash)
     with pytest.raises(ValueError, match="bytes in the files hashed"):
         hash_files(str(model_dir), max_bytes=5000)
+
+
+def test_hash_files_can_follow_linked_folders_once_and_leave_hidden_entries_out(tmp_path):
+    """A ConfigMap volume: the files live in a hidden, timestamped folder, reached through
+    ``..data`` and a link per entry. With linked_folders and hidden=False they are keyed as the
+    model sees them, each once, whatever the timestamp; a link back up the tree does not loop."""
+    d = tmp_path / "model"
+    real = d / "..2026_12_04_22_50_00.123" / "1"
+    real.mkdir(parents=True)
+    (real / "model.onnx").write_bytes(b"weights")
+    os.symlink("..2026_12_04_22_50_00.123", d / "..data")
+    os.symlink("..data/1", d / "1")
+    os.symlink("..", real / "up")  # back to the timestamped folder
+    (d / ".hidden-file").write_bytes(b"not the model's")
+    got, omitted = hash_files(str(d), linked_folders=True, hidden=False)
+    assert got == {"1/model.onnx": sha(b"weights")} and omitted == 0
+    # by default (the audit log's way) links to folders are skipped and hidden entries hashed
+    got, _ = hash_files(str(d))
+    assert got == {
+        ".hidden-file": sha(b"not the model's"),
+        "..2026_12_04_22_50_00.123/1/model.onnx": sha(b"weights"),
+    }
