@@ -25,7 +25,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from . import __version__
 from .config import SETTINGS
 from .core.errors import ErrorCode, GatewayError, invalid
-from .core.rate import PerSecond
+from .core.rate import LineBudget
 from .core.signature import TensorSpec
 from .core.types import (
     MAX_TENSOR_PARAMETERS,
@@ -137,8 +137,7 @@ class DataPlane(Extensions):
         self.weighs_calls = False
         self.access_log: AccessLog | None = None  # set by the Gateway unless access_log is off
         self.tracing: Tracing | None = None  # set by the Gateway with tracing: otlp
-        self.failure_rate = PerSecond(100)  # "failed" log lines a second; the Gateway sets the limit
-        self._failures_dropped = 0
+        self.failure_lines = LineBudget(100)  # "failed" log lines a second; the Gateway sets the limit
 
     def key_id(self, caller: Caller) -> str | None:
         """The id of the key ``caller`` presents (for the access log; None: none or not valid)."""
@@ -326,18 +325,17 @@ class DataPlane(Extensions):
             return
         # At most failure_log_max_lines_per_s a second: one client sending bad requests in a loop
         # must not flood the log (the lines past it are counted, and summed up with the next one).
-        if self.failure_rate.over():
-            self._failures_dropped += 1
+        left_out = self.failure_lines.take()
+        if left_out is None:
             self.metrics.failure_log_dropped += 1
             return
-        if self._failures_dropped:
+        if left_out:
             log.warning(
                 "%d failed requests were not logged since the last line of this kind "
                 "(failure_log_max_lines_per_s %d; batchgate_failure_log_dropped_total counts them)",
-                self._failures_dropped,
-                self.failure_rate.limit,
+                left_out,
+                self.failure_lines.limit,
             )
-            self._failures_dropped = 0
         log.log(
             level,
             "%s request to model '%s' failed: %s %s",

@@ -28,7 +28,7 @@ from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, merge, split
 from .core.errors import ErrorCode, GatewayError, invalid
-from .core.rate import PerSecond
+from .core.rate import LineBudget
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature, forwarded_parameters, with_parameters
 from .core.stats import ModelStats
@@ -43,18 +43,16 @@ log = logging.getLogger("batchgate.model")
 # A model's failure lines a second at most, over the whole process (the Gateway sets the limit to
 # failure_log_max_lines_per_s): a client whose values make a model fail (a TopK's k past its axis)
 # must not write a line per request. The next line written says how many were left out.
-FAILURE_LINES = PerSecond(100)
-_unlogged = [0]  # lines left out since the last one written (inference threads write it too)
+FAILURE_LINES = LineBudget(100)  # (inference threads take from it too: a race costs a line, no more)
 
 
 def _log_failure(message: str, *args: Any) -> None:
-    if FAILURE_LINES.over():
-        _unlogged[0] += 1
+    left_out = FAILURE_LINES.take()
+    if left_out is None:
         return
-    more, _unlogged[0] = _unlogged[0], 0
-    if more:
+    if left_out:
         message += " (and %d such lines left out before this one: failure_log_max_lines_per_s)"
-        args = (*args, more)
+        args = (*args, left_out)
     log.warning(message, *args)
 
 

@@ -23,3 +23,16 @@ def test_a_credit_takes_one_event_back_and_never_goes_below_none():
     window.credit()
     assert window.over() is False  # 2 again, not 3
     assert window.over() is True
+
+
+def test_a_line_budget_writes_its_limit_a_second_and_tells_how_many_were_left_out():
+    from batchgate.core.rate import LineBudget
+
+    now = [0.0]
+    lines = LineBudget(2, clock=lambda: now[0])
+    assert [lines.take() for _ in range(5)] == [0, 0, None, None, None]
+    now[0] = 1.0
+    assert lines.take() == 3 and lines.take() == 0 and lines.take() is None
+    lines.limit = 0
+    now[0] = 2.0
+    assert lines.take() is None and lines.limit == 0
