@@ -14,12 +14,13 @@ named at the end of the message (so it is counted under that reason):
 - ``queue_target_ms``: a *standing* queue. A burst may queue up to the ceiling and drain, but
   once the expected wait has stayed above the target for a whole ``queue_interval_ms`` the
   version is overloaded, and from then on a request is admitted only while the expected wait is
-  within the target, until it has stayed within it for an interval again (CoDel's rule, Nichols
-  and Jacobson: a delay that persists for an interval is a standing queue, not a burst, applied
-  at the door instead of at the head of the queue). Under sustained overload answers then wait
-  about the target while the model stays busy, and the excess is refused at once. The target is
-  never less than one round of executions (full batches on every instance), so a model that
-  batches, or a slow one, keeps the queue that keeps it busy.
+  within the target, until it has stayed within it for an interval again or the version has run
+  out of work (CoDel's rule, Nichols and Jacobson: a delay that persists for an interval is a
+  standing queue, not a burst, applied at the door instead of at the head of the queue). Under
+  sustained overload answers then wait about the target while the model stays busy, and the
+  excess is refused at once. The target is never less than one round of executions (full
+  batches on every instance), so a model that batches, or a slow one, keeps the queue that keeps
+  it busy.
 
 The expected wait is the requests admitted and not yet executing (queued, or still being read
 and decoded) over the version's capacity: the most answers per second it has given in an
@@ -214,4 +215,11 @@ class Admission:
         if not self.inflight and self.on_idle is not None:  # shadow copies wait for this
             self.on_idle()
         if self.target_s:
-            version.capacity.answer(self._clock(), self.interval_s, version.admitted > version.scheduler.executing)
+            cap = version.capacity
+            if not version.admitted and cap.shedding:
+                # The version ran out of work: whatever queue it had is gone, so it was not a
+                # standing one (synchronised clients send bursts that queue above the target
+                # and then drain; without this, each new burst would find the version still
+                # shedding and lose all but the target's worth while the core idles).
+                cap.shedding, cap.since = False, None
+            cap.answer(self._clock(), self.interval_s, version.admitted > version.scheduler.executing)

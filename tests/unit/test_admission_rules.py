@@ -1,7 +1,7 @@
 """The queue_target_ms rule of :class:`Admission` on a fake clock: a burst above the target is
 admitted, a queue that stays above it for an interval starts the shedding, shedding admits only
-within the target, and a queue back within the target for an interval ends it. The version here
-holds only what admission reads (its scheduler is the real pass-through one)."""
+within the target, and a queue back within the target for an interval, or emptied, ends it.
+The version here holds only what admission reads (its scheduler is the real pass-through one)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,25 @@ def test_a_burst_is_admitted_but_a_standing_queue_is_cut_to_the_target():
     clock.now += 0.11
     adm.admit(v)  # within the target for an interval: recovered
     assert not v.capacity.shedding
+
+
+def test_a_version_that_runs_out_of_work_stops_shedding():
+    """Synchronised clients: bursts that queue above the target, each drained before the next.
+    Once the version has emptied its queue, the next burst is a burst again, not the tail of a
+    standing queue (before: each burst found it still shedding and all but the target's worth
+    were refused while the model sat idle)."""
+    clock = Clock()
+    adm = Admission(10_000, 0.0, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
+    v, refused = version(capacity_per_s=1000.0)
+    v.capacity.shedding = True  # (a standing queue seen earlier)
+    assert admit_until_refused(adm, v, 100) == 21  # shedding: the target's worth
+    for _ in range(v.admitted - 1):
+        adm.release(v)
+    assert v.capacity.shedding  # one still waiting: not yet out of work
+    adm.release(v)
+    assert not v.capacity.shedding
+    clock.now += 0.02
+    assert admit_until_refused(adm, v, 100) == 100  # the next burst, whole
 
 
 def test_the_target_is_never_below_one_round_of_executions():
