@@ -37,7 +37,61 @@ MODEL = "tiny"
 PATH = f"/v2/models/{MODEL}/infer"
 
 
-def drive(repo: str, requests: int, rounds: int, profile: bool) -> list[float]:
+class _Transport:
+    """Just enough of an asyncio transport for uvicorn's protocol: what it writes is counted."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+        self.last = data
+
+    def get_extra_info(self, name: str, default=None):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def refusal_round(gw):
+    """µs per overload refusal, through the HTTP protocol itself: one connection's bytes handed
+    to uvicorn's (guarded) protocol while the process is at its in-flight limit, so each request
+    is refused from its request line (the quick path) and its answer written at the turn's end."""
+    import asyncio
+
+    from serving import http_request_body
+
+    body = http_request_body()
+    raw = (
+        f"POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    server = gw._http.server
+    proto = server.config.http_protocol_class(
+        config=server.config, server_state=server.server_state, app_state={}, _loop=asyncio.get_running_loop()
+    )
+    transport = _Transport()
+    proto.connection_made(transport)
+    gw.dataplane.admission.max_inflight = 0  # every request is refused: the in-flight limit
+
+    async def once() -> None:
+        proto.data_received(raw)
+        await asyncio.sleep(0)  # the turn ends: the answer is written
+
+    return once, lambda: transport.last.startswith(b"HTTP/1.1 429 ")
+
+
+def drive(repo: str, requests: int, rounds: int, profile: bool, refusals: bool = False) -> list[float]:
     """µs per request of each round (in this process, with whatever ``batchgate`` imports)."""
     import uvloop
 
@@ -108,10 +162,13 @@ def drive(repo: str, requests: int, rounds: int, profile: bool) -> list[float]:
             if len(sent) > 64:
                 del sent[:-2]
 
+        ok = lambda: sent[0].get("status") == 200  # noqa: E731
+        if refusals:
+            once, ok = refusal_round(gw)
         for _ in range(5000):  # warm-up: the model is timed and runs inline from here on
             await once()
-        if sent[0].get("status") != 200:
-            raise SystemExit(f"the benchmark request failed: {sent[:2]}")
+        if not ok():
+            raise SystemExit(f"the benchmark request was not answered as expected: {sent[:2]}")
         out = []
         for r in range(rounds):
             if profile:
@@ -141,12 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=20000, help="requests a round (default 20,000)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5); the median is reported")
     ap.add_argument("--profile", action="store_true", help="one round under cProfile, its costliest functions")
+    ap.add_argument(
+        "--refusals",
+        action="store_true",
+        help="gauge an overload refusal instead (the HTTP protocol's quick path, at the in-flight limit)",
+    )
     ap.add_argument("--package-root", help="import batchgate from this folder (another checkout's server/)")
     ap.add_argument("--output", default=str(HERE / "results" / "http_cost.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)  # (the measuring process: a repository path)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(drive(args.child, args.requests, 1 if args.profile else args.rounds, args.profile)))
+        rounds = 1 if args.profile else args.rounds
+        print(json.dumps(drive(args.child, args.requests, rounds, args.profile, args.refusals)))
         return 0
     sys.path.insert(0, str(HERE))
     from serving import build_repository
@@ -161,16 +224,18 @@ def main(argv: list[str] | None = None) -> int:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link.parent), env.get("PYTHONPATH", "")]))
         cmd = [sys.executable, __file__, "--child", str(repo), "--requests", str(args.requests)]
         cmd += ["--rounds", str(args.rounds)] + (["--profile"] if args.profile else [])
+        cmd += ["--refusals"] if args.refusals else []
         if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1:
             cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]  # one core, as a server has
         done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
         rounds = json.loads(done.stdout.strip().splitlines()[-1])
     median = statistics.median(rounds)
     result = {"code": args.package_root or str(HERE.parent / "server"), "us_per_request": median, "rounds": rounds}
+    result["what"] = "overload refusal" if args.refusals else "answer"
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"HTTP infer path in process: {median:.1f} µs a request (median of {len(rounds)} rounds: "
+        f"HTTP infer path in process ({result['what']}): {median:.1f} µs a request (median of {len(rounds)} rounds: "
         f"{', '.join(f'{r:.1f}' for r in rounds)}); wrote {args.output}"
     )
     return 0

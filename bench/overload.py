@@ -9,6 +9,12 @@ tools run on the other. Phases (each ``--seconds`` long, 20 by default):
 3. HTTP open loop at 3x the HTTP capacity (h2load --h1 --rps over 600 connections);
 4. HTTP closed loop with 5,000 connections.
 
+An open-loop phase runs ``--stagger`` h2load processes (8), each with its share of the
+connections, started a fraction of the --rps period apart: one h2load fires all its
+connections' rate timers together (600 requests at once, every 37 ms at 3x), a pattern of
+synchronised bursts rather than the spread-out arrivals of many independent clients.
+``--stagger 1`` measures the bursts.
+
 Reported per phase: goodput (OK answers received per second) as a fraction of capacity
 (target >= 0.8), OK p99 against the capacity p99 (target <= 2x), refusal p99 (target <= 5 ms),
 CANCELLED (target 0), and the server's batchgate_queue_depth against the client's view (Little's
@@ -104,26 +110,52 @@ class DepthSampler(threading.Thread):
 
 
 # ------------------------------------------------------------------ load tools
-def h2load(pin, url: str, seconds: float, clients: int, *, h1: bool, rps: float | None, data: Path, log: Path):
-    cmd = [*pin.load, "h2load", "-t", "1", "-c", str(clients), "-D", f"{int(seconds)}s", "-d", str(data)]
-    cmd += ["--log-file", str(log), "-T", "30s", "-N", "30s"]
-    if h1:
-        cmd += ["--h1", "-m", "1", "-H", "content-type: application/json"]
-    else:
-        cmd += ["-m", "64" if rps else "8", "-H", "content-type: application/grpc", "-H", "te: trailers"]
-    if rps:
-        cmd += ["--rps", f"{rps:.2f}"]
-    cmd.append(url)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    if p.returncode != 0:
-        raise BenchError(f"h2load failed ({p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
-    r = re.search(
-        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", p.stdout
-    )
-    if not r:
-        raise BenchError(f"cannot read h2load's output:\n{p.stdout}")
-    rows = np.loadtxt(log, dtype=np.int64, ndmin=2) if log.stat().st_size else np.zeros((0, 3), np.int64)
-    return {"done": int(r.group(3)), "failed": int(r.group(5)), "errored": int(r.group(6)), "rows": rows}
+def h2load(
+    pin, url: str, seconds: float, clients: int, *, h1: bool, rps: float | None, data: Path, log: Path, groups: int = 1
+):
+    """One closed-loop h2load, or ``groups`` open-loop ones started ``1 / (groups * rps)`` apart.
+
+    h2load starts every connection's --rps timer at once, so its connections send together: a
+    burst of ``clients`` requests every ``1 / rps`` seconds, not the spread-out arrivals of an
+    open-loop load from independent clients. Staggered processes spread them over the period
+    (bursts of ``clients / groups``)."""
+    if not rps:
+        groups = 1
+    groups = max(1, min(groups, clients))
+    procs = []
+    for g in range(groups):
+        n = clients // groups + (1 if g < clients % groups else 0)
+        cmd = [*pin.load, "h2load", "-t", "1", "-c", str(n), "-D", f"{int(seconds)}s", "-d", str(data)]
+        cmd += ["--log-file", f"{log}.{g}", "-T", "30s", "-N", "30s"]
+        if h1:
+            cmd += ["--h1", "-m", "1", "-H", "content-type: application/json"]
+        else:
+            cmd += ["-m", "64" if rps else "8", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        if rps:
+            cmd += ["--rps", f"{rps:.2f}"]
+        cmd.append(url)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if rps and g + 1 < groups:
+            time.sleep(1 / (rps * groups))
+    out = {"done": 0, "failed": 0, "errored": 0}
+    rows = []
+    for g, p in enumerate(procs):
+        stdout, stderr = p.communicate(timeout=seconds + 60)
+        if p.returncode != 0:
+            raise BenchError(f"h2load failed ({p.returncode}):\n{stdout[-2000:]}{stderr[-2000:]}")
+        r = re.search(
+            r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", stdout
+        )
+        if not r:
+            raise BenchError(f"cannot read h2load's output:\n{stdout}")
+        out["done"] += int(r.group(3))
+        out["failed"] += int(r.group(5))
+        out["errored"] += int(r.group(6))
+        part = Path(f"{log}.{g}")
+        if part.stat().st_size:
+            rows.append(np.loadtxt(part, dtype=np.int64, ndmin=2))
+        part.unlink()
+    return {**out, "rows": np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)}
 
 
 async def probe(port: int, rate: float, seconds: float) -> dict[str, list[float]]:
@@ -178,8 +210,9 @@ def pct(values, q) -> float | None:
 
 
 # ------------------------------------------------------------------ one phase
-def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set):
-    """``probe_set``: the probe's rate a second, and whether it runs at real-time priority."""
+def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1):
+    """``probe_set``: the probe's rate a second, and whether it runs at real-time priority;
+    ``groups``: staggered h2load processes of an open-loop phase (see :func:`h2load`)."""
     say(
         f"{name}: {protocol}, {clients} connections"
         + (f", {rps * clients:,.0f} req/s offered" if rps else ", closed loop")
@@ -198,7 +231,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set):
     probe_out: dict = {}
     prober = start_probe(pin, ports["grpc"], probe_set[0], seconds, probe_set[1]) if grpc_mode else None
     t0 = time.monotonic()
-    h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log)
+    h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log, groups=groups)
     if prober:
         out, err = prober.communicate(timeout=seconds + 120)
         if prober.returncode != 0:
@@ -300,6 +333,13 @@ def main() -> int:
         help="HTTP open-loop connections (h2load --rps is per connection; a connection whose answer "
         "comes late sends its next requests back to back, so the rate sent can exceed the rate asked)",
     )
+    ap.add_argument(
+        "--stagger",
+        type=int,
+        default=8,
+        help="h2load processes per open-loop phase, started a fraction of the --rps period apart (one "
+        "h2load fires all its connections' timers together: bursts, not an open-loop arrival stream)",
+    )
     ap.add_argument("--probe-rate", type=float, default=50)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-pin", action="store_true")
@@ -343,6 +383,7 @@ def main() -> int:
             ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
             s = args.seconds
             report: dict = {"settings": settings, "pinning": pin.note, "seconds": s, "factor": args.factor}
+            report["stagger"] = args.stagger
             report["probe"] = "own process, real-time (chrt -f 10)" if realtime else "own process"
             probe_set = (args.probe_rate, realtime)
             cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, probe_set)
@@ -352,10 +393,10 @@ def main() -> int:
             over_g = over_h = conns_h = None
             if "grpc" in wanted:
                 rate = args.factor * cap_g["ok_per_s"] / clients_g
-                over_g = phase("overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set)
+                over_g = phase("overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set, args.stagger)
             if "http" in wanted:
                 rate = args.factor * cap_h["ok_per_s"] / clients_h
-                over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set)
+                over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set, args.stagger)
             if "connections" in wanted:
                 try:
                     conns_h = phase("connections-http", pin, ports, s, "http", args.connections, None, files, probe_set)

@@ -243,18 +243,17 @@ class LimitSettings:
         minimum=1,
     )
     overload_refusals_per_s: int = _setting(
-        8000,
-        "HTTP overload refusals (429) per second before the "
-        "server stops reading: past it, a connection just "
-        "refused is not read for the refusal's Retry-After (TCP backpressure), so clients that retry at once "
-        "cannot take the core from admitted work",
+        4000,
+        "HTTP overload refusals (429) a second the server answers as they come; past it, a connection "
+        "just refused (still answered at once) is not read until its turn, turns coming at this rate one "
+        "after another (TCP backpressure): clients that retry at once wait in their own sockets, for about "
+        "the held connections over this rate, instead of taking the core from admitted work",
         minimum=1,
     )
     grpc_overload_refusals_per_s: int = _setting(
         32000,
-        "overload_refusals_per_s for the h2 gRPC engine, whose refusals cost about a tenth of an answer (answered "
-        "before the request is parsed): past it in a second, a connection just refused is not read for the "
-        "refusal's Retry-After",
+        "overload_refusals_per_s for the h2 gRPC engine, whose refusals cost about a tenth of an answer "
+        "(answered before the request is parsed)",
         minimum=1,
     )
     max_tensor_dims: int = _setting(

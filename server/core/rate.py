@@ -1,4 +1,5 @@
-"""Events counted over one-second windows (refusal budgets, reset floods): sans-IO, clock injected."""
+"""Events counted over one-second windows (reset floods, log lines) and refusals paced in turns
+(overload backpressure): sans-IO, clock injected."""
 
 from __future__ import annotations
 
@@ -57,3 +58,28 @@ class LineBudget:
             return None
         left_out, self._left_out = self._left_out, 0
         return left_out
+
+
+class Pacer:
+    """Overload refusals paid for in turns, ``rate`` turns a second (a token bucket kept as the
+    time its next turn is free).
+
+    :meth:`delay` takes a turn: 0 while the bucket (``burst_s`` seconds of turns) holds one,
+    else the seconds until the turn comes. A connection whose refusal got a delay is not read
+    until then: the refusals that reach the core stay at about ``rate`` a second however many
+    clients retry at once, and a held connection waits only for the turns taken before its own
+    (about the held connections over ``rate``), not for a fixed pause."""
+
+    __slots__ = ("rate", "_burst", "_clock", "_next")
+
+    def __init__(self, rate: float, burst_s: float = 0.1, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self._burst = burst_s
+        self._clock = clock
+        self._next = float("-inf")  # when the next turn is free
+
+    def delay(self) -> float:
+        now = self._clock()
+        turn = max(self._next, now - self._burst)
+        self._next = turn + 1.0 / self.rate
+        return turn - now if turn > now else 0.0

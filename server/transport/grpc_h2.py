@@ -38,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from ..core.rate import PerSecond
+from ..core.rate import Pacer, PerSecond
 from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
 from .grpc_h2_sweep import sweep
@@ -85,7 +85,7 @@ class H2GrpcServer:
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s
-        self.refusals = PerSecond(refusals_per_s)  # overload refusals, against grpc_overload_refusals_per_s
+        self.refusals = Pacer(refusals_per_s)  # overload refusals' turns, grpc_overload_refusals_per_s a second
         self.max_resets_per_s = max_resets_per_s
         self.max_header_bytes = max_header_bytes
         # bytes of unfinished request messages held across all connections (see _Connection.hold)
@@ -526,18 +526,16 @@ class _Connection(asyncio.Protocol):
         """Our side of ``sid`` is done (see ``Http2.end_reading``)."""
         self.h2.end_reading(sid, code)
 
-    def overload_refusal(self, trailing) -> None:
-        """A call on this connection was refused for overload: past the server's refusal budget,
-        the connection is not read for the refusal's Retry-After (TCP backpressure, as for HTTP:
-        its client's next requests wait in its socket instead of taking the core from admitted
-        work). Answers to its admitted calls are still written."""
-        if self._held or not self.server.refusals.over() or self.transport is None:
+    def overload_refusal(self) -> None:
+        """A call on this connection was refused for overload: past the refusals' rate, the
+        connection is not read until its turn (``core/rate.Pacer``; TCP backpressure, as for
+        HTTP: its client's next requests wait in its socket instead of taking the core from
+        admitted work). Answers to its admitted calls are still written."""
+        if self._held or self.transport is None:
             return
-        retry = next((v for k, v in trailing if k == "retry-after"), "1")
-        try:
-            pause = max(1.0, min(float(retry), 10.0))
-        except ValueError:
-            pause = 1.0
+        pause = self.server.refusals.delay()
+        if pause <= 0:
+            return
         self._held = True
         self.server.refused("overload_hold")
         self.transport.pause_reading()

@@ -408,7 +408,7 @@ class _Call:
             return
         conn = self.conn
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            conn.overload_refusal(self._trailing)
+            conn.overload_refusal()
         if not self.headers_sent:
             conn.trailers_only(self.sid, code, message, self._trailing)
         else:

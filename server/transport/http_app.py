@@ -20,7 +20,7 @@ import orjson
 
 from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
-from ..core.rate import PerSecond
+from ..core.rate import Pacer
 from ..core.routing import PIN_HEADER
 from ..core.types import REQUEST_ID_HEADER, caller_headers
 from ..dataplane import FILE_PARAM_PREFIX, DataPlane, Served
@@ -88,7 +88,7 @@ class HttpApp:
         self.admin_only = admin_only
         self.admin = admin  # the admin API's HTTP mirror (admin listener only)
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
-        self._refusals = PerSecond(refusals_per_s)  # overload refusals, against overload_refusals_per_s
+        self._refusals = Pacer(refusals_per_s)  # overload refusals' turns, overload_refusals_per_s a second
         self.limit = max_body_bytes
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
@@ -139,8 +139,8 @@ class HttpApp:
         """Admission of an infer request as soon as its head is parsed (called by the protocol,
         ``http_limits.py``, before any ASGI task exists): None sends the request on to the app
         (admitted, with its admission in the scope, when it is an infer); otherwise the refusal
-        to write at once, and how long to leave the connection unread after it (past
-        ``overload_refusals_per_s`` overload refusals in a second, its Retry-After)."""
+        to write at once, and how long to leave the connection unread after it (an overload
+        refusal past ``overload_refusals_per_s``: until its turn, see ``core/rate.Pacer``)."""
         if self.admin_only:
             return None
         hit = self._infer_paths.get(path)
@@ -162,9 +162,7 @@ class HttpApp:
                 note.error = e.code.value
                 note.request_id = header(scope, REQUEST_ID_HEADER) or ""
                 self._access(alog, note, model, status, scope, path)
-            pause = 0.0
-            if e.code is ErrorCode.RESOURCE_EXHAUSTED and self._refusals.over():
-                pause = max(1.0, min(e.retry_after_s or 1.0, 10.0))
+            pause = self._refusals.delay() if e.code is ErrorCode.RESOURCE_EXHAUSTED else 0.0
             return status, headers, body, pause
         scope[ADMITTED] = (served, model, version)
         return None
@@ -190,10 +188,7 @@ class HttpApp:
             alog.request(
                 None, "http", model, status, e.code.value, lambda: (peer, None), "POST", f"/v2/models/{model}/infer"
             )
-        pause = 0.0
-        if self._refusals.over():
-            pause = max(1.0, min(e.retry_after_s or 1.0, 10.0))
-        return status, headers, body, pause
+        return status, headers, body, self._refusals.delay()
 
     def _admit(self, model: str, version: str, scope) -> Served:
         """Admission from the path and the caller, logged when refused (counted by the caller)."""

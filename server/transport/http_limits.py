@@ -22,9 +22,10 @@ is parsed and dropped; no ASGI scope, task or cycle is made for it, so under ove
 costs a small fraction of an answer. An admitted request goes on to the app with its admission
 in the scope. Before that, a plain infer request whose whole bytes are at hand is refused for
 overload from its request line alone when the model is shedding (``quick``, which is
-:meth:`HttpApp.quick_refusal`): not even its head is parsed. Past the gate's refusal budget, a
-connection just refused is not read for the refusal's Retry-After (TCP backpressure: its client's
-next request waits in its own socket instead of taking the core from admitted work).
+:meth:`HttpApp.quick_refusal`): not even its head is parsed. Past ``overload_refusals_per_s``,
+a connection just refused is not read until its turn (``core/rate.Pacer``: turns at that rate,
+one after another), so its client's next request waits in its own socket instead of taking the
+core from admitted work (TCP backpressure), for about the held connections over the rate.
 
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
@@ -35,7 +36,6 @@ see ``security/tls.py``), made once per connection after its handshake.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -53,7 +53,7 @@ HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
-OVERLOAD_HOLD = "overload_hold"  # a connection not read for a refusal's Retry-After (past the refusal budget)
+OVERLOAD_HOLD = "overload_hold"  # a connection not read until its turn (past the overload refusals' rate)
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
 _STATUS = {431: b"431 Request Header Fields Too Large", 408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
@@ -104,14 +104,14 @@ def guarded_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            if (
-                (not self._in_message or self._in_head)
-                and (b"pgrade" in data or b"PGRADE" in data)  # (a plain scan first: most requests have none)
-                and _UPGRADE.search(data) is not None
-            ):
+            if not self._in_message or self._in_head:
                 end = data.find(b"\r\n\r\n")
-                head = data if end < 0 else data[: end + 2]
-                data = _UPGRADE.sub(_RENAMED, head) + data[len(head) :]
+                stop = len(data) if end < 0 else end + 2  # (the head only: the body may be long)
+                if (
+                    (data.find(b"pgrade", 0, stop) >= 0 or data.find(b"PGRADE", 0, stop) >= 0)  # (most have none)
+                    and _UPGRADE.search(data, 0, stop) is not None
+                ):
+                    data = _UPGRADE.sub(_RENAMED, data[:stop]) + data[stop:]
             idle = self.cycle is None or self.cycle.response_complete
             if (
                 quick is not None
@@ -166,10 +166,10 @@ def guarded_protocol(
                 self._disarm()  # (the next request's head clock starts with its first byte)
                 pos = end + 4 + int(length)
                 answered = True
-                if pause_s > 0:  # past the refusal budget: unread for the Retry-After, as below
+                if pause_s > 0:  # past the refusals' rate: unread until its turn, as below
                     refused(OVERLOAD_HOLD)
                     self.flow.pause_reading()
-                    self.loop.call_later(pause_s * (0.5 + random.random()), self._resume)
+                    self.loop.call_later(pause_s, self._resume)
                     return data[pos:]
             if answered:
                 self.on_response_complete()  # keep-alive clock, as after any answer
@@ -263,12 +263,11 @@ def guarded_protocol(
                 self._refuse_close()
                 return True
             if pause_s > 0:
-                # Past the refusal budget the connection is not read again for the Retry-After:
-                # its client's next request waits in its own socket instead of taking the core
-                # from admitted work (a client that waits its Retry-After loses nothing). The
-                # pause is spread by up to half either way, so connections paused together do
-                # not all come back in the same loop turn.
-                self._pause_s = pause_s * (0.5 + random.random())
+                # Past the refusals' rate the connection is not read again until its turn: its
+                # client's next request waits in its own socket instead of taking the core from
+                # admitted work (a client that waits its Retry-After loses nothing), and held
+                # connections come back one turn after another, not all at once.
+                self._pause_s = pause_s
             return True
 
         def _resume(self) -> None:
@@ -291,8 +290,8 @@ def guarded_protocol(
             # answer, or the connection closes.
             self._answered = False
             if self._pause_s > 0:
-                # Past the refusal budget: this client's next request stays in its socket for
-                # the Retry-After (TCP backpressure), and the keep-alive clock waits with it.
+                # Past the refusals' rate: this client's next request stays in its socket until
+                # its turn (TCP backpressure), and the keep-alive clock waits with it.
                 refused(OVERLOAD_HOLD)
                 self.flow.pause_reading()
                 self.loop.call_later(self._pause_s, self._resume)

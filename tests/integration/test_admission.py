@@ -196,11 +196,11 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     assert 'reason="max_queue_wait_ms"' in text
 
 
-def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(repo, serve):
-    """Not refusing at full speed: once overload_refusals_per_s refusals were answered in a
-    second, a refusal is still answered at once, but its connection is then not read for the
-    Retry-After (1 s, spread by up to half either way), so a client that retries at once waits
-    in its own socket; each such pause is counted."""
+def test_past_the_refusals_rate_the_connection_is_not_read_until_its_turn(repo, serve):
+    """Not refusing at full speed: past overload_refusals_per_s (here 1 a second), a refusal is
+    still answered at once, but its connection is then not read until its turn (the next
+    second's), so a client that retries at once waits in its own socket; each such pause is
+    counted."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
     dp = running.gateway.dataplane
     held = hold(running)
@@ -215,7 +215,51 @@ def test_past_the_refusal_budget_the_connection_is_not_read_for_the_retry_after(
             assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
             times.append(time.monotonic() - t0)
     assert times[0] < 0.5 and times[1] < 0.5, times  # answered at once, within the budget and past it
-    assert times[2] >= 0.45, times  # read only after the second refusal's Retry-After
+    assert times[2] >= 0.45, times  # read only at the second refusal's turn (about 0.9 s later)
+    assert finish(held).startswith(b"HTTP/1.1 200")
+    assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
+
+
+def test_held_connections_come_back_one_turn_after_another(repo, serve):
+    """Past the rate, a connection refused again and again is held for its turn only (turns
+    1/rate apart), not for a Retry-After: a client retrying at once gets about the rate's
+    refusals a second, each soon after it asked (before: the first second's budget at full
+    speed, then a whole second of silence)."""
+    running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=20)
+    held = hold(running)
+    wait_for(lambda: running.gateway.dataplane.admission.inflight == 1)
+    host, port = running.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        times = []
+        for _ in range(16):
+            t0 = time.monotonic()
+            s.sendall(head("simple", len(GOOD)) + GOOD)
+            assert response(s).startswith(b"HTTP/1.1 429")
+            times.append(time.monotonic() - t0)
+    later = times[4:]  # past the first turns (the bucket's burst)
+    assert sum(later) / len(later) >= 0.03, times  # held: about 1/20 s each, not at full speed
+    assert max(later) < 0.4, times  # and only for its turn
+    assert finish(held).startswith(b"HTTP/1.1 200")
+
+
+def test_grpc_connections_past_the_refusals_rate_are_held_for_their_turn(repo, serve):
+    """The same on the h2 gRPC engine (grpc_overload_refusals_per_s): one channel retrying at
+    once gets RESOURCE_EXHAUSTED about the rate's times a second, each soon after it asked."""
+    running = serve(repo, max_inflight_requests=1, grpc_overload_refusals_per_s=20)
+    held = hold(running)
+    wait_for(lambda: running.gateway.dataplane.admission.inflight == 1)
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    times = []
+    for _ in range(16):
+        t0 = time.monotonic()
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("simple", simple_inputs(grpcclient))
+        assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
+        times.append(time.monotonic() - t0)
+    client.close()
+    later = times[4:]
+    assert sum(later) / len(later) >= 0.03, times
+    assert max(later) < 0.4, times
     assert finish(held).startswith(b"HTTP/1.1 200")
     assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
 

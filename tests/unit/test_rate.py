@@ -1,6 +1,9 @@
-"""PerSecond: the one-second event windows behind the refusal budgets and the reset-flood guard."""
+"""PerSecond (the one-second windows behind the reset-flood guard and the log line budgets) and
+Pacer (the turns of overload refusals past their rate)."""
 
 from __future__ import annotations
+
+import pytest
 
 from batchgate.core.rate import PerSecond
 
@@ -36,3 +39,18 @@ def test_a_line_budget_writes_its_limit_a_second_and_tells_how_many_were_left_ou
     lines.limit = 0
     now[0] = 2.0
     assert lines.take() is None and lines.limit == 0
+
+
+def test_a_pacer_gives_its_burst_at_once_then_one_turn_each_a_rate_apart():
+    from batchgate.core.rate import Pacer
+
+    now = [100.0]
+    pacer = Pacer(1000, burst_s=0.005, clock=lambda: now[0])
+    waits = [pacer.delay() for _ in range(10)]
+    assert waits[:6] == pytest.approx([0.0] * 6, abs=1e-9)  # the burst (5 ms of turns), and the turn that is due now
+    assert waits[6:] == pytest.approx([0.001, 0.002, 0.003, 0.004], abs=1e-9)  # then in line, a turn each 1 ms
+    now[0] += 0.004  # time passes: the turns taken are behind, the line is shorter
+    assert pacer.delay() == pytest.approx(0.001, abs=1e-9)
+    now[0] += 1.0  # a quiet second: the bucket is full again, no more than its burst
+    assert [pacer.delay() for _ in range(6)] == pytest.approx([0.0] * 6, abs=1e-9)
+    assert pacer.delay() > 0
