@@ -455,8 +455,8 @@ class ObservabilitySettings:
 
     access_log: str = _setting(
         "sampled",
-        "one JSON line per inference request: off, sampled (every error and slow request, a share of the rest "
-        "chosen on the request id) or all",
+        "one JSON line per inference request: off, sampled (every error but overload refusals, every slow "
+        "request, a share of the rest chosen on the request id) or all",
         choices=("off", "sampled", "all"),
     )
     access_log_sample_ratio: float = _setting(

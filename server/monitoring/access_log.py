@@ -44,6 +44,7 @@ log = logging.getLogger("batchgate.access")
 
 MODES = ("off", "sampled", "all")
 QUEUE_LINES = 65_536  # lines waiting for the writer thread at most
+OVERLOAD = "RESOURCE_EXHAUSTED"  # the error of a refusal for overload: sampled, not kept (see _request)
 _CRC_SCALE = 1.0 / (1 << 32)
 
 
@@ -138,6 +139,14 @@ class AccessLog:
             return zlib.crc32(request_id.encode("utf-8", "replace")) * _CRC_SCALE < ratio
         return random() < ratio
 
+    def overload_wanted(self) -> bool:
+        """Whether an overload refusal answered at the door (no request id known yet) is logged:
+        drawn at the sample ratio. Overload refusals are sampled as quick answers are, not kept
+        as other errors are: under overload they come in thousands a second, and
+        batchgate_refusals_total counts each one."""
+        ratio = self.ratio
+        return ratio >= 1.0 or (ratio > 0.0 and random() < ratio)
+
     def request(self, *args: Any, **kw: Any) -> None:
         """Log one answered request if it is wanted (see :meth:`_request`); never raises: a line
         that cannot be made is counted as dropped (``error``), and said once in the log."""
@@ -159,14 +168,17 @@ class AccessLog:
         who: Callable[[], tuple[str, str | None]],
         http_method: str = "",
         path: str = "",
+        sampled: bool = False,
     ) -> None:
         """Log one answered request if it is wanted: ``status`` is the HTTP status (int) or the
         gRPC status name; ``error`` the V2 error code ("" when answered); ``who`` gives the
         caller's address and key id (asked only for a line that is written: reading a TLS peer
-        costs more than deciding)."""
+        costs more than deciding). Errors are kept, but for overload refusals (sampled as quick
+        answers are; ``sampled``: the caller drew it already, :meth:`overload_wanted`)."""
         elapsed = time.perf_counter() - note.start if note is not None else 0.0
         rid = note.request_id if note is not None else ""
-        if not self.wanted(bool(error), elapsed, rid) or not self._room():
+        kept = bool(error) and error != OVERLOAD
+        if not (sampled or self.wanted(kept, elapsed, rid)) or not self._room():
             return
         peer, user = who()
         now = time.time()

@@ -335,8 +335,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         dp.log_failure("grpc", name, "", e)
         alog = dp.access_log
         code = GRPC_STATUS[e.code]
-        if alog is not None:
-            alog.request(None, "grpc", name, code.name, e.code.value, lambda: (peer, None), path=MODEL_INFER)
+        if alog is not None and alog.overload_wanted():
+            alog.request(
+                None, "grpc", name, code.name, e.code.value, lambda: (peer, None), path=MODEL_INFER, sampled=True
+            )
         return code, e.message, retry_metadata(e)
 
     async def ModelInfer(self, raw: bytes, context):

@@ -184,9 +184,17 @@ class HttpApp:
         self.dp.log_failure("http", model, "", e)
         status, headers, body = self.error_answer(e)
         alog = self.dp.access_log
-        if alog is not None:
+        if alog is not None and alog.overload_wanted():
             alog.request(
-                None, "http", model, status, e.code.value, lambda: (peer, None), "POST", f"/v2/models/{model}/infer"
+                None,
+                "http",
+                model,
+                status,
+                e.code.value,
+                lambda: (peer, None),
+                "POST",
+                f"/v2/models/{model}/infer",
+                sampled=True,
             )
         return status, headers, body, self._refusals.delay()
 

@@ -1,6 +1,6 @@
 """The access log (monitoring/access_log.py) through real tritonclient clients on both
 protocols: one JSON line per logged request with the fields an SRE reads; errors and slow
-requests always logged, the rest sampled consistently on the request id; a bound on lines a
+requests always logged but overload refusals, the rest sampled consistently on the request id; a bound on lines a
 second; client text that cannot break a line; the key's id, never its token."""
 
 from __future__ import annotations
@@ -283,3 +283,43 @@ def test_a_request_refused_at_the_head_is_logged_with_its_x_request_id(demo_repo
         _infer(mod, c, model="no_such_model", headers={"x-request-id": "hdr-456"})
     failed = [r for r in caplog.records if "request to model 'no_such_model' failed" in r.getMessage()]
     assert [getattr(r, "request_id", None) for r in failed] == ["hdr-456"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("mode", ["sampled", "all"])
+def test_overload_refusals_are_sampled_not_kept_as_other_errors(demo_repo, serve, tmp_path, protocol, mode):
+    """Under overload refusals come in thousands a second: they are sampled as quick answers
+    are (here at ratio 0: none), while other errors are kept; `all` logs them too."""
+    import socket
+
+    log = tmp_path / "access.log"
+    running = serve(
+        demo_repo, access_log=mode, access_log_sample_ratio=0.0, access_log_file=str(log), max_inflight_requests=1
+    )
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": n, "shape": list(a.shape), "datatype": "INT32", "data": a.reshape(-1).tolist()}
+                for n, a in simple_feeds().items()
+            ]
+        }
+    ).encode()
+    host, port = running.http_url.split(":")
+    held = socket.create_connection((host, int(port)), timeout=10)  # admitted, its body never finished
+    held.sendall(
+        f"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+    )
+    end = time.monotonic() + 10
+    while running.gateway.dataplane.admission.inflight != 1 and time.monotonic() < end:
+        time.sleep(0.01)
+    mod, c = _client(protocol, running)
+    for i in range(5):
+        with pytest.raises(InferenceServerException) as e:
+            _infer(mod, c, rid=f"busy-{i}")
+        assert "max_inflight_requests" in str(e.value)
+    with pytest.raises(InferenceServerException):
+        _infer(mod, c, model="no_such_model", rid="missing")
+    held.close()
+    lines = _lines(log, 7 if mode == "all" else 2)  # (and the held request's, CANCELLED)
+    errors = sorted(ln["error.type"] for ln in lines if ln.get("error.type") != "CANCELLED")
+    assert errors == ["NOT_FOUND"] + (["RESOURCE_EXHAUSTED"] * 5 if mode == "all" else []), errors
