@@ -196,24 +196,30 @@ def test_expected_queue_wait_refuses_at_once_with_retry_after(tmp_path, serve):
     assert 'reason="max_queue_wait_ms"' in text
 
 
+def refusal_times(running, n: int) -> list[float]:
+    """Seconds each of ``n`` infer requests sent one after another on one connection took to be
+    refused (429), once the request ``hold`` made fills the one place in flight."""
+    wait_for(lambda: running.gateway.dataplane.admission.inflight == 1)
+    host, port = running.http_url.split(":")
+    times = []
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        for _ in range(n):
+            t0 = time.monotonic()
+            s.sendall(head("simple", len(GOOD)) + GOOD)
+            reply = response(s)
+            assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
+            times.append(time.monotonic() - t0)
+    return times
+
+
 def test_past_the_refusals_rate_the_connection_is_not_read_until_its_turn(repo, serve):
     """Not refusing at full speed: past overload_refusals_per_s (here 1 a second), a refusal is
     still answered at once, but its connection is then not read until its turn (the next
     second's), so a client that retries at once waits in its own socket; each such pause is
     counted."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1)
-    dp = running.gateway.dataplane
     held = hold(running)
-    wait_for(lambda: dp.admission.inflight == 1)
-    host, port = running.http_url.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        times = []
-        for _ in range(3):
-            t0 = time.monotonic()
-            s.sendall(head("simple", len(GOOD)) + GOOD)
-            reply = response(s)
-            assert reply.startswith(b"HTTP/1.1 429"), reply[:100]
-            times.append(time.monotonic() - t0)
+    times = refusal_times(running, 3)
     assert times[0] < 0.5 and times[1] < 0.5, times  # answered at once, within the budget and past it
     assert times[2] >= 0.45, times  # read only at the second refusal's turn (about 0.9 s later)
     assert finish(held).startswith(b"HTTP/1.1 200")
@@ -227,15 +233,7 @@ def test_held_connections_come_back_one_turn_after_another(repo, serve):
     speed, then a whole second of silence)."""
     running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=20)
     held = hold(running)
-    wait_for(lambda: running.gateway.dataplane.admission.inflight == 1)
-    host, port = running.http_url.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        times = []
-        for _ in range(16):
-            t0 = time.monotonic()
-            s.sendall(head("simple", len(GOOD)) + GOOD)
-            assert response(s).startswith(b"HTTP/1.1 429")
-            times.append(time.monotonic() - t0)
+    times = refusal_times(running, 16)
     later = times[4:]  # past the first turns (the bucket's burst)
     assert sum(later) / len(later) >= 0.03, times  # held: about 1/20 s each, not at full speed
     assert max(later) < 0.4, times  # and only for its turn
