@@ -241,9 +241,10 @@ def test_held_connections_come_back_one_turn_after_another(repo, serve):
 
 
 def test_grpc_connections_past_the_refusals_rate_are_held_for_their_turn(repo, serve):
-    """The same on the h2 gRPC engine (grpc_overload_refusals_per_s): one channel retrying at
-    once gets RESOURCE_EXHAUSTED about the rate's times a second, each soon after it asked."""
-    running = serve(repo, max_inflight_requests=1, grpc_overload_refusals_per_s=20)
+    """The same on the h2 gRPC engine (grpc_overload_refusals_per_s; grpcio reads its sockets
+    itself and holds nothing): one channel retrying at once gets RESOURCE_EXHAUSTED about the
+    rate's times a second, each soon after it asked."""
+    running = serve(repo, grpc_engine="h2", max_inflight_requests=1, grpc_overload_refusals_per_s=20)
     held = hold(running)
     wait_for(lambda: running.gateway.dataplane.admission.inflight == 1)
     client = grpcclient.InferenceServerClient(running.grpc_url)
