@@ -271,8 +271,15 @@ def guarded_protocol(
             return True
 
         def _resume(self) -> None:
-            if not self.transport.is_closing():
-                self.on_response_complete()  # keep-alive timer, reading resumed
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # A request read with the refused one (pipelined) is being answered: its end
+                # resumes reading and starts the next in line. Ending it here would start that
+                # next one beside it, and its answer could overtake this one's.
+                return
+            self.on_response_complete()  # keep-alive timer, reading resumed
 
         def on_body(self, body: bytes) -> None:
             if not self._refused and not self._answered:

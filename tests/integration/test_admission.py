@@ -263,6 +263,55 @@ def test_grpc_connections_past_the_refusals_rate_are_held_for_their_turn(repo, s
     assert 'batchgate_http_connections_refused_total{reason="overload_hold"}' in metrics(running)
 
 
+def test_a_turn_ending_during_a_pipelined_answer_keeps_the_answers_in_order(tmp_path, serve):
+    """A client pipelines, in one write, a request refused past the refusals' rate (its
+    connection held for its turn), one that waits 1.5 s in a batcher, and a quick one. The turn
+    comes while the second is still in progress; the third is still answered after it (before:
+    the turn's end started the third beside the second, and its answer came first)."""
+    build_demo_repository(str(tmp_path))
+    _save(slow_model(width=64, layers=2), str(tmp_path), "full", config="max_batch_size: 0\n")
+    _save(
+        slow_model(width=64, layers=2),
+        str(tmp_path),
+        "batched",
+        config="max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 1500000 }\n",
+    )
+    running = serve(str(tmp_path), max_queue_size=2, overload_refusals_per_s=1)
+    held = [hold(running, "full"), hold(running, "full")]  # "full" has its 2 waiting: refused
+    wait_for(lambda: running.gateway.dataplane.admission.inflight == 2)
+    host, port = running.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as first:  # takes the one free turn
+        first.sendall(head("full", len(GOOD)) + GOOD)
+        assert response(first).startswith(b"HTTP/1.1 429")
+    row = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head("full", len(GOOD)) + GOOD + head("batched", len(row)) + row + head("simple", len(GOOD)) + GOOD)
+        answers = responses(s, 3)
+    assert answers[0].startswith(b"HTTP/1.1 429"), answers[0][:100]
+    assert answers[1].startswith(b"HTTP/1.1 200") and b'"model_name":"batched"' in answers[1], answers[1][:300]
+    assert answers[2].startswith(b"HTTP/1.1 200") and b'"model_name":"simple"' in answers[2], answers[2][:300]
+    for h in held:
+        h.close()
+
+
+def responses(s: socket.socket, n: int) -> list[bytes]:
+    """The next ``n`` whole HTTP responses on ``s``, in the order they came."""
+    s.settimeout(10)
+    data, out = b"", []
+    while len(out) < n:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0 and len(data) >= end + 4 + _length(data):
+            size = end + 4 + _length(data)
+            out.append(data[:size])
+            data = data[size:]
+            continue
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return out
+
+
 def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, serve):
     """The protocol admits an infer request as soon as its head is parsed: a refusal is
     written before the body arrives, the body is then read and dropped, and the same
