@@ -36,11 +36,12 @@ class LineBudget:
     """Log lines of one kind, at most ``limit`` a second: :meth:`take` says whether one more may
     be written, and how many were left out since the last one written (to say so in it)."""
 
-    __slots__ = ("_rate", "_left_out")
+    __slots__ = ("_rate", "_left_out", "dropped")
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic):
         self._rate = PerSecond(limit, clock)
         self._left_out = 0
+        self.dropped = 0  # lines left out, all told (a counter's value)
 
     @property
     def limit(self) -> int:
@@ -55,6 +56,7 @@ class LineBudget:
         number left out before it."""
         if self._rate.over():
             self._left_out += 1
+            self.dropped += 1
             return None
         left_out, self._left_out = self._left_out, 0
         return left_out

@@ -129,7 +129,10 @@ FAMILIES: dict[str, Family] = {
         ("reason",),
     ),
     "batchgate_failure_log_dropped": Family(
-        "counter", "Failed-request log lines not written: past failure_log_max_lines_per_s", ()
+        "counter",
+        "Failure log lines not written (a request's 'failed', a model's 'failed to execute'): past "
+        "failure_log_max_lines_per_s",
+        (),
     ),
     "batchgate_offline_requests": Family(
         "counter",

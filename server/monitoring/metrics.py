@@ -278,7 +278,9 @@ class Metrics:
         self.duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
-        self.failure_log_dropped = 0  # "request ... failed" log lines past failure_log_max_lines_per_s
+        # the budgets of failure log lines ("request ... failed", a model's "failed to execute"), each a
+        # core.rate.LineBudget counting the lines it left out; the gateway sets them
+        self.failure_budgets: list[Any] = []
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
@@ -397,8 +399,9 @@ class Metrics:
         if tracing is not None:
             for outcome, n in list(tracing.counts.counts.items()):
                 add("batchgate_trace_spans", (outcome,), n)
-        if self.failure_log_dropped:
-            add("batchgate_failure_log_dropped", (), self.failure_log_dropped)
+        dropped = sum(budget.dropped for budget in self.failure_budgets)
+        if dropped:
+            add("batchgate_failure_log_dropped", (), dropped)
         alog = self.access_log
         if alog is not None:
             add("batchgate_access_log_lines", (), alog.lines)

@@ -195,3 +195,30 @@ def test_failures_a_caller_can_cause_are_logged_within_the_bound_and_not_by_onnx
     lines = [r.getMessage() for r in caplog.records if "failed to execute" in r.getMessage()]
     assert 1 <= len(lines) <= 3 * seconds < sent, lines
     assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_model_failure_lines_left_out_are_counted(tmp_path, serve, caplog):
+    """The model's 'failed to execute' lines past failure_log_max_lines_per_s are counted in
+    batchgate_failure_log_dropped_total, as the requests' own failure lines are (here those are
+    INFO, below the log's level: only the model's count)."""
+    import time
+    import urllib.request
+
+    from tritonclient.utils import InferenceServerException
+
+    caplog.set_level("WARNING", logger="batchgate")
+    _save(_topk_model(), str(tmp_path), "topk")
+    running = serve(str(tmp_path), failure_log_max_lines_per_s=2)
+    c = httpclient.InferenceServerClient(running.http_url)
+    x = httpclient.InferInput("X", [1, 4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+    k = httpclient.InferInput("K", [1, 1], "INT64")
+    k.set_data_from_numpy(np.array([[9]], dtype=np.int64))
+    start = time.monotonic()
+    for _ in range(20):
+        with pytest.raises(InferenceServerException, match="k argument"):
+            c.infer("topk", [x, k])
+    seconds = int(time.monotonic() - start) + 1
+    text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    dropped = [ln for ln in text.splitlines() if ln.startswith("batchgate_failure_log_dropped_total ")]
+    assert dropped and float(dropped[0].split()[1]) >= 20 - 2 * seconds, dropped

@@ -36,6 +36,7 @@ def test_a_line_budget_writes_its_limit_a_second_and_tells_how_many_were_left_ou
     assert [lines.take() for _ in range(5)] == [0, 0, None, None, None]
     now[0] = 1.0
     assert lines.take() == 3 and lines.take() == 0 and lines.take() is None
+    assert lines.dropped == 4  # all told, for the counter
     lines.limit = 0
     now[0] = 2.0
     assert lines.take() is None and lines.limit == 0
