@@ -164,6 +164,19 @@ def _topk_model():
     return model
 
 
+def _topk_served(tmp_path, serve, lines_per_s: int, k_value: int):
+    """The TopK model served with ``failure_log_max_lines_per_s``, an HTTP client and its two
+    inputs (X = [0, 1, 2, 3]; K = ``k_value``: past 4 the model fails)."""
+    _save(_topk_model(), str(tmp_path), "topk")
+    running = serve(str(tmp_path), failure_log_max_lines_per_s=lines_per_s)
+    c = httpclient.InferenceServerClient(running.http_url)
+    x = httpclient.InferInput("X", [1, 4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+    k = httpclient.InferInput("K", [1, 1], "INT64")
+    k.set_data_from_numpy(np.array([[k_value]], dtype=np.int64))
+    return running, c, x, k
+
+
 def test_failures_a_caller_can_cause_are_logged_within_the_bound_and_not_by_onnx_runtime(
     tmp_path, serve, caplog, capfd
 ):
@@ -176,13 +189,7 @@ def test_failures_a_caller_can_cause_are_logged_within_the_bound_and_not_by_onnx
     from tritonclient.utils import InferenceServerException
 
     caplog.set_level("INFO", logger="batchgate")
-    _save(_topk_model(), str(tmp_path), "topk")
-    running = serve(str(tmp_path), failure_log_max_lines_per_s=3)
-    c = httpclient.InferenceServerClient(running.http_url)
-    x = httpclient.InferInput("X", [1, 4], "FP32")
-    x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
-    k = httpclient.InferInput("K", [1, 1], "INT64")
-    k.set_data_from_numpy(np.array([[2]], dtype=np.int64))
+    running, c, x, k = _topk_served(tmp_path, serve, 3, 2)
     assert c.infer("topk", [x, k]).as_numpy("V").tolist() == [[3.0, 2.0]]
     k.set_data_from_numpy(np.array([[9]], dtype=np.int64))
     start, sent = time.monotonic(), 0
@@ -207,13 +214,7 @@ def test_model_failure_lines_left_out_are_counted(tmp_path, serve, caplog):
     from tritonclient.utils import InferenceServerException
 
     caplog.set_level("WARNING", logger="batchgate")
-    _save(_topk_model(), str(tmp_path), "topk")
-    running = serve(str(tmp_path), failure_log_max_lines_per_s=2)
-    c = httpclient.InferenceServerClient(running.http_url)
-    x = httpclient.InferInput("X", [1, 4], "FP32")
-    x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
-    k = httpclient.InferInput("K", [1, 1], "INT64")
-    k.set_data_from_numpy(np.array([[9]], dtype=np.int64))
+    running, c, x, k = _topk_served(tmp_path, serve, 2, 9)
     start = time.monotonic()
     for _ in range(20):
         with pytest.raises(InferenceServerException, match="k argument"):
