@@ -144,8 +144,7 @@ class AccessLog:
         drawn at the sample ratio. Overload refusals are sampled as quick answers are, not kept
         as other errors are: under overload they come in thousands a second, and
         batchgate_refusals_total counts each one."""
-        ratio = self.ratio
-        return ratio >= 1.0 or (ratio > 0.0 and random() < ratio)
+        return self.wanted(False, 0.0, "")
 
     def request(self, *args: Any, **kw: Any) -> None:
         """Log one answered request if it is wanted (see :meth:`_request`); never raises: a line

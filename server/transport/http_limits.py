@@ -167,9 +167,7 @@ def guarded_protocol(
                 pos = end + 4 + int(length)
                 answered = True
                 if pause_s > 0:  # past the refusals' rate: unread until its turn, as below
-                    refused(OVERLOAD_HOLD)
-                    self.flow.pause_reading()
-                    self.loop.call_later(pause_s, self._resume)
+                    self._hold(pause_s)
                     return data[pos:]
             if answered:
                 self.on_response_complete()  # keep-alive clock, as after any answer
@@ -270,6 +268,12 @@ def guarded_protocol(
                 self._pause_s = pause_s
             return True
 
+        def _hold(self, seconds: float) -> None:
+            """Leave the connection unread for ``seconds`` (its turn), counted."""
+            refused(OVERLOAD_HOLD)
+            self.flow.pause_reading()
+            self.loop.call_later(seconds, self._resume)
+
         def _resume(self) -> None:
             if self.transport.is_closing():
                 return
@@ -299,9 +303,7 @@ def guarded_protocol(
             if self._pause_s > 0:
                 # Past the refusals' rate: this client's next request stays in its socket until
                 # its turn (TCP backpressure), and the keep-alive clock waits with it.
-                refused(OVERLOAD_HOLD)
-                self.flow.pause_reading()
-                self.loop.call_later(self._pause_s, self._resume)
+                self._hold(self._pause_s)
                 self._pause_s = 0.0
                 return
             self.on_response_complete()
