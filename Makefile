@@ -148,8 +148,9 @@ bench-observability: $(FULL_STAMP) bench-tools
 bench-tracing: $(FULL_STAMP) bench-tools
 	$(PY) bench/tracing.py
 
-# Overload (bench/overload.py, about 2 minutes): default settings, the demo mlp at 3x its measured
-# capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED.
+# Overload (bench/overload.py, about 3 minutes): default settings, the demo mlp at 3x its measured
+# capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED;
+# then the CPU of one refusal alone (a second server that refuses everything).
 bench-overload: $(FULL_STAMP) bench-tools
 	$(PY) bench/overload.py
 

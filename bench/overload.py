@@ -7,7 +7,16 @@ tools run on the other. Phases (each ``--seconds`` long, 20 by default):
    OK p99 there are the baselines;
 2. gRPC open loop at 3x the gRPC capacity (h2load --rps over 64 connections);
 3. HTTP open loop at 3x the HTTP capacity (h2load --h1 --rps over 600 connections);
-4. HTTP closed loop with 5,000 connections.
+4. HTTP closed loop with 5,000 connections;
+5. refusals: a second server, its one in-flight slot taken, refuses every request of a closed
+   loop (gRPC, then HTTP): the CPU one refusal costs when the core does nothing else.
+
+Beside the client's figures, each overload phase reports the server's CPU: busy fraction, the
+cost of a refusal as the CPU left over once its answers are paid at the capacity phase's cost,
+and the goodput ceiling that refusal/answer ratio sets (a goodput of f at load L costs
+f + (L - f) * ratio of the core when every request is read; ``bench/http_cost.py --bound`` has
+the same in process). Set beside phase 5's refusal cost, it shows what the mix of answers and
+refusals costs beyond the two alone.
 
 An open-loop phase runs ``--stagger`` h2load processes (8), each with its share of the
 connections, started a fraction of the --rps period apart: one h2load fires all its
@@ -34,6 +43,7 @@ import json
 import re
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say, serve_command
+from http_cost import goodput_bound
 
 HERE = Path(__file__).resolve().parent
 MODEL = "mlp"
@@ -210,9 +221,10 @@ def pct(values, q) -> float | None:
 
 
 # ------------------------------------------------------------------ one phase
-def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1):
+def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1, cpu=None):
     """``probe_set``: the probe's rate a second, and whether it runs at real-time priority;
-    ``groups``: staggered h2load processes of an open-loop phase (see :func:`h2load`)."""
+    ``groups``: staggered h2load processes of an open-loop phase (see :func:`h2load`); ``cpu``:
+    the server's CPU seconds so far (its cost per answer and per refusal come from them)."""
     say(
         f"{name}: {protocol}, {clients} connections"
         + (f", {rps * clients:,.0f} req/s offered" if rps else ", closed loop")
@@ -230,6 +242,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     result: dict = {}
     probe_out: dict = {}
     prober = start_probe(pin, ports["grpc"], probe_set[0], seconds, probe_set[1]) if grpc_mode else None
+    cpu0 = cpu() if cpu else None
     t0 = time.monotonic()
     h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log, groups=groups)
     if prober:
@@ -238,6 +251,9 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
             raise BenchError(f"the probe failed:\n{err[-2000:]}")
         probe_out = json.loads(out)
     elapsed = time.monotonic() - t0
+    if cpu0 is not None:
+        result["server_cpu_s"] = cpu() - cpu0
+        result["server_busy"] = result["server_cpu_s"] / elapsed
     sampler.stop.set()
     sampler.join()
     server = delta(counts(scrape(ports["metrics"]), protocol), before)
@@ -258,6 +274,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
         result["ok_per_s"] = int((status == 200).sum()) / seconds
         result["statuses"] = {str(s): int((status == s).sum()) for s in np.unique(status)}
         result["cancelled"] = server.get("CANCELLED", 0)
+    result["refused"] = server.get("RESOURCE_EXHAUSTED", 0) + server.get("UNAVAILABLE", 0)
     # errored: connections closed or reset before an answer; never goodput
     result["closed_or_reset"] = h["errored"]
     # Latency percentiles by outcome, for the plot (the raw latencies are not kept).
@@ -281,6 +298,50 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
         f"{result['ok_p99_ms']} ms, refusal p99 {result['refusal_p99_ms']} ms, server {server}"
     )
     return result
+
+
+def refusal_phases(pin, repo: Path, files, seconds: float, probe_set, caps: dict) -> dict:
+    """What one overload refusal costs the server's core when it does nothing else: a second
+    server (limits set for the purpose: one request in flight, no holds) with its one slot taken
+    by a request whose body never comes, driven closed loop as in the capacity phases, so that
+    every request is refused and the core is busy with refusals alone. Beside the capacity
+    phases' CPU per answer: the ratio, and the goodput at 3x it allows (see ``costs``)."""
+    limits = ["--max-inflight-requests", "1", "--overload-refusals-per-s", "1000000"]
+    limits += ["--grpc-overload-refusals-per-s", "1000000"]
+    srv = Server("batchgate-refusals", [*pin.server, *serve_command(str(repo), *limits)], BATCHGATE_READY,
+                 files["dir"] / "refusals.log")  # fmt: skip
+    out: dict = {}
+    try:
+        m = srv.match
+        ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
+        body = http_body()
+        with socket.create_connection(("127.0.0.1", ports["http"]), timeout=30) as held:
+            held.sendall(
+                f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
+            time.sleep(0.5)  # (admitted: its body is awaited while everything else is refused)
+            for protocol, clients in (("grpc", 8), ("http", 32)):
+                r = phase(f"refusals-{protocol}", pin, ports, seconds, protocol, clients, None, files, probe_set,
+                          cpu=srv.cpu_seconds)  # fmt: skip
+                cap = caps[protocol]
+                if r["ok_per_s"] or not r["refused"] or not cap.get("server_cpu_s"):
+                    raise BenchError(f"refusals-{protocol}: not every request was refused ({r['server']})")
+                answer = cap["server_cpu_s"] / (cap["ok_per_s"] * cap["seconds"])
+                refusal = r["server_cpu_s"] / r["refused"]
+                out[protocol] = {
+                    "refusals_per_s": round(r["refused"] / seconds),
+                    "server_busy": round(r["server_busy"], 3),
+                    "answer_cpu_us": round(answer * 1e6, 1),
+                    "refusal_cpu_us": round(refusal * 1e6, 1),
+                    "refusal_over_answer": round(refusal / answer, 3),
+                    "goodput_bound_at_3x": round(goodput_bound(answer, refusal), 3),
+                }
+                say(f"  {protocol}: {out[protocol]}")
+    finally:
+        srv.stop()
+    return out
 
 
 CDF_POINTS = [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9]
@@ -351,8 +412,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--phases",
-        default="grpc,http,connections",
-        help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections)",
+        default="grpc,http,connections,refusals",
+        help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections; "
+        "refusals: a second server that refuses every request, for the CPU a refusal costs)",
     )
     ap.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)  # (the probe's own process)
     args = ap.parse_args()
@@ -386,20 +448,27 @@ def main() -> int:
             report["stagger"] = args.stagger
             report["probe"] = "own process, real-time (chrt -f 10)" if realtime else "own process"
             probe_set = (args.probe_rate, realtime)
-            cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, probe_set)
-            cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, probe_set)
+            cpu = srv.cpu_seconds
+            cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, probe_set, cpu=cpu)
+            cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, probe_set, cpu=cpu)
             clients_g, clients_h = 64, args.open_connections
             wanted = set(args.phases.split(","))
             over_g = over_h = conns_h = None
             if "grpc" in wanted:
                 rate = args.factor * cap_g["ok_per_s"] / clients_g
-                over_g = phase("overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set, args.stagger)
+                over_g = phase(
+                    "overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set, args.stagger, cpu
+                )
             if "http" in wanted:
                 rate = args.factor * cap_h["ok_per_s"] / clients_h
-                over_h = phase("overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set, args.stagger)
+                over_h = phase(
+                    "overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set, args.stagger, cpu
+                )
             if "connections" in wanted:
                 try:
-                    conns_h = phase("connections-http", pin, ports, s, "http", args.connections, None, files, probe_set)
+                    conns_h = phase(
+                        "connections-http", pin, ports, s, "http", args.connections, None, files, probe_set, cpu=cpu
+                    )
                 except subprocess.TimeoutExpired:
                     # Seen with more connections than max_connections: the refused ones
                     # reconnect at once, and h2load keeps them cycling without finishing.
@@ -415,11 +484,20 @@ def main() -> int:
             report["summary"] = summary(cap_g, cap_h, over_g, over_h, conns_h)
         finally:
             srv.stop()
+        if "refusals" in wanted:
+            report["refusal_costs"] = refusal_phases(pin, repo, files, s, probe_set, {"grpc": cap_g, "http": cap_h})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out / f"overload-{stamp}.json"
     path.write_text(json.dumps(report, indent=2, default=float))
     plot(report, path.with_suffix(".png"))
     print_summary(report["summary"])
+    for protocol, c in report.get("refusal_costs", {}).items():
+        print(
+            f"{protocol} alone: a refusal costs {c['refusal_cpu_us']} µs of the core, "
+            f"an answer {c['answer_cpu_us']} µs "
+            f"(ratio {c['refusal_over_answer']}): at 3x a server that reads every request answers at most "
+            f"{c['goodput_bound_at_3x']} of its capacity"
+        )
     say(f"results: {path} and {path.with_suffix('.png').name}")
     return 0
 
@@ -452,9 +530,32 @@ def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
                 "closed_or_reset": r["closed_or_reset"],
                 "queue_depth_mean": r["queue_depth_mean"],
                 "client_in_system": r["client_in_system"],
+                **costs(cap, r),
             }
         )
     return rows
+
+
+def costs(cap: dict, r: dict) -> dict:
+    """What the server's CPU says of an overload phase: an answer's cost (the capacity phase's
+    CPU over its answers), a refusal's (the rest of this phase's CPU over its refusals), their
+    ratio, and the goodput at this load that ratio allows a server that reads every request
+    (bench/http_cost.py's ``goodput_bound``; TCP backpressure, requests left unread, can beat it)."""
+    if not (cap.get("server_cpu_s") and cap["ok_per_s"] and r.get("server_cpu_s") and r.get("refused")):
+        return {}
+    answer = cap["server_cpu_s"] / (cap["ok_per_s"] * cap["seconds"])
+    refusal = (r["server_cpu_s"] - answer * r["ok_per_s"] * r["seconds"]) / r["refused"]
+    if refusal <= 0:
+        return {}
+    load = r["offered_per_s"] / cap["ok_per_s"]
+    ratio = refusal / answer
+    return {
+        "server_busy": round(r["server_busy"], 3),
+        "answer_cpu_us": round(answer * 1e6, 1),
+        "refusal_cpu_us": round(refusal * 1e6, 1),
+        "refusal_over_answer": round(ratio, 3),
+        "goodput_bound": round(goodput_bound(answer, refusal, load), 3),
+    }
 
 
 def print_summary(rows) -> None:
@@ -471,6 +572,9 @@ def print_summary(rows) -> None:
         "closed_or_reset",
         "queue_depth_mean",
         "client_in_system",
+        "server_busy",
+        "refusal_over_answer",
+        "goodput_bound",
     ]
     print(" | ".join(cols))
     for r in rows:

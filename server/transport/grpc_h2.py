@@ -388,6 +388,22 @@ class _Connection(asyncio.Protocol):
         if call is None:
             self.credit(flow, sid)
             return
+        if end_stream and flow == len(data) and call.whole_unary(data):
+            # The usual unary call: its one message whole in the frame that ends it. Under
+            # overload most of these are refused: judged here, before the message is buffered,
+            # split and counted (see _Call.received), which a refusal would only undo.
+            refuse = self.server.refusers.get(call.method)
+            if refuse is not None:
+                refused = refuse(data[5:], self.peer)
+                if refused is not None:
+                    self.credit(flow, sid)
+                    call.request_done = True
+                    call._refuse(*refused)
+                    return
+            call.received(data, flow)
+            if self.calls.get(sid) is call:  # (still there unless the message failed it)
+                call.request_ended(may_refuse=False)
+            return
         if data or flow:
             call.received(data, flow)
         if end_stream:

@@ -176,6 +176,20 @@ class _Call:
         if not self.inbox:  # the handler keeps up: let the client send on
             self.credit()
 
+    def whole_unary(self, data: bytes) -> bool:
+        """Whether ``data`` is, on its own, this unary call's whole request: nothing of it read
+        before, one uncompressed message exactly (see ``_Connection.on_data``)."""
+        n = len(data) - 5
+        return (
+            self.requests is None
+            and not self.done
+            and not self.buf
+            and not self.inbox
+            and 0 <= n <= self.conn.server.max_receive_bytes
+            and data[0] == 0
+            and int.from_bytes(data[1:5], "big") == n
+        )
+
     def account(self) -> bool:
         """Bring the connection's count of this call's bytes up to date (see ``held``); False if
         that would pass a limit (``_Connection.hold``)."""
@@ -220,7 +234,9 @@ class _Call:
             self.conn.credit(n, self.sid)
             self.conn.flush_soon()
 
-    def request_ended(self) -> None:
+    def request_ended(self, may_refuse: bool = True) -> None:
+        """The client has sent all of its request; ``may_refuse`` False: the method's early
+        refusal (``H2GrpcServer.refusers``) was asked already and let it through."""
         self.request_done = True
         self.partial_since = None
         if self.done:
@@ -241,7 +257,7 @@ class _Call:
             return
         raw = self.inbox.popleft()
         self.inbox_bytes = 0
-        refuse = self.conn.server.refusers.get(self.method)
+        refuse = self.conn.server.refusers.get(self.method) if may_refuse else None
         if refuse is not None:
             refused = refuse(raw, self.conn.peer)
             if refused is not None:

@@ -178,6 +178,15 @@ def _grpc_status(frames: list[tuple], sid: int) -> int | None:
     return None
 
 
+def _answer(raw: Raw, sid: int, seconds: float = 5.0) -> tuple[int | None, list[tuple]]:
+    """Frames read until ``sid``'s call ends (its grpc-status and every frame read so far)."""
+    got: list[tuple] = []
+    end = time.monotonic() + seconds
+    while _grpc_status(got, sid) is None and time.monotonic() < end:
+        got += raw.frames(0.05)
+    return _grpc_status(got, sid), got
+
+
 def _wait(cond, what: str, seconds: float = 5.0) -> None:
     end = time.monotonic() + seconds
     while not cond():
@@ -197,6 +206,44 @@ def test_calls_refused_for_size_give_the_connection_its_window_back(engine):
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert echo(b"still served", timeout=5) == b"still served"
     assert e.windows() in ([], [grpc_h2.CONNECTION_WINDOW])
+
+
+def test_calls_refused_early_are_asked_once_and_give_the_connection_its_window_back(engine):
+    """A method's early refusal (``H2GrpcServer.refusers``, ModelInfer's under overload) judges a
+    unary request whose one message comes whole in the frame that ends it before the message is
+    buffered: each such call is asked once, refused calls credit their bytes back (24 refused
+    messages of 900 KiB are past the connection's 16 MiB window), and calls let through, or whose
+    message came in two frames, take the usual way."""
+    e = engine()
+    asked: list[bytes] = []
+
+    def refuse(raw: bytes, peer: str):
+        asked.append(raw[:4])
+        if raw.startswith(b"busy"):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", (("retry-after", "1"),)
+        return None
+
+    e.server.refusers["/t.T/Echo"] = refuse
+    raw = Raw(e.port)
+    for _ in range(24):
+        sid = raw.headers()
+        raw.data(sid, message(b"busy" + b"x" * (900 << 10)), end=True)
+        status, got = _answer(raw, sid)
+        assert status == 8, got[-2:]
+    assert asked == [b"busy"] * 24
+    sid = raw.headers()  # let through: answered by the handler, the refusal asked once
+    raw.data(sid, message(b"fine"), end=True)
+    status, got = _answer(raw, sid)
+    assert status == 0 and any(f[0] == DATA and f[2] == sid and f[3].endswith(b"fine") for f in got)
+    assert asked[24:] == [b"fine"]
+    sid = raw.headers()  # a message in two frames: judged once it is whole
+    whole = message(b"busy, in two parts")
+    raw.data(sid, whole[:7])
+    raw.data(sid, whole[7:], end=True)
+    assert _answer(raw, sid)[0] == 8
+    assert asked[25:] == [b"busy"]
+    _wait(lambda: e.connections() == [(0, 0)], "every call is over")
+    assert e.windows() == [grpc_h2.CONNECTION_WINDOW]
 
 
 def test_a_cancelled_stream_with_requests_unread_gives_the_connection_its_window_back(engine):
