@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 
-from . import __version__, cores, logs, model
+from . import __version__, cores, logs
 from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
@@ -170,8 +170,8 @@ class Gateway:
             raise ConfigError(str(e)) from None
         self.dataplane.access_log = self.metrics.access_log = self.access_log
         failure_lines = settings.observability.failure_log_max_lines_per_s
-        self.dataplane.failure_lines.limit = model.FAILURE_LINES.limit = failure_lines
-        self.metrics.failure_budgets = [self.dataplane.failure_lines, model.FAILURE_LINES]
+        self.dataplane.failure_lines.limit = self.metrics.model_failure_lines.limit = failure_lines
+        self.metrics.failure_budgets = [self.dataplane.failure_lines, self.metrics.model_failure_lines]
         self.dataplane.tracing = self.metrics.tracing = self.tracing
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None

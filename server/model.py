@@ -40,14 +40,14 @@ from .security.limits import Capacity
 from .threads import InferenceThreads
 
 log = logging.getLogger("batchgate.model")
-# A model's failure lines a second at most, over the whole process (the Gateway sets the limit to
-# failure_log_max_lines_per_s): a client whose values make a model fail (a TopK's k past its axis)
-# must not write a line per request. The next line written says how many were left out.
-FAILURE_LINES = LineBudget(100)  # (inference threads take from it too: a race costs a line, no more)
 
 
-def _log_failure(message: str, *args: Any) -> None:
-    left_out = FAILURE_LINES.take()
+def _log_failure(budget: LineBudget, message: str, *args: Any) -> None:
+    """A model's failure line, within ``budget`` (its gateway's ``Metrics.model_failure_lines``:
+    failure_log_max_lines_per_s, all its models together): a client whose values make a model fail
+    (a TopK's k past its axis) must not write a line per request. The next line written says how
+    many were left out. (Inference threads take from it too: a race costs a line, no more.)"""
+    left_out = budget.take()
     if left_out is None:
         return
     if left_out:
@@ -340,7 +340,13 @@ class ModelVersion:
             return [e] * len(batch)
         # the engine refused or crashed: this batch fails, the model serves on
         if not quiet:
-            _log_failure("model '%s' version %s failed to execute: %s", self.name, self.version, str(e)[:1024])
+            _log_failure(
+                self.metrics.failure_lines,
+                "model '%s' version %s failed to execute: %s",
+                self.name,
+                self.version,
+                str(e)[:1024],
+            )
         return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(
             batch
         )
@@ -434,6 +440,7 @@ class LocalExecution:
                 # have failed the merged batch: each runs again alone, so only its caller fails
                 # (said once here; one past its deadline meanwhile is answered so, not run).
                 _log_failure(
+                    v.metrics.failure_lines,
                     "model '%s' version %s: a batch of %d requests failed (%s); running them one at a time",
                     v.name,
                     v.version,

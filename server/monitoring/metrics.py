@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.registry import Collector
 
+from ..core.rate import LineBudget
 from ..core.stats import FAIL, ModelStats
 from .families import (  # noqa: F401  (the table is part of this module's interface)
     BATCH_BUCKETS,
@@ -81,8 +82,16 @@ class ModelMetrics:
     """The figures of one model version. Request figures are updated on the event loop;
     execution figures in worker threads, under the model's statistics lock."""
 
-    def __init__(self, model: str, version: str, duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S):
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S,
+        failure_lines: LineBudget | None = None,
+    ):
         self.model, self.version = model, version
+        # the log lines of its failed executions: its gateway's budget, shared by all its models
+        self.failure_lines = failure_lines if failure_lines is not None else LineBudget(100)
         self.requests: dict[tuple[str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.duration_buckets = duration_buckets
@@ -279,8 +288,9 @@ class Metrics:
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
         # the budgets of failure log lines ("request ... failed", a model's "failed to execute"), each a
-        # core.rate.LineBudget counting the lines it left out; the gateway sets them
-        self.failure_budgets: list[Any] = []
+        # core.rate.LineBudget counting the lines it left out; the gateway sets them. The models' own:
+        self.model_failure_lines = LineBudget(100)  # (the gateway sets its limit)
+        self.failure_budgets: list[Any] = [self.model_failure_lines]
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}
         self._request_errors: dict[tuple[str, str, str], int] = {}
@@ -339,7 +349,7 @@ class Metrics:
         key = (model, version)
         mm = self._models.get(key)
         if mm is None:
-            mm = self._models[key] = ModelMetrics(model, version, self.duration_buckets)
+            mm = self._models[key] = ModelMetrics(model, version, self.duration_buckets, self.model_failure_lines)
         return mm
 
     def connection_refused(self, reason: str) -> None:
