@@ -97,6 +97,8 @@ def counts(samples, protocol: str) -> dict[str, float]:
             out["OK"] = out.get("OK", 0) + v
         elif name == "batchgate_request_errors_total" and lab.get("protocol") == protocol:
             out[lab["code"]] = out.get(lab["code"], 0) + v
+        elif name == "batchgate_http_connections_refused_total" and lab.get("reason") == "overload_hold":
+            out["holds"] = out.get("holds", 0) + v  # (either protocol's: one protocol runs at a time)
     return out
 
 
@@ -538,24 +540,26 @@ def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
 
 def costs(cap: dict, r: dict) -> dict:
     """What the server's CPU says of an overload phase: an answer's cost (the capacity phase's
-    CPU over its answers), a refusal's (the rest of this phase's CPU over its refusals), their
-    ratio, and the goodput at this load that ratio allows a server that reads every request
-    (bench/http_cost.py's ``goodput_bound``; TCP backpressure, requests left unread, can beat it)."""
+    CPU over its answers), a refusal's (the rest of this phase's CPU over its refusals: the mix's
+    own overheads land here too), their ratio, and, when no connection was held, the goodput at
+    this load that ratio allows a server that reads every request (``http_cost.goodput_bound``)."""
     if not (cap.get("server_cpu_s") and cap["ok_per_s"] and r.get("server_cpu_s") and r.get("refused")):
         return {}
     answer = cap["server_cpu_s"] / (cap["ok_per_s"] * cap["seconds"])
     refusal = (r["server_cpu_s"] - answer * r["ok_per_s"] * r["seconds"]) / r["refused"]
     if refusal <= 0:
         return {}
-    load = r["offered_per_s"] / cap["ok_per_s"]
-    ratio = refusal / answer
-    return {
+    out = {
         "server_busy": round(r["server_busy"], 3),
         "answer_cpu_us": round(answer * 1e6, 1),
         "refusal_cpu_us": round(refusal * 1e6, 1),
-        "refusal_over_answer": round(ratio, 3),
-        "goodput_bound": round(goodput_bound(answer, refusal, load), 3),
+        "refusal_over_answer": round(refusal / answer, 3),
     }
+    # Connections held past the refusals' rate leave requests unread: the bound is for a server
+    # that reads them all (and the CPU of the holds themselves lands on the refusals above).
+    if not r["server"].get("holds"):
+        out["goodput_bound"] = round(goodput_bound(answer, refusal, r["offered_per_s"] / cap["ok_per_s"]), 3)
+    return out
 
 
 def print_summary(rows) -> None:
