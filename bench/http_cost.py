@@ -179,7 +179,7 @@ def grpc_rounds(gw, message: bytes, refusals: bool):
     next ``n`` calls, ``once()`` serves the next one."""
     import asyncio
 
-    from batchgate.transport.grpc_h2 import _Connection
+    from batchgate.transport.grpc_h2_connection import _Connection
 
     client = _GrpcClient(message)
     transport = _Transport()

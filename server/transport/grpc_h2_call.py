@@ -18,7 +18,7 @@ from .eager import start_eagerly
 from .grpc_wire import WireError
 
 if TYPE_CHECKING:
-    from .grpc_h2 import _Connection
+    from .grpc_h2_connection import _Connection
 
 log = logging.getLogger("batchgate.grpc")
 

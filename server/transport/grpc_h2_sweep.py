@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from .grpc_h2 import _Connection
+    from .grpc_h2_connection import _Connection
 
 log = logging.getLogger("batchgate.grpc")
 

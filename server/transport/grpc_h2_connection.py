@@ -1,0 +1,430 @@
+"""One connection of the h2 gRPC engine (``grpc_h2.py``): its HTTP/2 state, its calls, its
+windows, its writes, and its overload holds (see ``grpc_h2.py`` for the engine as a whole)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from ..core.rate import PerSecond
+from . import grpc_wire, http2
+from .grpc_h2_call import OK_HEADERS, _Call
+from .sockets import grpc_peer
+
+if TYPE_CHECKING:
+    from .grpc_h2 import H2GrpcServer
+
+log = logging.getLogger("batchgate.grpc")
+
+STREAM_WINDOW = 4 << 20  # bytes a client may send on one stream before we credit them
+CONNECTION_WINDOW = 16 << 20
+BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
+MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
+MAX_WRITE_BACKLOG = 4 << 20  # bytes waiting to be written past which a connection is not read
+_monotonic = time.monotonic
+
+Refused = Callable[[str], None]
+_NOT_GRPC = object()  # a request that is not gRPC (answered 415)
+_TRAILERS_ONLY: dict[tuple, list[tuple[bytes, bytes]]] = {}  # trailers-only answers' fields, by status and words
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/2 connection: its calls, its writes and its windows."""
+
+    def __init__(self, server: H2GrpcServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.h2 = http2.Http2(
+            self,
+            max_concurrent_streams=server.max_concurrent_streams,
+            max_header_bytes=server.max_header_bytes,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_frame=MAX_FRAME,
+        )
+        self.calls: dict[int, _Call] = {}
+        self.peer = ""
+        self.auth: dict[str, list[bytes]] = {}
+        self._flush_soon = False
+        self._paused = False  # the transport's write buffer is full
+        self._drained: list[asyncio.Future] = []
+        self._closing = False
+        self._last_stream = 0  # the last call accepted before a GOAWAY of ours
+        self.buffered = 0  # bytes of unfinished unary requests held (see hold)
+        self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
+        self._held = False  # not read for a while after an overload refusal past the budget
+        self._backlogged = False  # not read until the client takes what waits to be written
+        self._age_timer: asyncio.TimerHandle | None = None
+        self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
+        self.opened = self.idle_since = _monotonic()  # (idle_since: when its last call ended)
+        self.closed_at: float | None = None
+        self.starved: set[_Call] = set()  # calls whose answers wait for the connection's window
+
+    # ------------------------------------------------------------------ connection
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            server.refused("grpc_connections")
+            transport.abort()
+            return
+        server.connections.add(self)
+        self.peer = grpc_peer(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.auth = {"transport_security_type": [b"ssl"]}
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:
+                self.auth["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(der).encode("ascii")]
+        # (our settings are in force from the start: gRPC core sends a 1 MiB frame before its
+        # ACK of them reaches us)
+        transport.write(self.h2.data_to_send())
+        if server.max_connection_age_s > 0:
+            self._age_timer = server.loop.call_later(server.max_connection_age_s, self._aged)
+
+    @property
+    def paused(self) -> bool:
+        """Not read now: an overload hold, or its client not taking our writes."""
+        return self._held or self._backlogged
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def connection_lost(self, exc) -> None:
+        self.server.connections.discard(self)
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+        for call in list(self.calls.values()):
+            call.abandon()
+        self.calls.clear()
+        for f in self._drained:
+            if not f.done():
+                f.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._backlogged:
+            self._backlogged = False
+            if not self._held and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+                self._reading_again()
+        drained, self._drained = self._drained, []
+        for f in drained:
+            if not f.done():
+                f.set_result(None)
+
+    def writable(self) -> asyncio.Future | None:
+        """A future that resolves once the transport takes writes again, or None if it does."""
+        if not self._paused:
+            return None
+        f = self.server.loop.create_future()
+        self._drained.append(f)
+        return f
+
+    def _aged(self) -> None:
+        """``max_connection_age_s`` passed: ask the client to reconnect; close once idle."""
+        self.go_away()
+        self._age_timer = self.server.loop.call_later(max(self.server.max_connection_age_s / 10, 5.0), self.close)
+
+    def go_away(self) -> None:
+        """Close gracefully: tell the client with GOAWAY to open no more calls here (gRPC
+        clients then start new calls on a new connection), let the calls in progress finish,
+        then close (a second GOAWAY, in ``_goodbye``)."""
+        if self._closing or self.transport is None or self.transport.is_closing():
+            return
+        self._closing = True
+        self._last_stream = self.h2.highest_inbound_stream_id
+        self.h2.goaway(self._last_stream)
+        self.flush()
+        if not self.calls:
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        self.h2.goaway(self._last_stream if self._closing else self.h2.highest_inbound_stream_id)
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        self.h2.stop()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # (after what waits to be written; the sweep aborts it past CLOSE_GRACE_S)
+            self.closed_at = _monotonic()
+
+    def flush(self) -> None:
+        out = self.h2.data_to_send()
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out)
+            if self._paused and not self._backlogged and t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
+                # a client that sends and does not read (a PING flood, requests whose answers it
+                # never takes): nothing more is read until it takes what waits (RFC 9113 10.5)
+                self._backlogged = True
+                t.pause_reading()
+
+    def flush_soon(self) -> None:
+        """Write what the h2 connection holds at the end of this loop turn (answers finished in
+        one turn go out in one write per connection)."""
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.server.dirty(self)
+
+    # ------------------------------------------------------------------ reading
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.h2.receive(data)
+        except http2.Http2Error as e:
+            log.debug("closing a gRPC connection from %s on an HTTP/2 error: %s", self.peer, e)
+            self.server.refused(f"grpc_{e.reason}" if e.reason in ("header_bytes", "flood") else "grpc_protocol")
+            self.abandon_all()
+            self.flush()
+            self.close()
+            return
+        except Exception:  # a bug here must cost one connection, never wedge it
+            log.exception("closing a gRPC connection from %s: its bytes could not be read", self.peer)
+            self.abandon_all()
+            self.close()
+            return
+        self._flush_soon = False  # (a turn's later flush finds nothing to write)
+        self.flush()
+
+    # what the HTTP/2 layer reads, frame by frame (http2.Handler)
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        self._request(sid, headers)
+        if end_stream:
+            call = self.calls.get(sid)
+            if call is not None:
+                call.request_ended()
+
+    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None:
+        call = self.calls.get(sid)
+        if call is None:
+            self.credit(flow, sid)
+            return
+        if end_stream and flow == len(data) and call.whole_unary(data):
+            # The usual unary call: its one message whole in the frame that ends it. Under
+            # overload most of these are refused: judged here, before the message is buffered,
+            # split and counted (see _Call.received), which a refusal would only undo.
+            refuse = self.server.refusers.get(call.method)
+            if refuse is not None:
+                refused = refuse(data[5:], self.peer)
+                if refused is not None:
+                    self.credit(flow, sid)
+                    call.request_done = True
+                    call._refuse(*refused)
+                    return
+            call.received(data, flow)
+            if self.calls.get(sid) is call:  # (still there unless the message failed it)
+                call.request_ended(may_refuse=False)
+            return
+        if data or flow:
+            call.received(data, flow)
+        if end_stream:
+            call = self.calls.get(sid)  # (still there unless the message failed it)
+            if call is not None:
+                call.request_ended()
+
+    def on_reset(self, sid: int) -> None:
+        call = self.calls.pop(sid, None)
+        if call is not None:
+            call.abandon()
+            if not self.calls:
+                self.idle_since = _monotonic()
+        self._reset_flood()
+
+    def on_window(self, sid: int) -> None:
+        if sid:
+            call = self.calls.get(sid)
+            if call is not None:
+                call.pump()
+            return
+        if sid < 0:  # every stream's window grew
+            waiting = [c for c in self.calls.values() if c.out]
+        else:  # the connection's: only calls it held back (a flood of 1-byte credits costs no pass over all)
+            waiting, self.starved = list(self.starved), set()
+        h2 = self.h2
+        for i, call in enumerate(waiting):
+            if h2.connection_window() <= 0:
+                self.starved.update(waiting[i:])
+                break
+            call.pump()
+
+    def on_goaway(self) -> None:
+        """The client's GOAWAY: it opens no more calls here; those in progress are answered (as
+        grpc-java's graceful close expects), then the connection closes."""
+        if not self._closing:
+            self._closing = True
+            self._last_stream = self.h2.highest_inbound_stream_id
+        if not self.calls:
+            self._goodbye()
+
+    def abandon_all(self) -> None:
+        for call in list(self.calls.values()):
+            call.abandon()
+        self.calls.clear()
+
+    def _reset_flood(self) -> bool:
+        """Count a stream the client reset; past ``max_resets_per_s`` in a second, close the
+        connection (each reset call costs us its set-up, the client nothing). Each call the
+        connection saw answered in that second takes one reset back, so a client with tight
+        deadlines whose calls mostly complete keeps its connection."""
+        if not self._resets.over():
+            return False
+        log.debug("closing a gRPC connection from %s: a flood of stream resets", self.peer)
+        self.server.refused("grpc_resets")
+        self.abandon_all()
+        self._goodbye()
+        return True
+
+    def credit(self, n: int, sid: int) -> None:
+        self.h2.acknowledge_received_data(n, sid)
+
+    def _request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._closing and sid > self._last_stream:  # opened after our GOAWAY: never started
+            self.h2.reset_stream(sid, http2.REFUSED_STREAM)
+            return
+        key = tuple(headers)
+        parsed = self._parsed.get(key)
+        if parsed is None:  # (a client sends the same headers call after call: read once)
+            parsed = self._parse(headers)
+            if len(self._parsed) >= 64:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        if type(parsed) is tuple:
+            handler, md, seconds, encoding, path = parsed
+            deadline = None if seconds is None else _monotonic() + seconds
+            self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
+        elif parsed is _NOT_GRPC:
+            self._plain(sid, b"415", b"only gRPC (POST, content-type application/grpc) is served on this port")
+        else:
+            self.trailers_only(sid, *parsed)
+
+    def _parse(self, headers: list[tuple[bytes, bytes]]) -> Any:
+        """What a request's headers ask for: (handler, metadata, timeout in seconds or None,
+        encoding, path) for a call to start; ``_NOT_GRPC``; or a list of the status and
+        message to answer at once."""
+        path = method = ctype = timeout = encoding = None
+        for k, v in headers:
+            if k == b":path":
+                path = v
+            elif k == b":method":
+                method = v
+            elif k == b"content-type":
+                ctype = v
+            elif k == b"grpc-timeout":
+                timeout = v
+            elif k == b"grpc-encoding":
+                encoding = v
+        if method != b"POST" or ctype is None or not ctype.startswith(b"application/grpc"):
+            return _NOT_GRPC
+        md = grpc_wire.metadata(headers)
+        handler = self.server.handler(path or b"", md)
+        if handler is None:
+            return [grpc.StatusCode.UNIMPLEMENTED, "Method not found!"]
+        if encoding is not None and encoding not in grpc_wire.ENCODINGS:
+            return [
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"grpc-encoding {encoding[:64].decode('latin-1')!r} is not supported (identity, deflate, gzip)",
+            ]
+        seconds = None
+        if timeout is not None:
+            seconds = grpc_wire.parse_timeout(timeout)
+            if seconds is None:
+                return [grpc.StatusCode.INTERNAL, "the grpc-timeout header is malformed"]
+        return handler, md, seconds, encoding, (path or b"").decode("latin-1")
+
+    # ------------------------------------------------------------------ writing
+    def _plain(self, sid: int, status: bytes, text: bytes) -> None:
+        self.h2.send_headers(sid, [(b":status", status), (b"content-type", b"text/plain")])
+        self.h2.send_data(sid, text, end_stream=True)
+        self.stop_reading(sid)
+
+    def trailers_only(self, sid: int, code: grpc.StatusCode, message: str, md=()) -> None:
+        """An answer with no message: status and metadata in the one HEADERS frame."""
+        key = (code, message, md)
+        fields = _TRAILERS_ONLY.get(key)
+        if fields is None:  # (refusals repeat the same few: their fields are made once)
+            fields = OK_HEADERS + grpc_wire.status_fields(code.value[0], message) + grpc_wire.encode_metadata(md)
+            if len(_TRAILERS_ONLY) >= 256:
+                _TRAILERS_ONLY.clear()
+            _TRAILERS_ONLY[key] = fields
+        self.h2.send_headers(sid, fields, end_stream=True)
+        self.stop_reading(sid)
+
+    def stop_reading(self, sid: int, code: int = http2.NO_ERROR) -> None:
+        """Our side of ``sid`` is done (see ``Http2.end_reading``)."""
+        self.h2.end_reading(sid, code)
+
+    def overload_refusal(self) -> None:
+        """A call on this connection was refused for overload: past the refusals' rate, the
+        connection is not read until its turn (``core/rate.Pacer``; TCP backpressure, as for
+        HTTP: its client's next requests wait in its socket instead of taking the core from
+        admitted work). Answers to its admitted calls are still written."""
+        if self._held or self.transport is None:
+            return
+        pause = self.server.refusals.delay()
+        if pause <= 0:
+            return
+        self._held = True
+        self.server.refused("overload_hold")
+        self.transport.pause_reading()
+        self.server.loop.call_later(pause, self._release)
+
+    def _release(self) -> None:
+        self._held = False
+        if not self._backlogged and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._reading_again()
+
+    def _reading_again(self) -> None:
+        """Read again after a pause of ours: the time a request message waited then is not its client's."""
+        now = _monotonic()
+        for call in self.calls.values():
+            if call.partial_since is not None:
+                call.partial_since = now
+
+    def hold(self, call: _Call, n: int) -> bool:
+        """Count ``n`` more bytes of ``call``'s unfinished request message (a unary request, or
+        the part of a stream's next message read so far); False (the call is to be refused) once
+        the connection would hold more than ``BUFFERED_REQUESTS`` times ``max_request_bytes`` of
+        them, or all connections more than ``max_buffered_bytes``. Withholding credit instead
+        could deadlock a client that interleaves many large requests, since they share the
+        connection's window."""
+        server = self.server
+        if self.buffered + n > BUFFERED_REQUESTS * server.max_receive_bytes or (
+            server.buffered + n > server.max_buffered_bytes
+        ):
+            server.refused("grpc_buffered_bytes")
+            return False
+        call.held += n
+        self.buffered += n
+        server.buffered += n
+        return True
+
+    def release(self, call: _Call, keep: int = 0) -> None:
+        """``call``'s buffered request bytes are no longer held, but for ``keep`` of them."""
+        n = call.held - keep
+        self.buffered -= n
+        self.server.buffered -= n
+        call.held = keep
+
+    def finished(self, call: _Call) -> None:
+        call.credit()  # bytes it read and never took (a stream ended with a backlog) go back to the window
+        if not call.gone:  # a call answered pays for one reset: only a client that mostly resets is a flood
+            self._resets.credit()
+        self.release(call)
+        self.calls.pop(call.sid, None)
+        self.starved.discard(call)
+        if not self.calls:
+            self.idle_since = _monotonic()
+            if self._closing:
+                self._goodbye()
