@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "mlserver==1.7.1"
@@ -80,12 +81,6 @@ def install() -> str:
     return str(exe)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MLServer:
     """``mlserver start`` of a folder of models, on free ports; ``grpc`` and ``http`` are host:port."""
 
@@ -93,7 +88,7 @@ class MLServer:
         """``models``: name -> extra model-settings.json fields (every model runs ``RUNTIME``)."""
         exe = install()
         root.mkdir(parents=True, exist_ok=True)
-        ports = [_free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(3)]
         (root / "settings.json").write_text(
             json.dumps(
                 {

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +14,30 @@ import time
 
 BATCHGATE = [sys.executable, "-m", "batchgate.cli"]
 READY_LINE = re.compile(r"HTTP on [^ ]+:(\d+), gRPC on [^ ]+:(\d+), metrics on [^ ]+:(\d+)")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on, for a listener a test starts later.
+
+    Picked below the kernel's ephemeral range: a port from that range (what binding port 0
+    gives) can be taken meanwhile as the local end of any outgoing connection, such as a
+    gateway probing the very address the test means to bring up.
+    """
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def serve_args(repo: str, *extra: str) -> list[str]:

@@ -29,7 +29,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
-from processes import Proc, logged_at, serve_args
+from processes import Proc, free_port, logged_at, serve_args
 
 BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
 PID = re.compile(r"worker (\d+) \(pid (\d+)\) ready")
@@ -248,14 +248,10 @@ def test_a_restarted_worker_catches_up_with_a_remote_model_whose_upstream_is_dow
 
 
 def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
-    import socket
-
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        health_port = sock.getsockname()[1]
+    health_port = free_port()
     p = Proc(serve_args(clf_repo, "--workers", "2", "--health-port", str(health_port)))
     try:
         p.wait_ready()

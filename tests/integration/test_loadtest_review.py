@@ -4,18 +4,12 @@ rate x duration requests, and sweeps say why they stopped."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from test_loadtest import loadtest, step, testserver  # noqa: F401 - testserver is a fixture
 
+from processes import free_port
+
 QUICK = ("--duration", "1", "--warmup", "0.2", "--cooldown", "0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_line_error(done, *words: str) -> None:
@@ -56,7 +50,7 @@ def test_a_shape_is_labelled_and_offered_as_its_schedule(tmp_path, testserver): 
 )
 def test_bad_settings_are_refused_with_one_line_and_exit_2(tmp_path, extra, words):
     # refused before any connection: the target need not answer
-    done, _ = loadtest(tmp_path, f"127.0.0.1:{_free_port()}", "--model", "echo", *QUICK, *extra, timeout=60)
+    done, _ = loadtest(tmp_path, f"127.0.0.1:{free_port()}", "--model", "echo", *QUICK, *extra, timeout=60)
     _one_line_error(done, *words)
 
 
@@ -75,7 +69,7 @@ def test_requests_too_large_for_memory_are_refused_before_they_are_made(tmp_path
 
 def test_a_metrics_url_that_does_not_answer_prometheus_text_is_one_warning(tmp_path, testserver):  # noqa: F811
     srv = testserver()
-    for url, why in ((f"http://127.0.0.1:{_free_port()}/metrics", "no answer"), (f"http://{srv.http}/v2", "")):
+    for url, why in ((f"http://127.0.0.1:{free_port()}/metrics", "no answer"), (f"http://{srv.http}/v2", "")):
         out = tmp_path / (why.replace(" ", "_") or "v2")
         done, doc = loadtest(out, srv.grpc, "--model", "echo", "--metrics-url", url, *QUICK)
         assert done.returncode == 0, done.stdout + done.stderr

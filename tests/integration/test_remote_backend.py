@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
 from batchgate.demo import _model, _save, classifier_model, identity_model, slow_model
-from processes import Proc
+from processes import Proc, free_port
 
 CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
 # `make test` runs this module twice: calls through batchgate's own HTTP/2 client (the default),
@@ -407,14 +407,7 @@ def test_an_upstream_invalid_argument_stays_invalid_argument_with_its_message(tm
 
 
 def test_a_remote_model_whose_upstream_is_down_is_unavailable_and_loads_when_it_comes_up(tmp_path, serve, upstream):
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on (yet)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        http_port = s.getsockname()[1]
+    port, http_port = free_port(), free_port()  # nothing listens there (yet)
     address = f"127.0.0.1:{port}"
     running = serve("", remote_models=(RemoteModel("clf", (address,), **FAST),))
     index = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
@@ -484,14 +477,7 @@ def test_a_gateway_batch_goes_on_while_one_of_its_callers_remains(tmp_path, serv
 
 
 def test_an_unload_while_the_load_is_being_retried_stays_unloaded(tmp_path, serve, upstream):
-    import socket
-
-    with socket.socket() as sock:  # nothing listens there yet
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        http_port = sock.getsockname()[1]
+    port, http_port = free_port(), free_port()  # nothing listens there yet
     running = serve(
         "", model_control_mode="explicit", remote_models=(RemoteModel("clf", (f"127.0.0.1:{port}",), **FAST),)
     )
@@ -765,7 +751,7 @@ def test_a_model_whose_upstream_stays_down_at_start_is_logged_and_counted_once(s
     """Its load is retried every probe interval; the failure is logged and counted once for the
     series (a load-failure alert must not count seconds), then it loads when the upstream comes."""
     caplog.set_level(logging.DEBUG, logger="batchgate")
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     spec = RemoteModel("clf", (f"127.0.0.1:{port}",), batching="passthrough", retries=0, **FAST)
     running = serve("", remote_models=(spec,))
     time.sleep(1.5)  # many probe intervals
@@ -777,11 +763,3 @@ def test_a_model_whose_upstream_stays_down_at_start_is_logged_and_counted_once(s
     assert 'batchgate_model_load_failures_total{model="clf"} 1.0' in metrics
     upstream(_classifier_repo(tmp_path / "up"), ports=(http_port, port))
     _wait(lambda: grpcclient.InferenceServerClient(running.grpc_url).is_model_ready("clf"), "the load")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:  # (free now: nothing listens there yet)
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -3,8 +3,6 @@ request that never reached its upstream from one that did (over real gRPC socket
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
@@ -12,6 +10,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from batchgate.backends.remote import config_from_metadata, not_delivered
+from processes import free_port
 
 
 def _metadata(shape_in, shape_out, dtype="FP32"):
@@ -45,14 +44,8 @@ def test_config_from_metadata_refuses_an_unknown_datatype():
         config_from_metadata(_metadata([-1], [-1], dtype="COMPLEX64"), 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_a_refused_connection_is_not_delivered_and_a_server_answer_is():
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{_free_port()}") as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=5)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and not_delivered(e.value)
