@@ -171,7 +171,7 @@ class Gateway:
         self.dataplane.access_log = self.metrics.access_log = self.access_log
         failure_lines = settings.observability.failure_log_max_lines_per_s
         self.dataplane.failure_lines.limit = self.metrics.model_failure_lines.limit = failure_lines
-        self.metrics.failure_budgets = [self.dataplane.failure_lines, self.metrics.model_failure_lines]
+        self.metrics.failure_budgets.append(self.dataplane.failure_lines)
         self.dataplane.tracing = self.metrics.tracing = self.tracing
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None

@@ -120,6 +120,13 @@ def from_raw(buf: bytes | memoryview, dt: DataType, shape: tuple[int, ...], what
     if len(buf) != expected:
         raise invalid(f"{what}: got {len(buf)} bytes of data but shape {list(shape)} of {dt.v2} needs {expected} bytes")
     arr = np.frombuffer(buf, dtype=dt.np_dtype)
+    if arr.dtype == np.bool_ and count:
+        # A BOOL is one byte, 0 or 1. Another value would pass as a numpy bool yet reach the
+        # model as that byte (ONNX Runtime's Not of 2 is 253: true, as 2 was), so is refused.
+        octets = np.frombuffer(buf, dtype=np.uint8)
+        if octets.max() > 1:
+            i = int(np.argmax(octets > 1))
+            raise invalid(f"{what}: BOOL element {i} is the byte {octets[i]}; a BOOL is 0 or 1")
     return shaped(arr, shape, what)
 
 

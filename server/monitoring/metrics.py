@@ -288,8 +288,9 @@ class Metrics:
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
         # the budgets of failure log lines ("request ... failed", a model's "failed to execute"), each a
-        # core.rate.LineBudget counting the lines it left out; the gateway sets them. The models' own:
-        self.model_failure_lines = LineBudget(100)  # (the gateway sets its limit)
+        # core.rate.LineBudget counting the lines it left out. The models' own (the gateway sets its
+        # limit and adds its dataplane's budget to the list):
+        self.model_failure_lines = LineBudget(100)
         self.failure_budgets: list[Any] = [self.model_failure_lines]
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._load_failures: dict[str, int] = {}

@@ -456,9 +456,11 @@ class ModelRepository:
             if known or entry.versions:
                 self._failed(entry, msg)
                 entry.fingerprint = fp
-            else:  # a name only this load brought: nothing of it stays (index, metrics)
+            else:  # a name only this load brought: nothing of it stays (index, metrics, readiness:
+                # with no entry to unload, a wanted name would keep the server not ready for good)
                 if self.models.get(name) is entry:
                     self.models.pop(name)
+                self._wanted.discard(name)
                 self.metrics.load_failed("")
             if fail_missing:
                 raise GatewayError(

@@ -217,6 +217,31 @@ def test_grpc_typed_contents_every_datatype(serve, dtype_repo):
             assert_same(got, want)
 
 
+def test_a_bool_byte_other_than_0_or_1_is_refused_on_both_protocols(serve, dtype_repo):
+    """Raw BOOL bytes (HTTP binary, gRPC raw contents) are 0 or 1: a 2 passed before as a numpy
+    True yet reached the model as the byte 2, and ONNX Runtime's Not of it was true as well."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    running = serve(dtype_repo, **QUICK)
+    bad = np.array([[0, 1, 2, 1]], np.uint8).view(np.bool_)  # numpy keeps the byte 2 under the view
+    for mod, url, status in (
+        (httpclient, running.http_url, "400"),
+        (grpcclient, running.grpc_url, "StatusCode.INVALID_ARGUMENT"),
+    ):
+        inp = mod.InferInput("INPUT", [1, 4], "BOOL")
+        inp.set_data_from_numpy(bad)  # binary on HTTP, raw contents on gRPC
+        with pytest.raises(InferenceServerException) as e:
+            mod.InferenceServerClient(url).infer(dtype_model_name("BOOL"), [inp])
+        assert str(e.value.status()) == status
+        assert "BOOL element 2 is the byte 2" in e.value.message()
+        good = mod.InferInput("INPUT", [1, 4], "BOOL")
+        good.set_data_from_numpy(bad.view(np.uint8) == 1)
+        got = mod.InferenceServerClient(url).infer(dtype_model_name("BOOL"), [good]).as_numpy("OUTPUT")
+        assert got.tolist() == [[False, True, False, True]]
+
+
 def test_grpc_typed_contents_simple(server, demo_repo):
     feeds = simple_feeds(2, seed=5)
     req = service_pb2.ModelInferRequest(model_name="simple", model_version="1")

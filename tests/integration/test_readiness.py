@@ -94,6 +94,24 @@ def test_explicit_mode_expects_what_was_asked_for(tmp_path, serve):
     assert wait_for(running, True) == READY
 
 
+def test_a_failed_load_of_a_name_the_repository_lacks_leaves_readiness_as_it_was(tmp_path, serve):
+    """Nothing of such a load stays, so nothing can be unloaded: it must not be expected either
+    (it was, and one bad upload took the server out of its Service until a restart)."""
+    repo = broken_repo(tmp_path)
+    running = serve(repo, model_control_mode="explicit", load_model=("good",), **QUICK)
+    assert wait_for(running, True) == READY
+    g = grpcclient.InferenceServerClient(running.grpc_url)
+    config = '{"name": "ghost", "platform": "onnxruntime_onnx", "max_batch_size": 0}'
+    for files in ({"file:1/model.onnx": b"not onnx"}, None):  # uploaded files, or a config alone
+        try:
+            g.load_model("ghost", config=config, files=files)
+            raise AssertionError("a model that is not ONNX loaded")
+        except InferenceServerException as e:
+            assert "ghost" in e.message()
+        assert [m.name for m in g.get_model_repository_index().models] == ["broken", "good"]
+        assert wait_for(running, True, timeout=1.0) == READY
+
+
 def test_a_remote_model_counts_until_it_has_served_once(tmp_path, serve):
     up_repo = tmp_path / "up"
     up_repo.mkdir()
