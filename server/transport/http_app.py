@@ -60,6 +60,10 @@ MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|read
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
 SHM_MARK = b"shared_memory_region"  # in a request body that names a shared-memory region
 SHM_RE = re.compile(r"^/v2/systemsharedmemory(?:/region/([^/]+))?/(status|register|unregister)/?$")
+# A "/" or "\\" written as %2F / %5C inside a path segment: decoded, it would route as a
+# separator (so /v2%2Frepository/... slipped past a proxy rule on /v2/repository), and no model
+# name holds either.
+ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])")
 TRACE_RE = re.compile(r"^/v2(?:/models/([^/]+)(?:/versions/[^/]+)?)?/trace/setting/?$")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -128,6 +132,9 @@ class HttpApp:
         path = scope["path"]
         method = scope["method"]
         try:
+            raw = scope.get("raw_path")
+            if raw is not None and b"%" in raw and ENCODED_SEPARATOR.search(raw) is not None:
+                raise invalid("the request path has an encoded '/' or '\\' (%2F, %5C): no route or name holds one")
             await self._route(method, path, scope, receive, send)
         except GatewayError as e:
             await self._error(send, e)

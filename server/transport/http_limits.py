@@ -242,6 +242,9 @@ def guarded_protocol(
             if b"?" in url or b"%" in url or b"#" in url or url[:1] != b"/":
                 path = httptools.parse_url(url).path.decode("ascii")
                 if "%" in path:
+                    lowered = path.lower()
+                    if "%2f" in lowered or "%5c" in lowered:
+                        return False  # an encoded separator: the app refuses the request (http_app.py)
                     path = urllib.parse.unquote(path)
             else:  # a plain path, as clients send it: no need to parse
                 path = url.decode("ascii")

@@ -261,3 +261,34 @@ def test_a_torchscript_model_cannot_be_uploaded_with_a_load(explicit, staging):
             msg = refused(c.load_model, "ts", config=cfg, files=files)
             assert "TorchScript models cannot be uploaded" in msg, msg
         assert os.listdir(staging) == []
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("POST", "/v2%2Frepository/models/clf/unload"),  # past a proxy rule on /v2/repository
+        ("POST", "/v2%2frepository%2findex"),
+        ("POST", "/v2/models/clf%2Finfer"),  # past the early admission of infer paths as well
+        ("POST", "/v2/models/clf%5Cinfer"),
+        ("GET", "/v2%2Fhealth%2Fready"),
+    ],
+)
+def test_an_encoded_separator_in_the_path_is_refused_not_routed(explicit, method, path):
+    """A %2F was decoded before routing: /v2%2Frepository/... reached the repository API
+    though a proxy in front matched /v2/repository on the raw path and kept it out."""
+    import http.client
+
+    host, port = explicit.http_url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+    conn.request(method, path, body=body.encode() if method == "POST" else None)
+    answer = conn.getresponse()
+    assert answer.status == 400, (answer.status, answer.read())
+    assert "encoded '/'" in json.loads(answer.read())["error"]
+    conn.close()
+    assert grpcclient.InferenceServerClient(explicit.grpc_url).is_model_ready("clf")  # not unloaded
+    # a percent-encoded character that is no separator still routes as before
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v2/models/c%6Cf/infer", body=body.encode())
+    assert conn.getresponse().status == 200
+    conn.close()
