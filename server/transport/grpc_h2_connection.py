@@ -31,6 +31,7 @@ _monotonic = time.monotonic
 
 Refused = Callable[[str], None]
 _NOT_GRPC = object()  # a request that is not gRPC (answered 415)
+_MALFORMED = object()  # a request whose headers break HTTP/2's rules (reset, PROTOCOL_ERROR)
 _TRAILERS_ONLY: dict[tuple, list[tuple[bytes, bytes]]] = {}  # trailers-only answers' fields, by status and words
 
 
@@ -303,6 +304,9 @@ class _Connection(asyncio.Protocol):
             handler, md, seconds, encoding, path = parsed
             deadline = None if seconds is None else _monotonic() + seconds
             self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
+        elif parsed is _MALFORMED:
+            self.server.refused("grpc_malformed")
+            self.h2.reset_stream(sid, http2.PROTOCOL_ERROR)
         elif parsed is _NOT_GRPC:
             self._plain(sid, b"415", b"only gRPC (POST, content-type application/grpc) is served on this port")
         else:
@@ -310,8 +314,12 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self, headers: list[tuple[bytes, bytes]]) -> Any:
         """What a request's headers ask for: (handler, metadata, timeout in seconds or None,
-        encoding, path) for a call to start; ``_NOT_GRPC``; or a list of the status and
-        message to answer at once."""
+        encoding, path) for a call to start; ``_MALFORMED``; ``_NOT_GRPC``; or a list of the
+        status and message to answer at once."""
+        why = grpc_wire.malformed(headers)
+        if why is not None:
+            log.debug("resetting a gRPC call from %s: malformed headers (%s)", self.peer, why)
+            return _MALFORMED
         path = method = ctype = timeout = encoding = None
         for k, v in headers:
             if k == b":path":

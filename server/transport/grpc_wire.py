@@ -8,6 +8,7 @@ on its own.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import urllib.parse
 import zlib
@@ -100,6 +101,42 @@ def decompress(payload: bytes, encoding: bytes, limit: int) -> bytes:
     if len(out) > limit:
         raise WireError("RESOURCE_EXHAUSTED", f"a message inflates past the largest accepted ({limit} bytes)")
     return out
+
+
+# RFC 9113 section 8.2-8.3: what makes a request's header list malformed.
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
+_NEEDED_PSEUDO = frozenset((b":method", b":scheme", b":path"))
+_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
+_NOT_IN_FIELDS = re.compile(rb"[\x00\r\n]")
+_NOT_IN_NAMES = re.compile(rb"[A-Z\x00-\x20\x7f-\xff]")
+
+
+def malformed(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's header list breaks HTTP/2's rules (the stream is then reset with
+    PROTOCOL_ERROR), or None: pseudo-fields known, each once, before the others, the needed ones
+    there; names lower-case with no control, space or non-ASCII byte; no connection-specific
+    field; no NUL, CR or LF in a value (it could split a header line where the value is
+    written again in HTTP/1.1)."""
+    seen: set[bytes] = set()
+    regular = False
+    for k, v in headers:
+        if k[:1] == b":":
+            if regular:
+                return f"pseudo-header {k[:32]!r} after a regular field"
+            if k not in _REQUEST_PSEUDO or k in seen:
+                return f"pseudo-header {k[:32]!r} unknown or repeated"
+            seen.add(k)
+        else:
+            regular = True
+            if not k or _NOT_IN_NAMES.search(k) is not None:
+                return f"field name {k[:32]!r} is not a lower-case token"
+            if k in _CONNECTION_SPECIFIC or (k == b"te" and v != b"trailers"):
+                return f"connection-specific field {k[:32]!r}"
+        if _NOT_IN_FIELDS.search(v) is not None:
+            return f"NUL, CR or LF in the value of {k[:32]!r}"
+    if not seen >= _NEEDED_PSEUDO:
+        return f"no {b', '.join(sorted(_NEEDED_PSEUDO - seen)).decode()}"
+    return None
 
 
 def metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:

@@ -167,6 +167,54 @@ def test_an_unknown_method_is_unimplemented(raw):
     assert status(raw.wait(raw.request(b"/no.Such/Method", framed(b""))))[0] == grpc.StatusCode.UNIMPLEMENTED.value[0]
 
 
+START = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER)]
+GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        START + GRPC + [(b"x-ctl", b"a\r\nInjected: 1")],  # CR LF in a value
+        START + GRPC + [(b"x-ctl", b"a\x00b")],  # NUL in a value
+        START + GRPC + [(b"X-Upper", b"1")],  # an upper-case name
+        START + GRPC + [(b"x bad", b"1")],  # a space in a name
+        START + GRPC + [(b"connection", b"keep-alive")],  # connection-specific
+        START + [(b"content-type", b"application/grpc"), (b"te", b"gzip")],  # te other than trailers
+        [*START[:3], *GRPC, START[3]],  # a pseudo-header after a regular field
+        START + [(b":path", b"/x")] + GRPC,  # :path twice
+        START + [(b":status", b"200")] + GRPC,  # a response's pseudo-header
+        [START[0], START[2], START[3], *GRPC],  # no :scheme
+    ],
+    ids=["crlf", "nul", "upper", "space", "connection", "te", "late_pseudo", "two_paths", "status", "no_scheme"],
+)
+def test_malformed_request_headers_reset_the_stream_and_keep_the_connection(h2_server, fields):
+    """RFC 9113 section 8.2.1 / 8.3: such a request is malformed, a stream error PROTOCOL_ERROR.
+    These were served (a CR LF value would reach the caller's headers, which may be written
+    again elsewhere; of two :path the last won)."""
+    raw = RawH2(h2_server.gateway.grpc_port)
+    raw.h2.config.validate_outbound_headers = False  # (the client library refuses to send them)
+    raw.h2.config.normalize_outbound_headers = False
+    try:
+        before = _refused(h2_server, "grpc_malformed")
+        sid = raw.h2.get_next_available_stream_id()
+        raw.h2.send_headers(sid, fields)
+        raw.h2.send_data(sid, framed(infer_request()), end_stream=True)
+        raw.sock.sendall(raw.h2.data_to_send())
+        raw.results[sid] = {"headers": [], "data": b"", "reset": None, "ended": False}
+        assert raw.wait(sid)["reset"] == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        assert _refused(h2_server, "grpc_malformed") == before + 1
+        assert status(raw.wait(raw.request(INFER, framed(infer_request())))) == (0, "")  # the connection serves on
+    finally:
+        raw.close()
+
+
+def _refused(running, reason: str) -> float:
+    for line in urllib.request.urlopen(running.metrics_url).read().decode().splitlines():
+        if line.startswith(f'batchgate_http_connections_refused_total{{reason="{reason}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_message_over_the_limit_is_refused_from_its_prefix(raw):
     # Claims 100 MB and sends 10 bytes: refused at once, nothing buffered, the stream told to stop.
     sid = raw.request(INFER, struct.pack(">BI", 0, 100 << 20) + b"x" * 10, end=False)
