@@ -51,7 +51,10 @@ def config_from_json(text: str, name: str) -> mc.ModelConfig:
     try:
         json_format.Parse(text, cfg)
     except json_format.ParseError as e:
-        raise invalid(f"model '{name}': the config given with the load request is not valid: {e}") from None
+        # (the parser quotes the caller's field names and values: cut, and on one line)
+        raise invalid(
+            f"model '{name}': the config given with the load request is not valid: {printable(clip(str(e), 256))}"
+        ) from None
     cfg.name = name
     return cfg
 

@@ -450,8 +450,9 @@ class ModelRepository:
                 self.pool, self.builder.local, name, model_dir, override
             )
         except Exception as e:  # noqa: BLE001 - any failure leaves the model unavailable, with the reason
-            # Errors name files relative to the model directory, never a server path.
-            msg = hide_paths(e.message if isinstance(e, GatewayError) else str(e), model_dir, self.root)
+            # Errors name files relative to the model directory, never a server path; an engine's
+            # message may quote the model's own names at any length: bounded.
+            msg = clip(hide_paths(e.message if isinstance(e, GatewayError) else str(e), model_dir, self.root), 1024)
             log.error("model '%s' failed to load: %s", name, msg)
             if known or entry.versions:
                 self._failed(entry, msg)

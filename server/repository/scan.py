@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
 from ..core.types import MODEL_NAME, clip, printable
@@ -81,12 +82,17 @@ def write_files(directory: str, files: list[tuple[str, bytes]]) -> None:
             f.write(data)
 
 
+_ABSOLUTE_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s"'`(=:,\[]))/[^\s"'`),\]]+""")
+
+
 def hide_paths(message: str, *directories: str) -> str:
     """``message`` with the server's directories taken out (errors from engines and the OS
     name absolute paths; a caller is told paths relative to the model directory)."""
     for d in sorted((d for d in directories if d), key=len, reverse=True):
         message = message.replace(d.rstrip("/") + "/", "").replace(d, "<model directory>")
-    return message
+    # Any other absolute path (ONNX Runtime names where an external-data location resolves to,
+    # "../../x.bin" included): where the server keeps its files is not the caller's to learn.
+    return _ABSOLUTE_PATH.sub("<server path>", message)
 
 
 def list_versions(model_dir: str) -> list[int]:

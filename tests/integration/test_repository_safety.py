@@ -153,6 +153,41 @@ def test_a_failed_load_leaks_no_path_no_staging_and_no_new_name(explicit, stagin
     assert 'model="junk"' not in text
 
 
+def _external_data_model(location: str) -> bytes:
+    """A model whose one initializer lives in an external file at ``location``."""
+    t = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[4])
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    t.external_data.add(key="length", value="16")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["features", "W"], ["probabilities"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, 4])],
+        initializer=[t],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]).SerializeToString()
+
+
+@pytest.mark.parametrize("location", ["../../x.bin", "../../../../../x.bin", "/etc/hostname", "missing.bin"])
+def test_an_external_data_path_in_a_load_error_names_no_server_path(explicit, staging, location):
+    """ONNX Runtime names the path an external-data location resolves to ("../../x.bin" lands
+    outside the model directory, where hide_paths's directories did not reach): how deep the
+    staging or repository folder lies is not the caller's to learn."""
+    config = json.dumps({"max_batch_size": 0, "platform": "onnxruntime_onnx"})
+    for c in clients(explicit):
+        msg = refused(
+            c.load_model,
+            "ext",
+            config=config,
+            files={"file:1/model.onnx": _external_data_model(location)},
+            status=("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.UNAVAILABLE", "503"),
+        )
+        assert "ext" in msg
+        for secret in (staging, explicit.repo, tempfile.gettempdir(), "/tmp", "/etc"):
+            assert secret not in msg, msg
+
+
 def test_staged_files_do_not_outlive_the_server(tmp_path, serve, staging):
     repo = tmp_path / "models"
     repo.mkdir()
@@ -292,3 +327,13 @@ def test_an_encoded_separator_in_the_path_is_refused_not_routed(explicit, method
     conn.request("POST", "/v2/models/c%6Cf/infer", body=body.encode())
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_a_config_field_name_is_echoed_cut_and_on_one_line(explicit):
+    """The protobuf parser quotes an unknown field's name: 1,000 characters and a line break
+    came back whole."""
+    field = "Q" * 1000 + "\nFORGED line"
+    for c in clients(explicit):
+        msg = refused(c.load_model, "clf", config=json.dumps({field: 1}))
+        assert "not valid" in msg and "QQQ" in msg
+        assert msg.count("Q") < 300 and "\n" not in msg, msg
