@@ -301,7 +301,7 @@ class HttpApp:
         if path.startswith("/v2/cudasharedmemory"):
             self.dp.cuda_shared_memory()
         if path == "/v2/logging":
-            if method == "GET":
+            if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.log_settings(None, self._caller(scope)))
             self._method(method, "POST")
             obj = http_codec.parse_json(await self._body(receive, scope))
@@ -311,7 +311,7 @@ class HttpApp:
         m = TRACE_RE.match(path)
         if m:
             model = m.group(1) or ""
-            if method == "GET":
+            if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.trace_settings(model, None, self._caller(scope)))
             self._method(method, "POST")
             obj = http_codec.parse_json(await self._body(receive, scope))
@@ -345,7 +345,9 @@ class HttpApp:
 
     @staticmethod
     def _method(method: str, want: str) -> None:
-        if method != want:
+        # HEAD is a GET without its body (RFC 9110 9.3.2; uvicorn leaves the body out, the
+        # headers, Content-Length included, are the GET's): load balancers probe health so
+        if method != want and not (method == "HEAD" and want == "GET"):
             raise MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
 
     async def _more_body(self, first, receive) -> bytes:
@@ -556,7 +558,8 @@ class HttpApp:
         headers = [*JSON_HEADERS, *extra]
         if isinstance(e, MethodNotAllowed):
             status = 405
-            headers.append((b"allow", e.allow.encode()))  # RFC 9110: a 405 names the methods that work
+            allow = "GET, HEAD" if e.allow == "GET" else e.allow  # RFC 9110: a 405 names the methods that work
+            headers.append((b"allow", allow.encode()))
         else:
             status = HTTP_STATUS[e.code]
             if status == 401:  # RFC 9110: a 401 says which scheme would do

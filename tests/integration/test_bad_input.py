@@ -550,18 +550,41 @@ def test_http_unknown_model_and_version(server):
     [
         ("GET", "/v2/models/simple/infer", "POST"),
         ("PUT", "/v2/models/simple/infer", "POST"),
-        ("DELETE", "/v2", "GET"),
-        ("POST", "/v2/health/live", "GET"),
-        ("POST", "/v2/models/simple", "GET"),
-        ("POST", "/v2/models/simple/config", "GET"),
+        ("DELETE", "/v2", "GET, HEAD"),
+        ("POST", "/v2/health/live", "GET, HEAD"),
+        ("POST", "/v2/models/simple", "GET, HEAD"),
+        ("POST", "/v2/models/simple/config", "GET, HEAD"),
         ("GET", "/v2/repository/index", "POST"),
+        ("HEAD", "/v2/models/simple/infer", "POST"),
     ],
 )
 def test_http_wrong_method(server, method, path, allowed):
     status, headers, data = raw_http(server, method, path)
     assert status == 405
-    assert json.loads(data)["error"]
+    assert method == "HEAD" or json.loads(data)["error"]
     assert headers.get("allow") == allowed  # RFC 9110: a 405 says which methods would work
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/simple", "/v2/models/simple/ready"]
+)
+def test_http_head_is_a_get_without_its_body(server, path):
+    """Load balancers' health checks may use HEAD: it was a 405. Same status and headers as
+    the GET, no body (the GET after it on the same connection would not parse otherwise)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.http_url, timeout=20)
+    try:
+        conn.request("HEAD", path)
+        head = conn.getresponse()
+        assert head.read() == b""
+        conn.request("GET", path)
+        get = conn.getresponse()
+        body = get.read()
+        assert head.status == get.status == 200
+        assert head.getheader("content-length") == get.getheader("content-length") == str(len(body)), body
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize(
