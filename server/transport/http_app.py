@@ -438,7 +438,7 @@ class HttpApp:
 
     async def _infer(self, served, model, version, scope, receive, send, note=None):
         arrival = _monotonic()
-        header_len = content_encoding = accept = None
+        header_len = content_encoding = accept = twice = None
         x_headers = []
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -447,8 +447,12 @@ class HttpApp:
                         f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
                     )
             elif k == b"inference-header-content-length":
+                if header_len is not None:
+                    twice = "Inference-Header-Content-Length"
                 header_len = v.decode("latin-1")
             elif k == b"content-encoding":
+                if content_encoding is not None:
+                    twice = "Content-Encoding"
                 content_encoding = v.decode("latin-1")
             elif k == b"accept-encoding":
                 accept = v.decode("latin-1")
@@ -462,6 +466,8 @@ class HttpApp:
             body = msg.get("body", b"")
             if len(body) > self.limit:
                 raise _BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+        if twice is not None:  # which of two values frames the body is not for us to guess
+            raise invalid(f"the {twice} header is given more than once")
         req = None
         try:
             if content_encoding:

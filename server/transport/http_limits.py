@@ -36,6 +36,7 @@ see ``security/tls.py``), made once per connection after its handshake.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -54,9 +55,26 @@ HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
 OVERLOAD_HOLD = "overload_hold"  # a connection not read until its turn (past the overload refusals' rate)
+NOT_HTTP = "malformed"  # bytes httptools cannot parse as HTTP/1.1 (400)
+TRANSFER_CODING = "transfer_encoding"  # a transfer coding other than chunked alone (501)
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
-_STATUS = {431: b"431 Request Header Fields Too Large", 408: b"408 Request Timeout", 503: b"503 Service Unavailable"}
+_STATUS = {
+    400: b"400 Bad Request",
+    431: b"431 Request Header Fields Too Large",
+    408: b"408 Request Timeout",
+    501: b"501 Not Implemented",
+    503: b"503 Service Unavailable",
+}
+_PARSER_WARNING = "Invalid HTTP request received."  # uvicorn's line for each: counted instead
+
+
+class _NoLineEach(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _PARSER_WARNING
+
+
+logging.getLogger("uvicorn.error").addFilter(_NoLineEach())
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 # What the gate says of a request whose head is parsed: None = on to the app; otherwise the
@@ -217,7 +235,21 @@ def guarded_protocol(
 
         def on_header(self, name: bytes, value: bytes) -> None:
             if self._count(len(name) + len(value) + 4):
+                if len(name) == 17 and name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                    # RFC 9112 6.1: a coding the server does not know (gzip, chunked: the body
+                    # would be taken for plain bytes) is a 501, and the framing is lost with it
+                    refused(TRANSFER_CODING)
+                    self._refuse(501, "only Transfer-Encoding: chunked is served")
+                    return
                 super().on_header(name, value)
+
+        def send_400_response(self, msg: str) -> None:
+            """Bytes that are not HTTP/1.1: a JSON error as every other answer's, counted
+            (uvicorn wrote plain text and logged a warning line for each)."""
+            if self._refused:  # answered already (the parser stops at what we refused)
+                return
+            refused(NOT_HTTP)
+            self._refuse(400, "the request is not valid HTTP/1.1")
 
         def on_headers_complete(self) -> None:
             self._in_head = False

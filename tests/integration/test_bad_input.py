@@ -461,6 +461,28 @@ def test_http_bad_inference_header_content_length(server, value, words):
 
 
 @pytest.mark.parametrize(
+    "name,values",
+    [("Inference-Header-Content-Length", (str(len(GOOD_JSON)), "5")), ("Content-Encoding", ("identity", "gzip"))],
+)
+def test_http_a_framing_header_given_twice_is_refused(server, name, values):
+    """Two values that frame the body differently: the last one won."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.http_url, timeout=20)
+    try:
+        conn.putrequest("POST", "/v2/models/simple/infer")
+        conn.putheader("Content-Length", str(len(GOOD_JSON)))
+        for v in values:
+            conn.putheader(name, v)
+        conn.endheaders(GOOD_JSON)
+        answer = conn.getresponse()
+        assert answer.status == 400
+        assert json.loads(answer.read())["error"] == f"the {name} header is given more than once"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
     "body,words",
     [
         (b"{not json", "JSON"),

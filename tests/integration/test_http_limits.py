@@ -84,6 +84,34 @@ def test_a_huge_request_head_is_431_and_closed(guarded):
     serves(guarded)
 
 
+@pytest.mark.parametrize(
+    "head,status,reason",
+    [
+        # a coding the server does not know: the body would have been taken for plain JSON
+        (b"Transfer-Encoding: gzip, chunked\r\n", b"501", "transfer_encoding"),
+        (b"Transfer-Encoding: gzip\r\n", b"501", "transfer_encoding"),
+        (b"Bad Header\r\n", b"400", "malformed"),  # not HTTP/1.1
+    ],
+)
+def test_what_http_cannot_frame_is_answered_in_json_counted_and_not_logged_each(guarded, head, status, reason, caplog):
+    """A transfer coding other than chunked was read as chunked and its bytes served as the
+    body; bytes httptools cannot parse got uvicorn's plain-text 400 and a warning line each."""
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        s = connect(guarded)
+        s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n0\r\n\r\n")
+        answer = read_all(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+        assert b"content-type: application/json" in answer and json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert refusals(guarded) == {(reason,): 3}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    serves(guarded)
+
+
 def test_a_slowloris_head_is_cut_off(guarded):
     s = connect(guarded)
     s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n")
