@@ -37,7 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..backends.remote import SAID_DOWN
 from ..config import ConfigError, RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelConfigError, not_found
-from ..core.types import clip, version_number
+from ..core.types import clip, printable, version_number
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
@@ -111,7 +111,7 @@ class ModelRepository:
     def resolve(self, name: str, version: str) -> ModelVersion:
         entry = self.models.get(name)
         if entry is None:
-            raise not_found(f"unknown model '{clip(name)}'")
+            raise not_found(f"unknown model '{printable(clip(name))}'")
         if version:
             served = entry.versions.get(version_number(version))
             if served is None:
@@ -130,7 +130,7 @@ class ModelRepository:
     def entry(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            raise not_found(f"unknown model '{clip(name)}'")
+            raise not_found(f"unknown model '{printable(clip(name))}'")
         return entry
 
     def ready(self, name: str, version: str = "") -> bool:
@@ -337,7 +337,7 @@ class ModelRepository:
                 await self._load(name, fail_missing=True, override=override, model_dir=d, vote=vote)
             return
         if name not in self._discover() and config_json is None:
-            raise not_found(f"model '{clip(name)}' is not in the model repository")
+            raise not_found(f"model '{printable(clip(name))}' is not in the model repository")
         override = config_from_json(config_json, name) if config_json is not None else None
         # Asked for: strict readiness waits for it from now on, as Triton's does (a load that fails
         # leaves the server not ready until the model loads or is unloaded).

@@ -211,6 +211,18 @@ def test_grpc_names_with_control_characters_are_refused_not_logged_raw(explicit)
     assert "\n" not in info.value.details()
 
 
+def test_an_unknown_model_s_name_comes_back_escaped(explicit):
+    """NUL and a right-to-left override came back raw in the NOT_FOUND message of an infer."""
+    for c in clients(explicit):
+        msg = refused(
+            classify,
+            c,
+            "no\x00such\u202emodel",
+            status=("StatusCode.NOT_FOUND", "404", "StatusCode.INVALID_ARGUMENT", "400"),
+        )
+        assert "\x00" not in msg and "\u202e" not in msg and "no" in msg, repr(msg)
+
+
 # ------------------------------------------------------------------ races and cancellation (review findings)
 def test_a_failed_load_of_a_new_name_does_not_drop_a_concurrent_good_one(explicit):
     import asyncio
