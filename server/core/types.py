@@ -159,6 +159,7 @@ class Tensor(NamedTuple):
     parameters: Mapping[str, Any] | None = None
 
 
+MAX_PARAMETER_NAME = 128  # characters of a request parameter's name
 MAX_TENSOR_PARAMETERS = 16  # an input's own parameters, at most (each a scalar; a string of at most 1 KiB)
 
 
@@ -280,7 +281,10 @@ def weight_of(value: str | None) -> int:
 
 
 def check_parameter_name(name: str) -> None:
-    """Refuse a request parameter name reserved for the server (``triton_...``), as Triton does."""
+    """Refuse a request parameter name reserved for the server (``triton_...``), as Triton does,
+    or longer than ``MAX_PARAMETER_NAME``."""
+    if len(name) > MAX_PARAMETER_NAME:
+        raise invalid(f"parameter '{printable(clip(name))}': names are at most {MAX_PARAMETER_NAME} characters")
     if name.startswith(TRITON_PREFIX) and name != FINAL_RESPONSE_REQUESTED:
         raise invalid(f"parameter '{printable(clip(name))}': names starting with 'triton_' are reserved for the server")
 

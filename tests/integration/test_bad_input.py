@@ -221,6 +221,8 @@ def test_triton_reserved_and_nested_request_parameters_are_refused(server):
         ({"tag": {"nested": 1}}, "parameter 'tag' must be a string, a number or a boolean"),
         ({"tag": [1, 2]}, "parameter 'tag' must be"),
         ({"tag": None}, "parameter 'tag' must be"),
+        ({"priority": 2**64}, "parameter 'priority' must be a non-negative integer"),  # (JSON past 64 bits: a float)
+        ({"k" * 129: 1}, "names are at most 128 characters"),  # (a name was bounded by the body alone)
     ):
         status, msg = http_error(server, json_body([json_input("INPUT0"), json_input("INPUT1")], parameters=params))
         assert status == 400 and text in msg, (params, msg)
