@@ -220,6 +220,11 @@ class SharedMemory:
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{self.max_regions} shared-memory regions are registered already, the most allowed (shm_max_regions)",
             )
+        if byte_size > self.max_bytes:  # never to be registered, whatever is freed: the caller's error
+            raise invalid(
+                f"a region of {byte_size} bytes is larger than the {self.max_bytes} bytes of shared memory allowed "
+                "in all (shm_max_bytes)"
+            )
         if self.bytes + byte_size > self.max_bytes:
             raise GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,

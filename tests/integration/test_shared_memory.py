@@ -177,7 +177,10 @@ def test_every_bound_a_client_controls_is_enforced(repo, serve, segments, tmp_pa
     c.register_system_shared_memory("r1", key, 1024)
     refused(lambda: c.register_system_shared_memory("r1", key, 8), "ALREADY_EXISTS", "409", "already registered")
     key2, _ = segments(8192)
-    refused(lambda: c.register_system_shared_memory("r2", key2, 8192), "RESOURCE_EXHAUSTED", "429", "(shm_max_bytes)")
+    # larger than the whole budget: never to be registered, a 400 (it was a 429, as if freeing could help)
+    refused(lambda: c.register_system_shared_memory("r2", key2, 8192), "INVALID_ARGUMENT", "400", "(shm_max_bytes)")
+    refused(lambda: c.register_system_shared_memory("r2", key2, 2**63), "INVALID_ARGUMENT", "400", "(shm_max_bytes)")
+    refused(lambda: c.register_system_shared_memory("r2", key2, 3500), "RESOURCE_EXHAUSTED", "429", "(shm_max_bytes)")
     c.register_system_shared_memory("r2", key2, 16)
     refused(lambda: c.register_system_shared_memory("r3", key2, 16), "RESOURCE_EXHAUSTED", "429", "(shm_max_regions)")
 
