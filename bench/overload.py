@@ -56,6 +56,7 @@ import numpy as np
 
 from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say, serve_command
 from http_cost import goodput_bound
+from overload_report import CDF_POINTS, plot, print_summary, summary
 
 HERE = Path(__file__).resolve().parent
 MODEL = "mlp"
@@ -124,7 +125,17 @@ class DepthSampler(threading.Thread):
 
 # ------------------------------------------------------------------ load tools
 def h2load(
-    pin, url: str, seconds: float, clients: int, *, h1: bool, rps: float | None, data: Path, log: Path, groups: int = 1
+    pin,
+    url: str,
+    seconds: float,
+    clients: int,
+    *,
+    h1: bool,
+    rps: float | None,
+    data: Path,
+    log: Path,
+    groups: int = 1,
+    streams: int = 8,
 ):
     """One closed-loop h2load, or ``groups`` open-loop ones started ``1 / (groups * rps)`` apart.
 
@@ -143,7 +154,7 @@ def h2load(
         if h1:
             cmd += ["--h1", "-m", "1", "-H", "content-type: application/json"]
         else:
-            cmd += ["-m", "64" if rps else "8", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+            cmd += ["-m", "64" if rps else str(streams), "-H", "content-type: application/grpc", "-H", "te: trailers"]
         if rps:
             cmd += ["--rps", f"{rps:.2f}"]
         cmd.append(url)
@@ -223,14 +234,33 @@ def pct(values, q) -> float | None:
 
 
 # ------------------------------------------------------------------ one phase
-def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1, cpu=None):
+def capacity(name, pin, ports, seconds, protocol, files, probe_set, cpu) -> dict:
+    """The closed loop that measures capacity: gRPC 8 connections x 8 streams, HTTP 32
+    connections; run again with half as many calls in flight while the server refused some.
+    Capacity is what the server answers with nothing refused: on a machine where an answer
+    takes long, 64 calls in flight make a queue past ``queue_target_ms``, and the refusals
+    that sheds it (thousands a second, each sent again at once) take the core from answers,
+    understating the capacity and the load of the phases sized from it."""
+    clients, streams = (8, 8) if protocol == "grpc" else (32, 1)
+    while True:
+        r = phase(name, pin, ports, seconds, protocol, clients, None, files, probe_set, cpu=cpu, streams=streams)
+        r["in_flight"] = clients * streams
+        if r["refused"] <= r["ok_per_s"] * seconds / 1000 or clients * streams <= 2:
+            return r
+        if streams > 1:
+            streams //= 2
+        else:
+            clients //= 2
+        say(f"  {r['refused']:,} refused in a closed loop: again with {clients * streams} calls in flight")
+
+
+def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1, cpu=None, streams=8):
     """``probe_set``: the probe's rate a second, and whether it runs at real-time priority;
     ``groups``: staggered h2load processes of an open-loop phase (see :func:`h2load`); ``cpu``:
-    the server's CPU seconds so far (its cost per answer and per refusal come from them)."""
-    say(
-        f"{name}: {protocol}, {clients} connections"
-        + (f", {rps * clients:,.0f} req/s offered" if rps else ", closed loop")
-    )
+    the server's CPU seconds so far (its cost per answer and per refusal come from them);
+    ``streams``: a gRPC closed loop's calls in flight per connection."""
+    closed = f", closed loop{f' x {streams} streams' if protocol == 'grpc' else ''}"
+    say(f"{name}: {protocol}, {clients} connections" + (f", {rps * clients:,.0f} req/s offered" if rps else closed))
     grpc_mode = protocol == "grpc"
     url = (
         f"http://127.0.0.1:{ports['grpc']}/inference.GRPCInferenceService/ModelInfer"
@@ -246,7 +276,18 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     prober = start_probe(pin, ports["grpc"], probe_set[0], seconds, probe_set[1]) if grpc_mode else None
     cpu0 = cpu() if cpu else None
     t0 = time.monotonic()
-    h = h2load(pin, url, seconds, clients, h1=not grpc_mode, rps=rps, data=files[protocol], log=log, groups=groups)
+    h = h2load(
+        pin,
+        url,
+        seconds,
+        clients,
+        h1=not grpc_mode,
+        rps=rps,
+        data=files[protocol],
+        log=log,
+        groups=groups,
+        streams=streams,
+    )
     if prober:
         out, err = prober.communicate(timeout=seconds + 120)
         if prober.returncode != 0:
@@ -346,40 +387,6 @@ def refusal_phases(pin, repo: Path, files, seconds: float, probe_set, caps: dict
     return out
 
 
-CDF_POINTS = [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9]
-
-
-def plot(report: dict, path: Path) -> None:
-    """Latency percentiles by phase and outcome (OK, refused), log scale, with goodput in the
-    legend: where the overload goes, at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    phases = [(k, v) for k, v in report["phases"].items() if v and "latency_ms" in v]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, (name, r) in enumerate(phases):
-        colour = f"C{i}"
-        cap = report["phases"]["capacity-grpc" if "grpc" in name else "capacity-http"]["ok_per_s"]
-        for outcome, style in (("ok", "-"), ("refused", "--")):
-            values = r["latency_ms"].get(outcome)
-            if values:
-                label = f"{name} {outcome}"
-                if outcome == "ok" and not name.startswith("capacity"):
-                    label += f" (goodput {r['ok_per_s'] / cap:.2f} of capacity)"
-                ax.plot(values, CDF_POINTS, style, color=colour, marker="o", ms=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("latency seen by the client (ms, log scale)")
-    ax.set_ylabel("percentile")
-    ax.set_title(f"batchgate under overload ({report['settings']}; {report['pinning']})", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _ms(v):
     return None if v is None else round(v * 1000, 2)
 
@@ -451,8 +458,8 @@ def main() -> int:
             report["probe"] = "own process, real-time (chrt -f 10)" if realtime else "own process"
             probe_set = (args.probe_rate, realtime)
             cpu = srv.cpu_seconds
-            cap_g = phase("capacity-grpc", pin, ports, s, "grpc", 8, None, files, probe_set, cpu=cpu)
-            cap_h = phase("capacity-http", pin, ports, s, "http", 32, None, files, probe_set, cpu=cpu)
+            cap_g = capacity("capacity-grpc", pin, ports, s, "grpc", files, probe_set, cpu)
+            cap_h = capacity("capacity-http", pin, ports, s, "http", files, probe_set, cpu)
             clients_g, clients_h = 64, args.open_connections
             wanted = set(args.phases.split(","))
             over_g = over_h = conns_h = None
@@ -502,87 +509,6 @@ def main() -> int:
         )
     say(f"results: {path} and {path.with_suffix('.png').name}")
     return 0
-
-
-def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
-    rows = []
-    for name, cap, r in (
-        ("gRPC 3x open", cap_g, over_g),
-        ("HTTP 3x open", cap_h, over_h),
-        ("HTTP 5000 conns", cap_h, conns_h),
-    ):
-        if r is None:
-            continue
-        if "error" in r:
-            rows.append({"phase": name, "capacity_per_s": round(cap["ok_per_s"]), "error": r["error"]})
-            continue
-        rows.append(
-            {
-                "phase": name,
-                "capacity_per_s": round(cap["ok_per_s"]),
-                "offered_per_s": round(r["offered_per_s"]),
-                "goodput_fraction": round(r["ok_per_s"] / cap["ok_per_s"], 3) if cap["ok_per_s"] else None,
-                "ok_p99_ms": r["ok_p99_ms"],
-                "capacity_p99_ms": cap["ok_p99_ms"],
-                "ok_p99_ratio": round(r["ok_p99_ms"] / cap["ok_p99_ms"], 2)
-                if r["ok_p99_ms"] and cap["ok_p99_ms"]
-                else None,
-                "refusal_p99_ms": r["refusal_p99_ms"],
-                "cancelled": r["cancelled"],
-                "closed_or_reset": r["closed_or_reset"],
-                "queue_depth_mean": r["queue_depth_mean"],
-                "client_in_system": r["client_in_system"],
-                **costs(cap, r),
-            }
-        )
-    return rows
-
-
-def costs(cap: dict, r: dict) -> dict:
-    """What the server's CPU says of an overload phase: an answer's cost (the capacity phase's
-    CPU over its answers), a refusal's (the rest of this phase's CPU over its refusals: the mix's
-    own overheads land here too), their ratio, and, when no connection was held, the goodput at
-    this load that ratio allows a server that reads every request (``http_cost.goodput_bound``)."""
-    if not (cap.get("server_cpu_s") and cap["ok_per_s"] and r.get("server_cpu_s") and r.get("refused")):
-        return {}
-    answer = cap["server_cpu_s"] / (cap["ok_per_s"] * cap["seconds"])
-    refusal = (r["server_cpu_s"] - answer * r["ok_per_s"] * r["seconds"]) / r["refused"]
-    if refusal <= 0:
-        return {}
-    out = {
-        "server_busy": round(r["server_busy"], 3),
-        "answer_cpu_us": round(answer * 1e6, 1),
-        "refusal_cpu_us": round(refusal * 1e6, 1),
-        "refusal_over_answer": round(refusal / answer, 3),
-    }
-    # Connections held past the refusals' rate leave requests unread: the bound is for a server
-    # that reads them all (and the CPU of the holds themselves lands on the refusals above).
-    if not r["server"].get("holds"):
-        out["goodput_bound"] = round(goodput_bound(answer, refusal, r["offered_per_s"] / cap["ok_per_s"]), 3)
-    return out
-
-
-def print_summary(rows) -> None:
-    cols = [
-        "phase",
-        "capacity_per_s",
-        "offered_per_s",
-        "goodput_fraction",
-        "ok_p99_ms",
-        "capacity_p99_ms",
-        "ok_p99_ratio",
-        "refusal_p99_ms",
-        "cancelled",
-        "closed_or_reset",
-        "queue_depth_mean",
-        "client_in_system",
-        "server_busy",
-        "refusal_over_answer",
-        "goodput_bound",
-    ]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(round(r[c], 2) if isinstance(r.get(c), float) else r.get(c, "n/a")) for c in cols))
 
 
 if __name__ == "__main__":
