@@ -150,8 +150,8 @@ class _Connection(asyncio.Protocol):
         if not self.calls:
             self._goodbye()
 
-    def _goodbye(self) -> None:
-        self.h2.goaway(self._last_stream if self._closing else self.h2.highest_inbound_stream_id)
+    def _goodbye(self, code: int = http2.NO_ERROR) -> None:
+        self.h2.goaway(self._last_stream if self._closing else self.h2.highest_inbound_stream_id, code)
         self.flush()
         self.close()
 
@@ -283,7 +283,7 @@ class _Connection(asyncio.Protocol):
         log.debug("closing a gRPC connection from %s: a flood of stream resets", self.peer)
         self.server.refused("grpc_resets")
         self.abandon_all()
-        self._goodbye()
+        self._goodbye(http2.ENHANCE_YOUR_CALM)
         return True
 
     def credit(self, n: int, sid: int) -> None:

@@ -44,6 +44,7 @@ HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x
 MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x5, 0x6
 
 MAX_WINDOW = (1 << 31) - 1
+ENCODER_TABLE_MAX = 4096  # bytes of our HPACK encoder's dynamic table, whatever the peer allows
 MAX_STREAM_ID = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
 _HEADER = struct.Struct(">BHBBL")  # length (24 bits, as 8 + 16), type, flags, stream id
@@ -350,6 +351,8 @@ class Http2:
                 self._fail(PROTOCOL_ERROR, "DATA on a stream never opened")
             # a stream we are done with (answered or reset): its bytes are credited back at once
             self.acknowledge_received_data(flow, 0)
+            if not flow:  # (an empty one moves nothing: counted, as on an open stream)
+                self._nothing()
             if stream is not None:  # half-closed by the client already: a stream error
                 self.reset_stream(sid, STREAM_CLOSED)
                 self.handler.on_reset(sid)  # (its call is over too)
@@ -414,7 +417,13 @@ class Http2:
         stream = self.streams.get(sid)
         if sid <= self.highest_inbound_stream_id:
             if stream is None or not stream.remote_open:
-                return  # a stream we are done with or refused: ignored, as frames in flight are
+                if not end_stream:  # not trailers (they end their stream): a stream id gone backwards
+                    self._fail(PROTOCOL_ERROR, f"HEADERS opening stream {sid}, below the highest opened")
+                # trailers of a stream we are done with, in flight; or sent again and again: told
+                # once more that it is closed, and counted among the frames that carry nothing
+                self._out += frame(RST_STREAM, 0, sid, _U32.pack(STREAM_CLOSED))
+                self._nothing()
+                return
             if not end_stream:  # trailers must end the stream
                 self._fail(PROTOCOL_ERROR, "trailers without END_STREAM")
             stream.remote_open = False
@@ -445,7 +454,8 @@ class Http2:
         if sid > self.highest_inbound_stream_id:
             self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE on a stream never opened")
         stream = self.streams.get(sid)
-        if stream is None:
+        if stream is None:  # a stream we are done with: nothing to do, and counted so
+            self._nothing()
             return
         if not inc or stream.send_window + inc > MAX_WINDOW:
             self.reset_stream(sid, PROTOCOL_ERROR if not inc else FLOW_CONTROL_ERROR)
@@ -486,7 +496,10 @@ class Http2:
                     self._fail(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 self.max_outbound_frame_size = value
             elif key == HEADER_TABLE_SIZE:
-                self.encoder.header_table_size = value
+                # The peer's decoder may hold this much; our encoder need not use it all (RFC
+                # 7541 4.2): a table past the default grew with every distinct error message
+                # (grpc-message echoes client input), and each lookup walks it.
+                self.encoder.header_table_size = min(value, ENCODER_TABLE_MAX)
             elif key == MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
             elif key == ENABLE_PUSH and value > 1:
@@ -550,6 +563,7 @@ class Http2Client(Http2):
         if sid > MAX_STREAM_ID:
             raise ValueError("this connection has used every stream id")
         self.highest_inbound_stream_id = sid  # (here: the highest stream id in use)
+        self._empty = 0  # (frames that carry nothing are counted between two calls, as on a server)
         self.streams[sid] = _Stream(self._peer_window, self.stream_window, True)
         self.send_headers(sid, fields, end_stream)
         return sid

@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -208,6 +209,25 @@ def test_malformed_request_headers_reset_the_stream_and_keep_the_connection(h2_s
         raw.close()
 
 
+def test_the_answers_hpack_table_stays_small_whatever_the_client_allows(h2_server):
+    """A client may allow a 4 GiB header table: ours grew with every distinct grpc-message (the
+    unknown model's name echoed), held for the connection's life, each lookup walking it."""
+    import h2.settings
+
+    raw = RawH2(h2_server.gateway.grpc_port)
+    try:
+        raw.h2.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**32 - 1})
+        raw.sock.sendall(raw.h2.data_to_send())
+        for i in range(120):
+            req = service_pb2.ModelInferRequest(model_name=f"no_such_model_{i:04d}_" + "x" * 100)
+            code, message = status(raw.wait(raw.request(INFER, framed(req.SerializeToString()))))
+            assert code == grpc.StatusCode.NOT_FOUND.value[0] and f"{i:04d}" in message
+        # the client's decoder mirrors the server's encoder table
+        assert raw.h2.decoder.header_table._current_size <= 4096, raw.h2.decoder.header_table._current_size
+    finally:
+        raw.close()
+
+
 def _refused(running, reason: str) -> float:
     for line in urllib.request.urlopen(running.metrics_url).read().decode().splitlines():
         if line.startswith(f'batchgate_http_connections_refused_total{{reason="{reason}"}}'):
@@ -308,16 +328,22 @@ def test_a_rapid_reset_flood_closes_the_connection_and_is_counted(demo_repo, ser
         for _ in range(200):  # open a call and reset it at once, as fast as the socket takes it
             open_and_reset(raw)
     end = time.monotonic() + 5
+    goaway = []
     while not raw.closed and time.monotonic() < end:
         try:
             raw.sock.settimeout(0.5)
-            if not raw.sock.recv(65536):
+            data = raw.sock.recv(65536)
+            if not data:
                 raw.closed = True
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                goaway += [e for e in raw.h2.receive_data(data) if isinstance(e, h2.events.ConnectionTerminated)]
         except TimeoutError:
             continue
         except OSError:
             raw.closed = True
     assert raw.closed
+    # as for every other flood (it was NO_ERROR, as for a graceful close)
+    assert [e.error_code for e in goaway] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
     metrics = urllib.request.urlopen(running.metrics_url).read().decode()
     assert 'batchgate_http_connections_refused_total{reason="grpc_resets"} 1.0' in metrics
     other = RawH2(running.gateway.grpc_port)  # the server goes on

@@ -439,3 +439,33 @@ def test_a_reset_reports_its_code_and_frames_after_it_are_ignored():
     assert rec.seen == [("reset", sid, http2.REFUSED_STREAM)]
     with pytest.raises(Http2Error, match="never opened"):
         cli.receive(raw(http2.RST_STREAM, 0, sid + 2, struct.pack(">L", 0)))
+
+
+def test_a_stream_id_gone_backwards_is_a_connection_error():
+    """RFC 9113 5.1.1: a client's new stream id must be above every one it used; a call opened on
+    stream 3 after stream 5 was ignored, and its client waited until its own deadline."""
+    srv, rec = opened()
+    enc = client().encoder
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 5, enc.encode(REQUEST)))
+    with pytest.raises(Http2Error, match="stream 3, below the highest"):
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 3, enc.encode(REQUEST)))
+
+
+def test_frames_on_a_closed_stream_are_answered_and_count_as_carrying_nothing():
+    """Trailers, empty DATA and WINDOW_UPDATE on a stream that is done passed the
+    "frames that carry nothing" limit uncounted (5,000 of each were read)."""
+    for kind, flags, payload, answer in (
+        (http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, None, raw(http2.RST_STREAM, 0, 1, struct.pack(">L", 5))),
+        (http2.DATA, 0, b"", b""),
+        (http2.WINDOW_UPDATE, 0, struct.pack(">L", 1), b""),
+    ):
+        srv, rec = opened()
+        enc = client().encoder  # (the same block again below: indexed fields only, repeatable)
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1, enc.encode(REQUEST)))
+        srv.reset_stream(1, http2.CANCEL)  # done with it
+        srv.data_to_send()
+        frame = raw(kind, flags, 1, enc.encode(REQUEST) if payload is None else payload)
+        srv.receive(frame)
+        assert srv.data_to_send() == answer  # trailers on a closed stream: told STREAM_CLOSED
+        with pytest.raises(Http2Error, match="frames that carry nothing"):
+            srv.receive(frame * http2.MAX_EMPTY_FRAMES)
