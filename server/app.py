@@ -13,7 +13,6 @@ import gc
 import logging
 import math
 import resource
-import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import guarded_protocol
+from .transport.http_listener import HttpListener, QuietUvicorn
 from .transport.sockets import tcp_socket
 
 if TYPE_CHECKING:
@@ -82,14 +82,6 @@ class WorkerRole:
     link: Any
     leader: bool = False
     grpc_address: str = ""
-
-
-class QuietUvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the gateway drains on SIGTERM itself."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 class Gateway:
@@ -179,8 +171,8 @@ class Gateway:
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: Any = None  # grpc.aio.Server or H2GrpcServer (server.grpc_engine)
-        self._http: _HttpListener | None = None
-        self._admin: _HttpListener | None = None
+        self._http: HttpListener | None = None
+        self._admin: HttpListener | None = None
         self.admin_port: int | None = None  # the admin gRPC listener
         self.admin_http_port: int | None = None
         self._admin_grpc: grpc.aio.Server | None = None
@@ -394,7 +386,7 @@ class Gateway:
                 signatures[spec.model] = served.signature
         return signatures
 
-    async def _listen_http(self, app: HttpApp, host: str, port: int, reuse_port: bool = False) -> _HttpListener:
+    async def _listen_http(self, app: HttpApp, host: str, port: int, reuse_port: bool = False) -> HttpListener:
         s, lim = self.settings.server, self.settings.limits
         sock = tcp_socket(host, port, reuse_port)
         sock.listen(2048)
@@ -423,7 +415,7 @@ class Gateway:
         if self._tls is not None:  # HTTPS with the one context that certificate reloads update
             config.load()  # what serve() would do first; it keeps config.ssl
             config.ssl = self._tls.http_context
-        listener = _HttpListener(app, QuietUvicorn(config), sock.getsockname()[1])
+        listener = HttpListener(app, QuietUvicorn(config, s.http_header_timeout_s), sock.getsockname()[1])
         await listener.start(sock)
         return listener
 
@@ -510,28 +502,6 @@ class Gateway:
             await asyncio.to_thread(self.drift.stop)
         log.info("stopped")
         return clean
-
-
-class _HttpListener:
-    """One uvicorn server on one socket, serving one HttpApp."""
-
-    def __init__(self, app: HttpApp, server: QuietUvicorn, port: int):
-        self.app, self.server, self.port = app, server, port
-        self._task: asyncio.Future | None = None
-
-    async def start(self, sock: socket.socket) -> None:
-        self._task = task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
-        while not self.server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        self.app.close()
-        self.server.should_exit = True
-        with contextlib.suppress(Exception):
-            if self._task is not None:
-                await asyncio.wait_for(self._task, 5)
 
 
 def fit_connections_to_fds(max_connections: int) -> int:

@@ -168,7 +168,11 @@ class H2GrpcServer:
         loop = self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         for sock, context in self._binds:
-            server = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=context, backlog=2048)
+            # (with TLS, the handshake is bounded as the HTTP/2 preface is: asyncio's own is 60 s)
+            handshake = self.handshake_timeout_s if context is not None else None
+            server = await loop.create_server(
+                lambda: _Connection(self), sock=sock, ssl=context, backlog=2048, ssl_handshake_timeout=handshake
+            )
             self._listeners.append(server)
         self._sweep()
 

@@ -225,6 +225,26 @@ def test_health_port_follows_drain(serve, demo_repo, pki):
         assert status() == status(GRPC_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def test_a_client_that_never_says_hello_is_closed_after_the_head_timeout(serve, demo_repo, pki):
+    """The TLS handshake had asyncio's 60 s on both ports: connections that never sent a
+    ClientHello held a file descriptor for a minute, past http_header_timeout_s (whose clock
+    starts after the handshake)."""
+    running = serve(demo_repo, **tls_flags(pki), http_header_timeout_s=1.0)
+    silent = [
+        socket.create_connection(("127.0.0.1", port), timeout=10)
+        for port in (running.gateway.http_port, running.gateway.grpc_port)
+    ]
+    start = time.monotonic()
+    try:
+        for sock in silent:
+            assert sock.recv(1) == b""  # closed by the server (a timeout here raises)
+        assert time.monotonic() - start < 5
+    finally:
+        for sock in silent:
+            sock.close()
+    infer_simple(http_client(running, pki), httpclient)  # the server goes on
+
+
 def test_health_port_off_by_default(serve, demo_repo):
     running = serve(demo_repo)
     assert running.gateway.health_port is None

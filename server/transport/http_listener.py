@@ -1,0 +1,75 @@
+"""The HTTP listeners: uvicorn on a socket the gateway made, serving one ``HttpApp``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+if TYPE_CHECKING:
+    from .http_app import HttpApp
+
+
+class QuietUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the gateway drains on SIGTERM itself; with TLS,
+    a TLS handshake must end within ``handshake_timeout_s`` (uvicorn leaves asyncio's 60 s: a
+    client that connects and never says hello held a socket for a minute, beyond the reach of
+    ``http_header_timeout_s``, whose clock starts once the handshake is done)."""
+
+    def __init__(self, config: uvicorn.Config, handshake_timeout_s: float = 60.0):
+        super().__init__(config)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if config.ssl is None or sockets is None:
+            await super().startup(sockets)
+            return
+        # uvicorn's start on given sockets (no lifespan here), with the handshake bounded
+        loop = asyncio.get_running_loop()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+            )
+
+        self.servers = [
+            await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.handshake_timeout_s,
+            )
+            for sock in sockets
+        ]
+        self.started = True
+
+
+class HttpListener:
+    """One uvicorn server on one socket, serving one HttpApp."""
+
+    def __init__(self, app: HttpApp, server: QuietUvicorn, port: int):
+        self.app, self.server, self.port = app, server, port
+        self._task: asyncio.Future | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        self._task = task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.app.close()
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            if self._task is not None:
+                await asyncio.wait_for(self._task, 5)
