@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
-from .core.batching import BatcherConfig, DynamicBatcher, merge, split
+from .core.batching import BatcherConfig, DynamicBatcher, check_rows, merge, split
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.rate import LineBudget
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
@@ -306,6 +306,10 @@ class ModelVersion:
             return _with_parameters(self.answers(batch, names, arrays, types), params)
         if len(batch) == 1:
             ticket = batch[0]
+            if self.signature.max_batch_size > 0 and not self.signature.open:
+                # a batching model answers the rows it was given, whether one request or many
+                # (split checks the latter); a remote upstream's extra row got through alone
+                check_rows(arrays, ticket.checked.batch_size)
             note = ticket.request.note
             if note is not None:
                 note.batch_rows = ticket.checked.batch_size

@@ -6,7 +6,8 @@ Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same w
 ``sequence_batching``) and ``typed`` (the same, answered in typed ``contents``, not raw). A
 request parameter ``code`` (int) makes the call fail with that gRPC status; the answer carries
 the parameter ``seen`` (the request's parameter names, sorted), its output ``content_type``
-"np". ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that
+"np"; a parameter ``lie`` makes the answer wrong: "rows" (one row too many) or "datatype" (y as
+INT32). ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that
 loaded another version.
 """
 
@@ -65,11 +66,17 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(code, f"the fake upstream fails with {code.name} as asked")
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version=self.owner.version, id=request.id)
-        resp.outputs.add(name="y", datatype="FP32", shape=list(x.shape))
+        y, datatype = (x * 2).astype(np.float32), "FP32"
+        lie = params["lie"].string_param if "lie" in params else ""
+        if lie == "rows":  # one row more than it was sent
+            y = np.concatenate([y, y[:1]])
+        elif lie == "datatype":  # INT32, where its signature says FP32 (as many bytes)
+            y, datatype = y.astype(np.int32), "INT32"
+        resp.outputs.add(name="y", datatype=datatype, shape=list(y.shape))
         if request.model_name == "typed":
-            resp.outputs[0].contents.fp32_contents.extend((x * 2).ravel().tolist())
+            resp.outputs[0].contents.fp32_contents.extend(y.ravel().tolist())
         else:
-            resp.raw_output_contents.append((x * 2).astype(np.float32).tobytes())
+            resp.raw_output_contents.append(y.tobytes())
         resp.parameters["seen"].string_param = ",".join(sorted(params))
         resp.outputs[0].parameters["content_type"].string_param = "np"
         return resp

@@ -445,6 +445,13 @@ class RemoteV2Backend:
         missing = [n for n in names if n not in got]
         if missing:
             raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
+        for n in names:  # (an answer in another datatype would be cast to the declared one, silently)
+            want = self._out_types.get(n)
+            if want is not None and got[n][0] != want:
+                raise GatewayError(
+                    ErrorCode.INTERNAL,
+                    f"upstream {up.address} answered output '{n}' as {got[n][0]}; its signature says {want}",
+                )
         return [got[n][1] for n in names]
 
     async def infer_apart(

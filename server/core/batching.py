@@ -66,13 +66,17 @@ def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
 
 
+def check_rows(arrays: list[np.ndarray], total: int) -> None:
+    """Each batched output has ``total`` rows, as many as the batch sent (ValueError if not)."""
+    for a in arrays:
+        if a.shape[:1] != (total,):
+            raise ValueError(f"an output has {a.shape[0] if a.ndim else 'no'} rows, expected {total}")
+
+
 def split(arrays: list[np.ndarray], rows: list[int]) -> list[list[np.ndarray]]:
     """Cut each batched output back into the callers' rows, in order: caller i gets
     rows[sum(rows[:i]) : sum(rows[:i+1])] of every output."""
-    total = sum(rows)
-    for a in arrays:
-        if a.shape[:1] != (total,):
-            raise ValueError(f"an output has {a.shape[:1] or 'no'} rows, expected {total}")
+    check_rows(arrays, sum(rows))
     out, start = [], 0
     for r in rows:
         out.append([a[start : start + r] for a in arrays])

@@ -185,3 +185,22 @@ def test_a_routed_answer_keeps_the_upstreams_parameters_beside_its_variant(fake,
         assert params["variant"] == "only" and params["seen"] == "tag"
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
+@pytest.mark.parametrize("lie", ["rows", "datatype"])
+def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve, path, lie):
+    """An INT32 answer where the signature says FP32 was cast to FP32 and served; one row more
+    than a lone request sent was served too (several requests in a batch were refused)."""
+    batching, forwarding = (
+        ("gateway", "raw") if path == "gateway" else ("passthrough", "raw" if path == "http" else "decoded")
+    )
+    spec = RemoteModel("fk", (fake.address,), batching=batching, forwarding=forwarding, retries=0, **FAST)
+    running = serve("", remote_models=(spec,))
+    mod, url = (httpclient, running.http_url) if path == "http" else (grpcclient, running.grpc_url)
+    with pytest.raises(InferenceServerException) as e:
+        _infer(mod, url, "fk", 1.0, params={"lie": lie})
+    assert e.value.status() in ("StatusCode.INTERNAL", "500"), e.value
+    said = "answered output 'y' as INT32; its signature says FP32" if lie == "datatype" else "has 2 rows, expected 1"
+    assert said in e.value.message(), e.value.message()
+    np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))  # serves on
