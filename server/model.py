@@ -43,10 +43,9 @@ log = logging.getLogger("batchgate.model")
 
 
 def _log_failure(budget: LineBudget, message: str, *args: Any) -> None:
-    """A model's failure line, within ``budget`` (its gateway's ``Metrics.model_failure_lines``:
-    failure_log_max_lines_per_s, all its models together): a client whose values make a model fail
-    (a TopK's k past its axis) must not write a line per request. The next line written says how
-    many were left out. (Inference threads take from it too: a race costs a line, no more.)"""
+    """A model's failure line within ``budget`` (``Metrics.model_failure_lines``, all the gateway's
+    models): values that make a model fail write no line per request; the next says how many were
+    left out. (Inference threads take from it too: a race costs a line, no more.)"""
     left_out = budget.take()
     if left_out is None:
         return
@@ -306,9 +305,7 @@ class ModelVersion:
             return _with_parameters(self.answers(batch, names, arrays, types), params)
         if len(batch) == 1:
             ticket = batch[0]
-            if self.signature.max_batch_size > 0 and not self.signature.open:
-                # a batching model answers the rows it was given, whether one request or many
-                # (split checks the latter); a remote upstream's extra row got through alone
+            if self.signature.max_batch_size > 0 and not self.signature.open:  # its own rows, as split checks
                 check_rows(arrays, ticket.checked.batch_size)
             note = ticket.request.note
             if note is not None:

@@ -23,6 +23,7 @@ import grpc
 from grpc.aio import Metadata
 
 from ..transport import grpc_wire, http2
+from ..transport.http2_client import Http2Client
 
 log = logging.getLogger("batchgate.remote")
 WINDOW = 16 << 20
@@ -79,7 +80,7 @@ class _Call:
 class _Protocol(asyncio.Protocol):
     def __init__(self, channel: H2Channel):
         self.channel = channel
-        self.h2 = http2.Http2Client(self, stream_window=WINDOW, connection_window=WINDOW, max_frame=MAX_FRAME)
+        self.h2 = Http2Client(self, stream_window=WINDOW, connection_window=WINDOW, max_frame=MAX_FRAME)
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
         self.waiting: deque[_Call] = deque()  # calls past the upstream's MAX_CONCURRENT_STREAMS
@@ -251,7 +252,7 @@ class _Protocol(asyncio.Protocol):
         if self.going_away and not self.calls:
             self.retire()
 
-    # what the HTTP/2 layer reads (http2.ClientHandler)
+    # what the HTTP/2 layer reads (http2_client.ClientHandler)
     def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         call = self.calls.get(sid)
         if call is None:

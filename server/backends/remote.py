@@ -33,13 +33,21 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import BY_CONFIG, DATATYPES, clip, from_raw
+from ..core.types import BY_CONFIG, clip
 from ..monitoring.metrics import Metrics, UpstreamMetrics
 from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2Channel
-from .v2_messages import answer_parameters, config_from_metadata, fill_request, string_field, what_is_served
+from .v2_messages import (
+    answer_outputs,
+    answer_parameters,
+    answer_tensors,
+    config_from_metadata,
+    fill_request,
+    string_field,
+    what_is_served,
+)
 
 log = logging.getLogger("batchgate.remote")
 
@@ -440,19 +448,8 @@ class RemoteV2Backend:
         return msg
 
     def _outputs(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
-        """The outputs ``names`` of an answer, in order; one missing is the upstream's fault."""
-        got = self._tensors(up, resp)
-        missing = [n for n in names if n not in got]
-        if missing:
-            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} did not answer output(s) {missing}")
-        for n in names:  # (an answer in another datatype would be cast to the declared one, silently)
-            want = self._out_types.get(n)
-            if want is not None and got[n][0] != want:
-                raise GatewayError(
-                    ErrorCode.INTERNAL,
-                    f"upstream {up.address} answered output '{n}' as {got[n][0]}; its signature says {want}",
-                )
-        return [got[n][1] for n in names]
+        """The outputs ``names`` of an answer, in order, as the signature declares them."""
+        return answer_outputs(up.address, resp, names, self._out_types)
 
     async def infer_apart(
         self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, executor: Executor
@@ -513,7 +510,7 @@ class RemoteV2Backend:
         msg = self._with_parameters(self.request(feeds, names, request_id, types), params, input_params)
         up, resp = await self._call(msg, deadline, trace=trace)
         answer_parameters(resp, answered)
-        return self._tensors(up, resp)
+        return answer_tensors(up.address, resp)
 
     async def forward(self, request: bytes, deadline: float | None, trace: TraceHeaders | None = None) -> bytes:
         """Send a caller's serialized ModelInferRequest on as it came, but for the model name and
@@ -558,29 +555,6 @@ class RemoteV2Backend:
                 m.latency.observe(time.perf_counter() - t0)
             up.failures = 0
             return up, resp
-
-    def _tensors(self, up: Upstream, resp: pb.ModelInferResponse) -> dict[str, tuple[str, np.ndarray]]:
-        got = {}
-        raw = resp.raw_output_contents  # (or none: each output's typed contents, as the protocol allows)
-        if raw and len(raw) != len(resp.outputs):
-            raise GatewayError(ErrorCode.INTERNAL, f"upstream {up.address} answered raw contents for some outputs only")
-        for i, t in enumerate(resp.outputs):
-            dt = DATATYPES.get(t.datatype)
-            if dt is None:
-                raise GatewayError(
-                    ErrorCode.INTERNAL,
-                    f"upstream {up.address} answered output '{t.name}' with unknown datatype {t.datatype}",
-                )
-            what = f"upstream {up.address} output '{t.name}'"
-            try:
-                shape = tuple(t.shape)
-                got[t.name] = (
-                    dt.v2,
-                    (from_raw(raw[i], dt, shape, what) if raw else grpc_codec.from_contents(t, dt, shape, what)),
-                )
-            except GatewayError as e:  # a malformed answer is the upstream's fault, not the caller's
-                raise GatewayError(ErrorCode.INTERNAL, e.message) from None
-        return got
 
     def _translate(self, up: Upstream, e: _Status) -> GatewayError:
         code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)

@@ -1,6 +1,6 @@
 """V2 gRPC messages a remote model sends and reads, built without the gateway's state: a
 request's inputs sent raw, a string field of a forwarded request's suffix, a config made from
-an upstream's metadata alone, what an upstream serves and the parameters of its answers."""
+an upstream's metadata alone, what an upstream serves, its answers' tensors and parameters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import DATATYPES, to_raw
+from ..core.types import DATATYPES, from_raw, to_raw
 from ..transport import grpc_codec
 
 
@@ -76,3 +76,47 @@ def what_is_served(meta: pb.ModelMetadataResponse) -> tuple:
     numeric = [int(v) for v in meta.versions if v.isdigit()]
     tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
     return (str(max(numeric)) if numeric else "", len(meta.inputs), tensors)
+
+
+def answer_tensors(address: str, resp: pb.ModelInferResponse) -> dict[str, tuple[str, np.ndarray]]:
+    """Every output of the upstream ``address``'s answer, by name: (V2 datatype, array). A
+    malformed answer is the upstream's fault, not the caller's: INTERNAL."""
+    got = {}
+    raw = resp.raw_output_contents  # (or none: each output's typed contents, as the protocol allows)
+    if raw and len(raw) != len(resp.outputs):
+        raise GatewayError(ErrorCode.INTERNAL, f"upstream {address} answered raw contents for some outputs only")
+    for i, t in enumerate(resp.outputs):
+        dt = DATATYPES.get(t.datatype)
+        if dt is None:
+            raise GatewayError(
+                ErrorCode.INTERNAL, f"upstream {address} answered output '{t.name}' with unknown datatype {t.datatype}"
+            )
+        what = f"upstream {address} output '{t.name}'"
+        try:
+            shape = tuple(t.shape)
+            got[t.name] = (
+                dt.v2,
+                (from_raw(raw[i], dt, shape, what) if raw else grpc_codec.from_contents(t, dt, shape, what)),
+            )
+        except GatewayError as e:
+            raise GatewayError(ErrorCode.INTERNAL, e.message) from None
+    return got
+
+
+def answer_outputs(
+    address: str, resp: pb.ModelInferResponse, names: tuple[str, ...], declared: dict[str, str]
+) -> list[np.ndarray]:
+    """The outputs ``names`` of an answer, in order; one missing, or in another datatype than
+    ``declared`` (output name -> V2 datatype: it would be cast to that silently), is INTERNAL."""
+    got = answer_tensors(address, resp)
+    missing = [n for n in names if n not in got]
+    if missing:
+        raise GatewayError(ErrorCode.INTERNAL, f"upstream {address} did not answer output(s) {missing}")
+    for n in names:
+        want = declared.get(n)
+        if want is not None and got[n][0] != want:
+            raise GatewayError(
+                ErrorCode.INTERNAL,
+                f"upstream {address} answered output '{n}' as {got[n][0]}; its signature says {want}",
+            )
+    return [got[n][1] for n in names]

@@ -28,7 +28,16 @@ from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
 from .http_limits import Verdict
-from .http_scope import DisconnectWatch, MethodNotAllowed, caller_of, file_bytes, header, trace_headers
+from .http_scope import (
+    DisconnectWatch,
+    MethodNotAllowed,
+    caller_of,
+    check_method,
+    check_raw_path,
+    file_bytes,
+    header,
+    trace_headers,
+)
 
 if TYPE_CHECKING:
     from ..admin.api import AdminApi
@@ -60,10 +69,6 @@ MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|read
 REPO_RE = re.compile(r"^/v2/repository(?:/([^/]+))?/(index|models/([^/]+)/(load|unload))/?$")
 SHM_MARK = b"shared_memory_region"  # in a request body that names a shared-memory region
 SHM_RE = re.compile(r"^/v2/systemsharedmemory(?:/region/([^/]+))?/(status|register|unregister)/?$")
-# A "/" or "\\" written as %2F / %5C inside a path segment: decoded, it would route as a
-# separator (so /v2%2Frepository/... slipped past a proxy rule on /v2/repository), and no model
-# name holds either.
-ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])")
 TRACE_RE = re.compile(r"^/v2(?:/models/([^/]+)(?:/versions/[^/]+)?)?/trace/setting/?$")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -132,9 +137,7 @@ class HttpApp:
         path = scope["path"]
         method = scope["method"]
         try:
-            raw = scope.get("raw_path")
-            if raw is not None and b"%" in raw and ENCODED_SEPARATOR.search(raw) is not None:
-                raise invalid("the request path has an encoded '/' or '\\' (%2F, %5C): no route or name holds one")
+            check_raw_path(scope)
             await self._route(method, path, scope, receive, send)
         except GatewayError as e:
             await self._error(send, e)
@@ -240,10 +243,10 @@ class HttpApp:
         if m:
             model, version, action = m.group(1), m.group(2) or "", m.group(3)
             if action == "infer":
-                self._method(method, "POST")
+                check_method(method, "POST")
                 self._remember(path, (model, version))
                 return await self._counted_infer(model, version, scope, receive, send)
-            self._method(method, "GET")
+            check_method(method, "GET")
             if action is None:
                 if model == "stats":  # /v2/models/stats: statistics of every model
                     every = await self.dp.statistics_of_all("", "", self._caller(scope))
@@ -261,7 +264,7 @@ class HttpApp:
                 rows = await self.dp.statistics_of_all(model, version, self._caller(scope))
                 return await self._json(send, {"model_stats": rows})
         if path in (LIVE_PATH, READY_PATH):
-            self._method(method, "GET")
+            check_method(method, "GET")
             caller = self._caller(scope)
             live = path.endswith("live")
             ok = self.dp.live(caller) if live else self.dp.ready(caller)
@@ -269,11 +272,11 @@ class HttpApp:
             # Triton's clients and Kubernetes probes look at the status alone)
             return await self._json(send, {"live" if live else "ready": ok}, 200 if ok else 400)
         if path in ("/v2", "/v2/"):
-            self._method(method, "GET")
+            check_method(method, "GET")
             return await self._json(send, self.dp.server_metadata(self._caller(scope)))
         m = REPO_RE.match(path)
         if m:
-            self._method(method, "POST")
+            check_method(method, "POST")
             body = await self._body(receive, scope)
             obj = http_codec.parse_json(body) if body.strip() else {}
             if not isinstance(obj, dict):
@@ -303,7 +306,7 @@ class HttpApp:
         if path == "/v2/logging":
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.log_settings(None, self._caller(scope)))
-            self._method(method, "POST")
+            check_method(method, "POST")
             obj = http_codec.parse_json(await self._body(receive, scope))
             if not isinstance(obj, dict):
                 raise invalid("the log settings must be a JSON object")
@@ -313,7 +316,7 @@ class HttpApp:
             model = m.group(1) or ""
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.trace_settings(model, None, self._caller(scope)))
-            self._method(method, "POST")
+            check_method(method, "POST")
             obj = http_codec.parse_json(await self._body(receive, scope))
             if not isinstance(obj, dict):
                 raise invalid("the trace settings must be a JSON object")
@@ -323,9 +326,9 @@ class HttpApp:
     async def _shm(self, method: str, name: str, action: str, scope, receive, send):
         """The system shared-memory extension: status (GET), register and unregister (POST)."""
         if action == "status":
-            self._method(method, "GET")
+            check_method(method, "GET")
             return await self._json(send, self.dp.shm_status(name, self._caller(scope)))
-        self._method(method, "POST")
+        check_method(method, "POST")
         if action == "unregister":
             await self.dp.shm_unregister(name, caller_of(scope))
             return await self._empty(send, 200)
@@ -342,13 +345,6 @@ class HttpApp:
 
     def _caller(self, scope) -> Caller:
         return caller_of(scope) if self._enforcing else OPEN_CALLER
-
-    @staticmethod
-    def _method(method: str, want: str) -> None:
-        # HEAD is a GET without its body (RFC 9110 9.3.2; uvicorn leaves the body out, the
-        # headers, Content-Length included, are the GET's): load balancers probe health so
-        if method != want and not (method == "HEAD" and want == "GET"):
-            raise MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
 
     async def _more_body(self, first, receive) -> bytes:
         """A body from its first ASGI message on, read to its end within the limit."""
@@ -447,12 +443,10 @@ class HttpApp:
                         f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
                     )
             elif k == b"inference-header-content-length":
-                if header_len is not None:
-                    twice = "Inference-Header-Content-Length"
+                twice = "Inference-Header-Content-Length" if header_len is not None else twice
                 header_len = v.decode("latin-1")
             elif k == b"content-encoding":
-                if content_encoding is not None:
-                    twice = "Content-Encoding"
+                twice = "Content-Encoding" if content_encoding is not None else twice
                 content_encoding = v.decode("latin-1")
             elif k == b"accept-encoding":
                 accept = v.decode("latin-1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
 from ..security.access import Caller, credentials
@@ -83,3 +84,24 @@ class MethodNotAllowed(GatewayError):
     def __init__(self, message: str, allow: str):
         super().__init__(ErrorCode.INVALID_ARGUMENT, message)
         self.allow = allow
+
+
+def check_method(method: str, want: str) -> None:
+    """A 405 unless ``method`` is ``want``. HEAD is a GET without its body (RFC 9110 9.3.2;
+    uvicorn leaves the body out, the headers, Content-Length included, are the GET's): load
+    balancers probe health so."""
+    if method != want and not (method == "HEAD" and want == "GET"):
+        raise MethodNotAllowed(f"method {method} is not allowed here; use {want}", want)
+
+
+# A "/" or "\\" written as %2F / %5C inside a path segment: decoded, it would route as a
+# separator (so /v2%2Frepository/... slipped past a proxy rule on /v2/repository), and no model
+# name holds either.
+_ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])")
+
+
+def check_raw_path(scope) -> None:
+    """INVALID_ARGUMENT for a request path with an encoded separator (see above)."""
+    raw = scope.get("raw_path")
+    if raw is not None and b"%" in raw and _ENCODED_SEPARATOR.search(raw) is not None:
+        raise invalid("the request path has an encoded '/' or '\\' (%2F, %5C): no route or name holds one")

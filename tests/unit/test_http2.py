@@ -14,6 +14,7 @@ import pytest
 
 from batchgate.transport import http2
 from batchgate.transport.http2 import Http2, Http2Error
+from batchgate.transport.http2_client import Http2Client
 
 REQUEST = [
     (b":method", b"POST"),
@@ -377,7 +378,7 @@ def h2_server(max_streams: int = 100) -> h2.connection.H2Connection:
 
 def pair(max_streams: int = 100):
     rec = ClientRecorder()
-    cli = http2.Http2Client(rec, stream_window=1 << 20, connection_window=1 << 20, max_frame=1 << 16)
+    cli = Http2Client(rec, stream_window=1 << 20, connection_window=1 << 20, max_frame=1 << 16)
     srv = h2_server(max_streams)
     return cli, rec, srv
 
