@@ -16,6 +16,9 @@ DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
 WORKERS_PER_CPU = 4  # a worker keeps at most one core busy: more than a few per core only wait
 MAX_WORKERS = 256  # and never more processes than this, whatever the machine
 MAX_CONCURRENCY = 100_000  # closed loop: callers over all workers (also each --sweep-concurrency level)
+# open loop: requests a second over all workers, at any point of a shape or sweep (a Python worker
+# sends some tens of thousands; far past that, its schedule is always late and it never yielded)
+MAX_RATE = 1_000_000
 MAX_STREAMS_PER_CHANNEL = 100_000  # gRPC requests in flight per channel
 MAX_CHANNELS = 1_000  # gRPC channels per worker
 MAX_CONNECTIONS = 10_000  # HTTP connections per worker (each one a socket)
@@ -70,6 +73,7 @@ class Scenario:
 
     def check(self) -> None:
         """Refuse a scenario that cannot run; messages name the setting as its flag is named."""
+        check_address(self.target, "target")
         choices = {
             "protocol": ("grpc", "http"),
             "http_encoding": ("json", "binary"),
@@ -241,8 +245,10 @@ def rate_sweep(sc: Scenario) -> RateSweep:
             f"sweep-rate {spec!r} must be START:END:STEP or R1,R2,... (step search) or LOW:HIGH (binary search)"
         ) from None
     if sc.search == "binary":
-        if parts is None or len(parts) != 2 or not 0 < parts[0] < parts[1]:
-            raise LoadTestError(f"sweep-rate for a binary search is LOW:HIGH with 0 < LOW < HIGH, not {spec!r}")
+        if parts is None or len(parts) != 2 or not 0 < parts[0] < parts[1] <= MAX_RATE:
+            raise LoadTestError(
+                f"sweep-rate for a binary search is LOW:HIGH with 0 < LOW < HIGH <= {MAX_RATE:,}, not {spec!r}"
+            )
         low, high = parts
         sweep = RateSweep("binary", [low, high], sc.precision or max(1.0, (high - low) / 32))
         if sweep.most_steps > MAX_BINARY_STEPS:
@@ -266,14 +272,33 @@ def rate_sweep(sc: Scenario) -> RateSweep:
         rates = [round(start + i * step, 9) for i in range(count)]  # no sum of steps: no drift
     if min(rates) <= 0:
         raise LoadTestError(f"sweep-rate: every rate must be greater than 0, not {spec!r}")
+    if max(rates) > MAX_RATE:
+        raise LoadTestError(f"sweep-rate: every rate must be at most {MAX_RATE:,}/s, not {spec!r}")
     return RateSweep("step", rates)
 
 
 SHAPE_FORMS = "ramp:R0:R1, step:R1@T1,R2@T2,... or spike:BASE:PEAK@AT+LEN"
 
 
+def check_address(address: str, what: str) -> None:
+    """``address`` is HOST:PORT with a port from 1 to 65535 (gRPC took 99999999 modulo 65536:
+    another port, load-tested and reported VALID)."""
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        shown = address[:128].encode("unicode_escape").decode()
+        raise LoadTestError(f"{what} must be HOST:PORT with a port from 1 to 65535, not {shown!r}")
+
+
 def segments(sc: Scenario, rate: float | None = None) -> list[tuple[float, float, float, float]]:
     """The schedule's rate over the measurement: (t0, t1, r0, r1) pieces, linear within each."""
+    segs = _segments(sc, rate)
+    top = max(x for seg in segs for x in seg[2:])
+    if top > MAX_RATE:
+        raise LoadTestError(f"a rate of {top:g}/s is past what a load generator can send (at most {MAX_RATE:,}/s)")
+    return segs
+
+
+def _segments(sc: Scenario, rate: float | None = None) -> list[tuple[float, float, float, float]]:
     d = sc.duration_s
     r = sc.rate if rate is None else rate
     shape = sc.shape.strip()

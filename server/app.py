@@ -404,6 +404,10 @@ class Gateway:
                 shedding=app.shedding,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
+            # the peer is the socket's: X-Forwarded-For would let any client write another address
+            # into the audit and access logs (uvicorn trusts it from 127.0.0.1, or anyone with
+            # FORWARDED_ALLOW_IPS=*)
+            proxy_headers=False,
             loop="none",
             lifespan="off",
             access_log=False,

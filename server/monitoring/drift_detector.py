@@ -274,10 +274,12 @@ class Detector:
 
     def _rebaseline(self, w: Watch, rows: int) -> dict[str, Any]:
         have = w.recent_rows.get(w.first, 0)
-        if have < max(10, min(rows, w.spec.min_window_samples)):
+        need = max(10, w.spec.min_window_samples)  # (fewer than a scored window's rows: no reference)
+        if rows < need:  # (the check counted the rows kept, then took only the last `rows`)
+            raise ValueError(f"a rebaseline takes at least {need} rows (the window's min_samples), not {rows}")
+        if have < need:
             raise ValueError(
-                f"only {have} live rows of '{w.spec.model}' are kept so far; a rebaseline needs "
-                f"at least {max(10, min(rows, w.spec.min_window_samples))}"
+                f"only {have} live rows of '{w.spec.model}' are kept so far; a rebaseline needs at least {need}"
             )
         kinds = {f.name: f.kind for _, _, f in w.profile.features(True)}
         sides: dict[str, dict[str, Any]] = {"input": {}, "output": {}}

@@ -404,6 +404,12 @@ def test_routes_refuses_a_client_certificate_without_its_key(tmp_path):
     assert r.returncode != 0 and "--cert-file and --key-file go together" in r.stderr
 
 
+def test_routes_refuses_a_port_no_socket_can_have():
+    """gRPC took 99999999 modulo 65536 and asked another port."""
+    r = _run(["routes", "list", "--admin", "127.0.0.1:99999999"])
+    assert r.returncode != 0 and "port from 1 to 65535" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("args", [["settings"], ["keys", "new", "--id", "k", "--scopes", "infer"]])
 def test_output_cut_short_by_its_reader_is_not_an_error(args):
     # as `batchgate settings | head -1`: the reader is gone before anything is written

@@ -185,6 +185,18 @@ def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
         assert token not in text
 
 
+def test_the_audit_peer_is_the_socket_s_whatever_x_forwarded_for_says(keyed, monkeypatch):
+    """uvicorn trusted X-Forwarded-For from 127.0.0.1 (anyone's, with FORWARDED_ALLOW_IPS=*):
+    a local client, a port-forward or a sidecar wrote 9.9.9.9 as the admin's address."""
+    before = len(keyed.audit_file.read_text().splitlines())
+    c = httpclient.InferenceServerClient(keyed.http_url)
+    c.unload_model("classifier", headers={**bearer(ADMIN_TOKEN), "X-Forwarded-For": "9.9.9.9"})
+    c.load_model("classifier", headers={**bearer(ADMIN_TOKEN), "X-Forwarded-For": "9.9.9.9"})
+    lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()[before:]]
+    assert [r["action"] for r in lines] == ["repository.unload", "repository.load"]
+    assert all(r["peer"].startswith("127.0.0.1:") and r["peer"] != "127.0.0.1:0" for r in lines), lines
+
+
 def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
     c = httpclient.InferenceServerClient(keyed.http_url)
     c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN))

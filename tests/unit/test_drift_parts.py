@@ -242,6 +242,10 @@ def test_a_rebaseline_needs_rows_and_replaces_the_profile_keeping_feature_kinds(
         x = rng.standard_normal((10, 3)) + 2.0
         detector.add("m", 0.0, 0.0, {("input", "x"): x, ("input", "kind"): rng.choice(4, size=(10, 1))}, 1, now=0.0)
     configured = detector.watches["m"].configured.id
+    # fewer rows than a scored window (min_samples 20): refused, though 300 are kept (it took the
+    # last one alone, and every window after it drifted)
+    with pytest.raises(ValueError, match="takes at least 20 rows"):
+        detector.command("rebaseline", {"model": "m", "rows": 1})
     result = detector.command("rebaseline", {"model": "m", "rows": 200})
     w = detector.watches["m"]
     assert result["rows"] == 200 and w.profile.id == result["profile_id"] != configured

@@ -52,11 +52,22 @@ def test_shapes_become_rate_segments():
         ("http_encoding", "xml", "http-encoding must be one of json, binary"),
         ("sweep_rate", "10:5:1", "sweep-rate for a step search is START:END:STEP"),
         ("sweep_concurrency", "1,x", "sweep-concurrency is a comma-separated list"),
+        # past any generator: its schedule was always late, it never yielded, and grew without end
+        ("rate", 1e30, "a rate of 1e[+]30/s is past what a load generator can send"),
+        ("shape", "spike:10:1e9@0+1", "a rate of 1e[+]09/s is past"),
+        ("sweep_rate", "10,2e6", "every rate must be at most 1,000,000/s"),
     ],
 )
 def test_bad_scenarios_are_refused(field, value, words):
     with pytest.raises(LoadTestError, match=words):
         Scenario("h:1", "m", **{field: value}).check()
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:99999999", "127.0.0.1:0", "127.0.0.1", ":80", "h:８０"])
+def test_a_target_s_port_is_one_a_socket_can_have(target):
+    """gRPC took port 99999999 modulo 65536: another port, load-tested and reported VALID."""
+    with pytest.raises(LoadTestError, match="target must be HOST:PORT with a port from 1 to 65535"):
+        Scenario(target, "m").check()
 
 
 def _args(*argv):
