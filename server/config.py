@@ -28,6 +28,7 @@ from .core.drift import MonitorSpec, parse_monitors
 # part of this module's interface.
 from .core.errors import ConfigError
 from .core.routing import RouteSpec, parse_routes
+from .core.unique_yaml import UniqueKeys
 from .cores import parse_workers
 from .remote_models import BATCHING_MODES, REMOTE_FIELDS, RemoteModel, parse_remote_model, shown  # noqa: F401
 from .settings_sections import (  # the sections are part of this module's interface
@@ -170,24 +171,6 @@ def _reason(e: BaseException) -> str:
     """A loader exception's own words, kept short."""
     text = str(e).split(";")[0]
     return f"{type(e).__name__}: {text[:120] + '...' if len(text) > 120 else text}"
-
-
-class UniqueKeys(yaml.SafeLoader):
-    """PyYAML's safe loader, but a mapping key given twice is an error at its line (PyYAML keeps
-    the last silently: a repeated section would drop every setting of the first). The settings
-    file and the load tester's scenario files both read with it."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 class _Loader(UniqueKeys):

@@ -27,6 +27,7 @@ from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from .core.routing import RouteSpec, Shadow, Variant, check_signatures, parse_routes
 from .core.types import clip, printable
+from .core.unique_yaml import UniqueKeys
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.manager import ModelRepository
@@ -547,7 +548,7 @@ def read_routes_file(path: str) -> list[RouteSpec]:
     """The ``routes:`` list of a routes file (blocking)."""
     raw = read_capped(path, 4 * 1024 * 1024, "routes file")
     try:
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
+        data = yaml.load(raw.decode("utf-8"), Loader=UniqueKeys) or {}  # noqa: S506 - a SafeLoader subclass
     except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"routes file {path} is not valid YAML: {str(e)[:512]}") from None
     if not isinstance(data, dict) or set(data) - {"routes"}:

@@ -41,6 +41,7 @@ import yaml
 
 from ..core.errors import ConfigError, ErrorCode, GatewayError
 from ..core.types import MODEL_NAME, MODEL_NAME_RULE, clip, printable
+from ..core.unique_yaml import UniqueKeys
 
 log = logging.getLogger("batchgate.auth")
 
@@ -358,7 +359,8 @@ def read_keys_file(path: str) -> tuple[tuple[ApiKey, ...], Signature]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{source} is not UTF-8 text (byte {e.start} is not)") from None
     try:
-        data: Any = yaml.safe_load(text)
+        # (a key given twice took its last value: a second scopes line widened a key unseen)
+        data: Any = yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {clip(printable(str(e)), 400)}") from None
     except (ValueError, RecursionError, OverflowError) as e:  # PyYAML on odd input (deep nesting, huge escapes)

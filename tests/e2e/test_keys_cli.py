@@ -108,6 +108,17 @@ def test_keys_check_reports_the_error_and_exits_2(tmp_path):
     assert r.returncode == 2 and "cannot read keys file" in r.stderr
 
 
+def test_a_key_given_twice_in_the_keys_file_is_refused_at_its_line(tmp_path):
+    """PyYAML keeps the last of two: a second scopes line gave a key admin though the first
+    one read [infer]; a second keys: list replaced the first."""
+    path = tmp_path / "keys.yaml"
+    entry = f"  - id: a\n    sha256: {'0' * 64}\n    scopes: [infer]\n"
+    for text in (entry.join(["keys:\n", "    scopes: [infer, read, admin]\n"]), f"keys:\n{entry}keys: []\n"):
+        path.write_text(text)
+        r = keys("check", str(path))
+        assert r.returncode == 2 and "is given twice" in r.stderr, (text, r.stdout, r.stderr)
+
+
 def test_keys_hash_reads_a_token_from_stdin():
     r = keys("hash", stdin="my-existing-token\n")
     assert r.returncode == 0, r.stderr
