@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("batchgate.tracing")
 
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 LEVELS = ("OFF", "TIMESTAMPS")
 SETTING_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")
 MAX_TRACESTATE = 512  # W3C: at most 32 members; a longer header is not carried on
@@ -69,13 +69,15 @@ def trace_headers(span: Any) -> TraceHeaders:
 
 
 def valid_traceparent(value: str | None) -> tuple[bool, bool]:
-    """(valid, sampled) of a W3C traceparent header (version 00; an all-zero id is invalid)."""
-    if not value or len(value) != 55:
+    """(valid, sampled) of a W3C traceparent header: version 00 exactly; a later version read by
+    its first 55 characters, as the specification asks (then a dash or the end); version ff and
+    an all-zero id are invalid."""
+    if not value or len(value) < 55 or (len(value) > 55 and (value[:2] == "00" or value[55] != "-")):
         return False, False
-    m = _TRACEPARENT.fullmatch(value)
-    if m is None or m.group(1) == "0" * 32 or m.group(2) == "0" * 16:
+    m = _TRACEPARENT.fullmatch(value[:55])
+    if m is None or m.group(1) == "ff" or m.group(2) == "0" * 32 or m.group(3) == "0" * 16:
         return False, False
-    return True, bool(int(m.group(3), 16) & 1)
+    return True, bool(int(m.group(4), 16) & 1)
 
 
 class Policy:

@@ -394,3 +394,22 @@ def test_a_grpc_endpoint_without_a_port_gets_otlps_and_a_bad_sdk_setting_is_a_co
     flags = {"model_repository": repo, "tracing": "otlp", "otlp_endpoint": "http://c:4317", "otlp_protocol": "grpc"}
     with pytest.raises(ConfigError, match="the OTLP exporter cannot be made"):
         Gateway(load_settings(flags=flags, environ={}))
+
+
+def test_a_later_traceparent_version_is_read_by_its_first_55_characters():
+    """W3C trace context: a version above 00 is parsed as 00 up to its 55th character (then a
+    dash or the end); it was taken for invalid and the caller's trace was cut in two."""
+    from batchgate.monitoring.tracing import valid_traceparent
+
+    assert valid_traceparent(f"00-{TRACE_ID}-{PARENT}-01") == (True, True)
+    assert valid_traceparent(f"01-{TRACE_ID}-{PARENT}-01-what-a-later-version-adds") == (True, True)
+    assert valid_traceparent(f"cc-{TRACE_ID}-{PARENT}-00") == (True, False)
+    for bad in (
+        f"00-{TRACE_ID}-{PARENT}-01-x",  # version 00 is exactly 55 characters
+        f"01-{TRACE_ID}-{PARENT}-01x",  # a later one goes on after a dash
+        f"ff-{TRACE_ID}-{PARENT}-01",  # ff is no version
+        f"01-{TRACE_ID}-{PARENT}",
+        f"01-{'0' * 32}-{PARENT}-01",
+        f"01-{TRACE_ID}-{PARENT.upper()}-01",
+    ):
+        assert valid_traceparent(bad) == (False, False), bad
