@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+import zipfile
 from typing import Any
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_TARGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -90,6 +91,20 @@ def main(args: argparse.Namespace) -> int:
         if path and not os.path.exists(path):
             print(f"batchgate score: {what} {path} does not exist", file=sys.stderr)
             return EXIT_USAGE
+    from ..core.types import MODEL_NAME, MODEL_NAME_RULE, printable
+
+    problem = (
+        f"--model must be a model name ({MODEL_NAME_RULE}), not {printable(args.model[:128])!r}"
+        if not MODEL_NAME.fullmatch(args.model)  # (a path here loaded a model from outside the repository)
+        else f"--output {args.output} is a file, not a folder"
+        if os.path.exists(args.output) and not os.path.isdir(args.output)
+        else f"--rejects {args.rejects} is a folder, not a file"
+        if args.rejects and os.path.isdir(args.rejects)
+        else ""
+    )
+    if problem:
+        print(f"batchgate score: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("batchgate").setLevel(logging.ERROR)  # (a server's notices, such as open access, do not apply)
     if (args.tls or args.tls_ca or args.tls_cert) and not args.target:
@@ -102,6 +117,9 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_TARGET
     except ScoreError as e:
         print(f"batchgate score: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError, zipfile.BadZipFile) as e:  # an input that cannot be read, a file in the way
+        print(f"batchgate score: {type(e).__name__}: {printable(str(e)[:300])}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("batchgate score: interrupted; the parts written are kept: run again to resume", file=sys.stderr)

@@ -253,6 +253,23 @@ def test_bad_arguments_are_named(repo, tmp_path):
     bad.write_text("x")
     done = score("--model", "clf", "--model-repository", repo, "--input", str(bad), "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and "unknown format '.xlsx'" in done.stderr
+    # each of these was a traceback (and --rejects on a folder wrote FOLDER.partial beside it);
+    # a path as the model loaded one from outside the repository
+    fake = tmp_path / "fake.npz"
+    fake.write_text("not a zip")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = str(tmp_path / "o2")
+    for args, words in (
+        (["--input", str(fake), "--output", out], "batchgate score: ValueError"),
+        (["--input", str(src), "--output", str(a_file)], "is a file, not a folder"),
+        (["--input", str(src), "--output", out, "--rejects", str(tmp_path)], "is a folder, not a file"),
+        (["--input", str(src), "--output", out, "--model", "../score_models/clf"], "--model must be a model name"),
+    ):
+        model = [] if "--model" in args else ["--model", "clf"]
+        done = score(*model, "--model-repository", repo, *args)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    assert not os.path.exists(f"{tmp_path}.partial")
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
