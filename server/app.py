@@ -40,7 +40,8 @@ from .monitoring.serve import serve_metrics
 from .monitoring.tracing import open_tracing
 from .repository.build import version_builder
 from .repository.manager import ModelRepository
-from .route_table import SYSTEM, RouteTable, read_routes_file
+from .route_table import SYSTEM, RouteTable
+from .routes import read_routes_file
 from .security.access import Access
 from .security.audit import AuditLog
 from .security.auth import KeyStore

@@ -20,23 +20,20 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Protocol
 
-import yaml
-
 from .core import rollout as ro
 from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
-from .core.routing import RouteSpec, Shadow, Variant, check_signatures, parse_routes
+from .core.routing import RouteSpec, Shadow, Variant, check_signatures
 from .core.types import clip, printable
-from .core.unique_yaml import UniqueKeys
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.manager import ModelRepository
-from .routes import ServedRoute
+from .routes import ServedRoute, read_routes_file
 from .security.access import Caller
 from .security.limits import Admission
 from .settings_sections import RoutingSettings
 from .shadows import DisagreementLog, ShadowRunner, ShadowScheduler, idle_priority
-from .state import StateDir, read_capped
+from .state import StateDir
 
 log = logging.getLogger("batchgate.routes")
 
@@ -449,6 +446,7 @@ class RouteTable:
                     canary, baseline = route.pod_figures(await self.peer.windows(route.name))
                     if self.routes.get(route.name) is not route:  # reloaded meanwhile: judged next tick
                         continue
+                before = state.last
                 verdict = ro.tick(r, state, now, canary, baseline)
             except Exception:  # one route's figures must not stop the others' rollouts
                 log.exception("route '%s' rollout: the interval could not be judged; starting a new one", route.name)
@@ -458,6 +456,11 @@ class RouteTable:
             if verdict is None:
                 continue
             route.new_windows()
+            if verdict.outcome == "wait" and before.startswith(state.last.partition(":")[0] + ":"):
+                # still waiting at this step: said once, when the wait began (a line, an audit record
+                # and a state file each interval grew without a request)
+                self._share(route, True)
+                continue
             self._apply(route)
             self._share(route, True)
             figures = ", ".join(f"{k}={v:.4g}" for k, v in verdict.figures.items())
@@ -542,18 +545,6 @@ class RouteTable:
         if self._senders is not None:
             self._senders.shutdown(wait=False, cancel_futures=True)
         self._writer.shutdown(wait=True)  # what was kept is on disk before the process goes
-
-
-def read_routes_file(path: str) -> list[RouteSpec]:
-    """The ``routes:`` list of a routes file (blocking)."""
-    raw = read_capped(path, 4 * 1024 * 1024, "routes file")
-    try:
-        data = yaml.load(raw.decode("utf-8"), Loader=UniqueKeys) or {}  # noqa: S506 - a SafeLoader subclass
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"routes file {path} is not valid YAML: {str(e)[:512]}") from None
-    if not isinstance(data, dict) or set(data) - {"routes"}:
-        raise ConfigError(f"routes file {path} must hold one key, 'routes', with a list of routes")
-    return parse_routes(data.get("routes"), f"routes file {path}: routes")
 
 
 class Settled:

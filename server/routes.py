@@ -23,17 +23,20 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import yaml
 
 from .core import rollout as ro
 from .core.buckets import BucketTable
-from .core.errors import ErrorCode, GatewayError, invalid
-from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, check_pin, sticky_key
+from .core.errors import ConfigError, ErrorCode, GatewayError, invalid
+from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, check_pin, parse_routes, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse
+from .core.unique_yaml import UniqueKeys
 from .model import ModelVersion
 from .monitoring.metrics import ROLLOUT_STATE_CODES, RouteMetrics
 from .security.limits import Admission
 from .shadows import ShadowRunner
+from .state import read_capped
 
 _perf_ns = time.perf_counter_ns
 # Answers that count as the canary's errors in the rollout's gate: the server's, not the client's
@@ -428,3 +431,15 @@ def _figures_dict(f: ro.Figures) -> dict[str, Any]:
         "compared": f.compared,
         "disagreed": f.disagreed,
     }
+
+
+def read_routes_file(path: str) -> list[RouteSpec]:
+    """The ``routes:`` list of a routes file (blocking)."""
+    raw = read_capped(path, 4 * 1024 * 1024, "routes file")
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=UniqueKeys) or {}  # noqa: S506 - a SafeLoader subclass
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"routes file {path} is not valid YAML: {str(e)[:512]}") from None
+    if not isinstance(data, dict) or set(data) - {"routes"}:
+        raise ConfigError(f"routes file {path} must hold one key, 'routes', with a list of routes")
+    return parse_routes(data.get("routes"), f"routes file {path}: routes")

@@ -25,7 +25,7 @@ from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
 from batchgate.demo import _save, slow_model
 from batchgate.monitoring.metrics import FAMILIES
-from batchgate.route_table import read_routes_file
+from batchgate.routes import read_routes_file
 from batchgate.transport.http_app import LIVE_PATH, READY_PATH
 from processes import Proc
 from route_support import EXAMPLE_ROUTE

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from batchgate.core.buckets import BUCKETS, BucketTable
 from batchgate.core.errors import ConfigError
 from batchgate.core.routing import parse_routes
-from batchgate.route_table import read_routes_file
+from batchgate.routes import read_routes_file
 from route_support import EXAMPLE_ROUTE
 
 GOOD = EXAMPLE_ROUTE

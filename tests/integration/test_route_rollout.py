@@ -87,6 +87,25 @@ def test_failing_canary_is_rolled_back_by_its_gate(repo, tmp_path):
     assert steps and steps[-1]["outcome"] == "rolled_back" and "error_rate=" in steps[-1]["detail"]
 
 
+def test_a_rollout_that_waits_for_traffic_says_so_once(repo, tmp_path):
+    """With no requests, each interval "waited" and wrote an audit record, a log line and the
+    state file again: a wait that goes on is no transition."""
+    audit = tmp_path / "audit.jsonl"
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_same")], auth={"audit_log_file": str(audit)})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        end = time.monotonic() + 4.5  # four intervals of 1 s, no request
+        while time.monotonic() < end:
+            time.sleep(0.1)
+        assert route.rollout.state == "running" and "waits" in route.rollout.last
+    finally:
+        running.stop()
+    steps = [json.loads(line) for line in audit.read_text().splitlines()]
+    waits = [ln for ln in steps if ln["action"] == "rollout.step" and "waits" in ln["detail"]]
+    assert len(waits) == 1, waits
+
+
 def test_good_canary_is_promoted_step_by_step(repo, tmp_path):
     cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_same")])
     running = start_gateway(repo, config_file=cfg)
