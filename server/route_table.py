@@ -226,6 +226,8 @@ class RouteTable:
         before, runners = route.shadows, []
         for s in route.spec.shadows:
             served = route.members.get(s.name)
+            if served is None:  # (its runner went without a word: no copy, no line, no series)
+                log.warning("route '%s': shadow '%s' left out: model '%s' is not served", route.name, s.name, s.model)
             same = [r for r in before if (r.spec, r.version, r.compare) == (s, served, route.spec.compare)]
             if served is None or (same and not same[0].closed):
                 runners += same[:1]

@@ -206,6 +206,33 @@ def test_a_shadow_whose_model_stops_fitting_is_left_out_and_the_route_serves_on(
         running.stop()
 
 
+def test_a_shadow_whose_model_is_unloaded_is_said_to_be_left_out(repo, tmp_path, caplog):
+    """Its runner went without a word: no copy, no counter series, no line."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.routes")
+    own = tmp_path / "models"
+    shutil.copytree(repo, own)
+    routes = [
+        {
+            "name": "watched",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [{"name": "s", "model": "clf_same", "percent": 100, "max_inflight": 8}],
+        }
+    ]
+    cfg = write_config(str(tmp_path / "c.yaml"), routes)
+    running = start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.2)
+    try:
+        infer_grpc(running.grpc_url, "watched")
+        shutil.rmtree(own / "clf_same")
+        _until(lambda: not running.gateway.routes.routes["watched"].shadows)
+        said = [r.getMessage() for r in caplog.records]
+        assert "route 'watched': shadow 's' left out: model 'clf_same' is not served" in said, said
+        assert infer_grpc(running.grpc_url, "watched")[1] == {"variant": "main"}  # the route serves on
+    finally:
+        running.stop()
+
+
 def _version(running) -> str:
     return running.gateway.repository.resolve("clf_same", "").version
 
