@@ -177,7 +177,9 @@ def test_variants_that_batch_differently_are_refused(repo, tmp_path):
     assert "variant 'b' (clf_small) takes batches of at most 2" in str(e.value)
 
 
-def test_a_shadow_whose_model_stops_fitting_is_left_out_and_the_route_serves_on(repo, tmp_path):
+def _watched(repo, tmp_path):
+    """A copy of the repository, and a gateway polling it with route 'watched': clf_a, shadowed
+    by clf_same."""
     own = tmp_path / "models"
     shutil.copytree(repo, own)
     routes = [
@@ -189,6 +191,11 @@ def test_a_shadow_whose_model_stops_fitting_is_left_out_and_the_route_serves_on(
     ]
     cfg = write_config(str(tmp_path / "c.yaml"), routes)
     running = start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.2)
+    return own, running
+
+
+def test_a_shadow_whose_model_stops_fitting_is_left_out_and_the_route_serves_on(repo, tmp_path):
+    own, running = _watched(repo, tmp_path)
     try:
         infer_grpc(running.grpc_url, "watched")
         # clf_same's new version takes other inputs: it can no longer shadow the route
@@ -211,17 +218,7 @@ def test_a_shadow_whose_model_is_unloaded_is_said_to_be_left_out(repo, tmp_path,
     import logging
 
     caplog.set_level(logging.WARNING, logger="batchgate.routes")
-    own = tmp_path / "models"
-    shutil.copytree(repo, own)
-    routes = [
-        {
-            "name": "watched",
-            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
-            "shadows": [{"name": "s", "model": "clf_same", "percent": 100, "max_inflight": 8}],
-        }
-    ]
-    cfg = write_config(str(tmp_path / "c.yaml"), routes)
-    running = start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.2)
+    own, running = _watched(repo, tmp_path)
     try:
         infer_grpc(running.grpc_url, "watched")
         shutil.rmtree(own / "clf_same")
