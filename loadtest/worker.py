@@ -313,8 +313,6 @@ class Worker:
             if t >= plan.start_ns:
                 scheduled += 1
             k += 1
-            if not k & 255:  # always late (more asked than it can send): the sends still get turns
-                await asyncio.sleep(0)
             target = k + plan.offset if constant else target + rng.expovariate(1.0)
 
     async def _closed(self, plan: Plan) -> int:
