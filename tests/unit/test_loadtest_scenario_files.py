@@ -143,9 +143,9 @@ def test_sweeps_take_yaml_lists_and_colon_forms_stay_text(tmp_path):
     f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-concurrency: [1, 2, 4, 8]\n")
     sc = resolve(_args("--scenario", f))[0]
     assert sc.mode == "closed" and concurrency_levels(sc.sweep_concurrency) == [1, 2, 4, 8]
-    f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-rate: [100, 250.5, 1234567]\n")
+    f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-rate: [100, 250.5, 123456]\n")
     sc = resolve(_args("--scenario", f))[0]
-    assert rate_sweep(sc).rates == [100, 250.5, 1234567] and rate_sweep(sc).method == "step"
+    assert rate_sweep(sc).rates == [100, 250.5, 123456] and rate_sweep(sc).method == "step"
     # YAML 1.1 would read 10:50 as 650 (base 60); here it stays the LOW:HIGH it says
     f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-rate: 10:50\nsearch: binary\nrate: 1e3\n")
     sc = resolve(_args("--scenario", f))[0]
