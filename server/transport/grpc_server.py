@@ -60,6 +60,8 @@ def new_grpc_server(
         # max_connections bounds gRPC connections too; gRPC core refuses the one past it
         # (not counted: core does not tell Python).
         ("grpc.max_allowed_incoming_connections", max_connections),
+        # a connection's handshake (TLS included) within the head timeout, as on the h2 engine
+        ("grpc.server_handshake_timeout_ms", max(1, int(s.http_header_timeout_s * 1000))),
     ]
     if s.grpc_max_connection_age_s > 0:
         # HTTP/2 keeps one connection per client for ever, so behind a Kubernetes Service new
