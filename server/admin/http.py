@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from ..core.errors import invalid, not_found
 from ..security.access import Caller
+from ..transport.http_scope import check_method
 from .api import ACTIONS, AdminApi
 from .v1 import admin_pb2 as apb
 
@@ -47,12 +48,12 @@ async def handle(
         return await _drift(api, method, path, caller, body, d.group(1), d.group(2))
     name, action = m.group(1), m.group(2)
     if name is None:
-        _method(method, "GET")
+        check_method(method, "GET")
         return 200, to_json(await api.list_routes(caller))
     if action is None:
-        _method(method, "GET")
+        check_method(method, "GET")
         return 200, to_json(await api.get_route(caller, name))
-    _method(method, "POST")
+    check_method(method, "POST")
     if action == "weights":
         raw = await body()  # read now, parsed once the caller is checked
 
@@ -75,12 +76,12 @@ async def _drift(
     action: str | None,
 ) -> tuple[int, dict]:
     if model is None:
-        _method(method, "GET")
+        check_method(method, "GET")
         return 200, to_json(await api.list_drift(caller))
     if action is None:
-        _method(method, "GET")
+        check_method(method, "GET")
         return 200, to_json(await api.get_drift(caller, model))
-    _method(method, "POST")
+    check_method(method, "POST")
     if action == "reset":
         raw = await body()
         return 200, to_json(
@@ -101,8 +102,3 @@ def _parse(raw: bytes, message, example: str):
         return json_format.Parse(raw or b"{}", message, ignore_unknown_fields=False)
     except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:
         raise invalid(f"the body must be a {type(message).__name__} as JSON, e.g. {example}: {str(e)[:256]}") from None
-
-
-def _method(method: str, want: str) -> None:
-    if method != want and not (method == "HEAD" and want == "GET"):  # (a GET without its body)
-        raise invalid(f"this admin endpoint takes {want}, not {method[:16]}")

@@ -49,6 +49,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..security.tls import tls_extension
 from . import batched_writes
+from .http_scope import encoded_separator
 
 HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
@@ -274,9 +275,8 @@ def guarded_protocol(
             if b"?" in url or b"%" in url or b"#" in url or url[:1] != b"/":
                 path = httptools.parse_url(url).path.decode("ascii")
                 if "%" in path:
-                    lowered = path.lower()
-                    if "%2f" in lowered or "%5c" in lowered:
-                        return False  # an encoded separator: the app refuses the request (http_app.py)
+                    if encoded_separator(url):
+                        return False  # the app refuses the request (http_scope.check_raw_path)
                     path = urllib.parse.unquote(path)
             else:  # a plain path, as clients send it: no need to parse
                 path = url.decode("ascii")

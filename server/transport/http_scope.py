@@ -100,8 +100,13 @@ def check_method(method: str, want: str) -> None:
 _ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])")
 
 
+def encoded_separator(raw: bytes) -> bool:
+    """Whether a raw request path holds an encoded separator (see above)."""
+    return b"%" in raw and _ENCODED_SEPARATOR.search(raw) is not None
+
+
 def check_raw_path(scope) -> None:
     """INVALID_ARGUMENT for a request path with an encoded separator (see above)."""
     raw = scope.get("raw_path")
-    if raw is not None and b"%" in raw and _ENCODED_SEPARATOR.search(raw) is not None:
+    if raw is not None and encoded_separator(raw):
         raise invalid("the request path has an encoded '/' or '\\' (%2F, %5C): no route or name holds one")

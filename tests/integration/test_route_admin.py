@@ -158,7 +158,7 @@ def test_http_mirror_speaks_the_same_messages(keyed):
     assert _http(keyed, "GET", "/admin/v1/routes/ghost", READ_TOKEN)[0] == 404
     status, body = _http(keyed, "POST", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN, {"weights": {"canary": "x"}})
     assert status == 400 and "SetWeightsRequest" in body["error"]
-    assert _http(keyed, "GET", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN)[0] == 400
+    assert _http(keyed, "GET", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN)[0] == 405  # a wrong method: 405 (was 400)
     # a body that is not UTF-8 is a client error (it was a 500); the caller is checked before the
     # body is read as a request, so a stranger gets 401 whatever it sends, and both are audited
     for token, code in ((None, 401), (READ_TOKEN, 403), (ADMIN_TOKEN, 400)):
