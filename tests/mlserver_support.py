@@ -7,6 +7,7 @@ tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -62,10 +63,20 @@ class Doubler(MLModel):
 
 
 def install() -> str:
-    """The ``mlserver`` command, installing it first when needed; raises RuntimeError when it cannot."""
+    """The ``mlserver`` command, installing it first when needed; raises RuntimeError when it cannot.
+    Test processes running side by side (pytest-xdist) install it once: the first holds a lock."""
     exe = VENV / "bin" / "mlserver"
     if STAMP.exists() and exe.exists():
         return str(exe)
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(VENV.parent / "mlserver-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if STAMP.exists() and exe.exists():
+            return str(exe)
+        return _install(exe)
+
+
+def _install(exe: Path) -> str:
     print(f"installing {SPEC} into {VENV} (once; about a minute)", file=sys.stderr, flush=True)
     if not (VENV / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)

@@ -82,6 +82,7 @@ def step(doc: dict, i: int = 0) -> dict:
     return doc["steps"][i]
 
 
+@pytest.mark.serial
 def test_a_one_second_stall_shows_in_the_corrected_p99_and_not_in_the_uncorrected(tmp_path, testserver):
     # Two keep-alive connections, one request in flight on each: while the server stalls, the
     # requests the schedule keeps producing wait for a connection. Timed from their intended
@@ -113,6 +114,7 @@ def test_a_one_second_stall_shows_in_the_corrected_p99_and_not_in_the_uncorrecte
     assert s["corrected_ms"]["max"] >= 900 and s["errors"] == {}
 
 
+@pytest.mark.serial
 def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver):
     srv = testserver()
     done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--rate", "400", "--duration", "3", "--warmup", "0.5")
@@ -125,6 +127,7 @@ def test_a_sustainable_rate_is_achieved_within_one_percent(tmp_path, testserver)
     assert warm["start_s"] == -0.5 and abs(warm["sent_rate"] - 400) / 400 <= 0.05, warm
 
 
+@pytest.mark.serial
 def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver):
     srv = testserver()
     done, doc = loadtest(
@@ -140,6 +143,7 @@ def test_a_rate_the_generator_cannot_keep_is_marked_invalid(tmp_path, testserver
     assert "to fix: " in done.stdout
 
 
+@pytest.mark.serial
 def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path, testserver):
     # 10 ms per request, one at a time: 100 requests/s, and latency explodes past it.
     srv = testserver("--service-ms", "10", "--workers", "1")
@@ -197,6 +201,7 @@ def test_an_slo_breach_is_a_non_zero_exit(tmp_path, testserver):
     assert step(doc)["slo_met"] is False and "SLO" in done.stdout
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize(
     "protocol, extra",
     [("grpc", []), ("http", ["--http-encoding", "binary"]), ("grpc", ["--grpc-stream"]), ("http", [])],
@@ -271,6 +276,7 @@ def test_workers_poisson_arrivals_and_a_ramp_shape(tmp_path, testserver):
     assert windows[-1]["sent"] > 2 * windows[0]["sent"]  # the sends followed it
 
 
+@pytest.mark.serial
 def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
     srv = testserver("--service-ms", "10", "--workers", "1")
     done, doc = loadtest(
@@ -322,6 +328,7 @@ def test_sweeps_by_steps_and_by_concurrency_closed_loop(tmp_path, testserver):
 EXAMPLES = Path(__file__).resolve().parents[2] / "loadtest" / "examples"
 
 
+@pytest.mark.serial
 def test_the_closed_loop_example_runs_and_its_best_step_has_the_highest_passing_throughput(tmp_path, testserver):
     # the shipped example as it is, pointed at the test server and shortened by flags (flags win)
     srv = testserver()
