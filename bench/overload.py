@@ -98,6 +98,8 @@ def counts(samples, protocol: str) -> dict[str, float]:
             out["OK"] = out.get("OK", 0) + v
         elif name == "batchgate_request_errors_total" and lab.get("protocol") == protocol:
             out[lab["code"]] = out.get(lab["code"], 0) + v
+        elif name == "batchgate_refusals_total" and lab.get("model") == MODEL:
+            out[f"reason:{lab['reason']}"] = out.get(f"reason:{lab['reason']}", 0) + v
         elif name == "batchgate_http_connections_refused_total" and lab.get("reason") == "overload_hold":
             out["holds"] = out.get("holds", 0) + v  # (either protocol's: one protocol runs at a time)
     return out
@@ -182,11 +184,12 @@ def h2load(
     return {**out, "rows": np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)}
 
 
-async def probe(port: int, rate: float, seconds: float) -> dict[str, list[float]]:
-    """gRPC requests at ``rate`` per second (open loop), latency by status code."""
+async def probe(port: int, rate: float, seconds: float) -> dict[str, list[list[float]]]:
+    """gRPC requests at ``rate`` per second (open loop): by status code, ``[sent, latency]`` pairs
+    (seconds; ``sent`` from the probe's start)."""
     import grpc
 
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[list[float]]] = {}
     payload = request_bytes()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -198,7 +201,7 @@ async def probe(port: int, rate: float, seconds: float) -> dict[str, list[float]
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
-            out.setdefault(code, []).append(time.perf_counter() - t0)
+            out.setdefault(code, []).append([t0 - t_start, time.perf_counter() - t0])
 
         tasks, t_start, i = [], time.perf_counter(), 0
         while time.perf_counter() - t_start < seconds:
@@ -306,14 +309,18 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     result["offered_per_s"] = (h["done"] + h["failed"] + h["errored"]) / seconds
     result["server"] = server
     if grpc_mode:
-        ok_lat = probe_out.get("OK", [])
-        refused_lat = [v for k, vs in probe_out.items() if k == "RESOURCE_EXHAUSTED" for v in vs]
+        ok_at = np.array(probe_out.get("OK", []), float).reshape(-1, 2)
+        refused_at = np.array(probe_out.get("RESOURCE_EXHAUSTED", []), float).reshape(-1, 2)
+        ok_lat, refused_lat = ok_at[:, 1], refused_at[:, 1]
         result["ok_per_s"] = server.get("OK", 0) / seconds
         result["probe"] = {k: len(v) for k, v in probe_out.items()}
         result["cancelled"] = server.get("CANCELLED", 0) + len(probe_out.get("CANCELLED", []))
     else:
         status, lat = rows[:, 1], rows[:, 2] / 1e6
-        ok_lat, refused_lat = lat[status == 200], lat[(status == 429) | (status == 503)]
+        sent = (rows[:, 0] - (rows[:, 0].min() if len(rows) else 0)) / 1e6
+        ok, no = status == 200, (status == 429) | (status == 503)
+        ok_lat, refused_lat = lat[ok], lat[no]
+        ok_at, refused_at = np.column_stack([sent[ok], ok_lat]), np.column_stack([sent[no], refused_lat])
         result["ok_per_s"] = int((status == 200).sum()) / seconds
         result["statuses"] = {str(s): int((status == s).sum()) for s in np.unique(status)}
         result["cancelled"] = server.get("CANCELLED", 0)
@@ -326,6 +333,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
         for outcome, lat_s in (("ok", ok_lat), ("refused", refused_lat))
         if len(lat_s)
     }
+    result["timeline"] = timeline(ok_at, refused_at, seconds)
     result["ok_p50_ms"] = _ms(pct(ok_lat, 50))
     result["ok_p99_ms"] = _ms(pct(ok_lat, 99))
     result["ok_mean_ms"] = _ms(float(np.mean(ok_lat)) if len(ok_lat) else None)
@@ -333,6 +341,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     depth = sampler.values
     result["queue_depth_mean"] = float(np.mean(depth)) if depth else None
     result["queue_depth_max"] = float(np.max(depth)) if depth else None
+    result["queue_depth_series"] = depth  # (every 250 ms)
     # Little's law from the client's side: requests waiting = OK rate x OK mean latency
     result["client_in_system"] = (result["ok_per_s"] * result["ok_mean_ms"] / 1000) if result["ok_mean_ms"] else None
     result["elapsed_s"] = elapsed
@@ -384,6 +393,23 @@ def refusal_phases(pin, repo: Path, files, seconds: float, probe_set, caps: dict
                 say(f"  {protocol}: {out[protocol]}")
     finally:
         srv.stop()
+    return out
+
+
+def timeline(ok_at, refused_at, seconds: float) -> dict:
+    """Per second of the phase (by when a request was sent): OK answers seen and their p99, and
+    the refusals' p99. Shows whether a phase's tail is its onset (the first interval admits a
+    burst) or spread over the run."""
+    bins = int(np.ceil(seconds))
+    out: dict[str, list] = {"ok": [], "ok_p99_ms": [], "refusal_p99_ms": []}
+    for b in range(bins):
+        ok = ok_at[(ok_at[:, 0] >= b) & (ok_at[:, 0] < b + 1), 1]
+        no = refused_at[(refused_at[:, 0] >= b) & (refused_at[:, 0] < b + 1), 1]
+        out["ok"].append(len(ok))
+        out["ok_p99_ms"].append(_ms(pct(ok, 99)))
+        out["refusal_p99_ms"].append(_ms(pct(no, 99)))
+    after = ok_at[ok_at[:, 0] >= 1, 1]
+    out["ok_p99_after_first_second_ms"] = _ms(pct(after, 99))
     return out
 
 

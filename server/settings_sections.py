@@ -238,8 +238,9 @@ class LimitSettings:
         minimum=0,
     )
     queue_interval_ms: float = _setting(
-        100.0,
-        "how long a queue must stay above queue_target_ms to count as overload, and within it to count as recovered",
+        50.0,
+        "how long a queue must stay above queue_target_ms to count as overload (a shorter excursion is a burst), "
+        "and within it to count as recovered",
         minimum=1,
     )
     overload_refusals_per_s: int = _setting(

@@ -14,13 +14,16 @@ named at the end of the message (so it is counted under that reason):
 - ``queue_target_ms``: a *standing* queue. A burst may queue up to the ceiling and drain, but
   once the expected wait has stayed above the target for a whole ``queue_interval_ms`` the
   version is overloaded, and from then on a request is admitted only while the expected wait is
-  within the target, until it has stayed within it for an interval again or the version has run
-  out of work (CoDel's rule, Nichols and Jacobson: a delay that persists for an interval is a
+  within the target, until it has stayed within it for an interval again, time the version spent
+  with no work at all included (CoDel's rule, Nichols and Jacobson: a delay that persists for an interval is a
   standing queue, not a burst, applied at the door instead of at the head of the queue). Under
   sustained overload answers then wait about the target while the model stays busy, and the
   excess is refused at once. The target is never less than one round of executions (full
   batches on every instance), so a model that batches, or a slow one, keeps the queue that keeps
-  it busy.
+  it busy; nor less than what lately kept the version from running dry between the event loop's
+  reads (``Capacity.floor``: a queue that empties while shedding left the model idle until the
+  loop came back to read, so the wait admitted while shedding goes up, and it comes back down
+  through intervals in which the queue did not empty).
 
 The expected wait is the requests admitted and not yet executing (queued, or still being read
 and decoded) over the version's capacity: the most answers per second it has given in an
@@ -51,13 +54,15 @@ QUEUE_WAIT = "queue_wait"
 QUEUE_TARGET = "queue_target"
 
 _monotonic = time.monotonic
+FLOOR_GROWTH = 1.25  # the shedding's floor, each time the queue runs dry while shedding
+FLOOR_DECAY = 0.95  # the floor, each interval in which it did not
 
 
 class Capacity:
     """One version's capacity (answers per second at its busiest) and its standing-queue state
     under the ``queue_target_ms`` rule (see the module text)."""
 
-    __slots__ = ("peak", "answered", "window_end", "shedding", "since", "message")
+    __slots__ = ("peak", "answered", "window_end", "shedding", "since", "message", "floor", "emptied")
 
     def __init__(self) -> None:
         self.peak = 0.0  # answers per second in the busiest recent interval; 0 = not yet measured
@@ -66,6 +71,17 @@ class Capacity:
         self.shedding = False  # overloaded: admit only within the target
         self.since: float | None = None  # when the expected wait last crossed the target (either way)
         self.message: str | None = None  # the refusal's message, once made
+        # The least wait admitted while shedding that keeps the version from running dry between
+        # the event loop's reads (seconds; see Admission.release): raised each time the queue
+        # empties while shedding, decayed through intervals in which it did not.
+        self.floor = 0.0
+        self.emptied = False  # the queue emptied while shedding in the current interval
+
+    def starved(self, target: float, ceiling: float) -> None:
+        """The queue emptied while shedding: admitting ``target`` of work was too little to
+        last until the loop read the next requests."""
+        self.emptied = True
+        self.floor = min(ceiling, max(self.floor, target) * FLOOR_GROWTH)
 
     def answer(self, now: float, interval: float, backlog: bool) -> None:
         """One more answer; at an interval's end, the capacity from it if work was waiting."""
@@ -77,6 +93,9 @@ class Capacity:
             # The busiest interval sets it; it decays by half a percent per busy interval, so a
             # version that got slower is judged by what it does now within seconds.
             self.peak = max(rate, self.peak * 0.995)
+        if not self.emptied:
+            self.floor *= FLOOR_DECAY
+        self.emptied = False
         self.answered = 0
         self.window_end = now + interval
 
@@ -169,7 +188,7 @@ class Admission:
             self.target_s
             and cap.peak
             and (waiting > 0 or cap.shedding or cap.since is not None)
-            and self._standing(cap, max(0, waiting) / cap.peak, max(self.target_s, sched.round_size / cap.peak))
+            and self._standing(cap, max(0, waiting) / cap.peak, self._target(cap, sched.round_size))
         ):
             version.metrics.refused(QUEUE_TARGET)
             message = cap.message
@@ -181,6 +200,11 @@ class Admission:
                 )
             return GatewayError(ErrorCode.RESOURCE_EXHAUSTED, message, retry_after_s=1.0)
         return None
+
+    def _target(self, cap: Capacity, round_size: int) -> float:
+        """The wait admitted while shedding: the setting, at least one round of executions, and
+        at least what kept the version from running dry lately (``Capacity.floor``)."""
+        return max(self.target_s, round_size / cap.peak, cap.floor)
 
     def _standing(self, cap: Capacity, wait: float, target: float) -> bool:
         """Whether to refuse one more request whose expected wait is ``wait``."""
@@ -216,10 +240,20 @@ class Admission:
             self.on_idle()
         if self.target_s:
             cap = version.capacity
+            now = self._clock()
             if not version.admitted and cap.shedding:
-                # The version ran out of work: whatever queue it had is gone, so it was not a
-                # standing one (synchronised clients send bursts that queue above the target
-                # and then drain; without this, each new burst would find the version still
-                # shedding and lose all but the target's worth while the core idles).
-                cap.shedding, cap.since = False, None
-            cap.answer(self._clock(), self.interval_s, version.admitted > version.scheduler.executing)
+                # The version ran out of work while shedding. Its wait is within the target from
+                # now on, and the recovery's interval counts from here, idle time included:
+                # synchronised clients whose bursts drain before the next one comes an interval
+                # later find it recovered, each burst a burst again, while a version that empties
+                # its queue for a moment under sustained overload (arrivals milliseconds apart)
+                # stays shedding (ending the shedding at once here let each such moment admit a
+                # whole interval of overload: queues of 150-280 requests, a 0.1-0.2 s tail). And
+                # what it admits while shedding was too little to last until the event loop read
+                # more: the floor of the wait it admits goes up (on HTTP the loop's turns outlast
+                # 20 ms of work, and the model sat idle between them).
+                if cap.since is None:
+                    cap.since = now
+                if cap.peak:
+                    cap.starved(self._target(cap, version.scheduler.round_size), self.max_wait_s or 1.0)
+            cap.answer(now, self.interval_s, version.admitted > version.scheduler.executing)
