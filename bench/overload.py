@@ -98,10 +98,36 @@ def counts(samples, protocol: str) -> dict[str, float]:
             out["OK"] = out.get("OK", 0) + v
         elif name == "batchgate_request_errors_total" and lab.get("protocol") == protocol:
             out[lab["code"]] = out.get(lab["code"], 0) + v
+        elif name == "batchgate_event_loop_lag_seconds_bucket":
+            out[f"lag_le:{lab['le']}"] = v
+        elif name in ("batchgate_gc_pause_seconds_count", "batchgate_gc_pause_seconds_sum"):
+            out[f"gc{lab['generation']}_{name.rsplit('_', 1)[1]}"] = v
         elif name == "batchgate_refusals_total" and lab.get("model") == MODEL:
             out[f"reason:{lab['reason']}"] = out.get(f"reason:{lab['reason']}", 0) + v
         elif name == "batchgate_http_connections_refused_total" and lab.get("reason") == "overload_hold":
             out["holds"] = out.get("holds", 0) + v  # (either protocol's: one protocol runs at a time)
+    return out
+
+
+def loop_lag_p99_ms(server: dict) -> float | None:
+    """The 99th percentile of the server's event-loop lag over a phase, from the histogram's
+    cumulative buckets (so: the upper bound of the bucket it falls in; inf past the last)."""
+    les = sorted((float(k.split(":", 1)[1]), v) for k, v in server.items() if k.startswith("lag_le:"))
+    if not les or not les[-1][1]:
+        return None
+    total = les[-1][1]
+    return next(le * 1000 for le, n in les if n >= 0.99 * total)
+
+
+def stalls(server: dict) -> dict:
+    """What the server's own stalls were over a phase: its event loop's lag p99 and the
+    collector's pauses by generation (count, mean ms); the raw figures leave ``server``."""
+    out: dict = {"loop_lag_p99_ms": loop_lag_p99_ms(server)}
+    for g in "012":
+        n = server.get(f"gc{g}_count", 0)
+        out[f"gc{g}"] = [int(n), round(server.get(f"gc{g}_sum", 0) / n * 1000, 2) if n else None]
+    for k in [k for k in server if k.startswith(("lag_le:", "gc"))]:
+        del server[k]
     return out
 
 
@@ -303,6 +329,7 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     sampler.stop.set()
     sampler.join()
     server = delta(counts(scrape(ports["metrics"]), protocol), before)
+    result["server_stalls"] = stalls(server)
     rows = h.pop("rows")
     result.update(h)
     result["seconds"] = seconds
@@ -347,7 +374,8 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     result["elapsed_s"] = elapsed
     say(
         f"  offered {result['offered_per_s']:,.0f}/s, OK {result['ok_per_s']:,.0f}/s, OK p99 "
-        f"{result['ok_p99_ms']} ms, refusal p99 {result['refusal_p99_ms']} ms, server {server}"
+        f"{result['ok_p99_ms']} ms, refusal p99 {result['refusal_p99_ms']} ms, server {server}, "
+        f"its stalls {result['server_stalls']}"
     )
     return result
 

@@ -65,6 +65,9 @@ def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
                 if r["ok_p99_ms"] and cap["ok_p99_ms"]
                 else None,
                 "refusal_p99_ms": r["refusal_p99_ms"],
+                # the server's own event-loop lag p99 (a bucket's bound): a floor under the refusal p99
+                "server_loop_lag_p99_ms": r.get("server_stalls", {}).get("loop_lag_p99_ms"),
+                "ok_p99_after_first_second_ms": r.get("timeline", {}).get("ok_p99_after_first_second_ms"),
                 "cancelled": r["cancelled"],
                 "closed_or_reset": r["closed_or_reset"],
                 "queue_depth_mean": r["queue_depth_mean"],
@@ -109,6 +112,8 @@ def print_summary(rows) -> None:
         "capacity_p99_ms",
         "ok_p99_ratio",
         "refusal_p99_ms",
+        "server_loop_lag_p99_ms",
+        "ok_p99_after_first_second_ms",
         "cancelled",
         "closed_or_reset",
         "queue_depth_mean",

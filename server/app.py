@@ -36,6 +36,7 @@ from .dataplane import DataPlane
 from .monitoring.access_log import open_log as open_access_log
 from .monitoring.families import latency_buckets
 from .monitoring.metrics import Metrics
+from .monitoring.runtime import RuntimeStalls
 from .monitoring.serve import serve_metrics
 from .monitoring.tracing import open_tracing
 from .repository.build import version_builder
@@ -166,6 +167,7 @@ class Gateway:
         self.dataplane.failure_lines.limit = self.metrics.model_failure_lines.limit = failure_lines
         self.metrics.failure_budgets.append(self.dataplane.failure_lines)
         self.dataplane.tracing = self.metrics.tracing = self.tracing
+        self.stalls = self.metrics.stalls = RuntimeStalls()  # the loop's lateness, the collector's pauses
         self._keys_watch: asyncio.Task | None = None
         self._readiness: asyncio.Task | None = None
         self.http_port: int | None = None
@@ -282,6 +284,7 @@ class Gateway:
         # measured 14-18 ms pauses every ~0.7 s without this).
         gc.collect()
         gc.freeze()
+        self.stalls.start()
         self.dataplane.accepting = True
         await self._publish_readiness()
         self._readiness = asyncio.ensure_future(self._watch_readiness())
@@ -491,6 +494,7 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        self.stalls.stop()
         await self.repository.stop()
         self.dataplane.shm.close()
         if self.access_log is not None:

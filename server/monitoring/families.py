@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The process's stalls (monitoring/runtime.py): from a millisecond, the loop timer's resolution.
+STALL_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 # Latency buckets from 50 µs to 10 s: CPU models answer in well under a millisecond.
 LATENCY_BUCKETS_S = (
     0.00005,
@@ -116,6 +119,19 @@ FAMILIES: dict[str, Family] = {
         "grpc_flood (frames that carry nothing), grpc_malformed (a call reset: its headers break HTTP/2's rules); "
         "overload_hold (either)",
         ("reason",),
+    ),
+    "batchgate_event_loop_lag_seconds": Family(
+        "histogram",
+        "How late the event loop ran a timer due every 100 ms: what a request arriving then waited before "
+        "being read (monitoring/runtime.py)",
+        (),
+        buckets=STALL_BUCKETS_S,
+    ),
+    "batchgate_gc_pause_seconds": Family(
+        "histogram",
+        "How long each collection of the cyclic garbage collector took (the process stops meanwhile), by generation",
+        ("generation",),
+        buckets=STALL_BUCKETS_S,
     ),
     "batchgate_trace_spans": Family(
         "counter",

@@ -287,6 +287,7 @@ class Metrics:
         self.duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
+        self.stalls: Any = None  # loop-lag and collector-pause histograms (runtime.RuntimeStalls); the gateway sets it
         # the budgets of failure log lines ("request ... failed", a model's "failed to execute"), each a
         # core.rate.LineBudget counting the lines it left out. The models' own (the gateway sets its
         # limit and adds its dataplane's budget to the list):
@@ -420,6 +421,11 @@ class Metrics:
                 add("batchgate_access_log_dropped", (reason,), n)
         for reason, n in list(self._connections_refused.items()):
             add("batchgate_http_connections_refused", (reason,), n)
+        stalls = self.stalls
+        if stalls is not None:
+            add("batchgate_event_loop_lag_seconds", (), stalls.loop_lag.value())
+            for generation, h in stalls.gc_pauses.items():
+                add("batchgate_gc_pause_seconds", (str(generation),), h.value())
         for (model, address), u in list(self._upstreams.items()):
             lv = (model, address)
             add("batchgate_upstream_requests", lv, u.requests)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
+import time
 import urllib.request
 
 import numpy as np
@@ -29,6 +31,8 @@ README_METRICS = [
     "batchgate_queue_oldest_age_seconds",
     "batchgate_batch_size",
     "batchgate_refusals_total",
+    "batchgate_event_loop_lag_seconds",
+    "batchgate_gc_pause_seconds",
 ]
 # exported once a remote model is loaded (tests/integration/test_remote_backend.py)
 README_UPSTREAM_METRICS = [
@@ -110,6 +114,26 @@ def test_every_metric_the_readme_lists_is_exported(running):
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
     assert [n for n in README_METRICS + README_UPSTREAM_METRICS if n not in readme] == []
+
+
+def test_the_event_loops_lateness_and_the_collectors_pauses_are_measured(running):
+    """A stall of the gateway's event loop shows in batchgate_event_loop_lag_seconds (its timer
+    runs late by about the stall), and a full collection in batchgate_gc_pause_seconds."""
+    before = scrape(running.metrics_url)
+    running.loop.call_soon_threadsafe(time.sleep, 0.6)  # the loop stalls 600 ms
+    gc.collect()  # a full collection, timed whichever thread runs it
+    deadline = time.monotonic() + 10
+    while True:
+        m = scrape(running.metrics_url)
+        late = m["batchgate_event_loop_lag_seconds_count"] - m['batchgate_event_loop_lag_seconds_bucket{le="0.25"}']
+        if late >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert late >= 1  # one timer ran more than 250 ms late (500-600 ms)
+    assert m["batchgate_event_loop_lag_seconds_count"] > before["batchgate_event_loop_lag_seconds_count"]
+    full = sample(m, "batchgate_gc_pause_seconds_count", generation=2)
+    assert full >= sample(before, "batchgate_gc_pause_seconds_count", generation=2) + 1
+    assert sample(m, "batchgate_gc_pause_seconds_bucket", generation=2, le="+Inf") == full
 
 
 def test_a_latency_objective_becomes_a_bucket_boundary(tmp_path, serve):
