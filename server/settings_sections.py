@@ -233,7 +233,8 @@ class LimitSettings:
         20.0,
         "sustained overload: once a model's expected queue wait has stayed above this for "
         "queue_interval_ms, requests are admitted only while it is within this (never less than one "
-        "round of executions: full batches on every instance), so answers keep a short wait and the excess is refused "
+        "round of executions: full batches on every instance; nor, while shedding, than what lately kept the model "
+        "from running dry between the event loop's reads), so answers keep a short wait and the excess is refused "
         "at once; bursts still queue up to max_queue_wait_ms; 0 = off",
         minimum=0,
     )

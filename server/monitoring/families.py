@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The process's stalls (monitoring/runtime.py): from a millisecond, the loop timer's resolution.
-STALL_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The process's stalls (monitoring/runtime.py): from 100 µs (a young generation's collection; the
+# loop's timer resolves about a millisecond) to seconds.
+STALL_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # Latency buckets from 50 µs to 10 s: CPU models answer in well under a millisecond.
 LATENCY_BUCKETS_S = (

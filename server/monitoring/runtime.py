@@ -34,28 +34,33 @@ class RuntimeStalls:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.ensure_future(self._watch_loop())
-            gc.callbacks.append(self._on_gc)
+            self._task = asyncio.ensure_future(self._watch())
 
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-            if self._on_gc in gc.callbacks:
-                gc.callbacks.remove(self._on_gc)
 
-    async def _watch_loop(self) -> None:
+    async def _watch(self) -> None:
+        """The loop's timer, with the collector's callback registered for as long as it runs
+        (removed however it ends: cancelled, or closed with its loop unstopped)."""
         loop = asyncio.get_running_loop()
         lag = self.loop_lag
-        while True:
-            due = loop.time() + LOOP_LAG_PERIOD_S
-            await asyncio.sleep(LOOP_LAG_PERIOD_S)
-            lag.observe(max(0.0, loop.time() - due))
+        gc.callbacks.append(self._on_gc)
+        try:
+            while True:
+                due = loop.time() + LOOP_LAG_PERIOD_S
+                await asyncio.sleep(LOOP_LAG_PERIOD_S)
+                lag.observe(max(0.0, loop.time() - due))
+        finally:
+            if self._on_gc in gc.callbacks:
+                gc.callbacks.remove(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
             return
+        started, self._gc_started = self._gc_started, 0.0  # (a stop without its start: not timed)
         pauses = self.gc_pauses.get(info.get("generation", -1))
-        if pauses is not None and self._gc_started:
-            pauses.observe(time.perf_counter() - self._gc_started)
+        if pauses is not None and started:
+            pauses.observe(time.perf_counter() - started)

@@ -72,14 +72,18 @@ class Capacity:
         self.since: float | None = None  # when the expected wait last crossed the target (either way)
         self.message: str | None = None  # the refusal's message, once made
         # The least wait admitted while shedding that keeps the version from running dry between
-        # the event loop's reads (seconds; see Admission.release): raised each time the queue
-        # empties while shedding, decayed through intervals in which it did not.
+        # the event loop's reads (seconds; see Admission.release): raised when the queue empties
+        # while shedding (once an interval at most), decayed through every interval of time in
+        # which it did not, idle time included.
         self.floor = 0.0
         self.emptied = False  # the queue emptied while shedding in the current interval
 
     def starved(self, target: float, ceiling: float) -> None:
         """The queue emptied while shedding: admitting ``target`` of work was too little to
-        last until the loop read the next requests."""
+        last until the loop read the next requests. Raised once an interval, so a run of drains
+        in one interval (or the last requests draining when the load stops) counts once."""
+        if self.emptied:
+            return
         self.emptied = True
         self.floor = min(ceiling, max(self.floor, target) * FLOOR_GROWTH)
 
@@ -93,8 +97,13 @@ class Capacity:
             # The busiest interval sets it; it decays by half a percent per busy interval, so a
             # version that got slower is judged by what it does now within seconds.
             self.peak = max(rate, self.peak * 0.995)
-        if not self.emptied:
-            self.floor *= FLOOR_DECAY
+        if self.floor:
+            # one decay for every interval of time since the last window ended (a version idle
+            # for seconds comes back with its floor gone), but the one in which it ran dry
+            periods = 0 if self.emptied else 1
+            if self.window_end:
+                periods += int((now - self.window_end) / interval)
+            self.floor = self.floor * FLOOR_DECAY**periods if periods < 1000 else 0.0
         self.emptied = False
         self.answered = 0
         self.window_end = now + interval
@@ -202,9 +211,11 @@ class Admission:
         return None
 
     def _target(self, cap: Capacity, round_size: int) -> float:
-        """The wait admitted while shedding: the setting, at least one round of executions, and
-        at least what kept the version from running dry lately (``Capacity.floor``)."""
-        return max(self.target_s, round_size / cap.peak, cap.floor)
+        """The target: the setting, at least one round of executions, and while shedding at
+        least what kept the version from running dry lately (``Capacity.floor``; the onset of
+        shedding is judged without it)."""
+        target = max(self.target_s, round_size / cap.peak)
+        return max(target, cap.floor) if cap.shedding else target
 
     def _standing(self, cap: Capacity, wait: float, target: float) -> bool:
         """Whether to refuse one more request whose expected wait is ``wait``."""

@@ -435,3 +435,14 @@ def test_batchgate_accepts_the_config_and_finds_its_files(helm, tmp_path, varian
         defaults.max_inflight_requests,
         defaults.max_queue_wait_ms,
     )
+
+
+def test_the_charts_limits_are_the_codes_defaults():
+    """Every limit values.yaml sets is the server's own default (the chart documents them): the
+    chart kept queue_interval_ms 100 when the code's default became 50."""
+    import helm_support
+
+    values = yaml.safe_load((helm_support.CHART / "values.yaml").read_text())
+    defaults = Settings().limits
+    chart = values["config"]["limits"]
+    assert chart and {k: v for k, v in chart.items() if getattr(defaults, k) != v} == {}

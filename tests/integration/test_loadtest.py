@@ -179,6 +179,7 @@ def test_the_rate_sweep_finds_the_knee_of_a_server_with_known_capacity(tmp_path,
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
+@pytest.mark.serial
 def test_an_slo_breach_is_a_non_zero_exit(tmp_path, testserver):
     srv = testserver("--service-ms", "5", "--workers", "1")
     done, doc = loadtest(
@@ -247,6 +248,7 @@ def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_
     assert any(w["server"].get("queue_depth") is not None for w in s["windows"])
 
 
+@pytest.mark.serial
 def test_workers_poisson_arrivals_and_a_ramp_shape(tmp_path, testserver):
     srv = testserver()
     done, doc = loadtest(
@@ -381,6 +383,7 @@ def test_a_timeout_is_an_error_recorded_at_its_timeout(tmp_path, testserver):
     assert "DEADLINE_EXCEEDED" in done.stdout
 
 
+@pytest.mark.serial
 def test_payloads_from_files_carry_the_synthetic_marker(tmp_path):
     import asyncio
 
@@ -447,6 +450,7 @@ def test_payloads_from_files_carry_the_synthetic_marker(tmp_path):
         loop.call_soon_threadsafe(loop.stop)
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("extra", [[], ["--grpc-stream"]])
 def test_errors_are_recorded_by_their_code_and_an_error_budget_alone_gates_the_exit(tmp_path, testserver, extra):
     srv = testserver()

@@ -21,6 +21,7 @@ def _one_line_error(done, *words: str) -> None:
         assert w in lines[0], (w, lines[0])
 
 
+@pytest.mark.serial
 def test_a_shape_is_labelled_and_offered_as_its_schedule(tmp_path, testserver):  # noqa: F811
     srv = testserver()
     done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--shape", "ramp:10:50", *QUICK)
@@ -67,6 +68,7 @@ def test_requests_too_large_for_memory_are_refused_before_they_are_made(tmp_path
     _one_line_error(done, *words)
 
 
+@pytest.mark.serial
 def test_a_metrics_url_that_does_not_answer_prometheus_text_is_one_warning(tmp_path, testserver):  # noqa: F811
     srv = testserver()
     for url, why in ((f"http://127.0.0.1:{free_port()}/metrics", "no answer"), (f"http://{srv.http}/v2", "")):
@@ -79,6 +81,7 @@ def test_a_metrics_url_that_does_not_answer_prometheus_text_is_one_warning(tmp_p
         assert step(doc)["server"] == {}
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("workers", ["1", "3"])
 def test_without_warm_up_a_constant_rate_sends_exactly_rate_times_duration(tmp_path, testserver, workers):  # noqa: F811
     srv = testserver()
@@ -90,6 +93,7 @@ def test_without_warm_up_a_constant_rate_sends_exactly_rate_times_duration(tmp_p
     assert s["stability"]["scheduled"] == 10 and s["sent"] == 10 and s["ok"] == 10, s["stability"]
 
 
+@pytest.mark.serial
 def test_a_step_search_that_every_rate_passes_says_the_limit_was_not_found(tmp_path, testserver):  # noqa: F811
     srv = testserver()
     done, doc = loadtest(tmp_path, srv.grpc, "--model", "echo", "--sweep-rate", "10,20", "--slo-p99-ms", "500", *QUICK)

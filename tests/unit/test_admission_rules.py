@@ -96,24 +96,34 @@ def test_a_version_that_runs_out_of_work_recovers_after_an_interval_of_it():
 def test_a_queue_that_runs_dry_while_shedding_raises_the_wait_admitted_until_it_stops():
     """Shedding admits the target's worth; when the version still runs out of work before the
     event loop reads more (on HTTP its turns outlast 20 ms of work), the wait admitted while
-    shedding goes up a quarter each time, up to the ceiling, and comes back down by 5% an interval
-    in which the queue did not run dry (bench/overload.py: HTTP at 3x served 0.51-0.61 of
-    capacity with the floor at the target, the model idle between the loop's turns)."""
+    shedding goes up a quarter, at most once an interval, up to the ceiling, and comes back down
+    by 5% for every interval of time in which the queue did not run dry, idle time included
+    (bench/overload.py: HTTP at 3x served 0.51-0.61 of capacity with the floor at the target, the
+    model idle between the loop's turns)."""
     cap = Capacity()
     cap.starved(0.02, 0.5)
     assert cap.floor == pytest.approx(0.025)
-    cap.starved(0.02, 0.5)
-    assert cap.floor == pytest.approx(0.03125)  # from the floor, not the setting, once above it
-    for _ in range(30):
-        cap.starved(0.02, 0.5)
-    assert cap.floor == 0.5  # never past the ceiling (max_queue_wait_ms)
+    cap.starved(0.02, 0.5)  # again in the same interval (or the last requests draining): once
+    assert cap.floor == pytest.approx(0.025)
     now = 0.0
     cap.answer(now, 0.1, backlog=True)  # an interval's end: it ran dry in this one, no decay
-    assert cap.floor == 0.5
+    assert cap.floor == pytest.approx(0.025)
+    cap.starved(0.02, 0.5)
+    assert cap.floor == pytest.approx(0.03125)  # from the floor, not the setting, once above it
+    for _ in range(30):  # running dry interval after interval
+        now += 0.11
+        cap.answer(now, 0.1, backlog=True)
+        cap.starved(0.02, 0.5)
+    assert cap.floor == 0.5  # never past the ceiling (max_queue_wait_ms)
+    now += 0.11
+    cap.answer(now, 0.1, backlog=True)  # (the interval it last ran dry in)
     for _ in range(10):  # intervals without running dry
         now += 0.11
         cap.answer(now, 0.1, backlog=True)
     assert cap.floor == pytest.approx(0.5 * 0.95**10)
+    now += 10.0  # idle for 10 s: every interval of it counts
+    cap.answer(now, 0.1, backlog=False)
+    assert cap.floor < 0.5 * 0.95**100
 
     clock = Clock()  # and through admission: what shedding admits follows the floor
     adm = Admission(10_000, 0.5, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
@@ -121,6 +131,20 @@ def test_a_queue_that_runs_dry_while_shedding_raises_the_wait_admitted_until_it_
     v.capacity.shedding = True
     v.capacity.floor = 0.06
     assert admit_until_refused(adm, v, 200) == 61
+
+
+def test_the_onset_of_shedding_is_judged_without_the_floor():
+    """A floor left from an earlier overload does not delay the next one: shedding starts once
+    the wait has stayed above the target (not the floor) for an interval."""
+    clock = Clock()
+    adm = Admission(10_000, 0.5, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
+    v, refused = version(capacity_per_s=1000.0)
+    v.capacity.floor = 0.3  # (raised earlier, not yet decayed)
+    assert admit_until_refused(adm, v, 50) == 50  # a burst of 50 ms of work: admitted
+    clock.now += 0.11
+    with pytest.raises(GatewayError):  # above the target (20 ms) for an interval: shedding
+        adm.admit(v)
+    assert v.capacity.shedding and refused == ["queue_target"]
 
 
 def test_the_target_is_never_below_one_round_of_executions():
