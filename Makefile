@@ -87,7 +87,7 @@ GRPCIO_SUITE = tests/integration/test_protocol_infer.py tests/integration/test_p
   tests/integration/test_stream_backpressure.py tests/integration/test_tls.py tests/integration/test_parity.py \
   tests/integration/test_bad_input.py tests/integration/test_api_keys.py tests/integration/test_admission.py
 test-grpcio: $(FULL_STAMP)
-	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(GRPCIO_SUITE)
+	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(XDIST) $(GRPCIO_SUITE)
 	BATCHGATE_TEST_REMOTE_CLIENT=grpcio $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_remote_backend.py
 
 # The fuzz harness at length (tests/fuzz/conftest.py: ~90,000 examples, about 7 minutes, new seeds
