@@ -110,5 +110,12 @@ def test_front_mode_counts_client_requests_not_the_workers_calls_to_the_owner(tm
         assert peak["queued"] > CLIENTS // 2, peak
         after = _value(text, 'batchgate_inflight_requests{model="slow",version="1"}')
         assert after == 0 and _value(text, 'batchgate_queue_depth{model="slow",version="1"}') == 0
+        # Every process's own event-loop lag is in the pod's figures, the front workers' too
+        # (they read and admit the requests): three timers ticking ten times a second, not one.
+        t0, ticks0 = time.monotonic(), _value(text, "batchgate_event_loop_lag_seconds_count")
+        time.sleep(6)
+        text = urllib.request.urlopen(url, timeout=20).read().decode()
+        rate = (_value(text, "batchgate_event_loop_lag_seconds_count") - ticks0) / (time.monotonic() - t0)
+        assert rate > 18, rate
     finally:
         p.kill()
