@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from batchgate.core.types import is_host_port
+
 DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
 
 # Bounds on the sizes and counts a scenario asks for, checked before anything is started or built.
@@ -283,8 +285,7 @@ SHAPE_FORMS = "ramp:R0:R1, step:R1@T1,R2@T2,... or spike:BASE:PEAK@AT+LEN"
 def check_address(address: str, what: str) -> None:
     """``address`` is HOST:PORT with a port from 1 to 65535 (gRPC took 99999999 modulo 65536:
     another port, load-tested and reported VALID)."""
-    host, sep, port = address.rpartition(":")
-    if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    if not is_host_port(address):
         shown = address[:128].encode("unicode_escape").decode()
         raise LoadTestError(f"{what} must be HOST:PORT with a port from 1 to 65535, not {shown!r}")
 

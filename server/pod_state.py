@@ -327,10 +327,14 @@ FRONT_FAMILIES = frozenset(
     }
 )
 # ... and the queue is in both: requests a worker holds until a call to the owner is free, and
-# those at the owner (each call counted as the requests it merged).
-FRONT_SIDE = FRONT_FAMILIES | {"batchgate_queue_depth", "batchgate_queue_oldest_age_seconds"}
-# ... and so are every process's own stalls (its event loop's lag, its collector's pauses): summed.
-FRONT_SIDE |= {"batchgate_event_loop_lag_seconds", "batchgate_gc_pause_seconds"}
+# those at the owner (each call counted as the requests it merged); so is every process's own
+# stalls (its event loop's lag, its collector's pauses), summed.
+FRONT_SIDE = FRONT_FAMILIES | {
+    "batchgate_queue_depth",
+    "batchgate_queue_oldest_age_seconds",
+    "batchgate_event_loop_lag_seconds",
+    "batchgate_gc_pause_seconds",
+}
 
 
 def _logged_write(fn, kind: str, name: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.errors import ConfigError
-from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief
+from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief, is_host_port
 
 BATCHING_MODES = ("gateway", "passthrough")
 FORWARDING_MODES = ("raw", "decoded")
@@ -86,9 +86,7 @@ def _upstreams(ups: Any, source: str, model: str) -> tuple[str, ...]:
     if not out:
         raise ConfigError(f"{source}: remote model '{model}' needs at least one upstream host:port")
     for u in out:
-        host, sep, port = u.rpartition(":")
-        # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3).
-        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        if not is_host_port(u):
             raise ConfigError(
                 f"{source}: remote model '{model}': upstream {shown(u)} must be host:port with a port from 1 to 65535"
             )

@@ -448,7 +448,6 @@ class RouteTable:
                     canary, baseline = route.pod_figures(await self.peer.windows(route.name))
                     if self.routes.get(route.name) is not route:  # reloaded meanwhile: judged next tick
                         continue
-                before = state.last
                 verdict = ro.tick(r, state, now, canary, baseline)
             except Exception:  # one route's figures must not stop the others' rollouts
                 log.exception("route '%s' rollout: the interval could not be judged; starting a new one", route.name)
@@ -458,7 +457,7 @@ class RouteTable:
             if verdict is None:
                 continue
             route.new_windows()
-            if verdict.outcome == "wait" and before.startswith(state.last.partition(":")[0] + ":"):
+            if state.waits > 1:
                 # still waiting at this step: said once, when the wait began (a line, an audit record
                 # and a state file each interval grew without a request)
                 self._share(route, True)

@@ -159,8 +159,9 @@ def _metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:
 def _channel(args: argparse.Namespace):
     import grpc
 
-    host, sep, port = args.admin.rpartition(":")  # (gRPC would take port 99999999 modulo 65536)
-    if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    from ..core.types import is_host_port
+
+    if not is_host_port(args.admin):
         raise ValueError(f"--admin must be HOST:PORT with a port from 1 to 65535, not {args.admin[:128]!r}")
     if bool(args.cert_file) != bool(args.key_file):  # (gRPC core aborts the process on a certificate without its key)
         raise ValueError("--cert-file and --key-file go together: the client certificate and its private key")

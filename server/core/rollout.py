@@ -97,6 +97,7 @@ class RolloutState:
     step: int = -1
     next_at: float = 0.0  # when the current interval ends
     last: str = ""  # the last transition, in words
+    waits: int = 0  # intervals in a row the current step has waited (not kept in the state file)
 
     def to_state(self) -> dict[str, Any]:
         return {"state": self.state, "step": self.step, "next_at": self.next_at, "last": self.last}
@@ -151,6 +152,7 @@ def tick(rollout: Rollout, state: RolloutState, now: float, canary: Figures, bas
     verdict = judge(rollout, canary, baseline)
     state.next_at = now + rollout.interval_s
     at = rollout.steps[state.step]
+    state.waits = state.waits + 1 if verdict.outcome == "wait" else 0
     if verdict.outcome == "wait":
         state.last = f"step {at}% waits: {verdict.reasons[0]}"
     elif verdict.outcome == "fail":

@@ -93,15 +93,13 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     from ..core.types import MODEL_NAME, MODEL_NAME_RULE, printable
 
-    problem = (
-        f"--model must be a model name ({MODEL_NAME_RULE}), not {printable(args.model[:128])!r}"
-        if not MODEL_NAME.fullmatch(args.model)  # (a path here loaded a model from outside the repository)
-        else f"--output {args.output} is a file, not a folder"
-        if os.path.exists(args.output) and not os.path.isdir(args.output)
-        else f"--rejects {args.rejects} is a folder, not a file"
-        if args.rejects and os.path.isdir(args.rejects)
-        else ""
-    )
+    problem = ""
+    if not MODEL_NAME.fullmatch(args.model):  # (a path here loaded a model from outside the repository)
+        problem = f"--model must be a model name ({MODEL_NAME_RULE}), not {printable(args.model[:128])!r}"
+    elif os.path.exists(args.output) and not os.path.isdir(args.output):
+        problem = f"--output {args.output} is a file, not a folder"
+    elif args.rejects and os.path.isdir(args.rejects):
+        problem = f"--rejects {args.rejects} is a folder, not a file"
     if problem:
         print(f"batchgate score: {problem}", file=sys.stderr)
         return EXIT_USAGE

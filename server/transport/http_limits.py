@@ -273,9 +273,10 @@ def guarded_protocol(
                 return False
             url = self.url
             if b"?" in url or b"%" in url or b"#" in url or url[:1] != b"/":
-                path = httptools.parse_url(url).path.decode("ascii")
+                raw = httptools.parse_url(url).path
+                path = raw.decode("ascii")
                 if "%" in path:
-                    if encoded_separator(url):
+                    if encoded_separator(raw):
                         return False  # the app refuses the request (http_scope.check_raw_path)
                     path = urllib.parse.unquote(path)
             else:  # a plain path, as clients send it: no need to parse
