@@ -41,7 +41,9 @@ from .scenario import (
     rate_label,
     rate_sweep,
     segments,
+    shown_url,
     usable_cpus,
+    without_password,
 )
 from .server_view import ScrapeError, batch_mean, fetch, gauges, scrape, server_view
 from .worker import Plan, Transport, rate_at
@@ -97,7 +99,7 @@ class Runner:
         try:
             fetch(self.metrics_url)
         except ScrapeError as e:
-            url = self.metrics_url
+            url = shown_url(self.metrics_url)
             self.say(f"batchgate loadtest: warning: metrics-url {url}: {e}; running without the server view")
             self.metrics_url = None
 
@@ -310,7 +312,10 @@ class Runner:
     # ------------------------------------------------------------------ whole runs
     def run(self) -> Run:
         sc = self.sc
-        run = Run(scenario=asdict(sc), environment=environment(sc))
+        scenario = asdict(sc)
+        if sc.metrics_url:  # a report is shared: no password from the URL in it
+            scenario["metrics_url"] = without_password(sc.metrics_url)
+        run = Run(scenario=scenario, environment=environment(sc))
         self.check_metrics()
         self.start()
         try:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from batchgate.core.types import is_host_port
+from batchgate.core.types import clip, is_host_port
 
 DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
 
@@ -188,12 +188,33 @@ def max_workers() -> int:
     return min(MAX_WORKERS, WORKERS_PER_CPU * usable_cpus())
 
 
+def without_password(url: str) -> str:
+    """``url`` with a password in it replaced by ``***`` (for reports and messages)."""
+    try:
+        parts = urlsplit(str(url))
+        if parts.password is None:
+            return str(url)
+    except ValueError:  # not a URL urllib can take apart: nothing in it is shown
+        return "(not a URL)"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a message quotes it: without its password, cut to 128 characters."""
+    return clip(without_password(url))
+
+
 def check_metrics_url(url: str) -> None:
     """Refuse a --metrics-url that is not an http(s) URL with a host (whether it answers is
     found out when the run starts)."""
-    parts = urlsplit(str(url))
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise LoadTestError(f"metrics-url must be an http:// or https:// URL with a host, not {url!r}")
+    try:
+        parts = urlsplit(str(url))
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        ok = False
+    if not ok:
+        raise LoadTestError(f"metrics-url must be an http:// or https:// URL with a host, not {shown_url(url)!r}")
 
 
 def concurrency_levels(spec: str) -> list[int]:

@@ -4,10 +4,12 @@ gauges lined up with the measurement windows, and the server-side view of latenc
 
 from __future__ import annotations
 
+import base64
 import http.client
 import math
 import urllib.error
 import urllib.request
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 Samples = dict[str, list[tuple[dict, float]]]
 MAX_SCRAPE_BYTES = 64 << 20  # a metrics page larger than 64 MiB is refused, not read into memory
@@ -17,12 +19,24 @@ class ScrapeError(RuntimeError):
     """The metrics endpoint did not answer with Prometheus text; the message says how."""
 
 
+def _request(url: str) -> urllib.request.Request:
+    """The scrape of ``url``: a ``user:password@`` in it is sent as HTTP basic authentication
+    (urllib would take it for part of the host name, and say so with the password in its error)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url)
+    plain = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    plain.add_header("Authorization", "Basic " + base64.b64encode(user_pass.encode()).decode())
+    return plain
+
+
 def fetch(url: str) -> Samples:
     """Every sample of the Prometheus endpoint at ``url``, by metric name (ScrapeError if none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(_request(url), timeout=2) as resp:
             body = resp.read(MAX_SCRAPE_BYTES + 1)
         text = body.decode()
     except urllib.error.HTTPError as e:

@@ -7,8 +7,11 @@ client can never start a line of its own. JSON lines are escaped by the encoder.
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 import time
+from typing import IO
 
 import orjson
 
@@ -146,3 +149,22 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
     if "log_format" in changes and root.handlers:
         _given["format"] = (fmt, root.handlers[0].formatter)
     return log_settings()
+
+
+def open_private(path: str, binary: bool = False, encoding: str | None = None) -> IO:
+    """``path`` opened for appending, created readable by its owner only (0600, as the audit log):
+    the access and disagreement logs hold peer addresses, request ids and, sampled, the data
+    clients sent. A file that exists keeps the mode its operator gave it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        return open(fd, "ab" if binary else "a", encoding=None if binary else encoding or "utf-8")  # noqa: SIM115
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """logging's rotating file handler, its files created 0600 (:func:`open_private`)."""
+
+    def _open(self):
+        return open_private(self.baseFilename, encoding=self.encoding)

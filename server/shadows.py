@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import logging.handlers
 import os
 import random
 import threading
@@ -43,6 +42,7 @@ from .core.batching import merge, split
 from .core.errors import GatewayError
 from .core.routing import Compare, Shadow
 from .core.types import InferRequest, InferResponse, Tensor, clip, printable
+from .logs import PrivateRotatingFileHandler
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import ShadowMetrics
 from .monitoring.tracing import Tracing
@@ -456,7 +456,7 @@ class DisagreementLog:
         self._send = send
         self._handler: logging.Handler | None = None
         if send is None:
-            self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
+            self._handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
             self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._per_s = per_s
         self._clock = clock

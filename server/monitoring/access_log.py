@@ -40,6 +40,8 @@ from typing import Any
 
 import orjson
 
+from ..logs import open_private
+
 log = logging.getLogger("batchgate.access")
 
 MODES = ("off", "sampled", "all")
@@ -117,7 +119,7 @@ class AccessLog:
         self._failed_once = False
         if path:  # opened now: a file that cannot be written stops the start, never a request
             try:
-                self._out = open(path, "ab")  # noqa: SIM115 - kept open by the writer thread
+                self._out = open_private(path, binary=True)  # kept open by the writer thread
             except OSError as e:
                 raise ValueError(f"access_log_file {path}: cannot be opened for writing: {e.strerror}") from None
 

@@ -206,6 +206,9 @@ def test_a_stopped_gateway_closes_its_log_file_even_when_nothing_was_logged(demo
     log = tmp_path / "quiet.log"
     running = serve(demo_repo, access_log_file=str(log))
     assert _open_on(log) == 1
+    # Review finding: it was created with the umask's mode (0644 here), readable by every local
+    # user; it holds peer addresses and request ids, so it is created 0600, as the audit log.
+    assert os.stat(log).st_mode & 0o777 == 0o600
     assert running.stop()
     assert _open_on(log) == 0
 

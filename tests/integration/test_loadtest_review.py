@@ -4,6 +4,10 @@ rate x duration requests, and sweeps say why they stopped."""
 
 from __future__ import annotations
 
+import base64
+import http.server
+import threading
+
 import pytest
 from test_loadtest import loadtest, step, testserver  # noqa: F401 - testserver is a fixture
 
@@ -47,12 +51,15 @@ def test_a_shape_is_labelled_and_offered_as_its_schedule(tmp_path, testserver): 
         (["--sweep-rate", "100:200", "--search", "binary", "--precision", "1e-300"], ["at most 40", "precision"]),
         (["--metrics-url", "notaurl"], ["metrics-url must be an http:// or https:// URL", "'notaurl'"]),
         (["--metrics-url", "http:///metrics"], ["metrics-url must be"]),
+        (["--metrics-url", "ftp://bob:s3cret@host/m"], ["metrics-url must be", "'ftp://bob:***@host/m'"]),
+        (["--metrics-url", "http://[::1/m"], ["metrics-url must be", "(not a URL)"]),
     ],
 )
 def test_bad_settings_are_refused_with_one_line_and_exit_2(tmp_path, extra, words):
     # refused before any connection: the target need not answer
     done, _ = loadtest(tmp_path, f"127.0.0.1:{free_port()}", "--model", "echo", *QUICK, *extra, timeout=60)
     _one_line_error(done, *words)
+    assert "s3cret" not in done.stderr  # a password in a URL is never quoted
 
 
 @pytest.mark.parametrize(
@@ -79,6 +86,49 @@ def test_a_metrics_url_that_does_not_answer_prometheus_text_is_one_warning(tmp_p
         assert len(warnings) == 1 and url in warnings[0] and "without the server view" in warnings[0], done.stderr
         assert why in warnings[0] and "Traceback" not in done.stderr
         assert step(doc)["server"] == {}
+
+
+@pytest.mark.serial
+def test_a_password_in_the_metrics_url_is_sent_as_basic_auth_and_shown_nowhere(tmp_path, testserver):  # noqa: F811
+    """Review finding: urllib took ``user:password@`` in --metrics-url for part of the host name
+    (so such a URL could never be scraped), and the warning and the report's scenario quoted the
+    URL whole, password included. It now travels as HTTP basic authentication only."""
+    srv = testserver()
+    seen: list[str | None] = []
+    expected = "Basic " + base64.b64encode(b"bob:s3cr@t").decode()
+
+    class Guarded(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            body = b"# TYPE up gauge\nup 1\n"
+            self.send_response(200 if seen[-1] == expected else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    guard = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=guard.serve_forever, daemon=True).start()
+    try:
+        where = f"127.0.0.1:{guard.server_address[1]}/metrics"
+        scrape = ("--metrics-url", f"http://bob:s3cr%40t@{where}")
+        done, _ = loadtest(tmp_path / "good", srv.grpc, "--model", "echo", *scrape, *QUICK)
+        assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+        assert seen and set(seen) == {expected}  # every scrape authenticated, the %40 decoded
+        scrape = ("--metrics-url", f"http://bob:s3cret-not@{where}")
+        done2, _ = loadtest(tmp_path / "bad", srv.grpc, "--model", "echo", *scrape, *QUICK)
+        warnings = [line for line in done2.stderr.splitlines() if "warning" in line]
+        assert len(warnings) == 1, done2.stderr
+        assert f"http://bob:***@{where}" in warnings[0] and "HTTP 401" in warnings[0], warnings
+    finally:
+        guard.shutdown()
+        guard.server_close()
+    reports = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".csv", ".txt")]
+    written = "".join(p.read_text(errors="replace") for p in reports)
+    assert "bob:***@" in written  # the reports name the URL, without its password
+    assert "s3cr" not in done.stdout + done.stderr + done2.stdout + done2.stderr + written
 
 
 @pytest.mark.serial

@@ -4,6 +4,7 @@ caller's text must not forge lines or read otherwise in a viewer)."""
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy as np
@@ -50,3 +51,21 @@ def test_a_line_stays_bounded_whatever_the_inputs(tmp_path):
     assert len(lines) == 1 and len(lines[0]) <= MAX_LINE
     doc = json.loads(lines[0])
     assert len(doc["inputs"]) <= 8 and doc["inputs"][0] == {"name": "in0", "shape": [1, 16]}
+
+
+def test_the_file_and_its_rotated_copy_are_readable_by_their_owner_only(tmp_path):
+    """Review finding: the log (sampled inputs clients sent) was created with the umask's mode,
+    0644 here: readable by every local user. Created 0600 now, its rotated successor too."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "d.jsonl"
+        log = DisagreementLog(str(path), 4096, 1000)
+        request = InferRequest("m", "", (Tensor("x", "FP32", (1, 64), np.zeros((1, 64), np.float32)),), id="id")
+        for _ in range(40):  # past 4 KiB: rotated once at least
+            log.write(_runner(), request, InferResponse("m_v1", "1", []), np.zeros((1, 3)), np.ones((1, 3)))
+        log.close()
+    finally:
+        os.umask(old)
+    rotated = tmp_path / "d.jsonl.1"
+    assert rotated.exists() and path.exists()
+    assert {os.stat(p).st_mode & 0o777 for p in (path, rotated)} == {0o600}
