@@ -28,7 +28,7 @@ import yaml
 from .core import rollout as ro
 from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid
-from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, check_pin, parse_routes, sticky_key
+from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse
 from .core.unique_yaml import UniqueKeys
@@ -271,15 +271,15 @@ class ServedRoute:
 
     def _repick(self, routed: Routed, request: InferRequest) -> None:
         """After decoding: a ``variant`` parameter pins; a param or input sticky key chooses."""
-        if routed.pinned:
+        parameter = request.parameters.get(PIN_PARAMETER)
+        if routed.pinned:  # by the header, before the body: a parameter may only agree with it
+            if parameter is not None:
+                pinned(self.spec, routed.variant, parameter)
             return
         variant = routed.variant
-        raw = request.parameters.get(PIN_PARAMETER)
-        if raw is not None:
-            if not isinstance(raw, str):
-                raise invalid(f"parameter '{PIN_PARAMETER}' must be a variant's name")
-            variant = check_pin(self.spec, raw)
-            routed.pinned = True
+        pin = pinned(self.spec, None, parameter)
+        if pin is not None:
+            variant, routed.pinned = pin, True
         elif self.spec.sticky is not None and self.spec.sticky.kind != "header":
             key = sticky_key(self.spec.sticky, request)
             if key is not None:

@@ -351,18 +351,19 @@ def sticky_key(sticky: StickyKey, request: InferRequest) -> bytes | None:
     return None
 
 
-def pin_of(route: RouteSpec, request: InferRequest) -> str | None:
-    """The variant a request pins (``x-batchgate-variant``, else the V2 parameter ``variant``),
-    checked against the route; None when it pins nothing."""
-    pin = request.headers.get(PIN_HEADER)
-    if pin is None:
-        raw = request.parameters.get(PIN_PARAMETER)
-        if raw is None:
-            return None
-        if not isinstance(raw, str):
-            raise invalid(f"parameter '{PIN_PARAMETER}' must be a variant's name")
-        pin = raw
-    return check_pin(route, pin)
+def pinned(route: RouteSpec, header: str | None, parameter: Any) -> str | None:
+    """The variant a request pins, checked against the route: by its ``x-batchgate-variant``
+    header, or its V2 parameter ``variant``; None when it pins nothing. Both given must agree: a
+    client that sends two different pins made a mistake (INVALID_ARGUMENT), not a choice for us."""
+    if parameter is not None and not isinstance(parameter, str):
+        raise invalid(f"parameter '{PIN_PARAMETER}' must be a variant's name")
+    if header is not None and parameter is not None and header != parameter:
+        raise invalid(
+            f"the {PIN_HEADER} header pins '{printable(clip(header))}' but the parameter '{PIN_PARAMETER}' "
+            f"pins '{printable(clip(parameter))}': send one of them, or the same variant in both"
+        )
+    pin = header if header is not None else parameter
+    return None if pin is None else check_pin(route, pin)
 
 
 _KEY_TYPES = frozenset({"BYTES", "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})

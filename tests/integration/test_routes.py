@@ -118,6 +118,17 @@ def test_pins_by_header_and_parameter(routed):
         assert call(url, "all_a", headers={"x-batchgate-variant": "idle"})[1]["variant"] == "idle"
 
 
+def test_a_header_and_a_parameter_pinning_different_variants_are_a_client_error(routed):
+    """Review finding: the header's pin was served and the parameter's dropped, silently."""
+    for call, url in ((infer_http, routed.http_url), (infer_grpc, routed.grpc_url)):
+        with pytest.raises(InferenceServerException) as e:
+            call(url, "fraud", headers={"x-batchgate-variant": "canary"}, parameters={"variant": "stable"})
+        assert str(e.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), e.value
+        assert "header pins 'canary'" in str(e.value) and "'stable'" in str(e.value)
+        both = call(url, "fraud", headers={"x-batchgate-variant": "canary"}, parameters={"variant": "canary"})
+        assert both[1]["variant"] == "canary"  # the same pin twice is fine
+
+
 def test_unknown_pin_is_a_client_error_naming_the_variants(routed):
     with pytest.raises(InferenceServerException) as e:
         infer_http(routed.http_url, "fraud", headers={"x-batchgate-variant": "n" * 5000})

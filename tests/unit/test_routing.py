@@ -17,7 +17,7 @@ from batchgate.core.routing import (
     check_signatures,
     parse_routes,
     pick_weighted,
-    pin_of,
+    pinned,
     sticky_key,
 )
 from batchgate.core.signature import ModelSignature, TensorSpec
@@ -207,13 +207,19 @@ def test_sticky_keys_from_a_header_a_parameter_or_an_input():
 
 def test_pins_from_the_header_or_the_parameter():
     (r,) = parse_routes(ISSUE_EXAMPLE)
-    assert pin_of(r, request()) is None
-    assert pin_of(r, request(headers={"x-batchgate-variant": "canary"})) == "canary"
-    assert pin_of(r, request(parameters={"variant": "stable"})) == "stable"
+    assert pinned(r, None, None) is None
+    assert pinned(r, "canary", None) == "canary"
+    assert pinned(r, None, "stable") == "stable"
+    assert pinned(r, "stable", "stable") == "stable"  # both, agreeing
     with pytest.raises(GatewayError):
-        pin_of(r, request(parameters={"variant": 3}))
+        pinned(r, None, 3)
     with pytest.raises(GatewayError):
-        pin_of(r, request(headers={"x-batchgate-variant": "next"}))  # a shadow is not a variant
+        pinned(r, "next", None)  # a shadow is not a variant
+    # Review finding: a header and a parameter that disagreed were served by the header, silently
+    with pytest.raises(GatewayError) as e:
+        pinned(r, "canary", "s\n" + "t" * 500)
+    assert e.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "header pins 'canary'" in e.value.message and "\n" not in e.value.message and len(e.value.message) < 400
 
 
 def sig(model, inputs=(("x", "FP32", (4,)),), outputs=(("probabilities", "FP32", (3,)),), batch=8, optional=()):
