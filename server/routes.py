@@ -28,7 +28,7 @@ import yaml
 from .core import rollout as ro
 from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid
-from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, check_pin, parse_routes, pinned, sticky_key
+from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, Shadow, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse
 from .core.unique_yaml import UniqueKeys
@@ -237,15 +237,11 @@ class ServedRoute:
             raise invalid(f"'{self.name}' is a route, which has no versions: send the request without a model version")
         if self.problem is not None:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"route '{self.name}' is not ready: {self.problem}")
-        pinned = False
         pin = header(PIN_HEADER) if header is not None else None
-        if pin is not None:
-            variant, pinned = check_pin(self.spec, pin), True
-        else:
-            variant = self._pick(header)
+        variant = check_pin(self.spec, pin) if pin is not None else self._pick(header)
         served = self._version(variant)
         self.admission.admit(served)
-        return Routed(self, variant, served, pinned)
+        return Routed(self, variant, served, pin is not None)
 
     def _pick(self, header: Header | None) -> str:
         sticky = self.spec.sticky
@@ -395,8 +391,22 @@ class ServedRoute:
     def new_windows(self) -> None:
         self.windows = {v.name: Window() for v in self.spec.variants}
 
+    def _shadow_dict(self, shadow: Shadow) -> dict[str, Any]:
+        """One configured shadow as the admin API shows it, a left-out one too (with why)."""
+        out: dict[str, Any] = {"name": shadow.name, "model": shadow.model, "percent": shadow.percent}
+        runner = next((r for r in self.shadows if r.spec.name == shadow.name), None)
+        if runner is not None:
+            out.update(inflight=runner.inflight, active=True)
+        else:
+            out["reason"] = (
+                f"left out: model '{shadow.model}' is not served, or its signature does not fit the route's "
+                "(the log says which)"
+            )
+        return out
+
     def describe(self) -> dict[str, Any]:
-        """The route as the admin API shows it: weights, rollout, figures of the current window."""
+        """The route as the admin API shows it: weights, rollout, figures of the current window,
+        every configured shadow (``active`` false for one left out)."""
         out: dict[str, Any] = {
             "name": self.name,
             "weights": dict(self.table.weights),
@@ -404,10 +414,7 @@ class ServedRoute:
                 {"name": v.name, "model": v.model, "version": v.version, "configured_weight": v.weight}
                 for v in self.spec.variants
             ],
-            "shadows": [
-                {"name": s.spec.name, "model": s.spec.model, "percent": s.spec.percent, "inflight": s.inflight}
-                for s in self.shadows
-            ],
+            "shadows": [self._shadow_dict(s) for s in self.spec.shadows],
             "ready": self.not_ready_reason() is None,
             "reason": self.not_ready_reason() or "",
             "window": {name: _figures_dict(w.figures()) for name, w in self.windows.items()},

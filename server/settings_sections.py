@@ -245,7 +245,7 @@ class LimitSettings:
         minimum=1,
     )
     overload_refusals_per_s: int = _setting(
-        4000,
+        8000,
         "HTTP overload refusals (429) a second the server answers as they come; past it, a connection "
         "just refused (still answered at once) is not read until its turn, turns coming at this rate one "
         "after another (TCP backpressure): clients that retry at once wait in their own sockets, for about "
