@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from batchgate.config import UniqueKeys
+from batchgate.core.unique_yaml import one_line
 
 from .scenario import LoadTestError
 
@@ -89,11 +90,19 @@ def file_keys(actions: Iterable[argparse.Action], skip: Iterable[str] = ("scenar
 
 def read(path: str, keys: dict[str, FileKey]) -> dict[str, Any]:
     """The settings a scenario file gives, by argparse ``dest``; LoadTestError on any problem."""
+    loader = None
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except (OSError, yaml.YAMLError) as e:
-        raise LoadTestError(f"cannot read scenario {path}: {e}") from None
+            loader = _Loader(f)
+            data = loader.get_single_data()
+    except OSError as e:
+        raise LoadTestError(f"cannot read scenario {path}: {e.strerror or e}") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:  # (not UTF-8: a ValueError)
+        where = loader.get_mark() if loader is not None else None
+        raise LoadTestError(f"cannot read scenario {path}: {one_line(e, where)}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -23,3 +23,20 @@ class UniqueKeys(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def one_line(error: BaseException, where: Any = None) -> str:
+    """What PyYAML could not read, as one bounded line: its problem and where (line, column).
+    A YAMLError's text spans several lines (the offending line quoted, a caret under it); PyYAML
+    also raises ValueError, OverflowError or RecursionError on some odd input, placed by
+    ``where`` (the loader's ``get_mark()`` when it stopped)."""
+    from .types import clip, printable
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        where = error.problem_mark or error.context_mark or where
+        text = ": ".join(x for x in (error.context, error.problem) if x) or type(error).__name__
+    else:
+        text = f"{type(error).__name__}: {error}"
+    if where is not None:
+        text = f"{clip(' '.join(text.split()), 240)} (line {where.line + 1}, column {where.column + 1})"
+    return clip(printable(" ".join(text.split())), 300)

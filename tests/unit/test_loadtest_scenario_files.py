@@ -139,6 +139,28 @@ def test_a_malformed_file_is_refused(tmp_path, text, words):
         resolve(_args("--scenario", str(tmp_path / "missing.yaml")))
 
 
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("rate: [1\n", "(line 2, column 1)"),
+        ("rate: 'x\n  y\tz: [\n", "found unexpected end of stream"),
+        ('rate: "\\U80092014"\n', "(line 1, column"),  # PyYAML's scanner: OverflowError / ValueError
+        ("[" * 5000 + "]" * 5000, "cannot read scenario"),  # nesting: RecursionError
+        (b"rate: \xff\n", "can't decode byte 0xff"),
+    ],
+)
+def test_a_file_yaml_cannot_read_is_one_line_saying_where(tmp_path, text, words):
+    """Review finding: PyYAML's error text spans four lines (the line quoted, a caret under it),
+    and a few odd inputs raised past the handler as a traceback: one line now, with the place."""
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(LoadTestError) as e:
+        resolve(_args("--scenario", str(f)))
+    message = str(e.value)
+    assert message.startswith(f"cannot read scenario {f}: ") and words in message, message
+    assert "\n" not in message and len(message) < 400 + len(str(f))
+
+
 def test_sweeps_take_yaml_lists_and_colon_forms_stay_text(tmp_path):
     f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-concurrency: [1, 2, 4, 8]\n")
     sc = resolve(_args("--scenario", f))[0]
