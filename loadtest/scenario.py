@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from batchgate.core.types import clip, is_host_port
 
@@ -189,15 +189,17 @@ def max_workers() -> int:
 
 
 def without_password(url: str) -> str:
-    """``url`` with a password in it replaced by ``***`` (for reports and messages)."""
-    try:
-        parts = urlsplit(str(url))
-        if parts.password is None:
-            return str(url)
-    except ValueError:  # not a URL urllib can take apart: nothing in it is shown
-        return "(not a URL)"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    """``url`` with what identifies its caller masked (for reports and messages): ``user:***@``
+    for a password, ``***@`` for a name alone (often a token). Read as text up to the last ``@``,
+    not as urllib reads it: a password with an unescaped ``/``, ``?`` or ``#`` ends urllib's host
+    part early, and urllib would then find no password to hide."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep or "@" not in rest:
+        return text
+    userinfo, _, after = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{after}" if colon else f"{scheme}://***@{after}"
 
 
 def shown_url(url: str) -> str:
@@ -211,10 +213,14 @@ def check_metrics_url(url: str) -> None:
     try:
         parts = urlsplit(str(url))
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address, or a password with an unescaped /
         ok = False
     if not ok:
-        raise LoadTestError(f"metrics-url must be an http:// or https:// URL with a host, not {shown_url(url)!r}")
+        raise LoadTestError(
+            f"metrics-url must be an http:// or https:// URL with a host (a password's /, ? and # "
+            f"percent-escaped), not {shown_url(url)!r}"
+        )
 
 
 def concurrency_levels(spec: str) -> list[int]:

@@ -27,7 +27,8 @@ def _request(url: str) -> urllib.request.Request:
         return urllib.request.Request(url)
     plain = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
     user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-    plain.add_header("Authorization", "Basic " + base64.b64encode(user_pass.encode()).decode())
+    # (unredirected: a redirect to another host must not carry the credentials along)
+    plain.add_unredirected_header("Authorization", "Basic " + base64.b64encode(user_pass.encode()).decode())
     return plain
 
 

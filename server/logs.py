@@ -151,13 +151,15 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
     return log_settings()
 
 
-def open_private(path: str, binary: bool = False, encoding: str | None = None) -> IO:
+def open_private(path: str, binary: bool = False, encoding: str = "utf-8", errors: str | None = None) -> IO:
     """``path`` opened for appending, created readable by its owner only (0600, as the audit log):
     the access and disagreement logs hold peer addresses, request ids and, sampled, the data
     clients sent. A file that exists keeps the mode its operator gave it."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        return open(fd, "ab" if binary else "a", encoding=None if binary else encoding or "utf-8")  # noqa: SIM115
+        if binary:
+            return open(fd, "ab")  # noqa: SIM115
+        return open(fd, "a", encoding=encoding, errors=errors)  # noqa: SIM115
     except BaseException:
         os.close(fd)
         raise
@@ -167,4 +169,4 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """logging's rotating file handler, its files created 0600 (:func:`open_private`)."""
 
     def _open(self):
-        return open_private(self.baseFilename, encoding=self.encoding)
+        return open_private(self.baseFilename, encoding=self.encoding or "utf-8", errors=self.errors)

@@ -397,11 +397,10 @@ class ServedRoute:
         runner = next((r for r in self.shadows if r.spec.name == shadow.name), None)
         if runner is not None:
             out.update(inflight=runner.inflight, active=True)
+        elif self.members.get(shadow.name) is None:
+            out["reason"] = f"left out: model '{shadow.model}' is not served, or does not fit the route's signature"
         else:
-            out["reason"] = (
-                f"left out: model '{shadow.model}' is not served, or its signature does not fit the route's "
-                "(the log says which)"
-            )
+            out["reason"] = "not running: starting, or its model cannot run a copy for shadowing"
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -456,7 +456,7 @@ class DisagreementLog:
         self._send = send
         self._handler: logging.Handler | None = None
         if send is None:
-            self._handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
+            self._handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
             self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._per_s = per_s
         self._clock = clock

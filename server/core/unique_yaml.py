@@ -37,6 +37,7 @@ def one_line(error: BaseException, where: Any = None) -> str:
         text = ": ".join(x for x in (error.context, error.problem) if x) or type(error).__name__
     else:
         text = f"{type(error).__name__}: {error}"
+    text = clip(printable(" ".join(text.split())), 240)  # escaped first: escapes lengthen it
     if where is not None:
-        text = f"{clip(' '.join(text.split()), 240)} (line {where.line + 1}, column {where.column + 1})"
-    return clip(printable(" ".join(text.split())), 300)
+        text += f" (line {where.line + 1}, column {where.column + 1})"
+    return text

@@ -204,7 +204,11 @@ def test_a_stopped_gateway_closes_its_log_file_even_when_nothing_was_logged(demo
     """The file is opened at start; a gateway that never wrote a line (its writer thread never
     started) still closes it when it stops (it stayed open once per start before)."""
     log = tmp_path / "quiet.log"
-    running = serve(demo_repo, access_log_file=str(log))
+    umask = os.umask(0o022)  # the usual one, under which the file used to be created 0644
+    try:
+        running = serve(demo_repo, access_log_file=str(log))
+    finally:
+        os.umask(umask)
     assert _open_on(log) == 1
     # Review finding: it was created with the umask's mode (0644 here), readable by every local
     # user; it holds peer addresses and request ids, so it is created 0600, as the audit log.
