@@ -52,7 +52,7 @@ def test_a_shape_is_labelled_and_offered_as_its_schedule(tmp_path, testserver): 
         (["--metrics-url", "notaurl"], ["metrics-url must be an http:// or https:// URL", "'notaurl'"]),
         (["--metrics-url", "http:///metrics"], ["metrics-url must be"]),
         (["--metrics-url", "ftp://bob:s3cret@host/m"], ["metrics-url must be", "'ftp://bob:***@host/m'"]),
-        (["--metrics-url", "http://[::1/m"], ["metrics-url must be", "(not a URL)"]),
+        (["--metrics-url", "http://[::1/m"], ["metrics-url must be", "'http://[::1/m'"]),  # was a traceback
     ],
 )
 def test_bad_settings_are_refused_with_one_line_and_exit_2(tmp_path, extra, words):
