@@ -151,7 +151,7 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
     return log_settings()
 
 
-def open_private(path: str, binary: bool = False, encoding: str = "utf-8", errors: str | None = None) -> IO:
+def open_private(path: str, binary: bool = False, encoding: str | None = "utf-8", errors: str | None = None) -> IO:
     """``path`` opened for appending, created readable by its owner only (0600, as the audit log):
     the access and disagreement logs hold peer addresses, request ids and, sampled, the data
     clients sent. A file that exists keeps the mode its operator gave it."""
@@ -166,7 +166,8 @@ def open_private(path: str, binary: bool = False, encoding: str = "utf-8", error
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """logging's rotating file handler, its files created 0600 (:func:`open_private`)."""
+    """logging's rotating file handler, its files created 0600 (:func:`open_private`); its
+    ``encoding`` as the caller gives it (logging makes an unnamed one the locale's)."""
 
     def _open(self):
-        return open_private(self.baseFilename, encoding=self.encoding or "utf-8", errors=self.errors)
+        return open_private(self.baseFilename, encoding=self.encoding, errors=self.errors)

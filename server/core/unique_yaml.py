@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from .types import clip, printable
+
 
 class UniqueKeys(yaml.SafeLoader):
     """PyYAML's safe loader, but a mapping key given twice is an error at its line (PyYAML keeps
@@ -30,8 +32,6 @@ def one_line(error: BaseException, where: Any = None) -> str:
     A YAMLError's text spans several lines (the offending line quoted, a caret under it); PyYAML
     also raises ValueError, OverflowError or RecursionError on some odd input, placed by
     ``where`` (the loader's ``get_mark()`` when it stopped)."""
-    from .types import clip, printable
-
     if isinstance(error, yaml.MarkedYAMLError):
         where = error.problem_mark or error.context_mark or where
         text = ": ".join(x for x in (error.context, error.problem) if x) or type(error).__name__
