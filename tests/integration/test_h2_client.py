@@ -73,10 +73,12 @@ class Upstream(asyncio.Protocol):
 async def _serve(**behaviour) -> tuple[asyncio.AbstractServer, int, type[Upstream]]:
     cls = type("U", (Upstream,), {"connections": [], **behaviour})
     server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+    _upstreams.append(cls)
     return server, server.sockets[0].getsockname()[1], cls
 
 
 _open: list[H2Channel] = []
+_upstreams: list[type[Upstream]] = []  # their accepted connections outlive Server.close()
 
 
 def _channel(address: str, max_message_bytes: int) -> H2Channel:
@@ -94,6 +96,10 @@ def _run(main):
             for channel in _open:
                 await channel.close()
             _open.clear()
+            for cls in _upstreams:
+                for conn in cls.connections:
+                    conn.transport.close()
+            _upstreams.clear()
             await asyncio.sleep(0.05)
 
     return asyncio.run(closing())
@@ -235,6 +241,7 @@ def test_an_upstream_that_stops_answering_pings_is_given_up(monkeypatch):
     async def main():
         cls = type("S", (Silent,), {"connections": []})
         server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+        _upstreams.append(cls)
         call = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", 1 << 20).unary("/x/Y")
         t0 = time.monotonic()
         try:
