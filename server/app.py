@@ -56,7 +56,7 @@ from .transport.grpc_server import add_port, new_grpc_server
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
-from .transport.http_limits import guarded_protocol
+from .transport.http_limits import TOO_MANY_CONNECTIONS, guarded_protocol
 from .transport.http_listener import HttpListener, QuietUvicorn
 from .transport.sockets import tcp_socket
 
@@ -423,7 +423,13 @@ class Gateway:
         if self._tls is not None:  # HTTPS with the one context that certificate reloads update
             config.load()  # what serve() would do first; it keeps config.ssl
             config.ssl = self._tls.http_context
-        listener = HttpListener(app, QuietUvicorn(config, s.http_header_timeout_s), sock.getsockname()[1])
+        server = QuietUvicorn(
+            config,
+            s.http_header_timeout_s,
+            self.max_connections,
+            lambda: self.metrics.connection_refused(TOO_MANY_CONNECTIONS),
+        )
+        listener = HttpListener(app, server, sock.getsockname()[1])
         await listener.start(sock)
         return listener
 

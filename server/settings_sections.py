@@ -205,8 +205,9 @@ class LimitSettings:
     )
     max_connections: int = _setting(
         8192,
-        "connections open at once, HTTP and gRPC each; one more HTTP connection is answered 503 and closed, "
-        "one more gRPC connection is refused by gRPC core",
+        "connections open at once, HTTP and gRPC each (with TLS counted from the accept, the handshake "
+        "included); one more HTTP connection is answered 503 and closed (with TLS closed before its handshake), "
+        "one more gRPC connection is closed (grpcio engine: refused by gRPC core)",
         minimum=1,
     )
     max_stream_inflight: int = _setting(

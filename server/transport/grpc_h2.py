@@ -48,6 +48,7 @@ from .grpc_h2_connection import (  # noqa: F401  (the engine's figures, read by 
 )
 from .grpc_h2_sweep import sweep
 from .sockets import tcp_socket
+from .tls_accept import TlsAccept
 
 log = logging.getLogger("batchgate.grpc")
 _monotonic = time.monotonic
@@ -94,6 +95,7 @@ class H2GrpcServer:
         self._generic: list[grpc.GenericRpcHandler] = []
         self._binds: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._listeners: list[asyncio.AbstractServer] = []
+        self._tls_accepts: list[TlsAccept] = []
         self.connections: set[_Connection] = set()
         self._stopped: asyncio.Event | None = None
         self._dirty: list[_Connection] = []  # connections with bytes to write at the end of this turn
@@ -168,12 +170,21 @@ class H2GrpcServer:
         loop = self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         for sock, context in self._binds:
-            # (with TLS, the handshake is bounded as the HTTP/2 preface is: asyncio's own is 60 s)
-            handshake = self.handshake_timeout_s if context is not None else None
-            server = await loop.create_server(
-                lambda: _Connection(self), sock=sock, ssl=context, backlog=2048, ssl_handshake_timeout=handshake
-            )
-            self._listeners.append(server)
+            factory: Callable[[], asyncio.Protocol] = lambda: _Connection(self)  # noqa: E731
+            if context is not None:
+                # counted against max_connections from its accept, the handshake bounded as the
+                # HTTP/2 preface is (asyncio's own bound is 60 s): tls_accept.py
+                accept = TlsAccept(
+                    context,
+                    factory,
+                    self.handshake_timeout_s,
+                    self.max_connections,
+                    lambda: len(self.connections),
+                    lambda: self.refused("grpc_connections"),
+                )
+                self._tls_accepts.append(accept)
+                factory = accept.factory
+            self._listeners.append(await loop.create_server(factory, sock=sock, backlog=2048))
         self._sweep()
 
     def _sweep(self) -> None:
@@ -193,6 +204,8 @@ class H2GrpcServer:
         for server in self._listeners:
             server.close()
         self._listeners.clear()
+        for accept in self._tls_accepts:
+            accept.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.connections):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import uvicorn
+
+from .tls_accept import TlsAccept
 
 if TYPE_CHECKING:
     from .http_app import HttpApp
@@ -17,11 +20,22 @@ class QuietUvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: the gateway drains on SIGTERM itself; with TLS,
     a TLS handshake must end within ``handshake_timeout_s`` (uvicorn leaves asyncio's 60 s: a
     client that connects and never says hello held a socket for a minute, beyond the reach of
-    ``http_header_timeout_s``, whose clock starts once the handshake is done)."""
+    ``http_header_timeout_s``, whose clock starts once the handshake is done), and a connection
+    counts against ``max_connections`` from its accept (``tls_accept.py``; ``refused()`` counts
+    one refused there)."""
 
-    def __init__(self, config: uvicorn.Config, handshake_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        handshake_timeout_s: float = 60.0,
+        max_connections: int = 0,
+        refused: Callable[[], None] = lambda: None,
+    ):
         super().__init__(config)
         self.handshake_timeout_s = handshake_timeout_s
+        self.max_connections = max_connections
+        self.refused = refused
+        self._tls_accept: TlsAccept | None = None
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -40,17 +54,21 @@ class QuietUvicorn(uvicorn.Server):
                 config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
             )
 
-        self.servers = [
-            await loop.create_server(
-                create_protocol,
-                sock=sock,
-                ssl=config.ssl,
-                backlog=config.backlog,
-                ssl_handshake_timeout=self.handshake_timeout_s,
-            )
-            for sock in sockets
-        ]
+        self._tls_accept = accept = TlsAccept(
+            config.ssl,
+            create_protocol,
+            self.handshake_timeout_s,
+            self.max_connections,
+            lambda: len(self.server_state.connections),
+            self.refused,
+        )
+        self.servers = [await loop.create_server(accept.factory, sock=sock, backlog=config.backlog) for sock in sockets]
         self.started = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._tls_accept is not None:
+            self._tls_accept.close()
+        await super().shutdown(sockets)
 
 
 class HttpListener:
