@@ -70,7 +70,7 @@ class Capacity:
         self.window_end = 0.0
         self.shedding = False  # overloaded: admit only within the target
         self.since: float | None = None  # when the expected wait last crossed the target (either way)
-        self.message: str | None = None  # the refusal's message, once made
+        self.message: tuple[int, str] | None = None  # the refusal's message and the target in it (ms)
         # The least wait admitted while shedding that keeps the version from running dry between
         # the event loop's reads (seconds; see Admission.release): raised when the queue empties
         # while shedding (once an interval at most), decayed through every interval of time in
@@ -197,17 +197,23 @@ class Admission:
             self.target_s
             and cap.peak
             and (waiting > 0 or cap.shedding or cap.since is not None)
-            and self._standing(cap, max(0, waiting) / cap.peak, self._target(cap, sched.round_size))
+            and self._standing(cap, max(0, waiting) / cap.peak, target := self._target(cap, sched.round_size))
         ):
             version.metrics.refused(QUEUE_TARGET)
+            # The target in force, which the floor or a round of executions may have raised above
+            # the setting; the words are made again only when its whole milliseconds change.
+            target_ms = round(target * 1000)
             message = cap.message
-            if message is None:  # (the same words every time: made once)
+            if message is None or message[0] != target_ms:
+                setting = round(self.target_s * 1000)
+                raised = "" if target_ms == setting else f" (the {setting} ms set, raised to keep the model busy)"
                 message = cap.message = (
-                    f"model '{version.name}' is overloaded: its queue has held more than "
-                    f"{self.target_s * 1000:.0f} ms of work for {self.interval_s * 1000:.0f} ms; retry later or "
-                    "on another replica (queue_target_ms)"
+                    target_ms,
+                    f"model '{version.name}' is overloaded: its queue has held more than {target_ms} ms of "
+                    f"work{raised} for {self.interval_s * 1000:.0f} ms; retry later or on another replica "
+                    "(queue_target_ms)",
                 )
-            return GatewayError(ErrorCode.RESOURCE_EXHAUSTED, message, retry_after_s=1.0)
+            return GatewayError(ErrorCode.RESOURCE_EXHAUSTED, message[1], retry_after_s=1.0)
         return None
 
     def _target(self, cap: Capacity, round_size: int) -> float:

@@ -133,6 +133,28 @@ def test_a_queue_that_runs_dry_while_shedding_raises_the_wait_admitted_until_it_
     assert admit_until_refused(adm, v, 200) == 61
 
 
+def test_the_refusal_names_the_target_in_force():
+    """The message quotes the wait that was exceeded: the floor's while it is raised (it used to
+    quote the setting, 20 ms, while refusing past 60)."""
+    clock = Clock()
+    adm = Admission(10_000, 0.5, queue_target_s=0.02, queue_interval_s=0.1, clock=clock)
+    v, _ = version(capacity_per_s=1000.0)
+    v.capacity.shedding = True
+    v.capacity.floor = 0.06
+
+    def message() -> str:
+        with pytest.raises(GatewayError) as e:
+            for _ in range(200):
+                adm.admit(v)
+        return e.value.message
+
+    first = message()
+    assert "more than 60 ms of work (the 20 ms set, raised to keep the model busy)" in first, first
+    v.capacity.floor = 0.0  # back to the setting: the words follow
+    second = message()
+    assert "more than 20 ms of work for 100 ms;" in second and "raised" not in second, second
+
+
 def test_the_onset_of_shedding_is_judged_without_the_floor():
     """A floor left from an earlier overload does not delay the next one: shedding starts once
     the wait has stayed above the target (not the floor) for an interval."""
