@@ -37,7 +37,7 @@ from .monitoring.access_log import open_log as open_access_log
 from .monitoring.families import latency_buckets
 from .monitoring.metrics import Metrics
 from .monitoring.runtime import RuntimeStalls
-from .monitoring.serve import serve_metrics
+from .monitoring.serve import metrics_limits, serve_metrics
 from .monitoring.tracing import open_tracing
 from .repository.build import version_builder
 from .repository.manager import ModelRepository
@@ -275,7 +275,11 @@ class Gateway:
         if s.metrics_port >= 0:
             access = self.dataplane.access
             server = serve_metrics(
-                self.metrics.exposition, s.host, s.metrics_port, access.keys if access.metrics_requires_key else None
+                self.metrics.exposition,
+                s.host,
+                s.metrics_port,
+                access.keys if access.metrics_requires_key else None,
+                **metrics_limits(self.settings, self.metrics.connection_refused),
             )
             self._metrics_server = server
             self.metrics_port = server.server_port

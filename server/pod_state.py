@@ -245,6 +245,8 @@ class PodState:
         if self.owner is not None and self.owner.process:
             runtime["owner"] = self.owner.process
         runtime["supervisor"] = self.metrics.runtime_samples()
+        for reason, n in self.metrics.connections_refused().items():  # (the metrics port's, served here)
+            snap.add("batchgate_http_connections_refused", (reason,), n)
         return exposition(snap, by_worker(runtime), self.settings.server.triton_metrics)
 
     def _exposition(self) -> bytes:

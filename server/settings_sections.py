@@ -210,6 +210,12 @@ class LimitSettings:
         "one more gRPC connection is closed (grpcio engine: refused by gRPC core)",
         minimum=1,
     )
+    metrics_max_connections: int = _setting(
+        64,
+        "connections open at once on the metrics port (a thread each); one more is closed at once. Its request "
+        "head is bounded by max_header_bytes and every read and write by http_header_timeout_s",
+        minimum=1,
+    )
     max_stream_inflight: int = _setting(
         64,
         "requests of one gRPC stream read and not yet answered; the stream is not read further until one is answered",

@@ -122,10 +122,11 @@ class Supervisor(PodControl, PodState):
             self._keys = KeyStore(s.auth.api_keys_file)  # a bad file: ConfigError, nothing started
             self._tasks.append(asyncio.ensure_future(self._watch_keys()))
         if srv.metrics_port >= 0:
-            from .monitoring.serve import serve_metrics
+            from .monitoring.serve import metrics_limits, serve_metrics
 
             keys = self._keys if s.auth.metrics_requires_key else None
-            self._metrics_server = serve_metrics(self._exposition, srv.host, srv.metrics_port, keys)
+            limits = metrics_limits(s, self.metrics.connection_refused)
+            self._metrics_server = serve_metrics(self._exposition, srv.host, srv.metrics_port, keys, **limits)
             self.metrics_port = self._metrics_server.server_port
         if srv.health_port >= 0:
             from grpc_health.v1._async import HealthServicer

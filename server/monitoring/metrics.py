@@ -357,6 +357,9 @@ class Metrics:
     def connection_refused(self, reason: str) -> None:
         self._connections_refused[reason] = self._connections_refused.get(reason, 0) + 1
 
+    def connections_refused(self) -> dict[str, int]:
+        return dict(self._connections_refused)
+
     def offline(self, model: str) -> None:
         self._offline[model] = self._offline.get(model, 0) + 1
 

@@ -1,6 +1,12 @@
 """The Prometheus listener (``metrics_port``): a small WSGI app on a thread, behind an API-key
 check when ``metrics_requires_key`` is set.
 
+Its limits, as the V2 listeners have theirs: at most ``max_connections`` connections at once (a
+thread each; one more is closed at once, counted ``metrics_connections``), a request head of
+at most ``max_header_bytes`` (what follows is not read) that must arrive, as every later read and
+write must, within ``timeout_s`` (else closed, counted ``metrics_timeout``). Until 2026-12-05 a
+client that connected and sent nothing held a thread for ever, and any number of them could.
+
 It answers ``GET`` and ``HEAD`` of exactly ``/metrics`` (Prometheus text format 0.0.4, gzip when
 the scraper accepts it); any other path is 404 and any other method 405, whatever the key.
 The text is always format 0.0.4, never OpenMetrics: Triton's counters (``triton.py``) have no
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
@@ -26,6 +33,12 @@ _TEXT = ("Content-Type", "text/plain; charset=utf-8")
 
 
 class _Quiet(WSGIRequestHandler):
+    server: _Threading
+
+    def setup(self) -> None:
+        super().setup()  # (the socket's timeout: the class's, set per server in serve_metrics)
+        self.rfile = _Capped(self.rfile, self.server.max_header_bytes)  # type: ignore[assignment]
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
@@ -38,14 +51,76 @@ class _Quiet(WSGIRequestHandler):
         return env
 
 
+class _Capped:
+    """A request's reader that ends (reads as EOF) after ``left`` bytes: a scrape's head is
+    small, and http.server would read 100 header lines of 64 KiB each."""
+
+    __slots__ = ("_f", "_left")
+
+    def __init__(self, f, left: int):
+        self._f, self._left = f, left
+
+    def readline(self, size: int = -1) -> bytes:
+        n = self._left if size < 0 else min(size, self._left)
+        line = self._f.readline(n) if n > 0 else b""
+        self._left -= len(line)
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        n = self._left if size < 0 else min(size, self._left)
+        data = self._f.read(n) if n > 0 else b""
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class _Threading(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    block_on_close = False  # (shutdown does not wait for a slow client's thread)
+    max_header_bytes = 16384
+    slots: threading.BoundedSemaphore
+    refused: Callable[[str], None]
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused("metrics_connections")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # (no thread to give the slot back)
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A request that failed on its connection (socketserver prints a traceback to stderr)."""
+        if isinstance(sys.exc_info()[1], TimeoutError):
+            self.refused("metrics_timeout")
 
 
-def serve_metrics(exposition: Callable[[], bytes], host: str, port: int, keys: KeyStore | None) -> WSGIServer:
+def serve_metrics(
+    exposition: Callable[[], bytes],
+    host: str,
+    port: int,
+    keys: KeyStore | None,
+    *,
+    max_connections: int = 64,
+    max_header_bytes: int = 16384,
+    timeout_s: float = 10.0,
+    refused: Callable[[str], None] = lambda reason: None,
+) -> WSGIServer:
     """Serve what ``exposition()`` returns on ``host:port`` (0: a free port) until ``shutdown()``;
     with ``keys``, a scrape needs ``Authorization: Bearer <token>`` of a key with scope ``read``
-    for every model (models ``["*"]``; else 401 / 403)."""
+    for every model (models ``["*"]``; else 401 / 403). The limits are the module text's;
+    ``refused(reason)`` counts a connection closed by one."""
 
     def app(environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET")
@@ -84,9 +159,19 @@ def serve_metrics(exposition: Callable[[], bytes], host: str, port: int, keys: K
         return [] if head else [body]
 
     server_class = type(
-        "MetricsServer", (_Threading,), {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET}
+        "MetricsServer",
+        (_Threading,),
+        {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
+            "max_header_bytes": max_header_bytes,
+            "slots": threading.BoundedSemaphore(max_connections),
+            "refused": staticmethod(refused),
+            "request_queue_size": 128,  # (socketserver's 5 turns a burst of scrapers away in the kernel)
+        },
     )
-    httpd: WSGIServer = make_server(host, port, app, server_class, handler_class=_Quiet)
+    httpd: WSGIServer = make_server(
+        host, port, app, server_class, handler_class=type("MetricsHandler", (_Quiet,), {"timeout": timeout_s})
+    )
     threading.Thread(target=httpd.serve_forever, name="batchgate-metrics", daemon=True).start()
     return httpd
 
@@ -95,3 +180,13 @@ def _answer(start_response, head: bool, status: str, body: bytes, *extra: tuple[
     """A short plain-text answer (its headers only to a HEAD)."""
     start_response(status, [_TEXT, ("Content-Length", str(len(body))), *extra])
     return [] if head else [body]
+
+
+def metrics_limits(settings: Any, refused: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`serve_metrics`' limits from the settings."""
+    return {
+        "max_connections": settings.limits.metrics_max_connections,
+        "max_header_bytes": settings.limits.max_header_bytes,
+        "timeout_s": settings.server.http_header_timeout_s,
+        "refused": refused,
+    }

@@ -1,0 +1,64 @@
+"""The metrics port's limits: connections, head bytes and time (monitoring/serve.py).
+
+Before, every connection to the metrics port got a thread that waited for its request for ever:
+any number of clients that connected and sent nothing held a thread each.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+CAP = 4
+
+
+def refused(running, reason: str) -> float:
+    for line in urllib.request.urlopen(running.metrics_url, timeout=5).read().decode().splitlines():
+        if line.startswith(f'batchgate_http_connections_refused_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def connect(running) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", running.gateway.metrics_port), timeout=5)
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_connections_past_the_cap_are_closed_and_silent_ones_time_out(demo_repo, serve):
+    running = serve(demo_repo, metrics_max_connections=CAP, http_header_timeout_s=1.5)
+    held = [connect(running) for _ in range(CAP)]
+    for s in held:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
+    time.sleep(0.3)  # (accepted: each holds its slot)
+    extra = connect(running)
+    assert closed_within(extra, 1.0), "a connection past metrics_max_connections was kept"
+    assert all(closed_within(s, 5) for s in held), "a silent connection was kept past the timeout"
+    for s in [extra, *held]:
+        s.close()
+    assert refused(running, "metrics_connections") == 1
+    assert refused(running, "metrics_timeout") == CAP
+
+
+def test_a_head_past_max_header_bytes_is_not_read_further(demo_repo, serve):
+    """A head that goes on and on is answered from what was read (http.server would read 100
+    header lines of 64 KiB each and wait for the rest)."""
+    running = serve(demo_repo, max_header_bytes=4096, http_header_timeout_s=30)
+    with connect(running) as s:
+        s.sendall(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000) for i in range(4))
+        )
+        s.settimeout(3)  # far inside the timeout: the answer comes without the head's end
+        assert s.recv(12).startswith(b"HTTP/1.")
+    assert refused(running, "metrics_timeout") == 0
