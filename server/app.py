@@ -47,7 +47,7 @@ from .security.access import Access
 from .security.audit import AuditLog
 from .security.auth import KeyStore
 from .security.limits import Admission
-from .security.tls import ServerTls, load_server_tls, plaintext_health_server
+from .security.tls import ServerTls, load_server_tls, ops_grpc_options, plaintext_health_server
 from .shadows import DisagreementLog, lowest_priority
 from .shm import SharedMemory
 from .state import StateDir
@@ -217,7 +217,7 @@ class Gateway:
             await routes_ready()
         lim = self.settings.limits
         limit = lim.max_request_bytes
-        self.max_connections = connections = fit_connections_to_fds(lim.max_connections)
+        self.max_connections = connections = fit_connections_to_fds(lim.max_connections, lim.ops_max_connections)
         self._grpc = new_grpc_server(s, lim, connections, self.reuse_port, self.metrics.connection_refused)
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
@@ -241,7 +241,9 @@ class Gateway:
             raise OSError(f"cannot listen for gRPC on {address}")
         await self._grpc.start()
         if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
-            self._health_grpc, self.health_port = plaintext_health_server(self._health, _join(s.host, s.health_port))
+            self._health_grpc, self.health_port = plaintext_health_server(
+                self._health, _join(s.host, s.health_port), lim.ops_max_connections, s.http_header_timeout_s
+            )
             await self._health_grpc.start()
 
         if s.http_port >= 0:
@@ -255,10 +257,17 @@ class Gateway:
         admin = AdminApi(self.dataplane)
         if s.admin_http_port >= 0:  # admin API mirror, repository API, health: loopback by default
             admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True, admin=admin)
-            self._admin = await self._listen_http(admin_app, s.admin_host, s.admin_http_port, self.reuse_port)
+            self._admin = await self._listen_http(
+                admin_app, s.admin_host, s.admin_http_port, self.reuse_port, lim.ops_max_connections
+            )
             self.admin_http_port = self._admin.port
         if s.admin_port >= 0:  # the admin API over gRPC
-            self._admin_grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(self.reuse_port))])
+            self._admin_grpc = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", int(self.reuse_port)),
+                    *ops_grpc_options(lim.ops_max_connections, s.http_header_timeout_s),
+                ]
+            )
             add_AdminServiceServicer_to_server(AdminService(admin), self._admin_grpc)
             address = _join(s.admin_host, s.admin_port)
             if self._tls is not None:
@@ -394,8 +403,11 @@ class Gateway:
                 signatures[spec.model] = served.signature
         return signatures
 
-    async def _listen_http(self, app: HttpApp, host: str, port: int, reuse_port: bool = False) -> HttpListener:
+    async def _listen_http(
+        self, app: HttpApp, host: str, port: int, reuse_port: bool = False, max_connections: int = 0
+    ) -> HttpListener:
         s, lim = self.settings.server, self.settings.limits
+        max_connections = max_connections or self.max_connections
         sock = tcp_socket(host, port, reuse_port)
         sock.listen(2048)
         sock.setblocking(False)
@@ -405,7 +417,7 @@ class Gateway:
                 max_header_bytes=lim.max_header_bytes,
                 header_timeout_s=s.http_header_timeout_s,
                 body_timeout_s=s.http_body_timeout_s,
-                max_connections=self.max_connections,
+                max_connections=max_connections,
                 refused=self.metrics.connection_refused,
                 gate=app.admit_early,
                 quick=app.quick_refusal,
@@ -430,7 +442,7 @@ class Gateway:
         server = QuietUvicorn(
             config,
             s.http_header_timeout_s,
-            self.max_connections,
+            max_connections,
             lambda: self.metrics.connection_refused(TOO_MANY_CONNECTIONS),
         )
         listener = HttpListener(app, server, sock.getsockname()[1])
@@ -523,12 +535,14 @@ class Gateway:
         return clean
 
 
-def fit_connections_to_fds(max_connections: int) -> int:
+def fit_connections_to_fds(max_connections: int, ops_max_connections: int = 64) -> int:
     """``max_connections`` HTTP and as many gRPC connections need a file descriptor each: raise
     the process's soft limit towards the hard one if it is short, and if even that cannot hold
     them, bound connections by what it can (with a warning) rather than fail accepts at random
     (an accept past the limit fails with EMFILE and every listener suffers)."""
-    reserve = 512  # models, logs, the audit log, certificates, upstream connections
+    # models, logs, the audit log, certificates, upstream connections; and the four operations
+    # listeners (metrics, health, admin gRPC and HTTP), ops_max_connections each
+    reserve = 256 + 4 * ops_max_connections
     need = 2 * max_connections + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:

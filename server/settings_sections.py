@@ -210,10 +210,11 @@ class LimitSettings:
         "one more gRPC connection is closed (grpcio engine: refused by gRPC core)",
         minimum=1,
     )
-    metrics_max_connections: int = _setting(
+    ops_max_connections: int = _setting(
         64,
-        "connections open at once on the metrics port (a thread each); one more is closed at once. Its request "
-        "head is bounded by max_header_bytes and every read and write by http_header_timeout_s",
+        "connections open at once on each operations listener: the metrics port (a thread each; its request "
+        "head bounded by max_header_bytes, every read and write by http_header_timeout_s), the plaintext "
+        "health_port and the admin ports; one more is closed at once",
         minimum=1,
     )
     max_stream_inflight: int = _setting(

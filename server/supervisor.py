@@ -136,7 +136,7 @@ class Supervisor(PodControl, PodState):
             self._health = HealthServicer()
             await self._publish()
             self._health_grpc, self.health_port = plaintext_health_server(
-                self._health, _join(srv.host, srv.health_port)
+                self._health, _join(srv.host, srv.health_port), s.limits.ops_max_connections, srv.http_header_timeout_s
             )
             await self._health_grpc.start()
         if self.owner is not None:

@@ -118,7 +118,7 @@ FAMILIES: dict[str, Family] = {
         "grpc_buffered_bytes (a call refused, its connection kept), grpc_handshake_timeout, grpc_body_timeout "
         "(a call failed), grpc_send_timeout (an answer dropped), grpc_idle_timeout (closed gracefully), "
         "grpc_flood (frames that carry nothing), grpc_malformed (a call reset: its headers break HTTP/2's rules); "
-        "on the metrics port metrics_connections (past metrics_max_connections), metrics_timeout; "
+        "on the metrics port metrics_connections (past ops_max_connections), metrics_timeout; "
         "overload_hold (either)",
         ("reason",),
     ),

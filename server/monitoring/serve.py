@@ -185,7 +185,7 @@ def _answer(start_response, head: bool, status: str, body: bytes, *extra: tuple[
 def metrics_limits(settings: Any, refused: Callable[[str], None]) -> dict[str, Any]:
     """:func:`serve_metrics`' limits from the settings."""
     return {
-        "max_connections": settings.limits.metrics_max_connections,
+        "max_connections": settings.limits.ops_max_connections,
         "max_header_bytes": settings.limits.max_header_bytes,
         "timeout_s": settings.server.http_header_timeout_s,
         "refused": refused,

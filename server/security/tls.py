@@ -194,7 +194,19 @@ def load_server_tls(settings: TlsSettings) -> ServerTls | None:
     return ServerTls(settings)
 
 
-def plaintext_health_server(servicer: Any, address: str) -> tuple[grpc.aio.Server, int]:
+def ops_grpc_options(max_connections: int, handshake_timeout_s: float) -> list[tuple[str, Any]]:
+    """gRPC core's bounds for an operations listener (health, admin): connections at once (one
+    more is refused by gRPC core, which does not tell Python: not counted) and the time a
+    connection's handshake may take (gRPC core's default is two minutes)."""
+    return [
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.server_handshake_timeout_ms", max(1, int(handshake_timeout_s * 1000))),
+    ]
+
+
+def plaintext_health_server(
+    servicer: Any, address: str, max_connections: int = 64, handshake_timeout_s: float = 10.0
+) -> tuple[grpc.aio.Server, int]:
     """A plaintext gRPC server carrying only grpc.health.v1.Health (``servicer``, the one the
     main port publishes), for kubelet ``grpc:`` probes, which cannot speak TLS. Not started."""
     server = grpc.aio.server(
@@ -202,6 +214,7 @@ def plaintext_health_server(servicer: Any, address: str) -> tuple[grpc.aio.Serve
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 4096),
             ("grpc.max_concurrent_streams", 8),
+            *ops_grpc_options(max_connections, handshake_timeout_s),
         ]
     )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

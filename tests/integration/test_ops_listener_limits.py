@@ -1,4 +1,5 @@
-"""The metrics port's limits: connections, head bytes and time (monitoring/serve.py).
+"""The operations listeners' limits: the metrics port's connections, head bytes and time
+(monitoring/serve.py), the health and admin gRPC ports' connections.
 
 Before, every connection to the metrics port got a thread that waited for its request for ever:
 any number of clients that connected and sent nothing held a thread each.
@@ -37,13 +38,13 @@ def closed_within(s: socket.socket, seconds: float) -> bool:
 
 
 def test_connections_past_the_cap_are_closed_and_silent_ones_time_out(demo_repo, serve):
-    running = serve(demo_repo, metrics_max_connections=CAP, http_header_timeout_s=1.5)
+    running = serve(demo_repo, ops_max_connections=CAP, http_header_timeout_s=1.5)
     held = [connect(running) for _ in range(CAP)]
     for s in held:
         s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
     time.sleep(0.3)  # (accepted: each holds its slot)
     extra = connect(running)
-    assert closed_within(extra, 1.0), "a connection past metrics_max_connections was kept"
+    assert closed_within(extra, 1.0), "a connection past ops_max_connections was kept"
     assert all(closed_within(s, 5) for s in held), "a silent connection was kept past the timeout"
     for s in [extra, *held]:
         s.close()
@@ -62,3 +63,24 @@ def test_a_head_past_max_header_bytes_is_not_read_further(demo_repo, serve):
         s.settimeout(3)  # far inside the timeout: the answer comes without the head's end
         assert s.recv(12).startswith(b"HTTP/1.")
     assert refused(running, "metrics_timeout") == 0
+
+
+def test_the_grpc_operations_listeners_bound_their_connections(demo_repo, serve):
+    """The plaintext health port and the admin gRPC port: gRPC core closes a connection past
+    ops_max_connections at once (before, any number were held for its two-minute handshake
+    timeout, each a file descriptor)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = serve(demo_repo, health_port=0, admin_port=0, ops_max_connections=CAP, http_header_timeout_s=30)
+    for port in (running.gateway.health_port, running.gateway.admin_port):
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(CAP)]
+        time.sleep(0.3)  # (accepted: each holds its place)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            assert closed_within(extra, 2.0), f"port {port}: a connection past ops_max_connections was kept"
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    with grpc.insecure_channel(f"127.0.0.1:{running.gateway.health_port}") as ch:
+        answer = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
