@@ -137,6 +137,8 @@ class _Early(asyncio.Protocol):
         self._lost = (exc,)
 
     def hand_over(self, protocol: asyncio.Protocol, transport: asyncio.BaseTransport) -> None:
+        if self._lost is None and transport.is_closing():  # (refused in connection_made)
+            return
         if self._data:
             protocol.data_received(b"".join(self._data))
         if self._eof and not protocol.eof_received():
