@@ -85,6 +85,7 @@ class _Call:
         "inbox_bytes",
         "partial_since",
         "out_since",
+        "out_taken",
         "ran",
         "request_done",
         "gone",
@@ -121,6 +122,7 @@ class _Call:
         # past the server's body_timeout_s fails the call
         self.partial_since: float | None = None if handler.request_streaming else _monotonic()
         self.out_since: float | None = None  # since when answer bytes wait for the client's window, unsent
+        self.out_taken = 0  # bytes the client took since then (each buys it time: grpc_h2_sweep.py)
         self.ran = False  # the handler has returned (the answer may still wait for the client's window)
         self.request_done = False
         self.gone = False  # the client reset the stream or the connection went away
@@ -393,18 +395,18 @@ class _Call:
             return
         h = self.conn.h2
         out = self.out
-        sent = False
         while out:
             n = min(len(out), h.local_flow_control_window(self.sid), h.max_outbound_frame_size)
-            if n <= 0:  # waits for the client's window: since when it last took some
-                if sent or self.out_since is None:
+            if n <= 0:  # waits for the client's window: since when the answer has waited
+                if self.out_since is None:
                     self.out_since = _monotonic()
+                    self.out_taken = 0
                 if h.connection_window() <= 0:  # (the connection's: woken by its WINDOW_UPDATE)
                     self.conn.starved.add(self)
                 return
             h.send_data(self.sid, bytes(out[:n]))
             del out[:n]
-            sent = True
+            self.out_taken += n
         self.out_since = None
         if self.end_after_out is not None:
             h.send_headers(self.sid, self.end_after_out, end_stream=True)

@@ -1,6 +1,7 @@
 """The h2 gRPC engine's timeouts, enforced on each connection by the server's sweep (about every
 second): the handshake (``http_header_timeout_s``), a request message that stalls part-way
-(``http_body_timeout_s``), an answer its client takes none of for as long, idle connections
+(``http_body_timeout_s``), an answer its client takes too little of for as long (each
+``MIN_SEND_BYTES_PER_S`` taken buys a second more), idle connections
 (``grpc_idle_timeout_s``), and a closed connection whose client reads nothing of what is left."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import logging
 from typing import TYPE_CHECKING
 
 import grpc
+
+from .sockets import MIN_SEND_BYTES_PER_S
 
 if TYPE_CHECKING:
     from .grpc_h2_connection import _Connection
@@ -41,8 +44,10 @@ def sweep(conn: _Connection, now: float) -> None:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"the request message did not arrive within http_body_timeout_s ({body:g} s)",
                 )
-            elif call.out_since is not None and now - call.out_since > body:
-                server.refused("grpc_send_timeout")  # its client took none of the answer for that long
+            elif call.out_since is not None and now - call.out_since > body + call.out_taken / MIN_SEND_BYTES_PER_S:
+                # its client took too little of the answer for that long: a window opened a byte
+                # at a time no longer holds an answer, and its memory, for ever
+                server.refused("grpc_send_timeout")
                 call.drop_answer()
     elif 0 < server.idle_timeout_s < now - conn.idle_since and not conn.closing:
         server.refused("grpc_idle_timeout")

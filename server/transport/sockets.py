@@ -5,6 +5,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+# An answer waiting for its client to read it may wait http_body_timeout_s, and one second more
+# for each 16 KiB the client takes meanwhile (HTTP and the h2 gRPC engine): a client that reads a
+# byte now and then cannot hold an answer, and its memory, for ever; one on a slow link can.
+MIN_SEND_BYTES_PER_S = 16 * 1024
+
 
 def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A bound TCP socket (not listening yet); OSError when the address cannot be bound.

@@ -457,6 +457,24 @@ def test_an_answer_its_client_takes_none_of_is_dropped_at_the_body_timeout(engin
     _wait(lambda: e.connections() == [(0, 0)], "the answer is let go")
 
 
+def test_an_answer_its_client_takes_a_byte_at_a_time_is_dropped(engine):
+    """A window opened one byte at a time no longer holds an answer for ever: the time it may
+    wait grows only with what its client takes (16 KiB a second; before, every byte taken
+    started the body timeout again)."""
+    e = engine(body_timeout_s=0.5)
+    raw = Raw(e.port, settings=struct.pack(">HL", 4, 0))  # INITIAL_WINDOW_SIZE 0
+    sid = raw.headers()
+    raw.data(sid, message(b"x" * 100_000), end=True)
+    frames: list[tuple] = []
+    for _ in range(30):  # 3 s: six body timeouts
+        raw.sock.sendall(frame(WINDOW_UPDATE, 0, sid, struct.pack(">L", 1)))
+        frames += raw.frames(0.1)
+        if any(f[0] == RST and f[2] == sid for f in frames if len(f) == 4):
+            break
+    assert any(f[0] == RST and f[2] == sid and struct.unpack(">L", f[3])[0] == 0x8 for f in frames if len(f) == 4)
+    _wait(lambda: e.connections() == [(0, 0)], "the answer is let go")
+
+
 def test_a_closed_connection_whose_client_reads_nothing_is_aborted(engine, monkeypatch):
     monkeypatch.setattr(grpc_h2_sweep, "CLOSE_GRACE_S", 0.3)
     e = engine(idle_timeout_s=0.3)
