@@ -422,6 +422,7 @@ class Gateway:
                 gate=app.admit_early,
                 quick=app.quick_refusal,
                 shedding=app.shedding,
+                max_pipelined=lim.max_pipelined_requests,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
             # the peer is the socket's: X-Forwarded-For would let any client write another address

@@ -73,7 +73,8 @@ class ServerSettings:
     http_body_timeout_s: float = _setting(
         60.0,
         "an HTTP request body must arrive within this of its head; else 408 and closed (h2 gRPC engine: a "
-        "request message, from its first byte; else DEADLINE_EXCEEDED)",
+        "request message, from its first byte; else DEADLINE_EXCEEDED); and an answer its client does not "
+        "read may wait this long, a second more per 16 KiB it takes (else aborted / reset)",
         positive=True,
     )
     grpc_idle_timeout_s: float = _setting(
@@ -208,6 +209,12 @@ class LimitSettings:
         "connections open at once, HTTP and gRPC each (with TLS counted from the accept, the handshake "
         "included); one more HTTP connection is answered 503 and closed (with TLS closed before its handshake), "
         "one more gRPC connection is closed (grpcio engine: refused by gRPC core)",
+        minimum=1,
+    )
+    max_pipelined_requests: int = _setting(
+        128,
+        "HTTP/1.1 requests one connection may have read and queued behind the one being answered "
+        "(pipelining); one more closes the connection",
         minimum=1,
     )
     ops_max_connections: int = _setting(

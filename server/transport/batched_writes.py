@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("batchgate.http")
@@ -59,13 +60,16 @@ class WriteBatch:
 class BatchedWrites:
     """A connection's transport, its small writes kept until the end of the loop's turn."""
 
-    __slots__ = ("_t", "_batch", "_kept", "_size")
+    __slots__ = ("_t", "_batch", "_kept", "_size", "_closed_unsent")
 
-    def __init__(self, transport: Any, batch: WriteBatch):
+    def __init__(self, transport: Any, batch: WriteBatch, closed_unsent: Callable[[], None] | None = None):
+        """``closed_unsent()``: called when the connection is closed with bytes still to write
+        (its client has yet to take them; it bounds how long it may take)."""
         self._t = transport
         self._batch = batch
         self._kept: list[bytes] = []
         self._size = 0
+        self._closed_unsent = closed_unsent
 
     def write(self, data: bytes) -> None:
         n = len(data)
@@ -97,6 +101,8 @@ class BatchedWrites:
     def close(self) -> None:
         self.flush()
         self._t.close()
+        if self._closed_unsent is not None and self._t.get_write_buffer_size():
+            self._closed_unsent()
 
     def abort(self) -> None:
         self._kept, self._size = [], 0

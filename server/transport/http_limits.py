@@ -10,7 +10,12 @@ that bounds all of these:
   keep-alive connection's next request), the body within ``body_timeout_s`` of the head:
   otherwise 408 and close
   (a slow client cannot hold a connection, and its file descriptor, by trickling bytes);
-- at most ``max_connections`` connections at once: one more is closed as soon as it is made.
+- at most ``max_connections`` connections at once: one more is closed as soon as it is made;
+- at most ``max_pipelined`` requests read and queued behind the one being answered (HTTP/1.1
+  pipelining; reading stops while any wait): one more closes the connection;
+- an answer its client does not take (``pause_writing``), or a connection closed with bytes
+  still to write, must drain ``MIN_SEND_BYTES_PER_S`` a second, judged every ``body_timeout_s``,
+  or the connection is aborted (``send_timeout``).
 
 Each refusal is counted by ``refused(reason)``. Keep-alive idle time is uvicorn's own
 ``timeout_keep_alive``.
@@ -50,6 +55,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..security.tls import tls_extension
 from . import batched_writes
 from .http_scope import encoded_separator
+from .sockets import MIN_SEND_BYTES_PER_S
 
 HEAD_TOO_LARGE = "header_bytes"
 HEAD_TIMEOUT = "header_timeout"
@@ -58,6 +64,8 @@ TOO_MANY_CONNECTIONS = "connections"
 OVERLOAD_HOLD = "overload_hold"  # a connection not read until its turn (past the overload refusals' rate)
 NOT_HTTP = "malformed"  # bytes httptools cannot parse as HTTP/1.1 (400)
 TRANSFER_CODING = "transfer_encoding"  # a transfer coding other than chunked alone (501)
+PIPELINE = "pipeline"  # more requests queued behind the one being answered than max_pipelined_requests
+SEND_TIMEOUT = "send_timeout"  # an answer its client took too little of in time: the connection aborted
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
 _STATUS = {
@@ -102,6 +110,7 @@ def guarded_protocol(
     max_connections: int,
     refused: Callable[[str], None],
     gate: Gate | None = None,
+    max_pipelined: int = 128,
     quick: Quick | None = None,
     shedding: Callable[[], bool] | None = None,
 ) -> type[HttpToolsProtocol]:
@@ -119,6 +128,8 @@ def guarded_protocol(
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
         _in_message = False  # httptools has begun a request and not yet ended it
         _in_head = False  # ... and not yet read all of its head
+        _send_timer: asyncio.TimerHandle | None = None  # the clock of an answer waiting for its client
+        _send_mark = 0  # bytes waiting to be written when that clock started
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -207,7 +218,7 @@ def guarded_protocol(
             # waits for the end of the loop's turn (batched_writes.py).
             if writes.loop is None:
                 writes.loop = self.loop
-            self.transport = batched_writes.BatchedWrites(transport, writes)  # type: ignore[assignment]
+            self.transport = batched_writes.BatchedWrites(transport, writes, self._watch_send)  # type: ignore[assignment]
             if len(self.connections) > max_connections:
                 refused(TOO_MANY_CONNECTIONS)
                 self._refuse(503, f"more than {max_connections} connections (max_connections)")
@@ -218,7 +229,46 @@ def guarded_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
             super().connection_lost(exc)
+
+        # ------------------------------------------------------------------ the sending side
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._watch_send()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None and not self.transport.is_closing():
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _watch_send(self) -> None:
+            """Start the clock of what waits to be written (its client does not read, or reads
+            slowly): within ``body_timeout_s`` the client must take ``MIN_SEND_BYTES_PER_S``
+            a second of it, else the connection is aborted (a close would wait for ever)."""
+            if self._send_timer is None:
+                self._send_mark = self.transport.get_write_buffer_size()
+                self._send_timer = self.loop.call_later(body_timeout_s, self._send_check)
+
+        def _send_check(self) -> None:
+            self._send_timer = None
+            t = self.transport
+            left = t.get_write_buffer_size()
+            if not left or (not t.is_closing() and not self.flow.write_paused):
+                return  # taken, or below the transport's high-water mark again
+            if self._send_mark - left >= body_timeout_s * MIN_SEND_BYTES_PER_S:
+                self._watch_send()  # it reads, slowly enough: another round
+                return
+            refused(SEND_TIMEOUT)
+            t.abort()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.pipeline:  # requests read ahead wait already: read no more until they are answered
+                self.flow.pause_reading()
 
         def on_message_begin(self) -> None:
             self._in_message = self._in_head = True
@@ -265,6 +315,14 @@ def guarded_protocol(
                     # admission made here would never be released.
                     if gate is not None and not self.parser.should_upgrade() and self._gate():
                         return
+                if self._behind and len(self.pipeline) >= max_pipelined:
+                    # A client that sends request after request without reading the answers:
+                    # one read holds thousands of small ones, each a request cycle kept.
+                    refused(PIPELINE)
+                    self._refused = True  # (what is still parsed of this read is dropped)
+                    self._disarm()
+                    self.transport.close()  # (behind an answer in progress: no words of ours)
+                    return
                 super().on_headers_complete()
 
         def _gate(self) -> bool:

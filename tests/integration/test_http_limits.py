@@ -264,8 +264,8 @@ def recorded_writes(monkeypatch) -> list[bytes]:
             return getattr(self._t, name)
 
     class Recording(batched_writes.BatchedWrites):
-        def __init__(self, transport, batch):
-            super().__init__(Recorder(transport), batch)
+        def __init__(self, transport, batch, closed_unsent=None):
+            super().__init__(Recorder(transport), batch, closed_unsent)
 
     monkeypatch.setattr(batched_writes, "BatchedWrites", Recording)
     return writes

@@ -1,0 +1,78 @@
+"""HTTP/1.1 clients that send without reading: pipelined requests are bounded per connection
+(``max_pipelined_requests``), and an answer nobody takes holds its connection only so long
+(``send_timeout``; transport/http_limits.py).
+
+Before, 12 MB of tiny pipelined requests on one connection grew the server by 800 MB, and a
+30 MB answer its client never read held that memory and the connection for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def refused(running, reason: str) -> float:
+    for line in urllib.request.urlopen(running.metrics_url, timeout=5).read().decode().splitlines():
+        if line.startswith(f'batchgate_http_connections_refused_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def read_all(s: socket.socket, seconds: float = 10) -> bytes:
+    """Everything until the server closes (or ``seconds`` pass)."""
+    s.settimeout(seconds)
+    got = bytearray()
+    try:
+        while chunk := s.recv(1 << 16):
+            got += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return bytes(got)
+
+
+def test_pipelined_requests_up_to_the_bound_are_answered_in_order(demo_repo, serve):
+    running = serve(demo_repo, max_pipelined_requests=16)
+    with socket.create_connection(("127.0.0.1", running.gateway.http_port), timeout=5) as s:
+        s.sendall(LIVE * 10 + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = read_all(s)
+    assert answers.count(b"HTTP/1.1 200") == 11
+    assert refused(running, "pipeline") == 0
+
+
+def test_a_client_that_pipelines_without_reading_is_closed(demo_repo, serve):
+    running = serve(demo_repo, max_pipelined_requests=16)
+    with socket.create_connection(("127.0.0.1", running.gateway.http_port), timeout=5) as s:
+        s.sendall(LIVE * 5000)  # 205 KB: thousands of request cycles in one read
+        time.sleep(0.5)  # (not reading meanwhile)
+        answers = read_all(s)
+    assert answers.count(b"HTTP/1.1 200") < 100, "the server queued what was pipelined without bound"
+    assert refused(running, "pipeline") == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.gateway.http_port}/v2/health/live", timeout=5) as r:
+        assert r.status == 200
+
+
+def test_an_answer_its_client_does_not_read_is_given_up(demo_repo, serve):
+    running = serve(demo_repo, http_body_timeout_s=1)
+    body = json.dumps(
+        {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a" * (8 << 20)]}]}
+    ).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", running.gateway.http_port))
+    try:
+        s.sendall(
+            b"POST /v2/models/identity_bytes/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        end = time.monotonic() + 20  # (the timeout is 1 s: judged about every second)
+        while refused(running, "send_timeout") < 1:
+            assert time.monotonic() < end, "an 8 MB answer nobody reads was kept"
+            time.sleep(0.2)
+        assert read_all(s, 5).startswith(b"HTTP/1.1 200")  # what the kernel held, then the reset
+    finally:
+        s.close()
