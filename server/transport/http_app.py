@@ -568,7 +568,11 @@ class HttpApp:
             headers.append((b"retry-after", str(max(1, math.ceil(e.retry_after_s))).encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
-        return status, headers, orjson.dumps({"error": e.message})
+        try:
+            body = orjson.dumps({"error": e.message})
+        except TypeError:  # (a message that is not Unicode: what a client sent, quoted)
+            body = orjson.dumps({"error": e.message.encode("utf-8", "backslashreplace").decode()})
+        return status, headers, body
 
     async def _error(self, send, e: GatewayError, extra=()):
         if isinstance(e, _BodyRefused):  # (the rest of its body was not read: the connection cannot go on)

@@ -390,6 +390,13 @@ def _with_non_finite(head: bytes) -> object | None:
         obj: object = json.loads(head)
     except (ValueError, RecursionError):
         return None
+    if b"\\u" in head:
+        # Python's reader keeps a lone UTF-16 surrogate escape (orjson refuses one): a string
+        # that is not Unicode would fail every later encode (the answer, the access log) as a 500
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise invalid("request body is not valid JSON: a \\uD800-\\uDFFF escape without its pair") from None
     return obj
 
 
