@@ -80,53 +80,61 @@ class ModelSignature:
             self._layouts[layout] = checked.batch_size
         return checked
 
+    def precheck(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """One input's name, datatype and shape, before its values are read: a large body
+        whose shape the model refuses is not decoded (transport/http_app.py). The checks are
+        :meth:`check`'s, with the same words."""
+        if not self.open:
+            self._check_input(name, datatype, shape, -1)
+
+    def _check_input(self, name: str, datatype: str, shape: tuple[int, ...], batch: int) -> int:
+        """Raise for an input the signature refuses; the batch size, given the others' so far."""
+        where = f"model '{self.name}'"
+        spec = self._in.get(name)
+        if spec is None:
+            raise invalid(f"{where} has no input '{clip(name)}'; its inputs are {', '.join(repr(s) for s in self._in)}")
+        if datatype != spec.dtype.v2:
+            raise invalid(f"input '{clip(name)}' has datatype {datatype}, but {where} expects {spec.dtype.v2}")
+        dims = spec.dims
+        if self.max_batch_size > 0:
+            if len(shape) != len(dims) + 1:
+                raise invalid(
+                    f"input '{clip(name)}' has shape {list(shape)}, but {where} expects "
+                    f"{spec.full_shape(self.max_batch_size)} (batch dimension first)"
+                )
+            b = shape[0]
+            if b < 1 or b > self.max_batch_size:
+                raise invalid(
+                    f"input '{clip(name)}': batch size {b} must be between 1 and {self.max_batch_size} for {where}"
+                )
+            if batch == -1:
+                batch = b
+            elif b != batch:
+                raise invalid(
+                    f"input '{clip(name)}' has batch size {b}, but another input has {batch}; "
+                    "all inputs must share the batch dimension"
+                )
+            rest = shape[1:]
+        else:
+            rest = shape
+            if len(shape) != len(dims):
+                raise invalid(f"input '{clip(name)}' has shape {list(shape)}, but {where} expects {list(dims)}")
+        for have, want in zip(rest, dims):
+            if want != -1 and have != want:
+                raise invalid(
+                    f"input '{clip(name)}' has shape {list(shape)}, but {where} expects "
+                    f"{spec.full_shape(self.max_batch_size)}"
+                )
+        return batch
+
     def _check(self, request: InferRequest) -> Checked:
         where = f"model '{self.name}'"
         feeds: dict[str, np.ndarray] = {}
         batch = -1
-        specs = self._in
         for t in request.inputs:
-            spec = specs.get(t.name)
-            if spec is None:
-                raise invalid(
-                    f"{where} has no input '{clip(t.name)}'; its inputs are {', '.join(repr(s) for s in specs)}"
-                )
             if t.name in feeds:
                 raise invalid(f"input '{clip(t.name)}' appears more than once")
-            if t.datatype != spec.dtype.v2:
-                raise invalid(f"input '{clip(t.name)}' has datatype {t.datatype}, but {where} expects {spec.dtype.v2}")
-            shape = t.shape
-            dims = spec.dims
-            if self.max_batch_size > 0:
-                if len(shape) != len(dims) + 1:
-                    raise invalid(
-                        f"input '{clip(t.name)}' has shape {list(shape)}, but {where} expects "
-                        f"{spec.full_shape(self.max_batch_size)} (batch dimension first)"
-                    )
-                b = shape[0]
-                if b < 1 or b > self.max_batch_size:
-                    raise invalid(
-                        f"input '{clip(t.name)}': batch size {b} must be between 1 and {self.max_batch_size} "
-                        f"for {where}"
-                    )
-                if batch == -1:
-                    batch = b
-                elif b != batch:
-                    raise invalid(
-                        f"input '{clip(t.name)}' has batch size {b}, but another input has {batch}; "
-                        "all inputs must share the batch dimension"
-                    )
-                rest = shape[1:]
-            else:
-                rest = shape
-                if len(shape) != len(dims):
-                    raise invalid(f"input '{clip(t.name)}' has shape {list(shape)}, but {where} expects {list(dims)}")
-            for have, want in zip(rest, dims):
-                if want != -1 and have != want:
-                    raise invalid(
-                        f"input '{clip(t.name)}' has shape {list(shape)}, but {where} expects "
-                        f"{spec.full_shape(self.max_batch_size)}"
-                    )
+            batch = self._check_input(t.name, t.datatype, t.shape, batch)
             feeds[t.name] = t.data
         missing = [s.name for s in self.inputs if s.name not in feeds and not s.optional]
         if missing:

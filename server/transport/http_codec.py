@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple, NoReturn
 
@@ -92,9 +92,11 @@ def decode_request(
     headers: Mapping[str, str] = EMPTY,
     shm: RegionView | None = None,
     note: Any = None,
+    precheck: Callable[[str, str, tuple[int, ...]], None] | None = None,
 ) -> tuple[InferRequest, OutputOptions]:
     """The request in ``body`` and how its caller wants the outputs written; ``shm``: the
-    registered shared-memory regions an input or output may name."""
+    registered shared-memory regions an input or output may name; ``precheck(name, datatype,
+    shape)``: raises for an input the model refuses, before its values are read."""
     if header_length == "0":
         raise invalid(
             "raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
@@ -136,6 +138,8 @@ def decode_request(
             _explain_bad_input(j)
         shape = tuple(shape)
         check_shape(name, shape, limits)
+        if precheck is not None:
+            precheck(name, dt.v2, shape)
         params = j.get("parameters")
         size = None
         if params is not None:
