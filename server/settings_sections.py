@@ -204,6 +204,12 @@ class LimitSettings:
         "MAX_CONCURRENT_STREAMS: a client past it waits for a slot)",
         minimum=1,
     )
+    grpc_max_streaming_calls: int = _setting(
+        8192,
+        "streaming gRPC calls (ModelStreamInfer) open at once on the h2 engine, all connections together (a "
+        "stream may stay open and idle as long as its client likes); one more is refused RESOURCE_EXHAUSTED",
+        minimum=1,
+    )
     max_connections: int = _setting(
         8192,
         "connections open at once, HTTP and gRPC each (with TLS counted from the accept, the handshake "

@@ -63,6 +63,7 @@ class H2GrpcServer:
         max_receive_bytes: int,
         max_connections: int,
         max_concurrent_streams: int = 1024,
+        max_streaming_calls: int = 8192,
         reuse_port: bool = False,
         refused: Refused | None = None,
         max_connection_age_s: float = 0.0,
@@ -78,6 +79,10 @@ class H2GrpcServer:
         self.max_receive_bytes = max_receive_bytes
         self.max_connections = max_connections
         self.max_concurrent_streams = max_concurrent_streams
+        # Streaming calls open, all connections together: one may stay open and idle for as long
+        # as its client likes (a gRPC stream), so their number, not a timeout, bounds them.
+        self.max_streaming_calls = max_streaming_calls
+        self.streaming: set = set()
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s

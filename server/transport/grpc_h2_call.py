@@ -481,6 +481,7 @@ class _Call:
         self.done = True
         self.credit()
         self.conn.release(self)
+        self.conn.server.streaming.discard(self)
         self.partial_since = self.out_since = None
         self.buf.clear()  # (the handler's task may hold the call a while yet: not its bytes)
         self.inbox.clear()

@@ -303,7 +303,19 @@ class _Connection(asyncio.Protocol):
         if type(parsed) is tuple:
             handler, md, seconds, encoding, path = parsed
             deadline = None if seconds is None else _monotonic() + seconds
-            self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
+            streaming = self.server.streaming
+            if handler.request_streaming and len(streaming) >= self.server.max_streaming_calls:
+                self.server.refused("grpc_streams")
+                self.trailers_only(
+                    sid,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.server.max_streaming_calls} streaming calls are open on this server, its limit "
+                    "(grpc_max_streaming_calls); retry later or on another replica",
+                )
+                return
+            call = self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
+            if handler.request_streaming:
+                streaming.add(call)
         elif parsed is _MALFORMED:
             self.server.refused("grpc_malformed")
             self.h2.reset_stream(sid, http2.PROTOCOL_ERROR)
@@ -431,6 +443,7 @@ class _Connection(asyncio.Protocol):
             self._resets.credit()
         self.release(call)
         self.calls.pop(call.sid, None)
+        self.server.streaming.discard(call)
         self.starved.discard(call)
         if not self.calls:
             self.idle_since = _monotonic()

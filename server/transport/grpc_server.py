@@ -45,6 +45,7 @@ def new_grpc_server(
             max_connection_age_s=s.grpc_max_connection_age_s,
             refusals_per_s=lim.grpc_overload_refusals_per_s,
             max_concurrent_streams=lim.grpc_max_concurrent_streams,
+            max_streaming_calls=lim.grpc_max_streaming_calls,
             max_resets_per_s=lim.grpc_max_resets_per_s,
             max_header_bytes=lim.max_header_bytes,
             eager=EAGER,

@@ -475,6 +475,25 @@ def test_an_answer_its_client_takes_a_byte_at_a_time_is_dropped(engine):
     _wait(lambda: e.connections() == [(0, 0)], "the answer is let go")
 
 
+def test_streaming_calls_open_at_once_are_bounded(engine):
+    """A stream may stay open and idle as long as its client likes, so their number bounds them:
+    past grpc_max_streaming_calls one more is refused RESOURCE_EXHAUSTED (before, 20 connections
+    of 1,024 streams that sent nothing held 200 MB for as long as they stayed)."""
+    e = engine(max_streaming_calls=3)
+    raw = Raw(e.port)
+    held = [raw.headers(b"/t.T/Stream") for _ in range(3)]
+    extra = raw.headers(b"/t.T/Stream")
+    assert _grpc_status(raw.frames(1.0), extra) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    unary = raw.headers()  # (unary calls are not streams: not counted)
+    raw.data(unary, message(b"x"), end=True)
+    assert _grpc_status(raw.frames(1.0), unary) == 0
+    raw.sock.sendall(frame(RST, 0, held[0], struct.pack(">L", 8)))  # one ends: its place is free
+    _wait(lambda: e.read(lambda: len(e.server.streaming)) == 2, "the ended stream is let go")
+    again = raw.headers(b"/t.T/Stream")
+    raw.data(again, message(b"y"), end=True)
+    assert _grpc_status(raw.frames(1.0), again) == 0
+
+
 def test_a_closed_connection_whose_client_reads_nothing_is_aborted(engine, monkeypatch):
     monkeypatch.setattr(grpc_h2_sweep, "CLOSE_GRACE_S", 0.3)
     e = engine(idle_timeout_s=0.3)
