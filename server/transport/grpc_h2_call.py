@@ -286,8 +286,10 @@ class _Call:
         try:
             return d(raw)
         except Exception:
+            # Bad input, answered as such (grpcio says INTERNAL "Exception deserializing request!")
             self.wire_error = _Abort()
-            self.fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            kind = getattr(getattr(getattr(d, "__self__", None), "DESCRIPTOR", None), "full_name", "request message")
+            self.fail(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {kind} (protobuf)")
             raise self.wire_error from None
 
     # ------------------------------------------------------------------ running the handler

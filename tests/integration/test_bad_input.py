@@ -340,6 +340,26 @@ def test_grpc_unparsable_protobuf(server, garbage):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ("ModelReady", "inference.ModelReadyRequest"),
+        ("ModelMetadata", "inference.ModelMetadataRequest"),
+        ("RepositoryModelLoad", "inference.RepositoryModelLoadRequest"),
+        ("SystemSharedMemoryRegister", "inference.SystemSharedMemoryRegisterRequest"),
+    ],
+)
+def test_grpc_unparsable_protobuf_on_other_methods_is_invalid_argument(server, method, kind):
+    """Every method, not ModelInfer alone: bad bytes are the caller's error (was INTERNAL)."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}", None, None)
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff" * 10, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert info.value.details() == f"the request is not a valid {kind} (protobuf)"
+    assert_still_serving(server)
+
+
 def test_grpc_valid_protobuf_but_nonsense(server):
     """Messages that parse but ask for nothing sensible: no model, then a model and no inputs."""
     err = grpc_error(server, service_pb2.ModelInferRequest())
