@@ -52,6 +52,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..core.rate import LineBudget
 from ..security.tls import tls_extension
 from . import batched_writes
 from .http_scope import encoded_separator
@@ -78,8 +79,26 @@ _STATUS = {
 _PARSER_WARNING = "Invalid HTTP request received."  # uvicorn's line for each: counted instead
 
 
+_APP_EXCEPTION = "Exception in ASGI application\n"  # uvicorn's, with a traceback of ~40 lines
+
+
 class _NoLineEach(logging.Filter):
+    """uvicorn's line per unparsable request is dropped (counted instead); its traceback per
+    request the app failed (a bug: answered 500) is kept to 5 a second, so a client that finds
+    one cannot flood the log with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tracebacks = LineBudget(5)
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _APP_EXCEPTION:
+            left_out = self._tracebacks.take()
+            if left_out is None:
+                return False
+            if left_out:
+                record.msg = f"Exception in ASGI application ({left_out} more left out)\n"
+            return True
         return record.msg != _PARSER_WARNING
 
 
