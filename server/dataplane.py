@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from random import random
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -86,6 +86,7 @@ FILE_PARAM_PREFIX = "file:"
 # What admission hands back and inference takes: a model version, or a request's passage
 # through a route. Transports hold it without looking inside.
 Served = ModelVersion | Routed
+PRECHECK_BYTES = 1 << 20  # requests past this are checked against the signature before decoding
 
 
 class ServerMetadata(TypedDict):
@@ -226,6 +227,17 @@ class DataPlane(Extensions):
 
     def release(self, served: Served) -> None:
         self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]
+
+    @staticmethod
+    def precheck(served: Served, size: int) -> Callable[[str, str, tuple[int, ...]], None] | None:
+        """For a request of ``size`` bytes past ``PRECHECK_BYTES``, the serving version's check
+        of one input's name, datatype and shape, for the codec to run before the input's values
+        are read: a large request the model refuses is never decoded (a 61 MB JSON body took the
+        loop 1.9 s to be refused). None for a small one (checked once, after) or an open signature."""
+        if size <= PRECHECK_BYTES:
+            return None
+        signature = (served.version if isinstance(served, Routed) else served).signature
+        return None if signature.open else signature.precheck
 
     def infer(self, served: Served, request: InferRequest) -> Awaitable[InferResponse]:
         """Hand ``request`` to the version :meth:`admit` returned; await the answer. With drift

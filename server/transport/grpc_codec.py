@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -100,6 +100,7 @@ def decode_request(
     deadline: float | None = None,
     shm: RegionView | None = None,
     note: Any = None,
+    precheck: Callable[[str, str, tuple[int, ...]], None] | None = None,
 ) -> InferRequest:
     """The request in ``msg``; ``headers`` are the caller's x-* metadata, ``deadline`` the
     call's gRPC deadline on the monotonic clock (None when it has none); ``shm``: the registered
@@ -126,6 +127,8 @@ def decode_request(
         check_shape(name, shape, limits)
         if shape and min(shape) < 0:
             raise invalid(f"{what}: shape {list(shape)} has a negative dimension")
+        if precheck is not None:  # (a large request: the model's own check before any value is read)
+            precheck(name, dt.v2, shape)
         if shared and i in shared:
             if shm is None:
                 raise invalid(f"{what}: shared memory is not served here")

@@ -309,14 +309,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # ------------------------------------------------------------ inference
-    def _decode(self, msg, context, headers, shm: RegionView | None = None, note: Note | None = None) -> InferRequest:
+    def _decode(self, msg, context, headers, shm: RegionView | None, note: Note | None, precheck) -> InferRequest:
         """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's;
         ``shm``: the caller's shared-memory regions, when the request names one."""
         arrival = _monotonic()
         remaining = context.time_remaining()
-        return grpc_codec.decode_request(
-            msg, arrival, self.dp.limits, headers, None if remaining is None else arrival + remaining, shm, note
-        )
+        deadline = None if remaining is None else arrival + remaining
+        return grpc_codec.decode_request(msg, arrival, self.dp.limits, headers, deadline, shm, note, precheck)
 
     def quick_refusal(self, raw: bytes, peer: str) -> tuple[grpc.StatusCode, str, tuple] | None:
         """A ModelInfer refused for overload before it is parsed: status, message and trailing
@@ -429,7 +428,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     return await forwarded
                 headers = caller_headers(md, dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
-                decoded = self._decode(request, context, headers, shm, note)
+                decoded = self._decode(request, context, headers, shm, note, dp.precheck(served, len(raw)))
                 if dp.weighs_calls:  # a front worker's call: the client requests it merged
                     decoded = decoded._replace(weight=weight_of(_find(md, REQUESTS_HEADER)))
                 resp = await dp.infer(served, decoded)
@@ -503,7 +502,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     note.span.add_event("ADMITTED")
                 try:
                     shm = self.dp.shm_view(caller)
-                    decoded = self._decode(msg, context, headers, shm, note)
+                    decoded = self._decode(msg, context, headers, shm, note, self.dp.precheck(served, msg.ByteSize()))
                     resp = await self.dp.infer(served, decoded)
                 finally:
                     self.dp.release(served)

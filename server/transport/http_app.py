@@ -478,13 +478,10 @@ class HttpApp:
                 note.bytes_in = len(body)
                 note.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
             decode = (body, header_len, model, version, arrival, self.dp.limits, headers, shm, note)
-            if len(body) > DECODE_ON_LOOP_MAX_BYTES:  # a large body is read on a thread
-                # (a version, or a route's pick: the signature's own checks, before any value)
-                signature = getattr(served, "signature", None) or getattr(
-                    getattr(served, "version", None), "signature", None
+            if len(body) > DECODE_ON_LOOP_MAX_BYTES:  # on a thread, checked against the model first
+                req, options = await asyncio.to_thread(
+                    http_codec.decode_request, *decode, self.dp.precheck(served, len(body))
                 )
-                precheck = getattr(signature, "precheck", None)
-                req, options = await asyncio.to_thread(http_codec.decode_request, *decode, precheck)
             else:
                 req, options = http_codec.decode_request(*decode)
             if note is not None:
@@ -575,11 +572,7 @@ class HttpApp:
             headers.append((b"retry-after", str(max(1, math.ceil(e.retry_after_s))).encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
-        try:
-            body = orjson.dumps({"error": e.message})
-        except TypeError:  # (a message that is not Unicode: what a client sent, quoted)
-            body = orjson.dumps({"error": e.message.encode("utf-8", "backslashreplace").decode()})
-        return status, headers, body
+        return status, headers, http_codec.error_body(e.message)
 
     async def _error(self, send, e: GatewayError, extra=()):
         if isinstance(e, _BodyRefused):  # (the rest of its body was not read: the connection cannot go on)
@@ -603,13 +596,9 @@ class _BodyRefused(GatewayError):
 
 DISCONNECT_WATCH_AFTER_S = 0.02
 # Compressed bodies up to this size are inflated on the event loop (well under a millisecond even
-# at gzip's largest ratio, ~1000:1); larger ones on a thread, so one body never stalls every other
-# request (a 60 KB body may inflate to 60 MB). Answers past COMPRESS_ON_LOOP_MAX_BYTES are
-# compressed on a thread too.
+# at gzip's largest ratio, ~1000:1), larger ones on a thread (60 KB may inflate to 60 MB); answers
+# past COMPRESS_ON_LOOP_MAX_BYTES are compressed on one, bodies past DECODE_ON_LOOP_MAX_BYTES
+# decoded on one (a Python pass over every value there lets the loop have the GIL meanwhile).
 DECOMPRESS_ON_LOOP_MAX_BYTES = 4 * 1024
-# Request bodies past this are decoded (JSON parsed, values converted and checked) on a thread:
-# a 61 MB JSON body took the loop for 1.9 s, 4.9 s with a `true` in it (a pass over every value
-# in Python, which on a thread lets the loop have the GIL every switch interval). The parts in C
-# (orjson, numpy's conversion) still hold the GIL while they run.
 DECODE_ON_LOOP_MAX_BYTES = 1 << 20
 COMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024

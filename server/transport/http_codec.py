@@ -385,6 +385,15 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
 _FLOAT_JSON = frozenset(("FP16", "FP32", "FP64"))
 
 
+def error_body(message: str) -> bytes:
+    """An error answer's JSON body (a message that is not Unicode, quoting what a client sent,
+    is written with backslash escapes rather than failing)."""
+    try:
+        return orjson.dumps({"error": message})
+    except TypeError:
+        return orjson.dumps({"error": message.encode("utf-8", "backslashreplace").decode()})
+
+
 def _with_non_finite(head: bytes) -> object | None:
     """A JSON body with the tokens NaN, Infinity and -Infinity (not JSON, but what Triton reads and
     Python's json writes for a float tensor holding them), or None when it is not that."""

@@ -44,3 +44,16 @@ def test_a_large_body_is_answered(server):
     doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 256], "data": [0.5] * 512}], "parameters": PAD}
     status, answer = post(server.gateway.http_port, "mlp", doc)
     assert status == 200 and answer["outputs"][0]["shape"] == [2, 16], answer
+
+
+def test_a_large_grpc_request_the_model_refuses_is_refused_before_its_values_are_read(server):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    msg = service_pb2.ModelInferRequest(model_name="mlp")
+    t = msg.inputs.add(name="input", datatype="FP32", shape=[120000, 256])
+    t.contents.fp32_contents.extend([0.0] * 300_000)  # 1.2 MB: too few values, but read first they would be named
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as e:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(msg, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "batch size 120000 must be between 1 and 64" in e.value.details(), e.value.details()
