@@ -46,7 +46,9 @@ class Running:
         return clean
 
 
-def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Running:
+def start_gateway(repo: str, config_file: str | None = None, uvloop: bool = False, **overrides) -> Running:
+    """``uvloop``: on uvloop's loop, as ``batchgate serve`` runs (asyncio's by default: where the
+    two differ in what a test looks at, the test asks for uvloop)."""
     flags = {
         "model_repository": repo,
         "host": "127.0.0.1",
@@ -68,7 +70,12 @@ def start_gateway(repo: str, config_file: str | None = None, **overrides) -> Run
         flags["grpc_engine"] = os.environ["BATCHGATE_TEST_GRPC_ENGINE"]
     flags.update(overrides)
     settings = load_settings(config_file, flags, environ={})
-    loop = asyncio.new_event_loop()
+    if uvloop:
+        import uvloop as uv
+
+        loop = uv.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict = {}
 

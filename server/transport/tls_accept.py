@@ -86,7 +86,11 @@ class TlsAccept:
             return
         finally:
             self.handshaking -= 1
-        if tls is None:  # (typeshed allows it; asyncio and uvloop raise instead)
+        if tls is None or tls.is_closing():
+            # Gone while shaking hands: uvloop's start_tls returns the transport closed, without
+            # an error, when the client's FIN came before its ClientHello (a TCP probe, a port
+            # scan), and a protocol handed it would never hear connection_lost: its place in
+            # the connection count would be kept for ever.
             raw.abort()
             return
         protocol = self.make_protocol()

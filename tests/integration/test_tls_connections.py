@@ -1,4 +1,5 @@
-"""max_connections over TLS: a connection counts from its accept, its handshake included.
+"""max_connections over TLS: a connection counts from its accept, its handshake included. On
+uvloop's loop, as `batchgate serve` runs (its start_tls differs from asyncio's).
 
 Before, a TLS connection was counted only once its handshake was done: clients that connected
 and never said hello (or said it slowly) held a socket each, for the handshake timeout, past the
@@ -75,6 +76,7 @@ def client_works(protocol: str, running, pki: Pki) -> bool:
 def test_connections_in_their_tls_handshake_count_against_max_connections(demo_repo, serve, pki, protocol, reason):
     running = serve(
         demo_repo,
+        uvloop=True,
         tls_cert_file=pki.path("server.crt"),
         tls_key_file=pki.path("server.key"),
         max_connections=CAP,
@@ -100,7 +102,11 @@ def test_a_handshake_that_fails_is_not_counted(demo_repo, serve, pki):
     """Clients that fail their handshake (no trusted certificate, plaintext bytes) leave every
     place free for the ones that follow."""
     running = serve(
-        demo_repo, tls_cert_file=pki.path("server.crt"), tls_key_file=pki.path("server.key"), max_connections=CAP
+        demo_repo,
+        uvloop=True,
+        tls_cert_file=pki.path("server.crt"),
+        tls_key_file=pki.path("server.key"),
+        max_connections=CAP,
     )
     for _ in range(CAP * 3):
         with socket.create_connection(("127.0.0.1", running.gateway.http_port), timeout=5) as s:
@@ -117,3 +123,31 @@ def test_a_handshake_that_fails_is_not_counted(demo_repo, serve, pki):
     time.sleep(0.2)
     assert all(client_works(p, running, pki) for p in ("http", "grpc"))
     assert refused(running, "connections") == 0 and refused(running, "grpc_connections") == 0
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_clients_that_connect_and_close_at_once_leave_every_place_free(demo_repo, serve, pki, protocol):
+    """A TCP probe or a port scan: connect, then close before any ClientHello. uvloop then
+    returns the TLS transport closed, without an error; a protocol handed it never heard it was
+    lost, and each such connect kept a place for ever (a probe shut HTTPS out for everyone after
+    8,300 of them in 3 s at the default cap)."""
+    running = serve(
+        demo_repo,
+        uvloop=True,  # (as batchgate serve runs; asyncio's start_tls raises instead)
+        tls_cert_file=pki.path("server.crt"),
+        tls_key_file=pki.path("server.key"),
+        max_connections=CAP,
+    )
+    port = running.gateway.http_port if protocol == "http" else running.gateway.grpc_port
+    for _ in range(CAP * 20):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    end = time.monotonic() + 10
+    while not client_works(protocol, running, pki):
+        assert time.monotonic() < end, "connections closed before their handshake kept their places"
+        time.sleep(0.1)
+    held = [silent(port) for _ in range(CAP - 1)]  # every place but one is free: the last still works
+    try:
+        assert client_works(protocol, running, pki)
+    finally:
+        for s in held:
+            s.close()
