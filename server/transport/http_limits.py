@@ -41,8 +41,12 @@ see ``security/tls.py``), made once per connection after its handshake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import re
+import struct
+import termios
 import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
@@ -269,17 +273,30 @@ def guarded_protocol(
             slowly): within ``body_timeout_s`` the client must take ``MIN_SEND_BYTES_PER_S``
             a second of it, else the connection is aborted (a close would wait for ever)."""
             if self._send_timer is None:
-                self._send_mark = self.transport.get_write_buffer_size()
+                self._send_mark = self._unsent()
                 self._send_timer = self.loop.call_later(body_timeout_s, self._send_check)
+
+        def _unsent(self) -> int:
+            """Bytes written and not yet acknowledged by the client: the transport's buffer and
+            the kernel's send queue (which takes megabytes from the buffer only once much of it
+            has drained: the buffer alone stands still for seconds while a client reads)."""
+            t = self.transport
+            queued = 0
+            sock = t.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            return t.get_write_buffer_size() + queued
 
         def _send_check(self) -> None:
             self._send_timer = None
             t = self.transport
-            left = t.get_write_buffer_size()
-            if not left or (not t.is_closing() and not self.flow.write_paused):
+            if not t.get_write_buffer_size() or (not t.is_closing() and not self.flow.write_paused):
                 return  # taken, or below the transport's high-water mark again
+            left = self._unsent()
             if self._send_mark - left >= body_timeout_s * MIN_SEND_BYTES_PER_S:
-                self._watch_send()  # it reads, slowly enough: another round
+                self._send_mark = left  # it reads, fast enough: another round
+                self._send_timer = self.loop.call_later(body_timeout_s, self._send_check)
                 return
             refused(SEND_TIMEOUT)
             t.abort()

@@ -76,3 +76,30 @@ def test_an_answer_its_client_does_not_read_is_given_up(demo_repo, serve):
         assert read_all(s, 5).startswith(b"HTTP/1.1 200")  # what the kernel held, then the reset
     finally:
         s.close()
+
+
+def test_a_client_that_reads_slowly_but_steadily_keeps_its_answer(demo_repo, serve):
+    """64 KiB a second is well above the 16 KiB a second asked for. The kernel's send queue
+    (megabytes) takes from the server's buffer only once much of it has drained, so that buffer
+    alone stands still for seconds while the client reads: judged on it, such a reader was cut
+    at the first check."""
+    running = serve(demo_repo, http_body_timeout_s=1)
+    body = json.dumps(
+        {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a" * (8 << 20)]}]}
+    ).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    s.connect(("127.0.0.1", running.gateway.http_port))
+    try:
+        s.sendall(
+            b"POST /v2/models/identity_bytes/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        s.settimeout(5)
+        start, got = time.monotonic(), 0
+        while (elapsed := time.monotonic() - start) < 4:  # four checks' worth, at 64 KiB a second
+            got += len(s.recv(8192))
+            time.sleep(max(0.0, got / (64 << 10) - elapsed))
+        assert refused(running, "send_timeout") == 0
+    finally:
+        s.close()
