@@ -153,6 +153,8 @@ def guarded_protocol(
         _in_head = False  # ... and not yet read all of its head
         _send_timer: asyncio.TimerHandle | None = None  # the clock of an answer waiting for its client
         _send_mark = 0  # bytes waiting to be written when that clock started
+        _write_held = False  # not read while the client takes nothing of what is written
+        _holding = False  # not read until its turn (past the overload refusals' rate)
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -261,12 +263,21 @@ def guarded_protocol(
         def pause_writing(self) -> None:
             super().pause_writing()
             self._watch_send()
+            # Nothing more is read while the client does not take what is written: answers the
+            # gate writes itself (a 404, a 429) would otherwise pile up for every request a
+            # client sends without reading (436 MB in 30 s in a probe).
+            self._write_held = True
+            self.flow.pause_reading()
 
         def resume_writing(self) -> None:
             super().resume_writing()
             if self._send_timer is not None and not self.transport.is_closing():
                 self._send_timer.cancel()
                 self._send_timer = None
+            if self._write_held:
+                self._write_held = False
+                if not self._holding and not self.pipeline:  # (else their own ends resume it)
+                    self.flow.resume_reading()
 
         def _watch_send(self) -> None:
             """Start the clock of what waits to be written (its client does not read, or reads
@@ -303,7 +314,9 @@ def guarded_protocol(
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if self.pipeline:  # requests read ahead wait already: read no more until they are answered
+            # Requests read ahead wait already, or the client takes nothing of what is written:
+            # read no more until they are answered, or it reads (uvicorn resumed reading).
+            if self.pipeline or self._write_held:
                 self.flow.pause_reading()
 
         def on_message_begin(self) -> None:
@@ -401,10 +414,12 @@ def guarded_protocol(
         def _hold(self, seconds: float) -> None:
             """Leave the connection unread for ``seconds`` (its turn), counted."""
             refused(OVERLOAD_HOLD)
+            self._holding = True
             self.flow.pause_reading()
             self.loop.call_later(seconds, self._resume)
 
         def _resume(self) -> None:
+            self._holding = False
             if self.transport.is_closing():
                 return
             cycle = self.cycle

@@ -8,6 +8,7 @@ Before, 12 MB of tiny pipelined requests on one connection grew the server by 80
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -101,5 +102,30 @@ def test_a_client_that_reads_slowly_but_steadily_keeps_its_answer(demo_repo, ser
             got += len(s.recv(8192))
             time.sleep(max(0.0, got / (64 << 10) - elapsed))
         assert refused(running, "send_timeout") == 0
+    finally:
+        s.close()
+
+
+def test_a_client_that_sends_without_reading_is_not_read_while_its_answers_wait(demo_repo, serve):
+    """Requests the gate answers itself (here 404: an unknown model) make no request cycle, so
+    the pipelining bound does not see them: reading stops instead while the client takes nothing
+    of what is written. Before, their answers piled up in the server (436 MB in 30 s)."""
+    running = serve(demo_repo)
+    one = b"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", running.gateway.http_port))
+    s.settimeout(0.2)
+    end = time.monotonic() + 4
+    try:
+        while time.monotonic() < end:  # as fast as the server reads, never reading an answer
+            with contextlib.suppress(TimeoutError):
+                s.sendall(one * 1000)
+
+        async def waiting() -> int:
+            server = running.gateway._http.server
+            return max((c.transport.get_write_buffer_size() for c in server.server_state.connections), default=0)
+
+        assert running.call(waiting()) < 4 << 20, "answers piled up for a client that reads nothing"
     finally:
         s.close()
