@@ -27,6 +27,7 @@ CONNECTION_WINDOW = 16 << 20
 BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
 MAX_WRITE_BACKLOG = 4 << 20  # bytes waiting to be written past which a connection is not read
+GOAWAY_GRACE_S = 1.0  # between our two GOAWAYs: calls a client sent before it saw the first are taken
 _monotonic = time.monotonic
 
 Refused = Callable[[str], None]
@@ -57,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self._drained: list[asyncio.Future] = []
         self._closing = False
         self._last_stream = 0  # the last call accepted before a GOAWAY of ours
+        self._final = False  # the GOAWAY naming the last call taken is sent: close once calls end
         self.buffered = 0  # bytes of unfinished unary requests held (see hold)
         self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
         self._held = False  # not read for a while after an overload refusal past the budget
@@ -138,20 +140,33 @@ class _Connection(asyncio.Protocol):
         self._age_timer = self.server.loop.call_later(max(self.server.max_connection_age_s / 10, 5.0), self.close)
 
     def go_away(self) -> None:
-        """Close gracefully: tell the client with GOAWAY to open no more calls here (gRPC
-        clients then start new calls on a new connection), let the calls in progress finish,
-        then close (a second GOAWAY, in ``_goodbye``)."""
+        """Close gracefully, in two steps (RFC 9113 6.8): a GOAWAY naming the largest stream id
+        tells the client to open no more calls here (gRPC clients then start new calls on a
+        new connection) while the calls it sent meanwhile are still taken; ``GOAWAY_GRACE_S``
+        later, a GOAWAY naming the last call taken, and the connection closes once its calls
+        are done (``_goodbye``). Closing at once lost the calls a client had in flight when the
+        GOAWAY reached it (UNAVAILABLE "Stream removed", seen under load)."""
         if self._closing or self.transport is None or self.transport.is_closing():
             return
         self._closing = True
-        self._last_stream = self.h2.highest_inbound_stream_id
+        self._last_stream = http2.MAX_STREAM_ID
         self.h2.goaway(self._last_stream)
         self.flush()
+        self.server.loop.call_later(GOAWAY_GRACE_S, self._last_goaway)
+
+    def _last_goaway(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._last_stream = self.h2.highest_inbound_stream_id
+        self._final = True
         if not self.calls:
             self._goodbye()
+        else:
+            self.h2.goaway(self._last_stream)
+            self.flush()
 
     def _goodbye(self, code: int = http2.NO_ERROR) -> None:
-        self.h2.goaway(self._last_stream if self._closing else self.h2.highest_inbound_stream_id, code)
+        self.h2.goaway(self._last_stream if self._final else self.h2.highest_inbound_stream_id, code)
         self.flush()
         self.close()
 
@@ -265,6 +280,7 @@ class _Connection(asyncio.Protocol):
         if not self._closing:
             self._closing = True
             self._last_stream = self.h2.highest_inbound_stream_id
+        self._final = True
         if not self.calls:
             self._goodbye()
 
@@ -447,5 +463,5 @@ class _Connection(asyncio.Protocol):
         self.starved.discard(call)
         if not self.calls:
             self.idle_since = _monotonic()
-            if self._closing:
+            if self._closing and self._final:
                 self._goodbye()

@@ -475,6 +475,22 @@ def test_an_answer_its_client_takes_a_byte_at_a_time_is_dropped(engine):
     _wait(lambda: e.connections() == [(0, 0)], "the answer is let go")
 
 
+def test_a_call_sent_as_our_goaway_crosses_it_is_still_answered(engine):
+    """Our first GOAWAY names the largest stream id: a call the client sent before it read the
+    GOAWAY is taken and answered; the GOAWAY naming the last call taken, and the close, come a
+    grace period later. (Closing at once lost such calls: UNAVAILABLE "Stream removed" for
+    clients of aged connections, under load.)"""
+    e = engine(idle_timeout_s=0.3)
+    raw = Raw(e.port)
+    time.sleep(0.6)  # idle past the timeout: the sweep sends its GOAWAY, unread here
+    sid = raw.headers()
+    raw.data(sid, message(b"x"), end=True)
+    frames = raw.frames(1.5)
+    assert _grpc_status(frames, sid) == 0, frames
+    goaways = [struct.unpack(">L", f[3][:4])[0] & 0x7FFFFFFF for f in frames if f[0] == GOAWAY]
+    assert goaways[-1] == sid, goaways  # the last one names the last call taken
+
+
 def test_streaming_calls_open_at_once_are_bounded(engine):
     """A stream may stay open and idle as long as its client likes, so their number bounds them:
     past grpc_max_streaming_calls one more is refused RESOURCE_EXHAUSTED (before, 20 connections
