@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import http.client
 import json
+import os
 import struct
 
 import aiohttp
@@ -355,8 +356,11 @@ def test_grpc_unparsable_protobuf_on_other_methods_is_invalid_argument(server, m
         call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}", None, None)
         with pytest.raises(grpc.RpcError) as info:
             call(b"\xff" * 10, timeout=10)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
-    assert info.value.details() == f"the request is not a valid {kind} (protobuf)"
+    if os.environ.get("BATCHGATE_TEST_GRPC_ENGINE") == "grpcio":  # gRPC core's words (README, gRPC engines)
+        assert info.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), info.value
+    else:
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert info.value.details() == f"the request is not a valid {kind} (protobuf)"
     assert_still_serving(server)
 
 
