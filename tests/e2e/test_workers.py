@@ -76,7 +76,10 @@ def test_trace_settings_reach_every_worker(clf_repo):
 
 
 def _grpc_infer(url: str, model: str = "clf") -> None:
-    c = grpcclient.InferenceServerClient(url)  # a new client: a new connection, maybe another worker
+    # A new client with a subchannel of its own: a new connection, maybe another worker (gRPC
+    # core shares connections between channels to the same target by default: the 16 calls of
+    # test_trace_settings_reach_every_worker could all reuse one, and see one worker).
+    c = grpcclient.InferenceServerClient(url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
     try:
         x = grpcclient.InferInput("features", [1, 4], "FP32")
         x.set_data_from_numpy(np.ones((1, 4), np.float32))

@@ -36,6 +36,21 @@ def read_all(s: socket.socket, seconds: float = 10) -> bytes:
     return bytes(got)
 
 
+def ask_for_8_mb(port: int, rcvbuf: int) -> socket.socket:
+    """A connection (its receive buffer ``rcvbuf`` bytes) that asked for an 8 MB answer."""
+    body = json.dumps(
+        {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a" * (8 << 20)]}]}
+    ).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    s.sendall(
+        b"POST /v2/models/identity_bytes/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    return s
+
+
 def test_pipelined_requests_up_to_the_bound_are_answered_in_order(demo_repo, serve):
     running = serve(demo_repo, max_pipelined_requests=16)
     with socket.create_connection(("127.0.0.1", running.gateway.http_port), timeout=5) as s:
@@ -59,17 +74,8 @@ def test_a_client_that_pipelines_without_reading_is_closed(demo_repo, serve):
 
 def test_an_answer_its_client_does_not_read_is_given_up(demo_repo, serve):
     running = serve(demo_repo, http_body_timeout_s=1)
-    body = json.dumps(
-        {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a" * (8 << 20)]}]}
-    ).encode()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", running.gateway.http_port))
+    s = ask_for_8_mb(running.gateway.http_port, 4096)
     try:
-        s.sendall(
-            b"POST /v2/models/identity_bytes/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
         end = time.monotonic() + 20  # (the timeout is 1 s: judged about every second)
         while refused(running, "send_timeout") < 1:
             assert time.monotonic() < end, "an 8 MB answer nobody reads was kept"
@@ -85,17 +91,8 @@ def test_a_client_that_reads_slowly_but_steadily_keeps_its_answer(demo_repo, ser
     alone stands still for seconds while the client reads: judged on it, such a reader was cut
     at the first check."""
     running = serve(demo_repo, http_body_timeout_s=1)
-    body = json.dumps(
-        {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a" * (8 << 20)]}]}
-    ).encode()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    s.connect(("127.0.0.1", running.gateway.http_port))
+    s = ask_for_8_mb(running.gateway.http_port, 8192)
     try:
-        s.sendall(
-            b"POST /v2/models/identity_bytes/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
         s.settimeout(5)
         start, got = time.monotonic(), 0
         while (elapsed := time.monotonic() - start) < 4:  # four checks' worth, at 64 KiB a second

@@ -27,6 +27,12 @@ def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+def serve_tls(serve, demo_repo, pki: Pki, **extra):
+    """A gateway over TLS with CAP connections, on uvloop's loop as `batchgate serve` runs."""
+    tls = {"tls_cert_file": pki.path("server.crt"), "tls_key_file": pki.path("server.key")}
+    return serve(demo_repo, uvloop=True, max_connections=CAP, **tls, **extra)
+
+
 def refused(running, reason: str) -> float:
     for line in urllib.request.urlopen(running.metrics_url).read().decode().splitlines():
         if line.startswith(f'batchgate_http_connections_refused_total{{reason="{reason}"}}'):
@@ -74,14 +80,8 @@ def client_works(protocol: str, running, pki: Pki) -> bool:
 
 @pytest.mark.parametrize(("protocol", "reason"), [("http", "connections"), ("grpc", "grpc_connections")])
 def test_connections_in_their_tls_handshake_count_against_max_connections(demo_repo, serve, pki, protocol, reason):
-    running = serve(
-        demo_repo,
-        uvloop=True,
-        tls_cert_file=pki.path("server.crt"),
-        tls_key_file=pki.path("server.key"),
-        max_connections=CAP,
-        http_header_timeout_s=30,  # the handshake timeout too: far beyond what the test waits
-    )
+    # (the handshake timeout too: far beyond what the test waits)
+    running = serve_tls(serve, demo_repo, pki, http_header_timeout_s=30)
     port = running.gateway.http_port if protocol == "http" else running.gateway.grpc_port
     held = [silent(port) for _ in range(CAP)]
     extra = silent(port)
@@ -101,13 +101,7 @@ def test_connections_in_their_tls_handshake_count_against_max_connections(demo_r
 def test_a_handshake_that_fails_is_not_counted(demo_repo, serve, pki):
     """Clients that fail their handshake (no trusted certificate, plaintext bytes) leave every
     place free for the ones that follow."""
-    running = serve(
-        demo_repo,
-        uvloop=True,
-        tls_cert_file=pki.path("server.crt"),
-        tls_key_file=pki.path("server.key"),
-        max_connections=CAP,
-    )
+    running = serve_tls(serve, demo_repo, pki)
     for _ in range(CAP * 3):
         with socket.create_connection(("127.0.0.1", running.gateway.http_port), timeout=5) as s:
             s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # plaintext to a TLS port
@@ -131,13 +125,7 @@ def test_clients_that_connect_and_close_at_once_leave_every_place_free(demo_repo
     returns the TLS transport closed, without an error; a protocol handed it never heard it was
     lost, and each such connect kept a place for ever (a probe shut HTTPS out for everyone after
     8,300 of them in 3 s at the default cap)."""
-    running = serve(
-        demo_repo,
-        uvloop=True,  # (as batchgate serve runs; asyncio's start_tls raises instead)
-        tls_cert_file=pki.path("server.crt"),
-        tls_key_file=pki.path("server.key"),
-        max_connections=CAP,
-    )
+    running = serve_tls(serve, demo_repo, pki)  # (on uvloop: asyncio's start_tls raises instead)
     port = running.gateway.http_port if protocol == "http" else running.gateway.grpc_port
     for _ in range(CAP * 20):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
