@@ -40,9 +40,22 @@ def guarded(repo, serve):
     )
 
 
+_opened: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_what_was_opened():
+    """The client sockets a test made are closed when it ends (they were left to the collector,
+    whose ResourceWarnings surfaced in later tests)."""
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 def connect(running) -> socket.socket:
     host, port = running.http_url.split(":")
     s = socket.create_connection((host, int(port)), timeout=5)
+    _opened.append(s)
     return s
 
 
