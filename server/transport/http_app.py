@@ -23,10 +23,11 @@ from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.rate import Pacer
 from ..core.routing import PIN_HEADER
 from ..core.types import REQUEST_ID_HEADER, caller_headers
-from ..dataplane import FILE_PARAM_PREFIX, DataPlane, Served
+from ..dataplane import FILE_PARAM_PREFIX, PRECHECK_BYTES, DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
+from .http_codec import BodyRefused
 from .http_limits import Verdict
 from .http_scope import (
     DisconnectWatch,
@@ -355,7 +356,7 @@ class HttpApp:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                raise _BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+                raise BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 return b"".join(chunks)
@@ -439,7 +440,7 @@ class HttpApp:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 if len(v) > 6 and int(v) > self.limit:
-                    raise _BodyRefused(
+                    raise BodyRefused(
                         f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
                     )
             elif k == b"inference-header-content-length":
@@ -459,7 +460,7 @@ class HttpApp:
         else:
             body = msg.get("body", b"")
             if len(body) > self.limit:
-                raise _BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
+                raise BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
         if twice is not None:  # which of two values frames the body is not for us to guess
             raise invalid(f"the {twice} header is given more than once")
         req = None
@@ -478,7 +479,7 @@ class HttpApp:
                 note.bytes_in = len(body)
                 note.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
             decode = (body, header_len, model, version, arrival, self.dp.limits, headers, shm, note)
-            if len(body) > DECODE_ON_LOOP_MAX_BYTES:  # on a thread, checked against the model first
+            if len(body) > PRECHECK_BYTES:  # on a thread, checked against the model first
                 req, options = await asyncio.to_thread(
                     http_codec.decode_request, *decode, self.dp.precheck(served, len(body))
                 )
@@ -575,7 +576,7 @@ class HttpApp:
         return status, headers, http_codec.error_body(e.message)
 
     async def _error(self, send, e: GatewayError, extra=()):
-        if isinstance(e, _BodyRefused):  # (the rest of its body was not read: the connection cannot go on)
+        if isinstance(e, BodyRefused):  # (the rest of its body was not read: the connection cannot go on)
             extra = (*extra, CLOSE)
         status, headers, body = self.error_answer(e, extra)
         headers.append((b"content-length", str(len(body)).encode()))
@@ -586,19 +587,10 @@ class HttpApp:
             pass
 
 
-class _BodyRefused(GatewayError):
-    """A request refused before its whole body was read (too large): answered, then the
-    connection is closed, so the rest of the body is never taken for the next request."""
-
-    def __init__(self, message: str):
-        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
-
-
 DISCONNECT_WATCH_AFTER_S = 0.02
 # Compressed bodies up to this size are inflated on the event loop (well under a millisecond even
 # at gzip's largest ratio, ~1000:1), larger ones on a thread (60 KB may inflate to 60 MB); answers
-# past COMPRESS_ON_LOOP_MAX_BYTES are compressed on one, bodies past DECODE_ON_LOOP_MAX_BYTES
-# decoded on one (a Python pass over every value there lets the loop have the GIL meanwhile).
+# past COMPRESS_ON_LOOP_MAX_BYTES are compressed on one, bodies past PRECHECK_BYTES decoded on
+# one (a Python pass over every value there lets the loop have the GIL meanwhile).
 DECOMPRESS_ON_LOOP_MAX_BYTES = 4 * 1024
-DECODE_ON_LOOP_MAX_BYTES = 1 << 20
 COMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, NoReturn
 import numpy as np
 import orjson
 
-from ..core.errors import invalid
+from ..core.errors import ErrorCode, GatewayError, invalid
 from ..core.types import (
     DATATYPES,
     EMPTY,
@@ -383,6 +383,14 @@ def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) 
 
 
 _FLOAT_JSON = frozenset(("FP16", "FP32", "FP64"))
+
+
+class BodyRefused(GatewayError):
+    """A request refused before its whole body was read (too large): answered, then the
+    connection is closed, so the rest of the body is never taken for the next request."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
 
 
 def error_body(message: str) -> bytes:

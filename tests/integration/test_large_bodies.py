@@ -1,7 +1,7 @@
 """A large JSON body (past 1 MiB) is decoded on a thread, and each input's name, datatype and
 shape are checked against the model before its values are read: a 61 MB body whose batch the
 model refuses took the event loop for 1.9 s (4.9 s with a `true` in it) before being refused,
-0.8 s since (the JSON parse itself). transport/http_app.py, DECODE_ON_LOOP_MAX_BYTES."""
+0.8 s since (the JSON parse itself). transport/http_app.py, dataplane.PRECHECK_BYTES."""
 
 from __future__ import annotations
 
