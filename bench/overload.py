@@ -333,7 +333,9 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     rows = h.pop("rows")
     result.update(h)
     result["seconds"] = seconds
-    result["offered_per_s"] = (h["done"] + h["failed"] + h["errored"]) / seconds
+    # h2load's "done" counts every request that ended, its "failed" (a status other than 2xx or
+    # 3xx, or no answer) and "errored" (no answer) among them: what was sent is "done" alone.
+    result["offered_per_s"] = h["done"] / seconds
     result["server"] = server
     if grpc_mode:
         ok_at = np.array(probe_out.get("OK", []), float).reshape(-1, 2)
@@ -455,7 +457,7 @@ def main() -> int:
         type=int,
         default=600,
         help="HTTP open-loop connections (h2load --rps is per connection; a connection whose answer "
-        "comes late sends its next requests back to back, so the rate sent can exceed the rate asked)",
+        "comes late sends the requests it owes back to back once it is answered)",
     )
     ap.add_argument(
         "--stagger",
