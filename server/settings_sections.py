@@ -230,6 +230,12 @@ class LimitSettings:
         "health_port and the admin ports; one more is closed at once",
         minimum=1,
     )
+    ops_max_connections_per_peer: int = _setting(
+        8,
+        "of those on the metrics port, what one peer (an IPv4 address, an IPv6 /64) may hold at once; one more "
+        "is closed at once, so one client cannot keep the scrapers out",
+        minimum=1,
+    )
     max_stream_inflight: int = _setting(
         64,
         "requests of one gRPC stream read and not yet answered; the stream is not read further until one is answered",

@@ -120,7 +120,8 @@ FAMILIES: dict[str, Family] = {
         "(a call failed), grpc_send_timeout (an answer dropped), grpc_idle_timeout (closed gracefully), "
         "grpc_flood (frames that carry nothing), grpc_streams (past grpc_max_streaming_calls), "
         "grpc_malformed (a call reset: its headers break HTTP/2's rules); "
-        "on the metrics port metrics_connections (past ops_max_connections), metrics_timeout; "
+        "on the metrics port metrics_connections (past ops_max_connections), metrics_peer (past "
+        "ops_max_connections_per_peer), metrics_timeout; "
         "overload_hold (either)",
         ("reason",),
     ),

@@ -2,7 +2,9 @@
 check when ``metrics_requires_key`` is set.
 
 Its limits, as the V2 listeners have theirs: at most ``max_connections`` connections at once (a
-thread each; one more is closed at once, counted ``metrics_connections``), a request head of
+thread each; one more is closed at once, counted ``metrics_connections``), of which one peer
+holds at most ``max_per_peer`` (an IPv4 address, an IPv6 /64; one more is closed at once,
+counted ``metrics_peer``: one client holding every slot kept Prometheus out), a request head of
 at most ``max_header_bytes`` (what follows is not read) that must arrive, as every later read and
 write must, within ``timeout_s`` (else closed, counted ``metrics_timeout``). Until 2026-12-05 a
 client that connected and sent nothing held a thread for ever, and any number of them could.
@@ -16,6 +18,7 @@ The text is always format 0.0.4, never OpenMetrics: Triton's counters (``triton.
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import socket
 import sys
 import threading
@@ -81,29 +84,67 @@ class _Threading(ThreadingMixIn, WSGIServer):
     block_on_close = False  # (shutdown does not wait for a slow client's thread)
     max_header_bytes = 16384
     slots: threading.BoundedSemaphore
+    max_per_peer = 8
     refused: Callable[[str], None]
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._peers: dict[str, int] = {}  # connections open, by peer (see ``peer_of``)
+        self._peers_lock = threading.Lock()
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
             self.refused("metrics_connections")
             self.shutdown_request(request)
             return
+        peer = peer_of(client_address)
+        with self._peers_lock:
+            held = self._peers.get(peer, 0)
+            if held < self.max_per_peer:
+                self._peers[peer] = held + 1
+        if held >= self.max_per_peer:
+            self.slots.release()
+            self.refused("metrics_peer")
+            self.shutdown_request(request)
+            return
         try:
             super().process_request(request, client_address)
-        except BaseException:  # (no thread to give the slot back)
-            self.slots.release()
+        except BaseException:  # (no thread to give the slots back)
+            self._leave(peer)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._leave(peer_of(client_address))
+
+    def _leave(self, peer: str) -> None:
+        with self._peers_lock:
+            held = self._peers.pop(peer, 1) - 1
+            if held > 0:
+                self._peers[peer] = held
+        self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
         """A request that failed on its connection (socketserver prints a traceback to stderr)."""
         if isinstance(sys.exc_info()[1], TimeoutError):
             self.refused("metrics_timeout")
+
+
+def peer_of(address: Any) -> str:
+    """Whose connection this is, for ``max_per_peer``: the IPv4 address (also when it comes
+    IPv4-mapped over IPv6), or the IPv6 /64 (one host may hold a whole /64 of addresses)."""
+    host = address[0] if isinstance(address, tuple) and address else str(address)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return f"{ipaddress.ip_network((ip, 64), strict=False).network_address}/64"
+    return str(ip)
 
 
 def serve_metrics(
@@ -113,6 +154,7 @@ def serve_metrics(
     keys: KeyStore | None,
     *,
     max_connections: int = 64,
+    max_per_peer: int = 8,
     max_header_bytes: int = 16384,
     timeout_s: float = 10.0,
     refused: Callable[[str], None] = lambda reason: None,
@@ -165,6 +207,7 @@ def serve_metrics(
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
             "max_header_bytes": max_header_bytes,
             "slots": threading.BoundedSemaphore(max_connections),
+            "max_per_peer": max_per_peer,
             "refused": staticmethod(refused),
             "request_queue_size": 128,  # (socketserver's 5 turns a burst of scrapers away in the kernel)
         },
@@ -186,6 +229,7 @@ def metrics_limits(settings: Any, refused: Callable[[str], None]) -> dict[str, A
     """:func:`serve_metrics`' limits from the settings."""
     return {
         "max_connections": settings.limits.ops_max_connections,
+        "max_per_peer": settings.limits.ops_max_connections_per_peer,
         "max_header_bytes": settings.limits.max_header_bytes,
         "timeout_s": settings.server.http_header_timeout_s,
         "refused": refused,

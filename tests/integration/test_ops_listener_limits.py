@@ -84,3 +84,44 @@ def test_the_grpc_operations_listeners_bound_their_connections(demo_repo, serve)
     with grpc.insecure_channel(f"127.0.0.1:{running.gateway.health_port}") as ch:
         answer = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def connect_from(running, source: str) -> socket.socket:
+    """A connection to the metrics port from ``source`` (any 127.x address is this host's)."""
+    return socket.create_connection(("127.0.0.1", running.gateway.metrics_port), timeout=5, source_address=(source, 0))
+
+
+def test_one_peer_holds_at_most_its_share_and_another_still_scrapes(demo_repo, serve):
+    """Before, one client holding ops_max_connections silent sockets (renewed every
+    http_header_timeout_s) kept every scraper out."""
+    running = serve(demo_repo, ops_max_connections=8, ops_max_connections_per_peer=3, http_header_timeout_s=30)
+    held = [connect_from(running, "127.0.0.2") for _ in range(3)]
+    time.sleep(0.3)  # (accepted: each holds its slots)
+    extra = connect_from(running, "127.0.0.2")
+    assert closed_within(extra, 1.0), "a connection past ops_max_connections_per_peer was kept"
+    # a scrape from another address is answered meanwhile, and a second peer gets its own share
+    others = [connect_from(running, "127.0.0.3") for _ in range(3)]
+    time.sleep(0.3)
+    assert b"batchgate_" in urllib.request.urlopen(running.metrics_url, timeout=5).read()
+    assert refused(running, "metrics_peer") == 1
+    for s in held[:1]:
+        s.close()
+    time.sleep(0.3)  # (its thread sees the close and gives both slots back)
+    again = connect_from(running, "127.0.0.2")
+    again.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    assert again.recv(12).startswith(b"HTTP/1.")  # its share came back
+    for s in [extra, again, *held, *others]:
+        s.close()
+    assert refused(running, "metrics_peer") == 1
+    assert refused(running, "metrics_connections") == 0
+
+
+def test_peers_are_addresses_and_ipv6_slash_64s():
+    from batchgate.monitoring.serve import peer_of
+
+    assert peer_of(("10.1.2.3", 5000)) == "10.1.2.3"
+    assert peer_of(("::ffff:10.1.2.3", 5000, 0, 0)) == "10.1.2.3"
+    a, b = peer_of(("2001:db8:1:2::1", 1, 0, 0)), peer_of(("2001:db8:1:2:ffff::9", 2, 0, 0))
+    assert a == b == "2001:db8:1:2::/64"
+    assert peer_of(("2001:db8:1:3::1", 1, 0, 0)) != a
+    assert peer_of(("fe80::1%eth0", 1, 0, 2)) == "fe80::/64"
