@@ -47,12 +47,12 @@ from .security.access import Access
 from .security.audit import AuditLog
 from .security.auth import KeyStore
 from .security.limits import Admission
-from .security.tls import ServerTls, load_server_tls, ops_grpc_options, plaintext_health_server
+from .security.tls import ServerTls, load_server_tls, ops_grpc_options
 from .shadows import DisagreementLog, lowest_priority
 from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
-from .transport.grpc_server import add_port, new_grpc_server
+from .transport.grpc_server import add_port, new_grpc_server, plaintext_health_server
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
@@ -242,7 +242,12 @@ class Gateway:
         await self._grpc.start()
         if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
             self._health_grpc, self.health_port = plaintext_health_server(
-                self._health, _join(s.host, s.health_port), lim.ops_max_connections, s.http_header_timeout_s
+                self._health,
+                _join(s.host, s.health_port),
+                lim.ops_max_connections,
+                lim.ops_max_connections_per_peer,
+                s.http_header_timeout_s,
+                self.metrics.connection_refused,
             )
             await self._health_grpc.start()
 

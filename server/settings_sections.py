@@ -232,8 +232,8 @@ class LimitSettings:
     )
     ops_max_connections_per_peer: int = _setting(
         8,
-        "of those on the metrics port, what one peer (an IPv4 address, an IPv6 /64) may hold at once; one more "
-        "is closed at once, so one client cannot keep the scrapers out",
+        "of those on the metrics port and the health_port, what one peer (an IPv4 address, an IPv6 /64) may "
+        "hold at once; one more is closed at once, so one client cannot keep the scrapers or kubelet's probes out",
         minimum=1,
     )
     max_stream_inflight: int = _setting(

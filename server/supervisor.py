@@ -131,12 +131,17 @@ class Supervisor(PodControl, PodState):
         if srv.health_port >= 0:
             from grpc_health.v1._async import HealthServicer
 
-            from .security.tls import plaintext_health_server
+            from .transport.grpc_server import plaintext_health_server
 
             self._health = HealthServicer()
             await self._publish()
             self._health_grpc, self.health_port = plaintext_health_server(
-                self._health, _join(srv.host, srv.health_port), s.limits.ops_max_connections, srv.http_header_timeout_s
+                self._health,
+                _join(srv.host, srv.health_port),
+                s.limits.ops_max_connections,
+                s.limits.ops_max_connections_per_peer,
+                srv.http_header_timeout_s,
+                self.metrics.connection_refused,
             )
             await self._health_grpc.start()
         if self.owner is not None:

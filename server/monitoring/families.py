@@ -121,7 +121,8 @@ FAMILIES: dict[str, Family] = {
         "grpc_flood (frames that carry nothing), grpc_streams (past grpc_max_streaming_calls), "
         "grpc_malformed (a call reset: its headers break HTTP/2's rules); "
         "on the metrics port metrics_connections (past ops_max_connections), metrics_peer (past "
-        "ops_max_connections_per_peer), metrics_timeout; "
+        "ops_max_connections_per_peer), metrics_timeout; on the health port the h2 engine's with health_ for "
+        "grpc_ (health_connections, health_peer...); "
         "overload_hold (either)",
         ("reason",),
     ),

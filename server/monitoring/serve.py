@@ -18,7 +18,6 @@ The text is always format 0.0.4, never OpenMetrics: Triton's counters (``triton.
 from __future__ import annotations
 
 import gzip
-import ipaddress
 import socket
 import sys
 import threading
@@ -29,6 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..core.errors import ErrorCode, GatewayError
 from ..security.auth import KeyStore
+from ..transport.sockets import peer_of
 
 PATH = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -130,21 +130,6 @@ class _Threading(ThreadingMixIn, WSGIServer):
         """A request that failed on its connection (socketserver prints a traceback to stderr)."""
         if isinstance(sys.exc_info()[1], TimeoutError):
             self.refused("metrics_timeout")
-
-
-def peer_of(address: Any) -> str:
-    """Whose connection this is, for ``max_per_peer``: the IPv4 address (also when it comes
-    IPv4-mapped over IPv6), or the IPv6 /64 (one host may hold a whole /64 of addresses)."""
-    host = address[0] if isinstance(address, tuple) and address else str(address)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return f"{ipaddress.ip_network((ip, 64), strict=False).network_address}/64"
-    return str(ip)
 
 
 def serve_metrics(

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from ..config import TlsSettings
 from ..core.errors import ConfigError
@@ -202,26 +201,6 @@ def ops_grpc_options(max_connections: int, handshake_timeout_s: float) -> list[t
         ("grpc.max_allowed_incoming_connections", max_connections),
         ("grpc.server_handshake_timeout_ms", max(1, int(handshake_timeout_s * 1000))),
     ]
-
-
-def plaintext_health_server(
-    servicer: Any, address: str, max_connections: int = 64, handshake_timeout_s: float = 10.0
-) -> tuple[grpc.aio.Server, int]:
-    """A plaintext gRPC server carrying only grpc.health.v1.Health (``servicer``, the one the
-    main port publishes), for kubelet ``grpc:`` probes, which cannot speak TLS. Not started."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 4096),
-            ("grpc.max_concurrent_streams", 8),
-            *ops_grpc_options(max_connections, handshake_timeout_s),
-        ]
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen for gRPC health (health_port) on {address}")
-    return server, port
 
 
 # ---------------------------------------------------------------------------- the caller

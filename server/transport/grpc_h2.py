@@ -75,9 +75,14 @@ class H2GrpcServer:
         handshake_timeout_s: float = 10.0,
         body_timeout_s: float = 60.0,
         idle_timeout_s: float = 0.0,
+        max_per_peer: int = 0,
     ):
         self.max_receive_bytes = max_receive_bytes
         self.max_connections = max_connections
+        # connections one peer (sockets.peer_of) may hold at once, 0 = any number: for an
+        # operations listener, where one client must not keep the others out
+        self.max_per_peer = max_per_peer
+        self.peers: dict[str, int] = {}
         self.max_concurrent_streams = max_concurrent_streams
         # Streaming calls open, all connections together: one may stay open and idle for as long
         # as its client likes (a gRPC stream), so their number, not a timeout, bounds them.

@@ -15,7 +15,7 @@ import grpc
 from ..core.rate import PerSecond
 from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
-from .sockets import grpc_peer
+from .sockets import grpc_peer, peer_of
 
 if TYPE_CHECKING:
     from .grpc_h2 import H2GrpcServer
@@ -68,6 +68,7 @@ class _Connection(asyncio.Protocol):
         self.opened = self.idle_since = _monotonic()  # (idle_since: when its last call ended)
         self.closed_at: float | None = None
         self.starved: set[_Call] = set()  # calls whose answers wait for the connection's window
+        self._peer_key: str | None = None  # counted in server.peers (max_per_peer) under this
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -77,6 +78,15 @@ class _Connection(asyncio.Protocol):
             server.refused("grpc_connections")
             transport.abort()
             return
+        if server.max_per_peer:
+            key = peer_of(transport.get_extra_info("peername"))
+            held = server.peers.get(key, 0)
+            if held >= server.max_per_peer:
+                server.refused("grpc_peer")
+                transport.abort()
+                return
+            server.peers[key] = held + 1
+            self._peer_key = key
         server.connections.add(self)
         self.peer = grpc_peer(transport)
         ssl_object = transport.get_extra_info("ssl_object")
@@ -102,6 +112,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
+        if self._peer_key is not None:
+            peers, key, self._peer_key = self.server.peers, self._peer_key, None
+            held = peers.pop(key, 1) - 1
+            if held > 0:
+                peers[key] = held
         if self._age_timer is not None:
             self._age_timer.cancel()
         for call in list(self.calls.values()):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from ..security.tls import ServerTls
 from ..settings_sections import LimitSettings, ServerSettings
@@ -83,3 +84,39 @@ def add_port(server: Any, address: str, tls: ServerTls | None) -> int:
     if isinstance(server, H2GrpcServer):
         return server.add_secure_port(address, tls.h2_context())
     return server.add_secure_port(address, tls.grpc_credentials())
+
+
+def plaintext_health_server(
+    servicer: Any,
+    address: str,
+    max_connections: int,
+    max_per_peer: int,
+    handshake_timeout_s: float,
+    refused: Callable[[str], None],
+) -> tuple[H2GrpcServer, int]:
+    """A plaintext gRPC server carrying only grpc.health.v1.Health (``servicer``, the one the
+    main port publishes), for kubelet ``grpc:`` probes, which cannot speak TLS. Not started.
+
+    On batchgate's own engine whatever ``server.grpc_engine`` says: gRPC core can bound the
+    connections in all but not what one peer holds, and one client holding them all failed
+    kubelet's probes (a pod restarted for it). Its refusals count as the main port's with
+    ``health_`` for ``grpc_`` (``health_connections``, ``health_peer``...)."""
+    server = H2GrpcServer(
+        max_receive_bytes=4096,
+        max_connections=max_connections,
+        max_per_peer=max_per_peer,
+        max_concurrent_streams=8,
+        max_streaming_calls=max_connections,  # (Watch: a stream a client may keep open)
+        refused=lambda reason: refused("health_" + reason.removeprefix("grpc_")),
+        max_header_bytes=16 << 10,
+        eager=EAGER,
+        max_buffered_bytes=max_connections * 8 * 4096,
+        handshake_timeout_s=handshake_timeout_s,
+        body_timeout_s=handshake_timeout_s,
+        refusals_per_s=1000,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen for gRPC health (health_port) on {address}")
+    return server, port

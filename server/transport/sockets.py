@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 
@@ -37,3 +38,18 @@ def grpc_peer(transport) -> str:
         host, port = addr[0], addr[1]
         return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
     return f"unix:{addr or ''}"
+
+
+def peer_of(address: Any) -> str:
+    """Whose connection this is, for ``max_per_peer``: the IPv4 address (also when it comes
+    IPv4-mapped over IPv6), or the IPv6 /64 (one host may hold a whole /64 of addresses)."""
+    host = address[0] if isinstance(address, tuple) and address else str(address)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return f"{ipaddress.ip_network((ip, 64), strict=False).network_address}/64"
+    return str(ip)

@@ -86,9 +86,11 @@ def test_the_grpc_operations_listeners_bound_their_connections(demo_repo, serve)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def connect_from(running, source: str) -> socket.socket:
-    """A connection to the metrics port from ``source`` (any 127.x address is this host's)."""
-    return socket.create_connection(("127.0.0.1", running.gateway.metrics_port), timeout=5, source_address=(source, 0))
+def connect_from(running, source: str, port: int | None = None) -> socket.socket:
+    """A connection to the metrics port (or ``port``) from ``source`` (any 127.x address is this
+    host's)."""
+    port = port or running.gateway.metrics_port
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
 
 
 def test_one_peer_holds_at_most_its_share_and_another_still_scrapes(demo_repo, serve):
@@ -125,3 +127,26 @@ def test_peers_are_addresses_and_ipv6_slash_64s():
     assert a == b == "2001:db8:1:2::/64"
     assert peer_of(("2001:db8:1:3::1", 1, 0, 0)) != a
     assert peer_of(("fe80::1%eth0", 1, 0, 2)) == "fe80::/64"
+
+
+def test_the_health_port_gives_one_peer_its_share_and_probes_still_pass(demo_repo, serve):
+    """The plaintext health port is what kubelet probes: before, one client holding
+    ops_max_connections idle sockets there failed the probes (gRPC core counts connections in
+    all only). Now it runs on batchgate's engine, with the metrics port's share per peer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = serve(
+        demo_repo, health_port=0, ops_max_connections=8, ops_max_connections_per_peer=3, http_header_timeout_s=30
+    )
+    port = running.gateway.health_port
+    held = [connect_from(running, "127.0.0.2", port) for _ in range(3)]
+    time.sleep(0.3)
+    extra = connect_from(running, "127.0.0.2", port)
+    assert closed_within(extra, 2.0), "a connection past ops_max_connections_per_peer was kept"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # kubelet, from another address
+        answer = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert refused(running, "health_peer") == 1
+    for s in [extra, *held]:
+        s.close()
