@@ -4,6 +4,7 @@ extension) and the gateway's core types."""
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -65,6 +66,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     if header_length is None:
         return body, memoryview(b"")
     try:
+        if not header_length.isascii() or not header_length.isdigit():  # (int() also reads "+1", "1_0", " 1")
+            raise ValueError
         n = int(header_length)
     except ValueError:
         raise invalid(f"Inference-Header-Content-Length must be an integer, not {brief(header_length)}") from None
@@ -301,12 +304,21 @@ def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np
             # A JSON number past FP16 / FP32's range would be cast to inf (with numpy's
             # RuntimeWarning): refuse any whose magnitude rounds to inf. Integers (at most
             # 2**64) always fit FP32, so only FP16 checks them. Small arrays are checked in
-            # Python (two numpy reductions cost more than the whole check there).
+            # Python (two numpy reductions cost more than the whole check there). NaN and
+            # Infinity (the JSON extension Triton reads, and our own answers write) are values
+            # of every float type: only the finite values are judged (a NaN made max() and
+            # min() say nothing, an Infinity was refused as out of range).
             if arr.size <= 16:
                 flat = arr.ravel().tolist()
                 high, low = max(flat), min(flat)
+                if not (math.isfinite(high) and math.isfinite(low)):
+                    flat = [v for v in flat if math.isfinite(v)]
+                    high, low = max(flat, default=0.0), min(flat, default=0.0)
             else:
                 high, low = arr.max(), arr.min()
+                if not (np.isfinite(high) and np.isfinite(low)):
+                    finite = arr[np.isfinite(arr)]
+                    high, low = (finite.max(), finite.min()) if finite.size else (0.0, 0.0)
             overflow = _OVERFLOW_AT[dt.v2]
             if high >= overflow or low <= -overflow:
                 limit = float(np.finfo(dt.np_dtype).max)

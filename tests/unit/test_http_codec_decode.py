@@ -5,6 +5,7 @@ Bodies with binary data are built by tritonclient.http's own request writer
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -228,8 +229,10 @@ def test_split_body():
     assert head == b"whole" and bytes(rest) == b""
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "11", "1.5"])
+@pytest.mark.parametrize("value", ["abc", "-1", "11", "1.5", "+3", "1_0", " 3", "3 ", "\u0663"])
 def test_bad_header_length(value):
+    """Digits only: Python's int() also reads a sign, underscores, spaces and other scripts'
+    digits ("\u0663" is ARABIC-INDIC THREE), which no HTTP length allows."""
     with pytest.raises(GatewayError) as ei:
         split_body(b"0123456789", value)
     assert ei.value.code is ErrorCode.INVALID_ARGUMENT
@@ -301,6 +304,28 @@ def test_zero_timeout_sets_no_deadline():
 
 
 # ---------------------------------------------------------------- float range (FP16 / FP32)
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("size", [2, 40])  # (small and large arrays take two paths)
+@pytest.mark.parametrize("special", [[math.inf], [-math.inf], [math.inf, math.nan], [math.nan, -math.inf]])
+def test_infinities_are_float_values_with_or_without_a_nan(datatype, size, special):
+    """Infinity and -Infinity (Triton's JSON extension, which batchgate's own answers write) are
+    taken as every float type's values. Before, one was refused as out of range unless a NaN came
+    first (which made max() say NaN and the check pass)."""
+    data = [1.0] * (size - len(special)) + special
+    got = decode(one("f", datatype, (size,), data=data)).inputs[0].data
+    want = np.array(data, dtype=got.dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32"])
+@pytest.mark.parametrize("size", [3, 40])
+def test_a_finite_value_past_the_range_is_refused_beside_nan_and_infinity(datatype, size):
+    past = 1e39 if datatype == "FP32" else 70000.0
+    for special in ([math.nan, math.inf], [math.inf, math.nan]):
+        msg = refused(one("big", datatype, (size,), data=special + [past] + [1.0] * (size - 3)))
+        assert f"outside the range of {datatype}" in msg
+
+
 @pytest.mark.parametrize(
     ("datatype", "value", "bound"),
     [
@@ -342,4 +367,4 @@ def test_json_numbers_at_the_float_range_edges_are_kept(datatype, values):
 def test_a_long_header_length_is_quoted_cut(value):
     """int() reads up to 4,300 digits; the error quotes the number cut, like any client value."""
     msg = refused(b"{}", value)
-    assert "Inference-Header-Content-Length is " in msg and "..." in msg and len(msg) < 200
+    assert "Inference-Header-Content-Length " in msg and "..." in msg and len(msg) < 200
