@@ -200,14 +200,18 @@ def _said(name: str | None) -> str:
 
 def _check_dims(model: str, kind: str, entry, engine_dims: list[int]) -> None:
     """The config's dims (or its reshape: what the model sees) must fit the model's own shape:
-    the same rank, and equal wherever both are fixed (-1 fits anything)."""
+    the same rank, and equal wherever the model's is fixed. A dimension the model leaves free
+    (-1) takes any value, but a -1 in the config over a fixed one would be told to clients (the
+    metadata) and then fail in the engine, as Triton refuses it."""
     dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-    fits = len(dims) == len(engine_dims) and all(a == b or a < 0 or b < 0 for a, b in zip(dims, engine_dims))
+    fits = len(dims) == len(engine_dims) and all(a == b or b < 0 for a, b in zip(dims, engine_dims))
     if not fits:
         what = "reshape" if entry.HasField("reshape") else "dims"
+        free = any(a < 0 <= b for a, b in zip(dims, engine_dims)) and len(dims) == len(engine_dims)
         raise ModelConfigError(
             f"model '{model}': config {kind} '{entry.name}' has {what} {dims} but the model's are {engine_dims}"
             " (without the batch dimension when max_batch_size > 0)"
+            + ("; -1 fits only a dimension the model leaves free" if free else "")
         )
 
 

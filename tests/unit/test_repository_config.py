@@ -256,6 +256,13 @@ def test_complete_datatype_mismatch_is_an_error():
             [("x", -1)],
             ["reshape [2]", "[]"],
         ),
+        # -1 in the config over a dimension the model fixes (Triton refuses it too): the metadata
+        # would say any size goes, and any other than the model's failed in the engine (a 500)
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [-1, 4]}]",
+            [("x", -1, 3, 4)],
+            ["has dims [-1, 4] but the model's are [3, 4]", "-1 fits only a dimension the model leaves free"],
+        ),
         # an input the model needs, left out
         (
             "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [4]}]",
@@ -278,7 +285,7 @@ def test_dims_that_fit_the_model_load():
         "{name: 'y' data_type: TYPE_FP32 dims: [1] reshape: {shape: []}}]",
         mc.ModelConfig(name="m"),
     )
-    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, 3, 4), io("y", "FP32", -1)], [], 8)
+    done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, -1, 4), io("y", "FP32", -1)], [], 8)
     assert [list(t.dims) for t in done.input] == [[-1, 4], [1]]
 
 
