@@ -132,6 +132,7 @@ class Gateway:
                 max_outputs=lim.max_outputs,
                 max_tensor_dims=lim.max_tensor_dims,
                 max_request_id_bytes=lim.max_request_id_bytes,
+                max_bytes_elements=lim.max_bytes_elements,
             ),
             strict_readiness=srv.strict_readiness,
             metrics=self.metrics,

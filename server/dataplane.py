@@ -296,8 +296,9 @@ class DataPlane(Extensions):
                     deadline = dl if deadline is None else min(deadline, dl)
         if len(msg.id) > limits.max_request_id_bytes:
             raise invalid(f"the request id is longer than {limits.max_request_id_bytes} bytes (max_request_id_bytes)")
+        strings = 0
         for t in inputs:
-            check_shape(t.name, t.shape, limits)
+            strings = check_shape(t.name, t.shape, limits, t.datatype, strings)
             if len(t.parameters) > MAX_TENSOR_PARAMETERS:
                 raise invalid(f"input '{printable(clip(t.name))}': at most {MAX_TENSOR_PARAMETERS} parameters")
         check_grpc_outputs(msg.outputs)

@@ -7,6 +7,7 @@ BYTES tensors are numpy ``object`` arrays of ``bytes``.
 
 from __future__ import annotations
 
+import math
 import re
 import reprlib
 import struct
@@ -224,6 +225,10 @@ class RequestLimits:
     max_outputs: int = 64  # outputs one request may name
     max_tensor_dims: int = 32  # dimensions of one tensor's shape (numpy's own ceiling is 64)
     max_request_id_bytes: int = 256  # the V2 id (or x-request-id) a request is answered with
+    # BYTES elements of one request, all its inputs together: each becomes Python objects several
+    # times over (decoded, as str for the engine, the answer's), some 450 bytes and ~2 µs of the
+    # event loop apiece, so the body's size bound alone allowed 16 M of them (GBs, seconds)
+    max_bytes_elements: int = 65536
 
 
 def check_tensors(inputs: int, outputs: int, limits: RequestLimits) -> None:
@@ -234,13 +239,23 @@ def check_tensors(inputs: int, outputs: int, limits: RequestLimits) -> None:
         raise invalid(f"the request names {outputs} outputs; at most {limits.max_outputs} are accepted (max_outputs)")
 
 
-def check_shape(name: str, shape: tuple[int, ...], limits: RequestLimits) -> None:
-    """Refuse a shape with too many dimensions, before anything is allocated for it."""
+def check_shape(name: str, shape: tuple[int, ...], limits: RequestLimits, datatype: str = "", strings: int = 0) -> int:
+    """Refuse a shape with too many dimensions, or a BYTES input that takes the request's BYTES
+    elements past ``max_bytes_elements`` (``strings``: those of its earlier inputs), before
+    anything is allocated for it. Returns the request's BYTES elements with this input's."""
     if len(shape) > limits.max_tensor_dims:
         raise invalid(
             f"input '{clip(name)}' has {len(shape)} dimensions; at most {limits.max_tensor_dims} are accepted "
             "(max_tensor_dims)"
         )
+    if datatype == "BYTES":
+        strings += math.prod(shape)
+        if strings > limits.max_bytes_elements:
+            raise invalid(
+                f"input '{clip(name)}' brings the request's BYTES elements to {strings}; at most "
+                f"{limits.max_bytes_elements} are accepted (max_bytes_elements)"
+            )
+    return strings
 
 
 class InferRequest(NamedTuple):

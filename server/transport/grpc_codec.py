@@ -118,13 +118,13 @@ def decode_request(
             "outside shared memory; give raw data for every one of them or for none"
         )
     inputs = []
-    j = 0
+    j = strings = 0
     for i, t in enumerate(tensors):
         name, dtname = t.name, t.datatype
         what = f"input '{clip(name)}'"
         dt = DATATYPES.get(dtname) or datatype(dtname, what)
         shape = tuple(t.shape)
-        check_shape(name, shape, limits)
+        strings = check_shape(name, shape, limits, dtname, strings)
         if shape and min(shape) < 0:
             raise invalid(f"{what}: shape {list(shape)} has a negative dimension")
         if precheck is not None:  # (a large request: the model's own check before any value is read)

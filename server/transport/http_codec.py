@@ -122,7 +122,7 @@ def decode_request(
         raise invalid("request must have an 'inputs' list")
     raw_outputs = obj.get("outputs")
     check_tensors(len(raw_inputs), len(raw_outputs) if type(raw_outputs) is list else 0, limits)
-    offset = 0
+    offset = strings = 0
     inputs = []
     dt: DataType | None
     maybe_bools = b"true" in head or b"false" in head
@@ -140,7 +140,7 @@ def decode_request(
         ):
             _explain_bad_input(j)
         shape = tuple(shape)
-        check_shape(name, shape, limits)
+        strings = check_shape(name, shape, limits, dtname, strings)
         if precheck is not None:
             precheck(name, dt.v2, shape)
         params = j.get("parameters")
@@ -308,19 +308,21 @@ def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np
             # Infinity (the JSON extension Triton reads, and our own answers write) are values
             # of every float type: only the finite values are judged (a NaN made max() and
             # min() say nothing, an Infinity was refused as out of range).
+            top: float
+            bottom: float
             if arr.size <= 16:
-                flat = arr.ravel().tolist()
-                high, low = max(flat), min(flat)
-                if not (math.isfinite(high) and math.isfinite(low)):
-                    flat = [v for v in flat if math.isfinite(v)]
-                    high, low = max(flat, default=0.0), min(flat, default=0.0)
+                values: list[float] = arr.ravel().tolist()
+                top, bottom = max(values), min(values)
+                if not (math.isfinite(top) and math.isfinite(bottom)):
+                    values = [v for v in values if math.isfinite(v)]
+                    top, bottom = max(values, default=0.0), min(values, default=0.0)
             else:
-                high, low = arr.max(), arr.min()
-                if not (np.isfinite(high) and np.isfinite(low)):
+                top, bottom = arr.max(), arr.min()
+                if not (np.isfinite(top) and np.isfinite(bottom)):
                     finite = arr[np.isfinite(arr)]
-                    high, low = (finite.max(), finite.min()) if finite.size else (0.0, 0.0)
+                    top, bottom = (finite.max(), finite.min()) if finite.size else (0.0, 0.0)
             overflow = _OVERFLOW_AT[dt.v2]
-            if high >= overflow or low <= -overflow:
+            if top >= overflow or bottom <= -overflow:
                 limit = float(np.finfo(dt.np_dtype).max)
                 raise ValueError(f"a value is outside the range of {dt.v2} [{-limit:.8g}, {limit:.8g}]")
     return arr.astype(dt.np_dtype)
