@@ -179,6 +179,13 @@ class VersionBuilder:
             )
             full = self._warm_up(name, v, cfg, full, backend, model_dir)
             opened[v] = (full, backend)
+        if cfg.HasField("sequence_batching"):
+            # (README, Not supported) said once a load, since the config still says it to clients
+            log.warning(
+                "model '%s': sequence_batching is not acted on: served without a sequence scheduler (no correlation "
+                "IDs, control inputs or state); sequence_id, sequence_start and sequence_end are ignored",
+                printable(clip(name)),
+            )
         return {
             v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()
         }

@@ -229,3 +229,23 @@ def test_model_failure_lines_left_out_are_counted(tmp_path, serve, caplog):
     counted = dropped(running)
     assert counted and float(counted[0].split()[1]) >= 20 - 2 * seconds, counted
     assert dropped(other) == []
+
+
+def test_a_sequence_batching_config_loads_with_a_warning_and_serves_without_a_scheduler(tmp_path, serve, caplog):
+    """sequence_batching is not acted on (README, Not supported): the load says so once, since
+    the config still tells clients (perf_analyzer among them) that this is a sequence model."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    _save(classifier_model(), str(tmp_path), "seq", config="max_batch_size: 4\nsequence_batching { }\n")
+    running = serve(str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "sequence_batching is not acted on" in r.getMessage()]
+    assert warned == [
+        "model 'seq': sequence_batching is not acted on: served without a sequence scheduler (no correlation "
+        "IDs, control inputs or state); sequence_id, sequence_start and sequence_end are ignored"
+    ]
+    c = httpclient.InferenceServerClient(running.http_url)
+    inp = httpclient.InferInput("features", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    got = c.infer("seq", [inp], sequence_id=7, sequence_start=True).as_numpy("probabilities")
+    assert got.shape == (1, 3)
