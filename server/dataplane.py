@@ -229,12 +229,14 @@ class DataPlane(Extensions):
         self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]
 
     @staticmethod
-    def precheck(served: Served, size: int) -> Callable[[str, str, tuple[int, ...]], None] | None:
-        """For a request of ``size`` bytes past ``PRECHECK_BYTES``, the serving version's check
-        of one input's name, datatype and shape, for the codec to run before the input's values
-        are read: a large request the model refuses is never decoded (a 61 MB JSON body took the
-        loop 1.9 s to be refused). None for a small one (checked once, after) or an open signature."""
-        if size <= PRECHECK_BYTES:
+    def precheck(served: Served, size: int, shared: bool = False) -> Callable[[str, str, tuple[int, ...]], None] | None:
+        """For a request of ``size`` bytes past ``PRECHECK_BYTES``, or one that may read a
+        shared-memory region (``shared``: a few bytes may name 64 MB there), the serving
+        version's check of one input's name, datatype and shape, for the codec to run before the
+        input's values are read: a large request the model refuses is never decoded (a 61 MB
+        JSON body took the loop 1.9 s to be refused; a 100-byte one naming a region of 11 M
+        strings, 7 s). None for a small one (checked once, after) or an open signature."""
+        if size <= PRECHECK_BYTES and not shared:
             return None
         signature = (served.version if isinstance(served, Routed) else served).signature
         return None if signature.open else signature.precheck

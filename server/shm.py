@@ -40,7 +40,9 @@ REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
 _KEY = re.compile(r"/[A-Za-z0-9_.-]{1,250}")
-_NAME = re.compile(r"[\x21-\x7e]{1,128}")
+# printable ASCII but '/' and '\\': HTTP addresses a region by name in its path, where an encoded
+# separator is refused (http_scope.py), so such a name registered over gRPC could not be named
+_NAME = re.compile(r"[\x21-\x2e\x30-\x5b\x5d-\x7e]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +178,10 @@ class SharedMemory:
 
     def _register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         if not _NAME.fullmatch(name):
-            raise invalid(f"shared-memory region name '{printable(clip(name))}' must be 1 to 128 printable characters")
+            raise invalid(
+                f"shared-memory region name '{printable(clip(name))}' must be 1 to 128 printable ASCII characters, "
+                "not '/' or '\\' (HTTP names a region in its path)"
+            )
         if (owner, name) in self._regions:
             raise GatewayError(ErrorCode.ALREADY_EXISTS, f"shared-memory region '{name}' is already registered")
         if not self.key_prefix:

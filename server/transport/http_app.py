@@ -483,8 +483,8 @@ class HttpApp:
                 req, options = await asyncio.to_thread(
                     http_codec.decode_request, *decode, self.dp.precheck(served, len(body))
                 )
-            else:
-                req, options = http_codec.decode_request(*decode)
+            else:  # (one naming a region is checked against the model before the region is read)
+                req, options = http_codec.decode_request(*decode, self.dp.precheck(served, 0, shm is not None))
             if note is not None:
                 note.request_id = req.id
             pending = self.dp.infer(served, req)
