@@ -233,8 +233,16 @@ class PassThroughScheduler(_SchedulerBase):
         finally:
             if w.timer is not None:
                 w.timer.cancel()
+            # An exception from the future (a deadline passed, a cancellation) is kept by the
+            # future, and its traceback holds this frame, which held the waiter and so the future:
+            # a cycle that kept the request, and the shared-memory regions it named (open, their
+            # memory held after being unregistered and deleted), until a full collection.
+            del w
         if isinstance(result, GatewayError):
-            raise result
+            try:
+                raise result
+            finally:
+                del result  # (the same cycle: this frame's local and the error's traceback)
         return result
 
     def take_slot(self) -> bool:

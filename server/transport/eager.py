@@ -39,7 +39,13 @@ class _Driven(Coroutine):
         return self._gen.send(value)
 
     def throw(self, *exc):
-        return self._gen.throw(*exc)
+        try:
+            return self._gen.throw(*exc)
+        finally:
+            # What was thrown (a cancellation) mostly comes back out, with this frame in its
+            # traceback: held here too, it made a cycle that kept the call's request (and any
+            # shared-memory region it named) until a full collection.
+            del exc
 
     def close(self) -> None:
         self._gen.close()

@@ -341,6 +341,10 @@ class _Call:
         finally:
             self.done = True
             self.ran = True
+            # (a cancelled task keeps its CancelledError, whose traceback holds this frame, which
+            # holds the call: without this, a cycle kept the call's request, and any
+            # shared-memory region it named, until a full collection)
+            self.task = None
             if self.end_after_out is None or self.gone:  # else ``pump`` finishes the call once it is sent
                 if self.timer is not None:  # (else the deadline still bounds how long the answer waits)
                     self.timer.cancel()

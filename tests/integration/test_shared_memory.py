@@ -613,3 +613,54 @@ def test_an_unregistered_region_holds_no_descriptor_once_its_requests_are_answer
     while open_on_it() > mine and time.monotonic() < deadline:
         time.sleep(0.05)
     assert open_on_it() == mine
+
+
+def test_requests_cut_short_by_their_deadline_leave_no_region_open(repo, serve, segments):
+    """Regression: a call whose deadline passed while it was queued left its exception in a
+    reference cycle (the h2 call's task, the scheduler's waiter, a thrown-in cancellation each
+    held a frame of its traceback), and through it the request and the regions it named: an
+    unregistered (even deleted) segment stayed open, its memory held, until a full collection,
+    as many as such calls had named. The cyclic collector is off here, so only plain reference
+    counting can close them."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    if os.environ.get("BATCHGATE_TEST_GRPC_ENGINE") == "grpcio":
+        pytest.skip("grpc.aio keeps a cancelled call's frames in cycles of its own (README, System shared memory)")
+    running = serve(repo)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    x = np.random.default_rng(0).random((64, 256), dtype=np.float32)
+    in_key, in_handle = segments(x.nbytes)
+    shm.set_shared_memory_region(in_handle, [x])
+    out_key, _ = segments(1 << 16)
+
+    def open_on(key: str) -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                n += os.readlink(f"/proc/self/fd/{fd}").endswith(key)
+        return n
+
+    mine = open_on(out_key)  # (the test's own handle)
+
+    def late(_):
+        inp = grpcclient.InferInput("input", [64, 256], "FP32").set_shared_memory("in", x.nbytes)
+        out = grpcclient.InferRequestedOutput("output")
+        out.set_shared_memory("out", 64 * 16 * 4)
+        with contextlib.suppress(InferenceServerException):
+            c.infer("mlp", [inp], outputs=[out], client_timeout=0.005)
+
+    gc.collect()
+    gc.disable()
+    try:
+        c.register_system_shared_memory("in", in_key, x.nbytes)
+        c.register_system_shared_memory("out", out_key, 1 << 16)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(late, range(64)))
+        c.unregister_system_shared_memory()
+        deadline = time.monotonic() + 10
+        while open_on(out_key) > mine and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_on(out_key) == mine
+    finally:
+        gc.enable()
