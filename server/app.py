@@ -155,6 +155,8 @@ class Gateway:
             key_ids=self._key_ids,
         )
         self.metrics.shm = self.dataplane.shm
+        if self.dataplane.access.keys is not None:  # a key removed from the file takes its regions with it
+            self.dataplane.access.keys.on_removed = self.dataplane.shm.drop_owners
         # the owner of front mode listens only on a Unix socket in the supervisor's private folder
         self.dataplane.weighs_calls = self.grpc_address.startswith("unix:")
         self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)

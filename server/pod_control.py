@@ -324,6 +324,12 @@ class PodControl:
                 raise done
             self._regions[(owner, name)] = ("shm_register", name, key, offset, byte_size, owner)
 
+    def forget_owners(self, owners: list[str]) -> None:
+        """Keys removed from the keys file: their regions are not replayed to a worker that
+        starts again (each worker drops them itself when it reads the file)."""
+        for k in [k for k in self._regions if k[0] in owners]:
+            self._regions.pop(k)
+
     async def shm_unregister(self, name: str, owner: str | None) -> None:
         async with self._lock:
             try:

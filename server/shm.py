@@ -25,6 +25,7 @@ segment its client shrinks afterwards gives a short read (refused), not a SIGBUS
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -34,6 +35,8 @@ from typing import Any
 
 from .core.errors import ErrorCode, GatewayError, invalid
 from .core.types import DATATYPES, InferResponse, clip, printable, to_raw
+
+log = logging.getLogger("batchgate.shm")
 
 SHM_DIR = "/dev/shm"
 REGION = "shared_memory_region"
@@ -282,6 +285,15 @@ class SharedMemory:
                 self.bytes -= found.byte_size  # (closed once no request holds it: __del__)
         if counted:
             self.count("unregister", "OK")
+
+    def drop_owners(self, owners: list[str]) -> None:
+        """Unregister every region of these API keys (removed from the keys file: no key could
+        unregister them, and they held their share of ``shm_max_regions`` until a restart)."""
+        for owner in owners:
+            mine = [k for k in self._regions if k[0] == owner]
+            if mine:
+                self.unregister("", owner, counted=False)
+                log.info("unregistered %d shared-memory regions of removed API key '%s'", len(mine), clip(owner))
 
     def status(self, name: str = "", owner: str | None = None) -> list[dict[str, Any]]:
         if name:

@@ -120,6 +120,7 @@ class Supervisor(PodControl, PodState):
             from .security.auth import KeyStore
 
             self._keys = KeyStore(s.auth.api_keys_file)  # a bad file: ConfigError, nothing started
+            self._keys.on_removed = self.forget_owners
             self._tasks.append(asyncio.ensure_future(self._watch_keys()))
         if srv.metrics_port >= 0:
             from .monitoring.serve import metrics_limits, serve_metrics

@@ -409,6 +409,9 @@ class KeyStore:
         self._table = _index(keys)
         self._buckets: dict[str, _Bucket] = {}
         self._apply(keys)
+        # told the ids of keys a reload removed (what they held, such as shared-memory regions,
+        # goes with them: no key could unregister it any more)
+        self.on_removed: Callable[[list[str]], None] | None = None
 
     # -- what is loaded
 
@@ -558,6 +561,8 @@ class KeyStore:
         self._apply(keys)
         after = set(self.key_ids)
         added, removed = sorted(after - before), sorted(before - after)
+        if removed and self.on_removed is not None:
+            self.on_removed(removed)
         log.info(
             "API keys reloaded from %s: %d keys%s%s",
             self.path,

@@ -664,3 +664,30 @@ def test_requests_cut_short_by_their_deadline_leave_no_region_open(repo, serve, 
         assert open_on(out_key) == mine
     finally:
         gc.enable()
+
+
+def test_a_key_removed_from_the_keys_file_takes_its_regions_with_it(repo, serve, segments, tmp_path):
+    """Before, a revoked key's regions could never be unregistered (its token is refused) and
+    kept their share of shm_max_regions until a restart: four revoked keys' regions shut every
+    tenant out."""
+    path = _keys_file(tmp_path, ("app", INFER_TOKEN, ["infer", "read"]), ("other", OTHER_TOKEN, ["infer", "read"]))
+    running = serve(repo, api_keys_file=path, api_keys_poll_s=0.1, shm_max_regions=3)
+    app = {"authorization": f"Bearer {INFER_TOKEN}"}
+    other = {"authorization": f"Bearer {OTHER_TOKEN}"}
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    mine, _ = segments(64, prefix="/batchgate_app_")
+    theirs, _ = segments(64, prefix="/batchgate_other_")
+    for name in ("a", "b"):
+        c.register_system_shared_memory(name, mine, 16, headers=app)
+    c.register_system_shared_memory("keep", theirs, 16, headers=other)
+    with pytest.raises(InferenceServerException):  # the pod's bound is reached
+        c.register_system_shared_memory("more", theirs, 16, headers=dict(other))
+    time.sleep(0.05)  # (a file's new mtime must differ from the last one seen)
+    _keys_file(tmp_path, ("other", OTHER_TOKEN, ["infer", "read"]))  # 'app' revoked
+    deadline = time.monotonic() + 10
+    while running.gateway.dataplane.shm.bytes > 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["name"] for r in running.gateway.dataplane.shm.status("", "app")] == []
+    c.register_system_shared_memory("more", theirs, 16, headers=dict(other))  # room again
+    status = c.get_system_shared_memory_status(headers=dict(other))
+    assert sorted(status.regions) == ["keep", "more"]
