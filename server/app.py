@@ -155,8 +155,8 @@ class Gateway:
             key_ids=self._key_ids,
         )
         self.metrics.shm = self.dataplane.shm
-        if self.dataplane.access.keys is not None:  # a key removed from the file takes its regions with it
-            self.dataplane.access.keys.on_removed = self.dataplane.shm.drop_owners
+        if (keys := self.dataplane.access.keys) is not None:  # a key removed takes its regions with it
+            keys.on_removed = self.dataplane.shm.drop_owners
         # the owner of front mode listens only on a Unix socket in the supervisor's private folder
         self.dataplane.weighs_calls = self.grpc_address.startswith("unix:")
         self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)
@@ -197,8 +197,7 @@ class Gateway:
         return self.dataplane.ready()
 
     def _key_ids(self) -> tuple[str, ...]:
-        keys = self.dataplane.access.keys
-        return () if keys is None else keys.key_ids
+        return () if (keys := self.dataplane.access.keys) is None else keys.key_ids
 
     # ------------------------------------------------------------------ lifecycle
     async def start(
@@ -244,14 +243,8 @@ class Gateway:
             raise OSError(f"cannot listen for gRPC on {address}")
         await self._grpc.start()
         if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
-            self._health_grpc, self.health_port = plaintext_health_server(
-                self._health,
-                _join(s.host, s.health_port),
-                lim.ops_max_connections,
-                lim.ops_max_connections_per_peer,
-                s.http_header_timeout_s,
-                self.metrics.connection_refused,
-            )
+            address, refused = _join(s.host, s.health_port), self.metrics.connection_refused
+            self._health_grpc, self.health_port = plaintext_health_server(self._health, address, self.settings, refused)
             await self._health_grpc.start()
 
         if s.http_port >= 0:

@@ -136,14 +136,8 @@ class Supervisor(PodControl, PodState):
 
             self._health = HealthServicer()
             await self._publish()
-            self._health_grpc, self.health_port = plaintext_health_server(
-                self._health,
-                _join(srv.host, srv.health_port),
-                s.limits.ops_max_connections,
-                s.limits.ops_max_connections_per_peer,
-                srv.http_header_timeout_s,
-                self.metrics.connection_refused,
-            )
+            address, refused = _join(srv.host, srv.health_port), self.metrics.connection_refused
+            self._health_grpc, self.health_port = plaintext_health_server(self._health, address, s, refused)
             await self._health_grpc.start()
         if self.owner is not None:
             self._private = tempfile.mkdtemp(prefix="batchgate-")

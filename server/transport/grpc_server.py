@@ -87,12 +87,7 @@ def add_port(server: Any, address: str, tls: ServerTls | None) -> int:
 
 
 def plaintext_health_server(
-    servicer: Any,
-    address: str,
-    max_connections: int,
-    max_per_peer: int,
-    handshake_timeout_s: float,
-    refused: Callable[[str], None],
+    servicer: Any, address: str, settings: Any, refused: Callable[[str], None]
 ) -> tuple[H2GrpcServer, int]:
     """A plaintext gRPC server carrying only grpc.health.v1.Health (``servicer``, the one the
     main port publishes), for kubelet ``grpc:`` probes, which cannot speak TLS. Not started.
@@ -101,10 +96,11 @@ def plaintext_health_server(
     connections in all but not what one peer holds, and one client holding them all failed
     kubelet's probes (a pod restarted for it). Its refusals count as the main port's with
     ``health_`` for ``grpc_`` (``health_connections``, ``health_peer``...)."""
+    max_connections, handshake_timeout_s = settings.limits.ops_max_connections, settings.server.http_header_timeout_s
     server = H2GrpcServer(
         max_receive_bytes=4096,
         max_connections=max_connections,
-        max_per_peer=max_per_peer,
+        max_per_peer=settings.limits.ops_max_connections_per_peer,
         max_concurrent_streams=8,
         max_streaming_calls=max_connections,  # (Watch: a stream a client may keep open)
         refused=lambda reason: refused("health_" + reason.removeprefix("grpc_")),

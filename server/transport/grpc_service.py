@@ -428,9 +428,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     return await forwarded
                 headers = caller_headers(md, dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
-                decoded = self._decode(
-                    request, context, headers, shm, note, dp.precheck(served, len(raw), shm is not None)
-                )
+                check = dp.precheck(served, len(raw), shm is not None)
+                decoded = self._decode(request, context, headers, shm, note, check)
                 if dp.weighs_calls:  # a front worker's call: the client requests it merged
                     decoded = decoded._replace(weight=weight_of(_find(md, REQUESTS_HEADER)))
                 resp = await dp.infer(served, decoded)
@@ -503,10 +502,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if note is not None and note.span is not None:
                     note.span.add_event("ADMITTED")
                 try:
-                    shm = self.dp.shm_view(caller)
                     shared = any(SHM_REGION in t.parameters for t in msg.inputs)
                     check = self.dp.precheck(served, msg.ByteSize(), shared)
-                    decoded = self._decode(msg, context, headers, shm, note, check)
+                    decoded = self._decode(msg, context, headers, self.dp.shm_view(caller), note, check)
                     resp = await self.dp.infer(served, decoded)
                 finally:
                     self.dp.release(served)
