@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import logs
 from .config import RemoteModel
 from .core.errors import ErrorCode, GatewayError
+from .core.types import clip
 from .monitoring.metrics import RuntimeFamily, Snapshot
 from .security.audit import hash_files
 
@@ -323,6 +324,17 @@ class PodControl:
             if done is not None:  # registered nowhere now; the first error is the answer
                 raise done
             self._regions[(owner, name)] = ("shm_register", name, key, offset, byte_size, owner)
+
+    async def drop_regions(self, regions: list[tuple[str | None, str]]) -> None:
+        """Regions a joining worker could not register (their segments were shrunk or removed
+        since): unregistered from every worker and no longer replayed, so that the workers agree
+        (before, some answered with the region and the restarted one without it). The caller
+        holds the lock."""
+        for owner, name in regions:
+            self._regions.pop((owner, name), None)
+            log.warning("shared-memory region '%s' is dropped: a worker starting again could not map it", clip(name))
+            with contextlib.suppress(GatewayError):
+                await self._everywhere("shm_unregister", self._members(True), name=name, owner=owner)
 
     def forget_owners(self, owners: list[str]) -> None:
         """Keys removed from the keys file: their regions are not replayed to a worker that

@@ -309,7 +309,8 @@ class Supervisor(PodControl, PodState):
                     ops.append(("log_settings", self._log_changes))
                 for model, changes in self._trace_changes.items():
                     ops.append(("trace_settings", model, changes))
-                await slot.channel.call("replay", ops=ops)
+                lost = await slot.channel.call("replay", ops=ops)
+                await self.drop_regions([(owner, name) for owner, name in lost or ()])
                 if self.owner is None or slot is self.owner:
                     await self._same_files(slot)
                 slot.member = True

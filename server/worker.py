@@ -97,8 +97,11 @@ class WorkerLink:
     async def _poll_unload(self, name: str) -> None:
         await self.gateway.repository.polled_unload(name)
 
-    async def _replay(self, ops: list[tuple]) -> None:
-        """What was changed in the pod before this worker joined, in order."""
+    async def _replay(self, ops: list[tuple]) -> list[list]:
+        """What was changed in the pod before this worker joined, in order. Returns the
+        shared-memory regions it could not register, as [owner, name] (their segments changed
+        since: the supervisor drops them everywhere, so no two workers disagree about them)."""
+        lost: list[list] = []
         for op, *args in ops:
             try:
                 if op == "load":
@@ -122,6 +125,9 @@ class WorkerLink:
                         f"catching up with the other workers: load {str(args[0])[:128]} failed: {why}",
                     ) from None
                 log.warning("catching up with the other workers: %s %s failed: %s", op, str(args[0])[:128], why)
+                if op == "shm_register":
+                    lost.append([args[4], args[0]])
+        return lost
 
     async def _shm_register(self, name: str, key: str, offset: int, byte_size: int, owner: str | None) -> None:
         self.gateway.dataplane.shm.register(name, key, offset, byte_size, owner, counted=False)

@@ -637,6 +637,42 @@ def test_shared_memory_and_log_settings_reach_every_worker(clf_repo):
         shm.destroy_shared_memory_region(handle)
 
 
+def test_a_region_a_restarted_worker_cannot_map_is_dropped_from_every_worker(clf_repo):
+    """The segment shrank after its registration, then a worker died: the restarted one could
+    not register the region again and went on without it, while the other kept it. Clients saw
+    it or not by the worker their connection reached, and registering it again was refused
+    (already registered). Now it is unregistered everywhere, and registers again."""
+    p = Proc(serve_args(clf_repo, "--workers", "2"))
+    key = f"/batchgate_{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region(key[1:], key, 64)
+    try:
+        p.wait_ready()
+        grpcclient.InferenceServerClient(p.grpc).register_system_shared_memory("in", key, 64)
+        os.truncate(f"/dev/shm/{key[1:]}", 16)  # the client shrinks its segment
+        victim = _pids(p)[0]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while _pids(p)[0] == victim:  # started again, caught up, listening
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        os.truncate(f"/dev/shm/{key[1:]}", 64)
+        seen = Counter()
+        for _ in range(16):  # new connections: both workers answer
+            c = grpcclient.InferenceServerClient(p.grpc)
+            seen[len(c.get_system_shared_memory_status().regions)] += 1
+            c.close()
+        assert seen == Counter({0: 16}), seen
+        grpcclient.InferenceServerClient(p.grpc).register_system_shared_memory("in", key, 64)  # not "already"
+        for _ in range(8):
+            c = grpcclient.InferenceServerClient(p.grpc)
+            assert len(c.get_system_shared_memory_status().regions) == 1
+            c.close()
+        assert "shared-memory region 'in' is dropped: a worker starting again could not map it" in p.output()
+    finally:
+        p.kill()
+        shm.destroy_shared_memory_region(handle)
+
+
 def test_front_mode_workers_forward_to_one_process_that_owns_and_batches_the_models(clf_repo):
     _save(classifier_model(seed=2), clf_repo, "late")
     p = Proc(
