@@ -52,6 +52,17 @@ def _pids(p: Proc) -> dict[int, int]:
     return {int(m.group(1)): int(m.group(2)) for m in PID.finditer(p.output())}
 
 
+def _kill_and_wait(p: Proc, slot: int, timeout: float = 60) -> int:
+    """SIGKILL worker ``slot``, wait until it has started again, caught up and listens; its old pid."""
+    victim = _pids(p)[slot]
+    os.kill(victim, signal.SIGKILL)
+    end = time.monotonic() + timeout
+    while _pids(p)[slot] == victim:
+        assert time.monotonic() < end, p.output()
+        time.sleep(0.1)
+    return victim
+
+
 def test_trace_settings_reach_every_worker(clf_repo):
     """Tracing on with a ratio of 0: nothing is traced until the trace extension sets trace_rate 1
     on one worker; then every request on every worker is (each worker exports its own spans)."""
@@ -239,12 +250,7 @@ def test_a_restarted_worker_catches_up_with_a_remote_model_whose_upstream_is_dow
         p.wait_ready()
         httpclient.InferenceServerClient(p.http).load_model("fk")  # (recorded: replayed to a restarted worker)
         fake.stop()
-        victim = _pids(p)[1]
-        os.kill(victim, signal.SIGKILL)
-        end = time.monotonic() + 30
-        while _pids(p)[1] == victim:  # started again, caught up, listening
-            assert time.monotonic() < end, p.output()
-            time.sleep(0.1)
+        _kill_and_wait(p, 1, 30)
         assert "catching up with the other workers: load fk failed" in p.output()
     finally:
         p.kill()
@@ -649,12 +655,7 @@ def test_a_region_a_restarted_worker_cannot_map_is_dropped_from_every_worker(clf
         p.wait_ready()
         grpcclient.InferenceServerClient(p.grpc).register_system_shared_memory("in", key, 64)
         os.truncate(f"/dev/shm/{key[1:]}", 16)  # the client shrinks its segment
-        victim = _pids(p)[0]
-        os.kill(victim, signal.SIGKILL)
-        end = time.monotonic() + 60
-        while _pids(p)[0] == victim:  # started again, caught up, listening
-            assert time.monotonic() < end, p.output()
-            time.sleep(0.1)
+        _kill_and_wait(p, 0)
         os.truncate(f"/dev/shm/{key[1:]}", 64)
         seen = Counter()
         for _ in range(16):  # new connections: both workers answer
