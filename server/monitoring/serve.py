@@ -28,7 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..core.errors import ErrorCode, GatewayError
 from ..security.auth import KeyStore
-from ..transport.sockets import peer_of
+from ..transport.sockets import PeerShare, peer_of
 
 PATH = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -84,13 +84,8 @@ class _Threading(ThreadingMixIn, WSGIServer):
     block_on_close = False  # (shutdown does not wait for a slow client's thread)
     max_header_bytes = 16384
     slots: threading.BoundedSemaphore
-    max_per_peer = 8
+    peers: PeerShare
     refused: Callable[[str], None]
-
-    def server_activate(self) -> None:
-        super().server_activate()
-        self._peers: dict[str, int] = {}  # connections open, by peer (see ``peer_of``)
-        self._peers_lock = threading.Lock()
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
@@ -98,11 +93,7 @@ class _Threading(ThreadingMixIn, WSGIServer):
             self.shutdown_request(request)
             return
         peer = peer_of(client_address)
-        with self._peers_lock:
-            held = self._peers.get(peer, 0)
-            if held < self.max_per_peer:
-                self._peers[peer] = held + 1
-        if held >= self.max_per_peer:
+        if not self.peers.enter(peer):
             self.slots.release()
             self.refused("metrics_peer")
             self.shutdown_request(request)
@@ -120,10 +111,7 @@ class _Threading(ThreadingMixIn, WSGIServer):
             self._leave(peer_of(client_address))
 
     def _leave(self, peer: str) -> None:
-        with self._peers_lock:
-            held = self._peers.pop(peer, 1) - 1
-            if held > 0:
-                self._peers[peer] = held
+        self.peers.leave(peer)
         self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
@@ -192,7 +180,7 @@ def serve_metrics(
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
             "max_header_bytes": max_header_bytes,
             "slots": threading.BoundedSemaphore(max_connections),
-            "max_per_peer": max_per_peer,
+            "peers": PeerShare(max_per_peer),
             "refused": staticmethod(refused),
             "request_queue_size": 128,  # (socketserver's 5 turns a burst of scrapers away in the kernel)
         },

@@ -47,7 +47,7 @@ from .grpc_h2_connection import (  # noqa: F401  (the engine's figures, read by 
     _Connection,
 )
 from .grpc_h2_sweep import sweep
-from .sockets import tcp_socket
+from .sockets import PeerShare, tcp_socket
 from .tls_accept import TlsAccept
 
 log = logging.getLogger("batchgate.grpc")
@@ -81,8 +81,7 @@ class H2GrpcServer:
         self.max_connections = max_connections
         # connections one peer (sockets.peer_of) may hold at once, 0 = any number: for an
         # operations listener, where one client must not keep the others out
-        self.max_per_peer = max_per_peer
-        self.peers: dict[str, int] = {}
+        self.peers = PeerShare(max_per_peer)
         self.max_concurrent_streams = max_concurrent_streams
         # Streaming calls open, all connections together: one may stay open and idle for as long
         # as its client likes (a gRPC stream), so their number, not a timeout, bounds them.

@@ -78,14 +78,12 @@ class _Connection(asyncio.Protocol):
             server.refused("grpc_connections")
             transport.abort()
             return
-        if server.max_per_peer:
+        if server.peers.limit:
             key = peer_of(transport.get_extra_info("peername"))
-            held = server.peers.get(key, 0)
-            if held >= server.max_per_peer:
+            if not server.peers.enter(key):
                 server.refused("grpc_peer")
                 transport.abort()
                 return
-            server.peers[key] = held + 1
             self._peer_key = key
         server.connections.add(self)
         self.peer = grpc_peer(transport)
@@ -113,10 +111,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
         if self._peer_key is not None:
-            peers, key, self._peer_key = self.server.peers, self._peer_key, None
-            held = peers.pop(key, 1) - 1
-            if held > 0:
-                peers[key] = held
+            self.server.peers.leave(self._peer_key)
+            self._peer_key = None
         if self._age_timer is not None:
             self._age_timer.cancel()
         for call in list(self.calls.values()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from typing import Any
 
 # An answer waiting for its client to read it may wait http_body_timeout_s, and one second more
@@ -53,3 +54,34 @@ def peer_of(address: Any) -> str:
             return str(ip.ipv4_mapped)
         return f"{ipaddress.ip_network((ip, 64), strict=False).network_address}/64"
     return str(ip)
+
+
+class PeerShare:
+    """Connections open by peer (:func:`peer_of`), at most ``limit`` each (0 = any number), for
+    an operations listener where one client must not keep the others out. Thread-safe: the
+    metrics port counts on its accept thread and releases on its handler threads."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, peer: str) -> bool:
+        """Count one more of ``peer``'s connections; False (nothing counted) past its share."""
+        if not self.limit:
+            return True
+        with self._lock:
+            held = self._open.get(peer, 0)
+            if held >= self.limit:
+                return False
+            self._open[peer] = held + 1
+            return True
+
+    def leave(self, peer: str) -> None:
+        """One of ``peer``'s connections counted by :meth:`enter` has ended."""
+        if not self.limit:
+            return
+        with self._lock:
+            held = self._open.pop(peer, 1) - 1
+            if held > 0:
+                self._open[peer] = held
