@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from batchgate.app import Gateway
@@ -102,3 +103,13 @@ def start_gateway(repo: str, config_file: str | None = None, uvloop: bool = Fals
     if "err" in box:
         raise box["err"]
     return Running(box["gw"], loop, t)
+
+
+def eventually(check, what: str, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Calls `check` until it returns true, failing with `what` after `timeout` seconds: for what
+    the server learns a moment after the client acts (a connection closed, a file changed). A
+    fixed sleep instead flakes on a busy CI machine."""
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, what
+        time.sleep(interval)

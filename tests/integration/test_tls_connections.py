@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from gateway_support import eventually
 from tls_support import Pki, make_pki
 
 CAP = 3
@@ -90,10 +91,7 @@ def test_connections_in_their_tls_handshake_count_against_max_connections(demo_r
     extra.close()
     # A handshake that fails (here: the client goes) gives its place back at once.
     held.pop().close()
-    end = time.monotonic() + 10
-    while not client_works(protocol, running, pki):
-        assert time.monotonic() < end, "the place of a failed handshake was not given back"
-        time.sleep(0.1)
+    eventually(lambda: client_works(protocol, running, pki), "the place of a failed handshake was not given back")
     for s in held:
         s.close()
 
@@ -129,17 +127,15 @@ def test_clients_that_connect_and_close_at_once_leave_every_place_free(demo_repo
     port = running.gateway.http_port if protocol == "http" else running.gateway.grpc_port
     for _ in range(CAP * 20):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    end = time.monotonic() + 10
-    while not client_works(protocol, running, pki):
-        assert time.monotonic() < end, "connections closed before their handshake kept their places"
-        time.sleep(0.1)
+
+    def works() -> bool:
+        return client_works(protocol, running, pki)
+
+    eventually(works, "connections closed before their handshake kept their places")
     held = [silent(port) for _ in range(CAP - 1)]  # every place but one is free: the last still works
     try:
         # (the client just above closed its connection; the server hears of it a moment later)
-        end = time.monotonic() + 10
-        while not client_works(protocol, running, pki):
-            assert time.monotonic() < end, "a place stayed taken after every probe had gone"
-            time.sleep(0.1)
+        eventually(works, "a place stayed taken after every probe had gone")
     finally:
         for s in held:
             s.close()
