@@ -438,15 +438,12 @@ class Gateway:
             timeout_keep_alive=max(1, math.ceil(s.http_idle_timeout_s)),  # uvicorn counts whole seconds
             backlog=2048,
         )
-        if self._tls is not None:  # HTTPS with the one context that certificate reloads update
+        newest = None
+        if self._tls is not None:  # HTTPS: each handshake on the newest context (reloads)
             config.load()  # what serve() would do first; it keeps config.ssl
-            config.ssl = self._tls.http_context
-        server = QuietUvicorn(
-            config,
-            s.http_header_timeout_s,
-            max_connections,
-            lambda: self.metrics.connection_refused(TOO_MANY_CONNECTIONS),
-        )
+            config.ssl, newest = self._tls.http_context, self._tls.newest("http/1.1")
+        refused = lambda: self.metrics.connection_refused(TOO_MANY_CONNECTIONS)  # noqa: E731
+        server = QuietUvicorn(config, s.http_header_timeout_s, max_connections, refused, newest)
         listener = HttpListener(app, server, sock.getsockname()[1])
         await listener.start(sock)
         return listener

@@ -14,6 +14,9 @@ listeners; a bad or half-written one is logged and the previous certificate keep
   new handshake onto it. New handshakes get the new certificate and trust exactly the new CA
   bundle (a CA *removed* from ``tls_client_ca_file`` is no longer trusted: a trust store can
   only grow, so reloading the old context could not take it out); open connections keep theirs.
+  Each accepted connection starts its handshake on the newest context (:meth:`ServerTls.newest`),
+  whose session cache and ticket keys are the reload's own: a session from before a reload is
+  not resumed after it (resumption skips the client's chain verification).
 - gRPC on grpcio: ``grpc.dynamic_ssl_server_credentials``. gRPC core calls the fetcher on its own thread
   before every handshake; it answers from memory under a lock (None while nothing changed), so a
   handshake never waits on the file system.
@@ -36,7 +39,7 @@ import os
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +110,17 @@ class ServerTls:
         if self._h2_context is None:
             self._h2_context = self._listener_context("h2")
         return self._h2_context
+
+    def newest(self, alpn: str) -> Callable[[], ssl.SSLContext]:
+        """What a listener (``tls_accept.TlsAccept``) starts each handshake on: the newest
+        context for ``alpn``. Its session cache and ticket keys are its own, made by the reload
+        that made it, so a TLS session from before a reload (a client whose CA has since been
+        taken out of the bundle) cannot be resumed after it: OpenSSL resumes from the context a
+        handshake *started* on, without verifying the client's chain again, and the SNI
+        callback's switch comes too late to stop that."""
+        if alpn == "h2":
+            self.h2_context()
+        return functools.partial(self._serving.__getitem__, alpn)
 
     def _listener_context(self, alpn: str) -> ssl.SSLContext:
         ctx = _context(self.mtls, alpn)

@@ -100,8 +100,11 @@ class BatchedWrites:
 
     def close(self) -> None:
         self.flush()
+        # Measured before close: asyncio's TLS transport, closed a second time, lets go of its
+        # protocol and cannot say its buffer size any more (AttributeError in connection_lost).
+        unsent = self._closed_unsent is not None and not self._t.is_closing() and self._t.get_write_buffer_size()
         self._t.close()
-        if self._closed_unsent is not None and self._t.get_write_buffer_size():
+        if unsent and self._closed_unsent is not None:
             self._closed_unsent()
 
     def abort(self) -> None:

@@ -102,7 +102,7 @@ class H2GrpcServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
-        self._binds: list[tuple[socket.socket, ssl.SSLContext | None]] = []
+        self._binds: list[tuple[socket.socket, Callable[[], ssl.SSLContext] | None]] = []
         self._listeners: list[asyncio.AbstractServer] = []
         self._tls_accepts: list[TlsAccept] = []
         self.connections: set[_Connection] = set()
@@ -151,10 +151,11 @@ class H2GrpcServer:
     def add_insecure_port(self, address: str) -> int:
         return self._bind(address, None)
 
-    def add_secure_port(self, address: str, context: ssl.SSLContext) -> int:
+    def add_secure_port(self, address: str, context: Callable[[], ssl.SSLContext]) -> int:
+        """``context`` gives the context each handshake starts on (``ServerTls.newest``)."""
         return self._bind(address, context)
 
-    def _bind(self, address: str, context: ssl.SSLContext | None) -> int:
+    def _bind(self, address: str, context: Callable[[], ssl.SSLContext] | None) -> int:
         """Bind now (the port is known at once, as with grpc.aio); listen in ``start``."""
         if address.startswith("unix:"):
             path = address[5:]

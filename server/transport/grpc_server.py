@@ -82,7 +82,7 @@ def add_port(server: Any, address: str, tls: ServerTls | None) -> int:
     if tls is None:
         return server.add_insecure_port(address)
     if isinstance(server, H2GrpcServer):
-        return server.add_secure_port(address, tls.h2_context())
+        return server.add_secure_port(address, tls.newest("h2"))
     return server.add_secure_port(address, tls.grpc_credentials())
 
 

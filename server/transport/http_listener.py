@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,10 @@ class QuietUvicorn(uvicorn.Server):
         handshake_timeout_s: float = 60.0,
         max_connections: int = 0,
         refused: Callable[[], None] = lambda: None,
+        tls_context: Callable[[], ssl.SSLContext] | None = None,
     ):
         super().__init__(config)
+        self.tls_context = tls_context  # each handshake's (ServerTls.newest); else config.ssl
         self.handshake_timeout_s = handshake_timeout_s
         self.max_connections = max_connections
         self.refused = refused
@@ -54,8 +57,9 @@ class QuietUvicorn(uvicorn.Server):
                 config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
             )
 
+        given: ssl.SSLContext = config.ssl
         self._tls_accept = accept = TlsAccept(
-            config.ssl,
+            self.tls_context or (lambda: given),
             create_protocol,
             self.handshake_timeout_s,
             self.max_connections,

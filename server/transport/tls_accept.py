@@ -32,7 +32,7 @@ class TlsAccept:
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: Callable[[], ssl.SSLContext],
         make_protocol: Callable[[], asyncio.Protocol],
         handshake_timeout_s: float,
         max_connections: int,
@@ -74,9 +74,10 @@ class TlsAccept:
         # has its transport.
         early = _Early()
         loop = asyncio.get_running_loop()
+        context = self.context()  # the newest: a session from before a reload is not resumed
         try:
             tls = await loop.start_tls(
-                raw, early, self.context, server_side=True, ssl_handshake_timeout=self.handshake_timeout_s
+                raw, early, context, server_side=True, ssl_handshake_timeout=self.handshake_timeout_s
             )
         except asyncio.CancelledError:
             raw.abort()
@@ -92,6 +93,11 @@ class TlsAccept:
             # scan), and a protocol handed it would never hear connection_lost: its place in
             # the connection count would be kept for ever.
             raw.abort()
+            return
+        if context is not self.context() and getattr(tls.get_extra_info("ssl_object"), "session_reused", False):
+            # Accepted before a reload, its session resumed from the context of then (whose
+            # client CA may be gone): refused; the client's next connection shakes hands anew.
+            tls.abort()
             return
         protocol = self.make_protocol()
         tls.set_protocol(protocol)

@@ -141,6 +141,18 @@ def test_https_and_grpc_tls_with_tritonclient(tls_gateway, pki):
     g.close()
 
 
+def test_a_client_closing_its_https_connection_logs_no_error(tls_gateway, pki, caplog):
+    """On asyncio's loop, a TLS transport closed a second time (the client's close, then
+    uvicorn's connection_lost) lets go of its protocol; the write batching asked it for its
+    buffer size after that, and every such close logged an AttributeError traceback."""
+    for _ in range(3):
+        h = http_client(tls_gateway, pki)
+        assert h.is_server_live()
+        h.close()
+    time.sleep(0.5)  # (the server hears of the closes)
+    assert "Exception in callback" not in caplog.text
+
+
 def test_http_ssl_context_factory_option(tls_gateway, pki):
     """tritonclient.http's other way in: an ssl_context_factory."""
 
@@ -434,6 +446,63 @@ def test_client_ca_rotation(serve, demo_repo, pki, tmp_path):
     os.replace(tmp, ca)
     assert wait_for(lambda: not admitted("rogue"))
     assert admitted("client")
+
+
+def _rogue(pki: Pki, alpn: str, version: ssl.TLSVersion) -> ssl.SSLContext:
+    """The second CA's client (a session is resumed only with the context that made it)."""
+    ctx = ssl.create_default_context(cafile=pki.path("ca.crt"))
+    ctx.load_cert_chain(pki.path("rogue.crt"), pki.path("rogue.key"))
+    ctx.maximum_version = version
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def _rogue_visit(port: int, ctx: ssl.SSLContext, alpn: str, session=None) -> tuple:
+    """A connection of ``ctx`` (resuming ``session`` when given): (admitted, its session,
+    whether it was resumed). Admitted: an HTTP answer, or on the gRPC port the server's HTTP/2
+    SETTINGS frame."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
+        ):
+            if alpn == "h2":
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                got = s.recv(9)
+                admitted = len(got) == 9 and got[3] == 4  # a SETTINGS frame
+            else:
+                s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                admitted = s.recv(12).startswith(b"HTTP/1.1 200")
+            return admitted, s.session, s.session_reused
+    except (OSError, ssl.SSLError):
+        return False, None, False
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("port_alpn", [("http", "http/1.1"), ("grpc", "h2")])
+def test_a_session_from_before_a_ca_is_pulled_is_not_resumed_after_it(
+    serve, demo_repo, pki, tmp_path, version, port_alpn
+):
+    """Resuming a TLS session skips the client's certificate chain: before, a client of a CA
+    taken out of tls_client_ca_file kept its access by resuming the session it had (and each
+    resumption handed it a fresh ticket). Now each handshake starts on the newest context, whose
+    session cache and ticket keys are the reload's own."""
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki.ca.pem + pki.other_ca.pem)
+    running = serve(demo_repo, **tls_flags(pki), tls_client_ca_file=str(ca), tls_poll_s=POLL_S)
+    port = running.gateway.http_port if port_alpn[0] == "http" else running.gateway.grpc_port
+    alpn = port_alpn[1]
+    ctx = _rogue(pki, alpn, version)
+    admitted, session, _ = _rogue_visit(port, ctx, alpn)
+    assert admitted and session is not None
+    admitted, session, resumed = _rogue_visit(port, ctx, alpn, session)
+    assert admitted and resumed  # resumption works: the check below means something
+    tmp = tmp_path / "ca.tmp"
+    tmp.write_bytes(pki.ca.pem)
+    os.replace(tmp, ca)  # the second CA pulled
+    assert wait_for(lambda: not _rogue_visit(port, _rogue(pki, alpn, version), alpn)[0])
+    admitted, _, resumed = _rogue_visit(port, ctx, alpn, session)
+    assert not admitted and not resumed
 
 
 # ---------------------------------------------------------------------------- start-up errors
