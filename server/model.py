@@ -340,17 +340,11 @@ class ModelVersion:
         if isinstance(e, GatewayError):
             return [e] * len(batch)
         # the engine refused or crashed: this batch fails, the model serves on
+        name, version = self.name, self.version
         if not quiet:
-            _log_failure(
-                self.metrics.failure_lines,
-                "model '%s' version %s failed to execute: %s",
-                self.name,
-                self.version,
-                str(e)[:1024],
-            )
-        return [GatewayError(ErrorCode.INTERNAL, f"model '{self.name}' version {self.version} failed: {e}")] * len(
-            batch
-        )
+            lines, text = self.metrics.failure_lines, str(e)[:1024]
+            _log_failure(lines, "model '%s' version %s failed to execute: %s", name, version, text)
+        return [GatewayError(ErrorCode.INTERNAL, f"model '{name}' version {version} failed: {e}")] * len(batch)
 
     def record(self, rows: int, requests: int, t0: int, t1: int, t2: int, t3: int) -> None:
         """Statistics and metrics of one execution (the caller holds the statistics lock)."""
@@ -362,18 +356,23 @@ class ModelVersion:
         m.compute.observe((t3 - t0) / 1e9)
 
     async def retire(self, grace_s: float | None = None) -> None:
-        """Wait for the requests on this version to finish, then free the backend."""
-        self.scheduler.close()
+        """Wait for the requests on this version to finish, those admitted whose body is still
+        arriving included (a reload swapped them out: the scheduler still takes them), then
+        free the backend. Nothing new is admitted to a version the repository swapped out."""
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
+            await asyncio.wait_for(self._quiet(), grace_s)
         except TimeoutError:
-            log.warning(
-                "model '%s' version %s retired with %d requests still running", self.name, self.version, self.in_flight
-            )
+            busy = max(self.in_flight, self.admitted)
+            log.warning("model '%s' version %s retired with %d requests running", self.name, self.version, busy)
+        self.scheduler.close()
         self.metrics.retired(self)
         backend, self.backend = self.backend, None
         if backend is not None:
             await backend.close()
+
+    async def _quiet(self) -> None:
+        while self.admitted > 0 or self.in_flight:  # (admissions end in security/limits.py)
+            await asyncio.sleep(0.01)
 
     async def close_now(self) -> None:
         """Stop taking work and close the backend without waiting (shutdown after drain)."""

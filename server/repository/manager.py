@@ -573,7 +573,7 @@ class ModelRepository:
         async with entry.lock:
             self._wanted.discard(name)
             old = entry.versions
-            entry.state = UNLOADING
+            entry.state, entry.reason = UNLOADING, "unloading"  # (a refusal meanwhile says why)
             entry.versions, entry.latest = {}, None
             self._changed(name)
             await asyncio.gather(*(s.retire(self.retire_grace_s) for s in old.values()))

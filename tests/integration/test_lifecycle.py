@@ -16,6 +16,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import SIMPLE_CONFIG, _save, classifier_model, simple_model
+from gateway_support import eventually
 
 FEATURES = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 
@@ -211,3 +212,84 @@ def _wait(pred, timeout=20.0):
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached")
+
+
+def _infer_body() -> bytes:
+    import json
+
+    x = FEATURES.tolist()
+    return json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [2, 4], "data": x}]}).encode()
+
+
+def test_a_request_whose_body_is_on_the_way_during_a_reload_is_answered(tmp_path, serve):
+    """An HTTP request is admitted to a version as its head arrives. Before, a reload that
+    swapped that version out while the body was still on the way closed its scheduler at once,
+    and the request was refused 503 "shutting down" though the new version was ready."""
+    import json
+    import socket
+
+    repo = str(tmp_path)
+    path = _save(classifier_model(), repo, "clf", 1)
+    running = serve(repo, model_control_mode="explicit", load_model=("clf",))
+    admin = httpclient.InferenceServerClient(running.http_url)
+    body = _infer_body()
+    with socket.create_connection(("127.0.0.1", running.gateway.http_port), timeout=20) as s:
+        head = f"POST /v2/models/clf/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        s.sendall(head.encode() + body[:10])
+        time.sleep(0.3)  # (admitted: its head read)
+        admin.load_model("clf")  # a reload: the version it was admitted to is swapped out
+        assert admin.is_model_ready("clf")
+        s.sendall(body[10:])
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < 20:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head_bytes, _, rest = answer.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 200"), answer[:200]
+    out = json.loads(rest[: int(re_length(head_bytes))])["outputs"][0]
+    np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(2, 3), expected(path).reshape(2, 3), rtol=1e-6)
+
+
+def re_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    raise AssertionError(f"no Content-Length in {head!r}")
+
+
+def test_a_request_during_an_unload_is_told_the_model_is_unloading(tmp_path, serve):
+    """Before, while an unload waited for queued requests, a new request was refused with an
+    empty reason ("model 'm' is not ready: ") and the index said UNLOADING with no reason."""
+    repo = str(tmp_path)
+    config = SIMPLE_CONFIG.replace('name: "simple"', 'name: "slowq"') + (
+        "dynamic_batching { preferred_batch_size: [8] max_queue_delay_microseconds: 2000000 }\n"
+    )
+    _save(simple_model(), repo, "slowq", 1, config=config)
+    running = serve(repo, model_control_mode="explicit", load_model=("slowq",))
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = []
+    for n in ("INPUT0", "INPUT1"):
+        i = grpcclient.InferInput(n, [1, 16], "INT32")
+        i.set_data_from_numpy(a)
+        inputs.append(i)
+    queued = threading.Thread(target=lambda: c.infer("slowq", inputs))  # waits out the queue delay
+    queued.start()
+    eventually(lambda: running.gateway.dataplane.in_flight == 1, "the first request was not queued")
+    unload = threading.Thread(target=lambda: httpclient.InferenceServerClient(running.http_url).unload_model("slowq"))
+    unload.start()
+
+    def state() -> dict:
+        index = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+        return next(m for m in index if m["name"] == "slowq")
+
+    try:
+        eventually(lambda: state()["state"] == "UNLOADING", "the unload did not start", timeout=1.5)
+        assert state()["reason"] == "unloading"
+        with pytest.raises(InferenceServerException, match=r"not ready: unloading"):
+            c.infer("slowq", inputs)
+    finally:
+        queued.join(10)
+        unload.join(10)
