@@ -1,8 +1,9 @@
 """The dynamic batcher: requests queued for one model version join batches.
 
 Triton's semantics (``dynamic_batching`` in ``config.pbtxt``): batches up to
-``max_batch_size`` rows; a batch goes at once when it is full or reaches a
-preferred size, else when the oldest request in it has waited
+``max_batch_size`` rows; a batch goes at once when it is full, meets a preferred
+size exactly, or reaches or passes the largest preferred size (cut before the
+request that would take it past that size), else when the oldest request in it has waited
 ``max_queue_delay_microseconds`` (an absolute deadline on an injectable monotonic
 clock); requests whose non-batch shapes differ never share a batch; at most
 ``instances`` batches execute at once, and the next batch forms meanwhile.
@@ -194,7 +195,9 @@ class DynamicBatcher(_SchedulerBase):
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain = DrainRate(clock)
-        self._preferred = sorted(set(config.preferred_batch_sizes), reverse=True)
+        self._preferred_set = frozenset(config.preferred_batch_sizes)
+        # (as Triton, which takes max_batch_size for the preferred size when a config gives none)
+        self._largest_preferred = max(self._preferred_set, default=config.max_batch_size)
         self._arrival_order: deque[_Entry] = deque()  # preserve_ordering: entries not yet answered
 
     # -------------------------------------------------------------- Scheduler interface
@@ -378,46 +381,55 @@ class DynamicBatcher(_SchedulerBase):
                             ),
                         )
 
-    def _candidates(self) -> list[_Entry]:
+    def _candidates(self) -> tuple[list[_Entry], int]:
         """The batch the head of the queue would lead: compatible requests in queue order
-        (higher levels first), as many rows as fit."""
+        (higher levels first), as many rows as fit; and how many of them come before the first
+        compatible request that did not fit (-1 when none was left out)."""
         head = None
         for lvl in self._levels:
             if lvl:
                 head = lvl[0][1]
                 break
         if head is None:
-            return []
+            return [], -1
         room = self.config.max_batch_size
-        picked = []
+        picked: list[_Entry] = []
+        blocked = -1
         for lvl in self._levels:
             for _, e in lvl:
-                if e.key == head.key and e.rows <= room:
-                    picked.append(e)
-                    room -= e.rows
-                    if room == 0:
-                        return picked
-        return picked
+                if e.key != head.key:
+                    continue
+                if e.rows > room:
+                    if blocked < 0:
+                        blocked = len(picked)
+                    continue
+                picked.append(e)
+                room -= e.rows
+                if room == 0:
+                    return picked, -1
+        return picked, blocked
 
-    def _ready(self, picked: list[_Entry], now: float) -> tuple[list[_Entry] | None, float]:
-        """The entries to dispatch now, or None and when to look again."""
+    def _ready(self, picked: list[_Entry], blocked: int, now: float) -> tuple[list[_Entry] | None, float]:
+        """The entries to dispatch now, or None and when to look again. As Triton's dynamic
+        batcher: walking the candidates in queue order, a batch that has reached the largest
+        preferred size (max_batch_size when none is set) goes at once; where the next request
+        would take it past that size (or does not fit at all: ``blocked``), the batch is cut before
+        that request and goes at once, and the rest waits for a batch of its own; a preferred size
+        met exactly on the way is the batch; otherwise wait until the oldest candidate has waited
+        max_queue_delay, and then send every candidate."""
         cfg = self.config
         if cfg.policy == WORK_CONSERVING:
             return picked, math.inf
         rows = sum(e.rows for e in picked)
         if rows >= cfg.max_batch_size:
             return picked, math.inf
-        if self._preferred:
-            total, sums = 0, []
-            for e in picked:
-                total += e.rows
-                sums.append(total)
-            for p in self._preferred:
-                if p in sums:
-                    return picked[: sums.index(p) + 1], math.inf
         oldest = min(e.request.arrival for e in picked)
         due = oldest + cfg.max_queue_delay_s
-        if cfg.max_queue_delay_s <= 0 or now >= due:
+        waited = cfg.max_queue_delay_s > 0 and now >= due
+        cut = _cut(picked, blocked, self._preferred_set, self._largest_preferred)
+        if cut and not waited:
+            return picked[:cut], math.inf
+        if cfg.max_queue_delay_s <= 0 or waited or rows >= self._largest_preferred:
             return picked, math.inf
         return None, due
 
@@ -446,10 +458,10 @@ class DynamicBatcher(_SchedulerBase):
         self._expire(now)
         wake = math.inf
         while self._free > 0 and self._depth > 0:
-            picked = self._candidates()
+            picked, blocked = self._candidates()
             if not picked:
                 break
-            batch, wake = self._ready(picked, now)
+            batch, wake = self._ready(picked, blocked, now)
             if batch is None:
                 break
             self._launch(batch)
@@ -510,6 +522,21 @@ class DynamicBatcher(_SchedulerBase):
     def _check_idle(self) -> None:
         if self._depth == 0 and self._executing == 0:
             self._idle.set()
+
+
+def _cut(picked: list[_Entry], blocked: int, preferred: frozenset[int], largest: int) -> int:
+    """How many of ``picked`` make a batch to send now without waiting (0: none), as Triton
+    walks its queue: the batch reached by the last preferred size met exactly, else the one
+    before the request that would take it past the largest preferred size (or that did not fit:
+    the candidates from ``blocked`` on came after a request left out)."""
+    total, cut = 0, 0
+    for i, e in enumerate(picked):
+        if i == blocked or (i and total + e.rows > largest):
+            return cut or i
+        total += e.rows
+        if total in preferred:
+            cut = i + 1
+    return cut or (len(picked) if blocked == len(picked) else 0)
 
 
 class CostModel:

@@ -353,3 +353,33 @@ def test_a_request_whose_values_fail_the_batch_fails_alone(tmp_path, serve):
     assert [r.tolist() for r in (results[0], results[2], results[3])] == [[[b"hello"]], [[b"world"]], [[b"ok"]]]
     bad = results[1]
     assert isinstance(bad, InferenceServerException) and "element 0 is not UTF-8" in bad.message()
+
+
+PREFERRED_4 = (
+    "max_batch_size: 16\ndynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 5000000 }\n"
+)
+
+
+def test_a_batch_at_or_past_the_largest_preferred_size_goes_without_waiting_the_delay(tmp_path, serve):
+    """As Triton forms batches: with preferred_batch_size [4] and a 5 s delay, one request of 5 or
+    8 rows goes at once; of two 3-row requests, 3 + 3 would pass 4, so the first goes at once and
+    the second waits its own delay (nothing preferred can be formed with it), as a lone 3-row
+    request does. (Before, only a batch of exactly 4 or 16 rows went before the delay.)"""
+    for name in ("pref", "lone"):
+        _save(classifier_model(), str(tmp_path), name, config=PREFERRED_4)
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+
+    def timed(model, rows):
+        start = time.monotonic()
+        _infer(grpcclient, running.grpc_url, model, "features", np.ones((rows, 4), np.float32))
+        return time.monotonic() - start
+
+    assert timed("pref", 5) < 2.5
+    assert timed("pref", 8) < 2.5
+    with ThreadPoolExecutor(3) as pool:
+        pair = [pool.submit(timed, "pref", 3) for _ in range(2)]
+        lone = pool.submit(timed, "lone", 3)
+        first, second = sorted(f.result(30) for f in pair)
+        alone = lone.result(30)
+    assert first < 2.5  # cut before the request that would pass 4 rows
+    assert second >= 4.0 and alone >= 4.0  # 3 rows: nothing preferred can be formed; the delay

@@ -114,6 +114,76 @@ async def test_preferred_batch_size_goes_at_once():
     await asyncio.gather(*tasks)
 
 
+# Triton's rule (dynamic_batch_scheduler.cc GetDynamicBatch), walking the queue: a batch at or
+# past the largest preferred size goes at once; one the next request would take past it is cut
+# before that request and goes at once; a preferred size met exactly goes; else wait the delay.
+@pytest.mark.parametrize(
+    "preferred, max_batch, rows, at_once",
+    [
+        ((4,), 16, [5], [[0]]),  # one request over the largest preferred size: alone, at once
+        ((4,), 16, [8], [[0]]),
+        ((4,), 16, [3, 3], [[0]]),  # 3 + 3 passes 4: the first goes, the second waits its turn
+        ((4,), 16, [3, 14], [[0]]),  # the next does not fit at all: the same cut
+        ((4,), 16, [5, 1], [[0]]),
+        ((4,), 16, [3, 1, 2], [[0, 1]]),  # 4 exactly
+        ((2, 4), 16, [2, 1, 3], [[0]]),  # the last preferred size met before passing 4
+        ((), 8, [5, 4], [[0]]),  # no preferred size: max_batch_size is the largest, as in Triton
+        ((4,), 16, [3], []),  # nothing preferred can be formed: waits for the delay
+        ((4,), 16, [1, 2], []),
+        ((), 8, [5, 3], [[0, 1]]),  # full
+    ],
+)
+async def test_what_goes_before_the_delay_as_triton_forms_batches(preferred, max_batch, rows, at_once):
+    clock, rec, b = make(max_batch_size=max_batch, preferred_batch_sizes=preferred, max_queue_delay_s=2.0)
+    tasks = [go(b, rq(clock, str(i), rows=n)) for i, n in enumerate(rows)]
+    await settle()
+    assert rec.ids() == [[str(i) for i in batch] for batch in at_once]
+    while rec._done:
+        rec.finish()
+        await settle()
+    clock.now += 2.0  # the rest goes when its delay is up
+    b.tick()
+    await settle()
+    sent = sorted(r for batch in rec.ids() for r in batch)
+    assert sent == [str(i) for i in range(len(rows))]
+    while rec._done:
+        rec.finish()
+        await settle()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_cut_batch_leaves_the_rest_to_wait_its_own_delay():
+    clock, rec, b = make(max_batch_size=16, preferred_batch_sizes=(4,), max_queue_delay_s=2.0, instances=2)
+    first = go(b, rq(clock, "a", rows=3))
+    clock.now += 1.0
+    second = go(b, rq(clock, "b", rows=3))
+    await settle()
+    assert rec.ids() == [["a"]]  # at once, though "b" came 1 s later
+    clock.now += 1.5  # 2.5 s after "a", 1.5 s after "b": not due
+    b.tick()
+    assert rec.ids() == [["a"]]
+    clock.now += 0.5  # 2 s after "b"
+    b.tick()
+    assert rec.ids() == [["a"], ["b"]]
+    rec.finish()
+    rec.finish()
+    await asyncio.gather(first, second)
+
+
+async def test_past_the_delay_every_candidate_goes_together():
+    clock, rec, b = make(max_batch_size=16, preferred_batch_sizes=(4,), max_queue_delay_s=2.0)
+    busy = go(b, rq(clock, "busy", rows=4))
+    await settle()
+    queued = [go(b, rq(clock, "a", rows=3)), go(b, rq(clock, "b", rows=3))]
+    await settle()
+    clock.now += 2.0  # both waited the delay while the instance was busy
+    rec.finish()
+    await settle()
+    assert rec.ids() == [["busy"], ["a", "b"]]
+    rec.finish()
+    await asyncio.gather(busy, *queued)
+
+
 async def test_different_shapes_never_share_a_batch():
     clock, rec, b = make(max_queue_delay_s=0.0, instances=2)
     t = [go(b, rq(clock, "w4", width=4)), go(b, rq(clock, "w5", width=5))]
