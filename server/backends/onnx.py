@@ -59,6 +59,10 @@ def _io(arg) -> IOInfo:
     return IOInfo(arg.name, dt.v2, _shape(dims), names)
 
 
+def _io_or_none(arg) -> IOInfo | None:
+    return _io(arg) if arg.type in BY_ONNX else None
+
+
 @register_local(PLATFORM, "onnxruntime")
 class OnnxBackend:
     platform: ClassVar[str] = PLATFORM
@@ -109,7 +113,9 @@ class OnnxBackend:
         self.session = ort.InferenceSession(path, sess_options=so, providers=providers or ["CPUExecutionProvider"])
         self._inputs = [_io(a) for a in self.session.get_inputs()]
         self._outputs = [_io(a) for a in self.session.get_outputs()]
-        self._string_inputs = {i.name for i in self._inputs if i.v2_datatype == "BYTES"}
+        # (one of a type batchgate cannot serve is left out: only a config that names it needs it)
+        self._overridable = [i for i in map(_io_or_none, self.session.get_overridable_initializers()) if i]
+        self._string_inputs = {i.name for i in self._inputs + self._overridable if i.v2_datatype == "BYTES"}
         # The session's own binding, without the Python wrapper's per-call checks (which
         # the gateway has already made against the model's signature); the public method
         # where a future onnxruntime moves it.
@@ -145,6 +151,13 @@ class OnnxBackend:
 
     def outputs(self) -> list[IOInfo]:
         return self._outputs
+
+    def overridable_inputs(self) -> list[IOInfo]:
+        """The initializers that the graph also lists among its inputs (ONNX IR >= 4 allows it;
+        older files list every initializer so): a run may be given one to replace the model's
+        value. Not among ``inputs()``, as Triton's ONNX Runtime backend leaves them out of a
+        completed config; a config that lists one (``optional: true``) serves it."""
+        return self._overridable
 
     def run(self, feeds: dict[str, np.ndarray], output_names: tuple[str, ...]) -> list[np.ndarray]:
         if self._string_inputs:

@@ -174,9 +174,7 @@ class VersionBuilder:
                     f"model '{name}': {cls.engine} cannot load {os.path.relpath(path, model_dir)}: "
                     f"{hide_paths(str(e), model_dir)}"
                 ) from None
-            full = complete_config(
-                cfg, backend.platform, backend.inputs(), backend.outputs(), self.options.default_max_batch_size
-            )
+            full = _complete(cfg, backend, self.options.default_max_batch_size)
             full = self._warm_up(name, v, cfg, full, backend, model_dir)
             opened[v] = (full, backend)
         if cfg.HasField("sequence_batching"):
@@ -217,7 +215,7 @@ class VersionBuilder:
                     batch,
                     hide_paths(str(e), model_dir)[:300],
                 )
-                return complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(), 0)
+                return _complete(cfg, backend, 0)
             # Zeros with every dynamic dimension 1 do not fit every model (a convolution
             # over a 1x1 image); Triton warms up only when asked. The model serves; its
             # first request pays for what the warm-up would have done.
@@ -238,7 +236,7 @@ class VersionBuilder:
         why = f"output '{printable(clip(out))}' has shape {list(shape)} for a batch of {batch} rows"
         if cfg.max_batch_size == 0:  # the completion chose batching: serve it whole, one request at a time
             log.info("model '%s' version %s: %s, so it is served without batching", name, v, why)
-            return complete_config(cfg, backend.platform, backend.inputs(), backend.outputs(), 0)
+            return _complete(cfg, backend, 0)
         raise ModelConfigError(
             f"model '{name}' version {v}: max_batch_size is {cfg.max_batch_size} but {why}: its first dimension "
             "is not the batch, and callers whose requests shared a batch would be given each other's rows. "
@@ -247,6 +245,16 @@ class VersionBuilder:
 
     def remote_backend(self, spec: RemoteModel) -> RemoteV2Backend:
         return RemoteV2Backend(spec, self._metrics, self.options.max_message_bytes)
+
+
+def _complete(cfg: mc.ModelConfig, backend: Any, default_max_batch_size: int) -> mc.ModelConfig:
+    """``cfg`` completed from and checked against the backend's signature, with the tensors a
+    run may be given beside its inputs (ONNX initializers that are graph inputs too)."""
+    get = getattr(backend, "overridable_inputs", None)
+    overridable = get() if get is not None else []
+    return complete_config(
+        cfg, backend.platform, backend.inputs(), backend.outputs(), default_max_batch_size, overridable
+    )
 
 
 def _runs(backend: Any) -> bool:

@@ -76,10 +76,20 @@ def _dims_from(info: IOInfo, batched: bool) -> list[int]:
 
 
 def complete_config(
-    cfg: mc.ModelConfig, platform: str, inputs: list[IOInfo], outputs: list[IOInfo], default_max_batch_size: int
+    cfg: mc.ModelConfig,
+    platform: str,
+    inputs: list[IOInfo],
+    outputs: list[IOInfo],
+    default_max_batch_size: int,
+    overridable: list[IOInfo] | tuple[IOInfo, ...] = (),
 ) -> mc.ModelConfig:
-    """Fill what ``cfg`` leaves out from the engine's signature; check what it gives."""
+    """Fill what ``cfg`` leaves out from the engine's signature; check what it gives.
+    ``overridable``: tensors the engine takes when given but does not need (ONNX initializers
+    that are graph inputs too), served only where the config lists them, optional."""
     cfg = _copy(cfg)
+    given_names = {e.name for e in cfg.input}
+    real_names = {t.name for t in inputs}
+    listed = [t for t in overridable if t.name in given_names and t.name not in real_names]
     # As Triton completes them: the platform served and its backend name, each when missing
     # (a config naming only the backend, "pytorch", gets platform pytorch_libtorch too).
     if not cfg.platform and (not cfg.backend or cfg.backend == BACKEND_NAMES.get(platform)):
@@ -110,7 +120,7 @@ def complete_config(
         )
     batched = cfg.max_batch_size > 0
     if batched:  # (as Triton refuses it: requests merged into a batch would not fit the model)
-        fixed = [t.name for t in inputs + outputs if t.shape and t.shape[0] > 0]
+        fixed = [t.name for t in inputs + listed + outputs if t.shape and t.shape[0] > 0]
         if fixed:
             raise ModelConfigError(
                 f"model '{cfg.name}': max_batch_size is {cfg.max_batch_size} but the model's first dimension of "
@@ -127,7 +137,7 @@ def complete_config(
                     "Set max_batch_size: 0 and give the full dims"
                 )
     given_inputs = bool(cfg.input)
-    for kind, given, engine in (("input", cfg.input, inputs), ("output", cfg.output, outputs)):
+    for kind, given, engine in (("input", cfg.input, inputs + listed), ("output", cfg.output, outputs)):
         by_name = {t.name: t for t in engine}
         if not given:
             for t in engine:
@@ -142,6 +152,14 @@ def complete_config(
                 raise ModelConfigError(
                     f"model '{cfg.name}': config {kind} '{entry.name}' is not in the model; "
                     f"the model's {kind}s are {', '.join(repr(n) for n in by_name)}"
+                )
+            if kind == "input" and entry.name in {t.name for t in listed} and not entry.optional:
+                # (as Triton's ONNX Runtime backend, whose count of the config's inputs that are
+                # not optional must be the model's count of inputs)
+                raise ModelConfigError(
+                    f"model '{cfg.name}': config input '{entry.name}' is an initializer of the model that a "
+                    "request may override, so it must be optional: true (a request that leaves it out is "
+                    "run with the model's own value)"
                 )
             want = DATATYPES[info.v2_datatype].config
             if entry.data_type == mc.TYPE_INVALID:
