@@ -79,8 +79,9 @@ class PodState:
             raise ConfigError(f"routing: cannot use {e.filename}: {e.strerror}") from None
 
     async def _watch_keys(self) -> None:
-        """The keys file, watched here for the pod: when it changes every worker reads it at
-        once (a revoked key stops working everywhere within one poll)."""
+        """The keys file, watched here for the pod: once a change has stood still for a poll
+        every worker reads it at once, if it still has the signature this process read (a revoked
+        key stops working everywhere within two polls; a file caught half-written is never read)."""
         a, keys = self.settings.auth, self._keys
         while not self.stopping:
             await asyncio.sleep(a.api_keys_poll_s)
@@ -91,8 +92,10 @@ class PodState:
                 log.exception("checking the API keys file %s failed", a.api_keys_file)
                 continue
             members = self._members(True)
+            signature = tuple(keys.signature)
             await asyncio.gather(
-                *(s.channel.call("keys_reload", timeout=30) for s in members if s.channel), return_exceptions=True
+                *(s.channel.call("keys_reload", signature=signature, timeout=30) for s in members if s.channel),
+                return_exceptions=True,
             )
 
     async def _audit(self, fields: dict) -> None:

@@ -150,10 +150,11 @@ class WorkerLink:
     async def _drift_signatures(self) -> dict:
         return self.gateway.drift_signatures()
 
-    async def _keys_reload(self) -> bool:
-        """The supervisor saw the keys file change: read it now (every worker at once)."""
+    async def _keys_reload(self, signature: tuple[int, ...]) -> bool:
+        """The supervisor saw the keys file change and stand still (its ``signature``): read it
+        now (every worker at once), if it still has that signature."""
         keys = self.gateway.dataplane.access.keys if self.gateway is not None else None
-        return keys is not None and await asyncio.to_thread(keys.reload_if_changed)
+        return keys is not None and await asyncio.to_thread(keys.reload_settled, signature)
 
     def _routes(self):
         return self.gateway.routes if self.gateway is not None else None

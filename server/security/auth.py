@@ -13,8 +13,9 @@ of its token, never the token::
         burst: 200                     # optional; default max(1, ceil(rate_per_s))
         cert_subjects: ["CN=fraud-client,O=Acme"]   # optional: mTLS subjects that act as this key
 
-The file is re-read when it changes (:meth:`KeyStore.reload_if_changed`, :meth:`KeyStore.watch`);
-a file that no longer parses keeps the keys loaded before. No gRPC, ASGI or network here: a
+The file is re-read when it changes and has then stood still for a poll
+(:meth:`KeyStore.reload_if_changed`, :meth:`KeyStore.watch`): a file caught half-written is not
+read; a file that no longer parses keeps the keys loaded before. No gRPC, ASGI or network here: a
 transport passes the ``authorization`` header (or gRPC metadata) and the verified client
 certificate's subject, and maps the :class:`GatewayError` raised.
 """
@@ -42,6 +43,7 @@ import yaml
 from ..core.errors import ConfigError, ErrorCode, GatewayError
 from ..core.types import MODEL_NAME, MODEL_NAME_RULE, clip, printable
 from ..core.unique_yaml import UniqueKeys
+from .subjects import normalize_subject
 
 log = logging.getLogger("batchgate.auth")
 
@@ -128,42 +130,6 @@ def _strings(value: object, fail: Callable[[str], ConfigError], example: str, li
         if not isinstance(v, str):
             raise fail(f"must hold strings (quote them), not {_quote(v)}")
     return value
-
-
-def normalize_subject(subject: str) -> str:
-    """An RFC 4514 distinguished name in one spelling: no spaces around the ``,``/``+``
-    separators and ``=``, attribute types upper-case (``cn=a, o=B`` -> ``CN=a,O=B``). Values
-    are kept as written, escapes included (``\\,`` and an escaped trailing ``\\ `` stay)."""
-    out: list[str] = []
-    atom: list[str] = []  # characters of one type=value; an escape pair is one item
-
-    def flush(sep: str) -> None:
-        while atom and atom[0].isspace():
-            atom.pop(0)
-        while atom and atom[-1].isspace():
-            atom.pop()
-        text = "".join(atom)
-        kind, eq, value = text.partition("=")
-        if eq:
-            kind = kind.strip()
-            text = (kind.upper() if kind.isalpha() else kind) + "=" + value.lstrip()
-        out.append(text + sep)
-        atom.clear()
-
-    i, n = 0, len(subject)
-    while i < n:
-        c = subject[i]
-        if c == "\\" and i + 1 < n:
-            atom.append(subject[i : i + 2])
-            i += 2
-            continue
-        if c in ",+":
-            flush(c)
-        else:
-            atom.append(c)
-        i += 1
-    flush("")
-    return "".join(out)
 
 
 def parse_entry(entry: object, where: str) -> ApiKey:
@@ -405,7 +371,8 @@ class KeyStore:
         self.path = path
         self._clock = clock
         keys, self._signature = read_keys_file(path)  # ConfigError: the server does not start
-        self._signature_seen: Signature | None = self._signature
+        self._signature_seen: Signature | None = self._signature  # the last one applied or found wrong
+        self._signature_polled: Signature | None = self._signature  # what the last poll saw
         self._table = _index(keys)
         self._buckets: dict[str, _Bucket] = {}
         self._apply(keys)
@@ -540,7 +507,15 @@ class KeyStore:
         self._table = _index(keys)
         self._buckets = buckets
 
-    def _changed(self, signature: Signature | None) -> bool:
+    def _settled(self, signature: Signature | None) -> bool:
+        """Whether the file changed and then stood still for one poll: a change is read only
+        when two polls in a row see the same signature. A file written in place is caught
+        half-written by a poll between two writes; read then, an entry cut after its ``scopes``
+        would parse, its models and rate left at their widest defaults, and the keys after it
+        would be revoked. A revocation so takes effect within two polls."""
+        if signature != self._signature_polled:  # (still) being written: wait for it to stand still
+            self._signature_polled = signature
+            return False
         return signature != self._signature_seen
 
     def _load(self) -> tuple[tuple[ApiKey, ...], Signature] | None:
@@ -573,13 +548,34 @@ class KeyStore:
         return True
 
     def reload_if_changed(self) -> bool:
-        """Re-read the file if its stat signature changed. True when new keys were loaded;
-        False when nothing changed or the new file is wrong (the old keys stay, an ERROR is
-        logged). A key removed from the file is refused from then on."""
+        """A poll: re-read the file if its stat signature changed and the last poll saw the same
+        (see :meth:`_settled`). True when new keys were loaded; False when nothing changed, the
+        change has not stood still for a poll yet, or the new file is wrong (the old keys stay,
+        an ERROR is logged). A key removed from the file is refused from then on."""
         signature = self._stat()
-        if not self._changed(signature):
+        if not self._settled(signature):
             return False
-        return self._finish(signature, self._load())
+        loaded = self._load()
+        if loaded is not None and loaded[1] != signature:  # written again meanwhile: not settled
+            return False
+        return self._finish(signature, loaded)
+
+    def reload_settled(self, signature: Sequence[int]) -> bool:
+        """Load the file that another process's :meth:`reload_if_changed` just found settled with
+        ``signature`` (a worker told by the supervisor): only if what is read still has it, else
+        it is being written again, and the supervisor's next polls will say when it settles."""
+        expected = Signature(*signature)
+        if expected == self._signature_seen:
+            return False
+        loaded = self._load()
+        if loaded is None or loaded[1] != expected:
+            return False
+        return self._finish(expected, loaded)
+
+    @property
+    def signature(self) -> Signature:
+        """The signature of the file the keys loaded now were read from."""
+        return self._signature
 
     async def watch(self, interval_s: float) -> None:
         """Check the file every ``interval_s`` seconds until cancelled; the file is checked
@@ -588,7 +584,9 @@ class KeyStore:
             await asyncio.sleep(interval_s)
             try:
                 signature = await asyncio.to_thread(self._stat)
-                if self._changed(signature):
-                    self._finish(signature, await asyncio.to_thread(self._load))
+                if self._settled(signature):
+                    loaded = await asyncio.to_thread(self._load)
+                    if loaded is None or loaded[1] == signature:  # (else written again meanwhile)
+                        self._finish(signature, loaded)
             except Exception:  # never let the watcher die: revocation depends on it
                 log.exception("checking the API keys file %s failed", self.path)

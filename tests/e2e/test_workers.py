@@ -860,6 +860,61 @@ def test_the_supervisor_watches_the_keys_and_every_worker_follows(clf_repo, tmp_
         p.kill()
 
 
+def test_a_keys_file_caught_half_written_reaches_no_worker(clf_repo, tmp_path):
+    """The supervisor's poll settles a change before any worker reads it (see
+    tests/integration/test_api_keys.py, which judges only answers given within a poll of the
+    first write, for the same reason): cut after its scopes, "app" would reach clf, and "dash"
+    after it would be 401, on whichever worker a connection reaches."""
+    from batchgate.security.auth import hash_token, new_token
+
+    app, dash, poll_s = new_token(), new_token(), 0.5
+    full = (
+        f"keys:\n  - id: app\n    sha256: {hash_token(app)}\n    scopes: [infer]\n"
+        f'    models: ["other-*"]\n  - {{id: dash, sha256: {hash_token(dash)}, scopes: [read]}}\n'
+    )
+    half = full[: full.index("    models:")]
+    path = tmp_path / "keys.yaml"
+    path.write_text(full)
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--api-keys-file", str(path), "--api-keys-poll-s", str(poll_s)))
+    try:
+        p.wait_ready()
+        host, port = p.http.split(":")
+
+        def status(method: str, url: str, token: str, body: str | None = None) -> int:
+            conn = http.client.HTTPConnection(host, int(port), timeout=20)  # a new one: either worker
+            try:
+                headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+                conn.request(method, url, body, headers)
+                r = conn.getresponse()
+                r.read()
+                return r.status
+            finally:
+                conn.close()
+
+        def answers() -> tuple[int, int]:
+            return status("POST", "/v2/models/clf/infer", app, BODY), status("GET", "/v2/models/clf", dash)
+
+        assert answers() == (403, 200)
+        judged = 0
+        for _ in range(5):
+            with open(path, "r+") as f:  # the same inode rewritten, paused half-way
+                t0 = time.monotonic()
+                f.truncate(0)
+                f.write(half)
+                f.flush()
+                while time.monotonic() - t0 < 0.8 * poll_s:
+                    got = answers()
+                    if time.monotonic() - t0 < 0.95 * poll_s:  # answered before a second poll can be
+                        assert got == (403, 200), got
+                        judged += 1
+                f.write(full[len(half) :])
+            time.sleep(2.5 * poll_s)
+        assert judged >= 5, "the test machine was too slow to judge an answer"
+        assert answers() == (403, 200)
+    finally:
+        p.kill()
+
+
 def test_route_state_is_kept_by_the_supervisor_across_a_pod_restart(tmp_path):
     from route_support import infer_grpc, route_repository, write_config
 

@@ -342,3 +342,66 @@ def test_the_admin_listener_serves_the_repository_api_and_health_only(repo, serv
     code, msg = status_of(partial(admin.infer, "simple", simple_inputs(httpclient)))
     assert code == "404" and "admin listener" in msg
     admin.unload_model("classifier")
+
+
+def test_a_keys_file_caught_half_written_is_never_applied(repo, serve, tmp_path):
+    """A writer that rewrites the file in place and pauses between two writes (for less than a
+    poll) is never read in between: cut after its scopes, "app" would reach every model, and
+    "dash" after it would be 401. Polls are at least ``poll_s`` apart, so a file that has stood
+    half-written for less than that cannot have been seen by two polls in a row: only answers
+    given within that time are judged, whatever delays the test. Without the settle, a poll
+    lands in the window of most attempts (about four in five)."""
+    poll_s = 0.5
+    full = (
+        "keys:\n"
+        "  - id: app\n"
+        f"    sha256: {hash_token(INFER_TOKEN)}\n"
+        "    scopes: [infer]\n"
+        '    models: ["simp*"]\n'
+        f"  - {{id: dash, sha256: {hash_token(READ_TOKEN)}, scopes: [read]}}\n"
+    )
+    half = full[: full.index("    models:")]
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(full)
+    running = serve(
+        repo,
+        api_keys_file=str(keys),
+        api_keys_poll_s=poll_s,
+        model_control_mode="explicit",
+        load_model=("simple", "classifier"),
+    )
+    h = httpclient.InferenceServerClient(running.http_url)
+    x = httpclient.InferInput("features", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), np.float32))
+
+    def mis_authorized() -> list[str]:
+        wrong = []
+        try:
+            h.infer("classifier", [x], headers=bearer(INFER_TOKEN))
+            wrong.append("app reached classifier")
+        except InferenceServerException as e:
+            if e.status() != "403":
+                wrong.append(f"app got {e.status()}")
+        try:
+            h.get_model_metadata("simple", headers=bearer(READ_TOKEN))
+        except InferenceServerException as e:
+            wrong.append(f"dash got {e.status()}")
+        return wrong
+
+    assert mis_authorized() == []
+    judged = 0
+    for _ in range(5):
+        with open(keys, "r+") as f:  # the same inode rewritten: truncate, write, pause, write the rest
+            t0 = time.monotonic()
+            f.truncate(0)
+            f.write(half)
+            f.flush()
+            while time.monotonic() - t0 < 0.8 * poll_s:
+                wrong = mis_authorized()
+                if time.monotonic() - t0 < 0.95 * poll_s:  # answered before a second poll can be
+                    assert wrong == [], wrong
+                    judged += 1
+            f.write(full[len(half) :])
+        time.sleep(2.5 * poll_s)  # the full file (the same keys) applied before the next attempt
+    assert judged >= 5, "the test machine was too slow to judge an answer"
+    assert mis_authorized() == []
