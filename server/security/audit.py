@@ -7,8 +7,9 @@ A line::
      "action":"repository.load","target":"fraud-v2","outcome":"ok",
      "files":{"1/model.onnx":"9f86d0...","config.pbtxt":"2c26b4..."}}
 
-No field takes a token: a caller is named by its key id. What a client controls (peer, target,
-detail, file names) is cut to a bounded length; JSON escapes the rest, so a line stays one line.
+No field takes a token: a caller is named by its key id. Every string is cut to a bounded
+length and written with its control characters, line separators and bidirectional controls
+escaped (what a client controls: peer, target, detail, file names), so a line stays one line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from ..core.types import printable
+
 log = logging.getLogger("batchgate.audit")
 
 MAX_TEXT = 256  # peer, target, detail
@@ -36,8 +39,14 @@ GIB = 1 << 30
 
 
 def _cut(text: str, limit: int = MAX_TEXT) -> str:
-    """``text`` at most ``limit`` characters, valid UTF-8 (a lone surrogate is written escaped)."""
-    if len(text) > limit:
+    """``text`` at most ``limit`` characters, written as the plain logs write a client's words
+    (:func:`printable`): control characters (C0, DEL, C1 such as U+0085), the Unicode line and
+    paragraph separators and the bidirectional controls as escapes, so a record is one line to
+    any reader (``str.splitlines`` splits at U+2028, U+2029 and U+0085, which JSON leaves as
+    they are) and reads as it was written; valid UTF-8 (a lone surrogate is written escaped)."""
+    long = len(text) > limit
+    text = printable(text[:limit])
+    if long or len(text) > limit:
         text = text[: limit - 3] + "..."
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -8,6 +8,7 @@ import io
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from functools import partial
 
@@ -197,6 +198,46 @@ def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
     text = keyed.audit_file.read_text()
     for token in (INFER_TOKEN, READ_TOKEN, ADMIN_TOKEN):
         assert token not in text
+
+
+# Characters JSON leaves as they are but that split a line (str.splitlines) or change how it reads.
+SPLITTERS = "\u2028\u2029\x85\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_a_name_with_line_separators_and_bidi_controls_is_one_escaped_audit_record(keyed):
+    """RepositoryModelUnload (gRPC) and repository unload (HTTP) named with U+202E, U+2028 and
+    U+0085: without a key, with a key lacking admin, with an admin key (an invalid name). Each
+    attempt is one record that str.splitlines() keeps whole, and the file holds none of those
+    characters raw (they showed "risk" + "attack" reversed, and cut a record in three)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    name = "risk\u202ekcatta\u2028second\x85third\u2066x\u2069"
+    before = keyed.audit_file.read_bytes().count(b"\n")
+    with grpc.insecure_channel(keyed.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for md in ((), (("authorization", f"Bearer {READ_TOKEN}"),), (("authorization", f"Bearer {ADMIN_TOKEN}"),)):
+            with pytest.raises(grpc.RpcError):
+                stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=name), metadata=md)
+    url = f"http://{keyed.http_url}/v2/repository/models/{urllib.parse.quote(name)}/unload"
+    for headers in ({}, bearer(READ_TOKEN), bearer(ADMIN_TOKEN)):
+        with pytest.raises(urllib.error.HTTPError):
+            fetch(urllib.request.Request(url, data=b"{}", headers=headers, method="POST"))
+    raw = keyed.audit_file.read_bytes()
+    records = raw.split(b"\n")[before:-1]
+    assert len(records) == 6 and raw.endswith(b"\n")
+    text = raw.decode("utf-8")
+    assert len(text.splitlines()) == raw.count(b"\n")  # one line per record, whoever reads it
+    assert not [c for c in SPLITTERS if c in text]
+    got = [json.loads(r) for r in records]
+    assert [(r["outcome"], r["key_id"]) for r in got] == 2 * [
+        ("UNAUTHENTICATED", None),
+        ("PERMISSION_DENIED", "dash"),
+        ("INVALID_ARGUMENT", "ops"),
+    ]
+    for r in got:
+        assert r["action"] == "repository.unload"
+        assert r["target"] == "risk\\u202ekcatta\\u2028second\\x85third\\u2066x\\u2069", r
 
 
 def test_the_audit_peer_is_the_socket_s_whatever_x_forwarded_for_says(keyed, monkeypatch):

@@ -116,7 +116,7 @@ def test_client_strings_are_cut_and_stay_on_one_line(tmp_path):
     assert raw.count(b"\n") == 1
     (line,) = lines(path)
     for field in ("peer", "target", "detail"):
-        assert len(line[field]) == 256 and line[field].endswith("...") and line[field].startswith("x\n{")
+        assert len(line[field]) == 256 and line[field].endswith("...") and line[field].startswith("x\\x0a{")
     (name,) = line["files"]
     assert len(name) <= 1024
 
@@ -298,3 +298,22 @@ def test_hash_files_can_follow_linked_folders_once_and_leave_hidden_entries_out(
         ".hidden-file": sha(b"not the model's"),
         "..2026_12_04_22_50_00.123/1/model.onnx": sha(b"weights"),
     }
+
+
+def test_line_separators_and_bidi_controls_are_written_escaped(tmp_path):
+    # JSON leaves U+2028, U+2029, U+0085 and the bidi controls as they are: str.splitlines() cut a
+    # record in three, and U+202E showed "risk" + "attack" reversed. Written as the plain logs do.
+    path = tmp_path / "audit.log"
+    evil = "risk\u202ekcatta\u2028second\x85third\u2029\u2066x\u2069\u200f"
+    AuditLog(str(path)).record(
+        key_id="k", peer=evil, action="repository.unload", target=evil, outcome="ok", detail=evil, files={evil: "0"}
+    )
+    text = path.read_text("utf-8")
+    assert len(text.splitlines()) == 1
+    for c in "\u2028\u2029\x85\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c":
+        assert c not in text
+    (line,) = lines(path)
+    for value in (line["peer"], line["target"], line["detail"], *line["files"]):
+        assert value == "risk\\u202ekcatta\\u2028second\\x85third\\u2029\\u2066x\\u2069\\u200f"
+    AuditLog(str(path)).record(key_id="k", peer="p", action="a", target="\u2028" * 300, outcome="ok")
+    assert len(lines(path)[1]["target"]) == 256  # escapes count toward the bound
