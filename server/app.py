@@ -169,6 +169,7 @@ class Gateway:
         failure_lines = settings.observability.failure_log_max_lines_per_s
         self.dataplane.failure_lines.limit = self.metrics.model_failure_lines.limit = failure_lines
         self.metrics.failure_budgets.append(self.dataplane.failure_lines)
+        self.metrics.audit_refused = self.dataplane.access.refused
         self.dataplane.tracing = self.metrics.tracing = self.tracing
         self.stalls = self.metrics.stalls = RuntimeStalls()  # the loop's lateness, the collector's pauses
         self._keys_watch: asyncio.Task | None = None
@@ -584,13 +585,7 @@ def _access(settings: Settings, role: WorkerRole | None = None) -> Access:
         )
     else:
         log.info("API keys required: %d keys from %s", len(keys), a.api_keys_file)
-    return Access(
-        keys,
-        allow_open_admin=a.allow_open_admin,
-        audit=audit,
-        health_requires_key=a.health_requires_key,
-        metrics_requires_key=a.metrics_requires_key,
-    )
+    return Access.of(a, keys, audit)
 
 
 def _join(host: str, port) -> str:

@@ -157,6 +157,12 @@ FAMILIES: dict[str, Family] = {
         "failure_log_max_lines_per_s",
         (),
     ),
+    "batchgate_audit_log_dropped": Family(
+        "counter",
+        "Audit records of refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) not written: past "
+        "audit_refused_per_s (one summary record says how many)",
+        (),
+    ),
     "batchgate_offline_requests": Family(
         "counter",
         "Inference requests marked x-batchgate-offline (batch scoring), kept out of drift and rollout figures",

@@ -287,6 +287,7 @@ class Metrics:
         self.duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
+        self.audit_refused: Any = None  # the bound on audit records of refused attempts (audit.RefusedRecords)
         self.stalls: Any = None  # loop-lag and collector-pause histograms (runtime.RuntimeStalls); the gateway sets it
         # the budgets of failure log lines ("request ... failed", a model's "failed to execute"), each a
         # core.rate.LineBudget counting the lines it left out. The models' own (the gateway sets its
@@ -422,6 +423,8 @@ class Metrics:
             add("batchgate_access_log_lines", (), alog.lines)
             for reason, n in list(alog.dropped.items()):
                 add("batchgate_access_log_dropped", (reason,), n)
+        if self.audit_refused is not None:
+            add("batchgate_audit_log_dropped", (), self.audit_refused.dropped)
         for reason, n in list(self._connections_refused.items()):
             add("batchgate_http_connections_refused", (reason,), n)
         stalls = self.stalls

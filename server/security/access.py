@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..core.errors import ErrorCode, GatewayError
-from .audit import AuditLog
+from .audit import AuditLog, RefusedRecords
 from .auth import ApiKey, KeyStore
 
 log = logging.getLogger("batchgate.auth")
@@ -46,7 +46,7 @@ OPEN_CALLER = Caller()
 
 
 class Access:
-    __slots__ = ("keys", "allow_open_admin", "audit", "health_requires_key", "metrics_requires_key")
+    __slots__ = ("keys", "allow_open_admin", "audit", "refused", "health_requires_key", "metrics_requires_key")
 
     def __init__(
         self,
@@ -56,12 +56,26 @@ class Access:
         audit: AuditLog | None = None,
         health_requires_key: bool = False,
         metrics_requires_key: bool = False,
+        audit_refused_per_s: float = 20.0,
     ):
         self.keys = keys
         self.allow_open_admin = allow_open_admin
         self.audit = audit
+        self.refused = RefusedRecords(audit_refused_per_s)  # the bound on records of refused attempts
         self.health_requires_key = health_requires_key and keys is not None
         self.metrics_requires_key = metrics_requires_key and keys is not None
+
+    @classmethod
+    def of(cls, settings: Any, keys: KeyStore | None, audit: Any) -> Access:
+        """The access rules of the ``auth`` settings section, with its keys and audit log."""
+        return cls(
+            keys,
+            allow_open_admin=settings.allow_open_admin,
+            audit=audit,
+            health_requires_key=settings.health_requires_key,
+            metrics_requires_key=settings.metrics_requires_key,
+            audit_refused_per_s=settings.audit_refused_per_s,
+        )
 
     @property
     def enforcing(self) -> bool:
@@ -97,14 +111,17 @@ class Access:
         files: dict[str, str] | None = None,
         files_omitted: int = 0,
     ) -> None:
-        """One audit line (when ``audit_log_file`` is set). A failure to write is logged as an
-        error: the action it records has already happened."""
-        if self.audit is None:
+        """One audit line (when ``audit_log_file`` is set); a refused attempt's only within
+        ``audit_refused_per_s`` (:class:`RefusedRecords`), preceded by the summary of those left
+        out. A failure to write is logged as an error: the action it records has already happened."""
+        if self.audit is None or not self.refused.take(outcome):
             return
         if key is None and self.keys is not None:  # refused for its scope or model: still name the key
             with contextlib.suppress(GatewayError):
                 key = self.keys.authenticate(caller.authorization, caller.subject)
         try:
+            if (left_out := self.refused.summary()) is not None:
+                await self.audit.arecord(**left_out)
             await self.audit.arecord(
                 key_id=None if key is None else key.id,
                 peer=caller.peer,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import stat
 import threading
@@ -55,6 +56,64 @@ def _cut(text: str, limit: int = MAX_TEXT) -> str:
 
 def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})  # outcomes of callers refused at the door
+BURST_S = 5.0  # seconds of audit_refused_per_s a burst of refused attempts may take at once
+
+
+class RefusedRecords:
+    """The records of refused attempts (outcome UNAUTHENTICATED or PERMISSION_DENIED: no key, an
+    unknown one, or one without the scope or model), at most ``rate`` a second after a burst of
+    ``BURST_S`` seconds of them (a token bucket); ``rate`` 0 records every one. A caller needs
+    no key to be refused, and each record is fsynced: unbounded, one keep-alive connection wrote
+    ~250 kB/s of them. Those left out are counted (``dropped``: a counter's value) and said in
+    one summary record, written before the next record that is (:meth:`summary`). Actions of a
+    key allowed to take them, done or failed, are never left out."""
+
+    __slots__ = ("rate", "burst", "dropped", "_tokens", "_stamp", "_left_out", "_since", "_clock", "_wall")
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.rate = rate
+        self.burst = max(1, math.ceil(rate * BURST_S))
+        self.dropped = 0
+        self._tokens, self._stamp = float(self.burst), clock()
+        self._left_out, self._since = 0, 0.0
+        self._clock, self._wall = clock, wall
+
+    def take(self, outcome: str) -> bool:
+        """Whether a record of this outcome is written (always, unless it is a refusal past the
+        rate: then it is counted as left out)."""
+        if outcome not in REFUSED or self.rate <= 0:
+            return True
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        if not self._left_out:
+            self._since = self._wall()
+        self._left_out += 1
+        self.dropped += 1
+        return False
+
+    def summary(self) -> dict[str, Any] | None:
+        """The fields of the record saying how many refused attempts were left out since when
+        (once: the count starts again), or None when none were."""
+        if not self._left_out:
+            return None
+        n, self._left_out = self._left_out, 0
+        return {
+            "key_id": None,
+            "peer": "",
+            "action": "audit.refused_not_recorded",
+            "target": "",
+            "outcome": "ok",
+            "detail": f"{n} refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) not recorded since "
+            f"{_rfc3339(self._since)}: past audit_refused_per_s ({self.rate:g} a second, burst {self.burst}); "
+            "batchgate_audit_log_dropped_total counts them",
+        }
 
 
 class AuditLog:

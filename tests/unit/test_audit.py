@@ -317,3 +317,35 @@ def test_line_separators_and_bidi_controls_are_written_escaped(tmp_path):
         assert value == "risk\\u202ekcatta\\u2028second\\x85third\\u2029\\u2066x\\u2069\\u200f"
     AuditLog(str(path)).record(key_id="k", peer="p", action="a", target="\u2028" * 300, outcome="ok")
     assert len(lines(path)[1]["target"]) == 256  # escapes count toward the bound
+
+
+def test_refused_records_are_a_token_bucket_and_the_left_out_are_summed_up_once():
+    now = [100.0]
+    budget = audit.RefusedRecords(2.0, clock=lambda: now[0], wall=lambda: T0)
+    assert budget.burst == 10  # five seconds of the rate
+    assert [budget.take("UNAUTHENTICATED") for _ in range(12)] == 10 * [True] + 2 * [False]
+    assert budget.take("PERMISSION_DENIED") is False
+    assert budget.take("ok") and budget.take("NOT_FOUND") and budget.take("RESOURCE_EXHAUSTED")  # never bounded
+    assert budget.dropped == 3
+    summary = budget.summary()
+    assert summary is not None and summary["action"] == "audit.refused_not_recorded"
+    assert summary["detail"].startswith("3 refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) not recorded since")
+    assert "2025-01-31T12:00:00.123Z" in summary["detail"]
+    assert budget.summary() is None  # said once
+    now[0] += 0.5  # one more token
+    assert budget.take("UNAUTHENTICATED") and not budget.take("UNAUTHENTICATED")
+    assert budget.dropped == 4 and budget.summary()["detail"].startswith("1 refused")
+    now[0] += 3600  # refilled to the burst, no more
+    assert sum(budget.take("UNAUTHENTICATED") for _ in range(20)) == 10
+    unbounded = audit.RefusedRecords(0)  # audit_refused_per_s 0: every one
+    assert all(unbounded.take("UNAUTHENTICATED") for _ in range(1000)) and unbounded.summary() is None
+
+
+def test_a_summary_record_is_an_ordinary_line(tmp_path):
+    path = tmp_path / "audit.log"
+    budget = audit.RefusedRecords(1.0, clock=lambda: 0.0, wall=lambda: T0)
+    while budget.take("UNAUTHENTICATED"):
+        pass
+    AuditLog(str(path), clock=lambda: T0).record(**budget.summary())
+    (line,) = lines(path)
+    assert line["key_id"] is None and line["outcome"] == "ok" and line["detail"].startswith("1 refused attempts")
