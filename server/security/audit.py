@@ -110,7 +110,8 @@ class RefusedRecords:
             "action": "audit.refused_not_recorded",
             "target": "",
             "outcome": "ok",
-            "detail": f"{n} refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) not recorded since "
+            "detail": f"{n} refused attempt{'' if n == 1 else 's'} (UNAUTHENTICATED, PERMISSION_DENIED) not "
+            "recorded since "
             f"{_rfc3339(self._since)}: past audit_refused_per_s ({self.rate:g} a second, burst {self.burst}); "
             "batchgate_audit_log_dropped_total counts them",
         }

@@ -348,4 +348,4 @@ def test_a_summary_record_is_an_ordinary_line(tmp_path):
         pass
     AuditLog(str(path), clock=lambda: T0).record(**budget.summary())
     (line,) = lines(path)
-    assert line["key_id"] is None and line["outcome"] == "ok" and line["detail"].startswith("1 refused attempts")
+    assert line["key_id"] is None and line["outcome"] == "ok" and line["detail"].startswith("1 refused attempt (")
