@@ -108,6 +108,8 @@ def complete_config(
             # its defaults when the config chose no scheduler
             if default_max_batch_size > 1 and cfg.WhichOneof("scheduling_choice") is None:
                 cfg.dynamic_batching.SetInParent()
+    if not cfg.HasField("version_policy"):  # (Triton's completed config says the default)
+        cfg.version_policy.latest.num_versions = 1
     if not cfg.instance_group:
         cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     for g in cfg.instance_group:

@@ -86,6 +86,7 @@ async def test_model_config(client):
         assert list(cfg.input[0].dims) == [16]
         assert [o.name for o in cfg.output] == ["OUTPUT0", "OUTPUT1"]
         assert cfg.instance_group[0].count == 2
+        assert cfg.version_policy.latest.num_versions == 1  # Triton's default, written out as Triton does
         # and the JSON form the client derives from it
         as_json = await client.call("get_model_config", "classifier", as_json=True)
         assert as_json["config"]["name"] == "classifier"
@@ -99,6 +100,7 @@ async def test_model_config(client):
         assert cfg["input"][0]["dims"] == [16]  # numbers, as Triton writes them, not strings
         assert all(isinstance(d, int) for t in cfg["input"] + cfg["output"] for d in t["dims"])
         assert cfg["instance_group"][0]["count"] == 2
+        assert cfg["version_policy"] == {"latest": {"num_versions": 1}}
         cfg = await client.call("get_model_config", "classifier", "1")
         assert cfg["max_batch_size"] > 0
         assert cfg["input"][0]["dims"] == [4]
