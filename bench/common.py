@@ -31,6 +31,9 @@ BATCHGATE_READY = re.compile(
     r"HTTP on (?P<http_host>\S+?):(?P<http>\d+), gRPC on (?P<grpc_host>\S+?):(?P<grpc>\d+),"
     r" metrics (?:on (?P<metrics_host>\S+?):(?P<metrics>\d+)|off)"
 )
+# The same with the metrics port: with --workers N each worker logs its own line first, with
+# "metrics off" (the supervisor serves /metrics and logs the line to wait for).
+BATCHGATE_READY_METRICS = re.compile(BATCHGATE_READY.pattern.replace("|off)", ")"))
 
 
 class BenchError(RuntimeError):

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import BATCHGATE_READY, BenchError, Server, choose_pinning, grpc_frame, say, serve_command
+from common import BATCHGATE_READY_METRICS, BenchError, Server, choose_pinning, grpc_frame, say, serve_command
 from http_cost import goodput_bound
 from overload_report import CDF_POINTS, plot, print_summary, summary
 
@@ -390,7 +390,7 @@ def refusal_phases(pin, repo: Path, files, seconds: float, probe_set, caps: dict
     phases' CPU per answer: the ratio, and the goodput at 3x it allows (see ``costs``)."""
     limits = ["--max-inflight-requests", "1", "--overload-refusals-per-s", "1000000"]
     limits += ["--grpc-overload-refusals-per-s", "1000000"]
-    srv = Server("batchgate-refusals", [*pin.server, *serve_command(str(repo), *limits)], BATCHGATE_READY,
+    srv = Server("batchgate-refusals", [*pin.server, *serve_command(str(repo), *limits)], BATCHGATE_READY_METRICS,
                  files["dir"] / "refusals.log")  # fmt: skip
     out: dict = {}
     try:
@@ -504,7 +504,7 @@ def main() -> int:
         cmd = serve_command(str(repo), *args.server_arg)
         settings = " ".join(args.server_arg) or "defaults"
         say(f"server: {'defaults only' if not args.server_arg else settings}; pinning: {pin.note}")
-        srv = Server("batchgate", [*pin.server, *cmd], BATCHGATE_READY, tmp / "server.log")
+        srv = Server("batchgate", [*pin.server, *cmd], BATCHGATE_READY_METRICS, tmp / "server.log")
         try:
             m = srv.match
             ports = {"http": int(m["http"]), "grpc": int(m["grpc"]), "metrics": int(m["metrics"])}
