@@ -334,6 +334,7 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path
         lock = threading.Lock()
         ok: Counter = Counter()
         failures: Counter = Counter()  # per client thread
+        shed: Counter = Counter()
         failed_at: list[float] = []
 
         def caller(i: int) -> None:
@@ -345,7 +346,14 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path
                     c.infer("slow", [x], client_timeout=20)
                     with lock:
                         ok[i] += 1
-                except InferenceServerException:
+                except InferenceServerException as e:
+                    if e.status() == "StatusCode.RESOURCE_EXHAUSTED":
+                        # Admission shed load (the survivor alone with eight clients, on cores a
+                        # busy machine shares): not a call the kill lost; back off, as a client would.
+                        with lock:
+                            shed[i] += 1
+                        time.sleep(0.05)
+                        continue
                     with lock:
                         failures[i] += 1
                         failed_at.append(time.monotonic())
@@ -376,7 +384,7 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path
         # A client had at most one call in flight: its call on the killed worker fails (and, rarely,
         # a reconnect that reached the dying socket before the kernel closed it); only clients
         # whose connection was the killed worker's; every client got answers again afterwards.
-        assert all(n <= 2 for n in failures.values()), failures
+        assert all(n <= 2 for n in failures.values()), (failures, shed)
         assert all(killed_at <= t <= killed_at + 2.0 for t in failed_at), (killed_at, failed_at)  # only then
         assert all(ok[i] > before.get(i, 0) for i in range(8)), (before, ok)
         assert f"worker 0 (pid {victim}) was killed by SIGKILL; starting it again" in p.output()
