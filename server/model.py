@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, check_rows, merge, split
-from .core.errors import ErrorCode, GatewayError, invalid
+from .core.errors import ErrorCode, GatewayError, cancelled_code, invalid
 from .core.rate import LineBudget
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature, forwarded_parameters, with_parameters
@@ -195,7 +195,7 @@ class ModelVersion:
             status = e.code.value
             raise
         except asyncio.CancelledError:
-            status = ErrorCode.CANCELLED.value
+            status = cancelled_code(request.deadline).value
             ex = ticket.execution
             if ex is not None:  # a remote call: cancel it once none of its callers waits
                 ex.waiting -= 1
@@ -258,7 +258,7 @@ class ModelVersion:
             status = e.code.value
             raise
         except asyncio.CancelledError:
-            status = ErrorCode.CANCELLED.value
+            status = cancelled_code(deadline).value
             raise
         finally:
             end = _perf_ns()

@@ -27,7 +27,7 @@ import yaml
 
 from .core import rollout as ro
 from .core.buckets import BucketTable
-from .core.errors import ConfigError, ErrorCode, GatewayError, invalid
+from .core.errors import ConfigError, ErrorCode, GatewayError, cancelled_code, invalid
 from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, Shadow, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse
@@ -304,7 +304,7 @@ class ServedRoute:
             status = e.code.value
             raise
         except asyncio.CancelledError:
-            status = ErrorCode.CANCELLED.value
+            status = cancelled_code(request.deadline).value
             raise
         except Exception:
             status = ErrorCode.INTERNAL.value

@@ -188,14 +188,16 @@ class LimitSettings:
     max_header_bytes: int = _setting(
         64 * 1024,
         "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed (on the h2 gRPC "
-        "engine: a call's headers and metadata, decoded; more closes the connection)",
+        "engine: a call's headers and metadata, decoded; more refuses that call RESOURCE_EXHAUSTED, and past "
+        "twice it closes the connection)",
         minimum=1,
     )
     grpc_max_resets_per_s: int = _setting(
         1000,
         "streams one HTTP/2 connection's client may reset in a second on the h2 gRPC engine, beyond the calls "
         "it had answered in that second; past it the connection is closed (the 'rapid reset' attack: each "
-        "reset call costs the server, not the client)",
+        "reset call costs the server, not the client); a call reset once it has lived half its timeout is not "
+        "counted (a client giving up on a late answer)",
         minimum=1,
     )
     grpc_max_concurrent_streams: int = _setting(
@@ -206,8 +208,9 @@ class LimitSettings:
     )
     grpc_max_streaming_calls: int = _setting(
         8192,
-        "streaming gRPC calls (ModelStreamInfer) open at once on the h2 engine, all connections together (a "
-        "stream may stay open and idle as long as its client likes); one more is refused RESOURCE_EXHAUSTED",
+        "streaming gRPC calls (ModelStreamInfer, Health.Watch) open at once on the h2 engine, all connections "
+        "together (a stream may stay open and idle as long as its client likes); one more is refused "
+        "RESOURCE_EXHAUSTED",
         minimum=1,
     )
     max_connections: int = _setting(

@@ -7,6 +7,7 @@ exactly one table (``transport/grpc_service.py`` and ``transport/http_app.py``).
 from __future__ import annotations
 
 import enum
+import time
 
 
 class ErrorCode(enum.Enum):
@@ -55,3 +56,16 @@ def invalid(message: str) -> GatewayError:
 
 def not_found(message: str) -> GatewayError:
     return GatewayError(ErrorCode.NOT_FOUND, message)
+
+
+DEADLINE_SLACK_S = 0.005  # a client gives up at its deadline, which it started counting a little before we did
+
+
+def cancelled_code(deadline: float | None) -> ErrorCode:
+    """How to count a request cancelled under us (an asyncio cancellation, not an answer):
+    DEADLINE_EXCEEDED once its deadline (on ``time.monotonic``) has come, since the gRPC engine's
+    deadline timer and a client giving up at its deadline both cancel the call as a client that
+    goes away does; else CANCELLED."""
+    if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
+        return ErrorCode.DEADLINE_EXCEEDED
+    return ErrorCode.CANCELLED

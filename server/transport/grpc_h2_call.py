@@ -101,11 +101,13 @@ class _Call:
         "_code",
         "_details",
         "_trailing",
+        "opened",
     )
 
     def __init__(self, conn: _Connection, sid: int, handler, md, deadline, encoding, method: str):
         self.conn = conn
         self.sid = sid
+        self.opened = _monotonic()
         self.handler = handler
         self.md = md
         self.deadline = deadline

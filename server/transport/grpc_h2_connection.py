@@ -27,6 +27,8 @@ CONNECTION_WINDOW = 16 << 20
 BUFFERED_REQUESTS = 4  # unfinished unary requests one connection may hold, in max_request_bytes
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames to parse for large tensors)
 MAX_WRITE_BACKLOG = 4 << 20  # bytes waiting to be written past which a connection is not read
+RAPID_RESET_S = 0.02  # a reset sooner than this after the call opened always counts toward a flood
+PARSED_MAX_BYTES = 4096  # header blocks larger than this are parsed each time, not kept per connection
 GOAWAY_GRACE_S = 1.0  # between our two GOAWAYs: calls a client sent before it saw the first are taken
 _monotonic = time.monotonic
 
@@ -118,6 +120,7 @@ class _Connection(asyncio.Protocol):
         for call in list(self.calls.values()):
             call.abandon()
         self.calls.clear()
+        self._parsed.clear()  # (the connection itself may wait for a full collection: a cycle with its Http2)
         for f in self._drained:
             if not f.done():
                 f.set_result(None)
@@ -266,10 +269,23 @@ class _Connection(asyncio.Protocol):
             call.abandon()
             if not self.calls:
                 self.idle_since = _monotonic()
+            # A call reset at least halfway to its deadline (and not at once) is a client giving up
+            # on an answer that is late (an overloaded server's lot), not a rapid reset.
+            if call.deadline is not None:
+                age = _monotonic() - call.opened
+                if age >= max(RAPID_RESET_S, (call.deadline - call.opened) / 2):
+                    return
         self._reset_flood()
 
+    def on_oversized(self, sid: int) -> None:
+        """A call whose headers and metadata decode past max_header_bytes (within twice that):
+        refused alone; the connection's other calls go on (before, it was closed with them)."""
+        self.server.refused("grpc_header_bytes")
+        limit = self.h2.max_header_bytes
+        self.trailers_only(sid, grpc.StatusCode.RESOURCE_EXHAUSTED, f"headers over max_header_bytes ({limit})")
+
     def on_window(self, sid: int) -> None:
-        if sid:
+        if sid > 0:  # (-1: SETTINGS_INITIAL_WINDOW_SIZE grew every stream's window)
             call = self.calls.get(sid)
             if call is not None:
                 call.pump()
@@ -324,14 +340,16 @@ class _Connection(asyncio.Protocol):
         parsed = self._parsed.get(key)
         if parsed is None:  # (a client sends the same headers call after call: read once)
             parsed = self._parse(headers)
-            if len(self._parsed) >= 64:
-                self._parsed.clear()
-            self._parsed[key] = parsed
+            if sum(len(k) + len(v) for k, v in headers) <= PARSED_MAX_BYTES:  # (64 large ones held 7.7 MB)
+                if len(self._parsed) >= 64:
+                    self._parsed.clear()
+                self._parsed[key] = parsed
         if type(parsed) is tuple:
             handler, md, seconds, encoding, path = parsed
             deadline = None if seconds is None else _monotonic() + seconds
             streaming = self.server.streaming
-            if handler.request_streaming and len(streaming) >= self.server.max_streaming_calls:
+            streams = handler.request_streaming or handler.response_streaming  # (Health.Watch: answers only)
+            if streams and len(streaming) >= self.server.max_streaming_calls:
                 self.server.refused("grpc_streams")
                 self.trailers_only(
                     sid,
@@ -341,7 +359,7 @@ class _Connection(asyncio.Protocol):
                 )
                 return
             call = self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
-            if handler.request_streaming:
+            if streams:
                 streaming.add(call)
         elif parsed is _MALFORMED:
             self.server.refused("grpc_malformed")

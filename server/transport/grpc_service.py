@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from ..core.errors import ErrorCode, GatewayError
+from ..core.errors import ErrorCode, GatewayError, cancelled_code
 from ..core.routing import PIN_HEADER as VARIANT_HEADER
 from ..core.types import (
     FINAL_RESPONSE,
@@ -354,8 +354,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except grpc.aio.AbortError:
             status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "UNKNOWN"
             raise
-        except asyncio.CancelledError:  # the caller went away
-            status = note.error = "CANCELLED"
+        except asyncio.CancelledError:  # the caller went away, or its deadline came
+            left = context.time_remaining()
+            status = note.error = cancelled_code(None if left is None else _monotonic() + left).value
             raise
         finally:
             self._noted(note, status, context, MODEL_INFER)
@@ -591,9 +592,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 answered += 1
             if read_error:
                 log.warning("gRPC stream ended by a read error: %s", read_error[0])
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"the request stream could not be read: {read_error[0]}"
-                )
+                why = f"the request stream could not be read: {read_error[0]}"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
         finally:
             read_task.cancel()
             for t in list(pending):

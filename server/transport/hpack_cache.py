@@ -38,22 +38,40 @@ class _CountedTable(HeaderTable):
         HeaderTable.maxsize.fset(self, new_max)  # type: ignore[attr-defined]
 
 
+class OversizedList(Exception):
+    """A header list past the decoder's ``allowed`` size, decoded whole (the dynamic table kept in
+    step with the peer's): the one stream is refused, the connection goes on."""
+
+
+def _list_size(headers: Any) -> int:
+    return sum(len(n) + len(v) + 32 for n, v in headers)  # (HPACK's measure, RFC 7541 4.1)
+
+
 class CachingDecoder(hpack.Decoder):
-    def __init__(self, max_header_list_size: int):
+    """``max_header_list_size``: past it decoding stops (the table out of step: the connection
+    must close); ``allowed``: past it a list decoded whole raises :class:`OversizedList`."""
+
+    def __init__(self, max_header_list_size: int, allowed: int | None = None):
         super().__init__(max_header_list_size=max_header_list_size)
+        self.allowed = max_header_list_size if allowed is None else allowed
         self.header_table = self._table = _CountedTable()
         self._memory: dict[tuple[bytes, bool], tuple[int, list[Any]]] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
         if len(data) > _MAX_BLOCK:
-            return super().decode(data, raw)
+            headers = super().decode(data, raw)
+            if _list_size(headers) > self.allowed:
+                raise OversizedList
+            return headers
         key = (bytes(data), raw)
         table = self._table
         seen = self._memory.get(key)
         if seen is not None and seen[0] == table.changes:
-            return list(seen[1])
+            return list(seen[1])  # (measured when it was remembered)
         before = table.changes
         headers = super().decode(data, raw)
+        if _list_size(headers) > self.allowed:  # (a small block may name large fields of the table)
+            raise OversizedList
         if table.changes == before:
             if len(self._memory) >= _MAX_ENTRIES:
                 self._memory.clear()

@@ -20,7 +20,7 @@ from typing import NoReturn, Protocol
 
 import hpack.exceptions
 
-from .hpack_cache import CachingDecoder, CachingEncoder
+from .hpack_cache import CachingDecoder, CachingEncoder, OversizedList
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -70,6 +70,7 @@ class Handler(Protocol):
     def on_reset(self, sid: int) -> None: ...
     def on_window(self, sid: int) -> None: ...  # 0: the connection's window; -1: every stream's
     def on_goaway(self) -> None: ...
+    def on_oversized(self, sid: int) -> None: ...  # a new stream whose headers are over max_header_bytes
 
 
 class _Stream:
@@ -104,9 +105,12 @@ class Http2:
         self.handler = handler
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_bytes = max_header_bytes
+        # A header block up to twice that is decoded whole and only its stream refused (HPACK's
+        # table must follow every block); past it the connection is closed.
+        self.hard_header_bytes = 2 * max_header_bytes
         self.max_frame = max_frame  # the largest frame we take (announced in our SETTINGS)
         self.stream_window = stream_window
-        self.decoder = CachingDecoder(max_header_bytes)
+        self.decoder = CachingDecoder(self.hard_header_bytes, max_header_bytes)
         self.encoder = CachingEncoder()
         self.streams: dict[int, _Stream] = {}
         self.highest_inbound_stream_id = 0
@@ -378,8 +382,8 @@ class Http2:
             if len(payload) < 5:
                 self._fail(PROTOCOL_ERROR, "a HEADERS frame too short for its priority")
             payload = payload[5:]
-        if len(payload) > self.max_header_bytes:
-            self._fail(PROTOCOL_ERROR, "a header block over max_header_bytes", "header_bytes")
+        if len(payload) > self.hard_header_bytes:
+            self._fail(PROTOCOL_ERROR, "a header block over twice max_header_bytes", "header_bytes")
         if flags & END_HEADERS:
             self._block_done(sid, bool(flags & END_STREAM), payload)
         else:
@@ -397,18 +401,21 @@ class Http2:
             self._fail(ENHANCE_YOUR_CALM, f"a header block in over {MAX_CONTINUATIONS} CONTINUATIONs", "flood")
         if not payload and not flags & END_HEADERS:
             self._nothing()
-        if len(block[2]) > self.max_header_bytes:
-            self._fail(PROTOCOL_ERROR, "a header block over max_header_bytes", "header_bytes")
+        if len(block[2]) > self.hard_header_bytes:
+            self._fail(PROTOCOL_ERROR, "a header block over twice max_header_bytes", "header_bytes")
         if flags & END_HEADERS:
             self._block = None
             self._block_done(sid, block[1], bytes(block[2]))
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """A header block's fields, whatever becomes of its stream: the HPACK table must stay in step."""
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]] | None:
+        """A header block's fields, whatever becomes of its stream: the HPACK table must stay in
+        step. None: decoded, and over max_header_bytes (its stream alone is refused)."""
         try:
             return self.decoder.decode(block, raw=True)
+        except OversizedList:
+            return None
         except hpack.exceptions.OversizedHeaderListError:
-            self._fail(COMPRESSION_ERROR, "a header list over max_header_bytes", "header_bytes")
+            self._fail(COMPRESSION_ERROR, "a header list over twice max_header_bytes", "header_bytes")
         except hpack.exceptions.HPACKError as e:
             self._fail(COMPRESSION_ERROR, f"a header block could not be decoded: {e}")
 
@@ -437,7 +444,10 @@ class Http2:
             self._out += frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM))
             return
         self.streams[sid] = _Stream(self._peer_window, self.stream_window, not end_stream)
-        self.handler.on_request(sid, headers, end_stream)
+        if headers is None:
+            self.handler.on_oversized(sid)
+        else:
+            self.handler.on_request(sid, headers, end_stream)
 
     def _window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:

@@ -8,6 +8,7 @@ from typing import Protocol
 from .http2 import (
     _SETTING,
     _U32,
+    COMPRESSION_ERROR,
     DEFAULT_WINDOW,
     ENABLE_PUSH,
     INITIAL_WINDOW_SIZE,
@@ -80,6 +81,8 @@ class Http2Client(Http2):
 
     def _block_done(self, sid: int, end_stream: bool, block: bytes) -> None:
         headers = self._decode(block)
+        if headers is None:  # (an upstream's answer: no stream to refuse it on)
+            self._fail(COMPRESSION_ERROR, "a header list over max_header_bytes", "header_bytes")
         stream = self.streams.get(sid)
         if stream is None or not stream.remote_open:
             if sid > self.highest_inbound_stream_id:

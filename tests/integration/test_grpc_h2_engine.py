@@ -310,14 +310,20 @@ def test_connections_past_max_connections_are_closed_and_counted(demo_repo, serv
         c.close()
 
 
-def test_headers_past_max_header_bytes_close_the_connection_and_are_counted(demo_repo, serve):
+def test_headers_past_max_header_bytes_refuse_the_call_and_past_twice_close_the_connection(demo_repo, serve):
+    """Within twice max_header_bytes only the call is refused (RESOURCE_EXHAUSTED; before, the
+    connection was closed and every call on it lost); past twice, the connection is closed."""
     running = serve(demo_repo, grpc_engine="h2", max_header_bytes=4096)
     raw = RawH2(running.gateway.grpc_port)
     assert status(raw.wait(raw.request(LIVE, framed(b""), headers=[(b"x-small", b"v" * 1000)])))[0] == 0
-    raw.wait(raw.request(LIVE, framed(b""), headers=[(b"x-big", b"v" * 8000)]))
+    code, message = status(raw.wait(raw.request(LIVE, framed(b""), headers=[(b"x-big", b"v" * 6000)])))[:2]
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "max_header_bytes" in message
+    assert not raw.closed
+    assert status(raw.wait(raw.request(LIVE, framed(b""))))[0] == 0  # the connection goes on
+    raw.wait(raw.request(LIVE, framed(b""), headers=[(b"x-huge", b"v" * 9000)]))
     assert raw.closed  # the connection was closed, without an answer
     metrics = urllib.request.urlopen(running.metrics_url).read().decode()
-    assert 'batchgate_http_connections_refused_total{reason="grpc_header_bytes"} 1.0' in metrics
+    assert 'batchgate_http_connections_refused_total{reason="grpc_header_bytes"} 2.0' in metrics
     raw.close()
 
 

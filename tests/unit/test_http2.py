@@ -44,6 +44,9 @@ class Recorder:
     def on_goaway(self):
         self.seen.append(("goaway",))
 
+    def on_oversized(self, sid):
+        self.seen.append(("oversized", sid))
+
 
 def server(**kw) -> tuple[Http2, Recorder]:
     rec = Recorder()
@@ -162,18 +165,35 @@ def test_an_interrupted_header_block_and_padding_past_the_frame_are_errors():
         srv.receive(raw(http2.HEADERS, http2.PADDED | http2.END_HEADERS, 1, bytes([200]) + block))
 
 
-def test_a_header_block_over_the_limit_is_refused_by_size():
+def test_a_header_block_over_twice_the_limit_closes_the_connection():
     srv, _ = opened()
     with pytest.raises(Http2Error) as e:
         srv.receive(raw(http2.HEADERS, 0, 1, b"\x00" * 3000))
         srv.receive(raw(http2.CONTINUATION, 0, 1, b"\x00" * 3000))
+        srv.receive(raw(http2.CONTINUATION, 0, 1, b"\x00" * 3000))
     assert e.value.reason == "header_bytes"
     srv, _ = opened()  # small on the wire, large once decoded
     cli = client()
-    block = cli.encoder.encode([*REQUEST, *((f"k{i}".encode(), b"v" * 100) for i in range(60))])
+    block = cli.encoder.encode([*REQUEST, *((f"k{i}".encode(), b"v" * 100) for i in range(100))])
     with pytest.raises(Http2Error) as e:
         srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, block))
     assert e.value.reason == "header_bytes"
+
+
+def test_a_header_list_over_the_limit_within_twice_it_refuses_its_stream_alone():
+    """Before, any call whose headers passed max_header_bytes closed the connection, and every
+    other call on it with it. A list up to twice the limit is decoded whole (the HPACK table
+    stays in step) and only its stream is refused; the connection's next call is read."""
+    srv, rec = opened()
+    cli = client()
+    big = cli.encoder.encode([*REQUEST, *((f"k{i}".encode(), b"v" * 100) for i in range(40))])
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1, big))
+    small = cli.encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 3, small))
+    assert [e for e in rec.seen if e[0] in ("oversized", "request")] == [
+        ("oversized", 1),
+        ("request", 3, dict(REQUEST)[b":path"], True),
+    ]
 
 
 def _goaway_code(srv: Http2) -> int:

@@ -1,0 +1,154 @@
+"""The h2 gRPC engine against what a probe of real clients found (2026-12-05): an answer stalled
+by a SETTINGS window increase, resets of calls past half their deadline taken for a rapid-reset
+flood, Health.Watch-style answer streams past grpc_max_streaming_calls, large header blocks kept
+per connection. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+import urllib.request
+
+import grpc
+import pytest
+from test_grpc_h2_lifecycle import DATA, GOAWAY, RST, SETTINGS, Raw, _answer, engine, frame, message  # noqa: F401
+
+from batchgate.transport import grpc_h2_connection
+
+
+def test_a_larger_initial_window_lets_a_waiting_answer_go_on(engine):  # noqa: F811
+    """RFC 9113 6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE increase grows every stream's window. The
+    engine took it for one stream's (id -1) and the answer waiting on it stayed unsent."""
+    e = engine()
+    raw = Raw(e.port, settings=struct.pack(">HL", 4, 1000))  # INITIAL_WINDOW_SIZE 1000
+    sid = raw.headers()
+    raw.data(sid, message(b"x" * 40000), end=True)
+    got = raw.frames(1.0)
+    assert sum(len(f[3]) for f in got if len(f) == 4 and f[0] == DATA and f[2] == sid) <= 1000
+    raw.sock.sendall(frame(SETTINGS, 0, 0, struct.pack(">HL", 4, 1 << 20)))  # no stream WINDOW_UPDATE
+    status, rest = _answer(raw, sid)
+    assert status == 0
+    sent = sum(len(f[3]) for f in got + rest if len(f) == 4 and f[0] == DATA and f[2] == sid)
+    assert sent == 40005  # the message and its 5-byte prefix
+
+
+def test_resets_of_calls_halfway_to_their_deadline_are_not_a_flood(engine):  # noqa: F811
+    """gRPC clients reset a call when their deadline passes; under overload every such call is
+    reset unanswered. Before, 20 of them in a second closed the connection (ENHANCE_YOUR_CALM) as
+    a rapid-reset attack, and the calls still running on it were lost."""
+    e = engine(max_resets_per_s=20)
+    raw = Raw(e.port)
+    long_call = raw.headers(extra=[(b"sleep", b"1")])
+    raw.data(long_call, message(b"kept"), end=True)
+    late = []
+    for _ in range(60):
+        sid = raw.headers(extra=[(b"sleep", b"5"), (b"grpc-timeout", b"300m")])
+        raw.data(sid, message(b"late"), end=True)
+        late.append(sid)
+    time.sleep(0.2)  # two thirds of the way to their deadline: their client gives up
+    raw.sock.sendall(b"".join(frame(RST, 0, sid, struct.pack(">L", 8)) for sid in late))
+    status, frames = _answer(raw, long_call)
+    assert status == 0, frames[-3:]
+
+
+def test_a_reset_right_after_the_call_opened_still_counts(engine):  # noqa: F811
+    e = engine(max_resets_per_s=20)
+    raw = Raw(e.port)
+    for _ in range(60):  # (a deadline does not excuse a reset at once)
+        sid = raw.headers(extra=[(b"sleep", b"5"), (b"grpc-timeout", b"300m")])
+        raw.sock.sendall(frame(RST, 0, sid, struct.pack(">L", 8)))
+    got = raw.frames(2.0)
+    assert any(len(f) == 4 and f[0] == GOAWAY for f in got) or ("EOF",) in got  # GOAWAY, closed
+
+
+async def _ticks(_request: bytes, _context):
+    while True:
+        yield b"tick"
+        await asyncio.sleep(3600)
+
+
+class _Ticks(grpc.GenericRpcHandler):
+    def service(self, details):
+        if details.method == "/t.T/Ticks":
+            return grpc.unary_stream_rpc_method_handler(_ticks, lambda b: b, lambda b: b)
+        return None
+
+
+def test_answer_streams_count_against_max_streaming_calls(engine):  # noqa: F811
+    """Health.Watch streams only its answers; such calls were not counted, and any number stayed
+    open (3.4 KB each) past grpc_max_streaming_calls."""
+    e = engine(max_streaming_calls=3)
+    e.server.add_generic_rpc_handlers([_Ticks()])
+    with grpc.insecure_channel(f"127.0.0.1:{e.port}") as channel:
+        ticks = channel.unary_stream("/t.T/Ticks")
+        open_ = [ticks(b"", timeout=10) for _ in range(3)]
+        for s in open_:
+            assert next(s) == b"tick"  # each is open and counted
+        with pytest.raises(grpc.RpcError) as refused:
+            next(ticks(b"", timeout=10))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for s in open_:
+            s.cancel()
+
+
+def test_large_header_blocks_are_not_kept_per_connection(engine):  # noqa: F811
+    """Each connection remembered the parsed form of its last 64 header blocks, whatever their
+    size (30 connections with 60 KB metadata held 400 MB), and kept it after closing until a full
+    collection (the connection is in a cycle with its HTTP/2 state)."""
+    e = engine()
+    raw = Raw(e.port)
+    for i in range(5):
+        sid = raw.headers(extra=[(b"x-big", bytes([97 + i]) * 20000)])
+        raw.data(sid, message(b"m"), end=True)
+        assert _answer(raw, sid)[0] == 0
+    sid = raw.headers(extra=[(b"x-small", b"s")])
+    raw.data(sid, message(b"m"), end=True)
+    assert _answer(raw, sid)[0] == 0
+    kept = e.read(lambda: [sum(len(v) for k in c._parsed for _n, v in k) for c in e.server.connections])
+    assert kept and all(n < grpc_h2_connection.PARSED_MAX_BYTES for n in kept), kept
+    conns = e.read(lambda: list(e.server.connections))
+    raw.sock.close()
+    end = time.monotonic() + 5
+    while e.read(lambda: len(e.server.connections)) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert all(not c._parsed for c in conns)  # (a closed connection may wait for a full collection)
+
+
+@pytest.mark.parametrize("engine_name", ["h2", "grpcio"])
+def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(tmp_path, serve, engine_name):
+    """The h2 engine's deadline timer cancels the handler as a client that goes away does, and
+    fired before the queue's own: every such call was counted CANCELLED (requests_total, Triton's
+    failure counts, the access log), never DEADLINE_EXCEEDED."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from batchgate.demo import SIMPLE_CONFIG, _save, simple_model
+
+    config = SIMPLE_CONFIG + "dynamic_batching { preferred_batch_size: [8] max_queue_delay_microseconds: 3000000 }\n"
+    _save(simple_model(), str(tmp_path), "simple", config=config)
+    running = serve(str(tmp_path), grpc_engine=engine_name)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inputs = []
+    for n in ("INPUT0", "INPUT1"):
+        i = grpcclient.InferInput(n, [1, 16], "INT32")
+        i.set_data_from_numpy(np.ones((1, 16), np.int32))
+        inputs.append(i)
+    for _ in range(3):
+        with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
+            c.infer("simple", inputs, client_timeout=0.3)
+    c.close()
+
+    def counted() -> dict:
+        text = urllib.request.urlopen(running.metrics_url).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("batchgate_requests_total{") and 'protocol="grpc"' in line:
+                out[line.split('status="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    end = time.monotonic() + 10
+    while sum(counted().values()) < 3 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert counted() == {"DEADLINE_EXCEEDED": 3.0}
