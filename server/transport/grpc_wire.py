@@ -150,7 +150,7 @@ def metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes
             try:
                 out.append((k.decode("ascii"), base64.b64decode(v + b"=" * (-len(v) % 4))))
             except ValueError:
-                continue  # not base64: dropped, as gRPC core drops it
+                continue  # not base64: dropped (gRPC core fails the call INTERNAL instead)
         else:
             out.append((k.decode("latin-1"), v.decode("latin-1")))
     return tuple(out)
