@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -230,3 +231,9 @@ def encode_response(resp: InferResponse, written: Mapping[str, tuple[str, int]] 
     out.raw_output_contents.extend(raws)
     set_parameters(out.parameters, resp.parameters)  # a route's answer: parameter "variant"
     return out
+
+
+def call_deadline(context: Any) -> float | None:
+    """A gRPC call's deadline on ``time.monotonic``, None without one (read while the call is alive)."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left

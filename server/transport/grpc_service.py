@@ -312,10 +312,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _decode(self, msg, context, headers, shm: RegionView | None, note: Note | None, precheck) -> InferRequest:
         """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's;
         ``shm``: the caller's shared-memory regions, when the request names one."""
-        arrival = _monotonic()
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else arrival + remaining
-        return grpc_codec.decode_request(msg, arrival, self.dp.limits, headers, deadline, shm, note, precheck)
+        return grpc_codec.decode_request(
+            msg, _monotonic(), self.dp.limits, headers, grpc_codec.call_deadline(context), shm, note, precheck
+        )
 
     def quick_refusal(self, raw: bytes, peer: str) -> tuple[grpc.StatusCode, str, tuple] | None:
         """A ModelInfer refused for overload before it is parsed: status, message and trailing
@@ -355,8 +354,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "UNKNOWN"
             raise
         except asyncio.CancelledError:  # the caller went away, or its deadline came
-            left = context.time_remaining()
-            status = note.error = cancelled_code(None if left is None else _monotonic() + left).value
+            status = note.error = cancelled_code(grpc_codec.call_deadline(context)).value
             raise
         finally:
             self._noted(note, status, context, MODEL_INFER)
@@ -453,6 +451,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await _abort(context, e)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:  # (counted with the errors when it is the call's deadline)
+            if cancelled_code(grpc_codec.call_deadline(context)) is ErrorCode.DEADLINE_EXCEEDED:
+                self.dp.count_error("grpc", GatewayError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+            raise
         except Exception as e:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
             log.exception("gRPC infer to model '%s' failed", request.model_name[:128] if request else "?")
             error = GatewayError(ErrorCode.INTERNAL, f"internal error: {e}")
@@ -488,11 +490,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # read once, while the call is alive: a request's line may be written after it ended
         # (gRPC's auth context read then crashes the process)
         ident = self._who(context) if self.dp.access_log is not None else ("", None)
+        deadline = grpc_codec.call_deadline(context)
 
         def finished(note: Note, task: asyncio.Task) -> None:
             # (here, not in ``one``: a task cancelled before its first step never runs its body)
-            if task.cancelled():  # the stream went away before the answer
-                status = note.error = "CANCELLED"
+            if task.cancelled():  # the stream went away before the answer, or its deadline came
+                status = note.error = cancelled_code(deadline).value
             else:
                 status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "OK"
             self._noted(note, status, context, method, lambda: ident)
@@ -529,16 +532,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 self.dp.log_failure("grpc", msg.model_name, rid, e)
                 # Answers may come out of order, and tritonclient hands a stream error to the
                 # caller without the response's id: the message itself names the request.
-                await out.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=e.message
-                        if not rid or e.message.startswith("[request id: ")
-                        else f"[request id: {rid[:128]}] {e.message}",
-                        infer_response=pb.ModelInferResponse(
-                            model_name=msg.model_name, model_version=msg.model_version, id=rid
-                        ),
-                    )
-                )
+                text = e.message
+                if rid and not text.startswith("[request id: "):
+                    text = f"[request id: {rid[:128]}] {text}"
+                head = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=rid)
+                await out.put(pb.ModelStreamInferResponse(error_message=text, infer_response=head))
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,

@@ -6,6 +6,7 @@ per connection. Each test failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
 import urllib.request
@@ -128,7 +129,8 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(
 
     config = SIMPLE_CONFIG + "dynamic_batching { preferred_batch_size: [8] max_queue_delay_microseconds: 3000000 }\n"
     _save(simple_model(), str(tmp_path), "simple", config=config)
-    running = serve(str(tmp_path), grpc_engine=engine_name)
+    log = tmp_path / "access.jsonl"
+    running = serve(str(tmp_path), grpc_engine=engine_name, access_log="all", access_log_file=str(log))
     c = grpcclient.InferenceServerClient(running.grpc_url)
     inputs = []
     for n in ("INPUT0", "INPUT1"):
@@ -140,15 +142,31 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(
             c.infer("simple", inputs, client_timeout=0.3)
     c.close()
 
-    def counted() -> dict:
+    def counted(family: str, label: str) -> dict:
         text = urllib.request.urlopen(running.metrics_url).read().decode()
-        out = {}
+        out: dict = {}
         for line in text.splitlines():
-            if line.startswith("batchgate_requests_total{") and 'protocol="grpc"' in line:
-                out[line.split('status="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+            if line.startswith(family + "{") and 'protocol="grpc"' in line:
+                key = line.split(f'{label}="')[1].split('"')[0]
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         return out
 
     end = time.monotonic() + 10
-    while sum(counted().values()) < 3 and time.monotonic() < end:
+    while sum(counted("batchgate_requests_total", "status").values()) < 3 and time.monotonic() < end:
         time.sleep(0.05)
-    assert counted() == {"DEADLINE_EXCEEDED": 3.0}
+    assert counted("batchgate_requests_total", "status") == {"DEADLINE_EXCEEDED": 3.0}
+    assert counted("batchgate_request_errors_total", "code") == {"DEADLINE_EXCEEDED": 3.0}
+    # a stream's deadline ends its request waiting in the queue: logged so too
+    s = grpcclient.InferenceServerClient(running.grpc_url)
+    s.start_stream(callback=lambda result, error: None, stream_timeout=0.3)
+    s.async_stream_infer("simple", inputs)
+    time.sleep(0.6)
+    s.stop_stream()
+    s.close()
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        if len(lines) >= 4:
+            break
+        time.sleep(0.05)
+    assert [x["rpc.response.status_code"] for x in lines] == ["DEADLINE_EXCEEDED"] * 4, lines
