@@ -195,7 +195,7 @@ class ModelVersion:
             status = e.code.value
             raise
         except asyncio.CancelledError:
-            status = cancelled_code(request.deadline).value
+            status = cancelled_code(request.deadline, request.arrival).value
             ex = ticket.execution
             if ex is not None:  # a remote call: cancel it once none of its callers waits
                 ex.waiting -= 1

@@ -304,7 +304,7 @@ class ServedRoute:
             status = e.code.value
             raise
         except asyncio.CancelledError:
-            status = cancelled_code(request.deadline).value
+            status = cancelled_code(request.deadline, request.arrival).value
             raise
         except Exception:
             status = ErrorCode.INTERNAL.value

@@ -58,14 +58,17 @@ def not_found(message: str) -> GatewayError:
     return GatewayError(ErrorCode.NOT_FOUND, message)
 
 
-DEADLINE_SLACK_S = 0.005  # a client gives up at its deadline, which it started counting a little before we did
+DEADLINE_SLACK_S = 0.05  # how much sooner than our deadline a client's own may pass
 
 
-def cancelled_code(deadline: float | None) -> ErrorCode:
+def cancelled_code(deadline: float | None, since: float | None = None) -> ErrorCode:
     """How to count a request cancelled under us (an asyncio cancellation, not an answer):
-    DEADLINE_EXCEEDED once its deadline (on ``time.monotonic``) has come, since the gRPC engine's
-    deadline timer and a client giving up at its deadline both cancel the call as a client that
-    goes away does; else CANCELLED."""
-    if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
-        return ErrorCode.DEADLINE_EXCEEDED
-    return ErrorCode.CANCELLED
+    DEADLINE_EXCEEDED once its deadline (on ``time.monotonic``) has about come, since the gRPC
+    engine's deadline timer and a client giving up at its deadline both cancel the call as a
+    client that goes away does; else CANCELLED. The client started its clock before we read the
+    request (on a busy loop, well before), so a cancellation within ``DEADLINE_SLACK_S`` of the
+    deadline, or within the last quarter of the time from ``since`` (its arrival), counts too."""
+    if deadline is None:
+        return ErrorCode.CANCELLED
+    slack = DEADLINE_SLACK_S if since is None else max(DEADLINE_SLACK_S, (deadline - since) / 4)
+    return ErrorCode.DEADLINE_EXCEEDED if time.monotonic() >= deadline - slack else ErrorCode.CANCELLED

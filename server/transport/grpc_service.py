@@ -343,18 +343,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         alog, tracing = self.dp.access_log, self.dp.tracing
         if alog is None and tracing is None:
             return await self._model_infer(raw, context, None)
-        note = Note()
+        note, since = Note(), _monotonic()
         note.bytes_in = len(raw)
         status = "OK"
         try:
-            answer = await self._model_infer(raw, context, note)
-            note.answer = answer
+            note.answer = answer = await self._model_infer(raw, context, note)
+            # (an error with no AbortError: grpc.aio's abort of a call already over returns)
+            status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "OK"
             return answer
         except grpc.aio.AbortError:
             status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "UNKNOWN"
             raise
         except asyncio.CancelledError:  # the caller went away, or its deadline came
-            status = note.error = cancelled_code(grpc_codec.call_deadline(context)).value
+            status = note.error = cancelled_code(grpc_codec.call_deadline(context), since).value
             raise
         finally:
             self._noted(note, status, context, MODEL_INFER)
@@ -396,6 +397,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _model_infer(self, raw: bytes, context, note: Note | None):
         request = headers = None
+        since = _monotonic()
         dp = self.dp
         md = context.invocation_metadata() or ()
         try:
@@ -452,7 +454,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:  # (counted with the errors when it is the call's deadline)
-            if cancelled_code(grpc_codec.call_deadline(context)) is ErrorCode.DEADLINE_EXCEEDED:
+            if cancelled_code(grpc_codec.call_deadline(context), since) is ErrorCode.DEADLINE_EXCEEDED:
                 self.dp.count_error("grpc", GatewayError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded"))
             raise
         except Exception as e:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
@@ -490,12 +492,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # read once, while the call is alive: a request's line may be written after it ended
         # (gRPC's auth context read then crashes the process)
         ident = self._who(context) if self.dp.access_log is not None else ("", None)
-        deadline = grpc_codec.call_deadline(context)
+        deadline, since = grpc_codec.call_deadline(context), _monotonic()
 
         def finished(note: Note, task: asyncio.Task) -> None:
             # (here, not in ``one``: a task cancelled before its first step never runs its body)
             if task.cancelled():  # the stream went away before the answer, or its deadline came
-                status = note.error = cancelled_code(deadline).value
+                status = note.error = cancelled_code(deadline, since).value
             else:
                 status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "OK"
             self._noted(note, status, context, method, lambda: ident)
