@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Protocol
 
+from .core import buckets
 from .core import rollout as ro
 from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
@@ -418,6 +419,7 @@ class RouteTable:
         reloads = self.metrics.routes_reloads
         try:
             specs = await asyncio.to_thread(read_routes_file, path)
+            await asyncio.to_thread(buckets.warm, [s.name for s in specs])  # (hashing: off the loop)
             await self.install([*self._config_routes, *specs], path)
         except ConfigError as e:
             reloads["error"] = reloads.get("error", 0) + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import urllib.request
 
@@ -363,5 +364,37 @@ def test_a_reload_keeps_the_shadow_runners_of_a_route_it_does_not_change(repo, t
         _until(lambda: _state(running).spec.shadows[0].percent == 50)
         (new,) = _state(running).shadows
         assert new is not runner and runner.closed
+    finally:
+        running.stop()
+
+
+def test_a_routes_file_that_brings_many_routes_hashes_them_off_the_event_loop(repo, tmp_path, monkeypatch):
+    """Each new route's bucket order is ~20 ms of hashing; a reload did it on the event loop
+    (150 new routes held every request 3 s, 2,000 about 45 s). The reload now works the orders
+    out on a thread first, and the loop finds them done."""
+    from batchgate.core import buckets
+
+    seen: list[str] = []
+    original = buckets._seeded_order
+
+    def recorded(route: str) -> list[int]:  # the real hashing, and which thread did it
+        seen.append(threading.current_thread().name)
+        return original(route)
+
+    monkeypatch.setattr(buckets, "_seeded_order", recorded)
+    routes_file = tmp_path / "routes.yaml"
+
+    def route(i: int) -> dict:
+        return {"name": f"many-{i}", "variants": [{"name": "a", "model": "clf_a", "weight": 100}]}
+
+    write_config(str(routes_file), [route(0)])
+    cfg = write_config(str(tmp_path / "c.yaml"), [], routing={"routes_file": str(routes_file), "routes_poll_s": 0.1})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        seen.clear()
+        write_config(str(routes_file), [route(i) for i in range(1, 21)])
+        _until(lambda: metric(_metrics(running), "batchgate_routes_reloads_total", outcome="ok") >= 1)
+        assert len(seen) == 20
+        assert running.thread.name not in seen, seen
     finally:
         running.stop()
