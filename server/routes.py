@@ -239,7 +239,7 @@ class ServedRoute:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"route '{self.name}' is not ready: {self.problem}")
         pin = header(PIN_HEADER) if header is not None else None
         variant = check_pin(self.spec, pin) if pin is not None else self._pick(header)
-        served = self._version(variant)
+        served = self._version(variant, pin is not None)
         self.admission.admit(served)
         return Routed(self, variant, served, pin is not None)
 
@@ -255,9 +255,18 @@ class ServedRoute:
             return names[0]
         return names[bisect_right(self._cumulative, self.rng.random() * self._cumulative[-1])]
 
-    def _version(self, variant: str) -> ModelVersion:
+    def _version(self, variant: str, pinned: bool) -> ModelVersion:
         served = self.members.get(variant)
         if served is None:
+            # Counted as the variant's failure (statistics, metrics and, unless pinned, the
+            # rollout's window): a canary whose model is unloaded mid-rollout fails its error gate
+            # (before, its refusals were counted nowhere and the rollout went on stepping).
+            self.stats.record_request(False, 0)
+            self.metrics.answered(variant, ErrorCode.UNAVAILABLE.value)
+            if not pinned and self._judged:
+                w = self.windows[variant]
+                w.requests += 1
+                w.server_errors += 1
             v = self.spec.variant(variant)
             raise GatewayError(
                 ErrorCode.UNAVAILABLE,
@@ -281,7 +290,7 @@ class ServedRoute:
             if key is not None:
                 variant = self.table.variant_for(key)
         if variant != routed.variant:
-            served = self._version(variant)
+            served = self._version(variant, routed.pinned)
             self.admission.move(routed.version, served)  # refused: still admitted on the old one
             routed.variant, routed.version = variant, served
 

@@ -398,3 +398,38 @@ def test_a_routes_file_that_brings_many_routes_hashes_them_off_the_event_loop(re
         assert running.thread.name not in seen, seen
     finally:
         running.stop()
+
+
+def test_a_canary_whose_model_is_unloaded_mid_rollout_fails_its_gate(repo, tmp_path):
+    """Before, the requests sent to a canary whose model was unloaded were refused (503, 'not
+    loaded') before the route counted anything: the rollout waited for canary answers for ever
+    (or stepped on), and neither the per-variant metrics nor the statistics saw a failure."""
+    import tritonclient.http as httpclient
+
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [_route("clf_same", steps=(50, 100), min_requests=5)],
+        repository={"model_control_mode": "explicit", "load_model": ["*"]},
+        auth={"allow_open_admin": True},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        assert route.rollout.state == "running" and route.weights == {"stable": 50, "canary": 50}
+        httpclient.InferenceServerClient(running.http_url).unload_model("clf_same")
+        _drive(running, lambda: route.rollout.state != "running")
+        assert route.rollout.state == "rolled_back" and "error rate" in route.rollout.last
+        assert (
+            metric(
+                _metrics(running),
+                "batchgate_route_requests_total",
+                route="ramp",
+                variant="canary",
+                status="UNAVAILABLE",
+            )
+            > 0
+        )
+        for _ in range(10):  # the baseline answers everything again
+            assert infer_grpc(running.grpc_url, "ramp")[1]["variant"] == "stable"
+    finally:
+        running.stop()
