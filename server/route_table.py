@@ -24,7 +24,7 @@ from .core import buckets
 from .core import rollout as ro
 from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
-from .core.routing import RouteSpec, Shadow, Variant, check_signatures
+from .core.routing import RouteSpec, Shadow, Variant, check_signatures, idle_misfits
 from .core.types import clip, printable
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import Metrics
@@ -105,7 +105,7 @@ class RouteTable:
             if spec.name in self.repository.models or spec.name in self.repository.remote:
                 raise ConfigError(f"route '{spec.name}': a model has that name; a route needs a name of its own")
             members = self._members(spec, strict=True)
-            problem = self._check(spec, members, strict=True)
+            problem = self._check(spec, members, strict=True, weights={})
             route, reset = self._carry_or_build(spec, now)
             if reset:
                 resets.append(spec.name)
@@ -155,9 +155,9 @@ class RouteTable:
                 out[m.name] = None
         return out
 
-    def _check(self, spec: RouteSpec, members: Mapping[str, ModelVersion | None], strict: bool) -> str | None:
+    def _check(self, spec: RouteSpec, members: Mapping[str, Any], strict: bool, weights: Mapping[str, int]) -> Any:
         """Whether the loaded members can answer alike (None), else why not; at install
-        (``strict``) a mismatch refuses the configuration."""
+        (``strict``) a mismatch refuses the configuration. ``weights``: the route's now."""
         if any(v is None for v in members.values()):
             return None  # checked once every member is loaded; until then those variants refuse
         signatures = {name: v.signature for name, v in members.items() if v is not None}
@@ -173,7 +173,13 @@ class RouteTable:
         try:
             check_signatures(dataclasses.replace(spec, shadows=()), signatures)
         except ConfigError as e:
-            return str(e)
+            left_out = idle_misfits(spec, signatures, weights)
+            if left_out is None:
+                return str(e)
+            for name, why in left_out.items():  # (a variant with no weight now: not the route's problem)
+                log.warning("route '%s': variant '%s' (weight 0) left out: %s", spec.name, name, why)
+                members[name] = None  # type: ignore[index]
+            spec = dataclasses.replace(spec, variants=tuple(v for v in spec.variants if v.name not in left_out))
         for s in spec.shadows:
             try:
                 check_signatures(dataclasses.replace(spec, shadows=(s,)), signatures)
@@ -295,7 +301,7 @@ class RouteTable:
         members = self._members(route.spec, strict=False)
         if not force and members == route.members:
             return
-        problem = self._check(route.spec, members, strict=False)
+        problem = self._check(route.spec, members, strict=False, weights=route.weights)
         if problem is not None:
             log.warning("route '%s' cannot serve: %s", route.name, problem)
         route.set_members(members, problem)

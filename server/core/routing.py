@@ -13,6 +13,7 @@ metadata, or the V2 parameter ``variant``) names the variant outright.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -452,3 +453,27 @@ def _same_tensors(
                 f"{where}: {role} '{member.name}' ({member.model}) needs input '{extra[0]}', "
                 f"which variant '{first.name}' ({first.model}) does not take"
             )
+
+
+def idle_misfits(
+    route: RouteSpec, signatures: Mapping[str, ModelSignature], weights: Mapping[str, int]
+) -> dict[str, str] | None:
+    """When the variants (shadows aside) cannot answer alike only because of variants that have
+    no weight now (``weights``, else their configured one): those variants and why each does
+    not fit, to be left out (pinned requests to one are refused as not loaded) rather than
+    taking the route down, since a route is ready when every variant with weight is. None when
+    variants with weight do not fit either."""
+    first = route.variants[0]
+    idle = [v for v in route.variants[1:] if weights.get(v.name, v.weight) == 0]
+    kept = dataclasses.replace(route, variants=tuple(v for v in route.variants if v not in idle), shadows=())
+    try:
+        check_signatures(kept, signatures)
+    except ConfigError:
+        return None
+    out: dict[str, str] = {}
+    for v in idle:
+        try:
+            check_signatures(dataclasses.replace(kept, variants=(first, v)), signatures)
+        except ConfigError as e:
+            out[v.name] = str(e)
+    return out

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,5 +432,38 @@ def test_a_canary_whose_model_is_unloaded_mid_rollout_fails_its_gate(repo, tmp_p
         )
         for _ in range(10):  # the baseline answers everything again
             assert infer_grpc(running.grpc_url, "ramp")[1]["variant"] == "stable"
+    finally:
+        running.stop()
+
+
+def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_serving(repo, tmp_path):
+    """A staged canary (weight 0) whose model was reloaded with another signature took its whole
+    route down: every request 503, pinned ones to the baseline included. A route is ready when
+    every variant with weight is: now that variant alone is left out (pins to it refused)."""
+    import tritonclient.http as httpclient
+
+    route = {
+        "name": "staged",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": "clf_same", "weight": 0},
+        ],
+    }
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [route],
+        repository={"model_control_mode": "explicit", "load_model": ["*"]},
+        auth={"allow_open_admin": True},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        admin = httpclient.InferenceServerClient(running.http_url)
+        other = (Path(repo) / "strings" / "1" / "model.onnx").read_bytes()  # takes strings, not features
+        admin.load_model("clf_same", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": other})
+        for _ in range(10):
+            assert infer_grpc(running.grpc_url, "staged")[1]["variant"] == "stable"
+        assert admin.is_model_ready("staged")
+        with pytest.raises(InferenceServerException, match="not loaded"):
+            infer_grpc(running.grpc_url, "staged", headers={"x-batchgate-variant": "canary"})
     finally:
         running.stop()
