@@ -199,12 +199,15 @@ class ServedRoute:
 
     def set_members(self, members: dict[str, ModelVersion | None], problem: str | None) -> None:
         self.members, self.problem = members, problem
-        by_model = {(v.model, v.version): v.name for v in self.spec.variants}
         self._shadow_of = {}
         for s in self.spec.shadows:  # a shadow of the canary's model judges the canary
-            variant = by_model.get((s.model, s.version))
-            if variant is not None:
-                self._shadow_of[s.name] = variant
+            mine = members.get(s.name)
+            for v in self.spec.variants:  # the same version loaded (a version named or not), else as written
+                theirs = members.get(v.name)
+                loaded = mine is not None and theirs is not None
+                if mine is theirs if loaded else (s.model, s.version) == (v.model, v.version):
+                    self._shadow_of[s.name] = v.name
+                    break
 
     def not_ready_reason(self) -> str | None:
         """Why the route cannot serve every request now (None: it can): every variant with

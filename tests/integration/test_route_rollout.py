@@ -467,3 +467,35 @@ def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_se
             infer_grpc(running.grpc_url, "staged", headers={"x-batchgate-variant": "canary"})
     finally:
         running.stop()
+
+
+def test_a_shadow_naming_the_canarys_version_is_known_as_the_canarys_shadow(repo, tmp_path):
+    """The canary names its model without a version, the shadow names the same model with its
+    version ("1"): before, they were matched as written and never found the same, so the
+    canary's own answers were copied to its own model (agreeing with themselves) and the
+    disagreement gate never judged the canary."""
+    route = {
+        "name": "shadowed",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 50},
+            {"name": "canary", "model": "clf_same", "weight": 50},
+        ],
+        "shadows": [{"name": "next", "model": "clf_same", "version": "1", "percent": 100}],
+        "compare": {"output": "probabilities", "kind": "classification"},
+    }
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    try:
+        for _ in range(10):
+            assert (
+                infer_grpc(running.grpc_url, "shadowed", headers={"x-batchgate-variant": "canary"})[1]["variant"]
+                == "canary"
+            )
+        time.sleep(0.3)
+        copies = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in _metrics(running).splitlines()
+            if line.startswith("batchgate_shadow_requests_total{")
+        )
+        assert copies == 0  # no copy of the canary's answers to the canary's own model
+    finally:
+        running.stop()
