@@ -146,12 +146,12 @@ class RouteTable:
             entry = repo.models.get(m.model)
             # (explicit mode loads later: its folder must be there, or the model loaded already)
             if entry is None and strict and m.model not in repo.remote and not repo.has_folder(m.model):
-                raise ConfigError(
-                    f"route '{spec.name}': '{m.name}' uses model '{m.model}', which is not in the repository"
-                )
+                raise ConfigError(f"route '{spec.name}': '{m.name}' uses model '{m.model}', not in the repository")
             try:
                 out[m.name] = repo.resolve(m.model, m.version)
-            except GatewayError:
+            except GatewayError as e:  # (a version the loaded model does not have: refused at install)
+                if strict and e.code is ErrorCode.NOT_FOUND and entry is not None and entry.versions:
+                    raise ConfigError(f"route '{spec.name}': '{m.name}': {e.message}") from None
                 out[m.name] = None
         return out
 

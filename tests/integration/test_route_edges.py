@@ -297,6 +297,21 @@ def test_in_explicit_mode_a_route_on_a_model_the_repository_lacks_is_refused(rep
     route = {"name": "typo", "variants": [{"name": "a", "model": "clf_aa", "weight": 1}]}
     with pytest.raises(ConfigError) as e:
         start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]), model_control_mode="explicit")
-    assert "'a' uses model 'clf_aa', which is not in the repository" in str(e.value)
+    assert "'a' uses model 'clf_aa', not in the repository" in str(e.value)
     ok = {"name": "fine", "variants": [{"name": "a", "model": "clf_a", "weight": 1}]}  # a folder not yet loaded
     start_gateway(repo, config_file=write_config(str(tmp_path / "d.yaml"), [ok]), model_control_mode="explicit").stop()
+
+
+def test_a_route_on_a_version_the_loaded_model_lacks_is_refused_at_start(repo, tmp_path):
+    """Before, the server started and said ready with the variant's version missing: the route
+    was never ready and the requests that variant drew were refused, uncounted."""
+    route = {
+        "name": "v7",
+        "variants": [
+            {"name": "a", "model": "clf_a", "weight": 90},
+            {"name": "b", "model": "clf_same", "version": "7", "weight": 10},
+        ],
+    }
+    with pytest.raises(ConfigError) as e:
+        start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    assert "route 'v7': 'b': model 'clf_same' has no version 7 loaded; loaded versions: 1" in str(e.value)
