@@ -195,7 +195,7 @@ class ServedRoute:
             m.rollout_state, m.canary_percent = 0, None
         else:
             m.rollout_state = ROLLOUT_STATE_CODES[self.rollout.state]
-            m.canary_percent = ro.canary_weight(self.spec.rollout, self.rollout)
+            m.canary_percent = self.canary_percent()
 
     def set_members(self, members: dict[str, ModelVersion | None], problem: str | None) -> None:
         self.members, self.problem = members, problem
@@ -208,6 +208,17 @@ class ServedRoute:
                 if mine is theirs if loaded else (s.model, s.version) == (v.model, v.version):
                     self._shadow_of[s.name] = v.name
                     break
+
+    def canary_percent(self) -> float | None:
+        """The canary's share of the canary-plus-baseline traffic, from the weights served now
+        (after a rollback or a promotion, weights set by hand are what is served: the rollout's
+        own figure went stale); None before the first step of a rollout."""
+        r, state = self.spec.rollout, self.rollout
+        if r is None or state is None or ro.canary_weight(r, state) is None:
+            return None
+        w = self.table.weights
+        both = w.get(r.canary, 0) + w.get(r.baseline, 0)
+        return round(100 * w.get(r.canary, 0) / both, 2) if both else None
 
     def not_ready_reason(self) -> str | None:
         """Why the route cannot serve every request now (None: it can): every variant with
@@ -436,7 +447,7 @@ class ServedRoute:
                 "canary": self.spec.rollout.canary,
                 "baseline": self.spec.rollout.baseline,
                 "steps": list(self.spec.rollout.steps),
-                "canary_percent": ro.canary_weight(self.spec.rollout, self.rollout),
+                "canary_percent": self.canary_percent(),
             }
         return out
 

@@ -499,3 +499,20 @@ def test_a_shadow_naming_the_canarys_version_is_known_as_the_canarys_shadow(repo
         assert copies == 0  # no copy of the canary's answers to the canary's own model
     finally:
         running.stop()
+
+
+def test_weights_set_by_hand_after_a_rollback_are_the_canary_share_reported(repo, tmp_path):
+    """After a rollback (or a promotion) the rollout's own figure (0 or 100) was reported
+    whatever weights were set by hand afterwards, in the admin API and the gauge."""
+    cfg = write_config(str(tmp_path / "c.yaml"), [_route("clf_bad")])
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        _drive(running, lambda: route.rollout.state != "running", POISON)
+        assert route.rollout.state == "rolled_back"
+        assert metric(_metrics(running), "batchgate_rollout_canary_percent", route="ramp") == 0
+        running.call(_set(running, {"canary": 100}))  # stable 100, canary 100: half each
+        assert metric(_metrics(running), "batchgate_rollout_canary_percent", route="ramp") == 50
+        assert route.describe()["rollout"]["canary_percent"] == 50
+    finally:
+        running.stop()
