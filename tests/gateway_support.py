@@ -113,3 +113,24 @@ def eventually(check, what: str, timeout: float = 10.0, interval: float = 0.05) 
     while not check():
         assert time.monotonic() < end, what
         time.sleep(interval)
+
+
+def judge_while_half_written(path, half: str, full: str, poll_s: float, check, good, rounds: int = 5) -> None:
+    """Rewrite ``path`` in place ``rounds`` times, pausing half-way (``half``, then the rest of
+    ``full``), and assert ``check() == good`` for every answer given before a second poll of the
+    file could have come (so a slow machine can only judge fewer answers, never wrongly)."""
+    judged = 0
+    for _ in range(rounds):
+        with open(path, "r+") as f:  # the same inode rewritten: truncate, write, pause, write the rest
+            t0 = time.monotonic()
+            f.truncate(0)
+            f.write(half)
+            f.flush()
+            while time.monotonic() - t0 < 0.8 * poll_s:
+                got = check()
+                if time.monotonic() - t0 < 0.95 * poll_s:  # answered before a second poll can be
+                    assert got == good, got
+                    judged += 1
+            f.write(full[len(half) :])
+        time.sleep(2.5 * poll_s)  # the full file applied before the next round
+    assert judged >= rounds, "the test machine was too slow to judge an answer"

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import build_demo_repository
 from batchgate.security.auth import hash_token, new_token
+from gateway_support import judge_while_half_written
 
 INFER_TOKEN, READ_TOKEN, ADMIN_TOKEN, SLOW_TOKEN, SIMPLE_ADMIN_TOKEN, SIMPLE_READ_TOKEN = (
     new_token() for _ in range(6)
@@ -430,19 +431,5 @@ def test_a_keys_file_caught_half_written_is_never_applied(repo, serve, tmp_path)
         return wrong
 
     assert mis_authorized() == []
-    judged = 0
-    for _ in range(5):
-        with open(keys, "r+") as f:  # the same inode rewritten: truncate, write, pause, write the rest
-            t0 = time.monotonic()
-            f.truncate(0)
-            f.write(half)
-            f.flush()
-            while time.monotonic() - t0 < 0.8 * poll_s:
-                wrong = mis_authorized()
-                if time.monotonic() - t0 < 0.95 * poll_s:  # answered before a second poll can be
-                    assert wrong == [], wrong
-                    judged += 1
-            f.write(full[len(half) :])
-        time.sleep(2.5 * poll_s)  # the full file (the same keys) applied before the next attempt
-    assert judged >= 5, "the test machine was too slow to judge an answer"
+    judge_while_half_written(keys, half, full, poll_s, mis_authorized, [])
     assert mis_authorized() == []

@@ -45,6 +45,15 @@ def _route(canary_model: str, steps=(50, 100), min_requests=10, **gates) -> dict
     }
 
 
+def _staged(name: str) -> dict:
+    """A route whose canary is staged (weight 0), without a rollout."""
+    variants = [
+        {"name": "stable", "model": "clf_a", "weight": 100},
+        {"name": "canary", "model": "clf_same", "weight": 0},
+    ]
+    return {"name": name, "variants": variants}
+
+
 def _drive(running, until, features=FEATURES, timeout: float = 15.0) -> None:
     """Send requests (errors allowed) until ``until()`` holds."""
     end = time.monotonic() + timeout
@@ -205,13 +214,7 @@ def test_runtime_weights_persist_until_the_routes_file_changes(repo, tmp_path):
 
 def test_a_state_dir_that_cannot_be_written_at_run_time_is_counted(repo, tmp_path):
     state_dir = tmp_path / "state"
-    route = {
-        "name": "ramp",
-        "variants": [
-            {"name": "stable", "model": "clf_a", "weight": 100},
-            {"name": "canary", "model": "clf_same", "weight": 0},
-        ],
-    }
+    route = _staged("ramp")
     running = start_gateway(
         repo, config_file=write_config(str(tmp_path / "c.yaml"), [route], routing={"state_dir": str(state_dir)})
     )
@@ -442,13 +445,7 @@ def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_se
     every variant with weight is: now that variant alone is left out (pins to it refused)."""
     import tritonclient.http as httpclient
 
-    route = {
-        "name": "staged",
-        "variants": [
-            {"name": "stable", "model": "clf_a", "weight": 100},
-            {"name": "canary", "model": "clf_same", "weight": 0},
-        ],
-    }
+    route = _staged("staged")
     cfg = write_config(
         str(tmp_path / "c.yaml"),
         [route],
