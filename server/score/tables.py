@@ -52,11 +52,13 @@ class Mapping:
             if t.name in names:
                 sources[t.name] = (t.name,)
             elif len(sig.inputs) == 1:
-                numeric = [
-                    f.name
-                    for f in schema
-                    if f.name not in keep and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
-                ]
+                free = [f for f in schema if f.name not in keep]
+                numeric = [f.name for f in free if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+                width = int(np.prod(t.dims)) if t.dims and all(d > 0 for d in t.dims) else None
+                if width is not None and len(numeric) != width and len(free) == width:
+                    # A number column with text in the file's first rows reads as text; when every
+                    # column left makes the input's width, take them all: a bad cell rejects its row.
+                    numeric = [f.name for f in free]
                 if not numeric:
                     raise ScoreError(f"no numeric column to feed input '{t.name}' (give --columns {t.name}=...)")
                 sources[t.name] = tuple(numeric)

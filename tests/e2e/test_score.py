@@ -98,6 +98,23 @@ def test_csv_to_parquet_keeps_columns_rejects_bad_rows_and_matches_onnx_runtime(
     assert len(manifest["parts"]) == 4
 
 
+def test_text_in_a_number_column_early_rejects_only_its_row_under_the_default_columns(repo, tmp_path):
+    """Without --columns a model of one input takes every numeric column but the kept ones, typed
+    from the file's first rows: one text cell there made its column text, the input lost a
+    column, and every row was refused (exit 0). When all the columns left make the input's
+    width, they are taken, and the bad cell refuses its row alone."""
+    x = _features(400)
+    rows = [f"{i},{','.join(repr(float(v)) for v in x[i])}" for i in range(400)]
+    rows[5] = "5,0.1,abc,0.2,0.3"
+    src = tmp_path / "in.csv"
+    src.write_text("id,a,b,c,d\n" + "\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out, "--keep", "id")
+    assert done.returncode == 0, done.stderr
+    assert "400 rows: 399 scored, 1 rejected" in done.stderr
+    assert [r["row"] for r in _rejects(out)] == [5]
+
+
 def test_parquet_nan_rejected_unless_allowed_and_csv_output_flattened(repo, tmp_path):
     x = _features(50)
     x[3, 2] = np.nan
