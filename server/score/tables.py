@@ -59,6 +59,9 @@ class Mapping:
                     # A number column with text in the file's first rows reads as text; when every
                     # column left makes the input's width, take them all: a bad cell rejects its row.
                     numeric = [f.name for f in free]
+                lists = [f.name for f in free if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+                if not numeric and len(lists) == 1:  # (a 2-D .npy: its one column, "input")
+                    numeric = lists
                 if not numeric:
                     raise ScoreError(f"no numeric column to feed input '{t.name}' (give --columns {t.name}=...)")
                 sources[t.name] = tuple(numeric)

@@ -115,6 +115,19 @@ def test_text_in_a_number_column_early_rejects_only_its_row_under_the_default_co
     assert [r["row"] for r in _rejects(out)] == [5]
 
 
+def test_a_2d_npy_feeds_a_model_of_one_input_without_columns(repo, tmp_path):
+    """A 2-D .npy reads as one list column named 'input'; the default mapping took numeric
+    columns only and refused it (exit 2), and the name it needed was written nowhere."""
+    x = _features(50)
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out)
+    assert done.returncode == 0, done.stderr
+    got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, _expected(repo, x), rtol=1e-5)
+
+
 def test_parquet_nan_rejected_unless_allowed_and_csv_output_flattened(repo, tmp_path):
     x = _features(50)
     x[3, 2] = np.nan
