@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -23,13 +22,12 @@ import numpy as np
 import onnx
 from numpy.lib.npyio import NpzFile
 
-from batchgate.core.types import BY_ONNX
+from batchgate.core.types import BY_ONNX, MODEL_NAME, MODEL_NAME_RULE
 
 from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
 from .versions import Shared, kept, require_fit, shared_config, still_the_same
 
 Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 REL_FLOOR = 1e-6  # relative error is measured against max(|expected|, this)
 
 
@@ -107,8 +105,8 @@ def check_name(name: str, version: int) -> None:
     loaded: loading imports torch, seconds)."""
     if version < 1:
         raise ConversionError(f"--version must be 1 or more, not {version}")
-    if not _MODEL_NAME.match(name):
-        raise ConversionError(f"--name {name!r}: use letters, digits, '_', '.' and '-', not starting with '.'")
+    if not MODEL_NAME.fullmatch(name):  # (the server's own rule: a name it would skip is refused here)
+        raise ConversionError(f"--name {name[:128]!r}: {MODEL_NAME_RULE}")
 
 
 def destination(job: Job) -> Path:

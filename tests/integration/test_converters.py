@@ -284,7 +284,9 @@ def test_outputs_without_a_batch_dimension_names_and_versions_are_checked(tmp_pa
     )
     assert done.returncode == 0, done.stderr  # without batching the shapes are taken as given
     assert "max_batch_size" not in (repo / "s" / "config.pbtxt").read_text()  # 0: not written by protobuf
-    for name in ("", "../up", ".hidden", "a/b"):  # told before the model is even imported
+    # told before the model is even imported; a name the server would skip is refused (before,
+    # 200 characters or a trailing newline were converted and never served)
+    for name in ("", "../up", ".hidden", "a/b", "x" * 200, "nl\n"):
         bad = cli("torch", "--model", "no_such_module:mlp", *base, "--name", name)
         assert bad.returncode == 1 and "--name" in bad.stderr and "no_such_module" not in bad.stderr, name
     dup = cli("torch", "--model", "convert_models:mlp", *base, "--name", "m", "--output", "x")
