@@ -151,14 +151,14 @@ def convert_sklearn(
             "--fp16 is for neural networks on GPUs: scikit-learn models keep their ONNX-ML "
             "operators in FP32, so they are converted without it"
         )
+    probe = _job(specs, [], repository, name, version, batched, max_batch_size, gpu, force)
+    probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
+    destination(probe)  # (before the file is loaded: unpickling runs its code, and is refused last)
     if isinstance(model, str):
-        progress(f"loading {model}")
+        progress(f"loading {model} (a pickle runs code as it loads: convert only files you trust)")
         label, model = model, sm.load(model)
     else:
         label = type(model).__name__
-    probe = _job(specs, [], repository, name, version, batched, max_batch_size, gpu, force)
-    probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
-    destination(probe)
     if samples:
         load_samples(samples, specs, probe)
     # The outputs are known once skl2onnx has converted the model (in memory); run() checks them.

@@ -42,7 +42,11 @@ def add_parser(sub) -> None:
         default="auto",
         help="torch.onnx.export's exporter (auto: dynamo, then legacy if dynamo fails)",
     )
-    s = kinds.add_parser("sklearn", help="a scikit-learn estimator or pipeline saved with joblib or pickle")
+    s = kinds.add_parser(
+        "sklearn",
+        help="a scikit-learn estimator or pipeline saved with joblib or pickle (loading a pickle runs its code: "
+        "convert only files you trust)",
+    )
     _common(s, "a .pkl or .joblib file")
 
 

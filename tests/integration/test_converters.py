@@ -255,6 +255,29 @@ def test_sklearn_bad_input(tmp_path):
     assert leftovers(repo) == []
 
 
+class _Touches:
+    """A pickle that creates a file as it is loaded (what any pickle may do)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_a_conversion_refused_for_its_destination_never_loads_the_pickle(tmp_path):
+    """Unpickling runs the file's code; it ran before the destination was checked, so even a
+    conversion refused at once had run it."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(_Touches(marker)))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    done = cli("sklearn", "--model", str(evil), "--input", "f:FP32:-1,4", "--repository", str(not_a_dir), "--name", "m")
+    assert done.returncode == 1 and "--repository" in done.stderr, done.stderr
+    assert not marker.exists()
+
+
 def test_the_server_never_imports_torch_or_sklearn():
     code = (
         "import sys, batchgate.app, batchgate.cli, batchgate.converters; "
