@@ -173,7 +173,7 @@ def table(r: Result) -> str:
         f"model      {r.name} version {r.version} -> {r.path}" + ("" if r.written else "  (NOT written)"),
         f"source     {r.source}",
         f"batching   max_batch_size {r.max_batch_size}" + (" (dynamic_batching on)" if r.max_batch_size else ""),
-        f"config     {r.config}",
+        f"config     {r.config if r.written or r.config != 'written' else 'not written'}",
         f"stages     {' -> '.join(r.stages)}",
         "",
         f"{'tensor':24} {'kind':7} {'datatype':9} dims",

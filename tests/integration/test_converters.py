@@ -211,6 +211,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(tmp_path, model, i
     done = cli("torch", "--model", model, "--input", first, *rest, "--repository", str(repo), "--name", "m")
     assert done.returncode == 1, done.stdout + done.stderr
     assert words in done.stderr
+    assert "config     written" not in done.stdout + done.stderr  # (a failed parity check's summary said so)
     assert leftovers(repo) == []  # no model folder, no staging folder
 
 
