@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -138,19 +139,22 @@ def main(args: argparse.Namespace) -> int:
         progress=_say,
     )
     try:
-        if args.kind == "torch":
-            result = convert_torch(
-                args.model,
-                args.input,
-                args.repository,
-                args.name,
-                args.version,
-                outputs=args.output,
-                exporter=args.exporter,
-                **common,
-            )
-        else:
-            result = convert_sklearn(args.model, args.input, args.repository, args.name, args.version, **common)
+        # What the model or the exporters print goes to stderr: stdout holds the summary alone
+        # (a model's print had come before the JSON of --json)
+        with contextlib.redirect_stdout(sys.stderr):
+            if args.kind == "torch":
+                result = convert_torch(
+                    args.model,
+                    args.input,
+                    args.repository,
+                    args.name,
+                    args.version,
+                    outputs=args.output,
+                    exporter=args.exporter,
+                    **common,
+                )
+            else:
+                result = convert_sklearn(args.model, args.input, args.repository, args.name, args.version, **common)
     except ConversionError as e:
         failed = getattr(e, "result", None)
         if failed is not None:

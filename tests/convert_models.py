@@ -107,3 +107,11 @@ class DictOut(nn.Module):
 
     def forward(self, x):
         return {"logits": x * 2.0, "total": x.sum(-1, keepdim=True)}
+
+
+class Printer(nn.Module):
+    """Prints as it runs (its output must not reach the stdout of `convert --json`)."""
+
+    def forward(self, x):
+        print("forward called")
+        return x * 2.0

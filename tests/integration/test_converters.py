@@ -348,3 +348,14 @@ def test_a_module_answering_a_dict_names_its_outputs_by_the_keys(tmp_path, serve
     logits, total = infer(running.grpc_url, grpcclient, "d", {"x": x}, ["logits", "total"])
     np.testing.assert_allclose(logits, x * 2)
     np.testing.assert_allclose(total, x.sum(-1, keepdims=True))
+
+
+def test_json_output_is_stdout_alone_whatever_the_model_prints(tmp_path):
+    """A model that prints as it runs wrote before the JSON of --json on stdout."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    done = cli("torch", "--model", "convert_models:Printer", "--input", "x:FP32:-1,4",
+               "--repository", str(repo), "--name", "p", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name"] == "p"
+    assert "forward called" in done.stderr
