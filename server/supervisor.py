@@ -184,8 +184,7 @@ class Supervisor(PodControl, PodState):
                 except OSError as e:
                     raise OSError(f"cannot reserve {name} {_join(host, port)}: {e.strerror}") from None
         sock = socket.socket(family, socket.SOCK_STREAM)
-        if port:  # (port 0 with SO_REUSEADDR may be a port an outgoing connection uses: listen() fails)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))

@@ -87,11 +87,6 @@ class _Threading(ThreadingMixIn, WSGIServer):
     peers: PeerShare
     refused: Callable[[str], None]
 
-    def server_bind(self) -> None:
-        # (port 0 with SO_REUSEADDR may be a port an outgoing connection uses: listen() then fails)
-        self.allow_reuse_address = bool(self.server_address[1])
-        super().server_bind()
-
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
             self.refused("metrics_connections")

@@ -21,8 +21,7 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     ``reuse_port`` the kernel spreads new connections over the worker processes' sockets."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        if port:  # (with port 0 it lets the kernel pick a port an outgoing connection uses: listen() then fails)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
