@@ -91,7 +91,6 @@ class ServerTls:
         # so a CA taken out of tls_client_ca_file would stay trusted.
         self._serving: dict[str, ssl.SSLContext] = {}
         self.http_context = self._listener_context("http/1.1")
-        self._h2_context: ssl.SSLContext | None = None  # batchgate's own gRPC engine's (made when asked)
         self._lock = threading.Lock()  # the gRPC fetcher runs on gRPC core's threads
         self._grpc_config = _grpc_config(material)
         self._generation = 0  # bumped by each reload
@@ -105,12 +104,6 @@ class ServerTls:
         """Credentials for ``add_secure_port``; they follow every reload."""
         return grpc.dynamic_ssl_server_credentials(self._grpc_config, self._fetch, self.mtls)
 
-    def h2_context(self) -> ssl.SSLContext:
-        """The SSL context of batchgate's own gRPC engine (ALPN h2); reloads update it too."""
-        if self._h2_context is None:
-            self._h2_context = self._listener_context("h2")
-        return self._h2_context
-
     def newest(self, alpn: str) -> Callable[[], ssl.SSLContext]:
         """What a listener (``tls_accept.TlsAccept``) starts each handshake on: the newest
         context for ``alpn``. Its session cache and ticket keys are its own, made by the reload
@@ -118,8 +111,8 @@ class ServerTls:
         taken out of the bundle) cannot be resumed after it: OpenSSL resumes from the context a
         handshake *started* on, without verifying the client's chain again, and the SNI
         callback's switch comes too late to stop that."""
-        if alpn == "h2":
-            self.h2_context()
+        if alpn not in self._serving:  # (batchgate's own gRPC engine's: made when asked)
+            self._listener_context(alpn)
         return functools.partial(self._serving.__getitem__, alpn)
 
     def _listener_context(self, alpn: str) -> ssl.SSLContext:
