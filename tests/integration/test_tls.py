@@ -458,24 +458,26 @@ def _rogue(pki: Pki, alpn: str, version: ssl.TLSVersion) -> ssl.SSLContext:
 
 
 def _rogue_visit(port: int, ctx: ssl.SSLContext, alpn: str, session=None) -> tuple:
-    """A connection of ``ctx`` (resuming ``session`` when given): (admitted, its session,
-    whether it was resumed). Admitted: an HTTP answer, or on the gRPC port the server's HTTP/2
-    SETTINGS frame."""
+    """A connection of ``ctx`` (resuming ``session`` when given): (admitted (see
+    :func:`_admitted`), its session, whether it was resumed)."""
     try:
         with (
             socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
             ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
         ):
-            if alpn == "h2":
-                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-                got = s.recv(9)
-                admitted = len(got) == 9 and got[3] == 4  # a SETTINGS frame
-            else:
-                s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                admitted = s.recv(12).startswith(b"HTTP/1.1 200")
-            return admitted, s.session, s.session_reused
+            return _admitted(s, alpn), s.session, s.session_reused
     except (OSError, ssl.SSLError):
         return False, None, False
+
+
+def _admitted(s: ssl.SSLSocket, alpn: str) -> bool:
+    """An HTTP answer, or on the gRPC port the server's HTTP/2 SETTINGS frame."""
+    if alpn == "h2":
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        got = s.recv(9)
+        return len(got) == 9 and got[3] == 4  # a SETTINGS frame
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return s.recv(12).startswith(b"HTTP/1.1 200")
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
@@ -503,6 +505,40 @@ def test_a_session_from_before_a_ca_is_pulled_is_not_resumed_after_it(
     assert wait_for(lambda: not _rogue_visit(port, _rogue(pki, alpn, version), alpn)[0])
     admitted, _, resumed = _rogue_visit(port, ctx, alpn, session)
     assert not admitted and not resumed
+
+
+@pytest.mark.parametrize("port_alpn", [("http", "http/1.1"), ("grpc", "h2")])
+def test_a_connection_accepted_before_a_reload_may_not_resume_a_session_after_it(
+    serve, demo_repo, pki, tmp_path, port_alpn
+):
+    """A connection accepted before a reload shakes hands on the context of then (chosen as it
+    is accepted), which can still resume a session of a CA the reload pulled: such a connection
+    is closed once its handshake says it resumed, and the client's next one starts afresh."""
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki.ca.pem + pki.other_ca.pem)
+    running = serve(demo_repo, **tls_flags(pki), tls_client_ca_file=str(ca), tls_poll_s=POLL_S)
+    port = running.gateway.http_port if port_alpn[0] == "http" else running.gateway.grpc_port
+    alpn = port_alpn[1]
+    ctx = _rogue(pki, alpn, ssl.TLSVersion.TLSv1_3)
+    admitted, session, _ = _rogue_visit(port, ctx, alpn)
+    assert admitted and session is not None
+    early = socket.create_connection(("127.0.0.1", port), timeout=5)  # accepted; its hello held back
+    try:
+        tmp = tmp_path / "ca.tmp"
+        tmp.write_bytes(pki.ca.pem)
+        os.replace(tmp, ca)  # the second CA pulled
+        assert wait_for(lambda: not _rogue_visit(port, _rogue(pki, alpn, ssl.TLSVersion.TLSv1_3), alpn)[0])
+        admitted, resumed = False, False
+        try:
+            with ctx.wrap_socket(early, server_hostname="localhost", session=session) as s:
+                resumed = s.session_reused  # (the server's context of then resumed it...)
+                admitted = _admitted(s, alpn)
+        except (OSError, ssl.SSLError):
+            pass
+        assert resumed  # ...so the check below is the server's closing, not a failed handshake
+        assert not admitted
+    finally:
+        early.close()
 
 
 # ---------------------------------------------------------------------------- start-up errors
