@@ -1,9 +1,10 @@
 """The dynamic batcher: requests queued for one model version join batches.
 
 Triton's semantics (``dynamic_batching`` in ``config.pbtxt``): batches up to
-``max_batch_size`` rows; a batch goes at once when it is full, meets a preferred
-size exactly, or reaches or passes the largest preferred size (cut before the
-request that would take it past that size), else when the oldest request in it has waited
+``max_batch_size`` rows; a batch goes at once when it meets a preferred size
+exactly, or reaches or passes the largest preferred size (max_batch_size when none
+is given; cut before the request that would take it past that size, even when the
+queue holds a full max_batch_size), else when the oldest request in it has waited
 ``max_queue_delay_microseconds`` (an absolute deadline on an injectable monotonic
 clock); requests whose non-batch shapes differ never share a batch; at most
 ``instances`` batches execute at once, and the next batch forms meanwhile.
@@ -421,8 +422,6 @@ class DynamicBatcher(_SchedulerBase):
         if cfg.policy == WORK_CONSERVING:
             return picked, math.inf
         rows = sum(e.rows for e in picked)
-        if rows >= cfg.max_batch_size:
-            return picked, math.inf
         oldest = min(e.request.arrival for e in picked)
         due = oldest + cfg.max_queue_delay_s
         waited = cfg.max_queue_delay_s > 0 and now >= due

@@ -383,3 +383,31 @@ def test_a_batch_at_or_past_the_largest_preferred_size_goes_without_waiting_the_
         alone = lone.result(30)
     assert first < 2.5  # cut before the request that would pass 4 rows
     assert second >= 4.0 and alone >= 4.0  # 3 rows: nothing preferred can be formed; the delay
+
+
+def test_a_queue_that_fills_max_batch_size_is_still_cut_at_the_largest_preferred_size(tmp_path, serve):
+    """As Triton's batcher walks its queue: with preferred_batch_size [4] and max_batch_size 8,
+    requests of 3, 3 and 2 rows queued behind a busy instance are not sent as one batch of 8 (a
+    size no preferred size names) because they happen to fill max_batch_size: the batch is cut
+    before the request that would take it past 4 rows, so 3, then 3, then 2."""
+    _save(
+        slow_model(width=1024, layers=384),
+        str(tmp_path),
+        "slow",
+        config="max_batch_size: 8\ndynamic_batching { preferred_batch_size: [ 4 ] }\n",
+    )
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    served = running.gateway.repository.resolve("slow", "")
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", np.ones((8, 1024), np.float32))
+        _wait(lambda: running.gateway.dataplane.in_flight == 1 and served.scheduler.queue_depth == 0, "the busy batch")
+        queued = []
+        for depth, rows in enumerate((3, 3, 2), 1):
+            x = np.ones((rows, 1024), np.float32)
+            queued.append(pool.submit(_infer, grpcclient, running.grpc_url, "slow", "input", x))
+            _wait(lambda d=depth: served.scheduler.queue_depth == d, f"{depth} queued")
+        for f in [busy, *queued]:
+            f.result(30)
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
+    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
+    assert sizes == {8: 1, 3: 2, 2: 1}, sizes
