@@ -51,6 +51,8 @@ from .types import InferRequest, InferResponse
 TRITON = "triton"
 WORK_CONSERVING = "work_conserving"
 POLICIES = (TRITON, WORK_CONSERVING)
+# The queue keeps a list per priority level and walks every level for each request.
+MAX_PRIORITY_LEVELS = 1000
 
 # What requests must share to share a batch: (input name, datatype, non-batch dims) per input.
 ShapeKey = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -112,6 +114,11 @@ class BatcherConfig:
             raise ValueError("max_batch_size must be >= 1 for dynamic batching")
         if self.policy not in POLICIES:
             raise ValueError(f"batching policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.priority_levels > MAX_PRIORITY_LEVELS:
+            raise ValueError(
+                f"dynamic_batching: priority_levels is {self.priority_levels}; at most {MAX_PRIORITY_LEVELS} "
+                "(the queue keeps and walks a list per level)"
+            )
         # (as Triton checks a config)
         if self.priority_levels and not 1 <= self.default_priority_level <= self.priority_levels:
             raise ValueError(

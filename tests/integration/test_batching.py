@@ -411,3 +411,22 @@ def test_a_queue_that_fills_max_batch_size_is_still_cut_at_the_largest_preferred
     stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
     sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
     assert sizes == {8: 1, 3: 2, 2: 1}, sizes
+
+
+def test_a_config_with_more_priority_levels_than_are_kept_is_refused_at_load(tmp_path, serve):
+    """The queue keeps a list per priority level and walks them all for each request: a config
+    asking for a million levels (or 2^40: the memory of the whole server) fails its load with
+    the reason, instead of loading a model whose every request walks a million empty lists."""
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "many",
+        config="max_batch_size: 4\ndynamic_batching { priority_levels: 1000000 default_priority_level: 1 }\n",
+    )
+    few = BATCHED.replace("{ ", "{ priority_levels: 3 default_priority_level: 2 ")
+    _save(classifier_model(), str(tmp_path), "few", config=few)
+    running = serve(str(tmp_path))
+    index = {m["name"]: m for m in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert index["few"]["state"] == "READY"
+    assert index["many"]["state"] == "UNAVAILABLE"
+    assert "priority_levels" in index["many"]["reason"] and "1000000" in index["many"]["reason"]
