@@ -430,3 +430,23 @@ def test_a_config_with_more_priority_levels_than_are_kept_is_refused_at_load(tmp
     assert index["few"]["state"] == "READY"
     assert index["many"]["state"] == "UNAVAILABLE"
     assert "priority_levels" in index["many"]["reason"] and "1000000" in index["many"]["reason"]
+
+
+def test_a_priority_queue_policy_the_batcher_does_not_act_on_is_said_at_load(tmp_path, serve, caplog):
+    """priority_queue_policy (a queue policy per level: its own max_queue_size, timeout, action)
+    is not acted on: every level takes default_queue_policy. A config relying on it for its
+    bounds is served otherwise than it says, so its load says so, as sequence_batching's does."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "levels",
+        config="max_batch_size: 4\ndynamic_batching { priority_levels: 2 default_priority_level: 2 "
+        "priority_queue_policy { key: 2 value { max_queue_size: 1 default_timeout_microseconds: 1000 } } }\n",
+    )
+    running = serve(str(tmp_path))
+    assert httpclient.InferenceServerClient(running.http_url).is_model_ready("levels")
+    said = [r.getMessage() for r in caplog.records if "priority_queue_policy" in r.getMessage()]
+    assert said and "'levels'" in said[0] and "default_queue_policy" in said[0], said
