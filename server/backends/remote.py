@@ -54,6 +54,9 @@ log = logging.getLogger("batchgate.remote")
 PLATFORM = "remote"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_EJECT_S = 60.0
+# The longest call timeout given to gRPC: gRPC core overflows a deadline past about 1e10 s from
+# now into the past (every call then fails at once, DEADLINE_EXCEEDED); 1e8 s is over 3 years.
+MAX_CALL_TIMEOUT_S = 1e8
 SAID_DOWN: dict[str, set[str]] = {}  # model -> upstreams logged "down at start", until seen up or unloaded
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
 _BREAKER_CODES = {
@@ -487,7 +490,7 @@ class RemoteV2Backend:
     ) -> list[np.ndarray]:
         """(on an executor's thread) one blocking ModelInfer before the monotonic time ``at``
         (judged here: the executor may have kept the call waiting): the outputs ``names``."""
-        timeout = at - self._clock()
+        timeout = min(MAX_CALL_TIMEOUT_S, at - self._clock())
         if timeout <= 0:
             raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded before model '{self.spec.name}' ran")
         return self._outputs(up, call(self.request(feeds, names), timeout=timeout), names)
@@ -526,7 +529,7 @@ class RemoteV2Backend:
             up = self._pick(tried)
             if up is None:
                 raise last or self.unavailable()
-            timeout = self.spec.timeout_s if deadline is None else deadline - self._clock()
+            timeout = min(MAX_CALL_TIMEOUT_S, self.spec.timeout_s if deadline is None else deadline - self._clock())
             if timeout <= 0:
                 raise GatewayError(
                     ErrorCode.DEADLINE_EXCEEDED,

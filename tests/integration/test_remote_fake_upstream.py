@@ -204,3 +204,19 @@ def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve,
     said = "answered output 'y' as INT32; its signature says FP32" if lie == "datatype" else "has 2 rows, expected 1"
     assert said in e.value.message(), e.value.message()
     np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))  # serves on
+
+
+@pytest.mark.parametrize("client", ["h2", "grpcio"])
+@pytest.mark.parametrize("path", ["raw", "decoded", "gateway"])
+def test_a_deadline_years_away_is_no_deadline_on_the_upstream_call(fake, serve, client, path):
+    """A V2 timeout of 2^63-1 microseconds (a caller's "no limit") or a timeout_s of 1e10 s is a
+    deadline centuries away: through grpc.aio it overflowed gRPC's deadline into the past, and
+    every call failed at once with DEADLINE_EXCEEDED without reaching the upstream."""
+    batching, forwarding = ("gateway", "decoded") if path == "gateway" else ("passthrough", path)
+    fast = {**FAST, "client": client}
+    spec = RemoteModel("fk", (fake.address,), batching=batching, forwarding=forwarding, timeout_s=1e10, **fast)
+    running = serve("", remote_models=(spec,))
+    for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+        want = np.full((1, 2), 4.0, np.float32)
+        np.testing.assert_array_equal(_infer(mod, url, "fk", 2.0, timeout=2**63 - 1), want)
+        np.testing.assert_array_equal(_infer(mod, url, "fk", 2.0), want)  # timeout_s, the remote model's
