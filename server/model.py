@@ -588,9 +588,9 @@ class RemoteExecution:
             answers, rows = v.answers(batch, names, arrays, types, answered)
             t3 = _perf_ns()
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
-            if v.signature.open and len(batch) > 1 and _values_may_be_at_fault(e):
-                # Nothing checked these requests' values: one caller's may have failed the batch.
-                # Each goes again alone, so only its own caller gets its error.
+            if len(batch) > 1 and _values_may_be_at_fault(e):
+                # Nothing checked these requests' values: one caller's may have failed the batch
+                # (an index past a table). Each goes again alone: only its caller gets its error.
                 alone = await asyncio.gather(*(self._run([t]) for t in batch))
                 return [answer for (answer,) in alone], (0, 0, 0, 0, 0)
             return v.failure(batch, e), (0, 0, 0, 0, 0)

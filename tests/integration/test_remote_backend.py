@@ -763,3 +763,35 @@ def test_a_model_whose_upstream_stays_down_at_start_is_logged_and_counted_once(s
     assert 'batchgate_model_load_failures_total{model="clf"} 1.0' in metrics
     upstream(_classifier_repo(tmp_path / "up"), ports=(http_port, port))
     _wait(lambda: grpcclient.InferenceServerClient(running.grpc_url).is_model_ready("clf"), "the load")
+
+
+def test_a_gateway_batch_one_callers_values_fail_upstream_fails_only_that_caller(tmp_path, serve, upstream):
+    """An index past the table fails the upstream's Gather for the whole batch the gateway sent:
+    each request goes again alone (as a local batch does, and as an open model's did), so only
+    the caller whose value failed it gets the error; the two others got INTERNAL too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
+        [table],
+    )
+    _save(_model(graph), str(tmp_path), "gather", config="max_batch_size: 8\n")
+    up = upstream(tmp_path)
+    spec = RemoteModel("rg", (up.grpc,), upstream_model="gather", max_queue_delay_us=300_000, **FAST)
+    running = serve("", remote_models=(spec,))
+
+    def call(i):
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        inp = grpcclient.InferInput("idx", [1, 1], "INT64")
+        inp.set_data_from_numpy(np.array([[i]], np.int64))
+        try:
+            return float(c.infer("rg", [inp]).as_numpy("out")[0, 0])
+        except InferenceServerException as e:
+            return _status(e)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(call, [1, 99, 2])) == [10.0, "INTERNAL", 20.0]
