@@ -6,7 +6,8 @@ exactly, or reaches or passes the largest preferred size (max_batch_size when no
 is given; cut before the request that would take it past that size, even when the
 queue holds a full max_batch_size), else when the oldest request in it has waited
 ``max_queue_delay_microseconds`` (an absolute deadline on an injectable monotonic
-clock); requests whose non-batch shapes differ never share a batch; at most
+clock), or sooner when a member's own deadline (its gRPC deadline or V2 ``timeout``) would
+otherwise pass before the batch could finish; requests whose non-batch shapes differ never share a batch; at most
 ``instances`` batches execute at once, and the next batch forms meanwhile.
 
 Beside Triton's policy, a work-conserving one: an idle instance takes whatever is
@@ -431,6 +432,8 @@ class DynamicBatcher(_SchedulerBase):
         rows = sum(e.rows for e in picked)
         oldest = min(e.request.arrival for e in picked)
         due = oldest + cfg.max_queue_delay_s
+        if self._timed:
+            due = min(due, self._latest_start(picked, rows))
         waited = cfg.max_queue_delay_s > 0 and now >= due
         cut = _cut(picked, blocked, self._preferred_set, self._largest_preferred)
         if cut and not waited:
@@ -438,6 +441,21 @@ class DynamicBatcher(_SchedulerBase):
         if cfg.max_queue_delay_s <= 0 or waited or rows >= self._largest_preferred:
             return picked, math.inf
         return None, due
+
+    def _latest_start(self, picked: list[_Entry], rows: int) -> float:
+        """When the batch must leave for its earliest deadline to be met (beyond Triton, whose
+        batch waits out the delay and lets such a member expire): that deadline less the learned
+        time of a batch this size, or, before any is learned, half the time its request was given."""
+        first = None
+        for e in picked:
+            if e.deadline is not None and (first is None or e.deadline < first.deadline):
+                first = e
+        if first is None:
+            return math.inf
+        assert first.deadline is not None
+        if self.cost.known():
+            return first.deadline - self.cost.seconds(rows)
+        return first.deadline - (first.deadline - first.request.arrival) / 2
 
     def _pump(self) -> None:
         """Expire, dispatch what is ready, and arm the timer for the next due time. An

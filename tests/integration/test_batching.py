@@ -450,3 +450,23 @@ def test_a_priority_queue_policy_the_batcher_does_not_act_on_is_said_at_load(tmp
     assert httpclient.InferenceServerClient(running.http_url).is_model_ready("levels")
     said = [r.getMessage() for r in caplog.records if "priority_queue_policy" in r.getMessage()]
     assert said and "'levels'" in said[0] and "default_queue_policy" in said[0], said
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_lone_request_given_less_time_than_the_delay_is_answered(tmp_path, serve, protocol):
+    """With max_queue_delay 2 s, a lone request whose V2 timeout is 1 s had waited the delay
+    out and expired (504 / DEADLINE_EXCEEDED every time): its batch now leaves in time."""
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "clf",
+        config="max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 2000000 }\n",
+    )
+    running = serve(str(tmp_path))
+    mod, url = (grpcclient, running.grpc_url) if protocol == "grpc" else (httpclient, running.http_url)
+    c = mod.InferenceServerClient(url)
+    x = np.ones((1, 4), np.float32)
+    inp = mod.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = c.infer("clf", [inp], timeout=1_000_000)  # microseconds: the V2 timeout parameter
+    assert out.as_numpy("probabilities").shape == (1, 3)

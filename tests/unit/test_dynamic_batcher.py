@@ -453,6 +453,55 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
     await asyncio.gather(busy, ok, *queued)
 
 
+async def test_a_batch_leaves_before_the_delay_when_a_members_deadline_would_pass():
+    """A lone request given less time than max_queue_delay had waited the delay out and expired
+    (504 every time, and never learning the cost). The batch now leaves by its earliest
+    deadline less the learned time of a batch, or half the time given before any is learned."""
+    clock, rec, b = make(max_queue_delay_s=0.100)
+    lone = go(b, rq(clock, "lone", deadline=clock.now + 0.050))
+    await settle()
+    clock.now += 0.024
+    b.tick()
+    await settle()
+    assert rec.batches == []
+    clock.now += 0.001  # half its 50 ms: nothing learned yet
+    b.tick()
+    await settle()
+    assert rec.ids() == [["lone"]]
+    clock.now += 0.010
+    rec.finish()
+    assert (await lone).id == "lone"
+    assert b.cost.seconds(1) == pytest.approx(0.010)
+    # Learned: 10 ms a row (one size seen, scaled). Two requests, the second with 40 ms: they
+    # leave together at 20 ms, 40 less the 20 ms two rows are expected to take.
+    slack = go(b, rq(clock, "slack"))
+    tight = go(b, rq(clock, "tight", deadline=clock.now + 0.040))
+    await settle()
+    clock.now += 0.019
+    b.tick()
+    await settle()
+    assert len(rec.batches) == 1
+    clock.now += 0.001
+    b.tick()
+    await settle()
+    assert rec.ids()[1] == ["tight", "slack"]  # (earlier deadlines first)
+    rec.finish()
+    await asyncio.gather(slack, tight)
+    # Without a deadline the delay is waited out as before.
+    free = go(b, rq(clock, "free"))
+    await settle()
+    clock.now += 0.099
+    b.tick()
+    await settle()
+    assert len(rec.batches) == 2
+    clock.now += 0.001
+    b.tick()
+    await settle()
+    assert rec.ids()[2] == ["free"]
+    rec.finish()
+    await free
+
+
 async def test_preserve_ordering_releases_answers_in_arrival_order():
     clock, rec, b = make(max_queue_delay_s=0.0, max_batch_size=1, instances=2, preserve_ordering=True)
     first, second = go(b, rq(clock, "first")), go(b, rq(clock, "second"))
