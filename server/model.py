@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
 from .core.batching import BatcherConfig, DynamicBatcher, check_rows, merge, split
-from .core.errors import ErrorCode, GatewayError, cancelled_code, invalid
+from .core.errors import ErrorCode, GatewayError, batch_may_go_alone, cancelled_code, invalid
 from .core.rate import LineBudget
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature, forwarded_parameters, with_parameters
@@ -435,7 +435,7 @@ class LocalExecution:
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
             if trace is not None:
                 trace.finish(0, 0, 0, 0, 0, str(e))
-            if len(batch) > 1 and (not isinstance(e, GatewayError) or _values_may_be_at_fault(e)):
+            if len(batch) > 1 and (not isinstance(e, GatewayError) or batch_may_go_alone(e)):
                 # One caller's values (text that is not UTF-8, an index the model cannot take) may
                 # have failed the merged batch: each runs again alone, so only its caller fails
                 # (said once here; one past its deadline meanwhile is answered so, not run).
@@ -483,14 +483,6 @@ def _with_parameters(done: tuple[list, int], params: Mapping[str, Mapping[str, A
         )
         for a in answers
     ], rows
-
-
-def _values_may_be_at_fault(e: Exception) -> bool:
-    """Whether a failed batch may owe its failure to one request's values (the upstream refused or
-    failed on them, or answered outputs that cannot be split), rather than to the upstream's state."""
-    if isinstance(e, GatewayError):
-        return e.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.FAILED_PRECONDITION, ErrorCode.INTERNAL)
-    return isinstance(e, ValueError)
 
 
 class RemoteExecution:
@@ -588,7 +580,7 @@ class RemoteExecution:
             answers, rows = v.answers(batch, names, arrays, types, answered)
             t3 = _perf_ns()
         except Exception as e:  # noqa: BLE001 - each caller gets the error; the model serves on
-            if len(batch) > 1 and _values_may_be_at_fault(e):
+            if len(batch) > 1 and batch_may_go_alone(e):
                 # Nothing checked these requests' values: one caller's may have failed the batch
                 # (an index past a table). Each goes again alone: only its caller gets its error.
                 alone = await asyncio.gather(*(self._run([t]) for t in batch))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -32,7 +33,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
-from ..core.errors import ErrorCode, GatewayError
+from ..core.errors import ErrorCode, GatewayError, TooLarge
 from ..core.types import BY_CONFIG, clip
 from ..monitoring.metrics import Metrics, UpstreamMetrics
 from ..monitoring.tracing import TraceHeaders
@@ -67,6 +68,9 @@ _BREAKER_CODES = {
 }
 # How gRPC core itself says that no connection could be made (the request never left). Only
 # the start of its own message counts: an upstream may answer UNAVAILABLE with any text.
+# RESOURCE_EXHAUSTED for a message's size: gRPC's "Received message larger than max (N vs. M)"
+# (the upstream's limit, or ours on its answer), the h2 client's "...answer is larger than allowed".
+_TOO_LARGE = re.compile(r"larger than (max|allowed)", re.IGNORECASE)
 _NOT_SENT = (
     "failed to connect to all addresses",
     "errors resolving",
@@ -87,7 +91,9 @@ _KEPT_CODES = {
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
+        # What is sent is bounded already: a request within max_request_bytes, or a gateway batch
+        # of such requests (one that gRPC refused for its size failed callers each of which fit).
+        ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", max_message_bytes),
         # A restarted upstream is found within a second, not after gRPC's default 2-minute backoff.
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -561,7 +567,10 @@ class RemoteV2Backend:
 
     def _translate(self, up: Upstream, e: _Status) -> GatewayError:
         code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)
-        return GatewayError(code, f"upstream {up.address} ({e.code().name}): {e.details()}")
+        message = f"upstream {up.address} ({e.code().name}): {e.details()}"
+        if code is ErrorCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(e.details() or ""):
+            return TooLarge(message)  # (an answer past our limit, or a call past the upstream's)
+        return GatewayError(code, message)
 
     # ------------------------------------------------------------------ the rest of the Backend protocol
     def providers(self) -> list[str]:

@@ -40,6 +40,30 @@ class GatewayError(Exception):
         return f"GatewayError({self.code.value}, {self.message!r})"
 
 
+class TooLarge(GatewayError):
+    """RESOURCE_EXHAUSTED because a message passed a size limit (the gateway's on an upstream's
+    answer, or the upstream's on what it was sent), not because anyone is overloaded: the
+    requests a gateway batch merged may each fit alone."""
+
+    __slots__ = ()
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.RESOURCE_EXHAUSTED, message)
+
+
+def batch_may_go_alone(e: Exception) -> bool:
+    """Whether a batch that failed may owe it to one request's values (the backend refused
+    or failed on them, or answered outputs that cannot be split) or to the batch's size, rather
+    than to the backend's state: then each of its requests goes again alone."""
+    if isinstance(e, GatewayError):
+        return isinstance(e, TooLarge) or e.code in (
+            ErrorCode.INVALID_ARGUMENT,
+            ErrorCode.FAILED_PRECONDITION,
+            ErrorCode.INTERNAL,
+        )
+    return isinstance(e, ValueError)
+
+
 class ConfigError(ValueError):
     """A setting is wrong (file, environment or flag); the message names it and says what is
     allowed. Raised by ``config.py`` at start, never for a request."""

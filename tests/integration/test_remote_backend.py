@@ -795,3 +795,38 @@ def test_a_gateway_batch_one_callers_values_fail_upstream_fails_only_that_caller
 
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(call, [1, 99, 2])) == [10.0, "INTERNAL", 20.0]
+
+
+def test_a_gateway_batch_past_a_message_size_limit_goes_again_one_request_at_a_time(tmp_path, serve, upstream):
+    """Two 600 KB requests under a 1 MB max_request_bytes, merged into one gateway batch: the
+    call past the limit (gRPC's on what is sent, or the gateway's on the 1.2 MB answer) failed
+    both callers RESOURCE_EXHAUSTED though each fits alone, and their retries failed alike.
+    Nothing sent is bounded but by the requests; an answer past the limit reruns each alone."""
+    from onnx import TensorProto, helper
+
+    width = 150_000
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+    )
+    _save(_model(graph), str(tmp_path), "big", config="max_batch_size: 8\n")
+    up = upstream(tmp_path)
+    spec = RemoteModel("rbig", (up.grpc,), upstream_model="big", max_queue_delay_us=300_000, **FAST)
+    running = serve("", remote_models=(spec,), max_request_bytes=1_000_000)
+
+    def call(i):
+        mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+        x = np.full((1, width), i, np.float32)
+        inp = mod.InferInput("x", [1, width], "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            return bool((mod.InferenceServerClient(url).infer("rbig", [inp]).as_numpy("y") == x).all())
+        except InferenceServerException as e:
+            return _status(e)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(call, [1, 2])) == [True, True]
+    stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("big")["model_stats"][0]
+    assert stats["execution_count"] == 3  # the batch of two, then each alone
