@@ -446,16 +446,16 @@ class DynamicBatcher(_SchedulerBase):
         """When the batch must leave for its earliest deadline to be met (beyond Triton, whose
         batch waits out the delay and lets such a member expire): that deadline less the learned
         time of a batch this size, or, before any is learned, half the time its request was given."""
-        first = None
+        first: _Entry | None = None
+        at = math.inf
         for e in picked:
-            if e.deadline is not None and (first is None or e.deadline < first.deadline):
-                first = e
+            if e.deadline is not None and e.deadline < at:
+                first, at = e, e.deadline
         if first is None:
             return math.inf
-        assert first.deadline is not None
         if self.cost.known():
-            return first.deadline - self.cost.seconds(rows)
-        return first.deadline - (first.deadline - first.request.arrival) / 2
+            return at - self.cost.seconds(rows)
+        return at - (at - first.request.arrival) / 2
 
     def _pump(self) -> None:
         """Expire, dispatch what is ready, and arm the timer for the next due time. An
