@@ -145,3 +145,48 @@ def test_the_slo_recording_rules_evaluate_on_real_series(recording, tmp_path):
         assert 0.0 <= share < 0.5, (r["record"], share)  # errors: the canary's INTERNAL answers; slow: none
     errors = ev.instant(next(r["expr"] for r in records if r["record"] == "batchgate:slo_errors:ratio_rate5m"))
     assert next(iter(errors.values())) > 0
+
+
+def test_the_error_rate_alert_counts_overload_refusals(tmp_path):
+    """BatchgateErrorRateHigh is "any code": a gateway refusing most requests at admission
+    (RESOURCE_EXHAUSTED, counted in batchgate_request_errors_total, never in
+    batchgate_requests_total, which counts what a model version answered) must raise it. It read
+    batchgate_requests_total alone and saw an error rate of 0 while the gateway refused 5 in 6."""
+    import socket
+
+    from helm_support import by_kind, helm_binary, render
+
+    from gateway_support import eventually, start_gateway
+
+    running = start_gateway(route_repository(str(tmp_path / "models")), max_inflight_requests=1)
+    try:
+        rec = Recording()
+
+        def scrape() -> None:
+            rec.add(time.time(), [(TARGET, urllib.request.urlopen(running.metrics_url, timeout=10).read().decode())])
+
+        def overload(refused: int) -> None:
+            host, port = running.http_url.split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as held:  # admitted, its body never sent
+                held.sendall(b"POST /v2/models/clf_a/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                eventually(lambda: running.gateway.dataplane.admission.inflight == 1, "a request held")
+                for _ in range(refused):
+                    with pytest.raises(Exception, match="max_inflight_requests"):
+                        infer_grpc(running.grpc_url, "clf_a", FEATURES)
+            eventually(lambda: running.gateway.dataplane.admission.inflight == 0, "the held request gone")
+            infer_grpc(running.grpc_url, "clf_a", FEATURES)
+
+        overload(1)  # (every series present at the first scrape: a rate needs two)
+        time.sleep(0.2)
+        scrape()
+        overload(5)
+        time.sleep(0.2)
+        scrape()
+    finally:
+        running.stop()
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({}))
+    groups = by_kind(render(helm_binary(), values))["PrometheusRule"][0]["spec"]["groups"]
+    rule = next(r for g in groups for r in g["rules"] if r.get("alert") == "BatchgateErrorRateHigh")
+    got = Evaluator(rec).instant(rule["expr"])
+    assert got and next(iter(got.values())) > 0.5, (rule["expr"], got)
