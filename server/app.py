@@ -159,7 +159,7 @@ class Gateway:
             keys.on_removed = self.dataplane.shm.drop_owners
         # the owner of front mode listens only on a Unix socket in the supervisor's private folder
         self.dataplane.weighs_calls = self.grpc_address.startswith("unix:")
-        self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms / 1000)
+        self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms)
         try:
             self.access_log = open_access_log(settings.observability, logs.worker_name())
             self.tracing = open_tracing(settings.observability, logs.worker_name())

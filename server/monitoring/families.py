@@ -10,6 +10,7 @@ a breaking change. Per-model families carry ``model`` and ``version``; request f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 # The process's stalls (monitoring/runtime.py): from 100 µs (a young generation's collection; the
 # loop's timer resolves about a millisecond) to seconds.
@@ -37,10 +38,13 @@ LATENCY_BUCKETS_S = (
 )
 
 
-def latency_buckets(slo_s: float = 0.0) -> tuple[float, ...]:
-    """The request-duration buckets, with ``slo_s`` among them when it is not 0: a latency SLO's
-    threshold must be a bucket boundary (the share of requests under it is that bucket over
-    the count), so setting ``observability.latency_slo_ms`` adds it."""
+def latency_buckets(slo_ms: float = 0.0) -> tuple[float, ...]:
+    """The request-duration buckets, with the threshold ``slo_ms`` among them when it is not 0: a
+    latency SLO's threshold must be a bucket boundary (the share of requests under it is that
+    bucket over the count), so setting ``observability.latency_slo_ms`` adds it. In seconds as a
+    decimal shift, not a float division: the chart's rule asks for le="0.0131" of 13.1 ms, and
+    13.1 / 1000 is 0.013099999999999999."""
+    slo_s = float(Decimal(repr(float(slo_ms))).scaleb(-3))
     if not slo_s or slo_s in LATENCY_BUCKETS_S:
         return LATENCY_BUCKETS_S
     return tuple(sorted((*LATENCY_BUCKETS_S, slo_s)))
