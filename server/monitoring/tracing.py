@@ -68,6 +68,21 @@ def trace_headers(span: Any) -> TraceHeaders:
     return (parent, ("tracestate", state.to_header())) if state else (parent,)
 
 
+def passed_on(span: Any, traceparent: str | None, tracestate: str | None) -> TraceHeaders | None:
+    """What a call sent on for a request carries of its trace: its span's context when it is
+    traced; else the caller's own, as it came (valid only), so that an untraced request (tracing
+    off, the caller's flag 00, past trace_max_per_s) neither cuts the caller's trace at the hop
+    nor lets the upstream start one of its own."""
+    if span is not None:
+        return trace_headers(span)
+    if not valid_traceparent(traceparent)[0]:
+        return None
+    assert traceparent is not None
+    if tracestate and len(tracestate) <= MAX_TRACESTATE:
+        return (("traceparent", traceparent), ("tracestate", tracestate))
+    return (("traceparent", traceparent),)
+
+
 def valid_traceparent(value: str | None) -> tuple[bool, bool]:
     """(valid, sampled) of a W3C traceparent header: version 00 exactly; a later version read by
     its first 55 characters, as the specification asks (then a dash or the end); version ff and

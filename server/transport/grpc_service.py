@@ -34,7 +34,7 @@ from ..core.types import (
 )
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
-from ..monitoring.tracing import trace_headers
+from ..monitoring.tracing import passed_on
 from ..security.access import OPEN_CALLER, Caller, credentials
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
@@ -422,7 +422,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         raw,
                         request,
                         context.time_remaining(),
-                        trace_headers(note.span) if note is not None and note.span is not None else None,
+                        passed_on(note and note.span, _find(md, "traceparent"), _find(md, "tracestate")),
                     )
                 )
                 if forwarded is not None:  # a remote model's request, sent on as it came

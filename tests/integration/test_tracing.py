@@ -158,6 +158,33 @@ def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver, batc
     assert up_root.trace_state == "congo=t61rcWk"  # the caller's tracestate went on with it (W3C)
 
 
+@pytest.mark.parametrize("front", ["tracing off", "not sampled"])
+def test_a_request_the_gateway_does_not_trace_carries_its_callers_context_across_the_hop(repo, serve, receiver, front):
+    """Forwarded raw to a remote model, a request the gateway does not trace (tracing off, or the
+    caller's flag 00) goes with the caller's traceparent and tracestate as they came: the upstream
+    then follows the caller's trace and decision. It went with none, so the upstream started a
+    trace of its own: a new trace id for a sampled caller, a traced request the caller said not to."""
+    upstream = _traced(serve, repo, receiver, service_name="upstream")
+    ours = {"tracing": "otlp", "otlp_endpoint": receiver.endpoint, "trace_sample_ratio": 0.0}
+    gateway = serve(
+        "",
+        remote_models=(RemoteModel("clf", (upstream.grpc_url,), batching="passthrough"),),
+        **(ours if front == "not sampled" else {}),
+    )
+    flag = "01" if front == "tracing off" else "00"
+    _infer("grpc", gateway, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-{flag}", "tracestate": "congo=t61rcWk"})
+    if flag == "00":
+        _infer("grpc", upstream)  # (a root at ratio 1: once it is exported, so would the other be)
+        spans = receiver.wait(lambda s: len(s) >= 3)
+        time.sleep(1.5)  # (the batch processor exports every second)
+        assert TRACE_ID not in {s.trace_id for s in receiver.spans}
+        assert len(receiver.spans) == 3, [(s.name, s.trace_id) for s in receiver.spans]
+        return
+    spans = receiver.wait(lambda s: len(s) >= 3)
+    root = next(s for s in spans if s.name == "InferRequest")
+    assert (root.trace_id, root.parent_id, root.trace_state) == (TRACE_ID, PARENT, "congo=t61rcWk")
+
+
 @pytest.mark.parametrize("otlp", ["http/protobuf", "grpc"])
 def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve, otlp, caplog):
     import socket
