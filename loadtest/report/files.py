@@ -4,6 +4,7 @@ distributions, and ``write_all``, which writes every file and plot at once."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -286,9 +287,23 @@ def write_intervals(run: Run, path_prefix) -> list[str]:
         for which, suffix in (("corrected", ".hgrm"), ("uncorrected", ".uncorrected.hgrm")):
             path = stem + suffix
             with open(path, "wb") as f:
-                s.hist(which).output_percentile_distribution(f, 1000.0)
+                f.write(_hgrm_ms(s.hist(which)))
             written.append(path)
     return written
+
+
+def _hgrm_ms(h) -> bytes:
+    """``h``'s percentile distribution in ms. hdrh scales every figure of its footer but the
+    standard deviation, which it writes in µs beside a mean in ms: that one is put right."""
+    out = io.BytesIO()
+    h.output_percentile_distribution(out, 1000.0)
+    digits = h.significant_figures
+    return re.sub(
+        rb"(StdDeviation   = )( *[0-9.]+)",
+        lambda m: m.group(1) + b"%12.*f" % (digits, h.get_stddev() / 1000.0),
+        out.getvalue(),
+        count=1,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 from hdrh.log import HistogramLogReader
@@ -352,6 +353,9 @@ def test_intervals_read_back(tmp_path):
         hgrm = f.read()
     assert "Percentile" in hgrm and "TotalCount     =     3000" in hgrm
     assert "#[Max     =        2.000" in hgrm  # ms, not µs
+    # the standard deviation too (hdrh writes it unscaled: it read 500.250, in µs, beside ms)
+    stddev = float(re.search(r"StdDeviation   = +([0-9.]+)", hgrm).group(1))
+    assert stddev == pytest.approx(run.steps[0].hist("corrected").get_stddev() / 1000, abs=1e-3)
     assert paths[2].endswith("run-r100.uncorrected.hgrm")
 
     # the dead step still gets files: an hlog of empty intervals and an empty distribution
