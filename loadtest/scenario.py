@@ -123,6 +123,15 @@ class Scenario:
             raise LoadTestError("grpc-stream needs protocol grpc")
         if self.metrics_url:
             check_metrics_url(self.metrics_url)
+        if self.search == "binary" and not self.sweep_rate:
+            raise LoadTestError("search binary bisects a sweep-rate LOW:HIGH: give sweep-rate too")
+        if self.precision and self.search != "binary":
+            raise LoadTestError("precision is where a binary search stops: it needs search binary and a sweep-rate")
+        if self.sweep_rate and (self.sweep_concurrency or self.mode == "closed"):
+            raise LoadTestError(
+                "sweep-rate is an open-loop sweep: it cannot be combined with "
+                + ("sweep-concurrency" if self.sweep_concurrency else "concurrency (a closed loop)")
+            )
         if shaped(self) and (self.sweep_rate or self.sweep_concurrency):
             what = "sweep-rate" if self.sweep_rate else "sweep-concurrency"
             raise LoadTestError(

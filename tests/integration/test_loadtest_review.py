@@ -53,6 +53,12 @@ def test_a_shape_is_labelled_and_offered_as_its_schedule(tmp_path, testserver): 
         (["--metrics-url", "http:///metrics"], ["metrics-url must be"]),
         (["--metrics-url", "ftp://bob:s3cret@host/m"], ["metrics-url must be", "'ftp://bob:***@host/m'"]),
         (["--metrics-url", "http://[::1/m"], ["metrics-url must be", "'http://[::1/m'"]),  # was a traceback
+        # settings another one made meaningless: each was ignored without a word (one step at
+        # --rate for a "binary search", an open-loop sweep for a closed loop)
+        (["--search", "binary"], ["search binary", "sweep-rate"]),
+        (["--sweep-rate", "10,20", "--precision", "5"], ["precision", "search binary"]),
+        (["--sweep-rate", "10,20", "--concurrency", "4"], ["sweep-rate", "concurrency"]),
+        (["--sweep-rate", "10,20", "--sweep-concurrency", "1,2"], ["sweep-rate", "sweep-concurrency"]),
     ],
 )
 def test_bad_settings_are_refused_with_one_line_and_exit_2(tmp_path, extra, words):
