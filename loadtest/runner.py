@@ -287,15 +287,8 @@ class Runner:
         if t["sent"] == 0:
             step.valid = False
             step.problems.append("no request was sent")
-        ws = step.measured()
-        if len(ws) >= 3:
-            tail = ws[-3:]
-            tput = [w.ok / w.seconds for w in tail]
-            tail_p99 = [percentiles_ms(w.corrected)["p99"] or 0.0 for w in tail]
-            spread = {
-                k: (max(v) - min(v)) / max(v) * 100 if max(v) > 0 else 0.0
-                for k, v in (("throughput", tput), ("p99", tail_p99))
-            }
+        spread = stability_spread(step.measured(), sc.window_s)
+        if spread is not None:
             step.stable = all(s <= sc.stability_pct for s in spread.values())
             step.stability.update({f"{k}_spread_pct": v for k, v in spread.items()})
         if sc.slo_p99_ms is not None or sc.error_budget is not None:
@@ -438,6 +431,21 @@ class Runner:
             self._sweep_step(run, f"concurrency {c} (closed loop)", "closed", concurrency=c)
         best = best_closed_step(run.steps, s_slo(sc))
         run.sweep["best"] = best.label if best is not None else None
+
+
+def stability_spread(ws: list[Window], window_s: float) -> dict[str, float] | None:
+    """How far apart (% of the largest) the throughput and the p99 of the last 3 whole windows
+    are; None with fewer. A last window the duration cuts short (2.05 s in windows of 0.5 s) is
+    left out: a few requests in it would make every step read unstable."""
+    whole = [w for w in ws if w.seconds >= window_s * 0.999]
+    if len(whole) < 3:
+        return None
+    tail = whole[-3:]
+    tput = [w.ok / w.seconds for w in tail]
+    tail_p99 = [percentiles_ms(w.corrected)["p99"] or 0.0 for w in tail]
+    return {
+        k: (max(v) - min(v)) / max(v) * 100 if max(v) > 0 else 0.0 for k, v in (("throughput", tput), ("p99", tail_p99))
+    }
 
 
 def best_closed_step(steps: list[Step], slo: bool) -> Step | None:

@@ -263,3 +263,22 @@ def test_an_invalid_step_says_what_to_change(settings, behind, lag, cores, cpus,
 def test_settings_out_of_range_are_refused_naming_the_flag(given, words):
     with pytest.raises(LoadTestError, match=words):
         Scenario("h:1", "m", **given).check()
+
+
+def test_stability_leaves_out_a_last_window_the_duration_cuts_short():
+    """--duration 2.05 --window 0.5: the last window is 2.0-2.05 s, with a few requests; its
+    throughput spread was always near 100%, so every step on any server read unstable."""
+    from batchgate.loadtest.runner import stability_spread
+
+    def window(i, start, end, ok):
+        w = Window(i, start, end, "measure", 100.0, sent=ok, ok=ok)
+        for _ in range(ok):
+            w.corrected.record_value(5000)
+        return w
+
+    ws = [window(i, i * 0.5, (i + 1) * 0.5, 50) for i in range(4)] + [window(4, 2.0, 2.05, 1)]
+    spread = stability_spread(ws, 0.5)
+    assert spread is not None and spread["throughput"] < 1 and spread["p99"] < 1
+    assert stability_spread(ws[3:], 0.5) is None  # one whole window: too few to judge
+    uneven = [window(0, 0.0, 0.5, 50), window(1, 0.5, 1.0, 50), window(2, 1.0, 1.5, 10)]
+    assert stability_spread(uneven, 0.5)["throughput"] == pytest.approx(80)
