@@ -68,6 +68,25 @@ def trace_headers(span: Any) -> TraceHeaders:
     return (parent, ("tracestate", state.to_header())) if state else (parent,)
 
 
+def trace_context(
+    pairs, parent_key: Any = "traceparent", state_key: Any = "tracestate"
+) -> tuple[str | None, str | None]:
+    """A request's ``traceparent`` and ``tracestate`` from its header or metadata ``pairs``
+    (bytes or text), as W3C Trace Context reads them: more than one traceparent is none (the
+    trace starts afresh, as the specification's test suite expects), and several tracestate
+    headers are one list, joined by commas."""
+    parent = state = None
+    parents = 0
+    for k, v in pairs:
+        if k == parent_key:
+            parents += 1
+            parent = v if isinstance(v, str) else v.decode("latin-1")
+        elif k == state_key:
+            text = v if isinstance(v, str) else v.decode("latin-1")
+            state = text if state is None else f"{state},{text}"
+    return (parent if parents == 1 else None), state
+
+
 def passed_on(span: Any, traceparent: str | None, tracestate: str | None) -> TraceHeaders | None:
     """What a call sent on for a request carries of its trace: its span's context when it is
     traced; else the caller's own, as it came (valid only), so that an untraced request (tracing

@@ -34,7 +34,7 @@ from ..core.types import (
 )
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
-from ..monitoring.tracing import passed_on
+from ..monitoring.tracing import passed_on, trace_context
 from ..security.access import OPEN_CALLER, Caller, credentials
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
@@ -391,7 +391,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """Start the request's span when it is traced (``md``: the call's metadata pairs)."""
         tracing = self.dp.tracing
         assert tracing is not None
-        note.span = tracing.begin(note.model, _find(md, "traceparent"), _find(md, "tracestate"), "grpc", note.start)
+        note.span = tracing.begin(note.model, *trace_context(md), "grpc", note.start)
         if note.span is not None:
             note.tracing = tracing
 
@@ -422,7 +422,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         raw,
                         request,
                         context.time_remaining(),
-                        passed_on(note and note.span, _find(md, "traceparent"), _find(md, "tracestate")),
+                        passed_on(note and note.span, *trace_context(md)),
                     )
                 )
                 if forwarded is not None:  # a remote model's request, sent on as it came

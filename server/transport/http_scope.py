@@ -9,6 +9,7 @@ import base64
 import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
+from ..monitoring.tracing import trace_context
 from ..security.access import Caller, credentials
 from ..security.tls import http_peer_subject
 
@@ -34,15 +35,9 @@ def header(scope, name: str) -> str | None:
 
 
 def trace_headers(scope) -> tuple[str | None, str | None]:
-    """The request's ``traceparent`` and ``tracestate`` (None when absent), in one pass."""
-    parent = state = None
-    for k, v in scope["headers"]:
-        if k == b"traceparent":
-            if parent is None:
-                parent = v.decode("latin-1")
-        elif k == b"tracestate" and state is None:
-            state = v.decode("latin-1")
-    return parent, state
+    """The request's ``traceparent`` and ``tracestate`` (None when absent), in one pass (see
+    :func:`tracing.trace_context`)."""
+    return trace_context(scope["headers"], b"traceparent", b"tracestate")
 
 
 def file_bytes(key: str, value) -> bytes:

@@ -105,6 +105,42 @@ def test_an_incoming_context_is_honoured_with_its_sampled_flag(repo, serve, rece
     assert root.parent_id == PARENT
 
 
+def test_two_traceparent_headers_start_a_trace_of_their_own(repo, serve, receiver):
+    """W3C Trace Context: a request with more than one traceparent has none that counts (its
+    test suite expects a new trace id). The first had been taken. (Over HTTP: grpcio keeps one
+    value of a repeated metadata key, so only a client of its own could send gRPC two; the
+    gRPC path reads its metadata with the same trace_context, unit-tested below.)"""
+    import http.client
+
+    running = _traced(serve, repo, receiver)
+    other = "0af7651916cd43dd8448eb211c80319c"
+    body = json.dumps(
+        {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": X.ravel().tolist()}]}
+    ).encode()
+    conn = http.client.HTTPConnection(*running.http_url.split(":"))
+    conn.putrequest("POST", "/v2/models/clf/infer")
+    for p in (f"00-{TRACE_ID}-{PARENT}-01", f"00-{other}-{PARENT}-01"):
+        conn.putheader("traceparent", p)
+    conn.putheader("content-type", "application/json")
+    conn.putheader("content-length", str(len(body)))
+    conn.endheaders(body)
+    assert conn.getresponse().status == 200
+    conn.close()
+    spans = receiver.wait(lambda s: any(x.name == "InferRequest" for x in s))
+    root = next(s for s in spans if s.name == "InferRequest")
+    assert root.trace_id not in (TRACE_ID, other) and root.parent_id == ""
+
+
+def test_trace_context_joins_tracestate_headers_and_takes_no_duplicated_traceparent():
+    from batchgate.monitoring.tracing import trace_context
+
+    one = f"00-{TRACE_ID}-{PARENT}-01"
+    assert trace_context([("traceparent", one), ("tracestate", "a=1"), ("tracestate", "b=2")]) == (one, "a=1,b=2")
+    assert trace_context([(b"traceparent", one.encode())], b"traceparent", b"tracestate") == (one, None)
+    assert trace_context([("traceparent", one), ("traceparent", one)]) == (None, None)
+    assert trace_context([]) == (None, None)
+
+
 def test_a_batch_execution_links_every_request_it_served(repo, serve, receiver):
     running = _traced(serve, repo, receiver)
     threads = [threading.Thread(target=_infer, args=("grpc", running)) for _ in range(6)]
