@@ -145,15 +145,6 @@ def add_to_server(service: InferenceService, server) -> None:
         refusers["/" + MODEL_INFER] = service.quick_refusal
 
 
-class _StreamEnd:
-    """Put after the last request of a stream is read: how many answers the stream owes."""
-
-    __slots__ = ("count",)
-
-    def __init__(self, count: int):
-        self.count = count
-
-
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, max_stream_inflight: int = 64):
         self.dp = dataplane
@@ -466,8 +457,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await _abort(context, error)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Answer each request of the stream as soon as it is done (not necessarily in order);
-        a bad request gets ``error_message`` and the stream goes on.
+        """Answer each request of the stream in the order the requests came, as Triton answers a
+        non-decoupled model's; a bad request gets ``error_message`` and the stream goes on.
 
         At most ``max_stream_inflight`` requests of one stream are read and not yet answered
         on the wire: past that the next one is not read until an answer has been written, so
@@ -502,7 +493,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "OK"
             self._noted(note, status, context, method, lambda: ident)
 
-        async def one(msg, note: Note | None):
+        async def one(msg, note: Note | None, seq: int):
             try:
                 served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
                 if note is not None and note.span is not None:
@@ -522,7 +513,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     note.answer, note.version = answer, resp.model_version
                     if resp.parameters:
                         note.variant = str(resp.parameters.get("variant", ""))
-                await out.put(pb.ModelStreamInferResponse(infer_response=answer))
+                out.put_nowait((seq, pb.ModelStreamInferResponse(infer_response=answer)))
             except Exception as e:  # every request on the stream gets an answer, whatever went wrong
                 if not isinstance(e, GatewayError):
                     log.exception("stream request to model '%s' failed", msg.model_name[:128])
@@ -532,13 +523,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 rid = _request_id(msg, headers)
                 self.dp.count_error("grpc", e)
                 self.dp.log_failure("grpc", msg.model_name, rid, e)
-                # Answers may come out of order, and tritonclient hands a stream error to the
-                # caller without the response's id: the message itself names the request.
+                # tritonclient hands a stream error to the caller without the response's id: name it.
                 text = e.message
                 if rid and not text.startswith("[request id: "):
                     text = f"[request id: {rid[:128]}] {text}"
                 head = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=rid)
-                await out.put(pb.ModelStreamInferResponse(error_message=text, infer_response=head))
+                out.put_nowait((seq, pb.ModelStreamInferResponse(error_message=text, infer_response=head)))
 
         async def reader():
             # Each request read puts exactly one answer on ``out`` (see ``one``); the count read,
@@ -562,14 +552,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         msg = _parse(raw)
                     except GatewayError as e:  # framing is intact: answer this one, read on
                         self.dp.count_error("grpc", e)
-                        out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message))
+                        out.put_nowait((count - 1, pb.ModelStreamInferResponse(error_message=e.message)))
                         if note is not None:
                             note.error = e.code.value
                             self._noted(note, GRPC_STATUS[e.code].name, context, method, lambda: ident)
                         continue
                     if note is not None:
                         self._observe(note, msg, headers, md)
-                    t = asyncio.ensure_future(one(msg, note))
+                    t = asyncio.ensure_future(one(msg, note, count - 1))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
                     if note is not None:
@@ -577,19 +567,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as e:  # the client's side of the stream broke: answer what was read, then fail
                 read_error.append(e)
             finally:
-                out.put_nowait(_StreamEnd(count))
+                out.put_nowait((count, None))  # the end: how many answers the stream owes
 
         read_task = asyncio.ensure_future(reader())
         try:
-            answered, expected = 0, None
+            answered, expected, done = 0, None, {}  # done: answers waiting for an earlier request's
             while expected is None or answered < expected:
-                item = await out.get()
-                if isinstance(item, _StreamEnd):
-                    expected = item.count
+                seq, item = await out.get()
+                if item is None:
+                    expected = seq
                     continue
-                yield item  # returns once the answer is handed to gRPC, flow control permitting
-                slots.release()
-                answered += 1
+                done[seq] = item
+                while answered in done:
+                    yield done.pop(answered)  # returns once handed to gRPC, flow control permitting
+                    slots.release()
+                    answered += 1
             if read_error:
                 log.warning("gRPC stream ended by a read error: %s", read_error[0])
                 why = f"the request stream could not be read: {read_error[0]}"

@@ -8,7 +8,7 @@ server's text in ``InferenceServerException.message()`` on both protocols (the s
 goes to ``status()`` and only ``str()`` adds it as a prefix), so messages are compared
 as they are. A stream answers a failed request with ``error_message`` and no status;
 the gateway starts that text with ``[request id: <id>] `` when the request has an id
-(answers may come out of order), naming it once: that prefix is the only difference.
+(tritonclient hands it on without the answer's id), naming it once: that prefix is the only difference.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def over_stream(running, spec: Spec) -> Outcome:
 
 def stream_text(message: str, rid: str) -> str:
     """What a stream's in-band error must say: the unary text, naming the request exactly once
-    (answers on a stream may come out of order, so the text carries the id)."""
+    (tritonclient hands a stream error on without the answer's id, so the text carries it)."""
     if not rid or message.startswith(f"[request id: {rid}] "):
         return message
     return f"[request id: {rid}] {message}"

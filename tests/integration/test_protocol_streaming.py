@@ -258,3 +258,33 @@ def test_enable_empty_final_response_marks_each_answer_final(server):
     finally:
         client.stop_stream()
         client.close()
+
+
+def test_stream_answers_come_back_in_request_order(server):
+    """Triton writes a non-decoupled model's answers on a stream in the order the requests came
+    (its stream handler queues each request for its response, errors included): a later request
+    that finishes first, or fails at once, waits for the ones before it."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    heavy = grpcclient.InferInput("input", [64, 256], "FP32")
+    heavy.set_data_from_numpy(np.ones((64, 256), np.float32))
+    sent = ["slow0", "slow1", "ghost", "quick", "bad", "slow2", "quick2"]
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for rid in sent:
+            if rid.startswith("slow"):
+                client.async_stream_infer("mlp", [heavy], request_id=rid)
+            elif rid == "ghost":  # refused before anything runs
+                client.async_stream_infer("no_such_model", simple_inputs(grpcclient, simple_feeds(1)), request_id=rid)
+            else:
+                feeds = bad_feeds() if rid == "bad" else simple_feeds(1)
+                client.async_stream_infer("simple", simple_inputs(grpcclient, feeds), request_id=rid)
+        got = []
+        for _ in sent:
+            result, error = answers.get(timeout=20)
+            # (an error names its request: "[request id: bad] ...")
+            got.append(result.get_response().id if error is None else error.message()[13:].split("]")[0])
+        assert got == sent
+    finally:
+        client.stop_stream()
+        client.close()
