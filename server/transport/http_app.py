@@ -283,9 +283,10 @@ class HttpApp:
             if not isinstance(obj, dict):
                 raise invalid("request body must be a JSON object")
             if m.group(2) == "index":
-                return await self._json(
-                    send, self.dp.repository_index(bool(obj.get("ready", False)), self._caller(scope))
-                )
+                ready = obj.get("ready", False)
+                if type(ready) is not bool:  # (as Triton: bool("false") is true)
+                    raise invalid("'ready' must be true or false")
+                return await self._json(send, self.dp.repository_index(ready, self._caller(scope)))
             model, action = m.group(3), m.group(4)
             params = obj.get("parameters", {})
             if not isinstance(params, dict):

@@ -185,6 +185,24 @@ def test_http_load_parameters_must_be_an_object(serve, repo_copy):
         assert e.value.code == 400 and "'parameters' must be an object" in e.value.read().decode()
 
 
+def test_http_index_ready_must_be_true_or_false(serve, repo_copy):
+    """Triton reads the index request's ``ready`` as a JSON boolean and refuses anything else;
+    ``bool()`` of it took ``"false"`` (and ``"no"``, ``1``) for true and answered the ready-only
+    listing, the opposite of what was asked."""
+    import urllib.error
+    import urllib.request
+
+    running = serve(repo_copy, model_control_mode="explicit", load_model=("simple",), **QUICK)
+    url = f"http://{running.http_url}/v2/repository/index"
+    for body in (b'{"ready": "false"}', b'{"ready": 1}', b'{"ready": null}'):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10)
+        assert e.value.code == 400 and "'ready' must be true or false" in e.value.read().decode(), body
+    for body, listed in ((b'{"ready": false}', True), (b'{"ready": true}', False), (b"", True)):
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as r:
+            assert any(row["name"] == "classifier" for row in json.loads(r.read())) is listed, body
+
+
 async def test_load_unknown_model(explicit):
     with pytest.raises(InferenceServerException) as info:
         await explicit.call("load_model", "no_such_model")
