@@ -450,7 +450,13 @@ def _to_json(t: Tensor) -> object:  # what orjson writes as the JSON list
     if t.datatype in _NUMPY_JSON and arr.dtype == DATATYPES[t.datatype].np_dtype.newbyteorder("="):
         return np.ascontiguousarray(arr)
     if t.datatype == "BYTES":
-        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr]
+        try:
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr]
+        except UnicodeDecodeError:  # (a remote model's answer, say): never altered, as "replace" had
+            raise invalid(
+                f"output '{clip(t.name)}' holds bytes that are not UTF-8 text, which JSON cannot carry "
+                "unchanged; ask for it with binary_data"
+            ) from None
     return arr.tolist()
 
 

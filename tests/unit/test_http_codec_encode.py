@@ -132,3 +132,18 @@ def test_fp16_output(binary):
     got = parse(body, header_length=n).as_numpy("h")
     assert got.dtype == np.float16
     assert got.tolist() == [0.5, -2.0, 65504.0]
+
+
+def test_bytes_that_are_not_utf8_are_refused_as_json_and_sent_whole_as_binary():
+    """A BYTES output holding b'\\xff\\xfe' (an upstream's answer) was written to JSON as two
+    U+FFFD characters, 200 OK: the caller got other data than the model's."""
+    from batchgate.core.errors import ErrorCode, GatewayError
+
+    outs = [("out", "BYTES", np.array([b"\xff\xfe", b"ok"], dtype=object))]
+    with pytest.raises(GatewayError) as e:
+        encode_response(resp(*outs), rq())
+    assert e.value.code is ErrorCode.INVALID_ARGUMENT and "'out'" in e.value.message
+    assert "binary_data" in e.value.message
+    body, json_len = encode_response(resp(*outs), rq({"out": True}))
+    got = parse(body, header_length=json_len).as_numpy("out")
+    assert got.tolist() == [b"\xff\xfe", b"ok"]
