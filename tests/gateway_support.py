@@ -134,3 +134,22 @@ def judge_while_half_written(path, half: str, full: str, poll_s: float, check, g
             f.write(full[len(half) :])
         time.sleep(2.5 * poll_s)  # the full file applied before the next round
     assert judged >= rounds, "the test machine was too slow to judge an answer"
+
+
+def gather_model():
+    """INT64 idx [-1, 1] -> FP32 [-1, 1] = table[idx] (0, 10, ..., 90): an index past the table
+    fails at run time, a failure one request's values cause (for the batch-rerun tests)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchgate.demo import _model
+
+    table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
+        [table],
+    )
+    return _model(graph)

@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
+from gateway_support import gather_model
 
 BATCHED = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 2000 }\n"
 
@@ -107,25 +108,8 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(tmp_path
     assert stats["inference_stats"]["fail"]["count"] == 1
 
 
-def _gather_model():
-    """INT64 idx [-1, 1] -> FP32 [-1, 1] = table[idx]; an index past the table fails at run time."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")
-    g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)],
-        "gather",
-        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
-        [table],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
-
-
 def test_a_failing_execution_fails_only_its_batch_and_the_model_serves_on(tmp_path, serve):
-    _save(_gather_model(), str(tmp_path), "gather", config="max_batch_size: 8\ndynamic_batching { }\n")
+    _save(gather_model(), str(tmp_path), "gather", config="max_batch_size: 8\ndynamic_batching { }\n")
     _save(slow_model(width=1024, layers=192), str(tmp_path), "slow", config="max_batch_size: 64\n")
     running = serve(str(tmp_path), inline_execution_max_us=0)
 

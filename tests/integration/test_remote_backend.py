@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
 from batchgate.demo import _model, _save, classifier_model, identity_model, slow_model
+from gateway_support import gather_model
 from processes import Proc, free_port
 
 CLASSIFIER = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
@@ -769,17 +770,7 @@ def test_a_gateway_batch_one_callers_values_fail_upstream_fails_only_that_caller
     """An index past the table fails the upstream's Gather for the whole batch the gateway sent:
     each request goes again alone (as a local batch does, and as an open model's did), so only
     the caller whose value failed it gets the error; the two others got INTERNAL too."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "idx"], ["out"], axis=0)],
-        "gather",
-        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
-        [table],
-    )
-    _save(_model(graph), str(tmp_path), "gather", config="max_batch_size: 8\n")
+    _save(gather_model(), str(tmp_path), "gather", config="max_batch_size: 8\n")
     up = upstream(tmp_path)
     spec = RemoteModel("rg", (up.grpc,), upstream_model="gather", max_queue_delay_us=300_000, **FAST)
     running = serve("", remote_models=(spec,))
