@@ -138,11 +138,14 @@ class PodControl:
         content (SHA-256 of each file), so a folder rewritten with the same bytes (git-sync, a
         re-download) is no change. At the pod's start (the workers' first lives, reading the
         folders together) the files are only noted, once, on a thread: no worker waits for it.
-        ``poll`` mode rescans such changes itself."""
+        ``poll`` mode rescans such changes itself (only a model missing is refused: ``_same_models``)."""
         repo = self.settings.repository
-        if repo.model_control_mode == "poll" or not repo.model_repository or slot.channel is None:
+        if not repo.model_repository or slot.channel is None:
             return
         served = set(await slot.channel.call("models"))
+        if repo.model_control_mode == "poll":
+            await self._same_models(slot, served)
+            return
         if not slot.restarts:
             for name in served - set(self._files):
                 self._remember_files(name, None)
@@ -178,6 +181,26 @@ class PodControl:
                 else "restart the pod (model_control_mode none: the pod reads model files once)"
             )
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{name[:128]}': {why}, so it does not join: {remedy}")
+
+    async def _same_models(self, slot: Slot, served: set[str]) -> None:
+        """``poll`` mode: a restarted worker that could not load a repository model the workers
+        beside it serve (its files broken since: the rescan kept the old version everywhere) is
+        refused like in the other modes; the rescan after the files are mended loads them."""
+        if not slot.restarts:
+            return
+        theirs: set[str] = set()
+        for s in self._members():
+            if s is not slot and s.channel is not None:
+                with contextlib.suppress(GatewayError, TimeoutError):
+                    theirs |= set(await s.channel.call("models", timeout=10))
+        root = self.settings.repository.model_repository
+        for name in sorted(theirs - served):
+            if await asyncio.to_thread(os.path.isdir, os.path.join(root, name)):  # (not a remote model)
+                raise GatewayError(
+                    ErrorCode.UNAVAILABLE,
+                    f"model '{name[:128]}': it could not load the model, which the workers beside it serve, "
+                    "so it does not join: mend its files (the next rescan loads them on every worker)",
+                )
 
     def _members(self, fronts: bool = False) -> list[Slot]:
         """The processes that hold the models (the owner in front mode), or with ``fronts`` those

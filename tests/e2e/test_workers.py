@@ -171,6 +171,31 @@ def test_a_worker_that_cannot_load_a_model_the_pod_serves_does_not_listen(tmp_pa
         p.kill()
 
 
+def test_poll_mode_a_restarted_worker_that_cannot_load_a_model_the_others_serve_does_not_listen(tmp_path):
+    """poll: a model file broken on disk keeps the old version on every worker (the rescan's
+    build fails); a worker restarted then could not load the model, yet listened: half the
+    connections got 503 for a model the pod serves, and its readiness said not ready."""
+    _save(classifier_model(), str(tmp_path), "extra")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--model-control-mode", "poll", "--repository-poll-s", "0.5"))
+    x = httpclient.InferInput("features", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), np.float32))
+    try:
+        p.wait_ready()
+        (tmp_path / "extra" / "1" / "model.onnx").write_bytes(b"not a model any more")
+        p.wait_for("model 'extra' not reloaded on any worker")
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        p.wait_for("it could not load the model, which the workers beside it serve")
+        for _ in range(16):  # a fresh connection each: the kernel spreads them over the listeners
+            c = httpclient.InferenceServerClient(p.http)
+            assert c.is_server_ready()
+            assert c.infer("extra", [x]).as_numpy("probabilities").shape == (1, 3)
+            c.close()
+        assert _pids(p)[1] == victim  # (no ready line of a new life)
+    finally:
+        p.kill()
+
+
 def test_a_restarted_worker_does_not_join_when_a_models_files_changed_since_the_pod_loaded_them(tmp_path):
     """A model file replaced on disk (by another valid model) without a load call reached only a
     restarted worker, which then served other weights than its neighbour under the same name and
