@@ -470,7 +470,7 @@ class ModelRepository:
                 ) from None
             return
         if vote is not None:
-            await _voted(vote, new.values())
+            await self._voted(entry, vote, new.values(), known)
         self._swap(entry, new, time.perf_counter() - t0, fp)
 
     async def _load_remote(self, spec: RemoteModel, fail: bool = False, vote: Vote | None = None) -> None:
@@ -532,15 +532,28 @@ class ModelRepository:
                 await served.retire(None)
                 return
             if vote is not None:
-                await _voted(vote, (served,))
+                await self._voted(entry, vote, (served,), True)
             self._swap(entry, {int(version): served}, time.perf_counter() - t0)
             # (its upstreams now serve another version: load it again; a front worker's model
             # follows the owner's the same way, the owner being its upstream)
             backend.on_change = lambda: self._again(spec, generation)
 
+    async def _voted(self, entry: ModelEntry, vote: Vote, new: Iterable[ModelVersion], known: bool) -> None:
+        """Await the other workers' verdict on versions built, not yet serving. Called off: they are
+        closed, the old ones serve on, and it ends as a load failed here would (never LOADING)."""
+        try:
+            await vote()
+        except BaseException as e:
+            await asyncio.gather(*(s.retire(None) for s in new), return_exceptions=True)
+            if known or entry.versions:
+                self._failed(entry, e.message if isinstance(e, GatewayError) else "called off", counted=False)
+            elif self.models.get(entry.name) is entry:  # a name only this load brought: nothing stays
+                self.models.pop(entry.name)
+                self._wanted.discard(entry.name)
+            raise
+
     def load_later(self, name: str) -> None:
-        """A remote model whose load failed (its upstreams down for now): loaded in the
-        background, retried until an upstream answers, as at start."""
+        """A remote model whose load failed (upstreams down for now): loaded in the background, as at start."""
         spec = self.remote.get(name)
         if spec is not None:
             self._again(spec, self._generation.get(name, 0))
@@ -584,13 +597,3 @@ class ModelRepository:
 
 
 Vote = Callable[[], Awaitable[None]]
-
-
-async def _voted(vote: Vote, new: Iterable[ModelVersion]) -> None:
-    """Await the other workers' verdict on versions built but not yet serving; if the load is
-    called off, close them (the old versions go on serving) and raise its error."""
-    try:
-        await vote()
-    except BaseException:
-        await asyncio.gather(*(s.retire(None) for s in new), return_exceptions=True)
-        raise

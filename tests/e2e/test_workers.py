@@ -476,6 +476,59 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_r
         p.kill()
 
 
+def _slow_to_load(nodes: int = 20000):
+    """A model ONNX Runtime takes seconds to load (a chain of ``nodes`` Adds)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.full((1, 4), i * 1e-3, np.float32), f"c{i}") for i in range(nodes)]
+    names = ["features"] + [f"t{i}" for i in range(nodes - 1)] + ["probabilities"]
+    adds = [helper.make_node("Add", [names[i], f"c{i}"], [names[i + 1]]) for i in range(nodes)]
+    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", 4])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", 4])
+    model = helper.make_model(
+        helper.make_graph(adds, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_load_called_off_by_a_worker_dying_leaves_no_worker_loading(clf_repo):
+    """A worker killed while every worker built a load: the survivors, rolled back, kept the model
+    LOADING for good (the index said so; nothing would ever finish it)."""
+    _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        answer: list[str] = []
+
+        def load() -> None:
+            try:
+                httpclient.InferenceServerClient(p.http, network_timeout=120).load_model("big")
+                answer.append("loaded")
+            except InferenceServerException as e:
+                answer.append(e.message())
+            except Exception:  # noqa: BLE001 - the call was the killed worker's (its connection closed)
+                answer.append("no worker switched versions (the call's worker was killed)")
+
+        t = threading.Thread(target=load)
+        t.start()
+        p.wait_for("[worker 1]: readiness: not ready")  # (the load has begun: it wants the model)
+        _kill_and_wait(p, 1)
+        t.join(120)
+        assert "no worker switched versions" in answer[0], answer
+        states = set()
+        for _ in range(16):  # fresh connections: both workers answer some
+            c = httpclient.InferenceServerClient(p.http)
+            states |= {r.get("state") for r in c.get_model_repository_index() if r["name"] == "big"}
+            c.close()
+        assert states == {"UNAVAILABLE"}, states
+    finally:
+        p.kill()
+
+
 def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2"))
     try:
