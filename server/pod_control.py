@@ -250,11 +250,29 @@ class PodControl:
         while the old ones serve, then waits; once all have, all switch. A failure on one (or a
         worker gone meanwhile) makes the others close what they built; the answer says so."""
         async with self._lock:
-            await self._two_phase("load", name=name, config=config, files=files)
+            try:
+                await self._two_phase("load", name=name, config=config, files=files)
+            except GatewayError:
+                await self._still_wanted(name)
+                raise
             self._models.pop(name, None)
             self._models[name] = ("load", name, config, files)
             self._remember_files(name, files)
             await self._follow([name])
+
+    async def _still_wanted(self, name: str) -> None:
+        """A load that failed leaves the model wanted (strict readiness: not ready until it loads
+        or is unloaded) on the workers that asked for it; a worker started later is told so too,
+        or it alone would say ready. (Old versions that serve on are replayed as loaded.)"""
+        if self._models.get(name, ("",))[0] == "load":
+            return
+        for s in self._members():
+            with contextlib.suppress(GatewayError, TimeoutError):
+                reason = await s.channel.call("wanted_reason", name=name, timeout=10) if s.channel else None
+                if reason is not None:
+                    self._models.pop(name, None)
+                    self._models[name] = ("want", name, reason)
+                return
 
     async def _two_phase(self, op: str, **args: Any) -> None:
         """``op`` (a load) on every member worker, each voting once built; all switch or none

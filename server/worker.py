@@ -47,6 +47,7 @@ class WorkerLink:
             "log_settings": self._log_settings,
             "trace_settings": self._trace_settings,
             "models": self._models,
+            "wanted_reason": self._wanted_reason,
             "follow": self._follow,
             "drift_signatures": self._drift_signatures,
             "rescan_plan": self._rescan_plan,
@@ -108,6 +109,10 @@ class WorkerLink:
                     await self.gateway.repository.load(*args)
                 elif op == "unload":
                     await self.gateway.repository.unload(*args)
+                elif op == "want":  # a load that failed on the other workers: not ready here either
+                    if self.gateway.repository.ready(args[0]):  # (loaded at start: load_model)
+                        await self.gateway.repository.unload(args[0])
+                    self.gateway.repository.want(*args)
                 elif op == "shm_register":
                     self.gateway.dataplane.shm.register(*args, counted=False)
                 elif op == "log_settings":
@@ -146,6 +151,9 @@ class WorkerLink:
     async def _models(self) -> list[str]:
         """The models this process serves (the model-owning process behind front workers)."""
         return sorted({r["name"] for r in self.gateway.repository.index(ready_only=True)})
+
+    async def _wanted_reason(self, name: str) -> str | None:
+        return self.gateway.repository.wanted_reason(name)
 
     async def _drift_signatures(self) -> dict:
         return self.gateway.drift_signatures()

@@ -1,23 +1,21 @@
-"""The model repository: which models exist, their state, and loading, swapping and
-unloading them.
+"""The model repository: which models exist, their state, and loading, swapping and unloading them.
 
 Layout: ``<repo>/<model>/config.pbtxt`` (optional) and ``<repo>/<model>/<version>/model.onnx``.
 Control modes, as Triton names them:
 
 - ``none``: load every model at start; the load/unload API is refused.
-- ``poll``: as ``none``, then rescan every ``poll_interval_s``: new or changed
-  models are (re)loaded, removed ones unloaded.
-- ``explicit``: load only what ``load_models`` names at start (``*`` = all);
-  afterwards only through the load/unload API.
+- ``poll``: as ``none``, then rescan every ``poll_interval_s``: new or changed models are
+  (re)loaded, removed ones unloaded.
+- ``explicit``: load only what ``load_models`` names at start (``*`` = all); afterwards only
+  through the load/unload API.
 
 A (re)load builds every served version completely (``build.py``) before one routine,
-:meth:`ModelRepository._swap`, puts it in place; requests already on the old versions
-finish there. Local and remote models share that routine.
+:meth:`ModelRepository._swap`, puts it in place; requests already on the old versions finish
+there. Local and remote models share that routine.
 
-Remote models (``remote_models`` in the settings) sit beside the repository's own:
-they load at start whatever the mode (their signature is read from an upstream),
-are retried in the background while no upstream answers, and, in explicit mode,
-answer the load/unload API like any other model.
+Remote models (``remote_models`` in the settings) sit beside the repository's own: they load at
+start whatever the mode (their signature is read from an upstream), are retried in the
+background while no upstream answers, and, in explicit mode, answer the load/unload API.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -42,25 +39,13 @@ from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
 from .config import config_from_json
+from .entry import LOADING, READY, UNAVAILABLE, UNLOADING, ModelEntry
 from .scan import fingerprint, hide_paths, model_names, staged_paths, write_files
 
 TORCH_PLATFORMS = ("pytorch_libtorch", "pytorch")
 log = logging.getLogger("batchgate.repository")
 
-READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 CONTROL_MODES = ("none", "poll", "explicit")
-
-
-@dataclass
-class ModelEntry:
-    name: str
-    state: str = UNAVAILABLE
-    reason: str = "not loaded"
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
-    latest: ModelVersion | None = None
-    fingerprint: tuple = ()
-    loaded_once: bool = False  # has been READY at least once (strict readiness of remote models)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ModelRepository:
@@ -158,6 +143,18 @@ class ModelRepository:
             elif entry.latest is None or not entry.latest.ready():
                 return False
         return True
+
+    def wanted_reason(self, name: str) -> str | None:
+        """Why ``name``, which should be loaded (strict readiness), serves nothing; None if it is not so."""
+        entry = self.models.get(name)
+        return entry.reason if name in self._wanted and entry is not None and not entry.versions else None
+
+    def want(self, name: str, reason: str) -> None:
+        """``name`` should be loaded but is not (its load failed on the pod's other workers): as here."""
+        entry = self.models.get(name)
+        if entry is not None and not entry.versions:
+            entry.state, entry.reason = UNAVAILABLE, reason
+            self._wanted.add(name)
 
     def served(self) -> list[ModelVersion]:
         return [s for e in self.models.values() for _, s in sorted(e.versions.items())]

@@ -529,6 +529,37 @@ def test_a_load_called_off_by_a_worker_dying_leaves_no_worker_loading(clf_repo):
         p.kill()
 
 
+def test_after_a_failed_load_a_restarted_worker_is_not_ready_either(clf_repo):
+    """Strict readiness: a load that fails leaves the server not ready until the model loads or is
+    unloaded (as Triton's). A worker started after it said ready alone: a share of the readiness
+    probes passed while the pod should be out of its Service."""
+    os.makedirs(os.path.join(clf_repo, "broken", "1"))
+    with open(os.path.join(clf_repo, "broken", "1", "model.onnx"), "wb") as f:
+        f.write(b"not a model")
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true"))  # fmt: skip
+
+    def server_ready() -> set[bool]:
+        seen = set()
+        for _ in range(16):  # fresh connections: both workers answer some
+            c = httpclient.InferenceServerClient(p.http)
+            seen.add(c.is_server_ready())
+            c.close()
+        return seen
+
+    try:
+        p.wait_ready()
+        with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
+            httpclient.InferenceServerClient(p.http).load_model("broken")
+        assert server_ready() == {False}
+        _kill_and_wait(p, 1)
+        assert server_ready() == {False}
+        httpclient.InferenceServerClient(p.http).unload_model("broken")
+        assert server_ready() == {True}
+    finally:
+        p.kill()
+
+
 def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2"))
     try:
