@@ -255,6 +255,7 @@ class PodControl:
             except GatewayError:
                 await self._still_wanted(name)
                 raise
+            self._forget_statistics(name)
             self._models.pop(name, None)
             self._models[name] = ("load", name, config, files)
             self._remember_files(name, files)
@@ -332,19 +333,30 @@ class PodControl:
             async with self._lock:
                 try:
                     await self._two_phase("poll_load", name=name)
+                    self._forget_statistics(name)
                 except GatewayError as e:
                     log.error("repository rescan: model '%s' not reloaded on any worker: %s", name, e.message)
         for name in unload:
             async with self._lock:
                 with contextlib.suppress(GatewayError, TimeoutError):
                     await self._everywhere("poll_unload", self._members(), name=name)
+                    self._forget_statistics(name)
         if load or unload:
             async with self._lock:
                 await self._follow(load)
 
+    def _forget_statistics(self, name: str) -> None:
+        """``name`` loaded again or unloaded on every worker: the V2 statistics (and Triton's
+        failure reasons) of its old versions that exited workers left behind go too; the new
+        versions count from zero, as in one process (the batchgate_* counters stay)."""
+        for s in self.slots + ([self.owner] if self.owner is not None else []):
+            s.gone.stats = {k: v for k, v in s.gone.stats.items() if k[0] != name}
+            s.gone.failures = {k: v for k, v in s.gone.failures.items() if k[0] != name}
+
     async def unload(self, name: str) -> None:
         async with self._lock:
             await self._everywhere("unload", self._members(), name=name)
+            self._forget_statistics(name)
             self._models.pop(name, None)
             self._models[name] = ("unload", name)
             self._files.pop(name, None)

@@ -322,6 +322,34 @@ def test_two_workers_share_the_ports_and_the_figures_add_up(clf_repo):
         p.kill()
 
 
+def test_statistics_after_a_reload_count_only_the_new_versions_as_in_one_process(clf_repo):
+    """A reload's new version counts from zero (one process; Triton). A worker killed before it
+    left its statistics of the old version behind, and they were added to the new version's for
+    good (and stayed in nv_inference_* after an unload)."""
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true"))  # fmt: skip
+
+    def successes() -> int:
+        time.sleep(0.6)  # (a reading up to 0.5 s old is reused)
+        stats = grpcclient.InferenceServerClient(p.grpc).get_inference_statistics("clf", as_json=True)
+        return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+    try:
+        p.wait_ready()
+        while _value(_metrics(p), 'batchgate_worker_requests_total{worker="1"}') == 0:
+            _grpc_infer(p.grpc)  # until worker 1 has served some
+        _kill_and_wait(p, 1)
+        httpclient.InferenceServerClient(p.http).load_model("clf")
+        assert successes() == 0
+        for _ in range(4):
+            _grpc_infer(p.grpc)
+        assert successes() == 4
+        httpclient.InferenceServerClient(p.http).unload_model("clf")
+        assert 'nv_inference_request_success{model="clf"' not in _metrics(p)
+    finally:
+        p.kill()
+
+
 def test_a_hung_worker_holds_no_scrape_and_is_killed_and_started_again(clf_repo):
     """A stopped (hung) worker: scrapes wait for it once, then not again (it reads as down), and
     after worker_hang_s without an answer the supervisor kills it and its keeper starts another."""
