@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .config import RemoteModel
+from .control import ChannelClosed
 from .core.errors import ErrorCode, GatewayError
 from .core.types import clip
 from .monitoring.metrics import RuntimeFamily, Snapshot
@@ -355,7 +356,8 @@ class PodControl:
 
     async def unload(self, name: str) -> None:
         async with self._lock:
-            await self._everywhere("unload", self._members(), name=name)
+            with contextlib.suppress(ChannelClosed):  # a worker gone meanwhile unloads it as it starts again
+                await self._everywhere("unload", self._members(), name=name)
             self._forget_statistics(name)
             self._models.pop(name, None)
             self._models[name] = ("unload", name)

@@ -588,6 +588,47 @@ def test_after_a_failed_load_a_restarted_worker_is_not_ready_either(clf_repo):
         p.kill()
 
 
+def _connection_to(p: Proc, worker: str) -> http.client.HTTPConnection:
+    """An HTTP connection that worker ``worker`` holds (told by its count of answers)."""
+    host, port = p.http.split(":")
+    for _ in range(64):
+        before = _value(_metrics(p), f'batchgate_worker_requests_total{{worker="{worker}"}}')
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v2/models/clf/infer", BODY, {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        if _value(_metrics(p), f'batchgate_worker_requests_total{{worker="{worker}"}}') > before:
+            return conn
+        conn.close()
+    raise AssertionError("no connection reached worker " + worker)
+
+
+def test_an_unload_while_a_worker_goes_away_reaches_it_when_it_starts_again(clf_repo):
+    """A worker that went away during an unload (hung, then killed) failed the call: the client
+    was told 503 though the others had unloaded, and the restarted worker, never told, loaded the
+    model again (load_model) and served it alone."""
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true", "--worker-hang-s", "2"))  # fmt: skip
+    victim = 0
+    try:
+        p.wait_ready()
+        conn = _connection_to(p, "0")
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGSTOP)
+        conn.request("POST", "/v2/repository/models/clf/unload", "{}", {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:  # killed as hung, started again, caught up
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert _ready_everywhere(p, "clf") == {False}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if victim:
+                os.kill(victim, signal.SIGCONT)
+        p.kill()
+
+
 def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2"))
     try:
