@@ -367,6 +367,9 @@ class Supervisor(PodControl, PodState):
         self.stopping = True
         await self._publish()  # NOT_SERVING on the health port while the workers drain
         procs = [s.proc for s in self.slots if s.proc is not None]
+        # A worker not listening yet (started again) holds no request, and may die of the SIGTERM
+        # before its interpreter can catch it: that is no failed drain.
+        starting = {s.proc for s in self.slots if s.proc is not None and not s.ready}
         owner = self.owner.proc if self.owner is not None else None
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -383,7 +386,7 @@ class Supervisor(PodControl, PodState):
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 code = await p.wait()
-            clean = clean and code == 0
+            clean = clean and (code == 0 or (code == -signal.SIGTERM and p in starting))
         if owner is not None:  # the workers drained into it; now it drains too
             with contextlib.suppress(ProcessLookupError):
                 owner.send_signal(signal.SIGTERM)

@@ -702,6 +702,30 @@ def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
         p.kill()
 
 
+def test_sigterm_while_a_worker_starts_again_exits_0(clf_repo):
+    """A worker started again (after a crash) dies of SIGTERM if it comes before the interpreter
+    can catch it; it held no request, yet the supervisor exited 1 as if a drain had failed."""
+    p = Proc(serve_args(clf_repo, "--workers", "2"))
+    try:
+        p.wait_ready()
+
+        def children() -> set[int]:
+            tasks = f"/proc/{p.p.pid}/task"
+            return {int(c) for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()}
+
+        before = children()
+        os.kill(_pids(p)[1], signal.SIGKILL)
+        end = time.monotonic() + 30
+        while not children() - before:  # the new worker process has just been spawned
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.005)
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(60) == 0, p.output()
+        assert "supervisor: stopped" in p.output()
+    finally:
+        p.kill()
+
+
 def test_routes_across_workers_one_leader_judges_the_pod_and_the_others_follow(tmp_path):
     from route_support import POISON, infer_grpc, route_repository, write_config
 
