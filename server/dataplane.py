@@ -497,8 +497,8 @@ class DataPlane(Extensions):
         try:
             key = self.access.check(caller, ADMIN, name)
             check_model_name(name)
-            if self.coordinator is not None:
-                self.repository.entry(name)  # NOT_FOUND here, as without workers
+            if self.coordinator is not None:  # (each process holding models says NOT_FOUND if need be: a
+                # front worker knows only the owner's ready models, not one that failed to load there)
                 await self.coordinator.unload(name)
             else:
                 await self.repository.unload(name)

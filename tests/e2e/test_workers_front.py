@@ -8,15 +8,18 @@ tritonclient gRPC clients (one connection each, spread over the workers by the k
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
-from batchgate.demo import _save, slow_model
+from batchgate.demo import _save, classifier_model, slow_model
 from processes import Proc, serve_args
 
 WIDTH = 512
@@ -117,5 +120,27 @@ def test_front_mode_counts_client_requests_not_the_workers_calls_to_the_owner(tm
         text = urllib.request.urlopen(url, timeout=20).read().decode()
         rate = (_value(text, "batchgate_event_loop_lag_seconds_count") - ticks0) / (time.monotonic() - t0)
         assert rate > 18, rate
+    finally:
+        p.kill()
+
+
+def test_front_mode_a_model_the_owner_could_not_load_can_be_unloaded(tmp_path):
+    """A failed load keeps the pod not ready until the model loads or is unloaded; a front worker
+    refused the unload (404 unknown model: it follows only the owner's ready models), so the pod
+    stayed not ready for good."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    os.makedirs(tmp_path / "broken" / "1")
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
+                        "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        c = httpclient.InferenceServerClient(p.http)
+        with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
+            c.load_model("broken")
+        c.unload_model("broken")
+        assert not c.is_model_ready("broken") and c.is_model_ready("clf")
+        with pytest.raises(InferenceServerException, match="unknown model 'nothing'"):
+            c.unload_model("nothing")
     finally:
         p.kill()
