@@ -166,6 +166,8 @@ class DataPlane(Extensions):
         should be loaded is ready. Liveness is separate: a process that is not ready is alive."""
         if caller is not None and self.access.health_requires_key:
             self.access.check(caller, READ)
+        if self.strict_readiness and self.coordinator is not None and not self.coordinator.owner_ready:
+            return False  # a front worker: the process that owns the models is not ready
         return self.accepting and (not self.strict_readiness or self.repository.all_ready())
 
     def model_ready(self, name: str, version: str = "", caller: Caller = OPEN_CALLER) -> bool:

@@ -176,6 +176,8 @@ class Extensions:
 class Coordinator(Protocol):
     """What a worker process asks the supervisor for (``worker.py`` implements it)."""
 
+    owner_ready: bool  # front mode: the model-owning process is ready (always True otherwise)
+
     async def load(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None: ...
 
     async def unload(self, name: str) -> None: ...

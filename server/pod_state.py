@@ -222,6 +222,7 @@ class PodState:
                 else:
                     s.stale = True
             self._gathered_at = time.monotonic()
+            self._tell_owner_ready()
             await self._publish()
         total = Snapshot()
         for s in every:
@@ -232,6 +233,17 @@ class PodState:
         if self.drift is not None:  # the detector's figures, here
             total = total.merge(self.metrics.snapshot())
         return total
+
+    def _tell_owner_ready(self) -> None:
+        """Front mode: each worker's readiness (strict) follows the model-owning process's, as the
+        health port's does: a model the owner should serve and does not (a failed load) makes
+        every worker not ready, not only the pod's health port. Told at each read of the figures."""
+        if self.owner is None:
+            return
+        ready = self.owner.ready and self.owner.models_ready
+        for s in self._members(True):
+            if s.channel is not None and not s.channel.closed.is_set():
+                s.channel.tell("owner_ready", ready=ready)
 
     async def _scrape(self) -> bytes:
         snap = await self.gather()

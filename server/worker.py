@@ -35,6 +35,8 @@ class WorkerLink:
     def __init__(self) -> None:
         self.channel: Channel | None = None
         self.gateway: Any = None  # the Gateway, once built
+        # front mode: whether the model-owning process says it is ready (its strict readiness)
+        self.owner_ready = True
 
     def handlers(self) -> dict:
         return {
@@ -48,6 +50,7 @@ class WorkerLink:
             "trace_settings": self._trace_settings,
             "models": self._models,
             "wanted_reason": self._wanted_reason,
+            "owner_ready": self._owner_ready,
             "follow": self._follow,
             "drift_signatures": self._drift_signatures,
             "rescan_plan": self._rescan_plan,
@@ -151,6 +154,9 @@ class WorkerLink:
     async def _models(self) -> list[str]:
         """The models this process serves (the model-owning process behind front workers)."""
         return sorted({r["name"] for r in self.gateway.repository.index(ready_only=True)})
+
+    async def _owner_ready(self, ready: bool) -> None:
+        self.owner_ready = ready
 
     async def _wanted_reason(self, name: str) -> str | None:
         return self.gateway.repository.wanted_reason(name)

@@ -144,3 +144,38 @@ def test_front_mode_a_model_the_owner_could_not_load_can_be_unloaded(tmp_path):
             c.unload_model("nothing")
     finally:
         p.kill()
+
+
+def test_front_mode_workers_readiness_follows_the_owners_strict_readiness(tmp_path):
+    """After a failed load the owner is not ready (strict readiness) and so was the supervisor's
+    health port, but every front worker's /v2/health/ready still said ready."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    os.makedirs(tmp_path / "broken" / "1")
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
+                        "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+
+    def ready_everywhere() -> set[bool]:
+        seen = set()
+        for _ in range(12):  # fresh connections: both workers answer some
+            c = httpclient.InferenceServerClient(p.http)
+            seen.add(c.is_server_ready())
+            c.close()
+        return seen
+
+    def soon(want: set[bool]) -> None:  # (the owner's readiness is read every 2 s)
+        end = time.monotonic() + 10
+        while ready_everywhere() != want:
+            assert time.monotonic() < end, want
+            time.sleep(0.2)
+
+    try:
+        p.wait_ready()
+        assert ready_everywhere() == {True}
+        with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
+            httpclient.InferenceServerClient(p.http).load_model("broken")
+        soon({False})
+        httpclient.InferenceServerClient(p.http).unload_model("broken")
+        soon({True})
+    finally:
+        p.kill()
