@@ -110,8 +110,9 @@ class WorkerLink:
             try:
                 if op == "load":
                     await self.gateway.repository.load(*args)
-                elif op == "unload":
-                    await self.gateway.repository.unload(*args)
+                elif op == "unload":  # (a name it never had, e.g. an upload unloaded since: nothing to do)
+                    if args[0] in self.gateway.repository.models:
+                        await self.gateway.repository.unload(*args)
                 elif op == "want":  # a load that failed on the other workers: not ready here either
                     if self.gateway.repository.ready(args[0]):  # (loaded at start: load_model)
                         await self.gateway.repository.unload(args[0])

@@ -629,6 +629,24 @@ def test_an_unload_while_a_worker_goes_away_reaches_it_when_it_starts_again(clf_
         p.kill()
 
 
+def test_a_restarted_worker_is_not_warned_about_an_unloaded_upload(clf_repo):
+    """A model uploaded with its load (a name with no folder), then unloaded: each restarted worker
+    replayed the unload of a name it never had and logged a WARNING that catching up failed."""
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        c = httpclient.InferenceServerClient(p.http)
+        config = json.dumps({"max_batch_size": 8})
+        c.load_model("uploaded", config=config, files={"file:1/model.onnx": classifier_model().SerializeToString()})
+        c.unload_model("uploaded")
+        _kill_and_wait(p, 1)
+        assert "catching up with the other workers" not in p.output()
+        assert _ready_everywhere(p, "uploaded") == {False}
+    finally:
+        p.kill()
+
+
 def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2"))
     try:
