@@ -232,9 +232,12 @@ class PodControl:
 
     async def _follow(self, reload: list[str]) -> None:
         """Front mode: every worker serves what the owner serves now."""
-        if self.owner is None:
+        if self.owner is None or self.owner.channel is None:
+            return  # (an owner starting again: the workers follow its models once it is back, _poll)
+        try:
+            specs = await self._owner_models()
+        except ChannelClosed:  # it went away meanwhile: the same
             return
-        specs = await self._owner_models()
         self._followed = sorted(s.name for s in specs)
         members = self._members(True)
         results = await asyncio.gather(

@@ -8,7 +8,10 @@ tritonclient gRPC clients (one connection each, spread over the workers by the k
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import threading
 import time
 import urllib.request
@@ -178,4 +181,30 @@ def test_front_mode_workers_readiness_follows_the_owners_strict_readiness(tmp_pa
         httpclient.InferenceServerClient(p.http).unload_model("broken")
         soon({True})
     finally:
+        p.kill()
+
+
+def test_front_mode_an_unload_while_the_owner_goes_away_is_done(tmp_path):
+    """The owner hung during an unload (then killed as hung): the unload is replayed to it as it
+    starts again, yet the client was answered 503 'the other process is gone' (the workers'
+    follow-up read of the owner's models failed)."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
+                        "explicit", "--load-model", "clf", "--allow-open-admin", "true",
+                        "--worker-hang-s", "2"))  # fmt: skip
+    owner = 0
+    try:
+        p.wait_ready()
+        owner = int(re.findall(r"model owner \(pid (\d+)\) ready", p.output())[-1])
+        os.kill(owner, signal.SIGSTOP)
+        httpclient.InferenceServerClient(p.http, network_timeout=60).unload_model("clf")
+        end = time.monotonic() + 60
+        while len(re.findall(r"model owner \(pid (\d+)\) ready", p.output())) < 2:  # started again
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert not httpclient.InferenceServerClient(p.http).is_model_ready("clf")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if owner:
+                os.kill(owner, signal.SIGCONT)
         p.kill()
