@@ -437,7 +437,7 @@ class ModelRepository:
     ) -> None:
         """The load itself (the caller holds the entry's lock)."""
         model_dir = model_dir or os.path.join(self.root, name)
-        known = name in self.remote or (self.root and os.path.isdir(os.path.join(self.root, name)))
+        known = name in self.remote or bool(self.root and os.path.isdir(os.path.join(self.root, name)))
         fp = fingerprint(model_dir)
         if not entry.versions:
             entry.state = LOADING
