@@ -44,7 +44,7 @@ from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
 from .monitoring.access_log import AccessLog
 from .monitoring.metrics import Metrics
-from .monitoring.tracing import TraceHeaders, Tracing
+from .monitoring.tracing import Tracing, passed_on, trace_context
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 from .routes import Header, Routed, ServedRoute
@@ -259,17 +259,17 @@ class DataPlane(Extensions):
         return drift.watch(served.submit(request), request, variant)
 
     def forward(
-        self, served: Served, raw: bytes, msg: Any, remaining: float | None, trace: TraceHeaders | None = None
+        self, served: Served, raw: bytes, msg: Any, remaining: float | None, span: Any = None, metadata: Any = ()
     ) -> Awaitable[bytes] | None:
         """The fast path of a gRPC request to a remote model: its serialized bytes ``raw`` go to
         the upstream as they came, and the upstream's serialized answer comes back, with no
         tensor decoded or encoded here (``ModelVersion.forward``). None when the request must
         take the ordinary path: a route (it picks, compares and measures on decoded requests),
         a model the gateway batches, a request drift monitoring samples, a tensor in shared
-        memory, or every instance busy (``trace``: the request's W3C trace context headers, carried
-        to the upstream). The limits on what a request names still hold;
-        the tensors themselves are the upstream's to check. ``msg``: the parsed request;
-        ``remaining``: seconds to the call's deadline (None: none)."""
+        memory, or every instance busy. The upstream is given the request's trace context: its
+        ``span``'s, else what the call's ``metadata`` carried (read only when forwarding). The
+        limits on what a request names still hold; the tensors themselves are the upstream's to
+        check. ``msg``: the parsed request; ``remaining``: seconds to the call's deadline."""
         if type(served) is not ModelVersion or served.forwarder is None:
             return None
         drift = self.drift
@@ -312,7 +312,7 @@ class DataPlane(Extensions):
         rows = 1
         if served.signature.max_batch_size > 0 and inputs and inputs[0].shape:
             rows = inputs[0].shape[0]
-        return served.forward(raw, rows, deadline, trace)
+        return served.forward(raw, rows, deadline, passed_on(span, *trace_context(metadata)))
 
     @property
     def in_flight(self) -> int:

@@ -34,7 +34,7 @@ from ..core.types import (
 )
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
-from ..monitoring.tracing import passed_on, trace_context
+from ..monitoring.tracing import trace_context
 from ..security.access import OPEN_CALLER, Caller, credentials
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
@@ -413,7 +413,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         raw,
                         request,
                         context.time_remaining(),
-                        passed_on(note and note.span, *trace_context(md)),
+                        note and note.span,
+                        md,
                     )
                 )
                 if forwarded is not None:  # a remote model's request, sent on as it came
