@@ -155,6 +155,8 @@ def guarded_protocol(
         _send_mark = 0  # bytes waiting to be written when that clock started
         _write_held = False  # not read while the client takes nothing of what is written
         _holding = False  # not read until its turn (past the overload refusals' rate)
+        _progress = False  # the parser called us back while it read the last data
+        _silent = 0  # bytes read since it last did
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -178,7 +180,17 @@ def guarded_protocol(
                 data = self._quick(data)
                 if not data:
                     return
+            self._progress = False
             super().data_received(data)
+            if self._progress or self._refused:
+                self._silent = 0
+            else:
+                # Bytes the parser took without a word to us: a header or trailer line still
+                # arriving (httptools gathers its value by concatenation, quadratic, and hands it
+                # over only whole), or chunk extensions. Bounded as the head is.
+                self._silent += len(data)
+                if self._silent > max_header_bytes:
+                    self._too_long()
 
         def _quick(self, data: bytes) -> bytes:
             """Answer at once each whole, plain infer request at the front of ``data`` that
@@ -320,6 +332,7 @@ def guarded_protocol(
                 self.flow.pause_reading()
 
         def on_message_begin(self) -> None:
+            self._progress = True
             self._in_message = self._in_head = True
             self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
@@ -330,10 +343,12 @@ def guarded_protocol(
                 self._arm(header_timeout_s, HEAD_TIMEOUT)
 
         def on_url(self, url: bytes) -> None:
+            self._progress = True
             if self._count(len(url)):
                 super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
+            self._progress = True
             if self._count(len(name) + len(value) + 4):
                 if len(name) == 17 and name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
                     # RFC 9112 6.1: a coding the server does not know (gzip, chunked: the body
@@ -352,6 +367,7 @@ def guarded_protocol(
             self._refuse(400, "the request is not valid HTTP/1.1")
 
         def on_headers_complete(self) -> None:
+            self._progress = True
             self._in_head = False
             if not self._refused:
                 # A pipelined request waits behind the answer in progress (uvicorn stops reading
@@ -431,10 +447,12 @@ def guarded_protocol(
             self.on_response_complete()  # keep-alive timer, reading resumed
 
         def on_body(self, body: bytes) -> None:
+            self._progress = True
             if not self._refused and not self._answered:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._progress = True
             self._in_message = False
             if self._refused:
                 return
@@ -464,6 +482,17 @@ def guarded_protocol(
                 self._refuse(431, f"the request head exceeds {max_header_bytes} bytes (max_header_bytes)")
                 return False
             return True
+
+        def _too_long(self) -> None:
+            """More than ``max_header_bytes`` of a line the parser holds (the head's or a trailer's)."""
+            cycle = self.cycle
+            if not self._in_head and (self._answered or (cycle is not None and cycle.response_started)):
+                self._refused = True  # answered already: a second answer would be out of place
+                self.transport.close()
+                return
+            refused(HEAD_TOO_LARGE)
+            what = "the request head" if self._in_head else "a trailer or chunk line"
+            self._refuse(431, f"{what} exceeds {max_header_bytes} bytes (max_header_bytes)")
 
         def _arm(self, seconds: float, reason: str) -> None:
             self._disarm()

@@ -109,6 +109,44 @@ def test_a_huge_request_head_is_431_and_closed(guarded):
     serves(guarded)
 
 
+def _trickle_one_line(s: socket.socket, start: bytes) -> bytes:
+    """``start``, then one line of 64 KiB that never ends, in 4 KiB pieces; the answer."""
+    s.sendall(start)
+    time.sleep(0.05)
+    try:
+        for _ in range(16):
+            s.sendall(b"a" * 4096)
+            time.sleep(0.005)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server has answered and closed
+    return read_all(s)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nx-big: ",
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n",  # (a header name)
+        # a trailer after the last chunk
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(GOOD)
+        + GOOD
+        + b"\r\n0\r\nx-trailer: ",
+    ],
+    ids=["value", "name", "trailer"],
+)
+def test_one_header_or_trailer_line_past_max_header_bytes_is_431_at_once(guarded, start):
+    """httptools gathers a header's value by concatenation and hands it over only whole: one line
+    that never ended was held in memory until the head's (or the body's) timeout, 408, and its
+    quadratic gathering held every other client (300 MiB in 10 s: health answers 5 s late)."""
+    t0 = time.monotonic()
+    answer = _trickle_one_line(connect(guarded), start)
+    assert answer.startswith(b"HTTP/1.1 431") and b"(max_header_bytes)" in answer, answer[:150]
+    assert time.monotonic() - t0 < 0.45, "answered only at the timeout"
+    assert refusals(guarded) == {("header_bytes",): 1}
+    serves(guarded)
+
+
 @pytest.mark.parametrize(
     "head,status,reason",
     [
