@@ -250,7 +250,13 @@ class Gateway:
 
         if s.http_port >= 0:
             self._http = await self._listen_http(
-                HttpApp(self.dataplane, limit, lim.max_gzip_members, refusals_per_s=lim.overload_refusals_per_s),
+                HttpApp(
+                    self.dataplane,
+                    limit,
+                    lim.max_gzip_members,
+                    refusals_per_s=lim.overload_refusals_per_s,
+                    max_buffered_bytes=lim.max_buffered_request_bytes,
+                ),
                 s.host,
                 s.http_port,
                 reuse_port=self.reuse_port,

@@ -182,7 +182,8 @@ class LimitSettings:
     max_buffered_request_bytes: int = _setting(
         1 << 30,
         "h2 gRPC engine: bytes of request messages read and not yet whole, all connections together (each "
-        "connection holds at most 4 x max_request_bytes); a call past it = RESOURCE_EXHAUSTED",
+        "connection holds at most 4 x max_request_bytes); a call past it = RESOURCE_EXHAUSTED. HTTP bounds the "
+        "bytes of request bodies still arriving by it too, apart (429)",
         minimum=1,
     )
     max_header_bytes: int = _setting(

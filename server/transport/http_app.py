@@ -27,6 +27,7 @@ from ..dataplane import FILE_PARAM_PREFIX, PRECHECK_BYTES, DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
+from .http_body import BodyReader
 from .http_codec import BodyRefused
 from .http_limits import Verdict
 from .http_scope import (
@@ -91,6 +92,7 @@ class HttpApp:
         admin_only: bool = False,
         refusals_per_s: int = 200,
         admin: AdminApi | None = None,
+        max_buffered_bytes: int = 1 << 30,
     ):
         """``admin_only``: the admin listener, which serves the repository API, health and the
         server metadata, and nothing of inference."""
@@ -100,6 +102,7 @@ class HttpApp:
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
         self._refusals = Pacer(refusals_per_s)  # overload refusals' turns, overload_refusals_per_s a second
         self.limit = max_body_bytes
+        self.bodies = BodyReader(max_body_bytes, max_buffered_bytes)
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
@@ -233,7 +236,7 @@ class HttpApp:
         if self.admin_only and not (path.startswith("/v2/repository") or path in ADMIN_PATHS):
             if self.admin is not None and path.startswith(admin_http.PREFIX):
                 status, obj = await admin_http.handle(
-                    self.admin, method, path, caller_of(scope), lambda: self._body(receive, scope)
+                    self.admin, method, path, caller_of(scope), lambda: self.bodies.read(receive, scope)
                 )
                 return await self._json(send, obj, status)
             raise not_found(f"the admin listener serves the admin API, the repository API and health, not {path[:256]}")
@@ -278,7 +281,7 @@ class HttpApp:
         m = REPO_RE.match(path)
         if m:
             check_method(method, "POST")
-            body = await self._body(receive, scope)
+            body = await self.bodies.read(receive, scope)
             obj = http_codec.parse_json(body) if body.strip() else {}
             if not isinstance(obj, dict):
                 raise invalid("request body must be a JSON object")
@@ -309,7 +312,7 @@ class HttpApp:
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.log_settings(None, self._caller(scope)))
             check_method(method, "POST")
-            obj = http_codec.parse_json(await self._body(receive, scope))
+            obj = http_codec.parse_json(await self.bodies.read(receive, scope))
             if not isinstance(obj, dict):
                 raise invalid("the log settings must be a JSON object")
             return await self._json(send, await self.dp.log_settings(obj, caller_of(scope)))
@@ -319,7 +322,7 @@ class HttpApp:
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.trace_settings(model, None, self._caller(scope)))
             check_method(method, "POST")
-            obj = http_codec.parse_json(await self._body(receive, scope))
+            obj = http_codec.parse_json(await self.bodies.read(receive, scope))
             if not isinstance(obj, dict):
                 raise invalid("the trace settings must be a JSON object")
             return await self._json(send, await self.dp.trace_settings(model, obj, caller_of(scope)))
@@ -336,7 +339,7 @@ class HttpApp:
             return await self._empty(send, 200)
         if not name:
             raise invalid("register a region at /v2/systemsharedmemory/region/<name>/register")
-        obj = http_codec.parse_json(await self._body(receive, scope))
+        obj = http_codec.parse_json(await self.bodies.read(receive, scope))
         if not isinstance(obj, dict) or type(obj.get("key")) is not str:
             raise invalid("the registration must be a JSON object with 'key', 'offset' and 'byte_size'")
         offset, size = obj.get("offset", 0), obj.get("byte_size")
@@ -347,35 +350,6 @@ class HttpApp:
 
     def _caller(self, scope) -> Caller:
         return caller_of(scope) if self._enforcing else OPEN_CALLER
-
-    async def _more_body(self, first, receive) -> bytes:
-        """A body from its first ASGI message on, read to its end within the limit."""
-        chunks, size, msg = [], 0, first
-        while True:
-            if msg["type"] == "http.disconnect":
-                raise GatewayError(ErrorCode.CANCELLED, "client disconnected")
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                raise BodyRefused(f"request body exceeds the limit of {self.limit} bytes (max_request_bytes)")
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                return b"".join(chunks)
-            msg = await receive()
-
-    async def _body(self, receive, scope) -> bytes:
-        for k, v in scope["headers"]:
-            if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    raise invalid("Content-Length is not a number") from None
-                if n > self.limit:
-                    raise invalid(
-                        f"request body of {n} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
-                    )
-                break
-        return await self._more_body(await receive(), receive)
 
     async def _counted_infer(self, model, version, scope, receive, send, served=None):
         """An infer call whose refusal is counted once, whichever step refused it. ``served``:
@@ -457,7 +431,7 @@ class HttpApp:
         headers = caller_headers(x_headers, self.dp.limits)
         msg = await receive()  # one message holds the whole body unless it is large
         if msg.get("more_body") or msg["type"] != "http.request":
-            body = await self._more_body(msg, receive)
+            body = await self.bodies.more(msg, receive)
         else:
             body = msg.get("body", b"")
             if len(body) > self.limit:

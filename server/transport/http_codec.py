@@ -403,8 +403,8 @@ class BodyRefused(GatewayError):
     """A request refused before its whole body was read (too large): answered, then the
     connection is closed, so the rest of the body is never taken for the next request."""
 
-    def __init__(self, message: str):
-        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT, retry_after_s: float | None = None):
+        super().__init__(code, message, retry_after_s)
 
 
 def error_body(message: str) -> bytes:

@@ -407,3 +407,35 @@ def test_a_connection_gone_before_its_answer_is_written_costs_the_others_nothing
     s.sendall(post)
     assert _read_answer(s).startswith(b"HTTP/1.1 200")
     s.close()
+
+
+def test_bodies_still_arriving_are_bounded_all_connections_together(repo, serve):
+    """Each admitted request could hold up to max_request_bytes while its client took its time:
+    ten connections that sent 60 MiB of a body each and waited held 600 MiB until the body
+    timeout. Past max_buffered_request_bytes (all connections together) the request that would
+    pass it is refused 429 at once and its connection closed; the others are served."""
+    running = serve(repo, max_buffered_request_bytes=1 << 20, http_body_timeout_s=5)
+    head = b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    first = connect(running)
+    first.sendall(head + b"Content-Length: 900000\r\n\r\n" + b" " * 700_000)
+    time.sleep(0.3)
+    second = connect(running)
+    second.sendall(head + b"Content-Length: 900000\r\n\r\n")
+    try:
+        for _ in range(10):
+            second.sendall(b" " * 70_000)
+            time.sleep(0.01)
+    except OSError:
+        pass  # answered and closed
+    answer = read_all(second, timeout=3)
+    assert answer.startswith(b"HTTP/1.1 429") and b"(max_buffered_request_bytes)" in answer, answer[:200]
+    assert b"retry-after: 1" in answer.lower() and b"connection: close" in answer.lower()
+    # the first one is still served once the rest of its body comes
+    first.sendall(b" " * (900_000 - 700_000 - len(GOOD)) + GOOD)
+    assert _read_answer(first).startswith(b"HTTP/1.1 200")
+    first.close()
+    # what both held is given back: one more such body fits again
+    third = connect(running)
+    third.sendall(head + b"Content-Length: 900000\r\n\r\n" + b" " * (900_000 - len(GOOD)) + GOOD)
+    assert _read_answer(third).startswith(b"HTTP/1.1 200")
+    serves(running)
