@@ -180,6 +180,12 @@ def guarded_protocol(
                 data = self._quick(data)
                 if not data:
                     return
+            if idle and not self._in_message and self._timer is None:
+                # the first byte of a keep-alive connection's next request starts its head's
+                # clock, whether or not the parser begins a message with it: empty lines before a
+                # request begin none, and uvicorn's keep-alive clock stops at any byte (before,
+                # one CRLF after an answer held the connection for ever)
+                self._arm(header_timeout_s, HEAD_TIMEOUT)
             self._progress = False
             super().data_received(data)
             if self._progress or self._refused:
@@ -508,7 +514,8 @@ def guarded_protocol(
             if self._refused or self.transport.is_closing():
                 return
             cycle = self.cycle
-            if self._answered or (cycle is not None and cycle.response_started):
+            idle = not self._in_message and (cycle is None or cycle.response_complete)  # (empty lines came)
+            if not idle and (self._answered or (cycle is not None and cycle.response_started)):
                 # answered already (by the gate, or the app refused it before its body came):
                 # a second answer would be out of place
                 self._refused = True

@@ -192,6 +192,28 @@ def test_a_slowloris_head_is_cut_off(guarded):
     serves(guarded)
 
 
+def test_empty_lines_after_an_answer_do_not_hold_a_keep_alive_connection(guarded):
+    """An empty line begins no request, but stopped uvicorn's keep-alive clock, and the head's
+    clock starts with a request: one CRLF after an answer held the connection for ever."""
+    s = connect(guarded)
+    s.sendall(
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(GOOD)).encode() + b"\r\n\r\n" + GOOD
+    )
+    assert _read_answer(s).startswith(b"HTTP/1.1 200")
+    s.sendall(b"\r\n")
+    start = time.monotonic()
+    s.settimeout(3)
+    try:
+        answer = s.recv(1000)
+    except TimeoutError:
+        answer = None
+    assert answer is not None, "the connection was still open 3 s later"
+    assert answer.startswith(b"HTTP/1.1 408") and b"(http_header_timeout_s)" in answer, answer[:120]
+    assert time.monotonic() - start < 1.5
+    assert refusals(guarded).get(("header_timeout",)) == 1
+
+
 def test_a_body_that_never_arrives_is_cut_off(guarded):
     s = connect(guarded)
     s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + GOOD[:10])
