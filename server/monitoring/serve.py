@@ -5,8 +5,8 @@ Its limits, as the V2 listeners have theirs: at most ``max_connections`` connect
 thread each; one more is closed at once, counted ``metrics_connections``), of which one peer
 holds at most ``max_per_peer`` (an IPv4 address, an IPv6 /64; one more is closed at once,
 counted ``metrics_peer``: one client holding every slot kept Prometheus out), a request head of
-at most ``max_header_bytes`` (what follows is not read) that must arrive, as every later read and
-write must, within ``timeout_s`` (else closed, counted ``metrics_timeout``). Until 2026-12-05 a
+at most ``max_header_bytes`` (what follows is not read) that must arrive whole, as every later
+read and write must, within ``timeout_s`` (else closed, counted ``metrics_timeout``). Until 2026-12-05 a
 client that connected and sent nothing held a thread for ever, and any number of them could.
 
 It answers ``GET`` and ``HEAD`` of exactly ``/metrics`` (Prometheus text format 0.0.4, gzip when
@@ -17,6 +17,7 @@ The text is always format 0.0.4, never OpenMetrics: Triton's counters (``triton.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import sys
@@ -41,6 +42,32 @@ class _Quiet(WSGIRequestHandler):
     def setup(self) -> None:
         super().setup()  # (the socket's timeout: the class's, set per server in serve_metrics)
         self.rfile = _Capped(self.rfile, self.server.max_header_bytes)  # type: ignore[assignment]
+        # The whole head within the timeout, not only each read (a byte every 0.9 s held the
+        # connection and its thread for as long as the client liked): past it the socket is
+        # shut, which ends the read in progress.
+        self._head_read = False
+        self.connection.settimeout(self.timeout + 1)  # (the timer ends the head's reads first, counted once)
+        self._head_timer = threading.Timer(self.timeout, self._head_late)
+        self._head_timer.daemon = True
+        self._head_timer.start()
+
+    def _head_late(self) -> None:
+        if not self._head_read:
+            self.server.refused("metrics_timeout")
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # (reads the headers)
+        self._head_read = True
+        self._head_timer.cancel()
+        self.connection.settimeout(self.timeout)  # each later read and write
+        return ok
+
+    def finish(self) -> None:
+        self._head_read = True
+        self._head_timer.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass

@@ -54,6 +54,27 @@ def test_connections_past_the_cap_are_closed_and_silent_ones_time_out(demo_repo,
     assert refused(running, "metrics_timeout") == CAP
 
 
+def test_a_head_trickled_a_byte_at_a_time_is_cut_off_at_the_timeout(demo_repo, serve):
+    """The timeout bounded each read, not the head: a byte every 0.7 s (timeout 1 s) held the
+    connection and its thread for as long as the client liked."""
+    running = serve(demo_repo, http_header_timeout_s=1)
+    s = connect(running)
+    start = time.monotonic()
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        for b in b"x-a: " + b"b" * 20:
+            s.sendall(bytes([b]))
+            time.sleep(0.25)
+            if time.monotonic() - start > 3:
+                break
+    except OSError:
+        pass  # closed under us
+    assert closed_within(s, 1), "the trickling head was still read 3 s into a 1 s timeout"
+    assert time.monotonic() - start < 3.5
+    s.close()
+    eventually(lambda: refused(running, "metrics_timeout") == 1, "the timeout was not counted")
+
+
 def test_a_head_past_max_header_bytes_is_not_read_further(demo_repo, serve):
     """A head that goes on and on is answered from what was read (http.server would read 100
     header lines of 64 KiB each and wait for the rest)."""
