@@ -46,6 +46,7 @@ class _Quiet(WSGIRequestHandler):
         # connection and its thread for as long as the client liked): past it the socket is
         # shut, which ends the read in progress.
         self._head_read = False
+        assert self.timeout is not None  # (serve_metrics sets it)
         self.connection.settimeout(self.timeout + 1)  # (the timer ends the head's reads first, counted once)
         self._head_timer = threading.Timer(self.timeout, self._head_late)
         self._head_timer.daemon = True
