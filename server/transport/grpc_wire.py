@@ -100,6 +100,12 @@ def decompress(payload: bytes, encoding: bytes, limit: int) -> bytes:
         raise WireError("INTERNAL", f"a compressed message could not be decompressed: {e}") from None
     if len(out) > limit:
         raise WireError("RESOURCE_EXHAUSTED", f"a message inflates past the largest accepted ({limit} bytes)")
+    # What was left out had passed silently: a stream cut short gave the part inflated so far, and
+    # a second gzip member (or any bytes after the first) was dropped.
+    if not d.eof:
+        raise WireError("INTERNAL", "a compressed message ends before its compressed data does")
+    if d.unused_data:
+        raise WireError("INTERNAL", "a compressed message has bytes after the end of its compressed data")
     return out
 
 

@@ -78,6 +78,17 @@ def test_corrupt_or_undeclared_compression_is_an_error():
         grpc_wire.decompress(b"x", b"", 100)
 
 
+def test_a_compressed_message_cut_short_or_with_bytes_after_its_end_is_an_error():
+    """Both had passed: the part inflated so far was taken as the message, and a second gzip
+    member (or anything after the first) was dropped."""
+    data = b"tensor bytes " * 100
+    for packed, encoding in ((gzip.compress(data), b"gzip"), (zlib.compress(data), b"deflate")):
+        with pytest.raises(WireError, match="ends before"):
+            grpc_wire.decompress(packed[:-6], encoding, 10_000)
+        with pytest.raises(WireError, match="bytes after the end"):
+            grpc_wire.decompress(packed + packed, encoding, 10_000)
+
+
 def test_metadata_leaves_out_grpc_s_own_headers_and_decodes_binary_values():
     headers = [
         (b":path", b"/a/b"),
