@@ -190,7 +190,7 @@ class LimitSettings:
         64 * 1024,
         "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed (on the h2 gRPC "
         "engine: a call's headers and metadata, decoded; more refuses that call RESOURCE_EXHAUSTED, and past "
-        "twice it closes the connection)",
+        "twice it closes the connection; on the grpcio engine gRPC core refuses the call RESOURCE_EXHAUSTED)",
         minimum=1,
     )
     grpc_max_resets_per_s: int = _setting(

@@ -62,6 +62,10 @@ def new_grpc_server(
         # max_connections bounds gRPC connections too; gRPC core refuses the one past it
         # (not counted: core does not tell Python).
         ("grpc.max_allowed_incoming_connections", max_connections),
+        # a call's metadata as on the h2 engine (gRPC core's own defaults refused 16 KiB), refused
+        # RESOURCE_EXHAUSTED past it: its soft limit refuses at random below its hard one
+        ("grpc.max_metadata_size", lim.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", lim.max_header_bytes),
         # a connection's handshake (TLS included) within the head timeout, as on the h2 engine
         ("grpc.server_handshake_timeout_ms", max(1, int(s.http_header_timeout_s * 1000))),
     ]

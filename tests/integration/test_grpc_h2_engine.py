@@ -647,3 +647,22 @@ def test_the_engines_timeouts_come_from_the_settings_and_are_counted(demo_repo, 
     assert 'batchgate_http_connections_refused_total{reason="grpc_body_timeout"} 1.0' in metrics
     silent.close()
     raw.close()
+
+
+def test_the_grpcio_engine_takes_max_header_bytes_for_a_calls_metadata(demo_repo, serve):
+    """gRPC core's own metadata limits applied on grpcio (20 KB refused, 'value length 20000 vs.
+    16384'), whatever max_header_bytes said; the h2 engine took it."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    running = serve(demo_repo, grpc_engine="grpcio")  # max_header_bytes 64 KiB
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    assert client.is_server_live(headers={"x-note": "v" * 20_000})
+    client.close()
+    small = serve(demo_repo, grpc_engine="grpcio", max_header_bytes=4096)
+    client = grpcclient.InferenceServerClient(small.grpc_url)
+    assert client.is_server_live(headers={"x-note": "v" * 1000})
+    with pytest.raises(InferenceServerException) as e:
+        client.is_server_live(headers={"x-note": "v" * 8000})
+    assert "RESOURCE_EXHAUSTED" in str(e.value.status())
+    client.close()
