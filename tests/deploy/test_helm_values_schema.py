@@ -1,0 +1,65 @@
+"""Values a user mistypes are refused at render with a message naming the value (the chart's
+values.schema.json), instead of rendering something else: `autoscaling.mode: HPA` had rendered no
+HPA and no ScaledObject and a Deployment without replicas (one pod, never scaled);
+`modelRepository.source: PVC` an empty emptyDir as the model repository; `image.variant: CPU` the
+GPU image; a misspelt top-level key was ignored. The defaults and the documented choices render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helm_support import by_kind, helm_binary, render, template, validate
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return helm_binary()
+
+
+def _values(tmp_path: Path, given: dict) -> Path:
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(given))
+    return f
+
+
+@pytest.mark.parametrize(
+    "given, where",
+    [
+        ({"autoscaling": {"mode": "HPA"}}, "/autoscaling/mode"),
+        ({"autoscaling": {"mode": "prometheus"}}, "/autoscaling/mode"),
+        ({"autoscaling": {"targetQueueDepth": 0}}, "/autoscaling/targetQueueDepth"),
+        ({"modelRepository": {"source": "PVC"}}, "/modelRepository/source"),
+        ({"modelRepository": {"source": "s3"}}, "/modelRepository/source"),
+        ({"image": {"variant": "CPU"}}, "/image/variant"),
+        ({"probes": {"readiness": {"type": "tcp"}}}, "/probes/readiness/type"),
+        ({"monitoring": {"kind": "podMonitor"}}, "/monitoring/kind"),
+        ({"service": {"type": "Loadbalancer"}}, "/service/type"),
+        ({"ports": {"metrics": -1}}, "/ports/metrics"),
+        ({"ports": {"http": 70000}}, "/ports/http"),
+        ({"ports": {"htp": 9000}}, "htp"),
+        ({"admin": {"port": 0}}, "/admin/port"),
+        ({"autoscalling": {"enabled": False}}, "autoscalling"),
+    ],
+)
+def test_a_mistyped_value_is_refused_at_render_naming_it(helm, tmp_path, given, where):
+    out = template(helm, _values(tmp_path, given))
+    assert out.returncode != 0, f"rendered {given}"
+    assert where in out.stderr, out.stderr
+
+
+def test_the_documented_choices_render(helm, tmp_path):
+    for given in (
+        {},
+        {"autoscaling": {"mode": "keda", "targetQueueDepth": 0.5}},
+        {"autoscaling": {"enabled": False}, "replicaCount": 3},
+        {"modelRepository": {"source": "initContainer"}, "image": {"variant": "cpu"}},
+        {"probes": {"readiness": {"type": "http"}}, "monitoring": {"kind": "PodMonitor"}},
+        {"workersMode": "front", "service": {"type": "LoadBalancer"}, "admin": {"port": -1, "expose": True}},
+        {"gpu": {"enabled": True, "count": 2}, "ports": {"http": 9000, "grpc": 9001, "metrics": 9002}},
+    ):
+        kinds = by_kind(render(helm, _values(tmp_path, given)))
+        validate([d for docs in kinds.values() for d in docs])
+    keda = by_kind(render(helm, _values(tmp_path, {"autoscaling": {"mode": "keda"}})))
+    assert "ScaledObject" in keda and "HorizontalPodAutoscaler" not in keda
