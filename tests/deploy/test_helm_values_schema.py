@@ -63,3 +63,28 @@ def test_the_documented_choices_render(helm, tmp_path):
         validate([d for docs in kinds.values() for d in docs])
     keda = by_kind(render(helm, _values(tmp_path, {"autoscaling": {"mode": "keda"}})))
     assert "ScaledObject" in keda and "HorizontalPodAutoscaler" not in keda
+
+
+@pytest.mark.parametrize(
+    "section, key, value, owner",
+    [
+        ("server", "http_port", 9000, "ports.http"),
+        ("server", "grpc_port", 9001, "ports.grpc"),
+        ("server", "metrics_port", 9002, "ports.metrics"),
+        ("server", "host", "127.0.0.1", "ports"),
+        ("repository", "model_repository", "/data", "modelRepository"),
+    ],
+)
+def test_a_listener_or_the_repository_in_config_is_refused_not_dropped(helm, tmp_path, section, key, value, owner):
+    """The chart writes these itself; given in `config` they had been dropped without a word (the
+    pod kept port 8000 while the user's values said 9000). Refused like the chart's other settings."""
+    out = template(helm, _values(tmp_path, {"config": {section: {key: value}}}))
+    assert out.returncode != 0, f"config.{section}.{key} was rendered and dropped"
+    assert f"config.{section}.{key} is set by the chart: use the value {owner}" in out.stderr
+
+
+def test_the_other_settings_of_those_sections_still_pass_through(helm, tmp_path):
+    given = {"config": {"server": {"exit_timeout_s": 40}, "repository": {"model_control_mode": "explicit"}}}
+    config = yaml.safe_load(by_kind(render(helm, _values(tmp_path, given)))["ConfigMap"][0]["data"]["batchgate.yaml"])
+    assert config["server"]["exit_timeout_s"] == 40 and config["server"]["http_port"] == 8000
+    assert config["repository"] == {"model_repository": "/models", "model_control_mode": "explicit"}
