@@ -88,3 +88,18 @@ def test_the_other_settings_of_those_sections_still_pass_through(helm, tmp_path)
     config = yaml.safe_load(by_kind(render(helm, _values(tmp_path, given)))["ConfigMap"][0]["data"]["batchgate.yaml"])
     assert config["server"]["exit_timeout_s"] == 40 and config["server"]["http_port"] == 8000
     assert config["repository"] == {"model_repository": "/models", "model_control_mode": "explicit"}
+
+
+def test_a_metrics_key_without_the_scrape_authorization_is_refused(helm, tmp_path):
+    """auth.metricsRequiresKey with keys makes /metrics answer 401 without one: a ServiceMonitor
+    without monitoring.authorization had rendered, Prometheus scraped 401s, and the HPA (or KEDA)
+    and every alert went blind on batchgate_queue_depth."""
+    key = {"id": "web", "sha256": "ab" * 32, "scopes": ["infer", "read"]}
+    given = {"auth": {"apiKeys": {"keys": [key]}, "metricsRequiresKey": True}}
+    out = template(helm, _values(tmp_path, given))
+    assert out.returncode != 0 and "set monitoring.authorization" in out.stderr, out.stderr
+    bearer = {"type": "Bearer", "credentials": {"name": "scrape", "key": "token"}}
+    monitor = by_kind(render(helm, _values(tmp_path, {**given, "monitoring": {"authorization": bearer}})))
+    assert monitor["ServiceMonitor"][0]["spec"]["endpoints"][0]["authorization"] == bearer
+    by_kind(render(helm, _values(tmp_path, {**given, "monitoring": {"enabled": False}})))
+    by_kind(render(helm, _values(tmp_path, given), api_versions=[]))  # no Prometheus Operator: no monitor
