@@ -103,3 +103,26 @@ def test_a_metrics_key_without_the_scrape_authorization_is_refused(helm, tmp_pat
     assert monitor["ServiceMonitor"][0]["spec"]["endpoints"][0]["authorization"] == bearer
     by_kind(render(helm, _values(tmp_path, {**given, "monitoring": {"enabled": False}})))
     by_kind(render(helm, _values(tmp_path, given), api_versions=[]))  # no Prometheus Operator: no monitor
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"ports": {"metrics": 8001}}, "ports.grpc and ports.metrics are both port 8001"),
+        ({"ports": {"http": 8005}}, "admin.httpPort and ports.http are both port 8005"),
+        (
+            {"tls": {"enabled": True, "existingSecret": "gw-tls"}, "ports": {"health": 8003}},
+            "admin.port and ports.health are both port 8003",
+        ),
+    ],
+)
+def test_two_listeners_on_one_port_are_refused(helm, tmp_path, given, message):
+    """Two listeners on one port had rendered; the server then stopped at start, address in use
+    (a crash loop), after a probe had named the port of the other listener."""
+    out = template(helm, _values(tmp_path, given))
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_a_port_shared_with_a_listener_that_is_off_renders(helm, tmp_path):
+    by_kind(render(helm, _values(tmp_path, {"ports": {"health": 8003}})))  # no TLS: no health port
+    by_kind(render(helm, _values(tmp_path, {"admin": {"port": -1, "httpPort": -1}, "ports": {"metrics": 8003}})))
