@@ -126,3 +126,16 @@ def test_two_listeners_on_one_port_are_refused(helm, tmp_path, given, message):
 def test_a_port_shared_with_a_listener_that_is_off_renders(helm, tmp_path):
     by_kind(render(helm, _values(tmp_path, {"ports": {"health": 8003}})))  # no TLS: no health port
     by_kind(render(helm, _values(tmp_path, {"admin": {"port": -1, "httpPort": -1}, "ports": {"metrics": 8003}})))
+
+
+def test_a_grace_period_shorter_than_the_drain_is_refused(helm, tmp_path):
+    """values.yaml: terminationGracePeriodSeconds "must be longer than both together" (preStop and
+    exit_timeout_s); a shorter one had rendered, and the kubelet killed pods mid-drain."""
+    for grace in (5, 40):  # preStop 10 + exit_timeout_s 30
+        out = template(helm, _values(tmp_path, {"terminationGracePeriodSeconds": grace}))
+        assert out.returncode != 0 and f"terminationGracePeriodSeconds {grace}: must be longer" in out.stderr
+    given = {"terminationGracePeriodSeconds": 41}
+    pod = by_kind(render(helm, _values(tmp_path, given)))["Deployment"][0]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 41
+    given = {"terminationGracePeriodSeconds": 60, "config": {"server": {"exit_timeout_s": 55}}}
+    assert "(65)" in template(helm, _values(tmp_path, given)).stderr

@@ -39,12 +39,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Seconds the pod gets to stop: preStop sleep + batchgate's own grace period + a margin. */}}
 {{- define "batchgate.terminationGrace" -}}
-{{- if .Values.terminationGracePeriodSeconds -}}
-{{- .Values.terminationGracePeriodSeconds -}}
-{{- else -}}
 {{- $server := (.Values.config | default dict).server | default dict -}}
 {{- $exit := coalesce $server.exit_timeout_s $server.exit_timeout_secs 30 -}}
-{{- add .Values.lifecycle.preStopSleepSeconds (ceil $exit | int) 10 -}}
+{{- $needed := add .Values.lifecycle.preStopSleepSeconds (ceil $exit | int) -}}
+{{- with .Values.terminationGracePeriodSeconds -}}
+{{- if le (int .) (int $needed) -}}
+{{- fail (printf "terminationGracePeriodSeconds %v: must be longer than lifecycle.preStopSleepSeconds + config.server.exit_timeout_s (%d), or the kubelet kills the pod before it has drained; leave it empty to have it computed" . (int $needed)) -}}
+{{- end -}}
+{{- . -}}
+{{- else -}}
+{{- add $needed 10 -}}
 {{- end -}}
 {{- end -}}
 
