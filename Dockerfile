@@ -114,10 +114,11 @@ WORKDIR /home/batchgate
 USER 10001:10001
 EXPOSE 8000 8001 8002
 # Ready, not merely alive: /v2/health/ready answers 200 once the models are loaded and 400
-# while the server drains. No curl in the image: the environment's python asks, and any error
-# (refused, timed out, HTTP 400) is an uncaught exception, i.e. exit status 1 = unhealthy.
+# while the server drains. No curl in the image: batchgate.healthcheck asks, with the settings the
+# BATCHGATE_* variables give (HTTPS when TLS is on; the plaintext health port when one is set,
+# as mTLS needs), exit status 1 = unhealthy.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('BATCHGATE_HTTP_PORT', '8000') + '/v2/health/ready', timeout=2)"]
+    CMD ["python", "-m", "batchgate.healthcheck"]
 # SIGTERM is Docker's default; stated because batchgate drains on it (see Shutdown above).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["batchgate", "serve"]
