@@ -13,11 +13,14 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from .inputs import ScoreError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -33,6 +36,14 @@ def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) 
     output to ``<name>_<i>`` and writes higher ranks and BYTES as JSON text."""
     cols: dict[str, pa.Array] = {name: keep.column(name).combine_chunks() for name in keep.column_names}
     for name, arr in outputs.items():
+        # a kept column the output would replace (a file's own ground truth 'label', say)
+        flat = re.compile(re.escape(name) + (r"(_\d+)?" if fmt == "csv" else ""))
+        clash = [c for c in keep.column_names if flat.fullmatch(c)]
+        if clash:
+            raise ScoreError(
+                f"the kept column '{clash[0]}' has the name of a column of the model's output '{name}', which "
+                "would replace it: rename it in the input, or do not keep it"
+            )
         if arr.dtype == object:  # BYTES: text (UTF-8; other bytes escaped)
             if arr.ndim == 1:
                 cols[name] = pa.array([_text(v) for v in arr.tolist()])

@@ -241,6 +241,8 @@ async def score_table(
     (null where the row was not scored) and ``error_column`` with the reason (null when scored)."""
     sig = model.signature
     mapping = mapping or Mapping.build(sig, batch.schema, columns, keep)
+    if error_column in mapping.keep:
+        raise ScoreError(f"the kept column '{error_column}' has the name of the column of the reasons; do not keep it")
     prepared = await asyncio.to_thread(prepare, batch, sig, mapping, allow_nan)
     rows = len(prepared.good)
     outputs, failed = await _score(model, sig, prepared.feeds, rows)

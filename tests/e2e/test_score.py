@@ -432,3 +432,22 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(repo, tmp_path):
     done = score(*args, "--output", out)
     assert done.returncode == 0 and "kept from an earlier run" in done.stderr, done.stderr
     assert _json(manifest)["done"] and _parts(out).num_rows == n
+
+
+def test_a_kept_column_with_the_name_of_an_output_column_is_refused_not_replaced(repo, tmp_path):
+    """A file's own column kept beside an output column of the same name (its ground truth
+    'OUTPUT', or 'probabilities_1' beside the CSV's flattened probabilities) was silently
+    replaced by the model's answer, exit 0. Refused, exit 2, naming the column."""
+    texts = tmp_path / "texts.csv"
+    texts.write_text("OUTPUT,INPUT\ntruth,hello\n")
+    feats = tmp_path / "feats.csv"
+    feats.write_text("a,b,c,d,probabilities_1\n0.1,0.2,0.3,0.4,truth\n")
+    for model, src, extra in (
+        ("texts", texts, ["--keep", "OUTPUT", "--columns", "INPUT=INPUT"]),
+        ("clf", feats, ["--keep", "probabilities_1", "--columns", "features=a,b,c,d", "--format", "csv"]),
+    ):
+        out = str(tmp_path / f"out_{model}")
+        done = score("--model", model, "--model-repository", repo, "--input", str(src), "--output", out, *extra)
+        assert done.returncode == 2, done.stderr
+        assert "kept column" in done.stderr and extra[1] in done.stderr and "Traceback" not in done.stderr
+        assert not glob.glob(os.path.join(out, "part-*"))

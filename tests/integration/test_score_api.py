@@ -76,3 +76,12 @@ def test_arrow_batches_and_rows_the_model_fails(repo):
 def test_a_scorer_needs_one_place_to_find_the_model(repo):
     with pytest.raises(ValueError, match="model_repository or target"):
         score_api.Scorer("clf")
+
+
+def test_a_kept_column_with_the_name_of_an_output_or_of_the_error_column_is_refused(repo):
+    """A kept 'probabilities' was replaced by the model's, and a kept 'batchgate_error' came out
+    twice: the caller's own column lost."""
+    frame = pd.DataFrame({"features": [[0.1, 0.2, 0.3, 0.4]], "probabilities": ["truth"], "batchgate_error": ["x"]})
+    for keep in ("probabilities", "batchgate_error"):
+        with score_api.Scorer("clf", model_repository=repo, keep=[keep]) as s, pytest.raises(ValueError, match=keep):
+            s.score(frame)
