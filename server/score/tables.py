@@ -69,6 +69,11 @@ class Mapping:
                 raise ScoreError(
                     f"no column named '{t.name}' for model input '{t.name}': map it with --columns {t.name}=col1,..."
                 )
+        # a name the header gives twice: only one of the columns would be read, in each place it is named
+        used = {c for cols in sources.values() for c in cols} | set(keep)
+        twice = sorted(c for c in used if schema.names.count(c) > 1)
+        if twice:
+            raise ScoreError(f"the input has two or more columns named {', '.join(map(repr, twice))}: rename them")
         return Mapping(sources, tuple(keep))
 
 

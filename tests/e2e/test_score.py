@@ -451,3 +451,15 @@ def test_a_kept_column_with_the_name_of_an_output_column_is_refused_not_replaced
         assert done.returncode == 2, done.stderr
         assert "kept column" in done.stderr and extra[1] in done.stderr and "Traceback" not in done.stderr
         assert not glob.glob(os.path.join(out, "part-*"))
+
+
+def test_a_header_naming_a_column_twice_is_refused(repo, tmp_path):
+    """CSV header a,a,b: the second 'a' was never read, the first fed twice ([1, 1, 3] scored for
+    the row 1,2,3), exit 0."""
+    src = tmp_path / "dup.csv"
+    src.write_text("a,a,b\n1,2,3\n")
+    for extra in ([], ["--columns", "INPUT=a,a,b"]):
+        out = str(tmp_path / f"out{len(extra)}")
+        done = score("--model", "ints", "--model-repository", repo, "--input", str(src), "--output", out, *extra)
+        assert done.returncode == 2 and "'a'" in done.stderr and "two or more columns named" in done.stderr, done.stderr
+        assert not glob.glob(os.path.join(out, "part-*"))
