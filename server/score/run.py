@@ -137,7 +137,11 @@ async def run(job: Job) -> Counts:
         "allow_nan": job.allow_nan,
     }
     manifest = Manifest(job.out_dir, key)
+    earlier = os.path.exists(manifest.path)  # (a folder without one is not a scoring's: its files are left alone)
     job.counts.skipped_parts = manifest.resume()
+    if earlier:  # the folder then holds this run's parts only: another run's (other input, batch size...)
+        _drop_unrecorded(job.out_dir, manifest)  # and parts not recorded are removed
+    manifest.save()
     pending: list[asyncio.Task] = []
     try:
         await _scoring(job, sig, manifest, pending)
@@ -343,10 +347,13 @@ async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 def _drop_unrecorded(out_dir: str, manifest: Manifest) -> None:
-    """A stopped run's parts that were written but not recorded (a rerun writes them again)."""
+    """Parts (and their rejects, and files half-written by a run killed) that the manifest does not
+    record: a stopped run's (a rerun writes them again), or another run's."""
+    recorded = {p[k] for p in manifest.parts.values() for k in ("file", "rejects_file") if k in p}
     for name in os.listdir(out_dir):
-        written = re.fullmatch(r"(?:part-(\d{5,})\.(?:parquet|csv)|rejects-(\d{5,})\.jsonl)", name)
-        if written and int(written.group(1) or written.group(2)) not in manifest.parts:
+        if re.fullmatch(r"(?:part-\d{5,}\.(?:parquet|csv)|rejects-\d{5,}\.jsonl)(?:\.partial)?", name) and (
+            name not in recorded
+        ):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out_dir, name))
 

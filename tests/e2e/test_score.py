@@ -463,3 +463,22 @@ def test_a_header_naming_a_column_twice_is_refused(repo, tmp_path):
         done = score("--model", "ints", "--model-repository", repo, "--input", str(src), "--output", out, *extra)
         assert done.returncode == 2 and "'a'" in done.stderr and "two or more columns named" in done.stderr, done.stderr
         assert not glob.glob(os.path.join(out, "part-*"))
+
+
+def test_a_run_into_a_folder_of_another_runs_output_leaves_none_of_its_parts(repo, tmp_path):
+    """A second run with another input (or batch size, or format) into the same --output rewrote
+    the parts it had and left the first run's others: a reader of the folder's parts got both
+    runs' rows."""
+    big, small = tmp_path / "big.npy", tmp_path / "small.npy"
+    np.save(big, _features(100, seed=1))
+    np.save(small, _features(10, seed=2))
+    out = str(tmp_path / "out")
+    for src in (big, small):
+        done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
+                     "--batch-size", "10", "--quiet")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet", "rejects-00000.jsonl", "rejects.jsonl"]
+    assert _parts(out).num_rows == 10
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(small), "--output", out,
+                 "--batch-size", "10", "--format", "csv", "--quiet")  # fmt: skip
+    assert done.returncode == 0 and not glob.glob(os.path.join(out, "*.parquet")), done.stderr
