@@ -150,6 +150,7 @@ class RemoteTarget:
         self.retried = 0  # requests sent again after an overloaded answer
         self.waited_s = 0.0  # time spent waiting for those
         self.honoured = 0  # of those waits, how many were the server's Retry-After
+        self.version = ""
 
     @classmethod
     async def open(
@@ -173,16 +174,20 @@ class RemoteTarget:
             _Grpc(target, headers, tls, timeout_s) if protocol == "grpc" else _Http(target, headers, tls, timeout_s)
         )
         try:
-            cfg = await wire.config(name)
+            cfg = await _told_when(lambda: wire.config(name), retries)
             signature = signature_of(cfg)
             # The model's lowest priority level, so its online traffic goes first (a level past
             # the model's would be its default, on Triton and here). None: it has no levels.
             wire.priority = cfg.dynamic_batching.priority_levels if cfg.HasField("dynamic_batching") else 0
+            versions = await _told_when(lambda: wire.versions(name), retries)
         except (TargetError, GatewayError, _Overloaded, ValueError) as e:
             await wire.close()
-            text = e.message if isinstance(e, (GatewayError, _Overloaded)) else str(e)
+            text = f"{e.status}: {e.message}" if isinstance(e, _Overloaded) else getattr(e, "message", str(e))
             raise TargetError(f"--target {target}: cannot read model '{name}': {text}") from None
-        return cls(wire, name, signature, retries)
+        target_ = cls(wire, name, signature, retries)
+        # the version an unversioned request runs (the latest served), for the run's key
+        target_.version = str(max(versions, key=lambda v: (len(v), v))) if versions else ""
+        return target_
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sig = self.signature
@@ -220,6 +225,20 @@ class RemoteTarget:
         await self.wire.close()
 
 
+async def _told_when(read: Any, retries: int) -> Any:
+    """A read of the model's config or metadata, sent again when the server refuses it as
+    overloaded with a Retry-After (a rate-limited key's burst spent on the read before, say);
+    without one (unreachable), the first refusal stands."""
+    for attempt in range(retries + 1):
+        try:
+            return await read()
+        except _Overloaded as e:
+            if e.retry_after is None or attempt == retries:
+                raise
+            await asyncio.sleep(e.retry_after * (1 + random.random() / 4))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class _Wire(Protocol):
     """How requests reach the server: gRPC or HTTP; ``priority``: the V2 priority its requests
     ask for (0: none)."""
@@ -227,6 +246,8 @@ class _Wire(Protocol):
     priority: int
 
     async def config(self, name: str) -> Any: ...
+
+    async def versions(self, name: str) -> list[str]: ...
 
     async def infer(
         self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
@@ -272,8 +293,21 @@ class _Grpc:
                 self.pb.ModelConfigRequest(name=name), metadata=self.metadata, timeout=CONFIG_TIMEOUT_S
             )
         except self.grpc.aio.AioRpcError as e:
-            raise TargetError(f"{e.code().name}: {e.details()}") from None
+            raise self._read_error(e) from None
         return reply.config
+
+    async def versions(self, name: str) -> list[str]:
+        try:
+            reply = await self.stub.ModelMetadata(
+                self.pb.ModelMetadataRequest(name=name), metadata=self.metadata, timeout=CONFIG_TIMEOUT_S
+            )
+        except self.grpc.aio.AioRpcError as e:
+            raise self._read_error(e) from None
+        return list(reply.versions)
+
+    def _read_error(self, e: Any) -> Exception:
+        error = self._error(e)
+        return error if isinstance(error, _Overloaded) else TargetError(f"{e.code().name}: {e.details()}")
 
     async def infer(
         self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
@@ -351,11 +385,16 @@ class _Http:
     async def config(self, name: str) -> Any:
         from ..repository.config import config_from_json
 
-        status, _, body = await self._send("GET", self.base + urllib.parse.quote(name, safe="") + "/config")
-        if status != 200:
-            raise TargetError(f"HTTP {status}: {_message(body)}")
+        status, headers, body = await self._send("GET", self.base + urllib.parse.quote(name, safe="") + "/config")
+        _read_status(status, headers, body)
         cfg = json.loads(body)
         return config_from_json(json.dumps(cfg.get("config", cfg)), name)
+
+    async def versions(self, name: str) -> list[str]:
+        status, headers, body = await self._send("GET", self.base + urllib.parse.quote(name, safe=""))
+        _read_status(status, headers, body)
+        doc = json.loads(body)
+        return [str(v) for v in (doc.get("versions") if isinstance(doc, dict) else None) or []]
 
     async def infer(
         self, name: str, feeds: dict[str, np.ndarray], types: dict[str, str], names: tuple[str, ...]
@@ -390,6 +429,13 @@ class _Http:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+def _read_status(status: int, headers: Any, body: bytes) -> None:
+    if status in (429, 503):
+        raise _Overloaded(f"HTTP {status}", _message(body), retry_after(headers.get("retry-after")))
+    if status != 200:
+        raise TargetError(f"HTTP {status}: {_message(body)}")
 
 
 def _read(path: str) -> bytes | None:

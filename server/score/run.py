@@ -38,6 +38,7 @@ class LocalModel:
         self.gateway, self.name = gateway, name
         self.served = gateway.repository.resolve(name, "")
         self.signature: ModelSignature = self.served.signature
+        self.version = str(self.served.version)  # the version that scores (in the run's key: see run())
 
     @classmethod
     async def open(cls, repository: str, name: str) -> LocalModel:
@@ -127,6 +128,7 @@ async def run(job: Job) -> Counts:
     os.makedirs(job.out_dir, exist_ok=True)
     key = {
         "model": sig.name,
+        "model_version": getattr(job.model, "version", ""),  # a version added since: the parts are scored again
         "input": os.path.abspath(job.input),
         "input_size": os.path.getsize(job.input),
         "input_mtime_ns": os.stat(job.input).st_mtime_ns,

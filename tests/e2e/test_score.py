@@ -482,3 +482,36 @@ def test_a_run_into_a_folder_of_another_runs_output_leaves_none_of_its_parts(rep
     done = score("--model", "clf", "--model-repository", repo, "--input", str(small), "--output", out,
                  "--batch-size", "10", "--format", "csv", "--quiet")  # fmt: skip
     assert done.returncode == 0 and not glob.glob(os.path.join(out, "*.parquet")), done.stderr
+
+
+def test_a_version_added_since_the_parts_were_written_scores_them_again(tmp_path):
+    """A rerun's key named the model, not its version: after version 2 was added, a resumed run
+    kept the parts version 1 had scored and scored the rest with version 2, one output from two
+    models, exit 0. The version that scores is in the key, the same read locally or from a
+    server (so a local run still resumes through a --target, and back)."""
+    from processes import Proc, serve_args
+
+    root = str(tmp_path / "models")
+    _save(classifier_model(), root, "clf", config="max_batch_size: 64\n")
+    src = tmp_path / "in.npy"
+    np.save(src, _features(40, seed=4))
+    out = str(tmp_path / "out")
+    args = ["--model", "clf", "--input", str(src), "--output", out, "--batch-size", "10", "--quiet"]
+    assert score(*args, "--model-repository", root).returncode == 0
+    server = Proc(serve_args(root))
+    try:
+        server.wait_ready()
+        done = score(*args, "--target", server.grpc)
+    finally:
+        server.kill()
+    assert done.returncode == 0 and "(4 kept from an earlier run)" in done.stderr, done.stderr
+    os.makedirs(os.path.join(root, "clf", "2"))
+    import onnx
+
+    onnx.save(classifier_model(seed=5), os.path.join(root, "clf", "2", "model.onnx"))
+    os.remove(os.path.join(out, "part-00002.parquet"))
+    done = score(*args, "--model-repository", root)
+    assert done.returncode == 0 and "kept from an earlier run" not in done.stderr, done.stderr
+    sess = ort.InferenceSession(os.path.join(root, "clf", "2", "model.onnx"), providers=["CPUExecutionProvider"])
+    got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, sess.run(None, {"features": np.load(src)})[0], rtol=1e-5)
