@@ -151,6 +151,7 @@ async def run(job: Job) -> Counts:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        manifest.save()  # what was recorded since the last save
         _drop_unrecorded(job.out_dir, manifest)
         raise
     manifest.done = True
