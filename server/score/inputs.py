@@ -71,7 +71,9 @@ def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.
         if os.path.getsize(path) == 0:
             return
         if fmt == "csv":
-            yield from _rechunk(_csv_rows(path, plan), rows)
+            decode: dict[str, bool] = {}  # (known once the file's first rows are read)
+            for batch in _rechunk(_csv_rows(path, plan, decode), rows):
+                yield _decoded(batch, decode) if decode else batch
         elif fmt == "jsonl":
             yield from _rechunk(_jsonl(path, plan), rows)
         else:
@@ -111,11 +113,11 @@ def _other(path: str, fmt: str, rows: int) -> Iterator[pa.RecordBatch]:
             yield _array_batch({k: a[start : start + rows] for k, a in arrays.items()})
 
 
-def _csv_rows(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
+def _csv_rows(path: str, plan: Plan | None, decode: dict[str, bool]) -> Iterator[pa.RecordBatch]:
     """:func:`_csv`, a row longer than the reader's block told as such (pyarrow says an object
     straddles two block boundaries)."""
     try:
-        yield from _csv(path, plan)
+        yield from _csv(path, plan, decode)
     except pa.ArrowInvalid as e:
         if "straddl" not in str(e):
             raise
@@ -125,7 +127,9 @@ def _csv_rows(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
         ) from None
 
 
-def _csv(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
+def _csv(path: str, plan: Plan | None, decode: dict[str, bool]) -> Iterator[pa.RecordBatch]:
+    """The file's batches as the reader gives them; ``decode`` gets the columns read as bytes for
+    :func:`_decoded` (once per chunk of rows: per reader batch, a wide file took twice as long)."""
     import pyarrow.csv as pcsv
 
     options = pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
@@ -141,9 +145,37 @@ def _csv(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
     finally:
         first.close()
     want = plan(schema)
-    types = {c: pa.string() if dt is not None else _known(schema.field(c).type) for c, dt in want.items()}
+    # text read as bytes (pyarrow refuses a whole file for one cell that is not UTF-8), then
+    # decoded a batch at a time: the columns feeding an input, and the kept ones of text
+    text = [c for c, dt in want.items() if dt is not None or pa.types.is_string(_known(schema.field(c).type))]
+    types = {c: pa.binary() if c in text else _known(schema.field(c).type) for c in want}
     convert = pcsv.ConvertOptions(column_types=types, include_columns=list(want))
+    decode.update({c: want[c] is not None for c in text if want[c] is None or np.dtype(want[c]) != np.object_})
     yield from pcsv.open_csv(path, read_options=options, convert_options=convert)
+
+
+def _decoded(batch: pa.RecordBatch, decode: dict[str, bool]) -> pa.RecordBatch:
+    """``decode``'s columns (bytes) as text. A value that is not UTF-8 rejects its row (the
+    ``REASON`` column) where the column feeds an input (True); a kept one is escaped. A BYTES
+    input's column stays bytes, as written."""
+    reasons: list[str | None] = [None] * batch.num_rows
+    columns = []
+    for name, col in zip(batch.schema.names, batch.columns):
+        if name in decode:
+            try:
+                col = col.cast(pa.string())
+            except pa.ArrowInvalid:
+                values = col.to_pylist()
+                for i, v in enumerate(values):
+                    try:
+                        values[i] = v if v is None else v.decode()
+                    except UnicodeDecodeError:
+                        values[i] = None if decode[name] else v.decode("utf-8", "backslashreplace")
+                        if decode[name] and reasons[i] is None:
+                            reasons[i] = f"column '{name}': not UTF-8 text"
+                col = pa.array(values, pa.string())
+        columns.append(col)
+    return pa.RecordBatch.from_arrays([*columns, pa.array(reasons, pa.string())], [*batch.schema.names, REASON])
 
 
 def _known(t: pa.DataType) -> pa.DataType:

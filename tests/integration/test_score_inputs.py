@@ -180,3 +180,23 @@ def test_the_manifest_is_saved_about_once_a_second_not_once_a_part(tmp_path, mon
     counts, table, _ = _score(Identity("x", "FP32", (2,)), src, tmp_path / "out", batch_size=2)
     assert counts.parts == 300 and table.num_rows == 600
     assert len(saves) < 100 and saves[:17] == list(range(17)) and saves[-1] == 300, saves
+
+
+def test_a_csv_cell_that_is_not_utf8_rejects_its_row_not_the_run(tmp_path):
+    """A Latin-1 byte in a CSV column read as text stopped the run (exit 2, "invalid UTF8 data",
+    no row named), and a rerun stopped at the same place: the file could never be scored past
+    it. A number column's cell rejects its row; a kept column's is written escaped (the row is
+    scored); a BYTES input gets the bytes as written (the model judges them)."""
+    n = 60_000  # the bad cells past the reader's first block, where the column types were inferred
+    head = "".join(f"{i},{i % 7},2,name{i},t{i}\n" for i in range(n)).encode()
+    src = tmp_path / "latin1.csv"
+    src.write_bytes(b"id,a,b,name,s\n" + head + b"60000,1\xe9,2,ok,t\n60001,1,2,caf\xe9,t\n60002,1,2,ok,\xe9t\n")
+    assert src.stat().st_size > 1 << 20
+    model = Identity("features", "FP32", (2,))
+    counts, table, rejects = _score(model, src, tmp_path / "out", keep=("id", "name"), columns=("features=a,b",))
+    assert (counts.scored, counts.rejected) == (n + 2, 1)
+    assert [(r["id"], r["reason"]) for r in rejects] == [(n, "column 'a': not UTF-8 text")]
+    assert table.column("name").to_pylist()[-2:] == ["caf\\xe9", "ok"]
+    assert table.schema.field("name").type == pa.string()
+    counts, table, rejects = _score(Identity("s", "BYTES", (1,)), src, tmp_path / "bytes", keep=("id",))
+    assert counts.scored == n + 3 and table.column("y").to_pylist()[-1] == ["\\xe9t"]  # (the output escaped as text)
