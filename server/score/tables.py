@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ class Mapping:
                 sources[t.name] = (t.name,)
             elif len(sig.inputs) == 1:
                 free = [f for f in schema if f.name not in keep]
-                numeric = [f.name for f in free if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+                numeric = [f.name for f in free if _numeric(f.type) and not pa.types.is_boolean(f.type)]
                 width = int(np.prod(t.dims)) if t.dims and all(d > 0 for d in t.dims) else None
                 if width is not None and len(numeric) != width and len(free) == width:
                     # A number column with text in the file's first rows reads as text; when every
@@ -141,6 +142,8 @@ def _tensor(
     parts = []
     for c in cols:
         col = batch.column(batch.schema.get_field_index(c))
+        if pa.types.is_decimal(col.type):  # (Spark's and databases' money) as numbers, not Decimal objects
+            col = col.cast(pa.float64())
         for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)).tolist():
             why.setdefault(i, f"column '{c}': missing value")
         if pa.types.is_fixed_size_list(col.type) and _numeric(col.type.value_type) and col.values.null_count == 0:
@@ -180,7 +183,7 @@ def _tensor(
 
 
 def _numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
 
 
 def _from_text(col: pa.Array, dtype: np.dtype, column: str, why: dict[int, str], nan: bool = False) -> np.ndarray:
@@ -264,6 +267,8 @@ def _parsed(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str
         row = int(idx[0])
         if isinstance(v, bytes):
             v = v.decode("utf-8", "replace")
+        elif isinstance(v, Decimal):  # (in a list column of decimals)
+            v = float(v)
         if v is None or (isinstance(v, str) and v in NULL_TEXT):
             why.setdefault(row, f"column '{column}': missing value")
             continue

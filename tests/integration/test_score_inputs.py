@@ -200,3 +200,26 @@ def test_a_csv_cell_that_is_not_utf8_rejects_its_row_not_the_run(tmp_path):
     assert table.schema.field("name").type == pa.string()
     counts, table, rejects = _score(Identity("s", "BYTES", (1,)), src, tmp_path / "bytes", keep=("id",))
     assert counts.scored == n + 3 and table.column("y").to_pylist()[-1] == ["\\xe9t"]  # (the output escaped as text)
+
+
+def test_decimal_columns_are_numbers(tmp_path):
+    """Parquet's decimal columns (what Spark and databases write for money): every row was
+    rejected, "'1.50' is not a float32", exit 0; and a model of one input found no numeric
+    column among them."""
+    from decimal import Decimal
+
+    src = tmp_path / "money.parquet"
+    amounts = pa.array([Decimal("1.50"), Decimal("2.25"), None], pa.decimal128(10, 2))
+    pq.write_table(pa.table({"id": [1, 2, 3], "a": amounts, "b": [1.0, 2.0, 3.0]}), src)
+    for columns in (("features=a,b",), ()):
+        out = tmp_path / f"out{len(columns)}"
+        counts, table, rejects = _score(Identity("features", "FP32", (2,)), src, out, keep=("id",), columns=columns)
+        assert table.column("y").to_pylist() == [[1.5, 1.0], [2.25, 2.0]]
+        assert [(r["id"], r["reason"]) for r in rejects] == [(3, "column 'a': missing value")]
+    lists = tmp_path / "lists.parquet"
+    column = pa.array([[Decimal("1.5"), Decimal("2")]], pa.list_(pa.decimal128(5, 1)))
+    pq.write_table(pa.table({"features": column}), lists)
+    counts, table, rejects = _score(Identity("features", "FP32", (2,)), lists, tmp_path / "lists")
+    assert table.column("y").to_pylist() == [[1.5, 2.0]]
+    counts, table, rejects = _score(Identity("n", "INT64", (1,)), src, tmp_path / "ints", columns=("n=a",))
+    assert counts.scored == 0 and "not a whole number" in rejects[0]["reason"]
