@@ -37,6 +37,10 @@ def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) 
     the shapes): Parquet keeps a tensor row as a (nested) fixed-size list; CSV flattens a 2-D
     output to ``<name>_<i>`` and writes higher ranks and BYTES as JSON text."""
     cols: dict[str, pa.Array] = {name: keep.column(name).combine_chunks() for name in keep.column_names}
+    for name, col in cols.items():
+        if fmt == "csv" and pa.types.is_nested(col.type):  # (pyarrow's CSV writer takes none): JSON text
+            texts = [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()]
+            cols[name] = pa.array(texts, pa.string())
     for name, arr in outputs.items():
         # a kept column the output would replace (a file's own ground truth 'label', say)
         flat = re.compile(re.escape(name) + (r"(_\d+)?" if fmt == "csv" else ""))

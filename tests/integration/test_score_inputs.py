@@ -223,3 +223,19 @@ def test_decimal_columns_are_numbers(tmp_path):
     assert table.column("y").to_pylist() == [[1.5, 2.0]]
     counts, table, rejects = _score(Identity("n", "INT64", (1,)), src, tmp_path / "ints", columns=("n=a",))
     assert counts.scored == 0 and "not a whole number" in rejects[0]["reason"]
+
+
+def test_a_kept_list_or_struct_column_goes_into_csv_parts_as_json_text(tmp_path):
+    """pyarrow's CSV writer takes no nested type: a kept list column (JSON Lines tags) stopped
+    the run at its first part, "Unsupported Type:list", exit 2. Written as JSON text, as the
+    outputs of higher rank are."""
+    import pyarrow.csv as pcsv
+
+    src = tmp_path / "tags.jsonl"
+    src.write_text('{"tags": ["a", "b"], "meta": {"k": 1}, "x": [1, 2]}\n{"tags": [], "meta": null, "x": [3, 4]}\n')
+    job = Job(Identity("x", "FP32", (2,)), str(src), str(tmp_path / "out"), fmt="csv", keep=("tags", "meta"))
+    counts = asyncio.run(run(job))
+    assert counts.scored == 2
+    table = pcsv.read_csv(tmp_path / "out" / "part-00000.csv")
+    assert table.column("tags").to_pylist() == ['["a", "b"]', "[]"]
+    assert table.column("meta").to_pylist() == ['{"k": 1}', ""]  # (a null: an empty cell)
