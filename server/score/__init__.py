@@ -75,7 +75,8 @@ class Scorer:
         if pandas:
             rb = pa.RecordBatch.from_pandas(batch, preserve_index=False)
         elif isinstance(batch, pa.Table):
-            rb = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([])
+            empty = pa.RecordBatch.from_pylist([], schema=batch.schema)  # (its columns, no row)
+            rb = batch.combine_chunks().to_batches()[0] if batch.num_rows else empty
         else:
             rb = batch
         table, self._mapping = self._run(

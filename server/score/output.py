@@ -52,7 +52,7 @@ def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) 
             )
         if arr.dtype == object:  # BYTES: text (UTF-8; other bytes escaped)
             if arr.ndim == 1:
-                cols[name] = pa.array([_text(v) for v in arr.tolist()])
+                cols[name] = pa.array([_text(v) for v in arr.tolist()], pa.string())
             elif fmt == "csv":
                 cols[name] = pa.array([json.dumps(_py(v)) for v in arr.tolist()])
             else:

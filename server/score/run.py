@@ -293,7 +293,7 @@ async def _score(
     Requests carry at most the model's max_batch_size rows (one row each for a model that does
     not batch); a request the backend fails is split in halves down to the failing rows."""
     if rows == 0:
-        return {}, {}
+        return _unanswered(sig, {}, 0), {}
     step = sig.max_batch_size if sig.max_batch_size > 0 else 1
     spans = [(s, min(rows, s + step)) for s in range(0, rows, step)]
     results = await _all([_bisect(model, sig, feeds, a, b) for a, b in spans])
@@ -311,7 +311,19 @@ async def _score(
         for (a, b), out in got:
             for k, v in out.items():
                 merged[k][a:b] = v
-    return merged, failed
+    return _unanswered(sig, merged, rows), failed
+
+
+def _unanswered(sig: ModelSignature, merged: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``merged`` with the outputs no request answered (no row to score, or every one failed)
+    shaped as the signature declares, so that every part has every output column."""
+    for t in sig.outputs:
+        if t.name not in merged:
+            shape = (rows, *[max(d, 0) for d in t.dims])
+            merged[t.name] = (
+                np.empty(shape, object) if t.dtype.np_dtype == np.object_ else np.zeros(shape, t.dtype.np_dtype)
+            )
+    return merged
 
 
 async def _bisect(

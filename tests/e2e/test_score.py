@@ -515,3 +515,18 @@ def test_a_version_added_since_the_parts_were_written_scores_them_again(tmp_path
     sess = ort.InferenceSession(os.path.join(root, "clf", "2", "model.onnx"), providers=["CPUExecutionProvider"])
     got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
     np.testing.assert_allclose(got, sess.run(None, {"features": np.load(src)})[0], rtol=1e-5)
+
+
+def test_a_part_with_no_row_scored_has_the_output_columns(repo, tmp_path):
+    """A part whose rows were all rejected had the kept columns only; read as a dataset (the
+    first part's schema), the folder had no 'probabilities' at all."""
+    import pyarrow.dataset as ds
+
+    src = tmp_path / "in.csv"
+    src.write_text("id,a,b,c,d\n1,x,1,1,1\n2,,1,1,1\n3,0.1,0.2,0.3,0.4\n")
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
+                 "--keep", "id", "--columns", "features=a,b,c,d", "--batch-size", "2")  # fmt: skip
+    assert done.returncode == 0 and "1 scored, 2 rejected" in done.stderr, done.stderr
+    table = ds.dataset(sorted(glob.glob(os.path.join(out, "part-*.parquet")))).to_table()
+    assert table.column_names == ["id", "probabilities"] and table.column("id").to_pylist() == [3]

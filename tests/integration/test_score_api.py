@@ -85,3 +85,16 @@ def test_a_kept_column_with_the_name_of_an_output_or_of_the_error_column_is_refu
     for keep in ("probabilities", "batchgate_error"):
         with score_api.Scorer("clf", model_repository=repo, keep=[keep]) as s, pytest.raises(ValueError, match=keep):
             s.score(frame)
+
+
+def test_a_batch_with_no_row_scored_still_has_every_output_column(repo):
+    """A batch whose rows all failed their checks came back without the output columns (a Spark
+    schema or a Ray dataset of the other batches' columns does not take it), and an empty
+    pyarrow table raised IndexError (Ray Data hands empty blocks over)."""
+    frame = pd.DataFrame({"id": [1, 2], "features": [[0.1, np.nan, 0.1, 0.1], None]})
+    with score_api.Scorer("clf", model_repository=repo, keep=["id"]) as s:
+        out = s.score(frame)
+        assert list(out.columns) == ["id", "probabilities", "batchgate_error"] and out["batchgate_error"].notna().all()
+        empty = s.score(pa.table({"id": pa.array([], pa.int64()), "features": pa.array([], pa.list_(pa.float32()))}))
+        assert empty.num_rows == 0 and empty.column_names == ["id", "probabilities", "batchgate_error"]
+        assert empty.schema.field("probabilities").type == pa.list_(pa.float32(), 3)
