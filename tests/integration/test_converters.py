@@ -359,3 +359,35 @@ def test_json_output_is_stdout_alone_whatever_the_model_prints(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["name"] == "p"
     assert "forward called" in done.stderr
+
+
+def test_a_pipeline_taking_some_values_only_is_checked_on_the_samples(tmp_path):
+    """A one-hot encoder of a category column (codes 0-3) raises on the generated inputs (normal
+    floats), and those were always run: such a pipeline could not be converted at all, --samples
+    of real rows or not. With --samples the generated sets the original refuses are left out
+    (said, and in conversion.json); without, the error asks for them."""
+    import onnxruntime as ort
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.integers(0, 4, 300), rng.standard_normal((300, 2))].astype(np.float32)
+    columns = ColumnTransformer([("code", OneHotEncoder(), [0]), ("num", StandardScaler(), [1, 2])])
+    model = Pipeline([("columns", columns), ("lr", LogisticRegression())]).fit(x, (x[:, 0] > 1).astype(int))
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match="fails on generated inputs .*unknown categories.*--samples"):
+        convert_sklearn(model, ["x:FP32:-1,3"], str(repo), "coded")
+    samples = tmp_path / "rows.npz"
+    np.savez(samples, x=x[:50])
+    said = []
+    r = convert_sklearn(model, ["x:FP32:-1,3"], str(repo), "coded", samples=str(samples), progress=said.append)
+    assert r.written and all(c.ok and c.cases == 1 for c in r.checks)
+    assert any("left out of the parity check" in s for s in said)
+    record = json.loads((repo / "coded" / "1" / "conversion.json").read_text())
+    assert len(record["parity_left_out"]) == 3
+    sess = ort.InferenceSession(str(repo / "coded" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    label, proba = sess.run(None, {"x": x[50:80]})
+    np.testing.assert_array_equal(label.reshape(-1), model.predict(x[50:80]))
+    np.testing.assert_allclose(proba, model.predict_proba(x[50:80]), rtol=1e-4, atol=1e-5)
