@@ -189,6 +189,11 @@ def _jsonl(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
     first = next(blocks, None)
     if first is None:
         return
+    if first.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):  # (one line each: an array would be a row of lists)
+        raise ScoreError(
+            f"--input {path}: starts with a JSON array; the JSON Lines read here are one object a line "
+            "(pandas writes them with to_json(orient='records', lines=True))"
+        )
     try:
         schema = pjson.read_json(io.BytesIO(first)).schema
     except (pa.ArrowInvalid, pa.ArrowTypeError):

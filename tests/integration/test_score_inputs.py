@@ -239,3 +239,12 @@ def test_a_kept_list_or_struct_column_goes_into_csv_parts_as_json_text(tmp_path)
     table = pcsv.read_csv(tmp_path / "out" / "part-00000.csv")
     assert table.column("tags").to_pylist() == ['["a", "b"]', "[]"]
     assert table.column("meta").to_pylist() == ['{"k": 1}', ""]  # (a null: an empty cell)
+
+
+def test_a_json_array_is_named_as_not_json_lines(tmp_path):
+    """pandas' to_json(orient='records') writes a JSON array on one line (.json, read as JSON
+    Lines): the run said "no numeric column to feed input", which was not the trouble."""
+    src = tmp_path / "records.json"
+    src.write_text('[{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0}]')
+    with pytest.raises(ScoreError, match="starts with a JSON array; the JSON Lines read here are one object a line"):
+        _score(Identity("features", "FP32", (2,)), src, tmp_path / "out")
