@@ -100,6 +100,9 @@ def main(args: argparse.Namespace) -> int:
         problem = f"--output {args.output} is a file, not a folder"
     elif args.rejects and os.path.isdir(args.rejects):
         problem = f"--rejects {args.rejects} is a folder, not a file"
+    elif args.rejects and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.rejects))):
+        # (told before the run, not once every row is scored and the rejects are gathered)
+        problem = f"--rejects {args.rejects}: its folder {folder} does not exist"
     if problem:
         print(f"batchgate score: {problem}", file=sys.stderr)
         return EXIT_USAGE

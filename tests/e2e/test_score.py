@@ -530,3 +530,14 @@ def test_a_part_with_no_row_scored_has_the_output_columns(repo, tmp_path):
     assert done.returncode == 0 and "1 scored, 2 rejected" in done.stderr, done.stderr
     table = ds.dataset(sorted(glob.glob(os.path.join(out, "part-*.parquet")))).to_table()
     assert table.column_names == ["id", "probabilities"] and table.column("id").to_pylist() == [3]
+
+
+def test_a_rejects_file_in_a_folder_that_does_not_exist_is_refused_before_the_run(repo, tmp_path):
+    """It was found once every row was scored, gathering the rejects: FileNotFoundError, exit 2."""
+    src = tmp_path / "in.npy"
+    np.save(src, _features(10))
+    out, rejects = str(tmp_path / "out"), str(tmp_path / "nowhere" / "rejects.jsonl")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
+                 "--rejects", rejects)  # fmt: skip
+    assert done.returncode == 2 and "nowhere does not exist" in done.stderr, done.stderr
+    assert not os.path.exists(out)
