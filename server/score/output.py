@@ -39,8 +39,9 @@ def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) 
     cols: dict[str, pa.Array] = {name: keep.column(name).combine_chunks() for name in keep.column_names}
     for name, col in cols.items():
         if fmt == "csv" and pa.types.is_nested(col.type):  # (pyarrow's CSV writer takes none): JSON text
-            texts = [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()]
-            cols[name] = pa.array(texts, pa.string())
+            cols[name] = pa.array(
+                [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string()
+            )
     for name, arr in outputs.items():
         # a kept column the output would replace (a file's own ground truth 'label', say)
         flat = re.compile(re.escape(name) + (r"(_\d+)?" if fmt == "csv" else ""))
