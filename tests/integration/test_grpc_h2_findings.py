@@ -120,26 +120,34 @@ def test_large_header_blocks_are_not_kept_per_connection(engine):  # noqa: F811
 def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(tmp_path, serve, engine_name):
     """The h2 engine's deadline timer cancels the handler as a client that goes away does, and
     fired before the queue's own: every such call was counted CANCELLED (requests_total, Triton's
-    failure counts, the access log), never DEADLINE_EXCEEDED."""
+    failure counts, the access log), never DEADLINE_EXCEEDED. The one instance is kept busy by a
+    long batch (sent over HTTP, so not among the gRPC counts), so the calls wait in the queue until
+    their deadline passes: the batcher sends a batch early for a deadline only to an idle instance."""
     import numpy as np
     import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from batchgate.demo import SIMPLE_CONFIG, _save, simple_model
+    from batchgate.demo import _save, slow_model
 
-    config = SIMPLE_CONFIG + "dynamic_batching { preferred_batch_size: [8] max_queue_delay_microseconds: 3000000 }\n"
-    _save(simple_model(), str(tmp_path), "simple", config=config)
+    config = "max_batch_size: 256\ndynamic_batching { max_queue_delay_microseconds: 3000000 }\n"
+    _save(slow_model(width=1024, layers=768), str(tmp_path), "slow", config=config)
     log = tmp_path / "access.jsonl"
-    running = serve(str(tmp_path), grpc_engine=engine_name, access_log="all", access_log_file=str(log))
+    running = serve(
+        str(tmp_path), grpc_engine=engine_name, access_log="all", access_log_file=str(log), inline_execution_max_us=0
+    )
+    busy_in = httpclient.InferInput("input", [256, 1024], "FP32")
+    busy_in.set_data_from_numpy(np.ones((256, 1024), np.float32))
+    busy = httpclient.InferenceServerClient(running.http_url, network_timeout=120).async_infer("slow", [busy_in])
+    end = time.monotonic() + 10
+    while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:  # until it runs
+        time.sleep(0.001)
+    inp = grpcclient.InferInput("input", [1, 1024], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 1024), np.float32))
     c = grpcclient.InferenceServerClient(running.grpc_url)
-    inputs = []
-    for n in ("INPUT0", "INPUT1"):
-        i = grpcclient.InferInput(n, [1, 16], "INT32")
-        i.set_data_from_numpy(np.ones((1, 16), np.int32))
-        inputs.append(i)
     for _ in range(3):
         with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
-            c.infer("simple", inputs, client_timeout=0.3)
+            c.infer("slow", [inp], client_timeout=0.05)
     c.close()
 
     def counted(family: str, label: str) -> dict:
@@ -158,14 +166,16 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(
     assert counted("batchgate_request_errors_total", "code") == {"DEADLINE_EXCEEDED": 3.0}
     # a stream's deadline ends its request waiting in the queue: logged so too
     s = grpcclient.InferenceServerClient(running.grpc_url)
-    s.start_stream(callback=lambda result, error: None, stream_timeout=0.3)
-    s.async_stream_infer("simple", inputs)
-    time.sleep(0.6)
+    s.start_stream(callback=lambda result, error: None, stream_timeout=0.05)
+    s.async_stream_infer("slow", [inp])
+    time.sleep(0.15)
     s.stop_stream()
     s.close()
+    busy.get_result()
     end = time.monotonic() + 10
     while time.monotonic() < end:
         lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        lines = [x for x in lines if "rpc.response.status_code" in x]  # (the busy batch's is HTTP's)
         if len(lines) >= 4:
             break
         time.sleep(0.05)
