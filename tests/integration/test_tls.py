@@ -514,6 +514,8 @@ def test_a_connection_accepted_before_a_reload_may_not_resume_a_session_after_it
     """A connection accepted before a reload shakes hands on the context of then (chosen as it
     is accepted), which can still resume a session of a CA the reload pulled: such a connection
     is closed once its handshake says it resumed, and the client's next one starts afresh."""
+    if port_alpn[1] == "h2" and os.environ.get("BATCHGATE_TEST_GRPC_ENGINE", "h2") == "grpcio":
+        pytest.skip("gRPC core (the grpcio engine) shakes hands on the credentials of the accept (docs/tls.md)")
     ca = tmp_path / "ca.crt"
     ca.write_bytes(pki.ca.pem + pki.other_ca.pem)
     running = serve(demo_repo, **tls_flags(pki), tls_client_ca_file=str(ca), tls_poll_s=POLL_S)
@@ -531,11 +533,11 @@ def test_a_connection_accepted_before_a_reload_may_not_resume_a_session_after_it
         admitted, resumed = False, False
         try:
             with ctx.wrap_socket(early, server_hostname="localhost", session=session) as s:
-                resumed = s.session_reused  # (the server's context of then resumed it...)
+                resumed = s.session_reused
                 admitted = _admitted(s, alpn)
         except (OSError, ssl.SSLError):
             pass
-        assert resumed  # ...so the check below is the server's closing, not a failed handshake
+        assert resumed  # (on the context of then: the check below is the server's closing)
         assert not admitted
     finally:
         early.close()
