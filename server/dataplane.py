@@ -44,7 +44,8 @@ from .dataplane_extensions import Coordinator, Extensions
 from .model import ModelVersion
 from .monitoring.access_log import AccessLog
 from .monitoring.metrics import Metrics
-from .monitoring.tracing import Tracing, passed_on, trace_context
+from .monitoring.trace_context import passed_on, trace_context
+from .monitoring.tracing import Tracing
 from .repository.config import config_to_json
 from .repository.manager import ModelRepository
 from .routes import Header, Routed, ServedRoute

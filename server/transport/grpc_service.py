@@ -34,7 +34,7 @@ from ..core.types import (
 )
 from ..dataplane import DataPlane
 from ..monitoring.access_log import Note
-from ..monitoring.tracing import trace_context
+from ..monitoring.trace_context import trace_context
 from ..security.access import OPEN_CALLER, Caller, credentials
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION

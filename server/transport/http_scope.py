@@ -9,7 +9,7 @@ import base64
 import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
-from ..monitoring.tracing import trace_context
+from ..monitoring.trace_context import trace_context
 from ..security.access import Caller, credentials
 from ..security.tls import http_peer_subject
 
@@ -36,7 +36,7 @@ def header(scope, name: str) -> str | None:
 
 def trace_headers(scope) -> tuple[str | None, str | None]:
     """The request's ``traceparent`` and ``tracestate`` (None when absent), in one pass (see
-    :func:`tracing.trace_context`)."""
+    :func:`trace_context.trace_context`)."""
     return trace_context(scope["headers"], b"traceparent", b"tracestate")
 
 

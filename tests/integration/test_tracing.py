@@ -132,7 +132,7 @@ def test_two_traceparent_headers_start_a_trace_of_their_own(repo, serve, receive
 
 
 def test_trace_context_joins_tracestate_headers_and_takes_no_duplicated_traceparent():
-    from batchgate.monitoring.tracing import trace_context
+    from batchgate.monitoring.trace_context import trace_context
 
     one = f"00-{TRACE_ID}-{PARENT}-01"
     assert trace_context([("traceparent", one), ("tracestate", "a=1"), ("tracestate", "b=2")]) == (one, "a=1,b=2")
@@ -462,7 +462,7 @@ def test_a_grpc_endpoint_without_a_port_gets_otlps_and_a_bad_sdk_setting_is_a_co
 def test_a_later_traceparent_version_is_read_by_its_first_55_characters():
     """W3C trace context: a version above 00 is parsed as 00 up to its 55th character (then a
     dash or the end); it was taken for invalid and the caller's trace was cut in two."""
-    from batchgate.monitoring.tracing import valid_traceparent
+    from batchgate.monitoring.trace_context import valid_traceparent
 
     assert valid_traceparent(f"00-{TRACE_ID}-{PARENT}-01") == (True, True)
     assert valid_traceparent(f"01-{TRACE_ID}-{PARENT}-01-what-a-later-version-adds") == (True, True)
