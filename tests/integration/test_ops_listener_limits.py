@@ -50,7 +50,20 @@ def test_connections_past_the_cap_are_closed_and_silent_ones_time_out(demo_repo,
     assert all(closed_within(s, 5) for s in held), "a silent connection was kept past the timeout"
     for s in [extra, *held]:
         s.close()
-    assert refused(running, "metrics_connections") == 1
+    # A held connection's client sees the close as its thread is ending: until the thread gives
+    # its slot back, a scrape is one more connection past the cap (CI met this once).
+    turned_away = []
+
+    def scraped() -> bool:
+        try:
+            urllib.request.urlopen(running.metrics_url, timeout=5).read()
+            return True
+        except OSError:  # (closed at once: reset, or no status line; urllib wraps some as URLError)
+            turned_away.append(1)
+            return False
+
+    eventually(scraped, "the silent connections' slots did not come back")
+    assert refused(running, "metrics_connections") == 1 + len(turned_away)
     assert refused(running, "metrics_timeout") == CAP
 
 
