@@ -15,6 +15,8 @@ import grpc
 
 from . import grpc_wire, http2
 from .eager import start_eagerly
+from .grpc_h2_context import Abort as _Abort
+from .grpc_h2_context import CallContext
 from .grpc_wire import WireError
 
 if TYPE_CHECKING:
@@ -59,6 +61,8 @@ class _Requests:
             call.credit()
             if call.buf:  # (the client may only now send the rest of its next message)
                 call.partial_since = _monotonic()
+        if type(raw) is _Packed:
+            raw = await call.inflate(raw)
         return call.deserialize(raw)
 
     def wake(self) -> None:
@@ -66,7 +70,7 @@ class _Requests:
             self._waiter.set_result(None)
 
 
-class _Call:
+class _Call(CallContext):
     """One call: its request bytes, its handler's task and its answer; also the handler's
     ``context`` (grpc.aio ServicerContext's methods that the services here use)."""
 
@@ -98,9 +102,6 @@ class _Call:
         "end_after_out",
         "out_waiter",
         "wire_error",
-        "_code",
-        "_details",
-        "_trailing",
         "opened",
     )
 
@@ -117,7 +118,8 @@ class _Call:
         self.inbox: deque[bytes] = deque()
         self.unacked = 0
         # bytes of request messages this call holds (the part of one read so far, and whole ones not
-        # yet taken by the handler, inflated), counted in the connection's ``buffered``
+        # yet taken by the handler: inflated, or as sent for a large one still _Packed), counted
+        # in the connection's ``buffered``
         self.held = 0
         self.inbox_bytes = 0
         # since when a request message has been waiting for its rest (None: none is); a stall
@@ -221,7 +223,9 @@ class _Call:
             if self.requests is None and self.inbox:  # (before a second one is inflated)
                 self.fail(grpc.StatusCode.UNIMPLEMENTED, "a unary call takes one request message; this one sent 2")
                 return
-            if compressed:
+            if compressed and len(raw) > grpc_wire.INFLATE_ON_LOOP_MAX_BYTES:
+                raw = _Packed(raw)  # inflated on a thread as its handler takes it
+            elif compressed:
                 try:
                     raw = grpc_wire.decompress(raw, self.encoding or b"", self.conn.server.max_receive_bytes)
                 except WireError as e:
@@ -261,6 +265,13 @@ class _Call:
             return
         raw = self.inbox.popleft()
         self.inbox_bytes = 0
+        if type(raw) is _Packed:
+            self.task = self.conn.server.loop.create_task(self._inflate_then_begin(raw, may_refuse))
+            return
+        self._begin(raw, may_refuse)
+
+    def _begin(self, raw: bytes, may_refuse: bool) -> None:
+        """A unary call's request message, whole and inflated: refused early, or to its handler."""
         refuse = self.conn.server.refusers.get(self.method) if may_refuse else None
         if refuse is not None:
             refused = refuse(raw, self.conn.peer)
@@ -272,6 +283,39 @@ class _Call:
         except _Abort:
             return
         self._start(request)
+
+    async def inflate(self, packed: bytes) -> bytes:
+        """A large compressed message inflated on a thread: up to ``max_receive_bytes`` from a
+        few KB would hold the loop, and every other call with it, for tens of milliseconds
+        (zlib lets go of the GIL while it works). A failure fails the call, as ``deserialize``."""
+        try:
+            return await asyncio.to_thread(
+                grpc_wire.decompress, packed, self.encoding or b"", self.conn.server.max_receive_bytes
+            )
+        except WireError as e:
+            self.wire_error = _Abort()
+            self.fail(_STATUS_OF[e.code], e.message)
+            raise self.wire_error from None
+
+    async def _inflate_then_begin(self, packed: bytes, may_refuse: bool) -> None:
+        """A unary call's task while its one message is inflated (``_begin`` starts the handler's
+        own task): a failure or a cancel here ends the call, as ``_run``'s would."""
+        try:
+            raw = await self.inflate(packed)
+        except _Abort:
+            raw = None
+        except asyncio.CancelledError:
+            if not self.done:
+                self._end(grpc.StatusCode.CANCELLED, "Cancelled")
+            raise
+        finally:
+            self.task = None
+            if self.done:
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.conn.finished(self)
+        if raw is not None:
+            self._begin(raw, may_refuse)
 
     def _refuse(self, code: grpc.StatusCode, message: str, trailing: tuple) -> None:
         """Answer with an error before any handler runs (see ``H2GrpcServer.refusers``)."""
@@ -505,53 +549,9 @@ class _Call:
         if w is not None and not w.done():
             w.set_result(None)
 
-    # ------------------------------------------------------------------ grpc.aio's context
-    def invocation_metadata(self):
-        return self.md
 
-    def peer(self) -> str:
-        return self.conn.peer
+class _Packed(bytes):
+    """A request message still compressed, larger than ``INFLATE_ON_LOOP_MAX_BYTES``: held as
+    sent and inflated on a thread when the handler takes it (``_Call.inflate``)."""
 
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return self.conn.auth
-
-    def time_remaining(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - _monotonic())
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def set_trailing_metadata(self, md) -> None:
-        self._trailing = tuple(md)
-
-    def trailing_metadata(self):
-        return self._trailing
-
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
-        self._code, self._details = code, details
-        if trailing_metadata:
-            self._trailing = tuple(trailing_metadata)
-        raise _Abort()
-
-    def cancelled(self) -> bool:
-        return self.gone
-
-    def is_active(self) -> bool:
-        return not self.done
-
-    def disable_next_message_compression(self) -> None:
-        pass
-
-
-class _Abort(grpc.aio.AbortError):
-    """Raised by ``abort``: the status is already set on the call. A grpc.aio.AbortError, so the
-    services' ``except grpc.aio.AbortError`` treat it as they treat grpc.aio's own."""
+    __slots__ = ()

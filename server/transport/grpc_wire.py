@@ -85,6 +85,12 @@ def split_messages(buf: bytearray, limit: int) -> tuple[list[tuple[bool, bytes]]
     return out, pos
 
 
+# Compressed messages up to this size are inflated on the event loop as they arrive (at most
+# ~4 MB at gzip's largest ratio, a few milliseconds), larger ones on a thread when their handler
+# takes them: the HTTP side's DECOMPRESS_ON_LOOP_MAX_BYTES (transport/http_app.py), for gRPC.
+INFLATE_ON_LOOP_MAX_BYTES = 4 * 1024
+
+
 def decompress(payload: bytes, encoding: bytes, limit: int) -> bytes:
     """A compressed message's bytes, at most ``limit`` of them (a small message that inflates
     past the limit is refused, not inflated)."""

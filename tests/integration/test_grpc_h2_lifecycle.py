@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import socket
 import struct
 import threading
@@ -19,7 +20,7 @@ import grpc
 import hpack
 import pytest
 
-from batchgate.transport import grpc_h2, grpc_h2_call, grpc_h2_sweep
+from batchgate.transport import grpc_h2, grpc_h2_call, grpc_h2_sweep, grpc_wire
 from batchgate.transport.grpc_h2 import H2GrpcServer
 
 DATA, HEADERS, RST, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -445,6 +446,76 @@ def test_inflated_messages_count_against_the_buffers(engine):
     sid = raw.headers(extra=[(b"grpc-encoding", b"gzip")])
     raw.data(sid, (struct.pack(">BI", 1, len(bomb)) + bomb) * 2, end=True)
     assert _grpc_status(raw.frames(1.0), sid) == grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+def _gzipped(payload: bytes) -> bytes:
+    z = gzip.compress(payload)
+    return struct.pack(">BI", 1, len(z)) + z
+
+
+def _body(frames: list[tuple], sid: int) -> bytes:
+    return b"".join(f[3] for f in frames if len(f) == 4 and f[0] == DATA and f[2] == sid)
+
+
+def _where_inflated(monkeypatch, e: Engine, delay: float = 0.0) -> list[bool]:
+    """Spies on the engine's inflation (the real one runs): True for each message inflated on the
+    server's loop, False for one inflated on another thread (held ``delay`` seconds first)."""
+    where: list[bool] = []
+    real = grpc_wire.decompress
+
+    def spy(payload, encoding, limit):
+        where.append(threading.current_thread() is e.thread)
+        if not where[-1]:
+            time.sleep(delay)
+        return real(payload, encoding, limit)
+
+    monkeypatch.setattr(grpc_wire, "decompress", spy)
+    return where
+
+
+def test_a_large_compressed_message_is_inflated_off_the_loop(engine, monkeypatch):
+    # Before, every message was inflated on the event loop as it arrived: one of a few KB that
+    # inflates to max_receive_bytes held the loop, and every other call on it, while zlib worked.
+    e = engine(max_receive_bytes=1 << 20)
+    where = _where_inflated(monkeypatch, e)
+    big, small = os.urandom(20_000) + bytes(700_000), b"small " * 100  # ~20 KB and ~30 bytes sent
+    raw = Raw(e.port, settings=struct.pack(">HL", 4, 1 << 24))  # (room for the answers)
+    for payload in (big, small):
+        sid = raw.headers(extra=[(b"grpc-encoding", b"gzip")])
+        raw.data(sid, _gzipped(payload), end=True)
+        code, got = _answer(raw, sid)
+        assert code == 0 and _body(got, sid) == message(payload)
+    assert where == [False, True]
+    parts = [big, small, big[::-1], small * 2]  # a stream's messages keep their order either way
+    sid = raw.headers(b"/t.T/Stream", extra=[(b"grpc-encoding", b"gzip")])
+    raw.data(sid, b"".join(_gzipped(p) for p in parts), end=True)
+    code, got = _answer(raw, sid)
+    assert code == 0 and _body(got, sid) == b"".join(message(p) for p in parts)
+    assert sorted(where[2:]) == [False, False, True, True]
+    for path in (b"/t.T/Echo", b"/t.T/Stream"):  # one that fails to inflate fails its call
+        sid = raw.headers(path, extra=[(b"grpc-encoding", b"gzip")])
+        raw.data(sid, struct.pack(">BI", 1, 9000) + b"not gzip" * 1125, end=True)
+        code, got = _answer(raw, sid)
+        assert code == grpc.StatusCode.INTERNAL.value[0], path
+    _wait(lambda: e.connections() == [(0, 0)], "the calls are let go")
+    assert _held(e) == (0, [0])
+
+
+def test_a_call_whose_message_is_still_inflating_ends_at_its_deadline_or_reset(engine, monkeypatch):
+    e = engine(max_receive_bytes=1 << 20)
+    _where_inflated(monkeypatch, e, delay=3.0)
+    raw = Raw(e.port)
+    sent = _gzipped(os.urandom(20_000))
+    sid = raw.headers(extra=[(b"grpc-encoding", b"gzip"), (b"grpc-timeout", b"200m")])
+    raw.data(sid, sent, end=True)
+    code, _ = _answer(raw, sid, 2.5)  # (the inflation takes 3 s)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    sid = raw.headers(b"/t.T/Stream", extra=[(b"grpc-encoding", b"gzip")])
+    raw.data(sid, sent)
+    time.sleep(0.3)
+    raw.sock.sendall(frame(RST, 0, sid, struct.pack(">L", 8)))  # CANCEL
+    _wait(lambda: e.connections() == [(0, 0)], "the calls are let go while their messages inflate", 2.0)
+    assert _held(e) == (0, [0])
 
 
 def test_an_answer_its_client_takes_none_of_is_dropped_at_the_body_timeout(engine):

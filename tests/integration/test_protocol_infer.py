@@ -398,3 +398,34 @@ def test_json_tensors_carry_nan_and_infinities_both_ways(tmp_path, serve):
     inp.set_data_from_numpy(x, binary_data=False)
     got = c.infer("same", [inp], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)])
     np.testing.assert_array_equal(got.as_numpy("OUTPUT"), x)  # (NaN equals NaN here)
+
+
+@pytest.mark.parametrize("algorithm", ("gzip", "deflate"))
+def test_grpc_compressed_requests_small_and_large(server, algorithm):
+    """tritonclient's gRPC ``compression_algorithm``, on ModelInfer and on a stream: a request
+    small enough to be inflated as it arrives, and one large enough to be inflated on a thread
+    (the h2 engine: past 4 KiB compressed), each answered as it is uncompressed."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    rng = np.random.default_rng(5)
+    answers: queue.Queue = queue.Queue()
+    for rows in (1, 64):  # 1 KB and 64 KB of random floats
+        inp = grpcclient.InferInput("input", [rows, 256], "FP32")
+        inp.set_data_from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
+        want = c.infer("mlp", [inp]).as_numpy("output")
+        got = c.infer("mlp", [inp], compression_algorithm=algorithm).as_numpy("output")
+        np.testing.assert_array_equal(got, want)
+        c.start_stream(lambda result, error: answers.put((result, error)), compression_algorithm=algorithm)
+        try:
+            for _ in range(3):
+                c.async_stream_infer("mlp", [inp])
+            for _ in range(3):
+                result, error = answers.get(timeout=30)
+                assert error is None, error
+                np.testing.assert_array_equal(result.as_numpy("output"), want)
+        finally:
+            c.stop_stream()
+    c.close()
