@@ -52,6 +52,7 @@ from .shadows import DisagreementLog, lowest_priority
 from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
+from .transport.byte_budget import ByteBudget
 from .transport.grpc_server import add_port, new_grpc_server, plaintext_health_server
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
@@ -221,7 +222,8 @@ class Gateway:
         lim = self.settings.limits
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections, lim.ops_max_connections)
-        self._grpc = new_grpc_server(s, lim, connections, self.reuse_port, self.metrics.connection_refused)
+        budget = ByteBudget(lim.max_buffered_request_bytes)  # HTTP bodies and gRPC messages still arriving
+        self._grpc = new_grpc_server(s, lim, connections, self.reuse_port, self.metrics.connection_refused, budget)
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)
@@ -255,7 +257,7 @@ class Gateway:
                     limit,
                     lim.max_gzip_members,
                     refusals_per_s=lim.overload_refusals_per_s,
-                    max_buffered_bytes=lim.max_buffered_request_bytes,
+                    budget=budget,
                 ),
                 s.host,
                 s.http_port,

@@ -39,6 +39,7 @@ import grpc
 
 from ..core.rate import Pacer
 from . import grpc_wire
+from .byte_budget import ByteBudget
 from .grpc_h2_connection import (  # noqa: F401  (the engine's figures, read by tests)
     BUFFERED_REQUESTS,
     CONNECTION_WINDOW,
@@ -72,6 +73,7 @@ class H2GrpcServer:
         max_resets_per_s: int = 1000,
         eager: frozenset[str] = frozenset(),
         max_buffered_bytes: int = 1 << 30,
+        budget: ByteBudget | None = None,
         handshake_timeout_s: float = 10.0,
         body_timeout_s: float = 60.0,
         idle_timeout_s: float = 0.0,
@@ -93,9 +95,9 @@ class H2GrpcServer:
         self.refusals = Pacer(refusals_per_s)  # overload refusals' turns, grpc_overload_refusals_per_s a second
         self.max_resets_per_s = max_resets_per_s
         self.max_header_bytes = max_header_bytes
-        # bytes of unfinished request messages held across all connections (see _Connection.hold)
-        self.max_buffered_bytes = max_buffered_bytes
-        self.buffered = 0
+        # bytes of unfinished request messages held across all connections (see _Connection.hold):
+        # max_buffered_bytes, or a budget shared with the process's HTTP bodies (byte_budget.py)
+        self.budget = budget or ByteBudget(max_buffered_bytes)
         self.handshake_timeout_s = handshake_timeout_s  # the preface and SETTINGS must come within it
         self.body_timeout_s = body_timeout_s  # a request message must be whole within it of its start
         self.idle_timeout_s = idle_timeout_s  # a connection without calls this long is closed (0 = never)

@@ -214,7 +214,8 @@ class _Call(CallContext):
             return True
         self.fail(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "this connection holds too many bytes of unfinished requests; send fewer large requests at once",
+            "this connection, or the server, holds too many bytes of requests still arriving "
+            "(max_buffered_request_bytes); retry, or send fewer large requests at once",
         )
         return False
 

@@ -465,21 +465,18 @@ class _Connection(asyncio.Protocol):
         could deadlock a client that interleaves many large requests, since they share the
         connection's window."""
         server = self.server
-        if self.buffered + n > BUFFERED_REQUESTS * server.max_receive_bytes or (
-            server.buffered + n > server.max_buffered_bytes
-        ):
+        if self.buffered + n > BUFFERED_REQUESTS * server.max_receive_bytes or not server.budget.take(n):
             server.refused("grpc_buffered_bytes")
             return False
         call.held += n
         self.buffered += n
-        server.buffered += n
         return True
 
     def release(self, call: _Call, keep: int = 0) -> None:
         """``call``'s buffered request bytes are no longer held, but for ``keep`` of them."""
         n = call.held - keep
         self.buffered -= n
-        self.server.buffered -= n
+        self.server.budget.give(n)
         call.held = keep
 
     def finished(self, call: _Call) -> None:

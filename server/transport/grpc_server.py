@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from ..security.tls import ServerTls
 from ..settings_sections import LimitSettings, ServerSettings
+from .byte_budget import ByteBudget
 from .grpc_h2 import H2GrpcServer
 
 log = logging.getLogger("batchgate.grpc")
@@ -34,8 +35,10 @@ def new_grpc_server(
     max_connections: int,
     reuse_port: bool,
     refused: Callable[[str], None],
+    budget: ByteBudget | None = None,
 ) -> Any:
-    """A grpc.aio server, or batchgate's own HTTP/2 engine; both take the same handlers."""
+    """A grpc.aio server, or batchgate's own HTTP/2 engine; both take the same handlers. ``budget``:
+    the process's ``max_buffered_request_bytes``, shared with its HTTP bodies (h2 engine only)."""
     if s.grpc_engine == "h2":
         log.info("gRPC engine: h2 (batchgate's own HTTP/2 engine)")
         return H2GrpcServer(
@@ -51,6 +54,7 @@ def new_grpc_server(
             max_header_bytes=lim.max_header_bytes,
             eager=EAGER,
             max_buffered_bytes=lim.max_buffered_request_bytes,
+            budget=budget,
             handshake_timeout_s=s.http_header_timeout_s,
             body_timeout_s=s.http_body_timeout_s,
             idle_timeout_s=s.grpc_idle_timeout_s,

@@ -27,6 +27,7 @@ from ..dataplane import FILE_PARAM_PREFIX, PRECHECK_BYTES, DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
+from .byte_budget import ByteBudget
 from .http_body import BodyReader
 from .http_codec import BodyRefused
 from .http_limits import Verdict
@@ -92,7 +93,7 @@ class HttpApp:
         admin_only: bool = False,
         refusals_per_s: int = 200,
         admin: AdminApi | None = None,
-        max_buffered_bytes: int = 1 << 30,
+        budget: ByteBudget | None = None,
     ):
         """``admin_only``: the admin listener, which serves the repository API, health and the
         server metadata, and nothing of inference."""
@@ -102,7 +103,8 @@ class HttpApp:
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
         self._refusals = Pacer(refusals_per_s)  # overload refusals' turns, overload_refusals_per_s a second
         self.limit = max_body_bytes
-        self.bodies = BodyReader(max_body_bytes, max_buffered_bytes)
+        # bodies still arriving: max_buffered_request_bytes, shared with the gRPC engine (byte_budget.py)
+        self.bodies = BodyReader(max_body_bytes, budget or ByteBudget(1 << 30))
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer

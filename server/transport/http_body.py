@@ -1,6 +1,7 @@
 """Reading an HTTP request body from its ASGI messages, within the limits on it: its own size
 (``max_request_bytes``) and the bytes of bodies still arriving, all connections together
-(``max_buffered_request_bytes``, as the h2 gRPC engine bounds unfinished messages).
+(``max_buffered_request_bytes``, a ``ByteBudget`` shared with the h2 gRPC engine's unfinished
+messages).
 
 Without the second bound every admitted request could hold ``max_request_bytes`` while its client
 took its time (up to ``http_body_timeout_s``): before 2026-12-06, ten connections that each sent
@@ -9,16 +10,16 @@ took its time (up to ``http_body_timeout_s``): before 2026-12-06, ten connection
 from __future__ import annotations
 
 from ..core.errors import ErrorCode, GatewayError, invalid
+from .byte_budget import ByteBudget
 from .http_codec import BodyRefused
 
 
 class BodyReader:
-    __slots__ = ("limit", "max_buffered", "buffered")
+    __slots__ = ("limit", "budget")
 
-    def __init__(self, limit: int, max_buffered: int):
+    def __init__(self, limit: int, budget: ByteBudget):
         self.limit = limit  # max_request_bytes
-        self.max_buffered = max_buffered
-        self.buffered = 0  # bytes of bodies read and not yet whole
+        self.budget = budget  # bytes of bodies read and not yet whole count against it
 
     async def more(self, first, receive) -> bytes:
         """A body from its first ASGI message on, read to its end within the limits."""
@@ -34,18 +35,17 @@ class BodyReader:
                 chunks.append(chunk)
                 if not msg.get("more_body", False):
                     return b"".join(chunks)
-                held += len(chunk)
-                self.buffered += len(chunk)
-                if self.buffered > self.max_buffered:
+                if not self.budget.take(len(chunk)):
                     raise BodyRefused(
-                        f"the server holds more than {self.max_buffered} bytes of request bodies still "
+                        f"the server holds more than {self.budget.limit} bytes of requests still "
                         "arriving; retry later or on another replica (max_buffered_request_bytes)",
                         ErrorCode.RESOURCE_EXHAUSTED,
                         retry_after_s=1.0,
                     )
+                held += len(chunk)
                 msg = await receive()
         finally:
-            self.buffered -= held
+            self.budget.give(held)
 
     async def read(self, receive, scope) -> bytes:
         """A whole body, its Content-Length checked against the limit first."""

@@ -340,7 +340,7 @@ def test_a_streaming_call_whose_answer_waits_for_the_window_ends_at_its_deadline
 
 def _held(e: Engine) -> tuple[int, list[int]]:
     """Bytes of unfinished request messages the server holds: in all, and per connection."""
-    return e.read(lambda: (e.server.buffered, [c.buffered for c in e.server.connections]))
+    return e.read(lambda: (e.server.budget.held, [c.buffered for c in e.server.connections]))
 
 
 def test_a_streams_unfinished_messages_count_against_the_connections_buffer(engine):

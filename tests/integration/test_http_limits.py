@@ -461,3 +461,36 @@ def test_bodies_still_arriving_are_bounded_all_connections_together(repo, serve)
     third.sendall(head + b"Content-Length: 900000\r\n\r\n" + b" " * (900_000 - len(GOOD)) + GOOD)
     assert _read_answer(third).startswith(b"HTTP/1.1 200")
     serves(running)
+
+
+def test_http_bodies_and_grpc_messages_still_arriving_share_one_budget(repo, serve):
+    """max_buffered_request_bytes bounds the process: until 2026-12-06 HTTP bodies and the h2 gRPC
+    engine's unfinished messages each had a budget of their own, so a client that half-sent
+    large requests on both ports held twice the setting."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    running = serve(repo, max_buffered_request_bytes=1 << 20, http_body_timeout_s=5)
+    head = b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    first = connect(running)
+    first.sendall(head + b"Content-Length: 900000\r\n\r\n" + b" " * 700_000)
+    time.sleep(0.3)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [400, 256], "FP32")  # 410 KB: with the body's 700 KB, past 1 MiB
+    inp.set_data_from_numpy(np.zeros((400, 256), np.float32))
+    with pytest.raises(InferenceServerException) as refused:
+        c.infer("mlp", [inp])
+    assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED", refused.value
+    assert "max_buffered_request_bytes" in refused.value.message()
+    assert refusals(running).get(("grpc_buffered_bytes",)) == 1
+    first.sendall(b" " * (900_000 - 700_000 - len(GOOD)) + GOOD)
+    assert _read_answer(first).startswith(b"HTTP/1.1 200")
+    first.close()
+    # the body's bytes are given back: the same message is now read whole (and judged: a batch
+    # of 400 is past the model's 64)
+    with pytest.raises(InferenceServerException) as judged:
+        c.infer("mlp", [inp])
+    assert judged.value.status() == "StatusCode.INVALID_ARGUMENT", judged.value
+    c.close()
+    serves(running)
