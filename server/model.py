@@ -26,7 +26,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
-from .core.batching import BatcherConfig, DynamicBatcher, check_rows, merge, split
+from .core.batcher_config import BatcherConfig
+from .core.batching import DynamicBatcher, check_rows, merge, split
 from .core.errors import ErrorCode, GatewayError, batch_may_go_alone, cancelled_code, invalid
 from .core.rate import LineBudget
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket

@@ -26,11 +26,11 @@ import math
 import time
 from bisect import bisect_left, insort
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
+from .batcher_config import WORK_CONSERVING, BatcherConfig
 from .errors import ErrorCode, GatewayError, invalid
 from .scheduler import (
     EXPIRED,
@@ -48,12 +48,6 @@ from .scheduler import (
     deadline_error,
 )
 from .types import InferRequest, InferResponse
-
-TRITON = "triton"
-WORK_CONSERVING = "work_conserving"
-POLICIES = (TRITON, WORK_CONSERVING)
-# The queue keeps a list per priority level and walks every level for each request.
-MAX_PRIORITY_LEVELS = 1000
 
 # What requests must share to share a batch: (input name, datatype, non-batch dims) per input.
 ShapeKey = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -93,45 +87,6 @@ def shape_key(request: InferRequest) -> ShapeKey:
     """Requests may share a batch only if this is equal: the same inputs, datatypes and
     non-batch dimensions."""
     return tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
-
-
-# ------------------------------------------------------------------ configuration
-@dataclass(frozen=True)
-class BatcherConfig:
-    max_batch_size: int
-    max_queue_delay_s: float = 0.0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    instances: int = 1
-    max_queue_size: int = 0  # requests waiting; 0 = unbounded (only in tests: the gateway's setting is >= 1)
-    priority_levels: int = 0  # 0 = one level
-    default_priority_level: int = 0
-    default_timeout_s: float = 0.0  # 0 = none
-    timeout_action_delay: bool = False  # False: REJECT, True: DELAY
-    preserve_ordering: bool = False  # answers are released in the order requests arrived
-    policy: str = TRITON
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1 for dynamic batching")
-        if self.policy not in POLICIES:
-            raise ValueError(f"batching policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
-        if self.priority_levels > MAX_PRIORITY_LEVELS:
-            raise ValueError(
-                f"dynamic_batching: priority_levels is {self.priority_levels}; at most {MAX_PRIORITY_LEVELS} "
-                "(the queue keeps and walks a list per level)"
-            )
-        # (as Triton checks a config)
-        if self.priority_levels and not 1 <= self.default_priority_level <= self.priority_levels:
-            raise ValueError(
-                f"dynamic_batching: default_priority_level must be between 1 and priority_levels "
-                f"({self.priority_levels}), not {self.default_priority_level}"
-            )
-        for size in self.preferred_batch_sizes:
-            if not 1 <= size <= self.max_batch_size:
-                raise ValueError(
-                    f"dynamic_batching: preferred_batch_size {size} must be between 1 and max_batch_size "
-                    f"({self.max_batch_size})"
-                )
 
 
 class _Entry:
@@ -190,6 +145,7 @@ class DynamicBatcher(_SchedulerBase):
         self._name = name
         levels = max(1, config.priority_levels)
         self._levels: list[list[tuple[Order, _Entry]]] = [[] for _ in range(levels)]  # sorted (order, entry) per level
+        self._policies = [config.policy_of(i + 1 if config.priority_levels else 0) for i in range(levels)]
         self._seq = 0
         self._depth = 0
         self._timed = 0  # queued entries with a deadline or a policy timeout
@@ -256,6 +212,15 @@ class DynamicBatcher(_SchedulerBase):
                 f"model '{self._name}' queue is full: {cfg.max_queue_size} requests waiting (max_queue_size)",
                 retry_after_s=self._drain.seconds_to_drain(self._depth),
             )
+        policy = self._policies[level]
+        if policy.max_queue_size and len(self._levels[level]) >= policy.max_queue_size:
+            self._refused(QUEUE_FULL)
+            raise GatewayError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"model '{self._name}' queue for priority level {level + 1} is full: {policy.max_queue_size} "
+                "requests waiting (its priority_queue_policy's max_queue_size)",
+                retry_after_s=self._drain.seconds_to_drain(self._depth),
+            )
         if request.deadline is not None:
             wait = self._expected_wait(rows, level, request.deadline)
             if wait is not None and now + wait > request.deadline:
@@ -266,7 +231,7 @@ class DynamicBatcher(_SchedulerBase):
                     f"{rid}deadline cannot be met: model '{self._name}' has about {wait * 1000:.1f} ms of work "
                     f"queued ahead, and {max(0.0, request.deadline - now) * 1000:.1f} ms remain; refused at once",
                 )
-        soft = request.arrival + cfg.default_timeout_s if cfg.default_timeout_s else None
+        soft = request.arrival + policy.timeout_s if policy.timeout_s else None
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seq += 1
         order: Order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
@@ -371,7 +336,7 @@ class DynamicBatcher(_SchedulerBase):
                     self._refused(EXPIRED)
                     self._fail(e, deadline_error(e.request))
                 elif e.soft_deadline is not None and now >= e.soft_deadline and not e.delayed:
-                    if self.config.timeout_action_delay:
+                    if self._policies[e.level].delay:
                         # DELAY: behind every request of this level that has not timed out.
                         self._remove(e)
                         e.delayed = True

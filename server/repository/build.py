@@ -184,12 +184,6 @@ class VersionBuilder:
                 "IDs, control inputs or state); sequence_id, sequence_start and sequence_end are ignored",
                 printable(clip(name)),
             )
-        if cfg.dynamic_batching.priority_queue_policy:  # (README, Not supported) likewise
-            log.warning(
-                "model '%s': dynamic_batching.priority_queue_policy is not acted on: every priority level takes "
-                "default_queue_policy (its max_queue_size, timeout and timeout_action)",
-                printable(clip(name)),
-            )
         return {
             v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()
         }

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends.base import IOInfo
-from ..core.batching import BatcherConfig
+from ..core.batcher_config import BatcherConfig, QueuePolicy
 from ..core.errors import ModelConfigError, invalid
 from ..core.signature import ModelSignature, TensorSpec
 from ..core.types import BY_CONFIG, DATATYPES, clip, printable
@@ -291,6 +291,10 @@ def schedule_of(cfg: mc.ModelConfig, max_queue_size: int, policy: str) -> Batche
         timeout_action_delay=qp.timeout_action == mc.ModelQueuePolicy.DELAY,
         preserve_ordering=db.preserve_ordering,
         policy=policy,
+        level_policies=tuple(
+            (level, QueuePolicy(p.max_queue_size, p.default_timeout_microseconds / 1e6, p.timeout_action == p.DELAY))
+            for level, p in sorted(db.priority_queue_policy.items())
+        ),
     )
 
 

@@ -416,24 +416,50 @@ def test_a_config_with_more_priority_levels_than_are_kept_is_refused_at_load(tmp
     assert "priority_levels" in index["many"]["reason"] and "1000000" in index["many"]["reason"]
 
 
-def test_a_priority_queue_policy_the_batcher_does_not_act_on_is_said_at_load(tmp_path, serve, caplog):
-    """priority_queue_policy (a queue policy per level: its own max_queue_size, timeout, action)
-    is not acted on: every level takes default_queue_policy. A config relying on it for its
-    bounds is served otherwise than it says, so its load says so, as sequence_batching's does."""
-    import logging
-
-    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+def test_each_priority_level_takes_its_own_queue_policy(tmp_path, serve):
+    """priority_queue_policy: a level's own max_queue_size and queue timeout, as on Triton (until
+    2026-12-06 the load logged that it was not acted on and every level took
+    default_queue_policy). Level 2 holds one waiting request; level 1 waits at most 1 ms."""
     _save(
-        classifier_model(),
+        slow_model(width=1024, layers=192),
         str(tmp_path),
-        "levels",
-        config="max_batch_size: 4\ndynamic_batching { priority_levels: 2 default_priority_level: 2 "
-        "priority_queue_policy { key: 2 value { max_queue_size: 1 default_timeout_microseconds: 1000 } } }\n",
+        "slow",
+        config="max_batch_size: 64\ndynamic_batching { priority_levels: 2 default_priority_level: 2 "
+        "preferred_batch_size: 1 priority_queue_policy { key: 2 value { max_queue_size: 1 } } "
+        "priority_queue_policy { key: 1 value { default_timeout_microseconds: 1000 } } }\n",
     )
-    running = serve(str(tmp_path))
-    assert httpclient.InferenceServerClient(running.http_url).is_model_ready("levels")
-    said = [r.getMessage() for r in caplog.records if "priority_queue_policy" in r.getMessage()]
-    assert said and "'levels'" in said[0] and "default_queue_policy" in said[0], said
+    _save(
+        slow_model(width=8, layers=1),
+        str(tmp_path),
+        "odd",
+        config="max_batch_size: 4\ndynamic_batching { priority_levels: 2 default_priority_level: 1 "
+        "priority_queue_policy { key: 3 value { max_queue_size: 1 } } }\n",
+    )
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    index = {m["name"]: m for m in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert index["odd"]["state"] == "UNAVAILABLE" and "level 3" in index["odd"]["reason"], index["odd"]
+    served = running.gateway.repository.resolve("slow", "")
+
+    def call(priority, rows=1):
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        inp = grpcclient.InferInput("input", [rows, 1024], "FP32")
+        inp.set_data_from_numpy(np.ones((rows, 1024), np.float32))
+        return c.infer("slow", [inp], priority=priority).as_numpy("output").shape[0]
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = pool.submit(call, 1, 64)  # keeps the one instance busy for a while
+        _wait(lambda: running.gateway.dataplane.in_flight == 1 and served.scheduler.queue_depth == 0, "the busy batch")
+        low = pool.submit(call, 0)  # the default level, 2
+        _wait(lambda: served.scheduler.queue_depth == 1, "one level-2 request queued")
+        with pytest.raises(InferenceServerException) as full:
+            call(2)
+        assert full.value.status() == "StatusCode.RESOURCE_EXHAUSTED", full.value
+        assert "priority level 2 is full" in full.value.message()
+        with pytest.raises(InferenceServerException) as late:
+            call(1)  # its level is not full, but it waits past its 1 ms behind the busy batch
+        assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED", late.value
+        assert "queue timeout" in late.value.message()
+        assert busy.result(30) == 64 and low.result(30) == 1
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

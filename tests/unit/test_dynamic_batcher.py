@@ -9,7 +9,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from batchgate.core.batching import TRITON, WORK_CONSERVING, BatcherConfig, DynamicBatcher
+from batchgate.core.batcher_config import TRITON, WORK_CONSERVING, BatcherConfig, QueuePolicy
+from batchgate.core.batching import DynamicBatcher
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.scheduler import Ticket
 from batchgate.core.signature import Checked
@@ -317,6 +318,42 @@ async def test_queue_timeout_reject_and_delay():
         await settle()
     await asyncio.gather(busy, old, new)
     assert [ids[0] for ids in rec.ids()] == ["busy", "new", "old"]  # the timed-out one waits behind
+
+
+async def test_each_level_times_out_by_its_own_policy():
+    # level 1 DELAYs after 5 ms, level 2 (the default policy) REJECTs after 5 ms
+    policies = ((1, QueuePolicy(timeout_s=0.005, delay=True)),)
+    clock, rec, b = make(
+        max_queue_delay_s=0.0,
+        max_batch_size=1,
+        priority_levels=2,
+        default_priority_level=2,
+        default_timeout_s=0.005,
+        level_policies=policies,
+    )
+    busy = go(b, rq(clock, "busy"))
+    await settle()
+    high_old, low_old = go(b, rq(clock, "high-old", priority=1)), go(b, rq(clock, "low-old", priority=2))
+    await settle()
+    clock.now += 0.006
+    b.tick()
+    high_new = go(b, rq(clock, "high-new", priority=1))
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        await low_old
+    assert e.value.code is ErrorCode.DEADLINE_EXCEEDED and "queue timeout" in e.value.message
+    while rec._done:
+        rec.finish()
+        await settle()
+    await asyncio.gather(busy, high_old, high_new)
+    assert [ids[0] for ids in rec.ids()] == ["busy", "high-new", "high-old"]  # delayed behind its level
+
+
+def test_a_policy_for_a_level_the_model_does_not_have_is_refused():
+    with pytest.raises(ValueError, match="level 3"):
+        BatcherConfig(
+            max_batch_size=4, priority_levels=2, default_priority_level=1, level_policies=((3, QueuePolicy()),)
+        )
 
 
 async def test_full_queue_is_refused_at_once_with_retry_after():

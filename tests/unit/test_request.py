@@ -13,7 +13,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from batchgate.core.batching import BatcherConfig, DynamicBatcher
+from batchgate.core.batcher_config import BatcherConfig
+from batchgate.core.batching import DynamicBatcher
 from batchgate.core.errors import ErrorCode, GatewayError
 from batchgate.core.scheduler import Ticket
 from batchgate.core.signature import Checked
