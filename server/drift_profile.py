@@ -208,8 +208,7 @@ V2_TYPES = {
 
 @functools.lru_cache(maxsize=4)
 def _session(repository: str, model: str):
-    import onnxruntime as ort
-
+    from .backends.onnx_zipmap import open_session
     from .core.types import check_model_name
 
     check_model_name(model)
@@ -221,7 +220,8 @@ def _session(repository: str, model: str):
     files = sorted(f for f in os.listdir(vdir) if f.endswith(".onnx"))
     if not files:
         raise ConfigError(f"{vdir}: no .onnx file")
-    return ort.InferenceSession(os.path.join(vdir, files[0]), providers=["CPUExecutionProvider"])
+    path = os.path.join(vdir, files[0])
+    return open_session(path, f"{model}/{versions[0]}/{files[0]}", providers=["CPUExecutionProvider"])
 
 
 def local_dtypes(repository: str, model: str) -> dict[str, np.dtype]:

@@ -24,7 +24,7 @@ from .. import cores
 from ..core.errors import ModelConfigError, invalid
 from ..core.types import BY_ONNX, DATATYPES
 from .base import IOInfo, Kind, LocalOptions, register_local
-from .onnx_zipmap import without_zipmap
+from .onnx_zipmap import open_session
 
 log = logging.getLogger("batchgate.onnx")
 
@@ -112,14 +112,9 @@ class OnnxBackend:
         so.log_severity_level = 3
         self.path = path
         self._providers = providers
-        self.session = ort.InferenceSession(path, sess_options=so, providers=providers or ["CPUExecutionProvider"])
-        if any(o.type.startswith("seq(map(") for o in self.session.get_outputs()):
-            # a classifier's ZipMap: its probabilities served as a tensor (onnx_zipmap.py)
-            unwrapped = without_zipmap(path, "/".join(os.path.normpath(path).split(os.sep)[-3:]))
-            if unwrapped is not None:
-                self.session = ort.InferenceSession(
-                    unwrapped, sess_options=so, providers=providers or ["CPUExecutionProvider"]
-                )
+        # (a classifier's ZipMap output is served as a tensor: onnx_zipmap.py)
+        shown_as = "/".join(os.path.normpath(path).split(os.sep)[-3:])
+        self.session = open_session(path, shown_as, sess_options=so, providers=providers or ["CPUExecutionProvider"])
         self._inputs = [_io(a) for a in self.session.get_inputs()]
         self._outputs = [_io(a) for a in self.session.get_outputs()]
         # (one of a type batchgate cannot serve is left out: only a config that names it needs it)

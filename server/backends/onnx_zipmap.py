@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 log = logging.getLogger("batchgate.backends")
@@ -52,3 +53,14 @@ def without_zipmap(path: str, shown_as: str) -> bytes | None:
         )
         changed = True
     return proto.SerializeToString() if changed else None
+
+
+def open_session(path: str, shown_as: str, **options) -> ort.InferenceSession:
+    """An ONNX Runtime session on the model at ``path`` (``options``: InferenceSession's), its
+    ZipMap outputs served as tensors (``without_zipmap``)."""
+    session = ort.InferenceSession(path, **options)
+    if any(o.type.startswith("seq(map(") for o in session.get_outputs()):
+        unwrapped = without_zipmap(path, shown_as)
+        if unwrapped is not None:
+            session = ort.InferenceSession(unwrapped, **options)
+    return session

@@ -60,3 +60,26 @@ def test_a_zipmap_classifier_serves_its_probabilities_as_a_tensor(classifiers, s
         labels = res.as_numpy("output_label")
         want = model.predict(rows)
         assert [v.decode() if isinstance(v, bytes) else int(v) for v in labels] == list(want)
+
+
+def test_a_drift_profile_reads_the_probabilities_as_served(classifiers, tmp_path):
+    """``batchgate drift profile`` runs the model itself: it took each row's map as one category
+    (its text), so the profile could never match what the served tensor's monitor sees."""
+    import json
+    import subprocess
+    import sys
+
+    repo, models, x = classifiers
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,c,d,e\n" + "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in x))
+    out = tmp_path / "p.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "drift", "profile", "--model", "logreg", "--input", "X",
+         "--data", str(data), "--model-repository", repo, "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    features = json.loads(out.read_text())["outputs"]["output_probability"]
+    assert [(f["name"], f["kind"]) for f in features] == [(f"output_probability[{i}]", "numeric") for i in range(3)]
+    means = [f["mean"] for f in features]
+    np.testing.assert_allclose(means, models["logreg"].predict_proba(x).mean(axis=0), rtol=1e-3)
