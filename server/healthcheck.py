@@ -31,13 +31,14 @@ def ready(environ: dict[str, str] | None = None) -> tuple[bool, str]:
     env = dict(os.environ if environ is None else environ)
     token = env.pop(TOKEN_VARIABLE, "")  # (not a setting of the server's)
     s, _ = settings_in_effect(None, env)
+    where = _address(s.server.host)
     if s.server.health_port > 0:
-        return _grpc_health(s.server.health_port)
+        return _grpc_health(where, s.server.health_port)
     scheme, context = "http", None
     if s.tls.tls_cert_file:
         scheme, context = "https", ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    url = f"{scheme}://127.0.0.1:{s.server.http_port}/v2/health/ready"
+    url = f"{scheme}://{where}:{s.server.http_port}/v2/health/ready"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as answer:
@@ -46,12 +47,20 @@ def ready(environ: dict[str, str] | None = None) -> tuple[bool, str]:
         return False, f"{url}: {e}"
 
 
-def _grpc_health(port: int) -> tuple[bool, str]:
+def _address(host: str) -> str:
+    """Where the server listens, as a URL's host: loopback when it binds every address (``::``
+    takes IPv4 too), else that one address (``::1`` on an IPv6-only loopback, say)."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _grpc_health(host: str, port: int) -> tuple[bool, str]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    where = f"gRPC health on 127.0.0.1:{port}"
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    where = f"gRPC health on {host}:{port}"
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
         except grpc.RpcError as e:

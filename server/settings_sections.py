@@ -43,7 +43,11 @@ def _setting(
 class ServerSettings:
     """Section ``server``: listeners, shutdown, threads and logs."""
 
-    host: str = _setting("0.0.0.0", "address all three listeners bind", metavar="HOST")
+    host: str = _setting(
+        "0.0.0.0",
+        "address the HTTP, gRPC, metrics and health listeners bind; :: takes IPv6 and IPv4 both",
+        metavar="HOST",
+    )
     http_port: int = _setting(8000, "V2 HTTP/REST port; 0 picks a free port")
     grpc_port: int = _setting(8001, "V2 gRPC port; 0 picks a free port")
     metrics_port: int = _setting(8002, "Prometheus /metrics port; 0 picks a free port, -1 turns it off")

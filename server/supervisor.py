@@ -50,6 +50,7 @@ from .pod_control import (
     log,
 )
 from .pod_state import PodState
+from .transport.sockets import dual_stack
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -178,12 +179,14 @@ class Supervisor(PodControl, PodState):
             # port with another process that listens on it with SO_REUSEPORT (another batchgate),
             # each taking some of the connections.
             with socket.socket(family, socket.SOCK_STREAM) as probe:
+                dual_stack(probe, host)
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((host, port))
                 except OSError as e:
                     raise OSError(f"cannot reserve {name} {_join(host, port)}: {e.strerror}") from None
         sock = socket.socket(family, socket.SOCK_STREAM)
+        dual_stack(sock, host)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:

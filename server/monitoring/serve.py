@@ -29,7 +29,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..core.errors import ErrorCode, GatewayError
 from ..security.auth import KeyStore
-from ..transport.sockets import PeerShare, peer_of
+from ..transport.sockets import PeerShare, dual_stack, peer_of
 
 PATH = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -141,6 +141,11 @@ class _Threading(ThreadingMixIn, WSGIServer):
     def _leave(self, peer: str) -> None:
         self.peers.leave(peer)
         self.slots.release()
+
+    def server_bind(self) -> None:
+        host = self.server_address[0]
+        dual_stack(self.socket, host if isinstance(host, str) else "")  # (``::``: IPv4 scrapes too)
+        super().server_bind()
 
     def handle_error(self, request, client_address) -> None:
         """A request that failed on its connection (socketserver prints a traceback to stderr)."""

@@ -21,6 +21,7 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     ``reuse_port`` the kernel spreads new connections over the worker processes' sockets."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
+        dual_stack(sock, host)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -30,6 +31,15 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def dual_stack(sock: socket.socket, host: str) -> None:
+    """On a socket about to bind ``::``, take IPv4 connections too (as IPv4-mapped addresses):
+    ``::`` then means every address of both families, as it does for gRPC core's listeners,
+    whatever the host's ``net.ipv6.bindv6only`` says (1 made it IPv6 only, and a pod on a
+    dual-stack cluster unreachable over IPv4). Any other address binds as given."""
+    if sock.family == socket.AF_INET6 and host.split("%", 1)[0] == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 
 
 def grpc_peer(transport) -> str:

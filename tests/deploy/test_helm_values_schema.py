@@ -71,7 +71,7 @@ def test_the_documented_choices_render(helm, tmp_path):
         ("server", "http_port", 9000, "ports.http"),
         ("server", "grpc_port", 9001, "ports.grpc"),
         ("server", "metrics_port", 9002, "ports.metrics"),
-        ("server", "host", "127.0.0.1", "ports"),
+        ("server", "host", "127.0.0.1", "bindAddress"),
         ("repository", "model_repository", "/data", "modelRepository"),
     ],
 )

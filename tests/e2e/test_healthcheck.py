@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from listener_support import ipv6_loopback
 from processes import Proc, free_port
 from tls_support import make_pki
 
@@ -58,3 +59,22 @@ def test_the_image_healthcheck_is_healthy_with_tls_and_with_mtls_through_the_hea
 def test_the_dockerfile_healthcheck_runs_the_module():
     dockerfile = (Path(__file__).parents[2] / "Dockerfile").read_text()
     assert '"python", "-m", "batchgate.healthcheck"' in dockerfile
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_the_image_healthcheck_asks_the_address_the_server_binds(demo_repo):
+    """It always asked 127.0.0.1: a server bound to ::1 (or to one address of the pod's) was
+    unhealthy. An address binding every address (0.0.0.0, ::) is still asked on 127.0.0.1."""
+    for env in (
+        {"BATCHGATE_HOST": "::1", "BATCHGATE_HTTP_PORT": str(free_port())},
+        {"BATCHGATE_HOST": "::1", "BATCHGATE_HTTP_PORT": str(free_port()), "BATCHGATE_HEALTH_PORT": str(free_port())},
+        {"BATCHGATE_HOST": "::", "BATCHGATE_HTTP_PORT": str(free_port())},
+    ):
+        args = ["serve", "--model-repository", demo_repo, "--grpc-port", "0", "--metrics-port", "0"]
+        server = Proc([*args, "--admin-port", "-1", "--admin-http-port", "-1"], env=env).wait_ready()
+        try:
+            done = _check(env)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert ("[::1]" if env["BATCHGATE_HOST"] == "::1" else "127.0.0.1") in done.stdout
+        finally:
+            server.kill()
