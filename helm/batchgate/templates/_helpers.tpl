@@ -143,3 +143,19 @@ drift.existingProfilesConfigMap; empty when there is none. */}}
 {{- .Values.drift.existingProfilesConfigMap -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The claim that holds the model repository: pvc.existingClaim, or the chart's own with
+pvc.create; empty when the pods mount none (source initContainer, or neither given). */}}
+{{- define "batchgate.modelsClaim" -}}
+{{- $pvc := .Values.modelRepository.pvc -}}
+{{- if eq .Values.modelRepository.source "pvc" -}}
+{{- if and $pvc.create $pvc.existingClaim -}}
+{{- fail "modelRepository.pvc: give existingClaim or create, not both" -}}
+{{- end -}}
+{{- if $pvc.existingClaim -}}
+{{- $pvc.existingClaim -}}
+{{- else if $pvc.create -}}
+{{- printf "%s-models" (include "batchgate.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
