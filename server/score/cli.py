@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         help="score a Parquet, CSV, JSON Lines or .npy/.npz file through a model, into part files",
         description="Score every row of a file through one model of a model repository (only that model is "
         "loaded; the same backends and batcher as `batchgate serve`). The output folder gets numbered part "
-        "files and manifest.json; a run restarted with the same arguments keeps the parts already written. "
+        "files (read as one dataset: the bookkeeping, _manifest.json and _rejects*.jsonl, is skipped by readers); "
+        "a run restarted with the same arguments keeps the parts already written. "
         "Rows that fail their checks or the model go to the rejects file with the reason.",
     )
     p.add_argument("--model", required=True, help="the model to score with")
@@ -63,7 +64,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4096, metavar="ROWS", help="rows per chunk and part (4096)")
     p.add_argument("--concurrency", type=int, default=2, metavar="N", help="chunks scored at once (2)")
     p.add_argument("--allow-nan", action="store_true", help="score rows holding NaN or infinity")
-    p.add_argument("--rejects", default="", metavar="FILE", help="JSON lines of rejected rows (OUTPUT/rejects.jsonl)")
+    p.add_argument("--rejects", default="", metavar="FILE", help="JSON lines of rejected rows (OUTPUT/_rejects.jsonl)")
     p.add_argument(
         "--max-rejects", type=int, default=0, metavar="N", help="exit 1 past this many rejected rows (0: any number)"
     )

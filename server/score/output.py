@@ -1,5 +1,12 @@
 """Batch scoring's output: numbered part files (Parquet or CSV), a manifest, and the rejects.
 
+Only the parts have plain names: the folder reads as one dataset (``pyarrow.dataset.dataset``,
+``pandas.read_parquet``, Spark), since those readers skip names that start with ``_`` or ``.``,
+and the bookkeeping has such names: ``_manifest.json``, ``_rejects-NNNNN.jsonl`` (each part's
+rejects), ``_rejects.jsonl`` (all of them) and ``.NAME.partial`` (a file being written). Until
+2026-12-06 they were ``manifest.json``, ``rejects-NNNNN.jsonl`` and ``rejects.jsonl``, which the
+readers took for parts and failed on; a run into such a folder takes that manifest over.
+
 Part ``i`` holds the scored rows of input rows ``[i * batch_size, (i + 1) * batch_size)``, in input
 order; it is written beside its final name, fsynced and renamed, then recorded in the manifest
 (rewritten the same way, at most once a second or a sixteenth more parts) with its SHA-256. A run restarted
@@ -9,6 +16,7 @@ and scores the others: the final output is the same bytes as an uninterrupted ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,13 +31,25 @@ import pyarrow as pa
 
 from .inputs import ScoreError
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # (and its rejects-NNNNN.jsonl, rejects.jsonl: see the module text)
+REJECTS = "_rejects.jsonl"
 MANIFEST_VERSION = 1
 SAVE_EVERY_S = 1.0
 
 
 def part_name(index: int, fmt: str) -> str:
     return f"part-{index:05d}.{fmt}"
+
+
+def rejects_name(index: int) -> str:
+    return f"_rejects-{index:05d}.jsonl"
+
+
+def partial_path(path: str) -> str:
+    """Where ``path`` is written before it is renamed: hidden, so no reader takes it for a part."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.partial")
 
 
 def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) -> pa.Table:
@@ -101,7 +121,7 @@ def encode(table: pa.Table, fmt: str) -> bytes:
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    tmp = f"{path}.partial"
+    tmp = partial_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -121,6 +141,7 @@ class Manifest:
         self.out_dir, self.key = out_dir, key
         self.parts: dict[int, dict[str, Any]] = {}
         self.done = False
+        self.found = False  # resume() found a manifest: the folder holds a scoring's output
         self.saved_at = time.monotonic()  # of the last save
         self.unsaved = 0  # parts recorded since
 
@@ -130,11 +151,16 @@ class Manifest:
 
     def resume(self) -> int:
         """Take the parts of an earlier run with the same key whose files are intact; how many."""
+        legacy = os.path.join(self.out_dir, LEGACY_MANIFEST)
+        path = self.path if os.path.exists(self.path) or not os.path.exists(legacy) else legacy
         try:
-            with open(self.path) as f:
+            with open(path) as f:
                 doc = json.load(f)
         except (OSError, ValueError):
             return 0
+        self.found = True
+        if path == legacy:
+            doc = self._take_over(doc, legacy)
         if doc.get("version") != MANIFEST_VERSION or doc.get("key") != self.key:
             return 0
         for p in doc.get("parts", []):
@@ -146,6 +172,23 @@ class Manifest:
             if ok:
                 self.parts[int(p["index"])] = p
         return len(self.parts)
+
+    def _take_over(self, doc: Any, legacy: str) -> Any:
+        """An earlier version's manifest: its parts' rejects renamed as this version names them
+        (a part whose rejects are gone is scored again), the manifest saved under its new name,
+        and the old names removed."""
+        parts = doc.get("parts", []) if isinstance(doc, dict) else []
+        for p in parts:
+            with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+                new = rejects_name(int(p["index"]))
+                os.replace(os.path.join(self.out_dir, p["rejects_file"]), os.path.join(self.out_dir, new))
+                p["rejects_file"] = new
+        if isinstance(doc, dict):
+            write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        for name in (LEGACY_MANIFEST, "rejects.jsonl"):  # (the gathered rejects are written again)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.out_dir, name))
+        return doc
 
     def record(self, part: dict[str, Any]) -> None:
         """Noted, and saved when a second has passed since the last save or the parts not saved

@@ -23,7 +23,17 @@ import pyarrow as pa
 from ..core.errors import ErrorCode, GatewayError
 from ..core.signature import ModelSignature
 from ..core.types import RequestLimits, Tensor, new_request
-from .output import Manifest, digest, encode, output_columns, part_name, write_atomically
+from .output import (
+    REJECTS,
+    Manifest,
+    digest,
+    encode,
+    output_columns,
+    part_name,
+    partial_path,
+    rejects_name,
+    write_atomically,
+)
 from .remote import OFFLINE
 from .tables import Mapping, Plan, ScoreError, prepare, read_batches
 
@@ -139,9 +149,9 @@ async def run(job: Job) -> Counts:
         "allow_nan": job.allow_nan,
     }
     manifest = Manifest(job.out_dir, key)
-    earlier = os.path.exists(manifest.path)  # (a folder without one is not a scoring's: its files are left alone)
     job.counts.skipped_parts = manifest.resume()
-    if earlier:  # the folder then holds this run's parts only: another run's (other input, batch size...)
+    # (a folder without a manifest is not a scoring's: its files are left alone)
+    if manifest.found:  # the folder then holds this run's parts only: another run's (other input, batch size...)
         _drop_unrecorded(job.out_dir, manifest)  # and parts not recorded are removed
     manifest.save()
     pending: list[asyncio.Task] = []
@@ -220,7 +230,7 @@ async def _part(
         row = {"row": start + i, "outcome": kind, "reason": reason}
         row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
         lines.append(json.dumps(row, default=str))
-    reject_name = f"rejects-{index:05d}.jsonl"
+    reject_name = rejects_name(index)
     write_atomically(os.path.join(job.out_dir, reject_name), ("\n".join(lines) + "\n" if lines else "").encode())
     write_atomically(os.path.join(job.out_dir, name), data)
     return {
@@ -366,7 +376,8 @@ def _drop_unrecorded(out_dir: str, manifest: Manifest) -> None:
     record: a stopped run's (a rerun writes them again), or another run's."""
     recorded = {p[k] for p in manifest.parts.values() for k in ("file", "rejects_file") if k in p}
     for name in os.listdir(out_dir):
-        if re.fullmatch(r"(?:part-\d{5,}\.(?:parquet|csv)|rejects-\d{5,}\.jsonl)(?:\.partial)?", name) and (
+        # (also an earlier version's names: rejects-NNNNN.jsonl, NAME.partial)
+        if re.fullmatch(r"\.?(?:part-\d{5,}\.(?:parquet|csv)|_?rejects-\d{5,}\.jsonl)(?:\.partial)?", name) and (
             name not in recorded
         ):
             with contextlib.suppress(OSError):
@@ -374,12 +385,12 @@ def _drop_unrecorded(out_dir: str, manifest: Manifest) -> None:
 
 
 def _gather_rejects(job: Job, manifest: Manifest) -> None:
-    """The parts' rejects, in input order, into one file (--rejects, else rejects.jsonl)."""
-    path = job.rejects or os.path.join(job.out_dir, "rejects.jsonl")
-    with open(f"{path}.partial", "wb") as out:
+    """The parts' rejects, in input order, into one file (--rejects, else _rejects.jsonl)."""
+    path = job.rejects or os.path.join(job.out_dir, REJECTS)
+    with open(partial_path(path), "wb") as out:
         for i in sorted(manifest.parts):
             name = manifest.parts[i].get("rejects_file")
             if name:
                 with open(os.path.join(job.out_dir, name), "rb") as f:
                     out.write(f.read())
-    os.replace(f"{path}.partial", path)
+    os.replace(partial_path(path), path)

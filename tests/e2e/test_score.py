@@ -67,7 +67,7 @@ def _json(path: str) -> dict:
 
 
 def _rejects(out: str) -> list[dict]:
-    with open(os.path.join(out, "rejects.jsonl")) as f:
+    with open(os.path.join(out, "_rejects.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -93,7 +93,7 @@ def test_csv_to_parquet_keeps_columns_rejects_bad_rows_and_matches_onnx_runtime(
     rejects = _rejects(out)
     assert [(r["row"], r["id"], r["tag"]) for r in rejects] == [(7, 7, "tag7"), (8, 8, "tag8")]
     assert "missing value" in rejects[0]["reason"] and "not a float32" in rejects[1]["reason"]
-    manifest = _json(os.path.join(out, "manifest.json"))
+    manifest = _json(os.path.join(out, "_manifest.json"))
     assert manifest["done"] and manifest["rows"] == {"input": 1000, "scored": 998, "rejected": 2, "failed": 0}
     assert len(manifest["parts"]) == 4
 
@@ -210,7 +210,7 @@ def test_a_killed_run_resumes_to_the_same_bytes(repo, tmp_path):
     assert score(*args, "--output", clean).returncode == 0
     resumed = str(tmp_path / "resumed")
     p = subprocess.Popen([*BATCHGATE, *args, "--output", resumed], stderr=subprocess.PIPE, text=True)
-    manifest = os.path.join(resumed, "manifest.json")
+    manifest = os.path.join(resumed, "_manifest.json")
     end = time.monotonic() + 60
     while not (os.path.exists(manifest) and len(_json(manifest)["parts"]) >= 5):
         assert time.monotonic() < end and p.poll() is None, "no parts were written"
@@ -249,7 +249,7 @@ def test_a_server_that_dies_mid_run_stops_it_and_a_rerun_resumes(repo, tmp_path)
     try:
         first.wait_ready()
         run = subprocess.Popen([*BATCHGATE, *common, "--target", first.grpc, "--output", out], stderr=subprocess.PIPE)
-        manifest = os.path.join(out, "manifest.json")
+        manifest = os.path.join(out, "_manifest.json")
         end = time.monotonic() + 60
         while not (os.path.exists(manifest) and len(_json(manifest)["parts"]) >= 5):
             assert time.monotonic() < end and run.poll() is None, "no parts were written"
@@ -259,7 +259,7 @@ def test_a_server_that_dies_mid_run_stops_it_and_a_rerun_resumes(repo, tmp_path)
     stderr = run.communicate(timeout=60)[1].decode()
     assert run.returncode == 3 and "run again to resume" in stderr, stderr
     assert not _json(manifest)["done"] and 5 <= len(_json(manifest)["parts"]) < 300
-    assert not os.path.exists(os.path.join(out, "rejects.jsonl"))  # no row was marked failed
+    assert not os.path.exists(os.path.join(out, "_rejects.jsonl"))  # no row was marked failed
     second = Proc(serve_args(repo))
     try:
         second.wait_ready()
@@ -417,7 +417,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(repo, tmp_path):
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    manifest = os.path.join(out, "manifest.json")
+    manifest = os.path.join(out, "_manifest.json")
     end = time.monotonic() + 60
     while not (os.path.exists(manifest) and len(_json(manifest)["parts"]) >= 3):
         assert time.monotonic() < end and p.poll() is None, "no parts were written"
@@ -477,7 +477,7 @@ def test_a_run_into_a_folder_of_another_runs_output_leaves_none_of_its_parts(rep
         done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
                      "--batch-size", "10", "--quiet")  # fmt: skip
         assert done.returncode == 0, done.stderr
-    assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet", "rejects-00000.jsonl", "rejects.jsonl"]
+    assert sorted(os.listdir(out)) == ["_manifest.json", "_rejects-00000.jsonl", "_rejects.jsonl", "part-00000.parquet"]
     assert _parts(out).num_rows == 10
     done = score("--model", "clf", "--model-repository", repo, "--input", str(small), "--output", out,
                  "--batch-size", "10", "--format", "csv", "--quiet")  # fmt: skip
@@ -541,3 +541,48 @@ def test_a_rejects_file_in_a_folder_that_does_not_exist_is_refused_before_the_ru
                  "--rejects", rejects)  # fmt: skip
     assert done.returncode == 2 and "nowhere does not exist" in done.stderr, done.stderr
     assert not os.path.exists(out)
+
+
+def test_the_output_folder_reads_as_one_dataset_and_an_earlier_versions_folder_resumes(repo, tmp_path):
+    """pyarrow.dataset.dataset(out) and pandas.read_parquet(out) failed on the folder: they took
+    manifest.json and the rejects files for parts. The bookkeeping now has names the readers skip
+    (a leading '_'); a folder an earlier version wrote (the old names) is taken over and resumed."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    x = _features(250, seed=11)
+    x[17, 2] = np.nan  # one reject, so that the rejects files are not empty
+    src = tmp_path / "in.parquet"
+    features = pa.FixedSizeListArray.from_arrays(x.reshape(-1), 4)
+    pq.write_table(pa.table({"id": np.arange(250), "features": features}), src)
+    args = ["--model", "clf", "--model-repository", repo, "--input", str(src), "--keep", "id", "--batch-size", "100",
+            "--quiet"]  # fmt: skip
+    out = str(tmp_path / "out")
+    done = score(*args, "--output", out)
+    assert done.returncode == 0, done.stderr
+    ids = [i for i in range(250) if i != 17]
+    table = ds.dataset(out).to_table()
+    assert table.column("id").to_pylist() == ids and table.column_names == ["id", "probabilities"]
+    assert pd.read_parquet(out)["id"].tolist() == ids
+    assert [r["row"] for r in _rejects(out)] == [17]
+    csv_out = str(tmp_path / "csv")
+    assert score(*args, "--output", csv_out, "--format", "csv").returncode == 0
+    assert ds.dataset(csv_out, format="csv").to_table().column("id").to_pylist() == ids
+    # an earlier version's folder: the same output under the old names, its last part not yet written
+    os.rename(os.path.join(out, "_manifest.json"), os.path.join(out, "manifest.json"))
+    os.rename(os.path.join(out, "_rejects.jsonl"), os.path.join(out, "rejects.jsonl"))
+    for i in range(3):
+        os.rename(os.path.join(out, f"_rejects-{i:05d}.jsonl"), os.path.join(out, f"rejects-{i:05d}.jsonl"))
+    old = _json(os.path.join(out, "manifest.json"))
+    for p in old["parts"]:
+        p["rejects_file"] = f"rejects-{p['index']:05d}.jsonl"
+    old["parts"], old["done"] = old["parts"][:2], False
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(old, f)
+    os.remove(os.path.join(out, "part-00002.parquet"))
+    done = score(*args, "--output", out)
+    assert done.returncode == 0 and "(2 kept from an earlier run)" in done.stderr, done.stderr
+    assert sorted(os.listdir(out)) == ["_manifest.json", *[f"_rejects-{i:05d}.jsonl" for i in range(3)],
+                                       "_rejects.jsonl", *[f"part-{i:05d}.parquet" for i in range(3)]]  # fmt: skip
+    assert ds.dataset(out).to_table().column("id").to_pylist() == ids
+    assert [r["row"] for r in _rejects(out)] == [17]

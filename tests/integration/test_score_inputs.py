@@ -43,9 +43,9 @@ def _score(model: Identity, src, out, **kw) -> tuple:
         counts = asyncio.run(run(job))
     parts = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
-    with open(os.path.join(out, "rejects.jsonl")) as f:
+    with open(os.path.join(out, "_rejects.jsonl")) as f:
         rejects = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(out, "manifest.json")) as f:
+    with open(os.path.join(out, "_manifest.json")) as f:
         assert json.load(f)["done"]
     return counts, table, rejects
 
