@@ -52,10 +52,14 @@ def partial_path(path: str) -> str:
     return os.path.join(folder, f".{name}.partial")
 
 
-def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) -> pa.Table:
+def output_columns(
+    keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str, variable: frozenset[str] = frozenset()
+) -> pa.Table:
     """The kept input columns, then one column per output (see the module text of tables.py for
     the shapes): Parquet keeps a tensor row as a (nested) fixed-size list; CSV flattens a 2-D
-    output to ``<name>_<i>`` and writes higher ranks and BYTES as JSON text."""
+    output to ``<name>_<i>`` and writes higher ranks and BYTES as JSON text. An output of a
+    variable dimension (``variable``: its names) is a (nested) list, and JSON text in a CSV, so
+    that every part has the same columns of the same types whatever the lengths in it."""
     cols: dict[str, pa.Array] = {name: keep.column(name).combine_chunks() for name in keep.column_names}
     for name, col in cols.items():
         if fmt == "csv" and pa.types.is_nested(col.type):  # (pyarrow's CSV writer takes none): JSON text
@@ -83,7 +87,7 @@ def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) 
                 cols[name] = texts
         elif arr.ndim == 1:
             cols[name] = pa.array(arr)
-        elif fmt == "csv" and arr.ndim == 2:
+        elif fmt == "csv" and arr.ndim == 2 and name not in variable:
             for i in range(arr.shape[1]):
                 cols[f"{name}_{i}"] = pa.array(np.ascontiguousarray(arr[:, i]))
         elif fmt == "csv":
@@ -93,7 +97,14 @@ def output_columns(keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str) 
             for width in reversed(arr.shape[1:]):
                 values = pa.FixedSizeListArray.from_arrays(values, int(width))
             cols[name] = values
+        if name in variable and pa.types.is_fixed_size_list(cols[name].type):
+            cols[name] = cols[name].cast(_listed(cols[name].type))
     return pa.table(cols)
+
+
+def _listed(t: pa.DataType) -> pa.DataType:
+    """``t`` with each fixed-size list a list."""
+    return pa.list_(_listed(t.value_type)) if pa.types.is_fixed_size_list(t) else t
 
 
 def _text(v: object) -> str:

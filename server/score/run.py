@@ -213,17 +213,16 @@ def _count(c: Counts, part: dict[str, Any]) -> None:
 async def _part(
     job: Job, sig: ModelSignature, mapping: Mapping, batch: pa.RecordBatch, index: int, start: int
 ) -> dict[str, Any]:
-    prepared = await asyncio.to_thread(prepare, batch, sig, mapping, job.allow_nan)
-    rows = len(prepared.good)
-    outputs, failed = await _score(job.model, sig, prepared.feeds, rows)
+    good, rejected, outputs, failed = await _checked_and_scored(job.model, sig, batch, mapping, job.allow_nan)
+    rows = len(good)
     ok = np.array([i for i in range(rows) if i not in failed], dtype=np.int64)
     kept = pa.Table.from_batches([batch]).select(list(mapping.keep))
-    keep = kept.take(pa.array(prepared.good[ok]))
-    table = output_columns(keep, {k: v[ok] for k, v in outputs.items()}, job.fmt)
+    keep = kept.take(pa.array(good[ok]))
+    table = output_columns(keep, {k: v[ok] for k, v in outputs.items()}, job.fmt, _variable(sig))
     data = await asyncio.to_thread(encode, table, job.fmt)
     name = part_name(index, job.fmt)
-    rejects = [(int(i), reason, "rejected") for i, reason in prepared.rejects]
-    rejects += [(int(prepared.good[i]), reason, "failed") for i, reason in sorted(failed.items())]
+    rejects = [(int(i), reason, "rejected") for i, reason in rejected]
+    rejects += [(int(good[i]), reason, "failed") for i, reason in sorted(failed.items())]
     rejects.sort()
     lines = []
     for i, reason, kind in rejects:
@@ -240,7 +239,7 @@ async def _part(
         "rejects_file": reject_name,
         "input": batch.num_rows,
         "scored": int(len(ok)),
-        "rejected": len(prepared.rejects),
+        "rejected": len(rejected),
         "failed": len(failed),
     }
 
@@ -260,33 +259,91 @@ async def score_table(
     mapping = mapping or Mapping.build(sig, batch.schema, columns, keep)
     if error_column in mapping.keep:
         raise ScoreError(f"the kept column '{error_column}' has the name of the column of the reasons; do not keep it")
-    prepared = await asyncio.to_thread(prepare, batch, sig, mapping, allow_nan)
-    rows = len(prepared.good)
-    outputs, failed = await _score(model, sig, prepared.feeds, rows)
+    good, rejected, outputs, failed = await _checked_and_scored(model, sig, batch, mapping, allow_nan)
     n = batch.num_rows
     errors: list[str | None] = [None] * n
-    for i, reason in prepared.rejects:
+    for i, reason in rejected:
         errors[i] = reason
     for j, reason in failed.items():
-        errors[int(prepared.good[j])] = reason
+        errors[int(good[j])] = reason
     scored = np.zeros(n, bool)
-    scored[prepared.good] = True
+    scored[good] = True
     for j in failed:
-        scored[int(prepared.good[j])] = False
+        scored[int(good[j])] = False
     full = {}
     for name, arr in outputs.items():
         spread = (
             np.empty((n, *arr.shape[1:]), object) if arr.dtype.kind == "O" else np.zeros((n, *arr.shape[1:]), arr.dtype)
         )
-        spread[prepared.good] = arr
+        spread[good] = arr
         full[name] = spread
     keep_table = pa.Table.from_batches([batch]).select(list(mapping.keep))
-    table = output_columns(keep_table, full, "parquet")
+    table = output_columns(keep_table, full, "parquet", _variable(sig))
     mask = pa.array(~scored)
     for name in full:
         col = table.column(name).combine_chunks()
         table = table.set_column(table.schema.get_field_index(name), name, _masked(col, mask))
     return table.append_column(error_column, pa.array(errors, pa.string())), mapping
+
+
+async def _checked_and_scored(
+    model: Any, sig: ModelSignature, batch: pa.RecordBatch, mapping: Mapping, allow_nan: bool
+) -> tuple[np.ndarray, list[tuple[int, str]], dict[str, np.ndarray], dict[int, str]]:
+    """The batch's rows checked and scored: the positions of the rows that passed their checks
+    (in order), the rejected ones with the reason, the outputs of the passed rows, and which of
+    those (indices into the positions) the model failed. Rows whose list values differ in length
+    where an input has a variable dimension are scored in groups of one length (a request is one
+    tensor), when the model's outputs have fixed shapes so that the groups' answers stack."""
+    groups = _length_groups(batch, sig, mapping)
+    if groups is None:
+        prepared = await asyncio.to_thread(prepare, batch, sig, mapping, allow_nan)
+        outputs, failed = await _score(model, sig, prepared.feeds, len(prepared.good))
+        return prepared.good, prepared.rejects, outputs, failed
+    goods, rejected, answers, failures, offset = [], [], [], {}, 0
+    for rows in groups:
+        prepared = await asyncio.to_thread(prepare, batch.take(pa.array(rows)), sig, mapping, allow_nan)
+        outputs, failed = await _score(model, sig, prepared.feeds, len(prepared.good))
+        goods.append(rows[prepared.good])
+        rejected += [(int(rows[i]), reason) for i, reason in prepared.rejects]
+        answers.append(outputs)
+        failures.update({offset + j: reason for j, reason in failed.items()})
+        offset += len(prepared.good)
+    good = np.concatenate(goods)
+    order = np.argsort(good, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    merged = {k: np.concatenate([a[k] for a in answers])[order] for k in answers[0]}
+    return good[order], sorted(rejected), merged, {int(rank[j]): reason for j, reason in failures.items()}
+
+
+def _length_groups(batch: pa.RecordBatch, sig: ModelSignature, mapping: Mapping) -> list[np.ndarray] | None:
+    """The batch's row positions by the lengths of the list columns that feed an input of a
+    variable dimension, when they differ and every output's shape is fixed; else None."""
+    import pyarrow.compute as pc
+
+    if any(d <= 0 for t in sig.outputs for d in t.dims):
+        return None  # (answers of different shapes would not stack: tables.py rejects the odd rows)
+    lengths = []
+    for spec in sig.inputs:
+        cols = mapping.sources.get(spec.name, ())
+        dims = spec.dims if sig.max_batch_size > 0 or not spec.dims or spec.dims[0] != -1 else spec.dims[1:]
+        if len(cols) != 1 or all(d > 0 for d in dims):
+            continue
+        col = batch.column(batch.schema.get_field_index(cols[0]))
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lengths.append(pc.list_value_length(col).fill_null(-1).to_numpy(zero_copy_only=False))
+    if not lengths:
+        return None
+    keys, inverse = np.unique(np.stack(lengths, axis=1), axis=0, return_inverse=True)
+    if len(keys) == 1:
+        return None
+    inverse = inverse.reshape(-1)
+    return [np.flatnonzero(inverse == g) for g in range(len(keys))]
+
+
+def _variable(sig: ModelSignature) -> frozenset[str]:
+    """The outputs with a variable dimension (besides the batch)."""
+    return frozenset(t.name for t in sig.outputs if any(d <= 0 for d in t.dims))
 
 
 def _masked(col: pa.Array, mask: pa.Array) -> pa.Array:

@@ -153,11 +153,20 @@ def _tensor(
             parts.append(_as(flat.reshape(n, width), dt.np_dtype, c, why))
         elif pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             values = col.to_pylist()
-            widths = {len(v) for v in values if v is not None}
-            w = max(widths) if widths else 0
+            fixed = len(cols) == 1 and bool(dims) and all(d > 0 for d in dims)
+            # A fixed width judges each row alone (one long row had every row of its chunk
+            # refused); else the rows of a request share one length (run.py groups them by it
+            # when the model's outputs have fixed shapes): the most common one scores.
+            w = int(np.prod(dims)) if fixed else _most_common([len(v) for v in values if v is not None])
             for i, v in enumerate(values):
                 if v is not None and len(v) != w:
-                    why.setdefault(i, f"column '{c}': {len(v)} values where other rows have {w}")
+                    why.setdefault(
+                        i,
+                        f"column '{c}': {len(v)} values where input '{spec.name}' takes {w}"
+                        if fixed
+                        else f"column '{c}': {len(v)} values where other rows of its chunk have {w}: the model's "
+                        "outputs vary in shape, so rows of different lengths cannot be answered as one batch",
+                    )
             rows = [(v if v is not None and len(v) == w else [None] * w) for v in values]
             parts.append(_as(np.array(rows, dtype=object), dt.np_dtype, c, why))
         elif dt.np_dtype != np.object_ and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
@@ -180,6 +189,14 @@ def _tensor(
     elif not want:
         arr = arr.reshape(n)
     return arr, why
+
+
+def _most_common(lengths: list[int]) -> int:
+    """The most common length (the longest of those tied); 0 for none."""
+    if not lengths:
+        return 0
+    values, counts = np.unique(lengths, return_counts=True)
+    return int(values[counts == counts.max()].max())
 
 
 def _numeric(t: pa.DataType) -> bool:

@@ -586,3 +586,70 @@ def test_the_output_folder_reads_as_one_dataset_and_an_earlier_versions_folder_r
                                        "_rejects.jsonl", *[f"part-{i:05d}.parquet" for i in range(3)]]  # fmt: skip
     assert ds.dataset(out).to_table().column("id").to_pylist() == ids
     assert [r["row"] for r in _rejects(out)] == [17]
+
+
+def _variable_length_models(root: str) -> None:
+    """total: FP32 [batch, n] -> its rows' sums [batch] (a fixed output); echo: Identity [batch, n]."""
+    from onnx import helper
+
+    from batchgate.demo import _model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    total = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0)], "total", [x],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])], [axes],
+    )  # fmt: skip
+    echo = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "echo", [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])],
+    )  # fmt: skip
+    _save(_model(total), root, "total", config="max_batch_size: 8\n")
+    _save(_model(echo), root, "echo", config="max_batch_size: 8\n")
+
+
+def test_rows_of_different_lengths_are_scored_in_groups_or_refused_each_for_its_own_reason(repo, tmp_path):
+    """JSON Lines whose list column varies in length per row: every row of a chunk but those of
+    its longest length was refused ('2 values where other rows have 5'), also for a model whose
+    input takes any length; and for an input of fixed width, one row too long refused every row
+    of its chunk. Now a variable-length input is scored in groups of one length (when the model's
+    outputs have fixed shapes), and a fixed width judges each row alone."""
+    import pyarrow.dataset as ds
+
+    root = str(tmp_path / "models")
+    _variable_length_models(root)
+    lengths = [2, 3, 3, 5, 2, 1, 4, 3, 7, 2, 2, 6, 3]
+    src = tmp_path / "var.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "x": [float(i + k) for k in range(n)]}) + "\n"
+                           for i, n in enumerate(lengths)))  # fmt: skip
+    out = str(tmp_path / "total")
+    done = score("--model", "total", "--model-repository", root, "--input", str(src), "--output", out, "--keep", "id",
+                 "--batch-size", "10", "--quiet")  # fmt: skip
+    assert done.returncode == 0 and "13 rows: 13 scored, 0 rejected" in done.stderr, done.stderr
+    table = ds.dataset(out).to_table()
+    assert table.column("id").to_pylist() == list(range(13))  # input order kept across the groups
+    want = [sum(float(i + k) for k in range(n)) for i, n in enumerate(lengths)]
+    np.testing.assert_allclose(table.column("total").to_numpy(), want)
+    # outputs whose shape follows the length: the rows of the chunk's most common length score,
+    # the others are refused saying why
+    out = str(tmp_path / "echo")
+    done = score("--model", "echo", "--model-repository", root, "--input", str(src), "--output", out, "--keep", "id",
+                 "--batch-size", "10", "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    echoed = ds.dataset(out).to_table().to_pylist()
+    assert [r["id"] for r in echoed] == [1, 2, 7, 11]  # length 3 in chunk 0 (tied with 2: the longer), 6 in 1
+    assert all(r["y"] == [float(r["id"] + k) for k in range(lengths[r["id"]])] for r in echoed)
+    refused = _rejects(out)
+    assert [r["row"] for r in refused] == [0, 3, 4, 5, 6, 8, 9, 10, 12]
+    assert "the model's outputs vary in shape" in refused[0]["reason"]
+    # a fixed width: only the row of the wrong width is refused
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("".join(json.dumps({"id": i, "features": [0.1] * n}) + "\n" for i, n in enumerate([4, 4, 5, 4, 3])))
+    out = str(tmp_path / "clf")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(odd), "--output", out, "--keep", "id",
+                 "--quiet")  # fmt: skip
+    assert done.returncode == 0 and "5 rows: 3 scored, 2 rejected" in done.stderr, done.stderr
+    assert [(r["row"], r["reason"]) for r in _rejects(out)] == [
+        (2, "column 'features': 5 values where input 'features' takes 4"),
+        (4, "column 'features': 3 values where input 'features' takes 4"),
+    ]
