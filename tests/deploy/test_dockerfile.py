@@ -422,6 +422,10 @@ def test_the_image_command_starts_serves_is_healthy_and_drains(df, tmp_path):
             ENV_PREFIX + "HTTP_PORT": "0",
             ENV_PREFIX + "GRPC_PORT": "0",
             ENV_PREFIX + "METRICS_PORT": "0",
+            # (the admin listeners' fixed defaults, 8003 and 8005, met another test's server in
+            # a parallel run: EADDRINUSE)
+            ENV_PREFIX + "ADMIN_PORT": "0",
+            ENV_PREFIX + "ADMIN_HTTP_PORT": "0",
         }
     )
 

@@ -218,6 +218,9 @@ def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_pa
     assert out.returncode != 0 and "config.exit_timeout_secs: batchgate's settings go in sections" in out.stderr
 
 
+PORT_KEYS = ("http_port", "grpc_port", "metrics_port", "admin_port", "admin_http_port", "health_port")
+
+
 def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
     """SIGTERM under load: readiness (the gRPC health service the readiness probe asks) turns
     NOT_SERVING first, every accepted request is answered, and the process exits 0 within the
@@ -231,7 +234,9 @@ def test_graceful_drain_under_load_with_the_charts_settings(helm, tmp_path):
     _save(slow_model(width=1024, layers=64), str(repo), "slow", config="max_batch_size: 64\n")
     cfg = dict(
         config,
-        server={**config["server"], "host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "metrics_port": 0},
+        # every port free, the admin and health ones too: their fixed defaults (8003, 8005, 8004) met another test's
+        # server in a parallel run (EADDRINUSE)
+        server={**config["server"], "host": "127.0.0.1", **dict.fromkeys(PORT_KEYS, 0)},
         repository={**config["repository"], "model_repository": str(repo)},
     )
     cfg_file = tmp_path / "batchgate.yaml"
