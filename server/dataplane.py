@@ -459,7 +459,8 @@ class DataPlane(Extensions):
             reason = route.not_ready_reason()
             if reason is None or not ready_only:
                 state = "READY" if reason is None else "UNAVAILABLE"
-                rows.append({"name": route.name, "version": "", "state": state, "reason": reason or ""})
+                # a route has no versions: Triton's row for a model with no version number
+                rows.append({"name": route.name, "state": state, "reason": reason or ""})
         return rows if key is None else [r for r in rows if key.allows_model(r["name"])]
 
     async def load_model(self, name: str, parameters: Mapping[str, Any], caller: Caller = OPEN_CALLER) -> None:

@@ -39,7 +39,7 @@ from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
 from .config import config_from_json
-from .entry import LOADING, READY, UNAVAILABLE, UNLOADING, ModelEntry
+from .entry import LOADING, READY, UNAVAILABLE, UNLOADING, ModelEntry, index_rows
 from .scan import fingerprint, hide_paths, model_names, staged_paths, write_files
 
 TORCH_PLATFORMS = ("pytorch_libtorch", "pytorch")
@@ -161,20 +161,7 @@ class ModelRepository:
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         self._discover()
-        rows = []
-        for name in sorted(self.models):
-            e = self.models[name]
-            for v in sorted(e.versions):
-                served = e.versions[v]
-                if served.ready():
-                    rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
-                elif not ready_only:
-                    rows.append(
-                        {"name": name, "version": str(v), "state": UNAVAILABLE, "reason": served.not_ready_reason()}
-                    )
-            if (not e.versions or e.state != READY) and not ready_only:
-                rows.append({"name": name, "version": "", "state": e.state, "reason": e.reason})
-        return rows
+        return [row for name in sorted(self.models) for row in index_rows(self.models[name], ready_only)]
 
     # ---------------------------------------------------------------- start, stop, poll
     def has_folder(self, name: str) -> bool:
@@ -379,6 +366,7 @@ class ModelRepository:
         # One assignment each: requests resolving from now on see the new versions.
         entry.versions = new
         entry.latest = new[max(new)]
+        entry.served_versions = tuple(sorted(new))
         entry.state, entry.reason, entry.fingerprint = READY, "", fp
         entry.loaded_once = True
         self._wanted.add(entry.name)  # loaded: strict readiness expects it from now on

@@ -54,10 +54,25 @@ async def test_index_shows_what_is_loaded(explicit):
     assert set(idx) >= {"simple", "classifier", "identity_bytes", "mlp"}
     assert states(idx["simple"]) == {"READY"}
     assert [r["version"] for r in idx["simple"]] == ["1"]
-    for name in ("classifier", "identity_bytes", "mlp"):
-        assert states(idx[name]) == {"UNAVAILABLE"}, idx[name]
+    for name in ("classifier", "identity_bytes", "mlp"):  # never loaded: the name alone, as Triton lists it
+        assert idx[name] == [{"name": name}], idx[name]
     assert await explicit.call("is_model_ready", "simple")
     assert not await explicit.call("is_model_ready", "classifier")
+
+
+async def test_index_of_an_unloaded_model_names_its_versions(explicit):
+    """Triton keeps the versions a model served after it is unloaded: each is listed UNAVAILABLE,
+    'unloaded', under its number (never a version "")."""
+    await explicit.call("load_model", "classifier")
+    await explicit.call("unload_model", "classifier")
+    idx = await index_of(explicit)
+    assert idx["classifier"] == [{"name": "classifier", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    if explicit.grpc:  # the protobuf itself, not only its JSON form
+        resp = await explicit.call("get_model_repository_index")
+        (row,) = [m for m in resp.models if m.name == "classifier"]
+        assert (row.version, row.state, row.reason) == ("1", "UNAVAILABLE", "unloaded")
+    await explicit.call("load_model", "classifier")  # and back
+    assert states((await index_of(explicit))["classifier"]) == {"READY"}
 
 
 async def test_load_then_infer_then_unload(explicit):
