@@ -87,6 +87,13 @@ FILE_PARAM_PREFIX = "file:"
 # What admission hands back and inference takes: a model version, or a request's passage
 # through a route. Transports hold it without looking inside.
 Served = ModelVersion | Routed
+# The kinds Triton takes each sequence parameter in over gRPC (its int64 sequence_id being a
+# uint64's bits): a request sent on as it came carries them so or goes the decoded way.
+_SEQUENCE_KINDS = {
+    "sequence_id": ("int64_param", "string_param"),
+    "sequence_start": ("bool_param",),
+    "sequence_end": ("bool_param",),
+}
 PRECHECK_BYTES = 1 << 20  # requests past this are checked against the signature before decoding
 
 
@@ -291,6 +298,9 @@ class DataPlane(Extensions):
                 )
             for k in params:  # (as on the decoded path: new_request)
                 check_parameter_name(k)
+                kinds = _SEQUENCE_KINDS.get(k)
+                if kinds is not None and params[k].WhichOneof("parameter_choice") not in kinds:
+                    return None  # not as Triton takes it: the decoded path checks it, and sends it so
             if "timeout" in params:  # V2's timeout (µs) bounds the upstream call, as on the decoded path
                 p = params["timeout"]
                 v = getattr(p, p.WhichOneof("parameter_choice") or "int64_param")

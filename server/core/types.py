@@ -378,6 +378,21 @@ def clip(text: str, limit: int = 128) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_SEQUENCE_PARAMETERS = frozenset(("sequence_id", "sequence_start", "sequence_end"))
+
+
+def _check_sequence(params: Mapping[str, Any]) -> None:
+    """Triton's sequence parameters, of the types Triton takes (an upstream is sent them as they
+    are): ``sequence_id`` an unsigned 64-bit integer or a string, start and end booleans."""
+    if "sequence_id" in params:
+        v = params["sequence_id"]
+        if type(v) is not str and (type(v) is not int or not 0 <= v < 1 << 64):
+            raise invalid(f"parameter 'sequence_id' must be an unsigned 64-bit integer or a string, not {brief(v)}")
+    for k in ("sequence_start", "sequence_end"):
+        if k in params and type(params[k]) is not bool:
+            raise invalid(f"parameter '{k}' must be a boolean, not {brief(params[k])}")
+
+
 def new_request(
     model_name: str,
     model_version: str,
@@ -416,6 +431,8 @@ def new_request(
             check_parameter_name(k)
         if FINAL_RESPONSE_REQUESTED in params:  # the stream's business (its transport reads it), not a model's
             params = MappingProxyType({k: v for k, v in params.items() if k != FINAL_RESPONSE_REQUESTED})
+        if params.keys() & _SEQUENCE_PARAMETERS:
+            _check_sequence(params)
         if "priority" in params:
             v = params["priority"]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -76,6 +76,8 @@ def set_parameters(into: Any, params: Mapping[str, Any]) -> None:
             p.bool_param = v
         elif type(v) is int and -(1 << 63) <= v < (1 << 63):
             p.int64_param = v
+        elif k == "sequence_id" and type(v) is int and v < 1 << 64:
+            p.int64_param = v - (1 << 64)  # Triton reads an int64 sequence_id as the uint64 of the same bits
         elif type(v) is float:
             p.double_param = v
         else:
@@ -150,14 +152,16 @@ def decode_request(
         inputs.append(Tensor(name, dtname, shape, data, own))
     check_grpc_outputs(outs)
     outputs = [o.name for o in outs] if outs else None
-    params = msg.parameters
+    params = parameters_of(msg.parameters) if msg.parameters else None
+    if params and type(params.get("sequence_id")) is int and params["sequence_id"] < 0:
+        params["sequence_id"] += 1 << 64  # as Triton takes an int64_param sequence_id: a uint64's bits
     req = new_request(
         msg.model_name,
         msg.model_version,
         inputs,
         outputs,
         msg.id,
-        parameters_of(params) if params else None,
+        params,
         headers,
         arrival,
         "grpc",

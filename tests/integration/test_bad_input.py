@@ -223,6 +223,9 @@ def test_triton_reserved_and_nested_request_parameters_are_refused(server):
         ({"tag": [1, 2]}, "parameter 'tag' must be"),
         ({"tag": None}, "parameter 'tag' must be"),
         ({"priority": 2**64}, "parameter 'priority' must be a non-negative integer"),  # (JSON past 64 bits: a float)
+        ({"sequence_id": 2**64}, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string"),
+        ({"sequence_id": -1}, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, not -1"),
+        ({"sequence_start": "yes"}, "parameter 'sequence_start' must be a boolean, not 'yes'"),
         ({"k" * 129: 1}, "names are at most 128 characters"),  # (a name was bounded by the body alone)
     ):
         status, msg = http_error(server, json_body([json_input("INPUT0"), json_input("INPUT1")], parameters=params))

@@ -422,11 +422,16 @@ def _grpc_param(p: service_pb2.InferParameter, value) -> None:
         ("priority", True, "parameter 'priority' must be a non-negative integer, not True"),
         ("timeout", -5, "parameter 'timeout' must be a non-negative integer of microseconds, not -5"),
         ("timeout", 1.5, "parameter 'timeout' must be a non-negative integer of microseconds, not 1.5"),
+        ("sequence_start", "true", "parameter 'sequence_start' must be a boolean, not 'true'"),
+        ("sequence_end", 1, "parameter 'sequence_end' must be a boolean, not 1"),
+        ("sequence_id", 1.5, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, not 1.5"),
+        ("sequence_id", True, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, not True"),
     ],
 )
-def test_an_invalid_priority_or_timeout_is_refused_alike(parity, name, value, message):
-    """tritonclient refuses to send ``priority`` and ``timeout`` as custom parameters (and gRPC's
-    priority is unsigned), so these go as the same V2 request built by hand on each wire."""
+def test_an_invalid_schedule_or_sequence_parameter_is_refused_alike(parity, name, value, message):
+    """tritonclient refuses to send ``priority``, ``timeout`` and the sequence parameters as custom
+    parameters (and gRPC's priority is unsigned), so these go as the same V2 request built by hand
+    on each wire. Sequence parameters of a wrong type were taken (and passed on to an upstream)."""
     req = service_pb2.ModelInferRequest(model_name="simple", id="bad-param")
     for n, array, dt in GOOD:
         req.inputs.add(name=n, datatype=dt, shape=list(array.shape))

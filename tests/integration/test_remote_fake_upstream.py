@@ -3,18 +3,23 @@ UNAVAILABLE it answers itself, parameters it reads, a sequence batcher, a refusa
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from batchgate.config import RemoteModel
+from batchgate.transport import grpc_codec
 from fake_upstream import FakeUpstream
 
 FAST = dict(
@@ -101,6 +106,59 @@ def test_a_sequence_model_upstream_is_sent_each_request_as_it_came(fake, serve):
         list(pool.map(step, range(12)))
     assert len(fake.seen) == 12 and all(shapes == [[1, 2]] for _, _, shapes in fake.seen)
     assert {p["sequence_id"].int64_param for _, p, _ in fake.seen} == {100, 101, 102}
+
+
+def test_sequence_parameters_reach_an_upstream_checked_and_as_triton_reads_them(fake, serve):
+    """Sequence parameters of a wrong type went to the upstream as given (a sequence_start 'true'
+    as text, a float id): refused here, never sent. A uint64 id past int64 went as a string,
+    another id to Triton: it is sent as the int64 of the same bits, as Triton takes it, and a
+    negative int64 from a gRPC caller is that uint64 too."""
+    running = serve("", remote_models=(RemoteModel("seq", (fake.address,), **FAST),))
+    top = 2**64 - 1
+    assert _infer(httpclient, running.http_url, "seq", sequence_id=top, sequence_start=True) is not None
+    assert _infer(grpcclient, running.grpc_url, "seq", sequence_id=-1, sequence_end=True) is not None
+    assert _infer(httpclient, running.http_url, "seq", sequence_id="user-7") is not None
+    got = [(p["sequence_id"].WhichOneof("parameter_choice"), p["sequence_id"].int64_param) for _, p, _ in fake.seen]
+    assert got[:2] == [("int64_param", -1), ("int64_param", -1)]
+    assert fake.seen[2][1]["sequence_id"].string_param == "user-7"
+    assert fake.seen[0][1]["sequence_start"].bool_param and fake.seen[1][1]["sequence_end"].bool_param
+    for mod, url in ((httpclient, running.http_url), (grpcclient, running.grpc_url)):
+        for bad, text in (
+            ({"sequence_start": "true"}, "parameter 'sequence_start' must be a boolean"),
+            ({"sequence_id": 2.5}, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string"),
+        ):
+            # (tritonclient will not send reserved names as custom parameters: the raw request)
+            with pytest.raises(InferenceServerException) as e:
+                _raw_infer(mod, url, "seq", bad)
+            assert e.value.status() in ("StatusCode.INVALID_ARGUMENT", "400") and text in e.value.message(), bad
+    assert len(fake.seen) == 3
+    # an id as uint64_param, which Triton refuses over gRPC, is sent on as Triton takes it
+    _raw_infer(grpcclient, running.grpc_url, "seq", {}, uint64_id=top)
+    assert [p["sequence_id"].WhichOneof("parameter_choice") for _, p, _ in fake.seen[3:]] == ["int64_param"]
+    assert fake.seen[3][1]["sequence_id"].int64_param == -1
+
+
+def _raw_infer(mod, url, model, params, uint64_id=None):
+    """One request with reserved parameters, built past tritonclient's check of them."""
+    if mod is httpclient:
+        inputs = [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 1.0]}]
+        body = json.dumps({"inputs": inputs, "parameters": params}).encode()
+        try:
+            urllib.request.urlopen(f"http://{url}/v2/models/{model}/infer", data=body, timeout=20)
+        except urllib.error.HTTPError as err:
+            raise InferenceServerException(json.loads(err.read())["error"], str(err.code)) from None
+        return
+    req = service_pb2.ModelInferRequest(model_name=model)
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    req.raw_input_contents.append(np.ones((1, 2), np.float32).tobytes())
+    grpc_codec.set_parameters(req.parameters, params)
+    if uint64_id is not None:
+        req.parameters["sequence_id"].uint64_param = uint64_id
+    with grpc.insecure_channel(url) as channel:
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=20)
+        except grpc.RpcError as err:
+            raise InferenceServerException(err.details(), str(err.code())) from None
 
 
 @pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
