@@ -55,6 +55,11 @@ def config_from_json(text: str, name: str) -> mc.ModelConfig:
         raise invalid(
             f"model '{name}': the config given with the load request is not valid: {printable(clip(str(e), 256))}"
         ) from None
+    if cfg.name and cfg.name != name:  # refused, as Triton does: never served under another name
+        raise invalid(
+            f"model '{name}': the config given with the load request names model "
+            f"'{printable(clip(cfg.name))}'; its name must be '{name}' or left out"
+        )
     cfg.name = name
     return cfg
 

@@ -178,6 +178,24 @@ async def test_bad_config_override_is_refused_and_changes_nothing(explicit):
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
 
 
+async def test_a_config_naming_another_model_is_refused(explicit):
+    """A load's config whose name is not the model's was served renamed, silently; Triton refuses
+    it. The model loaded before serves on, and a config with the model's own name still loads."""
+    cfg = {"max_batch_size": 4}
+    with pytest.raises(InferenceServerException) as info:
+        await explicit.call("load_model", "simple", config=json.dumps({**cfg, "name": "other"}))
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert "'other'" in info.value.message() and "simple" in info.value.message(), info.value.message()
+    assert "other" not in await index_of(explicit)
+    if explicit.grpc:
+        assert (await explicit.call("get_model_config", "simple")).config.max_batch_size != 4
+    else:
+        assert (await explicit.call("get_model_config", "simple"))["max_batch_size"] != 4
+    await explicit.call("load_model", "simple", config=json.dumps({**cfg, "name": "simple"}))
+    result = await explicit.infer("simple", simple_feeds(2))
+    assert result.as_numpy("OUTPUT0") is not None
+
+
 async def test_a_config_asking_for_too_many_instances_is_refused(explicit):
     cfg = json.dumps({"instance_group": [{"count": 1_000_000_000, "kind": "KIND_CPU"}]})
     with pytest.raises(InferenceServerException) as info:
