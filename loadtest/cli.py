@@ -202,7 +202,56 @@ def resolve(args: argparse.Namespace):
         sc = Scenario(**values)
     except TypeError as e:
         raise LoadTestError(str(e)) from None
+    fields = [f.name for f in dataclasses.fields(Scenario)]
+    refuse_ignored(sc, {k: 2 if k in given else 1 if k in from_file else 0 for k in fields})
     return sc, merged.get("out") or DEFAULT_OUT, bool(merged.get("quiet"))
+
+
+def refuse_ignored(sc, level: dict[str, int]) -> None:
+    """Refuse a setting the run would not use, given beside the one that makes it unused (it was
+    ignored without a word: a --rate beside a --shape measured the shape's rates). ``level``: where
+    each setting came from, 2 the flags, 1 the scenario file, 0 neither; a setting overridden from
+    a higher level (the file's rate, a --shape flag) is the override's doing, and stays allowed."""
+    from .scenario import LoadTestError, flag, shaped
+
+    def over(k: str, *by: str) -> bool:
+        return level[k] > 0 and level[k] >= max(level[b] for b in by)
+
+    def refuse(k: str, other: str, why: str) -> None:
+        raise LoadTestError(f"{flag(k)} cannot be combined with {flag(other)}: {why}")
+
+    if level["rate"] and level["rate"] == level["concurrency"]:
+        refuse("rate", "concurrency", "rate is an open loop, concurrency a closed one; give one of them")
+    if shaped(sc) and over("rate", "shape"):
+        refuse("rate", "shape", "a shape sets its own rates")
+    if sc.sweep_rate and over("rate", "sweep_rate"):
+        refuse("rate", "sweep_rate", "the sweep sets each step's rate")
+    if sc.mode == "closed":
+        by = "sweep_concurrency" if sc.sweep_concurrency else "concurrency"
+        if sc.sweep_concurrency:
+            for k in ("rate", "concurrency"):
+                if over(k, by):
+                    refuse(k, by, "the sweep sets each step's concurrency, in a closed loop")
+        for k, used in (
+            ("shape", shaped(sc)),
+            ("arrival", sc.arrival != "constant"),
+            ("precise_timing", sc.precise_timing),
+        ):
+            if used and over(k, by):
+                refuse(k, by, f"{flag(k)} is for an open loop (rate), and {flag(by)} makes a closed one")
+    unused: tuple[str, ...] = ("channels", "streams_per_channel") if sc.protocol == "http" else ("connections",)
+    if sc.protocol == "grpc" and sc.http_encoding != "json":
+        unused += ("http_encoding",)
+    for k in unused:
+        if over(k, "protocol"):
+            other = "gRPC" if sc.protocol == "http" else "HTTP"
+            raise LoadTestError(f"{flag(k)} is a setting of {other} only, and protocol is {sc.protocol}")
+    if sc.data:
+        for k in ("batch_size", "dynamic_size", "payloads"):
+            if over(k, "data"):
+                refuse(k, "data", "the file's requests are sent as they are (these shape generated ones)")
+    if level["cooldown_s"] and sc.cooldown_s > 0 and not (sc.sweep_rate or sc.sweep_concurrency):
+        raise LoadTestError("cooldown is the pause between the steps of a sweep, and this run has one step")
 
 
 def scenario_from(args: argparse.Namespace):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import numpy as np
@@ -79,13 +80,63 @@ def _args(*argv):
 
 def test_a_scenario_file_is_read_and_flags_win(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("target: h:8001\nmodel: m\nrate: 50\nshape: ramp:50:500\nslo_p99_ms: 20\n")
+    f.write_text("target: h:8001\nmodel: m\nrate: 50\nconcurrency: 3\nslo_p99_ms: 20\n")
     sc = scenario_from(_args("--scenario", str(f), "--rate", "70"))
-    assert (sc.target, sc.model, sc.rate, sc.shape, sc.slo_p99_ms) == ("h:8001", "m", 70, "ramp:50:500", 20)
+    assert (sc.target, sc.model, sc.rate, sc.mode, sc.slo_p99_ms) == ("h:8001", "m", 70, "open", 20)
     assert scenario_from(_args("h:1", "--model", "m", "--concurrency", "4")).mode == "closed"
+    # the file's rate, under the flags' shape: the flag wins (the other way round, see below)
+    f.write_text("target: h:8001\nmodel: m\nrate: 50\n")
+    assert scenario_from(_args("--scenario", str(f), "--shape", "ramp:50:500")).shape == "ramp:50:500"
     f.write_text("target: h:1\nmodel: m\nspeed: 3\n")
     with pytest.raises(LoadTestError, match="unknown key"):
         scenario_from(_args("--scenario", str(f)))
+
+
+@pytest.mark.parametrize(
+    "argv, file, words",
+    [
+        (["--rate", "70", "--shape", "ramp:1:5"], "", "rate cannot be combined with shape: a shape sets its own rates"),
+        ([], "rate: 50\nshape: ramp:50:500\n", "rate cannot be combined with shape"),
+        (["--rate", "70"], "shape: ramp:50:500\n", "rate cannot be combined with shape"),
+        (["--rate", "70", "--sweep-rate", "10,20"], "", "rate cannot be combined with sweep-rate"),
+        (["--rate", "70", "--concurrency", "4"], "", "rate cannot be combined with concurrency: rate is an open loop"),
+        (["--rate", "70", "--sweep-concurrency", "1,2"], "", "rate cannot be combined with sweep-concurrency"),
+        (["--concurrency", "4", "--sweep-concurrency", "1,2"], "", "concurrency cannot be combined with sweep-conc"),
+        (["--concurrency", "4", "--shape", "ramp:1:5"], "", "shape cannot be combined with concurrency"),
+        (["--concurrency", "4", "--arrival", "poisson"], "", "arrival cannot be combined with concurrency"),
+        (["--concurrency", "4", "--precise-timing"], "", "precise-timing cannot be combined with concurrency"),
+        (["--protocol", "http", "--channels", "2"], "", "channels is a setting of gRPC only, and protocol is http"),
+        ([], "protocol: http\nstreams-per-channel: 4\n", "streams-per-channel is a setting of gRPC only"),
+        (["--connections", "8"], "", "connections is a setting of HTTP only, and protocol is grpc"),
+        (["--http-encoding", "binary"], "", "http-encoding is a setting of HTTP only"),
+        (["--data", "x.jsonl", "--batch-size", "4"], "", "batch-size cannot be combined with data"),
+        (["--data", "x.jsonl", "--payloads", "4"], "", "payloads cannot be combined with data"),
+        (["--cooldown", "2"], "", "cooldown is the pause between the steps of a sweep"),
+    ],
+)
+def test_a_setting_the_run_would_not_use_is_refused(tmp_path, argv, file, words):
+    """Each of these was ignored without a word (a --rate beside a --shape measured the shape)."""
+    f = tmp_path / "s.yaml"
+    f.write_text("target: h:8001\nmodel: m\n" + file)
+    with pytest.raises(LoadTestError, match=re.escape(words)):
+        scenario_from(_args("--scenario", str(f), *argv))
+
+
+@pytest.mark.parametrize(
+    "argv, file",
+    [
+        (["--protocol", "grpc"], "protocol: http\nconnections: 8\n"),  # the flag overrides the file's protocol
+        (["--concurrency", "4"], "rate: 50\n"),  # the flag makes a closed loop over the file's rate
+        (["--sweep-rate", "10,20", "--cooldown", "0.5"], ""),
+        (["--concurrency", "4", "--arrival", "constant", "--no-precise-timing", "--cooldown", "0"], ""),
+        (["--protocol", "http", "--http-encoding", "binary", "--connections", "2"], ""),
+        (["--data", "x.jsonl", "--seed", "3", "--arrival", "poisson"], ""),
+    ],
+)
+def test_settings_the_run_uses_are_taken(tmp_path, argv, file):
+    f = tmp_path / "s.yaml"
+    f.write_text("target: h:8001\nmodel: m\n" + file)
+    scenario_from(_args("--scenario", str(f), *argv))
 
 
 def test_requests_encode_for_each_transport():

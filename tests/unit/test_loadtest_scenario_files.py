@@ -72,18 +72,32 @@ def _sample(key) -> tuple[object, list[str]]:
     return value, [f"--{key.name}", str(value)] if key.name != "target" else [str(value)]
 
 
+# what a key needs beside it to be used at all (else it is refused as ignored)
+_CONTEXT = {
+    "connections": ("protocol", "http"),
+    "http-encoding": ("protocol", "http"),
+    "cooldown": ("sweep-rate", "1,2"),
+}
+
+
 @pytest.mark.parametrize("name", sorted(scenario_keys()))
 def test_each_key_sets_what_its_flag_sets(tmp_path, name):
     key = scenario_keys()[name]
     value, argv = _sample(key)
     base = {"target": "h:1", "model": "m"}
     base.pop(name, None)
-    head = "".join(f"{k}: {v}\n" for k, v in base.items())
+    context = _CONTEXT.get(name)
+    head = "".join(f"{k}: {v}\n" for k, v in base.items()) + (f"{context[0]}: {context[1]}\n" if context else "")
     for spelling in {name, name.replace("-", "_")}:
         f = _file(tmp_path, head + f"{spelling}: {str(value).lower() if value is True else value}\n")
         from_file = resolve(_args("--scenario", f))
         from_flags = resolve(
-            _args(*argv, *base.get("target", "").split(), *(["--model", "m"] if "model" in base else []))
+            _args(
+                *argv,
+                *base.get("target", "").split(),
+                *(["--model", "m"] if "model" in base else []),
+                *([f"--{context[0]}", context[1]] if context else []),
+            )
         )
         assert from_file == from_flags, (spelling, from_file, from_flags)
 
@@ -169,9 +183,10 @@ def test_sweeps_take_yaml_lists_and_colon_forms_stay_text(tmp_path):
     sc = resolve(_args("--scenario", f))[0]
     assert rate_sweep(sc).rates == [100, 250.5, 123456] and rate_sweep(sc).method == "step"
     # YAML 1.1 would read 10:50 as 650 (base 60); here it stays the LOW:HIGH it says
-    f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-rate: 10:50\nsearch: binary\nrate: 1e3\n")
-    sc = resolve(_args("--scenario", f))[0]
-    assert rate_sweep(sc).rates == [10, 50] and sc.rate == 1000.0
+    f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-rate: 10:50\nsearch: binary\n")
+    assert rate_sweep(resolve(_args("--scenario", f))[0]).rates == [10, 50]
+    f = _file(tmp_path, "target: h:1\nmodel: m\nrate: 1e3\n")  # (and 1e3 is a number)
+    assert resolve(_args("--scenario", f))[0].rate == 1000.0
     f = _file(tmp_path, "target: h:1\nmodel: m\nsweep-rate: 1:3:1\n")
     assert rate_sweep(resolve(_args("--scenario", f))[0]).rates == [1, 2, 3]
 
@@ -185,7 +200,8 @@ def test_flags_win_over_the_file_and_the_loop_follows_what_was_given(tmp_path):
     f = _file(tmp_path, "target: h:8001\nmodel: m\nrate: 50\n")
     assert resolve(_args("--scenario", f, "--concurrency", "3"))[0].mode == "closed"
     f = _file(tmp_path, "target: h:8001\nmodel: m\nrate: 50\nconcurrency: 3\n")
-    assert resolve(_args("--scenario", f))[0].mode == "open"  # both at one level: the rate, as with flags
+    with pytest.raises(LoadTestError, match="rate cannot be combined with concurrency"):
+        resolve(_args("--scenario", f))  # both at one level: one was ignored (the concurrency), so neither wins
 
 
 def test_an_empty_value_leaves_the_default(tmp_path):
