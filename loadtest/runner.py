@@ -45,7 +45,7 @@ from .scenario import (
     usable_cpus,
     without_password,
 )
-from .server_view import ScrapeError, batch_mean, fetch, gauges, scrape, server_view
+from .server_view import ScrapeError, batch_mean, fetch, gauges, scrape, scrape_timed, server_view
 from .worker import Plan, Transport, rate_at
 from .worker import main as worker_main
 
@@ -194,14 +194,22 @@ class Runner:
             return w
 
         before = None  # the server's figures as the measurement starts (after the warm-up)
-        previous = scrape(self.metrics_url)  # the last scrape, for figures taken as differences
+        previous, took_s = scrape_timed(self.metrics_url)  # the last scrape, for figures taken as differences
+        # ``before`` is taken so that the server has written its page before the first measured
+        # request leaves: one taken at 0 or later already counted a request sent at 0 and answered
+        # meanwhile, and the server view came out short of what was sent. (A warm-up's requests
+        # answered in that lead are counted instead: it is kept short, twice a scrape's time.)
+        lead_s = min(0.1, 2 * took_s + 0.002)
         done, scheduled = 0, 0
         first = -math.ceil(sc.warmup_s / sc.window_s) if sc.warmup_s else 0
         shown = first  # next window to show progress for
         last = math.ceil(sc.duration_s / sc.window_s) - 1
         while done < n:
+            wait_s = 0.05
+            if before is None:  # (wake up in time for it)
+                wait_s = min(wait_s, max(0.0, (start_ns - time.monotonic_ns()) / 1e9 - lead_s))
             try:
-                msg = self.out.get(timeout=0.05)
+                msg = self.out.get(timeout=wait_s) if wait_s > 0 else self.out.get_nowait()
             except queue.Empty:
                 msg = None
             if msg is not None:
@@ -227,7 +235,7 @@ class Runner:
                     raise LoadTestError(msg[2])
             # a window is shown (and the server's gauges taken) a little after it ends
             now_s = (time.monotonic_ns() - start_ns) / 1e9
-            if before is None and now_s >= 0:
+            if before is None and now_s >= -lead_s:
                 before = scrape(self.metrics_url) or {}
             while shown <= last and (now_s > (shown + 1) * sc.window_s + 0.3 or done == n):
                 w = window(shown)

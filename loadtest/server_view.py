@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import http.client
 import math
+import time
 import urllib.error
 import urllib.request
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -32,10 +33,8 @@ def _request(url: str) -> urllib.request.Request:
     return plain
 
 
-def fetch(url: str) -> Samples:
-    """Every sample of the Prometheus endpoint at ``url``, by metric name (ScrapeError if none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+def read(url: str) -> str:
+    """The Prometheus endpoint's page at ``url`` (ScrapeError if it does not answer with one)."""
     try:
         with urllib.request.urlopen(_request(url), timeout=2) as resp:
             body = resp.read(MAX_SCRAPE_BYTES + 1)
@@ -46,6 +45,13 @@ def fetch(url: str) -> Samples:
         raise ScrapeError(f"no answer ({getattr(e, 'reason', None) or e})") from None
     if len(body) > MAX_SCRAPE_BYTES:
         raise ScrapeError(f"the answer is larger than {MAX_SCRAPE_BYTES >> 20} MiB")
+    return text
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a Prometheus page, by metric name (ScrapeError if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: Samples = {}
     try:
         for fam in text_string_to_metric_families(text):
@@ -58,15 +64,32 @@ def fetch(url: str) -> Samples:
     return out
 
 
+def fetch(url: str) -> Samples:
+    """Every sample of the Prometheus endpoint at ``url``, by metric name (ScrapeError if none)."""
+    return parse(read(url))
+
+
 def scrape(url: str | None) -> Samples | None:
     """Every sample of the Prometheus endpoint, by metric name (None when not configured or when
     it does not answer with Prometheus text)."""
+    return scrape_timed(url)[0]
+
+
+def scrape_timed(url: str | None) -> tuple[Samples | None, float]:
+    """:func:`scrape`, and the seconds the endpoint took to answer (reading its page, not parsing
+    it: the figures are those of the moment the server wrote the page)."""
     if not url:
-        return None
+        return None, 0.0
+    t0 = time.monotonic()
     try:
-        return fetch(url)
+        text = read(url)
     except ScrapeError:
-        return None
+        return None, time.monotonic() - t0
+    took = time.monotonic() - t0
+    try:
+        return parse(text), took
+    except ScrapeError:
+        return None, took
 
 
 def _sum(samples, name: str, model: str, **labels) -> float | None:
