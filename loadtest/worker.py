@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from .payload import GRPC_INFER, GRPC_STREAM, SYNTHETIC_HEADER, Encoded, with_id
 from .results import HIGHEST_US, histogram
+from .stream_errors import stream_status
 
 _mono = time.monotonic_ns
 
@@ -423,8 +424,9 @@ class _Stream:
                     rid = next((k for k, f in self.pending.items() if not f.done()), "")  # oldest waiting
                 fut = self.pending.get(rid)
                 if fut is not None and not fut.done():
-                    if resp.error_message:
-                        fut.set_exception(grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None, resp.error_message))
+                    if resp.error_message:  # (an in-band error has no code: read from its words)
+                        code = grpc.StatusCode[stream_status(resp.error_message)]
+                        fut.set_exception(grpc.aio.AioRpcError(code, None, None, resp.error_message))
                     else:
                         fut.set_result(None)
         except grpc.aio.AioRpcError as e:

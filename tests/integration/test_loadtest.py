@@ -249,6 +249,38 @@ def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_
 
 
 @pytest.mark.serial
+def test_a_stream_refusal_is_recorded_by_the_code_its_words_say(tmp_path):
+    """A stream's error answer has no code: every one was recorded UNKNOWN. batchgate's overload
+    refusal (RESOURCE_EXHAUSTED on a unary call) is now recorded as such: one request in flight at
+    most, eight callers of a model that takes tens of milliseconds."""
+    from batchgate.demo import _save
+    from route_support import slow_classifier
+
+    repo = tmp_path / "models"
+    _save(slow_classifier(), str(repo), "slow", config="max_batch_size: 8\n")
+    srv = Proc(serve_args(str(repo), "--max-inflight-requests", "1")).wait_ready()
+    try:
+        done, doc = loadtest(
+            tmp_path / "out",
+            srv.grpc,
+            "--model",
+            "slow",
+            "--grpc-stream",
+            "--concurrency",
+            "8",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+        )
+    finally:
+        srv.kill()
+    assert done.returncode == 0, done.stdout + done.stderr
+    s = step(doc)
+    assert s["ok"] > 0 and set(s["errors"]) == {"RESOURCE_EXHAUSTED"}, s["errors"]
+
+
+@pytest.mark.serial
 def test_the_server_view_counts_every_request_the_step_sent(tmp_path):
     """With no warm-up, the server's count over the step is exactly what was sent. It came out one
     short: the scrape the count starts from was taken once the measurement had begun, after the
@@ -512,7 +544,8 @@ def test_errors_are_recorded_by_their_code_and_an_error_budget_alone_gates_the_e
         *extra,
     )
     s = step(doc)
-    # A V2 stream error carries a message and no code (UNKNOWN); either way, not a timeout.
+    # A V2 stream error carries a message and no code: the test server's words name none (UNKNOWN);
+    # either way, not a timeout.
     assert set(s["errors"]) == ({"UNKNOWN"} if extra else {"INVALID_ARGUMENT"}), s["errors"]
     assert s["corrected_ms"]["p99"] < 500
     assert done.returncode == 1 and s["slo_met"] is False  # 100% errors against a 1% budget
