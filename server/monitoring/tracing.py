@@ -37,11 +37,13 @@ from random import random
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from ..core.types import printable
 from .trace_context import MAX_TRACESTATE, TraceHeaders, trace_headers, valid_traceparent
 
 log = logging.getLogger("batchgate.tracing")
 
 LEVELS = ("OFF", "TIMESTAMPS")
+MAX_TRACE_NUMBER = 2**31 - 1  # trace_rate and trace_count: Triton parses them as 32-bit integers
 SETTING_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")
 
 
@@ -92,16 +94,21 @@ def parse_changes(changes: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(
                     "trace_level TENSORS is not supported (tensors are never put in spans); use TIMESTAMPS"
                 )
+            if len(levels) > 1 and any(x.upper() == "OFF" for x in levels):  # (refused by Triton too)
+                raise ValueError('trace_level OFF cannot be combined with another level: send ["OFF"] alone')
             out[key] = "TIMESTAMPS" if any(x.upper() == "TIMESTAMPS" for x in levels) else "OFF"
         elif key in ("trace_rate", "trace_count", "log_frequency"):
             text = str(value)
-            if not re.fullmatch(r"-?[0-9]{1,12}", text):
-                raise ValueError(f"{key} must be a whole number, not '{text[:32]}'")
+            if type(value) not in (str, int) or not re.fullmatch(r"-?[0-9]{1,64}", text):
+                raise ValueError(f"{key} must be a whole number, not '{printable(text[:32])}'")
             n = int(text)
-            if key == "trace_rate" and n < 0:
-                raise ValueError("trace_rate must be 0 or more (one request in N; 0: only requests with a context)")
-            if key == "trace_count" and n < -1:
-                raise ValueError("trace_count must be -1 (no limit) or more")
+            if key == "trace_rate" and not 0 <= n <= MAX_TRACE_NUMBER:
+                raise ValueError(
+                    f"trace_rate must be from 0 to {MAX_TRACE_NUMBER} (one request in N; 0: only requests with "
+                    f"a context), not {text[:32]}"
+                )
+            if key == "trace_count" and not -1 <= n <= MAX_TRACE_NUMBER:
+                raise ValueError(f"trace_count must be from -1 (no limit) to {MAX_TRACE_NUMBER}, not {text[:32]}")
             if key == "log_frequency" and n != 0:
                 raise ValueError("log_frequency applies to trace files; batchgate exports spans over OTLP: 0 only")
             if key != "log_frequency":
@@ -176,6 +183,7 @@ class Tracing:
         self.tracer = self.provider.get_tracer("batchgate", __version__)
         rate = 0.0 if ratio <= 0 else max(1.0, 1 / ratio)  # exact: 0.7 traces 7 in 10, not every request
         self.policy = Policy("TIMESTAMPS", rate, -1)
+        self.started = Policy("TIMESTAMPS", rate, -1)  # what a null clears a server setting back to
         self.models: dict[str, dict[str, Any]] = {}  # a model's own settings (over the server's)
         # A collector down is counted (batchgate_trace_spans_total), not logged per batch; a client's
         # malformed tracestate is dropped, not quoted in a warning per request.
@@ -304,8 +312,8 @@ class Tracing:
         if not model:
             p = self.policy
             for key, value in changes.items():
-                if value is None:
-                    continue  # the server's settings have no "unset": null changes nothing
+                if value is None:  # cleared: the server's setting goes back to its value at start, as on Triton
+                    value = getattr(self.started, key.removeprefix("trace_"), None)
                 if key == "trace_level":
                     p.level = value
                 elif key == "trace_rate":

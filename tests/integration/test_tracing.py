@@ -284,7 +284,7 @@ def test_tritons_trace_setting_api_changes_what_is_traced(repo, serve, receiver,
     for bad, why in (
         ({"trace_file": "/etc/passwd"}, "trace_file cannot be set"),
         ({"trace_level": ["TENSORS"]}, "TENSORS is not supported"),
-        ({"trace_rate": "-5"}, "trace_rate must be 0 or more"),
+        ({"trace_rate": "-5"}, "trace_rate must be from 0 to"),
         ({"nonsense": "1"}, "unknown trace setting"),
     ):
         with pytest.raises(InferenceServerException) as e:
@@ -292,6 +292,55 @@ def test_tritons_trace_setting_api_changes_what_is_traced(repo, serve, receiver,
         assert why in str(e.value)
     meta = client.get_server_metadata(**({"as_json": True} if protocol == "grpc" else {}))
     assert "trace" in meta["extensions"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_trace_setting_corner_cases_are_refused_or_behave_as_on_triton(repo, serve, receiver, protocol):
+    """OFF beside another level was taken as TIMESTAMPS (Triton refuses it); a trace_count past 12
+    digits was "not a whole number" and one within them past what Triton takes was set; a null
+    trace_rate for the server changed nothing (Triton clears it back to its value at start)."""
+    running = serve(repo, tracing="otlp", otlp_endpoint=receiver.endpoint, trace_sample_ratio=0.001)
+    mod = grpcclient if protocol == "grpc" else httpclient
+    client = mod.InferenceServerClient(running.grpc_url if protocol == "grpc" else running.http_url)
+
+    def settings(**kw):
+        if protocol == "http":
+            return client.get_trace_settings(**kw)
+        return {k: v["value"] for k, v in client.get_trace_settings(as_json=True, **kw)["settings"].items()}
+
+    before = settings()
+    for bad, why in (
+        ({"trace_level": ["TIMESTAMPS", "OFF"]}, "trace_level OFF cannot be combined with another level"),
+        ({"trace_level": ["OFF", "TIMESTAMPS"]}, "trace_level OFF cannot be combined with another level"),
+        ({"trace_count": "12345678901234567890"}, "trace_count must be from -1 (no limit) to 2147483647"),
+        ({"trace_count": "2147483648"}, "trace_count must be from -1 (no limit) to 2147483647, not 2147483648"),
+        ({"trace_rate": "99999999999"}, "trace_rate must be from 0 to 2147483647"),
+    ):
+        with pytest.raises(InferenceServerException) as e:
+            client.update_trace_settings(settings=bad)
+        assert e.value.status() in ("400", "StatusCode.INVALID_ARGUMENT") and why in e.value.message(), bad
+    assert settings() == before
+    # null clears: the server's rate goes back to its value at start, a model's to the server's
+    client.update_trace_settings(settings={"trace_rate": "1", "trace_count": "5"})
+    client.update_trace_settings(model_name="clf", settings={"trace_rate": "7"})
+    assert settings(model_name="clf")["trace_rate"] in ("7", ["7"])
+    client.update_trace_settings(settings={"trace_rate": None})
+    client.update_trace_settings(model_name="clf", settings={"trace_rate": None})
+    now = settings()
+    assert now["trace_rate"] in ("1000", ["1000"]) and now["trace_count"] in ("5", ["5"]), now
+    assert settings(model_name="clf")["trace_rate"] in ("1000", ["1000"])
+    if protocol == "http":  # a JSON number past 64 bits, which no client library sends
+        import http.client
+
+        conn = http.client.HTTPConnection(running.http_url, timeout=10)
+        try:
+            conn.request("POST", "/v2/trace/setting", body=b'{"trace_count": 99999999999999999999999}')
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+        finally:
+            conn.close()
+        # (read as the float 1e+23 by the JSON parser: not a whole number, said so)
+        assert resp.status == 400 and "trace_count must be a whole number" in body["error"], body
 
 
 def test_the_access_log_names_the_trace(repo, serve, receiver, tmp_path):
