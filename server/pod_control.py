@@ -233,7 +233,7 @@ class PodControl:
     async def _follow(self, reload: list[str]) -> None:
         """Front mode: every worker serves what the owner serves now."""
         if self.owner is None or self.owner.channel is None:
-            return  # (an owner starting again: the workers follow its models once it is back, _poll)
+            return  # (an owner starting again: the workers follow its models once it is back, _follow_owner)
         try:
             specs = await self._owner_models()
         except ChannelClosed:  # it went away meanwhile: the same
@@ -241,8 +241,7 @@ class PodControl:
         self._followed = sorted(s.name for s in specs)
         members = self._members(True)
         results = await asyncio.gather(
-            *(s.channel.call("follow", specs=specs, reload=reload) for s in members if s.channel),
-            return_exceptions=True,
+            *(self._ask(s, "follow", specs=specs, reload=reload) for s in members), return_exceptions=True
         )
         for s, r in zip(members, results):
             if isinstance(r, BaseException):
@@ -290,8 +289,7 @@ class PodControl:
         txn = self._txns[tid] = _Txn({s.index for s in members})
         calls = []
         for s in members:
-            assert s.channel is not None
-            call = asyncio.ensure_future(s.channel.call(op, txn=tid, **args))
+            call = asyncio.ensure_future(self._ask(s, op, txn=tid, **args))
             call.add_done_callback(functools.partial(txn.ended, s.index))
             calls.append(call)
         try:
@@ -300,12 +298,13 @@ class PodControl:
             self._txns.pop(tid, None)
         if txn.decision.done() and txn.decision.result():
             return
-        slot, error = next(iter(txn.failed.items()))
+        index, error = next(iter(txn.failed.items()))
+        slot = _named(next(s for s in members if s.index == index))
         others = len(members) - 1
         called_off = f"; the load was called off on the other {others} worker(s)" if others else ""
-        what = error.message if isinstance(error, GatewayError) else f"worker {slot} went away during the load"
+        what = error.message if isinstance(error, GatewayError) else f"{slot} went away during the load"
         code = error.code if isinstance(error, GatewayError) else ErrorCode.UNAVAILABLE
-        raise GatewayError(code, f"{what} (worker {slot}{called_off}: no worker switched versions)")
+        raise GatewayError(code, f"{what} ({slot}{called_off}: no worker switched versions)")
 
     async def _rescans(self) -> None:
         """Poll mode with several workers: the rescan is the supervisor's, so that a changed
@@ -431,14 +430,27 @@ class PodControl:
             every = self._members_and_owner()
             await self._everywhere("trace_settings", every, model=model, changes=changes)
 
+    async def _ask(self, slot: Slot, op: str, **args: Any) -> Any:
+        """``op`` on one worker, waited for as long as it answers the supervisor: one that stops
+        answering (hung, stopped) is killed after ``worker_hang_s`` (``_kill_hung``, which never
+        waits for a change) and the call then fails naming it and why; so no pod-wide change
+        waits on a hung worker for longer (with ``worker_hang_s`` 0 it does: nothing is killed).
+        Not a timeout on the call itself: a worker that answers may take its time (a large load)."""
+        channel, pid = slot.channel, slot.proc.pid if slot.proc is not None else -1
+        if channel is None:
+            raise ChannelClosed(f"{_named(slot)} is not running: it catches up as it starts again")
+        try:
+            return await channel.call(op, **args)
+        except ChannelClosed:
+            why = slot.failure or f"(pid {pid}) went away during the call"
+            raise ChannelClosed(f"{_named(slot)} {why}") from None
+
     async def _everywhere(self, op: str, members: list[Slot], undo: bool = False, **args: Any) -> GatewayError | None:
         """``op`` on each of ``members``; the first error raised (with ``undo``: the successful
         registrations unregistered again and the error returned)."""
         if not members:
             raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
-        results = await asyncio.gather(
-            *(s.channel.call(op, **args) for s in members if s.channel is not None), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self._ask(s, op, **args) for s in members), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return None

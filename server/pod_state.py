@@ -270,23 +270,34 @@ class PodState:
         return asyncio.run_coroutine_threadsafe(self._scrape(), self._loop).result(SNAPSHOT_TIMEOUT_S * 2)
 
     async def _poll(self) -> None:
+        """Read the workers' figures and kill the hung ones. Never waits on the control lock: a
+        pod-wide change waiting for a hung worker holds it, and only this loop frees that change
+        (by killing the worker), so the owner's models are followed by a task of their own."""
         while not self.stopping:
             await asyncio.sleep(POLL_S)
             with contextlib.suppress(Exception):
                 await self.gather(patient=True)  # (the full wait: a slow worker is not a hung one)
             self._kill_hung()
-            if self.owner is not None and self.owner.member and self.owner.channel is not None:
-                with contextlib.suppress(Exception):  # the owner rescanned (poll mode) or restarted
-                    async with self._lock:
-                        names = sorted(await self.owner.channel.call("models", timeout=SNAPSHOT_TIMEOUT_S))
-                        restarted = self.owner.restarts != self._owner_lives
-                        if names != self._followed or restarted:
-                            self._owner_lives = self.owner.restarts
-                            await self._follow(names if restarted else [])
+
+    async def _follow_owner(self) -> None:
+        """Front mode: the workers follow what the owner serves after it rescanned (poll mode) or
+        restarted."""
+        while not self.stopping:
+            await asyncio.sleep(POLL_S)
+            if self.owner is None or not self.owner.member or self.owner.channel is None:
+                continue
+            with contextlib.suppress(Exception):
+                async with self._lock:
+                    names = sorted(await self.owner.channel.call("models", timeout=SNAPSHOT_TIMEOUT_S))
+                    restarted = self.owner.restarts != self._owner_lives
+                    if names != self._followed or restarted:
+                        self._owner_lives = self.owner.restarts
+                        await self._follow(names if restarted else [])
 
     def _kill_hung(self) -> None:
         """Kill a worker that has not answered a snapshot for ``worker_hang_s`` (its keeper starts
-        it again): a hung process still holds its share of the port's new connections."""
+        it again): a hung process still holds its share of the port's new connections, and a
+        pod-wide change waiting for its answer ends with it (``_ask``)."""
         hang_s = self.settings.server.worker_hang_s
         if not hang_s or self.stopping:
             return
@@ -295,6 +306,7 @@ class PodState:
             proc = s.proc
             if s.stale and s.ready and proc is not None and now - s.answered_at > hang_s:
                 log.error("worker %s (pid %d) has not answered for %.0f s: killing it", s.label, proc.pid, hang_s)
+                s.failure = f"(pid {proc.pid}) did not answer the supervisor for {hang_s:g} s (worker_hang_s): killed"
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 s.stale = False  # (once: its keeper takes it from here)

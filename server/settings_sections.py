@@ -123,7 +123,8 @@ class ServerSettings:
     worker_hang_s: float = _setting(
         30.0,
         "with several workers: a worker that has not answered the supervisor for this long is killed and "
-        "started again (a hung process keeps its share of the port's connections); 0 = never",
+        "started again (a hung process keeps its share of the port's connections), and a pod-wide change "
+        "(load, unload, ...) waiting for it is answered; 0 = never (such a change waits for it)",
         minimum=0,
     )
     log_format: str = _setting("plain", "plain lines or one JSON object per line", choices=("plain", "json"))

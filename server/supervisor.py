@@ -150,6 +150,8 @@ class Supervisor(PodControl, PodState):
         for slot in self.slots:
             self._launch(slot)
         self._tasks.append(asyncio.ensure_future(self._poll()))
+        if self.owner is not None:
+            self._tasks.append(asyncio.ensure_future(self._follow_owner()))
         if s.repository.model_control_mode == "poll":
             self._tasks.append(asyncio.ensure_future(self._rescans()))
         firsts = [slot.first for slot in self.slots if slot.first is not None]

@@ -638,6 +638,39 @@ def test_an_unload_while_a_worker_goes_away_reaches_it_when_it_starts_again(clf_
         p.kill()
 
 
+def test_a_load_with_a_hung_worker_is_answered_naming_it_and_the_pod_converges(clf_repo):
+    """A stopped worker during a two-phase load: answered once the worker was killed as hung, with
+    "the other process went away during the call (worker 1; ...)", which said neither which
+    process nor why. Now the answer names the worker, its pid and worker_hang_s; the new worker
+    joins and the next load reaches every worker."""
+    admin = free_port()  # worker 0's admin listener: a stopped worker 1 takes no call meant for it
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true", "--worker-hang-s", "4",
+                        "--admin-http-port", str(admin)))  # fmt: skip
+    victim = 0
+    try:
+        p.wait_ready()
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{admin}", network_timeout=120, connection_timeout=120)
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGSTOP)
+        with pytest.raises(InferenceServerException) as e:
+            c.load_model("clf")
+        said = e.value.message()
+        assert f"worker 1 (pid {victim}) did not answer the supervisor for 4 s (worker_hang_s): killed" in said, said
+        assert "no worker switched versions" in said, said
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        c.load_model("clf")
+        assert _ready_everywhere(p, "clf") == {True}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if victim:
+                os.kill(victim, signal.SIGCONT)
+        p.kill()
+
+
 def test_a_restarted_worker_is_not_warned_about_an_unloaded_upload(clf_repo):
     """A model uploaded with its load (a name with no folder), then unloaded: each restarted worker
     replayed the unload of a name it never had and logged a WARNING that catching up failed."""

@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
-from processes import Proc, serve_args
+from processes import Proc, free_port, serve_args
 
 WIDTH = 512
 CLIENTS = 32
@@ -207,4 +207,65 @@ def test_front_mode_an_unload_while_the_owner_goes_away_is_done(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             if owner:
                 os.kill(owner, signal.SIGCONT)
+        p.kill()
+
+
+def _ready_everywhere(p: Proc, model: str) -> set[bool]:
+    seen = set()
+    for _ in range(12):  # fresh connections: both workers answer some
+        c = httpclient.InferenceServerClient(p.http)
+        seen.add(c.is_model_ready(model))
+        c.close()
+    return seen
+
+
+def _pid(p: Proc, who: str) -> int:
+    """The pid of the latest life of ``who`` ("model owner", "worker 1"), from its ready lines."""
+    return int(re.findall(rf"{who} \(pid (\d+)\) ready", p.output())[-1])
+
+
+def _until_started_again(p: Proc, who: str, old: int) -> None:
+    end = time.monotonic() + 90
+    while _pid(p, who) == old:
+        assert time.monotonic() < end, p.output()
+        time.sleep(0.2)
+
+
+def test_front_mode_a_hung_process_holds_no_pod_wide_change_for_ever(tmp_path):
+    """A stopped front worker held an unload for ever: the supervisor waited for its answer to
+    follow the owner's models, holding the control lock, and its own loop that kills hung
+    workers waited on that lock too; a stopped owner did the same to a load. Now the hung process
+    is killed after worker_hang_s (10 s here: longer than one round of reading the figures, so the
+    old loop did meet the lock before it could kill), and the change is answered: the unload is
+    done (the new worker follows the owner's models as it starts), the load fails naming the owner."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    admin = free_port()  # worker 0's admin listener: a stopped worker 1 takes no call meant for it
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
+                        "explicit", "--load-model", "clf", "--allow-open-admin", "true", "--worker-hang-s", "10",
+                        "--admin-http-port", str(admin)))  # fmt: skip
+    stopped: list[int] = []
+    try:
+        p.wait_ready()
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{admin}", network_timeout=120, connection_timeout=120)
+        victim = _pid(p, "worker 1")
+        os.kill(victim, signal.SIGSTOP)
+        stopped.append(victim)
+        c.unload_model("clf")
+        _until_started_again(p, "worker 1", victim)
+        assert f"worker 1 (pid {victim}) did not answer the supervisor for 10 s (worker_hang_s): killed" in p.output()
+        assert _ready_everywhere(p, "clf") == {False}
+
+        owner = _pid(p, "model owner")
+        os.kill(owner, signal.SIGSTOP)
+        stopped.append(owner)
+        with pytest.raises(InferenceServerException) as e:
+            c.load_model("clf")
+        assert f"model owner (pid {owner}) did not answer the supervisor for 10 s" in e.value.message()
+        _until_started_again(p, "model owner", owner)
+        c.load_model("clf")  # the pod converged: the new owner loads, every worker follows
+        assert _ready_everywhere(p, "clf") == {True}
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         p.kill()
