@@ -68,8 +68,13 @@ class Channel:
         self._waiting[cid] = fut
         try:
             self._send({"call": cid, "op": op, "args": args})
-            await self.writer.drain()
+            # The timeout covers the sending too: behind a large message (a load's upload) to a
+            # process that stopped reading, a call would wait for room in the socket for ever.
             async with asyncio.timeout(timeout):
+                try:
+                    await self.writer.drain()
+                except (ConnectionError, OSError):  # (gone while the message waited to be sent)
+                    raise ChannelClosed("the other process went away during the call") from None
                 return await fut
         finally:
             self._waiting.pop(cid, None)

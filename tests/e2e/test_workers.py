@@ -662,6 +662,20 @@ def test_a_load_with_a_hung_worker_is_answered_naming_it_and_the_pod_converges(c
         while _pids(p)[1] == victim:
             assert time.monotonic() < end, p.output()
             time.sleep(0.1)
+        # An upload larger than the control socket's buffers: the supervisor waits to send it, not
+        # for an answer, when the worker stops answering.
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGSTOP)
+        files = {"file:1/model.onnx": classifier_model().SerializeToString(), "file:1/padding.bin": bytes(8 << 20)}
+        with pytest.raises(InferenceServerException) as e:
+            c.load_model("uploaded", config=json.dumps({"max_batch_size": 8}), files=files)
+        said = e.value.message()
+        assert f"worker 1 (pid {victim}) did not answer the supervisor for 4 s (worker_hang_s): killed" in said, said
+        assert "no worker switched versions" in said, said
+        end = time.monotonic() + 60
+        while _pids(p)[1] == victim:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
         c.load_model("clf")
         assert _ready_everywhere(p, "clf") == {True}
     finally:

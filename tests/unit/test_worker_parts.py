@@ -121,6 +121,27 @@ async def test_a_call_waiting_when_the_other_end_goes_fails_at_once():
     await _closed(a, b, tasks)
 
 
+async def test_a_call_behind_a_message_the_other_end_does_not_read_keeps_its_timeout():
+    """The other end stopped reading (a process stopped or hung) while a large message waited to be
+    sent: a call with a timeout waited for room in the socket for ever (only the answer was timed),
+    so the supervisor's reading of the figures, and with it the killing of hung workers, stopped.
+    Once that end is gone, the call waiting to send fails as a closed channel."""
+    a_sock, b_sock = socket.socketpair()
+    a = await Channel.over(a_sock, {})
+    reading = asyncio.ensure_future(a.serve())
+    upload = asyncio.ensure_future(a.call("load", files=b"x" * (16 * 2**20)))  # never read
+    await asyncio.sleep(0.05)  # (the upload is in the socket's way now)
+    snapshot = asyncio.ensure_future(a.call("snapshot", timeout=0.5))
+    done, _ = await asyncio.wait([snapshot], timeout=30)
+    assert snapshot in done, "the call waited past its timeout for room to send"
+    assert isinstance(snapshot.exception(), TimeoutError)
+    b_sock.close()
+    with pytest.raises(ChannelClosed, match="went away"):
+        await asyncio.wait_for(upload, 5)
+    a.close()
+    await asyncio.wait([reading], timeout=5)
+
+
 async def test_a_two_phase_load_commits_only_when_every_worker_voted():
     txn = _Txn({0, 1})
     first = asyncio.ensure_future(txn.vote(0))
