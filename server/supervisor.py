@@ -23,11 +23,9 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -49,6 +47,7 @@ from .pod_control import (
     _Txn,
     log,
 )
+from .pod_dir import PodDir, remove_leftovers
 from .pod_state import PodState
 from .transport.sockets import dual_stack
 
@@ -67,7 +66,7 @@ class Supervisor(PodControl, PodState):
         self.slots = [Slot(i, str(i)) for i in range(self.n)]
         # workers_mode front: the workers forward to one process that owns the models and batches.
         self.owner = Slot(-1, "owner") if settings.server.workers_mode == "front" else None
-        self._private: str = ""  # a 0700 directory holding the owner's Unix socket
+        self._private: PodDir | None = None  # a 0700 directory holding the owner's Unix socket
         self.metrics = Metrics()  # only its own process collectors: the figures are the workers'
         self.stopping = False
         self._lock = asyncio.Lock()  # one pod-wide change at a time; a joining worker catches up under it
@@ -141,7 +140,9 @@ class Supervisor(PodControl, PodState):
             self._health_grpc, self.health_port = plaintext_health_server(self._health, address, s, refused)
             await self._health_grpc.start()
         if self.owner is not None:
-            self._private = tempfile.mkdtemp(prefix="batchgate-")
+            for path in await asyncio.to_thread(remove_leftovers):
+                log.info("front mode: removed %s, left by a supervisor that is gone", path)
+            self._private = PodDir()
             log.info("supervisor (pid %d): starting the model-owning process", os.getpid())
             self._launch(self.owner)
             assert self.owner.first is not None
@@ -173,7 +174,8 @@ class Supervisor(PodControl, PodState):
 
     @property
     def owner_address(self) -> str:
-        return f"unix:{os.path.join(self._private, 'models.sock')}"
+        assert self._private is not None
+        return f"unix:{os.path.join(self._private.path, 'models.sock')}"
 
     def _reserve(self, name: str, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -415,8 +417,8 @@ class Supervisor(PodControl, PodState):
             await self._health_grpc.stop(1.0)
         for sock in self._reserved.values():
             sock.close()
-        if self._private:
-            shutil.rmtree(self._private, ignore_errors=True)
+        if self._private is not None:
+            self._private.remove()
         if self.disagreements is not None:
             self.disagreements.close()
         self._state_writes.shutdown(wait=True)

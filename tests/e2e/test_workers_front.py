@@ -269,3 +269,73 @@ def test_front_mode_a_hung_process_holds_no_pod_wide_change_for_ever(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         p.kill()
+
+
+SOCKET = re.compile(r"\[model owner\]: .*gRPC on unix:(\S+)/models\.sock")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_front_mode_a_killed_supervisors_folder_is_removed_by_the_next_start(tmp_path):
+    """A SIGKILLed supervisor left its private folder (the owner's socket) in the temporary folder
+    for good; with the chart's /tmp an emptyDir, one more each time the container was killed. The
+    next front-mode start removes it, and only it: not the folder of a pod still running there, not
+    a link or a folder without a lock that look like one, not an older version's folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    _save(classifier_model(), str(tmp_path / "models"), "clf", config="max_batch_size: 8\n")
+
+    def pod() -> Proc:
+        p = Proc(serve_args(str(tmp_path / "models"), "--workers", "2", "--workers-mode", "front"), env=env)
+        p.wait_ready()
+        return p
+
+    live = dead = later = None
+    try:
+        live = pod()
+        live_dir = SOCKET.search(live.output()).group(1)
+        dead = pod()
+        dead_dir = SOCKET.search(dead.output()).group(1)
+        children = [int(x) for x in re.findall(r"\(pid (\d+)\) ready", dead.output())]
+        supervisor = dead.p.pid
+        dead.kill()  # SIGKILL: its workers drain and go (they die with it), its folder stays
+        end = time.monotonic() + 60
+        while not all(_gone(pid) for pid in children):
+            assert time.monotonic() < end, dead.output()
+            time.sleep(0.1)
+        assert os.path.isdir(dead_dir)
+        # Look-alikes of a dead supervisor's folder that are none: a link to a folder elsewhere,
+        # a folder without a lock file, an older version's folder (no pid, no lock).
+        outside = tmp_path / "outside"
+        outside.mkdir(mode=0o700)
+        (outside / "keep").write_text("mine")
+        link = tmp / f"batchgate-{supervisor}-linklink"
+        link.symlink_to(outside, target_is_directory=True)
+        unlocked = tmp / f"batchgate-{supervisor}-unlocked"
+        unlocked.mkdir(mode=0o700)
+        older = tmp / "batchgate-a1b2c3d4"
+        older.mkdir(mode=0o700)
+
+        later = pod()
+        assert not os.path.exists(dead_dir), later.output()
+        assert f"front mode: removed {dead_dir}, left by a supervisor that is gone" in later.output()
+        assert os.path.exists(os.path.join(live_dir, "models.sock"))
+        assert link.is_symlink() and (outside / "keep").read_text() == "mine"
+        assert unlocked.is_dir() and older.is_dir()
+        for p in (live, later):  # both pods serve, each through its own owner's socket
+            c = httpclient.InferenceServerClient(p.http)
+            x = httpclient.InferInput("features", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            assert c.infer("clf", [x]).as_numpy("probabilities").shape[0] == 1
+            c.close()
+    finally:
+        for p in (live, dead, later):
+            if p is not None:
+                p.kill()

@@ -1,0 +1,90 @@
+"""The private folder of a front-mode pod: which folders a starting supervisor takes for ones a
+dead supervisor left (``pod_dir.remove_leftovers``), on real folders, links and locks; a lock
+held by another process stands for a supervisor whose pid this process cannot see (another PID
+namespace sharing the volume)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from batchgate.pod_dir import LOCK, PodDir, remove_leftovers
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _folder(root, name: str, lock: bool = True):
+    d = root / name
+    d.mkdir(mode=0o700)
+    d.chmod(0o700)  # (whatever the umask)
+    if lock:
+        (d / LOCK).write_text("")
+    (d / "models.sock").write_text("")  # (a file in place of the socket: removed all the same)
+    return d
+
+
+def test_a_dead_supervisors_folder_is_removed_and_only_that(tmp_path):
+    pid = _dead_pid()
+    dead = _folder(tmp_path, f"batchgate-{pid}-abcd_123")
+    alive = _folder(tmp_path, f"batchgate-{os.getppid()}-abcd_123")  # a running process's pid
+    no_lock = _folder(tmp_path, f"batchgate-{pid}-nolock00", lock=False)
+    other_name = _folder(tmp_path, f"batchgate-{pid}-ABCD1234")  # not mkdtemp's alphabet
+    older = _folder(tmp_path, "batchgate-abcd1234", lock=False)
+    open_mode = _folder(tmp_path, f"batchgate-{pid}-open0000")
+    open_mode.chmod(0o755)
+    assert remove_leftovers(str(tmp_path)) == [str(dead)]
+    assert not dead.exists()
+    for kept in (alive, no_lock, other_name, older, open_mode):
+        assert kept.is_dir(), kept
+
+
+def test_a_folder_whose_lock_another_process_holds_is_left_until_it_lets_go(tmp_path):
+    d = _folder(tmp_path, f"batchgate-{_dead_pid()}-heldheld")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(d / LOCK)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert remove_leftovers(str(tmp_path)) == []
+        assert d.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_leftovers(str(tmp_path)) == [str(d)]
+
+
+def test_links_are_never_followed(tmp_path):
+    pid = _dead_pid()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = _folder(outside, "target")
+    (tmp_path / "tmp").mkdir()
+    root = tmp_path / "tmp"
+    (root / f"batchgate-{pid}-linklink").symlink_to(target, target_is_directory=True)
+    inner = _folder(root, f"batchgate-{pid}-innerlnk", lock=False)
+    (inner / LOCK).symlink_to(target / LOCK)  # a lock that is a link: not opened
+    leaf = _folder(root, f"batchgate-{pid}-leaflink")
+    (leaf / "elsewhere").symlink_to(target, target_is_directory=True)  # removed as a link, never followed
+    assert remove_leftovers(str(root)) == [str(leaf)]
+    assert (root / f"batchgate-{pid}-linklink").is_symlink() and inner.is_dir()
+    assert sorted(os.listdir(target)) == [LOCK, "models.sock"]
+
+
+def test_a_running_supervisors_own_folder_is_locked_and_removed_at_its_end(tmp_path):
+    mine = PodDir(str(tmp_path))
+    try:
+        assert os.path.dirname(mine.path) == str(tmp_path)
+        assert os.path.basename(mine.path).startswith(f"batchgate-{os.getpid()}-")
+        # Its name says this very process's pid (what a restarted container's supervisor sees of the
+        # one before it): the lock alone keeps it.
+        assert remove_leftovers(str(tmp_path)) == []
+    finally:
+        mine.remove()
+    assert not os.path.exists(mine.path)
