@@ -62,6 +62,7 @@ class Slot:
     first: asyncio.Future | None = None  # the first start's outcome
     answered_at: float = 0.0  # monotonic clock: the process's last answer to a snapshot (0: none yet)
     stale: bool = False  # it did not answer the last snapshot in time: not waited for again until it does
+    owner_ready_told: bool | None = None  # front mode: the owner's readiness as last told to this worker
 
 
 class _Txn:

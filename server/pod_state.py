@@ -222,7 +222,6 @@ class PodState:
                 else:
                     s.stale = True
             self._gathered_at = time.monotonic()
-            self._tell_owner_ready()
             await self._publish()
         total = Snapshot()
         for s in every:
@@ -237,13 +236,15 @@ class PodState:
     def _tell_owner_ready(self) -> None:
         """Front mode: each worker's readiness (strict) follows the model-owning process's, as the
         health port's does: a model the owner should serve and does not (a failed load) makes
-        every worker not ready, not only the pod's health port. Told at each read of the figures."""
+        every worker not ready, not only the pod's health port. Told when it changes (with the
+        health port's, ``_publish``) and to a worker as it joins, before it listens."""
         if self.owner is None:
             return
         ready = self.owner.ready and self.owner.models_ready
         for s in self._members(True):
-            if s.channel is not None and not s.channel.closed.is_set():
+            if s.owner_ready_told is not ready and s.channel is not None and not s.channel.closed.is_set():
                 s.channel.tell("owner_ready", ready=ready)
+                s.owner_ready_told = ready
 
     async def _scrape(self) -> bytes:
         snap = await self.gather()
@@ -322,6 +323,9 @@ class PodState:
         return not self.stopping and any(s.ready and s.models_ready for s in self.slots)
 
     async def _publish(self) -> None:
+        """The pod's readiness may have changed: the health port says it, and front workers hear
+        the owner's."""
+        self._tell_owner_ready()
         if self._health is None:
             return
         from grpc_health.v1 import health_pb2

@@ -320,7 +320,8 @@ class Supervisor(PodControl, PodState):
                 await self.drop_regions([(owner, name) for owner, name in lost or ()])
                 if self.owner is None or slot is self.owner:
                     await self._same_files(slot)
-                slot.member = True
+                slot.member, slot.owner_ready_told = True, None
+                self._tell_owner_ready()  # (a front worker: before it listens, not at the next read)
 
         async def ready(http_port: int, grpc_port: int) -> None:
             if self.settings.drift and self._drift_start is None and slot is not self.owner:

@@ -339,3 +339,48 @@ def test_front_mode_a_killed_supervisors_folder_is_removed_by_the_next_start(tmp
         for p in (live, dead, later):
             if p is not None:
                 p.kill()
+
+
+def test_front_mode_a_restarted_worker_never_says_ready_while_the_owner_is_not(tmp_path):
+    """The owner's readiness was pushed to the workers at each read of the figures (every 2 s), so a
+    front worker started again while the owner was not ready (a failed load) listened saying ready
+    until the next read. Now a joining worker is told before it listens, and the others when the
+    owner's readiness changes."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    os.makedirs(tmp_path / "broken" / "1")
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
+                        "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
+            httpclient.InferenceServerClient(p.http).load_model("broken")
+        p.wait_for("[worker 1]: readiness: not ready")
+        victim = _pid(p, "worker 1")
+        os.kill(victim, signal.SIGKILL)
+        _until_started_again(p, "worker 1", victim)
+        p.wait_for(f"worker 1 (pid {_pid(p, 'worker 1')}) ready")
+        restarted = p.output().split(f"worker 1 (pid {victim}) was killed by SIGKILL", 1)[1]
+        end = time.monotonic() + 30
+        while "[worker 1]: readiness:" not in restarted:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+            restarted = p.output().split(f"worker 1 (pid {victim}) was killed by SIGKILL", 1)[1]
+        first = re.search(r"\[worker 1\]: readiness: (.*)", restarted).group(1)
+        assert first.startswith("not ready"), p.output()
+        httpclient.InferenceServerClient(p.http).unload_model("broken")
+        end = time.monotonic() + 30
+        while _ready_everywhere_server(p) != {True}:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.2)
+    finally:
+        p.kill()
+
+
+def _ready_everywhere_server(p: Proc) -> set[bool]:
+    seen = set()
+    for _ in range(12):  # fresh connections: both workers answer some
+        c = httpclient.InferenceServerClient(p.http)
+        seen.add(c.is_server_ready())
+        c.close()
+    return seen
