@@ -95,8 +95,8 @@ class HttpApp:
         admin: AdminApi | None = None,
         budget: ByteBudget | None = None,
     ):
-        """``admin_only``: the admin listener, which serves the repository API, health and the
-        server metadata, and nothing of inference."""
+        """``admin_only``: the admin listener, which serves the repository API, health (the
+        server's and a model's readiness) and the server metadata, and nothing of inference."""
         self.dp = dataplane
         self.admin_only = admin_only
         self.admin = admin  # the admin API's HTTP mirror (admin listener only)
@@ -235,7 +235,9 @@ class HttpApp:
         if admitted is not None:  # admitted by the protocol as its head arrived
             served, model, version = admitted
             return await self._counted_infer(model, version, scope, receive, send, served)
-        if self.admin_only and not (path.startswith("/v2/repository") or path in ADMIN_PATHS):
+        if self.admin_only and not (
+            path.startswith("/v2/repository") or path in ADMIN_PATHS or path.endswith("/ready")  # (health: a model's too)
+        ):
             if self.admin is not None and path.startswith(admin_http.PREFIX):
                 status, obj = await admin_http.handle(
                     self.admin, method, path, caller_of(scope), lambda: self.bodies.read(receive, scope)

@@ -380,6 +380,9 @@ def test_the_admin_listener_serves_the_repository_api_and_health_only(repo, serv
     assert admin.is_server_live() and admin.is_server_ready()
     admin.load_model("classifier")
     assert httpclient.InferenceServerClient(running.http_url).is_model_ready("classifier")
+    # a model's readiness is health too (it was 404 here, which tritonclient reads as not ready)
+    assert admin.is_model_ready("classifier") and admin.is_model_ready("classifier", "1")
+    assert not admin.is_model_ready("no_such_model")
     assert {m["name"] for m in admin.get_model_repository_index()} >= {"simple", "classifier"}
     code, msg = status_of(partial(admin.infer, "simple", simple_inputs(httpclient)))
     assert code == "404" and "admin listener" in msg
