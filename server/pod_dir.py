@@ -30,14 +30,26 @@ import tempfile
 log = logging.getLogger("batchgate")
 
 LOCK = "lock"
+SOCKET = "models.sock"  # the owner's
 NAME = re.compile(r"batchgate-(\d+)-[a-z0-9_]{8}")  # mkdtemp's random part: 8 of a-z, 0-9, _
+# The longest path a Unix socket may have on Linux (sun_path: 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def pod_root() -> str:
+    """Where the folders go: the temporary folder, or /tmp when the owner's socket would be too
+    long a path there (a TMPDIR of more than about 70 characters failed front mode's start:
+    "AF_UNIX path too long")."""
+    tmp = tempfile.gettempdir()
+    longest = os.path.join(tmp, "batchgate-4194304-abcdefgh", SOCKET)  # (pid_max is at most 2^22)
+    return tmp if len(os.fsencode(longest)) <= MAX_SOCKET_PATH else "/tmp"
 
 
 class PodDir:
     """This supervisor's folder, locked while it runs; :meth:`remove` at the end."""
 
     def __init__(self, root: str | None = None) -> None:
-        self.path = tempfile.mkdtemp(prefix=f"batchgate-{os.getpid()}-", dir=root)
+        self.path = tempfile.mkdtemp(prefix=f"batchgate-{os.getpid()}-", dir=root or pod_root())
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(os.path.join(self.path, LOCK), flags, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file just made: no one else holds it)
@@ -53,7 +65,7 @@ def remove_leftovers(root: str | None = None) -> list[str]:
     removed, for the log."""
     if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux has the safe one
         return []
-    root = root or tempfile.gettempdir()
+    root = root or pod_root()
     try:
         entries = [e for e in os.scandir(root) if NAME.fullmatch(e.name)]
     except OSError:

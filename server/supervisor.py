@@ -47,7 +47,7 @@ from .pod_control import (
     _Txn,
     log,
 )
-from .pod_dir import PodDir, remove_leftovers
+from .pod_dir import SOCKET, PodDir, remove_leftovers
 from .pod_state import PodState
 from .transport.sockets import dual_stack
 
@@ -175,7 +175,7 @@ class Supervisor(PodControl, PodState):
     @property
     def owner_address(self) -> str:
         assert self._private is not None
-        return f"unix:{os.path.join(self._private.path, 'models.sock')}"
+        return f"unix:{os.path.join(self._private.path, SOCKET)}"
 
     def _reserve(self, name: str, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

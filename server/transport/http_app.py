@@ -235,9 +235,7 @@ class HttpApp:
         if admitted is not None:  # admitted by the protocol as its head arrived
             served, model, version = admitted
             return await self._counted_infer(model, version, scope, receive, send, served)
-        if self.admin_only and not (
-            path.startswith("/v2/repository") or path in ADMIN_PATHS or path.endswith("/ready")  # (health: a model's too)
-        ):
+        if self.admin_only and not _on_admin(path):
             if self.admin is not None and path.startswith(admin_http.PREFIX):
                 status, obj = await admin_http.handle(
                     self.admin, method, path, caller_of(scope), lambda: self.bodies.read(receive, scope)
@@ -564,6 +562,12 @@ class HttpApp:
             await send({"type": "http.response.body", "body": body})
         except Exception:  # the client is gone; nothing left to tell it
             pass
+
+
+def _on_admin(path: str) -> bool:
+    """Whether the admin listener serves ``path`` itself: health (a model's readiness too) and
+    the repository API."""
+    return path in ADMIN_PATHS or path.endswith("/ready") or path.startswith("/v2/repository")
 
 
 DISCONNECT_WATCH_AFTER_S = 0.02

@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,8 +290,8 @@ def test_front_mode_a_killed_supervisors_folder_is_removed_by_the_next_start(tmp
     for good; with the chart's /tmp an emptyDir, one more each time the container was killed. The
     next front-mode start removes it, and only it: not the folder of a pod still running there, not
     a link or a folder without a lock that look like one, not an older version's folder."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    # a temporary folder of its own, short enough for the owner's socket (pod_dir.pod_root)
+    tmp = Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp"))
     env = {"TMPDIR": str(tmp)}
     _save(classifier_model(), str(tmp_path / "models"), "clf", config="max_batch_size: 8\n")
 
@@ -339,6 +342,7 @@ def test_front_mode_a_killed_supervisors_folder_is_removed_by_the_next_start(tmp
         for p in (live, dead, later):
             if p is not None:
                 p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_front_mode_a_restarted_worker_never_says_ready_while_the_owner_is_not(tmp_path):

@@ -88,3 +88,26 @@ def test_a_running_supervisors_own_folder_is_locked_and_removed_at_its_end(tmp_p
     finally:
         mine.remove()
     assert not os.path.exists(mine.path)
+
+
+def test_a_temporary_folder_too_long_for_the_owners_socket_gives_way_to_tmp(tmp_path, monkeypatch):
+    """A TMPDIR of more than about 70 characters (a test's tmp_path under xdist) failed front
+    mode's start with "AF_UNIX path too long"; the folder now goes to /tmp then."""
+    import tempfile
+
+    from batchgate.pod_dir import MAX_SOCKET_PATH, SOCKET, pod_root
+
+    short = tmp_path / "s"
+    short.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    assert pod_root() == str(short) or len(str(short)) > 60
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert pod_root() == "/tmp"
+    made = PodDir()
+    try:
+        assert os.path.dirname(made.path) == "/tmp"
+        assert len(os.path.join(made.path, SOCKET)) <= MAX_SOCKET_PATH
+    finally:
+        made.remove()
