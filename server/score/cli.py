@@ -66,13 +66,18 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-nan", action="store_true", help="score rows holding NaN or infinity")
     p.add_argument("--rejects", default="", metavar="FILE", help="JSON lines of rejected rows (OUTPUT/_rejects.jsonl)")
     p.add_argument(
-        "--max-rejects", type=int, default=0, metavar="N", help="exit 1 past this many rejected rows (0: any number)"
+        "--max-rejects",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop (exit 1) as soon as more rows than this are rejected; the parts written are kept (0: any number)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar (the summary still goes to stderr)")
 
 
 def main(args: argparse.Namespace) -> int:
     from .remote import TargetError
+    from .run import TooManyRejects
     from .tables import ScoreError
 
     if (
@@ -126,9 +131,25 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("batchgate score: interrupted; the parts written are kept: run again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TooManyRejects as e:
+        _summary(e.counts, args, "stopped after ")
+        rejects = args.rejects or os.path.join(args.output, "_rejects.jsonl")
+        print(
+            f"batchgate score: stopped: {e} (see {rejects}); the parts written are kept: run again with a larger "
+            "--max-rejects (0: any number) to resume",
+            file=sys.stderr,
+        )
+        return EXIT_REJECTS
+    _summary(counts, args)
     rejects = counts.rejected + counts.failed
+    if counts.scored + rejects != counts.input:  # pragma: no cover - every row is counted once
+        return EXIT_REJECTS
+    return EXIT_OK
+
+
+def _summary(counts: Any, args: argparse.Namespace, lead: str = "") -> None:
     print(
-        f"batchgate score: {counts.input} rows: {counts.scored} scored, {counts.rejected} rejected by their "
+        f"batchgate score: {lead}{counts.input} rows: {counts.scored} scored, {counts.rejected} rejected by their "
         f"checks, {counts.failed} failed by the model; {counts.parts} parts in {args.output}"
         + (f" ({counts.skipped_parts} kept from an earlier run)" if counts.skipped_parts else ""),
         file=sys.stderr,
@@ -139,12 +160,6 @@ def main(args: argparse.Namespace) -> int:
             f"{counts.waited_s:.1f} s in all",
             file=sys.stderr,
         )
-    if counts.scored + rejects != counts.input:  # pragma: no cover - every row is counted once
-        return EXIT_REJECTS
-    if args.max_rejects and rejects > args.max_rejects:
-        print(f"batchgate score: {rejects} rows rejected, more than --max-rejects {args.max_rejects}", file=sys.stderr)
-        return EXIT_REJECTS
-    return EXIT_OK
 
 
 async def _score(args: argparse.Namespace):
@@ -171,6 +186,7 @@ async def _score(args: argparse.Namespace):
             concurrency=args.concurrency,
             allow_nan=args.allow_nan,
             rejects=args.rejects,
+            max_rejects=args.max_rejects,
         )
         if args.quiet or not sys.stderr.isatty():
             return _with_retries(await run(job), model)

@@ -128,8 +128,18 @@ class Job:
     concurrency: int = 2
     allow_nan: bool = False
     rejects: str = ""
+    max_rejects: int = 0  # the run stops once more rows than this are rejected or failed (0: any number)
     progress: Callable[[int], None] = lambda rows: None
     counts: Counts = field(default_factory=Counts)
+
+
+class TooManyRejects(Exception):
+    """More rows rejected or failed than ``Job.max_rejects``: the run stopped at the part that
+    passed it (the parts recorded are kept, and a rerun with a larger limit resumes)."""
+
+    def __init__(self, counts: Counts, limit: int):
+        super().__init__(f"{counts.rejected + counts.failed} rows rejected, more than --max-rejects {limit}")
+        self.counts, self.limit = counts, limit
 
 
 async def run(job: Job) -> Counts:
@@ -157,12 +167,14 @@ async def run(job: Job) -> Counts:
     pending: list[asyncio.Task] = []
     try:
         await _scoring(job, sig, manifest, pending)
-    except BaseException:  # a run stopped (the target gone, Ctrl-C): the parts in flight are dropped, not recorded
-        for t in pending:
+    except BaseException as e:  # a run stopped (the target gone, Ctrl-C, --max-rejects): the parts in flight
+        for t in pending:  # are dropped, not recorded
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         manifest.save()  # what was recorded since the last save
         _drop_unrecorded(job.out_dir, manifest)
+        if isinstance(e, TooManyRejects):  # the rows that stopped it, to read why
+            _gather_rejects(job, manifest)
         raise
     manifest.done = True
     manifest.save()
@@ -185,6 +197,7 @@ async def _scoring(job: Job, sig: ModelSignature, manifest: Manifest, pending: l
         if index in manifest.parts:  # written and intact: not scored again
             _count(job.counts, manifest.parts[index])
             job.progress(batch.num_rows)
+            _check_rejects(job)
         else:
             pending.append(asyncio.ensure_future(_part(job, sig, mapping, batch, index, start)))
             if len(pending) >= job.concurrency:
@@ -200,6 +213,14 @@ def _finish(job: Job, manifest: Manifest, part: dict[str, Any]) -> None:
     manifest.record(part)
     _count(job.counts, part)
     job.progress(part["input"])
+    _check_rejects(job)
+
+
+def _check_rejects(job: Job) -> None:
+    """Judged after each part, in input order, so that an input whose rows are all bad stops at
+    once rather than after the whole file has been read and scored."""
+    if job.max_rejects and job.counts.rejected + job.counts.failed > job.max_rejects:
+        raise TooManyRejects(job.counts, job.max_rejects)
 
 
 def _count(c: Counts, part: dict[str, Any]) -> None:

@@ -197,6 +197,38 @@ def test_a_chunk_the_model_fails_is_bisected_to_the_failing_rows(repo, tmp_path)
     assert done.returncode == 1 and "more than --max-rejects 1" in done.stderr
 
 
+def test_max_rejects_stops_the_run_at_the_part_that_passes_it_and_a_rerun_resumes(repo, tmp_path):
+    """--max-rejects was judged once the whole input was scored: an input of bad rows ran to its
+    end before exit 1. The run stops after the part whose rejects pass the limit (in input
+    order), keeping the parts recorded and the rejects so far; a rerun with a larger limit
+    resumes from them and ends with the bytes of an uninterrupted run."""
+    x = _features(10_000, seed=11)
+    x[::2, 0] = np.nan  # half the rows of every part refused: 50 of each 100
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    args = ["--model", "clf", "--model-repository", repo, "--input", str(src), "--columns", "features=input",
+            "--batch-size", "100", "--concurrency", "2", "--quiet"]  # fmt: skip
+    out = str(tmp_path / "out")
+    done = score(*args, "--output", out, "--max-rejects", "120")
+    assert done.returncode == 1 and "more than --max-rejects 120" in done.stderr, done.stderr
+    assert "stopped after 300 rows" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    manifest = _json(os.path.join(out, "_manifest.json"))
+    assert not manifest["done"] and [p["index"] for p in manifest["parts"]] == [0, 1, 2]
+    names = {os.path.basename(f) for f in glob.glob(os.path.join(out, "*-*"))}
+    assert names == {p["file"] for p in manifest["parts"]} | {p["rejects_file"] for p in manifest["parts"]}
+    assert [r["row"] for r in _rejects(out)] == list(range(0, 300, 2))
+    # the same limit: the kept parts already pass it, so the rerun stops at once
+    done = score(*args, "--output", out, "--max-rejects", "120")
+    assert done.returncode == 1 and "3 kept from an earlier run" in done.stderr, done.stderr
+    assert len(_json(os.path.join(out, "_manifest.json"))["parts"]) == 3
+    done = score(*args, "--output", out, "--max-rejects", "5000")
+    assert done.returncode == 0 and "3 kept from an earlier run" in done.stderr, done.stderr
+    assert "10000 rows: 5000 scored, 5000 rejected" in done.stderr and len(_rejects(out)) == 5000
+    clean = str(tmp_path / "clean")
+    assert score(*args, "--output", clean).returncode == 0
+    _same_parts(clean, out, 100)
+
+
 def test_a_killed_run_resumes_to_the_same_bytes(repo, tmp_path):
     n = 200_000
     x = _features(n, seed=4)
