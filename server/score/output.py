@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -115,6 +116,23 @@ def _py(v: object) -> object:
     if isinstance(v, list):
         return [_py(x) for x in v]
     return _text(v) if isinstance(v, bytes) else v
+
+
+def reject_line(row: dict[str, Any]) -> str:
+    """One line of the rejects file: strict JSON, which Python's json module does not write by
+    default (NaN and infinity as bare ``NaN``/``Infinity``, refused by jq, Go, JSON.parse): a
+    non-finite number in a kept column is written as null (the reason says what the input held)."""
+    return json.dumps(_finite(row), default=str, allow_nan=False)
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def encode(table: pa.Table, fmt: str) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import time
@@ -31,6 +30,7 @@ from .output import (
     output_columns,
     part_name,
     partial_path,
+    reject_line,
     rejects_name,
     write_atomically,
 )
@@ -249,7 +249,7 @@ async def _part(
     for i, reason, kind in rejects:
         row = {"row": start + i, "outcome": kind, "reason": reason}
         row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
-        lines.append(json.dumps(row, default=str))
+        lines.append(reject_line(row))
     reject_name = rejects_name(index)
     write_atomically(os.path.join(job.out_dir, reject_name), ("\n".join(lines) + "\n" if lines else "").encode())
     write_atomically(os.path.join(job.out_dir, name), data)

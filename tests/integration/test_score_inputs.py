@@ -248,3 +248,43 @@ def test_a_json_array_is_named_as_not_json_lines(tmp_path):
     src.write_text('[{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0}]')
     with pytest.raises(ScoreError, match="starts with a JSON array; the JSON Lines read here are one object a line"):
         _score(Identity("features", "FP32", (2,)), src, tmp_path / "out")
+
+
+def _strict(text: str) -> object:
+    """JSON as strict readers take it (jq, Go, JSON.parse): NaN and Infinity are not JSON."""
+
+    def refuse(word: str) -> object:
+        raise ValueError(f"{word} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_rejects_file_and_the_manifest_are_strict_json_with_nan_in_kept_columns(tmp_path):
+    """A kept column's NaN or infinity went into _rejects.jsonl as bare NaN / Infinity (Python's
+    json default), which jq, Go and JSON.parse refuse: written as null."""
+    nan, inf = float("nan"), float("inf")
+    floats = pa.list_(pa.float64())
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": [1.0, nan, -inf, inf],
+                "v": pa.array([[1.0, 2.0], [nan, 1.0], [None, 1.0], [inf, 0.5]], floats),
+                "meta": [{"w": nan}, {"w": 1.0}, {"w": -inf}, {"w": 2.0}],
+                "x": pa.array([[1.0, 2.0], [nan, 1.0], [None, 1.0], [inf, 0.5]], floats),
+            }
+        ),
+        src,
+    )
+    out = tmp_path / "out"
+    counts, table, rejects = _score(Identity("x", "FP32", (2,)), src, out, keep=("id", "v", "meta"))
+    assert counts.scored == 1 and [r["row"] for r in rejects] == [1, 2, 3]
+    with open(out / "_rejects.jsonl") as f:
+        lines = [_strict(line) for line in f if line.strip()]
+    assert [(r["id"], r["v"], r["meta"]) for r in lines] == [
+        (None, [None, 1.0], {"w": 1.0}),
+        (None, [None, 1.0], {"w": None}),
+        (None, [None, 0.5], {"w": 2.0}),
+    ]
+    assert "NaN or infinity" in lines[0]["reason"]
+    _strict((out / "_manifest.json").read_text())
