@@ -194,6 +194,21 @@ def _jsonl(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
             f"--input {path}: starts with a JSON array; the JSON Lines read here are one object a line "
             "(pandas writes them with to_json(orient='records', lines=True))"
         )
+    body = first.strip(b"\xef\xbb\xbf \t\r\n")
+    end = body.find(b"\n")
+    if body[: end if end >= 0 else len(body)].strip() == b"{":  # (a line of only '{' is no JSON object)
+        raise ScoreError(
+            f"--input {path}: one JSON document written over several lines (pretty-printed), not JSON Lines, "
+            'which are one object a line; pandas writes them with to_json(orient="records", lines=True)'
+        )
+    if b"\n" not in body:  # one line: it may be the whole of a pandas to_json() of another layout
+        second = next(blocks, None)
+        if second is None and (layout := pandas_layout(_loads(body))):
+            raise ScoreError(
+                f"--input {path}: one JSON document in pandas' {layout} layout, which would read as one row; "
+                'JSON Lines are one object a line: write them with to_json(orient="records", lines=True)'
+            )
+        blocks = chain([second], blocks) if second is not None else blocks
     try:
         schema = pjson.read_json(io.BytesIO(first)).schema
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -209,6 +224,29 @@ def _jsonl(path: str, plan: Plan | None) -> Iterator[pa.RecordBatch]:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             table = _python_block(block, out, want)
         yield from table.to_batches()
+
+
+def pandas_layout(doc: Any) -> str:
+    """The name of the layout of a pandas ``to_json()`` that ``doc`` has, other than JSON Lines'
+    (``records`` with ``lines=True``); empty for none. The default, ``columns`` (``{column:
+    {index: value}}``), and ``index`` (the other way round) are objects of objects sharing their
+    keys; taken for one when there are two or more of them or the keys at a level are whole
+    numbers (pandas' default index), so that a single row holding one object (text for a BYTES
+    input) still reads as a row."""
+    if not isinstance(doc, dict) or not doc:
+        return ""
+    keys = set(doc)
+    if {"columns", "data"} <= keys <= {"columns", "index", "data"} and isinstance(doc["data"], list):
+        return '"split" (orient="split": columns, index, data)'
+    if keys == {"schema", "data"} and isinstance(doc["schema"], dict) and "fields" in doc["schema"]:
+        return '"table" (orient="table": schema, data)'
+    inner = [v for v in doc.values() if isinstance(v, dict)]
+    if len(inner) != len(doc) or not inner[0] or any(v.keys() != inner[0].keys() for v in inner):
+        return ""
+    numbered = any(all(k.lstrip("-").isdigit() for k in level) for level in (keys, inner[0].keys()))
+    if len(doc) >= 2 or numbered:
+        return '"columns" (DataFrame.to_json()\'s default: {column: {index: value}}) or "index"'
+    return ""
 
 
 def _line_blocks(path: str) -> Iterator[bytes]:

@@ -288,3 +288,41 @@ def test_the_rejects_file_and_the_manifest_are_strict_json_with_nan_in_kept_colu
     ]
     assert "NaN or infinity" in lines[0]["reason"]
     _strict((out / "_manifest.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "orient, layout",
+    [
+        (None, '"columns"'),  # DataFrame.to_json()'s default: {column: {index: value}}
+        ("index", '"index"'),
+        ("split", '"split"'),
+        ("table", '"table"'),
+        ("indent", "pretty-printed"),
+    ],
+)
+def test_a_pandas_to_json_of_another_layout_than_json_lines_is_refused_naming_the_fix(tmp_path, orient, layout):
+    """DataFrame.to_json() with pandas' default layout is one object of columns on one line: it
+    read as ONE row (its columns objects), scored or rejected as such. Each of pandas' one-document
+    layouts is refused, saying how to write JSON Lines."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0]})
+    src = tmp_path / "frame.json"
+    text = frame.to_json(indent=2) if orient == "indent" else frame.to_json(orient=orient)
+    src.write_text(text)
+    with pytest.raises(ScoreError) as e:
+        _score(Identity("features", "FP32", (2,)), src, tmp_path / "out", columns=("features=a,b",))
+    assert layout in str(e.value) and 'to_json(orient="records", lines=True)' in str(e.value)
+    # what the message says to write reads as the frame's rows
+    src.write_text(frame.to_json(orient="records", lines=True))
+    counts, table, _ = _score(Identity("features", "FP32", (2,)), src, tmp_path / "ok", columns=("features=a,b",))
+    assert counts.scored == 3 and table.column("y").to_pylist() == [[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]]
+
+
+def test_a_single_json_line_holding_an_object_still_reads_as_a_row(tmp_path):
+    """The layouts above are told apart from a JSON Lines file of one row whose column holds an
+    object (for a BYTES input, its JSON text)."""
+    src = tmp_path / "one.jsonl"
+    src.write_text('{"s": {"k": "v"}}')
+    counts, table, rejects = _score(Identity("s", "BYTES", (1,)), src, tmp_path / "out")
+    assert counts.scored == 1 and not rejects and table.column("y").to_pylist() == [['{"k": "v"}']]
