@@ -98,17 +98,22 @@ def main(args: argparse.Namespace) -> int:
             print(f"batchgate score: {what} {path} does not exist", file=sys.stderr)
             return EXIT_USAGE
     from ..core.types import MODEL_NAME, MODEL_NAME_RULE, printable
+    from .output import input_in_output
 
     problem = ""
     if not MODEL_NAME.fullmatch(args.model):  # (a path here loaded a model from outside the repository)
         problem = f"--model must be a model name ({MODEL_NAME_RULE}), not {printable(args.model[:128])!r}"
     elif os.path.exists(args.output) and not os.path.isdir(args.output):
         problem = f"--output {args.output} is a file, not a folder"
+    elif args.rejects and os.path.exists(args.rejects) and os.path.samefile(args.rejects, args.input):
+        problem = f"--rejects {args.rejects} is the input file, which the rejects would replace"
     elif args.rejects and os.path.isdir(args.rejects):
         problem = f"--rejects {args.rejects} is a folder, not a file"
     elif args.rejects and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.rejects))):
         # (told before the run, not once every row is scored and the rejects are gathered)
         problem = f"--rejects {args.rejects}: its folder {folder} does not exist"
+    else:  # (told before the model is loaded; run() checks it too)
+        problem = input_in_output(args.input, args.output)
     if problem:
         print(f"batchgate score: {problem}", file=sys.stderr)
         return EXIT_USAGE

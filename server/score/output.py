@@ -53,6 +53,21 @@ def partial_path(path: str) -> str:
     return os.path.join(folder, f".{name}.partial")
 
 
+def input_in_output(input_path: str, out_dir: str) -> str:
+    """Why the input cannot be read from inside the output folder (empty when it is elsewhere):
+    the run writes parts there and removes the part files it did not record, so an input named
+    like a part (part-00000.parquet) would be overwritten or removed before it is read. Each path
+    is taken as given and with its links resolved (a link in the folder is a file of it too)."""
+    ins = {os.path.abspath(input_path), os.path.realpath(input_path)}
+    outs = {os.path.abspath(out_dir), os.path.realpath(out_dir)}
+    if any(os.path.commonpath([i, o]) == o for i in ins for o in outs):
+        return (
+            f"--input {input_path} is inside the --output folder {out_dir}, where the run writes its parts and "
+            "removes parts it did not write: move the input out of it, or give another --output"
+        )
+    return ""
+
+
 def output_columns(
     keep: pa.Table, outputs: Mapping[str, np.ndarray], fmt: str, variable: frozenset[str] = frozenset()
 ) -> pa.Table:

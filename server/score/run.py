@@ -27,6 +27,7 @@ from .output import (
     Manifest,
     digest,
     encode,
+    input_in_output,
     output_columns,
     part_name,
     partial_path,
@@ -145,6 +146,9 @@ class TooManyRejects(Exception):
 async def run(job: Job) -> Counts:
     """Score the whole input; the counts of what happened to every row."""
     sig = job.model.signature
+    problem = input_in_output(job.input, job.out_dir)
+    if problem:
+        raise ScoreError(problem)
     os.makedirs(job.out_dir, exist_ok=True)
     key = {
         "model": sig.name,

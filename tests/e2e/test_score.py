@@ -229,6 +229,35 @@ def test_max_rejects_stops_the_run_at_the_part_that_passes_it_and_a_rerun_resume
     _same_parts(clean, out, 100)
 
 
+def test_an_input_inside_the_output_folder_is_refused_before_anything_is_written(repo, tmp_path):
+    """An input named like a part inside the --output folder (a rerun of an earlier run's part,
+    say) was overwritten by the run's own part-00000.parquet. Refused at start, exit 2, the file
+    untouched; a link in the folder to a file elsewhere too (the run would replace the link), and
+    --rejects naming the input file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    src = out / "part-00000.parquet"
+    pq.write_table(
+        pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(_features(10).reshape(-1)), 4)}), src
+    )
+    before = src.read_bytes()
+    elsewhere = tmp_path / "in.npy"
+    np.save(elsewhere, _features(10))
+    (out / "link.npy").symlink_to(elsewhere)
+    for given, output in ((src, out), (out / "link.npy", out), (src, f"{tmp_path}/./out/"), (src, tmp_path)):
+        done = score("--model", "clf", "--model-repository", repo, "--input", str(given), "--output", str(output))
+        assert done.returncode == 2 and "is inside the --output folder" in done.stderr, (given, output, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert src.read_bytes() == before and sorted(os.listdir(out)) == ["link.npy", "part-00000.parquet"]
+    assert sorted(os.listdir(tmp_path)) == ["in.npy", "out"]
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(elsewhere), "--output",
+                 str(tmp_path / "other"), "--rejects", str(elsewhere))  # fmt: skip
+    assert done.returncode == 2 and "is the input file" in done.stderr, done.stderr
+    # the same input beside the folder scores
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(elsewhere), "--output", str(out))
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_killed_run_resumes_to_the_same_bytes(repo, tmp_path):
     n = 200_000
     x = _features(n, seed=4)

@@ -326,3 +326,14 @@ def test_a_single_json_line_holding_an_object_still_reads_as_a_row(tmp_path):
     src.write_text('{"s": {"k": "v"}}')
     counts, table, rejects = _score(Identity("s", "BYTES", (1,)), src, tmp_path / "out")
     assert counts.scored == 1 and not rejects and table.column("y").to_pylist() == [['{"k": "v"}']]
+
+
+def test_the_engine_refuses_an_input_inside_its_output_folder(tmp_path):
+    """run() itself (not only the CLI) refuses an input in the folder it writes parts into."""
+    out = tmp_path / "out"
+    out.mkdir()
+    src = out / "part-00000.csv"
+    src.write_text("a,b\n1,2\n")
+    with pytest.raises(ScoreError, match="is inside the --output folder"):
+        _score(Identity("features", "FP32", (2,)), src, out, columns=("features=a,b",))
+    assert src.read_text() == "a,b\n1,2\n" and os.listdir(out) == ["part-00000.csv"]
