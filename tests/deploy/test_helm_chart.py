@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from helm_support import CHART, by_kind, exported_series, helm_binary, lint, render, validate
+from helm_support import CHART, by_kind, exported_series, helm_binary, lint, render, template, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
@@ -201,6 +201,31 @@ def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):
         [helm, "template", "rel", str(CHART), "-f", str(values_file(tmp_path, "keda"))], capture_output=True, text=True
     )
     assert out.returncode != 0 and "no keda.sh/v1alpha1 API" in out.stderr
+
+
+def _refused(helm, tmp_path: Path, given: dict) -> str:
+    values = tmp_path / "refused.yaml"
+    values.write_text(yaml.safe_dump(given))
+    out = template(helm, values)
+    assert out.returncode != 0, f"rendered {given}"
+    return out.stderr
+
+
+def test_gpu_with_the_cpu_image_is_refused_at_render(helm, tmp_path):
+    """gpu.enabled with the CPU-only image rendered a pod that holds a GPU its onnxruntime cannot
+    use. The CPU build is variant cpu (the chart adds -cpu to the tag) or a tag ending in -cpu
+    (the README's own build, 0.1.0-cpu; a digest after it too), or the Dockerfile's tag cpu."""
+    for image in ({"variant": "cpu"}, {"tag": "0.2.0-cpu"}, {"tag": "0.2.0-cpu@sha256:" + "0" * 64}, {"tag": "cpu"}):
+        stderr = _refused(helm, tmp_path, {"gpu": {"enabled": True}, "image": image})
+        assert "gpu.enabled: the image" in stderr and "is the CPU-only build" in stderr, (image, stderr)
+    for image in ({}, {"tag": "0.2.0"}, {"tag": "gpu-cuda12"}):  # the GPU build
+        values = tmp_path / "gpu.yaml"
+        values.write_text(yaml.safe_dump({"gpu": {"enabled": True}, "image": image}))
+        c = by_kind(render(helm, values))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and not c["image"].endswith("-cpu")
+    values = tmp_path / "cpu.yaml"  # the CPU image without a GPU renders as before
+    values.write_text(yaml.safe_dump({"image": {"variant": "cpu"}}))
+    assert by_kind(render(helm, values))["Deployment"]
 
 
 def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_path):

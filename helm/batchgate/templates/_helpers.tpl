@@ -31,10 +31,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* The server's image. With gpu.enabled it must be the GPU build: the CPU one (variant cpu,
+whose tags end in -cpu, or the Dockerfile's own tag "cpu") has no CUDA and the CPU onnxruntime,
+so the pod would hold a GPU it cannot use. */}}
 {{- define "batchgate.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- $tag := toString (default .Chart.AppVersion .Values.image.tag) -}}
 {{- if eq .Values.image.variant "cpu" -}}{{- $tag = printf "%s-cpu" $tag -}}{{- end -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- $image := printf "%s:%s" .Values.image.repository $tag -}}
+{{- $name := regexReplaceAll "@.*$" $tag "" -}}
+{{- if and .Values.gpu.enabled (or (eq .Values.image.variant "cpu") (eq $name "cpu") (hasSuffix "-cpu" $name)) -}}
+{{- fail (printf "gpu.enabled: the image %s is the CPU-only build (image.variant cpu, or an image.tag ending in -cpu), which cannot use the GPU the pod would be given: set image.variant gpu with the GPU build's tag, or turn gpu.enabled off" $image) -}}
+{{- end -}}
+{{- $image -}}
 {{- end -}}
 
 {{/* Seconds the pod gets to stop: preStop sleep + batchgate's own grace period + a margin. */}}
