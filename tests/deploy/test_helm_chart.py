@@ -228,6 +228,20 @@ def test_gpu_with_the_cpu_image_is_refused_at_render(helm, tmp_path):
     assert by_kind(render(helm, values))["Deployment"]
 
 
+@pytest.mark.parametrize("mode", ["hpa", "keda"])
+def test_min_replicas_above_max_replicas_is_refused_at_render(helm, tmp_path, mode):
+    """autoscaling.minReplicas above maxReplicas rendered an HPA (or a ScaledObject whose HPA)
+    that Kubernetes refuses; the render says so. Equal bounds, or autoscaling off, render."""
+    bounds = {"enabled": True, "mode": mode, "minReplicas": 5, "maxReplicas": 3}
+    stderr = _refused(helm, tmp_path, {"autoscaling": bounds})
+    assert "autoscaling.minReplicas 5 is above autoscaling.maxReplicas 3" in stderr, stderr
+    values = tmp_path / "ok.yaml"
+    for ok in ({**bounds, "maxReplicas": 5}, {**bounds, "enabled": False}):
+        values.write_text(yaml.safe_dump({"autoscaling": ok}))
+        kinds = by_kind(render(helm, values))
+        assert ("HorizontalPodAutoscaler" in kinds or "ScaledObject" in kinds) == ok["enabled"]
+
+
 def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_path):
     values = tmp_path / "custom.yaml"
     values.write_text(
