@@ -92,3 +92,10 @@ def exported_series() -> set[str]:
 def lint(helm: str, values: Path) -> None:
     out = subprocess.run([helm, "lint", str(CHART), "--strict", "-f", str(values)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def values_file(tmp_path: Path, given: dict) -> Path:
+    """``given`` written as a values file for ``helm -f``."""
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(given))
+    return f

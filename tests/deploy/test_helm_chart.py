@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from helm_support import CHART, by_kind, exported_series, helm_binary, lint, render, template, validate
+from helm_support import CHART, by_kind, exported_series, lint, render, template, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
@@ -53,11 +53,6 @@ VARIANTS = {
         "config": {"routing": {"shadow_threads": 2}},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
 
 
 def values_file(tmp_path: Path, name: str) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import yaml
-from helm_support import by_kind, exported_series, helm_binary, lint, render, template, validate
+from helm_support import by_kind, exported_series, lint, render, template, validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchgate.config import load_settings
@@ -56,11 +56,6 @@ DRIFT_ALERTS = {
     "BatchgateDriftEventsUndelivered",
     "BatchgateDriftDataQuality",
 }
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
 
 
 @pytest.fixture(scope="module")

@@ -6,30 +6,17 @@ existed the chart always wrote 0.0.0.0, which an IPv6-only pod's address never r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-from helm_support import by_kind, helm_binary, lint, render, template, validate
+from helm_support import by_kind, lint, render, template, validate, values_file
 
 from batchgate.demo import _save, classifier_model
 from listener_support import answers, ipv6_loopback, probe
 from processes import Proc, free_port
 
 
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
-
-
-def _values(tmp_path: Path, given: dict) -> Path:
-    f = tmp_path / "values.yaml"
-    f.write_text(yaml.safe_dump(given))
-    return f
-
-
 def _rendered(helm, tmp_path, given: dict):
-    docs = render(helm, _values(tmp_path, given))
+    docs = render(helm, values_file(tmp_path, given))
     kinds = by_kind(docs)
     config = yaml.safe_load(kinds["ConfigMap"][0]["data"]["batchgate.yaml"])
     return docs, kinds, config
@@ -43,7 +30,7 @@ def test_by_default_the_listeners_bind_ipv4_as_before(helm, tmp_path):
 
 def test_bind_address_reaches_the_config_and_dual_stack_services_render(helm, tmp_path):
     given = {"bindAddress": "::", "service": {"ipFamilyPolicy": "PreferDualStack"}}
-    lint(helm, _values(tmp_path, given))
+    lint(helm, values_file(tmp_path, given))
     docs, kinds, config = _rendered(helm, tmp_path, given)
     validate(docs)
     assert config["server"]["host"] == "::"
@@ -62,12 +49,12 @@ def test_bind_address_reaches_the_config_and_dual_stack_services_render(helm, tm
     ],
 )
 def test_a_bind_address_other_than_the_two_wildcards_is_refused(helm, tmp_path, given, where):
-    out = template(helm, _values(tmp_path, given))
+    out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0 and where in out.stderr, out.stderr
 
 
 def test_config_may_not_set_the_host_beside_bind_address(helm, tmp_path):
-    out = template(helm, _values(tmp_path, {"config": {"server": {"host": "::"}}}))
+    out = template(helm, values_file(tmp_path, {"config": {"server": {"host": "::"}}}))
     assert out.returncode != 0 and "config.server.host is set by the chart: use the value bindAddress" in out.stderr
 
 

@@ -9,22 +9,9 @@ half-given one (a size without create, create without a size, create beside an e
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
-import yaml
-from helm_support import CHART, by_kind, helm_binary, lint, render, template, validate
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
-
-
-def _values(tmp_path: Path, given: dict) -> Path:
-    f = tmp_path / "values.yaml"
-    f.write_text(yaml.safe_dump(given))
-    return f
+from helm_support import CHART, by_kind, lint, render, template, validate, values_file
 
 
 def _models_volume(kinds: dict) -> dict:
@@ -41,14 +28,14 @@ def _claims_the_pod_uses(kinds: dict) -> set[str]:
 
 
 def test_by_default_no_claim_is_made_and_the_pod_uses_none(helm, tmp_path):
-    kinds = by_kind(render(helm, _values(tmp_path, {})))
+    kinds = by_kind(render(helm, values_file(tmp_path, {})))
     assert "PersistentVolumeClaim" not in kinds
     assert _claims_the_pod_uses(kinds) == set()  # (none it would wait for, Pending, for ever)
     assert "emptyDir" in _models_volume(kinds)  # an empty repository: remote models only
 
 
 def test_an_existing_claim_is_mounted_and_none_is_made(helm, tmp_path):
-    kinds = by_kind(render(helm, _values(tmp_path, {"modelRepository": {"pvc": {"existingClaim": "models"}}})))
+    kinds = by_kind(render(helm, values_file(tmp_path, {"modelRepository": {"pvc": {"existingClaim": "models"}}})))
     assert "PersistentVolumeClaim" not in kinds
     assert _models_volume(kinds)["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
@@ -61,7 +48,7 @@ def test_an_asked_for_claim_is_a_valid_one_the_pod_mounts(helm, tmp_path):
         "accessModes": ["ReadWriteMany"],
         "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "models-v3"},
     }
-    values = _values(tmp_path, {"modelRepository": {"pvc": pvc}})
+    values = values_file(tmp_path, {"modelRepository": {"pvc": pvc}})
     lint(helm, values)
     docs = render(helm, values)
     validate(docs)  # Kubernetes' own schema, strict
@@ -71,7 +58,7 @@ def test_an_asked_for_claim_is_a_valid_one_the_pod_mounts(helm, tmp_path):
     assert spec["storageClassName"] == "filestore" and spec["dataSource"] == pvc["dataSource"]
     assert _models_volume(by_kind(docs))["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     # the defaults beside create and a size: ReadOnlyMany, the cluster's default class, no source
-    values = _values(tmp_path, {"modelRepository": {"pvc": {"create": True, "size": "5Gi"}}})
+    values = values_file(tmp_path, {"modelRepository": {"pvc": {"create": True, "size": "5Gi"}}})
     docs = render(helm, values)
     validate(docs)
     (claim,) = by_kind(docs)["PersistentVolumeClaim"]
@@ -80,7 +67,7 @@ def test_an_asked_for_claim_is_a_valid_one_the_pod_mounts(helm, tmp_path):
 
 
 def test_an_init_container_fills_an_empty_dir_and_no_claim_is_made(helm, tmp_path):
-    kinds = by_kind(render(helm, _values(tmp_path, {"modelRepository": {"source": "initContainer"}})))
+    kinds = by_kind(render(helm, values_file(tmp_path, {"modelRepository": {"source": "initContainer"}})))
     assert "PersistentVolumeClaim" not in kinds and _claims_the_pod_uses(kinds) == set()
     assert _models_volume(kinds)["emptyDir"] == {"sizeLimit": "20Gi"}
 
@@ -103,7 +90,7 @@ def test_an_init_container_fills_an_empty_dir_and_no_claim_is_made(helm, tmp_pat
     ],
 )
 def test_a_half_given_claim_is_refused_by_the_schema_naming_what(helm, tmp_path, pvc, where):
-    out = template(helm, _values(tmp_path, {"modelRepository": {"pvc": pvc}}))
+    out = template(helm, values_file(tmp_path, {"modelRepository": {"pvc": pvc}}))
     assert out.returncode != 0, f"rendered {pvc}"
     assert "modelRepository" in out.stderr and where in out.stderr, out.stderr
 
@@ -111,13 +98,13 @@ def test_a_half_given_claim_is_refused_by_the_schema_naming_what(helm, tmp_path,
 def test_a_claim_beside_an_init_container_is_refused(helm, tmp_path):
     for pvc in ({"existingClaim": "models"}, {"create": True, "size": "1Gi"}):
         given = {"modelRepository": {"source": "initContainer", "pvc": pvc}}
-        out = template(helm, _values(tmp_path, given))
+        out = template(helm, values_file(tmp_path, given))
         assert out.returncode != 0 and "modelRepository" in out.stderr, (pvc, out.stderr)
 
 
 def test_the_install_notes_say_when_no_repository_is_mounted(helm, tmp_path):
     def notes(given: dict) -> str:
-        values = _values(tmp_path, given)
+        values = values_file(tmp_path, given)
         cmd = [helm, "install", "rel", str(CHART), "-f", str(values), "--dry-run=client"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

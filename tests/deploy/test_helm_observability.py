@@ -16,7 +16,7 @@ from pathlib import Path
 import promql_parser
 import pytest
 import yaml
-from helm_support import ROOT, by_kind, exported_series, helm_binary, render, template, validate
+from helm_support import ROOT, by_kind, exported_series, render, template, validate
 
 sys.path.insert(0, str(ROOT / "tools"))
 import dashboard  # noqa: E402  (tools/dashboard.py)
@@ -24,11 +24,6 @@ from promql_lite import expand  # noqa: E402
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: prometheus)")
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
 
 
 def _values(tmp_path: Path, values: dict) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helm_support import by_kind, helm_binary, lint, render, template, validate
+from helm_support import by_kind, lint, render, template, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
@@ -60,11 +60,6 @@ VARIANTS = {
     "health-requires-key": {"auth": {"apiKeys": {"keys": [KEY]}, "healthRequiresKey": True}},
     "network-policy": {"networkPolicy": {"enabled": True, "clients": CLIENTS}},
 }
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
 
 
 def values(tmp_path: Path, given: dict, name: str = "values") -> Path:

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 import yaml
-from helm_support import by_kind, helm_binary, lint, render, template, validate
+from helm_support import by_kind, lint, render, template, validate
 from tritonclient.utils import InferenceServerException
 
 from batchgate.config import load_settings
@@ -59,11 +59,6 @@ VARIANTS = {
     "sidecar-only": {"extraContainers": [{"name": "shipper", "image": "fluent/fluent-bit:3.2"}]},
 }
 OWNED = {"shm_key_prefix": "keyPrefix", "shm_max_regions": "maxRegions", "shm_max_bytes": "maxBytes"}
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
 
 
 def values(tmp_path: Path, given: dict, name: str = "values") -> Path:

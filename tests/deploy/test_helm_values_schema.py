@@ -6,22 +6,9 @@ GPU image; a misspelt top-level key was ignored. The defaults and the documented
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-from helm_support import by_kind, helm_binary, render, template, validate
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
-
-
-def _values(tmp_path: Path, given: dict) -> Path:
-    f = tmp_path / "values.yaml"
-    f.write_text(yaml.safe_dump(given))
-    return f
+from helm_support import by_kind, render, template, validate, values_file
 
 
 @pytest.mark.parametrize(
@@ -44,7 +31,7 @@ def _values(tmp_path: Path, given: dict) -> Path:
     ],
 )
 def test_a_mistyped_value_is_refused_at_render_naming_it(helm, tmp_path, given, where):
-    out = template(helm, _values(tmp_path, given))
+    out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0, f"rendered {given}"
     assert where in out.stderr, out.stderr
 
@@ -59,9 +46,9 @@ def test_the_documented_choices_render(helm, tmp_path):
         {"workersMode": "front", "service": {"type": "LoadBalancer"}, "admin": {"port": -1, "expose": True}},
         {"gpu": {"enabled": True, "count": 2}, "ports": {"http": 9000, "grpc": 9001, "metrics": 9002}},
     ):
-        kinds = by_kind(render(helm, _values(tmp_path, given)))
+        kinds = by_kind(render(helm, values_file(tmp_path, given)))
         validate([d for docs in kinds.values() for d in docs])
-    keda = by_kind(render(helm, _values(tmp_path, {"autoscaling": {"mode": "keda"}})))
+    keda = by_kind(render(helm, values_file(tmp_path, {"autoscaling": {"mode": "keda"}})))
     assert "ScaledObject" in keda and "HorizontalPodAutoscaler" not in keda
 
 
@@ -78,14 +65,16 @@ def test_the_documented_choices_render(helm, tmp_path):
 def test_a_listener_or_the_repository_in_config_is_refused_not_dropped(helm, tmp_path, section, key, value, owner):
     """The chart writes these itself; given in `config` they had been dropped without a word (the
     pod kept port 8000 while the user's values said 9000). Refused like the chart's other settings."""
-    out = template(helm, _values(tmp_path, {"config": {section: {key: value}}}))
+    out = template(helm, values_file(tmp_path, {"config": {section: {key: value}}}))
     assert out.returncode != 0, f"config.{section}.{key} was rendered and dropped"
     assert f"config.{section}.{key} is set by the chart: use the value {owner}" in out.stderr
 
 
 def test_the_other_settings_of_those_sections_still_pass_through(helm, tmp_path):
     given = {"config": {"server": {"exit_timeout_s": 40}, "repository": {"model_control_mode": "explicit"}}}
-    config = yaml.safe_load(by_kind(render(helm, _values(tmp_path, given)))["ConfigMap"][0]["data"]["batchgate.yaml"])
+    config = yaml.safe_load(
+        by_kind(render(helm, values_file(tmp_path, given)))["ConfigMap"][0]["data"]["batchgate.yaml"]
+    )
     assert config["server"]["exit_timeout_s"] == 40 and config["server"]["http_port"] == 8000
     assert config["repository"] == {"model_repository": "/models", "model_control_mode": "explicit"}
 
@@ -96,13 +85,13 @@ def test_a_metrics_key_without_the_scrape_authorization_is_refused(helm, tmp_pat
     and every alert went blind on batchgate_queue_depth."""
     key = {"id": "web", "sha256": "ab" * 32, "scopes": ["infer", "read"]}
     given = {"auth": {"apiKeys": {"keys": [key]}, "metricsRequiresKey": True}}
-    out = template(helm, _values(tmp_path, given))
+    out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0 and "set monitoring.authorization" in out.stderr, out.stderr
     bearer = {"type": "Bearer", "credentials": {"name": "scrape", "key": "token"}}
-    monitor = by_kind(render(helm, _values(tmp_path, {**given, "monitoring": {"authorization": bearer}})))
+    monitor = by_kind(render(helm, values_file(tmp_path, {**given, "monitoring": {"authorization": bearer}})))
     assert monitor["ServiceMonitor"][0]["spec"]["endpoints"][0]["authorization"] == bearer
-    by_kind(render(helm, _values(tmp_path, {**given, "monitoring": {"enabled": False}})))
-    by_kind(render(helm, _values(tmp_path, given), api_versions=[]))  # no Prometheus Operator: no monitor
+    by_kind(render(helm, values_file(tmp_path, {**given, "monitoring": {"enabled": False}})))
+    by_kind(render(helm, values_file(tmp_path, given), api_versions=[]))  # no Prometheus Operator: no monitor
 
 
 @pytest.mark.parametrize(
@@ -119,23 +108,23 @@ def test_a_metrics_key_without_the_scrape_authorization_is_refused(helm, tmp_pat
 def test_two_listeners_on_one_port_are_refused(helm, tmp_path, given, message):
     """Two listeners on one port had rendered; the server then stopped at start, address in use
     (a crash loop), after a probe had named the port of the other listener."""
-    out = template(helm, _values(tmp_path, given))
+    out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
 def test_a_port_shared_with_a_listener_that_is_off_renders(helm, tmp_path):
-    by_kind(render(helm, _values(tmp_path, {"ports": {"health": 8003}})))  # no TLS: no health port
-    by_kind(render(helm, _values(tmp_path, {"admin": {"port": -1, "httpPort": -1}, "ports": {"metrics": 8003}})))
+    by_kind(render(helm, values_file(tmp_path, {"ports": {"health": 8003}})))  # no TLS: no health port
+    by_kind(render(helm, values_file(tmp_path, {"admin": {"port": -1, "httpPort": -1}, "ports": {"metrics": 8003}})))
 
 
 def test_a_grace_period_shorter_than_the_drain_is_refused(helm, tmp_path):
     """values.yaml: terminationGracePeriodSeconds "must be longer than both together" (preStop and
     exit_timeout_s); a shorter one had rendered, and the kubelet killed pods mid-drain."""
     for grace in (5, 40):  # preStop 10 + exit_timeout_s 30
-        out = template(helm, _values(tmp_path, {"terminationGracePeriodSeconds": grace}))
+        out = template(helm, values_file(tmp_path, {"terminationGracePeriodSeconds": grace}))
         assert out.returncode != 0 and f"terminationGracePeriodSeconds {grace}: must be longer" in out.stderr
     given = {"terminationGracePeriodSeconds": 41}
-    pod = by_kind(render(helm, _values(tmp_path, given)))["Deployment"][0]["spec"]["template"]["spec"]
+    pod = by_kind(render(helm, values_file(tmp_path, given)))["Deployment"][0]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 41
     given = {"terminationGracePeriodSeconds": 60, "config": {"server": {"exit_timeout_s": 55}}}
-    assert "(65)" in template(helm, _values(tmp_path, given)).stderr
+    assert "(65)" in template(helm, values_file(tmp_path, given)).stderr

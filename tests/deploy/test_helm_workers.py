@@ -4,36 +4,23 @@ and drift refused beside several workers; the rendered config starts a real two-
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-from helm_support import by_kind, helm_binary, render, template, validate
+from helm_support import by_kind, render, template, validate, values_file
 
 from batchgate.config import load_settings
 from batchgate.demo import _save, classifier_model
 from processes import Proc
 
 
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return helm_binary()
-
-
-def _values(tmp_path: Path, given: dict) -> Path:
-    f = tmp_path / "values.yaml"
-    f.write_text(yaml.safe_dump(given))
-    return f
-
-
 def _config(helm, tmp_path, given: dict) -> dict:
-    kinds = by_kind(render(helm, _values(tmp_path, given)))
+    kinds = by_kind(render(helm, values_file(tmp_path, given)))
     main = next(m for m in kinds["ConfigMap"] if m["metadata"]["name"] == "rel-batchgate")
     return yaml.safe_load(main["data"]["batchgate.yaml"])
 
 
 def _refused(helm, tmp_path, given: dict) -> str:
-    out = template(helm, _values(tmp_path, given))
+    out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0, "rendered values that cannot work"
     return out.stderr
 
@@ -45,7 +32,7 @@ def test_the_default_is_one_worker(helm, tmp_path):
 
 def test_workers_reach_the_config_and_a_real_server_starts_from_it(helm, tmp_path):
     given = {"workers": 2, "workersMode": "front", "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}
-    validate(render(helm, _values(tmp_path, given)))
+    validate(render(helm, values_file(tmp_path, given)))
     config = _config(helm, tmp_path, given)
     assert (config["server"]["workers"], config["server"]["workers_mode"]) == ("2", "front")
     repo = tmp_path / "models"
