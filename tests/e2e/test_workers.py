@@ -61,7 +61,6 @@ def _kill_and_wait(p: Proc, slot: int, timeout: float = 60) -> int:
     while _pids(p)[slot] == victim:
         assert time.monotonic() < end, p.output()
         time.sleep(0.1)
-    return victim
 
 
 def test_trace_settings_reach_every_worker(clf_repo):
@@ -638,6 +637,23 @@ def test_an_unload_while_a_worker_goes_away_reaches_it_when_it_starts_again(clf_
         p.kill()
 
 
+def _load_fails_on_a_stopped_worker(p: Proc, load, stopped: list[int]) -> None:
+    """SIGSTOP worker 1 (its pid added to ``stopped``), ``load()``: it fails naming the worker
+    killed as hung, and the worker is replaced."""
+    victim = _pids(p)[1]
+    stopped.append(victim)
+    os.kill(victim, signal.SIGSTOP)
+    with pytest.raises(InferenceServerException) as e:
+        load()
+    said = e.value.message()
+    assert f"worker 1 (pid {victim}) did not answer the supervisor for 4 s (worker_hang_s): killed" in said, said
+    assert "no worker switched versions" in said, said
+    end = time.monotonic() + 60
+    while _pids(p)[1] == victim:
+        assert time.monotonic() < end, p.output()
+        time.sleep(0.1)
+
+
 def test_a_load_with_a_hung_worker_is_answered_naming_it_and_the_pod_converges(clf_repo):
     """A stopped worker during a two-phase load: answered once the worker was killed as hung, with
     "the other process went away during the call (worker 1; ...)", which said neither which
@@ -647,40 +663,22 @@ def test_a_load_with_a_hung_worker_is_answered_naming_it_and_the_pod_converges(c
     p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
                         "--allow-open-admin", "true", "--worker-hang-s", "4",
                         "--admin-http-port", str(admin)))  # fmt: skip
-    victim = 0
+    stopped: list[int] = []
     try:
         p.wait_ready()
         c = httpclient.InferenceServerClient(f"127.0.0.1:{admin}", network_timeout=120, connection_timeout=120)
-        victim = _pids(p)[1]
-        os.kill(victim, signal.SIGSTOP)
-        with pytest.raises(InferenceServerException) as e:
-            c.load_model("clf")
-        said = e.value.message()
-        assert f"worker 1 (pid {victim}) did not answer the supervisor for 4 s (worker_hang_s): killed" in said, said
-        assert "no worker switched versions" in said, said
-        end = time.monotonic() + 60
-        while _pids(p)[1] == victim:
-            assert time.monotonic() < end, p.output()
-            time.sleep(0.1)
+        _load_fails_on_a_stopped_worker(p, lambda: c.load_model("clf"), stopped)
         # An upload larger than the control socket's buffers: the supervisor waits to send it, not
         # for an answer, when the worker stops answering.
-        victim = _pids(p)[1]
-        os.kill(victim, signal.SIGSTOP)
         files = {"file:1/model.onnx": classifier_model().SerializeToString(), "file:1/padding.bin": bytes(8 << 20)}
-        with pytest.raises(InferenceServerException) as e:
-            c.load_model("uploaded", config=json.dumps({"max_batch_size": 8}), files=files)
-        said = e.value.message()
-        assert f"worker 1 (pid {victim}) did not answer the supervisor for 4 s (worker_hang_s): killed" in said, said
-        assert "no worker switched versions" in said, said
-        end = time.monotonic() + 60
-        while _pids(p)[1] == victim:
-            assert time.monotonic() < end, p.output()
-            time.sleep(0.1)
+        _load_fails_on_a_stopped_worker(
+            p, lambda: c.load_model("uploaded", config=json.dumps({"max_batch_size": 8}), files=files), stopped
+        )
         c.load_model("clf")
         assert _ready_everywhere(p, "clf") == {True}
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            if victim:
+        for victim in stopped:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGCONT)
         p.kill()
 

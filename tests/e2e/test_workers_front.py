@@ -130,15 +130,21 @@ def test_front_mode_counts_client_requests_not_the_workers_calls_to_the_owner(tm
         p.kill()
 
 
+def _front_pod_with_a_broken_model(tmp_path) -> Proc:
+    """A front pod (not started yet) in explicit mode serving 'clf', whose repository also holds
+    'broken', a file that is no model."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    os.makedirs(tmp_path / "broken" / "1")
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
+    return Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
+                           "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+
+
 def test_front_mode_a_model_the_owner_could_not_load_can_be_unloaded(tmp_path):
     """A failed load keeps the pod not ready until the model loads or is unloaded; a front worker
     refused the unload (404 unknown model: it follows only the owner's ready models), so the pod
     stayed not ready for good."""
-    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
-    os.makedirs(tmp_path / "broken" / "1")
-    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
-    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
-                        "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+    p = _front_pod_with_a_broken_model(tmp_path)
     try:
         p.wait_ready()
         c = httpclient.InferenceServerClient(p.http)
@@ -155,11 +161,7 @@ def test_front_mode_a_model_the_owner_could_not_load_can_be_unloaded(tmp_path):
 def test_front_mode_workers_readiness_follows_the_owners_strict_readiness(tmp_path):
     """After a failed load the owner is not ready (strict readiness) and so was the supervisor's
     health port, but every front worker's /v2/health/ready still said ready."""
-    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
-    os.makedirs(tmp_path / "broken" / "1")
-    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
-    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
-                        "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+    p = _front_pod_with_a_broken_model(tmp_path)
 
     def ready_everywhere() -> set[bool]:
         seen = set()
@@ -350,11 +352,7 @@ def test_front_mode_a_restarted_worker_never_says_ready_while_the_owner_is_not(t
     front worker started again while the owner was not ready (a failed load) listened saying ready
     until the next read. Now a joining worker is told before it listens, and the others when the
     owner's readiness changes."""
-    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
-    os.makedirs(tmp_path / "broken" / "1")
-    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
-    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--model-control-mode",
-                        "explicit", "--load-model", "clf", "--allow-open-admin", "true"))  # fmt: skip
+    p = _front_pod_with_a_broken_model(tmp_path)
     try:
         p.wait_ready()
         with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
