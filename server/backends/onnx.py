@@ -17,6 +17,7 @@ import os
 from typing import ClassVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -24,6 +25,7 @@ from .. import cores
 from ..core.errors import ModelConfigError, invalid
 from ..core.types import BY_ONNX, DATATYPES
 from .base import IOInfo, Kind, LocalOptions, register_local
+from .onnx_rows import value_shaped_outputs
 from .onnx_zipmap import open_session
 
 log = logging.getLogger("batchgate.onnx")
@@ -143,6 +145,11 @@ class OnnxBackend:
 
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    def value_shaped_outputs(self, names: list[str]) -> dict[str, str]:
+        """Those of the outputs ``names`` whose rows may follow the input values (onnx_rows.py),
+        each with the op that makes it so (blocking: reads the file's graph)."""
+        return value_shaped_outputs(onnx.load(self.path, load_external_data=False), names)
 
     def ready(self) -> bool:
         return self.session is not None

@@ -197,6 +197,23 @@ class VersionBuilder:
         without batching where the completion chose batching and the run shows it wrong."""
         batch = min(2, full.max_batch_size)  # (two rows tell a batch dimension from one of 1)
         unsure = batch_doubts(backend.inputs(), backend.outputs())[1] if batch else []
+        shaped = _value_shaped(backend, unsure, model_dir)
+        if shaped:  # (zeros may keep every row of such an output: the run below cannot tell)
+            out, op = next(iter(shaped.items()))
+            why = f"the rows of output '{printable(clip(out))}' may follow the input values (it comes from a {op})"
+            if cfg.max_batch_size == 0:  # the completion chose batching: serve it whole
+                log.info("model '%s' version %s: %s, so it is served without batching", name, v, why)
+                full, batch, unsure = _complete(cfg, backend, 0), 0, []
+            else:
+                log.warning(
+                    "model '%s' version %s: max_batch_size is %s but %s: a request whose answer has another "
+                    "number of rows fails, and callers whose requests share a batch may be given each other's "
+                    "rows. Set max_batch_size: 0 unless its first dimension is the batch",
+                    name,
+                    v,
+                    cfg.max_batch_size,
+                    why,
+                )
         if not (self.options.warm_up or unsure):
             return full
         try:
@@ -255,6 +272,20 @@ def _complete(cfg: mc.ModelConfig, backend: Any, default_max_batch_size: int) ->
     return complete_config(
         cfg, backend.platform, backend.inputs(), backend.outputs(), default_max_batch_size, overridable
     )
+
+
+def _value_shaped(backend: Any, outputs: list[str], model_dir: str) -> dict[str, str]:
+    """Those of ``outputs`` whose rows may follow the input values, each with the op that makes
+    it so; none for an engine that cannot tell (TorchScript)."""
+    find = getattr(backend, "value_shaped_outputs", None)
+    if find is None or not outputs:
+        return {}
+    try:
+        return find(outputs)
+    except Exception as e:  # noqa: BLE001 - the session opened: a graph the reader cannot walk is left to the run
+        why = hide_paths(str(e), model_dir)[:300]
+        log.warning("cannot read the graph to see which outputs follow the batch: %s", why)
+        return {}
 
 
 def _runs(backend: Any) -> bool:
