@@ -168,6 +168,13 @@ def complete_config(
                     "request may override, so it must be optional: true (a request that leaves it out is "
                     "run with the model's own value)"
                 )
+            if kind == "input" and entry.optional and entry.name in real_names:
+                # (as Triton refuses it: its count of the config's inputs that are not optional must
+                # be the model's count) A request that left it out would fail inside the engine.
+                raise ModelConfigError(
+                    f"model '{cfg.name}': config input '{entry.name}' is optional: true, but the model needs it "
+                    "(it has no value of its own to run with when a request leaves it out); remove optional: true"
+                )
             want = DATATYPES[info.v2_datatype].config
             if entry.data_type == mc.TYPE_INVALID:
                 entry.data_type = mc.DataType.Value(want)
