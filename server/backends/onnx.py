@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from typing import ClassVar
 
 import numpy as np
@@ -99,7 +100,9 @@ class OnnxBackend:
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
         allow_spinning: bool = False,
+        content: bytes | None = None,
     ):
+        """``content``: the bytes of the file at ``path`` as it was when first opened (a twin's)."""
         so = ort.SessionOptions()
         # By default ONNX Runtime starts one thread per physical core, whatever cores this
         # process may use, and lets them spin between runs: they would take the cores the
@@ -114,9 +117,21 @@ class OnnxBackend:
         so.log_severity_level = 3
         self.path = path
         self._providers = providers
+        # The file stays open: a twin opened later (a shadow's session) is the model this session
+        # serves, even once the path is gone (the private directory of a model uploaded with its
+        # load) or names another file (a new model copied in ahead of its reload).
+        self._file = -1
+        if content is None:
+            self._file = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._close_file = weakref.finalize(self, os.close, self._file) if self._file >= 0 else None
         # (a classifier's ZipMap output is served as a tensor: onnx_zipmap.py)
         shown_as = "/".join(os.path.normpath(path).split(os.sep)[-3:])
-        self.session = open_session(path, shown_as, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+        self.session = open_session(
+            path if content is None else content,
+            shown_as,
+            sess_options=so,
+            providers=providers or ["CPUExecutionProvider"],
+        )
         self._inputs = [_io(a) for a in self.session.get_inputs()]
         self._outputs = [_io(a) for a in self.session.get_outputs()]
         # (one of a type batchgate cannot serve is left out: only a config that names it needs it)
@@ -141,7 +156,23 @@ class OnnxBackend:
         """A second session on the same file with one intra-op thread and no spinning, for
         shadow copies: they run on threads of their own and must not take the primary's
         cores (blocking: call it on a thread)."""
-        return OnnxBackend(self.path, self._providers, 1, 1, False)
+        return OnnxBackend(self.path, self._providers, 1, 1, False, self._content())
+
+    def _content(self) -> bytes | None:
+        """None while ``path`` still names the file this session was opened from (an ONNX file may
+        name external data beside it), else that file's bytes, read through the descriptor kept."""
+        try:
+            if os.path.samestat(os.fstat(self._file), os.stat(self.path)):
+                return None
+        except OSError:  # (the path is gone)
+            pass
+        size, data = os.fstat(self._file).st_size, bytearray()
+        while len(data) < size:
+            chunk = os.pread(self._file, size - len(data), len(data))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
 
     def providers(self) -> list[str]:
         return self.session.get_providers()
@@ -197,6 +228,8 @@ class OnnxBackend:
         await asyncio.to_thread(self._drop)
 
     def _drop(self) -> None:
+        if self._close_file is not None:
+            self._close_file()
         self.session = None
         self._run = None  # type: ignore[assignment]  # released on close; never called after it
 

@@ -21,11 +21,11 @@ log = logging.getLogger("batchgate.backends")
 _LABELS = ("classlabels_int64s", "classlabels_strings")
 
 
-def without_zipmap(path: str, shown_as: str) -> bytes | None:
-    """The model at ``path`` with each ZipMap that gives a graph output (and feeds nothing
+def without_zipmap(path: str | bytes, shown_as: str) -> bytes | None:
+    """The model at ``path`` (or the model's bytes) with each ZipMap that gives a graph output (and feeds nothing
     else) turned into an Identity of its probability tensor; None when it has none. ``shown_as``
     names the file in the log line (model/version/file)."""
-    proto = onnx.load(path)
+    proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(path)
     graph = proto.graph
     outputs = {o.name: o for o in graph.output}
     consumed = {name for node in graph.node for name in node.input}
@@ -55,8 +55,8 @@ def without_zipmap(path: str, shown_as: str) -> bytes | None:
     return proto.SerializeToString() if changed else None
 
 
-def open_session(path: str, shown_as: str, **options) -> ort.InferenceSession:
-    """An ONNX Runtime session on the model at ``path`` (``options``: InferenceSession's), its
+def open_session(path: str | bytes, shown_as: str, **options) -> ort.InferenceSession:
+    """An ONNX Runtime session on the model at ``path`` (or on the model's bytes; ``options``: InferenceSession's), its
     ZipMap outputs served as tensors (``without_zipmap``)."""
     session = ort.InferenceSession(path, **options)
     if any(o.type.startswith("seq(map(") for o in session.get_outputs()):

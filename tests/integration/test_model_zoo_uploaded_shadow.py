@@ -1,0 +1,79 @@
+"""A model uploaded with its load (tritonclient's ``load_model(config=, files=)``) as a route's
+shadow. The files live in a private directory only while the load reads them; the shadow's own
+session (a second one, on one thread) was opened from the file's path afterwards, which was
+gone: the route's shadows failed to build (a task's unretrieved exception in the log) and the
+shadow got no more copies. The backend now keeps the file it opened, so the shadow runs on
+exactly the model the primary session serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from onnx import TensorProto as T
+from onnx import helper
+
+from route_support import metric, write_config
+
+
+def _scale(k: float) -> bytes:
+    """y = x * k over [N, 2]."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", T.FLOAT, ["N", 2])],
+        initializer=[helper.make_tensor("k", T.FLOAT, [], [k])],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def _compared(running, want: float) -> float:
+    end = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
+            got = metric(r.read().decode(), "batchgate_shadow_requests_total", outcome="compared", route="r")
+        if got >= want or time.monotonic() > end:
+            return got
+        time.sleep(0.05)
+
+
+def test_a_shadow_uploaded_with_its_load_gets_its_copies(tmp_path, serve):
+    repo = tmp_path / "models"
+    for name, k in (("main", 1.0), ("next", 2.0)):
+        os.makedirs(repo / name / "1")
+        (repo / name / "1" / "model.onnx").write_bytes(_scale(k))
+    routes = [
+        {
+            "name": "r",
+            "variants": [{"name": "main", "model": "main", "weight": 100}],
+            "shadows": [{"name": "next", "model": "next", "percent": 100, "max_inflight": 8}],
+            "compare": {"output": "y", "kind": "regression", "atol": 1e-3},
+        }
+    ]
+    config = write_config(str(tmp_path / "c.yaml"), routes)
+    running = serve(str(repo), config_file=config, model_control_mode="explicit", load_model=["main", "next"])
+    x = np.ones((1, 2), np.float32)
+
+    def infer(model):
+        i = grpcclient.InferInput("x", [1, 2], "FP32")
+        i.set_data_from_numpy(x)
+        return grpcclient.InferenceServerClient(running.grpc_url).infer(model, [i]).as_numpy("y")
+
+    infer("r")
+    before = _compared(running, 1)
+    assert before >= 1
+    # a new shadow model, sent with the load (over HTTP): the route builds its shadow again
+    c = httpclient.InferenceServerClient(running.http_url)
+    c.load_model("next", config=json.dumps({"max_batch_size": 4}), files={"file:1/model.onnx": _scale(3.0)})
+    np.testing.assert_array_equal(infer("next"), x * 3)
+    for _ in range(4):
+        np.testing.assert_array_equal(infer("r"), x)
+    assert _compared(running, before + 4) >= before + 4
