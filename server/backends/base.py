@@ -90,9 +90,9 @@ class LocalBackend(Backend, Protocol):
         """Execute one batch; one array per name in ``output_names``."""
         ...
 
-    def warm_up(self, batch: int = 0) -> list[np.ndarray]:
-        """Run on zeros, every dynamic dimension 1 except the first, which is ``batch`` when
-        given (> 0); the outputs, in the order of ``outputs()``."""
+    def warm_up(self, batch: int = 0, free: int = 1) -> list[np.ndarray]:
+        """Run on zeros, every dynamic dimension ``free`` except the first, which is ``batch``
+        when given (> 0); the outputs, in the order of ``outputs()``."""
         ...
 
 

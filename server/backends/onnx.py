@@ -209,12 +209,12 @@ class OnnxBackend:
                     feeds[name] = _as_str_array(name, feeds[name])
         return self._run(list(output_names), feeds)
 
-    def warm_up(self, batch: int = 0) -> list[np.ndarray]:
-        """Run once on zeros (dynamic dims as 1, the first as ``batch`` when given) so the
-        first caller does not pay for it."""
+    def warm_up(self, batch: int = 0, free: int = 1) -> list[np.ndarray]:
+        """Run once on zeros (dynamic dims as ``free``, the first as ``batch`` when given) so
+        the first caller does not pay for it."""
         feeds = {}
         for i in self._inputs:
-            shape = tuple(d if d > 0 else 1 for d in i.shape)
+            shape = tuple(d if d > 0 else free for d in i.shape)
             if batch > 0 and shape:
                 shape = (batch, *shape[1:])
             if i.v2_datatype == "BYTES":

@@ -308,13 +308,13 @@ class TorchScriptBackend:
         t = self._torch.from_numpy(arr)
         return t if self._device.type == "cpu" else t.to(self._device)
 
-    def warm_up(self, batch: int = 0) -> list[np.ndarray]:
-        """Run twice on zeros (dynamic dims as 1, the first as ``batch`` when given): the first
-        call profiles, the second builds the optimized graph, so no caller pays for either; a
-        config the model does not match fails here."""
+    def warm_up(self, batch: int = 0, free: int = 1) -> list[np.ndarray]:
+        """Run twice on zeros (dynamic dims as ``free``, the first as ``batch`` when given): the
+        first call profiles, the second builds the optimized graph, so no caller pays for either;
+        a config the model does not match fails here."""
         feeds = {}
         for i in self._inputs:
-            shape = tuple(d if d > 0 else 1 for d in i.shape)
+            shape = tuple(d if d > 0 else free for d in i.shape)
             if batch > 0 and shape:
                 shape = (batch, *shape[1:])
             feeds[i.name] = np.zeros(shape, dtype=np.dtype(_TORCH_DTYPES[i.v2_datatype]))

@@ -216,37 +216,26 @@ class VersionBuilder:
                 )
         if not (self.options.warm_up or unsure):
             return full
+        # Also with the other dynamic dimensions 3, not 1: an output that flattens the batch with
+        # another (token logits as [batch * sequence, classes]) has 2 rows for 2 rows of length 1.
+        wide = _wide_run(backend, batch) if unsure else None
         try:
             outs = backend.warm_up(batch)
         except ModelConfigError as e:  # what the model gives does not match its config
             raise ModelConfigError(f"model '{name}' version {v}: {e}") from None
         except Exception as e:  # noqa: BLE001 - a warm-up is a courtesy, never a reason not to serve
-            if batch > 1 and cfg.max_batch_size == 0 and _runs(backend):
-                # The completion chose batching, but only one row runs (a model exported with its
-                # batch of 1 fixed inside): served whole, one request at a time.
-                log.info(
-                    "model '%s' version %s: a batch of %s rows on zeros failed but one row runs, so it is "
-                    "served without batching: %s",
-                    name,
-                    v,
-                    batch,
-                    hide_paths(str(e), model_dir)[:300],
-                )
-                return _complete(cfg, backend, 0)
-            # Zeros with every dynamic dimension 1 do not fit every model (a convolution
-            # over a 1x1 image); Triton warms up only when asked. The model serves; its
-            # first request pays for what the warm-up would have done.
-            log.warning(
-                "model '%s' version %s: warm-up on zeros failed, serving without it%s: %s",
-                name,
-                v,
-                f" (and without knowing that output(s) {', '.join(unsure)} follow the batch)" if unsure else "",
-                hide_paths(str(e), model_dir)[:300],
-            )
-            return full
+            if wide is None:
+                return self._failed_warm_up(name, v, cfg, full, backend, model_dir, unsure, batch, e)
+            outs, wide = wide, None  # (zeros of 1 did not fit, zeros of 3 did: that run tells)
         if not batch:
             return full
-        wrong = [(o.name, tuple(a.shape)) for o, a in zip(backend.outputs(), outs) if np.ndim(a) < 1 or len(a) != batch]
+        runs = [outs] if wide is None else [outs, wide]
+        wrong = [
+            (o.name, tuple(a.shape))
+            for got in runs
+            for o, a in zip(backend.outputs(), got)
+            if np.ndim(a) < 1 or len(a) != batch
+        ]
         if not wrong:
             return full
         out, shape = wrong[0]
@@ -259,6 +248,43 @@ class VersionBuilder:
             "is not the batch, and callers whose requests shared a batch would be given each other's rows. "
             "Set max_batch_size: 0 and give the full dims"
         )
+
+    def _failed_warm_up(
+        self,
+        name: str,
+        v: int,
+        cfg: mc.ModelConfig,
+        full: mc.ModelConfig,
+        backend: Any,
+        model_dir: str,
+        unsure: list[str],
+        batch: int,
+        e: Exception,
+    ) -> mc.ModelConfig:
+        """The config to serve when the run on zeros failed with ``e``."""
+        if batch > 1 and cfg.max_batch_size == 0 and _runs(backend):
+            # The completion chose batching, but only one row runs (a model exported with its
+            # batch of 1 fixed inside): served whole, one request at a time.
+            log.info(
+                "model '%s' version %s: a batch of %s rows on zeros failed but one row runs, so it is "
+                "served without batching: %s",
+                name,
+                v,
+                batch,
+                hide_paths(str(e), model_dir)[:300],
+            )
+            return _complete(cfg, backend, 0)
+        # Zeros with every dynamic dimension 1 do not fit every model (a convolution
+        # over a 1x1 image); Triton warms up only when asked. The model serves; its
+        # first request pays for what the warm-up would have done.
+        log.warning(
+            "model '%s' version %s: warm-up on zeros failed, serving without it%s: %s",
+            name,
+            v,
+            f" (and without knowing that output(s) {', '.join(unsure)} follow the batch)" if unsure else "",
+            hide_paths(str(e), model_dir)[:300],
+        )
+        return full
 
     def remote_backend(self, spec: RemoteModel) -> RemoteV2Backend:
         return RemoteV2Backend(spec, self._metrics, self.options.max_message_bytes)
@@ -286,6 +312,15 @@ def _value_shaped(backend: Any, outputs: list[str], model_dir: str) -> dict[str,
         why = hide_paths(str(e), model_dir)[:300]
         log.warning("cannot read the graph to see which outputs follow the batch: %s", why)
         return {}
+
+
+def _wide_run(backend: Any, batch: int) -> list | None:
+    """The outputs of a run on zeros of ``batch`` rows, the other dynamic dimensions 3; None
+    when the model cannot run on them (a config mismatch is told by the ordinary run)."""
+    try:
+        return backend.warm_up(batch, 3)
+    except Exception:  # noqa: BLE001 - any failure: this run tells nothing
+        return None
 
 
 def _runs(backend: Any) -> bool:

@@ -170,13 +170,13 @@ def test_value_shaped_outputs_are_not_batched_and_each_caller_gets_its_own_answe
 
 
 def test_a_config_that_batches_a_value_shaped_output_loads_with_a_warning(zoo, serve, caplog, tmp_path):
-    """The user said the first dimension is the batch: served so (as Triton does), with a line
-    saying why callers may fail."""
+    """The user said the first dimension is the batch, and zeros keep every row: served so (as
+    Triton does), with a line saying why callers may fail."""
     repo, _ = zoo
-    os.makedirs(tmp_path / "nms" / "1")
-    os.link(os.path.join(repo, "nms", "1", "model.onnx"), tmp_path / "nms" / "1" / "model.onnx")
-    (tmp_path / "nms" / "config.pbtxt").write_text(BATCHED)
+    os.makedirs(tmp_path / "rows" / "1")
+    os.link(os.path.join(repo, "rows", "1", "model.onnx"), tmp_path / "rows" / "1" / "model.onnx")
+    (tmp_path / "rows" / "config.pbtxt").write_text(BATCHED)
     with caplog.at_level(logging.WARNING, logger="batchgate.repository"):
         running = serve(str(tmp_path))
-    assert grpcclient.InferenceServerClient(running.grpc_url).get_model_config("nms").config.max_batch_size == 8
-    assert "max_batch_size is 8 but the rows of output 'selected' may follow the input values" in caplog.text
+    assert grpcclient.InferenceServerClient(running.grpc_url).get_model_config("rows").config.max_batch_size == 8
+    assert "max_batch_size is 8 but the rows of output 'y' may follow the input values" in caplog.text
