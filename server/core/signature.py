@@ -49,6 +49,10 @@ class ModelSignature:
     # No declared tensors (an upstream whose metadata lists none, like MLServer's default
     # model settings): requests are forwarded unchecked and the upstream validates them.
     open: bool = False
+    # Dimensions the model names alike on several inputs (ONNX's symbolic dims: a sequence
+    # length on input_ids and attention_mask): (name, ((input, axis of the request's shape), ...)).
+    # A request must give them one size: the engine would fail on it inside the graph.
+    shared_dims: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
     # Derived in __post_init__ (the instance is frozen, so through object.__setattr__).
     _in: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
     _out: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
@@ -142,6 +146,14 @@ class ModelSignature:
                 f"{where} needs input{'s' if len(missing) > 1 else ''} "
                 f"{', '.join(repr(m) for m in missing)}, which the request does not give"
             )
+        for dim, places in self.shared_dims:
+            sizes = [(n, k, feeds[n].shape[k]) for n, k in places if n in feeds and feeds[n].ndim > k]
+            if len({size for _, _, size in sizes}) > 1:
+                (a, i, x), (b, j, y) = sizes[0], next(t for t in sizes if t[2] != sizes[0][2])
+                raise invalid(
+                    f"inputs '{a}' and '{b}' must have the same size in dimension '{clip(dim)}' ({where} names "
+                    f"both so): '{a}' has {x} at dimension {i}, '{b}' has {y} at dimension {j}"
+                )
         if request.outputs is None:
             names = self._all_out
         else:

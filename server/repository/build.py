@@ -33,6 +33,7 @@ from .config import (
     queue_bound,
     read_config,
     schedule_of,
+    shared_dims,
     signature_of,
     versions_to_serve,
 )
@@ -110,7 +111,7 @@ class VersionBuilder:
             raise ModelConfigError(f"model '{cfg.name}': {e}") from None
         return ModelVersion(
             cfg,
-            signature_of(cfg),
+            signature_of(cfg, shared_dims(cfg, getattr(backend, "inputs", list)())),
             version,
             backend,
             schedule,

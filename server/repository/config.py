@@ -253,7 +253,20 @@ def _copy(cfg: mc.ModelConfig) -> mc.ModelConfig:
     return out
 
 
-def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
+def shared_dims(cfg: mc.ModelConfig, inputs: list[IOInfo]) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """The dynamic dimensions the engine names alike on several inputs, each with where they are
+    in a request's shape (inputs the config reshapes are left out: their dims are the config's)."""
+    served = {e.name for e in cfg.input if not e.HasField("reshape")}
+    places: dict[str, list[tuple[str, int]]] = {}
+    for t in inputs:
+        if t.name in served:
+            for k, (size, name) in enumerate(zip(t.shape, t.dim_names)):
+                if name and size == -1 and not (k == 0 and cfg.max_batch_size > 0):  # (the batch: checked so)
+                    places.setdefault(name, []).append((t.name, k))
+    return tuple((name, tuple(at)) for name, at in places.items() if len({n for n, _ in at}) > 1)
+
+
+def signature_of(cfg: mc.ModelConfig, shared: tuple = ()) -> ModelSignature:
     def spec(entry, output: bool) -> TensorSpec:
         name = mc.DataType.Name(entry.data_type)
         dt = BY_CONFIG.get(name)
@@ -271,6 +284,7 @@ def signature_of(cfg: mc.ModelConfig) -> ModelSignature:
         # Only a remote model can get here without both (a local engine's file declares them):
         # its upstream declares no signature, and checks requests itself.
         open=not cfg.input or not cfg.output,
+        shared_dims=shared,
     )
 
 
