@@ -262,10 +262,8 @@ class RouteTable:
                 r.cancel()
 
     def _sender_pool(self) -> ThreadPoolExecutor | None:
-        """The threads that make remote shadows' calls: blocking calls, at the lowest priority the
-        system has (SCHED_IDLE), so the event loop spends nothing on them and the kernel runs them
-        only when no other thread of the core wants to run. None with ``shadow_send_threads`` 0:
-        the calls go from the event loop, through the model's own client."""
+        """The threads that make remote shadows' blocking calls, at SCHED_IDLE (the kernel runs them
+        only when no other thread of the core wants to); None (``shadow_send_threads`` 0): the loop's."""
         if not self._routing.shadow_send_threads:
             return None
         if self._senders is None:
@@ -275,9 +273,8 @@ class RouteTable:
         return self._senders
 
     async def _twin(self, served: ModelVersion) -> Any:
-        """The session a shadow runs on: for a local model a second session of its own (one
-        intra-op thread), shared by every route shadowing that version; for a remote model the
-        model's backend."""
+        """The session a shadow runs on: a local model's second session (one intra-op thread), shared
+        by every route shadowing that version; a remote model's backend; None if it did not open."""
         backend = served.backend
         if backend is None or not isinstance(served.execution, LocalExecution):
             return backend
@@ -285,7 +282,11 @@ class RouteTable:
         if kept is not None and kept[0] is served:
             return kept[1]
         twin = getattr(backend, "twin", None)
-        session = await asyncio.to_thread(twin) if twin is not None else backend
+        try:
+            session = await asyncio.to_thread(twin) if twin is not None else backend
+        except Exception as e:  # (the shadow is left out, said once; the route serves on)
+            log.warning("shadow of model '%s' left out: no session: %s", served.name, printable(clip(str(e))))
+            return None
         self._twins = {k: v for k, v in self._twins.items() if v[0].backend is not None}  # drop retired ones
         self._twins[id(served)] = (served, session)
         return session
