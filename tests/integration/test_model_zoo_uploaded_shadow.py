@@ -45,7 +45,8 @@ def _compared(running, want: float) -> float:
         time.sleep(0.05)
 
 
-def test_a_shadow_uploaded_with_its_load_gets_its_copies(tmp_path, serve):
+def _route_with_a_shadow(tmp_path, serve):
+    """A gateway with route 'r': variant 'main' (y = x), shadow 'next' (y = 2x), both loaded."""
     repo = tmp_path / "models"
     for name, k in (("main", 1.0), ("next", 2.0)):
         os.makedirs(repo / name / "1")
@@ -60,6 +61,11 @@ def test_a_shadow_uploaded_with_its_load_gets_its_copies(tmp_path, serve):
     ]
     config = write_config(str(tmp_path / "c.yaml"), routes)
     running = serve(str(repo), config_file=config, model_control_mode="explicit", load_model=["main", "next"])
+    return running
+
+
+def test_a_shadow_uploaded_with_its_load_gets_its_copies(tmp_path, serve):
+    running = _route_with_a_shadow(tmp_path, serve)
     x = np.ones((1, 2), np.float32)
 
     def infer(model):
@@ -87,20 +93,7 @@ def test_a_shadow_whose_session_does_not_open_is_left_out_and_the_route_serves_o
 
     from batchgate.backends.onnx import OnnxBackend
 
-    repo = tmp_path / "models"
-    for name, k in (("main", 1.0), ("next", 2.0)):
-        os.makedirs(repo / name / "1")
-        (repo / name / "1" / "model.onnx").write_bytes(_scale(k))
-    routes = [
-        {
-            "name": "r",
-            "variants": [{"name": "main", "model": "main", "weight": 100}],
-            "shadows": [{"name": "next", "model": "next", "percent": 100, "max_inflight": 8}],
-            "compare": {"output": "y", "kind": "regression", "atol": 1e-3},
-        }
-    ]
-    config = write_config(str(tmp_path / "c.yaml"), routes)
-    running = serve(str(repo), config_file=config, model_control_mode="explicit", load_model=["main", "next"])
+    running = _route_with_a_shadow(tmp_path, serve)
 
     def no_twin(self):
         raise OSError("the second session did not open")
