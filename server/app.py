@@ -59,6 +59,7 @@ from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import TOO_MANY_CONNECTIONS, guarded_protocol
 from .transport.http_listener import HttpListener, QuietUvicorn
+from .transport.sockets import host_port as _join
 from .transport.sockets import tcp_socket
 
 if TYPE_CHECKING:
@@ -252,13 +253,7 @@ class Gateway:
 
         if s.http_port >= 0:
             self._http = await self._listen_http(
-                HttpApp(
-                    self.dataplane,
-                    limit,
-                    lim.max_gzip_members,
-                    refusals_per_s=lim.overload_refusals_per_s,
-                    budget=budget,
-                ),
+                HttpApp(self.dataplane, limit, budget, lim.max_gzip_members, lim.overload_refusals_per_s),
                 s.host,
                 s.http_port,
                 reuse_port=self.reuse_port,
@@ -266,7 +261,7 @@ class Gateway:
             self.http_port = self._http.port
         admin = AdminApi(self.dataplane)
         if s.admin_http_port >= 0:  # admin API mirror, repository API, health: loopback by default
-            admin_app = HttpApp(self.dataplane, limit, lim.max_gzip_members, admin_only=True, admin=admin)
+            admin_app = HttpApp(self.dataplane, limit, budget, lim.max_gzip_members, admin_only=True, admin=admin)
             self._admin = await self._listen_http(
                 admin_app, s.admin_host, s.admin_http_port, self.reuse_port, lim.ops_max_connections
             )
@@ -594,7 +589,3 @@ def _access(settings: Settings, role: WorkerRole | None = None) -> Access:
     else:
         log.info("API keys required: %d keys from %s", len(keys), a.api_keys_file)
     return Access.of(a, keys, audit)
-
-
-def _join(host: str, port) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

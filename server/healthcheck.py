@@ -21,6 +21,7 @@ import sys
 import urllib.request
 
 from .config import settings_in_effect
+from .transport.sockets import host_port
 
 TIMEOUT_S = 2.0
 TOKEN_VARIABLE = "BATCHGATE_HEALTHCHECK_TOKEN"
@@ -38,7 +39,7 @@ def ready(environ: dict[str, str] | None = None) -> tuple[bool, str]:
     if s.tls.tls_cert_file:
         scheme, context = "https", ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    url = f"{scheme}://{where}:{s.server.http_port}/v2/health/ready"
+    url = f"{scheme}://{host_port(where, s.server.http_port)}/v2/health/ready"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as answer:
@@ -48,19 +49,17 @@ def ready(environ: dict[str, str] | None = None) -> tuple[bool, str]:
 
 
 def _address(host: str) -> str:
-    """Where the server listens, as a URL's host: loopback when it binds every address (``::``
-    takes IPv4 too), else that one address (``::1`` on an IPv6-only loopback, say)."""
-    if host in ("", "0.0.0.0", "::"):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
+    """Where the server listens: loopback when it binds every address (``::`` takes IPv4 too),
+    else that one address (``::1`` on an IPv6-only loopback, say)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def _grpc_health(host: str, port: int) -> tuple[bool, str]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    where = f"gRPC health on {host}:{port}"
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    where = f"gRPC health on {host_port(host, port)}"
+    with grpc.insecure_channel(host_port(host, port)) as channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
         except grpc.RpcError as e:

@@ -49,7 +49,8 @@ from .pod_control import (
 )
 from .pod_dir import SOCKET, PodDir, remove_leftovers
 from .pod_state import PodState
-from .transport.sockets import dual_stack
+from .transport.sockets import host_port as _join
+from .transport.sockets import tcp_socket
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -178,25 +179,13 @@ class Supervisor(PodControl, PodState):
         return f"unix:{os.path.join(self._private.path, SOCKET)}"
 
     def _reserve(self, name: str, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if port:  # Free of any other owner first: SO_REUSEPORT alone would let this pod share the
-            # port with another process that listens on it with SO_REUSEPORT (another batchgate),
-            # each taking some of the connections.
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                dual_stack(probe, host)
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((host, port))
-                except OSError as e:
-                    raise OSError(f"cannot reserve {name} {_join(host, port)}: {e.strerror}") from None
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        dual_stack(sock, host)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
-            sock.bind((host, port))
+            if port:  # Free of any other owner first: SO_REUSEPORT alone would let this pod share
+                # the port with another process that listens on it with SO_REUSEPORT (another
+                # batchgate), each taking some of the connections.
+                tcp_socket(host, port, reuse_port=False).close()
+            sock = tcp_socket(host, port, reuse_port=True)
         except OSError as e:
-            sock.close()
             raise OSError(f"cannot reserve {name} {_join(host, port)}: {e.strerror}") from None
         self._reserved[name] = sock
         self.ports[name] = sock.getsockname()[1]
@@ -425,10 +414,6 @@ class Supervisor(PodControl, PodState):
         self._state_writes.shutdown(wait=True)
         log.info("supervisor: stopped")
         return clean
-
-
-def _join(host: str, port: Any) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def supervise(settings: Settings) -> int:

@@ -138,7 +138,9 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except TooManyRejects as e:
         _summary(e.counts, args, "stopped after ")
-        rejects = args.rejects or os.path.join(args.output, "_rejects.jsonl")
+        from .output import REJECTS
+
+        rejects = args.rejects or os.path.join(args.output, REJECTS)
         print(
             f"batchgate score: stopped: {e} (see {rejects}); the parts written are kept: run again with a larger "
             "--max-rejects (0: any number) to resume",

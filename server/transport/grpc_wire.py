@@ -85,9 +85,9 @@ def split_messages(buf: bytearray, limit: int) -> tuple[list[tuple[bool, bytes]]
     return out, pos
 
 
-# Compressed messages up to this size are inflated on the event loop as they arrive (at most
-# ~4 MB at gzip's largest ratio, a few milliseconds), larger ones on a thread when their handler
-# takes them: the HTTP side's DECOMPRESS_ON_LOOP_MAX_BYTES (transport/http_app.py), for gRPC.
+# Compressed messages and HTTP bodies up to this size are inflated on the event loop (at most
+# ~4 MB at gzip's largest ratio, a few milliseconds), larger ones on a thread (a gRPC message when
+# its handler takes it: grpc_h2_call.py; an HTTP body as it is read: http_app.py).
 INFLATE_ON_LOOP_MAX_BYTES = 4 * 1024
 
 

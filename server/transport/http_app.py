@@ -28,6 +28,7 @@ from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
 from .byte_budget import ByteBudget
+from .grpc_wire import INFLATE_ON_LOOP_MAX_BYTES
 from .http_body import BodyReader
 from .http_codec import BodyRefused
 from .http_limits import Verdict
@@ -89,22 +90,23 @@ class HttpApp:
         self,
         dataplane: DataPlane,
         max_body_bytes: int,
+        budget: ByteBudget,
         max_gzip_members: int = 64,
-        admin_only: bool = False,
         refusals_per_s: int = 200,
+        admin_only: bool = False,
         admin: AdminApi | None = None,
-        budget: ByteBudget | None = None,
     ):
-        """``admin_only``: the admin listener, which serves the repository API, health (the
-        server's and a model's readiness) and the server metadata, and nothing of inference."""
+        """``budget``: the process's bytes of requests still arriving (max_buffered_request_bytes,
+        shared with the gRPC engine). ``admin_only``: the admin listener, which serves the
+        repository API, health (the server's and a model's readiness) and the server metadata,
+        and nothing of inference."""
         self.dp = dataplane
         self.admin_only = admin_only
         self.admin = admin  # the admin API's HTTP mirror (admin listener only)
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
         self._refusals = Pacer(refusals_per_s)  # overload refusals' turns, overload_refusals_per_s a second
         self.limit = max_body_bytes
-        # bodies still arriving: max_buffered_request_bytes, shared with the gRPC engine (byte_budget.py)
-        self.bodies = BodyReader(max_body_bytes, budget or ByteBudget(1 << 30))
+        self.bodies = BodyReader(max_body_bytes, budget)
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
@@ -443,7 +445,7 @@ class HttpApp:
         req = None
         try:
             if content_encoding:
-                if len(body) > DECOMPRESS_ON_LOOP_MAX_BYTES:  # a large body inflates on a thread
+                if len(body) > INFLATE_ON_LOOP_MAX_BYTES:  # a large body inflates on a thread
                     body = await asyncio.to_thread(
                         http_codec.decompress, body, content_encoding, self.limit, self.max_gzip_members
                     )
@@ -571,9 +573,8 @@ def _on_admin(path: str) -> bool:
 
 
 DISCONNECT_WATCH_AFTER_S = 0.02
-# Compressed bodies up to this size are inflated on the event loop (well under a millisecond even
-# at gzip's largest ratio, ~1000:1), larger ones on a thread (60 KB may inflate to 60 MB); answers
+# Compressed bodies up to INFLATE_ON_LOOP_MAX_BYTES (grpc_wire.py, both protocols' bound) are
+# inflated on the event loop, larger ones on a thread (60 KB may inflate to 60 MB); answers
 # past COMPRESS_ON_LOOP_MAX_BYTES are compressed on one, bodies past PRECHECK_BYTES decoded on
 # one (a Python pass over every value there lets the loop have the GIL meanwhile).
-DECOMPRESS_ON_LOOP_MAX_BYTES = 4 * 1024
 COMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024

@@ -13,6 +13,11 @@ from typing import Any
 MIN_SEND_BYTES_PER_S = 16 * 1024
 
 
+def host_port(host: str, port: object) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A bound TCP socket (not listening yet); OSError when the address cannot be bound.
 
