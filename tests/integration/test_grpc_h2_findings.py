@@ -56,9 +56,12 @@ def test_resets_of_calls_halfway_to_their_deadline_are_not_a_flood(engine):  # n
 def test_a_reset_right_after_the_call_opened_still_counts(engine):  # noqa: F811
     e = engine(max_resets_per_s=20)
     raw = Raw(e.port)
-    for _ in range(60):  # (a deadline does not excuse a reset at once)
-        sid = raw.headers(extra=[(b"sleep", b"5"), (b"grpc-timeout", b"300m")])
-        raw.sock.sendall(frame(RST, 0, sid, struct.pack(">L", 8)))
+    try:
+        for _ in range(60):  # (a deadline does not excuse a reset at once)
+            sid = raw.headers(extra=[(b"sleep", b"5"), (b"grpc-timeout", b"300m")])
+            raw.sock.sendall(frame(RST, 0, sid, struct.pack(">L", 8)))
+    except (BrokenPipeError, ConnectionResetError):  # closed before the client was done: the flood was seen
+        return
     got = raw.frames(2.0)
     assert any(len(f) == 4 and f[0] == GOAWAY for f in got) or ("EOF",) in got  # GOAWAY, closed
 
