@@ -109,6 +109,8 @@ class HttpApp:
         self.bodies = BodyReader(max_body_bytes, budget)
         self.max_gzip_members = max_gzip_members
         self._infer_paths: dict[str, tuple[str, str]] = {}
+        # overload refusals' answers by their words (the same few, a request after another)
+        self._refusal_answers: dict[tuple, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
         self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
         self._loop: asyncio.AbstractEventLoop | None = None  # (asking asyncio for it costs a getpid call)
         self._watches: dict[asyncio.Task, DisconnectWatch] = {}
@@ -200,7 +202,13 @@ class HttpApp:
         if e is None:
             return None
         self.dp.log_failure("http", model, "", e)
-        status, headers, body = self.error_answer(e)
+        key = (e.message, e.retry_after_s, self.dp.accepting)
+        answer = self._refusal_answers.get(key)
+        if answer is None:  # (the same tuple each time: the protocol keeps its bytes, see _quick)
+            if len(self._refusal_answers) >= 64:  # (messages with figures in them vary)
+                self._refusal_answers.clear()
+            answer = self._refusal_answers[key] = self.error_answer(e)
+        status, headers, body = answer
         alog = self.dp.access_log
         if alog is not None and alog.overload_wanted():
             alog.request(

@@ -50,7 +50,7 @@ import termios
 import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import httptools
 import orjson
@@ -124,6 +124,33 @@ _NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgra
 _UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
 _RENAMED = b"\r\nx-upgrd:"  # (as long as the name it replaces)
 _CLOSE = (b"connection", b"close")
+HEAD_CACHE_ENTRIES = 64  # request heads the quick refusal keeps judged (a client repeats its own)
+HEAD_CACHE_MAX_BYTES = 2048  # ... each at most this long
+
+
+def _plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
+    """The model and Content-Length of a plain infer request's head (its request line and
+    headers, without the blank line): HTTP/1.1, ``POST /v2/models/NAME/infer``, one
+    Content-Length, no Transfer-Encoding, Expect, Connection or Upgrade header, strict framing
+    (CRLF line ends, no folded lines, so that no parser in front of us can cut these bytes into
+    requests differently: smuggling). False for any other head: it takes the usual way."""
+    line_end = head.find(b"\r\n")
+    if line_end < 0 or not head.endswith(_QUICK_SUFFIX, 0, line_end):
+        return False
+    name = head[len(_QUICK_PREFIX) : line_end - len(_QUICK_SUFFIX)]
+    rest = head[line_end:].lower() + b"\r\n"
+    i = rest.find(b"\ncontent-length:")
+    if b"/" in name or i < 0 or rest.find(b"\ncontent-length:", i + 1) >= 0:
+        return False
+    if _NOT_PLAIN[0] in rest or _NOT_PLAIN[1] in rest or _NOT_PLAIN[2] in rest or _NOT_PLAIN[3] in rest:
+        return False
+    crlf = rest.count(b"\r\n")
+    if rest.count(b"\n") != crlf or rest.count(b"\r") != crlf or b"\n " in rest or b"\n\t" in rest:
+        return False
+    length = rest[i + 16 : rest.find(b"\r", i)].strip()
+    if not length.isdigit() or not name.isascii():
+        return False
+    return name.decode("ascii"), int(length)
 
 
 def guarded_protocol(
@@ -139,6 +166,9 @@ def guarded_protocol(
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
+    # request heads _quick has judged: their model and Content-Length, or False (not plain)
+    heads: dict[bytes, tuple[str, int] | Literal[False]] = {}
+    answer: list[Any] = [None, None, None, 0, b""]  # the last quick refusal's headers, body, defaults, status, bytes
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
@@ -210,34 +240,32 @@ def guarded_protocol(
             assert quick is not None
             while data.startswith(_QUICK_PREFIX, pos):
                 end = data.find(b"\r\n\r\n", pos, pos + max_header_bytes)
-                line_end = data.find(b"\r\n", pos, end)
-                if end < 0 or line_end < 0 or not data.endswith(_QUICK_SUFFIX, pos, line_end):
+                if end < 0:
                     break
-                name = data[pos + len(_QUICK_PREFIX) : line_end - len(_QUICK_SUFFIX)]
-                head = data[line_end : end + 2].lower()
-                i = head.find(b"\ncontent-length:")
-                if b"/" in name or i < 0 or head.find(b"\ncontent-length:", i + 1) >= 0:
+                head = data[pos:end]
+                plain = heads.get(head)
+                if plain is None:  # (a client sends the same head request after request: read once)
+                    plain = _plain_head(head)
+                    if len(head) <= HEAD_CACHE_MAX_BYTES:
+                        if len(heads) >= HEAD_CACHE_ENTRIES:
+                            heads.clear()
+                        heads[head] = plain
+                if not plain:
                     break
-                if _NOT_PLAIN[0] in head or _NOT_PLAIN[1] in head or _NOT_PLAIN[2] in head or _NOT_PLAIN[3] in head:
+                name, length = plain
+                if end + 4 + length > n:
                     break
-                # Strict framing only, so that no parser in front of us can cut these bytes into
-                # requests differently (smuggling): CRLF line ends, no folded lines.
-                crlf = head.count(b"\r\n")
-                if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\n " in head or b"\n\t" in head:
-                    break
-                length = head[i + 16 : head.find(b"\r", i)].strip()
-                if not length.isdigit() or end + 4 + int(length) > n:
-                    break
-                try:
-                    verdict = quick(name.decode("ascii"), self.client[0] if self.client else "")
-                except UnicodeDecodeError:
-                    break
+                verdict = quick(name, self.client[0] if self.client else "")
                 if verdict is None:
                     break
                 status, headers, body, pause_s = verdict
-                self.transport.write(self._answer_bytes(status, headers, body, True))
+                dh = self.server_state.default_headers
+                if headers is not answer[0] or body is not answer[1] or dh is not answer[2] or status != answer[3]:
+                    # (a refusal's words come back the same objects: its bytes are made once)
+                    answer[:] = headers, body, dh, status, self._answer_bytes(status, headers, body, True)
+                self.transport.write(answer[4])
                 self._disarm()  # (the next request's head clock starts with its first byte)
-                pos = end + 4 + int(length)
+                pos = end + 4 + length
                 answered = True
                 if pause_s > 0:  # past the refusals' rate: unread until its turn, as below
                     self._hold(pause_s)

@@ -384,11 +384,22 @@ def test_whole_plain_requests_are_refused_from_the_request_line(repo, serve):
     # Not strictly framed (a bare LF, a folded line): never judged from the request line, for a
     # proxy in front could cut such bytes into requests otherwise (smuggling); httptools reads
     # the head, and rejects it for the line without a colon.
-    for sneaky in (b"Host: x\nno colon here\r\n", b"Host: x\r\n folded\r\nno colon here\r\n"):
+    # (Each twice: the second time the head is known, and still not judged from its line.)
+    for sneaky in (b"Host: x\nno colon here\r\n", b"Host: x\r\n folded\r\nno colon here\r\n") * 2:
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(head("simple", len(GOOD)).replace(b"Host: x\r\n", sneaky) + GOOD)
             reply = response(s)
             assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    # Heads are remembered by their bytes, a bounded number of them: past that bound every
+    # head is still judged, and the same head with another Content-Length is another head.
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        many = b"".join(
+            head("simple", len(GOOD)).replace(b"Host: x\r\n", f"Host: x\r\nX-N: {i}\r\n".encode()) + GOOD
+            for i in range(100)
+        )
+        s.sendall(many + head("simple", len(GOOD) - 1) + GOOD[:-1])
+        replies = responses(s, 101)
+        assert len(replies) == 101 and all(r.startswith(b"HTTP/1.1 429") and b"(max_inflight_requests)" in r for r in replies)
     finish(held)
     wait_for(lambda: dp.admission.inflight == 0)
     with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -397,7 +408,7 @@ def test_whole_plain_requests_are_refused_from_the_request_line(repo, serve):
     text = metrics(running)
     assert (
         'batchgate_request_errors_total{code="RESOURCE_EXHAUSTED",protocol="http",'
-        'reason="max_inflight_requests"} 4.0' in text
+        'reason="max_inflight_requests"} 105.0' in text
     )
 
 
