@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import cores
@@ -28,6 +29,8 @@ from ..core.types import BY_ONNX, DATATYPES
 from .base import IOInfo, Kind, LocalOptions, register_local
 from .onnx_rows import value_shaped_outputs
 from .onnx_zipmap import open_session
+
+MAX_ENGINE_MESSAGE = 512  # characters of ONNX Runtime's own message kept in an answer
 
 log = logging.getLogger("batchgate.onnx")
 
@@ -207,7 +210,15 @@ class OnnxBackend:
             for name in self._string_inputs:
                 if name in feeds:
                     feeds[name] = _as_str_array(name, feeds[name])
-        return self._run(list(output_names), feeds)
+        try:
+            return self._run(list(output_names), feeds)
+        except OrtInvalidArgument as e:
+            # The gateway has checked names, datatypes and shapes against the signature: what ONNX
+            # Runtime still calls an invalid argument is in the values (an index past a table, a
+            # shape read from an input). The caller's mistake, answered 400 / INVALID_ARGUMENT
+            # with the engine's words; a batch that fails so runs again request by request
+            # (model.py), so only that caller gets it.
+            raise invalid(f"the model cannot take these values: {str(e)[:MAX_ENGINE_MESSAGE]}") from None
 
     def warm_up(self, batch: int = 0, free: int = 1) -> list[np.ndarray]:
         """Run once on zeros (dynamic dims as ``free``, the first as ``batch`` when given) so

@@ -399,7 +399,9 @@ def test_whole_plain_requests_are_refused_from_the_request_line(repo, serve):
         )
         s.sendall(many + head("simple", len(GOOD) - 1) + GOOD[:-1])
         replies = responses(s, 101)
-        assert len(replies) == 101 and all(r.startswith(b"HTTP/1.1 429") and b"(max_inflight_requests)" in r for r in replies)
+        assert len(replies) == 101 and all(
+            r.startswith(b"HTTP/1.1 429") and b"(max_inflight_requests)" in r for r in replies
+        )
     finish(held)
     wait_for(lambda: dp.admission.inflight == 0)
     with socket.create_connection((host, int(port)), timeout=10) as s:

@@ -123,12 +123,19 @@ def test_a_failing_execution_fails_only_its_batch_and_the_model_serves_on(tmp_pa
             return e.status()
 
     assert call(3) == 30.0
-    assert call(99) == "StatusCode.INTERNAL"  # alone in its batch: only it fails
+    # alone in its batch: only it fails, and as the caller's mistake (ONNX Runtime's
+    # INVALID_ARGUMENT: the index is past the table), not as the server's (it was INTERNAL / 500)
+    assert call(99) == "StatusCode.INVALID_ARGUMENT"
+    inp = httpclient.InferInput("idx", [1, 1], "INT64")
+    inp.set_data_from_numpy(np.array([[-11]], np.int64))
+    with pytest.raises(InferenceServerException) as e:
+        httpclient.InferenceServerClient(running.http_url).infer("gather", [inp])
+    assert e.value.status() == "400" and "must be within the inclusive range [-10,9]" in e.value.message()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(call, [1, 2, 4, 5, 6, 7, 8, 9]))
     assert results == [10.0, 20.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]
     stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("gather")["model_stats"][0]
-    assert stats["inference_stats"]["fail"]["count"] == 1
+    assert stats["inference_stats"]["fail"]["count"] == 2
     assert stats["inference_stats"]["success"]["count"] == 9
 
 

@@ -770,7 +770,8 @@ def test_a_model_whose_upstream_stays_down_at_start_is_logged_and_counted_once(s
 def test_a_gateway_batch_one_callers_values_fail_upstream_fails_only_that_caller(tmp_path, serve, upstream):
     """An index past the table fails the upstream's Gather for the whole batch the gateway sent:
     each request goes again alone (as a local batch does, and as an open model's did), so only
-    the caller whose value failed it gets the error; the two others got INTERNAL too."""
+    the caller whose value failed it gets the error (the upstream's INVALID_ARGUMENT); the two
+    others got INTERNAL too."""
     _save(gather_model(), str(tmp_path), "gather", config="max_batch_size: 8\n")
     up = upstream(tmp_path)
     spec = RemoteModel("rg", (up.grpc,), upstream_model="gather", max_queue_delay_us=300_000, **FAST)
@@ -786,7 +787,7 @@ def test_a_gateway_batch_one_callers_values_fail_upstream_fails_only_that_caller
             return _status(e)
 
     with ThreadPoolExecutor(3) as pool:
-        assert list(pool.map(call, [1, 99, 2])) == [10.0, "INTERNAL", 20.0]
+        assert list(pool.map(call, [1, 99, 2])) == [10.0, "INVALID_ARGUMENT", 20.0]
 
 
 def test_a_gateway_batch_past_a_message_size_limit_goes_again_one_request_at_a_time(tmp_path, serve, upstream):
