@@ -53,6 +53,7 @@ class Slot:
     channel: Channel | None = None
     member: bool = False  # joined the control plane: repository changes reach it
     ready: bool = False  # listening
+    joining: bool = False  # catching up with the pod under the control lock, before it listens
     models_ready: bool = True  # what the worker's own readiness says (its models), as of its last read
     failure: str = ""  # why the process in it said it could not start
     restarts: int = 0

@@ -202,7 +202,8 @@ class PodState:
         statistics, which count each hop as the requests it merged), and both their queues."""
         every = self.slots + ([self.owner] if self.owner is not None else [])
         if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
-            live = [(s, s.channel) for s in every if s.channel is not None and s.ready]
+            # (a joining worker too: it holds the control lock, so one that hangs must be found)
+            live = [(s, s.channel) for s in every if s.channel is not None and (s.ready or s.joining)]
             # A worker that missed the last snapshot (hung, stopped) is given a moment only: one such
             # process must not hold every scrape and statistics call for the whole timeout.
             replies = await asyncio.gather(
@@ -298,14 +299,15 @@ class PodState:
     def _kill_hung(self) -> None:
         """Kill a worker that has not answered a snapshot for ``worker_hang_s`` (its keeper starts
         it again): a hung process still holds its share of the port's new connections, and a
-        pod-wide change waiting for its answer ends with it (``_ask``)."""
+        pod-wide change waiting for its answer ends with it (``_ask``); one hung while joining held
+        the control lock, and so every pod-wide change after it, for ever."""
         hang_s = self.settings.server.worker_hang_s
         if not hang_s or self.stopping:
             return
         now = time.monotonic()
         for s in self.slots + ([self.owner] if self.owner is not None else []):
             proc = s.proc
-            if s.stale and s.ready and proc is not None and now - s.answered_at > hang_s:
+            if s.stale and (s.ready or s.joining) and proc is not None and now - s.answered_at > hang_s:
                 log.error("worker %s (pid %d) has not answered for %.0f s: killing it", s.label, proc.pid, hang_s)
                 s.failure = f"(pid {proc.pid}) did not answer the supervisor for {hang_s:g} s (worker_hang_s): killed"
                 with contextlib.suppress(ProcessLookupError):

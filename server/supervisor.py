@@ -280,6 +280,29 @@ class Supervisor(PodControl, PodState):
             return f"(pid {proc.pid}) was killed by {signal.Signals(-code).name}"
         return f"(pid {proc.pid}) exited with status {code}"
 
+    async def _catch_up(self, slot: Slot) -> None:
+        """What a worker (or the owner) joining before it listens must hear of the pod's changes,
+        under the control lock."""
+        assert slot.channel is not None
+        async with self._lock:
+            ops: list[tuple] = []
+            if self.owner is None or slot is self.owner:
+                ops += self._models.values()
+            if slot is not self.owner:
+                ops += self._regions.values()
+                if self.owner is not None:
+                    await slot.channel.call("follow", specs=await self._owner_models(), reload=[])
+            if self._log_changes:
+                ops.append(("log_settings", self._log_changes))
+            for model, changes in self._trace_changes.items():
+                ops.append(("trace_settings", model, changes))
+            lost = await slot.channel.call("replay", ops=ops)
+            await self.drop_regions([(owner, name) for owner, name in lost or ()])
+            if self.owner is None or slot is self.owner:
+                await self._same_files(slot)
+            slot.member, slot.owner_ready_told = True, None
+            self._tell_owner_ready()  # (a front worker: before it listens, not at the next read)
+
     def _handlers(self, slot: Slot) -> dict:
         async def hello(pid: int) -> dict:
             owner = slot is self.owner
@@ -293,24 +316,13 @@ class Supervisor(PodControl, PodState):
 
         async def join() -> None:  # before it listens: catch up, under the lock
             assert slot.channel is not None
-            async with self._lock:
-                ops: list[tuple] = []
-                if self.owner is None or slot is self.owner:
-                    ops += self._models.values()
-                if slot is not self.owner:
-                    ops += self._regions.values()
-                    if self.owner is not None:
-                        await slot.channel.call("follow", specs=await self._owner_models(), reload=[])
-                if self._log_changes:
-                    ops.append(("log_settings", self._log_changes))
-                for model, changes in self._trace_changes.items():
-                    ops.append(("trace_settings", model, changes))
-                lost = await slot.channel.call("replay", ops=ops)
-                await self.drop_regions([(owner, name) for owner, name in lost or ()])
-                if self.owner is None or slot is self.owner:
-                    await self._same_files(slot)
-                slot.member, slot.owner_ready_told = True, None
-                self._tell_owner_ready()  # (a front worker: before it listens, not at the next read)
+            # Its figures are read from now on, so that one hung while catching up (holding the
+            # lock: every pod-wide change waits behind it) is killed as a ready one would be.
+            slot.joining, slot.answered_at, slot.stale = True, time.monotonic(), False
+            try:
+                await self._catch_up(slot)
+            finally:
+                slot.joining = False
 
         async def ready(http_port: int, grpc_port: int) -> None:
             if self.settings.drift and self._drift_start is None and slot is not self.owner:

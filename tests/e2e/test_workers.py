@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -680,6 +681,51 @@ def test_a_load_with_a_hung_worker_is_answered_naming_it_and_the_pod_converges(c
         for victim in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGCONT)
+        p.kill()
+
+
+def test_a_worker_hung_while_catching_up_holds_no_pod_wide_change_for_ever(tmp_path):
+    """A restarted worker catches up with the pod (the models loaded since the start) under the
+    control lock, before it listens. One that hung meanwhile was never killed, since only ready
+    workers were watched: the lock stayed held, and every later load, unload or registration
+    waited for ever. Now a joining worker is watched too: killed after worker_hang_s, and the
+    change waiting behind it is done."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 8\n")
+    for i in range(2):  # (models whose load takes a moment: the restarted worker loads them as it joins)
+        _save(slow_model(width=1024, layers=600, seed=i), str(tmp_path), f"slow{i}", config="max_batch_size: 8\n")
+    admin = free_port()  # worker 0's admin listener: the joining worker 1 takes no call meant for it
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true", "--worker-hang-s", "4",
+                        "--admin-http-port", str(admin)))  # fmt: skip
+    stopped = 0
+    try:
+        p.wait_ready()
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{admin}", network_timeout=90, connection_timeout=90)
+        for i in range(2):
+            c.load_model(f"slow{i}")
+        before = _pids(p)
+        os.kill(before[1], signal.SIGKILL)
+        mark = len(p.output())
+        end = time.monotonic() + 90
+        while "[worker 1]: model 'slow0' ready" not in p.output()[mark:]:  # its first catch-up load done
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.02)
+        children = subprocess.run(["pgrep", "-P", str(p.p.pid)], capture_output=True, text=True).stdout.split()
+        (stopped,) = {int(c) for c in children} - set(before.values())
+        os.kill(stopped, signal.SIGSTOP)  # hung while loading slow1, the control lock held
+        c.unload_model("clf")  # waited for ever before
+        said = p.output()
+        assert f"worker 1 (pid {stopped}) has not answered for 4 s: killing it" in said, said[mark:]
+        end = time.monotonic() + 90
+        while _pids(p)[1] in (before[1], stopped):  # started again, caught up, listening
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        assert _ready_everywhere(p, "clf") == {False}
+        assert _ready_everywhere(p, "slow1") == {True}
+    finally:
+        if stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
         p.kill()
 
 
