@@ -35,7 +35,8 @@ _monotonic = time.monotonic
 Refused = Callable[[str], None]
 _NOT_GRPC = object()  # a request that is not gRPC (answered 415)
 _MALFORMED = object()  # a request whose headers break HTTP/2's rules (reset, PROTOCOL_ERROR)
-_TRAILERS_ONLY: dict[tuple, list[tuple[bytes, bytes]]] = {}  # trailers-only answers' fields, by status and words
+# trailers-only answers' status and fields, by their words and metadata
+_TRAILERS_ONLY: dict[tuple, tuple[grpc.StatusCode, list[tuple[bytes, bytes]]]] = {}
 
 
 class _Connection(asyncio.Protocol):
@@ -415,13 +416,15 @@ class _Connection(asyncio.Protocol):
 
     def trailers_only(self, sid: int, code: grpc.StatusCode, message: str, md=()) -> None:
         """An answer with no message: status and metadata in the one HEADERS frame."""
-        key = (code, message, md)
-        fields = _TRAILERS_ONLY.get(key)
-        if fields is None:  # (refusals repeat the same few: their fields are made once)
+        key = (message, md)  # (the status is checked apart: an enum's hash is Python code, slow here)
+        known = _TRAILERS_ONLY.get(key)
+        if known is not None and known[0] is code:
+            fields = known[1]
+        else:  # (refusals repeat the same few: their fields are made once)
             fields = OK_HEADERS + grpc_wire.status_fields(code.value[0], message) + grpc_wire.encode_metadata(md)
             if len(_TRAILERS_ONLY) >= 256:
                 _TRAILERS_ONLY.clear()
-            _TRAILERS_ONLY[key] = fields
+            _TRAILERS_ONLY[key] = (code, fields)
         self.h2.send_headers(sid, fields, end_stream=True)
         self.stop_reading(sid)
 

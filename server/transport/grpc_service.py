@@ -61,6 +61,7 @@ GRPC_STATUS = {
 _monotonic = time.monotonic
 MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-memory region
+_REFUSALS: dict[tuple, tuple] = {}  # overload refusals' (status, words, metadata), by words and Retry-After
 
 
 def retry_metadata(e: GatewayError) -> tuple[tuple[str, str], ...]:
@@ -322,13 +323,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if e is None:
             return None
         dp.log_failure("grpc", name, "", e)
+        key = (e.message, e.retry_after_s)
+        refusal = _REFUSALS.get(key)
+        if refusal is None:  # (the same few words, refusal after refusal: the answer is made once)
+            if len(_REFUSALS) >= 64:  # (messages with figures in them vary)
+                _REFUSALS.clear()
+            refusal = _REFUSALS[key] = (GRPC_STATUS[e.code], e.message, retry_metadata(e))
         alog = dp.access_log
-        code = GRPC_STATUS[e.code]
         if alog is not None and alog.overload_wanted():
+            code = refusal[0]
             alog.request(
                 None, "grpc", name, code.name, e.code.value, lambda: (peer, None), path=MODEL_INFER, sampled=True
             )
-        return code, e.message, retry_metadata(e)
+        return refusal
 
     async def ModelInfer(self, raw: bytes, context):
         alog, tracing = self.dp.access_log, self.dp.tracing
