@@ -70,7 +70,7 @@ class Capacity:
         self.window_end = 0.0
         self.shedding = False  # overloaded: admit only within the target
         self.since: float | None = None  # when the expected wait last crossed the target (either way)
-        self.message: tuple[int, str] | None = None  # the refusal's message and the target in it (ms)
+        self.message: tuple[int, GatewayError] | None = None  # the refusal and the target in its words (ms)
         # The least wait admitted while shedding that keeps the version from running dry between
         # the event loop's reads (seconds; see Admission.release): raised when the queue empties
         # while shedding (once an interval at most), decayed through every interval of time in
@@ -142,8 +142,8 @@ class Admission:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
         request must be released exactly once (:meth:`release`), whatever becomes of it."""
         refused = self.refusal(version)
-        if refused is not None:
-            raise refused
+        if refused is not None:  # (one of its own: the refusal may be one object kept and returned again)
+            raise GatewayError(refused.code, refused.message, refused.retry_after_s)
         version.admitted += 1
         self.inflight += 1
 
@@ -207,13 +207,14 @@ class Admission:
             if message is None or message[0] != target_ms:
                 setting = round(self.target_s * 1000)
                 raised = "" if target_ms == setting else f" (the {setting} ms set, raised to keep the model busy)"
-                message = cap.message = (
-                    target_ms,
+                text = (
                     f"model '{version.name}' is overloaded: its queue has held more than {target_ms} ms of "
                     f"work{raised} for {self.interval_s * 1000:.0f} ms; retry later or on another replica "
-                    "(queue_target_ms)",
+                    "(queue_target_ms)"
                 )
-            return GatewayError(ErrorCode.RESOURCE_EXHAUSTED, message[1], retry_after_s=1.0)
+                # (the refusal itself made once too: under overload most requests get it)
+                message = cap.message = (target_ms, GatewayError(ErrorCode.RESOURCE_EXHAUSTED, text, retry_after_s=1.0))
+            return message[1]
         return None
 
     def _target(self, cap: Capacity, round_size: int) -> float:
