@@ -312,19 +312,23 @@ class _Call(CallContext):
         finally:
             self.task = None
             if self.done:
-                if self.timer is not None:
-                    self.timer.cancel()
-                self.conn.finished(self)
+                self._finish()
         if raw is not None:
             self._begin(raw, may_refuse)
+
+    def _finish(self) -> None:
+        """The call is over: the connection lets it go, and so does its deadline's timer (which
+        held it, its buffers and metadata, until the deadline; minutes for some clients)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.conn.finished(self)
 
     def _refuse(self, code: grpc.StatusCode, message: str, trailing: tuple) -> None:
         """Answer with an error before any handler runs (see ``H2GrpcServer.refusers``)."""
         self._trailing = trailing
         self._end(code, message)
-        if self.timer is not None:
-            self.timer.cancel()
-        self.conn.finished(self)
+        self._finish()
 
     def deserialize(self, raw: bytes):
         d = self.handler.request_deserializer
@@ -392,10 +396,9 @@ class _Call(CallContext):
             # holds the call: without this, a cycle kept the call's request, and any
             # shared-memory region it named, until a full collection)
             self.task = None
-            if self.end_after_out is None or self.gone:  # else ``pump`` finishes the call once it is sent
-                if self.timer is not None:  # (else the deadline still bounds how long the answer waits)
-                    self.timer.cancel()
-                self.conn.finished(self)
+            # (else ``pump`` finishes the call once it is sent: the deadline still bounds that wait)
+            if self.end_after_out is None or self.gone:
+                self._finish()
 
     def _serialize(self, message) -> bytes:
         s = self.handler.response_serializer
@@ -467,7 +470,7 @@ class _Call(CallContext):
             self.conn.stop_reading(self.sid)
             self.conn.flush_soon()
             if self.ran:
-                self.conn.finished(self)
+                self._finish()
         w = self.out_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -505,7 +508,7 @@ class _Call(CallContext):
         if self.task is not None:
             self.task.cancel()
         else:
-            self.conn.finished(self)
+            self._finish()
         if self.requests is not None:
             self.requests.wake()
 
@@ -524,7 +527,7 @@ class _Call(CallContext):
         self.conn.stop_reading(self.sid, http2.CANCEL)
         self.conn.flush_soon()
         if self.ran:
-            self.conn.finished(self)
+            self._finish()
         else:  # a streaming handler waiting to write: stopped; its task's end finishes the call
             self.abandon()
 

@@ -578,6 +578,30 @@ def test_large_tensors_cross_the_windows_both_ways(tmp_path, serve, streaming):
         np.testing.assert_array_equal(g, x)
 
 
+def test_a_finished_call_is_not_kept_until_its_deadline(tmp_path, serve):
+    """An answer larger than the client's window is sent as the window opens, and the call was then
+    finished without its deadline's timer cancelled: each such call (and one failed by the engine)
+    stayed in memory until its deadline, minutes for clients that set long ones."""
+    import gc
+
+    from batchgate.transport.grpc_h2_call import _Call
+
+    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 0\n")
+    running = serve(str(tmp_path), grpc_engine="h2")
+    x = np.ones((1, 2_000_000), np.float32)  # 8 MB: past any window a client opens at first
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    for _ in range(3):
+        assert c.infer("big", [inp], client_timeout=600).as_numpy("OUTPUT").shape == x.shape
+    raw = RawH2(int(running.grpc_url.rsplit(":", 1)[1]))
+    # a request that ends inside its message: failed by the engine
+    sid = raw.request(INFER, framed(infer_request())[:-3], headers=[(b"grpc-timeout", b"600S")])
+    assert status(raw.wait(sid))[0] == grpc.StatusCode.INTERNAL.value[0]
+    gc.collect()
+    assert [o for o in gc.get_objects() if type(o) is _Call] == []
+
+
 def test_an_overload_refusal_is_answered_before_the_request_is_parsed(demo_repo, serve):
     """Past an admission limit, a ModelInfer is refused from the model name at the front of its
     bytes (RESOURCE_EXHAUSTED, retry-after, counted as the full path counts it) before the rest
