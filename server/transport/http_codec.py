@@ -148,6 +148,7 @@ def decode_request(
         if params is not None:
             if type(params) is not dict:
                 raise invalid(f"input '{clip(name)}': 'parameters' must be an object")
+            params = _given(params)
             size = params.get("binary_data_size")
             if SHM_REGION in params:
                 what = f"input '{clip(name)}'"
@@ -187,6 +188,7 @@ def decode_request(
     req_params = obj.get("parameters") or {}
     if type(req_params) is not dict:
         raise invalid("request 'parameters' must be an object")
+    req_params = _given(req_params)
     outputs = None
     binary_outputs: dict[str, bool] = {}  # output name -> its binary_data parameter
     shared: dict[str, Place] = {}  # output name -> where in shared memory it goes
@@ -202,6 +204,7 @@ def decode_request(
             op = o.get("parameters") or {}
             if not isinstance(op, dict):
                 raise invalid(f"output '{clip(o['name'])}': 'parameters' must be an object")
+            op = _given(op)
             check_output(o["name"], op, bool(op.get("classification")))
             b = op.get("binary_data")
             if b is not None:
@@ -214,8 +217,10 @@ def decode_request(
                     raise invalid(f"{what}: shared memory is not served here")
                 shared[o["name"]] = shm.place(op, what)
             outputs.append(o["name"])
-    rid = obj.get("id", "")
-    if type(rid) is not str:
+    rid = obj.get("id")
+    if rid is None:  # absent, or null as pydantic-built bodies (MLServer's types) write an unset id
+        rid = ""
+    elif type(rid) is not str:
         raise invalid("request 'id' must be a string")
     # binary_data_output says how this wire writes the outputs: an HTTP option, not a request
     # parameter (gRPC has no such thing), so it is neither kept on the request nor counted.
@@ -234,6 +239,15 @@ def decode_request(
         req = req._replace(sink=writer)
         written = writer.written  # (filled in when the answer comes)
     return req, OutputOptions(binary_default, MappingProxyType(binary_outputs), written)
+
+
+def _given(params: dict[str, JSONValue]) -> dict[str, JSONValue]:
+    """The parameters that have a value: a JSON null reads as not given. MLServer's own request
+    types write every unset field so (``"headers": null`` in each ``parameters`` of a body built
+    with its codecs and sent as ``.dict()``), and MLServer reads it as absent; gRPC cannot carry it."""
+    if None not in params.values():
+        return params
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _explain_bad_input(j: object) -> NoReturn:

@@ -1,0 +1,77 @@
+"""HTTP/JSON bodies as other V2 clients write them, sent to batchgate unchanged.
+
+MLServer's request types are pydantic models: a body built with its codecs and sent as
+``requests.post(url, json=request.dict())`` writes every unset optional field as ``null``
+(``id``, ``outputs``, and ``"headers": null`` inside each ``parameters``). MLServer, and
+KServe's Python server, read a null as not given; so does batchgate.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+
+def _post(server, model: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# What MLServer 1.7.1 writes for NumpyRequestCodec.encode_request(np.float32 [[1, 2, 3, 4]]).dict()
+# with an output asked for by name (RequestOutput(name=..., parameters=Parameters())).
+MLSERVER_DICT_BODY = {
+    "id": None,
+    "parameters": {"content_type": "np", "headers": None},
+    "inputs": [
+        {
+            "name": "features",
+            "shape": [1, 4],
+            "datatype": "FP32",
+            "parameters": {"content_type": "np", "headers": None},
+            "data": [1.0, 2.0, 3.0, 4.0],
+        }
+    ],
+    "outputs": None,
+}
+
+
+def test_a_body_built_by_mlservers_types_is_served(server):
+    status, answer = _post(server, "classifier", MLSERVER_DICT_BODY)
+    assert status == 200, answer
+    assert "id" not in answer
+    [out] = answer["outputs"]
+    assert out["name"] == "probabilities" and out["shape"] == [1, 3]
+
+
+def test_null_reads_as_not_given_wherever_a_field_is_optional(server):
+    body = json.loads(json.dumps(MLSERVER_DICT_BODY))
+    body["id"] = "r-7"
+    body["parameters"]["binary_data_output"] = None  # not given: JSON outputs
+    body["outputs"] = [
+        {"name": "probabilities", "parameters": {"content_type": None, "binary_data": None, "headers": None}}
+    ]
+    status, answer = _post(server, "classifier", body)
+    assert status == 200, answer
+    assert answer["id"] == "r-7"
+    assert len(answer["outputs"][0]["data"]) == 3  # JSON data: binary_data null is not true
+
+
+def test_what_is_not_a_scalar_is_still_refused(server):
+    for where in ("request", "input"):
+        body = json.loads(json.dumps(MLSERVER_DICT_BODY))
+        params = body["parameters"] if where == "request" else body["inputs"][0]["parameters"]
+        params["headers"] = {"a": "b"}
+        status, answer = _post(server, "classifier", body)
+        assert status == 400 and "'headers'" in answer["error"], answer
+    body = dict(MLSERVER_DICT_BODY, id=5)
+    status, answer = _post(server, "classifier", body)
+    assert status == 400 and answer["error"] == "request 'id' must be a string"
