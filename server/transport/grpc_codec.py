@@ -135,12 +135,12 @@ def decode_request(
         if shared and i in shared:
             if shm is None:
                 raise invalid(f"{what}: shared memory is not served here")
-            if t.HasField("contents"):
+            if _holds_contents(t):
                 raise invalid(f"{what}: give its data in shared memory or in contents, not both")
             place = shm.place_input(grpc_params(t.parameters), what, fixed_bytes(dt, shape))
             data = from_raw(shm.read(place, what), dt, shape, what)
         elif n_raw:
-            if t.HasField("contents"):
+            if _holds_contents(t):
                 raise invalid(f"{what}: give its data in raw_input_contents or in contents, not both")
             data = from_raw(raw[j], dt, shape, what)
             j += 1
@@ -174,6 +174,12 @@ def decode_request(
         if places is not None:  # outputs to shared memory: written as the request's last step
             req = req._replace(sink=OutputWriter(places, shm))
     return req
+
+
+def _holds_contents(t: Any) -> bool:
+    """Whether an input carries values in ``contents``. An empty ``contents {}`` holds none: MLServer's
+    gRPC client (``use_raw=True``) writes one beside each input's raw data, and MLServer takes it."""
+    return bool(t.HasField("contents")) and t.contents.ByteSize() > 0
 
 
 def from_contents(t: Any, dt: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:

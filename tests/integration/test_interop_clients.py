@@ -1,9 +1,10 @@
-"""HTTP/JSON bodies as other V2 clients write them, sent to batchgate unchanged.
+"""Requests as other V2 clients write them, sent to batchgate unchanged.
 
 MLServer's request types are pydantic models: a body built with its codecs and sent as
 ``requests.post(url, json=request.dict())`` writes every unset optional field as ``null``
 (``id``, ``outputs``, and ``"headers": null`` inside each ``parameters``). MLServer, and
-KServe's Python server, read a null as not given; so does batchgate.
+KServe's Python server, read a null as not given; so does batchgate. Its gRPC client, asked for
+raw data (``use_raw=True``), writes an empty ``contents {}`` beside each input's raw bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 
 def _post(server, model: str, body: dict) -> tuple[int, dict]:
@@ -75,3 +80,32 @@ def test_what_is_not_a_scalar_is_still_refused(server):
     body = dict(MLSERVER_DICT_BODY, id=5)
     status, answer = _post(server, "classifier", body)
     assert status == 400 and answer["error"] == "request 'id' must be a string"
+
+
+def _grpc_request(empty_contents: bool) -> service_pb2.ModelInferRequest:
+    """What MLServer 1.7.1's ModelInferRequestConverter.from_types(..., use_raw=True) writes."""
+    req = service_pb2.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        t = req.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        t.parameters["content_type"].string_param = "np"
+        if empty_contents:
+            t.contents.SetInParent()  # present, holding no values
+        else:
+            t.contents.int_contents.extend(range(16))
+        req.raw_input_contents.append(np.arange(16, dtype=np.int32).tobytes())
+    return req
+
+
+def test_raw_data_beside_an_empty_contents_is_served_over_grpc(server):
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(_grpc_request(empty_contents=True), timeout=30)
+        assert [o.name for o in answer.outputs] == ["OUTPUT0", "OUTPUT1"]
+        got = np.frombuffer(answer.raw_output_contents[0], np.int32)
+        assert got.tolist() == [2 * i for i in range(16)]
+        try:  # values in both places: which one is meant cannot be told
+            stub.ModelInfer(_grpc_request(empty_contents=False), timeout=30)
+            raise AssertionError("raw data beside contents holding values was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "in raw_input_contents or in contents, not both" in e.details()
