@@ -193,7 +193,28 @@ def complete_config(
             f"model '{cfg.name}': the model needs input(s) {', '.join(repr(n) for n in missing[:8])}, "
             "which the config does not list"
         )
+    _refuse_what_triton_refuses(cfg)  # (once the dims are completed)
     return cfg
+
+
+def _refuse_what_triton_refuses(cfg: mc.ModelConfig) -> None:
+    """Tensor settings Triton refuses for every platform batchgate serves, refused the same way
+    rather than read and then not acted on: a shape tensor (only Triton's TensorRT backend has
+    them: its values, not its rows, would be merged into a batch) and an image format on a tensor
+    of other than three dims."""
+    for kind, entries in (("input", cfg.input), ("output", cfg.output)):
+        for e in entries:
+            if e.is_shape_tensor:
+                raise ModelConfigError(
+                    f"model '{cfg.name}': config {kind} '{e.name}' sets is_shape_tensor, which only TensorRT "
+                    "models have (as Triton, batchgate refuses it for other platforms); remove it"
+                )
+            if kind == "input" and e.format != mc.ModelInput.FORMAT_NONE and len(e.dims) != 3:
+                raise ModelConfigError(
+                    f"model '{cfg.name}': config input '{e.name}' has format "
+                    f"{mc.ModelInput.Format.Name(e.format)}, which needs 3 dims (as Triton requires), "
+                    f"not {list(e.dims)}"
+                )
 
 
 def batch_doubts(inputs: list[IOInfo], outputs: list[IOInfo]) -> tuple[dict[str, str], list[str]]:

@@ -269,6 +269,25 @@ def test_complete_datatype_mismatch_is_an_error():
             [("x", -1, 4), ("mask", -1, 4)],
             ["needs input(s) 'mask'"],
         ),
+        # settings Triton refuses for every platform but TensorRT (once read and not acted on:
+        # a shape tensor's values would be merged into batches as rows)
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [4] is_shape_tensor: true}]",
+            [("x", -1, 4)],
+            ["input 'x' sets is_shape_tensor", "only TensorRT"],
+        ),
+        # an image format on a tensor of other than 3 dims (Triton: "NHWC/NCHW require 3 dims"),
+        # given or completed from the model
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 format: FORMAT_NCHW dims: [4]}]",
+            [("x", -1, 4)],
+            ["format FORMAT_NCHW, which needs 3 dims", "not [4]"],
+        ),
+        (
+            "max_batch_size: 8 input [{name: 'x' format: FORMAT_NHWC}]",
+            [("x", -1, 4)],
+            ["format FORMAT_NHWC, which needs 3 dims"],
+        ),
     ],
 )
 def test_a_config_the_model_does_not_fit_is_refused_at_load(config, model_inputs, words):
@@ -279,6 +298,16 @@ def test_a_config_the_model_does_not_fit_is_refused_at_load(config, model_inputs
         assert w in str(e.value)
 
 
+def test_a_shape_tensor_output_is_refused_at_load():
+    cfg = text_format.Parse(
+        "max_batch_size: 8 output [{name: 'y' data_type: TYPE_FP32 dims: [4] is_shape_tensor: true}]",
+        mc.ModelConfig(name="m"),
+    )
+    with pytest.raises(ConfigError) as e:
+        complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, 4)], [io("y", "FP32", -1, 4)], 8)
+    assert "output 'y' sets is_shape_tensor" in str(e.value)
+
+
 def test_dims_that_fit_the_model_load():
     cfg = text_format.Parse(
         "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [-1, 4]}, "
@@ -287,6 +316,11 @@ def test_dims_that_fit_the_model_load():
     )
     done = complete_config(cfg, "onnxruntime_onnx", [io("x", "FP32", -1, -1, 4), io("y", "FP32", -1)], [], 8)
     assert [list(t.dims) for t in done.input] == [[-1, 4], [1]]
+    image = text_format.Parse(
+        "max_batch_size: 8 input [{name: 'img' data_type: TYPE_FP32 format: FORMAT_NCHW dims: [3, 8, 8]}]",
+        mc.ModelConfig(name="m"),
+    )
+    assert complete_config(image, "onnxruntime_onnx", [io("img", "FP32", -1, 3, 8, 8)], [], 8).input[0].format
 
 
 def test_complete_config_input_not_in_model_is_an_error():
