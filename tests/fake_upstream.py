@@ -3,12 +3,12 @@ answer a status on request (Triton's UNAVAILABLE for a full queue), to tell what
 parameters of each request), or to declare a scheduler batchgate does not run (sequence batching).
 
 Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
-``sequence_batching``) and ``typed`` (the same, answered in typed ``contents``, not raw). A
-request parameter ``code`` (int) makes the call fail with that gRPC status; the answer carries
-the parameter ``seen`` (the request's parameter names, sorted), its output ``content_type``
-"np"; a parameter ``lie`` makes the answer wrong: "rows" (one row too many) or "datatype" (y as
-INT32). ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that
-loaded another version.
+``sequence_batching``), ``shape`` (the same, x a TensorRT shape tensor) and ``typed`` (the
+same, answered in typed ``contents``, not raw). A request parameter ``code`` (int) makes the
+call fail with that gRPC status; the answer carries the parameter ``seen`` (the request's
+parameter names, sorted), its output ``content_type`` "np"; a parameter ``lie`` makes the
+answer wrong: "rows" (one row too many) or "datatype" (y as INT32). ``version`` and ``width``
+(of x and y) may be changed while it serves, as a Triton that loaded another version.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-MODELS = ("fk", "seq", "typed")
+MODELS = ("fk", "seq", "shape", "typed")
 
 
 class _Service(pb_grpc.GRPCInferenceServiceServicer):
@@ -54,7 +54,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         cfg = mc.ModelConfig(name=request.name, platform="fake", max_batch_size=8)
         if request.name == "seq":
             cfg.sequence_batching.max_sequence_idle_microseconds = 5_000_000
-        cfg.input.add(name="x", data_type=mc.TYPE_FP32, dims=[self.owner.width])
+        cfg.input.add(
+            name="x", data_type=mc.TYPE_FP32, dims=[self.owner.width], is_shape_tensor=request.name == "shape"
+        )
         cfg.output.add(name="y", data_type=mc.TYPE_FP32, dims=[self.owner.width])
         return pb.ModelConfigResponse(config=cfg)
 

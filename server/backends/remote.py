@@ -285,14 +285,18 @@ class RemoteV2Backend:
         # A sequence model keeps each request apart: its upstream's sequence batcher needs every
         # step of a sequence as the caller sent it, sequence_id and start/end parameters with it.
         sequences = upstream.HasField("sequence_batching")
-        if sequences and spec.batching == "gateway":
-            log.info("model '%s': the upstream batches sequences; each request is sent as it came", spec.name)
+        # A shape tensor (TensorRT) holds values that describe the batch, one copy for all its
+        # rows: requests merged by rows would hand the upstream a tensor it cannot read.
+        shapes = [t.name for t in (*upstream.input, *upstream.output) if t.is_shape_tensor]
+        if spec.batching == "gateway" and (sequences or shapes):
+            why = "batches sequences" if sequences else f"has shape tensor(s) {', '.join(shapes[:4])}"
+            log.info("model '%s': the upstream %s; each request is sent as it came", spec.name, why)
         cfg.ClearField("dynamic_batching")
         cfg.ClearField("sequence_batching")
         cfg.ClearField("ensemble_scheduling")
         cfg.ClearField("instance_group")
         cfg.ClearField("version_policy")
-        if spec.batching == "gateway" and cfg.max_batch_size > 0 and not sequences:
+        if spec.batching == "gateway" and cfg.max_batch_size > 0 and not sequences and not shapes:
             cfg.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
         cfg.instance_group.add(count=spec.inflight, kind=mc.ModelInstanceGroup.KIND_MODEL)
         cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)

@@ -108,6 +108,24 @@ def test_a_sequence_model_upstream_is_sent_each_request_as_it_came(fake, serve):
     assert {p["sequence_id"].int64_param for _, p, _ in fake.seen} == {100, 101, 102}
 
 
+def test_a_shape_tensor_model_upstream_is_sent_each_request_as_it_came(fake, serve):
+    """A TensorRT shape tensor holds values about the whole batch, not rows: the gateway merged
+    requests to such a model by rows as to any other."""
+    running = serve("", remote_models=(RemoteModel("shape", (fake.address,), max_queue_delay_us=20000, **FAST),))
+    config = grpcclient.InferenceServerClient(running.grpc_url).get_model_config("shape").config
+    assert not config.HasField("dynamic_batching") and config.input[0].is_shape_tensor
+
+    def call(i):
+        mod, url = (httpclient, running.http_url) if i % 2 else (grpcclient, running.grpc_url)
+        return _infer(mod, url, "shape", float(i))
+
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(call, range(12)))
+    for i, y in enumerate(outs):
+        np.testing.assert_array_equal(y, np.full((1, 2), 2.0 * i, np.float32))
+    assert len(fake.seen) == 12 and all(shapes == [[1, 2]] for _, _, shapes in fake.seen)
+
+
 def test_sequence_parameters_reach_an_upstream_checked_and_as_triton_reads_them(fake, serve):
     """Sequence parameters of a wrong type went to the upstream as given (a sequence_start 'true'
     as text, a float id): refused here, never sent. A uint64 id past int64 went as a string,
