@@ -151,6 +151,15 @@ class VersionBuilder:
             raise ModelConfigError(f"model '{name}' has no version directory (e.g. {name}/1/{default_file})")
         if not versions:
             raise ModelConfigError(f"model '{name}': the version policy selects none of the versions {available}")
+        if cfg.version_policy.WhichOneof("policy_choice") == "specific":
+            missing = sorted(set(cfg.version_policy.specific.versions) - set(available))
+            if missing:  # (as Triton says it: the versions found are served, the rest named)
+                log.warning(
+                    "model '%s': version_policy names version(s) %s, which have no directory; serving %s",
+                    name,
+                    ", ".join(map(str, missing[:16])) + (", ..." if len(missing) > 16 else ""),
+                    ", ".join(map(str, versions)),
+                )
         filename = cfg.default_model_filename or default_file
         # Every version's backend opens before any version is made: a failure part-way leaves
         # nothing registered (no metrics, no gauges) for versions that will never serve.

@@ -183,16 +183,21 @@ def test_a_model_that_fails_to_load_is_reported_and_others_serve(tmp_path, serve
         ("version_policy: { latest { num_versions: 2 } }", ["2", "3"]),
         ("version_policy: { all { } }", ["1", "2", "3"]),
         ("version_policy: { specific { versions: [1, 3] } }", ["1", "3"]),
+        ("version_policy: { specific { versions: [3, 7, 1] } }", ["1", "3"]),  # (7: no directory, said once)
     ],
 )
-def test_version_policies(tmp_path, serve, policy, served):
+def test_version_policies(tmp_path, serve, policy, served, caplog):
     repo = str(tmp_path)
     for v in (1, 2, 3):
         _save(classifier_model(seed=v), repo, "clf", v)
     (tmp_path / "clf" / "config.pbtxt").write_text(policy + "\n")
+    caplog.set_level("WARNING", logger="batchgate.repository")
     running = serve(repo)
     c = grpcclient.InferenceServerClient(running.grpc_url)
     assert list(c.get_model_metadata("clf").versions) == served
+    said = [r.getMessage() for r in caplog.records if "no directory" in r.getMessage()]
+    assert said == (["model 'clf': version_policy names version(s) 7, which have no directory; serving 1, 3"]
+                    if "7" in policy else [])  # fmt: skip
     for v in ("1", "2", "3"):
         assert c.is_model_ready("clf", v) == (v in served)
     inp = grpcclient.InferInput("features", [2, 4], "FP32")
