@@ -194,6 +194,9 @@ class VersionBuilder:
                 "IDs, control inputs or state); sequence_id, sequence_start and sequence_end are ignored",
                 printable(clip(name)),
             )
+        ignored = _not_acted_on(cfg)
+        if ignored:  # (README, Not supported: the config still says them to clients, so said once a load)
+            log.warning("model '%s': not acted on (see README, Not supported): %s", printable(clip(name)), ignored)
         return {
             v: self.version(full, str(v), backend, self.options.inline_max_us) for v, (full, backend) in opened.items()
         }
@@ -369,3 +372,22 @@ def version_builder(settings: Any, threads: Any, metrics: Any) -> VersionBuilder
         threads,
         metrics,
     )
+
+
+def _not_acted_on(cfg: mc.ModelConfig) -> str:
+    """The settings of ``cfg`` that batchgate reads and does not act on (Triton features it does
+    not have), as one phrase; "" when it has none."""
+    found = []
+    if cfg.model_transaction_policy.decoupled:
+        found.append("model_transaction_policy.decoupled (every request gets exactly one response)")
+    if cfg.response_cache.enable:
+        found.append("response_cache (nothing is cached)")
+    if any(g.HasField("rate_limiter") for g in cfg.instance_group):
+        found.append("instance_group rate_limiter")
+    if any(i.allow_ragged_batch for i in cfg.input):
+        found.append("allow_ragged_batch")
+    if len(cfg.batch_input) or len(cfg.batch_output):
+        found.append("batch_input / batch_output")
+    if len(cfg.model_warmup):
+        found.append("model_warmup (every model is warmed up with zeros)")
+    return "; ".join(found)
