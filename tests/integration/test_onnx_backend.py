@@ -231,10 +231,11 @@ def test_model_failure_lines_left_out_are_counted(tmp_path, serve, caplog):
     assert dropped(other) == []
 
 
-def test_triton_settings_not_acted_on_are_named_at_load(tmp_path, serve, caplog):
-    """A Triton config brought as it is loads, and what batchgate reads without acting on is named in
-    one warning a load (they loaded without a word: a decoupled model's client would wait for
-    responses that never come); a config without them says nothing."""
+def test_triton_settings_not_acted_on_load_and_are_named_in_a_warning(tmp_path, serve, caplog):
+    """A Triton config brought as it is loads, and what batchgate reads without acting on is named
+    once a load: sequence_batching apart (the config still tells clients, perf_analyzer among
+    them, that this is a sequence model), the rest in one warning (they loaded without a word: a
+    decoupled model's client would wait for responses that never come). A plain config says nothing."""
     import logging
 
     caplog.set_level(logging.WARNING, logger="batchgate.repository")
@@ -243,37 +244,20 @@ input [ { name: "features" data_type: TYPE_FP32 dims: [ 4 ] allow_ragged_batch: 
 instance_group [ { count: 1 kind: KIND_CPU rate_limiter { resources [ { name: "r" count: 1 } ] } } ]
 model_transaction_policy { decoupled: true }
 response_cache { enable: true }
+sequence_batching { }
 model_warmup [ { name: "w" batch_size: 1
   inputs { key: "features" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
 """
-    _save(classifier_model(), str(tmp_path), "triton", config=config)
+    _save(classifier_model(), str(tmp_path), "seq", config=config)
     _save(classifier_model(), str(tmp_path), "plain", config="max_batch_size: 4\n")
     running = serve(str(tmp_path))
-    warned = [r.getMessage() for r in caplog.records if "not acted on (see README" in r.getMessage()]
-    assert warned == [
-        "model 'triton': not acted on (see README, Not supported): model_transaction_policy.decoupled (every "
-        "request gets exactly one response); response_cache (nothing is cached); instance_group rate_limiter; "
-        "allow_ragged_batch; model_warmup (every model is warmed up with zeros)"
-    ]
-    inp = httpclient.InferInput("features", [1, 4], "FP32")
-    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-    assert httpclient.InferenceServerClient(running.http_url).infer("triton", [inp]).as_numpy(
-        "probabilities"
-    ).shape == (1, 3)
-
-
-def test_a_sequence_batching_config_loads_with_a_warning_and_serves_without_a_scheduler(tmp_path, serve, caplog):
-    """sequence_batching is not acted on (README, Not supported): the load says so once, since
-    the config still tells clients (perf_analyzer among them) that this is a sequence model."""
-    import logging
-
-    caplog.set_level(logging.WARNING, logger="batchgate.repository")
-    _save(classifier_model(), str(tmp_path), "seq", config="max_batch_size: 4\nsequence_batching { }\n")
-    running = serve(str(tmp_path))
-    warned = [r.getMessage() for r in caplog.records if "sequence_batching is not acted on" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
     assert warned == [
         "model 'seq': sequence_batching is not acted on: served without a sequence scheduler (no correlation "
-        "IDs, control inputs or state); sequence_id, sequence_start and sequence_end are ignored"
+        "IDs, control inputs or state); sequence_id, sequence_start and sequence_end are ignored",
+        "model 'seq': not acted on (see README, Not supported): model_transaction_policy.decoupled (every "
+        "request gets exactly one response); response_cache (nothing is cached); instance_group rate_limiter; "
+        "allow_ragged_batch; model_warmup (every model is warmed up with zeros)",
     ]
     c = httpclient.InferenceServerClient(running.http_url)
     inp = httpclient.InferInput("features", [1, 4], "FP32")
