@@ -136,13 +136,16 @@ def _py(v: object) -> object:
 def reject_line(row: dict[str, Any]) -> str:
     """One line of the rejects file: strict JSON, which Python's json module does not write by
     default (NaN and infinity as bare ``NaN``/``Infinity``, refused by jq, Go, JSON.parse): a
-    non-finite number in a kept column is written as null (the reason says what the input held)."""
+    non-finite number in a kept column is written as null (the reason says what the input held), and
+    bytes as their text."""
     return json.dumps(_finite(row), default=str, allow_nan=False)
 
 
 def _finite(v: Any) -> Any:
     if isinstance(v, float):
         return v if math.isfinite(v) else None
+    if isinstance(v, bytes):  # (a kept binary column: its text, as the parts write it, not "b'...'")
+        return _text(v)
     if isinstance(v, dict):
         return {k: _finite(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

@@ -290,6 +290,20 @@ def test_the_rejects_file_and_the_manifest_are_strict_json_with_nan_in_kept_colu
     _strict((out / "_manifest.json").read_text())
 
 
+def test_a_kept_bytes_column_reads_as_its_text_in_the_rejects(tmp_path):
+    """A kept binary column (ids as bytes in Parquet) went into _rejects.jsonl as Python's repr,
+    "b'k-1'": now as its text, as the output parts write it (bytes that are not UTF-8 with
+    backslash escapes)."""
+    src = tmp_path / "in.parquet"
+    x = pa.array([[1.0, 2.0], [float("nan"), 1.0], [3.0, float("inf")]], pa.list_(pa.float64()))
+    pq.write_table(pa.table({"key": pa.array([b"k-0", b"k-1", b"k-\xff"], pa.binary()), "x": x}), src)
+    out = tmp_path / "out"
+    counts, table, rejects = _score(Identity("x", "FP32", (2,)), src, out, keep=("key",))
+    assert counts.scored == 1 and table.column("key").to_pylist() in (["k-0"], [b"k-0"])
+    with open(out / "_rejects.jsonl") as f:
+        assert [_strict(line)["key"] for line in f if line.strip()] == ["k-1", "k-\\xff"]
+
+
 @pytest.mark.parametrize(
     "orient, layout",
     [
