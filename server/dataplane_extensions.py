@@ -6,7 +6,7 @@ processes (:class:`Coordinator`). :class:`~batchgate.dataplane.DataPlane` inheri
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from . import logs
 from .core.errors import ErrorCode, GatewayError, invalid, not_found
@@ -48,6 +48,18 @@ class Extensions:
             await self.access.audited(caller, None, action, target[:128], e.code.value, e.message[:256])
             raise
         return key.id
+
+    async def malformed_admin_body(
+        self, caller: Caller, action: str, target: str, model: str | None, error: GatewayError
+    ) -> NoReturn:
+        """An admin call (``action``: repository.load, logging.update, shm.register...) whose HTTP
+        body is malformed: the caller is judged before the body, as on gRPC, where the message is
+        parsed before any of this, and the attempt is audited (see :meth:`Access.refuse_body`)."""
+        if action.startswith("shm."):  # (scope infer or admin: its own check, refusals audited there)
+            await self._shm_caller(caller, action, target)
+            await self.access.audited(caller, None, action, target, error.code.value, error.message[:256])
+            raise error
+        await self.access.refuse_body(caller, ADMIN, action, target, model, error)
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int, caller: Caller) -> None:
         owner = await self._shm_caller(caller, "shm.register", name)

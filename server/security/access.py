@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from ..core.errors import ErrorCode, GatewayError
 from .audit import AuditLog, RefusedRecords
@@ -99,6 +99,20 @@ class Access:
         keys.authorize(key, scope, model)
         keys.charge(key)
         return key
+
+    async def refuse_body(
+        self, caller: Caller, scope: str, action: str, target: str, model: str | None, error: GatewayError
+    ) -> NoReturn:
+        """Answer an admin call whose body is malformed (``error``, found while reading it) as a
+        well-formed one would be answered first: the caller is checked (no key: 401, a key without
+        the scope or model: 403), then the body's error; audited either way."""
+        key = None
+        try:
+            key = self.check(caller, scope, model)
+            raise error
+        except GatewayError as e:
+            await self.audited(caller, key, action, target, e.code.value, e.message[:256])
+            raise
 
     async def audited(
         self,

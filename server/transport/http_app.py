@@ -22,8 +22,8 @@ from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.rate import Pacer
 from ..core.routing import PIN_HEADER
-from ..core.types import REQUEST_ID_HEADER, caller_headers
-from ..dataplane import FILE_PARAM_PREFIX, PRECHECK_BYTES, DataPlane, Served
+from ..core.types import REQUEST_ID_HEADER, caller_headers, printable
+from ..dataplane import PRECHECK_BYTES, DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, Caller
 from . import http_codec
@@ -38,8 +38,11 @@ from .http_scope import (
     caller_of,
     check_method,
     check_raw_path,
-    file_bytes,
     header,
+    json_object,
+    repository_parameters,
+    settings_object,
+    shm_registration,
     trace_headers,
 )
 
@@ -294,24 +297,15 @@ class HttpApp:
         if m:
             check_method(method, "POST")
             body = await self.bodies.read(receive, scope)
-            obj = http_codec.parse_json(body) if body.strip() else {}
-            if not isinstance(obj, dict):
-                raise invalid("request body must be a JSON object")
             if m.group(2) == "index":
-                ready = obj.get("ready", False)
+                ready = json_object(body).get("ready", False)
                 if type(ready) is not bool:  # (as Triton: bool("false") is true)
                     raise invalid("'ready' must be true or false")
                 return await self._json(send, self.dp.repository_index(ready, self._caller(scope)))
             model, action = m.group(3), m.group(4)
-            params = obj.get("parameters", {})
-            if not isinstance(params, dict):
-                raise invalid("'parameters' must be an object")
+            params = await self._admin_body(scope, f"repository.{action}", model, model, repository_parameters, body)
             if action == "load":
-                await self.dp.load_model(
-                    model,
-                    {k: file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()},
-                    caller_of(scope),
-                )
+                await self.dp.load_model(model, params, caller_of(scope))
             else:
                 await self.dp.unload_model(model, caller_of(scope))
             return await self._empty(send, 200)
@@ -324,9 +318,8 @@ class HttpApp:
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.log_settings(None, self._caller(scope)))
             check_method(method, "POST")
-            obj = http_codec.parse_json(await self.bodies.read(receive, scope))
-            if not isinstance(obj, dict):
-                raise invalid("the log settings must be a JSON object")
+            body = await self.bodies.read(receive, scope)
+            obj = await self._admin_body(scope, "logging.update", "logging", None, settings_object, body, "log")
             return await self._json(send, await self.dp.log_settings(obj, caller_of(scope)))
         m = TRACE_RE.match(path)
         if m:
@@ -334,9 +327,9 @@ class HttpApp:
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.trace_settings(model, None, self._caller(scope)))
             check_method(method, "POST")
-            obj = http_codec.parse_json(await self.bodies.read(receive, scope))
-            if not isinstance(obj, dict):
-                raise invalid("the trace settings must be a JSON object")
+            body = await self.bodies.read(receive, scope)
+            target = f"model {printable(model[:128])}" if model else "server"
+            obj = await self._admin_body(scope, "tracing.update", target, model or None, settings_object, body, "trace")
             return await self._json(send, await self.dp.trace_settings(model, obj, caller_of(scope)))
         raise not_found(f"no such endpoint: {method} {path[:256]}")
 
@@ -351,14 +344,18 @@ class HttpApp:
             return await self._empty(send, 200)
         if not name:
             raise invalid("register a region at /v2/systemsharedmemory/region/<name>/register")
-        obj = http_codec.parse_json(await self.bodies.read(receive, scope))
-        if not isinstance(obj, dict) or type(obj.get("key")) is not str:
-            raise invalid("the registration must be a JSON object with 'key', 'offset' and 'byte_size'")
-        offset, size = obj.get("offset", 0), obj.get("byte_size")
-        if type(offset) is not int or type(size) is not int:
-            raise invalid("'offset' and 'byte_size' must be whole numbers")
-        await self.dp.shm_register(name, obj["key"], offset, size, caller_of(scope))
+        body = await self.bodies.read(receive, scope)
+        key, offset, size = await self._admin_body(scope, "shm.register", name[:128], None, shm_registration, body)
+        await self.dp.shm_register(name, key, offset, size, caller_of(scope))
         return await self._empty(send, 200)
+
+    async def _admin_body(self, scope, action: str, target: str, model: str | None, parse, *args):
+        """What ``parse(*args)`` reads of an admin call's body; when the body is malformed, the
+        caller is judged first (a stranger is 401, not the body's 400) and the attempt audited."""
+        try:
+            return parse(*args)
+        except GatewayError as e:
+            await self.dp.malformed_admin_body(caller_of(scope), action, target, model, e)
 
     def _caller(self, scope) -> Caller:
         return caller_of(scope) if self._enforcing else OPEN_CALLER

@@ -9,9 +9,11 @@ import base64
 import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
+from ..dataplane import FILE_PARAM_PREFIX
 from ..monitoring.trace_context import trace_context
 from ..security.access import Caller, credentials
 from ..security.tls import http_peer_subject
+from .http_codec import parse_json
 
 
 def caller_of(scope) -> Caller:
@@ -46,6 +48,41 @@ def file_bytes(key: str, value) -> bytes:
         return base64.b64decode(value, validate=True)
     except (ValueError, TypeError):
         raise invalid(f"parameter '{key[:128]}' must be base64 text") from None
+
+
+def json_object(body: bytes) -> dict:
+    """A repository request's body: a JSON object, or none at all."""
+    obj = parse_json(body) if body.strip() else {}
+    if not isinstance(obj, dict):
+        raise invalid("request body must be a JSON object")
+    return obj
+
+
+def repository_parameters(body: bytes) -> dict:
+    """The ``parameters`` of a repository load / unload body, ``file:`` values decoded."""
+    params = json_object(body).get("parameters", {})
+    if not isinstance(params, dict):
+        raise invalid("'parameters' must be an object")
+    return {k: file_bytes(k, v) if k.startswith(FILE_PARAM_PREFIX) else v for k, v in params.items()}
+
+
+def settings_object(body: bytes, what: str) -> dict:
+    """The body of a log or trace settings change: a JSON object."""
+    obj = parse_json(body)
+    if not isinstance(obj, dict):
+        raise invalid(f"the {what} settings must be a JSON object")
+    return obj
+
+
+def shm_registration(body: bytes) -> tuple[str, int, int]:
+    """A system shared-memory registration's key, offset and byte size."""
+    obj = parse_json(body)
+    if not isinstance(obj, dict) or type(obj.get("key")) is not str:
+        raise invalid("the registration must be a JSON object with 'key', 'offset' and 'byte_size'")
+    offset, size = obj.get("offset", 0), obj.get("byte_size")
+    if type(offset) is not int or type(size) is not int:
+        raise invalid("'offset' and 'byte_size' must be whole numbers")
+    return obj["key"], offset, size
 
 
 class DisconnectWatch:

@@ -201,6 +201,39 @@ def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
         assert token not in text
 
 
+MALFORMED_ADMIN_BODIES = [
+    ("repository.load", "simple", "/v2/repository/models/simple/load", b"[]"),
+    ("repository.load", "simple", "/v2/repository/models/simple/load", b'{"parameters": []}'),
+    ("repository.load", "simple", "/v2/repository/models/simple/load", b'{"parameters": {"file:1/model.onnx": "!!"}}'),
+    ("repository.unload", "simple", "/v2/repository/models/simple/unload", b"{"),
+    ("logging.update", "logging", "/v2/logging", b"[1]"),
+    ("tracing.update", "model simple", "/v2/models/simple/trace/setting", b'"x"'),
+    ("shm.register", "r1", "/v2/systemsharedmemory/region/r1/register", b"[]"),
+]
+
+
+@pytest.mark.parametrize(("action", "target", "path", "body"), MALFORMED_ADMIN_BODIES)
+def test_a_malformed_admin_body_is_judged_after_the_caller_and_audited(keyed, action, target, path, body):
+    """The body of an admin call over HTTP (repository load / unload, log and trace settings,
+    shared-memory registration) was parsed before the caller was checked: a caller without a key
+    got the 400 of its malformed body instead of 401, and neither attempt reached the audit
+    log. Now: no key, 401; a key without the scope, 403; a key allowed, the 400; each audited."""
+    before = len(keyed.audit_file.read_text().splitlines())
+    url = f"http://{keyed.http_url}{path}"
+    codes = []
+    for headers in ({}, bearer(READ_TOKEN), bearer(ADMIN_TOKEN)):
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            fetch(urllib.request.Request(url, data=body, headers=headers, method="POST"))
+        codes.append(ei.value.code)
+    assert codes == [401, 403, 400]
+    lines = [json.loads(line) for line in keyed.audit_file.read_text().splitlines()[before:]]
+    assert [(r["action"], r["target"], r["outcome"], r["key_id"]) for r in lines] == [
+        (action, target, "UNAUTHENTICATED", None),
+        (action, target, "PERMISSION_DENIED", "dash"),
+        (action, target, "INVALID_ARGUMENT", "ops"),
+    ]
+
+
 # Characters JSON leaves as they are but that split a line (str.splitlines) or change how it reads.
 SPLITTERS = "\u2028\u2029\x85\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
