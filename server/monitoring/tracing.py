@@ -168,7 +168,8 @@ class Tracing:
             inner = _exporter(endpoint, protocol, export_timeout_s)
         except Exception as e:  # noqa: BLE001 - e.g. the SDK's OTEL_* settings: said at start, not as a traceback
             raise ValueError(f"tracing: the OTLP exporter cannot be made: {e}") from None
-        exporter = _Counting(inner, self.counts, redacted(endpoint))
+        exporter = self._exporter = _Counting(inner, self.counts, redacted(endpoint))
+        self.export_timeout_s = export_timeout_s
         # The decision is made before a span exists (see the module): the SDK keeps what it is given.
         self.provider = TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
         # (_Counting and _Gate have the SDK's exporter and processor methods; they are not its
@@ -336,7 +337,14 @@ class Tracing:
         return self.settings(model)
 
     def close(self) -> None:
-        self.provider.shutdown()
+        """Export what is queued, for at most the exporter's timeout: past it the rest is counted
+        ``failed`` unsent. The batch processor exports its queue a batch at a time on shutdown,
+        each export waiting up to that timeout, so a collector that hangs held a stopping gateway
+        for as many timeouts as the queue had batches (four of a full queue: 18 s)."""
+        self._exporter.deadline = time.monotonic() + self.export_timeout_s
+        closing = threading.Thread(target=self.provider.shutdown, name="batchgate-trace-close", daemon=True)
+        closing.start()
+        closing.join(self.export_timeout_s)  # (an export still waiting ends within its own timeout)
 
 
 def batch_trace(requests: Sequence[Any], model: str, version: str) -> BatchTrace | None:
@@ -458,12 +466,14 @@ class _Counting:
     def __init__(self, inner: Any, counts: SpanCounts, endpoint: str = ""):
         self.inner, self.counts, self.endpoint = inner, counts, endpoint
         self._said = False
+        self.deadline: float | None = None  # set on close: spans left after it are not sent
 
     def export(self, spans: Sequence[Any]) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         try:
-            result = self.inner.export(spans)
+            late = self.deadline is not None and time.monotonic() >= self.deadline
+            result = SpanExportResult.FAILURE if late else self.inner.export(spans)
         except Exception as e:  # noqa: BLE001 - an exporter's failure is counted, never raised into the SDK
             log.debug("span export failed: %s", e)
             result = SpanExportResult.FAILURE
