@@ -328,10 +328,18 @@ def read_keys_file(path: str) -> tuple[tuple[ApiKey, ...], Signature]:
         # (a key given twice took its last value: a second scopes line widened a key unseen)
         data: Any = yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {clip(printable(str(e)), 400)}") from None
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(e)}") from None
     except (ValueError, RecursionError, OverflowError) as e:  # PyYAML on odd input (deep nesting, huge escapes)
         raise ConfigError(f"{source} is not valid YAML: {type(e).__name__}: {clip(printable(str(e)), 200)}") from None
     return parse_keys(data, source), _signature(st)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, not the lines it quotes (a token wrongly in the file)."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{clip(printable(str(problem)), 200)}{where}"
 
 
 # --- the store -----------------------------------------------------------------------------------

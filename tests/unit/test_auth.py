@@ -164,6 +164,15 @@ def test_file_level_errors(tmp_path, text, words):
         assert w in message, message
 
 
+def test_a_yaml_error_names_the_place_without_quoting_the_file(tmp_path):
+    """PyYAML's message quotes the lines around a syntax error; a keys file that wrongly holds a
+    token (the mistake the 'token' field refusal guards against) and is also malformed put the
+    token in the ERROR line of every reload, and in `batchgate keys check`'s output."""
+    message = file_error(tmp_path, f"keys:\n  - id: a\n    scopes: [infer\n  - id: b {TOKEN_B}\n")
+    assert TOKEN_B not in message and "token-of" not in message, message
+    assert "is not valid YAML" in message and "line 4, column 7" in message, message
+
+
 def test_non_utf8_file_is_a_config_error(tmp_path):
     message = file_error(tmp_path, b"keys: []\n# \xff\xfe\n")
     assert "not UTF-8" in message and "bad.yaml" in message
