@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -48,6 +49,17 @@ MODES = ("off", "sampled", "all")
 QUEUE_LINES = 65_536  # lines waiting for the writer thread at most
 OVERLOAD = "RESOURCE_EXHAUSTED"  # the error of a refusal for overload: sampled, not kept (see _request)
 _CRC_SCALE = 1.0 / (1 << 32)
+# Characters JSON leaves raw that split a line for some readers (str.splitlines and log shippers
+# break at C1 controls such as U+0085, and at U+2028 / U+2029) or make it read otherwise than it is
+# written (bidirectional controls): written as JSON escapes, which read back as the same text.
+_UNSAFE = re.compile("[\x80-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(line: bytes) -> bytes:
+    if line.isascii():  # (nearly every line: nothing to look at)
+        return line
+    text = line.decode("utf-8")
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
 
 
 class Note:
@@ -247,7 +259,7 @@ class AccessLog:
             return
         if self.worker is not None:
             fields["batchgate.worker"] = self.worker
-        self._queue.append(orjson.dumps(fields))
+        self._queue.append(_escaped(orjson.dumps(fields)))
         self.lines += 1
         if self._thread is None:
             self._start()

@@ -190,6 +190,26 @@ def test_an_answer_the_http_handler_gives_itself_is_logged_with_its_status(demo_
     assert line["http.response.status_code"] == 400 and line["error.type"] == "INVALID_ARGUMENT"
 
 
+def test_a_line_stays_one_line_whatever_unicode_the_client_sends(demo_repo, serve, tmp_path):
+    """A V2 id with U+2028, U+0085 or a bidirectional control went into the line as it came (JSON
+    allows them raw): readers that split lines at them (str.splitlines, many log shippers) saw a
+    line cut in two, and a bidi control made a line read otherwise than it was written. Written as
+    JSON escapes, the value reads back the same."""
+    log = tmp_path / "access.log"
+    running = serve(demo_repo, access_log="all", access_log_file=str(log))
+    tricky = "a\u2028b\u0085c\u202ed\u2066e\u2029f-\u00e9"
+    body = {"id": tricky, "inputs": [
+        {"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))} for n in ("INPUT0", "INPUT1")
+    ]}  # fmt: skip
+    status, _, answer = raw_http(running, "POST", "/v2/models/simple/infer", json.dumps(body).encode(), {})
+    assert status == 200 and json.loads(answer)["id"] == tricky  # (echoed to the caller as sent)
+    (line,) = _lines(log, 1)
+    assert line["batchgate.request.id"] == tricky
+    text = log.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1 and "-\u00e9" in text  # (other text stays as it is)
+    assert all(ch not in text for ch in "\u2028\u0085\u202e\u2066\u2029")
+
+
 def _open_on(path) -> int:
     """How many of this process's descriptors point at ``path``."""
     target = os.path.realpath(path)
