@@ -14,6 +14,7 @@ from ..monitoring.trace_context import trace_context
 from ..security.access import Caller, credentials
 from ..security.tls import http_peer_subject
 from .http_codec import parse_json
+from .sockets import host_port
 
 
 def caller_of(scope) -> Caller:
@@ -23,7 +24,7 @@ def caller_of(scope) -> Caller:
     return Caller(
         credentials(scope["headers"], b"authorization"),
         http_peer_subject(scope),
-        f"{client[0]}:{client[1]}" if client else "",
+        host_port(client[0], client[1]) if client else "",  # (an IPv6 address in brackets)
     )
 
 

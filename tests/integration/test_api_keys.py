@@ -286,6 +286,20 @@ def test_the_audit_peer_is_the_socket_s_whatever_x_forwarded_for_says(keyed, mon
     assert all(r["peer"].startswith("127.0.0.1:") and r["peer"] != "127.0.0.1:0" for r in lines), lines
 
 
+def test_an_ipv6_peer_is_audited_in_brackets(repo, serve, tmp_path):
+    """Over HTTP an IPv6 peer was audited as "::1:51234": which colon starts the port could not be
+    told (gRPC's peers read "ipv6:[::1]:51234"). Now "[::1]:51234"."""
+    keys, audit = tmp_path / "keys.yaml", tmp_path / "audit.log"
+    keys.write_text(keys_yaml())
+    running = serve(repo, host="::", api_keys_file=str(keys), audit_log_file=str(audit), allow_open_admin=False,
+                    model_control_mode="explicit", load_model=("classifier",))  # fmt: skip
+    url = f"http://[::1]:{running.gateway.http_port}/v2/repository/models/classifier/unload"
+    fetch(urllib.request.Request(url, data=b"{}", headers={**bearer(ADMIN_TOKEN), "Content-Type": "application/json"}))
+    (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    host, _, port = record["peer"].rpartition(":")
+    assert record["action"] == "repository.unload" and host == "[::1]" and port.isdigit(), record
+
+
 def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
     c = httpclient.InferenceServerClient(keyed.http_url)
     c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN))
