@@ -10,6 +10,7 @@ from typing import Any
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 MAX_TRACESTATE = 512  # W3C: at most 32 members; a longer header is not carried on
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 TraceHeaders = tuple[tuple[str, str], ...]  # W3C trace context as gRPC metadata: traceparent[, tracestate]
 
@@ -58,7 +59,11 @@ def passed_on(span: Any, traceparent: str | None, tracestate: str | None) -> Tra
         return None
     assert traceparent is not None
     if tracestate and len(tracestate) <= MAX_TRACESTATE:
-        return (("traceparent", traceparent), ("tracestate", tracestate))
+        # W3C: printable ASCII, its spaces SP or HTAB; anything else (control or non-ASCII bytes,
+        # which an upstream stricter than grpcio refuses with the call) leaves it behind
+        state = tracestate.replace("\t", " ")
+        if _PRINTABLE.fullmatch(state):
+            return (("traceparent", traceparent), ("tracestate", state))
     return (("traceparent", traceparent),)
 
 

@@ -141,6 +141,21 @@ def test_trace_context_joins_tracestate_headers_and_takes_no_duplicated_tracepar
     assert trace_context([]) == (None, None)
 
 
+def test_an_untraced_requests_tracestate_goes_on_only_as_printable_ascii():
+    """Passed on as it came to a remote model, a caller's tracestate could carry control or
+    non-ASCII bytes (the h2 engine takes any byte but CR, LF and NUL in a value), which an upstream
+    stricter than grpcio refuses with the call: W3C's tracestate is printable ASCII, its spaces
+    SP or HTAB. A tab reads as a space; anything else outside that leaves the tracestate behind
+    (the traceparent still goes)."""
+    from batchgate.monitoring.trace_context import passed_on
+
+    one = f"00-{TRACE_ID}-{PARENT}-01"
+    assert passed_on(None, one, "a=1,b=2") == (("traceparent", one), ("tracestate", "a=1,b=2"))
+    assert passed_on(None, one, "a=1,\tb=2") == (("traceparent", one), ("tracestate", "a=1, b=2"))
+    for bad in ("a=1,\x01b=2", "a=\u00e9", "a=1\x7f", "a=1,b=2\x85"):
+        assert passed_on(None, one, bad) == (("traceparent", one),), bad
+
+
 def test_a_batch_execution_links_every_request_it_served(repo, serve, receiver):
     running = _traced(serve, repo, receiver)
     threads = [threading.Thread(target=_infer, args=("grpc", running)) for _ in range(6)]
