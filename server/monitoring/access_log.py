@@ -127,6 +127,7 @@ class AccessLog:
         self._wake = threading.Event()
         self._closed = False
         self._out: Any = None
+        self._followed_at = time.monotonic()  # when the path was last checked for a rotation
         self._thread: threading.Thread | None = None
         self._failed_once = False
         if path:  # opened now: a file that cannot be written stops the start, never a request
@@ -282,6 +283,8 @@ class AccessLog:
             if chunk:
                 data = b"\n".join(chunk) + b"\n"
                 try:
+                    if self._out is not None:
+                        self._follow()
                     out = self._out
                     if out is None:  # stdout, looked up each time (it may be replaced: a test's capture)
                         out = getattr(sys.stdout, "buffer", None)
@@ -295,6 +298,22 @@ class AccessLog:
                     log.warning("the access log could not be written: %s", e)
             if self._closed and not queue:
                 return
+
+    def _follow(self) -> None:
+        """At most once a second, before a write: a file renamed or removed by rotation (logrotate
+        without copytruncate) is left, and the path opened afresh (writer thread)."""
+        now = time.monotonic()
+        if now - self._followed_at < 1.0:
+            return
+        self._followed_at = now
+        try:
+            st = os.stat(self.path)
+            same = os.path.samestat(st, os.fstat(self._out.fileno()))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            old, self._out = self._out, open_private(self.path, binary=True)
+            old.close()
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""

@@ -210,6 +210,25 @@ def test_a_line_stays_one_line_whatever_unicode_the_client_sends(demo_repo, serv
     assert all(ch not in text for ch in "\u2028\u0085\u202e\u2066\u2029")
 
 
+def test_a_rotated_log_file_is_followed_to_its_new_file(demo_repo, serve, tmp_path):
+    """Rotation by renaming (logrotate's default, without copytruncate): the file was opened once,
+    so every line after the rename went on into the renamed file and the new one stayed empty.
+    Now the writer notices the path names another file (or none) and opens it afresh."""
+    log = tmp_path / "access.log"
+    running = serve(demo_repo, access_log="all", access_log_file=str(log))
+    c = httpclient.InferenceServerClient(running.http_url)
+    _infer(httpclient, c, rid="before")
+    assert [ln["batchgate.request.id"] for ln in _lines(log, 1)] == ["before"]
+    log.rename(tmp_path / "access.log.1")
+    end = time.monotonic() + 10
+    while not log.exists():  # (checked at most once a second, when there is a line to write)
+        assert time.monotonic() < end, "the log file was not opened again"
+        _infer(httpclient, c, rid="after")
+        time.sleep(0.2)
+    assert {ln["batchgate.request.id"] for ln in _lines(log, 1)} == {"after"}
+    assert [ln["batchgate.request.id"] for ln in _lines(tmp_path / "access.log.1", 1)][0] == "before"
+
+
 def _open_on(path) -> int:
     """How many of this process's descriptors point at ``path``."""
     target = os.path.realpath(path)
