@@ -372,13 +372,15 @@ class ShadowRunner:
                 sm.delta.observe(1.0 if differs else 0.0)
             agreed = not any(differ)
         else:
-            delta = np.abs(a.astype(np.float64) - b.astype(np.float64)).max(axis=1) if a.shape[1] else np.zeros(rows)
+            delta = _abs_delta(a, b).max(axis=1) if a.shape[1] else np.zeros(rows)
             for d in delta.tolist():  # floats
                 sm.delta.observe(d)
             if c.kind == "classification" and a.shape[1] >= 1:
                 # scores: the top class of each row; one value a row (a label): the label itself
-                top_a, top_b = (a.argmax(axis=1), b.argmax(axis=1)) if a.shape[1] > 1 else (a[:, 0], b[:, 0])
-                flips = int(np.count_nonzero(top_a != top_b))
+                if a.shape[1] > 1:
+                    flips = int(np.count_nonzero(a.argmax(axis=1) != b.argmax(axis=1)))
+                else:
+                    flips = int(np.count_nonzero(_abs_delta(a[:, :1], b[:, :1])))
                 sm.flips += flips
                 agreed = flips == 0
             else:
@@ -417,6 +419,19 @@ def _rows(a: np.ndarray, batched: bool) -> np.ndarray:
     if a.ndim == 1:
         return a.reshape(-1, 1) if batched else a.reshape(1, -1)
     return a.reshape(a.shape[0], -1)
+
+
+def _abs_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| element by element, where NaN on both sides (and the same infinity) is no
+    difference and NaN on one side only is the largest (inf): NaN itself would fall in the
+    histogram's smallest bucket, turn its sum into NaN for good, and make two models that
+    answer NaN alike disagree."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        d = np.abs(x - y)
+    d[(x == y) | (np.isnan(x) & np.isnan(y))] = 0.0
+    d[np.isnan(d)] = np.inf
+    return d
 
 
 def _as_bytes(v: Any) -> bytes:

@@ -139,6 +139,21 @@ def slow_classifier(width: int = 2048, layers: int = 6, seed: int = 0):
     return _model(g)
 
 
+def sqrt_model(absolute: bool = False):
+    """features FP32 [-1, 4] -> y = sqrt(features) (NaN where a feature is negative), or with
+    ``absolute`` sqrt(|features|) (a number there): a regression answered with NaN."""
+    nodes = [helper.make_node("Sqrt", ["a" if absolute else "features"], ["y"])]
+    if absolute:
+        nodes.insert(0, helper.make_node("Abs", ["features"], ["a"]))
+    g = helper.make_graph(
+        nodes,
+        "sqrt",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _model(g)
+
+
 def metric(text: str, name: str, **labels) -> float:
     """The value of one series in a /metrics page (0 when absent)."""
     for line in text.splitlines():

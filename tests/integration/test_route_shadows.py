@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from batchgate.demo import _save
 from gateway_support import start_gateway
-from route_support import POISON, infer_grpc, infer_http, metric, route_repository, write_config
+from route_support import POISON, infer_grpc, infer_http, metric, route_repository, sqrt_model, write_config
 
 COMPARE = {"output": "probabilities", "kind": "classification"}
 
@@ -182,5 +183,46 @@ def test_synthetic_and_pinned_requests_are_shadowed_but_not_compared(repo, tmp_p
         assert _wait_metric(running, total, 1, route="quiet", outcome="compared") == 1
         rows = metric(_metrics(running), "batchgate_shadow_rows_compared_total", route="quiet", shadow="other")
         assert rows == 1
+    finally:
+        running.stop()
+
+
+def test_nan_answers_are_compared_as_values(tmp_path):
+    """Two models that answer NaN at the same place agree; NaN on one side only disagrees as
+    far as can be (+Inf bucket). Before, every NaN row disagreed, was counted in the smallest
+    |delta| bucket, and the histogram's sum stayed NaN for good."""
+    root = str(tmp_path / "models")
+    for name, absolute in (("sq_a", False), ("sq_b", False), ("sq_abs", True)):
+        _save(sqrt_model(absolute), root, name, config="max_batch_size: 8\n")
+    routes = [
+        {
+            "name": name,
+            "variants": [{"name": "main", "model": "sq_a", "weight": 100}],
+            "shadows": [{"name": "s", "model": shadow, "percent": 100, "max_inflight": 64}],
+            "compare": {"output": "y", "kind": "regression", "atol": 1e-3},
+        }
+        for name, shadow in (("same", "sq_b"), ("apart", "sq_abs"))
+    ]
+    running = start_gateway(root, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        feats = np.array([[-1, 1, 4, 9], [1, 4, 9, 16]], np.float32)  # first row: a NaN answer
+        n = 6
+        for i in range(n):
+            for route in ("same", "apart"):
+                call = infer_http if i % 2 else infer_grpc
+                result, _ = call(running.http_url if i % 2 else running.grpc_url, route, feats)
+                assert np.isnan(result.as_numpy("y")[0, 0])
+        total = "batchgate_shadow_requests_total"
+        assert _wait_metric(running, total, n, route="same", outcome="compared") == n
+        assert _wait_metric(running, total, n, route="apart", outcome="compared") == n
+        text = _metrics(running)
+        assert metric(text, "batchgate_shadow_agreements_total", route="same") == n
+        assert metric(text, "batchgate_shadow_abs_delta_bucket", route="same", le="1e-06") == 2 * n
+        assert metric(text, "batchgate_shadow_abs_delta_sum", route="same") == 0
+        assert metric(text, "batchgate_shadow_agreements_total", route="apart") == 0
+        # the NaN rows are the far ones; the others agree
+        assert metric(text, "batchgate_shadow_abs_delta_bucket", route="apart", le="1e-06") == n
+        assert metric(text, "batchgate_shadow_abs_delta_bucket", route="apart", le="100.0") == n
+        assert metric(text, "batchgate_shadow_abs_delta_bucket", route="apart", le="+Inf") == 2 * n
     finally:
         running.stop()
