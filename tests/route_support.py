@@ -75,7 +75,8 @@ def failing_classifier(seed: int = 0):
 
 def route_repository(root: str) -> str:
     """clf_a and clf_same answer alike; clf_other differs; clf_bad fails on POISON; mlp and
-    strings take other inputs."""
+    strings take other inputs; sq_nan and sq_abs (features -> y) differ only where sq_nan
+    answers NaN."""
     os.makedirs(root, exist_ok=True)
     cfg = "max_batch_size: 8\n"
     _save(classifier_model(seed=0), root, "clf_a", config=cfg)
@@ -86,6 +87,8 @@ def route_repository(root: str) -> str:
     _save(identity_model("strings"), root, "strings", config=cfg)
     _save(identity_model("strings_b"), root, "strings_b", config=cfg)
     _save(slow_classifier(), root, "clf_slow", config=cfg)
+    _save(sqrt_model(), root, "sq_nan", config=cfg)
+    _save(sqrt_model(absolute=True), root, "sq_abs", config=cfg)
     return root
 
 

@@ -109,20 +109,26 @@ def psi(window: np.ndarray, reference: np.ndarray) -> float:
 
 def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) -> float:
     """PSI of ``sample`` against ``reference`` (both [rows, columns], or 1-D) on deciles of the
-    reference's values (ties collapse into one bin); the largest over the columns. NaN and inf
-    rows are left out."""
+    reference's finite values (ties collapse into one bin); the largest over the columns. An
+    infinity falls in the lowest or the highest bin, and NaN, when either side has one, in a bin
+    of its own: answers that turned NaN are the most different of all (left out, a canary that
+    answered only NaN would have passed with a PSI of 0)."""
     a = sample.reshape(sample.shape[0], -1).astype(np.float64, copy=False)
     b = reference.reshape(reference.shape[0], -1).astype(np.float64, copy=False)
     worst = 0.0
     for j in range(min(a.shape[1], b.shape[1])):
         x, y = a[:, j], b[:, j]
-        x, y = x[np.isfinite(x)], y[np.isfinite(y)]
         if not x.shape[0] or not y.shape[0]:
             continue
-        edges = np.unique(np.quantile(y, np.arange(1, bins) / bins))
-        cells = edges.shape[0] + 1
-        cx = np.bincount(np.searchsorted(edges, x, side="left"), minlength=cells).astype(np.float64)
-        cy = np.bincount(np.searchsorted(edges, y, side="left"), minlength=cells).astype(np.float64)
+        finite = y[np.isfinite(y)]
+        edges = np.unique(np.quantile(finite, np.arange(1, bins) / bins)) if finite.shape[0] else finite
+        nan_x, nan_y = np.isnan(x), np.isnan(y)
+        nans = bool(nan_x.any() or nan_y.any())
+        cells = edges.shape[0] + 1 + nans
+        cx = np.bincount(np.searchsorted(edges, x[~nan_x], side="left"), minlength=cells).astype(np.float64)
+        cy = np.bincount(np.searchsorted(edges, y[~nan_y], side="left"), minlength=cells).astype(np.float64)
+        if nans:
+            cx[-1], cy[-1] = nan_x.sum(), nan_y.sum()
         worst = max(worst, psi(cx, (cy + 0.5) / (cy.sum() + 0.5 * cells)))
     return worst
 

@@ -12,7 +12,7 @@ which would hide a canary that turned bad after a good start):
   at most ``max_disagreement`` (when the canary is also shadowed);
 - output drift: with ``max_output_psi``, the two-sample PSI of the canary's outputs against the
   baseline's (the route's ``compare`` output, else the first; the largest over its columns, on
-  deciles of the baseline's values) over a sample of the interval's answers, at most
+  deciles of the baseline's values, NaN answers a bin of their own) over a sample of the interval's answers, at most
   ``max_output_psi`` (when both sides have :data:`MIN_OUTPUT_ROWS` rows).
 
 All pass: the next step's weight. One fails: ``rollback`` (canary weight 0) or ``pause``

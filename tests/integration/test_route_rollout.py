@@ -287,6 +287,26 @@ def test_the_output_psi_gate_rolls_back_a_canary_whose_answers_are_distributed_d
         running.stop()
 
 
+def test_the_output_psi_gate_rolls_back_a_canary_that_answers_nan(repo, tmp_path):
+    """A canary whose answers turned NaN where the baseline's are numbers fails max_output_psi
+    (before, NaN answers were left out of the PSI and the canary was promoted)."""
+    route = _route("sq_nan", steps=(50, 100), max_output_psi=0.25)
+    route["variants"][0]["model"] = "sq_abs"
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    rng = np.random.default_rng(5)
+    try:
+        state = _state(running)
+        end = time.monotonic() + 30
+        while state.rollout.state == "running":
+            assert time.monotonic() < end, "the rollout did not finish in time"
+            for _ in range(10):  # a negative feature: NaN from the canary, a number from the baseline
+                infer_grpc(running.grpc_url, "ramp", rng.standard_normal((8, 4)).astype(np.float32))
+        assert state.rollout.state == "rolled_back", state.rollout.last
+        assert "output PSI" in state.rollout.last
+    finally:
+        running.stop()
+
+
 def test_a_routes_file_edit_moves_only_keys_of_variants_that_lost_weight(repo, tmp_path):
     """A definition change resets weights to the file's by moving buckets from the table served
     so far, never by laying the table out afresh: an edit that changes no weight moves no user,

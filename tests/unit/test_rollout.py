@@ -197,3 +197,19 @@ def test_the_output_psi_gate_compares_the_canarys_answers_with_the_baselines():
     assert "output_psi" not in ro.judge(rollout, few, base).figures
     off = Rollout("canary", "stable", (50, 100), 1.0, 10, Gates(max_p99_ratio=1000), "rollback")
     assert ro.judge(off, moved, base).outcome == "pass"
+
+
+def test_the_output_psi_gate_counts_nan_answers_as_a_bin_of_their_own():
+    from batchgate.core.routing import Gates, Rollout
+
+    rollout = Rollout("canary", "stable", (50, 100), 1.0, 10, Gates(max_p99_ratio=1000, max_output_psi=0.2), "rollback")
+    rng = np.random.default_rng(1)
+    base = ro.Figures(200, outputs=rng.random((500, 3)))
+    for broken in (np.full((500, 3), np.nan), np.where(rng.random((500, 3)) < 0.5, np.nan, rng.random((500, 3)))):
+        verdict = ro.judge(rollout, ro.Figures(200, outputs=broken), base)
+        assert verdict.outcome == "fail" and "output PSI" in verdict.reasons[0]
+    both = rng.random((500, 3))
+    both[:50] = np.nan  # as many NaN answers on both sides: no drift
+    base_nan = rng.random((500, 3))
+    base_nan[:50] = np.nan
+    assert ro.judge(rollout, ro.Figures(200, outputs=both), ro.Figures(200, outputs=base_nan)).outcome == "pass"
