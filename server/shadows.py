@@ -41,6 +41,7 @@ import orjson
 from .core.batching import merge, split
 from .core.errors import GatewayError
 from .core.routing import Compare, Shadow
+from .core.signature import forwarded_parameters, parameters_key
 from .core.types import InferRequest, InferResponse, Tensor, clip, printable
 from .logs import PrivateRotatingFileHandler
 from .model import LocalExecution, ModelVersion
@@ -237,15 +238,21 @@ class ShadowRunner:
             except GatewayError as e:
                 outcomes[i] = Outcome(None, 0.0, e.message[:512])
         limit = self.version.signature.max_batch_size
+        if getattr(self._backend, "sequences", False):  # each step of a sequence goes as the caller sent it
+            limit = 0
         chunk: list = []
-        rows = 0
+        rows, key = 0, None
         for i, c in [*checked, (-1, None)]:
-            if chunk and (c is None or not limit or rows + c.batch_size > limit):
+            # an upstream reads parameters (a Python model's own, Triton's sequence_id): copies
+            # share a call only with copies of the same ones, as the model's own batches do
+            mine = parameters_key(requests[i]) if c is not None and not self._local else None
+            if chunk and (c is None or not limit or rows + c.batch_size > limit or mine != key):
                 await self._run_chunk(chunk, requests, outcomes, t0)
                 chunk, rows = [], 0
             if c is not None:
                 chunk.append((i, c))
                 rows += c.batch_size
+                key = mine
         return [o if o is not None else Outcome(None, 0.0, "not run") for o in outcomes]
 
     async def _run_chunk(self, chunk: list, requests: list[InferRequest], outcomes: list, t0: float) -> None:
@@ -262,10 +269,16 @@ class ShadowRunner:
             if self._local:
                 loop = asyncio.get_running_loop()
                 arrays = await loop.run_in_executor(self._pool, self._backend.run, feeds, self._outputs)
-            elif self._pool is None:  # (shadow_send_threads 0) on the event loop, the model's own client
-                arrays = await self._backend.infer(feeds, self._outputs, first.deadline)
-            else:
-                arrays = await self._backend.infer_apart(feeds, self._outputs, first.deadline, self._pool)
+            else:  # the caller's parameters go on, as they do to a remote variant
+                params, own = forwarded_parameters(first)
+                if self._pool is None:  # (shadow_send_threads 0) on the event loop, the model's own client
+                    arrays = await self._backend.infer(
+                        feeds, self._outputs, first.deadline, params=params, input_params=own
+                    )
+                else:
+                    arrays = await self._backend.infer_apart(
+                        feeds, self._outputs, first.deadline, self._pool, params, own
+                    )
             took = _perf() - t0
             if len(chunk) == 1:
                 outcomes[chunk[0][0]] = Outcome(np.asarray(arrays[0]), took)

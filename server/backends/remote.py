@@ -204,6 +204,7 @@ class RemoteV2Backend:
         # version are replaced without re-encoding the message.
         self.forward_suffix = string_field(1, spec.target) + string_field(2, spec.upstream_version)
         self.raw_forwarding = spec.forwarding == "raw"  # the remote model's setting (remote_models.py)
+        self.sequences = False  # the upstream batches sequences: each request goes as it came (shadows too)
 
     # ------------------------------------------------------------------ loading
     async def open(self) -> mc.ModelConfig:
@@ -284,7 +285,7 @@ class RemoteV2Backend:
             cfg.max_batch_size = min(spec.max_batch_size, upstream.max_batch_size)
         # A sequence model keeps each request apart: its upstream's sequence batcher needs every
         # step of a sequence as the caller sent it, sequence_id and start/end parameters with it.
-        sequences = upstream.HasField("sequence_batching")
+        sequences = self.sequences = upstream.HasField("sequence_batching")
         # A shape tensor (TensorRT) holds values that describe the batch, one copy for all its
         # rows: requests merged by rows would hand the upstream a tensor it cannot read.
         shapes = [t.name for t in (*upstream.input, *upstream.output) if t.is_shape_tensor]
@@ -465,12 +466,13 @@ class RemoteV2Backend:
         return answer_outputs(up.address, resp, names, self._out_types)
 
     async def infer_apart(
-        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, executor: Executor
+        self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, executor: Executor, *params
     ) -> list[np.ndarray]:
         """:meth:`infer` for work that must take none of the event loop's time (a shadow's copies):
         the request is built, sent over a synchronous channel and its answer decoded on a thread of
         ``executor`` (a gRPC call through grpc.aio costs the loop about as much as answering a
-        request). One upstream, no retry; counted, ejecting and translated like any other call."""
+        request); ``params``: :meth:`infer`'s ``params`` and ``input_params``. One upstream, no
+        retry; counted, ejecting and translated like any other call."""
         up = self._pick([])
         if up is None:
             raise self.unavailable()
@@ -482,7 +484,7 @@ class RemoteV2Backend:
         t0 = time.perf_counter()
         try:
             got = await asyncio.get_running_loop().run_in_executor(
-                executor, self._blocking_call, up, call, feeds, names, at
+                executor, self._blocking_call, up, call, feeds, names, at, *params
             )
         except grpc.RpcError as e:
             status = cast(_Status, e)  # a blocking call's error is also its grpc.Call
@@ -496,14 +498,15 @@ class RemoteV2Backend:
         return got
 
     def _blocking_call(
-        self, up: Upstream, call: Callable[..., pb.ModelInferResponse], feeds, names: tuple[str, ...], at: float
+        self, up: Upstream, call: Callable[..., pb.ModelInferResponse], feeds, names: tuple, at: float, *params
     ) -> list[np.ndarray]:
         """(on an executor's thread) one blocking ModelInfer before the monotonic time ``at``
         (judged here: the executor may have kept the call waiting): the outputs ``names``."""
         timeout = min(MAX_CALL_TIMEOUT_S, at - self._clock())
         if timeout <= 0:
             raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded before model '{self.spec.name}' ran")
-        return self._outputs(up, call(self.request(feeds, names), timeout=timeout), names)
+        msg = self._with_parameters(self.request(feeds, names), *params)
+        return self._outputs(up, call(msg, timeout=timeout), names)
 
     async def infer_open(
         self,

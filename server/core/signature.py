@@ -195,6 +195,13 @@ def forwarded_parameters(request: InferRequest) -> tuple[dict[str, Any], dict[st
     return params, {t.name: t.parameters for t in request.inputs if t.parameters}
 
 
+def parameters_key(request: InferRequest) -> tuple[object, object]:
+    """The parameters a request sends an upstream, its own and its inputs', as a key: requests
+    go to an upstream in one call only with the same key (a shadow's copies)."""
+    params, own = forwarded_parameters(request)
+    return _frozen(params), tuple(sorted((name, _frozen(p)) for name, p in own.items()))
+
+
 def with_parameters(request: InferRequest, checked: Checked) -> Checked:
     """``checked`` for a model whose upstream is sent the request's parameters (a remote model
     with a signature): a request with parameters shares a batch only with requests of the same

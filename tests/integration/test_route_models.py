@@ -3,6 +3,7 @@ a BYTES input as the sticky key, and a variant's model unloaded under the route.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -14,6 +15,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from batchgate.remote_models import RemoteModel
+from fake_upstream import FakeUpstream
 from gateway_support import start_gateway
 from route_support import infer_grpc, infer_http, metric, route_repository, write_config
 
@@ -266,3 +269,70 @@ def test_unloading_a_variants_model_makes_the_route_unready(repo, tmp_path):
         assert {infer_grpc(running.grpc_url, "r", headers={"x-batchgate-variant": "b"})[1]["variant"]} == {"b"}
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("senders", [2, 0], ids=["sender-threads", "event-loop"])
+def test_remote_shadows_get_the_callers_parameters_and_each_step_of_a_sequence_alone(tmp_path, senders):
+    """A remote shadow's upstream is sent the request's parameters, as a remote variant's is
+    (Triton's sequence_id, a Python model's own); copies share a call only with copies of the
+    same parameters, and never for a sequence-batching upstream. Before, every copy went without
+    parameters and the steps of a sequence went together as one batch."""
+    upstream = FakeUpstream()
+    try:
+        remote = [
+            RemoteModel("fk_main", (upstream.address,), upstream_model="fk", batching="passthrough"),
+            RemoteModel("fk_shadow", (upstream.address,), upstream_model="typed"),
+            RemoteModel("seq_shadow", (upstream.address,), upstream_model="seq"),
+        ]
+        routes = [
+            {
+                "name": "steps",
+                "variants": [{"name": "main", "model": "fk_main", "weight": 100}],
+                "shadows": [
+                    {"name": "plain", "model": "fk_shadow", "percent": 100, "max_inflight": 64},
+                    {"name": "seq", "model": "seq_shadow", "percent": 100, "max_inflight": 64},
+                ],
+                "compare": {"output": "y", "kind": "regression", "atol": 1e-5},
+            }
+        ]
+        # a long gathering time: the copies wait for each other (before, they went as one call)
+        cfg = write_config(
+            str(tmp_path / "c.yaml"), routes, routing={"shadow_gather_ms": 1000, "shadow_send_threads": senders}
+        )
+        os.makedirs(tmp_path / "empty")
+        running = start_gateway(str(tmp_path / "empty"), config_file=cfg, remote_models=tuple(remote))
+        try:
+            client = grpcclient.InferenceServerClient(running.grpc_url)
+            n = 4
+            for i in range(n):
+                inp = grpcclient.InferInput("x", [1, 2], "FP32")
+                inp.set_data_from_numpy(np.full((1, 2), i, np.float32))
+                client.infer(
+                    "steps",
+                    [inp],
+                    sequence_id=42,
+                    sequence_start=i == 0,
+                    sequence_end=i == n - 1,
+                    parameters={"tag": "ab"[0 < i < n - 1]},  # the middle steps alike
+                )
+            end = time.monotonic() + 15
+            while _outcomes(_metrics(running), "steps").get("compared", 0) < 2 * n:
+                assert time.monotonic() < end, _outcomes(_metrics(running), "steps")
+                time.sleep(0.05)
+            text = _metrics(running)
+            for shadow in ("plain", "seq"):
+                assert metric(text, "batchgate_shadow_agreements_total", route="steps", shadow=shadow) == n
+            calls = {m: [(p, s) for model, p, s in upstream.seen if model == m] for m in ("typed", "seq")}
+            for params, _ in calls["typed"] + calls["seq"]:
+                assert params["sequence_id"].uint64_param == 42 or params["sequence_id"].int64_param == 42
+                assert params["tag"].string_param in ("a", "b")
+            # one step a call, in the order sent, each with its own start and end
+            assert [s[0][0] for _, s in calls["seq"]] == [1] * n
+            starts = [(p["sequence_start"].bool_param, p["sequence_end"].bool_param) for p, _ in calls["seq"]]
+            assert starts == [(True, False), (False, False), (False, False), (False, True)]
+            # the other shadow: each call holds copies of one tag, every row sent once
+            assert sum(s[0][0] for _, s in calls["typed"]) == n and len(calls["typed"]) >= 2
+        finally:
+            running.stop()
+    finally:
+        upstream.stop()
