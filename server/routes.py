@@ -27,7 +27,7 @@ import yaml
 
 from .core import rollout as ro
 from .core.buckets import BucketTable
-from .core.errors import ConfigError, ErrorCode, GatewayError, cancelled_code, invalid
+from .core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, cancelled_code, invalid
 from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, Shadow, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse
@@ -50,13 +50,24 @@ Header = Callable[[str], "str | None"]  # a request's header / metadata value by
 class Window:
     """One variant's figures over the rollout's current interval."""
 
-    __slots__ = ("requests", "server_errors", "latency", "compared", "disagreed", "outputs", "answers", "parts")
+    __slots__ = (
+        "requests",
+        "server_errors",
+        "refused",
+        "latency",
+        "compared",
+        "disagreed",
+        "outputs",
+        "answers",
+        "parts",
+    )
 
     def __init__(self) -> None:
         from hdrh.histogram import HdrHistogram  # only servers with routes load it
 
         self.requests = 0
         self.server_errors = 0
+        self.refused = 0  # requests the model refused as invalid (ModelRefused); in requests too
         # Microseconds, 1 µs to 10 min, 2 significant digits: a p99 within 1%, which a gate
         # of 1.25 needs and Prometheus buckets cannot give.
         self.latency = HdrHistogram(1, 600_000_000, 2)
@@ -89,6 +100,7 @@ class Window:
         return {
             "requests": self.requests,
             "server_errors": self.server_errors,
+            "refused": self.refused,
             "latency": self.latency.encode(),
             "compared": self.compared,
             "disagreed": self.disagreed,
@@ -100,6 +112,7 @@ class Window:
         """Add another process's window (:meth:`export`) to this one."""
         self.requests += other["requests"]
         self.server_errors += other["server_errors"]
+        self.refused += other["refused"]
         if other["requests"]:
             self.latency.decode_and_add(other["latency"])
         self.compared += other["compared"]
@@ -118,7 +131,7 @@ class Window:
                 take = min(len(samples), round(OUTPUT_SAMPLES * answers / total))
                 kept += rng.sample(samples, take)
         outputs = np.concatenate(kept) if kept else None
-        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs)
+        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs, self.refused)
 
 
 def _bounded(samples: list[np.ndarray], limit: int = 8 << 20) -> list[np.ndarray]:
@@ -320,11 +333,12 @@ class ServedRoute:
         )
         start = _perf_ns()
         status = "OK"
+        refused = False  # by the model, on values past the gateway's checks
         resp: InferResponse | None = None
         try:
             resp = await routed.version.submit(request)
         except GatewayError as e:
-            status = e.code.value
+            status, refused = e.code.value, isinstance(e, ModelRefused)
             raise
         except asyncio.CancelledError:
             status = cancelled_code(request.deadline, request.arrival).value
@@ -351,6 +365,9 @@ class ServedRoute:
                     # (a deadline the caller set and missed is the caller's choice, not the canary's fault)
                     w.requests += 1
                     w.server_errors += 1
+                elif refused:  # held against the variant only past what the baseline refuses
+                    w.requests += 1
+                    w.refused += 1
             for runner, fut in copies:
                 if fut is None:
                     continue

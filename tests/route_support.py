@@ -76,7 +76,7 @@ def failing_classifier(seed: int = 0):
 def route_repository(root: str) -> str:
     """clf_a and clf_same answer alike; clf_other differs; clf_bad fails on POISON; mlp and
     strings take other inputs; sq_nan and sq_abs (features -> y) differ only where sq_nan
-    answers NaN."""
+    answers NaN; emb_100, emb_100b and emb_10 (ids -> y) refuse ids past their table."""
     os.makedirs(root, exist_ok=True)
     cfg = "max_batch_size: 8\n"
     _save(classifier_model(seed=0), root, "clf_a", config=cfg)
@@ -89,6 +89,8 @@ def route_repository(root: str) -> str:
     _save(slow_classifier(), root, "clf_slow", config=cfg)
     _save(sqrt_model(), root, "sq_nan", config=cfg)
     _save(sqrt_model(absolute=True), root, "sq_abs", config=cfg)
+    for name, vocab in (("emb_100", 100), ("emb_100b", 100), ("emb_10", 10)):
+        _save(embedding_model(vocab), root, name, config=cfg)
     return root
 
 
@@ -153,6 +155,24 @@ def sqrt_model(absolute: bool = False):
         "sqrt",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _model(g)
+
+
+def embedding_model(vocab: int):
+    """ids INT64 [-1, 3] -> y FP32 [-1, 2]: the sum of the ids' rows of a [vocab, 2] table; ONNX
+    Runtime refuses an id past the table (INVALID_ARGUMENT: the caller's 400)."""
+    table = numpy_helper.from_array(np.arange(vocab * 2, dtype=np.float32).reshape(vocab, 2), "T")
+    axis = numpy_helper.from_array(np.array([1], np.int64), "axis")
+    g = helper.make_graph(
+        [
+            helper.make_node("Gather", ["T", "ids"], ["rows"], axis=0),
+            helper.make_node("ReduceSum", ["rows", "axis"], ["y"], keepdims=0),
+        ],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [table, axis],
     )
     return _model(g)
 

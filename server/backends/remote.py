@@ -33,7 +33,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
-from ..core.errors import ErrorCode, GatewayError, TooLarge
+from ..core.errors import ErrorCode, GatewayError, ModelRefused, TooLarge
 from ..core.types import BY_CONFIG, clip
 from ..monitoring.metrics import Metrics, UpstreamMetrics
 from ..monitoring.tracing import TraceHeaders
@@ -577,7 +577,7 @@ class RemoteV2Backend:
         message = f"upstream {up.address} ({e.code().name}): {e.details()}"
         if code is ErrorCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(e.details() or ""):
             return TooLarge(message)  # (an answer past our limit, or a call past the upstream's)
-        return GatewayError(code, message)
+        return ModelRefused(message) if code is ErrorCode.INVALID_ARGUMENT else GatewayError(code, message)
 
     # ------------------------------------------------------------------ the rest of the Backend protocol
     def providers(self) -> list[str]:

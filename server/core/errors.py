@@ -51,6 +51,18 @@ class TooLarge(GatewayError):
         super().__init__(ErrorCode.RESOURCE_EXHAUSTED, message)
 
 
+class ModelRefused(GatewayError):
+    """INVALID_ARGUMENT from the model itself, on a request that passed the gateway's checks
+    (ONNX Runtime's invalid argument on its values, an upstream's INVALID_ARGUMENT): the
+    caller's 400, which a route's rollout also holds against the variant that answered it when
+    that variant refuses more than its baseline does (``core/rollout.py``)."""
+
+    __slots__ = ()
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+
+
 def batch_may_go_alone(e: Exception) -> bool:
     """Whether a batch that failed may owe it to one request's values (the backend refused
     or failed on them, or answered outputs that cannot be split) or to the batch's size, rather

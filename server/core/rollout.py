@@ -6,7 +6,12 @@ gates compare the canary with the baseline *over that interval only* (never cumu
 which would hide a canary that turned bad after a good start):
 
 - error rate: the canary's server errors (INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED; not client
-  errors or refusals) over its requests, at most ``max_error_rate``;
+  errors or refusals) over its requests, at most ``max_error_rate``; and the share of its
+  requests its model refused as invalid (values that passed the gateway's checks: ONNX Runtime's
+  invalid argument, an upstream's INVALID_ARGUMENT) past the baseline's share by at most
+  ``max_error_rate`` (the variants share a signature and split the same traffic: a canary that
+  refuses what the baseline takes fails, clients' bad values do not fail it; not judged in an
+  interval without baseline requests);
 - latency: the canary's p99 over the baseline's, at most ``max_p99_ratio`` (when both have one);
 - disagreement: the share of the canary's shadowed answers that disagreed with the primary's,
   at most ``max_disagreement`` (when the canary is also shadowed);
@@ -47,6 +52,7 @@ class Figures:
     compared: int = 0  # shadowed answers compared with the primary's
     disagreed: int = 0
     outputs: Any = None  # [rows, columns] of sampled answers (max_output_psi only), or None
+    refused: int = 0  # of the requests, those the model refused as invalid (ModelRefused)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,14 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
     figures["error_rate"] = error_rate
     if error_rate > g.max_error_rate:
         reasons.append(f"error rate {error_rate:.4f} > max_error_rate {g.max_error_rate:g}")
+    if canary.refused and baseline.requests:  # a client error only if the baseline refuses as many
+        share, base = canary.refused / canary.requests, baseline.refused / baseline.requests
+        figures["refused_excess"] = share - base
+        if share - base > g.max_error_rate:
+            reasons.append(
+                f"the model refused {share:.4f} of its requests as invalid, the baseline's {base:.4f}: "
+                f"more by {share - base:.4f} > max_error_rate {g.max_error_rate:g}"
+            )
     if canary.p99_s is not None and baseline.p99_s and baseline.requests:
         ratio = canary.p99_s / baseline.p99_s
         figures["p99_ratio"] = ratio

@@ -307,6 +307,36 @@ def test_the_output_psi_gate_rolls_back_a_canary_that_answers_nan(repo, tmp_path
         running.stop()
 
 
+@pytest.mark.parametrize("canary, outcome", [("emb_10", "rolled_back"), ("emb_100b", "promoted")])
+def test_a_canary_that_refuses_values_the_baseline_takes_is_rolled_back(repo, tmp_path, canary, outcome):
+    """A canary whose model refuses as invalid (400) what the baseline answers fails its gate
+    (before, those answers counted nowhere and it was promoted); clients' bad values, which
+    both refuse, do not fail an equal canary."""
+    route = _route(canary, steps=(50, 100))
+    route["variants"][0]["model"] = "emb_100"
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    rng = np.random.default_rng(7)
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    try:
+        state = _state(running)
+        end = time.monotonic() + 30
+        while state.rollout.state == "running":
+            assert time.monotonic() < end, "the rollout did not finish in time"
+            for _ in range(10):
+                ids = rng.integers(0, 20, (1, 3))  # past emb_10's table, within emb_100's
+                if rng.random() < 0.2:
+                    ids[0, 0] = 500  # past every table: refused by both
+                inp = grpcclient.InferInput("ids", [1, 3], "INT64")
+                inp.set_data_from_numpy(ids.astype(np.int64))
+                with contextlib.suppress(InferenceServerException):
+                    client.infer("ramp", [inp])
+        assert state.rollout.state == outcome, state.rollout.last
+        if outcome == "rolled_back":
+            assert "refused" in state.rollout.last
+    finally:
+        running.stop()
+
+
 def test_a_routes_file_edit_moves_only_keys_of_variants_that_lost_weight(repo, tmp_path):
     """A definition change resets weights to the file's by moving buckets from the table served
     so far, never by laying the table out afresh: an edit that changes no weight moves no user,

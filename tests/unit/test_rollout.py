@@ -213,3 +213,18 @@ def test_the_output_psi_gate_counts_nan_answers_as_a_bin_of_their_own():
     base_nan = rng.random((500, 3))
     base_nan[:50] = np.nan
     assert ro.judge(rollout, ro.Figures(200, outputs=both), ro.Figures(200, outputs=base_nan)).outcome == "pass"
+
+
+def test_a_canary_refusing_more_than_its_baseline_fails_the_error_gate():
+    from batchgate.core.routing import Gates, Rollout
+
+    rollout = Rollout(
+        "canary", "stable", (50, 100), 1.0, 10, Gates(max_error_rate=0.01, max_p99_ratio=1000), "rollback"
+    )
+    verdict = ro.judge(rollout, ro.Figures(100, refused=100), ro.Figures(100))  # refuses everything
+    assert verdict.outcome == "fail" and "refused" in verdict.reasons[0]
+    verdict = ro.judge(rollout, ro.Figures(100, refused=30), ro.Figures(200, refused=60))  # as often as the baseline
+    assert verdict.outcome == "pass" and verdict.figures["refused_excess"] == 0
+    assert ro.judge(rollout, ro.Figures(100, refused=5), ro.Figures(100, refused=2)).outcome == "fail"
+    # no baseline answers to compare with (a step of 100%): not judged
+    assert ro.judge(rollout, ro.Figures(100, refused=20), ro.Figures()).outcome == "pass"
