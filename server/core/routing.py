@@ -463,9 +463,13 @@ def idle_misfits(
     not fit, to be left out (pinned requests to one are refused as not loaded) rather than
     taking the route down, since a route is ready when every variant with weight is. None when
     variants with weight do not fit either."""
-    first = route.variants[0]
-    idle = [v for v in route.variants[1:] if weights.get(v.name, v.weight) == 0]
+    idle = [v for v in route.variants if weights.get(v.name, v.weight) == 0]
     kept = dataclasses.replace(route, variants=tuple(v for v in route.variants if v not in idle), shadows=())
+    if not kept.variants:
+        return None
+    # (the first variant with weight is the one the others must fit: the first listed may be
+    # the old stable left with no weight after a promotion, whose model was then replaced)
+    first = kept.variants[0]
     try:
         check_signatures(kept, signatures)
     except ConfigError:

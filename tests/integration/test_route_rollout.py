@@ -516,6 +516,39 @@ def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_se
         running.stop()
 
 
+def test_the_first_variant_without_weight_no_longer_fitting_leaves_the_route_serving(repo, tmp_path):
+    """After a promotion the first variant listed (the old stable) has no weight; its model
+    reloaded with another signature took the whole route down (503), since the first variant was
+    what the others had to fit. Now the variant with the weight serves on, the old one left out."""
+    import tritonclient.http as httpclient
+
+    route = {
+        "name": "promoted",
+        "variants": [
+            {"name": "stable", "model": "clf_same", "weight": 0},
+            {"name": "canary", "model": "clf_a", "weight": 100},
+        ],
+    }
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [route],
+        repository={"model_control_mode": "explicit", "load_model": ["*"]},
+        auth={"allow_open_admin": True},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        admin = httpclient.InferenceServerClient(running.http_url)
+        other = (Path(repo) / "strings" / "1" / "model.onnx").read_bytes()  # takes strings, not features
+        admin.load_model("clf_same", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": other})
+        assert admin.is_model_ready("promoted")
+        for _ in range(5):
+            assert infer_grpc(running.grpc_url, "promoted")[1]["variant"] == "canary"
+        with pytest.raises(InferenceServerException, match="not loaded"):
+            infer_grpc(running.grpc_url, "promoted", headers={"x-batchgate-variant": "stable"})
+    finally:
+        running.stop()
+
+
 def test_a_shadow_naming_the_canarys_version_is_known_as_the_canarys_shadow(repo, tmp_path):
     """The canary names its model without a version, the shadow names the same model with its
     version ("1"): before, they were matched as written and never found the same, so the
