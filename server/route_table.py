@@ -24,7 +24,7 @@ from .core import buckets
 from .core import rollout as ro
 from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
-from .core.routing import RouteSpec, Shadow, Variant, check_signatures, idle_misfits
+from .core.routing import RouteSpec, Shadow, Variant, check_signatures, idle_misfits, loaded_only
 from .core.types import clip, printable
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import Metrics
@@ -158,9 +158,8 @@ class RouteTable:
     def _check(self, spec: RouteSpec, members: Mapping[str, Any], strict: bool, weights: Mapping[str, int]) -> Any:
         """Whether the loaded members can answer alike (None), else why not; at install
         (``strict``) a mismatch refuses the configuration. ``weights``: the route's now."""
-        if any(v is None for v in members.values()):
-            return None  # checked once every member is loaded; until then those variants refuse
         signatures = {name: v.signature for name, v in members.items() if v is not None}
+        spec = loaded_only(spec, signatures)  # (a member not loaded refuses its requests)
         try:
             check_signatures(spec, signatures)
             return None

@@ -377,6 +377,8 @@ def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature])
     output exists with the same data type in the variants and the shadows; an ``input:`` sticky
     key names an input whose values can key a cohort. ``signatures``: variant or shadow name ->
     its model version's signature. The message names the variant and the tensor."""
+    if not route.variants:  # (none loaded: nothing to check yet)
+        return
     first = route.variants[0]
     ref = signatures[first.name]
     where = f"route '{route.name}'"
@@ -453,6 +455,17 @@ def _same_tensors(
                 f"{where}: {role} '{member.name}' ({member.model}) needs input '{extra[0]}', "
                 f"which variant '{first.name}' ({first.model}) does not take"
             )
+
+
+def loaded_only(route: RouteSpec, loaded: Mapping[str, Any]) -> RouteSpec:
+    """The route with only its variants and shadows in ``loaded`` (name -> signature): those are
+    checked while others are not loaded, so that one member not loaded (a shadow's model
+    unloaded) does not let the others stop fitting unseen (a variant's model then replaced)."""
+    return dataclasses.replace(
+        route,
+        variants=tuple(v for v in route.variants if v.name in loaded),
+        shadows=tuple(s for s in route.shadows if s.name in loaded),
+    )
 
 
 def idle_misfits(

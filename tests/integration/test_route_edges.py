@@ -1,7 +1,8 @@
 """Routes at their edges, each once a defect: BYTES answers compared across a local and a remote
 model, a batched model's 1-D output compared row by row, a Pause or Resume that changes nothing
 leaving weights set by hand alone, a route defined twice, a shadow whose model stops fitting,
-variants that batch differently, and a route's own execution statistics."""
+variants that batch differently, a route's own execution statistics, and a variant that stops fitting
+while another member is not loaded."""
 
 from __future__ import annotations
 
@@ -315,3 +316,41 @@ def test_a_route_on_a_version_the_loaded_model_lacks_is_refused_at_start(repo, t
     with pytest.raises(ConfigError) as e:
         start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
     assert "route 'v7': 'b': model 'clf_same' has no version 7 loaded; loaded versions: 1" in str(e.value)
+
+
+def test_a_variant_that_stops_fitting_while_a_shadows_model_is_unloaded_takes_the_route_out(repo, tmp_path):
+    """With one member not loaded (here the shadow's model) the signatures were not checked at
+    all: a variant with weight then reloaded with other inputs left the route ready, and its
+    share of the requests answered 400. Now the members loaded are checked: the route refuses,
+    naming the variant and the tensor."""
+    from pathlib import Path
+
+    import tritonclient.http as httpclient
+
+    routes = [
+        {
+            "name": "halves",
+            "variants": [
+                {"name": "a", "model": "clf_a", "weight": 50},
+                {"name": "b", "model": "clf_same", "weight": 50},
+            ],
+            "shadows": [{"name": "s", "model": "clf_other", "percent": 100}],
+        }
+    ]
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        routes,
+        repository={"model_control_mode": "explicit", "load_model": ["*"]},
+        auth={"allow_open_admin": True},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        admin = httpclient.InferenceServerClient(running.http_url)
+        admin.unload_model("clf_other")
+        other = (Path(repo) / "strings" / "1" / "model.onnx").read_bytes()  # takes strings, not features
+        admin.load_model("clf_same", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": other})
+        assert not admin.is_model_ready("halves")
+        with pytest.raises(InferenceServerException, match="variant 'b' \\(clf_same\\) has no input 'features'"):
+            infer_grpc(running.grpc_url, "halves")
+    finally:
+        running.stop()
