@@ -204,7 +204,7 @@ class RemoteV2Backend:
         # version are replaced without re-encoding the message.
         self.forward_suffix = string_field(1, spec.target) + string_field(2, spec.upstream_version)
         self.raw_forwarding = spec.forwarding == "raw"  # the remote model's setting (remote_models.py)
-        self.sequences = False  # the upstream batches sequences: each request goes as it came (shadows too)
+        self.sequences = False  # sequences or shape tensors upstream: each request goes as it came (shadows too)
 
     # ------------------------------------------------------------------ loading
     async def open(self) -> mc.ModelConfig:
@@ -285,10 +285,11 @@ class RemoteV2Backend:
             cfg.max_batch_size = min(spec.max_batch_size, upstream.max_batch_size)
         # A sequence model keeps each request apart: its upstream's sequence batcher needs every
         # step of a sequence as the caller sent it, sequence_id and start/end parameters with it.
-        sequences = self.sequences = upstream.HasField("sequence_batching")
+        sequences = upstream.HasField("sequence_batching")
         # A shape tensor (TensorRT) holds values that describe the batch, one copy for all its
         # rows: requests merged by rows would hand the upstream a tensor it cannot read.
         shapes = [t.name for t in (*upstream.input, *upstream.output) if t.is_shape_tensor]
+        self.sequences = sequences or bool(shapes)  # (shadow copies too go one by one then)
         if spec.batching == "gateway" and (sequences or shapes):
             why = "batches sequences" if sequences else f"has shape tensor(s) {', '.join(shapes[:4])}"
             log.info("model '%s': the upstream %s; each request is sent as it came", spec.name, why)

@@ -76,7 +76,7 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
     if canary.refused and baseline.requests:  # a client error only if the baseline refuses as many
         share, base = canary.refused / canary.requests, baseline.refused / baseline.requests
         figures["refused_excess"] = share - base
-        if share - base > g.max_error_rate:
+        if share - base > g.max_error_rate and _beyond_chance(canary, baseline, g.max_error_rate):
             reasons.append(
                 f"the model refused {share:.4f} of its requests as invalid, the baseline's {base:.4f}: "
                 f"more by {share - base:.4f} > max_error_rate {g.max_error_rate:g}"
@@ -198,3 +198,19 @@ def resume(state: RolloutState, rollout: Rollout, now: float) -> None:
     """A paused rollout goes on from its step, with a fresh interval."""
     if state.state == PAUSED:
         state.state, state.next_at, state.last = RUNNING, now + rollout.interval_s, "resumed by hand"
+
+
+REFUSED_Z = 2.58  # one-sided, about 0.5%: how sure the refused-share gate must be before it fails
+
+
+def _beyond_chance(canary: Figures, baseline: Figures, margin: float) -> bool:
+    """Whether the canary's share of requests refused as invalid passes the baseline's by more
+    than ``margin`` beyond what chance explains (a one-sided two-proportion z-test, pooled): the
+    clients' bad values fall on either variant at random, and in an interval of a few dozen
+    requests each, an equal canary's share passed the baseline's by several points often enough
+    to roll it back."""
+    n_c, n_b = canary.requests, baseline.requests
+    pooled = (canary.refused + baseline.refused) / (n_c + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_b))
+    excess = canary.refused / n_c - baseline.refused / n_b - margin
+    return excess > 0 if se == 0 else excess / se > REFUSED_Z

@@ -225,6 +225,11 @@ def test_a_canary_refusing_more_than_its_baseline_fails_the_error_gate():
     assert verdict.outcome == "fail" and "refused" in verdict.reasons[0]
     verdict = ro.judge(rollout, ro.Figures(100, refused=30), ro.Figures(200, refused=60))  # as often as the baseline
     assert verdict.outcome == "pass" and verdict.figures["refused_excess"] == 0
-    assert ro.judge(rollout, ro.Figures(100, refused=5), ro.Figures(100, refused=2)).outcome == "fail"
+    assert ro.judge(rollout, ro.Figures(100, refused=15), ro.Figures(100, refused=2)).outcome == "fail"
+    # more than the baseline, by as much as chance makes of clients' bad values falling on either
+    # side (a few dozen requests an interval: this rolled back an equal canary now and then)
+    assert ro.judge(rollout, ro.Figures(100, refused=5), ro.Figures(100, refused=2)).outcome == "pass"
+    assert ro.judge(rollout, ro.Figures(12, refused=4), ro.Figures(14, refused=2)).outcome == "pass"
+    assert ro.judge(rollout, ro.Figures(12, refused=11), ro.Figures(14, refused=3)).outcome == "fail"
     # no baseline answers to compare with (a step of 100%): not judged
     assert ro.judge(rollout, ro.Figures(100, refused=20), ro.Figures()).outcome == "pass"
