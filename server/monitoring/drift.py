@@ -314,6 +314,16 @@ class DriftService:
         with self._send_lock:
             self._inbox.send(message)
 
+    def _send_command(self, message: tuple) -> None:
+        """A command to the detector (on a worker thread); TimeoutError when the pipe stays held
+        for the command's whole time (the thread is never left waiting for good)."""
+        if not self._send_lock.acquire(timeout=COMMAND_TIMEOUT_S):
+            raise TimeoutError
+        try:
+            self._inbox.send(message)
+        finally:
+            self._send_lock.release()
+
     # ---------------------------------------------------------------- the detector's answers
     def _read(self, conn, proc) -> None:
         det = self.metrics.detector
@@ -491,18 +501,19 @@ class DriftService:
         ident = next(self._ids)
         fut = self._loop.create_future()
         self._replies[ident] = fut
-        try:  # on a thread: the pipe may be full while the detector scores a window
-            await asyncio.to_thread(self._send, ("command", ident, name, args))
-        except (OSError, ValueError) as e:
-            self._replies.pop(ident, None)
-            raise GatewayError(ErrorCode.UNAVAILABLE, f"the drift detector is not reachable: {e}") from None
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                # On a thread: the pipe may be full while the detector scores a window. The
+                # command's time covers the send too: a detector that stops reading leaves the
+                # sender thread waiting on the pipe, holding it, for as long as it is stuck.
+                await asyncio.to_thread(self._send_command, ("command", ident, name, args))
                 result = await fut
-        except TimeoutError:
+        except TimeoutError:  # (an OSError: first)
             raise GatewayError(
                 ErrorCode.DEADLINE_EXCEEDED, f"the drift detector did not answer within {COMMAND_TIMEOUT_S:g} s"
             ) from None
+        except (OSError, ValueError) as e:
+            raise GatewayError(ErrorCode.UNAVAILABLE, f"the drift detector is not reachable: {e}") from None
         finally:
             self._replies.pop(ident, None)
         model = str(args.get("model"))

@@ -264,3 +264,35 @@ def test_a_detector_process_that_dies_is_restarted_and_scoring_goes_on(served):
     before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
     _windows(gw, 1, seed=6)
     assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1
+
+
+def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path, monkeypatch):
+    """A detector that stops reading (stopped, or busy for long) fills the pipe: the sender thread
+    then waits on it, holding it. A reset or rebaseline must still answer within the command's
+    time, not wait with it for as long as the detector is stuck."""
+    from batchgate.monitoring import drift as drift_module
+
+    monkeypatch.setattr(drift_module, "COMMAND_TIMEOUT_S", 1.0)  # (30 s in service)
+    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x", max_rows_per_sample=64)
+    gw = start_gateway(built["repo"], cfg, drift_queue_samples=4)
+    pid = None
+    try:
+        service = gw.gateway.drift
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1, timeout=60)
+        pid = service.detector_pid
+        os.kill(pid, signal.SIGSTOP)
+        rows = traffic(64, 7)
+        for _ in range(5000):  # until the pipe is full and the queue behind it too
+            _send(gw, rows)
+            if _metric(gw, "batchgate_drift_samples_total", model="fraud", outcome="dropped"):
+                break
+        assert _metric(gw, "batchgate_drift_samples_total", model="fraud", outcome="dropped")
+        for path, body in (("drift/fraud/reset", {}), ("drift/fraud/rebaseline", {"rows": 200})):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                _admin(gw, path, body)
+            assert e.value.code == 504
+            assert "did not answer" in e.value.read().decode()
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        gw.stop()
