@@ -36,7 +36,7 @@ from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_fou
 from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
 from ..settings_sections import DriftSettings
-from .drift_checks import check_monitor, read_profile  # noqa: F401  (part of this module's interface)
+from .drift_checks import check_dead_letter, check_monitor, read_profile  # noqa: F401  (part of this module's interface)
 from .drift_detector import Plan
 from .drift_detector import main as detector_main
 from .metrics import DriftMetrics, Metrics
@@ -136,6 +136,8 @@ class DriftService:
                 os.makedirs(s.drift_profiles_dir, exist_ok=True)
             except OSError as e:
                 raise ConfigError(f"drift_profiles_dir {s.drift_profiles_dir}: {e.strerror}") from None
+        if s.drift_dead_letter_file:
+            check_dead_letter(s.drift_dead_letter_file)
         for model, spec in self.specs.items():
             sig = signatures.get(model)
             if sig is None:

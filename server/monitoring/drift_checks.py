@@ -4,6 +4,7 @@ naming what does not fit) when it cannot work with its model's signature."""
 from __future__ import annotations
 
 import json
+import os
 
 from ..core.drift import MonitorSpec, Profile, profile_from_json
 from ..core.errors import ConfigError
@@ -68,3 +69,22 @@ def _check_width(where: str, side: str, tensor, width: int, max_batch: int) -> N
     have = dims[0] if dims else 1
     if have != -1 and have != width:
         raise ConfigError(f"{where}: {side} '{tensor.name}' has {have} columns but the profile describes {width}")
+
+
+def check_dead_letter(path: str) -> None:
+    """The dead-letter file must be one the detector process can read and replace (it writes a
+    temporary file beside it): a directory, or a folder it cannot write in, stops the start (the
+    detector would otherwise fail at each start, restarted without end). A missing folder is
+    made, as drift_profiles_dir is."""
+    where = f"drift_dead_letter_file {path}"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot make its directory: {e.strerror}") from None
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"{where}: not a regular file")
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError(f"{where}: cannot be read and written")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: its directory {folder} is not writable")

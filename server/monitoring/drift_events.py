@@ -95,10 +95,13 @@ class DeadLetter:
             self.events = self._read()
 
     def _read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
+        try:  # (a byte that is not UTF-8 spoils its line only: that line is left out below)
+            with open(self.path, encoding="utf-8", errors="replace") as f:
                 lines = f.readlines()
         except FileNotFoundError:
+            return []
+        except OSError as e:  # the detector must start whatever the file is: what it held is lost
+            log.error("drift: the dead letter %s cannot be read (%s); starting with it empty", self.path, e)
             return []
         out = []
         for line in lines[-self.max_events * 2 :]:
@@ -122,12 +125,15 @@ class DeadLetter:
         if not self.path:
             return
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for entry in self.events:
-                f.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for entry in self.events:
+                    f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:  # (a full disk): the events stay in memory and are retried from there
+            log.error("drift: the dead letter %s cannot be written (%s); its events are kept in memory", self.path, e)
 
     def add(self, event: dict[str, Any], webhook: dict[str, Any]) -> None:
         self.events.append({"event": event, "webhook": webhook})

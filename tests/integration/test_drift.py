@@ -296,3 +296,13 @@ def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path
         if pid:
             os.kill(pid, signal.SIGCONT)
         gw.stop()
+
+
+def test_a_dead_letter_file_that_is_a_directory_stops_the_start(built, tmp_path):
+    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x")
+    (tmp_path / "dead").mkdir()
+    with pytest.raises(ConfigError, match="drift_dead_letter_file .*: not a regular file"):
+        start_gateway(built["repo"], cfg, drift_dead_letter_file=str(tmp_path / "dead"))
+    made = tmp_path / "new" / "dead.jsonl"  # a missing folder is made, as drift_profiles_dir is
+    start_gateway(built["repo"], cfg, drift_dead_letter_file=str(made)).stop()
+    assert made.parent.is_dir()

@@ -325,3 +325,25 @@ def test_profiles_json_round_trip_keeps_float32_edges():
     feature = build_tensor("x", np.array([[0.1], [0.2], [0.3]] * 50, dtype=np.float32))[0]
     again = profile_from_json(json.loads(json.dumps(build_profile("m", {"x": (feature,)}).to_json())))
     assert again.inputs["x"][0].edges == feature.edges
+
+
+def test_a_dead_letter_with_bytes_that_are_not_utf8_keeps_its_good_lines(tmp_path):
+    """The detector reads it at each start: a spoilt byte used to stop it there (restarted without end)."""
+    good = make_event("io.batchgate.drift.detected", "/t", "m", {})
+    path = tmp_path / "dead.jsonl"
+    path.write_bytes(
+        b'{"event": \xff\xfe}\n' + json.dumps({"event": good, "webhook": _hook("http://r/")}).encode() + b"\n"
+    )
+    assert [e["event"]["id"] for e in DeadLetter(str(path), 100).events] == [good["id"]]
+
+
+def test_a_dead_letter_that_cannot_be_read_or_written_keeps_its_events_in_memory(tmp_path):
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    dead = DeadLetter(str(folder), 100)  # a directory: neither read nor replaced
+    assert len(dead) == 0
+    event = make_event("io.batchgate.drift.detected", "/t", "m", {})
+    dead.add(event, _hook("http://r/"))
+    assert dead.holds("m") and len(dead) == 1
+    dead.remove(dead.events[0])
+    assert len(dead) == 0
