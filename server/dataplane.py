@@ -251,9 +251,10 @@ class DataPlane(Extensions):
         signature = (served.version if isinstance(served, Routed) else served).signature
         return None if signature.open else signature.precheck
 
-    def infer(self, served: Served, request: InferRequest) -> Awaitable[InferResponse]:
+    def infer(self, served: Served, request: InferRequest, sampled: bool | None = None) -> Awaitable[InferResponse]:
         """Hand ``request`` to the version :meth:`admit` returned; await the answer. With drift
-        monitors, a sampled request's rows are offered to the detector once it is answered.
+        monitors, a sampled request's rows are offered to the detector once it is answered
+        (``sampled``: decided already, by :meth:`drift_sampled`; None: decided here).
 
         Not a coroutine itself (one frame less per request): a refusal found here raises at
         once, before anything is queued."""
@@ -261,10 +262,21 @@ class DataPlane(Extensions):
         if request.offline:  # batch scoring: counted apart, never sampled for drift
             self.metrics.offline(request.model_name)
             return served.submit(request)
-        if drift is None or request.synthetic:
+        if drift is None or request.synthetic or sampled is False:
             return served.submit(request)
         variant = served.version.name if type(served) is Routed else None
-        return drift.watch(served.submit(request), request, variant)
+        return drift.watch(served.submit(request), request, variant, sampled)
+
+    def drift_sampled(self, served: Served, model_name: str) -> bool | None:
+        """Whether drift monitoring samples a gRPC request to a model that may forward it as it
+        came (:meth:`forward`): decided once, before, so a sampled request takes the decoded path
+        and is sampled there for sure (deciding again there would sample at the rate squared).
+        None when no monitor watches it (or it never forwards): :meth:`infer` decides."""
+        drift = self.drift
+        if drift is None or type(served) is not ModelVersion or served.forwarder is None:
+            return None
+        tap = drift.taps.get(model_name)
+        return None if tap is None else random() < tap.rate
 
     def forward(
         self, served: Served, raw: bytes, msg: Any, remaining: float | None, span: Any = None, metadata: Any = ()
@@ -273,18 +285,13 @@ class DataPlane(Extensions):
         the upstream as they came, and the upstream's serialized answer comes back, with no
         tensor decoded or encoded here (``ModelVersion.forward``). None when the request must
         take the ordinary path: a route (it picks, compares and measures on decoded requests),
-        a model the gateway batches, a request drift monitoring samples, a tensor in shared
+        a model the gateway batches, a tensor in shared
         memory, or every instance busy. The upstream is given the request's trace context: its
         ``span``'s, else what the call's ``metadata`` carried (read only when forwarding). The
         limits on what a request names still hold; the tensors themselves are the upstream's to
         check. ``msg``: the parsed request; ``remaining``: seconds to the call's deadline."""
         if type(served) is not ModelVersion or served.forwarder is None:
             return None
-        drift = self.drift
-        if drift is not None:
-            tap = drift.taps.get(served.name)
-            if tap is not None and random() < tap.rate:
-                return None
         limits = self.limits
         inputs = msg.inputs
         check_tensors(len(inputs), len(msg.outputs), limits)

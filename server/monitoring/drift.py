@@ -233,14 +233,19 @@ class DriftService:
 
     # ---------------------------------------------------------------- request path
     def watch(
-        self, answer: Awaitable[InferResponse], request: InferRequest, variant: str | None
+        self,
+        answer: Awaitable[InferResponse],
+        request: InferRequest,
+        variant: str | None,
+        sampled: bool | None = None,
     ) -> Awaitable[InferResponse]:
         """``answer`` itself, or (for a sampled request) a coroutine that awaits it and then
-        offers the sample."""
+        offers the sample. ``sampled``: True when it was decided already (a remote model's gRPC
+        request, before its fast path: ``DataPlane.drift_sampled``)."""
         tap = self.taps.get(request.model_name)
         if tap is None and variant is not None:
             tap = self.taps.get(variant)
-        if tap is None or random() >= tap.rate:
+        if tap is None or (not sampled and random() >= tap.rate):
             return answer
         return self._sampled(answer, request, tap)
 

@@ -412,9 +412,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if note is not None and note.span is not None:
                 note.span.add_event("ADMITTED")
             try:
+                # drift's sample, decided once: a sampled request takes the decoded path
+                sampled = None if dp.drift is None else dp.drift_sampled(served, request.model_name)
                 forwarded = (  # (batch scoring's requests go the decoded way: counted, never sampled)
                     None
-                    if _find(md, OFFLINE_HEADER)
+                    if sampled or _find(md, OFFLINE_HEADER)
                     else dp.forward(
                         served,
                         raw,
@@ -432,7 +434,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 decoded = self._decode(request, context, headers, shm, note, check)
                 if dp.weighs_calls:  # a front worker's call: the client requests it merged
                     decoded = decoded._replace(weight=weight_of(_find(md, REQUESTS_HEADER)))
-                resp = await dp.infer(served, decoded)
+                resp = await dp.infer(served, decoded, sampled)
             finally:
                 dp.release(served)
             if resp.parameters:  # answered through a route: which variant answered

@@ -306,3 +306,29 @@ def test_a_dead_letter_file_that_is_a_directory_stops_the_start(built, tmp_path)
     made = tmp_path / "new" / "dead.jsonl"  # a missing folder is made, as drift_profiles_dir is
     start_gateway(built["repo"], cfg, drift_dead_letter_file=str(made)).stop()
     assert made.parent.is_dir()
+
+
+def test_a_remote_models_grpc_requests_are_sampled_at_the_sample_rate(built, tmp_path):
+    """A remote model under ``batching: passthrough`` forwards gRPC requests as they came; a
+    sampled one takes the decoded path. The sample was decided twice (before the fast path, and
+    again on the decoded path), so 0.5 sampled a quarter of the requests."""
+    upstream = start_gateway(built["repo"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tmp_path / "c.yaml"
+    monitor = {"model": "fraud", "inputs": ["features"], "reference": built["profile"], "sample_rate": 0.5}
+    monitor["window"] = {"samples": 100_000, "max_s": 600}
+    remote = {"name": "fraud", "upstreams": [upstream.grpc_url], "batching": "passthrough"}
+    cfg.write_text(yaml.safe_dump({"remote_models": [remote], "drift": [monitor]}))
+    front = start_gateway(str(empty), str(cfg))
+    try:
+        assert wait_until(lambda: _metric(front, "batchgate_drift_detector_up") == 1, timeout=60)
+        requests = 400  # sampled: 200 expected, 10 the standard deviation; at the rate squared 100
+        for k in range(requests):
+            _send(front, traffic(2, k))
+        assert wait_until(lambda: _metric(front, "batchgate_drift_samples_total", model="fraud", outcome="used") >= 150)
+        wait_until(lambda: False, timeout=1.5)  # the detector's counts settle
+        assert _metric(front, "batchgate_drift_samples_total", model="fraud", outcome="used") <= 250
+    finally:
+        front.stop()
+        upstream.stop()
