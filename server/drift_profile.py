@@ -79,7 +79,8 @@ def read_table(path: str) -> dict[str, np.ndarray]:
     cells as text; :func:`_column` reads numbers out of them); JSONL list values kept whole."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" starts with one) is not part of the first name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if not header:
@@ -103,7 +104,7 @@ def read_table(path: str) -> dict[str, np.ndarray]:
         return {name: _arrow_column(table.column(name)) for name in table.column_names}
     if ext in (".jsonl", ".ndjson"):
         rows: list[dict[str, Any]] = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for i, line in enumerate(f):
                 if line.strip():
                     obj = json.loads(line)

@@ -171,3 +171,15 @@ def test_table_cells_reach_the_model_as_it_takes_them_and_nulls_are_missing(tmp_
         "--out", str(tmp_path / "o.json"),
     )  # fmt: skip
     assert done.returncode == 2 and "the column(s) 'a' appear more than once" in done.stderr
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    """Excel saves "CSV UTF-8" with a BOM; it was read into the first name, which was then refused."""
+    csv = tmp_path / "excel.csv"
+    csv.write_text("f0,f1\n1,2\n3,4\n5,6\n", encoding="utf-8-sig")
+    data = _profile(tmp_path, "--input", "features", "--data", str(csv))
+    assert [f["name"] for f in data["inputs"]["features"]] == ["f0", "f1"]
+    lines = tmp_path / "bom.jsonl"
+    lines.write_text('{"f0": 1, "f1": 2}\n{"f0": 3, "f1": 4}\n', encoding="utf-8-sig")
+    data = _profile(tmp_path, "--input", "features", "--data", str(lines))
+    assert [f["name"] for f in data["inputs"]["features"]] == ["f0", "f1"]
