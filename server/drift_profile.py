@@ -104,23 +104,41 @@ def read_table(path: str) -> dict[str, np.ndarray]:
         return {name: _arrow_column(table.column(name)) for name in table.column_names}
     if ext in (".jsonl", ".ndjson"):
         rows: list[dict[str, Any]] = []
+        lines: list[int] = []  # each row's line number, for messages
         with open(path, encoding="utf-8-sig") as f:
             for i, line in enumerate(f):
                 if line.strip():
-                    obj = json.loads(line)
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise ConfigError(f"{path}: line {i + 1} is not JSON: {e}") from None
                     if not isinstance(obj, dict):
                         raise ConfigError(f"{path}: line {i + 1} is not a JSON object")
                     rows.append(obj)
+                    lines.append(i + 1)
         keys = list(dict.fromkeys(k for r in rows for k in r))
         out = {}
         for k in keys:
             values = [r.get(k) for r in rows]
             if any(isinstance(v, list) for v in values):
-                out[k] = np.asarray(values)
+                out[k] = _list_column(path, k, values, lines)
             else:
                 out[k] = np.asarray([("" if v is None else v) for v in values], dtype=object)
         return out
     raise ConfigError(f"{path}: unknown data format {ext!r} (.npz, .csv, .parquet, .jsonl)")
+
+
+def _list_column(path: str, key: str, values: list[Any], lines: list[int]) -> np.ndarray:
+    """A JSON-lines input given as a list a line: one row each, every list as long as the first."""
+    width = len(next(v for v in values if isinstance(v, list)))
+    for v, line in zip(values, lines):
+        if not isinstance(v, list) or len(v) != width:
+            got = f"{len(v)} values" if isinstance(v, list) else "no list"
+            raise ConfigError(f"{path}: line {line} has {got} for '{key[:64]}', where others have {width}")
+    try:
+        return np.asarray(values)
+    except ValueError:  # (lists inside the lists)
+        raise ConfigError(f"{path}: '{key[:64]}' must hold a flat list of values a line") from None
 
 
 def _distinct(path: str, names: Sequence[str]) -> None:

@@ -183,3 +183,32 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
     lines.write_text('{"f0": 1, "f1": 2}\n{"f0": 3, "f1": 4}\n', encoding="utf-8-sig")
     data = _profile(tmp_path, "--input", "features", "--data", str(lines))
     assert [f["name"] for f in data["inputs"]["features"]] == ["f0", "f1"]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            '{"features": [1, 2]}\n\n{"features": [1, 2, 3]}\n',
+            "line 3 has 3 values for 'features', where others have 2",
+        ),
+        ('{"features": [1, 2]}\n{"other": 1}\n', "line 2 has no list for 'features'"),
+        ('{"features": [1, 2]}\n{"features": [1,\n', "line 2 is not JSON"),
+    ],
+)
+def test_json_lines_that_do_not_make_a_table_are_refused_naming_the_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(lines)
+    done = batchgate(
+        "drift",
+        "profile",
+        "--model",
+        "m",
+        "--input",
+        "features",
+        "--data",
+        str(path),
+        "--out",
+        str(tmp_path / "p.json"),
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
