@@ -54,7 +54,7 @@ def add_drift_commands(ds) -> None:
     r.add_argument("--reference", action="store_true", help="also go back to the configured reference profile")
     b = ds.add_parser("rebaseline", parents=[common], help="a new reference profile from the last rows served")
     b.add_argument("model")
-    b.add_argument("--rows", type=int, default=0, help="rows to use (0: all kept, up to drift_rebaseline_max_rows)")
+    b.add_argument("--rows", type=_rows, default=0, help="rows to use (0: all kept, up to drift_rebaseline_max_rows)")
 
 
 def _connect(args: argparse.Namespace, command: str):
@@ -176,6 +176,17 @@ def _channel(args: argparse.Namespace):
 
     creds = grpc.ssl_channel_credentials(read(args.ca_file), read(args.key_file), read(args.cert_file))
     return grpc.secure_channel(args.admin, creds)
+
+
+def _rows(text: str) -> int:
+    """A count the request's int64 field holds (past it, protobuf raised out of the command)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be a whole number of rows, 0 or more, not {text[:64]!r}")
+    return value
 
 
 def _seconds(text: str) -> float:

@@ -212,3 +212,11 @@ def test_json_lines_that_do_not_make_a_table_are_refused_naming_the_line(tmp_pat
         str(tmp_path / "p.json"),
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("rows", ["99999999999999999999", "-5", "many"])
+def test_drift_rebaseline_refuses_a_row_count_the_request_cannot_carry(rows):
+    """Past int64, protobuf raised out of the command with a traceback (before any connection)."""
+    done = batchgate("drift", "rebaseline", "fraud", "--rows", rows, "--admin", "127.0.0.1:9")
+    assert done.returncode == 2 and "--rows: must be a whole number of rows" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
