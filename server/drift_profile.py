@@ -8,7 +8,7 @@ Data files: ``.npz`` (one array per input, named like the input; a file with one
 single input), ``.csv`` (a header row), ``.parquet`` and ``.jsonl`` (one object a line). In the
 table forms a single input takes every column (or the ``--feature-names`` ones, in that order);
 with several inputs a column ``<input>.<feature>`` belongs to ``<input>``. JSON lines may also
-carry an input as a list (``{"features": [0.1, 2.0, ...]}``).
+carry an input as a list (``{"features": [0.1, 2.0, ...]}``), and Parquet as a list column.
 
 With ``--model-repository`` (ONNX Runtime, the model's latest version) or ``--url`` (any V2
 server over HTTP) the data is also run through the model, and its outputs are profiled too. The
@@ -101,7 +101,7 @@ def read_table(path: str) -> dict[str, np.ndarray]:
 
         table = pq.read_table(path)
         _distinct(path, table.column_names)
-        return {name: _arrow_column(table.column(name)) for name in table.column_names}
+        return {name: _arrow_column(path, name, table.column(name)) for name in table.column_names}
     if ext in (".jsonl", ".ndjson"):
         rows: list[dict[str, Any]] = []
         lines: list[int] = []  # each row's line number, for messages
@@ -156,11 +156,19 @@ def _column(values: Sequence[Any] | np.ndarray) -> np.ndarray:
         return np.asarray([str(v) for v in values], dtype=object)
 
 
-def _arrow_column(col) -> np.ndarray:
+def _arrow_column(path: str, name: str, col) -> np.ndarray:
     import pyarrow as pa
 
     if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
         return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+    kind = col.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        inner = kind.value_type
+        if pa.types.is_floating(inner) or pa.types.is_integer(inner):  # an input as a list of numbers a row
+            rows = col.to_pylist()
+            if any(r is None for r in rows) or len({len(r) for r in rows}) > 1:
+                raise ConfigError(f"{path}: column '{name[:64]}' holds lists of numbers of several lengths (or nulls)")
+            return np.array(rows, dtype=np.float64)  # (a null inside a list: NaN, missing)
     return np.asarray(col.to_pylist(), dtype=object)
 
 

@@ -220,3 +220,32 @@ def test_drift_rebaseline_refuses_a_row_count_the_request_cannot_carry(rows):
     done = batchgate("drift", "rebaseline", "fraud", "--rows", rows, "--admin", "127.0.0.1:9")
     assert done.returncode == 2 and "--rows: must be a whole number of rows" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_parquet_list_of_numbers_column_is_an_input_of_numeric_features(tmp_path):
+    """A list<float> column (one input a row, as embeddings are kept) was read as Python lists,
+    and every feature of it profiled as categories (each float a category)."""
+    x, _ = training_data(500)
+    variable = pa.array([list(row) for row in x], type=pa.list_(pa.float32()))
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), FEATURES)
+    for name, column in (("list", variable), ("fixed", fixed)):
+        pq.write_table(pa.table({"features": column}), tmp_path / f"{name}.parquet")
+        data = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / f"{name}.parquet"))
+        feats = data["inputs"]["features"]
+        assert len(feats) == FEATURES and {f["kind"] for f in feats} == {"numeric"}
+        assert abs(feats[0]["mean"] - float(x[:, 0].astype(np.float64).mean())) < 1e-6
+    ragged = pa.array([[1.0, 2.0], [1.0]], type=pa.list_(pa.float64()))
+    pq.write_table(pa.table({"features": ragged}), tmp_path / "ragged.parquet")
+    done = batchgate(
+        "drift",
+        "profile",
+        "--model",
+        "m",
+        "--input",
+        "features",
+        "--data",
+        str(tmp_path / "ragged.parquet"),
+        "--out",
+        str(tmp_path / "p.json"),
+    )
+    assert done.returncode == 2 and "column 'features' holds lists of numbers of several lengths" in done.stderr
