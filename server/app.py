@@ -395,9 +395,12 @@ class Gateway:
         service.start(asyncio.get_running_loop())
         self.dataplane.drift = self.drift = service
 
-    def drift_signatures(self) -> dict[str, ModelSignature]:
-        """The signature of each drift monitor's model or route (a route's: its primary's)."""
-        signatures = {}
+    def drift_signatures(self) -> dict[str, ModelSignature | None]:
+        """The signature of each drift monitor's model or route (a route's: its primary's);
+        None for a remote model, or a route, that is configured but not loaded yet (its
+        upstream down at start: the gateway retries it, and the monitor must not stop the start)."""
+        signatures: dict[str, ModelSignature | None] = {}
+        remote = {r.name for r in self.settings.remote_models}
         for spec in self.settings.drift:
             route = self.routes.routes.get(spec.model) if self.routes is not None else None
             try:
@@ -406,6 +409,8 @@ class Gateway:
                 served = None
             if served is not None:
                 signatures[spec.model] = served.signature
+            elif route is not None or spec.model in remote:
+                signatures[spec.model] = None
         return signatures
 
     async def _listen_http(

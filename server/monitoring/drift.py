@@ -118,9 +118,12 @@ class DriftService:
         self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0, "detections": {}}  # of those before
 
     # ---------------------------------------------------------------- start / stop
-    def prepare(self, signatures: dict[str, ModelSignature]) -> None:
+    def prepare(self, signatures: dict[str, ModelSignature | None]) -> None:
         """Read every profile and check each monitor against its model's signature (a route's
-        signature is its variants'); anything wrong is a ConfigError and the server does not start."""
+        signature is its variants'); anything wrong is a ConfigError and the server does not start.
+        A name mapped to None is a remote model (or a route) not loaded yet, its upstream down:
+        the gateway serves it once it loads, so its monitor starts too, checked against the
+        profile alone (a warning says so)."""
         # the detector process imports them; only whether they are there is checked here (importing
         # scipy would cost the gateway's start seconds and memory it never uses)
         missing = [m for m in ("river", "scipy") if importlib.util.find_spec(m) is None]
@@ -139,11 +142,17 @@ class DriftService:
         if s.drift_dead_letter_file:
             check_dead_letter(s.drift_dead_letter_file)
         for model, spec in self.specs.items():
-            sig = signatures.get(model)
-            if sig is None:
+            if model not in signatures:
                 raise ConfigError(f"drift monitor of '{model}': no model or route of that name is served")
+            sig = signatures[model]
             profile = read_profile(spec.reference)
             check_monitor(spec, profile, sig, s.drift_max_features)
+            if sig is None:
+                log.warning(
+                    "drift monitor of '%s': the model is not loaded yet (its upstream is down); the monitor "
+                    "starts checked against its profile only: samples of another width are counted invalid",
+                    model,
+                )
             saved = self._saved(model, profile)
             monitors.append((spec, profile, saved))
             dm = self.metrics.drift(model)

@@ -21,11 +21,17 @@ def read_profile(path: str) -> Profile:
     return profile_from_json(data, f"drift profile {path}")
 
 
-def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature, max_features: int) -> None:
-    """A monitor that cannot work is refused at start, naming what does not fit."""
+def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature | None, max_features: int) -> None:
+    """A monitor that cannot work is refused at start, naming what does not fit. ``signature``
+    None: a remote model (or a route of them) not loaded yet: only what the profile alone
+    decides is checked (live, a tensor of another width is counted invalid)."""
     where = f"drift monitor of '{spec.model}'"
-    tensors = {t.name: t for t in signature.inputs}
     for name in spec.inputs:
+        if signature is None:
+            if name not in profile.inputs:
+                raise ConfigError(f"{where}: the profile describes no input '{name}' ({', '.join(profile.inputs)})")
+            continue
+        tensors = {t.name: t for t in signature.inputs}
         t = tensors.get(name)
         if t is None:
             raise ConfigError(f"{where}: the model has no input '{name}' (inputs: {', '.join(sorted(tensors))})")
@@ -45,12 +51,12 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
             raise ConfigError(
                 f"{where}: 'outputs: true' needs a profile with outputs (batchgate drift profile --model)"
             )
-        outs = {t.name: t for t in signature.outputs}
-        for name, feats in profile.outputs.items():
+        outs = {t.name: t for t in signature.outputs} if signature is not None else {}
+        for name, feats in profile.outputs.items() if signature is not None else ():
             t = outs.get(name)
             if t is None:
                 raise ConfigError(f"{where}: the profile describes output '{name}', which the model does not have")
-            _check_width(where, "output", t, len(feats), signature.max_batch_size)
+            _check_width(where, "output", t, len(feats), signature.max_batch_size)  # type: ignore[union-attr]
     count = len(profile.features(spec.outputs))
     if spec.min_drifted_features > count and not spec.min_drifted_share:
         raise ConfigError(

@@ -332,3 +332,39 @@ def test_a_remote_models_grpc_requests_are_sampled_at_the_sample_rate(built, tmp
     finally:
         front.stop()
         upstream.stop()
+
+
+def test_a_monitor_of_a_remote_model_whose_upstream_is_down_at_start_does_not_stop_the_start(built, tmp_path, caplog):
+    """The gateway starts without a remote model's upstream (it retries); its drift monitor
+    used to stop the start ("no model or route of that name is served"), a pod crash-looping
+    until Triton came up. It starts, and samples once the model has loaded."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on, for the upstream to come to later
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tmp_path / "c.yaml"
+    monitor = {"model": "fraud", "inputs": ["features"], "reference": built["profile"], "sample_rate": 1.0}
+    remote = {"name": "fraud", "upstreams": [f"127.0.0.1:{port}"], "batching": "passthrough"}
+    cfg.write_text(yaml.safe_dump({"remote_models": [remote], "drift": [monitor]}))
+    front = start_gateway(str(empty), str(cfg))
+    upstream = None
+    try:
+        assert "the model is not loaded yet" in caplog.text
+        upstream = start_gateway(built["repo"], grpc_port=port)
+
+        def answered() -> bool:
+            try:
+                _send(front, traffic(4, 1))
+                return True
+            except Exception:
+                return False
+
+        assert wait_until(answered, timeout=60)
+        assert wait_until(lambda: _metric(front, "batchgate_drift_samples_total", model="fraud", outcome="used") >= 1)
+    finally:
+        front.stop()
+        if upstream is not None:
+            upstream.stop()
