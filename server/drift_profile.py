@@ -123,7 +123,7 @@ def read_table(path: str) -> dict[str, np.ndarray]:
             if any(isinstance(v, list) for v in values):
                 out[k] = _list_column(path, k, values, lines)
             else:
-                out[k] = np.asarray([("" if v is None else v) for v in values], dtype=object)
+                out[k] = np.asarray(values, dtype=object)  # (a null, or a key a line lacks: missing)
         return out
     raise ConfigError(f"{path}: unknown data format {ext!r} (.npz, .csv, .parquet, .jsonl)")
 
@@ -149,11 +149,12 @@ def _distinct(path: str, names: Sequence[str]) -> None:
 
 
 def _column(values: Sequence[Any] | np.ndarray) -> np.ndarray:
-    """Numbers where every cell is one (empty cells: NaN), else text."""
+    """Numbers where every cell is one (empty cells and nulls: NaN), else text (nulls kept as
+    None: missing, as a Parquet text column's)."""
     try:
-        return np.asarray([float("nan") if v == "" else float(v) for v in values], dtype=np.float64)
+        return np.asarray([float("nan") if v is None or v == "" else float(v) for v in values], dtype=np.float64)
     except (TypeError, ValueError):
-        return np.asarray([str(v) for v in values], dtype=object)
+        return np.asarray([None if v is None else str(v) for v in values], dtype=object)
 
 
 def _arrow_column(path: str, name: str, col) -> np.ndarray:

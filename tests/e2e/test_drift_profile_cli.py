@@ -249,3 +249,21 @@ def test_a_parquet_list_of_numbers_column_is_an_input_of_numeric_features(tmp_pa
         str(tmp_path / "p.json"),
     )
     assert done.returncode == 2 and "column 'features' holds lists of numbers of several lengths" in done.stderr
+
+
+def test_a_json_null_is_missing_as_a_parquet_null_is(tmp_path):
+    """A JSON-lines null (or a key a line lacks) of a text column became the category "" (the
+    empty text), not missing; of a number column it was missing already."""
+    path = tmp_path / "nulls.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            row = {"n": None if i % 4 == 0 else i, "t": None if i % 5 == 0 else "ab"[i % 2]}
+            if i % 8 == 1:
+                del row["t"]
+            f.write(json.dumps(row) + "\n")
+    data = _profile(tmp_path, "--input", "features", "--data", str(path))
+    n, t = data["inputs"]["features"]
+    assert n["kind"] == "numeric" and n["missing_rate"] == 0.25
+    assert (
+        t["kind"] == "categorical" and t["missing_rate"] == 12 / 40
+    )  # (8 nulls, 5 lines without it, one both) and "" not in t["categories"]
