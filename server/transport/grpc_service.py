@@ -323,17 +323,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if e is None:
             return None
         dp.log_failure("grpc", name, "", e)
-        key = (e.message, e.retry_after_s)
-        refusal = _REFUSALS.get(key)
+        refusal = _REFUSALS.get(key := (e.message, e.retry_after_s))
         if refusal is None:  # (the same few words, refusal after refusal: the answer is made once)
             if len(_REFUSALS) >= 64:  # (messages with figures in them vary)
                 _REFUSALS.clear()
             refusal = _REFUSALS[key] = (GRPC_STATUS[e.code], e.message, retry_metadata(e))
         alog = dp.access_log
         if alog is not None and alog.overload_wanted():
-            code = refusal[0]
             alog.request(
-                None, "grpc", name, code.name, e.code.value, lambda: (peer, None), path=MODEL_INFER, sampled=True
+                None, "grpc", name, refusal[0].name, e.code.value, lambda: (peer, None), path=MODEL_INFER, sampled=True
             )
         return refusal
 
@@ -412,9 +410,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if note is not None and note.span is not None:
                 note.span.add_event("ADMITTED")
             try:
-                # drift's sample, decided once: a sampled request takes the decoded path
-                sampled = None if dp.drift is None else dp.drift_sampled(served, request.model_name)
-                forwarded = (  # (batch scoring's requests go the decoded way: counted, never sampled)
+                sampled = None if dp.drift is None else dp.drift_sampled(served, request.model_name)  # (once)
+                # (drift's samples and batch scoring's requests go the decoded way: those counted, never sampled)
+                forwarded = (
                     None
                     if sampled or _find(md, OFFLINE_HEADER)
                     else dp.forward(
