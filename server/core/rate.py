@@ -85,3 +85,30 @@ class Pacer:
         turn = max(self._next, now - self._burst)
         self._next = turn + 1.0 / self.rate
         return turn - now if turn > now else 0.0
+
+
+class Backoff:
+    """The wait before a process that exited is started again: ``steps`` in turn while it keeps
+    exiting soon after it started, back to the first once a life has lasted ``healthy_s`` (a
+    process that crashed a few times in a week must not wait the longest step for good)."""
+
+    __slots__ = ("steps", "healthy_s", "_clock", "_started", "_failed")
+
+    def __init__(self, steps: tuple[float, ...], healthy_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.steps = steps
+        self.healthy_s = healthy_s
+        self._clock = clock
+        self._started = clock()
+        self._failed = 0  # exits in a row, each before healthy_s
+
+    def started(self) -> None:
+        """A new life began (its process says it is up)."""
+        self._started = self._clock()
+
+    def delay(self) -> float:
+        """The process exited: seconds to wait before starting it again."""
+        if self._clock() - self._started >= self.healthy_s:
+            self._failed = 0
+        wait = self.steps[min(self._failed, len(self.steps) - 1)]
+        self._failed += 1
+        return wait

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns, feature_widths
 from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
+from ..core.rate import Backoff
 from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
 from ..settings_sections import DriftSettings
@@ -43,7 +44,7 @@ from .metrics import DriftMetrics, Metrics
 
 log = logging.getLogger("batchgate")
 
-RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # exits in a row, each within a minute of its start
 SEND_GATHER_S = 0.02  # a batch for the detector gathers this long after its first sample
 COMMAND_TIMEOUT_S = 30.0
 Audit = Callable[[str, str, str, str], Awaitable[None]]
@@ -105,6 +106,7 @@ class DriftService:
         self.queue: deque = deque()
         self._wake = threading.Event()
         self._stopping = False
+        self._backoff = Backoff(RESTART_BACKOFF_S)  # before each restart of the detector
         self._process: Any = None
         self._inbox: Any = None  # our end of the pipe to the detector
         self._threads: list[threading.Thread] = []
@@ -359,6 +361,7 @@ class DriftService:
                 elif kind == "up":
                     det.up = 1
                     self.detector_pid = msg[1]
+                    self._backoff.started()
         except (EOFError, OSError):
             pass
         det.up = 0
@@ -368,7 +371,7 @@ class DriftService:
             return
         proc.join(1.0)
         log.error("drift: the detector process exited (code %s); restarting it", proc.exitcode)
-        time.sleep(RESTART_BACKOFF_S[min(det.restarts, len(RESTART_BACKOFF_S) - 1)])
+        time.sleep(self._backoff.delay())
         if not self._stopping:
             det.restarts += 1
             assert self.plan is not None  # a rebaseline kept in drift_profiles_dir survives the restart

@@ -55,3 +55,23 @@ def test_a_pacer_gives_its_burst_at_once_then_one_turn_each_a_rate_apart():
     now[0] += 1.0  # a quiet second: the bucket is full again, no more than its burst
     assert [pacer.delay() for _ in range(6)] == pytest.approx([0.0] * 6, abs=1e-9)
     assert pacer.delay() > 0
+
+
+def test_a_restart_backoff_climbs_while_lives_are_short_and_starts_over_after_a_healthy_one():
+    """The drift detector's restarts: before, the step was chosen by its restarts all told, so after
+    five crashes in any span of time (a week, say) every later restart waited the longest step."""
+    from batchgate.core.rate import Backoff
+
+    now = [0.0]
+    b = Backoff((1.0, 2.0, 5.0), healthy_s=60.0, clock=lambda: now[0])
+    waits = []
+    for _ in range(4):  # each life ends within a second of its start
+        now[0] += 1.0
+        waits.append(b.delay())
+        b.started()
+    assert waits == [1.0, 2.0, 5.0, 5.0]
+    now[0] += 3600.0  # a life of an hour: the next exit is a first one again
+    assert b.delay() == 1.0
+    b.started()
+    now[0] += 59.0
+    assert b.delay() == 2.0  # (59 s: not healthy yet)
