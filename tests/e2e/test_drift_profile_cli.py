@@ -185,6 +185,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
     assert [f["name"] for f in data["inputs"]["features"]] == ["f0", "f1"]
 
 
+def _profile_of(tmp_path, data):
+    """``batchgate drift profile`` of ``data`` for the input ``features`` (the finished process)."""
+    out = str(tmp_path / "p.json")
+    return batchgate("drift", "profile", "--model", "m", "--input", "features", "--data", str(data), "--out", out)
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
@@ -199,18 +205,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
 def test_json_lines_that_do_not_make_a_table_are_refused_naming_the_line(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(lines)
-    done = batchgate(
-        "drift",
-        "profile",
-        "--model",
-        "m",
-        "--input",
-        "features",
-        "--data",
-        str(path),
-        "--out",
-        str(tmp_path / "p.json"),
-    )
+    done = _profile_of(tmp_path, path)
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
@@ -236,18 +231,7 @@ def test_a_parquet_list_of_numbers_column_is_an_input_of_numeric_features(tmp_pa
         assert abs(feats[0]["mean"] - float(x[:, 0].astype(np.float64).mean())) < 1e-6
     ragged = pa.array([[1.0, 2.0], [1.0]], type=pa.list_(pa.float64()))
     pq.write_table(pa.table({"features": ragged}), tmp_path / "ragged.parquet")
-    done = batchgate(
-        "drift",
-        "profile",
-        "--model",
-        "m",
-        "--input",
-        "features",
-        "--data",
-        str(tmp_path / "ragged.parquet"),
-        "--out",
-        str(tmp_path / "p.json"),
-    )
+    done = _profile_of(tmp_path, tmp_path / "ragged.parquet")
     assert done.returncode == 2 and "column 'features' holds lists of numbers of several lengths" in done.stderr
 
 

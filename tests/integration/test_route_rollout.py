@@ -489,13 +489,20 @@ def test_a_canary_whose_model_is_unloaded_mid_rollout_fails_its_gate(repo, tmp_p
         running.stop()
 
 
-def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_serving(repo, tmp_path):
-    """A staged canary (weight 0) whose model was reloaded with another signature took its whole
-    route down: every request 503, pinned ones to the baseline included. A route is ready when
-    every variant with weight is: now that variant alone is left out (pins to it refused)."""
+@pytest.mark.parametrize("first_weighs", [True, False], ids=["staged canary", "promoted, old stable first"])
+def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_serving(repo, tmp_path, first_weighs):
+    """A variant with no weight whose model was reloaded with another signature took its whole
+    route down: every request 503, pinned ones to the variant with the weight included. A route is
+    ready when every variant with weight is: now that variant alone is left out (pins to it
+    refused). The same when that variant is listed first, as the old stable is after a promotion
+    (the first variant was what the others had to fit)."""
     import tritonclient.http as httpclient
 
-    route = _staged("staged")
+    weighted, idle = {"name": "stable", "model": "clf_a"}, {"name": "canary", "model": "clf_same"}
+    if not first_weighs:
+        weighted, idle = {"name": "canary", "model": "clf_a"}, {"name": "stable", "model": "clf_same"}
+    variants = [{**weighted, "weight": 100}, {**idle, "weight": 0}]
+    route = {"name": "r", "variants": variants if first_weighs else variants[::-1]}
     cfg = write_config(
         str(tmp_path / "c.yaml"),
         [route],
@@ -507,44 +514,11 @@ def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_se
         admin = httpclient.InferenceServerClient(running.http_url)
         other = (Path(repo) / "strings" / "1" / "model.onnx").read_bytes()  # takes strings, not features
         admin.load_model("clf_same", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": other})
+        assert admin.is_model_ready("r")
         for _ in range(10):
-            assert infer_grpc(running.grpc_url, "staged")[1]["variant"] == "stable"
-        assert admin.is_model_ready("staged")
+            assert infer_grpc(running.grpc_url, "r")[1]["variant"] == weighted["name"]
         with pytest.raises(InferenceServerException, match="not loaded"):
-            infer_grpc(running.grpc_url, "staged", headers={"x-batchgate-variant": "canary"})
-    finally:
-        running.stop()
-
-
-def test_the_first_variant_without_weight_no_longer_fitting_leaves_the_route_serving(repo, tmp_path):
-    """After a promotion the first variant listed (the old stable) has no weight; its model
-    reloaded with another signature took the whole route down (503), since the first variant was
-    what the others had to fit. Now the variant with the weight serves on, the old one left out."""
-    import tritonclient.http as httpclient
-
-    route = {
-        "name": "promoted",
-        "variants": [
-            {"name": "stable", "model": "clf_same", "weight": 0},
-            {"name": "canary", "model": "clf_a", "weight": 100},
-        ],
-    }
-    cfg = write_config(
-        str(tmp_path / "c.yaml"),
-        [route],
-        repository={"model_control_mode": "explicit", "load_model": ["*"]},
-        auth={"allow_open_admin": True},
-    )
-    running = start_gateway(repo, config_file=cfg)
-    try:
-        admin = httpclient.InferenceServerClient(running.http_url)
-        other = (Path(repo) / "strings" / "1" / "model.onnx").read_bytes()  # takes strings, not features
-        admin.load_model("clf_same", config=json.dumps({"max_batch_size": 8}), files={"file:1/model.onnx": other})
-        assert admin.is_model_ready("promoted")
-        for _ in range(5):
-            assert infer_grpc(running.grpc_url, "promoted")[1]["variant"] == "canary"
-        with pytest.raises(InferenceServerException, match="not loaded"):
-            infer_grpc(running.grpc_url, "promoted", headers={"x-batchgate-variant": "stable"})
+            infer_grpc(running.grpc_url, "r", headers={"x-batchgate-variant": idle["name"]})
     finally:
         running.stop()
 
