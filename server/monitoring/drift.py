@@ -149,6 +149,12 @@ class DriftService:
             sig = signatures[model]
             profile = read_profile(spec.reference)
             check_monitor(spec, profile, sig, s.drift_max_features)
+            if s.drift_rebaseline_max_rows < spec.min_window_samples:  # (a rebaseline could never be taken)
+                raise ConfigError(
+                    f"drift monitor of '{model}': window.min_samples {spec.min_window_samples} is more than "
+                    f"drift_rebaseline_max_rows {s.drift_rebaseline_max_rows}, the live rows kept for a rebaseline, "
+                    "which needs at least min_samples: raise drift_rebaseline_max_rows or lower min_samples"
+                )
             if sig is None:
                 log.warning(
                     "drift monitor of '%s': the model is not loaded yet (its upstream is down); the monitor "

@@ -250,6 +250,12 @@ def test_a_profile_that_does_not_fit_the_model_or_the_feature_bound_is_refused(b
     cfg = _config(tmp_path / "e.yaml", str(evil), "http://127.0.0.1:9/x")
     with pytest.raises(ConfigError, match="is not allowed"):
         start_gateway(built["repo"], cfg)
+    # a window that needs more rows than a rebaseline may keep: no rebaseline could ever be taken
+    cfg = _config(
+        tmp_path / "f.yaml", built["profile"], "http://127.0.0.1:9/x", window={"samples": 500, "min_samples": 200}
+    )
+    with pytest.raises(ConfigError, match="window.min_samples 200 is more than drift_rebaseline_max_rows 100"):
+        start_gateway(built["repo"], cfg, drift_rebaseline_max_rows=100)
 
 
 def test_a_detector_process_that_dies_is_restarted_and_scoring_goes_on(served):
