@@ -417,6 +417,12 @@ class DriftSettings:
     drift_max_features: int = _setting(
         512, "a drift monitor may watch at most this many features (each is a metric label)", minimum=1
     )
+    drift_detector_hang_s: float = _setting(
+        60.0,
+        "a detector process not heard from for this long (it reports every second, and scoring a window "
+        "holds it) is killed and started again; 0 = never",
+        minimum=0,
+    )
     drift_queue_samples: int = _setting(
         1024, "sampled requests waiting for the detector process; one more is dropped and counted", minimum=1
     )

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..core.drift import MAX_CATEGORY_BYTES, MonitorSpec, Profile, columns, feature_widths
+from ..core.drift import MonitorSpec, Profile, feature_widths
 from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from ..core.rate import Backoff
 from ..core.signature import ModelSignature
@@ -40,6 +40,8 @@ from ..settings_sections import DriftSettings
 from .drift_checks import check_dead_letter, check_monitor, read_profile  # noqa: F401  (part of this module's interface)
 from .drift_detector import Plan
 from .drift_detector import main as detector_main
+from .drift_samples import sample as _sample
+from .drift_samples import stacked
 from .metrics import DriftMetrics, Metrics
 
 log = logging.getLogger("batchgate")
@@ -107,6 +109,7 @@ class DriftService:
         self._wake = threading.Event()
         self._stopping = False
         self._backoff = Backoff(RESTART_BACKOFF_S)  # before each restart of the detector
+        self._heard_at = float("inf")  # when the detector last said anything (see _watch)
         self._process: Any = None
         self._inbox: Any = None  # our end of the pipe to the detector
         self._threads: list[threading.Thread] = []
@@ -205,11 +208,30 @@ class DriftService:
         self._loop = loop
         if self.link is None:
             self._spawn()
+            if self.settings.drift_detector_hang_s:
+                loop.call_later(1.0, self._watch)
         sender = threading.Thread(target=self._send_samples, name="batchgate-drift-send", daemon=True)
         sender.start()
         self._threads.append(sender)
 
+    def _watch(self) -> None:
+        """On the loop, every second: a detector not heard from for drift_detector_hang_s (hung, or
+        stopped: it reports every second) is killed; its reader then starts another."""
+        if self._stopping:
+            return
+        proc, det = self._process, self.metrics.detector
+        hang_s = self.settings.drift_detector_hang_s
+        if proc is not None and proc.is_alive() and time.monotonic() - self._heard_at > hang_s:
+            log.error("drift: the detector process (pid %s) has not reported for %g s: killing it", proc.pid, hang_s)
+            if det is not None:
+                det.up = 0
+            proc.kill()
+            self._heard_at = float("inf")  # (once: its reader starts the next, judged from its "up")
+        assert self._loop is not None
+        self._loop.call_later(1.0, self._watch)
+
     def _spawn(self) -> None:
+        self._heard_at = float("inf")  # (judged once it says it is up: starting takes its imports' time)
         ctx = multiprocessing.get_context("spawn")
         to_child_r, to_child_w = ctx.Pipe(duplex=False)
         from_child_r, from_child_w = ctx.Pipe(duplex=False)
@@ -368,6 +390,7 @@ class DriftService:
                     det.up = 1
                     self.detector_pid = msg[1]
                     self._backoff.started()
+                self._heard_at = time.monotonic()
         except (EOFError, OSError):
             pass
         det.up = 0
@@ -555,42 +578,3 @@ class DriftService:
 def _fail(fut: asyncio.Future, error: BaseException) -> None:
     if not fut.done():
         fut.set_exception(error)
-
-
-def _sample(data: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
-    """At most ``rows`` rows of a tensor as [rows, columns], copied (never a view of the
-    request's body); BYTES values cut to the length a category is kept at (a client's 50 MB
-    string never reaches the queue, the pipe or a window). ValueError, before any copy, when
-    its columns are not the profile's ``width``."""
-    if not data.ndim or not data.shape[0]:
-        raise ValueError("a tensor without rows")
-    if width is not None and (data.size // data.shape[0] if data.ndim > 1 else 1) != width:
-        raise ValueError("a tensor of another width than the profile's")
-    cols = (data if data.ndim == 2 else columns(data))[:rows]
-    if cols.dtype.kind == "O":
-        return np.array([[_cut(v) for v in row] for row in cols.tolist()], dtype=object)
-    return cols.copy()
-
-
-def _cut(value: object) -> object:
-    if isinstance(value, (bytes, bytearray, str)) and len(value) > MAX_CATEGORY_BYTES:
-        return value[:MAX_CATEGORY_BYTES]
-    return value
-
-
-def stacked(batch: list[tuple[str, float, dict[tuple[str, str], np.ndarray]]]) -> list[tuple]:
-    """Samples of one model with the same tensors (names, widths, types), their rows stacked:
-    one array a tensor instead of one a request (pickling and the detector's work per sample
-    shrink to per batch). Each group: (model, first offered, last offered, tensors, samples)."""
-    groups: dict[tuple, list[tuple[float, dict]]] = {}
-    for model, offered, tensors in batch:
-        shape = tuple([(k, a.shape[1:], a.dtype) for k, a in tensors.items()])  # (in the request's order)
-        groups.setdefault((model, shape), []).append((offered, tensors))
-    out = []
-    for (model, shape), items in groups.items():
-        if len(items) == 1:
-            tensors = items[0][1]
-        else:
-            tensors = {k: np.concatenate([t[k] for _, t in items]) for k, _, _ in shape}
-        out.append((model, items[0][0], items[-1][0], tensors, len(items)))
-    return out

@@ -8,6 +8,7 @@ the events go to the dead-letter file and are delivered once it is back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -270,6 +271,29 @@ def test_a_detector_process_that_dies_is_restarted_and_scoring_goes_on(served):
     before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
     _windows(gw, 1, seed=6)
     assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1
+
+
+def test_a_detector_that_stops_reporting_is_killed_and_started_again(built, tmp_path):
+    """A hung detector (here stopped) read as up for ever, nothing scored: it reports every second,
+    so one silent past drift_detector_hang_s is killed, counted down, and started again."""
+    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x")
+    gw = start_gateway(built["repo"], cfg, drift_detector_hang_s=2)
+    pid = None
+    try:
+        service = gw.gateway.drift
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1, timeout=60)
+        pid = service.detector_pid
+        os.kill(pid, signal.SIGSTOP)
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_restarts_total") == 1, timeout=30)
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1 and service.detector_pid != pid)
+        before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
+        _windows(gw, 1, seed=8)
+        assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        gw.stop()
 
 
 def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path, monkeypatch):

@@ -259,7 +259,7 @@ def test_a_rebaseline_needs_rows_and_replaces_the_profile_keeping_feature_kinds(
 
 
 def test_a_stacked_batch_fills_windows_to_their_exact_size():
-    from batchgate.monitoring.drift import stacked
+    from batchgate.monitoring.drift_samples import stacked
 
     rng = np.random.default_rng(4)
     batch = [("m", float(t), {("input", "x"): rng.standard_normal((15, 3))}) for t in range(10)]
