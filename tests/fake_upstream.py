@@ -7,7 +7,8 @@ Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same w
 same, answered in typed ``contents``, not raw). A request parameter ``code`` (int) makes the
 call fail with that gRPC status; the answer carries the parameter ``seen`` (the request's
 parameter names, sorted), its output ``content_type`` "np"; a parameter ``lie`` makes the
-answer wrong: "rows" (one row too many) or "datatype" (y as INT32). ``version`` and ``width``
+answer wrong: "rows" (one row too many), "datatype" (y as INT32), "width" (one column too
+many) or "garbage" (bytes that are no ModelInferResponse). ``version`` and ``width``
 (of x and y) may be changed while it serves, as a Triton that loaded another version.
 """
 
@@ -74,6 +75,10 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             y = np.concatenate([y, y[:1]])
         elif lie == "datatype":  # INT32, where its signature says FP32 (as many bytes)
             y, datatype = y.astype(np.int32), "INT32"
+        elif lie == "width":  # one column more than its signature's
+            y = np.concatenate([y, y[:, :1]], axis=1)
+        elif lie == "garbage":  # bytes that are no ModelInferResponse
+            return b"\xff\xff\xff\xff"
         resp.outputs.add(name="y", datatype=datatype, shape=list(y.shape))
         if request.model_name == "typed":
             resp.outputs[0].contents.fp32_contents.extend(y.ravel().tolist())
@@ -82,6 +87,33 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         resp.parameters["seen"].string_param = ",".join(sorted(params))
         resp.outputs[0].parameters["content_type"].string_param = "np"
         return resp
+
+
+class _Handlers:
+    """Takes the method handlers tritonclient's helper registers, to change one."""
+
+    handlers: dict
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def _register(server: grpc.aio.Server, service: _Service) -> None:
+    """The V2 service, but ModelInfer may answer bytes as they are (an answer that is no message)."""
+    got = _Handlers()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, got)
+    handlers = dict(got.handlers)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        service.ModelInfer,
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=lambda r: r if isinstance(r, bytes) else r.SerializeToString(),
+    )
+    name = "inference.GRPCInferenceService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class FakeUpstream:
@@ -100,7 +132,7 @@ class FakeUpstream:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._server = grpc.aio.server()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Service(self), self._server)
+        _register(self._server, _Service(self))
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._loop.run_until_complete(self._server.start())
         self._started.set()

@@ -30,16 +30,15 @@ import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelRefused, TooLarge
 from ..core.types import BY_CONFIG, clip
-from ..monitoring.metrics import Metrics, UpstreamMetrics
+from ..monitoring.metrics import Metrics
 from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
 from .base import Kind
-from .h2_client import H2Channel
+from .upstream import Upstream
 from .v2_messages import (
     answer_outputs,
     answer_parameters,
@@ -53,7 +52,6 @@ from .v2_messages import (
 log = logging.getLogger("batchgate.remote")
 
 PLATFORM = "remote"
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_EJECT_S = 60.0
 # The longest call timeout given to gRPC: gRPC core overflows a deadline past about 1e10 s from
 # now into the past (every call then fails at once, DEADLINE_EXCEEDED); 1e8 s is over 3 years.
@@ -89,21 +87,6 @@ _KEPT_CODES = {
 }
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        # What is sent is bounded already: a request within max_request_bytes, or a gateway batch
-        # of such requests (one that gRPC refused for its size failed callers each of which fit).
-        ("grpc.max_send_message_length", -1),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # A restarted upstream is found within a second, not after gRPC's default 2-minute backoff.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-    ]
-
-
 class _Status(Protocol):
     """What a failed call says, through grpc.aio or a blocking channel."""
 
@@ -117,61 +100,6 @@ def not_delivered(e: _Status) -> bool:
     if e.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     return (e.details() or "").lower().startswith(_NOT_SENT)
-
-
-class Upstream:
-    """One upstream address: its channel, its place in the rotation, its figures."""
-
-    def __init__(self, address: str, spec: RemoteModel, metrics: UpstreamMetrics, max_message_bytes: int):
-        self.address = address
-        self._max_message_bytes = max_message_bytes
-        self._blocking: grpc.Channel | None = None  # a synchronous channel, made on first use
-        self._blocking_infer: Callable[..., pb.ModelInferResponse] | None = None
-        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
-        self.raw_infer = self.channel.unary_unary(INFER_METHOD, _registered_method=True)
-        self.model_infer = self.stub.ModelInfer
-        self.h2: H2Channel | None = None
-        if spec.client == "h2":  # infer calls over batchgate's own HTTP/2 client; probes stay on grpc.aio
-            self.h2 = H2Channel(address, max_message_bytes)
-            self.raw_infer = raw = self.h2.unary(INFER_METHOD)
-
-            async def model_infer(msg, timeout=None, metadata=None):
-                return pb.ModelInferResponse.FromString(await raw(msg.SerializeToString(), timeout, metadata))
-
-            self.model_infer = model_infer
-        self.metrics = metrics
-        metrics.owner = self  # a reload's new Upstream takes the gauges over
-        self.ready = False  # the last probe or call says the model is ready there
-        self.failures = 0  # consecutive failed calls
-        self.ejected_until = 0.0  # monotonic clock; in rotation again only after a good probe
-        self.ejected = False
-        self.probed = False  # a first probe's failure is logged as "down at start"
-        self.eject_s = spec.eject_s
-        self.why = "not probed yet"  # why it is out of rotation, for error messages
-        self.serves: tuple | None = None  # what its last probe saw served: see _served
-        self.outstanding = 0
-
-    @property
-    def in_rotation(self) -> bool:
-        return self.ready and not self.ejected
-
-    def blocking_infer(self) -> Callable[..., pb.ModelInferResponse]:
-        """ModelInfer over a synchronous channel of this upstream's (made here, on the event
-        loop's thread), for calls made on other threads."""
-        if self._blocking_infer is None:
-            self._blocking = grpc.insecure_channel(self.address, options=_channel_options(self._max_message_bytes))
-            self._blocking_infer = pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
-        return self._blocking_infer
-
-    def close_blocking(self) -> None:
-        if self._blocking is not None:
-            self._blocking.close()
-            self._blocking = self._blocking_infer = None
-
-    def update_gauge(self) -> None:
-        self.metrics.healthy = int(self.in_rotation)
 
 
 class RemoteV2Backend:
@@ -199,6 +127,7 @@ class RemoteV2Backend:
         self.on_change: Callable[[], None] | None = None
         self._in_types: dict[str, str] = {}
         self._out_types: dict[str, str] = {}
+        self._out_shapes: dict[str, tuple[int, ...]] = {}  # (-1: any size; the batch dimension first)
         # Appended to a forwarded request's bytes: the upstream's model name and version. A
         # singular protobuf field given twice takes its last value, so the caller's name and
         # version are replaced without re-encoding the message.
@@ -313,6 +242,8 @@ class RemoteV2Backend:
                         f"tensor '{t.name}' has datatype {mc.DataType.Name(t.data_type)}, which batchgate cannot serve",
                     )
                 types[t.name] = dt.v2
+        batch = (-1,) if cfg.max_batch_size > 0 else ()
+        self._out_shapes = {t.name: batch + tuple(t.dims) for t in cfg.output}
         return cfg
 
     # ------------------------------------------------------------------ health
@@ -464,7 +395,7 @@ class RemoteV2Backend:
 
     def _outputs(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
         """The outputs ``names`` of an answer, in order, as the signature declares them."""
-        return answer_outputs(up.address, resp, names, self._out_types)
+        return answer_outputs(up.address, resp, names, self._out_types, self._out_shapes)
 
     async def infer_apart(
         self, feeds: dict[str, np.ndarray], names: tuple[str, ...], deadline: float | None, executor: Executor, *params

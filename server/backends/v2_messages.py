@@ -104,10 +104,15 @@ def answer_tensors(address: str, resp: pb.ModelInferResponse) -> dict[str, tuple
 
 
 def answer_outputs(
-    address: str, resp: pb.ModelInferResponse, names: tuple[str, ...], declared: dict[str, str]
+    address: str,
+    resp: pb.ModelInferResponse,
+    names: tuple[str, ...],
+    declared: dict[str, str],
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> list[np.ndarray]:
-    """The outputs ``names`` of an answer, in order; one missing, or in another datatype than
-    ``declared`` (output name -> V2 datatype: it would be cast to that silently), is INTERNAL."""
+    """The outputs ``names`` of an answer, in order; one missing, in another datatype than
+    ``declared`` (output name -> V2 datatype: it would be cast to that silently), or in a shape
+    that ``shapes`` (output name -> dims, -1 for any) does not allow, is INTERNAL."""
     got = answer_tensors(address, resp)
     missing = [n for n in names if n not in got]
     if missing:
@@ -118,5 +123,11 @@ def answer_outputs(
             raise GatewayError(
                 ErrorCode.INTERNAL,
                 f"upstream {address} answered output '{n}' as {got[n][0]}; its signature says {want}",
+            )
+        dims, shape = (shapes or {}).get(n), got[n][1].shape
+        if dims is not None and (len(shape) != len(dims) or any(-1 != d != s for s, d in zip(shape, dims))):
+            raise GatewayError(
+                ErrorCode.INTERNAL,
+                f"upstream {address} answered output '{n}' in shape {list(shape)}; its signature says {list(dims)}",
             )
     return [got[n][1] for n in names]

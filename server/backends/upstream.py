@@ -1,0 +1,87 @@
+"""One upstream of a remote model: its grpc.aio channel (probes, and infer calls with
+``client=grpcio``), its HTTP/2 client (infer calls with ``client=h2``), a blocking channel made
+on first use (calls from other threads), and its place in the rotation (``remote.py`` moves it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from ..config import RemoteModel
+from ..monitoring.metrics import UpstreamMetrics
+from .h2_client import H2Channel
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        # What is sent is bounded already: a request within max_request_bytes, or a gateway batch
+        # of such requests (one that gRPC refused for its size failed callers each of which fit).
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A restarted upstream is found within a second, not after gRPC's default 2-minute backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+
+
+class Upstream:
+    """One upstream address: its channel, its place in the rotation, its figures."""
+
+    def __init__(self, address: str, spec: RemoteModel, metrics: UpstreamMetrics, max_message_bytes: int):
+        self.address = address
+        self._max_message_bytes = max_message_bytes
+        self._blocking: grpc.Channel | None = None  # a synchronous channel, made on first use
+        self._blocking_infer: Callable[..., pb.ModelInferResponse] | None = None
+        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
+        self.raw_infer = self.channel.unary_unary(INFER_METHOD, _registered_method=True)
+        self.model_infer = self.stub.ModelInfer
+        self.h2: H2Channel | None = None
+        if spec.client == "h2":  # infer calls over batchgate's own HTTP/2 client; probes stay on grpc.aio
+            self.h2 = H2Channel(address, max_message_bytes)
+            self.raw_infer = raw = self.h2.unary(INFER_METHOD)
+
+            async def model_infer(msg, timeout=None, metadata=None):
+                return pb.ModelInferResponse.FromString(await raw(msg.SerializeToString(), timeout, metadata))
+
+            self.model_infer = model_infer
+        self.metrics = metrics
+        metrics.owner = self  # a reload's new Upstream takes the gauges over
+        self.ready = False  # the last probe or call says the model is ready there
+        self.failures = 0  # consecutive failed calls
+        self.ejected_until = 0.0  # monotonic clock; in rotation again only after a good probe
+        self.ejected = False
+        self.probed = False  # a first probe's failure is logged as "down at start"
+        self.eject_s = spec.eject_s
+        self.why = "not probed yet"  # why it is out of rotation, for error messages
+        self.serves: tuple | None = None  # what its last probe saw served: see _served
+        self.outstanding = 0
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.ready and not self.ejected
+
+    def blocking_infer(self) -> Callable[..., pb.ModelInferResponse]:
+        """ModelInfer over a synchronous channel of this upstream's (made here, on the event
+        loop's thread), for calls made on other threads."""
+        if self._blocking_infer is None:
+            self._blocking = grpc.insecure_channel(self.address, options=_channel_options(self._max_message_bytes))
+            self._blocking_infer = pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
+        return self._blocking_infer
+
+    def close_blocking(self) -> None:
+        if self._blocking is not None:
+            self._blocking.close()
+            self._blocking = self._blocking_infer = None
+
+    def update_gauge(self) -> None:
+        self.metrics.healthy = int(self.in_rotation)
