@@ -8,8 +8,9 @@ same, answered in typed ``contents``, not raw). A request parameter ``code`` (in
 call fail with that gRPC status; the answer carries the parameter ``seen`` (the request's
 parameter names, sorted), its output ``content_type`` "np"; a parameter ``lie`` makes the
 answer wrong: "rows" (one row too many), "datatype" (y as INT32), "width" (one column too
-many) or "garbage" (bytes that are no ModelInferResponse). ``version`` and ``width``
-(of x and y) may be changed while it serves, as a Triton that loaded another version.
+many) or "garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
+``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
+another version.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version=self.owner.version, id=request.id)
         y, datatype = (x * 2).astype(np.float32), "FP32"
-        lie = params["lie"].string_param if "lie" in params else ""
+        lie = params["lie"].string_param if "lie" in params else self.owner.lie
         if lie == "rows":  # one row more than it was sent
             y = np.concatenate([y, y[:1]])
         elif lie == "datatype":  # INT32, where its signature says FP32 (as many bytes)
@@ -122,6 +123,7 @@ class FakeUpstream:
     def __init__(self):
         self.seen: list[tuple[str, dict, list]] = []  # (model, parameters, input shapes) of each infer
         self.version, self.width = "1", 2
+        self.lie = ""  # the ``lie`` of every request that gives none
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -38,7 +38,8 @@ from ..monitoring.metrics import Metrics
 from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
 from .base import Kind
-from .upstream import Upstream
+from .h2_client import H2RpcError
+from .upstream import NOT_AN_ANSWER, Upstream
 from .v2_messages import (
     answer_outputs,
     answer_parameters,
@@ -487,6 +488,8 @@ class RemoteV2Backend:
             t0 = time.perf_counter()
             try:
                 resp = await (up.raw_infer if raw else up.model_infer)(msg, timeout=timeout, metadata=trace)
+                if resp is None:  # (grpc.aio's answer, when the bytes it got were no ModelInferResponse)
+                    raise H2RpcError(grpc.StatusCode.INTERNAL, NOT_AN_ANSWER)
             except grpc.aio.AioRpcError as e:
                 self._count_failure(up, e)
                 if not_delivered(e) and len(tried) < self.spec.retries:

@@ -7,14 +7,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..config import RemoteModel
 from ..monitoring.metrics import UpstreamMetrics
-from .h2_client import H2Channel
+from .h2_client import H2Channel, H2RpcError
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+NOT_AN_ANSWER = "its answer is not a ModelInferResponse"
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -51,7 +53,11 @@ class Upstream:
             self.raw_infer = raw = self.h2.unary(INFER_METHOD)
 
             async def model_infer(msg, timeout=None, metadata=None):
-                return pb.ModelInferResponse.FromString(await raw(msg.SerializeToString(), timeout, metadata))
+                answer = await raw(msg.SerializeToString(), timeout, metadata)
+                try:
+                    return pb.ModelInferResponse.FromString(answer)
+                except DecodeError as e:
+                    raise H2RpcError(grpc.StatusCode.INTERNAL, f"{NOT_AN_ANSWER} ({e})") from None
 
             self.model_infer = model_infer
         self.metrics = metrics

@@ -301,3 +301,33 @@ def test_a_deadline_years_away_is_no_deadline_on_the_upstream_call(fake, serve, 
         want = np.full((1, 2), 4.0, np.float32)
         np.testing.assert_array_equal(_infer(mod, url, "fk", 2.0, timeout=2**63 - 1), want)
         np.testing.assert_array_equal(_infer(mod, url, "fk", 2.0), want)  # timeout_s, the remote model's
+
+
+@pytest.mark.parametrize("client", ["h2", "grpcio"])
+@pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
+def test_an_answer_that_is_no_message_is_the_upstreams_failure(fake, serve, client, path):
+    """An upstream whose answers are bytes that are no ModelInferResponse failed its callers with
+    the gateway's own words ("Error parsing message", or grpc.aio's None: "'NoneType' object has
+    no attribute 'parameters'"), naming no upstream, and was never ejected: not counted a failure."""
+    bad = FakeUpstream()
+    bad.lie = "garbage"
+    try:
+        batching, forwarding = ("gateway", "decoded") if path == "gateway" else ("passthrough", "decoded")
+        fast = {**FAST, "client": client, "eject_s": 600.0}
+        spec = RemoteModel("fk", (fake.address, bad.address), batching=batching, forwarding=forwarding, **fast)
+        running = serve("", remote_models=(spec,))
+        mod, url = (httpclient, running.http_url) if path == "http" else (grpcclient, running.grpc_url)
+        failed = []
+        for i in range(12):
+            try:
+                np.testing.assert_array_equal(_infer(mod, url, "fk", float(i)), np.full((1, 2), 2.0 * i, np.float32))
+            except InferenceServerException as e:
+                failed.append(i)
+                assert e.status() in ("StatusCode.INTERNAL", "500"), e
+                assert f"upstream {bad.address} (INTERNAL): its answer is not a ModelInferResponse" in e.message(), e
+        assert 1 <= len(failed) <= 3 and failed[-1] < 8, failed  # three failures eject it
+        text = urllib.request.urlopen(running.metrics_url).read().decode()
+        ejected = [x for x in text.splitlines() if x.startswith("batchgate_upstream_ejections_total")]
+        assert any(bad.address in x and x.endswith(" 1.0") for x in ejected), ejected
+    finally:
+        bad.stop()
