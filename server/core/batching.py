@@ -283,7 +283,10 @@ class DynamicBatcher(_SchedulerBase):
                     ahead += e.rows
         batches = -(-ahead // cfg.max_batch_size)
         waves = -(-batches // cfg.instances)
-        per_batch = self.cost.seconds(min(ahead, cfg.max_batch_size))
+        # A lower bound: a refusal must be sure. (Taking the nearest larger size measured refused
+        # a lone row on an idle model because a full batch had once been timed, and kept refusing
+        # it, since a refused request is never timed.)
+        per_batch = self.cost.at_least(min(ahead, cfg.max_batch_size))
         busy = 0.0 if self._free > 0 else per_batch  # an instance frees within about one batch
         return busy + waves * per_batch
 
@@ -552,4 +555,15 @@ class CostModel:
         if above:
             return sizes[min(above)]
         k = max(sizes)
+        return sizes[k] * rows / k
+
+    def at_least(self, rows: int) -> float:
+        """A lower bound on the time of a batch of ``rows``: a batch takes no less than a
+        smaller one (the nearest size measured at or below it), nor less per row than a larger
+        one (the smallest size measured above it, scaled down in proportion)."""
+        sizes = self._by_rows
+        below = [k for k in sizes if k <= rows]
+        if below:
+            return sizes[max(below)]
+        k = min(sizes)
         return sizes[k] * rows / k

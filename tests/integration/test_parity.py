@@ -498,16 +498,18 @@ def _unmeetable(outcome: Outcome) -> float:
 
 
 def test_the_grpc_deadline_is_the_request_deadline_and_the_earliest_one_wins(parity):
-    """Once the batcher knows a batch takes far longer than 100 ms, a request with less time
-    left is refused at once, by the gateway, naming the time it had: over gRPC the time is
-    its client_timeout when that is earlier than its V2 timeout, its V2 timeout when that
-    is earlier; over HTTP its V2 timeout. None of them is executed."""
-    assert over_grpc(parity, Spec(model="slowbatch", inputs=_ones(BUSY_ROWS))).code == "OK"  # teaches the cost
+    """Once the batcher knows a 32-row batch takes far longer than 100 ms, a 32-row request with
+    less time left is refused at once, by the gateway, naming the time it had: over gRPC the
+    time is its client_timeout when that is earlier than its V2 timeout, its V2 timeout when
+    that is earlier; over HTTP its V2 timeout. None of them is executed. (A 1-row request,
+    which takes milliseconds, is not refused for what a full batch costs.)"""
+    busy = _ones(BUSY_ROWS)
+    assert over_grpc(parity, Spec(model="slowbatch", inputs=busy)).code == "OK"  # teaches the cost
     before = stats(parity, "slowbatch")
-    one = Spec(model="slowbatch", inputs=ONE_ROW)
-    by_client_deadline = over_grpc(parity, Spec(model="slowbatch", inputs=ONE_ROW, timeout=60_000_000), 0.1)
-    by_v2_timeout = over_grpc(parity, Spec(model="slowbatch", inputs=ONE_ROW, timeout=100_000), 60)
-    over_h = over_http(parity, Spec(model="slowbatch", inputs=ONE_ROW, timeout=100_000))
+    one = Spec(model="slowbatch", inputs=ONE_ROW, timeout=100_000)
+    by_client_deadline = over_grpc(parity, Spec(model="slowbatch", inputs=busy, timeout=60_000_000), 0.1)
+    by_v2_timeout = over_grpc(parity, Spec(model="slowbatch", inputs=busy, timeout=100_000), 60)
+    over_h = over_http(parity, Spec(model="slowbatch", inputs=busy, timeout=100_000))
     # gRPC carries a client deadline as a whole number of milliseconds in the grpc-timeout
     # header, rounded up on the way out and again where the server turns it back into a
     # deadline, so a 100 ms client_timeout can arrive as a little over 100 ms (100.5 seen)
@@ -519,7 +521,7 @@ def test_the_grpc_deadline_is_the_request_deadline_and_the_earliest_one_wins(par
     after = stats(parity, "slowbatch")
     assert after["execution_count"] == before["execution_count"]  # none of the three ran
     assert after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 3
-    # with time enough on both clocks the same request runs
+    # a 1-row request with the same 100 ms runs: a full batch's cost does not refuse it
     assert over_grpc(parity, one, 60).code == "OK"
     assert stats(parity, "slowbatch")["execution_count"] == before["execution_count"] + 1
 

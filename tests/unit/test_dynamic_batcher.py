@@ -490,6 +490,34 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
     await asyncio.gather(busy, ok, *queued)
 
 
+async def test_a_full_batchs_cost_does_not_refuse_a_lone_row_on_an_idle_model():
+    """Only a full batch had been timed (80 ms for 8 rows): a 1-row request with 20 ms on an idle
+    model was refused as 'about 80 ms of work queued ahead', and every later one too, since a
+    refused request is never timed. Admission now takes a lower bound (10 ms a row here)."""
+    reasons = []
+    clock, rec = Clock(), Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=8, instances=1), clock=clock, name="m", refused=reasons.append)
+    full = go(b, rq(clock, "full", rows=8))
+    await settle()
+    clock.now += 0.080
+    rec.finish()
+    await full
+    lone = go(b, rq(clock, "lone", deadline=clock.now + 0.020))
+    await settle()
+    assert rec.ids()[-1:] == [["lone"]] and reasons == []
+    clock.now += 0.002
+    rec.finish()
+    assert (await lone).id == "lone"
+    # Measured at its own size now: with work queued ahead, a hopeless deadline is still refused.
+    busy = go(b, rq(clock, "busy", rows=8))
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        await b.submit(rq(clock, "hopeless", rows=8, deadline=clock.now + 0.100))
+    assert "cannot be met" in e.value.message and reasons == ["deadline_unmeetable"]
+    rec.finish()
+    await busy
+
+
 async def test_a_batch_leaves_before_the_delay_when_a_members_deadline_would_pass():
     """A lone request given less time than max_queue_delay had waited the delay out and expired
     (504 every time, and never learning the cost). The batch now leaves by its earliest
