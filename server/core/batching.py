@@ -358,14 +358,17 @@ class DynamicBatcher(_SchedulerBase):
                             ),
                         )
 
-    def _candidates(self) -> tuple[list[_Entry], int]:
-        """The batch the head of the queue would lead: compatible requests in queue order
-        (higher levels first), as many rows as fit; and how many of them come before the first
-        compatible request that did not fit (-1 when none was left out)."""
+    def _candidates(self, waiting: list[object]) -> tuple[list[_Entry], int]:
+        """The batch the first request not of a ``waiting`` group would lead: compatible requests
+        in queue order (higher levels first), as many rows as fit; and how many of them come
+        before the first compatible request that did not fit (-1 when none was left out)."""
         head = None
         for lvl in self._levels:
-            if lvl:
-                head = lvl[0][1]
+            for _, e in lvl:
+                if e.key not in waiting:
+                    head = e
+                    break
+            if head is not None:
                 break
         if head is None:
             return [], -1
@@ -450,10 +453,20 @@ class DynamicBatcher(_SchedulerBase):
         self._expire(now)
         wake = math.inf
         while self._free > 0 and self._depth > 0:
-            picked, blocked = self._candidates()
-            if not picked:
-                break
-            batch, wake = self._ready(picked, blocked, now)
+            # A group (requests of one shape) still waiting out its delay does not hold back the
+            # groups queued behind it: a full batch of another shape goes now.
+            waiting: list[object] = []
+            wake = math.inf
+            while True:
+                picked, blocked = self._candidates(waiting)
+                if not picked:
+                    batch = None
+                    break
+                batch, due = self._ready(picked, blocked, now)
+                if batch is not None:
+                    break
+                wake = min(wake, due)
+                waiting.append(picked[0].key)
             if batch is None:
                 break
             self._launch(batch)

@@ -490,6 +490,23 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
     await asyncio.gather(busy, ok, *queued)
 
 
+async def test_a_request_waiting_its_delay_does_not_hold_back_a_full_batch_of_another_shape():
+    """A lone 3-wide request waiting out a 2 s delay kept a full batch of 5-wide requests queued
+    behind it waiting the same 2 s: only the head's group was looked at."""
+    clock, rec, b = make(max_queue_delay_s=2.0, max_batch_size=4, instances=2)
+    lone = go(b, rq(clock, "a", width=3))
+    full = [go(b, rq(clock, f"b{i}", width=5)) for i in range(4)]
+    await settle()
+    assert rec.ids() == [["b0", "b1", "b2", "b3"]]
+    clock.now += 2.0
+    b.tick()
+    await settle()
+    assert rec.ids()[1:] == [["a"]]  # its own delay, on the second instance
+    rec.finish()
+    rec.finish()
+    await asyncio.gather(lone, *full)
+
+
 async def test_a_full_batchs_cost_does_not_refuse_a_lone_row_on_an_idle_model():
     """Only a full batch had been timed (80 ms for 8 rows): a 1-row request with 20 ms on an idle
     model was refused as 'about 80 ms of work queued ahead', and every later one too, since a
