@@ -273,27 +273,35 @@ def test_a_detector_process_that_dies_is_restarted_and_scoring_goes_on(served):
     assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1
 
 
-def test_a_detector_that_stops_reporting_is_killed_and_started_again(built, tmp_path):
-    """A hung detector (here stopped) read as up for ever, nothing scored: it reports every second,
-    so one silent past drift_detector_hang_s is killed, counted down, and started again."""
-    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x")
-    gw = start_gateway(built["repo"], cfg, drift_detector_hang_s=2)
+@contextlib.contextmanager
+def _stopped_detector(built, tmp_path, monitor: dict | None = None, **settings):
+    """A gateway of its own whose detector process is stopped (SIGSTOP) once it is up: (the
+    gateway, the stopped pid); the process let go and the gateway stopped at the end."""
+    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x", **(monitor or {}))
+    gw = start_gateway(built["repo"], cfg, **settings)
     pid = None
     try:
-        service = gw.gateway.drift
         assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1, timeout=60)
-        pid = service.detector_pid
+        pid = gw.gateway.drift.detector_pid
         os.kill(pid, signal.SIGSTOP)
-        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_restarts_total") == 1, timeout=30)
-        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1 and service.detector_pid != pid)
-        before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
-        _windows(gw, 1, seed=8)
-        assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1
+        yield gw, pid
     finally:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         gw.stop()
+
+
+def test_a_detector_that_stops_reporting_is_killed_and_started_again(built, tmp_path):
+    """A hung detector (here stopped) read as up for ever, nothing scored: it reports every second,
+    so one silent past drift_detector_hang_s is killed, counted down, and started again."""
+    with _stopped_detector(built, tmp_path, drift_detector_hang_s=2) as (gw, pid):
+        service = gw.gateway.drift
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_restarts_total") == 1, timeout=30)
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1 and service.detector_pid != pid)
+        before = _metric(gw, "batchgate_drift_windows_total", model="fraud")
+        _windows(gw, 1, seed=8)
+        assert _metric(gw, "batchgate_drift_windows_total", model="fraud") >= before + 1
 
 
 def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path, monkeypatch):
@@ -303,14 +311,7 @@ def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path
     from batchgate.monitoring import drift as drift_module
 
     monkeypatch.setattr(drift_module, "COMMAND_TIMEOUT_S", 1.0)  # (30 s in service)
-    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x", max_rows_per_sample=64)
-    gw = start_gateway(built["repo"], cfg, drift_queue_samples=4)
-    pid = None
-    try:
-        service = gw.gateway.drift
-        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1, timeout=60)
-        pid = service.detector_pid
-        os.kill(pid, signal.SIGSTOP)
+    with _stopped_detector(built, tmp_path, {"max_rows_per_sample": 64}, drift_queue_samples=4) as (gw, _):
         rows = traffic(64, 7)
         for _ in range(5000):  # until the pipe is full and the queue behind it too
             _send(gw, rows)
@@ -322,10 +323,6 @@ def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path
                 _admin(gw, path, body)
             assert e.value.code == 504
             assert "did not answer" in e.value.read().decode()
-    finally:
-        if pid:
-            os.kill(pid, signal.SIGCONT)
-        gw.stop()
 
 
 def test_a_dead_letter_file_that_is_a_directory_stops_the_start(built, tmp_path):
