@@ -244,7 +244,8 @@ class RemoteV2Backend:
                     )
                 types[t.name] = dt.v2
         batch = (-1,) if cfg.max_batch_size > 0 else ()
-        self._out_shapes = {t.name: batch + tuple(t.dims) for t in cfg.output}
+        # (a shape tensor's values describe the batch, its own shape need not carry it: not checked)
+        self._out_shapes = {t.name: batch + tuple(t.dims) for t in cfg.output if not t.is_shape_tensor}
         return cfg
 
     # ------------------------------------------------------------------ health

@@ -358,35 +358,35 @@ class DynamicBatcher(_SchedulerBase):
                             ),
                         )
 
-    def _candidates(self, waiting: list[object]) -> tuple[list[_Entry], int]:
-        """The batch the first request not of a ``waiting`` group would lead: compatible requests
-        in queue order (higher levels first), as many rows as fit; and how many of them come
-        before the first compatible request that did not fit (-1 when none was left out)."""
-        head = None
+    def _groups(self) -> list[list[_Entry]]:
+        """The queued requests by group (one shape, ``_Entry.key``), each in queue order (higher
+        levels first), the groups in the order of their first request: one pass over the queue."""
+        groups: dict[object, list[_Entry]] = {}
         for lvl in self._levels:
             for _, e in lvl:
-                if e.key not in waiting:
-                    head = e
-                    break
-            if head is not None:
-                break
-        if head is None:
-            return [], -1
+                group = groups.get(e.key)
+                if group is None:
+                    groups[e.key] = [e]
+                else:
+                    group.append(e)
+        return list(groups.values())
+
+    def _candidates(self, group: list[_Entry]) -> tuple[list[_Entry], int]:
+        """The batch a group's first request would lead: its requests in queue order, as many rows
+        as fit; and how many of them come before the first request that did not fit (-1 when
+        none was left out)."""
         room = self.config.max_batch_size
         picked: list[_Entry] = []
         blocked = -1
-        for lvl in self._levels:
-            for _, e in lvl:
-                if e.key != head.key:
-                    continue
-                if e.rows > room:
-                    if blocked < 0:
-                        blocked = len(picked)
-                    continue
-                picked.append(e)
-                room -= e.rows
-                if room == 0:
-                    return picked, -1
+        for e in group:
+            if e.rows > room:
+                if blocked < 0:
+                    blocked = len(picked)
+                continue
+            picked.append(e)
+            room -= e.rows
+            if room == 0:
+                return picked, -1
         return picked, blocked
 
     def _ready(self, picked: list[_Entry], blocked: int, now: float) -> tuple[list[_Entry] | None, float]:
@@ -454,19 +454,18 @@ class DynamicBatcher(_SchedulerBase):
         wake = math.inf
         while self._free > 0 and self._depth > 0:
             # A group (requests of one shape) still waiting out its delay does not hold back the
-            # groups queued behind it: a full batch of another shape goes now.
-            waiting: list[object] = []
+            # groups queued behind it: a full batch of another shape goes now. (The groups are
+            # made in one pass: a client sending many shapes must not make each pump quadratic.)
             wake = math.inf
-            while True:
-                picked, blocked = self._candidates(waiting)
+            batch = None
+            for group in self._groups():
+                picked, blocked = self._candidates(group)
                 if not picked:
-                    batch = None
-                    break
+                    continue
                 batch, due = self._ready(picked, blocked, now)
                 if batch is not None:
                     break
                 wake = min(wake, due)
-                waiting.append(picked[0].key)
             if batch is None:
                 break
             self._launch(batch)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -111,4 +112,6 @@ class Backoff:
             self._failed = 0
         wait = self.steps[min(self._failed, len(self.steps) - 1)]
         self._failed += 1
+        # (a life that ends before it says it started was no life: judged from the next start)
+        self._started = math.inf
         return wait

@@ -69,10 +69,6 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
     g = rollout.gates
     figures: dict[str, float] = {"canary_requests": canary.requests}
     reasons = []
-    error_rate = canary.server_errors / canary.requests
-    figures["error_rate"] = error_rate
-    if error_rate > g.max_error_rate:
-        reasons.append(f"error rate {error_rate:.4f} > max_error_rate {g.max_error_rate:g}")
     if canary.refused and baseline.requests:  # a client error only if the baseline refuses as many
         share, base = canary.refused / canary.requests, baseline.refused / baseline.requests
         figures["refused_excess"] = share - base
@@ -81,6 +77,21 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
                 f"the model refused {share:.4f} of its requests as invalid, the baseline's {base:.4f}: "
                 f"more by {share - base:.4f} > max_error_rate {g.max_error_rate:g}"
             )
+    # The other gates judge what the canary answered or failed: requests refused as invalid (as
+    # the baseline refuses them) neither make min_requests nor dilute the error rate.
+    answered = canary.requests - canary.refused
+    if not reasons and answered < rollout.min_requests:
+        return Verdict(
+            "wait",
+            (
+                f"{answered} canary requests answered or failed ({canary.refused} more refused as invalid), "
+                f"fewer than min_requests {rollout.min_requests}",
+            ),
+        )
+    error_rate = canary.server_errors / answered if answered else 0.0
+    figures["error_rate"] = error_rate
+    if error_rate > g.max_error_rate:
+        reasons.append(f"error rate {error_rate:.4f} > max_error_rate {g.max_error_rate:g}")
     if canary.p99_s is not None and baseline.p99_s and baseline.requests:
         ratio = canary.p99_s / baseline.p99_s
         figures["p99_ratio"] = ratio

@@ -282,9 +282,12 @@ class AccessLog:
                 chunk.append(queue.popleft())
             if chunk:
                 data = b"\n".join(chunk) + b"\n"
-                try:
-                    if self._out is not None:
+                if self._out is not None:
+                    try:
                         self._follow()
+                    except OSError as e:  # (the new file cannot be opened: the lines go on where they went)
+                        log.warning("the access log file could not be opened again after a rotation: %s", e)
+                try:
                     out = self._out
                     if out is None:  # stdout, looked up each time (it may be replaced: a test's capture)
                         out = getattr(sys.stdout, "buffer", None)

@@ -75,3 +75,5 @@ def test_a_restart_backoff_climbs_while_lives_are_short_and_starts_over_after_a_
     b.started()
     now[0] += 59.0
     assert b.delay() == 2.0  # (59 s: not healthy yet)
+    now[0] += 3600.0  # lives that end before they say they started, an hour after the last good one
+    assert [b.delay() for _ in range(3)] == [5.0, 5.0, 5.0]  # (they were all "first exits": 1 s each)

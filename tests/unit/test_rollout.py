@@ -229,7 +229,11 @@ def test_a_canary_refusing_more_than_its_baseline_fails_the_error_gate():
     # more than the baseline, by as much as chance makes of clients' bad values falling on either
     # side (a few dozen requests an interval: this rolled back an equal canary now and then)
     assert ro.judge(rollout, ro.Figures(100, refused=5), ro.Figures(100, refused=2)).outcome == "pass"
-    assert ro.judge(rollout, ro.Figures(12, refused=4), ro.Figures(14, refused=2)).outcome == "pass"
+    assert ro.judge(rollout, ro.Figures(16, refused=4), ro.Figures(14, refused=2)).outcome == "pass"
+    # refused requests neither make min_requests nor dilute the error rate (both did)
+    assert ro.judge(rollout, ro.Figures(100, refused=100), ro.Figures(900, refused=900)).outcome == "wait"
+    diluted = ro.judge(rollout, ro.Figures(1000, server_errors=8, refused=485), ro.Figures(1000, refused=485))
+    assert diluted.outcome == "fail" and diluted.figures["error_rate"] == 8 / 515
     assert ro.judge(rollout, ro.Figures(12, refused=11), ro.Figures(14, refused=3)).outcome == "fail"
     # no baseline answers to compare with (a step of 100%): not judged
     assert ro.judge(rollout, ro.Figures(100, refused=20), ro.Figures()).outcome == "pass"
