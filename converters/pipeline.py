@@ -274,6 +274,54 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True)
 
 
+def answered_shapes(
+    model: onnx.ModelProto, job: Job, inputs: list[dict], progress: Callable[[str], None]
+) -> onnx.ModelProto:
+    """The model with its outputs declared as ONNX Runtime answers them on ``inputs``.
+
+    The config's dims come from the shapes a model declares, and a converter can declare a wrong
+    size (skl2onnx declares a regressor's ``variable`` [N, 1] however many targets it has): a size
+    the answers contradict becomes the size they show (or dynamic, where it changes), so the config
+    states what the server will send. A model ONNX Runtime cannot run is left to compare() to tell."""
+    try:
+        sess = session(model)
+        got = [sess.run(None, feeds) for feeds in inputs]
+    except Exception:  # noqa: BLE001 - compare() runs it again and says why it fails
+        return model
+    fixed: dict[str, tuple[list | None, list]] = {}
+    for k, out in enumerate(model.graph.output):
+        shapes = {np.shape(g[k]) for g in got}
+        if not out.type.HasField("tensor_type") or len({len(s) for s in shapes}) != 1:
+            continue
+        tt = out.type.tensor_type
+        rank = len(next(iter(shapes)))
+        sizes = [{s[i] for s in shapes} for i in range(rank)]
+        declared = list(tt.shape.dim) if tt.HasField("shape") else None
+        if declared is not None and len(declared) == rank:
+            wrong = [i for i, d in enumerate(declared) if d.HasField("dim_value") and sizes[i] != {d.dim_value}]
+        else:
+            wrong = list(range(rank))
+        if not wrong:
+            continue
+        before = None if declared is None else [d.dim_value if d.HasField("dim_value") else -1 for d in declared]
+        new = onnx.TensorShapeProto()
+        for i in range(rank):
+            dim = new.dim.add()
+            if i not in wrong and declared is not None:
+                dim.CopyFrom(declared[i])
+            elif len(sizes[i]) == 1 and not (job.batched and i == 0):
+                dim.dim_value = next(iter(sizes[i]))
+            else:
+                dim.dim_param = BATCH if job.batched and i == 0 else f"{out.name}_dim{i}"
+        tt.shape.CopyFrom(new)
+        fixed[out.name] = (before, [d.dim_value if d.HasField("dim_value") else -1 for d in new.dim])
+    for name, (before, after) in fixed.items():
+        progress(f"the exported model declares output '{name}' {before} but answers {after}: declared {after}")
+    if fixed:
+        job.record["declared_shapes_corrected"] = {n: {"declared": b, "answered": a} for n, (b, a) in fixed.items()}
+    return model
+
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -341,10 +389,11 @@ def config_text(job: Job, inputs: list[dict], outputs: list[dict]) -> str:
 def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lambda s: None) -> Result:
     target = destination(job)
     shared = shared_config(job)
+    inputs = cases(job)
+    model = answered_shapes(model, job, inputs, progress)
     if shared is not None:  # a version joining others: the exported model must fit their config before any check
         progress(f"checking the exported model against {shared.path}")
         require_fit(job, shared, *signature(model, job))
-    inputs = cases(job)
     progress(f"running the original model on {len(inputs)} input sets")
     reference = job.reference
     assert reference is not None, "a job is run with the original model's reference"

@@ -391,3 +391,32 @@ def test_a_pipeline_taking_some_values_only_is_checked_on_the_samples(tmp_path):
     label, proba = sess.run(None, {"x": x[50:80]})
     np.testing.assert_array_equal(label.reshape(-1), model.predict(x[50:80]))
     np.testing.assert_allclose(proba, model.predict_proba(x[50:80]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_regressor_of_several_targets_is_declared_with_its_real_width(tmp_path, serve):
+    """skl2onnx declares a regressor's ``variable`` [N, 1] whatever the number of targets: the
+    config said dims [1] while the model answered [N, 2]. The model and the config now declare what
+    ONNX Runtime answers, and the server sends what the estimator predicts."""
+    import onnxruntime as ort
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 5)).astype(np.float32)
+    forest = RandomForestRegressor(n_estimators=4, random_state=0).fit(x, np.c_[x[:, 0], 2 * x[:, 1]])
+    repo = tmp_path / "models"
+    said: list[str] = []
+    r = convert_sklearn(forest, ["features:FP32:-1,5"], str(repo), "targets", progress=said.append)
+    assert r.outputs == [{"name": "variable", "datatype": "FP32", "config": "TYPE_FP32", "dims": [2]}]
+    assert any("declares output 'variable' [-1, 1] but answers [-1, 2]" in s for s in said)
+    sess = ort.InferenceSession(str(repo / "targets" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].shape[1:] == [2]
+    record = json.loads((repo / "targets" / "1" / "conversion.json").read_text())
+    assert record["declared_shapes_corrected"] == {"variable": {"declared": [-1, 1], "answered": [-1, 2]}}
+    convert_sklearn(forest, ["features:FP32:-1,5"], str(repo), "targets", version=2)  # fits the config
+
+    running = serve(str(repo))
+    meta = grpcclient.InferenceServerClient(running.grpc_url).get_model_metadata("targets")
+    assert [list(o.shape) for o in meta.outputs] == [[-1, 2]]
+    q = rng.standard_normal((7, 5)).astype(np.float32)
+    (got,) = infer(running.grpc_url, grpcclient, "targets", {"features": q}, ["variable"])
+    np.testing.assert_allclose(got, forest.predict(q), rtol=1e-5, atol=1e-5)
