@@ -151,8 +151,9 @@ def cases(job: Job) -> list[dict[str, np.ndarray]]:
         batches = [b for b in (1, 2, 5) if b <= job.max_batch_size] or [1]
         for step, b in enumerate(batches):
             out.append(generate(job.specs, example_sizes(job.specs, b, step), rng))
-    else:
-        out.append(generate(job.specs, example_sizes(job.specs, 2), rng))
+    else:  # several sizes too: the export's own sizes alone would not show a size it baked in
+        for step in range(3):
+            out.append(generate(job.specs, example_sizes(job.specs, 2 + step, step), rng))
     if job.samples:
         out.extend(load_samples(job.samples, job.specs, job))
     return out

@@ -420,3 +420,21 @@ def test_a_regressor_of_several_targets_is_declared_with_its_real_width(tmp_path
     q = rng.standard_normal((7, 5)).astype(np.float32)
     (got,) = infer(running.grpc_url, grpcclient, "targets", {"features": q}, ["variable"])
     np.testing.assert_allclose(got, forest.predict(q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["auto", "legacy"])
+def test_without_batching_the_parity_check_tries_other_sizes_than_the_export(tmp_path, exporter):
+    """With --no-batch the check ran one input set, of the sizes the model was exported with: a
+    model whose exporter baked a dynamic size in passed it, was written, and answered wrong (or
+    failed) at any other size. Now it is refused, and a model that keeps the size dynamic is
+    checked on three sets of sizes."""
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match="parity check failed|cannot run the model"):
+        convert_torch(
+            convert_models.MeanBySize(), ["x:FP32:-1,-1"], str(repo), "mean", batched=False, exporter=exporter
+        )
+    assert leftovers(repo) == []
+    r = convert_torch(
+        convert_models.sequence_encoder(), ["ids:INT64:n,seq", "mask:FP32:n,seq"], str(repo), "enc", batched=False
+    )
+    assert r.written and all(c.ok and c.cases == 3 for c in r.checks)
