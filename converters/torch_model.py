@@ -272,6 +272,33 @@ def _export(module, which: str, specs, outputs, batched, opset, path) -> None:
         rename_values(model.graph, [i.name for i in model.graph.input], names)
         rename_values(model.graph, [o.name for o in model.graph.output], outputs)
         onnx.save(model, path)
+    else:
+        model = onnx.load(path)
+        if restore_unused_inputs(model.graph, specs):
+            onnx.save(model, path)
+
+
+def restore_unused_inputs(graph, specs: list[InputSpec]) -> list[str]:
+    """Put back the inputs the legacy exporter leaves out because the model does not read them
+    (the dynamo exporter keeps them): the model takes every input its specs name, so callers
+    send the same tensors whichever exporter wrote it. Returns the names put back."""
+    have = {i.name: i for i in graph.input}
+    missing = [s for s in specs if s.name not in have]
+    if not missing:
+        return []
+    named = {s.name for s in specs}
+    ordered = []
+    for s in specs:
+        if s.name in have:
+            ordered.append(have[s.name])
+            continue
+        shape = [d if isinstance(d, str) else (d if d > 0 else f"{s.name}__dim{i}") for i, d in enumerate(s.dims)]
+        elem = onnx.helper.np_dtype_to_tensor_dtype(s.dtype.np_dtype)
+        ordered.append(onnx.helper.make_tensor_value_info(s.name, elem, shape))
+    rest = [i for i in graph.input if i.name not in named]
+    del graph.input[:]
+    graph.input.extend(ordered + rest)
+    return [s.name for s in missing]
 
 
 def rename_values(graph, old: list[str], new: list[str]) -> None:

@@ -122,3 +122,17 @@ class MeanBySize(nn.Module):
 
     def forward(self, x):
         return x.sum(-1, keepdim=True) / float(x.shape[-1])
+
+
+class IgnoresFlags(nn.Module):
+    """Takes token ids it does not read (yet): the legacy exporter leaves such an input out."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, flags, x):
+        return self.lin(x)
+
+
+ignores_flags = _seeded(IgnoresFlags)

@@ -438,3 +438,34 @@ def test_without_batching_the_parity_check_tries_other_sizes_than_the_export(tmp
         convert_models.sequence_encoder(), ["ids:INT64:n,seq", "mask:FP32:n,seq"], str(repo), "enc", batched=False
     )
     assert r.written and all(c.ok and c.cases == 3 for c in r.checks)
+
+
+def test_an_input_the_model_does_not_read_stays_an_input_with_either_exporter(tmp_path, serve):
+    """The legacy exporter (the only one for a TorchScript file) leaves out an input the model does
+    not read: the conversion failed with ONNX Runtime's "Invalid input name". The input is put back,
+    so the model takes what its specs say whichever exporter wrote it, and it is served."""
+    import onnxruntime as ort
+
+    repo = tmp_path / "models"
+    specs = ["flags:INT64:-1,seq", "x:FP32:-1,4"]
+    script = tmp_path / "ignores.pt"
+    torch.jit.save(torch.jit.script(convert_models.ignores_flags()), str(script))
+    args = ["torch", "--model", str(script), "--repository", str(repo), "--name", "scripted"]
+    done = cli(*args, "--input", specs[0], "--input", specs[1])
+    assert done.returncode == 0, done.stderr
+    convert_torch(convert_models.ignores_flags(), specs, str(repo), "traced", exporter="legacy")
+    convert_torch(convert_models.ignores_flags(), specs, str(repo), "dynamo", exporter="dynamo")
+    shapes = {}
+    for name in ("scripted", "traced", "dynamo"):
+        sess = ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        shapes[name] = [(i.name, i.type, i.shape[1:]) for i in sess.get_inputs()]
+    assert shapes["scripted"] == shapes["traced"] == [("flags", "tensor(int64)", ["seq"]), ("x", "tensor(float)", [4])]
+    assert [n for n, _, _ in shapes["dynamo"]] == ["flags", "x"]
+
+    running = serve(str(repo))
+    rng = np.random.default_rng(3)
+    feeds = {"flags": rng.integers(0, 2, (3, 6)), "x": rng.standard_normal((3, 4)).astype(np.float32)}
+    want = torch_run(convert_models.ignores_flags(), feeds)
+    for name in ("scripted", "traced", "dynamo"):
+        (got,) = infer(running.grpc_url, grpcclient, name, feeds, ["output"])
+        np.testing.assert_allclose(got, want[0], rtol=1e-4, atol=1e-5)
