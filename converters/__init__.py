@@ -35,6 +35,18 @@ def _specs(inputs, batched: bool) -> list[InputSpec]:
     return specs
 
 
+def _tolerances(tolerance: Tolerance, optimize: Tolerance | None, fp16: Tolerance | None) -> None:
+    """Refuse a tolerance no element can meet (negative, NaN): the parity check would fail every
+    inexact output and blame the model."""
+    for flag, tol in (("", tolerance), ("optimize-", optimize), ("fp16-", fp16)):
+        if tol is None:
+            continue
+        for kind in ("atol", "rtol"):
+            value = getattr(tol, kind)
+            if not value >= 0:
+                raise ConversionError(f"--{flag}{kind} {value}: a tolerance is a number, 0 or more")
+
+
 def _job(specs, outputs, repository, name, version, batched, max_batch_size, gpu, force) -> Job:
     """Where and how a conversion is written, before the model is exported (the reference, the
     checks and the record are added with ``dataclasses.replace`` once they are known)."""
@@ -82,6 +94,7 @@ def convert_torch(
     from .pipeline import check_name, destination, load_samples
 
     check_name(name, version)
+    _tolerances(tolerance, optimize, fp16)
     specs = _specs(inputs, batched)
     if isinstance(model, str):
         progress(f"loading {model}")
@@ -145,6 +158,7 @@ def convert_sklearn(
     from .pipeline import check_name, destination, load_samples
 
     check_name(name, version)
+    _tolerances(tolerance, optimize, fp16)
     specs = _specs(inputs, batched)
     if fp16 is not None:
         raise ConversionError(

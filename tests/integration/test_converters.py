@@ -469,3 +469,17 @@ def test_an_input_the_model_does_not_read_stays_an_input_with_either_exporter(tm
     for name in ("scripted", "traced", "dynamo"):
         (got,) = infer(running.grpc_url, grpcclient, name, feeds, ["output"])
         np.testing.assert_allclose(got, want[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--atol", "-1"), ("--rtol", "nan"), ("--optimize-atol", "-0.5"), ("--fp16-rtol", "-1e-2")]
+)
+def test_a_tolerance_no_element_can_meet_is_refused_before_the_model_loads(tmp_path, flag, value):
+    """A negative or NaN tolerance was taken: the parity check then failed any inexact output and
+    blamed the model. It is refused, naming the option, before the model is imported."""
+    extra = ["--optimize"] if flag.startswith("--optimize") else ["--fp16"] if flag.startswith("--fp16") else []
+    done = cli("torch", "--model", "no_such_module:build", "--input", "x:FP32:-1,16", "--repository",
+               str(tmp_path / "models"), "--name", "m", *extra, f"{flag}={value}")  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"error: {flag} {float(value)}: a tolerance is a number, 0 or more" in done.stderr
+    assert "no_such_module" not in done.stderr and leftovers(tmp_path / "models") == []
