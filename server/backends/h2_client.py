@@ -134,6 +134,9 @@ class _Protocol(asyncio.Protocol):
     # ------------------------------------------------------------------ calls
     def submit(self, call: _Call) -> None:
         """Start ``call`` now, or once the upstream's limit on concurrent streams allows."""
+        if self.lost:  # (lost while its caller waited to be handed it: nothing would fail the call later)
+            call.future.set_exception(_unsent(f"connection to {self.channel.address} lost"))
+            return
         h = self.h2
         if self.waiting or len(h.streams) >= h.peer_max_streams:
             self.waiting.append(call)  # (its deadline's timer fails it if no slot comes in time)

@@ -138,6 +138,31 @@ def test_a_call_waiting_for_a_slot_keeps_its_deadline_and_leaves_nothing_behind(
     assert [_code(g) for g in got] == ["DEADLINE_EXCEEDED"] * 6 and left == (0, 0)
 
 
+def test_a_call_handed_a_connection_lost_meanwhile_fails_at_once_as_unsent():
+    """A caller that waited for a connection (being made for another call) could be handed it after
+    the upstream had closed it: its call went onto a connection that nothing fails any more, and
+    waited out its deadline. An upstream killed under traffic gave such HTTP callers 504 after the
+    remote model's 30 s instead of UNAVAILABLE at once. Now it fails at once, unsent (so the call
+    goes again on a new connection)."""
+
+    async def main():
+        server, port, cls = await _serve()
+        channel = _channel(f"127.0.0.1:{port}", 1 << 20)
+        await channel.unary("/x/Y")(b"warm", timeout=5)
+        p = channel._protocol
+        server.close()
+        for conn in cls.connections:
+            conn.transport.close()
+        while not p.lost:
+            await asyncio.sleep(0.01)
+        c = h2_client._Call(asyncio.get_running_loop().create_future(), b"/x/Y", b"x", None, time.monotonic() + 5)
+        p.submit(c)  # (what the caller does once _connection returns it)
+        return c.future.done() and c.future.exception(), len(p.calls)
+
+    error, calls = _run(main)
+    assert isinstance(error, H2RpcError) and error.unsent and error.code().name == "UNAVAILABLE" and calls == 0
+
+
 def test_an_answer_before_the_request_is_sent_frees_the_stream():
     # The upstream refuses on the headers alone (trailers-only) and sends no RST_STREAM, which
     # RFC 9113 8.1 allows: the client must stop sending and let the stream go.
