@@ -96,43 +96,49 @@ def convert_torch(
     check_name(name, version)
     _tolerances(tolerance, optimize, fp16)
     specs = _specs(inputs, batched)
-    if isinstance(model, str):
-        progress(f"loading {model}")
-        module, scripted = tm.load(model)
-        label = model
-    else:
-        module, scripted, label = model.eval(), False, type(model).__name__
-    names = tm.output_names(module, specs, list(outputs))
-    torch = tm._torch()
-    # Refuse an existing version before the (slow) export.
-    probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
-    probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
-    destination(probe)
-    if samples:  # a bad file is told before the (slow) export
-        load_samples(samples, specs, probe)
-    shared = shared_config(probe)
-    if shared is not None:  # a version joining others: its tensors and settings must fit their config
-        progress(f"checking the new version against {shared.path}")
-        outputs_seen = tm.output_signature(module, specs, names, batched)
-        require_fit(probe, shared, spec_tensors(specs, batched), outputs_seen, observed=True)
-    with tempfile.TemporaryDirectory(prefix="batchgate-export-") as work:
-        progress(f"exporting with torch.onnx.export (exporter: {exporter})")
-        onx, used, failed = tm.export(
-            module, scripted, specs, names, batched, exporter, opset, os.path.join(work, "model.onnx")
-        )
-    if failed:
-        progress(f"exported with the {used} exporter after: {failed}")
-    opset_used = tm.default_opset(onx)
-    source = f"torch {torch.__version__}, torch.onnx.export {used} exporter, opset {opset_used}"
-    record = {
-        "converter": "torch",
-        "model": label,
-        "exporter": used,
-        "opset": opset_used,
-        "torch": torch.__version__,
-        "exporter_fallback_after": failed or None,
-    }
-    return run(onx, replace(probe, reference=tm.reference(module, specs), source=source, record=record), progress)
+    # The caller's module is handed back in the modes it came in (a model still being trained).
+    modes = [] if isinstance(model, str) else [(m, m.training) for m in model.modules()]
+    try:
+        if isinstance(model, str):
+            progress(f"loading {model}")
+            module, scripted = tm.load(model)
+            label = model
+        else:
+            module, scripted, label = model.eval(), False, type(model).__name__
+        names = tm.output_names(module, specs, list(outputs))
+        torch = tm._torch()
+        # Refuse an existing version before the (slow) export.
+        probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
+        probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
+        destination(probe)
+        if samples:  # a bad file is told before the (slow) export
+            load_samples(samples, specs, probe)
+        shared = shared_config(probe)
+        if shared is not None:  # a version joining others: its tensors and settings must fit their config
+            progress(f"checking the new version against {shared.path}")
+            outputs_seen = tm.output_signature(module, specs, names, batched)
+            require_fit(probe, shared, spec_tensors(specs, batched), outputs_seen, observed=True)
+        with tempfile.TemporaryDirectory(prefix="batchgate-export-") as work:
+            progress(f"exporting with torch.onnx.export (exporter: {exporter})")
+            onx, used, failed = tm.export(
+                module, scripted, specs, names, batched, exporter, opset, os.path.join(work, "model.onnx")
+            )
+        if failed:
+            progress(f"exported with the {used} exporter after: {failed}")
+        opset_used = tm.default_opset(onx)
+        source = f"torch {torch.__version__}, torch.onnx.export {used} exporter, opset {opset_used}"
+        record = {
+            "converter": "torch",
+            "model": label,
+            "exporter": used,
+            "opset": opset_used,
+            "torch": torch.__version__,
+            "exporter_fallback_after": failed or None,
+        }
+        return run(onx, replace(probe, reference=tm.reference(module, specs), source=source, record=record), progress)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def convert_sklearn(

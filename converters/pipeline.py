@@ -192,6 +192,11 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
                 raise ConversionError(
                     f"--samples {path}: '{s.name}' has shape {list(arr.shape)}, but dimension {i} must be {d}"
                 )
+        if arr.size == 0:
+            raise ConversionError(
+                f"--samples {path}: '{s.name}' has shape {list(arr.shape)}, no values: the parity check "
+                "would compare nothing"
+            )
         if job.batched and arr.shape[0] > job.max_batch_size:
             raise ConversionError(
                 f"--samples {path}: '{s.name}' has {arr.shape[0]} rows, more than max_batch_size {job.max_batch_size}"
@@ -202,6 +207,9 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
             raise ConversionError(
                 f"--samples {path}: '{s.name}' ({arr.dtype}) cannot be read as {s.dtype.v2}: {e}"
             ) from None
+    rows = {n: a.shape[0] for n, a in sample.items()}
+    if job.batched and len(set(rows.values())) > 1:
+        raise ConversionError(f"--samples {path}: the inputs' arrays have different numbers of rows ({rows})")
     return [sample]
 
 

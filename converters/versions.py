@@ -73,13 +73,14 @@ def shared_config(job: Job) -> Shared | None:
         return None
     if not others and (model_dir / str(job.version)).is_dir() and job.force:
         return None  # --force replaces the whole entry: the only version and its config
-    text = path.read_bytes()
     cfg = mc.ModelConfig()
     try:
+        text = path.read_bytes()  # (a folder, or a file this user may not read: OSError)
         text_format.Parse(text.decode("utf-8"), cfg)
-    except (text_format.ParseError, UnicodeDecodeError) as e:
+    except (text_format.ParseError, UnicodeDecodeError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise ConversionError(
-            f"{path} cannot be read ({e}); a new version must fit the config of the model it joins. "
+            f"{path} cannot be read ({why}); a new version must fit the config of the model it joins. "
             "Mend it, or convert under a new --name. Nothing was written."
         ) from None
     return Shared(path, text, cfg, others)

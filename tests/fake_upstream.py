@@ -85,6 +85,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             resp.outputs[0].contents.fp32_contents.extend(y.ravel().tolist())
         else:
             resp.raw_output_contents.append(y.tobytes())
+        if lie == "twice":  # the output again, with other values
+            resp.outputs.add(name="y", datatype=datatype, shape=list(y.shape))
+            resp.raw_output_contents.append((y + 1).tobytes())
         resp.parameters["seen"].string_param = ",".join(sorted(params))
         resp.outputs[0].parameters["content_type"].string_param = "np"
         return resp

@@ -92,6 +92,8 @@ def answer_tensors(address: str, resp: pb.ModelInferResponse) -> dict[str, tuple
                 ErrorCode.INTERNAL, f"upstream {address} answered output '{t.name}' with unknown datatype {t.datatype}"
             )
         what = f"upstream {address} output '{t.name}'"
+        if t.name in got:  # which of the two the caller would get is anyone's guess
+            raise GatewayError(ErrorCode.INTERNAL, f"{what} is answered twice")
         try:
             shape = tuple(t.shape)
             got[t.name] = (

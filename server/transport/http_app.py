@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
@@ -39,7 +40,7 @@ from .http_scope import (
     check_method,
     check_raw_path,
     header,
-    json_object,
+    index_ready,
     repository_parameters,
     settings_object,
     shm_registration,
@@ -297,11 +298,8 @@ class HttpApp:
         if m:
             check_method(method, "POST")
             body = await self.bodies.read(receive, scope)
-            if m.group(2) == "index":
-                ready = json_object(body).get("ready", False)
-                if type(ready) is not bool:  # (as Triton: bool("false") is true)
-                    raise invalid("'ready' must be true or false")
-                return await self._json(send, self.dp.repository_index(ready, self._caller(scope)))
+            if m.group(2) == "index":  # (the body is judged after the caller: 401/403 first)
+                return await self._json(send, self.dp.repository_index(partial(index_ready, body), self._caller(scope)))
             model, action = m.group(3), m.group(4)
             params = await self._admin_body(scope, f"repository.{action}", model, model, repository_parameters, body)
             if action == "load":

@@ -59,6 +59,14 @@ def json_object(body: bytes) -> dict:
     return obj
 
 
+def index_ready(body: bytes) -> bool:
+    """The ``ready`` of a repository index request's body (false when not given)."""
+    ready = json_object(body).get("ready", False)
+    if type(ready) is not bool:  # (as Triton: bool("false") is true)
+        raise invalid("'ready' must be true or false")
+    return ready
+
+
 def repository_parameters(body: bytes) -> dict:
     """The ``parameters`` of a repository load / unload body, ``file:`` values decoded."""
     params = json_object(body).get("parameters", {})

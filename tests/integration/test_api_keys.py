@@ -234,6 +234,23 @@ def test_a_malformed_admin_body_is_judged_after_the_caller_and_audited(keyed, ac
     ]
 
 
+@pytest.mark.parametrize("body", [b"{", b"[]", b'{"ready": "false"}'])
+def test_a_malformed_index_body_is_judged_after_the_caller(keyed, body):
+    """The repository index read its body before the caller was checked: a caller with no key
+    (or with a key that may not read) learnt how its body was wrong, 400, instead of 401 / 403."""
+    url = f"http://{keyed.http_url}/v2/repository/index"
+    codes = []
+    for headers in ({}, bearer(INFER_TOKEN), bearer(READ_TOKEN)):
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            fetch(urllib.request.Request(url, data=body, headers=headers, method="POST"))
+        codes.append(ei.value.code)
+    assert codes == [401, 403, 400]
+    ok = json.loads(
+        fetch(urllib.request.Request(url, data=b'{"ready": true}', headers=bearer(READ_TOKEN), method="POST"))
+    )
+    assert {r["name"] for r in ok} == {"simple", "classifier"}
+
+
 # Characters JSON leaves as they are but that split a line (str.splitlines) or change how it reads.
 SPLITTERS = "\u2028\u2029\x85\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 

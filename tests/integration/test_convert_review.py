@@ -102,6 +102,8 @@ def test_bad_samples_are_told_before_the_export(tmp_path):
     np.savez(wrong, y=np.zeros((2, 4), np.float32))
     pickled = tmp_path / "objects.npz"
     np.savez(pickled, x=np.array([object()], dtype=object))
+    empty = tmp_path / "empty.npz"  # no rows: it was taken, and the check compared nothing
+    np.savez(empty, x=np.zeros((0, 4), np.float32))
     for path, words in (
         (text, f"--samples {text}: not an .npz file"),
         (npy, f"--samples {npy}: not an .npz file"),
@@ -109,6 +111,7 @@ def test_bad_samples_are_told_before_the_export(tmp_path):
         (pickled, f"--samples {pickled}: cannot read 'x'"),
         (tmp_path / "none.npz", "no such file"),
         (tmp_path, "not a file"),
+        (empty, f"--samples {empty}: 'x' has shape [0, 4], no values: the parity check would compare nothing"),
     ):
         log = Log()
         with pytest.raises(ConversionError) as e:
@@ -116,6 +119,19 @@ def test_bad_samples_are_told_before_the_export(tmp_path):
         assert words in str(e.value) and "pickled" not in str(e.value)
         assert not log.exported(), (path, log)
     assert not (tmp_path / "repo").exists()
+
+
+def test_samples_whose_inputs_differ_in_rows_are_told_before_the_export(tmp_path):
+    from convert_models import TwoInTwoOut
+
+    samples = tmp_path / "rows.npz"
+    np.savez(samples, tokens=np.zeros((3, 5), np.int64), dense=np.zeros((2, 3), np.float32))
+    log = Log()
+    with pytest.raises(ConversionError) as e:
+        convert_torch(TwoInTwoOut(), ["tokens:INT64:-1,5", "dense:FP32:-1,3"], str(tmp_path / "repo"), "two",
+                      samples=str(samples), progress=log)  # fmt: skip
+    assert "the inputs' arrays have different numbers of rows ({'tokens': 3, 'dense': 2})" in str(e.value)
+    assert not log.exported() and not (tmp_path / "repo").exists()
 
 
 def test_opset_is_what_was_asked_or_refused(tmp_path):

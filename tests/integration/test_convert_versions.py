@@ -313,6 +313,21 @@ def test_versions_without_a_config_and_a_config_without_versions(tmp_path):
     assert (repo / "lone" / "config.pbtxt").read_bytes() == config
 
 
+def test_a_config_that_is_a_folder_is_refused_naming_it(tmp_path):
+    """A model whose config.pbtxt is a folder stopped the conversion with IsADirectoryError's
+    traceback instead of saying what is wrong; nothing may be written."""
+    repo = tmp_path / "models"
+    convert_torch(convert_models.mlp(), ["x:FP32:-1,16"], str(repo), "odd")
+    config = repo / "odd" / "config.pbtxt"
+    config.unlink()
+    config.mkdir()
+    listing = entries(repo, "odd")
+    with pytest.raises(ConversionError) as e:
+        convert_torch(convert_models.mlp(), ["x:FP32:-1,16"], str(repo), "odd", 2)
+    assert f"{config} cannot be read (Is a directory)" in str(e.value), e.value
+    assert entries(repo, "odd") == listing and config.is_dir() and not list(config.iterdir())
+
+
 def test_a_config_that_lists_no_tensors_is_compared_with_the_latest_version(tmp_path):
     repo = tmp_path / "models"
     convert_torch(convert_models.mlp(), ["x:FP32:-1,16"], str(repo), "auto")

@@ -483,3 +483,21 @@ def test_a_tolerance_no_element_can_meet_is_refused_before_the_model_loads(tmp_p
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"error: {flag} {float(value)}: a tolerance is a number, 0 or more" in done.stderr
     assert "no_such_module" not in done.stderr and leftovers(tmp_path / "models") == []
+
+
+def test_a_module_in_training_is_handed_back_in_the_modes_it_came_in(tmp_path):
+    """convert_torch put the caller's module in eval mode and left it so: a conversion made while a
+    model is being trained turned its dropout and batch norm off for the rest of the training. It
+    is converted in eval mode (the export and the parity check) and handed back as it came, each
+    submodule in its own mode, whether the conversion is written or refused."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 4)
+    )
+    model[1].eval()  # a frozen batch norm inside a model in training
+    before = [m.training for m in model.modules()]
+    assert before == [True, True, False, True, True]
+    result = convert_torch(model, ["x:FP32:-1,16"], str(tmp_path / "models"), "trained")
+    assert result.written and [m.training for m in model.modules()] == before
+    with pytest.raises(ConversionError):  # the version exists: refused
+        convert_torch(model, ["x:FP32:-1,16"], str(tmp_path / "models"), "trained")
+    assert [m.training for m in model.modules()] == before

@@ -264,11 +264,12 @@ def test_a_routed_answer_keeps_the_upstreams_parameters_beside_its_variant(fake,
 
 
 @pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
-@pytest.mark.parametrize("lie", ["rows", "datatype", "width"])
+@pytest.mark.parametrize("lie", ["rows", "datatype", "width", "twice"])
 def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve, path, lie):
     """An INT32 answer where the signature says FP32 was cast to FP32 and served; one row more
     than a lone request sent was served too (several requests in a batch were refused); an
-    output of 3 columns where the signature says 2 was served as it came."""
+    output of 3 columns where the signature says 2 was served as it came; an output answered twice
+    was served with the second's values."""
     batching, forwarding = (
         ("gateway", "raw") if path == "gateway" else ("passthrough", "raw" if path == "http" else "decoded")
     )
@@ -282,6 +283,7 @@ def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve,
         "datatype": "answered output 'y' as INT32; its signature says FP32",
         "rows": "has 2 rows, expected 1",
         "width": "answered output 'y' in shape [1, 3]; its signature says [-1, 2]",
+        "twice": "output 'y' is answered twice",
     }[lie]
     assert said in e.value.message(), e.value.message()
     np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))  # serves on
