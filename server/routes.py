@@ -476,6 +476,7 @@ def _figures_dict(f: ro.Figures) -> dict[str, Any]:
         "p99_s": f.p99_s,
         "compared": f.compared,
         "disagreed": f.disagreed,
+        "refused": f.refused,
     }
 
 

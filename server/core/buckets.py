@@ -27,8 +27,15 @@ BUCKETS = 10_000
 def bucket_of(route: str, key: bytes) -> int:
     """The bucket of a sticky key: the same on every replica, in every process, after restarts
     (a keyed BLAKE2b digest, not Python's per-process ``hash``)."""
-    digest = hashlib.blake2b(key, digest_size=8, key=route.encode()[:64]).digest()
+    digest = hashlib.blake2b(key, digest_size=8, key=_hash_key(route.encode())).digest()
     return int.from_bytes(digest, "big") % BUCKETS
+
+
+def _hash_key(name: bytes) -> bytes:
+    """A BLAKE2b key (64 bytes at most) for a route: its name, or a digest of a longer one. Until
+    2026-12-06 a longer name was cut at 64 bytes, so routes whose names shared their first 64 bytes
+    put every user in the same buckets of both (and their tables in the same order)."""
+    return name if len(name) <= 64 else hashlib.blake2b(name, digest_size=64).digest()
 
 
 def shares(weights: Mapping[str, int], whole: int = BUCKETS) -> dict[str, int]:
@@ -168,7 +175,7 @@ _SEEDED: dict[str, tuple[array[int], array[int]]] = {}  # (uint16 arrays: 40 KB 
 def _seeded_order(route: str) -> list[int]:
     """The buckets in an order fixed by the route's name: by a digest of each, so it depends on
     nothing that could change between Python versions (as ``random.shuffle`` might)."""
-    key = f"batchgate-route:{route}".encode()[:64]
+    key = _hash_key(f"batchgate-route:{route}".encode())
     return sorted(range(BUCKETS), key=lambda b: hashlib.blake2b(b.to_bytes(2, "big"), digest_size=8, key=key).digest())
 
 

@@ -317,11 +317,14 @@ def test_a_canary_that_refuses_values_the_baseline_takes_is_rolled_back(repo, tm
     running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
     rng = np.random.default_rng(7)
     client = grpcclient.InferenceServerClient(running.grpc_url)
+    refused = {"stable": 0, "canary": 0}  # the most seen in one interval's figures
     try:
         state = _state(running)
         end = time.monotonic() + 30
         while state.rollout.state == "running":
             assert time.monotonic() < end, "the rollout did not finish in time"
+            for name, figures in state.describe()["window"].items():
+                refused[name] = max(refused[name], figures["refused"])
             for _ in range(10):
                 ids = rng.integers(0, 20, (1, 3))  # past emb_10's table, within emb_100's
                 if rng.random() < 0.2:
@@ -333,6 +336,8 @@ def test_a_canary_that_refuses_values_the_baseline_takes_is_rolled_back(repo, tm
         assert state.rollout.state == outcome, state.rollout.last
         if outcome == "rolled_back":
             assert "refused" in state.rollout.last
+        # the admin API's window figures show what the refused-share gate judges
+        assert refused["stable"] > 0 and refused["canary"] > 0, refused
     finally:
         running.stop()
 

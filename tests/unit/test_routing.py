@@ -100,6 +100,19 @@ def test_the_same_key_lands_on_the_same_variant_everywhere():
     assert bucket_of("other", b"user-42") != bucket_of("fraud", b"user-42")
 
 
+def test_routes_whose_long_names_share_a_beginning_put_users_apart():
+    """The route's name keyed the hash cut at 64 bytes (48 for the table's order): two routes whose
+    names shared that much put every user in the same bucket of each, and laid their tables out
+    alike, so a user in one route's canary was in the other's. Names of 64 bytes or fewer keep
+    their buckets (a change would move every user)."""
+    one, two = "fraud-scoring-" + "x" * 60 + "-eu", "fraud-scoring-" + "x" * 60 + "-us"
+    same = sum(bucket_of(one, f"user-{i}".encode()) == bucket_of(two, f"user-{i}".encode()) for i in range(1000))
+    assert same < 10, same
+    assert BucketTable.fresh(one, {"a": 50, "b": 50}).owners != BucketTable.fresh(two, {"a": 50, "b": 50}).owners
+    assert bucket_of("r" * 64, b"user-42") == bucket_of("r" * 64, b"user-42")
+    assert bucket_of("r" * 64, b"user-42") != bucket_of("r" * 65, b"user-42")
+
+
 @pytest.mark.parametrize("weights", [{"a": 90, "b": 10}, {"a": 33, "b": 33, "c": 34}, {"a": 70, "b": 20, "c": 10}])
 def test_weight_accuracy_over_100000_keys(weights):
     table = BucketTable.fresh("route", weights)
