@@ -22,10 +22,12 @@ keeps it through every retry and the dead-letter file, so a receiver de-duplicat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import urllib.error
@@ -65,11 +67,59 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect is a failed delivery, never followed
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+class _Deadline:
+    """Shuts down, once ``seconds`` have passed, every socket an attempt opened: a socket's own
+    timeout bounds each read, so a receiver answering a byte at a time held its lane for ever."""
+
+    def __init__(self, seconds: float):
+        self._lock = threading.Lock()
+        self._socks: list[Any] = []
+        self._over = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if not self._over:
+                return
+        self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._over = True
+            socks = list(self._socks)
+        for sock in socks:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        with contextlib.suppress(OSError):  # (closed already)
+            sock.shutdown(socket.SHUT_RDWR)  # a read blocked in it returns at once
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _bounded_handler(base: type, deadline: _Deadline):
+    """``base`` (urllib's HTTP or HTTPS handler) whose connections ``deadline`` watches."""
+
+    class Handler(base):
+        def do_open(self, http_class, req, **kw):
+            class Watched(http_class):
+                def connect(self):
+                    super().connect()
+                    deadline.watch(self.sock)
+
+            return super().do_open(Watched, req, **kw)
+
+    return Handler()
 
 
 def post(url: str, event: dict[str, Any], fmt: str, timeout_s: float) -> None:
-    """One delivery attempt; raises OSError (or urllib's errors) when it fails."""
+    """One delivery attempt, over within about ``timeout_s`` whatever the receiver does (its
+    connection included); raises OSError (or urllib's errors) when it fails."""
     if fmt == "cloudevents":
         body = json.dumps(event, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
@@ -78,9 +128,18 @@ def post(url: str, event: dict[str, Any], fmt: str, timeout_s: float) -> None:
         headers = {"Content-Type": "application/json"}
         headers.update({f"ce-{k}": str(v) for k, v in event.items() if k not in ("data", "datacontenttype")})
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    with _OPENER.open(req, timeout=timeout_s) as resp:
-        if not 200 <= resp.status < 300:
-            raise OSError(f"the webhook answered HTTP {resp.status}")
+    deadline = _Deadline(timeout_s)
+    opener = urllib.request.build_opener(
+        _NoRedirect,
+        _bounded_handler(urllib.request.HTTPHandler, deadline),
+        _bounded_handler(urllib.request.HTTPSHandler, deadline),
+    )
+    try:
+        with opener.open(req, timeout=timeout_s) as resp:
+            if not 200 <= resp.status < 300:
+                raise OSError(f"the webhook answered HTTP {resp.status}")
+    finally:
+        deadline.cancel()
 
 
 class DeadLetter:

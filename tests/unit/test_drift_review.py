@@ -347,3 +347,50 @@ def test_a_dead_letter_that_cannot_be_read_or_written_keeps_its_events_in_memory
     assert dead.holds("m") and len(dead) == 1
     dead.remove(dead.events[0])
     assert len(dead) == 0
+
+
+@pytest.mark.parametrize("stage", ["head", "connect-only"])
+def test_a_receiver_that_trickles_its_answer_fails_the_attempt_within_its_timeout(stage):
+    """The socket's timeout bounds each read only: a receiver that sent its answer's head a byte
+    every 0.2 s (or read the request and never answered, but kept the connection alive by the same
+    trickle) held the delivery, and its lane, for as long as it kept going. The attempt now ends by
+    the webhook's timeout_s, as a failure."""
+    import http.client
+    import socket
+
+    from batchgate.monitoring.drift_events import post
+
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            line = b"HTTP/1.1 200 OK\r\nX-Pad: " if stage == "head" else b""
+            for i in range(300):  # a minute of it, unless the client goes
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(line[i : i + 1] if i < len(line) else b"a")
+                except OSError:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    outcome: list[BaseException | None] = []
+
+    def attempt():
+        try:
+            post(url, make_event("io.batchgate.drift.detected", "/t", "m", {}), "cloudevents", 0.5)
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - the failure is what is looked at
+            outcome.append(e)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(15)
+    stop.set()
+    listener.close()
+    assert not worker.is_alive(), "the delivery attempt was still held by the trickling receiver"
+    assert outcome and isinstance(outcome[0], OSError | http.client.HTTPException), outcome
