@@ -130,6 +130,14 @@ class Window:
             for samples, answers in self.parts:
                 take = min(len(samples), round(OUTPUT_SAMPLES * answers / total))
                 kept += rng.sample(samples, take)
+            # Each process keeps its first answer's width; processes that saw different ones (a
+            # reload between their first answers) would not concatenate: the most rows' width counts.
+            rows: dict[int, int] = {}
+            for a in kept:
+                rows[a.shape[1]] = rows.get(a.shape[1], 0) + a.shape[0]
+            if len(rows) > 1:
+                width = max(rows, key=lambda w: rows[w])
+                kept = [a for a in kept if a.shape[1] == width]
         outputs = np.concatenate(kept) if kept else None
         return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs, self.refused)
 

@@ -51,3 +51,20 @@ def test_what_one_worker_sends_is_bounded():
     assert sum(a.nbytes for a in sent) <= 8 << 20 and len(sent) > 10
     small = [np.zeros((1, 3), np.float32)] * 5
     assert _bounded(small) == small
+
+
+def test_workers_that_kept_answers_of_different_widths_merge_on_the_width_most_rows_have():
+    """Each worker keeps the width of its first answer; two that saw different widths (a model
+    reloaded between their first answers) made the merged figures raise (np.concatenate) and the
+    interval's gates were never judged."""
+    old, new = Window(), Window()
+    rng = random.Random(1)
+    for _ in range(10):
+        old.keep(np.zeros((1, 3), np.float32), rng)
+    for _ in range(40):
+        new.keep(np.ones((1, 5), np.float32), rng)
+    merged = Window()
+    merged.absorb(old.export())
+    merged.absorb(new.export())
+    outputs = merged.figures().outputs
+    assert outputs.shape[1] == 5 and (outputs == 1).all()
