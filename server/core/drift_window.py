@@ -107,16 +107,26 @@ def psi(window: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((w - q) * np.log(w / q)))
 
 
-def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) -> float:
+MAX_PSI_COLUMNS = 256  # columns of a wide answer judged (evenly spaced), so a judgement's work is bounded
+
+
+def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) -> list[tuple[float, int]]:
     """PSI of ``sample`` against ``reference`` (both [rows, columns], or 1-D) on deciles of the
-    reference's finite values (ties collapse into one bin); the largest over the columns. An
+    reference's finite values (ties collapse into one bin), per column: (PSI, its degrees of
+    freedom, the cells less one). At most :data:`MAX_PSI_COLUMNS` columns, evenly spaced. An
     infinity falls in the lowest or the highest bin, and NaN, when either side has one, in a bin
     of its own: answers that turned NaN are the most different of all (left out, a canary that
     answered only NaN would have passed with a PSI of 0)."""
     a = sample.reshape(sample.shape[0], -1).astype(np.float64, copy=False)
     b = reference.reshape(reference.shape[0], -1).astype(np.float64, copy=False)
-    worst = 0.0
-    for j in range(min(a.shape[1], b.shape[1])):
+    width = min(a.shape[1], b.shape[1])
+    columns = (
+        np.unique(np.linspace(0, width - 1, MAX_PSI_COLUMNS).astype(np.int64))
+        if width > MAX_PSI_COLUMNS
+        else range(width)
+    )
+    out = []
+    for j in columns:
         x, y = a[:, j], b[:, j]
         if not x.shape[0] or not y.shape[0]:
             continue
@@ -129,8 +139,19 @@ def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) ->
         cy = np.bincount(np.searchsorted(edges, y[~nan_y], side="left"), minlength=cells).astype(np.float64)
         if nans:
             cx[-1], cy[-1] = nan_x.sum(), nan_y.sum()
-        worst = max(worst, psi(cx, (cy + 0.5) / (cy.sum() + 0.5 * cells)))
-    return worst
+        out.append((psi(cx, (cy + 0.5) / (cy.sum() + 0.5 * cells)), cells - 1))
+    return out
+
+
+def psi_by_chance(df: int, rows: int, reference_rows: int, z: float) -> float:
+    """How large two samples of ``rows`` and ``reference_rows`` from one distribution make their
+    PSI over ``df`` + 1 cells by chance, at the normal quantile ``z``: the PSI is close to the
+    chi-square distance, so it is about chi2(df) * (1/rows + 1/reference_rows); the chi-square
+    quantile by Wilson and Hilferty's approximation (no scipy in the serving process)."""
+    if df <= 0:
+        return 0.0
+    c = 2.0 / (9.0 * df)
+    return df * max(0.0, 1.0 - c + z * math.sqrt(c)) ** 3 * (1.0 / rows + 1.0 / reference_rows)
 
 
 def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:

@@ -16,9 +16,10 @@ which would hide a canary that turned bad after a good start):
 - disagreement: the share of the canary's shadowed answers that disagreed with the primary's,
   at most ``max_disagreement`` (when the canary is also shadowed);
 - output drift: with ``max_output_psi``, the two-sample PSI of the canary's outputs against the
-  baseline's (the route's ``compare`` output, else the first; the largest over its columns, on
-  deciles of the baseline's values, NaN answers a bin of their own) over a sample of the interval's answers, at most
-  ``max_output_psi`` (when both sides have :data:`MIN_OUTPUT_ROWS` rows).
+  baseline's (the route's ``compare`` output, else the first; per column, on deciles of the
+  baseline's values, NaN answers a bin of their own; at most 256 columns) over a sample of the
+  interval's answers, at most ``max_output_psi`` beyond what chance makes of samples that size
+  (when both sides have :data:`MIN_OUTPUT_ROWS` rows).
 
 All pass: the next step's weight. One fails: ``rollback`` (canary weight 0) or ``pause``
 (weights kept until resumed). Too few requests: the interval is not judged and the step waits.
@@ -30,13 +31,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 from .buckets import shares
-from .drift_window import two_sample_psi
+from .drift_window import psi_by_chance, two_sample_psi
 from .routing import Rollout
 
 MIN_OUTPUT_ROWS = 100
+PSI_ALPHA = 0.005  # how sure the output PSI gate must be, over all the columns it judges, before it fails
 
 RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
 STATES = (RUNNING, PAUSED, PROMOTED, ROLLED_BACK)
@@ -102,11 +105,23 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
         figures["disagreement"] = disagreement
         if disagreement > g.max_disagreement:
             reasons.append(f"disagreement {disagreement:.4f} > max_disagreement {g.max_disagreement:g}")
-    if g.max_output_psi > 0 and _rows(canary.outputs) >= MIN_OUTPUT_ROWS and _rows(baseline.outputs) >= MIN_OUTPUT_ROWS:
-        psi = two_sample_psi(canary.outputs, baseline.outputs)
-        figures["output_psi"] = psi
-        if psi > g.max_output_psi:
-            reasons.append(f"output PSI {psi:.4f} > max_output_psi {g.max_output_psi:g}")
+    rows, base_rows = _rows(canary.outputs), _rows(baseline.outputs)
+    if g.max_output_psi > 0 and rows >= MIN_OUTPUT_ROWS and base_rows >= MIN_OUTPUT_ROWS:
+        columns = two_sample_psi(canary.outputs, baseline.outputs)
+        if columns:
+            # A column fails when its PSI passes the gate by more than chance makes of samples
+            # this small (about 0.2 at 100 rows a side over deciles, where max_output_psi is
+            # commonly 0.1 to 0.25): Bonferroni over the columns, PSI_ALPHA in all.
+            z = NormalDist().inv_cdf(1.0 - PSI_ALPHA / len(columns))
+            excess = [(p - psi_by_chance(df, rows, base_rows, z), p, df) for p, df in columns]
+            over, worst, df = max(excess)
+            figures["output_psi"] = max(p for p, _ in columns)
+            figures["output_psi_by_chance"] = worst - over
+            if over > g.max_output_psi:
+                reasons.append(
+                    f"output PSI {worst:.4f} > max_output_psi {g.max_output_psi:g} + {worst - over:.4f} that "
+                    f"chance allows at {rows} and {base_rows} rows"
+                )
     return Verdict("fail" if reasons else "pass", tuple(reasons), figures)
 
 

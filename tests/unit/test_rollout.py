@@ -199,6 +199,30 @@ def test_the_output_psi_gate_compares_the_canarys_answers_with_the_baselines():
     assert ro.judge(off, moved, base).outcome == "pass"
 
 
+def test_the_output_psi_gate_fails_only_beyond_chance_and_judges_a_bounded_number_of_columns():
+    """Two samples of 100 rows from one distribution have a PSI of about 0.18 over deciles by
+    chance alone, and the gate took the largest over every column: an equal canary with 8 output
+    columns failed max_output_psi 0.2 in about 9 intervals of 10. A wide answer (an image, an
+    embedding) was judged column by column, all of them, on the event loop."""
+    from batchgate.core.drift_window import MAX_PSI_COLUMNS, two_sample_psi
+    from batchgate.core.routing import Gates, Rollout
+
+    rollout = Rollout("canary", "stable", (50, 100), 1.0, 10, Gates(max_p99_ratio=1000, max_output_psi=0.2), "rollback")
+    rng = np.random.default_rng(11)
+    verdicts = [
+        ro.judge(rollout, ro.Figures(200, outputs=rng.random((100, 8))), ro.Figures(200, outputs=rng.random((100, 8))))
+        for _ in range(50)
+    ]
+    assert sum(v.figures["output_psi"] > 0.2 for v in verdicts) > 25  # what the gate used to fail on
+    assert sum(v.outcome == "fail" for v in verdicts) <= 2
+    moved = ro.judge(
+        rollout, ro.Figures(200, outputs=rng.random((100, 8)) ** 4), ro.Figures(200, outputs=rng.random((100, 8)))
+    )
+    assert moved.outcome == "fail" and "chance allows at 100 and 100 rows" in moved.reasons[0], moved
+    wide = rng.random((120, 50_000)).astype(np.float32)
+    assert len(two_sample_psi(wide, rng.random((120, 50_000)))) == MAX_PSI_COLUMNS
+
+
 def test_the_output_psi_gate_counts_nan_answers_as_a_bin_of_their_own():
     from batchgate.core.routing import Gates, Rollout
 
