@@ -31,6 +31,7 @@ from functools import partial
 import numpy as np
 
 from .batcher_config import WORK_CONSERVING, BatcherConfig
+from .cost_model import CostModel
 from .errors import ErrorCode, GatewayError, invalid
 from .scheduler import (
     EXPIRED,
@@ -223,7 +224,8 @@ class DynamicBatcher(_SchedulerBase):
             )
         if request.deadline is not None:
             wait = self._expected_wait(rows, level, request.deadline)
-            if wait is not None and now + wait > request.deadline:
+            probe = not self._executing and self.cost.probe(now)  # (see CostModel.probe)
+            if wait is not None and now + wait > request.deadline and not probe:
                 self._refused(UNMEETABLE)
                 rid = f"[request id: {request.id}] " if request.id else ""
                 raise GatewayError(
@@ -513,7 +515,8 @@ class DynamicBatcher(_SchedulerBase):
 
     def _finished(self, batch: list[_Entry], rows: int, started: float, results: Results) -> None:
         if not isinstance(results, BaseException):
-            self.cost.observe(rows, self._clock() - started)
+            now = self._clock()
+            self.cost.observe(rows, now - started, now)
         self._free += 1
         self._executing -= len(batch)
         self._drain.done(len(batch), self._depth > 0)
@@ -541,41 +544,3 @@ def _cut(picked: list[_Entry], blocked: int, preferred: frozenset[int], largest:
         if total in preferred:
             cut = i + 1
     return cut or (len(picked) if blocked == len(picked) else 0)
-
-
-class CostModel:
-    """Execution time by batch size, learned online (moving averages per size seen)."""
-
-    def __init__(self, weight: float = 0.2):
-        self._by_rows: dict[int, float] = {}
-        self._w = weight
-
-    def known(self) -> bool:
-        return bool(self._by_rows)
-
-    def observe(self, rows: int, seconds: float) -> None:
-        old = self._by_rows.get(rows)
-        self._by_rows[rows] = seconds if old is None else old + (seconds - old) * self._w
-
-    def seconds(self, rows: int) -> float:
-        """The time of a batch of ``rows``: the nearest size measured at or above it, else
-        the largest measured, scaled up in proportion."""
-        sizes = self._by_rows
-        if rows in sizes:
-            return sizes[rows]
-        above = [k for k in sizes if k >= rows]
-        if above:
-            return sizes[min(above)]
-        k = max(sizes)
-        return sizes[k] * rows / k
-
-    def at_least(self, rows: int) -> float:
-        """A lower bound on the time of a batch of ``rows``: a batch takes no less than a
-        smaller one (the nearest size measured at or below it), nor less per row than a larger
-        one (the smallest size measured above it, scaled down in proportion)."""
-        sizes = self._by_rows
-        below = [k for k in sizes if k <= rows]
-        if below:
-            return sizes[max(below)]
-        k = min(sizes)
-        return sizes[k] * rows / k

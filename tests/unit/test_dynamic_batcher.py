@@ -535,6 +535,39 @@ async def test_a_full_batchs_cost_does_not_refuse_a_lone_row_on_an_idle_model():
     await busy
 
 
+async def test_a_slow_first_execution_does_not_refuse_short_deadlines_for_ever():
+    """The first batch took 500 ms (a cold arena, a pause); every later request had 100 ms: each
+    was refused as unmeetable, none was ever timed, so the estimate never moved and the model
+    refused every such request for good. Now, once nothing has executed for a second, one request
+    goes in to be timed; a fast execution then counts at once (the least of the recent ones)."""
+    reasons = []
+    clock, rec = Clock(), Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=4, instances=1), clock=clock, name="m", refused=reasons.append)
+    first = go(b, rq(clock, "cold"))
+    await settle()
+    clock.now += 0.500
+    rec.finish()
+    await first
+    with pytest.raises(GatewayError) as e:  # the estimate is fresh: refused
+        await b.submit(rq(clock, "soon", deadline=clock.now + 0.100))
+    assert "cannot be met" in e.value.message and reasons == ["deadline_unmeetable"]
+    clock.now += 1.5  # a second and more with nothing executed
+    probe = go(b, rq(clock, "probe", deadline=clock.now + 0.100))
+    await settle()
+    assert rec.ids()[-1:] == [["probe"]]
+    with pytest.raises(GatewayError):  # one probe a second, and only while nothing executes
+        await b.submit(rq(clock, "also", deadline=clock.now + 0.100))
+    clock.now += 0.002
+    rec.finish()
+    assert (await probe).id == "probe"
+    after = go(b, rq(clock, "after", deadline=clock.now + 0.100))  # 2 ms is what counts now
+    await settle()
+    assert rec.ids()[-1:] == [["after"]]
+    rec.finish()
+    await after
+    assert reasons == ["deadline_unmeetable"] * 2
+
+
 async def test_a_batch_leaves_before_the_delay_when_a_members_deadline_would_pass():
     """A lone request given less time than max_queue_delay had waited the delay out and expired
     (504 every time, and never learning the cost). The batch now leaves by its earliest
