@@ -75,7 +75,24 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
         )
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many types for models it cannot convert
         raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(e).__name__}: {e}") from None
+    classes = getattr(model, "classes_", None)
+    if is_classifier(model) and isinstance(classes, np.ndarray) and classes.dtype == np.bool_:
+        _bool_label(onx)
     return onx, [o.name for o in onx.graph.output]
+
+
+def _bool_label(onx: onnx.ModelProto) -> None:
+    """skl2onnx answers a classifier trained on bool labels with INT64 0 and 1, where the
+    estimator predicts False and True: the label output is cast back to BOOL."""
+    label = onx.graph.output[0]
+    inner = f"{label.name}_as_int64"
+    for node in onx.graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == label.name:
+                    names[i] = inner
+    onx.graph.node.append(onnx.helper.make_node("Cast", [inner], [label.name], to=onnx.TensorProto.BOOL))
+    label.type.tensor_type.elem_type = onnx.TensorProto.BOOL
 
 
 def reference(model, specs: list[InputSpec], names: list[str]):

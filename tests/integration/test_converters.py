@@ -501,3 +501,24 @@ def test_a_module_in_training_is_handed_back_in_the_modes_it_came_in(tmp_path):
     with pytest.raises(ConversionError):  # the version exists: refused
         convert_torch(model, ["x:FP32:-1,16"], str(tmp_path / "models"), "trained")
     assert [m.training for m in model.modules()] == before
+
+
+def test_a_classifier_of_bool_labels_answers_bool_labels(tmp_path, serve):
+    """skl2onnx answers a classifier trained on bool labels with INT64 0 / 1 where the estimator
+    predicts False / True (the parity check took 1 == True): the label is BOOL now, in the model,
+    the config and the answers of both protocols."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(4)
+    x = rng.random((200, 3)).astype(np.float32)
+    model = LogisticRegression().fit(x, x[:, 0] > 0.5)
+    repo = tmp_path / "models"
+    r = convert_sklearn(model, ["x:FP32:-1,3"], str(repo), "flag")
+    assert r.outputs[0] == {"name": "label", "datatype": "BOOL", "config": "TYPE_BOOL", "dims": []}
+    running = serve(str(repo))
+    q = rng.random((6, 3)).astype(np.float32)
+    for url, mod in ((running.grpc_url, grpcclient), (running.http_url, httpclient)):
+        label, proba = infer(url, mod, "flag", {"x": q}, ["label", "probabilities"])
+        assert label.dtype == np.bool_ and label.shape == (6, 1)  # dims [1] a row, as Triton answers it
+        assert label.reshape(-1).tolist() == model.predict(q).tolist()
+        np.testing.assert_allclose(proba, model.predict_proba(q), rtol=1e-4, atol=1e-5)
