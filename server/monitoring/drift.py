@@ -554,11 +554,16 @@ class DriftService:
                 # On a thread: the pipe may be full while the detector scores a window. The
                 # command's time covers the send too: a detector that stops reading leaves the
                 # sender thread waiting on the pipe, holding it, for as long as it is stuck.
-                await asyncio.to_thread(self._send_command, ("command", ident, name, args))
+                # The detector drops a command that reaches it after its caller gave up (the
+                # thread may send it once the pipe drains, long after the caller was answered).
+                until = time.monotonic() + COMMAND_TIMEOUT_S
+                await asyncio.to_thread(self._send_command, ("command", ident, name, args, until))
                 result = await fut
         except TimeoutError:  # (an OSError: first)
             raise GatewayError(
-                ErrorCode.DEADLINE_EXCEEDED, f"the drift detector did not answer within {COMMAND_TIMEOUT_S:g} s"
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"the drift detector did not answer within {COMMAND_TIMEOUT_S:g} s (it drops the command if it "
+                "reaches it later)",
             ) from None
         except (OSError, ValueError) as e:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"the drift detector is not reachable: {e}") from None

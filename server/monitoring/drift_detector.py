@@ -363,11 +363,16 @@ def main(inbox, outbox, plan: Plan) -> None:
                         except Exception as e:  # samples that do not fit (a type the profile cannot take)
                             detector.refused(model, count, e)
                 elif kind == "command":
-                    _, ident, name, args = msg
-                    try:
-                        send(("reply", ident, True, detector.command(name, args)))
-                    except (KeyError, ValueError, OSError) as e:
-                        send(("reply", ident, False, str(e)[:1024]))
+                    _, ident, name, args, until = msg
+                    if now > until:  # its caller was told it timed out: it must not happen now
+                        log.warning(
+                            "drift: a %s command came %.1f s after its caller gave up: dropped", name, now - until
+                        )
+                    else:
+                        try:
+                            send(("reply", ident, True, detector.command(name, args)))
+                        except (KeyError, ValueError, OSError) as e:
+                            send(("reply", ident, False, str(e)[:1024]))
                 elif kind == "stop":
                     break
             try:

@@ -325,6 +325,29 @@ def test_a_command_to_a_stuck_detector_answers_deadline_exceeded(built, tmp_path
             assert "did not answer" in e.value.read().decode()
 
 
+def test_a_command_the_detector_reads_after_its_caller_gave_up_is_dropped(built, tmp_path, monkeypatch, capfd):
+    """A reset sent to a detector that was not reading answered its caller 504 ('did not
+    answer'), but stayed in the pipe and was carried out when the detector read on: the caller
+    was told it failed and it happened. The detector now drops a command past its time."""
+    from batchgate.monitoring import drift as drift_module
+
+    monkeypatch.setattr(drift_module, "COMMAND_TIMEOUT_S", 1.0)  # (30 s in service)
+    with _stopped_detector(built, tmp_path) as (gw, pid):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _admin(gw, "drift/fraud/reset", {})
+        assert e.value.code == 504 and "drops the command if it reaches it later" in e.value.read().decode()
+        os.kill(pid, signal.SIGCONT)
+        err = ""
+
+        def said() -> bool:
+            nonlocal err
+            err += capfd.readouterr().err
+            return "a reset command came" in err
+
+        assert wait_until(said, timeout=30), err[-2000:]
+        assert _admin(gw, "drift/fraud/reset", {})["model"] == "fraud"  # a timely one is carried out
+
+
 def test_a_dead_letter_file_that_is_a_directory_stops_the_start(built, tmp_path):
     cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x")
     (tmp_path / "dead").mkdir()
