@@ -99,3 +99,15 @@ def values_file(tmp_path: Path, given: dict) -> Path:
     f = tmp_path / "values.yaml"
     f.write_text(yaml.safe_dump(given))
     return f
+
+
+def pod_environment(container: dict, image_variant: str = "gpu") -> dict[str, str]:
+    """The BATCHGATE_* variables batchgate sees in the pod: the image's ENV (read from the
+    Dockerfile, for that variant) with the container's own `env` values over it, as the
+    container runtime merges them."""
+    from test_dockerfile import env_of, parse, variant
+
+    _, chain, *_ = variant(parse(), image_variant)
+    env = {k: v for k, v in env_of(chain, {}).items() if k.startswith("BATCHGATE_")}
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helm_support import by_kind, lint, render, template, validate, values_file
+from helm_support import by_kind, lint, pod_environment, render, template, validate, values_file
 
+from batchgate.config import settings_in_effect
 from batchgate.demo import _save, classifier_model
 from listener_support import answers, ipv6_loopback, probe
 from processes import Proc, free_port
@@ -51,6 +52,25 @@ def test_bind_address_reaches_the_config_and_dual_stack_services_render(helm, tm
 def test_a_bind_address_other_than_the_two_wildcards_is_refused(helm, tmp_path, given, where):
     out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0 and where in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("image_variant", ["gpu", "cpu"])
+def test_the_images_environment_does_not_outrank_bind_address(helm, tmp_path, image_variant):
+    """The image sets BATCHGATE_HOST=0.0.0.0 (what `docker run` needs), and batchgate ranks its
+    environment above the config file: the chart wrote host "::" in the config, but in a real pod
+    the image's variable won and the listeners bound 0.0.0.0, which an IPv6-only pod is not reached
+    on. The settings batchgate runs with in the pod (the image's ENV, the container's env, the
+    rendered config) must be the config's."""
+    given = {"bindAddress": "::", "image": {"variant": image_variant}}
+    _, kinds, config = _rendered(helm, tmp_path, given)
+    container = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    environment = pod_environment(container, image_variant)
+    assert "BATCHGATE_HOST" in environment  # the image's ENV was read (the test can fail)
+    f = tmp_path / "batchgate.yaml"
+    f.write_text(yaml.safe_dump(config))
+    in_pod, _ = settings_in_effect(str(f), environment)
+    assert in_pod.server.host == "::"
+    assert in_pod == settings_in_effect(str(f), {})[0]  # no other setting of the image's wins either
 
 
 def test_config_may_not_set_the_host_beside_bind_address(helm, tmp_path):
