@@ -198,6 +198,36 @@ def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):
     assert out.returncode != 0 and "no keda.sh/v1alpha1 API" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "target, factor, per_pod",
+    [(8, 3, 8.0), (0.5, 3, 0.5), ("500m", 3, 0.5), ("7500m", 2, 7.5), (2.5, 1.5, 2.5), ("0.1", 3, 0.1)],
+)
+def test_a_fractional_queue_target_reaches_keda_and_the_alert_whole(helm, tmp_path, target, factor, per_pod):
+    """targetQueueDepth may be a fraction (0.5) or a Kubernetes quantity ("500m"), as the schema
+    and the simulator allow: the alert's threshold had been cut to a whole number (0.5 x 3 gave
+    "> 0": an alert whenever anything queued) and KEDA was given "500m", which its prometheus
+    trigger cannot read as a number."""
+    values = tmp_path / "target.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {"autoscaling": {"mode": "keda", "targetQueueDepth": target}, "alerts": {"queueDepthFactor": factor}}
+        )
+    )
+    kinds = by_kind(render(helm, values))
+    threshold = kinds["ScaledObject"][0]["spec"]["triggers"][0]["metadata"]["threshold"]
+    assert float(threshold) == per_pod  # KEDA parses it as a float: no quantity suffix
+    (rule,) = [
+        r
+        for g in kinds["PrometheusRule"][0]["spec"]["groups"]
+        for r in g.get("rules", [])
+        if r.get("alert") == "BatchgateQueueDepthHigh"
+    ]
+    assert float(rule["expr"].rsplit(">", 1)[1]) == pytest.approx(per_pod * factor, rel=1e-9)
+    values.write_text(yaml.safe_dump({"autoscaling": {"mode": "hpa", "targetQueueDepth": target}}))
+    hpa = by_kind(render(helm, values))["HorizontalPodAutoscaler"][0]["spec"]
+    assert hpa["metrics"][0]["pods"]["target"]["averageValue"] == str(target)  # a quantity: kept as given
+
+
 def _refused(helm, tmp_path: Path, given: dict) -> str:
     values = tmp_path / "refused.yaml"
     values.write_text(yaml.safe_dump(given))

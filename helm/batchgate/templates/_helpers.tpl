@@ -167,3 +167,14 @@ pvc.create; empty when the pods mount none (source initContainer, or neither giv
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* autoscaling.targetQueueDepth as a plain decimal (0.5, 8): the value may be a fraction or a
+Kubernetes quantity ("500m"), which the HPA reads but KEDA's threshold and PromQL do not. */}}
+{{- define "batchgate.queueTarget" -}}
+{{- $t := .Values.autoscaling.targetQueueDepth -}}
+{{- if and (kindIs "string" $t) (hasSuffix "m" $t) -}}
+{{- round (divf (trimSuffix "m" $t) 1000.0) 9 -}}
+{{- else -}}
+{{- float64 $t -}}
+{{- end -}}
+{{- end -}}
