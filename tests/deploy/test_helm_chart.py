@@ -267,6 +267,17 @@ def test_min_replicas_above_max_replicas_is_refused_at_render(helm, tmp_path, mo
         assert ("HorizontalPodAutoscaler" in kinds or "ScaledObject" in kinds) == ok["enabled"]
 
 
+def test_an_hpa_from_zero_replicas_is_refused_at_render_keda_may_scale_to_zero(helm, tmp_path):
+    """The schema lets minReplicas be 0 (KEDA scales to zero), but in mode hpa that rendered an HPA
+    the API server refuses (minReplicas below 1 needs the alpha gate HPAScaleToZero, and a Pods
+    metric cannot bring a Deployment back from zero pods: no pod, no metric)."""
+    stderr = _refused(helm, tmp_path, {"autoscaling": {"mode": "hpa", "minReplicas": 0}})
+    assert "autoscaling.minReplicas 0 in mode hpa" in stderr and "mode keda" in stderr, stderr
+    values = tmp_path / "keda.yaml"
+    values.write_text(yaml.safe_dump({"autoscaling": {"mode": "keda", "minReplicas": 0}}))
+    assert by_kind(render(helm, values))["ScaledObject"][0]["spec"]["minReplicaCount"] == 0
+
+
 def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_path):
     values = tmp_path / "custom.yaml"
     values.write_text(
