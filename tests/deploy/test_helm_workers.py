@@ -63,6 +63,18 @@ def test_a_cpu_request_in_millicores_that_holds_them_renders(helm, tmp_path):
     assert _config(helm, tmp_path, given)["server"]["workers"] == "4"
 
 
+@pytest.mark.parametrize("cpu", ["250m", "500m", "0.5"])
+def test_one_worker_renders_with_a_request_below_a_core(helm, tmp_path, cpu):
+    """The check is about workers sharing too few cores: the default single worker with a small
+    request (a quiet service, a test cluster; it may burst, there is no CPU limit) had been refused
+    ("workers 1 needs resources.requests.cpu of at least 1"), which no chart before workers did.
+    Two workers on one core are still refused."""
+    given = {"resources": {"requests": {"cpu": cpu, "memory": "1Gi"}}}
+    assert _config(helm, tmp_path, given)["server"]["workers"] == "1"
+    err = _refused(helm, tmp_path, {**given, "workers": 2})
+    assert f"workers 2 needs resources.requests.cpu of at least 2 (it is {cpu})" in err
+
+
 def test_auto_needs_a_cpu_limit(helm, tmp_path):
     assert "set resources.limits.cpu" in _refused(helm, tmp_path, {"workers": "auto"})
     given = {"workers": "auto", "resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "4", "memory": "8Gi"}}}
