@@ -243,6 +243,25 @@ def test_without_tls_the_probes_are_as_before_and_no_health_port(helm, tmp_path)
     assert {p["grpc"]["port"] for p in probes_on(c).values()} == {8004}
 
 
+@pytest.mark.parametrize("variant", ["keys-inline", "tls-secret-mtls"])  # main ports; the health port
+def test_probe_timeouts_reach_every_probe_and_a_misspelt_probe_key_is_refused(helm, tmp_path, variant):
+    """probes.*.timeoutSeconds was taken by the values and dropped without a word: the kubelet's
+    1 s stayed, however long a loaded pod takes to answer. Each probe gets its own; a key the chart
+    does not read is refused, naming it."""
+    timing = {"timeoutSeconds": 4, "periodSeconds": 7, "failureThreshold": 5}
+    probes = {"readiness": dict(timing), "liveness": dict(timing, timeoutSeconds=6), "startup": dict(timing)}
+    kinds = by_kind(render(helm, values(tmp_path, {**VARIANTS[variant], "probes": probes}, "timed")))
+    c = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    got = {k: (p.get("timeoutSeconds"), p["periodSeconds"], p["failureThreshold"]) for k, p in probes_on(c).items()}
+    assert got == {"startupProbe": (4, 7, 5), "readinessProbe": (4, 7, 5), "livenessProbe": (6, 7, 5)}
+    validate(kinds["Deployment"])
+    plain = by_kind(render(helm, values(tmp_path, VARIANTS[variant], "plain")))["Deployment"][0]
+    assert all(
+        "timeoutSeconds" not in p for p in probes_on(plain["spec"]["template"]["spec"]["containers"][0]).values()
+    )
+    assert "timeoutSecond" in refused(helm, tmp_path, {"probes": {"liveness": {"timeoutSecond": 5}}})
+
+
 def test_cert_manager_issues_the_secret_the_pods_mount(helm, tmp_path):
     kinds, pod, c, config = rendered(helm, tmp_path, "tls-cert-manager")
     (cert,) = kinds["Certificate"]

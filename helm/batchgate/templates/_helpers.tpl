@@ -178,3 +178,13 @@ Kubernetes quantity ("500m"), which the HPA reads but KEDA's threshold and PromQ
 {{- float64 $t -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A probe's timing from its probes.<name> values; timeoutSeconds only when given (the kubelet's
+default is 1 s). */}}
+{{- define "batchgate.probeTiming" -}}
+periodSeconds: {{ .periodSeconds }}
+failureThreshold: {{ .failureThreshold }}
+{{- with .timeoutSeconds }}
+timeoutSeconds: {{ . }}
+{{- end }}
+{{- end -}}
