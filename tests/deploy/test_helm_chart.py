@@ -253,6 +253,30 @@ def test_gpu_with_the_cpu_image_is_refused_at_render(helm, tmp_path):
     assert by_kind(render(helm, values))["Deployment"]
 
 
+DIGEST = "@sha256:" + "0" * 64
+
+
+@pytest.mark.parametrize(
+    "tag, image",
+    [
+        ("", "0.1.0-cpu"),  # the chart's appVersion
+        ("0.2.0", "0.2.0-cpu"),
+        ("0.2.0-cpu", "0.2.0-cpu"),  # had been 0.2.0-cpu-cpu
+        ("cpu", "cpu"),  # the Dockerfile's own tag; had been cpu-cpu
+        ("0.2.0" + DIGEST, "0.2.0-cpu" + DIGEST),  # the suffix had gone after the digest
+        ("0.2.0-cpu" + DIGEST, "0.2.0-cpu" + DIGEST),
+    ],
+)
+def test_the_cpu_variant_names_one_cpu_tag(helm, tmp_path, tag, image):
+    """image.variant cpu adds -cpu to the tag once, and before a digest: a tag that already names
+    the CPU build had become 0.2.0-cpu-cpu, and a pinned one repo:0.2.0@sha256:...-cpu, neither
+    of them an image reference a kubelet can pull."""
+    values = tmp_path / "cpu.yaml"
+    values.write_text(yaml.safe_dump({"image": {"variant": "cpu", "tag": tag}}))
+    c = by_kind(render(helm, values))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "ghcr.io/batchgate/batchgate:" + image
+
+
 @pytest.mark.parametrize("mode", ["hpa", "keda"])
 def test_min_replicas_above_max_replicas_is_refused_at_render(helm, tmp_path, mode):
     """autoscaling.minReplicas above maxReplicas rendered an HPA (or a ScaledObject whose HPA)

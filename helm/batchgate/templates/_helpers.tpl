@@ -36,9 +36,14 @@ whose tags end in -cpu, or the Dockerfile's own tag "cpu") has no CUDA and the C
 so the pod would hold a GPU it cannot use. */}}
 {{- define "batchgate.image" -}}
 {{- $tag := toString (default .Chart.AppVersion .Values.image.tag) -}}
-{{- if eq .Values.image.variant "cpu" -}}{{- $tag = printf "%s-cpu" $tag -}}{{- end -}}
-{{- $image := printf "%s:%s" .Values.image.repository $tag -}}
 {{- $name := regexReplaceAll "@.*$" $tag "" -}}
+{{- $digest := trimPrefix $name $tag -}}
+{{- /* The CPU variant's tag ends in -cpu: added once (not to a tag that names the CPU build
+already), and before a digest. */}}
+{{- if and (eq .Values.image.variant "cpu") (ne $name "cpu") (not (hasSuffix "-cpu" $name)) -}}
+{{- $name = printf "%s-cpu" $name -}}
+{{- end -}}
+{{- $image := printf "%s:%s%s" .Values.image.repository $name $digest -}}
 {{- if and .Values.gpu.enabled (or (eq .Values.image.variant "cpu") (eq $name "cpu") (hasSuffix "-cpu" $name)) -}}
 {{- fail (printf "gpu.enabled: the image %s is the CPU-only build (image.variant cpu, or an image.tag ending in -cpu), which cannot use the GPU the pod would be given: set image.variant gpu with the GPU build's tag, or turn gpu.enabled off" $image) -}}
 {{- end -}}
