@@ -489,8 +489,8 @@ class Gateway:
             self._readiness.cancel()
         if self._keys_watch is not None:
             self._keys_watch.cancel()
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        if self._health is not None:  # not ready from now on; "liveness" stays SERVING while the process runs
+            await self._publish_readiness()
         log.info("draining: %d requests in flight, grace period %.1f s", self.dataplane.in_flight, grace)
         try:
             # Requests hold on to the version they resolved, so waiting for every served

@@ -235,6 +235,9 @@ def test_health_port_follows_drain(serve, demo_repo, pki):
         assert status() == health_pb2.HealthCheckResponse.SERVING
         running.call(running.gateway.drain(0.5))
         assert status() == status(GRPC_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The process runs on: kubelet's liveness probe must not restart it mid-drain (one process
+        # set every service NOT_SERVING, "liveness" too; the supervisor of workers did not)
+        assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_client_that_never_says_hello_is_closed_after_the_head_timeout(serve, demo_repo, pki):
