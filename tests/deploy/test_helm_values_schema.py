@@ -128,3 +128,25 @@ def test_a_grace_period_shorter_than_the_drain_is_refused(helm, tmp_path):
     assert pod["terminationGracePeriodSeconds"] == 41
     given = {"terminationGracePeriodSeconds": 60, "config": {"server": {"exit_timeout_s": 55}}}
     assert "(65)" in template(helm, values_file(tmp_path, given)).stderr
+
+
+def test_extra_environment_variables_reach_the_container_and_the_charts_own_are_refused(helm, tmp_path):
+    """There was no way to give the container an environment variable (OMP_NUM_THREADS, a
+    credential from a Secret): the schema refuses unknown keys. extraEnv takes EnvVar entries;
+    the variables the chart sets itself are refused, naming the values to set instead."""
+    extra = [
+        {"name": "OMP_NUM_THREADS", "value": "2"},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "id"}}},
+    ]
+    docs = render(helm, values_file(tmp_path, {"extraEnv": extra}))
+    validate(docs)
+    (deployment,) = by_kind(docs)["Deployment"]
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env[-2:] == extra and env[0]["name"] == "BATCHGATE_HOST"
+    for given, words in (
+        ([{"name": "BATCHGATE_HOST", "value": "::"}], "extraEnv: BATCHGATE_HOST is set by the chart"),
+        ([{"name": "X", "value": 2}], "/extraEnv/0/value"),
+        ([{"value": "a"}], "name"),
+    ):
+        out = template(helm, values_file(tmp_path, {"extraEnv": given}))
+        assert out.returncode != 0 and words in out.stderr, out.stderr
