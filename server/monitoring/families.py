@@ -116,7 +116,8 @@ FAMILIES: dict[str, Family] = {
     "batchgate_http_connections_refused": Family(
         "counter",
         "HTTP connections answered and closed by a limit: header_bytes, header_timeout, body_timeout, connections, "
-        "malformed (not HTTP/1.1), transfer_encoding (a coding other than chunked), pipeline (past "
+        "malformed (not HTTP/1.1), transfer_encoding (a coding other than chunked), "
+        "upgrade (an upgrade not served as HTTP/1.1), pipeline (past "
         "max_pipelined_requests), send_timeout (an answer its client did not take) (HTTP/1.1); "
         "on the h2 gRPC engine grpc_connections, grpc_header_bytes, grpc_protocol (an HTTP/2 error), "
         "grpc_resets (a reset flood), "

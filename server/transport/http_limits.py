@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import re
 import struct
 import termios
 import urllib.parse
@@ -59,6 +58,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..core.rate import LineBudget
 from ..security.tls import tls_extension
 from . import batched_writes
+from .http_heads import QUICK_PREFIX, cut_upgrade, plain_head, rename_upgrade
 from .http_scope import encoded_separator
 from .sockets import MIN_SEND_BYTES_PER_S
 
@@ -71,6 +71,7 @@ NOT_HTTP = "malformed"  # bytes httptools cannot parse as HTTP/1.1 (400)
 TRANSFER_CODING = "transfer_encoding"  # a transfer coding other than chunked alone (501)
 PIPELINE = "pipeline"  # more requests queued behind the one being answered than max_pipelined_requests
 SEND_TIMEOUT = "send_timeout"  # an answer its client took too little of in time: the connection aborted
+UPGRADE = "upgrade"  # a request httptools took for an upgrade (its Upgrade header not renamed): 400
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
 _STATUS = {
@@ -114,43 +115,9 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 Verdict = tuple[int, list[tuple[bytes, bytes]], bytes, float] | None
 Gate = Callable[[str, str, dict], Verdict]
 Quick = Callable[[str, str], Verdict]  # (model, peer): an overload refusal judged from the request line
-_QUICK_PREFIX = b"POST /v2/models/"
-_QUICK_SUFFIX = b"/infer HTTP/1.1"
-# headers that make a request more than a plain one: such a request takes the usual way
-_NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgrade:")
-# batchgate upgrades no connection (no WebSocket, no h2c), but httptools stops at a request that
-# offers an upgrade and never reads its body (uvicorn then hands the app an empty one): Java's
-# HttpClient offers h2c on every http:// POST. The header is renamed before httptools sees it.
-_UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
-_RENAMED = b"\r\nx-upgrd:"  # (as long as the name it replaces)
 _CLOSE = (b"connection", b"close")
 HEAD_CACHE_ENTRIES = 64  # request heads the quick refusal keeps judged (a client repeats its own)
 HEAD_CACHE_MAX_BYTES = 2048  # ... each at most this long
-
-
-def _plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
-    """The model and Content-Length of a plain infer request's head (its request line and
-    headers, without the blank line): HTTP/1.1, ``POST /v2/models/NAME/infer``, one
-    Content-Length, no Transfer-Encoding, Expect, Connection or Upgrade header, strict framing
-    (CRLF line ends, no folded lines, so that no parser in front of us can cut these bytes into
-    requests differently: smuggling). False for any other head: it takes the usual way."""
-    line_end = head.find(b"\r\n")
-    if line_end < 0 or not head.endswith(_QUICK_SUFFIX, 0, line_end):
-        return False
-    name = head[len(_QUICK_PREFIX) : line_end - len(_QUICK_SUFFIX)]
-    rest = head[line_end:].lower() + b"\r\n"
-    i = rest.find(b"\ncontent-length:")
-    if b"/" in name or i < 0 or rest.find(b"\ncontent-length:", i + 1) >= 0:
-        return False
-    if _NOT_PLAIN[0] in rest or _NOT_PLAIN[1] in rest or _NOT_PLAIN[2] in rest or _NOT_PLAIN[3] in rest:
-        return False
-    crlf = rest.count(b"\r\n")
-    if rest.count(b"\n") != crlf or rest.count(b"\r") != crlf or b"\n " in rest or b"\n\t" in rest:
-        return False
-    length = rest[i + 16 : rest.find(b"\r", i)].strip()
-    if not length.isdigit() or not name.isascii():
-        return False
-    return name.decode("ascii"), int(length)
 
 
 def guarded_protocol(
@@ -187,19 +154,32 @@ def guarded_protocol(
         _holding = False  # not read until its turn (past the overload refusals' rate)
         _progress = False  # the parser called us back while it read the last data
         _silent = 0  # bytes read since it last did
+        _held = b""  # the end of the last read, which may begin an Upgrade header's line
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
+            if self._held:
+                data = self._held + data
+                self._held = b""
             if not self._in_message or self._in_head:
                 end = data.find(b"\r\n\r\n")
                 stop = len(data) if end < 0 else end + 2  # (the head only: the body may be long)
-                if (
-                    (data.find(b"pgrade", 0, stop) >= 0 or data.find(b"PGRADE", 0, stop) >= 0)  # (most have none)
-                    and _UPGRADE.search(data, 0, stop) is not None
-                ):
-                    data = _UPGRADE.sub(_RENAMED, data[:stop]) + data[stop:]
+                if end < 0:
+                    # A head comes in pieces as its client writes it (or as TCP cuts it): an
+                    # Upgrade header's name cut between two reads was not renamed, and httptools
+                    # then skipped the request's body (served empty) and every byte after it.
+                    cut = cut_upgrade(data)
+                    if cut:
+                        self._held = data[-cut:]
+                        data = data[:-cut]
+                        stop -= cut
+                data = rename_upgrade(data, stop)
             idle = self.cycle is None or self.cycle.response_complete
+            if not data:  # all of it held: the head's clock starts as for any other byte
+                if idle and not self._in_message and self._timer is None:
+                    self._arm(header_timeout_s, HEAD_TIMEOUT)
+                return
             if (
                 quick is not None
                 and idle
@@ -238,14 +218,14 @@ def guarded_protocol(
             pos, n = 0, len(data)
             answered = False
             assert quick is not None
-            while data.startswith(_QUICK_PREFIX, pos):
+            while data.startswith(QUICK_PREFIX, pos):
                 end = data.find(b"\r\n\r\n", pos, pos + max_header_bytes)
                 if end < 0:
                     break
                 head = data[pos:end]
                 plain = heads.get(head)
                 if plain is None:  # (a client sends the same head request after request: read once)
-                    plain = _plain_head(head)
+                    plain = plain_head(head)
                     if len(head) <= HEAD_CACHE_MAX_BYTES:
                         if len(heads) >= HEAD_CACHE_ENTRIES:
                             heads.clear()
@@ -392,6 +372,13 @@ def guarded_protocol(
                     return
                 super().on_header(name, value)
 
+        def _unsupported_upgrade_warning(self) -> None:
+            """httptools stopped at an upgrade (refused in ``on_headers_complete``): uvicorn's two
+            WARNING lines for each are not written."""
+            if not self._refused:  # (cannot happen: every upgrade is refused as its head ends)
+                refused(UPGRADE)
+                self._refuse(400, "batchgate upgrades no connection: send the request without Upgrade")
+
         def send_400_response(self, msg: str) -> None:
             """Bytes that are not HTTP/1.1: a JSON error as every other answer's, counted
             (uvicorn wrote plain text and logged a warning line for each)."""
@@ -414,6 +401,14 @@ def guarded_protocol(
                     # admission made here would never be released.
                     if gate is not None and not self.parser.should_upgrade() and self._gate():
                         return
+                if self.parser.should_upgrade():
+                    # An Upgrade header renaming did not reach (a request pipelined behind
+                    # another in one read): httptools has stopped at it, its body and what
+                    # follows unread, so it can only be refused (uvicorn would serve it on an
+                    # empty body and write two WARNING lines a request).
+                    refused(UPGRADE)
+                    self._refuse(400, "batchgate upgrades no connection: send the request without Upgrade")
+                    return
                 if self._behind and len(self.pipeline) >= max_pipelined:
                     # A client that sends request after request without reading the answers:
                     # one read holds thousands of small ones, each a request cycle kept.

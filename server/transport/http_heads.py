@@ -1,0 +1,63 @@
+"""Raw HTTP/1.1 request heads, read before httptools sees them (``http_limits.py``): the plain
+infer request the quick overload refusal may answer from its bytes alone, and the Upgrade header
+renamed so that httptools serves such a request as HTTP/1.1."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+QUICK_PREFIX = b"POST /v2/models/"
+_QUICK_SUFFIX = b"/infer HTTP/1.1"
+# headers that make a request more than a plain one: such a request takes the usual way
+_NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgrade:")
+# batchgate upgrades no connection (no WebSocket, no h2c), but httptools stops at a request that
+# offers an upgrade and never reads its body (uvicorn then hands the app an empty one): Java's
+# HttpClient offers h2c on every http:// POST. The header is renamed before httptools sees it.
+_UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
+_RENAMED = b"\r\nx-upgrd:"  # (as long as the name it replaces)
+_UPGRADE_NAME = b"\r\nupgrade:"
+
+
+def rename_upgrade(data: bytes, stop: int) -> bytes:
+    """``data`` with every Upgrade header in its first ``stop`` bytes (a request head) renamed.
+    The name in any case, as httptools reads it (a pre-check for "pgrade" or "PGRADE" let
+    "UpGrade" through until 2026-12-06, and was slower than this search)."""
+    if _UPGRADE.search(data, 0, stop) is None:
+        return data
+    return _UPGRADE.sub(_RENAMED, data[:stop]) + data[stop:]
+
+
+def cut_upgrade(data: bytes) -> int:
+    """How many bytes at the end of ``data`` may begin an Upgrade header line that the next read
+    ends (``\\r``, ``\\r\\nUpg``...): they wait for it, so that the renaming sees the name whole."""
+    tail = data[-(len(_UPGRADE_NAME) - 1) :].lower()
+    for k in range(len(tail), 0, -1):
+        if _UPGRADE_NAME.startswith(tail[-k:]):
+            return k
+    return 0
+
+
+def plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
+    """The model and Content-Length of a plain infer request's head (its request line and
+    headers, without the blank line): HTTP/1.1, ``POST /v2/models/NAME/infer``, one
+    Content-Length, no Transfer-Encoding, Expect, Connection or Upgrade header, strict framing
+    (CRLF line ends, no folded lines, so that no parser in front of us can cut these bytes into
+    requests differently: smuggling). False for any other head: it takes the usual way."""
+    line_end = head.find(b"\r\n")
+    if line_end < 0 or not head.endswith(_QUICK_SUFFIX, 0, line_end):
+        return False
+    name = head[len(QUICK_PREFIX) : line_end - len(_QUICK_SUFFIX)]
+    rest = head[line_end:].lower() + b"\r\n"
+    i = rest.find(b"\ncontent-length:")
+    if b"/" in name or i < 0 or rest.find(b"\ncontent-length:", i + 1) >= 0:
+        return False
+    if _NOT_PLAIN[0] in rest or _NOT_PLAIN[1] in rest or _NOT_PLAIN[2] in rest or _NOT_PLAIN[3] in rest:
+        return False
+    crlf = rest.count(b"\r\n")
+    if rest.count(b"\n") != crlf or rest.count(b"\r") != crlf or b"\n " in rest or b"\n\t" in rest:
+        return False
+    length = rest[i + 16 : rest.find(b"\r", i)].strip()
+    if not length.isdigit() or not name.isascii():
+        return False
+    return name.decode("ascii"), int(length)
