@@ -33,7 +33,8 @@ STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5
 ENHANCE_YOUR_CALM = 0xB
 
 # Frames that cost us a parse and move nothing on (empty DATA without END_STREAM, empty
-# CONTINUATION, PRIORITY, unknown types) are allowed this many between two requests; a header
+# CONTINUATION, PRIORITY, unknown types, SETTINGS and their ACKs, PING ACKs, and PINGs while no
+# DATA moved since the last one) are allowed this many between two requests; a header
 # block may come in at most this many CONTINUATION frames. Past either the connection is closed
 # (reason ``flood``): a client could otherwise keep the loop busy for free.
 MAX_EMPTY_FRAMES = 1000
@@ -127,6 +128,7 @@ class Http2:
         self._block: tuple[int, bool, bytearray] | None = None  # a header block waiting for CONTINUATION
         self._continuations = 0  # CONTINUATION frames of that block so far
         self._empty = 0  # frames that carried nothing since the last request (see MAX_EMPTY_FRAMES)
+        self._moved = False  # DATA went either way since the last PING (which is then free)
         self._closed = False
         settings = b"".join(
             _SETTING.pack(k, v)
@@ -186,6 +188,7 @@ class Http2:
         if stream is not None:
             stream.send_window -= n
         self._send_window -= n
+        self._moved = True
         out = self._out
         out += _HEADER.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end_stream else 0, sid)
         out += data
@@ -294,6 +297,13 @@ class Http2:
             elif kind == PING:
                 if sid or length != 8:
                     self._fail(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "a malformed PING")
+                # (a client may ping as answers stream in: grpc-go measures bandwidth so; a PING
+                # flood, answered as fast as it came, held every other call: gRPC core closes
+                # a client pinging twice without data in five minutes)
+                if self._moved:
+                    self._moved = False
+                else:
+                    self._nothing()
                 if not flags & ACK:
                     self._out += frame(PING, ACK, 0, payload)
                 else:
@@ -368,6 +378,8 @@ class Http2:
         end = bool(flags & END_STREAM)
         if not flow and not end:
             self._nothing()
+        elif flow:
+            self._moved = True
         if end:
             stream.remote_open = False
         self.handler.on_data(sid, data, flow, end)
@@ -490,6 +502,7 @@ class Http2:
         if flags & ACK:
             if payload:
                 self._fail(FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
+            self._nothing()  # (a client owes one, for our SETTINGS: more of them cost a parse each)
             return
         if len(payload) % 6:
             self._fail(FRAME_SIZE_ERROR, "a SETTINGS frame of the wrong size")

@@ -317,10 +317,16 @@ def test_a_client_that_writes_and_never_reads_is_no_longer_read(engine):
     raw = Raw(e.port)
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     raw.sock.settimeout(3)
-    pings = frame(PING, 0, 0, b"12345678") * 60_000  # ~1 MB of PINGs, each to be answered
+    run = frame(PING, 0, 0, b"12345678") * 500  # PINGs, each to be answered
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/t.T/Echo"),
+              (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip
     sent = 0
     with pytest.raises(TimeoutError):  # the server stops reading: our sends block
         for _ in range(200):
+            pings = bytearray()  # ~1 MB: a call opened every 500 PINGs (PINGs alone are a flood)
+            for _ in range(120):
+                raw.last += 2
+                pings += frame(HEADERS, 0x5, raw.last, raw.encoder.encode(fields)) + run
             raw.sock.sendall(pings)
             sent += 1
     assert sent < 100
