@@ -185,8 +185,10 @@ def decode_request(
         inputs.append(Tensor(name, dt.v2, shape, data, own))
     if offset != len(binary):
         raise invalid(f"the body has {len(binary) - offset} binary bytes that no input claims")
-    req_params = obj.get("parameters") or {}
-    if type(req_params) is not dict:
+    req_params = obj.get("parameters")
+    if req_params is None:  # (absent or null; a falsy "" / [] / false is no object either)
+        req_params = {}
+    elif type(req_params) is not dict:
         raise invalid("request 'parameters' must be an object")
     req_params = _given(req_params)
     outputs = None
@@ -201,8 +203,10 @@ def decode_request(
         for o in raw_outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise invalid("each entry of 'outputs' must be an object with a 'name'")
-            op = o.get("parameters") or {}
-            if not isinstance(op, dict):
+            op = o.get("parameters")
+            if op is None:
+                op = {}
+            elif not isinstance(op, dict):
                 raise invalid(f"output '{clip(o['name'])}': 'parameters' must be an object")
             op = _given(op)
             check_output(o["name"], op, bool(op.get("classification")))
