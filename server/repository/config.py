@@ -55,6 +55,10 @@ def config_from_json(text: str, name: str) -> mc.ModelConfig:
         raise invalid(
             f"model '{name}': the config given with the load request is not valid: {printable(clip(str(e), 256))}"
         ) from None
+    # protobuf's parser walks any JSON it is given as if it were an object: an empty list or
+    # string reads as an empty config. Parsed, the text is valid JSON; an object starts with '{'.
+    if not text.lstrip(" \t\r\n").startswith("{"):
+        raise invalid(f"model '{name}': the config given with the load request must be a JSON object")
     if cfg.name and cfg.name != name:  # refused, as Triton does: never served under another name
         raise invalid(
             f"model '{name}': the config given with the load request names model "

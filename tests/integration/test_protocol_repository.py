@@ -178,6 +178,18 @@ async def test_bad_config_override_is_refused_and_changes_nothing(explicit):
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), feeds["INPUT0"] - feeds["INPUT1"])
 
 
+@pytest.mark.parametrize("text", ["[]", '""', " [ ] "])
+async def test_a_config_that_is_json_but_no_object_is_refused(explicit, text):
+    """protobuf's JSON parser reads an empty list or string as an empty message: such a config
+    loaded the model as if '{}' had been sent. It is no model config; refused, as Triton does."""
+    before = await explicit.as_json("get_model_config", "simple")
+    with pytest.raises(InferenceServerException) as info:
+        await explicit.call("load_model", "simple", config=text)
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert "simple" in info.value.message() and "JSON object" in info.value.message(), info.value.message()
+    assert await explicit.as_json("get_model_config", "simple") == before
+
+
 async def test_a_config_naming_another_model_is_refused(explicit):
     """A load's config whose name is not the model's was served renamed, silently; Triton refuses
     it. The model loaded before serves on, and a config with the model's own name still loads."""
