@@ -28,6 +28,7 @@ from .core.errors import ErrorCode, GatewayError, invalid
 from .core.rate import LineBudget
 from .core.signature import TensorSpec
 from .core.types import (
+    EMPTY,
     MAX_TENSOR_PARAMETERS,
     InferRequest,
     InferResponse,
@@ -82,6 +83,7 @@ _monotonic = time.monotonic
 # Load parameters of the repository API (V2 model_repository extension).
 CONFIG_PARAM = "config"
 FILE_PARAM_PREFIX = "file:"
+UNLOAD_DEPENDENTS = "unload_dependents"  # (an unload parameter)
 
 
 # What admission hands back and inference takes: a model version, or a request's passage
@@ -518,11 +520,18 @@ class DataPlane(Extensions):
         hashed, omitted = await self._hashes(name, files)
         await self.access.audited(caller, key, "repository.load", name, "ok", files=hashed, files_omitted=omitted)
 
-    async def unload_model(self, name: str, caller: Caller = OPEN_CALLER) -> None:
+    async def unload_model(
+        self, name: str, caller: Caller = OPEN_CALLER, parameters: Mapping[str, Any] = EMPTY
+    ) -> None:
+        """``parameters``: the request's (both wires give them as plain values)."""
         key = None
         try:
             key = self.access.check(caller, ADMIN, name)
             check_model_name(name)
+            # No ensembles here, so no dependents; but a value that is no boolean is refused, as
+            # Triton refuses it, rather than read as anything.
+            if UNLOAD_DEPENDENTS in parameters and type(parameters[UNLOAD_DEPENDENTS]) is not bool:
+                raise invalid(f"unload parameter '{UNLOAD_DEPENDENTS}' must be true or false")
             if self.coordinator is not None:  # (each process holding models says NOT_FOUND if need be: a
                 # front worker knows only the owner's ready models, not one that failed to load there)
                 await self.coordinator.unload(name)

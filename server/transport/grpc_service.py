@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from ..core.errors import ErrorCode, GatewayError, cancelled_code
+from ..core.errors import ErrorCode, GatewayError, cancelled_code, invalid
 from ..core.routing import PIN_HEADER as VARIANT_HEADER
 from ..core.types import (
     FINAL_RESPONSE,
@@ -106,9 +106,7 @@ def _parse(raw: bytes) -> pb.ModelInferRequest:
     try:
         return pb.ModelInferRequest.FromString(raw)
     except DecodeError as e:
-        raise GatewayError(
-            ErrorCode.INVALID_ARGUMENT, f"the request is not a valid inference.ModelInferRequest message: {e}"
-        ) from None
+        raise invalid(f"the request is not a valid inference.ModelInferRequest message: {e}") from None
 
 
 def _answer_bytes(answer: pb.ModelInferResponse | bytes) -> bytes:
@@ -219,7 +217,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def RepositoryModelLoad(self, request, context):
-        params = {k: grpc_codec.param_value(p) for k, p in request.parameters.items()}
+        params = grpc_codec.parameters_of(request.parameters)
         try:
             await self.dp.load_model(request.model_name, params, caller_of(context))
         except GatewayError as e:
@@ -230,8 +228,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        params = grpc_codec.parameters_of(request.parameters)
         try:
-            await self.dp.unload_model(request.model_name, caller_of(context))
+            await self.dp.unload_model(request.model_name, caller_of(context), params)
         except GatewayError as e:
             return await _abort(context, e)
         except Exception:

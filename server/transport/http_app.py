@@ -305,7 +305,7 @@ class HttpApp:
             if action == "load":
                 await self.dp.load_model(model, params, caller_of(scope))
             else:
-                await self.dp.unload_model(model, caller_of(scope))
+                await self.dp.unload_model(model, caller_of(scope), params)
             return await self._empty(send, 200)
         m = SHM_RE.match(path)
         if m:

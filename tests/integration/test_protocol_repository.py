@@ -230,6 +230,43 @@ def test_http_load_parameters_must_be_an_object(serve, repo_copy):
         assert e.value.code == 400 and "'parameters' must be an object" in e.value.read().decode()
 
 
+def test_unload_dependents_must_be_a_boolean(serve, repo_copy):
+    """Triton refuses an ``unload_dependents`` that is not a boolean (HTTP: "Unable to parse
+    'unload_dependents'", gRPC: "expected bool_param"); it was ignored, whatever it held, and the
+    model unloaded. tritonclient always sends a boolean, so raw requests send the others."""
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    running = serve(repo_copy, model_control_mode="explicit", load_model=("simple",), **QUICK)
+    url = f"http://{running.http_url}/v2/repository/models/simple/unload"
+    for value in ('"yes"', "1", "null", "[]"):
+        body = f'{{"parameters": {{"unload_dependents": {value}}}}}'.encode()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10)
+        assert e.value.code == 400 and "'unload_dependents'" in e.value.read().decode(), value
+    with grpc.insecure_channel(running.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for param in (
+            service_pb2.ModelRepositoryParameter(string_param="true"),
+            service_pb2.ModelRepositoryParameter(int64_param=1),
+            service_pb2.ModelRepositoryParameter(),
+        ):
+            req = service_pb2.RepositoryModelUnloadRequest(model_name="simple")
+            req.parameters["unload_dependents"].CopyFrom(param)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RepositoryModelUnload(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, param
+            assert "'unload_dependents'" in info.value.details(), info.value.details()
+        assert stub.ModelReady(service_pb2.ModelReadyRequest(name="simple"), timeout=10).ready
+        req = service_pb2.RepositoryModelUnloadRequest(model_name="simple")
+        req.parameters["unload_dependents"].bool_param = False  # (as tritonclient sends it)
+        stub.RepositoryModelUnload(req, timeout=10)
+        assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="simple"), timeout=10).ready
+
+
 def test_http_index_ready_must_be_true_or_false(serve, repo_copy):
     """Triton reads the index request's ``ready`` as a JSON boolean and refuses anything else;
     ``bool()`` of it took ``"false"`` (and ``"no"``, ``1``) for true and answered the ready-only
