@@ -425,8 +425,10 @@ def new_request(
             )
         params = MappingProxyType(dict(parameters))
         for k, v in params.items():
-            if type(v) not in _PARAMETER_TYPES:  # (a JSON object, list or null)
+            if type(v) not in _PARAMETER_TYPES:  # (a JSON object or list; a gRPC parameter with no value)
                 name = printable(clip(k))
+                if v is None:  # (HTTP reads a JSON null as not given: it never gets here)
+                    raise invalid(f"parameter '{name}' has no value: none of its InferParameter fields is set")
                 raise invalid(f"parameter '{name}' must be a string, a number or a boolean, not {brief(v)}")
             check_parameter_name(k)
         if FINAL_RESPONSE_REQUESTED in params:  # the stream's business (its transport reads it), not a model's

@@ -203,6 +203,17 @@ def test_grpc_bad_schedule_parameters(server):
     assert "priority" in err.details()
 
 
+@pytest.mark.parametrize("name", ["tag", "priority", "timeout", "sequence_id"])
+def test_grpc_a_request_parameter_with_no_value_says_so(server, name):
+    """An InferParameter with none of its fields set (which Triton refuses too) was refused as
+    "must be a string, a number or a boolean, not None": Python's word for it, not the client's."""
+    req = simple_request()
+    req.parameters[name].CopyFrom(service_pb2.InferParameter())
+    err = grpc_error(server, req)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == f"parameter '{name}' has no value: none of its InferParameter fields is set", err.details()
+
+
 def test_triton_reserved_and_nested_request_parameters_are_refused(server):
     """Names starting with 'triton_' are the server's, as on Triton (tritonclient will not send
     them, so by hand); HTTP parameter values must be scalars, as Triton requires. The one reserved
