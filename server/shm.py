@@ -45,7 +45,7 @@ OFFSET = "shared_memory_offset"
 _KEY = re.compile(r"/[A-Za-z0-9_.-]{1,250}")
 # printable ASCII but '/' and '\\': HTTP addresses a region by name in its path, where an encoded
 # separator is refused (http_scope.py), so such a name registered over gRPC could not be named
-_NAME = re.compile(r"[\x21-\x2e\x30-\x5b\x5d-\x7e]{1,128}")
+_NAME = re.compile(r"[\x20-\x2e\x30-\x5b\x5d-\x7e]{1,128}")  # (a space is printable: "input data")
 
 
 @dataclass(frozen=True, slots=True)

@@ -461,6 +461,38 @@ def test_an_input_size_that_does_not_fit_its_shape_is_refused_before_anything_is
     assert "(max_request_bytes)" in e.value.message()
 
 
+@pytest.mark.parametrize("mod, proto", PROTOCOLS)
+def test_a_region_name_with_a_space_is_served_as_any_printable_name(repo, serve, segments, mod, proto):
+    """Region names are printable ASCII but the two path separators, as the error for any other
+    name says; a space (printable) was refused with that very message. Over HTTP tritonclient
+    puts the name in the path percent-encoded: registered, named in a request, in the status on
+    both protocols, unregistered by name."""
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    other = (httpclient if mod is grpcclient else grpcclient).InferenceServerClient(
+        running.http_url if mod is grpcclient else running.grpc_url
+    )
+    x = np.random.default_rng(3).random((2, 4), dtype=np.float32)
+    key, handle = segments(x.nbytes)
+    shm.set_shared_memory_region(handle, [x])
+    c.register_system_shared_memory("input data", key, x.nbytes)
+    status = c.get_system_shared_memory_status("input data")
+    names = list(status.regions) if mod is grpcclient else [r["name"] for r in status]
+    assert names == ["input data"]
+    seen = other.get_system_shared_memory_status("input data")
+    assert ([r["name"] for r in seen] if mod is grpcclient else list(seen.regions)) == ["input data"]
+    inp = mod.InferInput("features", [2, 4], "FP32")
+    inp.set_shared_memory("input data", x.nbytes)
+    plain = mod.InferInput("features", [2, 4], "FP32")
+    plain.set_data_from_numpy(x)
+    np.testing.assert_array_equal(
+        c.infer("classifier", [inp]).as_numpy("probabilities"), c.infer("classifier", [plain]).as_numpy("probabilities")
+    )
+    c.unregister_system_shared_memory("input data")
+    status = c.get_system_shared_memory_status()
+    assert len(status.regions if mod is grpcclient else status) == 0
+
+
 @pytest.mark.parametrize("name", ["a/b", "../../etc/passwd", "a\\b"])
 def test_a_region_name_with_a_path_separator_is_refused_on_grpc_too(repo, serve, segments, name):
     """HTTP names a region in its path and refuses an encoded separator there: such a name,
