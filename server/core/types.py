@@ -352,7 +352,7 @@ def version_number(version: str) -> int:
     """A model version as a client names it: ASCII digits only (int() would also take " 1", "+1",
     "1_0" and other scripts' digits); INVALID_ARGUMENT otherwise."""
     if not (version.isascii() and version.isdigit() and len(version) <= 18):
-        raise invalid(f"model version must be a whole number, not '{printable(clip(version))}'")
+        raise invalid(f"model version must be a whole number of at most 18 digits, not '{printable(clip(version))}'")
     return int(version)
 
 

@@ -417,6 +417,16 @@ def test_http_a_version_that_is_no_plain_number_is_a_json_400(server, version):
     assert_still_serving(server)
 
 
+def test_a_version_of_too_many_digits_is_told_the_bound_on_both_protocols(server):
+    """A 19-digit version was refused as "must be a whole number", which it is; the bound is said."""
+    version = "9" * 19
+    err = grpc_error(server, service_pb2.ModelInferRequest(model_name="simple", model_version=version))
+    want = f"model version must be a whole number of at most 18 digits, not '{version}'"
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == want, err.details()
+    status, msg = http_error(server, GOOD_JSON, path=f"/v2/models/simple/versions/{version}/infer")
+    assert status == 400 and msg == want, msg
+
+
 def test_grpc_unknown_method(server):
     with grpc.insecure_channel(server.grpc_url) as channel:
         call = channel.unary_unary(

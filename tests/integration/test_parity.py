@@ -346,7 +346,7 @@ KNOWN_DIFFERENCES = [
         "non_numeric_version",
         Spec(inputs=GOOD, version="v1"),
         "INVALID_ARGUMENT",
-        "model version must be a whole number, not 'v1'",
+        "model version must be a whole number of at most 18 digits, not 'v1'",
         stream=False,
     ),
     # int() takes signs, underscores and other scripts' digits: a version is ASCII digits only
@@ -354,14 +354,14 @@ KNOWN_DIFFERENCES = [
         "signed_version",
         Spec(inputs=GOOD, version="+1"),
         "INVALID_ARGUMENT",
-        "model version must be a whole number, not '+1'",
+        "model version must be a whole number of at most 18 digits, not '+1'",
         stream=False,
     ),
     Case(
         "underscored_version",
         Spec(inputs=GOOD, version="1_0"),
         "INVALID_ARGUMENT",
-        "model version must be a whole number, not '1_0'",
+        "model version must be a whole number of at most 18 digits, not '1_0'",
         stream=False,
     ),
 ]
