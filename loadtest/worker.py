@@ -30,6 +30,10 @@ from .stream_errors import stream_status
 
 _mono = time.monotonic_ns
 
+# Outcomes that are the request's deadline running out: gRPC's code (ours or the server's), the
+# HTTP client's own timeout, and HTTP 504 (a V2 server's answer to an expired deadline).
+TIMEOUTS = frozenset({"DEADLINE_EXCEEDED", "timeout", "504"})
+
 
 @dataclass
 class Transport:
@@ -240,12 +244,16 @@ class Worker:
                 slot.release()
         done = _mono()
         acc = self._acc(window)
-        for hist, value in ((acc.corrected, done - intended), (acc.uncorrected, done - actual)):
-            us = max(1, value // 1000)
-            if us > HIGHEST_US:
-                acc.overflow += 1
-                us = HIGHEST_US
-            hist.record_value(us)
+        # An answer's latency is what a user waited for it; a timeout waited out its deadline, so
+        # it enters at that. Any other error is counted by its kind and kept out: a refusal or a
+        # refused connection answers in microseconds, and shedding load would read as getting faster.
+        if code == "OK" or code in TIMEOUTS:
+            for hist, value in ((acc.corrected, done - intended), (acc.uncorrected, done - actual)):
+                us = max(1, value // 1000)
+                if us > HIGHEST_US:
+                    acc.overflow += 1
+                    us = HIGHEST_US
+                hist.record_value(us)
         if code == "OK":
             acc.ok += 1
         else:
