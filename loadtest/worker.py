@@ -120,6 +120,15 @@ class Schedule:
         return min(b, a + x)
 
 
+def _left(plan: Plan, schedule: Schedule, k: int, target: float, constant: bool) -> int:
+    """How many of the measurement's arrivals lie from arrival ``k`` (at ``target`` on the unit-rate
+    clock) on: exact for constant spacing, the expected number for Poisson arrivals."""
+    warm = Schedule(plan.segments, -plan.warmup_s, 0.0).total if plan.warmup_s > 0 else 0.0
+    if constant:  # arrivals k' + offset in [warm, total)
+        return max(0, math.ceil(schedule.total - plan.offset) - max(k, math.ceil(warm - plan.offset)))
+    return (target >= warm) + round(max(0.0, schedule.total - max(target, warm)))
+
+
 def _rates_over(segments, a: float, b: float) -> tuple[float, float]:
     """The rate at ``a`` and, approaching it, at ``b``: [a, b) lies within one linear piece."""
     for t0, t1, r0, r1 in segments:
@@ -150,6 +159,7 @@ class Worker:
         self.windows: dict[int, _Acc] = {}
         self.inflight: set[asyncio.Task] = set()
         self._k = 0
+        self._cpu = 0.0  # process CPU seconds at the last booking
 
     # ------------------------------------------------------------------ connections
     async def connect(self) -> None:
@@ -297,6 +307,7 @@ class Worker:
         rng = random.Random(plan.seed)
         schedule = Schedule(plan.segments, -plan.warmup_s, plan.duration_s)
         end = plan.start_ns + round(plan.duration_s * 1e9)
+        give_up = end + round(max(1.0, plan.deadline_s) * 1e9)
         constant = plan.arrival == "constant"
         k, target = 0, (plan.offset if constant else rng.expovariate(1.0))
         scheduled = 0
@@ -307,11 +318,20 @@ class Worker:
             t = plan.start_ns + round(at * 1e9)
             if t >= end:
                 return scheduled
+            if _mono() >= give_up:
+                # Still behind well past the end of the measurement (a deadline, at least 1 s):
+                # the rest is not sent, and is still scheduled, so the step is INVALID. Sending it
+                # all took as long again: a generator far behind ran out the coordinator's
+                # patience, and the step was lost. (A little behind at the end, the last requests
+                # still leave, late: counted as sent after the measurement, answered in it.)
+                return scheduled + _left(plan, schedule, k, target, constant)
             # The event loop's timers have a 1 ms resolution, so a sleep may wake up to ~1 ms
             # late (that shows as lag). With ``precise`` the last ~1 ms is spent yielding
             # instead, which keeps dispatch within tens of microseconds at the price of a busy core.
             # Never early: a request sent before its time would look faster than it was.
+            waited = False
             while (ahead := t - _mono()) > 0:
+                waited = True
                 if not plan.precise:
                     await asyncio.sleep(ahead / 1e9)
                 elif ahead > 1_500_000:
@@ -319,6 +339,12 @@ class Worker:
                 else:
                     await asyncio.sleep(0)
             self._dispatch(t, plan)
+            if not waited:
+                # Behind the schedule: let the request just dispatched leave (and the answers and the
+                # CPU report run) before the next. Without this turn a generator that fell behind
+                # dispatched the rest of the step without sending any of it, and those requests then
+                # expired here, recorded as the server's DEADLINE_EXCEEDED.
+                await asyncio.sleep(0)
             if t >= plan.start_ns:
                 scheduled += 1
             k += 1
@@ -348,6 +374,7 @@ class Worker:
 
     async def run_step(self, plan: Plan) -> None:
         self.windows.clear()
+        self._cpu = time.process_time()
         reporter = asyncio.get_running_loop().create_task(self._report_loop(plan))
         wait = (plan.start_ns - int(plan.warmup_s * 1e9) - _mono()) / 1e9 - 0.001
         if wait > 0:
@@ -356,18 +383,22 @@ class Worker:
         if self.inflight:  # never drop what is in flight: each answer (or timeout) is recorded
             await asyncio.gather(*list(self.inflight), return_exceptions=True)
         reporter.cancel()
+        self._book_cpu(plan)  # (what the reporter had not booked yet: all of it, had it never run)
         self._flush(plan)
         self.out.put(("done", self.index, plan.step, scheduled))
 
     async def _report_loop(self, plan: Plan) -> None:
-        cpu = time.process_time()
         every = min(0.25, plan.window_s / 4)
         while True:
             await asyncio.sleep(every)
-            now_cpu = time.process_time()
-            self._acc(self._window(plan, _mono())).cpu_s += now_cpu - cpu
-            cpu = now_cpu
+            self._book_cpu(plan)
             self._flush(plan)
+
+    def _book_cpu(self, plan: Plan) -> None:
+        """Book the CPU used since the last booking in the window now running."""
+        now_cpu = time.process_time()
+        self._acc(self._window(plan, _mono())).cpu_s += now_cpu - self._cpu
+        self._cpu = now_cpu
 
     def _flush(self, plan: Plan) -> None:
         for index, acc in list(self.windows.items()):
