@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 EXIT_OK, EXIT_SLO, EXIT_USAGE, EXIT_INVALID = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 DEFAULT_OUT = "loadtest-results"  # relative to the current folder; git-ignored in this repository
@@ -275,11 +276,14 @@ def main(args: argparse.Namespace) -> int:
     except LoadTestError as e:
         print(f"batchgate loadtest: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # (before the workers started: nothing measured)
+        return EXIT_INTERRUPTED
     print(report.table(run))
     paths = report.write_all(run, out)
     print(f"\nreports: {', '.join(sorted(set(paths.values())))}", file=sys.stderr)
+    if run.interrupted:
+        print(f"batchgate loadtest: {run.interrupted}: the reports hold what was measured before it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return exit_status(run)
 
 

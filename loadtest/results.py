@@ -196,12 +196,15 @@ class Run:
     environment: dict[str, Any]
     steps: list[Step] = field(default_factory=list)
     sweep: dict[str, Any] = field(default_factory=dict)  # kind, the best step's label, how it was found
+    interrupted: str | None = None  # why the run ended early (a Ctrl-C), None when it ran to its end
 
     @property
     def valid(self) -> bool:
         """Whether the result stands. A sweep stands on the steps that decide it: its best step
         and the nearest step above that missed (an invalid step further up, where the generator
         could not keep up, does not change the answer)."""
+        if self.interrupted is not None:
+            return False
         if not self.sweep or self.sweep.get("kind") != "rate":
             return all(s.valid for s in self.steps)
         best = next((s for s in self.steps if s.label == self.sweep.get("best")), None)

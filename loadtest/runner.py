@@ -50,6 +50,14 @@ from .worker import Plan, Transport, rate_at
 from .worker import main as worker_main
 
 
+class Interrupted(Exception):
+    """A Ctrl-C during a step, carrying what of the step is kept."""
+
+    def __init__(self, step: Step):
+        super().__init__(step.label)
+        self.step = step
+
+
 def _scaled(segs, n: int):
     return [(t0, t1, r0 / n, r1 / n) for t0, t1, r0, r1 in segs]
 
@@ -136,10 +144,14 @@ class Runner:
                 raise LoadTestError(msg[2])
             ready += msg[0] == "ready"
 
-    def stop(self) -> None:
+    def stop(self, at_once: bool = False) -> None:
+        """End the workers: at the end of a run, when they have finished; after a Ctrl-C (which
+        they ignore, see worker.main), at once, in the middle of a step."""
         for cmd in getattr(self, "commands", []):
             cmd.put(None)
         for p in self._procs:
+            if at_once:
+                p.kill()
             p.join(10)
             if p.is_alive():
                 p.kill()
@@ -204,56 +216,59 @@ class Runner:
         first = -math.ceil(sc.warmup_s / sc.window_s) if sc.warmup_s else 0
         shown = first  # next window to show progress for
         last = math.ceil(sc.duration_s / sc.window_s) - 1
-        while done < n:
-            wait_s = 0.05
-            if before is None:  # (wake up in time for it)
-                wait_s = min(wait_s, max(0.0, (start_ns - time.monotonic_ns()) / 1e9 - lead_s))
-            try:
-                msg = self.out.get(timeout=wait_s) if wait_s > 0 else self.out.get_nowait()
-            except queue.Empty:
-                msg = None
-            if msg is not None:
-                kind = msg[0]
-                if kind == "done" and msg[2] == step_id:
-                    done += 1
-                    scheduled += msg[3]
-                elif kind == "window" and msg[2] == step_id:
-                    _, _, _, idx, sent, ok, errors, late, c, u, lag, cpu, overflow = msg
-                    w = window(idx)
-                    w.sent += sent
-                    w.ok += ok
-                    for k, v in errors.items():
-                        w.errors[k] = w.errors.get(k, 0) + v
-                    w.late += late
-                    w.cpu_s += cpu
-                    w.overflow += overflow
-                    for hist, blob in ((w.corrected, c), (w.uncorrected, u), (w.lag, lag)):
-                        other = decode(blob)
-                        if other.get_total_count():
-                            hist.add(other)
-                elif kind == "error":
-                    raise LoadTestError(msg[2])
-            # a window is shown (and the server's gauges taken) a little after it ends
-            now_s = (time.monotonic_ns() - start_ns) / 1e9
-            if before is None and now_s >= -lead_s:
-                before = scrape(self.metrics_url) or {}
-            while shown <= last and (now_s > (shown + 1) * sc.window_s + 0.3 or done == n):
-                w = window(shown)
-                samples = scrape(self.metrics_url)
-                if samples is not None:
-                    w.server = gauges(samples, sc.model)
-                    mean = batch_mean(previous, samples, sc.model)
-                    if mean is not None:
-                        w.server["batch_size_mean"] = mean
-                    previous = samples
-                if self.progress is not None:
-                    self.say(self.progress(w, label))
-                shown += 1
-            dead = [f"{p.name} (exit {p.exitcode})" for p in self._procs if not p.is_alive()]
-            if dead:
-                raise LoadTestError(f"worker process(es) died during step '{label}': {', '.join(dead)}")
-            if now_s > sc.duration_s + sc.deadline_ms / 1000 + 30:
-                raise LoadTestError("the workers did not finish the step")
+        try:
+            while done < n:
+                wait_s = 0.05
+                if before is None:  # (wake up in time for it)
+                    wait_s = min(wait_s, max(0.0, (start_ns - time.monotonic_ns()) / 1e9 - lead_s))
+                try:
+                    msg = self.out.get(timeout=wait_s) if wait_s > 0 else self.out.get_nowait()
+                except queue.Empty:
+                    msg = None
+                if msg is not None:
+                    kind = msg[0]
+                    if kind == "done" and msg[2] == step_id:
+                        done += 1
+                        scheduled += msg[3]
+                    elif kind == "window" and msg[2] == step_id:
+                        _, _, _, idx, sent, ok, errors, late, c, u, lag, cpu, overflow = msg
+                        w = window(idx)
+                        w.sent += sent
+                        w.ok += ok
+                        for k, v in errors.items():
+                            w.errors[k] = w.errors.get(k, 0) + v
+                        w.late += late
+                        w.cpu_s += cpu
+                        w.overflow += overflow
+                        for hist, blob in ((w.corrected, c), (w.uncorrected, u), (w.lag, lag)):
+                            other = decode(blob)
+                            if other.get_total_count():
+                                hist.add(other)
+                    elif kind == "error":
+                        raise LoadTestError(msg[2])
+                # a window is shown (and the server's gauges taken) a little after it ends
+                now_s = (time.monotonic_ns() - start_ns) / 1e9
+                if before is None and now_s >= -lead_s:
+                    before = scrape(self.metrics_url) or {}
+                while shown <= last and (now_s > (shown + 1) * sc.window_s + 0.3 or done == n):
+                    w = window(shown)
+                    samples = scrape(self.metrics_url)
+                    if samples is not None:
+                        w.server = gauges(samples, sc.model)
+                        mean = batch_mean(previous, samples, sc.model)
+                        if mean is not None:
+                            w.server["batch_size_mean"] = mean
+                        previous = samples
+                    if self.progress is not None:
+                        self.say(self.progress(w, label))
+                    shown += 1
+                dead = [f"{p.name} (exit {p.exitcode})" for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise LoadTestError(f"worker process(es) died during step '{label}': {', '.join(dead)}")
+                if now_s > sc.duration_s + sc.deadline_ms / 1000 + 30:
+                    raise LoadTestError("the workers did not finish the step")
+        except KeyboardInterrupt:
+            raise Interrupted(self._cut_short(step, windows, start_ns)) from None
         # The workers' CPU over the whole step, windows past the measurement included: a worker that
         # has fallen behind sends without yielding, and its CPU is only booked once it catches up.
         wall_s = (time.monotonic_ns() - start_ns) / 1e9 + sc.warmup_s
@@ -261,6 +276,22 @@ class Runner:
         step.windows = [windows[i] for i in sorted(windows) if windows[i].start_s < sc.duration_s]
         step.server = server_view(before, scrape(self.metrics_url), sc.model, sc.protocol)
         self._verdicts(step, scheduled, w_ns, cores_per_worker)
+        return step
+
+    def _cut_short(self, step: Step, windows: dict[int, Window], start_ns: int) -> Step:
+        """The step as far as a Ctrl-C let it go: only the windows whose every request had been
+        answered or had timed out by then (a window's slowest answers come last: one cut before
+        them would keep its fast ones only), marked INVALID, as a step that was not finished."""
+        sc = self.sc
+        at_s = (time.monotonic_ns() - start_ns) / 1e9
+        cut_s = at_s - sc.deadline_ms / 1000 - 0.3  # (a worker reports every 0.25 s)
+        step.windows = [windows[i] for i in sorted(windows) if windows[i].end_s <= cut_s]
+        step.valid = False
+        kept = len(step.measured())
+        step.problems.append(
+            f"interrupted {max(0.0, at_s):.1f} s into the measurement: {kept} whole window(s) kept, "
+            "those whose requests had all been answered or timed out"
+        )
         return step
 
     def _verdicts(self, step: Step, scheduled: int, w_ns: int, cores_per_worker: float) -> None:
@@ -318,8 +349,8 @@ class Runner:
             scenario["metrics_url"] = without_password(sc.metrics_url)
         run = Run(scenario=scenario, environment=environment(sc))
         self.check_metrics()
-        self.start()
         try:
+            self.start()
             if sc.sweep_concurrency:
                 self._sweep_concurrency(run)
             elif sc.sweep_rate:
@@ -329,8 +360,14 @@ class Runner:
             else:  # a shape is offered at its mean rate
                 offered = mean_rate(segments(sc), sc.duration_s)
                 run.steps.append(self.run_step(rate_label(sc), "open", offered))
+        except Interrupted as e:  # Ctrl-C: keep what was measured, and say so
+            if e.step.measured():
+                run.steps.append(e.step)
+            run.interrupted = f"interrupted (Ctrl-C) during step '{e.step.label}'"
+        except KeyboardInterrupt:
+            run.interrupted = "interrupted (Ctrl-C) between steps"
         finally:
-            self.stop()
+            self.stop(at_once=run.interrupted is not None)
         return run
 
     def _sweep_step(self, run: Run, label: str, mode: str, **load) -> Step:

@@ -21,6 +21,7 @@ import bisect
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -476,6 +477,9 @@ class _Stream:
 
 def main(index: int, transport: Transport, payloads: list[Encoded], commands, out) -> None:
     """Process entry point: connect, say ready, then run the steps the coordinator sends."""
+    # A Ctrl-C reaches the whole process group: the coordinator handles it (keeps what was
+    # measured, then ends the workers); here it only printed a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvloop
 

@@ -85,7 +85,12 @@ def to_dict(run: Run) -> dict[str, Any]:
         "scenario": run.scenario,
         "environment": run.environment,
         "sweep": run.sweep,
-        "verdict": {"valid": run.valid, "slo_met": run.slo_met, "best": (run.sweep or {}).get("best")},
+        "verdict": {
+            "valid": run.valid,
+            "slo_met": run.slo_met,
+            "best": (run.sweep or {}).get("best"),
+            "interrupted": run.interrupted,
+        },
         "steps": steps,
     }
     return json_safe(doc)
@@ -152,6 +157,7 @@ def read_json(path) -> Run:
         environment=doc.get("environment") or {},
         steps=steps,
         sweep=doc.get("sweep") or {},
+        interrupted=(doc.get("verdict") or {}).get("interrupted"),
     )
 
 

@@ -168,7 +168,7 @@ def table(run: Run) -> str:
     lines += textwrap.wrap("latency: " + LEGEND, width=110, subsequent_indent="  ")
     lines.append("")
     if not run.steps:
-        lines.append("no steps were run")
+        lines.append("no steps were run" + (f" ({run.interrupted})" if run.interrupted else ""))
         return "\n".join(lines) + "\n"
 
     best = _best(run)
@@ -321,6 +321,8 @@ def _footer(run: Run, best: Step | None, slo: dict[str, Any]) -> list[str]:
     else:
         validity = "INVALID" + listed
     lines.append(f"run: {validity} | SLO {_slo_word(run.slo_met)}" + (f" ({_slo_text(slo)})" if slo else ""))
+    if run.interrupted:
+        lines.append(f"run: {run.interrupted}; the steps above are what was measured before it")
     return lines
 
 

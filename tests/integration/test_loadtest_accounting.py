@@ -5,6 +5,10 @@ reported."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from test_loadtest import loadtest, step, testserver  # noqa: F401 - testserver is a fixture
@@ -47,3 +51,45 @@ def test_a_fast_refusal_is_counted_as_an_error_and_not_as_a_latency(tmp_path, te
     assert s["samples"] == s["ok"], s["samples"]  # the answers only
     assert s["corrected_ms"]["p50"] >= 50 and s["uncorrected_ms"]["p50"] >= 50, s["corrected_ms"]
     assert done.returncode == 0, done.stderr  # no SLO given, and requests were answered
+
+
+@pytest.mark.serial
+def test_a_ctrl_c_mid_step_keeps_the_windows_measured_before_it(tmp_path, testserver):  # noqa: F811
+    srv = testserver()
+    out = tmp_path / "out"
+    args = [
+        *("loadtest", srv.grpc, "--model", "echo", "--rate", "50", "--duration", "60", "--window", "0.5"),
+        *("--warmup", "0", "--deadline-ms", "200", "--max-lag-p99-ms", "250", "--out", str(out)),
+    ]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "batchgate.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a terminal's Ctrl-C reaches it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        seen = []
+        for line in p.stderr:  # the live line of each window, shown once the window is over
+            seen.append(line)
+            if "#2 1..1.5s]" in line:
+                break
+        os.killpg(p.pid, signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stderr = "".join(seen) + stderr
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr  # (each worker printed one)
+    assert "interrupted (Ctrl-C) during step 'constant 50/s'" in stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["verdict"]["interrupted"] and doc["verdict"]["valid"] is False
+    s = step(doc)
+    assert not s["valid"] and "interrupted" in s["problems"][0]
+    windows = [w for w in s["windows"] if w["phase"] == "measure"]
+    # at least the windows shown before the Ctrl-C, each whole, and none near the interrupt
+    assert len(windows) >= 2 and all(w["end_s"] - w["start_s"] == 0.5 for w in windows), windows
+    assert s["sent"] == 25 * len(windows) and s["ok"] == s["sent"], s
+    assert (out / "summary.txt").exists() and "interrupted" in stdout

@@ -251,7 +251,7 @@ def test_json_round_trips_histograms(tmp_path):
     run = sweep_run()
     path = report.write_json(run, tmp_path / "r.json")
     doc = _strict_load(path)
-    assert doc["verdict"] == {"valid": False, "slo_met": True, "best": "r100"}
+    assert doc["verdict"] == {"valid": False, "slo_met": True, "best": "r100", "interrupted": None}
     assert doc["sweep"]["slo"]["p99_ms"] == 50 and doc["scenario"]["name"] == "demo sweep"
     assert [s["label"] for s in doc["steps"]] == ["r100", "r200", "r400"]
 
