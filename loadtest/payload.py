@@ -162,7 +162,15 @@ def from_file(path: str, inputs, limit: int) -> list[dict[str, np.ndarray]]:
         missing = [n for n in types if n not in data.files]
         if missing:
             raise PayloadError(f"{path}: no array for input(s) {', '.join(missing)}")
-        return [{n: _cast(data[n], types[n]) for n in types}]
+        request = {}
+        for n in types:
+            try:  # (an array of Python objects, the usual form of a list of bytes, is pickled)
+                request[n] = _cast(data[n], types[n])
+            except ValueError as e:
+                hint = " (save BYTES as a bytes array, np.array([...], dtype=bytes), or use JSON lines)"
+                hint = hint if "pickle" in str(e) else ""
+                raise PayloadError(f"{path}: input '{n}' cannot be read: {e}{hint}") from None
+        return [request]
     requests = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

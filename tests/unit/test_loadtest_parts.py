@@ -333,3 +333,17 @@ def test_stability_leaves_out_a_last_window_the_duration_cuts_short():
     assert stability_spread(ws[3:], 0.5) is None  # one whole window: too few to judge
     uneven = [window(0, 0.0, 0.5, 50), window(1, 0.5, 1.0, 50), window(2, 1.0, 1.5, 10)]
     assert stability_spread(uneven, 0.5)["throughput"] == pytest.approx(80)
+
+
+def test_an_npz_array_that_cannot_be_read_is_an_error_naming_the_input(tmp_path):
+    objects = tmp_path / "objects.npz"  # a list of bytes as numpy keeps it: Python objects, pickled
+    np.savez(objects, s=np.array([[b"ab", b"\xff\x00"]], dtype=object))
+    with pytest.raises(payload.PayloadError, match=r"objects.npz: input 's' cannot be read: .*dtype=bytes"):
+        payload.from_file(str(objects), [("s", "BYTES", [-1, -1])], 1 << 20)
+    words = tmp_path / "words.npz"
+    np.savez(words, x=np.array([["a", "b", "c", "d"]]))
+    with pytest.raises(payload.PayloadError, match="words.npz: input 'x' cannot be read: could not convert"):
+        payload.from_file(str(words), [("x", "FP32", [-1, 4])], 1 << 20)
+    fixed = tmp_path / "fixed.npz"  # the form that works
+    np.savez(fixed, s=np.array([[b"ab", b"\xff\x00"]]))
+    assert payload.from_file(str(fixed), [("s", "BYTES", [-1, -1])], 1 << 20)[0]["s"].shape == (1, 2)
