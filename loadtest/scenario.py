@@ -161,6 +161,8 @@ class Scenario:
                 raise LoadTestError(f"{flag(k)} must be at most {top:,}, not {getattr(self, k):,}")
         if self.dynamic_size < 0:
             raise LoadTestError(f"{flag('dynamic_size')} must not be negative")
+        if self.seed < 0:  # (numpy's generators take none)
+            raise LoadTestError(f"{flag('seed')} must not be negative, not {self.seed}")
 
 
 # Scenario fields whose flag (and scenario-file key) is named differently; the others are the

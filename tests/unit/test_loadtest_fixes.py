@@ -40,6 +40,7 @@ from batchgate.loadtest.worker import Schedule
         ({"shape": "spike:10:50@0.5+0", "duration_s": 1}, "must lie within the duration"),
         ({"shape": "step:10@0,50@20", "duration_s": 10}, r"lie in \[0, duration 10 s\)"),
         ({"late_ms": -5}, "late-ms must not be negative"),
+        ({"seed": -1}, "seed must not be negative, not -1"),
         ({"stability_pct": -5}, "stability-pct must not be negative"),
         ({"stability_pct": float("nan")}, "stability-pct must be a finite number"),
         ({"max_lag_p99_ms": 0}, "max-lag-p99-ms must be at least 0.001"),
