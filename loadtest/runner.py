@@ -330,7 +330,7 @@ class Runner:
         if spread is not None:
             step.stable = all(s <= sc.stability_pct for s in spread.values())
             step.stability.update({f"{k}_spread_pct": v for k, v in spread.items()})
-        if sc.slo_p99_ms is not None or sc.error_budget is not None:
+        if s_slo(sc):
             budget = sc.error_budget if sc.error_budget is not None else DEFAULT_ERROR_BUDGET
             p99 = percentiles_ms(step.hist("corrected"))["p99"]
             if not step.valid:
@@ -573,8 +573,10 @@ def not_found(why: str, rate: float) -> str:
 
 
 def s_slo(sc: Scenario) -> bool:
-    """Whether the scenario states an SLO (a p99 bound or an error budget)."""
-    return sc.slo_p99_ms is not None or sc.error_budget is not None
+    """Whether the scenario's steps are judged on an SLO: one it states (a p99 bound or an error
+    budget), or a sweep's (its steps meet the default error budget at least: a rate where half
+    the requests fail is not sustainable, however validly it was measured)."""
+    return sc.slo_p99_ms is not None or sc.error_budget is not None or bool(sc.sweep_rate or sc.sweep_concurrency)
 
 
 def _budget(sc: Scenario) -> float:

@@ -93,3 +93,20 @@ def test_a_ctrl_c_mid_step_keeps_the_windows_measured_before_it(tmp_path, testse
     assert len(windows) >= 2 and all(w["end_s"] - w["start_s"] == 0.5 for w in windows), windows
     assert s["sent"] == 25 * len(windows) and s["ok"] == s["sent"], s
     assert (out / "summary.txt").exists() and "interrupted" in stdout
+
+
+@pytest.mark.serial
+def test_a_sweep_without_an_slo_does_not_call_a_failing_rate_sustainable(tmp_path, testserver):  # noqa: F811
+    """A rate sweep with no SLO judged its steps on validity alone while its report said 'SLO
+    errors <= 0.10%' and 'SLO met': a rate at which half the requests failed was named the
+    sustainable throughput. A sweep's steps now meet the default error budget at least."""
+    srv = testserver()
+    data = tmp_path / "mixed.jsonl"
+    _good_and_bad(data)
+    args = ("--model", "echo", "--duration", "1", "--warmup", "0", "--sweep-rate", "10,20")
+    done, doc = loadtest(tmp_path / "bad", srv.grpc, *args, "--data", str(data))
+    assert doc["sweep"]["best"] is None and doc["steps"][0]["slo_met"] is False, doc["sweep"]
+    assert "error rate 50.00% > budget 0.10%" in doc["steps"][0]["slo_problems"]
+    assert done.returncode == 1, done.stderr
+    done, doc = loadtest(tmp_path / "good", srv.grpc, *args)  # answered: both rates pass
+    assert doc["sweep"]["best"] == doc["steps"][1]["label"] and done.returncode == 0, (doc["sweep"], done.stderr)
