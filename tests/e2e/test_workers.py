@@ -465,6 +465,57 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path
         p.kill()
 
 
+# Loaded in the pod's processes (PYTHONPATH): once the test creates ``slow`` in $SLOW_DIR, a
+# worker starting its HTTP listener says so in a file and waits 3 s first, its gRPC port already
+# listening: the moments between its first listener and the last, made long enough to aim at.
+_SLOW_HTTP_START = """
+import asyncio, os
+import uvicorn.server
+
+_startup = uvicorn.server.Server.startup
+
+async def startup(self, *args, **kwargs):
+    folder = os.environ["SLOW_DIR"]
+    if os.path.exists(os.path.join(folder, "slow")):
+        open(os.path.join(folder, f"listening-{os.getpid()}"), "w").close()
+        await asyncio.sleep(3)
+    return await _startup(self, *args, **kwargs)
+
+uvicorn.server.Server.startup = startup
+"""
+
+
+def test_a_restarted_worker_answers_every_call_its_gRPC_port_takes_while_it_starts_listening(clf_repo, tmp_path):
+    """A restarted worker's gRPC port listens (the kernel gives it a share of the new
+    connections at once) a moment before its HTTP port; the calls it took meanwhile were refused
+    as "batchgate is shutting down" (the data plane accepted only once every listener was up),
+    so a worker restarting under traffic failed calls that never met the killed one."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_SLOW_HTTP_START)
+    path = os.pathsep.join(x for x in (str(hooks), os.environ.get("PYTHONPATH", "")) if x)
+    p = Proc(serve_args(clf_repo, "--workers", "2"), env={"PYTHONPATH": path, "SLOW_DIR": str(hooks)})
+    try:
+        p.wait_ready()
+        (hooks / "slow").touch()
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while not list(hooks.glob("listening-*")):  # the new worker 1: gRPC listens, HTTP not yet
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.02)
+        errors = []
+        for _ in range(16):  # new connections: about half reach the new worker
+            try:
+                _grpc_infer(p.grpc)
+            except InferenceServerException as e:
+                errors.append(f"{e.status()}: {e.message()}")
+        assert _pids(p)[1] == victim  # (all of it while the new worker was still starting)
+        assert errors == []
+    finally:
+        p.kill()
+
+
 def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_repo):
     _save(classifier_model(seed=1), clf_repo, "clf2")
     p = Proc(
