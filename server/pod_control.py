@@ -58,6 +58,7 @@ class Slot:
     failure: str = ""  # why the process in it said it could not start
     restarts: int = 0
     last: Snapshot | None = None  # the running process's last figures
+    asked_at: float = 0.0  # monotonic clock: when the read that gave ``last`` was begun
     process: list[RuntimeFamily] = dataclasses.field(default_factory=list)
     gone: Snapshot = dataclasses.field(default_factory=Snapshot)  # counters of its earlier lives
     first: asyncio.Future | None = None  # the first start's outcome

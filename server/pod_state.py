@@ -204,6 +204,7 @@ class PodState:
         if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
             # (a joining worker too: it holds the control lock, so one that hangs must be found)
             live = [(s, s.channel) for s in every if s.channel is not None and (s.ready or s.joining)]
+            asked = time.monotonic()
             # A worker that missed the last snapshot (hung, stopped) is given a moment only: one such
             # process must not hold every scrape and statistics call for the whole timeout.
             replies = await asyncio.gather(
@@ -218,7 +219,11 @@ class PodState:
                 if s.channel is not ch:  # exited meanwhile
                     continue
                 if isinstance(r, dict) and r:
-                    s.last, s.process, s.models_ready = r["snapshot"], r["process"], bool(r["ready"])
+                    # A read that waited for a slow worker ends after later reads: its figures of
+                    # the others are older than theirs, and would take the totals backwards.
+                    if asked >= s.asked_at:
+                        s.last, s.process, s.models_ready = r["snapshot"], r["process"], bool(r["ready"])
+                        s.asked_at = asked
                     s.answered_at, s.stale = now, False
                 else:
                     s.stale = True

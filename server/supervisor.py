@@ -274,7 +274,7 @@ class Supervisor(PodControl, PodState):
         await reading
         if slot.last is not None:  # its counters stay in the totals; its gauges go with it
             slot.gone = slot.gone.merge(slot.last.without_gauges())
-        slot.last, slot.process, slot.channel, slot.proc = None, [], None, None
+        slot.last, slot.process, slot.channel, slot.proc, slot.asked_at = None, [], None, None, 0.0
         await self._publish()
         if code < 0:
             return f"(pid {proc.pid}) was killed by {signal.Signals(-code).name}"

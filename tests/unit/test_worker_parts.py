@@ -229,3 +229,49 @@ async def test_a_message_past_the_bound_is_refused_not_sent(monkeypatch):
     assert e.value.code is ErrorCode.INVALID_ARGUMENT
     assert await a.call("echo", data=b"small") == b"small"  # the channel goes on
     await _closed(a, b, tasks)
+
+
+async def test_a_slow_read_of_the_workers_figures_never_puts_older_ones_back(tmp_path):
+    """The supervisor reads every worker's figures for each scrape, each statistics call and
+    every 2 s; a read that waits for a slow worker ends after later reads did. Its figures of the
+    quick worker are older than theirs then: kept, they took the V2 statistics (a reading reused
+    for 0.5 s) and what a worker killed then leaves in the totals backwards (seen: a statistics
+    count of 1167, then 583, with one worker stopped)."""
+    from batchgate.monitoring.metrics import Snapshot
+
+    sup = Supervisor(load_settings(flags={"workers": "2", "model_repository": str(tmp_path)}))
+    answered = {"0": 0}
+    release = asyncio.Event()
+
+    def figures(n: int) -> dict:
+        snap = Snapshot()
+        snap.add("batchgate_requests", ("clf", "1", "http", "OK"), n)
+        return {"snapshot": snap, "process": [], "ready": True, "in_flight": 0}
+
+    async def quick() -> dict:
+        return figures(answered["0"])
+
+    async def slow() -> dict:
+        await release.wait()
+        return figures(10)
+
+    pairs = [await _pair({}, {"snapshot": quick}), await _pair({}, {"snapshot": slow})]
+    for slot, (mine, _, _) in zip(sup.slots, pairs):
+        slot.channel, slot.ready = mine, True
+    try:
+        answered["0"] = 1
+        patient = asyncio.ensure_future(sup.gather(patient=True))  # worker 0 answers 1 at once
+        await asyncio.sleep(0.1)
+        answered["0"] = 5
+        sup.slots[1].stale = True  # (missed a read: the next one waits for it a moment only)
+        assert _requests(await sup.gather()) == 5  # worker 1 left out: it answered nothing yet
+        release.set()
+        await asyncio.wait_for(patient, 5)  # ends last, with worker 0's older figure
+        assert _requests(await sup.gather(fresh_s=60)) == 5 + 10  # the reading reused: the newest
+    finally:
+        for a, b, tasks in pairs:
+            await _closed(a, b, tasks)
+
+
+def _requests(snap) -> float:
+    return sum(snap.values.get("batchgate_requests", {}).values())
