@@ -35,7 +35,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from random import random
 from typing import Any
 
@@ -47,6 +47,9 @@ log = logging.getLogger("batchgate.access")
 
 MODES = ("off", "sampled", "all")
 QUEUE_LINES = 65_536  # lines waiting for the writer thread at most
+# Bytes one write to a pipe sends whole: past it the kernel may split a write where the pipe is
+# full and put another process's write in between (select.PIPE_BUF on Linux; POSIX: 512 or more).
+PIPE_BUF = 4096
 OVERLOAD = "RESOURCE_EXHAUSTED"  # the error of a refusal for overload: sampled, not kept (see _request)
 _CRC_SCALE = 1.0 / (1 << 32)
 # Characters JSON leaves raw that split a line for some readers (str.splitlines and log shippers
@@ -281,7 +284,6 @@ class AccessLog:
             while queue:
                 chunk.append(queue.popleft())
             if chunk:
-                data = b"\n".join(chunk) + b"\n"
                 if self._out is not None:
                     try:
                         self._follow()
@@ -291,12 +293,16 @@ class AccessLog:
                     out = self._out
                     if out is None:  # stdout, looked up each time (it may be replaced: a test's capture)
                         out = getattr(sys.stdout, "buffer", None)
-                    if out is not None:
-                        out.write(data)
-                        out.flush()
-                    else:  # a stdout without bytes
-                        sys.stdout.write(data.decode())
-                        sys.stdout.flush()
+                    # Whole lines, at most PIPE_BUF bytes a write: worker processes share
+                    # stdout (or a pipe named as the file, /dev/stdout), and a longer write to a
+                    # full pipe was cut and another worker's lines put in the middle of a line.
+                    for piece in _pieces(chunk):
+                        if out is not None:
+                            out.write(piece)
+                            out.flush()
+                        else:  # a stdout without bytes
+                            sys.stdout.write(piece.decode())
+                            sys.stdout.flush()
                 except (OSError, ValueError) as e:  # a full disk, a closed pipe: the service goes on
                     log.warning("the access log could not be written: %s", e)
             if self._closed and not queue:
@@ -328,6 +334,21 @@ class AccessLog:
                 return
         if self._out is not None:  # the file opened at start, written to or not
             self._out.close()
+
+
+def _pieces(lines: list[bytes]) -> Iterator[bytes]:
+    """``lines`` as newline-ended runs of whole lines, each within PIPE_BUF bytes where its
+    lines allow (a longer line goes alone)."""
+    run: list[bytes] = []
+    size = 0
+    for line in lines:
+        if run and size + len(line) + 1 > PIPE_BUF:
+            yield b"\n".join(run) + b"\n"
+            run, size = [], 0
+        run.append(line)
+        size += len(line) + 1
+    if run:
+        yield b"\n".join(run) + b"\n"
 
 
 def epoch_iso(t: float) -> str:

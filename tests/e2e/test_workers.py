@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
 from gateway_support import judge_while_half_written
-from processes import Proc, free_port, logged_at, serve_args
+from processes import BATCHGATE, Proc, free_port, logged_at, serve_args
 
 BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
 PID = re.compile(r"worker (\d+) \(pid (\d+)\) ready")
@@ -514,6 +514,77 @@ def test_a_restarted_worker_answers_every_call_its_gRPC_port_takes_while_it_star
         assert errors == []
     finally:
         p.kill()
+
+
+def test_the_workers_access_log_lines_on_a_shared_stdout_stay_whole_when_the_pipe_is_full(clf_repo, tmp_path):
+    """Every worker writes its access log to the stdout they share. A write of more than
+    PIPE_BUF bytes to a full pipe is cut where the pipe has room, and another worker's write
+    goes in between: with a reader slower than the lines (a log collector falling behind), lines
+    came out spliced, one worker's in the middle of another's (300 of 12,000 in a first try)."""
+    port = free_port()
+    args = serve_args(clf_repo, "--workers", "2", "--access-log", "all", "--log-level", "warning")
+    args[args.index("--http-port") + 1] = str(port)
+    with open(tmp_path / "stderr", "w") as errors:
+        p = subprocess.Popen(BATCHGATE + args, stdout=subprocess.PIPE, stderr=errors)
+    body = json.dumps({"id": "r" * 100, "inputs": json.loads(BODY)["inputs"]})
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():  # new connections: both workers
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                for _ in range(20):
+                    conn.request("POST", "/v2/models/clf/infer", body, {"Content-Type": "application/json"})
+                    conn.getresponse().read()
+            conn.close()
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    try:
+        end = time.monotonic() + 60
+        while not _answers_ready(port):
+            assert p.poll() is None and time.monotonic() < end, (tmp_path / "stderr").read_text()
+            time.sleep(0.1)
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the pipe fills (64 KiB), both workers' writers wait with more lines
+        out = b""
+        os.set_blocking(p.stdout.fileno(), False)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:  # a slow reader: the pipe stays about full
+            with contextlib.suppress(BlockingIOError):
+                out += os.read(p.stdout.fileno(), 1024)
+            time.sleep(0.001)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        p.send_signal(signal.SIGTERM)
+        os.set_blocking(p.stdout.fileno(), True)
+        out += p.stdout.read()
+        assert p.wait(60) == 0
+    finally:
+        stop.set()
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    lines = out.decode().splitlines()
+    assert len(lines) > 200
+    spliced = []
+    for line in lines:
+        try:
+            assert json.loads(line)["event.name"] == "batchgate.access"
+        except (ValueError, AssertionError, KeyError):
+            spliced.append(line)
+    assert spliced == [], (len(spliced), len(lines), spliced[:2])
+    assert {json.loads(line)["batchgate.worker"] for line in lines} == {"worker 0", "worker 1"}
+
+
+def _answers_ready(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
 
 
 def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_repo):
