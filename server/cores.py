@@ -50,7 +50,8 @@ def parse_workers(text: str) -> int | None:
     t = str(text).strip().lower()
     if t == "auto":
         return None
-    if not t.isdigit() or not 1 <= int(t) <= MAX_WORKERS:
+    # (ASCII digits only: str.isdigit also takes "²", which int() refuses, and "٣")
+    if not (t.isascii() and t.isdigit()) or not 1 <= int(t) <= MAX_WORKERS:
         raise ValueError(f"workers must be 'auto' or a whole number from 1 to {MAX_WORKERS}, not {text!r}")
     return int(t)
 

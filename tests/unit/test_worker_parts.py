@@ -40,7 +40,7 @@ def test_workers_is_a_count_or_auto(text, n):
     assert cores.parse_workers(text) == n
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "1.5", "many", "", "257", "9" * 30])
+@pytest.mark.parametrize("text", ["0", "-1", "1.5", "many", "", "257", "9" * 30, "\u00b2", "\u0663", "+2"])
 def test_workers_out_of_range_is_refused_naming_the_setting(text):
     with pytest.raises(ConfigError, match="workers.*'auto' or a whole number from 1 to 256"):
         load_settings(flags={"workers": text, "model_repository": "."})
