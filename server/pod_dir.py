@@ -4,9 +4,9 @@ temporary folder holding the model owner's Unix socket, which only this user's p
 A supervisor killed with SIGKILL (or the OOM killer) cannot remove its folder, and the chart's
 ``/tmp`` is an emptyDir that outlives a restarted container; so a supervisor starting in front mode
 first removes the folders that supervisors now gone left behind. Its own folder is named
-``batchgate-<pid>-<random>`` and holds a ``lock`` file it keeps locked (``flock``) while it runs: a
-lock held dies with its process, and is seen by any process using the same folder, also one in
-another PID namespace sharing the volume, where a pid says nothing.
+``batchgate-<pid>-<random>`` and holds a ``lock`` file it keeps locked (``flock``) while it runs,
+named so only once locked: a lock held dies with its process, and is seen by any process using
+the same folder, also one in another PID namespace sharing the volume, where a pid says nothing.
 
 A leftover is removed only when all of these hold: the name has that form; it is a directory
 itself (never a link), owned by this user and 0700; its ``lock`` is a regular file (opened without
@@ -51,8 +51,12 @@ class PodDir:
     def __init__(self, root: str | None = None) -> None:
         self.path = tempfile.mkdtemp(prefix=f"batchgate-{os.getpid()}-", dir=root or pod_root())
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        self._fd = os.open(os.path.join(self.path, LOCK), flags, 0o600)
+        # Made under another name, locked, then named ``lock``: a cleaner never finds it unheld
+        # (one that came between making and locking it took this live folder for a dead one's).
+        making = os.path.join(self.path, LOCK + ".new")
+        self._fd = os.open(making, flags, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file just made: no one else holds it)
+        os.rename(making, os.path.join(self.path, LOCK))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

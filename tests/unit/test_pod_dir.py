@@ -111,3 +111,29 @@ def test_a_temporary_folder_too_long_for_the_owners_socket_gives_way_to_tmp(tmp_
         assert len(os.path.join(made.path, SOCKET)) <= MAX_SOCKET_PATH
     finally:
         made.remove()
+
+
+def test_a_folder_being_made_is_never_taken_for_a_dead_ones(tmp_path, monkeypatch):
+    """Another supervisor cleaning the same folder (a container beside this one, whose pid may
+    equal this one's) at the moment this one has made its lock file but not locked it yet: it
+    found an unheld lock and removed the new folder, and the owner's socket could not be made."""
+    import fcntl
+
+    flock = fcntl.flock
+    cleaned: list[list[str]] = []
+    calls = []
+
+    def flock_after_a_cleaner(fd, how):
+        calls.append(fd)
+        if len(calls) == 1:  # this supervisor's: a cleaner first (its own flock goes straight through)
+            cleaned.append(remove_leftovers(str(tmp_path)))
+        return flock(fd, how)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_cleaner)
+    mine = PodDir(str(tmp_path))
+    try:
+        assert cleaned == [[]]
+        assert os.path.isdir(mine.path) and os.path.isfile(os.path.join(mine.path, LOCK))
+        assert remove_leftovers(str(tmp_path)) == []  # held
+    finally:
+        mine.remove()
