@@ -133,7 +133,10 @@ def _csv(path: str, plan: Plan | None, decode: dict[str, bool]) -> Iterator[pa.R
     import pyarrow.csv as pcsv
 
     options = pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
-    first = pcsv.open_csv(path, read_options=options)  # the types inferred from the first block
+    # a quoted cell may hold a line break (RFC 4180: free text from spreadsheets, pandas); without
+    # this the reader cut its blocks at any line break and failed where one fell inside a cell
+    parse = pcsv.ParseOptions(newlines_in_values=True)
+    first = pcsv.open_csv(path, read_options=options, parse_options=parse)  # the types of the first block
     if plan is None:
         yield from first
         return
@@ -151,7 +154,7 @@ def _csv(path: str, plan: Plan | None, decode: dict[str, bool]) -> Iterator[pa.R
     types = {c: pa.binary() if c in text else _known(schema.field(c).type) for c in want}
     convert = pcsv.ConvertOptions(column_types=types, include_columns=list(want))
     decode.update({c: want[c] is not None for c in text if want[c] is None or np.dtype(want[c]) != np.object_})
-    yield from pcsv.open_csv(path, read_options=options, convert_options=convert)
+    yield from pcsv.open_csv(path, read_options=options, parse_options=parse, convert_options=convert)
 
 
 def _decoded(batch: pa.RecordBatch, decode: dict[str, bool]) -> pa.RecordBatch:

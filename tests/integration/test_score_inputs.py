@@ -351,3 +351,23 @@ def test_the_engine_refuses_an_input_inside_its_output_folder(tmp_path):
     with pytest.raises(ScoreError, match="is inside the --output folder"):
         _score(Identity("features", "FP32", (2,)), src, out, columns=("features=a,b",))
     assert src.read_text() == "a,b\n1,2\n" and os.listdir(out) == ["part-00000.csv"]
+
+
+def test_a_csv_with_quoted_line_breaks_past_the_first_block_is_read_whole(tmp_path):
+    """A quoted cell holding a line break (RFC 4180, as spreadsheets and pandas write free text)
+    stopped the run, exit 2, at the first reader block (1 MiB) that ended inside such a cell:
+    pyarrow's CSV reader cuts blocks at line breaks unless told that cells may hold them."""
+    src = tmp_path / "notes.csv"
+    rows = 40_000  # about 2.5 MiB: several blocks
+    with open(src, "w", newline="") as f:
+        f.write("id,note,a,b\n")
+        for i in range(rows):
+            f.write(f'{i},"first line of {i}\nsecond, quoted ""line"" {i % 7}",{i},1\n')
+    model = Identity("features", "FP32", (2,))
+    counts, table, rejects = _score(
+        model, src, tmp_path / "out", columns=("features=a,b",), keep=("id", "note"), batch_size=5000
+    )
+    assert counts.scored == rows and not rejects
+    assert table.column("id").to_pylist() == list(range(rows))
+    assert table.column("note")[12345].as_py() == 'first line of 12345\nsecond, quoted "line" 4'
+    assert table.column("y")[rows - 1].as_py() == [rows - 1, 1]
