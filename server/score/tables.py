@@ -146,14 +146,19 @@ def _tensor(
             col = col.cast(pa.float64())
         for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)).tolist():
             why.setdefault(i, f"column '{c}': missing value")
-        if pa.types.is_fixed_size_list(col.type) and _numeric(col.type.value_type) and col.values.null_count == 0:
+        fixed = len(cols) == 1 and bool(dims) and all(d > 0 for d in dims)
+        if fixed and _listed(col.type) and _listed(col.type.value_type):
+            # lists of lists, as a tensor of rank 2 or more is written (this command's own Parquet
+            # parts, JSON): each row's shape is judged against the input's (its values were taken
+            # for one list of that many values, and every row was refused)
+            parts.append(_as(_nested(col, tuple(dims), spec.name, c, why), dt.np_dtype, c, why))
+        elif pa.types.is_fixed_size_list(col.type) and _numeric(col.type.value_type) and col.values.null_count == 0:
             # the common case, without a Python object per value: the child array reshaped
             width = col.type.list_size
             flat = col.values.slice(col.offset * width, n * width).to_numpy(zero_copy_only=False)
             parts.append(_as(flat.reshape(n, width), dt.np_dtype, c, why))
         elif pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             values = col.to_pylist()
-            fixed = len(cols) == 1 and bool(dims) and all(d > 0 for d in dims)
             # A fixed width judges each row alone (one long row had every row of its chunk
             # refused); else the rows of a request share one length (run.py groups them by it
             # when the model's outputs have fixed shapes): the most common one scores.
@@ -189,6 +194,52 @@ def _tensor(
     elif not want:
         arr = arr.reshape(n)
     return arr, why
+
+
+def _listed(t: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _nested(col: pa.Array, dims: tuple[int, ...], name: str, column: str, why: dict[int, str]) -> np.ndarray:
+    """A column of nested lists as [rows, values in order]; a row whose shape is not ``dims``
+    (other sizes, uneven lists, a list missing inside) is refused saying so."""
+    n, width = len(col), int(np.prod(dims))
+    sizes, inner = [], col.type
+    while pa.types.is_fixed_size_list(inner):
+        sizes.append(inner.list_size)
+        inner = inner.value_type
+    if tuple(sizes) == dims and _numeric(inner):  # fixed-size lists all the way: the values, reshaped
+        flat, count = col, n
+        for size in sizes:
+            flat = flat.values.slice(flat.offset * size, count * size)
+            count *= size
+            if flat.null_count:
+                break
+        else:
+            return flat.to_numpy(zero_copy_only=False).reshape(n, width)
+    rows = []
+    for i, v in enumerate(col.to_pylist()):
+        shape, values = _shape(v) if v is not None else (dims, [None] * width)
+        if shape != dims:
+            got = f"values of shape {list(shape)}" if shape is not None else "lists of uneven lengths"
+            why.setdefault(i, f"column '{column}': {got} where input '{name}' takes {list(dims)}")
+            values = [None] * width
+        rows.append(values)
+    return np.array(rows, dtype=object).reshape(n, width)
+
+
+def _shape(v: Any) -> tuple[tuple[int, ...] | None, list[Any]]:
+    """The shape of nested lists and their values in order; None for uneven ones."""
+    if not isinstance(v, list):
+        return (), [v]
+    inner = [_shape(x) for x in v]
+    shapes = {s for s, _ in inner}
+    if len(shapes) > 1:
+        return None, []
+    below = shapes.pop() if shapes else ()
+    if below is None:
+        return None, []
+    return (len(v), *below), [x for _, values in inner for x in values]
 
 
 def _most_common(lengths: list[int]) -> int:

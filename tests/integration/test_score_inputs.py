@@ -371,3 +371,40 @@ def test_a_csv_with_quoted_line_breaks_past_the_first_block_is_read_whole(tmp_pa
     assert table.column("id").to_pylist() == list(range(rows))
     assert table.column("note")[12345].as_py() == 'first line of 12345\nsecond, quoted "line" 4'
     assert table.column("y")[rows - 1].as_py() == [rows - 1, 1]
+
+
+def test_nested_lists_feed_an_input_of_rank_two_or_more_row_by_row(tmp_path):
+    """A tensor of rank 2 or more per row written as lists of lists (this command's own Parquet
+    parts write an output [2, 3] so; pandas and JSON Lines write nested lists) was taken for a
+    list of 2 values where the input takes 6, and every row was refused. Now each row's shape is
+    judged against the input's: fixed-size lists all the way (no Python object per value), plain
+    lists, and JSON Lines; a row of another shape, uneven, or missing a list inside is refused
+    alone, saying so."""
+    model = Identity("x", "FP32", (2, 3))
+    x = np.arange(7 * 6, dtype=np.float32).reshape(7, 2, 3)
+    fixed = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3), 2)
+    src = tmp_path / "fixed.parquet"
+    pq.write_table(pa.table({"id": range(7), "x": fixed}), src)
+    counts, table, rejects = _score(model, src, tmp_path / "fixed", keep=("id",), batch_size=3)  # (sliced batches)
+    assert counts.scored == 7 and not rejects
+    np.testing.assert_array_equal(np.array(table.column("y").to_pylist(), np.float32), x)
+
+    rows = x.tolist()
+    rows[1] = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]  # 6 values, but of shape [3, 2]
+    rows[3] = [[1.0, 2.0, 3.0], [4.0, 5.0]]  # uneven
+    rows[4] = [[1.0, 2.0, 3.0], None]  # a list missing inside
+    rows[5] = None
+    src = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"id": range(7), "x": pa.array(rows, pa.list_(pa.list_(pa.float32())))}), src)
+    jl = tmp_path / "rows.jsonl"
+    jl.write_text("".join(json.dumps({"id": i, "x": r}) + "\n" for i, r in enumerate(rows)))
+    for path in (src, jl):
+        counts, table, rejects = _score(model, path, tmp_path / path.suffix[1:], keep=("id",), batch_size=3)
+        assert table.column("id").to_pylist() == [0, 2, 6]
+        np.testing.assert_array_equal(np.array(table.column("y").to_pylist(), np.float32), x[[0, 2, 6]])
+        assert [(r["row"], r["reason"]) for r in rejects] == [
+            (1, "column 'x': values of shape [3, 2] where input 'x' takes [2, 3]"),
+            (3, "column 'x': lists of uneven lengths where input 'x' takes [2, 3]"),
+            (4, "column 'x': lists of uneven lengths where input 'x' takes [2, 3]"),
+            (5, "column 'x': missing value"),
+        ]
