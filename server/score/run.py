@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from ..core.batcher_config import BatcherConfig
 from ..core.errors import ErrorCode, GatewayError
 from ..core.signature import ModelSignature
 from ..core.types import RequestLimits, Tensor, new_request
@@ -40,6 +41,8 @@ from .tables import Mapping, Plan, ScoreError, prepare, read_batches
 
 T = TypeVar("T")
 LIMITS = RequestLimits(max_inputs=1024, max_outputs=1024, max_request_parameters=8)
+LOCAL_RETRIES = 8  # a request a local model's queue refuses all the same is sent again, so many times
+DEFAULT_ROOM = 1024  # requests at a local model at once when its queue has no bound
 
 
 class LocalModel:
@@ -50,6 +53,12 @@ class LocalModel:
         self.served = gateway.repository.resolve(name, "")
         self.signature: ModelSignature = self.served.signature
         self.version = str(self.served.version)  # the version that scores (in the run's key: see run())
+        # requests at the model at once: no more than its queue holds. The chunks' requests were all
+        # sent together (a chunk of 4,096 rows is 512 requests of 8), and those past a bounded
+        # queue (max_queue_size, a dynamic_batching queue policy's) were refused as an overload,
+        # which the bisection took for the rows' own failure: healthy rows marked failed
+        self._room: asyncio.Semaphore | None = None
+        self.room = _queue_room(self.served.scheduler)
 
     @classmethod
     async def open(cls, repository: str, name: str) -> LocalModel:
@@ -87,8 +96,20 @@ class LocalModel:
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sig = self.signature
         tensors = [Tensor(k, t.dtype.v2, tuple(feeds[k].shape), feeds[k]) for k, t in _inputs(sig, feeds)]
-        request = new_request(sig.name, "", tensors, None, "", None, OFFLINE, time.monotonic(), "score", LIMITS)
-        response = await self.served.submit(request)
+        if self._room is None:  # (made on the loop that scores)
+            self._room = asyncio.Semaphore(self.room)
+        wait = 0.05
+        async with self._room:
+            for attempt in range(LOCAL_RETRIES + 1):
+                request = new_request(sig.name, "", tensors, None, "", None, OFFLINE, time.monotonic(), "score", LIMITS)
+                try:
+                    response = await self.served.submit(request)
+                    break
+                except GatewayError as e:  # a queue full all the same (a level's own bound): wait, send again
+                    if e.code != ErrorCode.RESOURCE_EXHAUSTED or attempt == LOCAL_RETRIES:
+                        raise
+                    await asyncio.sleep(min(e.retry_after_s or wait, 2.0))
+                    wait = min(wait * 2, 2.0)
         return {t.name: np.asarray(t.data) for t in response.outputs}
 
     async def close(self) -> None:
@@ -99,6 +120,16 @@ class LocalModel:
         await gateway.repository.stop()
         gateway.pool.shutdown(wait=False, cancel_futures=True)
         gateway.threads.shutdown()
+
+
+def _queue_room(scheduler: Any) -> int:
+    """The most requests a model's queue takes at once (its max_queue_size, or its default
+    priority level's own bound when smaller)."""
+    bounds: list[int] = [scheduler.max_queue_size]
+    cfg = getattr(scheduler, "config", None)
+    if isinstance(cfg, BatcherConfig) and cfg.priority_levels:
+        bounds.append(cfg.policy_of(cfg.default_priority_level).max_queue_size)
+    return min((b for b in bounds if b > 0), default=DEFAULT_ROOM)
 
 
 def _inputs(sig: ModelSignature, feeds: dict[str, np.ndarray]):

@@ -714,3 +714,33 @@ def test_rows_of_different_lengths_are_scored_in_groups_or_refused_each_for_its_
         (2, "column 'features': 5 values where input 'features' takes 4"),
         (4, "column 'features': 3 values where input 'features' takes 4"),
     ]
+
+
+@pytest.mark.parametrize(
+    "queue",
+    [
+        "default_queue_policy { max_queue_size: 3 }",
+        # (the level the scorer's requests go to has a bound of its own, smaller than the queue's)
+        "priority_levels: 2 default_priority_level: 2 priority_queue_policy { key: 2 value { max_queue_size: 2 } }",
+    ],
+)
+def test_a_local_model_with_a_small_queue_scores_every_row(tmp_path, queue):
+    """A chunk's requests were all sent to the model at once (256 rows of a model batching 2 are
+    128 requests); past a bounded queue they were refused as an overload ('queue is full'), the
+    bisection took that for the rows' own failure, and healthy rows were counted 'failed by the
+    model', exit 0 (a model queueing 100 lost 37% of a 20,000-row file under the defaults). The
+    scorer now keeps no more requests at the model than its queue takes."""
+    root = str(tmp_path / "models")
+    _save(classifier_model(), root, "clf", config=f"max_batch_size: 2\ndynamic_batching {{ {queue} }}\n")
+    x = _features(1000, seed=9)
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", root, "--input", str(src), "--output", out,
+                 "--batch-size", "256", "--concurrency", "3", "--quiet")  # fmt: skip
+    assert done.returncode == 0 and "1000 rows: 1000 scored, 0 rejected by their checks, 0 failed" in done.stderr, (
+        done.stderr
+    )
+    sess = ort.InferenceSession(os.path.join(root, "clf", "1", "model.onnx"), providers=["CPUExecutionProvider"])
+    got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, sess.run(None, {"features": x})[0], rtol=1e-5)
