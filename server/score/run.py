@@ -42,6 +42,9 @@ from .tables import Mapping, Plan, ScoreError, prepare, read_batches
 T = TypeVar("T")
 LIMITS = RequestLimits(max_inputs=1024, max_outputs=1024, max_request_parameters=8)
 LOCAL_RETRIES = 8  # a request a local model's queue refuses all the same is sent again, so many times
+# a local model's queue refusing (full) or dropping (its queue timeout) a request: never the rows'
+# fault (the scorer's requests carry no deadline of their own)
+LOCAL_TRANSIENT = (ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.DEADLINE_EXCEEDED)
 DEFAULT_ROOM = 1024  # requests at a local model at once when its queue has no bound
 
 
@@ -105,8 +108,8 @@ class LocalModel:
                 try:
                     response = await self.served.submit(request)
                     break
-                except GatewayError as e:  # a queue full all the same (a level's own bound): wait, send again
-                    if e.code != ErrorCode.RESOURCE_EXHAUSTED or attempt == LOCAL_RETRIES:
+                except GatewayError as e:  # a queue full or timed out all the same: wait, send again
+                    if e.code not in LOCAL_TRANSIENT or attempt == LOCAL_RETRIES:
                         raise
                     await asyncio.sleep(min(e.retry_after_s or wait, 2.0))
                     wait = min(wait * 2, 2.0)
@@ -124,11 +127,17 @@ class LocalModel:
 
 def _queue_room(scheduler: Any) -> int:
     """The most requests a model's queue takes at once (its max_queue_size, or its default
-    priority level's own bound when smaller)."""
+    priority level's own bound when smaller); with a queue timeout that rejects, one per
+    instance, none waiting: each request is a full batch already, so the queue adds no speed,
+    and a request queued behind a whole chunk (a queue timeout of milliseconds, set for online
+    latency) expired, 'failed by the model'."""
     bounds: list[int] = [scheduler.max_queue_size]
     cfg = getattr(scheduler, "config", None)
-    if isinstance(cfg, BatcherConfig) and cfg.priority_levels:
-        bounds.append(cfg.policy_of(cfg.default_priority_level).max_queue_size)
+    if isinstance(cfg, BatcherConfig):
+        policy = cfg.policy_of(cfg.default_priority_level if cfg.priority_levels else 0)
+        bounds.append(policy.max_queue_size)
+        if policy.timeout_s and not policy.delay:
+            bounds.append(cfg.instances)
     return min((b for b in bounds if b > 0), default=DEFAULT_ROOM)
 
 

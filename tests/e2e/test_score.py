@@ -727,6 +727,8 @@ def test_rows_of_different_lengths_are_scored_in_groups_or_refused_each_for_its_
         "default_queue_policy { max_queue_size: 3 }",
         # (the level the scorer's requests go to has a bound of its own, smaller than the queue's)
         "priority_levels: 2 default_priority_level: 2 priority_queue_policy { key: 2 value { max_queue_size: 2 } }",
+        # (a queue timeout set for online latency: a request queued behind the chunk expired)
+        "default_queue_policy { default_timeout_microseconds: 1000 timeout_action: REJECT }",
     ],
 )
 def test_a_local_model_with_a_small_queue_scores_every_row(tmp_path, queue):
