@@ -8,10 +8,11 @@ tritonclient's exceptions keep neither the gRPC trailers nor the HTTP headers, a
 
 What the scorer does with an answer:
 
-- **Overload** (RESOURCE_EXHAUSTED / 429, UNAVAILABLE / 503): wait the server's Retry-After
+- **Overload** (RESOURCE_EXHAUSTED / 429, UNAVAILABLE / 503, DEADLINE_EXCEEDED / 504: a queue
+  timeout, or the scorer's own): wait the server's Retry-After
   (at most ``MAX_WAIT_S``, plus up to a quarter more so that many scorers do not come back
   together), or without one 50 ms doubling to 2 s, and send again; at most ``retries`` times.
-- **The rows' fault** (INVALID_ARGUMENT / 400, the model failing: INTERNAL / 500, a deadline):
+- **The rows' fault** (INVALID_ARGUMENT / 400, the model failing: INTERNAL / 500):
   a :class:`~batchgate.core.errors.GatewayError`, so the request is split down to the rows that
   fail and those go to the rejects.
 - **The server's fault** (unreachable past the retries, a key refused, the model gone): a
@@ -420,7 +421,9 @@ class _Http:
             result = httpclient.InferResult.from_response_body(reply, header_length=int(length) if length else None)
             return {k: result.as_numpy(k) for k in names}
         text = _message(reply)
-        if status in (429, 503):
+        # (504: DEADLINE_EXCEEDED over HTTP, a request dropped at its queue timeout or a proxy's own:
+        # sent again, as over gRPC; it stopped the run, exit 3, as a server gone)
+        if status in (429, 503, 504):
             raise _Overloaded(str(status), text, retry_after(got_headers.get("retry-after")))
         if status in (400, 408, 413, 500):
             raise GatewayError(ErrorCode.INVALID_ARGUMENT, f"HTTP {status}: {text}")

@@ -751,3 +751,31 @@ def test_a_local_model_with_a_small_queue_scores_every_row(tmp_path, queue):
     sess = ort.InferenceSession(os.path.join(root, "clf", "1", "model.onnx"), providers=["CPUExecutionProvider"])
     got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
     np.testing.assert_allclose(got, sess.run(None, {"features": x})[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_through_a_server_a_request_dropped_at_its_queue_timeout_is_sent_again(tmp_path, protocol):
+    """A model whose queue drops a request waiting past 500 us (a latency setting for online
+    traffic): the server answers DEADLINE_EXCEEDED, HTTP 504. Over gRPC it was sent again, as an
+    overload; over HTTP the 504 stopped the run, exit 3, as though the server were gone."""
+    from processes import Proc, serve_args
+
+    root = str(tmp_path / "models")
+    _save(classifier_model(), root, "clf", config="max_batch_size: 2\ndynamic_batching { default_queue_policy { "
+          "default_timeout_microseconds: 500 timeout_action: REJECT } }\n")  # fmt: skip
+    x = _features(4000, seed=11)
+    src = tmp_path / "in.npy"
+    np.save(src, x)
+    p = Proc(serve_args(root))
+    try:
+        p.wait_ready()
+        target = p.grpc if protocol == "grpc" else p.http
+        out = str(tmp_path / "out")
+        done = score("--model", "clf", "--target", target, "--protocol", protocol, "--input", str(src),
+                     "--output", out, "--batch-size", "1000", "--quiet")  # fmt: skip
+    finally:
+        p.kill()
+    assert done.returncode == 0 and "4000 rows: 4000 scored" in done.stderr, done.stderr
+    sess = ort.InferenceSession(os.path.join(root, "clf", "1", "model.onnx"), providers=["CPUExecutionProvider"])
+    got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, sess.run(None, {"features": x})[0], rtol=1e-5)
