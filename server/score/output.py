@@ -80,8 +80,10 @@ def output_columns(
     for name, col in cols.items():
         if fmt == "csv" and pa.types.is_nested(col.type):  # (pyarrow's CSV writer takes none): JSON text
             cols[name] = pa.array(
-                [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string()
+                [None if v is None else json.dumps(_py(v), default=str) for v in col.to_pylist()], pa.string()
             )
+        elif fmt == "csv" and _binary(col.type):  # (the writer refuses bytes that are not UTF-8): escaped text
+            cols[name] = pa.array([None if v is None else _text(v) for v in col.to_pylist()], pa.string())
     for name, arr in outputs.items():
         # a kept column the output would replace (a file's own ground truth 'label', say)
         flat = re.compile(re.escape(name) + (r"(_\d+)?" if fmt == "csv" else ""))
@@ -128,9 +130,16 @@ def _text(v: object) -> str:
 
 
 def _py(v: object) -> object:
-    if isinstance(v, list):
+    """``v`` for JSON text: bytes as their text (not Python's "b'...'"), inside lists, structs and maps too."""
+    if isinstance(v, (list, tuple)):
         return [_py(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _py(x) for k, x in v.items()}
     return _text(v) if isinstance(v, bytes) else v
+
+
+def _binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
 
 
 def reject_line(row: dict[str, Any]) -> str:

@@ -408,3 +408,32 @@ def test_nested_lists_feed_an_input_of_rank_two_or_more_row_by_row(tmp_path):
             (4, "column 'x': lists of uneven lengths where input 'x' takes [2, 3]"),
             (5, "column 'x': missing value"),
         ]
+
+
+def test_a_kept_binary_column_goes_into_csv_parts_as_escaped_text(tmp_path):
+    """A kept binary column of a Parquet file (raw keys, hashes) holding bytes that are not UTF-8
+    stopped the run at its first CSV part, 'ArrowInvalid: Invalid UTF8 payload', exit 2; bytes
+    inside a kept list or struct were written as Python's "b'...'". Both are now their text,
+    escaped as a BYTES output's (``\\xff``)."""
+    import pyarrow.csv as pcsv
+
+    src = tmp_path / "keys.parquet"
+    pq.write_table(
+        pa.table({
+            "key": pa.array([b"\xffk", b"plain", None], pa.binary()),
+            "keys": pa.array([[b"\xfe"], [], None], pa.list_(pa.binary())),
+            "meta": pa.array([{"h": b"\xe9"}, {"h": b"a"}, None], pa.struct([("h", pa.binary())])),
+            "x": pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float32())),
+        }),
+        src,
+    )  # fmt: skip
+    job = Job(Identity("x", "FP32", (2,)), str(src), str(tmp_path / "out"), fmt="csv", keep=("key", "keys", "meta"))
+    assert asyncio.run(run(job)).scored == 3
+    table = pcsv.read_csv(
+        tmp_path / "out" / "part-00000.csv", convert_options=pcsv.ConvertOptions(strings_can_be_null=True)
+    )
+    assert table.column("key").to_pylist() == ["\\xffk", "plain", None]
+    assert [None if v is None else json.loads(v) for v in table.column("keys").to_pylist()] == [["\\xfe"], [], None]
+    assert [None if v is None else json.loads(v) for v in table.column("meta").to_pylist()] == [
+        {"h": "\\xe9"}, {"h": "a"}, None
+    ]  # fmt: skip
