@@ -305,8 +305,11 @@ def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -
         values = np.where(frac, 0, values)
     if np.issubdtype(dtype, np.integer) and values.dtype != dtype:
         info = np.iinfo(dtype)
-        num = values.astype(np.float64, copy=False)
-        out_of = (num < info.min) | (num > info.max)
+        if values.dtype.kind in "iub":  # integers compared exactly (as float64, 2**63 of a uint64 was
+            out_of = (values < info.min) | (values > info.max)  # not past int64's max, and wrapped negative)
+        else:  # (float(2**63 - 1) is 2**63 itself: a float that large is past the max)
+            num = values.astype(np.float64, copy=False)
+            out_of = (num < info.min) | (num >= float(info.max) + 1)
         for i in np.flatnonzero(out_of.reshape(rows, -1).any(axis=1)):
             why.setdefault(int(i), f"column '{column}': out of the range of {np.dtype(dtype).name}")
         values = np.where(out_of, 0, values)

@@ -437,3 +437,26 @@ def test_a_kept_binary_column_goes_into_csv_parts_as_escaped_text(tmp_path):
     assert [None if v is None else json.loads(v) for v in table.column("meta").to_pylist()] == [
         {"h": "\\xe9"}, {"h": "a"}, None
     ]  # fmt: skip
+
+
+def test_an_integer_past_int64s_range_by_less_than_float64s_step_is_rejected_not_wrapped(tmp_path):
+    """A uint64 column's 2**63 (and the next 1,023 values) or a double's 2.0**63 for an INT64
+    input: the range check compared them as float64, where int64's max rounds up to 2**63, so
+    they passed and were scored as -2**63 and thereabouts, silently. Compared exactly now."""
+    src = tmp_path / "big.parquet"
+    pq.write_table(
+        pa.table({
+            "u": pa.array([2**63, 2**63 + 1000, 2**63 - 1, 5], pa.uint64()),
+            "f": pa.array([2.0**63, -(2.0**63), 1.0, 9.2e18], pa.float64()),
+        }),
+        src,
+    )  # fmt: skip
+    model = Identity("v", "INT64", (1,))
+    counts, table, rejects = _score(model, src, tmp_path / "u", columns=("v=u",))
+    assert table.column("y").to_pylist() == [[2**63 - 1], [5]]
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (0, "column 'u': out of the range of int64"), (1, "column 'u': out of the range of int64")
+    ]  # fmt: skip
+    counts, table, rejects = _score(model, src, tmp_path / "f", columns=("v=f",))
+    assert table.column("y").to_pylist() == [[-(2**63)], [1], [9_200_000_000_000_000_000]]
+    assert [(r["row"], r["reason"]) for r in rejects] == [(0, "column 'f': out of the range of int64")]
