@@ -298,6 +298,12 @@ def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -
     if values.dtype.kind in "OUS":
         values = _parsed(values, dtype, column, why)
     rows = values.shape[0]
+    if dtype == np.bool_ and values.dtype.kind in "iuf":  # numbers for a BOOL input: 0 and 1 only, as
+        other = ~np.isin(values, (0, 1))  # a CSV's text is read (5 or 0.5 was cast to True, silently)
+        flat = other.reshape(rows, -1)
+        for r in np.flatnonzero(flat.any(axis=1)).tolist():
+            why.setdefault(r, f"column '{column}': {values.reshape(rows, -1)[r][flat[r]][0]:g} is not a bool")
+        values = np.where(other, 0, values)
     if np.issubdtype(dtype, np.integer) and values.dtype.kind == "f":
         frac = ~np.isfinite(values) | (np.mod(values, 1) != 0)
         for i in np.flatnonzero(frac.reshape(rows, -1).any(axis=1)):
@@ -357,6 +363,9 @@ def _parsed(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str
                         v = text
         if not isinstance(v, (bool, int, float, np.number, np.bool_)) or (kind == "b" and isinstance(v, str)):
             why.setdefault(row, f"column '{column}': {str(v)[:40]!r} is not a {name}")
+            continue
+        if kind == "b" and not isinstance(v, (bool, np.bool_)) and v not in (0, 1):  # (5 was True)
+            why.setdefault(row, f"column '{column}': {v:g} is not a bool")
             continue
         if info is not None:
             if isinstance(v, (float, np.floating)) and not (math.isfinite(v) and float(v).is_integer()):

@@ -460,3 +460,28 @@ def test_an_integer_past_int64s_range_by_less_than_float64s_step_is_rejected_not
     counts, table, rejects = _score(model, src, tmp_path / "f", columns=("v=f",))
     assert table.column("y").to_pylist() == [[-(2**63)], [1], [9_200_000_000_000_000_000]]
     assert [(r["row"], r["reason"]) for r in rejects] == [(0, "column 'f': out of the range of int64")]
+
+
+def test_numbers_for_a_bool_input_are_0_or_1_whatever_the_format(tmp_path):
+    """A Parquet (or .npy) number column feeding a BOOL input was cast with numpy, so 5, -1 and
+    0.5 were scored as True, silently, where a CSV's '5' was refused as not a bool. Numbers are
+    now 0 and 1 only, in a column of scalars or of lists."""
+    model = Identity("v", "BOOL", (2,))
+    src = tmp_path / "flags.parquet"
+    pq.write_table(
+        pa.table({
+            "a": pa.array([0, 1, 5, 1, -1], pa.int64()),
+            "b": pa.array([1.0, 0.0, 1.0, 0.5, 0.0]),
+            "l": pa.array([[0, 1], [1, 0], [5, 1], [1, 3], [-1, 0]], pa.list_(pa.int64())),
+        }),
+        src,
+    )  # fmt: skip
+    for columns in (("v=a,b",), ("v=l",)):
+        counts, table, rejects = _score(model, src, tmp_path / columns[0][2:].replace(",", ""), columns=columns)
+        assert counts.scored == 2 and len(rejects) == 3
+        assert all("is not a bool" in r["reason"] for r in rejects)
+    counts, table, rejects = _score(model, src, tmp_path / "ab", columns=("v=a,b",))
+    assert table.column("y").to_pylist() == [[False, True], [True, False]]
+    assert [r["reason"] for r in rejects] == [
+        "column 'a': 5 is not a bool", "column 'b': 0.5 is not a bool", "column 'a': -1 is not a bool"
+    ]  # fmt: skip
