@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from itertools import chain
@@ -43,6 +44,7 @@ NULL_TEXT = (
     "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null",
 )  # fmt: skip
 NAN_TEXT = ("-NaN", "-nan", "NaN", "nan")  # among them: NaN itself, with --allow-nan
+INF_TEXT = ("inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")  # (lower case) infinity itself
 
 # the columns to read, each with the numpy dtype of the input it feeds (None: a kept column, read
 # with the type inferred from the file's first rows); called with the inferred schema once the
@@ -291,9 +293,26 @@ def _python_schema(block: bytes) -> pa.Schema:
 
 def _loads(line: bytes) -> Any:
     try:
-        return json.loads(line) if line.strip() else None
+        return json.loads(line, parse_float=_float) if line.strip() else None
     except ValueError:
         return None
+
+
+class _Past(float):
+    """A JSON number past float64's range (``1e400``), which reads as infinity: told apart from
+    infinity written as such (``Infinity``), which --allow-nan lets through."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _Past:
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    return _Past(text) if math.isinf(v) else v
 
 
 def _declared(inferred: pa.DataType, dtype: Any) -> pa.DataType:
@@ -351,6 +370,8 @@ def _fit(v: Any, t: pa.DataType, dtype: Any) -> tuple[Any, str | None]:
     if pa.types.is_floating(t):
         if not number:
             return None, f"{_show(v)} is not a {name}"
+        if isinstance(v, _Past) and dtype is not None:  # (a kept column carries it as infinity)
+            return None, f"{v.text[:40]} is past the range of {name}"
         try:
             return float(v), None
         except OverflowError:

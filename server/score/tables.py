@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.signature import ModelSignature, TensorSpec
-from .inputs import NAN_TEXT, NULL_TEXT, REASON, ScoreError, input_format, read_batches
+from .inputs import INF_TEXT, NAN_TEXT, NULL_TEXT, REASON, ScoreError, input_format, read_batches
 
 __all__ = ["Mapping", "Plan", "Prepared", "ScoreError", "input_format", "prepare", "read_batches"]
 
@@ -282,6 +282,13 @@ def _from_text(col: pa.Array, dtype: np.dtype, column: str, why: dict[int, str],
         for i in np.flatnonzero(nans).tolist() if nans is not None else ():
             values[i] = float("nan")
         out = _as(np.array(values, dtype=object).reshape(n, 1), dtype, column, why)
+    if kind == "f":  # a number past float64's range (1e400) reads as infinity: refused as past the
+        big = np.isinf(out.reshape(n))  # range, also with --allow-nan, unlike infinity written as such
+        if big.any():
+            text = pc.utf8_lower(pc.utf8_trim_whitespace(col))
+            spelled = pc.is_in(text, value_set=pa.array(INF_TEXT)).to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(big & ~spelled).tolist():
+                why.setdefault(i, f"column '{column}': {str(col[i].as_py())[:40]} is past the range of {dtype.name}")
     if nans is not None and nans.any():
         out[nans.reshape(n, 1)] = np.nan
     return out

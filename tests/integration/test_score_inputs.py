@@ -485,3 +485,23 @@ def test_numbers_for_a_bool_input_are_0_or_1_whatever_the_format(tmp_path):
     assert [r["reason"] for r in rejects] == [
         "column 'a': 5 is not a bool", "column 'b': 0.5 is not a bool", "column 'a': -1 is not a bool"
     ]  # fmt: skip
+
+
+def test_a_number_past_float64s_range_is_rejected_with_allow_nan_not_scored_as_infinity(tmp_path):
+    """1e400 (past float64's range, not only float32's) reads as infinity, and with --allow-nan
+    was scored as infinity, in a CSV and in JSON Lines, where 1e40 is refused as past the range:
+    --allow-nan lets through infinity written as such ('inf', 'Infinity'), not a number too big."""
+    model = Identity("features", "FP64", (2,))
+    src = tmp_path / "big.csv"
+    src.write_text("a,b\n1e400,1\n-1e999,1\ninf,1\n1,-Infinity\n")
+    counts, table, rejects = _score(model, src, tmp_path / "csv", allow_nan=True)
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (0, "column 'a': 1e400 is past the range of float64"), (1, "column 'a': -1e999 is past the range of float64")
+    ]  # fmt: skip
+    assert table.column("y").to_pylist() == [[float("inf"), 1.0], [1.0, float("-inf")]]
+    jl = tmp_path / "big.jsonl"
+    jl.write_text('{"features": [1, 1e400], "k": 1}\n{"features": [Infinity, 2], "k": 1e999}\n')
+    counts, table, rejects = _score(model, jl, tmp_path / "jl", allow_nan=True, keep=("k",))
+    assert [(r["row"], r["reason"]) for r in rejects] == [(0, "column 'features': 1e400 is past the range of float64")]
+    # (a kept column is carried as it reads)
+    assert table.to_pylist() == [{"k": float("inf"), "y": [float("inf"), 2.0]}]
