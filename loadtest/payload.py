@@ -146,6 +146,9 @@ def generate(inputs, batch_size: int, dynamic_size: int, count: int, seed: int) 
 MAX_DATA_LINE = 64 << 20  # one JSON request of a --data file
 
 
+_READ_KEYS = ("inputs", "id")  # of a JSON line's request: what the load test sends (an id is its own)
+
+
 def from_file(path: str, inputs, limit: int) -> list[dict[str, np.ndarray]]:
     """The requests of a ``--data`` file: an ``.npz`` of one request's arrays, or JSON lines of
     V2 requests; together at most ``limit`` bytes (each worker holds a copy)."""
@@ -180,6 +183,15 @@ def from_file(path: str, inputs, limit: int) -> list[dict[str, np.ndarray]]:
                 raise PayloadError(f"{path}:{lineno}: a request longer than {_size(MAX_DATA_LINE)}")
             try:
                 body = json.loads(line)
+            except ValueError as e:
+                raise PayloadError(f"{path}:{lineno}: not a V2 JSON request ({e})") from None
+            ignored = sorted(k for k in body if k not in _READ_KEYS) if isinstance(body, dict) else []
+            if ignored:  # (they were dropped without a word: a test of other requests than the file's)
+                raise PayloadError(
+                    f"{path}:{lineno}: {', '.join(repr(k[:64]) for k in ignored[:4])}: the load test sends a "
+                    "request's inputs only (outputs, parameters and the rest are not sent); remove them"
+                )
+            try:
                 req = {}
                 for t in body["inputs"]:
                     arr: np.ndarray = np.asarray(

@@ -226,6 +226,19 @@ def test_a_data_file_is_bounded_before_it_is_read(tmp_path, monkeypatch):
         payload.from_file(str(tmp_path / "absent.jsonl"), inputs, 1 << 20)
 
 
+def test_a_data_line_asking_for_more_than_inputs_is_refused_naming_what_would_not_be_sent(tmp_path):
+    """A JSON line's outputs and parameters were dropped without a word: the test sent other
+    requests than the file's (every output instead of the one asked for, no priority)."""
+    inputs = [("x", "FP32", [-1, 4])]
+    one = {"id": "a", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    lines = tmp_path / "reqs.jsonl"
+    lines.write_text(json.dumps(one) + "\n")
+    assert len(payload.from_file(str(lines), inputs, 1 << 20)) == 1
+    lines.write_text(json.dumps(one) + "\n" + json.dumps({**one, "outputs": [{"name": "y"}], "parameters": {}}) + "\n")
+    with pytest.raises(payload.PayloadError, match=r"reqs.jsonl:2: 'outputs', 'parameters': the load test sends"):
+        payload.from_file(str(lines), inputs, 1 << 20)
+
+
 def test_rate_sweeps_list_their_steps_and_bound_a_binary_search():
     def sweep(spec, search="step", precision=0.0):
         return rate_sweep(Scenario("h:1", "m", sweep_rate=spec, search=search, precision=precision))
