@@ -175,7 +175,12 @@ _SEEDED: dict[str, tuple[array[int], array[int]]] = {}  # (uint16 arrays: 40 KB 
 def _seeded_order(route: str) -> list[int]:
     """The buckets in an order fixed by the route's name: by a digest of each, so it depends on
     nothing that could change between Python versions (as ``random.shuffle`` might)."""
-    key = _hash_key(f"batchgate-route:{route}".encode())
+    name = route.encode()
+    # A name of 64 bytes or fewer keeps the key it always had (the prefixed name cut at 64): a new
+    # key would move every user of a route whose name is 49 to 64 bytes long. Such names sharing
+    # their first 48 bytes share an order, but not their users: bucket_of keys by the whole name.
+    prefixed = b"batchgate-route:" + name
+    key = prefixed[:64] if len(name) <= 64 else _hash_key(prefixed)
     return sorted(range(BUCKETS), key=lambda b: hashlib.blake2b(b.to_bytes(2, "big"), digest_size=8, key=key).digest())
 
 
