@@ -27,6 +27,7 @@ import yaml
 
 from .core import rollout as ro
 from .core.buckets import BucketTable
+from .core.drift_window import judged_columns
 from .core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, cancelled_code, invalid
 from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, Shadow, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
@@ -60,6 +61,7 @@ class Window:
         "outputs",
         "answers",
         "parts",
+        "width",
     )
 
     def __init__(self) -> None:
@@ -75,24 +77,29 @@ class Window:
         self.disagreed = 0
         self.outputs: list[np.ndarray] = []  # a uniform sample of answers' rows (max_output_psi)
         self.answers = 0
-        self.parts: list[tuple[list[np.ndarray], int]] = []  # absorbed samples, with the answers each stands for
+        self.width = 0  # the kept answers' width (rows flattened), before only the judged columns were kept
+        # absorbed samples, with the answers each stands for and the width they were kept from
+        self.parts: list[tuple[list[np.ndarray], int, int]] = []
 
     def keep(self, rows: np.ndarray, rng: random.Random) -> None:
         """Reservoir sampling over answers: each of the interval's answers is equally likely to
         be among the :data:`OUTPUT_SAMPLES` kept. Only answers of the first answer's width (rows
-        flattened) are kept, so one odd answer cannot make the interval's figures fail."""
+        flattened) are kept, so one odd answer cannot make the interval's figures fail; of a wide
+        answer, only the columns the gate judges (a whole answer of a million values, kept 512
+        times, was gigabytes)."""
         if not rows.ndim or not rows.shape[0]:
             return
         rows = rows.reshape(rows.shape[0], -1)
-        if self.outputs and rows.shape[1] != self.outputs[0].shape[1]:
+        if self.outputs and rows.shape[1] != self.width:
             return
+        self.width = rows.shape[1]
         self.answers += 1
         if len(self.outputs) < OUTPUT_SAMPLES:
-            self.outputs.append(np.array(rows[:OUTPUT_ROWS]))
+            self.outputs.append(np.array(rows[:OUTPUT_ROWS, judged_columns(self.width)]))
         else:
             slot = rng.randrange(self.answers)
             if slot < OUTPUT_SAMPLES:
-                self.outputs[slot] = np.array(rows[:OUTPUT_ROWS])
+                self.outputs[slot] = np.array(rows[:OUTPUT_ROWS, judged_columns(self.width)])
 
     def export(self) -> dict[str, Any]:
         """The window as plain data: another worker process's rollout controller adds it to its
@@ -106,6 +113,7 @@ class Window:
             "disagreed": self.disagreed,
             "outputs": _bounded(self.outputs),
             "answers": self.answers,
+            "width": self.width,
         }
 
     def absorb(self, other: dict[str, Any]) -> None:
@@ -117,27 +125,27 @@ class Window:
             self.latency.decode_and_add(other["latency"])
         self.compared += other["compared"]
         self.disagreed += other["disagreed"]
-        self.parts.append((other["outputs"], other["answers"]))
+        self.parts.append((other["outputs"], other["answers"], other["width"]))
 
     def figures(self) -> ro.Figures:
         n = self.latency.get_total_count()
         p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
         kept = self.outputs
         if self.parts:  # several processes' samples: each in proportion to the answers it stands for
-            total = sum(a for _, a in self.parts) or 1
+            total = sum(a for _, a, _ in self.parts) or 1
             rng = random.Random(0)
-            kept = []
-            for samples, answers in self.parts:
+            taken = []
+            for samples, answers, width in self.parts:
                 take = min(len(samples), round(OUTPUT_SAMPLES * answers / total))
-                kept += rng.sample(samples, take)
+                taken += [(width, a) for a in rng.sample(samples, take)]
             # Each process keeps its first answer's width; processes that saw different ones (a
-            # reload between their first answers) would not concatenate: the most rows' width counts.
+            # reload between their first answers) would not concatenate, or their kept columns not
+            # be the same ones: the most rows' width counts.
             rows: dict[int, int] = {}
-            for a in kept:
-                rows[a.shape[1]] = rows.get(a.shape[1], 0) + a.shape[0]
-            if len(rows) > 1:
-                width = max(rows, key=lambda w: rows[w])
-                kept = [a for a in kept if a.shape[1] == width]
+            for width, a in taken:
+                rows[width] = rows.get(width, 0) + a.shape[0]
+            most = max(rows, key=lambda w: rows[w]) if rows else 0
+            kept = [a for width, a in taken if width == most]
         outputs = np.concatenate(kept) if kept else None
         return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs, self.refused)
 

@@ -110,6 +110,15 @@ def psi(window: np.ndarray, reference: np.ndarray) -> float:
 MAX_PSI_COLUMNS = 256  # columns of a wide answer judged (evenly spaced), so a judgement's work is bounded
 
 
+def judged_columns(width: int) -> np.ndarray | slice:
+    """The columns of an answer ``width`` wide that the output PSI judges: all of them, or
+    :data:`MAX_PSI_COLUMNS` evenly spaced (the same ones for the same width, so a sample that
+    kept only these is judged as the whole answers would be)."""
+    if width <= MAX_PSI_COLUMNS:
+        return slice(None)
+    return np.unique(np.linspace(0, width - 1, MAX_PSI_COLUMNS).astype(np.int64))
+
+
 def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) -> list[tuple[float, int]]:
     """PSI of ``sample`` against ``reference`` (both [rows, columns], or 1-D) on deciles of the
     reference's finite values (ties collapse into one bin), per column: (PSI, its degrees of
@@ -117,16 +126,14 @@ def two_sample_psi(sample: np.ndarray, reference: np.ndarray, bins: int = 10) ->
     infinity falls in the lowest or the highest bin, and NaN, when either side has one, in a bin
     of its own: answers that turned NaN are the most different of all (left out, a canary that
     answered only NaN would have passed with a PSI of 0)."""
-    a = sample.reshape(sample.shape[0], -1).astype(np.float64, copy=False)
-    b = reference.reshape(reference.shape[0], -1).astype(np.float64, copy=False)
-    width = min(a.shape[1], b.shape[1])
-    columns = (
-        np.unique(np.linspace(0, width - 1, MAX_PSI_COLUMNS).astype(np.int64))
-        if width > MAX_PSI_COLUMNS
-        else range(width)
-    )
+    a, b = sample.reshape(sample.shape[0], -1), reference.reshape(reference.shape[0], -1)
+    columns = judged_columns(min(a.shape[1], b.shape[1]))
+    if isinstance(columns, slice):
+        columns = np.arange(min(a.shape[1], b.shape[1]))
+    # (only the judged columns in float64: a wide answer's whole sample would be copied otherwise)
+    a, b = a[:, columns].astype(np.float64), b[:, columns].astype(np.float64)
     out = []
-    for j in columns:
+    for j in range(columns.shape[0]):
         x, y = a[:, j], b[:, j]
         if not x.shape[0] or not y.shape[0]:
             continue

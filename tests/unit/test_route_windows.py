@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 
+from batchgate.core.drift_window import MAX_PSI_COLUMNS, judged_columns, two_sample_psi
 from batchgate.routes import OUTPUT_SAMPLES, Window, _bounded
 
 
@@ -68,3 +69,22 @@ def test_workers_that_kept_answers_of_different_widths_merge_on_the_width_most_r
     merged.absorb(new.export())
     outputs = merged.figures().outputs
     assert outputs.shape[1] == 5 and (outputs == 1).all()
+
+
+def test_a_wide_answer_is_kept_by_the_columns_the_gate_judges_only():
+    """The output PSI gate judges at most MAX_PSI_COLUMNS columns, but the window kept every
+    answer whole: 512 answers of a model answering a million values were gigabytes a variant
+    (and the judgement copied them all to float64). The columns kept are the ones judged, so the
+    figures are those of the whole answers; a worker's export says the width they came from."""
+    rng, pick = np.random.default_rng(0), random.Random(1)
+    answers = [rng.random((2, 5000)).astype(np.float32) for _ in range(60)]
+    w = Window()
+    for a in answers:
+        w.keep(a, pick)
+    kept = w.figures().outputs
+    assert kept.shape == (120, MAX_PSI_COLUMNS)
+    other = rng.random((150, 5000))
+    assert two_sample_psi(kept, other[:, judged_columns(5000)]) == two_sample_psi(np.concatenate(answers), other)
+    merged = Window()
+    merged.absorb(w.export())
+    assert merged.figures().outputs.shape == (120, MAX_PSI_COLUMNS)
