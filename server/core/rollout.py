@@ -12,7 +12,8 @@ which would hide a canary that turned bad after a good start):
   ``max_error_rate`` (the variants share a signature and split the same traffic: a canary that
   refuses what the baseline takes fails, clients' bad values do not fail it; not judged in an
   interval without baseline requests);
-- latency: the canary's p99 over the baseline's, at most ``max_p99_ratio`` (when both have one);
+- latency: the canary's p99 over the baseline's, at most ``max_p99_ratio`` (when both have one,
+  the baseline's over at least :data:`MIN_P99_ANSWERS` answers);
 - disagreement: the share of the canary's shadowed answers that disagreed with the primary's,
   at most ``max_disagreement`` (when the canary is also shadowed);
 - output drift: with ``max_output_psi``, the two-sample PSI of the canary's outputs against the
@@ -39,6 +40,10 @@ from .drift_window import psi_by_chance, two_sample_psi
 from .routing import Rollout
 
 MIN_OUTPUT_ROWS = 100
+# Baseline answers an interval needs for its p99 to be judged against: the 99th percentile of
+# fewer is their slowest or next to it, lower than a true p99 by chance, so at a late step (90%
+# and more, the baseline answering a few dozen) an equal canary's p99 passed it by 25% often.
+MIN_P99_ANSWERS = 100
 PSI_ALPHA = 0.005  # how sure the output PSI gate must be, over all the columns it judges, before it fails
 
 RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
@@ -95,7 +100,7 @@ def judge(rollout: Rollout, canary: Figures, baseline: Figures) -> Verdict:
     figures["error_rate"] = error_rate
     if error_rate > g.max_error_rate:
         reasons.append(f"error rate {error_rate:.4f} > max_error_rate {g.max_error_rate:g}")
-    if canary.p99_s is not None and baseline.p99_s and baseline.requests:
+    if canary.p99_s is not None and baseline.p99_s and baseline.requests - baseline.refused >= MIN_P99_ANSWERS:
         ratio = canary.p99_s / baseline.p99_s
         figures["p99_ratio"] = ratio
         if ratio > g.max_p99_ratio:

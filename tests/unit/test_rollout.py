@@ -52,6 +52,20 @@ def test_gates_pass_fail_and_wait_on_one_interval():
     assert ro.judge(r, GOOD, ro.Figures()).outcome == "pass"
 
 
+def test_the_p99_gate_waits_for_a_baseline_p99_of_at_least_100_answers():
+    """At a late step (90% and more) the baseline answers a few dozen requests an interval, and
+    their p99 is their slowest: by chance lower than the canary's p99 over hundreds, by 25% often
+    enough to roll an equal canary back. Under 100 baseline answers the gate is not judged."""
+    r = spec().rollout
+    canary = ro.Figures(requests=500, p99_s=0.013)
+    late = ro.judge(r, canary, ro.Figures(requests=40, p99_s=0.010))
+    assert late.outcome == "pass" and "p99_ratio" not in late.figures
+    refused = ro.judge(r, canary, ro.Figures(requests=120, refused=30, p99_s=0.010))  # 90 answered
+    assert refused.outcome == "pass" and "p99_ratio" not in refused.figures
+    enough = ro.judge(r, canary, ro.Figures(requests=ro.MIN_P99_ANSWERS, p99_s=0.010))
+    assert enough.outcome == "fail" and enough.figures["p99_ratio"] == pytest.approx(1.3)
+
+
 def test_a_good_canary_steps_through_to_promotion():
     r = spec()
     state = ro.start(r.rollout, now=0.0)
