@@ -3,12 +3,13 @@ answer a status on request (Triton's UNAVAILABLE for a full queue), to tell what
 parameters of each request), or to declare a scheduler batchgate does not run (sequence batching).
 
 Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
-``sequence_batching``), ``shape`` (the same, x a TensorRT shape tensor) and ``typed`` (the
-same, answered in typed ``contents``, not raw). A request parameter ``code`` (int) makes the
-call fail with that gRPC status; the answer carries the parameter ``seen`` (the request's
-parameter names, sorted), its output ``content_type`` "np"; a parameter ``lie`` makes the
-answer wrong: "rows" (one row too many), "datatype" (y as INT32), "width" (one column too
-many) or "garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
+``sequence_batching``), ``shape`` (the same, x a TensorRT shape tensor) and ``typed`` (the same,
+answered in typed ``contents``, not raw). A request parameter ``code`` (int) makes the call fail
+with that gRPC status (its message ends with the parameter ``say``, when given); the answer
+carries the parameter ``seen`` (the request's parameter names, sorted), its output
+``content_type`` "np"; a parameter ``lie`` makes the answer wrong: "rows" (one row too many),
+"datatype" (y as INT32), "width" (one column too many) or "garbage" (bytes that are no
+ModelInferResponse); the fake's ``lie``, every request's.
 ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
 another version.
 """
@@ -67,7 +68,8 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         self.owner.seen.append((request.model_name, params, [list(t.shape) for t in request.inputs]))
         if "code" in params:
             code = next(c for c in grpc.StatusCode if c.value[0] == params["code"].int64_param)
-            await context.abort(code, f"the fake upstream fails with {code.name} as asked")
+            say = params["say"].string_param if "say" in params else ""
+            await context.abort(code, f"the fake upstream fails with {code.name} as asked{say}")
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version=self.owner.version, id=request.id)
         y, datatype = (x * 2).astype(np.float32), "FP32"

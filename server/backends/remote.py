@@ -33,7 +33,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..config import RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelRefused, TooLarge
-from ..core.types import BY_CONFIG, clip
+from ..core.types import BY_CONFIG, clip, printable
 from ..monitoring.metrics import Metrics
 from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
@@ -57,6 +57,10 @@ MAX_EJECT_S = 60.0
 # The longest call timeout given to gRPC: gRPC core overflows a deadline past about 1e10 s from
 # now into the past (every call then fails at once, DEADLINE_EXCEEDED); 1e8 s is over 3 years.
 MAX_CALL_TIMEOUT_S = 1e8
+# Characters of an upstream's error message passed on (to callers, logs, reasons): a Python
+# model's traceback may run to many KB, and a gRPC client refuses a grpc-message past 16 KiB
+# (gRPC core's hard limit; past 8 KiB, at random). 512, even percent-encoded, stays far below.
+UPSTREAM_TEXT_LIMIT = 512
 SAID_DOWN: dict[str, set[str]] = {}  # model -> upstreams logged "down at start", until seen up or unloaded
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
 _BREAKER_CODES = {
@@ -94,6 +98,12 @@ class _Status(Protocol):
     def code(self) -> grpc.StatusCode: ...
 
     def details(self) -> str | None: ...
+
+
+def said(e: _Status, limit: int = UPSTREAM_TEXT_LIMIT) -> str:
+    """What an upstream's error says, as the gateway quotes it: bounded, and on one line (its
+    control characters as escapes), as the gateway quotes any text it did not write."""
+    return printable(clip(e.details() or "", limit))
 
 
 def not_delivered(e: _Status) -> bool:
@@ -149,7 +159,7 @@ class RemoteV2Backend:
             try:
                 cfg = await self._read_config(up)
             except grpc.aio.AioRpcError as e:
-                problems.append(f"{up.address}: {e.code().name}: {e.details()}")
+                problems.append(f"{up.address}: {e.code().name}: {said(e, 256)}")
                 continue
             except GatewayError as e:
                 await self.close()
@@ -186,7 +196,7 @@ class RemoteV2Backend:
                 "model '%s': upstream %s gives no usable config (%s); using its metadata",
                 spec.name,
                 up.address,
-                e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
+                said(e, 256) if isinstance(e, grpc.aio.AioRpcError) else e,
             )
             cfg = config_from_metadata(meta, spec.max_batch_size)
         if not cfg.input or not cfg.output:
@@ -276,7 +286,7 @@ class RemoteV2Backend:
                 meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
                 up.serves = what_is_served(meta)
         except grpc.aio.AioRpcError as e:
-            ok, why = False, f"{e.code().name}: {clip(e.details() or '', 256)}"
+            ok, why = False, f"{e.code().name}: {said(e, 256)}"
         name, addr = self.spec.name, up.address
         if up.ejected:
             if ok:
@@ -350,7 +360,7 @@ class RemoteV2Backend:
             up.ejected_until = self._clock() + up.eject_s
             up.why = (
                 f"ejected after {up.failures} consecutive failures, "
-                f"last {e.code().name}: {clip(e.details() or '', 256)}; "
+                f"last {e.code().name}: {said(e, 256)}; "
                 f"probed again in {up.eject_s:g} s"
             )
             up.metrics.ejections += 1
@@ -510,7 +520,7 @@ class RemoteV2Backend:
 
     def _translate(self, up: Upstream, e: _Status) -> GatewayError:
         code = _KEPT_CODES.get(e.code(), ErrorCode.INTERNAL)
-        message = f"upstream {up.address} ({e.code().name}): {e.details()}"
+        message = f"upstream {up.address} ({e.code().name}): {said(e)}"
         if code is ErrorCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(e.details() or ""):
             return TooLarge(message)  # (an answer past our limit, or a call past the upstream's)
         return ModelRefused(message) if code is ErrorCode.INVALID_ARGUMENT else GatewayError(code, message)

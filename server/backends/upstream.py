@@ -25,6 +25,12 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         # of such requests (one that gRPC refused for its size failed callers each of which fit).
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # An upstream's error message (a Python model's traceback) may pass gRPC's 8 KiB soft and
+        # 16 KiB hard limits on metadata: the call would fail RESOURCE_EXHAUSTED, its code and words
+        # lost. Taken up to 64 KiB, as the h2 client takes a header block, then cut short where
+        # the gateway quotes it (remote.said).
+        ("grpc.max_metadata_size", 64 << 10),
+        ("grpc.absolute_max_metadata_size", 64 << 10),
         # A restarted upstream is found within a second, not after gRPC's default 2-minute backoff.
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),

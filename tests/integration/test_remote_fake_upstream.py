@@ -333,3 +333,30 @@ def test_an_answer_that_is_no_message_is_the_upstreams_failure(fake, serve, clie
         assert any(bad.address in x and x.endswith(" 1.0") for x in ejected), ejected
     finally:
         bad.stop()
+
+
+@pytest.mark.parametrize("client", ["h2", "grpcio"])
+@pytest.mark.parametrize("path", ["raw", "decoded", "gateway"])
+def test_an_upstreams_long_or_multiline_error_message_reaches_the_caller_bounded_on_one_line(
+    fake, serve, client, path, caplog
+):
+    """An upstream's error message went on as it came: one of 20,000 characters (a Python model's
+    traceback, say) made the gateway's grpc-message too large for a gRPC client (gRPC core's
+    16 KiB hard limit on metadata: it saw RESOURCE_EXHAUSTED "received metadata size exceeds hard
+    limit", not the upstream's INVALID_ARGUMENT), and its newlines and escape sequences were
+    written into the gateway's log lines as they were."""
+    batching, forwarding = ("gateway", "decoded") if path == "gateway" else ("passthrough", path)
+    fast = {**FAST, "client": client}
+    running = serve(
+        "", remote_models=(RemoteModel("fk", (fake.address,), batching=batching, forwarding=forwarding, **fast),)
+    )
+    say = ": Traceback\nFORGED LOG LINE\x1b[31m " + "z" * 20_000
+    for code, want in ((3, ("StatusCode.INVALID_ARGUMENT", "400")), (13, ("StatusCode.INTERNAL", "500"))):
+        for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+            with pytest.raises(InferenceServerException) as e:
+                _infer(mod, url, "fk", params={"code": code, "say": say})
+            message = e.value.message() or ""
+            assert e.value.status() in want, (e.value.status(), message[:200])
+            assert f"upstream {fake.address} (" in message and "as asked: Traceback\\x0aFORGED LOG LINE\\x1b" in message
+            assert "\n" not in message and len(message) < 1000, message[:200]
+    assert not [r for r in caplog.records if "\n" in r.getMessage() or "\x1b" in r.getMessage()]
