@@ -272,7 +272,8 @@ class Tracing:
             span.set_attribute("rpc.response.status_code", status)
         if error:
             span.set_attribute("error.type", error)
-            span.set_status(Status(StatusCode.ERROR, error))
+            if server_fault(status):  # (a caller's own mistake leaves a SERVER span's status unset)
+                span.set_status(Status(StatusCode.ERROR, error))
         now = time.time_ns()
         span.add_event("REQUEST_END", timestamp=now)
         span.end(end_time=now)
@@ -421,6 +422,22 @@ class BatchTrace:
                 ms.add_event("COMPUTE_OUTPUT_START", timestamp=t2 + offset)
             ms.add_event("COMPUTE_END", timestamp=end)
             ms.end(end_time=end)
+
+
+# The gRPC codes a server span counts as its own failure (OpenTelemetry's RPC conventions); the
+# others (INVALID_ARGUMENT, NOT_FOUND, CANCELLED, RESOURCE_EXHAUSTED...) are the caller's to mind.
+GRPC_SERVER_FAULTS = frozenset(
+    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+)
+
+
+def server_fault(status: str | int) -> bool:
+    """Whether a request answered with ``status`` (an HTTP status, or a gRPC status name) failed
+    on the server's side: 5xx, or a gRPC code of :data:`GRPC_SERVER_FAULTS`. OpenTelemetry's
+    conventions leave a SERVER span's status unset for the rest (HTTP 4xx), so that what keeps
+    error traces (a Collector's tail sampling on status) keeps the server's failures, not every
+    malformed request a client sends."""
+    return status >= 500 if isinstance(status, int) else status in GRPC_SERVER_FAULTS
 
 
 def perf_to_epoch_ns(t: float) -> int:

@@ -540,3 +540,25 @@ def test_a_later_traceparent_version_is_read_by_its_first_55_characters():
         f"01-{TRACE_ID}-{PARENT.upper()}-01",
     ):
         assert valid_traceparent(bad) == (False, False), bad
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_callers_mistake_leaves_the_span_status_unset_a_server_failure_sets_it(tmp_path, serve, receiver, protocol):
+    """OpenTelemetry's conventions for a SERVER span: status ERROR for the server's own failures
+    (HTTP 5xx; gRPC UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS),
+    unset for the caller's (HTTP 4xx, INVALID_ARGUMENT...), whose code stays in error.type. Every
+    error was ERROR, so a Collector keeping error traces kept each malformed request a client sent."""
+    from route_support import POISON, failing_classifier
+
+    _save(failing_classifier(), str(tmp_path), "bad", config="max_batch_size: 8\n")
+    running = _traced(serve, str(tmp_path), receiver)
+    with pytest.raises(InferenceServerException):
+        _infer(protocol, running, rid="mistake", model="bad", x=np.zeros((1, 3), np.float32))  # a wrong shape
+    with pytest.raises(InferenceServerException):
+        _infer(protocol, running, rid="fault", model="bad", x=POISON)  # the model fails: INTERNAL
+    spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 2)
+    roots = {s.attributes["batchgate.request.id"]: s for s in spans if s.name == "InferRequest"}
+    assert roots["mistake"].attributes["error.type"] == "INVALID_ARGUMENT"
+    assert roots["mistake"].status == 0  # UNSET
+    assert roots["fault"].attributes["error.type"] == "INTERNAL"
+    assert roots["fault"].status == 2  # ERROR
