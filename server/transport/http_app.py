@@ -180,12 +180,17 @@ class HttpApp:
         except GatewayError as e:
             self.dp.count_error("http", e)
             status, headers, body = self.error_answer(e)
-            alog = self.dp.access_log
-            if alog is not None:
+            alog, tracing = self.dp.access_log, self.dp.tracing
+            if alog is not None or tracing is not None:
                 note = Note()
                 note.error = e.code.value
                 note.request_id = header(scope, REQUEST_ID_HEADER) or ""
-                self._access(alog, note, model, status, scope, path)
+                if tracing is not None:  # traced as gRPC's refusals are: a caller's trace shows the answer
+                    note.span = tracing.begin(model, *trace_headers(scope), "http", note.start)
+                    if note.span is not None:  # (its access line names the trace, as others do)
+                        tracing.finish(note.span, note, status, note.error)
+                if alog is not None:
+                    self._access(alog, note, model, status, scope, path)
             pause = self._refusals.delay() if e.code is ErrorCode.RESOURCE_EXHAUSTED else 0.0
             return status, headers, body, pause
         scope[ADMITTED] = (served, model, version)

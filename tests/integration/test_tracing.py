@@ -562,3 +562,32 @@ def test_a_callers_mistake_leaves_the_span_status_unset_a_server_failure_sets_it
     assert roots["mistake"].status == 0  # UNSET
     assert roots["fault"].attributes["error.type"] == "INTERNAL"
     assert roots["fault"].status == 2  # ERROR
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_refused_at_admission_has_its_span_on_both_protocols(repo, serve, receiver, protocol, tmp_path):
+    """A request refused as it is admitted (here an unknown model) is answered with a span in its
+    caller's trace over both protocols. Over HTTP the refusal comes as the head arrives, before
+    the request's span began: a caller's sampled trace showed a 404 or 503 with no server span,
+    where gRPC's showed one."""
+    log = tmp_path / "access.log"
+    running = serve(
+        repo,
+        tracing="otlp",
+        otlp_endpoint=receiver.endpoint,
+        trace_sample_ratio=0.0,
+        access_log="all",
+        access_log_file=str(log),
+    )
+    with pytest.raises(InferenceServerException):
+        _infer(protocol, running, model="nope", headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"})
+    spans = receiver.wait(lambda s: len(s) >= 1)
+    assert [s.name for s in spans] == ["InferRequest"]
+    root = spans[0]
+    assert (root.trace_id, root.parent_id) == (TRACE_ID, PARENT)
+    assert root.attributes["batchgate.model"] == "nope" and root.attributes["error.type"] == "NOT_FOUND"
+    status_key = "rpc.response.status_code" if protocol == "grpc" else "http.response.status_code"
+    assert root.attributes[status_key] in ("NOT_FOUND", 404)
+    running.stop()  # (the access log's lines written)
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert (line["trace_id"], line["span_id"]) == (TRACE_ID, root.span_id)  # its line names the trace
