@@ -212,3 +212,27 @@ def test_the_readme_explains_every_alert_the_chart_raises(helm, tmp_path):
     alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
     readme = (ROOT / "README.md").read_text()
     assert [a for a in sorted(alerts) if f"`{a}`" not in readme] == []
+
+
+def test_with_a_podmonitor_the_rules_and_the_autoscaler_read_this_releases_series_only(helm, tmp_path):
+    """With monitoring.kind PodMonitor the chart's queries picked this release's series by
+    pod=~"<fullname>-.*", which also matches every pod of a release whose name starts the same
+    in the namespace (rel-batchgate-canary beside rel-batchgate): the autoscaler scaled on both
+    queues, and the alerts averaged both. The Prometheus Operator labels a PodMonitor's series
+    job="<namespace>/<PodMonitor name>", one release's own."""
+    from promql_lite import Evaluator, Recording
+
+    values = {"monitoring": {"kind": "PodMonitor"}, "autoscaling": {"mode": "keda"}}
+    docs = by_kind(render(helm, _values(tmp_path, values)))
+    query = docs["ScaledObject"][0]["spec"]["triggers"][0]["metadata"]["query"]
+    groups = docs["PrometheusRule"][0]["spec"]["groups"]
+    queue_alert = next(r["expr"] for g in groups for r in g["rules"] if r.get("alert") == "BatchgateQueueDepthHigh")
+    scrape = '# TYPE batchgate_queue_depth gauge\nbatchgate_queue_depth{model="m",version="1"} %d\n'
+    target = {"namespace": "serving", "container": "batchgate", "endpoint": "metrics"}
+    ours = {**target, "job": "serving/rel-batchgate", "pod": "rel-batchgate-7d9f8c6b5-x2k4q"}
+    canary = {**target, "job": "serving/rel-batchgate-canary", "pod": "rel-batchgate-canary-5c4b7d8f9-p8m2z"}
+    rec = Recording()
+    rec.add(0.0, [(ours, scrape % 1), (canary, scrape % 500)])
+    ev = Evaluator(rec)
+    assert list(ev.instant(query).values()) == [1.0]  # this release's queue, not the canary's with it
+    assert ev.instant(queue_alert) == {}  # one request queued here: no alert

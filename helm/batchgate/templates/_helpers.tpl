@@ -65,9 +65,11 @@ already), and before a digest. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* The PromQL selector of this release's series (labels added by the ServiceMonitor/PodMonitor). */}}
+{{/* The PromQL selector of this release's series (labels added by the ServiceMonitor/PodMonitor).
+The operator labels a PodMonitor's series job="<namespace>/<its name>": this release's alone (a pod
+name pattern would also take the pods of a release whose name starts with this one's). */}}
 {{- define "batchgate.promSelector" -}}
-namespace="{{ .Release.Namespace }}",{{ if eq .Values.monitoring.kind "PodMonitor" }}pod=~"{{ include "batchgate.fullname" . }}-.*"{{ else }}service="{{ include "batchgate.fullname" . }}"{{ end }}
+namespace="{{ .Release.Namespace }}",{{ if eq .Values.monitoring.kind "PodMonitor" }}job="{{ .Release.Namespace }}/{{ include "batchgate.fullname" . }}"{{ else }}service="{{ include "batchgate.fullname" . }}"{{ end }}
 {{- end -}}
 
 {{/* The Secret that holds the API keys file: auth.apiKeys.existingSecret, or the chart's own
