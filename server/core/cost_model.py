@@ -3,6 +3,7 @@ of requests with deadlines (``batching.py``)."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 RECENT = 8  # executions of one batch size the lower bound looks at
@@ -60,10 +61,13 @@ class CostModel:
         executions (one slow execution does not refuse requests until many fast ones outweigh
         it): a batch takes no less than a smaller one (the nearest size measured at or below
         it), nor less per row than a larger one (the smallest size measured above it, scaled
-        down in proportion)."""
+        down in proportion). Nor more than any size at or above it took: a slow execution of a
+        small batch (a cold start) must not outweigh larger batches timed fast since, or a lone
+        request is refused where one with requests queued ahead is admitted."""
         sizes = self._least
         below = [k for k in sizes if k <= rows]
         if below:
-            return sizes[max(below)]
+            cap = min((t for k, t in sizes.items() if k >= rows), default=math.inf)
+            return min(sizes[max(below)], cap)
         k = min(sizes)
         return sizes[k] * rows / k

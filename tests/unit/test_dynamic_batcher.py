@@ -655,3 +655,34 @@ async def test_queued_requests_count_a_front_workers_call_as_the_requests_it_mer
     rec.finish()
     await asyncio.gather(*tasks)
     assert b.queued_requests() == 0
+
+
+async def test_a_slow_lone_rows_time_does_not_refuse_it_while_larger_batches_run_fast():
+    """A 1-row batch timed once at 500 ms (a cold start), then 4-row batches at 4 ms, back to back
+    (so the model is never idle a second and no probe goes in): a lone request with 100 ms was
+    refused as 'about 500 ms of work' while one with three requests queued ahead was admitted. A
+    batch takes no longer than a larger one: the lower bound is capped by larger sizes' times."""
+    reasons = []
+    clock, rec = Clock(), Recorder()
+    cfg = BatcherConfig(max_batch_size=4, max_queue_delay_s=0.010, instances=1)
+    b = DynamicBatcher(rec, cfg, clock=clock, name="m", refused=reasons.append)
+    cold = go(b, rq(clock, "cold"))
+    await settle()
+    clock.now += 0.010
+    b.tick()
+    clock.now += 0.500
+    rec.finish()
+    await cold
+    for i in range(3):
+        batch = [go(b, rq(clock, f"b{i}.{j}")) for j in range(4)]
+        await settle()
+        clock.now += 0.004
+        rec.finish()
+        await asyncio.gather(*batch)
+    clock.now += 0.001
+    lone = go(b, rq(clock, "lone", deadline=clock.now + 0.100))
+    await settle()
+    assert reasons == [] and rec.ids()[-1:] == [["lone"]]
+    clock.now += 0.004
+    rec.finish()
+    assert (await lone).id == "lone"
