@@ -362,10 +362,14 @@ class ModelVersion:
         free the backend. Nothing new is admitted to a version the repository swapped out."""
         try:
             await asyncio.wait_for(self._quiet(), grace_s)
+            late = None
         except TimeoutError:
             busy = max(self.in_flight, self.admitted)
             log.warning("model '%s' version %s retired with %d requests running", self.name, self.version, busy)
+            late = f"model '{self.name}' version {self.version} was unloaded or replaced while this request was queued"
         self.scheduler.close()
+        if late is not None:  # those still queued would else go to the backend closed below, and fail on it
+            self.scheduler.fail_queued(GatewayError(ErrorCode.UNAVAILABLE, f"{late}; it was not executed"))
         self.metrics.retired(self)
         backend, self.backend = self.backend, None
         if backend is not None:

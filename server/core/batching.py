@@ -269,6 +269,13 @@ class DynamicBatcher(_SchedulerBase):
             raise result
         return result
 
+    def fail_queued(self, error: GatewayError) -> int:
+        gone = [e for lvl in self._levels for _, e in lvl]
+        for e in gone:
+            self._fail(e, error)
+        self._check_idle()
+        return len(gone)
+
     def _expected_wait(self, rows: int, level: int, deadline: float) -> float | None:
         """Seconds until a new request would finish, from the work queued ahead of it (higher
         levels, and earlier deadlines in its own) and the learned cost of batches; None while

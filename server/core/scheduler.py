@@ -91,6 +91,11 @@ class _SchedulerBase:
     async def drain(self) -> None:
         await self._idle.wait()
 
+    def fail_queued(self, error: GatewayError) -> int:
+        """Answer every request still queued with ``error``, never executing it (its version is
+        going away: the backend is about to close); those executing run on. How many it answered."""
+        raise NotImplementedError
+
 
 PUMP_BATCH = 32  # waiters dispatched in one callback before the loop gets a turn
 
@@ -271,6 +276,18 @@ class PassThroughScheduler(_SchedulerBase):
             self._waiters.remove(w)
         self._check_idle()
         return True
+
+    def fail_queued(self, error: GatewayError) -> int:
+        with self._lock:
+            gone = list(self._waiters)
+            self._waiters.clear()
+            for w in gone:
+                w.taken = True
+        for w in gone:
+            if not w.future.done():
+                w.future.set_exception(error)
+        self._check_idle()
+        return len(gone)
 
     def _expire(self, w: _Waiter) -> None:
         """Its deadline passed while it waited (the timer set at submit)."""

@@ -487,3 +487,32 @@ def test_a_lone_request_given_less_time_than_the_delay_is_answered(tmp_path, ser
     inp.set_data_from_numpy(x)
     out = c.infer("clf", [inp], timeout=1_000_000)  # microseconds: the V2 timeout parameter
     assert out.as_numpy("probabilities").shape == (1, 3)
+
+
+def test_requests_still_queued_when_an_unload_gives_up_waiting_are_refused_not_run_on_the_closed_model(tmp_path, serve):
+    """Three requests wait out a 20 s delay; an unload waits exit_timeout_s for them, then closes
+    the model. They stayed queued, went to the closed session when the delay ended, and were
+    answered INTERNAL "'NoneType' object is not callable". They are now answered UNAVAILABLE."""
+    config = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 20000000 }\n"
+    _save(classifier_model(), str(tmp_path), "clf", config=config)
+    running = serve(str(tmp_path), model_control_mode="explicit", load_model=("*",), exit_timeout_s=0.05)
+    served = running.gateway.repository.resolve("clf", "")
+    answers: list = []
+
+    def call(i):
+        try:
+            mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+            _infer(mod, url, "clf", "features", np.ones((1, 4), np.float32))
+            answers.append("ok")
+        except InferenceServerException as e:
+            answers.append((e.status(), e.message()))
+
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(call, i) for i in range(3)]
+        _wait(lambda: served.scheduler.queue_depth == 3, "three requests queued")
+        httpclient.InferenceServerClient(running.http_url).unload_model("clf")
+        for c in calls:
+            c.result(timeout=10)  # (before the fix: answered only when the 20 s delay ended)
+    assert sorted(a[0] for a in answers) == ["503", "503", "StatusCode.UNAVAILABLE"], answers
+    assert all("unloaded or replaced while this request was queued" in a[1] for a in answers), answers
+    assert served.scheduler.queue_depth == 0 and served.stats.execution_count == 0

@@ -686,3 +686,24 @@ async def test_a_slow_lone_rows_time_does_not_refuse_it_while_larger_batches_run
     clock.now += 0.004
     rec.finish()
     assert (await lone).id == "lone"
+
+
+async def test_fail_queued_answers_every_queued_request_and_executes_none():
+    clock, rec, b = make(max_batch_size=2, priority_levels=2, default_priority_level=2)
+    running = [go(b, rq(clock, f"r{i}")) for i in range(2)]  # a full batch: it goes at once
+    queued = [go(b, rq(clock, "low")), go(b, rq(clock, "high", priority=1))]
+    await settle()
+    assert rec.ids() == [["r0", "r1"]] and b.queue_depth == 2
+    b.close()
+    assert b.fail_queued(GatewayError(ErrorCode.UNAVAILABLE, "gone")) == 2
+    for t in queued:
+        with pytest.raises(GatewayError) as e:
+            await t
+        assert e.value.code is ErrorCode.UNAVAILABLE
+    assert b.queue_depth == 0 and b.queued_requests() == 0
+    clock.now += 1.0
+    b.tick()
+    rec.finish()
+    await asyncio.gather(*running)
+    assert rec.ids() == [["r0", "r1"]]
+    await asyncio.wait_for(b.drain(), 1)

@@ -508,3 +508,24 @@ async def test_queued_requests_count_a_front_workers_call_as_the_requests_it_mer
         be.release(rid)
     await asyncio.gather(running, *waiting)
     assert s.queued_requests() == 0
+
+
+async def test_fail_queued_answers_the_waiting_requests_and_lets_the_running_one_finish():
+    """What a version's retirement does once its grace period runs out: the queued requests are
+    answered with the error and never reach the backend, which is about to close."""
+    be = GatedBackend()
+    s = PassThroughScheduler(executor(be), instances=1, name="m")
+    running = submit(s, "running")
+    queued = [submit(s, f"q{i}") for i in range(2)]
+    await settle()
+    s.close()
+    assert s.fail_queued(GatewayError(ErrorCode.UNAVAILABLE, "gone")) == 2
+    for t in queued:
+        with pytest.raises(GatewayError) as e:
+            await t
+        assert e.value.code is ErrorCode.UNAVAILABLE
+    assert s.queue_depth == 0
+    be.release("running")
+    assert (await running).id == "running"
+    assert be.started == ["running"]
+    await asyncio.wait_for(s.drain(), 1)
