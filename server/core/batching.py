@@ -152,6 +152,8 @@ class DynamicBatcher(_SchedulerBase):
         self._timed = 0  # queued entries with a deadline or a policy timeout
         self._free = config.instances
         self._executing = 0
+        self._running: dict[int, tuple[float, int]] = {}  # batches executing: (started, rows), by number
+        self._launched = 0
         self._closed = False
         self._pumping = False
         self._again = False
@@ -223,7 +225,7 @@ class DynamicBatcher(_SchedulerBase):
                 retry_after_s=self._drain.seconds_to_drain(self._depth),
             )
         if request.deadline is not None:
-            wait = self._expected_wait(rows, level, request.deadline)
+            wait = self._expected_wait(rows, level, request.deadline, now)
             probe = not self._executing and self.cost.probe(now)  # (see CostModel.probe)
             if wait is not None and now + wait > request.deadline and not probe:
                 self._refused(UNMEETABLE)
@@ -276,10 +278,12 @@ class DynamicBatcher(_SchedulerBase):
         self._check_idle()
         return len(gone)
 
-    def _expected_wait(self, rows: int, level: int, deadline: float) -> float | None:
-        """Seconds until a new request would finish, from the work queued ahead of it (higher
-        levels, and earlier deadlines in its own) and the learned cost of batches; None while
-        nothing has been measured."""
+    def _expected_wait(self, rows: int, level: int, deadline: float, now: float) -> float | None:
+        """Seconds until a new request would finish at the soonest, from the work queued ahead of
+        it (higher levels, and earlier deadlines in its own) and the learned cost of batches; None
+        while nothing has been measured. A lower bound, so that a refusal is sure: a busy instance
+        frees when its batch's least time has passed since it started (not a whole batch later),
+        and the rows ahead make full batches but for the last, its own, which holds what is left."""
         if not self.cost.known():
             return None
         cfg = self.config
@@ -290,14 +294,15 @@ class DynamicBatcher(_SchedulerBase):
             for order, e in lvl:
                 if i < level or order[0] == 0 and order[1] <= deadline:
                     ahead += e.rows
-        batches = -(-ahead // cfg.max_batch_size)
-        waves = -(-batches // cfg.instances)
-        # A lower bound: a refusal must be sure. (Taking the nearest larger size measured refused
-        # a lone row on an idle model because a full batch had once been timed, and kept refusing
-        # it, since a refused request is never timed.)
-        per_batch = self.cost.at_least(min(ahead, cfg.max_batch_size))
-        busy = 0.0 if self._free > 0 else per_batch  # an instance frees within about one batch
-        return busy + waves * per_batch
+        full, rest = divmod(ahead, cfg.max_batch_size)
+        waves = -(-(full + (rest > 0)) // cfg.instances)
+        # (A refusal must be sure: taking the nearest larger size measured refused a lone row on an
+        # idle model because a full batch had once been timed, and kept refusing it.)
+        cost = self.cost.at_least
+        busy = 0.0
+        if self._free <= 0 and self._running:
+            busy = min(max(0.0, cost(r) - (now - started)) for started, r in self._running.values())
+        return busy + (waves - 1) * cost(cfg.max_batch_size) + cost(rest or cfg.max_batch_size)
 
     # -------------------------------------------------------------- queue
     def _level_of(self, request: InferRequest) -> int:
@@ -518,9 +523,12 @@ class DynamicBatcher(_SchedulerBase):
             e.ticket.dispatched = now
             tickets.append(e.ticket)
         rows = sum(e.rows for e in batch)
-        self._execute(tickets, partial(self._finished, batch, rows, now))
+        self._launched += 1
+        self._running[self._launched] = (now, rows)
+        self._execute(tickets, partial(self._finished, batch, rows, now, self._launched))
 
-    def _finished(self, batch: list[_Entry], rows: int, started: float, results: Results) -> None:
+    def _finished(self, batch: list[_Entry], rows: int, started: float, number: int, results: Results) -> None:
+        self._running.pop(number, None)
         if not isinstance(results, BaseException):
             now = self._clock()
             self.cost.observe(rows, now - started, now)

@@ -707,3 +707,57 @@ async def test_fail_queued_answers_every_queued_request_and_executes_none():
     await asyncio.gather(*running)
     assert rec.ids() == [["r0", "r1"]]
     await asyncio.wait_for(b.drain(), 1)
+
+
+async def _learn(clock, rec, b, rows, seconds):
+    """Time one batch of ``rows`` at ``seconds`` (the batcher learns it as that size's cost)."""
+    t = go(b, rq(clock, f"learn{rows}", rows=rows))
+    await settle()
+    clock.now += seconds
+    rec.finish()
+    await t
+
+
+async def test_admission_counts_the_running_batchs_elapsed_time_and_a_smaller_last_batch():
+    """Admission must refuse only what cannot be met, yet it took a busy instance to need a whole
+    batch more (however long that batch had run) and every wave to be a full batch: a request
+    that would finish within its deadline was refused as unmeetable."""
+    reasons = []
+    clock, rec = Clock(), Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=4), clock=clock, name="m", refused=reasons.append)
+    await _learn(clock, rec, b, 1, 0.010)
+    await _learn(clock, rec, b, 4, 0.040)
+    # A 1-row batch that has run 9 of its 10 ms: the new one ends by about 11 ms; it has 15.
+    running = go(b, rq(clock, "running"))
+    await settle()
+    clock.now += 0.009
+    tight = go(b, rq(clock, "tight", deadline=clock.now + 0.015))
+    await settle()
+    assert reasons == [] and b.queue_depth == 1
+    clock.now += 0.001
+    rec.finish()
+    await settle()
+    clock.now += 0.010
+    rec.finish()
+    await asyncio.gather(running, tight)
+    # A 4-row batch just started, 4 rows queued ahead (an earlier deadline): 40 + 40 + 10 ms for a
+    # lone row behind them, within its 100 ms (it was taken as 40 + 2 full batches: 120 ms).
+    running = go(b, rq(clock, "running4", rows=4))
+    await settle()
+    ahead = go(b, rq(clock, "ahead", rows=4, deadline=clock.now + 0.090))
+    behind = go(b, rq(clock, "behind", deadline=clock.now + 0.100))
+    await settle()
+    assert reasons == [] and b.queue_depth == 2
+    for took in (0.040, 0.040, 0.010):
+        clock.now += took
+        rec.finish()
+        await settle()
+    await asyncio.gather(running, ahead, behind)
+    # Still refused when it truly cannot be met: 40 ms of running work, 10 more for itself.
+    running = go(b, rq(clock, "running4b", rows=4))
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        await b.submit(rq(clock, "hopeless", deadline=clock.now + 0.045))
+    assert "cannot be met" in e.value.message and reasons == ["deadline_unmeetable"]
+    rec.finish()
+    await running
