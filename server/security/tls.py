@@ -94,15 +94,30 @@ class ServerTls:
         self._lock = threading.Lock()  # the gRPC fetcher runs on gRPC core's threads
         self._grpc_config = _grpc_config(material)
         self._generation = 0  # bumped by each reload
-        self._grpc_generation = 0  # the generation the gRPC fetcher handed out last
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
         _log_loaded("TLS with client certificates (mTLS)" if self.mtls else "TLS", material.cert)
 
     # ------------------------------------------------------------------ listeners
     def grpc_credentials(self) -> grpc.ServerCredentials:
-        """Credentials for ``add_secure_port``; they follow every reload."""
-        return grpc.dynamic_ssl_server_credentials(self._grpc_config, self._fetch, self.mtls)
+        """Credentials for ``add_secure_port``; they follow every reload. Each call's own: every
+        gRPC server (the main port on the grpcio engine, the admin port) fetches for itself, and
+        one generation mark shared by all let the first server to shake hands after a reload take
+        the new files from the others, which served the old certificate and CA bundle on."""
+        with self._lock:
+            config, handed = self._grpc_config, self._generation
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC core before each handshake, on its thread: the new configuration
+            # once after a reload, None (no change) otherwise.
+            nonlocal handed
+            with self._lock:
+                if handed == self._generation:
+                    return None
+                handed = self._generation
+                return self._grpc_config
+
+        return grpc.dynamic_ssl_server_credentials(config, fetch, self.mtls)
 
     def newest(self, alpn: str) -> Callable[[], ssl.SSLContext]:
         """What a listener (``tls_accept.TlsAccept``) starts each handshake on: the newest
@@ -127,15 +142,6 @@ class ServerTls:
 
         ctx.sni_callback = serve_current
         return ctx
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC core before each handshake, on its thread: the new configuration once
-        after a reload, None (no change) otherwise."""
-        with self._lock:
-            if self._grpc_generation == self._generation:
-                return None
-            self._grpc_generation = self._generation
-            return self._grpc_config
 
     # ------------------------------------------------------------------ reloading
     def start(self) -> None:

@@ -451,6 +451,55 @@ def test_client_ca_rotation(serve, demo_repo, pki, tmp_path):
     assert admitted("client")
 
 
+def test_rotation_reaches_every_grpc_port_on_the_grpcio_engine(serve, demo_repo, pki, tmp_path):
+    """On the grpcio engine the main port and the admin port are two gRPC core servers, each with
+    credentials that fetch the files after a reload. Each must get them: one mark shared by both
+    let whichever shook hands first take the reload, and the admin port kept the old certificate
+    and the old client CA bundle (a CA pulled from it still admitted) until the next reload."""
+    secret = K8sSecretDir(tmp_path)
+    secret.write({"tls.crt": pki.server.pem, "tls.key": pki.server.key_pem, "ca.crt": pki.ca.pem + pki.other_ca.pem})
+    running = serve(
+        demo_repo,
+        tls_cert_file=secret.path("tls.crt"),
+        tls_key_file=secret.path("tls.key"),
+        tls_client_ca_file=secret.path("ca.crt"),
+        tls_poll_s=POLL_S,
+        grpc_engine="grpcio",
+    )
+    gw = running.gateway
+
+    def serial(port: int, client: str = "client") -> int:
+        ctx = ssl.create_default_context(cafile=pki.path("ca.crt"))
+        ctx.load_cert_chain(pki.path(f"{client}.crt"), pki.path(f"{client}.key"))
+        ctx.set_alpn_protocols(["h2"])
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
+
+    def admin_admits(client: str) -> bool:
+        creds = grpc.ssl_channel_credentials(
+            pki.ca.pem, (pki.dir / f"{client}.key").read_bytes(), (pki.dir / f"{client}.crt").read_bytes()
+        )
+        with grpc.secure_channel(f"localhost:{gw.admin_port}", creds) as channel:
+            try:
+                channel.unary_unary("/no.Such/Method")(b"", timeout=5)
+            except grpc.RpcError as e:
+                return e.code() is grpc.StatusCode.UNIMPLEMENTED  # through the handshake
+        return True
+
+    assert serial(gw.grpc_port) == serial(gw.admin_port) == pki.server.serial
+    assert admin_admits("rogue")
+    # A new certificate, and the second CA pulled from the bundle, in one kubelet swap.
+    second = pki.new_server()
+    secret.write({"tls.crt": second.pem, "tls.key": second.key_pem, "ca.crt": pki.ca.pem})
+    assert wait_for(lambda: serial(gw.grpc_port) == second.serial)  # the main port shakes hands first
+    assert serial(gw.admin_port) == second.serial
+    assert not admin_admits("rogue")
+    assert admin_admits("client")
+
+
 def _rogue(pki: Pki, alpn: str, version: ssl.TLSVersion) -> ssl.SSLContext:
     """The second CA's client (a session is resumed only with the context that made it)."""
     ctx = ssl.create_default_context(cafile=pki.path("ca.crt"))
