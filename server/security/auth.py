@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from ..core.errors import ConfigError, ErrorCode, GatewayError
-from ..core.types import MODEL_NAME, MODEL_NAME_RULE, clip, printable
+from ..core.types import MODEL_NAME, MODEL_NAME_RULE, brief, clip, printable
 from ..core.unique_yaml import UniqueKeys
 from .subjects import normalize_subject
 
@@ -61,6 +61,7 @@ MAX_RATE = 1e9
 _PATTERN = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]+")  # the model name alphabet and fnmatch's * ? [ ] !
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 _SEND = "send 'Authorization: Bearer <token>' (an HTTP header, or gRPC metadata 'authorization')"
+_NO_DIGEST = bytes(32)
 
 
 def hash_token(token: str) -> str:
@@ -113,7 +114,8 @@ class ApiKey:
 
 
 def _quote(value: object) -> str:
-    return printable(clip(str(value), 80))
+    # a container bounded: str() writes out every copy a YAML alias makes (484 bytes -> 9^9 strings)
+    return clip(brief(value), 80) if isinstance(value, (list, dict, set)) else printable(clip(str(value), 80))
 
 
 def _hint(word: str, known: Iterable[str]) -> str:
@@ -364,9 +366,6 @@ class _Table(NamedTuple):
 
 def _index(keys: tuple[ApiKey, ...]) -> _Table:
     return _Table(keys, {k.digest: k for k in keys}, {s: k for k in keys for s in k.cert_subjects})
-
-
-_NO_DIGEST = bytes(32)
 
 
 class KeyStore:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,37 @@ def test_file_level_errors(tmp_path, text, words):
     assert "bad.yaml" in message
     for w in words:
         assert w in message, message
+
+
+def _aliases(levels: int) -> str:
+    """A list nesting itself by YAML alias, nine copies a level: a few hundred bytes of text, nine
+    to the ``levels`` strings when written out whole."""
+    anchors = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "[" + ", ".join(anchors) + "]"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "keys: {{a: {}}}\n",  # 'keys' not a list
+        "keys:\n  - id: {}\n",  # an id not a string
+        f"keys:\n  - id: a\n    sha256: '{SHA_A}'\n    scopes: [read]\n    rate_per_s: {{}}\n",
+        f"keys:\n  - id: a\n    sha256: '{SHA_A}'\n    scopes: [read]\n    models: [{{}}]\n",
+    ],
+)
+def test_a_value_of_aliases_is_quoted_bounded(tmp_path, text):
+    """The value a mistake is about is quoted in the error, bounded. It was written out whole
+    first (``str``), then cut: this file of under 500 bytes took `keys check` 40 s and 4 GB
+    before a MemoryError, and at a reload the server's watch the same."""
+    tracemalloc.start()
+    try:
+        message = file_error(tmp_path, text.format(_aliases(6)))  # 9^7 strings: ~30 MB written out
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "bad.yaml" in message and len(message) < 400, message
+    assert peak < 8 << 20, peak
 
 
 def test_a_yaml_error_names_the_place_without_quoting_the_file(tmp_path):
