@@ -344,8 +344,9 @@ class AuthSettings:
     )
     audit_refused_per_s: float = _setting(
         20.0,
-        "records of refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) a second at most per process, after a "
-        "burst of 5 seconds of them; the rest are counted and summed up in one record; 0 = record every one",
+        "records of refused attempts (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED) and failed "
+        "shared-memory calls a second at most per process, after a burst of 5 seconds of them; the rest are "
+        "counted and summed up in one record; 0 = record every one",
         minimum=0,
     )
     health_requires_key: bool = _setting(False, "with api_keys_file, health endpoints need a key too")

@@ -128,7 +128,7 @@ class Access:
         """One audit line (when ``audit_log_file`` is set); a refused attempt's only within
         ``audit_refused_per_s`` (:class:`RefusedRecords`), preceded by the summary of those left
         out. A failure to write is logged as an error: the action it records has already happened."""
-        if self.audit is None or not self.refused.take(outcome):
+        if self.audit is None or not self.refused.take(outcome, action):
             return
         if key is None and self.keys is not None:  # refused for its scope or model: still name the key
             with contextlib.suppress(GatewayError):

@@ -58,18 +58,32 @@ def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
-REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})  # outcomes of callers refused at the door
+# Outcomes of callers refused at the door: no key, one without the scope or model, one over its
+# rate (RESOURCE_EXHAUSTED, also a shared-memory limit's: the rate's refusals were each recorded
+# and fsynced, so a key allowed one request a second wrote 700 records a second).
+REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"})
+SUMMED_UP = "UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, failed shared-memory calls"
+
+
+def bounded(outcome: str, action: str) -> bool:
+    """Whether a record is one of those :class:`RefusedRecords` bounds: a refusal at the door,
+    or a failed shared-memory call, which needs scope infer only (on an open server, nothing):
+    not an admin action, and every failed one was recorded and fsynced (an anonymous client wrote
+    2,000 records a second of registrations naming no segment)."""
+    return outcome in REFUSED or (outcome != "ok" and action.startswith("shm."))
+
+
 BURST_S = 5.0  # seconds of audit_refused_per_s a burst of refused attempts may take at once
 
 
 class RefusedRecords:
-    """The records of refused attempts (outcome UNAUTHENTICATED or PERMISSION_DENIED: no key, an
-    unknown one, or one without the scope or model), at most ``rate`` a second after a burst of
+    """The records of refused attempts (:func:`bounded`: no key, an unknown one, one without the
+    scope or model or over its rate; a failed shared-memory call), at most ``rate`` a second after a burst of
     ``BURST_S`` seconds of them (a token bucket); ``rate`` 0 records every one. A caller needs
     no key to be refused, and each record is fsynced: unbounded, one keep-alive connection wrote
     ~250 kB/s of them. Those left out are counted (``dropped``: a counter's value) and said in
-    one summary record, written before the next record that is (:meth:`summary`). Actions of a
-    key allowed to take them, done or failed, are never left out."""
+    one summary record, written before the next record that is (:meth:`summary`). Admin actions
+    of a key allowed to take them, done or failed, are never left out."""
 
     __slots__ = ("rate", "burst", "dropped", "_tokens", "_stamp", "_left_out", "_since", "_clock", "_wall")
 
@@ -81,10 +95,10 @@ class RefusedRecords:
         self._left_out, self._since = 0, 0.0
         self._clock, self._wall = clock, wall
 
-    def take(self, outcome: str) -> bool:
-        """Whether a record of this outcome is written (always, unless it is a refusal past the
-        rate: then it is counted as left out)."""
-        if outcome not in REFUSED or self.rate <= 0:
+    def take(self, outcome: str, action: str = "") -> bool:
+        """Whether a record of this outcome and action is written (always, unless it is one of
+        those bounded (:func:`bounded`) past the rate: then it is counted as left out)."""
+        if self.rate <= 0 or not bounded(outcome, action):
             return True
         now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
@@ -110,8 +124,7 @@ class RefusedRecords:
             "action": "audit.refused_not_recorded",
             "target": "",
             "outcome": "ok",
-            "detail": f"{n} refused attempt{'' if n == 1 else 's'} (UNAUTHENTICATED, PERMISSION_DENIED) not "
-            "recorded since "
+            "detail": f"{n} refused attempt{'' if n == 1 else 's'} ({SUMMED_UP}) not recorded since "
             f"{_rfc3339(self._since)}: past audit_refused_per_s ({self.rate:g} a second, burst {self.burst}); "
             "batchgate_audit_log_dropped_total counts them",
         }

@@ -87,3 +87,36 @@ def test_a_flood_of_refused_attempts_is_bounded_and_counted_and_admin_actions_ar
     assert all(" not recorded since " in records[i]["detail"] for i in summaries)
     assert sum(int(records[i]["detail"].split(" ", 1)[0]) for i in summaries) == left_out > 0
     assert dropped(running) == left_out
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_a_flood_of_failed_shared_memory_calls_or_of_a_key_over_its_rate_is_bounded(repo, serve, tmp_path, keyed):
+    """Two floods that need no admin power: a key allowed one request a second, refused for its
+    rate (each refusal was recorded and fsynced: 2,000 records where the rate allows one), and on
+    an open server anyone's shared-memory registrations that name no segment (each failure was
+    recorded: 2,000 records, 486 kB, in a second from one connection)."""
+    audit = tmp_path / "audit.log"
+    flags: dict = {"audit_log_file": str(audit), "audit_refused_per_s": RATE}
+    headers = None
+    if keyed:
+        keys = tmp_path / "keys.yaml"
+        keys.write_text(f"keys:\n  - {{id: metered, sha256: {hash_token(INFER)}, scopes: [infer], rate_per_s: 1}}\n")
+        flags["api_keys_file"] = str(keys)
+        headers = {"authorization": f"Bearer {INFER}"}
+    running = serve(repo, **flags)
+    c = httpclient.InferenceServerClient(running.http_url)  # one keep-alive connection
+    segment = "/batchgate_metered_no_such" if keyed else "/batchgate_no_such"  # (a key's own prefix)
+    flood = 60
+    t0 = time.monotonic()
+    statuses = set()
+    for _ in range(flood):
+        with pytest.raises(InferenceServerException) as e:
+            c.register_system_shared_memory("r", segment, 8, headers=headers)
+        statuses.add(e.value.status())
+    elapsed = time.monotonic() - t0
+    assert statuses == ({"400", "429"} if keyed else {"400"}), statuses  # (the first within the rate)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    failed = [r for r in records if r["action"] == "shm.register"]
+    assert len(failed) <= BURST + RATE * elapsed + 1, (len(failed), elapsed)
+    assert len(failed) + dropped(running) == flood
+    assert {r["key_id"] for r in failed} == ({"metered"} if keyed else {None})

@@ -325,16 +325,22 @@ def test_refused_records_are_a_token_bucket_and_the_left_out_are_summed_up_once(
     assert budget.burst == 10  # five seconds of the rate
     assert [budget.take("UNAUTHENTICATED") for _ in range(12)] == 10 * [True] + 2 * [False]
     assert budget.take("PERMISSION_DENIED") is False
-    assert budget.take("ok") and budget.take("NOT_FOUND") and budget.take("RESOURCE_EXHAUSTED")  # never bounded
-    assert budget.dropped == 3
+    assert budget.take("RESOURCE_EXHAUSTED") is False  # a key over its rate (or a shared-memory limit)
+    assert budget.take("NOT_FOUND", "shm.register") is False  # a failed shared-memory call
+    assert budget.take("ok") and budget.take("NOT_FOUND") and budget.take("INVALID_ARGUMENT", "repository.load")
+    assert budget.take("ok", "shm.register")  # never bounded: done, or an admin action's failure
+    assert budget.dropped == 5
     summary = budget.summary()
     assert summary is not None and summary["action"] == "audit.refused_not_recorded"
-    assert summary["detail"].startswith("3 refused attempts (UNAUTHENTICATED, PERMISSION_DENIED) not recorded since")
+    assert summary["detail"].startswith(
+        "5 refused attempts (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, failed shared-memory calls) "
+        "not recorded since"
+    )
     assert "2025-01-31T12:00:00.123Z" in summary["detail"]
     assert budget.summary() is None  # said once
     now[0] += 0.5  # one more token
     assert budget.take("UNAUTHENTICATED") and not budget.take("UNAUTHENTICATED")
-    assert budget.dropped == 4 and budget.summary()["detail"].startswith("1 refused")
+    assert budget.dropped == 6 and budget.summary()["detail"].startswith("1 refused")
     now[0] += 3600  # refilled to the burst, no more
     assert sum(budget.take("UNAUTHENTICATED") for _ in range(20)) == 10
     unbounded = audit.RefusedRecords(0)  # audit_refused_per_s 0: every one
