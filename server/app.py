@@ -43,7 +43,7 @@ from .repository.build import version_builder
 from .repository.manager import ModelRepository
 from .route_table import SYSTEM, RouteTable
 from .routes import read_routes_file
-from .security.access import Access
+from .security.access import Access, open_server_notes
 from .security.audit import AuditLog
 from .security.auth import KeyStore
 from .security.limits import Admission
@@ -593,7 +593,7 @@ def _access(settings: Settings, role: WorkerRole | None = None) -> Access:
     if keys is None:
         log.warning(
             "no api_keys_file: every caller may infer and read metadata without a key%s",
-            "; allow_open_admin lets anyone load and unload models" if a.allow_open_admin else "",
+            open_server_notes(a),
         )
     else:
         log.info("API keys required: %d keys from %s", len(keys), a.api_keys_file)

@@ -45,6 +45,20 @@ def credentials(pairs: Iterable[tuple[str | bytes, str | bytes]], name: str | by
 OPEN_CALLER = Caller()
 
 
+def open_server_notes(settings: Any) -> str:
+    """What the start-up warning of a server without ``api_keys_file`` adds for the ``auth``
+    settings that ask for keys: they cannot, so the endpoints they name stay open (an operator
+    who closed /metrics and forgot the keys file was told only that metadata was open)."""
+    notes = [
+        f"{name} has no effect without it: {what} open to anyone"
+        for name, what in (("health_requires_key", "health endpoints"), ("metrics_requires_key", "/metrics"))
+        if getattr(settings, name)
+    ]
+    if settings.allow_open_admin:
+        notes.append("allow_open_admin lets anyone load and unload models")
+    return "".join("; " + n for n in notes)
+
+
 class Access:
     __slots__ = ("keys", "allow_open_admin", "audit", "refused", "health_requires_key", "metrics_requires_key")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 import urllib.error
 import urllib.parse
@@ -435,6 +436,17 @@ def test_without_keys_the_server_is_open_but_admin_is_refused_unless_allowed(rep
         c.load_model("classifier")
         assert c.is_model_ready("classifier")
         c.unload_model("classifier")
+
+
+def test_settings_that_ask_for_keys_without_a_keys_file_are_named_in_the_warning(repo, serve, caplog):
+    """health_requires_key and metrics_requires_key need api_keys_file; without it the endpoints
+    stay open, and the start-up warning says so by name (it said only that metadata was open)."""
+    caplog.set_level(logging.WARNING, logger="batchgate")
+    running = serve(repo, metrics_requires_key=True, health_requires_key=True)
+    assert b"batchgate_" in fetch(running.metrics_url)  # open, as the warning says
+    (line,) = [r.getMessage() for r in caplog.records if "no api_keys_file" in r.getMessage()]
+    assert "metrics_requires_key has no effect without it: /metrics open to anyone" in line, line
+    assert "health_requires_key has no effect without it: health endpoints open to anyone" in line, line
 
 
 def test_the_admin_listener_serves_the_repository_api_and_health_only(repo, serve):
