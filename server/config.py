@@ -333,6 +333,10 @@ def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             elif isinstance(value, (list, tuple)):
+                # Each entry a scalar: a list inside (YAML aliases nest one in itself cheaply) was
+                # written out whole as a name, which took seconds and hundreds of MB at start.
+                if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                    raise ValueError
                 value = tuple(str(v) for v in value)
             else:
                 raise ValueError

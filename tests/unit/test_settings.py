@@ -144,6 +144,17 @@ def test_env_type_errors(repo, env, words):
         ("  warm_up: 3", ["'warm_up'", "true or false"]),
         ("server:\n  host: [a, b]", ["'host'", "string"]),
         ("  load_model: 5", ["'load_model'", "list of strings"]),
+        ("  load_model: [a, [b, c]]", ["'load_model'", "list of strings"]),  # (was taken: "['b', 'c']")
+        # a list nesting itself by aliases, a few hundred bytes: written out whole, it took
+        # seconds and hundreds of MB at start; refused at its first nested entry
+        (
+            "  load_model: &a9 [&a8 [&a7 [&a6 [&a5 [&a4 [&a3 [&a2 [&a1 [x, x, x, x, x, x, x, x],"
+            " *a1, *a1, *a1, *a1, *a1, *a1, *a1], *a2, *a2, *a2, *a2, *a2, *a2, *a2],"
+            " *a3, *a3, *a3, *a3, *a3, *a3, *a3], *a4, *a4, *a4, *a4, *a4, *a4, *a4],"
+            " *a5, *a5, *a5, *a5, *a5, *a5, *a5], *a6, *a6, *a6, *a6, *a6, *a6, *a6],"
+            " *a7, *a7, *a7, *a7, *a7, *a7, *a7], *a8, *a8, *a8, *a8, *a8, *a8, *a8]",
+            ["'load_model'", "list of strings"],
+        ),
         ("  repository_poll_secs: yes", ["'repository_poll_secs'", "number"]),
         ("  repository_poll_s: soon", ["'repository_poll_s'", "number"]),
     ],
