@@ -191,8 +191,8 @@ class PodState:
     async def _drift_status(self, model: str) -> dict:
         return self._monitor().status(model)
 
-    async def _drift_command(self, name: str, args: dict) -> dict:
-        return await self._monitor().command(name, args)
+    async def _drift_command(self, name: str, args: dict, until: float | None = None) -> dict:
+        return await self._monitor().command(name, args, until)
 
     # ------------------------------------------------------------------ one metrics view
     async def gather(self, fresh_s: float = 0.0, patient: bool = False) -> Snapshot:

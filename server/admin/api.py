@@ -150,14 +150,16 @@ class AdminApi:
 
         return await self._call(caller, READ, "drift.get", model, op)
 
-    async def reset_drift(self, caller: Caller, model: str, reference: Given[bool]) -> apb.DriftStatus:
+    async def reset_drift(
+        self, caller: Caller, model: str, reference: Given[bool], until: float | None = None
+    ) -> apb.DriftStatus:
         asked: list[bool] = []
 
         async def op(key) -> apb.DriftStatus:
             asked.append(_read(reference))
             drift = self._drift()
             drift.monitor(model)
-            await drift.command("reset", {"model": model, "reference": asked[0]})
+            await drift.command("reset", {"model": model, "reference": asked[0]}, until)
             return drift_message(await drift.status_now(model))
 
         def detail() -> str:
@@ -165,7 +167,9 @@ class AdminApi:
 
         return await self._call(caller, ADMIN, "drift.reset", model, op, detail)
 
-    async def rebaseline(self, caller: Caller, model: str, rows: Given[int]) -> apb.DriftStatus:
+    async def rebaseline(
+        self, caller: Caller, model: str, rows: Given[int], until: float | None = None
+    ) -> apb.DriftStatus:
         asked: list[int] = []
 
         async def op(key) -> apb.DriftStatus:
@@ -174,7 +178,7 @@ class AdminApi:
             drift.monitor(model)
             if asked[0] < 0:
                 raise invalid("rows must be 0 (as many as are kept) or more")
-            await drift.command("rebaseline", {"model": model, "rows": asked[0]})
+            await drift.command("rebaseline", {"model": model, "rows": asked[0]}, until)
             return drift_message(await drift.status_now(model))
 
         def detail() -> str:

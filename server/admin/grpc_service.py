@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -58,8 +59,19 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def GetDrift(self, request, context):
         return await self._answer(context, self.api.get_drift(caller_of(context), request.model))
 
+    # A reset or rebaseline is dropped once the caller's deadline has passed: a caller told
+    # DEADLINE_EXCEEDED must not see it carried out later (the CLI waits 10 s, the server 30).
     async def ResetDrift(self, request, context):
-        return await self._answer(context, self.api.reset_drift(caller_of(context), request.model, request.reference))
+        call = self.api.reset_drift(caller_of(context), request.model, request.reference, _until(context))
+        return await self._answer(context, call)
 
     async def Rebaseline(self, request, context):
-        return await self._answer(context, self.api.rebaseline(caller_of(context), request.model, request.rows))
+        return await self._answer(
+            context, self.api.rebaseline(caller_of(context), request.model, request.rows, _until(context))
+        )
+
+
+def _until(context) -> float | None:
+    """The call's deadline on ``time.monotonic()``'s clock; None when the caller set none."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left

@@ -363,7 +363,7 @@ class DriftService:
     def _send_command(self, message: tuple) -> None:
         """A command to the detector (on a worker thread); TimeoutError when the pipe stays held
         for the command's whole time (the thread is never left waiting for good)."""
-        if not self._send_lock.acquire(timeout=COMMAND_TIMEOUT_S):
+        if not self._send_lock.acquire(timeout=max(0.0, message[-1] - time.monotonic())):
             raise TimeoutError
         try:
             self._inbox.send(message)
@@ -541,29 +541,33 @@ class DriftService:
             return await self.link.call("drift_status", model=model)
         return self.status(model)
 
-    async def command(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def command(self, name: str, args: dict[str, Any], until: float | None = None) -> dict[str, Any]:
+        """Run a reset or rebaseline in the detector. ``until`` (``time.monotonic()``, which every
+        process of the host shares): when the caller stops waiting (a gRPC call's deadline), if
+        sooner than the command's own time; the detector drops a command it reads after that."""
         if self.link is not None:
-            return await self.link.call("drift_command", name=name, args=args)
+            return await self.link.call("drift_command", name=name, args=args, until=until)
         if self._loop is None or self._inbox is None:
             raise GatewayError(ErrorCode.UNAVAILABLE, "the drift detector is not running")
         ident = next(self._ids)
         fut = self._loop.create_future()
         self._replies[ident] = fut
+        own = time.monotonic() + COMMAND_TIMEOUT_S
+        until = own if until is None else min(own, until)
         try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
                 # On a thread: the pipe may be full while the detector scores a window. The
                 # command's time covers the send too: a detector that stops reading leaves the
                 # sender thread waiting on the pipe, holding it, for as long as it is stuck.
                 # The detector drops a command that reaches it after its caller gave up (the
                 # thread may send it once the pipe drains, long after the caller was answered).
-                until = time.monotonic() + COMMAND_TIMEOUT_S
                 await asyncio.to_thread(self._send_command, ("command", ident, name, args, until))
                 result = await fut
         except TimeoutError:  # (an OSError: first)
             raise GatewayError(
                 ErrorCode.DEADLINE_EXCEEDED,
-                f"the drift detector did not answer within {COMMAND_TIMEOUT_S:g} s (it drops the command if it "
-                "reaches it later)",
+                f"the drift detector did not answer within {COMMAND_TIMEOUT_S:g} s (or the call's deadline; it "
+                "drops the command if it reaches it later)",
             ) from None
         except (OSError, ValueError) as e:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"the drift detector is not reachable: {e}") from None

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.request
 
 import pytest
 import tritonclient.http as httpclient
 import yaml
 
-from drift_support import Receiver, build, traffic, wait_until
+from drift_support import Receiver, batchgate, build, traffic, wait_until
 from processes import Proc, serve_args
 from route_support import metric
 
@@ -34,8 +35,12 @@ def test_two_workers_feed_one_detector(tmp_path):
         "webhook": {"url": receiver.url, "format": "cloudevents", "timeout_s": 2, "retries": 1},
     }
     cfg.write_text(yaml.safe_dump({"drift": [monitor]}))
+    with socket.socket() as s:  # (each worker would pick a port of its own for 0)
+        s.bind(("127.0.0.1", 0))
+        admin_grpc = s.getsockname()[1]
     p = Proc(
         serve_args(built["repo"], "--workers", "2", "--config", str(cfg), "--admin-http-port", "0")
+        + ["--admin-port", str(admin_grpc)]
         + ["--audit-log-file", str(tmp_path / "audit.jsonl"), "--allow-open-admin", "true"]
     )
     try:
@@ -72,6 +77,9 @@ def test_two_workers_feed_one_detector(tmp_path):
         req = urllib.request.Request(f"http://127.0.0.1:{admin}/admin/v1/drift/fraud/reset", data=b"{}", method="POST")
         after = json.loads(urllib.request.urlopen(req, timeout=30).read())
         assert after["active"] is False
+        # over gRPC (the CLI): the call's deadline goes with the command to the supervisor's detector
+        done = batchgate("drift", "reset", "fraud", "--admin", f"127.0.0.1:{admin_grpc}", "--timeout-s", "20")
+        assert done.returncode == 0 and '"fraud"' in done.stdout, done.stderr
         assert "drift.detected" in (tmp_path / "audit.jsonl").read_text()
     finally:
         p.kill()

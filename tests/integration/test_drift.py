@@ -348,6 +348,38 @@ def test_a_command_the_detector_reads_after_its_caller_gave_up_is_dropped(built,
         assert _admin(gw, "drift/fraud/reset", {})["model"] == "fraud"  # a timely one is carried out
 
 
+def test_a_command_whose_grpc_deadline_passed_is_dropped(built, tmp_path, capfd):
+    """A gRPC caller's deadline (the CLI's --timeout-s, 10 s by default) ends before the server's
+    30 s: the caller was told DEADLINE_EXCEEDED while the rebaseline waited in the pipe and was
+    carried out when the detector read on. The call's deadline now bounds the command too."""
+    import grpc
+
+    from batchgate.admin.v1 import admin_pb2 as apb
+    from batchgate.admin.v1 import admin_pb2_grpc
+
+    profiles = tmp_path / "profiles"
+    with _stopped_detector(built, tmp_path, drift_profiles_dir=str(profiles)) as (gw, pid):
+        for seed in range(WINDOW // ROWS):  # rows to rebaseline from, read before the command
+            _send(gw, traffic(ROWS, seed))
+        with grpc.insecure_channel(f"127.0.0.1:{gw.gateway.admin_port}") as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rebaseline(apb.RebaselineRequest(model="fraud"), timeout=1)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            os.kill(pid, signal.SIGCONT)
+            err = ""
+
+            def said() -> bool:
+                nonlocal err
+                err += capfd.readouterr().err
+                return "a rebaseline command came" in err
+
+            assert wait_until(said, timeout=30), err[-2000:]
+            assert not (profiles / "fraud.json").exists()
+            status = stub.Rebaseline(apb.RebaselineRequest(model="fraud"), timeout=30)  # a timely one is carried out
+            assert status.model == "fraud" and (profiles / "fraud.json").exists()
+
+
 def test_a_dead_letter_file_that_is_a_directory_stops_the_start(built, tmp_path):
     cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x")
     (tmp_path / "dead").mkdir()
