@@ -150,7 +150,10 @@ def _distinct(path: str, names: Sequence[str]) -> None:
 
 def _column(values: Sequence[Any] | np.ndarray) -> np.ndarray:
     """Numbers where every cell is one (empty cells and nulls: NaN), else text (nulls kept as
-    None: missing, as a Parquet text column's)."""
+    None: missing, as a Parquet text column's). JSON booleans stay booleans: categories, as a
+    Parquet bool column's (float() would make them the numbers 1 and 0)."""
+    if any(isinstance(v, bool | np.bool_) for v in values):
+        return np.asarray(list(values), dtype=object)
     try:
         return np.asarray([float("nan") if v is None or v == "" else float(v) for v in values], dtype=np.float64)
     except (TypeError, ValueError):

@@ -251,3 +251,20 @@ def test_a_json_null_is_missing_as_a_parquet_null_is(tmp_path):
     assert (
         t["kind"] == "categorical" and t["missing_rate"] == 12 / 40
     )  # (8 nulls, 5 lines without it, one both) and "" not in t["categories"]
+
+
+def test_json_booleans_are_categories_as_parquet_booleans_are(tmp_path):
+    """JSON-lines true / false were read as the numbers 1 and 0, so the column was profiled as
+    numeric, where the same column in Parquet (bool) or a CSV (True / False) is categorical."""
+    flags = [i % 3 == 0 for i in range(30)]
+    with open(tmp_path / "b.jsonl", "w") as f:
+        for i, flag in enumerate(flags):
+            f.write(json.dumps({"flag": None if i == 1 else flag}) + "\n")
+    pq.write_table(pa.table({"flag": [None if i == 1 else v for i, v in enumerate(flags)]}), tmp_path / "b.parquet")
+    kept = []
+    for name in ("b.jsonl", "b.parquet"):
+        (feature,) = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / name))["inputs"]["features"]
+        assert feature["kind"] == "categorical" and set(feature["categories"]) == {"0", "1"}, name
+        assert feature["missing_rate"] == 1 / 30, name
+        kept.append(feature["categories"])
+    assert kept[0] == kept[1]
