@@ -14,8 +14,8 @@ from tritonclient.grpc import service_pb2 as pb
 from batchgate.loadtest import payload
 from batchgate.loadtest.cli import add_parser, exit_status, scenario_from
 from batchgate.loadtest.results import Run, Step, Window, above
-from batchgate.loadtest.runner import best_closed_step, eta_text, invalid_advice
 from batchgate.loadtest.scenario import LoadTestError, Scenario, concurrency_levels, rate_sweep, segments
+from batchgate.loadtest.verdicts import best_closed_step, eta_text, invalid_advice
 from batchgate.loadtest.worker import rate_at
 
 
@@ -270,12 +270,14 @@ def _closed(c: int, ok: int, slo_met: bool | None = True, valid: bool = True) ->
 def test_the_closed_loop_best_step_is_the_highest_throughput_that_met_the_slo():
     # past the knee throughput falls while the SLO still holds: the best is 8, not the last pass (32)
     steps = [_closed(1, 100), _closed(8, 700), _closed(16, 650), _closed(32, 600), _closed(64, 900, slo_met=False)]
-    assert best_closed_step(steps, slo=True).label == "c8"
-    # a tie goes to the fewer callers; without an SLO, validity decides
-    assert best_closed_step([_closed(4, 500), _closed(8, 500)], slo=True).label == "c4"
-    steps = [_closed(2, 300, None), _closed(4, 800, None, valid=False), _closed(8, 400, None)]
-    assert best_closed_step(steps, slo=False).label == "c8"
-    assert best_closed_step([_closed(1, 10, slo_met=False)], slo=True) is None
+    assert best_closed_step(steps).label == "c8"
+    # a tie goes to the fewer callers
+    assert best_closed_step([_closed(4, 500), _closed(8, 500)]).label == "c4"
+    # a sweep's steps are always judged on an SLO (the default error budget when none is given):
+    # a step never judged, or one that missed, is not the best, however valid
+    steps = [_closed(2, 300, None), _closed(4, 800, slo_met=False), _closed(8, 400)]
+    assert best_closed_step(steps).label == "c8"
+    assert best_closed_step([_closed(1, 10, slo_met=False)]) is None
 
 
 def test_eta_text():
@@ -332,7 +334,7 @@ def test_settings_out_of_range_are_refused_naming_the_flag(given, words):
 def test_stability_leaves_out_a_last_window_the_duration_cuts_short():
     """--duration 2.05 --window 0.5: the last window is 2.0-2.05 s, with a few requests; its
     throughput spread was always near 100%, so every step on any server read unstable."""
-    from batchgate.loadtest.runner import stability_spread
+    from batchgate.loadtest.verdicts import stability_spread
 
     def window(i, start, end, ok):
         w = Window(i, start, end, "measure", 100.0, sent=ok, ok=ok)
