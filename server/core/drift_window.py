@@ -38,6 +38,7 @@ thresholds, beside drift (a burst of NaN is a data-quality alarm, not drift).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ def psi(window: np.ndarray, reference: np.ndarray) -> float:
 MAX_PSI_COLUMNS = 256  # columns of a wide answer judged (evenly spaced), so a judgement's work is bounded
 
 
+@functools.lru_cache(maxsize=16)  # (asked for each answer a route keeps: one width a route, mostly)
 def judged_columns(width: int) -> np.ndarray | slice:
     """The columns of an answer ``width`` wide that the output PSI judges: all of them, or
     :data:`MAX_PSI_COLUMNS` evenly spaced (the same ones for the same width, so a sample that
