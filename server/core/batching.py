@@ -226,8 +226,8 @@ class DynamicBatcher(_SchedulerBase):
             )
         if request.deadline is not None:
             wait = self._expected_wait(rows, level, request.deadline, now)
-            probe = not self._executing and self.cost.probe(now)  # (see CostModel.probe)
-            if wait is not None and now + wait > request.deadline and not probe:
+            # (refused unless it goes in as the probe: asked only then, since asking takes it)
+            if wait is not None and now + wait > request.deadline and (self._executing or not self.cost.probe(now)):
                 self._refused(UNMEETABLE)
                 rid = f"[request id: {request.id}] " if request.id else ""
                 raise GatewayError(
