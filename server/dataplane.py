@@ -471,13 +471,8 @@ class DataPlane(Extensions):
         return [merged.get((r["name"], r["version"]), r) for r in rows]
 
     # ------------------------------------------------------------------ repository API
-    def repository_index(
-        self, ready_only: bool | Callable[[], bool] = False, caller: Caller = OPEN_CALLER
-    ) -> list[dict[str, str]]:
-        """``ready_only`` may be the reading of a request body, called once the caller passed."""
+    def repository_index(self, ready_only: bool = False, caller: Caller = OPEN_CALLER) -> list[dict[str, str]]:
         key = self.access.check(caller, READ)
-        if callable(ready_only):
-            ready_only = ready_only()
         rows = self.repository.index(ready_only=ready_only)
         for route in self.routes.routes.values() if self.routes is not None else ():
             reason = route.not_ready_reason()

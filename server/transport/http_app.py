@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
@@ -26,7 +25,7 @@ from ..core.routing import PIN_HEADER
 from ..core.types import REQUEST_ID_HEADER, caller_headers, printable
 from ..dataplane import PRECHECK_BYTES, DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
-from ..security.access import OPEN_CALLER, Caller
+from ..security.access import OPEN_CALLER, READ, Caller
 from . import http_codec
 from .byte_budget import ByteBudget
 from .grpc_wire import INFLATE_ON_LOOP_MAX_BYTES
@@ -303,8 +302,14 @@ class HttpApp:
         if m:
             check_method(method, "POST")
             body = await self.bodies.read(receive, scope)
-            if m.group(2) == "index":  # (the body is judged after the caller: 401/403 first)
-                return await self._json(send, self.dp.repository_index(partial(index_ready, body), self._caller(scope)))
+            if m.group(2) == "index":
+                caller = self._caller(scope)
+                try:
+                    ready = index_ready(body)
+                except GatewayError:  # the caller is judged before its body: 401/403 first
+                    self.dp.access.check(caller, READ)
+                    raise
+                return await self._json(send, self.dp.repository_index(ready, caller))
             model, action = m.group(3), m.group(4)
             params = await self._admin_body(scope, f"repository.{action}", model, model, repository_parameters, body)
             if action == "load":
