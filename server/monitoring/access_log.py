@@ -27,9 +27,11 @@ cut to a bounded length; the JSON encoder escapes it. The API key's id is logged
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -37,6 +39,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from random import random
+from select import PIPE_BUF
 from typing import Any
 
 import orjson
@@ -47,9 +50,6 @@ log = logging.getLogger("batchgate.access")
 
 MODES = ("off", "sampled", "all")
 QUEUE_LINES = 65_536  # lines waiting for the writer thread at most
-# Bytes one write to a pipe sends whole: past it the kernel may split a write where the pipe is
-# full and put another process's write in between (select.PIPE_BUF on Linux; POSIX: 512 or more).
-PIPE_BUF = 4096
 OVERLOAD = "RESOURCE_EXHAUSTED"  # the error of a refusal for overload: sampled, not kept (see _request)
 _CRC_SCALE = 1.0 / (1 << 32)
 # Characters JSON leaves raw that split a line for some readers (str.splitlines and log shippers
@@ -293,10 +293,11 @@ class AccessLog:
                     out = self._out
                     if out is None:  # stdout, looked up each time (it may be replaced: a test's capture)
                         out = getattr(sys.stdout, "buffer", None)
-                    # Whole lines, at most PIPE_BUF bytes a write: worker processes share
-                    # stdout (or a pipe named as the file, /dev/stdout), and a longer write to a
-                    # full pipe was cut and another worker's lines put in the middle of a line.
-                    for piece in _pieces(chunk):
+                    # To a pipe, whole lines at most PIPE_BUF bytes a write: worker processes
+                    # share stdout (or a pipe named as the file, /dev/stdout), and a longer write
+                    # to a full pipe was cut and another worker's lines put in the middle of a
+                    # line. A file takes the chunk in one write (appends are not interleaved).
+                    for piece in _pieces(chunk) if _is_pipe(out) else (b"\n".join(chunk) + b"\n",):
                         if out is not None:
                             out.write(piece)
                             out.flush()
@@ -336,9 +337,18 @@ class AccessLog:
             self._out.close()
 
 
+def _is_pipe(out: Any) -> bool:
+    """Whether ``out`` writes to a pipe (a stdout without a file descriptor counts as one)."""
+    try:
+        return stat.S_ISFIFO(os.fstat((out if out is not None else sys.stdout).fileno()).st_mode)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return True
+
+
 def _pieces(lines: list[bytes]) -> Iterator[bytes]:
-    """``lines`` as newline-ended runs of whole lines, each within PIPE_BUF bytes where its
-    lines allow (a longer line goes alone)."""
+    """``lines`` as newline-ended runs of whole lines, each within PIPE_BUF bytes (what one write
+    to a pipe sends whole: past it the kernel may split it where the pipe is full and put another
+    process's write in between) where its lines allow (a longer line goes alone)."""
     run: list[bytes] = []
     size = 0
     for line in lines:
