@@ -14,9 +14,9 @@ _NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgra
 # batchgate upgrades no connection (no WebSocket, no h2c), but httptools stops at a request that
 # offers an upgrade and never reads its body (uvicorn then hands the app an empty one): Java's
 # HttpClient offers h2c on every http:// POST. The header is renamed before httptools sees it.
-_UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
-_RENAMED = b"\r\nx-upgrd:"  # (as long as the name it replaces)
 _UPGRADE_NAME = b"\r\nupgrade:"
+_UPGRADE = re.compile(re.escape(_UPGRADE_NAME), re.IGNORECASE)
+_RENAMED = b"\r\nx-upgrd:"  # (as long as the name it replaces)
 
 
 def rename_upgrade(data: bytes, stop: int) -> bytes:

@@ -376,8 +376,11 @@ def guarded_protocol(
             """httptools stopped at an upgrade (refused in ``on_headers_complete``): uvicorn's two
             WARNING lines for each are not written."""
             if not self._refused:  # (cannot happen: every upgrade is refused as its head ends)
-                refused(UPGRADE)
-                self._refuse(400, "batchgate upgrades no connection: send the request without Upgrade")
+                self._refuse_upgrade()
+
+        def _refuse_upgrade(self) -> None:
+            refused(UPGRADE)
+            self._refuse(400, "batchgate upgrades no connection: send the request without Upgrade")
 
         def send_400_response(self, msg: str) -> None:
             """Bytes that are not HTTP/1.1: a JSON error as every other answer's, counted
@@ -391,24 +394,21 @@ def guarded_protocol(
             self._progress = True
             self._in_head = False
             if not self._refused:
+                if self.parser.should_upgrade():
+                    # An Upgrade header renaming did not reach (a request pipelined behind
+                    # another in one read): httptools has stopped at it, its body and what
+                    # follows unread, so it can only be refused (uvicorn would serve it on an
+                    # empty body and write two WARNING lines a request).
+                    self._refuse_upgrade()
+                    return
                 # A pipelined request waits behind the answer in progress (uvicorn stops reading
                 # for it): its time starts only when that answer is done.
                 if self._behind:
                     self._disarm()
                 else:
                     self._arm(body_timeout_s, BODY_TIMEOUT)
-                    # Never for an upgrade: uvicorn would hand such a request elsewhere, and an
-                    # admission made here would never be released.
-                    if gate is not None and not self.parser.should_upgrade() and self._gate():
+                    if gate is not None and self._gate():
                         return
-                if self.parser.should_upgrade():
-                    # An Upgrade header renaming did not reach (a request pipelined behind
-                    # another in one read): httptools has stopped at it, its body and what
-                    # follows unread, so it can only be refused (uvicorn would serve it on an
-                    # empty body and write two WARNING lines a request).
-                    refused(UPGRADE)
-                    self._refuse(400, "batchgate upgrades no connection: send the request without Upgrade")
-                    return
                 if self._behind and len(self.pipeline) >= max_pipelined:
                     # A client that sends request after request without reading the answers:
                     # one read holds thousands of small ones, each a request cycle kept.
