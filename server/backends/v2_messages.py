@@ -110,7 +110,7 @@ def answer_outputs(
     resp: pb.ModelInferResponse,
     names: tuple[str, ...],
     declared: dict[str, str],
-    shapes: dict[str, tuple[int, ...]] | None = None,
+    shapes: dict[str, tuple[int, ...]],
 ) -> list[np.ndarray]:
     """The outputs ``names`` of an answer, in order; one missing, in another datatype than
     ``declared`` (output name -> V2 datatype: it would be cast to that silently), or in a shape
@@ -126,7 +126,7 @@ def answer_outputs(
                 ErrorCode.INTERNAL,
                 f"upstream {address} answered output '{n}' as {got[n][0]}; its signature says {want}",
             )
-        dims, shape = (shapes or {}).get(n), got[n][1].shape
+        dims, shape = shapes.get(n), got[n][1].shape
         if dims is not None and (len(shape) != len(dims) or any(-1 != d != s for s, d in zip(shape, dims))):
             raise GatewayError(
                 ErrorCode.INTERNAL,
