@@ -36,6 +36,7 @@ from .core.stats import ModelStats
 from .core.types import REQUESTS_HEADER, InferRequest, InferResponse, Tensor, clip, printable
 from .monitoring import tracing
 from .monitoring.metrics import ModelMetrics
+from .monitoring.trace_context import carried
 from .monitoring.tracing import BatchTrace, TraceHeaders, batch_trace
 from .security.limits import Capacity
 from .threads import InferenceThreads
@@ -542,6 +543,8 @@ class RemoteExecution:
         """Each caller's answer, and the execution's times (t0..t3, rows; zeros when it failed)."""
         v = self._v
         headers = trace.headers() if trace is not None else None
+        if headers is None and len(batch) == 1:  # (several callers' batch: no one parent to carry)
+            headers = carried(batch[0].request.headers)
         if len(batch) > 1 and self._tells:  # (front mode: the owner counts the requests merged)
             headers = (headers or ()) + ((REQUESTS_HEADER, str(len(batch))),)
         deadlines = [t.request.deadline for t in batch]

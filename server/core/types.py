@@ -272,7 +272,7 @@ class InferRequest(NamedTuple):
     outputs: tuple[str, ...] | None = None  # requested outputs; None = every output
     id: str = ""  # the V2 id, else the caller's x-request-id
     parameters: Mapping[str, Any] = EMPTY  # V2 request parameters
-    headers: Mapping[str, str] = EMPTY  # the caller's x-* headers / metadata, lower-case names
+    headers: Mapping[str, str] = EMPTY  # the caller's x-* headers / metadata and trace context, lower-case names
     priority: int = 0
     timeout_us: int = 0  # V2 "timeout" parameter; 0 = none
     deadline: float | None = None  # absolute, on the gateway's monotonic clock
@@ -304,13 +304,25 @@ def check_parameter_name(name: str) -> None:
         raise invalid(f"parameter '{printable(clip(name))}': names starting with 'triton_' are reserved for the server")
 
 
+TRACE_CONTEXT = ("traceparent", "tracestate")  # W3C trace context: kept apart from the x-* limits
+_TRACE_VALUE_MAX = 512  # (a longer traceparent is no valid one; a longer tracestate is not sent on)
+
+
 def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> Mapping[str, str]:
     """The caller's ``x-*`` headers from (name, value) pairs with lower-case names, checked
     against ``limits``; other headers, and values that are not text (gRPC ``-bin`` metadata),
-    are not kept. A repeated name keeps its first value."""
+    are not kept. A repeated name keeps its first value.
+
+    The W3C trace context is kept too, outside those limits, as W3C reads it: a repeated
+    ``traceparent`` is none (kept empty), repeated ``tracestate`` values are one list. A remote
+    model's call carries it when the gateway does not trace the request itself, so the
+    caller's trace is not cut at the hop (``model.RemoteExecution``)."""
     out: dict[str, str] = {}
+    trace: dict[str, str] | None = None
     for name, value in pairs:
-        if not name.startswith("x-") or type(value) is not str:
+        if name[:2] != "x-" or type(value) is not str:
+            if name in TRACE_CONTEXT and type(value) is str:
+                _trace_header(trace := trace or {}, name, value)
             continue
         if len(name) + len(value) > limits.max_caller_header_bytes:
             raise invalid(
@@ -323,7 +335,17 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
                     f"the request carries more than {limits.max_caller_headers} x-* headers (max_caller_headers)"
                 )
             out[name] = value
+    if trace:
+        out.update(trace)
     return MappingProxyType(out) if out else EMPTY
+
+
+def _trace_header(out: dict[str, str], name: str, value: str) -> None:
+    had = out.get(name)
+    if name == "traceparent":
+        out[name] = "" if had is not None or len(value) > _TRACE_VALUE_MAX else value
+    elif had is None or len(had) <= _TRACE_VALUE_MAX:  # (past the bound it is dropped on sending)
+        out[name] = (value if had is None else f"{had},{value}")[: _TRACE_VALUE_MAX + 1]
 
 
 # Control characters (C0, DEL, C1) and the Unicode line and paragraph separators, as escapes.

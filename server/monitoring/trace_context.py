@@ -6,6 +6,7 @@ and ends them)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -65,6 +66,14 @@ def passed_on(span: Any, traceparent: str | None, tracestate: str | None) -> Tra
         if _PRINTABLE.fullmatch(state):
             return (("traceparent", traceparent), ("tracestate", state))
     return (("traceparent", traceparent),)
+
+
+def carried(headers: Mapping[str, str]) -> TraceHeaders | None:
+    """What a call for one request the gateway does not trace carries: the caller's context as it
+    came (``headers``: the request's, see ``core.types.caller_headers``), so the upstream follows
+    the caller's trace and decision rather than starting a trace of its own."""
+    parent = headers.get("traceparent")
+    return None if parent is None else passed_on(None, parent, headers.get("tracestate"))
 
 
 def valid_traceparent(value: str | None) -> tuple[bool, bool]:

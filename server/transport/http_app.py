@@ -443,7 +443,7 @@ class HttpApp:
                 content_encoding = v.decode("latin-1")
             elif k == b"accept-encoding":
                 accept = v.decode("latin-1")
-            elif k[:2] == b"x-":
+            elif k[:2] == b"x-" or k == b"traceparent" or k == b"tracestate":  # (see caller_headers)
                 x_headers.append((k.decode("latin-1"), v.decode("latin-1")))
         headers = caller_headers(x_headers, self.dp.limits)
         msg = await receive()  # one message holds the whole body unless it is large

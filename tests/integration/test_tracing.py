@@ -209,21 +209,34 @@ def test_one_trace_crosses_the_hop_to_a_remote_model(repo, serve, receiver, batc
     assert up_root.trace_state == "congo=t61rcWk"  # the caller's tracestate went on with it (W3C)
 
 
-@pytest.mark.parametrize("front", ["tracing off", "not sampled"])
-def test_a_request_the_gateway_does_not_trace_carries_its_callers_context_across_the_hop(repo, serve, receiver, front):
-    """Forwarded raw to a remote model, a request the gateway does not trace (tracing off, or the
-    caller's flag 00) goes with the caller's traceparent and tracestate as they came: the upstream
-    then follows the caller's trace and decision. It went with none, so the upstream started a
-    trace of its own: a new trace id for a sampled caller, a traced request the caller said not to."""
+@pytest.mark.parametrize(
+    ("front", "protocol", "batching"),
+    [
+        ("tracing off", "grpc", "passthrough"),
+        ("not sampled", "grpc", "passthrough"),
+        ("tracing off", "http", "passthrough"),
+        ("not sampled", "http", "passthrough"),
+        ("tracing off", "grpc", "gateway"),
+    ],
+)
+def test_a_request_the_gateway_does_not_trace_carries_its_callers_context_across_the_hop(
+    repo, serve, receiver, front, protocol, batching
+):
+    """A request to a remote model that the gateway does not trace (tracing off, or the caller's
+    flag 00) goes with the caller's traceparent and tracestate as they came: the upstream then
+    follows the caller's trace and decision. It went with none, so the upstream started a trace
+    of its own: a new trace id for a sampled caller, a traced request the caller said not to.
+    Forwarded raw (gRPC) it did carry them since 2026-12-04; decoded (HTTP, or batched by the
+    gateway) it carried nothing until 2026-12-06."""
     upstream = _traced(serve, repo, receiver, service_name="upstream")
     ours = {"tracing": "otlp", "otlp_endpoint": receiver.endpoint, "trace_sample_ratio": 0.0}
     gateway = serve(
         "",
-        remote_models=(RemoteModel("clf", (upstream.grpc_url,), batching="passthrough"),),
+        remote_models=(RemoteModel("clf", (upstream.grpc_url,), batching=batching),),
         **(ours if front == "not sampled" else {}),
     )
     flag = "01" if front == "tracing off" else "00"
-    _infer("grpc", gateway, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-{flag}", "tracestate": "congo=t61rcWk"})
+    _infer(protocol, gateway, headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-{flag}", "tracestate": "congo=t61rcWk"})
     if flag == "00":
         _infer("grpc", upstream)  # (a root at ratio 1: once it is exported, so would the other be)
         spans = receiver.wait(lambda s: len(s) >= 3)

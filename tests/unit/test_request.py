@@ -29,6 +29,7 @@ from batchgate.core.types import (
     new_request,
     weight_of,
 )
+from batchgate.monitoring.trace_context import carried
 
 LIMITS = RequestLimits()
 ARRIVAL = 100.0
@@ -207,6 +208,26 @@ def test_caller_headers_keep_only_x_headers_and_the_first_value_of_a_name():
         got["x-c"] = "c"  # type: ignore[index]
     assert caller_headers([("content-type", "text/plain")], LIMITS) is EMPTY
     assert caller_headers([], LIMITS) is EMPTY
+
+
+def test_caller_headers_keep_the_trace_context_as_w3c_reads_it_outside_the_x_header_limits():
+    """A remote model's call carries an untraced request's context from here, so it must be
+    read as the tracer reads it: a repeated traceparent is none, tracestates are one list."""
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    full = [(f"x-h{i}", "v") for i in range(32)]  # (at max_caller_headers: the context is not counted)
+    got = caller_headers([*full, ("traceparent", parent), ("tracestate", "a=1"), ("tracestate", "b=2")], LIMITS)
+    assert (got["traceparent"], got["tracestate"], len(got)) == (parent, "a=1,b=2", 34)
+    assert caller_headers([("traceparent", parent), ("traceparent", parent)], LIMITS)["traceparent"] == ""
+    assert carried(caller_headers([("traceparent", parent), ("traceparent", parent)], LIMITS)) is None
+    assert carried(caller_headers([("traceparent", parent), ("tracestate", "a=1")], LIMITS)) == (
+        ("traceparent", parent),
+        ("tracestate", "a=1"),
+    )
+    # a tracestate past its bound is held cut (not whole) and not sent on; a huge traceparent is none
+    long = caller_headers([("traceparent", parent), *[("tracestate", "k=" + "v" * 300)] * 1000], LIMITS)
+    assert len(long["tracestate"]) == 513 and carried(long) == (("traceparent", parent),)
+    assert caller_headers([("traceparent", parent + "x" * 600)], LIMITS)["traceparent"] == ""
+    assert carried(caller_headers([("x-a", "1")], LIMITS)) is None
 
 
 def test_the_number_of_x_headers_is_bounded():
