@@ -13,6 +13,8 @@ import struct
 import urllib.parse
 import zlib
 
+from hpack import NeverIndexedHeaderTuple
+
 # Request headers that are gRPC's own, not the caller's metadata.
 RESERVED = frozenset(
     (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding", b"content-length")
@@ -182,10 +184,16 @@ def encode_metadata(pairs) -> list[tuple[bytes, bytes]]:
 
 
 def status_fields(code: int, message: str) -> list[tuple[bytes, bytes]]:
-    """``grpc-status`` and, when there is one, the percent-encoded ``grpc-message``."""
+    """``grpc-status`` and, when there is one, the percent-encoded ``grpc-message``.
+
+    The message goes as a literal the HPACK dynamic table does not take ("never indexed"):
+    under overload the refusals' messages vary (the work queued, in ms), and each one indexed
+    was inserted into the connection's table, evicting entries and changing the table, so
+    every header block the encoder remembered (``hpack_cache``) had to be coded afresh, the OK
+    answers' too."""
     fields = [(b"grpc-status", b"%d" % code)]
     if message:
-        fields.append((b"grpc-message", urllib.parse.quote(message, safe=_SAFE).encode("ascii")))
+        fields.append(NeverIndexedHeaderTuple(b"grpc-message", urllib.parse.quote(message, safe=_SAFE).encode("ascii")))
     return fields
 
 

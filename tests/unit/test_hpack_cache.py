@@ -4,6 +4,7 @@ when the dynamic table changes between two identical blocks."""
 from __future__ import annotations
 
 import random
+import urllib.parse
 
 import hpack
 
@@ -58,3 +59,24 @@ def test_a_remembered_block_is_not_reused_once_the_table_changed():
     assert caching.decode(indexed, raw=True) == [(b"x-a", b"1")]  # (remembered)
     caching.decode(hpack.Encoder().encode([(b"x-b", b"2")]), raw=True)  # x-b: 2 enters at index 62
     assert caching.decode(indexed, raw=True) == [(b"x-b", b"2")]  # the same byte now means x-b
+
+
+def test_refusals_with_changing_messages_leave_the_table_and_the_remembered_answers_alone():
+    """Under overload every refusal may carry another message (the work queued, in ms). Indexed,
+    each went into the connection's dynamic table, so the OK answers' remembered blocks were
+    coded afresh after each one; a never-indexed grpc-message leaves the table as it was."""
+    from batchgate.transport.grpc_h2_connection import OK_HEADERS
+    from batchgate.transport.grpc_wire import status_fields
+
+    encoder, decoder = CachingEncoder(), hpack.Decoder()
+    ok = [*OK_HEADERS, (b"grpc-status", b"0")]
+    decoder.decode(encoder.encode(ok), raw=True)
+    decoder.decode(encoder.encode(OK_HEADERS + status_fields(8, "first")), raw=True)  # (grpc-status 8 goes in once)
+    remembered = encoder.encode(ok)
+    changes = encoder._table.changes
+    for ms in range(200, 260):
+        message = f"model 'mlp' has about {ms} ms of work queued, more than the 100 ms a request may wait"
+        got = decoder.decode(encoder.encode(OK_HEADERS + status_fields(8, message)), raw=True)
+        assert got[-1][0] == b"grpc-message" and urllib.parse.unquote(got[-1][1].decode()) == message
+        assert encoder.encode(ok) is remembered  # (the very block: not coded again)
+    assert encoder._table.changes == changes
