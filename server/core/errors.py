@@ -24,6 +24,10 @@ class ErrorCode(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
 
+    # Hashed by identity (members are singletons): Enum's own hash is Python code, 0.6 us against
+    # 0.26 us, and a refusal under overload looks codes up in a few tables and sets.
+    __hash__ = object.__hash__
+
 
 class GatewayError(Exception):
     """An error with a code a transport can map, and a message a caller can act on."""
