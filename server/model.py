@@ -368,9 +368,10 @@ class ModelVersion:
             busy = max(self.in_flight, self.admitted)
             log.warning("model '%s' version %s retired with %d requests running", self.name, self.version, busy)
             late = f"model '{self.name}' version {self.version} was unloaded or replaced while this request was queued"
-        self.scheduler.close()
         if late is not None:  # those still queued would else go to the backend closed below, and fail on it
+            # (before close, which sends at once whatever is still queued)
             self.scheduler.fail_queued(GatewayError(ErrorCode.UNAVAILABLE, f"{late}; it was not executed"))
+        self.scheduler.close()
         self.metrics.retired(self)
         backend, self.backend = self.backend, None
         if backend is not None:

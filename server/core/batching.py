@@ -271,6 +271,13 @@ class DynamicBatcher(_SchedulerBase):
             raise result
         return result
 
+    def close(self) -> None:
+        """Admit nothing more, and send what is queued now: no request can join its batch any
+        more, so waiting out the delay would only hold a shutdown back. (To refuse what is
+        queued instead, call ``fail_queued`` first: ``ModelVersion.retire`` does.)"""
+        self._closed = True
+        self._pump()
+
     def fail_queued(self, error: GatewayError) -> int:
         gone = [e for lvl in self._levels for _, e in lvl]
         for e in gone:
@@ -419,7 +426,7 @@ class DynamicBatcher(_SchedulerBase):
         due = oldest + cfg.max_queue_delay_s
         if self._timed:
             due = min(due, self._latest_start(picked, rows))
-        waited = cfg.max_queue_delay_s > 0 and now >= due
+        waited = cfg.max_queue_delay_s > 0 and (now >= due or self._closed)
         cut = _cut(picked, blocked, self._preferred_set, self._largest_preferred)
         if cut and not waited:
             return picked[:cut], math.inf

@@ -761,3 +761,21 @@ async def test_admission_counts_the_running_batchs_elapsed_time_and_a_smaller_la
     assert "cannot be met" in e.value.message and reasons == ["deadline_unmeetable"]
     rec.finish()
     await running
+
+
+async def test_close_sends_what_is_queued_at_once_without_waiting_out_the_delay():
+    """Nothing can join a closed batcher's batches: it had held them for the whole delay, so a
+    shutdown (close, then drain) waited max_queue_delay for nothing."""
+    clock, rec, b = make(max_queue_delay_s=20.0, preferred_batch_sizes=(4,))
+    tasks = [go(b, rq(clock, "a")), go(b, rq(clock, "b", width=2))]  # two shapes: two batches
+    await settle()
+    assert rec.batches == []
+    b.close()
+    await settle()
+    assert rec.ids() == [["a"]]  # the one instance takes the first; the second goes when it frees
+    rec.finish()
+    await settle()
+    assert rec.ids() == [["a"], ["b"]]
+    rec.finish()
+    assert [(await t).id for t in tasks] == ["a", "b"]
+    await asyncio.wait_for(b.drain(), 1)
