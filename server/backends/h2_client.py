@@ -293,6 +293,18 @@ class _Protocol(asyncio.Protocol):
                     H2RpcError(grpc.StatusCode.UNAVAILABLE, f"the upstream reset the call (error code {code})")
                 )
 
+    def on_oversized(self, sid: int) -> None:
+        call = self.calls.pop(sid, None)
+        if call is not None and not call.future.done():
+            limit = self.h2.max_header_bytes
+            call.future.set_exception(
+                H2RpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the upstream's answer has a header list over {limit} bytes (received metadata size "
+                    "exceeds the limit); the call was given up",
+                )
+            )
+
     def on_window(self, sid: int) -> None:
         for s, call in list(self.calls.items()):
             if call.sent < len(call.out) and (sid <= 0 or s == sid):

@@ -8,7 +8,7 @@ from typing import Protocol
 from .http2 import (
     _SETTING,
     _U32,
-    COMPRESSION_ERROR,
+    CANCEL,
     DEFAULT_WINDOW,
     ENABLE_PUSH,
     INITIAL_WINDOW_SIZE,
@@ -36,6 +36,7 @@ class ClientHandler(Protocol):
     def on_window(self, sid: int) -> None: ...
     def on_goaway(self, last_stream_id: int) -> None: ...
     def on_ping_ack(self, payload: bytes) -> None: ...
+    def on_oversized(self, sid: int) -> None: ...  # its answer's header list is over max_header_bytes
 
 
 class Http2Client(Http2):
@@ -60,7 +61,7 @@ class Http2Client(Http2):
                 (ENABLE_PUSH, 0),
                 (INITIAL_WINDOW_SIZE, stream_window),
                 (MAX_FRAME_SIZE, max_frame),
-                (MAX_HEADER_LIST_SIZE, self.max_header_bytes),  # a larger header block fails the connection
+                (MAX_HEADER_LIST_SIZE, self.max_header_bytes),  # a larger header list fails its call
             )
         )
         self._out = bytearray(PREFACE + frame(SETTINGS, 0, 0, settings))
@@ -81,13 +82,21 @@ class Http2Client(Http2):
 
     def _block_done(self, sid: int, end_stream: bool, block: bytes) -> None:
         headers = self._decode(block)
-        if headers is None:  # (an upstream's answer: no stream to refuse it on)
-            self._fail(COMPRESSION_ERROR, "a header list over max_header_bytes", "header_bytes")
         stream = self.streams.get(sid)
         if stream is None or not stream.remote_open:
             if sid > self.highest_inbound_stream_id:
                 self._fail(PROTOCOL_ERROR, "HEADERS on a stream never opened")
             return  # a call we gave up on: ignored
+        if headers is None:
+            # Decoded (the HPACK table is in step) but over max_header_bytes: that call is given
+            # up, as gRPC core gives up a call whose metadata is over its limit; the connection
+            # and its other calls go on. (A block past twice the limit fails the connection.)
+            if end_stream:
+                self._remote_end(sid, stream)
+            else:
+                self.reset_stream(sid, CANCEL)
+            self.client_handler.on_oversized(sid)
+            return
         if end_stream:
             self._remote_end(sid, stream)
         self.client_handler.on_headers(sid, headers, end_stream)

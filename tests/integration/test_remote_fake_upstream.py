@@ -360,3 +360,31 @@ def test_an_upstreams_long_or_multiline_error_message_reaches_the_caller_bounded
             assert f"upstream {fake.address} (" in message and "as asked: Traceback\\x0aFORGED LOG LINE\\x1b" in message
             assert "\n" not in message and len(message) < 1000, message[:200]
     assert not [r for r in caplog.records if "\n" in r.getMessage() or "\x1b" in r.getMessage()]
+
+
+@pytest.mark.parametrize("client", ["h2", "grpcio"])
+def test_an_upstream_error_message_over_64_kib_fails_that_call_not_the_connection(fake, serve, client):
+    """The h2 client took an answer whose headers passed its 64 KiB limit as an HTTP/2 error: the
+    connection was closed and every call on it failed UNAVAILABLE. Now that call alone fails
+    RESOURCE_EXHAUSTED (as grpcio's channel fails it), and a call in flight beside it on the same
+    connection is answered."""
+    running = serve(
+        "", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **{**FAST, "client": client}),)
+    )
+    url = running.grpc_url
+    np.testing.assert_array_equal(_infer(grpcclient, url, "fk"), np.full((1, 2), 2.0, np.float32))  # connected
+
+    def big():
+        with pytest.raises(InferenceServerException) as e:
+            _infer(grpcclient, url, "fk", params={"code": 3, "say": "z" * 70_000})
+        return e.value
+
+    with ThreadPoolExecutor(8) as pool:
+        fails = [pool.submit(big) for _ in range(4)]
+        oks = [pool.submit(_infer, grpcclient, url, "fk", 1.0 + i) for i in range(4)]
+        for i, ok in enumerate(oks):
+            np.testing.assert_array_equal(ok.result(30), np.full((1, 2), 2.0 * (1.0 + i), np.float32))
+        for f in fails:
+            error = f.result(30)
+            assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", error.message()[:300]
+            assert "metadata size exceeds" in (error.message() or ""), error.message()[:300]
