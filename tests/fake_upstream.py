@@ -11,7 +11,7 @@ carries the parameter ``seen`` (the request's parameter names, sorted), its outp
 "datatype" (y as INT32), "width" (one column too many) or "garbage" (bytes that are no
 ModelInferResponse); the fake's ``lie``, every request's.
 ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
-another version.
+another version; ``also`` lists more versions in its metadata, as a Triton that serves several.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         if request.name not in MODELS:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name}")
+        self.owner.metadata_calls += 1
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name,
-            versions=[self.owner.version],
+            versions=[self.owner.version, *self.owner.also],
             platform="fake",
             inputs=[meta(name="x", datatype="FP32", shape=[-1, self.owner.width])],
             outputs=[meta(name="y", datatype="FP32", shape=[-1, self.owner.width])],
@@ -128,6 +129,8 @@ class FakeUpstream:
     def __init__(self):
         self.seen: list[tuple[str, dict, list]] = []  # (model, parameters, input shapes) of each infer
         self.version, self.width = "1", 2
+        self.also: list[str] = []  # versions listed beside ``version`` (as Triton lists all it has ready)
+        self.metadata_calls = 0
         self.lie = ""  # the ``lie`` of every request that gives none
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()

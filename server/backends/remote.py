@@ -179,9 +179,8 @@ class RemoteV2Backend:
         meta = await up.stub.ModelMetadata(
             pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version), timeout=5
         )
-        if not self.version:
-            self.version = what_is_served(meta)[0]
-        self._loaded = what_is_served(meta)
+        self._loaded = what_is_served(meta, spec.upstream_version)
+        self.version = self._loaded[0]
         try:
             got = await up.stub.ModelConfig(
                 pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version), timeout=5
@@ -284,7 +283,7 @@ class RemoteV2Backend:
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
             if ok and self.on_change is not None:
                 meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
-                up.serves = what_is_served(meta)
+                up.serves = what_is_served(meta, self.spec.upstream_version)
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {said(e, 256)}"
         name, addr = self.spec.name, up.address

@@ -71,11 +71,13 @@ def answer_parameters(resp: pb.ModelInferResponse, into: dict | None) -> None:
                 into[t.name] = grpc_codec.parameters_of(t.parameters)
 
 
-def what_is_served(meta: pb.ModelMetadataResponse) -> tuple:
-    """What an upstream serves, to tell a change: its highest version, and the tensors."""
+def what_is_served(meta: pb.ModelMetadataResponse, pinned: str = "") -> tuple:
+    """What an upstream serves, to tell a change: its highest version, and the tensors. With a
+    ``pinned`` version, that version: Triton lists every version it has ready whichever was asked
+    for, and another one appearing or going changes nothing for a model pinned to one."""
     numeric = [int(v) for v in meta.versions if v.isdigit()]
     tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
-    return (str(max(numeric)) if numeric else "", len(meta.inputs), tensors)
+    return (pinned or (str(max(numeric)) if numeric else ""), len(meta.inputs), tensors)
 
 
 def answer_tensors(address: str, resp: pb.ModelInferResponse) -> dict[str, tuple[str, np.ndarray]]:

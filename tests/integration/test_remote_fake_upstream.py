@@ -220,6 +220,31 @@ def test_a_new_version_or_signature_upstream_is_followed(fake, serve):
     np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 3), 2.0, np.float32))
 
 
+def test_a_model_pinned_to_an_upstream_version_is_not_loaded_again_when_another_version_appears(fake, serve):
+    """Triton's metadata lists every version it has ready, whichever was asked for: a model pinned
+    to version 1 saw "version 1 -> 2" when the upstream loaded version 2 beside it, and was loaded
+    again (and again when version 2 went) though what it serves had not changed."""
+    spec = RemoteModel("fk", (fake.address,), upstream_version="1", batching="passthrough", **FAST)
+    running = serve("", remote_models=(spec,))
+    served = running.gateway.repository.resolve("fk", "")
+    fake.also = ["2"]
+    seen = fake.metadata_calls
+    deadline = time.monotonic() + 10
+    while fake.metadata_calls < seen + 3:  # two whole probe rounds read the new metadata
+        assert time.monotonic() < deadline, "the upstream was not probed"
+        time.sleep(0.05)
+    assert running.gateway.repository.resolve("fk", "") is served
+    assert served.backend.on_change is not None  # (set to None when the change is acted on)
+    c = httpclient.InferenceServerClient(running.http_url)
+    assert c.get_model_metadata("fk")["versions"] == ["1"]
+    fake.width = 3  # what version 1 serves does change: that is followed
+    deadline = time.monotonic() + 10
+    while c.get_model_metadata("fk")["inputs"][0]["shape"] != [-1, 3]:
+        assert time.monotonic() < deadline, c.get_model_metadata("fk")
+        time.sleep(0.1)
+    assert c.get_model_metadata("fk")["versions"] == ["1"]
+
+
 @pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
 def test_the_parameters_of_an_upstreams_answer_reach_the_caller(fake, serve, path):
     """MLServer answers with parameters (an output's content_type, which its codecs read): the
