@@ -54,9 +54,21 @@ class PodDir:
         # Made under another name, locked, then named ``lock``: a cleaner never finds it unheld
         # (one that came between making and locking it took this live folder for a dead one's).
         making = os.path.join(self.path, LOCK + ".new")
-        self._fd = os.open(making, flags, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file just made: no one else holds it)
-        os.rename(making, os.path.join(self.path, LOCK))
+        self._fd = -1
+        try:
+            self._fd = os.open(making, flags, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file just made: no one else holds it)
+            os.rename(making, os.path.join(self.path, LOCK))
+        except BaseException:
+            # No cleaner would ever take a folder without its lock: removed here, by path (rmtree
+            # needs file descriptors, and running out of them is one way to get here).
+            if self._fd >= 0:
+                os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.unlink(making)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+            raise
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -137,3 +137,23 @@ def test_a_folder_being_made_is_never_taken_for_a_dead_ones(tmp_path, monkeypatc
         assert remove_leftovers(str(tmp_path)) == []  # held
     finally:
         mine.remove()
+
+
+def test_a_folder_whose_lock_could_not_be_made_is_not_left_behind(tmp_path):
+    """PodDir made its folder, then failed to make the lock in it (no file descriptor left,
+    here): the start failed, and the folder stayed for good, since a folder without a lock is
+    never taken for a dead supervisor's."""
+    import resource
+
+    import pytest
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next file cannot be opened
+    try:
+        with pytest.raises(OSError):
+            PodDir(str(tmp_path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert os.listdir(tmp_path) == []
