@@ -384,6 +384,13 @@ def _not_acted_on(cfg: mc.ModelConfig) -> str:
         found.append("response_cache (nothing is cached)")
     if any(g.HasField("rate_limiter") for g in cfg.instance_group):
         found.append("instance_group rate_limiter")
+    on_gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)
+    gpus = list(dict.fromkeys(n for g in cfg.instance_group for n in g.gpus))  # (the first: as the backends pick)
+    if on_gpu and len(gpus) > 1:  # (Triton makes count instances on each GPU listed; a backend opens one session)
+        found.append(
+            f"instance_group gpus past the first (the model runs on GPU {gpus[0]} alone; a group's count is "
+            "its executions at once there, not per GPU listed)"
+        )
     if any(i.allow_ragged_batch for i in cfg.input):
         found.append("allow_ragged_batch")
     if len(cfg.batch_input) or len(cfg.batch_output):

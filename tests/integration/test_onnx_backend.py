@@ -264,3 +264,27 @@ model_warmup [ { name: "w" batch_size: 1
     inp.set_data_from_numpy(np.ones((1, 4), np.float32))
     got = c.infer("seq", [inp], sequence_id=7, sequence_start=True).as_numpy("probabilities")
     assert got.shape == (1, 3)
+
+
+def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, caplog):
+    """Triton makes a KIND_GPU group's count instances on each GPU it lists ({count: 2, gpus: [0, 1]}:
+    four). batchgate opens one session, on the first GPU listed, and runs the groups' count of
+    executions there: a config written for several GPUs loaded without a word of it."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    config = "max_batch_size: 4\ninstance_group [ { count: 2 kind: KIND_GPU gpus: [ 1, 0 ] } ]\n"
+    _save(classifier_model(), str(tmp_path), "two", config=config)
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "one",
+        config="max_batch_size: 4\ninstance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n",
+    )
+    running = serve(str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
+    assert warned == [
+        "model 'two': not acted on (see README, Not supported): instance_group gpus past the first (the model "
+        "runs on GPU 1 alone; a group's count is its executions at once there, not per GPU listed)"
+    ]
+    assert running.gateway.repository.resolve("two", "").instances == 2
