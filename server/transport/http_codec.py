@@ -440,7 +440,7 @@ def _with_non_finite(head: bytes) -> object | None:
     if b"NaN" not in head and b"Infinity" not in head:
         return None
     try:
-        obj: object = json.loads(head)
+        obj: object = json.loads(head, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return None
     if b"\\u" in head:
@@ -451,6 +451,15 @@ def _with_non_finite(head: bytes) -> object | None:
         except UnicodeEncodeError:
             raise invalid("request body is not valid JSON: a \\uD800-\\uDFFF escape without its pair") from None
     return obj
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as Python's json reads it, but refused, as orjson refuses it, when it is too
+    large for a double: Python's reader makes 1e400 infinity, which must not pass as a value."""
+    value = float(text)
+    if math.isinf(value):
+        raise invalid(f"request body is not valid JSON: the number {clip(text, 40)} is past the range of a double")
+    return value
 
 
 def _non_finite_json(t: Tensor) -> object:

@@ -368,3 +368,16 @@ def test_a_long_header_length_is_quoted_cut(value):
     """int() reads up to 4,300 digits; the error quotes the number cut, like any client value."""
     msg = refused(b"{}", value)
     assert "Inference-Header-Content-Length " in msg and "..." in msg and len(msg) < 200
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400 + ".5"])
+@pytest.mark.parametrize("token", ["", "NaN", "Infinity"])
+def test_a_number_past_the_range_of_a_double_is_refused_beside_nan_or_infinity(datatype, number, token):
+    """A JSON number too large for a double (1e400) is refused as orjson refuses it. A body that
+    also holds a NaN or Infinity token was read again by Python's json, which makes such a number
+    infinity: it reached the model as inf, silently."""
+    values = ", ".join(v for v in (number, token) if v)
+    body = f'{{"inputs":[{{"name":"f","datatype":"{datatype}","shape":[{2 if token else 1}],"data":[{values}]}}]}}'
+    msg = refused(body.encode())
+    assert "not valid JSON" in msg and "double" in msg
