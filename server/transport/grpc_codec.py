@@ -190,6 +190,11 @@ def from_contents(t: Any, dt: DataType, shape: tuple[int, ...], what: str) -> np
     count = element_count(shape)
     if len(values) != count:
         raise invalid(f"{what}: shape {list(shape)} needs {count} elements but contents.{field} has {len(values)}")
+    fields = t.contents.ListFields()  # (the fields holding values; one, unless the caller is confused)
+    if len(fields) > (1 if count else 0):
+        stray = next(f.name for f, _ in fields if f.name != field)
+        # Values in another field than the datatype's would be dropped without a word.
+        raise invalid(f"{what}: contents.{stray} holds values, but {dt.v2} data goes in contents.{field} only")
     if dt.v2 == "BYTES":
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)

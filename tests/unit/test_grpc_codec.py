@@ -209,6 +209,26 @@ def test_typed_empty_tensor():
     assert t.data.shape == (0, 4) and t.data.dtype == np.uint8
 
 
+@pytest.mark.parametrize(
+    ("datatype", "shape", "field", "values", "stray", "stray_values"),
+    [
+        ("FP32", [1], "fp32_contents", [1.0], "int_contents", [5]),  # the right field full as well
+        ("FP32", [0, 4], "fp32_contents", [], "int_contents", [1, 2, 3]),  # an empty tensor
+        ("INT64", [2], "int64_contents", [1, 2], "int_contents", [1, 2]),
+        ("BYTES", [1], "bytes_contents", [b"a"], "uint_contents", [7]),
+    ],
+)
+def test_typed_values_in_a_field_the_datatype_does_not_use_are_refused(
+    datatype, shape, field, values, stray, stray_values
+):
+    """Values in another typed field than the datatype's were dropped without a word whenever the
+    datatype's own field held the element count (always, for an empty tensor)."""
+    msg_in = typed(datatype, shape, field, values)
+    getattr(msg_in.inputs[0].contents, stray).extend(stray_values)
+    msg = refused(msg_in)
+    assert "input 'x'" in msg and f"contents.{stray}" in msg and f"contents.{field}" in msg
+
+
 # ---------------------------------------------------------------- parameters
 def with_params(**params) -> pb.ModelInferRequest:
     m = typed("FP32", [1], "fp32_contents", [1.0])
