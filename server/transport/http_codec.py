@@ -310,6 +310,12 @@ def _json_numbers(data: JSONValue, dt: DataType, maybe_bools: bool = True) -> np
                 # float64, losing digits: check and convert those from the JSON values themselves.
                 flat = _flatten(data)
                 if not all(type(v) is int for v in flat):
+                    # orjson reads an integer past 64 bits as a float: out of range, not "not an integer"
+                    # (-2**63 - 1 so read rounds to -2**63, which orjson would have kept an int)
+                    low_end = info.min + (info.min == -(2**63))
+                    others = [v for v in flat if type(v) is not int]
+                    if all(type(v) is float and v.is_integer() and not low_end <= v <= info.max for v in others):
+                        raise ValueError(f"a value is out of range for {dt.v2} [{info.min}, {info.max}]")
                     raise ValueError(f"{dt.v2} data must be integers")
                 low, high = min(flat), max(flat)
                 if low >= info.min and high <= info.max:

@@ -106,6 +106,21 @@ def test_json_out_of_range_ints_are_refused(datatype, value):
     assert "input 'x'" in msg and datatype in msg
 
 
+@pytest.mark.parametrize(
+    "datatype,value",
+    [("UINT64", 2**64), ("INT64", -(2**63) - 1), ("INT64", 10**30), ("UINT32", 2**64), ("UINT64", -(2**64))],
+)
+@pytest.mark.parametrize("nan_too", [False, True], ids=["json", "with-a-nan-token"])
+def test_json_integers_past_64_bits_are_refused_as_out_of_range(datatype, value, nan_too):
+    """orjson reads an integer past 64 bits as a float: it was refused as "must be integers",
+    which an integer is; it is out of the datatype's range, and the message says so."""
+    body = one(datatype=datatype, shape=(2,), data=[0, value])
+    if nan_too:  # (a body with a NaN token is read by Python's json, which keeps the integer)
+        body["parameters"] = {"f": math.nan}
+    msg = refused(json.dumps(body).encode())
+    assert "input 'x'" in msg and f"out of range for {datatype}" in msg
+
+
 def test_json_non_numbers_are_refused():
     msg = refused(one(datatype="FP32", shape=(2,), data=["a", 1]))
     assert "input 'x'" in msg and "FP32" in msg
