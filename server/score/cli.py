@@ -117,6 +117,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.rejects and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.rejects))):
         # (told before the run, not once every row is scored and the rejects are gathered)
         problem = f"--rejects {args.rejects}: its folder {folder} does not exist"
+    elif args.rejects and (why := _unwritable(args.rejects)):
+        problem = f"--rejects {args.rejects}: cannot write there ({why})"
     else:  # (told before the model is loaded; run() checks it too)
         problem = input_in_output(args.input, args.output)
     if problem:
@@ -254,6 +256,22 @@ async def _score(args: argparse.Namespace):
             return _with_retries(await run(job), model)
     finally:
         await model.close()
+
+
+def _unwritable(path: str) -> str:
+    """Why the rejects cannot be written where ``path`` says (empty when they can): the file they
+    are written to first is made and removed, so that a folder that takes no new file (read-only,
+    not ours) is told before the run rather than once every row is scored."""
+    from .output import partial_path
+
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return ""
 
 
 def _with_retries(counts: Any, model: Any) -> Any:

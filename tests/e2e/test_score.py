@@ -779,3 +779,17 @@ def test_through_a_server_a_request_dropped_at_its_queue_timeout_is_sent_again(t
     sess = ort.InferenceSession(os.path.join(root, "clf", "1", "model.onnx"), providers=["CPUExecutionProvider"])
     got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
     np.testing.assert_allclose(got, sess.run(None, {"features": x})[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("folder", ["/sys", "/proc"])
+def test_a_rejects_file_that_cannot_be_written_is_refused_before_the_run(repo, tmp_path, folder):
+    """A folder that exists but takes no new file (as root too: /sys refuses, /proc has no such
+    name) was found once every row was scored, gathering the rejects: a traceback, exit 2."""
+    src = tmp_path / "in.npy"
+    np.save(src, _features(10))
+    out, rejects = str(tmp_path / "out"), os.path.join(folder, "rejects.jsonl")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
+                 "--rejects", rejects)  # fmt: skip
+    assert done.returncode == 2 and f"--rejects {rejects}: cannot write there" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not os.path.exists(out)
+
