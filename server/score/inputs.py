@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from itertools import chain
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -46,10 +46,15 @@ NULL_TEXT = (
 NAN_TEXT = ("-NaN", "-nan", "NaN", "nan")  # among them: NaN itself, with --allow-nan
 INF_TEXT = ("inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")  # (lower case) infinity itself
 
-# the columns to read, each with the numpy dtype of the input it feeds (None: a kept column, read
-# with the type inferred from the file's first rows); called with the inferred schema once the
-# file is known to hold rows, before the first batch
-Plan = Callable[[pa.Schema], dict[str, Any]]
+
+class Plan(Protocol):
+    def __call__(self, schema: pa.Schema) -> dict[str, Any]:
+        """The columns to read, each with the numpy dtype of the input it feeds (None: a kept
+        column, read with the type inferred from the file's first rows); called with the
+        inferred schema once the file is known to hold rows, before the first batch."""
+
+    def no_rows(self, schema: pa.Schema) -> None:
+        """Called instead when the file has a schema (a CSV header, Parquet's) and no rows."""
 
 
 class ScoreError(ValueError):
@@ -79,16 +84,35 @@ def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.
         elif fmt == "jsonl":
             yield from _rechunk(_jsonl(path, plan), rows)
         else:
-            yield from _planned(_other(path, fmt, rows), plan)
+            yield from _planned(_other(path, fmt, rows), plan, lambda: _schema(path, fmt))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ScoreError(f"--input {path}: {e}") from None
 
 
-def _planned(batches: Iterator[pa.RecordBatch], plan: Plan | None) -> Iterator[pa.RecordBatch]:
+def _planned(
+    batches: Iterator[pa.RecordBatch], plan: Plan | None, schema: Callable[[], pa.Schema]
+) -> Iterator[pa.RecordBatch]:
+    empty = True
     for i, b in enumerate(batches):
         if i == 0 and plan is not None:
             plan(b.schema)
+        empty = False
         yield b
+    if empty and plan is not None:
+        plan.no_rows(schema())
+
+
+def _schema(path: str, fmt: str) -> pa.Schema:
+    """The columns of a file without rows: Parquet's schema; an array's names (``input``, an
+    ``.npz``'s keys), which are all :meth:`Plan.no_rows` checks."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).schema_arrow
+    if fmt == "npy":
+        return pa.schema([("input", pa.null())])
+    with np.load(path, allow_pickle=False) as z:
+        return pa.schema([(k, pa.null()) for k in z.files])
 
 
 def _other(path: str, fmt: str, rows: int) -> Iterator[pa.RecordBatch]:
@@ -146,6 +170,7 @@ def _csv(path: str, plan: Plan | None, decode: dict[str, bool]) -> Iterator[pa.R
     try:
         first.read_next_batch()
     except StopIteration:  # a header and no rows
+        plan.no_rows(schema)
         return
     finally:
         first.close()

@@ -27,9 +27,11 @@ class Mapping:
     keep: tuple[str, ...]  # columns carried through to the output
 
     @staticmethod
-    def build(sig: ModelSignature, schema: pa.Schema, given: Sequence[str], keep: Sequence[str]) -> Mapping:
-        """``given``: ``input=col1,col2`` items (--columns). Default: a column named after each
-        input; else, for a model of one input, every numeric column but the kept ones."""
+    def named(
+        sig: ModelSignature, schema: pa.Schema, given: Sequence[str], keep: Sequence[str]
+    ) -> dict[str, tuple[str, ...]]:
+        """The columns named (``--keep``, ``--columns``), each checked against the input's header
+        and the model's inputs; the sources ``given`` maps."""
         names = set(schema.names)
         for k in keep:
             if k not in names:
@@ -47,6 +49,14 @@ class Mapping:
             if missing:
                 raise ScoreError(f"--columns: the input has no column(s) {', '.join(missing)}")
             sources[name] = listed
+        return sources
+
+    @staticmethod
+    def build(sig: ModelSignature, schema: pa.Schema, given: Sequence[str], keep: Sequence[str]) -> Mapping:
+        """``given``: ``input=col1,col2`` items (--columns). Default: a column named after each
+        input; else, for a model of one input, every numeric column but the kept ones."""
+        names = set(schema.names)
+        sources = Mapping.named(sig, schema, given, keep)
         for t in sig.inputs:
             if t.name in sources or t.optional:
                 continue
@@ -94,6 +104,12 @@ class Plan:
             for c in cols:
                 want[c] = inputs[name].dtype.np_dtype
         return want
+
+    def no_rows(self, schema: pa.Schema) -> None:
+        """A file with a header (a schema) and no rows: the columns named are checked all the
+        same, so that a misspelled ``--keep`` is not hidden by an empty input (the types, which
+        a header alone does not give, are not judged)."""
+        Mapping.named(self.sig, schema, self.columns, self.keep)
 
 
 @dataclass

@@ -793,3 +793,21 @@ def test_a_rejects_file_that_cannot_be_written_is_refused_before_the_run(repo, t
     assert done.returncode == 2 and f"--rejects {rejects}: cannot write there" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not os.path.exists(out)
 
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("in.csv", lambda p: p.write_text("id,a,b,c,d\n")),
+        ("in.parquet", lambda p: pq.write_table(pa.table({"id": pa.array([], pa.int64())}), p)),
+        ("in.npy", lambda p: np.save(p, np.zeros((0, 4), np.float32))),
+    ],
+)
+def test_a_kept_column_the_input_lacks_is_refused_with_no_rows_too(repo, tmp_path, name, write):
+    """With no row, the mapping was never built: a misspelled --keep passed, exit 0. Now the
+    header (Parquet's schema, the array's name) is checked all the same."""
+    src = tmp_path / name
+    write(src)
+    out = str(tmp_path / "out")
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", out,
+                 "--keep", "idd")  # fmt: skip
+    assert done.returncode == 2 and "--keep: the input has no column 'idd'" in done.stderr, done.stderr
