@@ -287,12 +287,13 @@ class Worker:
         acc = self._acc(window)
         acc.lag.record_value(max(1, min(HIGHEST_US, lag // 1000)))
         late = lag > plan.late_ms * 1e6
-        if late:
-            acc.late += 1
         # Sent on time: counted in its own window. Late: where it really left, which for a
-        # generator falling behind is past the measurement, so it lowers the achieved rate.
+        # generator falling behind is past the measurement, so it lowers the achieved rate; and
+        # counted late there too, so that a window's late sends are some of its sends (booked in
+        # the window it was meant for, they read over 100% of a window's sends).
         sent = self._acc(self._window(plan, now)) if late else acc
         sent.sent += 1
+        sent.late += late
         sent.dirty = True
         acc.dirty = True
         task = asyncio.get_running_loop().create_task(self._send(intended, now, self._k, plan, window))

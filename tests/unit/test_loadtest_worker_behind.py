@@ -100,3 +100,21 @@ def test_a_step_books_the_cpu_its_worker_spent_even_when_the_reporter_never_ran(
     cpu = sum(m[11] for m in msgs if m[0] == "window")
     assert cpu > 0, msgs
     assert msgs[-1][0] == "done"
+
+
+def test_a_late_send_is_counted_late_in_the_window_where_it_is_counted_sent():
+    """Late was booked in the window the request was meant for and sent in the one it left in:
+    a worker behind across a window's end had windows of more late sends than sends (the
+    report's "late sends" read 190 of 0, or over 100% summed over the measured windows)."""
+
+    async def run() -> dict:
+        w = _worker(queue.Queue())
+        await w.connect()
+        await w._open(_behind_plan(200, ahead_s=-0.05, began_s=1.05))  # window 0 is over: all leave in window 1
+        await asyncio.gather(*w.inflight, return_exceptions=True)
+        await w.close()
+        return {i: (acc.late, acc.sent) for i, acc in w.windows.items()}
+
+    windows = asyncio.run(run())
+    assert sum(late for late, _ in windows.values()) >= 150, windows
+    assert all(late <= sent for late, sent in windows.values()), windows
