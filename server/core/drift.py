@@ -296,7 +296,7 @@ def cut_utf8(data: bytes) -> bytes:
     return data[:i] if i + need > len(data) else data
 
 
-_BOOL_TEXT = {"True": "1", "False": "0"}
+_BOOL_TEXT = {"true": "1", "false": "0"}  # (matched in any case: True, true, TRUE)
 
 
 def category_key(value: Any) -> str:
@@ -305,8 +305,10 @@ def category_key(value: Any) -> str:
     - text (str, or bytes decoded as UTF-8, invalid bytes as ``\\xNN``) as it is, cut to
       :data:`MAX_CATEGORY_BYTES` bytes of UTF-8 (never inside a character): ``"01"`` and
       ``b"01"`` are one category, ``"1"`` another;
-    - the texts ``True`` and ``False`` as ``1`` and ``0``, like BOOL values (so a text column of
-      booleans matches a BOOL tensor, and a BYTES one holding them matches its profile);
+    - the texts ``True`` and ``False``, in any case (``true``, ``FALSE``: other tools' CSV), as
+      ``1`` and ``0``, like BOOL values (so a text column of booleans matches a BOOL tensor, and
+      a BYTES one holding them matches its profile, one of an older release too: its
+      categories are keyed again as it is read);
     - a bool or integer as its decimal digits, a float equal to an integer too (``1.0`` is ``1``),
       another float in the shortest form of its own precision (float32 0.1 is ``0.1``)."""
     if isinstance(value, (bytes, bytearray, np.bytes_)):
@@ -323,7 +325,7 @@ def category_key(value: Any) -> str:
         text = str(value)
         if len(text) * 4 > MAX_CATEGORY_BYTES:
             text = cut_utf8(text.encode("utf-8", "surrogatepass")).decode("utf-8", "backslashreplace")
-    return _BOOL_TEXT.get(text, text)
+    return _BOOL_TEXT.get(text.lower(), text) if len(text) <= 5 else text
 
 
 def build_feature(

@@ -268,3 +268,16 @@ def test_json_booleans_are_categories_as_parquet_booleans_are(tmp_path):
         assert feature["missing_rate"] == 1 / 30, name
         kept.append(feature["categories"])
     assert kept[0] == kept[1]
+
+
+def test_csv_booleans_in_any_case_are_the_categories_of_parquet_booleans(tmp_path):
+    """A CSV's `true` / `false` (Spark, JavaScript) or `TRUE` / `FALSE` (spreadsheets) were the
+    categories "true" and "false", where the same column in Parquet, JSON lines or a CSV's
+    `True` / `False` is "1" and "0", as live BOOL values are keyed: every live value was unseen."""
+    flags = [i % 3 == 0 for i in range(30)]
+    pq.write_table(pa.table({"flag": flags}), tmp_path / "b.parquet")
+    (want,) = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / "b.parquet"))["inputs"]["features"]
+    for words in (("true", "false"), ("TRUE", "FALSE"), ("True", "false")):
+        (tmp_path / "b.csv").write_text("flag\n" + "".join(f"{words[0] if v else words[1]}\n" for v in flags))
+        (got,) = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / "b.csv"))["inputs"]["features"]
+        assert got["kind"] == "categorical" and got["categories"] == want["categories"], (words, got)

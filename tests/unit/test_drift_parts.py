@@ -432,3 +432,15 @@ def test_one_models_receiver_down_does_not_hold_back_another_models_events(tmp_p
         receiver.close()
         closed.close()
     assert [e["event"]["id"] for e in sender.dead.events] == [a1["id"], a2["id"]]
+
+
+def test_boolean_words_in_any_case_are_keyed_as_bools_live_and_in_an_older_profile():
+    from batchgate.core.drift import PROFILE_FORMAT, category_key
+
+    assert {category_key(w) for w in ("true", "TRUE", b"True", True, 1)} == {"1"}
+    assert {category_key(w) for w in ("false", "FALSE", b"False", False, 0)} == {"0"}
+    assert category_key("truer") == "truer" and category_key("yes") == "yes"
+    # a profile written before, whose CSV gave the categories "true" / "false": read as live values are keyed
+    feature = {"name": "f", "kind": "categorical", "count": 4, "categories": {"true": 0.75, "false": 0.25}}
+    profile = profile_from_json({"format": PROFILE_FORMAT, "model": "m", "inputs": {"x": [feature]}})
+    assert profile.inputs["x"][0].categories == {"1": 0.75, "0": 0.25}
