@@ -22,6 +22,7 @@ keeps it through every retry and the dead-letter file, so a receiver de-duplicat
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -67,11 +68,20 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect is a failed delivery, never followed
 
 
+# Name look-ups of the webhooks' hosts: on threads of their own, so that an attempt waits for one
+# no longer than its deadline (getaddrinfo takes no timeout, and a resolver that does not answer
+# held the lane's thread for as long as the system's resolver kept trying). A look-up past its
+# attempt's deadline finishes on its thread; a few at once, so hung ones cannot pile up threads.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_LANES, thread_name_prefix="drift-dns")
+
+
 class _Deadline:
     """Shuts down, once ``seconds`` have passed, every socket an attempt opened: a socket's own
-    timeout bounds each read, so a receiver answering a byte at a time held its lane for ever."""
+    timeout bounds each read, so a receiver answering a byte at a time held its lane for ever.
+    Its :meth:`connect` bounds the host's name look-up by the same deadline."""
 
     def __init__(self, seconds: float):
+        self._ends = time.monotonic() + seconds
         self._lock = threading.Lock()
         self._socks: list[Any] = []
         self._over = False
@@ -101,6 +111,31 @@ class _Deadline:
     def cancel(self) -> None:
         self._timer.cancel()
 
+    def connect(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+        """``socket.create_connection``, the name looked up within what is left of the deadline."""
+        host, port = address
+        look_up = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        try:
+            infos = look_up.result(timeout=max(0.0, self._ends - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            look_up.cancel()  # (one not started yet is dropped)
+            raise OSError(f"looking up the webhook's host {host[:253]!r} took longer than its timeout_s") from None
+        failure: OSError = OSError(f"no address for the webhook's host {host[:253]!r}")
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                self.watch(sock)  # (a connect still pending at the deadline ends there)
+                if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                failure = e
+                sock.close()
+        raise failure
+
 
 def _bounded_handler(base: type, deadline: _Deadline):
     """``base`` (urllib's HTTP or HTTPS handler) whose connections ``deadline`` watches."""
@@ -108,6 +143,10 @@ def _bounded_handler(base: type, deadline: _Deadline):
     class Handler(base):
         def do_open(self, http_class, req, **kw):
             class Watched(http_class):
+                def __init__(self, *args, **kwargs):
+                    super().__init__(*args, **kwargs)
+                    self._create_connection = deadline.connect  # (http.client's hook for making the socket)
+
                 def connect(self):
                     super().connect()
                     deadline.watch(self.sock)

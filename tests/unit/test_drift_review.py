@@ -394,3 +394,59 @@ def test_a_receiver_that_trickles_its_answer_fails_the_attempt_within_its_timeou
     listener.close()
     assert not worker.is_alive(), "the delivery attempt was still held by the trickling receiver"
     assert outcome and isinstance(outcome[0], OSError | http.client.HTTPException), outcome
+
+
+def test_a_webhook_host_whose_name_does_not_resolve_in_time_fails_the_attempt_within_its_timeout(monkeypatch):
+    """getaddrinfo takes no timeout: a resolver that did not answer held the delivery, and its
+    lane, for as long as the system's resolver kept trying (here it answers after a minute, as
+    a resolver with its retries can). The look-up is now bounded by the attempt's timeout_s.
+    (The resolver is the system's, stood in for by a wrapper of socket.getaddrinfo that holds
+    one name back; every other name, localhost below, is looked up for real.)"""
+    import http.server
+    import socket
+
+    from batchgate.monitoring.drift_events import post
+
+    real, held = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "hook.unanswered.test":
+            held.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    outcome: list[BaseException | None] = []
+
+    def attempt(url: str) -> None:
+        try:
+            post(url, make_event("io.batchgate.drift.detected", "/t", "m", {}), "cloudevents", 0.5)
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - the failure is what is looked at
+            outcome.append(e)
+
+    worker = threading.Thread(target=attempt, args=("http://hook.unanswered.test:9/hook",), daemon=True)
+    worker.start()
+    worker.join(15)
+    held.set()
+    worker.join(70)
+    assert outcome and "looking up the webhook's host 'hook.unanswered.test'" in str(outcome[0]), outcome
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:  # a name that resolves (to ::1 first, perhaps, where nothing listens): delivered
+        outcome.clear()
+        attempt(f"http://localhost:{server.server_address[1]}/hook")
+        assert outcome == [None], outcome
+    finally:
+        server.shutdown()
+        server.server_close()
