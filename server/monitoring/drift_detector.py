@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -34,6 +35,7 @@ log = logging.getLogger("batchgate.drift")
 Key = tuple[str, str]  # (side, tensor)
 TICK_S = 0.2
 COUNTS_EVERY_S = 1.0
+COMMIT_RESERVE_S = 0.25  # a command is carried out only this long or more before its caller stops waiting
 
 
 @dataclass
@@ -245,10 +247,13 @@ class Detector:
             )
 
     # ---------------------------------------------------------------- commands
-    def command(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    def command(self, name: str, args: dict[str, Any], until: float = math.inf) -> dict[str, Any]:
+        """A reset or rebaseline, carried out only while its answer can still reach its caller
+        (``until``: when the caller stops waiting, ``time.monotonic()``); see :func:`_in_time`."""
         w = self.watches.get(str(args.get("model")))
         if w is None:
             raise KeyError(f"no drift monitor for model '{str(args.get('model'))[:128]}'")
+        _in_time(name, until)
         if name == "reset":
             profile = w.configured if args.get("reference") else w.profile
             if args.get("reference"):
@@ -256,7 +261,7 @@ class Detector:
             self._carry(w, profile, "reset")
             return {"profile_id": profile.id}
         if name == "rebaseline":
-            return self._rebaseline(w, int(args.get("rows") or self.plan.rebaseline_max_rows))
+            return self._rebaseline(w, int(args.get("rows") or self.plan.rebaseline_max_rows), until)
         raise KeyError(f"unknown command {name!r}")
 
     def _carry(self, w: Watch, profile: Profile, reason: str) -> Watch:
@@ -272,7 +277,7 @@ class Detector:
             self._announce(fresh, None, 0, 0.0, reason)
         return fresh
 
-    def _rebaseline(self, w: Watch, rows: int) -> dict[str, Any]:
+    def _rebaseline(self, w: Watch, rows: int, until: float = math.inf) -> dict[str, Any]:
         have = w.recent_rows.get(w.first, 0)
         need = max(10, w.spec.min_window_samples)  # (fewer than a scored window's rows: no reference)
         if rows < need:  # (the check counted the rows kept, then took only the last `rows`)
@@ -307,6 +312,7 @@ class Detector:
             outputs,
             {"live": True, "rows": taken, "based_on": w.configured.id, "taken": time.time()},
         )
+        _in_time("rebaseline", until)  # (building it took a while: it may be too late now)
         self._save(w.spec.model, profile)
         self._carry(w, profile, "rebaseline")
         return {"profile_id": profile.id, "rows": taken}
@@ -340,6 +346,18 @@ class Detector:
         }
 
 
+def _in_time(name: str, until: float) -> None:
+    """Raises (TimeoutError, an OSError: answered as a failure) when a command's answer could no
+    longer reach its caller: less than ``COMMIT_RESERVE_S`` before ``until``, the time the
+    answer takes back. Checked as the command is read and again just before a rebaseline is
+    kept (its profile is built first): one read just in time was kept after its caller was told
+    it failed (504, DEADLINE_EXCEEDED)."""
+    late = time.monotonic() - (until - COMMIT_RESERVE_S)
+    if late > 0:
+        log.warning("drift: a %s command was dropped, too late for its caller (by %.3f s)", name, late)
+        raise TimeoutError(f"the {name} came too late for its caller: dropped")
+
+
 def main(inbox, outbox, plan: Plan) -> None:
     """The detector process's entry point (multiprocessing, spawn)."""
     if hasattr(os, "nice"):
@@ -370,7 +388,7 @@ def main(inbox, outbox, plan: Plan) -> None:
                         )
                     else:
                         try:
-                            send(("reply", ident, True, detector.command(name, args)))
+                            send(("reply", ident, True, detector.command(name, args, until)))
                         except (KeyError, ValueError, OSError) as e:
                             send(("reply", ident, False, str(e)[:1024]))
                 elif kind == "stop":

@@ -5,6 +5,7 @@ to a real HTTP receiver, and the bounded sample queue on the request path."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -208,6 +209,28 @@ def _detector(**over):
     sent: list = []
     detector = Detector(Plan([(spec, profile, None)], "/t"), sent.append)
     return detector, sent
+
+
+def test_a_rebaseline_too_late_for_its_caller_is_not_kept(tmp_path):
+    """A command read just before its caller's deadline was carried out after it (the profile
+    takes a while to build): the caller was told 504 / DEADLINE_EXCEEDED and the rebaseline
+    happened. A command is now carried out only with the time its answer takes back still left
+    (checked as it is read and again before the rebaselined profile is kept)."""
+    from batchgate.monitoring.drift_detector import COMMIT_RESERVE_S, Detector, Plan
+
+    spec = parse_monitors([{**BASE, "window": {"samples": 100, "max_s": 5, "min_samples": 20}, "inputs": ["x"]}])[0]
+    detector = Detector(Plan([(spec, profile_from_json(_profile()), None)], "/t", str(tmp_path)), [].append)
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        detector.add("m", 0.0, 0.0, {("input", "x"): rng.standard_normal((10, 3)) + 2.0}, 1, now=0.0)
+    configured = detector.watches["m"].profile.id
+    for name in ("rebaseline", "reset"):
+        with pytest.raises(TimeoutError, match=f"the {name} came too late for its caller"):
+            detector.command(name, {"model": "m", "rows": 200}, until=time.monotonic() + COMMIT_RESERVE_S / 2)
+    assert detector.watches["m"].profile.id == configured and not os.listdir(tmp_path)
+    result = detector.command("rebaseline", {"model": "m", "rows": 200}, until=time.monotonic() + 60)
+    assert detector.watches["m"].profile.id == result["profile_id"] != configured and os.listdir(tmp_path)
+    detector.sender.close()
 
 
 def test_the_detector_counts_samples_that_do_not_fit_and_closes_windows_by_size_and_time():
