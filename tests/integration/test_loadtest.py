@@ -549,3 +549,29 @@ def test_errors_are_recorded_by_their_code_and_an_error_budget_alone_gates_the_e
     assert set(s["errors"]) == ({"UNKNOWN"} if extra else {"INVALID_ARGUMENT"}), s["errors"]
     assert s["samples"] == 0 and s["corrected_ms"]["p99"] is None
     assert done.returncode == 1 and s["slo_met"] is False  # 100% errors against a 1% budget
+
+
+def test_a_grpc_stream_worker_opens_its_streams_as_it_connects(testserver):
+    """The streams were opened by a step's first requests, on the event loop in the measured
+    window (the reader's import of the protocol's messages alone took ~0.1 s): a one-second run
+    with no warm-up read INVALID for the dispatch lag. They are now open once connect() returns,
+    their readers running, before any step."""
+    import asyncio
+    import queue
+
+    from batchgate.loadtest.payload import Encoded
+    from batchgate.loadtest.worker import Transport, Worker
+
+    srv = testserver()
+
+    async def run() -> list:
+        w = Worker(
+            0, Transport(srv.grpc, "grpc", "echo", grpc_stream=True, channels=2), [Encoded(b"", {})], queue.Queue()
+        )
+        await w.connect()
+        try:
+            return [(s is not None and not s.done()) for s in w.streams]
+        finally:
+            await w.close()
+
+    assert asyncio.run(run()) == [True, True]
