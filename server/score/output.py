@@ -8,7 +8,8 @@ rejects), ``_rejects.jsonl`` (all of them) and ``.NAME.partial`` (a file being w
 readers took for parts and failed on; a run into such a folder takes that manifest over.
 
 Part ``i`` holds the scored rows of input rows ``[i * batch_size, (i + 1) * batch_size)``, in input
-order; it is written beside its final name, fsynced and renamed, then recorded in the manifest
+order, its number zero-padded to one width for the run (:func:`part_width`) so the names sort;
+it is written beside its final name, fsynced and renamed, then recorded in the manifest
 (rewritten the same way, at most once a second or a sixteenth more parts) with its SHA-256. A run restarted
 with the same arguments keeps every part the manifest records whose file still has that digest,
 and scores the others: the final output is the same bytes as an uninterrupted run's.
@@ -24,27 +25,71 @@ import math
 import os
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .inputs import ScoreError
+from .inputs import ScoreError, input_format
 
 MANIFEST = "_manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # (and its rejects-NNNNN.jsonl, rejects.jsonl: see the module text)
 REJECTS = "_rejects.jsonl"
 MANIFEST_VERSION = 1
+PART_DIGITS = 5  # the fewest digits of a part's number
 SAVE_EVERY_S = 1.0
 
 
-def part_name(index: int, fmt: str) -> str:
-    return f"part-{index:05d}.{fmt}"
+def part_name(index: int, fmt: str, width: int = PART_DIGITS) -> str:
+    """``part-NNNNN.fmt``: the index zero-padded to ``width`` (:func:`part_width`), the same for
+    every part of a run, so that the names sort in input order."""
+    return f"part-{index:0{width}d}.{fmt}"
 
 
-def rejects_name(index: int) -> str:
-    return f"_rejects-{index:05d}.jsonl"
+def rejects_name(index: int, width: int = PART_DIGITS) -> str:
+    return f"_rejects-{index:0{width}d}.jsonl"
+
+
+def part_width(input_path: str, batch_size: int) -> int:
+    """The digits of the parts' numbers: 5, or more when the input could make more than 100,000
+    parts. A reader that sorts the names (a glob sorted, a listing) read ``part-100000`` before
+    ``part-99999``. The most parts is judged before the run from the file: its row count where
+    the file says it (Parquet, ``.npy``, ``.npz``), else its size (a CSV or JSON-lines row takes at
+    least a byte); so a rerun with the same input and batch size names its parts alike."""
+    rows = _row_bound(input_path)
+    parts = -(-rows // max(1, batch_size))
+    return max(PART_DIGITS, len(str(max(0, parts - 1))))
+
+
+def _row_bound(path: str) -> int:
+    fmt = input_format(path)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        if fmt == "npy":
+            shape = np.load(path, mmap_mode="r").shape
+            return int(shape[0]) if shape else 0
+        if fmt == "npz":
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
+                if not members:
+                    return 0
+                with z.open(members[0]) as f:  # (its header only: the arrays share their rows)
+                    version = np.lib.format.read_magic(f)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape = read(f)[0]
+                    return int(shape[0]) if shape else 0
+        return os.path.getsize(path)
+    except (OSError, ValueError, zipfile.BadZipFile):  # (an unreadable file: reading it says why)
+        return 0
 
 
 def partial_path(path: str) -> str:
@@ -193,8 +238,8 @@ class Manifest:
     """What is written: the run's identity (``key``: the arguments that shape the output) and,
     per part, its file, digest and counts."""
 
-    def __init__(self, out_dir: str, key: dict[str, Any]):
-        self.out_dir, self.key = out_dir, key
+    def __init__(self, out_dir: str, key: dict[str, Any], width: int = PART_DIGITS):
+        self.out_dir, self.key, self.width = out_dir, key, width
         self.parts: dict[int, dict[str, Any]] = {}
         self.done = False
         self.found = False  # resume() found a manifest: the folder holds a scoring's output
@@ -219,11 +264,14 @@ class Manifest:
             doc = self._take_over(doc, legacy)
         if doc.get("version") != MANIFEST_VERSION or doc.get("key") != self.key:
             return 0
+        fmt = self.key.get("format", "")
         for p in doc.get("parts", []):
-            try:
-                with open(os.path.join(self.out_dir, p["file"]), "rb") as f:
-                    ok = digest(f.read()) == p["sha256"]
-            except (OSError, KeyError):
+            try:  # (a part named with other digits, by an earlier version, is written again under its name)
+                ok = p["file"] == part_name(int(p["index"]), fmt, self.width)
+                if ok:
+                    with open(os.path.join(self.out_dir, p["file"]), "rb") as f:
+                        ok = digest(f.read()) == p["sha256"]
+            except (OSError, KeyError, TypeError, ValueError):
                 ok = False
             if ok:
                 self.parts[int(p["index"])] = p

@@ -24,6 +24,7 @@ from ..core.errors import ErrorCode, GatewayError
 from ..core.signature import ModelSignature
 from ..core.types import RequestLimits, Tensor, new_request
 from .output import (
+    PART_DIGITS,
     REJECTS,
     Manifest,
     digest,
@@ -31,6 +32,7 @@ from .output import (
     input_in_output,
     output_columns,
     part_name,
+    part_width,
     partial_path,
     reject_line,
     rejects_name,
@@ -171,6 +173,7 @@ class Job:
     rejects: str = ""
     max_rejects: int = 0  # the run stops once more rows than this are rejected or failed (0: any number)
     progress: Callable[[int], None] = lambda rows: None
+    width: int = PART_DIGITS  # the digits of the parts' numbers (part_width: set by run)
     counts: Counts = field(default_factory=Counts)
 
 
@@ -202,7 +205,8 @@ async def run(job: Job) -> Counts:
         "batch_size": job.batch_size,
         "allow_nan": job.allow_nan,
     }
-    manifest = Manifest(job.out_dir, key)
+    job.width = part_width(job.input, job.batch_size)
+    manifest = Manifest(job.out_dir, key, job.width)
     job.counts.skipped_parts = manifest.resume()
     # (a folder without a manifest is not a scoring's: its files are left alone)
     if manifest.found:  # the folder then holds this run's parts only: another run's (other input, batch size...)
@@ -285,7 +289,7 @@ async def _part(
     keep = kept.take(pa.array(good[ok]))
     table = output_columns(keep, {k: v[ok] for k, v in outputs.items()}, job.fmt, _variable(sig))
     data = await asyncio.to_thread(encode, table, job.fmt)
-    name = part_name(index, job.fmt)
+    name = part_name(index, job.fmt, job.width)
     rejects = [(int(i), reason, "rejected") for i, reason in rejected]
     rejects += [(int(good[i]), reason, "failed") for i, reason in sorted(failed.items())]
     rejects.sort()
@@ -294,7 +298,7 @@ async def _part(
         row = {"row": start + i, "outcome": kind, "reason": reason}
         row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
         lines.append(reject_line(row))
-    reject_name = rejects_name(index)
+    reject_name = rejects_name(index, job.width)
     write_atomically(os.path.join(job.out_dir, reject_name), ("\n".join(lines) + "\n" if lines else "").encode())
     write_atomically(os.path.join(job.out_dir, name), data)
     return {

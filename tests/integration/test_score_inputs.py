@@ -505,3 +505,44 @@ def test_a_number_past_float64s_range_is_rejected_with_allow_nan_not_scored_as_i
     assert [(r["row"], r["reason"]) for r in rejects] == [(0, "column 'features': 1e400 is past the range of float64")]
     # (a kept column is carried as it reads)
     assert table.to_pylist() == [{"k": float("inf"), "y": [float("inf"), 2.0]}]
+
+
+def test_part_names_sort_in_input_order_past_99999_parts(tmp_path):
+    """Five digits always: part-100000 sorted before part-99999, and a reader that sorts the
+    names (a sorted glob, a listing) read the rows out of order. The digits now follow the most
+    parts the input could make: its rows where the file says them, else its size in bytes."""
+    from batchgate.score.output import part_name, part_width
+
+    src = tmp_path / "big.csv"  # 3 rows, but 200 kB: up to 200,000 parts of one row, as far as its size says
+    src.write_text("s,note\n" + "".join(f"{i},{'x' * 100_000 if i == 1 else ''}\n" for i in range(3)))
+    width = part_width(str(src), 1)
+    assert width == 6
+    for name, save in (("a.npz", np.savez_compressed), ("a.npy", np.save)):  # (their headers say the rows)
+        save(tmp_path / name, np.zeros((150_000, 1), np.float32))
+        assert (part_width(str(tmp_path / name), 1), part_width(str(tmp_path / name), 2)) == (6, 5), name
+    names = [part_name(i, "parquet", width) for i in range(99_990, 100_010)]
+    assert sorted(names) == names
+    model = Identity("s", "BYTES", (1,))
+    counts, table, _ = _score(model, src, tmp_path / "out", keep=("note",), batch_size=1)
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "_manifest.json", "_rejects-000000.jsonl", "_rejects-000001.jsonl", "_rejects-000002.jsonl",
+        "_rejects.jsonl", "part-000000.parquet", "part-000001.parquet", "part-000002.parquet",
+    ]  # fmt: skip
+    assert table.column("y").to_pylist() == [["0"], ["1"], ["2"]]
+    # an earlier version's output of it (five digits): resumed, its parts are written again under
+    # the names that sort, and the old ones removed, not left beside them
+    out = tmp_path / "out"
+    with open(out / "_manifest.json") as f:
+        doc = json.load(f)
+    for p in doc["parts"]:
+        old = f"part-{p['index']:05d}.parquet"
+        os.replace(out / p["file"], out / old)
+        p["file"] = old
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    counts, table, _ = _score(model, src, out, keep=("note",), batch_size=1)
+    assert counts.skipped_parts == 0 and table.column("y").to_pylist() == [["0"], ["1"], ["2"]]
+    assert sorted(glob.glob("part-*", root_dir=out)) == [f"part-00000{i}.parquet" for i in range(3)]
+    small = tmp_path / "small.parquet"  # the file says 3 rows: five digits, as before
+    pq.write_table(pa.table({"s": ["a", "b", "c"]}), small)
+    _score(model, small, tmp_path / "small", batch_size=1)
+    assert sorted(glob.glob("part-*", root_dir=tmp_path / "small")) == [f"part-0000{i}.parquet" for i in range(3)]
