@@ -242,24 +242,63 @@ def compare(
                 raise ConversionError(
                     f"{stage}: output '{name}' has shape {list(a.shape)}, the original model's {list(b.shape)}"
                 )
-            if name in job.exact or a.dtype.kind in "OSUbiu" or b.dtype.kind in "OSUbiu":  # labels, ids: equal
-                unequal = int(np.count_nonzero(a != b))
-                bad += unequal
-                max_abs = max(max_abs, float(unequal > 0))
-                continue
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))  # NaN or inf on both sides agree
-            with np.errstate(invalid="ignore"):
-                diff = np.where(same, 0.0, np.abs(a64 - b64))
-            diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only: as far off as it gets
-            if diff.size:
-                max_abs = max(max_abs, float(diff.max()))
-                with np.errstate(invalid="ignore", over="ignore"):
-                    rel = diff / np.maximum(np.abs(np.nan_to_num(b64)), REL_FLOOR)
-                max_rel = max(max_rel, float(np.nan_to_num(rel, nan=np.inf).max()))
-            bad += int(np.count_nonzero(~same & ~(diff <= tol.atol + tol.rtol * np.abs(b64))))
+            abs_err, rel_err, off = differences(a, b, tol, name in job.exact)
+            max_abs, max_rel, bad = max(max_abs, abs_err), max(max_rel, rel_err), bad + off
         checks.append(Check(stage, name, len(inputs), max_abs, max_rel, bad, tol.atol, tol.rtol))
     return checks
+
+
+def differences(a: np.ndarray, b: np.ndarray, tol: Tolerance, exact: bool = False) -> tuple[float, float, int]:
+    """(max abs error, max rel error, elements outside ``atol + rtol * |b|``) of ``a`` against the
+    expected ``b``, of one shape. Labels, ids and strings must be equal (abs error 1 if any is not)."""
+    if exact or a.dtype.kind in "OSUbiu" or b.dtype.kind in "OSUbiu":
+        unequal = int(np.count_nonzero(a != b))
+        return float(unequal > 0), 0.0, unequal
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))  # NaN or inf on both sides agree
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a64 - b64))
+    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only: as far off as it gets
+    if not diff.size:
+        return 0.0, 0.0, 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        rel = diff / np.maximum(np.abs(np.nan_to_num(b64)), REL_FLOOR)
+    bad = int(np.count_nonzero(~same & ~(diff <= tol.atol + tol.rtol * np.abs(b64))))
+    return float(diff.max()), float(np.nan_to_num(rel, nan=np.inf).max()), bad
+
+
+def rows_alone(model: onnx.ModelProto, job: Job, inputs: list[dict], tol: Tolerance) -> dict | None:
+    """Refuse a batched model whose answer for a row depends on the other rows of its batch (a
+    normalisation over the batch, say): the parity check cannot see it, the original computing
+    the same, but the server's dynamic batching would make one caller's answer depend on the
+    requests batched with it. The largest input set is run whole and row by row."""
+    if not job.batched or not inputs:
+        return None
+    first = job.specs[0].name
+    feeds = max(inputs, key=lambda f: f[first].shape[0])
+    rows = feeds[first].shape[0]
+    if rows < 2:
+        return None
+    sess = session(model)
+    whole = sess.run(job.output_names, feeds)
+    worst = dict.fromkeys(job.output_names, 0.0)
+    for r in range(rows):
+        alone = sess.run(job.output_names, {k: v[r : r + 1] for k, v in feeds.items()})
+        for name, w, a in zip(job.output_names, whole, alone):
+            in_batch, a = np.asarray(w)[r : r + 1], np.asarray(a)
+            if a.shape != in_batch.shape:
+                off, abs_err = 1, float("inf")
+            else:
+                abs_err, _, off = differences(a, in_batch, tol, name in job.exact)
+            worst[name] = max(worst[name], abs_err)
+            if off:
+                raise ConversionError(
+                    f"output '{name}' is not computed row by row: row {r} of a batch of {rows} answers "
+                    f"{'another shape' if a.shape != in_batch.shape else f'{abs_err:.3g} off'} when run alone "
+                    f"(atol {tol.atol:g}, rtol {tol.rtol:g}). Dynamic batching would make a caller's answer "
+                    "depend on the requests batched with it; convert with --no-batch. Nothing was written"
+                )
+    return {"rows": rows, "max_abs": worst}
 
 
 def optimized(model: onnx.ModelProto, workdir: str) -> onnx.ModelProto:
@@ -476,6 +515,9 @@ def run(model: onnx.ModelProto, job: Job, progress: Callable[[str], None] = lamb
         err = ConversionError(f"parity check failed, nothing written: {worst}")
         err.result = result  # type: ignore[attr-defined]
         raise err
+    last = job.fp16 if job.fp16 is not None else job.optimize if job.optimize is not None else job.tolerance
+    progress("checking that each row of a batch is answered as it is alone")
+    job.record["batch_rows_alone"] = rows_alone(model, job, inputs, last)
     text = config_text(job, ins, outs) if shared is None else None
     write(model, job, target, text, {**job.record, **result.as_dict()}, shared)
     result.written = True

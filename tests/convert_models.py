@@ -136,3 +136,10 @@ class IgnoresFlags(nn.Module):
 
 
 ignores_flags = _seeded(IgnoresFlags)
+
+
+class CentredOnTheBatch(nn.Module):
+    """Subtracts the batch mean: each row's answer depends on the rows batched with it."""
+
+    def forward(self, x):
+        return x - x.mean(dim=0, keepdim=True)
