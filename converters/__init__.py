@@ -105,7 +105,9 @@ def convert_torch(
             label = model
         else:
             module, scripted, label = model.eval(), False, type(model).__name__
-        names = tm.output_names(module, specs, list(outputs))
+        # the specs in the order the model takes them (the config lists them as given)
+        module, call = tm.by_name(module, specs, scripted)
+        names = tm.output_names(module, call, list(outputs))
         torch = tm._torch()
         # Refuse an existing version before the (slow) export.
         probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
@@ -116,12 +118,12 @@ def convert_torch(
         shared = shared_config(probe)
         if shared is not None:  # a version joining others: its tensors and settings must fit their config
             progress(f"checking the new version against {shared.path}")
-            outputs_seen = tm.output_signature(module, specs, names, batched)
+            outputs_seen = tm.output_signature(module, call, names, batched)
             require_fit(probe, shared, spec_tensors(specs, batched), outputs_seen, observed=True)
         with tempfile.TemporaryDirectory(prefix="batchgate-export-") as work:
             progress(f"exporting with torch.onnx.export (exporter: {exporter})")
             onx, used, failed = tm.export(
-                module, scripted, specs, names, batched, exporter, opset, os.path.join(work, "model.onnx")
+                module, scripted, call, names, batched, exporter, opset, os.path.join(work, "model.onnx")
             )
         if failed:
             progress(f"exported with the {used} exporter after: {failed}")
@@ -135,7 +137,7 @@ def convert_torch(
             "torch": torch.__version__,
             "exporter_fallback_after": failed or None,
         }
-        return run(onx, replace(probe, reference=tm.reference(module, specs), source=source, record=record), progress)
+        return run(onx, replace(probe, reference=tm.reference(module, call), source=source, record=record), progress)
     finally:
         for m, training in modes:
             m.training = training

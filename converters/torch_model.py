@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import logging
 import os
 import re
 import sys
 import warnings
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,9 +77,87 @@ def load(model: str):
     return obj.eval(), False
 
 
+def by_name(module, specs: list[InputSpec], scripted: bool = False):
+    """``(module, specs)`` to call it with, so that each input reaches the forward() parameter of
+    its name; the specs are those to export and run the model with, in the order it takes them.
+
+    Inputs go to forward() by position, in the order of the specs: a model served with ``b`` and
+    ``a`` given to ``forward(a, b)`` would compute with the two swapped, and the parity check,
+    which calls it the same way, would agree. When every input names a parameter of forward()
+    they reach it by name: in forward's order when they are its first parameters, else (a
+    parameter skipped, keyword-only ones) through a module passing them as keywords. When only
+    some do, one that would reach another parameter than its namesake is refused."""
+    found = _parameters(module)
+    if found is None:  # nothing to read names from: by position
+        return module, specs
+    params, positional, keywords = found
+    names = [s.name for s in specs]
+    if sorted(names) == sorted(positional[: len(names)]):
+        return module, sorted(specs, key=lambda s: positional.index(s.name))
+    if all(n in keywords for n in names):
+        if scripted:  # the legacy exporter cannot trace a TorchScript module called from a Python one
+            raise ConversionError(
+                f"the inputs {names} name parameters of forward({', '.join(params)}) that are not its first "
+                f"{len(names)}: a TorchScript module is exported with its inputs by position; give inputs for "
+                "its first parameters, or convert the nn.Module"
+            )
+        return _by_name_module(module, names), specs
+    for i, n in enumerate(names):
+        at = positional[i] if i < len(positional) else None
+        if n in positional + keywords and at != n:
+            raise ConversionError(
+                f"input '{n}' would be passed to forward() as its argument {i + 1}"
+                + (f" (parameter '{at}')" if at else "")
+                + f", not as its parameter '{n}': inputs are passed by position unless every --input names "
+                f"a parameter of forward({', '.join(params)}); rename the inputs after its "
+                "parameters, or give them in its order under other names"
+            )
+    return module, specs
+
+
 def _first_line(e: BaseException, lines: int = 1) -> str:
     text = str(e).strip() or type(e).__name__
     return " | ".join(text.splitlines()[:lines])
+
+
+def _parameters(module) -> tuple[list[str], list[str], list[str]] | None:
+    """forward()'s parameter names: all, those taken by position, those taken by keyword. A
+    TorchScript module loaded from a file has no Python signature; its schema names them."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        schema = getattr(getattr(module, "forward", None), "schema", None)
+        if schema is None:
+            return None
+        args = [a for a in schema.arguments if a.name != "self"]
+        names = [a.name for a in args]
+        return names, [a.name for a in args if not a.kwarg_only], names
+    kinds = inspect.Parameter
+    params = list(sig.parameters.values())
+    return (
+        [p.name for p in params],
+        [p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)],
+        [p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)],
+    )
+
+
+def _by_name_module(inner, names: list[str]):
+    """A module whose forward(*inputs) calls ``inner`` with them as keyword arguments (see
+    ``by_name``); ``_export`` gives the dynamo exporter its dynamic shapes as those of one
+    ``*args`` parameter."""
+    module: Any = _torch().nn.Module  # (torch is imported at run time only)
+
+    class ByName(module):
+        by_name = tuple(names)
+
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(**dict(zip(self.by_name, args)))
+
+    return ByName()
 
 
 def _flatten(out) -> list:
@@ -241,7 +321,10 @@ def _export(module, which: str, specs, outputs, batched, opset, path) -> None:
             shapes.append(per or None)
         # Names are set afterwards: the dynamo exporter names inner values after the modules that
         # make them, and an output named like one (say "embedding") would clash.
-        kwargs.update(dynamo=True, dynamic_shapes=tuple(shapes))
+        dynamic: tuple = tuple(shapes)
+        if getattr(module, "by_name", None) is not None:  # forward(*args): one parameter
+            dynamic = (dynamic,)
+        kwargs.update(dynamo=True, dynamic_shapes=dynamic)
     else:
         axes = {
             s.name: {

@@ -143,3 +143,17 @@ class CentredOnTheBatch(nn.Module):
 
     def forward(self, x):
         return x - x.mean(dim=0, keepdim=True)
+
+
+class Difference(nn.Module):
+    """a - b: passing its inputs in the wrong order changes the answer."""
+
+    def forward(self, a, b):
+        return a - b
+
+
+class Scaled(nn.Module):
+    """An optional parameter between the inputs and a keyword-only one."""
+
+    def forward(self, x, bias=None, *, scale):
+        return x * scale if bias is None else x * scale + bias

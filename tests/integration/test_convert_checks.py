@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 import convert_models  # tests/convert_models.py
 from batchgate.converters import ConversionError, convert_torch
+
+
+def infer(url: str, model: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    inputs = []
+    for name, arr in feeds.items():
+        i = grpcclient.InferInput(name, list(arr.shape), "FP32")
+        i.set_data_from_numpy(arr)
+        inputs.append(i)
+    return grpcclient.InferenceServerClient(url).infer(model, inputs).as_numpy("output")
 
 
 def test_a_model_mixing_the_rows_of_its_batch_is_refused_for_batching(tmp_path):
@@ -25,3 +36,23 @@ def test_a_model_mixing_the_rows_of_its_batch_is_refused_for_batching(tmp_path):
     r = convert_torch(convert_models.mlp(), ["x:FP32:-1,16"], str(repo), "m", exporter="legacy")
     record = json.loads((repo / "m" / "1" / "conversion.json").read_text())
     assert record["batch_rows_alone"]["rows"] == 5 and record["batch_rows_alone"]["max_abs"]["output"] < 1e-4
+
+
+def test_inputs_named_after_forward_parameters_reach_them_whatever_their_order(tmp_path, serve):
+    """Inputs went to forward() by position: `--input b --input a` for forward(a, b) was served
+    computing b - a, and the parity check, calling the model the same way, agreed."""
+    repo = tmp_path / "models"
+    r = convert_torch(convert_models.Difference(), ["b:FP32:-1,3", "a:FP32:-1,3"], str(repo), "d", exporter="legacy")
+    assert [i["name"] for i in r.inputs] == ["b", "a"]  # the config keeps the order given
+    a, b = np.full((2, 3), 5.0, np.float32), np.full((2, 3), 2.0, np.float32)
+    assert infer(serve(str(repo)).grpc_url, "d", {"a": a, "b": b}).tolist() == (a - b).tolist()
+    # a parameter left out and a keyword-only one: passed by keyword (the dynamo exporter here)
+    other = tmp_path / "other"
+    convert_torch(convert_models.Scaled(), ["scale:FP32:-1,3", "x:FP32:-1,3"], str(other), "s", exporter="dynamo")
+    assert infer(serve(str(other)).grpc_url, "s", {"scale": a, "x": b}).tolist() == (a * b).tolist()
+    # some inputs named after parameters, one of them at another's place: refused, naming both
+    with pytest.raises(
+        ConversionError, match=r"input 'b' would be passed to forward\(\) as its argument 1 \(parameter 'a'\)"
+    ):
+        convert_torch(convert_models.Difference(), ["b:FP32:-1,3", "c:FP32:-1,3"], str(repo), "bad", exporter="legacy")
+    assert not (repo / "bad").exists()
