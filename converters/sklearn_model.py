@@ -2,7 +2,8 @@
 
 Classifiers are exported without skl2onnx's ZipMap, so they answer two tensors: ``label``
 (the predicted class, as ``predict`` gives it) and ``probabilities`` (``predict_proba``).
-Regressors answer ``variable`` ([batch, 1]).
+Regressors answer ``variable`` ([batch, targets]); transformers (no ``predict``) answer
+``variable`` too, what ``transform`` gives.
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ def reference(model, specs: list[InputSpec], names: list[str]):
         x = feeds[specs[0].name]
         if classifier:
             return [np.asarray(model.predict(x)), np.asarray(model.predict_proba(x), dtype=np.float32)]
-        y = np.asarray(model.predict(x), dtype=np.float32)
+        if hasattr(model, "predict"):
+            y = np.asarray(model.predict(x), dtype=np.float32)
+        else:  # a transformer (a scaler, PCA, a pipeline ending in one): what transform gives
+            y = model.transform(x)
+            y = np.asarray(y.toarray() if hasattr(y, "toarray") else y)  # (a sparse matrix, OneHotEncoder's)
         return [y.reshape(len(x), -1)]
 
     if classifier and len(names) != 2 or not classifier and len(names) != 1:
