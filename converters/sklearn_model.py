@@ -76,6 +76,13 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
         )
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many types for models it cannot convert
         raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(e).__name__}: {e}") from None
+    for o in onx.graph.output:  # (MultiOutputClassifier's probabilities: a sequence, one tensor per target)
+        kind = o.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise ConversionError(
+                f"skl2onnx answers {type(model).__name__}'s output '{o.name}' as a {str(kind).removesuffix('_type')} "
+                "of tensors, not a tensor: batchgate serves tensors only (convert one estimator per target)"
+            )
     classes = getattr(model, "classes_", None)
     if is_classifier(model) and isinstance(classes, np.ndarray) and classes.dtype == np.bool_:
         _bool_label(onx)
