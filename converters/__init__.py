@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import replace
 
 from .pipeline import Check, Job, Result, Tolerance, run
-from .spec import ConversionError, InputSpec
+from .spec import ConversionError, InputSpec, drawn_from
 from .versions import require_fit, shared_config, spec_tensors
 
 DEFAULT_TOLERANCE = Tolerance(1e-4, 1e-3)
@@ -96,6 +96,9 @@ def convert_torch(
     check_name(name, version)
     _tolerances(tolerance, optimize, fp16)
     specs = _specs(inputs, batched)
+    if samples:  # (a bad file is told before the model loads) its integers and strings feed the generated inputs
+        job = _job(specs, [], repository, name, version, batched, max_batch_size, gpu, force)
+        specs = drawn_from(specs, load_samples(samples, specs, job)[0])
     # The caller's module is handed back in the modes it came in (a model still being trained).
     modes = [] if isinstance(model, str) else [(m, m.training) for m in model.modules()]
     try:
@@ -113,8 +116,6 @@ def convert_torch(
         probe = _job(specs, names, repository, name, version, batched, max_batch_size, gpu or fp16 is not None, force)
         probe = replace(probe, samples=samples, tolerance=tolerance, optimize=optimize, fp16=fp16)
         destination(probe)
-        if samples:  # a bad file is told before the (slow) export
-            load_samples(samples, specs, probe)
         shared = shared_config(probe)
         if shared is not None:  # a version joining others: its tensors and settings must fit their config
             progress(f"checking the new version against {shared.path}")
@@ -181,8 +182,9 @@ def convert_sklearn(
         label, model = model, sm.load(model)
     else:
         label = type(model).__name__
-    if samples:
-        load_samples(samples, specs, probe)
+    if samples:  # its integers and strings feed the generated inputs (categories the model knows)
+        specs = drawn_from(specs, load_samples(samples, specs, probe)[0])
+        probe = replace(probe, specs=specs)
     # The outputs are known once skl2onnx has converted the model (in memory); run() checks them.
     require_fit(probe, shared_config(probe), spec_tensors(specs, batched))
     import skl2onnx

@@ -10,7 +10,7 @@ config's ``dims`` (Triton's convention with ``max_batch_size`` > 0).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,6 +44,9 @@ class InputSpec:
     name: str
     dtype: DataType
     dims: tuple[int | str, ...]  # full shape; a str is a named dynamic dimension, -1 an unnamed one
+    # The integers or strings generated inputs are drawn from: those of --samples (an index into an
+    # embedding of 3 rows, a category), else none and small integers / short strings are made up.
+    values: tuple = ()
 
     @classmethod
     def parse(cls, text: str, batched: bool = True) -> InputSpec:
@@ -114,6 +117,9 @@ def generate(specs: list[InputSpec], sizes: dict[str, int], rng: np.random.Gener
         dt = s.dtype
         if dt.v2 == "BOOL":
             out[s.name] = rng.random(shape) < 0.5
+        elif s.values and (dt.v2 == "BYTES" or dt.np_dtype.kind in "iu"):
+            pool = np.array(s.values, dtype=object if dt.v2 == "BYTES" else dt.np_dtype)
+            out[s.name] = pool[rng.integers(0, len(pool), shape)]
         elif dt.v2 == "BYTES":
             out[s.name] = np.array(
                 [f"s{v}".encode() for v in rng.integers(0, 100, int(np.prod(shape)))], dtype=object
@@ -123,3 +129,14 @@ def generate(specs: list[InputSpec], sizes: dict[str, int], rng: np.random.Gener
         else:
             out[s.name] = rng.standard_normal(shape).astype(dt.np_dtype)
     return out
+
+
+def drawn_from(specs: list[InputSpec], sample: dict[str, np.ndarray]) -> list[InputSpec]:
+    """The specs, their integer and string inputs to be generated from the values ``sample`` holds
+    (a model may take some values only: made-up ones would stop it before any check)."""
+    return [
+        replace(s, values=tuple(np.unique(sample[s.name]).tolist()))
+        if s.dtype.v2 == "BYTES" or s.dtype.np_dtype.kind in "iu"
+        else s
+        for s in specs
+    ]

@@ -201,9 +201,16 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
         raise
     except Exception as e:  # noqa: BLE001 - most often the input specs do not fit the model
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items())
+        made_up = [s.name for s in specs if not s.values and (s.dtype.v2 == "BYTES" or s.dtype.np_dtype.kind in "iu")]
+        hint = (
+            f"; if {', '.join(made_up)} take(s) some values only (indices into a small embedding), give real "
+            "rows with --samples: generated inputs are then drawn from their values"
+            if made_up
+            else ""
+        )
         raise ConversionError(
             f"the model does not accept inputs shaped like the specs ({shapes}): "
-            f"{type(e).__name__}: {_first_line(e, 3)}"
+            f"{type(e).__name__}: {_first_line(e, 3)}{hint}"
         ) from None
     if given:
         if len(given) != n:

@@ -157,3 +157,16 @@ class Scaled(nn.Module):
 
     def forward(self, x, bias=None, *, scale):
         return x * scale if bias is None else x * scale + bias
+
+
+class KindEmbedding(nn.Module):
+    """An embedding of 3 kinds: an index of 3 or more is out of its range."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kinds = nn.Embedding(3, 4)
+        self.lin = nn.Linear(2, 4)
+
+    def forward(self, kind, x):
+        return self.kinds(kind).squeeze(1) + self.lin(x)

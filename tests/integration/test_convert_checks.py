@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 
 import convert_models  # tests/convert_models.py
@@ -56,3 +57,24 @@ def test_inputs_named_after_forward_parameters_reach_them_whatever_their_order(t
     ):
         convert_torch(convert_models.Difference(), ["b:FP32:-1,3", "c:FP32:-1,3"], str(repo), "bad", exporter="legacy")
     assert not (repo / "bad").exists()
+
+
+def test_an_embedding_of_few_rows_is_converted_with_samples_of_its_indices(tmp_path, serve):
+    """Generated integer inputs were 0-9 whatever --samples held: a model embedding 3 kinds failed
+    on them before any check, and could not be converted at all."""
+    repo, samples = tmp_path / "models", tmp_path / "rows.npz"
+    specs = ["kind:INT64:-1,1", "x:FP32:-1,2"]
+    with pytest.raises(ConversionError, match="if kind take.s. some values only.*--samples"):
+        convert_torch(convert_models.KindEmbedding(), specs, str(repo), "k", exporter="legacy")
+    kind = np.array([[0], [2], [1], [2]])
+    np.savez(samples, kind=kind, x=np.ones((4, 2), np.float32))
+    r = convert_torch(convert_models.KindEmbedding(), specs, str(repo), "k", samples=str(samples), exporter="legacy")
+    assert r.written and r.checks[0].cases == 4  # three generated sets (of kinds 0-2) and the samples
+    x = np.full((4, 2), 0.5, np.float32)
+    inputs = [grpcclient.InferInput("kind", [4, 1], "INT64"), grpcclient.InferInput("x", [4, 2], "FP32")]
+    inputs[0].set_data_from_numpy(kind)
+    inputs[1].set_data_from_numpy(x)
+    got = grpcclient.InferenceServerClient(serve(str(repo)).grpc_url).infer("k", inputs).as_numpy("output")
+    with torch.no_grad():
+        want = convert_models.KindEmbedding()(torch.from_numpy(kind), torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
