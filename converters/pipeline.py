@@ -210,6 +210,18 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
     rows = {n: a.shape[0] for n, a in sample.items()}
     if job.batched and len(set(rows.values())) > 1:
         raise ConversionError(f"--samples {path}: the inputs' arrays have different numbers of rows ({rows})")
+    named: dict[str, dict[str, int]] = {}  # a named dimension has one size in every input that has it
+    for s in specs:
+        for i, d in enumerate(s.dims):
+            if isinstance(d, str) and not (job.batched and i == 0):
+                named.setdefault(d, {})[s.name] = sample[s.name].shape[i]
+    for d, sizes in named.items():
+        if len(set(sizes.values())) > 1:
+            told = ", ".join(f"{size} in '{n}'" for n, size in sizes.items())
+            raise ConversionError(
+                f"--samples {path}: dimension '{d}' has size {told}; the input specs name it in each, so it "
+                "must be one size"
+            )
     return [sample]
 
 

@@ -134,6 +134,21 @@ def test_samples_whose_inputs_differ_in_rows_are_told_before_the_export(tmp_path
     assert not log.exported() and not (tmp_path / "repo").exists()
 
 
+def test_samples_whose_named_dimension_differs_between_inputs_are_told_before_the_export(tmp_path):
+    """``ids`` and ``mask`` share ``seq``: samples of 5 ids and 7 mask values were taken, and the
+    model failed on them after the export."""
+    from convert_models import SequenceEncoder
+
+    samples = tmp_path / "rows.npz"
+    np.savez(samples, ids=np.zeros((2, 5), np.int64), mask=np.ones((2, 7), np.float32))
+    log = Log()
+    with pytest.raises(ConversionError) as e:
+        convert_torch(SequenceEncoder(), ["ids:INT64:-1,seq", "mask:FP32:-1,seq"], str(tmp_path / "repo"), "seq",
+                      samples=str(samples), progress=log)  # fmt: skip
+    assert "dimension 'seq' has size 5 in 'ids', 7 in 'mask'" in str(e.value)
+    assert not log.exported() and not (tmp_path / "repo").exists()
+
+
 def test_opset_is_what_was_asked_or_refused(tmp_path):
     repo = tmp_path / "models"
     log = Log()
