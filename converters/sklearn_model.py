@@ -3,7 +3,9 @@
 Classifiers are exported without skl2onnx's ZipMap, so they answer two tensors: ``label``
 (the predicted class, as ``predict`` gives it) and ``probabilities`` (``predict_proba``).
 Regressors answer ``variable`` ([batch, targets]); transformers (no ``predict``) answer
-``variable`` too, what ``transform`` gives.
+``variable`` too, what ``transform`` gives. A model fit on a DataFrame may take one input per
+column (named after it, one value a row), as skl2onnx matches them to a ColumnTransformer's
+column names; its reference runs it on a DataFrame of those columns.
 """
 
 from __future__ import annotations
@@ -53,6 +55,30 @@ def _initial_type(spec: InputSpec, batched: bool):
     return kind(dims)
 
 
+def _columns(model, specs: list[InputSpec]) -> list[str]:
+    """The DataFrame columns of a model given one input per column, in the order it was fit on
+    (skl2onnx matches a ColumnTransformer's column names with the input names)."""
+    fitted = getattr(model, "feature_names_in_", None)
+    names = [s.name for s in specs]
+    if fitted is None:
+        raise ConversionError(
+            f"{type(model).__name__} was fit on an array, not a DataFrame: it takes one input tensor (its feature "
+            f"matrix); {len(specs)} --input specs were given"
+        )
+    fitted = [str(c) for c in fitted]
+    if sorted(fitted) != sorted(names):
+        raise ConversionError(
+            f"{type(model).__name__} was fit on the DataFrame columns {', '.join(fitted)}: give one --input per "
+            f"column, named after it (the inputs name {', '.join(names)})"
+        )
+    for s in specs:
+        if len(s.dims) != 2 or s.dims[1] != 1:
+            raise ConversionError(
+                f"input '{s.name}': a DataFrame column is one value a row, shape -1,1 (e.g. {s.name}:{s.dtype.v2}:-1,1)"
+            )
+    return fitted
+
+
 def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> tuple[onnx.ModelProto, list[str]]:
     from skl2onnx import convert_sklearn
     from sklearn.base import is_classifier
@@ -63,14 +89,12 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
             "classifiers that do (e.g. LogisticRegression, tree ensembles, or wrap it in "
             "CalibratedClassifierCV)"
         )
-    if len(specs) != 1:
-        raise ConversionError(
-            f"a scikit-learn model takes one input tensor (its feature matrix); {len(specs)} --input specs were given"
-        )
+    if len(specs) > 1:
+        _columns(model, specs)
     try:
         onx = convert_sklearn(
             model,
-            initial_types=[(specs[0].name, _initial_type(specs[0], batched))],
+            initial_types=[(s.name, _initial_type(s, batched)) for s in specs],
             options={"zipmap": False} if is_classifier(model) else None,
             target_opset=opset,
         )
@@ -103,6 +127,23 @@ def _bool_label(onx: onnx.ModelProto) -> None:
     label.type.tensor_type.elem_type = onnx.TensorProto.BOOL
 
 
+def _frame(model, feeds: dict[str, np.ndarray]):
+    """The inputs as the DataFrame the model was fit on: one column each, strings as str."""
+    try:
+        import pandas as pd  # type: ignore[import-untyped]  # (the model was fit with it)
+    except ImportError:
+        raise ConversionError(
+            "a model given one input per DataFrame column is run on a DataFrame: pip install pandas"
+        ) from None
+    columns = {}
+    for name in (str(c) for c in model.feature_names_in_):
+        col = feeds[name].reshape(len(feeds[name]), -1)[:, 0]
+        if col.dtype == object:
+            col = np.array([v.decode() if isinstance(v, bytes) else v for v in col], dtype=object)
+        columns[name] = col
+    return pd.DataFrame(columns)
+
+
 def reference(model, specs: list[InputSpec], names: list[str]):
     """What the estimator itself answers, shaped as the ONNX outputs are."""
     from sklearn.base import is_classifier
@@ -110,7 +151,7 @@ def reference(model, specs: list[InputSpec], names: list[str]):
     classifier = is_classifier(model)
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        x = feeds[specs[0].name]
+        x = feeds[specs[0].name] if len(specs) == 1 else _frame(model, feeds)
         if classifier:
             return [np.asarray(model.predict(x)), np.asarray(model.predict_proba(x), dtype=np.float32)]
         if hasattr(model, "predict"):

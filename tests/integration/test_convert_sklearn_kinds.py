@@ -38,3 +38,39 @@ def test_an_output_that_is_not_a_tensor_is_refused_naming_the_estimator(tmp_path
     with pytest.raises(ConversionError, match="MultiOutputClassifier's output 'probabilities' as a sequence"):
         convert_sklearn(model, ["x:FP32:-1,4"], str(tmp_path), "moc")
     assert not (tmp_path / "moc").exists()
+
+
+def test_a_dataframe_pipeline_takes_one_input_per_column_numbers_and_strings(tmp_path, serve):
+    """A ColumnTransformer picking numeric and string columns by name was refused (one input
+    tensor only): each column is an input now, named after it, and served as such."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"amount": rng.standard_normal(60), "age": rng.standard_normal(60)})
+    frame["kind"] = rng.choice(["card", "cash", "wire"], 60)
+    columns = ColumnTransformer([("num", StandardScaler(), ["amount", "age"]), ("cat", OneHotEncoder(), ["kind"])])
+    model = make_pipeline(columns, LogisticRegression()).fit(frame, np.where(frame.amount > 0, "high", "low"))
+    specs = ["amount:FP32:-1,1", "age:FP32:-1,1", "kind:BYTES:-1,1"]
+    with pytest.raises(ConversionError, match="fit on the DataFrame columns amount, age, kind: give one --input per"):
+        convert_sklearn(model, ["amount:FP32:-1,1", "age:FP32:-1,1", "type:BYTES:-1,1"], str(tmp_path), "bad")
+    rows = frame[:8]
+    samples = tmp_path / "rows.npz"  # (the categories the encoder knows: generated strings are drawn from them)
+    np.savez(samples, **{c: rows[[c]].to_numpy().astype(np.float32 if c != "kind" else str) for c in rows})
+    r = convert_sklearn(model, specs, str(tmp_path / "models"), "fraud", samples=str(samples))
+    assert r.written and all(c.ok and c.cases == 4 for c in r.checks)
+    assert [(i["name"], i["datatype"], i["dims"]) for i in r.inputs] == [
+        ("amount", "FP32", [1]),
+        ("age", "FP32", [1]),
+        ("kind", "BYTES", [1]),
+    ]
+    rows = frame[20:25]
+    inputs = []
+    for c, dt in (("amount", "FP32"), ("age", "FP32"), ("kind", "BYTES")):
+        feed = grpcclient.InferInput(c, [5, 1], dt)
+        feed.set_data_from_numpy(rows[[c]].to_numpy().astype(np.float32 if c != "kind" else object))
+        inputs.append(feed)
+    res = grpcclient.InferenceServerClient(serve(str(tmp_path / "models")).grpc_url).infer("fraud", inputs)
+    assert [v.decode() for v in res.as_numpy("label").reshape(-1)] == list(model.predict(rows))
+    np.testing.assert_allclose(res.as_numpy("probabilities"), model.predict_proba(rows), rtol=1e-4, atol=1e-5)
