@@ -170,3 +170,9 @@ class KindEmbedding(nn.Module):
 
     def forward(self, kind, x):
         return self.kinds(kind).squeeze(1) + self.lin(x)
+
+
+def half_mlp():
+    """A model of FP16 weights, FP16 in and out."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).half()

@@ -10,7 +10,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 import convert_models  # tests/convert_models.py
-from batchgate.converters import ConversionError, convert_torch
+from batchgate.converters import ConversionError, Tolerance, convert_torch
 
 
 def infer(url: str, model: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -78,3 +78,25 @@ def test_an_embedding_of_few_rows_is_converted_with_samples_of_its_indices(tmp_p
     with torch.no_grad():
         want = convert_models.KindEmbedding()(torch.from_numpy(kind), torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_optimize_and_fp16_of_a_model_in_fp16_already(tmp_path, serve):
+    """--optimize saved ONNX Runtime's CPU casts around FP16 kernels it lacks, and --fp16 then
+    made a model that could not load ("ONNX Runtime cannot run the model"): nothing to convert,
+    the model is checked as it is."""
+    repo = tmp_path / "models"
+    tol = Tolerance(1e-2, 1e-2)
+    r = convert_torch(
+        convert_models.half_mlp(), ["x:FP16:-1,4"], str(repo), "h", exporter="legacy", optimize=tol, fp16=tol
+    )
+    assert r.written and r.stages == ["onnx", "optimized", "fp16"] and all(c.ok for c in r.checks)
+    assert [(t["name"], t["datatype"]) for t in r.inputs + r.outputs] == [("x", "FP16"), ("output", "FP16")]
+    record = json.loads((repo / "h" / "1" / "conversion.json").read_text())
+    assert record["fp16_conversion"].startswith("none")
+    x = np.linspace(-1, 1, 8, dtype=np.float16).reshape(2, 4)
+    feed = grpcclient.InferInput("x", [2, 4], "FP16")
+    feed.set_data_from_numpy(x)
+    got = grpcclient.InferenceServerClient(serve(str(repo)).grpc_url).infer("h", [feed]).as_numpy("output")
+    with torch.no_grad():
+        want = convert_models.half_mlp()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2, atol=1e-2)
