@@ -232,7 +232,9 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # Fatal only: a run that fails is told by the caller, as a ConversionError or not at all (an
+    # input set the original model refuses too), never as ONNX Runtime's own error line on stderr.
+    so.log_severity_level = 4
     return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=list(providers))
 
 
