@@ -365,7 +365,7 @@ class Http2:
                 self._fail(PROTOCOL_ERROR, "DATA on a stream never opened")
             # a stream we are done with (answered or reset): its bytes are credited back at once
             self.acknowledge_received_data(flow, 0)
-            if not flow:  # (an empty one moves nothing: counted, as on an open stream)
+            if not self._unpad(flags, payload, "DATA"):  # (an empty one moves nothing: counted, as on an open stream)
                 self._nothing()
             if stream is not None:  # half-closed by the client already: a stream error
                 self.reset_stream(sid, STREAM_CLOSED)
@@ -376,10 +376,14 @@ class Http2:
             self._fail(FLOW_CONTROL_ERROR, "DATA past a stream's window")
         data = self._unpad(flags, payload, "DATA")
         end = bool(flags & END_STREAM)
-        if not flow and not end:
-            self._nothing()
-        elif flow:
+        # Judged by what it carries, not by its flow: a padded DATA frame with no data (its pad
+        # length byte alone) moves nothing either (until 2026-12-06 it was free, and made the
+        # next PING free too: one connection sent 100,000 of them, each answered with a
+        # WINDOW_UPDATE, and was never closed).
+        if data:
             self._moved = True
+        elif not end:
+            self._nothing()
         if end:
             stream.remote_open = False
         self.handler.on_data(sid, data, flow, end)

@@ -219,10 +219,18 @@ def test_a_header_block_in_endless_empty_continuations_closes_the_connection():
 
 @pytest.mark.parametrize(
     "empty",
-    [raw(http2.DATA, 0, 1), raw(http2.PRIORITY, 0, 1, b"\x00" * 5), raw(0x42, 0, 0, b"??")],
-    ids=["empty-data", "priority", "unknown-type"],
+    [
+        raw(http2.DATA, 0, 1),
+        raw(http2.DATA, http2.PADDED, 1, b"\x00"),
+        raw(http2.DATA, http2.PADDED, 1, b"\x03pad"),
+        raw(http2.PRIORITY, 0, 1, b"\x00" * 5),
+        raw(0x42, 0, 0, b"??"),
+    ],
+    ids=["empty-data", "padded-empty-data", "padding-only-data", "priority", "unknown-type"],
 )
 def test_a_flood_of_frames_that_carry_nothing_closes_the_connection(empty):
+    """A padded DATA frame whose data is empty carries nothing either, whatever its padding costs
+    the window (it was free: 100,000 of them were read, each credited with a WINDOW_UPDATE)."""
     srv, rec = opened()
     block = client().encoder.encode(REQUEST)
     srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, block))
@@ -275,6 +283,18 @@ def test_pings_while_data_moves_are_not_a_flood():
     for _ in range(3 * http2.MAX_EMPTY_FRAMES):
         srv.receive(raw(http2.DATA, 0, 1, b"y") + ping)
     assert not [s for s in rec.seen if s[0] == "reset"]
+
+
+def test_padding_alone_does_not_make_a_ping_free():
+    """DATA that is padding alone moves no data: the PING after it still counts (a padded empty
+    DATA frame before each PING made a PING flood free, and never closed the connection)."""
+    srv, rec = opened()
+    block = client().encoder.encode(REQUEST)
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, block))
+    pair = raw(http2.DATA, http2.PADDED, 1, b"\x00") + raw(http2.PING, 0, 0, b"12345678")
+    with pytest.raises(Http2Error) as e:
+        srv.receive(pair * http2.MAX_EMPTY_FRAMES)
+    assert e.value.reason == "flood"
 
 
 def test_frames_over_the_announced_size_are_errors():
@@ -520,6 +540,7 @@ def test_frames_on_a_closed_stream_are_answered_and_count_as_carrying_nothing():
     for kind, flags, payload, answer in (
         (http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, None, raw(http2.RST_STREAM, 0, 1, struct.pack(">L", 5))),
         (http2.DATA, 0, b"", b""),
+        (http2.DATA, http2.PADDED, b"\x02pa", b""),  # (padding alone: its flow is credited, nothing more)
         (http2.WINDOW_UPDATE, 0, struct.pack(">L", 1), b""),
     ):
         srv, rec = opened()
