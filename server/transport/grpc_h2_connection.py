@@ -285,6 +285,13 @@ class _Connection(asyncio.Protocol):
         limit = self.h2.max_header_bytes
         self.trailers_only(sid, grpc.StatusCode.RESOURCE_EXHAUSTED, f"headers over max_header_bytes ({limit})")
 
+    def on_refused(self, sid: int) -> None:
+        """A stream opened past max_concurrent_streams, refused (REFUSED_STREAM, safe to retry):
+        counted, and a stream gone at once as a reset is, so a client that keeps opening streams
+        past the limit meets the reset-flood bound."""
+        self.server.refused("grpc_concurrent_streams")
+        self._reset_flood()
+
     def on_window(self, sid: int) -> None:
         if sid > 0:  # (-1: SETTINGS_INITIAL_WINDOW_SIZE grew every stream's window)
             call = self.calls.get(sid)

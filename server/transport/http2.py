@@ -72,6 +72,7 @@ class Handler(Protocol):
     def on_window(self, sid: int) -> None: ...  # 0: the connection's window; -1: every stream's
     def on_goaway(self) -> None: ...
     def on_oversized(self, sid: int) -> None: ...  # a new stream whose headers are over max_header_bytes
+    def on_refused(self, sid: int) -> None: ...  # a new stream past max_concurrent_streams (reset REFUSED_STREAM)
 
 
 class _Stream:
@@ -455,10 +456,15 @@ class Http2:
                 self.streams.pop(sid, None)
             return
         self.highest_inbound_stream_id = sid
-        self._empty = 0
         if len(self.streams) >= self.max_concurrent_streams:
+            # Past the limit we announced: refused, and not a request (the count of frames that
+            # carry nothing goes on). The handler counts it as a stream gone at once, as a reset:
+            # a client opening stream after stream past the limit is a rapid reset the server
+            # does for it (until 2026-12-06, 50,000 in two seconds were refused, uncounted).
             self._out += frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM))
+            self.handler.on_refused(sid)
             return
+        self._empty = 0
         self.streams[sid] = _Stream(self._peer_window, self.stream_window, not end_stream)
         if headers is None:
             self.handler.on_oversized(sid)

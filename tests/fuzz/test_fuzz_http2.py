@@ -44,6 +44,9 @@ class _Seen:
     def on_oversized(self, sid):
         self.on_request(sid, [], False)  # (a stream opened, refused by the connection)
 
+    def on_refused(self, sid):
+        pass  # (refused here: never opened for the handler)
+
 
 # frames as a client might send them: any type (known ones weighted up), flags, small stream
 # ids, and payloads that are sometimes well formed for their type

@@ -357,6 +357,46 @@ def test_a_rapid_reset_flood_closes_the_connection_and_is_counted(demo_repo, ser
     other.close()
 
 
+def test_streams_opened_past_the_limit_are_counted_and_a_flood_of_them_closes_the_connection(demo_repo, serve):
+    """A client that ignores MAX_CONCURRENT_STREAMS has each stream past it refused at once
+    (REFUSED_STREAM): a rapid reset the server does for it. Each is counted, and past
+    ``grpc_max_resets_per_s`` the connection is closed, as for client resets (50,000 were
+    refused in two seconds, none counted, the connection never closed)."""
+    running = serve(demo_repo, grpc_engine="h2", grpc_max_concurrent_streams=1, grpc_max_resets_per_s=50)
+    raw = RawH2(running.gateway.grpc_port)
+    held = raw.request(b"/inference.GRPCInferenceService/ModelStreamInfer", end=False)  # the one slot, kept
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", LIVE),
+              (b"content-type", b"application/grpc"), (b"te", b"trailers")]  # fmt: skip
+    block = raw.h2.encoder.encode(fields)  # (the same block each time: the client's table is unchanged by it)
+    frames = b"".join(
+        struct.pack(">BHBBL", 0, len(block), 1, 0x5, sid) + block for sid in range(held + 2, held + 402, 2)
+    )
+    with contextlib.suppress(OSError):
+        raw.sock.sendall(frames)
+    got = b""
+    raw.sock.settimeout(10)
+    with contextlib.suppress(OSError):
+        while chunk := raw.sock.recv(65536):
+            got += chunk
+    kinds = []
+    while len(got) >= 9:
+        hi, lo, kind, _, sid = struct.unpack(">BHBBL", got[:9])
+        n = (hi << 16) | lo
+        kinds.append((kind, got[9 : 9 + n]))
+        got = got[9 + n :]
+    refused = [p for k, p in kinds if k == 3 and p == struct.pack(">L", h2.errors.ErrorCodes.REFUSED_STREAM)]
+    assert 50 <= len(refused) < 200
+    goaway = [p for k, p in kinds if k == 7]
+    assert goaway and struct.unpack(">L", goaway[-1][4:8])[0] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert f'batchgate_http_connections_refused_total{{reason="grpc_concurrent_streams"}} {len(refused)}.0' in metrics
+    assert 'batchgate_http_connections_refused_total{reason="grpc_resets"} 1.0' in metrics
+    other = RawH2(running.gateway.grpc_port)  # the server goes on
+    assert status(other.wait(other.request(LIVE, framed(b""))))[0] == 0
+    other.close()
+    raw.close()
+
+
 def test_a_client_whose_calls_mostly_complete_may_reset_past_the_limit(demo_repo, serve):
     """Resets a connection's answered calls pay for are no flood: a client with tight deadlines
     cancels many calls a second, yet most of its calls complete."""

@@ -47,6 +47,9 @@ class Recorder:
     def on_oversized(self, sid):
         self.seen.append(("oversized", sid))
 
+    def on_refused(self, sid):
+        self.seen.append(("refused", sid))
+
 
 def server(**kw) -> tuple[Http2, Recorder]:
     rec = Recorder()
@@ -349,11 +352,29 @@ def test_streams_past_the_concurrency_limit_are_refused_and_pings_answered():
     enc = client().encoder
     for sid in (1, 3, 5):
         srv.receive(raw(http2.HEADERS, http2.END_HEADERS, sid, enc.encode(REQUEST)))
-    assert [s[1] for s in rec.seen] == [1, 3]
+    assert [s[:2] for s in rec.seen] == [("request", 1), ("request", 3), ("refused", 5)]
     out = srv.data_to_send()
     assert raw(http2.RST_STREAM, 0, 5, struct.pack(">L", http2.REFUSED_STREAM)) in out
     srv.receive(raw(http2.PING, 0, 0, b"abcdefgh"))
     assert srv.data_to_send() == raw(http2.PING, http2.ACK, 0, b"abcdefgh")
+
+
+def test_a_refused_stream_does_not_start_the_count_of_frames_that_carry_nothing_again():
+    """A stream refused past the concurrency limit is no request: frames that carry nothing
+    before and after it add up (a refused HEADERS every 1,000 PRIORITY frames let a client send
+    them without end)."""
+    srv, rec = opened()
+    srv.max_concurrent_streams = 1
+    enc = client().encoder
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, enc.encode(REQUEST)))
+    empty = raw(http2.PRIORITY, 0, 1, b"\x00" * 5)
+    srv.receive(empty * (http2.MAX_EMPTY_FRAMES - 1))
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 3, enc.encode(REQUEST)))
+    assert rec.seen[-1] == ("refused", 3)
+    srv.receive(empty)  # the limit: read on
+    with pytest.raises(Http2Error) as e:
+        srv.receive(empty)
+    assert e.value.reason == "flood"
 
 
 def test_resets_trailers_and_frames_for_streams_already_done():
