@@ -10,7 +10,8 @@ from typing import Literal
 QUICK_PREFIX = b"POST /v2/models/"
 _QUICK_SUFFIX = b"/infer HTTP/1.1"
 # headers that make a request more than a plain one: such a request takes the usual way
-_NOT_PLAIN = (b"\ntransfer-encoding:", b"\nexpect:", b"\nconnection:", b"\nupgrade:")
+# (besides Transfer-Encoding, refused wherever its name appears: see plain_head)
+_NOT_PLAIN = (b"\nexpect:", b"\nconnection:", b"\nupgrade:")
 # batchgate upgrades no connection (no WebSocket, no h2c), but httptools stops at a request that
 # offers an upgrade and never reads its body (uvicorn then hands the app an empty one): Java's
 # HttpClient offers h2c on every http:// POST. The header is renamed before httptools sees it.
@@ -50,9 +51,14 @@ def plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
     name = head[len(QUICK_PREFIX) : line_end - len(_QUICK_SUFFIX)]
     rest = head[line_end:].lower() + b"\r\n"
     i = rest.find(b"\ncontent-length:")
-    if b"/" in name or i < 0 or rest.find(b"\ncontent-length:", i + 1) >= 0:
+    # The framing headers' names anywhere else, spelt as httptools refuses them but a parser in
+    # front may take them ("Transfer-Encoding : chunked", "Content-Length\t:"), make the head
+    # not plain: only one way to cut it into requests is judged from the request line. (The
+    # binary extension's Inference-Header-Content-Length frames nothing for a proxy.)
+    lengths = rest.count(b"content-length") - rest.count(b"inference-header-content-length")
+    if b"/" in name or i < 0 or lengths != 1 or b"transfer-encoding" in rest:
         return False
-    if _NOT_PLAIN[0] in rest or _NOT_PLAIN[1] in rest or _NOT_PLAIN[2] in rest or _NOT_PLAIN[3] in rest:
+    if _NOT_PLAIN[0] in rest or _NOT_PLAIN[1] in rest or _NOT_PLAIN[2] in rest:
         return False
     crlf = rest.count(b"\r\n")
     if rest.count(b"\n") != crlf or rest.count(b"\r") != crlf or b"\n " in rest or b"\n\t" in rest:

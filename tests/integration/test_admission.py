@@ -381,11 +381,20 @@ def test_whole_plain_requests_are_refused_from_the_request_line(repo, serve):
             replies += chunk
         statuses = [part.split(b"\r\n", 1)[0] for part in replies.split(b"HTTP/1.1 ")[1:]]
         assert statuses == [b"429 Too Many Requests", b"429 Too Many Requests", b"200 OK"], replies[:600]
-    # Not strictly framed (a bare LF, a folded line): never judged from the request line, for a
-    # proxy in front could cut such bytes into requests otherwise (smuggling); httptools reads
-    # the head, and rejects it for the line without a colon.
+    # Not strictly framed (a bare LF, a folded line, a framing header's name spelt so that one
+    # parser may take it and another not, a second Content-Length so spelt): never judged from
+    # the request line, for a proxy in front could cut such bytes into requests otherwise
+    # (smuggling); httptools reads the head, and rejects it. (Until 2026-12-06 a
+    # "Transfer-Encoding : chunked" line beside a Content-Length was answered 429 here, its
+    # body taken by Content-Length, and 400 by httptools once the model was not shedding.)
     # (Each twice: the second time the head is known, and still not judged from its line.)
-    for sneaky in (b"Host: x\nno colon here\r\n", b"Host: x\r\n folded\r\nno colon here\r\n") * 2:
+    framing = (
+        b"Host: x\r\nTransfer-Encoding : chunked\r\n",
+        b"Host: x\r\nTransfer-Encoding\t: chunked\r\n",
+        b"Host: x\r\nX: y\r\nTransfer-encoding\x0b: chunked\r\n",
+        b"Host: x\r\nContent-Length : 3\r\n",
+    )
+    for sneaky in (b"Host: x\nno colon here\r\n", b"Host: x\r\n folded\r\nno colon here\r\n", *framing) * 2:
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(head("simple", len(GOOD)).replace(b"Host: x\r\n", sneaky) + GOOD)
             reply = response(s)
