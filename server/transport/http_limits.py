@@ -364,6 +364,12 @@ def guarded_protocol(
         def on_header(self, name: bytes, value: bytes) -> None:
             self._progress = True
             if self._count(len(name) + len(value) + 4):
+                if not self._in_head:
+                    # A chunked body's trailer field: counted with the head, never merged into it
+                    # (RFC 9110 6.5.1). uvicorn added it to the request's headers, so a trailer
+                    # could set Content-Encoding or Inference-Header-Content-Length after a proxy
+                    # had checked the head.
+                    return
                 if len(name) == 17 and name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
                     # RFC 9112 6.1: a coding the server does not know (gzip, chunked: the body
                     # would be taken for plain bytes) is a 501, and the framing is lost with it

@@ -275,6 +275,26 @@ def test_a_post_offering_an_h2c_upgrade_is_served_with_its_body(guarded):
     s.close()
 
 
+def test_trailer_fields_never_join_the_request_head(guarded):
+    """A chunked body's trailer fields are read and dropped (RFC 9110 6.5.1: never merged into
+    the head). They were added to the request's headers after its head: a trailer
+    ``Content-Encoding: gzip`` made the plain body be inflated (400), and one
+    ``Inference-Header-Content-Length`` cut the body as the binary extension's, headers that a
+    proxy in front checks in the head and seldom in trailers."""
+    s = connect(guarded)
+    for trailer in (b"Content-Encoding: gzip\r\n", b"Inference-Header-Content-Length: 5\r\n", b"X-T: 1\r\n"):
+        s.sendall(
+            b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n%s\r\n" % (len(GOOD), GOOD, trailer)
+        )
+        got = _read_answer(s)
+        assert got.startswith(b"HTTP/1.1 200"), (trailer, got[:300])
+        body = json.loads(got.partition(b"\r\n\r\n")[2])
+        assert {o["name"] for o in body["outputs"]} == {"OUTPUT0", "OUTPUT1"}
+    s.close()
+    assert refusals(guarded) == {}
+
+
 def _upgrade_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith("uvicorn") and "upgrade" in r.getMessage()]
 
