@@ -39,6 +39,9 @@ ENHANCE_YOUR_CALM = 0xB
 # (reason ``flood``): a client could otherwise keep the loop busy for free.
 MAX_EMPTY_FRAMES = 1000
 MAX_CONTINUATIONS = 32
+# Entries in one SETTINGS frame (a client sends a handful; nghttp2 allows 32): each is a step in
+# Python, and a 1 MiB frame of them held the loop ~50 ms. More close the connection (``flood``).
+MAX_SETTINGS = 32
 
 # settings
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x1, 0x2, 0x3, 0x4
@@ -516,6 +519,8 @@ class Http2:
             return
         if len(payload) % 6:
             self._fail(FRAME_SIZE_ERROR, "a SETTINGS frame of the wrong size")
+        if len(payload) > 6 * MAX_SETTINGS:
+            self._fail(ENHANCE_YOUR_CALM, f"a SETTINGS frame of more than {MAX_SETTINGS} entries", "flood")
         self._nothing()  # (each costs an ACK; a client sends a few)
         window = None  # the frame's last INITIAL_WINDOW_SIZE, applied once (each pass visits every stream)
         for i in range(0, len(payload), 6):

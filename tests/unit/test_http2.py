@@ -405,6 +405,21 @@ def test_the_clients_goaway_is_told_and_reading_goes_on_and_a_push_is_an_error()
         srv.receive(raw(http2.PUSH_PROMISE, http2.END_HEADERS, 1, b"\x00\x00\x00\x02"))
 
 
+def test_a_settings_frame_with_more_entries_than_any_client_sends_closes_the_connection():
+    """Each SETTINGS entry is a step in Python: one frame of 1 MiB (174,762 entries) held the
+    event loop about 50 ms, and a thousand of them could come between two requests (nghttp2's
+    CVE-2020-11080; it allows 32 entries a frame). Past MAX_SETTINGS the connection is closed as
+    a flood, before any entry is read."""
+    srv, _ = opened()
+    entry = struct.pack(">HL", http2.MAX_CONCURRENT_STREAMS, 100)
+    srv.receive(raw(http2.SETTINGS, 0, 0, entry * http2.MAX_SETTINGS))  # the most a client may send
+    assert srv.data_to_send() == raw(http2.SETTINGS, http2.ACK, 0)
+    with pytest.raises(Http2Error) as e:
+        srv.receive(raw(http2.SETTINGS, 0, 0, entry * (http2.MAX_SETTINGS + 1)))
+    assert e.value.reason == "flood"
+    assert _goaway_code(srv) == http2.ENHANCE_YOUR_CALM
+
+
 def test_settings_from_the_client_are_acknowledged_and_applied():
     srv, _ = server()
     srv.data_to_send()
