@@ -20,7 +20,7 @@ from typing import NoReturn, Protocol
 
 import hpack.exceptions
 
-from .hpack_cache import CachingDecoder, CachingEncoder, OversizedList
+from .hpack_cache import CachingDecoder, CachingEncoder, OversizedList, TooManyFields
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -434,6 +434,9 @@ class Http2:
             return self.decoder.decode(block, raw=True)
         except OversizedList:
             return None
+        except TooManyFields:
+            limit = self.decoder.max_fields
+            self._fail(ENHANCE_YOUR_CALM, f"a header block of more than {limit} fields", "header_bytes")
         except hpack.exceptions.OversizedHeaderListError:
             self._fail(COMPRESSION_ERROR, "a header list over twice max_header_bytes", "header_bytes")
         except hpack.exceptions.HPACKError as e:

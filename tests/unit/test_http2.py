@@ -12,7 +12,7 @@ import h2.events
 import h2.settings
 import pytest
 
-from batchgate.transport import http2
+from batchgate.transport import hpack_cache, http2
 from batchgate.transport.http2 import Http2, Http2Error
 from batchgate.transport.http2_client import Http2Client
 
@@ -417,6 +417,21 @@ def test_a_settings_frame_with_more_entries_than_any_client_sends_closes_the_con
     with pytest.raises(Http2Error) as e:
         srv.receive(raw(http2.SETTINGS, 0, 0, entry * (http2.MAX_SETTINGS + 1)))
     assert e.value.reason == "flood"
+    assert _goaway_code(srv) == http2.ENHANCE_YOUR_CALM
+
+
+def test_a_header_block_of_too_many_fields_closes_the_connection():
+    """Fields past hpack_cache.MAX_FIELDS in one block: refused before they are decoded (15 ms of
+    the loop for 3,000 one-byte fields), and the connection closed, as the table is out of step."""
+    srv, rec = server(max_header_bytes=1 << 16)
+    srv.receive(http2.PREFACE + raw(http2.SETTINGS, 0, 0))
+    block = client().encoder.encode(REQUEST) + b"\x86" * (hpack_cache.MAX_FIELDS - len(REQUEST))
+    srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 1, block))  # the most allowed: decoded
+    assert rec.seen and rec.seen[-1][:2] == ("request", 1)
+    srv.data_to_send()
+    with pytest.raises(Http2Error) as e:
+        srv.receive(raw(http2.HEADERS, http2.END_HEADERS, 3, block + b"\x86"))
+    assert e.value.reason == "header_bytes"
     assert _goaway_code(srv) == http2.ENHANCE_YOUR_CALM
 
 
