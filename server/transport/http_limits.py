@@ -63,6 +63,11 @@ from .http_scope import encoded_separator
 from .sockets import MIN_SEND_BYTES_PER_S
 
 HEAD_TOO_LARGE = "header_bytes"
+TOO_MANY_FIELDS = "header_fields"
+# Header (and trailer) fields of one request: each is a call into Python as httptools reads it,
+# so a head of 10,000 tiny fields within max_header_bytes cost ~5 ms of the loop (Apache's
+# LimitRequestFields is 100; the h2 engine allows as many, hpack_cache.MAX_FIELDS).
+MAX_HEADER_FIELDS = 128
 HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
@@ -139,6 +144,7 @@ def guarded_protocol(
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
+        _fields = 0  # header and trailer fields of this request so far
         _timer: asyncio.TimerHandle | None = None
         _refused = False  # answered and closing: what is still parsed from the buffer is ignored
         _behind = False  # this request was pipelined behind an answer still in progress
@@ -352,7 +358,7 @@ def guarded_protocol(
             super().on_message_begin()
             if self._tls is not None:
                 self.scope["extensions"] = {"tls": self._tls}
-            self._head_bytes = 0
+            self._head_bytes = self._fields = 0
             if self._timer is None and not self._behind:  # a keep-alive connection's next request
                 self._arm(header_timeout_s, HEAD_TIMEOUT)
 
@@ -363,6 +369,11 @@ def guarded_protocol(
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._progress = True
+            self._fields += 1
+            if self._fields > MAX_HEADER_FIELDS and not self._refused:
+                refused(TOO_MANY_FIELDS)
+                self._refuse(431, f"the request head has more than {MAX_HEADER_FIELDS} fields")
+                return
             if self._count(len(name) + len(value) + 4):
                 if not self._in_head:
                     # A chunked body's trailer field: counted with the head, never merged into it
