@@ -133,6 +133,9 @@ class Http2:
         self._continuations = 0  # CONTINUATION frames of that block so far
         self._empty = 0  # frames that carried nothing since the last request (see MAX_EMPTY_FRAMES)
         self._moved = False  # DATA went either way since the last PING (which is then free)
+        # WINDOW_UPDATEs that may still come free: two for each DATA frame we sent (its stream's
+        # credit and the connection's), at most MAX_EMPTY_FRAMES banked; others carry nothing
+        self._credits = 0
         self._closed = False
         settings = b"".join(
             _SETTING.pack(k, v)
@@ -193,6 +196,8 @@ class Http2:
             stream.send_window -= n
         self._send_window -= n
         self._moved = True
+        if self._credits < MAX_EMPTY_FRAMES:
+            self._credits += 2
         out = self._out
         out += _HEADER.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end_stream else 0, sid)
         out += data
@@ -481,6 +486,13 @@ class Http2:
         if len(payload) != 4:
             self._fail(FRAME_SIZE_ERROR, "a WINDOW_UPDATE of the wrong size")
         inc = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if not sid or sid in self.streams:
+            # free while it credits DATA we sent; else a frame that carries nothing (5 million
+            # WINDOW_UPDATEs of 1 went uncounted until 2026-12-06, holding other clients 38 ms)
+            if self._credits:
+                self._credits -= 1
+            else:
+                self._nothing()
         if not sid:
             if not inc:
                 self._fail(PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
