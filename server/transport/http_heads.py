@@ -64,6 +64,7 @@ def plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
     if rest.count(b"\n") != crlf or rest.count(b"\r") != crlf or b"\n " in rest or b"\n\t" in rest:
         return False
     length = rest[i + 16 : rest.find(b"\r", i)].strip()
-    if not length.isdigit() or not name.isascii():
+    # (at most 18 digits: no body is longer, and int() refuses more than 4,300, ValueError)
+    if not length.isdigit() or len(length) > 18 or not name.isascii():
         return False
     return name.decode("ascii"), int(length)

@@ -35,3 +35,12 @@ def test_a_head_another_parser_could_frame_otherwise_is_not_plain(headers):
     unseen here: the request was refused 429 from its line, its body cut by Content-Length, where
     httptools refuses the head (400) and a proxy in front may take it as chunked (smuggling)."""
     assert plain_head(LINE + headers) is False
+
+
+@pytest.mark.parametrize("digits", [b"9" * 5000, b"0" * 5000 + b"42", b"1" * 19])
+def test_a_content_length_of_more_digits_than_any_body_is_not_plain(digits):
+    """Python refuses to read an integer of more than 4,300 digits (ValueError): a head with such
+    a Content-Length, sent while the model was shedding, failed the protocol's data_received
+    (the connection dropped without an answer, an ERROR traceback logged for each). httptools
+    judges such a head instead."""
+    assert plain_head(LINE + b"Content-Length: " + digits) is False
