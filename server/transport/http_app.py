@@ -431,9 +431,11 @@ class HttpApp:
         x_headers = []
         for k, v in scope["headers"]:
             if k == b"content-length":
-                if len(v) > 6 and int(v) > self.limit:
+                # (leading zeros are allowed, and int() refuses over 4,300 digits: httptools
+                # has checked that the value fits 64 bits)
+                if len(v) > 6 and (n := int(v.strip().lstrip(b"0") or b"0")) > self.limit:
                     raise BodyRefused(
-                        f"request body of {int(v)} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
+                        f"request body of {n} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
                     )
             elif k == b"inference-header-content-length":
                 twice = "Inference-Header-Content-Length" if header_len is not None else twice

@@ -52,7 +52,7 @@ class BodyReader:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
-                    n = int(v)
+                    n = int(v.strip().lstrip(b"0") or b"0")  # (zeros first are allowed: int() reads 4,300 digits)
                 except ValueError:
                     raise invalid("Content-Length is not a number") from None
                 if n > self.limit:

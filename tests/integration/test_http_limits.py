@@ -127,6 +127,20 @@ def test_a_request_head_of_too_many_fields_is_431_and_closed(guarded):
     serves(guarded)
 
 
+def test_a_content_length_with_thousands_of_leading_zeros_is_served(server):
+    """HTTP allows any number of leading zeros in Content-Length (httptools reads them); Python's
+    int() refuses more than 4,300 digits, and the size check took the header so: a 500 and an
+    ERROR traceback for each such request."""
+    s = connect(server)
+    s.sendall(
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + b"0" * 5000 + str(len(GOOD)).encode() + b"\r\n\r\n" + GOOD
+    )
+    got = _read_answer(s)
+    assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    s.close()
+
+
 def _trickle_one_line(s: socket.socket, start: bytes) -> bytes:
     """``start``, then one line of 64 KiB that never ends, in 4 KiB pieces; the answer."""
     s.sendall(start)
