@@ -136,6 +136,7 @@ class Http2:
         # WINDOW_UPDATEs that may still come free: two for each DATA frame we sent (its stream's
         # credit and the connection's), at most MAX_EMPTY_FRAMES banked; others carry nothing
         self._credits = 0
+        self._goaway_seen = False  # the peer sent a GOAWAY
         self._closed = False
         settings = b"".join(
             _SETTING.pack(k, v)
@@ -326,6 +327,9 @@ class Http2:
             elif kind == GOAWAY:
                 if sid or length < 8:
                     self._fail(PROTOCOL_ERROR, "a malformed GOAWAY")
+                if self._goaway_seen:  # (the first ends the peer's side; more change nothing)
+                    self._nothing()
+                self._goaway_seen = True
                 self._goaway_frame(payload)
             elif kind == PUSH_PROMISE:
                 self._fail(PROTOCOL_ERROR, "a client may not push")
