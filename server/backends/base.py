@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..core.errors import GatewayError
+from ..core.errors import GatewayError, ModelConfigError
+from ..core.types import clip, printable
 
 if TYPE_CHECKING:
     from ..monitoring.tracing import TraceHeaders
@@ -49,6 +50,29 @@ class LocalOptions:
 
 
 Kind = Literal["local", "remote"]
+
+# The most threads a config's intra_op_thread_count / inter_op_thread_count may ask an engine for:
+# the engine starts them while the load runs, and a typo (100000) held a server's start for good.
+MAX_THREADS = 256
+
+
+def thread_counts(params: Mapping[str, str]) -> tuple[int, int]:
+    """The config's ``intra_op_thread_count`` and ``inter_op_thread_count`` (0: the backend's own
+    choice), each a whole number from 0 to ``MAX_THREADS``; anything else fails the load."""
+    counts = []
+    for key in ("intra_op_thread_count", "inter_op_thread_count"):
+        text = (params.get(key) or "0").strip()
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_THREADS:
+            raise ModelConfigError(
+                f"{key} must be a whole number from 0 to {MAX_THREADS} (0: one thread per core this process "
+                f"may use), not '{printable(clip(text, 32))}'"
+            )
+        counts.append(n)
+    return counts[0], counts[1]
 
 
 class Backend(Protocol):

@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .. import cores
 from ..core.errors import ModelConfigError, ModelRefused, invalid
 from ..core.types import BY_ONNX, DATATYPES
-from .base import IOInfo, Kind, LocalOptions, register_local
+from .base import IOInfo, Kind, LocalOptions, register_local, thread_counts
 from .onnx_rows import value_shaped_outputs
 from .onnx_zipmap import open_session
 
@@ -86,11 +86,7 @@ class OnnxBackend:
         gpus = [g for grp in config.instance_group for g in grp.gpus]
         providers = choose_providers(want_gpu, want_trt, gpus[0] if gpus else options.gpu_device_id)
         params = {k: v.string_value for k, v in config.parameters.items()}
-        try:
-            intra = int(params.get("intra_op_thread_count", "0") or 0)
-            inter = int(params.get("inter_op_thread_count", "0") or 0)
-        except ValueError:
-            raise ModelConfigError("intra_op_thread_count / inter_op_thread_count must be integers") from None
+        intra, inter = thread_counts(params)
         spinning = params.get("allow_spinning", "false").strip().lower()
         if spinning not in ("true", "false", "1", "0"):
             raise ModelConfigError("allow_spinning must be true or false")

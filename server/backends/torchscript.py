@@ -43,7 +43,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from .. import cores
 from ..core.errors import ModelConfigError
 from ..core.types import BY_CONFIG, clip
-from .base import IOInfo, Kind, LocalOptions, register_local
+from .base import IOInfo, Kind, LocalOptions, register_local, thread_counts
 
 log = logging.getLogger("batchgate.torch")
 
@@ -190,15 +190,7 @@ def _bind_outputs(names: list[str]) -> tuple[dict[str, int], bool]:
 
 
 def _threads(cfg: mc.ModelConfig) -> tuple[int, int]:
-    params = {k.lower(): v.string_value for k, v in cfg.parameters.items()}
-    try:
-        intra = int(params.get("intra_op_thread_count", "0") or 0)
-        inter = int(params.get("inter_op_thread_count", "0") or 0)
-    except ValueError:
-        raise ModelConfigError("intra_op_thread_count / inter_op_thread_count must be integers") from None
-    if intra < 0 or inter < 0:
-        raise ModelConfigError("intra_op_thread_count / inter_op_thread_count must not be negative")
-    return intra, inter
+    return thread_counts({k.lower(): v.string_value for k, v in cfg.parameters.items()})
 
 
 @register_local(PLATFORM, "pytorch")

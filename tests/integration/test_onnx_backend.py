@@ -288,3 +288,27 @@ def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, ca
         "runs on GPU 1 alone; a group's count is its executions at once there, not per GPU listed)"
     ]
     assert running.gateway.repository.resolve("two", "").instances == 2
+
+
+@pytest.mark.parametrize("count", ["100000", "-5"])
+def test_a_thread_count_out_of_range_fails_the_load_naming_the_bound(tmp_path, serve, count):
+    """A count past the bound would have ONNX Runtime start that many threads while the load
+    holds the server's start (100000 never finished); a negative one was passed on as it was."""
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "clf",
+        config=f'parameters {{ key: "intra_op_thread_count" value {{ string_value: "{count}" }} }}\n',
+    )
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "inter",
+        config=f'parameters {{ key: "inter_op_thread_count" value {{ string_value: "{count}" }} }}\n',
+    )
+    running = serve(str(tmp_path))
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    for name, key in (("clf", "intra_op_thread_count"), ("inter", "inter_op_thread_count")):
+        assert rows[name]["state"] == "UNAVAILABLE", rows[name]
+        assert f"{key} must be a whole number from 0 to 256" in rows[name]["reason"]
+        assert count in rows[name]["reason"]
