@@ -96,6 +96,7 @@ def complete_config(
     ``overridable``: tensors the engine takes when given but does not need (ONNX initializers
     that are graph inputs too), served only where the config lists them, optional."""
     cfg = _copy(cfg)
+    _refuse_what_triton_refuses_first(cfg)
     given_names = {e.name for e in cfg.input}
     real_names = {t.name for t in inputs}
     listed = [t for t in overridable if t.name in given_names and t.name not in real_names]
@@ -199,6 +200,26 @@ def complete_config(
         )
     _refuse_what_triton_refuses(cfg)  # (once the dims are completed)
     return cfg
+
+
+def _refuse_what_triton_refuses_first(cfg: mc.ModelConfig) -> None:
+    """What no completion can mend: a negative ``max_batch_size`` (Triton refuses it; it read as
+    a batch of -1 rows) and a tensor listed twice (the metadata would list it twice)."""
+    if cfg.max_batch_size < 0:
+        raise ModelConfigError(
+            f"model '{cfg.name}': max_batch_size must not be negative (0: the model does not batch), "
+            f"not {cfg.max_batch_size}"
+        )
+    for kind, entries in (("input", cfg.input), ("output", cfg.output)):
+        seen: dict[str, int] = {}
+        for e in entries:
+            seen[e.name] = seen.get(e.name, 0) + 1
+        twice = [n for n, k in seen.items() if k > 1]
+        if twice:
+            raise ModelConfigError(
+                f"model '{cfg.name}': config {kind} '{_said(twice[0])}' is listed {seen[twice[0]]} times; "
+                f"list each {kind} once"
+            )
 
 
 def _refuse_what_triton_refuses(cfg: mc.ModelConfig) -> None:

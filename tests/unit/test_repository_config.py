@@ -288,6 +288,21 @@ def test_complete_datatype_mismatch_is_an_error():
             [("x", -1, 4)],
             ["format FORMAT_NHWC, which needs 3 dims"],
         ),
+        # a negative batch size (Triton: "'max_batch_size' must be non-negative"); it was read as
+        # a batch of -1 rows and the load failed saying an output's first dimension was not the batch
+        ("max_batch_size: -1", [("x", -1, 4)], ["max_batch_size must not be negative", "not -1"]),
+        # a tensor listed twice: the metadata listed it twice, and a client that sent what the
+        # metadata says was refused for sending the input twice
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [4]}, {name: 'x' dims: [4]}]",
+            [("x", -1, 4)],
+            ["config input 'x' is listed 2 times"],
+        ),
+        (
+            "max_batch_size: 8 output [{name: 'x' dims: [4]}, {name: 'x'}]",
+            [("x", -1, 4)],
+            ["config output 'x' is listed 2 times"],
+        ),
     ],
 )
 def test_a_config_the_model_does_not_fit_is_refused_at_load(config, model_inputs, words):
