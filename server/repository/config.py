@@ -32,8 +32,16 @@ def read_config(model_dir: str, name: str) -> mc.ModelConfig:
     path = os.path.join(model_dir, CONFIG_FILE)
     cfg = mc.ModelConfig()
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as e:  # (a directory, no permission: said without the server's path)
+            raise ModelConfigError(f"model '{name}': {CONFIG_FILE} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ModelConfigError(
+                f"model '{name}': {CONFIG_FILE} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                f"{e.start}); save it as UTF-8"
+            ) from None
         try:
             text_format.Parse(text, cfg)
         except text_format.ParseError as e:

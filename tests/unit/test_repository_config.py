@@ -75,6 +75,21 @@ def test_read_config_syntax_error_names_the_file(tmp_path):
     assert "config.pbtxt" in str(ei.value) and "max_batch_size" in str(ei.value)
 
 
+def test_a_config_file_that_cannot_be_read_as_text_names_the_model_and_the_file(tmp_path):
+    """Bytes that are not UTF-8, or a directory where the file should be: the load's reason named
+    neither the model nor the file ("'utf-8' codec can't decode byte 0xff ...")."""
+    d = model_dir(tmp_path, "latin")
+    (tmp_path / "latin" / "config.pbtxt").write_bytes(b'max_batch_size: 8\nname: "caf\xe9"\n')
+    with pytest.raises(ConfigError) as ei:
+        read_config(d, "latin")
+    assert str(ei.value) == "model 'latin': config.pbtxt is not UTF-8 text (byte 0xe9 at offset 28); save it as UTF-8"
+    d = model_dir(tmp_path, "folder")
+    (tmp_path / "folder" / "config.pbtxt").mkdir()
+    with pytest.raises(ConfigError) as ei:
+        read_config(d, "folder")
+    assert str(ei.value) == "model 'folder': config.pbtxt cannot be read: Is a directory"
+
+
 # ---------------------------------------------------------------- versions_to_serve
 def policy(text: str) -> mc.ModelConfig:
     cfg = mc.ModelConfig()
