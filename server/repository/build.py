@@ -125,6 +125,12 @@ class VersionBuilder:
     def local(self, name: str, model_dir: str, override: mc.ModelConfig | None) -> dict[int, ModelVersion]:
         """Blocking (call it on a thread): read the config, open every served version, warm it up."""
         cfg = override if override is not None else read_config(model_dir, name)
+        if len(cfg.model_repository_agents.agents):  # (Triton without the agent fails the load too)
+            agents = ", ".join(printable(clip(a.name, 64)) for a in cfg.model_repository_agents.agents[:8])
+            raise ModelConfigError(
+                f"model '{name}': model_repository_agents ({agents}) are not supported: batchgate runs no "
+                "repository agent, so what they check or change would not be done; remove them to serve the model"
+            )
         given = cfg.default_model_filename
         if given in (".", "..") or any(c in given for c in "/\\\0"):
             raise ModelConfigError(
@@ -397,4 +403,15 @@ def _not_acted_on(cfg: mc.ModelConfig) -> str:
         found.append("batch_input / batch_output")
     if len(cfg.model_warmup):
         found.append("model_warmup (every model is warmed up with zeros)")
+    if len(cfg.metric_tags):
+        found.append("metric_tags (not added to the metrics' labels)")
+    if len(cfg.model_operations.op_library_filename):
+        found.append("model_operations (no op library is loaded)")
+    if len(cfg.cc_model_filenames):
+        found.append("cc_model_filenames (the version's model file is default_model_filename on every device)")
+    accel = cfg.optimization.execution_accelerators
+    others = [a.name for a in accel.cpu_execution_accelerator]
+    others += [a.name for a in accel.gpu_execution_accelerator if a.name.lower() != "tensorrt"]
+    if others:
+        found.append("execution accelerators " + ", ".join(printable(clip(n, 64)) for n in others[:8]))
     return "; ".join(found)

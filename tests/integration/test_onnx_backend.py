@@ -280,6 +280,31 @@ def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, ca
         str(tmp_path),
         "one",
         config="max_batch_size: 4\ninstance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n",
+
+
+def test_more_triton_settings_not_acted_on_are_named_and_a_repository_agent_is_refused(tmp_path, serve, caplog):
+    """Metric tags (Triton adds them as labels), custom op libraries, per-GPU file names and
+    execution accelerators other than TensorRT loaded without a word; a repository agent (Triton's
+    checksum agent refuses a model whose files changed) was skipped, so the model loaded whatever
+    its files held: it fails the load, as on a Triton without that agent."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    config = """max_batch_size: 4
+metric_tags { key: "team" value: "fraud" }
+model_operations { op_library_filename: "libcustom_ops.so" }
+cc_model_filenames { key: "8.0" value: "model_a100.onnx" }
+optimization { execution_accelerators {
+  cpu_execution_accelerator [ { name: "openvino" } ]
+  gpu_execution_accelerator [ { name: "tensorrt" }, { name: "migraphx" } ] } }
+"""
+    _save(classifier_model(), str(tmp_path), "tagged", config=config)
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "checked",
+        config='model_repository_agents { agents [ { name: "checksum" parameters { key: "MD5:1/model.onnx" '
+        'value: "0" } } ] }\n',
     )
     running = serve(str(tmp_path))
     warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
@@ -288,6 +313,19 @@ def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, ca
         "runs on GPU 1 alone; a group's count is its executions at once there, not per GPU listed)"
     ]
     assert running.gateway.repository.resolve("two", "").instances == 2
+
+
+        "model 'tagged': not acted on (see README, Not supported): metric_tags (not added to the metrics' "
+        "labels); model_operations (no op library is loaded); cc_model_filenames (the version's model file is "
+        "default_model_filename on every device); execution accelerators openvino, migraphx"
+    ]
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert rows["tagged"]["state"] == "READY"
+    assert rows["checked"]["state"] == "UNAVAILABLE"
+    assert rows["checked"]["reason"] == (
+        "model 'checked': model_repository_agents (checksum) are not supported: batchgate runs no repository "
+        "agent, so what they check or change would not be done; remove them to serve the model"
+    )
 
 
 @pytest.mark.parametrize("count", ["100000", "-5"])
