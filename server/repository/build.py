@@ -27,6 +27,7 @@ from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from ..threads import InferenceThreads
 from .config import (
+    BACKEND_NAMES,
     batch_doubts,
     complete_config,
     instances_of,
@@ -146,7 +147,16 @@ class VersionBuilder:
             platform, evidence = infer_platform(model_dir, versions, cfg.default_model_filename)
         try:
             cls = local_backend(platform)
+            if cfg.platform and cfg.backend and local_backend(cfg.backend) is not cls:
+                raise KeyError(cfg.backend)
         except KeyError:
+            if cfg.platform and cfg.backend and platform in local_platforms():
+                # (Triton refuses such a pair too; served by one, the config would tell clients the other)
+                raise ModelConfigError(
+                    f"model '{name}': platform '{printable(clip(cfg.platform))}' and backend "
+                    f"'{printable(clip(cfg.backend))}' do not name the same backend; give one of them, or a pair "
+                    f"that agrees ({', '.join(f'{p} with {b}' for p, b in BACKEND_NAMES.items())})"
+                ) from None
             seen = f" (recognised by {printable(clip(evidence))})" if evidence else ""
             raise ModelConfigError(
                 f"model '{name}': platform '{printable(clip(platform))}'{seen} is not served; "

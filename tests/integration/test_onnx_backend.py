@@ -328,6 +328,24 @@ optimization { execution_accelerators {
     )
 
 
+def test_a_platform_and_a_backend_that_disagree_fail_the_load_naming_both(tmp_path, serve):
+    """Triton refuses such a pair ("unexpected 'platform' and 'backend' pair"); the model was
+    served by the platform's backend, and its config told clients the other."""
+    _save(classifier_model(), str(tmp_path), "mixed", config='platform: "onnxruntime_onnx"\nbackend: "pytorch"\n')
+    _save(classifier_model(), str(tmp_path), "other", config='platform: "onnxruntime_onnx"\nbackend: "python"\n')
+    _save(classifier_model(), str(tmp_path), "pair", config='platform: "onnxruntime_onnx"\nbackend: "onnxruntime"\n')
+    running = serve(str(tmp_path))
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert rows["pair"]["state"] == "READY"
+    for name, backend in (("mixed", "pytorch"), ("other", "python")):
+        assert rows[name]["state"] == "UNAVAILABLE"
+        assert rows[name]["reason"] == (
+            f"model '{name}': platform 'onnxruntime_onnx' and backend '{backend}' do not name the same backend; "
+            "give one of them, or a pair that agrees (onnxruntime_onnx with onnxruntime, pytorch_libtorch with "
+            "pytorch)"
+        )
+
+
 @pytest.mark.parametrize("count", ["100000", "-5"])
 def test_a_thread_count_out_of_range_fails_the_load_naming_the_bound(tmp_path, serve, count):
     """A count past the bound would have ONNX Runtime start that many threads while the load
