@@ -164,7 +164,9 @@ class VersionBuilder:
             ) from None
         default_file = getattr(cls, "default_model_filename", DEFAULT_MODEL_FILENAME)
         if not available:
-            raise ModelConfigError(f"model '{name}' has no version directory (e.g. {name}/1/{default_file})")
+            raise ModelConfigError(
+                f"model '{name}' has no version directory (e.g. {name}/1/{default_file}){_no_versions(model_dir)}"
+            )
         if not versions:
             raise ModelConfigError(f"model '{name}': the version policy selects none of the versions {available}")
         if cfg.version_policy.WhichOneof("policy_choice") == "specific":
@@ -359,6 +361,25 @@ def _runs(backend: Any) -> bool:
     except Exception:  # noqa: BLE001 - any failure: it does not
         return False
     return True
+
+
+def _no_versions(model_dir: str) -> str:
+    """What a model directory with no version directory holds instead, as a hint ("" if nothing
+    tells): an MLServer model's settings, or directories that are not version numbers."""
+    if os.path.isfile(os.path.join(model_dir, "model-settings.json")):
+        return (
+            "; it holds model-settings.json, an MLServer model: batchgate serves Triton's layout of ONNX and "
+            "TorchScript models (convert the model with batchgate convert, or serve it from MLServer as a "
+            "remote model)"
+        )
+    try:
+        others = sorted(n for n in os.listdir(model_dir) if os.path.isdir(os.path.join(model_dir, n)))
+    except OSError:
+        return ""
+    if not others:
+        return ""
+    shown = ", ".join(printable(clip(n, 32)) for n in others[:8]) + (", ..." if len(others) > 8 else "")
+    return f"; not versions (a version directory is a number without a leading 0): {shown}"
 
 
 def _other_file(model_dir: str, version: int, platform: str) -> str:

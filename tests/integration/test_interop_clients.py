@@ -10,12 +10,16 @@ raw data (``use_raw=True``), writes an empty ``contents {}`` beside each input's
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
 import grpc
 import numpy as np
+import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from batchgate.demo import _save, classifier_model
 
 
 def _post(server, model: str, body: dict) -> tuple[int, dict]:
@@ -109,3 +113,26 @@ def test_raw_data_beside_an_empty_contents_is_served_over_grpc(server):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "in raw_input_contents or in contents, not both" in e.details()
+
+
+def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path, serve):
+    """An MLServer model directory (model-settings.json beside the model file) or version
+    directories that are not numbers (v1, 01) were told only "has no version directory"."""
+    (tmp_path / "iris").mkdir()
+    (tmp_path / "iris" / "model-settings.json").write_text('{"name": "iris", "implementation": "x.Y"}')
+    (tmp_path / "iris" / "model.joblib").write_bytes(b"\0")
+    _save(classifier_model(), str(tmp_path), "named")
+    os.rename(tmp_path / "named" / "1", tmp_path / "named" / "v1")
+    os.makedirs(tmp_path / "named" / "01")
+    running = serve(str(tmp_path))
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert rows["iris"]["reason"] == (
+        "model 'iris' has no version directory (e.g. iris/1/model.onnx); it holds model-settings.json, an "
+        "MLServer model: batchgate serves Triton's layout of ONNX and TorchScript models (convert the model "
+        "with batchgate convert, or serve it from MLServer as a remote model)"
+    )
+    assert rows["named"]["reason"] == (
+        "model 'named' has no version directory (e.g. named/1/model.onnx); not versions (a version directory is "
+        "a number without a leading 0): 01, v1"
+    )
+
