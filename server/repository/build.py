@@ -163,6 +163,8 @@ class VersionBuilder:
                 f"batchgate serves {', '.join(local_platforms())}"
             ) from None
         default_file = getattr(cls, "default_model_filename", DEFAULT_MODEL_FILENAME)
+        if not available and not os.path.isdir(model_dir):
+            raise ModelConfigError(f"model '{name}': the repository has no directory '{name}'")
         if not available:
             raise ModelConfigError(
                 f"model '{name}' has no version directory (e.g. {name}/1/{default_file}){_no_versions(model_dir)}"

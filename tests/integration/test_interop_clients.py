@@ -20,6 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from batchgate.demo import _save, classifier_model
+from processes import Proc, serve_args
 
 
 def _post(server, model: str, body: dict) -> tuple[int, dict]:
@@ -136,3 +137,14 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
         "a number without a leading 0): 01, v1"
     )
 
+
+def test_a_model_to_load_that_the_repository_lacks_is_told_so(tmp_path):
+    """`--load-model nosuch` was told "has no version directory (e.g. nosuch/1/model.onnx)", as if
+    the directory were there."""
+    p = Proc(serve_args(str(tmp_path), "--model-control-mode", "explicit", "--load-model", "nosuch"))
+    try:
+        p.p.wait(60)
+    finally:
+        p.kill()
+    assert p.p.returncode != 0
+    assert "failed to load model 'nosuch': model 'nosuch': the repository has no directory 'nosuch'" in p.output()
