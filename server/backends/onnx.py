@@ -25,7 +25,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import cores
 from ..core.errors import ModelConfigError, ModelRefused, invalid
-from ..core.types import BY_ONNX, DATATYPES
+from ..core.types import BY_ONNX, DATATYPES, clip, printable
 from .base import IOInfo, Kind, LocalOptions, register_local, thread_counts
 from .onnx_rows import value_shaped_outputs
 from .onnx_zipmap import open_session
@@ -37,19 +37,22 @@ log = logging.getLogger("batchgate.onnx")
 PLATFORM = "onnxruntime_onnx"
 
 
-def choose_providers(want_gpu: bool, want_tensorrt: bool, device_id: int = 0) -> list:
+def choose_providers(want_gpu: bool, want_tensorrt: bool, device_id: int = 0, model: str = "") -> list:
+    """ONNX Runtime's providers for what the config asks; one it lacks is skipped with a warning
+    naming ``model``."""
+    said = f"model '{printable(clip(model))}': " if model else ""
     available = set(ort.get_available_providers())
     chosen: list = []
     if want_tensorrt:
         if "TensorrtExecutionProvider" in available:
             chosen.append(("TensorrtExecutionProvider", {"device_id": device_id}))
         else:
-            log.warning("TensorRT execution provider requested but not available here")
+            log.warning("%sTensorRT execution provider requested but not available here", said)
     if want_gpu or want_tensorrt:
         if "CUDAExecutionProvider" in available:
             chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
         else:
-            log.warning("CUDA execution provider requested but not available; serving on CPU")
+            log.warning("%sCUDA execution provider requested but not available; serving on CPU", said)
     chosen.append("CPUExecutionProvider")
     return chosen
 
@@ -84,7 +87,7 @@ class OnnxBackend:
         accel = config.optimization.execution_accelerators.gpu_execution_accelerator
         want_trt = any(a.name.lower() == "tensorrt" for a in accel)
         gpus = [g for grp in config.instance_group for g in grp.gpus]
-        providers = choose_providers(want_gpu, want_trt, gpus[0] if gpus else options.gpu_device_id)
+        providers = choose_providers(want_gpu, want_trt, gpus[0] if gpus else options.gpu_device_id, config.name)
         params = {k: v.string_value for k, v in config.parameters.items()}
         intra, inter = thread_counts(params)
         spinning = params.get("allow_spinning", "false").strip().lower()

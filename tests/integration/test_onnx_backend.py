@@ -26,10 +26,13 @@ def test_instances_and_thread_pools_come_from_the_config(tmp_path, serve):
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
-def test_gpu_instance_group_without_a_gpu_serves_on_the_cpu(tmp_path, serve):
-    """No GPU here: KIND_GPU asks for CUDA, which this machine lacks, so the CPU serves."""
+def test_gpu_instance_group_without_a_gpu_serves_on_the_cpu(tmp_path, serve, caplog):
+    """No GPU here: KIND_GPU asks for CUDA, which this machine lacks, so the CPU serves, and the
+    warning names the model (it named none: which of a repository's models was it?)."""
+    caplog.set_level("WARNING", logger="batchgate.onnx")
     _save(classifier_model(), str(tmp_path), "clf", config="instance_group [ { count: 1 kind: KIND_GPU } ]\n")
     running = serve(str(tmp_path))
+    assert "model 'clf': CUDA execution provider requested but not available; serving on CPU" in caplog.messages
     served = running.gateway.repository.resolve("clf", "")
     assert served.backend.providers() == ["CPUExecutionProvider"]
     c = httpclient.InferenceServerClient(running.http_url)
