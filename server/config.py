@@ -195,6 +195,20 @@ class _Loader(UniqueKeys):
         return data
 
 
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, on one line."""
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return " ".join(f"{context + ': ' if context else ''}{problem}".split()) + _at(mark)
+
+
 def _load_yaml(text: str, file: str) -> Any:
     """The document in ``text``; any loader failure is a ConfigError naming ``file`` and the place."""
     try:
@@ -208,16 +222,16 @@ def _load_yaml(text: str, file: str) -> Any:
     loader.name = file  # marks name the file, not "<unicode string>"
     try:
         return loader.get_single_data()
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # (one line: PyYAML's own text quotes the line with a caret under it)
+        raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(
-            f"config file {file} is not valid YAML: it is nested too deeply (a config file needs a few levels)\n"
-            f"{loader.get_mark()}"
+            f"config file {file} is not valid YAML: it is nested too deeply (a config file needs a few levels)"
+            f"{_at(loader.get_mark())}"
         ) from None
     except Exception as e:  # PyYAML's scanner: chr() of an escape like "\U80092014" (OverflowError)
         raise ConfigError(
-            f"config file {file} is not valid YAML: cannot read the text here ({_reason(e)})\n{loader.get_mark()}"
+            f"config file {file} is not valid YAML: cannot read the text here ({_reason(e)}){_at(loader.get_mark())}"
         ) from None
     finally:
         loader.dispose()

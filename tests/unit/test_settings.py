@@ -4,6 +4,7 @@ The YAML file nests settings in sections; environment variables and flags stay f
 environment is always passed explicitly (``environ=``), so the real one never leaks in."""
 
 import argparse
+import re
 import subprocess
 import sys
 import warnings
@@ -284,6 +285,24 @@ def test_an_unquoted_off_in_yaml_means_off(tmp_path, repo):
 def test_file_must_be_valid_yaml(tmp_path):
     f = write(tmp_path, "a: [unclosed\n")
     assert "not valid YAML" in error(f, environ={})
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("server:\n  http_port: [1,\n", "while parsing a flow node: expected the node content, but found"),
+        ("server:\n  host: a\n  host: b\n", "key 'host' is given twice"),
+        ("server: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+        ('server:\n  host: "\\U80092014"\n', "OverflowError"),
+    ],
+)
+def test_a_yaml_error_is_one_line_naming_the_place(tmp_path, content, words):
+    """`batchgate serve --config` printed PyYAML's own text: four lines, with the file's line
+    quoted under the message and a caret under that, where every other file error of the CLI is one."""
+    f = write(tmp_path, content)
+    msg = error(f, environ={})
+    assert "\n" not in msg and words in msg, msg
+    assert re.search(r" at line \d+, column \d+", msg), msg
 
 
 def test_missing_file(tmp_path):
