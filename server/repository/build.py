@@ -447,4 +447,6 @@ def _not_acted_on(cfg: mc.ModelConfig) -> str:
     others += [a.name for a in accel.gpu_execution_accelerator if a.name.lower() != "tensorrt"]
     if others:
         found.append("execution accelerators " + ", ".join(printable(clip(n, 64)) for n in others[:8]))
+    if any(o.label_filename for o in cfg.output):
+        found.append("label_filename (no classification: class_count is refused, and the file is not read)")
     return "; ".join(found)

@@ -286,14 +286,16 @@ def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, ca
 
 
 def test_more_triton_settings_not_acted_on_are_named_and_a_repository_agent_is_refused(tmp_path, serve, caplog):
-    """Metric tags (Triton adds them as labels), custom op libraries, per-GPU file names and
-    execution accelerators other than TensorRT loaded without a word; a repository agent (Triton's
-    checksum agent refuses a model whose files changed) was skipped, so the model loaded whatever
-    its files held: it fails the load, as on a Triton without that agent."""
+    """Metric tags (Triton adds them as labels), custom op libraries, per-GPU file names,
+    execution accelerators other than TensorRT and output label files (Triton reads them for its
+    classification extension, and fails the load when one is missing) loaded without a word; a
+    repository agent (Triton's checksum agent refuses a model whose files changed) was skipped, so
+    the model loaded whatever its files held: it fails the load, as on a Triton without that agent."""
     import logging
 
     caplog.set_level(logging.WARNING, logger="batchgate.repository")
     config = """max_batch_size: 4
+output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
 metric_tags { key: "team" value: "fraud" }
 model_operations { op_library_filename: "libcustom_ops.so" }
 cc_model_filenames { key: "8.0" value: "model_a100.onnx" }
@@ -320,7 +322,8 @@ optimization { execution_accelerators {
 
         "model 'tagged': not acted on (see README, Not supported): metric_tags (not added to the metrics' "
         "labels); model_operations (no op library is loaded); cc_model_filenames (the version's model file is "
-        "default_model_filename on every device); execution accelerators openvino, migraphx"
+        "default_model_filename on every device); execution accelerators openvino, migraphx; label_filename "
+        "(no classification: class_count is refused, and the file is not read)"
     ]
     rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
     assert rows["tagged"]["state"] == "READY"
