@@ -6,14 +6,14 @@ before a request is queued, so a malformed request never reaches a batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import invalid
-from .types import DataType, InferRequest, clip
+from .types import DataType, InferRequest, Tensor, clip
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,9 @@ class ModelSignature:
     # length on input_ids and attention_mask): (name, ((input, axis of the request's shape), ...)).
     # A request must give them one size: the engine would fail on it inside the graph.
     shared_dims: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    # Run by an engine here (not forwarded to an upstream, which may apply MLServer's codecs):
+    # an input asking for a codec that changes its bytes (base64) is refused, never ignored.
+    local: bool = False
     # Derived in __post_init__ (the instance is frozen, so through object.__setattr__).
     _in: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
     _out: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
@@ -75,6 +78,8 @@ class ModelSignature:
         if self.open:
             return self._check_open(request)
         inputs = request.inputs
+        if self.local:
+            _refuse_codecs(inputs)
         layout = tuple([(t.name, t.datatype, t.shape) for t in inputs])
         batch = self._layouts.get(layout)
         if batch is not None and request.outputs is None:
@@ -186,6 +191,17 @@ class ModelSignature:
                 # (their parameters too: an upstream may read them, MLServer's content_type)
                 return Checked(feeds, names, rows, (key, names, _frozen(request.parameters)))
         return Checked(feeds, names, 1, object())  # a key nothing else shares: alone
+
+
+def _refuse_codecs(inputs: Sequence[Tensor]) -> None:
+    for t in inputs:
+        p = t.parameters
+        if p and p.get("content_type") == "base64":
+            raise invalid(
+                f"input '{clip(t.name)}': parameters.content_type 'base64' is MLServer's base64 codec, which a "
+                "model served here does not apply (it would be given the base64 text); send the bytes themselves "
+                "(binary tensor data, or the text as it is)"
+            )
 
 
 def forwarded_parameters(request: InferRequest) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]]]:

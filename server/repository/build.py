@@ -112,7 +112,7 @@ class VersionBuilder:
             raise ModelConfigError(f"model '{cfg.name}': {e}") from None
         return ModelVersion(
             cfg,
-            signature_of(cfg, shared_dims(cfg, getattr(backend, "inputs", list)())),
+            signature_of(cfg, shared_dims(cfg, getattr(backend, "inputs", list)()), backend.kind == "local"),
             version,
             backend,
             schedule,

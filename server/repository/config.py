@@ -320,7 +320,7 @@ def shared_dims(cfg: mc.ModelConfig, inputs: list[IOInfo]) -> tuple[tuple[str, t
     return tuple((name, tuple(at)) for name, at in places.items() if len({n for n, _ in at}) > 1)
 
 
-def signature_of(cfg: mc.ModelConfig, shared: tuple = ()) -> ModelSignature:
+def signature_of(cfg: mc.ModelConfig, shared: tuple = (), local: bool = False) -> ModelSignature:
     def spec(entry, output: bool) -> TensorSpec:
         name = mc.DataType.Name(entry.data_type)
         dt = BY_CONFIG.get(name)
@@ -339,6 +339,7 @@ def signature_of(cfg: mc.ModelConfig, shared: tuple = ()) -> ModelSignature:
         # its upstream declares no signature, and checks requests itself.
         open=not cfg.input or not cfg.output,
         shared_dims=shared,
+        local=local,
     )
 
 

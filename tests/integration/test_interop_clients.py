@@ -148,3 +148,41 @@ def test_a_model_to_load_that_the_repository_lacks_is_told_so(tmp_path):
         p.kill()
     assert p.p.returncode != 0
     assert "failed to load model 'nosuch': model 'nosuch': the repository has no directory 'nosuch'" in p.output()
+
+
+def test_mlservers_base64_codec_on_a_local_model_is_refused_not_ignored(server):
+    """MLServer's Base64Codec sends bytes as base64 text with content_type "base64", and its
+    runtimes decode them; a model served here was given the base64 text itself (b"AP8=" for
+    b"\\x00\\xff") and answered on it. Other content types (np, str, pd) carry the data as it is."""
+    body = {
+        "inputs": [
+            {
+                "name": "INPUT",
+                "shape": [1, 1],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": ["AP8="],
+            }
+        ]
+    }
+    status, answer = _post(server, "identity_bytes", body)
+    assert status == 400
+    assert answer["error"].startswith(
+        "input 'INPUT': parameters.content_type 'base64' is MLServer's base64 codec, which a model served here "
+        "does not apply"
+    ), answer
+    body["inputs"][0]["parameters"]["content_type"] = "str"
+    status, answer = _post(server, "identity_bytes", body)
+    assert status == 200 and answer["outputs"][0]["data"] == ["AP8="]
+    # gRPC, as MLServer's gRPC client writes the parameter
+    request = service_pb2.ModelInferRequest(model_name="identity_bytes")
+    t = request.inputs.add(name="INPUT", datatype="BYTES", shape=[1, 1])
+    t.parameters["content_type"].string_param = "base64"
+    t.contents.bytes_contents.append(b"AP8=")
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            stub.ModelInfer(request, timeout=30)
+            raise AssertionError("served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "MLServer's base64 codec" in e.details()
