@@ -8,7 +8,7 @@ import os
 import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
-from ..core.types import MODEL_NAME, clip, printable
+from ..core.types import MODEL_NAME, MODEL_NAME_RULE, clip, printable
 
 log = logging.getLogger("batchgate.repository")
 MAX_FILE_DEPTH = 8  # directories in the path of a file given with a load
@@ -30,7 +30,9 @@ def model_names(root: str) -> list[str]:
             if n not in _warned and len(_warned) < 1024:  # said once per name, not on every scan
                 _warned.add(n)
                 log.warning(
-                    "skipping directory '%s' of the model repository: not a valid model name", printable(clip(n))
+                    "skipping directory '%s' of the model repository: not a valid model name (%s)",
+                    printable(clip(n)),
+                    MODEL_NAME_RULE,
                 )
             continue
         names.append(n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import urllib.request
@@ -23,6 +24,7 @@ import tritonclient.http as httpclient
 from protocol_support import QUICK
 from tritonclient.utils import InferenceServerException
 
+from batchgate.core.types import MODEL_NAME_RULE
 from batchgate.demo import _save, classifier_model
 
 CONFIG = json.dumps(
@@ -349,3 +351,16 @@ def test_a_config_field_name_is_echoed_cut_and_on_one_line(explicit):
         msg = refused(c.load_model, "clf", config=json.dumps({field: 1}))
         assert "not valid" in msg and "QQQ" in msg
         assert msg.count("Q") < 300 and "\n" not in msg, msg
+
+
+def test_a_skipped_directory_is_told_the_name_rule(tmp_path, serve, caplog):
+    """A directory whose name no model may have was skipped "not a valid model name", which left
+    the user to guess what a valid one is (a space? a leading '-'? a letter outside ASCII?)."""
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    _save(classifier_model(), str(tmp_path), "fraud model v2")
+    os.makedirs(tmp_path / ".git")
+    serve(str(tmp_path))
+    assert (
+        "skipping directory 'fraud model v2' of the model repository: not a valid model name "
+        f"({MODEL_NAME_RULE})" in caplog.messages
+    )
