@@ -237,6 +237,10 @@ def _refuse_what_triton_refuses(cfg: mc.ModelConfig) -> None:
     of other than three dims."""
     for kind, entries in (("input", cfg.input), ("output", cfg.output)):
         for e in entries:
+            if e.HasField("reshape"):
+                problem = _reshape_problem(list(e.dims), list(e.reshape.shape), cfg.max_batch_size > 0)
+                if problem:
+                    raise ModelConfigError(f"model '{cfg.name}': config {kind} '{_said(e.name)}' has {problem}")
             if e.is_shape_tensor:
                 raise ModelConfigError(
                     f"model '{cfg.name}': config {kind} '{e.name}' sets is_shape_tensor, which only TensorRT "
@@ -248,6 +252,39 @@ def _refuse_what_triton_refuses(cfg: mc.ModelConfig) -> None:
                     f"{mc.ModelInput.Format.Name(e.format)}, which needs 3 dims (as Triton requires), "
                     f"not {list(e.dims)}"
                 )
+
+
+def _reshape_problem(dims: list[int], shape: list[int], batched: bool) -> str:
+    """What Triton refuses in a reshape ("" when it fits ``dims``): an empty one on a model that
+    does not batch, a dimension below 1 but -1, and one that does not hold the elements of
+    ``dims`` (the products between -1s must agree, so [2, 4, -1, 6] fits [8, -1, 6])."""
+    if not shape:
+        if not batched:
+            return "an empty reshape; an empty reshape needs max_batch_size > 0 (the tensor would hold no data)"
+        return "" if -1 not in dims and _product(dims) == 1 else f"dims {dims} and an empty reshape (for one element)"
+    if any(d < 1 and d != -1 for d in shape):
+        return f"reshape {shape}: its dimensions must be at least 1, or -1"
+
+    def trunks(ds: list[int]) -> list[int]:
+        out, n = [], 1
+        for d in ds:
+            if d == -1:
+                out.append(n)
+                n = 1
+            else:
+                n *= d
+        return [*out, n]
+
+    if trunks(dims) != trunks(shape):
+        return f"dims {dims} and reshape {shape}, which do not hold the same number of elements"
+    return ""
+
+
+def _product(ds: list[int]) -> int:
+    n = 1
+    for d in ds:
+        n *= d
+    return n
 
 
 def batch_doubts(inputs: list[IOInfo], outputs: list[IOInfo]) -> tuple[dict[str, str], list[str]]:

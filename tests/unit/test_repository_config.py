@@ -303,6 +303,23 @@ def test_complete_datatype_mismatch_is_an_error():
             [("x", -1, 4)],
             ["format FORMAT_NHWC, which needs 3 dims"],
         ),
+        # dims and a reshape of other sizes (Triton: "has different size for dims and reshape"):
+        # the model loaded and every request failed in the engine
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [3] reshape: {shape: [4]}}]",
+            [("x", -1, 4)],
+            ["input 'x' has dims [3] and reshape [4], which do not hold the same number of elements"],
+        ),
+        (
+            "max_batch_size: 8 input [{name: 'x' data_type: TYPE_FP32 dims: [2, -1] reshape: {shape: [-1, 2]}}]",
+            [("x", -1, -1, 2)],
+            ["dims [2, -1] and reshape [-1, 2], which do not hold the same number of elements"],
+        ),
+        (
+            "max_batch_size: 0 input [{name: 'x' data_type: TYPE_FP32 dims: [1] reshape: {}}]",
+            [("x",)],
+            ["an empty reshape needs max_batch_size > 0"],
+        ),
         # a negative batch size (Triton: "'max_batch_size' must be non-negative"); it was read as
         # a batch of -1 rows and the load failed saying an output's first dimension was not the batch
         ("max_batch_size: -1", [("x", -1, 4)], ["max_batch_size must not be negative", "not -1"]),
