@@ -447,6 +447,12 @@ def _not_acted_on(cfg: mc.ModelConfig) -> str:
     others += [a.name for a in accel.gpu_execution_accelerator if a.name.lower() != "tensorrt"]
     if others:
         found.append("execution accelerators " + ", ".join(printable(clip(n, 64)) for n in others[:8]))
+    # (a config listing no tensors has its max_batch_size completed: 0 there reads as not given)
+    if cfg.HasField("dynamic_batching") and cfg.max_batch_size == 0 and (len(cfg.input) or len(cfg.output)):
+        found.append(
+            "dynamic_batching (max_batch_size is 0, so each request runs alone: set max_batch_size and give dims "
+            "without the batch dimension to batch)"
+        )
     if any(o.label_filename for o in cfg.output):
         found.append("label_filename (no classification: class_count is refused, and the file is not read)")
     return "; ".join(found)

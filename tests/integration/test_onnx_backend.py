@@ -290,7 +290,8 @@ def test_more_triton_settings_not_acted_on_are_named_and_a_repository_agent_is_r
     execution accelerators other than TensorRT and output label files (Triton reads them for its
     classification extension, and fails the load when one is missing) loaded without a word; a
     repository agent (Triton's checksum agent refuses a model whose files changed) was skipped, so
-    the model loaded whatever its files held: it fails the load, as on a Triton without that agent."""
+    the model loaded whatever its files held: it fails the load, as on a Triton without that agent.
+    A dynamic_batching with max_batch_size 0 batched nothing, silently."""
     import logging
 
     caplog.set_level(logging.WARNING, logger="batchgate.repository")
@@ -311,6 +312,16 @@ optimization { execution_accelerators {
         config='model_repository_agents { agents [ { name: "checksum" parameters { key: "MD5:1/model.onnx" '
         'value: "0" } } ] }\n',
     )
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "unbatched",
+        config="""max_batch_size: 0
+input [ { name: "features" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ -1, 3 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 5000 }
+""",
+    )
     running = serve(str(tmp_path))
     warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
     assert warned == [
@@ -323,7 +334,9 @@ optimization { execution_accelerators {
         "model 'tagged': not acted on (see README, Not supported): metric_tags (not added to the metrics' "
         "labels); model_operations (no op library is loaded); cc_model_filenames (the version's model file is "
         "default_model_filename on every device); execution accelerators openvino, migraphx; label_filename "
-        "(no classification: class_count is refused, and the file is not read)"
+        "(no classification: class_count is refused, and the file is not read)",
+        "model 'unbatched': not acted on (see README, Not supported): dynamic_batching (max_batch_size is 0, "
+        "so each request runs alone: set max_batch_size and give dims without the batch dimension to batch)",
     ]
     rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
     assert rows["tagged"]["state"] == "READY"
