@@ -59,8 +59,8 @@ from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import TOO_MANY_CONNECTIONS, guarded_protocol
 from .transport.http_listener import HttpListener, QuietUvicorn
+from .transport.sockets import bind_problem, tcp_socket
 from .transport.sockets import host_port as _join
-from .transport.sockets import tcp_socket
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -255,7 +255,7 @@ class Gateway:
         address = self.grpc_address or _join(s.host, s.grpc_port)
         self.grpc_port = add_port(self._grpc, address, None if self.grpc_address else self._tls)
         if self.grpc_port == 0 and not address.startswith("unix:"):
-            raise OSError(f"cannot listen for gRPC on {address}")
+            raise OSError(f"cannot listen for gRPC on {address}{bind_problem(address)}")
         await self._grpc.start()
         if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
             address, refused = _join(s.host, s.health_port), self.metrics.connection_refused

@@ -503,7 +503,9 @@ async def _serve(settings) -> int:
         await gateway.stop(0.1)
         return 2
     except Exception as e:
-        log.error("batchgate could not start: %s", e)
+        # (a port another process holds: "cannot listen on 127.0.0.1:8000: Address already in use")
+        said = f"cannot listen on {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        log.error("batchgate could not start: %s", said)
         await gateway.stop(0.1)
         return 1
     await stop.wait()

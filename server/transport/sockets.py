@@ -32,10 +32,23 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        raise OSError(e.errno, e.strerror, host_port(host, port)) from None  # (which address: said)
     return sock
+
+
+def bind_problem(address: str) -> str:
+    """Why ``host:port`` cannot be bound, as ": <reason>" ("" when it can, or for another kind of
+    address): gRPC's own listeners say only that they could not listen."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return ""
+    try:
+        tcp_socket(host.strip("[]"), int(port), reuse_port=False).close()
+    except OSError as e:
+        return f": {e.strerror}"
+    return ""
 
 
 def dual_stack(sock: socket.socket, host: str) -> None:

@@ -417,3 +417,24 @@ def test_output_cut_short_by_its_reader_is_not_an_error(args):
     p.stdout.close()
     _, err = p.communicate(timeout=60)
     assert p.returncode == 0 and b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.parametrize("listener", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_port_in_use_is_named_with_the_reason(small_repo, listener):
+    """A port another process holds (a Triton still running on 8000, say): the start failed with
+    "[Errno 98] Address already in use" (which port?) or, for gRPC, the address without why."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    try:
+        args = serve_args(small_repo)
+        args[args.index(listener) + 1] = str(port)
+        r = subprocess.run(BATCHGATE + args, capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert r.returncode == 1, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if "could not start" in ln)
+    assert line.endswith(f"127.0.0.1:{port}: Address already in use"), line
