@@ -86,11 +86,14 @@ def new_grpc_server(
 
 def add_port(server: Any, address: str, tls: ServerTls | None) -> int:
     """Listen on ``address`` with TLS when ``tls`` is given; the port, 0 when it cannot bind."""
-    if tls is None:
-        return server.add_insecure_port(address)
-    if isinstance(server, H2GrpcServer):
-        return server.add_secure_port(address, tls.newest("h2"))
-    return server.add_secure_port(address, tls.grpc_credentials())
+    try:
+        if tls is None:
+            return server.add_insecure_port(address)
+        if isinstance(server, H2GrpcServer):
+            return server.add_secure_port(address, tls.newest("h2"))
+        return server.add_secure_port(address, tls.grpc_credentials())
+    except RuntimeError:  # (grpcio raises "Failed to bind to address", with no reason, where it returned 0)
+        return 0
 
 
 def plaintext_health_server(

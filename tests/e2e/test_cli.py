@@ -419,10 +419,14 @@ def test_output_cut_short_by_its_reader_is_not_an_error(args):
     assert p.returncode == 0 and b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
 
 
-@pytest.mark.parametrize("listener", ["--http-port", "--grpc-port", "--metrics-port"])
-def test_a_port_in_use_is_named_with_the_reason(small_repo, listener):
+@pytest.mark.parametrize(
+    "listener, engine",
+    [("--http-port", "h2"), ("--grpc-port", "h2"), ("--grpc-port", "grpcio"), ("--metrics-port", "h2")],
+)
+def test_a_port_in_use_is_named_with_the_reason(small_repo, listener, engine):
     """A port another process holds (a Triton still running on 8000, say): the start failed with
-    "[Errno 98] Address already in use" (which port?) or, for gRPC, the address without why."""
+    "[Errno 98] Address already in use" (which port?) or, for gRPC, the address without why (h2)
+    or grpcio's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ..."."""
     import socket
 
     held = socket.socket()
@@ -432,7 +436,8 @@ def test_a_port_in_use_is_named_with_the_reason(small_repo, listener):
     try:
         args = serve_args(small_repo)
         args[args.index(listener) + 1] = str(port)
-        r = subprocess.run(BATCHGATE + args, capture_output=True, text=True, timeout=60)
+        env = {**os.environ, "BATCHGATE_GRPC_ENGINE": engine}  # (grpcio raised its own words)
+        r = subprocess.run(BATCHGATE + args, capture_output=True, text=True, timeout=60, env=env)
     finally:
         held.close()
     assert r.returncode == 1, r.stderr
