@@ -374,6 +374,14 @@ def _no_versions(model_dir: str) -> str:
             "TorchScript models (convert the model with batchgate convert, or serve it from MLServer as a "
             "remote model)"
         )
+    for file, _ in MODEL_FILES:  # (a model file without a version, or a model's own directory as the repository)
+        if os.path.exists(os.path.join(model_dir, file)):
+            name = os.path.basename(model_dir)
+            return (
+                f"; {file} lies in the model directory itself: move it into a version directory "
+                f"({name}/1/{file}), or, if this is one model's directory, give --model-repository the folder "
+                "that holds the model directories"
+            )
     try:
         others = sorted(n for n in os.listdir(model_dir) if os.path.isdir(os.path.join(model_dir, n)))
     except OSError:

@@ -125,12 +125,20 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
     _save(classifier_model(), str(tmp_path), "named")
     os.rename(tmp_path / "named" / "1", tmp_path / "named" / "v1")
     os.makedirs(tmp_path / "named" / "01")
+    _save(classifier_model(), str(tmp_path), "flat")  # as a user pointing at a model's own directory sees it
+    os.rename(tmp_path / "flat" / "1" / "model.onnx", tmp_path / "flat" / "model.onnx")
+    os.rmdir(tmp_path / "flat" / "1")
     running = serve(str(tmp_path))
     rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
     assert rows["iris"]["reason"] == (
         "model 'iris' has no version directory (e.g. iris/1/model.onnx); it holds model-settings.json, an "
         "MLServer model: batchgate serves Triton's layout of ONNX and TorchScript models (convert the model "
         "with batchgate convert, or serve it from MLServer as a remote model)"
+    )
+    assert rows["flat"]["reason"] == (
+        "model 'flat' has no version directory (e.g. flat/1/model.onnx); model.onnx lies in the model directory "
+        "itself: move it into a version directory (flat/1/model.onnx), or, if this is one model's directory, "
+        "give --model-repository the folder that holds the model directories"
     )
     assert rows["named"]["reason"] == (
         "model 'named' has no version directory (e.g. named/1/model.onnx); not versions (a version directory is "
