@@ -269,22 +269,6 @@ model_warmup [ { name: "w" batch_size: 1
     assert got.shape == (1, 3)
 
 
-def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, caplog):
-    """Triton makes a KIND_GPU group's count instances on each GPU it lists ({count: 2, gpus: [0, 1]}:
-    four). batchgate opens one session, on the first GPU listed, and runs the groups' count of
-    executions there: a config written for several GPUs loaded without a word of it."""
-    import logging
-
-    caplog.set_level(logging.WARNING, logger="batchgate.repository")
-    config = "max_batch_size: 4\ninstance_group [ { count: 2 kind: KIND_GPU gpus: [ 1, 0 ] } ]\n"
-    _save(classifier_model(), str(tmp_path), "two", config=config)
-    _save(
-        classifier_model(),
-        str(tmp_path),
-        "one",
-        config="max_batch_size: 4\ninstance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n",
-
-
 def test_more_triton_settings_not_acted_on_are_named_and_a_repository_agent_is_refused(tmp_path, serve, caplog):
     """Metric tags (Triton adds them as labels), custom op libraries, per-GPU file names,
     execution accelerators other than TensorRT and output label files (Triton reads them for its
@@ -325,12 +309,6 @@ dynamic_batching { max_queue_delay_microseconds: 5000 }
     running = serve(str(tmp_path))
     warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
     assert warned == [
-        "model 'two': not acted on (see README, Not supported): instance_group gpus past the first (the model "
-        "runs on GPU 1 alone; a group's count is its executions at once there, not per GPU listed)"
-    ]
-    assert running.gateway.repository.resolve("two", "").instances == 2
-
-
         "model 'tagged': not acted on (see README, Not supported): metric_tags (not added to the metrics' "
         "labels); model_operations (no op library is loaded); cc_model_filenames (the version's model file is "
         "default_model_filename on every device); execution accelerators openvino, migraphx; label_filename "
@@ -387,3 +365,27 @@ def test_a_thread_count_out_of_range_fails_the_load_naming_the_bound(tmp_path, s
         assert rows[name]["state"] == "UNAVAILABLE", rows[name]
         assert f"{key} must be a whole number from 0 to 256" in rows[name]["reason"]
         assert count in rows[name]["reason"]
+
+
+def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, caplog):
+    """Triton makes a KIND_GPU group's count instances on each GPU it lists ({count: 2, gpus: [0, 1]}:
+    four). batchgate opens one session, on the first GPU listed, and runs the groups' count of
+    executions there: a config written for several GPUs loaded without a word of it."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    config = "max_batch_size: 4\ninstance_group [ { count: 2 kind: KIND_GPU gpus: [ 1, 0 ] } ]\n"
+    _save(classifier_model(), str(tmp_path), "two", config=config)
+    _save(
+        classifier_model(),
+        str(tmp_path),
+        "one",
+        config="max_batch_size: 4\ninstance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n",
+    )
+    running = serve(str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
+    assert warned == [
+        "model 'two': not acted on (see README, Not supported): instance_group gpus past the first (the model "
+        "runs on GPU 1 alone; a group's count is its executions at once there, not per GPU listed)"
+    ]
+    assert running.gateway.repository.resolve("two", "").instances == 2
