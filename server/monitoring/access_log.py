@@ -271,9 +271,9 @@ class AccessLog:
         if self._thread is None:
             self._start()
         # The writer is not woken per line: it takes what is queued every WRITE_EVERY_S. Waking
-        # it cost the loop far more than the set() itself: the writer took the GIL, and the
-        # Event's lock, from a busy loop (py-spy, gRPC at 3x capacity: 5% of the loop's time in
-        # Event.set for 60 lines a second, about 0.9 ms a line).
+        # it cost the loop more than the set() itself: the writer took the GIL, and the Event's
+        # lock, from a busy loop (py-spy at gRPC 3x capacity: 5% of the loop's samples in
+        # Event.set; bench/observability.py, access_log all over gRPC: 0.80x -> 0.87x of off).
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._writer, name="batchgate-access-log", daemon=True)
