@@ -347,6 +347,10 @@ class Http2:
         """The client's GOAWAY: it opens no more streams; those open go on (RFC 9113 6.8)."""
         self.handler.on_goaway()
 
+    def calm(self, message: str) -> NoReturn:
+        """Close the connection as a flood its handler found (counted ``flood``)."""
+        self._fail(ENHANCE_YOUR_CALM, message, "flood")
+
     def _nothing(self) -> None:
         """One more frame that moved nothing on (see ``MAX_EMPTY_FRAMES``)."""
         self._empty += 1
