@@ -8,11 +8,9 @@ same schedulers. Local models run on the inference threads (``threads.py``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import math
-import resource
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,7 +57,7 @@ from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import TOO_MANY_CONNECTIONS, guarded_protocol
 from .transport.http_listener import HttpListener, QuietUvicorn
-from .transport.sockets import bind_problem, tcp_socket
+from .transport.sockets import bind_problem, fit_connections_to_fds, tcp_socket
 from .transport.sockets import host_port as _join
 
 if TYPE_CHECKING:
@@ -545,35 +543,6 @@ class Gateway:
             await asyncio.to_thread(self.drift.stop)
         log.info("stopped")
         return clean
-
-
-def fit_connections_to_fds(max_connections: int, ops_max_connections: int = 64) -> int:
-    """``max_connections`` HTTP and as many gRPC connections need a file descriptor each: raise
-    the process's soft limit towards the hard one if it is short, and if even that cannot hold
-    them, bound connections by what it can (with a warning) rather than fail accepts at random
-    (an accept past the limit fails with EMFILE and every listener suffers)."""
-    # models, logs, the audit log, certificates, upstream connections; and the four operations
-    # listeners (metrics, health, admin gRPC and HTTP), ops_max_connections each
-    reserve = 256 + 4 * ops_max_connections
-    need = 2 * max_connections + reserve
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and soft < need:
-        fitted = max(1, (soft - reserve) // 2)
-        log.warning(
-            "max_connections %d needs %d file descriptors but this process may open %d: "
-            "connections are bounded at %d per protocol (raise the limit with ulimit -n)",
-            max_connections,
-            need,
-            soft,
-            fitted,
-        )
-        return fitted
-    return max_connections
 
 
 def _access(settings: Settings, role: WorkerRole | None = None) -> Access:

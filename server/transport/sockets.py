@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
+import resource
 import socket
 import threading
 from typing import Any
@@ -11,6 +14,8 @@ from typing import Any
 # for each 16 KiB the client takes meanwhile (HTTP and the h2 gRPC engine): a client that reads a
 # byte now and then cannot hold an answer, and its memory, for ever; one on a slow link can.
 MIN_SEND_BYTES_PER_S = 16 * 1024
+
+log = logging.getLogger("batchgate")
 
 
 def host_port(host: str, port: object) -> str:
@@ -113,3 +118,32 @@ class PeerShare:
             held = self._open.pop(peer, 1) - 1
             if held > 0:
                 self._open[peer] = held
+
+
+def fit_connections_to_fds(max_connections: int, ops_max_connections: int = 64) -> int:
+    """``max_connections`` HTTP and as many gRPC connections need a file descriptor each: raise
+    the process's soft limit towards the hard one if it is short, and if even that cannot hold
+    them, bound connections by what it can (with a warning) rather than fail accepts at random
+    (an accept past the limit fails with EMFILE and every listener suffers)."""
+    # models, logs, the audit log, certificates, upstream connections; and the four operations
+    # listeners (metrics, health, admin gRPC and HTTP), ops_max_connections each
+    reserve = 256 + 4 * ops_max_connections
+    need = 2 * max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, (soft - reserve) // 2)
+        log.warning(
+            "max_connections %d needs %d file descriptors but this process may open %d: "
+            "connections are bounded at %d per protocol (raise the limit with ulimit -n)",
+            max_connections,
+            need,
+            soft,
+            fitted,
+        )
+        return fitted
+    return max_connections
