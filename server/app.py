@@ -427,6 +427,7 @@ class Gateway:
             app,
             http=guarded_protocol(
                 max_header_bytes=lim.max_header_bytes,
+                max_header_fields=lim.max_header_fields,
                 header_timeout_s=s.http_header_timeout_s,
                 body_timeout_s=s.http_body_timeout_s,
                 max_connections=max_connections,

@@ -198,6 +198,14 @@ class LimitSettings:
         "twice it closes the connection; on the grpcio engine gRPC core refuses the call RESOURCE_EXHAUSTED)",
         minimum=1,
     )
+    max_header_fields: int = _setting(
+        128,
+        "header fields of an HTTP/1.1 request head and its chunked trailers together; more = 431 and the "
+        "connection closed (on the h2 gRPC engine: fields of one header block; more closes the connection; "
+        "on the grpcio engine not applied: gRPC core reads them in C, bounded by max_header_bytes alone)",
+        minimum=16,
+        why="a tritonclient gRPC call with a deadline sends 9, and room is left for a key and a few caller headers",
+    )
     grpc_max_resets_per_s: int = _setting(
         1000,
         "streams one HTTP/2 connection's client may reset in a second on the h2 gRPC engine, beyond the calls "

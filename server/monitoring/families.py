@@ -115,7 +115,7 @@ FAMILIES: dict[str, Family] = {
     "batchgate_model_load_failures": Family("counter", "Model loads that failed", ("model",)),
     "batchgate_http_connections_refused": Family(
         "counter",
-        "HTTP connections answered and closed by a limit: header_bytes, header_fields (more than 128), "
+        "HTTP connections answered and closed by a limit: header_bytes, header_fields (past max_header_fields), "
         "header_timeout, body_timeout, connections, "
         "malformed (not HTTP/1.1), transfer_encoding (a coding other than chunked), "
         "upgrade (an upgrade not served as HTTP/1.1), pipeline (past "

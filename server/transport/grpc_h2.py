@@ -48,6 +48,7 @@ from .grpc_h2_connection import (  # noqa: F401  (the engine's figures, read by 
     _Connection,
 )
 from .grpc_h2_sweep import sweep
+from .hpack_cache import MAX_FIELDS
 from .sockets import PeerShare, tcp_socket
 from .tls_accept import TlsAccept
 
@@ -70,6 +71,7 @@ class H2GrpcServer:
         max_connection_age_s: float = 0.0,
         refusals_per_s: int = 8000,
         max_header_bytes: int = 64 << 10,
+        max_header_fields: int = MAX_FIELDS,
         max_resets_per_s: int = 1000,
         eager: frozenset[str] = frozenset(),
         max_buffered_bytes: int = 1 << 30,
@@ -95,6 +97,7 @@ class H2GrpcServer:
         self.refusals = Pacer(refusals_per_s)  # overload refusals' turns, grpc_overload_refusals_per_s a second
         self.max_resets_per_s = max_resets_per_s
         self.max_header_bytes = max_header_bytes
+        self.max_header_fields = max_header_fields  # of one header block; more closes the connection
         # bytes of unfinished request messages held across all connections (see _Connection.hold):
         # max_buffered_bytes, or a budget shared with the process's HTTP bodies (byte_budget.py)
         self.budget = budget or ByteBudget(max_buffered_bytes)

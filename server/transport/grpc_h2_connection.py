@@ -49,6 +49,7 @@ class _Connection(asyncio.Protocol):
             self,
             max_concurrent_streams=server.max_concurrent_streams,
             max_header_bytes=server.max_header_bytes,
+            max_header_fields=server.max_header_fields,
             stream_window=STREAM_WINDOW,
             connection_window=CONNECTION_WINDOW,
             max_frame=MAX_FRAME,

@@ -52,6 +52,7 @@ def new_grpc_server(
             max_streaming_calls=lim.grpc_max_streaming_calls,
             max_resets_per_s=lim.grpc_max_resets_per_s,
             max_header_bytes=lim.max_header_bytes,
+            max_header_fields=lim.max_header_fields,
             eager=EAGER,
             budget=budget or ByteBudget(lim.max_buffered_request_bytes),
             handshake_timeout_s=s.http_header_timeout_s,

@@ -17,9 +17,9 @@ from hpack.table import HeaderTable
 
 _MAX_BLOCK = 1024  # larger blocks are coded as usual (and never remembered)
 _MAX_ENTRIES = 64  # per connection and direction; the memory is emptied when full
-# Header fields one block may hold (a gRPC call sends 10 to 20). Decoding costs microseconds of
-# Python a field, a one-byte indexed one as much as any: max_header_bytes alone let a 3 KB block
-# of 3,000 such fields hold the loop 15 ms.
+# Header fields one block may hold by default (the gRPC engine's: max_header_fields; a gRPC call
+# sends 10 to 20). Decoding costs microseconds of Python a field, a one-byte indexed one as much
+# as any: max_header_bytes alone let a 3 KB block of 3,000 such fields hold the loop 15 ms.
 MAX_FIELDS = 128
 
 
@@ -109,12 +109,13 @@ def _list_size(headers: Any) -> int:
 
 class CachingDecoder(hpack.Decoder):
     """``max_header_list_size``: past it decoding stops (the table out of step: the connection
-    must close); ``allowed``: past it a list decoded whole raises :class:`OversizedList`."""
+    must close); ``allowed``: past it a list decoded whole raises :class:`OversizedList`;
+    ``max_fields``: a block of more fields raises :class:`TooManyFields`, undecoded."""
 
-    def __init__(self, max_header_list_size: int, allowed: int | None = None):
+    def __init__(self, max_header_list_size: int, allowed: int | None = None, max_fields: int = MAX_FIELDS):
         super().__init__(max_header_list_size=max_header_list_size)
         self.allowed = max_header_list_size if allowed is None else allowed
-        self.max_fields = MAX_FIELDS
+        self.max_fields = max_fields
         self.header_table = self._table = _CountedTable()
         self._memory: dict[tuple[bytes, bool], tuple[int, list[Any]]] = {}
 

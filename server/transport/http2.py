@@ -20,7 +20,7 @@ from typing import NoReturn, Protocol
 
 import hpack.exceptions
 
-from .hpack_cache import CachingDecoder, CachingEncoder, OversizedList, TooManyFields
+from .hpack_cache import MAX_FIELDS, CachingDecoder, CachingEncoder, OversizedList, TooManyFields
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -106,6 +106,7 @@ class Http2:
         stream_window: int,
         connection_window: int,
         max_frame: int,
+        max_header_fields: int = MAX_FIELDS,
     ):
         self.handler = handler
         self.max_concurrent_streams = max_concurrent_streams
@@ -115,7 +116,7 @@ class Http2:
         self.hard_header_bytes = 2 * max_header_bytes
         self.max_frame = max_frame  # the largest frame we take (announced in our SETTINGS)
         self.stream_window = stream_window
-        self.decoder = CachingDecoder(self.hard_header_bytes, max_header_bytes)
+        self.decoder = CachingDecoder(self.hard_header_bytes, max_header_bytes, max_header_fields)
         self.encoder = CachingEncoder()
         self.streams: dict[int, _Stream] = {}
         self.highest_inbound_stream_id = 0
@@ -448,8 +449,8 @@ class Http2:
         except OversizedList:
             return None
         except TooManyFields:
-            limit = self.decoder.max_fields
-            self._fail(ENHANCE_YOUR_CALM, f"a header block of more than {limit} fields", "header_bytes")
+            limit = f"a header block of more than {self.decoder.max_fields} fields (max_header_fields)"
+            self._fail(ENHANCE_YOUR_CALM, limit, "header_bytes")
         except hpack.exceptions.OversizedHeaderListError:
             self._fail(COMPRESSION_ERROR, "a header list over twice max_header_bytes", "header_bytes")
         except hpack.exceptions.HPACKError as e:

@@ -64,9 +64,9 @@ from .sockets import MIN_SEND_BYTES_PER_S
 
 HEAD_TOO_LARGE = "header_bytes"
 TOO_MANY_FIELDS = "header_fields"
-# Header (and trailer) fields of one request: each is a call into Python as httptools reads it,
-# so a head of 10,000 tiny fields within max_header_bytes cost ~5 ms of the loop (Apache's
-# LimitRequestFields is 100; the h2 engine allows as many, hpack_cache.MAX_FIELDS).
+# Header (and trailer) fields of one request by default (max_header_fields): each is a call into
+# Python as httptools reads it, so a head of 10,000 tiny fields within max_header_bytes cost ~5 ms
+# of the loop (Apache's LimitRequestFields is 100; the h2 engine allows as many a header block).
 MAX_HEADER_FIELDS = 128
 HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
@@ -135,6 +135,7 @@ def guarded_protocol(
     max_pipelined: int = 128,
     quick: Quick | None = None,
     shedding: Callable[[], bool] | None = None,
+    max_header_fields: int = MAX_HEADER_FIELDS,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
@@ -370,9 +371,9 @@ def guarded_protocol(
         def on_header(self, name: bytes, value: bytes) -> None:
             self._progress = True
             self._fields += 1
-            if self._fields > MAX_HEADER_FIELDS and not self._refused:
+            if self._fields > max_header_fields and not self._refused:
                 refused(TOO_MANY_FIELDS)
-                self._refuse(431, f"the request head has more than {MAX_HEADER_FIELDS} fields")
+                self._refuse(431, f"the request head has more than {max_header_fields} fields (max_header_fields)")
                 return
             if self._count(len(name) + len(value) + 4):
                 if not self._in_head:

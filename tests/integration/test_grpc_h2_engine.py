@@ -327,6 +327,27 @@ def test_headers_past_max_header_bytes_refuse_the_call_and_past_twice_close_the_
     raw.close()
 
 
+def test_a_header_block_past_max_header_fields_closes_the_connection(demo_repo, serve):
+    """max_header_fields bounds one header block's fields (decoding costs Python time a field, a
+    one-byte one as much as any): past it the connection is closed and counted; at its minimum a
+    real tritonclient call, with a deadline and caller headers, is still served."""
+    running = serve(demo_repo, grpc_engine="h2", max_header_fields=16)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 256], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 256), np.float32))
+    res = c.infer("mlp", [inp], headers={"x-request-id": "abc", "x-a": "1"}, client_timeout=10)
+    assert res.as_numpy("output").shape[0] == 1
+    raw = RawH2(running.gateway.grpc_port)
+    many = [(b"x-%d" % i, b"v") for i in range(10)]  # with the 6 of the call: 16, the most allowed
+    assert status(raw.wait(raw.request(LIVE, framed(b""), headers=many)))[0] == 0
+    raw.wait(raw.request(LIVE, framed(b""), headers=[*many, (b"x-one-more", b"v")]))
+    assert raw.closed  # closed, without an answer: the fields were not decoded, HPACK's table is lost
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    assert 'batchgate_http_connections_refused_total{reason="grpc_header_bytes"} 1.0' in metrics
+    raw.close()
+    c.close()
+
+
 def test_a_rapid_reset_flood_closes_the_connection_and_is_counted(demo_repo, serve):
     running = serve(demo_repo, grpc_engine="h2", grpc_max_resets_per_s=50)
     raw = RawH2(running.gateway.grpc_port)

@@ -9,7 +9,9 @@ import re
 import socket
 import time
 
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from protocol_support import raw_http
 
 from batchgate.demo import build_demo_repository
@@ -125,6 +127,28 @@ def test_a_request_head_of_too_many_fields_is_431_and_closed(guarded):
     assert b"more than 128 fields" in answer
     assert refusals(guarded) == {("header_fields",): 1}
     serves(guarded)
+
+
+def test_max_header_fields_bounds_the_head_at_the_value_set(repo, serve):
+    """max_header_fields is a setting: at its minimum (16) a head of 16 fields is served, and
+    tritonclient's requests are; a 17th field is 431, closed and counted."""
+    running = serve(repo, max_header_fields=16)
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+    s = connect(running)
+    s.sendall(head + b"a:b\r\n" * 15 + b"\r\n")
+    assert _read_answer(s).startswith(b"HTTP/1.1 200")
+    s.sendall(head + b"a:b\r\n" * 16 + b"\r\n")
+    answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert b"more than 16 fields (max_header_fields)" in answer
+    assert refusals(running) == {("header_fields",): 1}
+    client = httpclient.InferenceServerClient(running.http_url)
+    inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+    for i in inputs:
+        i.set_data_from_numpy(np.arange(16, dtype=np.int32).reshape(1, 16))
+    got = client.infer("simple", inputs, headers={"x-request-id": "abc"})
+    assert got.as_numpy("OUTPUT0").tolist() == [list(range(0, 32, 2))]
+    client.close()
 
 
 def test_a_content_length_with_thousands_of_leading_zeros_is_served(server):
