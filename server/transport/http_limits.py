@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import logging
 import struct
 import termios
 import urllib.parse
@@ -55,7 +54,6 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..core.rate import LineBudget
 from ..security.tls import tls_extension
 from . import batched_writes
 from .http_heads import QUICK_PREFIX, cut_upgrade, plain_head, rename_upgrade
@@ -86,33 +84,6 @@ _STATUS = {
     501: b"501 Not Implemented",
     503: b"503 Service Unavailable",
 }
-_PARSER_WARNING = "Invalid HTTP request received."  # uvicorn's line for each: counted instead
-
-
-_APP_EXCEPTION = "Exception in ASGI application\n"  # uvicorn's, with a traceback of ~40 lines
-
-
-class _NoLineEach(logging.Filter):
-    """uvicorn's line per unparsable request is dropped (counted instead); its traceback per
-    request the app failed (a bug: answered 500) is kept to 5 a second, so a client that finds
-    one cannot flood the log with it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._tracebacks = LineBudget(5)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == _APP_EXCEPTION:
-            left_out = self._tracebacks.take()
-            if left_out is None:
-                return False
-            if left_out:
-                record.msg = f"Exception in ASGI application ({left_out} more left out)\n"
-            return True
-        return record.msg != _PARSER_WARNING
-
-
-logging.getLogger("uvicorn.error").addFilter(_NoLineEach())
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 # What the gate says of a request whose head is parsed: None = on to the app; otherwise the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -11,10 +12,38 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from ..core.rate import LineBudget
 from .tls_accept import TlsAccept
 
 if TYPE_CHECKING:
     from .http_app import HttpApp
+
+# uvicorn's log lines about the requests of its protocol (http_limits.py counts what it refuses)
+_PARSER_WARNING = "Invalid HTTP request received."  # uvicorn's line for each: counted instead
+_APP_EXCEPTION = "Exception in ASGI application\n"  # uvicorn's, with a traceback of ~40 lines
+
+
+class _NoLineEach(logging.Filter):
+    """uvicorn's line per unparsable request is dropped (counted instead); its traceback per
+    request the app failed (a bug: answered 500) is kept to 5 a second, so a client that finds
+    one cannot flood the log with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tracebacks = LineBudget(5)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _APP_EXCEPTION:
+            left_out = self._tracebacks.take()
+            if left_out is None:
+                return False
+            if left_out:
+                record.msg = f"Exception in ASGI application ({left_out} more left out)\n"
+            return True
+        return record.msg != _PARSER_WARNING
+
+
+logging.getLogger("uvicorn.error").addFilter(_NoLineEach())
 
 
 class QuietUvicorn(uvicorn.Server):

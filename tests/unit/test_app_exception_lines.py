@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from batchgate.transport import http_limits
+from batchgate.transport import http_listener
 
 
 def record(msg: str) -> logging.LogRecord:
@@ -14,13 +14,13 @@ def record(msg: str) -> logging.LogRecord:
 
 
 def test_app_tracebacks_are_kept_to_five_a_second_and_the_rest_counted():
-    f = http_limits._NoLineEach()
-    kept = [r for r in (record(http_limits._APP_EXCEPTION) for _ in range(20)) if f.filter(r)]
+    f = http_listener._NoLineEach()
+    kept = [r for r in (record(http_listener._APP_EXCEPTION) for _ in range(20)) if f.filter(r)]
     assert len(kept) == 5
     assert f._tracebacks.dropped == 15
 
 
 def test_other_lines_pass_and_unparsable_requests_are_not_logged():
-    f = http_limits._NoLineEach()
+    f = http_listener._NoLineEach()
     assert all(f.filter(record("something else")) for _ in range(50))
-    assert not f.filter(record(http_limits._PARSER_WARNING))
+    assert not f.filter(record(http_listener._PARSER_WARNING))
