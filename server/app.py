@@ -428,6 +428,7 @@ class Gateway:
             http=guarded_protocol(
                 max_header_bytes=lim.max_header_bytes,
                 max_header_fields=lim.max_header_fields,
+                max_body_bytes=lim.max_request_bytes,  # a refused request's larger body closes its connection
                 header_timeout_s=s.http_header_timeout_s,
                 body_timeout_s=s.http_body_timeout_s,
                 max_connections=max_connections,

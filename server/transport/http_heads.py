@@ -68,3 +68,15 @@ def plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
     if not length.isdigit() or len(length) > 18 or not name.isascii():
         return False
     return name.decode("ascii"), int(length)
+
+
+def declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The Content-Length of a parsed head (its names in lower case, as uvicorn keeps them), -1
+    when there is none (chunked). httptools has checked it is digits; any number of leading zeros
+    is allowed, and a number past 18 digits is read as larger than any limit (int() refuses
+    past 4,300 digits)."""
+    for name, value in headers:
+        if name == b"content-length":
+            digits = value.strip().lstrip(b"0")
+            return 1 << 62 if len(digits) > 18 else int(digits or b"0")
+    return -1

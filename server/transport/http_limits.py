@@ -23,7 +23,8 @@ Each refusal is counted by ``refused(reason)``. Keep-alive idle time is uvicorn'
 Infer requests are admitted here too, as soon as their head is parsed (``gate``, which is
 :meth:`HttpApp.admit_early`): a refusal (429 under overload, 401/403 for keys, 404 for an
 unknown model, 503 while draining) is written straight to the socket, and the body that follows
-is parsed and dropped; no ASGI scope, task or cycle is made for it, so under overload a refusal
+is parsed and dropped (one past ``max_body_bytes``, max_request_bytes, closes the connection
+instead); no ASGI scope, task or cycle is made for it, so under overload a refusal
 costs a small fraction of an answer. An admitted request goes on to the app with its admission
 in the scope. Before that, a plain infer request whose whole bytes are at hand is refused for
 overload from its request line alone when the model is shedding (``quick``, which is
@@ -56,7 +57,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..security.tls import tls_extension
 from . import batched_writes
-from .http_heads import QUICK_PREFIX, cut_upgrade, plain_head, rename_upgrade
+from .http_heads import QUICK_PREFIX, cut_upgrade, declared_length, plain_head, rename_upgrade
 from .http_scope import encoded_separator
 from .sockets import MIN_SEND_BYTES_PER_S
 
@@ -107,6 +108,7 @@ def guarded_protocol(
     quick: Quick | None = None,
     shedding: Callable[[], bool] | None = None,
     max_header_fields: int = MAX_HEADER_FIELDS,
+    max_body_bytes: int = 64 << 20,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
@@ -117,6 +119,7 @@ def guarded_protocol(
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
         _fields = 0  # header and trailer fields of this request so far
+        _dropped = 0  # bytes of the body of a request the gate answered, read and dropped so far
         _timer: asyncio.TimerHandle | None = None
         _refused = False  # answered and closing: what is still parsed from the buffer is ignored
         _behind = False  # this request was pipelined behind an answer still in progress
@@ -330,7 +333,7 @@ def guarded_protocol(
             super().on_message_begin()
             if self._tls is not None:
                 self.scope["extensions"] = {"tls": self._tls}
-            self._head_bytes = self._fields = 0
+            self._head_bytes = self._fields = self._dropped = 0
             if self._timer is None and not self._behind:  # a keep-alive connection's next request
                 self._arm(header_timeout_s, HEAD_TIMEOUT)
 
@@ -430,8 +433,15 @@ def guarded_protocol(
             self._answered = True
             closing = _CLOSE in headers  # the answer closes the connection (the server drains)
             # A client that asked "Expect: 100-continue" and gets a final answer instead may or
-            # may not send its body; the connection cannot tell, so it closes after the answer.
-            self._keep_alive = not closing and not self.expect_100_continue and self.parser.should_keep_alive()
+            # may not send its body; the connection cannot tell, so it closes after the answer. So
+            # does one whose body is past max_request_bytes (max_body_bytes): read and dropped, it
+            # held the connection, and the loop's reads, for up to http_body_timeout_s.
+            self._keep_alive = (
+                not closing
+                and not self.expect_100_continue
+                and self.parser.should_keep_alive()
+                and declared_length(self.headers) <= max_body_bytes
+            )
             self.transport.write(self._answer_bytes(status, headers, body, self._keep_alive))
             if not self._keep_alive:  # closed now (what the client still sends is read and dropped)
                 self._disarm()
@@ -466,8 +476,15 @@ def guarded_protocol(
 
         def on_body(self, body: bytes) -> None:
             self._progress = True
-            if not self._refused and not self._answered:
+            if self._refused:
+                return
+            if not self._answered:
                 super().on_body(body)
+                return
+            self._dropped += len(body)
+            if self._dropped > max_body_bytes:  # a chunked body past it: closed, as a declared one
+                self._disarm()
+                self._refuse_close()
 
         def on_message_complete(self) -> None:
             self._progress = True

@@ -353,6 +353,34 @@ def test_a_refusal_is_answered_from_the_head_and_the_connection_goes_on(repo, se
     wait_for(lambda: dp.admission.inflight == 0)
 
 
+def test_a_refused_request_whose_body_is_past_max_request_bytes_closes_its_connection(repo, serve):
+    """A request refused from its head (here 404, an unknown model) whose body is past
+    max_request_bytes is not read on behind the answer: its connection closes after it. Before,
+    the body was read and dropped for up to http_body_timeout_s (a 100 MiB body at line rate,
+    for a request that could never be served). A chunked body is closed once that much of it
+    came; a body within the limit is still dropped and the connection goes on."""
+    running = serve(repo, max_request_bytes=4096, http_body_timeout_s=60)
+    host, port = running.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head("nosuch", 100 << 20) + b"x" * 8192)
+        reply = response(s)
+        assert reply.startswith(b"HTTP/1.1 404") and b"connection: close" in reply.lower(), reply[:300]
+        s.settimeout(5)
+        assert s.recv(100) == b""  # closed after the answer (before: open for http_body_timeout_s)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        chunked = head("nosuch", 0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+        s.sendall(chunked + b"1000\r\n" + b"x" * 4096 + b"\r\n")
+        assert response(s).startswith(b"HTTP/1.1 404")
+        s.sendall(b"1000\r\n" + b"x" * 4096 + b"\r\n")  # 8 KiB of it: past the limit
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head("nosuch", 4096) + b"x" * 4096)  # within the limit: dropped, and served on
+        assert response(s).startswith(b"HTTP/1.1 404")
+        s.sendall(head("simple", len(GOOD)) + GOOD)
+        assert response(s).startswith(b"HTTP/1.1 200")
+
+
 def test_whole_plain_requests_are_refused_from_the_request_line(repo, serve):
     """A plain infer request whose bytes are all at hand is refused for overload from its request
     line and Content-Length, before httptools parses its head: a head httptools would reject

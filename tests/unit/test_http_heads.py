@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchgate.transport.http_heads import plain_head
+from batchgate.transport.http_heads import declared_length, plain_head
 
 LINE = b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n"
 
@@ -44,3 +44,12 @@ def test_a_content_length_of_more_digits_than_any_body_is_not_plain(digits):
     (the connection dropped without an answer, an ERROR traceback logged for each). httptools
     judges such a head instead."""
     assert plain_head(LINE + b"Content-Length: " + digits) is False
+
+
+def test_the_declared_length_of_a_parsed_head():
+    """What a refused request's body is judged by (close, or read and drop it): leading zeros
+    read as a number, more than 18 digits as past any limit, none (chunked) as -1."""
+    assert declared_length([(b"host", b"x"), (b"content-length", b"0042 ")]) == 42
+    assert declared_length([(b"content-length", b"0" * 5000 + b"7")]) == 7
+    assert declared_length([(b"content-length", b"9" * 30)]) > 1 << 61
+    assert declared_length([(b"transfer-encoding", b"chunked")]) == -1
