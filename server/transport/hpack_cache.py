@@ -77,7 +77,7 @@ def fields_over(data: bytes, limit: int) -> bool:
     malformed block is left for the decoder to refuse."""
     if len(data) <= limit:  # (each takes a byte at least)
         return False
-    pos, n, count = 0, len(data), 0
+    pos, n, count, updates = 0, len(data), 0, 0
     while pos < n:
         count += 1
         if count > limit:
@@ -88,7 +88,9 @@ def fields_over(data: bytes, limit: int) -> bool:
             continue
         if b & 0x40:  # literal, indexed
             bits = 6
-        elif b & 0x20:  # dynamic table size update
+        elif b & 0x20:  # dynamic table size update: no field (the two a block may start with)
+            updates += 1
+            count -= updates <= 2
             pos = _integer(data, pos, 5)[1]
             continue
         else:  # literal, not indexed or never indexed
@@ -120,18 +122,20 @@ class CachingDecoder(hpack.Decoder):
         self._memory: dict[tuple[bytes, bool], tuple[int, list[Any]]] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
+        large = len(data) > _MAX_BLOCK
+        if not large:
+            key = (bytes(data), raw)
+            seen = self._memory.get(key)
+            if seen is not None and seen[0] == self._table.changes:
+                return list(seen[1])  # (measured and its fields counted when it was remembered)
         if len(data) > self.max_fields and fields_over(data, self.max_fields):
             raise TooManyFields
-        if len(data) > _MAX_BLOCK:
+        if large:
             headers = super().decode(data, raw)
             if _list_size(headers) > self.allowed:
                 raise OversizedList
             return headers
-        key = (bytes(data), raw)
         table = self._table
-        seen = self._memory.get(key)
-        if seen is not None and seen[0] == table.changes:
-            return list(seen[1])  # (measured when it was remembered)
         before = table.changes
         headers = super().decode(data, raw)
         if _list_size(headers) > self.allowed:  # (a small block may name large fields of the table)
