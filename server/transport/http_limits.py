@@ -346,8 +346,10 @@ def guarded_protocol(
             self._progress = True
             self._fields += 1
             if self._fields > max_header_fields and not self._refused:
-                refused(TOO_MANY_FIELDS)
-                self._refuse(431, f"the request head has more than {max_header_fields} fields (max_header_fields)")
+                what = "the request head" if self._in_head else "the request head with its trailers"
+                self._head_refused(
+                    TOO_MANY_FIELDS, f"{what} has more than {max_header_fields} fields (max_header_fields)"
+                )
                 return
             if self._count(len(name) + len(value) + 4):
                 if not self._in_head:
@@ -513,21 +515,27 @@ def guarded_protocol(
                 return False
             self._head_bytes += n
             if self._head_bytes > max_header_bytes:
-                refused(HEAD_TOO_LARGE)
-                self._refuse(431, f"the request head exceeds {max_header_bytes} bytes (max_header_bytes)")
+                what = "the request head" if self._in_head else "the request head with its trailers"
+                self._head_refused(HEAD_TOO_LARGE, f"{what} exceeds {max_header_bytes} bytes (max_header_bytes)")
                 return False
             return True
 
         def _too_long(self) -> None:
             """More than ``max_header_bytes`` of a line the parser holds (the head's or a trailer's)."""
+            what = "the request head" if self._in_head else "a trailer or chunk line"
+            self._head_refused(HEAD_TOO_LARGE, f"{what} exceeds {max_header_bytes} bytes (max_header_bytes)")
+
+        def _head_refused(self, reason: str, message: str) -> None:
+            """431 for a head past a limit, counted; for trailers that pass it once the request
+            was answered, the connection is closed without a second answer (a keep-alive client
+            would read that 431 as the answer to its next request)."""
+            refused(reason)
             cycle = self.cycle
             if not self._in_head and (self._answered or (cycle is not None and cycle.response_started)):
-                self._refused = True  # answered already: a second answer would be out of place
+                self._refused = True
                 self.transport.close()
                 return
-            refused(HEAD_TOO_LARGE)
-            what = "the request head" if self._in_head else "a trailer or chunk line"
-            self._refuse(431, f"{what} exceeds {max_header_bytes} bytes (max_header_bytes)")
+            self._refuse(431, message)
 
         def _arm(self, seconds: float, reason: str) -> None:
             self._disarm()

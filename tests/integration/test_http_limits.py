@@ -4,6 +4,7 @@ the connection and is counted; the server goes on serving."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -615,3 +616,22 @@ def test_http_bodies_and_grpc_messages_still_arriving_share_one_budget(repo, ser
     assert judged.value.status() == "StatusCode.INVALID_ARGUMENT", judged.value
     c.close()
     serves(running)
+
+
+@pytest.mark.parametrize("trailers", ["fields", "bytes"])
+def test_trailers_past_a_limit_after_the_answer_close_without_a_second_answer(guarded, trailers):
+    """A request refused from its head (an unknown model: 404) is answered before its chunked body
+    is read; trailers that then pass max_header_fields or max_header_bytes were answered with a
+    431 as well, which a keep-alive client or a proxy would take for the answer to its next
+    request. The connection is closed instead, and the refusal counted."""
+    s = connect(guarded)
+    s.sendall(b"POST /v2/models/nosuch/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert _read_answer(s).startswith(b"HTTP/1.1 404")
+    if trailers == "fields":
+        many = b"".join(b"X-T%d: 1\r\n" % i for i in range(200))
+    else:
+        many = b"X-T: " + b"v" * 3000 + b"\r\nX-U: " + b"w" * 3000 + b"\r\n"
+    with contextlib.suppress(OSError):
+        s.sendall(b"0\r\n" + many + b"\r\n")
+    assert read_all(s) == b""
+    assert refusals(guarded) == {("header_fields" if trailers == "fields" else "header_bytes",): 1}
