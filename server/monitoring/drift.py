@@ -490,7 +490,9 @@ class DriftService:
         gone["cpu_s"] += c["cpu_s"]
         self._latest = None
 
-    def _reply(self, ident: int, ok: bool, payload: Any) -> None:
+    def _reply(self, ident: int, ok: bool | None, payload: Any) -> None:
+        """A command's answer: ``ok`` True (its result), False (a failure: INVALID_ARGUMENT) or
+        None (dropped, too late for its caller: DEADLINE_EXCEEDED, as the caller's own wait)."""
         fut = self._replies.pop(ident, None)
         if fut is None or self._loop is None:
             return
@@ -500,6 +502,8 @@ class DriftService:
                 return
             if ok:
                 fut.set_result(payload)
+            elif ok is None:
+                fut.set_exception(GatewayError(ErrorCode.DEADLINE_EXCEEDED, str(payload)))
             else:
                 fut.set_exception(invalid(str(payload)))
 

@@ -347,7 +347,7 @@ class Detector:
 
 
 def _in_time(name: str, until: float) -> None:
-    """Raises (TimeoutError, an OSError: answered as a failure) when a command's answer could no
+    """Raises TimeoutError (answered DEADLINE_EXCEEDED, as the caller's own wait) when a command's answer could no
     longer reach its caller: less than ``COMMIT_RESERVE_S`` before ``until``, the time the
     answer takes back. Checked as the command is read and again just before a rebaseline is
     kept (its profile is built first): one read just in time was kept after its caller was told
@@ -389,6 +389,8 @@ def main(inbox, outbox, plan: Plan) -> None:
                     else:
                         try:
                             send(("reply", ident, True, detector.command(name, args, until)))
+                        except TimeoutError as e:  # (too late: answered as the caller's own timeout)
+                            send(("reply", ident, None, str(e)[:1024]))
                         except (KeyError, ValueError, OSError) as e:
                             send(("reply", ident, False, str(e)[:1024]))
                 elif kind == "stop":

@@ -448,3 +448,28 @@ def test_a_monitor_of_a_remote_model_whose_upstream_is_down_at_start_does_not_st
         front.stop()
         if upstream is not None:
             upstream.stop()
+
+
+def test_a_command_too_late_for_its_caller_is_answered_deadline_exceeded(built, tmp_path):
+    """The detector drops a command it reads with less than COMMIT_RESERVE_S (0.25 s) of its
+    caller's time left; it answered that as a failure, which the gateway turned into
+    INVALID_ARGUMENT / 400, a mistake of the caller's that clients do not retry. It is the
+    caller's deadline: DEADLINE_EXCEEDED, as when the gateway itself stops waiting."""
+    import grpc
+
+    from batchgate.admin.v1 import admin_pb2 as apb
+    from batchgate.admin.v1 import admin_pb2_grpc
+
+    cfg = _config(tmp_path / "c.yaml", built["profile"], "http://127.0.0.1:9/x")
+    gw = start_gateway(built["repo"], cfg)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{gw.gateway.admin_port}") as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            assert stub.ResetDrift(apb.ResetDriftRequest(model="fraud"), timeout=30).model == "fraud"
+            for request in (stub.ResetDrift, stub.Rebaseline):
+                message = apb.ResetDriftRequest if request is stub.ResetDrift else apb.RebaselineRequest
+                with pytest.raises(grpc.RpcError) as e:
+                    request(message(model="fraud"), timeout=0.2)  # (under the detector's reserve)
+                assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+    finally:
+        gw.stop()
