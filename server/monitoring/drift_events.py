@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -71,8 +72,35 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 # Name look-ups of the webhooks' hosts: on threads of their own, so that an attempt waits for one
 # no longer than its deadline (getaddrinfo takes no timeout, and a resolver that does not answer
 # held the lane's thread for as long as the system's resolver kept trying). A look-up past its
-# attempt's deadline finishes on its thread; a few at once, so hung ones cannot pile up threads.
-_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_LANES, thread_name_prefix="drift-dns")
+# attempt's deadline finishes on its (daemon) thread; attempts for a name already being looked up
+# wait for that look-up rather than start another, so a name that hangs holds one thread whatever
+# its retries, and at most MAX_LANES names are looked up at once. An IP address is not looked up.
+_LOOKUPS: dict[tuple[str, int], concurrent.futures.Future] = {}
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _look_up(host: str, port: int) -> concurrent.futures.Future:
+    key = (host, port)
+    with _LOOKUPS_LOCK:
+        running = _LOOKUPS.get(key)
+        if running is not None:
+            return running
+        if len(_LOOKUPS) >= MAX_LANES:
+            raise OSError(f"{len(_LOOKUPS)} webhook host names are being looked up already, none answered yet")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        _LOOKUPS[key] = fut
+
+    def run() -> None:
+        try:
+            fut.set_result(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            fut.set_exception(e)
+        finally:
+            with _LOOKUPS_LOCK:
+                _LOOKUPS.pop(key, None)
+
+    threading.Thread(target=run, name="drift-dns", daemon=True).start()  # (daemon: exit never waits on it)
+    return fut
 
 
 class _Deadline:
@@ -114,12 +142,15 @@ class _Deadline:
     def connect(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
         """``socket.create_connection``, the name looked up within what is left of the deadline."""
         host, port = address
-        look_up = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
         try:
-            infos = look_up.result(timeout=max(0.0, self._ends - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            look_up.cancel()  # (one not started yet is dropped)
-            raise OSError(f"looking up the webhook's host {host[:253]!r} took longer than its timeout_s") from None
+            ipaddress.ip_address(host)
+        except ValueError:  # a name: looked up on a thread (see _look_up)
+            try:
+                infos = _look_up(host, port).result(timeout=max(0.0, self._ends - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                raise OSError(f"looking up the webhook's host {host[:253]!r} took longer than its timeout_s") from None
+        else:  # an address: nothing to look up
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
         failure: OSError = OSError(f"no address for the webhook's host {host[:253]!r}")
         for family, kind, proto, _, sockaddr in infos:
             sock = socket.socket(family, kind, proto)

@@ -400,8 +400,12 @@ def test_a_webhook_host_whose_name_does_not_resolve_in_time_fails_the_attempt_wi
     """getaddrinfo takes no timeout: a resolver that did not answer held the delivery, and its
     lane, for as long as the system's resolver kept trying (here it answers after a minute, as
     a resolver with its retries can). The look-up is now bounded by the attempt's timeout_s.
-    (The resolver is the system's, stood in for by a wrapper of socket.getaddrinfo that holds
-    one name back; every other name, localhost below, is looked up for real.)"""
+    Attempts for a name still being looked up share that look-up: each retry of a hung name took
+    one of eight shared threads, and once eight hung every other receiver's look-up timed out
+    too (localhost, 127.0.0.1). An address is not looked up, and the look-ups' threads are
+    daemons (a hung one held the process's exit). (The resolver is the system's, stood in for by
+    a wrapper of socket.getaddrinfo that holds one name back; every other name is looked up for
+    real.)"""
     import http.server
     import socket
 
@@ -425,13 +429,6 @@ def test_a_webhook_host_whose_name_does_not_resolve_in_time_fails_the_attempt_wi
         except Exception as e:  # noqa: BLE001 - the failure is what is looked at
             outcome.append(e)
 
-    worker = threading.Thread(target=attempt, args=("http://hook.unanswered.test:9/hook",), daemon=True)
-    worker.start()
-    worker.join(15)
-    held.set()
-    worker.join(70)
-    assert outcome and "looking up the webhook's host 'hook.unanswered.test'" in str(outcome[0]), outcome
-
     class Ok(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -443,10 +440,25 @@ def test_a_webhook_host_whose_name_does_not_resolve_in_time_fails_the_attempt_wi
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:  # a name that resolves (to ::1 first, perhaps, where nothing listens): delivered
-        outcome.clear()
-        attempt(f"http://localhost:{server.server_address[1]}/hook")
-        assert outcome == [None], outcome
+    try:
+        workers = [
+            threading.Thread(target=attempt, args=("http://hook.unanswered.test:9/hook",), daemon=True)
+            for _ in range(12)  # (more than the eight lanes, retries of the one hung name)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(15)
+        assert len(outcome) == 12, outcome
+        assert all("looking up the webhook's host 'hook.unanswered.test'" in str(e) for e in outcome), outcome
+        port = server.server_address[1]
+        for url in (f"http://localhost:{port}/hook", f"http://127.0.0.1:{port}/hook"):  # other receivers: delivered
+            outcome.clear()
+            attempt(url)
+            assert outcome == [None], (url, outcome)
+        hung = [t for t in threading.enumerate() if t.name == "drift-dns"]
+        assert len(hung) == 1 and hung[0].daemon
     finally:
+        held.set()
         server.shutdown()
         server.server_close()
