@@ -486,6 +486,7 @@ def _main(argv=None) -> int:
 
 async def _serve(settings) -> int:
     from .app import Gateway
+    from .transport.sockets import ListenError
 
     try:
         gateway = Gateway(settings)
@@ -504,7 +505,7 @@ async def _serve(settings) -> int:
         return 2
     except Exception as e:
         # (a port another process holds: "cannot listen on 127.0.0.1:8000: Address already in use")
-        said = f"cannot listen on {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        said = f"cannot listen on {e.filename}: {e.strerror}" if isinstance(e, ListenError) else e
         log.error("batchgate could not start: %s", said)
         await gateway.stop(0.1)
         return 1

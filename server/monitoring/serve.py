@@ -29,7 +29,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..core.errors import ErrorCode, GatewayError
 from ..security.auth import KeyStore
-from ..transport.sockets import PeerShare, dual_stack, host_port, peer_of
+from ..transport.sockets import ListenError, PeerShare, dual_stack, host_port, peer_of
 
 PATH = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -148,7 +148,7 @@ class _Threading(ThreadingMixIn, WSGIServer):
         try:
             super().server_bind()
         except OSError as e:  # (which address: said)
-            raise OSError(e.errno, e.strerror, host_port(str(host), self.server_address[1])) from None
+            raise ListenError(e.errno, e.strerror, host_port(str(host), self.server_address[1])) from None
 
     def handle_error(self, request, client_address) -> None:
         """A request that failed on its connection (socketserver prints a traceback to stderr)."""

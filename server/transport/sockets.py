@@ -23,8 +23,12 @@ def host_port(host: str, port: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ListenError(OSError):
+    """An address that cannot be bound (``filename``: the address, ``strerror``: why)."""
+
+
 def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound TCP socket (not listening yet); OSError when the address cannot be bound.
+    """A bound TCP socket (not listening yet); ListenError when the address cannot be bound.
 
     IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listener
     says it is TCP; without it keep-alive answers wait ~40 ms on delayed ACKs. With
@@ -39,7 +43,7 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, e.strerror, host_port(host, port)) from None  # (which address: said)
+        raise ListenError(e.errno, e.strerror, host_port(host, port)) from None  # (which address: said)
     return sock
 
 
