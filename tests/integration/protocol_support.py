@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
@@ -157,3 +158,21 @@ def raw_http(running, method: str, path: str, body: bytes = b"", headers: dict |
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+# V2 datatype -> (ONNX element type, numpy dtype): every datatype ONNX Runtime serves
+ALL_DATATYPES = {
+    "BOOL": (onnx.TensorProto.BOOL, np.bool_),
+    "UINT8": (onnx.TensorProto.UINT8, np.uint8),
+    "UINT16": (onnx.TensorProto.UINT16, np.uint16),
+    "UINT32": (onnx.TensorProto.UINT32, np.uint32),
+    "UINT64": (onnx.TensorProto.UINT64, np.uint64),
+    "INT8": (onnx.TensorProto.INT8, np.int8),
+    "INT16": (onnx.TensorProto.INT16, np.int16),
+    "INT32": (onnx.TensorProto.INT32, np.int32),
+    "INT64": (onnx.TensorProto.INT64, np.int64),
+    "FP16": (onnx.TensorProto.FLOAT16, np.float16),
+    "FP32": (onnx.TensorProto.FLOAT, np.float32),
+    "FP64": (onnx.TensorProto.DOUBLE, np.float64),
+    "BYTES": (onnx.TensorProto.STRING, np.object_),
+}

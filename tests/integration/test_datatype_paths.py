@@ -11,33 +11,16 @@ import uuid
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from protocol_support import QUICK
+from protocol_support import ALL_DATATYPES, QUICK
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from batchgate.demo import _save, identity_model
 
-T = onnx.TensorProto
-TYPES = {
-    "BOOL": (T.BOOL, np.bool_),
-    "UINT8": (T.UINT8, np.uint8),
-    "UINT16": (T.UINT16, np.uint16),
-    "UINT32": (T.UINT32, np.uint32),
-    "UINT64": (T.UINT64, np.uint64),
-    "INT8": (T.INT8, np.int8),
-    "INT16": (T.INT16, np.int16),
-    "INT32": (T.INT32, np.int32),
-    "INT64": (T.INT64, np.int64),
-    "FP16": (T.FLOAT16, np.float16),
-    "FP32": (T.FLOAT, np.float32),
-    "FP64": (T.DOUBLE, np.float64),
-    "BYTES": (T.STRING, np.object_),
-}
 # Typed-contents fields, written out here as the protocol names them (an oracle independent of
 # the codec's own table); FP16 has none.
 TYPED = {
@@ -66,7 +49,7 @@ def running(tmp_path_factory):
     from gateway_support import start_gateway
 
     repo = str(tmp_path_factory.mktemp("edge_models"))
-    for v2, (onnx_type, _) in TYPES.items():
+    for v2, (onnx_type, _) in ALL_DATATYPES.items():
         cfg_type = "TYPE_STRING" if v2 == "BYTES" else f"TYPE_{v2}"
         config = (
             "max_batch_size: 0\n"
@@ -83,7 +66,7 @@ def edges(v2: str) -> np.ndarray:
     """A [2, 4] tensor at the corners of ``v2``: the integer bounds (UINT64 past 2**63), NaN,
     both infinities, -0.0, the largest and smallest finite values and the subnormals, empty
     strings and strings holding NUL."""
-    dt = TYPES[v2][1]
+    dt = ALL_DATATYPES[v2][1]
     if v2 == "BOOL":
         return np.array([[True, False, True, False], [False, False, True, True]])
     if v2 == "BYTES":
@@ -97,7 +80,7 @@ def edges(v2: str) -> np.ndarray:
 
 
 def empty(v2: str) -> np.ndarray:
-    return np.empty((0, 4), dtype=TYPES[v2][1])
+    return np.empty((0, 4), dtype=ALL_DATATYPES[v2][1])
 
 
 def grpc_raw(r, v2, arr):
@@ -167,7 +150,7 @@ def same(got: np.ndarray, want: np.ndarray) -> bool:
     return got.dtype == want.dtype and got.tobytes() == want.tobytes()  # bit for bit: -0.0, NaN
 
 
-@pytest.mark.parametrize("v2", list(TYPES))
+@pytest.mark.parametrize("v2", list(ALL_DATATYPES))
 def test_every_path_gives_back_the_same_bytes(running, v2):
     failures = []
     for arr in (edges(v2), empty(v2)):
@@ -194,7 +177,7 @@ def test_every_path_gives_back_the_same_bytes(running, v2):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("v2", list(TYPES))
+@pytest.mark.parametrize("v2", list(ALL_DATATYPES))
 def test_metadata_names_the_datatype_and_shape_on_both_protocols(running, v2):
     h = httpclient.InferenceServerClient(running.http_url).get_model_metadata(model(v2))
     g = grpcclient.InferenceServerClient(running.grpc_url).get_model_metadata(model(v2))

@@ -128,6 +128,21 @@ def open_and_reset(raw: RawH2) -> None:
     raw.sock.sendall(raw.h2.data_to_send())
 
 
+def _frames_until_closed(raw: RawH2) -> list[tuple[int, bytes]]:
+    got = b""
+    raw.sock.settimeout(10)
+    with contextlib.suppress(OSError):
+        while chunk := raw.sock.recv(65536):
+            got += chunk
+    kinds = []
+    while len(got) >= 9:
+        hi, lo, kind, _, _ = struct.unpack(">BHBBL", got[:9])
+        n = (hi << 16) | lo
+        kinds.append((kind, got[9 : 9 + n]))
+        got = got[9 + n :]
+    return kinds
+
+
 def infer_request(model="mlp") -> bytes:
     req = service_pb2.ModelInferRequest(model_name=model, id="raw")
     req.inputs.add(name="input", datatype="FP32", shape=[1, 256])
@@ -394,17 +409,7 @@ def test_streams_opened_past_the_limit_are_counted_and_a_flood_of_them_closes_th
     )
     with contextlib.suppress(OSError):
         raw.sock.sendall(frames)
-    got = b""
-    raw.sock.settimeout(10)
-    with contextlib.suppress(OSError):
-        while chunk := raw.sock.recv(65536):
-            got += chunk
-    kinds = []
-    while len(got) >= 9:
-        hi, lo, kind, _, sid = struct.unpack(">BHBBL", got[:9])
-        n = (hi << 16) | lo
-        kinds.append((kind, got[9 : 9 + n]))
-        got = got[9 + n :]
+    kinds = _frames_until_closed(raw)
     refused = [p for k, p in kinds if k == 3 and p == struct.pack(">L", h2.errors.ErrorCodes.REFUSED_STREAM)]
     assert 50 <= len(refused) < 200
     goaway = [p for k, p in kinds if k == 7]
@@ -751,21 +756,6 @@ def test_the_grpcio_engine_takes_max_header_bytes_for_a_calls_metadata(demo_repo
         client.is_server_live(headers={"x-note": "v" * 8000})
     assert "RESOURCE_EXHAUSTED" in str(e.value.status())
     client.close()
-
-
-def _frames_until_closed(raw: RawH2) -> list[tuple[int, bytes]]:
-    got = b""
-    raw.sock.settimeout(10)
-    with contextlib.suppress(OSError):
-        while chunk := raw.sock.recv(65536):
-            got += chunk
-    kinds = []
-    while len(got) >= 9:
-        hi, lo, kind, _, _ = struct.unpack(">BHBBL", got[:9])
-        n = (hi << 16) | lo
-        kinds.append((kind, got[9 : 9 + n]))
-        got = got[9 + n :]
-    return kinds
 
 
 def test_a_message_sent_in_slivers_closes_the_connection_as_a_flood(demo_repo, serve):

@@ -5,32 +5,22 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-import onnx
 import pytest
-from protocol_support import FLAVOURS, QUICK, Client, as_bytes, assert_same, model_file, onnx_outputs, simple_feeds
+from protocol_support import (
+    ALL_DATATYPES,
+    FLAVOURS,
+    QUICK,
+    Client,
+    as_bytes,
+    assert_same,
+    model_file,
+    onnx_outputs,
+    simple_feeds,
+)
 from tritonclient.grpc import InferResult as GrpcInferResult
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from batchgate.demo import _save, identity_model
-
-T = onnx.TensorProto
-
-# V2 datatype -> (ONNX element type, numpy dtype)
-ALL_DATATYPES = {
-    "BOOL": (T.BOOL, np.bool_),
-    "UINT8": (T.UINT8, np.uint8),
-    "UINT16": (T.UINT16, np.uint16),
-    "UINT32": (T.UINT32, np.uint32),
-    "UINT64": (T.UINT64, np.uint64),
-    "INT8": (T.INT8, np.int8),
-    "INT16": (T.INT16, np.int16),
-    "INT32": (T.INT32, np.int32),
-    "INT64": (T.INT64, np.int64),
-    "FP16": (T.FLOAT16, np.float16),
-    "FP32": (T.FLOAT, np.float32),
-    "FP64": (T.DOUBLE, np.float64),
-    "BYTES": (T.STRING, np.object_),
-}
 
 
 def dtype_model_name(v2: str) -> str:
