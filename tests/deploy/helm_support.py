@@ -27,20 +27,22 @@ def helm_binary() -> str:
     return path
 
 
-def render(helm: str, values: Path, *extra: str, api_versions: list[str] = API_VERSIONS) -> list[dict]:
+def render(
+    helm: str, values: Path, *extra: str, api_versions: list[str] = API_VERSIONS, release: str = "rel"
+) -> list[dict]:
     """The manifests `helm template` renders with these values (it must succeed)."""
-    out = template(helm, values, *extra, api_versions=api_versions)
+    out = template(helm, values, *extra, api_versions=api_versions, release=release)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def template(helm: str, values: Path, *extra: str, api_versions: list[str] = API_VERSIONS):
+def template(helm: str, values: Path, *extra: str, api_versions: list[str] = API_VERSIONS, release: str = "rel"):
     """`helm template` of the chart as a finished process (stdout, stderr, returncode)."""
     return subprocess.run(
         [
             helm,
             "template",
-            "rel",
+            release,
             str(CHART),
             "-f",
             str(values),

@@ -11,6 +11,15 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The full name with a suffix ("-headless", "-tls"), the full name cut first so the whole stays
+within 63 characters: cutting after appending would drop the suffix from a long release's name,
+and the object would take the full name itself (a Service name over 63 is refused outright). */}}
+{{- define "batchgate.suffixedName" -}}
+{{- $ctx := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- printf "%s%s" (include "batchgate.fullname" $ctx | trunc (int (sub 63 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
 {{- define "batchgate.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "batchgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -82,7 +91,7 @@ when auth.apiKeys.keys is given; empty: no keys (the server runs open). */}}
 {{- if $k.existingSecret -}}
 {{- $k.existingSecret -}}
 {{- else if $k.keys -}}
-{{- printf "%s-api-keys" (include "batchgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "batchgate.suffixedName" (list . "-api-keys") -}}
 {{- end -}}
 {{- end -}}
 
@@ -92,7 +101,7 @@ when auth.apiKeys.keys is given; empty: no keys (the server runs open). */}}
 {{- if .Values.tls.existingSecret -}}
 {{- .Values.tls.existingSecret -}}
 {{- else if .Values.tls.certManager.create -}}
-{{- printf "%s-tls" (include "batchgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "batchgate.suffixedName" (list . "-tls") -}}
 {{- else -}}
 {{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret: tls.crt, tls.key) or tls.certManager.create" -}}
 {{- end -}}
