@@ -59,10 +59,39 @@ already), and before a digest. */}}
 {{- $image -}}
 {{- end -}}
 
+{{/* The value config as JSON, each section's keys in the one spelling batchgate reads: dashes as
+underscores, and Triton's aliases (batchgate's config.ALIASES) as the names they stand for. The
+server refuses a setting given twice in a section, and values.yaml already gives exit_timeout_s and
+grpc_max_connection_age_s: a user's exit_timeout_secs (or exit-timeout-s) beside them would stop the
+pods at start, so the user's other spelling replaces the default. Done before the chart checks the
+keys it owns, which a dashed spelling would otherwise pass. */}}
+{{- define "batchgate.config" -}}
+{{- $aliases := dict "exit_timeout_secs" "exit_timeout_s" "grpc_max_connection_age_secs" "grpc_max_connection_age_s" "repository_poll_secs" "repository_poll_s" -}}
+{{- $out := dict -}}
+{{- range $section, $settings := (.Values.config | default dict) -}}
+{{- if kindIs "map" $settings -}}
+{{- $s := dict -}}
+{{- range $pass := list "as written" "other spellings" -}}
+{{- range $key, $value := $settings -}}
+{{- $name := replace "-" "_" $key -}}
+{{- $name = get $aliases $name | default $name -}}
+{{- if eq (eq $name $key) (eq $pass "as written") -}}
+{{- $_ := set $s $name $value -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $out $section $s -}}
+{{- else -}}
+{{- $_ := set $out $section $settings -}}
+{{- end -}}
+{{- end -}}
+{{- $out | toJson -}}
+{{- end -}}
+
 {{/* Seconds the pod gets to stop: preStop sleep + batchgate's own grace period + a margin. */}}
 {{- define "batchgate.terminationGrace" -}}
-{{- $server := (.Values.config | default dict).server | default dict -}}
-{{- $exit := coalesce $server.exit_timeout_s $server.exit_timeout_secs 30 -}}
+{{- $server := (include "batchgate.config" . | fromJson).server | default dict -}}
+{{- $exit := coalesce $server.exit_timeout_s 30 -}}
 {{- $needed := add .Values.lifecycle.preStopSleepSeconds (ceil $exit | int) -}}
 {{- with .Values.terminationGracePeriodSeconds -}}
 {{- if le (int .) (int $needed) -}}
