@@ -172,6 +172,10 @@ def test_the_sections_other_settings_pass_through(helm, tmp_path):
         (lambda v: v["sharedMemory"].update(keyPrefix="batchgate_"), 'sharedMemory.keyPrefix "batchgate_"'),
         (lambda v: v["sharedMemory"].update(keyPrefix=""), "an empty one would turn registration off"),
         (lambda v: v["sharedMemory"].update(keyPrefix="/a/b_"), 'sharedMemory.keyPrefix "/a/b_"'),
+        # batchgate refuses these at start (a '/' alone, more than 200 after it): the chart had let
+        # them through, and the pods crash-looped.
+        (lambda v: v["sharedMemory"].update(keyPrefix="/"), 'sharedMemory.keyPrefix "/"'),
+        (lambda v: v["sharedMemory"].update(keyPrefix="/" + "k" * 201), "'/' then 1 to 200 of"),
         (lambda v: v["sharedMemory"].update(maxRegions=0), "sharedMemory.maxRegions: a whole number, at least 1"),
         (lambda v: v["sharedMemory"].update(maxBytes="1Gi"), "sharedMemory.maxBytes: a whole number, at least 1"),
         (lambda v: v["sharedMemory"].update(maxBytes=1.5), "sharedMemory.maxBytes: a whole number, at least 1"),
@@ -198,6 +202,18 @@ def test_values_that_cannot_work_are_refused_at_render(helm, tmp_path, change, m
     given = copy.deepcopy(ENABLED)
     change(given)
     assert message in refused(helm, tmp_path, given)
+
+
+@pytest.mark.parametrize("prefix", ["/k", "/" + "k" * 200])
+def test_the_longest_and_shortest_prefixes_render_and_batchgate_takes_them(helm, tmp_path, prefix):
+    given = copy.deepcopy(ENABLED)
+    given["sharedMemory"].update(keyPrefix=prefix)
+    _, _, config = rendered(helm, tmp_path, given)
+    (tmp_path / "models").mkdir()
+    config["repository"]["model_repository"] = str(tmp_path / "models")
+    cfg_file = tmp_path / "batchgate.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    assert load_settings(str(cfg_file), environ={}).shared_memory.shm_key_prefix == prefix
 
 
 def test_batchgate_serves_shared_memory_with_the_charts_settings(helm, tmp_path):
