@@ -82,6 +82,24 @@ def test_the_dashboard_ships_as_a_configmap_the_grafana_sidecar_loads(helm, tmp_
     assert kinds["PrometheusRule"][0]["metadata"]["labels"]["release"] == "kps"
 
 
+def test_dashboards_of_same_named_releases_in_one_grafana_namespace_do_not_collide(helm, tmp_path):
+    """With dashboards.namespace, release rel of namespace team-a and release rel of team-b both
+    put a ConfigMap in monitoring: one name for both made the second install fail (helm will not
+    take over an object another release owns)."""
+    values = _values(tmp_path, {"dashboards": {"enabled": True, "namespace": "monitoring"}})
+    names = set()
+    for ns in ("team-a", "team-b"):
+        (cm,) = [
+            d
+            for d in render(helm, values, "--namespace", ns)
+            if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
+        ]
+        validate([cm])
+        assert cm["metadata"]["namespace"] == "monitoring"
+        names.add(cm["metadata"]["name"])
+    assert names == {"rel-batchgate-team-a-dashboard", "rel-batchgate-team-b-dashboard"}
+
+
 def test_the_committed_dashboard_is_current():
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "dashboard.py"), "--check"], capture_output=True)
     assert out.returncode == 0, out.stderr.decode()
