@@ -150,3 +150,27 @@ def test_extra_environment_variables_reach_the_container_and_the_charts_own_are_
     ):
         out = template(helm, values_file(tmp_path, {"extraEnv": given}))
         assert out.returncode != 0 and words in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BATCHGATE_HTTP_PORT", "ports.http"),
+        ("BATCHGATE_HEALTH_PORT", "ports.health"),
+        ("BATCHGATE_TLS_CERT_FILE", "tls.existingSecret"),
+        ("BATCHGATE_API_KEYS_FILE", "auth.apiKeys"),
+        ("BATCHGATE_WORKERS", "workers"),
+    ],
+)
+def test_an_extra_variable_for_a_setting_the_chart_owns_is_refused(helm, tmp_path, variable, value):
+    """batchgate ranks its environment above its config: BATCHGATE_HTTP_PORT in extraEnv moved the
+    listener off the port the probes and the Service use (the pod never became ready)."""
+    out = template(helm, values_file(tmp_path, {"extraEnv": [{"name": variable, "value": "9000"}]}))
+    assert out.returncode != 0
+    assert f"extraEnv: {variable} sets" in out.stderr and f"from the value {value}" in out.stderr, out.stderr
+
+
+def test_an_extra_variable_for_another_setting_passes(helm, tmp_path):
+    given = [{"name": "BATCHGATE_MAX_QUEUE_SIZE", "value": "9"}]
+    (deployment,) = by_kind(render(helm, values_file(tmp_path, {"extraEnv": given})))["Deployment"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["env"][-1] == given[0]

@@ -233,3 +233,11 @@ failureThreshold: {{ .failureThreshold }}
 timeoutSeconds: {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/* The settings the chart sets from its own values, by section: each with the value to use
+instead. Refused in config (configmap.yaml) and as BATCHGATE_* variables in extraEnv (a variable
+outranks the config file, so BATCHGATE_HTTP_PORT would move the listener off the port the probes,
+the Service and the NetworkPolicy use). */}}
+{{- define "batchgate.ownedSettings" -}}
+{{- dict "auth" (dict "api_keys_file" "auth.apiKeys" "allow_open_admin" "auth.allowOpenAdmin" "health_requires_key" "auth.healthRequiresKey" "metrics_requires_key" "auth.metricsRequiresKey" "audit_log_file" "auth.auditLog") "tls" (dict "tls_cert_file" "tls.existingSecret" "tls_key_file" "tls.existingSecret" "tls_client_ca_file" "tls.clientAuth") "server" (dict "host" "bindAddress" "http_port" "ports.http" "grpc_port" "ports.grpc" "metrics_port" "ports.metrics" "admin_host" "admin.expose" "admin_port" "admin.port" "admin_http_port" "admin.httpPort" "health_port" "ports.health" "workers" "workers" "workers_mode" "workersMode") "repository" (dict "model_repository" "modelRepository (mounted at /models)") "routing" (dict "routes_file" "routes.list" "state_dir" "state.enabled") "shared_memory" (dict "shm_key_prefix" "sharedMemory.keyPrefix" "shm_max_regions" "sharedMemory.maxRegions" "shm_max_bytes" "sharedMemory.maxBytes") "observability" (dict "latency_slo_ms" "slo.latency.thresholdSeconds") | toJson -}}
+{{- end -}}
