@@ -361,11 +361,14 @@ class PodControl:
 
     async def unload(self, name: str) -> None:
         async with self._lock:
+            served: list = []  # each worker's versions served last (its answer)
             with contextlib.suppress(ChannelClosed):  # a worker gone meanwhile unloads it as it starts again
-                await self._everywhere("unload", self._members(), name=name)
+                await self._everywhere("unload", self._members(), answers=served, name=name)
             self._forget_statistics(name)
             self._models.pop(name, None)
-            self._models[name] = ("unload", name)
+            # With those versions a worker joining later lists the model as the others do
+            # (index rows "unloaded" with their versions), not as one it never served.
+            self._models[name] = ("unload", name, max(served, key=len, default=[]))
             self._files.pop(name, None)
             await self._follow([])
 
@@ -448,12 +451,17 @@ class PodControl:
             why = slot.failure or f"(pid {pid}) went away during the call"
             raise ChannelClosed(f"{_named(slot)} {why}") from None
 
-    async def _everywhere(self, op: str, members: list[Slot], undo: bool = False, **args: Any) -> GatewayError | None:
+    async def _everywhere(
+        self, op: str, members: list[Slot], undo: bool = False, answers: list | None = None, **args: Any
+    ) -> GatewayError | None:
         """``op`` on each of ``members``; the first error raised (with ``undo``: the successful
-        registrations unregistered again and the error returned)."""
+        registrations unregistered again and the error returned). ``answers`` gets the answers
+        of those that succeeded, also when another failed."""
         if not members:
             raise GatewayError(ErrorCode.UNAVAILABLE, "no worker is running: try again")
         results = await asyncio.gather(*(self._ask(s, op, **args) for s in members), return_exceptions=True)
+        if answers is not None:
+            answers.extend(r for r in results if not isinstance(r, BaseException))
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return None

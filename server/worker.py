@@ -83,8 +83,11 @@ class WorkerLink:
 
         await self.gateway.repository.load(name, config, files, vote=vote)
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str) -> list[int]:
+        """The versions the model served last (kept by the supervisor for a worker joining later)."""
         await self.gateway.repository.unload(name)
+        entry = self.gateway.repository.models.get(name)
+        return list(entry.served_versions) if entry is not None else []
 
     async def _rescan_plan(self) -> dict:
         return self.gateway.repository.rescan_plan()
@@ -112,7 +115,8 @@ class WorkerLink:
                     await self.gateway.repository.load(*args)
                 elif op == "unload":  # (a name it never had, e.g. an upload unloaded since: nothing to do)
                     if args[0] in self.gateway.repository.models:
-                        await self.gateway.repository.unload(*args)
+                        await self.gateway.repository.unload(args[0])
+                        self.gateway.repository.served_before(args[0], args[1])
                 elif op == "want":  # a load that failed on the other workers: not ready here either
                     if self.gateway.repository.ready(args[0]):  # (loaded at start: load_model)
                         await self.gateway.repository.unload(args[0])

@@ -156,6 +156,12 @@ class ModelRepository:
             entry.state, entry.reason = UNAVAILABLE, reason
             self._wanted.add(name)
 
+    def served_before(self, name: str, versions: list[int]) -> None:
+        """An unloaded ``name`` last served ``versions`` on the pod's other workers: listed so here too."""
+        entry = self.models.get(name)
+        if entry is not None and not entry.versions and not entry.served_versions:
+            entry.served_versions = tuple(versions)
+
     def served(self) -> list[ModelVersion]:
         return [s for e in self.models.values() for _, s in sorted(e.versions.items())]
 

@@ -631,8 +631,23 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one(clf_r
         grpcclient.InferenceServerClient(p.grpc).unload_model("clf2")
         assert _ready_everywhere(p, "clf2") == {False}
         assert _ready_everywhere(p, "clf") == {True}
+
+        # A worker started after the unload lists the model as the others do: unloaded, with
+        # the version served last (it listed it with no version, as one it never served).
+        _kill_and_wait(p, 0)
+        assert _indexes(p) == {'[["clf", "1", "READY"], ["clf2", "1", "UNAVAILABLE"]]'}
     finally:
         p.kill()
+
+
+def _indexes(p: Proc) -> set[str]:
+    """The repository indexes 16 new connections (both workers answer some) were given."""
+    seen = set()
+    for _ in range(16):
+        c = httpclient.InferenceServerClient(p.http)
+        seen.add(json.dumps([[m["name"], m.get("version"), m.get("state")] for m in c.get_model_repository_index()]))
+        c.close()
+    return seen
 
 
 def _slow_to_load(nodes: int = 20000):
