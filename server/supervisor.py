@@ -301,6 +301,12 @@ class Supervisor(PodControl, PodState):
             if self.owner is None or slot is self.owner:
                 await self._same_files(slot)
             slot.member, slot.owner_ready_told = True, None
+            if self._keys is not None and slot is not self.owner:
+                # The keys file may have changed since this worker read it as it started, and
+                # the watcher tells only the members: the pod's keys now, before it listens
+                # (read once it is a member, so that a change the watcher is reading meanwhile
+                # reaches it one way or the other; a second telling is a no-op).
+                await slot.channel.call("keys_reload", signature=tuple(self._keys.signature), timeout=30)
             self._tell_owner_ready()  # (a front worker: before it listens, not at the next read)
 
     def _handlers(self, slot: Slot) -> dict:

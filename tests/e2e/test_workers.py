@@ -1326,6 +1326,67 @@ def test_the_supervisor_watches_the_keys_and_every_worker_follows(clf_repo, tmp_
         p.kill()
 
 
+def test_a_key_revoked_while_a_worker_starts_again_is_refused_by_it_too(clf_repo, tmp_path):
+    """The supervisor told the workers of a keys file change, but only those serving: one that
+    had read the file as it started again, and joined after, kept the revoked key for good."""
+    import yaml
+
+    from batchgate.security.auth import hash_token, new_token
+
+    _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")  # the restart takes seconds
+    app = new_token()
+    app_key = {"id": "app", "sha256": hash_token(app), "scopes": ["infer", "read"]}
+    ops_key = {"id": "ops", "sha256": hash_token(new_token()), "scopes": ["read"]}
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": [app_key, ops_key]}))
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--api-keys-file", str(path), "--api-keys-poll-s", "0.2"))
+    try:
+        p.wait_ready(120)
+        victim = _pids(p)[1]
+        os.kill(victim, signal.SIGKILL)
+        p.wait_for(f"worker 1 (pid {victim}) was killed")
+        end = time.monotonic() + 30
+        while not [x for x in p.lines if "[worker 1]" in x and "API keys required" in x][1:]:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.02)
+        new = _pids_of_children(p) - {_pids(p)[0]}
+        assert len(new) == 1, new
+        (starting,) = new
+        os.kill(starting, signal.SIGSTOP)  # it has read the keys and loads "big": held there
+        try:
+            path.write_text(yaml.safe_dump({"keys": [ops_key]}))  # "app" revoked
+            end = time.monotonic() + 30
+            while not [x for x in p.lines if "API keys reloaded" in x and "[worker" not in x]:
+                assert time.monotonic() < end, p.output()
+                time.sleep(0.05)
+            p.wait_for("[worker 0]: API keys reloaded")
+        finally:
+            os.kill(starting, signal.SIGCONT)
+        end = time.monotonic() + 120
+        while _pids(p)[1] != starting:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.1)
+        codes = set()
+        for _ in range(16):  # new connections: both workers
+            c = grpcclient.InferenceServerClient(p.grpc, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+            x = grpcclient.InferInput("features", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            try:
+                c.infer("clf", [x], headers={"authorization": f"Bearer {app}"}, client_timeout=20)
+                codes.add("OK")
+            except InferenceServerException as e:
+                codes.add(str(e.status()))
+            c.close()
+        assert codes == {"StatusCode.UNAUTHENTICATED"}, codes
+    finally:
+        p.kill()
+
+
+def _pids_of_children(p: Proc) -> set[int]:
+    tasks = f"/proc/{p.p.pid}/task"
+    return {int(c) for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()}
+
+
 def test_a_keys_file_caught_half_written_reaches_no_worker(clf_repo, tmp_path):
     """The supervisor's poll settles a change before any worker reads it (see
     tests/integration/test_api_keys.py, which judges only answers given within a poll of the
