@@ -137,6 +137,15 @@ class Channel:
             with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.drain()
 
+    async def settle(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) for the answers to this end's calls in progress:
+        a draining worker's pod-wide change (a load) is answered by the supervisor's verdict,
+        not by the channel closing under it. True if there were any."""
+        waiting = [f for f in self._waiting.values() if not f.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        return bool(waiting)
+
     def backlog(self) -> int:
         """Bytes written but not yet sent to the other end."""
         return self.writer.transport.get_write_buffer_size()

@@ -480,7 +480,10 @@ def _detached(op):
     (its handler is then cancelled; the other workers must not be left half-changed)."""
 
     async def run(**args: Any) -> Any:
-        return await asyncio.shield(asyncio.ensure_future(op(**args)))
+        task = asyncio.ensure_future(op(**args))
+        # (its error is the asking worker's answer; with that worker gone, nobody else's)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
 
     return run
 

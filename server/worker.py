@@ -340,6 +340,8 @@ async def run(fd: int) -> int:
     if gone.done() and not stop.is_set():
         log.warning("%s: the supervisor is gone; draining", hello["name"])
     clean = await gateway.stop()
+    if await channel.settle(10):  # a request's handler waited on one: a moment to write its answer
+        await asyncio.sleep(0.1)
     channel.close()
     reading.cancel()
     return 0 if clean else 1

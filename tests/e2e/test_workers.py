@@ -957,6 +957,38 @@ def test_sigterm_under_traffic_loses_no_accepted_request(clf_repo):
         p.kill()
 
 
+def test_sigterm_during_a_load_answers_it_with_the_pods_verdict(clf_repo):
+    """SIGTERM while every worker built a load: the worker that took it closed its channel to
+    the supervisor once its own build ended, before the verdict came, and answered "the other
+    process went away during the call" (the supervisor logged the verdict as an exception
+    nobody retrieved). Now it waits for the verdict: the load is called off, and says so."""
+    _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")
+    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
+                        "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        answer: list[str] = []
+
+        def load() -> None:
+            try:
+                httpclient.InferenceServerClient(p.http, network_timeout=120).load_model("big")
+                answer.append("loaded")
+            except InferenceServerException as e:
+                answer.append(e.message())
+
+        t = threading.Thread(target=load)
+        t.start()
+        p.wait_for("[worker 1]: readiness: not ready")  # (the load has begun: it wants the model)
+        p.wait_for("[worker 0]: readiness: not ready")
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(60) == 0, p.output()
+        t.join(60)
+        assert "no worker switched versions" in answer[0], answer
+        assert "never retrieved" not in p.output()
+    finally:
+        p.kill()
+
+
 def test_sigterm_while_a_worker_starts_again_exits_0(clf_repo):
     """A worker started again (after a crash) dies of SIGTERM if it comes before the interpreter
     can catch it; it held no request, yet the supervisor exited 1 as if a drain had failed."""
