@@ -161,11 +161,11 @@ class Supervisor(PodControl, PodState):
         for f in done:
             f.result()  # WorkerFailed: the caller stops the others
         log.info(
-            "batchgate: %d workers serving: HTTP on %s, gRPC on %s, metrics on %s",
+            "batchgate: %d workers serving: HTTP on %s, gRPC on %s, metrics %s",
             self.n,
             _join(srv.host, self.ports["http_port"]),
             _join(srv.host, self.ports["grpc_port"]),
-            _join(srv.host, self.metrics_port) if self.metrics_port is not None else "off",
+            "on " + _join(srv.host, self.metrics_port) if self.metrics_port is not None else "off",
         )
 
     def _launch(self, slot: Slot) -> None:

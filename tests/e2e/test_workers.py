@@ -128,6 +128,19 @@ def clf_repo(tmp_path):
     return str(tmp_path)
 
 
+def test_the_pods_serving_line_says_metrics_off_as_one_process_does(clf_repo):
+    """It said "metrics on off" with the metrics port off (-1)."""
+    args = serve_args(clf_repo, "--workers", "2")
+    args[args.index("--metrics-port") + 1] = "-1"
+    p = Proc(args)
+    try:
+        p.wait_for("2 workers serving", timeout=60)
+        line = next(x for x in p.lines if "2 workers serving" in x)
+        assert line.rstrip().endswith("metrics off"), line
+    finally:
+        p.kill()
+
+
 def test_a_pod_never_shares_its_ports_with_another_process(clf_repo):
     """SO_REUSEPORT let a second pod start on the ports of one already serving (another
     repository, without its API keys), each taking some of the connections."""
