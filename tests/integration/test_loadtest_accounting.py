@@ -110,3 +110,26 @@ def test_a_sweep_without_an_slo_does_not_call_a_failing_rate_sustainable(tmp_pat
     assert done.returncode == 1, done.stderr
     done, doc = loadtest(tmp_path / "good", srv.grpc, *args)  # answered: both rates pass
     assert doc["sweep"]["best"] == doc["steps"][1]["label"] and done.returncode == 0, (doc["sweep"], done.stderr)
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_timeout_enters_the_uncorrected_histogram_at_its_deadline(tmp_path, testserver, protocol):  # noqa: F811
+    """One request in flight at a time against a 50 ms server, at ten times its capacity: most
+    requests wait for the slot and leave with a few ms of their deadline left (or none), then
+    time out. Timed from their send they entered the uncorrected histogram at those few ms, and
+    its p50 read below the server's service time. A timeout enters at its deadline."""
+    srv = testserver("--service-ms", "50", "--workers", "1")
+    limit = ("--streams-per-channel", "1") if protocol == "grpc" else ("--connections", "1")
+    done, doc = loadtest(
+        tmp_path / "out",
+        srv.grpc if protocol == "grpc" else srv.http,
+        *("--protocol", protocol, "--model", "echo", "--rate", "200", "--duration", "1", "--warmup", "0"),
+        *("--deadline-ms", "300", *limit),
+    )
+    s = step(doc)
+    timeouts = sum(v for k, v in s["errors"].items() if k in ("DEADLINE_EXCEEDED", "timeout"))
+    assert timeouts > s["completed"] / 2, s["errors"]  # most of them: the p50 is a timeout's
+    assert s["samples"] == s["completed"], s  # answers and timeouts, nothing else
+    assert s["uncorrected_ms"]["p50"] >= 300, s["uncorrected_ms"]
+    assert s["uncorrected_ms"]["p50"] <= s["corrected_ms"]["p50"], (s["uncorrected_ms"], s["corrected_ms"])
