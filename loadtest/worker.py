@@ -35,6 +35,14 @@ _mono = time.monotonic_ns
 # HTTP client's own timeout, and HTTP 504 (a V2 server's answer to an expired deadline).
 TIMEOUTS = frozenset({"DEADLINE_EXCEEDED", "timeout", "504"})
 
+# The outcome of a request a gRPC stream ended without answering, when the server ended the stream
+# with status OK (or its answers could not be read): no code to give it, and it did not time out.
+STREAM_ENDED = "stream ended unanswered"
+
+
+class StreamEnded(Exception):
+    """The stream a request was written on ended before its answer came."""
+
 
 @dataclass
 class Transport:
@@ -229,6 +237,8 @@ class Worker:
                 return e.code().name
             except TimeoutError:
                 return "DEADLINE_EXCEEDED"
+            except StreamEnded:
+                return STREAM_ENDED
         import aiohttp
 
         try:
@@ -491,6 +501,13 @@ class _Stream:
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(e)
+        finally:
+            # Ended with status OK (a server may close a stream so), or on an answer that could not
+            # be read: what is still waiting gets no answer on this stream. Left pending, each waited
+            # out its deadline and was counted as a timeout at it, which the server never had.
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(StreamEnded())
 
 
 def main(index: int, transport: Transport, payloads: list[Encoded], commands, out) -> None:

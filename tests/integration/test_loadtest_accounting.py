@@ -133,3 +133,57 @@ def test_a_timeout_enters_the_uncorrected_histogram_at_its_deadline(tmp_path, te
     assert s["samples"] == s["completed"], s  # answers and timeouts, nothing else
     assert s["uncorrected_ms"]["p50"] >= 300, s["uncorrected_ms"]
     assert s["uncorrected_ms"]["p50"] <= s["corrected_ms"]["p50"], (s["uncorrected_ms"], s["corrected_ms"])
+
+
+# The scripted test server, except that its stream ends itself (status OK) on every 10th request,
+# leaving that request unanswered: as a server closing a stream does.
+_ENDING_STREAMS = """
+import asyncio
+from batchgate.loadtest import testserver as ts
+
+seen = 0
+
+async def stream(self, requests, context):
+    global seen
+    async for request in requests:
+        seen += 1
+        if seen % 10 == 0:
+            return
+        yield await self._stream_one(request)
+
+ts._GrpcService.ModelStreamInfer = stream
+
+async def main():
+    server = ts.TestServer(service_ms=5, workers=8)
+    await server.start()
+    print(f"gRPC on {server.grpc_port}", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.serial
+def test_a_request_left_unanswered_by_a_stream_the_server_ends_is_not_a_timeout(tmp_path):
+    """A stream the server ended with status OK left the requests written on it waiting out their
+    deadline: each was counted DEADLINE_EXCEEDED at 500 ms, a timeout the server never had."""
+    script = tmp_path / "ending_streams.py"
+    script.write_text(_ENDING_STREAMS)
+    srv = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = srv.stdout.readline()
+        assert line.startswith("gRPC on "), line
+        done, doc = loadtest(
+            tmp_path / "out",
+            f"127.0.0.1:{line.split()[-1]}",
+            *("--model", "echo", "--grpc-stream", "--rate", "50", "--duration", "1", "--warmup", "0"),
+            *("--deadline-ms", "500"),
+        )
+    finally:
+        srv.terminate()
+        srv.wait(10)
+    s = step(doc)
+    assert s["sent"] == 50 and s["completed"] == 50 and s["ok"] >= 40, s
+    assert set(s["errors"]) == {"stream ended unanswered"}, s["errors"]
+    assert s["samples"] == s["ok"], s["samples"]  # the answers: no unanswered request entered at a deadline
+    assert done.returncode == 0, done.stderr
