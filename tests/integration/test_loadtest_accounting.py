@@ -187,3 +187,26 @@ def test_a_request_left_unanswered_by_a_stream_the_server_ends_is_not_a_timeout(
     assert set(s["errors"]) == {"stream ended unanswered"}, s["errors"]
     assert s["samples"] == s["ok"], s["samples"]  # the answers: no unanswered request entered at a deadline
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.serial
+def test_a_sweep_that_found_its_rate_passes_though_a_step_above_it_answered_nothing(tmp_path, testserver):  # noqa: F811
+    """The step above a sweep's knee misses the SLO, as it should; when it answered no request at
+    all, the run exited 1 ("no request was answered OK") while its report said the sustainable
+    rate was found and the SLO met. The sweep's verdict decides."""
+    srv = testserver()
+    good = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    bad = {"inputs": [{"name": "INPUT0", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}
+    data = tmp_path / "then_refused.jsonl"  # one worker sends these in turn: step 1 the 10 good, step 2 the 20 bad
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good] * 10 + [bad] * 20))
+    done, doc = loadtest(
+        tmp_path / "out",
+        srv.grpc,
+        *("--model", "echo", "--data", str(data), "--workers", "1", "--sweep-rate", "10,20"),
+        *("--duration", "1", "--warmup", "0", "--cooldown", "0"),
+    )
+    first, second = doc["steps"]
+    assert (first["ok"], first["errors"]) == (10, {}), first
+    assert (second["ok"], second["errors"]) == (0, {"INVALID_ARGUMENT": 20}), second
+    assert doc["sweep"]["best"] == first["label"] and doc["verdict"]["slo_met"] is True, doc["verdict"]
+    assert done.returncode == 0, done.stderr
