@@ -158,6 +158,12 @@ def _tensor(
     parts = []
     for c in cols:
         col = batch.column(batch.schema.get_field_index(c))
+        if dt.np_dtype != np.object_ and not _gives_numbers(col.type):
+            # (a timestamp, a struct: numpy cannot compare its values with numbers, and the run crashed)
+            raise ScoreError(
+                f"column '{c}' is of type {col.type}, which holds no numbers for input '{spec.name}' "
+                f"({dt.v2}): cast it to a number type first, or feed it to a BYTES input"
+            )
         if pa.types.is_decimal(col.type):  # (Spark's and databases' money) as numbers, not Decimal objects
             col = col.cast(pa.float64())
         for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)).tolist():
@@ -264,6 +270,23 @@ def _most_common(lengths: list[int]) -> int:
         return 0
     values, counts = np.unique(lengths, return_counts=True)
     return int(values[counts == counts.max()].max())
+
+
+def _gives_numbers(t: pa.DataType) -> bool:
+    """Whether a column of type ``t`` can feed a number input: numbers, text (parsed per value),
+    nulls, or dictionaries and lists of these."""
+    if pa.types.is_dictionary(t):
+        return _gives_numbers(t.value_type)
+    if _listed(t):
+        return _gives_numbers(t.value_type)
+    return (
+        _numeric(t)
+        or pa.types.is_null(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
 
 
 def _numeric(t: pa.DataType) -> bool:

@@ -9,6 +9,7 @@ import asyncio
 import glob
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -546,3 +547,17 @@ def test_part_names_sort_in_input_order_past_99999_parts(tmp_path):
     pq.write_table(pa.table({"s": ["a", "b", "c"]}), small)
     _score(model, small, tmp_path / "small", batch_size=1)
     assert sorted(glob.glob("part-*", root_dir=tmp_path / "small")) == [f"part-0000{i}.parquet" for i in range(3)]
+
+
+def test_a_timestamp_or_struct_column_for_a_number_input_is_named_not_a_crash(tmp_path):
+    import datetime
+
+    when = pa.array([datetime.datetime(2020, 1, 1), None], pa.timestamp("us"))
+    for name, column in (("ts", when), ("st", pa.array([{"a": 1}, None]))):
+        src = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"x": column}), src)
+        with pytest.raises(ScoreError, match=re.escape(f"column 'x' is of type {column.type},")):
+            _score(Identity("x", "INT64", (1,)), src, tmp_path / name)
+    # a BYTES input takes it as text
+    counts, table, _ = _score(Identity("x", "BYTES", (1,)), tmp_path / "ts.parquet", tmp_path / "text")
+    assert counts.scored == 1 and table.column("y").to_pylist() == [["2020-01-01T00:00:00.000000"]]
