@@ -339,6 +339,8 @@ def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -
     if dtype == np.object_:
         out = np.empty(values.shape, dtype=object)
         for idx, v in np.ndenumerate(values):
+            if v is None:  # (a null inside a list: it was sent as b"", and scored)
+                why.setdefault(int(idx[0]), f"column '{column}': missing value")
             out[idx] = v if isinstance(v, bytes) else (b"" if v is None else str(v).encode())
         return out
     if values.dtype.kind in "OUS":

@@ -561,3 +561,15 @@ def test_a_timestamp_or_struct_column_for_a_number_input_is_named_not_a_crash(tm
     # a BYTES input takes it as text
     counts, table, _ = _score(Identity("x", "BYTES", (1,)), tmp_path / "ts.parquet", tmp_path / "text")
     assert counts.scored == 1 and table.column("y").to_pylist() == [["2020-01-01T00:00:00.000000"]]
+
+
+def test_a_null_inside_a_list_for_a_bytes_input_rejects_its_row(tmp_path):
+    src = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"s": pa.array([["a", "b"], ["c", None], None, [None, "d"]])}), src)
+    counts, table, rejects = _score(Identity("s", "BYTES", (2,)), src, tmp_path / "out")
+    assert counts.scored == 1 and table.column("y").to_pylist() == [["a", "b"]]  # ["c", ""] was scored
+    assert [(r["row"], r["reason"]) for r in rejects] == [(i, "column 's': missing value") for i in (1, 2, 3)]
+    jl = tmp_path / "texts.jsonl"
+    jl.write_text('{"s": [["a"], ["b"]]}\n{"s": [["c"], [null]]}\n')
+    counts, table, rejects = _score(Identity("s", "BYTES", (2, 1)), jl, tmp_path / "nested")
+    assert counts.scored == 1 and [r["row"] for r in rejects] == [1]
