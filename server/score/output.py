@@ -271,6 +271,10 @@ class Manifest:
                 if ok:
                     with open(os.path.join(self.out_dir, p["file"]), "rb") as f:
                         ok = digest(f.read()) == p["sha256"]
+                if ok and p.get("rejects_file"):  # its rejects too, gathered at the end: one gone or
+                    # changed failed every rerun (exit 2) or lost its rows' reasons; the part is scored again
+                    with open(os.path.join(self.out_dir, p["rejects_file"]), "rb") as f:
+                        ok = "rejects_sha256" not in p or digest(f.read()) == p["rejects_sha256"]
             except (OSError, KeyError, TypeError, ValueError):
                 ok = False
             if ok:

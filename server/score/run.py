@@ -299,13 +299,15 @@ async def _part(
         row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
         lines.append(reject_line(row))
     reject_name = rejects_name(index, job.width)
-    write_atomically(os.path.join(job.out_dir, reject_name), ("\n".join(lines) + "\n" if lines else "").encode())
+    reject_data = ("\n".join(lines) + "\n" if lines else "").encode()
+    write_atomically(os.path.join(job.out_dir, reject_name), reject_data)
     write_atomically(os.path.join(job.out_dir, name), data)
     return {
         "index": index,
         "file": name,
         "sha256": digest(data),
         "rejects_file": reject_name,
+        "rejects_sha256": digest(reject_data),
         "input": batch.num_rows,
         "scored": int(len(ok)),
         "rejected": len(rejected),

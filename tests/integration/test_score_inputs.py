@@ -573,3 +573,15 @@ def test_a_null_inside_a_list_for_a_bytes_input_rejects_its_row(tmp_path):
     jl.write_text('{"s": [["a"], ["b"]]}\n{"s": [["c"], [null]]}\n')
     counts, table, rejects = _score(Identity("s", "BYTES", (2, 1)), jl, tmp_path / "nested")
     assert counts.scored == 1 and [r["row"] for r in rejects] == [1]
+
+
+def test_a_part_whose_rejects_file_is_gone_or_changed_is_scored_again_on_a_rerun(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("id,x\n" + "".join(f"{i},{'bad' if i % 3 == 0 else i}\n" for i in range(9)))
+    out = tmp_path / "out"
+    first = _score(Identity("x", "FP32", (1,)), src, out, keep=("id",), batch_size=3)[2]
+    assert [r["id"] for r in first] == [0, 3, 6]
+    os.remove(out / "_rejects-00000.jsonl")  # (it failed every rerun: FileNotFoundError, exit 2)
+    (out / "_rejects-00002.jsonl").write_text("")  # (its row's reason was lost)
+    counts, table, rejects = _score(Identity("x", "FP32", (1,)), src, out, keep=("id",), batch_size=3)
+    assert counts.skipped_parts == 1 and rejects == first and table.num_rows == 6
