@@ -145,9 +145,7 @@ def output_columns(
                 cols[name] = pa.array([json.dumps(_py(v)) for v in arr.tolist()])
             else:
                 texts: pa.Array = pa.array([_text(v) for v in arr.reshape(-1).tolist()], pa.string())
-                for width in reversed(arr.shape[1:]):
-                    texts = pa.FixedSizeListArray.from_arrays(texts, int(width))
-                cols[name] = texts
+                cols[name] = _nested(texts, arr.shape)
         elif arr.ndim == 1:
             cols[name] = pa.array(arr)
         elif fmt == "csv" and arr.ndim == 2 and name not in variable:
@@ -156,18 +154,29 @@ def output_columns(
         elif fmt == "csv":
             cols[name] = pa.array([json.dumps(v) for v in arr.tolist()])
         else:
-            values: pa.Array = pa.array(np.ascontiguousarray(arr).reshape(-1))
-            for width in reversed(arr.shape[1:]):
-                values = pa.FixedSizeListArray.from_arrays(values, int(width))
-            cols[name] = values
-        if name in variable and pa.types.is_fixed_size_list(cols[name].type):
+            cols[name] = _nested(pa.array(np.ascontiguousarray(arr).reshape(-1)), arr.shape)
+        if name in variable and (pa.types.is_fixed_size_list(cols[name].type) or pa.types.is_list(cols[name].type)):
             cols[name] = cols[name].cast(_listed(cols[name].type))
     return pa.table(cols)
 
 
+def _nested(values: pa.Array, shape: tuple[int, ...]) -> pa.Array:
+    """The values of an array of ``shape`` as rows of (nested) fixed-size lists. A dimension of
+    0 (a variable one, in a part where no row was scored: zeros in its place) gives empty lists,
+    as pyarrow takes no fixed-size list of 0 values (the run stopped, ArrowInvalid)."""
+    for level in range(len(shape) - 1, 0, -1):
+        width = shape[level]
+        if width == 0:
+            count = int(np.prod(shape[:level], dtype=np.int64))  # the lists at this level
+            values = pa.ListArray.from_arrays(pa.array(np.zeros(count + 1, np.int32)), values)
+        else:
+            values = pa.FixedSizeListArray.from_arrays(values, int(width))
+    return values
+
+
 def _listed(t: pa.DataType) -> pa.DataType:
-    """``t`` with each fixed-size list a list."""
-    return pa.list_(_listed(t.value_type)) if pa.types.is_fixed_size_list(t) else t
+    """``t`` with each (fixed-size) list a list."""
+    return pa.list_(_listed(t.value_type)) if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) else t
 
 
 def _text(v: object) -> str:

@@ -585,3 +585,15 @@ def test_a_part_whose_rejects_file_is_gone_or_changed_is_scored_again_on_a_rerun
     (out / "_rejects-00002.jsonl").write_text("")  # (its row's reason was lost)
     counts, table, rejects = _score(Identity("x", "FP32", (1,)), src, out, keep=("id",), batch_size=3)
     assert counts.skipped_parts == 1 and rejects == first and table.num_rows == 6
+
+
+def test_a_part_with_no_row_scored_has_a_variable_output_as_an_empty_list_column(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], None, None, [3.0], None], pa.list_(pa.float32()))}), src)
+    # the second part (rows 2-3) has no row scored: its output of a variable width, (0, 0), was an
+    # ArrowInvalid ("list_size needs to be a strict positive integer") that stopped the run
+    counts, table, rejects = _score(Identity("x", "FP32", (-1,)), src, tmp_path / "out", batch_size=2)
+    assert (counts.scored, counts.rejected, counts.parts) == (2, 3, 3)
+    schemas = [pq.read_schema(p) for p in sorted(glob.glob(str(tmp_path / "out" / "part-*.parquet")))]
+    assert all(s.equals(schemas[0]) for s in schemas) and schemas[0].field("y").type == pa.list_(pa.float32())
+    assert table.column("y").to_pylist() == [[1.0, 2.0], [3.0]]
