@@ -363,7 +363,9 @@ def _python_block(block: bytes, schema: pa.Schema, want: dict[str, Any]) -> pa.T
         reason = None if isinstance(row, dict) else f"not a JSON object: {line[:40]!r}"
         for f in fields:
             value = row.get(f.name) if isinstance(row, dict) else None
-            value, why = _fit(value, f.type, want[f.name])
+            value, why = _fit(raw := value, f.type, want[f.name])
+            if why and want[f.name] is None:  # a kept column: no input's type to name ("for an integer input")
+                why = f"{_show(raw)} does not fit the type of this kept column, {f.type}, that of the file's first rows"
             if why and reason is None:
                 reason = f"column '{f.name}': {why}"
             columns[f.name].append(None if why else value)

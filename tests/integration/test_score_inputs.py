@@ -597,3 +597,15 @@ def test_a_part_with_no_row_scored_has_a_variable_output_as_an_empty_list_column
     schemas = [pq.read_schema(p) for p in sorted(glob.glob(str(tmp_path / "out" / "part-*.parquet")))]
     assert all(s.equals(schemas[0]) for s in schemas) and schemas[0].field("y").type == pa.list_(pa.float32())
     assert table.column("y").to_pylist() == [[1.0, 2.0], [3.0]]
+
+
+def test_a_kept_jsonl_value_of_another_type_than_the_first_rows_is_named_as_a_kept_columns(tmp_path):
+    src = tmp_path / "k.jsonl"
+    src.write_text('{"x": 1, "k": 1}\n{"x": 2, "k": 2.5}\n{"x": 3, "k": "a"}\n')
+    counts, _, rejects = _score(Identity("x", "FP32", (1,)), src, tmp_path / "out", keep=("k",))
+    assert (counts.scored, counts.rejected) == (1, 2)
+    first = "that of the file's first rows"  # (it said "not a whole number for an integer input", "not a int64")
+    assert [r["reason"] for r in rejects] == [
+        f"column 'k': 2.5 does not fit the type of this kept column, int64, {first}",
+        f"column 'k': 'a' does not fit the type of this kept column, int64, {first}",
+    ]
