@@ -4,6 +4,7 @@ the model's signature before any is scored (the files are read in inputs.py).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,7 +165,8 @@ def _tensor(
                 f"column '{c}' is of type {col.type}, which holds no numbers for input '{spec.name}' "
                 f"({dt.v2}): cast it to a number type first, or feed it to a BYTES input"
             )
-        if pa.types.is_decimal(col.type):  # (Spark's and databases' money) as numbers, not Decimal objects
+        if pa.types.is_decimal(col.type) and dt.np_dtype != np.object_:  # (Spark's and databases' money) as
+            # numbers, not Decimal objects; for a BYTES input its text as written (1.10, not 1.1)
             col = col.cast(pa.float64())
         for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)).tolist():
             why.setdefault(i, f"column '{c}': missing value")
@@ -341,7 +343,7 @@ def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -
         for idx, v in np.ndenumerate(values):
             if v is None:  # (a null inside a list: it was sent as b"", and scored)
                 why.setdefault(int(idx[0]), f"column '{column}': missing value")
-            out[idx] = v if isinstance(v, bytes) else (b"" if v is None else str(v).encode())
+            out[idx] = v if isinstance(v, bytes) else b"" if v is None else _text(v).encode()
         return out
     if values.dtype.kind in "OUS":
         values = _parsed(values, dtype, column, why)
@@ -379,6 +381,18 @@ def _as(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -
             out[over] = 0
         return out
     return values.astype(dtype)
+
+
+def _text(v: Any) -> str:
+    """A value for a BYTES input as text, as a JSON Lines file gives it (its JSON text): ``true``,
+    a struct or map as a JSON object or pairs (Python's ``True``, ``{'a': 1}`` were sent)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, default=str)
+    return str(v)
 
 
 def _parsed(values: np.ndarray, dtype: np.dtype, column: str, why: dict[int, str]) -> np.ndarray:

@@ -609,3 +609,26 @@ def test_a_kept_jsonl_value_of_another_type_than_the_first_rows_is_named_as_a_ke
         f"column 'k': 2.5 does not fit the type of this kept column, int64, {first}",
         f"column 'k': 'a' does not fit the type of this kept column, int64, {first}",
     ]
+
+
+def test_a_parquet_decimal_bool_or_struct_for_a_bytes_input_is_its_text_as_json_lines_give_it(tmp_path):
+    from decimal import Decimal
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "d": pa.array([Decimal("1.10"), Decimal("007.50")], pa.decimal128(5, 2)),
+                "b": [True, False],
+                "st": pa.array([{"a": 1, "b": "x"}, {"a": 2, "b": None}]),
+            }
+        ),
+        src,
+    )
+    model = Identity("s", "BYTES", (3,))
+    counts, table, _ = _score(model, src, tmp_path / "out", columns=("s=d,b,st",))
+    assert counts.scored == 2  # (it was 1.1, True, {'a': 1, 'b': 'x'}: a float's text and Python's reprs)
+    assert table.column("y").to_pylist() == [
+        ["1.10", "true", '{"a": 1, "b": "x"}'],
+        ["7.50", "false", '{"a": 2, "b": null}'],
+    ]
