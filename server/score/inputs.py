@@ -442,6 +442,11 @@ def _rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Record
 def _array_batch(arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
     cols = {}
     for name, a in arrays.items():
+        if a.dtype.kind in "cVO":  # (pyarrow has no such column: the run stopped with its traceback)
+            raise ScoreError(
+                f"the array '{name}' is of type {a.dtype} (complex, records or objects), which no model input takes: "
+                "give numbers, bools or text"
+            )
         a = np.ascontiguousarray(a)
         if a.ndim == 1:
             cols[name] = pa.array(a)

@@ -632,3 +632,11 @@ def test_a_parquet_decimal_bool_or_struct_for_a_bytes_input_is_its_text_as_json_
         ["1.10", "true", '{"a": 1, "b": "x"}'],
         ["7.50", "false", '{"a": 2, "b": null}'],
     ]
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, [("a", "f4"), ("b", "i4")]])
+def test_a_complex_or_record_array_is_named_not_a_crash(tmp_path, dtype):
+    src = tmp_path / "in.npy"
+    np.save(src, np.zeros(3, dtype=dtype))  # (pyarrow's ArrowNotImplementedError stopped the run, a traceback)
+    with pytest.raises(ScoreError, match=r"the array 'input' is of type .*\(complex, records or objects\)"):
+        _score(Identity("x", "FP32", (1,)), src, tmp_path / "out")
