@@ -125,7 +125,7 @@ def output_columns(
     for name, col in cols.items():
         if fmt == "csv" and pa.types.is_nested(col.type):  # (pyarrow's CSV writer takes none): JSON text
             cols[name] = pa.array(
-                [None if v is None else json.dumps(_py(v), default=str) for v in col.to_pylist()], pa.string()
+                [None if v is None else json.dumps(_py(v), default=str) for v in py_values(col)], pa.string()
             )
         elif fmt == "csv" and _binary(col.type):  # (the writer refuses bytes that are not UTF-8): escaped text
             cols[name] = pa.array([None if v is None else _text(v) for v in col.to_pylist()], pa.string())
@@ -172,6 +172,32 @@ def _nested(values: pa.Array, shape: tuple[int, ...]) -> pa.Array:
         else:
             values = pa.FixedSizeListArray.from_arrays(values, int(width))
     return values
+
+
+def py_values(col: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """``col.to_pylist()``; where Python cannot hold a value (a date or time past the year 9999,
+    as a database's 'infinity' is exported: an OverflowError stopped the run), the column's
+    dates and times as Arrow's text of them."""
+    try:
+        return col.to_pylist()
+    except (OverflowError, ValueError):
+        return col.cast(_dates_as_text(col.type)).to_pylist()
+
+
+def _dates_as_text(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_temporal(t):
+        return pa.string()
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_dates_as_text(t.field(i).type)) for i in range(t.num_fields)])
+    if pa.types.is_map(t):
+        return pa.map_(_dates_as_text(t.key_type), _dates_as_text(t.item_type))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_dates_as_text(t.value_type), t.list_size)
+    if pa.types.is_large_list(t):
+        return pa.large_list(_dates_as_text(t.value_type))
+    if pa.types.is_list(t):
+        return pa.list_(_dates_as_text(t.value_type))
+    return t
 
 
 def _listed(t: pa.DataType) -> pa.DataType:

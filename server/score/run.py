@@ -34,6 +34,7 @@ from .output import (
     part_name,
     part_width,
     partial_path,
+    py_values,
     reject_line,
     rejects_name,
     write_atomically,
@@ -294,9 +295,10 @@ async def _part(
     rejects += [(int(good[i]), reason, "failed") for i, reason in sorted(failed.items())]
     rejects.sort()
     lines = []
+    held = {c: py_values(kept.column(c)) for c in mapping.keep} if rejects else {}
     for i, reason, kind in rejects:
         row = {"row": start + i, "outcome": kind, "reason": reason}
-        row.update({c: kept.column(c)[i].as_py() for c in mapping.keep})
+        row.update({c: held[c][i] for c in mapping.keep})
         lines.append(reject_line(row))
     reject_name = rejects_name(index, job.width)
     reject_data = ("\n".join(lines) + "\n" if lines else "").encode()

@@ -640,3 +640,17 @@ def test_a_complex_or_record_array_is_named_not_a_crash(tmp_path, dtype):
     np.save(src, np.zeros(3, dtype=dtype))  # (pyarrow's ArrowNotImplementedError stopped the run, a traceback)
     with pytest.raises(ScoreError, match=r"the array 'input' is of type .*\(complex, records or objects\)"):
         _score(Identity("x", "FP32", (1,)), src, tmp_path / "out")
+
+
+def test_a_kept_date_past_the_year_9999_is_written_as_arrows_text_not_a_crash(tmp_path):
+    far = pa.array([253402300800 * 10, 253402300800 * 10], pa.timestamp("s"))  # (year 10000 and more)
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"x": [1.0, None], "ts": far, "st": pa.StructArray.from_arrays([far], ["t"])}), src)
+    # an OverflowError ("date value out of range") stopped the run: the rejected row's kept values, and a
+    # struct holding one as JSON text in a CSV part
+    counts, _, rejects = _score(Identity("x", "FP32", (1,)), src, tmp_path / "out", keep=("ts", "st"), fmt="csv")
+    assert (counts.scored, counts.rejected) == (1, 1)
+    said = "<value out of range: 2534023008000000>"  # (Parquet keeps seconds as milliseconds)
+    assert rejects[0]["ts"] == said and rejects[0]["st"] == {"t": said}
+    with open(tmp_path / "out" / "part-00000.csv") as f:
+        assert f.read().splitlines()[1] == f'{said},"{{""t"": ""{said}""}}",1'
