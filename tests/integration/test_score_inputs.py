@@ -654,3 +654,16 @@ def test_a_kept_date_past_the_year_9999_is_written_as_arrows_text_not_a_crash(tm
     assert rejects[0]["ts"] == said and rejects[0]["st"] == {"t": said}
     with open(tmp_path / "out" / "part-00000.csv") as f:
         assert f.read().splitlines()[1] == f'{said},"{{""t"": ""{said}""}}",1'
+
+
+def test_a_jsonl_whole_number_past_float64s_range_is_rejected_with_allow_nan_not_scored_as_infinity(tmp_path):
+    big = "1" + "0" * 400  # (pyarrow read it as infinity, which --allow-nan let through)
+    src = tmp_path / "in.jsonl"
+    src.write_text(f'{{"x": [1, 2]}}\n{{"x": [{big}, 2]}}\n{{"x": [-{big}, 2]}}\n{{"x": [Infinity, NaN]}}\n')
+    counts, table, rejects = _score(Identity("x", "FP64", (2,)), src, tmp_path / "out", allow_nan=True)
+    assert (counts.scored, counts.rejected) == (2, 2)
+    assert [r["reason"] for r in rejects] == [
+        f"column 'x': {big[:40]} is past the range of float64",
+        f"column 'x': -{big[:39]} is past the range of float64",
+    ]
+    assert table.column("y").to_pylist()[1][0] == float("inf")  # Infinity written as such
