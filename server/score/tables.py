@@ -176,6 +176,11 @@ def _tensor(
             # parts, JSON): each row's shape is judged against the input's (its values were taken
             # for one list of that many values, and every row was refused)
             parts.append(_as(_nested(col, tuple(dims), spec.name, c, why), dt.np_dtype, c, why))
+        elif len(cols) == 1 and len(dims) >= 2 and _listed(col.type) and _listed(col.type.value_type):
+            # the same for an input of rank 2 or more with a variable dimension ([-1, 3]): one
+            # shape per request, the most common one of those the input takes (each row's values
+            # were read as one number, and every row was refused, "'[1.0, 2.0]' is not a float32")
+            return _varied(col, tuple(dims), spec.name, c, why, dt.np_dtype), why
         elif pa.types.is_fixed_size_list(col.type) and _numeric(col.type.value_type) and col.values.null_count == 0:
             # the common case, without a Python object per value: the child array reshaped
             width = col.type.list_size
@@ -250,6 +255,35 @@ def _nested(col: pa.Array, dims: tuple[int, ...], name: str, column: str, why: d
             values = [None] * width
         rows.append(values)
     return np.array(rows, dtype=object).reshape(n, width)
+
+
+def _varied(
+    col: pa.Array, dims: tuple[int, ...], name: str, column: str, why: dict[int, str], dtype: np.dtype
+) -> np.ndarray:
+    """A column of nested lists for an input of a variable dimension, as [rows, *shape]: the
+    most common shape among the rows of a shape the input takes; the other rows are refused."""
+    n = len(col)
+    shaped = [_shape(v) if v is not None else (None, []) for v in col.to_pylist()]
+    fits = [
+        s for s, _ in shaped if s is not None and len(s) == len(dims) and all(d <= 0 or d == k for d, k in zip(dims, s))
+    ]
+    counts: dict[tuple[int, ...], int] = {}
+    for s in fits:
+        counts[s] = counts.get(s, 0) + 1
+    shape = max(counts, key=lambda s: (counts[s], s)) if counts else tuple(max(d, 1) for d in dims)
+    width = int(np.prod(shape))
+    rows = []
+    for i, (have, values) in enumerate(shaped):
+        if have != shape:
+            if have is not None or col[i].is_valid:
+                got = f"values of shape {list(have)}" if have is not None else "lists of uneven lengths"
+                takes = f"where input '{name}' takes {list(dims)}"
+                if have is not None and have in counts:
+                    takes = f"where other rows of its chunk have {list(shape)}: a request is one tensor"
+                why.setdefault(i, f"column '{column}': {got} {takes}")
+            values = [None] * width
+        rows.append(values)
+    return _as(np.array(rows, dtype=object).reshape(n, width), dtype, column, why).reshape(n, *shape)
 
 
 def _shape(v: Any) -> tuple[tuple[int, ...] | None, list[Any]]:

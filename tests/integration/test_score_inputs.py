@@ -667,3 +667,17 @@ def test_a_jsonl_whole_number_past_float64s_range_is_rejected_with_allow_nan_not
         f"column 'x': -{big[:39]} is past the range of float64",
     ]
     assert table.column("y").to_pylist()[1][0] == float("inf")  # Infinity written as such
+
+
+def test_nested_lists_feed_an_input_of_rank_two_with_a_variable_dimension(tmp_path):
+    src = tmp_path / "in.parquet"
+    rows = [[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [[7.0, 8.0, 9.0]], None, [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], [[1.0]]]
+    pq.write_table(pa.table({"x": rows}), src)
+    # (every row was refused: "'[1.0, 2.0, 3.0]' is not a float32")
+    counts, table, rejects = _score(Identity("x", "FP32", (-1, 3)), src, tmp_path / "out")
+    assert table.column("y").to_pylist() == [rows[0], rows[3]]
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (1, "column 'x': values of shape [1, 3] where other rows of its chunk have [2, 3]: a request is one tensor"),
+        (2, "column 'x': missing value"),
+        (4, "column 'x': values of shape [1, 1] where input 'x' takes [-1, 3]"),
+    ]
