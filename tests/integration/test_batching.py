@@ -454,7 +454,9 @@ def test_each_priority_level_takes_its_own_queue_policy(tmp_path, serve):
         return c.infer("slow", [inp], priority=priority).as_numpy("output").shape[0]
 
     with ThreadPoolExecutor(3) as pool:
-        busy = pool.submit(call, 1, 64)  # keeps the one instance busy for a while
+        # keeps the one instance busy for a while; at level 2 (level 1's 1 ms queue timeout could
+        # refuse it on a loaded machine before it was dispatched)
+        busy = pool.submit(call, 2, 64)
         _wait(lambda: running.gateway.dataplane.in_flight == 1 and served.scheduler.queue_depth == 0, "the busy batch")
         low = pool.submit(call, 0)  # the default level, 2
         _wait(lambda: served.scheduler.queue_depth == 1, "one level-2 request queued")
