@@ -681,27 +681,46 @@ def _slow_to_load(nodes: int = 20000):
     return model
 
 
-def test_a_load_called_off_by_a_worker_dying_leaves_no_worker_loading(clf_repo):
-    """A worker killed while every worker built a load: the survivors, rolled back, kept the model
-    LOADING for good (the index said so; nothing would ever finish it)."""
+def _pod_loading_big(clf_repo) -> Proc:
+    """Two workers in explicit mode, ready, with a slow-to-load model 'big' in the repository."""
     _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")
     p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
                         "--allow-open-admin", "true"))  # fmt: skip
     try:
         p.wait_ready()
+    except BaseException:
+        p.kill()
+        raise
+    return p
+
+
+def _load_big(p: Proc, answer: list[str], killed_ok: bool = False) -> threading.Thread:
+    """A thread asking the pod to load 'big'; its answer (or error message) goes into ``answer``.
+    ``killed_ok``: a call whose worker is killed counts as the load called off."""
+
+    def load() -> None:
+        try:
+            httpclient.InferenceServerClient(p.http, network_timeout=120).load_model("big")
+            answer.append("loaded")
+        except InferenceServerException as e:
+            answer.append(e.message())
+        except Exception:
+            if not killed_ok:
+                raise
+            answer.append("no worker switched versions (the call's worker was killed)")
+
+    t = threading.Thread(target=load)
+    t.start()
+    return t
+
+
+def test_a_load_called_off_by_a_worker_dying_leaves_no_worker_loading(clf_repo):
+    """A worker killed while every worker built a load: the survivors, rolled back, kept the model
+    LOADING for good (the index said so; nothing would ever finish it)."""
+    p = _pod_loading_big(clf_repo)
+    try:
         answer: list[str] = []
-
-        def load() -> None:
-            try:
-                httpclient.InferenceServerClient(p.http, network_timeout=120).load_model("big")
-                answer.append("loaded")
-            except InferenceServerException as e:
-                answer.append(e.message())
-            except Exception:  # noqa: BLE001 - the call was the killed worker's (its connection closed)
-                answer.append("no worker switched versions (the call's worker was killed)")
-
-        t = threading.Thread(target=load)
-        t.start()
+        t = _load_big(p, answer, killed_ok=True)
         p.wait_for("[worker 1]: readiness: not ready")  # (the load has begun: it wants the model)
         _kill_and_wait(p, 1)
         t.join(120)
@@ -975,22 +994,10 @@ def test_sigterm_during_a_load_answers_it_with_the_pods_verdict(clf_repo):
     the supervisor once its own build ended, before the verdict came, and answered "the other
     process went away during the call" (the supervisor logged the verdict as an exception
     nobody retrieved). Now it waits for the verdict: the load is called off, and says so."""
-    _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")
-    p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
-                        "--allow-open-admin", "true"))  # fmt: skip
+    p = _pod_loading_big(clf_repo)
     try:
-        p.wait_ready()
         answer: list[str] = []
-
-        def load() -> None:
-            try:
-                httpclient.InferenceServerClient(p.http, network_timeout=120).load_model("big")
-                answer.append("loaded")
-            except InferenceServerException as e:
-                answer.append(e.message())
-
-        t = threading.Thread(target=load)
-        t.start()
+        t = _load_big(p, answer)
         p.wait_for("[worker 1]: readiness: not ready")  # (the load has begun: it wants the model)
         p.wait_for("[worker 0]: readiness: not ready")
         p.p.send_signal(signal.SIGTERM)

@@ -694,8 +694,8 @@ async def test_fail_queued_answers_every_queued_request_and_executes_none():
     queued = [go(b, rq(clock, "low")), go(b, rq(clock, "high", priority=1))]
     await settle()
     assert rec.ids() == [["r0", "r1"]] and b.queue_depth == 2
+    assert b.fail_queued(GatewayError(ErrorCode.UNAVAILABLE, "gone")) == 2  # (before close, as retire does)
     b.close()
-    assert b.fail_queued(GatewayError(ErrorCode.UNAVAILABLE, "gone")) == 2
     for t in queued:
         with pytest.raises(GatewayError) as e:
             await t
