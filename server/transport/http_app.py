@@ -31,6 +31,7 @@ from .byte_budget import ByteBudget
 from .grpc_wire import INFLATE_ON_LOOP_MAX_BYTES
 from .http_body import BodyReader
 from .http_codec import BodyRefused
+from .http_heads import content_length
 from .http_limits import Verdict
 from .http_scope import (
     DisconnectWatch,
@@ -431,9 +432,7 @@ class HttpApp:
         x_headers = []
         for k, v in scope["headers"]:
             if k == b"content-length":
-                # (leading zeros are allowed, and int() refuses over 4,300 digits: httptools
-                # has checked that the value fits 64 bits)
-                if len(v) > 6 and (n := int(v.strip().lstrip(b"0") or b"0")) > self.limit:
+                if len(v) > 6 and (n := content_length(v)) > self.limit:
                     raise BodyRefused(
                         f"request body of {n} bytes exceeds the limit of {self.limit} bytes (max_request_bytes)"
                     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..core.errors import ErrorCode, GatewayError, invalid
 from .byte_budget import ByteBudget
 from .http_codec import BodyRefused
+from .http_heads import content_length
 
 
 class BodyReader:
@@ -52,7 +53,7 @@ class BodyReader:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
-                    n = int(v.strip().lstrip(b"0") or b"0")  # (zeros first are allowed: int() reads 4,300 digits)
+                    n = content_length(v)
                 except ValueError:
                     raise invalid("Content-Length is not a number") from None
                 if n > self.limit:

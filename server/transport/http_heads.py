@@ -77,6 +77,13 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int:
     past 4,300 digits)."""
     for name, value in headers:
         if name == b"content-length":
-            digits = value.strip().lstrip(b"0")
-            return 1 << 62 if len(digits) > 18 else int(digits or b"0")
+            return content_length(value)
     return -1
+
+
+def content_length(value: bytes) -> int:
+    """A Content-Length value as a number: any number of leading zeros is allowed, and past 18
+    digits it is read as larger than any limit (int() refuses past 4,300 digits); ValueError
+    when it is not a number."""
+    digits = value.strip().lstrip(b"0")
+    return 1 << 62 if len(digits) > 18 and digits.isdigit() else int(digits or b"0")
