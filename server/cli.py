@@ -481,11 +481,14 @@ def _main(argv=None) -> int:
         from .supervisor import supervise
 
         return asyncio.run(supervise(settings))
-    return asyncio.run(_serve(settings))
+    from .lifecycle import leave
+
+    return leave(asyncio.run(_serve(settings)))
 
 
 async def _serve(settings) -> int:
     from .app import Gateway
+    from .lifecycle import start_unless_stopped
     from .transport.sockets import ListenError
 
     try:
@@ -498,7 +501,9 @@ async def _serve(settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await gateway.start()
+        if not await start_unless_stopped(gateway.start(), stop):
+            await gateway.stop(0.1)
+            return 0
     except ConfigError as e:  # e.g. certificate files or the keys file, read at start
         log.error("configuration error: %s", e)
         await gateway.stop(0.1)

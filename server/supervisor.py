@@ -34,6 +34,7 @@ from . import cores
 from .config import ConfigError, Settings
 from .control import Channel
 from .core.errors import ErrorCode, GatewayError
+from .lifecycle import start_unless_stopped
 from .monitoring.metrics import Metrics
 from .pod_control import (
     BACKOFF_S,
@@ -441,18 +442,10 @@ async def supervise(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    starting = asyncio.ensure_future(sup.start())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():  # SIGTERM while the workers load: they drain as they are
-        log.info("shutdown signal received while starting")
-        starting.cancel()
-        with contextlib.suppress(BaseException):
-            await starting
-        await sup.stop()
-        return 0
     try:
-        starting.result()
+        if not await start_unless_stopped(sup.start(), stop):  # SIGTERM while the workers load
+            await sup.stop()
+            return 0
     except ConfigError as e:
         log.error("configuration error: %s", e)
         await sup.stop()

@@ -22,6 +22,7 @@ from typing import Any
 from . import cores, logs
 from .control import Channel
 from .core.errors import ConfigError, ErrorCode, GatewayError
+from .lifecycle import leave, start_unless_stopped
 
 log = logging.getLogger("batchgate")
 
@@ -322,7 +323,12 @@ async def run(fd: int) -> int:
     link.gateway = gateway
     gateway.dataplane.coordinator = link
     try:
-        await gateway.start(before_listening=lambda: channel.call("join"), routes_ready=link.catch_up_routes)
+        starting = gateway.start(before_listening=lambda: channel.call("join"), routes_ready=link.catch_up_routes)
+        if not await start_unless_stopped(starting, stop):
+            await gateway.stop(0.1)
+            channel.close()
+            reading.cancel()
+            return 0
     except ConfigError as e:
         channel.tell("failed", reason=f"configuration error: {e}")
         await gateway.stop(0.1)
@@ -357,7 +363,7 @@ def main() -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - non-Linux
         pass
-    return asyncio.run(run(int(sys.argv[1])))
+    return leave(asyncio.run(run(int(sys.argv[1]))))
 
 
 if __name__ == "__main__":

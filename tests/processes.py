@@ -62,6 +62,25 @@ def serve_args(repo: str, *extra: str) -> list[str]:
     ]
 
 
+def slow_to_load(nodes: int = 20000):
+    """A model ONNX Runtime takes seconds to load (a chain of ``nodes`` Adds)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.full((1, 4), i * 1e-3, np.float32), f"c{i}") for i in range(nodes)]
+    names = ["features"] + [f"t{i}" for i in range(nodes - 1)] + ["probabilities"]
+    adds = [helper.make_node("Add", [names[i], f"c{i}"], [names[i + 1]]) for i in range(nodes)]
+    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", 4])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", 4])
+    model = helper.make_model(
+        helper.make_graph(adds, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 class Proc:
     def __init__(self, args, env=None, preexec=None):
         """``preexec``: run in the child before batchgate starts (resource limits, say)."""

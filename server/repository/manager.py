@@ -436,6 +436,7 @@ class ModelRepository:
         if not entry.versions:
             entry.state = LOADING
         t0 = time.perf_counter()
+        log.info("model '%s' loading", name)  # (a large model takes minutes: the log says why)
         try:
             new = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self.builder.local, name, model_dir, override

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
-from processes import Proc, logged_at, serve_args
+from processes import Proc, logged_at, serve_args, slow_to_load
 
 BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
 
@@ -112,5 +112,39 @@ def test_sigterm_under_traffic_answers_unavailable_never_cancelled(tmp_path):
         bad = {k: v for k, v in when.items() if k not in good + closed}
         assert all(t >= closing - 0.05 for ts in bad.values() for t in ts), (outcomes, closing)
         assert sum(len(ts) for ts in bad.values()) <= max(10, 0.01 * sum(outcomes.values())), outcomes
+    finally:
+        p.kill()
+
+
+def test_sigterm_while_a_model_loads_stops_before_serving(tmp_path):
+    """SIGTERM while start-up loads a model ONNX Runtime takes seconds to build: the load went
+    on to its end, then the server listened and said it was serving, and only then drained (a
+    pod deleted during a long load held its node until the load ended). Now it stops before
+    listening, and the process exits without waiting for the load's thread."""
+    _save(slow_to_load(), str(tmp_path), "big", config="max_batch_size: 8\n")
+    p = Proc(serve_args(str(tmp_path)))
+    try:
+        p.wait_for("model 'big' loading", timeout=60)
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(60) == 0, p.output()
+        out = p.output()
+        assert "shutdown signal received while starting" in out, out
+        assert "HTTP on" not in out and "model 'big' ready" not in out, out
+    finally:
+        p.kill()
+
+
+def test_sigterm_while_workers_load_a_model_stops_every_process(tmp_path):
+    """The same with worker processes: each worker stops its start-up at the supervisor's
+    SIGTERM (before, each went on loading, listened, then drained)."""
+    _save(slow_to_load(), str(tmp_path), "big", config="max_batch_size: 8\n")
+    p = Proc(serve_args(str(tmp_path), "--workers", "2"))
+    try:
+        p.wait_for("[worker 0]: model 'big' loading", timeout=60)
+        p.wait_for("[worker 1]: model 'big' loading", timeout=60)
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(60) == 0, p.output()
+        out = p.output()
+        assert "model 'big' ready" not in out and "HTTP on" not in out, out
     finally:
         p.kill()

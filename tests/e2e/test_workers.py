@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
 from gateway_support import judge_while_half_written
-from processes import BATCHGATE, Proc, free_port, logged_at, serve_args
+from processes import BATCHGATE, Proc, free_port, logged_at, serve_args, slow_to_load
 
 BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]})
 PID = re.compile(r"worker (\d+) \(pid (\d+)\) ready")
@@ -663,27 +663,9 @@ def _indexes(p: Proc) -> set[str]:
     return seen
 
 
-def _slow_to_load(nodes: int = 20000):
-    """A model ONNX Runtime takes seconds to load (a chain of ``nodes`` Adds)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [numpy_helper.from_array(np.full((1, 4), i * 1e-3, np.float32), f"c{i}") for i in range(nodes)]
-    names = ["features"] + [f"t{i}" for i in range(nodes - 1)] + ["probabilities"]
-    adds = [helper.make_node("Add", [names[i], f"c{i}"], [names[i + 1]]) for i in range(nodes)]
-    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", 4])
-    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", 4])
-    model = helper.make_model(
-        helper.make_graph(adds, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def _pod_loading_big(clf_repo) -> Proc:
     """Two workers in explicit mode, ready, with a slow-to-load model 'big' in the repository."""
-    _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")
+    _save(slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")
     p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
                         "--allow-open-admin", "true"))  # fmt: skip
     try:
@@ -1385,7 +1367,7 @@ def test_a_key_revoked_while_a_worker_starts_again_is_refused_by_it_too(clf_repo
 
     from batchgate.security.auth import hash_token, new_token
 
-    _save(_slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")  # the restart takes seconds
+    _save(slow_to_load(), clf_repo, "big", config="max_batch_size: 8\n")  # the restart takes seconds
     app = new_token()
     app_key = {"id": "app", "sha256": hash_token(app), "scopes": ["infer", "read"]}
     ops_key = {"id": "ops", "sha256": hash_token(new_token()), "scopes": ["read"]}
