@@ -342,8 +342,9 @@ class _Connection(asyncio.Protocol):
         self.h2.acknowledge_received_data(n, sid)
 
     def _request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if self._closing and sid > self._last_stream:  # opened after our GOAWAY: never started
+        if self._closing and sid > self._last_stream:  # opened after our last GOAWAY: never started
             self.h2.reset_stream(sid, http2.REFUSED_STREAM)
+            self._reset_flood()  # (a client that goes on opening them meets the reset bound)
             return
         key = tuple(headers)
         parsed = self._parsed.get(key)

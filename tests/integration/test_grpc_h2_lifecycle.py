@@ -9,6 +9,7 @@ its deadline while its answer waited for the client's window."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import socket
@@ -627,3 +628,34 @@ def test_the_body_timeout_does_not_count_time_the_server_withholds_credit(engine
     with grpc.insecure_channel(f"127.0.0.1:{e.port}") as channel:
         answers = list(channel.stream_stream("/t.T/Slow")(iter([b"z" * 1_500_000] * 5), timeout=30))
     assert answers == [b"z" * 8] * 5
+
+
+def test_streams_opened_after_our_last_goaway_count_against_the_reset_bound(engine):
+    """A stream opened after the GOAWAY naming the last call taken is refused (REFUSED_STREAM)
+    at once, a reset the server does for it. Such refusals were not counted: while one call
+    kept the connection open, a client could open thousands a second until the age timer's
+    close. Now they meet ``max_resets_per_s`` as streams past the concurrency limit do."""
+    e = engine(max_connection_age_s=0.3, max_resets_per_s=20)
+    raw = Raw(e.port)
+    raw.headers(b"/t.T/Stuck")  # open, keeps the connection from closing after the GOAWAYs
+    frames: list[tuple] = []
+    end = time.monotonic() + 10
+    while len([f for f in frames if f[0] == GOAWAY]) < 2:  # the first, and the one naming the last call
+        assert time.monotonic() < end, frames
+        frames += raw.frames(0.1)
+    block = raw.encoder.encode(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"x"),
+            (b":path", b"/t.T/Echo"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]  # fmt: skip
+    )
+    with contextlib.suppress(OSError):
+        raw.sock.sendall(b"".join(frame(HEADERS, 0x5, raw.last + 2 * i, block) for i in range(1, 201)))
+    after = raw.frames(2.0)
+    refused = [f for f in after if len(f) == 4 and f[0] == RST]
+    calm = [f for f in after if f[0] == GOAWAY and struct.unpack(">L", f[3][4:8])[0] == 0xB]  # ENHANCE_YOUR_CALM
+    assert calm and len(refused) < 200, (len(refused), after[-3:])
