@@ -72,6 +72,25 @@ def test_an_init_container_fills_an_empty_dir_and_no_claim_is_made(helm, tmp_pat
     assert _models_volume(kinds)["emptyDir"] == {"sizeLimit": "20Gi"}
 
 
+def test_the_init_container_has_a_home_it_can_write_unless_env_names_one(helm, tmp_path):
+    """The pod runs as a user the fetching image may not know, on a read-only root: its home
+    was "/" (the AWS CLI's credential cache and gsutil's state could not be written). HOME is the
+    /tmp emptyDir unless the values' env names a HOME of their own."""
+
+    def init_env(given_env: list) -> list:
+        mr = {"source": "initContainer", "initContainer": {"env": given_env}}
+        docs = render(helm, values_file(tmp_path, {"modelRepository": mr}))
+        validate(docs)
+        (init,) = by_kind(docs)["Deployment"][0]["spec"]["template"]["spec"]["initContainers"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in init["volumeMounts"]
+        return init["env"]
+
+    assert init_env([]) == [{"name": "HOME", "value": "/tmp"}]
+    region = {"name": "AWS_REGION", "value": "eu-west-1"}
+    assert init_env([region]) == [{"name": "HOME", "value": "/tmp"}, region]
+    assert init_env([{"name": "HOME", "value": "/work"}, region]) == [{"name": "HOME", "value": "/work"}, region]
+
+
 @pytest.mark.parametrize(
     "pvc, where",
     [
