@@ -106,7 +106,10 @@ class ServerSettings:
         "0 picks a free port, -1 = off",
     )
     infer_threads: int = _setting(
-        0, "threads that run models; 0 = one per core of this process's share, at least 4", minimum=0
+        0,
+        "threads that run models; 0 = one per core of this process's share, at least 4",
+        minimum=0,
+        maximum=1024,  # (100,000 ended start-up in a traceback: the process ran out of threads)
     )
     workers: str = _setting(
         "1",

@@ -204,6 +204,10 @@ def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
         ({"max_caller_header_bytes": 0}, ["max_caller_header_bytes must be at least 1, not 0"]),
         ({"max_request_parameters": -1}, ["max_request_parameters must not be negative, not -1"]),
         ({"infer_threads": -1}, ["infer_threads"]),
+        (
+            {"infer_threads": 100_000},
+            ["infer_threads must be at most 1024, not 100000"],
+        ),  # (a traceback: no threads left)
         ({"gpu_device_id": -1}, ["gpu_device_id"]),
         ({"inline_execution_max_us": -1}, ["inline_execution_max_us"]),
         ({"shm_key_prefix": "batchgate_"}, ["shm_key_prefix must be '' (off) or '/' then", "'batchgate_'"]),
