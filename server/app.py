@@ -57,7 +57,7 @@ from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import TOO_MANY_CONNECTIONS, guarded_protocol
 from .transport.http_listener import HttpListener, QuietUvicorn
-from .transport.sockets import bind_problem, fit_connections_to_fds, tcp_socket
+from .transport.sockets import bind_problem, check_bindable, fit_connections_to_fds, tcp_socket
 from .transport.sockets import host_port as _join
 
 if TYPE_CHECKING:
@@ -211,6 +211,8 @@ class Gateway:
         there with what was loaded, registered and changed before it started)."""
         s = self.settings.server
         self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
+        if not self.reuse_port:  # (worker processes: the supervisor holds the ports and has bound them)
+            await asyncio.to_thread(check_bindable, self._listen_addresses())  # (a name may be looked up)
         await self.repository.start()
         if before_listening is not None:
             await before_listening()
@@ -480,6 +482,13 @@ class Gateway:
                 last = await self._publish_readiness()
                 log.info("readiness: %s", "ready" if last else "not ready (a model that should be loaded is not)")
             await asyncio.sleep(READINESS_POLL_S)
+
+    def _listen_addresses(self) -> list[tuple[str, int]]:
+        s = self.settings.server
+        on_host = [s.http_port, s.grpc_port, s.metrics_port, s.health_port]
+        return [(s.host, p) for p in on_host if p >= 0] + [
+            (s.admin_host, p) for p in (s.admin_port, s.admin_http_port) if p >= 0
+        ]
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """Readiness false, refuse new work, let accepted work finish; True if it all did."""

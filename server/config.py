@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -372,6 +373,27 @@ def _coerce(name: str, spelling: str, value: Any, source: str) -> Any:
     return value
 
 
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
+
+
+def _host_like(host: str) -> bool:
+    """An address to bind: "" (every address, as the socket API has it), an IP address (an IPv6
+    one with a %scope), or a host name (its letters only: it is looked up when the server starts)."""
+    if host == "":
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = host.encode("idna").decode()  # (a name in another script: as the resolver is asked)
+    except UnicodeError:
+        return False
+    return _HOST_NAME.fullmatch(ascii_name) is not None and not host.replace(".", "").isdigit()
+
+
 def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: bool = True) -> None:
     def what(name: str) -> str:  # the setting as the user wrote it, and where
         return f"{given[name][0]}: {given[name][1]}" if name in given else name
@@ -389,6 +411,12 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
         v = getattr(s.server, port)
         if not -1 <= v <= 65535:
             raise ConfigError(f"{what(port)} must be between 0 and 65535, or -1 for none, not {v}")
+    for name in ("host", "admin_host"):
+        if not _host_like(getattr(s.server, name)):
+            raise ConfigError(
+                f"{what(name)} must be an IP address or a host name, without brackets or a port (the ports "
+                f"have settings of their own), not {getattr(s.server, name)[:64]!r}"
+            )
     try:
         parse_workers(s.server.workers)
     except ValueError as e:

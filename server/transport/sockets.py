@@ -47,6 +47,15 @@ def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def check_bindable(addresses: list[tuple[str, int]]) -> None:
+    """ListenError for the first ``(host, port)`` that cannot be bound now: a fixed port another
+    process holds, an address this machine does not have, a name that does not resolve. Start-up
+    asks before the models load, which may take minutes, so a typo is said at once; the
+    listeners' own binds later still report what changed in between."""
+    for host, port in addresses:
+        tcp_socket(host, port, reuse_port=False).close()
+
+
 def bind_problem(address: str) -> str:
     """Why ``host:port`` cannot be bound, as ": <reason>" ("" when it can, or for another kind of
     address): gRPC's own listeners say only that they could not listen."""

@@ -443,3 +443,5 @@ def test_a_port_in_use_is_named_with_the_reason(small_repo, listener, engine):
     assert r.returncode == 1, r.stderr
     line = next(ln for ln in r.stderr.splitlines() if "could not start" in ln)
     assert line.endswith(f"127.0.0.1:{port}: Address already in use"), line
+    # said before any model loads (a load may take minutes; it was said after them)
+    assert "loading" not in r.stderr, r.stderr

@@ -203,6 +203,10 @@ def test_integral_float_is_accepted_for_an_int(tmp_path, repo):
         ({"max_caller_headers": -1}, ["max_caller_headers must not be negative, not -1"]),
         ({"max_caller_header_bytes": 0}, ["max_caller_header_bytes must be at least 1, not 0"]),
         ({"max_request_parameters": -1}, ["max_request_parameters must not be negative, not -1"]),
+        ({"host": "0.0.0.0:8000"}, ["host must be an IP address or a host name, without brackets or a port"]),
+        ({"host": "[::1]"}, ["host must be", "'[::1]'"]),
+        ({"host": "999.1.1.1"}, ["host must be"]),
+        ({"admin_host": "local host"}, ["admin_host must be"]),
         ({"infer_threads": -1}, ["infer_threads"]),
         (
             {"infer_threads": 100_000},
@@ -219,6 +223,13 @@ def test_bad_values(repo, flags, words):
     msg = error(None, {"model_repository": repo, **flags}, environ={})
     for w in words:
         assert w in msg
+
+
+@pytest.mark.parametrize(
+    "host", ["", "::", "::1", "fe80::1%eth0", "127.0.0.1", "localhost", "batchgate.ns.svc.", "hôte"]
+)
+def test_hosts_that_can_be_bound_are_accepted(repo, host):
+    assert load_settings(None, {"model_repository": repo, "host": host}, environ={}).server.host == host
 
 
 def test_max_queue_size_zero_is_refused_from_every_source(tmp_path, repo):
