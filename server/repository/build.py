@@ -29,6 +29,7 @@ from ..threads import InferenceThreads
 from .config import (
     BACKEND_NAMES,
     batch_doubts,
+    check_instance_groups,
     complete_config,
     instances_of,
     queue_bound,
@@ -132,6 +133,7 @@ class VersionBuilder:
                 f"model '{name}': model_repository_agents ({agents}) are not supported: batchgate runs no "
                 "repository agent, so what they check or change would not be done; remove them to serve the model"
             )
+        check_instance_groups(cfg)  # (before any backend opens a device for it)
         given = cfg.default_model_filename
         if given in (".", "..") or any(c in given for c in "/\\\0"):
             raise ModelConfigError(

@@ -230,6 +230,25 @@ def _refuse_what_triton_refuses_first(cfg: mc.ModelConfig) -> None:
             )
 
 
+def check_instance_groups(cfg: mc.ModelConfig) -> None:
+    """What Triton refuses in ``instance_group`` before any instance is made: GPUs listed on a
+    group that does not run on them (KIND_CPU, KIND_MODEL; they were taken from such a group
+    for a KIND_GPU one beside it, or ignored) and a GPU id below 0."""
+    for i, g in enumerate(cfg.instance_group):
+        which = f"instance_group {i}" + (f" ('{_said(g.name)}')" if g.name else "")
+        gpus = list(g.gpus)[:8]
+        if gpus and g.kind in (mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_MODEL):
+            kind = mc.ModelInstanceGroup.Kind.Name(g.kind)
+            raise ModelConfigError(
+                f"model '{cfg.name}': {which} has kind {kind} but lists gpus {gpus}; only a KIND_GPU group "
+                "names GPUs (Triton refuses it too): remove gpus, or set kind: KIND_GPU"
+            )
+        if any(n < 0 for n in g.gpus):
+            raise ModelConfigError(
+                f"model '{cfg.name}': {which} lists gpus {gpus}; a GPU id is 0 or more (Triton refuses it too)"
+            )
+
+
 def _refuse_what_triton_refuses(cfg: mc.ModelConfig) -> None:
     """Tensor settings Triton refuses for every platform batchgate serves, refused the same way
     rather than read and then not acted on: a shape tensor (only Triton's TensorRT backend has

@@ -1,0 +1,102 @@
+"""The batcher's config and its answers checked against Triton's rules, on a model of several
+inputs of different datatypes whose outputs say which rows they came from and which batch
+they ran in: a config Triton refuses fails its load here too, with the reason, and every
+answer row belongs to its own request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper
+
+from batchgate.demo import _save
+
+
+def tagged_model():
+    """A: FP32 [N, L] (L variable), B: INT32 [N, 2], ID: INT64 [N, 1]. SUM: FP32 [N, 1] (each
+    row of A summed), BID: INT64 [N, 3] (ID, then B), POS: INT64 [N, 1] (the row's place in the
+    batch it ran in), POSITIVE: BOOL [N, 1] (SUM > 0)."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("A", f, ["N", "L"]),
+        helper.make_tensor_value_info("B", TensorProto.INT32, ["N", 2]),
+        helper.make_tensor_value_info("ID", i64, ["N", 1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("SUM", f, ["N", 1]),
+        helper.make_tensor_value_info("BID", i64, ["N", 3]),
+        helper.make_tensor_value_info("POS", i64, ["N", 1]),
+        helper.make_tensor_value_info("POSITIVE", TensorProto.BOOL, ["N", 1]),
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", ["A", "axis1"], ["SUM"], keepdims=1),
+        helper.make_node("Cast", ["B"], ["B64"], to=i64),
+        helper.make_node("Concat", ["ID", "B64"], ["BID"], axis=1),
+        helper.make_node("Cast", ["ID"], ["IDf"], to=f),
+        helper.make_node("Mul", ["IDf", "zero"], ["Z"]),
+        helper.make_node("Add", ["Z", "one"], ["ONES"]),
+        helper.make_node("CumSum", ["ONES", "axis0"], ["C"]),
+        helper.make_node("Sub", ["C", "one"], ["Cm"]),
+        helper.make_node("Cast", ["Cm"], ["POS"], to=i64),
+        helper.make_node("Greater", ["SUM", "zero"], ["POSITIVE"]),
+    ]
+    consts = [
+        helper.make_tensor("axis1", i64, [1], [1]),
+        helper.make_tensor("axis0", i64, [], [0]),
+        helper.make_tensor("zero", f, [], [0.0]),
+        helper.make_tensor("one", f, [], [1.0]),
+    ]
+    graph = helper.make_graph(nodes, "tagged", inputs, outputs, initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def call(mod, url: str, model: str, ids: list[int], width: int, **kw) -> dict[str, np.ndarray]:
+    """One request whose rows carry ``ids``; checks that every answer row is its own."""
+    n = len(ids)
+    a = np.tile(np.array(ids, np.float32).reshape(n, 1), (1, width))
+    b = np.stack([np.array(ids, np.int32), -np.array(ids, np.int32)], 1)
+    tensors = []
+    for name, arr, dt in (("A", a, "FP32"), ("B", b, "INT32"), ("ID", np.array(ids, np.int64).reshape(n, 1), "INT64")):
+        t = mod.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    res = mod.InferenceServerClient(url).infer(model, tensors, **kw)
+    out = {k: res.as_numpy(k) for k in ("SUM", "BID", "POS", "POSITIVE")}
+    assert out["BID"].tolist() == [[i, i, -i] for i in ids]
+    assert out["SUM"].ravel().tolist() == [float(i * width) for i in ids]
+    assert out["POSITIVE"].ravel().tolist() == [i * width > 0 for i in ids]
+    pos = out["POS"].ravel()
+    assert pos.tolist() == list(range(pos[0], pos[0] + n))  # a request's rows run together, in order
+    return out
+
+
+def _index(url: str) -> dict[str, dict]:
+    return {m["name"]: m for m in httpclient.InferenceServerClient(url).get_model_repository_index()}
+
+
+BATCHING = "max_batch_size: 8\ndynamic_batching { }\n"
+
+
+@pytest.mark.parametrize("kind", ["KIND_CPU", "KIND_MODEL"])
+def test_gpus_on_a_group_that_does_not_run_on_gpus_fail_the_load_as_on_triton(tmp_path, serve, kind):
+    """Triton refuses a KIND_CPU or KIND_MODEL instance group that lists GPUs; it loaded here,
+    and its gpus were even taken for a KIND_GPU group beside it."""
+    for name, group in (
+        ("cpu_gpus", f"kind: {kind} gpus: [0]"),
+        ("bad_id", "kind: KIND_GPU gpus: [-1]"),
+        ("fine", f"kind: {kind} count: 2"),
+    ):
+        _save(tagged_model(), str(tmp_path), name, config=f"{BATCHING}instance_group [{{ {group} }}]\n")
+    running = serve(str(tmp_path))
+    index = _index(running.http_url)
+    assert index["cpu_gpus"]["state"] == "UNAVAILABLE"
+    assert f"has kind {kind} but lists gpus [0]" in index["cpu_gpus"]["reason"]
+    assert index["bad_id"]["state"] == "UNAVAILABLE"
+    assert "gpus [-1]" in index["bad_id"]["reason"] and "0 or more" in index["bad_id"]["reason"]
+    assert index["fine"]["state"] == "READY"
+    for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+        call(mod, url, "fine", [3, 4], 2)
