@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .core.batcher_config import MAX_QUEUE_DELAY_US
 from .core.errors import ConfigError
 from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief, is_host_port
 
@@ -163,6 +164,10 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         raise ConfigError(
             f"{source}: remote model '{spec.name}': forwarding must be one of "
             f"{', '.join(FORWARDING_MODES)}, not {shown(spec.forwarding)}"
+        )
+    if spec.max_queue_delay_us > MAX_QUEUE_DELAY_US:  # (the batcher's bound, said where it is given)
+        raise ConfigError(
+            f"{source}: remote model '{spec.name}': max_queue_delay_us must be at most {MAX_QUEUE_DELAY_US} (an hour)"
         )
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")

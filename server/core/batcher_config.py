@@ -10,6 +10,10 @@ WORK_CONSERVING = "work_conserving"
 POLICIES = (TRITON, WORK_CONSERVING)
 # The queue keeps a list per priority level and walks every level for each request.
 MAX_PRIORITY_LEVELS = 1000
+# The longest max_queue_delay_microseconds a config may give: an hour. Past it a delay is no
+# batching choice but a request held for good (2^64 - 1 held a lone one for 585,000 years),
+# aging the queue's oldest-request gauge that autoscaling reads all the while.
+MAX_QUEUE_DELAY_US = 3_600_000_000
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..backends.base import IOInfo
-from ..core.batcher_config import BatcherConfig, QueuePolicy
+from ..core.batcher_config import MAX_QUEUE_DELAY_US, BatcherConfig, QueuePolicy
 from ..core.errors import ModelConfigError, invalid
 from ..core.signature import ModelSignature, TensorSpec
 from ..core.types import BY_CONFIG, DATATYPES, clip, printable
@@ -416,6 +416,11 @@ def schedule_of(cfg: mc.ModelConfig, max_queue_size: int, policy: str) -> Batche
         return None
     db = cfg.dynamic_batching
     qp = db.default_queue_policy
+    if db.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
+        raise ValueError(
+            f"dynamic_batching: max_queue_delay_microseconds is {db.max_queue_delay_microseconds}; at most "
+            f"{MAX_QUEUE_DELAY_US} (an hour): how long a batch may wait for requests to join it"
+        )
     return BatcherConfig(
         max_batch_size=cfg.max_batch_size,
         max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,

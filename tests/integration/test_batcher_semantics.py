@@ -100,3 +100,19 @@ def test_gpus_on_a_group_that_does_not_run_on_gpus_fail_the_load_as_on_triton(tm
     assert index["fine"]["state"] == "READY"
     for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
         call(mod, url, "fine", [3, 4], 2)
+
+
+def test_a_queue_delay_past_an_hour_fails_the_load_and_an_hour_serves(tmp_path, serve):
+    """max_queue_delay_microseconds is a uint64: 2^64 - 1 loaded and held a lone request for
+    good. Past an hour the load fails naming the setting and the bound."""
+    for name, delay in (("forever", 2**64 - 1), ("past", 3_600_000_001), ("hour", 3_600_000_000)):
+        config = f"max_batch_size: 8\ndynamic_batching {{ max_queue_delay_microseconds: {delay} }}\n"
+        _save(tagged_model(), str(tmp_path), name, config=config)
+    running = serve(str(tmp_path))
+    index = _index(running.http_url)
+    for name, delay in (("forever", 2**64 - 1), ("past", 3_600_000_001)):
+        assert index[name]["state"] == "UNAVAILABLE"
+        assert f"max_queue_delay_microseconds is {delay}; at most 3600000000" in index[name]["reason"]
+    assert index["hour"]["state"] == "READY"
+    # a full batch does not wait out the delay
+    call(grpcclient, running.grpc_url, "hour", list(range(1, 9)), 3)

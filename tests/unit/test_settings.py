@@ -408,6 +408,7 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
         ("name=a upstreams=h:1 timeout_s=0", "'timeout_s' must be a number > 0"),
         ("name=a upstreams=h:1 colour=blue", "unknown remote model key(s) colour"),
         ("name=a upstreams=h:1 eject_after_failures=0", "eject_after_failures must be at least 1"),
+        ("name=a upstreams=h:1 max_queue_delay_us=3600000001", "max_queue_delay_us must be at most 3600000000"),
         ("name=a oops upstreams=h:1", "key=value pairs"),
     ],
 )
