@@ -66,6 +66,19 @@ class BatcherConfig:
                     f"dynamic_batching: preferred_batch_size {size} must be between 1 and max_batch_size "
                     f"({self.max_batch_size})"
                 )
+        if self.preserve_ordering:  # (as Triton refuses them: answers go out in arrival order)
+            if self.priority_levels > 1:
+                raise ValueError(
+                    f"dynamic_batching: preserve_ordering allows one priority level, not {self.priority_levels} "
+                    "(as Triton requires): a higher level's answers would wait for a lower level's that arrived first"
+                )
+            policies = [(self.default_timeout_s, self.timeout_action_delay)]
+            policies += [(p.timeout_s, p.delay) for _, p in self.level_policies]
+            if any(timeout and delay for timeout, delay in policies):
+                raise ValueError(
+                    "dynamic_batching: a queue policy whose timeout_action is DELAY cannot go with preserve_ordering "
+                    "(as Triton requires): a delayed request would hold back every answer after it"
+                )
         for level, _ in self.level_policies:
             if not 1 <= level <= self.priority_levels:
                 raise ValueError(

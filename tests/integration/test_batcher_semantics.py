@@ -116,3 +116,32 @@ def test_a_queue_delay_past_an_hour_fails_the_load_and_an_hour_serves(tmp_path, 
     assert index["hour"]["state"] == "READY"
     # a full batch does not wait out the delay
     call(grpcclient, running.grpc_url, "hour", list(range(1, 9)), 3)
+
+
+def test_preserve_ordering_with_priority_levels_or_a_delay_policy_fails_the_load_as_on_triton(tmp_path, serve):
+    """Answers released in arrival order would make a level-1 answer wait for an earlier level-2
+    one, and a request DELAYed by its queue policy hold back every answer after it: Triton
+    refuses both pairings; they loaded here."""
+    ordered = "max_batch_size: 8\ndynamic_batching {{ preserve_ordering: true {} }}\n"
+    delay = "timeout_action: DELAY default_timeout_microseconds: 1000"
+    configs = {
+        "levels": "priority_levels: 2 default_priority_level: 1",
+        "delay": f"default_queue_policy {{ {delay} }}",
+        "level_delay": "priority_levels: 1 default_priority_level: 1 "
+        f"priority_queue_policy {{ key: 1 value {{ {delay} }} }}",
+        # allowed: one level, a DELAY action with no timeout (nothing is ever delayed), REJECT
+        "fine": "priority_levels: 1 default_priority_level: 1 default_queue_policy { timeout_action: DELAY } "
+        "priority_queue_policy { key: 1 value { default_timeout_microseconds: 1000000 } }",
+    }
+    for name, extra in configs.items():
+        _save(tagged_model(), str(tmp_path), name, config=ordered.format(extra))
+    running = serve(str(tmp_path))
+    index = _index(running.http_url)
+    assert index["levels"]["state"] == "UNAVAILABLE"
+    assert "preserve_ordering allows one priority level, not 2" in index["levels"]["reason"]
+    for name in ("delay", "level_delay"):
+        assert index[name]["state"] == "UNAVAILABLE"
+        assert "timeout_action is DELAY cannot go with preserve_ordering" in index[name]["reason"]
+    assert index["fine"]["state"] == "READY"
+    for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+        call(mod, url, "fine", [5, 6, 7], 1)
