@@ -433,6 +433,8 @@ def _not_acted_on(cfg: mc.ModelConfig) -> str:
         found.append("response_cache (nothing is cached)")
     if any(g.HasField("rate_limiter") for g in cfg.instance_group):
         found.append("instance_group rate_limiter")
+    if any(g.passive for g in cfg.instance_group):
+        found.append("instance_group passive (its instances take requests like the others)")
     on_gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)
     gpus = list(dict.fromkeys(n for g in cfg.instance_group for n in g.gpus))  # (the first: as the backends pick)
     if on_gpu and len(gpus) > 1:  # (Triton makes count instances on each GPU listed; a backend opens one session)

@@ -233,7 +233,7 @@ def _refuse_what_triton_refuses_first(cfg: mc.ModelConfig) -> None:
 def check_instance_groups(cfg: mc.ModelConfig) -> None:
     """What Triton refuses in ``instance_group`` before any instance is made: GPUs listed on a
     group that does not run on them (KIND_CPU, KIND_MODEL; they were taken from such a group
-    for a KIND_GPU one beside it, or ignored) and a GPU id below 0."""
+    for a KIND_GPU one beside it, or ignored), a GPU id below 0, and a TensorRT ``profile``."""
     for i, g in enumerate(cfg.instance_group):
         which = f"instance_group {i}" + (f" ('{_said(g.name)}')" if g.name else "")
         gpus = list(g.gpus)[:8]
@@ -242,6 +242,11 @@ def check_instance_groups(cfg: mc.ModelConfig) -> None:
             raise ModelConfigError(
                 f"model '{cfg.name}': {which} has kind {kind} but lists gpus {gpus}; only a KIND_GPU group "
                 "names GPUs (Triton refuses it too): remove gpus, or set kind: KIND_GPU"
+            )
+        if len(g.profile):  # (TensorRT optimization profiles: no platform served here has them)
+            raise ModelConfigError(
+                f"model '{cfg.name}': {which} sets profile, which only TensorRT models have (Triton refuses it "
+                "for other platforms too); remove it"
             )
         if any(n < 0 for n in g.gpus):
             raise ModelConfigError(

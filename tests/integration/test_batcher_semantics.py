@@ -89,6 +89,7 @@ def test_gpus_on_a_group_that_does_not_run_on_gpus_fail_the_load_as_on_triton(tm
         ("cpu_gpus", f"kind: {kind} gpus: [0]"),
         ("bad_id", "kind: KIND_GPU gpus: [-1]"),
         ("fine", f"kind: {kind} count: 2"),
+        ("profile", f"kind: {kind} profile: ['0']"),
     ):
         _save(tagged_model(), str(tmp_path), name, config=f"{BATCHING}instance_group [{{ {group} }}]\n")
     running = serve(str(tmp_path))
@@ -97,6 +98,8 @@ def test_gpus_on_a_group_that_does_not_run_on_gpus_fail_the_load_as_on_triton(tm
     assert f"has kind {kind} but lists gpus [0]" in index["cpu_gpus"]["reason"]
     assert index["bad_id"]["state"] == "UNAVAILABLE"
     assert "gpus [-1]" in index["bad_id"]["reason"] and "0 or more" in index["bad_id"]["reason"]
+    assert index["profile"]["state"] == "UNAVAILABLE"
+    assert "sets profile, which only TensorRT models have" in index["profile"]["reason"]
     assert index["fine"]["state"] == "READY"
     for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
         call(mod, url, "fine", [3, 4], 2)
@@ -145,3 +148,19 @@ def test_preserve_ordering_with_priority_levels_or_a_delay_policy_fails_the_load
     assert index["fine"]["state"] == "READY"
     for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
         call(mod, url, "fine", [5, 6, 7], 1)
+
+
+def test_a_passive_instance_group_loads_with_a_warning_that_it_serves(tmp_path, serve, caplog):
+    """Triton loads a passive group's instances but sends them no requests; here they serve
+    like the others, and the load says so rather than nothing."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="batchgate.repository")
+    _save(tagged_model(), str(tmp_path), "passive", config=f"{BATCHING}instance_group [{{ count: 2 passive: true }}]\n")
+    running = serve(str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "not acted on" in r.getMessage()]
+    assert warned == [
+        "model 'passive': not acted on (see README, Not supported): instance_group passive (its instances take "
+        "requests like the others)"
+    ]
+    call(grpcclient, running.grpc_url, "passive", [1], 1)
