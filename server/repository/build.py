@@ -35,6 +35,7 @@ from .config import (
     queue_bound,
     read_config,
     schedule_of,
+    settle_instance_kinds,
     shared_dims,
     signature_of,
     versions_to_serve,
@@ -134,6 +135,7 @@ class VersionBuilder:
                 "repository agent, so what they check or change would not be done; remove them to serve the model"
             )
         check_instance_groups(cfg)  # (before any backend opens a device for it)
+        cfg = settle_instance_kinds(cfg)
         given = cfg.default_model_filename
         if given in (".", "..") or any(c in given for c in "/\\\0"):
             raise ModelConfigError(

@@ -254,6 +254,19 @@ def check_instance_groups(cfg: mc.ModelConfig) -> None:
             )
 
 
+def settle_instance_kinds(cfg: mc.ModelConfig) -> mc.ModelConfig:
+    """``cfg`` with each KIND_AUTO group given the kind it runs as, as Triton does: KIND_GPU when
+    it lists gpus (they were ignored, and it ran on the CPU), else KIND_CPU (Triton picks the GPUs
+    when the machine has some; here a group runs on a GPU only when its kind says KIND_GPU)."""
+    if all(g.kind != mc.ModelInstanceGroup.KIND_AUTO for g in cfg.instance_group):
+        return cfg
+    cfg = _copy(cfg)
+    for g in cfg.instance_group:
+        if g.kind == mc.ModelInstanceGroup.KIND_AUTO:
+            g.kind = mc.ModelInstanceGroup.KIND_GPU if len(g.gpus) else mc.ModelInstanceGroup.KIND_CPU
+    return cfg
+
+
 def _refuse_what_triton_refuses(cfg: mc.ModelConfig) -> None:
     """Tensor settings Triton refuses for every platform batchgate serves, refused the same way
     rather than read and then not acted on: a shape tensor (only Triton's TensorRT backend has

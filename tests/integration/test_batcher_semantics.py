@@ -164,3 +164,23 @@ def test_a_passive_instance_group_loads_with_a_warning_that_it_serves(tmp_path, 
         "requests like the others)"
     ]
     call(grpcclient, running.grpc_url, "passive", [1], 1)
+
+
+def test_a_group_of_no_kind_runs_as_triton_settles_it_and_its_config_says_which(tmp_path, serve, caplog):
+    """Triton gives a KIND_AUTO group listing gpus KIND_GPU; here it ran on the CPU with its gpus
+    ignored, and the config said KIND_AUTO. Now it asks for the GPU (this machine has none: the
+    warning, and the CPU serves), and a group listing none says KIND_CPU, as it runs."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    _save(tagged_model(), str(tmp_path), "auto_gpu", config=f"{BATCHING}instance_group [{{ count: 2 gpus: [0] }}]\n")
+    _save(tagged_model(), str(tmp_path), "auto", config=f"{BATCHING}instance_group [{{ count: 2 }}]\n")
+    running = serve(str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "CUDA" in r.getMessage()]
+    assert any("auto_gpu" in w for w in warned) and not any("'auto'" in w for w in warned), warned
+    for name, kind in (("auto_gpu", "KIND_GPU"), ("auto", "KIND_CPU")):
+        http_cfg = httpclient.InferenceServerClient(running.http_url).get_model_config(name)
+        grpc_cfg = grpcclient.InferenceServerClient(running.grpc_url).get_model_config(name, as_json=True)["config"]
+        for cfg in (http_cfg, grpc_cfg):
+            assert [(g["kind"], int(g["count"])) for g in cfg["instance_group"]] == [(kind, 2)]
+        call(grpcclient, running.grpc_url, name, [2], 2)
