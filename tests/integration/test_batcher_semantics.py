@@ -5,6 +5,8 @@ answer row belongs to its own request."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -184,3 +186,37 @@ def test_a_group_of_no_kind_runs_as_triton_settles_it_and_its_config_says_which(
         for cfg in (http_cfg, grpc_cfg):
             assert [(g["kind"], int(g["count"])) for g in cfg["instance_group"]] == [(kind, 2)]
         call(grpcclient, running.grpc_url, name, [2], 2)
+
+
+def test_every_row_comes_back_to_its_own_request_and_the_statistics_count_what_was_sent(tmp_path, serve):
+    """Callers over gRPC and HTTP send 1 to 5 rows of A of width 1, 2 or 3 (widths never share a
+    batch) to a model with preferred sizes and a delay: each gets its own rows, in order, run
+    together, and the statistics add up to what was sent."""
+    config = (
+        "max_batch_size: 8\ndynamic_batching { preferred_batch_size: [ 4, 6 ] max_queue_delay_microseconds: 20000 }\n"
+    )
+    _save(tagged_model(), str(tmp_path), "m", config=config)
+    # (no overload shedding: the clients share this machine's cores with the server)
+    running = serve(str(tmp_path), queue_target_ms=0)
+    jobs, first = [], 1
+    for i in range(96):
+        rows = (1, 2, 1, 3, 5, 1)[i % 6]
+        jobs.append((i, list(range(first, first + rows)), 1 + i % 3))
+        first += rows
+
+    def run(job):
+        i, ids, width = job
+        mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+        return call(mod, url, "m", ids, width)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(run, jobs))
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("m")["model_stats"][0]
+    sent = sum(len(ids) for _, ids, _ in jobs)
+    assert stats["inference_count"] == sent
+    assert stats["inference_stats"]["success"]["count"] == stats["inference_stats"]["queue"]["count"] == len(jobs)
+    assert stats["inference_stats"]["fail"]["count"] == 0
+    by_size = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
+    assert sum(size * n for size, n in by_size.items()) == sent
+    assert sum(by_size.values()) == stats["execution_count"] < len(jobs)
+    assert max(by_size) <= 8
