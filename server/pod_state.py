@@ -86,7 +86,7 @@ class PodState:
         while not self.stopping:
             await asyncio.sleep(a.api_keys_poll_s)
             try:
-                if not await asyncio.to_thread(keys.reload_if_changed):
+                if not await keys.poll():
                     continue
             except Exception:  # never let the watcher die: revocation depends on it
                 log.exception("checking the API keys file %s failed", a.api_keys_file)

@@ -174,7 +174,7 @@ class WorkerLink:
         """The supervisor saw the keys file change and stand still (its ``signature``): read it
         now (every worker at once), if it still has that signature."""
         keys = self.gateway.dataplane.access.keys if self.gateway is not None else None
-        return keys is not None and await asyncio.to_thread(keys.reload_settled, signature)
+        return keys is not None and await keys.reload_settled(signature)
 
     def _routes(self):
         return self.gateway.routes if self.gateway is not None else None

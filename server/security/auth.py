@@ -371,8 +371,8 @@ def _index(keys: tuple[ApiKey, ...]) -> _Table:
 class KeyStore:
     """The keys of ``api_keys_file``, reloaded when it changes, and a rate bucket per key id.
 
-    Built and used on one thread (the event loop): :meth:`watch` reads the file on a worker
-    thread but swaps the keys in on the loop."""
+    Built and used on one thread (the event loop): :meth:`poll` and :meth:`reload_settled` read
+    the file on a worker thread but swap the keys in on the loop."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic):
         self.path = path
@@ -562,22 +562,28 @@ class KeyStore:
         signature = self._stat()
         if not self._settled(signature):
             return False
-        loaded = self._load()
-        if loaded is not None and loaded[1] != signature:  # written again meanwhile: not settled
-            return False
-        return self._finish(signature, loaded)
+        loaded = self._load()  # (read again meanwhile, it has not settled: judged at the next poll)
+        return (loaded is None or loaded[1] == signature) and self._finish(signature, loaded)
 
-    def reload_settled(self, signature: Sequence[int]) -> bool:
-        """Load the file that another process's :meth:`reload_if_changed` just found settled with
-        ``signature`` (a worker told by the supervisor): only if what is read still has it, else
-        it is being written again, and the supervisor's next polls will say when it settles."""
+    async def poll(self) -> bool:
+        """:meth:`reload_if_changed` from the event loop: the file looked at and read on a thread,
+        the keys swapped in and :attr:`on_removed` told on the loop, which uses what they drop."""
+        signature = await asyncio.to_thread(self._stat)
+        if not self._settled(signature):
+            return False
+        loaded = await asyncio.to_thread(self._load)
+        return (loaded is None or loaded[1] == signature) and self._finish(signature, loaded)
+
+    async def reload_settled(self, signature: Sequence[int]) -> bool:
+        """Load the file that another process's poll just found settled with ``signature`` (a
+        worker told by the supervisor): only if what is read still has it, else it is being
+        written again, and the supervisor's next polls will say when it settles. Read on a
+        worker thread, swapped in on the loop, as :meth:`poll` does."""
         expected = Signature(*signature)
         if expected == self._signature_seen:
             return False
-        loaded = self._load()
-        if loaded is None or loaded[1] != expected:
-            return False
-        return self._finish(expected, loaded)
+        loaded = await asyncio.to_thread(self._load)
+        return loaded is not None and loaded[1] == expected and self._finish(expected, loaded)
 
     @property
     def signature(self) -> Signature:
@@ -585,15 +591,10 @@ class KeyStore:
         return self._signature
 
     async def watch(self, interval_s: float) -> None:
-        """Check the file every ``interval_s`` seconds until cancelled; the file is checked
-        and read on a worker thread, the keys swapped in on the loop."""
+        """:meth:`poll` every ``interval_s`` seconds until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                signature = await asyncio.to_thread(self._stat)
-                if self._settled(signature):
-                    loaded = await asyncio.to_thread(self._load)
-                    if loaded is None or loaded[1] == signature:  # (else written again meanwhile)
-                        self._finish(signature, loaded)
+                await self.poll()
             except Exception:  # never let the watcher die: revocation depends on it
                 log.exception("checking the API keys file %s failed", self.path)
