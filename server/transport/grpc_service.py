@@ -478,6 +478,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         caller = self._caller(context)
         md = context.invocation_metadata() or ()
         try:
+            self.dp.access.check_stream(caller)  # (a stranger holds no stream open)
             headers = caller_headers(md, self.dp.limits)
         except GatewayError as e:
             self.dp.count_error("grpc", e)

@@ -177,6 +177,51 @@ def test_two_credentials_are_refused_whichever_comes_first(keyed):
         conn.close()
 
 
+def test_a_stream_without_a_key_for_infer_is_refused_when_it_opens(repo, serve, tmp_path):
+    """A ModelStreamInfer stream is judged when it opens: no key, an unknown one or one without
+    scope infer ends it at once (UNAUTHENTICATED / PERMISSION_DENIED) before any request is sent.
+    Before, such a stream stayed open as long as its client liked, answering each request with an
+    error: strangers with no key held the server's streams (grpc_max_streaming_calls, 2 here) and
+    a caller with a key was refused RESOURCE_EXHAUSTED."""
+    import queue
+    import threading
+
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(keys_yaml())
+    running = serve(repo, api_keys_file=str(keys), grpc_max_streaming_calls=2)
+    quiet = threading.Event()  # the strangers send nothing until the end of the test
+
+    def nothing():
+        quiet.wait(60)
+        yield from ()
+
+    strangers = {
+        (): grpc.StatusCode.UNAUTHENTICATED,
+        (("authorization", "Bearer bgk_" + "x" * 43),): grpc.StatusCode.UNAUTHENTICATED,
+        (("authorization", f"Bearer {READ_TOKEN}"),): grpc.StatusCode.PERMISSION_DENIED,
+    }
+    try:
+        with grpc.insecure_channel(running.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for md, code in strangers.items():
+                call = stub.ModelStreamInfer(nothing(), metadata=md, timeout=30)
+                assert call.code() == code, (md, call.code())  # (ends without a request sent)
+        answers: queue.Queue = queue.Queue()
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        c.start_stream(lambda result, error: answers.put((result, error)), headers=bearer(INFER_TOKEN))
+        c.async_stream_infer("simple", simple_inputs(grpcclient))
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+        assert result.as_numpy("OUTPUT0").shape == (1, 16)
+        c.stop_stream()
+        c.close()
+    finally:
+        quiet.set()
+
+
 def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
     for _, c in clients(keyed):
         code, _ = status_of(lambda c=c: c.unload_model("classifier", headers=bearer(READ_TOKEN)))
