@@ -513,7 +513,14 @@ class DataPlane(Extensions):
             await self.access.audited(caller, key, "repository.load", name, e.code.value, e.message)
             raise
         hashed, omitted = await self._hashes(name, files)
-        await self.access.audited(caller, key, "repository.load", name, "ok", files=hashed, files_omitted=omitted)
+        digest = None
+        if config is not None:  # the config loaded: the one given, not the folder's config.pbtxt
+            digest = hashlib.sha256(config.encode()).hexdigest()
+            if hashed is not None:
+                hashed.pop("config.pbtxt", None)
+        await self.access.audited(
+            caller, key, "repository.load", name, "ok", files=hashed, files_omitted=omitted, config_sha256=digest
+        )
 
     async def unload_model(
         self, name: str, caller: Caller = OPEN_CALLER, parameters: Mapping[str, Any] = EMPTY

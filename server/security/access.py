@@ -147,6 +147,7 @@ class Access:
         detail: str = "",
         files: dict[str, str] | None = None,
         files_omitted: int = 0,
+        config_sha256: str | None = None,
     ) -> None:
         """One audit line (when ``audit_log_file`` is set); a refused attempt's only within
         ``audit_refused_per_s`` (:class:`RefusedRecords`), preceded by the summary of those left
@@ -168,6 +169,7 @@ class Access:
                 detail=detail,
                 files=files,
                 files_omitted=files_omitted,
+                config_sha256=config_sha256,
             )
         except OSError as e:
             log.error("could not write the audit log %s: %s", self.audit.path, e)

@@ -167,6 +167,7 @@ class AuditLog:
         detail: str = "",
         files: Mapping[str, str] | None = None,
         files_omitted: int = 0,
+        config_sha256: str | None = None,
     ) -> bytes:
         """The JSON line :meth:`record` appends, newline included."""
         obj: dict[str, object] = {
@@ -179,6 +180,8 @@ class AuditLog:
         }
         if detail:
             obj["detail"] = _cut(detail)
+        if config_sha256 is not None:  # the config a load was given, in place of the folder's
+            obj["config_sha256"] = _cut(config_sha256, 64)
         if files is not None:
             names = sorted(files)
             obj["files"] = {_cut(n, MAX_PATH): _cut(files[n], 64) for n in names[:MAX_FILES]}

@@ -247,6 +247,36 @@ def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
         assert token not in text
 
 
+def test_a_load_with_a_config_is_audited_with_that_config_not_the_folders(keyed):
+    """A load given a config (Triton's override) builds the model from that config alone: its
+    record holds the SHA-256 of the config as given (``config_sha256``) and the folder's other
+    files, not the folder's config.pbtxt, which was not read. Before, the record named the
+    folder's config.pbtxt and its hash, and nothing of the config the model was loaded with."""
+    import hashlib
+
+    tensors = [{"name": n, "data_type": "TYPE_INT32", "dims": [16]} for n in ("INPUT0", "INPUT1")]
+    config = {
+        "name": "simple",
+        "backend": "onnxruntime",
+        "input": tensors,
+        "output": [dict(t, name=t["name"].replace("IN", "OUT")) for t in tensors],
+    }
+    for mod, c in clients(keyed):
+        batch = 3 if mod is grpcclient else 5  # (the folder's config.pbtxt says 8)
+        text = json.dumps(dict(config, max_batch_size=batch))
+        c.load_model("simple", config=text, headers=bearer(ADMIN_TOKEN))
+        loaded = c.get_model_config("simple", headers=bearer(ADMIN_TOKEN))
+        assert (loaded.config.max_batch_size if mod is grpcclient else loaded["max_batch_size"]) == batch
+        record = json.loads(keyed.audit_file.read_text().splitlines()[-1])
+        assert (record["action"], record["outcome"], record["key_id"]) == ("repository.load", "ok", "ops")
+        assert record["config_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+        assert set(record["files"]) == {"1/model.onnx"}
+    # without a config, the folder's config.pbtxt is what was loaded: named, and no config_sha256
+    httpclient.InferenceServerClient(keyed.http_url).load_model("simple", headers=bearer(ADMIN_TOKEN))
+    record = json.loads(keyed.audit_file.read_text().splitlines()[-1])
+    assert set(record["files"]) == {"1/model.onnx", "config.pbtxt"} and "config_sha256" not in record
+
+
 MALFORMED_ADMIN_BODIES = [
     ("repository.load", "simple", "/v2/repository/models/simple/load", b"[]"),
     ("repository.load", "simple", "/v2/repository/models/simple/load", b'{"parameters": []}'),

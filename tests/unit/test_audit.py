@@ -141,7 +141,17 @@ def test_no_field_takes_a_token():
 
     # record and arecord take exactly the fields of line
     params = set(inspect.signature(AuditLog.line).parameters) - {"self"}
-    assert params == {"key_id", "peer", "action", "target", "outcome", "detail", "files", "files_omitted"}
+    assert params == {
+        "key_id",
+        "peer",
+        "action",
+        "target",
+        "outcome",
+        "detail",
+        "files",
+        "files_omitted",
+        "config_sha256",
+    }
 
 
 def test_record_refuses_a_field_line_does_not_have(tmp_path):
