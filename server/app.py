@@ -20,7 +20,6 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 
 from . import __version__, cores, logs
@@ -51,7 +50,7 @@ from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
 from .transport.byte_budget import ByteBudget
-from .transport.grpc_server import add_port, new_grpc_server, plaintext_health_server
+from .transport.grpc_server import add_port, add_reflection, new_grpc_server, plaintext_health_server
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
@@ -233,13 +232,13 @@ class Gateway:
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if not self.dataplane.access.health_requires_key:  # else: health on health_port only
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
+        add_reflection(
+            self._grpc,
             (
                 pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ),
-            self._grpc,
+            self.dataplane.access,
         )
         # What start-up allocated lives as long as the process: move it out of the cyclic
         # collector's sight, so full collections under load stay short (bench/batching.py

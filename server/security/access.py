@@ -114,14 +114,15 @@ class Access:
         keys.charge(key)
         return key
 
-    def check_stream(self, caller: Caller) -> None:
-        """Whether ``caller`` may open an inference stream: with API keys, a valid key of scope
-        ``infer``. Nothing is charged and no model judged: each request of the stream is checked
-        as it comes (:meth:`check`). A stranger's stream is refused at its opening, not left open
-        answering each request with an error: its place among the streams a server holds open
-        (``grpc_max_streaming_calls``) is for callers with a key."""
+    def check_stream(self, caller: Caller, scope: str = INFER) -> None:
+        """Whether ``caller`` may open a stream (an inference stream; gRPC reflection, ``read``):
+        with API keys, a valid key of that scope. Nothing is charged and no model judged: each
+        request of an inference stream is checked as it comes (:meth:`check`). A stranger's stream
+        is refused at its opening, not left open answering each request with an error: its place
+        among the streams a server holds open (``grpc_max_streaming_calls``) is for callers with
+        a key."""
         if self.keys is not None:
-            self.keys.authorize(self.keys.authenticate(caller.authorization, caller.subject), INFER)
+            self.keys.authorize(self.keys.authenticate(caller.authorization, caller.subject), scope)
 
     async def refuse_body(
         self, caller: Caller, scope: str, action: str, target: str, model: str | None, error: GatewayError

@@ -8,11 +8,15 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from ..core.errors import GatewayError
+from ..security.access import READ, Access
 from ..security.tls import ServerTls
 from ..settings_sections import LimitSettings, ServerSettings
 from .byte_budget import ByteBudget
 from .grpc_h2 import H2GrpcServer
+from .grpc_service import GRPC_STATUS, caller_of
 
 log = logging.getLogger("batchgate.grpc")
 
@@ -127,3 +131,28 @@ def plaintext_health_server(
     if port == 0:
         raise OSError(f"cannot listen for gRPC health (health_port) on {address}")
     return server, port
+
+
+class _Reflection(reflection.aio.ReflectionServicer):
+    """gRPC server reflection; with API keys, for callers with a key of scope ``read``, as every
+    call but health's (until 2026-12-06 it answered anyone, and strangers holding its streams
+    open took the places of ``grpc_max_streaming_calls`` from callers with a key)."""
+
+    def __init__(self, service_names: tuple[str, ...], access: Access):
+        super().__init__(service_names)
+        self._access = access
+
+    async def ServerReflectionInfo(self, request_iterator, context):
+        try:
+            self._access.check_stream(caller_of(context), READ)
+        except GatewayError as e:
+            await context.abort(GRPC_STATUS[e.code], e.message)
+        async for answer in super().ServerReflectionInfo(request_iterator, context):
+            yield answer
+
+
+def add_reflection(server: Any, service_names: tuple[str, ...], access: Access) -> None:
+    """gRPC server reflection of ``service_names`` (and its own) on ``server``, either engine."""
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        _Reflection((*service_names, reflection.SERVICE_NAME), access), server
+    )

@@ -222,6 +222,32 @@ def test_a_stream_without_a_key_for_infer_is_refused_when_it_opens(repo, serve, 
         quiet.set()
 
 
+def test_grpc_reflection_needs_a_key_of_scope_read(keyed):
+    """With keys, gRPC reflection is a call like the others, for a key of scope read (grpcurl
+    sends one with -H): a stranger's reflection stream ends at once, UNAUTHENTICATED, rather
+    than stay open (before, it answered anyone, and open reflection streams held places of
+    grpc_max_streaming_calls that callers with a key then lacked)."""
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    def services(md) -> set[str]:
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        with grpc.insecure_channel(keyed.grpc_url) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            (answer,) = stub.ServerReflectionInfo(iter([ask]), metadata=md, timeout=30)
+        return {s.name for s in answer.list_services_response.service}
+
+    for md, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer bgk_" + "x" * 43),), grpc.StatusCode.UNAUTHENTICATED),
+        (tuple(bearer(INFER_TOKEN).items()), grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.RpcError) as ei:
+            services(md)
+        assert ei.value.code() == code, md
+    assert "inference.GRPCInferenceService" in services(tuple(bearer(READ_TOKEN).items()))
+
+
 def test_admin_scope_guards_load_and_unload_and_every_attempt_is_audited(keyed):
     for _, c in clients(keyed):
         code, _ = status_of(lambda c=c: c.unload_model("classifier", headers=bearer(READ_TOKEN)))
