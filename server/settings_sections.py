@@ -226,8 +226,8 @@ class LimitSettings:
     grpc_max_streaming_calls: int = _setting(
         8192,
         "streaming gRPC calls (ModelStreamInfer, Health.Watch) open at once on the h2 engine, all connections "
-        "together (a stream may stay open and idle as long as its client likes); one more is refused "
-        "RESOURCE_EXHAUSTED",
+        "together, each streaming method apart (a stream may stay open and idle as long as its client likes); "
+        "one more is refused RESOURCE_EXHAUSTED",
         minimum=1,
     )
     max_connections: int = _setting(

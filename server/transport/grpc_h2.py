@@ -88,9 +88,11 @@ class H2GrpcServer:
         self.peers = PeerShare(max_per_peer)
         self.max_concurrent_streams = max_concurrent_streams
         # Streaming calls open, all connections together: one may stay open and idle for as long
-        # as its client likes (a gRPC stream), so their number, not a timeout, bounds them.
+        # as its client likes (a gRPC stream), so their number, not a timeout, bounds them; each
+        # method's apart (registered methods only), so that one open to every caller (health's
+        # Watch needs no API key) never takes the places of another's (ModelStreamInfer).
         self.max_streaming_calls = max_streaming_calls
-        self.streaming: set = set()
+        self.streaming: dict[str, set] = {}
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s

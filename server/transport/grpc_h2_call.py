@@ -554,7 +554,8 @@ class _Call(CallContext):
         self.done = True
         self.credit()
         self.conn.release(self)
-        self.conn.server.streaming.discard(self)
+        if self.method in self.conn.server.streaming:
+            self.conn.server.streaming[self.method].discard(self)
         self.partial_since = self.out_since = None
         self.buf.clear()  # (the handler's task may hold the call a while yet: not its bytes)
         self.inbox.clear()

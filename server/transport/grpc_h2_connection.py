@@ -357,17 +357,18 @@ class _Connection(asyncio.Protocol):
         if type(parsed) is tuple:
             handler, md, seconds, encoding, path = parsed
             deadline = None if seconds is None else _monotonic() + seconds
-            streaming = self.server.streaming
             streams = handler.request_streaming or handler.response_streaming  # (Health.Watch: answers only)
-            if streams and len(streaming) >= self.server.max_streaming_calls:
-                self.server.refused("grpc_streams")
-                self.trailers_only(
-                    sid,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self.server.max_streaming_calls} streaming calls are open on this server, its limit "
-                    "(grpc_max_streaming_calls); retry later or on another replica",
-                )
-                return
+            if streams:
+                streaming = self.server.streaming.setdefault(path, set())
+                if len(streaming) >= self.server.max_streaming_calls:
+                    self.server.refused("grpc_streams")
+                    self.trailers_only(
+                        sid,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{self.server.max_streaming_calls} calls of this streaming method are open on this "
+                        "server, its limit (grpc_max_streaming_calls); retry later or on another replica",
+                    )
+                    return
             call = self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
             if streams:
                 streaming.add(call)
@@ -497,7 +498,8 @@ class _Connection(asyncio.Protocol):
             self._resets.credit()
         self.release(call)
         self.calls.pop(call.sid, None)
-        self.server.streaming.discard(call)
+        if call.method in self.server.streaming:
+            self.server.streaming[call.method].discard(call)
         self.starved.discard(call)
         if not self.calls:
             self.idle_since = _monotonic()

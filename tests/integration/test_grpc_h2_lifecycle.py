@@ -582,10 +582,26 @@ def test_streaming_calls_open_at_once_are_bounded(engine):
     raw.data(unary, message(b"x"), end=True)
     assert _grpc_status(raw.frames(1.0), unary) == 0
     raw.sock.sendall(frame(RST, 0, held[0], struct.pack(">L", 8)))  # one ends: its place is free
-    _wait(lambda: e.read(lambda: len(e.server.streaming)) == 2, "the ended stream is let go")
+    _wait(lambda: e.read(lambda: len(e.server.streaming["/t.T/Stream"])) == 2, "the ended stream is let go")
     again = raw.headers(b"/t.T/Stream")
     raw.data(again, message(b"y"), end=True)
     assert _grpc_status(raw.frames(1.0), again) == 0
+
+
+def test_each_streaming_method_is_bounded_apart(engine):
+    """One method's streams at the limit leave another's places free: health's Watch needs no
+    API key, and strangers holding grpc_max_streaming_calls Watch streams kept every caller with
+    a key from opening a ModelStreamInfer stream (RESOURCE_EXHAUSTED)."""
+    e = engine(max_streaming_calls=3)
+    raw = Raw(e.port)
+    for _ in range(3):
+        raw.headers(b"/t.T/Stream")
+    other = raw.headers(b"/t.T/Slow")
+    raw.data(other, message(b"12345678"), end=True)
+    frames = raw.frames(1.5)
+    assert _grpc_status(frames, other) == 0, frames
+    extra = raw.headers(b"/t.T/Stream")  # (the full method's limit still holds)
+    assert _grpc_status(raw.frames(1.0), extra) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
 def test_a_closed_connection_whose_client_reads_nothing_is_aborted(engine, monkeypatch):
