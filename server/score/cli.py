@@ -34,7 +34,14 @@ def add_parser(sub) -> None:
     where.add_argument("--model-repository", metavar="DIR", help="the Triton-layout model repository (loaded here)")
     where.add_argument("--target", metavar="HOST:PORT", help="a V2 server (batchgate, Triton) to score through")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="with --target (grpc)")
-    p.add_argument("--token", default="", help="with --target: an API key, sent as Authorization: Bearer")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--token", default="", help="with --target: an API key, sent as Authorization: Bearer")
+    key.add_argument(
+        "--token-file",
+        default="",
+        metavar="FILE",
+        help="with --target: a file holding the API key (kept off the command line, where other users see it)",
+    )
     p.add_argument("--tls", action="store_true", help="with --target: TLS (the system's CAs unless --tls-ca)")
     p.add_argument("--tls-ca", default="", metavar="FILE", help="the CA certificate the server's is signed by")
     p.add_argument("--tls-cert", default="", metavar="FILE", help="a client certificate, for a server asking one")
@@ -129,6 +136,16 @@ def main(args: argparse.Namespace) -> int:
     if (args.tls or args.tls_ca or args.tls_cert) and not args.target:
         print("batchgate score: the --tls options go with --target", file=sys.stderr)
         return EXIT_USAGE
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                args.token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"batchgate score: --token-file {args.token_file} cannot be read: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if not args.token:
+            print(f"batchgate score: --token-file {args.token_file} is empty", file=sys.stderr)
+            return EXIT_USAGE
     try:
         counts = asyncio.run(_stoppable(args))
     except TargetError as e:

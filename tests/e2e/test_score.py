@@ -424,7 +424,9 @@ def test_through_mtls_with_a_rate_limited_key_the_servers_retry_after_is_waited(
         common = ["--model", "clf", "--target", f"localhost:{port}", "--protocol", protocol, "--input", str(src),
                   "--columns", "features=input", "--batch-size", "64", "--concurrency", "1", "--quiet"]  # fmt: skip
         out = str(tmp_path / "out")
-        done = score(*common, "--output", out, "--token", token, *client)
+        held = tmp_path / "token"
+        held.write_text(token + "\n")  # (a file, as a Secret is mounted: kept off the command line)
+        done = score(*common, "--output", out, "--token-file", str(held), *client)
         assert done.returncode == 0, done.stderr
         got = np.array(_parts(out).column("probabilities").to_pylist(), np.float32)
         np.testing.assert_allclose(got, _expected(repo, x), rtol=1e-5)
@@ -439,6 +441,9 @@ def test_through_mtls_with_a_rate_limited_key_the_servers_retry_after_is_waited(
         assert done.returncode == 3 and "cannot read model 'clf'" in done.stderr, done.stderr
         done = score(*common, "--output", str(tmp_path / "o3"), "--token", "wrong", *client)
         assert done.returncode == 3 and ("UNAUTHENTICATED" in done.stderr or "401" in done.stderr), done.stderr
+        held.write_text("\n")
+        done = score(*common, "--output", str(tmp_path / "o4"), "--token-file", str(held), *client)
+        assert done.returncode == 2 and "is empty" in done.stderr, done.stderr
     finally:
         p.kill()
 
