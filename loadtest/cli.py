@@ -105,6 +105,21 @@ def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     )
     add("--connections", type=int, help=f"HTTP keep-alive connections per worker (default {d.connections})")
     add(
+        "--token-file",
+        metavar="FILE",
+        help="a file holding an API key (scopes infer and read), sent as authorization: Bearer; kept off the "
+        "command line, where ps shows it (default: none)",
+    )
+    add(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TLS, trusting the system's CAs unless --tls-ca (default: plaintext)",
+    )
+    add("--tls-ca", metavar="FILE", help="the CA certificate the server's is signed by; implies --tls (default: none)")
+    add("--tls-cert", metavar="FILE", help="a client certificate, for a server that asks for one (default: none)")
+    add("--tls-key", metavar="FILE", help="the private key of --tls-cert (default: none)")
+    add(
         "--batch-size",
         type=int,
         help=f"rows per request, the first dimension (default {d.batch_size}; all generated requests "

@@ -19,8 +19,11 @@ import math
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from .secure import Secure
 
 SYNTHETIC_HEADER = "x-batchgate-synthetic"
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -55,17 +58,23 @@ class Encoded:
     headers: dict[str, str]
 
 
-def model_inputs(target: str, protocol: str, model: str, version: str = "") -> list[tuple[str, str, list[int]]]:
+def model_inputs(
+    target: str, protocol: str, model: str, version: str = "", secure: Secure | None = None
+) -> list[tuple[str, str, list[int]]]:
     """(name, datatype, shape) of every input, from the server's V2 metadata."""
+    secure = secure or Secure()
+    options = secure.tritonclient_options(protocol)
+    headers = (dict(secure.metadata()) if protocol == "grpc" else secure.headers()) or None  # (gRPC's: lower case)
     try:
         if protocol == "grpc":
             import tritonclient.grpc as client
 
-            meta = client.InferenceServerClient(target).get_model_metadata(model, version, as_json=True)
+            c: Any = client.InferenceServerClient(target, **options)
+            meta = c.get_model_metadata(model, version, headers=headers, as_json=True)
         else:
             import tritonclient.http as client
 
-            meta = client.InferenceServerClient(target).get_model_metadata(model, version)
+            meta = client.InferenceServerClient(target, **options).get_model_metadata(model, version, headers=headers)
     except Exception as e:  # noqa: BLE001 - tritonclient raises its own type, or socket errors
         raise PayloadError(f"cannot read the metadata of model '{model}' from {target} over {protocol}: {e}") from None
     return [(i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]]

@@ -95,7 +95,7 @@ class Runner:
     def _payloads(self) -> list[pl.Encoded]:
         sc = self.sc
         try:
-            inputs = pl.model_inputs(sc.target, sc.protocol, sc.model, sc.version)
+            inputs = pl.model_inputs(sc.target, sc.protocol, sc.model, sc.version, sc.secure())
             types = {name: dt for name, dt, _ in inputs}
             if sc.data:
                 reqs = pl.from_file(sc.data, inputs, MAX_PAYLOAD_BYTES)
@@ -127,7 +127,14 @@ class Runner:
         ctx = mp.get_context("spawn")  # gRPC does not survive fork
         self.out = ctx.Queue()
         transport = Transport(
-            sc.target, sc.protocol, sc.model, sc.grpc_stream, sc.channels, sc.streams_per_channel, sc.connections
+            sc.target,
+            sc.protocol,
+            sc.model,
+            sc.grpc_stream,
+            sc.channels,
+            sc.streams_per_channel,
+            sc.connections,
+            sc.secure(),
         )
         self.commands = []
         for i in range(sc.workers):

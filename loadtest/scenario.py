@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 from batchgate.core.types import clip, is_host_port
 
+from .secure import Secure, SecureError
+
 DEFAULT_ERROR_BUDGET = 0.001  # the error budget of an SLO that names only a p99
 
 # Bounds on the sizes and counts a scenario asks for, checked before anything is started or built.
@@ -68,6 +70,11 @@ class Scenario:
     min_achieved: float = 0.99
     max_lag_p99_ms: float = 10.0
     metrics_url: str | None = None
+    token_file: str | None = None  # a file holding the API key (loadtest/secure.py)
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     sweep_rate: str | None = None  # START:END:STEP or R1,R2,... (step search), LOW:HIGH (binary search)
     search: str = "step"  # step | binary
     precision: float = 0.0  # binary search: stop when the bracket is this narrow (req/s)
@@ -123,6 +130,7 @@ class Scenario:
             raise LoadTestError("grpc-stream needs protocol grpc")
         if self.metrics_url:
             check_metrics_url(self.metrics_url)
+        self.secure()  # (the key and TLS files: checked before the run)
         if self.search == "binary" and not self.sweep_rate:
             raise LoadTestError("search binary bisects a sweep-rate LOW:HIGH: give sweep-rate too")
         if self.precision and self.search != "binary":
@@ -142,6 +150,13 @@ class Scenario:
             concurrency_levels(self.sweep_concurrency)
         elif self.sweep_rate:
             rate_sweep(self)
+
+    def secure(self) -> Secure:
+        """The API key and TLS files to reach the target with (LoadTestError naming the flag)."""
+        try:
+            return Secure.of(self.token_file, self.tls, self.tls_ca, self.tls_cert, self.tls_key)
+        except SecureError as e:
+            raise LoadTestError(str(e)) from None
 
     def _check_bounds(self) -> None:
         most = max_workers()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from .payload import GRPC_INFER, GRPC_STREAM, SYNTHETIC_HEADER, Encoded, with_id
 from .results import HIGHEST_US, histogram
+from .secure import Secure
 from .stream_errors import stream_status
 
 _mono = time.monotonic_ns
@@ -55,6 +56,7 @@ class Transport:
     channels: int = 1  # gRPC channels (HTTP/2 connections) per worker
     streams_per_channel: int = 0  # requests in flight per channel; 0 = no limit of ours
     connections: int = 64  # HTTP keep-alive connections per worker (one request in flight each)
+    secure: Secure = field(default_factory=Secure)  # API key, TLS
 
 
 @dataclass
@@ -181,7 +183,13 @@ class Worker:
                 ("grpc.max_receive_message_length", -1),
                 ("grpc.use_local_subchannel_pool", 1),
             ]  # one real connection per channel
-            self.channels = [grpc.aio.insecure_channel(t.target, options=opts) for _ in range(max(1, t.channels))]
+            if t.secure.tls:
+                creds = t.secure.grpc_credentials()
+                self.channels = [
+                    grpc.aio.secure_channel(t.target, creds, options=opts) for _ in range(max(1, t.channels))
+                ]
+            else:
+                self.channels = [grpc.aio.insecure_channel(t.target, options=opts) for _ in range(max(1, t.channels))]
             for ch in self.channels:
                 await ch.channel_ready()
             self.calls = [
@@ -190,7 +198,7 @@ class Worker:
             self.slots = [
                 asyncio.Semaphore(t.streams_per_channel) if t.streams_per_channel else None for _ in self.channels
             ]
-            self.metadata = ((SYNTHETIC_HEADER, "1"),)
+            self.metadata = ((SYNTHETIC_HEADER, "1"), *t.secure.metadata())
             self.streams: list = [None] * len(self.channels)
             if t.grpc_stream:
                 # The streams are set up here, before the first step, not by its first requests:
@@ -204,9 +212,11 @@ class Worker:
         else:
             import aiohttp
 
-            conn = aiohttp.TCPConnector(limit=max(1, t.connections), force_close=False, keepalive_timeout=60)
-            self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False)
-            self.url = f"http://{t.target}/v2/models/{t.model}/infer"
+            tls = t.secure.ssl_context() if t.secure.tls else False
+            conn = aiohttp.TCPConnector(limit=max(1, t.connections), force_close=False, keepalive_timeout=60, ssl=tls)
+            # (the key rides on the session: every request's headers are the payload's own, unchanged)
+            self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False, headers=t.secure.headers())
+            self.url = f"{t.secure.scheme}://{t.target}/v2/models/{t.model}/infer"
             self.slots = [asyncio.Semaphore(max(1, t.connections))]
 
     async def close(self) -> None:
