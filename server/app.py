@@ -209,7 +209,10 @@ class Gateway:
         and drift monitors are built, and ``routes_ready`` after (a worker process catches up
         there with what was loaded, registered and changed before it started)."""
         s = self.settings.server
-        self._tls = load_server_tls(self.settings.tls)  # unusable certificate files: ConfigError, nothing started
+        self._tls = self.metrics.tls = load_server_tls(self.settings.tls)  # bad files: ConfigError, nothing started
+        if self.leader:  # (each worker process reads the same files: one count of their failures)
+            watched = (("api_keys", self.dataplane.access.keys), ("tls", self._tls))
+            self.metrics.watched_files = [(file, w) for file, w in watched if w is not None]
         if not self.reuse_port:  # (worker processes: the supervisor holds the ports and has bound them)
             await asyncio.to_thread(check_bindable, self._listen_addresses())  # (a name may be looked up)
         await self.repository.start()

@@ -59,7 +59,7 @@ LATENCY_DELTA_BUCKETS_S = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.005, 0.01, 0
 ROLLOUT_STATE_CODES = {"none": 0, "running": 1, "paused": 2, "promoted": 3, "rolled_back": 4}
 
 # How the figures of several processes (worker processes) combine, by what each means.
-SUM, MAX, ALL = "sum", "max", "all"  # ALL: 1 only when every process says 1 (readiness)
+SUM, MAX, ALL = "sum", "max", "all"  # ALL: the least (1 only when every process says 1: readiness)
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,19 @@ FAMILIES: dict[str, Family] = {
         "Failure log lines not written (a request's 'failed', a model's 'failed to execute'): past "
         "failure_log_max_lines_per_s",
         (),
+    ),
+    "batchgate_reload_failures": Family(
+        "counter",
+        "Changes of a watched file that could not be used, the previous contents still in force: "
+        "api_keys (api_keys_file) or tls (the certificate, key or client CA files)",
+        ("file",),  # (with worker processes, the leader's count: each reads the same files)
+    ),
+    "batchgate_tls_certificate_expiry_timestamp_seconds": Family(
+        "gauge",
+        "When the served TLS certificate expires (Unix time; with TLS on): alert well before it, a renewal "
+        "that did not happen or was not picked up",
+        (),
+        merge=ALL,  # (the earliest of the worker processes': one that has not picked a renewal up)
     ),
     "batchgate_audit_log_dropped": Family(
         "counter",

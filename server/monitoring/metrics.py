@@ -288,6 +288,9 @@ class Metrics:
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
         self.access_log: Any = None  # the access log (access_log.AccessLog), when it is on; the gateway sets it
         self.audit_refused: Any = None  # the bound on audit records of refused attempts (audit.RefusedRecords)
+        self.tls: Any = None  # TLS (tls.ServerTls), when on; the gateway sets it
+        # (file label, what watches it: its reload_failures), the leader process's only; the gateway sets it
+        self.watched_files: list[tuple[str, Any]] = []
         self.stalls: Any = None  # loop-lag and collector-pause histograms (runtime.RuntimeStalls); the gateway sets it
         # the budgets of failure log lines ("request ... failed", a model's "failed to execute"), each a
         # core.rate.LineBudget counting the lines it left out. The models' own (the gateway sets its
@@ -425,6 +428,10 @@ class Metrics:
                 add("batchgate_access_log_dropped", (reason,), n)
         if self.audit_refused is not None:
             add("batchgate_audit_log_dropped", (), self.audit_refused.dropped)
+        for file, watched in self.watched_files:
+            add("batchgate_reload_failures", (file,), watched.reload_failures)
+        if self.tls is not None and self.tls.not_after is not None:
+            add("batchgate_tls_certificate_expiry_timestamp_seconds", (), self.tls.not_after)
         for reason, n in list(self._connections_refused.items()):
             add("batchgate_http_connections_refused", (reason,), n)
         stalls = self.stalls

@@ -13,11 +13,10 @@ of its token, never the token::
         burst: 200                     # optional; default max(1, ceil(rate_per_s))
         cert_subjects: ["CN=fraud-client,O=Acme"]   # optional: mTLS subjects that act as this key
 
-The file is re-read when it changes and has then stood still for a poll
-(:meth:`KeyStore.reload_if_changed`, :meth:`KeyStore.watch`): a file caught half-written is not
-read; a file that no longer parses keeps the keys loaded before. No gRPC, ASGI or network here: a
-transport passes the ``authorization`` header (or gRPC metadata) and the verified client
-certificate's subject, and maps the :class:`GatewayError` raised.
+The file is re-read when it changes and has then stood still for a poll (:meth:`KeyStore.watch`):
+a file caught half-written is not read; a file that no longer parses keeps the keys loaded before.
+No gRPC, ASGI or network here: a transport passes the ``authorization`` header (or gRPC metadata)
+and the verified client certificate's subject, and maps the :class:`GatewayError` raised.
 """
 
 from __future__ import annotations
@@ -383,9 +382,9 @@ class KeyStore:
         self._table = _index(keys)
         self._buckets: dict[str, _Bucket] = {}
         self._apply(keys)
-        # told the ids of keys a reload removed (what they held, such as shared-memory regions,
-        # goes with them: no key could unregister it any more)
+        # told the ids of keys a reload removed: what they held (shared memory) goes with them
         self.on_removed: Callable[[list[str]], None] | None = None
+        self.reload_failures = 0  # changes of the file that could not be used (a metric)
 
     # -- what is loaded
 
@@ -531,6 +530,7 @@ class KeyStore:
             return read_keys_file(self.path)
         except ConfigError as e:
             log.error("%s; keeping the %d keys loaded before", e, len(self._table.keys))
+            self.reload_failures += 1
             return None
 
     def _finish(self, signature: Signature | None, loaded: tuple[tuple[ApiKey, ...], Signature] | None) -> bool:

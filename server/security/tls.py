@@ -96,7 +96,8 @@ class ServerTls:
         self._generation = 0  # bumped by each reload
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
-        _log_loaded("TLS with client certificates (mTLS)" if self.mtls else "TLS", material.cert)
+        self.reload_failures = 0  # changes of the files that could not be used (a metric)
+        self.not_after = _log_loaded("TLS with client certificates (mTLS)" if self.mtls else "TLS", material.cert)
 
     # ------------------------------------------------------------------ listeners
     def grpc_credentials(self) -> grpc.ServerCredentials:
@@ -173,6 +174,7 @@ class ServerTls:
             material = await asyncio.to_thread(self._read_checked)
         except TlsFileError as e:
             log.error("TLS files changed but cannot be used, the previous certificate is still served: %s", e)
+            self.reload_failures += 1
             return False
         if material == self._material:
             return False
@@ -196,7 +198,7 @@ class ServerTls:
             self._generation += 1
         self._material = material
         self.reloads += 1
-        _log_loaded("TLS files reloaded", material.cert)
+        self.not_after = _log_loaded("TLS files reloaded", material.cert)
 
 
 def load_server_tls(settings: TlsSettings) -> ServerTls | None:
@@ -385,21 +387,22 @@ def _grpc_config(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration([(material.key, material.cert)], root_certificates=material.ca)
 
 
-def _log_loaded(what: str, cert_pem: bytes) -> None:
+def _log_loaded(what: str, cert_pem: bytes) -> float | None:
     """Log the served certificate's subject, serial and expiry; an expired one as an error
-    (clients will refuse it: the renewal has not happened)."""
+    (clients will refuse it: the renewal has not happened). Its expiry (Unix time), if read."""
     try:
         der = next(iter(_first_cert(cert_pem)))
         info = certificate_info(der)
     except (ValueError, StopIteration):
         log.info("%s: certificate loaded", what)
-        return
+        return None
     until = info.not_after.isoformat() if info.not_after else "(unknown)"
     log.info(
         "%s: certificate %s, serial %x, valid until %s", what, info.subject or "(empty subject)", info.serial, until
     )
     if info.not_after is not None and info.not_after < datetime.datetime.now(datetime.UTC):
         log.error("%s: the certificate expired at %s; clients will refuse it until it is renewed", what, until)
+    return None if info.not_after is None else info.not_after.timestamp()
 
 
 def _first_cert(pem: bytes) -> list[bytes]:

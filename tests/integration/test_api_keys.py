@@ -495,6 +495,15 @@ def test_revoking_a_key_in_the_file_takes_effect_without_restart(keyed):
             break
         assert time.monotonic() < deadline, "the revoked key still works"
         time.sleep(0.05)
+    # an edit that breaks the file keeps the keys in force, and is counted for an alert (only the
+    # log said so before)
+    assert 'batchgate_reload_failures_total{file="api_keys"} 0.0' in fetch(keyed.metrics_url).decode()
+    keyed.keys_file.write_text("keys: [{id: x}]\n")
+    deadline = time.monotonic() + 10
+    while 'batchgate_reload_failures_total{file="api_keys"} 1.0' not in fetch(keyed.metrics_url).decode():
+        assert time.monotonic() < deadline, "the broken keys file is not counted"
+        time.sleep(0.05)
+    assert c.infer("simple", simple_inputs(grpcclient), headers=bearer(ADMIN_TOKEN))  # (the keys before it)
 
 
 def test_metrics_and_health_can_require_a_key(repo, serve, tmp_path):

@@ -13,9 +13,11 @@ import datetime
 import http.client
 import logging
 import os
+import re
 import socket
 import ssl
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -413,6 +415,14 @@ def test_bad_new_files_keep_the_old_certificate(serve, demo_repo, pki, tmp_path,
     # Good files again: served.
     secret.write({"tls.crt": first.pem, "tls.key": first.key_pem})
     assert wait_for(lambda: serials(running, pki) == (first.serial, first.serial)), serials(running, pki)
+    # each refused change was counted, and the served certificate says when it expires: an SRE's
+    # alert on either (a renewal that failed, or was never picked up) had only the log before
+    metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+    failed = re.search(r'^batchgate_reload_failures_total\{file="tls"\} (\S+)$', metrics, re.M)
+    assert failed and float(failed.group(1)) >= len(cases), metrics
+    assert 'batchgate_reload_failures_total{file="api_keys"}' not in metrics  # (no keys file: no series)
+    expiry = re.search(r"^batchgate_tls_certificate_expiry_timestamp_seconds (\S+)$", metrics, re.M)
+    assert expiry and float(expiry.group(1)) == first.cert.not_valid_after_utc.timestamp(), metrics
 
 
 def test_client_ca_rotation(serve, demo_repo, pki, tmp_path):

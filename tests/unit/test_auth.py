@@ -559,6 +559,7 @@ def test_bad_file_keeps_the_old_keys_and_logs_an_error_once(store, keys_file, ca
     errors = [r for r in caplog.records if r.name == "batchgate.auth"]
     assert len(errors) == 1 and errors[0].levelno == logging.ERROR
     assert "unknown scope 'raed'" in errors[0].getMessage() and "keeping the 2 keys" in errors[0].getMessage()
+    assert store.reload_failures == 1  # (once per change, as the log line: batchgate_reload_failures_total)
     assert store.authenticate(f"Bearer {TOKEN_B}").id == "ops"
     write(Path(keys_file), GOOD)  # fixed: loaded again
     assert polls(store) is True
