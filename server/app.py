@@ -38,7 +38,7 @@ from .monitoring.serve import metrics_limits, serve_metrics
 from .monitoring.tracing import open_tracing
 from .repository.build import version_builder
 from .repository.manager import ModelRepository
-from .route_table import SYSTEM, RouteTable
+from .route_table import SYSTEM, RouteTable, file_stamp
 from .routes import read_routes_file
 from .security.access import Access, open_server_notes
 from .security.audit import AuditLog
@@ -340,7 +340,9 @@ class Gateway:
         if not self.settings.routes and not rs.routes_file:
             return
         specs = list(self.settings.routes)
+        stamp = None
         if rs.routes_file:
+            stamp = file_stamp(rs.routes_file)  # (before the read: an edit from here on is the watcher's)
             specs += await asyncio.to_thread(read_routes_file, rs.routes_file)
         self._shadow_pool = ThreadPoolExecutor(
             rs.shadow_threads, thread_name_prefix="batchgate-shadow", initializer=lowest_priority
@@ -379,7 +381,7 @@ class Gateway:
         self._route_tasks = [asyncio.ensure_future(table.control())] if self.leader else []
         if rs.routes_file:
             self._route_tasks.append(
-                asyncio.ensure_future(table.watch(self.settings.routes, rs.routes_file, rs.routes_poll_s))
+                asyncio.ensure_future(table.watch(self.settings.routes, rs.routes_file, rs.routes_poll_s, stamp))
             )
 
     def _start_drift(self) -> None:

@@ -405,15 +405,17 @@ class RouteTable:
             await self._audit(action, target, outcome, detail)
 
     # ---------------------------------------------------------------- the routes file
-    async def watch(self, config_routes: Sequence[RouteSpec], path: str, poll_s: float) -> None:
+    async def watch(self, config_routes: Sequence[RouteSpec], path: str, poll_s: float, since: object) -> None:
         """Re-read ``path`` whenever it changed and stood still for a poll (size, mtime or inode:
         a ConfigMap's symlink swap changes the inode) and install the routes it holds with the config's. A file that
-        cannot be read or checked changes nothing; it is logged and counted."""
+        cannot be read or checked changes nothing; it is logged and counted. ``since``: the
+        file's :func:`file_stamp` taken before the start read it (taken here, after the routes
+        were installed, an edit made meanwhile counted as applied and was never served)."""
         self._config_routes = tuple(config_routes)
-        settled = Settled(_stamp(path))
+        settled = Settled(since)
         while True:
             await asyncio.sleep(poll_s)
-            if not settled.changed(_stamp(path)):
+            if not settled.changed(file_stamp(path)):
                 continue
             try:
                 await self.reload(path)
@@ -577,7 +579,7 @@ class Settled:
         return True
 
 
-def _stamp(path: str) -> tuple[int, int, int] | None:
+def file_stamp(path: str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:

@@ -575,3 +575,30 @@ def test_weights_set_by_hand_after_a_rollback_are_the_canary_share_reported(repo
         assert route.describe()["rollout"]["canary_percent"] == 50
     finally:
         running.stop()
+
+
+def test_a_routes_file_edited_while_the_server_starts_is_served(repo, tmp_path, monkeypatch):
+    """The watcher took the file's first stamp only once the routes were installed: an edit made
+    after the start read the file and before that stamp counted as applied, and was not served
+    until the file changed again. The stamp is now taken before the read."""
+    import batchgate.app as app
+
+    routes_file = tmp_path / "routes.yaml"
+    route = _staged("ramp")
+    write_config(str(routes_file), [route])
+    edited = json.loads(json.dumps(route))
+    edited["variants"][1]["weight"] = 25
+    read = app.read_routes_file
+
+    def read_then_edited(path: str):
+        specs = read(path)
+        write_config(path, [edited])  # an edit lands right after the start's read
+        return specs
+
+    monkeypatch.setattr(app, "read_routes_file", read_then_edited)
+    cfg = write_config(str(tmp_path / "c.yaml"), [], routing={"routes_file": str(routes_file), "routes_poll_s": 0.1})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        _until(lambda: _state(running).weights == {"stable": 100, "canary": 25})
+    finally:
+        running.stop()
