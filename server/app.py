@@ -38,8 +38,8 @@ from .monitoring.serve import metrics_limits, serve_metrics
 from .monitoring.tracing import open_tracing
 from .repository.build import version_builder
 from .repository.manager import ModelRepository
-from .route_table import SYSTEM, RouteTable, file_stamp
-from .routes import read_routes_file
+from .route_table import SYSTEM, RouteTable
+from .routes import file_stamp, read_routes_file
 from .security.access import Access, open_server_notes
 from .security.audit import AuditLog
 from .security.auth import KeyStore

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -29,7 +28,7 @@ from .core.types import clip, printable
 from .model import LocalExecution, ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.manager import ModelRepository
-from .routes import ServedRoute, read_routes_file
+from .routes import ServedRoute, Settled, file_stamp, read_routes_file
 from .security.access import Caller
 from .security.limits import Admission
 from .settings_sections import RoutingSettings
@@ -124,7 +123,8 @@ class RouteTable:
                 self.metrics.drop_route(name)
                 self._forget(name)
         for route in new.values():
-            self._refresh(route)  # a model that changed while the shadows were being built
+            route.metrics.keep([v.name for v in route.spec.variants], [s.name for s in route.spec.shadows])
+            self._refresh(route)  # (a model that changed while the shadows were built)
             route.publish()
             self._save(route)
         for name in resets if self.leader else ():  # (one line for the pod)
@@ -408,9 +408,8 @@ class RouteTable:
     async def watch(self, config_routes: Sequence[RouteSpec], path: str, poll_s: float, since: object) -> None:
         """Re-read ``path`` whenever it changed and stood still for a poll (size, mtime or inode:
         a ConfigMap's symlink swap changes the inode) and install the routes it holds with the config's. A file that
-        cannot be read or checked changes nothing; it is logged and counted. ``since``: the
-        file's :func:`file_stamp` taken before the start read it (taken here, after the routes
-        were installed, an edit made meanwhile counted as applied and was never served)."""
+        cannot be read or checked changes nothing; it is logged and counted. ``since``: its stamp
+        before the start read it (one taken here missed an edit made while the routes installed)."""
         self._config_routes = tuple(config_routes)
         settled = Settled(since)
         while True:
@@ -556,35 +555,6 @@ class RouteTable:
         if self._senders is not None:
             self._senders.shutdown(wait=False, cancel_futures=True)
         self._writer.shutdown(wait=True)  # what was kept is on disk before the process goes
-
-
-class Settled:
-    """Whether a watched file changed and then stood still for one poll.
-
-    An editor or ``cp`` truncates the file before writing it: read at that moment it holds no
-    routes, and every route would go away until the next poll. A change is therefore applied only
-    when two polls in a row see the same stamp (a ConfigMap's atomic symlink swap is applied one
-    poll later than it would be otherwise)."""
-
-    def __init__(self, stamp: object) -> None:
-        self.applied = self.seen = stamp
-
-    def changed(self, stamp: object) -> bool:
-        if stamp != self.seen:  # (still) being written: wait for it to stand still
-            self.seen = stamp
-            return False
-        if stamp == self.applied:
-            return False
-        self.applied = stamp
-        return True
-
-
-def file_stamp(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class RoutePeer(Protocol):

@@ -16,6 +16,7 @@ reloads and steps the routes.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from bisect import bisect_right
@@ -506,3 +507,32 @@ def read_routes_file(path: str) -> list[RouteSpec]:
     if not isinstance(data, dict) or set(data) - {"routes"}:
         raise ConfigError(f"routes file {path} must hold one key, 'routes', with a list of routes")
     return parse_routes(data.get("routes"), f"routes file {path}: routes")
+
+
+class Settled:
+    """Whether a watched file changed and then stood still for one poll.
+
+    An editor or ``cp`` truncates the file before writing it: read at that moment it holds no
+    routes, and every route would go away until the next poll. A change is therefore applied only
+    when two polls in a row see the same stamp (a ConfigMap's atomic symlink swap is applied one
+    poll later than it would be otherwise)."""
+
+    def __init__(self, stamp: object) -> None:
+        self.applied = self.seen = stamp
+
+    def changed(self, stamp: object) -> bool:
+        if stamp != self.seen:  # (still) being written: wait for it to stand still
+            self.seen = stamp
+            return False
+        if stamp == self.applied:
+            return False
+        self.applied = stamp
+        return True
+
+
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

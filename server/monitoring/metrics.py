@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -209,8 +209,18 @@ class RouteMetrics:
         self.stats_seen: object = None
         self.failures_before: dict[str, int] = {}
         self.recent: deque[str] = deque(maxlen=256)
+        self.variants: frozenset[str] | None = None  # the route's variants now (None: any)
+
+    def keep(self, variants: Collection[str], shadows: Collection[str]) -> None:
+        """The route's definition now: the series of variants and shadows it no longer has go, as
+        a removed route's do (a new name each release would grow /metrics for ever)."""
+        self.variants = frozenset(variants)
+        self.requests = {k: n for k, n in list(self.requests.items()) if k[0] in self.variants}
+        self.shadows = {k: sm for k, sm in list(self.shadows.items()) if k in shadows}
 
     def answered(self, variant: str, status: str) -> None:
+        if self.variants is not None and variant not in self.variants:
+            return  # (a request still in flight on a variant the route no longer has)
         key = (variant, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         if status != "OK":

@@ -354,3 +354,40 @@ def test_a_variant_that_stops_fitting_while_a_shadows_model_is_unloaded_takes_th
             infer_grpc(running.grpc_url, "halves")
     finally:
         running.stop()
+
+
+def test_a_variant_or_shadow_gone_from_a_route_takes_its_series_with_it(repo, tmp_path):
+    """A route removed from the configuration took its series with it; a variant renamed or a
+    shadow removed kept theirs for the life of the process (a routes file that names each
+    release's canary anew grew /metrics by every name it ever had)."""
+    routes_file = tmp_path / "routes.yaml"
+    route = {
+        "name": "rename",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 50},
+            {"name": "canary-1", "model": "clf_same", "weight": 50},
+        ],
+        "shadows": [{"name": "next-1", "model": "clf_other", "percent": 100}],
+        "compare": {"output": "probabilities", "kind": "classification"},
+    }
+    write_config(str(routes_file), [route])
+    cfg = write_config(str(tmp_path / "c.yaml"), [], routing={"routes_file": str(routes_file), "routes_poll_s": 0.1})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        for variant in ("stable", "canary-1"):
+            infer_grpc(running.grpc_url, "rename", headers={"x-batchgate-variant": variant})
+        _until(lambda: 'shadow="next-1"' in _metrics(running))
+        assert 'variant="canary-1"' in _metrics(running)
+        route["variants"][1]["name"] = "canary-2"
+        route["shadows"][0]["name"] = "next-2"
+        write_config(str(routes_file), [route])
+        _until(lambda: metric(_metrics(running), "batchgate_routes_reloads_total", outcome="ok") == 1)
+        infer_grpc(running.grpc_url, "rename", headers={"x-batchgate-variant": "canary-2"})
+        _until(lambda: 'shadow="next-2"' in _metrics(running))
+        text = _metrics(running)
+        assert 'variant="canary-1"' not in text and 'shadow="next-1"' not in text
+        # what stayed in the route keeps counting from where it was
+        assert metric(text, "batchgate_route_requests_total", route="rename", variant="stable", status="OK") == 1
+        assert metric(text, "batchgate_route_requests_total", route="rename", variant="canary-2", status="OK") == 1
+    finally:
+        running.stop()

@@ -346,7 +346,7 @@ def test_review_findings_scalar_sticky_input_and_zero_weight_tables():
 def test_a_routes_file_change_is_applied_only_once_it_stood_still_for_a_poll():
     """Regression: a poll that caught the file truncated mid-write read it as "no routes", and
     every route was gone until the next poll (a CI run's route lookup failed with KeyError)."""
-    from batchgate.route_table import Settled
+    from batchgate.routes import Settled
 
     full, empty, edited = (1, 300, 10), (1, 0, 11), (1, 310, 12)
     settled = Settled(full)
