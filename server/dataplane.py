@@ -406,6 +406,7 @@ class DataPlane(Extensions):
             served = self.repository.resolve(name, version)
             versions = [str(v) for v in sorted(self.repository.entry(name).versions)]
         sig = served.signature
+        outputs = sig.outputs if route is None else tuple(t for t in sig.outputs if t.name in route.outputs)
 
         def tensors(specs: tuple[TensorSpec, ...]) -> list[TensorMetadata]:
             return [{"name": t.name, "datatype": t.dtype.v2, "shape": t.full_shape(sig.max_batch_size)} for t in specs]
@@ -415,7 +416,7 @@ class DataPlane(Extensions):
             "versions": versions,
             "platform": sig.platform,
             "inputs": tensors(sig.inputs),
-            "outputs": tensors(sig.outputs),
+            "outputs": tensors(outputs),
         }
 
     def model_config(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> mc.ModelConfig:
@@ -427,6 +428,10 @@ class DataPlane(Extensions):
         config.CopyFrom(self._route_version(route, version).config)
         config.name = name  # the heaviest variant's config, under the route's name
         config.ClearField("version_policy")
+        shared = [o for o in config.output if o.name in route.outputs]  # (those every variant gives)
+        if len(shared) < len(config.output):
+            del config.output[:]
+            config.output.extend(shared)
         return config
 
     @staticmethod

@@ -189,6 +189,7 @@ class ServedRoute:
         self.metrics = metrics
         self.admission = admission
         self.members: dict[str, ModelVersion | None] = {}  # variant or shadow name -> version
+        self.outputs: frozenset[str] = frozenset()  # the outputs every loaded variant gives
         self.problem: str | None = "not checked yet"  # why the route cannot serve at all
         self.shadows: list[ShadowRunner] = []
         self.stats = ModelStats(spec.name, "")
@@ -229,6 +230,10 @@ class ServedRoute:
 
     def set_members(self, members: dict[str, ModelVersion | None], problem: str | None) -> None:
         self.members, self.problem = members, problem
+        # A variant may give outputs the first does not: the route shows only those every loaded
+        # variant gives (one the heaviest alone gave was refused on the others' share of requests).
+        given = [{t.name for t in v.signature.outputs} for v in map(members.get, self.spec.weights) if v is not None]
+        self.outputs = frozenset(set.intersection(*given)) if given else frozenset()
         self._shadow_of = {}
         for s in self.spec.shadows:  # a shadow of the canary's model judges the canary
             mine = members.get(s.name)

@@ -30,7 +30,28 @@ def repo(tmp_path_factory) -> str:
     _save(_labeller(0), root, "label_a", config="max_batch_size: 8\n")
     _save(_labeller(5), root, "label_b", config="max_batch_size: 8\n")
     _save(classifier_model(seed=0), root, "clf_small", config="max_batch_size: 2\n")
+    _save(_scorer_and_labeller(), root, "clf_labelled", config="max_batch_size: 8\n")
     return root
+
+
+def _scorer_and_labeller():
+    """features FP32 [-1, 4] -> probabilities FP32 [-1, 3] (as the classifiers) and label INT64 [-1]."""
+    w = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "W"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probabilities"], axis=-1),
+            helper.make_node("ArgMax", ["z"], ["label"], axis=1, keepdims=0),
+        ],
+        "scorer_and_labeller",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
+        [numpy_helper.from_array(w, "W")],
+    )
+    return _model(g)
 
 
 def _labeller(seed: int):
@@ -389,5 +410,32 @@ def test_a_variant_or_shadow_gone_from_a_route_takes_its_series_with_it(repo, tm
         # what stayed in the route keeps counting from where it was
         assert metric(text, "batchgate_route_requests_total", route="rename", variant="stable", status="OK") == 1
         assert metric(text, "batchgate_route_requests_total", route="rename", variant="canary-2", status="OK") == 1
+    finally:
+        running.stop()
+
+
+def test_a_route_shows_only_the_outputs_every_variant_gives(repo, tmp_path):
+    """A variant may give more outputs than the first; the route's metadata and config were its
+    heaviest variant's, so they listed an output the other variants lack, and a client that asked
+    for it was refused on their share of its requests ("model 'clf_a' has no output 'label'")."""
+    import tritonclient.http as httpclient
+
+    route = {
+        "name": "extra",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 40},
+            {"name": "canary", "model": "clf_labelled", "weight": 60},
+        ],
+    }
+    running = start_gateway(repo, config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    try:
+        h = httpclient.InferenceServerClient(running.http_url)
+        g = grpcclient.InferenceServerClient(running.grpc_url)
+        assert [o["name"] for o in h.get_model_metadata("extra")["outputs"]] == ["probabilities"]
+        assert [o.name for o in g.get_model_metadata("extra").outputs] == ["probabilities"]
+        assert [o["name"] for o in h.get_model_config("extra")["output"]] == ["probabilities"]
+        assert [o.name for o in g.get_model_config("extra").config.output] == ["probabilities"]
+        # the model itself still shows both
+        assert [o["name"] for o in h.get_model_metadata("clf_labelled")["outputs"]] == ["probabilities", "label"]
     finally:
         running.stop()
