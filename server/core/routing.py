@@ -420,6 +420,13 @@ def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature])
                     f"{where}: shadow '{shadow.name}' ({shadow.model}) has no {want.dtype.v2} output "
                     f"'{route.compare.output}' to compare"
                 )
+            if len(got.dims) != len(want.dims) or any(0 <= a != b >= 0 for a, b in zip(got.dims, want.dims)):
+                # (every answer would be a disagreement of an infinite |delta|)
+                raise ConfigError(
+                    f"{where}: shadow '{shadow.name}' ({shadow.model}) gives output '{route.compare.output}' "
+                    f"as {list(got.dims)} and variant '{first.name}' ({first.model}) as {list(want.dims)}: "
+                    "answers of other shapes cannot be compared"
+                )
     if route.sticky is not None and route.sticky.kind == "input":
         tensor = {t.name: t for t in ref.inputs}.get(route.sticky.name)
         if tensor is None or tensor.dtype.v2 not in _KEY_TYPES:

@@ -285,6 +285,15 @@ def test_variants_and_shadows_must_take_the_same_inputs_and_give_the_same_output
         (signatures(canary=sig("fraud_v2", batch=0)), "does not batch and variant 'stable' (fraud_v1) does"),
         (signatures(next=sig("fraud_v3", inputs=(("x", "INT32", (4,)),))), "in shadow 'next' (fraud_v3)"),
         (signatures(next=sig("fraud_v3", outputs=(("p", "FP32", (3,)),))), "shadow 'next' (fraud_v3) has no FP32"),
+        # the compared output of another shape: every answer was an infinite disagreement
+        (
+            signatures(next=sig("fraud_v3", outputs=(("probabilities", "FP32", (4,)),))),
+            "shadow 'next' (fraud_v3) gives output 'probabilities' as [4] and variant 'stable' (fraud_v1) as [3]",
+        ),
+        (
+            signatures(next=sig("fraud_v3", outputs=(("probabilities", "FP32", (3, 1)),))),
+            "gives output 'probabilities' as [3, 1]",
+        ),
         # an upstream that declares no signature (MLServer's default) cannot be checked
         (
             signatures(canary=ModelSignature("fraud_v2", "remote", 8, (), (), open=True)),
@@ -299,6 +308,8 @@ def test_variants_and_shadows_must_take_the_same_inputs_and_give_the_same_output
         with pytest.raises(ConfigError) as ei:
             check_signatures(r, sigs)
         assert message in str(ei.value), (message, str(ei.value))
+    # A compared output of a variable size where the variants' is fixed may be compared.
+    check_signatures(r, signatures(next=sig("fraud_v3", outputs=(("probabilities", "FP32", (-1,)),))))
     # An optional extra input is fine: requests for the first variant still suit it.
     check_signatures(
         r, signatures(canary=sig("fraud_v2", inputs=(("x", "FP32", (4,)), ("m", "BOOL", (4,))), optional=("m",)))
