@@ -16,6 +16,7 @@ reloads and steps the routes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import time
@@ -128,9 +129,15 @@ class Window:
         self.disagreed += other["disagreed"]
         self.parts.append((other["outputs"], other["answers"], other["width"]))
 
-    def figures(self) -> ro.Figures:
+    def counts(self) -> ro.Figures:
+        """The figures without the kept answers (what the admin API shows): joining that sample
+        (up to 512 answers of 64 rows and 256 columns) took about 10 ms a variant, on the event
+        loop, for every GetRoute and every route of a ListRoutes."""
         n = self.latency.get_total_count()
         p99 = self.latency.get_value_at_percentile(99) / 1e6 if n else None
+        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, None, self.refused)
+
+    def figures(self) -> ro.Figures:
         kept = self.outputs
         if self.parts:  # several processes' samples: each in proportion to the answers it stands for
             total = sum(a for _, a, _ in self.parts) or 1
@@ -147,8 +154,7 @@ class Window:
                 rows[width] = rows.get(width, 0) + a.shape[0]
             most = max(rows, key=lambda w: rows[w]) if rows else 0
             kept = [a for width, a in taken if width == most]
-        outputs = np.concatenate(kept) if kept else None
-        return ro.Figures(self.requests, self.server_errors, p99, self.compared, self.disagreed, outputs, self.refused)
+        return dataclasses.replace(self.counts(), outputs=np.concatenate(kept) if kept else None)
 
 
 def _bounded(samples: list[np.ndarray], limit: int = 8 << 20) -> list[np.ndarray]:
@@ -478,7 +484,7 @@ class ServedRoute:
             "shadows": [self._shadow_dict(s) for s in self.spec.shadows],
             "ready": self.not_ready_reason() is None,
             "reason": self.not_ready_reason() or "",
-            "window": {name: _figures_dict(w.figures()) for name, w in self.windows.items()},
+            "window": {name: _figures_dict(w.counts()) for name, w in self.windows.items()},
         }
         if self.spec.rollout is not None and self.rollout is not None:
             out["rollout"] = {
