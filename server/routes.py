@@ -412,9 +412,12 @@ class ServedRoute:
         name = self._psi_output
         if not name:  # the first output of the signature: never what a caller chose to ask for
             primary = self.primary()
-            if primary is None or not primary.signature.outputs:
+            # (one every variant gives: the heaviest's own first may be one the others lack, and
+            # the gate then never had the rows to judge)
+            first = [t.name for t in primary.signature.outputs if t.name in self.outputs] if primary else []
+            if not first:
                 return
-            name = self._psi_output = primary.signature.outputs[0].name
+            name = self._psi_output = first[0]
         for o in resp.outputs:
             if o.name == name:
                 if o.data.dtype.kind in "fiub":

@@ -17,7 +17,7 @@ which would hide a canary that turned bad after a good start):
 - disagreement: the share of the canary's shadowed answers that disagreed with the primary's,
   at most ``max_disagreement`` (when the canary is also shadowed);
 - output drift: with ``max_output_psi``, the two-sample PSI of the canary's outputs against the
-  baseline's (the route's ``compare`` output, else the first; per column, on deciles of the
+  baseline's (the route's ``compare`` output, else the first every variant gives; per column, on deciles of the
   baseline's values, NaN answers a bin of their own; at most 256 columns) over a sample of the
   interval's answers, at most ``max_output_psi`` beyond what chance makes of samples that size
   (when both sides have :data:`MIN_OUTPUT_ROWS` rows).

@@ -639,3 +639,44 @@ def test_the_admin_api_shows_a_window_without_joining_its_kept_answers(repo, tmp
         assert joined == []
     finally:
         running.stop()
+
+
+def test_the_output_psi_gate_judges_an_output_every_variant_gives(repo, tmp_path):
+    """Without compare, the output PSI gate reads the first output of the heaviest variant; a
+    variant may give more outputs than the first listed, so that could be one the canary lacks:
+    the canary kept no answers and the gate never had the rows to judge."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchgate.demo import _model, _save
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "W"], ["z"]),
+            helper.make_node("ArgMax", ["z"], ["label"], axis=1, keepdims=0),
+            helper.make_node("Softmax", ["z"], ["probabilities"], axis=-1),
+        ],
+        "label_first",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        [numpy_helper.from_array(w, "W")],
+    )
+    models = tmp_path / "models"
+    route_repository(str(models))
+    _save(_model(g), str(models), "label_first", config="max_batch_size: 8\n")
+    route = _route("clf_a", steps=(10, 100), min_requests=10_000, max_output_psi=0.2)
+    route["rollout"]["interval_s"] = 3600
+    route["variants"] = [  # the canary listed first: the baseline (the heaviest) may give more
+        {"name": "canary", "model": "clf_a", "weight": 0},
+        {"name": "stable", "model": "label_first", "weight": 100},
+    ]
+    running = start_gateway(str(models), config_file=write_config(str(tmp_path / "c.yaml"), [route]))
+    try:
+        windows = _state(running).windows
+        _drive(running, lambda: all(w.outputs for w in windows.values()))
+        assert all(w.width == 3 for w in windows.values())  # the probabilities, on both sides
+    finally:
+        running.stop()
