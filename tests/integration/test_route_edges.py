@@ -200,7 +200,7 @@ def test_variants_that_batch_differently_are_refused(repo, tmp_path):
     assert "variant 'b' (clf_small) takes batches of at most 2" in str(e.value)
 
 
-def _watched(repo, tmp_path):
+def _watched(repo, tmp_path, **routing):
     """A copy of the repository, and a gateway polling it with route 'watched': clf_a, shadowed
     by clf_same."""
     own = tmp_path / "models"
@@ -212,7 +212,7 @@ def _watched(repo, tmp_path):
             "shadows": [{"name": "s", "model": "clf_same", "percent": 100, "max_inflight": 8}],
         }
     ]
-    cfg = write_config(str(tmp_path / "c.yaml"), routes)
+    cfg = write_config(str(tmp_path / "c.yaml"), routes, **({"routing": routing} if routing else {}))
     running = start_gateway(str(own), config_file=cfg, model_control_mode="poll", repository_poll_s=0.2)
     return own, running
 
@@ -232,6 +232,31 @@ def test_a_shadow_whose_model_stops_fitting_is_left_out_and_the_route_serves_on(
         assert route.not_ready_reason() is None
         result, params = infer_grpc(running.grpc_url, "watched")
         assert params == {"variant": "main"} and result.as_numpy("probabilities").shape == (1, 3)
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("change", ["stops fitting", "removed"])
+def test_a_route_left_serving_without_its_shadow_does_not_refuse_the_next_routes_file(repo, tmp_path, change):
+    """A reload checked every route as at start, the unchanged ones too: once a shadow's model no
+    longer fitted (or was gone), a route serving on without it made every later routes file
+    refused, one that only added another route included."""
+    routes_file = tmp_path / "routes.yaml"
+    write_config(str(routes_file), [])
+    own, running = _watched(repo, tmp_path, routes_file=str(routes_file), routes_poll_s=0.1)
+    try:
+        if change == "removed":
+            shutil.rmtree(own / "clf_same")
+        else:
+            os.makedirs(own / "clf_same" / "2")
+            shutil.copy(own / "strings" / "1" / "model.onnx", own / "clf_same" / "2" / "model.onnx")
+        _until(lambda: not running.gateway.routes.routes["watched"].shadows)
+        other = {"name": "other", "variants": [{"name": "a", "model": "clf_a", "weight": 100}]}
+        write_config(str(routes_file), [other])
+        _until(lambda: "other" in running.gateway.routes.routes)
+        assert metric(_metrics(running), "batchgate_routes_reloads_total", outcome="error") == 0
+        assert infer_grpc(running.grpc_url, "watched")[1] == {"variant": "main"}
+        assert not running.gateway.routes.routes["watched"].shadows  # still left out
     finally:
         running.stop()
 
