@@ -271,14 +271,11 @@ class ShadowRunner:
                 arrays = await loop.run_in_executor(self._pool, self._backend.run, feeds, self._outputs)
             else:  # the caller's parameters go on, as they do to a remote variant
                 params, own = forwarded_parameters(first)
+                deadline = _copy_deadline([requests[i] for i, _ in chunk])
                 if self._pool is None:  # (shadow_send_threads 0) on the event loop, the model's own client
-                    arrays = await self._backend.infer(
-                        feeds, self._outputs, first.deadline, params=params, input_params=own
-                    )
+                    arrays = await self._backend.infer(feeds, self._outputs, deadline, params=params, input_params=own)
                 else:
-                    arrays = await self._backend.infer_apart(
-                        feeds, self._outputs, first.deadline, self._pool, params, own
-                    )
+                    arrays = await self._backend.infer_apart(feeds, self._outputs, deadline, self._pool, params, own)
             took = _perf() - t0
             if len(chunk) == 1:
                 outcomes[chunk[0][0]] = Outcome(np.asarray(arrays[0]), took)
@@ -401,6 +398,15 @@ class ShadowRunner:
         if agreed:
             sm.agreements += 1
         return not agreed
+
+
+def _copy_deadline(requests: list[InferRequest]) -> float | None:
+    """A remote shadow call's deadline: as long from now as the copies' callers gave their
+    requests (the longest of them; None when one set none). A copy starts once primary work
+    leaves time, later than its request; sent with the caller's own deadline, that wait (the
+    gateway's) failed it as the shadow's error."""
+    spans = [r.deadline - r.arrival for r in requests if r.deadline is not None]
+    return time.monotonic() + max(spans) if spans and len(spans) == len(requests) else None
 
 
 def _settle_futures(futs: list[asyncio.Future], task: asyncio.Future) -> None:

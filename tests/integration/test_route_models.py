@@ -336,3 +336,42 @@ def test_remote_shadows_get_the_callers_parameters_and_each_step_of_a_sequence_a
             running.stop()
     finally:
         upstream.stop()
+
+
+@pytest.mark.parametrize("senders", [1, 0], ids=["sender-threads", "event-loop"])
+def test_a_remote_shadow_copy_has_the_time_its_caller_gave_from_when_it_starts(repo, tmp_path, senders):
+    """A copy starts once primary work leaves time (and a gathering copy waits for others), later
+    than its request; it was sent with the caller's own deadline, so that wait, the gateway's,
+    failed it (DEADLINE_EXCEEDED: counted `failed`, an error only the shadow made). Here the copy
+    waits 1 s to gather, past its caller's 0.8 s."""
+    upstream = start_gateway(repo)
+    try:
+        remote = f"name=clf_remote upstreams={upstream.grpc_url} upstream_model=clf_a batching=passthrough"
+        routes = [
+            {
+                "name": "late",
+                "variants": [{"name": "here", "model": "clf_a", "weight": 100}],
+                "shadows": [{"name": "mirror", "model": "clf_remote", "percent": 100, "max_inflight": 64}],
+                "compare": {"output": "probabilities", "kind": "regression", "atol": 1e-5},
+            }
+        ]
+        cfg = write_config(
+            str(tmp_path / "c.yaml"),
+            routes,
+            remote_models=[remote],
+            routing={"shadow_gather_ms": 1000, "shadow_send_threads": senders},
+        )
+        running = start_gateway(repo, config_file=cfg)
+        try:
+            inp = grpcclient.InferInput("features", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.full((1, 4), 0.1, np.float32))
+            grpcclient.InferenceServerClient(running.grpc_url).infer("late", [inp], client_timeout=0.8)
+            end = time.monotonic() + 30
+            while not _outcomes(_metrics(running), "late"):
+                assert time.monotonic() < end, "the copy was not settled"
+                time.sleep(0.1)
+            assert _outcomes(_metrics(running), "late") == {"compared": 1}
+        finally:
+            running.stop()
+    finally:
+        upstream.stop()
