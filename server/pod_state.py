@@ -114,11 +114,15 @@ class PodState:
     def _others(self, slot: Slot) -> list[Slot]:
         return [s for s in self._members(True) if s is not slot]
 
-    async def _route_windows(self, slot: Slot, name: str) -> list[dict]:
-        """The other workers' windows of a route, for the leader's rollout controller; a worker
-        that does not answer in time is left out of this interval."""
+    async def _route_windows(self, slot: Slot, name: str, outputs: bool = True) -> list[dict]:
+        """The other workers' windows of a route, for the leader's rollout controller (and, without
+        their kept ``outputs``, its admin API); a worker that does not answer in time is left out."""
         replies = await asyncio.gather(
-            *(s.channel.call("route_windows", name=name, timeout=5) for s in self._others(slot) if s.channel),
+            *(
+                s.channel.call("route_windows", name=name, outputs=outputs, timeout=5)
+                for s in self._others(slot)
+                if s.channel
+            ),
             return_exceptions=True,
         )
         return [r for r in replies if isinstance(r, dict) and r]

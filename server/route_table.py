@@ -564,7 +564,7 @@ class RouteTable:
 class RoutePeer(Protocol):
     """The other worker processes, as the leader's route table reaches them (``worker.py``)."""
 
-    async def windows(self, name: str) -> list[dict[str, dict[str, Any]]]:
+    async def windows(self, name: str, outputs: bool = True) -> list[dict[str, dict[str, Any]]]:
         """The other workers' windows of route ``name`` (variant -> :meth:`Window.export`)."""
 
     def share(self, name: str, doc: dict[str, Any] | None, new_windows: bool) -> None:

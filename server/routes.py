@@ -103,9 +103,10 @@ class Window:
             if slot < OUTPUT_SAMPLES:
                 self.outputs[slot] = np.array(rows[:OUTPUT_ROWS, judged_columns(self.width)])
 
-    def export(self) -> dict[str, Any]:
+    def export(self, outputs: bool = True) -> dict[str, Any]:
         """The window as plain data: another worker process's rollout controller adds it to its
-        own (the latency histogram travels encoded, whole)."""
+        own (the latency histogram travels encoded, whole); without ``outputs``, no kept answers
+        (the admin API's counts)."""
         return {
             "requests": self.requests,
             "server_errors": self.server_errors,
@@ -113,8 +114,8 @@ class Window:
             "latency": self.latency.encode(),
             "compared": self.compared,
             "disagreed": self.disagreed,
-            "outputs": _bounded(self.outputs),
-            "answers": self.answers,
+            "outputs": _bounded(self.outputs) if outputs else [],
+            "answers": self.answers if outputs else 0,
             "width": self.width,
         }
 
@@ -474,9 +475,24 @@ class ServedRoute:
             out["reason"] = "not running: starting, or its model cannot run a copy for shadowing"
         return out
 
-    def describe(self) -> dict[str, Any]:
-        """The route as the admin API shows it: weights, rollout, figures of the current window,
-        every configured shadow (``active`` false for one left out)."""
+    def _counts(self, others: list[dict[str, dict[str, Any]]]) -> dict[str, ro.Figures]:
+        """Each variant's counts of the current window, with ``others`` (other worker processes'
+        exports, as :meth:`pod_figures` takes them): the pod's, which the rollout judges."""
+        if not others:
+            return {name: w.counts() for name, w in self.windows.items()}
+        out = {}
+        for name, mine in self.windows.items():
+            w = Window()
+            for part in [{name: mine.export(outputs=False)}, *others]:
+                if name in part:
+                    w.absorb(part[name])
+            out[name] = w.counts()
+        return out
+
+    def describe(self, others: list[dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+        """The route as the admin API shows it: weights, rollout, figures of the current window
+        (with ``others``, other worker processes' windows: the pod's), every configured shadow
+        (``active`` false for one left out)."""
         out: dict[str, Any] = {
             "name": self.name,
             "weights": dict(self.table.weights),
@@ -487,7 +503,7 @@ class ServedRoute:
             "shadows": [self._shadow_dict(s) for s in self.spec.shadows],
             "ready": self.not_ready_reason() is None,
             "reason": self.not_ready_reason() or "",
-            "window": {name: _figures_dict(w.counts()) for name, w in self.windows.items()},
+            "window": {name: _figures_dict(f) for name, f in self._counts(others or []).items()},
         }
         if self.spec.rollout is not None and self.rollout is not None:
             out["rollout"] = {

@@ -366,7 +366,7 @@ class Supervisor(PodControl, PodState):
             "statistics": statistics,
             "log_settings": _detached(self.log_settings),
             "trace_settings": _detached(self.trace_settings),
-            "route_windows": lambda name: self._route_windows(slot, name),
+            "route_windows": lambda name, outputs=True: self._route_windows(slot, name, outputs),
             "route_share": lambda name, doc, new_windows: self._route_share(slot, name, doc, new_windows),
             "route_states": lambda: self._route_states(slot),
             "drift_samples": self._drift_samples,

@@ -179,10 +179,10 @@ class WorkerLink:
     def _routes(self):
         return self.gateway.routes if self.gateway is not None else None
 
-    async def _route_windows(self, name: str) -> dict:
+    async def _route_windows(self, name: str, outputs: bool = True) -> dict:
         table = self._routes()
         route = table.routes.get(name) if table is not None else None
-        return {} if route is None else {v: w.export() for v, w in route.windows.items()}
+        return {} if route is None else {v: w.export(outputs) for v, w in route.windows.items()}
 
     async def _route_state(self, name: str, doc: dict | None, new_windows: bool) -> bool:
         table = self._routes()
@@ -225,8 +225,8 @@ class WorkerLink:
         return await self._sup().call(op, **args)
 
     # the RoutePeer: the leader's route table reaches the other workers ------------
-    async def windows(self, name: str) -> list[dict[str, dict[str, Any]]]:
-        return await self._sup().call("route_windows", name=name, timeout=10)
+    async def windows(self, name: str, outputs: bool = True) -> list[dict[str, dict[str, Any]]]:
+        return await self._sup().call("route_windows", name=name, outputs=outputs, timeout=10)
 
     def share(self, name: str, doc: dict[str, Any] | None, new_windows: bool) -> None:
         if self.channel is not None and not self.channel.closed.is_set():

@@ -4,6 +4,7 @@ call (scope ``read`` to look, ``admin`` to change; without API keys, changes nee
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias, TypeVar
@@ -42,8 +43,8 @@ def drift_message(status: dict[str, Any]) -> apb.DriftStatus:
     return msg
 
 
-def route_message(route: ServedRoute) -> apb.Route:
-    return json_format.ParseDict(route.describe(), apb.Route())
+def route_message(route: ServedRoute, others: list | None = None) -> apb.Route:
+    return json_format.ParseDict(route.describe(others), apb.Route())
 
 
 T = TypeVar("T")
@@ -92,18 +93,32 @@ class AdminApi:
             raise not_found(f"unknown route '{clip(name)}'")
         return route
 
+    async def _shown(self, route: ServedRoute) -> apb.Route:
+        """The route with the pod's window: with worker processes, the others' too (the figures
+        the rollout judges; worker 0's own were shown, a share of them)."""
+        peer = self.dp.routes.peer if self.dp.routes is not None else None
+        others = None
+        if peer is not None:
+            try:
+                others = await peer.windows(route.name, outputs=False)
+            except (GatewayError, TimeoutError):  # (shown without them rather than not at all)
+                others = None
+        return route_message(route, others)
+
     async def list_routes(self, caller: Caller) -> apb.ListRoutesResponse:
-        def op(key) -> apb.ListRoutesResponse:
+        async def op(key) -> apb.ListRoutesResponse:
             table = self.dp.routes
             routes = [] if table is None else [r for _, r in sorted(table.routes.items())]
-            return apb.ListRoutesResponse(
-                routes=[route_message(r) for r in routes if key is None or key.allows_model(r.name)]
-            )
+            shown = [self._shown(r) for r in routes if key is None or key.allows_model(r.name)]
+            return apb.ListRoutesResponse(routes=await asyncio.gather(*shown))  # (a slow worker once, not per route)
 
         return await self._call(caller, READ, "routes.list", "", op)
 
     async def get_route(self, caller: Caller, name: str) -> apb.Route:
-        return await self._call(caller, READ, "routes.get", name, lambda key: route_message(self._route(name)))
+        async def op(key) -> apb.Route:
+            return await self._shown(self._route(name))
+
+        return await self._call(caller, READ, "routes.get", name, op)
 
     async def set_weights(self, caller: Caller, name: str, weights: Given[Mapping[str, Any]]) -> apb.Route:
         """``weights``, or (HTTP) a function that reads them from the body: called once the

@@ -1103,6 +1103,41 @@ def test_routes_across_workers_one_leader_judges_the_pod_and_the_others_follow(t
         p.kill()
 
 
+def test_the_admin_api_shows_a_routes_window_over_every_worker(tmp_path):
+    """GetRoute and ListRoutes showed the window of worker 0 (where the admin API is) alone, a
+    share of what the rollout judges: the pod's figures."""
+    from route_support import infer_http, route_repository, write_config
+
+    repo = route_repository(str(tmp_path / "models"))
+    ramp = {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "weight": 100},
+            {"name": "canary", "model": "clf_same", "weight": 0},
+        ],
+        "rollout": {"canary": "canary", "baseline": "stable", "steps": [50, 100], "interval_s": 3600},
+    }
+    cfg = write_config(str(tmp_path / "c.yaml"), [ramp], auth={"allow_open_admin": True})
+    p = Proc(serve_args(repo, "--workers", "2", "--config", cfg, "--admin-http-port", "0"))
+    try:
+        p.wait_ready()
+        admin = int(re.search(r"admin HTTP on 127\.0\.0\.1:(\d+)", p.output()).group(1))
+        sent = 0
+        end = time.monotonic() + 60
+        while not all(_value(_metrics(p), f'batchgate_worker_requests_total{{worker="{w}"}}') for w in "01"):
+            assert time.monotonic() < end, p.output()
+            for _ in range(10):  # a client (a connection) each: the kernel spreads them over the workers
+                infer_http(p.http, "ramp")
+                sent += 1
+        for path in ("/ramp", ""):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/v1/routes{path}", timeout=20) as r:
+                body = json.loads(r.read())
+            route = body if path else body["routes"][0]
+            assert sum(int(w.get("requests", 0)) for w in route["window"].values()) == sent, route["window"]
+    finally:
+        p.kill()
+
+
 def test_shared_memory_and_log_settings_reach_every_worker(clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2", "--allow-open-admin", "true"))
     key = f"/batchgate_{uuid.uuid4().hex[:12]}"
