@@ -451,6 +451,8 @@ class RouteTable:
 
     async def step(self, now: float) -> None:
         for route in list(self.routes.values()):
+            if self.routes.get(route.name) is not route:  # replaced by a reload while an audit line was written
+                continue
             r, state = route.spec.rollout, route.rollout
             if r is None or state is None or state.state != ro.RUNNING or now < state.next_at:
                 continue

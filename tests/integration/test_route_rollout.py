@@ -4,6 +4,7 @@ file changes the route; a bad routes file changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -680,3 +681,40 @@ def test_the_output_psi_gate_judges_an_output_every_variant_gives(repo, tmp_path
         assert all(w.width == 3 for w in windows.values())  # the probabilities, on both sides
     finally:
         running.stop()
+
+
+def test_a_route_replaced_while_the_controller_steps_is_not_stepped(repo, tmp_path):
+    """The controller steps its routes one by one, waiting on each one's audit line; a reload
+    that replaced a route meanwhile still had the route it replaced stepped: a rollout.step
+    record for a route no longer served, and its state written to state_dir over the new one's
+    (the next start found the old definition there and reset the route again)."""
+    from batchgate.core.routing import parse_routes
+
+    state_dir = tmp_path / "state"
+    first, second = _route("clf_same", min_requests=10_000), _route("clf_same", min_requests=10_000)
+    first["name"], second["name"] = "ramp-a", "ramp-b"
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [first, second],
+        routing={"state_dir": str(state_dir)},
+        auth={"audit_log_file": str(tmp_path / "audit.jsonl")},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        table = running.gateway.routes
+        changed = json.loads(json.dumps(second))
+        changed["rollout"]["gates"]["max_error_rate"] = 0.02  # ramp-b's definition changes
+
+        async def step_while_reloaded():
+            # the reload runs at the controller's first wait (ramp-a's audit line) and replaces ramp-b
+            asyncio.ensure_future(table.install(parse_routes([first, changed]), "the test"))
+            await table.step(time.time() + 10)
+
+        running.call(step_while_reloaded())
+        new = table.routes["ramp-b"]
+        assert new.spec.rollout.gates.max_error_rate == 0.02
+        assert new.rollout.state == "running" and new.rollout.step == 0 and new.rollout.last.startswith("started")
+    finally:
+        running.stop()  # (what is kept is on disk once it has stopped)
+    kept = json.loads((state_dir / "route-ramp-b.json").read_text())
+    assert kept["fingerprint"] == new.spec.fingerprint()
