@@ -28,7 +28,7 @@ from .backends.base import Backend, LocalBackend, RemoteBackend
 from .backends.v2_messages import string_field
 from .core.batcher_config import BatcherConfig
 from .core.batching import DynamicBatcher, check_rows, merge, split
-from .core.errors import ErrorCode, GatewayError, batch_may_go_alone, cancelled_code, invalid
+from .core.errors import ErrorCode, GatewayError, batch_may_go_alone, cancelled_code, engine_message, invalid
 from .core.rate import LineBudget
 from .core.scheduler import Done, More, PassThroughScheduler, Ticket
 from .core.signature import ModelSignature, forwarded_parameters, with_parameters
@@ -341,12 +341,12 @@ class ModelVersion:
     def failure(self, batch: list[Ticket], e: Exception, quiet: bool = False) -> list:
         if isinstance(e, GatewayError):
             return [e] * len(batch)
-        # the engine refused or crashed: this batch fails, the model serves on
-        name, version = self.name, self.version
+        name, version = self.name, self.version  # (the engine failed: this batch fails, the model serves on)
         if not quiet:
             lines, text = self.metrics.failure_lines, str(e)[:1024]
             _log_failure(lines, "model '%s' version %s failed to execute: %s", name, version, text)
-        return [GatewayError(ErrorCode.INTERNAL, f"model '{name}' version {version} failed: {e}")] * len(batch)
+        said = GatewayError(ErrorCode.INTERNAL, f"model '{name}' version {version} failed: {engine_message(e)}")
+        return [said] * len(batch)
 
     def record(self, rows: int, requests: int, t0: int, t1: int, t2: int, t3: int) -> None:
         """Statistics and metrics of one execution (the caller holds the statistics lock)."""

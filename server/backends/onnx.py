@@ -24,13 +24,11 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import cores
-from ..core.errors import ModelConfigError, ModelRefused, invalid
+from ..core.errors import ModelConfigError, ModelRefused, engine_message, invalid
 from ..core.types import BY_ONNX, DATATYPES, clip, printable
 from .base import IOInfo, Kind, LocalOptions, register_local, thread_counts
 from .onnx_rows import value_shaped_outputs
 from .onnx_zipmap import open_session
-
-MAX_ENGINE_MESSAGE = 512  # characters of ONNX Runtime's own message kept in an answer
 
 log = logging.getLogger("batchgate.onnx")
 
@@ -217,7 +215,7 @@ class OnnxBackend:
             # shape read from an input). The caller's mistake, answered 400 / INVALID_ARGUMENT
             # with the engine's words; a batch that fails so runs again request by request
             # (model.py), so only that caller gets it.
-            raise ModelRefused(f"the model cannot take these values: {str(e)[:MAX_ENGINE_MESSAGE]}") from None
+            raise ModelRefused(f"the model cannot take these values: {engine_message(e)}") from None
 
     def warm_up(self, batch: int = 0, free: int = 1) -> list[np.ndarray]:
         """Run once on zeros (dynamic dims as ``free``, the first as ``batch`` when given) so

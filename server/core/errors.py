@@ -7,6 +7,7 @@ exactly one table (``transport/grpc_service.py`` and ``transport/http_app.py``).
 from __future__ import annotations
 
 import enum
+import re
 import time
 
 
@@ -112,3 +113,19 @@ def cancelled_code(deadline: float | None, since: float | None = None) -> ErrorC
         return ErrorCode.CANCELLED
     slack = DEADLINE_SLACK_S if since is None else max(DEADLINE_SLACK_S, (deadline - since) / 4)
     return ErrorCode.DEADLINE_EXCEEDED if time.monotonic() >= deadline - slack else ErrorCode.CANCELLED
+
+
+# Where an engine's message names its own source: "/onnxruntime_src/.../reshape_helper.h:91 " and
+# the C++ function after it. A caller learns nothing from these, and they tell an attacker the
+# engine's build; the log keeps the whole message.
+_ENGINE_SOURCE = re.compile(
+    r"(?:[\w.-]*/)+[\w.-]+\.(?:h|hpp|cc|cpp|cu|c):\d+\s+(?:[\w:~<>,*& ]+\([^()]*\)(?:\s*const)?\s+)?"
+)
+ENGINE_MESSAGE_CHARS = 512  # of an engine's message kept in an answer
+
+
+def engine_message(e: BaseException) -> str:
+    """An engine's (ONNX Runtime's, torch's) error as a caller may read it: without the engine's
+    source locations, on one line, and at most ``ENGINE_MESSAGE_CHARS`` characters."""
+    text = " ".join(_ENGINE_SOURCE.sub("", str(e)[:8192]).split())
+    return text if len(text) <= ENGINE_MESSAGE_CHARS else text[: ENGINE_MESSAGE_CHARS - 3] + "..."

@@ -389,3 +389,39 @@ def test_a_config_listing_several_gpus_says_that_one_is_used(tmp_path, serve, ca
         "runs on GPU 1 alone; a group's count is its executions at once there, not per GPU listed)"
     ]
     assert running.gateway.repository.resolve("two", "").instances == 2
+
+
+def test_an_engine_failure_answers_without_the_engines_source_locations(tmp_path, serve, caplog):
+    """ONNX Runtime's message names its own source files and C++ functions
+    ("/onnxruntime_src/.../reshape_helper.h:NN onnxruntime::ReshapeHelper::ReshapeHelper(...)"):
+    answered, they told a caller the engine's build and nothing it could act on. The answer keeps
+    the engine's words without them, on both protocols; the log keeps the whole message."""
+    import tritonclient.grpc as grpcclient
+    from onnx import TensorProto, helper
+    from tritonclient.utils import InferenceServerException
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["X", "to"], ["Y"])],
+        "reshape",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
+        initializer=[helper.make_tensor("to", TensorProto.INT64, [1], [3])],  # (4 values never make 3)
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    _save(model, str(tmp_path), "reshape", config="max_batch_size: 0\n")
+    caplog.set_level("INFO", logger="batchgate")
+    running = serve(str(tmp_path))
+    said = []
+    for client in (httpclient, grpcclient):
+        c = client.InferenceServerClient(running.http_url if client is httpclient else running.grpc_url)
+        x = client.InferInput("X", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("reshape", [x])
+        said.append(err.value.message())
+    for text in said:
+        assert "cannot be reshaped" in text and "model 'reshape' version 1 failed" in text, text
+        assert "onnxruntime_src" not in text and ".h:" not in text and "onnxruntime::" not in text, text
+    logged = [r.getMessage() for r in caplog.records if "failed to execute" in r.getMessage()]
+    assert logged and "reshape_helper.h:" in logged[0], logged  # (the operator's log keeps where it failed)
