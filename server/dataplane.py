@@ -476,8 +476,11 @@ class DataPlane(Extensions):
         return [merged.get((r["name"], r["version"]), r) for r in rows]
 
     # ------------------------------------------------------------------ repository API
-    def repository_index(self, ready_only: bool = False, caller: Caller = OPEN_CALLER) -> list[dict[str, str]]:
+    def repository_index(
+        self, ready_only: bool = False, caller: Caller = OPEN_CALLER, repository: str = ""
+    ) -> list[dict[str, str]]:
         key = self.access.check(caller, READ)
+        self.one_repository(repository)
         rows = self.repository.index(ready_only=ready_only)
         for route in self.routes.routes.values() if self.routes is not None else ():
             reason = route.not_ready_reason()
@@ -487,7 +490,9 @@ class DataPlane(Extensions):
                 rows.append({"name": route.name, "state": state, "reason": reason or ""})
         return rows if key is None else [r for r in rows if key.allows_model(r["name"])]
 
-    async def load_model(self, name: str, parameters: Mapping[str, Any], caller: Caller = OPEN_CALLER) -> None:
+    async def load_model(
+        self, name: str, parameters: Mapping[str, Any], caller: Caller = OPEN_CALLER, repository: str = ""
+    ) -> None:
         """Load or reload ``name`` (scope ``admin``). ``parameters`` are the load request's,
         decoded from the wire (gRPC string/bytes params; HTTP JSON with ``file:`` values already
         base64-decoded): ``config`` is the model config as JSON text or an object, ``file:<path>``
@@ -496,6 +501,7 @@ class DataPlane(Extensions):
         key = None
         try:
             key = self.access.check(caller, ADMIN, name)
+            self.one_repository(repository)
             check_model_name(name)
             if self._route(name) is not None:
                 raise invalid(f"'{name}' is a route; a model needs a name of its own")
@@ -528,12 +534,13 @@ class DataPlane(Extensions):
         )
 
     async def unload_model(
-        self, name: str, caller: Caller = OPEN_CALLER, parameters: Mapping[str, Any] = EMPTY
+        self, name: str, caller: Caller = OPEN_CALLER, parameters: Mapping[str, Any] = EMPTY, repository: str = ""
     ) -> None:
         """``parameters``: the request's (both wires give them as plain values)."""
         key = None
         try:
             key = self.access.check(caller, ADMIN, name)
+            self.one_repository(repository)
             check_model_name(name)
             # No ensembles here, so no dependents; but a value that is no boolean is refused, as
             # Triton refuses it, rather than read as anything.

@@ -177,6 +177,18 @@ class Extensions:
         return now
 
     @staticmethod
+    def one_repository(repository: str) -> None:
+        """A repository call that names a repository (HTTP ``/v2/repository/<name>/...``, gRPC
+        ``repository_name``) is refused, as Triton refuses it: this server has one repository,
+        and a load or unload meant for another must not act on it."""
+        if repository:
+            raise GatewayError(
+                ErrorCode.UNIMPLEMENTED,
+                f"naming a repository ('{printable(repository[:128])}') is not supported: this server serves "
+                "one model repository; leave the repository name out",
+            )
+
+    @staticmethod
     def cuda_shared_memory() -> None:
         raise GatewayError(
             ErrorCode.UNIMPLEMENTED,

@@ -208,7 +208,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------ repository
     async def RepositoryIndex(self, request, context):
         try:
-            rows = self.dp.repository_index(ready_only=request.ready, caller=self._caller(context))
+            rows = self.dp.repository_index(request.ready, self._caller(context), request.repository_name)
         except GatewayError as e:
             return await _abort(context, e)
         resp = pb.RepositoryIndexResponse()
@@ -219,7 +219,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         params = grpc_codec.parameters_of(request.parameters)
         try:
-            await self.dp.load_model(request.model_name, params, caller_of(context))
+            await self.dp.load_model(request.model_name, params, caller_of(context), request.repository_name)
         except GatewayError as e:
             return await _abort(context, e)
         except Exception:  # a bug answers INTERNAL with a message, not grpc's bare UNKNOWN
@@ -230,7 +230,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context):
         params = grpc_codec.parameters_of(request.parameters)
         try:
-            await self.dp.unload_model(request.model_name, caller_of(context), params)
+            await self.dp.unload_model(request.model_name, caller_of(context), params, request.repository_name)
         except GatewayError as e:
             return await _abort(context, e)
         except Exception:

@@ -310,13 +310,13 @@ class HttpApp:
                 except GatewayError:  # the caller is judged before its body: 401/403 first
                     self.dp.access.check(caller, READ)
                     raise
-                return await self._json(send, self.dp.repository_index(ready, caller))
+                return await self._json(send, self.dp.repository_index(ready, caller, m.group(1) or ""))
             model, action = m.group(3), m.group(4)
             params = await self._admin_body(scope, f"repository.{action}", model, model, repository_parameters, body)
             if action == "load":
-                await self.dp.load_model(model, params, caller_of(scope))
+                await self.dp.load_model(model, params, caller_of(scope), m.group(1) or "")
             else:
-                await self.dp.unload_model(model, caller_of(scope), params)
+                await self.dp.unload_model(model, caller_of(scope), params, m.group(1) or "")
             return await self._empty(send, 200)
         m = SHM_RE.match(path)
         if m:

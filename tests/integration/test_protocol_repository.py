@@ -285,6 +285,41 @@ def test_http_index_ready_must_be_true_or_false(serve, repo_copy):
             assert any(row["name"] == "classifier" for row in json.loads(r.read())) is listed, body
 
 
+def test_a_repository_name_is_refused_and_acts_on_nothing(serve, repo_copy):
+    """Triton answers a call naming a repository (HTTP ``/v2/repository/<name>/models/m/unload``,
+    gRPC ``repository_name``) UNSUPPORTED: "'repository_name' specification is not supported".
+    The name was ignored, so an unload meant for another repository unloaded this one's model.
+    tritonclient never names one, so raw requests do."""
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    running = serve(repo_copy, model_control_mode="explicit", load_model=("simple",), **QUICK)
+    base = f"http://{running.http_url}/v2/repository/other"
+    for path in ("/models/simple/unload", "/models/classifier/load", "/index"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(base + path, data=b"{}"), timeout=10)
+        assert e.value.code == 501 and "naming a repository ('other')" in e.value.read().decode(), path
+    with grpc.insecure_channel(running.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        calls = (
+            (stub.RepositoryModelUnload, service_pb2.RepositoryModelUnloadRequest(model_name="simple")),
+            (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="classifier")),
+            (stub.RepositoryIndex, service_pb2.RepositoryIndexRequest()),
+        )
+        for call, req in calls:
+            req.repository_name = "other"
+            with pytest.raises(grpc.RpcError) as info:
+                call(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, req
+            assert "naming a repository ('other')" in info.value.details()
+        assert stub.ModelReady(service_pb2.ModelReadyRequest(name="simple"), timeout=10).ready
+        assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="classifier"), timeout=10).ready
+        assert len(stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=10).models) > 1
+
+
 async def test_load_unknown_model(explicit):
     with pytest.raises(InferenceServerException) as info:
         await explicit.call("load_model", "no_such_model")
