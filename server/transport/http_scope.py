@@ -80,6 +80,8 @@ def settings_object(body: bytes, what: str) -> dict:
     obj = parse_json(body)
     if not isinstance(obj, dict):
         raise invalid(f"the {what} settings must be a JSON object")
+    if what == "log":  # Triton skips a log setting given as null (a trace setting's null clears it)
+        return {k: v for k, v in obj.items() if v is not None}
     return obj
 
 

@@ -7,6 +7,7 @@ logging extension.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -400,6 +401,28 @@ def test_log_settings_are_read_and_changed_and_a_client_log_file_is_refused(repo
                 c.update_log_settings(bad)
             assert text in e.value.message()
         assert root.level == logging.DEBUG  # a refused change changes nothing
+    finally:
+        root.setLevel(before)
+
+
+def test_a_log_setting_given_as_null_over_http_is_left_as_it_is(repo, serve):
+    """Triton's HTTP logging endpoint skips a setting whose value is null and applies the rest;
+    a null was refused 400 ("log_info must be true or false") and nothing was changed."""
+    running = serve(repo)
+    root = logging.getLogger()
+    before = root.level
+    url = f"http://{running.http_url}/v2/logging"
+    try:
+        root.setLevel(logging.WARNING)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            fmt = json.loads(r.read())["log_format"]
+        body = b'{"log_info": null, "log_verbose_level": 1, "log_format": null, "log_file": null}'
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as r:
+            now = json.loads(r.read())
+        assert root.level == logging.DEBUG and now["log_verbose_level"] == 1 and now["log_format"] == fmt
+        with pytest.raises(urllib.error.HTTPError) as e:  # a value of the wrong type is still refused
+            urllib.request.urlopen(urllib.request.Request(url, data=b'{"log_info": "no"}'), timeout=10)
+        assert e.value.code == 400 and "log_info must be true or false" in e.value.read().decode()
     finally:
         root.setLevel(before)
 
