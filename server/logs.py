@@ -123,7 +123,13 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
     if changes.get("log_file") not in (None, ""):
         raise ValueError("log_file cannot be set by a client: the server logs to its standard error")
     now = log_settings()
-    merged = {**now, **changes}
+    base = dict(now)
+    # While a verbose level holds the threshold at debug, the three switches read as on; what they
+    # were set to before stays the base, so a verbose level back to 0 gives back that threshold.
+    switches, at_level = _given.get("switches", (None, None))
+    if switches is not None and now["log_verbose_level"] and at_level == logging.getLogger().getEffectiveLevel():
+        base.update(switches)
+    merged = {**base, **changes}
     for key in ("log_info", "log_warning", "log_error"):
         if type(merged[key]) is not bool:
             raise ValueError(f"{key} must be true or false")
@@ -146,6 +152,7 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
         )
     if "log_verbose_level" in changes:
         _given["verbose"] = (verbose, level)
+    _given["switches"] = ({key: merged[key] for key, _ in _LEVELS}, level)
     if "log_format" in changes and root.handlers:
         _given["format"] = (fmt, root.handlers[0].formatter)
     return log_settings()

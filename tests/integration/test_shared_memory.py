@@ -405,6 +405,35 @@ def test_log_settings_are_read_and_changed_and_a_client_log_file_is_refused(repo
         root.setLevel(before)
 
 
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_a_verbose_level_back_to_0_gives_back_the_levels_set_before(repo, serve, mod):
+    """Triton's log_info is a switch of its own, which a verbose level does not change. Here one
+    threshold serves both: a verbose level holds it at debug, and the switches read as on
+    meanwhile; setting the level back to 0 took those readings as the switches, so a server
+    logging warnings and errors was left logging info lines too."""
+    running = serve(repo)
+    c = mod.InferenceServerClient(_url(running, mod))
+    root = logging.getLogger()
+    before = root.level
+    try:
+        c.update_log_settings({"log_info": False, "log_warning": True, "log_error": True, "log_verbose_level": 0})
+        assert root.level == logging.WARNING
+        c.update_log_settings({"log_verbose_level": 2})
+        assert root.level == logging.DEBUG
+        c.update_log_settings({"log_format": "default"})  # another change meanwhile keeps them too
+        c.update_log_settings({"log_verbose_level": 0})
+        assert root.level == logging.WARNING
+        now = c.get_log_settings(as_json=True)["settings"] if mod is grpcclient else c.get_log_settings()
+        if mod is grpcclient:
+            now = {k: next(iter(v.values())) for k, v in now.items()}
+        assert (now["log_info"], now["log_warning"], now["log_verbose_level"]) == (False, True, 0)
+        c.update_log_settings({"log_verbose_level": 1, "log_info": True})  # given with it: taken
+        c.update_log_settings({"log_verbose_level": 0})
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)
+
+
 def test_a_log_setting_given_as_null_over_http_is_left_as_it_is(repo, serve):
     """Triton's HTTP logging endpoint skips a setting whose value is null and applies the rest;
     a null was refused 400 ("log_info must be true or false") and nothing was changed."""
