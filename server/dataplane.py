@@ -29,6 +29,7 @@ from .core.rate import LineBudget
 from .core.signature import TensorSpec
 from .core.types import (
     EMPTY,
+    FINAL_RESPONSE_REQUESTED,
     MAX_TENSOR_PARAMETERS,
     InferRequest,
     InferResponse,
@@ -89,12 +90,14 @@ UNLOAD_DEPENDENTS = "unload_dependents"  # (an unload parameter)
 # What admission hands back and inference takes: a model version, or a request's passage
 # through a route. Transports hold it without looking inside.
 Served = ModelVersion | Routed
-# The kinds Triton takes each sequence parameter in over gRPC (its int64 sequence_id being a
-# uint64's bits): a request sent on as it came carries them so or goes the decoded way.
+# The kinds Triton takes each sequence parameter (and the stream's final-response flag) in over
+# gRPC (its int64 sequence_id being a uint64's bits): a request sent on as it came carries them so
+# or goes the decoded way, which refuses what Triton refuses.
 _SEQUENCE_KINDS = {
     "sequence_id": ("int64_param", "string_param"),
     "sequence_start": ("bool_param",),
     "sequence_end": ("bool_param",),
+    FINAL_RESPONSE_REQUESTED: ("bool_param",),
 }
 PRECHECK_BYTES = 1 << 20  # requests past this are checked against the signature before decoding
 

@@ -454,6 +454,8 @@ def new_request(
                 raise invalid(f"parameter '{name}' must be a string, a number or a boolean, not {brief(v)}")
             check_parameter_name(k)
         if FINAL_RESPONSE_REQUESTED in params:  # the stream's business (its transport reads it), not a model's
+            if type(v := params[FINAL_RESPONSE_REQUESTED]) is not bool:  # (Triton: "expected bool_param")
+                raise invalid(f"parameter '{FINAL_RESPONSE_REQUESTED}' must be a boolean, not {brief(v)}")
             params = MappingProxyType({k: v for k, v in params.items() if k != FINAL_RESPONSE_REQUESTED})
         if params.keys() & _SEQUENCE_PARAMETERS:
             _check_sequence(params)

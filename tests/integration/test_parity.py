@@ -426,6 +426,17 @@ def _grpc_param(p: service_pb2.InferParameter, value) -> None:
         ("sequence_end", 1, "parameter 'sequence_end' must be a boolean, not 1"),
         ("sequence_id", 1.5, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, not 1.5"),
         ("sequence_id", True, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, not True"),
+        # the stream's flag, which Triton takes as a bool_param only (it was taken whatever it held)
+        (
+            "triton_enable_empty_final_response",
+            "true",
+            "parameter 'triton_enable_empty_final_response' must be a boolean, not 'true'",
+        ),
+        (
+            "triton_enable_empty_final_response",
+            1,
+            "parameter 'triton_enable_empty_final_response' must be a boolean, not 1",
+        ),
     ],
 )
 def test_an_invalid_schedule_or_sequence_parameter_is_refused_alike(parity, name, value, message):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import queue
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from protocol_support import simple_feeds
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 BAD_INDEX = 7
 
@@ -258,6 +260,29 @@ def test_enable_empty_final_response_marks_each_answer_final(server):
     finally:
         client.stop_stream()
         client.close()
+
+
+def test_a_final_response_flag_that_is_no_boolean_is_refused_on_the_stream(server):
+    """Triton takes ``triton_enable_empty_final_response`` as a bool_param only ("invalid value
+    type ... expected bool_param."); a string "true" was taken and read as false, so the answer
+    came without the ``triton_final_response`` the caller waits for. The stream goes on."""
+    req = service_pb2.ModelInferRequest(model_name="simple", id="flag")
+    for name, array in simple_feeds(1, seed=5).items():
+        req.inputs.add(name=name, datatype="INT32", shape=list(array.shape))
+        req.raw_input_contents.append(array.tobytes())
+    bad = service_pb2.ModelInferRequest()
+    bad.CopyFrom(req)
+    bad.parameters["triton_enable_empty_final_response"].string_param = "true"
+    good = service_pb2.ModelInferRequest()
+    good.CopyFrom(req)
+    good.parameters["triton_enable_empty_final_response"].bool_param = True
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([bad, good]), timeout=20))
+    assert len(answers) == 2
+    assert "'triton_enable_empty_final_response' must be a boolean, not 'true'" in answers[0].error_message
+    assert answers[1].error_message == ""
+    assert answers[1].infer_response.parameters["triton_final_response"].bool_param is True
 
 
 def test_stream_answers_come_back_in_request_order(server):

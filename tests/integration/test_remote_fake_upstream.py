@@ -144,6 +144,8 @@ def test_sequence_parameters_reach_an_upstream_checked_and_as_triton_reads_them(
         for bad, text in (
             ({"sequence_start": "true"}, "parameter 'sequence_start' must be a boolean"),
             ({"sequence_id": 2.5}, "parameter 'sequence_id' must be an unsigned 64-bit integer or a string"),
+            # Triton takes it as a bool_param only; forwarded raw it reached the upstream as given
+            ({"triton_enable_empty_final_response": "true"}, "'triton_enable_empty_final_response' must be a boolean"),
         ):
             # (tritonclient will not send reserved names as custom parameters: the raw request)
             with pytest.raises(InferenceServerException) as e:
