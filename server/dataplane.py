@@ -459,7 +459,7 @@ class DataPlane(Extensions):
             return [route.stats.as_dict()]
         if name:
             entry = self.repository.entry(name)
-            if version:
+            if version or not entry.versions:  # (none served: not ready, as its metadata answers)
                 return [self.repository.resolve(name, version).stats.as_dict()]
             return [s.stats.as_dict() for _, s in sorted(entry.versions.items())]
         if version:

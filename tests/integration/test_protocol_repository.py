@@ -75,6 +75,23 @@ async def test_index_of_an_unloaded_model_names_its_versions(explicit):
     assert states((await index_of(explicit))["classifier"]) == {"READY"}
 
 
+async def test_statistics_of_a_model_that_serves_no_version_say_it_is_not_ready(explicit):
+    """Triton refuses the statistics of a model with no ready version ("requested model 'm' is not
+    available"), as the metadata and config are refused; they were an empty list, as if it had
+    no statistics. Not ready is UNAVAILABLE / 503 here, as its metadata answers."""
+    for when in ("never loaded", "unloaded"):
+        with pytest.raises(InferenceServerException) as info:
+            await explicit.as_json("get_inference_statistics", "classifier")
+        assert info.value.status() in ("StatusCode.UNAVAILABLE", "503"), when
+        assert "model 'classifier' is not ready" in info.value.message(), when
+        await explicit.call("load_model", "classifier")
+        stats = await explicit.as_json("get_inference_statistics", "classifier")
+        assert [(s["name"], s["version"]) for s in stats["model_stats"]] == [("classifier", "1")]
+        await explicit.call("unload_model", "classifier")
+    every = await explicit.as_json("get_inference_statistics")  # all models: the ready ones
+    assert {s["name"] for s in every["model_stats"]} == {"simple"}
+
+
 async def test_load_then_infer_then_unload(explicit):
     assert not await explicit.call("is_model_ready", "classifier")
     with pytest.raises(InferenceServerException) as info:
