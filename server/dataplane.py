@@ -519,6 +519,11 @@ class DataPlane(Extensions):
                     if not isinstance(v, bytes):
                         raise invalid(f"load parameter '{k[:128]}' must carry the file's bytes")
                     files[k[len(FILE_PARAM_PREFIX) :]] = v
+                elif k != CONFIG_PARAM:  # (a misspelt 'config' must not load the model without it)
+                    raise invalid(
+                        f"unrecognized load parameter '{printable(k[:128])}': a load takes 'config' and "
+                        "'file:<version>/<name>'"
+                    )
             if self.coordinator is not None:
                 await self.coordinator.load(name, config, files or None)
             else:

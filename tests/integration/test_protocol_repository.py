@@ -302,6 +302,37 @@ def test_http_index_ready_must_be_true_or_false(serve, repo_copy):
             assert any(row["name"] == "classifier" for row in json.loads(r.read())) is listed, body
 
 
+def test_an_unrecognized_load_parameter_is_refused_and_loads_nothing(serve, repo_copy):
+    """Triton refuses a load parameter other than 'config' and 'file:...' ("unrecognized load
+    parameter"); it was ignored, so a misspelt 'confg' loaded the model from its directory without
+    the config it carried. tritonclient sends only the two, so raw requests send the others."""
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    running = serve(repo_copy, model_control_mode="explicit", load_model=("simple",), **QUICK)
+    url = f"http://{running.http_url}/v2/repository/models/classifier/load"
+    body = json.dumps({"parameters": {"confg": json.dumps({"max_batch_size": 2})}}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10)
+    assert e.value.code == 400 and "unrecognized load parameter 'confg'" in e.value.read().decode()
+    with grpc.insecure_channel(running.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.RepositoryModelLoadRequest(model_name="classifier")
+        req.parameters["confg"].string_param = json.dumps({"max_batch_size": 2})
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(req, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unrecognized load parameter 'confg'" in info.value.details()
+        assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="classifier"), timeout=10).ready
+        req = service_pb2.RepositoryModelLoadRequest(model_name="classifier")  # the two it takes: loads
+        req.parameters["config"].string_param = json.dumps({"max_batch_size": 2})
+        stub.RepositoryModelLoad(req, timeout=10)
+        assert stub.ModelReady(service_pb2.ModelReadyRequest(name="classifier"), timeout=10).ready
+
+
 def test_a_repository_name_is_refused_and_acts_on_nothing(serve, repo_copy):
     """Triton answers a call naming a repository (HTTP ``/v2/repository/<name>/models/m/unload``,
     gRPC ``repository_name``) UNSUPPORTED: "'repository_name' specification is not supported".
