@@ -68,6 +68,7 @@ EXTENSIONS = (
     "model_repository",
     "model_repository(unload_dependents)",
     "model_configuration",
+    "schedule_policy",  # a request's priority (the model's priority levels) and timeout (µs)
     "statistics",
     "parameters",
     "system_shared_memory",

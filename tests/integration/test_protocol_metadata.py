@@ -39,6 +39,11 @@ async def test_server_metadata(client):
     assert meta["version"]
     for ext in ("binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters"):
         assert ext in meta["extensions"], ext
+    # Triton lists the extensions a client may feature-detect; the request parameters priority
+    # and timeout are served (priority levels, queue policies, deadlines), so schedule_policy is
+    # listed as Triton lists it; sequence, classification and cuda_shared_memory are not served.
+    assert "schedule_policy" in meta["extensions"]
+    assert not {"sequence", "classification", "cuda_shared_memory"} & set(meta["extensions"])
 
 
 @pytest.mark.parametrize("version", ["", "1"])
