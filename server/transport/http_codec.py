@@ -194,11 +194,9 @@ def decode_request(
     outputs = None
     binary_outputs: dict[str, bool] = {}  # output name -> its binary_data parameter
     shared: dict[str, Place] = {}  # output name -> where in shared memory it goes
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise invalid("'outputs' must be a list")
-        if not raw_outputs:
-            raise invalid("'outputs' is empty; leave it out to get every output")
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
+        raise invalid("'outputs' must be a list")
+    if raw_outputs:  # ([] names no output: every output, as Triton, MLServer and an empty gRPC list read it)
         outputs = []
         for o in raw_outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):

@@ -151,9 +151,8 @@ def test_json_nested_a_thousand_deep_is_a_400_not_a_recursion_crash(server):
     still_serving(server)
 
 
-def test_outputs_may_not_be_empty_repeated_or_endless(server):
+def test_outputs_may_not_be_repeated_or_endless(server):
     good = [{"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))} for n in ("INPUT0", "INPUT1")]
-    assert "'outputs' is empty" in http_refusal(server, json.dumps({"inputs": good, "outputs": []}).encode())
     twice = [{"name": "OUTPUT0"}, {"name": "OUTPUT0"}]
     msg = http_refusal(server, json.dumps({"inputs": good, "outputs": twice}).encode())
     assert msg == "output 'OUTPUT0' is requested more than once"
@@ -345,3 +344,17 @@ def test_echoes_in_malformed_input_errors_are_bounded(server):
     assert len(http_refusal(server, body)) < 500
     body = json.dumps({"inputs": [{"name": "a", "datatype": "Q" * 100_000, "shape": [1], "data": [1]}]}).encode()
     assert len(http_refusal(server, body)) < 500
+
+
+def test_an_empty_outputs_list_asks_for_every_output_as_on_grpc(server):
+    """``"outputs": []`` names no output: Triton and MLServer answer every output, as an empty
+    gRPC list (no different on the wire from none) is answered here; it was refused 400 over
+    HTTP alone."""
+    good = [{"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))} for n in ("INPUT0", "INPUT1")]
+    status, _headers, data = raw_http(
+        server, "POST", "/v2/models/simple/infer", json.dumps({"inputs": good, "outputs": []}).encode(), {}
+    )
+    assert status == 200, data[:300]
+    answer = json.loads(data)
+    assert [o["name"] for o in answer["outputs"]] == ["OUTPUT0", "OUTPUT1"]
+    assert answer["outputs"][0]["data"] == [2 * i for i in range(16)]
