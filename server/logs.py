@@ -120,7 +120,9 @@ def change_log_settings(changes: dict[str, object]) -> dict[str, object]:
     unknown = sorted(set(changes) - set(LOG_KEYS))
     if unknown:
         raise ValueError(f"unknown log setting(s) {', '.join(unknown)[:256]}; known: {', '.join(LOG_KEYS)}")
-    if changes.get("log_file") not in (None, ""):
+    if "log_file" in changes and type(changes["log_file"]) is not str:  # (gRPC: a SettingValue with no field)
+        raise ValueError('log_file must be text, "" (the server logs to its standard error)')
+    if changes.get("log_file"):
         raise ValueError("log_file cannot be set by a client: the server logs to its standard error")
     now = log_settings()
     base = dict(now)

@@ -405,6 +405,27 @@ def test_log_settings_are_read_and_changed_and_a_client_log_file_is_refused(repo
         root.setLevel(before)
 
 
+def test_a_grpc_log_setting_with_no_value_is_refused_log_file_too(repo, serve):
+    """Over gRPC a SettingValue with no field set is no value: Triton refuses it for every
+    setting ("expect string for 'log_file'"), as the other settings were refused here, but an
+    empty log_file was taken as ""."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    running = serve(repo)
+    with grpc.insecure_channel(running.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for key, text in (("log_file", "log_file must be text"), ("log_info", "log_info must be true or false")):
+            req = service_pb2.LogSettingsRequest()
+            req.settings[key].Clear()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.LogSettings(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details(), key
+        req = service_pb2.LogSettingsRequest()
+        req.settings["log_file"].string_param = ""  # (as tritonclient sends it: the standard error, taken)
+        assert stub.LogSettings(req, timeout=10).settings["log_file"].string_param == ""
+
+
 @pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
 def test_a_verbose_level_back_to_0_gives_back_the_levels_set_before(repo, serve, mod):
     """Triton's log_info is a switch of its own, which a verbose level does not change. Here one
