@@ -225,6 +225,70 @@ def test_promtool_checks_the_rules_and_the_burn_rate_alerts_page_when_they_shoul
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@needs_promtool
+def test_the_certificate_and_reload_alerts_fire_when_they_should(helm, tmp_path):
+    """A certificate 10 days from expiry (inside the 14-day default) fires once it has been so
+    for an hour, one 30 days away does not; a refused keys file fires for 15 minutes after it."""
+    groups, _ = _rules(helm, tmp_path, {})
+    by_name = {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
+    rules = tmp_path / "rules.yaml"
+    bare = [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in groups]
+    rules.write_text(yaml.safe_dump({"groups": bare}))
+    sel = 'namespace="serving",service="rel-batchgate"'
+    expiry = f'batchgate_tls_certificate_expiry_timestamp_seconds{{{sel},pod="p1"}}'
+    other = f'batchgate_tls_certificate_expiry_timestamp_seconds{{{sel},pod="p2"}}'
+    failed = f'batchgate_reload_failures_total{{{sel},pod="p1",file="api_keys"}}'
+    day = 86400
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": expiry, "values": f"{10 * day}x180"},  # (time() starts at 0)
+                    {"series": other, "values": f"{30 * day}x180"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "BatchgateCertificateExpiresSoon", "exp_alerts": []},
+                    {
+                        "eval_time": "2h",
+                        "alertname": "BatchgateCertificateExpiresSoon",
+                        "exp_alerts": [
+                            {"exp_labels": {**by_name["BatchgateCertificateExpiresSoon"]["labels"], "pod": "p1"}}
+                        ],
+                    },
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": [{"series": failed, "values": "0x30 1x60"}],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "BatchgateReloadFailed", "exp_alerts": []},
+                    {
+                        "eval_time": "40m",
+                        "alertname": "BatchgateReloadFailed",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    **by_name["BatchgateReloadFailed"]["labels"],
+                                    "pod": "p1",
+                                    "file": "api_keys",
+                                }
+                            }
+                        ],
+                    },
+                    {"eval_time": "80m", "alertname": "BatchgateReloadFailed", "exp_alerts": []},
+                ],
+            },
+        ],
+    }
+    test_file = tmp_path / "security_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests))
+    out = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_the_readme_explains_every_alert_the_chart_raises(helm, tmp_path):
     groups, _ = _rules(helm, tmp_path, {})
     alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
