@@ -53,13 +53,14 @@ _NOT_SENT = "failed to connect to all addresses; "  # (remote.not_delivered: saf
 
 
 class H2RpcError(grpc.aio.AioRpcError):
-    def __init__(self, code: grpc.StatusCode, details: str, unsent: bool = False):
+    def __init__(self, code: grpc.StatusCode, details: str, unsent: bool = False, refused: bool = False):
         super().__init__(code, Metadata(), Metadata(), details)
         self.unsent = unsent  # the upstream never saw the call: it may go again on a new connection
+        self.refused = refused  # its stream was refused (REFUSED_STREAM): it may go again on this one
 
 
-def _unsent(why: str) -> H2RpcError:
-    return H2RpcError(grpc.StatusCode.UNAVAILABLE, _NOT_SENT + why, unsent=True)
+def _unsent(why: str, refused: bool = False) -> H2RpcError:
+    return H2RpcError(grpc.StatusCode.UNAVAILABLE, _NOT_SENT + why, unsent=True, refused=refused)
 
 
 class _Call:
@@ -287,7 +288,7 @@ class _Protocol(asyncio.Protocol):
         call = self.calls.pop(sid, None)
         if call is not None and not call.future.done():
             if code == http2.REFUSED_STREAM:  # not processed there (RFC 9113 8.7): safe to send again
-                call.future.set_exception(_unsent(f"the upstream refused the stream (error code {code})"))
+                call.future.set_exception(_unsent(f"the upstream refused the stream (error code {code})", True))
             else:
                 call.future.set_exception(
                     H2RpcError(grpc.StatusCode.UNAVAILABLE, f"the upstream reset the call (error code {code})")
@@ -415,7 +416,8 @@ class H2Channel:
         """A callable like grpc.aio's ``channel.unary_unary(path)`` for bytes in and out:
         ``await call(request, timeout=..., metadata=...)``. A call the upstream never saw (its
         GOAWAY came first, or the connection ran out of stream ids) goes again on a new
-        connection, as gRPC's transparent retry does."""
+        connection, and one whose stream it refused (REFUSED_STREAM) on the same one, at most
+        ``RESUBMITS`` times, as gRPC's transparent retry does."""
         raw_path = path.encode("ascii")
         loop = asyncio.get_running_loop
 
@@ -434,7 +436,12 @@ class H2Channel:
                 try:
                     return await c.future
                 except H2RpcError as e:
-                    replaced = p.going_away or p.lost or p is not self._protocol
+                    # A refused stream goes again on the same connection: a server refuses streams
+                    # past its MAX_CONCURRENT_STREAMS, which a burst on a new connection opens before
+                    # the server's SETTINGS arrive (a round trip later); by the time its refusal is
+                    # read the limit is known, and the call waits for a slot (gRPC core retries
+                    # such a stream as transparently).
+                    replaced = p.going_away or p.lost or p is not self._protocol or e.refused
                     if not e.unsent or attempt == RESUBMITS or not replaced:  # (else: a new connection)
                         raise
                 except asyncio.CancelledError:  # the caller went away: so does the call upstream

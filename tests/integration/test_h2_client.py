@@ -138,6 +138,59 @@ def test_a_call_waiting_for_a_slot_keeps_its_deadline_and_leaves_nothing_behind(
     assert [_code(g) for g in got] == ["DEADLINE_EXCEEDED"] * 6 and left == (0, 0)
 
 
+class LateSettings(Upstream):
+    """Its SETTINGS (at most 2 streams) reach the client a round trip late, after the first calls
+    of a new connection have gone out (as over a network); a stream past the limit is refused
+    (REFUSED_STREAM), as batchgate's own server and RFC 9113 5.1.2 refuse it."""
+
+    settings = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    delay = 0.1
+    rtt = 0.3
+
+    def connection_made(self, transport):
+        self.held: list[bytes] | None = []
+        self.refused = 0
+        asyncio.get_running_loop().call_later(self.rtt, self._late, transport)
+
+    def _late(self, transport):
+        held, self.held = self.held or [], None
+        super().connection_made(transport)
+        for data in held:
+            self.data_received(data)
+
+    def data_received(self, data):
+        if self.held is not None:
+            self.held.append(data)
+        else:
+            super().data_received(data)
+
+    def on_request(self, sid):
+        if self.h2.open_inbound_streams > 2:
+            self.bodies.pop(sid)
+            self.refused += 1
+            self.h2.reset_stream(sid, http2.REFUSED_STREAM)
+
+
+def test_a_burst_on_a_new_connection_past_the_upstreams_stream_limit_waits_for_a_slot():
+    """Calls opened before the upstream's SETTINGS arrived, past its MAX_CONCURRENT_STREAMS, were
+    refused (REFUSED_STREAM) and failed UNAVAILABLE as calls never sent, each counted against the
+    upstream (three of them eject a remote model's only one). They go again on the connection,
+    as gRPC core's transparent retry sends them, and wait for a slot."""
+
+    async def main():
+        cls = type("L", (LateSettings,), {"connections": []})
+        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+        _upstreams.append(cls)
+        call = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", 1 << 20).unary("/x/Y")
+        got = await asyncio.gather(*(call(b"%d" % i, timeout=10) for i in range(6)), return_exceptions=True)
+        server.close()
+        return got, sum(c.refused for c in cls.connections), len(cls.connections)
+
+    got, refused, connections = _run(main)
+    assert got == [b"%d" % i for i in range(6)], [g if isinstance(g, bytes) else g.details() for g in got]
+    assert refused == 4 and connections == 1  # (refused on the first try, then each waited for a slot)
+
+
 def test_a_call_handed_a_connection_lost_meanwhile_fails_at_once_as_unsent():
     """A caller that waited for a connection (being made for another call) could be handed it after
     the upstream had closed it: its call went onto a connection that nothing fails any more, and
