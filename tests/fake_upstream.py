@@ -8,8 +8,8 @@ answered in typed ``contents``, not raw). A request parameter ``code`` (int) mak
 with that gRPC status (its message ends with the parameter ``say``, when given); the answer
 carries the parameter ``seen`` (the request's parameter names, sorted), its output
 ``content_type`` "np"; a parameter ``lie`` makes the answer wrong: "rows" (one row too many),
-"datatype" (y as INT32), "width" (one column too many) or "garbage" (bytes that are no
-ModelInferResponse); the fake's ``lie``, every request's.
+"datatype" (y as INT32), "width" (one column too many), "twice" (y answered twice), "negative" (an
+output z of shape [-1]) or "garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
 ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
 another version; ``also`` lists more versions in its metadata, as a Triton that serves several.
 """
@@ -88,6 +88,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             resp.outputs[0].contents.fp32_contents.extend(y.ravel().tolist())
         else:
             resp.raw_output_contents.append(y.tobytes())
+        if lie == "negative":  # another output, BYTES, its shape [-1]
+            resp.outputs.add(name="z", datatype="BYTES", shape=[-1])
+            resp.raw_output_contents.append(b"")
         if lie == "twice":  # the output again, with other values
             resp.outputs.add(name="y", datatype=datatype, shape=list(y.shape))
             resp.raw_output_contents.append((y + 1).tobytes())

@@ -96,8 +96,10 @@ def answer_tensors(address: str, resp: pb.ModelInferResponse) -> dict[str, tuple
         what = f"upstream {address} output '{t.name}'"
         if t.name in got:  # which of the two the caller would get is anyone's guess
             raise GatewayError(ErrorCode.INTERNAL, f"{what} is answered twice")
+        shape = tuple(t.shape)
+        if shape and min(shape) < 0:  # (-1 would be read as "whatever fits", and a count below 0 fails numpy)
+            raise GatewayError(ErrorCode.INTERNAL, f"{what} has shape {list(shape)[:8]}: a dimension below 0")
         try:
-            shape = tuple(t.shape)
             got[t.name] = (
                 dt.v2,
                 (from_raw(raw[i], dt, shape, what) if raw else grpc_codec.from_contents(t, dt, shape, what)),

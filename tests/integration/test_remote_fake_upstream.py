@@ -291,12 +291,13 @@ def test_a_routed_answer_keeps_the_upstreams_parameters_beside_its_variant(fake,
 
 
 @pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
-@pytest.mark.parametrize("lie", ["rows", "datatype", "width", "twice"])
+@pytest.mark.parametrize("lie", ["rows", "datatype", "width", "twice", "negative"])
 def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve, path, lie):
     """An INT32 answer where the signature says FP32 was cast to FP32 and served; one row more
     than a lone request sent was served too (several requests in a batch were refused); an
     output of 3 columns where the signature says 2 was served as it came; an output answered twice
-    was served with the second's values."""
+    was served with the second's values; a BYTES output of shape [-1] failed the call with numpy's
+    "negative dimensions are not allowed", as the model's own failure, naming no upstream."""
     batching, forwarding = (
         ("gateway", "raw") if path == "gateway" else ("passthrough", "raw" if path == "http" else "decoded")
     )
@@ -311,6 +312,7 @@ def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve,
         "rows": "has 2 rows, expected 1",
         "width": "answered output 'y' in shape [1, 3]; its signature says [-1, 2]",
         "twice": "output 'y' is answered twice",
+        "negative": f"upstream {fake.address} output 'z' has shape [-1]: a dimension below 0",
     }[lie]
     assert said in e.value.message(), e.value.message()
     np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))  # serves on
