@@ -63,6 +63,10 @@ class RemoteModel:
 
 REMOTE_FIELDS = {f.name: f for f in dataclasses.fields(RemoteModel) if not f.metadata.get("internal")}
 MAX_REMOTE_INT = 10**18 - 1  # a whole-number field has at most 18 digits
+# Fields that become int32 fields of the model's config (max_batch_size, instance_group count):
+# a larger value passed the settings and failed every load ("Value out of range").
+INT32_FIELDS = ("max_batch_size", "max_inflight")
+MAX_INT32 = 2**31 - 1
 
 
 def shown(value: Any) -> str:
@@ -169,6 +173,12 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         raise ConfigError(
             f"{source}: remote model '{spec.name}': max_queue_delay_us must be at most {MAX_QUEUE_DELAY_US} (an hour)"
         )
+    for key in INT32_FIELDS:
+        if getattr(spec, key) > MAX_INT32:
+            raise ConfigError(
+                f"{source}: remote model '{spec.name}': '{key}' must be at most {MAX_INT32} "
+                f"(an int32 of the model's config), not {getattr(spec, key)}"
+            )
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")
     return spec

@@ -409,6 +409,9 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
         ("name=a upstreams=h:1 colour=blue", "unknown remote model key(s) colour"),
         ("name=a upstreams=h:1 eject_after_failures=0", "eject_after_failures must be at least 1"),
         ("name=a upstreams=h:1 max_queue_delay_us=3600000001", "max_queue_delay_us must be at most 3600000000"),
+        # (int32 fields of the model's config: a larger value failed every load, "Value out of range")
+        ("name=a upstreams=h:1 max_inflight=2147483648", "'max_inflight' must be at most 2147483647"),
+        ("name=a upstreams=h:1 max_batch_size=3000000000", "'max_batch_size' must be at most 2147483647"),
         ("name=a oops upstreams=h:1", "key=value pairs"),
     ],
 )
