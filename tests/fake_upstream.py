@@ -9,7 +9,8 @@ with that gRPC status (its message ends with the parameter ``say``, when given);
 carries the parameter ``seen`` (the request's parameter names, sorted), its output
 ``content_type`` "np"; a parameter ``lie`` makes the answer wrong: "rows" (one row too many),
 "datatype" (y as INT32), "width" (one column too many), "twice" (y answered twice), "negative" (an
-output z of shape [-1]) or "garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
+output z of shape [-1]), "wire" (y's parameters name a binary size and a shared-memory region) or
+"garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
 ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
 another version; ``also`` lists more versions in its metadata, as a Triton that serves several.
 """
@@ -91,6 +92,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         if lie == "negative":  # another output, BYTES, its shape [-1]
             resp.outputs.add(name="z", datatype="BYTES", shape=[-1])
             resp.raw_output_contents.append(b"")
+        if lie == "wire":  # y's parameters say how it went on a wire of its own (HTTP binary, shared memory)
+            resp.outputs[0].parameters["binary_data_size"].int64_param = 3
+            resp.outputs[0].parameters["shared_memory_region"].string_param = "theirs"
         if lie == "twice":  # the output again, with other values
             resp.outputs.add(name="y", datatype=datatype, shape=list(y.shape))
             resp.raw_output_contents.append((y + 1).tobytes())

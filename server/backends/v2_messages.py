@@ -10,7 +10,15 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import DATATYPES, from_raw, to_raw
+from ..shm import BYTE_SIZE, OFFSET, REGION
 from ..transport import grpc_codec
+
+# Parameters of an answer's output that say how the upstream put it on its own wire (binary after
+# the JSON, or in a shared-memory region), not what it is: the gateway answers on its wire and
+# sets them itself where they apply. Passed on, a client read an output answered in JSON as binary
+# data (tritonclient's HTTP client failed, or sliced the next outputs' bytes), or sought it in a
+# region the upstream named.
+WIRE_PARAMETERS = frozenset(("binary_data_size", "binary_data", REGION, BYTE_SIZE, OFFSET))
 
 
 def fill_request(
@@ -68,7 +76,9 @@ def answer_parameters(resp: pb.ModelInferResponse, into: dict | None) -> None:
             into[""] = grpc_codec.parameters_of(resp.parameters)
         for t in resp.outputs:
             if t.parameters:
-                into[t.name] = grpc_codec.parameters_of(t.parameters)
+                kept = {k: v for k, v in grpc_codec.parameters_of(t.parameters).items() if k not in WIRE_PARAMETERS}
+                if kept:
+                    into[t.name] = kept
 
 
 def what_is_served(meta: pb.ModelMetadataResponse, pinned: str = "") -> tuple:

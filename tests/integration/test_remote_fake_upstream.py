@@ -273,6 +273,36 @@ def test_the_parameters_of_an_upstreams_answer_reach_the_caller(fake, serve, pat
         assert resp.outputs[0].parameters["content_type"].string_param == "np"
 
 
+@pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
+def test_an_upstreams_wire_parameters_of_an_output_are_not_passed_on(fake, serve, path):
+    """An output's binary_data_size or shared_memory_region in the upstream's answer says how the
+    upstream sent it, not what it is: passed on, an output the gateway answered in JSON carried
+    binary_data_size, and tritonclient's HTTP client read it as binary data (AttributeError
+    '_output_name_to_buffer_map'; beside binary outputs, it would slice their bytes)."""
+    batching = "gateway" if path == "gateway" else "passthrough"
+    spec = RemoteModel("fk", (fake.address,), batching=batching, forwarding="decoded", **FAST)
+    running = serve("", remote_models=(spec,))
+    x = np.ones((1, 2), np.float32)
+    want = np.full((1, 2), 2.0, np.float32)
+    if path == "http":
+        c = httpclient.InferenceServerClient(running.http_url)
+        i = httpclient.InferInput("x", [1, 2], "FP32")
+        i.set_data_from_numpy(x)
+        for binary in (False, True):
+            out = httpclient.InferRequestedOutput("y", binary_data=binary)
+            got = c.infer("fk", [i], outputs=[out], parameters={"lie": "wire"})
+            np.testing.assert_array_equal(got.as_numpy("y"), want)
+            params = got.get_response()["outputs"][0]["parameters"]
+            assert params == ({"content_type": "np", "binary_data_size": 8} if binary else {"content_type": "np"})
+    else:
+        c = grpcclient.InferenceServerClient(running.grpc_url)
+        i = grpcclient.InferInput("x", [1, 2], "FP32")
+        i.set_data_from_numpy(x)
+        got = c.infer("fk", [i], parameters={"lie": "wire"})
+        np.testing.assert_array_equal(got.as_numpy("y"), want)
+        assert dict(got.get_response().outputs[0].parameters).keys() == {"content_type"}
+
+
 def test_a_routed_answer_keeps_the_upstreams_parameters_beside_its_variant(fake, serve, tmp_path):
     from gateway_support import start_gateway
     from route_support import write_config
