@@ -50,6 +50,14 @@ _HTTP_CODES = {
     b"504": grpc.StatusCode.UNAVAILABLE,
 }
 _NOT_SENT = "failed to connect to all addresses; "  # (remote.not_delivered: safe to send again)
+# gRPC's mapping of the error code of an upstream's RST_STREAM (PROTOCOL-HTTP2.md, as grpc.aio
+# reads it); any other code is INTERNAL. REFUSED_STREAM before any answer is a call never sent.
+_RESET_CODES = {
+    http2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE,
+    http2.CANCEL: grpc.StatusCode.CANCELLED,
+    http2.ENHANCE_YOUR_CALM: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
+}
 
 
 class H2RpcError(grpc.aio.AioRpcError):
@@ -287,12 +295,12 @@ class _Protocol(asyncio.Protocol):
     def on_reset(self, sid: int, code: int = http2.INTERNAL_ERROR) -> None:
         call = self.calls.pop(sid, None)
         if call is not None and not call.future.done():
-            if code == http2.REFUSED_STREAM:  # not processed there (RFC 9113 8.7): safe to send again
+            if code == http2.REFUSED_STREAM and not call.headers and not call.data:
+                # not processed there (RFC 9113 8.7): safe to send again
                 call.future.set_exception(_unsent(f"the upstream refused the stream (error code {code})", True))
-            else:
-                call.future.set_exception(
-                    H2RpcError(grpc.StatusCode.UNAVAILABLE, f"the upstream reset the call (error code {code})")
-                )
+            else:  # (until 2026-12-06 every code was UNAVAILABLE, where grpc.aio reads most as INTERNAL)
+                status = _RESET_CODES.get(code, grpc.StatusCode.INTERNAL)
+                call.future.set_exception(H2RpcError(status, f"the upstream reset the call (error code {code})"))
 
     def on_oversized(self, sid: int) -> None:
         call = self.calls.pop(sid, None)

@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -189,6 +190,60 @@ def test_a_burst_on_a_new_connection_past_the_upstreams_stream_limit_waits_for_a
     got, refused, connections = _run(main)
     assert got == [b"%d" % i for i in range(6)], [g if isinstance(g, bytes) else g.details() for g in got]
     assert refused == 4 and connections == 1  # (refused on the first try, then each waited for a slot)
+
+
+class ResetMidAnswer(Upstream):
+    """Answers the headers and part of a message, then resets the stream with ``code``."""
+
+    code = http2.INTERNAL_ERROR
+
+    def answer(self, sid, body):
+        self.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        self.h2.send_data(sid, struct.pack(">BI", 0, 10) + b"abc")
+        self.h2.reset_stream(sid, self.code)
+        self.transport.write(self.h2.data_to_send())
+
+
+def test_a_reset_mid_answer_fails_with_the_code_grpc_aio_gives():
+    """Every RST_STREAM code failed the call UNAVAILABLE, where grpc.aio's channel (client=grpcio)
+    reads INTERNAL_ERROR as INTERNAL, CANCEL as CANCELLED, ENHANCE_YOUR_CALM as RESOURCE_EXHAUSTED:
+    the same upstream gave the caller 503 or 500 by the client chosen, and a refusal after the
+    answer had begun was taken for a call never sent (REFUSED_STREAM: grpc.aio's UNAVAILABLE, not
+    sent again)."""
+    codes = (http2.NO_ERROR, http2.PROTOCOL_ERROR, http2.INTERNAL_ERROR, http2.REFUSED_STREAM, http2.CANCEL)
+    codes += (http2.ENHANCE_YOUR_CALM, 0xC)
+
+    async def main():
+        got = []
+        for code in codes:
+            cls = type("R", (ResetMidAnswer,), {"connections": [], "code": code})
+            server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
+            _upstreams.append(cls)
+            address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            outcome = []
+            for call in (_channel(address, 1 << 20).unary("/x/Y"), None):
+                try:
+                    if call is None:
+                        async with grpc.aio.insecure_channel(address) as channel:
+                            await channel.unary_unary("/x/Y")(b"x", timeout=5)
+                    else:
+                        await call(b"x", timeout=5)
+                    outcome.append("OK")
+                except grpc.aio.AioRpcError as e:
+                    outcome.append(e.code().name)
+                    if call is not None:
+                        outcome.append(getattr(e, "unsent", None))
+            got.append(outcome)
+            server.close()
+        return got
+
+    got = _run(main)
+    h2 = [(code, sent) for code, sent, _ in got]
+    assert h2 == [(aio, False) for _, _, aio in got], got
+    assert [aio for _, _, aio in got] == [
+        *("INTERNAL",) * 3,
+        *("UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"),
+    ]
 
 
 def test_a_call_handed_a_connection_lost_meanwhile_fails_at_once_as_unsent():
