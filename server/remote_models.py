@@ -95,6 +95,11 @@ def _upstreams(ups: Any, source: str, model: str) -> tuple[str, ...]:
             raise ConfigError(
                 f"{source}: remote model '{model}': upstream {shown(u)} must be host:port with a port from 1 to 65535"
             )
+    seen: set[str] = set()
+    for u in out:
+        if u in seen:  # (one address's figures are one series: two Upstreams wrote its health gauge in turn)
+            raise ConfigError(f"{source}: remote model '{model}': upstream {shown(u)} is listed more than once")
+        seen.add(u)
     return out
 
 

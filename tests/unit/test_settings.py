@@ -403,6 +403,8 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
         ("name=a upstreams=h", "must be host:port"),
         ("name=a upstreams=,", "needs at least one upstream"),
         ("name=a upstreams=h:99999", "must be host:port"),
+        # (one address's metrics are one series: two entries wrote its health gauge in turn)
+        ("name=a upstreams=h:1,g:2,h:1", "upstream 'h:1' is listed more than once"),
         ("name=a upstreams=h:1 batching=maybe", "batching must be one of gateway, passthrough"),
         ("name=a upstreams=h:1 retries=-1", "'retries' must be a whole number"),
         ("name=a upstreams=h:1 timeout_s=0", "'timeout_s' must be a number > 0"),
