@@ -40,7 +40,7 @@ class RemoteModel:
     timeout_s: float = 30.0  # upstream call timeout when the caller set no deadline
     retries: int = 1  # further tries on another upstream, only for a request never delivered
     eject_after_failures: int = 3  # consecutive failures that eject an upstream
-    eject_s: float = 5.0  # first ejection; doubles while probes keep failing, up to 60 s
+    eject_s: float = 5.0  # first ejection; doubles while probes keep failing, up to 60 s (or eject_s)
     probe_interval_s: float = 1.0  # readiness probe of each upstream (and of ejected ones)
     # raw: a gRPC request the gateway does not batch is forwarded as the caller's bytes | decoded: never
     forwarding: str = "raw"

@@ -291,8 +291,8 @@ class RemoteV2Backend:
             if ok:
                 log.info("upstream %s of model '%s' rejoined the rotation: its probe succeeded", addr, name)
                 up.ejected, up.failures, up.eject_s = False, 0, self.spec.eject_s
-            else:  # still unwell: out for longer
-                up.eject_s = min(MAX_EJECT_S, up.eject_s * 2)
+            else:  # still unwell: out for longer (up to 60 s; an eject_s beyond that is kept, never shortened)
+                up.eject_s = min(max(MAX_EJECT_S, self.spec.eject_s), up.eject_s * 2)
                 up.ejected_until = self._clock() + up.eject_s
                 up.why = f"ejected, probe failed ({why}); next probe in {up.eject_s:g} s"
                 log.warning("upstream %s of model '%s': probe failed (%s); next in %g s", addr, name, why, up.eject_s)

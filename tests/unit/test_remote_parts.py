@@ -92,6 +92,27 @@ async def test_an_upstream_tensor_of_a_type_batchgate_cannot_serve_is_a_clear_lo
         await backend.close()
 
 
+async def test_a_failed_probe_never_shortens_an_ejection_set_longer_than_60_s():
+    """Each failed probe doubles an ejection up to 60 s: with eject_s 300 the first failed probe
+    cut it to 60 s, so a longer eject_s held only until then."""
+    from batchgate.backends.remote import RemoteV2Backend
+    from batchgate.config import RemoteModel
+    from batchgate.monitoring.metrics import Metrics
+
+    now = [1000.0]
+    for eject_s, then in ((300.0, 300.0), (5.0, 10.0), (40.0, 60.0)):
+        spec = RemoteModel("m", (f"127.0.0.1:{free_port()}",), eject_s=eject_s)  # (nothing listens)
+        backend = RemoteV2Backend(spec, Metrics(), clock=lambda: now[0])
+        up = backend.upstreams[0]
+        try:
+            up.ejected, up.ejected_until = True, now[0]  # (as _failed leaves it, its time now up)
+            await backend._probe(up)
+            assert up.ejected and up.eject_s == then and up.ejected_until == now[0] + then, (eject_s, up.why)
+            assert f"next probe in {then:g} s" in up.why
+        finally:
+            await backend.close()
+
+
 def test_forwarding_is_raw_or_decoded():
     from batchgate.core.errors import ConfigError
     from batchgate.remote_models import parse_remote_model
