@@ -46,6 +46,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         if request.name not in MODELS:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name}")
         self.owner.metadata_calls += 1
+        if self.owner.metadata_code:
+            code = next(c for c in grpc.StatusCode if c.value[0] == self.owner.metadata_code)
+            await context.abort(code, f"the fake upstream's metadata fails with {code.name} as asked")
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name,
@@ -138,6 +141,7 @@ class FakeUpstream:
         self.version, self.width = "1", 2
         self.also: list[str] = []  # versions listed beside ``version`` (as Triton lists all it has ready)
         self.metadata_calls = 0
+        self.metadata_code = 0  # a gRPC status code its ModelMetadata fails with (0: it answers)
         self.lie = ""  # the ``lie`` of every request that gives none
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()

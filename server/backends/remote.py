@@ -282,8 +282,11 @@ class RemoteV2Backend:
             resp = await up.stub.ModelReady(pb.ModelReadyRequest(**request), timeout=timeout)
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
             if ok and self.on_change is not None:
-                meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
-                up.serves = what_is_served(meta, self.spec.upstream_version)
+                try:
+                    meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
+                    up.serves = what_is_served(meta, self.spec.upstream_version)
+                except grpc.aio.AioRpcError:
+                    pass  # (read to follow a change, not to judge readiness: the next probe reads it again)
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {said(e, 256)}"
         name, addr = self.spec.name, up.address

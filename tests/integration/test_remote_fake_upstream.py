@@ -222,6 +222,29 @@ def test_a_new_version_or_signature_upstream_is_followed(fake, serve):
     np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 3), 2.0, np.float32))
 
 
+def test_an_upstream_whose_metadata_read_fails_stays_in_the_rotation_while_its_model_is_ready(fake, serve):
+    """Each probe reads the metadata after ModelReady, only to follow a change: when that read
+    failed (its own 1 s timeout under load, say) the upstream left the rotation, and a model
+    with one upstream answered UNAVAILABLE though the upstream said it was ready and served."""
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
+    url = running.grpc_url
+    np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 1.0), np.full((1, 2), 2.0, np.float32))
+    fake.metadata_code = grpc.StatusCode.UNAVAILABLE.value[0]
+    seen = fake.metadata_calls
+    deadline = time.monotonic() + 10
+    while fake.metadata_calls < seen + 3:  # two whole probe rounds failed to read it
+        assert time.monotonic() < deadline, "the upstream was not probed"
+        time.sleep(0.05)
+    assert grpcclient.InferenceServerClient(url).is_model_ready("fk")
+    np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
+    fake.metadata_code, fake.version = 0, "2"  # a change is still followed once the read works again
+    c = httpclient.InferenceServerClient(running.http_url)
+    deadline = time.monotonic() + 10
+    while c.get_model_metadata("fk")["versions"] != ["2"]:
+        assert time.monotonic() < deadline, c.get_model_metadata("fk")
+        time.sleep(0.1)
+
+
 def test_a_model_pinned_to_an_upstream_version_is_not_loaded_again_when_another_version_appears(fake, serve):
     """Triton's metadata lists every version it has ready, whichever was asked for: a model pinned
     to version 1 saw "version 1 -> 2" when the upstream loaded version 2 beside it, and was loaded
