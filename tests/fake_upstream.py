@@ -12,7 +12,8 @@ carries the parameter ``seen`` (the request's parameter names, sorted), its outp
 output z of shape [-1]), "wire" (y's parameters name a binary size and a shared-memory region) or
 "garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
 ``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
-another version; ``also`` lists more versions in its metadata, as a Triton that serves several.
+another version; ``also`` lists more versions in its metadata, as a Triton that serves several;
+``hang`` makes its inference never answer while its probes do, as a wedged server's.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         params = dict(request.parameters)
         self.owner.seen.append((request.model_name, params, [list(t.shape) for t in request.inputs]))
+        if self.owner.hang:
+            await asyncio.sleep(3600)  # (until the caller's deadline cancels it)
         if "code" in params:
             code = next(c for c in grpc.StatusCode if c.value[0] == params["code"].int64_param)
             say = params["say"].string_param if "say" in params else ""
@@ -143,6 +146,7 @@ class FakeUpstream:
         self.metadata_calls = 0
         self.metadata_code = 0  # a gRPC status code its ModelMetadata fails with (0: it answers)
         self.lie = ""  # the ``lie`` of every request that gives none
+        self.hang = False  # its inference never answers (its probes still do), as a wedged server's
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

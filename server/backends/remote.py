@@ -6,8 +6,9 @@ with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``, tensors raw, nev
 - **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
   An upstream leaves the rotation when its readiness probe says the model is not ready there, or
   after ``eject_after_failures`` consecutive failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS
-  while another is in rotation): ejected for ``eject_s``, then probed, and used again only once a
-  probe succeeds. Each failed probe doubles the ejection (up to 60 s).
+  and a timeout while it answered nothing, while another is in rotation): ejected for ``eject_s``,
+  then probed, and used again only once a probe succeeds. Each failed probe doubles the ejection
+  (up to 60 s, or ``eject_s`` when longer).
 - **How long.** The caller's deadline, else ``timeout_s``; cancelling the caller cancels the call.
 - **Whether to try again.** Only when the request was never delivered (no connection could be
   made): a call that reached the upstream is never sent twice (inference need not be idempotent).
@@ -63,6 +64,7 @@ MAX_CALL_TIMEOUT_S = 1e8
 UPSTREAM_TEXT_LIMIT = 512
 SAID_DOWN: dict[str, set[str]] = {}  # model -> upstreams logged "down at start", until seen up or unloaded
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
+HUNG_MIN_S = 0.05  # a timed-out call shorter than this says nothing of its upstream
 _BREAKER_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.UNKNOWN,
@@ -342,18 +344,43 @@ class RemoteV2Backend:
                 best = up
         return best
 
-    def _count_failure(self, up: Upstream, e: _Status) -> None:
+    def _count_failure(self, up: Upstream, e: _Status, seen: int, budget_s: float) -> None:
         """A failed call: counted by its code; a code that says the upstream is unwell counts towards
         ejecting it. Only a call that never reached the upstream (it could not be connected to)
         counts always; the others (INTERNAL, UNKNOWN, which a request's own values may cause, and an
         UNAVAILABLE the upstream answered, as Triton does with a full queue or a request's timeout)
         count only while another upstream is in rotation: neither a caller nor a moment's overload
-        takes the model's last one away (its probe does, when the model is not ready there)."""
+        takes the model's last one away (its probe does, when the model is not ready there).
+
+        A DEADLINE_EXCEEDED counts (so with another in rotation) only when the upstream answered
+        nothing at all while the call waited (``seen``: its answers when the call began) and the
+        call had four times its usual time: it hangs, its readiness probe still answering. Until
+        2026-12-06 no timeout counted, and a hung upstream took its share of the calls for good; a
+        caller's short deadline, or a slow upstream that answers others, is not its fault."""
         code = e.code()
         up.metrics.errors[code.name] = up.metrics.errors.get(code.name, 0) + 1
         others = any(u.in_rotation for u in self.upstreams if u is not up)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._timed_out(up, seen, budget_s, e)
+            return
+        if not not_delivered(e):
+            up.answered += 1
         if code in _BREAKER_CODES and (others or not_delivered(e)):
             self._failed(up, e)
+
+    def _timed_out(self, up: Upstream, seen: int, budget_s: float, e: _Status) -> None:
+        """A call out of time (its own timeout, or its caller's deadline cancelling it): see
+        :meth:`_count_failure`."""
+        others = any(u.in_rotation for u in self.upstreams if u is not up)
+        if others and up.answered == seen and budget_s >= max(HUNG_MIN_S, 4 * up.typical_s):
+            self._failed(up, e)
+
+    @staticmethod
+    def _answered(up: Upstream, seconds: float) -> None:
+        """A good answer: the failures in a row end, and its time goes into the usual one."""
+        up.failures = 0
+        up.answered += 1
+        up.typical_s = seconds if up.typical_s == 0.0 else 0.9 * up.typical_s + 0.1 * seconds
 
     def _failed(self, up: Upstream, e: _Status) -> None:
         up.failures += 1
@@ -427,20 +454,20 @@ class RemoteV2Backend:
         up.outstanding += 1
         m.outstanding += 1
         m.requests += 1
-        t0 = time.perf_counter()
+        t0, seen, budget = time.perf_counter(), up.answered, at - self._clock()
         try:
             got = await asyncio.get_running_loop().run_in_executor(
                 executor, self._blocking_call, up, call, feeds, names, at, *params
             )
         except grpc.RpcError as e:
             status = cast(_Status, e)  # a blocking call's error is also its grpc.Call
-            self._count_failure(up, status)
+            self._count_failure(up, status, seen, budget)
             raise self._translate(up, status) from None
         finally:
             up.outstanding -= 1
             m.outstanding -= 1
             m.latency.observe(time.perf_counter() - t0)
-        up.failures = 0
+        self._answered(up, time.perf_counter() - t0)
         return got
 
     def _blocking_call(
@@ -498,26 +525,30 @@ class RemoteV2Backend:
             up.outstanding += 1
             m.outstanding += 1
             m.requests += 1
-            t0 = time.perf_counter()
+            t0, seen = time.perf_counter(), up.answered
             try:
                 resp = await (up.raw_infer if raw else up.model_infer)(msg, timeout=timeout, metadata=trace)
                 if resp is None:  # (grpc.aio's answer, when the bytes it got were no ModelInferResponse)
                     raise H2RpcError(grpc.StatusCode.INTERNAL, NOT_AN_ANSWER)
             except grpc.aio.AioRpcError as e:
-                self._count_failure(up, e)
+                self._count_failure(up, e, seen, timeout)
                 if not_delivered(e) and len(tried) < self.spec.retries:
                     tried.append(up)
                     last = self._translate(up, e)
                     continue
                 raise self._translate(up, e) from None
-            except asyncio.CancelledError:  # the caller went away; gRPC cancels the call upstream
+            except asyncio.CancelledError:  # the caller went away, or its deadline came; gRPC cancels the call upstream
                 m.errors["CANCELLED"] = m.errors.get("CANCELLED", 0) + 1
+                if deadline is not None and self._clock() >= deadline - 0.001:  # (its time ran out)
+                    self._timed_out(
+                        up, seen, timeout, H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time")
+                    )
                 raise
             finally:
                 up.outstanding -= 1
                 m.outstanding -= 1
                 m.latency.observe(time.perf_counter() - t0)
-            up.failures = 0
+            self._answered(up, time.perf_counter() - t0)
             return up, resp
 
     def _translate(self, up: Upstream, e: _Status) -> GatewayError:

@@ -77,6 +77,11 @@ class Upstream:
         self.why = "not probed yet"  # why it is out of rotation, for error messages
         self.serves: tuple | None = None  # what its last probe saw served: see _served
         self.outstanding = 0
+        # Answers it gave (any status it sent), and how long a good one takes (a moving mean): a
+        # call that ran out of time while it answered nothing else, with time to spare over its
+        # usual, says it hangs (remote.py counts that towards ejecting it).
+        self.answered = 0
+        self.typical_s = 0.0
 
     @property
     def in_rotation(self) -> bool:

@@ -470,3 +470,33 @@ def test_an_upstream_error_message_over_64_kib_fails_that_call_not_the_connectio
             error = f.result(30)
             assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", error.message()[:300]
             assert "metadata size exceeds" in (error.message() or ""), error.message()[:300]
+
+
+def test_an_upstream_whose_inference_hangs_is_ejected_while_another_serves(fake, serve):
+    """A wedged upstream (ModelReady answers, inference never does): every call sent to it ran out
+    of time, no timeout counted towards ejecting it, and it kept its share of the calls for good.
+    A timeout while the upstream answered nothing else, with time to spare over its usual, now
+    counts; the calls then go to the other one. A caller's own short deadline against a slow
+    upstream that answers is no such sign (the test's warm-up shows its usual time)."""
+    other = FakeUpstream()
+    try:
+        spec = RemoteModel("fk", (fake.address, other.address), batching="passthrough", **FAST)
+        running = serve("", remote_models=(spec,))
+        url = running.grpc_url
+        for _ in range(6):  # both answer: each has a usual time
+            _infer(grpcclient, url, "fk", 1.0)
+        fake.hang = True
+        outcomes = []
+        for _ in range(12):
+            try:
+                _infer(grpcclient, url, "fk", 1.0, client_timeout=0.5)
+                outcomes.append("OK")
+            except InferenceServerException as e:
+                outcomes.append(str(e.status()))
+        metrics = urllib.request.urlopen(running.metrics_url).read().decode()
+        ejected = f'batchgate_upstream_ejections_total{{model="fk",upstream="{fake.address}"}} 1.0'
+        assert ejected in metrics, (outcomes, [ln for ln in metrics.splitlines() if "ejections" in ln])
+        assert outcomes[-4:] == ["OK"] * 4, outcomes  # (the rest went to the other one)
+        assert outcomes.count("StatusCode.DEADLINE_EXCEEDED") <= 3, outcomes
+    finally:
+        other.stop()
