@@ -244,7 +244,7 @@ def _session(repository: str, model: str):
 
     check_model_name(model)
     root = os.path.join(repository, model)
-    versions = sorted((int(v) for v in os.listdir(root) if v.isdigit()), reverse=True)
+    versions = sorted((int(v) for v in os.listdir(root) if v.isascii() and v.isdigit()), reverse=True)
     if not versions:
         raise ConfigError(f"{root}: no numbered version directory")
     vdir = os.path.join(root, str(versions[0]))

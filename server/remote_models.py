@@ -16,6 +16,8 @@ from .core.batcher_config import MAX_QUEUE_DELAY_US
 from .core.errors import ConfigError
 from .core.types import MODEL_NAME, MODEL_NAME_RULE, brief, is_host_port
 
+MIN_PROBE_INTERVAL_S = 0.05  # (1e-9 probed the upstreams without pause)
+
 BATCHING_MODES = ("gateway", "passthrough")
 FORWARDING_MODES = ("raw", "decoded")
 CLIENTS = ("grpcio", "h2")
@@ -184,6 +186,11 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
                 f"{source}: remote model '{spec.name}': '{key}' must be at most {MAX_INT32} "
                 f"(an int32 of the model's config), not {getattr(spec, key)}"
             )
+    if spec.probe_interval_s < MIN_PROBE_INTERVAL_S:  # (each probe is two calls to every upstream)
+        raise ConfigError(
+            f"{source}: remote model '{spec.name}': probe_interval_s must be at least {MIN_PROBE_INTERVAL_S}, "
+            f"not {spec.probe_interval_s:g}"
+        )
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")
     return spec

@@ -203,7 +203,7 @@ def _weights(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value.strip().isdigit():
+        if not sep or not name or not (value.strip().isascii() and value.strip().isdigit()):
             raise ValueError(f"weights are VARIANT=WEIGHT with a whole number from 0 to 100, not {item!r}")
         if name in out:
             raise ValueError(f"variant {name!r} is given twice")

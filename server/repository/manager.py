@@ -492,7 +492,7 @@ class ModelRepository:
             backend = self.builder.remote_backend(spec)
             try:
                 cfg = await backend.open()
-                version = backend.version if backend.version.isdigit() else "1"
+                version = backend.version if backend.version.isascii() and backend.version.isdigit() else "1"
                 served = self.builder.version(cfg, version, backend)
             except asyncio.CancelledError:  # e.g. the caller of an explicit load gave up
                 await asyncio.shield(backend.close())

@@ -105,7 +105,7 @@ def list_versions(model_dir: str) -> list[int]:
     except OSError:
         return out
     for n in names:
-        if n.isdigit() and not n.startswith("0") and os.path.isdir(os.path.join(model_dir, n)):
+        if n.isascii() and n.isdigit() and not n.startswith("0") and os.path.isdir(os.path.join(model_dir, n)):
             out.append(int(n))
     return sorted(out)
 

@@ -125,6 +125,7 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
     _save(classifier_model(), str(tmp_path), "named")
     os.rename(tmp_path / "named" / "1", tmp_path / "named" / "v1")
     os.makedirs(tmp_path / "named" / "01")
+    os.makedirs(tmp_path / "named" / "\u00b2")  # (a digit to str.isdigit(), not to int(): the scan failed)
     _save(classifier_model(), str(tmp_path), "flat")  # as a user pointing at a model's own directory sees it
     os.rename(tmp_path / "flat" / "1" / "model.onnx", tmp_path / "flat" / "model.onnx")
     os.rmdir(tmp_path / "flat" / "1")
@@ -142,7 +143,7 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
     )
     assert rows["named"]["reason"] == (
         "model 'named' has no version directory (e.g. named/1/model.onnx); not versions (a version directory is "
-        "a number without a leading 0): 01, v1"
+        "a number without a leading 0): 01, v1, \u00b2"
     )
 
 

@@ -410,6 +410,7 @@ def test_remote_models_from_yaml_mappings_env_lines_and_flags(tmp_path):
         ("name=a upstreams=h:1 timeout_s=0", "'timeout_s' must be a number > 0"),
         ("name=a upstreams=h:1 colour=blue", "unknown remote model key(s) colour"),
         ("name=a upstreams=h:1 eject_after_failures=0", "eject_after_failures must be at least 1"),
+        ("name=a upstreams=h:1 probe_interval_s=1e-9", "probe_interval_s must be at least 0.05, not 1e-09"),
         ("name=a upstreams=h:1 max_queue_delay_us=3600000001", "max_queue_delay_us must be at most 3600000000"),
         # (int32 fields of the model's config: a larger value failed every load, "Value out of range")
         ("name=a upstreams=h:1 max_inflight=2147483648", "'max_inflight' must be at most 2147483647"),
