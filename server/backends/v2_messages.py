@@ -85,7 +85,7 @@ def what_is_served(meta: pb.ModelMetadataResponse, pinned: str = "") -> tuple:
     """What an upstream serves, to tell a change: its highest version, and the tensors. With a
     ``pinned`` version, that version: Triton lists every version it has ready whichever was asked
     for, and another one appearing or going changes nothing for a model pinned to one."""
-    numeric = [int(v) for v in meta.versions if v.isdigit()]
+    numeric = [int(v) for v in meta.versions if v.isascii() and v.isdigit()]  # ("²" passes isdigit(), not int())
     tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
     return (pinned or (str(max(numeric)) if numeric else ""), len(meta.inputs), tensors)
 

@@ -268,7 +268,7 @@ def _version(raw: Any, where: str) -> str:
     if raw is None or raw == "":
         return ""
     text = str(raw)
-    if isinstance(raw, bool) or not text.isdigit() or len(text) > 18:
+    if isinstance(raw, bool) or not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise ConfigError(f"{where}: 'version' must be a version number, not {_shown(raw)}")
     return str(int(text))
 

@@ -500,3 +500,19 @@ def test_an_upstream_whose_inference_hangs_is_ejected_while_another_serves(fake,
         assert outcomes.count("StatusCode.DEADLINE_EXCEEDED") <= 3, outcomes
     finally:
         other.stop()
+
+
+def test_an_upstream_version_that_is_no_ascii_number_is_left_aside(fake, serve):
+    """A version the upstream lists as "²" (a digit to str.isdigit(), not to int()) failed the
+    model's load, and each probe, with ValueError; it is not a version batchgate can serve, and
+    is left aside: the model loads, and a later change is still followed."""
+    fake.also = ["\u00b2"]
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
+    assert grpcclient.InferenceServerClient(running.grpc_url).is_model_ready("fk")
+    np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 2.0), np.full((1, 2), 4.0, np.float32))
+    fake.version = "2"
+    c = httpclient.InferenceServerClient(running.http_url)
+    deadline = time.monotonic() + 10
+    while c.get_model_metadata("fk")["versions"] != ["2"]:
+        assert time.monotonic() < deadline, c.get_model_metadata("fk")
+        time.sleep(0.1)

@@ -59,6 +59,10 @@ def _with(**changes):
         (_with(variants=[{"name": "a", "model": "/abs/m", "weight": 1}]), "is not a valid name"),
         (_with(variants=[{"name": "a", "model": "m", "version": "x1", "weight": 1}]), "version number"),
         (
+            _with(variants=[{"name": "a", "model": "m", "version": "\u00b2", "weight": 1}]),
+            "version number",
+        ),  # (not int())
+        (
             _with(variants=[{"name": "a", "model": "m", "weight": 1}, {"name": "a", "model": "n", "weight": 1}]),
             "'a' is used twice",
         ),
