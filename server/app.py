@@ -50,6 +50,7 @@ from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
 from .transport.byte_budget import ByteBudget
+from .transport.cors import cors_policy
 from .transport.grpc_server import add_port, add_reflection, new_grpc_server, plaintext_health_server
 from .transport.grpc_service import InferenceService
 from .transport.grpc_service import add_to_server as add_inference_service
@@ -266,7 +267,14 @@ class Gateway:
 
         if s.http_port >= 0:
             self._http = await self._listen_http(
-                HttpApp(self.dataplane, limit, budget, lim.max_gzip_members, lim.overload_refusals_per_s),
+                HttpApp(
+                    self.dataplane,
+                    limit,
+                    budget,
+                    lim.max_gzip_members,
+                    lim.overload_refusals_per_s,
+                    cors=cors_policy(s),  # (browser apps of other origins: the V2 port only)
+                ),
                 s.host,
                 s.http_port,
                 reuse_port=self.reuse_port,
@@ -443,6 +451,7 @@ class Gateway:
                 quick=app.quick_refusal,
                 shedding=app.shedding,
                 max_pipelined=lim.max_pipelined_requests,
+                cors=app.cors is not None,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
             # the peer is the socket's: X-Forwarded-For would let any client write another address

@@ -45,6 +45,7 @@ from .settings_sections import (  # the sections are part of this module's inter
     Settings,
     TlsSettings,
 )
+from .transport.cors import cors_policy
 
 ENV_PREFIX = "BATCHGATE_"
 
@@ -457,6 +458,7 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
             f"{what('shm_key_prefix')} must be '' (off) or '/' then 1 to 200 letters, digits, '_', '.' or '-' "
             f"(the start of a POSIX shared-memory name), not {prefix[:64]!r}"
         )
+    cors_policy(s.server)  # (origins written as a browser would never send them, '*' with credentials)
     if rs.load_model and rs.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")
 

@@ -5,38 +5,11 @@ of the settings table (help text, allowed values, bounds), and ``Settings`` hold
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from .core.drift import MonitorSpec
 from .core.routing import RouteSpec
 from .remote_models import RemoteModel
-
-
-def _setting(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[str, ...] = (),
-    minimum: int | None = None,
-    maximum: int | None = None,
-    positive: bool = False,
-    why: str = "",
-    metavar: str = "",
-) -> Any:
-    """A section field and its row of the settings table: help text, allowed values, lower bound
-    (``why`` is added to the message when the bound is broken), the flag's metavar."""
-    return field(
-        default=default,
-        metadata={
-            "help": help,
-            "choices": choices,
-            "minimum": minimum,
-            "maximum": maximum,
-            "positive": positive,
-            "why": why,
-            "metavar": metavar,
-        },
-    )
+from .settings_field import setting as _setting
 
 
 @dataclass(frozen=True)
@@ -89,6 +62,23 @@ class ServerSettings:
     )
     http_idle_timeout_s: float = _setting(
         75.0, "an idle keep-alive HTTP connection is closed after this", positive=True
+    )
+    cors_allowed_origins: tuple[str, ...] = _setting(
+        (),
+        "CORS: origins (scheme://host[:port]) whose browser apps may call the V2 HTTP port, or * for any; "
+        "empty = off (repeatable)",
+        metavar="ORIGIN",
+    )
+    cors_allow_credentials: bool = _setting(
+        False, "CORS: let browsers send cookies and HTTP auth with cross-origin calls (not with *)"
+    )
+    cors_allow_headers: tuple[str, ...] = _setting(
+        (),
+        "CORS: request headers allowed besides batchgate's own (a route's sticky header, say) (repeatable)",
+        metavar="HEADER",
+    )
+    cors_max_age_s: int = _setting(
+        600, "CORS: how long a browser may keep a preflight's answer", minimum=0, maximum=86400
     )
     admin_host: str = _setting(
         "127.0.0.1", "address the admin listeners bind (admin API, repository API)", metavar="HOST"

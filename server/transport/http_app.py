@@ -28,6 +28,7 @@ from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, READ, Caller
 from . import http_codec
 from .byte_budget import ByteBudget
+from .cors import CorsPolicy
 from .grpc_wire import INFLATE_ON_LOOP_MAX_BYTES
 from .http_body import BodyReader
 from .http_codec import BodyRefused
@@ -41,6 +42,7 @@ from .http_scope import (
     check_raw_path,
     header,
     index_ready,
+    lifespan,
     repository_parameters,
     settings_object,
     shm_registration,
@@ -99,12 +101,15 @@ class HttpApp:
         refusals_per_s: int = 200,
         admin_only: bool = False,
         admin: AdminApi | None = None,
+        cors: CorsPolicy | None = None,
     ):
         """``budget``: the process's bytes of requests still arriving (max_buffered_request_bytes,
         shared with the gRPC engine). ``admin_only``: the admin listener, which serves the
         repository API, health (the server's and a model's readiness) and the server metadata,
-        and nothing of inference."""
+        and nothing of inference. ``cors``: answers to browser apps of other origins (``cors.py``;
+        None: off, as on the admin listener)."""
         self.dp = dataplane
+        self.cors = cors
         self.admin_only = admin_only
         self.admin = admin  # the admin API's HTTP mirror (admin listener only)
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
@@ -140,17 +145,15 @@ class HttpApp:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    elif msg["type"] == "lifespan.shutdown":
-                        await send({"type": "lifespan.shutdown.complete"})
-                        return
+                await lifespan(receive, send)
             return
         path = scope["path"]
         method = scope["method"]
         try:
+            if self.cors is not None:  # (a preflight is answered there, on any path)
+                send = await self.cors.sending(method, scope["headers"], send, not self.dp.accepting)
+                if send is None:
+                    return
             check_raw_path(scope)
             await self._route(method, path, scope, receive, send)
         except GatewayError as e:
@@ -180,6 +183,8 @@ class HttpApp:
         except GatewayError as e:
             self.dp.count_error("http", e)
             status, headers, body = self.error_answer(e)
+            if self.cors is not None:  # (the protocol writes this answer: no ASGI send to add them)
+                headers.extend(self.cors.answer_headers(scope["headers"]))
             alog, tracing = self.dp.access_log, self.dp.tracing
             if alog is not None or tracing is not None:
                 note = Note()

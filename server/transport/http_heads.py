@@ -39,12 +39,14 @@ def cut_upgrade(data: bytes) -> int:
     return 0
 
 
-def plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
+def plain_head(head: bytes, cors: bool = False) -> tuple[str, int] | Literal[False]:
     """The model and Content-Length of a plain infer request's head (its request line and
     headers, without the blank line): HTTP/1.1, ``POST /v2/models/NAME/infer``, one
     Content-Length, no Transfer-Encoding, Expect, Connection or Upgrade header, strict framing
     (CRLF line ends, no folded lines, so that no parser in front of us can cut these bytes into
-    requests differently: smuggling). False for any other head: it takes the usual way."""
+    requests differently: smuggling). False for any other head: it takes the usual way. With
+    ``cors``, a head with an Origin header is not plain: its answer carries the CORS headers of
+    its origin (``cors.py``), which are judged on the usual way."""
     line_end = head.find(b"\r\n")
     if line_end < 0 or not head.endswith(_QUICK_SUFFIX, 0, line_end):
         return False
@@ -59,6 +61,8 @@ def plain_head(head: bytes) -> tuple[str, int] | Literal[False]:
     if b"/" in name or i < 0 or lengths != 1 or b"transfer-encoding" in rest:
         return False
     if _NOT_PLAIN[0] in rest or _NOT_PLAIN[1] in rest or _NOT_PLAIN[2] in rest:
+        return False
+    if cors and b"\norigin:" in rest:
         return False
     crlf = rest.count(b"\r\n")
     if rest.count(b"\n") != crlf or rest.count(b"\r") != crlf or b"\n " in rest or b"\n\t" in rest:

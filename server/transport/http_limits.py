@@ -109,6 +109,7 @@ def guarded_protocol(
     shedding: Callable[[], bool] | None = None,
     max_header_fields: int = MAX_HEADER_FIELDS,
     max_body_bytes: int = 64 << 20,
+    cors: bool = False,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
@@ -206,7 +207,7 @@ def guarded_protocol(
                 head = data[pos:end]
                 plain = heads.get(head)
                 if plain is None:  # (a client sends the same head request after request: read once)
-                    plain = plain_head(head)
+                    plain = plain_head(head, cors)  # (cors: one with an Origin is answered on the usual way)
                     if len(head) <= HEAD_CACHE_MAX_BYTES:
                         if len(heads) >= HEAD_CACHE_ENTRIES:
                             heads.clear()

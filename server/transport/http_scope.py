@@ -153,3 +153,14 @@ def check_raw_path(scope) -> None:
     raw = scope.get("raw_path")
     if raw is not None and encoded_separator(raw):
         raise invalid("the request path has an encoded '/' or '\\' (%2F, %5C): no route or name holds one")
+
+
+async def lifespan(receive, send) -> None:
+    """The ASGI lifespan protocol, answered (nothing to start or stop)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

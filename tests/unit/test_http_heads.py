@@ -16,6 +16,15 @@ def test_a_plain_head_gives_its_model_and_length():
     assert plain_head(LINE + b"Inference-Header-Content-Length: 30\r\nContent-Length: 42") == ("mlp", 42)
 
 
+def test_with_cors_a_head_with_an_origin_is_not_plain():
+    """Its answer carries the CORS headers of its origin, judged on the usual way (cors.py)."""
+    head = LINE + b"Origin: https://app.example.com\r\nContent-Length: 42"
+    assert plain_head(head) == ("mlp", 42)
+    assert plain_head(head, cors=True) is False
+    assert plain_head(head.replace(b"Origin", b"ORIGIN"), cors=True) is False
+    assert plain_head(LINE + b"Content-Length: 42", cors=True) == ("mlp", 42)
+
+
 @pytest.mark.parametrize(
     "headers",
     [
