@@ -211,8 +211,9 @@ class Gateway:
         there with what was loaded, registered and changed before it started)."""
         s = self.settings.server
         self._tls = self.metrics.tls = load_server_tls(self.settings.tls)  # bad files: ConfigError, nothing started
-        if self.leader:  # (each worker process reads the same files: one count of their failures)
-            watched = (("api_keys", self.dataplane.access.keys), ("tls", self._tls))
+        if self.leader:  # (each worker process reads the same TLS files: one count of their failures)
+            keys = self.dataplane.access.keys if self.role is None else None  # (the supervisor reads the pod's)
+            watched = (("api_keys", keys), ("tls", self._tls))
             self.metrics.watched_files = [(file, w) for file, w in watched if w is not None]
         if not self.reuse_port:  # (worker processes: the supervisor holds the ports and has bound them)
             await asyncio.to_thread(check_bindable, self._listen_addresses())  # (a name may be looked up)

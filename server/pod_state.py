@@ -239,8 +239,11 @@ class PodState:
             if self.owner is not None:
                 mine = mine.part(FRONT_FAMILIES, False) if s is self.owner else mine.part(FRONT_SIDE, True)
             total = total.merge(mine)
-        if self.drift is not None:  # the detector's figures, here
+        if self.drift is not None:  # the detector's figures, here (and this process's own, below)
             total = total.merge(self.metrics.snapshot())
+        else:
+            for file, watched in self.metrics.watched_files:  # (the keys file is read here, for the pod)
+                total.add("batchgate_reload_failures", (file,), watched.reload_failures)
         return total
 
     def _tell_owner_ready(self) -> None:

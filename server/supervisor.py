@@ -123,6 +123,7 @@ class Supervisor(PodControl, PodState):
 
             self._keys = KeyStore(s.auth.api_keys_file)  # a bad file: ConfigError, nothing started
             self._keys.on_removed = self.forget_owners
+            self.metrics.watched_files = [("api_keys", self._keys)]  # (its failures: counted here alone)
             self._tasks.append(asyncio.ensure_future(self._watch_keys()))
         if srv.metrics_port >= 0:
             from .monitoring.serve import metrics_limits, serve_metrics

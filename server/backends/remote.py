@@ -64,7 +64,10 @@ MAX_CALL_TIMEOUT_S = 1e8
 UPSTREAM_TEXT_LIMIT = 512
 SAID_DOWN: dict[str, set[str]] = {}  # model -> upstreams logged "down at start", until seen up or unloaded
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
-HUNG_MIN_S = 0.05  # a timed-out call shorter than this says nothing of its upstream
+# A timed-out call says its upstream hangs only when that upstream answered nothing meanwhile,
+# has given HUNG_GOOD_ANSWERS good answers (its usual time is known), and the call had HUNG_FACTOR
+# times that usual time, and at least HUNG_MIN_S.
+HUNG_MIN_S, HUNG_FACTOR, HUNG_GOOD_ANSWERS = 0.05, 10.0, 5
 _BREAKER_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.UNKNOWN,
@@ -354,7 +357,7 @@ class RemoteV2Backend:
 
         A DEADLINE_EXCEEDED counts (so with another in rotation) only when the upstream answered
         nothing at all while the call waited (``seen``: its answers when the call began) and the
-        call had four times its usual time: it hangs, its readiness probe still answering. Until
+        call had ten times its usual time: it hangs, its readiness probe still answering. Until
         2026-12-06 no timeout counted, and a hung upstream took its share of the calls for good; a
         caller's short deadline, or a slow upstream that answers others, is not its fault."""
         code = e.code()
@@ -372,7 +375,8 @@ class RemoteV2Backend:
         """A call out of time (its own timeout, or its caller's deadline cancelling it): see
         :meth:`_count_failure`."""
         others = any(u.in_rotation for u in self.upstreams if u is not up)
-        if others and up.answered == seen and budget_s >= max(HUNG_MIN_S, 4 * up.typical_s):
+        usual = up.good >= HUNG_GOOD_ANSWERS  # (its usual time learnt: a first slow call is no sign)
+        if others and usual and up.answered == seen and budget_s >= max(HUNG_MIN_S, HUNG_FACTOR * up.typical_s):
             self._failed(up, e)
 
     @staticmethod
@@ -380,6 +384,7 @@ class RemoteV2Backend:
         """A good answer: the failures in a row end, and its time goes into the usual one."""
         up.failures = 0
         up.answered += 1
+        up.good += 1
         up.typical_s = seconds if up.typical_s == 0.0 else 0.9 * up.typical_s + 0.1 * seconds
 
     def _failed(self, up: Upstream, e: _Status) -> None:

@@ -81,6 +81,7 @@ class Upstream:
         # call that ran out of time while it answered nothing else, with time to spare over its
         # usual, says it hangs (remote.py counts that towards ejecting it).
         self.answered = 0
+        self.good = 0
         self.typical_s = 0.0
 
     @property

@@ -97,6 +97,7 @@ class ServerTls:
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
         self.reload_failures = 0  # changes of the files that could not be used (a metric)
+        self._refused: object = None  # the signature of files just refused, until the next poll
         self.not_after = _log_loaded("TLS with client certificates (mTLS)" if self.mtls else "TLS", material.cert)
 
     # ------------------------------------------------------------------ listeners
@@ -167,6 +168,9 @@ class ServerTls:
         """One check: True if a changed, good set of files is now served."""
         signature = await asyncio.to_thread(_stat, self._paths)
         if signature == self._signature:
+            if self._refused == signature:  # refused files that stood still for a poll: a failure
+                self.reload_failures += 1  # (a writer between its certificate and its key is not)
+                self._refused = None
             return False
         # Remembered before reading: a file still being written changes again, and is read again.
         self._signature = signature
@@ -174,8 +178,9 @@ class ServerTls:
             material = await asyncio.to_thread(self._read_checked)
         except TlsFileError as e:
             log.error("TLS files changed but cannot be used, the previous certificate is still served: %s", e)
-            self.reload_failures += 1
+            self._refused = signature
             return False
+        self._refused = None
         if material == self._material:
             return False
         self._apply(material)

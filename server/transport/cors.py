@@ -180,10 +180,11 @@ class CorsPolicy:
         return self._by_origin.get(origin) or self.wildcard
 
     def answer_headers(self, request_headers) -> Headers:
-        """The headers an answer to a request with these (ASGI) headers gets: none unless its
-        origin is allowed."""
+        """The headers an answer to a request with these (ASGI) headers gets: ``Vary: Origin``
+        alone unless its origin is allowed. (Every answer varies by origin while CORS is on: a
+        shared cache must not hand one without the CORS headers to an allowed origin.)"""
         found = self._answers(_origin_of(request_headers))
-        return found[0] if found is not None else ()
+        return found[0] if found is not None else _VARY
 
     def preflight(self, request_headers) -> Headers | None:
         """None when the request is not a preflight (no Origin, or no
@@ -199,6 +200,9 @@ class CorsPolicy:
             return None
         found = self._answers(origin)
         return found[1] if found is not None else ()
+
+
+_VARY: Headers = ((b"vary", b"origin"),)
 
 
 def _origin_of(request_headers) -> bytes | None:

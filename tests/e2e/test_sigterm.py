@@ -130,6 +130,7 @@ def test_sigterm_while_a_model_loads_stops_before_serving(tmp_path):
         out = p.output()
         assert "shutdown signal received while starting" in out, out
         assert "HTTP on" not in out and "model 'big' ready" not in out, out
+        assert "exiting without waiting for batchgate-admin" in out, out  # (the load's thread, left)
     finally:
         p.kill()
 
@@ -146,5 +147,6 @@ def test_sigterm_while_workers_load_a_model_stops_every_process(tmp_path):
         assert p.p.wait(60) == 0, p.output()
         out = p.output()
         assert "model 'big' ready" not in out and "HTTP on" not in out, out
+        assert out.count("exiting without waiting for batchgate-admin") == 2, out  # (each worker's load)
     finally:
         p.kill()

@@ -1391,6 +1391,15 @@ def test_the_supervisor_watches_the_keys_and_every_worker_follows(clf_repo, tmp_
             assert time.monotonic() < end, p.output()
             time.sleep(0.2)
         assert p.output().count("API keys reloaded") >= 3  # the supervisor, then each worker at once
+        # a broken edit keeps the keys, and is counted once for the pod: the supervisor reads the
+        # file (the workers hear only of a good one; the leader's count stayed 0)
+        path.write_text("keys: [{id: broken}]\n")
+        end = time.monotonic() + 10
+        series = 'batchgate_reload_failures_total{file="api_keys"}'
+        while _value(urllib.request.urlopen(req, timeout=20).read().decode(), series) != 1.0:
+            assert time.monotonic() < end, p.output()
+            time.sleep(0.2)
+        assert answers(ops) == {403}  # (still known: its scope lacks infer)
     finally:
         p.kill()
 

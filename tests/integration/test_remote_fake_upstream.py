@@ -480,10 +480,11 @@ def test_an_upstream_whose_inference_hangs_is_ejected_while_another_serves(fake,
     upstream that answers is no such sign (the test's warm-up shows its usual time)."""
     other = FakeUpstream()
     try:
-        spec = RemoteModel("fk", (fake.address, other.address), batching="passthrough", **FAST)
+        # (ejected for longer than the test: its probe, which still answers, would let it back in)
+        spec = RemoteModel("fk", (fake.address, other.address), batching="passthrough", **{**FAST, "eject_s": 300.0})
         running = serve("", remote_models=(spec,))
         url = running.grpc_url
-        for _ in range(6):  # both answer: each has a usual time
+        for _ in range(12):  # both answer: each has a usual time
             _infer(grpcclient, url, "fk", 1.0)
         fake.hang = True
         outcomes = []
