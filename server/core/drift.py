@@ -218,6 +218,13 @@ class Feature:
     categories: Mapping[str, float] = field(default_factory=dict)
     other: float = 0.0
 
+    @property
+    def scale(self) -> float:
+        """What the numeric feature is standardised by: its std, or 1 for a constant (a profile
+        made before 2026-12-06 may hold a float64 sum's rounding residue for its std, 1e-17 for
+        a constant 0.1: dividing by it made every window of the same constant a drift)."""
+        return self.std if self.std > 0 and self.max > self.min else 1.0
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name,
@@ -379,13 +386,14 @@ def build_feature(
     points = np.unique(grid)
     srt = np.sort(finite)
     cdf = np.searchsorted(srt, points, side="right") / m
+    constant = srt[0] == srt[-1]  # (summing a constant leaves rounding residue: 0.1 has a std of 1e-17)
     return Feature(
         name,
         "numeric",
         n,
         (n - m) / n,
-        mean=float(finite.mean()),
-        std=float(finite.std()),
+        mean=float(srt[0]) if constant else float(finite.mean()),
+        std=0.0 if constant else float(finite.std()),
         min=float(srt[0]),
         max=float(srt[-1]),
         edges=tuple(float(e) for e in edges),

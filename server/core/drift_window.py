@@ -303,8 +303,11 @@ class _Block:
                 self.cells[j] = ne + 1
         self.low = np.array([p.low for p in parts])
         self.high = np.array([p.high for p in parts])
+        if _narrower(dtype):  # the range as the live values were rounded (a constant 0.1 is 0.1f live)
+            with np.errstate(over="ignore"):
+                self.low, self.high = (a.astype(dtype).astype(np.float64) for a in (self.low, self.high))
         self.mean = np.array([p.feature.mean for p in parts])
-        self.std = np.array([p.feature.std if p.feature.std > 0 else 1.0 for p in parts])
+        self.std = np.array([p.feature.scale for p in parts])
         self.reference_n = np.array([int(p.feature.count * (1 - p.feature.missing_rate)) for p in parts])
         self.adwin = any(p.adwin is not None for p in parts)
 
@@ -490,7 +493,7 @@ class Scorer:
                     vals = col[np.isfinite(col)]
                     c = vals.shape[0] // ADWIN_CHUNK
                     m = vals[: c * ADWIN_CHUNK].reshape(c, ADWIN_CHUNK).mean(axis=1) if c else vals[:0]
-                    z = ((m - f.mean) * (math.sqrt(ADWIN_CHUNK) / (f.std if f.std > 0 else 1.0))).tolist()
+                    z = ((m - f.mean) * (math.sqrt(ADWIN_CHUNK) / f.scale)).tolist()
                 if z:
                     self._adwin(part, z, fs)
 

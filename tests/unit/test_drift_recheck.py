@@ -1,0 +1,50 @@
+"""Regressions from a re-check of online drift detection with data unlike the other tests':
+constant features, float64 profiles of float32 traffic, INT64, BOOL and BYTES features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchgate.core.drift import build_profile, build_tensor, parse_monitors, profile_from_json
+from batchgate.core.drift_window import Scorer
+
+BASE = {"model": "m", "inputs": ["x"], "reference": "p.json"}
+
+
+# ---------------------------------------------------------------- constant features
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 2.7, 100000.1])
+def test_a_constant_feature_is_not_drift_when_it_stays_the_same_constant(value):
+    """Summing a constant in float64 leaves a rounding residue: the std of 5,000 copies of 0.1 was
+    1.4e-17 (and the mean one ulp off), so ADWIN, dividing by that std, flagged every window of the
+    very values the profile was made from (a constant CSV column, an FP64 input)."""
+    ref = np.full((5000, 2), value)
+    ref[:, 1] = np.random.default_rng(0).normal(0, 1, 5000)
+    feature = build_tensor("x", ref)[0]
+    assert feature.std == 0.0 and feature.mean == value
+    spec = parse_monitors([{**BASE, "window": {"samples": 2000}}])[0]
+    for profile in (build_profile("m", {"x": build_tensor("x", ref)}), _with_residue(ref, value)):
+        scorer = Scorer(spec, profile)
+        for live in (ref[:2000], ref[:2000].astype(np.float32)):  # float32 traffic too
+            r = scorer.score({("input", "x"): live})
+            assert not r.drifted, (live.dtype, r.features["x[0]"].scores)
+            if live.dtype == np.float64:  # (float32 rounds 100000.1 by 0.0016: a shift in raw units)
+                assert r.features["x[0]"].scores["adwin"] < 1e-3
+            assert not r.features["x[0]"].alarms, (live.dtype, r.features["x[0]"].quality)  # 0.1f is in range
+
+
+def _with_residue(ref: np.ndarray, value: float):
+    """The profile as a release before the fix wrote it: the constant's std a rounding residue."""
+    data = build_profile("m", {"x": build_tensor("x", ref)}).to_json()
+    first = data["inputs"]["x"][0]
+    first["std"], first["mean"] = float(np.full(5000, value).std()) or 1e-17, value * (1 - 1e-16)
+    return profile_from_json(data)
+
+
+def test_a_constant_feature_that_moves_is_still_flagged():
+    ref = np.full((5000, 1), 0.1)
+    scorer = Scorer(
+        parse_monitors([{**BASE, "window": {"samples": 2000}}])[0], build_profile("m", {"x": build_tensor("x", ref)})
+    )
+    r = scorer.score({("input", "x"): np.full((2000, 1), 0.2, dtype=np.float32)})
+    assert r.drifted == ["x[0]"] and "out_of_range" in r.features["x[0]"].alarms
