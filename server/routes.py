@@ -29,8 +29,8 @@ import yaml
 
 from .core import rollout as ro
 from .core.buckets import BucketTable
-from .core.drift_window import judged_columns
 from .core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, cancelled_code, invalid
+from .core.psi import judged_columns
 from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, Shadow, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
 from .core.types import InferRequest, InferResponse

@@ -36,7 +36,7 @@ from statistics import NormalDist
 from typing import Any
 
 from .buckets import shares
-from .drift_window import psi_by_chance, two_sample_psi
+from .psi import psi_by_chance, two_sample_psi
 from .routing import Rollout
 
 MIN_OUTPUT_ROWS = 100

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from batchgate.core.drift import build_profile, build_tensor, parse_monitors
-from batchgate.core.drift_window import Debounce, Scorer, chi_square, kolmogorov_sf, ks_pvalue, psi
+from batchgate.core.drift_window import Debounce, Scorer, chi_square, kolmogorov_sf, ks_pvalue
+from batchgate.core.psi import psi
 
 LONG = os.environ.get("BATCHGATE_DRIFT_SWEEP", "").strip() not in ("", "0")
 WINDOWS = 2500 if LONG else 250

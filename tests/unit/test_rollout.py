@@ -218,7 +218,7 @@ def test_the_output_psi_gate_fails_only_beyond_chance_and_judges_a_bounded_numbe
     chance alone, and the gate took the largest over every column: an equal canary with 8 output
     columns failed max_output_psi 0.2 in about 9 intervals of 10. A wide answer (an image, an
     embedding) was judged column by column, all of them, on the event loop."""
-    from batchgate.core.drift_window import MAX_PSI_COLUMNS, two_sample_psi
+    from batchgate.core.psi import MAX_PSI_COLUMNS, two_sample_psi
     from batchgate.core.routing import Gates, Rollout
 
     rollout = Rollout("canary", "stable", (50, 100), 1.0, 10, Gates(max_p99_ratio=1000, max_output_psi=0.2), "rollback")

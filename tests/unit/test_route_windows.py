@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 
-from batchgate.core.drift_window import MAX_PSI_COLUMNS, judged_columns, two_sample_psi
+from batchgate.core.psi import MAX_PSI_COLUMNS, judged_columns, two_sample_psi
 from batchgate.routes import OUTPUT_SAMPLES, Window, _bounded
 
 
