@@ -49,6 +49,7 @@ from .drift import Feature, MonitorSpec, Profile, category_key
 from .psi import PSI_FLOOR, psi
 
 ADWIN_CHUNK = 32
+Z_LIMIT = 1e9  # a standardised chunk mean's bound (see _standardised)
 PSI_MIN_ROWS_PER_CELL = 10  # PSI decides only with this many rows a cell (its null mean is ~(cells - 1) / n)
 _MIN_EXPECTED = 5.0
 _FLOAT64 = np.dtype(np.float64)
@@ -246,6 +247,23 @@ class _Block:
         self.adwin = any(p.adwin is not None for p in parts)
 
 
+def _chunk_means(chunks: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # (values near the float64 limit: see below)
+        means: np.ndarray = chunks.mean(axis=1)
+    return means
+
+
+def _standardised(means: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """Chunk means in standard errors from the reference mean, held within +-Z_LIMIT: finite
+    values near the float64 limit (a sentinel such as DBL_MAX) overflowed a chunk's sum, and an
+    infinite score fed ADWIN and made the drift status unreadable as JSON (until 2026-12-06). A
+    chunk whose sum was undefined (+inf and -inf) counts as no shift; KS, PSI and the range see it."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (means - mean) * (math.sqrt(ADWIN_CHUNK) / std)
+    held: np.ndarray = np.nan_to_num(np.clip(z, -Z_LIMIT, Z_LIMIT), nan=0.0)
+    return held
+
+
 class Scorer:
     """Scores windows of one monitor against its profile. ``columns`` of :meth:`score` map
     each watched tensor, as ``(side, tensor)``, to its rows ([rows, features])."""
@@ -394,8 +412,8 @@ class Scorer:
         chunk_z = None
         if plan.adwin and clean and total >= ADWIN_CHUNK:
             chunks = total // ADWIN_CHUNK
-            means = x[: chunks * ADWIN_CHUNK].reshape(chunks, ADWIN_CHUNK, k).mean(axis=1)
-            chunk_z = ((means - plan.mean) * (math.sqrt(ADWIN_CHUNK) / plan.std)).T.tolist()
+            means = _chunk_means(x[: chunks * ADWIN_CHUNK].reshape(chunks, ADWIN_CHUNK, k))
+            chunk_z = _standardised(means, plan.mean, plan.std).T.tolist()
         enough = n >= PSI_MIN_ROWS_PER_CELL * plan.cells
         for j, part in enumerate(parts):
             f = part.feature
@@ -426,8 +444,8 @@ class Scorer:
                     col = block[:, j].astype(np.float64)
                     vals = col[np.isfinite(col)]
                     c = vals.shape[0] // ADWIN_CHUNK
-                    m = vals[: c * ADWIN_CHUNK].reshape(c, ADWIN_CHUNK).mean(axis=1) if c else vals[:0]
-                    z = ((m - f.mean) * (math.sqrt(ADWIN_CHUNK) / f.scale)).tolist()
+                    m = _chunk_means(vals[: c * ADWIN_CHUNK].reshape(c, ADWIN_CHUNK)) if c else vals[:0]
+                    z = _standardised(m, f.mean, f.scale).tolist()
                 if z:
                     self._adwin(part, z, fs)
 

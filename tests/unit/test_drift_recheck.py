@@ -48,3 +48,28 @@ def test_a_constant_feature_that_moves_is_still_flagged():
     )
     r = scorer.score({("input", "x"): np.full((2000, 1), 0.2, dtype=np.float32)})
     assert r.drifted == ["x[0]"] and "out_of_range" in r.features["x[0]"].alarms
+
+
+# ---------------------------------------------------------------- values near the float64 limit
+def test_values_near_the_float64_limit_keep_every_score_finite_and_the_status_readable():
+    """A chunk of values near DBL_MAX (a sentinel some pipelines write for missing) overflowed its
+    sum: ADWIN's score was inf (fed to ADWIN too), and the drift status could not be written as
+    JSON (GetDrift over HTTP failed, and so did ``batchgate drift status``)."""
+    from batchgate.admin.api import drift_message
+    from batchgate.admin.http import to_json
+
+    rng = np.random.default_rng(0)
+    profile = build_profile("m", {"x": build_tensor("x", rng.normal(0, 1, (5000, 3)))})
+    scorer = Scorer(parse_monitors([{**BASE, "window": {"samples": 128}}])[0], profile)
+    live = rng.normal(0, 1, (128, 3))
+    live[:, 0] = np.finfo(np.float64).max
+    live[::2, 1], live[1::2, 1] = np.finfo(np.float64).max, -np.finfo(np.float64).max  # a sum that is undefined
+    r = scorer.score({("input", "x"): live})
+    scores = [v for fs in r.features.values() for v in fs.scores.values()]
+    assert all(np.isfinite(scores)), r.features
+    assert "x[0]" in r.drifted and {"adwin", "ks"} <= r.features["x[0]"].decided
+    status = to_json(drift_message({"model": "m", "last_window": {"result": r.summary()}}))
+    assert status["last_window"]["result"]["features"]["x[0]"]["scores"]["adwin"] > 1e6
+    for _ in range(3):  # ADWIN goes on working on ordinary values after them
+        r = scorer.score({("input", "x"): rng.normal(0, 1, (128, 3))})
+        assert all(np.isfinite(v) for fs in r.features.values() for v in fs.scores.values())
