@@ -387,13 +387,17 @@ def build_feature(
     srt = np.sort(finite)
     cdf = np.searchsorted(srt, points, side="right") / m
     constant = srt[0] == srt[-1]  # (summing a constant leaves rounding residue: 0.1 has a std of 1e-17)
+    # values near the float64 limit: moments taken scaled down (their sums overflowed to a profile
+    # of inf, which a server refuses)
+    big = max(abs(float(srt[0])), abs(float(srt[-1])))
+    by = big if big > 1e300 else 1.0
     return Feature(
         name,
         "numeric",
         n,
         (n - m) / n,
-        mean=float(srt[0]) if constant else float(finite.mean()),
-        std=0.0 if constant else float(finite.std()),
+        mean=float(srt[0]) if constant else float((finite / by).mean() * by),
+        std=0.0 if constant else float((finite / by).std() * by),
         min=float(srt[0]),
         max=float(srt[-1]),
         edges=tuple(float(e) for e in edges),

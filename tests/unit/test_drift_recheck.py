@@ -3,6 +3,8 @@ constant features, float64 profiles of float32 traffic, INT64, BOOL and BYTES fe
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,14 @@ def test_values_near_the_float64_limit_keep_every_score_finite_and_the_status_re
     for _ in range(3):  # ADWIN goes on working on ordinary values after them
         r = scorer.score({("input", "x"): rng.normal(0, 1, (128, 3))})
         assert all(np.isfinite(v) for fs in r.features.values() for v in fs.scores.values())
+
+
+def test_a_profile_of_values_near_the_float64_limit_is_one_a_server_reads():
+    """Their sums overflowed: ``drift profile`` wrote a mean and std of Infinity, and the server
+    refused the profile at start (as would a restart read a rebaselined one)."""
+    big = np.finfo(np.float64).max
+    ref = np.array([[big, 1.0], [-big, 2.0], [1e308, 3.0], [0.5, 4.0]])
+    data = json.loads(json.dumps(build_profile("m", {"x": build_tensor("x", ref)}).to_json()))
+    first = profile_from_json(data).inputs["x"][0]
+    assert np.isfinite([first.mean, first.std]).all() and first.std > 1e307
+    assert first.mean == pytest.approx(np.mean(ref[:, 0] / 4) * 4)
