@@ -38,11 +38,7 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
         if name not in profile.inputs:
             raise ConfigError(f"{where}: the profile describes no input '{name}' ({', '.join(profile.inputs)})")
         _check_width(where, "input", t, len(profile.inputs[name]), signature.max_batch_size)
-        numeric = [f.name for f in profile.inputs[name] if f.kind == "numeric"]
-        if numeric and t.dtype.v2 == "BYTES":
-            raise ConfigError(
-                f"{where}: input '{name}' holds BYTES, but the profile takes feature '{numeric[0]}' as numeric"
-            )
+        _check_kinds(where, "input", t, profile.inputs[name])
     extra = sorted(set(profile.inputs) - set(spec.inputs))
     if extra:
         raise ConfigError(f"{where}: the profile describes input(s) the monitor does not watch: {', '.join(extra)}")
@@ -57,6 +53,7 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
             if t is None:
                 raise ConfigError(f"{where}: the profile describes output '{name}', which the model does not have")
             _check_width(where, "output", t, len(feats), signature.max_batch_size)  # type: ignore[union-attr]
+            _check_kinds(where, "output", t, feats)
     count = len(profile.features(spec.outputs))
     if spec.min_drifted_features > count and not spec.min_drifted_share:
         raise ConfigError(
@@ -64,6 +61,16 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
         )
     if count > max_features:
         raise ConfigError(f"{where}: {count} features are more than drift_max_features ({max_features})")
+
+
+def _check_kinds(where: str, side: str, tensor, features) -> None:
+    """Text taken as numbers can never be scored (every window would be refused): an output's
+    too, which until 2026-12-06 started and then counted every sample invalid."""
+    numeric = [f.name for f in features if f.kind == "numeric"]
+    if numeric and tensor.dtype.v2 == "BYTES":
+        raise ConfigError(
+            f"{where}: {side} '{tensor.name}' holds BYTES, but the profile takes feature '{numeric[0]}' as numeric"
+        )
 
 
 def _check_width(where: str, side: str, tensor, width: int, max_batch: int) -> None:

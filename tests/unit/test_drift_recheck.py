@@ -86,3 +86,31 @@ def test_a_profile_of_values_near_the_float64_limit_is_one_a_server_reads():
     first = profile_from_json(data).inputs["x"][0]
     assert np.isfinite([first.mean, first.std]).all() and first.std > 1e307
     assert first.mean == pytest.approx(np.mean(ref[:, 0] / 4) * 4)
+
+
+# ---------------------------------------------------------------- a profile that does not fit the model
+def test_a_profile_taking_a_bytes_output_as_numbers_is_refused_at_start():
+    """The check made for inputs was not made for outputs: the monitor started, and every window
+    of it was then refused (its samples counted invalid, nothing ever scored)."""
+    from batchgate.core.errors import ConfigError
+    from batchgate.core.signature import ModelSignature, TensorSpec
+    from batchgate.core.types import DATATYPES
+    from batchgate.monitoring.drift_checks import check_monitor
+
+    rng = np.random.default_rng(0)
+    profile = build_profile(
+        "m",
+        {"x": build_tensor("x", rng.normal(0, 1, (500, 2)))},
+        {"label": build_tensor("label", rng.normal(0, 1, (500, 1)))},  # numbers, where the model answers text
+    )
+    sig = ModelSignature(
+        "m",
+        "onnxruntime_onnx",
+        8,
+        (TensorSpec("x", DATATYPES["FP32"], (2,)),),
+        (TensorSpec("label", DATATYPES["BYTES"], (1,)),),
+    )
+    spec = parse_monitors([{**BASE, "outputs": True}])[0]
+    with pytest.raises(ConfigError, match="output 'label' holds BYTES, but the profile takes feature 'label.0.' as"):
+        check_monitor(spec, profile, sig, 512)
+    check_monitor(parse_monitors([BASE])[0], profile, sig, 512)  # (outputs not watched: not checked)
