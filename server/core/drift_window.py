@@ -11,7 +11,8 @@ Per feature and window:
   categorical feature); the window's frequencies are smoothed (+0.5 a cell), so an empty bin is
   not an infinite score. Decided by ``psi_threshold``, outside the p-value family, and only with
   :data:`PSI_MIN_ROWS_PER_CELL` rows a cell (with fewer, chance alone reaches the usual
-  thresholds: its mean without drift is about (cells - 1) / rows).
+  thresholds: its mean without drift is about (cells - 1) / rows), and only past what chance
+  makes of it at the window's size, at ``alpha`` / features (``psi_by_chance``).
 - ``ks``: Kolmogorov-Smirnov distance between the window and the reference CDF, read at the
   profile's CDF grid (distinct values only, so ties are exact rather than broken). Reading the
   distance at fewer points than the full statistic can only make it smaller, so the p-value from
@@ -41,12 +42,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Protocol
 
 import numpy as np
 
 from .drift import Feature, MonitorSpec, Profile, category_key
-from .psi import PSI_FLOOR, psi
+from .psi import PSI_FLOOR, psi, psi_by_chance
 
 ADWIN_CHUNK = 32
 Z_LIMIT = 1e9  # a standardised chunk mean's bound (see _standardised)
@@ -310,6 +312,8 @@ class Scorer:
                     )
                 )
         self.needed = self.min_drifted()
+        # PSI decides only past what chance makes of it at the window's size (at alpha / features)
+        self.psi_z = NormalDist().inv_cdf(1.0 - spec.alpha / max(1, nf))
         self._plans: dict[tuple[tuple[int, ...], str], _Block] = {}
 
     def min_drifted(self) -> int:
@@ -431,7 +435,7 @@ class Scorer:
             if self.psi:
                 v = float(psis[j])
                 fs.scores["psi"] = v
-                if v >= spec.psi_threshold and enough[j]:
+                if v >= spec.psi_threshold and enough[j] and self._psi_past_chance(v, int(plan.cells[j]), nj, f.count):
                     fs.decided.add("psi")
             if self.ks and part.points.shape[0]:
                 fs.scores["ks"] = float(ds[j])
@@ -448,6 +452,13 @@ class Scorer:
                     z = _standardised(m, f.mean, f.scale).tolist()
                 if z:
                     self._adwin(part, z, fs)
+
+    def _psi_past_chance(self, value: float, cells: int, rows: int, reference_rows: int) -> bool:
+        """Whether a PSI is beyond what two samples of one distribution reach by chance (see
+        :func:`psi_by_chance`): with few rows a cell, a fixed threshold is reached by chance alone
+        (32 binary features in windows of 32 rows raised a false alarm in 8 windows of 10, 32
+        normal ones in windows of 200 rows in 1 of 10, until 2026-12-06)."""
+        return value >= psi_by_chance(cells - 1, max(1, rows), max(1, reference_rows), self.psi_z)
 
     @staticmethod
     def _adwin(part: _Numeric, z: list[float], fs: FeatureScore) -> None:
@@ -516,7 +527,11 @@ class Scorer:
         if self.psi:
             v = psi(counts, probs)
             fs.scores["psi"] = v
-            if v >= self.spec.psi_threshold and n >= PSI_MIN_ROWS_PER_CELL * cells:
+            if (
+                v >= self.spec.psi_threshold
+                and n >= PSI_MIN_ROWS_PER_CELL * cells
+                and self._psi_past_chance(v, cells, n, m)
+            ):
                 fs.decided.add("psi")
         if self.chi2:
             stat, df = chi_square(counts, probs)

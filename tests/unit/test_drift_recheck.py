@@ -114,3 +114,28 @@ def test_a_profile_taking_a_bytes_output_as_numbers_is_refused_at_start():
     with pytest.raises(ConfigError, match="output 'label' holds BYTES, but the profile takes feature 'label.0.' as"):
         check_monitor(spec, profile, sig, 512)
     check_monitor(parse_monitors([BASE])[0], profile, sig, 512)  # (outputs not watched: not checked)
+
+
+# ---------------------------------------------------------------- PSI at small windows
+@pytest.mark.parametrize(
+    "kind, rows",
+    [("binary", 32), ("normal", 200)],  # (just past PSI_MIN_ROWS_PER_CELL: 2 + other cells, 20 bins)
+)
+def test_psi_at_small_windows_raises_few_false_alarms_and_still_sees_a_large_shift(kind, rows):
+    """A fixed PSI threshold is reached by chance at few rows a cell: 32 binary INT64 features in
+    windows of 32 rows alarmed 8 windows in 10, 32 normal ones in windows of 200 rows 1 in 10
+    (alpha 0.01). PSI now decides only past its chance level at alpha / features."""
+    rng = np.random.default_rng(21)
+
+    def draw(n: int, shift: float = 0.0) -> np.ndarray:
+        if kind == "binary":
+            return (rng.random((n, 32)) < np.r_[0.5 + shift, [0.5] * 31]).astype(np.int64)
+        return rng.standard_normal((n, 32)) + np.r_[shift, [0.0] * 31]
+
+    profile = build_profile("m", {"x": build_tensor("x", draw(50_000))})
+    spec = parse_monitors([{**BASE, "tests": ["psi"], "alpha": 0.01, "window": {"samples": rows, "min_samples": 10}}])
+    scorer = Scorer(spec[0], profile)
+    alarmed = sum(scorer.score({("input", "x"): draw(rows)}).drifted_window for _ in range(200))
+    assert alarmed <= 4, f"{alarmed} of 200 windows"
+    shifted = [scorer.score({("input", "x"): draw(rows, 0.45 if kind == "binary" else 1.5)}) for _ in range(5)]
+    assert sum(r.drifted == ["x[0]"] for r in shifted) >= 4, [r.features["x[0]"].scores for r in shifted]
