@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .core.drift import MonitorSpec, parse_monitors
+from .core.drift_monitors import MonitorSpec, parse_monitors
 
 # The remote_models list's entries and the settings error live in their own modules; both are
 # part of this module's interface.

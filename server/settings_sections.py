@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.drift import MonitorSpec
+from .core.drift_monitors import MonitorSpec
 from .core.routing import RouteSpec
 from .remote_models import RemoteModel
 from .settings_field import setting as _setting
@@ -562,7 +562,7 @@ class Settings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     remote_models: tuple[RemoteModel, ...] = ()  # models served by remote V2 servers (see RemoteModel)
     routes: tuple[RouteSpec, ...] = ()  # the config file's routes list (core/routing.py)
-    drift: tuple[MonitorSpec, ...] = ()  # the config file's drift list (core/drift.py)
+    drift: tuple[MonitorSpec, ...] = ()  # the config file's drift list (core/drift_monitors.py)
 
 
 SECTIONS: dict[str, type] = {

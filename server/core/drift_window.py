@@ -47,7 +47,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .drift import Feature, MonitorSpec, Profile, category_key
+from .drift import Feature, Profile, category_key
+from .drift_monitors import MonitorSpec
 from .psi import PSI_FLOOR, psi, psi_by_chance
 
 ADWIN_CHUNK = 32

@@ -31,7 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..core.drift import MonitorSpec, Profile, feature_widths
+from ..core.drift import Profile, feature_widths
+from ..core.drift_monitors import MonitorSpec
 from ..core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from ..core.rate import Backoff
 from ..core.signature import ModelSignature

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-from ..core.drift import MonitorSpec, Profile, profile_from_json
+from ..core.drift import Profile, profile_from_json
+from ..core.drift_monitors import MonitorSpec
 from ..core.errors import ConfigError
 from ..core.signature import ModelSignature
 from ..state import read_capped

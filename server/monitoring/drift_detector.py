@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.drift import MonitorSpec, Profile, build_profile, build_tensor, columns, feature_widths
+from ..core.drift import Profile, build_profile, build_tensor, columns, feature_widths
+from ..core.drift_monitors import MonitorSpec
 from ..core.drift_window import Debounce, Scorer
 from .drift_events import DETECTED, RECOVERED, DeadLetter, EventSender, make_event
 

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from batchgate.core.drift import build_profile, build_tensor, parse_monitors, profile_from_json
+from batchgate.core.drift import build_profile, build_tensor, profile_from_json
+from batchgate.core.drift_monitors import parse_monitors
 from batchgate.core.errors import ConfigError
 from batchgate.core.types import InferResponse, Tensor, new_request
 from batchgate.monitoring.drift import DriftService, Tap

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from batchgate.core.drift import build_profile, build_tensor, parse_monitors, profile_from_json
+from batchgate.core.drift import build_profile, build_tensor, profile_from_json
+from batchgate.core.drift_monitors import parse_monitors
 from batchgate.core.drift_window import Scorer
 
 BASE = {"model": "m", "inputs": ["x"], "reference": "p.json"}

@@ -19,9 +19,9 @@ from batchgate.core.drift import (
     build_profile,
     build_tensor,
     category_key,
-    parse_monitors,
     profile_from_json,
 )
+from batchgate.core.drift_monitors import parse_monitors
 from batchgate.core.drift_window import Scorer
 from batchgate.monitoring.drift_events import DeadLetter, EventSender, make_event
 from drift_support import wait_until

@@ -18,7 +18,8 @@ import os
 import numpy as np
 import pytest
 
-from batchgate.core.drift import build_profile, build_tensor, parse_monitors
+from batchgate.core.drift import build_profile, build_tensor
+from batchgate.core.drift_monitors import parse_monitors
 from batchgate.core.drift_window import Debounce, Scorer, chi_square, kolmogorov_sf, ks_pvalue
 from batchgate.core.psi import psi
 
