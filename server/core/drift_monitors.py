@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .routing import _mapping, _name, _number, _shown, _unique
@@ -159,6 +160,7 @@ def _parse_webhook(raw: Any, where: str) -> Webhook:
         or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url)
     ):
         raise ConfigError(f"{where}: 'url' must be an http:// or https:// URL, not {_shown(url)}")
+    _check_url_host(url, where)
     fmt = w.get("format", "cloudevents")
     if fmt not in WEBHOOK_FORMATS:
         raise ConfigError(f"{where}: 'format' must be one of {', '.join(WEBHOOK_FORMATS)}, not {_shown(fmt)}")
@@ -168,3 +170,19 @@ def _parse_webhook(raw: Any, where: str) -> Webhook:
         timeout_s=_number(w.get("timeout_s", 5), f"{where}.timeout_s", 0.05, 300),
         retries=_whole(w.get("retries", 5), f"{where}.retries", 0, 100),
     )
+
+
+def _check_url_host(url: str, where: str) -> None:
+    """A webhook URL every delivery would fail on is refused at start (until 2026-12-06 it was
+    taken, and each event went to the dead letter for ever): credentials before the host (urllib
+    takes ``user:pw@host`` for a host name, and the URL is kept in the dead letter),
+    no host, or a port that is not one."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ConfigError(f"{where}: 'url' must not hold credentials (user:password@host): they are never sent")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or port == 0:
+        raise ConfigError(f"{where}: 'url' needs a host and, if any, a port from 1 to 65535, not {_shown(url)}")

@@ -140,3 +140,26 @@ def test_psi_at_small_windows_raises_few_false_alarms_and_still_sees_a_large_shi
     assert alarmed <= 4, f"{alarmed} of 200 windows"
     shifted = [scorer.score({("input", "x"): draw(rows, 0.45 if kind == "binary" else 1.5)}) for _ in range(5)]
     assert sum(r.drifted == ["x[0]"] for r in shifted) >= 4, [r.features["x[0]"].scores for r in shifted]
+
+
+# ---------------------------------------------------------------- webhook URLs
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://user:secret@hooks.example/drift", "must not hold credentials"),
+        ("http://hooks.example:99999/drift", "a port from 1 to 65535"),
+        ("http://hooks.example:http/drift", "a port from 1 to 65535"),
+        ("http://hooks.example:0/drift", "a port from 1 to 65535"),
+        ("http://:8080/drift", "needs a host"),
+    ],
+)
+def test_a_webhook_url_no_delivery_could_use_is_refused_at_start(url, message):
+    """Such a URL was taken, and each of its events failed and went to the dead letter for ever:
+    urllib takes ``user:secret@hooks.example`` for a host name (and the secret was kept
+    in the dead-letter file), and a port out of range failed each attempt."""
+    from batchgate.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_monitors([{**BASE, "webhook": {"url": url}}])
+    for fine in ("http://[::1]:8080/drift", "https://hooks.example/a?b=c", "http://10.0.0.7:65535"):
+        assert parse_monitors([{**BASE, "webhook": {"url": fine}}])[0].webhook.url == fine
