@@ -315,6 +315,7 @@ class Scorer:
         self.needed = self.min_drifted()
         # PSI decides only past what chance makes of it at the window's size (at alpha / features)
         self.psi_z = NormalDist().inv_cdf(1.0 - spec.alpha / max(1, nf))
+        self.quality_alpha = spec.alpha / max(1, nf)  # (the same for the quality alarms)
         self._plans: dict[tuple[tuple[int, ...], str], _Block] = {}
 
     def min_drifted(self) -> int:
@@ -425,14 +426,16 @@ class Scorer:
             fs = results[f.name]
             nj = int(n[j])
             fs.quality["missing"] = float(missing[j])
-            if missing[j] > f.missing_rate + spec.missing_rate_margin:
+            if missing[j] > f.missing_rate + spec.missing_rate_margin and self._past_chance(
+                total - nj, total, f.missing_rate
+            ):
                 fs.alarms.add("missing")
             if not nj or not f.count or f.missing_rate >= 1:
                 continue
             oor = float(outside[j]) / nj
             fs.quality["out_of_range"] = oor
-            if oor > spec.out_of_range_max:
-                fs.alarms.add("out_of_range")
+            if oor > spec.out_of_range_max and self._past_chance(int(outside[j]), nj, 2.0 / (plan.reference_n[j] + 1)):
+                fs.alarms.add("out_of_range")  # (a new value is beyond a sample's min or max at 2 / (n + 1))
             if self.psi:
                 v = float(psis[j])
                 fs.scores["psi"] = v
@@ -460,6 +463,20 @@ class Scorer:
         (32 binary features in windows of 32 rows raised a false alarm in 8 windows of 10, 32
         normal ones in windows of 200 rows in 1 of 10, until 2026-12-06)."""
         return value >= psi_by_chance(cells - 1, max(1, rows), max(1, reference_rows), self.psi_z)
+
+    def _past_chance(self, count: int, rows: int, rate: float) -> bool:
+        """Whether ``count`` of ``rows`` (missing, out-of-range or unseen values) is more than the
+        reference's ``rate`` of them makes by chance, at ``alpha`` / features: a quality alarm
+        needs it besides its threshold, so that at a few rows one value is not an alarm (windows
+        of 10 rows alarmed unseen in 1 in 4, until 2026-12-06); at a window's usual size any rate
+        past its threshold is past chance too."""
+        if count <= 0 or rate >= 1:
+            return False
+        if rate <= 0:
+            return True
+        from scipy.special import bdtrc  # P(X > k), X ~ Binomial(rows, rate)
+
+        return float(bdtrc(count - 1, rows, rate)) <= self.quality_alpha
 
     @staticmethod
     def _adwin(part: _Numeric, z: list[float], fs: FeatureScore) -> None:
@@ -503,7 +520,9 @@ class Scorer:
         n = len(values)
         missing = (total - n) / total if total else 0.0
         fs.quality["missing"] = missing
-        if missing > f.missing_rate + self.spec.missing_rate_margin:
+        if missing > f.missing_rate + self.spec.missing_rate_margin and self._past_chance(
+            total - n, total, f.missing_rate
+        ):
             fs.alarms.add("missing")
         if not n:
             return
@@ -520,7 +539,7 @@ class Scorer:
                 counts[index.get(category_key(v), other)] += 1
         unseen = float(counts[other]) / n
         fs.quality["unseen"] = unseen
-        if unseen > f.other + self.spec.unseen_max:
+        if unseen > f.other + self.spec.unseen_max and self._past_chance(int(counts[other]), n, f.other):
             fs.alarms.add("unseen")
         # the reference, smoothed so a category it never saw is possible, not impossible
         m = max(1, f.count)

@@ -163,3 +163,34 @@ def test_a_webhook_url_no_delivery_could_use_is_refused_at_start(url, message):
         parse_monitors([{**BASE, "webhook": {"url": url}}])
     for fine in ("http://[::1]:8080/drift", "https://hooks.example/a?b=c", "http://10.0.0.7:65535"):
         assert parse_monitors([{**BASE, "webhook": {"url": fine}}])[0].webhook.url == fine
+
+
+# ---------------------------------------------------------------- quality alarms at small windows
+def test_quality_alarms_at_small_windows_need_more_than_chance_and_still_fire_on_a_real_change():
+    """At 10 rows one value is 10%: one category of a reference's 3% tail (unseen), or one NaN of
+    a 2% missing rate, passed its threshold by chance, and windows of 10 rows over 32 such
+    features raised a data-quality alarm in most windows (alpha 0.01)."""
+    rng = np.random.default_rng(5)
+    p = np.r_[[0.97 / 50] * 50, [0.03 / 200] * 200]  # 50 categories kept; a 3% tail of 200 more: 'other'
+
+    def draw(n: int) -> dict:
+        x = rng.standard_normal((n, 16))
+        x[rng.random((n, 16)) < 0.02] = np.nan
+        return {("input", "x"): x, ("input", "ids"): rng.choice(250, size=(n, 16), p=p).astype(np.int64)}
+
+    ref = draw(50_000)
+    profile = build_profile(
+        "m", {"x": build_tensor("x", ref["input", "x"]), "ids": build_tensor("ids", ref["input", "ids"])}
+    )
+    assert profile.inputs["ids"][0].other == pytest.approx(0.03, abs=0.005)
+    spec = parse_monitors([{**BASE, "inputs": ["x", "ids"], "alpha": 0.01, "window": {"samples": 10}}])[0]
+    scorer = Scorer(spec, profile)
+    alarmed = sum(any(fs.alarms for fs in scorer.score(draw(10)).features.values()) for _ in range(200))
+    assert alarmed <= 4, f"{alarmed} of 200 windows of 10 rows raised a quality alarm"
+    window = draw(10)
+    window["input", "x"][:6, 3] = np.nan  # 6 of 10 missing where the reference has 2%
+    window["input", "ids"][:, 2] = 249  # every row an unseen category
+    window["input", "x"][:5, 4] = 1e9  # half the rows far out of range
+    r = scorer.score(window)
+    assert r.features["x[3]"].alarms == {"missing"} and r.features["ids[2]"].alarms == {"unseen"}
+    assert r.features["x[4]"].alarms == {"out_of_range"}
