@@ -186,7 +186,13 @@ def load_inputs(
     names: dict[str, list[str] | None] = {i: None for i in inputs}
     text: set[str] = set()
     if path.lower().endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError) as e:  # (not NumPy's at all, or a pickle)
+            raise ConfigError(f"{path}: not a NumPy .npz archive: {e}") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a single .npy array, named .npz
+            raise ConfigError(f"{path}: a single .npy array, not an .npz archive (numpy.savez names each array)")
+        with archive as z:
             files = list(z.files)
             if len(inputs) == 1 and len(files) == 1:
                 arrays = {inputs[0]: z[files[0]]}
@@ -195,6 +201,12 @@ def load_inputs(
                 if missing:
                     raise ConfigError(f"{path}: no array named {', '.join(missing)} (arrays: {', '.join(files)})")
                 arrays = {i: z[i] for i in inputs}
+        for name, array in arrays.items():  # (a scalar has no rows; complex numbers no order)
+            if not array.ndim or array.dtype.kind not in "biufSUO":
+                what = "a single value" if not array.ndim else f"{array.dtype} values"
+                raise ConfigError(
+                    f"{path}: array '{name}' holds {what}; a profile needs rows of numbers, booleans or text"
+                )
         if feature_names:
             names[inputs[0]] = feature_names
         return {k: columns(v) for k, v in arrays.items()}, names, text

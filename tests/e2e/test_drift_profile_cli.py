@@ -281,3 +281,29 @@ def test_csv_booleans_in_any_case_are_the_categories_of_parquet_booleans(tmp_pat
         (tmp_path / "b.csv").write_text("flag\n" + "".join(f"{words[0] if v else words[1]}\n" for v in flags))
         (got,) = _profile(tmp_path, "--input", "features", "--data", str(tmp_path / "b.csv"))["inputs"]["features"]
         assert got["kind"] == "categorical" and got["categories"] == want["categories"], (words, got)
+
+
+def _lone_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # (numpy.save would add .npy to the name)
+        np.save(f, array)
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: np.savez(p, x=np.float64(3.0)), "array 'x' holds a single value"),
+        (lambda p: np.savez(p, x=np.array([1 + 2j, 3j])), "array 'x' holds complex128 values"),
+        (lambda p: _lone_npy(p, np.zeros((4, 2))), "a single .npy array, not an .npz archive"),
+    ],
+)
+def test_npz_files_that_hold_no_rows_of_values_are_refused_naming_what_they_hold(tmp_path, write, message):
+    """A scalar was 'running the model failed: tuple index out of range' (exit 1, no model given),
+    a lone .npy 'running the model failed: ... context manager protocol', and complex values were
+    profiled as their real parts."""
+    path = str(tmp_path / "data.npz")
+    write(path)
+    done = batchgate(
+        "drift", "profile", "--model", "m", "--input", "x", "--data", path, "--out", str(tmp_path / "p.json")
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "running the model" not in done.stderr
