@@ -459,6 +459,13 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
             f"(the start of a POSIX shared-memory name), not {prefix[:64]!r}"
         )
     cors_policy(s.server)  # (origins written as a browser would never send them, '*' with credentials)
+    source = s.drift_detector.drift_event_source
+    if source and not re.fullmatch(r"[\x20-\x7e]{1,1024}", source):  # (each 'format: json' event's ce-source)
+        raise ConfigError(
+            f"{what('drift_event_source')} must be 1 to 1024 printable ASCII characters (a URI reference, as "
+            f"CloudEvents asks; it is a header of each 'format: json' event, which a control character failed), "
+            f"not {source[:64]!r}"
+        )
     if rs.load_model and rs.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")
 

@@ -194,3 +194,32 @@ def test_quality_alarms_at_small_windows_need_more_than_chance_and_still_fire_on
     r = scorer.score(window)
     assert r.features["x[3]"].alarms == {"missing"} and r.features["ids[2]"].alarms == {"unseen"}
     assert r.features["x[4]"].alarms == {"out_of_range"}
+
+
+# ---------------------------------------------------------------- the events' source
+@pytest.mark.parametrize("source", ["pod-1\r\nX-Injected: 1", "/batchgate/\u6f22", "x" * 1025])
+def test_an_event_source_no_json_delivery_could_carry_is_refused_at_start(tmp_path, source):
+    """It is each ``format: json`` event's ``ce-source`` header: a control character (urllib:
+    'Invalid header value') or one outside Latin-1 failed every delivery, to the dead letter."""
+    from batchgate.config import load_settings
+    from batchgate.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="drift_event_source must be 1 to 1024 printable ASCII"):
+        load_settings(None, {"model_repository": str(tmp_path), "drift_event_source": source}, environ={})
+
+
+def test_an_accepted_event_source_reaches_a_real_receiver_in_both_formats(tmp_path):
+    from batchgate.config import load_settings
+    from batchgate.monitoring.drift_events import make_event, post
+    from drift_support import Receiver
+
+    receiver = Receiver()
+    try:
+        for source in ("/batchgate/pod-1", "https://ml.example/drift?zone=a b"):
+            s = load_settings(None, {"model_repository": str(tmp_path), "drift_event_source": source}, environ={})
+            event = make_event("io.batchgate.drift.detected", s.drift_detector.drift_event_source, "m", {"a": 1})
+            post(receiver.url, event, "json", 5.0)
+            post(receiver.url, event, "cloudevents", 5.0)
+            assert receiver.headers[-2]["ce-source"] == source and receiver.events[-1]["source"] == source
+    finally:
+        receiver.close()
