@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .routing import _mapping, _name, _number, _shown, _unique
 
 TESTS = ("psi", "ks", "chi2", "adwin")
+ADWIN_CHUNK = 32  # rows a value fed to ADWIN (their mean: core/drift_window.py)
 CORRECTIONS = ("bonferroni", "bh")
 WEBHOOK_FORMATS = ("cloudevents", "json")
 
@@ -121,6 +122,13 @@ def _parse_monitor(raw: Any, where: str) -> MonitorSpec:
     if not isinstance(outputs, bool):
         raise ConfigError(f"{where}: 'outputs' must be true or false")
     samples = _whole(window.get("samples", 2000), f"{where}.window.samples", 10, 1_000_000)
+    if samples < ADWIN_CHUNK and "adwin" in tests:  # (it never ran: a window gave it no value)
+        if "tests" in m:
+            raise ConfigError(
+                f"{where}: 'adwin' takes one value per {ADWIN_CHUNK} rows, so window.samples must be at least "
+                f"{ADWIN_CHUNK} for it, not {samples}"
+            )
+        tests = [t for t in tests if t != "adwin"]
     return MonitorSpec(
         model=model,
         inputs=names,

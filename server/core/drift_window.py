@@ -48,10 +48,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .drift import Feature, Profile, category_key
-from .drift_monitors import MonitorSpec
+from .drift_monitors import ADWIN_CHUNK, MonitorSpec
 from .psi import PSI_FLOOR, psi, psi_by_chance
 
-ADWIN_CHUNK = 32
 Z_LIMIT = 1e9  # a standardised chunk mean's bound (see _standardised)
 PSI_MIN_ROWS_PER_CELL = 10  # PSI decides only with this many rows a cell (its null mean is ~(cells - 1) / n)
 _MIN_EXPECTED = 5.0

@@ -223,3 +223,16 @@ def test_an_accepted_event_source_reaches_a_real_receiver_in_both_formats(tmp_pa
             assert receiver.headers[-2]["ce-source"] == source and receiver.events[-1]["source"] == source
     finally:
         receiver.close()
+
+
+# ---------------------------------------------------------------- ADWIN and windows under 32 rows
+def test_adwin_is_refused_for_windows_it_would_never_see_and_left_out_of_the_default_tests():
+    """ADWIN takes one value per 32 rows: in windows of fewer it never ran, so a monitor with
+    ``tests: [adwin]`` and ``window.samples: 20`` never flagged even a 3 sigma shift, and its
+    status listed a test that did nothing."""
+    from batchgate.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'adwin' takes one value per 32 rows, so window.samples must be at least 32"):
+        parse_monitors([{**BASE, "tests": ["adwin", "ks"], "window": {"samples": 20}}])
+    assert parse_monitors([{**BASE, "window": {"samples": 20}}])[0].tests == ("psi", "ks", "chi2")
+    assert "adwin" in parse_monitors([{**BASE, "tests": ["adwin"], "window": {"samples": 32}}])[0].tests
