@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..core.drift import Profile, build_profile, build_tensor, columns, feature_widths
-from ..core.drift_monitors import MonitorSpec
+from ..core.drift_monitors import MonitorSpec, Webhook
 from ..core.drift_window import Debounce, Scorer
 from .drift_events import DETECTED, RECOVERED, DeadLetter, EventSender, make_event
 
@@ -83,9 +83,9 @@ class Detector:
         self._logged: dict[str, float] = {}
         for spec, configured, rebaselined in plan.monitors:
             self.watches[spec.model] = self._watch(spec, configured, rebaselined or configured)
-        self.sender = EventSender(
-            DeadLetter(plan.dead_letter_file, plan.dead_letter_max_events), plan.dead_letter_retry_s, self._count_event
-        )
+        dead = DeadLetter(plan.dead_letter_file, plan.dead_letter_max_events)
+        dead.retarget({spec.model: _hook(spec.webhook) for spec, _, _ in plan.monitors if spec.webhook is not None})
+        self.sender = EventSender(dead, plan.dead_letter_retry_s, self._count_event)
 
     def _count_event(self, outcome: str) -> None:
         self.events[outcome] = self.events.get(outcome, 0) + 1
@@ -241,11 +241,8 @@ class Detector:
             data["reason"] = reason
         event = make_event(DETECTED if w.flag.on else RECOVERED, self.plan.source, w.spec.model, data)
         self.send(("event", w.spec.model, event))
-        hook = w.spec.webhook
-        if hook is not None:
-            self.sender.send(
-                event, {"url": hook.url, "format": hook.format, "timeout_s": hook.timeout_s, "retries": hook.retries}
-            )
+        if w.spec.webhook is not None:
+            self.sender.send(event, _hook(w.spec.webhook))
 
     # ---------------------------------------------------------------- commands
     def command(self, name: str, args: dict[str, Any], until: float = math.inf) -> dict[str, Any]:
@@ -345,6 +342,11 @@ class Detector:
             "cpu_s": time.process_time(),
             "pid": os.getpid(),
         }
+
+
+def _hook(hook: Webhook) -> dict[str, Any]:
+    """A webhook as events carry it (into the dead letter too)."""
+    return {"url": hook.url, "format": hook.format, "timeout_s": hook.timeout_s, "retries": hook.retries}
 
 
 def _in_time(name: str, until: float) -> None:

@@ -276,6 +276,19 @@ class DeadLetter:
             self.events = kept
         self._write()
 
+    def retarget(self, hooks: dict[str, dict[str, Any]]) -> None:
+        """Each kept event of a model in ``hooks`` goes to that model's webhook now: one kept for
+        a URL no longer configured was retried there for ever, and the model's new events, kept
+        in order behind it, were never delivered (until 2026-12-06)."""
+        changed = False
+        for entry in self.events:
+            hook = hooks.get(str(entry["event"].get("subject")))
+            if hook is not None and entry["webhook"] != hook:
+                entry["webhook"] = dict(hook)
+                changed = True
+        if changed:
+            self._write()
+
     def remove(self, entry: dict[str, Any]) -> None:
         self.events.remove(entry)
         self._write()

@@ -236,3 +236,35 @@ def test_adwin_is_refused_for_windows_it_would_never_see_and_left_out_of_the_def
         parse_monitors([{**BASE, "tests": ["adwin", "ks"], "window": {"samples": 20}}])
     assert parse_monitors([{**BASE, "window": {"samples": 20}}])[0].tests == ("psi", "ks", "chi2")
     assert "adwin" in parse_monitors([{**BASE, "tests": ["adwin"], "window": {"samples": 32}}])[0].tests
+
+
+# ---------------------------------------------------------------- a webhook URL changed across a restart
+def test_events_kept_for_a_webhook_url_no_longer_configured_go_to_the_models_webhook_now(tmp_path):
+    """The dead letter keeps each event's receiver. After the monitor's webhook URL was changed (its
+    old receiver gone), the events kept for the old URL were retried there for ever and, as a
+    model's events stay in order, every new event of the model waited behind them: none was
+    delivered again until the dead letter filled up."""
+    from batchgate.monitoring.drift_detector import Detector, Plan
+    from batchgate.monitoring.drift_events import make_event
+    from drift_support import Receiver, wait_until
+
+    dead = tmp_path / "dead.jsonl"
+    old_hook = {"url": "http://127.0.0.1:9/gone", "format": "cloudevents", "timeout_s": 1.0, "retries": 0}
+    kept = make_event("io.batchgate.drift.detected", "/t", "m", {"state": "detected"})
+    dead.write_text(json.dumps({"event": kept, "webhook": old_hook}) + "\n")
+    receiver = Receiver()
+    try:
+        spec = parse_monitors([{**BASE, "webhook": {"url": receiver.url, "timeout_s": 2, "retries": 0}}])[0]
+        profile = build_profile("m", {"x": build_tensor("x", np.random.default_rng(0).normal(0, 1, (500, 2)))})
+        detector = Detector(Plan([(spec, profile, None)], "/t", "", str(dead), 100, 0.2), [].append)
+        try:
+            new = make_event("io.batchgate.drift.recovered", "/t", "m", {"state": "recovered"})
+            detector.sender.send(new, {"url": receiver.url, "format": "cloudevents", "timeout_s": 2.0, "retries": 0})
+            got = receiver.wait_for(lambda e: e["id"] == new["id"], timeout=20)
+            assert got, f"the new event waited behind the old URL's ({len(detector.sender.dead)} in the dead letter)"
+            assert [e["id"] for e in receiver.events] == [kept["id"], new["id"]]  # in the model's order
+            assert wait_until(lambda: not detector.sender.dead.events, 10)
+        finally:
+            detector.sender.close()
+    finally:
+        receiver.close()
