@@ -18,8 +18,9 @@ Per feature and window:
   distance at fewer points than the full statistic can only make it smaller, so the p-value from
   the Kolmogorov distribution (two-sample effective size, Stephens' correction) is conservative.
 - ``chi2``: Pearson's chi-square of a categorical feature's window counts against the reference
-  frequencies, cells expected below 5 pooled. (A monitor listing ``ks`` tests categorical
-  features with chi-square: KS has no meaning for categories.)
+  frequencies, cells expected below 5 pooled, divided by 1 + n / m (the reference is a sample
+  too). (A monitor listing ``ks`` tests categorical features with chi-square: KS has no meaning
+  for categories.)
 - ``adwin``: river's ADWIN on the feature standardised with the reference mean and std, fed one
   value per chunk of :data:`ADWIN_CHUNK` rows (the chunk mean, scaled to unit variance; a cut is
   looked for at every value, clock=1, which costs little at one value per chunk); it keeps
@@ -554,6 +555,11 @@ class Scorer:
                 fs.decided.add("psi")
         if self.chi2:
             stat, df = chi_square(counts, probs)
+            # The reference frequencies are estimates too: against a sample of m rows, Pearson's
+            # statistic of n rows is about (1 + n / m) times a chi-square (the two-sample form; KS
+            # takes the two-sample size likewise). Read as exact, a reference of 20,000 rows made
+            # windows of 2,000 alarm 2 to 5 times alpha (until 2026-12-06).
+            stat /= 1.0 + n / max(1.0, f.count * (1.0 - f.missing_rate))
             p = chi2_sf(stat, df)
             fs.scores["chi2"] = stat
             fs.pvalues["chi2"] = p

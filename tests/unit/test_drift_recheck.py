@@ -268,3 +268,24 @@ def test_events_kept_for_a_webhook_url_no_longer_configured_go_to_the_models_web
             detector.sender.close()
     finally:
         receiver.close()
+
+
+# ---------------------------------------------------------------- chi-square against an estimated reference
+@pytest.mark.parametrize("kind", ["uniform200", "six"])
+def test_chi_square_counts_the_references_own_sampling_error(kind):
+    """Pearson's statistic read the reference frequencies as exact: a categorical feature profiled
+    from 20,000 rows (200 categories; 6 categories: 5,000 rows), scored in windows of 2,000 from the
+    same distribution, alarmed 3.8% (3.5%) of windows at alpha 0.01. The statistic is now the
+    two-sample one (divided by 1 + n / m), as KS already takes the two-sample size."""
+    rng = np.random.default_rng(9)
+
+    def draw(n: int) -> np.ndarray:
+        if kind == "six":
+            return rng.choice(6, size=(n, 1), p=[0.4, 0.25, 0.15, 0.1, 0.07, 0.03]).astype(np.int64)
+        return rng.integers(0, 200, (n, 1))
+
+    profile = build_profile("m", {"x": build_tensor("x", draw(5000 if kind == "six" else 20_000))})
+    spec = parse_monitors([{**BASE, "tests": ["chi2"], "alpha": 0.01, "window": {"samples": 2000}}])[0]
+    scorer = Scorer(spec, profile)
+    alarmed = sum(scorer.score({("input", "x"): draw(2000)}).drifted_window for _ in range(1000))
+    assert alarmed <= 20, f"{alarmed} of 1000 windows (alpha 0.01)"
