@@ -324,7 +324,7 @@ FAMILIES.update(
         ),
         "batchgate_drift_quality_alarm": Family(
             "gauge",
-            "1 when the last window's missing, out_of_range or unseen rate was past its threshold",
+            "1 when the last window's missing, out_of_range or unseen rate was past its threshold, beyond chance",
             ("model", "feature", "kind"),
             merge=MAX,
         ),
