@@ -491,8 +491,10 @@ class DriftService:
         gone["cpu_s"] += c["cpu_s"]
         self._latest = None
 
-    def _reply(self, ident: int, ok: bool | None, payload: Any) -> None:
-        """A command's answer: ``ok`` True (its result), False (a failure: INVALID_ARGUMENT) or
+    def _reply(self, ident: int, ok: bool | str | None, payload: Any) -> None:
+        """A command's answer: ``ok`` True (its result), False (the caller's mistake:
+        INVALID_ARGUMENT), ``"failed"`` (the detector's own, such as a profile it could not write:
+        INTERNAL; until 2026-12-06 INVALID_ARGUMENT, which blames the caller and is not retried) or
         None (dropped, too late for its caller: DEADLINE_EXCEEDED, as the caller's own wait)."""
         fut = self._replies.pop(ident, None)
         if fut is None or self._loop is None:
@@ -501,7 +503,9 @@ class DriftService:
         def settle() -> None:
             if fut.done():
                 return
-            if ok:
+            if ok == "failed":
+                fut.set_exception(GatewayError(ErrorCode.INTERNAL, str(payload)))
+            elif ok:
                 fut.set_result(payload)
             elif ok is None:
                 fut.set_exception(GatewayError(ErrorCode.DEADLINE_EXCEEDED, str(payload)))

@@ -394,8 +394,10 @@ def main(inbox, outbox, plan: Plan) -> None:
                             send(("reply", ident, True, detector.command(name, args, until)))
                         except TimeoutError as e:  # (too late: answered as the caller's own timeout)
                             send(("reply", ident, None, str(e)[:1024]))
-                        except (KeyError, ValueError, OSError) as e:
+                        except (KeyError, ValueError) as e:  # (the caller's: too few rows, an unknown model)
                             send(("reply", ident, False, str(e)[:1024]))
+                        except OSError as e:  # (ours: the profile could not be kept; nothing changed)
+                            send(("reply", ident, "failed", f"the detector could not carry it out: {e}"[:1024]))
                 elif kind == "stop":
                     break
             try:

@@ -473,3 +473,22 @@ def test_a_command_too_late_for_its_caller_is_answered_deadline_exceeded(built, 
                 assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
     finally:
         gw.stop()
+
+
+def test_a_rebaseline_the_detector_cannot_keep_is_a_server_error_not_the_callers(served):
+    """A profile that cannot be written (here its temporary file's name is taken by a folder; a
+    full disk likewise) answered INVALID_ARGUMENT / 400: a caller's mistake, which clients do not
+    retry. It is INTERNAL / 500, and nothing changed."""
+    gw = served["gw"]
+    _windows(gw, 2, seed=7)
+    before = _admin(gw, "drift/fraud")["profile_id"]
+    trap = served["tmp"] / "profiles" / "fraud.json.tmp"
+    trap.mkdir(parents=True)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _admin(gw, "drift/fraud/rebaseline", {"rows": 400})
+        assert e.value.code == 500, e.value.read()
+        assert "could not carry it out" in e.value.read().decode()
+        assert _admin(gw, "drift/fraud")["profile_id"] == before
+    finally:
+        trap.rmdir()
