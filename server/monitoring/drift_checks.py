@@ -4,13 +4,17 @@ naming what does not fit) when it cannot work with its model's signature."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from ..core.drift import Profile, profile_from_json
 from ..core.drift_monitors import MonitorSpec
 from ..core.errors import ConfigError
 from ..core.signature import ModelSignature
+from ..core.types import printable
 from ..state import read_capped
+
+log = logging.getLogger("batchgate.drift")
 
 
 def read_profile(path: str) -> Profile:
@@ -27,6 +31,13 @@ def check_monitor(spec: MonitorSpec, profile: Profile, signature: ModelSignature
     None: a remote model (or a route of them) not loaded yet: only what the profile alone
     decides is checked (live, a tensor of another width is counted invalid)."""
     where = f"drift monitor of '{spec.model}'"
+    if profile.model and profile.model != spec.model:  # (a copied monitor entry with the wrong file, say)
+        log.warning(
+            "%s: its profile was made for model '%s'; its tensors fit, so it is used (profile this "
+            "model, or rename the file, if that is not meant)",
+            where,
+            printable(profile.model[:128]),
+        )
     for name in spec.inputs:
         if signature is None:
             if name not in profile.inputs:

@@ -289,3 +289,23 @@ def test_chi_square_counts_the_references_own_sampling_error(kind):
     scorer = Scorer(spec, profile)
     alarmed = sum(scorer.score({("input", "x"): draw(2000)}).drifted_window for _ in range(1000))
     assert alarmed <= 20, f"{alarmed} of 1000 windows (alpha 0.01)"
+
+
+def test_a_profile_made_for_another_model_is_used_with_a_warning(caplog):
+    """A profile's own model name was never looked at: a monitor given another model's file (a
+    copied monitor entry) took it silently when its tensors fit. Now it says so at start."""
+    import logging
+
+    from batchgate.core.signature import ModelSignature, TensorSpec
+    from batchgate.core.types import DATATYPES
+    from batchgate.monitoring.drift_checks import check_monitor
+
+    rng = np.random.default_rng(0)
+    sig = ModelSignature("m", "onnxruntime_onnx", 8, (TensorSpec("x", DATATYPES["FP32"], (2,)),), ())
+    spec = parse_monitors([BASE])[0]
+    with caplog.at_level(logging.WARNING, logger="batchgate.drift"):
+        check_monitor(spec, build_profile("m", {"x": build_tensor("x", rng.normal(0, 1, (100, 2)))}), sig, 512)
+        assert not caplog.records
+        check_monitor(spec, build_profile("fraud", {"x": build_tensor("x", rng.normal(0, 1, (100, 2)))}), sig, 512)
+    (record,) = caplog.records
+    assert "made for model 'fraud'" in record.getMessage() and "drift monitor of 'm'" in record.getMessage()
