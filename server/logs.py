@@ -2,13 +2,16 @@
 
 A log line may quote what a client sent (a model name, an id): in plain lines every control
 character of the message and the request id is written escaped (``\n`` as ``\x0a``), so a
-client can never start a line of its own. JSON lines are escaped by the encoder."""
+client can never start a line of its own. JSON lines are escaped by the encoder, and what it leaves
+raw that still breaks a line for some readers (C1 controls, U+2028 / U+2029) or reorders it
+(bidirectional controls) is written as ``\\uXXXX`` escapes as well (:func:`one_line`)."""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import time
 from typing import IO
@@ -16,6 +19,20 @@ from typing import IO
 import orjson
 
 from .core.types import printable as escape
+
+# Characters JSON leaves raw that split a line for some readers (str.splitlines and log shippers
+# break at C1 controls such as U+0085, and at U+2028 / U+2029) or make it read otherwise than it is
+# written (bidirectional controls): written as JSON escapes, which read back as the same text.
+_UNSAFE = re.compile("[\x80-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str) -> str:
+    """JSON text (an encoder's output) with what :data:`_UNSAFE` matches written as ``\\uXXXX``
+    escapes: one line to any reader, the same text to a JSON reader."""
+    if text.isascii():  # (nearly every line: nothing to look at)
+        return text
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
 
 _worker: str | None = None  # which worker process this is, when it is one of several
 
@@ -39,7 +56,8 @@ class JsonFormatter(logging.Formatter):
             obj["request_id"] = rid
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(obj).decode()
+        # (a message or request id may quote a client: a model name, an id with U+2028 in it)
+        return one_line(orjson.dumps(obj).decode())
 
 
 class PlainFormatter(logging.Formatter):

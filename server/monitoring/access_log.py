@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import stat
 import sys
 import threading
@@ -44,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from ..logs import open_private
+from ..logs import one_line, open_private
 
 log = logging.getLogger("batchgate.access")
 
@@ -52,17 +51,12 @@ MODES = ("off", "sampled", "all")
 QUEUE_LINES = 65_536  # lines waiting for the writer thread at most
 OVERLOAD = "RESOURCE_EXHAUSTED"  # the error of a refusal for overload: sampled, not kept (see _request)
 _CRC_SCALE = 1.0 / (1 << 32)
-# Characters JSON leaves raw that split a line for some readers (str.splitlines and log shippers
-# break at C1 controls such as U+0085, and at U+2028 / U+2029) or make it read otherwise than it is
-# written (bidirectional controls): written as JSON escapes, which read back as the same text.
-_UNSAFE = re.compile("[\x80-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def _escaped(line: bytes) -> bytes:
     if line.isascii():  # (nearly every line: nothing to look at)
         return line
-    text = line.decode("utf-8")
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
+    return one_line(line.decode("utf-8")).encode("utf-8")
 
 
 class Note:

@@ -358,3 +358,28 @@ def test_an_empty_outputs_list_asks_for_every_output_as_on_grpc(server):
     answer = json.loads(data)
     assert [o["name"] for o in answer["outputs"]] == ["OUTPUT0", "OUTPUT1"]
     assert answer["outputs"][0]["data"] == [2 * i for i in range(16)]
+
+
+def test_a_client_cannot_split_json_log_lines(server, caplog):
+    """JSON leaves C1 controls (U+0085), U+2028 / U+2029 and the bidirectional controls raw, and
+    str.splitlines (and log shippers) break a line at the first three: a JSON log line quoting a
+    client's model name or request id wrote them raw (until 2026-12-06), so one record read as
+    several lines. They are written as escapes that read back as the same text."""
+    import logging
+
+    from batchgate.logs import JsonFormatter
+
+    evil = "simple\u2028forged\u202e"
+    rid = "id\u0085forged\u2029x"
+    req = service_pb2.ModelInferRequest(model_name=evil, id=rid)
+    caplog.set_level(logging.INFO, logger="batchgate")
+    channel = grpc.insecure_channel(server.grpc_url)
+    with channel, pytest.raises(grpc.RpcError):
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=20)
+    records = [r for r in caplog.records if "failed" in r.getMessage() and "forged" in r.getMessage()]
+    assert records, [r.getMessage() for r in caplog.records]
+    line = JsonFormatter().format(records[-1])
+    assert len(line.splitlines()) == 1, line
+    assert not any(c in line for c in "\u0085\u2028\u2029\u202e"), line
+    obj = json.loads(line)
+    assert evil in obj["msg"] and obj["request_id"] == rid
