@@ -318,3 +318,50 @@ def test_with_a_podmonitor_the_rules_and_the_autoscaler_read_this_releases_serie
     ev = Evaluator(rec)
     assert list(ev.instant(query).values()) == [1.0]  # this release's queue, not the canary's with it
     assert ev.instant(queue_alert) == {}  # one request queued here: no alert
+
+
+@needs_promtool
+def test_a_fractional_certificate_expiry_days_is_that_many_days(helm, tmp_path):
+    """alerts.certificateExpiryDays 1.5: a certificate a day from expiry fires, one two days away
+    does not. sprig's mul cut each operand to an integer (until 2026-12-06), so 1.5 days read as
+    one and 0.5 as none at all: an alert only once the certificate had expired."""
+    groups, _ = _rules(helm, tmp_path, {"alerts": {"certificateExpiryDays": 1.5}})
+    by_name = {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
+    rules = tmp_path / "rules.yaml"
+    bare = [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in groups]
+    rules.write_text(yaml.safe_dump({"groups": bare}))
+    sel = 'namespace="serving",service="rel-batchgate"'
+    day = 86400
+    series = [
+        {"series": f'batchgate_tls_certificate_expiry_timestamp_seconds{{{sel},pod="{pod}"}}', "values": f"{v}x180"}
+        for pod, v in (("p1", day + day // 4), ("p2", 2 * day))  # (time() starts at 0)
+    ]
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "2h",
+                        "alertname": "BatchgateCertificateExpiresSoon",
+                        "exp_alerts": [
+                            {"exp_labels": {**by_name["BatchgateCertificateExpiresSoon"]["labels"], "pod": "p1"}}
+                        ],
+                    },
+                ],
+            },
+        ],
+    }
+    test_file = tmp_path / "expiry_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests))
+    out = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("days", [0, -2, "soon"])
+def test_a_certificate_expiry_days_that_is_not_above_zero_stops_the_render(helm, tmp_path, days):
+    out = template(helm, _values(tmp_path, {"alerts": {"enabled": True, "certificateExpiryDays": days}}))
+    assert out.returncode != 0 and "alerts.certificateExpiryDays must be a number of days above 0" in out.stderr
