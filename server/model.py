@@ -178,7 +178,8 @@ class ModelVersion:
             if self._admit is not None:
                 self._admit()
         except GatewayError as e:
-            self.reject(request, e)
+            if request.weight == 1 or not e.resent_alone():  # (else each of its requests comes again)
+                self.reject(request, e)
             raise
         ticket = Ticket(request, checked)
         weight = request.weight
@@ -186,7 +187,7 @@ class ModelVersion:
             self.weighted = True
         self._started(weight)
         start = _perf_ns()
-        status = "OK"
+        status, counted = "OK", True
         try:
             resp = await self.scheduler.submit(ticket)
             sink = request.sink
@@ -195,6 +196,7 @@ class ModelVersion:
             return resp
         except GatewayError as e:
             status = e.code.value
+            counted = weight == 1 or not e.resent_alone()  # (the owner: a front worker's call, sent again)
             raise
         except asyncio.CancelledError:
             status = cancelled_code(request.deadline, request.arrival).value
@@ -206,7 +208,7 @@ class ModelVersion:
             raise
         finally:
             queued = ticket.dispatched - request.arrival if ticket.dispatched else None
-            self._answered(request.protocol, status, _perf_ns() - start, queued, weight)
+            self._answered(request.protocol, status, _perf_ns() - start, queued, weight, counted)
             note = request.note
             if note is not None:  # the access log's (and the trace's) figures of this request
                 note.queue_s = queued
@@ -216,18 +218,16 @@ class ModelVersion:
             self._idle.clear()
         self.in_flight += weight
 
-    def _answered(self, protocol: str, status: str, elapsed_ns: int, queued_s: float | None, weight: int = 1) -> None:
-        """A request's figures (``queued_s``: its wait in the queue, None when it never left it;
-        ``weight``: the client requests it stands for). Written only on the event loop, so they
-        need no lock (executions, which may finish on inference threads, write other fields
-        under one)."""
+    def _answered(self, protocol: str, status: str, ns: int, queued_s: float | None, weight=1, count=True) -> None:
+        """A request's figures (``queued_s``: its wait in the queue, None if it never left it; ``weight``:
+        the client requests it stands for; ``count`` False: none, they come again). Only on the event
+        loop: no lock (executions, which may finish on inference threads, write others under one)."""
         m = self.metrics
-        if queued_s is not None:
-            self.stats.record_request(status == "OK", elapsed_ns, int(queued_s * 1e9), weight)
-            m.queue.observe(queued_s, weight)
-        else:
-            self.stats.record_request(status == "OK", elapsed_ns, None, weight)
-        m.request_done(protocol, status, elapsed_ns / 1e9)
+        if count:
+            self.stats.record_request(status == "OK", ns, None if queued_s is None else int(queued_s * 1e9), weight)
+            if queued_s is not None:
+                m.queue.observe(queued_s, weight)
+            m.request_done(protocol, status, ns / 1e9, weight)
         self.in_flight -= weight
         if self.in_flight == 0:
             self._idle.set()

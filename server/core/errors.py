@@ -30,6 +30,19 @@ class ErrorCode(enum.Enum):
     __hash__ = object.__hash__
 
 
+# The model owner's codes a front worker reads as one of batch_may_go_alone's (GatewayError.resent_alone)
+_RESENT_CODES = frozenset(
+    (
+        ErrorCode.INVALID_ARGUMENT,
+        ErrorCode.FAILED_PRECONDITION,
+        ErrorCode.INTERNAL,
+        ErrorCode.ALREADY_EXISTS,
+        ErrorCode.UNAUTHENTICATED,
+        ErrorCode.PERMISSION_DENIED,
+    )
+)
+
+
 class GatewayError(Exception):
     """An error with a code a transport can map, and a message a caller can act on."""
 
@@ -40,6 +53,14 @@ class GatewayError(Exception):
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+
+    def resent_alone(self) -> bool:
+        """Whether a front worker whose call to the model owner merged several requests, answered
+        this error by the owner, sends each of them again alone (``model.py``'s batch execution:
+        :func:`batch_may_go_alone` of the error it reads, which over gRPC is INTERNAL for a code
+        ``backends/remote.py`` does not keep): the owner counts those calls then, not this one, so
+        that each client request counts once."""
+        return isinstance(self, TooLarge) or self.code in _RESENT_CODES
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"GatewayError({self.code.value}, {self.message!r})"

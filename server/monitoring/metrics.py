@@ -148,13 +148,15 @@ class ModelMetrics:
             return None
         return depth(), inflight(), oldest()
 
-    def request_done(self, protocol: str, status: str, seconds: float) -> None:
+    def request_done(self, protocol: str, status: str, seconds: float, weight: int = 1) -> None:
+        """One answered call; ``weight``: the client requests it stands for (a front worker's
+        call to the model owner), which Triton's failure reasons count, as the statistics do."""
         key = (protocol, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         if status != "OK":
             reason = STATUS_REASONS.get(status)
             if reason is not None:
-                self.failures[reason] = self.failures.get(reason, 0) + 1
+                self.failures[reason] = self.failures.get(reason, 0) + weight
         h = self.durations.get(protocol)
         if h is None:
             h = self.durations[protocol] = Histogram(self.duration_buckets)

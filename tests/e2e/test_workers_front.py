@@ -9,6 +9,7 @@ tritonclient gRPC clients (one connection each, spread over the workers by the k
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -386,3 +387,49 @@ def _ready_everywhere_server(p: Proc) -> set[bool]:
         seen.add(c.is_server_ready())
         c.close()
     return seen
+
+
+def test_front_mode_failure_reasons_count_client_requests_as_the_statistics_do(tmp_path):
+    """A worker's call to the owner that merged n client requests and failed in the model is sent
+    again one request at a time, so that only the request at fault fails. The owner counted both
+    (until 2026-12-06): the statistics and Triton's families said 2n failures for n, and the call,
+    counted once by reason, put n - 1 of them under OTHER. Every request here fails in the model:
+    n failures, all BACKEND."""
+    from route_support import POISON, failing_classifier
+
+    # A long queue delay and a batch of 8: each worker merges the requests its clients send at once.
+    cfg = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2000000 preferred_batch_size: [8] }\n"
+    _save(failing_classifier(), str(tmp_path), "clf_bad", config=cfg)
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front"))
+    try:
+        p.wait_ready()
+        clients = 8
+        start = threading.Barrier(clients)
+        failed = [0] * clients
+
+        def client(i: int) -> None:
+            c = grpcclient.InferenceServerClient(p.grpc)
+            x = grpcclient.InferInput("features", [1, 4], "FP32")
+            x.set_data_from_numpy(POISON)
+            try:
+                start.wait(60)
+                c.infer("clf_bad", [x], client_timeout=120)
+            except InferenceServerException:
+                failed[i] = 1
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(failed) == clients
+        stats = json.loads(urllib.request.urlopen(f"http://{p.http}/v2/models/clf_bad/stats", timeout=20).read())
+        assert stats["model_stats"][0]["inference_stats"]["fail"]["count"] == clients
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
+        reason = 'nv_inference_request_failure{{model="clf_bad",reason="{}",version="1"}}'
+        assert _value(text, reason.format("BACKEND")) == clients, text
+        assert _value(text, reason.format("OTHER")) == 0
+    finally:
+        p.kill()

@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from batchgate.backends.remote import config_from_metadata, not_delivered
+from batchgate.core.errors import ErrorCode
 from processes import free_port
 
 
@@ -122,3 +123,35 @@ def test_forwarding_is_raw_or_decoded():
     with pytest.raises(ConfigError) as e:
         parse_remote_model("name=m upstreams=h:1 forwarding=bytes", "flag")
     assert "forwarding must be one of raw, decoded" in str(e.value)
+
+
+class _Answer:
+    """What a failed gRPC call says (the model owner's answer as a front worker reads it)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_the_owner_leaves_uncounted_exactly_the_calls_a_front_worker_sends_again(code):
+    """The model owner does not count a merged call that failed when the front worker sends its
+    requests again one by one (GatewayError.resent_alone): it must judge the worker's way, from
+    the code the worker reads over gRPC, else a failure counts twice or not at all."""
+    from batchgate.backends.remote import RemoteV2Backend
+    from batchgate.core.errors import GatewayError, TooLarge, batch_may_go_alone
+    from batchgate.transport.grpc_service import GRPC_STATUS
+
+    class Up:
+        address = "unix:/owner.sock"
+
+    for owner_error in (GatewayError(code, "failed"), TooLarge("message larger than max (9 vs. 4)")):
+        if owner_error.code is not code:
+            continue
+        read = RemoteV2Backend._translate(None, Up(), _Answer(GRPC_STATUS[code], owner_error.message))  # type: ignore[arg-type]
+        assert owner_error.resent_alone() == batch_may_go_alone(read), (code, read)
