@@ -10,7 +10,8 @@ read and write must, within ``timeout_s`` (else closed, counted ``metrics_timeou
 client that connected and sent nothing held a thread for ever, and any number of them could.
 
 It answers ``GET`` and ``HEAD`` of exactly ``/metrics`` (Prometheus text format 0.0.4, gzip when
-the scraper accepts it); any other path is 404 and any other method 405, whatever the key.
+the scraper accepts it: Accept-Encoding with gzip's q above 0, preferred to identity); any other
+path is 404 and any other method 405, whatever the key.
 The text is always format 0.0.4, never OpenMetrics: Triton's counters (``triton.py``) have no
 ``_total`` suffix, which OpenMetrics would require.
 """
@@ -29,6 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..core.errors import ErrorCode, GatewayError
 from ..security.auth import KeyStore
+from ..transport.http_codec import pick_encoding
 from ..transport.sockets import ListenError, PeerShare, dual_stack, host_port, peer_of
 
 PATH = "/metrics"
@@ -202,7 +204,8 @@ def serve_metrics(
                 )
         body = exposition()
         headers = [("Content-Type", CONTENT_TYPE)]
-        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+        # (Accept-Encoding read as the V2 answers read it: "gzip;q=0" refuses gzip, it does not ask for it)
+        if pick_encoding(environ.get("HTTP_ACCEPT_ENCODING")) == "gzip":
             body = gzip.compress(body, compresslevel=1)  # the text is repetitive: level 1 does well, cheaply
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))

@@ -238,6 +238,14 @@ def test_the_metrics_port_answers_only_metrics(gw):
     zipped, body = _request(port, "GET", "/metrics", {"Accept-Encoding": "gzip"})
     assert zipped.status == 200 and zipped.getheader("Content-Encoding") == "gzip"
     assert b"# TYPE nv_inference_count counter" in gzip.decompress(body)
+    # Accept-Encoding as RFC 9110 reads it: q=0 refuses a coding (until 2026-12-06 any mention of
+    # gzip was taken for a request of it), and a preference for identity is kept.
+    for refused in ("gzip;q=0", "gzip;q=0.0, identity", "identity, gzip;q=0.5", "deflate"):
+        plain, body = _request(port, "GET", "/metrics", {"Accept-Encoding": refused})
+        assert plain.getheader("Content-Encoding") is None and b"# TYPE nv_inference_count" in body, refused
+    for asked in ("GZIP", "deflate;q=0.5, gzip", "identity;q=0.1, gzip;q=0.8"):
+        zipped, body = _request(port, "GET", "/metrics", {"Accept-Encoding": asked})
+        assert zipped.getheader("Content-Encoding") == "gzip" and gzip.decompress(body), asked
     # A scraper asking for OpenMetrics (as Prometheus does) still gets text format 0.0.4.
     om, body = _request(port, "GET", "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert (om.getheader("Content-Type") or "").startswith("text/plain; version=0.0.4")
