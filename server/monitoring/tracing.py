@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 import weakref
@@ -160,9 +161,13 @@ class Tracing:
         from .. import __version__
 
         self.endpoint = endpoint
-        attrs = {"service.name": service_name, "service.version": __version__}
-        if worker is not None:
-            attrs["service.instance.id"] = worker
+        # OpenTelemetry asks service.instance.id to be unique among a service's instances: the host
+        # (the pod's name in Kubernetes), and the worker process there. It was the worker's name
+        # alone ("worker 0" in every pod, none without workers) until 2026-12-06, so the spans of
+        # different replicas could not be told apart.
+        host = socket.gethostname()
+        attrs = {"service.name": service_name, "service.version": __version__, "host.name": host}
+        attrs["service.instance.id"] = host if worker is None else f"{host}/{worker}"
         self.counts = SpanCounts(queue_size)
         try:
             inner = _exporter(endpoint, protocol, export_timeout_s)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -81,7 +82,8 @@ def test_trace_settings_reach_every_worker(clf_repo):
         spans = receiver.wait(lambda s: sum(x.name == "InferRequest" for x in s) >= 16)
         roots = [x for x in spans if x.name == "InferRequest"]
         assert len(roots) == 16
-        assert {x.resource["service.instance.id"] for x in roots} == {"worker 0", "worker 1"}
+        host = socket.gethostname()
+        assert {x.resource["service.instance.id"] for x in roots} == {f"{host}/worker 0", f"{host}/worker 1"}
     finally:
         p.kill()
         receiver.close()

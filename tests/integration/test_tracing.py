@@ -7,6 +7,7 @@ to a remote model, a collector that is down costing no request, and Triton's tra
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -88,6 +89,11 @@ def _triton_shaped(receiver, protocol: str) -> None:
     assert compute.attributes["batchgate.batch_size"] == 1
     assert root.start_ns <= model.start_ns <= compute.start_ns <= compute.end_ns <= model.end_ns <= root.end_ns
     assert root.resource["service.name"] == "batchgate"
+    # Which replica: the host (the pod's name), also as service.instance.id, which OpenTelemetry
+    # asks to be unique among a service's instances (it was absent in one process until 2026-12-06,
+    # and "worker 0" in every pod with workers).
+    host = socket.gethostname()
+    assert root.resource["host.name"] == host and root.resource["service.instance.id"] == host
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
