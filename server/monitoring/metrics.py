@@ -362,6 +362,12 @@ class Metrics:
             um = self._upstreams[key] = UpstreamMetrics()
         return um
 
+    def keep_upstreams(self, model: str, addresses: Collection[str]) -> None:
+        """Drop the series of ``model``'s upstreams not in ``addresses`` (a reload without them,
+        every one on an unload): a closed upstream's health gauge reads 0, down for ever."""
+        for key in [k for k in self._upstreams if k[0] == model and k[1] not in addresses]:
+            del self._upstreams[key]
+
     def bind(self, model: str, version: str) -> ModelMetrics:
         """The figures of one model version; a reload of the same version continues them."""
         key = (model, version)

@@ -526,6 +526,7 @@ class ModelRepository:
             if vote is not None:
                 await self._voted(entry, vote, (served,), True)
             self._swap(entry, {int(version): served}, time.perf_counter() - t0)
+            self.metrics.keep_upstreams(name, spec.upstreams)  # (those a reload left out go)
             # (its upstreams now serve another version: load it again; a front worker's model
             # follows the owner's the same way, the owner being its upstream)
             backend.on_change = lambda: self._again(spec, generation)
@@ -583,6 +584,7 @@ class ModelRepository:
             self._changed(name)
             await asyncio.gather(*(s.retire(self.retire_grace_s) for s in old.values()))
             entry.state, entry.reason, entry.fingerprint = UNAVAILABLE, "unloaded", ()
+            self.metrics.keep_upstreams(name, ())  # (a remote model's: gone with it, as a route's)
             if forget:
                 self.models.pop(name, None)
             log.info("model '%s' unloaded", name)

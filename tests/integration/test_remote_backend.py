@@ -823,3 +823,19 @@ def test_a_gateway_batch_past_a_message_size_limit_goes_again_one_request_at_a_t
         assert list(pool.map(call, [1, 2])) == [True, True]
     stats = httpclient.InferenceServerClient(up.http).get_inference_statistics("big")["model_stats"][0]
     assert stats["execution_count"] == 3  # the batch of two, then each alone
+
+
+def test_an_unloaded_remote_model_takes_its_upstream_series_with_it(tmp_path, serve, upstream):
+    """Until 2026-12-06 an unloaded remote model's upstream series stayed until a restart, its
+    health gauge at 0: a removed upstream read as down for ever. Loaded again, they come back."""
+    up = upstream(_classifier_repo(tmp_path / "up"))
+    running = serve("", model_control_mode="explicit", remote_models=(RemoteModel("clf", (up.grpc,), **FAST),))
+    _infer(grpcclient, running.grpc_url, "clf", np.ones((1, 4), np.float32))
+    healthy = f'batchgate_upstream_healthy{{model="clf",upstream="{up.grpc}"}}'
+    assert _metric_lines(running, healthy) == [f"{healthy} 1.0"]
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+    c.unload_model("clf")
+    _wait(lambda: not c.is_model_ready("clf"), "the unload")
+    assert _metric_lines(running, "batchgate_upstream_") == []
+    c.load_model("clf")
+    _wait(lambda: _metric_lines(running, healthy) == [f"{healthy} 1.0"], "the upstream back in rotation")
