@@ -443,7 +443,7 @@ class Metrics:
         if alog is not None:
             add("batchgate_access_log_lines", (), alog.lines)
             for reason, n in list(alog.dropped.items()):
-                add("batchgate_access_log_dropped", (reason,), n)
+                add("batchgate_access_log_dropped", (reason,), n + alog.unwritten if reason == "error" else n)
         if self.audit_refused is not None:
             add("batchgate_audit_log_dropped", (), self.audit_refused.dropped)
         for file, watched in self.watched_files:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from protocol_support import raw_http, simple_feeds
 from tritonclient.utils import InferenceServerException
 
 from batchgate.security.auth import hash_token, new_token
+from gateway_support import eventually
 
 TOKEN = new_token()
 
@@ -369,3 +371,27 @@ def test_overload_refusals_are_sampled_not_kept_as_other_errors(demo_repo, serve
     lines = _lines(log, 7 if mode == "all" else 2)  # (and the held request's, CANCELLED)
     errors = sorted(ln["error.type"] for ln in lines if ln.get("error.type") != "CANCELLED")
     assert errors == ["NOT_FOUND"] + (["RESOURCE_EXHAUSTED"] * 5 if mode == "all" else []), errors
+
+
+def test_lines_a_full_disk_refuses_are_counted_dropped_not_written(demo_repo, serve, caplog):
+    """/dev/full refuses every write (ENOSPC, as a full disk does). Until 2026-12-06 such lines
+    counted in batchgate_access_log_lines_total as written, none as dropped, and a warning came
+    with each chunk (ten a second): now each is counted dropped (error), said once."""
+    caplog.set_level(logging.WARNING, logger="batchgate.access")
+    running = serve(demo_repo, access_log="all", access_log_file="/dev/full")
+    mod, client = _client("http", running)
+    for _ in range(3):
+        _infer(mod, client)
+        time.sleep(0.3)  # (chunks of their own: the writer takes what is queued every 0.1 s)
+
+    def figures() -> tuple[float, float]:
+        text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+        values = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln.startswith("batchgate_access_log_"))
+        return (
+            float(values["batchgate_access_log_lines_total"]),
+            float(values['batchgate_access_log_dropped_total{reason="error"}']),
+        )
+
+    eventually(lambda: figures() == (0.0, 3.0), "the three lines counted dropped")
+    said = [r for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
