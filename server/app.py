@@ -161,7 +161,10 @@ class Gateway:
         self.dataplane.weighs_calls = self.grpc_address.startswith("unix:")
         self.metrics.duration_buckets = latency_buckets(settings.observability.latency_slo_ms)
         try:
-            self.access_log = open_access_log(settings.observability, logs.worker_name())
+            # (front mode's model owner: its callers are the pod's workers, which log each client
+            # request; its own lines were each request again, from "unix", until 2026-12-06)
+            owner = self.dataplane.weighs_calls
+            self.access_log = None if owner else open_access_log(settings.observability, logs.worker_name())
             self.tracing = open_tracing(settings.observability, logs.worker_name())
         except ValueError as e:
             raise ConfigError(str(e)) from None

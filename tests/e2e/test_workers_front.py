@@ -435,3 +435,28 @@ def test_front_mode_failure_reasons_count_client_requests_as_the_statistics_do(t
         assert _value(text, reason.format("OTHER")) == 0
     finally:
         p.kill()
+
+
+def test_front_mode_logs_each_client_request_once(tmp_path):
+    """The workers write the access lines of the requests their clients send; the model owner
+    wrote one more for each call a worker made to it (client.address "unix", until 2026-12-06):
+    every request twice, and a merged call as one more line."""
+    _save(classifier_model(), str(tmp_path / "models"), "clf", config="max_batch_size: 8\n")
+    log = tmp_path / "access.log"
+    p = Proc(serve_args(str(tmp_path / "models"), "--workers", "2", "--workers-mode", "front", "--access-log", "all",
+                        "--access-log-file", str(log)))  # fmt: skip
+    try:
+        p.wait_ready()
+        c = grpcclient.InferenceServerClient(p.grpc)
+        x = grpcclient.InferInput("features", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        for i in range(3):
+            c.infer("clf", [x], request_id=f"r{i}")
+        c.close()
+        p.p.send_signal(signal.SIGTERM)  # a stop writes what is queued, then closes the file
+        p.p.wait(60)
+    finally:
+        p.kill()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(line["batchgate.request.id"] for line in lines) == ["r0", "r1", "r2"], lines
+    assert {line["client.address"] for line in lines} == {"127.0.0.1"}
