@@ -381,6 +381,16 @@ FRONT_SIDE = FRONT_FAMILIES | {
     "batchgate_queue_oldest_age_seconds",
     "batchgate_event_loop_lag_seconds",
     "batchgate_gc_pause_seconds",
+    # ... and what each process writes of its own: the access log (the workers'), spans, log lines
+    # past their bounds, files it watches, the certificate it serves (the workers' own, which
+    # until 2026-12-06 were left out: only the owner's counted, and it serves no client)
+    "batchgate_access_log_lines",
+    "batchgate_access_log_dropped",
+    "batchgate_trace_spans",
+    "batchgate_failure_log_dropped",
+    "batchgate_audit_log_dropped",
+    "batchgate_reload_failures",
+    "batchgate_tls_certificate_expiry_timestamp_seconds",
 }
 
 

@@ -27,6 +27,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
+from gateway_support import eventually
 from processes import Proc, free_port, serve_args
 
 WIDTH = 512
@@ -453,6 +454,14 @@ def test_front_mode_logs_each_client_request_once(tmp_path):
         for i in range(3):
             c.infer("clf", [x], request_id=f"r{i}")
         c.close()
+        # The workers' own figures (until 2026-12-06 the pod showed only the owner's: its lines)
+        url = f"http://127.0.0.1:{p.ports[2]}/metrics"
+        eventually(
+            lambda: (
+                _value(urllib.request.urlopen(url, timeout=20).read().decode(), "batchgate_access_log_lines_total") == 3
+            ),
+            "the workers' three lines counted",
+        )
         p.p.send_signal(signal.SIGTERM)  # a stop writes what is queued, then closes the file
         p.p.wait(60)
     finally:
@@ -460,3 +469,22 @@ def test_front_mode_logs_each_client_request_once(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(line["batchgate.request.id"] for line in lines) == ["r0", "r1", "r2"], lines
     assert {line["client.address"] for line in lines} == {"127.0.0.1"}
+
+
+def test_front_mode_exports_the_certificate_the_workers_serve(tmp_path):
+    """The workers serve TLS, the model owner a Unix socket: the pod's figures took per-process
+    families such as the certificate's expiry from the owner only (until 2026-12-06), so a front
+    pod had no batchgate_tls_certificate_expiry_timestamp_seconds, and its alert never fired."""
+    from tls_support import make_pki
+
+    _save(classifier_model(), str(tmp_path / "models"), "clf", config="max_batch_size: 8\n")
+    pki = make_pki(tmp_path)
+    tls = ["--tls-cert-file", pki.path("server.crt"), "--tls-key-file", pki.path("server.key")]
+    p = Proc(serve_args(str(tmp_path / "models"), "--workers", "2", "--workers-mode", "front", *tls))
+    try:
+        p.wait_ready()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
+    finally:
+        p.kill()
+    expires = pki.server.cert.not_valid_after_utc.timestamp()
+    assert _value(text, "batchgate_tls_certificate_expiry_timestamp_seconds") == expires
