@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .app import LIVENESS_SERVICE
 from .config import ConfigError
 from .core.errors import ErrorCode, GatewayError
+from .monitoring.families import FAMILIES
 from .monitoring.metrics import Metrics, Snapshot, by_worker, exposition
 from .pod_control import POLL_S, SNAPSHOT_TIMEOUT_S, STALE_WAIT_S, Slot
 from .route_table import SYSTEM
@@ -391,6 +392,9 @@ FRONT_SIDE = FRONT_FAMILIES | {
     "batchgate_audit_log_dropped",
     "batchgate_reload_failures",
     "batchgate_tls_certificate_expiry_timestamp_seconds",
+    # ... and the routes, which the workers serve over the owner's models (it has none)
+    *(f for f in FAMILIES if f.startswith(("batchgate_route", "batchgate_rollout", "batchgate_shadow"))),
+    "batchgate_state_write_failures",
 }
 
 

@@ -60,11 +60,12 @@ class Snapshot:
         return out
 
     def part(self, families: frozenset[str], inside: bool) -> Snapshot:
-        """The families in ``families`` (``inside``), or the others with the statistics."""
+        """The families in ``families`` (``inside``) with the routes' statistics (version "": front
+        mode's workers serve the routes), or the others with the rest of the statistics."""
         return Snapshot(
             {f: dict(v) for f, v in self.values.items() if (f in families) == inside},
-            {} if inside else dict(self.stats),
-            {} if inside else {k: dict(v) for k, v in self.failures.items()},
+            {k: v for k, v in self.stats.items() if (k[1] == "") == inside},
+            {k: dict(v) for k, v in self.failures.items() if (k[1] == "") == inside},
             dict(self.buckets),
         )
 

@@ -488,3 +488,35 @@ def test_front_mode_exports_the_certificate_the_workers_serve(tmp_path):
         p.kill()
     expires = pki.server.cert.not_valid_after_utc.timestamp()
     assert _value(text, "batchgate_tls_certificate_expiry_timestamp_seconds") == expires
+
+
+def test_front_mode_exports_the_routes_the_workers_serve(tmp_path):
+    """The workers serve the routes over the owner's models (it has none): the pod's figures took
+    the route families and the routes' statistics from the owner only (until 2026-12-06), so a
+    front pod had no batchgate_route_* / batchgate_shadow_* series and no statistics of a route."""
+    import yaml
+
+    models = tmp_path / "models"
+    _save(classifier_model(), str(models), "a", config="max_batch_size: 8\n")
+    _save(classifier_model(seed=1), str(models), "b", config="max_batch_size: 8\n")
+    routes = tmp_path / "routes.yaml"
+    variants = [{"name": "va", "model": "a", "weight": 50}, {"name": "vb", "model": "b", "weight": 50}]
+    routes.write_text(yaml.safe_dump({"routes": [{"name": "r", "variants": variants}]}))
+    p = Proc(serve_args(str(models), "--workers", "2", "--workers-mode", "front", "--routes-file", str(routes)))
+    try:
+        p.wait_ready()
+        c = grpcclient.InferenceServerClient(p.grpc)
+        x = grpcclient.InferInput("features", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        for _ in range(10):
+            c.infer("r", [x])
+        stats = c.get_inference_statistics("r", as_json=True)["model_stats"][0]
+        c.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
+    finally:
+        p.kill()
+    series = 'batchgate_route_requests_total{{route="r",status="OK",variant="{}"}}'
+    answered = sum(_value(text, series.format(v)) for v in ("va", "vb"))
+    assert answered == 10, text
+    assert _value(text, 'nv_inference_request_success{model="r",version=""}') == 10
+    assert int(stats["inference_stats"]["success"]["count"]) == 10
