@@ -26,6 +26,7 @@ from . import __version__, cores, logs
 from .admin.api import AdminApi
 from .admin.grpc_service import AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
+from .backends.upstream_tls import check_remote_files
 from .config import ConfigError, Settings
 from .core.errors import GatewayError
 from .core.types import RequestLimits
@@ -214,6 +215,7 @@ class Gateway:
         there with what was loaded, registered and changed before it started)."""
         s = self.settings.server
         self._tls = self.metrics.tls = load_server_tls(self.settings.tls)  # bad files: ConfigError, nothing started
+        check_remote_files(self.settings.remote_models)  # (their TLS and token files, likewise)
         if self.leader:  # (each worker process reads the same TLS files: one count of their failures)
             keys = self.dataplane.access.keys if self.role is None else None  # (the supervisor reads the pod's)
             watched = (("api_keys", keys), ("tls", self._tls))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,15 @@ class RemoteModel:
     forwarding: str = "raw"
     # grpcio: calls through grpc.aio's channel | h2: batchgate's own HTTP/2 client (backends/h2_client.py)
     client: str = "h2"
+    # TLS to the upstreams (both clients); a CA bundle (default: the system's), a client
+    # certificate and key (mTLS), and the name their certificate must carry ("" = the host)
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_server_name: str = ""
+    # a file holding a bearer token sent on every upstream call (backends/upstream_tls.py)
+    token_file: str = ""
     # (not a setting) front mode: each call says how many client requests it merged, so that the
     # model owner counts requests (core.types.REQUESTS_HEADER)
     tells_requests: bool = dataclasses.field(default=False, metadata={"internal": True})
@@ -144,6 +154,11 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
                 v = int(v)
                 if not 0 <= v <= MAX_REMOTE_INT:
                     raise ValueError
+            elif kind == "bool":
+                if isinstance(v, str) and v.lower() in ("true", "false"):
+                    v = v.lower() == "true"
+                if not isinstance(v, bool):
+                    raise ValueError
             elif kind == "float":
                 if isinstance(v, bool):
                     raise ValueError
@@ -157,7 +172,7 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
         except (TypeError, ValueError, OverflowError):
             want = "a whole number >= 0 of at most 18 digits" if kind == "int" else "a number > 0"
             if kind not in ("int", "float"):
-                want = "a string"
+                want = "true or false" if kind == "bool" else "a string"
             raise ConfigError(f"{source}: remote model '{name}': '{key}' must be {want}, not {shown(v)}") from None
         values[key] = v
     spec = RemoteModel(**values)
@@ -191,6 +206,26 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
             f"{source}: remote model '{spec.name}': probe_interval_s must be at least {MIN_PROBE_INTERVAL_S}, "
             f"not {spec.probe_interval_s:g}"
         )
+    _check_security(spec, source)
     if spec.eject_after_failures < 1:
         raise ConfigError(f"{source}: remote model '{spec.name}': eject_after_failures must be at least 1")
     return spec
+
+
+_SERVER_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
+TLS_FILE_KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+
+
+def _check_security(spec: RemoteModel, source: str) -> None:
+    """The TLS keys' combinations (the files themselves are read when the server starts)."""
+    where = f"{source}: remote model '{spec.name}'"
+    if bool(spec.tls_cert_file) != bool(spec.tls_key_file):
+        raise ConfigError(f"{where}: tls_cert_file and tls_key_file go together: give both, or neither")
+    given = [k for k in (*TLS_FILE_KEYS, "tls_server_name") if getattr(spec, k)]
+    if given and not spec.tls:
+        raise ConfigError(f"{where}: {', '.join(given)} need(s) tls: true")
+    if spec.tls_server_name and not _SERVER_NAME.fullmatch(spec.tls_server_name):
+        raise ConfigError(
+            f"{where}: tls_server_name must be a host name (letters, digits, '-', '.'), "
+            f"not {shown(spec.tls_server_name)}"
+        )

@@ -1,6 +1,7 @@
 """A small V2 gRPC upstream that behaves as a test needs: where a real one cannot be made to
 answer a status on request (Triton's UNAVAILABLE for a full queue), to tell what arrived (the
-parameters of each request), or to declare a scheduler batchgate does not run (sequence batching).
+parameters of each request, the authorization metadata of each call), or to declare a scheduler
+batchgate does not run (sequence batching).
 
 Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
 ``sequence_batching``), ``shape`` (the same, x a TensorRT shape tensor) and ``typed`` (the same,
@@ -41,6 +42,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(self, request, context):
+        self.owner.probe_authorization = dict(context.invocation_metadata() or ()).get("authorization")
         return pb.ModelReadyResponse(ready=request.name in MODELS)
 
     async def ModelMetadata(self, request, context):
@@ -71,6 +73,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         params = dict(request.parameters)
+        self.owner.authorization.append(dict(context.invocation_metadata() or ()).get("authorization"))
         self.owner.seen.append((request.model_name, params, [list(t.shape) for t in request.inputs]))
         if self.owner.hang:
             await asyncio.sleep(3600)  # (until the caller's deadline cancels it)
@@ -147,6 +150,8 @@ class FakeUpstream:
         self.metadata_code = 0  # a gRPC status code its ModelMetadata fails with (0: it answers)
         self.lie = ""  # the ``lie`` of every request that gives none
         self.hang = False  # its inference never answers (its probes still do), as a wedged server's
+        self.authorization: list[str | None] = []  # the authorization metadata of each infer call
+        self.probe_authorization: str | None = None  # that of the last ModelReady
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

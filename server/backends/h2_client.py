@@ -18,12 +18,16 @@ import logging
 import time
 import urllib.parse
 from collections import deque
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc.aio import Metadata
 
 from ..transport import grpc_wire, http2
 from ..transport.http2_client import Http2Client
+
+if TYPE_CHECKING:
+    from .upstream_tls import UpstreamSecurity
 
 log = logging.getLogger("batchgate.remote")
 WINDOW = 16 << 20
@@ -164,13 +168,16 @@ class _Protocol(asyncio.Protocol):
             return
         fields = [
             (b":method", b"POST"),
-            (b":scheme", b"http"),
+            (b":scheme", self.channel.scheme),
             (b":path", call.path),
             (b":authority", self.channel.authority),
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
             (b"grpc-timeout", grpc_wire.encode_timeout(left)),
         ]
+        security = self.channel.security
+        if security is not None and security.header:  # (the token as it is now: rotation needs no reconnect)
+            fields.append((b"authorization", security.header))
         if call.md:
             fields += grpc_wire.encode_metadata(call.md)
         call.sid = sid = h.open_stream(fields)
@@ -364,10 +371,14 @@ def _expire(p: _Protocol, call: _Call) -> None:
 class H2Channel:
     """Unary gRPC calls to one upstream over one HTTP/2 connection."""
 
-    def __init__(self, address: str, max_message_bytes: int):
+    def __init__(self, address: str, max_message_bytes: int, security: UpstreamSecurity | None = None):
         """``address``: ``host:port``, ``[v6]:port``, or gRPC's ``unix:path`` / ``unix:///path``
-        (a Unix socket: how front workers reach the process that owns the models)."""
+        (a Unix socket: how front workers reach the process that owns the models); ``security``:
+        the remote model's TLS (ALPN h2) and token, if it has either."""
         self.address = address
+        self.security = security
+        self.tls = security is not None and security.spec.tls
+        self.scheme = b"https" if self.tls else b"http"
         self._unix: str | None = None
         if address.startswith("unix:"):
             self._unix = address[len("unix://") :] if address.startswith("unix://") else address[len("unix:") :]
@@ -376,7 +387,7 @@ class H2Channel:
         else:
             host, _, port = address.rpartition(":")
             self._host, self._port = host.strip("[]"), int(port)
-            self.authority = address.encode("ascii")
+            self.authority = (address if security is None else security.authority(address)).encode("ascii")
         self.max_message_bytes = max_message_bytes
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
@@ -410,15 +421,33 @@ class H2Channel:
             opening = (
                 loop.create_unix_connection(lambda: _Protocol(self), self._unix)
                 if self._unix is not None
-                else loop.create_connection(lambda: _Protocol(self), self._host, self._port)
+                else loop.create_connection(lambda: _Protocol(self), self._host, self._port, **self._tls_arguments())
             )
             _, protocol = await asyncio.wait_for(opening, CONNECT_TIMEOUT_S)
         except TimeoutError:
             raise _unsent(f"{self.address}: connect timed out after {CONNECT_TIMEOUT_S:g} s") from None
-        except OSError as e:
+        except OSError as e:  # (ssl.SSLError among them: a certificate refused, say)
             raise _unsent(f"{self.address}: {e}") from None
+        if self.tls:
+            transport = protocol.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                if transport is not None:
+                    transport.close()
+                raise _unsent(f"{self.address}: the upstream's TLS does not offer HTTP/2 (ALPN h2)")
         self._protocol = protocol
         return protocol
+
+    def _tls_arguments(self) -> dict:
+        """create_connection's TLS arguments: the model's newest context, the name to verify."""
+        if not self.tls or self.security is None or self.security.ssl_context is None:
+            return {}
+        return {"ssl": self.security.ssl_context, "server_hostname": self.security.server_name(self._host)}
+
+    def renew(self) -> None:
+        """New TLS files: the next call connects with them; the open connection's calls finish there."""
+        if self._protocol is not None and not self._protocol.lost:
+            self._protocol.retire()
 
     def unary(self, path: str):
         """A callable like grpc.aio's ``channel.unary_unary(path)`` for bytes in and out:

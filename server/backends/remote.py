@@ -33,7 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..config import RemoteModel
-from ..core.errors import ErrorCode, GatewayError, ModelRefused, TooLarge
+from ..core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, TooLarge
 from ..core.types import BY_CONFIG, clip, printable
 from ..monitoring.metrics import Metrics
 from ..monitoring.tracing import TraceHeaders
@@ -41,6 +41,7 @@ from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2RpcError
 from .upstream import NOT_AN_ANSWER, Upstream
+from .upstream_tls import UpstreamSecurity
 from .v2_messages import (
     answer_outputs,
     answer_parameters,
@@ -133,10 +134,22 @@ class RemoteV2Backend:
     ):
         self.spec = spec
         self._clock = clock
-        self.upstreams = [Upstream(a, spec, metrics.upstream(spec.name, a), max_message_bytes) for a in spec.upstreams]
+        # TLS and token files: read here, watched by the probe loop. Unusable (changed since the
+        # server started): no upstream is set up, and open() fails naming the file.
+        self.security: UpstreamSecurity | None = None
+        self._unusable = ""
+        try:
+            self.security = UpstreamSecurity(spec) if spec.tls or spec.token_file else None
+        except ConfigError as e:
+            self._unusable = str(e)
+        addresses = () if self._unusable else spec.upstreams
+        self.upstreams = [
+            Upstream(a, spec, metrics.upstream(spec.name, a), max_message_bytes, self.security) for a in addresses
+        ]
         self._turn = 0
         self._prober: asyncio.Task | None = None
         self._closed = False
+        self._retired: set[asyncio.Future] = set()  # the closing of channels a TLS reload replaced
         self.version = spec.upstream_version  # the upstream version served; filled by open()
         self._loaded: tuple | None = None  # what the upstream served when the model was loaded (_served)
         # Called once when every upstream serves another version or signature: the repository loads it again
@@ -324,9 +337,20 @@ class RemoteV2Backend:
         while not self._closed:
             await asyncio.sleep(self.spec.probe_interval_s)
             try:
+                if self.security is not None and await self.security.reload_if_changed():
+                    self._renew()
                 await self.probe_all()
             except Exception:  # pragma: no cover - probing must go on whatever happens
                 log.exception("probing the upstreams of model '%s' failed", self.spec.name)
+
+    def _renew(self) -> None:
+        """New TLS files: each upstream's next connections use them; the calls on the old
+        grpc.aio channels may end within their timeout before those channels close."""
+        old = [up.renew() for up in self.upstreams]
+        grace = min(MAX_EJECT_S, self.spec.timeout_s)
+        closing = asyncio.ensure_future(asyncio.gather(*(c.close(grace) for c in old), return_exceptions=True))
+        self._retired.add(closing)  # (a task only the loop refers to may be collected before it ends)
+        closing.add_done_callback(self._retired.discard)
 
     def ready(self) -> bool:
         return any(up.in_rotation for up in self.upstreams)

@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from ..config import RemoteModel
 from ..monitoring.metrics import UpstreamMetrics
 from .h2_client import H2Channel, H2RpcError
+from .upstream_tls import TokenInterceptor, UpstreamSecurity
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 NOT_AN_ANSWER = "its answer is not a ModelInferResponse"
@@ -43,19 +44,23 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class Upstream:
     """One upstream address: its channel, its place in the rotation, its figures."""
 
-    def __init__(self, address: str, spec: RemoteModel, metrics: UpstreamMetrics, max_message_bytes: int):
+    def __init__(
+        self,
+        address: str,
+        spec: RemoteModel,
+        metrics: UpstreamMetrics,
+        max_message_bytes: int,
+        security: UpstreamSecurity | None = None,
+    ):
         self.address = address
         self._max_message_bytes = max_message_bytes
+        self.security = security
         self._blocking: grpc.Channel | None = None  # a synchronous channel, made on first use
         self._blocking_infer: Callable[..., pb.ModelInferResponse] | None = None
-        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
-        self.raw_infer = self.channel.unary_unary(INFER_METHOD, _registered_method=True)
-        self.model_infer = self.stub.ModelInfer
+        self._open_channel()
         self.h2: H2Channel | None = None
         if spec.client == "h2":  # infer calls over batchgate's own HTTP/2 client; probes stay on grpc.aio
-            self.h2 = H2Channel(address, max_message_bytes)
+            self.h2 = H2Channel(address, max_message_bytes, security)
             self.raw_infer = raw = self.h2.unary(INFER_METHOD)
 
             async def model_infer(msg, timeout=None, metadata=None):
@@ -84,6 +89,37 @@ class Upstream:
         self.good = 0
         self.typical_s = 0.0
 
+    def _open_channel(self) -> None:
+        """The grpc.aio channel (plaintext, or TLS with the model's current files; the token
+        added to each call) and its callables."""
+        sec, options = self.security, _channel_options(self._max_message_bytes)
+        interceptors = [TokenInterceptor(sec)] if sec is not None and sec.spec.token_file else None
+        if sec is not None and sec.spec.tls:
+            self.channel = grpc.aio.secure_channel(
+                self.address,
+                sec.grpc_credentials(),
+                options=options + sec.grpc_options(self.address),
+                interceptors=interceptors,
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(self.address, options=options, interceptors=interceptors)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        # ModelInfer with bytes in and out: a caller's request forwarded as it came (no serializers).
+        self.raw_infer = self.channel.unary_unary(INFER_METHOD, _registered_method=True)
+        self.model_infer = self.stub.ModelInfer
+
+    def renew(self) -> grpc.aio.Channel:
+        """New TLS files: new connections use them (grpc.aio's channel is made again, the h2
+        client's connection retired); the old channel is returned, for closing once its calls end."""
+        old, h2_calls = self.channel, (self.raw_infer, self.model_infer)
+        self._open_channel()
+        if self.h2 is not None:
+            self.raw_infer, self.model_infer = h2_calls
+            self.h2.renew()
+        # (the synchronous channel is dropped, not closed: a shadow's call may be on it; it closes when collected)
+        self._blocking = self._blocking_infer = None
+        return old
+
     @property
     def in_rotation(self) -> bool:
         return self.ready and not self.ejected
@@ -92,8 +128,22 @@ class Upstream:
         """ModelInfer over a synchronous channel of this upstream's (made here, on the event
         loop's thread), for calls made on other threads."""
         if self._blocking_infer is None:
-            self._blocking = grpc.insecure_channel(self.address, options=_channel_options(self._max_message_bytes))
-            self._blocking_infer = pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
+            sec, options = self.security, _channel_options(self._max_message_bytes)
+            if sec is not None and sec.spec.tls:
+                self._blocking = grpc.secure_channel(
+                    self.address, sec.grpc_credentials(), options + sec.grpc_options(self.address)
+                )
+            else:
+                self._blocking = grpc.insecure_channel(self.address, options=options)
+            infer = pb_grpc.GRPCInferenceServiceStub(self._blocking).ModelInfer
+            if sec is not None and sec.spec.token_file:
+                # (the token as it is at each call: a rotation needs no new channel)
+                def infer_with_token(msg, timeout=None, _infer=infer, _sec=sec):
+                    return _infer(msg, timeout=timeout, metadata=_sec.metadata)
+
+                self._blocking_infer = infer_with_token
+            else:
+                self._blocking_infer = infer
         return self._blocking_infer
 
     def close_blocking(self) -> None:

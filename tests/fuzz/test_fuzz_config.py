@@ -123,6 +123,10 @@ def remote_models(draw, clean: bool = False):
             entry[key] = draw(st.sampled_from(["gateway", "passthrough"] if clean else ["gateway", "passthrough", "x"]))
         elif key == "eject_after_failures":
             entry[key] = draw(st.integers(1 if clean else 0, 10))
+        elif key.startswith("tls_"):  # (a file or name needs tls: true, a certificate its key: not clean)
+            entry[key] = "" if clean else draw(st.text(max_size=6))
+        elif kind == "bool":
+            entry[key] = draw(st.booleans() if clean else st.sampled_from([True, "false", "yes", 1, ""]))
         elif kind == "int":
             entry[key] = draw(st.integers(0, 100) if clean else st.sampled_from([-1, 3, "9" * 400, "1.5", "-0"]))
         elif kind == "float":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
 
@@ -19,7 +20,10 @@ import h2.settings
 
 from batchgate.backends import h2_client
 from batchgate.backends.h2_client import H2Channel, H2RpcError
+from batchgate.backends.upstream_tls import UpstreamSecurity
+from batchgate.config import RemoteModel
 from batchgate.transport import http2
+from tls_support import make_pki
 
 LIVE = "/inference.GRPCInferenceService/ServerLive"
 
@@ -442,3 +446,83 @@ def test_a_long_timeout_reaches_the_upstream_in_a_unit_it_accepts(demo_repo, ser
         return [await live(b"", timeout=t) for t in (0.05, 99_999.0, 7 * 86_400.0)]
 
     assert _run(main) == [b"\x08\x01"] * 3
+
+
+def _tls_server(pki, alpn: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.path("server.crt"), pki.path("server.key"))
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def test_over_tls_calls_carry_the_current_token_and_new_tls_files_take_a_new_connection(tmp_path):
+    pki = make_pki(tmp_path)
+    token, ca = tmp_path / "token", tmp_path / "ca.pem"
+    token.write_text("first-token\n")
+    ca.write_bytes(pki.ca.pem)
+
+    class Seeing(Upstream):
+        seen: list = []
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            receive = self.h2.receive_data
+
+            def spy(data):
+                events = receive(data)
+                self.seen += [dict(e.headers) for e in events if isinstance(e, h2.events.RequestReceived)]
+                return events
+
+            self.h2.receive_data = spy
+
+    async def main():
+        cls = type("S", (Seeing,), {"connections": [], "seen": []})
+        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0, ssl=_tls_server(pki, "h2"))
+        _upstreams.append(cls)
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        port = address.rpartition(":")[2]
+        spec = RemoteModel(
+            "m", (address,), tls=True, tls_ca_file=str(ca), tls_server_name="localhost", token_file=str(token)
+        )
+        security = UpstreamSecurity(spec)
+        _open.append(channel := H2Channel(address, 1 << 20, security))
+        call = channel.unary(LIVE)
+        got = [await call(b"one", timeout=10)]
+        token.write_text("second-token\n")
+        assert not await security.reload_if_changed()  # a token alone: no new connection needed
+        got.append(await call(b"two", timeout=10))
+        connections = len(cls.connections)
+        ca.write_bytes(pki.other_ca.pem + pki.ca.pem)
+        assert await security.reload_if_changed()
+        channel.renew()
+        got.append(await call(b"three", timeout=10))
+        server.close()
+        seen = [(s[b":scheme"], s[b":authority"], s[b"authorization"]) for s in cls.seen]
+        return got, connections, len(cls.connections), seen, f"localhost:{port}".encode()
+
+    got, before, after, seen, authority = _run(main)
+    assert got == [b"one", b"two", b"three"]
+    assert (before, after) == (1, 2)
+    tokens = [b"Bearer first-token", b"Bearer second-token", b"Bearer second-token"]
+    assert seen == [(b"https", authority, t) for t in tokens]
+
+
+def test_an_upstream_whose_tls_does_not_offer_h2_fails_the_call_as_never_sent(tmp_path):
+    pki = make_pki(tmp_path)
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(
+            lambda: asyncio.Protocol(), "127.0.0.1", 0, ssl=_tls_server(pki, "http/1.1")
+        )
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        security = UpstreamSecurity(RemoteModel("m", (address,), tls=True, tls_ca_file=pki.path("ca.crt")))
+        _open.append(channel := H2Channel(address, 1 << 20, security))
+        try:
+            await channel.unary(LIVE)(b"x", timeout=10)
+        except H2RpcError as e:
+            return e
+        finally:
+            server.close()
+
+    e = _run(main)
+    assert e.code() == grpc.StatusCode.UNAVAILABLE and e.unsent and "ALPN h2" in e.details(), e

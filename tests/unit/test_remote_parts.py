@@ -155,3 +155,24 @@ def test_the_owner_leaves_uncounted_exactly_the_calls_a_front_worker_sends_again
             continue
         read = RemoteV2Backend._translate(None, Up(), _Answer(GRPC_STATUS[code], owner_error.message))  # type: ignore[arg-type]
         assert owner_error.resent_alone() == batch_may_go_alone(read), (code, read)
+
+
+def test_the_tls_keys_are_checked_together():
+    from batchgate.core.errors import ConfigError
+    from batchgate.remote_models import parse_remote_model
+
+    line = parse_remote_model("name=m upstreams=h:1 tls=true tls_ca_file=/ca tls_server_name=up.internal", "flag")
+    assert line.tls is True and line.tls_ca_file == "/ca" and line.tls_server_name == "up.internal"
+    assert parse_remote_model({"name": "m", "upstreams": ["h:1"], "tls": False}, "file").tls is False
+    assert parse_remote_model("name=m upstreams=h:1 token_file=/t", "flag").token_file == "/t"  # (plaintext too)
+    for entry, words in [
+        ("tls=yes", "'tls' must be true or false"),
+        ("tls=true tls_cert_file=/c", "tls_cert_file and tls_key_file go together"),
+        ("tls_ca_file=/ca", "tls_ca_file need(s) tls: true"),
+        ("tls=true tls_server_name=a/b", "tls_server_name must be a host name"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_remote_model(f"name=m upstreams=h:1 {entry}", "flag")
+        assert words in str(e.value), e.value
+    with pytest.raises(ConfigError, match="'tls' must be true or false"):
+        parse_remote_model({"name": "m", "upstreams": ["h:1"], "tls": 1}, "file")
