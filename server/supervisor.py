@@ -118,6 +118,9 @@ class Supervisor(PodControl, PodState):
         for name in ("admin_port", "admin_http_port"):
             if getattr(srv, name) >= 0:
                 self._reserve(name, srv.admin_host, getattr(srv, name))
+        from .backends.upstream_tls import check_remote_files
+
+        check_remote_files(s.remote_models)  # remote models' TLS and token files: bad ones, nothing started
         if s.auth.api_keys_file:
             from .security.auth import KeyStore
 

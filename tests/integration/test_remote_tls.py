@@ -209,3 +209,67 @@ def test_unusable_files_stop_the_start_naming_the_key_and_the_file(tmp_path, pki
         start_gateway("", remote_models=(spec,))
     assert words in str(e.value) and "remote model 'm'" in str(e.value), e.value
     assert TOKEN_A not in str(e.value)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_shadow_copy_to_a_secured_upstream_goes_over_tls_with_its_token(tmp_path, upstreams, pki, client):
+    """A shadow's copies go over a blocking channel of their own (``Upstream.blocking_infer``)."""
+    import urllib.request
+
+    from route_support import metric, write_config
+
+    _, secured = upstreams
+    files = dict(tls=True, tls_ca_file=pki.path("ca.crt"), tls_cert_file=pki.path("client.crt"),
+                 tls_key_file=pki.path("client.key"), client=client, **FAST)  # fmt: skip
+    routes = [
+        {
+            "name": "scored",
+            "variants": [{"name": "main", "model": "main", "weight": 100}],
+            "shadows": [{"name": "copy", "model": "copy", "percent": 100}],
+        }
+    ]
+    running = start_gateway(
+        "",
+        config_file=write_config(str(tmp_path / "routes.yaml"), routes),
+        remote_models=(
+            RemoteModel("main", (secured.grpc_url,), upstream_model="classifier",
+                        token_file=_token_file(tmp_path, TOKEN_A), **files),
+            RemoteModel("copy", (secured.grpc_url,), upstream_model="classifier",
+                        token_file=str(_write(tmp_path / "token_b", TOKEN_B)), **files),
+        ),
+    )  # fmt: skip
+    try:
+        for _ in range(3):
+            assert _infer(grpcclient, running.grpc_url, "scored").shape == (2, 3)
+
+        def answered() -> bool:
+            text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+            return (
+                metric(text, "batchgate_shadow_requests_total", route="scored", shadow="copy", outcome="answered") == 3
+            )
+
+        eventually(answered, "the three copies answered", timeout=30)
+    finally:
+        running.stop()
+
+
+def _write(path, token: str):
+    path.write_text(token + "\n")
+    return path
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_cli_stops_at_start_on_a_missing_token_file_naming_it(tmp_path, workers):
+    """As a served process: one process, and the supervisor of several (nothing started)."""
+    from processes import Proc
+
+    missing = tmp_path / "no-token"
+    p = Proc(["serve", "--workers", workers, "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+              "--metrics-port", "-1", "--admin-port", "-1", "--admin-http-port", "-1",
+              "--remote-model", f"name=m upstreams=127.0.0.1:1 token_file={missing}"])  # fmt: skip
+    try:
+        assert p.p.wait(60) != 0
+    finally:
+        p.kill()
+    assert f"token_file {missing}: cannot read it" in p.output() and "remote model 'm'" in p.output(), p.output()
+    assert "starting 2 worker processes" not in p.output()  # (the supervisor reads them before any worker starts)
