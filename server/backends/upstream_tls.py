@@ -4,10 +4,11 @@
 The files are read when the server starts (:func:`check_remote_files`: a ConfigError naming the
 key and the file) and by each load of the model (:class:`UpstreamSecurity`), then watched at each
 probe round: a cheap ``os.stat`` on a thread, as the server's own TLS files are watched
-(``security/tls.py``, whose file helpers this reuses), and only on a change are they read and
-checked again. A good new set is used from then on: the token by the next call, a certificate or
-CA bundle by the next connection (the open ones are let go once their calls are answered). A bad
-or half-written set is logged and the previous one stays in use. The token is never logged.
+(``security/tls.py``, whose file helpers this reuses), and only once a change has stood still
+for a round are they read and checked again. A good new set is used from then on: the token by
+the next call, a certificate or CA bundle by the next connection (the open ones are let go once
+their calls are answered). A bad set is logged and the previous one stays in use. The token is
+never logged.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class UpstreamSecurity:
     def __init__(self, spec: RemoteModel):
         self.spec = spec
         self._paths = tuple(p for p in (spec.tls_ca_file, spec.tls_cert_file, spec.tls_key_file, spec.token_file) if p)
-        self._signature = stat_files(self._paths)
+        self._signature = self._polled = stat_files(self._paths)  # (that of the files in use; the last poll's)
         try:
             creds = _read(spec)
             context = _context(spec, creds) if spec.tls else None
@@ -161,9 +162,13 @@ class UpstreamSecurity:
         """One check of the files: True when new TLS material is to be used (new connections);
         a new token alone is used by the next call, and answers False."""
         signature = await asyncio.to_thread(stat_files, self._paths)
-        if signature == self._signature:
+        polled, self._polled = self._polled, signature
+        # Read once a change has stood still for a poll, as the keys file is (security/auth.py):
+        # a token file rewritten in place may be caught half-written, and a token cut short
+        # would be sent, refused, until the next poll (a PEM file cut short fails its check).
+        if signature == self._signature or signature != polled:
             return False
-        self._signature = signature  # (a file still being written changes again, and is read again)
+        self._signature = signature
         spec = self.spec
         try:
             creds = await asyncio.to_thread(_read, spec)

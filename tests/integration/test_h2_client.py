@@ -489,10 +489,12 @@ def test_over_tls_calls_carry_the_current_token_and_new_tls_files_take_a_new_con
         call = channel.unary(LIVE)
         got = [await call(b"one", timeout=10)]
         token.write_text("second-token\n")
+        assert not await security.reload_if_changed()  # (read once the change stands still for a poll)
         assert not await security.reload_if_changed()  # a token alone: no new connection needed
         got.append(await call(b"two", timeout=10))
         connections = len(cls.connections)
         ca.write_bytes(pki.other_ca.pem + pki.ca.pem)
+        assert not await security.reload_if_changed()
         assert await security.reload_if_changed()
         channel.renew()
         got.append(await call(b"three", timeout=10))

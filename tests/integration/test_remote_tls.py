@@ -273,3 +273,24 @@ def test_the_cli_stops_at_start_on_a_missing_token_file_naming_it(tmp_path, work
         p.kill()
     assert f"token_file {missing}: cannot read it" in p.output() and "remote model 'm'" in p.output(), p.output()
     assert "starting 2 worker processes" not in p.output()  # (the supervisor reads them before any worker starts)
+
+
+def test_a_token_file_caught_half_written_is_not_sent(tmp_path, serve):
+    """Rewritten in place, the file is read only once it stood still for a poll (probe_interval_s)."""
+    from gateway_support import judge_while_half_written
+
+    fake = FakeUpstream()
+    try:
+        token = _token_file(tmp_path, TOKEN_A)
+        running = serve("", remote_models=(RemoteModel("fk", (fake.address,), token_file=token, probe_interval_s=0.5),))
+        x = np.ones((1, 2), np.float32)
+
+        def sent() -> str | None:
+            inp = grpcclient.InferInput("x", [1, 2], "FP32")
+            inp.set_data_from_numpy(x)
+            grpcclient.InferenceServerClient(running.grpc_url).infer("fk", [inp])
+            return fake.authorization[-1]
+
+        judge_while_half_written(token, TOKEN_A[:8], TOKEN_A + "\n", 0.5, sent, f"Bearer {TOKEN_A}")
+    finally:
+        fake.stop()
