@@ -33,6 +33,9 @@ log = logging.getLogger("batchgate.remote")
 WINDOW = 16 << 20
 MAX_FRAME = 1 << 20
 CONNECT_TIMEOUT_S = 5.0
+# A TLS connection closed waits this long for the upstream's close_notify, then is dropped
+# (asyncio's default, 30 s, kept a retired connection's socket that long: gRPC core sends none)
+TLS_SHUTDOWN_S = 1.0
 # Keepalive, as the grpc.aio channel's options: with calls in flight and nothing read for
 # KEEPALIVE_S, a PING; no answer within KEEPALIVE_TIMEOUT_S and the connection is given up
 # (an upstream host gone without a FIN or RST). At most PINGS_WITHOUT_CALLS pings until a
@@ -209,7 +212,9 @@ class _Protocol(asyncio.Protocol):
         self.going_away = True
         if not self.calls and self.transport is not None:
             self._fail_waiting("connection retired")
-            self.transport.close()
+            # (nothing left to say on it: over TLS no close_notify exchange, which held the socket
+            # for TLS_SHUTDOWN_S, and past a loop stopped meanwhile)
+            self.transport.abort() if self.channel.tls else self.transport.close()
 
     def _pump(self, sid: int, call: _Call) -> None:
         h, out = self.h2, call.out
@@ -442,7 +447,11 @@ class H2Channel:
         """create_connection's TLS arguments: the model's newest context, the name to verify."""
         if not self.tls or self.security is None or self.security.ssl_context is None:
             return {}
-        return {"ssl": self.security.ssl_context, "server_hostname": self.security.server_name(self._host)}
+        return {
+            "ssl": self.security.ssl_context,
+            "server_hostname": self.security.server_name(self._host),
+            "ssl_shutdown_timeout": TLS_SHUTDOWN_S,
+        }
 
     def renew(self) -> None:
         """New TLS files: the next call connects with them; the open connection's calls finish there."""
@@ -493,4 +502,7 @@ class H2Channel:
     async def close(self) -> None:
         self._closed = True
         if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
+            # (over TLS, close() waits for the upstream's close_notify: a loop stopped meanwhile
+            # left the socket open; the channel is done with it, so it goes at once)
+            transport = self._protocol.transport
+            transport.abort() if self.tls else transport.close()

@@ -123,6 +123,18 @@ def test_a_ca_that_did_not_sign_the_upstream_or_another_name_leaves_it_out_sayin
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_a_client_certificate_the_upstream_refuses_leaves_it_out(tmp_path, serve, upstreams, pki, client):
+    _, secured = upstreams
+    spec = RemoteModel("classifier", (secured.grpc_url,), tls=True, tls_ca_file=pki.path("ca.crt"),
+                       tls_cert_file=pki.path("rogue.crt"), tls_key_file=pki.path("rogue.key"),
+                       token_file=_token_file(tmp_path, TOKEN_A), client=client, **FAST)  # fmt: skip
+    running = serve("", remote_models=(spec,))
+    assert not grpcclient.InferenceServerClient(running.grpc_url).is_model_ready("classifier")
+    why = _failure(running)  # (gRPC says only "Socket closed": the upstream ends the handshake)
+    assert why.startswith("StatusCode.UNAVAILABLE") and secured.grpc_url in why, why
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_without_the_token_the_upstreams_unauthenticated_is_the_reason(tmp_path, serve, upstreams, pki, client):
     _, secured = upstreams
     spec = RemoteModel("classifier", (secured.grpc_url,), tls=True, tls_ca_file=pki.path("ca.crt"),
