@@ -65,10 +65,6 @@ MAX_CALL_TIMEOUT_S = 1e8
 UPSTREAM_TEXT_LIMIT = 512
 SAID_DOWN: dict[str, set[str]] = {}  # model -> upstreams logged "down at start", until seen up or unloaded
 # Failures that say the upstream (or the way to it) is unwell, as opposed to the request.
-# A timed-out call says its upstream hangs only when that upstream answered nothing meanwhile,
-# has given HUNG_GOOD_ANSWERS good answers (its usual time is known), and the call had HUNG_FACTOR
-# times that usual time, and at least HUNG_MIN_S.
-HUNG_MIN_S, HUNG_FACTOR, HUNG_GOOD_ANSWERS = 0.05, 10.0, 5
 _BREAKER_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.UNKNOWN,
@@ -398,18 +394,8 @@ class RemoteV2Backend:
     def _timed_out(self, up: Upstream, seen: int, budget_s: float, e: _Status) -> None:
         """A call out of time (its own timeout, or its caller's deadline cancelling it): see
         :meth:`_count_failure`."""
-        others = any(u.in_rotation for u in self.upstreams if u is not up)
-        usual = up.good >= HUNG_GOOD_ANSWERS  # (its usual time learnt: a first slow call is no sign)
-        if others and usual and up.answered == seen and budget_s >= max(HUNG_MIN_S, HUNG_FACTOR * up.typical_s):
+        if any(u.in_rotation for u in self.upstreams if u is not up) and up.hangs(seen, budget_s):
             self._failed(up, e)
-
-    @staticmethod
-    def _answered(up: Upstream, seconds: float) -> None:
-        """A good answer: the failures in a row end, and its time goes into the usual one."""
-        up.failures = 0
-        up.answered += 1
-        up.good += 1
-        up.typical_s = seconds if up.typical_s == 0.0 else 0.9 * up.typical_s + 0.1 * seconds
 
     def _failed(self, up: Upstream, e: _Status) -> None:
         up.failures += 1
@@ -496,7 +482,7 @@ class RemoteV2Backend:
             up.outstanding -= 1
             m.outstanding -= 1
             m.latency.observe(time.perf_counter() - t0)
-        self._answered(up, time.perf_counter() - t0)
+        up.answered_well(time.perf_counter() - t0)
         return got
 
     def _blocking_call(
@@ -577,7 +563,7 @@ class RemoteV2Backend:
                 up.outstanding -= 1
                 m.outstanding -= 1
                 m.latency.observe(time.perf_counter() - t0)
-            self._answered(up, time.perf_counter() - t0)
+            up.answered_well(time.perf_counter() - t0)
             return up, resp
 
     def _translate(self, up: Upstream, e: _Status) -> GatewayError:

@@ -18,6 +18,7 @@ from .upstream_tls import TokenInterceptor, UpstreamSecurity
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 NOT_AN_ANSWER = "its answer is not a ModelInferResponse"
+HUNG_MIN_S, HUNG_FACTOR, HUNG_GOOD_ANSWERS = 0.05, 10.0, 5  # see Upstream.hangs
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -119,6 +120,21 @@ class Upstream:
         # (the synchronous channel is dropped, not closed: a shadow's call may be on it; it closes when collected)
         self._blocking = self._blocking_infer = None
         return old
+
+    def answered_well(self, seconds: float) -> None:
+        """A good answer: the failures in a row end, and its time goes into the usual one."""
+        self.failures = 0
+        self.answered += 1
+        self.good += 1
+        self.typical_s = seconds if self.typical_s == 0.0 else 0.9 * self.typical_s + 0.1 * seconds
+
+    def hangs(self, seen: int, budget_s: float) -> bool:
+        """Whether a call that ran out of time says it hangs: it answered nothing since the call
+        began (``seen``: its answers then), it has given HUNG_GOOD_ANSWERS good answers (its usual
+        time is known: a first slow call is no sign), and the call had HUNG_FACTOR times that
+        usual time, and at least HUNG_MIN_S."""
+        usual = self.good >= HUNG_GOOD_ANSWERS
+        return usual and self.answered == seen and budget_s >= max(HUNG_MIN_S, HUNG_FACTOR * self.typical_s)
 
     @property
     def in_rotation(self) -> bool:
