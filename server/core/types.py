@@ -370,10 +370,15 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def is_version_text(text: str) -> bool:
+    """Whether ``text`` is a version a client can name: at most 18 ASCII digits (int64 holds it;
+    int() would also take " 1", "+1", "1_0" and other scripts' digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def version_number(version: str) -> int:
-    """A model version as a client names it: ASCII digits only (int() would also take " 1", "+1",
-    "1_0" and other scripts' digits); INVALID_ARGUMENT otherwise."""
-    if not (version.isascii() and version.isdigit() and len(version) <= 18):
+    """A model version as a client names it (``is_version_text``); INVALID_ARGUMENT otherwise."""
+    if not is_version_text(version):
         raise invalid(f"model version must be a whole number of at most 18 digits, not '{printable(clip(version))}'")
     return int(version)
 

@@ -393,7 +393,7 @@ def _no_versions(model_dir: str) -> str:
     if not others:
         return ""
     shown = ", ".join(printable(clip(n, 32)) for n in others[:8]) + (", ..." if len(others) > 8 else "")
-    return f"; not versions (a version directory is a number without a leading 0): {shown}"
+    return f"; not versions (a version directory is a number of at most 18 digits without a leading 0): {shown}"
 
 
 def _other_file(model_dir: str, version: int, platform: str) -> str:

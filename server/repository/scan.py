@@ -8,7 +8,7 @@ import os
 import re
 
 from ..core.errors import ErrorCode, GatewayError, invalid
-from ..core.types import MODEL_NAME, MODEL_NAME_RULE, clip, printable
+from ..core.types import MODEL_NAME, MODEL_NAME_RULE, clip, is_version_text, printable
 
 log = logging.getLogger("batchgate.repository")
 MAX_FILE_DEPTH = 8  # directories in the path of a file given with a load
@@ -105,7 +105,8 @@ def list_versions(model_dir: str) -> list[int]:
     except OSError:
         return out
     for n in names:
-        if n.isascii() and n.isdigit() and not n.startswith("0") and os.path.isdir(os.path.join(model_dir, n)):
+        # (a longer number would be served as a version no request can name, past int64)
+        if is_version_text(n) and not n.startswith("0") and os.path.isdir(os.path.join(model_dir, n)):
             out.append(int(n))
     return sorted(out)
 

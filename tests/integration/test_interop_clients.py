@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 
@@ -126,6 +127,10 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
     os.rename(tmp_path / "named" / "1", tmp_path / "named" / "v1")
     os.makedirs(tmp_path / "named" / "01")
     os.makedirs(tmp_path / "named" / "\u00b2")  # (a digit to str.isdigit(), not to int(): the scan failed)
+    # 19 digits, past what a request may name (and near int64's end): it was served, as a version
+    # that no client could ask for by number
+    os.makedirs(tmp_path / "named" / "1234567890123456789")
+    shutil.copy(tmp_path / "named" / "v1" / "model.onnx", tmp_path / "named" / "1234567890123456789")
     _save(classifier_model(), str(tmp_path), "flat")  # as a user pointing at a model's own directory sees it
     os.rename(tmp_path / "flat" / "1" / "model.onnx", tmp_path / "flat" / "model.onnx")
     os.rmdir(tmp_path / "flat" / "1")
@@ -143,7 +148,7 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
     )
     assert rows["named"]["reason"] == (
         "model 'named' has no version directory (e.g. named/1/model.onnx); not versions (a version directory is "
-        "a number without a leading 0): 01, v1, \u00b2"
+        "a number of at most 18 digits without a leading 0): 01, 1234567890123456789, v1, \u00b2"
     )
 
 
