@@ -117,8 +117,8 @@ def _answer_bytes(answer: pb.ModelInferResponse | bytes) -> bytes:
 def add_to_server(service: InferenceService, server) -> None:
     """Register every RPC of ``inference.GRPCInferenceService``, as the generated
     ``add_GRPCInferenceServiceServicer_to_server`` would, except that ModelInfer and
-    ModelStreamInfer receive raw bytes: unparsable protobuf is then answered
-    INVALID_ARGUMENT by us rather than UNKNOWN by grpc."""
+    ModelStreamInfer receive raw bytes, as every method does on grpc.aio (not the h2 engine,
+    which has ``refusers``): unparsable protobuf is INVALID_ARGUMENT by us, not UNKNOWN by grpc."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         impl = getattr(service, method.name, None)
@@ -130,10 +130,9 @@ def add_to_server(service: InferenceService, server) -> None:
         resp_cls = getattr(pb, method.output_type.name)
         raw_in = method.name in ("ModelInfer", "ModelStreamInfer")
         deserializer = None if raw_in else req_cls.FromString
-        if method.client_streaming:
-            make = grpc.stream_stream_rpc_method_handler
-        else:
-            make = grpc.unary_unary_rpc_method_handler
+        if not raw_in and not hasattr(server, "refusers"):
+            impl, deserializer = grpc_codec.parsed_by_us(impl, req_cls), None
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
         serializer = _answer_bytes if method.name == "ModelInfer" else resp_cls.SerializeToString
         handlers[method.name] = make(impl, request_deserializer=deserializer, response_serializer=serializer)
     # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
