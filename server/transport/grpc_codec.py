@@ -271,3 +271,11 @@ def parsed_by_us(impl: Callable[[Any, Any], Any], message: Any) -> Callable[[Any
         return await impl(request, context)
 
     return handler
+
+
+def echoed_id(request_id: str, limit: int) -> str:
+    """The id a stream's error answer carries: the request's own, or, when it was refused for
+    being over ``limit`` bytes (max_request_id_bytes), its first ``limit`` bytes, not all of it."""
+    if len(request_id) <= limit >> 2 or len(request_id.encode()) <= limit:
+        return request_id
+    return request_id.encode()[:limit].decode("utf-8", "ignore")

@@ -530,11 +530,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 rid = _request_id(msg, headers)
                 self.dp.count_error("grpc", e)
                 self.dp.log_failure("grpc", msg.model_name, rid, e)
-                # tritonclient hands a stream error to the caller without the response's id: name it.
-                text = e.message
+                text = e.message  # (tritonclient hands it on without the response's id: it is named)
                 if rid and not text.startswith("[request id: "):
                     text = f"[request id: {rid[:128]}] {text}"
-                head = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=rid)
+                rid = grpc_codec.echoed_id(rid, self.dp.limits.max_request_id_bytes)
+                head = pb.ModelInferResponse(model_name=clip(msg.model_name), id=rid)
+                head.model_version = clip(msg.model_version)
                 out.put_nowait((seq, pb.ModelStreamInferResponse(error_message=text, infer_response=head)))
 
         async def reader():

@@ -231,6 +231,26 @@ def test_a_request_id_over_the_limit_is_refused_and_one_at_the_limit_is_echoed(s
             c.raw.close()
 
 
+def test_a_stream_error_echoes_no_id_past_the_limit_and_no_long_name(server):
+    """A stream answers each failed request with an error that carries its id, name and version
+    (tritonclient matches them so): an id refused for its length, a name or a version of 100,000
+    characters came back whole, each failure on a stream echoing its request's bulk."""
+    big = "i" * 100_000
+    reqs = [service_pb2.ModelInferRequest(model_name="simple", id=big), service_pb2.ModelInferRequest(model_name=big)]
+    reqs.append(service_pb2.ModelInferRequest(model_name="simple", model_version=big, id="\U0001f600" * 100))
+    reqs.append(service_pb2.ModelInferRequest(model_name="simple", id="r" * 256))  # at the limit: echoed whole
+    channel = grpc.insecure_channel(server.grpc_url, options=[("grpc.max_send_message_length", 1 << 24)])
+    with channel:
+        answers = list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(reqs), timeout=20))
+    assert len(answers) == 4 and all(a.error_message for a in answers), answers
+    for a in answers:
+        head = a.infer_response
+        assert len(a.error_message) < 600 and len(head.model_name) <= 131 and len(head.model_version) <= 131, head
+        assert len(head.id.encode()) <= 256, len(head.id)
+    assert answers[0].infer_response.id == "i" * 256 and answers[2].infer_response.id == "\U0001f600" * 64
+    assert answers[3].infer_response.id == "r" * 256
+
+
 def test_echoed_names_are_cut_short(server):
     name = "n" * 100_000
     req = service_pb2.ModelInferRequest(model_name=name)
