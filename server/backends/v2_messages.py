@@ -9,7 +9,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import DATATYPES, from_raw, to_raw
+from ..core.types import DATATYPES, from_raw, is_version_text, to_raw
 from ..shm import BYTE_SIZE, OFFSET, REGION
 from ..transport import grpc_codec
 
@@ -85,7 +85,7 @@ def what_is_served(meta: pb.ModelMetadataResponse, pinned: str = "") -> tuple:
     """What an upstream serves, to tell a change: its highest version, and the tensors. With a
     ``pinned`` version, that version: Triton lists every version it has ready whichever was asked
     for, and another one appearing or going changes nothing for a model pinned to one."""
-    numeric = [int(v) for v in meta.versions if v.isascii() and v.isdigit()]  # ("²" passes isdigit(), not int())
+    numeric = [int(v) for v in meta.versions if is_version_text(v)]  # (not "²", nor past what a request names)
     tensors = tuple((t.name, t.datatype, tuple(t.shape)) for t in [*meta.inputs, *meta.outputs])
     return (pinned or (str(max(numeric)) if numeric else ""), len(meta.inputs), tensors)
 

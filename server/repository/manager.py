@@ -34,7 +34,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..backends.remote import SAID_DOWN
 from ..config import ConfigError, RemoteModel
 from ..core.errors import ErrorCode, GatewayError, ModelConfigError, not_found
-from ..core.types import clip, printable, version_number
+from ..core.types import clip, is_version_text, printable, version_number
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
@@ -492,7 +492,7 @@ class ModelRepository:
             backend = self.builder.remote_backend(spec)
             try:
                 cfg = await backend.open()
-                version = backend.version if backend.version.isascii() and backend.version.isdigit() else "1"
+                version = backend.version if is_version_text(backend.version) else "1"
                 served = self.builder.version(cfg, version, backend)
             except asyncio.CancelledError:  # e.g. the caller of an explicit load gave up
                 await asyncio.shield(backend.close())

@@ -62,6 +62,19 @@ def test_an_unavailable_the_upstream_answers_never_ejects_the_models_only_upstre
     ]
 
 
+def test_an_upstream_version_no_request_could_name_is_not_served_under_it(fake, serve):
+    """An upstream that said its version was 19 digits long had the model served as that version,
+    past what a request may name (18 digits): gRPC refused the number, HTTP said not ready. Such a
+    version is not a number here, as a version directory of that length is not."""
+    fake.version = "1" * 19
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
+    for c in (httpclient.InferenceServerClient(running.http_url), grpcclient.InferenceServerClient(running.grpc_url)):
+        meta = c.get_model_metadata("fk")
+        versions = meta["versions"] if isinstance(meta, dict) else list(meta.versions)
+        assert versions == ["1"], versions
+        assert c.is_model_ready("fk", "1")
+
+
 @pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
 def test_parameters_reach_an_upstream_that_declares_a_signature_on_every_path(fake, serve, path):
     """The raw gRPC path sent the caller's parameters; HTTP, forwarding=decoded and gateway
