@@ -40,6 +40,7 @@ from .core.types import (
     check_shape,
     check_tensors,
     clip,
+    is_version_text,
     printable,
 )
 from .dataplane_extensions import Coordinator, Extensions
@@ -399,7 +400,7 @@ class DataPlane(Extensions):
             return not version and self._route(name) is not None
         if not version:
             return True
-        return version.isascii() and version.isdigit() and len(version) <= 18 and int(version) in entry.versions
+        return is_version_text(version) and int(version) in entry.versions
 
     def model_metadata(self, name: str, version: str, caller: Caller = OPEN_CALLER) -> ModelMetadata:
         self.access.check(caller, READ, name)

@@ -252,11 +252,11 @@ V2_TYPES = {
 @functools.lru_cache(maxsize=4)
 def _session(repository: str, model: str):
     from .backends.onnx_zipmap import open_session
-    from .core.types import check_model_name
+    from .core.types import check_model_name, is_version_text
 
     check_model_name(model)
     root = os.path.join(repository, model)
-    versions = sorted((int(v) for v in os.listdir(root) if v.isascii() and v.isdigit()), reverse=True)
+    versions = sorted((int(v) for v in os.listdir(root) if is_version_text(v)), reverse=True)
     if not versions:
         raise ConfigError(f"{root}: no numbered version directory")
     vdir = os.path.join(root, str(versions[0]))

@@ -23,7 +23,16 @@ import grpc
 
 from ..core.errors import ConfigError
 from ..remote_models import RemoteModel
-from ..security.tls import MIN_VERSION, TlsFileError, _EncryptedKey, _no_password, _pem_paths, _read_file, _reason
+from ..security.tls import (
+    MIN_VERSION,
+    TlsFileError,
+    _EncryptedKey,
+    _no_password,
+    _pem_paths,
+    _read_file,
+    _reason,
+    read_bounded,
+)
 from ..security.tls import _stat as stat_files
 
 log = logging.getLogger("batchgate.remote")
@@ -42,14 +51,7 @@ class Credentials:
 
 
 def _read_token(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
-    except OSError as e:
-        raise TlsFileError(f"token_file {path}: cannot read it: {e.strerror}") from None
-    if len(data) > MAX_TOKEN_BYTES:
-        raise TlsFileError(f"token_file {path}: larger than {MAX_TOKEN_BYTES} bytes, not a token")
-    token = data.strip()
+    token = read_bounded("token_file", path, MAX_TOKEN_BYTES, "a token").strip()
     if not token:
         raise TlsFileError(f"token_file {path}: holds no token (it is empty)")
     if not all(0x21 <= b <= 0x7E for b in token):  # (what a header value may carry; the token is not quoted)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError, invalid
 from .signature import ModelSignature, TensorSpec
-from .types import MODEL_NAME, MODEL_NAME_RULE, InferRequest, clip, printable
+from .types import MODEL_NAME, MODEL_NAME_RULE, InferRequest, clip, is_version_text, printable
 
 PIN_HEADER = "x-batchgate-variant"
 PIN_PARAMETER = "variant"
@@ -268,7 +268,7 @@ def _version(raw: Any, where: str) -> str:
     if raw is None or raw == "":
         return ""
     text = str(raw)
-    if isinstance(raw, bool) or not (text.isascii() and text.isdigit()) or len(text) > 18:
+    if isinstance(raw, bool) or not is_version_text(text):
         raise ConfigError(f"{where}: 'version' must be a version number, not {_shown(raw)}")
     return str(int(text))
 

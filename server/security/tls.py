@@ -285,14 +285,21 @@ def _stat(paths: tuple[str, ...]) -> tuple[tuple[int, ...] | None, ...]:
     return tuple(out)
 
 
-def _read_file(setting: str, path: str) -> bytes:
+def read_bounded(setting: str, path: str, limit: int, kind: str) -> bytes:
+    """A file's bytes, refused (TlsFileError naming the setting and file) when it cannot be read
+    or is larger than ``limit`` (then it is not a ``kind``)."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(limit + 1)
     except OSError as e:
         raise TlsFileError(f"{setting} {path}: cannot read it: {e.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise TlsFileError(f"{setting} {path}: larger than {MAX_FILE_BYTES} bytes, not a certificate file")
+    if len(data) > limit:
+        raise TlsFileError(f"{setting} {path}: larger than {limit} bytes, not {kind}")
+    return data
+
+
+def _read_file(setting: str, path: str) -> bytes:
+    data = read_bounded(setting, path, MAX_FILE_BYTES, "a certificate file")
     if b"-----BEGIN" not in data:
         raise TlsFileError(f"{setting} {path}: not a PEM file (no '-----BEGIN' line)")
     return data
