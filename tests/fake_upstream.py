@@ -43,6 +43,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         self.owner.probe_authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        await asyncio.sleep(self.owner.ready_delay_s)
         return pb.ModelReadyResponse(ready=request.name in MODELS)
 
     async def ModelMetadata(self, request, context):
@@ -150,6 +151,7 @@ class FakeUpstream:
         self.metadata_code = 0  # a gRPC status code its ModelMetadata fails with (0: it answers)
         self.lie = ""  # the ``lie`` of every request that gives none
         self.hang = False  # its inference never answers (its probes still do), as a wedged server's
+        self.ready_delay_s = 0.0  # how long its ModelReady takes to answer
         self.authorization: list[str | None] = []  # the authorization metadata of each infer call
         self.probe_authorization: str | None = None  # that of the last ModelReady
         self._loop = asyncio.new_event_loop()

@@ -59,6 +59,9 @@ MAX_EJECT_S = 60.0
 # The longest call timeout given to gRPC: gRPC core overflows a deadline past about 1e10 s from
 # now into the past (every call then fails at once, DEADLINE_EXCEEDED); 1e8 s is over 3 years.
 MAX_CALL_TIMEOUT_S = 1e8
+# A caller's cancel this close to its deadline (as batchgate reckons it, from when the call came)
+# is its time running out: its own clock started earlier, by the call's way over the network.
+DEADLINE_SLACK_S = 0.05
 # Characters of an upstream's error message passed on (to callers, logs, reasons): a Python
 # model's traceback may run to many KB, and a gRPC client refuses a grpc-message past 16 KiB
 # (gRPC core's hard limit; past 8 KiB, at random). 512, even percent-encoded, stays far below.
@@ -287,8 +290,8 @@ class RemoteV2Backend:
                 on_change()
 
     async def _probe(self, up: Upstream) -> None:
-        now = self._clock()
-        if up.ejected and now < up.ejected_until:
+        now, was_ejected = self._clock(), up.ejected
+        if was_ejected and now < up.ejected_until:
             return
         timeout = min(2.0, max(0.2, self.spec.probe_interval_s))
         try:
@@ -303,6 +306,10 @@ class RemoteV2Backend:
                     pass  # (read to follow a change, not to judge readiness: the next probe reads it again)
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {said(e, 256)}"
+        if up.ejected and not was_ejected:
+            # A call ejected it while this probe waited: the answer predates that, and letting it
+            # back in at once made the ejection last a moment (until 2026-12-06) instead of eject_s.
+            return
         name, addr = self.spec.name, up.address
         if up.ejected:
             if ok:
@@ -554,7 +561,7 @@ class RemoteV2Backend:
                 raise self._translate(up, e) from None
             except asyncio.CancelledError:  # the caller went away, or its deadline came; gRPC cancels the call upstream
                 m.errors["CANCELLED"] = m.errors.get("CANCELLED", 0) + 1
-                if deadline is not None and self._clock() >= deadline - 0.001:  # (its time ran out)
+                if deadline is not None and self._clock() >= deadline - min(DEADLINE_SLACK_S, timeout / 4):
                     self._timed_out(
                         up, seen, timeout, H2RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time")
                     )

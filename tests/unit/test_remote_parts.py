@@ -114,6 +114,40 @@ async def test_a_failed_probe_never_shortens_an_ejection_set_longer_than_60_s():
             await backend.close()
 
 
+async def test_a_probe_under_way_when_a_call_ejects_the_upstream_does_not_let_it_back_in():
+    """A probe that began before calls ejected the upstream, and answered after, let it back in at
+    once (its ModelReady still answers when inference hangs): the ejection lasted a moment, not
+    eject_s, and a fresh-clone CI run counted two ejections where the test expected one."""
+    import asyncio
+
+    from batchgate.backends.remote import RemoteV2Backend
+    from batchgate.config import RemoteModel
+    from batchgate.monitoring.metrics import Metrics
+    from fake_upstream import FakeUpstream
+
+    fake, other = FakeUpstream(), FakeUpstream()
+    spec = RemoteModel("fk", (fake.address, other.address), eject_s=300.0, eject_after_failures=3)
+    backend = RemoteV2Backend(spec, Metrics())
+    try:
+        await backend.probe_all()
+        up = backend.upstreams[0]
+        assert up.in_rotation and backend.upstreams[1].in_rotation, up.why
+        fake.ready_delay_s = 0.5
+        probe = asyncio.ensure_future(backend._probe(up))
+        await asyncio.sleep(0.2)  # (the probe waits for its answer)
+        timeout = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+        for _ in range(3):
+            backend._failed(up, timeout)
+        assert up.ejected
+        await probe
+        assert up.ejected and not up.in_rotation, up.why
+        assert "ejected after 3 consecutive failures" in up.why
+    finally:
+        await backend.close()
+        fake.stop()
+        other.stop()
+
+
 def test_forwarding_is_raw_or_decoded():
     from batchgate.core.errors import ConfigError
     from batchgate.remote_models import parse_remote_model
