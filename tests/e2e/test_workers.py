@@ -1528,7 +1528,9 @@ def test_route_state_is_kept_by_the_supervisor_across_a_pod_restart(tmp_path):
         urllib.request.urlopen(req, timeout=20).read()
         end = time.monotonic() + 10
         kept = state / "route-pair.json"  # (written beside, then renamed: read only the final name)
-        while not kept.exists() or '"b"' not in kept.read_text():
+        # (the POST's own write: the start-up state names "b" too, with weight 0; a wait on its name
+        # alone let a slow machine go on with the POST's write still to come, which then failed too)
+        while not kept.exists() or json.loads(kept.read_text())["table"]["weights"] != {"a": 0, "b": 100}:
             assert time.monotonic() < end, p.output()
             time.sleep(0.1)
         # one series, the supervisor's (the workers keep no state of their own)
@@ -1538,8 +1540,8 @@ def test_route_state_is_kept_by_the_supervisor_across_a_pod_restart(tmp_path):
         kept.unlink()
         kept.mkdir()  # a write that fails (as root, permissions would not stop it) is counted
         urllib.request.urlopen(req, timeout=20).read()
-        while "batchgate_state_write_failures_total 1.0" not in _metrics(p):
-            assert time.monotonic() < end + 10, p.output()
+        while "batchgate_state_write_failures_total 1.0" not in (seen := _metrics(p)):
+            assert time.monotonic() < end + 10, ([x for x in seen.splitlines() if "state_write" in x], p.output())
             time.sleep(0.1)
         kept.rmdir()
         urllib.request.urlopen(req, timeout=20).read()
