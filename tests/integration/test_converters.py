@@ -26,6 +26,10 @@ from batchgate.converters import (
 
 TESTS = Path(__file__).resolve().parents[1]
 
+# Several CLI runs of torch's exporter each: 60-90 s beside a busy machine's other work, near the
+# suite's 120 s per test.
+HEAVY = pytest.mark.timeout(360)
+
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -61,6 +65,7 @@ def leftovers(repo: Path) -> list[str]:
     return sorted(p.name for p in repo.iterdir()) if repo.exists() else []
 
 
+@HEAVY
 def test_torch_models_converted_by_the_cli_are_served_and_agree_with_torch(tmp_path, serve):
     repo = tmp_path / "models"
     jobs = [
@@ -215,6 +220,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(tmp_path, model, i
     assert leftovers(repo) == []  # no model folder, no staging folder
 
 
+@HEAVY
 def test_an_existing_version_needs_force_and_force_replaces_it(tmp_path):
     repo = tmp_path / "models"
     base = [
@@ -289,6 +295,7 @@ def test_the_server_never_imports_torch_or_sklearn():
     assert out.stdout.strip() == "[]", out.stderr
 
 
+@HEAVY
 def test_outputs_without_a_batch_dimension_names_and_versions_are_checked(tmp_path):
     repo = tmp_path / "models"
     base = ["--input", "x:FP32:-1,16", "--repository", str(repo)]
