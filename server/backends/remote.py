@@ -34,7 +34,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..config import RemoteModel
 from ..core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, TooLarge
-from ..core.types import BY_CONFIG, clip, printable
+from ..core.types import clip, printable
 from ..monitoring.metrics import Metrics
 from ..monitoring.tracing import TraceHeaders
 from ..transport import grpc_codec
@@ -48,6 +48,7 @@ from .v2_messages import (
     answer_tensors,
     config_from_metadata,
     fill_request,
+    served_config,
     string_field,
     what_is_served,
 )
@@ -232,47 +233,13 @@ class RemoteV2Backend:
         return self._our_config(cfg)
 
     def _our_config(self, upstream: mc.ModelConfig) -> mc.ModelConfig:
-        """The upstream's config, as batchgate serves it: our name, our scheduling."""
-        spec = self.spec
-        cfg = mc.ModelConfig()
-        cfg.CopyFrom(upstream)
-        cfg.name = spec.name
-        if spec.max_batch_size and upstream.max_batch_size:
-            cfg.max_batch_size = min(spec.max_batch_size, upstream.max_batch_size)
-        # A sequence model keeps each request apart: its upstream's sequence batcher needs every
-        # step of a sequence as the caller sent it, sequence_id and start/end parameters with it.
-        sequences = upstream.HasField("sequence_batching")
-        # A shape tensor (TensorRT) holds values that describe the batch, one copy for all its
-        # rows: requests merged by rows would hand the upstream a tensor it cannot read.
-        shapes = [t.name for t in (*upstream.input, *upstream.output) if t.is_shape_tensor]
-        self.sequences = sequences or bool(shapes)  # (shadow copies too go one by one then)
-        if spec.batching == "gateway" and (sequences or shapes):
-            why = "batches sequences" if sequences else f"has shape tensor(s) {', '.join(shapes[:4])}"
-            log.info("model '%s': the upstream %s; each request is sent as it came", spec.name, why)
-        cfg.ClearField("dynamic_batching")
-        cfg.ClearField("sequence_batching")
-        cfg.ClearField("ensemble_scheduling")
-        cfg.ClearField("instance_group")
-        cfg.ClearField("version_policy")
-        if spec.batching == "gateway" and cfg.max_batch_size > 0 and not sequences and not shapes:
-            cfg.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
-        cfg.instance_group.add(count=spec.inflight, kind=mc.ModelInstanceGroup.KIND_MODEL)
-        cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)
-        cfg.parameters["remote_batching"].string_value = spec.batching
-        cfg.parameters["remote_model"].string_value = spec.target
-        for tensors, types in ((cfg.input, self._in_types), (cfg.output, self._out_types)):
-            for t in tensors:
-                dt = BY_CONFIG.get(mc.DataType.Name(t.data_type))
-                if dt is None:
-                    raise GatewayError(
-                        ErrorCode.UNAVAILABLE,
-                        f"tensor '{t.name}' has datatype {mc.DataType.Name(t.data_type)}, which batchgate cannot serve",
-                    )
-                types[t.name] = dt.v2
-        batch = (-1,) if cfg.max_batch_size > 0 else ()
-        # (a shape tensor's values describe the batch, its own shape need not carry it: not checked)
-        self._out_shapes = {t.name: batch + tuple(t.dims) for t in cfg.output if not t.is_shape_tensor}
-        return cfg
+        """The upstream's config, as batchgate serves it (see ``served_config``)."""
+        served = served_config(self.spec, upstream)
+        self.sequences = served.one_by_one  # (shadow copies too go one by one then)
+        if self.spec.batching == "gateway" and served.one_by_one:
+            log.info("model '%s': the upstream %s; each request is sent as it came", self.spec.name, served.why)
+        self._in_types, self._out_types, self._out_shapes = served.in_types, served.out_types, served.out_shapes
+        return served.config
 
     # ------------------------------------------------------------------ health
     async def probe_all(self) -> None:

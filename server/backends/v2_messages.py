@@ -4,14 +4,20 @@ an upstream's metadata alone, what an upstream serves, its answers' tensors and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import DATATYPES, from_raw, is_version_text, to_raw
+from ..core.types import BY_CONFIG, DATATYPES, from_raw, is_version_text, to_raw
 from ..shm import BYTE_SIZE, OFFSET, REGION
 from ..transport import grpc_codec
+
+if TYPE_CHECKING:
+    from ..config import RemoteModel
 
 # Parameters of an answer's output that say how the upstream put it on its own wire (binary after
 # the JSON, or in a shared-memory region), not what it is: the gateway answers on its wire and
@@ -147,3 +153,54 @@ def answer_outputs(
                 f"upstream {address} answered output '{n}' in shape {list(shape)}; its signature says {list(dims)}",
             )
     return [got[n][1] for n in names]
+
+
+@dataclass
+class ServedConfig:
+    """A remote model's config as batchgate serves it, and what its calls need of it."""
+
+    config: mc.ModelConfig
+    one_by_one: bool = False  # sequences or shape tensors upstream: each request goes as it came
+    why: str = ""  # (which of the two, for the log)
+    in_types: dict[str, str] = field(default_factory=dict)  # V2 datatypes by tensor name
+    out_types: dict[str, str] = field(default_factory=dict)
+    out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # (-1: any size; the batch first)
+
+
+def served_config(spec: RemoteModel, upstream: mc.ModelConfig) -> ServedConfig:
+    """The upstream's config under our name and our scheduling; UNAVAILABLE for a tensor of a
+    datatype batchgate cannot serve."""
+    cfg = mc.ModelConfig()
+    cfg.CopyFrom(upstream)
+    cfg.name = spec.name
+    if spec.max_batch_size and upstream.max_batch_size:
+        cfg.max_batch_size = min(spec.max_batch_size, upstream.max_batch_size)
+    # A sequence model keeps each request apart: its upstream's sequence batcher needs every
+    # step of a sequence as the caller sent it, sequence_id and start/end parameters with it.
+    sequences = upstream.HasField("sequence_batching")
+    # A shape tensor (TensorRT) holds values that describe the batch, one copy for all its
+    # rows: requests merged by rows would hand the upstream a tensor it cannot read.
+    shapes = [t.name for t in (*upstream.input, *upstream.output) if t.is_shape_tensor]
+    out = ServedConfig(cfg, one_by_one=sequences or bool(shapes))
+    out.why = "batches sequences" if sequences else f"has shape tensor(s) {', '.join(shapes[:4])}"
+    for name in ("dynamic_batching", "sequence_batching", "ensemble_scheduling", "instance_group", "version_policy"):
+        cfg.ClearField(name)
+    if spec.batching == "gateway" and cfg.max_batch_size > 0 and not out.one_by_one:
+        cfg.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
+    cfg.instance_group.add(count=spec.inflight, kind=mc.ModelInstanceGroup.KIND_MODEL)
+    cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)
+    cfg.parameters["remote_batching"].string_value = spec.batching
+    cfg.parameters["remote_model"].string_value = spec.target
+    for tensors, types in ((cfg.input, out.in_types), (cfg.output, out.out_types)):
+        for t in tensors:
+            dt = BY_CONFIG.get(mc.DataType.Name(t.data_type))
+            if dt is None:
+                raise GatewayError(
+                    ErrorCode.UNAVAILABLE,
+                    f"tensor '{t.name}' has datatype {mc.DataType.Name(t.data_type)}, which batchgate cannot serve",
+                )
+            types[t.name] = dt.v2
+    batch = (-1,) if cfg.max_batch_size > 0 else ()
+    # (a shape tensor's values describe the batch, its own shape need not carry it: not checked)
+    out.out_shapes = {t.name: batch + tuple(t.dims) for t in cfg.output if not t.is_shape_tensor}
+    return out
