@@ -63,7 +63,10 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
-        cfg = mc.ModelConfig(name=request.name, platform="fake", max_batch_size=8)
+        if self.owner.config_code:
+            code = next(c for c in grpc.StatusCode if c.value[0] == self.owner.config_code)
+            await context.abort(code, f"the fake upstream's config fails with {code.name} as asked")
+        cfg = mc.ModelConfig(name=request.name, platform="fake", max_batch_size=self.owner.max_batch_size)
         if request.name == "seq":
             cfg.sequence_batching.max_sequence_idle_microseconds = 5_000_000
         cfg.input.add(
@@ -152,6 +155,8 @@ class FakeUpstream:
         self.lie = ""  # the ``lie`` of every request that gives none
         self.hang = False  # its inference never answers (its probes still do), as a wedged server's
         self.ready_delay_s = 0.0  # how long its ModelReady takes to answer
+        self.max_batch_size = 8  # its ModelConfig's
+        self.config_code = 0  # a gRPC status code its ModelConfig fails with (0: it answers)
         self.authorization: list[str | None] = []  # the authorization metadata of each infer call
         self.probe_authorization: str | None = None  # that of the last ModelReady
         self._loop = asyncio.new_event_loop()

@@ -197,8 +197,8 @@ class RemoteV2Backend:
         meta = await up.stub.ModelMetadata(
             pb.ModelMetadataRequest(name=spec.target, version=spec.upstream_version), timeout=5
         )
-        self._loaded = what_is_served(meta, spec.upstream_version)
-        self.version = self._loaded[0]
+        served = what_is_served(meta, spec.upstream_version)
+        self._loaded, self.version = (*served, None), served[0]
         try:
             got = await up.stub.ModelConfig(
                 pb.ModelConfigRequest(name=spec.target, version=spec.upstream_version), timeout=5
@@ -207,6 +207,7 @@ class RemoteV2Backend:
             cfg.CopyFrom(got.config)
             if (not cfg.input or not cfg.output) and (meta.inputs or meta.outputs):
                 raise ValueError("the config lists no inputs or outputs")
+            self._loaded = (*served, cfg.max_batch_size)  # (followed by the probes: see _probe)
         except (grpc.aio.AioRpcError, ValueError) as e:
             # Not every V2 server has Triton's config extension: build it from the metadata.
             log.info(
@@ -252,7 +253,10 @@ class RemoteV2Backend:
             now = seen.pop()
             if now != self._loaded:
                 on_change, self.on_change = self.on_change, None
-                what = f"version {self._loaded[0]} -> {now[0]}" if now[0] != self._loaded[0] else "inputs or outputs"
+                if now[0] != self._loaded[0]:
+                    what = f"version {self._loaded[0]} -> {now[0]}"
+                else:
+                    what = "inputs or outputs" if now[:-1] != self._loaded[:-1] else f"max_batch_size -> {now[-1]}"
                 log.info("model '%s': its upstreams changed (%s); loading it again", self.spec.name, what)
                 on_change()
 
@@ -268,7 +272,7 @@ class RemoteV2Backend:
             if ok and self.on_change is not None:
                 try:
                     meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
-                    up.serves = what_is_served(meta, self.spec.upstream_version)
+                    up.serves = (*what_is_served(meta, self.spec.upstream_version), await self._batch(up, request))
                 except grpc.aio.AioRpcError:
                     pass  # (read to follow a change, not to judge readiness: the next probe reads it again)
         except grpc.aio.AioRpcError as e:
@@ -302,6 +306,19 @@ class RemoteV2Backend:
         if not ok and not up.ejected:
             up.why = why
         up.update_gauge()
+
+    async def _batch(self, up: Upstream, request: dict) -> int | None:
+        """The upstream's max_batch_size now, followed as the version is: a Triton that reloaded
+        the model with a smaller one refused every batch batchgate made of the old size, until a
+        restart. None for an upstream without Triton's config extension (loaded from metadata); as
+        last seen when its config cannot be read now."""
+        if self._loaded is None or self._loaded[-1] is None:
+            return None
+        try:
+            got = await up.stub.ModelConfig(pb.ModelConfigRequest(**request), timeout=2.0)
+            return got.config.max_batch_size
+        except grpc.aio.AioRpcError:
+            return self._loaded[-1] if up.serves is None else up.serves[-1]
 
     async def _probe_loop(self) -> None:
         while not self._closed:

@@ -235,6 +235,30 @@ def test_a_new_version_or_signature_upstream_is_followed(fake, serve):
     np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 3), 2.0, np.float32))
 
 
+def test_a_new_max_batch_size_upstream_is_followed_and_an_unreadable_config_changes_nothing(fake, serve):
+    """Each probe read the metadata only, which a new max_batch_size leaves as it was: after its
+    Triton reloaded the model with 4, the gateway still made batches of 8, and the upstream
+    refused every one of them until a restart. A probe that cannot read the config now keeps
+    what it saw (no reload), and a version change is followed after it."""
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), **FAST),))  # (gateway batching)
+    c = httpclient.InferenceServerClient(running.http_url)
+    assert c.get_model_config("fk")["max_batch_size"] == 8
+    fake.max_batch_size = 4
+    deadline = time.monotonic() + 10
+    while c.get_model_config("fk")["max_batch_size"] != 4:
+        assert time.monotonic() < deadline, c.get_model_config("fk")
+        time.sleep(0.1)
+    fake.config_code = grpc.StatusCode.UNAVAILABLE.value[0]
+    time.sleep(0.5)  # (five probe rounds that cannot read it; a reload would fail to load)
+    assert c.is_model_ready("fk") and c.get_model_config("fk")["max_batch_size"] == 4
+    np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 1.0), np.full((1, 2), 2.0, np.float32))
+    fake.config_code, fake.version = 0, "2"
+    while c.get_model_metadata("fk")["versions"] != ["2"]:
+        assert time.monotonic() < deadline + 10, c.get_model_metadata("fk")
+        time.sleep(0.1)
+    assert c.get_model_config("fk")["max_batch_size"] == 4
+
+
 def test_an_upstream_whose_metadata_read_fails_stays_in_the_rotation_while_its_model_is_ready(fake, serve):
     """Each probe reads the metadata after ModelReady, only to follow a change: when that read
     failed (its own 1 s timeout under load, say) the upstream left the rotation, and a model
