@@ -63,9 +63,21 @@ def _io(arg) -> IOInfo:
     dt = BY_ONNX.get(arg.type)
     if dt is None:
         raise invalid(f"tensor '{arg.name}' has ONNX type {arg.type}, which batchgate cannot serve")
-    dims = arg.shape or ()  # (ONNX Runtime gives [] for a rank it cannot tell, as for a scalar)
+    dims = arg.shape or ()  # (ONNX Runtime gives [] for a rank it cannot tell, as for a scalar: see _unranked)
     names = tuple(d if isinstance(d, str) and d else None for d in dims)
     return IOInfo(arg.name, dt.v2, _shape(dims), names)
+
+
+def _unranked_names(source: str | bytes) -> frozenset[str]:
+    """The graph inputs and outputs of the model at ``source`` (a path, or the file's bytes) whose
+    tensor type has no shape: their rank is not declared."""
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    g = model.graph
+    return frozenset(
+        v.name
+        for v in (*g.input, *g.output)
+        if v.type.WhichOneof("value") == "tensor_type" and not v.type.tensor_type.HasField("shape")
+    )
 
 
 def _io_or_none(arg) -> IOInfo | None:
@@ -91,7 +103,9 @@ class OnnxBackend:
         spinning = params.get("allow_spinning", "false").strip().lower()
         if spinning not in ("true", "false", "1", "0"):
             raise ModelConfigError("allow_spinning must be true or false")
-        return cls(path, providers, intra, inter, spinning in ("true", "1"))
+        backend = cls(path, providers, intra, inter, spinning in ("true", "1"))
+        backend._settle_unranked(config)
+        return backend
 
     def __init__(
         self,
@@ -134,6 +148,11 @@ class OnnxBackend:
         )
         self._inputs = [_io(a) for a in self.session.get_inputs()]
         self._outputs = [_io(a) for a in self.session.get_outputs()]
+        # ONNX Runtime gives [] both for a scalar and for a tensor whose type has no shape at all
+        # (its rank not declared, so it takes any): the file tells the two apart.
+        self._unranked: frozenset[str] = frozenset()
+        if any(not t.shape for t in self._inputs + self._outputs):
+            self._unranked = _unranked_names(path if content is None else content)
         # (one of a type batchgate cannot serve is left out: only a config that names it needs it)
         self._overridable = [i for i in map(_io_or_none, self.session.get_overridable_initializers()) if i]
         self._string_inputs = {i.name for i in self._inputs + self._overridable if i.v2_datatype == "BYTES"}
@@ -156,7 +175,35 @@ class OnnxBackend:
         """A second session on the same file with one intra-op thread and no spinning, for
         shadow copies: they run on threads of their own and must not take the primary's
         cores (blocking: call it on a thread)."""
-        return OnnxBackend(self.path, self._providers, 1, 1, False, self._content())
+        twin = OnnxBackend(self.path, self._providers, 1, 1, False, self._content())
+        twin._inputs, twin._outputs = self._inputs, self._outputs  # (as settled from the config)
+        return twin
+
+    def _settle_unranked(self, config: mc.ModelConfig) -> None:
+        """The shape of each tensor whose rank the file does not declare, from the config's dims (or
+        reshape: what the model sees), as a TorchScript model's come from its config. Read as the
+        scalar ONNX Runtime reports, such an input refused every request but a scalar, and a warm-up
+        fed it one (a batching config then failed its load, the output having no rows). An input
+        the config does not give fails the load, saying so; an output it does not give is left to
+        what the runs give."""
+        if not self._unranked:
+            return
+        batch: tuple[int, ...] = (-1,) if config.max_batch_size > 0 else ()
+        for kind, infos, entries in (("input", self._inputs, config.input), ("output", self._outputs, config.output)):
+            given = {e.name: e for e in entries}
+            for k, t in enumerate(infos):
+                if t.name not in self._unranked:
+                    continue
+                e = given.get(t.name)
+                if e is not None and e.HasField("reshape"):
+                    infos[k] = IOInfo(t.name, t.v2_datatype, batch + tuple(int(d) for d in e.reshape.shape))
+                elif e is not None and len(e.dims):
+                    infos[k] = IOInfo(t.name, t.v2_datatype, batch + tuple(int(d) for d in e.dims))
+                elif kind == "input":
+                    raise ModelConfigError(
+                        f"input '{printable(clip(t.name))}' has no shape in the ONNX file (its rank is not declared), "
+                        "so the config must give its dims: list it in config.pbtxt with them"
+                    )
 
     def _content(self) -> bytes | None:
         """None while ``path`` still names the file this session was opened from (an ONNX file may
