@@ -269,7 +269,7 @@ class OnnxBackend:
         the first caller does not pay for it."""
         feeds = {}
         for i in self._inputs:
-            shape = tuple(d if d > 0 else free for d in i.shape)
+            shape = tuple(d if d >= 0 else free for d in i.shape)  # (a fixed 0 stays 0)
             if batch > 0 and shape:
                 shape = (batch, *shape[1:])
             if i.v2_datatype == "BYTES":

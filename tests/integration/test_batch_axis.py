@@ -164,3 +164,28 @@ def test_a_config_that_batches_a_model_whose_output_is_not_the_batch_fails_its_l
     c = grpcclient.InferenceServerClient(running.grpc_url)
     c.load_model("rowwise_fresh")  # its output follows the batch: loads and batches
     assert c.get_model_config("rowwise_fresh").config.max_batch_size == 8
+
+
+def test_a_fixed_empty_dimension_keeps_the_run_on_zeros_that_tells_the_batch(tmp_path, serve):
+    """An input with a dimension fixed at 0 (an empty state, say) is given 0 there in the run at
+    load, not 1: given 1, ONNX Runtime refused the run, and a model whose output the names
+    cannot tell was served batched without the check (its callers given each other's rows)."""
+    model = _graph(
+        [helper.make_node("Transpose", ["x"], ["y"]), helper.make_node("Identity", ["e"], ["eo"])],
+        [("x", ["N", "M"]), ("e", ["N", 0])],
+        [("y", ["a", "b"]), ("eo", ["N", 0])],
+    )
+    os.makedirs(os.path.join(tmp_path, "fresh_with_empty", "1"))
+    onnx.save(model, os.path.join(tmp_path, "fresh_with_empty", "1", "model.onnx"))
+    running = serve(str(tmp_path), default_max_batch_size=8)
+    config = httpclient.InferenceServerClient(running.http_url).get_model_config("fresh_with_empty")
+    assert config["max_batch_size"] == 0
+    xs = [np.arange(8, dtype=np.float32).reshape(2, 4) + 10 * i for i in range(16)]
+
+    def call(i):
+        mod, url = (grpcclient, running.grpc_url) if i % 2 else (httpclient, running.http_url)
+        return _call(mod, url, "fresh_with_empty", {"x": xs[i], "e": np.zeros((2, 0), np.float32)})
+
+    with ThreadPoolExecutor(8) as pool:
+        for x, got in zip(xs, pool.map(call, range(16))):
+            np.testing.assert_array_equal(got, x.T)
