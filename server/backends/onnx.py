@@ -80,6 +80,14 @@ def _unranked_names(source: str | bytes) -> frozenset[str]:
     )
 
 
+def _served_shape(entry, batch: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape the model sees of a config input or output (its reshape, else its dims, after
+    ``batch``); None when the entry gives no dims."""
+    if entry.HasField("reshape"):
+        return batch + tuple(int(d) for d in entry.reshape.shape)
+    return batch + tuple(int(d) for d in entry.dims) if len(entry.dims) else None
+
+
 def _io_or_none(arg) -> IOInfo | None:
     return _io(arg) if arg.type in BY_ONNX else None
 
@@ -104,7 +112,7 @@ class OnnxBackend:
         if spinning not in ("true", "false", "1", "0"):
             raise ModelConfigError("allow_spinning must be true or false")
         backend = cls(path, providers, intra, inter, spinning in ("true", "1"))
-        backend._settle_unranked(config)
+        backend._settle_from_config(config)
         return backend
 
     def __init__(
@@ -151,6 +159,7 @@ class OnnxBackend:
         # ONNX Runtime gives [] both for a scalar and for a tensor whose type has no shape at all
         # (its rank not declared, so it takes any): the file tells the two apart.
         self._unranked: frozenset[str] = frozenset()
+        self._warm_shapes: dict[str, tuple[int, ...]] = {}  # input -> the shape runs on zeros take (config's sizes)
         if any(not t.shape for t in self._inputs + self._outputs):
             self._unranked = _unranked_names(path if content is None else content)
         # (one of a type batchgate cannot serve is left out: only a config that names it needs it)
@@ -177,33 +186,35 @@ class OnnxBackend:
         cores (blocking: call it on a thread)."""
         twin = OnnxBackend(self.path, self._providers, 1, 1, False, self._content())
         twin._inputs, twin._outputs = self._inputs, self._outputs  # (as settled from the config)
+        twin._warm_shapes = self._warm_shapes
         return twin
 
-    def _settle_unranked(self, config: mc.ModelConfig) -> None:
-        """The shape of each tensor whose rank the file does not declare, from the config's dims (or
-        reshape: what the model sees), as a TorchScript model's come from its config. Read as the
-        scalar ONNX Runtime reports, such an input refused every request but a scalar, and a warm-up
-        fed it one (a batching config then failed its load, the output having no rows). An input
-        the config does not give fails the load, saying so; an output it does not give is left to
-        what the runs give."""
-        if not self._unranked:
-            return
+    def _settle_from_config(self, config: mc.ModelConfig) -> None:
+        """What the config says of the tensors' shapes beyond the file. (1) The shape of each tensor
+        whose rank the file does not declare, from the config's dims (or reshape: what the model
+        sees), as a TorchScript model's come from its config. Read as the scalar ONNX Runtime
+        reports, such an input refused every request but a scalar, and a warm-up fed it one (a
+        batching config then failed its load, the output having no rows). An input the config does
+        not give fails the load, saying so; an output it does not give is left to what the runs
+        give. (2) The sizes the config fixes where the file leaves a dimension free, for the runs
+        on zeros at load: a convolution exported with free height and width but served at 224 x 224
+        fails on 1 x 1 (the warm-up was lost, with a warning at every load)."""
         batch: tuple[int, ...] = (-1,) if config.max_batch_size > 0 else ()
         for kind, infos, entries in (("input", self._inputs, config.input), ("output", self._outputs, config.output)):
             given = {e.name: e for e in entries}
             for k, t in enumerate(infos):
-                if t.name not in self._unranked:
-                    continue
                 e = given.get(t.name)
-                if e is not None and e.HasField("reshape"):
-                    infos[k] = IOInfo(t.name, t.v2_datatype, batch + tuple(int(d) for d in e.reshape.shape))
-                elif e is not None and len(e.dims):
-                    infos[k] = IOInfo(t.name, t.v2_datatype, batch + tuple(int(d) for d in e.dims))
-                elif kind == "input":
-                    raise ModelConfigError(
-                        f"input '{printable(clip(t.name))}' has no shape in the ONNX file (its rank is not declared), "
-                        "so the config must give its dims: list it in config.pbtxt with them"
-                    )
+                served = _served_shape(e, batch) if e is not None else None
+                if t.name in self._unranked:
+                    if served is not None:
+                        infos[k] = IOInfo(t.name, t.v2_datatype, served)
+                    elif kind == "input":
+                        raise ModelConfigError(
+                            f"input '{printable(clip(t.name))}' has no shape in the ONNX file (its rank is not "
+                            "declared), so the config must give its dims: list it in config.pbtxt with them"
+                        )
+                elif kind == "input" and served is not None and len(served) == len(t.shape):
+                    self._warm_shapes[t.name] = tuple(m if m >= 0 else c for m, c in zip(t.shape, served))
 
     def _content(self) -> bytes | None:
         """None while ``path`` still names the file this session was opened from (an ONNX file may
@@ -269,7 +280,7 @@ class OnnxBackend:
         the first caller does not pay for it."""
         feeds = {}
         for i in self._inputs:
-            shape = tuple(d if d >= 0 else free for d in i.shape)  # (a fixed 0 stays 0)
+            shape = tuple(d if d >= 0 else free for d in self._warm_shapes.get(i.name, i.shape))  # (a fixed 0 stays 0)
             if batch > 0 and shape:
                 shape = (batch, *shape[1:])
             if i.v2_datatype == "BYTES":

@@ -425,3 +425,53 @@ def test_an_engine_failure_answers_without_the_engines_source_locations(tmp_path
         assert "onnxruntime_src" not in text and ".h:" not in text and "onnxruntime::" not in text, text
     logged = [r.getMessage() for r in caplog.records if "failed to execute" in r.getMessage()]
     assert logged and "reshape_helper.h:" in logged[0], logged  # (the operator's log keeps where it failed)
+
+
+def _cnn(paired: bool):
+    """A convolution exported with free height and width (5 x 5 kernel: 1 x 1 and 3 x 3 images fail it),
+    pooled to [N, 4]; ``paired``: its output reshaped to [-1, 2] (two rows a row), so only a run
+    on zeros tells that its first dimension is not the batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchgate.demo import _model
+
+    w = numpy_helper.from_array(np.arange(300, dtype=np.float32).reshape(4, 3, 5, 5) / 100, "W")
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f" if paired else "y"]),
+    ]
+    inits = [w]
+    if paired:
+        nodes.append(helper.make_node("Reshape", ["f", "pair"], ["y"]))
+        inits.append(numpy_helper.from_array(np.array([-1, 2], np.int64), "pair"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2] if paired else ["N", 4])
+    model: onnx.ModelProto = _model(helper.make_graph(nodes, "cnn", [x], [y], inits))
+    return model
+
+
+CNN_CONFIG = 'max_batch_size: 4\ninput [{ name: "x" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] }]\n'
+
+
+def test_runs_on_zeros_at_load_take_the_sizes_the_config_fixes(tmp_path, serve, caplog):
+    """The warm-up of a model whose file leaves dimensions free runs at the sizes its config
+    serves: on 1 x 1 images a convolution failed it at every load (its first caller paid, with a
+    warning), and the check that outputs follow the batch went with it, so a config that batched
+    a model whose output is not the batch was served, its callers given each other's rows."""
+    caplog.set_level("WARNING", logger="batchgate")
+    path = _save(_cnn(False), str(tmp_path), "cnn", config=CNN_CONFIG)
+    _save(_cnn(True), str(tmp_path), "cnn_t", config=CNN_CONFIG)
+    running = serve(str(tmp_path))
+    assert not [m for m in caplog.messages if "warm-up on zeros failed" in m], caplog.messages
+    c = httpclient.InferenceServerClient(running.http_url)
+    rows = {r["name"]: r for r in c.get_model_repository_index()}
+    assert rows["cnn"]["state"] == "READY"
+    assert rows["cnn_t"]["state"] == "UNAVAILABLE"
+    assert "output 'y' has shape [4, 2] for a batch of 2 rows" in rows["cnn_t"]["reason"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    inp = httpclient.InferInput("x", [2, 3, 8, 8], "FP32")
+    inp.set_data_from_numpy(x)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(c.infer("cnn", [inp]).as_numpy("y"), want, rtol=1e-6)
