@@ -197,19 +197,49 @@ def from_contents(t: Any, dt: DataType, shape: tuple[int, ...], what: str) -> np
         stray = next(f.name for f, _ in fields if f.name != field)
         # Values in another field than the datatype's would be dropped without a word.
         raise invalid(f"{what}: contents.{stray} holds values, but {dt.v2} data goes in contents.{field} only")
-    if dt.v2 == "BYTES":
+    packed = _packed(t.contents, dt.v2, count)
+    arr: np.ndarray
+    if packed is not None:
+        arr = packed
+    elif dt.v2 == "BYTES":
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)
     else:
         info = np.iinfo(dt.np_dtype) if dt.np_dtype.kind in "iu" else None
         # uint64_contents can exceed int64 (and float64 loses precision): read it as uint64.
         # The narrower integer types go through int64 so the range check below sees the true value.
-        wide = None if info is None else (np.uint64 if dt.v2 == "UINT64" else np.int64)
-        arr = np.asarray(values, dtype=wide)
+        wide = dt.np_dtype if info is None else (np.uint64 if dt.v2 == "UINT64" else np.int64)
+        arr = np.fromiter(values, dtype=wide, count=count)  # (a few times faster than asarray)
         if info is not None and count and (arr.min() < info.min or arr.max() > info.max):
             raise invalid(f"{what}: a value in contents.{field} is out of range for {dt.v2}")
         arr = arr.astype(dt.np_dtype)
     return shaped(arr, shape, what)
+
+
+# Float contents fields: their tag byte (field number, wire type 2) and the values' dtype.
+_PACKED: dict[str, tuple[int, np.dtype]] = {"FP32": (0x32, np.dtype("<f4")), "FP64": (0x3A, np.dtype("<f8"))}
+
+
+def _packed(contents: Any, v2: str, count: int) -> np.ndarray | None:
+    """The ``count`` values of a float contents field that holds them alone, read as the one buffer
+    the message packs them into (little-endian, after the field's tag and length), not one Python
+    float at a time: 12M values took the event loop 2.8 s so. None where that does not apply."""
+    tagged = _PACKED.get(v2)
+    if tagged is None or not count:
+        return None
+    tag, dtype = tagged
+    packed = contents.SerializeToString()
+    pos, size, shift = 1, 0, 0
+    while pos < len(packed) and shift < 64:  # the length, a varint
+        size |= (packed[pos] & 0x7F) << shift
+        shift += 7
+        pos += 1
+        if not packed[pos - 1] & 0x80:
+            break
+    if packed[0] != tag or size != count * dtype.itemsize or pos + size > len(packed):
+        return None  # (not one packed field: read value by value)
+    arr: np.ndarray = np.frombuffer(packed, dtype=dtype, count=count, offset=pos)
+    return arr
 
 
 def output_places(msg: pb.ModelInferRequest, shm: RegionView | None) -> dict[str, Place] | None:

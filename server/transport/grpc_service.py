@@ -32,7 +32,7 @@ from ..core.types import (
     printable,
     weight_of,
 )
-from ..dataplane import DataPlane
+from ..dataplane import PRECHECK_BYTES, DataPlane
 from ..monitoring.access_log import Note
 from ..monitoring.trace_context import trace_context
 from ..security.access import OPEN_CALLER, Caller, credentials
@@ -59,6 +59,7 @@ GRPC_STATUS = {
 }
 
 _monotonic = time.monotonic
+_decoded = grpc_codec.decode_request  # (typed contents are read value by value)
 MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-memory region
 _REFUSALS: dict[tuple, tuple] = {}  # overload refusals' (status, words, metadata), by words and Retry-After
@@ -299,12 +300,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # ------------------------------------------------------------ inference
-    def _decode(self, msg, context, headers, shm: RegionView | None, note: Note | None, precheck) -> InferRequest:
-        """The request in ``msg``, its deadline the earlier of its V2 timeout and the call's;
-        ``shm``: the caller's shared-memory regions, when the request names one."""
-        return grpc_codec.decode_request(
-            msg, _monotonic(), self.dp.limits, headers, grpc_codec.call_deadline(context), shm, note, precheck
-        )
+    async def _decode(self, msg, size: int, context, headers, shm: RegionView | None, note, precheck) -> InferRequest:
+        """The request in ``msg`` (``size`` bytes: past PRECHECK_BYTES on a thread, as HTTP bodies), its
+        deadline the earlier of its V2 timeout and the call's; ``shm``: the caller's regions."""
+        args = (msg, _monotonic(), self.dp.limits, headers, grpc_codec.call_deadline(context), shm, note, precheck)
+        return await asyncio.to_thread(_decoded, *args) if size > PRECHECK_BYTES else _decoded(*args)
 
     def quick_refusal(self, raw: bytes, peer: str) -> tuple[grpc.StatusCode, str, tuple] | None:
         """A ModelInfer refused for overload before it is parsed: status, message and trailing
@@ -427,7 +427,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 headers = caller_headers(md, dp.limits)
                 shm = dp.shm_view(caller) if SHM_MARK in raw else None  # the caller's own regions
                 check = dp.precheck(served, len(raw), shm is not None)
-                decoded = self._decode(request, context, headers, shm, note, check)
+                decoded = await self._decode(request, len(raw), context, headers, shm, note, check)
                 if dp.weighs_calls:  # a front worker's call: the client requests it merged
                     decoded = decoded._replace(weight=weight_of(_find(md, REQUESTS_HEADER)))
                 resp = await dp.infer(served, decoded, sampled)
@@ -507,8 +507,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     note.span.add_event("ADMITTED")
                 try:
                     shared = any(SHM_REGION in t.parameters for t in msg.inputs)
-                    check = self.dp.precheck(served, msg.ByteSize(), shared)
-                    decoded = self._decode(msg, context, headers, self.dp.shm_view(caller), note, check)
+                    check = self.dp.precheck(served, size := msg.ByteSize(), shared)
+                    decoded = await self._decode(msg, size, context, headers, self.dp.shm_view(caller), note, check)
                     resp = await self.dp.infer(served, decoded)
                 finally:
                     self.dp.release(served)

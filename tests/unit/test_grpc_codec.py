@@ -320,3 +320,21 @@ def test_encode_round_trips_through_tritonclient(case):
     got = grpcclient.InferResult(encode_response(response(("y", datatype, arr)))).as_numpy("y")
     assert got.shape == arr.shape
     assert got.tobytes() == arr.tobytes()
+
+
+@pytest.mark.parametrize(("datatype", "field"), [("FP32", "fp32_contents"), ("FP64", "fp64_contents")])
+def test_typed_float_contents_read_as_one_buffer_keep_every_bit(datatype, field):
+    """Float contents are read from the packed buffer the message holds: the values and their
+    order are those sent, a length past 127 bytes (a varint of two bytes and more) included, and
+    a field the reader does not know (a newer client's) changes nothing."""
+    dtype = DATATYPES[datatype].np_dtype
+    sent = np.array([np.nan, -0.0, np.inf, -np.inf, np.finfo(dtype).smallest_subnormal, 1.5] * 50, dtype)
+    msg = pb.ModelInferRequest(model_name="m")
+    t = msg.inputs.add(name="x", datatype=datatype, shape=[len(sent)])
+    getattr(t.contents, field).extend(sent.tolist())
+    t.contents.MergeFromString(b"\xf8\x06\x01")  # field 111, a varint: unknown to InferTensorContents
+    got = decode_request(msg).inputs[0].data
+    assert got.dtype == dtype and got.tobytes() == sent.tobytes()
+    empty = pb.ModelInferRequest(model_name="m")
+    empty.inputs.add(name="x", datatype=datatype, shape=[0])
+    assert decode_request(empty).inputs[0].data.dtype == dtype
