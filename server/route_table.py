@@ -25,7 +25,8 @@ from .core.buckets import BucketTable
 from .core.errors import ConfigError, ErrorCode, GatewayError, invalid, not_found
 from .core.routing import RouteSpec, Shadow, Variant, check_signatures, idle_misfits, loaded_only
 from .core.types import clip, printable
-from .model import LocalExecution, ModelVersion
+from .execution import LocalExecution
+from .model import ModelVersion
 from .monitoring.metrics import Metrics
 from .repository.manager import ModelRepository
 from .routes import ServedRoute, Settled, file_stamp, read_routes_file

@@ -43,8 +43,9 @@ from .core.errors import GatewayError
 from .core.routing import Compare, Shadow
 from .core.signature import forwarded_parameters, parameters_key
 from .core.types import InferRequest, InferResponse, Tensor, clip, printable
+from .execution import LocalExecution
 from .logs import PrivateRotatingFileHandler
-from .model import LocalExecution, ModelVersion
+from .model import ModelVersion
 from .monitoring.metrics import ShadowMetrics
 from .monitoring.tracing import Tracing
 

@@ -170,7 +170,7 @@ class OnnxBackend:
         # where a future onnxruntime moves it.
         sess = getattr(self.session, "_sess", None)
         options = ort.RunOptions()
-        # A run's failure is the caller's answer and one bounded line of ours (model.py); ONNX
+        # A run's failure is the caller's answer and one bounded line of ours (execution.py); ONNX
         # Runtime's own error line on stderr would be one more per failed run, unbounded and
         # outside the log's format (a client whose values fail a model could flood it).
         options.log_severity_level = 4
@@ -272,7 +272,7 @@ class OnnxBackend:
             # Runtime still calls an invalid argument is in the values (an index past a table, a
             # shape read from an input). The caller's mistake, answered 400 / INVALID_ARGUMENT
             # with the engine's words; a batch that fails so runs again request by request
-            # (model.py), so only that caller gets it.
+            # (execution.py), so only that caller gets it.
             raise ModelRefused(f"the model cannot take these values: {engine_message(e)}") from None
 
     def warm_up(self, batch: int = 0, free: int = 1) -> list[np.ndarray]:

@@ -56,7 +56,7 @@ class GatewayError(Exception):
 
     def resent_alone(self) -> bool:
         """Whether a front worker whose call to the model owner merged several requests, answered
-        this error by the owner, sends each of them again alone (``model.py``'s batch execution:
+        this error by the owner, sends each of them again alone (``execution.py``'s batch execution:
         :func:`batch_may_go_alone` of the error it reads, which over gRPC is INTERNAL for a code
         ``backends/remote.py`` does not keep): the owner counts those calls then, not this one, so
         that each client request counts once."""

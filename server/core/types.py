@@ -316,7 +316,7 @@ def caller_headers(pairs: Iterable[tuple[str, str]], limits: RequestLimits) -> M
     The W3C trace context is kept too, outside those limits, as W3C reads it: a repeated
     ``traceparent`` is none (kept empty), repeated ``tracestate`` values are one list. A remote
     model's call carries it when the gateway does not trace the request itself, so the
-    caller's trace is not cut at the hop (``model.RemoteExecution``)."""
+    caller's trace is not cut at the hop (``execution.RemoteExecution``)."""
     out: dict[str, str] = {}
     trace: dict[str, str] | None = None
     for name, value in pairs:

@@ -67,7 +67,7 @@ def test_a_turn_with_many_requests_admitted_runs_them_on_threads_and_one_alone_r
     import json
     import socket
 
-    from batchgate import model as model_module
+    from batchgate import execution
 
     running = serve(repo[0], inline_execution_max_us=300)
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
@@ -82,7 +82,7 @@ def test_a_turn_with_many_requests_admitted_runs_them_on_threads_and_one_alone_r
         f"Content-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
     host, port = running.http_url.split(":")
-    many = 8 * model_module.INLINE_MAX_ADMITTED
+    many = 8 * execution.INLINE_MAX_ADMITTED
     for _ in range(10):  # bursts: the requests of many connections read in one turn (most times)
         socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(many)]
         for s in socks:
