@@ -44,6 +44,15 @@ def _log_failure(budget: LineBudget, message: str, *args: Any) -> None:
 
 _perf_ns = time.perf_counter_ns
 _INLINE_AFTER = 16  # executions of a batch size timed before that size may run inline
+_INLINE_KEYS = 256  # batch sizes and shapes timed at most (past it, the timings start again)
+
+
+def _cost_key(batch: list, rows: int) -> tuple:
+    """What an execution's time is kept under: its rows and the shapes of its first request's inputs
+    (keyed by rows alone, a sequence or an image measured fast at one size ran inline at any)."""
+    return (rows, *(a.shape for a in batch[0].checked.feeds.values()))
+
+
 INLINE_MAX_ADMITTED = 4  # a pass-through version with more requests admitted runs them on threads
 
 
@@ -59,7 +68,8 @@ class _Execution:
 
 class LocalExecution:
     """Batches run by a local backend: on an inference thread, unless this version's recent
-    executions of batches of that many rows were measured faster than ``inline_max_us``;
+    executions of batches of that many rows and those input shapes were measured faster than
+    ``inline_max_us``;
     then the hand-off to a thread and back would cost the event loop more than the
     execution itself (``bench/serving.py``), so it runs on the loop, bounded by that
     threshold."""
@@ -70,9 +80,10 @@ class LocalExecution:
         self._threads = threads
         self._inline_max_ns = inline_max_us * 1000
         self.inline_runs = 0  # executions that ran on the event loop
-        # Per batch size (rows): the recent execution times, and the fastest of them.
-        self._recent_ns: dict[int, deque[float]] = {}
-        self._fastest_ns: dict[int, float] = {}
+        # Per batch size (rows) and input shapes (_cost_key): the recent execution times, and the
+        # fastest of them.
+        self._recent_ns: dict[tuple, deque[float]] = {}
+        self._fastest_ns: dict[tuple, float] = {}
 
     def execute(self, batch: list[Ticket], done: Done, more: More | None = None) -> None:
         """Run ``batch``; with ``more`` (the pass-through scheduler's), a thread that finishes
@@ -81,7 +92,7 @@ class LocalExecution:
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(t.checked.batch_size for t in batch)
         if (
             self._inline_max_ns
-            and self._fastest_ns.get(rows, math.inf) <= self._inline_max_ns
+            and self._fastest_ns.get(_cost_key(batch, rows), math.inf) <= self._inline_max_ns
             # Many requests admitted at once (a busy loop's turn): on a thread, the executions of
             # the turn run together between the loop's turns, not each between two requests'
             # Python (HTTP at 32 connections: 10% more answers; at one, inline saves the hand-off).
@@ -135,12 +146,15 @@ class LocalExecution:
             v.record(rows, len(batch), t0, t1, t2, t3)
             # The fastest of the recent executions: timings on an inference thread include
             # waits for the GIL while the loop is busy, which say nothing of the model's cost.
-            recent = self._recent_ns.get(rows)
+            recent = self._recent_ns.get(key := _cost_key(batch, rows))
             if recent is None:
-                recent = self._recent_ns[rows] = deque(maxlen=_INLINE_AFTER)
+                if len(self._recent_ns) >= _INLINE_KEYS:  # (callers choose the shapes: kept bounded)
+                    self._recent_ns.clear()
+                    self._fastest_ns.clear()
+                recent = self._recent_ns[key] = deque(maxlen=_INLINE_AFTER)
             recent.append(took)
             if len(recent) == _INLINE_AFTER:  # decide only once a size has been timed enough
-                self._fastest_ns[rows] = min(recent)
+                self._fastest_ns[key] = min(recent)
         return answers
 
 

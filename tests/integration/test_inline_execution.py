@@ -103,3 +103,29 @@ def test_a_turn_with_many_requests_admitted_runs_them_on_threads_and_one_alone_r
     inline_now = tiny.execution.inline_runs
     _call(running, "tiny", x, 10)  # one at a time again: inline
     assert tiny.execution.inline_runs == inline_now + 10
+
+
+def test_a_shape_never_timed_runs_on_a_thread_even_where_others_run_inline(tmp_path, serve):
+    """Executions are timed per batch size and input shapes: a model timed fast on short inputs
+    ran a caller's long one on the loop too, while its batch size was the same (timed per batch
+    size alone), holding every other caller for as long as that run took."""
+    _save(identity_model("seq", TensorProto.FLOAT, ("batch", "n")), str(tmp_path), "seq", config="max_batch_size: 8\n")
+    running = serve(str(tmp_path), inline_execution_max_us=300)
+    short = np.arange(4, dtype=np.float32).reshape(1, 4)
+    c = grpcclient.InferenceServerClient(running.grpc_url)
+
+    def call(x):
+        inp = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return c.infer("seq", [inp]).as_numpy("OUTPUT")
+
+    for _ in range(40):
+        call(short)
+    seq = running.gateway.repository.resolve("seq", "")
+    inline_before = seq.execution.inline_runs
+    assert inline_before >= 20  # (timed on threads, then inline: as the first test here)
+    long = np.linspace(-1, 1, 4_000_000, dtype=np.float32).reshape(1, -1)
+    np.testing.assert_array_equal(call(long), long)
+    assert seq.execution.inline_runs == inline_before  # its shape never timed: on a thread
+    np.testing.assert_array_equal(call(short), short)
+    assert seq.execution.inline_runs == inline_before + 1  # the short one still inline
