@@ -272,7 +272,8 @@ class RemoteV2Backend:
             if ok and self.on_change is not None:
                 try:
                     meta = await up.stub.ModelMetadata(pb.ModelMetadataRequest(**request), timeout=timeout)
-                    up.serves = (*what_is_served(meta, self.spec.upstream_version), await self._batch(up, request))
+                    batch = await self._batch(up, request, timeout)
+                    up.serves = (*what_is_served(meta, self.spec.upstream_version), batch)
                 except grpc.aio.AioRpcError:
                     pass  # (read to follow a change, not to judge readiness: the next probe reads it again)
         except grpc.aio.AioRpcError as e:
@@ -307,7 +308,7 @@ class RemoteV2Backend:
             up.why = why
         up.update_gauge()
 
-    async def _batch(self, up: Upstream, request: dict) -> int | None:
+    async def _batch(self, up: Upstream, request: dict, timeout: float) -> int | None:
         """The upstream's max_batch_size now, followed as the version is: a Triton that reloaded
         the model with a smaller one refused every batch batchgate made of the old size, until a
         restart. None for an upstream without Triton's config extension (loaded from metadata); as
@@ -315,7 +316,7 @@ class RemoteV2Backend:
         if self._loaded is None or self._loaded[-1] is None:
             return None
         try:
-            got = await up.stub.ModelConfig(pb.ModelConfigRequest(**request), timeout=2.0)
+            got = await up.stub.ModelConfig(pb.ModelConfigRequest(**request), timeout=timeout)
             return got.config.max_batch_size
         except grpc.aio.AioRpcError:
             return self._loaded[-1] if up.serves is None else up.serves[-1]
