@@ -18,6 +18,8 @@ from helm_support import by_kind, lint, render, template, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
+from batchgate.core.errors import ConfigError
+from batchgate.security.auth import parse_keys
 
 TOKEN = "bg-test-token-that-must-never-be-rendered"
 DIGEST = hashlib.sha256(TOKEN.encode()).hexdigest()
@@ -164,6 +166,61 @@ def test_inline_keys_become_a_secret_of_digests_only(helm, tmp_path):
 def test_a_key_that_is_not_a_digest_is_refused_at_render(helm, tmp_path, entry, message):
     err = refused(helm, tmp_path, {"auth": {"apiKeys": {"keys": [entry]}}})
     assert message in err and TOKEN not in err
+
+
+OTHER = hashlib.sha256(b"another token").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"id": "a", "sha256": DIGEST}, "scopes is required"),
+        ({"id": "a", "sha256": DIGEST, "scopes": []}, "scopes is required"),
+        ({"id": "a", "sha256": DIGEST, "scopes": "infer"}, "scopes is required"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer", "write"]}, "scopes has write"),
+        ({"id": "web frontend", "sha256": DIGEST, "scopes": ["infer"]}, "id must be a string"),
+        ({"id": 7, "sha256": DIGEST, "scopes": ["infer"]}, "id must be a string"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "models": []}, "models must be a list"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "models": ["fraud/*"]}, "models has fraud/*"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "rate_per_s": 0}, "rate_per_s must be a number"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "rate_per_s": "fast"}, "rate_per_s must be a number"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "burst": 10}, "burst needs rate_per_s"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "rate_per_s": 5, "burst": 1.5}, "burst must be a whole"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "cert_subjects": ["client"]}, "cert_subjects has client"),
+        ({"id": "a", "sha256": DIGEST, "scopes": ["infer"], "cert_subjects": "CN=c"}, "cert_subjects must be a list"),
+    ],
+)
+def test_a_key_batchgate_would_refuse_is_refused_at_render(helm, tmp_path, entry, message):
+    """An entry of auth.apiKeys.keys that batchgate's keys file refuses stops every pod at start
+    (a crash loop, or a Secret edit that never takes): the render refuses it first, naming the
+    field. Until 2026-12-06 only the field names, the id and the digest were checked, so a key
+    without scopes rendered."""
+    with pytest.raises(ConfigError):  # batchgate itself refuses it: the chart must not pass it
+        parse_keys({"keys": [entry]}, "keys file")
+    err = refused(helm, tmp_path, {"auth": {"apiKeys": {"keys": [entry]}}})
+    assert "auth.apiKeys.keys[0]" in err and message in err, err
+
+
+def test_two_keys_with_one_digest_are_refused_at_render(helm, tmp_path):
+    keys = [dict(KEY), dict(KEY, id="other", sha256=DIGEST.lower())]  # one token, upper and lower case
+    with pytest.raises(ConfigError):
+        parse_keys({"keys": keys}, "keys file")
+    assert "sha256 is the same as another entry's" in refused(helm, tmp_path, {"auth": {"apiKeys": {"keys": keys}}})
+
+
+def test_every_kind_of_entry_batchgate_takes_renders_and_reads_back(helm, tmp_path):
+    """The other side of the checks above: what batchgate takes renders, and the Secret's file
+    reads back as the same keys."""
+    keys = [
+        dict(KEY, cert_subjects=["CN=fraud-client,O=Acme"]),
+        {"id": "ops_1.x", "sha256": OTHER, "scopes": ["admin"], "models": ["fraud-*", "m?[0-9]", "[!x]*"]},
+        {"id": "batch", "sha256": "1" * 64, "scopes": ["infer", "read", "admin"], "rate_per_s": 0.5},
+    ]
+    out = template(helm, values(tmp_path, {"auth": {"apiKeys": {"keys": keys}}}))
+    assert out.returncode == 0, out.stderr
+    secret = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Secret")
+    read = parse_keys(yaml.safe_load(secret["stringData"]["keys.yaml"]), "keys file")
+    assert read == parse_keys({"keys": keys}, "keys file")
 
 
 def test_inline_keys_may_map_client_certificate_subjects(helm, tmp_path):
