@@ -291,15 +291,23 @@ def test_min_replicas_above_max_replicas_is_refused_at_render(helm, tmp_path, mo
         assert ("HorizontalPodAutoscaler" in kinds or "ScaledObject" in kinds) == ok["enabled"]
 
 
-def test_an_hpa_from_zero_replicas_is_refused_at_render_keda_may_scale_to_zero(helm, tmp_path):
-    """The schema lets minReplicas be 0 (KEDA scales to zero), but in mode hpa that rendered an HPA
-    the API server refuses (minReplicas below 1 needs the alpha gate HPAScaleToZero, and a Pods
-    metric cannot bring a Deployment back from zero pods: no pod, no metric)."""
-    stderr = _refused(helm, tmp_path, {"autoscaling": {"mode": "hpa", "minReplicas": 0}})
-    assert "autoscaling.minReplicas 0 in mode hpa" in stderr and "mode keda" in stderr, stderr
-    values = tmp_path / "keda.yaml"
-    values.write_text(yaml.safe_dump({"autoscaling": {"mode": "keda", "minReplicas": 0}}))
-    assert by_kind(render(helm, values))["ScaledObject"][0]["spec"]["minReplicaCount"] == 0
+@pytest.mark.parametrize("mode", ["hpa", "keda"])
+def test_scaling_from_zero_replicas_is_refused_at_render_in_either_mode(helm, tmp_path, mode):
+    """Both modes scale on batchgate_queue_depth, which only running pods report: at zero pods there
+    is no series, and requests are refused before they can queue, so nothing scales back up. Mode
+    hpa rendered an HPA the API server refuses; until 2026-12-06 mode keda rendered a ScaledObject
+    with minReplicaCount 0, which scaled an idle release to zero pods for good."""
+    stderr = _refused(helm, tmp_path, {"autoscaling": {"mode": mode, "minReplicas": 0}})
+    assert f"autoscaling.minReplicas 0 in mode {mode}" in stderr and "give at least 1" in stderr, stderr
+    values = tmp_path / "one.yaml"
+    values.write_text(yaml.safe_dump({"autoscaling": {"mode": mode, "minReplicas": 1}}))
+    kinds = by_kind(render(helm, values))
+    if mode == "keda":
+        assert kinds["ScaledObject"][0]["spec"]["minReplicaCount"] == 1
+    else:
+        assert kinds["HorizontalPodAutoscaler"][0]["spec"]["minReplicas"] == 1
+    values.write_text(yaml.safe_dump({"autoscaling": {"enabled": False, "mode": mode, "minReplicas": 0}}))
+    assert "replicas" in by_kind(render(helm, values))["Deployment"][0]["spec"]  # off: not its concern
 
 
 def test_chart_config_is_nested_and_flat_keys_are_refused_at_render(helm, tmp_path):
