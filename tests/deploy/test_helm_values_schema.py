@@ -10,6 +10,8 @@ import pytest
 import yaml
 from helm_support import by_kind, render, template, validate, values_file
 
+from batchgate.config import load_settings
+
 
 @pytest.mark.parametrize(
     "given, where",
@@ -168,6 +170,23 @@ def test_an_extra_variable_for_a_setting_the_chart_owns_is_refused(helm, tmp_pat
     out = template(helm, values_file(tmp_path, {"extraEnv": [{"name": variable, "value": "9000"}]}))
     assert out.returncode != 0
     assert f"extraEnv: {variable} sets" in out.stderr and f"from the value {value}" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("variable", ["BATCHGATE_EXIT_TIMEOUT_S", "BATCHGATE_EXIT_TIMEOUT_SECS"])
+def test_an_extra_variable_for_the_drain_time_is_refused(helm, tmp_path, variable):
+    """terminationGracePeriodSeconds is computed from config.server.exit_timeout_s, and batchgate
+    ranks its environment above its config: until 2026-12-06 BATCHGATE_EXIT_TIMEOUT_S=120 in
+    extraEnv rendered a grace period of 50 s, so the kubelet killed every drain after 50 s."""
+    extra = [{"name": variable, "value": "120"}]
+    environ = {variable: "120", "BATCHGATE_MODEL_REPOSITORY": str(tmp_path)}
+    assert load_settings(None, environ=environ).server.exit_timeout_s == 120  # it does take over
+    out = template(helm, values_file(tmp_path, {"extraEnv": extra}))
+    assert out.returncode != 0
+    assert f"extraEnv: {variable} sets server.exit_timeout_s" in out.stderr, out.stderr
+    assert "config.server.exit_timeout_s" in out.stderr
+    given = {"config": {"server": {"exit_timeout_s": 120}}}  # the way that works: the grace follows it
+    pod = by_kind(render(helm, values_file(tmp_path, given)))["Deployment"][0]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 10 + 120 + 10
 
 
 def test_an_extra_variable_for_another_setting_passes(helm, tmp_path):
