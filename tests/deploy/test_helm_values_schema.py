@@ -38,6 +38,31 @@ def test_a_mistyped_value_is_refused_at_render_naming_it(helm, tmp_path, given, 
     assert where in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(
+    "given, where",
+    [
+        # a misspelt key of the security sections was dropped without a word: no keys (the server
+        # ran open), no TLS, no NetworkPolicy, and the install succeeded
+        ({"auth": {"apiKeys": {"existingSecert": "team-keys"}}}, "existingSecert"),
+        ({"auth": {"apikeys": {"existingSecret": "team-keys"}}}, "apikeys"),
+        ({"auth": {"healthRequireKey": True}}, "healthRequireKey"),
+        ({"auth": {"auditLog": {"enable": True}}}, "enable"),
+        ({"tls": {"enable": True, "existingSecret": "gw-tls"}}, "enable"),
+        ({"tls": {"certManager": {"issuer": {"name": "ca"}}}}, "issuer"),
+        ({"networkPolicy": {"enable": True}}, "enable"),
+        ({"networkPolicy": {"enabled": True, "client": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}, "client"),
+        # and a switch given as a string ("true" from --set-string) failed deep in a template
+        ({"tls": {"enabled": "true", "existingSecret": "gw-tls"}}, "/tls/enabled"),
+        ({"auth": {"metricsRequiresKey": "yes"}}, "/auth/metricsRequiresKey"),
+        ({"networkPolicy": {"enabled": True, "clients": "web"}}, "/networkPolicy/clients"),
+    ],
+)
+def test_a_misspelt_security_value_is_refused_at_render_naming_it(helm, tmp_path, given, where):
+    out = template(helm, values_file(tmp_path, given))
+    assert out.returncode != 0, f"rendered {given}"
+    assert "values don't meet the specifications of the schema" in out.stderr and where in out.stderr, out.stderr
+
+
 def test_the_documented_choices_render(helm, tmp_path):
     for given in (
         {},
