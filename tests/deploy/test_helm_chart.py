@@ -277,6 +277,24 @@ def test_the_cpu_variant_names_one_cpu_tag(helm, tmp_path, tag, image):
     assert c["image"] == "ghcr.io/batchgate/batchgate:" + image
 
 
+def test_a_tag_yaml_reads_as_a_number_names_the_image_it_says_or_is_refused(helm, tmp_path):
+    """An unquoted tag in a values file is a YAML number, which helm hands the template as a
+    float64: until 2026-12-06 `tag: 20261206` named repo:2.0261206e+07 (no kubelet can pull it) and
+    `tag: 1.10` named repo:1.1, another image. A whole number is written in digits; a fraction,
+    whose digits are lost, is refused by the schema (quote it)."""
+    values = tmp_path / "tag.yaml"
+    for written, image in (("20261206", "20261206"), ("7", "7"), ('"1.10"', "1.10"), ("'0.2.0'", "0.2.0")):
+        values.write_text(f"image:\n  tag: {written}\n")  # as a user writes it: YAML types it
+        c = by_kind(render(helm, values))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+        assert c["image"] == "ghcr.io/batchgate/batchgate:" + image, written
+    values.write_text("image:\n  tag: 1.10\n")
+    out = template(helm, values)
+    assert out.returncode != 0 and "/image/tag" in out.stderr, out.stderr
+    values.write_text("{}")
+    out = template(helm, values, "--set", "image.tag=123", "--set", "image.variant=cpu")  # --set: an int64
+    assert out.returncode == 0 and "ghcr.io/batchgate/batchgate:123-cpu" in out.stdout, out.stderr
+
+
 @pytest.mark.parametrize("mode", ["hpa", "keda"])
 def test_min_replicas_above_max_replicas_is_refused_at_render(helm, tmp_path, mode):
     """autoscaling.minReplicas above maxReplicas rendered an HPA (or a ScaledObject whose HPA)

@@ -44,7 +44,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 whose tags end in -cpu, or the Dockerfile's own tag "cpu") has no CUDA and the CPU onnxruntime,
 so the pod would hold a GPU it cannot use. */}}
 {{- define "batchgate.image" -}}
-{{- $tag := toString (default .Chart.AppVersion .Values.image.tag) -}}
+{{- /* A tag YAML reads as a whole number (20261206) reaches the template as a float64, which
+toString writes as 2.0261206e+07: written out in digits instead (the schema refuses a fraction). */}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- $tag = ternary (toString $tag) (printf "%.0f" (float64 $tag)) (kindIs "string" $tag) -}}
 {{- $name := regexReplaceAll "@.*$" $tag "" -}}
 {{- $digest := trimPrefix $name $tag -}}
 {{- /* The CPU variant's tag ends in -cpu: added once (not to a tag that names the CPU build
