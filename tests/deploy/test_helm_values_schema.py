@@ -30,6 +30,9 @@ from batchgate.config import load_settings
         ({"ports": {"htp": 9000}}, "htp"),
         ({"admin": {"port": 0}}, "/admin/port"),
         ({"autoscalling": {"enabled": False}}, "autoscalling"),
+        ({"lifecycle": {"preStopSleepSeconds": -5}}, "/lifecycle/preStopSleepSeconds"),  # `sleep -5` fails
+        ({"podDisruptionBudget": {"maxUnavailable": "one"}}, "/podDisruptionBudget/maxUnavailable"),
+        ({"modelRepository": {"initContainer": {"command": "aws s3 sync"}}}, "/modelRepository/initContainer/command"),
     ],
 )
 def test_a_mistyped_value_is_refused_at_render_naming_it(helm, tmp_path, given, where):
@@ -61,6 +64,49 @@ def test_a_misspelt_security_value_is_refused_at_render_naming_it(helm, tmp_path
     out = template(helm, values_file(tmp_path, given))
     assert out.returncode != 0, f"rendered {given}"
     assert "values don't meet the specifications of the schema" in out.stderr and where in out.stderr, out.stderr
+
+
+# Values that are Kubernetes objects or the user's own maps (labels, selectors, a Secret's
+# reference), whose keys the chart passes on as given; config has a schema of its own.
+FREE_FORM = {
+    "resources", "nodeSelector", "tolerations", "affinity", "podSecurityContext", "securityContext",
+    "podAnnotations", "podLabels", "service.annotations", "autoscaling.behavior", "monitoring.labels",
+    "monitoring.authorization", "dashboards.labels", "dashboards.annotations", "alerts.labels",
+    "serviceAccount.annotations", "config", "drift.profiles", "drift.detector",
+    "modelRepository.initContainer.resources", "global",
+}  # fmt: skip
+
+
+def _sections(node: object, path: str = ""):
+    """The dotted path of every mapping in values.yaml that is the chart's own (not FREE_FORM)."""
+    if isinstance(node, dict):
+        if path and not any(path == f or path.startswith(f + ".") for f in FREE_FORM):
+            yield path
+        for key, value in node.items():
+            yield from _sections(value, f"{path}.{key}" if path else str(key))
+
+
+def test_a_misspelt_key_of_any_of_the_charts_sections_is_refused(helm, tmp_path):
+    """values.yaml documents every key, and a key the templates never read was dropped without a
+    word: until 2026-12-06 routes.lists, drift.monitor, modelRepository.initcontainer,
+    alerts.drift.detected.four or lifecycle.preStopSleepSecond rendered as if not given (no
+    routes, no drift monitoring, the default bucket). Each section now names the stray key."""
+    import helm_support
+
+    values = yaml.safe_load((helm_support.CHART / "values.yaml").read_text())
+    sections = list(_sections(values))
+    assert {"routes", "drift", "alerts.drift.detected", "modelRepository.initContainer"} <= set(sections)
+    loose = []
+    for section in sections:
+        given: dict = {}
+        node = given
+        for part in section.split("."):
+            node = node.setdefault(part, {})
+        node["strayKey"] = True
+        out = template(helm, values_file(tmp_path, given))
+        if out.returncode == 0 or "strayKey" not in out.stderr:
+            loose.append(section)
+    assert loose == []
 
 
 def test_the_documented_choices_render(helm, tmp_path):
