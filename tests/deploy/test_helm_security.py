@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
-from helm_support import by_kind, lint, render, template, validate
+from helm_support import CHART, by_kind, lint, render, template, validate
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
@@ -379,6 +380,28 @@ def test_network_policy_lets_in_clients_scrapers_and_probes(helm, tmp_path):
     (policy,) = by_kind(render(helm, values(tmp_path, given, "admins")))["NetworkPolicy"]
     rules = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in policy["spec"]["ingress"]}
     assert rules == {(8000, 8001): None, (8002,): None, (8003, 8005): admins}
+
+
+@pytest.mark.parametrize(
+    ("admin", "lines"),
+    [
+        ({}, ["admin (gRPC):     loopback only: kubectl port-forward -n serving pod/<pod> 8003",
+              "admin (HTTP):     loopback only: kubectl port-forward -n serving pod/<pod> 8005"]),
+        ({"expose": True}, ["admin (gRPC):     rel-batchgate:8003", "admin (HTTP):     rel-batchgate:8005"]),
+        ({"expose": True, "port": -1}, ["admin (HTTP):     rel-batchgate:8005"]),  # had been rel-batchgate:-1
+        ({"port": -1}, ["admin (HTTP):     loopback only: kubectl port-forward -n serving pod/<pod> 8005"]),
+        ({"port": -1, "httpPort": -1}, []),
+    ],
+)  # fmt: skip
+def test_the_install_notes_name_the_admin_listeners_that_are_on(helm, tmp_path, admin, lines):
+    """The notes named admin.port alone: with it off and the HTTP admin exposed they said
+    `admin: rel-batchgate:-1`, and the HTTP admin listener was never mentioned."""
+    f = values(tmp_path, {"admin": admin})
+    cmd = [helm, "install", "rel", str(CHART), "-f", str(f), "-n", "serving", "--dry-run=client"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert [line.strip() for line in notes.splitlines() if line.strip().startswith("admin")] == lines
 
 
 def test_the_admin_port_is_loopback_only_unless_exposed(helm, tmp_path):
