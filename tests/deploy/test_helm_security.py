@@ -202,11 +202,20 @@ def test_a_key_batchgate_would_refuse_is_refused_at_render(helm, tmp_path, entry
     assert "auth.apiKeys.keys[0]" in err and message in err, err
 
 
-def test_two_keys_with_one_digest_are_refused_at_render(helm, tmp_path):
+def test_two_keys_with_one_digest_or_one_subject_are_refused_at_render(helm, tmp_path):
     keys = [dict(KEY), dict(KEY, id="other", sha256=DIGEST.lower())]  # one token, upper and lower case
     with pytest.raises(ConfigError):
         parse_keys({"keys": keys}, "keys file")
     assert "sha256 is the same as another entry's" in refused(helm, tmp_path, {"auth": {"apiKeys": {"keys": keys}}})
+    subject = ["CN=client,O=Acme"]
+    for keys in (
+        [dict(KEY, cert_subjects=subject), dict(KEY, id="other", sha256=OTHER, cert_subjects=subject)],
+        [dict(KEY, cert_subjects=subject * 2)],
+    ):
+        with pytest.raises(ConfigError):
+            parse_keys({"keys": keys}, "keys file")
+        err = refused(helm, tmp_path, {"auth": {"apiKeys": {"keys": keys}}})
+        assert "cert_subjects has CN=client,O=Acme, which is given twice" in err, err
 
 
 def test_every_kind_of_entry_batchgate_takes_renders_and_reads_back(helm, tmp_path):
