@@ -9,6 +9,7 @@ scores drift windows and exports every series the alerts ask for, with the label
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import urllib.request
@@ -24,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchgate.config import load_settings
 from batchgate.core.drift import build_profile, build_tensor
+from batchgate.core.drift_monitors import _MONITOR_FIELDS, Webhook, parse_monitors
+from batchgate.core.errors import ConfigError
 from batchgate.demo import _save, classifier_model
 from batchgate.drift_profile import run_local
 from batchgate.monitoring.drift import read_profile
@@ -378,6 +381,64 @@ def test_drift_values_that_cannot_work_are_refused_at_render(helm, tmp_path, bui
     given = copy.deepcopy(drift_values(built))
     change(given)
     assert message in refused(helm, tmp_path, given)
+
+
+def test_the_schemas_monitor_has_the_fields_batchgate_reads():
+    """values.schema.json's drift monitor names the fields batchgate reads, no more and no fewer."""
+    import helm_support
+
+    schema = json.loads((helm_support.CHART / "values.schema.json").read_text())["definitions"]["driftMonitor"]
+    assert set(schema["properties"]) == _MONITOR_FIELDS
+    assert set(schema["properties"]["window"]["properties"]) == {"samples", "max_s", "min_samples"}
+    assert set(schema["properties"]["webhook"]["properties"]) == {f.name for f in dataclasses.fields(Webhook)}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"inputs": None},
+        {"inputs": []},
+        {"model": "fraud detector"},
+        {"sampleRate": 0.5},
+        {"sample_rate": 2},
+        {"tests": ["psi", "kl"]},
+        {"window": {"samples": 5}},
+        {"window": {"size": 100}},
+        {"correction": "holm"},
+        {"outputs": "yes"},
+        {"alpha": 0},
+        {"debounce_windows": 0},
+        {"max_rows_per_sample": 1.5},
+        {"webhook": {"url": "ftp://retrain.example/trigger"}},
+        {"webhook": {"url": "http://retrain.example/trigger", "format": "xml"}},
+        {"webhook": {"url": "http://retrain.example/trigger", "retries": 1000}},
+    ],
+)
+def test_a_monitor_batchgate_would_refuse_is_refused_at_render(helm, tmp_path, built, change):
+    """A monitor batchgate refuses stops every pod at start: until 2026-12-06 the chart rendered
+    any monitor (a misspelt field, an unknown test, a rate of 2), and the pods crash-looped. The
+    schema now reads a monitor as batchgate does, naming the monitor that is wrong."""
+    monitor = {k: v for k, v in {**MONITOR, **change}.items() if v is not None}
+    with pytest.raises(ConfigError):
+        parse_monitors([monitor])
+    given = copy.deepcopy(drift_values(built))
+    given["drift"]["monitors"] = [monitor]
+    err = refused(helm, tmp_path, given)
+    assert "/drift/monitors/0" in err, err
+
+
+def test_every_kind_of_monitor_batchgate_takes_renders(helm, tmp_path, built):
+    monitors = [
+        MONITOR,
+        {"model": "m2", "inputs": "features", "reference": "/models/m2/profile.json", "window": None},
+        {"model": "m3", "inputs": ["a", "b"], "reference": "/models/m3.json", "tests": ["chi2"], "webhook": None,
+         "min_drifted_share": 0.5, "adwin_delta": 0.001, "unseen_max": 1, "max_rows_per_sample": 65536},
+    ]  # fmt: skip
+    parse_monitors(monitors)
+    given = copy.deepcopy(drift_values(built))
+    given["drift"]["monitors"] = monitors
+    config = yaml.safe_load(by_kind(render(helm, values(tmp_path, given)))["ConfigMap"][0]["data"]["batchgate.yaml"])
+    assert [m.model for m in parse_monitors(config["drift"])] == ["fraud", "m2", "m3"]
 
 
 def test_batchgate_serves_drift_from_the_files_the_pod_has(helm, tmp_path, built):
