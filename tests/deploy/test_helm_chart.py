@@ -23,6 +23,8 @@ from helm_support import CHART, by_kind, exported_series, lint, render, template
 
 from batchgate.app import GRPC_SERVICE
 from batchgate.config import Settings, load_settings
+from batchgate.core.errors import ConfigError
+from batchgate.core.routing import parse_routes
 from batchgate.demo import _save, slow_model
 from batchgate.monitoring.metrics import FAMILIES
 from batchgate.routes import read_routes_file
@@ -118,6 +120,71 @@ def test_routes_reach_the_server_as_a_watched_file(helm, tmp_path):
     assert checksum(again) == checksum(kinds)
     bare = deployment_and_config(helm, tmp_path, "default")
     assert "routes" not in {v["name"] for v in bare[1]["volumes"]} and "routing" not in bare[3]
+
+
+def _route(change: dict, part: str | None = None) -> dict:
+    """EXAMPLE_ROUTE with ``change`` merged into it, or into its ``part`` (a variant's list item 0,
+    a shadow's, compare, rollout); a value None drops the field."""
+    route = copy.deepcopy(EXAMPLE_ROUTE)
+    node = route if part is None else route[part][0] if part in ("variants", "shadows") else route[part]
+    for key, value in change.items():
+        node.pop(key, None) if value is None else node.__setitem__(key, value)
+    return route
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        _route({"variants": None}),
+        _route({"name": "fraud route"}),
+        _route({"weights": {"stable": 90}}),
+        _route({"weight": 150}, "variants"),
+        _route({"weight": "10"}, "variants"),
+        _route({"model": None}, "variants"),
+        _route({"mdoel": "fraud_v1"}, "variants"),
+        _route({"version": "v3"}, "variants"),
+        _route({"sticky_key": "cookie:user"}),
+        _route({"percent": 120}, "shadows"),
+        _route({"max_inflight": 0}, "shadows"),
+        _route({"kind": "ranking"}, "compare"),
+        _route({"on_fail": "retry"}, "rollout"),
+        _route({"steps": [10, 150]}, "rollout"),
+        _route({"gates": {"max_error_rate": 2}}, "rollout"),
+        _route({"gates": {"max_latency": 2}}, "rollout"),
+        _route({"interval_s": 0}, "rollout"),
+    ],
+)
+def test_a_route_batchgate_would_refuse_is_refused_at_render(helm, tmp_path, route):
+    """A route batchgate refuses stops every pod at start (the routes file is read then):
+    until 2026-12-06 the chart rendered any route. The schema reads one as batchgate does, but
+    for what the fields say together (weights adding up to 0, the canary among the variants)."""
+    with pytest.raises(ConfigError):
+        parse_routes([route])
+    values = tmp_path / "route.yaml"
+    values.write_text(yaml.safe_dump({"routes": {"list": [route]}}))
+    out = template(helm, values)
+    assert out.returncode != 0 and "/routes/list/0" in out.stderr, out.stderr
+
+
+def test_every_kind_of_route_batchgate_takes_renders(helm, tmp_path):
+    routes = [
+        EXAMPLE_ROUTE,
+        {"name": "plain", "variants": [{"name": "only", "model": "m", "version": 2, "weight": 100}]},
+        {
+            "name": "bare",
+            "variants": [{"name": "a", "model": "m", "weight": 1}, {"name": "b", "model": "m2", "version": ""}],
+            "sticky_key": "param:user",
+            "shadows": None,
+            "compare": {"output": "out"},
+            "rollout": {"canary": "b", "baseline": "a", "steps": [100], "gates": None},
+        },
+    ]
+    parse_routes(routes)
+    values = tmp_path / "routes.yaml"
+    values.write_text(yaml.safe_dump({"routes": {"list": routes}}))
+    routes_map = by_kind(render(helm, values))["ConfigMap"][1]
+    (tmp_path / "routes-file.yaml").write_text(routes_map["data"]["routes.yaml"])
+    assert [r.name for r in read_routes_file(str(tmp_path / "routes-file.yaml"))] == ["fraud", "plain", "bare"]
 
 
 def test_the_chart_agrees_with_the_code(helm, tmp_path):
