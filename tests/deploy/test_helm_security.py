@@ -371,6 +371,24 @@ def test_tls_settings_that_cannot_work_are_refused_at_render(helm, tmp_path):
     assert "config.auth.api_keys_file is set by the chart: use the value auth.apiKeys" in refused(helm, tmp_path, owned)
 
 
+@pytest.mark.parametrize(
+    "tls",
+    [
+        {"existingSecret": "gw-tls"},
+        {"existingSecret": "gw-tls", "clientAuth": True},
+        {"clientCASecret": "clients-ca"},
+        {"certManager": {"create": True, "issuerRef": ISSUER}},
+    ],
+)
+def test_tls_settings_without_tls_enabled_are_refused(helm, tmp_path, tls):
+    """Until 2026-12-06 a certificate (or mTLS) given without tls.enabled rendered a release whose
+    ports served plaintext, the Secret never mounted, with nothing said."""
+    err = refused(helm, tmp_path, {"tls": tls})
+    assert "but tls.enabled is false, so the HTTP and gRPC ports would serve plaintext" in err, err
+    kinds, pod, c, config = rendered(helm, tmp_path, "tls-secret-mtls")  # with enabled: as before
+    assert config["tls"]["tls_cert_file"] == "/etc/batchgate/tls/tls.crt"
+
+
 def test_network_policy_lets_in_clients_scrapers_and_probes(helm, tmp_path):
     assert "NetworkPolicy" not in by_kind(render(helm, values(tmp_path, {}, "none")))  # off by default
     kinds, *_ = rendered(helm, tmp_path, "network-policy")

@@ -129,6 +129,11 @@ when auth.apiKeys.keys is given; empty: no keys (the server runs open). */}}
 
 {{/* The kubernetes.io/tls Secret of the server's certificate; empty: TLS off. */}}
 {{- define "batchgate.tlsSecret" -}}
+{{- $t := .Values.tls -}}
+{{- /* TLS settings without tls.enabled would leave the ports plaintext without a word. */ -}}
+{{- if and (not $t.enabled) (or $t.existingSecret $t.clientAuth $t.clientCASecret $t.certManager.create) -}}
+{{- fail "tls.existingSecret, tls.clientAuth, tls.clientCASecret or tls.certManager.create is set, but tls.enabled is false, so the HTTP and gRPC ports would serve plaintext: set tls.enabled true, or remove them" -}}
+{{- end -}}
 {{- if .Values.tls.enabled -}}
 {{- if .Values.tls.existingSecret -}}
 {{- .Values.tls.existingSecret -}}
