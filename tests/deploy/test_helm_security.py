@@ -389,6 +389,25 @@ def test_tls_settings_without_tls_enabled_are_refused(helm, tmp_path, tls):
     assert config["tls"]["tls_cert_file"] == "/etc/batchgate/tls/tls.crt"
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"networkPolicy": {"clients": CLIENTS}}, "but networkPolicy.enabled is false"),
+        ({"networkPolicy": {"metricsFrom": MONITORING}}, "but networkPolicy.enabled is false"),
+        ({"networkPolicy": {"adminFrom": CLIENTS}, "admin": {"expose": True}}, "but networkPolicy.enabled is false"),
+        ({"auth": {"healthRequiresKey": True}}, "auth.healthRequiresKey or auth.metricsRequiresKey needs API keys"),
+        ({"auth": {"metricsRequiresKey": True}}, "auth.healthRequiresKey or auth.metricsRequiresKey needs API keys"),
+    ],
+)
+def test_a_restriction_that_would_restrict_nothing_is_refused(helm, tmp_path, given, message):
+    """Until 2026-12-06 these rendered a release open to anyone without a word: peers of a
+    NetworkPolicy that was not made, and a key asked of health or /metrics by a server without
+    keys (batchgate reads those settings only with a keys file)."""
+    assert message in refused(helm, tmp_path, given)
+    for variant in ("network-policy", "health-requires-key", "keys-inline"):  # with what they need: as before
+        rendered(helm, tmp_path, variant)
+
+
 def test_network_policy_lets_in_clients_scrapers_and_probes(helm, tmp_path):
     assert "NetworkPolicy" not in by_kind(render(helm, values(tmp_path, {}, "none")))  # off by default
     kinds, *_ = rendered(helm, tmp_path, "network-policy")
