@@ -6,7 +6,8 @@ instead of rendering pods that crash-loop.
     python tools/chart_config_schema.py            # writes it into helm/batchgate/values.schema.json
     python tools/chart_config_schema.py --check    # exit 1 if the file holds another one
 
-It is the entry "config" of the file's "definitions"; properties.config refers to it. Each setting
+It is the entry "config" of the file's "definitions"; properties.config refers to it. It also
+holds config.remote_models, whose entries' fields come from batchgate's RemoteModel. Each setting
 is accepted in every spelling batchgate reads (dashes for underscores, Triton's aliases). Values
 batchgate converts from text (a number or a switch given as a string) are left to batchgate, so the
 schema never refuses a value batchgate takes. Needs batchgate importable (PYTHONPATH as for tests).
@@ -21,6 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from batchgate.config import ALIASES, MAX_INT_SETTING, SETTINGS, Spec
+from batchgate.core.types import MODEL_NAME
+from batchgate.remote_models import (
+    BATCHING_MODES,
+    CLIENTS,
+    FORWARDING_MODES,
+    MAX_REMOTE_INT,
+    REMOTE_FIELDS,
+)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "helm" / "batchgate" / "values.schema.json"
 
@@ -53,6 +62,33 @@ def setting_schema(spec: Spec) -> dict[str, Any]:
     return {"type": ["string", "number"]}
 
 
+def remote_model_schema() -> dict[str, Any]:
+    """One entry of config.remote_models, as batchgate's remote_models.parse_remote_model takes it:
+    a ``key=value ...`` line (left to batchgate), or a mapping of its fields (dashes too)."""
+    choices = {"batching": BATCHING_MODES, "client": CLIENTS, "forwarding": FORWARDING_MODES}
+    text = {"type": "string"}
+    props: dict[str, Any] = {}
+    for name, f in REMOTE_FIELDS.items():
+        if name == "name":
+            s: dict[str, Any] = {"type": ["string", "integer"], "pattern": f"^{MODEL_NAME.pattern}$"}
+        elif name == "upstreams":
+            s = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": text}]}
+        elif name in choices:
+            s = {"enum": list(choices[name])}
+        elif f.type == "int":
+            s = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_REMOTE_INT}, text]}
+        elif f.type == "float":
+            s = {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, text]}
+        elif f.type == "bool":
+            s = {"type": ["boolean", "string"]}
+        else:
+            s = {"type": ["string", "number"]}
+        for form in dict.fromkeys((name, name.replace("_", "-"))):
+            props[form] = s
+    entry = {"type": "object", "additionalProperties": False, "required": ["name", "upstreams"], "properties": props}
+    return {"type": ["array", "null"], "items": {"anyOf": [text, entry]}}
+
+
 def config_schema() -> dict[str, Any]:
     sections: dict[str, dict[str, Any]] = {}
     for name, spec in SETTINGS.items():
@@ -66,8 +102,11 @@ def config_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            section: {"type": ["object", "null"], "additionalProperties": False, "properties": props}
-            for section, props in sections.items()
+            **{
+                section: {"type": ["object", "null"], "additionalProperties": False, "properties": props}
+                for section, props in sections.items()
+            },
+            "remote_models": remote_model_schema(),
         },
     }
 
@@ -80,6 +119,9 @@ def layout(schema: dict[str, Any]) -> str:
 
     sections = []
     for section, body in schema["properties"].items():
+        if "properties" not in body:  # a list (remote_models): one line
+            sections.append(f"      {one(section)}: {one(body)}")
+            continue
         head = {k: v for k, v in body.items() if k != "properties"}
         rows = ",\n".join(f"        {one(name)}: {one(s)}" for name, s in body["properties"].items())
         sections.append(f'      {one(section)}: {one(head)[:-1]}, "properties": {{\n{rows}\n      }}}}')

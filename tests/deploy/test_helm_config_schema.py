@@ -14,6 +14,8 @@ import pytest
 from helm_support import CHART, ROOT, by_kind, render, template, values_file
 
 from batchgate.config import SETTINGS, load_settings
+from batchgate.core.errors import ConfigError
+from batchgate.remote_models import REMOTE_FIELDS, parse_remote_model
 
 
 def _config_validator() -> jsonschema.Draft7Validator:
@@ -82,3 +84,50 @@ def test_values_at_the_bounds_render_and_batchgate_takes_them(helm, tmp_path):
     s = load_settings(str(f), environ={})
     assert (s.limits.max_header_fields, s.limits.max_tensor_dims, s.server.strict_readiness) == (16, 64, True)
     assert s.observability.tracing == "off"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "m", "upstream": "h:8001"},  # misspelt
+        {"name": "m"},
+        {"name": "m x", "upstreams": "h:8001"},
+        {"name": "m", "upstreams": "h:8001", "batching": "gatway"},
+        {"name": "m", "upstreams": "h:8001", "client": "curl"},
+        {"name": "m", "upstreams": "h:8001", "retries": -1},
+        {"name": "m", "upstreams": "h:8001", "timeout_s": 0},
+        {"name": "m", "upstreams": "h:8001", "tls": 1},
+    ],
+)
+def test_a_remote_model_batchgate_refuses_is_refused_at_render(helm, tmp_path, entry):
+    """config.remote_models had no schema: an entry batchgate refuses at start (a misspelt field,
+    an unknown batching mode) rendered, and the pods crash-looped."""
+    with pytest.raises(ConfigError):
+        parse_remote_model(entry, "remote_models")
+    out = template(helm, values_file(tmp_path, {"config": {"remote_models": [entry]}}))
+    assert out.returncode != 0 and "/config/remote_models/0" in out.stderr, out.stderr
+
+
+def test_every_kind_of_remote_model_batchgate_takes_passes_the_schema(helm, tmp_path):
+    """Each field in each spelling, with its default and its value as text, and the key=value form."""
+    validator = _config_validator()
+    for name, f in REMOTE_FIELDS.items():
+        default = f.default
+        for value in {repr(default): default, "text": str(default).lower()}.values():
+            entry = {"name": "m", "upstreams": "h:8001", name: value} if name not in ("name", "upstreams") else {}
+            if not entry or (name.startswith("tls_") and value) or (name == "token_file" and value):
+                continue  # (those need tls, or a file: batchgate's own checks)
+            parse_remote_model(entry, "remote_models")  # batchgate takes it
+            for spelling in (name, name.replace("_", "-")):
+                given = {"name": "m", "upstreams": "h:8001", spelling: value}
+                errors = list(validator.iter_errors({"remote_models": [given]}))
+                assert not errors, (spelling, value, errors[0].message)
+    entries = [
+        "name=a upstreams=h:8001,h2:8001 batching=passthrough",
+        {"name": "b", "upstreams": ["h:8001", "h2:8001"], "max-inflight": 4, "tls": True, "timeout_s": "2.5"},
+        {"name": 7, "upstreams": "h:8001"},
+    ]
+    for e in entries:
+        parse_remote_model(e, "remote_models")
+    kinds = by_kind(render(helm, values_file(tmp_path, {"config": {"remote_models": entries}})))
+    assert "remote_models" in kinds["ConfigMap"][0]["data"]["batchgate.yaml"]
