@@ -166,6 +166,16 @@ def test_a_route_batchgate_would_refuse_is_refused_at_render(helm, tmp_path, rou
     assert out.returncode != 0 and "/routes/list/0" in out.stderr, out.stderr
 
 
+def test_a_route_name_given_twice_is_refused_at_render(helm, tmp_path):
+    routes = [EXAMPLE_ROUTE, {"name": "fraud", "variants": [{"name": "a", "model": "m", "weight": 100}]}]
+    with pytest.raises(ConfigError):
+        parse_routes(routes)  # batchgate refuses it at start
+    values = tmp_path / "twice.yaml"
+    values.write_text(yaml.safe_dump({"routes": {"list": routes}}))
+    out = template(helm, values)
+    assert out.returncode != 0 and 'routes.list[1]: route "fraud" is defined twice' in out.stderr, out.stderr
+
+
 def test_every_kind_of_route_batchgate_takes_renders(helm, tmp_path):
     routes = [
         EXAMPLE_ROUTE,

@@ -427,6 +427,15 @@ def test_a_monitor_batchgate_would_refuse_is_refused_at_render(helm, tmp_path, b
     assert "/drift/monitors/0" in err, err
 
 
+def test_two_monitors_of_one_model_are_refused_at_render(helm, tmp_path, built):
+    monitors = [MONITOR, {"model": "fraud", "inputs": ["other"], "reference": "/models/fraud/p.json"}]
+    with pytest.raises(ConfigError):
+        parse_monitors(monitors)  # batchgate refuses it at start
+    given = copy.deepcopy(drift_values(built))
+    given["drift"]["monitors"] = monitors
+    assert 'drift.monitors[1]: model "fraud" has a monitor already' in refused(helm, tmp_path, given)
+
+
 def test_every_kind_of_monitor_batchgate_takes_renders(helm, tmp_path, built):
     monitors = [
         MONITOR,
