@@ -58,6 +58,9 @@ def test_a_mistyped_value_is_refused_at_render_naming_it(helm, tmp_path, given, 
         ({"tls": {"enabled": "true", "existingSecret": "gw-tls"}}, "/tls/enabled"),
         ({"auth": {"metricsRequiresKey": "yes"}}, "/auth/metricsRequiresKey"),
         ({"networkPolicy": {"enabled": True, "clients": "web"}}, "/networkPolicy/clients"),
+        # a Secret key kubernetes refuses (the chart's own Secret) or cannot mount (another's)
+        ({"auth": {"apiKeys": {"existingSecret": "k", "secretKey": "keys/keys.yaml"}}}, "/auth/apiKeys/secretKey"),
+        ({"tls": {"enabled": True, "existingSecret": "s", "clientAuth": True, "clientCAKey": ""}}, "/tls/clientCAKey"),
     ],
 )
 def test_a_misspelt_security_value_is_refused_at_render_naming_it(helm, tmp_path, given, where):
