@@ -299,6 +299,10 @@ def rate_sweep(sc: Scenario) -> RateSweep:
         raise LoadTestError(
             f"sweep-rate {spec!r} must be START:END:STEP or R1,R2,... (step search) or LOW:HIGH (binary search)"
         ) from None
+    # float() takes "nan" and "inf": NaN passed every comparison below (a START of nan crashed the
+    # step count, a listed nan ran a step at "nan/s"), and an END of inf made endless steps.
+    if not all(math.isfinite(x) for x in (rates if parts is None else parts)):
+        raise LoadTestError(f"sweep-rate: every number must be finite, not {spec!r}")
     if sc.search == "binary":
         if parts is None or len(parts) != 2 or not 0 < parts[0] < parts[1] <= MAX_RATE:
             raise LoadTestError(

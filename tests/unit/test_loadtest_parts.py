@@ -57,6 +57,10 @@ def test_shapes_become_rate_segments():
         ("rate", 1e30, "a rate of 1e[+]30/s is past what a load generator can send"),
         ("shape", "spike:10:1e9@0+1", "a rate of 1e[+]09/s is past"),
         ("sweep_rate", "10,2e6", "every rate must be at most 1,000,000/s"),
+        # NaN passed every bound: a traceback, or a step run at "nan/s"
+        ("sweep_rate", "nan:50:10", "sweep-rate: every number must be finite"),
+        ("sweep_rate", "10,nan", "sweep-rate: every number must be finite"),
+        ("sweep_rate", "10:inf:10", "sweep-rate: every number must be finite"),
     ],
 )
 def test_bad_scenarios_are_refused(field, value, words):
