@@ -58,25 +58,46 @@ class Encoded:
     headers: dict[str, str]
 
 
+# How long the model's metadata may take to come back, connecting included. With no bound, a
+# gRPC target that took the connection and never answered held the run at its start for good
+# (tritonclient's gRPC call has no deadline unless given one; its HTTP client waits 60 s).
+METADATA_TIMEOUT_S = 10.0
+
+
 def model_inputs(
-    target: str, protocol: str, model: str, version: str = "", secure: Secure | None = None
+    target: str,
+    protocol: str,
+    model: str,
+    version: str = "",
+    secure: Secure | None = None,
+    timeout_s: float | None = None,
 ) -> list[tuple[str, str, list[int]]]:
-    """(name, datatype, shape) of every input, from the server's V2 metadata."""
+    """(name, datatype, shape) of every input, from the server's V2 metadata (waiting at most
+    ``timeout_s``, by default METADATA_TIMEOUT_S)."""
+    timeout_s = METADATA_TIMEOUT_S if timeout_s is None else timeout_s
     secure = secure or Secure()
     options = secure.tritonclient_options(protocol)
     headers = (dict(secure.metadata()) if protocol == "grpc" else secure.headers()) or None  # (gRPC's: lower case)
+    c: Any = None
     try:
         if protocol == "grpc":
             import tritonclient.grpc as client
 
-            c: Any = client.InferenceServerClient(target, **options)
-            meta = c.get_model_metadata(model, version, headers=headers, as_json=True)
+            c = client.InferenceServerClient(target, **options)
+            meta = c.get_model_metadata(model, version, headers=headers, as_json=True, client_timeout=timeout_s)
         else:
             import tritonclient.http as client
 
-            meta = client.InferenceServerClient(target, **options).get_model_metadata(model, version, headers=headers)
+            c = client.InferenceServerClient(target, connection_timeout=timeout_s, network_timeout=timeout_s, **options)
+            meta = c.get_model_metadata(model, version, headers=headers)
     except Exception as e:  # noqa: BLE001 - tritonclient raises its own type, or socket errors
-        raise PayloadError(f"cannot read the metadata of model '{model}' from {target} over {protocol}: {e}") from None
+        raise PayloadError(
+            f"cannot read the metadata of model '{model}' from {target} over {protocol} "
+            f"(waited at most {timeout_s:g} s): {e}"
+        ) from None
+    finally:
+        if c is not None:
+            c.close()
     return [(i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]]
 
 

@@ -242,3 +242,55 @@ def test_bash_completion_completes_paths_for_the_file_and_folder_flags():
     ).stdout
     for name, kind in (("scenario", "files"), ("data", "files"), ("out", "dirs")):
         assert f"_shtab_batchgate_loadtest___{name}_COMPGEN=_shtab_compgen_{kind}" in script, name
+
+
+class _Silent:
+    """A target that takes connections and never answers: gRPC (the HTTP/2 handshake done, the
+    call never answered) or a bare socket for HTTP."""
+
+    def __init__(self, protocol: str):
+        import socket
+
+        import grpc
+
+        self.release = threading.Event()
+        self.grpc = self.sock = None
+        if protocol == "grpc":
+
+            def hang(request, context):
+                self.release.wait(60)
+
+            handler = grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {"ModelMetadata": grpc.unary_unary_rpc_method_handler(hang)},
+            )
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.grpc = grpc.server(ThreadPoolExecutor(2), handlers=(handler,))
+            self.port = self.grpc.add_insecure_port("127.0.0.1:0")
+            self.grpc.start()
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(8)  # the kernel completes connections; nothing reads them
+            self.port = self.sock.getsockname()[1]
+
+    def close(self):
+        self.release.set()
+        if self.grpc is not None:
+            self.grpc.stop(0)
+        if self.sock is not None:
+            self.sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_target_that_never_answers_the_metadata_read_is_an_error_not_a_hang(protocol, monkeypatch):
+    """gRPC had no deadline on the metadata read: the run hung at its start for good (HTTP: 60 s).
+    (The bound is shortened here, as the runner reads it: without one, this test hangs.)"""
+    monkeypatch.setattr(payload, "METADATA_TIMEOUT_S", 0.5, raising=False)
+    silent = _Silent(protocol)
+    try:
+        with pytest.raises(payload.PayloadError, match=f"over {protocol} \\(waited at most 0.5 s\\)"):
+            payload.model_inputs(f"127.0.0.1:{silent.port}", protocol, "m")
+    finally:
+        silent.close()
