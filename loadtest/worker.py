@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -520,11 +521,32 @@ class _Stream:
                     fut.set_exception(StreamEnded())
 
 
+def end_with_the_coordinator() -> None:
+    """Exit at once when the coordinator process is gone. A coordinator ended by SIGTERM or
+    SIGKILL (``timeout``, a CI job cancelled, a pod evicted) runs no clean-up, and its workers
+    went on loading the server to the end of the step with nobody measuring, then waited for
+    its next command for good. The parent's sentinel (a pipe the coordinator holds open) ends
+    when it does."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)  # (nobody is left to report to; the sockets close with the process)
+
+    threading.Thread(target=watch, name="coordinator-watch", daemon=True).start()
+
+
 def main(index: int, transport: Transport, payloads: list[Encoded], commands, out) -> None:
     """Process entry point: connect, say ready, then run the steps the coordinator sends."""
     # A Ctrl-C reaches the whole process group: the coordinator handles it (keeps what was
     # measured, then ends the workers); here it only printed a traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_the_coordinator()
     try:
         import uvloop
 

@@ -4,11 +4,13 @@ reported."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from test_loadtest import loadtest, step, testserver  # noqa: F401 - testserver is a fixture
@@ -93,6 +95,55 @@ def test_a_ctrl_c_mid_step_keeps_the_windows_measured_before_it(tmp_path, testse
     assert len(windows) >= 2 and all(w["end_s"] - w["start_s"] == 0.5 for w in windows), windows
     assert s["sent"] == 25 * len(windows) and s["ok"] == s["sent"], s
     assert (out / "summary.txt").exists() and "interrupted" in stdout
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` that still run (a zombie has ended: nothing in this
+    container may reap the orphans)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # (gone meanwhile)
+        if int(group) == pgid and state not in ("Z", "X"):
+            alive.append(int(entry))
+    return alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_the_workers_end_when_the_coordinator_is_killed(tmp_path, testserver):  # noqa: F811
+    """SIGTERM (``timeout``, a cancelled CI job) runs no clean-up in the coordinator: its worker
+    went on sending to the end of the 60 s step with nobody measuring, then waited for good."""
+    srv = testserver()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "batchgate.cli", "loadtest", srv.grpc, "--model", "echo", "--rate", "20"]
+        + ["--duration", "60", "--window", "0.5", "--warmup", "0", "--max-lag-p99-ms", "250"]
+        + ["--out", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own: its workers are found by it
+    )
+    try:
+        for line in p.stderr:  # the first window's live line: the worker is sending
+            if "#0 0..0.5s]" in line:
+                break
+        assert len(_alive_in_group(p.pid)) >= 2, "the coordinator and its worker"
+        p.terminate()
+        p.wait(30)
+        deadline = time.monotonic() + 30  # (they are gone at once; this only bounds a failure)
+        while _alive_in_group(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive_in_group(p.pid) == [], "workers outlived the coordinator"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.stderr.close()
+        p.wait(10)
 
 
 @pytest.mark.serial
