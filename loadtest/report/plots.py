@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..results import Run, Step, Window, percentiles_ms
+from ..results import Run, Step, Window, percentiles_ms, values_at
 from .text import _best, _finite, _mode, _ms, _name, _offered, _rate, _slo
 
 
@@ -504,7 +504,7 @@ def _spectrum(h, max_x: float = 1e6) -> tuple[list[float], list[float]] | None:
     npts = 160
     xs = [10 ** (math.log10(top) * i / (npts - 1)) for i in range(npts)]
     ps = [min(100.0, 100.0 * (1.0 - 1.0 / x)) for x in xs]
-    values = h.get_percentile_to_value_dict(ps)
+    values = values_at(h, ps)
     ys = [max(values.get(p, h.get_max_value()), 1) / 1000 for p in ps]
     # finish at the recorded maximum, which is the hardest number to fake
     xs.append(top)

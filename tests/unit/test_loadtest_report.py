@@ -541,3 +541,23 @@ def test_csv_cells():
     assert report.files._csv_cell(float("nan")) == "" and report.files._csv_cell(None) == ""
     assert report.files._csv_cell(0.1 + 0.2) == "0.3" and report.files._csv_cell(True) == "true"
     assert not math.isnan(float(report.files._csv_cell(-0.0000001)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 99, 100, 101, 195, 999, 1000, 1001])
+def test_a_percentile_has_its_share_at_or_below_it_and_the_count_above_it_that_is_printed(n):
+    """By hand: of 195 samples 1..195 ms, the p99 is the 194th (nearest rank; 193.05 rounds up).
+    hdrh's own rounding gave the 193rd, with 2 samples above it where the report printed 1."""
+    h = histogram()
+    values = [i * 1000 for i in range(1, n + 1)]  # 1 ms apart: each in a bucket of its own
+    for v in values:
+        h.record_value(v)
+    got = percentiles_ms(h)
+    for p in (50.0, 90.0, 99.0, 99.9):
+        v = got["p" + f"{p:g}".replace(".", "")]
+        at_or_below = sum(x / 1000 <= v for x in values)
+        assert at_or_below * 100 >= p * n, (p, v)  # p% of the samples at or below it
+        assert at_or_below - 1 < p * n / 100, (p, v)  # and it is the first such value
+        assert n - at_or_below == above(n, p), (p, v)  # what "samples above" prints
+    assert int(got["max"]) == n  # (each value is its bucket's highest: 195 ms reads 195.071)
+    if n == 195:
+        assert (int(got["p50"]), int(got["p90"]), int(got["p99"])) == (98, 176, 194)
