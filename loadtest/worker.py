@@ -46,6 +46,10 @@ class StreamEnded(Exception):
     """The stream a request was written on ended before its answer came."""
 
 
+class _NotSent(Exception):
+    """The stream had ended (after the check that it had not) before the request was written."""
+
+
 @dataclass
 class Transport:
     """How a worker reaches the server (fixed for the worker's life)."""
@@ -264,10 +268,22 @@ class Worker:
             return f"connection error ({type(e).__name__})"
 
     async def _stream_call(self, c: int, payload: Encoded, timeout: float, k: int) -> None:
-        stream = self.streams[c]
-        if stream is None or stream.done():
-            stream = self.streams[c] = _Stream(self.channels[c], self.metadata)
-        await stream.call(with_id(payload.body, f"w{self.index}-{k}"), f"w{self.index}-{k}", timeout)
+        rid = f"w{self.index}-{k}"
+        body = with_id(payload.body, rid)
+        for _ in range(2):
+            stream = self.streams[c]
+            if stream is None or stream.done():
+                stream = self.streams[c] = _Stream(self.channels[c], self.metadata)
+            try:
+                await stream.call(body, rid, timeout)
+                return
+            except _NotSent:
+                # The stream ended between the check and the write (its reader had not yet run):
+                # the request never left, and goes on a new stream, as it would have a moment
+                # later. It was counted "client error (InvalidStateError)", the harness's fault.
+                if self.streams[c] is stream:
+                    self.streams[c] = None
+        raise StreamEnded()  # (a new stream that ended before its first write: not reached in practice)
 
     async def _send(self, intended: int, dispatched: int, k: int, plan: Plan, window: int) -> None:
         slot = self.slots[k % len(self.slots)]
@@ -486,10 +502,18 @@ class _Stream:
         self.pending[rid] = fut
         try:
             async with self.lock:  # a write is never cancelled half-way: that would end the stream
-                await asyncio.shield(self.call_.write(body))
+                try:
+                    await asyncio.shield(self.call_.write(body))
+                except asyncio.InvalidStateError:  # (grpc.aio: "RPC already finished")
+                    raise _NotSent() from None
             await asyncio.wait_for(fut, timeout)
         finally:
             self.pending.pop(rid, None)
+            # The reader gives the stream's error to every request waiting, this one too when its
+            # write failed first: retrieved here, or asyncio printed a traceback for each such
+            # request when the server went away (dozens a second).
+            if fut.done() and not fut.cancelled():
+                fut.exception()
 
     async def _read(self) -> None:
         import grpc

@@ -186,6 +186,39 @@ def test_a_timeout_enters_the_uncorrected_histogram_at_its_deadline(tmp_path, te
     assert s["uncorrected_ms"]["p50"] <= s["corrected_ms"]["p50"], (s["uncorrected_ms"], s["corrected_ms"])
 
 
+def test_a_stream_target_that_goes_away_mid_run_is_counted_without_tracebacks(tmp_path, testserver):  # noqa: F811
+    """The server stops during the step: its streams end with an error, and the new ones fail to
+    connect. Each request the reader failed while its own write failed first left an exception
+    never retrieved, and asyncio printed a traceback for it (dozens a second); a write racing
+    a stream's end was counted "client error (InvalidStateError)"."""
+    srv = testserver()
+    out = tmp_path / "out"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "batchgate.cli", "loadtest", srv.grpc, "--grpc-stream", "--model", "echo"]
+        + ["--rate", "100", "--duration", "2", "--window", "0.5", "--warmup", "0", "--max-lag-p99-ms", "250"]
+        + ["--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in p.stderr:  # the first window's live line: streams are open and answered
+            seen.append(line)
+            if "#0 0..0.5s]" in line:
+                break
+        srv.stop()
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stderr = "".join(seen) + stderr
+    assert "never retrieved" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    s = step(json.loads((out / "results.json").read_text()))
+    assert s["ok"] >= 50 and s["errors"].get("UNAVAILABLE", 0) > 0, s["errors"]
+    assert not [k for k in s["errors"] if k.startswith("client error")], s["errors"]
+
+
 # The scripted test server, except that its stream ends itself (status OK) on every 10th request,
 # leaving that request unanswered: as a server closing a stream does.
 _ENDING_STREAMS = """
