@@ -238,11 +238,15 @@ class Runner:
                 wait_s = 0.05
                 if before is None:  # (wake up in time for it)
                     wait_s = min(wait_s, max(0.0, (start_ns - time.monotonic_ns()) / 1e9 - lead_s))
-                try:
-                    msg = self.out.get(timeout=wait_s) if wait_s > 0 else self.out.get_nowait()
-                except queue.Empty:
-                    msg = None
-                if msg is not None:
+                # Every message already queued is taken before a window is shown: taking one per turn,
+                # a coordinator held up (a scrape of a stalled server waits up to 2 s) showed the
+                # windows due meanwhile before their workers' counts were read: "send 0.0/50.0".
+                msgs = []
+                with contextlib.suppress(queue.Empty):
+                    msgs.append(self.out.get(timeout=wait_s) if wait_s > 0 else self.out.get_nowait())
+                    while len(msgs) < 10_000:
+                        msgs.append(self.out.get_nowait())
+                for msg in msgs:
                     kind = msg[0]
                     if kind == "done" and msg[2] == step_id:
                         done += 1
@@ -267,7 +271,8 @@ class Runner:
                 now_s = (time.monotonic_ns() - start_ns) / 1e9
                 if before is None and now_s >= -lead_s:
                     before = scrape(self.metrics_url) or {}
-                while shown <= last and (now_s > (shown + 1) * sc.window_s + 0.3 or done == n):
+                turn = shown  # one window a turn while the step runs: what came during its scrape is read first
+                while shown <= last and (done == n or (shown == turn and now_s > (shown + 1) * sc.window_s + 0.3)):
                     w = window(shown)
                     samples = scrape(self.metrics_url)
                     if samples is not None:

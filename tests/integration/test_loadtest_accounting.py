@@ -219,6 +219,49 @@ def test_a_stream_target_that_goes_away_mid_run_is_counted_without_tracebacks(tm
     assert not [k for k in s["errors"] if k.startswith("client error")], s["errors"]
 
 
+def test_a_window_is_shown_with_the_counts_its_workers_sent_while_the_coordinator_was_held_up(tmp_path, testserver):  # noqa: F811
+    """The coordinator scrapes --metrics-url as each window ends, and a stalled server's page
+    takes up to 2 s. It read one worker message per turn, then showed every window due: those
+    shown after a slow scrape read "send 0.0/40.0" though the worker had sent them all."""
+    import http.server
+    import re
+    import threading
+
+    class SlowMetrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(1.2)  # (what holds the coordinator up; not a bound anything is judged by)
+            body = b"# TYPE up gauge\nup 1\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    metrics = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowMetrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    srv = testserver()
+    out = tmp_path / "out"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "batchgate.cli", "loadtest", srv.grpc, "--model", "echo", "--rate", "40"]
+            + ["--duration", "1.5", "--window", "0.5", "--warmup", "0", "--max-lag-p99-ms", "250"]
+            + ["--metrics-url", f"http://127.0.0.1:{metrics.server_address[1]}/metrics", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        metrics.shutdown()
+    assert done.returncode == 0, done.stderr
+    shown = {int(i): float(r) for i, r in re.findall(r"#(\d+) [^\]]*\]  send ([\d.]+)/", done.stderr)}
+    s = step(json.loads((out / "results.json").read_text()))
+    sent = {w["index"]: w["sent_rate"] for w in s["windows"] if w["phase"] == "measure"}
+    assert shown == sent == {0: 40.0, 1: 40.0, 2: 40.0}, done.stderr
+
+
 # The scripted test server, except that its stream ends itself (status OK) on every 10th request,
 # leaving that request unanswered: as a server closing a stream does.
 _ENDING_STREAMS = """
