@@ -24,6 +24,7 @@ from ..core.errors import ErrorCode, GatewayError
 from ..core.signature import ModelSignature
 from ..core.types import RequestLimits, Tensor, new_request
 from .output import (
+    MANIFEST,
     PART_DIGITS,
     REJECTS,
     Manifest,
@@ -209,7 +210,15 @@ async def run(job: Job) -> Counts:
     job.width = part_width(job.input, job.batch_size)
     manifest = Manifest(job.out_dir, key, job.width)
     job.counts.skipped_parts = manifest.resume()
-    # (a folder without a manifest is not a scoring's: its files are left alone)
+    # (a folder without a manifest is not a scoring's: its files are left alone, and part files
+    # there are refused rather than overwritten or read with this run's as one dataset)
+    if not manifest.found and (foreign := _foreign_parts(job.out_dir)):
+        raise ScoreError(
+            f"--output {job.out_dir} holds part files that no manifest of batchgate score records "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}: another tool's output, or a run whose "
+            f"{MANIFEST} was removed); this run would overwrite some of them and leave the others to be read with "
+            "its rows: remove them, or give another --output"
+        )
     if manifest.found:  # the folder then holds this run's parts only: another run's (other input, batch size...)
         _drop_unrecorded(job.out_dir, manifest)  # and parts not recorded are removed
     manifest.save()
@@ -499,6 +508,14 @@ async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+PART_FILE = re.compile(r"part-\d{5,}\.(?:parquet|csv)")
+
+
+def _foreign_parts(out_dir: str) -> list[str]:
+    """The files of ``out_dir`` named as this command names its parts, sorted."""
+    return sorted(name for name in os.listdir(out_dir) if PART_FILE.fullmatch(name))
 
 
 def _drop_unrecorded(out_dir: str, manifest: Manifest) -> None:

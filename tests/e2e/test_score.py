@@ -253,7 +253,12 @@ def test_an_input_inside_the_output_folder_is_refused_before_anything_is_written
     done = score("--model", "clf", "--model-repository", repo, "--input", str(elsewhere), "--output",
                  str(tmp_path / "other"), "--rejects", str(elsewhere))  # fmt: skip
     assert done.returncode == 2 and "is the input file" in done.stderr, done.stderr
-    # the same input beside the folder scores
+    # the same input beside the folder: the folder's own part-00000.parquet, which no manifest
+    # records, is not overwritten either (it was); without it the run scores
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(elsewhere), "--output", str(out))
+    assert done.returncode == 2 and "no manifest of batchgate score records" in done.stderr, done.stderr
+    assert src.read_bytes() == before
+    src.rename(tmp_path / "kept.parquet")
     done = score("--model", "clf", "--model-repository", repo, "--input", str(elsewhere), "--output", str(out))
     assert done.returncode == 0, done.stderr
 
@@ -553,6 +558,35 @@ def test_a_run_into_a_folder_of_another_runs_output_leaves_none_of_its_parts(rep
     done = score("--model", "clf", "--model-repository", repo, "--input", str(small), "--output", out,
                  "--batch-size", "10", "--format", "csv", "--quiet")  # fmt: skip
     assert done.returncode == 0 and not glob.glob(os.path.join(out, "*.parquet")), done.stderr
+
+
+def test_part_files_no_manifest_records_are_refused_not_overwritten_or_mixed(repo, tmp_path):
+    """A folder of part files without a manifest (another tool's, or a run whose _manifest.json
+    was removed to score afresh): the run overwrote part-00000 and left the others, and the
+    folder read as one dataset held both runs' rows. It is refused, nothing written or removed."""
+    big, small = tmp_path / "big.npy", tmp_path / "small.npy"
+    np.save(big, _features(40, seed=1))
+    np.save(small, _features(10, seed=2))
+    out = str(tmp_path / "out")
+    args = ("--model", "clf", "--model-repository", repo, "--output", out, "--batch-size", "10", "--quiet")
+    done = score(*args, "--input", str(big))
+    assert done.returncode == 0, done.stderr
+    os.remove(os.path.join(out, "_manifest.json"))
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    done = score(*args, "--input", str(small))
+    assert done.returncode == 2, done.stderr
+    assert "holds part files that no manifest of batchgate score records (part-00000.parquet" in done.stderr
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    assert _parts(out).num_rows == 40
+    for name in glob.glob(os.path.join(out, "part-*")):  # removed: the run goes ahead
+        os.remove(name)
+    done = score(*args, "--input", str(small))
+    assert done.returncode == 0 and _parts(out).num_rows == 10, done.stderr
+    other = tmp_path / "other"  # a folder of other files is used as before, its files left
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    done = score(*args[:4], "--output", str(other), "--input", str(small), "--quiet")
+    assert done.returncode == 0 and (other / "notes.txt").read_text() == "mine\n", done.stderr
 
 
 def test_a_version_added_since_the_parts_were_written_scores_them_again(tmp_path):
