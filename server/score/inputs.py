@@ -141,15 +141,20 @@ def _other(path: str, fmt: str, rows: int) -> Iterator[pa.RecordBatch]:
 
 def _csv_rows(path: str, plan: Plan | None, decode: dict[str, bool]) -> Iterator[pa.RecordBatch]:
     """:func:`_csv`, a row longer than the reader's block told as such (pyarrow says an object
-    straddles two block boundaries)."""
+    straddles two block boundaries), and where: a quote left open makes the same error (a cell
+    opened with a quote runs to the next one, line breaks and all), and was told as a long row."""
+    read = 0
     try:
-        yield from _csv(path, plan, decode)
+        for batch in _csv(path, plan, decode):
+            read += batch.num_rows
+            yield batch
     except pa.ArrowInvalid as e:
         if "straddl" not in str(e):
             raise
         raise ScoreError(
-            f"--input {path}: a row is longer than {CSV_BLOCK_BYTES >> 20} MiB, the most a CSV row may take here; "
-            "give such rows as JSON Lines or Parquet"
+            f"--input {path}: past its first {read} rows, a row is longer than {CSV_BLOCK_BYTES >> 20} MiB, the most "
+            'a CSV row may take here, or a quote is never closed (a cell that starts with " runs to the next ", '
+            "line breaks and all): close the quote, or give such long rows as JSON Lines or Parquet"
         ) from None
 
 

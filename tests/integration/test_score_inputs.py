@@ -155,8 +155,25 @@ def test_nan_written_in_a_csv_is_nan_with_allow_nan_and_missing_values_stay_miss
 def test_a_csv_row_longer_than_the_readers_block_is_named(tmp_path):
     src = tmp_path / "long.csv"
     src.write_text("id,a,b\n" + "x" * (3 << 20) + ",1,2\n")
-    with pytest.raises(ScoreError, match="a row is longer than 1 MiB, the most a CSV row may take here"):
+    with pytest.raises(ScoreError, match="past its first 0 rows, a row is longer than 1 MiB, the most a CSV row may"):
         _score(Identity("features", "FP32", (2,)), src, tmp_path / "out", columns=("features=a,b",))
+
+
+def test_a_csv_quote_never_closed_is_named_with_where_it_is(tmp_path):
+    """A stray quote opening a cell (``"x``) makes the rest of the file one cell; the reader
+    fails as for a row past its block, and the message spoke of a long row only, without saying
+    where: it names the quote left open too, and the rows read before it."""
+    rows = [f"{i},{i % 7}.25,1.5" for i in range(400_000)]
+    rows[80_000] = '80000,"3.25,1.5'
+    src = tmp_path / "quote.csv"
+    src.write_text("id,a,b\n" + "\n".join(rows) + "\n")
+    assert src.stat().st_size > 1 << 20
+    with pytest.raises(ScoreError) as e:
+        _score(Identity("features", "FP32", (2,)), src, tmp_path / "out", columns=("features=a,b",), batch_size=1000)
+    said = str(e.value)
+    assert "or a quote is never closed" in said, said
+    read = int(re.search(r"past its first (\d+) rows", said).group(1))
+    assert 0 < read <= 80_000  # (the rows before the reader's block holding the quote)
 
 
 def test_a_csv_pyarrow_cannot_read_is_a_bad_input(tmp_path):
