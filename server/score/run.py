@@ -429,9 +429,16 @@ def _variable(sig: ModelSignature) -> frozenset[str]:
 
 
 def _masked(col: pa.Array, mask: pa.Array) -> pa.Array:
-    """``col`` with nulls where ``mask`` is true."""
+    """``col`` with nulls where ``mask`` is true. A (nested) fixed-size list is null at the row
+    alone: if_else made its values null too, and pandas then read every row's values of an
+    integer output as floats (2**53 + 1 came back as 2**53), also the rows scored."""
     import pyarrow.compute as pc
 
+    if pa.types.is_fixed_size_list(col.type):
+        size = col.type.list_size
+        values = col.values.slice(col.offset * size, len(col) * size)
+        nulls = pc.or_(mask, col.is_null())
+        return pa.FixedSizeListArray.from_arrays(values, type=col.type, mask=nulls)
     return pc.if_else(mask, pa.scalar(None, col.type), col)
 
 

@@ -9,9 +9,10 @@ import onnxruntime as ort
 import pandas as pd
 import pyarrow as pa
 import pytest
+from onnx import TensorProto
 
 import batchgate.score as score_api
-from batchgate.demo import _save, classifier_model
+from batchgate.demo import _save, classifier_model, identity_model
 from route_support import failing_classifier
 
 
@@ -20,6 +21,7 @@ def repo(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("api_models"))
     _save(classifier_model(), root, "clf", config="max_batch_size: 16\n")
     _save(failing_classifier(), root, "clf_bad", config="max_batch_size: 16\n")
+    _save(identity_model("ids", TensorProto.INT64, ("batch", 2)), root, "ids", config="max_batch_size: 16\n")
     return root
 
 
@@ -98,3 +100,19 @@ def test_a_batch_with_no_row_scored_still_has_every_output_column(repo):
         empty = s.score(pa.table({"id": pa.array([], pa.int64()), "features": pa.array([], pa.list_(pa.float32()))}))
         assert empty.num_rows == 0 and empty.column_names == ["id", "probabilities", "batchgate_error"]
         assert empty.schema.field("probabilities").type == pa.list_(pa.float32(), 3)
+
+
+def test_an_integer_output_keeps_its_values_in_pandas_when_a_row_of_the_batch_is_not_scored(repo):
+    """A row not scored made the values of an output's fixed-size lists null as well as the row,
+    and pandas read every row's values as floats: 2**53 + 1 came back as 2**53 in a row scored."""
+    big = 2**53 + 1
+    frame = pd.DataFrame({"id": [1, 2, 3], "INPUT": [[big, 7], [1, 2, 3], [-big, 0]]})  # row 2: 3 values for 2
+    with score_api.Scorer("ids", model_repository=repo, keep=["id"]) as s:
+        out = s.score(frame)
+        table = s.score(pa.Table.from_pandas(frame))
+    assert out["batchgate_error"].notna().tolist() == [False, True, False]
+    got = out["OUTPUT"].tolist()
+    assert got[1] is None and [v.dtype.kind for v in (got[0], got[2])] == ["i", "i"]
+    assert [got[0].tolist(), got[2].tolist()] == [[big, 7], [-big, 0]]
+    assert table.column("OUTPUT").to_pylist() == [[big, 7], None, [-big, 0]]
+    assert table.column("OUTPUT").combine_chunks().values.null_count == 0  # null at the row alone
