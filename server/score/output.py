@@ -26,7 +26,7 @@ import os
 import re
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,39 @@ def input_in_output(input_path: str, out_dir: str) -> str:
             "removes parts it did not write: move the input out of it, or give another --output"
         )
     return ""
+
+
+@contextlib.contextmanager
+def only_writer(out_dir: str) -> Iterator[None]:
+    """Held while a run writes into ``out_dir``: a second run into the same folder (a job
+    retried while its first try still runs) is refused, where both wrote the same parts through
+    the same temporary names and removed each other's (one stopped, FileNotFoundError, and a
+    part could be left half of one run's bytes). An advisory lock on the folder itself (no file
+    of its own); where the system takes none (Windows, some network file systems) runs go on
+    without it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ScoreError(
+                f"--output {out_dir}: another batchgate score is writing into this folder; wait for it to end "
+                "(a rerun then resumes from its parts), or give another --output"
+            ) from None
+        except OSError:  # (no locks here: as before)
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def output_columns(

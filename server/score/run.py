@@ -31,6 +31,7 @@ from .output import (
     digest,
     encode,
     input_in_output,
+    only_writer,
     output_columns,
     part_name,
     part_width,
@@ -195,6 +196,11 @@ async def run(job: Job) -> Counts:
     if problem:
         raise ScoreError(problem)
     os.makedirs(job.out_dir, exist_ok=True)
+    with only_writer(job.out_dir):
+        return await _run(job, sig)
+
+
+async def _run(job: Job, sig: ModelSignature) -> Counts:
     key = {
         "model": sig.name,
         "model_version": getattr(job.model, "version", ""),  # a version added since: the parts are scored again

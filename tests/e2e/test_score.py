@@ -589,6 +589,31 @@ def test_part_files_no_manifest_records_are_refused_not_overwritten_or_mixed(rep
     assert done.returncode == 0 and (other / "notes.txt").read_text() == "mine\n", done.stderr
 
 
+def test_a_second_run_into_a_folder_a_run_is_writing_is_refused(repo, tmp_path):
+    """Two runs into one folder at once (a job retried while its first try still runs) wrote the
+    same parts through the same temporary names and removed each other's: one stopped with a
+    FileNotFoundError, and a part could be left half written. A run holds a lock on the folder
+    (as the one held here does) and a second is refused, nothing written."""
+    import fcntl
+
+    src = tmp_path / "in.npy"
+    np.save(src, _features(30))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", str(out), "--quiet")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = score(*args)
+        assert done.returncode == 2, done.stderr
+        assert "another batchgate score is writing into this folder" in done.stderr
+        assert os.listdir(out) == []
+    finally:
+        os.close(fd)
+    done = score(*args)  # the lock let go: the run goes ahead
+    assert done.returncode == 0 and _parts(str(out)).num_rows == 30, done.stderr
+
+
 def test_a_version_added_since_the_parts_were_written_scores_them_again(tmp_path):
     """A rerun's key named the model, not its version: after version 2 was added, a resumed run
     kept the parts version 1 had scored and scored the rest with version 2, one output from two
