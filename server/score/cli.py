@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"batchgate score: {what} {path} does not exist", file=sys.stderr)
             return EXIT_USAGE
     from ..core.types import MODEL_NAME, MODEL_NAME_RULE, printable
-    from .output import input_in_output
+    from .output import input_in_output, rejects_in_the_way
 
     problem = ""
     if not MODEL_NAME.fullmatch(args.model):  # (a path here loaded a model from outside the repository)
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.rejects and (why := _unwritable(args.rejects)):
         problem = f"--rejects {args.rejects}: cannot write there ({why})"
     else:  # (told before the model is loaded; run() checks it too)
-        problem = input_in_output(args.input, args.output)
+        problem = input_in_output(args.input, args.output) or rejects_in_the_way(args.rejects, args.output)
     if problem:
         print(f"batchgate score: {problem}", file=sys.stderr)
         return EXIT_USAGE

@@ -113,6 +113,24 @@ def input_in_output(input_path: str, out_dir: str) -> str:
     return ""
 
 
+def rejects_in_the_way(rejects: str, out_dir: str) -> str:
+    """Why ``rejects`` (--rejects) cannot be written where it is (empty when it can): a file the
+    run keeps in the output folder, its manifest, a part or a part's rejects, which the gathered
+    rejects replaced (the manifest: the run could not resume; a part: its rows were lost)."""
+    if not rejects:
+        return ""
+    folder, name = os.path.split(os.path.abspath(rejects))
+    if os.path.realpath(folder) != os.path.realpath(out_dir):
+        return ""
+    ours = re.fullmatch(r"\.?(?:part-\d+\.(?:parquet|csv)|_?rejects-\d+\.jsonl)(?:\.partial)?", name)
+    if name in (MANIFEST, LEGACY_MANIFEST) or ours:
+        return (
+            f"--rejects {rejects} names a file the run keeps in its --output folder (the manifest, a part or a "
+            f"part's rejects), which the rejects would replace: give another name (the default is {REJECTS})"
+        )
+    return ""
+
+
 @contextlib.contextmanager
 def only_writer(out_dir: str) -> Iterator[None]:
     """Held while a run writes into ``out_dir``: a second run into the same folder (a job

@@ -38,6 +38,7 @@ from .output import (
     partial_path,
     py_values,
     reject_line,
+    rejects_in_the_way,
     rejects_name,
     write_atomically,
 )
@@ -192,7 +193,7 @@ class TooManyRejects(Exception):
 async def run(job: Job) -> Counts:
     """Score the whole input; the counts of what happened to every row."""
     sig = job.model.signature
-    problem = input_in_output(job.input, job.out_dir)
+    problem = input_in_output(job.input, job.out_dir) or rejects_in_the_way(job.rejects, job.out_dir)
     if problem:
         raise ScoreError(problem)
     os.makedirs(job.out_dir, exist_ok=True)

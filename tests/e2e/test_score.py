@@ -673,6 +673,28 @@ def test_a_rejects_file_in_a_folder_that_does_not_exist_is_refused_before_the_ru
     assert not os.path.exists(out)
 
 
+def test_a_rejects_file_naming_the_manifest_or_a_part_is_refused(repo, tmp_path):
+    """--rejects OUT/_manifest.json replaced the manifest with the rejects (a rerun could not
+    resume), OUT/part-00000.parquet the part itself (its rows lost, the folder unreadable as a
+    dataset). Refused before the run, nothing written; another name in the folder is taken."""
+    src = tmp_path / "in.npy"
+    x = _features(10)
+    x[3, 0] = np.nan
+    np.save(src, x)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", str(out), "--quiet")
+    for name in ("_manifest.json", "part-00000.parquet", "_rejects-00000.jsonl", "part-00003.csv"):
+        done = score(*args, "--rejects", str(out / name))
+        assert done.returncode == 2 and "names a file the run keeps in its --output folder" in done.stderr, name
+        assert os.listdir(out) == []
+    done = score(*args, "--rejects", str(out / "_bad_rows.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert _parts(str(out)).num_rows == 9 and _json(str(out / "_manifest.json"))["done"]
+    with open(out / "_bad_rows.jsonl") as f:
+        assert [json.loads(line)["row"] for line in f] == [3]
+
+
 def test_the_output_folder_reads_as_one_dataset_and_an_earlier_versions_folder_resumes(repo, tmp_path):
     """pyarrow.dataset.dataset(out) and pandas.read_parquet(out) failed on the folder: they took
     manifest.json and the rejects files for parts. The bookkeeping now has names the readers skip
