@@ -121,10 +121,14 @@ def main(args: argparse.Namespace) -> int:
         problem = f"--rejects {args.rejects} is the input file, which the rejects would replace"
     elif args.rejects and os.path.isdir(args.rejects):
         problem = f"--rejects {args.rejects} is a folder, not a file"
-    elif args.rejects and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.rejects))):
+    elif (
+        args.rejects
+        and not _made_by_the_run(args.rejects, args.output)
+        and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.rejects)))
+    ):
         # (told before the run, not once every row is scored and the rejects are gathered)
         problem = f"--rejects {args.rejects}: its folder {folder} does not exist"
-    elif args.rejects and (why := _unwritable(args.rejects)):
+    elif args.rejects and not _made_by_the_run(args.rejects, args.output) and (why := _unwritable(args.rejects)):
         problem = f"--rejects {args.rejects}: cannot write there ({why})"
     else:  # (told before the model is loaded; run() checks it too)
         problem = input_in_output(args.input, args.output) or rejects_in_the_way(args.rejects, args.output)
@@ -273,6 +277,13 @@ async def _score(args: argparse.Namespace):
             return _with_retries(await run(job), model)
     finally:
         await model.close()
+
+
+def _made_by_the_run(rejects: str, output: str) -> bool:
+    """Whether ``rejects`` is in the --output folder and that folder is yet to be made by the run
+    (a first run's --rejects OUT/_bad.jsonl was refused, its folder not existing)."""
+    folder = os.path.dirname(os.path.abspath(rejects))
+    return folder == os.path.abspath(output) and not os.path.exists(output)
 
 
 def _unwritable(path: str) -> str:

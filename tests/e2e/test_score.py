@@ -673,6 +673,22 @@ def test_a_rejects_file_in_a_folder_that_does_not_exist_is_refused_before_the_ru
     assert not os.path.exists(out)
 
 
+def test_a_rejects_file_in_the_output_folder_a_first_run_makes_is_taken(repo, tmp_path):
+    """--output OUT --rejects OUT/_bad.jsonl on a first run, OUT not yet made (the run makes it):
+    refused, its folder not existing, where the same command run again took it."""
+    src = tmp_path / "in.npy"
+    x = _features(10)
+    x[2, 1] = np.inf
+    np.save(src, x)
+    out = tmp_path / "new" / "out"
+    done = score("--model", "clf", "--model-repository", repo, "--input", str(src), "--output", str(out),
+                 "--rejects", str(out / "_bad.jsonl"), "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(out / "_bad.jsonl") as f:
+        assert [json.loads(line)["row"] for line in f] == [2]
+    assert not (out / "_rejects.jsonl").exists() and _parts(str(out)).num_rows == 9
+
+
 def test_a_rejects_file_naming_the_manifest_or_a_part_is_refused(repo, tmp_path):
     """--rejects OUT/_manifest.json replaced the manifest with the rejects (a rerun could not
     resume), OUT/part-00000.parquet the part itself (its rows lost, the folder unreadable as a
