@@ -31,13 +31,18 @@ class Mapping:
     @staticmethod
     def named(
         sig: ModelSignature, schema: pa.Schema, given: Sequence[str], keep: Sequence[str]
-    ) -> dict[str, tuple[str, ...]]:
+    ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         """The columns named (``--keep``, ``--columns``), each checked against the input's header
-        and the model's inputs; the sources ``given`` maps."""
-        names = set(schema.names)
+        and the model's inputs; the sources ``given`` maps, and the kept columns, each as the
+        header writes it (see :func:`_header_name`)."""
+        header = list(schema.names)
+        names = set(header)
+        kept = []
         for k in keep:
-            if k not in names:
-                raise ScoreError(f"--keep: the input has no column '{k}' (columns: {', '.join(schema.names)})")
+            found = _header_name(k, header, names)
+            if found is None:
+                raise ScoreError(f"--keep: the input has no column {k!r} (columns: {_listing(header)})")
+            kept.append(found)
         sources: dict[str, tuple[str, ...]] = {}
         inputs = {t.name: t for t in sig.inputs}
         for item in given:
@@ -46,19 +51,21 @@ class Mapping:
                 raise ScoreError(f"--columns {item!r}: write input=col1,col2,...")
             if name not in inputs:
                 raise ScoreError(f"--columns: model '{sig.name}' has no input '{name}' (inputs: {', '.join(inputs)})")
-            listed = tuple(c.strip() for c in cols.split(",") if c.strip())
-            missing = [c for c in listed if c not in names]
+            listed = [c.strip() for c in cols.split(",") if c.strip()]
+            found_ = [_header_name(c, header, names) for c in listed]
+            missing = [c for c, f in zip(listed, found_) if f is None]
             if missing:
-                raise ScoreError(f"--columns: the input has no column(s) {', '.join(missing)}")
-            sources[name] = listed
-        return sources
+                said = ", ".join(map(repr, missing))
+                raise ScoreError(f"--columns: the input has no column(s) {said} (columns: {_listing(header)})")
+            sources[name] = tuple(f for f in found_ if f is not None)
+        return sources, tuple(kept)
 
     @staticmethod
     def build(sig: ModelSignature, schema: pa.Schema, given: Sequence[str], keep: Sequence[str]) -> Mapping:
         """``given``: ``input=col1,col2`` items (--columns). Default: a column named after each
         input; else, for a model of one input, every numeric column but the kept ones."""
         names = set(schema.names)
-        sources = Mapping.named(sig, schema, given, keep)
+        sources, keep = Mapping.named(sig, schema, given, keep)
         for t in sig.inputs:
             if t.name in sources or t.optional:
                 continue
@@ -115,6 +122,22 @@ class Plan:
         same, so that a misspelled ``--keep`` is not hidden by an empty input (the types, which
         a header alone does not give, are not judged)."""
         Mapping.named(self.sig, schema, self.columns, self.keep)
+
+
+def _header_name(name: str, header: list[str], names: set[str]) -> str | None:
+    """The header's column for a name given (``--keep``, ``--columns``): its own, else the one
+    column whose name is it with spaces around (``id, amount, age``, as CSV files written by
+    hand have it: the names given are stripped, and such a column could not be named at all)."""
+    if name in names:
+        return name
+    loose = [h for h in header if h.strip() == name]
+    return loose[0] if len(loose) == 1 else None
+
+
+def _listing(header: list[str], most: int = 40) -> str:
+    """The header's names, quoted (a name's spaces show), the first ``most`` of them."""
+    shown = ", ".join(map(repr, header[:most]))
+    return shown + (f", ... ({len(header)} in all)" if len(header) > most else "")
 
 
 @dataclass

@@ -698,3 +698,24 @@ def test_nested_lists_feed_an_input_of_rank_two_with_a_variable_dimension(tmp_pa
         (2, "column 'x': missing value"),
         (4, "column 'x': values of shape [1, 1] where input 'x' takes [-1, 3]"),
     ]
+
+
+def test_csv_header_names_with_spaces_around_are_named_without_them(tmp_path):
+    """A header written by hand, ``id, a, b``: the names given to --columns and --keep are
+    stripped, so no name could match ' a' and such a column could not be scored or kept at all
+    ("the input has no column(s) a"). The one column whose name is the name with spaces around
+    is taken; a name still not found is told with the header's names quoted, spaces showing."""
+    model = Identity("features", "FP32", (2,))
+    src = tmp_path / "hand.csv"
+    src.write_text("id, a , b\n1, 1.5, 2\n2, x, 3\n")
+    counts, table, rejects = _score(model, src, tmp_path / "out", keep=("id",), columns=("features=a,b",))
+    assert (counts.scored, counts.rejected) == (1, 1)
+    assert table.column_names == ["id", "y"] and table.column("y").to_pylist() == [[1.5, 2.0]]
+    assert [(r["id"], r["reason"]) for r in rejects] == [(2, "column ' a ': ' x' is not a float32")]
+    counts, table, _ = _score(model, src, tmp_path / "kept", keep=("id", "b"), columns=("features=a,b",))
+    assert table.column_names == ["id", " b", "y"] and table.column(" b").to_pylist() == [" 2"]
+    with pytest.raises(ScoreError, match=r"no column\(s\) 'c' \(columns: 'id', ' a ', ' b'\)"):
+        _score(model, src, tmp_path / "bad", columns=("features=a,c",))
+    src.write_text("id, a,a ,b\n1,1,2,3\n")  # two columns that are 'a' with spaces around: neither is guessed
+    with pytest.raises(ScoreError, match=r"no column\(s\) 'a' "):
+        _score(model, src, tmp_path / "two", columns=("features=a,b",))
