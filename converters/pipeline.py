@@ -149,6 +149,9 @@ def cases(job: Job) -> list[dict[str, np.ndarray]]:
     out = []
     if job.batched:
         batches = [b for b in (1, 2, 5) if b <= job.max_batch_size] or [1]
+        # Three sets whatever the limit: with max_batch_size 1 one set alone had the export's own
+        # sizes, so a dynamic size the exporter baked in passed (the largest batch is repeated).
+        batches += batches[-1:] * (3 - len(batches))
         for step, b in enumerate(batches):
             out.append(generate(job.specs, example_sizes(job.specs, b, step), rng))
     else:  # several sizes too: the export's own sizes alone would not show a size it baked in

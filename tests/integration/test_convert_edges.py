@@ -1,0 +1,38 @@
+"""Converters: edge cases found by converting models the other tests do not use (a small
+max_batch_size, long versions, output names, files saved with torch.save)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import convert_models  # tests/convert_models.py
+from batchgate.converters import ConversionError, convert_torch
+
+
+def leftovers(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.iterdir()) if repo.exists() else []
+
+
+@pytest.mark.parametrize("exporter", ["auto", "legacy"])
+def test_a_small_max_batch_size_still_checks_other_sizes_than_the_export(tmp_path, exporter):
+    """With --max-batch-size 1 the check ran one generated set, of the sizes the model was exported
+    with: a row length the exporter baked in passed, and the model was written and answered
+    another length wrong. Three sets of sizes are checked whatever the limit."""
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match="parity check failed|cannot run the model"):
+        convert_torch(
+            convert_models.MeanBySize(), ["x:FP32:-1,-1"], str(repo), "mean", max_batch_size=1, exporter=exporter
+        )
+    assert leftovers(repo) == []
+    r = convert_torch(
+        convert_models.sequence_encoder(),
+        ["ids:INT64:batch,seq", "mask:FP32:batch,seq"],
+        str(repo),
+        "enc",
+        max_batch_size=1,
+        exporter=exporter,
+    )
+    assert r.written and all(c.ok and c.cases == 3 for c in r.checks)
+    assert r.max_batch_size == 1
