@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from numpy.lib.npyio import NpzFile
 
-from batchgate.core.types import BY_ONNX, MODEL_NAME, MODEL_NAME_RULE
+from batchgate.core.types import BY_ONNX, MODEL_NAME, MODEL_NAME_RULE, is_version_text
 
 from .spec import BATCH, ConversionError, InputSpec, example_sizes, generate
 from .versions import Shared, kept, require_fit, shared_config, still_the_same
@@ -105,6 +105,8 @@ def check_name(name: str, version: int) -> None:
     loaded: loading imports torch, seconds)."""
     if version < 1:
         raise ConversionError(f"--version must be 1 or more, not {version}")
+    if not is_version_text(str(version)):  # the server skips a version folder it could not name (past int64)
+        raise ConversionError(f"--version {version}: a version is a number of at most 18 digits")
     if not MODEL_NAME.fullmatch(name):  # (the server's own rule: a name it would skip is refused here)
         raise ConversionError(f"--name {name[:128]!r}: {MODEL_NAME_RULE}")
 

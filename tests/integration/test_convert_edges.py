@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 
 import convert_models  # tests/convert_models.py
 from batchgate.converters import ConversionError, convert_torch
@@ -36,3 +37,18 @@ def test_a_small_max_batch_size_still_checks_other_sizes_than_the_export(tmp_pat
     )
     assert r.written and all(c.ok and c.cases == 3 for c in r.checks)
     assert r.max_batch_size == 1
+
+
+def test_a_version_the_server_would_skip_is_refused(tmp_path, serve):
+    """A version of 19 digits was written, and the server, which serves versions of at most 18
+    (int64), left the model unavailable with no version. It is refused before anything loads;
+    18 digits are served."""
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match="--version 1000000000000000000: .*at most 18 digits"):
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(repo), "m", version=10**18)
+    assert leftovers(repo) == []
+    r = convert_torch(convert_models.mlp(), ["x:FP32:-1,16"], str(repo), "m", version=10**18 - 1)
+    assert r.written
+    running = serve(str(repo))
+    meta = grpcclient.InferenceServerClient(running.grpc_url).get_model_metadata("m")
+    assert list(meta.versions) == [str(10**18 - 1)]
