@@ -100,6 +100,13 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
         )
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many types for models it cannot convert
         raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(e).__name__}: {e}") from None
+    outputs = [o.name for o in onx.graph.output]
+    renamed = [s.name for s in specs if s.name in outputs]
+    if renamed:  # skl2onnx renames such an input (variable -> variable1): callers would send a name it lacks
+        raise ConversionError(
+            f"input(s) {', '.join(renamed)} of {type(model).__name__} have the name of its output(s) "
+            f"({', '.join(outputs)}): a name is one tensor's; name the input(s) otherwise"
+        )
     for o in onx.graph.output:  # (MultiOutputClassifier's probabilities: a sequence, one tensor per target)
         kind = o.type.WhichOneof("value")
         if kind != "tensor_type":

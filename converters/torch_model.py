@@ -220,12 +220,19 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
             raise ConversionError(f"--output names must differ from each other and from the inputs: {clash}")
         return list(given)
     # A dict of tensors names its outputs by its keys (when they can be tensor names).
+    inputs = {s.name for s in specs}
     if isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
         keys = [str(k) for k in raw]
-        inputs = {s.name for s in specs}
         if all(TENSOR_NAME.fullmatch(k) for k in keys) and not inputs & set(keys):
             return keys
-    return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+    names = ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+    taken = [o for o in names if o in inputs]
+    if taken:  # (an input and an output of one name: the export renamed the input, and the model lost it)
+        raise ConversionError(
+            f"the model's outputs would be named {', '.join(names)}, and input(s) {', '.join(taken)} have "
+            "that name: a name is one tensor's; name the outputs with --output"
+        )
+    return names
 
 
 def output_signature(module, specs: list[InputSpec], names: list[str], batched: bool) -> list[dict]:

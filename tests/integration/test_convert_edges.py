@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 
 import convert_models  # tests/convert_models.py
-from batchgate.converters import ConversionError, convert_torch
+from batchgate.converters import ConversionError, convert_sklearn, convert_torch
 
 
 def leftovers(repo: Path) -> list[str]:
@@ -52,3 +54,28 @@ def test_a_version_the_server_would_skip_is_refused(tmp_path, serve):
     running = serve(str(repo))
     meta = grpcclient.InferenceServerClient(running.grpc_url).get_model_metadata("m")
     assert list(meta.versions) == [str(10**18 - 1)]
+
+
+def test_an_input_named_like_an_output_is_told_not_lost(tmp_path, serve):
+    """An input named "output" (the name a single output gets by default), or like the output of a
+    scikit-learn model ("variable"), was renamed inside the exported model ("output__inner",
+    "variable1"), and the conversion failed on ONNX Runtime's "Required inputs are missing". The
+    clash is named, with what to do; with the outputs named otherwise the model converts."""
+    from sklearn.linear_model import Ridge
+
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match=r"input\(s\) output have that name.*--output"):
+        convert_torch(convert_models.mlp(), ["output:FP32:-1,16"], str(repo), "mlp")
+    x = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    ridge = Ridge().fit(x, x[:, 0])
+    with pytest.raises(ConversionError, match=r"input\(s\) variable of Ridge have the name of its output"):
+        convert_sklearn(ridge, ["variable:FP32:-1,3"], str(repo), "ridge")
+    assert leftovers(repo) == []
+    convert_torch(convert_models.mlp(), ["output:FP32:-1,16"], str(repo), "mlp", outputs=["scores"])
+    running = serve(str(repo))
+    feed = grpcclient.InferInput("output", [2, 16], "FP32")
+    feed.set_data_from_numpy(np.ones((2, 16), np.float32))
+    got = grpcclient.InferenceServerClient(running.grpc_url).infer("mlp", [feed]).as_numpy("scores")
+    with torch.no_grad():
+        want = convert_models.mlp()(torch.ones(2, 16)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
