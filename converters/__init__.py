@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import replace
 
 from .pipeline import Check, Job, Result, Tolerance, run
-from .spec import ConversionError, InputSpec, drawn_from
+from .spec import TENSOR_NAME, TENSOR_RULE, ConversionError, InputSpec, drawn_from
 from .versions import require_fit, shared_config, spec_tensors
 
 DEFAULT_TOLERANCE = Tolerance(1e-4, 1e-3)
@@ -96,6 +96,9 @@ def convert_torch(
     check_name(name, version)
     _tolerances(tolerance, optimize, fp16)
     specs = _specs(inputs, batched)
+    for o in outputs:  # (an empty name failed in ONNX Runtime; "a b" or "../x" was served as a name)
+        if not TENSOR_NAME.fullmatch(o):
+            raise ConversionError(f"--output {o!r} is not a valid tensor name (the rule of the inputs': {TENSOR_RULE})")
     if samples:  # (a bad file is told before the model loads) its integers and strings feed the generated inputs
         job = _job(specs, [], repository, name, version, batched, max_batch_size, gpu, force)
         specs = drawn_from(specs, load_samples(samples, specs, job)[0])

@@ -17,6 +17,7 @@ import numpy as np
 from batchgate.core.types import DATATYPES, DataType
 
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+TENSOR_RULE = "a letter or _, then letters, digits, _, . or -"
 BATCH = "batch"
 
 
@@ -55,7 +56,7 @@ class InputSpec:
             raise ConversionError(f"input spec {text!r} must be NAME:DTYPE:SHAPE, e.g. x:FP32:-1,3,224,224")
         name, dt, shape = (p.strip() for p in parts)
         if not TENSOR_NAME.match(name):
-            raise ConversionError(f"input spec {text!r}: {name!r} is not a valid tensor name")
+            raise ConversionError(f"input spec {text!r}: {name!r} is not a valid tensor name ({TENSOR_RULE})")
         dims: list[int | str] = []
         for d in shape.split(","):
             d = d.strip()

@@ -3,6 +3,7 @@ max_batch_size, long versions, output names, files saved with torch.save)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,14 @@ def test_an_input_named_like_an_output_is_told_not_lost(tmp_path, serve):
     with torch.no_grad():
         want = convert_models.mlp()(torch.ones(2, 16)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["", "a b", "../x", "1st"])
+def test_an_output_name_is_a_tensor_name_like_an_input_name(tmp_path, name):
+    """--output took any text: an empty name failed in ONNX Runtime after the export, and "a b" or
+    "../x" was written into the config and served. It follows the inputs' rule, told before the
+    model loads (the module named here does not exist)."""
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match=re.escape(f"--output {name!r} is not a valid tensor name")):
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(repo), "m", outputs=[name])
+    assert leftovers(repo) == []
