@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import warnings
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,11 @@ def load(model: str):
         try:
             return torch.jit.load(model, map_location="cpu").eval(), True
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError and others
+            saved = _saved_not_scripted(model)
             raise ConversionError(
-                f"--model {model}: not a TorchScript file ({_first_line(e)}); save one with "
+                f"--model {model}: " + (saved or f"not a TorchScript file ({_first_line(e)})") + "; save one with "
                 "torch.jit.save(torch.jit.script(model), path), or pass module:factory"
+                + (", a function returning the module with its weights loaded" if saved else "")
             ) from None
     mod_name, sep, attr = model.partition(":")
     if not sep or not mod_name or not attr:
@@ -75,6 +78,28 @@ def load(model: str):
         if not isinstance(obj, torch.nn.Module):
             raise ConversionError(f"--model {model}: '{attr}()' returned {type(obj).__name__}, not an nn.Module")
     return obj.eval(), False
+
+
+def _saved_not_scripted(path: str) -> str | None:
+    """What a file written by torch.save holds, said instead of torch.jit.load's own error (which
+    calls it corrupted); None for any other file. Read with ``weights_only``: no code runs."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if not any(m.endswith("/data.pkl") for m in members) or any(m.endswith("/constants.pkl") for m in members):
+        return None
+    try:
+        held = _torch().load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not weights alone: a pickled module, whose code is not run here
+        return "a file saved with torch.save (a pickled module, not TorchScript: batchgate does not unpickle it)"
+    if isinstance(held, dict):
+        return (
+            f"a state_dict or checkpoint saved with torch.save ({len(held)} entries, weights without the "
+            "module's code), not TorchScript"
+        )
+    return f"a {type(held).__name__} saved with torch.save, not TorchScript"
 
 
 def by_name(module, specs: list[InputSpec], scripted: bool = False):

@@ -91,3 +91,24 @@ def test_an_output_name_is_a_tensor_name_like_an_input_name(tmp_path, name):
     with pytest.raises(ConversionError, match=re.escape(f"--output {name!r} is not a valid tensor name")):
         convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(repo), "m", outputs=[name])
     assert leftovers(repo) == []
+
+
+def test_a_file_saved_with_torch_save_is_named_for_what_it_holds(tmp_path):
+    """A state_dict (or a module pickled whole) given as --model was refused with torch.jit.load's
+    own error, which calls the file corrupted. The error says what the file holds, read without
+    running its code, and what to pass instead; a damaged file still gets torch's reason."""
+    weights, whole, junk = tmp_path / "weights.pt", tmp_path / "whole.pt", tmp_path / "junk.pt"
+    torch.save(convert_models.mlp().state_dict(), weights)
+    torch.save(convert_models.mlp(), whole)
+    junk.write_bytes(b"not a model\n")
+    told = {}
+    for path in (weights, whole, junk):
+        with pytest.raises(ConversionError) as e:
+            convert_torch(str(path), ["x:FP32:-1,16"], str(tmp_path / "models"), "m")
+        told[path.name] = str(e.value)
+    assert "a state_dict or checkpoint saved with torch.save (4 entries" in told["weights.pt"]
+    assert "a pickled module, not TorchScript" in told["whole.pt"]
+    for name in ("weights.pt", "whole.pt"):
+        assert "corrupted" not in told[name] and "module:factory, a function returning the module" in told[name]
+    assert "not a TorchScript file" in told["junk.pt"]
+    assert leftovers(tmp_path / "models") == []
