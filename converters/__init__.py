@@ -96,6 +96,12 @@ def convert_torch(
     check_name(name, version)
     _tolerances(tolerance, optimize, fp16)
     specs = _specs(inputs, batched)
+    strings = [s.name for s in specs if s.dtype.v2 == "BYTES"]
+    if strings:  # (it failed after the load, as an input "the model does not accept", with a --samples hint)
+        raise ConversionError(
+            f"input(s) {', '.join(strings)}: BYTES (strings) cannot reach a PyTorch model, which takes tensors "
+            "of numbers or booleans; encode them first (token ids: INT64)"
+        )
     for o in outputs:  # (an empty name failed in ONNX Runtime; "a b" or "../x" was served as a name)
         if not TENSOR_NAME.fullmatch(o):
             raise ConversionError(f"--output {o!r} is not a valid tensor name (the rule of the inputs': {TENSOR_RULE})")

@@ -112,3 +112,12 @@ def test_a_file_saved_with_torch_save_is_named_for_what_it_holds(tmp_path):
         assert "corrupted" not in told[name] and "module:factory, a function returning the module" in told[name]
     assert "not a TorchScript file" in told["junk.pt"]
     assert leftovers(tmp_path / "models") == []
+
+
+def test_a_string_input_to_a_torch_model_is_refused_before_it_loads(tmp_path):
+    """A BYTES input reached torch.from_numpy, and the error blamed the model ("does not accept
+    inputs shaped like the specs") and suggested --samples. It is refused before the model loads
+    (the module named here does not exist), naming the input."""
+    with pytest.raises(ConversionError, match=r"input\(s\) text: BYTES \(strings\) cannot reach a PyTorch model"):
+        convert_torch("no_such_module:mlp", ["text:BYTES:-1,1", "x:FP32:-1,16"], str(tmp_path / "m"), "m")
+    assert leftovers(tmp_path / "m") == []
