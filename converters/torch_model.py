@@ -233,6 +233,13 @@ def output_names(module, specs: list[InputSpec], given: list[str]) -> list[str]:
             if made_up
             else ""
         )
+        # Each -1 gets a size of its own: dimensions that must be equal (a sequence and its mask) need a name.
+        unnamed = [f"{s.name}[{i}]" for s in specs for i, d in enumerate(s.dims) if d == -1]
+        if len(unnamed) > 1:
+            hint += (
+                f"; the dimensions written -1 ({', '.join(unnamed)}) are given sizes of their own: give those "
+                "that must be equal one name (e.g. ids:INT64:batch,seq and mask:FP32:batch,seq)"
+            )
         raise ConversionError(
             f"the model does not accept inputs shaped like the specs ({shapes}): "
             f"{type(e).__name__}: {_first_line(e, 3)}{hint}"

@@ -121,3 +121,14 @@ def test_a_string_input_to_a_torch_model_is_refused_before_it_loads(tmp_path):
     with pytest.raises(ConversionError, match=r"input\(s\) text: BYTES \(strings\) cannot reach a PyTorch model"):
         convert_torch("no_such_module:mlp", ["text:BYTES:-1,1", "x:FP32:-1,16"], str(tmp_path / "m"), "m")
     assert leftovers(tmp_path / "m") == []
+
+
+def test_unnamed_dimensions_that_must_be_equal_are_hinted_at(tmp_path):
+    """Token ids and their mask given as -1,-1 each got a sequence length of its own, and the error
+    suggested --samples only (the ids are integers). It now says that -1 dimensions get sizes of
+    their own and to name those that must be equal; named, the model converts."""
+    specs = ["ids:INT64:-1,-1", "mask:FP32:-1,-1"]
+    with pytest.raises(ConversionError, match=r"dimensions written -1 \(ids\[1\], mask\[1\]\) .* one name"):
+        convert_torch(convert_models.sequence_encoder(), specs, str(tmp_path / "m"), "enc")
+    r = convert_torch(convert_models.sequence_encoder(), ["ids:INT64:-1,seq", "mask:FP32:-1,seq"], str(tmp_path), "enc")
+    assert r.written
