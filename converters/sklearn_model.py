@@ -15,6 +15,7 @@ import os
 import numpy as np
 import onnx
 
+from .graph import rename_values
 from .spec import ConversionError, InputSpec
 
 
@@ -107,6 +108,10 @@ def export(model, specs: list[InputSpec], batched: bool, opset: int | None) -> t
             f"input(s) {', '.join(renamed)} of {type(model).__name__} have the name of its output(s) "
             f"({', '.join(outputs)}): a name is one tensor's; name the input(s) otherwise"
         )
+    # skl2onnx makes names with "." or "-" into others ("x.1" -> "x_1"): the model takes its specs' names.
+    given = [i.name for i in onx.graph.input]
+    if len(given) == len(specs):  # (in the order of initial_types)
+        rename_values(onx.graph, given, [s.name for s in specs])
     for o in onx.graph.output:  # (MultiOutputClassifier's probabilities: a sequence, one tensor per target)
         kind = o.type.WhichOneof("value")
         if kind != "tensor_type":

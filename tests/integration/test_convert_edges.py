@@ -132,3 +132,33 @@ def test_unnamed_dimensions_that_must_be_equal_are_hinted_at(tmp_path):
         convert_torch(convert_models.sequence_encoder(), specs, str(tmp_path / "m"), "enc")
     r = convert_torch(convert_models.sequence_encoder(), ["ids:INT64:-1,seq", "mask:FP32:-1,seq"], str(tmp_path), "enc")
     assert r.written
+
+
+def test_sklearn_inputs_with_dots_and_dashes_keep_their_names(tmp_path, serve):
+    """skl2onnx makes an input "x.1" into "x_1" (and "unit-price" into "unit_price"), and the
+    conversion failed on ONNX Runtime's "Required inputs are missing". The model takes the names
+    the specs give, so callers send those; a DataFrame model's columns too."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    repo = tmp_path / "models"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 3)).astype(np.float32)
+    clf = LogisticRegression().fit(x, x[:, 0] > 0)
+    assert convert_sklearn(clf, ["x.1:FP32:-1,3"], str(repo), "clf").written
+    frame = pd.DataFrame({"unit-price": x[:, 0], "shop.kind": rng.choice(["a", "b"], 60)})
+    columns = ColumnTransformer(
+        [("n", StandardScaler(), ["unit-price"]), ("c", OneHotEncoder(handle_unknown="ignore"), ["shop.kind"])]
+    )
+    pipe = Pipeline([("columns", columns), ("lr", LogisticRegression())]).fit(frame, x[:, 1] > 0)
+    r = convert_sklearn(pipe, ["unit-price:FP32:-1,1", "shop.kind:BYTES:-1,1"], str(repo), "frame")
+    assert [i["name"] for i in r.inputs] == ["unit-price", "shop.kind"]
+
+    running = serve(str(repo))
+    feed = grpcclient.InferInput("x.1", [4, 3], "FP32")
+    feed.set_data_from_numpy(x[:4])
+    got = grpcclient.InferenceServerClient(running.grpc_url).infer("clf", [feed]).as_numpy("label")
+    assert got.ravel().tolist() == clf.predict(x[:4]).tolist()
