@@ -116,7 +116,9 @@ def convert_torch(
             module, scripted = tm.load(model)
             label = model
         else:
-            module, scripted, label = model.eval(), False, type(model).__name__
+            # (a ScriptModule handed over is a TorchScript file's module: the same rules apply)
+            scripted = isinstance(model, tm._torch().jit.ScriptModule)
+            module, label = model.eval(), type(model).__name__
         # the specs in the order the model takes them (the config lists them as given)
         module, call = tm.by_name(module, specs, scripted)
         names = tm.output_names(module, call, list(outputs))

@@ -162,3 +162,19 @@ def test_sklearn_inputs_with_dots_and_dashes_keep_their_names(tmp_path, serve):
     feed.set_data_from_numpy(x[:4])
     got = grpcclient.InferenceServerClient(running.grpc_url).infer("clf", [feed]).as_numpy("label")
     assert got.ravel().tolist() == clf.predict(x[:4]).tolist()
+
+
+def test_a_torchscript_module_handed_to_the_api_is_taken_as_a_torchscript_file_is(tmp_path):
+    """A ScriptModule object was taken as a Python module: --exporter dynamo failed with torch's
+    own export trace, and inputs named after keyword parameters were wrapped in a Python module
+    the TorchScript interpreter refused. It gets a TorchScript file's clear errors, and converts
+    with its inputs by position through the legacy exporter."""
+    repo = tmp_path / "models"
+    scripted = torch.jit.script(convert_models.mlp())
+    with pytest.raises(ConversionError, match="the dynamo exporter cannot export a TorchScript module"):
+        convert_torch(scripted, ["x:FP32:-1,16"], str(repo), "m", exporter="dynamo")
+    with pytest.raises(ConversionError, match="a TorchScript module is exported with its inputs by position"):
+        convert_torch(torch.jit.script(convert_models.Scaled()), ["x:FP32:-1,4", "scale:FP32:-1,4"], str(repo), "s")
+    assert leftovers(repo) == []
+    r = convert_torch(scripted, ["x:FP32:-1,16"], str(repo), "m")
+    assert r.written and "legacy exporter" in r.source
