@@ -178,3 +178,25 @@ def test_a_torchscript_module_handed_to_the_api_is_taken_as_a_torchscript_file_i
     assert leftovers(repo) == []
     r = convert_torch(scripted, ["x:FP32:-1,16"], str(repo), "m")
     assert r.written and "legacy exporter" in r.source
+
+
+class ClipsWhenExported(torch.nn.Module):
+    """Answers inf for inf, but its exported graph clips to a finite bound."""
+
+    def forward(self, x):
+        y = x * 2.0
+        if torch.onnx.is_in_onnx_export():
+            y = y.clamp(-1e30, 1e30)
+        return y
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_a_finite_answer_where_the_original_answers_inf_fails_the_parity_check(tmp_path, exporter):
+    """An expected inf made the bound atol + rtol * |expected| infinite, so any finite answer was
+    within it: the check reported a max abs error of inf and no mismatch, and wrote the model."""
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=np.array([[1.0, np.inf, -np.inf, 0.5]], np.float32))
+    repo = tmp_path / "models"
+    with pytest.raises(ConversionError, match="parity check failed.*2 element"):
+        convert_torch(ClipsWhenExported(), ["x:FP32:-1,4"], str(repo), "m", exporter=exporter, samples=str(samples))
+    assert leftovers(repo) == []
