@@ -207,8 +207,8 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
                 f"--samples {path}: '{s.name}' has {arr.shape[0]} rows, more than max_batch_size {job.max_batch_size}"
             )
         try:
-            sample[s.name] = arr.astype(s.dtype.np_dtype) if s.dtype.v2 != "BYTES" else arr.astype(object)
-        except (ValueError, TypeError) as e:
+            sample[s.name] = arr.astype(s.dtype.np_dtype) if s.dtype.v2 != "BYTES" else as_text(arr)
+        except (ValueError, TypeError) as e:  # (UnicodeDecodeError is a ValueError)
             raise ConversionError(
                 f"--samples {path}: '{s.name}' ({arr.dtype}) cannot be read as {s.dtype.v2}: {e}"
             ) from None
@@ -228,6 +228,14 @@ def load_samples(path: str, specs: list[InputSpec], job: Job) -> list[dict[str, 
                 "must be one size"
             )
     return [sample]
+
+
+def as_text(arr: np.ndarray) -> np.ndarray:
+    """BYTES as the server hands them to ONNX Runtime: text (ONNX Runtime makes a bytes object
+    into the string "b'...'"), so the parity check feeds both models what serving would."""
+    out = np.empty(arr.size, dtype=object)
+    out[:] = [v.decode("utf-8") if isinstance(v, bytes) else v for v in arr.reshape(-1).tolist()]
+    return out.reshape(arr.shape)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -111,7 +111,7 @@ def shape_of(spec: InputSpec, sizes: dict[str, int]) -> tuple[int, ...]:
 
 def generate(specs: list[InputSpec], sizes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random inputs of the given sizes: normal floats, small non-negative integers (they may be
-    indices), random booleans, short strings."""
+    indices), random booleans, short strings (as text, which the server feeds ONNX Runtime)."""
     out = {}
     for s in specs:
         shape = shape_of(s, sizes)
@@ -122,9 +122,9 @@ def generate(specs: list[InputSpec], sizes: dict[str, int], rng: np.random.Gener
             pool = np.array(s.values, dtype=object if dt.v2 == "BYTES" else dt.np_dtype)
             out[s.name] = pool[rng.integers(0, len(pool), shape)]
         elif dt.v2 == "BYTES":
-            out[s.name] = np.array(
-                [f"s{v}".encode() for v in rng.integers(0, 100, int(np.prod(shape)))], dtype=object
-            ).reshape(shape)
+            out[s.name] = np.array([f"s{v}" for v in rng.integers(0, 100, int(np.prod(shape)))], dtype=object).reshape(
+                shape
+            )
         elif dt.np_dtype.kind in "iu":
             out[s.name] = rng.integers(0, 10, shape).astype(dt.np_dtype)
         else:

@@ -200,3 +200,33 @@ def test_a_finite_answer_where_the_original_answers_inf_fails_the_parity_check(t
     with pytest.raises(ConversionError, match="parity check failed.*2 element"):
         convert_torch(ClipsWhenExported(), ["x:FP32:-1,4"], str(repo), "m", exporter=exporter, samples=str(samples))
     assert leftovers(repo) == []
+
+
+def test_string_samples_saved_as_bytes_reach_onnx_runtime_as_the_server_sends_them(tmp_path, serve):
+    """String samples saved as numpy bytes reached ONNX Runtime as bytes objects, which it reads as
+    the text "b'a'": a OneHotEncoder of known categories failed ("Unknown Category") where the
+    served model, fed text by the server, works. The check feeds both models text."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"price": rng.standard_normal(80).astype(np.float32), "kind": rng.choice(["a", "b", "c"], 80)})
+    columns = ColumnTransformer([("n", StandardScaler(), ["price"]), ("c", OneHotEncoder(), ["kind"])])
+    pipe = Pipeline([("columns", columns), ("lr", LogisticRegression())]).fit(frame, rng.choice(["yes", "no"], 80))
+    samples = tmp_path / "samples.npz"
+    kinds = frame.kind.values[:10].astype("S").reshape(-1, 1)  # numpy bytes
+    np.savez(samples, price=frame.price.values[:10].reshape(-1, 1), kind=kinds)
+    repo = tmp_path / "models"
+    r = convert_sklearn(pipe, ["price:FP32:-1,1", "kind:BYTES:-1,1"], str(repo), "shop", samples=str(samples))
+    assert r.written and all(c.ok for c in r.checks)
+
+    running = serve(str(repo))
+    price, kind = grpcclient.InferInput("price", [3, 1], "FP32"), grpcclient.InferInput("kind", [3, 1], "BYTES")
+    price.set_data_from_numpy(np.array([[0.1], [1.0], [-2.0]], np.float32))
+    kind.set_data_from_numpy(np.array([[b"a"], [b"c"], [b"b"]], dtype=object))
+    got = grpcclient.InferenceServerClient(running.grpc_url).infer("shop", [price, kind]).as_numpy("label")
+    want = pipe.predict(pd.DataFrame({"price": [0.1, 1.0, -2.0], "kind": ["a", "c", "b"]}))
+    assert [v.decode() for v in got.ravel()] == want.tolist()
