@@ -23,6 +23,7 @@ from .versions import require_fit, shared_config, spec_tensors
 
 DEFAULT_TOLERANCE = Tolerance(1e-4, 1e-3)
 DEFAULT_FP16_TOLERANCE = Tolerance(1e-2, 1e-2)
+MAX_BATCH_SIZE = 2**31 - 1  # max_batch_size is an int32 in model_config.proto
 
 
 def _specs(inputs, batched: bool) -> list[InputSpec]:
@@ -47,11 +48,17 @@ def _tolerances(tolerance: Tolerance, optimize: Tolerance | None, fp16: Toleranc
                 raise ConversionError(f"--{flag}{kind} {value}: a tolerance is a number, 0 or more")
 
 
+def _batching(batched: bool, max_batch_size: int) -> None:
+    if batched and max_batch_size < 1:
+        raise ConversionError("--max-batch-size must be at least 1 (or convert with --no-batch)")
+    if batched and max_batch_size > MAX_BATCH_SIZE:  # (the config's field is an int32: it failed at the write)
+        raise ConversionError(f"--max-batch-size {max_batch_size}: at most {MAX_BATCH_SIZE}, what a config holds")
+
+
 def _job(specs, outputs, repository, name, version, batched, max_batch_size, gpu, force) -> Job:
     """Where and how a conversion is written, before the model is exported (the reference, the
     checks and the record are added with ``dataclasses.replace`` once they are known)."""
-    if batched and max_batch_size < 1:
-        raise ConversionError("--max-batch-size must be at least 1 (or convert with --no-batch)")
+    _batching(batched, max_batch_size)
     return Job(
         specs=specs,
         output_names=outputs,
@@ -95,6 +102,7 @@ def convert_torch(
 
     check_name(name, version)
     _tolerances(tolerance, optimize, fp16)
+    _batching(batched, max_batch_size)  # (before the model loads)
     specs = _specs(inputs, batched)
     strings = [s.name for s in specs if s.dtype.v2 == "BYTES"]
     if strings:  # (it failed after the load, as an input "the model does not accept", with a --samples hint)
@@ -179,6 +187,7 @@ def convert_sklearn(
 
     check_name(name, version)
     _tolerances(tolerance, optimize, fp16)
+    _batching(batched, max_batch_size)  # (before the model loads)
     specs = _specs(inputs, batched)
     if fp16 is not None:
         raise ConversionError(

@@ -230,3 +230,13 @@ def test_string_samples_saved_as_bytes_reach_onnx_runtime_as_the_server_sends_th
     got = grpcclient.InferenceServerClient(running.grpc_url).infer("shop", [price, kind]).as_numpy("label")
     want = pipe.predict(pd.DataFrame({"price": [0.1, 1.0, -2.0], "kind": ["a", "c", "b"]}))
     assert [v.decode() for v in got.ravel()] == want.tolist()
+
+
+def test_a_max_batch_size_no_config_can_hold_is_refused_before_the_model_loads(tmp_path):
+    """--max-batch-size 3000000000 was taken, the model exported and checked, and the write ended
+    in a traceback (protobuf: "Value out of range"; the config's field is an int32)."""
+    with pytest.raises(ConversionError, match="--max-batch-size 3000000000: at most 2147483647"):
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(tmp_path / "m"), "m", max_batch_size=3_000_000_000)
+    with pytest.raises(ConversionError, match="--max-batch-size must be at least 1"):  # (was told after the load)
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(tmp_path / "m"), "m", max_batch_size=0)
+    assert leftovers(tmp_path / "m") == []
