@@ -164,6 +164,13 @@ def main(args: argparse.Namespace) -> int:
     except OSError as e:  # a file the conversion reads or writes; no traceback for it
         print(f"batchgate convert: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError as e:  # most often an input dimension mistyped: its generated inputs do not fit
+        print(
+            f"batchgate convert: error: out of memory ({e or 'MemoryError'}); are the --input sizes right? "
+            "Nothing was written",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps(result.as_dict(), indent=2, default=str) if args.json else table(result))
     return 0
 

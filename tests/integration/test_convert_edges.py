@@ -3,7 +3,10 @@ max_batch_size, long versions, output names, files saved with torch.save)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ import tritonclient.grpc as grpcclient
 
 import convert_models  # tests/convert_models.py
 from batchgate.converters import ConversionError, convert_sklearn, convert_torch
+
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def leftovers(repo: Path) -> list[str]:
@@ -239,4 +244,21 @@ def test_a_max_batch_size_no_config_can_hold_is_refused_before_the_model_loads(t
         convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(tmp_path / "m"), "m", max_batch_size=3_000_000_000)
     with pytest.raises(ConversionError, match="--max-batch-size must be at least 1"):  # (was told after the load)
         convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(tmp_path / "m"), "m", max_batch_size=0)
+    assert leftovers(tmp_path / "m") == []
+
+
+def test_inputs_too_large_to_generate_are_one_line_not_a_traceback(tmp_path):
+    """A mistyped size ended the command in numpy's MemoryError traceback (300000000000000 columns:
+    past any address space, so no machine allocates them)."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ["torch", "--model", "convert_models:mlp", "--input", "x:FP32:-1,300000000000000"]
+    done = subprocess.run(
+        [sys.executable, "-m", "batchgate.cli", "convert", *args, "--repository", str(tmp_path / "m"), "--name", "m"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "batchgate convert: error: out of memory" in done.stderr and "are the --input sizes right?" in done.stderr
     assert leftovers(tmp_path / "m") == []
