@@ -19,6 +19,7 @@ from batchgate.core.types import DATATYPES, DataType
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 TENSOR_RULE = "a letter or _, then letters, digits, _, . or -"
 BATCH = "batch"
+INT64_MAX = 2**63 - 1
 
 
 class ConversionError(Exception):
@@ -64,6 +65,8 @@ class InputSpec:
                 v = int(d)
                 if v == 0 or v < -1:
                     raise ConversionError(f"input spec {text!r}: dimension {d} must be positive, or -1 for dynamic")
+                if v > INT64_MAX:  # (a config's dims are int64; numpy's "Maximum allowed dimension" traceback)
+                    raise ConversionError(f"input spec {text!r}: dimension {d} is larger than a tensor's can be")
                 dims.append(v)
             elif TENSOR_NAME.match(d):
                 dims.append(d)

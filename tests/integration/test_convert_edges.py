@@ -262,3 +262,11 @@ def test_inputs_too_large_to_generate_are_one_line_not_a_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "batchgate convert: error: out of memory" in done.stderr and "are the --input sizes right?" in done.stderr
     assert leftovers(tmp_path / "m") == []
+
+
+def test_a_dimension_past_int64_is_refused_before_the_model_loads(tmp_path):
+    """A size past int64 reached numpy, whose ValueError ("Maximum allowed dimension exceeded") ended
+    the command in a traceback; a config cannot declare it either."""
+    with pytest.raises(ConversionError, match="dimension 99999999999999999999 is larger than a tensor's can be"):
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,99999999999999999999"], str(tmp_path / "m"), "m")
+    assert leftovers(tmp_path / "m") == []
