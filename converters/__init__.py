@@ -98,9 +98,10 @@ def convert_torch(
     other causes, when the model already has versions whose config this one does not fit (found
     before the export)."""
     from . import torch_model as tm
-    from .pipeline import check_name, destination, load_samples
+    from .pipeline import check_name, check_repository, destination, load_samples
 
     check_name(name, version)
+    check_repository(repository)
     _tolerances(tolerance, optimize, fp16)
     _batching(batched, max_batch_size)  # (before the model loads)
     specs = _specs(inputs, batched)
@@ -183,9 +184,10 @@ def convert_sklearn(
 ) -> Result:
     """Convert a scikit-learn estimator or pipeline (an object, or a pickle/joblib file) the same way."""
     from . import sklearn_model as sm
-    from .pipeline import check_name, destination, load_samples
+    from .pipeline import check_name, check_repository, destination, load_samples
 
     check_name(name, version)
+    check_repository(repository)
     _tolerances(tolerance, optimize, fp16)
     _batching(batched, max_batch_size)  # (before the model loads)
     specs = _specs(inputs, batched)

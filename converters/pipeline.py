@@ -111,9 +111,17 @@ def check_name(name: str, version: int) -> None:
         raise ConversionError(f"--name {name[:128]!r}: {MODEL_NAME_RULE}")
 
 
+def check_repository(repository) -> None:
+    """Refuse an empty --repository: Path("") is the current directory, where the model would land
+    unasked (a script's unset variable)."""
+    if not str(repository).strip():
+        raise ConversionError("--repository is empty: name the model repository to write into")
+
+
 def destination(job: Job) -> Path:
     """The version folder to write; refused at once if it exists and ``force`` is not set."""
     check_name(job.name, job.version)
+    check_repository(job.repository)
     root = Path(job.repository)
     if root.exists() and not root.is_dir():
         raise ConversionError(f"--repository {root} is not a directory")
