@@ -102,6 +102,8 @@ def convert_torch(
 
     check_name(name, version)
     check_repository(repository)
+    if samples is not None and not samples.strip():  # (it was ignored: a check on real rows silently left out)
+        raise ConversionError("--samples is empty: name an .npz file, or leave the option out")
     _tolerances(tolerance, optimize, fp16)
     _batching(batched, max_batch_size)  # (before the model loads)
     specs = _specs(inputs, batched)
@@ -188,6 +190,8 @@ def convert_sklearn(
 
     check_name(name, version)
     check_repository(repository)
+    if samples is not None and not samples.strip():  # (it was ignored: a check on real rows silently left out)
+        raise ConversionError("--samples is empty: name an .npz file, or leave the option out")
     _tolerances(tolerance, optimize, fp16)
     _batching(batched, max_batch_size)  # (before the model loads)
     specs = _specs(inputs, batched)

@@ -1,5 +1,6 @@
-"""Converters: edge cases found by converting models the other tests do not use (a small
-max_batch_size, long versions, output names, files saved with torch.save)."""
+"""Converters: edge cases found by converting models the other tests do not use: a small
+max_batch_size, versions and sizes past what a config holds, tensor names, files saved with
+torch.save, a ScriptModule object, infinities, string samples, empty options."""
 
 from __future__ import annotations
 
@@ -287,3 +288,16 @@ def test_an_empty_repository_is_refused_not_taken_as_the_current_directory(tmp_p
         )
         assert done.returncode == 1 and "--repository is empty" in done.stderr, done.stderr
         assert leftovers(tmp_path) == []
+
+
+def test_an_empty_samples_option_is_refused_not_ignored(tmp_path):
+    """--samples "" was taken as no samples: the check on real rows the caller asked for was left
+    out without a word."""
+    from sklearn.linear_model import Ridge
+
+    x = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    with pytest.raises(ConversionError, match="--samples is empty"):
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(tmp_path / "m"), "m", samples="")
+    with pytest.raises(ConversionError, match="--samples is empty"):
+        convert_sklearn(Ridge().fit(x, x[:, 0]), ["x:FP32:-1,3"], str(tmp_path / "m"), "r", samples=" ")
+    assert leftovers(tmp_path / "m") == []
