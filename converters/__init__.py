@@ -98,7 +98,8 @@ def convert_torch(
     other causes, when the model already has versions whose config this one does not fit (found
     before the export)."""
     from . import torch_model as tm
-    from .pipeline import check_name, check_repository, destination, load_samples
+    from .inputs import load_samples
+    from .pipeline import check_name, check_repository, destination
 
     check_name(name, version)
     check_repository(repository)
@@ -186,7 +187,8 @@ def convert_sklearn(
 ) -> Result:
     """Convert a scikit-learn estimator or pipeline (an object, or a pickle/joblib file) the same way."""
     from . import sklearn_model as sm
-    from .pipeline import check_name, check_repository, destination, load_samples
+    from .inputs import load_samples
+    from .pipeline import check_name, check_repository, destination
 
     check_name(name, version)
     check_repository(repository)
