@@ -107,6 +107,8 @@ def convert_torch(
         raise ConversionError("--samples is empty: name an .npz file, or leave the option out")
     _tolerances(tolerance, optimize, fp16)
     _batching(batched, max_batch_size)  # (before the model loads)
+    if opset is not None and opset < 1:  # (0 was taken as no --opset: the exporter's own was written)
+        raise ConversionError(f"--opset {opset}: an opset is a number from 1 up")
     specs = _specs(inputs, batched)
     strings = [s.name for s in specs if s.dtype.v2 == "BYTES"]
     if strings:  # (it failed after the load, as an input "the model does not accept", with a --samples hint)
@@ -196,6 +198,8 @@ def convert_sklearn(
         raise ConversionError("--samples is empty: name an .npz file, or leave the option out")
     _tolerances(tolerance, optimize, fp16)
     _batching(batched, max_batch_size)  # (before the model loads)
+    if opset is not None and opset < 1:  # (0 was taken as no --opset: the exporter's own was written)
+        raise ConversionError(f"--opset {opset}: an opset is a number from 1 up")
     specs = _specs(inputs, batched)
     if fp16 is not None:
         raise ConversionError(

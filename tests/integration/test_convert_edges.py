@@ -301,3 +301,15 @@ def test_an_empty_samples_option_is_refused_not_ignored(tmp_path):
     with pytest.raises(ConversionError, match="--samples is empty"):
         convert_sklearn(Ridge().fit(x, x[:, 0]), ["x:FP32:-1,3"], str(tmp_path / "m"), "r", samples=" ")
     assert leftovers(tmp_path / "m") == []
+
+
+def test_an_opset_below_1_is_refused_before_the_model_loads(tmp_path):
+    """--opset 0 was taken as no --opset, and the exporter's own opset was written without a word."""
+    from sklearn.linear_model import Ridge
+
+    x = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    with pytest.raises(ConversionError, match="--opset 0: an opset is a number from 1 up"):
+        convert_torch("no_such_module:mlp", ["x:FP32:-1,16"], str(tmp_path / "m"), "m", opset=0)
+    with pytest.raises(ConversionError, match="--opset -1: an opset is a number from 1 up"):
+        convert_sklearn(Ridge().fit(x, x[:, 0]), ["x:FP32:-1,3"], str(tmp_path / "m"), "r", opset=-1)
+    assert leftovers(tmp_path / "m") == []
