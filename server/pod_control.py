@@ -116,6 +116,8 @@ class PodControl:
         _trace_changes: dict[str, dict[str, Any]]
         _followed: list[str]
         _files: dict[str, asyncio.Future]
+        _gathered_at: float
+        _reads_void: int
 
         @property
         def owner_address(self) -> str: ...
@@ -354,7 +356,10 @@ class PodControl:
     def _forget_statistics(self, name: str) -> None:
         """``name`` loaded again or unloaded on every worker: the V2 statistics (and Triton's
         failure reasons) of its old versions that exited workers left behind go too; the new
-        versions count from zero, as in one process (the batchgate_* counters stay)."""
+        versions count from zero, as in one process (the batchgate_* counters stay). The last
+        read of the workers' figures, which holds the old versions' counts, is not reused for a
+        statistics call (until 2026-12-06 one asked within half a second of the load showed them)."""
+        self._gathered_at, self._reads_void = -1e9, self._reads_void + 1
         for s in self.slots + ([self.owner] if self.owner is not None else []):
             s.gone.stats = {k: v for k, v in s.gone.stats.items() if k[0] != name}
             s.gone.failures = {k: v for k, v in s.gone.failures.items() if k[0] != name}

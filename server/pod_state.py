@@ -46,6 +46,7 @@ class PodState:
         _state: Any
         _state_writes: ThreadPoolExecutor
         _gathered_at: float
+        _reads_void: int
         _health: Any
         _loop: asyncio.AbstractEventLoop | None
         _lock: asyncio.Lock
@@ -209,7 +210,7 @@ class PodState:
         if time.monotonic() - self._gathered_at > fresh_s:  # else the last read serves (statistics)
             # (a joining worker too: it holds the control lock, so one that hangs must be found)
             live = [(s, s.channel) for s in every if s.channel is not None and (s.ready or s.joining)]
-            asked = time.monotonic()
+            asked, void = time.monotonic(), self._reads_void
             # A worker that missed the last snapshot (hung, stopped) is given a moment only: one such
             # process must not hold every scrape and statistics call for the whole timeout.
             replies = await asyncio.gather(
@@ -232,7 +233,9 @@ class PodState:
                     s.answered_at, s.stale = now, False
                 else:
                     s.stale = True
-            self._gathered_at = time.monotonic()
+            # (a read begun before a model's statistics restarted holds its old versions' counts:
+            # kept as the workers' figures until a later read, never reused for a statistics call)
+            self._gathered_at = time.monotonic() if void == self._reads_void else -1e9
             await self._publish()
         total = Snapshot()
         for s in every:

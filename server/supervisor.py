@@ -97,6 +97,7 @@ class Supervisor(PodControl, PodState):
         self.disagreements: Any = None  # the shadows' disagreement log: its one writer
         self._drift_start: asyncio.Future | None = None
         self._gathered_at = -1e9  # when the workers' figures were last read
+        self._reads_void = 0  # bumped when a model's statistics restart: reads begun before are not reused
         self._followed: list[str] = []  # front mode: the owner's models the workers serve
         self._owner_lives = 0  # front mode: the owner's restarts the workers have followed
 
