@@ -114,10 +114,10 @@ class WorkerLink:
             try:
                 if op == "load":
                     await self.gateway.repository.load(*args)
-                elif op == "unload":  # (a name it never had, e.g. an upload unloaded since: nothing to do)
+                elif op == "unload":  # (a name it never had, an upload unloaded since: listed as the others do)
                     if args[0] in self.gateway.repository.models:
                         await self.gateway.repository.unload(args[0])
-                        self.gateway.repository.served_before(args[0], args[1])
+                    self.gateway.repository.served_before(args[0], args[1])
                 elif op == "want":  # a load that failed on the other workers: not ready here either
                     if self.gateway.repository.ready(args[0]):  # (loaded at start: load_model)
                         await self.gateway.repository.unload(args[0])

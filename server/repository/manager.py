@@ -157,9 +157,12 @@ class ModelRepository:
             self._wanted.add(name)
 
     def served_before(self, name: str, versions: list[int]) -> None:
-        """An unloaded ``name`` last served ``versions`` on the pod's other workers: listed so here too."""
+        """An unloaded ``name`` last served ``versions`` on the pod's other workers: listed so here
+        too, also when this worker never knew it (a load call's upload, unloaded before it started)."""
         entry = self.models.get(name)
-        if entry is not None and not entry.versions and not entry.served_versions:
+        if entry is None:
+            entry = self.models[name] = ModelEntry(name, UNAVAILABLE, "unloaded")
+        if not entry.versions and not entry.served_versions:
             entry.served_versions = tuple(versions)
 
     def served(self) -> list[ModelVersion]:

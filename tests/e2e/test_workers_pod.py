@@ -7,7 +7,11 @@ built here (a doubling of FP64 rows); a worker is reached by opening new connect
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
+import time
 
 import numpy as np
 import onnx
@@ -18,6 +22,22 @@ from onnx import TensorProto, helper
 
 from gateway_support import eventually
 from processes import Proc, serve_args
+
+PID = re.compile(r"worker (\d+) \(pid (\d+)\) ready")
+
+
+def _kill_and_wait(p: Proc, slot: int) -> None:
+    """SIGKILL worker ``slot`` and wait until it has started again, caught up and listens."""
+
+    def pids() -> dict[int, int]:
+        return {int(m.group(1)): int(m.group(2)) for m in PID.finditer(p.output())}
+
+    victim = pids()[slot]
+    os.kill(victim, signal.SIGKILL)
+    end = time.monotonic() + 60
+    while pids()[slot] == victim:
+        assert time.monotonic() < end, p.output()
+        time.sleep(0.1)
 
 
 def _doubler(path: str, name: str = "dbl") -> None:
@@ -82,5 +102,49 @@ def test_statistics_asked_right_after_a_reload_count_only_the_new_versions(repo)
         for _ in range(3):
             _infer(p.grpc)
         eventually(lambda: _successes(p) == (3, 3), "the statistics never counted the new version's calls", 30)
+    finally:
+        p.kill()
+
+
+def _negation() -> bytes:
+    """An ONNX model uploaded by a load call (no folder in the repository): INT32 [-1, 2] A -> B = -A."""
+    a = helper.make_tensor_value_info("A", TensorProto.INT32, ["b", 2])
+    b = helper.make_tensor_value_info("B", TensorProto.INT32, ["b", 2])
+    graph = helper.make_graph([helper.make_node("Neg", ["A"], ["B"])], "neg", [a], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _indexes(p: Proc) -> set[str]:
+    """The repository indexes 16 new connections (both workers answer some) were given, over gRPC."""
+    seen = set()
+    for _ in range(16):
+        c = grpcclient.InferenceServerClient(p.grpc, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        rows = c.get_model_repository_index(as_json=True).get("models", [])
+        seen.add(json.dumps(sorted((r["name"], r.get("version", ""), r.get("state", "")) for r in rows)))
+        c.close()
+    return seen
+
+
+def test_a_worker_started_after_an_uploaded_model_was_unloaded_lists_it_as_the_others_do(repo):
+    """A model a load call uploaded (no folder in the repository), then unloaded: every worker
+    lists it unloaded with the version it served. A worker started after the unload never knew
+    the name, and left it out of its index: the answer depended on the connection."""
+    p = Proc(serve_args(repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "dbl",
+                        "--allow-open-admin", "true"))  # fmt: skip
+    try:
+        p.wait_ready()
+        c = grpcclient.InferenceServerClient(p.grpc)
+        c.load_model("neg", config=json.dumps({"max_batch_size": 4}), files={"file:1/model.onnx": _negation()})
+        x = grpcclient.InferInput("A", [1, 2], "INT32")
+        x.set_data_from_numpy(np.array([[1, -2]], np.int32))
+        assert c.infer("neg", [x]).as_numpy("B").tolist() == [[-1, 2]]
+        c.unload_model("neg")
+        c.close()
+        unloaded = {json.dumps([["dbl", "1", "READY"], ["neg", "1", "UNAVAILABLE"]])}
+        assert _indexes(p) == unloaded
+        _kill_and_wait(p, 1)
+        assert _indexes(p) == unloaded
     finally:
         p.kill()
