@@ -132,16 +132,39 @@ class PodState:
     async def _route_share(self, slot: Slot, name: str, doc: dict | None, new_windows: bool) -> None:
         """The leader changed a route (a rollout step, the admin API; None: the route is gone):
         kept here, and in state_dir, and every other worker follows."""
+        kept = self._route_docs.get(name)
         if doc is None:
             self._route_docs.pop(name, None)
+            self._forget_route(name, None)
         else:
             self._route_docs[name] = doc
+            if kept is not None and kept.get("fingerprint") != doc.get("fingerprint"):
+                self._forget_route(name, doc.get("table", {}).get("variants", []))
         if self._state is not None:
             fn = self._state.remove if doc is None else functools.partial(self._state.save, doc=doc)
             self._state_writes.submit(_logged_write, fn, "route", name)  # in order, off the loop
         for s in self._others(slot):
             if s.channel is not None:
                 s.channel.tell("route_state", name=name, doc=doc, new_windows=new_windows)
+
+    def _forget_route(self, name: str, variants: list[str] | None) -> None:
+        """What exited workers left of route ``name``, as one process drops it: removed from the
+        configuration (``variants`` None), every figure of it goes; redefined, its V2 statistics
+        count from zero (it is a new route) and the variants it no longer has go, its other
+        counters go on. Until 2026-12-06 a removed route stayed on ``/metrics`` for good once a
+        worker had restarted, and a redefined one's statistics started from the old route's."""
+        key = (name, "")
+        for s in self.slots:
+            s.gone.stats.pop(key, None)
+            s.gone.failures.pop(key, None)
+            for family, series in s.gone.values.items():
+                labels = FAMILIES[family].labels
+                if labels[:1] != ("route",):
+                    continue
+                by_variant = labels[1:2] == ("variant",)
+                for k in list(series):
+                    if k[0] == name and (variants is None or (by_variant and k[1] not in variants)):
+                        del series[k]
 
     async def _route_states(self, slot: Slot) -> dict:
         """The routes' state for a worker that just built its routes: the pod's, kept here from

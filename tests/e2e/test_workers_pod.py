@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 
 import numpy as np
 import onnx
@@ -66,13 +67,13 @@ def _infer(url: str, model: str = "dbl") -> None:
         c.close()
 
 
-def _successes(p: Proc) -> tuple[int, int]:
-    """The model's successful inferences in the V2 statistics, asked over HTTP and over gRPC."""
+def _successes(p: Proc, name: str = "dbl") -> tuple[int, int]:
+    """The model's (or route's) successful inferences in the V2 statistics, asked over HTTP and over gRPC."""
     h = httpclient.InferenceServerClient(p.http)
     g = grpcclient.InferenceServerClient(p.grpc)
     try:
-        over_http = h.get_inference_statistics("dbl")["model_stats"][0]["inference_stats"]["success"]["count"]
-        over_grpc = g.get_inference_statistics("dbl", as_json=True)["model_stats"][0]["inference_stats"]["success"]
+        over_http = h.get_inference_statistics(name)["model_stats"][0]["inference_stats"]["success"]["count"]
+        over_grpc = g.get_inference_statistics(name, as_json=True)["model_stats"][0]["inference_stats"]["success"]
         return int(over_http), int(over_grpc.get("count", 0))
     finally:
         h.close()
@@ -81,8 +82,32 @@ def _successes(p: Proc) -> tuple[int, int]:
 
 @pytest.fixture
 def repo(tmp_path):
-    _doubler(str(tmp_path))
-    return str(tmp_path)
+    _doubler(str(tmp_path / "models"))
+    return str(tmp_path / "models")
+
+
+def _metrics(p: Proc) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
+
+
+def _value(text: str, series: str) -> float:
+    """The value of one exact series line (name and labels as rendered); 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _until_worker_1_answers(p: Proc, model: str) -> None:
+    """Calls on new connections until worker 1 has answered some more of them (the kernel spreads
+    connections over the workers); then a scrape, which reads every worker's figures."""
+    series = 'batchgate_worker_requests_total{worker="1"}'
+    before = _value(_metrics(p), series)
+    end = time.monotonic() + 60
+    while _value(_metrics(p), series) == before:
+        assert time.monotonic() < end, "worker 1 never answered"
+        for _ in range(4):
+            _infer(p.grpc, model)
 
 
 def test_statistics_asked_right_after_a_reload_count_only_the_new_versions(repo):
@@ -146,5 +171,42 @@ def test_a_worker_started_after_an_uploaded_model_was_unloaded_lists_it_as_the_o
         assert _indexes(p) == unloaded
         _kill_and_wait(p, 1)
         assert _indexes(p) == unloaded
+    finally:
+        p.kill()
+
+
+def _routes(path, variant: str | None) -> None:
+    """The routes file: route ``r`` over the model ``dbl`` through ``variant`` (None: no route)."""
+    routes = [] if variant is None else [{"name": "r", "variants": [{"name": variant, "model": "dbl", "weight": 100}]}]
+    with open(f"{path}.tmp", "w") as f:
+        f.write(json.dumps({"routes": routes}))  # (JSON is YAML)
+    os.replace(f"{path}.tmp", path)
+
+
+def test_what_a_restarted_worker_left_of_a_route_goes_when_the_route_is_redefined_or_removed(repo, tmp_path):
+    """One process drops a removed route's figures, and a redefined route is a new one (its V2
+    statistics from zero, its old variants' series gone). A worker that exited left its figures of
+    the route in the pod's totals: a removed route stayed on /metrics for good, and a redefined
+    one's statistics started from the old route's."""
+    routes = tmp_path / "routes.yaml"
+    _routes(routes, "a")
+    p = Proc(serve_args(repo, "--workers", "2", "--routes-file", str(routes), "--routes-poll-s", "0.5"))
+    try:
+        p.wait_ready()
+        _until_worker_1_answers(p, "r")
+        _kill_and_wait(p, 1)
+        assert _successes(p, "r")[0] > 0
+
+        _routes(routes, "b")  # redefined: a new route
+        gone = 'batchgate_route_requests_total{route="r",status="OK",variant="a"}'
+        eventually(
+            lambda: _successes(p, "r") == (0, 0) and gone not in _metrics(p), "the old route's figures stayed", 30
+        )
+
+        _until_worker_1_answers(p, "r")
+        _kill_and_wait(p, 1)
+        assert 'batchgate_route_requests_total{route="r",status="OK",variant="b"}' in _metrics(p)
+        _routes(routes, None)  # removed
+        eventually(lambda: 'route="r"' not in _metrics(p) and 'model="r"' not in _metrics(p), "the route stayed", 30)
     finally:
         p.kill()
