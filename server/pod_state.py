@@ -295,6 +295,8 @@ class PodState:
             w = (s.label,)
             snap.add("batchgate_worker_up", w, int(s.ready and not s.stale))
             snap.add("batchgate_worker_restarts", w, s.restarts)
+            if s is self.owner:  # (it answers the workers' calls, not clients: counted, they would count twice)
+                continue
             answered = _requests(s.gone) + (_requests(s.last) if s.last is not None else 0)
             snap.add("batchgate_worker_requests", w, answered)
         runtime = {s.label: s.process for s in self.slots if s.process}

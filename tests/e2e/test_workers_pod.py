@@ -210,3 +210,21 @@ def test_what_a_restarted_worker_left_of_a_route_goes_when_the_route_is_redefine
         eventually(lambda: 'route="r"' not in _metrics(p) and 'model="r"' not in _metrics(p), "the route stayed", 30)
     finally:
         p.kill()
+
+
+def test_front_mode_the_requests_per_worker_add_up_to_the_clients_requests(repo):
+    """batchgate_worker_requests_total is each worker's share of the clients' requests; the
+    model owner of front mode had a series too, counting the same requests again as the workers
+    forwarded them: summed over ``worker`` (as a dashboard does) the pod seemed to answer twice."""
+    p = Proc(serve_args(repo, "--workers", "2", "--workers-mode", "front"))
+    try:
+        p.wait_ready()
+        for _ in range(10):
+            _infer(p.grpc)
+        text = _metrics(p)
+        per_worker = [line for line in text.splitlines() if line.startswith("batchgate_worker_requests_total{")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in per_worker) == 10, per_worker
+        assert _value(text, 'batchgate_requests_total{model="dbl",protocol="grpc",status="OK",version="1"}') == 10
+        assert _value(text, 'batchgate_worker_up{worker="owner"}') == 1
+    finally:
+        p.kill()
