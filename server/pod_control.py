@@ -157,6 +157,8 @@ class PodControl:
                 self._remember_files(name, None)
             return
         alone = not [s for s in self._members() if s is not slot]
+        if not alone:
+            served -= await self._strays(slot, served)
         for name in sorted(served | set(self._files)):
             last = self._models.get(name)
             if last is not None and last[0] == "load" and last[3]:  # uploaded by the load call
@@ -188,17 +190,41 @@ class PodControl:
             )
             raise GatewayError(ErrorCode.UNAVAILABLE, f"model '{name[:128]}': {why}, so it does not join: {remedy}")
 
+    async def _theirs(self, slot: Slot) -> tuple[set[str], bool]:
+        """The models the workers beside ``slot`` serve, and whether every one of them said."""
+        theirs: set[str] = set()
+        every = True
+        for s in self._members():
+            if s is not slot and s.channel is not None:
+                try:
+                    theirs |= set(await s.channel.call("models", timeout=10))
+                except (GatewayError, TimeoutError):
+                    every = False
+        return theirs, every
+
+    async def _strays(self, slot: Slot, served: set[str]) -> set[str]:
+        """Repository models a restarted worker loaded that no worker beside it serves (a folder
+        added since the pod read the repository, in ``none`` mode or with ``load_model: '*'``):
+        not served there either, as one process would not serve them (until 2026-12-06 that
+        worker alone did, so a call's answer depended on its connection)."""
+        theirs, every = await self._theirs(slot)
+        root, remote = self.settings.repository.model_repository, {m.name for m in self.settings.remote_models}
+        strays = set()
+        for name in sorted(served - theirs) if every else ():
+            if name not in remote and await asyncio.to_thread(os.path.isdir, os.path.join(root, name)):
+                assert slot.channel is not None
+                await slot.channel.call("not_loaded", name=name)
+                log.warning("%s: model '%s' is not served: the workers beside it do not serve it", _named(slot), name)
+                strays.add(name)
+        return strays
+
     async def _same_models(self, slot: Slot, served: set[str]) -> None:
         """``poll`` mode: a restarted worker that could not load a repository model the workers
         beside it serve (its files broken since: the rescan kept the old version everywhere) is
         refused like in the other modes; the rescan after the files are mended loads them."""
         if not slot.restarts:
             return
-        theirs: set[str] = set()
-        for s in self._members():
-            if s is not slot and s.channel is not None:
-                with contextlib.suppress(GatewayError, TimeoutError):
-                    theirs |= set(await s.channel.call("models", timeout=10))
+        theirs, _ = await self._theirs(slot)
         root = self.settings.repository.model_repository
         for name in sorted(theirs - served):
             if await asyncio.to_thread(os.path.isdir, os.path.join(root, name)):  # (not a remote model)

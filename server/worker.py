@@ -50,6 +50,7 @@ class WorkerLink:
             "log_settings": self._log_settings,
             "trace_settings": self._trace_settings,
             "models": self._models,
+            "not_loaded": self._not_loaded,
             "wanted_reason": self._wanted_reason,
             "owner_ready": self._owner_ready,
             "follow": self._follow,
@@ -160,6 +161,10 @@ class WorkerLink:
     async def _models(self) -> list[str]:
         """The models this process serves (the model-owning process behind front workers)."""
         return sorted({r["name"] for r in self.gateway.repository.index(ready_only=True)})
+
+    async def _not_loaded(self, name: str) -> None:
+        """A model the workers beside this one do not serve: not served here either (``_strays``)."""
+        await self.gateway.repository.not_loaded(name)
 
     async def _owner_ready(self, ready: bool) -> None:
         self.owner_ready = ready

@@ -165,6 +165,10 @@ class ModelRepository:
         if not entry.versions and not entry.served_versions:
             entry.served_versions = tuple(versions)
 
+    async def not_loaded(self, name: str) -> None:
+        """``name`` is not served after all (the pod's other workers do not serve it): as unread."""
+        await self._unload(name, forget=True)
+
     def served(self) -> list[ModelVersion]:
         return [s for e in self.models.values() for _, s in sorted(e.versions.items())]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 import urllib.request
@@ -228,3 +229,39 @@ def test_front_mode_the_requests_per_worker_add_up_to_the_clients_requests(repo)
         assert _value(text, 'batchgate_worker_up{worker="owner"}') == 1
     finally:
         p.kill()
+
+
+@pytest.mark.parametrize("mode", ["none", "explicit"])
+def test_a_restarted_worker_does_not_serve_a_model_folder_the_pod_never_read(repo, mode):
+    """A folder added to the repository while the pod serves (``none`` mode, or ``explicit`` with
+    ``load_model: '*'``) is not served, as one process would not serve it until a load (or a
+    restart of the pod). A worker started again read the repository afresh and served it alone:
+    whether a call on it worked depended on the connection."""
+    extra = (
+        ("--model-control-mode", "explicit", "--load-model", "*", "--allow-open-admin", "true")
+        if mode == "explicit"
+        else ()
+    )
+    p = Proc(serve_args(repo, "--workers", "2", *extra))
+    try:
+        p.wait_ready()
+        shutil.copytree(os.path.join(repo, "dbl"), os.path.join(repo, "late"))
+        _kill_and_wait(p, 1)
+        assert _ready_everywhere(p, "late") == {False}
+        assert len(_indexes(p)) == 1
+        assert _ready_everywhere(p, "dbl") == {True}
+        if mode == "explicit":  # a load makes it the pod's: every worker serves it
+            httpclient.InferenceServerClient(p.http).load_model("late")
+            assert _ready_everywhere(p, "late") == {True}
+    finally:
+        p.kill()
+
+
+def _ready_everywhere(p: Proc, model: str) -> set[bool]:
+    """What 16 new connections (both workers answer some) say of the model's readiness."""
+    seen = set()
+    for _ in range(16):
+        c = httpclient.InferenceServerClient(p.http)
+        seen.add(c.is_model_ready(model))
+        c.close()
+    return seen
