@@ -213,10 +213,19 @@ class PodControl:
         for name in sorted(served - theirs) if every else ():
             if name not in remote and await asyncio.to_thread(os.path.isdir, os.path.join(root, name)):
                 assert slot.channel is not None
-                await slot.channel.call("not_loaded", name=name)
+                # (a model the others could not load, mended since: not ready there, so not here)
+                await slot.channel.call("not_loaded", name=name, reason=await self._wanted_reason(slot, name))
                 log.warning("%s: model '%s' is not served: the workers beside it do not serve it", _named(slot), name)
                 strays.add(name)
         return strays
+
+    async def _wanted_reason(self, slot: Slot, name: str) -> str | None:
+        """Why the workers beside ``slot`` serve ``name`` not, though they should (None: no such reason)."""
+        for s in self._members():
+            if s is not slot and s.channel is not None:
+                with contextlib.suppress(GatewayError, TimeoutError):
+                    return await s.channel.call("wanted_reason", name=name, timeout=10)
+        return None
 
     async def _same_models(self, slot: Slot, served: set[str]) -> None:
         """``poll`` mode: a restarted worker that could not load a repository model the workers

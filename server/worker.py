@@ -162,9 +162,16 @@ class WorkerLink:
         """The models this process serves (the model-owning process behind front workers)."""
         return sorted({r["name"] for r in self.gateway.repository.index(ready_only=True)})
 
-    async def _not_loaded(self, name: str) -> None:
-        """A model the workers beside this one do not serve: not served here either (``_strays``)."""
-        await self.gateway.repository.not_loaded(name)
+    async def _not_loaded(self, name: str, reason: str | None) -> None:
+        """A model the workers beside this one do not serve: not served here either (``_strays``);
+        with a ``reason`` they should, and are not ready: nor is this one."""
+        repository = self.gateway.repository
+        await repository.not_loaded(name)
+        if reason is not None:
+            from .repository.entry import ModelEntry
+
+            repository.models[name] = ModelEntry(name)
+            repository.want(name, reason)
 
     async def _owner_ready(self, ready: bool) -> None:
         self.owner_ready = ready

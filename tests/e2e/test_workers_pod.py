@@ -265,3 +265,32 @@ def _ready_everywhere(p: Proc, model: str) -> set[bool]:
         seen.add(c.is_model_ready(model))
         c.close()
     return seen
+
+
+def test_a_restarted_worker_is_not_ready_while_the_others_could_not_load_a_model_mended_since(repo):
+    """Strict readiness: a model the workers could not load at start keeps them not ready (as one
+    process). Its file mended since on disk (``none`` mode reads it once), a worker started again
+    loads it, but the others do not serve it: it must not serve it, nor say ready."""
+    os.makedirs(os.path.join(repo, "broken", "1"))
+    with open(os.path.join(repo, "broken", "1", "model.onnx"), "wb") as f:
+        f.write(b"not a model")
+    p = Proc(serve_args(repo, "--workers", "2"))
+
+    def server_ready() -> set[bool]:
+        seen = set()
+        for _ in range(16):  # new connections: both workers answer some
+            c = httpclient.InferenceServerClient(p.http)
+            seen.add(c.is_server_ready())
+            c.close()
+        return seen
+
+    try:
+        p.wait_ready()
+        assert server_ready() == {False}
+        shutil.copy(os.path.join(repo, "dbl", "1", "model.onnx"), os.path.join(repo, "broken", "1", "model.onnx"))
+        _kill_and_wait(p, 1)
+        assert server_ready() == {False}
+        assert _ready_everywhere(p, "broken") == {False}
+        assert len(_indexes(p)) == 1
+    finally:
+        p.kill()
