@@ -17,6 +17,7 @@ from .config import RemoteModel
 from .control import ChannelClosed
 from .core.errors import ErrorCode, GatewayError
 from .core.types import clip
+from .monitoring.families import FAMILIES
 from .monitoring.metrics import RuntimeFamily, Snapshot
 from .security.audit import hash_files
 
@@ -383,28 +384,34 @@ class PodControl:
             async with self._lock:
                 with contextlib.suppress(GatewayError, TimeoutError):
                     await self._everywhere("poll_unload", self._members(), name=name)
-                    self._forget_statistics(name)
+                    self._forget_statistics(name, unloaded=True)
         if load or unload:
             async with self._lock:
                 await self._follow(load)
 
-    def _forget_statistics(self, name: str) -> None:
+    def _forget_statistics(self, name: str, unloaded: bool = False) -> None:
         """``name`` loaded again or unloaded on every worker: the V2 statistics (and Triton's
         failure reasons) of its old versions that exited workers left behind go too; the new
-        versions count from zero, as in one process (the batchgate_* counters stay). The last
-        read of the workers' figures, which holds the old versions' counts, is not reused for a
-        statistics call (until 2026-12-06 one asked within half a second of the load showed them)."""
+        versions count from zero, as in one process (the batchgate_* counters stay, but for a
+        remote model's upstreams once it is ``unloaded``: one process drops their series then,
+        which until 2026-12-06 stayed for good once a worker had restarted). The last read of the
+        workers' figures, which holds the old versions' counts, is not reused for a statistics
+        call (until 2026-12-06 one asked within half a second of the load showed them)."""
         self._gathered_at, self._reads_void = -1e9, self._reads_void + 1
         for s in self.slots + ([self.owner] if self.owner is not None else []):
             s.gone.stats = {k: v for k, v in s.gone.stats.items() if k[0] != name}
             s.gone.failures = {k: v for k, v in s.gone.failures.items() if k[0] != name}
+            for family, series in s.gone.values.items() if unloaded else ():
+                if FAMILIES[family].labels[:2] == ("model", "upstream"):
+                    for k in [k for k in series if k[0] == name]:
+                        del series[k]
 
     async def unload(self, name: str) -> None:
         async with self._lock:
             served: list = []  # each worker's versions served last (its answer)
             with contextlib.suppress(ChannelClosed):  # a worker gone meanwhile unloads it as it starts again
                 await self._everywhere("unload", self._members(), answers=served, name=name)
-            self._forget_statistics(name)
+            self._forget_statistics(name, unloaded=True)
             self._models.pop(name, None)
             # With those versions a worker joining later lists the model as the others do
             # (index rows "unloaded" with their versions), not as one it never served.

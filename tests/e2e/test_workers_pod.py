@@ -294,3 +294,38 @@ def test_a_restarted_worker_is_not_ready_while_the_others_could_not_load_a_model
         assert len(_indexes(p)) == 1
     finally:
         p.kill()
+
+
+def test_an_unloaded_remote_models_upstream_series_go_also_those_a_restarted_worker_left(repo):
+    """One process drops a remote model's upstream series when the model is unloaded. A worker
+    that exited left its upstream counters in the pod's totals, and they stayed for good."""
+    from fake_upstream import FakeUpstream
+
+    fake = FakeUpstream()
+    spec = f"name=fk upstreams={fake.address} batching=passthrough"
+    p = Proc(serve_args(repo, "--workers", "2", "--remote-model", spec, "--model-control-mode", "explicit",
+                        "--allow-open-admin", "true"))  # fmt: skip
+
+    def call() -> None:
+        c = grpcclient.InferenceServerClient(p.grpc, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        x = grpcclient.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.array([[1.0, 2.0]], np.float32))
+        assert c.infer("fk", [x], client_timeout=30).as_numpy("y").tolist() == [[2.0, 4.0]]
+        c.close()
+
+    try:
+        p.wait_ready()
+        series = 'batchgate_worker_requests_total{worker="1"}'
+        end = time.monotonic() + 60
+        while _value(_metrics(p), series) == 0:  # (the scrape reads every worker's figures)
+            assert time.monotonic() < end, "worker 1 never answered"
+            for _ in range(4):
+                call()
+        _kill_and_wait(p, 1)
+        assert 'batchgate_upstream_requests_total{model="fk"' in _metrics(p)
+        httpclient.InferenceServerClient(p.http).unload_model("fk")
+        left = [line for line in _metrics(p).splitlines() if line.startswith("batchgate_upstream_")]
+        assert not [line for line in left if 'model="fk"' in line], left
+    finally:
+        p.kill()
+        fake.stop()
