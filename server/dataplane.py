@@ -428,9 +428,9 @@ class DataPlane(Extensions):
         self.access.check(caller, READ, name)
         route = self._route(name)
         if route is None:
-            return self.repository.resolve(name, version).config
+            return _shown(self.repository.resolve(name, version))
         config = mc.ModelConfig()
-        config.CopyFrom(self._route_version(route, version).config)
+        config.CopyFrom(_shown(self._route_version(route, version)))
         config.name = name  # the heaviest variant's config, under the route's name
         config.ClearField("version_policy")
         shared = [o for o in config.output if o.name in route.outputs]  # (those every variant gives)
@@ -581,3 +581,10 @@ class DataPlane(Extensions):
         except (OSError, ValueError) as e:
             log.warning("audit: could not hash the files of model '%s': %s", name, e)
             return None, 0
+
+
+def _shown(served: ModelVersion) -> mc.ModelConfig:
+    """A version's config as clients see it: a front worker shows the model owner's (its own is
+    the hop's: the workers' batching, an internal socket), as a replicate pod would."""
+    owner = getattr(served.backend, "owner_config", None)
+    return owner if owner is not None else served.config

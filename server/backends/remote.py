@@ -107,8 +107,7 @@ class _Status(Protocol):
 
 
 def said(e: _Status, limit: int = UPSTREAM_TEXT_LIMIT) -> str:
-    """What an upstream's error says, as the gateway quotes it: bounded, and on one line (its
-    control characters as escapes), as the gateway quotes any text it did not write."""
+    """What an upstream's error says, bounded and on one line (control characters as escapes)."""
     return printable(clip(e.details() or "", limit))
 
 
@@ -157,12 +156,12 @@ class RemoteV2Backend:
         self._in_types: dict[str, str] = {}
         self._out_types: dict[str, str] = {}
         self._out_shapes: dict[str, tuple[int, ...]] = {}  # (-1: any size; the batch dimension first)
-        # Appended to a forwarded request's bytes: the upstream's model name and version. A
-        # singular protobuf field given twice takes its last value, so the caller's name and
-        # version are replaced without re-encoding the message.
+        # Appended to a forwarded request's bytes: the upstream's model name and version (a singular
+        # protobuf field given twice takes its last value: the caller's replaced, not re-encoded).
         self.forward_suffix = string_field(1, spec.target) + string_field(2, spec.upstream_version)
         self.raw_forwarding = spec.forwarding == "raw"  # the remote model's setting (remote_models.py)
         self.sequences = False  # sequences or shape tensors upstream: each request goes as it came (shadows too)
+        self.owner_config: mc.ModelConfig | None = None  # front mode: the model owner's, what clients are shown
 
     # ------------------------------------------------------------------ loading
     async def open(self) -> mc.ModelConfig:
@@ -236,6 +235,11 @@ class RemoteV2Backend:
     def _our_config(self, upstream: mc.ModelConfig) -> mc.ModelConfig:
         """The upstream's config, as batchgate serves it (see ``served_config``)."""
         served = served_config(self.spec, upstream)
+        self.owner_config = None
+        if self.spec.tells_requests:  # (a front worker's: the owner's config, under our name)
+            self.owner_config = mc.ModelConfig()
+            self.owner_config.CopyFrom(upstream)
+            self.owner_config.name = self.spec.name
         self.sequences = served.one_by_one  # (shadow copies too go one by one then)
         if self.spec.batching == "gateway" and served.one_by_one:
             log.info("model '%s': the upstream %s; each request is sent as it came", self.spec.name, served.why)

@@ -329,3 +329,24 @@ def test_an_unloaded_remote_models_upstream_series_go_also_those_a_restarted_wor
     finally:
         p.kill()
         fake.stop()
+
+
+def test_front_mode_shows_the_models_own_config_as_a_replicate_pod_does(repo):
+    """A front pod's workers serve the owner's models as remote models: the config clients read
+    was theirs, the workers' batching before the hop (500 us, four calls as a KIND_MODEL group)
+    and the owner's private socket path, not the model's (its dynamic_batching, instances and
+    version policy)."""
+    configs = []
+    for mode in ("replicate", "front"):
+        p = Proc(serve_args(repo, "--workers", "2", "--workers-mode", mode))
+        try:
+            p.wait_ready()
+            g = grpcclient.InferenceServerClient(p.grpc)
+            over_grpc = g.get_model_config("dbl", as_json=True)["config"]
+            g.close()
+            over_http = httpclient.InferenceServerClient(p.http).get_model_config("dbl")
+            configs.append((over_grpc, over_http))
+        finally:
+            p.kill()
+    assert configs[1] == configs[0]
+    assert "remote_upstreams" not in json.dumps(configs[1])
