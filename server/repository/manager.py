@@ -207,7 +207,7 @@ class ModelRepository:
         for spec in self.remote.values():
             await self._load_remote(spec)
         if self.mode == "explicit":
-            wanted = names if "*" in self.load_models else list(self.load_models)
+            wanted = names if "*" in self.load_models else [n for n in self.load_models if n not in self.remote]
         else:
             wanted = names
         self._wanted.update(wanted)

@@ -259,6 +259,19 @@ def test_a_new_max_batch_size_upstream_is_followed_and_an_unreadable_config_chan
     assert c.get_model_config("fk")["max_batch_size"] == 4
 
 
+def test_a_remote_model_named_in_load_model_starts_in_explicit_mode(fake, serve, tmp_path):
+    """A remote model loads at start in every mode; named in load_model too (as a user of
+    explicit mode names what is to be served), the start failed: "the repository has no
+    directory 'fk'"."""
+    running = serve(
+        str(tmp_path),
+        remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),),
+        model_control_mode="explicit",
+        load_model=("fk",),
+    )
+    np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 2.0), np.full((1, 2), 4.0, np.float32))
+
+
 def test_an_upstream_whose_metadata_read_fails_stays_in_the_rotation_while_its_model_is_ready(fake, serve):
     """Each probe reads the metadata after ModelReady, only to follow a change: when that read
     failed (its own 1 s timeout under load, say) the upstream left the rotation, and a model
