@@ -8,6 +8,7 @@ import sys
 
 EXIT_OK, EXIT_SLO, EXIT_USAGE, EXIT_INVALID = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by timeout, a cancelled job or Kubernetes
 
 
 DEFAULT_OUT = "loadtest-results"  # relative to the current folder; git-ignored in this repository
@@ -298,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nreports: {', '.join(sorted(set(paths.values())))}", file=sys.stderr)
     if run.interrupted:
         print(f"batchgate loadtest: {run.interrupted}: the reports hold what was measured before it", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if run.terminated else EXIT_INTERRUPTED
     return exit_status(run)
 
 

@@ -219,6 +219,7 @@ class Run:
     steps: list[Step] = field(default_factory=list)
     sweep: dict[str, Any] = field(default_factory=dict)  # kind, the best step's label, how it was found
     interrupted: str | None = None  # why the run ended early (a Ctrl-C), None when it ran to its end
+    terminated: bool = False  # ended by SIGTERM rather than Ctrl-C (the exit status tells them apart)
 
     @property
     def valid(self) -> bool:

@@ -21,9 +21,11 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -371,6 +373,14 @@ class Runner:
             scenario["metrics_url"] = without_password(sc.metrics_url)
         run = Run(scenario=scenario, environment=environment(sc))
         self.check_metrics()
+        by = ["Ctrl-C"]
+
+        def terminated(signum, frame):  # SIGTERM (timeout, a cancelled job, Kubernetes) as a Ctrl-C
+            by[0] = "SIGTERM"
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGTERM, terminated) if main_thread else None
         try:
             self.start()
             if sc.sweep_concurrency:
@@ -385,11 +395,14 @@ class Runner:
         except Interrupted as e:  # Ctrl-C: keep what was measured, and say so
             if e.step.measured():
                 run.steps.append(e.step)
-            run.interrupted = f"interrupted (Ctrl-C) during step '{e.step.label}'"
+            run.interrupted = f"interrupted ({by[0]}) during step '{e.step.label}'"
         except KeyboardInterrupt:
-            run.interrupted = "interrupted (Ctrl-C) between steps"
+            run.interrupted = f"interrupted ({by[0]}) between steps"
         finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, before)
             self.stop(at_once=run.interrupted is not None)
+        run.terminated = by[0] == "SIGTERM"
         return run
 
     def _sweep_step(self, run: Run, label: str, mode: str, **load) -> Step:

@@ -568,8 +568,10 @@ def end_with_the_coordinator() -> None:
 def main(index: int, transport: Transport, payloads: list[Encoded], commands, out) -> None:
     """Process entry point: connect, say ready, then run the steps the coordinator sends."""
     # A Ctrl-C reaches the whole process group: the coordinator handles it (keeps what was
-    # measured, then ends the workers); here it only printed a traceback per worker.
+    # measured, then ends the workers); here it only printed a traceback per worker. So does a
+    # SIGTERM sent to the group; the coordinator's end ends them anyway (end_with_the_coordinator).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     end_with_the_coordinator()
     try:
         import uvloop

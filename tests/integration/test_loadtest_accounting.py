@@ -97,6 +97,47 @@ def test_a_ctrl_c_mid_step_keeps_the_windows_measured_before_it(tmp_path, testse
     assert (out / "summary.txt").exists() and "interrupted" in stdout
 
 
+@pytest.mark.serial
+def test_a_sigterm_mid_step_keeps_what_was_measured_as_a_ctrl_c_does(tmp_path, testserver):  # noqa: F811
+    """SIGTERM (``timeout``, a cancelled CI job, Kubernetes) ended the run with no report at all:
+    what was measured was lost. It now ends as a Ctrl-C does, with its own exit status, 143."""
+    srv = testserver()
+    out = tmp_path / "out"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "batchgate.cli", "loadtest", srv.grpc, "--model", "echo", "--rate", "50"]
+        + ["--duration", "60", "--window", "0.5", "--warmup", "0", "--deadline-ms", "200"]
+        + ["--max-lag-p99-ms", "250", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if "#2 1..1.5s]" in line:
+                break
+        p.terminate()  # (the coordinator alone, as timeout sends it)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    stderr = "".join(seen) + stderr
+    assert p.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted (SIGTERM) during step 'constant 50/s'" in stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["verdict"]["interrupted"] and doc["verdict"]["valid"] is False
+    windows = [w for w in step(doc)["windows"] if w["phase"] == "measure"]
+    assert len(windows) >= 2, windows
+    assert (out / "summary.txt").exists() and "interrupted" in stdout
+    deadline = time.monotonic() + 30
+    while _alive_in_group(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive_in_group(p.pid) == [], "workers outlived the coordinator"
+
+
 def _alive_in_group(pgid: int) -> list[int]:
     """The processes of group ``pgid`` that still run (a zombie has ended: nothing in this
     container may reap the orphans)."""
