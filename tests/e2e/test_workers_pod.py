@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
+from test_workers import _ready_everywhere
 
 from gateway_support import eventually
 from processes import Proc, serve_args
@@ -255,16 +256,6 @@ def test_a_restarted_worker_does_not_serve_a_model_folder_the_pod_never_read(rep
             assert _ready_everywhere(p, "late") == {True}
     finally:
         p.kill()
-
-
-def _ready_everywhere(p: Proc, model: str) -> set[bool]:
-    """What 16 new connections (both workers answer some) say of the model's readiness."""
-    seen = set()
-    for _ in range(16):
-        c = httpclient.InferenceServerClient(p.http)
-        seen.add(c.is_model_ready(model))
-        c.close()
-    return seen
 
 
 def test_a_restarted_worker_is_not_ready_while_the_others_could_not_load_a_model_mended_since(repo):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from test_converters import cli
 
 import convert_models  # tests/convert_models.py
 from batchgate.converters import ConversionError, convert_sklearn, convert_torch
@@ -275,17 +276,8 @@ def test_a_dimension_past_int64_is_refused_before_the_model_loads(tmp_path):
 
 def test_an_empty_repository_is_refused_not_taken_as_the_current_directory(tmp_path):
     """--repository "" (a script's unset variable) wrote the model into the current directory."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for kind, model in (("torch", "convert_models:mlp"), ("sklearn", "model.pkl")):
-        args = [kind, "--model", model, "--input", "x:FP32:-1,16", "--repository", "", "--name", "m"]
-        done = subprocess.run(
-            [sys.executable, "-m", "batchgate.cli", "convert", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=300,
-        )
+        done = cli(kind, "--model", model, "--input", "x:FP32:-1,16", "--repository", "", "--name", "m", cwd=tmp_path)
         assert done.returncode == 1 and "--repository is empty" in done.stderr, done.stderr
         assert leftovers(tmp_path) == []
 
