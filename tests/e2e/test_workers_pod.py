@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import time
-import urllib.request
 
 import numpy as np
 import onnx
@@ -21,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
-from test_workers import _ready_everywhere
+from test_workers import _metrics, _ready_everywhere, _value
 
 from gateway_support import eventually
 from processes import Proc, serve_args
@@ -86,18 +85,6 @@ def _successes(p: Proc, name: str = "dbl") -> tuple[int, int]:
 def repo(tmp_path):
     _doubler(str(tmp_path / "models"))
     return str(tmp_path / "models")
-
-
-def _metrics(p: Proc) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
-
-
-def _value(text: str, series: str) -> float:
-    """The value of one exact series line (name and labels as rendered); 0 when absent."""
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _until_worker_1_answers(p: Proc, model: str) -> None:
