@@ -114,6 +114,16 @@ def _http_infer(url: str) -> None:
         conn.close()
 
 
+def _server_ready_everywhere(p: Proc) -> set[bool]:
+    """What 16 new connections (both workers answer some) say of the server's readiness."""
+    seen = set()
+    for _ in range(16):
+        c = httpclient.InferenceServerClient(p.http)
+        seen.add(c.is_server_ready())
+        c.close()
+    return seen
+
+
 def _ready_everywhere(p: Proc, model: str) -> set[bool]:
     """What 16 new connections (both workers answer some) say of the model's readiness."""
     seen = set()
@@ -729,23 +739,15 @@ def test_after_a_failed_load_a_restarted_worker_is_not_ready_either(clf_repo):
     p = Proc(serve_args(clf_repo, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "clf",
                         "--allow-open-admin", "true"))  # fmt: skip
 
-    def server_ready() -> set[bool]:
-        seen = set()
-        for _ in range(16):  # fresh connections: both workers answer some
-            c = httpclient.InferenceServerClient(p.http)
-            seen.add(c.is_server_ready())
-            c.close()
-        return seen
-
     try:
         p.wait_ready()
         with pytest.raises(InferenceServerException, match="failed to load model 'broken'"):
             httpclient.InferenceServerClient(p.http).load_model("broken")
-        assert server_ready() == {False}
+        assert _server_ready_everywhere(p) == {False}
         _kill_and_wait(p, 1)
-        assert server_ready() == {False}
+        assert _server_ready_everywhere(p) == {False}
         httpclient.InferenceServerClient(p.http).unload_model("broken")
-        assert server_ready() == {True}
+        assert _server_ready_everywhere(p) == {True}
     finally:
         p.kill()
 

@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
-from test_workers import _metrics, _ready_everywhere, _value
+from test_workers import _metrics, _ready_everywhere, _server_ready_everywhere, _value
 
 from gateway_support import eventually
 from processes import Proc, serve_args
@@ -254,20 +254,12 @@ def test_a_restarted_worker_is_not_ready_while_the_others_could_not_load_a_model
         f.write(b"not a model")
     p = Proc(serve_args(repo, "--workers", "2"))
 
-    def server_ready() -> set[bool]:
-        seen = set()
-        for _ in range(16):  # new connections: both workers answer some
-            c = httpclient.InferenceServerClient(p.http)
-            seen.add(c.is_server_ready())
-            c.close()
-        return seen
-
     try:
         p.wait_ready()
-        assert server_ready() == {False}
+        assert _server_ready_everywhere(p) == {False}
         shutil.copy(os.path.join(repo, "dbl", "1", "model.onnx"), os.path.join(repo, "broken", "1", "model.onnx"))
         _kill_and_wait(p, 1)
-        assert server_ready() == {False}
+        assert _server_ready_everywhere(p) == {False}
         assert _ready_everywhere(p, "broken") == {False}
         assert len(_indexes(p)) == 1
     finally:
