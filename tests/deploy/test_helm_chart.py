@@ -49,6 +49,12 @@ VARIANTS = {
         "modelRepository": {"source": "initContainer"},
         "service": {"headless": False},
     },
+    "extras": {
+        "extraVolumes": [{"name": "labels", "configMap": {"name": "fraud-labels"}}],
+        "extraVolumeMounts": [{"name": "labels", "mountPath": "/etc/labels", "readOnly": True}],
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "priorityClassName": "inference-critical",
+    },
     "routes": {
         "routes": {"list": [EXAMPLE_ROUTE]},
         "state": {"existingClaim": "batchgate-state"},
@@ -244,6 +250,20 @@ def test_security_probes_drain_and_spread(helm, tmp_path):
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     assert c["args"] == ["--config", "/etc/batchgate/batchgate.yaml"]
     assert config["repository"]["model_repository"] == "/models"
+
+
+def test_extra_volumes_strategy_and_priority_class_reach_the_pod(helm, tmp_path):
+    kinds, pod, c, _ = deployment_and_config(helm, tmp_path, "extras")
+    assert {"name": "labels", "configMap": {"name": "fraud-labels"}} in pod["volumes"]
+    assert {"name": "labels", "mountPath": "/etc/labels", "readOnly": True} in c["volumeMounts"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/models", "/tmp", "/etc/batchgate"}  # still there
+    assert kinds["Deployment"][0]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert pod["priorityClassName"] == "inference-critical"
+    _, pod, _, _ = deployment_and_config(helm, tmp_path)  # the defaults: surge first, no class
+    assert "priorityClassName" not in pod
+    # a volume named as one of the chart's own would make a pod Kubernetes refuses
+    assert "/extraVolumes/0/name" in _refused(helm, tmp_path, {"extraVolumes": [{"name": "models", "emptyDir": {}}]})
+    assert "/strategy/type" in _refused(helm, tmp_path, {"strategy": {"type": "Rolling"}})
 
 
 def test_gpu_cpu_and_autoscaling_variants(helm, tmp_path):

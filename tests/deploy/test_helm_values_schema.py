@@ -76,7 +76,7 @@ FREE_FORM = {
     "podAnnotations", "podLabels", "service.annotations", "autoscaling.behavior", "monitoring.labels",
     "monitoring.authorization", "dashboards.labels", "dashboards.annotations", "alerts.labels",
     "serviceAccount.annotations", "config", "drift.profiles", "drift.detector",
-    "modelRepository.initContainer.resources", "global",
+    "modelRepository.initContainer.resources", "global", "strategy",
 }  # fmt: skip
 
 
