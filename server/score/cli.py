@@ -61,7 +61,9 @@ def add_parser(sub) -> None:
         help="with --target: times a request is sent again after an overloaded answer (8); the server's "
         "Retry-After is waited, else 50 ms doubling to 2 s",
     )
-    p.add_argument("--input", required=True, metavar="FILE", help=".parquet, .csv, .jsonl, .npy or .npz")
+    p.add_argument(
+        "--input", required=True, metavar="FILE", help=".parquet, .csv, .jsonl, .npy or .npz; .csv.gz and .jsonl.gz too"
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="the folder for the parts and the manifest")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="the parts' format (parquet)")
     p.add_argument(

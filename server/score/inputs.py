@@ -15,10 +15,12 @@ row is rejected with that reason instead of the run stopping.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import Any, Protocol
@@ -36,6 +38,10 @@ FORMATS = {
     ".npy": "npy",
     ".npz": "npz",
 }
+# CSV and JSON Lines may come compressed (an export from a warehouse or Spark, as often as not):
+# read through the decompressor as a stream. The other formats compress inside themselves.
+COMPRESSED = (".gz",)
+GZIP_MAX_RATIO = 1032  # deflate's most: no gzip file holds more than this many bytes per byte
 CSV_BLOCK_BYTES = 1 << 20
 REASON = "\x00batchgate_reason"  # a row that did not fit its columns' types: why (null for the others)
 # what pyarrow's CSV reader takes for a missing number (its ConvertOptions.null_values)
@@ -62,11 +68,36 @@ class ScoreError(ValueError):
 
 
 def input_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
+    base, ext = os.path.splitext(path)
+    ext = ext.lower()
+    if ext in COMPRESSED:
+        inner = os.path.splitext(base)[1].lower()
+        fmt = FORMATS.get(inner)
+        if fmt not in ("csv", "jsonl"):
+            raise ScoreError(
+                f"--input {path}: only CSV and JSON Lines are read compressed ('.csv{ext}', '.jsonl{ext}'), "
+                f"not '{inner}{ext}' (Parquet and .npz compress inside the file)"
+            )
+        return fmt
     fmt = FORMATS.get(ext)
     if fmt is None:
-        raise ScoreError(f"--input {path}: unknown format '{ext}' (known: {', '.join(sorted(FORMATS))})")
+        raise ScoreError(
+            f"--input {path}: unknown format '{ext}' (known: {', '.join(sorted(FORMATS))}; "
+            f".csv and .jsonl also gzipped, {', '.join(COMPRESSED)})"
+        )
     return fmt
+
+
+def compressed(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in COMPRESSED
+
+
+def _no_bytes(path: str) -> bool:
+    """Whether the file holds nothing once decompressed."""
+    if not compressed(path):
+        return os.path.getsize(path) == 0
+    with gzip.open(path, "rb") as f:
+        return not f.read(1)
 
 
 def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.RecordBatch]:
@@ -75,7 +106,7 @@ def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.
     column whose values change type) is a ScoreError naming it."""
     fmt = input_format(path)
     try:
-        if os.path.getsize(path) == 0:
+        if _no_bytes(path):
             return
         if fmt == "csv":
             decode: dict[str, bool] = {}  # (known once the file's first rows are read)
@@ -87,6 +118,11 @@ def read_batches(path: str, rows: int, plan: Plan | None = None) -> Iterator[pa.
             yield from _planned(_other(path, fmt, rows), plan, lambda: _schema(path, fmt))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ScoreError(f"--input {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        if not compressed(path):
+            raise
+        # cut short or not gzip at all (Python's reader: EOFError, BadGzipFile; pyarrow's: OSError)
+        raise ScoreError(f"--input {path}: not a whole gzip file ({e})") from None
 
 
 def _planned(
@@ -300,7 +336,7 @@ def pandas_layout(doc: Any) -> str:
 
 def _line_blocks(path: str) -> Iterator[bytes]:
     """The file in blocks of whole lines, about CSV_BLOCK_BYTES each (a longer line whole)."""
-    with open(path, "rb") as f:
+    with gzip.open(path, "rb") if compressed(path) else open(path, "rb") as f:
         rest = b""
         while True:
             data = f.read(CSV_BLOCK_BYTES)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .inputs import ScoreError, input_format
+from .inputs import GZIP_MAX_RATIO, ScoreError, compressed, input_format
 
 MANIFEST = "_manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # (and its rejects-NNNNN.jsonl, rejects.jsonl: see the module text)
@@ -87,7 +87,7 @@ def _row_bound(path: str) -> int:
                     )
                     shape = read(f)[0]
                     return int(shape[0]) if shape else 0
-        return os.path.getsize(path)
+        return os.path.getsize(path) * (GZIP_MAX_RATIO if compressed(path) else 1)
     except (OSError, ValueError, zipfile.BadZipFile):  # (an unreadable file: reading it says why)
         return 0
 

@@ -719,3 +719,49 @@ def test_csv_header_names_with_spaces_around_are_named_without_them(tmp_path):
     src.write_text("id, a,a ,b\n1,1,2,3\n")  # two columns that are 'a' with spaces around: neither is guessed
     with pytest.raises(ScoreError, match=r"no column\(s\) 'a' "):
         _score(model, src, tmp_path / "two", columns=("features=a,b",))
+
+
+def test_gzipped_csv_and_json_lines_are_read_as_the_plain_files_are(tmp_path):
+    """A warehouse or Spark export comes as .csv.gz or .jsonl.gz; until 2026-12-06 the run refused
+    it as an unknown format ('.gz'). Rows past the reader's first block, the same answers as the
+    plain file, an empty one, and a file cut short named as such."""
+    import gzip
+
+    model = Identity("features", "FP32", (2,))
+    rows = "".join(f"{i},{i / 4},{-i}\n" for i in range(120_000))  # ~2 MB: more than one block
+    plain = tmp_path / "x.csv"
+    plain.write_text("id,a,b\n" + rows)
+    packed = tmp_path / "x.csv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    want = _score(model, plain, tmp_path / "plain", keep=("id",), columns=("features=a,b",))
+    got = _score(model, packed, tmp_path / "packed", keep=("id",), columns=("features=a,b",))
+    assert got[0].scored == want[0].scored == 120_000 and got[1].equals(want[1])
+    jl = tmp_path / "x.jsonl.gz"
+    jl.write_bytes(gzip.compress(b'{"features": [1, 2]}\n{"features": [3.5, 4]}\n'))
+    counts, table, _ = _score(model, jl, tmp_path / "jl")
+    assert counts.scored == 2 and table.column("y").to_pylist() == [[1.0, 2.0], [3.5, 4.0]]
+    empty = tmp_path / "e.jsonl.gz"
+    empty.write_bytes(gzip.compress(b""))
+    assert _score(model, empty, tmp_path / "e")[0].input == 0
+    for cut in (jl, packed):
+        short = tmp_path / f"short-{cut.name}"
+        short.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
+        with pytest.raises(ScoreError, match=re.escape(short.name)):
+            asyncio.run(
+                run(
+                    Job(
+                        model,
+                        str(short),
+                        str(tmp_path / f"out-{cut.name}"),
+                        columns=("features=a,b",) if cut is packed else (),
+                    )
+                )
+            )
+
+
+@pytest.mark.parametrize("name", ["x.parquet.gz", "x.npy.gz", "x.gz"])
+def test_only_csv_and_json_lines_are_read_gzipped_and_the_refusal_says_so(tmp_path, name):
+    src = tmp_path / name
+    src.write_bytes(b"")
+    with pytest.raises(ScoreError, match="only CSV and JSON Lines are read compressed"):
+        asyncio.run(run(Job(Identity("features", "FP32", (2,)), str(src), str(tmp_path / "out"))))
