@@ -485,7 +485,7 @@ class KeyStore:
         raise GatewayError(
             ErrorCode.RESOURCE_EXHAUSTED,
             f"API key '{key.id}' is over its rate of {b.rate:g} requests/s (burst {b.burst}); retry later",
-            retry_after_s=(1.0 - tokens) / b.rate,
+            retry_after_s=min((1.0 - tokens) / b.rate, 86400.0),  # (at most a day: a rate near 0, infinite)
         )
 
     # -- reloading

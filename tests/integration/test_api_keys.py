@@ -4,6 +4,7 @@ both protocols (issue: safe to expose). Keys are made the way an operator makes 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -437,6 +438,31 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
     assert wait >= 1
     time.sleep(wait)  # a client that waits what it was told is served (the wait is rounded up, never down)
     c.infer("simple", simple_inputs(httpclient), headers=bearer(SLOW_TOKEN))
+
+
+def test_a_key_whose_rate_is_next_to_nothing_is_refused_with_a_bounded_retry_after(repo, serve, tmp_path):
+    """A rate the keys file and ``keys check`` accept as above 0, the smallest float, made the
+    wait infinite: gRPC answered UNKNOWN (an OverflowError writing retry-after) and HTTP broke
+    the answer, with a traceback logged each time; 1e-300 told clients to wait 10^300 s."""
+    token = new_token()
+    keys = tmp_path / "keys.yaml"
+    entry = {"id": "dribble", "sha256": hash_token(token), "scopes": ["infer"], "rate_per_s": 5e-324}
+    keys.write_text(yaml.safe_dump({"keys": [entry]}))
+    running = serve(repo, api_keys_file=str(keys))
+    for mod, c in clients(running):
+        with contextlib.suppress(InferenceServerException):  # (the burst of 1: the first may pass)
+            c.infer("simple", simple_inputs(mod), headers=bearer(token))
+        code, msg = status_of(lambda c=c, mod=mod: c.infer("simple", simple_inputs(mod), headers=bearer(token)))
+        assert code in EXHAUSTED and "'dribble' is over its rate" in msg, (code, msg)
+    req = urllib.request.Request(
+        f"http://{running.http_url}/v2/models/simple/infer",
+        data=b"{}",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        fetch(req)
+    assert ei.value.code == 429
+    assert 1 <= int(ei.value.headers["Retry-After"]) <= 86400
 
 
 def test_settings_changes_check_the_keys_models_and_every_refusal_is_audited(keyed):
