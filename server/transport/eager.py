@@ -75,6 +75,7 @@ def _resume(coro, waiting):
             if isinstance(e, asyncio.CancelledError) and isinstance(waiting, asyncio.Future) and waiting.cancel():
                 waiting = coro.send(None)  # as a task's cancel does: what it awaits is cancelled with it
             else:
+                waiting = None  # (see below)
                 waiting = coro.throw(e)
         except StopIteration as done:
             return done.value
@@ -85,6 +86,10 @@ def _resume(coro, waiting):
             coro.close()
             raise
         except BaseException as e:  # noqa: BLE001 - passed through (cancellation among them)
+            # What failed is what ``coro`` awaited (a thread's future, say): kept here, it held its
+            # exception, whose traceback holds this frame and ``coro``'s, and their request: a
+            # cycle, freed only by a full collection (a large refused request held ~3 copies).
+            waiting = None
             try:
                 waiting = coro.throw(e)
             except StopIteration as done:

@@ -785,3 +785,37 @@ def test_a_message_sent_in_slivers_closes_the_connection_as_a_flood(demo_repo, s
     assert status(other.wait(other.request(LIVE, framed(b""))))[0] == 0
     other.close()
     raw.close()
+
+
+def test_a_large_request_refused_on_its_decode_thread_is_not_kept_in_a_cycle(tmp_path, serve):
+    """A request past PRECHECK_BYTES is decoded on a thread; its error came back through the
+    thread's future, thrown into the call by the task (Python 3.11, batchgate's own first step,
+    transport/eager.py), and that frame kept the future, whose exception's traceback held the
+    call's frame and its request: ~3 copies of each refused message (180 MB for a 60 MB one)
+    held until a full collection, so a few large bad requests took gigabytes. The cyclic
+    collector is off here: plain reference counting must free them."""
+    import gc
+    import types
+
+    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 0\n")
+    running = serve(str(tmp_path), grpc_engine="h2")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(running.grpc_url))
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="not_an_input", datatype="FP32", shape=[1, 1 << 19])
+    request = service_pb2.ModelInferRequest(model_name="big", inputs=[tensor], raw_input_contents=[bytes(2 << 20)])
+
+    def calls_alive() -> list:
+        return [o for o in gc.get_objects() if isinstance(o, types.FrameType) and o.f_code.co_name == "_model_infer"]
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(request, timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        deadline = time.monotonic() + 10
+        while calls_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert calls_alive() == []
+    finally:
+        gc.enable()
