@@ -139,20 +139,25 @@ def check_method(method: str, want: str) -> None:
 
 # A "/" or "\\" written as %2F / %5C inside a path segment: decoded, it would route as a
 # separator (so /v2%2Frepository/... slipped past a proxy rule on /v2/repository), and no model
-# name holds either.
-_ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])")
+# name holds either. Nor may a character of a route or a model name, [A-Za-z0-9_.-], be written
+# as %XX: decoded, /v2/%72epository/... passed the same rule. Triton matches the raw path, and
+# no client encodes those (tritonclient's quote() leaves them as they are).
+_ENCODED_SEPARATOR = re.compile(rb"%(?:2[fFdDeE]|5[cCfF]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA])")
 
 
 def encoded_separator(raw: bytes) -> bool:
-    """Whether a raw request path holds an encoded separator (see above)."""
+    """Whether a raw request path holds an encoded separator or name character (see above)."""
     return b"%" in raw and _ENCODED_SEPARATOR.search(raw) is not None
 
 
 def check_raw_path(scope) -> None:
-    """INVALID_ARGUMENT for a request path with an encoded separator (see above)."""
+    """INVALID_ARGUMENT for a request path with an encoded separator or name character (see above)."""
     raw = scope.get("raw_path")
     if raw is not None and encoded_separator(raw):
-        raise invalid("the request path has an encoded '/' or '\\' (%2F, %5C): no route or name holds one")
+        raise invalid(
+            "the request path has a percent-encoded '/', '\\' or name character (%2F, %5C, %41 for A...): "
+            "routes and names are matched as sent, never decoded into those"
+        )
 
 
 async def lifespan(receive, send) -> None:
