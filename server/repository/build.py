@@ -137,10 +137,16 @@ class VersionBuilder:
         check_instance_groups(cfg)  # (before any backend opens a device for it)
         cfg = settle_instance_kinds(cfg)
         given = cfg.default_model_filename
-        if given in (".", "..") or any(c in given for c in "/\\\0"):
+        # (a control character or more than NAME_MAX bytes: no file has that name, and it was echoed whole)
+        if (
+            given in (".", "..")
+            or any(c in given for c in "/\\")
+            or printable(given) != given
+            or len(given.encode()) > 255
+        ):
             raise ModelConfigError(
-                f"model '{name}': default_model_filename must be a plain file name inside the version directory, "
-                f"not '{printable(clip(given))}'"
+                f"model '{name}': default_model_filename must be a plain file name inside the version directory "
+                f"(at most 255 bytes, no control characters), not '{printable(clip(given))}'"
             )
         available = list_versions(model_dir)
         versions = versions_to_serve(cfg, available)
