@@ -53,8 +53,8 @@ from .threads import InferenceThreads
 from .transport.byte_budget import ByteBudget
 from .transport.cors import cors_policy
 from .transport.grpc_server import add_port, add_reflection, new_grpc_server, plaintext_health_server
+from .transport.grpc_server import add_to_server as add_inference_service
 from .transport.grpc_service import InferenceService
-from .transport.grpc_service import add_to_server as add_inference_service
 from .transport.http_app import HttpApp
 from .transport.http_limits import TOO_MANY_CONNECTIONS, guarded_protocol
 from .transport.http_listener import HttpListener, QuietUvicorn

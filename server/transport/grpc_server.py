@@ -9,14 +9,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..core.errors import GatewayError
 from ..security.access import READ, Access
 from ..security.tls import ServerTls
 from ..settings_sections import LimitSettings, ServerSettings
+from . import grpc_codec
 from .byte_budget import ByteBudget
 from .grpc_h2 import H2GrpcServer
-from .grpc_service import GRPC_STATUS, caller_of
+from .grpc_service import GRPC_STATUS, MODEL_INFER, InferenceService, caller_of
 
 log = logging.getLogger("batchgate.grpc")
 
@@ -31,6 +34,40 @@ EAGER = frozenset(
     }.items()
     for method in methods
 )
+
+
+def _answer_bytes(answer: pb.ModelInferResponse | bytes) -> bytes:
+    """A ModelInfer answer on the wire: a forwarded upstream answer is bytes already."""
+    return answer if type(answer) is bytes else answer.SerializeToString()  # type: ignore[union-attr]
+
+
+def add_to_server(service: InferenceService, server) -> None:
+    """Register every RPC of ``inference.GRPCInferenceService``, as the generated
+    ``add_GRPCInferenceServiceServicer_to_server`` would, except that ModelInfer and
+    ModelStreamInfer receive raw bytes, as every method does on grpc.aio (not the h2 engine,
+    which has ``refusers``): unparsable protobuf is INVALID_ARGUMENT by us, not UNKNOWN by grpc."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        impl = getattr(service, method.name, None)
+        if impl is None or getattr(type(service), method.name) is getattr(
+            pb_grpc.GRPCInferenceServiceServicer, method.name, None
+        ):
+            continue  # not implemented: grpc answers UNIMPLEMENTED
+        req_cls = getattr(pb, method.input_type.name)
+        resp_cls = getattr(pb, method.output_type.name)
+        raw_in = method.name in ("ModelInfer", "ModelStreamInfer")
+        deserializer = None if raw_in else req_cls.FromString
+        if not raw_in and not hasattr(server, "refusers"):
+            impl, deserializer = grpc_codec.parsed_by_us(impl, req_cls), None
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        serializer = _answer_bytes if method.name == "ModelInfer" else resp_cls.SerializeToString
+        handlers[method.name] = make(impl, request_deserializer=deserializer, response_serializer=serializer)
+    # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
+    # lookup per call.
+    server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
+    refusers = getattr(server, "refusers", None)  # the h2 engine: ModelInfer refused before parsing
+    if refusers is not None:
+        refusers["/" + MODEL_INFER] = service.quick_refusal
 
 
 def new_grpc_server(

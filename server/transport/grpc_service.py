@@ -110,40 +110,6 @@ def _parse(raw: bytes) -> pb.ModelInferRequest:
         raise invalid(f"the request is not a valid inference.ModelInferRequest message: {e}") from None
 
 
-def _answer_bytes(answer: pb.ModelInferResponse | bytes) -> bytes:
-    """A ModelInfer answer on the wire: a forwarded upstream answer is bytes already."""
-    return answer if type(answer) is bytes else answer.SerializeToString()  # type: ignore[union-attr]
-
-
-def add_to_server(service: InferenceService, server) -> None:
-    """Register every RPC of ``inference.GRPCInferenceService``, as the generated
-    ``add_GRPCInferenceServiceServicer_to_server`` would, except that ModelInfer and
-    ModelStreamInfer receive raw bytes, as every method does on grpc.aio (not the h2 engine,
-    which has ``refusers``): unparsable protobuf is INVALID_ARGUMENT by us, not UNKNOWN by grpc."""
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
-        impl = getattr(service, method.name, None)
-        if impl is None or getattr(type(service), method.name) is getattr(
-            pb_grpc.GRPCInferenceServiceServicer, method.name, None
-        ):
-            continue  # not implemented: grpc answers UNIMPLEMENTED
-        req_cls = getattr(pb, method.input_type.name)
-        resp_cls = getattr(pb, method.output_type.name)
-        raw_in = method.name in ("ModelInfer", "ModelStreamInfer")
-        deserializer = None if raw_in else req_cls.FromString
-        if not raw_in and not hasattr(server, "refusers"):
-            impl, deserializer = grpc_codec.parsed_by_us(impl, req_cls), None
-        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        serializer = _answer_bytes if method.name == "ModelInfer" else resp_cls.SerializeToString
-        handlers[method.name] = make(impl, request_deserializer=deserializer, response_serializer=serializer)
-    # Registered methods (grpcio >= 1.62) are matched inside gRPC's core, without a Python
-    # lookup per call.
-    server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
-    refusers = getattr(server, "refusers", None)  # the h2 engine: ModelInfer refused before parsing
-    if refusers is not None:
-        refusers["/" + MODEL_INFER] = service.quick_refusal
-
-
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, max_stream_inflight: int = 64):
         self.dp = dataplane
