@@ -193,7 +193,15 @@ class DataPlane(Extensions):
         return self.repository.ready(name, version)
 
     # ------------------------------------------------------------------ inference
-    def admit(self, name: str, version: str = "", caller: Caller = OPEN_CALLER, header: Header | None = None) -> Served:
+    def admit(
+        self,
+        name: str,
+        version: str = "",
+        caller: Caller = OPEN_CALLER,
+        header: Header | None = None,
+        count: bool = True,
+        again: bool = False,
+    ) -> Served:
         """Admit one inference request for ``name`` (``version``: "" = latest) before anything
         of it is decoded, or refuse it: UNAVAILABLE while draining; with API keys,
         UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED (its rate) for the caller, before
@@ -204,18 +212,19 @@ class DataPlane(Extensions):
 
         Returns the version (or routed passage) to hand the request to (:meth:`infer`). The
         caller must call :meth:`release` with it exactly once when the request is answered or
-        abandoned."""
+        abandoned. ``count`` False: an overload refusal is raised as ``Held``, counted nowhere,
+        for a caller that will wait and ask ``again`` (its key checked and its rate taken once)."""
         if not self.accepting:
             raise GatewayError(ErrorCode.UNAVAILABLE, "batchgate is shutting down; send the request to another replica")
-        if self._keys is not None:
+        if self._keys is not None and not again:
             self.access.check(caller, INFER, name)
         routes = self.routes
         if routes is not None:
             route = routes.routes.get(name)
             if route is not None:
-                return route.admit(version, header)
+                return route.admit(version, header, count)
         served = self.repository.resolve(name, version)
-        self.admission.admit(served)
+        self.admission.admit(served, count)
         return served
 
     def shedding(self) -> bool:

@@ -286,9 +286,10 @@ class ServedRoute:
         return None
 
     # ---------------------------------------------------------------- serving
-    def admit(self, version: str, header: Header | None) -> Routed:
+    def admit(self, version: str, header: Header | None, count: bool = True) -> Routed:
         """Pick the variant from what is known before the body (a pin header, a sticky header,
-        else at random by weight) and admit the request on its version."""
+        else at random by weight) and admit the request on its version (``count``: as
+        :meth:`Admission.admit`)."""
         if version:
             raise invalid(f"'{self.name}' is a route, which has no versions: send the request without a model version")
         if self.problem is not None:
@@ -296,7 +297,7 @@ class ServedRoute:
         pin = header(PIN_HEADER) if header is not None else None
         variant = check_pin(self.spec, pin) if pin is not None else self._pick(header)
         served = self._version(variant, pin is not None)
-        self.admission.admit(served)
+        self.admission.admit(served, count)
         return Routed(self, variant, served, pin is not None)
 
     def _pick(self, header: Header | None) -> str:

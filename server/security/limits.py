@@ -109,6 +109,11 @@ class Capacity:
         self.window_end = now + interval
 
 
+class Held(GatewayError):
+    """An overload refusal not counted (:meth:`Admission.admit` with ``count`` False): the
+    request may wait and be judged again."""
+
+
 class Admission:
     __slots__ = (
         "max_inflight",
@@ -138,12 +143,14 @@ class Admission:
         self.on_idle: Callable[[], None] | None = None  # called when the last request in flight is released
         self.last_refusal = float("-inf")  # when a request was last refused (see ``shedding``)
 
-    def admit(self, version: ModelVersion) -> None:
+    def admit(self, version: ModelVersion, count: bool = True) -> None:
         """Count one request in on ``version``, or raise RESOURCE_EXHAUSTED. Every admitted
-        request must be released exactly once (:meth:`release`), whatever becomes of it."""
-        refused = self.refusal(version)
+        request must be released exactly once (:meth:`release`), whatever becomes of it.
+        ``count`` False: a refusal is raised as :class:`Held` and counted nowhere (a caller that
+        waits for its own earlier requests and asks again, a gRPC stream's)."""
+        refused = self.refusal(version, count)
         if refused is not None:  # (one of its own: the refusal may be one object kept and returned again)
-            raise GatewayError(refused.code, refused.message, refused.retry_after_s)
+            raise (GatewayError if count else Held)(refused.code, refused.message, refused.retry_after_s)
         version.admitted += 1
         self.inflight += 1
 
@@ -153,18 +160,19 @@ class Admission:
         request never pays for the check twice while nothing is refused."""
         return self._clock() - self.last_refusal < within_s
 
-    def refusal(self, version: ModelVersion) -> GatewayError | None:
+    def refusal(self, version: ModelVersion, count: bool = True) -> GatewayError | None:
         """The refusal of one more request on ``version`` (counted by reason), or None when it
         would be admitted; nothing is admitted here. Returned, not raised: the fast refusal
         (``DataPlane.quick_refusal``) answers it without an exception."""
-        refused = self._refusal(version)
-        if refused is not None:
+        refused = self._refusal(version, count)
+        if refused is not None and count:
             self.last_refusal = self._clock()
         return refused
 
-    def _refusal(self, version: ModelVersion) -> GatewayError | None:
+    def _refusal(self, version: ModelVersion, count: bool) -> GatewayError | None:
         if self.inflight >= self.max_inflight:
-            version.metrics.refused(INFLIGHT_LIMIT)
+            if count:
+                version.metrics.refused(INFLIGHT_LIMIT)
             return GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"the server is at its limit of {self.max_inflight} requests in flight; "
@@ -176,7 +184,8 @@ class Admission:
         if waiting > 0:
             bound = sched.max_queue_size
             if bound and waiting >= bound:
-                version.metrics.refused(QUEUE_FULL)
+                if count:
+                    version.metrics.refused(QUEUE_FULL)
                 return GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{version.name}' queue is full: {bound} requests waiting (max_queue_size)",
@@ -185,7 +194,8 @@ class Admission:
             rate = sched.drain_rate.rate()
             if rate is not None and self.max_wait_s and waiting / rate > self.max_wait_s:
                 wait = waiting / rate
-                version.metrics.refused(QUEUE_WAIT)
+                if count:
+                    version.metrics.refused(QUEUE_WAIT)
                 return GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{version.name}' has about {wait * 1000:.0f} ms of work queued, more than "
@@ -199,7 +209,8 @@ class Admission:
             and (waiting > 0 or cap.shedding or cap.since is not None)
             and self._standing(cap, max(0, waiting) / cap.peak, target := self._target(cap, sched.round_size))
         ):
-            version.metrics.refused(QUEUE_TARGET)
+            if count:
+                version.metrics.refused(QUEUE_TARGET)
             # The target in force, which the floor or a round of executions may have raised above
             # the setting; the words are made again only when its whole milliseconds change.
             target_ms = round(target * 1000)

@@ -36,6 +36,7 @@ from ..dataplane import PRECHECK_BYTES, DataPlane
 from ..monitoring.access_log import Note
 from ..monitoring.trace_context import trace_context
 from ..security.access import OPEN_CALLER, Caller, credentials
+from ..security.limits import Held
 from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
 from ..shm import RegionView
@@ -439,6 +440,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         out: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_stream_inflight)
         pending: set[asyncio.Task] = set()
+        running: set[asyncio.Task] = set()  # the requests admitted and not yet answered
         read_error: list[BaseException] = []
         caller = self._caller(context)
         md = context.invocation_metadata() or ()
@@ -466,9 +468,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 status = GRPC_STATUS[ErrorCode(note.error)].name if note.error else "OK"
             self._noted(note, status, context, method, lambda: ident)
 
+        async def admitted(msg):
+            # Refused for overload while others of this stream's requests are admitted and
+            # unanswered, a request waits for one of them to finish and is judged again: the
+            # stream slows to what the model answers, and its client is refused only what it
+            # sends with nothing of its own in flight (a refusal that became a wait is counted
+            # nowhere). Only admitted ones are waited for: two waiting requests never wait on
+            # each other.
+            again = False
+            while True:
+                ahead = set(running)
+                try:
+                    served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get, not ahead, again)
+                    running.add(asyncio.current_task())
+                    return served
+                except Held:
+                    again = True
+                await asyncio.wait(ahead, return_when=asyncio.FIRST_COMPLETED)
+
         async def one(msg, note: Note | None, seq: int):
             try:
-                served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get)
+                served = await admitted(msg)
                 if note is not None and note.span is not None:
                     note.span.add_event("ADMITTED")
                 try:
@@ -536,6 +556,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     t = asyncio.ensure_future(one(msg, note, count - 1))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
+                    t.add_done_callback(running.discard)
                     if note is not None:
                         t.add_done_callback(partial(finished, note))
             except Exception as e:  # the client's side of the stream broke: answer what was read, then fail
