@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 
 from .core.batching import merge, split
-from .core.errors import GatewayError
+from .core.errors import GatewayError, batch_may_go_alone
 from .core.routing import Compare, Shadow
 from .core.signature import forwarded_parameters, parameters_key
 from .core.types import InferRequest, InferResponse, Tensor, clip, printable
@@ -286,6 +286,13 @@ class ShadowRunner:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a shadow's failure is counted, never answered
+            if len(chunk) > 1 and (batch_may_go_alone(e) or (self._local and not isinstance(e, GatewayError))):
+                # One copy's values may have failed the run, as they may a primary batch (and as
+                # there, execution.py): each goes again alone, so only that copy fails and the
+                # others are compared (all failed with it, counted as the shadow's errors).
+                for one in chunk:
+                    await self._run_chunk([one], requests, outcomes, t0)
+                return
             message = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
             for i, _ in chunk:
                 outcomes[i] = Outcome(None, _perf() - t0, message[:512])

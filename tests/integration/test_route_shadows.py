@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 
 from batchgate.demo import _save
 from gateway_support import start_gateway
-from route_support import POISON, infer_grpc, infer_http, metric, route_repository, sqrt_model, write_config
+from route_support import FEATURES, POISON, infer_grpc, infer_http, metric, route_repository, sqrt_model, write_config
 
 COMPARE = {"output": "probabilities", "kind": "classification"}
 
@@ -224,5 +224,42 @@ def test_nan_answers_are_compared_as_values(tmp_path):
         assert metric(text, "batchgate_shadow_abs_delta_bucket", route="apart", le="1e-06") == n
         assert metric(text, "batchgate_shadow_abs_delta_bucket", route="apart", le="100.0") == n
         assert metric(text, "batchgate_shadow_abs_delta_bucket", route="apart", le="+Inf") == 2 * n
+    finally:
+        running.stop()
+
+
+def test_a_copy_that_fails_its_shadow_fails_alone_in_its_batch(repo, tmp_path):
+    """Copies gathered into one run of the shadow: one copy whose values the shadow fails on
+    fails that copy only, as a primary batch runs again request by request; the others are
+    compared (each failed with it, counted failed and shadow_only: 37 of 40 with 20 bad)."""
+    routes = [
+        {
+            "name": "mixed",
+            "variants": [{"name": "main", "model": "clf_a", "weight": 100}],
+            "shadows": [{"name": "bad", "model": "clf_bad", "percent": 100, "max_inflight": 64}],
+            "compare": COMPARE,
+        }
+    ]
+    # copies wait up to a second for others: a full batch (8 rows) goes out as one run
+    cfg = write_config(str(tmp_path / "c.yaml"), routes, routing={"shadow_gather_ms": 1000})
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        n = 16
+        for i in range(n):  # every other request carries values the shadow fails on
+            infer_grpc(running.grpc_url, "mixed", POISON if i % 2 else FEATURES)
+        total = "batchgate_shadow_requests_total"
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            text = _metrics(running)
+            failed = metric(text, total, route="mixed", shadow="bad", outcome="failed")
+            compared = metric(text, total, route="mixed", shadow="bad", outcome="compared")
+            if failed + compared >= n:
+                break
+            time.sleep(0.05)
+        assert (failed, compared) == (n // 2, n // 2)
+        assert metric(text, "batchgate_shadow_agreements_total", route="mixed", shadow="bad") == n // 2
+        assert metric(text, "batchgate_shadow_error_delta_total", route="mixed", shadow="bad", side="shadow_only") == (
+            n // 2
+        )
     finally:
         running.stop()
