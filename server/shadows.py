@@ -388,6 +388,8 @@ class ShadowRunner:
             differ = [[_as_bytes(v) for v in x] != [_as_bytes(v) for v in y] for x, y in zip(a, b)]
             for differs in differ:
                 sm.delta.observe(1.0 if differs else 0.0)
+            if c.kind == "classification":  # a text label a row: a changed one is a top-1 flip
+                sm.flips += sum(differ)
             agreed = not any(differ)
         else:
             delta = _abs_delta(a, b).max(axis=1) if a.shape[1] else np.zeros(rows)

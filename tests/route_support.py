@@ -188,3 +188,27 @@ def metric(text: str, name: str, **labels) -> float:
         if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def labeller_model(classes: tuple[str, ...] = ("cat", "dog", "eel")):
+    """features FP32 [-1, 4] -> label BYTES [-1]: the name of each row's largest of the first
+    three features (a classifier that answers its class as text, as skl2onnx's string labels)."""
+    inits = [
+        numpy_helper.from_array(np.array(list(classes), dtype=object), "classes"),
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.array([3], np.int64), "end"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["features", "start", "end", "axis"], ["scores"]),
+        helper.make_node("ArgMax", ["scores"], ["index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["classes", "index"], ["label"], axis=0),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "labeller",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"])],
+        inits,
+    )
+    return _model(g)

@@ -14,7 +14,17 @@ import tritonclient.grpc as grpcclient
 
 from batchgate.demo import _save
 from gateway_support import start_gateway
-from route_support import FEATURES, POISON, infer_grpc, infer_http, metric, route_repository, sqrt_model, write_config
+from route_support import (
+    FEATURES,
+    POISON,
+    infer_grpc,
+    infer_http,
+    labeller_model,
+    metric,
+    route_repository,
+    sqrt_model,
+    write_config,
+)
 
 COMPARE = {"output": "probabilities", "kind": "classification"}
 
@@ -261,5 +271,36 @@ def test_a_copy_that_fails_its_shadow_fails_alone_in_its_batch(repo, tmp_path):
         assert metric(text, "batchgate_shadow_error_delta_total", route="mixed", shadow="bad", side="shadow_only") == (
             n // 2
         )
+    finally:
+        running.stop()
+
+
+def test_a_text_label_that_changes_is_a_top1_flip(tmp_path):
+    """A classifier that answers its class as text (BYTES, one value a row) compared as a
+    classification: a row whose label changed is a top-1 flip, as a numeric label's is (the
+    flips counter stayed 0 while every such row disagreed)."""
+    root = str(tmp_path / "models")
+    _save(labeller_model(("cat", "dog", "eel")), root, "names_a", config="max_batch_size: 8\n")
+    _save(labeller_model(("cat", "dog", "fox")), root, "names_b", config="max_batch_size: 8\n")
+    routes = [
+        {
+            "name": "named",
+            "variants": [{"name": "main", "model": "names_a", "weight": 100}],
+            "shadows": [{"name": "s", "model": "names_b", "percent": 100, "max_inflight": 64}],
+            "compare": {"output": "label", "kind": "classification"},
+        }
+    ]
+    running = start_gateway(root, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        flipped = np.array([[0, 0, 1, 0], [1, 0, 0, 0]], np.float32)  # eel / fox, then cat / cat
+        same = np.array([[0, 1, 0, 0]], np.float32)  # dog / dog
+        result, _ = infer_grpc(running.grpc_url, "named", flipped)
+        assert result.as_numpy("label").tolist() == [b"eel", b"cat"]
+        infer_http(running.http_url, "named", same)
+        assert _wait_metric(running, "batchgate_shadow_requests_total", 2, route="named", outcome="compared") == 2
+        text = _metrics(running)
+        assert metric(text, "batchgate_shadow_agreements_total", route="named") == 1
+        assert metric(text, "batchgate_shadow_rows_compared_total", route="named") == 3
+        assert metric(text, "batchgate_shadow_top1_flips_total", route="named") == 1
     finally:
         running.stop()
