@@ -33,7 +33,7 @@ from .core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, can
 from .core.psi import judged_columns
 from .core.routing import PIN_HEADER, PIN_PARAMETER, RouteSpec, Shadow, check_pin, parse_routes, pinned, sticky_key
 from .core.stats import ModelStats
-from .core.types import InferRequest, InferResponse
+from .core.types import OFFLINE_HEADER, SYNTHETIC_HEADER, InferRequest, InferResponse
 from .core.unique_yaml import UniqueKeys
 from .model import ModelVersion
 from .monitoring.metrics import ROLLOUT_STATE_CODES, RouteMetrics
@@ -296,7 +296,8 @@ class ServedRoute:
             raise GatewayError(ErrorCode.UNAVAILABLE, f"route '{self.name}' is not ready: {self.problem}")
         pin = header(PIN_HEADER) if header is not None else None
         variant = check_pin(self.spec, pin) if pin is not None else self._pick(header)
-        served = self._version(variant, pin is not None)
+        # (synthetic and offline requests count in no gate: known here from their headers)
+        served = self._version(variant, pin is not None or (header is not None and _uncounted(header)))
         self.admission.admit(served, count)
         return Routed(self, variant, served, pin is not None)
 
@@ -312,15 +313,16 @@ class ServedRoute:
             return names[0]
         return names[bisect_right(self._cumulative, self.rng.random() * self._cumulative[-1])]
 
-    def _version(self, variant: str, pinned: bool) -> ModelVersion:
+    def _version(self, variant: str, uncounted: bool) -> ModelVersion:
         served = self.members.get(variant)
         if served is None:
-            # Counted as the variant's failure (statistics, metrics and, unless pinned, the
-            # rollout's window): a canary whose model is unloaded mid-rollout fails its error gate
-            # (before, its refusals were counted nowhere and the rollout went on stepping).
+            # Counted as the variant's failure (statistics, metrics and, unless pinned, synthetic
+            # or offline, the rollout's window): a canary whose model is unloaded mid-rollout
+            # fails its error gate (before, its refusals were counted nowhere and the rollout
+            # went on stepping).
             self.stats.record_request(False, 0)
             self.metrics.answered(variant, ErrorCode.UNAVAILABLE.value)
-            if not pinned and self._judged:
+            if not uncounted and self._judged:
                 w = self.windows[variant]
                 w.requests += 1
                 w.server_errors += 1
@@ -347,7 +349,7 @@ class ServedRoute:
             if key is not None:
                 variant = self.table.variant_for(key)
         if variant != routed.variant:
-            served = self._version(variant, routed.pinned)
+            served = self._version(variant, routed.pinned or request.synthetic or request.offline)
             self.admission.move(routed.version, served)  # refused: still admitted on the old one
             routed.variant, routed.version = variant, served
 
@@ -515,6 +517,14 @@ class ServedRoute:
                 "canary_percent": self.canary_percent(),
             }
         return out
+
+
+def _uncounted(header: Header) -> bool:
+    """Whether a request's headers mark it synthetic (a load test) or offline (batch scoring),
+    as ``core/types.py`` reads them once the request is decoded."""
+    return any(
+        (header(name) or "").strip().lower() in ("1", "true", "yes") for name in (SYNTHETIC_HEADER, OFFLINE_HEADER)
+    )
 
 
 def _figures_dict(f: ro.Figures) -> dict[str, Any]:

@@ -495,6 +495,37 @@ def test_a_canary_whose_model_is_unloaded_mid_rollout_fails_its_gate(repo, tmp_p
         running.stop()
 
 
+def test_synthetic_requests_to_a_canary_whose_model_is_unloaded_do_not_count_in_its_gate(repo, tmp_path):
+    """A load test (x-batchgate-synthetic) against a route whose canary's model is not loaded:
+    the refusals are served (503) but count in no gate, as synthetic answers do not; before, they
+    were counted as the canary's errors before the request was read and rolled the canary back."""
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [_route("clf_same", steps=(50, 100), min_requests=5)],
+        repository={"model_control_mode": "explicit", "load_model": ["*"]},
+        auth={"allow_open_admin": True},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        route = _state(running)
+        assert route.rollout.state == "running" and route.weights == {"stable": 50, "canary": 50}
+        import tritonclient.http as httpclient
+
+        httpclient.InferenceServerClient(running.http_url).unload_model("clf_same")
+        end = time.monotonic() + 2.5  # past two intervals
+        refused = 0
+        while time.monotonic() < end:
+            try:
+                infer_grpc(running.grpc_url, "ramp", headers={"x-batchgate-synthetic": "1"})
+            except InferenceServerException:
+                refused += 1
+        assert refused > 5
+        assert route.rollout.state == "running" and route.rollout.step == 0
+        assert "fewer than min_requests" in route.rollout.last
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize("first_weighs", [True, False], ids=["staged canary", "promoted, old stable first"])
 def test_a_variant_without_weight_whose_model_no_longer_fits_leaves_the_route_serving(repo, tmp_path, first_weighs):
     """A variant with no weight whose model was reloaded with another signature took its whole
