@@ -406,6 +406,12 @@ def check_signatures(route: RouteSpec, signatures: Mapping[str, ModelSignature])
                 f"and variant '{first.name}' ({first.model}) of {ref.max_batch_size}: a request one accepts the "
                 "other would refuse (max_batch_size must be equal)"
             )
+        if role == "shadow" and sig.max_batch_size < ref.max_batch_size:
+            raise ConfigError(
+                f"{where}: shadow '{member.name}' ({member.model}) takes batches of at most {sig.max_batch_size} "
+                f"and variant '{first.name}' ({first.model}) of {ref.max_batch_size}: the copy of a larger request "
+                f"would fail on it (give the shadow a max_batch_size of {ref.max_batch_size} or more)"
+            )
         _same_tensors(where, "input", ref.inputs, sig.inputs, first, member, role)
         if role == "variant":
             _same_tensors(where, "output", ref.outputs, sig.outputs, first, member, role)

@@ -288,6 +288,12 @@ def test_variants_and_shadows_must_take_the_same_inputs_and_give_the_same_output
         (signatures(canary=sig("fraud_v2", outputs=(("scores", "FP32", (3,)),))), "has no output 'probabilities'"),
         (signatures(canary=sig("fraud_v2", batch=0)), "does not batch and variant 'stable' (fraud_v1) does"),
         (signatures(next=sig("fraud_v3", inputs=(("x", "INT32", (4,)),))), "in shadow 'next' (fraud_v3)"),
+        # a shadow that takes smaller batches: each copy of a larger request failed on it, counted
+        # as the shadow's error (shadow_only) while the primary answered
+        (
+            signatures(next=sig("fraud_v3", batch=4)),
+            "shadow 'next' (fraud_v3) takes batches of at most 4 and variant 'stable' (fraud_v1) of 8",
+        ),
         (signatures(next=sig("fraud_v3", outputs=(("p", "FP32", (3,)),))), "shadow 'next' (fraud_v3) has no FP32"),
         # the compared output of another shape: every answer was an infinite disagreement
         (
@@ -312,6 +318,8 @@ def test_variants_and_shadows_must_take_the_same_inputs_and_give_the_same_output
         with pytest.raises(ConfigError) as ei:
             check_signatures(r, sigs)
         assert message in str(ei.value), (message, str(ei.value))
+    # A shadow that takes larger batches takes every copy.
+    check_signatures(r, signatures(next=sig("fraud_v3", batch=16)))
     # A compared output of a variable size where the variants' is fixed may be compared.
     check_signatures(r, signatures(next=sig("fraud_v3", outputs=(("probabilities", "FP32", (-1,)),))))
     # An optional extra input is fine: requests for the first variant still suit it.
