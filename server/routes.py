@@ -363,12 +363,17 @@ class ServedRoute:
             if self.shadows
             else ()
         )
+        # A client that asked for other outputs only: the primary gives the compared one too, for
+        # the copies to be compared with, and it is left out of the answer.
+        extra = self._compared_extra(request, counted, copies)
         start = _perf_ns()
         status = "OK"
         refused = False  # by the model, on values past the gateway's checks
         resp: InferResponse | None = None
         try:
-            resp = await routed.version.submit(request)
+            resp = await routed.version.submit(
+                request if extra is None else request._replace(outputs=(*(request.outputs or ()), extra))
+            )
         except GatewayError as e:
             status, refused = e.code.value, isinstance(e, ModelRefused)
             raise
@@ -407,10 +412,20 @@ class ServedRoute:
                     fut.cancel()
                 runner.settle(fut, request, resp, elapsed / 1e9, counted, self._judge(runner))
         assert resp is not None
+        if extra is not None:
+            resp = resp._replace(outputs=[o for o in resp.outputs if o.name != extra])
         # (the variant's answer parameters beside any the model gave: a remote upstream's own)
         return resp._replace(
             parameters={**resp.parameters, **self._answers[variant]} if resp.parameters else self._answers[variant]
         )
+
+    def _compared_extra(self, request: InferRequest, counted: bool, copies) -> str | None:
+        """The compared output, when the request asks for others only and a counted copy of it went
+        to a shadow (else None: nothing to add)."""
+        c = self.spec.compare
+        if c is None or not counted or request.outputs is None or c.output in request.outputs:
+            return None
+        return c.output if any(fut is not None for _, fut in copies) else None
 
     def _keep_output(self, w: Window, resp: InferResponse) -> None:
         name = self._psi_output

@@ -212,3 +212,11 @@ def labeller_model(classes: tuple[str, ...] = ("cat", "dog", "eel")):
         inits,
     )
     return _model(g)
+
+
+def two_output_classifier(seed: int = 0):
+    """The classifier (features -> probabilities) that also answers its logits: a client may ask
+    for either output alone."""
+    model = classifier_model(seed=seed)
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]))
+    return model

@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from batchgate.demo import _save
 from gateway_support import start_gateway
@@ -23,6 +24,7 @@ from route_support import (
     metric,
     route_repository,
     sqrt_model,
+    two_output_classifier,
     write_config,
 )
 
@@ -302,5 +304,41 @@ def test_a_text_label_that_changes_is_a_top1_flip(tmp_path):
         assert metric(text, "batchgate_shadow_agreements_total", route="named") == 1
         assert metric(text, "batchgate_shadow_rows_compared_total", route="named") == 3
         assert metric(text, "batchgate_shadow_top1_flips_total", route="named") == 1
+    finally:
+        running.stop()
+
+
+def test_a_client_that_asks_for_other_outputs_is_still_compared(tmp_path):
+    """A client that asks for some outputs only (Triton's requested outputs), not the compared
+    one: the primary computes the compared output too, for the comparison, and answers only what
+    was asked. Before, the copy ran on the shadow and nothing was compared ('answered')."""
+    root = str(tmp_path / "models")
+    _save(two_output_classifier(seed=0), root, "two_a", config="max_batch_size: 8\n")
+    _save(two_output_classifier(seed=0), root, "two_b", config="max_batch_size: 8\n")
+    routes = [
+        {
+            "name": "picky",
+            "variants": [{"name": "main", "model": "two_a", "weight": 100}],
+            "shadows": [{"name": "s", "model": "two_b", "percent": 100, "max_inflight": 64}],
+            "compare": COMPARE,
+        }
+    ]
+    running = start_gateway(root, config_file=write_config(str(tmp_path / "c.yaml"), routes))
+    try:
+        n = 6
+        for i in range(n):
+            if i % 2:
+                client = httpclient.InferenceServerClient(running.http_url)
+                inp, out = httpclient.InferInput("features", [1, 4], "FP32"), httpclient.InferRequestedOutput("logits")
+            else:
+                client = grpcclient.InferenceServerClient(running.grpc_url)
+                inp, out = grpcclient.InferInput("features", [1, 4], "FP32"), grpcclient.InferRequestedOutput("logits")
+            inp.set_data_from_numpy(FEATURES)
+            result = client.infer("picky", [inp], outputs=[out])
+            assert result.as_numpy("logits").shape == (1, 3)
+            assert result.as_numpy("probabilities") is None  # only what was asked for
+        total = "batchgate_shadow_requests_total"
+        assert _wait_metric(running, total, n, route="picky", outcome="compared") == n
+        assert metric(_metrics(running), "batchgate_shadow_agreements_total", route="picky") == n
     finally:
         running.stop()
