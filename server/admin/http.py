@@ -26,6 +26,7 @@ from .api import ACTIONS, AdminApi
 from .v1 import admin_pb2 as apb
 
 PREFIX = "/admin/v1/"
+MAX_BODY = 64 << 10  # an admin request's JSON body: a few variants' weights, a flag or a count
 _ROUTE = re.compile(r"/admin/v1/routes(?:/([^/]+))?(?:/([a-z_]+))?")
 _DRIFT = re.compile(r"/admin/v1/drift(?:/([^/]+))?(?:/([a-z_]+))?")
 
@@ -98,6 +99,8 @@ async def _drift(
 
 
 def _parse(raw: bytes, message, example: str):
+    if len(raw) > MAX_BODY:  # (parsed on the event loop: megabytes of JSON held every request for seconds)
+        raise invalid(f"the body is {len(raw)} bytes; an admin request's is at most {MAX_BODY} bytes")
     try:
         return json_format.Parse(raw or b"{}", message, ignore_unknown_fields=False)
     except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:
