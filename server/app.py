@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from . import __version__, cores, logs
 from .admin.api import AdminApi
-from .admin.grpc_service import AdminService
+from .admin.grpc_service import MAX_MESSAGE, AdminService
 from .admin.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server
 from .backends.upstream_tls import check_remote_files
 from .config import ConfigError, Settings
@@ -297,6 +297,7 @@ class Gateway:
             self._admin_grpc = grpc.aio.server(
                 options=[
                     ("grpc.so_reuseport", int(self.reuse_port)),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE),
                     *ops_grpc_options(lim.ops_max_connections, s.http_header_timeout_s),
                 ]
             )

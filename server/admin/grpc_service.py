@@ -10,9 +10,13 @@ import grpc
 from ..core.errors import ErrorCode, GatewayError
 from ..transport.grpc_service import GRPC_STATUS, caller_of
 from .api import AdminApi
+from .http import MAX_BODY
 from .v1 import admin_pb2_grpc
 
 log = logging.getLogger("batchgate.admin")
+# The largest message the admin gRPC port takes (as the HTTP mirror's bodies): its messages are a
+# few variants' weights or a name; megabytes of a map were decoded on the event loop, holding it.
+MAX_MESSAGE = MAX_BODY
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
