@@ -496,7 +496,7 @@ class RouteTable:
     def _route(self, name: str) -> ServedRoute:
         route = self.routes.get(name)
         if route is None:
-            raise not_found(f"unknown route '{clip(name)}'")
+            raise not_found(f"unknown route '{printable(clip(name))}'")
         return route
 
     def set_weights(self, name: str, weights: Mapping[str, Any]) -> ServedRoute:

@@ -90,7 +90,7 @@ class AdminApi:
     def _route(self, name: str) -> ServedRoute:
         route = self._table().get(name)
         if route is None:
-            raise not_found(f"unknown route '{clip(name)}'")
+            raise not_found(f"unknown route '{printable(clip(name))}'")
         return route
 
     async def _shown(self, route: ServedRoute) -> apb.Route:

@@ -181,6 +181,16 @@ def test_http_mirror_speaks_the_same_messages(keyed):
     status, body = _http(keyed, "POST", "/admin/v1/routes/fraud/weights", ADMIN_TOKEN, {"weights": {"x\u202e": 1}})
     assert status == 400 and "\u202e" not in body["error"] and "x\\u202e" in body["error"]
     assert "\u202e" not in keyed.audit_file.read_text(encoding="utf-8")
+    # and so is a route name that is not there (it was answered as sent, a model's name escaped)
+    status, body = _http(keyed, "GET", "/admin/v1/routes/x%E2%80%AE%1B%5B2J", READ_TOKEN)
+    assert status == 404 and "x\\u202e\\x1b[2J" in body["error"] and "\u202e" not in body["error"]
+    stub, channel = _stub(keyed)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetRoute(apb.GetRouteRequest(name="x\u202e\x1b"), metadata=_md(READ_TOKEN))
+        assert e.value.code() is grpc.StatusCode.NOT_FOUND and "\u202e" not in e.value.details()
+    finally:
+        channel.close()
 
 
 def test_an_admin_body_past_its_bound_is_refused_unparsed(keyed):
