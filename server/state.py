@@ -68,7 +68,7 @@ class StateDir:
             raise ValueError(f"{path.name} is larger than {MAX_BYTES} bytes")
         try:
             doc = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # (nested past the parser's depth: RecursionError)
             raise ValueError(f"{path.name} is not JSON: {e}") from None
         if not isinstance(doc, dict):
             raise ValueError(f"{path.name} does not hold a JSON object")
