@@ -39,7 +39,7 @@ from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
 from ..settings_sections import DriftSettings
 from .drift_checks import check_dead_letter, check_monitor, read_profile  # noqa: F401  (part of this module's interface)
-from .drift_detector import Plan
+from .drift_detector import Plan, carried_state
 from .drift_detector import main as detector_main
 from .drift_samples import sample as _sample
 from .drift_samples import stacked
@@ -121,7 +121,7 @@ class DriftService:
         self.detector_pid: int | None = None
         self._invalid_here: dict[str, int] = {}  # samples that could not be taken, per model
         self._latest: dict[str, Any] | None = None  # the running detector's last counts
-        self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0, "detections": {}}  # of those before
+        self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0}  # of those before
 
     # ---------------------------------------------------------------- start / stop
     def prepare(self, signatures: dict[str, ModelSignature | None]) -> None:
@@ -408,6 +408,11 @@ class DriftService:
             self.plan.monitors = [
                 (spec, configured, self._saved(spec.model, configured)) for spec, configured, _ in self.plan.monitors
             ]
+            self.plan.states = {  # (its debounce state and detections go on from where they were)
+                m: carried_state(dm.active, dm.detected, dm.detections, self.status_by_model.get(m, {}))
+                for m, dm in self.metrics.drift_monitors().items()
+                if m in self.specs
+            }
             self._spawn()
 
     def _window(self, model: str, w: dict[str, Any]) -> None:
@@ -427,7 +432,7 @@ class DriftService:
         dm.detected = {f: int(f in detected) for f in result["features"]}
         dm.active = int(w["active"])
         dm.drifted = len(detected)
-        dm.detections = self._carried["detections"].get(model, 0) + w["detections"]
+        dm.detections = w["detections"]  # (a restarted detector goes on from its predecessor's count)
         dm.windows += 1
         dm.window_seconds = w["span_s"]
         dm.lag.observe(w["lag_s"])
@@ -436,7 +441,7 @@ class DriftService:
             windows=dm.windows,
             active=bool(w["active"]),
             detected=sorted(detected),
-            detections=dm.detections,  # with those of detector processes before this one (the counter's)
+            detections=dm.detections,
             profile_id=w["profile_id"],
             last_window={k: v for k, v in w.items() if k not in ("detected", "active", "detections", "profile_id")},
             last_window_at=time.time(),
@@ -476,9 +481,6 @@ class DriftService:
     def _carry_counts(self) -> None:
         """A detector process is gone: its last totals are kept."""
         gone = self._carried
-        for model, dm in self.metrics.drift_monitors().items():
-            if model in self.specs:
-                gone["detections"][model] = dm.detections
         c = self._latest
         if c is None:
             return

@@ -50,6 +50,9 @@ class Plan:
     dead_letter_max_events: int = 1000
     dead_letter_retry_s: float = 30.0
     rebaseline_max_rows: int = 10_000
+    # Per model, the state a detector process before this one had reached (see carried_state):
+    # a restart goes on from it instead of starting its debounce afresh.
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +85,8 @@ class Detector:
         self.events: dict[str, int] = {}
         self._logged: dict[str, float] = {}
         for spec, configured, rebaselined in plan.monitors:
-            self.watches[spec.model] = self._watch(spec, configured, rebaselined or configured)
+            w = self.watches[spec.model] = self._watch(spec, configured, rebaselined or configured)
+            _restore(w, plan.states.get(spec.model))
         dead = DeadLetter(plan.dead_letter_file, plan.dead_letter_max_events)
         dead.retarget({spec.model: _hook(spec.webhook) for spec, _, _ in plan.monitors if spec.webhook is not None})
         self.sender = EventSender(dead, plan.dead_letter_retry_s, self._count_event)
@@ -342,6 +346,30 @@ class Detector:
             "cpu_s": time.process_time(),
             "pid": os.getpid(),
         }
+
+
+def carried_state(active: int, detected: dict[str, int], detections: int, status: dict[str, Any]) -> dict[str, Any]:
+    """What a restarted detector takes over of a monitor, as the gateway last heard it: the
+    drifted state and features, the detections and the window index. Started afresh (until
+    2026-12-06), a detector restarted in the drifted state never announced the recovery its
+    receiver waited for, and announced a drift still present as a new detection."""
+    last = status.get("last_window") or {}
+    return {
+        "active": bool(active),
+        "detected": sorted(f for f, on in detected.items() if on),
+        "detections": int(detections),
+        "index": int(last.get("index", 0)),
+    }
+
+
+def _restore(w: Watch, state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    w.flag.on = bool(state["active"])
+    for name in state["detected"]:
+        if name in w.features:
+            w.features[name].on = True
+    w.detections, w.index = int(state["detections"]), int(state["index"])
 
 
 def _hook(hook: Webhook) -> dict[str, Any]:

@@ -492,3 +492,36 @@ def test_a_rebaseline_the_detector_cannot_keep_is_a_server_error_not_the_callers
         assert _admin(gw, "drift/fraud")["profile_id"] == before
     finally:
         trap.rmdir()
+
+
+def test_a_detector_restarted_in_the_drifted_state_announces_the_recovery_and_not_the_drift_again(built, tmp_path):
+    """A restarted detector started its debounce afresh: the drift it had announced was not
+    recovered from for its receiver (the new detector, never drifted, had nothing to announce when
+    the data came back) and a drift still present was announced again as a new detection (a second
+    retraining). The state it had carries over, as its counters do."""
+    receiver = Receiver()
+    cfg = _config(tmp_path / "c.yaml", built["profile"], receiver.url)
+    gw = start_gateway(built["repo"], cfg)
+    try:
+        service = gw.gateway.drift
+        _windows(gw, 3, seed=21, shift=1.0)
+        detected = receiver.wait_for(lambda e: e["type"] == "io.batchgate.drift.detected")
+        assert len(detected) == 1 and _metric(gw, "batchgate_drift_active", model="fraud") == 1
+        pid = wait_until(lambda: service.detector_pid)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_restarts_total") == 1, timeout=20)
+        assert wait_until(lambda: _metric(gw, "batchgate_drift_detector_up") == 1 and service.detector_pid != pid)
+
+        _windows(gw, 3, seed=22, shift=1.0)  # the same drift, still present: not a new detection
+        assert _metric(gw, "batchgate_drift_active", model="fraud") == 1
+        assert _metric(gw, "batchgate_drift_detections_total", model="fraud") == 1
+        assert _metric(gw, "batchgate_drift_detected", model="fraud", feature="f2") == 1
+        assert [e["type"] for e in receiver.events] == ["io.batchgate.drift.detected"]
+
+        _windows(gw, 3, seed=23)  # back to normal: the receiver hears of it
+        recovered = receiver.wait_for(lambda e: e["type"] == "io.batchgate.drift.recovered")
+        assert len(recovered) == 1 and recovered[0]["data"]["detections"] == 1
+        assert _metric(gw, "batchgate_drift_active", model="fraud") == 0
+    finally:
+        gw.stop()
+        receiver.close()

@@ -109,19 +109,25 @@ def test_adwin_flags_a_drift_present_from_the_start_and_not_a_stationary_stream(
 
 
 # ---------------------------------------------------------------- 10. detections after a detector restart
-def test_status_counts_the_detections_of_detector_processes_before_this_one():
+def test_a_restarted_detector_goes_on_from_the_state_and_detections_before_it():
     from batchgate.monitoring.drift import DriftService
+    from batchgate.monitoring.drift_detector import Detector, Plan, carried_state
     from batchgate.monitoring.metrics import Metrics
     from batchgate.settings_sections import DriftSettings
 
     spec = parse_monitors([BASE])[0]
-    metrics = Metrics()
+    rng = np.random.default_rng(3)
+    profile = build_profile("m", {"x": build_tensor("x", rng.standard_normal((2000, 2)))})
+    state = carried_state(1, {"x[0]": 1, "x[1]": 0}, 3, {"last_window": {"index": 7}})  # as the gateway last heard
+    w = Detector(Plan([(spec, profile, None)], "/t", states={"m": state}), [].append).watches["m"]
+    assert w.flag.on and w.detections == 3 and w.index == 7
+    assert w.features["x[0]"].on and not w.features["x[1]"].on
+    metrics = Metrics()  # the gateway takes the restarted detector's count as it is (no double count)
     service = DriftService((spec,), DriftSettings(), metrics, lambda *a: None)  # type: ignore[arg-type, return-value]
-    service._carried["detections"]["m"] = 1  # the detector before the restart had detected once
-    window = {"result": {"features": {}}, "detected": [], "active": False, "detections": 0, "span_s": 1.0}
-    service._window("m", {**window, "lag_s": 0.0, "profile_id": "p", "index": 1, "rows": 100})
-    assert metrics.drift("m").detections == 1
-    assert service.status("m")["detections"] == 1
+    window = {"result": {"features": {}}, "detected": [], "active": True, "detections": 3, "span_s": 1.0}
+    service._window("m", {**window, "lag_s": 0.0, "profile_id": "p", "index": 8, "rows": 100})
+    assert metrics.drift("m").detections == 3
+    assert service.status("m")["detections"] == 3
 
 
 # ---------------------------------------------------------------- 9, 7, 8. drift profile
