@@ -39,7 +39,7 @@ from ..core.signature import ModelSignature
 from ..core.types import InferRequest, InferResponse, clip
 from ..settings_sections import DriftSettings
 from .drift_checks import check_dead_letter, check_monitor, read_profile  # noqa: F401  (part of this module's interface)
-from .drift_detector import Plan, carried_state
+from .drift_detector import Plan, Unsettled, carried_states
 from .drift_detector import main as detector_main
 from .drift_samples import sample as _sample
 from .drift_samples import stacked
@@ -122,6 +122,7 @@ class DriftService:
         self._invalid_here: dict[str, int] = {}  # samples that could not be taken, per model
         self._latest: dict[str, Any] | None = None  # the running detector's last counts
         self._carried: dict[str, Any] = {"samples": {}, "events": {}, "cpu_s": 0.0}  # of those before
+        self._unsettled = Unsettled()  # events the detector has not delivered (nor kept in its file) yet
 
     # ---------------------------------------------------------------- start / stop
     def prepare(self, signatures: dict[str, ModelSignature | None]) -> None:
@@ -408,11 +409,8 @@ class DriftService:
             self.plan.monitors = [
                 (spec, configured, self._saved(spec.model, configured)) for spec, configured, _ in self.plan.monitors
             ]
-            self.plan.states = {  # (its debounce state and detections go on from where they were)
-                m: carried_state(dm.active, dm.detected, dm.detections, self.status_by_model.get(m, {}))
-                for m, dm in self.metrics.drift_monitors().items()
-                if m in self.specs
-            }
+            self.plan.states = carried_states(self.metrics.drift_monitors(), self.specs, self.status_by_model)
+            self.plan.resend = list(self._unsettled.events.values())  # (events it had not delivered yet)
             self._spawn()
 
     def _window(self, model: str, w: dict[str, Any]) -> None:
@@ -448,6 +446,7 @@ class DriftService:
         )
 
     def _event(self, model: str, event: dict[str, Any]) -> None:
+        self._unsettled.add(event)
         data = event.get("data", {})
         feats = ", ".join(f"{d['feature']}({'+'.join(d['tests'])})" for d in data.get("drifted_features", [])[:32])
         state = data.get("state", "?")
@@ -464,6 +463,7 @@ class DriftService:
         det = self.metrics.detector
         assert det is not None
         self._latest = c
+        self._unsettled.settle(c.get("unsettled", []))
         gone = self._carried
         for model, n in c["samples"].items():
             dm = self.metrics.drift(model)

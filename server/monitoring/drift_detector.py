@@ -53,6 +53,8 @@ class Plan:
     # Per model, the state a detector process before this one had reached (see carried_state):
     # a restart goes on from it instead of starting its debounce afresh.
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Events a detector process before this one had not settled when it died (see Unsettled).
+    resend: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +92,11 @@ class Detector:
         dead = DeadLetter(plan.dead_letter_file, plan.dead_letter_max_events)
         dead.retarget({spec.model: _hook(spec.webhook) for spec, _, _ in plan.monitors if spec.webhook is not None})
         self.sender = EventSender(dead, plan.dead_letter_retry_s, self._count_event)
+        kept = {str(entry["event"].get("id")) for entry in dead.events}
+        for event in plan.resend:  # (in the order they were made; one kept in the dead letter is there)
+            hook = next((s.webhook for s, _, _ in plan.monitors if s.model == event.get("subject")), None)
+            if hook is not None and str(event.get("id")) not in kept:
+                self.sender.send(event, _hook(hook))
 
     def _count_event(self, outcome: str) -> None:
         self.events[outcome] = self.events.get(outcome, 0) + 1
@@ -343,6 +350,7 @@ class Detector:
             "samples": {m: {"used": w.used, "invalid": w.invalid} for m, w in self.watches.items()},
             "events": dict(self.events),
             "dead_letter": len(self.sender.dead),
+            "unsettled": self.sender.unsettled(),
             "cpu_s": time.process_time(),
             "pid": os.getpid(),
         }
@@ -360,6 +368,34 @@ def carried_state(active: int, detected: dict[str, int], detections: int, status
         "detections": int(detections),
         "index": int(last.get("index", 0)),
     }
+
+
+def carried_states(monitors: dict[str, Any], specs: Any, status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`carried_state` of each monitor in ``specs``, from its figures (``DriftMetrics``) and status."""
+    return {
+        m: carried_state(dm.active, dm.detected, dm.detections, status.get(m, {}))
+        for m, dm in monitors.items()
+        if m in specs
+    }
+
+
+class Unsettled:
+    """The gateway's copy of the events a detector process made and has not yet settled
+    (delivered, or kept in the dead-letter file): a detector that dies (killed as hung, out of
+    memory) loses those it was queueing or retrying, so the next one is handed them (``Plan.resend``)
+    and delivers them again under their ids (at least once: one whose delivery had just ended
+    well arrives twice). Until 2026-12-06 they were lost."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, dict[str, Any]] = {}  # id -> event, in the order they were made
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events[str(event.get("id"))] = event
+
+    def settle(self, unsettled: list[str]) -> None:
+        """The detector's list of ids still unsettled (its counts, which follow every event it sent)."""
+        keep = set(unsettled)
+        self.events = {i: e for i, e in self.events.items() if i in keep}
 
 
 def _restore(w: Watch, state: dict[str, Any] | None) -> None:

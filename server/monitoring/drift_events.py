@@ -365,6 +365,15 @@ class EventSender:
         lane.queue.append((event, webhook))
         lane.wake.set()
 
+    def unsettled(self) -> list[str]:
+        """The ids of events not settled yet: queued, in delivery, or in a dead letter kept in
+        memory only (all lost if this process dies; the gateway hands them to the next one)."""
+        with self._lock:
+            held = [e for lane in self.lanes.values() for e, _ in ([lane.current] if lane.current else [])]
+            held += [e for lane in self.lanes.values() for e, _ in lane.queue]
+            held += [entry["event"] for entry in self.dead.events] if not self.dead.path else []
+        return [str(e.get("id")) for e in held]
+
     def close(self, wait_s: float = 2.0) -> None:
         """Stop; events not yet delivered, those in delivery included, go to the dead letter (the
         file keeps them for the next start). A delivery that still ends well after this is a
