@@ -466,6 +466,12 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
             f"CloudEvents asks; it is a header of each 'format: json' event, which a control character failed), "
             f"not {source[:64]!r}"
         )
+    hang = s.drift_detector.drift_detector_hang_s
+    if 0 < hang < 2:  # (it reports every second: a shorter wait killed a healthy detector again and again)
+        raise ConfigError(
+            f"{what('drift_detector_hang_s')} must be 0 (never) or at least 2 (the detector reports every "
+            f"second), not {hang:g}"
+        )
     if rs.load_model and rs.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")
 

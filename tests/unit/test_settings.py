@@ -546,6 +546,16 @@ def test_drift_monitors_in_the_file_are_checked_with_the_settings(tmp_path, repo
     assert s.drift_detector.drift_queue_samples == 64
 
 
+def test_a_drift_hang_time_shorter_than_the_detectors_reports_is_refused(repo):
+    """The detector reports every second: a drift_detector_hang_s under that (0.5) killed a healthy
+    detector again and again (its windows lost each time). 0 (never) and 2 s or more are taken."""
+    msg = error(None, {"model_repository": repo, "drift_detector_hang_s": 0.5}, environ={})
+    assert "drift_detector_hang_s must be 0 (never) or at least 2" in msg and "not 0.5" in msg
+    for ok in (0, 2, 60):
+        s = load_settings(None, {"model_repository": repo, "drift_detector_hang_s": ok}, environ={})
+        assert s.drift_detector.drift_detector_hang_s == ok
+
+
 def test_unknown_section_is_refused_with_the_known_ones(tmp_path, repo):
     f = write(tmp_path, f"repository:\n  model_repository: {repo}\nmetrics:\n  port: 1\n")
     msg = error(f, environ={})
