@@ -286,6 +286,7 @@ class Scorer:
         self.chi2 = "chi2" in tests or "ks" in tests
         nf = len(self.layout)
         delta = spec.adwin_delta or spec.alpha / max(1, nf)
+        self.adwin_bound = math.sqrt(2.0 * math.log(2.0 / delta))  # (in standard errors; see _adwin)
         self.parts: list[_Numeric | _Categorical] = []
         for _, _, f in self.layout:
             if f.kind == "numeric":

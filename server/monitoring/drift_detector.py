@@ -234,6 +234,8 @@ class Detector:
                     entry.update(p_value=fs.pvalues[test], p_threshold=result.threshold)
                 elif test == "psi":
                     entry["threshold"] = w.spec.psi_threshold
+                elif test == "adwin":  # (its bound: until 2026-12-06 the entry held the score alone)
+                    entry["threshold"] = scorer.adwin_bound
                 tests[test] = entry
             drifted.append({"feature": name, "tests": tests})
         data = {

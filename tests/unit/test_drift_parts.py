@@ -468,3 +468,21 @@ def test_boolean_words_in_any_case_are_keyed_as_bools_live_and_in_an_older_profi
     feature = {"name": "f", "kind": "categorical", "count": 4, "categories": {"true": 0.75, "false": 0.25}}
     profile = profile_from_json({"format": PROFILE_FORMAT, "model": "m", "inputs": {"x": [feature]}})
     assert profile.inputs["x"][0].categories == {"1": 0.75, "0": 0.25}
+
+
+def test_a_detected_events_adwin_entry_carries_its_threshold():
+    """An event's drifted features carry each deciding test's score and its threshold or p-value:
+    ADWIN's came with its score alone, so a receiver could not tell how far past its bound it was."""
+    import math
+
+    detector, sent = _detector(tests=["adwin"], debounce_windows=1, alpha=0.01)
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        x = rng.standard_normal((100, 3)) + np.array([3.0, 0.0, 0.0])  # feature a moved by 3 sigma
+        detector.add("m", 0.0, 0.0, {("input", "x"): x}, 1, 0.0)
+    (event,) = [m[2] for m in sent if m[0] == "event"]
+    (entry,) = [d for d in event["data"]["drifted_features"] if d["feature"] == "a"]
+    adwin = entry["tests"]["adwin"]
+    watched = len(detector.watches["m"].scorer.layout)  # (ADWIN's delta: alpha / features watched)
+    assert adwin["threshold"] == pytest.approx(math.sqrt(2 * math.log(2 / (0.01 / watched))))
+    assert adwin["score"] > adwin["threshold"]
