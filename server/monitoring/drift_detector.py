@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ log = logging.getLogger("batchgate.drift")
 Key = tuple[str, str]  # (side, tensor)
 TICK_S = 0.2
 COUNTS_EVERY_S = 1.0
+SCORING_ALIVE_S = 600.0  # a window's scoring is told alive for at most this long (see _pulse)
 COMMIT_RESERVE_S = 0.25  # a command is carried out only this long or more before its caller stops waiting
 
 
@@ -83,6 +85,7 @@ class Detector:
     def __init__(self, plan: Plan, send):
         self.plan = plan
         self.send = send
+        self.scoring_since: float | None = None  # when the window being scored began (see _pulse)
         self.watches: dict[str, Watch] = {}
         self.events: dict[str, int] = {}
         self._logged: dict[str, float] = {}
@@ -187,8 +190,11 @@ class Detector:
         w.buffers = {}
         rows, span = w.rows, max(0.0, w.last_offered - w.opened)
         w.rows = 0
-        started = time.monotonic()
-        result = w.scorer.score(block)
+        started = self.scoring_since = time.monotonic()
+        try:
+            result = w.scorer.score(block)
+        finally:
+            self.scoring_since = None
         w.index += 1
         changed = w.flag.step(result.drifted_window)
         detected = []
@@ -427,13 +433,35 @@ def _in_time(name: str, until: float) -> None:
         raise TimeoutError(f"the {name} came too late for its caller: dropped")
 
 
+def _pulse(detector: Detector, send, every_s: float = COUNTS_EVERY_S) -> None:
+    """While a window is being scored, say so every ``every_s``: the detector reports between
+    windows only, and a large window takes longer than ``drift_detector_hang_s`` (100,000 rows
+    of 512 features: 24 s here), so the gateway's watchdog killed a busy detector again and again
+    and no window was ever scored. For at most ``SCORING_ALIVE_S`` of one window: a scoring that
+    never ends is still a hang."""
+    while True:
+        time.sleep(every_s)
+        since = detector.scoring_since
+        if since is not None and time.monotonic() - since < SCORING_ALIVE_S:
+            try:
+                send(("alive",))
+            except (OSError, ValueError):  # the gateway is gone
+                return
+
+
 def main(inbox, outbox, plan: Plan) -> None:
     """The detector process's entry point (multiprocessing, spawn)."""
     if hasattr(os, "nice"):
         os.nice(5)  # below the gateway's own threads
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s drift-detector %(levelname)s %(message)s")
-    send = outbox.send
+    lock = threading.Lock()  # (the pulse's thread sends too: one message at a time on the pipe)
+
+    def send(msg) -> None:
+        with lock:
+            outbox.send(msg)
+
     detector = Detector(plan, send)
+    threading.Thread(target=_pulse, args=(detector, send), name="drift-pulse", daemon=True).start()
     send(("up", os.getpid()))
     last_counts = 0.0
     try:

@@ -468,3 +468,36 @@ def test_a_webhook_host_whose_name_does_not_resolve_in_time_fails_the_attempt_wi
         held.set()
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------- a window that takes long to score
+def test_a_detector_scoring_a_large_window_says_it_is_alive_and_only_then():
+    """The detector reports between windows; one that takes longer to score than
+    drift_detector_hang_s (a window of up to 10^6 rows is allowed) was killed by the gateway's
+    watchdog again and again, no window ever scored (found by a re-check: 60,000 rows of 272
+    features killed at hang_s 3). While a window is scored, a pulse says it is alive; before and
+    after, silence (a stuck detector is still told by its silence)."""
+    from batchgate.monitoring.drift_detector import Detector, Plan, _pulse
+
+    rng = np.random.default_rng(3)
+    rows, width = 200_000, 64
+    spec = parse_monitors([{**BASE, "window": {"samples": rows, "max_s": 3600}, "tests": ["ks", "psi"]}])[0]
+    profile = build_profile("m", {"x": build_tensor("x", rng.standard_normal((5000, width)))})
+    sent: list = []
+    detector = Detector(Plan([(spec, profile, None)], "/t"), sent.append)
+    try:
+        threading.Thread(target=_pulse, args=(detector, sent.append, 0.005), daemon=True).start()
+        time.sleep(0.1)
+        assert sent.count(("alive",)) == 0  # nothing scored: nothing said
+        started = time.monotonic()
+        detector.add("m", 0.0, 0.0, {("input", "x"): rng.standard_normal((rows, width))}, 1, now=0.0)
+        took = time.monotonic() - started
+        windows = [m for m in sent if m[0] == "window"]
+        assert len(windows) == 1, "the window was not scored"
+        alive = sent.count(("alive",))
+        assert alive >= 1, f"scoring took {took:.3f} s and said nothing"
+        assert all(m == ("alive",) for m in sent[: sent.index(windows[0])] if m[0] != "event")
+        time.sleep(0.1)
+        assert sent.count(("alive",)) == alive  # scored: silent again
+    finally:
+        detector.sender.close()
