@@ -56,6 +56,7 @@ ShapeKey = tuple[tuple[str, str, tuple[int, ...]], ...]
 # its deadline, inf when none; its submission number).
 Order = tuple[int, float, int]
 Answer = InferResponse | GatewayError
+MAX_COST_SHAPES = 256  # shapes whose batch costs are learned at once (past it, learning starts again)
 
 
 # ------------------------------------------------------------------ merge and split (pure)
@@ -96,6 +97,7 @@ class _Entry:
         "request",
         "rows",
         "key",
+        "shape",
         "level",
         "deadline",
         "soft_deadline",
@@ -110,6 +112,7 @@ class _Entry:
         ticket: Ticket,
         rows: int,
         key: object,  # a ShapeKey, or the group an open signature chose
+        shape: ShapeKey,
         level: int,
         deadline: float | None,
         soft_deadline: float | None,
@@ -120,6 +123,7 @@ class _Entry:
         self.request = ticket.request
         self.rows = rows
         self.key = key
+        self.shape = shape  # what its batch's cost is learned under
         self.level = level
         self.deadline = deadline  # hard: gRPC deadline / V2 timeout
         self.soft_deadline = soft_deadline  # queue policy timeout (REJECT or DELAY)
@@ -140,7 +144,9 @@ class DynamicBatcher(_SchedulerBase):
     ):
         self._execute = execute
         self._refused = refused or _ignore
-        self.cost = CostModel()
+        # Batch costs by the shape of the non-batch dims (a long sequence's time says nothing of a
+        # short one's), at most MAX_COST_SHAPES of them (callers choose the shapes).
+        self.costs: dict[ShapeKey, CostModel] = {}
         self.config = config
         self._clock = clock
         self._name = name
@@ -152,7 +158,7 @@ class DynamicBatcher(_SchedulerBase):
         self._timed = 0  # queued entries with a deadline or a policy timeout
         self._free = config.instances
         self._executing = 0
-        self._running: dict[int, tuple[float, int]] = {}  # batches executing: (started, rows), by number
+        self._running: dict[int, tuple[float, int, CostModel]] = {}  # executing: (started, rows, cost), by number
         self._launched = 0
         self._closed = False
         self._pumping = False
@@ -224,10 +230,14 @@ class DynamicBatcher(_SchedulerBase):
                 "requests waiting (its priority_queue_policy's max_queue_size)",
                 retry_after_s=self._drain.seconds_to_drain(self._depth),
             )
-        if request.deadline is not None:
-            wait = self._expected_wait(rows, level, request.deadline, now)
+        group = ticket.checked.group
+        shape = shape_key(request)
+        key = shape if group is None else group
+        cost = self.costs.get(shape) if request.deadline is not None else None
+        if cost is not None and request.deadline is not None:  # (nothing learned of a shape never run)
+            wait = self._expected_wait(rows, key, cost, level, request.deadline, now)
             # (refused unless it goes in as the probe: asked only then, since asking takes it)
-            if wait is not None and now + wait > request.deadline and (self._executing or not self.cost.probe(now)):
+            if wait is not None and now + wait > request.deadline and (self._executing or not cost.probe(now)):
                 self._refused(UNMEETABLE)
                 rid = f"[request id: {request.id}] " if request.id else ""
                 raise GatewayError(
@@ -239,10 +249,7 @@ class DynamicBatcher(_SchedulerBase):
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._seq += 1
         order: Order = (0, request.deadline if request.deadline is not None else math.inf, self._seq)
-        group = ticket.checked.group
-        entry = _Entry(
-            ticket, rows, shape_key(request) if group is None else group, level, request.deadline, soft, order, future
-        )
+        entry = _Entry(ticket, rows, key, shape, level, request.deadline, soft, order, future)
         insort(self._levels[level], (order, entry), key=lambda x: x[0])
         if cfg.preserve_ordering:
             self._arrival_order.append(entry)
@@ -285,13 +292,26 @@ class DynamicBatcher(_SchedulerBase):
         self._check_idle()
         return len(gone)
 
-    def _expected_wait(self, rows: int, level: int, deadline: float, now: float) -> float | None:
-        """Seconds until a new request would finish at the soonest, from the work queued ahead of
-        it (higher levels, and earlier deadlines in its own) and the learned cost of batches; None
-        while nothing has been measured. A lower bound, so that a refusal is sure: a busy instance
-        frees when its batch's least time has passed since it started (not a whole batch later),
-        and the rows ahead make full batches but for the last, its own, which holds what is left."""
-        if not self.cost.known():
+    def cost_of(self, shape: ShapeKey) -> CostModel:
+        """The learned cost of batches of ``shape`` (non-batch dims), made when one first runs."""
+        cost = self.costs.get(shape)
+        if cost is None:
+            if len(self.costs) >= MAX_COST_SHAPES:
+                self.costs.clear()
+            cost = self.costs[shape] = CostModel()
+        return cost
+
+    def _expected_wait(
+        self, rows: int, key: object, cost_model: CostModel, level: int, deadline: float, now: float
+    ) -> float | None:
+        """Seconds until a new request would finish at the soonest, from the work of its own group
+        (``key``: its shape) queued ahead of it (higher levels, and earlier deadlines in its own)
+        and the learned cost of batches of its shape; None while none has been measured. A lower
+        bound, so that a refusal is sure: a busy instance frees when its batch's least time (at
+        that batch's shape) has passed since it started (not a whole batch later), the rows ahead
+        make full batches but for the last, its own, which holds what is left, and work of other
+        shapes counts nothing (their batches may go after its own)."""
+        if not cost_model.known():
             return None
         cfg = self.config
         ahead = rows
@@ -299,16 +319,19 @@ class DynamicBatcher(_SchedulerBase):
             if i > level:
                 break
             for order, e in lvl:
-                if i < level or order[0] == 0 and order[1] <= deadline:
+                if e.key == key and (i < level or order[0] == 0 and order[1] <= deadline):
                     ahead += e.rows
         full, rest = divmod(ahead, cfg.max_batch_size)
         waves = -(-(full + (rest > 0)) // cfg.instances)
         # (A refusal must be sure: taking the nearest larger size measured refused a lone row on an
         # idle model because a full batch had once been timed, and kept refusing it.)
-        cost = self.cost.at_least
+        cost = cost_model.at_least
         busy = 0.0
         if self._free <= 0 and self._running:
-            busy = min(max(0.0, cost(r) - (now - started)) for started, r in self._running.values())
+            busy = min(
+                max(0.0, c.at_least(r) - (now - started)) if c.known() else 0.0
+                for started, r, c in self._running.values()
+            )
         return busy + (waves - 1) * cost(cfg.max_batch_size) + cost(rest or cfg.max_batch_size)
 
     # -------------------------------------------------------------- queue
@@ -445,8 +468,9 @@ class DynamicBatcher(_SchedulerBase):
                 first, at = e, e.deadline
         if first is None:
             return math.inf
-        if self.cost.known():
-            return at - self.cost.seconds(rows)
+        cost = self.costs.get(picked[0].shape)
+        if cost is not None and cost.known():
+            return at - cost.seconds(rows)
         return at - (at - first.request.arrival) / 2
 
     def _pump(self) -> None:
@@ -531,14 +555,14 @@ class DynamicBatcher(_SchedulerBase):
             tickets.append(e.ticket)
         rows = sum(e.rows for e in batch)
         self._launched += 1
-        self._running[self._launched] = (now, rows)
+        self._running[self._launched] = (now, rows, self.cost_of(batch[0].shape))
         self._execute(tickets, partial(self._finished, batch, rows, now, self._launched))
 
     def _finished(self, batch: list[_Entry], rows: int, started: float, number: int, results: Results) -> None:
-        self._running.pop(number, None)
-        if not isinstance(results, BaseException):
+        running = self._running.pop(number, None)
+        if not isinstance(results, BaseException) and running is not None:
             now = self._clock()
-            self.cost.observe(rows, now - started, now)
+            running[2].observe(rows, now - started, now)
         self._free += 1
         self._executing -= len(batch)
         self._drain.done(len(batch), self._depth > 0)
