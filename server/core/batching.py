@@ -144,8 +144,7 @@ class DynamicBatcher(_SchedulerBase):
     ):
         self._execute = execute
         self._refused = refused or _ignore
-        # Batch costs by the shape of the non-batch dims (a long sequence's time says nothing of a
-        # short one's), at most MAX_COST_SHAPES of them (callers choose the shapes).
+        # Batch costs by shape of the non-batch dims (a long sequence's time says nothing of a short one's)
         self.costs: dict[ShapeKey, CostModel] = {}
         self.config = config
         self._clock = clock
@@ -169,6 +168,7 @@ class DynamicBatcher(_SchedulerBase):
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain = DrainRate(clock)
+        self._owed = 0  # requests of finished batches the drain rate has not been told of yet
         self._preferred_set = frozenset(config.preferred_batch_sizes)
         # (as Triton, which takes max_batch_size for the preferred size when a config gives none)
         self._largest_preferred = max(self._preferred_set, default=config.max_batch_size)
@@ -304,13 +304,11 @@ class DynamicBatcher(_SchedulerBase):
     def _expected_wait(
         self, rows: int, key: object, cost_model: CostModel, level: int, deadline: float, now: float
     ) -> float | None:
-        """Seconds until a new request would finish at the soonest, from the work of its own group
-        (``key``: its shape) queued ahead of it (higher levels, and earlier deadlines in its own)
-        and the learned cost of batches of its shape; None while none has been measured. A lower
-        bound, so that a refusal is sure: a busy instance frees when its batch's least time (at
-        that batch's shape) has passed since it started (not a whole batch later), the rows ahead
-        make full batches but for the last, its own, which holds what is left, and work of other
-        shapes counts nothing (their batches may go after its own)."""
+        """Seconds until a new request would finish at the soonest, from the work of its group
+        (``key``) queued ahead of it (higher levels, and earlier deadlines in its own) and the
+        learned cost of its shape; None while none is known. A lower bound, so that a refusal is
+        sure: a busy instance frees when its batch's least time has passed since it started, the
+        rows ahead make full batches but for the last, its own, and other shapes count nothing."""
         if not cost_model.known():
             return None
         cfg = self.config
@@ -488,6 +486,9 @@ class DynamicBatcher(_SchedulerBase):
                 self._pump_once()
         finally:
             self._pumping = False
+        if self._owed:  # finished, and no batch went next: the instance it freed is idle
+            self._drain.done(self._owed, False)
+            self._owed = 0  # (and just before a launch: the time since was busy)
 
     def _pump_soon(self) -> None:
         self._soon = None
@@ -513,6 +514,9 @@ class DynamicBatcher(_SchedulerBase):
                 wake = min(wake, due)
             if batch is None:
                 break
+            if self._owed:
+                self._drain.done(self._owed, True)
+                self._owed = 0
             self._launch(batch)
         for lvl in self._levels if self._timed else ():  # the next deadline or policy timeout
             for _, e in lvl:
@@ -565,11 +569,13 @@ class DynamicBatcher(_SchedulerBase):
             running[2].observe(rows, now - started, now)
         self._free += 1
         self._executing -= len(batch)
-        self._drain.done(len(batch), self._depth > 0)
         if isinstance(results, BaseException):
             results = [GatewayError(ErrorCode.INTERNAL, f"model '{self._name}' failed: {results}")] * len(batch)
         for e, r in zip(batch, results):
             self._answer(e, r)
+        # Told the drain rate by the pump: busy if another batch goes at once (requests waiting out
+        # the delay beside an idle instance had measured a fast model at a few requests a second).
+        self._owed += len(batch)
         self._pump()
 
     def _check_idle(self) -> None:

@@ -397,7 +397,8 @@ class DrainRate:
     is judged by the capacity measured under load, not by the low traffic before it.
 
     ``done(n, backlog)`` is called once per finished execution (n requests; ``backlog``: was
-    anything still waiting). Figures decay by half every ``window_s`` of busy time."""
+    anything still waiting; for the dynamic batcher, was every instance at work again at once).
+    Figures decay by half every ``window_s`` of busy time."""
 
     __slots__ = ("_clock", "_window", "_last", "_busy", "_busy_s", "_busy_n", "completed")
 
