@@ -11,6 +11,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
+from ..core.batcher_config import MAX_PRIORITY_LEVELS
 from ..core.errors import ErrorCode, GatewayError
 from ..core.types import BY_CONFIG, DATATYPES, from_raw, is_version_text, to_raw
 from ..shm import BYTE_SIZE, OFFSET, REGION
@@ -187,6 +188,13 @@ def served_config(spec: RemoteModel, upstream: mc.ModelConfig) -> ServedConfig:
         cfg.ClearField(name)
     if spec.batching == "gateway" and cfg.max_batch_size > 0 and not out.one_by_one:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
+        # Requests wait in this queue before the upstream's: they wait in the upstream's priority
+        # order here too (a request's `priority` reaches the upstream with it), or a priority-1
+        # request queued here behind every request of a lower level that came first.
+        levels, default = upstream.dynamic_batching.priority_levels, upstream.dynamic_batching.default_priority_level
+        if 1 <= default <= levels <= MAX_PRIORITY_LEVELS:
+            cfg.dynamic_batching.priority_levels = levels
+            cfg.dynamic_batching.default_priority_level = default
     cfg.instance_group.add(count=spec.inflight, kind=mc.ModelInstanceGroup.KIND_MODEL)
     cfg.parameters["remote_upstreams"].string_value = ",".join(spec.upstreams)
     cfg.parameters["remote_batching"].string_value = spec.batching

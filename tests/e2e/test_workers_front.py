@@ -520,3 +520,49 @@ def test_front_mode_exports_the_routes_the_workers_serve(tmp_path):
     assert answered == 10, text
     assert _value(text, 'nv_inference_request_success{model="r",version=""}') == 10
     assert int(stats["inference_stats"]["success"]["count"]) == 10
+
+
+def test_front_mode_a_higher_priority_request_passes_those_waiting_at_the_workers(tmp_path):
+    """The workers' queue before the owner's knew no priority levels: requests past the calls a
+    worker keeps open to the owner waited there in arrival order, so a priority-1 request sent
+    after 10 of the default level was answered 10th of 11 (the owner's levels ordered only what
+    reached it). The workers' queues now take the owner's priority_levels and default level."""
+    config = "max_batch_size: 1\ndynamic_batching { priority_levels: 2 default_priority_level: 2 }\n"
+    _save(slow_model(width=1024, layers=1500), str(tmp_path), "slow", config=config)  # ~0.3 s a request
+    p = Proc(serve_args(str(tmp_path), "--workers", "2", "--workers-mode", "front", "--queue-target-ms", "0",
+                        "--max-queue-wait-ms", "0"))  # fmt: skip
+    try:
+        p.wait_ready()
+        order: list[str] = []
+        lock = threading.Lock()
+
+        def client(name: str, priority: int) -> None:
+            c = grpcclient.InferenceServerClient(p.grpc)
+            x = grpcclient.InferInput("input", [1, 1024], "FP32")
+            x.set_data_from_numpy(np.ones((1, 1024), np.float32))
+            try:
+                c.infer("slow", [x], client_timeout=120, priority=priority)
+                with lock:
+                    order.append(name)
+            finally:
+                c.close()
+
+        lows = [threading.Thread(target=client, args=(f"low{i}", 0)) for i in range(10)]
+        for t in lows:
+            t.start()
+        metrics = f"http://127.0.0.1:{p.ports[2]}/metrics"
+        series = 'batchgate_inflight_requests{model="slow",version="1"}'
+        eventually(
+            lambda: _value(urllib.request.urlopen(metrics, timeout=20).read().decode(), series) >= 10,
+            "the 10 requests of the default level in flight",
+            timeout=60,
+        )
+        high = threading.Thread(target=client, args=("high", 1))
+        high.start()
+        for t in (*lows, high):
+            t.join()
+        assert len(order) == 11
+        # at most the one executing and those the owner took meanwhile go before it
+        assert order.index("high") <= 3, order
+    finally:
+        p.kill()

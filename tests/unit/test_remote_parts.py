@@ -38,6 +38,24 @@ def test_config_from_metadata_without_batching():
     assert fixed.max_batch_size == 0 and list(fixed.input[0].dims) == [2, 3]
 
 
+def test_gateway_batching_queues_by_the_upstreams_priority_levels_when_they_are_valid_here():
+    """The gateway's queue before the upstream's takes the upstream's priority levels (a request's
+    priority travels with it); levels this gateway would refuse are left out, never failing the load."""
+    from batchgate.backends.v2_messages import served_config
+    from batchgate.remote_models import RemoteModel
+    from batchgate.repository.config import schedule_of
+
+    upstream = config_from_metadata(_metadata([-1, 3], [-1]), max_batch_size=8)
+    spec = RemoteModel(name="m", upstreams=("127.0.0.1:1",))
+    for levels, default, kept in ((3, 2, (3, 2)), (0, 0, (0, 0)), (5000, 1, (0, 0)), (2, 0, (0, 0))):
+        upstream.dynamic_batching.priority_levels, upstream.dynamic_batching.default_priority_level = levels, default
+        schedule = schedule_of(served_config(spec, upstream).config, 16, "triton")
+        assert schedule is not None and (schedule.priority_levels, schedule.default_priority_level) == kept
+    passthrough = RemoteModel(name="m", upstreams=("127.0.0.1:1",), batching="passthrough")
+    upstream.dynamic_batching.priority_levels, upstream.dynamic_batching.default_priority_level = 3, 2
+    assert schedule_of(served_config(passthrough, upstream).config, 16, "triton") is None
+
+
 def test_config_from_metadata_refuses_an_unknown_datatype():
     from batchgate.core.errors import GatewayError
 
