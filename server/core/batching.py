@@ -213,6 +213,7 @@ class DynamicBatcher(_SchedulerBase):
         level = self._level_of(request)
         now = self._clock()
         if request.deadline is not None and now >= request.deadline:
+            self._refused(EXPIRED)
             raise deadline_error(request)
         if cfg.max_queue_size and self._depth >= cfg.max_queue_size:
             self._refused(QUEUE_FULL)

@@ -208,6 +208,7 @@ class PassThroughScheduler(_SchedulerBase):
         w = _Waiter(ticket, loop.create_future())
         if self._free and not self._waiters:  # fast path: an instance is idle and nobody is ahead
             if deadline is not None and self._clock() >= deadline:
+                self._refused(EXPIRED)
                 raise deadline_error(request)
             self._free -= 1
             w.taken = True
@@ -223,6 +224,7 @@ class PassThroughScheduler(_SchedulerBase):
             if deadline is not None:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
+                    self._refused(EXPIRED)
                     raise deadline_error(request)
                 w.timer = loop.call_later(remaining, self._expire, w)
             with self._lock:

@@ -221,14 +221,24 @@ async def test_deadline_passing_while_queued_gives_deadline_exceeded_and_never_r
 
 
 async def test_deadline_already_past_at_submit_never_runs_even_with_a_free_slot():
+    """(and it counts among the refusals as deadline_expired, free slot or not: such a request was
+    answered DEADLINE_EXCEEDED unexecuted without being counted)"""
     clock = FakeClock(50.0)
     be = GatedBackend()
-    s = PassThroughScheduler(executor(be), instances=1, clock=clock, name="m")
+    reasons: list[str] = []
+    s = PassThroughScheduler(executor(be), instances=1, clock=clock, name="m", refused=reasons.append)
     with pytest.raises(GatewayError) as ei:
         await s.submit(rq("stale", deadline=49.0))
     assert ei.value.code is ErrorCode.DEADLINE_EXCEEDED
     assert be.started == []
     assert s.queue_depth == 0 and s.executing == 0
+    busy = submit(s, "busy")
+    await settle()
+    with pytest.raises(GatewayError):
+        await s.submit(rq("stale2", deadline=49.0))
+    assert reasons == ["deadline_expired", "deadline_expired"]
+    be.release("busy")
+    await busy
 
 
 async def test_deadline_in_the_future_runs_normally():
