@@ -22,12 +22,13 @@ from ..backends.base import Backend, LocalOptions, Reshaped, local_backend, loca
 from ..backends.remote import RemoteV2Backend
 from ..config import RemoteModel, batching_policies
 from ..core.errors import ModelConfigError
-from ..core.types import clip, printable
+from ..core.types import clip, is_version_text, printable
 from ..model import ModelVersion
 from ..monitoring.metrics import Metrics
 from ..threads import InferenceThreads
 from .config import (
     BACKEND_NAMES,
+    CONFIG_FILE,
     batch_doubts,
     check_instance_groups,
     complete_config,
@@ -387,6 +388,11 @@ def _no_versions(model_dir: str) -> str:
     for file, _ in MODEL_FILES:  # (a model file without a version, or a model's own directory as the repository)
         if os.path.exists(os.path.join(model_dir, file)):
             name = os.path.basename(model_dir)
+            if _one_models_directory(os.path.dirname(model_dir)):  # (its version directory, taken for a model)
+                return (
+                    f"; '{name}' is a version directory holding {file}: --model-repository names one model's own "
+                    "directory; give it the folder that holds the model directories (the parent of this one)"
+                )
             return (
                 f"; {file} lies in the model directory itself: move it into a version directory "
                 f"({name}/1/{file}), or, if this is one model's directory, give --model-repository the folder "
@@ -400,6 +406,17 @@ def _no_versions(model_dir: str) -> str:
         return ""
     shown = ", ".join(printable(clip(n, 32)) for n in others[:8]) + (", ..." if len(others) > 8 else "")
     return f"; not versions (a version directory is a number of at most 18 digits without a leading 0): {shown}"
+
+
+def _one_models_directory(repository: str) -> bool:
+    """Whether the repository looks like one model's own directory: a config.pbtxt of its own,
+    or version numbers for all its subdirectories."""
+    try:
+        names = os.listdir(repository)
+    except OSError:
+        return False
+    dirs = [n for n in names if os.path.isdir(os.path.join(repository, n))]
+    return CONFIG_FILE in names or (bool(dirs) and all(is_version_text(n) and not n.startswith("0") for n in dirs))
 
 
 def _other_file(model_dir: str, version: int, platform: str) -> str:

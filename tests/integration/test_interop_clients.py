@@ -152,6 +152,31 @@ def test_a_model_directory_without_versions_says_what_it_holds_instead(tmp_path,
     )
 
 
+def test_a_repository_that_is_one_models_own_directory_is_told_so(tmp_path, serve):
+    """`--model-repository models/clf` (the model's directory, not the folder of models) served its
+    version directory as a model '1', told to move its file "into a version directory
+    (1/1/model.onnx)": advice that makes things worse."""
+    _save(classifier_model(), str(tmp_path), "clf", config="max_batch_size: 4\n")
+    shutil.copytree(tmp_path / "clf" / "1", tmp_path / "clf" / "2")
+    running = serve(str(tmp_path / "clf"))
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert set(rows) == {"1", "2"}
+    assert rows["1"]["reason"] == (
+        "model '1' has no version directory (e.g. 1/1/model.onnx); '1' is a version directory holding "
+        "model.onnx: --model-repository names one model's own directory; give it the folder that holds "
+        "the model directories (the parent of this one)"
+    )
+    # a folder of models where a model named 7 has its file out of place: told to move it, as before
+    os.rename(tmp_path / "clf" / "2", tmp_path / "7")
+    running = serve(str(tmp_path))
+    rows = {r["name"]: r for r in httpclient.InferenceServerClient(running.http_url).get_model_repository_index()}
+    assert rows["7"]["reason"].endswith(
+        "model.onnx lies in the model directory itself: move it into a version "
+        "directory (7/1/model.onnx), or, if this is one model's directory, give --model-repository the folder "
+        "that holds the model directories"
+    )
+
+
 def test_a_model_to_load_that_the_repository_lacks_is_told_so(tmp_path):
     """`--load-model nosuch` was told "has no version directory (e.g. nosuch/1/model.onnx)", as if
     the directory were there."""
