@@ -90,9 +90,16 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .remote import TargetError
-    from .run import TooManyRejects
-    from .tables import ScoreError
+    try:  # (the score extra: pyarrow reads and writes the tables, rich draws the progress bar)
+        import pyarrow  # noqa: F401
+        import rich  # noqa: F401
+
+        from .remote import TargetError
+        from .run import TooManyRejects
+        from .tables import ScoreError
+    except ImportError as e:
+        print(f"batchgate score: {e.name} is missing: pip install 'batchgate[score]'", file=sys.stderr)
+        return EXIT_USAGE
 
     if (
         args.batch_size < 1

@@ -71,6 +71,28 @@ def _rejects(out: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def test_without_the_score_extra_the_missing_package_and_the_extra_are_named(repo, tmp_path):
+    """After `make serve` (the server alone), `batchgate score` ended in a traceback,
+    "ModuleNotFoundError: No module named 'pyarrow'"; the other commands name their extra."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\n\nsys.modules['pyarrow'] = None  # import pyarrow fails\n")
+    src = tmp_path / "in.csv"
+    src.write_text("a,b,c,d\n0.1,0.2,0.3,0.4\n")
+    path = os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(
+        [*BATCHGATE, "--model", "clf", "--model-repository", repo, "--input", str(src), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "batchgate score: pyarrow is missing: pip install 'batchgate[score]'" in done.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_csv_to_parquet_keeps_columns_rejects_bad_rows_and_matches_onnx_runtime(repo, tmp_path):
     x = _features(1000)
     rows = [f"{i},{','.join(repr(float(v)) for v in x[i])},tag{i}" for i in range(1000)]
