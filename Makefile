@@ -28,7 +28,7 @@ $(PY):
 	$(PIP_INSTALL) --upgrade pip
 
 $(SERVE_STAMP): $(INSTALL_DEPS) | $(PY)
-	@echo "==> installing batchgate for serving: pip install -e . (about 45 packages, 320 MB; one to two minutes)"
+	@echo "==> installing batchgate for serving: pip install -e . (about 55 packages, 320 MB; one to two minutes)"
 	$(PIP_INSTALL) -e .
 	@touch $@
 	@echo "==> serving install done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
