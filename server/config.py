@@ -403,7 +403,9 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
     if check_repository and not rs.model_repository and not s.remote_models:
         raise ConfigError("model_repository is required (--model-repository DIR), unless remote_models are given")
     if check_repository and rs.model_repository and not os.path.isdir(rs.model_repository):
-        raise ConfigError(f"{what('model_repository')} '{rs.model_repository}' is not a directory")
+        here = f" (a relative path is taken from the current directory: {os.path.abspath(rs.model_repository)})"
+        here = "" if os.path.isabs(rs.model_repository) else here
+        raise ConfigError(f"{what('model_repository')} '{rs.model_repository}' is not a directory{here}")
     for port in ("http_port", "grpc_port"):
         v = getattr(s.server, port)
         if not 0 <= v <= 65535:

@@ -158,6 +158,27 @@ def test_bad_config_file_and_missing_repository(tmp_path):
     assert r.returncode == 2 and "is not a directory" in r.stderr
 
 
+def test_a_relative_repository_that_is_not_there_says_where_it_was_looked_for(tmp_path):
+    """`model_repository: models` in a config file beside its `models/`, started from another
+    directory, was told only "'models' is not a directory" (it is one, next to the file)."""
+    (tmp_path / "etc" / "models").mkdir(parents=True)
+    cfg = tmp_path / "etc" / "bg.yaml"
+    cfg.write_text("model_repository: models\n")
+    (tmp_path / "elsewhere").mkdir()
+    r = subprocess.run(
+        BATCHGATE + ["serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path / "elsewhere",
+    )
+    assert r.returncode == 2
+    assert (
+        f"config file {cfg}: model_repository 'models' is not a directory (a relative path is taken from the "
+        f"current directory: {tmp_path / 'elsewhere' / 'models'})"
+    ) in r.stderr
+
+
 def test_config_file_and_env_and_json_logs_with_request_id(proc, small_repo, tmp_path):
     cfg = tmp_path / "bg.yaml"
     cfg.write_text(
