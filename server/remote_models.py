@@ -103,6 +103,11 @@ def _upstreams(ups: Any, source: str, model: str) -> tuple[str, ...]:
     if not out:
         raise ConfigError(f"{source}: remote model '{model}' needs at least one upstream host:port")
     for u in out:
+        if "://" in u:
+            raise ConfigError(
+                f"{source}: remote model '{model}': upstream {shown(u)} must be host:port without a scheme "
+                "(the upstream's gRPC port; tls: true for TLS)"
+            )
         if not is_host_port(u):
             raise ConfigError(
                 f"{source}: remote model '{model}': upstream {shown(u)} must be host:port with a port from 1 to 65535"

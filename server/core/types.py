@@ -360,9 +360,9 @@ MODEL_NAME_RULE = "model names are one of [A-Za-z0-9_] then up to 127 of [A-Za-z
 def is_host_port(address: str) -> bool:
     """Whether ``address`` is HOST:PORT with a port from 1 to 65535, in ASCII digits (str.isdigit()
     also takes '²', which int() refuses, and '٣', which it reads as 3; gRPC takes a port past
-    65535 modulo 65536: another port)."""
+    65535 modulo 65536: another port). No host holds "/": a URL (``http://h:8001``) is not one."""
     host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+    return bool(sep and host and "/" not in host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)
 
 
 def printable(text: str) -> str:

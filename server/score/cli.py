@@ -118,12 +118,14 @@ def main(args: argparse.Namespace) -> int:
         if path and not os.path.exists(path):
             print(f"batchgate score: {what} {path} does not exist", file=sys.stderr)
             return EXIT_USAGE
-    from ..core.types import MODEL_NAME, MODEL_NAME_RULE, printable
+    from ..core.types import MODEL_NAME, MODEL_NAME_RULE, is_host_port, printable
     from .output import input_in_output, rejects_in_the_way
 
     problem = ""
     if not MODEL_NAME.fullmatch(args.model):  # (a path here loaded a model from outside the repository)
         problem = f"--model must be a model name ({MODEL_NAME_RULE}), not {printable(args.model[:128])!r}"
+    elif args.target and not is_host_port(args.target):  # (a URL failed every call "Misformatted domain name")
+        problem = f"--target must be HOST:PORT (no scheme), not {printable(args.target[:128])!r}"
     elif os.path.exists(args.output) and not os.path.isdir(args.output):
         problem = f"--output {args.output} is a file, not a folder"
     elif args.rejects and os.path.exists(args.rejects) and os.path.samefile(args.rejects, args.input):

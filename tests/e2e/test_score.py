@@ -93,6 +93,18 @@ def test_without_the_score_extra_the_missing_package_and_the_extra_are_named(rep
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_a_target_given_as_a_url_is_refused_before_anything_runs(tmp_path):
+    """`--target http://h:8001` (as tritonclient users write addresses) failed the run "errors
+    resolving http://h:8001 ... Misformatted domain name"."""
+    src = tmp_path / "in.csv"
+    src.write_text("a,b,c,d\n0.1,0.2,0.3,0.4\n")
+    done = score(
+        "--model", "clf", "--target", "http://127.0.0.1:8001", "--input", str(src), "--out", str(tmp_path / "o")
+    )
+    assert done.returncode == 2
+    assert "--target must be HOST:PORT (no scheme), not 'http://127.0.0.1:8001'" in done.stderr
+
+
 def test_csv_to_parquet_keeps_columns_rejects_bad_rows_and_matches_onnx_runtime(repo, tmp_path):
     x = _features(1000)
     rows = [f"{i},{','.join(repr(float(v)) for v in x[i])},tag{i}" for i in range(1000)]

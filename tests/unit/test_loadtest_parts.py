@@ -68,7 +68,11 @@ def test_bad_scenarios_are_refused(field, value, words):
         Scenario("h:1", "m", **{field: value}).check()
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1:99999999", "127.0.0.1:0", "127.0.0.1", ":80", "h:８０"])
+@pytest.mark.parametrize(
+    "target",
+    # (a URL as tritonclient users write one: taken, then unresolvable, "Misformatted domain name")
+    ["127.0.0.1:99999999", "127.0.0.1:0", "127.0.0.1", ":80", "h:８０", "http://h:8001", "grpc://h:8001", "h/x:1"],
+)
 def test_a_target_s_port_is_one_a_socket_can_have(target):
     """gRPC took port 99999999 modulo 65536: another port, load-tested and reported VALID."""
     with pytest.raises(LoadTestError, match="target must be HOST:PORT with a port from 1 to 65535"):

@@ -896,6 +896,12 @@ def test_huge_numbers_in_a_file_or_flags_are_config_errors(tmp_path, repo):
         ({"name": "m", "upstreams": ["h:1", 8001]}, "'upstreams' must be a list of host:port strings"),
         ("name=m upstreams=h:\u00b2", "upstream 'h:\u00b2' must be host:port with a port from 1 to 65535"),
         ("name=m upstreams=h:\u0663", "upstream 'h:\u0663' must be host:port"),  # int() reads 3
+        # a URL was taken, then failed every call "Misformatted domain name"
+        (
+            "name=m upstreams=http://h:8001",
+            "upstream 'http://h:8001' must be host:port without a scheme (the upstream's gRPC port; tls: true for TLS)",
+        ),
+        ({"name": "m", "upstreams": ["h/v2:8001"]}, "upstream 'h/v2:8001' must be host:port with a port from 1"),
         ({"name": "m", "upstreams": "h:1", "timeout_s": 10**400}, "'timeout_s' must be a number > 0"),
         ({"name": "m", "upstreams": "h:1", "retries": 10**400}, "'retries' must be a whole number >= 0 of at most 18"),
         ({"name": "m", "upstreams": "h:1", "upstream_model": ["a"]}, "'upstream_model' must be a string"),
