@@ -4,17 +4,19 @@ parameters of each request, the authorization metadata of each call), or to decl
 batchgate does not run (sequence batching).
 
 Models: ``fk`` (x FP32 [-1, 2] -> y = 2x, max_batch_size 8), ``seq`` (the same with
-``sequence_batching``), ``shape`` (the same, x a TensorRT shape tensor) and ``typed`` (the same,
-answered in typed ``contents``, not raw). A request parameter ``code`` (int) makes the call fail
-with that gRPC status (its message ends with the parameter ``say``, when given); the answer
-carries the parameter ``seen`` (the request's parameter names, sorted), its output
-``content_type`` "np"; a parameter ``lie`` makes the answer wrong: "rows" (one row too many),
-"datatype" (y as INT32), "width" (one column too many), "twice" (y answered twice), "negative" (an
-output z of shape [-1]), "wire" (y's parameters name a binary size and a shared-memory region) or
-"garbage" (bytes that are no ModelInferResponse); the fake's ``lie``, every request's.
-``version`` and ``width`` (of x and y) may be changed while it serves, as a Triton that loaded
-another version; ``also`` lists more versions in its metadata, as a Triton that serves several;
-``hang`` makes its inference never answer while its probes do, as a wedged server's.
+``sequence_batching``), ``shape`` (the same, x a TensorRT shape tensor), ``typed`` (the same,
+answered in typed ``contents``, not raw) and ``dec`` (the same, decoupled: its ModelInfer fails
+UNIMPLEMENTED as Triton's does for such a model, which it serves on streams only). A request
+parameter ``code`` (int) makes the call fail with that gRPC status (its message ends with the
+parameter ``say``, when given); the answer carries the parameter ``seen`` (the request's parameter
+names, sorted), its output ``content_type`` "np"; a parameter ``lie`` makes the answer wrong:
+"rows" (one row too many), "datatype" (y as INT32), "width" (one column too many), "twice" (y
+answered twice), "negative" (an output z of shape [-1]), "wire" (y's parameters name a binary size
+and a shared-memory region) or "garbage" (bytes that are no ModelInferResponse); the fake's
+``lie``, every request's. ``version`` and ``width`` (of x and y) may be changed while it serves,
+as a Triton that loaded another version; ``also`` lists more versions in its metadata, as a Triton
+that serves several; ``hang`` makes its inference never answer while its probes do, as a wedged
+server's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-MODELS = ("fk", "seq", "shape", "typed")
+MODELS = ("fk", "seq", "shape", "typed", "dec")
 
 
 class _Service(pb_grpc.GRPCInferenceServiceServicer):
@@ -69,6 +71,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         cfg = mc.ModelConfig(name=request.name, platform="fake", max_batch_size=self.owner.max_batch_size)
         if request.name == "seq":
             cfg.sequence_batching.max_sequence_idle_microseconds = 5_000_000
+        cfg.model_transaction_policy.decoupled = request.name == "dec"
         cfg.input.add(
             name="x", data_type=mc.TYPE_FP32, dims=[self.owner.width], is_shape_tensor=request.name == "shape"
         )
@@ -79,6 +82,11 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         params = dict(request.parameters)
         self.owner.authorization.append(dict(context.invocation_metadata() or ()).get("authorization"))
         self.owner.seen.append((request.model_name, params, [list(t.shape) for t in request.inputs]))
+        if request.model_name == "dec":  # (Triton's words)
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "ModelInfer RPC doesn't support models with decoupled transaction policy",
+            )
         if self.owner.hang:
             await asyncio.sleep(3600)  # (until the caller's deadline cancels it)
         if "code" in params:

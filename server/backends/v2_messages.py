@@ -170,7 +170,14 @@ class ServedConfig:
 
 def served_config(spec: RemoteModel, upstream: mc.ModelConfig) -> ServedConfig:
     """The upstream's config under our name and our scheduling; UNAVAILABLE for a tensor of a
-    datatype batchgate cannot serve."""
+    datatype batchgate cannot serve, or a decoupled model."""
+    if upstream.model_transaction_policy.decoupled:
+        # Triton serves it on streams only: its ModelInfer, the one call made here, fails UNIMPLEMENTED
+        raise GatewayError(
+            ErrorCode.UNAVAILABLE,
+            f"model '{spec.target}' is decoupled there (model_transaction_policy): Triton answers it "
+            "on streams only, and a remote model calls ModelInfer",
+        )
     cfg = mc.ModelConfig()
     cfg.CopyFrom(upstream)
     cfg.name = spec.name

@@ -572,3 +572,21 @@ def test_an_upstream_version_that_is_no_ascii_number_is_left_aside(fake, serve):
     while c.get_model_metadata("fk")["versions"] != ["2"]:
         assert time.monotonic() < deadline, c.get_model_metadata("fk")
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("batching", ["gateway", "passthrough"])
+def test_a_decoupled_upstream_model_is_not_served_and_says_why(fake, serve, batching):
+    """Triton serves a decoupled model (vLLM's, TensorRT-LLM's) on streams only: its ModelInfer
+    answers UNIMPLEMENTED, the only call a remote model makes. Such a model loaded READY, its
+    config saying decoupled, and failed every request; it is UNAVAILABLE with the reason."""
+    remote = tuple(RemoteModel(m, (fake.address,), batching=batching, **FAST) for m in ("dec", "fk"))
+    running = serve("", remote_models=remote)
+    index = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
+    entry = next(m for m in index if m["name"] == "dec")
+    assert entry["state"] == "UNAVAILABLE" and "decoupled" in entry["reason"], entry
+    for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+        with pytest.raises(InferenceServerException) as e:
+            _infer(mod, url, "dec")
+        assert "decoupled" in str(e.value) and "ModelInfer RPC" not in str(e.value), e.value
+    # the upstream's other models are served as ever
+    np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 2.0), np.full((1, 2), 4.0, np.float32))
