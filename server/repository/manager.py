@@ -40,9 +40,9 @@ from ..monitoring.metrics import Metrics
 from .build import VersionBuilder
 from .config import config_from_json
 from .entry import LOADING, READY, UNAVAILABLE, UNLOADING, ModelEntry, index_rows
-from .scan import fingerprint, hide_paths, model_names, staged_paths, write_files
+from .scan import fingerprint, hide_paths, model_names, write_files
+from .upload import checked_upload
 
-TORCH_PLATFORMS = ("pytorch_libtorch", "pytorch")
 log = logging.getLogger("batchgate.repository")
 
 CONTROL_MODES = ("none", "poll", "explicit")
@@ -303,22 +303,7 @@ class ModelRepository:
             await self._load_remote(self.remote[name], fail=True, vote=vote)
             return
         if files:
-            if config_json is None:
-                raise GatewayError(
-                    ErrorCode.INVALID_ARGUMENT, f"model '{name}': files given with a load need a 'config' too"
-                )
-            staged = staged_paths(name, files)  # all checked first
-            override = config_from_json(config_json, name)
-            # A TorchScript file is a program (its ops can read files, e.g. torch.from_file): one
-            # uploaded through the API would run with the server's rights. Only a repository the
-            # operator placed serves TorchScript.
-            uploaded_torch = override.platform in TORCH_PLATFORMS or override.backend in TORCH_PLATFORMS
-            if uploaded_torch or any(p.lower().endswith((".pt", ".pth")) for p in files):
-                raise GatewayError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"model '{name}': TorchScript models cannot be uploaded with a load (a TorchScript file is a "
-                    "program that runs with the server's rights); put them in the model repository",
-                )
+            staged, override = checked_upload(name, files, config_json)  # all checked first
             # One private directory per load, removed whatever happens: the files are read
             # while the versions are built, and nothing of them stays behind.
             with tempfile.TemporaryDirectory(prefix="batchgate-load-") as d:
