@@ -181,17 +181,22 @@ class ModelRepository:
         """Whether the repository holds a model folder ``name`` (loaded or not)."""
         return bool(self.root) and name in model_names(self.root)
 
-    def _discover(self) -> list[str]:
+    def _discover(self, polled: bool = False) -> list[str]:
+        """The repository's model folders, entered in ``models``; a rescan (``polled``) leaves out
+        a folder named as a remote model (at start the two are refused together), as any run
+        leaves out one named as a route: until 2026-12-06 it replaced the remote model."""
         for n in self.remote:
             self.models.setdefault(n, ModelEntry(n))
         if not self.root:
             return []
         names = model_names(self.root)
-        if self.reserved:
-            for n in sorted(self.reserved.intersection(names) - self._told_reserved):
+        taken = self.reserved | set(self.remote) if polled else self.reserved
+        if taken:
+            for n in sorted(taken.intersection(names) - self._told_reserved):
                 self._told_reserved.add(n)
-                log.warning("model folder '%s' is not loaded: a route has that name; rename one of them", n)
-            names = [n for n in names if n not in self.reserved]
+                owner = "a remote model" if n in self.remote else "a route"
+                log.warning("model folder '%s' is not loaded: %s has that name; rename one of them", n, owner)
+            names = [n for n in names if n not in taken]
         for n in names:
             self.models.setdefault(n, ModelEntry(n))
         return names
@@ -247,7 +252,7 @@ class ModelRepository:
 
     def rescan_plan(self) -> dict[str, list[str]]:
         """What a rescan finds: models whose files changed (or are new), and models gone."""
-        present = set(self._discover())
+        present = set(self._discover(polled=True))
         self._wanted = present | set(self.remote)
         changed = [n for n in sorted(present) if fingerprint(os.path.join(self.root, n)) != self.models[n].fingerprint]
         gone = [n for n in self.models if n not in present and n not in self.remote]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -590,3 +591,52 @@ def test_a_decoupled_upstream_model_is_not_served_and_says_why(fake, serve, batc
         assert "decoupled" in str(e.value) and "ModelInfer RPC" not in str(e.value), e.value
     # the upstream's other models are served as ever
     np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 2.0), np.full((1, 2), 4.0, np.float32))
+
+
+def _negation(repo, name: str) -> None:
+    """A local model of fk's signature (x FP32 [-1, 2] -> y) that answers -x, not 2x."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "neg", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    os.makedirs(repo / name / "1")
+    onnx.save(model, str(repo / name / "1" / "model.onnx"))
+
+
+def test_a_folder_named_as_a_remote_model_appearing_in_poll_mode_leaves_the_remote_model_serving(fake, serve, tmp_path):
+    """At start a folder and a remote model of one name are refused together; a folder that
+    appeared later was loaded by the next poll in the remote model's place (its upstreams dropped,
+    the folder's model answering under its name), and stayed loaded once the folder was gone."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    running = serve(
+        str(repo),
+        remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),),
+        model_control_mode="poll",
+        repository_poll_s=0.1,
+    )
+    c = httpclient.InferenceServerClient(running.http_url)
+
+    def polled(name: str, present: bool) -> None:  # a model of the same poll as the folder fk
+        deadline = time.monotonic() + 30
+        while any(m["name"] == name and m.get("state") == "READY" for m in c.get_model_repository_index()) != present:
+            assert time.monotonic() < deadline, c.get_model_repository_index()
+            time.sleep(0.1)
+
+    _negation(repo, "fk")
+    _negation(repo, "marker")
+    polled("marker", True)
+    for mod, url in ((grpcclient, running.grpc_url), (httpclient, running.http_url)):
+        np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
+    assert c.get_model_metadata("fk")["platform"] == "fake"
+    np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "marker", 3.0), np.full((1, 2), -3.0))
+    for name in ("fk", "marker"):
+        shutil.rmtree(repo / name)
+    polled("marker", False)
+    np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
