@@ -167,6 +167,8 @@ class RemoteV2Backend:
     async def open(self) -> mc.ModelConfig:
         """Probe every upstream, read the model's metadata and config from one that is ready,
         and start probing in the background. UNAVAILABLE when no upstream serves the model."""
+        if self._unusable:  # (TLS or token files that changed since the start: no upstream was set up)
+            raise GatewayError(ErrorCode.UNAVAILABLE, self._unusable)
         await self.probe_all()
         problems = []
         for up in self.upstreams:

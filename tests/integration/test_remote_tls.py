@@ -306,3 +306,27 @@ def test_a_token_file_caught_half_written_is_not_sent(tmp_path, serve):
         judge_while_half_written(token, TOKEN_A[:8], TOKEN_A + "\n", 0.5, sent, f"Bearer {TOKEN_A}")
     finally:
         fake.stop()
+
+
+def test_a_reload_after_the_token_file_became_unusable_says_why(tmp_path, serve):
+    """The model loaded again (the load API; a new version upstream, too) while its token file is empty:
+    the new load failed with "no upstream serves model 'fk': " and no reason (its upstreams were
+    left out, the file's error unsaid); the reason names the file."""
+    fake = FakeUpstream()
+    try:
+        token = _token_file(tmp_path, TOKEN_A)
+        spec = RemoteModel("fk", (fake.address,), token_file=token, probe_interval_s=0.1)
+        running = serve("", model_control_mode="explicit", allow_open_admin=True, remote_models=(spec,))
+        c = httpclient.InferenceServerClient(running.http_url)
+        assert c.is_model_ready("fk")
+        (tmp_path / "token").write_text("")
+        with pytest.raises(InferenceServerException) as e:
+            c.load_model("fk")
+        assert f"token_file {token}" in str(e.value), e.value
+        # the version loaded before serves on, with the token it read
+        inp = grpcclient.InferInput("x", [1, 2], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 2), np.float32))
+        grpcclient.InferenceServerClient(running.grpc_url).infer("fk", [inp])
+        assert fake.authorization[-1] == f"Bearer {TOKEN_A}"
+    finally:
+        fake.stop()
