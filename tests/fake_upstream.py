@@ -46,6 +46,10 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         self.owner.probe_authorization = dict(context.invocation_metadata() or ()).get("authorization")
         await asyncio.sleep(self.owner.ready_delay_s)
+        if self.owner.silent_readies > 0:  # (no answer in time: a busy server's, its loop held up)
+            self.owner.silent_readies -= 1
+            await asyncio.sleep(30)
+        self.owner.ready_answers += 1
         return pb.ModelReadyResponse(ready=request.name in MODELS)
 
     async def ModelMetadata(self, request, context):
@@ -163,6 +167,8 @@ class FakeUpstream:
         self.lie = ""  # the ``lie`` of every request that gives none
         self.hang = False  # its inference never answers (its probes still do), as a wedged server's
         self.ready_delay_s = 0.0  # how long its ModelReady takes to answer
+        self.silent_readies = 0  # its next ModelReady calls that get no answer (for 30 s)
+        self.ready_answers = 0  # ModelReady calls it answered
         self.max_batch_size = 8  # its ModelConfig's
         self.config_code = 0  # a gRPC status code its ModelConfig fails with (0: it answers)
         self.authorization: list[str | None] = []  # the authorization metadata of each infer call

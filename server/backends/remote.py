@@ -4,9 +4,10 @@ Upstreams: anything that answers the V2 gRPC service (Triton, KServe, MLServer, 
 with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``, tensors raw, never JSON. Per call:
 
 - **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
-  An upstream leaves the rotation when its readiness probe says the model is not ready there, or
-  after ``eject_after_failures`` consecutive failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS
-  and a timeout while it answered nothing, while another is in rotation): ejected for ``eject_s``,
+  An upstream leaves the rotation when its readiness probe says the model is not ready there (or
+  PROBE_FAILURES probes in a row get no answer), or after ``eject_after_failures`` consecutive
+  failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS and a timeout while it answered
+  nothing, while another is in rotation): ejected for ``eject_s``,
   then probed, and used again only once a probe succeeds. Each failed probe doubles the ejection
   (up to 60 s, or ``eject_s`` when longer).
 - **How long.** The caller's deadline, else ``timeout_s``; cancelling the caller cancels the call.
@@ -57,6 +58,7 @@ log = logging.getLogger("batchgate.remote")
 
 PLATFORM = "remote"
 MAX_EJECT_S = 60.0
+PROBE_FAILURES = 3  # probes in a row without an answer that take an upstream out (Kubernetes' failureThreshold)
 # The longest call timeout given to gRPC: gRPC core overflows a deadline past about 1e10 s from
 # now into the past (every call then fails at once, DEADLINE_EXCEEDED); 1e8 s is over 3 years.
 MAX_CALL_TIMEOUT_S = 1e8
@@ -274,6 +276,7 @@ class RemoteV2Backend:
         try:
             request = {"name": self.spec.target, "version": self.spec.upstream_version}
             resp = await up.stub.ModelReady(pb.ModelReadyRequest(**request), timeout=timeout)
+            up.probes_failed = 0
             ok, why = resp.ready, "" if resp.ready else f"model '{self.spec.target}' is not ready there"
             if ok and self.on_change is not None:
                 try:
@@ -284,6 +287,11 @@ class RemoteV2Backend:
                     pass  # (read to follow a change, not to judge readiness: the next probe reads it again)
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {said(e, 256)}"
+            up.probes_failed += 1
+            # One probe without an answer (a busy single-threaded server's, late) took a serving
+            # upstream out, a model's only one included, until 2026-12-06: PROBE_FAILURES in a row do
+            if up.in_rotation and up.probes_failed < PROBE_FAILURES:
+                return
         if up.ejected and not was_ejected:
             # A call ejected it while this probe waited: the answer predates that, and letting it
             # back in at once made the ejection last a moment (until 2026-12-06) instead of eject_s.

@@ -640,3 +640,38 @@ def test_a_folder_named_as_a_remote_model_appearing_in_poll_mode_leaves_the_remo
         shutil.rmtree(repo / name)
     polled("marker", False)
     np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
+
+
+def test_one_probe_without_an_answer_leaves_a_serving_upstream_in_the_rotation(fake, serve, caplog):
+    """A single-threaded server (MLServer without parallel workers, a Python server) whose loop a
+    long inference holds up answers a probe late: that one probe took the model's only upstream
+    out of the rotation, every request UNAVAILABLE until the next probe, though no call failed.
+    Probes that get no answer take it out three in a row; one that answers "not ready", at once."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="batchgate.remote")
+    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
+    url = running.grpc_url
+    np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 1.0), np.full((1, 2), 2.0, np.float32))
+
+    def left() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "left the rotation" in r.getMessage()]
+
+    def answered(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while fake.ready_answers < n:
+            assert time.monotonic() < deadline, "the upstream was not probed"
+            time.sleep(0.05)
+
+    answers = fake.ready_answers
+    fake.silent_readies = 2
+    answered(answers + 1)  # two probes in a row got no answer, the next one did
+    assert not left(), left()
+    assert grpcclient.InferenceServerClient(url).is_model_ready("fk")
+    np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
+    fake.silent_readies = 3  # a server that stopped answering: out
+    deadline = time.monotonic() + 30
+    while not left():
+        assert time.monotonic() < deadline, "the upstream stayed in the rotation"
+        time.sleep(0.05)
+    assert "DEADLINE_EXCEEDED" in left()[0], left()
