@@ -122,8 +122,8 @@ def _upstreams(ups: Any, source: str, model: str) -> tuple[str, ...]:
 
 def parse_remote_model(value: Any, source: str) -> RemoteModel:
     """A RemoteModel from a YAML mapping or a ``key=value ...`` line; the error names what is wrong."""
+    pairs: list[tuple[Any, Any]] = []
     if isinstance(value, str):
-        items: dict[str, Any] = {}
         for part in value.split():
             key, sep, text = part.partition("=")
             if not sep or not key:
@@ -131,11 +131,17 @@ def parse_remote_model(value: Any, source: str) -> RemoteModel:
                     f"{source}: remote model entries are key=value pairs separated by spaces "
                     f"(e.g. 'name=mlp upstreams=host:8001,host2:8001'), not {shown(part)}"
                 )
-            items[key.replace("-", "_")] = text
+            pairs.append((key, text))
     elif isinstance(value, dict):
-        items = {str(k).replace("-", "_"): v for k, v in value.items()}
+        pairs = list(value.items())
     else:
         raise ConfigError(f"{source}: a remote model is a mapping or a 'key=value ...' line, not {shown(value)}")
+    items: dict[str, Any] = {}
+    for given, text in pairs:  # (a key given twice, or with '-' and '_': the last one was taken silently)
+        k = str(given).replace("-", "_")
+        if k in items:
+            raise ConfigError(f"{source}: remote model key {shown(k)} is given twice")
+        items[k] = text
     unknown = sorted(set(items) - set(REMOTE_FIELDS))
     if unknown:
         raise ConfigError(

@@ -177,6 +177,25 @@ def test_forwarding_is_raw_or_decoded():
     assert "forwarding must be one of raw, decoded" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "name=m upstreams=h:1 upstream_model=a upstream_model=b",
+        "name=m upstreams=h:1 upstream-model=a upstream_model=b",
+        {"name": "m", "upstreams": ["h:1"], "upstream_model": "a", "upstream-model": "b"},
+    ],
+)
+def test_a_key_given_twice_in_a_remote_model_is_refused(entry):
+    """The YAML file refuses a key given twice; a flag or environment line took the last one
+    silently (as did a mapping giving a key with '_' and with '-'): a typo's value was dropped."""
+    from batchgate.core.errors import ConfigError
+    from batchgate.remote_models import parse_remote_model
+
+    with pytest.raises(ConfigError) as e:
+        parse_remote_model(entry, "flag")
+    assert "'upstream_model' is given twice" in str(e.value), e.value
+
+
 class _Answer:
     """What a failed gRPC call says (the model owner's answer as a front worker reads it)."""
 
