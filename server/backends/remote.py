@@ -5,7 +5,7 @@ with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``, tensors raw, nev
 
 - **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
   An upstream leaves the rotation when its readiness probe says the model is not ready there (or
-  PROBE_FAILURES probes in a row get no answer), or after ``eject_after_failures`` consecutive
+  PROBE_FAILURES probes in a row get none, nor do its calls), or after ``eject_after_failures`` consecutive
   failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS and a timeout while it answered
   nothing, while another is in rotation): ejected for ``eject_s``,
   then probed, and used again only once a probe succeeds. Each failed probe doubles the ejection
@@ -270,6 +270,7 @@ class RemoteV2Backend:
 
     async def _probe(self, up: Upstream) -> None:
         now, was_ejected = self._clock(), up.ejected
+        seen, up.probe_seen = up.probe_seen, up.answered  # (calls it answered since the last probe: it serves)
         if was_ejected and now < up.ejected_until:
             return
         timeout = min(2.0, max(0.2, self.spec.probe_interval_s))
@@ -287,9 +288,9 @@ class RemoteV2Backend:
                     pass  # (read to follow a change, not to judge readiness: the next probe reads it again)
         except grpc.aio.AioRpcError as e:
             ok, why = False, f"{e.code().name}: {said(e, 256)}"
-            up.probes_failed += 1
-            # One probe without an answer (a busy single-threaded server's, late) took a serving
-            # upstream out, a model's only one included, until 2026-12-06: PROBE_FAILURES in a row do
+            # A busy server answers calls and probes late: PROBE_FAILURES in a row while no call got an
+            # answer either take it out (until 2026-12-06 one did, a model's only upstream included)
+            up.probes_failed = 0 if up.answered != seen else up.probes_failed + 1
             if up.in_rotation and up.probes_failed < PROBE_FAILURES:
                 return
         if up.ejected and not was_ejected:

@@ -79,7 +79,8 @@ class Upstream:
         self.ejected_until = 0.0  # monotonic clock; in rotation again only after a good probe
         self.ejected = False
         self.probed = False  # a first probe's failure is logged as "down at start"
-        self.probes_failed = 0  # probes in a row that got no answer (remote.PROBE_FAILURES)
+        self.probes_failed = 0  # probes in a row that got no answer, nor did calls (remote.PROBE_FAILURES)
+        self.probe_seen = 0  # ``answered`` as the last probe began
         self.eject_s = spec.eject_s
         self.why = "not probed yet"  # why it is out of rotation, for error messages
         self.serves: tuple | None = None  # what its last probe saw served: see _served

@@ -580,7 +580,8 @@ def test_a_decoupled_upstream_model_is_not_served_and_says_why(fake, serve, batc
     """Triton serves a decoupled model (vLLM's, TensorRT-LLM's) on streams only: its ModelInfer
     answers UNIMPLEMENTED, the only call a remote model makes. Such a model loaded READY, its
     config saying decoupled, and failed every request; it is UNAVAILABLE with the reason."""
-    remote = tuple(RemoteModel(m, (fake.address,), batching=batching, **FAST) for m in ("dec", "fk"))
+    slow = {**FAST, "probe_interval_s": 2.0}  # (load retried seldom: a retry timing out says another reason)
+    remote = tuple(RemoteModel(m, (fake.address,), batching=batching, **slow) for m in ("dec", "fk"))
     running = serve("", remote_models=remote)
     index = httpclient.InferenceServerClient(running.http_url).get_model_repository_index()
     entry = next(m for m in index if m["name"] == "dec")
@@ -642,36 +643,37 @@ def test_a_folder_named_as_a_remote_model_appearing_in_poll_mode_leaves_the_remo
     np.testing.assert_array_equal(_infer(grpcclient, running.grpc_url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
 
 
-def test_one_probe_without_an_answer_leaves_a_serving_upstream_in_the_rotation(fake, serve, caplog):
-    """A single-threaded server (MLServer without parallel workers, a Python server) whose loop a
-    long inference holds up answers a probe late: that one probe took the model's only upstream
-    out of the rotation, every request UNAVAILABLE until the next probe, though no call failed.
-    Probes that get no answer take it out three in a row; one that answers "not ready", at once."""
+def test_probes_without_an_answer_leave_a_serving_upstream_in_the_rotation(fake, serve, caplog):
+    """A single-threaded server (MLServer without parallel workers) whose loop its inference holds
+    up answers probes late, or after their timeout: one such probe took the model's only upstream
+    out of the rotation, every request UNAVAILABLE until a probe got through, though every call
+    succeeded (a real MLServer with a 1.5 s predict: 10 answers, 4,543 UNAVAILABLE in 15 s). Now
+    three probes in a row without an answer, while no call got one either, take it out."""
     import logging
 
     caplog.set_level(logging.INFO, logger="batchgate.remote")
-    running = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),))
-    url = running.grpc_url
+    spec = RemoteModel("fk", (fake.address,), batching="passthrough", **{**FAST, "probe_interval_s": 0.5})
+    url = serve("", remote_models=(spec,)).grpc_url
     np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 1.0), np.full((1, 2), 2.0, np.float32))
 
     def left() -> list[str]:
         return [r.getMessage() for r in caplog.records if "left the rotation" in r.getMessage()]
 
-    def answered(n: int) -> None:
-        deadline = time.monotonic() + 30
-        while fake.ready_answers < n:
-            assert time.monotonic() < deadline, "the upstream was not probed"
-            time.sleep(0.05)
+    def until(done, what: str, call: bool = False) -> None:
+        deadline = time.monotonic() + 60
+        while not done():
+            assert time.monotonic() < deadline, what
+            if call:  # (each call answered: the upstream serves)
+                np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
+            time.sleep(0.02)
 
     answers = fake.ready_answers
-    fake.silent_readies = 2
-    answered(answers + 1)  # two probes in a row got no answer, the next one did
+    fake.silent_readies = 2  # a moment's delay: two probes unanswered, the next one answered
+    until(lambda: fake.ready_answers > answers, "a probe answered")
+    fake.silent_readies = 5  # busy: five probes in a row unanswered, its calls answered meanwhile
+    until(lambda: fake.silent_readies == 0, "the probes left unanswered", call=True)
     assert not left(), left()
     assert grpcclient.InferenceServerClient(url).is_model_ready("fk")
-    np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))
-    fake.silent_readies = 3  # a server that stopped answering: out
-    deadline = time.monotonic() + 30
-    while not left():
-        assert time.monotonic() < deadline, "the upstream stayed in the rotation"
-        time.sleep(0.05)
+    fake.silent_readies = 3  # answering nothing at all: out
+    until(left, "the upstream out of the rotation")
     assert "DEADLINE_EXCEEDED" in left()[0], left()
