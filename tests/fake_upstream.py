@@ -46,6 +46,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         self.owner.probe_authorization = dict(context.invocation_metadata() or ()).get("authorization")
         await asyncio.sleep(self.owner.ready_delay_s)
+        if self.owner.ready_code:  # (as MLServer answers for a model it unloaded: UNKNOWN, ModelNotFound)
+            code = next(c for c in grpc.StatusCode if c.value[0] == self.owner.ready_code)
+            await context.abort(code, f"the fake upstream's ModelReady fails with {code.name} as asked")
         if self.owner.silent_readies > 0:  # (no answer in time: a busy server's, its loop held up)
             self.owner.silent_readies -= 1
             await asyncio.sleep(30)
@@ -168,6 +171,7 @@ class FakeUpstream:
         self.hang = False  # its inference never answers (its probes still do), as a wedged server's
         self.ready_delay_s = 0.0  # how long its ModelReady takes to answer
         self.silent_readies = 0  # its next ModelReady calls that get no answer (for 30 s)
+        self.ready_code = 0  # a gRPC status code its ModelReady fails with (0: it answers)
         self.ready_answers = 0  # ModelReady calls it answered
         self.max_batch_size = 8  # its ModelConfig's
         self.config_code = 0  # a gRPC status code its ModelConfig fails with (0: it answers)

@@ -5,11 +5,10 @@ with batchgate's HTTP/2 client (``h2_client``) or ``grpc.aio``, tensors raw, nev
 
 - **Which upstream.** The one in rotation with the fewest calls outstanding (ties go round-robin).
   An upstream leaves the rotation when its readiness probe says the model is not ready there (or
-  PROBE_FAILURES probes in a row get none, nor do its calls), or after ``eject_after_failures`` consecutive
-  failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS and a timeout while it answered
-  nothing, while another is in rotation): ejected for ``eject_s``,
-  then probed, and used again only once a probe succeeds. Each failed probe doubles the ejection
-  (up to 60 s, or ``eject_s`` when longer).
+  PROBE_FAILURES in a row get no answer, nor do its calls), or after ``eject_after_failures``
+  consecutive failed calls (UNAVAILABLE; UNKNOWN, INTERNAL, DATA_LOSS and a timeout while it
+  answered nothing, while another is in rotation): ejected for ``eject_s``, then probed, and used
+  again only once a probe succeeds. Each failed probe doubles the ejection (to 60 s, or ``eject_s`` if longer).
 - **How long.** The caller's deadline, else ``timeout_s``; cancelling the caller cancels the call.
 - **Whether to try again.** Only when the request was never delivered (no connection could be
   made): a call that reached the upstream is never sent twice (inference need not be idempotent).
@@ -59,6 +58,7 @@ log = logging.getLogger("batchgate.remote")
 PLATFORM = "remote"
 MAX_EJECT_S = 60.0
 PROBE_FAILURES = 3  # probes in a row without an answer that take an upstream out (Kubernetes' failureThreshold)
+_NO_ANSWER = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)  # (another code is the upstream's word)
 # The longest call timeout given to gRPC: gRPC core overflows a deadline past about 1e10 s from
 # now into the past (every call then fails at once, DEADLINE_EXCEEDED); 1e8 s is over 3 years.
 MAX_CALL_TIMEOUT_S = 1e8
@@ -291,7 +291,7 @@ class RemoteV2Backend:
             # A busy server answers calls and probes late: PROBE_FAILURES in a row while no call got an
             # answer either take it out (until 2026-12-06 one did, a model's only upstream included)
             up.probes_failed = 0 if up.answered != seen else up.probes_failed + 1
-            if up.in_rotation and up.probes_failed < PROBE_FAILURES:
+            if up.in_rotation and up.probes_failed < PROBE_FAILURES and e.code() in _NO_ANSWER:
                 return
         if up.ejected and not was_ejected:
             # A call ejected it while this probe waited: the answer predates that, and letting it

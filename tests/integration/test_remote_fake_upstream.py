@@ -677,3 +677,22 @@ def test_probes_without_an_answer_leave_a_serving_upstream_in_the_rotation(fake,
     fake.silent_readies = 3  # answering nothing at all: out
     until(left, "the upstream out of the rotation")
     assert "DEADLINE_EXCEEDED" in left()[0], left()
+
+
+def test_a_probe_the_upstream_answers_with_an_error_takes_it_out_at_once(fake, serve, caplog):
+    """MLServer answers ModelReady for a model it unloaded with UNKNOWN (ModelNotFound): an answer,
+    not a probe gone unanswered, so the upstream leaves the rotation at once, its calls answered
+    or not (they are: NOT_FOUND), and callers are told UNAVAILABLE with its words."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="batchgate.remote")
+    url = serve("", remote_models=(RemoteModel("fk", (fake.address,), batching="passthrough", **FAST),)).grpc_url
+    np.testing.assert_array_equal(_infer(grpcclient, url, "fk", 1.0), np.full((1, 2), 2.0, np.float32))
+    fake.ready_code = grpc.StatusCode.UNKNOWN.value[0]
+    deadline = time.monotonic() + 30
+    while not any("left the rotation: UNKNOWN" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the upstream stayed in the rotation"
+        _infer(grpcclient, url, "fk", 3.0)  # (answered meanwhile)
+    with pytest.raises(InferenceServerException) as e:
+        _infer(grpcclient, url, "fk", 3.0)
+    assert e.value.status() == "StatusCode.UNAVAILABLE" and "ModelReady fails with UNKNOWN" in str(e.value), e.value
