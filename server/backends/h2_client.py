@@ -293,7 +293,9 @@ class _Protocol(asyncio.Protocol):
         if call is None:
             return
         call.data += data
-        if len(call.data) > self.channel.max_message_bytes + 5:
+        # (a message says its length first: one past the limit is refused then, not once held)
+        size = int.from_bytes(call.data[1:5], "big") if len(call.data) >= 5 else 0
+        if len(call.data) > self.channel.max_message_bytes + 5 or size > self.channel.max_message_bytes:
             self.cancel(call)
             call.future.set_exception(
                 H2RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the upstream's answer is larger than allowed")

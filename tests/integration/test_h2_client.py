@@ -528,3 +528,28 @@ def test_an_upstream_whose_tls_does_not_offer_h2_fails_the_call_as_never_sent(tm
 
     e = _run(main)
     assert e.code() == grpc.StatusCode.UNAVAILABLE and e.unsent and "ALPN h2" in e.details(), e
+
+
+def test_an_answer_whose_length_passes_the_limit_fails_as_its_prefix_is_read():
+    """A gRPC message says its length in its first 5 bytes: an answer announcing more than
+    max_message_bytes was read on, and held, until it passed the limit (64 MiB a call by
+    default, with up to 256 calls at once) or the deadline came; grpc.aio refuses it at once."""
+
+    class Boasting(Upstream):
+        def answer(self, sid, body):  # announces 1 GiB, sends 100 bytes of it, then nothing more
+            self.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+            self.h2.send_data(sid, struct.pack(">BI", 0, 1 << 30) + b"x" * 100)
+            self.transport.write(self.h2.data_to_send())
+
+    async def main():
+        server, port, _ = await _serve(answer=Boasting.answer)
+        channel = _channel(f"127.0.0.1:{port}", 1 << 20)
+        try:
+            await channel.unary("/x/Y")(b"x", timeout=30)
+        except H2RpcError as e:
+            return e.code().name, e.details(), len(channel._protocol.calls)
+        finally:
+            server.close()
+
+    code, details, calls = _run(main)
+    assert code == "RESOURCE_EXHAUSTED" and "larger than allowed" in details and calls == 0, (code, details)
