@@ -252,7 +252,9 @@ def test_against_batchgate_reports_and_plots_are_written_and_agree_with_its_own_
 def test_a_stream_refusal_is_recorded_by_the_code_its_words_say(tmp_path):
     """A stream's error answer has no code: every one was recorded UNKNOWN. batchgate's overload
     refusal (RESOURCE_EXHAUSTED on a unary call) is now recorded as such: one request in flight at
-    most, eight callers of a model that takes tens of milliseconds."""
+    most, eight callers of a model that takes tens of milliseconds, each on a stream of its own
+    (a stream's request waits for the same stream's requests in flight instead of being refused:
+    refusals reach only a stream with nothing of its own in flight)."""
     from batchgate.demo import _save
     from route_support import slow_classifier
 
@@ -267,6 +269,8 @@ def test_a_stream_refusal_is_recorded_by_the_code_its_words_say(tmp_path):
             "slow",
             "--grpc-stream",
             "--concurrency",
+            "8",
+            "--channels",
             "8",
             "--duration",
             "1",
