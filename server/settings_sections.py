@@ -421,8 +421,8 @@ class DriftSettings:
     )
     drift_detector_hang_s: float = _setting(
         60.0,
-        "a detector process not heard from for this long (it reports every second, and scoring a window "
-        "holds it) is killed and started again; 0 = never, else at least 2",
+        "a detector process not heard from for this long (it reports every second, and says it is alive "
+        "while it scores a window) is killed and started again; 0 = never, else at least 2",
         minimum=0,
     )
     drift_queue_samples: int = _setting(
