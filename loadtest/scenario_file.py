@@ -26,8 +26,7 @@ from typing import Any
 
 import yaml
 
-from batchgate.config import UniqueKeys
-from batchgate.core.unique_yaml import one_line
+from batchgate.core.unique_yaml import UniqueKeys, one_line
 
 from .scenario import LoadTestError
 

@@ -21,15 +21,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from .config_yaml import load_yaml
 from .core.drift_monitors import MonitorSpec, parse_monitors
 
 # The remote_models list's entries and the settings error live in their own modules; both are
 # part of this module's interface.
 from .core.errors import ConfigError
 from .core.routing import RouteSpec, parse_routes
-from .core.unique_yaml import UniqueKeys
 from .cores import parse_workers
 from .remote_models import BATCHING_MODES, REMOTE_FIELDS, RemoteModel, parse_remote_model, shown  # noqa: F401
 from .settings_sections import (  # the sections are part of this module's interface
@@ -166,79 +164,6 @@ def _hint(key: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-_MAX_INT_BITS = 13_000  # a YAML integer past this (about 3,900 digits) is refused: str() of it could fail
-
-
-def _reason(e: BaseException) -> str:
-    """A loader exception's own words, kept short."""
-    text = str(e).split(";")[0]
-    return f"{type(e).__name__}: {text[:120] + '...' if len(text) > 120 else text}"
-
-
-class _Loader(UniqueKeys):
-    """The settings file's loader: a value its constructors cannot build (a date like 2001-13-45,
-    an integer of 5,000 digits, ``!!bool x``) is a YAMLError at that value's line, not the
-    constructor's own exception (ValueError, KeyError, ...)."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            data = super().construct_object(node, deep)
-        except yaml.YAMLError:
-            raise
-        except Exception as e:
-            kind = str(node.tag).rpartition(":")[2]
-            raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {shown(node.value)} as {kind} ({_reason(e)})", node.start_mark
-            ) from None
-        if isinstance(data, int) and data.bit_length() > _MAX_INT_BITS:  # hexadecimal or base 60 (1:2:3)
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the integer {shown(node.value)} is too large", node.start_mark
-            )
-        return data
-
-
-def _at(mark: Any) -> str:
-    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """What PyYAML found wrong and where, on one line."""
-    problem = getattr(e, "problem", None)
-    if not problem:
-        return " ".join(str(e).split())
-    context = getattr(e, "context", None)
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    return " ".join(f"{context + ': ' if context else ''}{problem}".split()) + _at(mark)
-
-
-def _load_yaml(text: str, file: str) -> Any:
-    """The document in ``text``; any loader failure is a ConfigError naming ``file`` and the place."""
-    try:
-        loader = _Loader(text)  # the reader refuses control characters first, before parsing
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        raise ConfigError(
-            f"config file {file} is not valid YAML: character #x{e.character:04x} on line {line} is not allowed "
-            "(YAML refuses control characters; write them as escapes in a double-quoted string)"
-        ) from None
-    loader.name = file  # marks name the file, not "<unicode string>"
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as e:  # (one line: PyYAML's own text quotes the line with a caret under it)
-        raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
-    except RecursionError:
-        raise ConfigError(
-            f"config file {file} is not valid YAML: it is nested too deeply (a config file needs a few levels)"
-            f"{_at(loader.get_mark())}"
-        ) from None
-    except Exception as e:  # PyYAML's scanner: chr() of an escape like "\U80092014" (OverflowError)
-        raise ConfigError(
-            f"config file {file} is not valid YAML: cannot read the text here ({_reason(e)}){_at(loader.get_mark())}"
-        ) from None
-    finally:
-        loader.dispose()
-
-
 def _read_file(file: str) -> dict[str, tuple[str, Any]]:
     """setting -> (spelling, raw value) from a YAML file: sections, or the deprecated flat form."""
     try:
@@ -254,7 +179,7 @@ def _read_file(file: str) -> dict[str, tuple[str, Any]]:
             f"config file {file} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} "
             f"(offset {e.start}) is not UTF-8; save the file as UTF-8"
         ) from None
-    data = _load_yaml(text, file) or {}
+    data = load_yaml(text, file) or {}
     src = f"config file {file}"
     if not isinstance(data, dict):
         raise ConfigError(f"{src} must hold a mapping of sections ({', '.join(TOP_LEVEL)})")
