@@ -164,16 +164,19 @@ class Admission:
         """The refusal of one more request on ``version`` (counted by reason), or None when it
         would be admitted; nothing is admitted here. Returned, not raised: the fast refusal
         (``DataPlane.quick_refusal``) answers it without an exception."""
-        refused = self._refusal(version, count)
-        if refused is not None and count:
+        refused = self._refusal(version)
+        if refused is None:
+            return None
+        reason, error = refused
+        if count:
+            version.metrics.refused(reason)
             self.last_refusal = self._clock()
-        return refused
+        return error
 
-    def _refusal(self, version: ModelVersion, count: bool) -> GatewayError | None:
+    def _refusal(self, version: ModelVersion) -> tuple[str, GatewayError] | None:
+        """The reason and the refusal of one more request on ``version``, nothing counted."""
         if self.inflight >= self.max_inflight:
-            if count:
-                version.metrics.refused(INFLIGHT_LIMIT)
-            return GatewayError(
+            return INFLIGHT_LIMIT, GatewayError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"the server is at its limit of {self.max_inflight} requests in flight; "
                 "retry later or on another replica (max_inflight_requests)",
@@ -184,9 +187,7 @@ class Admission:
         if waiting > 0:
             bound = sched.max_queue_size
             if bound and waiting >= bound:
-                if count:
-                    version.metrics.refused(QUEUE_FULL)
-                return GatewayError(
+                return QUEUE_FULL, GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{version.name}' queue is full: {bound} requests waiting (max_queue_size)",
                     retry_after_s=sched.drain_rate.seconds_to_drain(waiting),
@@ -194,9 +195,7 @@ class Admission:
             rate = sched.drain_rate.rate()
             if rate is not None and self.max_wait_s and waiting / rate > self.max_wait_s:
                 wait = waiting / rate
-                if count:
-                    version.metrics.refused(QUEUE_WAIT)
-                return GatewayError(
+                return QUEUE_WAIT, GatewayError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"model '{version.name}' has about {wait * 1000:.0f} ms of work queued, more than "
                     f"the {self.max_wait_s * 1000:.0f} ms a request may be made to wait (max_queue_wait_ms)",
@@ -209,8 +208,6 @@ class Admission:
             and (waiting > 0 or cap.shedding or cap.since is not None)
             and self._standing(cap, max(0, waiting) / cap.peak, target := self._target(cap, sched.round_size))
         ):
-            if count:
-                version.metrics.refused(QUEUE_TARGET)
             # The target in force, which the floor or a round of executions may have raised above
             # the setting; the words are made again only when its whole milliseconds change.
             target_ms = round(target * 1000)
@@ -225,7 +222,7 @@ class Admission:
                 )
                 # (the refusal itself made once too: under overload most requests get it)
                 message = cap.message = (target_ms, GatewayError(ErrorCode.RESOURCE_EXHAUSTED, text, retry_after_s=1.0))
-            return message[1]
+            return QUEUE_TARGET, message[1]
         return None
 
     def _target(self, cap: Capacity, round_size: int) -> float:

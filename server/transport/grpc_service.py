@@ -477,14 +477,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # each other.
             again = False
             while True:
-                ahead = set(running)
                 try:
-                    served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get, not ahead, again)
+                    served = self.dp.admit(msg.model_name, msg.model_version, caller, headers.get, not running, again)
                     running.add(asyncio.current_task())
                     return served
-                except Held:
+                except Held:  # (raised only while ``running`` holds others: counted refusals are not Held)
                     again = True
-                await asyncio.wait(ahead, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
 
         async def one(msg, note: Note | None, seq: int):
             try:
