@@ -39,6 +39,7 @@ import grpc
 
 from ..core.rate import Pacer
 from . import grpc_wire
+from .accept import Listener, listen
 from .byte_budget import ByteBudget
 from .grpc_h2_connection import (  # noqa: F401  (the engine's figures, read by tests)
     BUFFERED_REQUESTS,
@@ -110,7 +111,7 @@ class H2GrpcServer:
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._binds: list[tuple[socket.socket, Callable[[], ssl.SSLContext] | None]] = []
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._listeners: list[Listener] = []
         self._tls_accepts: list[TlsAccept] = []
         self.connections: set[_Connection] = set()
         self._stopped: asyncio.Event | None = None
@@ -201,7 +202,7 @@ class H2GrpcServer:
                 )
                 self._tls_accepts.append(accept)
                 factory = accept.factory
-            self._listeners.append(await loop.create_server(factory, sock=sock, backlog=2048))
+            self._listeners.append(await listen(loop, factory, sock))  # accept.py: many connections a turn
         self._sweep()
 
     def _sweep(self) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from ..core.rate import LineBudget
+from .accept import listen
 from .tls_accept import TlsAccept
 
 if TYPE_CHECKING:
@@ -75,10 +76,11 @@ class QuietUvicorn(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.config
-        if config.ssl is None or sockets is None:
+        if sockets is None:
             await super().startup(sockets)
             return
-        # uvicorn's start on given sockets (no lifespan here), with the handshake bounded
+        # uvicorn's start on given sockets (no lifespan here), each accepting many connections a
+        # turn (accept.py), and with TLS the handshake bounded
         loop = asyncio.get_running_loop()
 
         def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
@@ -86,16 +88,19 @@ class QuietUvicorn(uvicorn.Server):
                 config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
             )
 
-        given: ssl.SSLContext = config.ssl
-        self._tls_accept = accept = TlsAccept(
-            self.tls_context or (lambda: given),
-            create_protocol,
-            self.handshake_timeout_s,
-            self.max_connections,
-            lambda: len(self.server_state.connections),
-            self.refused,
-        )
-        self.servers = [await loop.create_server(accept.factory, sock=sock, backlog=config.backlog) for sock in sockets]
+        factory: Callable[[], asyncio.Protocol] = create_protocol
+        if config.ssl is not None:
+            given: ssl.SSLContext = config.ssl
+            self._tls_accept = accept = TlsAccept(
+                self.tls_context or (lambda: given),
+                create_protocol,
+                self.handshake_timeout_s,
+                self.max_connections,
+                lambda: len(self.server_state.connections),
+                self.refused,
+            )
+            factory = accept.factory
+        self.servers = [await listen(loop, factory, sock, config.backlog) for sock in sockets]  # type: ignore[misc]
         self.started = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -495,9 +495,9 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_calls_fail(tmp_path
 # listening: the moments between its first listener and the last, made long enough to aim at.
 _SLOW_HTTP_START = """
 import asyncio, os
-import uvicorn.server
+from batchgate.transport.http_listener import QuietUvicorn
 
-_startup = uvicorn.server.Server.startup
+_startup = QuietUvicorn.startup
 
 async def startup(self, *args, **kwargs):
     folder = os.environ["SLOW_DIR"]
@@ -506,7 +506,7 @@ async def startup(self, *args, **kwargs):
         await asyncio.sleep(3)
     return await _startup(self, *args, **kwargs)
 
-uvicorn.server.Server.startup = startup
+QuietUvicorn.startup = startup
 """
 
 
