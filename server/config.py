@@ -76,6 +76,7 @@ class Spec:
     minimum: int | None = None
     maximum: int | None = None
     positive: bool = False
+    zero_or_at_least: float | None = None  # 0 (off), or at least this
     why: str = ""
     metavar: str = ""
     aliases: tuple[str, ...] = ()
@@ -367,6 +368,10 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
             raise ConfigError(f"{what(name)} {words}, not {v}" + (f" ({spec.why})" if spec.why else ""))
         if spec.maximum is not None and v > spec.maximum:
             raise ConfigError(f"{what(name)} must be at most {spec.maximum}, not {v}")
+        least = spec.zero_or_at_least
+        if least is not None and 0 < v < least:
+            why = f" ({spec.why})" if spec.why else ""
+            raise ConfigError(f"{what(name)} must be 0 (off) or at least {least:g}, not {v:g}{why}")
     policies = SETTINGS["batching_policy"].choices
     for entry in s.batching.model_batching_policy:
         model, sep, policy = entry.partition("=")
@@ -392,12 +397,6 @@ def _validate(s: Settings, given: dict[str, tuple[str, str]], check_repository: 
             f"{what('drift_event_source')} must be 1 to 1024 printable ASCII characters (a URI reference, as "
             f"CloudEvents asks; it is a header of each 'format: json' event, which a control character failed), "
             f"not {source[:64]!r}"
-        )
-    hang = s.drift_detector.drift_detector_hang_s
-    if 0 < hang < 2:  # (it reports every second: a shorter wait killed a healthy detector again and again)
-        raise ConfigError(
-            f"{what('drift_detector_hang_s')} must be 0 (never) or at least 2 (the detector reports every "
-            f"second), not {hang:g}"
         )
     if rs.load_model and rs.model_control_mode != "explicit":
         raise ConfigError("load_model is only used with model_control_mode 'explicit'")

@@ -15,11 +15,13 @@ def setting(
     minimum: int | None = None,
     maximum: int | None = None,
     positive: bool = False,
+    zero_or_at_least: float | None = None,
     why: str = "",
     metavar: str = "",
 ) -> Any:
     """A section field and its row of the settings table: help text, allowed values, lower bound
-    (``why`` is added to the message when the bound is broken), the flag's metavar."""
+    (``zero_or_at_least``: 0, meaning off, or at least this; ``why`` is added to the message when
+    a bound is broken), the flag's metavar."""
     return field(
         default=default,
         metadata={
@@ -28,6 +30,7 @@ def setting(
             "minimum": minimum,
             "maximum": maximum,
             "positive": positive,
+            "zero_or_at_least": zero_or_at_least,
             "why": why,
             "metavar": metavar,
         },

@@ -424,6 +424,8 @@ class DriftSettings:
         "a detector process not heard from for this long (it reports every second, and says it is alive "
         "while it scores a window) is killed and started again; 0 = never, else at least 2",
         minimum=0,
+        zero_or_at_least=2,
+        why="the detector reports every second: a shorter wait kills a healthy one again and again",
     )
     drift_queue_samples: int = _setting(
         1024, "sampled requests waiting for the detector process; one more is dropped and counted", minimum=1

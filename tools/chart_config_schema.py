@@ -48,6 +48,10 @@ def setting_schema(spec: Spec) -> dict[str, Any]:
         bounds.setdefault("minimum", -MAX_INT_SETTING)
         bounds.setdefault("maximum", MAX_INT_SETTING)
         return {"anyOf": [{"type": "integer", **bounds}, text]}
+    if spec.zero_or_at_least is not None:  # 0 (off), or at least this
+        at_least = {**bounds, "minimum": max(bounds.get("minimum", spec.zero_or_at_least), spec.zero_or_at_least)}
+        number = "integer" if spec.kind == "int" else "number"
+        return {"anyOf": [{"type": number, "enum": [0]}, {"type": number, **at_least}, text]}
     if spec.kind == "float":
         return {"anyOf": [{"type": "number", **bounds}, text]}
     if spec.kind == "bool":

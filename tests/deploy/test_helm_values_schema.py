@@ -146,6 +146,16 @@ def test_a_listener_or_the_repository_in_config_is_refused_not_dropped(helm, tmp
     assert f"config.{section}.{key} is set by the chart: use the value {owner}" in out.stderr
 
 
+@pytest.mark.parametrize("value, renders", [(0.5, False), (1, False), (0, True), (2, True), (60, True)])
+def test_a_setting_that_is_off_at_0_or_at_least_a_bound_is_judged_at_render(helm, tmp_path, value, renders):
+    """drift_detector_hang_s is 0 (never) or at least 2: the chart took 0.5 (its schema said only
+    "at least 0") and the pod then failed at start, again and again."""
+    out = template(helm, values_file(tmp_path, {"drift": {"detector": {"drift_detector_hang_s": value}}}))
+    assert (out.returncode == 0) == renders, out.stderr
+    if not renders:
+        assert "drift_detector_hang_s" in out.stderr, out.stderr
+
+
 def test_the_other_settings_of_those_sections_still_pass_through(helm, tmp_path):
     given = {"config": {"server": {"exit_timeout_s": 40}, "repository": {"model_control_mode": "explicit"}}}
     config = yaml.safe_load(

@@ -550,7 +550,7 @@ def test_a_drift_hang_time_shorter_than_the_detectors_reports_is_refused(repo):
     """The detector reports every second: a drift_detector_hang_s under that (0.5) killed a healthy
     detector again and again (its windows lost each time). 0 (never) and 2 s or more are taken."""
     msg = error(None, {"model_repository": repo, "drift_detector_hang_s": 0.5}, environ={})
-    assert "drift_detector_hang_s must be 0 (never) or at least 2" in msg and "not 0.5" in msg
+    assert "drift_detector_hang_s must be 0 (off) or at least 2" in msg and "not 0.5" in msg
     for ok in (0, 2, 60):
         s = load_settings(None, {"model_repository": repo, "drift_detector_hang_s": ok}, environ={})
         assert s.drift_detector.drift_detector_hang_s == ok
