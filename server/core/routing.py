@@ -104,7 +104,15 @@ class RouteSpec:
         return {v.name: v.weight for v in self.variants}
 
     def fingerprint(self) -> str:
-        """A digest of the route as the file defines it: runtime weights are kept until it changes."""
+        """A digest of the route as parsed: runtime weights are kept until it changes. The same
+        route written another way (``version: 3`` or ``"3"``, ``percent: 5`` or ``5.0``, keys in
+        another order) is the same route (until 2026-12-07 the digest was of the file's text, and
+        such an edit reset the route's weights and its rollout)."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]  # (the repr leaves the raw definition out)
+
+    def fingerprint_before_2026_12_07(self) -> str:
+        """The digest state kept by earlier versions was saved under: state kept by them is still
+        this route's after an upgrade."""
         return hashlib.sha256(repr(sorted(_flatten(self.definition))).encode()).hexdigest()[:16]
 
 

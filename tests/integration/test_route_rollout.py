@@ -172,6 +172,55 @@ def test_restart_resumes_the_rollout_at_its_step(repo, tmp_path):
         again.stop()
 
 
+def test_the_same_route_written_another_way_keeps_its_weights_and_so_does_state_kept_before(repo, tmp_path):
+    """The kept state is matched to the route as parsed, not as written: `version: 1` rewritten
+    `version: "1"` (and a weight 30 as 30.0 would be refused, so keys reordered) reset the
+    runtime weights to the file's. State kept under the digest of the file's text (before
+    2026-12-07) is still the route's after an upgrade."""
+    state_dir, routes_file = tmp_path / "state", tmp_path / "routes.yaml"
+    route = {
+        "name": "ramp",
+        "variants": [
+            {"name": "stable", "model": "clf_a", "version": 1, "weight": 100},
+            {"name": "canary", "model": "clf_same", "weight": 0},
+        ],
+    }
+    write_config(str(routes_file), [route])
+    cfg = write_config(
+        str(tmp_path / "c.yaml"),
+        [],
+        routing={"state_dir": str(state_dir), "routes_file": str(routes_file), "routes_poll_s": 0.1},
+    )
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        running.call(_set(running, {"canary": 30}))
+        assert _state(running).weights == {"stable": 100, "canary": 30}
+        respelt = {
+            "variants": [
+                {"weight": 100, "version": "1", "model": "clf_a", "name": "stable"},
+                {"model": "clf_same", "name": "canary", "weight": 0},
+            ],
+            "name": "ramp",
+        }
+        write_config(str(routes_file), [respelt])
+        reloads = metric(_metrics(running), "batchgate_routes_reloads_total", outcome="ok")
+        _until(lambda: metric(_metrics(running), "batchgate_routes_reloads_total", outcome="ok") > reloads)
+        assert _state(running).weights == {"stable": 100, "canary": 30}
+    finally:
+        running.stop()
+    kept_file = state_dir / "route-ramp.json"
+    kept = json.loads(kept_file.read_text())
+    from batchgate.core.routing import parse_routes
+
+    kept["fingerprint"] = parse_routes([respelt])[0].fingerprint_before_2026_12_07()  # as an older version kept it
+    kept_file.write_text(json.dumps(kept))
+    running = start_gateway(repo, config_file=cfg)
+    try:
+        assert _state(running).weights == {"stable": 100, "canary": 30}
+    finally:
+        running.stop()
+
+
 def test_runtime_weights_persist_until_the_routes_file_changes(repo, tmp_path):
     state_dir = tmp_path / "state"
     audit = tmp_path / "audit.jsonl"
