@@ -174,9 +174,9 @@ def test_restart_resumes_the_rollout_at_its_step(repo, tmp_path):
 
 def test_the_same_route_written_another_way_keeps_its_weights_and_so_does_state_kept_before(repo, tmp_path):
     """The kept state is matched to the route as parsed, not as written: `version: 1` rewritten
-    `version: "1"` (and a weight 30 as 30.0 would be refused, so keys reordered) reset the
-    runtime weights to the file's. State kept under the digest of the file's text (before
-    2026-12-07) is still the route's after an upgrade."""
+    `version: "1"`, with its keys in another order, reset the runtime weights to the file's.
+    State kept under the digest of the file's text (before 2026-12-07) is still the route's
+    after an upgrade."""
     state_dir, routes_file = tmp_path / "state", tmp_path / "routes.yaml"
     route = {
         "name": "ramp",
