@@ -101,6 +101,8 @@ async def _drift(
 def _parse(raw: bytes, message, example: str):
     if len(raw) > MAX_BODY:  # (parsed on the event loop: megabytes of JSON held every request for seconds)
         raise invalid(f"the body is {len(raw)} bytes; an admin request's is at most {MAX_BODY} bytes")
+    if raw.strip(b" \t\r\n")[:1] not in (b"", b"{"):  # protobuf reads `[]` as {}: a rebaseline of every row
+        raise invalid(f"the body must be a JSON object, a {type(message).__name__}, e.g. {example}")
     try:
         return json_format.Parse(raw or b"{}", message, ignore_unknown_fields=False)
     except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:

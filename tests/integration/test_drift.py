@@ -215,6 +215,14 @@ def test_status_rebaseline_and_reset_through_the_admin_api_and_the_cli(served):
     with pytest.raises(urllib.error.HTTPError) as e:
         _admin(gw, "drift/fraud/rebaseline", {"rows": "many"})
     assert e.value.code == 400
+    # a body that is not a JSON object is refused, not read as {} (protobuf's JSON reader took
+    # `[]` for an empty message: a rebaseline of every row kept, from a malformed request)
+    for body in ([], [{"rows": 5}], "rows", 7):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _admin(gw, "drift/fraud/rebaseline", body)  # type: ignore[arg-type]
+        with e.value:
+            assert e.value.code == 400 and "must be a JSON object" in json.loads(e.value.read())["error"], body
+    assert _admin(gw, "drift/fraud")["profile_id"] == before
     audit = [a["action"] for a in _lines(served["tmp"] / "audit.jsonl")]
     assert "drift.rebaseline" in audit and "drift.reset" in audit
 
