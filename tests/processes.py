@@ -150,3 +150,22 @@ def logged_at(output: str, message: str) -> float:
             stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             return stamp.timestamp()
     raise AssertionError(f"no log line '{message}' in:\n{output}")
+
+
+def pod_statistics(read, least: int, timeout_s: float = 20.0) -> dict:
+    """``read()``'s statistics once its count (``read()[1]``) reaches ``least``, or the last read
+    after ``timeout_s``: with worker processes, a worker answers the pod's V2 statistics from a
+    reading up to 0.5 s old (README, Worker processes), so calls of the last half second may not
+    be in the first answer. ``read`` returns (statistics, count)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        stats, count = read()
+        if count >= least or time.monotonic() > end:
+            return stats
+        time.sleep(0.2)
+
+
+def successes(answer: dict) -> tuple[dict, int]:
+    """A V2 statistics answer's first model and its success count (for :func:`pod_statistics`)."""
+    stats = answer["model_stats"][0]
+    return stats, int(stats["inference_stats"]["success"].get("count", 0))

@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchgate.demo import _save, classifier_model, slow_model
 from gateway_support import eventually
-from processes import Proc, free_port, serve_args
+from processes import Proc, free_port, pod_statistics, serve_args, successes
 
 WIDTH = 512
 CLIENTS = 32
@@ -110,7 +110,8 @@ def test_front_mode_counts_client_requests_not_the_workers_calls_to_the_owner(tm
         )
         assert 0 < calls < total, (calls, total)
         # ... and yet every figure counts the clients' requests.
-        stats = httpclient.InferenceServerClient(p.http).get_inference_statistics("slow")["model_stats"][0]
+        http = httpclient.InferenceServerClient(p.http)
+        stats = pod_statistics(lambda: successes(http.get_inference_statistics("slow")), total)
         assert int(stats["inference_stats"]["success"]["count"]) == total
         assert int(stats["inference_stats"]["queue"]["count"]) == total
         assert _value(text, 'nv_inference_request_success{model="slow",version="1"}') == total
@@ -428,7 +429,12 @@ def test_front_mode_failure_reasons_count_client_requests_as_the_statistics_do(t
         for t in threads:
             t.join()
         assert sum(failed) == clients
-        stats = json.loads(urllib.request.urlopen(f"http://{p.http}/v2/models/clf_bad/stats", timeout=20).read())
+
+        def failures() -> tuple[dict, int]:
+            got = json.loads(urllib.request.urlopen(f"http://{p.http}/v2/models/clf_bad/stats", timeout=20).read())
+            return got, int(got["model_stats"][0]["inference_stats"]["fail"].get("count", 0))
+
+        stats = pod_statistics(failures, clients)
         assert stats["model_stats"][0]["inference_stats"]["fail"]["count"] == clients
         text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
         reason = 'nv_inference_request_failure{{model="clf_bad",reason="{}",version="1"}}'
@@ -510,14 +516,7 @@ def test_front_mode_exports_the_routes_the_workers_serve(tmp_path):
         x.set_data_from_numpy(np.ones((1, 4), np.float32))
         for _ in range(10):
             c.infer("r", [x])
-        # a worker answers the pod's statistics from a reading up to 0.5 s old (README, Worker
-        # processes): calls of the last half second may not be in the first answer
-        end = time.monotonic() + 20
-        while True:
-            stats = c.get_inference_statistics("r", as_json=True)["model_stats"][0]
-            if int(stats["inference_stats"]["success"].get("count", 0)) >= 10 or time.monotonic() > end:
-                break
-            time.sleep(0.2)
+        stats = pod_statistics(lambda: successes(c.get_inference_statistics("r", as_json=True)), 10)
         c.close()
         text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports[2]}/metrics", timeout=20).read().decode()
     finally:
