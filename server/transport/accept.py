@@ -16,6 +16,7 @@ the protocol each listener uses answers it and closes it, as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -58,6 +59,8 @@ class Listener:
                 self._pause(exc)
                 return
             conn.setblocking(False)
+            with contextlib.suppress(OSError):  # answers go out at once (uvloop's transports set it, asyncio's not)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self.loop.create_task(self._hand_over(conn))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)

@@ -157,3 +157,38 @@ def test_running_out_of_descriptors_pauses_accepting_and_it_resumes(tmp_path):
     assert calls < 50, lines
     warnings = [line for line in lines if line.startswith("cannot accept connections (EMFILE)")]
     assert 1 <= len(warnings) <= 2, lines  # at most one a second, not one per readiness
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_an_accepted_connection_sends_small_answers_at_once(loop_kind):
+    """TCP_NODELAY on every accepted connection: asyncio's connect_accepted_socket leaves Nagle's
+    algorithm on (uvloop's sets it off), and a small answer written in two parts then waits
+    for the client's delayed acknowledgement."""
+    import uvloop
+
+    from batchgate.transport import accept
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        got: list[int] = []
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                sock = transport.get_extra_info("socket")
+                got.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        listener = await accept.listen(loop, Probe, lsock)
+        _, writer = await asyncio.open_connection(*lsock.getsockname())
+        for _ in range(500):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        listener.close()
+        return got[0]
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(main()) != 0
