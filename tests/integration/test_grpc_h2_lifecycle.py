@@ -150,7 +150,9 @@ class Raw:
         self.sock.sendall(frame(DATA, int(end), sid, payload))
 
     def frames(self, seconds: float) -> list[tuple]:
-        """The frames read within ``seconds`` ((kind, flags, sid, payload); ``("EOF",)`` at the end)."""
+        """The frames read within ``seconds`` ((kind, flags, sid, payload); ``("EOF",)`` at the end,
+        ``("RESET",)`` when the server closed with bytes of ours unread: the kernel then resets
+        the connection, and what it had sent before may be lost with it)."""
         out: list[tuple] = []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -158,6 +160,9 @@ class Raw:
             try:
                 got = self.sock.recv(1 << 20)
             except TimeoutError:
+                break
+            except ConnectionResetError:
+                out.append(("RESET",))
                 break
             if not got:
                 out.append(("EOF",))
