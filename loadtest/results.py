@@ -14,11 +14,13 @@ averaged. Three histograms per window:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 LOWEST_US = 1
@@ -27,8 +29,51 @@ SIGNIFICANT = 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
-def histogram() -> HdrHistogram:
-    return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT)
+class Histogram(HdrHistogram):
+    """hdrh's histogram with its whole-histogram statistics computed over the counts array at
+    once. hdrh walks its ~21,500 buckets in Python for every mean and standard deviation (and each
+    percentile distribution file computes both): writing a six-step sweep's reports took 20 s, most
+    of it there. The figures are hdrh's own definitions, bucket for bucket (``_tables``)."""
+
+    def _counts(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.counts)[: self.counts_len].astype(np.int64)
+
+    def get_mean_value(self) -> float:
+        if not self.total_count:
+            return 0.0
+        return float(int(np.dot(self._counts(), _tables(self)[1]))) / self.total_count
+
+    def get_stddev(self) -> float:
+        if not self.total_count:
+            return 0.0
+        counts, mid = self._counts(), _tables(self)[1]
+        dev = mid.astype(np.float64) - self.get_mean_value()
+        return math.sqrt(float(np.dot(dev * dev, counts)) / self.total_count)
+
+    def values_at_ranks(self, ranks: list[int]) -> list[int]:
+        """The value the rank-th sample (1-based, in ascending order) is reported at: the top of
+        its bucket, as hdrh's recorded-values iterator reports it."""
+        cum = np.cumsum(self._counts())
+        top = _tables(self)[0]
+        return [int(top[i]) for i in np.searchsorted(cum, ranks, side="left")]
+
+
+@functools.cache
+def _bucket_tables(lowest: int, highest: int, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    h = HdrHistogram(lowest, highest, digits)
+    top = [h.get_highest_equivalent_value(h.get_value_from_index(i)) for i in range(h.counts_len)]
+    mid = [h._hdr_median_equiv_value(v) for v in top]
+    return np.array(top, np.int64), np.array(mid, np.int64)
+
+
+def _tables(h: HdrHistogram) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket: the value hdrh reports it at (its top) and the value it averages it as (its
+    middle)."""
+    return _bucket_tables(h.lowest_trackable_value, h.highest_trackable_value, h.significant_figures)
+
+
+def histogram() -> Histogram:
+    return Histogram(LOWEST_US, HIGHEST_US, SIGNIFICANT)
 
 
 def decode(blob: bytes | str) -> HdrHistogram:
@@ -67,6 +112,8 @@ def values_at(h: HdrHistogram, ps) -> dict[float, int]:
     if not total:
         return {}
     want = sorted((max(1, math.ceil(Fraction(repr(float(p))) * total / 100)), p) for p in set(ps))
+    if isinstance(h, Histogram):
+        return dict(zip((p for _, p in want), h.values_at_ranks([r for r, _ in want]), strict=True))
     out: dict[float, int] = {}
     i = 0
     for it in h.get_recorded_iterator():

@@ -561,3 +561,33 @@ def test_a_percentile_has_its_share_at_or_below_it_and_the_count_above_it_that_i
     assert int(got["max"]) == n  # (each value is its bucket's highest: 195 ms reads 195.071)
     if n == 195:
         assert (int(got["p50"]), int(got["p90"]), int(got["p99"])) == (98, 176, 194)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_histogram_statistics_are_hdrhs_own_figures_computed_at_once(seed):
+    """``results.Histogram`` computes the mean, standard deviation and percentiles over the whole
+    counts array; hdrh walks it bucket by bucket in Python (20 s of a six-step sweep's reports).
+    The figures must be hdrh's, bucket for bucket: compared with hdrh's own walk on the same data,
+    including values near the range's ends and a bucket boundary."""
+    import random
+
+    from hdrh.histogram import HdrHistogram
+
+    from batchgate.loadtest.results import HIGHEST_US, LOWEST_US, SIGNIFICANT, Histogram, values_at
+
+    rng = random.Random(seed)
+    fast, slow = histogram(), HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT)
+    assert isinstance(fast, Histogram)
+    values = [int(rng.lognormvariate(8, 2)) + 1 for _ in range(5_000)] + [1, 2047, 2048, 2049, HIGHEST_US]
+    for v in values:
+        fast.record_value(v)
+        slow.record_value(v)
+    assert fast.get_mean_value() == pytest.approx(slow.get_mean_value(), rel=1e-12)
+    assert fast.get_stddev() == pytest.approx(slow.get_stddev(), rel=1e-9)
+    ps = (0.001, 1.0, 50.0, 90.0, 99.0, 99.9, 99.99, 100.0)
+    assert values_at(fast, ps) == values_at(slow, ps)
+    # and merged, and decoded from the report's blob
+    back = decode(fast.encode())
+    assert isinstance(back, Histogram) and back.get_mean_value() == fast.get_mean_value()
+    empty = histogram()
+    assert empty.get_mean_value() == 0.0 and empty.get_stddev() == 0.0 and values_at(empty, ps) == {}
