@@ -110,6 +110,8 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             y, datatype = y.astype(np.int32), "INT32"
         elif lie == "width":  # one column more than its signature's
             y = np.concatenate([y, y[:, :1]], axis=1)
+        elif lie == "rank":  # a trailing dimension of 1 its signature does not have (as MLServer's sklearn answers)
+            y = y[..., None]
         elif lie == "garbage":  # bytes that are no ModelInferResponse
             return b"\xff\xff\xff\xff"
         resp.outputs.add(name="y", datatype=datatype, shape=list(y.shape))

@@ -57,10 +57,16 @@ def string_field(number: int, value: str) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
+# A config made from metadata alone says so in this parameter: its shapes are the upstream's
+# declaration, which an upstream without configs (MLServer) does not hold its answers to.
+FROM_METADATA = "remote_config_from"
+
+
 def config_from_metadata(meta: pb.ModelMetadataResponse, max_batch_size: int) -> mc.ModelConfig:
     """A config from V2 model metadata alone. With ``max_batch_size`` > 0 the first dimension of
     every tensor, which must be -1, is the batch dimension."""
     cfg = mc.ModelConfig(name=meta.name, platform=meta.platform)
+    cfg.parameters[FROM_METADATA].string_value = "metadata"
     tensors = list(meta.inputs) + list(meta.outputs)
     batched = max_batch_size > 0 and all(t.shape and t.shape[0] == -1 for t in tensors)
     cfg.max_batch_size = max_batch_size if batched else 0
@@ -218,4 +224,8 @@ def served_config(spec: RemoteModel, upstream: mc.ModelConfig) -> ServedConfig:
     batch = (-1,) if cfg.max_batch_size > 0 else ()
     # (a shape tensor's values describe the batch, its own shape need not carry it: not checked)
     out.out_shapes = {t.name: batch + tuple(t.dims) for t in cfg.output if not t.is_shape_tensor}
+    if FROM_METADATA in upstream.parameters and upstream.parameters[FROM_METADATA].string_value == "metadata":
+        # MLServer declares an output [-1] and answers it [N, 1], as its own clients then get it:
+        # served as it came (a batch's answer is still cut by its rows, and a datatype checked).
+        out.out_shapes = {}
     return out

@@ -23,11 +23,21 @@ from batchgate.config import RemoteModel
 from mlserver_support import MLServer
 from processes import Proc, serve_args
 
+# A signature in model-settings.json as MLServer users write one: ``rows`` declared [-1], which
+# the model answers [N, 1] (MLServer holds no answer to its declaration).
+DECLARED = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+    "outputs": [
+        {"name": "out_x", "datatype": "FP32", "shape": [-1, 3]},
+        {"name": "rows", "datatype": "INT64", "shape": [-1]},
+    ],
+}
+
 
 @pytest.fixture(scope="module")
 def mlserver(tmp_path_factory):
     try:
-        server = MLServer(tmp_path_factory.mktemp("mlserver"), {"doubler": {}})
+        server = MLServer(tmp_path_factory.mktemp("mlserver"), {"doubler": {}, "declared": DECLARED})
     except RuntimeError as e:  # no package index here: the peer cannot be installed
         pytest.skip(f"MLServer is not available: {e}")
     yield server
@@ -203,3 +213,19 @@ def test_request_and_input_parameters_reach_the_upstream_on_every_path(mlserver,
     seen = json.loads(r.as_numpy("params").reshape(-1)[0])
     assert seen["request"].get("echo") is True and seen["request"].get("tenant") == "t1", seen
     assert seen.get("x", {}).get("content_type") == "np", seen
+
+
+@pytest.mark.parametrize("batching", ["passthrough", "gateway"])
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_a_declared_shape_the_model_does_not_keep_is_answered_as_mlserver_answers_it(mlserver, serve, mod, batching):
+    """``rows`` is declared [-1] and answered [N, 1]: MLServer's own clients get [N, 1]; through
+    batchgate every call failed with INTERNAL ("its signature says [-1]"). A config made from
+    metadata alone now serves its answers' shapes as they come, batched or not."""
+    spec = RemoteModel("declared", (mlserver.grpc,), batching=batching, max_batch_size=8)
+    running = serve("", remote_models=(spec,))
+    url = running.grpc_url if mod is grpcclient else running.http_url
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    direct = _call(grpcclient, mlserver.grpc, "declared", {"x": x})
+    r = _call(mod, url, "declared", {"x": x})
+    assert r.as_numpy("rows").shape == direct.as_numpy("rows").shape == (2, 1)
+    np.testing.assert_array_equal(r.as_numpy("out_x"), x * 2)

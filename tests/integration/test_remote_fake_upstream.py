@@ -423,6 +423,36 @@ def test_an_answer_that_breaks_the_signature_is_the_upstreams_error(fake, serve,
     np.testing.assert_array_equal(_infer(mod, url, "fk", 3.0), np.full((1, 2), 6.0, np.float32))  # serves on
 
 
+@pytest.mark.parametrize("path", ["http", "decoded", "gateway"])
+def test_shapes_declared_by_metadata_alone_do_not_fail_the_answers_they_do_not_match(fake, serve, path):
+    """An upstream with no model configs (MLServer) declares shapes in its metadata that it does not
+    hold its answers to: an output declared [-1, 2] answered [1, 2, 1] or [1, 3] reached its own
+    clients so, and through batchgate failed with INTERNAL ("its signature says"). A config made
+    from metadata says so (``remote_config_from``), and its answers are served as they come; a
+    batch's answer is still cut by its rows, and a wrong row count or datatype is still refused."""
+    fake.config_code = grpc.StatusCode.UNIMPLEMENTED.value[0]
+    batching, forwarding = (
+        ("gateway", "raw") if path == "gateway" else ("passthrough", "raw" if path == "http" else "decoded")
+    )
+    spec = RemoteModel(
+        "fk", (fake.address,), batching=batching, forwarding=forwarding, retries=0, max_batch_size=8, **FAST
+    )
+    running = serve("", remote_models=(spec,))
+    mod, url = (httpclient, running.http_url) if path == "http" else (grpcclient, running.grpc_url)
+    config = mod.InferenceServerClient(url).get_model_config("fk")
+    if mod is grpcclient:
+        assert config.config.parameters["remote_config_from"].string_value == "metadata"
+    else:
+        assert config["parameters"]["remote_config_from"]["string_value"] == "metadata"
+    got = _infer(mod, url, "fk", 1.0, params={"lie": "rank"})
+    np.testing.assert_array_equal(got, np.full((1, 2, 1), 2.0, np.float32))
+    np.testing.assert_array_equal(_infer(mod, url, "fk", 1.0, params={"lie": "width"}), np.full((1, 3), 2.0))
+    for lie, said in (("rows", "has 2 rows, expected 1"), ("datatype", "as INT32; its signature says FP32")):
+        with pytest.raises(InferenceServerException) as e:
+            _infer(mod, url, "fk", 1.0, params={"lie": lie})
+        assert e.value.status() in ("StatusCode.INTERNAL", "500") and said in e.value.message(), e.value
+
+
 @pytest.mark.parametrize("client", ["h2", "grpcio"])
 @pytest.mark.parametrize("path", ["raw", "decoded", "gateway"])
 def test_a_deadline_years_away_is_no_deadline_on_the_upstream_call(fake, serve, client, path):
