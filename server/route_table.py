@@ -206,7 +206,7 @@ class RouteTable:
         table = state = None
         doc = self._load(spec.name)
         if doc is not None:
-            if doc.get("fingerprint") in (fingerprint, spec.fingerprint_before_2026_12_07()):
+            if doc.get("fingerprint") in (fingerprint, spec.legacy_fingerprint()):
                 try:
                     table = BucketTable.from_state(doc["table"])
                     if set(table.weights) != {v.name for v in spec.variants}:

@@ -110,9 +110,9 @@ class RouteSpec:
         such an edit reset the route's weights and its rollout)."""
         return hashlib.sha256(repr(self).encode()).hexdigest()[:16]  # (the repr leaves the raw definition out)
 
-    def fingerprint_before_2026_12_07(self) -> str:
-        """The digest state kept by earlier versions was saved under: state kept by them is still
-        this route's after an upgrade."""
+    def legacy_fingerprint(self) -> str:
+        """The digest that versions before 2026-12-07 kept state under (of the route's text): state
+        they kept is still this route's after an upgrade."""
         return hashlib.sha256(repr(sorted(_flatten(self.definition))).encode()).hexdigest()[:16]
 
 

@@ -212,7 +212,7 @@ def test_the_same_route_written_another_way_keeps_its_weights_and_so_does_state_
     kept = json.loads(kept_file.read_text())
     from batchgate.core.routing import parse_routes
 
-    kept["fingerprint"] = parse_routes([respelt])[0].fingerprint_before_2026_12_07()  # as an older version kept it
+    kept["fingerprint"] = parse_routes([respelt])[0].legacy_fingerprint()  # as an older version kept it
     kept_file.write_text(json.dumps(kept))
     running = start_gateway(repo, config_file=cfg)
     try:
