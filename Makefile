@@ -69,7 +69,7 @@ lint: $(FULL_STAMP)
 # The suite mostly waits (servers starting, subprocesses, timeouts), so it runs in TEST_WORKERS
 # processes side by side (pytest-xdist; a test file stays on one process, its module fixtures
 # started once); then the tests marked serial, which compare timings, run alone.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 XDIST = -n $(TEST_WORKERS) --dist loadfile -m "not serial"
 test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
