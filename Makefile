@@ -19,7 +19,7 @@ INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
 .PHONY: install install-serve serve test test-grpcio fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-grpc-engines \
-	bench-overload bench-routing bench-drift bench-workers bench-score bench-observability bench-tracing bench-tools test-tools dashboard-preview lint clean soak
+	bench-overload bench-scrape bench-routing bench-drift bench-workers bench-score bench-observability bench-tracing bench-tools test-tools dashboard-preview lint clean soak
 
 $(PY):
 	@echo "==> creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
@@ -148,6 +148,11 @@ bench-score: $(FULL_STAMP)
 # log off, at its default (sampled) and on for every request, over gRPC and HTTP; req/s and CPU ratios.
 bench-observability: $(FULL_STAMP) bench-tools
 	$(PY) bench/observability.py
+
+# What a /metrics scrape costs (bench/scrape.py, about a minute): the page written directly against
+# prometheus_client's generate_latest, 5, 50 and 200 models.
+bench-scrape: $(FULL_STAMP)
+	$(PY) bench/scrape.py
 
 # Tracing cost (bench/tracing.py, about 5 minutes): tracing off, at its default ratio (0.001) and at
 # 1.0, exporting to an OTLP sink, over gRPC and HTTP; req/s and CPU ratios, in-process costs.

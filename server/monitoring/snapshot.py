@@ -106,9 +106,13 @@ def render(snapshot: Snapshot) -> list:
     return out
 
 
-def _cumulative(counts: tuple[int, ...], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
+def _les(buckets: tuple[float, ...]) -> list[str]:
     # Whole-number buckets (rows per batch) keep their integer labels: le="8", not le="8.0".
-    les = [str(b) if isinstance(b, int) else floatToGoString(b) for b in buckets] + ["+Inf"]
+    return [str(b) if isinstance(b, int) else floatToGoString(b) for b in buckets] + ["+Inf"]
+
+
+def _cumulative(counts: tuple[int, ...], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
+    les = _les(buckets)
     out, total = [], 0
     for le, n in zip(les, counts):
         total += n
@@ -122,13 +126,57 @@ _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram
 RuntimeFamily = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]
 
 
+def _label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def text(snapshot: Snapshot) -> str:
+    """The snapshot's families in Prometheus text format 0.0.4, byte for byte what
+    prometheus_client's ``generate_latest`` writes of :func:`render`'s families, written directly:
+    that took about 8 ms a scrape for five models (its samples are objects, each name checked and
+    each label escaped again), on the event loop's core and, in 5 ms turns, under its lock."""
+    out: list[str] = []
+    for name, fam in FAMILIES.items():
+        kind = fam.kind
+        base = name[:-6] if kind == "counter" and name.endswith("_total") else name
+        shown = base + "_total" if kind == "counter" else base
+        doc = fam.help.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {shown} {doc}\n# TYPE {shown} {kind}\n")
+        series = snapshot.values.get(name)
+        if not series:
+            continue
+        names = list(fam.labels)
+        if kind != "histogram":
+            order = sorted(range(len(names)), key=names.__getitem__)
+            for labels, v in series.items():
+                pairs = ",".join(f'{names[i]}="{_label_value(labels[i])}"' for i in order)
+                out.append(f"{shown}{{{pairs}}} {floatToGoString(v)}\n" if pairs else f"{shown} {floatToGoString(v)}\n")
+            continue
+        les = _les(snapshot.buckets.get(name, fam.buckets))
+        order = sorted(range(len(names)), key=names.__getitem__)
+        before = [i for i in order if names[i] < "le"]
+        after = [i for i in order if names[i] > "le"]
+        for labels, v in series.items():
+            counts, total = v  # type: ignore[misc]
+            head = "".join(f'{names[i]}="{_label_value(labels[i])}",' for i in before)
+            tail = "".join(f',{names[i]}="{_label_value(labels[i])}"' for i in after)
+            plain = ",".join(f'{names[i]}="{_label_value(labels[i])}"' for i in order)
+            plain = f"{{{plain}}}" if plain else ""
+            cum = 0
+            for le, n in zip(les, counts):
+                cum += n
+                out.append(f'{base}_bucket{{{head}le="{le}"{tail}}} {floatToGoString(cum)}\n')
+            out.append(f"{base}_count{plain} {floatToGoString(cum)}\n{base}_sum{plain} {floatToGoString(total)}\n")
+    return "".join(out)
+
+
 def exposition(snap: Snapshot, runtime: Iterable[Metric], triton: bool) -> bytes:
     """Prometheus text: the snapshot's families, the ``runtime`` ones (process_*, python_*) and,
     with ``triton``, Triton's nv_inference_* families from the same snapshot."""
-    text = generate_latest(_Scrape(render(snap) + list(runtime), ()))
+    text_ = text(snap).encode() + generate_latest(_Scrape(list(runtime), ()))
     if not triton:
-        return text
-    return text + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
+        return text_
+    return text_ + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
 
 
 def by_worker(sources: dict[str, list[RuntimeFamily]]) -> list[Metric]:
