@@ -146,14 +146,13 @@ def text(snapshot: Snapshot) -> str:
         if not series:
             continue
         names = list(fam.labels)
+        order = sorted(range(len(names)), key=names.__getitem__)  # (labels are written by name)
         if kind != "histogram":
-            order = sorted(range(len(names)), key=names.__getitem__)
             for labels, v in series.items():
                 pairs = ",".join(f'{names[i]}="{_label_value(labels[i])}"' for i in order)
                 out.append(f"{shown}{{{pairs}}} {floatToGoString(v)}\n" if pairs else f"{shown} {floatToGoString(v)}\n")
             continue
         les = _les(snapshot.buckets.get(name, fam.buckets))
-        order = sorted(range(len(names)), key=names.__getitem__)
         before = [i for i in order if names[i] < "le"]
         after = [i for i in order if names[i] > "le"]
         for labels, v in series.items():
@@ -173,10 +172,10 @@ def text(snapshot: Snapshot) -> str:
 def exposition(snap: Snapshot, runtime: Iterable[Metric], triton: bool) -> bytes:
     """Prometheus text: the snapshot's families, the ``runtime`` ones (process_*, python_*) and,
     with ``triton``, Triton's nv_inference_* families from the same snapshot."""
-    text_ = text(snap).encode() + generate_latest(_Scrape(list(runtime), ()))
+    page = text(snap).encode() + generate_latest(_Scrape(list(runtime), ()))
     if not triton:
-        return text_
-    return text_ + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
+        return page
+    return page + render_triton(snap.stats, snap.failures, snap.values.get("batchgate_queue_depth", {})).encode()
 
 
 def by_worker(sources: dict[str, list[RuntimeFamily]]) -> list[Metric]:
