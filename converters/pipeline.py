@@ -8,6 +8,8 @@ Nothing here imports torch or scikit-learn: the caller hands over the exported m
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -483,6 +485,23 @@ def write(
         raise ConversionError(f"writing {target} failed ({e.strerror or e}); nothing was written") from None
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``): True
+    when done, False where the system or its file system cannot (then nothing moved)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:  # (not Linux, or a C library older than glibc 2.28)
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _write(
     model: onnx.ModelProto, job: Job, target: Path, config: str | None, record: dict, shared: Shared | None
 ) -> None:
@@ -504,17 +523,25 @@ def _write(
             staging.rename(model_dir)
             return
         replaced = target.exists()
-        if replaced:  # --force: the old version goes, in one rename
+        # --force: the new version and the old one trade places in one step where the system can
+        # (the old one is then in staging, removed with it); else the old one goes in one rename
+        # and the new one comes in the next, and a repository poll in between saw no version
+        swapped = replaced and exchange(version_dir, target)
+        if replaced and not swapped:
             target.rename(staging / "replaced")
         try:
-            version_dir.rename(target)
+            if not swapped:
+                version_dir.rename(target)
             if config is not None:
                 os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
         except OSError as e:  # put the old entry back as it was
-            if target.exists():
-                target.rename(staging / "failed")
-            if replaced:
-                (staging / "replaced").rename(target)
+            if swapped:
+                exchange(version_dir, target)
+            else:
+                if target.exists():
+                    target.rename(staging / "failed")
+                if replaced:
+                    (staging / "replaced").rename(target)
             raise ConversionError(f"writing {target} failed ({e}); the old entry is kept") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -93,6 +93,56 @@ def test_a_failed_write_is_a_conversion_error(tmp_path):
         write(model, job, target, "", {})
 
 
+# A reader in a process of its own: says "watching", then looks at the folder until the stop
+# file appears; exits 1 the first time the folder is missing.
+WATCH = """
+import os, sys
+folder, stop = sys.argv[1], sys.argv[2]
+print("watching", flush=True)
+while not os.path.exists(stop):
+    for _ in range(1000):
+        if not os.path.isdir(folder):
+            print("missing", flush=True)
+            sys.exit(1)
+"""
+
+
+def test_force_puts_the_new_version_where_the_old_one_was_in_one_step(tmp_path):
+    """--force renamed the old version folder away and then the new one in: a repository poll
+    between the two renames found the model without that version, and a polling server unloaded
+    it. The two folders now trade places in one step (``exchange``: Linux's renameat2 with
+    RENAME_EXCHANGE): a reader looking all the while, from another process, never finds it missing."""
+    from batchgate.converters.pipeline import exchange
+
+    repo = tmp_path / "models"
+    target = repo / "m" / "1"
+    job = Job(specs=[], output_names=[], reference=None, repository=str(repo), name="m", force=True)
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    write(model, job, target, "", {"n": 0})
+    stop = tmp_path / "stop"
+    watcher = subprocess.Popen([sys.executable, "-c", WATCH, str(target), str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+        for n in range(1, 301):
+            write(model, job, target, "", {"n": n})
+            if watcher.poll() is not None:
+                break
+    finally:
+        stop.touch()
+        out, _ = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, f"the version folder was missing at some moment ({out.strip()}, after {n} writes)"
+    assert json.loads((target / "conversion.json").read_text()) == {"n": 300}
+    assert sorted(os.listdir(repo)) == ["m"] and sorted(os.listdir(repo / "m")) == ["1", "config.pbtxt"]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "in-a").touch()
+    assert exchange(a, b) and os.listdir(b) == ["in-a"] and os.listdir(a) == []
+    with pytest.raises(FileNotFoundError):
+        exchange(a, tmp_path / "nowhere")
+
+
 def test_bad_samples_are_told_before_the_export(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("not numpy")
