@@ -30,32 +30,26 @@ PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
 class Histogram(HdrHistogram):
-    """hdrh's histogram with its whole-histogram statistics computed over the counts array at
-    once. hdrh walks its ~21,500 buckets in Python for every mean and standard deviation (and each
-    percentile distribution file computes both): writing a six-step sweep's reports took 20 s, most
-    of it there. The figures are hdrh's own definitions, bucket for bucket (``_tables``)."""
-
-    def _counts(self) -> np.ndarray:
-        return np.ctypeslib.as_array(self.counts)[: self.counts_len].astype(np.int64)
+    """hdrh's histogram with its mean and standard deviation computed over the counts array at
+    once. hdrh walks its ~21,500 buckets in Python for each (and each percentile distribution
+    file computes both): writing a six-step sweep's reports took 20 s, most of it there. The
+    figures are hdrh's own definitions, bucket for bucket (``_tables``)."""
 
     def get_mean_value(self) -> float:
         if not self.total_count:
             return 0.0
-        return float(int(np.dot(self._counts(), _tables(self)[1]))) / self.total_count
+        return float(int(np.dot(_counts(self), _tables(self)[1]))) / self.total_count
 
     def get_stddev(self) -> float:
         if not self.total_count:
             return 0.0
-        counts, mid = self._counts(), _tables(self)[1]
-        dev = mid.astype(np.float64) - self.get_mean_value()
+        counts, mid = _counts(self), _tables(self)[1]
+        dev = mid - float(int(np.dot(counts, mid))) / self.total_count
         return math.sqrt(float(np.dot(dev * dev, counts)) / self.total_count)
 
-    def values_at_ranks(self, ranks: list[int]) -> list[int]:
-        """The value the rank-th sample (1-based, in ascending order) is reported at: the top of
-        its bucket, as hdrh's recorded-values iterator reports it."""
-        cum = np.cumsum(self._counts())
-        top = _tables(self)[0]
-        return [int(top[i]) for i in np.searchsorted(cum, ranks, side="left")]
+
+def _counts(h: HdrHistogram) -> np.ndarray:
+    return np.ctypeslib.as_array(h.counts)[: h.counts_len].astype(np.int64)
 
 
 @functools.cache
@@ -112,17 +106,10 @@ def values_at(h: HdrHistogram, ps) -> dict[float, int]:
     if not total:
         return {}
     want = sorted((max(1, math.ceil(Fraction(repr(float(p))) * total / 100)), p) for p in set(ps))
-    if isinstance(h, Histogram):
-        return dict(zip((p for _, p in want), h.values_at_ranks([r for r, _ in want]), strict=True))
-    out: dict[float, int] = {}
-    i = 0
-    for it in h.get_recorded_iterator():
-        while i < len(want) and it.total_count_to_this_value >= want[i][0]:
-            out[want[i][1]] = it.value_iterated_to
-            i += 1
-        if i == len(want):
-            break
-    return out
+    # the first bucket whose running count reaches each rank, reported at its top (as hdrh's
+    # recorded-values iterator reports it)
+    at = np.searchsorted(np.cumsum(_counts(h)), [r for r, _ in want], side="left")
+    return {p: int(_tables(h)[0][i]) for (_, p), i in zip(want, at, strict=True)}
 
 
 def _key(p: float) -> str:

@@ -147,20 +147,16 @@ def text(snapshot: Snapshot) -> str:
             continue
         names = list(fam.labels)
         order = sorted(range(len(names)), key=names.__getitem__)  # (labels are written by name)
-        if kind != "histogram":
-            for labels, v in series.items():
-                pairs = ",".join(f'{names[i]}="{_label_value(labels[i])}"' for i in order)
-                out.append(f"{shown}{{{pairs}}} {floatToGoString(v)}\n" if pairs else f"{shown} {floatToGoString(v)}\n")
-            continue
-        les = _les(snapshot.buckets.get(name, fam.buckets))
-        before = [i for i in order if names[i] < "le"]
-        after = [i for i in order if names[i] > "le"]
+        les = _les(snapshot.buckets.get(name, fam.buckets)) if kind == "histogram" else []
+        at = sum(names[i] < "le" for i in order)  # a bucket's "le" takes its place among them by name
         for labels, v in series.items():
+            pairs = [f'{names[i]}="{_label_value(labels[i])}"' for i in order]
+            plain = f"{{{','.join(pairs)}}}" if pairs else ""
+            if not les:
+                out.append(f"{shown}{plain} {floatToGoString(v)}\n")
+                continue
+            head, tail = "".join(p + "," for p in pairs[:at]), "".join("," + p for p in pairs[at:])
             counts, total = v  # type: ignore[misc]
-            head = "".join(f'{names[i]}="{_label_value(labels[i])}",' for i in before)
-            tail = "".join(f',{names[i]}="{_label_value(labels[i])}"' for i in after)
-            plain = ",".join(f'{names[i]}="{_label_value(labels[i])}"' for i in order)
-            plain = f"{{{plain}}}" if plain else ""
             cum = 0
             for le, n in zip(les, counts):
                 cum += n
