@@ -23,6 +23,11 @@ from batchgate.config import RemoteModel
 from mlserver_support import MLServer
 from processes import Proc, serve_args
 
+# The first test's set-up installs MLServer into its own venv on a fresh clone (about a minute)
+# and starts it with two models: on a machine busy with four test processes that passed the
+# 120 s a test is given (every test of the module then failed at set-up).
+pytestmark = pytest.mark.timeout(360)
+
 # A signature in model-settings.json as MLServer users write one: ``rows`` declared [-1], which
 # the model answers [N, 1] (MLServer holds no answer to its declaration).
 DECLARED = {
