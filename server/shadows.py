@@ -40,6 +40,7 @@ import orjson
 
 from .core.batching import merge, split
 from .core.errors import GatewayError, batch_may_go_alone
+from .core.rate import LineBudget
 from .core.routing import Compare, Shadow
 from .core.signature import forwarded_parameters, parameters_key
 from .core.types import InferRequest, InferResponse, Tensor, clip, printable
@@ -168,6 +169,7 @@ class ShadowRunner:
         self.compare = compare
         self._log = disagreements
         self._rng = rng
+        self._failure_lines = LineBudget(1)  # a failed copy's reason: one WARNING a second at most
         self.inflight = 0
         self.pending: set[asyncio.Future] = set()
         self._spans: dict[asyncio.Future, Any] = {}  # the copies of traced requests: their spans
@@ -349,6 +351,8 @@ class ShadowRunner:
                     sm.error_delta["primary_only"] = sm.error_delta.get("primary_only", 0) + 1
                 kind = "failed" if outcome.error is not None else "answered"
                 sm.outcome(kind)
+                if outcome.error is not None:
+                    self._say_failed(outcome.error)
                 if span is not None:
                     Tracing.end_shadow(span, kind, error=outcome.error or "")
                 return
@@ -369,6 +373,21 @@ class ShadowRunner:
                 self._log.write(self, request, primary, mine, outcome.output)
 
         fut.add_done_callback(done)
+
+    def _say_failed(self, error: str) -> None:
+        """Counted, a failure's reason is otherwise only in a trace: one line a second says it."""
+        left_out = self._failure_lines.take()
+        if left_out is None:
+            return
+        more = f" ({left_out} more failed copies since the last such line)" if left_out else ""
+        log.warning(
+            "shadow %s of route %s (model %s): a copy failed: %s%s",
+            self.spec.name,
+            self.route,
+            self.version.name,
+            printable(error[:512]),
+            more,
+        )
 
     def _compare(self, primary: np.ndarray, shadow: np.ndarray) -> bool:
         """Count one compared answer; True when it disagrees."""

@@ -149,9 +149,10 @@ def _sequential_copies(running, upstream, route: str, feats: np.ndarray, n: int,
     )
 
 
-def test_shadow_copies_gather_into_few_calls(repo, tmp_path):
+def test_shadow_copies_gather_into_few_calls(repo, tmp_path, caplog):
     """With shadow_gather_ms, copies of requests that come one after another wait for each other
-    and go to the upstream together: far fewer calls than copies, every copy still compared."""
+    and go to the upstream together: far fewer calls than copies, every copy still compared.
+    A failed copy's reason is logged (a WARNING a second at most)."""
     upstream = start_gateway(repo)
     try:
         remote = f"name=clf_remote upstreams={upstream.grpc_url} upstream_model=clf_a batching=passthrough"
@@ -194,6 +195,9 @@ def test_shadow_copies_gather_into_few_calls(repo, tmp_path):
                 time.sleep(0.1)
             assert metric(text, "batchgate_shadow_requests_total", route="gathered", outcome="failed") == 5
             assert metric(text, "batchgate_shadow_error_delta_total", route="gathered", side="shadow_only") == 5
+            said = [r.getMessage() for r in caplog.records if "a copy failed" in r.getMessage()]
+            assert said and all(m.startswith("shadow mirror of route gathered (model clf_remote)") for m in said), said
+            assert len(said) <= 2  # five failures within a second or two: one line each second at most
         finally:
             running.stop()
     finally:
