@@ -41,16 +41,14 @@ from .repository.build import version_builder
 from .repository.manager import ModelRepository
 from .route_table import SYSTEM, RouteTable
 from .routes import file_stamp, read_routes_file
-from .security.access import Access, open_server_notes
-from .security.audit import AuditLog
-from .security.auth import KeyStore
+from .security.access import access_from_settings
 from .security.limits import Admission
 from .security.tls import ServerTls, load_server_tls, ops_grpc_options
 from .shadows import DisagreementLog, lowest_priority
 from .shm import SharedMemory
 from .state import StateDir
 from .threads import InferenceThreads
-from .transport.byte_budget import ByteBudget
+from .transport.byte_budget import ByteBudget, UnsentAnswers
 from .transport.cors import cors_policy
 from .transport.grpc_server import add_port, add_reflection, new_grpc_server, plaintext_health_server
 from .transport.grpc_server import add_to_server as add_inference_service
@@ -143,7 +141,7 @@ class Gateway:
                 lim.queue_target_ms / 1000,
                 lim.queue_interval_ms / 1000,
             ),
-            access=_access(settings, role),
+            access=access_from_settings(settings.auth, role.link.audit_log if role is not None else None),
         )
         shm = settings.shared_memory
         self.dataplane.shm = SharedMemory(
@@ -233,7 +231,9 @@ class Gateway:
         limit = lim.max_request_bytes
         self.max_connections = connections = fit_connections_to_fds(lim.max_connections, lim.ops_max_connections)
         budget = ByteBudget(lim.max_buffered_request_bytes)  # HTTP bodies and gRPC messages still arriving
-        self._grpc = new_grpc_server(s, lim, connections, self.reuse_port, self.metrics.connection_refused, budget)
+        self.metrics.unsent = self.unsent = UnsentAnswers(lim.max_unsent_answer_bytes)  # answers clients do not take
+        refused = self.metrics.connection_refused
+        self._grpc = new_grpc_server(s, lim, connections, self.reuse_port, refused, budget, self.unsent)
         add_inference_service(InferenceService(self.dataplane, self.settings.limits.max_stream_inflight), self._grpc)
         self._health = HealthServicer()
         await self._publish_readiness()  # NOT_SERVING until everything listens (the servicer starts SERVING)
@@ -267,7 +267,7 @@ class Gateway:
             raise OSError(f"cannot listen for gRPC on {address}{bind_problem(address)}")
         await self._grpc.start()
         if s.health_port >= 0:  # kubelet gRPC probes cannot speak TLS: health alone, plaintext
-            address, refused = _join(s.host, s.health_port), self.metrics.connection_refused
+            address = _join(s.host, s.health_port)
             self._health_grpc, self.health_port = plaintext_health_server(self._health, address, self.settings, refused)
             await self._health_grpc.start()
 
@@ -459,6 +459,7 @@ class Gateway:
                 shedding=app.shedding,
                 max_pipelined=lim.max_pipelined_requests,
                 cors=app.cors is not None,
+                unsent=self.unsent,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
             # the peer is the socket's: X-Forwarded-For would let any client write another address
@@ -574,27 +575,3 @@ class Gateway:
             await asyncio.to_thread(self.drift.stop)
         log.info("stopped")
         return clean
-
-
-def _access(settings: Settings, role: WorkerRole | None = None) -> Access:
-    """API keys, the open-admin rule and the audit log, from the ``auth`` section (a bad keys
-    file or an audit log that cannot be opened is a ConfigError: the server does not start). A
-    worker process's audit lines are written by the supervisor (one writer of the file)."""
-    a = settings.auth
-    keys = KeyStore(a.api_keys_file) if a.api_keys_file else None
-    try:
-        audit: Any = None
-        if role is not None and a.audit_log_file:
-            audit = role.link.audit_log(a.audit_log_file)
-        elif a.audit_log_file:
-            audit = AuditLog(a.audit_log_file)
-    except OSError as e:
-        raise ConfigError(f"audit_log_file '{a.audit_log_file}' cannot be opened for appending: {e.strerror}") from None
-    if keys is None:
-        log.warning(
-            "no api_keys_file: every caller may infer and read metadata without a key%s",
-            open_server_notes(a),
-        )
-    else:
-        log.info("API keys required: %d keys from %s", len(keys), a.api_keys_file)
-    return Access.of(a, keys, audit)

@@ -388,6 +388,7 @@ FRONT_FAMILIES = frozenset(
         "batchgate_refusals",
         "batchgate_request_errors",
         "batchgate_http_connections_refused",
+        "batchgate_unsent_answer_bytes",
         "batchgate_remote_requests",
         "batchgate_upstream_requests",
         "batchgate_upstream_errors",

@@ -184,6 +184,14 @@ class LimitSettings:
         "bytes of request bodies still arriving by it too, apart (429)",
         minimum=1,
     )
+    max_unsent_answer_bytes: int = _setting(
+        1 << 30,
+        "bytes of answers written for clients that do not take them, all connections and both protocols "
+        "together: HTTP connections with more than 64 KiB left to write and, on the h2 gRPC engine, answers "
+        "waiting for a client's flow-control window; past it the connections holding the most are aborted "
+        "(counted unsent_answers / grpc_unsent_answers). Not applied on the grpcio engine",
+        minimum=1,
+    )
     max_header_bytes: int = _setting(
         64 * 1024,
         "bytes of an HTTP request head (URL and headers); more = 431 and the connection closed (on the h2 gRPC "

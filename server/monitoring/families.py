@@ -119,11 +119,13 @@ FAMILIES: dict[str, Family] = {
         "header_timeout, body_timeout, connections, "
         "malformed (not HTTP/1.1), transfer_encoding (a coding other than chunked), "
         "upgrade (an upgrade not served as HTTP/1.1), pipeline (past "
-        "max_pipelined_requests), send_timeout (an answer its client did not take) (HTTP/1.1); "
+        "max_pipelined_requests), send_timeout (an answer its client did not take), "
+        "unsent_answers (it held the most of max_unsent_answer_bytes) (HTTP/1.1); "
         "on the h2 gRPC engine grpc_connections, grpc_header_bytes, grpc_protocol (an HTTP/2 error), "
         "grpc_resets (a reset flood), "
         "grpc_buffered_bytes (a call refused, its connection kept), grpc_handshake_timeout, grpc_body_timeout "
-        "(a call failed), grpc_send_timeout (an answer dropped), grpc_idle_timeout (closed gracefully), "
+        "(a call failed), grpc_send_timeout (an answer dropped), grpc_unsent_answers (aborted: it held the "
+        "most of max_unsent_answer_bytes), grpc_idle_timeout (closed gracefully), "
         "grpc_flood (frames that carry nothing), grpc_streams (past grpc_max_streaming_calls), "
         "grpc_malformed (a call reset: its headers break HTTP/2's rules), "
         "grpc_concurrent_streams (a stream past grpc_max_concurrent_streams, reset REFUSED_STREAM); "
@@ -193,6 +195,12 @@ FAMILIES: dict[str, Family] = {
         "Inference requests answered with an error, by protocol, code and the limit that refused them "
         "(reason: the setting's name, or none)",
         ("protocol", "code", "reason"),
+    ),
+    "batchgate_unsent_answer_bytes": Family(
+        "gauge",
+        "Bytes of answers written for clients that have not taken them, held past a connection's "
+        "64 KiB (at most max_unsent_answer_bytes in each process)",
+        (),
     ),
     # The system shared-memory extension (shm.py).
     # Every worker process holds every registration: the same figure in each.

@@ -295,6 +295,7 @@ class Metrics:
         # The statistics of the routes (served as models); the gateway sets it when it has routes.
         self.route_stats: Callable[[], Iterable[ModelStats]] | None = None
         self.shm: Any = None  # the registered shared-memory regions (shm.SharedMemory); the gateway sets it
+        self.unsent: Any = None  # the process's unsent answer bytes (byte_budget.UnsentAnswers); the gateway sets it
         # the request-duration buckets (families.latency_buckets: a latency SLO's threshold among them)
         self.duration_buckets: tuple[float, ...] = LATENCY_BUCKETS_S
         self.tracing: Any = None  # the request tracing (tracing.Tracing), when it is on; the gateway sets it
@@ -470,6 +471,8 @@ class Metrics:
             add("batchgate_routes_reloads", (outcome,), n)
         if self.state_dir is not None:
             add("batchgate_state_write_failures", (), self.state_dir.failures)
+        if self.unsent is not None:
+            add("batchgate_unsent_answer_bytes", (), self.unsent.total)
         shm = self.shm
         if shm is not None:
             add("batchgate_shm_regions", (), len(shm.regions))

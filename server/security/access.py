@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, NoReturn
 
-from ..core.errors import ErrorCode, GatewayError
+from ..core.errors import ConfigError, ErrorCode, GatewayError
 from .audit import AuditLog, RefusedRecords
 from .auth import ApiKey, KeyStore
 
@@ -178,3 +178,27 @@ class Access:
     async def watch(self, interval_s: float) -> None:
         if self.keys is not None:
             await self.keys.watch(interval_s)
+
+
+def access_from_settings(a: Any, worker_audit: Callable[[str], Any] | None = None) -> Access:
+    """API keys, the open-admin rule and the audit log, from the ``auth`` settings section ``a``
+    (a bad keys file or an audit log that cannot be opened is a ConfigError: the server does not
+    start). A worker process's audit lines go through ``worker_audit(path)`` to the supervisor
+    (one writer of the file)."""
+    keys = KeyStore(a.api_keys_file) if a.api_keys_file else None
+    try:
+        audit: Any = None
+        if worker_audit is not None and a.audit_log_file:
+            audit = worker_audit(a.audit_log_file)
+        elif a.audit_log_file:
+            audit = AuditLog(a.audit_log_file)
+    except OSError as e:
+        raise ConfigError(f"audit_log_file '{a.audit_log_file}' cannot be opened for appending: {e.strerror}") from None
+    if keys is None:
+        log.warning(
+            "no api_keys_file: every caller may infer and read metadata without a key%s",
+            open_server_notes(a),
+        )
+    else:
+        log.info("API keys required: %d keys from %s", len(keys), a.api_keys_file)
+    return Access.of(a, keys, audit)

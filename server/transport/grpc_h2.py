@@ -40,7 +40,7 @@ import grpc
 from ..core.rate import Pacer
 from . import grpc_wire
 from .accept import Listener, listen
-from .byte_budget import ByteBudget
+from .byte_budget import ByteBudget, UnsentAnswers
 from .grpc_h2_connection import (  # noqa: F401  (the engine's figures, read by tests)
     BUFFERED_REQUESTS,
     CONNECTION_WINDOW,
@@ -77,6 +77,7 @@ class H2GrpcServer:
         eager: frozenset[str] = frozenset(),
         max_buffered_bytes: int = 1 << 30,
         budget: ByteBudget | None = None,
+        unsent: UnsentAnswers | None = None,
         handshake_timeout_s: float = 10.0,
         body_timeout_s: float = 60.0,
         idle_timeout_s: float = 0.0,
@@ -104,6 +105,9 @@ class H2GrpcServer:
         # bytes of unfinished request messages held across all connections (see _Connection.hold):
         # max_buffered_bytes, or a budget shared with the process's HTTP bodies (byte_budget.py)
         self.budget = budget or ByteBudget(max_buffered_bytes)
+        # answer bytes held for clients that do not take them (max_unsent_answer_bytes): the
+        # process's bound, shared with its HTTP connections (None: unbounded, as on an ops port)
+        self.unsent = unsent
         self.handshake_timeout_s = handshake_timeout_s  # the preface and SETTINGS must come within it
         self.body_timeout_s = body_timeout_s  # a request message must be whole within it of its start
         self.idle_timeout_s = idle_timeout_s  # a connection without calls this long is closed (0 = never)

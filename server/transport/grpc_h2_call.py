@@ -439,6 +439,8 @@ class _Call(CallContext):
             self.out += body
             self.end_after_out = trailers
             self.pump()
+            if self.out:  # (counted in max_unsent_answer_bytes while it waits)
+                conn.unsent_changed()
         self.done = True
         conn.flush_soon()
 
@@ -452,6 +454,8 @@ class _Call(CallContext):
             self.headers_sent = True
         self.out += grpc_wire.frame(self._serialize(message))
         self.pump()
+        if self.out:
+            self.conn.unsent_changed()
         self.conn.flush_soon()
         while self.out and not self.done:
             self.out_waiter = asyncio.get_running_loop().create_future()
@@ -476,11 +480,13 @@ class _Call(CallContext):
                     self.out_taken = 0
                 if h.connection_window() <= 0:  # (the connection's: woken by its WINDOW_UPDATE)
                     self.conn.starved.add(self)
+                self.conn.unsent_changed(grew=False)
                 return
             h.send_data(self.sid, bytes(out[:n]))
             del out[:n]
             self.out_taken += n
         self.out_since = None
+        self.conn.unsent_changed(grew=False)
         if self.end_after_out is not None:
             h.send_headers(self.sid, self.end_after_out, end_stream=True)
             self.end_after_out = None
@@ -541,6 +547,7 @@ class _Call(CallContext):
         self.out.clear()
         self.out_since = None
         self.end_after_out = None
+        self.conn.unsent_changed(grew=False)
         self.conn.stop_reading(self.sid, http2.CANCEL)
         self.conn.flush_soon()
         if self.ran:
@@ -561,6 +568,7 @@ class _Call(CallContext):
         self.inbox.clear()
         self.inbox_bytes = 0
         self.out.clear()
+        self.conn.unsent_changed(grew=False)
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:

@@ -67,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
         self._held = False  # not read for a while after an overload refusal past the budget
         self._backlogged = False  # not read until the client takes what waits to be written
+        self._evicting = False  # aborted for max_unsent_answer_bytes (at the end of this turn)
         self._age_timer: asyncio.TimerHandle | None = None
         self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
         self.opened = self.idle_since = _monotonic()  # (idle_since: when its last call ended)
@@ -114,6 +115,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
+        if self.server.unsent is not None:
+            self.server.unsent.release(self)
         if self._peer_key is not None:
             self.server.peers.leave(self._peer_key)
             self._peer_key = None
@@ -132,6 +135,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self.unsent_changed(grew=False)
         if self._backlogged:
             self._backlogged = False
             if not self._held and self.transport is not None and not self.transport.is_closing():
@@ -197,11 +201,39 @@ class _Connection(asyncio.Protocol):
         t = self.transport
         if out and t is not None and not t.is_closing():
             t.write(out)
-            if self._paused and not self._backlogged and t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
-                # a client that sends and does not read (a PING flood, requests whose answers it
-                # never takes): nothing more is read until it takes what waits (RFC 9113 10.5)
-                self._backlogged = True
-                t.pause_reading()
+            if self._paused:
+                if not self._backlogged and t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
+                    # a client that sends and does not read (a PING flood, requests whose answers
+                    # it never takes): nothing more is read until it takes what waits (RFC 9113 10.5)
+                    self._backlogged = True
+                    t.pause_reading()
+                self.unsent_changed()
+
+    def unsent_changed(self, grew: bool = True) -> None:
+        """Tell the process's bound (``max_unsent_answer_bytes``) what this connection holds for
+        its client: answers waiting for its flow-control windows, and its transport's buffer
+        while paused. ``grew`` False: only if it held some (most connections never do)."""
+        unsent = self.server.unsent
+        if unsent is None or self._evicting or (not grew and self not in unsent.held):
+            return
+        n = sum(len(c.out) for c in self.calls.values())
+        t = self.transport
+        if self._paused and t is not None and not t.is_closing():
+            n += t.get_write_buffer_size()
+        unsent.hold(self, n)
+
+    def evict_unsent(self) -> None:
+        """Its bytes are the process's largest past ``max_unsent_answer_bytes``: aborted, once the
+        write that may be running (another connection's, which passed the bound) is done."""
+        if not self._evicting:
+            self._evicting = True
+            self.server.loop.call_soon(self._evict)
+
+    def _evict(self) -> None:
+        if self in self.server.connections and self.transport is not None:
+            self.server.refused("grpc_unsent_answers")
+            self.abandon_all()
+            self.transport.abort()
 
     def flush_soon(self) -> None:
         """Write what the h2 connection holds at the end of this loop turn (answers finished in

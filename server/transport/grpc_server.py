@@ -17,7 +17,7 @@ from ..security.access import READ, Access
 from ..security.tls import ServerTls
 from ..settings_sections import LimitSettings, ServerSettings
 from . import grpc_codec
-from .byte_budget import ByteBudget
+from .byte_budget import ByteBudget, UnsentAnswers
 from .grpc_h2 import H2GrpcServer
 from .grpc_service import GRPC_STATUS, MODEL_INFER, InferenceService, caller_of
 
@@ -77,9 +77,11 @@ def new_grpc_server(
     reuse_port: bool,
     refused: Callable[[str], None],
     budget: ByteBudget | None = None,
+    unsent: UnsentAnswers | None = None,
 ) -> Any:
     """A grpc.aio server, or batchgate's own HTTP/2 engine; both take the same handlers. ``budget``:
-    the process's ``max_buffered_request_bytes``, shared with its HTTP bodies (h2 engine only)."""
+    the process's ``max_buffered_request_bytes``, shared with its HTTP bodies; ``unsent``: its
+    ``max_unsent_answer_bytes`` (h2 engine only)."""
     if s.grpc_engine == "h2":
         log.info("gRPC engine: h2 (batchgate's own HTTP/2 engine)")
         return H2GrpcServer(
@@ -96,6 +98,7 @@ def new_grpc_server(
             max_header_fields=lim.max_header_fields,
             eager=EAGER,
             budget=budget or ByteBudget(lim.max_buffered_request_bytes),
+            unsent=unsent or UnsentAnswers(lim.max_unsent_answer_bytes),
             handshake_timeout_s=s.http_header_timeout_s,
             body_timeout_s=s.http_body_timeout_s,
             idle_timeout_s=s.grpc_idle_timeout_s,

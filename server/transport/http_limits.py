@@ -13,9 +13,9 @@ that bounds all of these:
 - at most ``max_connections`` connections at once: one more is closed as soon as it is made;
 - at most ``max_pipelined`` requests read and queued behind the one being answered (HTTP/1.1
   pipelining; reading stops while any wait): one more closes the connection;
-- an answer its client does not take (``pause_writing``), or a connection closed with bytes
-  still to write, must drain ``MIN_SEND_BYTES_PER_S`` a second, judged every ``body_timeout_s``,
-  or the connection is aborted (``send_timeout``).
+- an answer its client does not take, or a connection closed with bytes still to write, must
+  drain ``MIN_SEND_BYTES_PER_S`` a second, or the connection is aborted (``send_timeout``); its
+  bytes count in ``max_unsent_answer_bytes`` (``unsent``; the sending side is http_send.py).
 
 Each refusal is counted by ``refused(reason)``. Keep-alive idle time is uvicorn's own
 ``timeout_keep_alive``.
@@ -42,10 +42,6 @@ see ``security/tls.py``), made once per connection after its handshake.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import struct
-import termios
 import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
@@ -57,9 +53,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..security.tls import tls_extension
 from . import batched_writes
+from .byte_budget import UnsentAnswers
 from .http_heads import QUICK_PREFIX, cut_upgrade, declared_length, plain_head, rename_upgrade
 from .http_scope import encoded_separator
-from .sockets import MIN_SEND_BYTES_PER_S
+from .http_send import SendLimits, SendSide
 
 HEAD_TOO_LARGE = "header_bytes"
 TOO_MANY_FIELDS = "header_fields"
@@ -74,7 +71,6 @@ OVERLOAD_HOLD = "overload_hold"  # a connection not read until its turn (past th
 NOT_HTTP = "malformed"  # bytes httptools cannot parse as HTTP/1.1 (400)
 TRANSFER_CODING = "transfer_encoding"  # a transfer coding other than chunked alone (501)
 PIPELINE = "pipeline"  # more requests queued behind the one being answered than max_pipelined_requests
-SEND_TIMEOUT = "send_timeout"  # an answer its client took too little of in time: the connection aborted
 UPGRADE = "upgrade"  # a request httptools took for an upgrade (its Upgrade header not renamed): 400
 
 LINGER_S = 1.0  # how long a refused connection's further input is read and dropped
@@ -110,6 +106,7 @@ def guarded_protocol(
     max_header_fields: int = MAX_HEADER_FIELDS,
     max_body_bytes: int = 64 << 20,
     cors: bool = False,
+    unsent: UnsentAnswers | None = None,
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
@@ -117,7 +114,7 @@ def guarded_protocol(
     heads: dict[bytes, tuple[str, int] | Literal[False]] = {}
     answer: list[Any] = [None, None, None, 0, b""]  # the last quick refusal's headers, body, defaults, status, bytes
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(SendSide):
         _head_bytes = 0
         _fields = 0  # header and trailer fields of this request so far
         _dropped = 0  # bytes of the body of a request the gate answered, read and dropped so far
@@ -130,9 +127,7 @@ def guarded_protocol(
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
         _in_message = False  # httptools has begun a request and not yet ended it
         _in_head = False  # ... and not yet read all of its head
-        _send_timer: asyncio.TimerHandle | None = None  # the clock of an answer waiting for its client
-        _send_mark = 0  # bytes waiting to be written when that clock started
-        _write_held = False  # not read while the client takes nothing of what is written
+        _send_limits = SendLimits(body_timeout_s, refused, unsent)
         _holding = False  # not read until its turn (past the overload refusals' rate)
         _progress = False  # the parser called us back while it read the last data
         _silent = 0  # bytes read since it last did
@@ -262,63 +257,8 @@ def guarded_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._send_timer is not None:
-                self._send_timer.cancel()
-                self._send_timer = None
+            self._send_lost()
             super().connection_lost(exc)
-
-        # ------------------------------------------------------------------ the sending side
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            self._watch_send()
-            # Nothing more is read while the client does not take what is written: answers the
-            # gate writes itself (a 404, a 429) would otherwise pile up for every request a
-            # client sends without reading (436 MB in 30 s in a probe).
-            self._write_held = True
-            self.flow.pause_reading()
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._send_timer is not None and not self.transport.is_closing():
-                self._send_timer.cancel()
-                self._send_timer = None
-            if self._write_held:
-                self._write_held = False
-                if not self._holding and not self.pipeline:  # (else their own ends resume it)
-                    self.flow.resume_reading()
-
-        def _watch_send(self) -> None:
-            """Start the clock of what waits to be written (its client does not read, or reads
-            slowly): within ``body_timeout_s`` the client must take ``MIN_SEND_BYTES_PER_S``
-            a second of it, else the connection is aborted (a close would wait for ever)."""
-            if self._send_timer is None:
-                self._send_mark = self._unsent()
-                self._send_timer = self.loop.call_later(body_timeout_s, self._send_check)
-
-        def _unsent(self) -> int:
-            """Bytes written and not yet acknowledged by the client: the transport's buffer and
-            the kernel's send queue (which takes megabytes from the buffer only once much of it
-            has drained: the buffer alone stands still for seconds while a client reads)."""
-            t = self.transport
-            queued = 0
-            sock = t.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-            return t.get_write_buffer_size() + queued
-
-        def _send_check(self) -> None:
-            self._send_timer = None
-            t = self.transport
-            if not t.get_write_buffer_size() or (not t.is_closing() and not self.flow.write_paused):
-                return  # taken, or below the transport's high-water mark again
-            left = self._unsent()
-            if self._send_mark - left >= body_timeout_s * MIN_SEND_BYTES_PER_S:
-                self._send_mark = left  # it reads, fast enough: another round
-                self._send_timer = self.loop.call_later(body_timeout_s, self._send_check)
-                return
-            refused(SEND_TIMEOUT)
-            t.abort()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

@@ -27,6 +27,7 @@ from onnx import TensorProto
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from batchgate.demo import _save, identity_model, slow_model
+from gateway_support import eventually
 
 INFER = b"/inference.GRPCInferenceService/ModelInfer"
 LIVE = b"/inference.GRPCInferenceService/ServerLive"
@@ -819,3 +820,59 @@ def test_a_large_request_refused_on_its_decode_thread_is_not_kept_in_a_cycle(tmp
         assert calls_alive() == []
     finally:
         gc.enable()
+
+
+def _ask_for_4_mb(raw: RawH2) -> int:
+    """Open a call for a 4 MB answer on ``raw`` (which gives no window for it)."""
+    req = service_pb2.ModelInferRequest(model_name="big")
+    req.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1_000_000])
+    req.raw_input_contents.append(np.ones(1_000_000, np.float32).tobytes())
+    body = framed(req.SerializeToString())
+    sid = raw.h2.get_next_available_stream_id()
+    raw.h2.send_headers(
+        sid,
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
+         (b"content-type", b"application/grpc")],
+    )  # fmt: skip
+    for i in range(0, len(body), 1 << 20):
+        raw.h2.send_data(sid, body[i : i + (1 << 20)], end_stream=i + (1 << 20) >= len(body))
+    raw.sock.sendall(raw.h2.data_to_send())
+    raw.results[sid] = {"headers": [], "data": b"", "reset": None, "ended": False}
+    return sid
+
+
+def _unsent(running) -> float:
+    for line in urllib.request.urlopen(running.metrics_url).read().decode().splitlines():
+        if line.startswith("batchgate_unsent_answer_bytes "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no batchgate_unsent_answer_bytes")
+
+
+def test_answers_waiting_for_windows_are_bounded_by_max_unsent_answer_bytes(tmp_path, serve):
+    """A client that opens calls for large answers and never gives a window for them held each
+    answer until the send timeout, as many as its streams. Past max_unsent_answer_bytes the
+    connection holding the most is aborted (counted grpc_unsent_answers); another client's answer
+    waits on, and is whole once that client opens its window."""
+    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 4\n")
+    running = serve(str(tmp_path), grpc_engine="h2", max_unsent_answer_bytes=10 << 20)
+    patient, greedy = RawH2(running.gateway.grpc_port), RawH2(running.gateway.grpc_port)
+    try:
+        kept = _ask_for_4_mb(patient)
+        eventually(lambda: _unsent(running) > 3 << 20, "the first answer held")
+        _ask_for_4_mb(greedy)
+        eventually(lambda: _unsent(running) > 7 << 20, "the second answer held")
+        assert _refused(running, "grpc_unsent_answers") == 0
+        _ask_for_4_mb(greedy)  # 12 MB: past the bound, and greedy holds 8 of them
+        eventually(lambda: _refused(running, "grpc_unsent_answers") == 1, "the connection holding most aborted")
+        greedy.sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            while greedy.sock.recv(1 << 16):
+                pass  # (what was sent before the abort, then the end)
+        assert 3 << 20 < _unsent(running) <= 10 << 20
+        r = patient.wait(kept)  # (it credits each DATA frame it reads: the window opens)
+        assert status(r)[0] == 0
+        assert len(r["data"]) > 4_000_000
+        eventually(lambda: _unsent(running) == 0, "nothing held once taken")
+    finally:
+        patient.close()
+        greedy.close()

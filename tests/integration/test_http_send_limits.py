@@ -14,6 +14,8 @@ import socket
 import time
 import urllib.request
 
+from gateway_support import eventually
+
 LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
@@ -126,3 +128,58 @@ def test_a_client_that_sends_without_reading_is_not_read_while_its_answers_wait(
         assert running.call(waiting()) < 4 << 20, "answers piled up for a client that reads nothing"
     finally:
         s.close()
+
+
+def _unsent_gauge(running) -> float:
+    for line in urllib.request.urlopen(running.metrics_url, timeout=5).read().decode().splitlines():
+        if line.startswith("batchgate_unsent_answer_bytes "):
+            return float(line.split()[-1])
+    raise AssertionError("no batchgate_unsent_answer_bytes on /metrics")
+
+
+def _read_answer(s: socket.socket) -> int | None:
+    """The body length of a whole answer read from ``s``; None if the connection was cut first."""
+    s.settimeout(10)
+    got = bytearray()
+    try:
+        while b"\r\n\r\n" not in got:
+            if not (chunk := s.recv(1 << 16)):
+                return None
+            got += chunk
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        length = int(
+            next(v for k, _, v in (ln.partition(b": ") for ln in head.split(b"\r\n")) if k.lower() == b"content-length")
+        )
+        while len(body) < length:
+            if not (chunk := s.recv(1 << 20)):
+                return None
+            body += chunk
+        return length
+    except ConnectionResetError:
+        return None
+
+
+def test_answers_nobody_takes_are_bounded_by_max_unsent_answer_bytes(demo_repo, serve):
+    """Clients that ask for large answers and read none held every answer until the send timeout
+    (and for ever at 16 KiB a second each): four 8 MB answers are ~22 MB held here. Past
+    max_unsent_answer_bytes the connection holding the most is aborted, counted; the others keep
+    theirs, and a client that then reads gets its whole answer."""
+    limit = 20 << 20
+    running = serve(demo_repo, max_unsent_answer_bytes=limit)
+    socks = []
+    try:
+        for _ in range(3):
+            socks.append(ask_for_8_mb(running.gateway.http_port, 4096))
+            before = _unsent_gauge(running)
+            eventually(lambda before=before: _unsent_gauge(running) > before, "an unread answer is held")
+        assert refused(running, "unsent_answers") == 0
+        socks.append(ask_for_8_mb(running.gateway.http_port, 4096))
+        eventually(lambda: refused(running, "unsent_answers") >= 1, "a connection past the bound aborted")
+        assert 0 < _unsent_gauge(running) <= limit
+        answers = [_read_answer(s) for s in socks]
+        assert sum(a is None for a in answers) in (1, 2), answers  # one (or two) aborted, the rest whole
+        assert all(a is None or a > 8 << 20 for a in answers), answers
+        eventually(lambda: _unsent_gauge(running) == 0, "nothing held once read")
+    finally:
+        for s in socks:
+            s.close()
