@@ -71,8 +71,12 @@ lint: $(FULL_STAMP)
 # started once); then the tests marked serial, which compare timings, run alone.
 TEST_WORKERS ?= 4
 XDIST = -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+# The project's own modules are compiled first: where PYTHONDONTWRITEBYTECODE is set (as on CI
+# images) no process caches them, and each of the suite's hundreds of servers, workers and CLI
+# runs compiled them again (~0.4 s of CPU each; test_cli.py 39 s -> 33 s).
 test: $(FULL_STAMP) lint test-tools
 	$(PY) tools/fetch_helm.py >/dev/null
+	$(PY) -m compileall -q -j 0 server converters loadtest tests bench tools >/dev/null
 	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) tests
 	$(PY) -m pytest -q -p no:cacheprovider -m serial tests
 	BATCHGATE_TEST_GRPC_ENGINE=grpcio $(PY) -m pytest -q -p no:cacheprovider $(XDIST) $(GRPCIO_SUITE)
