@@ -19,7 +19,7 @@ INSTALL_DEPS := pyproject.toml setup.py proto/batchgate/admin/v1/admin.proto
 PIP_INSTALL := $(PIP) install --progress-bar on --disable-pip-version-check
 
 .PHONY: install install-serve serve test test-grpcio fuzz drift-sweep demo bench bench-serving bench-batching bench-remote bench-grpc-engines \
-	bench-overload bench-scrape bench-routing bench-drift bench-workers bench-score bench-observability bench-tracing bench-tools test-tools dashboard-preview lint clean soak
+	bench-overload bench-scrape bench-large-answers bench-routing bench-drift bench-workers bench-score bench-observability bench-tracing bench-tools test-tools dashboard-preview lint clean soak
 
 $(PY):
 	@echo "==> creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
@@ -161,6 +161,11 @@ bench-observability: $(FULL_STAMP) bench-tools
 # prometheus_client's generate_latest, 5, 50 and 200 models.
 bench-scrape: $(FULL_STAMP)
 	$(PY) bench/scrape.py
+
+# Large answers beside small requests (bench/large_answers.py, about a minute): a prober's latency
+# alone and while other clients ask for 300,000-element BYTES answers.
+bench-large-answers: $(FULL_STAMP)
+	$(PY) bench/large_answers.py
 
 # Tracing cost (bench/tracing.py, about 5 minutes): tracing off, at its default ratio (0.001) and at
 # 1.0, exporting to an OTLP sink, over gRPC and HTTP; req/s and CPU ratios, in-process costs.

@@ -189,7 +189,8 @@ class LimitSettings:
         "bytes of answers written for clients that do not take them, all connections and both protocols "
         "together: HTTP connections with more than 64 KiB left to write and, on the h2 gRPC engine, answers "
         "waiting for a client's flow-control window; past it the connections holding the most are aborted "
-        "(counted unsent_answers / grpc_unsent_answers). Not applied on the grpcio engine",
+        "(counted unsent_answers / grpc_unsent_answers), so no answer larger than this can be sent. Not applied "
+        "on the grpcio engine",
         minimum=1,
     )
     max_header_bytes: int = _setting(

@@ -37,7 +37,6 @@ from ..core.errors import ConfigError, ErrorCode, GatewayError, ModelRefused, To
 from ..core.types import clip, printable
 from ..monitoring.metrics import Metrics
 from ..monitoring.tracing import TraceHeaders
-from ..transport import grpc_codec
 from .base import Kind
 from .h2_client import H2RpcError
 from .upstream import NOT_AN_ANSWER, Upstream
@@ -46,11 +45,15 @@ from .v2_messages import (
     answer_outputs,
     answer_parameters,
     answer_tensors,
+    apart,
     config_from_metadata,
     fill_request,
+    heavy_answer,
+    heavy_request,
     served_config,
     string_field,
     what_is_served,
+    with_parameters,
 )
 
 log = logging.getLogger("batchgate.remote")
@@ -442,19 +445,10 @@ class RemoteV2Backend:
         ``trace``: the batch's W3C trace context headers, sent on (the upstream's spans join the
         trace); ``params``, ``input_params``: the batch's request and input parameters;
         ``answered`` gets the answer's parameters ("": its own, else by output name)."""
-        msg = self._with_parameters(self.request(feeds, names, request_id), params, input_params)
-        up, resp = await self._call(msg, deadline, trace=trace)
+        msg = await apart(heavy_request(feeds), self.request, feeds, names, request_id)
+        up, resp = await self._call(with_parameters(msg, params, input_params), deadline, trace=trace)
         answer_parameters(resp, answered)
-        return self._outputs(up, resp, names)
-
-    @staticmethod
-    def _with_parameters(msg: pb.ModelInferRequest, params, input_params) -> pb.ModelInferRequest:
-        if params:
-            grpc_codec.set_parameters(msg.parameters, params)
-        if input_params:
-            for t in msg.inputs:
-                grpc_codec.set_parameters(t.parameters, input_params.get(t.name) or {})
-        return msg
+        return await apart(heavy_answer(resp), self._outputs, up, resp, names)
 
     def _outputs(self, up: Upstream, resp: pb.ModelInferResponse, names: tuple[str, ...]) -> list[np.ndarray]:
         """The outputs ``names`` of an answer, in order, as the signature declares them."""
@@ -500,7 +494,7 @@ class RemoteV2Backend:
         timeout = min(MAX_CALL_TIMEOUT_S, at - self._clock())
         if timeout <= 0:
             raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded before model '{self.spec.name}' ran")
-        msg = self._with_parameters(self.request(feeds, names), *params)
+        msg = with_parameters(self.request(feeds, names), *params)
         return self._outputs(up, call(msg, timeout=timeout), names)
 
     async def infer_open(
@@ -518,10 +512,10 @@ class RemoteV2Backend:
         """Run one batch of a model that declares no signature: the inputs' datatypes and the
         request's and inputs' parameters are the caller's, ``names`` () asks for every output,
         and the answer is every output the upstream gave, by name: (V2 datatype, array)."""
-        msg = self._with_parameters(self.request(feeds, names, request_id, types), params, input_params)
-        up, resp = await self._call(msg, deadline, trace=trace)
+        msg = await apart(heavy_request(feeds), self.request, feeds, names, request_id, types)
+        up, resp = await self._call(with_parameters(msg, params, input_params), deadline, trace=trace)
         answer_parameters(resp, answered)
-        return answer_tensors(up.address, resp)
+        return await apart(heavy_answer(resp), answer_tensors, up.address, resp)
 
     async def forward(self, request: bytes, deadline: float | None, trace: TraceHeaders | None = None) -> bytes:
         """Send a caller's serialized ModelInferRequest on as it came, but for the model name and

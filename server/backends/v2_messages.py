@@ -4,8 +4,10 @@ an upstream's metadata alone, what an upstream serves, its answers' tensors and 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -13,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..core.batcher_config import MAX_PRIORITY_LEVELS
 from ..core.errors import ErrorCode, GatewayError
-from ..core.types import BY_CONFIG, DATATYPES, from_raw, is_version_text, to_raw
+from ..core.types import BY_CONFIG, DATATYPES, element_count, from_raw, heavy, is_version_text, to_raw
 from ..shm import BYTE_SIZE, OFFSET, REGION
 from ..transport import grpc_codec
 
@@ -40,6 +42,38 @@ def fill_request(
     for name in names:
         msg.outputs.add(name=name)
     return msg
+
+
+def with_parameters(msg: pb.ModelInferRequest, params, input_params) -> pb.ModelInferRequest:
+    """``msg`` with the batch's request parameters and each input's own."""
+    if params:
+        grpc_codec.set_parameters(msg.parameters, params)
+    if input_params:
+        for t in msg.inputs:
+            grpc_codec.set_parameters(t.parameters, input_params.get(t.name) or {})
+    return msg
+
+
+def heavy_request(feeds: dict[str, np.ndarray]) -> bool:
+    """Whether the upstream's request is built on a thread (BYTES inputs framed one by one, or many
+    MB copied: see ``core.types.heavy``)."""
+    elements = sum(a.size for a in feeds.values() if a.dtype.kind in "OSU")
+    return heavy(elements, sum(a.nbytes for a in feeds.values() if a.dtype.kind not in "OSU"))
+
+
+def heavy_answer(resp: pb.ModelInferResponse) -> bool:
+    """Whether an upstream's answer is read on a thread: its BYTES outputs (read element by
+    element), or any output sent as typed contents rather than raw, past OFF_LOOP_ELEMENTS."""
+    typed = not resp.raw_output_contents
+    return heavy(sum(element_count(t.shape) for t in resp.outputs if typed or t.datatype == "BYTES"), 0)
+
+
+T = TypeVar("T")
+
+
+async def apart(on_thread: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, on a thread when ``on_thread`` (the event loop serves on meanwhile)."""
+    return await asyncio.to_thread(fn, *args) if on_thread else fn(*args)
 
 
 def _varint(n: int) -> bytes:

@@ -406,7 +406,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 note.version = resp.model_version
                 if resp.parameters:
                     note.variant = str(resp.parameters.get("variant", ""))
-            return grpc_codec.encode_response(resp, decoded.sink.written if decoded.sink is not None else None)
+            return await grpc_codec.encoded(resp, decoded.sink.written if decoded.sink is not None else None)
         except GatewayError as e:
             if note is not None:
                 note.error = e.code.value
@@ -497,7 +497,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     resp = await self.dp.infer(served, decoded)
                 finally:
                     self.dp.release(served)
-                answer = grpc_codec.encode_response(resp, decoded.sink.written if decoded.sink is not None else None)
+                answer = await grpc_codec.encoded(resp, decoded.sink.written if decoded.sink is not None else None)
                 if FINAL_RESPONSE_REQUESTED in msg.parameters and msg.parameters[FINAL_RESPONSE_REQUESTED].bool_param:
                     # (every model here answers a request once: that answer is the final one)
                     answer.parameters[FINAL_RESPONSE].bool_param = True

@@ -518,7 +518,7 @@ class HttpApp:
                     note.error = e.code.value
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
-        out, json_len = http_codec.encode_response(resp, options)
+        out, json_len, enc = await http_codec.encoded(resp, options, accept)
         if note is not None:
             note.version = resp.model_version
             if resp.parameters:
@@ -528,12 +528,7 @@ class HttpApp:
             headers.append((VARIANT_HEADER, str(resp.parameters.get("variant", "")).encode()))
         if json_len is not None:
             headers.append((b"inference-header-content-length", str(json_len).encode()))
-        enc = http_codec.pick_encoding(accept)
         if enc:
-            if len(out) > COMPRESS_ON_LOOP_MAX_BYTES:
-                out = await asyncio.to_thread(http_codec.compress, out, enc)
-            else:
-                out = http_codec.compress(out, enc)
             headers.append((b"content-encoding", enc.encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)
@@ -592,8 +587,3 @@ def _on_admin(path: str) -> bool:
 
 
 DISCONNECT_WATCH_AFTER_S = 0.02
-# Compressed bodies up to INFLATE_ON_LOOP_MAX_BYTES (grpc_wire.py, both protocols' bound) are
-# inflated on the event loop, larger ones on a thread (60 KB may inflate to 60 MB); answers
-# past COMPRESS_ON_LOOP_MAX_BYTES are compressed on one, bodies past PRECHECK_BYTES decoded on
-# one (a Python pass over every value there lets the loop have the GIL meanwhile).
-COMPRESS_ON_LOOP_MAX_BYTES = 256 * 1024

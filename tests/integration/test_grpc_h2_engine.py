@@ -485,12 +485,8 @@ def test_a_call_reset_in_the_packet_that_opened_it_is_counted_cancelled(tmp_path
     raw.close()
 
 
-def test_an_answer_the_client_never_takes_is_dropped_at_the_deadline(tmp_path, serve):
-    """A client that asks for a large answer and gives no window for it: once the call's deadline
-    passes, the engine resets the stream and lets the answer go (nothing held for ever)."""
-    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 4\n")
-    running = serve(str(tmp_path), grpc_engine="h2")
-    raw = RawH2(running.gateway.grpc_port)
+def _ask_for_4_mb(raw: RawH2, *headers: tuple[bytes, bytes]) -> int:
+    """Open a call for a 4 MB answer on ``raw`` (which gives no window for it)."""
     req = service_pb2.ModelInferRequest(model_name="big")
     req.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1_000_000])
     req.raw_input_contents.append(np.ones(1_000_000, np.float32).tobytes())
@@ -499,12 +495,22 @@ def test_an_answer_the_client_never_takes_is_dropped_at_the_deadline(tmp_path, s
     raw.h2.send_headers(
         sid,
         [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
-         (b"content-type", b"application/grpc"), (b"grpc-timeout", b"1S")],
+         (b"content-type", b"application/grpc"), *headers],
     )  # fmt: skip
     for i in range(0, len(body), 1 << 20):  # within the server's frame size
         raw.h2.send_data(sid, body[i : i + (1 << 20)], end_stream=i + (1 << 20) >= len(body))
     raw.sock.sendall(raw.h2.data_to_send())
     raw.results[sid] = {"headers": [], "data": b"", "reset": None, "ended": False}
+    return sid
+
+
+def test_an_answer_the_client_never_takes_is_dropped_at_the_deadline(tmp_path, serve):
+    """A client that asks for a large answer and gives no window for it: once the call's deadline
+    passes, the engine resets the stream and lets the answer go (nothing held for ever)."""
+    _save(identity_model("big", TensorProto.FLOAT), str(tmp_path), "big", config="max_batch_size: 4\n")
+    running = serve(str(tmp_path), grpc_engine="h2")
+    raw = RawH2(running.gateway.grpc_port)
+    sid = _ask_for_4_mb(raw, (b"grpc-timeout", b"1S"))
     # read without ever crediting the server: at most one window (64 KiB) of the 4 MB comes
     end = time.monotonic() + 10
     while raw.results[sid]["reset"] is None and time.monotonic() < end:
@@ -820,25 +826,6 @@ def test_a_large_request_refused_on_its_decode_thread_is_not_kept_in_a_cycle(tmp
         assert calls_alive() == []
     finally:
         gc.enable()
-
-
-def _ask_for_4_mb(raw: RawH2) -> int:
-    """Open a call for a 4 MB answer on ``raw`` (which gives no window for it)."""
-    req = service_pb2.ModelInferRequest(model_name="big")
-    req.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1_000_000])
-    req.raw_input_contents.append(np.ones(1_000_000, np.float32).tobytes())
-    body = framed(req.SerializeToString())
-    sid = raw.h2.get_next_available_stream_id()
-    raw.h2.send_headers(
-        sid,
-        [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", INFER),
-         (b"content-type", b"application/grpc")],
-    )  # fmt: skip
-    for i in range(0, len(body), 1 << 20):
-        raw.h2.send_data(sid, body[i : i + (1 << 20)], end_stream=i + (1 << 20) >= len(body))
-    raw.sock.sendall(raw.h2.data_to_send())
-    raw.results[sid] = {"headers": [], "data": b"", "reset": None, "ended": False}
-    return sid
 
 
 def _unsent(running) -> float:

@@ -100,13 +100,14 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path, senders):
                 )
             for _ in range(n):
                 assert done.acquire(timeout=30)
-            end = time.monotonic() + 10
+            end = time.monotonic() + 30  # (as in _sequential_copies: copies wait for idle time)
             while time.monotonic() < end:
                 text = _metrics(running)
                 if metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered") == n:
                     break
                 time.sleep(0.05)
-            assert metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered") == n
+            answered = metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered")
+            assert answered == n, f"{n} pinned copies; every outcome so far: {_outcomes(text, 'mixed')}"
             up_after = _metrics(upstream)
             calls = sum(
                 metric(up_after, "batchgate_requests_total", model="clf_a", status="OK", protocol=p)

@@ -145,3 +145,35 @@ def test_bytes_left_over_data():
 
 def test_bytes_empty_tensor_with_data_is_refused():
     _bytes_error(struct.pack("<I", 0), (0,))
+
+
+def _framed_one_by_one(arr: np.ndarray) -> bytes:
+    """The BYTES framing element by element (what to_raw did before it laid them out with numpy)."""
+    out = b""
+    for v in arr.reshape(-1):
+        v = v.encode() if isinstance(v, str) else bytes(v) if isinstance(v, bytes | bytearray) else str(v).encode()
+        out += struct.pack("<I", len(v)) + v
+    return out
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.array([], dtype=object),
+        np.array([[b"", b"a"], [b"xyz" * 100, "é"]], dtype=object),
+        np.array([bytearray(b"zz"), b"q", 7, 1.5, np.float32(0.1), None, True], dtype=object),
+        np.array(["ab", "ç"]),  # numpy str and bytes arrays, not object
+        np.array([b"ab", b"c\x00"]),
+        np.array([0.1, 2.5], dtype=np.float32),  # numbers keep numpy's str(): 0.1, not 0.10000000149
+        np.array([[1, -2]], dtype=np.int64),
+    ],
+)
+def test_bytes_elements_of_every_kind_are_framed_as_one_by_one(arr):
+    assert to_raw(arr, DATATYPES["BYTES"]) == _framed_one_by_one(arr)
+
+
+@given(st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=40)), max_size=200))
+@settings(max_examples=50, deadline=None)
+def test_bytes_framing_of_mixed_lengths_matches_one_by_one(values):
+    arr = np.array(values + [b""], dtype=object)[:-1]  # (an object array even when every value is the same kind)
+    assert to_raw(arr, DATATYPES["BYTES"]) == _framed_one_by_one(arr)
