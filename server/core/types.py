@@ -73,30 +73,37 @@ def element_count(shape: Iterable[int]) -> int:
     return n
 
 
+_LENGTH = struct.Struct("<I").unpack_from  # a BYTES element's length
+
+
 def decode_bytes_tensor(buf: bytes | memoryview, count: int, what: str) -> np.ndarray:
     """Decode ``count`` BYTES elements, each a 4-byte little-endian length then the bytes.
 
     Every element takes at least its 4-byte length, so a shape that claims more elements
     than the data can hold is refused before anything is allocated for them (a few bytes
     must never make the gateway allocate gigabytes)."""
-    mv = memoryview(buf)
-    pos, end = 0, len(mv)
+    data = buf if type(buf) is bytes else bytes(buf)  # (a slice of bytes is made in one step)
+    pos, end = 0, len(data)
     if count * 4 > end:
         raise invalid(
             f"{what}: the shape claims {count} BYTES elements, but {end} bytes of data hold at most {end // 4}"
         )
-    out = np.empty(count, dtype=object)
+    items: list[bytes] = [b""] * count
+    length = _LENGTH
     for i in range(count):
         if pos + 4 > end:
             raise invalid(f"{what}: BYTES data ends after {i} of {count} elements")
-        (n,) = struct.unpack_from("<I", mv, pos)
+        (n,) = length(data, pos)
         pos += 4
-        if pos + n > end:
+        stop = pos + n
+        if stop > end:
             raise invalid(f"{what}: BYTES element {i} claims {n} bytes but only {end - pos} remain")
-        out[i] = bytes(mv[pos : pos + n])
-        pos += n
+        items[i] = data[pos:stop]
+        pos = stop
     if pos != end:
         raise invalid(f"{what}: {end - pos} bytes left over after {count} BYTES elements")
+    out = np.empty(count, dtype=object)
+    out[:] = items
     return out
 
 

@@ -268,10 +268,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------ inference
     async def _decode(self, msg, size: int, context, headers, shm: RegionView | None, note, precheck) -> InferRequest:
-        """The request in ``msg`` (``size`` bytes: past PRECHECK_BYTES on a thread, as HTTP bodies), its
-        deadline the earlier of its V2 timeout and the call's; ``shm``: the caller's regions."""
+        """The request in ``msg`` (``size`` bytes: past PRECHECK_BYTES, or with many values read one by
+        one, on a thread), its deadline the earlier of its V2 timeout and the call's; ``shm``: the
+        caller's regions."""
         args = (msg, _monotonic(), self.dp.limits, headers, grpc_codec.call_deadline(context), shm, note, precheck)
-        return await asyncio.to_thread(_decoded, *args) if size > PRECHECK_BYTES else _decoded(*args)
+        apart = size > PRECHECK_BYTES or grpc_codec.many_values(msg)
+        return await asyncio.to_thread(_decoded, *args) if apart else _decoded(*args)
 
     def quick_refusal(self, raw: bytes, peer: str) -> tuple[grpc.StatusCode, str, tuple] | None:
         """A ModelInfer refused for overload before it is parsed: status, message and trailing

@@ -23,7 +23,7 @@ from ..core.errors import ErrorCode, GatewayError, invalid, not_found
 from ..core.rate import Pacer
 from ..core.routing import PIN_HEADER
 from ..core.types import REQUEST_ID_HEADER, caller_headers, printable
-from ..dataplane import PRECHECK_BYTES, DataPlane, Served
+from ..dataplane import DataPlane, Served
 from ..monitoring.access_log import AccessLog, Note
 from ..security.access import OPEN_CALLER, READ, Caller
 from . import http_codec
@@ -477,7 +477,7 @@ class HttpApp:
                 note.bytes_in = len(body)
                 note.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
             decode = (body, header_len, model, version, arrival, self.dp.limits, headers, shm, note)
-            if len(body) > PRECHECK_BYTES:  # on a thread, checked against the model first
+            if len(body) > http_codec.DECODE_ON_LOOP_MAX_BYTES:  # on a thread (past PRECHECK_BYTES checked first)
                 req, options = await asyncio.to_thread(
                     http_codec.decode_request, *decode, self.dp.precheck(served, len(body))
                 )
