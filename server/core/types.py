@@ -130,7 +130,7 @@ def _element_bytes(v: Any) -> bytes:
 def encode_bytes_tensor(arr: np.ndarray) -> bytes:
     """Each element as a 4-byte little-endian length, then its bytes (a str as UTF-8, any other
     value as its str()). The lengths and the bytes are laid side by side with numpy, not in a
-    Python loop of packs: 1,000,000 elements took 550 ms of the event loop's thread, now ~290."""
+    Python loop of packs (bench/large_answers.py --codec: 1,000,000 elements 533 -> 258 ms)."""
     flat = arr.reshape(-1)
     items = [
         v if type(v) is bytes else _element_bytes(v) for v in (flat.tolist() if flat.dtype.kind in "OSU" else flat)
