@@ -44,8 +44,9 @@ class UnsentAnswers:
 
     Each holder's count is set as it changes (:meth:`hold`). Past the limit, the holder of the
     most goes, then the next, until the rest fit: its connection is aborted (a proxy's overload
-    manager resets the streams with the largest buffers the same way). Every answer a client
-    reads is safe; one that it leaves unread may be dropped. Without this, a client that asked
+    manager resets the streams with the largest buffers the same way). A client that takes its
+    answers as they come holds little; one that leaves large answers unread holds the most and
+    goes first. Without this, a client that asked
     for large answers on many connections and read none held them, every one, until
     ``http_body_timeout_s`` (and for ever at 16 KiB a second each)."""
 

@@ -437,6 +437,7 @@ class _Call(CallContext):
             conn.stop_reading(self.sid)
         else:
             self.out += body
+            conn.out_bytes += len(body)
             self.end_after_out = trailers
             self.pump()
             if self.out:  # (counted in max_unsent_answer_bytes while it waits)
@@ -452,7 +453,9 @@ class _Call(CallContext):
         if not self.headers_sent:
             self.conn.h2.send_headers(self.sid, OK_HEADERS)
             self.headers_sent = True
-        self.out += grpc_wire.frame(self._serialize(message))
+        framed = grpc_wire.frame(self._serialize(message))
+        self.out += framed
+        self.conn.out_bytes += len(framed)
         self.pump()
         if self.out:
             self.conn.unsent_changed()
@@ -484,6 +487,7 @@ class _Call(CallContext):
                 return
             h.send_data(self.sid, bytes(out[:n]))
             del out[:n]
+            self.conn.out_bytes -= n
             self.out_taken += n
         self.out_since = None
         self.conn.unsent_changed(grew=False)
@@ -544,6 +548,7 @@ class _Call(CallContext):
 
     def drop_answer(self) -> None:
         """The client does not take the answer (its window stays shut): reset the stream."""
+        self.conn.out_bytes -= len(self.out)
         self.out.clear()
         self.out_since = None
         self.end_after_out = None
@@ -567,6 +572,7 @@ class _Call(CallContext):
         self.buf.clear()  # (the handler's task may hold the call a while yet: not its bytes)
         self.inbox.clear()
         self.inbox_bytes = 0
+        self.conn.out_bytes -= len(self.out)
         self.out.clear()
         self.conn.unsent_changed(grew=False)
         if self.timer is not None:

@@ -68,6 +68,7 @@ class _Connection(asyncio.Protocol):
         self._held = False  # not read for a while after an overload refusal past the budget
         self._backlogged = False  # not read until the client takes what waits to be written
         self._evicting = False  # aborted for max_unsent_answer_bytes (at the end of this turn)
+        self.out_bytes = 0  # answer bytes its calls hold for the client's windows (their ``out``)
         self._age_timer: asyncio.TimerHandle | None = None
         self._parsed: dict[tuple, Any] = {}  # what _parse made of a request's headers
         self.opened = self.idle_since = _monotonic()  # (idle_since: when its last call ended)
@@ -216,7 +217,7 @@ class _Connection(asyncio.Protocol):
         unsent = self.server.unsent
         if unsent is None or self._evicting or (not grew and self not in unsent.held):
             return
-        n = sum(len(c.out) for c in self.calls.values())
+        n = self.out_bytes
         t = self.transport
         if self._paused and t is not None and not t.is_closing():
             n += t.get_write_buffer_size()

@@ -860,6 +860,7 @@ def test_answers_waiting_for_windows_are_bounded_by_max_unsent_answer_bytes(tmp_
         assert status(r)[0] == 0
         assert len(r["data"]) > 4_000_000
         eventually(lambda: _unsent(running) == 0, "nothing held once taken")
+        assert [c.out_bytes for c in running.gateway._grpc.connections] == [0]  # (patient's, counted down)
     finally:
         patient.close()
         greedy.close()
