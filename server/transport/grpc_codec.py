@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -266,9 +265,9 @@ def many_values(msg: pb.ModelInferRequest) -> bool:
     return heavy(sum(element_count(t.shape) for t in msg.inputs if t.datatype == "BYTES" or not raw), 0)
 
 
-async def encoded(resp: InferResponse, written: Mapping[str, tuple[str, int]] | None = None) -> pb.ModelInferResponse:
-    """:func:`encode_response`, on a thread for a large answer (BYTES elements framed one by one:
-    1,000,000 took ~600 ms of the event loop; or many MB copied), so the loop serves on."""
+def heavy_answer(resp: InferResponse, written: Mapping[str, tuple[str, int]] | None = None) -> bool:
+    """Whether :func:`encode_response` runs on a thread (``core.types.heavy``): BYTES elements
+    framed one by one (1,000,000 took ~600 ms of the event loop), or many MB copied."""
     elements = nbytes = 0
     for t in resp.outputs:
         if written and t.name in written:
@@ -277,9 +276,7 @@ async def encoded(resp: InferResponse, written: Mapping[str, tuple[str, int]] | 
             elements += t.data.size
         else:
             nbytes += t.data.nbytes
-    if heavy(elements, nbytes):
-        return await asyncio.to_thread(encode_response, resp, written)
-    return encode_response(resp, written)
+    return heavy(elements, nbytes)
 
 
 def encode_response(resp: InferResponse, written: Mapping[str, tuple[str, int]] | None = None) -> pb.ModelInferResponse:

@@ -66,6 +66,13 @@ SHM_MARK = SHM_REGION.encode()  # in a request's bytes when it names a shared-me
 _REFUSALS: dict[tuple, tuple] = {}  # overload refusals' (status, words, metadata), by words and Retry-After
 
 
+async def _encoded(resp, written) -> pb.ModelInferResponse:
+    """The answer's message; a large one made on a thread (the event loop serves others meanwhile)."""
+    if grpc_codec.heavy_answer(resp, written):
+        return await asyncio.to_thread(grpc_codec.encode_response, resp, written)
+    return grpc_codec.encode_response(resp, written)
+
+
 def retry_metadata(e: GatewayError) -> tuple[tuple[str, str], ...]:
     """The trailing metadata that tells a refused caller when to try again (whole seconds)."""
     return () if e.retry_after_s is None else (("retry-after", str(max(1, math.ceil(e.retry_after_s)))),)
@@ -408,7 +415,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 note.version = resp.model_version
                 if resp.parameters:
                     note.variant = str(resp.parameters.get("variant", ""))
-            return await grpc_codec.encoded(resp, decoded.sink.written if decoded.sink is not None else None)
+            return await _encoded(resp, decoded.sink.written if decoded.sink is not None else None)
         except GatewayError as e:
             if note is not None:
                 note.error = e.code.value
@@ -499,7 +506,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     resp = await self.dp.infer(served, decoded)
                 finally:
                     self.dp.release(served)
-                answer = await grpc_codec.encoded(resp, decoded.sink.written if decoded.sink is not None else None)
+                answer = await _encoded(resp, decoded.sink.written if decoded.sink is not None else None)
                 if FINAL_RESPONSE_REQUESTED in msg.parameters and msg.parameters[FINAL_RESPONSE_REQUESTED].bool_param:
                     # (every model here answers a request once: that answer is the final one)
                     answer.parameters[FINAL_RESPONSE].bool_param = True

@@ -518,7 +518,10 @@ class HttpApp:
                     note.error = e.code.value
                 return await self._error(send, e, [(b"accept-encoding", b"gzip, deflate")])
             raise
-        out, json_len, enc = await http_codec.encoded(resp, options, accept)
+        if http_codec.heavy_answer(resp, options):  # (the loop serves others meanwhile)
+            out, json_len = await asyncio.to_thread(http_codec.encode_response, resp, options)
+        else:
+            out, json_len = http_codec.encode_response(resp, options)
         if note is not None:
             note.version = resp.model_version
             if resp.parameters:
@@ -528,7 +531,12 @@ class HttpApp:
             headers.append((VARIANT_HEADER, str(resp.parameters.get("variant", "")).encode()))
         if json_len is not None:
             headers.append((b"inference-header-content-length", str(json_len).encode()))
+        enc = http_codec.pick_encoding(accept)
         if enc:
+            if len(out) > http_codec.COMPRESS_ON_LOOP_MAX_BYTES:
+                out = await asyncio.to_thread(http_codec.compress, out, enc)
+            else:
+                out = http_codec.compress(out, enc)
             headers.append((b"content-encoding", enc.encode()))
         if not self.dp.accepting:
             headers.append(CLOSE)

@@ -1,9 +1,8 @@
 """Pure conversions between V2 HTTP bodies (JSON, and the binary tensor data
-extension) and the gateway's core types; :func:`encoded` writes an answer, a large one on a thread."""
+extension) and the gateway's core types."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import zlib
@@ -376,32 +375,19 @@ def _flatten(x: JSONValue, max_depth: int = 64) -> list[JSONValue]:
     return out
 
 
-async def encoded(
-    resp: InferResponse, options: OutputOptions, accept: str | None
-) -> tuple[bytes, int | None, str | None]:
-    """The answer's body, its JSON header's length (None: all JSON) and its content coding (None:
-    identity, else per ``accept``). A large answer is encoded, and a large body compressed, on a
-    thread: the loop holds the GIL between the thread's turns and serves the other requests
-    (a 1,000,000-value JSON answer took ~50 ms of the loop, 1,000,000 BYTES elements ~600 ms)."""
+def heavy_answer(resp: InferResponse, options: OutputOptions) -> bool:
+    """Whether an answer is written on a thread (``core.types.heavy``): its values written one by
+    one (JSON values, BYTES elements), or its binary data copied, past the bounds. On the event
+    loop a 1,000,000-value JSON answer took ~50 ms, 1,000,000 BYTES elements ~600 ms."""
     elements = nbytes = 0
     for t in resp.outputs:
         if options.shared and t.name in options.shared:
             continue
-        binary = options.binary.get(t.name, options.binary_default)
-        if t.datatype == "BYTES" or not binary:
+        if t.datatype == "BYTES" or not options.binary.get(t.name, options.binary_default):
             elements += t.data.size
         else:
             nbytes += t.data.nbytes
-    if heavy(elements, nbytes):
-        out, json_len = await asyncio.to_thread(encode_response, resp, options)
-    else:
-        out, json_len = encode_response(resp, options)
-    enc = pick_encoding(accept)
-    if enc:
-        out = (
-            await asyncio.to_thread(compress, out, enc) if len(out) > COMPRESS_ON_LOOP_MAX_BYTES else compress(out, enc)
-        )
-    return out, json_len, enc
+    return heavy(elements, nbytes)
 
 
 def encode_response(resp: InferResponse, options: OutputOptions = JSON_OUTPUTS) -> tuple[bytes, int | None]:
