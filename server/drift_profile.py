@@ -209,7 +209,9 @@ def load_inputs(
                 )
         if feature_names:
             names[inputs[0]] = feature_names
-        return {k: columns(v) for k, v in arrays.items()}, names, text
+        # (an array of 3 or more dimensions goes to the model as it is and is profiled flattened, as
+        # the server flattens what it samples; before, the model was fed the flattened rows and failed)
+        return {k: v if v.ndim > 2 else columns(v) for k, v in arrays.items()}, names, text
     table = read_table(path)
     out = {}
     for tensor in inputs:

@@ -307,3 +307,25 @@ def test_npz_files_that_hold_no_rows_of_values_are_refused_naming_what_they_hold
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "running the model" not in done.stderr
+
+
+def test_an_npz_input_of_three_dimensions_reaches_the_model_as_it_is_and_is_profiled_flattened(tmp_path):
+    """A model taking [N, 3, 4]: the rows go to it in that shape (fed flattened, ONNX Runtime
+    refused them: "Invalid rank for input"), and each of the 12 positions is a feature, in the
+    order the server flattens what it samples."""
+    from onnx import TensorProto
+
+    from batchgate.demo import _save, identity_model
+
+    repo = str(tmp_path / "repo")
+    _save(identity_model("cube", TensorProto.FLOAT, shape=("n", 3, 4)), repo, "cube", config="max_batch_size: 0\n")
+    data = np.random.default_rng(4).random((40, 3, 4)).astype(np.float32)
+    np.savez(tmp_path / "cube.npz", INPUT=data)
+    out = str(tmp_path / "p.json")
+    done = batchgate("drift", "profile", "--model", "cube", "--input", "INPUT", "--data", str(tmp_path / "cube.npz"),
+                     "--out", out, "--model-repository", repo)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(out) as f:
+        profile = json.load(f)
+    assert [f["name"] for f in profile["inputs"]["INPUT"]] == [f"INPUT[{i}]" for i in range(12)]
+    assert [f["name"] for f in profile["outputs"]["OUTPUT"]] == [f"OUTPUT[{i}]" for i in range(12)]
