@@ -107,7 +107,8 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path, senders):
                     break
                 time.sleep(0.05)
             answered = metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered")
-            assert answered == n, f"{n} pinned copies; every outcome so far: {_outcomes(text, 'mixed')}"
+            inflight = running.gateway.dataplane.admission.inflight  # (shadow work waits while it is above 0)
+            assert answered == n, f"{n} pinned copies; outcomes so far: {_outcomes(text, 'mixed')}; in flight {inflight}"
             up_after = _metrics(upstream)
             calls = sum(
                 metric(up_after, "batchgate_requests_total", model="clf_a", status="OK", protocol=p)
