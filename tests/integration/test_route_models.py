@@ -108,7 +108,7 @@ def test_remote_models_as_variant_and_shadow(repo, tmp_path, senders):
                 time.sleep(0.05)
             answered = metric(text, "batchgate_shadow_requests_total", route="mixed", outcome="answered")
             inflight = running.gateway.dataplane.admission.inflight  # (shadow work waits while it is above 0)
-            assert answered == n, f"{n} pinned copies; outcomes so far: {_outcomes(text, 'mixed')}; in flight {inflight}"
+            assert answered == n, f"{n} pinned: outcomes {_outcomes(text, 'mixed')}, in flight {inflight}"
             up_after = _metrics(upstream)
             calls = sum(
                 metric(up_after, "batchgate_requests_total", model="clf_a", status="OK", protocol=p)
