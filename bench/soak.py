@@ -22,7 +22,10 @@ load generator (uvloop) drives a seeded mix of request kinds through ``--concurr
 
 Every answer is classified (HTTP status, gRPC code, stream ``ok`` / ``error_message``) and must
 be one the request kind expects: good ones succeed, bad ones are refused with 4xx /
-INVALID_ARGUMENT / NOT_FOUND; a 5xx or INTERNAL (or any other answer) fails the run.
+INVALID_ARGUMENT / NOT_FOUND; a 5xx or INTERNAL (or any other answer) fails the run. A good
+request refused for load (RESOURCE_EXHAUSTED / 429: the admission's answer when the server's core
+cannot keep up, as on a machine busy with other work) is shown in the table and counts as
+unexpected only past 1% of its kind (one in 422 made `make test`'s short run fail on a busy CI box).
 
 Memory: after a warm-up (the first 10% of the requests, so allocator and caches settle) the
 traffic stops, every client connection closes, and once the server's file descriptor count has
@@ -74,6 +77,8 @@ SERVICE = "/inference.GRPCInferenceService/"
 QUICK_REQUESTS = 20_000
 STALL_S = 60.0  # no request finished for this long: the run is stopped and fails
 SERVER_ERROR_CODES = {"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNAVAILABLE", "UNIMPLEMENTED"}
+SHED = {"RESOURCE_EXHAUSTED", "429"}  # a good request refused for load: unexpected only past SHED_SHARE
+SHED_SHARE = 0.01
 UNKNOWN_PREFIX = "soak-unknown-"  # every made-up model name starts with this
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -638,7 +643,10 @@ class Soak:
         return self.sample(label)
 
     def unexpected(self, kind: Kind) -> int:
-        return sum(n for o, n in self.tally[kind.name].outcomes.items() if o not in kind.expect)
+        outcomes = self.tally[kind.name].outcomes
+        other = sum(n for o, n in outcomes.items() if o not in kind.expect and o not in SHED)
+        shed = sum(n for o, n in outcomes.items() if o in SHED and o not in kind.expect)
+        return other + (shed if shed > SHED_SHARE * sum(outcomes.values()) else 0)
 
 
 def server_error(outcome: str) -> bool:
