@@ -6,6 +6,8 @@ and an API key; the gateway in front is queried with real tritonclient clients. 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -251,16 +253,19 @@ def test_a_shadow_copy_to_a_secured_upstream_goes_over_tls_with_its_token(tmp_pa
         ),
     )  # fmt: skip
     try:
-        for _ in range(3):
-            assert _infer(grpcclient, running.grpc_url, "scored").shape == (2, 3)
 
-        def answered() -> bool:
+        def answered() -> float:
             text = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
-            return (
-                metric(text, "batchgate_shadow_requests_total", route="scored", shadow="copy", outcome="answered") == 3
-            )
+            return metric(text, "batchgate_shadow_requests_total", route="scored", shadow="copy", outcome="answered")
 
-        eventually(answered, "the three copies answered", timeout=30)
+        # Shadow senders run at SCHED_IDLE: on a machine busy with other work a copy may starve
+        # past its channel's connection attempt (counted failed, its reason logged), so requests
+        # go on until three copies are answered; a wrong certificate or token answers none.
+        end = time.monotonic() + 60
+        while answered() < 3:
+            assert time.monotonic() < end, "three copies answered over TLS with the token"
+            assert _infer(grpcclient, running.grpc_url, "scored").shape == (2, 3)
+            time.sleep(0.2)
     finally:
         running.stop()
 
