@@ -74,6 +74,8 @@ def element_count(shape: Iterable[int]) -> int:
 
 
 _LENGTH = struct.Struct("<I").unpack_from  # a BYTES element's length
+_U32 = struct.Struct("<I").pack
+SMALL_BYTES_TENSOR = 64  # elements framed one by one below this
 
 
 def decode_bytes_tensor(buf: bytes | memoryview, count: int, what: str) -> np.ndarray:
@@ -136,8 +138,8 @@ def encode_bytes_tensor(arr: np.ndarray) -> bytes:
         v if type(v) is bytes else _element_bytes(v) for v in (flat.tolist() if flat.dtype.kind in "OSU" else flat)
     ]
     n = len(items)
-    if not n:
-        return b""
+    if n < SMALL_BYTES_TENSOR:  # (numpy's set-up costs more than a few packs: a label, a short text)
+        return b"".join([b for v in items for b in (_U32(len(v)), v)])
     lengths = np.fromiter(map(len, items), dtype="<u4", count=n)
     starts = np.arange(n, dtype=np.int64) * 4  # where each element's length goes
     starts[1:] += np.cumsum(lengths[:-1], dtype=np.int64)

@@ -128,7 +128,6 @@ def guarded_protocol(
         _in_message = False  # httptools has begun a request and not yet ended it
         _in_head = False  # ... and not yet read all of its head
         _send_limits = SendLimits(body_timeout_s, refused, unsent)
-        _holding = False  # not read until its turn (past the overload refusals' rate)
         _progress = False  # the parser called us back while it read the last data
         _silent = 0  # bytes read since it last did
         _held = b""  # the end of the last read, which may begin an Upgrade header's line
