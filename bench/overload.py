@@ -106,6 +106,8 @@ def counts(samples, protocol: str) -> dict[str, float]:
             out[f"reason:{lab['reason']}"] = out.get(f"reason:{lab['reason']}", 0) + v
         elif name == "batchgate_http_connections_refused_total" and lab.get("reason") == "overload_hold":
             out["holds"] = out.get("holds", 0) + v  # (either protocol's: one protocol runs at a time)
+        elif name == "batchgate_http_connections_refused_total" and lab.get("reason") == "overload_retry_hold":
+            out["retry_holds"] = v  # (HTTP's: retries held at overload_retries_per_s)
     return out
 
 
@@ -389,7 +391,7 @@ def refusal_phases(pin, repo: Path, files, seconds: float, probe_set, caps: dict
     every request is refused and the core is busy with refusals alone. Beside the capacity
     phases' CPU per answer: the ratio, and the goodput at 3x it allows (see ``costs``)."""
     limits = ["--max-inflight-requests", "1", "--overload-refusals-per-s", "1000000"]
-    limits += ["--grpc-overload-refusals-per-s", "1000000"]
+    limits += ["--overload-retries-per-s", "1000000", "--grpc-overload-refusals-per-s", "1000000"]
     srv = Server("batchgate-refusals", [*pin.server, *serve_command(str(repo), *limits)], BATCHGATE_READY_METRICS,
                  files["dir"] / "refusals.log")  # fmt: skip
     out: dict = {}

@@ -278,7 +278,6 @@ class Gateway:
                     limit,
                     budget,
                     lim.max_gzip_members,
-                    lim.overload_refusals_per_s,
                     cors=cors_policy(s),  # (browser apps of other origins: the V2 port only)
                 ),
                 s.host,
@@ -460,6 +459,8 @@ class Gateway:
                 max_pipelined=lim.max_pipelined_requests,
                 cors=app.cors is not None,
                 unsent=self.unsent,
+                refusals_per_s=lim.overload_refusals_per_s,
+                retries_per_s=lim.overload_retries_per_s,
             ),
             ws="none",  # no WebSocket upgrades: every request is plain HTTP
             # the peer is the socket's: X-Forwarded-For would let any client write another address

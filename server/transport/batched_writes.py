@@ -35,11 +35,14 @@ BATCH_MAX_BYTES = 64 * 1024  # kept bytes of one connection past this are writte
 class WriteBatch:
     """The connections of one event loop with bytes kept for the end of this turn."""
 
-    __slots__ = ("loop", "_due")
+    __slots__ = ("loop", "_due", "rounds")
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None  # (bound by the first connection)
         self._due: list[BatchedWrites] = []
+        # Turns of the loop that wrote something, so far: a connection tells from them whether its
+        # client sent a request again at once after an answer (http_limits.py, retries)
+        self.rounds = 0
 
     def add(self, writes: BatchedWrites) -> None:
         due = self._due
@@ -50,6 +53,7 @@ class WriteBatch:
 
     def flush(self) -> None:
         due, self._due = self._due, []
+        self.rounds += 1
         for writes in due:
             try:
                 writes.flush()

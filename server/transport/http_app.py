@@ -20,7 +20,6 @@ import orjson
 
 from ..admin import http as admin_http
 from ..core.errors import ErrorCode, GatewayError, invalid, not_found
-from ..core.rate import Pacer
 from ..core.routing import PIN_HEADER
 from ..core.types import REQUEST_ID_HEADER, caller_headers, printable
 from ..dataplane import DataPlane, Served
@@ -98,7 +97,6 @@ class HttpApp:
         max_body_bytes: int,
         budget: ByteBudget,
         max_gzip_members: int = 64,
-        refusals_per_s: int = 200,
         admin_only: bool = False,
         admin: AdminApi | None = None,
         cors: CorsPolicy | None = None,
@@ -113,7 +111,6 @@ class HttpApp:
         self.admin_only = admin_only
         self.admin = admin  # the admin API's HTTP mirror (admin listener only)
         self._enforcing = dataplane.access.enforcing  # API keys: fixed for the server's life
-        self._refusals = Pacer(refusals_per_s)  # overload refusals' turns, overload_refusals_per_s a second
         self.limit = max_body_bytes
         self.bodies = BodyReader(max_body_bytes, budget)
         self.max_gzip_members = max_gzip_members
@@ -166,8 +163,8 @@ class HttpApp:
         """Admission of an infer request as soon as its head is parsed (called by the protocol,
         ``http_limits.py``, before any ASGI task exists): None sends the request on to the app
         (admitted, with its admission in the scope, when it is an infer); otherwise the refusal
-        to write at once, and how long to leave the connection unread after it (an overload
-        refusal past ``overload_refusals_per_s``: until its turn, see ``core/rate.Pacer``)."""
+        to write at once, and whether it is an overload refusal (the protocol then leaves the
+        connection unread past the refusals' rates, until its turn: see ``http_limits.py``)."""
         if self.admin_only:
             return None
         hit = self._infer_paths.get(path)
@@ -196,8 +193,7 @@ class HttpApp:
                         tracing.finish(note.span, note, status, note.error)
                 if alog is not None:
                     self._access(alog, note, model, status, scope, path)
-            pause = self._refusals.delay() if e.code is ErrorCode.RESOURCE_EXHAUSTED else 0.0
-            return status, headers, body, pause
+            return status, headers, body, e.code is ErrorCode.RESOURCE_EXHAUSTED
         scope[ADMITTED] = (served, model, version)
         return None
 
@@ -236,7 +232,7 @@ class HttpApp:
                 f"/v2/models/{model}/infer",
                 sampled=True,
             )
-        return status, headers, body, self._refusals.delay()
+        return status, headers, body, True
 
     def _admit(self, model: str, version: str, scope) -> Served:
         """Admission from the path and the caller, logged when refused (counted by the caller)."""

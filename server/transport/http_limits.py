@@ -28,10 +28,16 @@ instead); no ASGI scope, task or cycle is made for it, so under overload a refus
 costs a small fraction of an answer. An admitted request goes on to the app with its admission
 in the scope. Before that, a plain infer request whose whole bytes are at hand is refused for
 overload from its request line alone when the model is shedding (``quick``, which is
-:meth:`HttpApp.quick_refusal`): not even its head is parsed. Past ``overload_refusals_per_s``,
-a connection just refused is not read until its turn (``core/rate.Pacer``: turns at that rate,
-one after another), so its client's next request waits in its own socket instead of taking the
-core from admitted work (TCP backpressure), for about the held connections over the rate.
+:meth:`HttpApp.quick_refusal`): not even its head is parsed. Every overload refusal takes a turn
+(``core/rate.Pacer``: turns at ``refusals_per_s``, one after another); past the rate, a
+connection just refused is not read until its turn, so its client's next request waits in its
+own socket instead of taking the core from admitted work (TCP backpressure), for about the held
+connections over the rate. A *retry*, a request read within ``RETRY_ROUNDS`` of the loop's
+writing turns (and ``RETRY_WINDOW_S``) after its connection's last overload refusal went out (or
+after its hold ended):
+a client that sends again at once, as a closed loop does, takes a turn at ``retries_per_s`` as
+well. Clients that come back at their own pace are answered as they come up to the first rate;
+thousands that retry at once cost the core the second's refusals a second, not the first's.
 
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
@@ -51,6 +57,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..core.rate import Pacer
 from ..security.tls import tls_extension
 from . import batched_writes
 from .byte_budget import UnsentAnswers
@@ -68,6 +75,14 @@ HEAD_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
 OVERLOAD_HOLD = "overload_hold"  # a connection not read until its turn (past the overload refusals' rate)
+RETRY_HOLD = "overload_retry_hold"  # ... a retry's, until its later turn at the retries' rate
+# A request read within this many of the loop's writing turns after its connection's overload
+# refusal (or its hold's end) was sent again at once: the refusal goes out at the end of its turn
+# (batched_writes.py), the client's next request arrives during the next and is read by the one
+# after. A client back at its own pace is read turns later (at 3x capacity the loop turns every
+# 10-20 ms on the 2-core VM; an open-loop client of bench/overload.py asks every ~140 ms).
+RETRY_ROUNDS = 2
+RETRY_WINDOW_S = 0.25  # ... and within this of it (a quiet loop has few writing turns)
 NOT_HTTP = "malformed"  # bytes httptools cannot parse as HTTP/1.1 (400)
 TRANSFER_CODING = "transfer_encoding"  # a transfer coding other than chunked alone (501)
 PIPELINE = "pipeline"  # more requests queued behind the one being answered than max_pipelined_requests
@@ -84,8 +99,9 @@ _STATUS = {
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 # What the gate says of a request whose head is parsed: None = on to the app; otherwise the
-# answer to write now (status, headers, body) and how long to leave the connection unread after.
-Verdict = tuple[int, list[tuple[bytes, bytes]], bytes, float] | None
+# answer to write now (status, headers, body) and whether it is an overload refusal (it takes a
+# turn, and the connection may be left unread until then).
+Verdict = tuple[int, list[tuple[bytes, bytes]], bytes, bool] | None
 Gate = Callable[[str, str, dict], Verdict]
 Quick = Callable[[str, str], Verdict]  # (model, peer): an overload refusal judged from the request line
 _CLOSE = (b"connection", b"close")
@@ -107,9 +123,12 @@ def guarded_protocol(
     max_body_bytes: int = 64 << 20,
     cors: bool = False,
     unsent: UnsentAnswers | None = None,
+    refusals_per_s: float = float("inf"),
+    retries_per_s: float = float("inf"),
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
+    refusals, retries = Pacer(refusals_per_s), Pacer(retries_per_s)  # overload refusals' turns
     # request heads _quick has judged: their model and Content-Length, or False (not plain)
     heads: dict[bytes, tuple[str, int] | Literal[False]] = {}
     answer: list[Any] = [None, None, None, 0, b""]  # the last quick refusal's headers, body, defaults, status, bytes
@@ -125,12 +144,15 @@ def guarded_protocol(
         _answered = False  # this request was answered by the gate: its body is parsed and dropped
         _keep_alive = True  # whether the connection stays open after the gate's answer
         _pause_s = 0.0  # after the gate's answer, how long the connection is left unread
+        _pause_reason = OVERLOAD_HOLD  # ... counted under this reason
         _in_message = False  # httptools has begun a request and not yet ended it
         _in_head = False  # ... and not yet read all of its head
         _send_limits = SendLimits(body_timeout_s, refused, unsent)
         _progress = False  # the parser called us back while it read the last data
         _silent = 0  # bytes read since it last did
         _held = b""  # the end of the last read, which may begin an Upgrade header's line
+        _refused_round = -RETRY_ROUNDS - 1  # writes.rounds when its last overload refusal was written
+        _refused_at = float("-inf")  # ... and the loop's time
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -214,7 +236,7 @@ def guarded_protocol(
                 verdict = quick(name, self.client[0] if self.client else "")
                 if verdict is None:
                     break
-                status, headers, body, pause_s = verdict
+                status, headers, body, overload = verdict
                 dh = self.server_state.default_headers
                 if headers is not answer[0] or body is not answer[1] or dh is not answer[2] or status != answer[3]:
                     # (a refusal's words come back the same objects: its bytes are made once)
@@ -223,9 +245,11 @@ def guarded_protocol(
                 self._disarm()  # (the next request's head clock starts with its first byte)
                 pos = end + 4 + length
                 answered = True
-                if pause_s > 0:  # past the refusals' rate: unread until its turn, as below
-                    self._hold(pause_s)
-                    return data[pos:]
+                if overload:
+                    pause_s, reason = self._turn()
+                    if pause_s > 0:  # past the refusals' rate: unread until its turn, as below
+                        self._hold(pause_s, reason)
+                        return data[pos:]
             if answered:
                 self.on_response_complete()  # keep-alive clock, as after any answer
             return data[pos:] if pos else data
@@ -371,7 +395,7 @@ def guarded_protocol(
             verdict = gate("POST", path, self.scope)  # type: ignore[arg-type]
             if verdict is None:
                 return False
-            status, headers, body, pause_s = verdict
+            status, headers, body, overload = verdict
             self._answered = True
             closing = _CLOSE in headers  # the answer closes the connection (the server drains)
             # A client that asked "Expect: 100-continue" and gets a final answer instead may or
@@ -389,23 +413,40 @@ def guarded_protocol(
                 self._disarm()
                 self._refuse_close()
                 return True
-            if pause_s > 0:
+            if overload:
                 # Past the refusals' rate the connection is not read again until its turn: its
                 # client's next request waits in its own socket instead of taking the core from
                 # admitted work (a client that waits its Retry-After loses nothing), and held
                 # connections come back one turn after another, not all at once.
-                self._pause_s = pause_s
+                self._pause_s, self._pause_reason = self._turn()
             return True
 
-        def _hold(self, seconds: float) -> None:
+        def _turn(self) -> tuple[float, str]:
+            """An overload refusal's turn, taken as it is written: how long the connection is
+            then left unread (0: not at all), and the reason a hold is counted under: the rate
+            that set it. A retry (see RETRY_ROUNDS) takes a turn at both rates and waits for the
+            later."""
+            now = self.loop.time()
+            retry = writes.rounds - self._refused_round <= RETRY_ROUNDS and now - self._refused_at <= RETRY_WINDOW_S
+            self._refused_round, self._refused_at = writes.rounds, now
+            wait = refusals.delay()
+            if retry:
+                again = retries.delay()
+                if again > wait:
+                    return again, RETRY_HOLD
+            return wait, OVERLOAD_HOLD
+
+        def _hold(self, seconds: float, reason: str) -> None:
             """Leave the connection unread for ``seconds`` (its turn), counted."""
-            refused(OVERLOAD_HOLD)
+            refused(reason)
             self._holding = True
             self.flow.pause_reading()
             self.loop.call_later(seconds, self._resume)
 
         def _resume(self) -> None:
             self._holding = False
+            # what its client sent meanwhile (at once, as a rule) is read now: a retry
+            self._refused_round, self._refused_at = writes.rounds, self.loop.time()
             if self.transport.is_closing():
                 return
             cycle = self.cycle
@@ -443,7 +484,7 @@ def guarded_protocol(
             if self._pause_s > 0:
                 # Past the refusals' rate: this client's next request stays in its socket until
                 # its turn (TCP backpressure), and the keep-alive clock waits with it.
-                self._hold(self._pause_s)
+                self._hold(self._pause_s, self._pause_reason)
                 self._pause_s = 0.0
                 return
             self.on_response_complete()
