@@ -32,12 +32,12 @@ overload from its request line alone when the model is shedding (``quick``, whic
 (``core/rate.Pacer``: turns at ``refusals_per_s``, one after another); past the rate, a
 connection just refused is not read until its turn, so its client's next request waits in its
 own socket instead of taking the core from admitted work (TCP backpressure), for about the held
-connections over the rate. A *retry*, a request read within ``RETRY_ROUNDS`` of the loop's
-writing turns (and ``RETRY_WINDOW_S``) after its connection's last overload refusal went out (or
-after its hold ended):
-a client that sends again at once, as a closed loop does, takes a turn at ``retries_per_s`` as
-well. Clients that come back at their own pace are answered as they come up to the first rate;
-thousands that retry at once cost the core the second's refusals a second, not the first's.
+connections over the rate. A *retry* (a request read within ``RETRY_ROUNDS`` of the loop's
+writing turns, and ``RETRY_WINDOW_S``, after its connection's last overload refusal went out or
+its hold ended: its client sent it again at once, as a closed loop does) takes a turn at
+``retries_per_s`` as well, and waits for the later. Clients that come back at their own pace are
+answered as they come up to ``refusals_per_s``; thousands that retry at once cost the core
+``retries_per_s`` refusals a second.
 
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
