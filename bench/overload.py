@@ -8,14 +8,16 @@ tools run on the other. Phases (each ``--seconds`` long, 20 by default):
 2. gRPC open loop at 3x the gRPC capacity (h2load --rps over 64 connections);
 3. HTTP open loop at 3x the HTTP capacity (h2load --h1 --rps over 600 connections);
 4. HTTP closed loop with 5,000 connections;
-5. refusals: a second server, its one in-flight slot taken, refuses every request of a closed
+5. gRPC closed loop with 5,000 connections, one call at a time each (h2load -m 1): clients that
+   call again as soon as they are answered, RESOURCE_EXHAUSTED or not;
+6. refusals: a second server, its one in-flight slot taken, refuses every request of a closed
    loop (gRPC, then HTTP): the CPU one refusal costs when the core does nothing else.
 
 Beside the client's figures, each overload phase reports the server's CPU: busy fraction, the
 cost of a refusal as the CPU left over once its answers are paid at the capacity phase's cost,
 and the goodput ceiling that refusal/answer ratio sets (a goodput of f at load L costs
 f + (L - f) * ratio of the core when every request is read; ``bench/http_cost.py --bound`` has
-the same in process). Set beside phase 5's refusal cost, it shows what the mix of answers and
+the same in process). Set beside phase 6's refusal cost, it shows what the mix of answers and
 refusals costs beyond the two alone.
 
 An open-loop phase runs ``--stagger`` h2load processes (8), each with its share of the
@@ -479,8 +481,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--phases",
-        default="grpc,http,connections,refusals",
-        help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections; "
+        default="grpc,http,connections,grpc-connections,refusals",
+        help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections "
+        "(HTTP closed loop), grpc-connections (gRPC closed loop, one call at a time a connection); "
         "refusals: a second server that refuses every request, for the CPU a refusal costs)",
     )
     ap.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)  # (the probe's own process)
@@ -520,7 +523,18 @@ def main() -> int:
             cap_h = capacity("capacity-http", pin, ports, s, "http", files, probe_set, cpu)
             clients_g, clients_h = 64, args.open_connections
             wanted = set(args.phases.split(","))
-            over_g = over_h = conns_h = None
+            over_g = over_h = conns_h = conns_g = None
+
+            def closed(name: str, protocol: str, streams: int = 8) -> dict:
+                try:
+                    return phase(name, pin, ports, s, protocol, args.connections, None, files, probe_set, cpu=cpu,
+                                 streams=streams)  # fmt: skip
+                except subprocess.TimeoutExpired:
+                    # Seen with more connections than max_connections: the refused ones
+                    # reconnect at once, and h2load keeps them cycling without finishing.
+                    say("  h2load did not finish (refused connections reconnecting without pause); no figures")
+                    return {"error": "load tool did not finish"}
+
             if "grpc" in wanted:
                 rate = args.factor * cap_g["ok_per_s"] / clients_g
                 over_g = phase(
@@ -532,23 +546,18 @@ def main() -> int:
                     "overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set, args.stagger, cpu
                 )
             if "connections" in wanted:
-                try:
-                    conns_h = phase(
-                        "connections-http", pin, ports, s, "http", args.connections, None, files, probe_set, cpu=cpu
-                    )
-                except subprocess.TimeoutExpired:
-                    # Seen with more connections than max_connections: the refused ones
-                    # reconnect at once, and h2load keeps them cycling without finishing.
-                    say("  h2load did not finish (refused connections reconnecting without pause); no figures")
-                    conns_h = {"error": "load tool did not finish"}
+                conns_h = closed("connections-http", "http")
+            if "grpc-connections" in wanted:  # one call at a time a connection, sent again once answered
+                conns_g = closed("connections-grpc", "grpc", streams=1)
             report["phases"] = {
                 "capacity-grpc": cap_g,
                 "capacity-http": cap_h,
                 "overload-grpc": over_g,
                 "overload-http": over_h,
                 "connections-http": conns_h,
+                "connections-grpc": conns_g,
             }
-            report["summary"] = summary(cap_g, cap_h, over_g, over_h, conns_h)
+            report["summary"] = summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g)
         finally:
             srv.stop()
         if "refusals" in wanted:

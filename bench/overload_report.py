@@ -41,12 +41,13 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def summary(cap_g, cap_h, over_g, over_h, conns_h) -> list[dict]:
+def summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g=None) -> list[dict]:
     rows = []
     for name, cap, r in (
         ("gRPC 3x open", cap_g, over_g),
         ("HTTP 3x open", cap_h, over_h),
         ("HTTP 5000 conns", cap_h, conns_h),
+        ("gRPC 5000 conns", cap_g, conns_g),
     ):
         if r is None:
             continue

@@ -300,12 +300,10 @@ class LimitSettings:
     )
     overload_retries_per_s: int = _setting(
         1000,
-        "HTTP overload refusals a second of requests sent again at once after one (a client's next "
-        "request read within two of the event loop's writing turns and 0.25 s after its connection was "
-        "refused or its hold ended, as a closed loop retries); each takes its turn at "
-        "overload_refusals_per_s and at this rate, and the connection waits for the later: thousands of "
-        "clients retrying at once cost the core this many refusals a second, while clients that come back "
-        "at their own pace are answered at the first rate",
+        "overload refusals a second of retries (a request read within two writing turns of the event loop and "
+        "0.25 s of its connection's last refusal or hold, as a closed loop retries; on gRPC a connection that "
+        "never carried two calls at once), on each protocol: a retry takes a turn at this rate as well, and "
+        "thousands of clients retrying at once cost the core this many refusals a second",
         minimum=1,
     )
     grpc_overload_refusals_per_s: int = _setting(

@@ -88,6 +88,40 @@ class Pacer:
         return turn - now if turn > now else 0.0
 
 
+# A connection's overload refusal is a *retry* when its request was read within RETRY_ROUNDS of
+# the event loop's writing turns and RETRY_WINDOW_S after that connection's last overload refusal
+# went out, or after its hold ended: its client sent it again at once, as a closed loop does. The
+# refusal goes out at the end of its turn, the client's next request arrives during the next and
+# is read by the one after; a client back at its own pace is read turns later (at 3x capacity the
+# loop turns every 10-20 ms on the 2-core VM, and an open-loop client of bench/overload.py asks
+# every ~140 ms). A quiet loop has few writing turns: the window bounds the rule in time.
+RETRY_ROUNDS = 2
+RETRY_WINDOW_S = 0.25
+NEVER = (-RETRY_ROUNDS - 1, float("-inf"))  # (writing turn, loop time) of a connection never refused
+
+
+class Turns:
+    """The overload refusals' turns of one listener: each refusal takes one at ``refusals_per_s``,
+    a retry one at ``retries_per_s`` as well, and its connection waits for the later."""
+
+    __slots__ = ("refusals", "retries")
+
+    def __init__(self, refusals_per_s: float, retries_per_s: float):
+        self.refusals = Pacer(refusals_per_s)
+        self.retries = Pacer(retries_per_s)
+
+    def take(self, rounds: int, now: float, last: tuple[int, float]) -> tuple[float, bool]:
+        """The turn of a refusal read at writing turn ``rounds`` and loop time ``now`` on a
+        connection whose last refusal, or hold's end, was at ``last`` (``NEVER``): the seconds to
+        leave the connection unread (0: not at all), and whether the retries' rate set them."""
+        wait = self.refusals.delay()
+        if rounds - last[0] <= RETRY_ROUNDS and now - last[1] <= RETRY_WINDOW_S:
+            again = self.retries.delay()
+            if again > wait:
+                return again, True
+        return wait, False
+
+
 class Backoff:
     """The wait before a process that exited is started again: ``steps`` in turn while it keeps
     exiting soon after it started, back to the first once a life has lasted ``healthy_s`` (a

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import grpc
 
-from ..core.rate import Pacer
+from ..core.rate import Turns
 from . import grpc_wire
 from .accept import Listener, listen
 from .byte_budget import ByteBudget, UnsentAnswers
@@ -71,6 +71,7 @@ class H2GrpcServer:
         refused: Refused | None = None,
         max_connection_age_s: float = 0.0,
         refusals_per_s: int = 8000,
+        retries_per_s: float = float("inf"),
         max_header_bytes: int = 64 << 10,
         max_header_fields: int = MAX_FIELDS,
         max_resets_per_s: int = 1000,
@@ -98,7 +99,9 @@ class H2GrpcServer:
         self.reuse_port = reuse_port
         self.refused = refused or (lambda reason: None)
         self.max_connection_age_s = max_connection_age_s
-        self.refusals = Pacer(refusals_per_s)  # overload refusals' turns, grpc_overload_refusals_per_s a second
+        # overload refusals' turns: grpc_overload_refusals_per_s, a retry's overload_retries_per_s too
+        self.turns = Turns(refusals_per_s, retries_per_s)
+        self.rounds = 0  # turns of the loop that wrote something (see core/rate.RETRY_ROUNDS)
         self.max_resets_per_s = max_resets_per_s
         self.max_header_bytes = max_header_bytes
         self.max_header_fields = max_header_fields  # of one header block; more closes the connection
@@ -136,6 +139,7 @@ class H2GrpcServer:
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, []
+        self.rounds += 1
         for conn in dirty:
             conn._flush_soon = False
             conn.flush()

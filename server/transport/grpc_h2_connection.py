@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ..core.rate import PerSecond
+from ..core.rate import NEVER, PerSecond
 from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
 from .sockets import grpc_peer, peer_of
@@ -66,6 +66,9 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0  # bytes of unfinished unary requests held (see hold)
         self._resets = PerSecond(server.max_resets_per_s)  # streams the client reset
         self._held = False  # not read for a while after an overload refusal past the budget
+        self._last_refusal = NEVER  # (server.rounds, loop time) of its last overload refusal or hold's end
+        # it carried two calls at once: its calls need not follow its answers, so none is a retry
+        self.multiplexed = False
         self._backlogged = False  # not read until the client takes what waits to be written
         self._evicting = False  # aborted for max_unsent_answer_bytes (at the end of this turn)
         self.out_bytes = 0  # answer bytes its calls hold for the client's windows (their ``out``)
@@ -402,6 +405,8 @@ class _Connection(asyncio.Protocol):
                         "server, its limit (grpc_max_streaming_calls); retry later or on another replica",
                     )
                     return
+            if self.calls:
+                self.multiplexed = True
             call = self.calls[sid] = _Call(self, sid, handler, md, deadline, encoding, path)
             if streams:
                 streaming.add(call)
@@ -479,19 +484,24 @@ class _Connection(asyncio.Protocol):
         """A call on this connection was refused for overload: past the refusals' rate, the
         connection is not read until its turn (``core/rate.Pacer``; TCP backpressure, as for
         HTTP: its client's next requests wait in its socket instead of taking the core from
-        admitted work). Answers to its admitted calls are still written."""
+        admitted work). Answers to its admitted calls are still written. A retry (a call on a
+        connection that never carried two at once, read soon after its last refusal: see
+        ``core/rate.RETRY_ROUNDS``) takes a turn at ``overload_retries_per_s`` as well."""
         if self._held or self.transport is None:
             return
-        pause = self.server.refusals.delay()
+        server = self.server
+        last, self._last_refusal = self._last_refusal, (server.rounds, server.loop.time())
+        pause, retry = server.turns.take(*self._last_refusal, NEVER if self.multiplexed else last)
         if pause <= 0:
             return
         self._held = True
-        self.server.refused("overload_hold")
+        server.refused("overload_retry_hold" if retry else "overload_hold")
         self.transport.pause_reading()
-        self.server.loop.call_later(pause, self._release)
+        server.loop.call_later(pause, self._release)
 
     def _release(self) -> None:
         self._held = False
+        self._last_refusal = (self.server.rounds, self.server.loop.time())  # (what waited is read now)
         if not self._backlogged and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
             self._reading_again()

@@ -91,6 +91,7 @@ def new_grpc_server(
             refused=refused,
             max_connection_age_s=s.grpc_max_connection_age_s,
             refusals_per_s=lim.grpc_overload_refusals_per_s,
+            retries_per_s=lim.overload_retries_per_s,
             max_concurrent_streams=lim.grpc_max_concurrent_streams,
             max_streaming_calls=lim.grpc_max_streaming_calls,
             max_resets_per_s=lim.grpc_max_resets_per_s,

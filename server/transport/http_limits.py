@@ -32,10 +32,9 @@ overload from its request line alone when the model is shedding (``quick``, whic
 (``core/rate.Pacer``: turns at ``refusals_per_s``, one after another); past the rate, a
 connection just refused is not read until its turn, so its client's next request waits in its
 own socket instead of taking the core from admitted work (TCP backpressure), for about the held
-connections over the rate. A *retry* (a request read within ``RETRY_ROUNDS`` of the loop's
-writing turns, and ``RETRY_WINDOW_S``, after its connection's last overload refusal went out or
-its hold ended: its client sent it again at once, as a closed loop does) takes a turn at
-``retries_per_s`` as well, and waits for the later. Clients that come back at their own pace are
+connections over the rate. A *retry* (``core/rate.RETRY_ROUNDS``: its client sent it again at
+once after a refusal, as a closed loop does) takes a turn at ``retries_per_s`` as well, and waits
+for the later. Clients that come back at their own pace are
 answered as they come up to ``refusals_per_s``; thousands that retry at once cost the core
 ``retries_per_s`` refusals a second.
 
@@ -57,7 +56,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..core.rate import Pacer
+from ..core.rate import NEVER, Turns
 from ..security.tls import tls_extension
 from . import batched_writes
 from .byte_budget import UnsentAnswers
@@ -76,13 +75,6 @@ BODY_TIMEOUT = "body_timeout"
 TOO_MANY_CONNECTIONS = "connections"
 OVERLOAD_HOLD = "overload_hold"  # a connection not read until its turn (past the overload refusals' rate)
 RETRY_HOLD = "overload_retry_hold"  # ... a retry's, until its later turn at the retries' rate
-# A request read within this many of the loop's writing turns after its connection's overload
-# refusal (or its hold's end) was sent again at once: the refusal goes out at the end of its turn
-# (batched_writes.py), the client's next request arrives during the next and is read by the one
-# after. A client back at its own pace is read turns later (at 3x capacity the loop turns every
-# 10-20 ms on the 2-core VM; an open-loop client of bench/overload.py asks every ~140 ms).
-RETRY_ROUNDS = 2
-RETRY_WINDOW_S = 0.25  # ... and within this of it (a quiet loop has few writing turns)
 NOT_HTTP = "malformed"  # bytes httptools cannot parse as HTTP/1.1 (400)
 TRANSFER_CODING = "transfer_encoding"  # a transfer coding other than chunked alone (501)
 PIPELINE = "pipeline"  # more requests queued behind the one being answered than max_pipelined_requests
@@ -128,7 +120,7 @@ def guarded_protocol(
 ) -> type[HttpToolsProtocol]:
     """An httptools protocol class with the limits above (one class per gateway)."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
-    refusals, retries = Pacer(refusals_per_s), Pacer(retries_per_s)  # overload refusals' turns
+    turns = Turns(refusals_per_s, retries_per_s)  # overload refusals' turns
     # request heads _quick has judged: their model and Content-Length, or False (not plain)
     heads: dict[bytes, tuple[str, int] | Literal[False]] = {}
     answer: list[Any] = [None, None, None, 0, b""]  # the last quick refusal's headers, body, defaults, status, bytes
@@ -151,8 +143,7 @@ def guarded_protocol(
         _progress = False  # the parser called us back while it read the last data
         _silent = 0  # bytes read since it last did
         _held = b""  # the end of the last read, which may begin an Upgrade header's line
-        _refused_round = -RETRY_ROUNDS - 1  # writes.rounds when its last overload refusal was written
-        _refused_at = float("-inf")  # ... and the loop's time
+        _last_refusal = NEVER  # (writes.rounds, loop time) of its last overload refusal, or its hold's end
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -422,19 +413,12 @@ def guarded_protocol(
             return True
 
         def _turn(self) -> tuple[float, str]:
-            """An overload refusal's turn, taken as it is written: how long the connection is
-            then left unread (0: not at all), and the reason a hold is counted under: the rate
-            that set it. A retry (see RETRY_ROUNDS) takes a turn at both rates and waits for the
-            later."""
-            now = self.loop.time()
-            retry = writes.rounds - self._refused_round <= RETRY_ROUNDS and now - self._refused_at <= RETRY_WINDOW_S
-            self._refused_round, self._refused_at = writes.rounds, now
-            wait = refusals.delay()
-            if retry:
-                again = retries.delay()
-                if again > wait:
-                    return again, RETRY_HOLD
-            return wait, OVERLOAD_HOLD
+            """An overload refusal's turn (``core/rate.Turns``), taken as it is written: how long
+            the connection is then left unread (0: not at all), and the reason a hold is counted
+            under (the rate that set it)."""
+            last, self._last_refusal = self._last_refusal, (writes.rounds, self.loop.time())
+            wait, retry = turns.take(*self._last_refusal, last)
+            return wait, RETRY_HOLD if retry else OVERLOAD_HOLD
 
         def _hold(self, seconds: float, reason: str) -> None:
             """Leave the connection unread for ``seconds`` (its turn), counted."""
@@ -446,7 +430,7 @@ def guarded_protocol(
         def _resume(self) -> None:
             self._holding = False
             # what its client sent meanwhile (at once, as a rule) is read now: a retry
-            self._refused_round, self._refused_at = writes.rounds, self.loop.time()
+            self._last_refusal = (writes.rounds, self.loop.time())
             if self.transport.is_closing():
                 return
             cycle = self.cycle

@@ -240,36 +240,6 @@ def test_held_connections_come_back_one_turn_after_another(repo, serve):
     assert finish(held).startswith(b"HTTP/1.1 200")
 
 
-def retry_holds(running) -> float:
-    """``overload_retry_hold`` so far (0 before the first)."""
-    line = 'batchgate_http_connections_refused_total{reason="overload_retry_hold"} '
-    found = [row for row in metrics(running).splitlines() if row.startswith(line)]
-    return float(found[0][len(line) :]) if found else 0.0
-
-
-def test_a_client_that_retries_at_once_is_held_at_the_retries_rate(repo, serve):
-    """overload_retries_per_s: a client that sends again as soon as it is refused (a closed loop
-    of retries, thousands of which took half the core in refusals) is held for its turns at that
-    rate (here 2 a second), though overload_refusals_per_s (1,000) would answer it at once; each
-    such hold counted as overload_retry_hold. A client that comes back at its own pace (0.35 s
-    later: more often than the retries' turns come) is answered as it comes, never held."""
-    running = serve(repo, max_inflight_requests=1, overload_refusals_per_s=1000, overload_retries_per_s=2)
-    held = hold(running)
-    times = refusal_times(running, 6)  # 5 retries: the first in the bucket, then turns 0.5 s apart
-    assert sum(times) >= 1.2, times
-    assert max(times) < 1.5, times  # its turns only
-    assert retry_holds(running) >= 3
-    before = retry_holds(running)
-    host, port = running.http_url.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        for _ in range(4):
-            s.sendall(head("simple", len(GOOD)) + GOOD)
-            assert response(s).startswith(b"HTTP/1.1 429")
-            time.sleep(0.35)  # past the retry window (0.25 s) after its refusal
-    assert retry_holds(running) == before
-    assert finish(held).startswith(b"HTTP/1.1 200")
-
-
 def test_grpc_connections_past_the_refusals_rate_are_held_for_their_turn(repo, serve):
     """The same on the h2 gRPC engine (grpc_overload_refusals_per_s; grpcio reads its sockets
     itself and holds nothing): one channel retrying at once gets RESOURCE_EXHAUSTED about the

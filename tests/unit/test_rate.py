@@ -57,6 +57,26 @@ def test_a_pacer_gives_its_burst_at_once_then_one_turn_each_a_rate_apart():
     assert pacer.delay() > 0
 
 
+def test_turns_hold_a_retry_at_the_retries_rate_and_anything_else_at_the_refusals_rate():
+    """core/rate.Turns: a refusal read within two writing turns and 0.25 s of its connection's
+    last one (or hold's end) is a retry and waits for its turn at the retries' rate; one later by
+    a third writing turn, or past the window, or on a connection never refused, takes only the
+    refusals' rate."""
+    from batchgate.core.rate import NEVER, Turns
+
+    now = [10.0]
+    turns = Turns(1_000_000, 10)  # (the refusals' rate never holds here)
+    for p in (turns.refusals, turns.retries):
+        p._clock = lambda: now[0]  # (sans-IO: the pacers' clock)
+    assert turns.take(5, now[0], NEVER) == (0.0, False)
+    waits = [turns.take(7, now[0], (5, now[0] - 0.1)) for _ in range(4)]  # two writing turns later
+    assert [w[0] for w in waits] == pytest.approx([0.0, 0.0, 0.1, 0.2], abs=1e-9)  # the bucket's, then 0.1 s apart
+    assert [w[1] for w in waits] == [False, False, True, True]  # (no wait: not the retries' rate's)
+    assert turns.take(8, now[0], (5, now[0])) == (0.0, False)  # three writing turns later: at its own pace
+    assert turns.take(6, now[0], (5, now[0] - 0.3)) == (0.0, False)  # past the window (a quiet loop)
+    assert turns.take(6, now[0], (5, now[0] - 0.2))[1]  # within both: held at the retries' rate
+
+
 def test_a_restart_backoff_climbs_while_lives_are_short_and_starts_over_after_a_healthy_one():
     """The drift detector's restarts: before, the step was chosen by its restarts all told, so after
     five crashes in any span of time (a week, say) every later restart waited the longest step."""
