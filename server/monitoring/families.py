@@ -132,7 +132,7 @@ FAMILIES: dict[str, Family] = {
         "on the metrics port metrics_connections (past ops_max_connections), metrics_peer (past "
         "ops_max_connections_per_peer), metrics_timeout; on the health port the h2 engine's with health_ for "
         "grpc_ (health_connections, health_peer...); "
-        "overload_hold (either), overload_retry_hold (HTTP: a retry held at overload_retries_per_s)",
+        "overload_hold, overload_retry_hold (a retry held at overload_retries_per_s) (either)",
         ("reason",),
     ),
     "batchgate_event_loop_lag_seconds": Family(

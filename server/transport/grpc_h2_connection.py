@@ -473,7 +473,9 @@ class _Connection(asyncio.Protocol):
             if len(_TRAILERS_ONLY) >= 256:
                 _TRAILERS_ONLY.clear()
             _TRAILERS_ONLY[key] = (code, fields)
-        self.h2.send_headers(sid, fields, end_stream=True)
+        # (no Huffman coding: hpack's, in Python, was a tenth of the loop in a storm of refusals
+        # on 5,000 connections, each coding its own copy of a message once; a few bytes more)
+        self.h2.send_headers(sid, fields, end_stream=True, huffman=False)
         self.stop_reading(sid)
 
     def stop_reading(self, sid: int, code: int = http2.NO_ERROR) -> None:

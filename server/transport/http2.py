@@ -171,8 +171,8 @@ class Http2:
         stream = self.streams.get(sid)
         return 0 if stream is None else min(stream.send_window, self._send_window)
 
-    def send_headers(self, sid: int, fields, end_stream: bool = False) -> None:
-        block = self.encoder.encode(fields)
+    def send_headers(self, sid: int, fields, end_stream: bool = False, huffman: bool = True) -> None:
+        block = self.encoder.encode(fields, huffman)
         flags = END_STREAM if end_stream else 0
         limit = self.max_outbound_frame_size
         out = self._out
