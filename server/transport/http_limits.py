@@ -34,9 +34,9 @@ connection just refused is not read until its turn, so its client's next request
 own socket instead of taking the core from admitted work (TCP backpressure), for about the held
 connections over the rate. A *retry* (``core/rate.RETRY_ROUNDS``: its client sent it again at
 once after a refusal, as a closed loop does) takes a turn at ``retries_per_s`` as well, and waits
-for the later. Clients that come back at their own pace are
-answered as they come up to ``refusals_per_s``; thousands that retry at once cost the core
-``retries_per_s`` refusals a second.
+for the later. Clients that come back at their own pace are answered as they come up to
+``refusals_per_s``; thousands that retry at once cost the core ``retries_per_s`` refusals a
+second.
 
 
 On a TLS connection each request's scope also carries the ASGI TLS extension
