@@ -73,8 +73,8 @@ def element_count(shape: Iterable[int]) -> int:
     return n
 
 
-_LENGTH = struct.Struct("<I").unpack_from  # a BYTES element's length
-_U32 = struct.Struct("<I").pack
+_UINT32 = struct.Struct("<I")  # a BYTES element's length
+_LENGTH, _U32 = _UINT32.unpack_from, _UINT32.pack
 SMALL_BYTES_TENSOR = 64  # elements framed one by one below this
 
 
