@@ -102,6 +102,14 @@ def counts(samples, protocol: str) -> dict[str, float]:
             out[lab["code"]] = out.get(lab["code"], 0) + v
         elif name == "batchgate_event_loop_lag_seconds_bucket":
             out[f"lag_le:{lab['le']}"] = v
+        elif (
+            name == "batchgate_request_duration_seconds_bucket"
+            and lab.get("model") == MODEL
+            and lab.get("protocol") == protocol
+        ):
+            out[f"dur_le:{lab['le']}"] = out.get(f"dur_le:{lab['le']}", 0) + v
+        elif name == "batchgate_queue_duration_seconds_bucket" and lab.get("model") == MODEL:
+            out[f"queue_le:{lab['le']}"] = out.get(f"queue_le:{lab['le']}", 0) + v
         elif name in ("batchgate_gc_pause_seconds_count", "batchgate_gc_pause_seconds_sum"):
             out[f"gc{lab['generation']}_{name.rsplit('_', 1)[1]}"] = v
         elif name == "batchgate_refusals_total" and lab.get("model") == MODEL:
@@ -123,14 +131,34 @@ def loop_lag_p99_ms(server: dict) -> float | None:
     return next(le * 1000 for le, n in les if n >= 0.99 * total)
 
 
+def histogram_p99_ms(server: dict, prefix: str) -> float | None:
+    """The 99th percentile of one of the server's histograms over a phase, interpolated within
+    its bucket as Prometheus' histogram_quantile does (None when it saw nothing)."""
+    les = sorted((float(k.split(":", 1)[1]), v) for k, v in server.items() if k.startswith(prefix))
+    if not les or not les[-1][1]:
+        return None
+    want, lower, below = 0.99 * les[-1][1], 0.0, 0.0
+    for le, n in les:
+        if n >= want:
+            if le == float("inf"):
+                return round(lower * 1000, 2)
+            return round((lower + (le - lower) * (want - below) / max(n - below, 1e-9)) * 1000, 2)
+        lower, below = le, n
+    return None
+
+
 def stalls(server: dict) -> dict:
     """What the server's own stalls were over a phase: its event loop's lag p99 and the
     collector's pauses by generation (count, mean ms); the raw figures leave ``server``."""
     out: dict = {"loop_lag_p99_ms": loop_lag_p99_ms(server)}
+    # The server's own view: arrival to answer (answers of the benchmark's model, refusals read
+    # before a model was chosen not among them) and the time in its queue, against the client's.
+    out["server_request_p99_ms"] = histogram_p99_ms(server, "dur_le:")
+    out["server_queue_p99_ms"] = histogram_p99_ms(server, "queue_le:")
     for g in "012":
         n = server.get(f"gc{g}_count", 0)
         out[f"gc{g}"] = [int(n), round(server.get(f"gc{g}_sum", 0) / n * 1000, 2) if n else None]
-    for k in [k for k in server if k.startswith(("lag_le:", "gc"))]:
+    for k in [k for k in server if k.startswith(("lag_le:", "gc", "dur_le:", "queue_le:"))]:
         del server[k]
     return out
 
@@ -214,6 +242,9 @@ def h2load(
     return {**out, "rows": np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)}
 
 
+TARGET_IN_FORCE = re.compile(r"its queue has held more than (\d+) ms of work")
+
+
 async def probe(port: int, rate: float, seconds: float) -> dict[str, list[list[float]]]:
     """gRPC requests at ``rate`` per second (open loop): by status code, ``[sent, latency]`` pairs
     (seconds; ``sent`` from the probe's start)."""
@@ -231,6 +262,11 @@ async def probe(port: int, rate: float, seconds: float) -> dict[str, list[list[f
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
+                # the queue's wait admitted while shedding, as the refusal names it (queue_target_ms
+                # or what the server raised it to)
+                held = TARGET_IN_FORCE.search(e.details() or "")
+                if held:
+                    out.setdefault("_target_ms", []).append([t0 - t_start, float(held.group(1))])
             out.setdefault(code, []).append([t0 - t_start, time.perf_counter() - t0])
 
         tasks, t_start, i = [], time.perf_counter(), 0
@@ -326,6 +362,9 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
         if prober.returncode != 0:
             raise BenchError(f"the probe failed:\n{err[-2000:]}")
         probe_out = json.loads(out)
+        held = np.array([ms for _, ms in probe_out.pop("_target_ms", [])], float)
+        if len(held):  # the wait the server admitted while shedding, as its refusals said
+            result["target_in_force_ms"] = {"median": float(np.median(held)), "max": float(held.max())}
     elapsed = time.monotonic() - t0
     if cpu0 is not None:
         result["server_cpu_s"] = cpu() - cpu0
@@ -444,6 +483,17 @@ def timeline(ok_at, refused_at, seconds: float) -> dict:
         out["refusal_p99_ms"].append(_ms(pct(no, 99)))
     after = ok_at[ok_at[:, 0] >= 1, 1]
     out["ok_p99_after_first_second_ms"] = _ms(pct(after, 99))
+    out["refusal_p99_after_first_second_ms"] = _ms(pct(refused_at[refused_at[:, 0] >= 1, 1], 99))
+    # The first second in tenths: where an onset's tail comes from (connecting, the burst admitted).
+    onset: dict[str, list] = {"ok": [], "ok_max_ms": [], "refused": [], "refusal_max_ms": []}
+    for b in np.arange(10) / 10:
+        ok = ok_at[(ok_at[:, 0] >= b) & (ok_at[:, 0] < b + 0.1), 1]
+        no = refused_at[(refused_at[:, 0] >= b) & (refused_at[:, 0] < b + 0.1), 1]
+        onset["ok"].append(len(ok))
+        onset["ok_max_ms"].append(_ms(float(ok.max())) if len(ok) else None)
+        onset["refused"].append(len(no))
+        onset["refusal_max_ms"].append(_ms(float(no.max())) if len(no) else None)
+    out["first_second_by_tenth"] = onset
     return out
 
 

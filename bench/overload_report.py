@@ -68,7 +68,11 @@ def summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g=None) -> list[dict]:
                 "refusal_p99_ms": r["refusal_p99_ms"],
                 # the server's own event-loop lag p99 (a bucket's bound): a floor under the refusal p99
                 "server_loop_lag_p99_ms": r.get("server_stalls", {}).get("loop_lag_p99_ms"),
+                # after the onset (connections opening, the burst admitted for queue_interval_ms)
                 "ok_p99_after_first_second_ms": r.get("timeline", {}).get("ok_p99_after_first_second_ms"),
+                "refusal_p99_after_first_second_ms": r.get("timeline", {}).get("refusal_p99_after_first_second_ms"),
+                # the server's view of its queue (time admitted answers waited in it), interpolated
+                "server_queue_p99_ms": r.get("server_stalls", {}).get("server_queue_p99_ms"),
                 "cancelled": r["cancelled"],
                 "closed_or_reset": r["closed_or_reset"],
                 "queue_depth_mean": r["queue_depth_mean"],
@@ -115,6 +119,8 @@ def print_summary(rows) -> None:
         "refusal_p99_ms",
         "server_loop_lag_p99_ms",
         "ok_p99_after_first_second_ms",
+        "refusal_p99_after_first_second_ms",
+        "server_queue_p99_ms",
         "cancelled",
         "closed_or_reset",
         "queue_depth_mean",
