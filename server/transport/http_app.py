@@ -34,7 +34,7 @@ from .http_codec import BodyRefused
 from .http_heads import content_length
 from .http_limits import Verdict
 from .http_scope import (
-    DisconnectWatch,
+    WAITERS,
     MethodNotAllowed,
     caller_of,
     check_method,
@@ -117,27 +117,7 @@ class HttpApp:
         self._infer_paths: dict[str, tuple[str, str]] = {}
         # overload refusals' answers by their words (the same few, a request after another)
         self._refusal_answers: dict[tuple, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
-        self._waiting: dict[asyncio.Task, tuple] = {}  # infer tasks awaiting an answer
         self._loop: asyncio.AbstractEventLoop | None = None  # (asking asyncio for it costs a getpid call)
-        self._watches: dict[asyncio.Task, DisconnectWatch] = {}
-        self._sweeper: asyncio.Task | None = None
-
-    async def _sweep(self) -> None:
-        """Every few milliseconds, start a disconnect watch for each infer request that has
-        waited longer than DISCONNECT_WATCH_AFTER_S."""
-        while True:
-            await asyncio.sleep(DISCONNECT_WATCH_AFTER_S / 2)
-            if not self._waiting:
-                continue
-            due = _monotonic() - DISCONNECT_WATCH_AFTER_S
-            for task, (receive, arrival) in list(self._waiting.items()):
-                if arrival <= due and task not in self._watches:
-                    watch = self._watches[task] = DisconnectWatch(receive, task)
-                    watch.start()
-
-    def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -482,30 +462,28 @@ class HttpApp:
             if note is not None:
                 note.request_id = req.id
             pending = self.dp.infer(served, req)
-            # Registered while it waits: the sweeper starts listening for a disconnect only
-            # for requests still unanswered after a moment (most are answered first, and
-            # listening costs a task), so one abandoned while queued leaves the queue.
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-                self._sweeper = loop.create_task(self._sweep())
-            task = asyncio.current_task(loop)  # (given the loop: no system call to find it)
-            waiting = self._waiting
-            waiting[task] = (receive, arrival)
+            # Registered with its connection while it waits: a client that goes away cancels it
+            # (its protocol loses the connection), so it leaves the queue.
+            waiters = scope.get(WAITERS)
+            if waiters is not None:
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                task = asyncio.current_task(loop)  # (given the loop: no system call to find it)
+                waiters.tasks.add(task)
+                if waiters.lost:  # gone while the request was read: cancelled at its first wait
+                    task.cancel()
             try:
                 resp = await pending
             except asyncio.CancelledError:
-                watch = self._watches.get(task)
-                if watch is not None and watch.disconnected:
+                if waiters is not None and waiters.lost:
                     if note is not None:
                         note.error = ErrorCode.CANCELLED.value
                     return  # nobody to answer
                 raise
             finally:
-                del waiting[task]
-                watch = self._watches.pop(task, None)
-                if watch is not None:
-                    watch.stop()
+                if waiters is not None:
+                    waiters.tasks.discard(task)
         except GatewayError as e:
             self.dp.log_failure("http", model, req.id if req is not None else headers.get("x-request-id", ""), e)
             if e.code is ErrorCode.INVALID_ARGUMENT and content_encoding and "Content-Encoding" in e.message:
@@ -588,6 +566,3 @@ def _on_admin(path: str) -> bool:
     """Whether the admin listener serves ``path`` itself: health (a model's readiness too) and
     the repository API."""
     return path in ADMIN_PATHS or path.endswith("/ready") or path.startswith("/v2/repository")
-
-
-DISCONNECT_WATCH_AFTER_S = 0.02

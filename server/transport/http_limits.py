@@ -61,7 +61,7 @@ from ..security.tls import tls_extension
 from . import batched_writes
 from .byte_budget import UnsentAnswers
 from .http_heads import QUICK_PREFIX, cut_upgrade, declared_length, plain_head, rename_upgrade
-from .http_scope import encoded_separator
+from .http_scope import WAITERS, Waiters, encoded_separator
 from .http_send import SendLimits, SendSide
 
 HEAD_TOO_LARGE = "header_bytes"
@@ -144,6 +144,7 @@ def guarded_protocol(
         _silent = 0  # bytes read since it last did
         _held = b""  # the end of the last read, which may begin an Upgrade header's line
         _last_refusal = NEVER  # (writes.rounds, loop time) of its last overload refusal, or its hold's end
+        _waiters: Waiters | None = None  # its requests awaiting answers, cancelled if it is lost
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -272,6 +273,8 @@ def guarded_protocol(
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             self._send_lost()
+            if self._waiters is not None:
+                self._waiters.lose()
             super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
@@ -286,6 +289,10 @@ def guarded_protocol(
             self._in_message = self._in_head = True
             self._behind = self.cycle is not None and not self.cycle.response_complete
             super().on_message_begin()
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = Waiters()
+            self.scope[WAITERS] = waiters  # type: ignore[literal-required]
             if self._tls is not None:
                 self.scope["extensions"] = {"tls": self._tls}
             self._head_bytes = self._fields = self._dropped = 0

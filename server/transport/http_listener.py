@@ -124,7 +124,6 @@ class HttpListener:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        self.app.close()
         self.server.should_exit = True
         with contextlib.suppress(Exception):
             if self._task is not None:
