@@ -461,18 +461,22 @@ class HttpApp:
                 req, options = http_codec.decode_request(*decode, self.dp.precheck(served, 0, shm is not None))
             if note is not None:
                 note.request_id = req.id
+            waiters = scope.get(WAITERS)
+            if waiters is not None and waiters.lost:
+                # Gone while its body was read or decoded (on a thread, for a large one): not
+                # handed to the model at all (an idle instance would have run it at once).
+                if note is not None:
+                    note.error = ErrorCode.CANCELLED.value
+                return
             pending = self.dp.infer(served, req)
             # Registered with its connection while it waits: a client that goes away cancels it
             # (its protocol loses the connection), so it leaves the queue.
-            waiters = scope.get(WAITERS)
             if waiters is not None:
                 loop = self._loop
                 if loop is None:
                     loop = self._loop = asyncio.get_running_loop()
                 task = asyncio.current_task(loop)  # (given the loop: no system call to find it)
                 waiters.tasks.add(task)
-                if waiters.lost:  # gone while the request was read: cancelled at its first wait
-                    task.cancel()
             try:
                 resp = await pending
             except asyncio.CancelledError:

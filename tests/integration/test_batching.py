@@ -210,6 +210,54 @@ def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path
     assert stats["execution_count"] == 1 and stats["inference_count"] == 64
 
 
+def test_an_http_client_gone_while_its_body_decodes_is_never_executed(tmp_path, serve, monkeypatch):
+    """A client that closes its connection while its (large) body is decoded on a thread: the
+    request must not reach the model, even with an instance idle to run it at once. The real
+    decoder runs, only later (so the close lands while it works)."""
+    import json
+    import socket
+
+    from batchgate.transport import http_codec
+
+    _save(slow_model(width=1024, layers=8), str(tmp_path), "slow")
+    running = serve(str(tmp_path), inline_execution_max_us=0)
+    _infer(httpclient, running.http_url, "slow", "input", np.ones((1, 1024), np.float32))
+    executions = lambda: httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")[  # noqa: E731
+        "model_stats"
+    ][0]["execution_count"]
+    before = executions()
+    decoded = threading.Event()
+    real = http_codec.decode_request
+
+    def decode_later(*args, **kwargs):
+        time.sleep(0.5)  # on its thread: the client goes away meanwhile
+        try:
+            return real(*args, **kwargs)
+        finally:
+            decoded.set()
+
+    monkeypatch.setattr(http_codec, "DECODE_ON_LOOP_MAX_BYTES", 0)  # every body on a thread
+    monkeypatch.setattr(http_codec, "decode_request", decode_later)
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": [1.0] * 1024}]}
+    ).encode()
+    host, port = running.http_url.split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    time.sleep(0.1)  # read whole, decoding
+    sock.close()
+    assert decoded.wait(10)
+    time.sleep(0.3)  # what the loop does with it after the decode
+    monkeypatch.undo()
+    assert executions() == before
+    assert running.gateway.dataplane.in_flight == 0  # released all the same
+
+
 def test_http_requests_that_wait_leave_no_cyclic_garbage(tmp_path, serve):
     """An HTTP request that waits for its answer, as every answered one does under overload,
     must be freed when answered, not left for the cyclic collector: the disconnect watch that
