@@ -171,9 +171,24 @@ def test_a_cancelled_queued_request_is_never_executed(tmp_path, serve):
     assert stats["execution_count"] == 1 and stats["inference_count"] == 64
 
 
-def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path, serve):
+def _raw_infer(http_url: str):
+    """One JSON infer request of the 'slow' model written on a socket of its own (returned open)."""
     import json
     import socket
+
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": [1.0] * 1024}]}
+    ).encode()
+    host, port = http_url.split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    return sock
+
+
+def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path, serve):
 
     _save(
         slow_model(width=1024, layers=192), str(tmp_path), "slow", config="max_batch_size: 64\ndynamic_batching { }\n"
@@ -185,15 +200,7 @@ def test_an_http_client_that_disconnects_while_queued_is_never_executed(tmp_path
         end = time.monotonic() + 10
         while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:
             time.sleep(0.001)
-        body = json.dumps(
-            {"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": [1.0] * 1024}]}
-        ).encode()
-        host, port = running.http_url.split(":")
-        sock = socket.create_connection((host, int(port)))
-        sock.sendall(
-            b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        sock = _raw_infer(running.http_url)
         served = running.gateway.repository.resolve("slow", "")
         end = time.monotonic() + 10
         while served.scheduler.queue_depth == 0 and time.monotonic() < end:
@@ -214,8 +221,6 @@ def test_an_http_client_gone_while_its_body_decodes_is_never_executed(tmp_path, 
     """A client that closes its connection while its (large) body is decoded on a thread: the
     request must not reach the model, even with an instance idle to run it at once. The real
     decoder runs, only later (so the close lands while it works)."""
-    import json
-    import socket
 
     from batchgate.transport import http_codec
 
@@ -238,17 +243,7 @@ def test_an_http_client_gone_while_its_body_decodes_is_never_executed(tmp_path, 
 
     monkeypatch.setattr(http_codec, "DECODE_ON_LOOP_MAX_BYTES", 0)  # every body on a thread
     monkeypatch.setattr(http_codec, "decode_request", decode_later)
-    body = json.dumps(
-        {"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": [1.0] * 1024}]}
-    ).encode()
-    host, port = running.http_url.split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
-    )
+    sock = _raw_infer(running.http_url)
     time.sleep(0.1)  # read whole, decoding
     sock.close()
     assert decoded.wait(10)
