@@ -124,8 +124,8 @@ dashboard-preview: $(FULL_STAMP)
 	$(PY) tools/dashboard_preview.py
 
 bench-tools:
-	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
+	@command -v h2load >/dev/null && command -v wrk >/dev/null && (command -v nginx >/dev/null || test -x /usr/sbin/nginx) || \
+	  (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk nginx-light >/dev/null)
 
 # One after the other, never in parallel: each benchmark pins its server and load tool to cores.
 bench: $(FULL_STAMP) bench-tools
@@ -172,9 +172,10 @@ bench-large-answers: $(FULL_STAMP)
 bench-tracing: $(FULL_STAMP) bench-tools
 	$(PY) bench/tracing.py
 
-# Overload (bench/overload.py, about 3 minutes): default settings, the demo mlp at 3x its measured
-# capacity (gRPC and HTTP open loop) and HTTP with 5,000 connections; goodput, p99s, CANCELLED;
-# then the CPU of one refusal alone (a second server that refuses everything).
+# Overload (bench/overload.py, about 5 minutes): default settings, the demo mlp at 3x its measured
+# capacity (gRPC and HTTP open loop) and 5,000 connections (HTTP, gRPC); goodput, p99s, CANCELLED;
+# then the same loads against nginx refusing everything (the floor under refusal latency), and
+# the CPU of one refusal alone (a second server that refuses everything).
 bench-overload: $(FULL_STAMP) bench-tools
 	$(PY) bench/overload.py
 

@@ -243,6 +243,41 @@ def core_jiffies(cores: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Each thread of ``pid``: its name, and the nanoseconds it has run on a core and waited for
+    one while runnable (``/proc/PID/task/TID/schedstat``); empty where /proc lacks them."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run, wait = f.read().split()[:2]
+        except (OSError, ValueError):  # (a thread that ended meanwhile)
+            continue
+        out[int(tid)] = (name, int(run), int(wait))
+    return out
+
+
+def thread_shares(before: dict, after: dict, pid: int, seconds: float) -> dict:
+    """Over ``seconds`` between two :func:`thread_times`: the fraction of the time the main
+    thread (an asyncio server's event loop) ran, and waited, runnable, for a core; and the time
+    the other threads ran together. On a core shared by the loop and a model's threads, the
+    loop's wait is time in which a request that has arrived cannot be read, whatever the loop's
+    own work."""
+    if seconds <= 0 or pid not in after:
+        return {}
+    shares = {"other_threads_running": 0.0}
+    for tid, (name, run, wait) in after.items():
+        _, run0, wait0 = before.get(tid, (name, 0, 0))
+        if tid == pid:
+            shares["loop_running"] = (run - run0) / 1e9 / seconds
+            shares["loop_waiting_for_core"] = (wait - wait0) / 1e9 / seconds
+        else:
+            shares["other_threads_running"] += (run - run0) / 1e9 / seconds
+    return {k: round(v, 3) for k, v in shares.items()}
+
+
 def busy_fraction(before: dict, after: dict, core: str) -> float:
     if core not in before or core not in after:
         return float("nan")

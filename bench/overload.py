@@ -10,14 +10,18 @@ tools run on the other. Phases (each ``--seconds`` long, 20 by default):
 4. HTTP closed loop with 5,000 connections;
 5. gRPC closed loop with 5,000 connections, one call at a time each (h2load -m 1): clients that
    call again as soon as they are answered, RESOURCE_EXHAUSTED or not;
-6. refusals: a second server, its one in-flight slot taken, refuses every request of a closed
+6. reference: phases 2-5 again, the same clients against nginx refusing every request on the
+   server's core (``bench/overload_reference.py``): the floor the load tools, the kernel and
+   the core put under any server's refusal latency at these loads;
+7. refusals: a second server, its one in-flight slot taken, refuses every request of a closed
    loop (gRPC, then HTTP): the CPU one refusal costs when the core does nothing else.
 
-Beside the client's figures, each overload phase reports the server's CPU: busy fraction, the
+Beside the client's figures, each overload phase reports the server's CPU: busy fraction, its
+event loop's time running and waiting, runnable, for the core (``common.thread_shares``), the
 cost of a refusal as the CPU left over once its answers are paid at the capacity phase's cost,
 and the goodput ceiling that refusal/answer ratio sets (a goodput of f at load L costs
 f + (L - f) * ratio of the core when every request is read; ``bench/http_cost.py --bound`` has
-the same in process). Set beside phase 6's refusal cost, it shows what the mix of answers and
+the same in process). Set beside phase 7's refusal cost, it shows what the mix of answers and
 refusals costs beyond the two alone.
 
 An open-loop phase runs ``--stagger`` h2load processes (8), each with its share of the
@@ -56,8 +60,19 @@ from pathlib import Path
 
 import numpy as np
 
-from common import BATCHGATE_READY_METRICS, BenchError, Server, choose_pinning, grpc_frame, say, serve_command
+from common import (
+    BATCHGATE_READY_METRICS,
+    BenchError,
+    Server,
+    choose_pinning,
+    grpc_frame,
+    say,
+    serve_command,
+    thread_shares,
+    thread_times,
+)
 from http_cost import goodput_bound
+from overload_reference import reference_phases
 from overload_report import CDF_POINTS, plot, print_summary, summary
 
 HERE = Path(__file__).resolve().parent
@@ -303,7 +318,7 @@ def pct(values, q) -> float | None:
 
 
 # ------------------------------------------------------------------ one phase
-def capacity(name, pin, ports, seconds, protocol, files, probe_set, cpu) -> dict:
+def capacity(name, pin, ports, seconds, protocol, files, probe_set, srv) -> dict:
     """The closed loop that measures capacity: gRPC 8 connections x 8 streams, HTTP 32
     connections; run again with half as many calls in flight while the server refused some.
     Capacity is what the server answers with nothing refused: on a machine where an answer
@@ -312,7 +327,7 @@ def capacity(name, pin, ports, seconds, protocol, files, probe_set, cpu) -> dict
     understating the capacity and the load of the phases sized from it."""
     clients, streams = (8, 8) if protocol == "grpc" else (32, 1)
     while True:
-        r = phase(name, pin, ports, seconds, protocol, clients, None, files, probe_set, cpu=cpu, streams=streams)
+        r = phase(name, pin, ports, seconds, protocol, clients, None, files, probe_set, srv=srv, streams=streams)
         r["in_flight"] = clients * streams
         if r["refused"] <= r["ok_per_s"] * seconds / 1000 or clients * streams <= 2:
             return r
@@ -323,10 +338,11 @@ def capacity(name, pin, ports, seconds, protocol, files, probe_set, cpu) -> dict
         say(f"  {r['refused']:,} refused in a closed loop: again with {clients * streams} calls in flight")
 
 
-def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1, cpu=None, streams=8):
+def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, groups=1, srv=None, streams=8):
     """``probe_set``: the probe's rate a second, and whether it runs at real-time priority;
-    ``groups``: staggered h2load processes of an open-loop phase (see :func:`h2load`); ``cpu``:
-    the server's CPU seconds so far (its cost per answer and per refusal come from them);
+    ``groups``: staggered h2load processes of an open-loop phase (see :func:`h2load`); ``srv``:
+    the server (:class:`common.Server`): its CPU over the phase (the cost per answer and per
+    refusal come from it) and its threads' time on the core (``threads``: :func:`common.thread_shares`);
     ``streams``: a gRPC closed loop's calls in flight per connection."""
     closed = f", closed loop{f' x {streams} streams' if protocol == 'grpc' else ''}"
     say(f"{name}: {protocol}, {clients} connections" + (f", {rps * clients:,.0f} req/s offered" if rps else closed))
@@ -343,7 +359,8 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
     result: dict = {}
     probe_out: dict = {}
     prober = start_probe(pin, ports["grpc"], probe_set[0], seconds, probe_set[1]) if grpc_mode else None
-    cpu0 = cpu() if cpu else None
+    cpu0 = srv.cpu_seconds() if srv else None
+    threads0 = thread_times(srv.proc.pid) if srv else {}
     t0 = time.monotonic()
     h = h2load(
         pin,
@@ -366,9 +383,10 @@ def phase(name, pin, ports, seconds, protocol, clients, rps, files, probe_set, g
         if len(held):  # the wait the server admitted while shedding, as its refusals said
             result["target_in_force_ms"] = {"median": float(np.median(held)), "max": float(held.max())}
     elapsed = time.monotonic() - t0
-    if cpu0 is not None:
-        result["server_cpu_s"] = cpu() - cpu0
+    if srv is not None:
+        result["server_cpu_s"] = srv.cpu_seconds() - cpu0
         result["server_busy"] = result["server_cpu_s"] / elapsed
+        result["threads"] = thread_shares(threads0, thread_times(srv.proc.pid), srv.proc.pid, elapsed)
     sampler.stop.set()
     sampler.join()
     server = delta(counts(scrape(ports["metrics"]), protocol), before)
@@ -449,7 +467,7 @@ def refusal_phases(pin, repo: Path, files, seconds: float, probe_set, caps: dict
             time.sleep(0.5)  # (admitted: its body is awaited while everything else is refused)
             for protocol, clients in (("grpc", 8), ("http", 32)):
                 r = phase(f"refusals-{protocol}", pin, ports, seconds, protocol, clients, None, files, probe_set,
-                          cpu=srv.cpu_seconds)  # fmt: skip
+                          srv=srv)  # fmt: skip
                 cap = caps[protocol]
                 if r["ok_per_s"] or not r["refused"] or not cap.get("server_cpu_s"):
                     raise BenchError(f"refusals-{protocol}: not every request was refused ({r['server']})")
@@ -531,10 +549,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--phases",
-        default="grpc,http,connections,grpc-connections,refusals",
+        default="grpc,http,connections,grpc-connections,reference,refusals",
         help="which overload phases to run after the capacity ones (comma-separated: grpc, http, connections "
         "(HTTP closed loop), grpc-connections (gRPC closed loop, one call at a time a connection); "
-        "refusals: a second server that refuses every request, for the CPU a refusal costs)",
+        "reference: the same loads against nginx refusing every request, the floor under refusal latency "
+        "(bench/overload_reference.py); refusals: a second server that refuses every request, for the CPU "
+        "a refusal costs)",
     )
     ap.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)  # (the probe's own process)
     args = ap.parse_args()
@@ -568,16 +588,15 @@ def main() -> int:
             report["stagger"] = args.stagger
             report["probe"] = "own process, real-time (chrt -f 10)" if realtime else "own process"
             probe_set = (args.probe_rate, realtime)
-            cpu = srv.cpu_seconds
-            cap_g = capacity("capacity-grpc", pin, ports, s, "grpc", files, probe_set, cpu)
-            cap_h = capacity("capacity-http", pin, ports, s, "http", files, probe_set, cpu)
+            cap_g = capacity("capacity-grpc", pin, ports, s, "grpc", files, probe_set, srv)
+            cap_h = capacity("capacity-http", pin, ports, s, "http", files, probe_set, srv)
             clients_g, clients_h = 64, args.open_connections
             wanted = set(args.phases.split(","))
             over_g = over_h = conns_h = conns_g = None
 
             def closed(name: str, protocol: str, streams: int = 8) -> dict:
                 try:
-                    return phase(name, pin, ports, s, protocol, args.connections, None, files, probe_set, cpu=cpu,
+                    return phase(name, pin, ports, s, protocol, args.connections, None, files, probe_set, srv=srv,
                                  streams=streams)  # fmt: skip
                 except subprocess.TimeoutExpired:
                     # Seen with more connections than max_connections: the refused ones
@@ -585,20 +604,25 @@ def main() -> int:
                     say("  h2load did not finish (refused connections reconnecting without pause); no figures")
                     return {"error": "load tool did not finish"}
 
+            plan = []  # what ran, for the reference server (overload_reference.py)
             if "grpc" in wanted:
                 rate = args.factor * cap_g["ok_per_s"] / clients_g
                 over_g = phase(
-                    "overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set, args.stagger, cpu
+                    "overload-grpc", pin, ports, s, "grpc", clients_g, rate, files, probe_set, args.stagger, srv
                 )
+                plan.append(("overload-grpc", "grpc", clients_g, rate, args.stagger, 8))
             if "http" in wanted:
                 rate = args.factor * cap_h["ok_per_s"] / clients_h
                 over_h = phase(
-                    "overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set, args.stagger, cpu
+                    "overload-http", pin, ports, s, "http", clients_h, rate, files, probe_set, args.stagger, srv
                 )
+                plan.append(("overload-http", "http", clients_h, rate, args.stagger, 1))
             if "connections" in wanted:
                 conns_h = closed("connections-http", "http")
+                plan.append(("connections-http", "http", args.connections, None, 1, 8))
             if "grpc-connections" in wanted:  # one call at a time a connection, sent again once answered
                 conns_g = closed("connections-grpc", "grpc", streams=1)
+                plan.append(("connections-grpc", "grpc", args.connections, None, 1, 1))
             report["phases"] = {
                 "capacity-grpc": cap_g,
                 "capacity-http": cap_h,
@@ -607,9 +631,11 @@ def main() -> int:
                 "connections-http": conns_h,
                 "connections-grpc": conns_g,
             }
-            report["summary"] = summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g)
         finally:
             srv.stop()
+        if "reference" in wanted:
+            report["reference"] = reference_phases(pin, files, s, plan, probe_set)
+        report["summary"] = summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g, report.get("reference"))
         if "refusals" in wanted:
             report["refusal_costs"] = refusal_phases(pin, repo, files, s, probe_set, {"grpc": cap_g, "http": cap_h})
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -41,13 +41,15 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g=None) -> list[dict]:
+def summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g=None, reference=None) -> list[dict]:
+    """One row per overload phase that ran; ``reference``: nginx's figures by phase
+    (``overload_reference.py``), its refusal p99 beside batchgate's."""
     rows = []
-    for name, cap, r in (
-        ("gRPC 3x open", cap_g, over_g),
-        ("HTTP 3x open", cap_h, over_h),
-        ("HTTP 5000 conns", cap_h, conns_h),
-        ("gRPC 5000 conns", cap_g, conns_g),
+    for name, key, cap, r in (
+        ("gRPC 3x open", "overload-grpc", cap_g, over_g),
+        ("HTTP 3x open", "overload-http", cap_h, over_h),
+        ("HTTP 5000 conns", "connections-http", cap_h, conns_h),
+        ("gRPC 5000 conns", "connections-grpc", cap_g, conns_g),
     ):
         if r is None:
             continue
@@ -66,6 +68,10 @@ def summary(cap_g, cap_h, over_g, over_h, conns_h, conns_g=None) -> list[dict]:
                 if r["ok_p99_ms"] and cap["ok_p99_ms"]
                 else None,
                 "refusal_p99_ms": r["refusal_p99_ms"],
+                # the same clients against nginx refusing every request on the same core
+                "nginx_refusal_p99_ms": (reference or {}).get(key, {}).get("refusal_p99_ms"),
+                # the event loop's thread: runnable but off the core (the model's threads had it)
+                "loop_waiting_for_core": r.get("threads", {}).get("loop_waiting_for_core"),
                 # the server's own event-loop lag p99 (a bucket's bound): a floor under the refusal p99
                 "server_loop_lag_p99_ms": r.get("server_stalls", {}).get("loop_lag_p99_ms"),
                 # after the onset (connections opening, the burst admitted for queue_interval_ms)
@@ -117,7 +123,9 @@ def print_summary(rows) -> None:
         "capacity_p99_ms",
         "ok_p99_ratio",
         "refusal_p99_ms",
+        "nginx_refusal_p99_ms",
         "server_loop_lag_p99_ms",
+        "loop_waiting_for_core",
         "ok_p99_after_first_second_ms",
         "refusal_p99_after_first_second_ms",
         "server_queue_p99_ms",
