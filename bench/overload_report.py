@@ -12,14 +12,15 @@ CDF_POINTS = [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9]
 
 def plot(report: dict, path: Path) -> None:
     """Latency percentiles by phase and outcome (OK, refused), log scale, with goodput in the
-    legend: where the overload goes, at a glance."""
+    legend, and nginx's refusal p50 and p99 under the same load where the reference ran: where
+    the overload goes, at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     phases = [(k, v) for k, v in report["phases"].items() if v and "latency_ms" in v]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12.5, 5.5))
     for i, (name, r) in enumerate(phases):
         colour = f"C{i}"
         cap = report["phases"]["capacity-grpc" if "grpc" in name else "capacity-http"]["ok_per_s"]
@@ -30,12 +31,16 @@ def plot(report: dict, path: Path) -> None:
                 if outcome == "ok" and not name.startswith("capacity"):
                     label += f" (goodput {r['ok_per_s'] / cap:.2f} of capacity)"
                 ax.plot(values, CDF_POINTS, style, color=colour, marker="o", ms=3, label=label)
+        ref = report.get("reference", {}).get(name)
+        if ref and ref.get("refusal_p99_ms"):  # the same clients against nginx refusing all
+            ax.plot([ref["refusal_p50_ms"], ref["refusal_p99_ms"]], [50, 99], ":", color=colour, marker="x",
+                    label=f"{name}: nginx refusing all (p50, p99)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("latency seen by the client (ms, log scale)")
     ax.set_ylabel("percentile")
     ax.set_title(f"batchgate under overload ({report['settings']}; {report['pinning']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # (beside the lines, not on them)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
