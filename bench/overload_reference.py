@@ -15,7 +15,6 @@ the core put under any server's refusal latency at these loads, measured in the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import BenchError, say
+from common import BenchError, cpu_seconds, say, stop_process
 
 CONF = """\
 daemon off;
@@ -97,18 +96,10 @@ class Nginx:
         raise BenchError(f"nginx did not start:\n{tail}")
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, 10)
 
 
 def reference_phases(pin, files, seconds: float, plan: list[tuple], probe_set) -> dict:
