@@ -71,7 +71,9 @@ HTTP_STATUS = {
 # Health endpoints (the Helm chart's probes and the image's HEALTHCHECK use these).
 LIVE_PATH = "/v2/health/live"  # 200 while the process serves HTTP, draining included
 READY_PATH = "/v2/health/ready"  # 200 while ready (see DataPlane.ready); 400 while starting, draining or not ready
-ADMIN_PATHS = frozenset({LIVE_PATH, READY_PATH, "/v2", "/v2/"})
+# (with a trailing slash too, as every other V2 path here: /v2/, /v2/models/NAME/, .../index/)
+HEALTH_PATHS = frozenset({LIVE_PATH, READY_PATH, LIVE_PATH + "/", READY_PATH + "/"})
+ADMIN_PATHS = HEALTH_PATHS | {"/v2", "/v2/"}
 # Any version segment matches: the data plane says what is wrong with one that is not a number,
 # as it does for gRPC.
 MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(infer|ready|config|stats))?/?$")
@@ -269,10 +271,10 @@ class HttpApp:
             if action == "stats":
                 rows = await self.dp.statistics_of_all(model, version, self._caller(scope))
                 return await self._json(send, {"model_stats": rows})
-        if path in (LIVE_PATH, READY_PATH):
+        if path in HEALTH_PATHS:
             check_method(method, "GET")
             caller = self._caller(scope)
-            live = path.endswith("live")
+            live = path.startswith(LIVE_PATH)
             ok = self.dp.live(caller) if live else self.dp.ready(caller)
             # the V2 protocol's answer is {"live": bool} / {"ready": bool} (KServe's client reads it;
             # Triton's clients and Kubernetes probes look at the status alone)
@@ -304,7 +306,7 @@ class HttpApp:
             return await self._shm(method, m.group(1) or "", m.group(2), scope, receive, send)
         if path.startswith("/v2/cudasharedmemory"):
             self.dp.cuda_shared_memory()
-        if path == "/v2/logging":
+        if path in ("/v2/logging", "/v2/logging/"):
             if method in ("GET", "HEAD"):
                 return await self._json(send, await self.dp.log_settings(None, self._caller(scope)))
             check_method(method, "POST")

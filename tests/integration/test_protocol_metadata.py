@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from protocol_support import FLAVOURS, QUICK, Client, int_list, simple_feeds
+from protocol_support import FLAVOURS, QUICK, Client, int_list, raw_http, simple_feeds
 from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -23,6 +23,28 @@ async def client(request, server):
 async def test_server_live_and_ready(client):
     assert await client.call("is_server_live") is True
     assert await client.call("is_server_ready") is True
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2",
+        "/v2/models/simple",
+        "/v2/models/simple/ready",
+        "/v2/models/simple/config",
+        "/v2/logging",
+        "/v2/trace/setting",
+    ],
+)
+def test_a_trailing_slash_is_the_same_path(server, path):
+    # Every V2 path is served with a trailing slash as without one; health's and logging's were
+    # not (404), while /v2/, /v2/models/NAME/ and the repository index's were.
+    plain = raw_http(server, "GET", path)
+    slashed = raw_http(server, "GET", path + "/")
+    assert plain[0] == slashed[0] == 200, (plain, slashed)
+    assert plain[2] == slashed[2]
 
 
 async def test_model_ready(client):
