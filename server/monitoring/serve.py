@@ -70,6 +70,10 @@ class _Quiet(WSGIRequestHandler):
     def finish(self) -> None:
         self._head_read = True
         self._head_timer.cancel()
+        # The timer holds this handler (its function is a bound method) and the handler the
+        # timer: without this, each connection left that cycle, its socket and buffers with it,
+        # for the garbage collector to find.
+        self._head_timer = None  # type: ignore[assignment]
         super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
