@@ -115,6 +115,11 @@ class BatchedWrites:
         self._kept, self._size = [], 0
         self._t.abort()
 
+    def lost(self) -> None:
+        """The connection is gone: let go of ``closed_unsent`` (a method of the protocol, which
+        holds this: a cycle per connection left for the garbage collector otherwise)."""
+        self._closed_unsent = None
+
     def is_closing(self) -> bool:
         return self._t.is_closing()
 

@@ -78,6 +78,34 @@ class Handler(Protocol):
     def on_refused(self, sid: int) -> None: ...  # a new stream past max_concurrent_streams (reset REFUSED_STREAM)
 
 
+class _Gone:
+    """The handler of a connection that is gone (:meth:`Http2.forget`): frames told to it go nowhere."""
+
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        pass
+
+    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None:
+        pass
+
+    def on_reset(self, sid: int) -> None:
+        pass
+
+    def on_window(self, sid: int) -> None:
+        pass
+
+    def on_goaway(self) -> None:
+        pass
+
+    def on_oversized(self, sid: int) -> None:
+        pass
+
+    def on_refused(self, sid: int) -> None:
+        pass
+
+
+GONE = _Gone()
+
+
 class _Stream:
     __slots__ = ("send_window", "recv_window", "remote_open", "local_open")
 
@@ -108,7 +136,7 @@ class Http2:
         max_frame: int,
         max_header_fields: int = MAX_FIELDS,
     ):
-        self.handler = handler
+        self.handler: Handler = handler  # (the connection, which holds this: see forget)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_bytes = max_header_bytes
         # A header block up to twice that is decoded whole and only its stream refused (HPACK's

@@ -276,6 +276,8 @@ def guarded_protocol(
             if self._waiters is not None:
                 self._waiters.lose()
             super().connection_lost(exc)
+            if type(self.transport) is batched_writes.BatchedWrites:
+                self.transport.lost()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
