@@ -41,7 +41,7 @@ class _Requests:
     __slots__ = ("call", "_waiter")
 
     def __init__(self, call: _Call):
-        self.call = call
+        self.call: _Call | None = call
         self._waiter: asyncio.Future | None = None
 
     def __aiter__(self):
@@ -49,8 +49,10 @@ class _Requests:
 
     async def __anext__(self):
         call = self.call
+        if call is None:  # the call is over (see _Call._finish)
+            raise StopAsyncIteration
         while not call.inbox:
-            if call.request_done or call.gone:
+            if call.request_done or call.gone or self.call is None:
                 if call.wire_error is not None:
                     raise call.wire_error
                 raise StopAsyncIteration
@@ -340,6 +342,10 @@ class _Call(CallContext):
             self.timer.cancel()
             self.timer = None
         self.conn.finished(self)
+        requests = self.requests
+        if requests is not None:  # (it holds the call, the call it: a cycle per streaming call otherwise)
+            requests.wake()
+            requests.call = None
 
     def _refuse(self, code: grpc.StatusCode, message: str, trailing: tuple) -> None:
         """Answer with an error before any handler runs (see ``H2GrpcServer.refusers``)."""

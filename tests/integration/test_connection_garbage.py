@@ -96,3 +96,20 @@ def test_grpc_connections_leave_no_cycles(demo_repo, serve):
                 raise AssertionError("an unknown model was answered")
 
     assert left_by(run, 10) == []
+
+
+def test_grpc_streaming_calls_leave_no_cycles(demo_repo, serve):
+    """A streaming call's request iterator held the call and the call the iterator: each
+    ModelStreamInfer left both (and what they held) for the collector."""
+    running = serve(demo_repo)
+    request = service_pb2.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 256])
+    request.raw_input_contents.append(np.zeros(256, "<f4").tobytes())
+    with grpc.insecure_channel(f"127.0.0.1:{running.gateway.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def run() -> None:
+            answers = list(stub.ModelStreamInfer(iter([request] * 3)))
+            assert len(answers) == 3 and not any(a.error_message for a in answers)
+
+        assert left_by(run, 10) == []
