@@ -113,3 +113,22 @@ def test_grpc_streaming_calls_leave_no_cycles(demo_repo, serve):
             assert len(answers) == 3 and not any(a.error_message for a in answers)
 
         assert left_by(run, 10) == []
+
+
+def test_grpcio_engine_error_answers_leave_no_cycles(demo_repo, serve):
+    """On the grpcio engine a call answered with an error went through grpc.aio's ``abort``,
+    raised inside the handler's ``except``: the error's traceback, chained to ours, kept the
+    handler's frames, the error and its access-log note in a cycle, for each such call."""
+    running = serve(demo_repo, grpc_engine="grpcio")
+    with grpc.insecure_channel(running.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def run() -> None:
+            try:
+                stub.ModelInfer(service_pb2.ModelInferRequest(model_name="nope"))
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND and "nope" in (e.details() or "")
+            else:
+                raise AssertionError("an unknown model was answered")
+
+        assert left_by(run, 10) == []
