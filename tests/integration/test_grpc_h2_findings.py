@@ -10,6 +10,7 @@ import json
 import struct
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -144,7 +145,14 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(
     )
     busy_in = httpclient.InferInput("input", [256, 1024], "FP32")
     busy_in.set_data_from_numpy(np.ones((256, 1024), np.float32))
-    busy = httpclient.InferenceServerClient(running.http_url, network_timeout=120).async_infer("slow", [busy_in])
+    # On a thread of its own: tritonclient's async_infer sends from a gevent greenlet, which runs
+    # only when this thread yields to gevent (it does not until get_result), so on a loaded
+    # machine the request's head could sit unsent past http_header_timeout_s and be answered 408
+    # (seen once in a fresh-clone make test).
+    pool = ThreadPoolExecutor(1)
+    busy = pool.submit(
+        lambda: httpclient.InferenceServerClient(running.http_url, network_timeout=120).infer("slow", [busy_in])
+    )
     end = time.monotonic() + 10
     while running.gateway.dataplane.in_flight == 0 and time.monotonic() < end:  # until it runs
         time.sleep(0.001)
@@ -177,7 +185,8 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_counted_deadline_exceeded(
     time.sleep(0.15)
     s.stop_stream()
     s.close()
-    busy.get_result()
+    busy.result(timeout=120)
+    pool.shutdown()
     end = time.monotonic() + 10
     while time.monotonic() < end:
         lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
