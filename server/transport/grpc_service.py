@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from functools import partial
 
@@ -35,29 +34,16 @@ from ..core.types import (
 from ..dataplane import PRECHECK_BYTES, DataPlane
 from ..monitoring.access_log import Note
 from ..monitoring.trace_context import trace_context
-from ..security.access import OPEN_CALLER, Caller, credentials
+from ..security.access import OPEN_CALLER, Caller
 from ..security.limits import Held
-from ..security.tls import grpc_peer_subject
 from ..shm import REGION as SHM_REGION
 from ..shm import RegionView
 from . import grpc_codec
+from .grpc_status import GRPC_STATUS, caller_of, retry_metadata
+from .grpc_status import abort as _abort
 
 log = logging.getLogger("batchgate.grpc")
 
-GRPC_STATUS = {
-    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
-    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
-    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-}
 
 _monotonic = time.monotonic
 _decoded = grpc_codec.decode_request  # (typed contents are read value by value)
@@ -71,31 +57,6 @@ async def _encoded(resp, written) -> pb.ModelInferResponse:
     if grpc_codec.heavy_answer(resp, written):
         return await asyncio.to_thread(grpc_codec.encode_response, resp, written)
     return grpc_codec.encode_response(resp, written)
-
-
-def retry_metadata(e: GatewayError) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata that tells a refused caller when to try again (whole seconds)."""
-    return () if e.retry_after_s is None else (("retry-after", str(max(1, math.ceil(e.retry_after_s)))),)
-
-
-async def _abort(context, e: GatewayError) -> None:
-    """End a unary call with ``e``'s status (``return await _abort(...)``). The status is set,
-    not raised: grpc.aio's ``abort`` raises inside the handler's ``except``, and the raised
-    error's traceback, chained to ``e``, left the handler's frames and grpcio's in a reference
-    cycle for every call answered with an error (38 objects a call; refusals under overload
-    are thousands a second)."""
-    md = retry_metadata(e)
-    if md:
-        context.set_trailing_metadata(md)
-    context.set_code(GRPC_STATUS[e.code])
-    context.set_details(e.message)
-
-
-def caller_of(context) -> Caller:
-    """Who is calling: the authorization metadata entry, the client certificate's subject and
-    the peer address."""
-    md = context.invocation_metadata() or ()
-    return Caller(credentials(md, "authorization"), grpc_peer_subject(context), context.peer() or "")
 
 
 def _metadata(context, name: str) -> str | None:

@@ -16,11 +16,12 @@ closes the connection. Priorities are read and ignored; a server never pushes.
 from __future__ import annotations
 
 import struct
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 import hpack.exceptions
 
 from .hpack_cache import MAX_FIELDS, CachingDecoder, CachingEncoder, OversizedList, TooManyFields
+from .http2_handler import GONE, Handler  # noqa: F401 - (GONE: for a connection that is gone)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -64,46 +65,6 @@ class Http2Error(Exception):
     def __init__(self, message: str, reason: str = "protocol"):
         super().__init__(message)
         self.reason = reason
-
-
-class Handler(Protocol):
-    """What the connection is told, in the order the frames came."""
-
-    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None: ...
-    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None: ...
-    def on_reset(self, sid: int) -> None: ...
-    def on_window(self, sid: int) -> None: ...  # 0: the connection's window; -1: every stream's
-    def on_goaway(self) -> None: ...
-    def on_oversized(self, sid: int) -> None: ...  # a new stream whose headers are over max_header_bytes
-    def on_refused(self, sid: int) -> None: ...  # a new stream past max_concurrent_streams (reset REFUSED_STREAM)
-
-
-class _Gone:
-    """The handler of a connection that is gone (:meth:`Http2.forget`): frames told to it go nowhere."""
-
-    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        pass
-
-    def on_data(self, sid: int, data: bytes, flow: int, end_stream: bool) -> None:
-        pass
-
-    def on_reset(self, sid: int) -> None:
-        pass
-
-    def on_window(self, sid: int) -> None:
-        pass
-
-    def on_goaway(self) -> None:
-        pass
-
-    def on_oversized(self, sid: int) -> None:
-        pass
-
-    def on_refused(self, sid: int) -> None:
-        pass
-
-
-GONE = _Gone()
 
 
 class _Stream:
