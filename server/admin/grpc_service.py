@@ -8,7 +8,7 @@ import time
 import grpc
 
 from ..core.errors import ErrorCode, GatewayError
-from ..transport.grpc_service import GRPC_STATUS, caller_of
+from ..transport.grpc_status import abort, caller_of
 from .api import AdminApi
 from .http import MAX_BODY
 from .v1 import admin_pb2_grpc
@@ -27,12 +27,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         try:
             return await call
         except GatewayError as e:
-            await context.abort(GRPC_STATUS[e.code], e.message)
+            return await abort(context, e)  # (set, not raised: see grpc_status.abort)
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("admin call failed")
-            await context.abort(GRPC_STATUS[ErrorCode.INTERNAL], "internal error; see the server log")
+            return await abort(context, GatewayError(ErrorCode.INTERNAL, "internal error; see the server log"))
 
     async def ListRoutes(self, request, context):
         return await self._answer(context, self.api.list_routes(caller_of(context)))

@@ -33,7 +33,7 @@ def retry_metadata(e: GatewayError) -> tuple[tuple[str, str], ...]:
 
 
 async def abort(context, e: GatewayError) -> None:
-    """End a unary call with ``e``'s status (``return await _abort(...)``). The status is set,
+    """End a unary call with ``e``'s status (``return await abort(...)``). The status is set,
     not raised: grpc.aio's ``abort`` raises inside the handler's ``except``, and the raised
     error's traceback, chained to ``e``, left the handler's frames and grpcio's in a reference
     cycle for every call answered with an error (38 objects a call; refusals under overload

@@ -97,7 +97,7 @@ class Http2:
         max_frame: int,
         max_header_fields: int = MAX_FIELDS,
     ):
-        self.handler: Handler = handler  # (the connection, which holds this: see forget)
+        self.handler: Handler = handler  # (the connection, which holds this; GONE once it is lost)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_bytes = max_header_bytes
         # A header block up to twice that is decoded whole and only its stream refused (HPACK's

@@ -19,7 +19,7 @@ class Handler(Protocol):
 
 
 class _Gone:
-    """The handler of a connection that is gone (its connection was lost): frames told to it go nowhere."""
+    """The handler once its connection is lost: frames told to it go nowhere."""
 
     def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         pass
