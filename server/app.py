@@ -105,7 +105,10 @@ class Gateway:
         self.leader = role is None or role.leader
         self.metrics = metrics or Metrics()
         srv, repo, lim = settings.server, settings.repository, settings.limits
-        self.threads = InferenceThreads(srv.infer_threads or max(4, cores.share()))
+        one_core = cores.share() == 1
+        self.threads = InferenceThreads(
+            srv.infer_threads or max(4, cores.share()), turn_us=settings.batching.one_core_turn_us if one_core else 0
+        )
         # Loading, closing and other blocking housekeeping never queue behind executions.
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")
         builder = version_builder(settings, self.threads, self.metrics)

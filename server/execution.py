@@ -72,7 +72,8 @@ class LocalExecution:
     ``inline_max_us``;
     then the hand-off to a thread and back would cost the event loop more than the
     execution itself (``bench/serving.py``), so it runs on the loop, bounded by that
-    threshold."""
+    threshold. With one core (``one_core_turn_us``), those measured faster than a loop turn's
+    bound run in the loop's turns instead of on a thread (``threads.LoopTurns``)."""
 
     def __init__(self, version: ModelVersion, backend: LocalBackend, threads: InferenceThreads, inline_max_us: int):
         self._v = version
@@ -90,9 +91,10 @@ class LocalExecution:
         it goes straight on to the next waiting request (an inline run leaves that to the
         scheduler, which dispatches the next one as soon as ``done`` returns)."""
         rows = batch[0].checked.batch_size if len(batch) == 1 else sum(t.checked.batch_size for t in batch)
+        fastest = self._fastest_ns.get(_cost_key(batch, rows), math.inf)
         if (
             self._inline_max_ns
-            and self._fastest_ns.get(_cost_key(batch, rows), math.inf) <= self._inline_max_ns
+            and fastest <= self._inline_max_ns
             # Many requests admitted at once (a busy loop's turn): on a thread, the executions of
             # the turn run together between the loop's turns, not each between two requests'
             # Python (HTTP at 32 connections: 10% more answers; at one, inline saves the hand-off).
@@ -100,6 +102,9 @@ class LocalExecution:
         ):
             self.inline_runs += 1
             done(self._run_batch(batch))
+        elif (turns := self._threads.turns) is not None and fastest <= turns.turn_ns:
+            self.inline_runs += 1
+            turns.add(self._run_batch, batch, done)
         else:
             self._threads.call(self._run_batch, batch, done, more)
 

@@ -1,4 +1,5 @@
-"""The threads that run models, and the cheapest hand-off to them from the event loop.
+"""The threads that run models, and the cheapest hand-off to them from the event loop; on one
+core, the event loop's own turns instead (:class:`LoopTurns`).
 
 ``loop.run_in_executor`` with a ``ThreadPoolExecutor`` costs about 10 µs of
 event-loop time per call under load (a work item, a concurrent future, a
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 _STOP = object()
@@ -20,7 +23,10 @@ _STOP = object()
 class InferenceThreads:
     """The threads that run local models (not to be confused with worker processes)."""
 
-    def __init__(self, threads: int, name: str = "batchgate-infer"):
+    def __init__(self, threads: int, name: str = "batchgate-infer", turn_us: int = 0):
+        """``turn_us``: run executions handed to :meth:`on_loop` on the event loop, at most this
+        long of them a loop turn (:class:`LoopTurns`); 0 = none are (every one on a thread)."""
+        self.turns = LoopTurns(turn_us) if turn_us > 0 else None
         # Requests whose batch is out at an upstream (remote models): this process has nothing to
         # do for them until the answer comes. Shadow work runs while every request in flight is
         # one of these (route_table.py).
@@ -71,3 +77,49 @@ class InferenceThreads:
     def shutdown(self) -> None:
         for _ in self._threads:
             self._q.put(_STOP)
+
+
+class LoopTurns:
+    """Executions run on the event loop itself, between its reads of the sockets: at most
+    ``turn_us`` of them in one loop turn, the rest in the next ones, oldest first.
+
+    For a process with one core. There an inference thread runs on the same core as the loop, and
+    the kernel shares it between them by time slices of milliseconds: a request that could be
+    refused in a few microseconds waits, runnable, for the thread's slice to end (the loop was off
+    the core 37-47% of every phase of ``bench/overload.py``). Run here instead, the executions
+    come in turns no longer than ``turn_us``, after each of which the loop reads and admits or
+    refuses whatever arrived meanwhile: no second thread competes for the core, and no hand-off
+    to a thread and back is paid."""
+
+    def __init__(self, turn_us: int):
+        self.turn_ns = turn_us * 1000
+        self._q: deque[tuple[Callable, object, Callable]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = False  # a turn is scheduled
+
+    def add(self, fn: Callable, arg: object, done: Callable) -> None:
+        """Run ``fn(arg)`` in a coming turn of the running loop, then ``done(result)`` at once
+        (``fn`` returns its errors as results: LocalExecution's ``_run_batch`` does)."""
+        self._q.append((fn, arg, done))
+        if not self._due:
+            self._due = True
+            self._loop = loop = asyncio.get_running_loop()
+            loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        q = self._q
+        end = time.perf_counter_ns() + self.turn_ns
+        try:
+            # (``done`` may add the next execution: a scheduler dispatches its next request there)
+            while q:
+                fn, arg, done = q.popleft()
+                done(fn(arg))
+                if time.perf_counter_ns() >= end:
+                    break
+        finally:  # (an error out of ``done`` goes to the loop's handler; the queue goes on)
+            loop = self._loop
+            if q and loop is not None and not loop.is_closed():
+                loop.call_soon(self._turn)
+            else:
+                q.clear()  # (the loop is gone, and whoever waited with it)
+                self._due = False

@@ -52,7 +52,7 @@ def test_a_tiny_model_moves_onto_the_loop_and_a_slow_one_does_not(repo, serve):
 
 
 def test_threshold_zero_keeps_every_execution_on_worker_threads(repo, serve):
-    running = serve(repo[0], inline_execution_max_us=0)
+    running = serve(repo[0], inline_execution_max_us=0, one_core_turn_us=0)  # (no loop turns on one core)
     x = np.ones((1, 4), np.float32)
     _call(running, "tiny", x, 30)
     served = running.gateway.repository.resolve("tiny", "")
