@@ -82,7 +82,14 @@ def test_a_shadow_uploaded_with_its_load_gets_its_copies(tmp_path, serve):
     np.testing.assert_array_equal(infer("next"), x * 3)
     for _ in range(4):
         np.testing.assert_array_equal(infer("r"), x)
-    assert _compared(running, before + 4) >= before + 4
+    assert _compared(running, before + 4) >= before + 4, _shadow_lines(running)
+
+
+def _shadow_lines(running) -> str:
+    """Every outcome the shadows counted (what a copy that was not compared became instead)."""
+    with urllib.request.urlopen(running.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return "\n".join(line for line in text.splitlines() if line.startswith("batchgate_shadow_"))
 
 
 def test_a_shadow_whose_session_does_not_open_is_left_out_and_the_route_serves_on(tmp_path, serve, monkeypatch, caplog):
