@@ -1,7 +1,8 @@
 """Overload: does batchgate stay useful at three times its capacity? (``make bench-overload``)
 
-batchgate runs with its default settings on the demo ``mlp``, pinned to one core; the load
-tools run on the other. Phases (each ``--seconds`` long, 20 by default):
+batchgate runs with its default settings on the demo ``mlp``, pinned to one core (so the model
+runs in its event loop's turns, ``one_core_turn_us``; ``--server-arg=--one-core-turn-us=0`` puts
+it back on a thread); the load tools run on the other. Phases (each ``--seconds`` long, 20 by default):
 
 1. capacity: closed loop (gRPC h2load -c 8 -m 8; HTTP h2load --h1 -c 32), the OK rate and the
    OK p99 there are the baselines;
