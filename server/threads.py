@@ -24,8 +24,8 @@ class InferenceThreads:
     """The threads that run local models (not to be confused with worker processes)."""
 
     def __init__(self, threads: int, name: str = "batchgate-infer", turn_us: int = 0):
-        """``turn_us``: run executions handed to :meth:`on_loop` on the event loop, at most this
-        long of them a loop turn (:class:`LoopTurns`); 0 = none are (every one on a thread)."""
+        """``turn_us``: with it, ``turns`` runs the executions handed to it on the event loop, at
+        most this long of them a loop turn (:class:`LoopTurns`); 0 = no turns (all on threads)."""
         self.turns = LoopTurns(turn_us) if turn_us > 0 else None
         # Requests whose batch is out at an upstream (remote models): this process has nothing to
         # do for them until the answer comes. Shadow work runs while every request in flight is
@@ -99,12 +99,16 @@ class LoopTurns:
 
     def add(self, fn: Callable, arg: object, done: Callable) -> None:
         """Run ``fn(arg)`` in a coming turn of the running loop, then ``done(result)`` at once
-        (``fn`` returns its errors as results: LocalExecution's ``_run_batch`` does)."""
+        (``done(exception)`` if ``fn`` raised, as on a thread)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # (another loop than the last: what waited with that one is gone)
+            self._q.clear()
+            self._due = False
+            self._loop = loop
         self._q.append((fn, arg, done))
         if not self._due:
-            self._due = True
-            self._loop = loop = asyncio.get_running_loop()
             loop.call_soon(self._turn)
+            self._due = True
 
     def _turn(self) -> None:
         q = self._q
@@ -113,13 +117,15 @@ class LoopTurns:
             # (``done`` may add the next execution: a scheduler dispatches its next request there)
             while q:
                 fn, arg, done = q.popleft()
-                done(fn(arg))
+                try:
+                    result = fn(arg)
+                except BaseException as e:  # handed to ``done`` like any result (its instance is freed)
+                    result = e
+                done(result)
                 if time.perf_counter_ns() >= end:
                     break
         finally:  # (an error out of ``done`` goes to the loop's handler; the queue goes on)
-            loop = self._loop
-            if q and loop is not None and not loop.is_closed():
-                loop.call_soon(self._turn)
+            if q:
+                self._loop.call_soon(self._turn)  # type: ignore[union-attr]
             else:
-                q.clear()  # (the loop is gone, and whoever waited with it)
                 self._due = False

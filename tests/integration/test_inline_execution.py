@@ -69,7 +69,7 @@ def test_a_turn_with_many_requests_admitted_runs_them_on_threads_and_one_alone_r
 
     from batchgate import execution
 
-    running = serve(repo[0], inline_execution_max_us=300)
+    running = serve(repo[0], inline_execution_max_us=300, one_core_turn_us=0)  # (threads even on one core)
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     _call(running, "tiny", x, 40)  # timed, then inline
     tiny = running.gateway.repository.resolve("tiny", "")

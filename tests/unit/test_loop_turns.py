@@ -94,3 +94,35 @@ def test_inference_threads_have_turns_only_when_asked(turn_us):
             assert threads.turns.turn_ns == turn_us * 1000
     finally:
         threads.shutdown()
+
+
+def test_an_execution_that_raises_is_handed_to_its_callback_as_a_thread_would():
+    got: list[object] = []
+
+    def boom(_arg):
+        raise ValueError("the model failed outside its own error handling")
+
+    async def main():
+        turns = LoopTurns(1_000_000)
+        turns.add(boom, 1, got.append)
+        turns.add(lambda a: a, 2, got.append)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert isinstance(got[0], ValueError) and got[1:] == [2]
+
+
+def test_turns_follow_the_running_loop():
+    """A second loop (another server started in the same process) gets its own turns."""
+    got: list[object] = []
+    turns = LoopTurns(1_000_000)
+
+    async def main(tag):
+        turns.add(lambda a: a, tag, got.append)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(main("first"))
+    asyncio.run(main("second"))
+    assert got == ["first", "second"]
