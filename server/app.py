@@ -105,9 +105,9 @@ class Gateway:
         self.leader = role is None or role.leader
         self.metrics = metrics or Metrics()
         srv, repo, lim = settings.server, settings.repository, settings.limits
-        one_core = cores.share() == 1
+        share = cores.share()  # (reads the cgroup's files: once)
         self.threads = InferenceThreads(
-            srv.infer_threads or max(4, cores.share()), turn_us=settings.batching.one_core_turn_us if one_core else 0
+            srv.infer_threads or max(4, share), turn_us=settings.batching.one_core_turn_us if share == 1 else 0
         )
         # Loading, closing and other blocking housekeeping never queue behind executions.
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="batchgate-admin")

@@ -15,6 +15,7 @@ import grpc
 from ..core.rate import NEVER, PerSecond
 from . import grpc_wire, http2
 from .grpc_h2_call import OK_HEADERS, _Call
+from .http2_handler import GONE
 from .sockets import grpc_peer, peer_of
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class _Connection(asyncio.Protocol):
         self._parsed.clear()
         # Its Http2 holds it as its handler, and it its Http2: without this, every connection
         # left that cycle (~60 objects, its transport with them) for the garbage collector.
-        self.h2.handler = http2.GONE
+        self.h2.handler = GONE
         for f in self._drained:
             if not f.done():
                 f.set_result(None)

@@ -21,7 +21,7 @@ from typing import NoReturn
 import hpack.exceptions
 
 from .hpack_cache import MAX_FIELDS, CachingDecoder, CachingEncoder, OversizedList, TooManyFields
-from .http2_handler import GONE, Handler  # noqa: F401 - (GONE: for a connection that is gone)
+from .http2_handler import Handler
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
