@@ -178,9 +178,13 @@ class ShadowRunner:
 
     def offer(self, request: InferRequest) -> asyncio.Future | None:
         """Send a copy of ``request`` now, or not: not picked by ``percent`` (None, uncounted);
-        the budget full (None, counted as dropped)."""
+        the budget full (None, counted as dropped); this runner closed (None, counted as skipped:
+        its model was reloaded and the route is building its shadow again, or the gateway drains)."""
         spec = self.spec
-        if self.closed or (spec.percent < 100 and self._rng.random() * 100 >= spec.percent):
+        if spec.percent < 100 and self._rng.random() * 100 >= spec.percent:
+            return None
+        if self.closed:
+            self.metrics.outcome("skipped")
             return None
         if self.inflight >= spec.max_inflight:
             self.metrics.outcome("dropped")

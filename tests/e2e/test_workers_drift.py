@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.request
 
 import pytest
@@ -14,7 +13,7 @@ import tritonclient.http as httpclient
 import yaml
 
 from drift_support import Receiver, batchgate, build, traffic, wait_until
-from processes import Proc, serve_args
+from processes import Proc, free_port, serve_args
 from route_support import metric
 
 pytestmark = pytest.mark.timeout(240)
@@ -35,9 +34,7 @@ def test_two_workers_feed_one_detector(tmp_path):
         "webhook": {"url": receiver.url, "format": "cloudevents", "timeout_s": 2, "retries": 1},
     }
     cfg.write_text(yaml.safe_dump({"drift": [monitor]}))
-    with socket.socket() as s:  # (each worker would pick a port of its own for 0)
-        s.bind(("127.0.0.1", 0))
-        admin_grpc = s.getsockname()[1]
+    admin_grpc = free_port()  # (each worker would pick a port of its own for 0)
     p = Proc(
         serve_args(built["repo"], "--workers", "2", "--config", str(cfg), "--admin-http-port", "0")
         + ["--admin-port", str(admin_grpc)]

@@ -23,6 +23,7 @@ import yaml
 from batchgate.config import ConfigError
 from drift_support import NAMES, Receiver, batchgate, build, traffic, wait_until
 from gateway_support import start_gateway
+from processes import free_port
 from route_support import metric
 
 pytestmark = pytest.mark.timeout(240)
@@ -426,11 +427,7 @@ def test_a_monitor_of_a_remote_model_whose_upstream_is_down_at_start_does_not_st
     """The gateway starts without a remote model's upstream (it retries); its drift monitor
     used to stop the start ("no model or route of that name is served"), a pod crash-looping
     until Triton came up. It starts, and samples once the model has loaded."""
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on, for the upstream to come to later
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there yet: the upstream comes to it later
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = tmp_path / "c.yaml"

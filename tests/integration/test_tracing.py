@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 from batchgate.demo import _save, classifier_model
 from batchgate.remote_models import RemoteModel
 from otlp_support import Receiver
+from processes import free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -257,12 +258,9 @@ def test_a_request_the_gateway_does_not_trace_carries_its_callers_context_across
 
 @pytest.mark.parametrize("otlp", ["http/protobuf", "grpc"])
 def test_a_collector_that_is_down_costs_no_request_and_is_counted(repo, serve, otlp, caplog):
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     running = serve(
         repo,
         tracing="otlp",
