@@ -233,7 +233,7 @@ def guarded_protocol(
                 if headers is not answer[0] or body is not answer[1] or dh is not answer[2] or status != answer[3]:
                     # (a refusal's words come back the same objects: its bytes are made once)
                     answer[:] = headers, body, dh, status, self._answer_bytes(status, headers, body, True)
-                self.transport.write(answer[4])
+                self.transport.write_now(answer[4])  # type: ignore[attr-defined]
                 self._disarm()  # (the next request's head clock starts with its first byte)
                 pos = end + 4 + length
                 answered = True
@@ -408,7 +408,7 @@ def guarded_protocol(
                 and self.parser.should_keep_alive()
                 and declared_length(self.headers) <= max_body_bytes
             )
-            self.transport.write(self._answer_bytes(status, headers, body, self._keep_alive))
+            self.transport.write_now(self._answer_bytes(status, headers, body, self._keep_alive))  # type: ignore[attr-defined]
             if not self._keep_alive:  # closed now (what the client still sends is read and dropped)
                 self._disarm()
                 self._refuse_close()
