@@ -443,6 +443,7 @@ class Gateway:
     ) -> HttpListener:
         s, lim = self.settings.server, self.settings.limits
         max_connections = max_connections or self.max_connections
+        turns = self.threads.turns
         sock = tcp_socket(host, port, reuse_port)
         sock.listen(2048)
         sock.setblocking(False)
@@ -457,8 +458,10 @@ class Gateway:
                 max_connections=max_connections,
                 refused=self.metrics.connection_refused,
                 gate=app.admit_early,
-                quick=app.quick_refusal,
+                quick=app.quick_refusal if turns is None else app.quick_admission,
                 shedding=app.shedding,
+                later=None if turns is None else turns.later,  # (one core: http_defer.py)
+                release=app.dp.release,
                 max_pipelined=lim.max_pipelined_requests,
                 cors=app.cors is not None,
                 unsent=self.unsent,

@@ -231,25 +231,25 @@ class DataPlane(Extensions):
         """Whether requests are being refused now: :meth:`quick_refusal` is worth asking."""
         return self.admission.shedding()
 
-    def quick_refusal(self, name: str, protocol: str) -> GatewayError | None:
-        """The overload refusal of a request for ``name`` (the latest version), judged without
-        admitting anything and counted as :meth:`admit` would count it; None when it would be
-        admitted, or when the full path must decide (draining, API keys, tracing, a route, an
-        unknown model: those answers need the whole request). For a transport that can answer
-        a refusal before it decodes the request at all (the h2 gRPC engine)."""
+    def quick_refusal(self, name: str, protocol: str, admit: bool = False) -> GatewayError | ModelVersion | None:
+        """The overload refusal of a request for ``name`` (its latest version) before it is
+        decoded, counted as :meth:`admit` counts one; None if admitted, or if the full path must
+        decide (draining, keys, tracing, a route, an unknown model). With ``admit``, one it does
+        not refuse is admitted: its version is returned (released once, as :meth:`admit`'s)."""
         if not self.accepting or self._keys is not None or self.tracing is not None:
             return None
-        routes = self.routes
-        if routes is not None and name in routes.routes:
+        if self.routes is not None and name in self.routes.routes:
             return None
-        entry = self.repository.models.get(name)
-        served = entry.latest if entry is not None else None
-        if served is None:
+        if (entry := self.repository.models.get(name)) is None or (served := entry.latest) is None:
             return None
         refused = self.admission.refusal(served)
         if refused is not None:
             self.count_error(protocol, refused)
-        return refused
+            return refused
+        if admit:
+            self.admission.take(served)
+            return served
+        return None
 
     def release(self, served: Served) -> None:
         self.admission.release(served.version if type(served) is Routed else served)  # type: ignore[arg-type]

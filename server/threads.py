@@ -110,6 +110,11 @@ class LoopTurns:
             loop.call_soon(self._turn)
             self._due = True
 
+    def later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` in a coming turn, counted in it as an execution is (an admitted HTTP
+        request's parsing, transport/http_defer.py); what it raises goes to the loop's handler."""
+        self.add(_call, fn, _raise)
+
     def _turn(self) -> None:
         q = self._q
         end = time.perf_counter_ns() + self.turn_ns
@@ -129,3 +134,12 @@ class LoopTurns:
                 self._loop.call_soon(self._turn)  # type: ignore[union-attr]
             else:
                 self._due = False
+
+
+def _call(fn: Callable[[], None]) -> None:
+    fn()
+
+
+def _raise(result: object) -> None:
+    if isinstance(result, BaseException):
+        raise result

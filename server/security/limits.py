@@ -151,6 +151,11 @@ class Admission:
         refused = self.refusal(version, count)
         if refused is not None:  # (one of its own: the refusal may be one object kept and returned again)
             raise (GatewayError if count else Held)(refused.code, refused.message, refused.retry_after_s)
+        self.take(version)
+
+    def take(self, version: ModelVersion) -> None:
+        """Count in one request that :meth:`refusal` just found admissible (nothing judged
+        again); released as :meth:`admit`'s."""
         version.admitted += 1
         self.inflight += 1
 

@@ -261,7 +261,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if name is None:
             return None
         e = dp.quick_refusal(name, "grpc")
-        if e is None:
+        if not isinstance(e, GatewayError):
             return None
         dp.log_failure("grpc", name, "", e)
         refusal = _REFUSALS.get(key := (e.message, e.retry_after_s))

@@ -31,6 +31,7 @@ from .cors import CorsPolicy
 from .grpc_wire import INFLATE_ON_LOOP_MAX_BYTES
 from .http_body import BodyReader
 from .http_codec import BodyRefused
+from .http_defer import ADMITTED, Admitted
 from .http_heads import content_length
 from .http_limits import Verdict
 from .http_scope import (
@@ -88,7 +89,6 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 # keep-alive connection.
 CLOSE = (b"connection", b"close")
 VARIANT_HEADER = PIN_HEADER.encode()
-ADMITTED = "batchgate.admitted"  # scope key: (version, model, version label) admitted by the protocol
 _monotonic = time.monotonic
 
 
@@ -176,7 +176,7 @@ class HttpApp:
                 if alog is not None:
                     self._access(alog, note, model, status, scope, path)
             return status, headers, body, e.code is ErrorCode.RESOURCE_EXHAUSTED
-        scope[ADMITTED] = (served, model, version)
+        scope[ADMITTED] = Admitted(served, model, version)
         return None
 
     def shedding(self) -> bool:
@@ -191,8 +191,22 @@ class HttpApp:
         if self.admin_only:
             return None
         e = self.dp.quick_refusal(model, "http")
-        if e is None:
+        return self._quick_answer(model, peer, e) if isinstance(e, GatewayError) else None
+
+    def quick_admission(self, model: str, peer: str) -> Verdict | Admitted:
+        """:meth:`quick_refusal`, admitting a request it does not refuse (on one core: its
+        parsing waits for a turn of the loop, ``http_defer.py``)."""
+        if self.admin_only:
             return None
+        got = self.dp.quick_refusal(model, "http", admit=True)
+        if got is None:
+            return None
+        if isinstance(got, GatewayError):
+            return self._quick_answer(model, peer, got)
+        return Admitted(got, model, "")
+
+    def _quick_answer(self, model: str, peer: str, e: GatewayError) -> Verdict:
+        """A quick overload refusal's answer, logged as the full path logs one."""
         self.dp.log_failure("http", model, "", e)
         key = (e.message, e.retry_after_s, self.dp.accepting)
         answer = self._refusal_answers.get(key)

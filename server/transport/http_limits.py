@@ -28,7 +28,8 @@ instead); no ASGI scope, task or cycle is made for it, so under overload a refus
 costs a small fraction of an answer. An admitted request goes on to the app with its admission
 in the scope. Before that, a plain infer request whose whole bytes are at hand is refused for
 overload from its request line alone when the model is shedding (``quick``, which is
-:meth:`HttpApp.quick_refusal`): not even its head is parsed. Every overload refusal takes a turn
+:meth:`HttpApp.quick_refusal`): not even its head is parsed. On one core one it would admit is
+admitted there, and parsed in a turn of the event loop (http_defer.py). Every overload refusal takes a turn
 (``core/rate.Pacer``: turns at ``refusals_per_s``, one after another); past the rate, a
 connection just refused is not read until its turn, so its client's next request waits in its
 own socket instead of taking the core from admitted work (TCP backpressure), for about the held
@@ -60,6 +61,7 @@ from ..core.rate import NEVER, Turns
 from ..security.tls import tls_extension
 from . import batched_writes
 from .byte_budget import UnsentAnswers
+from .http_defer import ADMITTED, Admitted, DeferredRead
 from .http_heads import QUICK_PREFIX, cut_upgrade, declared_length, plain_head, rename_upgrade
 from .http_scope import WAITERS, Waiters, encoded_separator
 from .http_send import SendLimits, SendSide
@@ -95,7 +97,9 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 # turn, and the connection may be left unread until then).
 Verdict = tuple[int, list[tuple[bytes, bytes]], bytes, bool] | None
 Gate = Callable[[str, str, dict], Verdict]
-Quick = Callable[[str, str], Verdict]  # (model, peer): an overload refusal judged from the request line
+# (model, peer): an overload refusal judged from the request line; on one core (``later``
+# given) the admission of a request it would not refuse, its parsing left for a turn (http_defer.py)
+Quick = Callable[[str, str], Verdict | Admitted]
 _CLOSE = (b"connection", b"close")
 HEAD_CACHE_ENTRIES = 64  # request heads the quick refusal keeps judged (a client repeats its own)
 HEAD_CACHE_MAX_BYTES = 2048  # ... each at most this long
@@ -117,15 +121,19 @@ def guarded_protocol(
     unsent: UnsentAnswers | None = None,
     refusals_per_s: float = float("inf"),
     retries_per_s: float = float("inf"),
+    later: Callable[[Callable[[], None]], None] | None = None,
+    release: Callable[[Any], None] | None = None,
 ) -> type[HttpToolsProtocol]:
-    """An httptools protocol class with the limits above (one class per gateway)."""
+    """An httptools protocol class with the limits above (one class per gateway). ``later``
+    (run a function in a coming turn of the event loop, on one core) and ``release`` (give back
+    an admission): see http_defer.py."""
     writes = batched_writes.WriteBatch()  # (a gateway serves from one event loop)
     turns = Turns(refusals_per_s, retries_per_s)  # overload refusals' turns
     # request heads _quick has judged: their model and Content-Length, or False (not plain)
     heads: dict[bytes, tuple[str, int] | Literal[False]] = {}
     answer: list[Any] = [None, None, None, 0, b""]  # the last quick refusal's headers, body, defaults, status, bytes
 
-    class GuardedHttpToolsProtocol(SendSide):
+    class GuardedHttpToolsProtocol(DeferredRead, SendSide):
         _head_bytes = 0
         _fields = 0  # header and trailer fields of this request so far
         _dropped = 0  # bytes of the body of a request the gate answered, read and dropped so far
@@ -147,7 +155,7 @@ def guarded_protocol(
         _waiters: Waiters | None = None  # its requests awaiting answers, cancelled if it is lost
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
+            if self._refused or self._keep(data):
                 return
             if self._held:
                 data = self._held + data
@@ -180,6 +188,10 @@ def guarded_protocol(
                 data = self._quick(data)
                 if not data:
                     return
+            self._read(data)
+
+        def _read(self, data: bytes) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
             if idle and not self._in_message and self._timer is None:
                 # the first byte of a keep-alive connection's next request starts its head's
                 # clock, whether or not the parser begins a message with it: empty lines before a
@@ -228,7 +240,12 @@ def guarded_protocol(
                 verdict = quick(name, self.client[0] if self.client else "")
                 if verdict is None:
                     break
-                status, headers, body, overload = verdict
+                if type(verdict) is Admitted:  # (on one core: parsed in a turn, http_defer.py)
+                    if answered:
+                        self.on_response_complete()
+                    self._defer(data[pos:], verdict)
+                    return b""
+                status, headers, body, overload = verdict  # type: ignore[misc]
                 dh = self.server_state.default_headers
                 if headers is not answer[0] or body is not answer[1] or dh is not answer[2] or status != answer[3]:
                     # (a refusal's words come back the same objects: its bytes are made once)
@@ -379,6 +396,10 @@ def guarded_protocol(
 
         def _gate(self) -> bool:
             """Ask the gate about this request; True when it was answered here."""
+            early = self.take_admission()
+            if early is not None:  # (admitted from its request line already)
+                self.scope[ADMITTED] = early  # type: ignore[literal-required]
+                return False
             if self.parser.get_method() != b"POST":  # only infer requests are admitted early
                 return False
             url = self.url
@@ -565,4 +586,7 @@ def guarded_protocol(
                 return
             self.loop.call_later(LINGER_S, self.transport.close)
 
+    if later is not None and release is not None:
+        GuardedHttpToolsProtocol._later = staticmethod(later)
+        GuardedHttpToolsProtocol._release = staticmethod(release)
     return GuardedHttpToolsProtocol
