@@ -492,7 +492,8 @@ class HttpApp:
                 if loop is None:
                     loop = self._loop = asyncio.get_running_loop()
                 task = asyncio.current_task(loop)  # (given the loop: no system call to find it)
-                waiters.tasks.add(task)
+                if task is not None:  # (None: a first step run eagerly, registered by http_defer.py)
+                    waiters.tasks.add(task)
             try:
                 resp = await pending
             except asyncio.CancelledError:

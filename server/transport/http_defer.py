@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .eager import start_eagerly
+from .http_scope import WAITERS
 
 ADMITTED = "batchgate.admitted"  # scope key: (version, model, version label) admitted by the protocol
 
@@ -48,6 +49,7 @@ class DeferredRead(HttpToolsProtocol):
     _early: Admitted | None = None  # the admission of the first request of ``_deferred``
     _paused_here = False  # reading was paused by the wait (and is resumed after it)
     _eager = False  # a request parsed in its turn: its app starts in that turn too
+    _starting: tuple[Any, Any] | None = None  # ... its request cycle and app, once it is read
 
     def _read(self, data: bytes) -> None:  # (the guarded protocol's)
         raise NotImplementedError
@@ -81,6 +83,9 @@ class DeferredRead(HttpToolsProtocol):
                     self._read(data)
                 finally:
                     self._eager = False
+                starting, self._starting = self._starting, None
+                if starting is not None:
+                    self._start_eagerly(*starting)
                 if more and not self._refused and not self.transport.is_closing():
                     self.data_received(more)
         finally:
@@ -101,9 +106,20 @@ class DeferredRead(HttpToolsProtocol):
         if not self._eager:
             super()._start_asgi_task(cycle, app)
             return
-        # The app's first step (the body decoded, the request queued for its model) in this
-        # turn, counted in it, rather than in a task of the loop's next round of callbacks.
+        self._starting = (cycle, app)  # (once its body is read too: see _start_eagerly)
+
+    def _start_eagerly(self, cycle: Any, app: Any) -> None:
+        """The app's first step (the body decoded, the request queued for its model) in this
+        turn, counted in it, rather than in a task of the loop's next round of callbacks; its
+        body is read whole by now, so that step does not stop to wait for it."""
         task = start_eagerly(self.loop, cycle.run_asgi(app))
         if task is not None:
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
+            # Its first step ran outside any task (Python 3.11), so it could not register with
+            # its connection as it began to wait (http_app.py): registered here, until it ends,
+            # so that a client that goes away still cancels it.
+            waiters = cycle.scope.get(WAITERS)
+            if waiters is not None:
+                waiters.tasks.add(task)
+                task.add_done_callback(waiters.tasks.discard)

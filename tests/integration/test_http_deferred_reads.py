@@ -179,3 +179,66 @@ def _serves_two_at_a_time(running) -> None:
         assert running.gateway.dataplane.admission.inflight == 0
     finally:
         s.close()
+
+
+def test_a_request_admitted_from_its_line_leaves_the_queue_when_its_client_goes(tmp_path, serve, monkeypatch):
+    """Its app's first step ran outside any task, so it could not register with its connection
+    (the registration met no task: a lost connection then failed to cancel anything). It is
+    registered once its task exists: its client gone, it leaves the model's queue unrun."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from batchgate import cores
+    from batchgate.demo import _save, slow_model
+
+    monkeypatch.setattr(cores, "share", lambda: 1)
+    parsed: list[int] = []
+    real = http_defer.DeferredRead._parse_deferred
+    monkeypatch.setattr(http_defer.DeferredRead, "_parse_deferred", lambda self: (parsed.append(1), real(self)))
+    config = "max_batch_size: 64\ndynamic_batching { }\n"
+    _save(slow_model(width=1024, layers=192), str(tmp_path), "slow", config=config)
+    running = serve(str(tmp_path), inline_execution_max_us=0, max_inflight_requests=2)
+    served = running.gateway.repository.resolve("slow", "")
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": [1.0] * 1024}]})
+    request = (
+        b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+    )
+
+    def until(cond, what) -> None:
+        end = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < end, what
+            time.sleep(0.002)
+
+    def infer_big():
+        i = grpcclient.InferInput("input", [64, 1024], "FP32")
+        i.set_data_from_numpy(np.ones((64, 1024), np.float32))
+        return grpcclient.InferenceServerClient(running.grpc_url).infer("slow", [i], client_timeout=60)
+
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(infer_big)  # (runs for a second or more: the others queue behind it)
+        until(lambda: running.gateway.dataplane.admission.inflight == 1, "the big request admitted")
+        first, second = _connections(running, 2)
+        first.sendall(request)  # admitted: the second of two
+        until(lambda: served.scheduler.queue_depth == 1, "the first queued")
+        second.sendall(request)  # refused: the model sheds, and requests are judged from their line
+        assert _answers(second, 1)[0][0] == 429
+        first.close()  # (leaves the queue: admitted the usual way, registered with its connection)
+        until(lambda: served.scheduler.queue_depth == 0, "the first gone from the queue")
+        (third,) = _connections(running, 1)
+        third.sendall(request)  # admitted from its request line, parsed in a turn, queued
+        until(lambda: served.scheduler.queue_depth == 1, "the third queued")
+        assert parsed
+        third.close()
+        until(lambda: served.scheduler.queue_depth == 0, "the third gone from the queue")
+        assert not busy.done()  # (it left the queue, not ended its wait behind the big one)
+        busy.result(60)
+        second.close()
+    until(lambda: running.gateway.dataplane.admission.inflight == 0, "every admission released")
+    import tritonclient.http as httpclient
+
+    stats = httpclient.InferenceServerClient(running.http_url).get_inference_statistics("slow")["model_stats"][0]
+    assert (stats["execution_count"], stats["inference_count"]) == (1, 64), stats  # the big one alone ran
