@@ -60,6 +60,11 @@ def _loadtest(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
             "0.3",
             "--max-lag-p99-ms",
             "250",
+            # What is tested is that the key and the certificates reach the server, not the
+            # generator's pace: on a busy test machine it sent 39 of 40 in its one second
+            # (INVALID, exit 3, under the default 99%).
+            "--min-achieved",
+            "0.5",
             "--out",
             str(out),
             "--quiet",
