@@ -14,6 +14,7 @@ import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -458,7 +459,7 @@ class Gateway:
                 max_connections=max_connections,
                 refused=self.metrics.connection_refused,
                 gate=app.admit_early,
-                quick=app.quick_refusal if turns is None else app.quick_admission,
+                quick=app.quick_refusal if turns is None else partial(app.quick_refusal, admit=True),
                 shedding=app.shedding,
                 later=None if turns is None else turns.later,  # (one core: http_defer.py)
                 release=app.dp.release,

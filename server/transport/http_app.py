@@ -183,30 +183,19 @@ class HttpApp:
         """Whether :meth:`quick_refusal` is worth asking now (see ``Admission.shedding``)."""
         return not self.admin_only and self.dp.shedding()
 
-    def quick_refusal(self, model: str, peer: str) -> Verdict:
+    def quick_refusal(self, model: str, peer: str, admit: bool = False) -> Verdict | Admitted:
         """The overload refusal of an infer request for ``model`` (no version named), judged
         before its head is even parsed (``http_limits.py`` reads the name from the request line):
         the answer, as :meth:`admit_early` gives it, or None to take the usual way (see
-        ``DataPlane.quick_refusal`` for what always does)."""
+        ``DataPlane.quick_refusal`` for what always does). With ``admit`` (on one core), a request
+        it does not refuse is admitted, its parsing left for a turn of the loop (``http_defer.py``)."""
         if self.admin_only:
             return None
-        e = self.dp.quick_refusal(model, "http")
-        return self._quick_answer(model, peer, e) if isinstance(e, GatewayError) else None
-
-    def quick_admission(self, model: str, peer: str) -> Verdict | Admitted:
-        """:meth:`quick_refusal`, admitting a request it does not refuse (on one core: its
-        parsing waits for a turn of the loop, ``http_defer.py``)."""
-        if self.admin_only:
+        e = self.dp.quick_refusal(model, "http", admit)
+        if e is None:
             return None
-        got = self.dp.quick_refusal(model, "http", admit=True)
-        if got is None:
-            return None
-        if isinstance(got, GatewayError):
-            return self._quick_answer(model, peer, got)
-        return Admitted(got, model, "")
-
-    def _quick_answer(self, model: str, peer: str, e: GatewayError) -> Verdict:
-        """A quick overload refusal's answer, logged as the full path logs one."""
+        if not isinstance(e, GatewayError):
+            return Admitted(e, model, "")
         self.dp.log_failure("http", model, "", e)
         key = (e.message, e.retry_after_s, self.dp.accepting)
         answer = self._refusal_answers.get(key)
@@ -492,8 +481,7 @@ class HttpApp:
                 if loop is None:
                     loop = self._loop = asyncio.get_running_loop()
                 task = asyncio.current_task(loop)  # (given the loop: no system call to find it)
-                if task is not None:  # (None: a first step run eagerly, registered by http_defer.py)
-                    waiters.tasks.add(task)
+                waiters.tasks.add(task)
             try:
                 resp = await pending
             except asyncio.CancelledError:

@@ -3,12 +3,14 @@
 While a model sheds load, the guarded protocol judges each plain infer request from its request
 line alone (``quick``). A refusal is written at once. On one core (``threads.LoopTurns``), a
 request it would admit is admitted right there too, and the rest of its reading (httptools'
-parse of the head and body, the app's start) waits for a turn of the loop, with the executions,
+parse of the head and body, the app's task made) waits for a turn of the loop, with the executions,
 instead of running while the loop reads: a burst of requests read in one poll then costs the
 loop about a refusal's work each, and the refusals of that burst go out as soon as it is read
 (with 75 requests a burst at 3x overload, a poll's reads took 2.5 ms, most of it the admitted
 requests'). The admission counts at once, so the requests read after it are judged with it.
-The app decodes the body in its task's next step, after the turn, as for any request.
+The app decodes the body in its task, after the turn, as for any request (decoding it in the
+turn was measured worse: at 5,000 HTTP connections goodput 0.62-0.63 against 0.70-0.80 in three
+alternating rounds of bench/overload.py, the model's executions waiting behind the decoding).
 
 A connection's reading pauses while its request waits (bytes already read behind it go after
 it, the usual way). A request that never reaches the app (its connection closed meanwhile, by
@@ -21,9 +23,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-from .eager import start_eagerly
-from .http_scope import WAITERS
 
 ADMITTED = "batchgate.admitted"  # scope key: (version, model, version label) admitted by the protocol
 
@@ -48,7 +47,6 @@ class DeferredRead(HttpToolsProtocol):
     _more = b""  # bytes that arrived meanwhile, not judged yet
     _early: Admitted | None = None  # the admission of the first request of ``_deferred``
     _paused_here = False  # reading was paused by the wait (and is resumed after it)
-    _eager = False  # a request parsed in its turn: its app starts in that turn too
 
     def _read(self, data: bytes) -> None:  # (the guarded protocol's)
         raise NotImplementedError
@@ -77,11 +75,7 @@ class DeferredRead(HttpToolsProtocol):
                 self._paused_here = False
                 self.flow.resume_reading()
             if not self._refused and not self.transport.is_closing():
-                self._eager = True
-                try:
-                    self._read(data)
-                finally:
-                    self._eager = False
+                self._read(data)
                 if more and not self._refused and not self.transport.is_closing():
                     self.data_received(more)
         finally:
@@ -97,24 +91,3 @@ class DeferredRead(HttpToolsProtocol):
         early, self._early = self._early, None
         if early is not None:
             self._release(early.served)
-
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if not self._eager:
-            super()._start_asgi_task(cycle, app)
-            return
-        # The app's first step, to where it waits for the body (fed to it by the parse that
-        # called this), in this turn. Started after the body was read instead, that step would
-        # decode it here too: measured worse (bench/overload.py, 5,000 HTTP connections, three
-        # alternating rounds: goodput 0.62-0.63 against 0.70-0.80), the turns filled with
-        # decoding and the model's executions waiting behind it.
-        task = start_eagerly(self.loop, cycle.run_asgi(app))
-        if task is not None:
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
-            # Its first step ran outside any task (Python 3.11): had it come to its wait for the
-            # answer (http_app.py registers the waiting task with its connection), it could not
-            # have registered. Registered here, until it ends: a client that goes away cancels it.
-            waiters = cycle.scope.get(WAITERS)
-            if waiters is not None:
-                waiters.tasks.add(task)
-                task.add_done_callback(waiters.tasks.discard)

@@ -182,8 +182,8 @@ def _serves_two_at_a_time(running) -> None:
 
 
 def test_a_request_admitted_from_its_line_leaves_the_queue_when_its_client_goes(tmp_path, serve, monkeypatch):
-    """Its app's first step runs outside any task; its task is registered with the connection
-    all the same: its client gone, it leaves the model's queue and is never run."""
+    """Its client gone while it waits in the model's queue, it leaves the queue and is never
+    run, as a request parsed the usual way does."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
